@@ -1,0 +1,43 @@
+"""kvpager: a paged KV-cache memory manager for LLM inference.
+
+Embedded use::
+
+    from kvpager import KVPool, PoolSpec
+    pool = KVPool(PoolSpec(num_layers=32, num_kv_heads=8, head_dim=128, num_blocks=4096))
+"""
+
+from kvpager.errors import (
+    IntegrityError,
+    InvalidArgument,
+    KVPagerError,
+    NotOwner,
+    NotSwapped,
+    OutOfBlocks,
+    SequenceSwapped,
+    UnknownSequence,
+    UnsupportedConfiguration,
+)
+from kvpager.pool import KVPool
+from kvpager.spec import PoolSpec
+from kvpager.types import Allocation, BlockMap, PoolStats, SequenceInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Allocation",
+    "BlockMap",
+    "IntegrityError",
+    "InvalidArgument",
+    "KVPagerError",
+    "KVPool",
+    "NotOwner",
+    "NotSwapped",
+    "OutOfBlocks",
+    "PoolSpec",
+    "PoolStats",
+    "SequenceInfo",
+    "SequenceSwapped",
+    "UnknownSequence",
+    "UnsupportedConfiguration",
+    "__version__",
+]

@@ -1,0 +1,4 @@
+from kvpager.cli import main
+
+if __name__ == "__main__":
+    main()

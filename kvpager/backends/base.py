@@ -1,0 +1,96 @@
+"""The backend interface: where K/V lives and the kernels that read and move it.
+
+A backend knows nothing of sequences or sockets. It owns two pools:
+- the device pool ``[num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim]``
+  (block-major, see DESIGN.md), block 0 being the null block;
+- the host (swap) pool, the same per-block layout, ``num_host_blocks`` long.
+
+`KVPool` validates every argument (dtypes, shapes, block ids in range) before
+it calls a backend, so backends may assume well-formed input. Index arrays
+arrive as NumPy arrays; tensors (k, v, q) as the backend's own array type.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from kvpager.spec import PoolSpec
+
+
+class Backend(ABC):
+    """Storage and kernels for one pool."""
+
+    #: short name: "numpy" or "cupy"
+    name: str = ""
+    #: the array module of this backend's tensors (numpy or cupy)
+    xp: Any = np
+
+    def __init__(self, spec: PoolSpec):
+        self.spec = spec
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    @abstractmethod
+    def write(self, layer: int, slots: np.ndarray, k: Any, v: Any) -> None:
+        """Store K/V of one layer for ``T`` tokens.
+
+        slots: int64 [T], block * block_size + offset; -1 is padding (skipped).
+        k, v: [T, num_kv_heads, head_dim] in the pool dtype."""
+
+    @abstractmethod
+    def copy_blocks(self, pairs: np.ndarray) -> None:
+        """Copy whole device blocks (all layers, K and V): pairs int64 [n, 2] of
+        (src, dst), all in one launch. Destinations are distinct."""
+
+    @abstractmethod
+    def swap_out(self, pairs: np.ndarray) -> None:
+        """Copy device blocks to host blocks: pairs int64 [n, 2] of (device, host)."""
+
+    @abstractmethod
+    def swap_in(self, pairs: np.ndarray) -> None:
+        """Copy host blocks to device blocks: pairs int64 [n, 2] of (host, device)."""
+
+    @abstractmethod
+    def attend(
+        self,
+        layer: int,
+        q: Any,
+        block_tables: np.ndarray,
+        seq_lens: np.ndarray,
+        query_lens: np.ndarray,
+        scale: float,
+    ) -> Any:
+        """Paged attention of one layer.
+
+        q: [sum(query_lens), num_q_heads, head_dim], sequences back to back.
+        block_tables: int32 [B, max_blocks], padded with block 0.
+        seq_lens: int32 [B], tokens of K/V per sequence (the query's included).
+        query_lens: int32 [B]; query token j of sequence b sits at position
+        seq_lens[b] - query_lens[b] + j and sees K/V positions <= its own
+        (causal). Query head h reads kv head h // (num_q_heads // num_kv_heads).
+        Scores are scaled by ``scale``; softmax and accumulation in float32.
+        Returns [sum(query_lens), num_q_heads, head_dim] in the pool dtype."""
+
+    def synchronize(self) -> None:
+        """Wait until every copy and kernel issued so far has completed."""
+
+    @abstractmethod
+    def device_array(self) -> Any:
+        """The whole device pool as a 6-D array (a view, not a copy)."""
+
+    @abstractmethod
+    def host_array(self) -> Any:
+        """The whole host pool as a 6-D array (a view, not a copy)."""
+
+    def layer_kv(self, layer: int) -> tuple[Any, Any]:
+        """Strided views of one layer: K and V, each [num_blocks, num_kv_heads, block_size, head_dim]."""
+        kv = self.device_array()
+        return kv[:, layer, 0], kv[:, layer, 1]
+
+    def close(self) -> None:
+        """Release memory. The backend is unusable afterwards."""

@@ -1,0 +1,111 @@
+"""The NumPy backend: the CPU implementation and the reference for every GPU kernel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kvpager.backends.base import Backend
+from kvpager.spec import PoolSpec
+
+
+class NumpyBackend(Backend):
+    """K/V in NumPy arrays. ``device_buffer`` / ``host_buffer`` let the daemon
+    place the pools in shared memory that worker processes map."""
+
+    name = "numpy"
+    xp = np
+
+    def __init__(self, spec: PoolSpec, device_buffer: Any = None, host_buffer: Any = None):
+        super().__init__(spec)
+        shape = (spec.num_blocks, *spec.block_shape)
+        host_shape = (spec.num_host_blocks, *spec.block_shape)
+        dt = spec.np_dtype
+        if device_buffer is None:
+            self.kv = np.zeros(shape, dt)
+        else:
+            self.kv = np.ndarray(shape, dt, buffer=device_buffer)
+        if host_buffer is None:
+            self.host_kv = np.zeros(host_shape, dt)
+        else:
+            self.host_kv = np.ndarray(host_shape, dt, buffer=host_buffer)
+
+    def device_array(self) -> np.ndarray:
+        return self.kv
+
+    def host_array(self) -> np.ndarray:
+        return self.host_kv
+
+    def write(self, layer: int, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        keep = slots >= 0
+        if not keep.all():
+            slots, k, v = slots[keep], k[keep], v[keep]
+        blocks, offsets = np.divmod(slots, self.spec.block_size)
+        # Mixed advanced indexing puts the token axis first: [T, heads, head_dim].
+        self.kv[blocks, layer, 0, :, offsets] = k
+        self.kv[blocks, layer, 1, :, offsets] = v
+
+    def copy_blocks(self, pairs: np.ndarray) -> None:
+        if len(pairs):
+            self.kv[pairs[:, 1]] = self.kv[pairs[:, 0]]
+
+    def swap_out(self, pairs: np.ndarray) -> None:
+        if len(pairs):
+            self.host_kv[pairs[:, 1]] = self.kv[pairs[:, 0]]
+
+    def swap_in(self, pairs: np.ndarray) -> None:
+        if len(pairs):
+            self.kv[pairs[:, 1]] = self.host_kv[pairs[:, 0]]
+
+    def attend(
+        self,
+        layer: int,
+        q: np.ndarray,
+        block_tables: np.ndarray,
+        seq_lens: np.ndarray,
+        query_lens: np.ndarray,
+        scale: float,
+    ) -> np.ndarray:
+        return paged_attention(self.kv, layer, q, block_tables, seq_lens, query_lens, scale)
+
+
+def paged_attention(
+    kv: np.ndarray,
+    layer: int,
+    q: np.ndarray,
+    block_tables: np.ndarray,
+    seq_lens: np.ndarray,
+    query_lens: np.ndarray,
+    scale: float,
+) -> np.ndarray:
+    """Paged attention over a block-major pool, float32 accumulation.
+
+    This is the NumPy twin of the CUDA kernels; see `Backend.attend` for the
+    contract."""
+    num_kv_heads, block_size, head_dim = kv.shape[3], kv.shape[4], kv.shape[5]
+    num_q_heads = q.shape[1]
+    group = num_q_heads // num_kv_heads
+    out = np.empty(q.shape, dtype=kv.dtype)
+    start = 0
+    for b in range(len(seq_lens)):
+        n, ql = int(seq_lens[b]), int(query_lens[b])
+        nb = -(-n // block_size)
+        blocks = block_tables[b, :nb]
+        # [nb, 2, H, bs, D] -> [2, H, nb*bs, D], cut to n tokens
+        tiles = kv[blocks, layer].astype(np.float32)
+        kvs = tiles.transpose(1, 2, 0, 3, 4).reshape(2, num_kv_heads, nb * block_size, head_dim)[:, :, :n]
+        keys, values = kvs[0], kvs[1]
+        qs = q[start : start + ql].astype(np.float32)  # [ql, Hq, D]
+        qs = qs.reshape(ql, num_kv_heads, group, head_dim).transpose(1, 2, 0, 3)  # [H, G, ql, D]
+        scores = np.einsum("hgqd,hkd->hgqk", qs, keys) * np.float32(scale)
+        if ql > 1:
+            pos = np.arange(n - ql, n)
+            scores = np.where(np.arange(n)[None, :] <= pos[:, None], scores, -np.inf)
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        o = np.einsum("hgqk,hkd->hgqd", scores, values)  # [H, G, ql, D]
+        out[start : start + ql] = o.transpose(2, 0, 1, 3).reshape(ql, num_q_heads, head_dim)
+        start += ql
+    return out

@@ -1,0 +1,17 @@
+"""The `kvpager` command line. Commands only render what the library returns."""
+
+from __future__ import annotations
+
+import click
+
+from kvpager import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kvpager")
+def main() -> None:
+    """kvpager: a paged KV-cache memory manager for LLM inference."""
+
+
+if __name__ == "__main__":
+    main()

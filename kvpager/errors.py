@@ -1,0 +1,122 @@
+"""Every error kvpager raises, in one place.
+
+Three kinds of failure, kept apart on purpose:
+- running out of blocks is an expected answer (`OutOfBlocks`): the caller
+  preempts or waits; state is unchanged;
+- caller misuse (`InvalidArgument`, `UnknownSequence`, `SequenceSwapped`,
+  `NotOwner`, ...) names the bad value; state is unchanged;
+- a broken invariant (`IntegrityError`) is a bug in kvpager.
+
+Each class carries a stable string `code`; the wire protocol sends that code
+and the client raises the same class again from it.
+"""
+
+from __future__ import annotations
+
+
+class KVPagerError(Exception):
+    """Base class of every kvpager error."""
+
+    code = "error"
+
+
+class OutOfBlocks(KVPagerError):
+    """Not enough free (or evictable) blocks for the whole request; nothing changed."""
+
+    code = "out_of_blocks"
+
+    def __init__(self, needed: int, available: int, where: str = "device"):
+        self.needed, self.available, self.where = needed, available, where
+        super().__init__(f"out of {where} blocks: needed {needed}, available {available}")
+
+    def __reduce__(self):
+        return (type(self), (self.needed, self.available, self.where))
+
+
+class InvalidArgument(KVPagerError, ValueError):
+    """A malformed argument: wrong type, dtype, shape or range. The message names it."""
+
+    code = "invalid_argument"
+
+
+class UnknownSequence(KVPagerError, KeyError):
+    """The sequence id does not exist (never allocated, or already freed)."""
+
+    code = "unknown_sequence"
+
+    def __init__(self, seq_id: object):
+        self.seq_id = seq_id
+        super().__init__(f"unknown sequence {seq_id!r}")
+
+    def __str__(self) -> str:  # KeyError quotes its message; we don't want that
+        return self.args[0]
+
+    def __reduce__(self):
+        return (type(self), (self.seq_id,))
+
+
+class SequenceSwapped(KVPagerError):
+    """The sequence is swapped out to host memory; swap it in first."""
+
+    code = "sequence_swapped"
+
+    def __init__(self, seq_id: object, op: str = "this operation"):
+        self.seq_id, self.op = seq_id, op
+        super().__init__(f"sequence {seq_id!r} is swapped out; swap_in before {op}")
+
+    def __reduce__(self):
+        return (type(self), (self.seq_id, self.op))
+
+
+class NotSwapped(KVPagerError):
+    """swap_in of a sequence that is resident on the device."""
+
+    code = "not_swapped"
+
+    def __init__(self, seq_id: object):
+        self.seq_id = seq_id
+        super().__init__(f"sequence {seq_id!r} is not swapped out")
+
+    def __reduce__(self):
+        return (type(self), (self.seq_id,))
+
+
+class NotOwner(KVPagerError):
+    """The sequence belongs to another session (daemon only)."""
+
+    code = "not_owner"
+
+
+class UnsupportedConfiguration(KVPagerError):
+    """A geometry or dtype the chosen backend's kernels do not support."""
+
+    code = "unsupported"
+
+
+class BackendUnavailable(KVPagerError):
+    """The requested device cannot be used here (no CUDA, no CuPy, ...)."""
+
+    code = "backend_unavailable"
+
+
+class IntegrityError(KVPagerError, AssertionError):
+    """A broken allocator invariant: a bug in kvpager, never a caller mistake."""
+
+    code = "integrity"
+
+
+ERRORS_BY_CODE: dict[str, type[KVPagerError]] = {
+    cls.code: cls
+    for cls in (
+        KVPagerError,
+        OutOfBlocks,
+        InvalidArgument,
+        UnknownSequence,
+        SequenceSwapped,
+        NotSwapped,
+        NotOwner,
+        UnsupportedConfiguration,
+        BackendUnavailable,
+        IntegrityError,
+    )
+}

@@ -1,0 +1,136 @@
+"""Prefix cache: chained block keys -> block ids, longest-prefix match.
+
+A full block's key is a 128-bit BLAKE2b digest over its parent block's key and
+its token ids (little-endian int64). The first block's parent is the root key,
+a digest of the salt (model or adapter id), so different salts never match.
+Keys are stable across processes and Python runs (no ``hash()``), so two
+workers, or a restarted daemon, agree on them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from kvpager.block_pool import BlockPool
+from kvpager.errors import IntegrityError, InvalidArgument
+
+KEY_BYTES = 16
+
+
+def root_key(salt: str | bytes | None) -> bytes:
+    """The parent key of a sequence's first block."""
+    if salt is None:
+        salt = b""
+    elif isinstance(salt, str):
+        salt = salt.encode()
+    elif not isinstance(salt, bytes):
+        raise InvalidArgument(f"salt must be str, bytes or None, got {type(salt).__name__}")
+    return hashlib.blake2b(b"kvpager-root\0" + salt, digest_size=KEY_BYTES).digest()
+
+
+def token_array(tokens: Sequence[int] | np.ndarray, what: str = "tokens") -> np.ndarray:
+    """Token ids as a 1-D little-endian int64 array, validated."""
+    try:
+        arr = np.asarray(tokens)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"{what} must be a list of integers: {e}") from None
+    if arr.size == 0:
+        return np.zeros(0, dtype="<i8")
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise InvalidArgument(f"{what} must be a flat list of integers, got dtype {arr.dtype} shape {arr.shape}")
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and int(arr.max()) >= 2**63:
+        raise InvalidArgument(f"{what} has an id >= 2**63")
+    return arr.astype("<i8", copy=False)
+
+
+def chain_keys(parent: bytes, tokens: np.ndarray, block_size: int, start: int = 0, stop: int | None = None) -> list[bytes]:
+    """Keys of full blocks ``start .. stop-1`` of ``tokens`` (an int64 array that
+    starts at block 0), chained from ``parent`` (the key of block ``start-1``, or
+    the root key when ``start`` is 0)."""
+    full = len(tokens) // block_size
+    stop = full if stop is None else min(stop, full)
+    raw = tokens.tobytes()
+    step = block_size * 8
+    keys = []
+    blake = hashlib.blake2b
+    for i in range(start, stop):
+        parent = blake(parent + raw[i * step : (i + 1) * step], digest_size=KEY_BYTES).digest()
+        keys.append(parent)
+    return keys
+
+
+class PrefixCache:
+    """Maps block keys to the device blocks that hold that prefix's K/V.
+
+    A block is published only after its owner commits that its K/V is
+    written. The cache holds no references: a published block whose count
+    falls to 0 stays matchable as an evictable block in the pool's LRU until
+    its memory is needed."""
+
+    def __init__(self, pool: BlockPool):
+        self.pool = pool
+        self.key_to_block: dict[bytes, int] = {}
+        self.block_key: dict[int, bytes] = {}
+        pool.on_evict = self._forget
+        pool.is_cached = self.block_key.__contains__
+
+    def __len__(self) -> int:
+        return len(self.key_to_block)
+
+    def match(self, keys: Sequence[bytes]) -> list[int]:
+        """Block ids of the longest prefix of ``keys`` that is cached."""
+        found = []
+        lookup = self.key_to_block.get
+        for key in keys:
+            b = lookup(key)
+            if b is None:
+                break
+            found.append(b)
+        return found
+
+    def publish(self, block_id: int, key: bytes) -> bool:
+        """Make ``block_id`` matchable under ``key``. False (no change) if the key
+        is already cached elsewhere or the block already carries a key."""
+        if key in self.key_to_block or block_id in self.block_key:
+            return False
+        self.key_to_block[key] = block_id
+        self.block_key[block_id] = key
+        return True
+
+    def is_published(self, block_id: int) -> bool:
+        return block_id in self.block_key
+
+    def unpublish(self, block_id: int) -> None:
+        """Forget a block about to be written again (its K/V will change)."""
+        key = self.block_key.pop(block_id, None)
+        if key is not None:
+            del self.key_to_block[key]
+            self.pool.release_evictable(block_id)
+
+    def _forget(self, block_id: int) -> None:
+        key = self.block_key.pop(block_id)
+        del self.key_to_block[key]
+
+    def check(self) -> None:
+        """Raise IntegrityError unless the two maps mirror each other and every
+        cached block is in use or evictable (never free)."""
+        problems = []
+        if len(self.key_to_block) != len(self.block_key):
+            problems.append(f"{len(self.key_to_block)} keys but {len(self.block_key)} keyed blocks")
+        for key, b in self.key_to_block.items():
+            if self.block_key.get(b) != key:
+                problems.append(f"key of block {b} does not map back to it")
+                break
+        pool = self.pool
+        for b in self.block_key:
+            if not 0 < b < pool.num_blocks:
+                problems.append(f"cache maps to block {b}, outside the pool")
+            elif pool.ref_cnt[b] == 0 and b not in pool.evictable:
+                problems.append(f"cache maps to block {b}, which is free")
+        if problems:
+            raise IntegrityError(
+                f"prefix cache integrity violated (cached={len(self.key_to_block)}): " + "; ".join(problems[:20])
+            )

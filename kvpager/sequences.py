@@ -1,0 +1,363 @@
+"""Sequences: block tables, token counts, fork, copy-on-write and swap state.
+
+`SequenceManager` decides which blocks move; it never touches K/V bytes. Ops
+that need bytes moved return the (source, destination) block pairs, and the
+caller (`KVPool`) runs them on its backend before the freed blocks can be
+handed out again. Every op takes a batch, validates all of it first and
+either applies all of it or raises and changes nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvpager.block_pool import NULL_BLOCK, BlockPool
+from kvpager.errors import (
+    IntegrityError,
+    InvalidArgument,
+    NotSwapped,
+    OutOfBlocks,
+    SequenceSwapped,
+    UnknownSequence,
+)
+from kvpager.prefix_cache import PrefixCache, chain_keys, root_key, token_array
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sequence's state. ``block_table[i]`` holds tokens ``i*bs .. (i+1)*bs-1``."""
+
+    seq_id: int
+    block_table: list[int]
+    num_tokens: int
+    tokens: np.ndarray  # known token ids, a prefix of the sequence (int64)
+    root: bytes  # parent key of block 0 (from the salt)
+    block_keys: list[bytes] = field(default_factory=list)  # keys of blocks 0..k-1
+    num_committed: int = 0  # K/V written for tokens [0, num_committed)
+    num_published: int = 0  # blocks [0, num_published) were offered to the cache
+    host_blocks: dict[int, int] | None = None  # when swapped: table index -> host block
+    owner: object = None  # the daemon's session id; None when embedded
+
+    @property
+    def swapped(self) -> bool:
+        return self.host_blocks is not None
+
+
+class SequenceManager:
+    """Allocator state: block pool + prefix cache + host blocks + sequences."""
+
+    def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0):
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks)
+        self.cache = PrefixCache(self.pool)
+        self.num_host_blocks = num_host_blocks
+        self.host_free: list[int] = list(range(num_host_blocks - 1, -1, -1))
+        self.seqs: dict[int, Sequence] = {}
+        self._ids = itertools.count(1)
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
+
+    # -- lookup ------------------------------------------------------------------
+    def get(self, seq_id: int, op: str | None = None) -> Sequence:
+        """The sequence, or UnknownSequence; SequenceSwapped if ``op`` needs it resident."""
+        try:
+            seq = self.seqs[seq_id]
+        except (KeyError, TypeError):
+            raise UnknownSequence(seq_id) from None
+        if op is not None and seq.host_blocks is not None:
+            raise SequenceSwapped(seq_id, op)
+        return seq
+
+    def _batch(self, seq_ids: Seq[int], op: str | None) -> list[Sequence]:
+        if len(set(seq_ids)) != len(seq_ids):
+            raise InvalidArgument(f"{op or 'operation'}: duplicate sequence ids in one batch")
+        return [self.get(s, op) for s in seq_ids]
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- allocate ------------------------------------------------------------------
+    def allocate(
+        self, prompts: Seq[Seq[int] | np.ndarray], salts: Seq[str | bytes | None], owner: object = None
+    ) -> list[tuple[Sequence, int]]:
+        """New sequences holding ``prompts``; returns (sequence, cached tokens) each.
+
+        The longest committed prefix of full blocks found in the cache is
+        shared. At least one token is always left to compute, so a worker
+        gets logits for the last prompt token: a fully cached prompt gives
+        back its last block."""
+        bs = self.block_size
+        pool = self.pool
+        plans = []
+        touched_evictable: set[int] = set()
+        need = 0
+        for i, prompt in enumerate(prompts):
+            tokens = token_array(prompt, f"prompts[{i}]")
+            root = root_key(salts[i])
+            usable = max(len(tokens) - 1, 0) // bs  # blocks we may take from the cache
+            keys = chain_keys(root, tokens, bs, 0, usable) if usable else []
+            hits = self.cache.match(keys)
+            for b in hits:
+                if pool.ref_cnt[b] == 0:
+                    touched_evictable.add(b)
+            need += self._blocks_for(len(tokens)) - len(hits)
+            plans.append((tokens, root, keys, hits))
+        available = pool.get_num_free_blocks() - len(touched_evictable)
+        if need > available:
+            raise OutOfBlocks(need, available)
+
+        # Take the hits before any new block: an evictable hit must not be
+        # evicted to make room for this very batch.
+        for plan in plans:
+            pool.touch(plan[3])
+        new_ids = iter(pool.get_new_blocks(need) if need else ())
+        out = []
+        for tokens, root, keys, hits in plans:
+            table = hits + [next(new_ids) for _ in range(self._blocks_for(len(tokens)) - len(hits))]
+            cached = len(hits) * bs
+            seq = Sequence(
+                next(self._ids), table, len(tokens), tokens, root, keys[: len(hits)],
+                num_committed=cached, num_published=len(hits), owner=owner,
+            )
+            self.seqs[seq.seq_id] = seq
+            self.prefix_query_tokens += len(tokens)
+            self.prefix_hit_tokens += cached
+            out.append((seq, cached))
+        return out
+
+    # -- append (copy-on-write) ----------------------------------------------------------
+    def append(
+        self, seq_ids: Seq[int], counts: Seq[int], token_ids: Seq[Seq[int] | None]
+    ) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+        """Extend each sequence by ``counts[i]`` token slots.
+
+        Returns the slot ids (block * block_size + offset) per sequence and
+        the (src, dst) block copies to run before writing: a shared, partly
+        filled last block is copied first (copy-on-write)."""
+        bs = self.block_size
+        pool, ref = self.pool, self.pool.ref_cnt
+        seqs = self._batch(seq_ids, "append")
+        need = 0
+        plans = []
+        for i, (seq, n) in enumerate(zip(seqs, counts)):
+            if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+                raise InvalidArgument(f"append: count for sequence {seq.seq_id} must be an integer >= 0, got {n!r}")
+            ids = token_array(token_ids[i], "token_ids") if token_ids[i] is not None else None
+            if ids is not None and len(ids) != n:
+                raise InvalidArgument(
+                    f"append: sequence {seq.seq_id} got {len(ids)} token ids for {n} slots"
+                )
+            cow = bool(n) and seq.num_tokens % bs != 0 and ref[seq.block_table[-1]] > 1
+            grow = self._blocks_for(seq.num_tokens + n) - len(seq.block_table)
+            need += grow + cow
+            plans.append((seq, int(n), ids, cow, grow))
+        available = pool.get_num_free_blocks()
+        if need > available:
+            raise OutOfBlocks(need, available)
+
+        new_ids = iter(pool.get_new_blocks(need) if need else ())
+        copies: list[tuple[int, int]] = []
+        released: list[int] = []
+        slots_out = []
+        for seq, n, ids, cow, grow in plans:
+            table = seq.block_table
+            if n and seq.num_tokens % bs:
+                last = table[-1]
+                if cow:
+                    dst = next(new_ids)
+                    copies.append((last, dst))
+                    released.append(last)
+                    table[-1] = dst
+                elif self.cache.is_published(last):
+                    # Exclusively ours but still matchable as a full block (after
+                    # a truncate): un-publish before its K/V changes.
+                    self.cache.unpublish(last)
+            table.extend(next(new_ids) for _ in range(grow))
+            pos = np.arange(seq.num_tokens, seq.num_tokens + n, dtype=np.int64)
+            slots_out.append(np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs)
+            if ids is not None and len(seq.tokens) == seq.num_tokens:
+                seq.tokens = np.concatenate([seq.tokens, ids])
+            seq.num_tokens += n
+        # Sources are released only now: no block freed here is reused in this batch.
+        pool.free_blocks(released)
+        return slots_out, copies
+
+    # -- commit ---------------------------------------------------------------------
+    def commit(self, seq_ids: Seq[int], upto: Seq[int | None]) -> list[int]:
+        """Declare K/V written for tokens ``[0, upto)`` (default: all) and publish
+        the full blocks whose token ids are known. Returns blocks published per sequence."""
+        bs = self.block_size
+        seqs = self._batch(seq_ids, "commit")
+        ups = []
+        for seq, u in zip(seqs, upto):
+            u = seq.num_tokens if u is None else u
+            if not isinstance(u, (int, np.integer)) or isinstance(u, bool) or not 0 <= u <= seq.num_tokens:
+                raise InvalidArgument(
+                    f"commit: upto for sequence {seq.seq_id} must be in [0, {seq.num_tokens}], got {u!r}"
+                )
+            ups.append(int(u))
+        published = []
+        for seq, u in zip(seqs, ups):
+            seq.num_committed = max(seq.num_committed, u)
+            full = min(seq.num_committed, len(seq.tokens)) // bs
+            start = len(seq.block_keys)
+            if full > start:
+                parent = seq.block_keys[-1] if start else seq.root
+                seq.block_keys += chain_keys(parent, seq.tokens, bs, start, full)
+            count = 0
+            for i in range(seq.num_published, full):
+                count += self.cache.publish(seq.block_table[i], seq.block_keys[i])
+            seq.num_published = max(seq.num_published, full)
+            published.append(count)
+        return published
+
+    # -- fork / free / truncate ------------------------------------------------------------
+    def fork(self, seq_ids: Seq[int], n: int) -> list[list[Sequence]]:
+        """``n`` children of each sequence, sharing every block (ref counts +1)."""
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+            raise InvalidArgument(f"fork: n must be an integer >= 1, got {n!r}")
+        parents = self._batch(seq_ids, "fork")
+        out = []
+        for p in parents:
+            children = []
+            for _ in range(n):
+                self.pool.touch(p.block_table)
+                child = Sequence(
+                    next(self._ids), list(p.block_table), p.num_tokens, p.tokens, p.root,
+                    list(p.block_keys), p.num_committed, p.num_published, owner=p.owner,
+                )
+                self.seqs[child.seq_id] = child
+                children.append(child)
+            out.append(children)
+        return out
+
+    def free(self, seq_ids: Seq[int]) -> None:
+        """Drop the sequences; their blocks lose one reference each."""
+        seqs = self._batch(seq_ids, None)
+        for seq in seqs:
+            del self.seqs[seq.seq_id]
+            self.pool.free_blocks(b for b in reversed(seq.block_table) if b != NULL_BLOCK)
+            if seq.host_blocks:
+                self.host_free.extend(seq.host_blocks.values())
+
+    def truncate(self, seq_ids: Seq[int], lengths: Seq[int]) -> None:
+        """Shorten sequences to ``lengths`` tokens (speculative-decoding rollback)."""
+        bs = self.block_size
+        seqs = self._batch(seq_ids, "truncate")
+        for seq, n in zip(seqs, lengths):
+            if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 0 <= n <= seq.num_tokens:
+                raise InvalidArgument(
+                    f"truncate: length for sequence {seq.seq_id} must be in [0, {seq.num_tokens}], got {n!r}"
+                )
+        for seq, n in zip(seqs, lengths):
+            keep = self._blocks_for(n)
+            dropped = seq.block_table[keep:]
+            del seq.block_table[keep:]
+            self.pool.free_blocks(reversed(dropped))
+            seq.num_tokens = int(n)
+            seq.tokens = seq.tokens[:n]
+            seq.num_committed = min(seq.num_committed, n)
+            del seq.block_keys[n // bs :]
+            seq.num_published = min(seq.num_published, n // bs)
+            if n % bs and self.pool.ref_cnt[seq.block_table[-1]] == 1:
+                self.cache.unpublish(seq.block_table[-1])
+
+    # -- swap -------------------------------------------------------------------------
+    def swap_out(self, seq_ids: Seq[int]) -> list[tuple[int, int]]:
+        """Move exclusively owned blocks to host blocks; shared blocks stay.
+        Returns the (device, host) block copies to run."""
+        seqs = self._batch(seq_ids, "swap_out")
+        ref = self.pool.ref_cnt
+        moving = [[i for i, b in enumerate(s.block_table) if ref[b] == 1] for s in seqs]
+        need = sum(map(len, moving))
+        if need > len(self.host_free):
+            raise OutOfBlocks(need, len(self.host_free), "host")
+        copies = []
+        for seq, idx in zip(seqs, moving):
+            seq.host_blocks = {}
+            for i in idx:
+                h = self.host_free.pop()
+                copies.append((seq.block_table[i], h))
+                seq.host_blocks[i] = h
+        # The device blocks are released after the caller has copied them (the
+        # same call): nothing can reuse them before then.
+        for seq, idx in zip(seqs, moving):
+            released = [seq.block_table[i] for i in idx]
+            for i in idx:
+                seq.block_table[i] = NULL_BLOCK
+            self.pool.free_blocks(reversed(released))
+        return copies
+
+    def swap_in(self, seq_ids: Seq[int]) -> list[tuple[int, int]]:
+        """Bring swapped sequences back; returns the (host, device) copies to run.
+        A block whose published copy is still cached on the device is re-shared
+        instead of copied."""
+        seqs = self._batch(seq_ids, None)
+        for seq in seqs:
+            if seq.host_blocks is None:
+                raise NotSwapped(seq.seq_id)
+        pool = self.pool
+        reuse: dict[tuple[int, int], int] = {}
+        touched_evictable = set()
+        need = 0
+        for k, seq in enumerate(seqs):
+            for i in seq.host_blocks:
+                b = self.cache.key_to_block.get(seq.block_keys[i]) if i < seq.num_published else None
+                if b is not None:
+                    reuse[(k, i)] = b
+                    if pool.ref_cnt[b] == 0:
+                        touched_evictable.add(b)
+                else:
+                    need += 1
+        available = pool.get_num_free_blocks() - len(touched_evictable)
+        if need > available:
+            raise OutOfBlocks(need, available)
+        pool.touch(reuse.values())  # before any eviction, as in allocate
+        new_ids = iter(pool.get_new_blocks(need) if need else ())
+        copies = []
+        for k, seq in enumerate(seqs):
+            for i, h in seq.host_blocks.items():
+                b = reuse.get((k, i))
+                if b is None:
+                    b = next(new_ids)
+                    copies.append((h, b))
+                    if i < seq.num_published:
+                        self.cache.publish(b, seq.block_keys[i])
+                seq.block_table[i] = b
+                self.host_free.append(h)
+            seq.host_blocks = None
+        return copies
+
+    # -- integrity ------------------------------------------------------------------------
+    def check_integrity(self) -> None:
+        """Raise IntegrityError unless every block is exactly one of free /
+        evictable / in use, each reference count equals the number of block-table
+        entries pointing at it, the cache maps only to live blocks, and host
+        blocks are each either free or held by one swapped sequence."""
+        bs = self.block_size
+        expected = [0] * self.pool.num_blocks
+        host_held = []
+        for seq in self.seqs.values():
+            if len(seq.block_table) != self._blocks_for(seq.num_tokens):
+                raise IntegrityError(
+                    f"sequence {seq.seq_id}: {len(seq.block_table)} blocks for {seq.num_tokens} tokens (block size {bs})"
+                )
+            for i, b in enumerate(seq.block_table):
+                if b == NULL_BLOCK and not (seq.host_blocks and i in seq.host_blocks):
+                    raise IntegrityError(f"sequence {seq.seq_id}: block-table entry {i} is the null block")
+                expected[b] += 1
+            if seq.host_blocks:
+                host_held.extend(seq.host_blocks.values())
+        expected[NULL_BLOCK] = 0
+        self.pool.check(expected)
+        self.cache.check()
+        held, free = set(host_held), set(self.host_free)
+        if len(held) != len(host_held) or held & free or len(held) + len(free) != self.num_host_blocks or len(free) != len(self.host_free):
+            raise IntegrityError(
+                f"host pool integrity violated (held={len(host_held)}, free={len(self.host_free)}, "
+                f"total={self.num_host_blocks})"
+            )

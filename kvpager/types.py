@@ -1,0 +1,108 @@
+"""Result types returned by `KVPool` and `Client` alike (frozen dataclasses)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """A new sequence. The worker computes K/V only for tokens from
+    ``num_cached_tokens`` on, writing them into ``slots`` (one per such token)."""
+
+    seq_id: int
+    block_table: tuple[int, ...]
+    num_cached_tokens: int
+    slots: np.ndarray  # int64 [num_tokens - num_cached_tokens]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Allocation):
+            return NotImplemented
+        return (
+            (self.seq_id, self.block_table, self.num_cached_tokens)
+            == (other.seq_id, other.block_table, other.num_cached_tokens)
+            and np.array_equal(self.slots, other.slots)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class SequenceInfo:
+    """One sequence as seen from outside."""
+
+    seq_id: int
+    owner: str | None
+    num_tokens: int
+    num_committed: int
+    block_table: tuple[int, ...]  # 0 marks a block swapped out to host memory
+    shared_blocks: int  # blocks whose reference count is above 1
+    swapped: bool
+    host_blocks: int
+
+    @property
+    def state(self) -> str:
+        return "swapped" if self.swapped else "resident"
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """The pool at a glance. Block counts exclude the reserved null block."""
+
+    total_blocks: int
+    free_blocks: int
+    evictable_blocks: int
+    used_blocks: int
+    shared_blocks: int
+    cached_blocks: int
+    num_sequences: int
+    swapped_sequences: int
+    host_total_blocks: int
+    host_free_blocks: int
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+    tokens_stored: int  # real tokens held by in-use blocks, shared blocks counted once
+    token_slots_allocated: int  # used_blocks * block_size
+    block_size: int
+    bytes_per_block: int
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
+
+    @property
+    def slot_utilization(self) -> float:
+        """Share of allocated token slots that hold real tokens."""
+        return self.tokens_stored / self.token_slots_allocated if self.token_slots_allocated else 1.0
+
+    def to_dict(self) -> dict[str, object]:
+        d = dataclasses.asdict(self)
+        d["prefix_hit_rate"] = self.prefix_hit_rate
+        d["slot_utilization"] = self.slot_utilization
+        return d
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    """Per-block state of the device pool: ``state[b]`` is one of NULL, FREE,
+    EVICTABLE, USED; ``ref_cnt[b]`` its reference count."""
+
+    NULL = 0
+    FREE = 1
+    EVICTABLE = 2
+    USED = 3
+    STATE_NAMES = ("null", "free", "evictable", "used")
+
+    state: np.ndarray  # uint8 [num_blocks]
+    ref_cnt: np.ndarray  # int32 [num_blocks]
+    cached: np.ndarray  # bool [num_blocks]: published in the prefix cache
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, BlockMap):
+            return NotImplemented
+        return all(np.array_equal(getattr(self, f), getattr(other, f)) for f in ("state", "ref_cnt", "cached"))
+
+    __hash__ = None  # type: ignore[assignment]
