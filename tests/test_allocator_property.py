@@ -1,0 +1,180 @@
+"""Stateful property test of the allocator: random op sequences over a small pool.
+
+The model keeps, per sequence, its token ids. Every token's K is written as a
+deterministic function of the token ids up to and including it (as a real
+model's K/V is), so any prefix hit, copy-on-write, swap or truncation that
+hands a sequence the wrong bytes shows up when K is read back through the
+block table. `check_integrity()` runs after every step."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from kvpager import KVPool, OutOfBlocks, PoolSpec
+
+BS = 8
+HEAD_DIM = 8
+# Prompts start with one of two "system prompts" (cut to 0-3 blocks and a bit) so
+# prefix hits are common; the rest is random.
+SYSTEM = ([1, 2, 0, 1, 1, 2, 0, 0] * 4, [2] * 4 * BS)
+tokens_st = st.builds(
+    lambda sys_i, cut, rest: SYSTEM[sys_i][:cut] + rest,
+    st.integers(0, 1), st.integers(0, 4 * BS), st.lists(st.integers(0, 2), max_size=2 * BS),
+)
+
+
+def k_value(prefix: tuple[int, ...]) -> np.ndarray:
+    """The K row of the last token of ``prefix`` (depends on the whole prefix)."""
+    d = hashlib.blake2b(repr(prefix).encode(), digest_size=HEAD_DIM).digest()
+    return np.frombuffer(d, dtype=np.uint8).astype(np.float32)
+
+
+class AllocatorMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.pool = KVPool(PoolSpec(1, 1, HEAD_DIM, num_blocks=25, block_size=BS,
+                                    dtype="float32", num_host_blocks=10))
+        self.tokens: dict[int, list[int]] = {}
+        self.swapped: set[int] = set()
+
+    # -- helpers -----------------------------------------------------------------
+    def _write(self, seq_id: int, start: int, slots: np.ndarray) -> None:
+        toks = self.tokens[seq_id]
+        k = np.zeros((len(slots), 1, HEAD_DIM), np.float32)
+        for i, p in enumerate(range(start, start + len(slots))):
+            k[i, 0] = k_value(tuple(toks[: p + 1]))
+        self.pool.write(0, slots, k, -k)
+
+    def _resident(self) -> list[int]:
+        return [s for s in self.tokens if s not in self.swapped]
+
+    # -- rules -------------------------------------------------------------------
+    @rule(prompts=st.lists(tokens_st, min_size=1, max_size=3), salt=st.sampled_from([None, "x"]))
+    def allocate(self, prompts, salt):
+        if salt == "x":  # salted sequences get a token offset so the model stays per-salt
+            prompts = [[t + 10 for t in p] for p in prompts]
+        try:
+            allocs = self.pool.allocate(prompts, salt=salt)
+        except OutOfBlocks:
+            return
+        for p, a in zip(prompts, allocs):
+            assert a.num_cached_tokens % BS == 0 and a.num_cached_tokens < max(len(p), 1)
+            assert len(a.slots) == len(p) - a.num_cached_tokens
+            if a.num_cached_tokens:
+                event("prefix hit")
+            self.tokens[a.seq_id] = list(p)
+            self._write(a.seq_id, a.num_cached_tokens, a.slots)
+
+    @precondition(lambda self: self._resident())
+    @rule(data=st.data(), n=st.integers(0, 2 * BS))
+    def append(self, data, n):
+        seqs = data.draw(st.lists(st.sampled_from(self._resident()), min_size=1, max_size=3, unique=True))
+        new = [data.draw(st.lists(st.integers(0, 2), min_size=n, max_size=n)) for _ in seqs]
+        before = [len(self.tokens[s]) for s in seqs]
+        tables = [self.pool.sequence(s).block_table for s in seqs]
+        try:
+            slots = self.pool.append(seqs, n, token_ids=new)
+        except OutOfBlocks:
+            return
+        if any(self.pool.sequence(s).block_table[: len(b)] != b for s, b in zip(seqs, tables)):
+            event("copy-on-write")
+        for s, t, start, sl in zip(seqs, new, before, slots):
+            self.tokens[s] += t
+            self._write(s, start, sl)
+
+    @precondition(lambda self: self._resident())
+    @rule(data=st.data())
+    def commit(self, data):
+        s = data.draw(st.sampled_from(self._resident()))
+        upto = data.draw(st.integers(0, len(self.tokens[s])))
+        self.pool.commit(s, upto)
+
+    @precondition(lambda self: self._resident())
+    @rule(data=st.data(), n=st.integers(1, 3))
+    def fork(self, data, n):
+        s = data.draw(st.sampled_from(self._resident()))
+        [kids] = self.pool.fork(s, n)
+        for c in kids:
+            self.tokens[c] = list(self.tokens[s])
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def free(self, data):
+        seqs = data.draw(st.lists(st.sampled_from(list(self.tokens)), min_size=1, max_size=3, unique=True))
+        self.pool.free(seqs)
+        for s in seqs:
+            del self.tokens[s]
+            self.swapped.discard(s)
+
+    @precondition(lambda self: self._resident())
+    @rule(data=st.data())
+    def truncate(self, data):
+        s = data.draw(st.sampled_from(self._resident()))
+        n = data.draw(st.integers(0, len(self.tokens[s])))
+        self.pool.truncate(s, n)
+        del self.tokens[s][n:]
+
+    @precondition(lambda self: self._resident())
+    @rule(data=st.data())
+    def swap_out(self, data):
+        seqs = data.draw(st.lists(st.sampled_from(self._resident()), min_size=1, max_size=2, unique=True))
+        try:
+            self.pool.swap_out(seqs)
+        except OutOfBlocks:
+            event("swap out: host full")
+            return
+        self.swapped.update(seqs)
+
+    @precondition(lambda self: self.swapped)
+    @rule(data=st.data())
+    def swap_in(self, data):
+        seqs = data.draw(st.lists(st.sampled_from(sorted(self.swapped)), min_size=1, max_size=2, unique=True))
+        try:
+            self.pool.swap_in(seqs)
+        except OutOfBlocks:
+            event("swap in: device full")
+            return
+        event("swap in")
+        self.swapped.difference_update(seqs)
+
+    # -- invariants --------------------------------------------------------------
+    @invariant()
+    def integrity(self):
+        self.pool.check_integrity()
+
+    @invariant()
+    def lengths_and_contents(self):
+        k_all, v_all = self.pool.kv(0)
+        infos = {i.seq_id: i for i in self.pool.sequences()}
+        assert set(infos) == set(self.tokens)
+        for s, toks in self.tokens.items():
+            info = infos[s]
+            assert info.num_tokens == len(toks)
+            assert info.swapped == (s in self.swapped)
+            if info.swapped:
+                continue
+            for p in range(len(toks)):
+                b, o = info.block_table[p // BS], p % BS
+                want = k_value(tuple(toks[: p + 1]))
+                np.testing.assert_array_equal(k_all[b, 0, o], want, err_msg=f"seq {s} pos {p}")
+                np.testing.assert_array_equal(v_all[b, 0, o], -want)
+
+    @invariant()
+    def accounting(self):
+        st_ = self.pool.stats()
+        assert st_.free_blocks + st_.evictable_blocks + st_.used_blocks == st_.total_blocks
+        assert st_.num_sequences == len(self.tokens)
+        assert st_.swapped_sequences == len(self.swapped)
+        assert st_.tokens_stored <= st_.token_slots_allocated
+
+
+AllocatorMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestAllocator = AllocatorMachine.TestCase
