@@ -10,7 +10,6 @@ workers, or a restarted daemon, agree on them.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -31,7 +30,7 @@ def root_key(salt: str | bytes | None) -> bytes:
     return hashlib.blake2b(b"kvpager-root\0" + salt, digest_size=KEY_BYTES).digest()
 
 
-def token_array(tokens: Sequence[int] | np.ndarray, what: str = "tokens") -> np.ndarray:
+def token_array(tokens: object, what: str = "tokens") -> np.ndarray:
     """Token ids as a 1-D little-endian int64 array, validated."""
     try:
         arr = np.asarray(tokens)
@@ -80,16 +79,24 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self.key_to_block)
 
-    def match(self, keys: Sequence[bytes]) -> list[int]:
-        """Block ids of the longest prefix of ``keys`` that is cached."""
-        found = []
+    def match_tokens(self, root: bytes, tokens: np.ndarray, block_size: int, max_blocks: int) -> tuple[list[bytes], list[int]]:
+        """Longest cached prefix of ``tokens`` (at most ``max_blocks`` blocks): the
+        keys and block ids of the hits. Hashes only up to the first miss."""
+        keys: list[bytes] = []
+        hits: list[int] = []
         lookup = self.key_to_block.get
-        for key in keys:
-            b = lookup(key)
+        raw = tokens.tobytes()
+        step = block_size * 8
+        parent = root
+        blake = hashlib.blake2b
+        for i in range(min(max_blocks, len(tokens) // block_size)):
+            parent = blake(parent + raw[i * step : (i + 1) * step], digest_size=KEY_BYTES).digest()
+            b = lookup(parent)
             if b is None:
                 break
-            found.append(b)
-        return found
+            keys.append(parent)
+            hits.append(b)
+        return keys, hits
 
     def publish(self, block_id: int, key: bytes) -> bool:
         """Make ``block_id`` matchable under ``key``. False (no change) if the key

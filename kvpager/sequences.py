@@ -99,8 +99,7 @@ class SequenceManager:
             tokens = token_array(prompt, f"prompts[{i}]")
             root = root_key(salts[i])
             usable = max(len(tokens) - 1, 0) // bs  # blocks we may take from the cache
-            keys = chain_keys(root, tokens, bs, 0, usable) if usable else []
-            hits = self.cache.match(keys)
+            keys, hits = self.cache.match_tokens(root, tokens, bs, usable)
             for b in hits:
                 if pool.ref_cnt[b] == 0:
                     touched_evictable.add(b)
@@ -120,7 +119,7 @@ class SequenceManager:
             table = hits + [next(new_ids) for _ in range(self._blocks_for(len(tokens)) - len(hits))]
             cached = len(hits) * bs
             seq = Sequence(
-                next(self._ids), table, len(tokens), tokens, root, keys[: len(hits)],
+                next(self._ids), table, len(tokens), tokens, root, keys,
                 num_committed=cached, num_published=len(hits), owner=owner,
             )
             self.seqs[seq.seq_id] = seq

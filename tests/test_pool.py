@@ -172,7 +172,6 @@ def test_swap_round_trip_is_bit_identical_and_restores_accounting():
     fill(pool, a.slots, 3)
     [[c]] = pool.fork(a.seq_id, 1)
     pool.append(c, BS)  # c: copy of the last block + one more of its own
-    [[s]] = [pool.append(c, 0)]
     kv_c = seq_kv(pool, c).copy()
     before = pool.stats()
     pool.swap_out([c])

@@ -1,0 +1,52 @@
+"""BlockPool unit tests: null block, all-or-nothing, LRU eviction, integrity check."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvpager.block_pool import BlockPool
+from kvpager.errors import IntegrityError, OutOfBlocks
+
+
+def test_null_block_is_never_handed_out():
+    pool = BlockPool(5)
+    ids = pool.get_new_blocks(4)
+    assert sorted(ids) == [1, 2, 3, 4]
+    with pytest.raises(OutOfBlocks):
+        pool.get_new_blocks(1)
+
+
+def test_batch_allocation_is_all_or_nothing():
+    pool = BlockPool(10)
+    pool.get_new_blocks(5)
+    with pytest.raises(OutOfBlocks) as e:
+        pool.get_new_blocks(5)
+    assert (e.value.needed, e.value.available) == (5, 4)
+    assert pool.get_num_free_blocks() == 4
+
+
+def test_evictable_blocks_are_reclaimed_oldest_first():
+    pool = BlockPool(6)
+    cached = {1, 2, 3}
+    evicted = []
+    pool.is_cached = cached.__contains__
+    pool.on_evict = lambda b: (evicted.append(b), cached.discard(b))
+    ids = pool.get_new_blocks(5)
+    assert ids == [1, 2, 3, 4, 5]
+    pool.free_blocks([3, 1, 4, 2, 5])
+    assert list(pool.evictable) == [3, 1, 2] and sorted(pool.free_ids) == [4, 5]
+    pool.touch([1])  # a prefix hit takes 1 back out of the LRU
+    got = pool.get_new_blocks(4)
+    assert sorted(got) == [2, 3, 4, 5] and evicted == [3, 2]
+    assert pool.ref_cnt[1] == 1
+
+
+def test_check_reports_counts():
+    pool = BlockPool(4)
+    [a, _] = pool.get_new_blocks(2)
+    pool.check([0, 1, 1, 0])
+    with pytest.raises(IntegrityError, match=r"free=1, evictable=0, in_use=2, total=3"):
+        pool.check([0, 2, 1, 0])
+    pool.free_blocks([a])
+    with pytest.raises(IntegrityError, match="bug"):
+        pool.free_blocks([a])
