@@ -5,12 +5,16 @@ from __future__ import annotations
 import click
 
 from kvpager import __version__
+from kvpager.serve_cli import serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kvpager")
 def main() -> None:
     """kvpager: a paged KV-cache memory manager for LLM inference."""
+
+
+main.add_command(serve)
 
 
 if __name__ == "__main__":

@@ -36,3 +36,9 @@ def cuda_arch_list() -> list[str]:
     """KVPAGER_CUDA_ARCH: extra nvcc -arch values for kernel compile checks (comma separated)."""
     raw = _get("CUDA_ARCH", "")
     return [a for a in raw.split(",") if a]
+
+
+def max_message_bytes() -> int:
+    """KVPAGER_MAX_MESSAGE: largest wire message in bytes (default 16 MiB); tensors
+    go through shared memory, so only very large prompt batches come near it."""
+    return int(_get("MAX_MESSAGE", str(16 << 20)))

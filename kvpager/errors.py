@@ -105,6 +105,56 @@ class IntegrityError(KVPagerError, AssertionError):
     code = "integrity"
 
 
+class ProtocolError(KVPagerError):
+    """A malformed wire message: not msgpack, not a request, wrong shape (daemon only)."""
+
+    code = "protocol_error"
+
+
+class VersionMismatch(ProtocolError):
+    """The request's protocol version is not the daemon's."""
+
+    code = "version_mismatch"
+
+
+class UnknownOp(ProtocolError):
+    """The request names an op the daemon does not have."""
+
+    code = "unknown_op"
+
+
+class MessageTooLarge(ProtocolError):
+    """A message over the size limit (KVPAGER_MAX_MESSAGE); send tensors through staging."""
+
+    code = "message_too_large"
+
+
+class SessionLost(KVPagerError):
+    """The session is unknown to the daemon: it said bye, missed heartbeats, or the
+    daemon restarted (then the pool epoch changed and mapped memory is stale).
+    Its sequences are gone; open a new client."""
+
+    code = "session_lost"
+
+
+class DaemonUnavailable(KVPagerError, ConnectionError):
+    """No daemon listens at the endpoint (or it stopped answering)."""
+
+    code = "daemon_unavailable"
+
+
+class RequestTimeout(KVPagerError, TimeoutError):
+    """No reply within the deadline; the message names the setting to raise."""
+
+    code = "timeout"
+
+
+class InternalError(KVPagerError):
+    """An unexpected exception inside the daemon: a bug in kvpager."""
+
+    code = "internal"
+
+
 ERRORS_BY_CODE: dict[str, type[KVPagerError]] = {
     cls.code: cls
     for cls in (
@@ -118,5 +168,13 @@ ERRORS_BY_CODE: dict[str, type[KVPagerError]] = {
         UnsupportedConfiguration,
         BackendUnavailable,
         IntegrityError,
+        ProtocolError,
+        VersionMismatch,
+        UnknownOp,
+        MessageTooLarge,
+        SessionLost,
+        DaemonUnavailable,
+        RequestTimeout,
+        InternalError,
     )
 }

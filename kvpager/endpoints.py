@@ -1,0 +1,101 @@
+"""Daemon endpoints: the default ipc:// socket, its private directory, liveness probes.
+
+The default endpoint is an ``ipc://`` socket in a directory only this user
+can enter (mode 0700): anyone who can connect can free or read every
+sequence, so the directory is the access control. TCP has no access control
+and is used only when asked for.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from urllib.parse import urlsplit
+
+from kvpager import env
+from kvpager.errors import InvalidArgument
+
+SOCKET_NAME = "kvpager.sock"
+
+
+def ensure_runtime_dir(path: str | None = None) -> str:
+    """Create the runtime directory (mode 0700) or check an existing one:
+    it must be a real directory owned by this user with no group/other access."""
+    path = path or env.runtime_dir()
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise InvalidArgument(f"cannot create runtime directory {path}: {e} (set KVPAGER_RUNTIME_DIR)") from None
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise InvalidArgument(f"runtime directory {path} is not a directory (a symlink?); refusing to use it")
+    if st.st_uid != os.getuid():
+        raise InvalidArgument(
+            f"runtime directory {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); "
+            "refusing to use it (set KVPAGER_RUNTIME_DIR)"
+        )
+    if st.st_mode & 0o077:
+        raise InvalidArgument(
+            f"runtime directory {path} has mode {stat.S_IMODE(st.st_mode):o}; it must be 700 so other "
+            f"users cannot reach the daemon: chmod 700 {path}, or set KVPAGER_RUNTIME_DIR"
+        )
+    return path
+
+
+def default_endpoint() -> str:
+    """KVPAGER_ENDPOINT, else ``ipc://<runtime dir>/kvpager.sock``."""
+    return env.endpoint() or f"ipc://{os.path.join(env.runtime_dir(), SOCKET_NAME)}"
+
+
+def ipc_path(endpoint: str) -> str | None:
+    """The socket file of an ``ipc://`` endpoint, else None."""
+    return endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else None
+
+
+def probe(endpoint: str, timeout: float = 1.0) -> str | None:
+    """Why nothing listens at ``endpoint`` (a short reason), or None if something
+    accepts connections there. Only ipc:// and tcp:// are probed."""
+    path = ipc_path(endpoint)
+    if path is not None:
+        if not os.path.exists(path):
+            return f"no socket file {path}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            try:
+                s.connect(path)
+            except OSError as e:
+                return f"{path}: {e.strerror or e}"
+        return None
+    if endpoint.startswith("tcp://"):
+        parts = urlsplit(endpoint)
+        try:
+            host, port = parts.hostname, parts.port
+        except ValueError:
+            return f"bad tcp endpoint {endpoint}"
+        if host is None or port is None:
+            return f"bad tcp endpoint {endpoint}"
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as e:
+            return f"{host}:{port}: {e.strerror or e}"
+    return None
+
+
+def prepare_ipc_bind(endpoint: str) -> None:
+    """Before binding an ipc:// endpoint: refuse if a daemon already listens
+    there; remove a stale socket file left by one that died."""
+    path = ipc_path(endpoint)
+    if path is None:
+        return
+    if path == os.path.join(env.runtime_dir(), SOCKET_NAME):
+        ensure_runtime_dir(os.path.dirname(path))
+    if os.path.exists(path):
+        if probe(endpoint) is None:
+            raise InvalidArgument(f"another daemon already listens at {endpoint}")
+        try:
+            os.unlink(path)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise InvalidArgument(f"cannot remove stale socket {path}: {e}") from None

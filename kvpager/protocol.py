@@ -1,0 +1,365 @@
+"""The wire protocol between `Client` and the daemon, in one place.
+
+See docs/protocol.md for the authoritative description. In short: every
+message is one msgpack value in one ZeroMQ frame.
+
+- request: ``[version, id, session, op, args]``
+- reply:   ``[id, 0, result]`` or ``[id, 1, {"code", "message", "details"}]``
+
+NumPy arrays travel as msgpack ExtType ``EXT_NDARRAY`` (dtype, shape, raw
+bytes), never as lists of ints: slot arrays are the hot path. K/V and query
+tensors never travel in messages; they go through shared memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from kvpager.errors import (
+    ERRORS_BY_CODE,
+    InvalidArgument,
+    KVPagerError,
+    MessageTooLarge,
+    ProtocolError,
+    UnknownOp,
+    VersionMismatch,
+)
+from kvpager.types import Allocation, BlockMap, PoolStats, SequenceInfo
+
+#: Bumped on any incompatible change of a message; both sides must agree.
+VERSION = 1
+#: msgpack ExtType code of a NumPy array: see `pack_array`.
+EXT_NDARRAY = 1
+#: Hard cap handed to ZeroMQ (MAXMSGSIZE): a bigger message drops the
+#: connection instead of being buffered; between the limit and this cap the
+#: daemon still answers with a typed `message_too_large` error.
+TRANSPORT_SLACK = 1 << 20
+
+OK, ERR = 0, 1
+
+# Error codes, for reference and for docs/protocol.md (the classes own them).
+ERROR_CODES: tuple[str, ...] = tuple(ERRORS_BY_CODE)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op: its argument names and whether it needs an open session."""
+
+    name: str
+    required: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    session: bool = True
+
+    @property
+    def allowed(self) -> frozenset[str]:
+        return frozenset(self.required + self.optional)
+
+
+OPS: dict[str, Op] = {
+    op.name: op
+    for op in (
+        Op("hello", (), ("client", "pid", "host"), session=False),
+        Op("allocate", ("prompts",), ("salt",)),
+        Op("append", ("seq_ids",), ("num_tokens", "token_ids")),
+        Op("commit", ("seq_ids",), ("upto",)),
+        Op("fork", ("seq_ids",), ("n",)),
+        Op("free", ("seq_ids",)),
+        Op("truncate", ("seq_ids", "lengths")),
+        Op("swap_out", ("seq_ids",)),
+        Op("swap_in", ("seq_ids",)),
+        Op("staging", ("nbytes",)),
+        Op("write", ("layer", "slots", "k", "v")),
+        Op("attend", ("layer", "seq_ids", "q", "out"), ("query_lens", "scale")),
+        Op("tables", ("seq_ids",), (), session=False),
+        Op("sequences", (), ("seq_ids",), session=False),
+        Op("blocks", (), (), session=False),
+        Op("stats", (), (), session=False),
+        Op("check", (), (), session=False),
+        Op("heartbeat"),
+        Op("bye"),
+    )
+}
+
+# -- NumPy arrays as ExtType -------------------------------------------------------------
+_HEAD = struct.Struct("<BB")  # dtype string length, ndim
+
+
+def pack_array(a: np.ndarray) -> msgpack.ExtType:
+    """ExtType payload: u8 len(dtype.str), dtype.str, u8 ndim, ndim x u64 shape, raw C-order bytes."""
+    a = np.ascontiguousarray(a)
+    dt = a.dtype.str.encode()
+    head = _HEAD.pack(len(dt), a.ndim) + dt + struct.pack(f"<{a.ndim}Q", *a.shape)
+    return msgpack.ExtType(EXT_NDARRAY, head + a.tobytes())
+
+
+def unpack_array(data: bytes) -> np.ndarray:
+    """The (read-only) array a `pack_array` payload holds; ProtocolError if malformed."""
+    try:
+        dlen, ndim = _HEAD.unpack_from(data)
+        dt = np.dtype(data[2 : 2 + dlen].decode())
+        off = 2 + dlen
+        shape = struct.unpack_from(f"<{ndim}Q", data, off)
+        off += 8 * ndim
+    except Exception as e:
+        raise ProtocolError(f"malformed array: {e}") from None
+    if dt.kind not in "biuf" or dt.hasobject:
+        raise ProtocolError(f"array dtype {dt} is not allowed")
+    if int(np.prod(shape, dtype=np.uint64)) * dt.itemsize != len(data) - off:
+        raise ProtocolError(f"array of shape {shape} {dt} does not match its {len(data) - off} bytes")
+    return np.frombuffer(data, dt, offset=off).reshape(shape)
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return pack_array(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"cannot send a {type(obj).__name__} over the wire")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == EXT_NDARRAY:
+        return unpack_array(data)
+    raise ProtocolError(f"unknown msgpack ext type {code}")
+
+
+_packer = msgpack.Packer(default=_default, use_bin_type=True, autoreset=True)
+
+
+def pack(value: Any) -> bytes:
+    """One msgpack message, NumPy arrays as ExtType."""
+    try:
+        return _packer.pack(value)
+    except TypeError as e:
+        raise InvalidArgument(str(e)) from None
+
+
+def unpack(data: bytes) -> Any:
+    """Inverse of `pack`; ProtocolError if the bytes are not one msgpack value."""
+    try:
+        return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+    except ProtocolError:
+        raise
+    except Exception as e:
+        raise ProtocolError(f"not a msgpack message: {type(e).__name__}: {e}") from None
+
+
+# -- envelopes ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Request:
+    """``[version, id, session, op, args]``."""
+
+    id: int
+    op: str
+    args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    session: str | None = None
+    version: int = VERSION
+
+    def encode(self) -> bytes:
+        return pack([self.version, self.id, self.session, self.op, self.args])
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """The error half of a reply: a stable code, a message, optional details."""
+
+    code: str
+    message: str
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_exception(cls, e: KVPagerError) -> ErrorInfo:
+        details = {
+            k: v
+            for k, v in vars(e).items()
+            if k != "request_id" and isinstance(v, (int, float, str, bool, type(None)))
+        }
+        return cls(e.code, str(e), details)
+
+    def exception(self) -> KVPagerError:
+        """The same error class the daemon raised, with the same message and attributes."""
+        cls = ERRORS_BY_CODE.get(self.code, KVPagerError)
+        exc = cls.__new__(cls)
+        Exception.__init__(exc, self.message)
+        exc.__dict__.update(self.details)
+        if cls is KVPagerError:
+            exc.code = self.code  # an unknown code from a newer daemon: keep it visible
+        return exc
+
+
+@dataclass(frozen=True)
+class Reply:
+    """``[id, 0, result]`` or ``[id, 1, error]``; id is nil when the request had none."""
+
+    id: int | None
+    result: Any = None
+    error: ErrorInfo | None = None
+
+    def encode(self) -> bytes:
+        return encode_reply(self.id, self.result, self.error)
+
+
+def encode_reply(rid: int | None, result: Any = None, error: ErrorInfo | None = None) -> bytes:
+    if error is None:
+        return pack([rid, OK, result])
+    return pack([rid, ERR, {"code": error.code, "message": error.message, "details": error.details}])
+
+
+def decode_request(data: bytes, limit: int) -> Request:
+    """Parse and check a request envelope; raises a ProtocolError subclass
+    (with ``request_id`` set when the id could be read) if it is bad."""
+    if len(data) > limit:
+        err = MessageTooLarge(f"message of {len(data)} bytes is over the limit of {limit} (KVPAGER_MAX_MESSAGE)")
+        err.request_id = peek_id(data)
+        raise err
+    msg = unpack(data)
+    if not isinstance(msg, list) or len(msg) != 5:
+        raise ProtocolError("a request is a msgpack array [version, id, session, op, args]")
+    version, rid, session, op, args = msg
+    bad = None
+    if not isinstance(rid, int) or isinstance(rid, bool):
+        bad, rid = f"request id must be an integer, got {type(rid).__name__}", None
+    elif version != VERSION:
+        err = VersionMismatch(f"protocol version {version!r} is not supported; the daemon speaks {VERSION}")
+        err.request_id = rid
+        raise err
+    elif session is not None and not isinstance(session, str):
+        bad = "session must be a string or nil"
+    elif not isinstance(op, str):
+        bad = "op must be a string"
+    elif not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        bad = "args must be a map with string keys"
+    if bad:
+        err = ProtocolError(bad)
+        err.request_id = rid
+        raise err
+    spec = OPS.get(op)
+    if spec is None:
+        err = UnknownOp(f"unknown op {op!r}; ops are {', '.join(OPS)}")
+        err.request_id = rid
+        raise err
+    keys = args.keys()
+    if not keys <= spec.allowed or not set(spec.required) <= keys:
+        err = InvalidArgument(
+            f"{op}: arguments {sorted(keys)} do not match required {list(spec.required)}, "
+            f"optional {list(spec.optional)}"
+        )
+        err.request_id = rid
+        raise err
+    return Request(rid, op, args, session, version)
+
+
+def peek_id(data: bytes) -> int | None:
+    """The id of a request without decoding the rest of it (for oversized ones)."""
+    try:
+        up = msgpack.Unpacker(max_buffer_size=len(data) or 1)
+        up.feed(data)
+        if up.read_array_header() < 2:
+            return None
+        up.skip()
+        rid = up.unpack()
+        return rid if isinstance(rid, int) and not isinstance(rid, bool) else None
+    except Exception:
+        return None
+
+
+def decode_reply(data: bytes) -> Reply:
+    """Parse a reply; ProtocolError if it is not one."""
+    msg = unpack(data)
+    if not isinstance(msg, list) or len(msg) != 3 or msg[1] not in (OK, ERR):
+        raise ProtocolError("a reply is a msgpack array [id, status, payload]")
+    rid, status, payload = msg
+    if status == OK:
+        return Reply(rid, payload)
+    if not isinstance(payload, dict) or not isinstance(payload.get("code"), str):
+        raise ProtocolError("an error reply carries a map with a string code")
+    return Reply(rid, None, ErrorInfo(payload["code"], str(payload.get("message", "")), payload.get("details") or {}))
+
+
+# -- results ------------------------------------------------------------------------------
+def encode_allocations(allocs: list[Allocation]) -> list[list[Any]]:
+    return [[a.seq_id, np.asarray(a.block_table, np.int32), a.num_cached_tokens, a.slots] for a in allocs]
+
+
+def decode_allocations(raw: list[list[Any]]) -> list[Allocation]:
+    return [Allocation(int(s), tuple(t.tolist()), int(c), slots) for s, t, c, slots in raw]
+
+
+def encode_slots(slots: list[np.ndarray]) -> np.ndarray:
+    """append's result: every sequence's slots back to back (the client knows the counts)."""
+    if len(slots) == 1:
+        return slots[0]
+    return np.concatenate(slots) if slots else np.zeros(0, np.int64)
+
+
+def decode_slots(flat: np.ndarray, num_seqs: int, num_tokens: Any) -> list[np.ndarray]:
+    """Split append's flat result back into one array per sequence."""
+    if num_seqs == 1:
+        return [flat]
+    if isinstance(num_tokens, (int, np.integer)):
+        return list(flat.reshape(num_seqs, int(num_tokens)))
+    return np.split(flat, np.cumsum(np.asarray(num_tokens, np.int64))[:-1])
+
+
+def encode_info(info: SequenceInfo) -> dict[str, Any]:
+    d = {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
+    d["block_table"] = np.asarray(info.block_table, np.int64)
+    return d
+
+
+def decode_info(d: dict[str, Any]) -> SequenceInfo:
+    d = _known_fields(SequenceInfo, d)
+    d["block_table"] = tuple(np.asarray(d["block_table"]).tolist())
+    return SequenceInfo(**d)
+
+
+def encode_stats(stats: PoolStats) -> dict[str, Any]:
+    return {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
+
+
+def decode_stats(d: dict[str, Any]) -> PoolStats:
+    return PoolStats(**_known_fields(PoolStats, d))
+
+
+def encode_blocks(bm: BlockMap) -> list[np.ndarray]:
+    return [bm.state, bm.ref_cnt, bm.cached]
+
+
+def decode_blocks(raw: list[np.ndarray]) -> BlockMap:
+    return BlockMap(*raw)
+
+
+def _known_fields(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    """A newer daemon may send more fields than this client knows: drop them."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+__all__ = [
+    "ERR",
+    "ERROR_CODES",
+    "EXT_NDARRAY",
+    "OK",
+    "OPS",
+    "VERSION",
+    "ErrorInfo",
+    "Op",
+    "Reply",
+    "Request",
+    "decode_reply",
+    "decode_request",
+    "pack",
+    "unpack",
+]

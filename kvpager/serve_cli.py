@@ -1,0 +1,97 @@
+"""`kvpager serve`: run the daemon in the foreground until SIGINT / SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import sys
+from typing import Any
+
+import click
+
+from kvpager.errors import KVPagerError
+from kvpager.spec import MODEL_PRESETS, PoolSpec
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``123``, ``512M``, ``4G``, ``1.5GiB`` (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size like 4096, 512M or 4G")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def build_spec(opts: dict[str, Any]) -> PoolSpec:
+    """The pool geometry from the command-line options (a --model preset fills
+    in what the options leave out)."""
+    geo: dict[str, Any] = dict(MODEL_PRESETS[opts["model"]]) if opts["model"] else {}
+    for opt, field in (("layers", "num_layers"), ("kv_heads", "num_kv_heads"),
+                       ("head_dim", "head_dim"), ("dtype", "dtype"), ("block_size", "block_size")):
+        if opts[opt] is not None:
+            geo[field] = opts[opt]
+    missing = [f for f in ("num_layers", "num_kv_heads", "head_dim") if f not in geo]
+    if missing:
+        raise click.UsageError(f"give --model or all of --layers/--kv-heads/--head-dim (missing {missing})")
+    if (opts["blocks"] is None) == (opts["memory"] is None):
+        raise click.UsageError("give exactly one of --blocks and --memory")
+    if opts["host_blocks"] is not None and opts["host_memory"] is not None:
+        raise click.UsageError("give at most one of --host-blocks and --host-memory")
+    if opts["memory"] is not None:
+        host = parse_size(opts["host_memory"]) if opts["host_memory"] else 0
+        spec = PoolSpec.for_memory(parse_size(opts["memory"]), host_bytes=host, **geo)
+    else:
+        spec = PoolSpec(num_blocks=opts["blocks"], **geo)
+        if opts["host_memory"]:
+            spec = spec.replace(num_host_blocks=parse_size(opts["host_memory"]) // spec.bytes_per_block)
+    if opts["host_blocks"] is not None:
+        spec = spec.replace(num_host_blocks=opts["host_blocks"])
+    return spec
+
+
+@click.command()
+@click.option("--model", type=click.Choice(sorted(MODEL_PRESETS)), help="Geometry preset.")
+@click.option("--layers", type=int, help="Number of layers.")
+@click.option("--kv-heads", type=int, help="KV heads per layer.")
+@click.option("--head-dim", type=int, help="Head dimension.")
+@click.option("--block-size", type=int, help="Tokens per block (default 16).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="K/V dtype.")
+@click.option("--blocks", type=int, help="Device blocks (block 0 included).")
+@click.option("--memory", help="Device pool size instead of --blocks, e.g. 8G.")
+@click.option("--host-blocks", type=int, help="Host (swap) blocks.")
+@click.option("--host-memory", help="Host (swap) pool size, e.g. 16G.")
+@click.option("--device", default=None, help="cpu or cuda:N (default: a GPU if there is one).")
+@click.option("--endpoint", default=None, help="ipc://PATH or tcp://HOST:PORT (default: private ipc socket).")
+@click.option("--heartbeat-timeout", type=float, default=None,
+              help="Seconds of silence before a session's sequences are freed (KVPAGER_HEARTBEAT_TIMEOUT).")
+@click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def serve(**opts: Any) -> None:
+    """Run the kvpager daemon in the foreground (logs to stderr)."""
+    logging.basicConfig(level=opts["log_level"], stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from kvpager.backends import default_device
+    from kvpager.server import Server
+
+    try:
+        spec = build_spec(opts)
+        server = Server.create(spec, opts["endpoint"], opts["device"] or default_device(),
+                               heartbeat_timeout=opts["heartbeat_timeout"])
+    except KVPagerError as e:
+        raise click.ClickException(str(e)) from None
+
+    def on_signal(signum: int, frame: Any) -> None:
+        logging.getLogger("kvpager.server").info("signal %d: shutting down", signum)
+        server.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.bind()
+    except KVPagerError as e:
+        server.close()
+        raise click.ClickException(str(e)) from None
+    # The line scripts wait for: the endpoint is bound and serving.
+    click.echo(f"kvpager serving on {server.endpoint}", err=True)
+    server.run()

@@ -1,0 +1,375 @@
+"""The daemon: one `KVPool` behind one ZeroMQ ROUTER socket and one event loop.
+
+Every state change runs on the loop's thread, one request at a time, so the
+allocator needs no locks. The server owns sessions (hello / heartbeat / bye)
+and checks that a sequence belongs to the calling session before `KVPool`
+sees the batch: a rejected batch changes nothing. A client's mistake is
+answered with a typed error reply; it never ends the loop.
+
+In-process use (tests)::
+
+    server = Server.create(spec, "ipc:///tmp/x/kv.sock")
+    server.start()          # a background thread; returns once bound
+    ...
+    server.stop()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import zmq
+
+from kvpager import env, protocol
+from kvpager.backends import make_backend
+from kvpager.endpoints import default_endpoint, ipc_path, prepare_ipc_bind
+from kvpager.errors import (
+    IntegrityError,
+    InternalError,
+    InvalidArgument,
+    KVPagerError,
+    NotOwner,
+    UnknownSequence,
+)
+from kvpager.pool import KVPool
+from kvpager.protocol import OPS, ErrorInfo, decode_request, encode_reply
+from kvpager.sessions import Session, SessionTable
+from kvpager.shm import PoolMemory, sweep_stale
+from kvpager.spec import PoolSpec
+
+log = logging.getLogger("kvpager.server")
+
+#: Largest staging buffer a session may ask for.
+MAX_STAGING_BYTES = 1 << 30
+_POLL_MS = 50  # how soon stop() and heartbeat expiry are noticed when idle
+
+
+def _ids(value: Any, what: str = "seq_ids") -> list[int]:
+    """A batch of sequence ids from the wire: an int, a list of ints or an int array."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iu":
+        return value.tolist()
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return value
+    raise InvalidArgument(f"{what} must be an int or a list of ints")
+
+
+def _int(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidArgument(f"{what} must be an integer, got {type(value).__name__}")
+    return value
+
+
+class Server:
+    """A daemon serving ``pool`` at ``endpoint`` (default: the private ipc:// socket).
+
+    ``memory`` is the shared memory the pool lives in (`PoolMemory`), which
+    the hello reply hands to clients; without it clients use remote
+    write/attend only. ``run()`` serves until ``stop()``; ``start()`` runs
+    it in a thread."""
+
+    def __init__(
+        self,
+        pool: KVPool,
+        endpoint: str | None = None,
+        *,
+        memory: PoolMemory | None = None,
+        heartbeat_timeout: float | None = None,
+        max_message_bytes: int | None = None,
+        epoch: str | None = None,
+        owns_pool: bool = False,
+    ):
+        self.pool = pool
+        self.endpoint = endpoint or default_endpoint()
+        self.memory = memory
+        self.epoch = epoch or secrets.token_hex(8)
+        hb = env.heartbeat_timeout_s() if heartbeat_timeout is None else float(heartbeat_timeout)
+        self.sessions = SessionTable(hb, self.epoch)
+        self.max_message_bytes = max_message_bytes or env.max_message_bytes()
+        self.owns_pool = owns_pool
+        self.requests = 0
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ctx: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None
+        self._handlers = {name: getattr(self, f"_op_{name}") for name in OPS}
+
+    @classmethod
+    def create(cls, spec: PoolSpec, endpoint: str | None = None, device: str = "cpu", **kwargs: Any) -> Server:
+        """A server with its own pool; on the CPU the pool lives in shared memory
+        that clients map."""
+        epoch = secrets.token_hex(8)
+        memory = None
+        if device == "cpu":
+            sweep_stale()
+            memory = PoolMemory.create(spec, epoch)
+            pool = KVPool(spec, backend=memory.backend())
+        else:
+            pool = KVPool(spec, backend=make_backend(spec, device))
+        return cls(pool, endpoint, memory=memory, epoch=epoch, owns_pool=True, **kwargs)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def bind(self) -> str:
+        """Open and bind the socket; returns the actual endpoint (tcp port ``*`` resolved)."""
+        prepare_ipc_bind(self.endpoint)
+        self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes + protocol.TRANSPORT_SLACK)
+        try:
+            sock.bind(self.endpoint)
+        except zmq.ZMQError as e:
+            sock.close()
+            self._ctx.term()
+            raise InvalidArgument(f"cannot bind {self.endpoint}: {e}") from None
+        self._sock = sock
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        path = ipc_path(self.endpoint)
+        if path:
+            os.chmod(path, 0o600)
+        elif not self.endpoint.startswith(("tcp://127.", "tcp://[::1]", "inproc://")):
+            log.warning("listening on %s: anyone who can reach it can use the pool", self.endpoint)
+        log.info(
+            "serving %s on %s (epoch %s, heartbeat timeout %.1fs)",
+            self.pool.spec, self.endpoint, self.epoch, self.sessions.heartbeat_timeout,
+        )
+        return self.endpoint
+
+    def run(self) -> None:
+        """Serve until `stop()`; then release everything (`close()`)."""
+        try:
+            if self._sock is None:
+                self.bind()
+            self._ready.set()
+            self._loop()
+        finally:
+            self._ready.set()
+            self.close()
+
+    def start(self, timeout: float = 10.0) -> Server:
+        """Run in a daemon thread; returns once the socket is bound."""
+        self.bind()
+        self._thread = threading.Thread(target=self.run, name="kvpager-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError("server thread did not start")
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the loop to end (safe from a signal handler or another thread)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def close(self) -> None:
+        """End every session (freeing its sequences), close the socket, unlink
+        the ipc socket and the shared memory."""
+        for s in list(self.sessions.sessions.values()):
+            self._end(s, "daemon shutting down")
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+            self._ctx.term()
+            path = ipc_path(self.endpoint)
+            if path and os.path.exists(path):
+                os.unlink(path)
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        if self.owns_pool:
+            self.pool.close()
+        log.info("stopped after %d requests", self.requests)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        sock, stop = self._sock, self._stop
+        next_expiry = time.monotonic() + self._expiry_interval()
+        while not stop.is_set():
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                sock.poll(_POLL_MS)
+            else:
+                # [routing id, (empty delimiter from REQ), body]: answer on the same envelope.
+                frames[-1] = self.handle(frames[-1])
+                try:
+                    sock.send_multipart(frames, zmq.NOBLOCK)
+                except zmq.ZMQError as e:  # peer gone or its queue full: its problem, not ours
+                    log.debug("reply dropped: %s", e)
+            now = time.monotonic()
+            if now >= next_expiry:
+                next_expiry = now + self._expiry_interval()
+                for s in self.sessions.expired(now):
+                    self._end(s, "missed heartbeats")
+
+    def _expiry_interval(self) -> float:
+        return min(1.0, self.sessions.heartbeat_timeout / 4)
+
+    def handle(self, body: bytes) -> bytes:
+        """One request in, one reply out. Never raises."""
+        self.requests += 1
+        rid, op = None, "?"
+        try:
+            req = decode_request(body, self.max_message_bytes)
+            rid, op = req.id, req.op
+            session = None
+            if OPS[op].session or (req.session is not None and op != "hello"):
+                session = self.sessions.get(req.session)
+            return encode_reply(rid, self._handlers[op](session, req.args))
+        except KVPagerError as e:
+            rid = getattr(e, "request_id", rid)
+            return encode_reply(rid, None, ErrorInfo.from_exception(e))
+        except (TypeError, ValueError, KeyError, IndexError, OverflowError, AttributeError) as e:
+            # KVPool validates its arguments; what slips through is still the
+            # caller's malformed input, not a reason to die.
+            msg = f"{op}: bad arguments: {type(e).__name__}: {e}"
+            return encode_reply(rid, None, ErrorInfo("invalid_argument", msg))
+        except Exception as e:  # a bug: keep serving, say so loudly
+            log.exception("internal error in %s", op)
+            return encode_reply(rid, None, ErrorInfo.from_exception(InternalError(f"{op}: {e!r}")))
+
+    # -- sessions ----------------------------------------------------------------------------
+    def _owned(self, session: Session, value: Any) -> list[int]:
+        """The ids, checked to exist and belong to ``session`` (all before any change)."""
+        ids = _ids(value)
+        seqs, sid = self.pool.manager.seqs, session.id
+        for i in ids:
+            seq = seqs.get(i)
+            if seq is None:
+                raise UnknownSequence(i)
+            if seq.owner != sid:
+                raise NotOwner(f"sequence {i} belongs to another session")
+        return ids
+
+    def _end(self, session: Session, why: str) -> int:
+        ids = [i for i, s in self.pool.manager.seqs.items() if s.owner == session.id]
+        if ids:
+            self.pool.free(ids)
+        self.sessions.close(session)
+        log.info("session %s (%s, pid %s) ended: %s; freed %d sequences",
+                 session.id, session.client, session.pid, why, len(ids))
+        return len(ids)
+
+    # -- ops ---------------------------------------------------------------------------------
+    def _op_hello(self, _: None, a: dict[str, Any]) -> dict[str, Any]:
+        pid = a.get("pid")
+        s = self.sessions.open(str(a.get("client", "?")), pid if isinstance(pid, int) else None)
+        log.info("session %s opened by %s (pid %s)", s.id, s.client, s.pid)
+        if self.memory is not None:
+            memory = self.memory.handles()
+        elif hasattr(self.pool.backend, "ipc_handle"):
+            # The CUDA half: filled in by a backend that can export its slab.
+            backend = self.pool.backend
+            memory = {"kind": "cuda_ipc", "handle": backend.ipc_handle(), "device_uuid": backend.device_uuid()}
+        else:
+            memory = {"kind": "none"}
+        return {
+            "session": s.id,
+            "epoch": self.epoch,
+            "version": protocol.VERSION,
+            "spec": self.pool.spec.to_dict(),
+            "device": self.pool.device,
+            "memory": memory,
+            "heartbeat_timeout": self.sessions.heartbeat_timeout,
+            "max_message_bytes": self.max_message_bytes,
+            "server_pid": os.getpid(),
+        }
+
+    def _op_heartbeat(self, s: Session, a: dict[str, Any]) -> None:
+        return None  # SessionTable.get already reset the clock
+
+    def _op_bye(self, s: Session, a: dict[str, Any]) -> dict[str, int]:
+        return {"freed": self._end(s, "bye")}
+
+    def _op_allocate(self, s: Session, a: dict[str, Any]) -> list[list[Any]]:
+        prompts = a["prompts"]
+        if not isinstance(prompts, list):
+            raise InvalidArgument("prompts must be a list of token-id lists")
+        return protocol.encode_allocations(self.pool.allocate(prompts, a.get("salt"), owner=s.id))
+
+    def _op_append(self, s: Session, a: dict[str, Any]) -> np.ndarray:
+        ids = self._owned(s, a["seq_ids"])
+        return protocol.encode_slots(self.pool.append(ids, a.get("num_tokens", 1), a.get("token_ids")))
+
+    def _op_commit(self, s: Session, a: dict[str, Any]) -> list[int]:
+        return self.pool.commit(self._owned(s, a["seq_ids"]), a.get("upto"))
+
+    def _op_fork(self, s: Session, a: dict[str, Any]) -> list[list[int]]:
+        return self.pool.fork(self._owned(s, a["seq_ids"]), a.get("n", 1))
+
+    def _op_free(self, s: Session, a: dict[str, Any]) -> None:
+        self.pool.free(self._owned(s, a["seq_ids"]))
+
+    def _op_truncate(self, s: Session, a: dict[str, Any]) -> None:
+        self.pool.truncate(self._owned(s, a["seq_ids"]), a["lengths"])
+
+    def _op_swap_out(self, s: Session, a: dict[str, Any]) -> None:
+        self.pool.swap_out(self._owned(s, a["seq_ids"]))
+
+    def _op_swap_in(self, s: Session, a: dict[str, Any]) -> None:
+        self.pool.swap_in(self._owned(s, a["seq_ids"]))
+
+    # -- tensors through the session's staging buffer ----------------------------------------
+    def _op_staging(self, s: Session, a: dict[str, Any]) -> dict[str, Any]:
+        nbytes = _int(a["nbytes"], "nbytes")
+        if not 0 <= nbytes <= MAX_STAGING_BYTES:
+            raise InvalidArgument(f"staging: nbytes must be in [0, {MAX_STAGING_BYTES}], got {nbytes}")
+        seg = self.sessions.staging(s, nbytes)
+        return {"name": seg.name, "offset": 0, "size": seg.size}
+
+    def _staged(self, s: Session, ref: Any, what: str) -> np.ndarray:
+        """A view of ``ref`` = [offset, shape] in the session's staging buffer."""
+        if s.staging is None:
+            raise InvalidArgument(f"{what}: this session has no staging buffer; ask for one with 'staging'")
+        if not (isinstance(ref, list) and len(ref) == 2 and isinstance(ref[1], list)):
+            raise InvalidArgument(f"{what} must be [offset, shape] in the staging buffer")
+        offset = _int(ref[0], f"{what} offset")
+        shape = tuple(_int(d, f"{what} shape") for d in ref[1])
+        return s.staging.array(shape, self.pool.spec.np_dtype, offset)
+
+    def _op_write(self, s: Session, a: dict[str, Any]) -> None:
+        slots = a["slots"]
+        slots = np.asarray(slots if isinstance(slots, (list, np.ndarray)) else [slots])
+        self.pool.write(a["layer"], slots, self._staged(s, a["k"], "k"), self._staged(s, a["v"], "v"))
+
+    def _op_attend(self, s: Session, a: dict[str, Any]) -> list[Any]:
+        q = self._staged(s, a["q"], "q")
+        out = self.pool.attend(a["layer"], _ids(a["seq_ids"]), q, a.get("query_lens"), a.get("scale"))
+        offset = _int(a["out"], "out")
+        s.staging.array(out.shape, out.dtype, offset)[...] = out
+        return [offset, list(out.shape)]
+
+    # -- inspection ----------------------------------------------------------------------------
+    def _op_tables(self, s: Session | None, a: dict[str, Any]) -> list[np.ndarray]:
+        m = self.pool.manager
+        return list(self.pool.block_tables([m.get(i, "attend") for i in _ids(a["seq_ids"])]))
+
+    def _op_sequences(self, s: Session | None, a: dict[str, Any]) -> list[dict[str, Any]]:
+        if a.get("seq_ids") is None:
+            infos = self.pool.sequences()
+        else:
+            infos = [self.pool.sequence(i) for i in _ids(a["seq_ids"])]
+        return [protocol.encode_info(i) for i in infos]
+
+    def _op_blocks(self, s: Session | None, a: dict[str, Any]) -> list[np.ndarray]:
+        return protocol.encode_blocks(self.pool.blocks())
+
+    def _op_stats(self, s: Session | None, a: dict[str, Any]) -> dict[str, Any]:
+        d = protocol.encode_stats(self.pool.stats())
+        d["sessions"] = len(self.sessions)
+        return d
+
+    def _op_check(self, s: Session | None, a: dict[str, Any]) -> None:
+        self.pool.check_integrity()
+        open_ids = self.sessions.sessions
+        orphans = [i for i, q in self.pool.manager.seqs.items() if q.owner not in open_ids]
+        if orphans:
+            raise IntegrityError(f"{len(orphans)} sequences belong to no open session, e.g. {orphans[:5]}")

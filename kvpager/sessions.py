@@ -1,0 +1,83 @@
+"""Daemon sessions: who a client is, when it was last heard, its staging buffer.
+
+A session opens with ``hello`` and ends with ``bye`` or when it has been
+silent for ``heartbeat_timeout`` seconds; the server then frees every
+sequence it owns. Only the server's event loop touches this table.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from kvpager.errors import SessionLost
+from kvpager.shm import Segment, segment_name
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    client: str
+    pid: int | None
+    last_seen: float
+    staging: Segment | None = None
+    ops: int = 0
+    opened: float = field(default_factory=time.time)
+
+    def close(self) -> None:
+        if self.staging is not None:
+            self.staging.close()
+            self.staging = None
+
+
+class SessionTable:
+    """Open sessions by id, with heartbeat expiry."""
+
+    def __init__(self, heartbeat_timeout: float, epoch: str):
+        self.heartbeat_timeout = heartbeat_timeout
+        self.epoch = epoch
+        self.sessions: dict[str, Session] = {}
+        self._staging_serial = 0
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def open(self, client: str, pid: int | None) -> Session:
+        s = Session(secrets.token_hex(8), client, pid, time.monotonic())
+        self.sessions[s.id] = s
+        return s
+
+    def get(self, session_id: str | None) -> Session:
+        """The session, its clock reset; SessionLost if it is not open."""
+        s = self.sessions.get(session_id) if session_id is not None else None
+        if s is None:
+            err = SessionLost(
+                f"session {session_id!r} is not open on this daemon (it said bye, missed heartbeats "
+                "for longer than the heartbeat timeout, or the daemon restarted)"
+            )
+            err.epoch = self.epoch  # lets the client tell a restart from an expiry
+            raise err
+        s.last_seen = time.monotonic()
+        return s
+
+    def expired(self, now: float | None = None) -> list[Session]:
+        now = time.monotonic() if now is None else now
+        limit = now - self.heartbeat_timeout
+        return [s for s in self.sessions.values() if s.last_seen < limit]
+
+    def close(self, session: Session) -> None:
+        self.sessions.pop(session.id, None)
+        session.close()
+
+    def staging(self, session: Session, nbytes: int) -> Segment:
+        """The session's staging buffer, grown (replaced) to hold ``nbytes``."""
+        if session.staging is None or session.staging.size < nbytes:
+            if session.staging is not None:
+                session.staging.close()
+                session.staging = None
+            self._staging_serial += 1
+            # Round up so a growing worker does not re-map on every step.
+            size = max(1 << 20, 1 << (max(nbytes, 1) - 1).bit_length())
+            session.staging = Segment.create(segment_name(self.epoch, f"s{self._staging_serial}"), size)
+        return session.staging

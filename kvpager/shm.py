@@ -1,0 +1,195 @@
+"""POSIX shared memory for the CPU backend's pools and the staging buffers.
+
+The daemon creates every segment (mode 0600) and unlinks it on shutdown or
+when the session that used it ends; clients only attach. We call
+``shm_open`` ourselves instead of `multiprocessing.shared_memory`, whose
+resource tracker (before Python 3.13) unlinks a segment when any process
+that merely attached to it exits: a worker's exit would pull the pool out
+from under the daemon.
+
+Segment names are ``kvp<pid>_<epoch8>_<tag>``: short enough for macOS (31
+bytes), and a later daemon can tell a dead daemon's leftovers by the pid.
+"""
+
+from __future__ import annotations
+
+import _posixshmem
+import contextlib
+import logging
+import mmap
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kvpager.backends.numpy_backend import NumpyBackend
+from kvpager.errors import InvalidArgument
+from kvpager.spec import PoolSpec
+
+log = logging.getLogger("kvpager.shm")
+
+_NAME = re.compile(r"kvp(\d+)_[0-9a-f]{8}_\w+$")
+_SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory; used only to sweep
+
+
+class Segment:
+    """One mapped shared-memory segment. ``buf`` is a writable memoryview."""
+
+    def __init__(self, name: str, size: int, create: bool):
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        try:
+            fd = _posixshmem.shm_open("/" + name, flags, mode=0o600)
+        except FileNotFoundError:
+            raise InvalidArgument(f"shared memory segment {name!r} does not exist") from None
+        try:
+            if create:
+                os.ftruncate(fd, size)
+                if hasattr(os, "posix_fallocate"):
+                    # Reserve the pages now: a full /dev/shm then fails here with
+                    # ENOSPC instead of killing whoever touches a page (SIGBUS).
+                    os.posix_fallocate(fd, 0, size)
+            else:
+                actual = os.fstat(fd).st_size
+                if actual < size:
+                    raise InvalidArgument(f"shared memory segment {name!r} has {actual} bytes, expected {size}")
+            self._mmap = mmap.mmap(fd, size)
+        except BaseException:
+            if create:
+                _posixshmem.shm_unlink("/" + name)
+            raise
+        finally:
+            os.close(fd)
+        self.name, self.size, self.owner = name, size, create
+        self.buf = memoryview(self._mmap)
+
+    @classmethod
+    def create(cls, name: str, size: int) -> Segment:
+        return cls(name, size, create=True)
+
+    @classmethod
+    def attach(cls, name: str, size: int) -> Segment:
+        return cls(name, size, create=False)
+
+    def array(self, shape: tuple[int, ...], dtype: Any, offset: int = 0) -> np.ndarray:
+        """A view of the segment (no copy); InvalidArgument if it does not fit."""
+        dt = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        if offset < 0 or offset % dt.itemsize or offset + nbytes > self.size or min(shape, default=1) < 0:
+            raise InvalidArgument(
+                f"staging range offset={offset} shape={tuple(shape)} ({nbytes} bytes of {dt}) does not fit "
+                f"segment {self.name} of {self.size} bytes, or is misaligned"
+            )
+        return np.ndarray(shape, dt, buffer=self.buf, offset=offset)
+
+    def close(self) -> None:
+        """Unmap; unlink too if this process created it. Views still alive keep
+        the mapping (then it goes with them)."""
+        if self.owner:
+            self.owner = False
+            with contextlib.suppress(FileNotFoundError):
+                _posixshmem.shm_unlink("/" + self.name)
+        try:
+            self.buf.release()
+            self._mmap.close()
+        except (BufferError, ValueError):
+            pass  # NumPy views still point into it; unmapped when they go
+
+
+def segment_name(epoch: str, tag: str) -> str:
+    return f"kvp{os.getpid()}_{epoch[:8]}_{tag}"
+
+
+def sweep_stale() -> list[str]:
+    """Unlink segments left by daemons of this user that died without cleanup
+    (SIGKILL). Linux only: elsewhere there is no directory to list."""
+    removed = []
+    try:
+        entries = os.scandir(_SHM_DIR)
+    except OSError:
+        return removed
+    uid = os.getuid()
+    with entries:
+        for entry in entries:
+            m = _NAME.match(entry.name)
+            if not m:
+                continue
+            try:
+                if entry.stat().st_uid != uid or _alive(int(m.group(1))):
+                    continue
+                _posixshmem.shm_unlink("/" + entry.name)
+                removed.append(entry.name)
+            except OSError:
+                continue
+    if removed:
+        log.info("removed %d shared memory segments of dead daemons", len(removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class PoolMemory:
+    """The device and host pools of a CPU `KVPool`, in shared memory."""
+
+    spec: PoolSpec
+    device: Segment
+    host: Segment | None
+
+    @classmethod
+    def create(cls, spec: PoolSpec, epoch: str) -> PoolMemory:
+        dev = Segment.create(segment_name(epoch, "dev"), spec.device_bytes)
+        try:
+            host = Segment.create(segment_name(epoch, "host"), spec.host_bytes) if spec.host_bytes else None
+        except BaseException:
+            dev.close()
+            raise
+        return cls(spec, dev, host)
+
+    def backend(self) -> NumpyBackend:
+        """A NumPy backend whose pools live in these segments."""
+        return NumpyBackend(
+            self.spec, device_buffer=self.device.buf, host_buffer=self.host.buf if self.host else None
+        )
+
+    def handles(self) -> dict[str, Any]:
+        """The "memory" entry of the hello reply (kind "shm")."""
+        seg = lambda s: None if s is None else {"name": s.name, "offset": 0, "size": s.size}  # noqa: E731
+        return {"kind": "shm", "device": seg(self.device), "host": seg(self.host)}
+
+    def close(self) -> None:
+        self.device.close()
+        if self.host is not None:
+            self.host.close()
+
+
+# Mappings made by clients, one per segment per process (see `map_pool`).
+_mapped: dict[str, Segment] = {}
+
+
+def map_segment(handle: dict[str, Any]) -> Segment:
+    """Attach a segment named in a hello reply, once per process."""
+    seg = _mapped.get(handle["name"])
+    if seg is None:
+        seg = _mapped[handle["name"]] = Segment.attach(handle["name"], int(handle["offset"]) + int(handle["size"]))
+    return seg
+
+
+def map_pool(spec: PoolSpec, memory: dict[str, Any]) -> NumpyBackend:
+    """A NumPy backend over the daemon's pools as mapped in this process: its
+    ``kv``/``host_kv`` are zero-copy views, its write/attend run here."""
+    dev, host = memory["device"], memory.get("host")
+    dbuf = map_segment(dev).buf[int(dev["offset"]) : int(dev["offset"]) + spec.device_bytes]
+    hbuf = None
+    if host is not None:
+        hbuf = map_segment(host).buf[int(host["offset"]) : int(host["offset"]) + spec.host_bytes]
+    return NumpyBackend(spec, device_buffer=dbuf, host_buffer=hbuf)
