@@ -17,7 +17,7 @@ allocation is all-or-nothing.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 
 from kvpager.errors import IntegrityError, InvalidArgument, OutOfBlocks
 
@@ -38,9 +38,9 @@ class BlockPool:
         # Called with a block id when an evictable block is reclaimed, so the
         # prefix cache can forget it. Set by the owner of the cache.
         self.on_evict: Callable[[int], None] = lambda block_id: None
-        # Called for a block whose count reached 0: True if it is still cached
-        # (so it becomes evictable rather than free).
-        self.is_cached: Callable[[int], bool] = lambda block_id: False
+        # Blocks still published in the prefix cache: one whose count reaches 0
+        # becomes evictable rather than free. Set by the owner of the cache.
+        self.cached: Container[int] = frozenset()
 
     # -- queries ---------------------------------------------------------------
     @property
@@ -94,17 +94,17 @@ class BlockPool:
         """Drop one reference from each block. A block reaching 0 becomes
         evictable if it is cached (most recently used end) or free otherwise.
         Pass a block table in reverse so a sequence's tail is evicted first."""
-        ref, is_cached = self.ref_cnt, self.is_cached
+        ref, cached, evictable, free = self.ref_cnt, self.cached, self.evictable, self.free_ids
         for b in ids:
             count = ref[b] - 1
-            if count < 0 or b == NULL_BLOCK:
-                raise IntegrityError(f"bug: freeing block {b} with reference count {ref[b]}")
-            ref[b] = count
-            if count == 0:
-                if is_cached(b):
-                    self.evictable[b] = None
+            if count <= 0:
+                if count < 0 or b == NULL_BLOCK:
+                    raise IntegrityError(f"bug: freeing block {b} with reference count {ref[b]}")
+                if b in cached:
+                    evictable[b] = None
                 else:
-                    self.free_ids.append(b)
+                    free.append(b)
+            ref[b] = count
 
     def release_evictable(self, block_id: int) -> None:
         """An evictable block lost its cache entry: move it to the free list."""

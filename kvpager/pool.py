@@ -6,6 +6,7 @@ either applies all of it or raises a typed error and changes nothing.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -76,12 +77,18 @@ class KVPool:
         if len(prompts) and isinstance(prompts[0], (int, np.integer)):
             raise InvalidArgument("prompts must be a list of token-id lists: pass [tokens] for one prompt")
         salts = _per_seq(salt, len(prompts), "salt")
+        made = self.manager.allocate(prompts, salts, owner)
+        # Slots of every block of every new sequence in one vectorised pass,
+        # then each sequence's uncached token range is a slice of it.
         bs = self.spec.block_size
-        out = []
-        for seq, cached in self.manager.allocate(prompts, salts, owner):
-            pos = np.arange(cached, seq.num_tokens, dtype=np.int64)
-            slots = np.asarray(seq.block_table, dtype=np.int64)[pos // bs] * bs + pos % bs
-            out.append(Allocation(seq.seq_id, tuple(seq.block_table), cached, slots))
+        tables = [seq.block_table for seq, _ in made]
+        flat = np.fromiter(itertools.chain.from_iterable(tables), np.int64, sum(map(len, tables)))
+        all_slots = (flat[:, None] * bs + np.arange(bs, dtype=np.int64)).ravel()
+        out, start = [], 0
+        for (seq, cached), table in zip(made, tables):
+            slots = all_slots[start + cached : start + seq.num_tokens]
+            out.append(Allocation(seq.seq_id, tuple(table), cached, slots))
+            start += len(table) * bs
         return out
 
     def append(

@@ -74,7 +74,7 @@ class PrefixCache:
         self.key_to_block: dict[bytes, int] = {}
         self.block_key: dict[int, bytes] = {}
         pool.on_evict = self._forget
-        pool.is_cached = self.block_key.__contains__
+        pool.cached = self.block_key
 
     def __len__(self) -> int:
         return len(self.key_to_block)

@@ -113,10 +113,13 @@ class SequenceManager:
         # evicted to make room for this very batch.
         for plan in plans:
             pool.touch(plan[3])
-        new_ids = iter(pool.get_new_blocks(need) if need else ())
+        new_ids = pool.get_new_blocks(need) if need else []
+        taken = 0
         out = []
         for tokens, root, keys, hits in plans:
-            table = hits + [next(new_ids) for _ in range(self._blocks_for(len(tokens)) - len(hits))]
+            k = self._blocks_for(len(tokens)) - len(hits)
+            table = hits + new_ids[taken : taken + k]
+            taken += k
             cached = len(hits) * bs
             seq = Sequence(
                 next(self._ids), table, len(tokens), tokens, root, keys,
@@ -239,7 +242,10 @@ class SequenceManager:
         seqs = self._batch(seq_ids, None)
         for seq in seqs:
             del self.seqs[seq.seq_id]
-            self.pool.free_blocks(b for b in reversed(seq.block_table) if b != NULL_BLOCK)
+            table = seq.block_table[::-1]
+            if seq.host_blocks:
+                table = [b for b in table if b != NULL_BLOCK]
+            self.pool.free_blocks(table)
             if seq.host_blocks:
                 self.host_free.extend(seq.host_blocks.values())
 

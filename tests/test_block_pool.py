@@ -29,7 +29,7 @@ def test_evictable_blocks_are_reclaimed_oldest_first():
     pool = BlockPool(6)
     cached = {1, 2, 3}
     evicted = []
-    pool.is_cached = cached.__contains__
+    pool.cached = cached
     pool.on_evict = lambda b: (evicted.append(b), cached.discard(b))
     ids = pool.get_new_blocks(5)
     assert ids == [1, 2, 3, 4, 5]
