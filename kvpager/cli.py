@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from kvpager import __version__
+from kvpager.inspect_cli import COMMANDS as INSPECT_COMMANDS
 from kvpager.serve_cli import serve
 
 
@@ -15,6 +16,8 @@ def main() -> None:
 
 
 main.add_command(serve)
+for _cmd in INSPECT_COMMANDS:
+    main.add_command(_cmd)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,142 @@
+"""`kvpager stats | seqs | blocks | check | top`: look inside a running daemon.
+
+Each command asks the daemon for a result type (`PoolStats`, `SequenceInfo`,
+`BlockMap`) and renders it: a table for people, ``--json`` for scripts.
+Failures print one line and the next command to try, and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from kvpager import render
+from kvpager.errors import (
+    DaemonUnavailable,
+    IntegrityError,
+    KVPagerError,
+    RequestTimeout,
+    SessionLost,
+)
+
+# exception type -> (exit code, hint: the next thing to try)
+HINTS: list[tuple[type[BaseException], int, str]] = [
+    (DaemonUnavailable, 3, "start one with `kvpager serve`, or pass --endpoint / set KVPAGER_ENDPOINT"),
+    (RequestTimeout, 4, "the daemon is busy or stuck: retry with a larger --timeout (KVPAGER_TIMEOUT)"),
+    (SessionLost, 5, "the daemon restarted or dropped this session: run the command again"),
+    (IntegrityError, 1, "a kvpager bug: save `kvpager blocks --json` and `kvpager seqs --json` for the report"),
+    (KVPagerError, 2, "see `kvpager --help`"),
+]
+
+
+def fail(e: BaseException) -> None:
+    for cls, code, hint in HINTS:
+        if isinstance(e, cls):
+            click.echo(f"error: {e}", err=True)
+            click.echo(f"next: {hint}", err=True)
+            sys.exit(code)
+    raise e
+
+
+def connect(endpoint: str | None, timeout: float | None) -> Any:
+    from kvpager.client import Client
+
+    return Client(endpoint, timeout=timeout, heartbeat=False, map_pool=False, name="kvpager-cli")
+
+
+def daemon_command(fn: Callable[..., None]) -> click.Command:
+    """A command that talks to the daemon: adds --endpoint/--timeout/--json,
+    opens a client, maps errors to a one-line message and an exit code."""
+
+    @click.option("--endpoint", default=None, help="Daemon endpoint (default: KVPAGER_ENDPOINT or the private ipc socket).")
+    @click.option("--timeout", type=float, default=None, help="Seconds to wait for each reply (KVPAGER_TIMEOUT).")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+    @functools.wraps(fn)
+    def wrapper(endpoint: str | None, timeout: float | None, as_json: bool, **kwargs: Any) -> None:
+        try:
+            client = connect(endpoint, timeout)
+        except KVPagerError as e:
+            fail(e)
+        try:
+            fn(client, as_json, **kwargs)
+        except KVPagerError as e:
+            fail(e)
+        finally:
+            client.close()
+
+    return click.command()(wrapper)
+
+
+def emit(as_json: bool, data: object, text: str) -> None:
+    click.echo(json.dumps(data, indent=2) if as_json else text)
+
+
+@daemon_command
+def stats(client: Any, as_json: bool) -> None:
+    """The pool at a glance: blocks free / evictable / used / shared, prefix hits."""
+    st = client.stats()
+    emit(as_json, st.to_dict(), render.stats_text(st))
+
+
+@daemon_command
+def seqs(client: Any, as_json: bool) -> None:
+    """Sequences with owner session, length, blocks, shared blocks and state."""
+    seq_list = client.sequences()
+    emit(as_json, [render.sequence_dict(s) for s in seq_list], render.sequences_text(seq_list))
+
+
+@daemon_command
+@click.option("--width", type=int, default=64, show_default=True, help="Blocks per line.")
+def blocks(client: Any, as_json: bool, width: int) -> None:
+    """A map of the pool: state and reference count of every block."""
+    bm = client.blocks()
+    emit(as_json, render.blocks_dict(bm), render.blocks_text(bm, width))
+
+
+@daemon_command
+def check(client: Any, as_json: bool) -> None:
+    """Run the allocator's integrity check; exit code 0 if it holds, 1 if not."""
+    try:
+        client.check_integrity()
+    except IntegrityError as e:
+        emit(as_json, {"ok": False, "error": str(e)}, f"FAILED: {e}")
+        sys.exit(1)
+    emit(as_json, {"ok": True}, "ok: every block is free, evictable or in use exactly once; ref counts match")
+
+
+@daemon_command
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--iterations", type=int, default=0, help="Stop after this many refreshes (0: until Ctrl-C).")
+def top(client: Any, as_json: bool, interval: float, iterations: int) -> None:
+    """A live view of the pool, refreshed until interrupted."""
+    n = 0
+    try:
+        while True:
+            st = client.stats()
+            seq_list = client.sequences()
+            if as_json:
+                click.echo(json.dumps({"time": time.time(), "stats": st.to_dict(),
+                                       "sequences": len(seq_list)}))
+            else:
+                click.clear()
+                click.echo(f"kvpager top   {client.endpoint}   {time.strftime('%H:%M:%S')}   (Ctrl-C to quit)\n")
+                click.echo(render.stats_text(st))
+                click.echo("")
+                click.echo(render.sequences_text(seq_list[:20]))
+                if len(seq_list) > 20:
+                    click.echo(f"... {len(seq_list) - 20} more")
+            n += 1
+            if iterations and n >= iterations:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return
+
+
+COMMANDS = [stats, seqs, blocks, check, top]

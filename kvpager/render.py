@@ -1,0 +1,130 @@
+"""Text renderings of what `KVPool` / `Client` return: tables for people, dicts for JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from kvpager.types import BlockMap, PoolStats, SequenceInfo
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain aligned table; numbers right-aligned."""
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    numeric = [all(_is_number(r[i]) for r in rows) and bool(rows) for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def stats_text(st: PoolStats) -> str:
+    """The pool at a glance."""
+    bpb = st.bytes_per_block
+
+    def blocks(n: int) -> tuple[object, ...]:
+        share = f"{100 * n / st.total_blocks:.1f}%" if st.total_blocks else "-"
+        return (n, share, human_bytes(n * bpb))
+
+    rows = [
+        ("used", *blocks(st.used_blocks)),
+        ("  shared (ref > 1)", *blocks(st.shared_blocks)),
+        ("evictable (cached)", *blocks(st.evictable_blocks)),
+        ("free", *blocks(st.free_blocks)),
+        ("total", *blocks(st.total_blocks)),
+        ("host free / total", f"{st.host_free_blocks} / {st.host_total_blocks}", "", human_bytes(st.host_total_blocks * bpb)),
+    ]
+    lines = [
+        table(("blocks", "count", "share", "bytes"), rows),
+        "",
+        f"sequences        {st.num_sequences} ({st.swapped_sequences} swapped)",
+        f"prefix hit rate  {100 * st.prefix_hit_rate:.1f}% ({st.prefix_hit_tokens} of {st.prefix_query_tokens} prompt tokens)",
+        f"slot utilization {100 * st.slot_utilization:.1f}% ({st.tokens_stored} tokens in {st.token_slots_allocated} slots)",
+        f"cached blocks    {st.cached_blocks}    block size {st.block_size} tokens, {human_bytes(bpb)} per block",
+    ]
+    return "\n".join(lines)
+
+
+def sequences_text(seqs: Sequence[SequenceInfo], max_table: int = 12) -> str:
+    if not seqs:
+        return "no sequences"
+    rows = []
+    for s in seqs:
+        tbl = " ".join(map(str, s.block_table[:max_table])) + (" ..." if len(s.block_table) > max_table else "")
+        rows.append((s.seq_id, s.owner or "-", s.num_tokens, len(s.block_table), s.shared_blocks, s.state, tbl))
+    return table(("seq", "owner", "tokens", "blocks", "shared", "state", "block table"), rows)
+
+
+def sequence_dict(s: SequenceInfo) -> dict[str, object]:
+    d = dataclasses.asdict(s)
+    d["block_table"] = list(s.block_table)
+    d["state"] = s.state
+    return d
+
+
+# One character per block: state, and for used blocks the reference count.
+_GLYPH = {BlockMap.NULL: "0", BlockMap.FREE: ".", BlockMap.EVICTABLE: "c"}
+
+
+def block_glyphs(bm: BlockMap) -> str:
+    """``.`` free, ``c`` evictable (cached), ``#`` used by one, ``2``-``9`` / ``+`` shared
+    by that many, ``0`` the null block. Shared runs read as runs of digits."""
+    out = []
+    for state, ref in zip(bm.state.tolist(), bm.ref_cnt.tolist()):
+        if state == BlockMap.USED:
+            out.append("#" if ref == 1 else str(ref) if ref < 10 else "+")
+        else:
+            out.append(_GLYPH[state])
+    return "".join(out)
+
+
+def blocks_text(bm: BlockMap, width: int = 64) -> str:
+    glyphs = block_glyphs(bm)
+    lines = [f"{start:>8}  {glyphs[start:start + width]}" for start in range(0, len(glyphs), width)]
+    counts = {name: int((bm.state == i).sum()) for i, name in enumerate(BlockMap.STATE_NAMES)}
+    shared = int((bm.ref_cnt > 1).sum())
+    legend = ("legend: . free  c evictable (cached)  # used  2-9,+ shared by that many  0 null block\n"
+              f"{counts['used']} used ({shared} shared), {counts['evictable']} evictable, {counts['free']} free")
+    return "\n".join(lines + ["", legend])
+
+
+def shared_runs(bm: BlockMap) -> list[tuple[int, int, int]]:
+    """Runs of consecutive blocks with the same reference count above 1: (start, length, ref)."""
+    runs = []
+    refs = bm.ref_cnt.tolist()
+    i = 0
+    while i < len(refs):
+        if refs[i] > 1:
+            j = i
+            while j + 1 < len(refs) and refs[j + 1] == refs[i]:
+                j += 1
+            runs.append((i, j - i + 1, refs[i]))
+            i = j + 1
+        else:
+            i += 1
+    return runs
+
+
+def blocks_dict(bm: BlockMap) -> dict[str, object]:
+    return {
+        "state": [BlockMap.STATE_NAMES[s] for s in bm.state.tolist()],
+        "ref_cnt": bm.ref_cnt.tolist(),
+        "cached": bm.cached.tolist(),
+        "shared_runs": [dict(start=s, length=n, ref=r) for s, n, r in shared_runs(bm)],
+    }
