@@ -1,0 +1,98 @@
+"""Helpers for tests that start a daemon: free endpoints, in-process and
+subprocess daemons, bounded waits. Every daemon a test starts, it stops."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from kvpager.server import Server
+from kvpager.spec import PoolSpec
+
+REPO = str(Path(__file__).resolve().parents[1])
+TESTS = str(Path(__file__).resolve().parent)
+
+SMALL = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=96, block_size=16,
+                 dtype="float32", num_host_blocks=32)
+
+
+def ipc_endpoint() -> tuple[str, str]:
+    """A fresh ipc:// endpoint in a private temp dir (short path: sun_path is ~107 bytes)."""
+    d = tempfile.mkdtemp(prefix="kvp", dir="/tmp")
+    return f"ipc://{d}/kv.sock", d
+
+
+def free_tcp_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+@contextlib.contextmanager
+def running_server(spec: PoolSpec = SMALL, endpoint: str | None = None, **kwargs) -> Iterator[Server]:
+    """A daemon in a thread of this process, stopped (and its memory unlinked) on exit."""
+    tmp = None
+    if endpoint is None:
+        endpoint, tmp = ipc_endpoint()
+    server = Server.create(spec, endpoint, **kwargs).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([REPO, TESTS, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+@contextlib.contextmanager
+def daemon_process(args: list[str], endpoint: str, timeout: float = 30) -> Iterator[subprocess.Popen]:
+    """``kvpager serve ARGS --endpoint ENDPOINT`` as a subprocess; waits until it
+    listens; SIGTERM (then SIGKILL) on exit."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvpager", "serve", "--endpoint", endpoint, *args],
+        env=subprocess_env(), stderr=subprocess.PIPE, text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()  # drains stderr so the daemon never blocks on a full pipe
+    try:
+        started = wait_until(lambda: any("serving on" in x for x in lines) or proc.poll() is not None, timeout)
+        if not started or proc.poll() is not None:
+            raise RuntimeError("daemon did not start:\n" + "".join(lines))
+        proc.log = lines
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+        reader.join(timeout)
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``cond`` until true or ``timeout`` seconds pass; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if cond():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
