@@ -1,0 +1,105 @@
+// kvpager_common.cuh: element types and small device helpers shared by the
+// kvpager kernels. The loader pastes this file into each source that includes
+// it (so CuPy's on-disk cache, keyed by source text, sees header changes);
+// nvcc finds it through -I cuda.
+//
+// No CUDA headers are included: half and bfloat16 values are kept as raw
+// 16-bit words and converted with PTX, so the sources build the same way with
+// NVRTC (CuPy) and with nvcc.
+#pragma once
+
+#ifndef KV_DTYPE
+#define KV_DTYPE 1  // 0 float16, 1 bfloat16, 2 float32
+#endif
+
+#if KV_DTYPE == 2
+typedef float kv_t;
+#define KV_BYTES 4
+#else
+typedef unsigned short kv_t;  // raw float16 / bfloat16 bits
+#define KV_BYTES 2
+#endif
+#define VEC_ELEMS (16 / KV_BYTES)  // elements in one 16-byte vector
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+__device__ __forceinline__ float to_float(kv_t x) {
+#if KV_DTYPE == 2
+    return x;
+#elif KV_DTYPE == 1
+    return __uint_as_float(((unsigned)x) << 16);
+#else
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+    return f;
+#endif
+}
+
+__device__ __forceinline__ kv_t from_float(float f) {
+#if KV_DTYPE == 2
+    return f;
+#else
+    unsigned short h;
+#if KV_DTYPE == 1
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+    return h;
+#endif
+}
+
+#if KV_DTYPE != 2
+// Two floats -> one 32-bit word of two 16-bit values, lo in the low half.
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    unsigned r;
+#if KV_DTYPE == 1
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+}
+
+// One 32-bit word of two 16-bit values -> two floats.
+__device__ __forceinline__ void unpack2(unsigned w, float& lo, float& hi) {
+#if KV_DTYPE == 1
+    lo = __uint_as_float(w << 16);
+    hi = __uint_as_float(w & 0xffff0000u);
+#else
+    lo = to_float((kv_t)(w & 0xffffu));
+    hi = to_float((kv_t)(w >> 16));
+#endif
+}
+#endif
+
+// A 16-byte vector -> VEC_ELEMS floats.
+__device__ __forceinline__ void vec_to_float(const uint4& v, float* f) {
+#if KV_DTYPE == 2
+    f[0] = __uint_as_float(v.x); f[1] = __uint_as_float(v.y);
+    f[2] = __uint_as_float(v.z); f[3] = __uint_as_float(v.w);
+#else
+    unpack2(v.x, f[0], f[1]); unpack2(v.y, f[2], f[3]);
+    unpack2(v.z, f[4], f[5]); unpack2(v.w, f[6], f[7]);
+#endif
+}
+
+// Read-only 16-byte global load that skips L1 (K/V are streamed once).
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ uint4 ld_vec(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ void st_vec(void* p, const uint4& v) {
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};"
+                 :: "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}

@@ -1,0 +1,291 @@
+// paged_decode.cu: paged attention for one query token per work item
+// (decode), over the block-major pool, with split-K over long contexts.
+//
+// Work item i has query row i (q[i]), reads the K/V of sequence item_seq[i]
+// up to item_len[i] tokens (positions [0, item_len[i])), and attends with
+// every query head of its kv head's GQA group. Decode uses one item per
+// sequence; the float32 multi-token path uses one item per query token with
+// item_len = its position + 1 (causal).
+//
+// Grid: x = (item, kv head, head subgroup) with the subgroup fastest, y =
+// split. A CTA (4 warps) handles SUBGROUP query heads of one kv head over
+// its split's token range, so each K/V row is read once for all of them
+// (SUBGROUP = GROUP for float16/bfloat16 groups up to 4 and float32 up to 8;
+// larger groups are cut into subgroups whose CTAs run side by side and share
+// the K/V reads through L2).
+// Inside a warp, LPR lanes share a K/V row (16-byte loads, one row of
+// head_dim elements per LPR lanes, rows of a warp contiguous in memory); each
+// lane keeps its dims of q and of the output accumulator for SUBGROUP heads in
+// registers. Online softmax in float32 with exp2 (q is pre-scaled by
+// scale * log2(e)); warps merge at the end through shared memory.
+// With num_splits == 1 the CTA writes the normalised output; otherwise it
+// writes a float32 partial output and its log2-sum-exp, and merge_splits
+// combines the splits.
+#include "kvpager_common.cuh"
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 128
+#endif
+#ifndef BLOCK_SIZE
+#define BLOCK_SIZE 16
+#endif
+#ifndef SUBGROUP
+#define SUBGROUP 4
+#endif
+
+#define NWARPS 4
+#define NTHREADS (NWARPS * 32)
+#define CH 4  // rows per lane group per iteration: 2*CH 16-byte loads in flight per lane
+
+constexpr int D = HEAD_DIM;
+constexpr int NV = D * KV_BYTES / 16;  // 16-byte vectors per row
+constexpr int LPR = NV <= 4 ? 4 : NV <= 8 ? 8 : NV <= 16 ? 16 : 32;  // lanes per row
+constexpr int VPL = (NV + LPR - 1) / LPR;  // vectors per lane per row
+constexpr int RPW = 32 / LPR;              // rows per warp step
+constexpr int ROWS_PER_ITER = RPW * CH;
+constexpr int GS = SUBGROUP;
+constexpr int E = VEC_ELEMS;
+
+extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode(
+    const kv_t* __restrict__ q,             // [num_items, num_q_heads, HEAD_DIM]
+    const kv_t* __restrict__ pool,          // [num_blocks, num_layers, 2, num_kv_heads, BLOCK_SIZE, HEAD_DIM]
+    const int* __restrict__ block_tables,   // [num_seqs, max_blocks]
+    const int* __restrict__ item_seq,       // [num_items]
+    const int* __restrict__ item_len,       // [num_items]
+    kv_t* __restrict__ out,                 // [num_items, num_q_heads, HEAD_DIM] (num_splits == 1)
+    float* __restrict__ part_o,             // [num_items, num_q_heads, num_splits, HEAD_DIM]
+    float* __restrict__ part_lse,           // [num_items, num_q_heads, num_splits]
+    int layer, int num_layers, int num_kv_heads, int group, int max_blocks,
+    int num_splits, float scale_log2)
+{
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int rg = lane / LPR, li = lane % LPR;
+    const int nsub = group / GS;
+    int bx = blockIdx.x;
+    const int sub = bx % nsub; bx /= nsub;
+    const int h = bx % num_kv_heads;
+    const int item = bx / num_kv_heads;
+    const int split = blockIdx.y;
+    const int num_q_heads = num_kv_heads * group;
+    const int head0 = h * group + sub * GS;
+
+    const int len = item_len[item];
+    int chunk = (len + num_splits - 1) / num_splits;
+    chunk = (chunk + 15) & ~15;
+    const int start = split * chunk;
+    const int end = min(len, start + chunk);
+
+    // q for this lane's dims, pre-scaled into the log2 domain.
+    float qr[GS][VPL][E];
+#pragma unroll
+    for (int g = 0; g < GS; ++g) {
+        const kv_t* qp = q + ((long long)item * num_q_heads + head0 + g) * D;
+#pragma unroll
+        for (int j = 0; j < VPL; ++j) {
+            const int vi = j * LPR + li;
+            if (vi < NV) {
+                vec_to_float(ld_vec(qp + vi * E), qr[g][j]);
+#pragma unroll
+                for (int e = 0; e < E; ++e) qr[g][j][e] *= scale_log2;
+            } else {
+#pragma unroll
+                for (int e = 0; e < E; ++e) qr[g][j][e] = 0.f;
+            }
+        }
+    }
+
+    float m[GS], l[GS], acc[GS][VPL][E];
+#pragma unroll
+    for (int g = 0; g < GS; ++g) {
+        m[g] = NEG_INF; l[g] = 0.f;
+#pragma unroll
+        for (int j = 0; j < VPL; ++j)
+#pragma unroll
+            for (int e = 0; e < E; ++e) acc[g][j][e] = 0.f;
+    }
+
+    const int* table = block_tables + (long long)item_seq[item] * max_blocks;
+    const long long block_stride = (long long)num_layers * 2 * num_kv_heads * BLOCK_SIZE * D;
+    const long long k_off = ((long long)layer * 2 * num_kv_heads + h) * BLOCK_SIZE * D;
+    const long long v_off = k_off + (long long)num_kv_heads * BLOCK_SIZE * D;
+
+    for (int base = start + warp * ROWS_PER_ITER; base < end; base += NWARPS * ROWS_PER_ITER) {
+        uint4 kr[CH][VPL], vr[CH][VPL];
+        bool valid[CH];
+#pragma unroll
+        for (int c = 0; c < CH; ++c) {
+            const int pos = base + c * RPW + rg;
+            valid[c] = pos < end;
+            if (valid[c]) {
+                const long long row = (long long)table[pos / BLOCK_SIZE] * block_stride
+                                    + (pos % BLOCK_SIZE) * D;
+                const kv_t* kp = pool + row + k_off;
+                const kv_t* vp = pool + row + v_off;
+#pragma unroll
+                for (int j = 0; j < VPL; ++j) {
+                    const int vi = j * LPR + li;
+                    if (vi < NV) {
+                        kr[c][j] = ld_stream(kp + vi * E);
+                        vr[c][j] = ld_stream(vp + vi * E);
+                    } else {
+                        kr[c][j] = uint4{0u, 0u, 0u, 0u};
+                        vr[c][j] = uint4{0u, 0u, 0u, 0u};
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < VPL; ++j) {
+                    kr[c][j] = uint4{0u, 0u, 0u, 0u};
+                    vr[c][j] = uint4{0u, 0u, 0u, 0u};
+                }
+            }
+        }
+        // Scores: partial dot products, then a butterfly over the LPR lanes of a row.
+        float s[CH][GS];
+#pragma unroll
+        for (int c = 0; c < CH; ++c) {
+#pragma unroll
+            for (int g = 0; g < GS; ++g) s[c][g] = 0.f;
+#pragma unroll
+            for (int j = 0; j < VPL; ++j) {
+                float kf[E];
+                vec_to_float(kr[c][j], kf);
+#pragma unroll
+                for (int g = 0; g < GS; ++g)
+#pragma unroll
+                    for (int e = 0; e < E; ++e) s[c][g] = fmaf(qr[g][j][e], kf[e], s[c][g]);
+            }
+        }
+#pragma unroll
+        for (int off = 1; off < LPR; off <<= 1)
+#pragma unroll
+            for (int c = 0; c < CH; ++c)
+#pragma unroll
+                for (int g = 0; g < GS; ++g) s[c][g] += __shfl_xor_sync(0xffffffffu, s[c][g], off);
+
+        // Online softmax over the CH rows of this lane group, then P.V.
+        float vf[CH][VPL][E];
+#pragma unroll
+        for (int c = 0; c < CH; ++c)
+#pragma unroll
+            for (int j = 0; j < VPL; ++j) vec_to_float(vr[c][j], vf[c][j]);
+#pragma unroll
+        for (int g = 0; g < GS; ++g) {
+            float mx = m[g];
+#pragma unroll
+            for (int c = 0; c < CH; ++c) if (valid[c]) mx = fmaxf(mx, s[c][g]);
+            if (mx == NEG_INF) continue;  // no valid row yet for this lane group
+            const float corr = exp2f(m[g] - mx);
+            m[g] = mx;
+            l[g] *= corr;
+#pragma unroll
+            for (int j = 0; j < VPL; ++j)
+#pragma unroll
+                for (int e = 0; e < E; ++e) acc[g][j][e] *= corr;
+#pragma unroll
+            for (int c = 0; c < CH; ++c) {
+                const float p = valid[c] ? exp2f(s[c][g] - mx) : 0.f;
+                l[g] += p;
+#pragma unroll
+                for (int j = 0; j < VPL; ++j)
+#pragma unroll
+                    for (int e = 0; e < E; ++e) acc[g][j][e] = fmaf(p, vf[c][j][e], acc[g][j][e]);
+            }
+        }
+    }
+
+    // Merge the row groups of the warp (lanes with the same li hold the same dims).
+#pragma unroll
+    for (int off = LPR; off < 32; off <<= 1) {
+#pragma unroll
+        for (int g = 0; g < GS; ++g) {
+            const float mo = __shfl_xor_sync(0xffffffffu, m[g], off);
+            const float lo = __shfl_xor_sync(0xffffffffu, l[g], off);
+            const float mn = fmaxf(m[g], mo);
+            const float a = mn == NEG_INF ? 0.f : exp2f(m[g] - mn);
+            const float b = mn == NEG_INF ? 0.f : exp2f(mo - mn);
+            m[g] = mn;
+            l[g] = l[g] * a + lo * b;
+#pragma unroll
+            for (int j = 0; j < VPL; ++j)
+#pragma unroll
+                for (int e = 0; e < E; ++e) {
+                    const float ao = __shfl_xor_sync(0xffffffffu, acc[g][j][e], off);
+                    acc[g][j][e] = acc[g][j][e] * a + ao * b;
+                }
+        }
+    }
+
+    // Merge the warps through shared memory.
+    __shared__ float sm_m[NWARPS][GS], sm_l[NWARPS][GS];
+    __shared__ float sm_acc[NWARPS][GS][D];
+    if (rg == 0) {
+#pragma unroll
+        for (int g = 0; g < GS; ++g) {
+            if (li == 0) { sm_m[warp][g] = m[g]; sm_l[warp][g] = l[g]; }
+#pragma unroll
+            for (int j = 0; j < VPL; ++j) {
+                const int vi = j * LPR + li;
+                if (vi < NV) {
+#pragma unroll
+                    for (int e = 0; e < E; ++e) sm_acc[warp][g][vi * E + e] = acc[g][j][e];
+                }
+            }
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < GS * D; idx += NTHREADS) {
+        const int g = idx / D, d = idx % D;
+        float mx = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < NWARPS; ++w) mx = fmaxf(mx, sm_m[w][g]);
+        float lsum = 0.f, o = 0.f;
+        if (mx != NEG_INF) {
+#pragma unroll
+            for (int w = 0; w < NWARPS; ++w) {
+                const float a = exp2f(sm_m[w][g] - mx);
+                lsum += sm_l[w][g] * a;
+                o += sm_acc[w][g][d] * a;
+            }
+        }
+        const long long row = (long long)item * num_q_heads + head0 + g;
+        if (num_splits == 1) {
+            out[row * D + d] = from_float(lsum > 0.f ? o / lsum : 0.f);
+        } else {
+            part_o[(row * num_splits + split) * D + d] = lsum > 0.f ? o / lsum : 0.f;
+            if (d == 0) part_lse[row * num_splits + split] = lsum > 0.f ? mx + __log2f(lsum) : NEG_INF;
+        }
+    }
+}
+
+// merge_splits: out[row] = sum_s w_s * part_o[row, s] with w_s proportional to
+// 2^part_lse[row, s] (log-sum-exp merge; num_splits <= 1024).
+// Grid: x = row (item * num_q_heads + head); 128 threads stride over HEAD_DIM.
+extern "C" __global__ void __launch_bounds__(128) merge_splits(
+    const float* __restrict__ part_o,    // [num_rows, num_splits, HEAD_DIM]
+    const float* __restrict__ part_lse,  // [num_rows, num_splits]
+    kv_t* __restrict__ out,              // [num_rows, HEAD_DIM]
+    int num_splits)
+{
+    const long long row = blockIdx.x;
+    const float* lse = part_lse + row * num_splits;
+    __shared__ float w[1024];
+    __shared__ float inv_total;
+    float mx = NEG_INF;
+    for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, lse[s]);
+    for (int s = threadIdx.x; s < num_splits; s += blockDim.x)
+        w[s] = lse[s] == NEG_INF ? 0.f : exp2f(lse[s] - mx);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float t = 0.f;
+        for (int s = 0; s < num_splits; ++s) t += w[s];
+        inv_total = t > 0.f ? 1.f / t : 0.f;
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float o = 0.f;
+        for (int s = 0; s < num_splits; ++s)
+            if (w[s] != 0.f) o += w[s] * part_o[(row * num_splits + s) * D + d];
+        out[row * D + d] = from_float(o * inv_total);
+    }
+}

@@ -1,0 +1,182 @@
+"""The CuPy backend: the pool on a CUDA GPU, kernels from `cuda/` (see `kvpager.kernels`).
+
+The device pool is one raw ``cudaMalloc`` slab (not CuPy's memory pool), so one
+CUDA IPC handle covers it; the host (swap) pool is pinned memory mapped into
+the device's address space, so a single kernel moves any number of scattered
+blocks each way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import weakref
+from typing import Any
+
+import numpy as np
+
+try:
+    import cupy
+    from cupy.cuda import runtime
+except ImportError as e:  # make_backend turns this into BackendUnavailable
+    raise ImportError(f"the cupy backend needs CuPy: {e}") from None
+
+from kvpager import kernels
+from kvpager.backends.base import Backend
+from kvpager.errors import BackendUnavailable, InvalidArgument
+from kvpager.spec import PoolSpec
+
+_HOST_ALLOC_PORTABLE = 1
+_HOST_ALLOC_MAPPED = 2
+
+
+def storage_dtype(spec: PoolSpec) -> np.dtype:
+    """The dtype of the CuPy arrays: the pool dtype, or uint16 bits for
+    bfloat16 where this CuPy has no bfloat16."""
+    try:
+        cupy.empty(1, dtype=spec.np_dtype)
+        return spec.np_dtype
+    except Exception:
+        if spec.dtype == "bfloat16":
+            return np.dtype(np.uint16)
+        raise
+
+
+def _release(device: int, dev_ptr: int, host_ptr: int) -> None:
+    with cupy.cuda.Device(device):
+        if dev_ptr:
+            runtime.free(dev_ptr)
+        if host_ptr:
+            runtime.freeHost(host_ptr)
+
+
+class CupyBackend(Backend):
+    """K/V on ``cuda:device_index``: a raw device slab plus a mapped pinned host pool."""
+
+    name = "cupy"
+    xp = cupy
+
+    def __init__(self, spec: PoolSpec, device_index: int = 0):
+        super().__init__(spec)
+        kernels.check_geometry(spec.dtype, spec.head_dim, spec.block_size)
+        try:
+            count = runtime.getDeviceCount()
+        except Exception as e:
+            raise BackendUnavailable(f"CUDA is not usable here: {e}") from None
+        if not 0 <= device_index < count:
+            raise BackendUnavailable(f"cuda:{device_index} requested but {count} CUDA device(s) found")
+        self.index = int(device_index)
+        self._dev_ptr = self._host_ptr = 0
+        shape = (spec.num_blocks, *spec.block_shape)
+        host_shape = (spec.num_host_blocks, *spec.block_shape)
+        with cupy.cuda.Device(self.index):
+            self.dtype = storage_dtype(spec)
+            self.num_sms = cupy.cuda.Device(self.index).attributes["MultiProcessorCount"]
+            self._dev_ptr = runtime.malloc(spec.device_bytes)
+            self._finalizer = weakref.finalize(self, _release, self.index, self._dev_ptr, 0)
+            runtime.memset(self._dev_ptr, 0, spec.device_bytes)
+            mem = cupy.cuda.UnownedMemory(self._dev_ptr, spec.device_bytes, self, device_id=self.index)
+            self.kv = cupy.ndarray(shape, dtype=self.dtype, memptr=cupy.cuda.MemoryPointer(mem, 0))
+            if spec.host_bytes:
+                self._host_ptr = runtime.hostAlloc(spec.host_bytes, _HOST_ALLOC_MAPPED | _HOST_ALLOC_PORTABLE)
+                self._finalizer.detach()
+                self._finalizer = weakref.finalize(
+                    self, _release, self.index, self._dev_ptr, self._host_ptr)
+                ctypes.memset(self._host_ptr, 0, spec.host_bytes)
+                self._host_dev_ptr = self._mapped_pointer(self._host_ptr)
+                buf = (ctypes.c_byte * spec.host_bytes).from_address(self._host_ptr)
+                self.host_kv = np.frombuffer(buf, dtype=spec.np_dtype).reshape(host_shape)
+            else:
+                self._host_dev_ptr = 0
+                self.host_kv = np.zeros(host_shape, dtype=spec.np_dtype)
+
+    @staticmethod
+    def _mapped_pointer(host_ptr: int) -> int:
+        """The device-side address of mapped pinned memory (cudaHostGetDevicePointer)."""
+        get = getattr(runtime, "hostGetDevicePointer", None)
+        if get is not None:
+            return int(get(host_ptr, 0))
+        return int(runtime.pointerGetAttributes(host_ptr).devicePointer)
+
+    # -- identity, for the daemon ----------------------------------------------------
+    @property
+    def device(self) -> str:
+        return f"cuda:{self.index}"
+
+    @property
+    def slab_nbytes(self) -> int:
+        return self.spec.device_bytes
+
+    def ipc_handle(self) -> bytes:
+        """cudaIpcGetMemHandle of the device slab: another process opens the whole pool with it."""
+        self._check_open()
+        with cupy.cuda.Device(self.index):
+            return bytes(runtime.ipcGetMemHandle(self._dev_ptr))
+
+    def device_uuid(self) -> str:
+        """The GPU's UUID as nvidia-smi prints it (GPU-xxxxxxxx-...)."""
+        raw = bytes(runtime.getDeviceProperties(self.index)["uuid"])
+        h = raw.hex()
+        return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+    # -- storage ---------------------------------------------------------------------
+    def device_array(self) -> Any:
+        self._check_open()
+        return self.kv
+
+    def host_array(self) -> np.ndarray:
+        self._check_open()
+        return self.host_kv
+
+    # -- kernels ---------------------------------------------------------------------
+    def write(self, layer: int, slots: np.ndarray, k: Any, v: Any) -> None:
+        self._check_open()
+        with cupy.cuda.Device(self.index):
+            kernels.write(self.kv, self.spec, int(layer), slots, k, v, self.index)
+
+    def copy_blocks(self, pairs: np.ndarray) -> None:
+        self._check_open()
+        with cupy.cuda.Device(self.index):
+            kernels.copy_blocks(self.kv, self.spec, pairs, self.index)
+
+    def swap_out(self, pairs: np.ndarray) -> None:
+        self._check_open()
+        with cupy.cuda.Device(self.index):
+            kernels.swap(self._dev_ptr, self._host_dev_ptr, self.spec, pairs, self.spec.num_blocks,
+                         self.spec.num_host_blocks, self.index, "swap_out")
+            # The host pool is read through a NumPy view: the copy must be done first.
+            cupy.cuda.get_current_stream().synchronize()
+
+    def swap_in(self, pairs: np.ndarray) -> None:
+        self._check_open()
+        with cupy.cuda.Device(self.index):
+            kernels.swap(self._host_dev_ptr, self._dev_ptr, self.spec, pairs,
+                         self.spec.num_host_blocks, self.spec.num_blocks, self.index, "swap_in")
+
+    def attend(self, layer: int, q: Any, block_tables: np.ndarray, seq_lens: np.ndarray,
+               query_lens: np.ndarray, scale: float, out: Any = None,
+               num_splits: int | None = None) -> Any:
+        """See `Backend.attend`. ``out`` (optional) receives the result;
+        ``num_splits`` overrides the decode split-K planner (tests, benchmarks)."""
+        self._check_open()
+        if not scale > 0:
+            raise InvalidArgument(f"scale must be positive, got {scale!r}")
+        with cupy.cuda.Device(self.index):
+            return kernels.attend(self.kv, self.spec, int(layer), q, block_tables, seq_lens,
+                                  query_lens, float(scale), self.index, self.num_sms, out=out,
+                                  num_splits=num_splits)
+
+    def synchronize(self) -> None:
+        with cupy.cuda.Device(self.index):
+            cupy.cuda.Device(self.index).synchronize()
+
+    def close(self) -> None:
+        if self._dev_ptr:
+            self.synchronize()
+            self.kv = None
+            self.host_kv = np.zeros((0, *self.spec.block_shape), dtype=self.spec.np_dtype)
+            self._finalizer()
+            self._dev_ptr = self._host_ptr = self._host_dev_ptr = 0
+
+    def _check_open(self) -> None:
+        if not self._dev_ptr:
+            raise InvalidArgument("this CupyBackend is closed")

@@ -1,0 +1,279 @@
+"""The one loader of kvpager's CUDA kernels (`cuda/*.cu`), and their launchers.
+
+Sources are read from disk, compiled with `cupy.RawModule` (NVRTC) on first
+use, one module per (device, file, specialisation), and cached. A
+specialisation is a set of ``-D`` defines (dtype, head dim, block size, GQA
+group), so each kernel is built with compile-time shapes.
+
+Every launcher validates its arguments in Python first (dtypes, shapes, ids in
+range), so a bad block id or slot never reaches a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvpager.errors import InvalidArgument, UnsupportedConfiguration
+
+DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
+HEAD_DIMS = (64, 96, 128, 256)
+BLOCK_SIZES = (8, 16, 32, 64)
+GROUP_SIZES = (1, 2, 4, 8, 16)
+NVRTC_OPTIONS = ("-std=c++17", "--use_fast_math")
+
+_HEADER = re.compile(r'^#include "([\w.]+)"\s*$', re.M)
+_lock = threading.Lock()
+_modules: dict[tuple, Any] = {}
+
+
+def cuda_dir() -> Path:
+    """Where the .cu sources are: ``cuda/`` beside the package in a checkout,
+    else ``<prefix>/share/kvpager/cuda`` where pip installs them."""
+    for d in (Path(__file__).resolve().parent.parent / "cuda",
+              Path(sys.prefix) / "share" / "kvpager" / "cuda"):
+        if (d / "paged_decode.cu").is_file():
+            return d
+    raise UnsupportedConfiguration("kvpager's CUDA sources (cuda/*.cu) are not installed")
+
+
+def source(name: str) -> str:
+    """A kernel file's text with its local headers pasted in, so that CuPy's
+    on-disk cache (keyed by source text) sees header changes too."""
+    d = cuda_dir()
+    text = (d / name).read_text()
+    return _HEADER.sub(lambda m: (d / m.group(1)).read_text(), text)
+
+
+def get_kernel(file: str, func: str, defines: dict[str, int], device: int) -> Any:
+    """The compiled ``func`` of ``file`` for these defines on ``device`` (cached)."""
+    import cupy
+
+    key = (device, file, tuple(sorted(defines.items())))
+    with _lock:
+        mod = _modules.get(key)
+        if mod is None:
+            opts = NVRTC_OPTIONS + tuple(f"-D{k}={v}" for k, v in sorted(defines.items()))
+            with cupy.cuda.Device(device):
+                mod = cupy.RawModule(code=source(file), options=opts)
+            _modules[key] = mod
+    return mod.get_function(func)
+
+
+def check_geometry(dtype: str, head_dim: int, block_size: int) -> None:
+    """Raise UnsupportedConfiguration for a pool the kernels are not built for."""
+    if dtype not in DTYPE_CODES:
+        raise UnsupportedConfiguration(f"the CUDA kernels support dtypes {sorted(DTYPE_CODES)}, not {dtype!r}")
+    if head_dim not in HEAD_DIMS:
+        raise UnsupportedConfiguration(f"the CUDA kernels support head_dim in {HEAD_DIMS}, not {head_dim}")
+    if block_size not in BLOCK_SIZES:
+        raise UnsupportedConfiguration(f"the CUDA kernels support block_size in {BLOCK_SIZES}, not {block_size}")
+
+
+def check_group(num_q_heads: int, num_kv_heads: int) -> int:
+    if num_q_heads % num_kv_heads or num_q_heads // num_kv_heads not in GROUP_SIZES:
+        raise UnsupportedConfiguration(
+            f"the CUDA kernels support GQA groups of {GROUP_SIZES} query heads per kv head; "
+            f"got {num_q_heads} query heads over {num_kv_heads} kv heads"
+        )
+    return num_q_heads // num_kv_heads
+
+
+# -- argument checks --------------------------------------------------------------------
+def _index(a: Any, name: str, ndim: int, dtype: type) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.ndim != ndim or (arr.size and arr.dtype.kind not in "iu"):
+        raise InvalidArgument(f"{name} must be a {ndim}-D integer array, got {arr.dtype} {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def _in_range(arr: np.ndarray, lo: int, hi: int, name: str) -> None:
+    if arr.size:
+        bad = (arr < lo) | (arr >= hi)
+        if bad.any():
+            raise InvalidArgument(f"{name} holds {int(arr[bad][0])}, outside [{lo}, {hi})")
+
+
+def _tensor(x: Any, name: str, shape: tuple[int, ...], dtype: Any, device: int) -> Any:
+    import cupy
+
+    if not isinstance(x, cupy.ndarray):
+        raise InvalidArgument(f"{name} must be a cupy array, got {type(x).__name__}")
+    if tuple(x.shape) != shape:
+        raise InvalidArgument(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    if x.dtype != dtype:
+        raise InvalidArgument(f"{name} must have dtype {dtype}, got {x.dtype}")
+    if x.device.id != device:
+        raise InvalidArgument(f"{name} is on cuda:{x.device.id}, the pool on cuda:{device}")
+    if not x.flags.c_contiguous or x.data.ptr % 16:
+        x = cupy.ascontiguousarray(x) if x.flags.c_contiguous is False else x.copy()
+    return x
+
+
+def check_pairs(pairs: Any, src_blocks: int, dst_blocks: int, what: str) -> np.ndarray:
+    """(src, dst) block pairs as int64 [n, 2], ids in range, destinations distinct."""
+    arr = np.asarray(pairs)
+    if arr.size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    arr = _index(arr, f"{what} pairs", 2, np.int64)
+    if arr.shape[1] != 2:
+        raise InvalidArgument(f"{what} pairs must be [n, 2], got {arr.shape}")
+    _in_range(arr[:, 0], 0, src_blocks, f"{what} source blocks")
+    _in_range(arr[:, 1], 0, dst_blocks, f"{what} destination blocks")
+    if len(np.unique(arr[:, 1])) != len(arr):
+        raise InvalidArgument(f"{what} destination blocks must be distinct")
+    return arr
+
+
+# -- launchers --------------------------------------------------------------------------
+def write(pool: Any, spec: Any, layer: int, slots: Any, k: Any, v: Any, device: int) -> None:
+    """pool[slot // bs, layer, 0|1, :, slot % bs] = k|v for every slot != -1."""
+    import cupy
+
+    slots = _index(slots, "slots", 1, np.int64)
+    _in_range(slots, -1, spec.num_blocks * spec.block_size, "slots")
+    if not 0 <= layer < spec.num_layers:
+        raise InvalidArgument(f"layer {layer} outside [0, {spec.num_layers})")
+    t = len(slots)
+    shape = (t, spec.num_kv_heads, spec.head_dim)
+    k = _tensor(k, "k", shape, pool.dtype, device)
+    v = _tensor(v, "v", shape, pool.dtype, device)
+    if t == 0:
+        return
+    fn = get_kernel("kv_write.cu", "kv_write", {}, device)
+    row_vecs = spec.head_dim * spec.itemsize // 16
+    fn((min(t, 65536),), (128,), (
+        k, v, cupy.asarray(slots), pool, np.int32(t), np.int32(layer), np.int32(spec.num_layers),
+        np.int32(spec.num_kv_heads), np.int32(spec.block_size), np.int32(row_vecs)))
+
+
+def copy_blocks(pool: Any, spec: Any, pairs: Any, device: int) -> None:
+    """Whole-block copies inside the pool, all pairs in one launch."""
+    import cupy
+
+    pairs = check_pairs(pairs, spec.num_blocks, spec.num_blocks, "copy")
+    if not len(pairs):
+        return
+    if np.isin(pairs[:, 1], pairs[:, 0]).any():
+        raise InvalidArgument("copy destination blocks must not also be sources")
+    block_vecs = spec.bytes_per_block // 16
+    fn = get_kernel("block_copy.cu", "copy_blocks", {}, device)
+    grid = (min(-(-block_vecs // 1024), 1024), min(len(pairs), 65535))
+    fn(grid, (256,), (pool, pool, cupy.asarray(pairs), np.int32(len(pairs)), np.int64(block_vecs)))
+
+
+def swap(src_ptr: int, dst_ptr: int, spec: Any, pairs: Any, src_blocks: int, dst_blocks: int,
+         device: int, what: str) -> None:
+    """Whole-block copies between the device pool and the mapped host pool."""
+    import cupy
+
+    pairs = check_pairs(pairs, src_blocks, dst_blocks, what)
+    if not len(pairs):
+        return
+    block_vecs = spec.bytes_per_block // 16
+    fn = get_kernel("swap.cu", "swap_blocks", {}, device)
+    grid = (min(-(-block_vecs // 2048), 1024), min(len(pairs), 65535))
+    fn(grid, (256,), (np.uint64(src_ptr), np.uint64(dst_ptr), cupy.asarray(pairs),
+                      np.int32(len(pairs)), np.int64(block_vecs)))
+
+
+def decode_subgroup(dtype: str, head_dim: int, group: int) -> int:
+    """Query heads per decode CTA: the whole group while q and the accumulator
+    of the lane's dims fit in 64 registers, else a power-of-two part of it."""
+    itemsize = 4 if dtype == "float32" else 2
+    nv = head_dim * itemsize // 16
+    lpr = 4 if nv <= 4 else 8 if nv <= 8 else 16 if nv <= 16 else 32
+    per_head = -(-nv // lpr) * (16 // itemsize)
+    return min(group, max(1, 32 // per_head))
+
+
+def plan_splits(base_ctas: int, max_len: int, num_sms: int) -> int:
+    """Split-K count for decode: enough CTAs for about two waves of four per SM,
+    each split at least 512 tokens long."""
+    want = -(-num_sms * 8 // max(base_ctas, 1))
+    return int(max(1, min(want, max_len // 512, 1024)))
+
+
+def attend(pool: Any, spec: Any, layer: int, q: Any, block_tables: Any, seq_lens: Any,
+           query_lens: Any, scale: float, device: int, num_sms: int, out: Any = None,
+           num_splits: int | None = None) -> Any:
+    """Paged attention (see `Backend.attend`): the decode kernel when every query
+    is one token (or for float32), the tensor-core kernel otherwise."""
+    import cupy
+
+    if not 0 <= layer < spec.num_layers:
+        raise InvalidArgument(f"layer {layer} outside [0, {spec.num_layers})")
+    tables = _index(block_tables, "block_tables", 2, np.int32)
+    seq_lens = _index(seq_lens, "seq_lens", 1, np.int32)
+    query_lens = _index(query_lens, "query_lens", 1, np.int32)
+    nseq, width = tables.shape
+    if len(seq_lens) != nseq or len(query_lens) != nseq:
+        raise InvalidArgument(f"{nseq} block tables but {len(seq_lens)} seq_lens, {len(query_lens)} query_lens")
+    _in_range(tables, 0, spec.num_blocks, "block_tables")
+    _in_range(seq_lens, 1, width * spec.block_size + 1, "seq_lens")
+    if (query_lens < 1).any() or (query_lens > seq_lens).any():
+        raise InvalidArgument("query_lens must be in [1, seq_lens]")
+    if getattr(q, "ndim", 0) != 3:
+        raise InvalidArgument(f"q must be [tokens, num_q_heads, head_dim], got {getattr(q, 'shape', None)}")
+    hq = q.shape[1]
+    group = check_group(hq, spec.num_kv_heads)
+    total = int(query_lens.sum())
+    q = _tensor(q, "q", (total, hq, spec.head_dim), pool.dtype, device)
+    if out is None:
+        out = cupy.empty_like(q)
+    elif not (isinstance(out, cupy.ndarray) and out.shape == q.shape and out.dtype == q.dtype
+              and out.flags.c_contiguous and out.data.ptr % 16 == 0):
+        raise InvalidArgument("out must be a contiguous cupy array like q")
+    if total == 0:
+        return out
+    base = {"KV_DTYPE": DTYPE_CODES[spec.dtype], "HEAD_DIM": spec.head_dim,
+            "BLOCK_SIZE": spec.block_size}
+    d_tables = cupy.asarray(tables)
+    common = (np.int32(layer), np.int32(spec.num_layers), np.int32(spec.num_kv_heads))
+    scale_log2 = np.float32(scale * math.log2(math.e))
+    if (query_lens == 1).all() or spec.dtype == "float32":
+        # One work item per query token; decode is one per sequence.
+        item_seq = np.repeat(np.arange(nseq, dtype=np.int32), query_lens)
+        starts = np.cumsum(query_lens) - query_lens
+        j = np.arange(total, dtype=np.int32) - np.repeat(starts, query_lens).astype(np.int32)
+        item_len = (np.repeat(seq_lens - query_lens, query_lens) + j + 1).astype(np.int32)
+        gs = decode_subgroup(spec.dtype, spec.head_dim, group)
+        base_ctas = total * spec.num_kv_heads * (group // gs)
+        splits = num_splits or plan_splits(base_ctas, int(item_len.max()), num_sms)
+        fn = get_kernel("paged_decode.cu", "paged_decode", {**base, "SUBGROUP": gs}, device)
+        if splits > 1:
+            part_o = cupy.empty((total, hq, splits, spec.head_dim), dtype=cupy.float32)
+            part_lse = cupy.empty((total, hq, splits), dtype=cupy.float32)
+        else:
+            part_o = part_lse = cupy.empty(1, dtype=cupy.float32)
+        fn((base_ctas, splits), (128,), (
+            q, pool, d_tables, cupy.asarray(item_seq), cupy.asarray(item_len), out, part_o, part_lse,
+            *common, np.int32(group), np.int32(width), np.int32(splits), scale_log2))
+        if splits > 1:
+            merge = get_kernel("paged_decode.cu", "merge_splits", {**base, "SUBGROUP": gs}, device)
+            merge((total * hq,), (128,), (part_o, part_lse, out, np.int32(splits)))
+        return out
+    qt = 64 // group
+    counts = -(-query_lens // qt)
+    seq = np.repeat(np.arange(nseq, dtype=np.int32), counts)
+    first = np.cumsum(counts) - counts
+    j0 = ((np.arange(len(seq)) - np.repeat(first, counts)) * qt).astype(np.int32)
+    # Tiles that see the most K/V first, so the long ones do not trail the launch.
+    order = np.argsort(-(seq_lens[seq] - query_lens[seq] + j0), kind="stable")
+    tiles = np.ascontiguousarray(np.stack([seq[order], j0[order]], axis=1), dtype=np.int32)
+    q_start = (np.cumsum(query_lens) - query_lens).astype(np.int32)
+    fn = get_kernel("paged_prefill.cu", "paged_prefill", {**base, "GROUP": group}, device)
+    bn = 32 if spec.head_dim > 128 else 64
+    smem = (64 + 4 * bn) * (spec.head_dim + 8) * 2
+    if fn.max_dynamic_shared_size_bytes < smem:
+        fn.max_dynamic_shared_size_bytes = smem
+    fn((len(tiles), spec.num_kv_heads), (128,), (
+        q, pool, d_tables, cupy.asarray(seq_lens), cupy.asarray(query_lens), cupy.asarray(q_start),
+        cupy.asarray(tiles), out, *common, np.int32(width), scale_log2), shared_mem=smem)
+    return out
