@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from kvpager import __version__
+from kvpager.bench_cli import bench
 from kvpager.demo import demo_command
 from kvpager.inspect_cli import COMMANDS as INSPECT_COMMANDS
 from kvpager.serve_cli import serve
@@ -18,6 +19,7 @@ def main() -> None:
 
 main.add_command(serve)
 main.add_command(demo_command())
+main.add_command(bench)
 for _cmd in INSPECT_COMMANDS:
     main.add_command(_cmd)
 
