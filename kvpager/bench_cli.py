@@ -63,7 +63,7 @@ def bench(names: tuple[str, ...], as_json: bool, timeout: float) -> None:
                 failed.append((name, f"timed out after {timeout:g}s"))
                 continue
             if proc.returncode != 0:
-                failed.append((name, (proc.stderr.strip().splitlines() or ["exit code %d" % proc.returncode])[-1]))
+                failed.append((name, (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]))
                 continue
             results[name] = json.loads(proc.stdout) if as_json else proc.stdout.rstrip()
     if as_json:

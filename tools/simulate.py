@@ -300,14 +300,18 @@ class Simulator:
         ser["logical_tokens"].append(logical)
         ser["family_tokens"].append(family_tokens)
 
+    def step(self, t: int) -> None:
+        """Scheduler step ``t``: arrivals, decode, swap in, admit, measure."""
+        self.arrive(t)
+        self.decode()
+        self.admit(self.swap_in(self.headroom()))
+        self.measure()
+
     def run(self) -> dict[str, Any]:
         a = self.args
-        for step in range(a.steps):
-            self.arrive(step)
-            self.decode()
-            self.admit(self.swap_in(self.headroom()))
-            self.measure()
-            if a.check_every and (step + 1) % a.check_every == 0:
+        for t in range(a.steps):
+            self.step(t)
+            if a.check_every and (t + 1) % a.check_every == 0:
                 self.pool.check_integrity()
         self.pool.check_integrity()
         final = self.pool.stats()
