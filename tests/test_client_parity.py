@@ -1,0 +1,104 @@
+"""The same script of ops on an embedded KVPool and through a Client gives the
+same block tables, slots, K/V bytes, attention, stats and block maps."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from daemon_helpers import running_server
+
+from kvpager import KVPool
+from kvpager.client import Client
+from kvpager.spec import PoolSpec
+
+SPEC = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=32, block_size=16,
+                dtype="float32", num_host_blocks=16)
+
+
+def _kv(rng, n):
+    return (rng.standard_normal((n, SPEC.num_kv_heads, SPEC.head_dim)).astype(SPEC.dtype),
+            rng.standard_normal((n, SPEC.num_kv_heads, SPEC.head_dim)).astype(SPEC.dtype))
+
+
+def _write(pool, slots, rng):
+    for layer in range(SPEC.num_layers):
+        pool.write(layer, slots, *_kv(rng, len(slots)))
+
+
+def _snapshot(pool, device_array, host_array):
+    st = dataclasses.asdict(pool.stats())
+    return {
+        "stats": st,
+        "seqs": [dataclasses.replace(s, owner=None) for s in pool.sequences()],
+        "blocks": pool.blocks(),
+        "device": np.array(device_array()),
+        "host": np.array(host_array()),
+    }
+
+
+def script(pool, device_array, host_array, attend_fns):
+    """Returns what each step observed."""
+    rng = np.random.default_rng(7)
+    seen = []
+    snap = lambda: seen.append(_snapshot(pool, device_array, host_array))  # noqa: E731
+    p1 = list(range(100, 140))  # 2.5 blocks
+    p2 = list(range(200, 220))
+    a1, a2 = pool.allocate([p1, p2], salt="m")
+    seen.append([a1, a2])
+    _write(pool, np.concatenate([a1.slots, a2.slots]), rng)
+    seen.append(pool.commit([a1.seq_id, a2.seq_id]))
+    snap()
+    [kids] = pool.fork([a1.seq_id], 2)
+    seen.append(kids)
+    slots = pool.append(kids + [a1.seq_id], [1, 2, 3], [[1], [2, 3], [4, 5, 6]])  # copy-on-write
+    seen.append(slots)
+    _write(pool, np.concatenate(slots), rng)
+    snap()
+    pool.swap_out([a2.seq_id, kids[0]])
+    snap()
+    pool.truncate([kids[1]], [17])
+    slots = pool.append([kids[1]], 20)
+    seen.append(slots)
+    _write(pool, slots[0], rng)
+    pool.swap_in([a2.seq_id])
+    snap()
+    [a3] = pool.allocate([p1[:32] + [9, 9, 9]], salt="m")  # prefix hit on committed blocks
+    seen.append(a3)
+    _write(pool, a3.slots, rng)
+    q = rng.standard_normal((1 + 1 + 3, 4, SPEC.head_dim)).astype(SPEC.dtype)
+    for attend in attend_fns(pool):
+        seen.append([attend(layer, [a2.seq_id, kids[1], a3.seq_id], q, [1, 1, 3]) for layer in range(2)])
+    pool.free([a1.seq_id, kids[1]])
+    pool.swap_in([kids[0]])
+    snap()
+    pool.check_integrity()
+    return seen
+
+
+def _equal(x, y, path="") -> None:
+    if isinstance(x, np.ndarray):
+        assert isinstance(y, np.ndarray) and x.shape == y.shape, path
+        np.testing.assert_array_equal(x, y, err_msg=path)
+    elif isinstance(x, dict):
+        assert x.keys() == y.keys(), path
+        for k in x:
+            _equal(x[k], y[k], f"{path}.{k}")
+    elif isinstance(x, list):
+        assert len(x) == len(y), path
+        for i, (a, b) in enumerate(zip(x, y)):
+            _equal(a, b, f"{path}[{i}]")
+    else:
+        assert x == y, path
+
+
+@pytest.mark.parametrize("transport", ["mapped", "remote"])
+def test_client_matches_embedded_pool(transport):
+    pool = KVPool(SPEC)
+    embedded = script(pool, lambda: pool.backend.kv, lambda: pool.backend.host_kv,
+                      lambda p: [p.attend, p.attend])
+    with running_server(SPEC) as server, Client(server.endpoint, map_pool=transport == "mapped") as c:
+        over_wire = script(c, c.device_array, c.host_array, lambda p: [p.local_attend, p.remote_attend])
+        assert c.map_pool == (transport == "mapped")
+    _equal(embedded, over_wire)
