@@ -112,7 +112,7 @@ def _tensor(x: Any, name: str, shape: tuple[int, ...], dtype: Any, device: int) 
     if x.device.id != device:
         raise InvalidArgument(f"{name} is on cuda:{x.device.id}, the pool on cuda:{device}")
     if not x.flags.c_contiguous or x.data.ptr % 16:
-        x = cupy.ascontiguousarray(x) if x.flags.c_contiguous is False else x.copy()
+        x = x.copy()  # kernels take dense, 16-byte aligned rows
     return x
 
 
@@ -162,10 +162,15 @@ def copy_blocks(pool: Any, spec: Any, pairs: Any, device: int) -> None:
         return
     if np.isin(pairs[:, 1], pairs[:, 0]).any():
         raise InvalidArgument("copy destination blocks must not also be sources")
-    block_vecs = spec.bytes_per_block // 16
+    launch_copy(pool, cupy.asarray(pairs), spec.bytes_per_block, device)
+
+
+def launch_copy(pool: Any, pairs: Any, block_bytes: int, device: int) -> None:
+    """The copy_blocks launch alone; ``pairs`` already checked and on the GPU."""
+    block_vecs = block_bytes // 16
     fn = get_kernel("block_copy.cu", "copy_blocks", {}, device)
     grid = (min(-(-block_vecs // 1024), 1024), min(len(pairs), 65535))
-    fn(grid, (256,), (pool, pool, cupy.asarray(pairs), np.int32(len(pairs)), np.int64(block_vecs)))
+    fn(grid, (256,), (pool, pool, pairs, np.int32(len(pairs)), np.int64(block_vecs)))
 
 
 def swap(src_ptr: int, dst_ptr: int, spec: Any, pairs: Any, src_blocks: int, dst_blocks: int,
@@ -176,11 +181,16 @@ def swap(src_ptr: int, dst_ptr: int, spec: Any, pairs: Any, src_blocks: int, dst
     pairs = check_pairs(pairs, src_blocks, dst_blocks, what)
     if not len(pairs):
         return
-    block_vecs = spec.bytes_per_block // 16
+    launch_swap(src_ptr, dst_ptr, cupy.asarray(pairs), spec.bytes_per_block, device)
+
+
+def launch_swap(src_ptr: int, dst_ptr: int, pairs: Any, block_bytes: int, device: int) -> None:
+    """The swap_blocks launch alone; ``pairs`` already checked and on the GPU."""
+    block_vecs = block_bytes // 16
     fn = get_kernel("swap.cu", "swap_blocks", {}, device)
     grid = (min(-(-block_vecs // 2048), 1024), min(len(pairs), 65535))
-    fn(grid, (256,), (np.uint64(src_ptr), np.uint64(dst_ptr), cupy.asarray(pairs),
-                      np.int32(len(pairs)), np.int64(block_vecs)))
+    fn(grid, (256,), (np.uint64(src_ptr), np.uint64(dst_ptr), pairs, np.int32(len(pairs)),
+                      np.int64(block_vecs)))
 
 
 def decode_subgroup(dtype: str, head_dim: int, group: int) -> int:
@@ -200,80 +210,103 @@ def plan_splits(base_ctas: int, max_len: int, num_sms: int) -> int:
     return int(max(1, min(want, max_len // 512, 1024)))
 
 
-def attend(pool: Any, spec: Any, layer: int, q: Any, block_tables: Any, seq_lens: Any,
-           query_lens: Any, scale: float, device: int, num_sms: int, out: Any = None,
-           num_splits: int | None = None) -> Any:
-    """Paged attention (see `Backend.attend`): the decode kernel when every query
-    is one token (or for float32), the tensor-core kernel otherwise."""
-    import cupy
+class AttentionPlan:
+    """Everything about one attention call that does not depend on the layer or
+    on q's values: checked and uploaded index arrays, kernel choice, split
+    count, grid. A model step builds one plan and runs it for every layer."""
 
-    if not 0 <= layer < spec.num_layers:
-        raise InvalidArgument(f"layer {layer} outside [0, {spec.num_layers})")
-    tables = _index(block_tables, "block_tables", 2, np.int32)
-    seq_lens = _index(seq_lens, "seq_lens", 1, np.int32)
-    query_lens = _index(query_lens, "query_lens", 1, np.int32)
-    nseq, width = tables.shape
-    if len(seq_lens) != nseq or len(query_lens) != nseq:
-        raise InvalidArgument(f"{nseq} block tables but {len(seq_lens)} seq_lens, {len(query_lens)} query_lens")
-    _in_range(tables, 0, spec.num_blocks, "block_tables")
-    _in_range(seq_lens, 1, width * spec.block_size + 1, "seq_lens")
-    if (query_lens < 1).any() or (query_lens > seq_lens).any():
-        raise InvalidArgument("query_lens must be in [1, seq_lens]")
-    if getattr(q, "ndim", 0) != 3:
-        raise InvalidArgument(f"q must be [tokens, num_q_heads, head_dim], got {getattr(q, 'shape', None)}")
-    hq = q.shape[1]
-    group = check_group(hq, spec.num_kv_heads)
-    total = int(query_lens.sum())
-    q = _tensor(q, "q", (total, hq, spec.head_dim), pool.dtype, device)
-    if out is None:
-        out = cupy.empty_like(q)
-    elif not (isinstance(out, cupy.ndarray) and out.shape == q.shape and out.dtype == q.dtype
-              and out.flags.c_contiguous and out.data.ptr % 16 == 0):
-        raise InvalidArgument("out must be a contiguous cupy array like q")
-    if total == 0:
-        return out
-    base = {"KV_DTYPE": DTYPE_CODES[spec.dtype], "HEAD_DIM": spec.head_dim,
-            "BLOCK_SIZE": spec.block_size}
-    d_tables = cupy.asarray(tables)
-    common = (np.int32(layer), np.int32(spec.num_layers), np.int32(spec.num_kv_heads))
-    scale_log2 = np.float32(scale * math.log2(math.e))
-    if (query_lens == 1).all() or spec.dtype == "float32":
-        # One work item per query token; decode is one per sequence.
-        item_seq = np.repeat(np.arange(nseq, dtype=np.int32), query_lens)
-        starts = np.cumsum(query_lens) - query_lens
-        j = np.arange(total, dtype=np.int32) - np.repeat(starts, query_lens).astype(np.int32)
-        item_len = (np.repeat(seq_lens - query_lens, query_lens) + j + 1).astype(np.int32)
-        gs = decode_subgroup(spec.dtype, spec.head_dim, group)
-        base_ctas = total * spec.num_kv_heads * (group // gs)
-        splits = num_splits or plan_splits(base_ctas, int(item_len.max()), num_sms)
-        fn = get_kernel("paged_decode.cu", "paged_decode", {**base, "SUBGROUP": gs}, device)
-        if splits > 1:
-            part_o = cupy.empty((total, hq, splits, spec.head_dim), dtype=cupy.float32)
-            part_lse = cupy.empty((total, hq, splits), dtype=cupy.float32)
+    def __init__(self, spec: Any, block_tables: Any, seq_lens: Any, query_lens: Any,
+                 num_q_heads: int, scale: float, device: int, num_sms: int,
+                 num_splits: int | None = None):
+        import cupy
+
+        tables = _index(block_tables, "block_tables", 2, np.int32)
+        seq_lens = _index(seq_lens, "seq_lens", 1, np.int32)
+        query_lens = _index(query_lens, "query_lens", 1, np.int32)
+        nseq, width = tables.shape
+        if len(seq_lens) != nseq or len(query_lens) != nseq:
+            raise InvalidArgument(
+                f"{nseq} block tables but {len(seq_lens)} seq_lens, {len(query_lens)} query_lens")
+        _in_range(tables, 0, spec.num_blocks, "block_tables")
+        _in_range(seq_lens, 1, width * spec.block_size + 1, "seq_lens")
+        if (query_lens < 1).any() or (query_lens > seq_lens).any():
+            raise InvalidArgument("query_lens must be in [1, seq_lens]")
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise InvalidArgument(f"scale must be a positive finite number, got {scale!r}")
+        self.group = group = check_group(num_q_heads, spec.num_kv_heads)
+        self.spec, self.device, self.num_q_heads = spec, device, num_q_heads
+        self.total = total = int(query_lens.sum())
+        base = {"KV_DTYPE": DTYPE_CODES[spec.dtype], "HEAD_DIM": spec.head_dim,
+                "BLOCK_SIZE": spec.block_size}
+        self.scale_log2 = np.float32(scale * math.log2(math.e))
+        with cupy.cuda.Device(device):
+            self.tables = cupy.asarray(tables)
+            self.decode = bool((query_lens == 1).all()) or spec.dtype == "float32"
+            if self.decode:
+                # One work item per query token; decode is one per sequence.
+                item_seq = np.repeat(np.arange(nseq, dtype=np.int32), query_lens)
+                starts = np.cumsum(query_lens) - query_lens
+                j = np.arange(total, dtype=np.int32) - np.repeat(starts, query_lens).astype(np.int32)
+                item_len = (np.repeat(seq_lens - query_lens, query_lens) + j + 1).astype(np.int32)
+                gs = decode_subgroup(spec.dtype, spec.head_dim, group)
+                self.grid = (total * spec.num_kv_heads * (group // gs),)
+                self.splits = num_splits or plan_splits(self.grid[0], int(item_len.max()), num_sms)
+                self.fn = get_kernel("paged_decode.cu", "paged_decode", {**base, "SUBGROUP": gs}, device)
+                self.merge = get_kernel("paged_decode.cu", "merge_splits", {**base, "SUBGROUP": gs},
+                                        device)
+                self.item_seq, self.item_len = cupy.asarray(item_seq), cupy.asarray(item_len)
+                if self.splits > 1:
+                    self.part_o = cupy.empty((total, num_q_heads, self.splits, spec.head_dim),
+                                             dtype=cupy.float32)
+                    self.part_lse = cupy.empty((total, num_q_heads, self.splits), dtype=cupy.float32)
+                else:
+                    self.part_o = self.part_lse = cupy.empty(1, dtype=cupy.float32)
+            else:
+                qt = 64 // group
+                counts = -(-query_lens // qt)
+                seq = np.repeat(np.arange(nseq, dtype=np.int32), counts)
+                first = np.cumsum(counts) - counts
+                j0 = ((np.arange(len(seq)) - np.repeat(first, counts)) * qt).astype(np.int32)
+                # Tiles that see the most K/V first, so the long ones do not trail the launch.
+                order = np.argsort(-(seq_lens[seq] - query_lens[seq] + j0), kind="stable")
+                tiles = np.stack([seq[order], j0[order]], axis=1).astype(np.int32)
+                self.tiles = cupy.asarray(np.ascontiguousarray(tiles))
+                self.seq_lens, self.query_lens = cupy.asarray(seq_lens), cupy.asarray(query_lens)
+                self.q_start = cupy.asarray((np.cumsum(query_lens) - query_lens).astype(np.int32))
+                self.fn = get_kernel("paged_prefill.cu", "paged_prefill", {**base, "GROUP": group},
+                                     device)
+                bn = 32 if spec.head_dim > 128 else 64
+                self.smem = (64 + 4 * bn) * (spec.head_dim + 8) * 2
+                if self.fn.max_dynamic_shared_size_bytes < self.smem:
+                    self.fn.max_dynamic_shared_size_bytes = self.smem
+                self.grid = (len(tiles), spec.num_kv_heads)
+
+    def run(self, pool: Any, layer: int, q: Any, out: Any = None) -> Any:
+        """Launch for one layer; returns ``out`` ([tokens, num_q_heads, head_dim])."""
+        import cupy
+
+        spec = self.spec
+        if not 0 <= layer < spec.num_layers:
+            raise InvalidArgument(f"layer {layer} outside [0, {spec.num_layers})")
+        q = _tensor(q, "q", (self.total, self.num_q_heads, spec.head_dim), pool.dtype, self.device)
+        if out is None:
+            out = cupy.empty_like(q)
+        elif not (isinstance(out, cupy.ndarray) and out.shape == q.shape and out.dtype == q.dtype
+                  and out.flags.c_contiguous and out.data.ptr % 16 == 0):
+            raise InvalidArgument("out must be a contiguous cupy array like q")
+        if self.total == 0:
+            return out
+        common = (np.int32(layer), np.int32(spec.num_layers), np.int32(spec.num_kv_heads))
+        width = np.int32(self.tables.shape[1])
+        if self.decode:
+            self.fn((self.grid[0], self.splits), (128,), (
+                q, pool, self.tables, self.item_seq, self.item_len, out, self.part_o, self.part_lse,
+                *common, np.int32(self.group), width, np.int32(self.splits), self.scale_log2))
+            if self.splits > 1:
+                self.merge((self.total * self.num_q_heads,), (128,),
+                           (self.part_o, self.part_lse, out, np.int32(self.splits)))
         else:
-            part_o = part_lse = cupy.empty(1, dtype=cupy.float32)
-        fn((base_ctas, splits), (128,), (
-            q, pool, d_tables, cupy.asarray(item_seq), cupy.asarray(item_len), out, part_o, part_lse,
-            *common, np.int32(group), np.int32(width), np.int32(splits), scale_log2))
-        if splits > 1:
-            merge = get_kernel("paged_decode.cu", "merge_splits", {**base, "SUBGROUP": gs}, device)
-            merge((total * hq,), (128,), (part_o, part_lse, out, np.int32(splits)))
+            self.fn(self.grid, (128,), (
+                q, pool, self.tables, self.seq_lens, self.query_lens, self.q_start, self.tiles, out,
+                *common, width, self.scale_log2), shared_mem=self.smem)
         return out
-    qt = 64 // group
-    counts = -(-query_lens // qt)
-    seq = np.repeat(np.arange(nseq, dtype=np.int32), counts)
-    first = np.cumsum(counts) - counts
-    j0 = ((np.arange(len(seq)) - np.repeat(first, counts)) * qt).astype(np.int32)
-    # Tiles that see the most K/V first, so the long ones do not trail the launch.
-    order = np.argsort(-(seq_lens[seq] - query_lens[seq] + j0), kind="stable")
-    tiles = np.ascontiguousarray(np.stack([seq[order], j0[order]], axis=1), dtype=np.int32)
-    q_start = (np.cumsum(query_lens) - query_lens).astype(np.int32)
-    fn = get_kernel("paged_prefill.cu", "paged_prefill", {**base, "GROUP": group}, device)
-    bn = 32 if spec.head_dim > 128 else 64
-    smem = (64 + 4 * bn) * (spec.head_dim + 8) * 2
-    if fn.max_dynamic_shared_size_bytes < smem:
-        fn.max_dynamic_shared_size_bytes = smem
-    fn((len(tiles), spec.num_kv_heads), (128,), (
-        q, pool, d_tables, cupy.asarray(seq_lens), cupy.asarray(query_lens), cupy.asarray(q_start),
-        cupy.asarray(tiles), out, *common, np.int32(width), scale_log2), shared_mem=smem)
-    return out

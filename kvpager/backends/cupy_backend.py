@@ -152,18 +152,27 @@ class CupyBackend(Backend):
             kernels.swap(self._host_dev_ptr, self._dev_ptr, self.spec, pairs,
                          self.spec.num_host_blocks, self.spec.num_blocks, self.index, "swap_in")
 
+    def plan_attention(self, block_tables: np.ndarray, seq_lens: np.ndarray,
+                       query_lens: np.ndarray, num_q_heads: int, scale: float,
+                       num_splits: int | None = None) -> kernels.AttentionPlan:
+        """Check and upload a step's block tables once; ``plan.run(self.kv, layer, q)``
+        then attends for any layer. ``num_splits`` overrides the decode split-K planner."""
+        self._check_open()
+        return kernels.AttentionPlan(self.spec, block_tables, seq_lens, query_lens, num_q_heads,
+                                     scale, self.index, self.num_sms, num_splits)
+
     def attend(self, layer: int, q: Any, block_tables: np.ndarray, seq_lens: np.ndarray,
                query_lens: np.ndarray, scale: float, out: Any = None,
                num_splits: int | None = None) -> Any:
         """See `Backend.attend`. ``out`` (optional) receives the result;
         ``num_splits`` overrides the decode split-K planner (tests, benchmarks)."""
         self._check_open()
-        if not scale > 0:
-            raise InvalidArgument(f"scale must be positive, got {scale!r}")
+        if getattr(q, "ndim", 0) != 3:
+            raise InvalidArgument(f"q must be [tokens, num_q_heads, head_dim], got {getattr(q, 'shape', None)}")
         with cupy.cuda.Device(self.index):
-            return kernels.attend(self.kv, self.spec, int(layer), q, block_tables, seq_lens,
-                                  query_lens, float(scale), self.index, self.num_sms, out=out,
-                                  num_splits=num_splits)
+            plan = self.plan_attention(block_tables, seq_lens, query_lens, q.shape[1], scale,
+                                       num_splits)
+            return plan.run(self.kv, int(layer), q, out)
 
     def synchronize(self) -> None:
         with cupy.cuda.Device(self.index):
