@@ -1,0 +1,338 @@
+"""Hugging Face transformers on kvpager: a causal LM whose KV cache lives in a kvpager pool.
+
+The model runs unchanged; only its attention function is swapped. A forward
+pass takes the batch's new tokens packed into one row (no padding), each with
+its own position id, and every attention layer
+
+1. writes the step's K/V into the pool at the slots kvpager handed out
+   (``pool.write(layer, slots, k, v)``), then
+2. returns ``pool.attend(layer, seq_ids, q, query_lens)``: paged attention of
+   the new tokens over everything their sequences hold, causal within them.
+
+The pool is any object with `KVPool`'s methods: an embedded `kvpager.KVPool`
+or a daemon client. Sequences are allocated with their prompt ids, so a
+prompt whose leading blocks another worker already computed (under the same
+salt) starts from them: only the uncached tail goes through the model.
+
+Usage::
+
+    pool = KVPool(spec_for_model(model, num_blocks=4096))
+    outputs = generate(model, pool, [prompt_ids, ...], max_new_tokens=64)
+
+Supported: decoder-only models whose attention modules go through
+transformers' ``AttentionInterface`` (Llama, Mistral without sliding window,
+Qwen2, ...), full attention on every layer, greedy decoding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AttentionInterface
+
+from kvpager.spec import PoolSpec, dtype_name, numpy_dtype
+
+ATTN_IMPLEMENTATION = "kvpager"
+
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class PagedBatch:
+    """What the attention layers of one forward pass need from kvpager.
+    Passed to the model as the ``kvpager`` keyword argument."""
+
+    pool: Any
+    seq_ids: list[int]
+    slots: np.ndarray  # int64 [T]: where each new token's K/V goes
+    query_lens: list[int]  # new tokens per sequence, back to back in the packed row
+
+
+def _to_pool(x: torch.Tensor, dtype: str, gpu_pool: bool) -> Any:
+    """A [T, heads, head_dim] tensor as the pool takes it, in the pool dtype: a
+    CUDA tensor as is (DLPack) for a pool on the GPU, else a NumPy array."""
+    x = x.to(_TORCH_DTYPES[dtype]).contiguous()
+    if x.is_cuda and gpu_pool:
+        return x
+    x = x.cpu()
+    if dtype == "bfloat16":  # NumPy has no bfloat16: reinterpret the bits
+        return x.view(torch.int16).numpy().view(numpy_dtype("bfloat16"))
+    return x.numpy()
+
+
+def _from_pool(out: Any, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(out, np.ndarray):
+        if out.dtype == numpy_dtype("bfloat16"):
+            t = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(out)
+    else:
+        t = torch.from_dlpack(out)
+    return t.to(device=like.device, dtype=like.dtype)
+
+
+def kvpager_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    kvpager: PagedBatch | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """An ``AttentionInterface`` function: store this layer's K/V in the pool and
+    attend over the pool. query [1, Hq, T, D], key/value [1, Hkv, T, D] (the
+    packed row); returns [1, T, Hq, D]. The attention mask is not used: the
+    pool knows each sequence's extent and attends causally."""
+    if kvpager is None:
+        raise RuntimeError(
+            f"attn_implementation={ATTN_IMPLEMENTATION!r} needs the kvpager=PagedBatch(...) "
+            "keyword in the forward call; use clients.kvpager_hf.generate"
+        )
+    if query.shape[0] != 1:
+        raise ValueError(f"kvpager attention takes one packed row, got batch size {query.shape[0]}")
+    batch = kvpager
+    dtype = dtype_name(batch.pool.spec.dtype)
+    gpu = str(getattr(batch.pool, "device", "cpu")).startswith("cuda")
+    layer = int(module.layer_idx)
+    k = _to_pool(key[0].transpose(0, 1), dtype, gpu)
+    v = _to_pool(value[0].transpose(0, 1), dtype, gpu)
+    batch.pool.write(layer, batch.slots, k, v)
+    q = _to_pool(query[0].transpose(0, 1), dtype, gpu)
+    out = batch.pool.attend(layer, batch.seq_ids, q, batch.query_lens, scale=scaling)
+    return _from_pool(out, query).unsqueeze(0), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    """The mask function paired with kvpager attention: it needs none."""
+    return None
+
+
+def register() -> None:
+    """Make ``attn_implementation="kvpager"`` known to transformers (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, kvpager_attention)
+    try:
+        from transformers import AttentionMaskInterface
+    except ImportError:  # older releases build an sdpa-style mask, which is ignored
+        return
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
+
+
+register()
+
+
+@contextlib.contextmanager
+def paged_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Switch ``model`` to kvpager attention for the duration of the block."""
+    previous = model.config._attn_implementation
+    if previous == ATTN_IMPLEMENTATION:
+        yield
+        return
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def model_geometry(config: Any) -> dict[str, int]:
+    """Layers, KV heads and head dim of a transformers config, as `PoolSpec` names them."""
+    heads = config.num_attention_heads
+    return dict(
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+    )
+
+
+def spec_for_model(
+    model: Any, num_blocks: int, block_size: int = 16, dtype: Any = None, num_host_blocks: int = 0
+) -> PoolSpec:
+    """A `PoolSpec` matching ``model``'s KV geometry (dtype: the model's unless given)."""
+    config = model.config
+    if dtype is None:
+        dtype = next(model.parameters()).dtype
+    return PoolSpec(
+        **model_geometry(config),
+        num_blocks=num_blocks,
+        block_size=block_size,
+        dtype=dtype_name(dtype),
+        num_host_blocks=num_host_blocks,
+    )
+
+
+def default_salt(model: Any) -> str:
+    """Prefix-cache salt: blocks may be shared only between workers running the
+    same weights, so K/V computed by one model is never matched by another.
+
+    The model's class, name, dtype and a fingerprint of a few of its weights (so
+    two unnamed models differ too). Workers that load the same checkpoint get the
+    same salt. Pass your own salt to share across, or separate, other setups."""
+    params = list(model.parameters())
+    digest = hashlib.blake2b(digest_size=8)
+    for p in (params[0], params[-1]):
+        sample = p.detach().reshape(-1)[:64].to("cpu", torch.float32)
+        digest.update(str(tuple(p.shape)).encode() + sample.numpy().tobytes())
+    name = getattr(model.config, "_name_or_path", "") or ""
+    return f"{type(model).__name__}|{name}|{params[0].dtype}|{digest.hexdigest()}"
+
+
+def _check_geometry(model: Any, pool: Any) -> None:
+    want = model_geometry(model.config)
+    spec = pool.spec
+    have = {k: getattr(spec, k) for k in want}
+    if have != want:
+        raise ValueError(f"pool geometry {have} does not match the model's {want}")
+
+
+@dataclass
+class PagedGeneration:
+    """Greedy generation of one batch of prompts with its KV in ``pool``.
+
+    Construction allocates the prompts (sharing any cached prefix) and runs the
+    prefill, which yields each sequence's first new token; each `step` runs one
+    decode pass for the unfinished sequences; `close` frees them. Several can be
+    alive at once over one pool (several workers, or one scheduler's batches).
+    """
+
+    model: Any
+    pool: Any
+    prompts: list[list[int]]
+    max_new_tokens: int
+    salt: str | bytes | None = None
+    eos_token_id: int | Sequence[int] | None = None
+    seq_ids: list[int] = field(init=False, default_factory=list)
+    num_cached_tokens: list[int] = field(init=False, default_factory=list)
+    outputs: list[list[int]] = field(init=False, default_factory=list)
+    finished: list[bool] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        self.prompts = [[int(t) for t in p] for p in self.prompts]
+        if not self.prompts or any(not p for p in self.prompts):
+            raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+        _check_geometry(self.model, self.pool)
+        eos = self.eos_token_id
+        self._eos = (
+            set() if eos is None else {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
+        )
+        if self.salt is None:
+            self.salt = default_salt(self.model)
+        self._device = next(self.model.parameters()).device
+        allocs = self.pool.allocate(self.prompts, self.salt)
+        self.seq_ids = [a.seq_id for a in allocs]
+        self.num_cached_tokens = [a.num_cached_tokens for a in allocs]
+        self.outputs = [[] for _ in allocs]
+        self.finished = [False] * len(allocs)
+        self._held = set(self.seq_ids)  # not freed yet
+        try:
+            rows = list(range(len(allocs)))
+            tokens = [p[a.num_cached_tokens :] for p, a in zip(self.prompts, allocs)]
+            positions = [range(a.num_cached_tokens, len(p)) for p, a in zip(self.prompts, allocs)]
+            slots = np.concatenate([np.asarray(a.slots, dtype=np.int64) for a in allocs])
+            self._run(rows, tokens, positions, slots)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def done(self) -> bool:
+        return all(self.finished)
+
+    def step(self) -> None:
+        """One decode pass: feed each unfinished sequence its last new token."""
+        live = [i for i, f in enumerate(self.finished) if not f]
+        if not live:
+            return
+        ids = [self.seq_ids[i] for i in live]
+        last = [self.outputs[i][-1] for i in live]
+        # the token fed now sits right after the prompt and the tokens fed before it
+        positions = [range(p, p + 1) for p in (self.position(i) for i in live)]
+        slot_lists = self.pool.append(ids, 1, [[t] for t in last])
+        self._run(live, [[t] for t in last], positions, np.concatenate(slot_lists))
+
+    def position(self, i: int) -> int:
+        """Position of sequence i's last new token (the next one to feed)."""
+        return len(self.prompts[i]) + len(self.outputs[i]) - 1
+
+    def _run(
+        self,
+        rows: list[int],
+        tokens: list[Sequence[int]],
+        positions: list[range],
+        slots: np.ndarray,
+    ) -> None:
+        """One forward pass over the packed new tokens of ``rows``; records each
+        row's next token, then commits (the K/V is written once attend returned)."""
+        lens = [len(t) for t in tokens]
+        flat = [t for ts in tokens for t in ts]
+        input_ids = torch.tensor([flat], dtype=torch.long, device=self._device)
+        position_ids = torch.tensor(
+            [[p for ps in positions for p in ps]], dtype=torch.long, device=self._device
+        )
+        ends = np.cumsum(lens) - 1
+        batch = PagedBatch(self.pool, [self.seq_ids[i] for i in rows], slots, lens)
+        with torch.inference_mode(), paged_attention(self.model):
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                use_cache=False,
+                logits_to_keep=torch.as_tensor(ends, device=self._device),
+                kvpager=batch,
+            )
+        next_tokens = out.logits[0].argmax(dim=-1).tolist()
+        if hasattr(self.pool, "synchronize"):
+            self.pool.synchronize()
+        self.pool.commit(batch.seq_ids)
+        done = []
+        for i, t in zip(rows, next_tokens):
+            self.outputs[i].append(int(t))
+            if len(self.outputs[i]) >= self.max_new_tokens or t in self._eos:
+                self.finished[i] = True
+                done.append(self.seq_ids[i])
+        self._free(done)  # a finished sequence's blocks go back at once
+
+    def _free(self, seq_ids: list[int]) -> None:
+        seq_ids = [s for s in seq_ids if s in self._held]
+        if seq_ids:
+            self.pool.free(seq_ids)
+            self._held.difference_update(seq_ids)
+
+    def close(self) -> None:
+        """Free the sequences still held (their committed full blocks stay matchable)."""
+        self._free(self.seq_ids)
+
+    def __enter__(self) -> PagedGeneration:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def generate(
+    model: Any,
+    pool: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    salt: str | bytes | None = None,
+    eos_token_id: Any = "model",
+) -> list[list[int]]:
+    """Greedy generation with the KV cache in ``pool``. Returns the new token ids
+    of each prompt: ``max_new_tokens`` of them, or fewer where an end-of-sequence
+    token came (included, as transformers' ``generate`` does). ``eos_token_id``
+    defaults to the model's generation config ("model"); None never stops early."""
+    if isinstance(eos_token_id, str) and eos_token_id == "model":
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    with PagedGeneration(model, pool, prompts, max_new_tokens, salt, eos_token_id) as gen:
+        while not gen.done:
+            gen.step()
+        return gen.outputs

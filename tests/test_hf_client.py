@@ -1,0 +1,178 @@
+"""clients/kvpager_hf: a transformers Llama generating with its KV in kvpager
+produces exactly the tokens of transformers' own greedy ``generate``."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from clients.kvpager_hf import (  # noqa: E402
+    PagedGeneration,
+    default_salt,
+    generate,
+    spec_for_model,
+)
+from kvpager import KVPool, OutOfBlocks  # noqa: E402
+
+VOCAB = 128
+
+
+def make_model(seed: int = 0, eos: int | None = None):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # GQA: two query heads per KV head
+        vocab_size=VOCAB,
+        max_position_embeddings=512,
+        initializer_range=0.1,  # livelier than the default 0.02: fewer repeats
+        bos_token_id=1,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+
+def reference(model, tokens: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy generation of one prompt (no padding)."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([tokens]), max_new_tokens=max_new_tokens, do_sample=False, num_beams=1
+        )
+    return out[0, len(tokens) :].tolist()
+
+
+def make_pool(model, num_blocks: int = 128, block_size: int = 8) -> KVPool:
+    return KVPool(spec_for_model(model, num_blocks=num_blocks, block_size=block_size))
+
+
+@pytest.mark.parametrize("block_size", [8, 16])
+@pytest.mark.parametrize("length", [5, 17, 40])
+def test_single_prompt_matches_transformers(model, block_size, length):
+    pool = make_pool(model, block_size=block_size)
+    tokens = prompt(length, seed=length)
+    [out] = generate(model, pool, [tokens], max_new_tokens=24)
+    assert out == reference(model, tokens, 24)
+    assert len(out) == 24  # crosses block boundaries while decoding
+    pool.check_integrity()
+    assert pool.stats().num_sequences == 0  # freed at the end
+
+
+def test_batch_of_different_lengths_matches_transformers(model):
+    pool = make_pool(model)
+    prompts = [prompt(n, seed=100 + n) for n in (5, 17, 40, 8, 1)]
+    outs = generate(model, pool, prompts, max_new_tokens=20)
+    assert outs == [reference(model, p, 20) for p in prompts]
+    assert model.config._attn_implementation != "kvpager"  # restored after the call
+    pool.check_integrity()
+
+
+def test_stops_at_eos_like_transformers():
+    # pick as EOS a token the model emits early for one prompt, then compare
+    tokens = prompt(12, seed=7)
+    plain = reference(make_model(seed=3), tokens, 16)
+    eos = plain[5]
+    m = make_model(seed=3, eos=eos)
+    pool = make_pool(m)
+    prompts = [tokens, prompt(9, seed=8)]
+    outs = generate(m, pool, prompts, max_new_tokens=16)
+    assert outs == [reference(m, p, 16) for p in prompts]
+    assert outs[0][-1] == eos and len(outs[0]) <= 6
+    pool.check_integrity()
+
+
+def test_two_workers_share_a_prompt_prefix(model):
+    """Worker A is mid-generation when worker B arrives with the same system prompt:
+    B reuses A's committed prefix blocks, computes only its own tail, and both
+    produce transformers' tokens."""
+    pool = make_pool(model)
+    system = prompt(27, seed=11)  # 3 full blocks of 8 + 3 tokens
+    a_prompt, b_prompt = system + prompt(6, seed=12), system + prompt(13, seed=13)
+    salt = default_salt(model)
+    a = PagedGeneration(model, pool, [a_prompt], max_new_tokens=18, salt=salt)
+    assert a.num_cached_tokens == [0]
+    for _ in range(4):
+        a.step()
+    b = PagedGeneration(model, pool, [b_prompt], max_new_tokens=18, salt=salt)
+    assert b.num_cached_tokens == [24]  # the system prompt's full blocks
+    [info_a] = [pool.sequence(s) for s in a.seq_ids]
+    assert info_a.shared_blocks == 3
+    while not (a.done and b.done):
+        a.step()
+        b.step()
+    assert a.outputs == [reference(model, a_prompt, 18)]
+    assert b.outputs == [reference(model, b_prompt, 18)]
+    a.close()
+    b.close()
+    pool.check_integrity()
+
+
+def test_next_turn_reuses_generated_tokens(model):
+    """A follow-up whose prompt is the previous prompt + answer finds the answer's
+    blocks too (published as they filled), after the first call freed them."""
+    pool = make_pool(model)
+    first = prompt(20, seed=21)
+    [answer] = generate(model, pool, [first], max_new_tokens=21)
+    follow = first + answer + prompt(4, seed=22)
+    with PagedGeneration(model, pool, [follow], max_new_tokens=10) as gen:
+        # 20 + 21 tokens were generated; all but the last one's K/V is in the pool
+        assert gen.num_cached_tokens == [40]
+        while not gen.done:
+            gen.step()
+        assert gen.outputs == [reference(model, follow, 10)]
+    pool.check_integrity()
+
+
+def test_other_weights_do_not_match(model):
+    """The default salt keeps different weights apart: no prefix hit across models."""
+    other = make_model(seed=1)
+    pool = make_pool(model)
+    tokens = prompt(30, seed=31)
+    generate(model, pool, [tokens], max_new_tokens=2)
+    with PagedGeneration(other, pool, [tokens], max_new_tokens=4) as gen:
+        assert gen.num_cached_tokens == [0]
+        while not gen.done:
+            gen.step()
+        assert gen.outputs == [reference(other, tokens, 4)]
+
+
+def test_out_of_blocks_leaves_pool_clean(model):
+    pool = make_pool(model, num_blocks=6)  # 5 usable blocks of 8: 40 tokens
+    with pytest.raises(OutOfBlocks):
+        generate(model, pool, [prompt(30, seed=41)], max_new_tokens=30)
+    pool.check_integrity()
+    assert pool.stats().num_sequences == 0
+    with pytest.raises(OutOfBlocks):
+        generate(model, pool, [prompt(50, seed=42)], max_new_tokens=1)
+    assert pool.stats().num_sequences == 0
+
+
+def test_geometry_mismatch_is_refused(model):
+    pool = KVPool(spec_for_model(make_model(), num_blocks=16).replace(num_kv_heads=4))
+    with pytest.raises(ValueError, match="geometry"):
+        generate(model, pool, [prompt(4, seed=1)], max_new_tokens=2)
+
+
+def test_plain_forward_without_kvpager_state_is_refused(model):
+    from clients.kvpager_hf import paged_attention
+
+    with paged_attention(model), pytest.raises(RuntimeError, match="kvpager"):
+        model(torch.tensor([[1, 2, 3]]), use_cache=False)
+    assert model.config._attn_implementation != "kvpager"
