@@ -140,7 +140,7 @@ def main() -> None:
     name, peak = card()
     stream = torch.cuda.Stream()
     rows = []
-    with torch.cuda.stream(stream), cupy.cuda.ExternalStream(stream.cuda_stream):
+    with torch.cuda.stream(stream), cupy.cuda.Stream.from_external(stream):
         for batch, ctx in DECODE_CASES:
             rows.append(bench_decode(batch, ctx, peak))
             torch.cuda.empty_cache()

@@ -25,8 +25,8 @@ from kvpager.spec import PoolSpec
 
 PAIRS = 1000
 GEOMETRIES = {
-    "llama-3-8b block (32 layers, 8 kv heads, 16 x 128, bf16)": dict(num_layers=32),
-    "one-layer block (8 kv heads, 16 x 128, bf16)": dict(num_layers=1),
+    "llama-3-8b block (32 layers, 8 kv heads, 16 x 128, bf16)": dict(layers=32),
+    "one-layer block (8 kv heads, 16 x 128, bf16)": dict(layers=1),
 }
 
 
