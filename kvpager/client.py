@@ -62,12 +62,14 @@ class _Channel:
 
     def __init__(self, endpoint: str):
         self.endpoint = endpoint
+        self.rcvtimeo = -1
         self.sock = self._open()
 
     def _open(self) -> zmq.Socket:
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
+        self.rcvtimeo = -1
         return sock
 
     def reset(self) -> None:
@@ -81,16 +83,24 @@ class _Channel:
     def request(self, body: bytes, rid: int, op: str, timeout: float) -> Reply:
         deadline = time.monotonic() + timeout
         sock = self.sock
+        # A blocking recv bounded by RCVTIMEO costs one call per reply; the
+        # option is set again only when the timeout changes.
+        ms = max(1, math.ceil(timeout * 1000))
+        if ms != self.rcvtimeo:
+            sock.setsockopt(zmq.RCVTIMEO, ms)
+            self.rcvtimeo = ms
         try:
             sock.send(body, zmq.NOBLOCK)
             while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not sock.poll(max(1, math.ceil(remaining * 1000))):
-                    break
                 reply = decode_reply(sock.recv())
                 if reply.id == rid or reply.id is None:
                     return reply
-                # else: a late reply to an earlier request; drop it
+                # A late reply to an earlier request: drop it, wait out the rest.
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.rcvtimeo = max(1, math.ceil(remaining * 1000))
+                sock.setsockopt(zmq.RCVTIMEO, self.rcvtimeo)
         except zmq.Again:
             pass
         self.reset()

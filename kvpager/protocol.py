@@ -14,9 +14,10 @@ tensors never travel in messages; they go through shared memory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -61,6 +62,10 @@ class Op:
         return frozenset(self.required + self.optional)
 
 
+def _arg_sets(op: Op) -> tuple[frozenset[str], frozenset[str]]:
+    return op.allowed, frozenset(op.required)
+
+
 OPS: dict[str, Op] = {
     op.name: op
     for op in (
@@ -85,34 +90,58 @@ OPS: dict[str, Op] = {
         Op("bye"),
     )
 }
+# Per op: (allowed, required) argument names, precomputed for the hot path.
+_ARGS = {name: _arg_sets(op) for name, op in OPS.items()}
 
 # -- NumPy arrays as ExtType -------------------------------------------------------------
-_HEAD = struct.Struct("<BB")  # dtype string length, ndim
+# Payload: u8 len(dtype.str), dtype.str, u8 ndim, ndim x u64 shape, raw C-order bytes.
+# Decoding is on every reply's hot path (slot arrays): parsed dtypes are cached.
+_ALLOWED_KINDS = frozenset("biuf")
+_dtypes: dict[bytes, np.dtype] = {}
+_shapes = [struct.Struct(f"<{n}Q") for n in range(33)]
 
 
 def pack_array(a: np.ndarray) -> msgpack.ExtType:
-    """ExtType payload: u8 len(dtype.str), dtype.str, u8 ndim, ndim x u64 shape, raw C-order bytes."""
-    a = np.ascontiguousarray(a)
+    """A NumPy array as msgpack ExtType ``EXT_NDARRAY`` (see docs/protocol.md)."""
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
     dt = a.dtype.str.encode()
-    head = _HEAD.pack(len(dt), a.ndim) + dt + struct.pack(f"<{a.ndim}Q", *a.shape)
-    return msgpack.ExtType(EXT_NDARRAY, head + a.tobytes())
+    return msgpack.ExtType(EXT_NDARRAY, b"".join(
+        (bytes((len(dt),)), dt, bytes((a.ndim,)), _shapes[a.ndim].pack(*a.shape), a.tobytes())))
+
+
+def _dtype(key: bytes) -> np.dtype:
+    dt = _dtypes.get(key)
+    if dt is None:
+        try:
+            dt = np.dtype(key.decode())
+        except Exception as e:
+            raise ProtocolError(f"malformed array dtype {key!r}: {e}") from None
+        if dt.kind not in _ALLOWED_KINDS or dt.hasobject:
+            raise ProtocolError(f"array dtype {dt} is not allowed")
+        if len(_dtypes) < 64:
+            _dtypes[key] = dt
+    return dt
 
 
 def unpack_array(data: bytes) -> np.ndarray:
     """The (read-only) array a `pack_array` payload holds; ProtocolError if malformed."""
     try:
-        dlen, ndim = _HEAD.unpack_from(data)
-        dt = np.dtype(data[2 : 2 + dlen].decode())
+        dlen = data[0]
+        dt = _dtype(data[1 : 1 + dlen])
+        ndim = data[1 + dlen]
         off = 2 + dlen
-        shape = struct.unpack_from(f"<{ndim}Q", data, off)
-        off += 8 * ndim
+        shape = _shapes[ndim].unpack_from(data, off)
+    except ProtocolError:
+        raise
     except Exception as e:
-        raise ProtocolError(f"malformed array: {e}") from None
-    if dt.kind not in "biuf" or dt.hasobject:
-        raise ProtocolError(f"array dtype {dt} is not allowed")
-    if int(np.prod(shape, dtype=np.uint64)) * dt.itemsize != len(data) - off:
+        raise ProtocolError(f"malformed array: {type(e).__name__}: {e}") from None
+    off += 8 * ndim
+    count = math.prod(shape)
+    if count * dt.itemsize != len(data) - off:
         raise ProtocolError(f"array of shape {shape} {dt} does not match its {len(data) - off} bytes")
-    return np.frombuffer(data, dt, offset=off).reshape(shape)
+    a = np.frombuffer(data, dt, count, off)
+    return a if ndim == 1 else a.reshape(shape)
 
 
 def _default(obj: Any) -> Any:
@@ -157,13 +186,13 @@ def unpack(data: bytes) -> Any:
 
 
 # -- envelopes ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Request:
-    """``[version, id, session, op, args]``."""
+class Request(NamedTuple):
+    """``[version, id, session, op, args]``. A NamedTuple: built once per request
+    on the daemon's hot path, where a frozen dataclass costs a microsecond."""
 
     id: int
     op: str
-    args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    args: dict[str, Any] = {}  # noqa: RUF012 (never mutated)
     session: str | None = None
     version: int = VERSION
 
@@ -239,21 +268,22 @@ def decode_request(data: bytes, limit: int) -> Request:
         bad = "session must be a string or nil"
     elif not isinstance(op, str):
         bad = "op must be a string"
-    elif not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
-        bad = "args must be a map with string keys"
+    elif not isinstance(args, dict):
+        bad = "args must be a map"
     if bad:
         err = ProtocolError(bad)
         err.request_id = rid
         raise err
-    spec = OPS.get(op)
-    if spec is None:
+    sets = _ARGS.get(op)
+    if sets is None:
         err = UnknownOp(f"unknown op {op!r}; ops are {', '.join(OPS)}")
         err.request_id = rid
         raise err
     keys = args.keys()
-    if not keys <= spec.allowed or not set(spec.required) <= keys:
+    if not (keys <= sets[0] and sets[1] <= keys):  # non-string keys fail the first test
+        spec = OPS[op]
         err = InvalidArgument(
-            f"{op}: arguments {sorted(keys)} do not match required {list(spec.required)}, "
+            f"{op}: arguments {sorted(map(str, keys))} do not match required {list(spec.required)}, "
             f"optional {list(spec.optional)}"
         )
         err.request_id = rid
@@ -297,15 +327,19 @@ def decode_allocations(raw: list[list[Any]]) -> list[Allocation]:
     return [Allocation(int(s), tuple(t.tolist()), int(c), slots) for s, t, c, slots in raw]
 
 
-def encode_slots(slots: list[np.ndarray]) -> np.ndarray:
-    """append's result: every sequence's slots back to back (the client knows the counts)."""
+def encode_slots(slots: list[np.ndarray]) -> bytes:
+    """append's result, the hot path: every sequence's slots back to back as raw
+    int64 little-endian bytes (msgpack bin). The client knows the counts."""
     if len(slots) == 1:
-        return slots[0]
-    return np.concatenate(slots) if slots else np.zeros(0, np.int64)
+        return slots[0].astype("<i8", copy=False).tobytes()
+    return np.concatenate(slots).astype("<i8", copy=False).tobytes() if slots else b""
 
 
-def decode_slots(flat: np.ndarray, num_seqs: int, num_tokens: Any) -> list[np.ndarray]:
-    """Split append's flat result back into one array per sequence."""
+def decode_slots(raw: bytes, num_seqs: int, num_tokens: Any) -> list[np.ndarray]:
+    """Split append's result back into one int64 array per sequence."""
+    if not isinstance(raw, bytes) or len(raw) % 8:
+        raise ProtocolError("append's result must be int64 bytes")
+    flat = np.frombuffer(raw, "<i8")
     if num_seqs == 1:
         return [flat]
     if isinstance(num_tokens, (int, np.integer)):

@@ -123,6 +123,9 @@ class Server:
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        # A blocking recv that gives up every _POLL_MS: one call per message
+        # when busy, and a regular chance to expire sessions and see stop().
+        sock.setsockopt(zmq.RCVTIMEO, _POLL_MS)
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes + protocol.TRANSPORT_SLACK)
         try:
             sock.bind(self.endpoint)
@@ -194,9 +197,9 @@ class Server:
         next_expiry = time.monotonic() + self._expiry_interval()
         while not stop.is_set():
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart()
             except zmq.Again:
-                sock.poll(_POLL_MS)
+                pass
             else:
                 # [routing id, (empty delimiter from REQ), body]: answer on the same envelope.
                 frames[-1] = self.handle(frames[-1])
@@ -295,7 +298,7 @@ class Server:
             raise InvalidArgument("prompts must be a list of token-id lists")
         return protocol.encode_allocations(self.pool.allocate(prompts, a.get("salt"), owner=s.id))
 
-    def _op_append(self, s: Session, a: dict[str, Any]) -> np.ndarray:
+    def _op_append(self, s: Session, a: dict[str, Any]) -> bytes:
         ids = self._owned(s, a["seq_ids"])
         return protocol.encode_slots(self.pool.append(ids, a.get("num_tokens", 1), a.get("token_ids")))
 

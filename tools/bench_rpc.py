@@ -1,0 +1,220 @@
+"""Daemon round trips: latency and throughput of `Client` calls against the
+same calls on an in-process `KVPool`, beside a bare ZeroMQ + msgpack echo.
+
+    python3 tools/bench_rpc.py            # table
+    python3 tools/bench_rpc.py --json     # one JSON object
+
+What is timed (each op checked for correctness first):
+- bare: a DEALER -> ROUTER echo of a request-sized msgpack message (the floor);
+- heartbeat: a full daemon round trip that does no pool work;
+- append x1: `append([seq])`, one decode step of one sequence;
+- append x256: one batched decode step of 256 sequences;
+- throughput: N client processes each doing append x1 in a loop.
+Sequences are cut back (untimed) every few hundred steps so block tables stay
+decode-sized; the in-process column runs the same schedule on a `KVPool`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import date
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kvpager import KVPool, PoolSpec  # noqa: E402
+
+SPEC = PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=40_000, block_size=16, dtype="float32")
+PROMPT = list(range(100))  # 7 blocks
+CUT_EVERY = 256  # steps between (untimed) truncations back to the prompt
+
+
+def _daemon(endpoint: str, ready) -> None:
+    from kvpager.server import Server
+
+    server = Server.create(SPEC, endpoint, heartbeat_timeout=60)
+    server.bind()
+    ready.put(server.endpoint)
+    server.run()
+
+
+def _echo(endpoint: str, ready) -> None:
+    import msgpack
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    ready.put(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    reply = msgpack.packb([1, 0, b"\0" * 8])
+    while True:
+        frames = sock.recv_multipart()
+        msg = msgpack.unpackb(frames[1])
+        if msg[3] == "stop":
+            sock.send_multipart([frames[0], reply])
+            return
+        sock.send_multipart([frames[0], reply])
+
+
+def _start(target, endpoint: str):
+    ctx = mp.get_context("spawn")
+    ready = ctx.Queue()
+    proc = ctx.Process(target=target, args=(endpoint, ready), daemon=True)
+    proc.start()
+    return proc, ready.get(timeout=60)
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    a = np.asarray(samples[len(samples) // 10 :]) * 1e6  # drop warm-up
+    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
+
+
+def _time_steps(step, cut, iters: int) -> list[float]:
+    lat = []
+    clock = time.perf_counter
+    for i in range(iters):
+        if i % CUT_EVERY == CUT_EVERY - 1:
+            cut()
+        t0 = clock()
+        step()
+        lat.append(clock() - t0)
+    return lat
+
+
+def bare_latency(endpoint: str, iters: int) -> tuple[float, float]:
+    import msgpack
+    import zmq
+
+    proc, ep = _start(_echo, endpoint)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(ep)
+    body = msgpack.packb([1, 7, "0123456789abcdef", "append", {"seq_ids": [5]}])
+    lat = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        sock.send(body)
+        msgpack.unpackb(sock.recv())
+        lat.append(time.perf_counter() - t0)
+    sock.send(msgpack.packb([1, 0, None, "stop", {}]))
+    sock.recv()
+    sock.close()
+    proc.join(10)
+    return _percentiles(lat)
+
+
+def pool_ops(pool, batch: int):
+    """(single step, cut, batched step, cut) for a KVPool or a Client, checked once."""
+    [one] = pool.allocate([PROMPT])
+    many = [a.seq_id for a in pool.allocate([PROMPT] * batch)]
+    n = len(PROMPT)
+    [s] = pool.append([one.seq_id])
+    assert s.tolist() == [one.block_table[n // 16] * 16 + n % 16], "append returned a wrong slot"
+    out = pool.append(many)
+    assert len(out) == batch and all(len(x) == 1 for x in out)
+    pool.truncate(many, n)
+    return (
+        lambda: pool.append([one.seq_id]),
+        lambda: pool.truncate([one.seq_id], n),
+        lambda: pool.append(many),
+        lambda: pool.truncate(many, n),
+    )
+
+
+def latencies(pool, iters: int, batch: int) -> dict[str, tuple[float, float]]:
+    step1, cut1, step_b, cut_b = pool_ops(pool, batch)
+    out = {
+        "append x1": _percentiles(_time_steps(step1, cut1, iters)),
+        f"append x{batch}": _percentiles(_time_steps(step_b, cut_b, max(200, iters // 20))),
+    }
+    if hasattr(pool, "heartbeat"):
+        out["heartbeat"] = _percentiles(_time_steps(pool.heartbeat, lambda: None, iters))
+    return out
+
+
+def _throughput_worker(endpoint: str, seconds: float, start, out) -> None:
+    from kvpager.client import Client
+
+    with Client(endpoint, timeout=60, heartbeat=False) as c:
+        step, cut, _, _ = pool_ops(c, 1)
+        start.wait(60)
+        n, deadline = 0, time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            step()
+            n += 1
+            if n % CUT_EVERY == 0:
+                cut()
+        out.put(n)
+
+
+def throughput(endpoint: str, clients: int, seconds: float) -> float:
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_throughput_worker, args=(endpoint, seconds, start, out)) for _ in range(clients)]
+    for p in procs:
+        p.start()
+    time.sleep(1.0 + 0.25 * clients)  # let every worker connect and warm up (spawn is slow)
+    start.set()
+    total = sum(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    return total / seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--iters", type=int, default=5000, help="single-op round trips per measurement")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
+    ap.add_argument("--clients", default="1,4,16")
+    args = ap.parse_args()
+
+    from kvpager.client import Client
+
+    tmp = tempfile.mkdtemp(prefix="kvpb", dir="/tmp")
+    embedded = latencies(KVPool(SPEC), args.iters, args.batch)
+    rows, result = [], {"machine": f"{os.cpu_count()}-core CPU, {platform.python_implementation()} "
+                                   f"{platform.python_version()}", "date": str(date.today()),
+                        "in_process": embedded, "transports": {}}
+    for name, endpoint in (("tcp", "tcp://127.0.0.1:*"), ("ipc", f"ipc://{tmp}/bench.sock")):
+        bare = bare_latency(endpoint if name == "tcp" else f"ipc://{tmp}/echo.sock", args.iters)
+        proc, ep = _start(_daemon, endpoint)
+        with Client(ep, heartbeat=False) as c:
+            lat = latencies(c, args.iters, args.batch)
+        tput = {}
+        if name == "ipc":
+            for n in (int(x) for x in args.clients.split(",")):
+                tput[n] = throughput(ep, n, args.seconds)
+        proc.terminate()
+        proc.join(10)
+        result["transports"][name] = {"bare": bare, "daemon": lat, "throughput_ops_s": tput}
+        rows.append((name, "bare zmq+msgpack echo", bare, None))
+        for op, (p50, p99) in lat.items():
+            rows.append((name, op, (p50, p99), embedded.get(op)))
+        for n, ops in tput.items():
+            rows.append((name, f"throughput, {n} client{'s' * (n > 1)}", ops, None))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"machine: {result['machine']}; date: {result['date']}")
+    print("| transport | measurement | p50 us | p99 us | in-process p50 us | daemon / in-process |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, what, val, emb in rows:
+        if isinstance(val, float):
+            print(f"| {name} | {what} | {val:,.0f} ops/s | | | |")
+            continue
+        p50, p99 = val
+        e = f"{emb[0]:.1f} | {p50 / emb[0]:.1f}x" if emb else " | "
+        print(f"| {name} | {what} | {p50:.1f} | {p99:.1f} | {e} |")
+
+
+if __name__ == "__main__":
+    main()
