@@ -176,3 +176,71 @@ def test_plain_forward_without_kvpager_state_is_refused(model):
     with paged_attention(model), pytest.raises(RuntimeError, match="kvpager"):
         model(torch.tensor([[1, 2, 3]]), use_cache=False)
     assert model.config._attn_implementation != "kvpager"
+
+
+# -- two worker processes through the daemon ------------------------------------------
+WAIT = 120  # seconds: spawning a worker that imports torch is slow on a busy 2-core machine
+SYSTEM = prompt(27, seed=11)  # 3 full blocks of 8 + 3 tokens
+A_PROMPT, B_PROMPT = SYSTEM + prompt(6, seed=12), SYSTEM + prompt(13, seed=13)
+
+
+def _worker(endpoint: str, tokens: list[int], out, go) -> None:
+    """A model worker process: same seed, so the same weights and the same default
+    salt as the other worker. Reports its prefix hit, pauses after a few steps
+    until ``go`` is set, then reports its tokens and the reference."""
+    from kvpager.client import Client
+
+    model = make_model()
+    with Client(endpoint) as pool:
+        with PagedGeneration(model, pool, [tokens], max_new_tokens=18) as gen:
+            for _ in range(3):
+                gen.step()
+            out.put({"cached": gen.num_cached_tokens[0], "seq_id": gen.seq_ids[0]})
+            if not go.wait(WAIT):
+                raise TimeoutError("never told to go on")
+            while not gen.done:
+                gen.step()
+        out.put({"outputs": gen.outputs[0], "reference": reference(model, tokens, 18)})
+
+
+@pytest.mark.slow
+def test_two_processes_share_a_prompt_prefix_through_the_daemon():
+    import multiprocessing as mp
+
+    pytest.importorskip("zmq")
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+
+    ctx = mp.get_context("spawn")
+    spec = spec_for_model(make_model(), num_blocks=128, block_size=8)
+    with running_server(spec, heartbeat_timeout=60) as server:
+        out_a, out_b, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+        a = ctx.Process(target=_worker, args=(server.endpoint, A_PROMPT, out_a, go))
+        b = ctx.Process(target=_worker, args=(server.endpoint, B_PROMPT, out_b, go))
+        try:
+            a.start()
+            first_a = out_a.get(timeout=WAIT)  # A is mid-generation, its prompt committed
+            b.start()
+            first_b = out_b.get(timeout=WAIT)  # both alive and paused
+            with Client(server.endpoint) as obs:
+                shared = obs.sequence(first_a["seq_id"]).shared_blocks
+            go.set()
+            done_a, done_b = out_a.get(timeout=WAIT), out_b.get(timeout=WAIT)
+        finally:
+            go.set()
+            for p in (a, b):
+                if p.pid is not None:
+                    p.join(WAIT)
+                    if p.is_alive():
+                        p.kill()
+                        p.join(10)
+        assert a.exitcode == 0 and b.exitcode == 0
+        assert first_a["cached"] == 0
+        assert first_b["cached"] == 24  # B computed only its tail
+        assert shared == 3  # A's three system-prompt blocks are B's too
+        assert done_a["outputs"] == done_a["reference"]
+        assert done_b["outputs"] == done_b["reference"]
+        with Client(server.endpoint) as obs:
+            assert obs.stats().num_sequences == 0
+            obs.check_integrity()
