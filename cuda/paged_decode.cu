@@ -35,7 +35,9 @@
 
 #define NWARPS 4
 #define NTHREADS (NWARPS * 32)
-#define CH 4  // rows per lane group per iteration: 2*CH 16-byte loads in flight per lane
+#ifndef CH
+#define CH 4  // rows per lane group per iteration: 2*CH 16-byte loads per lane per iteration
+#endif
 
 constexpr int D = HEAD_DIM;
 constexpr int NV = D * KV_BYTES / 16;  // 16-byte vectors per row
@@ -45,6 +47,39 @@ constexpr int RPW = 32 / LPR;              // rows per warp step
 constexpr int ROWS_PER_ITER = RPW * CH;
 constexpr int GS = SUBGROUP;
 constexpr int E = VEC_ELEMS;
+
+// Block ids of the CH rows this lane group reads in the iteration starting at base.
+__device__ __forceinline__ void lookup_blocks(const int* __restrict__ table, int base, int end,
+                                              int rg, int (&blk)[CH]) {
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+        const int pos = base + c * RPW + rg;
+        blk[c] = pos < end ? __ldg(table + pos / BLOCK_SIZE) : 0;
+    }
+}
+
+// This lane's 16-byte vectors of the K and V rows of that iteration (zeros past the end).
+__device__ __forceinline__ void load_rows(const kv_t* __restrict__ pool, const int (&blk)[CH],
+                                          int base, int end, int rg, int li, long long block_stride,
+                                          long long k_off, long long v_off,
+                                          uint4 (&kr)[CH][VPL], uint4 (&vr)[CH][VPL]) {
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+        const int pos = base + c * RPW + rg;
+        const long long row = (long long)blk[c] * block_stride + (pos % BLOCK_SIZE) * D;
+#pragma unroll
+        for (int j = 0; j < VPL; ++j) {
+            const int vi = j * LPR + li;
+            if (pos < end && vi < NV) {
+                kr[c][j] = ld_stream(pool + row + k_off + vi * E);
+                vr[c][j] = ld_stream(pool + row + v_off + vi * E);
+            } else {
+                kr[c][j] = uint4{0u, 0u, 0u, 0u};
+                vr[c][j] = uint4{0u, 0u, 0u, 0u};
+            }
+        }
+    }
+}
 
 extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode(
     const kv_t* __restrict__ q,             // [num_items, num_q_heads, HEAD_DIM]
@@ -108,38 +143,23 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode(
     const long long block_stride = (long long)num_layers * 2 * num_kv_heads * BLOCK_SIZE * D;
     const long long k_off = ((long long)layer * 2 * num_kv_heads + h) * BLOCK_SIZE * D;
     const long long v_off = k_off + (long long)num_kv_heads * BLOCK_SIZE * D;
+    constexpr int STEP = NWARPS * ROWS_PER_ITER;
 
-    for (int base = start + warp * ROWS_PER_ITER; base < end; base += NWARPS * ROWS_PER_ITER) {
-        uint4 kr[CH][VPL], vr[CH][VPL];
+    // Software pipeline: the K/V rows of the next iteration and the block ids of
+    // the one after are in flight while this iteration computes.
+    int blk[CH];
+    uint4 kc[CH][VPL], vc[CH][VPL], kn[CH][VPL], vn[CH][VPL];
+    int base = start + warp * ROWS_PER_ITER;
+    lookup_blocks(table, base, end, rg, blk);
+    load_rows(pool, blk, base, end, rg, li, block_stride, k_off, v_off, kc, vc);
+    lookup_blocks(table, base + STEP, end, rg, blk);
+
+    for (; base < end; base += STEP) {
+        load_rows(pool, blk, base + STEP, end, rg, li, block_stride, k_off, v_off, kn, vn);
+        lookup_blocks(table, base + 2 * STEP, end, rg, blk);
         bool valid[CH];
 #pragma unroll
-        for (int c = 0; c < CH; ++c) {
-            const int pos = base + c * RPW + rg;
-            valid[c] = pos < end;
-            if (valid[c]) {
-                const long long row = (long long)table[pos / BLOCK_SIZE] * block_stride
-                                    + (pos % BLOCK_SIZE) * D;
-                const kv_t* kp = pool + row + k_off;
-                const kv_t* vp = pool + row + v_off;
-#pragma unroll
-                for (int j = 0; j < VPL; ++j) {
-                    const int vi = j * LPR + li;
-                    if (vi < NV) {
-                        kr[c][j] = ld_stream(kp + vi * E);
-                        vr[c][j] = ld_stream(vp + vi * E);
-                    } else {
-                        kr[c][j] = uint4{0u, 0u, 0u, 0u};
-                        vr[c][j] = uint4{0u, 0u, 0u, 0u};
-                    }
-                }
-            } else {
-#pragma unroll
-                for (int j = 0; j < VPL; ++j) {
-                    kr[c][j] = uint4{0u, 0u, 0u, 0u};
-                    vr[c][j] = uint4{0u, 0u, 0u, 0u};
-                }
-            }
-        }
+        for (int c = 0; c < CH; ++c) valid[c] = base + c * RPW + rg < end;
         // Scores: partial dot products, then a butterfly over the LPR lanes of a row.
         float s[CH][GS];
 #pragma unroll
@@ -149,7 +169,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode(
 #pragma unroll
             for (int j = 0; j < VPL; ++j) {
                 float kf[E];
-                vec_to_float(kr[c][j], kf);
+                vec_to_float(kc[c][j], kf);
 #pragma unroll
                 for (int g = 0; g < GS; ++g)
 #pragma unroll
@@ -168,7 +188,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode(
 #pragma unroll
         for (int c = 0; c < CH; ++c)
 #pragma unroll
-            for (int j = 0; j < VPL; ++j) vec_to_float(vr[c][j], vf[c][j]);
+            for (int j = 0; j < VPL; ++j) vec_to_float(vc[c][j], vf[c][j]);
 #pragma unroll
         for (int g = 0; g < GS; ++g) {
             float mx = m[g];
@@ -192,6 +212,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode(
                     for (int e = 0; e < E; ++e) acc[g][j][e] = fmaf(p, vf[c][j][e], acc[g][j][e]);
             }
         }
+#pragma unroll
+        for (int c = 0; c < CH; ++c)
+#pragma unroll
+            for (int j = 0; j < VPL; ++j) { kc[c][j] = kn[c][j]; vc[c][j] = vn[c][j]; }
     }
 
     // Merge the row groups of the warp (lanes with the same li hold the same dims).

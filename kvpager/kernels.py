@@ -27,6 +27,8 @@ HEAD_DIMS = (64, 96, 128, 256)
 BLOCK_SIZES = (8, 16, 32, 64)
 GROUP_SIZES = (1, 2, 4, 8, 16)
 NVRTC_OPTIONS = ("-std=c++17", "--use_fast_math")
+#: K/V rows per lane group per decode iteration (paged_decode.cu's CH); benchmarks sweep it
+DECODE_ROWS = 4
 
 _HEADER = re.compile(r'^#include "([\w.]+)"\s*$', re.M)
 _lock = threading.Lock()
@@ -251,8 +253,9 @@ class AttentionPlan:
                 gs = decode_subgroup(spec.dtype, spec.head_dim, group)
                 self.grid = (total * spec.num_kv_heads * (group // gs),)
                 self.splits = num_splits or plan_splits(self.grid[0], int(item_len.max()), num_sms)
-                self.fn = get_kernel("paged_decode.cu", "paged_decode", {**base, "SUBGROUP": gs}, device)
-                self.merge = get_kernel("paged_decode.cu", "merge_splits", {**base, "SUBGROUP": gs},
+                self.fn = get_kernel("paged_decode.cu", "paged_decode", {**base, "SUBGROUP": gs, "CH": DECODE_ROWS}, device)
+                self.merge = get_kernel("paged_decode.cu", "merge_splits",
+                                        {**base, "SUBGROUP": gs, "CH": DECODE_ROWS},
                                         device)
                 self.item_seq, self.item_len = cupy.asarray(item_seq), cupy.asarray(item_len)
                 if self.splits > 1:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kvpager import kernels
 from kvpager.backends.cupy_backend import CupyBackend
 from kvpager.spec import PoolSpec
 
@@ -136,15 +137,23 @@ def bench_prefill(batch: int = 8, new: int = 1024, cached: int = 4096) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--sweep", action="store_true", help="also time decode with 2 and 8 rows per lane")
     args = ap.parse_args()
     name, peak = card()
     stream = torch.cuda.Stream()
     rows = []
-    with torch.cuda.stream(stream), cupy.cuda.Stream.from_external(stream):
+    with torch.cuda.stream(stream), cupy.cuda.ExternalStream(stream.cuda_stream):
         for batch, ctx in DECODE_CASES:
             rows.append(bench_decode(batch, ctx, peak))
             torch.cuda.empty_cache()
             cupy.get_default_memory_pool().free_all_blocks()
+        if args.sweep:
+            for ch in (2, 8):
+                kernels.DECODE_ROWS = ch
+                for batch, ctx in DECODE_CASES:
+                    r = bench_decode(batch, ctx, peak)
+                    rows.append({**r, "case": f"{r['case']} (rows {ch})"})
+            kernels.DECODE_ROWS = 4
         rows.append(bench_prefill())
     date = datetime.date.today().isoformat()
     if args.json:
