@@ -164,6 +164,34 @@ def test_out_of_blocks_leaves_pool_clean(model):
     assert pool.stats().num_sequences == 0
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_tensors_cross_into_the_pool_dtype_exactly(dtype):
+    from clients.kvpager_hf import _from_pool, _to_pool
+    from kvpager.spec import numpy_dtype
+
+    x = torch.randn(5, 2, 16).to(getattr(torch, dtype))
+    arr = _to_pool(x, dtype, gpu_pool=False)
+    assert arr.dtype == numpy_dtype(dtype) and arr.shape == (5, 2, 16)
+    back = _from_pool(arr, like=x)
+    assert back.dtype == x.dtype and torch.equal(back, x)
+    # a float32 model over a float16 pool: K/V rounded to the pool dtype
+    assert _to_pool(x.float(), dtype, gpu_pool=False).dtype == numpy_dtype(dtype)
+
+
+def test_bfloat16_model_runs_on_a_bfloat16_pool():
+    # bf16 rounding differs between the pool's float32-accumulating attention and
+    # torch's, so tokens may drift from transformers' after a while: no exact check
+    m = make_model().to(torch.bfloat16)
+    pool = KVPool(spec_for_model(m, num_blocks=64, block_size=8))
+    assert pool.spec.dtype == "bfloat16"
+    prompts = [prompt(n, seed=n) for n in (5, 17, 40)]
+    outs = generate(m, pool, prompts, max_new_tokens=12)
+    assert [len(o) for o in outs] == [12, 12, 12]
+    assert outs == generate(m, pool, prompts, max_new_tokens=12)  # deterministic, cache hits
+    assert [o[0] for o in outs] == [reference(m, p, 1)[0] for p in prompts]
+    pool.check_integrity()
+
+
 def test_geometry_mismatch_is_refused(model):
     pool = KVPool(spec_for_model(make_model(), num_blocks=16).replace(num_kv_heads=4))
     with pytest.raises(ValueError, match="geometry"):
