@@ -54,7 +54,10 @@ def reference(model, tokens: list[int], max_new_tokens: int) -> list[int]:
     """transformers' own greedy generation of one prompt (no padding)."""
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([tokens]), max_new_tokens=max_new_tokens, do_sample=False, num_beams=1
+            torch.tensor([tokens], device=model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
         )
     return out[0, len(tokens) :].tolist()
 
@@ -204,6 +207,33 @@ def test_plain_forward_without_kvpager_state_is_refused(model):
     with paged_attention(model), pytest.raises(RuntimeError, match="kvpager"):
         model(torch.tensor([[1, 2, 3]]), use_cache=False)
     assert model.config._attn_implementation != "kvpager"
+
+
+@pytest.mark.gpu
+def test_cuda_model_on_a_gpu_pool_matches_transformers():
+    """K/V stays on the GPU: torch tensors go into the CuPy pool through DLPack."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("cupy")
+    model = make_model().cuda()
+    pool = KVPool(spec_for_model(model, num_blocks=128, block_size=8), device="cuda:0")
+    prompts = [prompt(n, seed=200 + n) for n in (5, 17, 40)]
+    outs = generate(model, pool, prompts, max_new_tokens=20)
+    assert outs == [reference(model, p, 20) for p in prompts]
+    follow = prompts[1] + outs[1] + prompt(3, seed=9)
+    with PagedGeneration(model, pool, [follow], max_new_tokens=8) as gen:
+        assert gen.num_cached_tokens == [32]
+        while not gen.done:
+            gen.step()
+        assert gen.outputs == [reference(model, follow, 8)]
+    pool.check_integrity()
+    # bfloat16 end to end: runs, and the prefill's token agrees with transformers
+    m16 = make_model().to("cuda", torch.bfloat16)
+    pool16 = KVPool(spec_for_model(m16, num_blocks=128, block_size=8), device="cuda:0")
+    outs16 = generate(m16, pool16, prompts, max_new_tokens=8)
+    assert [len(o) for o in outs16] == [8, 8, 8]
+    assert [o[0] for o in outs16] == [reference(m16, p, 1)[0] for p in prompts]
+    pool16.check_integrity()
 
 
 # -- two worker processes through the daemon ------------------------------------------
