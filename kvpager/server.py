@@ -47,6 +47,10 @@ log = logging.getLogger("kvpager.server")
 
 #: Largest staging buffer a session may ask for.
 MAX_STAGING_BYTES = 1 << 30
+#: Most sequences one allocate or fork may create: neither needs free blocks
+#: for empty prompts / shared children, so without a cap one request could
+#: make the daemon build millions of sequences.
+MAX_NEW_SEQUENCES = 1 << 16
 _POLL_MS = 50  # how soon stop() and heartbeat expiry are noticed when idle
 
 
@@ -296,6 +300,8 @@ class Server:
         prompts = a["prompts"]
         if not isinstance(prompts, list):
             raise InvalidArgument("prompts must be a list of token-id lists")
+        if len(prompts) > MAX_NEW_SEQUENCES:
+            raise InvalidArgument(f"allocate: {len(prompts)} prompts in one request; at most {MAX_NEW_SEQUENCES}")
         return protocol.encode_allocations(self.pool.allocate(prompts, a.get("salt"), owner=s.id))
 
     def _op_append(self, s: Session, a: dict[str, Any]) -> bytes:
@@ -306,7 +312,10 @@ class Server:
         return self.pool.commit(self._owned(s, a["seq_ids"]), a.get("upto"))
 
     def _op_fork(self, s: Session, a: dict[str, Any]) -> list[list[int]]:
-        return self.pool.fork(self._owned(s, a["seq_ids"]), a.get("n", 1))
+        ids, n = self._owned(s, a["seq_ids"]), a.get("n", 1)
+        if isinstance(n, int) and len(ids) * n > MAX_NEW_SEQUENCES:
+            raise InvalidArgument(f"fork: {len(ids)} x {n} children in one request; at most {MAX_NEW_SEQUENCES}")
+        return self.pool.fork(ids, n)
 
     def _op_free(self, s: Session, a: dict[str, Any]) -> None:
         self.pool.free(self._owned(s, a["seq_ids"]))

@@ -110,6 +110,8 @@ def test_wrong_argument_types(client):
         lambda: client.append([a.seq_id], "many"),
         lambda: client.append([a.seq_id, a.seq_id]),
         lambda: client.fork([a.seq_id], n=-1),
+        lambda: client.fork([a.seq_id], n=10**9),
+        lambda: client.allocate([[]] * 70_000),
         lambda: client.allocate("not a list"),
         lambda: client.allocate([["a", "b"]]),
         lambda: client.allocate([[1, 2]], salt=3.5),
