@@ -10,7 +10,9 @@
 #include "kvpager_common.cuh"
 
 #define COPY_THREADS 256
-#define UNROLL 4
+#ifndef UNROLL
+#define UNROLL 8
+#endif
 
 extern "C" __global__ void __launch_bounds__(COPY_THREADS) copy_blocks(
     const uint4* __restrict__ src,        // [num_blocks, block_vecs] (the pool)

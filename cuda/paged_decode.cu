@@ -17,7 +17,7 @@
 // head_dim elements per LPR lanes, rows of a warp contiguous in memory); each
 // lane keeps its dims of q and of the output accumulator for SUBGROUP heads in
 // registers. Online softmax in float32 with exp2 (q is pre-scaled by
-// scale * log2(e)); warps merge at the end through shared memory.
+// scale * log2(e)), rescaling lazily; warps merge at the end through shared memory.
 // With num_splits == 1 the CTA writes the normalised output; otherwise it
 // writes a float32 partial output and its log2-sum-exp, and merge_splits
 // combines the splits.
@@ -191,20 +191,24 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode(
             for (int j = 0; j < VPL; ++j) vec_to_float(vc[c][j], vf[c][j]);
 #pragma unroll
         for (int g = 0; g < GS; ++g) {
-            float mx = m[g];
+            float mx = NEG_INF;
 #pragma unroll
             for (int c = 0; c < CH; ++c) if (valid[c]) mx = fmaxf(mx, s[c][g]);
-            if (mx == NEG_INF) continue;  // no valid row yet for this lane group
-            const float corr = exp2f(m[g] - mx);
-            m[g] = mx;
-            l[g] *= corr;
+            // Lazy rescaling: the reference max moves only when a score exceeds it
+            // by more than 2^8, so most iterations skip the correction of acc.
+            if (mx > m[g] + 8.f) {
+                const float corr = exp2f(m[g] - mx);
+                m[g] = mx;
+                l[g] *= corr;
 #pragma unroll
-            for (int j = 0; j < VPL; ++j)
+                for (int j = 0; j < VPL; ++j)
 #pragma unroll
-                for (int e = 0; e < E; ++e) acc[g][j][e] *= corr;
+                    for (int e = 0; e < E; ++e) acc[g][j][e] *= corr;
+            }
+            if (m[g] == NEG_INF) continue;  // no valid row yet for this lane group
 #pragma unroll
             for (int c = 0; c < CH; ++c) {
-                const float p = valid[c] ? exp2f(s[c][g] - mx) : 0.f;
+                const float p = valid[c] ? exp2f(s[c][g] - m[g]) : 0.f;
                 l[g] += p;
 #pragma unroll
                 for (int j = 0; j < VPL; ++j)

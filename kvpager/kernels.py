@@ -29,6 +29,8 @@ GROUP_SIZES = (1, 2, 4, 8, 16)
 NVRTC_OPTIONS = ("-std=c++17", "--use_fast_math")
 #: K/V rows per lane group per decode iteration (paged_decode.cu's CH); benchmarks sweep it
 DECODE_ROWS = 4
+#: 16-byte vectors in flight per thread in copy_blocks (block_copy.cu's UNROLL)
+COPY_UNROLL = 8
 
 _HEADER = re.compile(r'^#include "([\w.]+)"\s*$', re.M)
 _lock = threading.Lock()
@@ -170,8 +172,8 @@ def copy_blocks(pool: Any, spec: Any, pairs: Any, device: int) -> None:
 def launch_copy(pool: Any, pairs: Any, block_bytes: int, device: int) -> None:
     """The copy_blocks launch alone; ``pairs`` already checked and on the GPU."""
     block_vecs = block_bytes // 16
-    fn = get_kernel("block_copy.cu", "copy_blocks", {}, device)
-    grid = (min(-(-block_vecs // 1024), 1024), min(len(pairs), 65535))
+    fn = get_kernel("block_copy.cu", "copy_blocks", {"UNROLL": COPY_UNROLL}, device)
+    grid = (min(-(-block_vecs // (256 * COPY_UNROLL)), 1024), min(len(pairs), 65535))
     fn(grid, (256,), (pool, pool, pairs, np.int32(len(pairs)), np.int64(block_vecs)))
 
 
@@ -206,10 +208,10 @@ def decode_subgroup(dtype: str, head_dim: int, group: int) -> int:
 
 
 def plan_splits(base_ctas: int, max_len: int, num_sms: int) -> int:
-    """Split-K count for decode: enough CTAs for about two waves of four per SM,
-    each split at least 512 tokens long."""
+    """Split-K count for decode: enough CTAs for about eight per SM (a few waves,
+    so the last one is short), each split at least 128 tokens long."""
     want = -(-num_sms * 8 // max(base_ctas, 1))
-    return int(max(1, min(want, max_len // 512, 1024)))
+    return int(max(1, min(want, max_len // 128, 1024)))
 
 
 class AttentionPlan:

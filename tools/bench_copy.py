@@ -86,18 +86,23 @@ def bench(label: str, layers: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time 4 and 16 vectors in flight per thread")
     args = ap.parse_args()
     name = runtime.getDeviceProperties(0)["name"].decode()
     date = datetime.date.today().isoformat()
-    rows = [bench(label, **g) for label, g in GEOMETRIES.items()]
+    ap_unroll = [8] if not args.sweep else [4, 8, 16]
+    rows = []
+    for unroll in ap_unroll:
+        kernels.COPY_UNROLL = unroll
+        rows += [{**bench(label, **g), "unroll": unroll} for label, g in GEOMETRIES.items()]
     if args.json:
         print(json.dumps(dict(card=name, date=date, rows=rows), indent=1))
         return
     print(f"{name}, {date}; {PAIRS} random (src, dst) block pairs; TB/s counts read + write")
-    print("| block | block KiB | kernel ms | TB/s | call ms | D2D memcpy ms | memcpy TB/s | memcpy time / kernel time |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| block | vectors in flight | block KiB | kernel ms | TB/s | call ms | D2D memcpy ms | memcpy TB/s | memcpy time / kernel time |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['block_bytes'] // 1024} | {r['ms']:.3f} | {r['tbs']:.2f} | "
+        print(f"| {r['case']} | {r['unroll']} | {r['block_bytes'] // 1024} | {r['ms']:.3f} | {r['tbs']:.2f} | "
               f"{r['call_ms']:.3f} | {r['memcpy_ms']:.3f} | {r['memcpy_tbs']:.2f} | {r['ratio']:.2f}x |")
 
 
