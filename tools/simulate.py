@@ -91,7 +91,10 @@ class Simulator:
     def __init__(self, pool: Any, args: argparse.Namespace):
         self.pool, self.args = pool, args
         self.bs = args.block_size
-        self.rng = np.random.default_rng(args.seed)
+        # Two streams: the workload does not depend on scheduling decisions.
+        self.rng, self.token_rng = (
+            np.random.default_rng(x) for x in np.random.SeedSequence(args.seed).spawn(2)
+        )
         self.system_prompt = self.rng.integers(0, VOCAB, args.shared_prompt_len).astype(np.int64)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order
@@ -149,7 +152,7 @@ class Simulator:
     def decode(self) -> None:
         while self.running:
             samples = self.running_samples()
-            new = self.rng.integers(0, VOCAB, len(samples)).tolist()
+            new = self.token_rng.integers(0, VOCAB, len(samples)).tolist()
             ids = [s.seq_id for s in samples]
             try:
                 self.pool.append(ids, 1, [[t] for t in new])
@@ -213,12 +216,17 @@ class Simulator:
     def admit(self, room: int) -> None:
         if self.swapped:  # preempted requests go first
             return
+        # A running user of the system prompt holds its blocks on the device; an
+        # evictable copy would count against the room like a fresh block.
+        shared_in_use = any(r.shared for r in self.running)
         while self.waiting:
             r = self.waiting[0]
             prompts = [t for t, _ in r.resume] if r.resume else [r.prompt.tolist()]
             # The first decode step needs a fresh block per sample at a block
             # boundary, and forked children copy a shared, partly filled last block.
             need = sum(-(-len(p) // self.bs) + 1 for p in prompts) + (len(r.output_lens) - 1)
+            if r.shared and not r.resume and shared_in_use:
+                need -= self.args.shared_prompt_len // self.bs  # hits blocks in use: no new ones
             if need > room:
                 return
             try:
@@ -245,6 +253,7 @@ class Simulator:
                 ]
                 self.counts["requests_admitted"] += 1
             self.running.append(r)
+            shared_in_use = shared_in_use or r.shared
 
     # -- measurement ---------------------------------------------------------------
     def measure(self) -> None:
