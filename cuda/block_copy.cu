@@ -2,7 +2,7 @@
 // copy-on-write: dst[pairs[i].dst] = src[pairs[i].src] for every pair, in one
 // launch. A block is one contiguous chunk of block_vecs 16-byte vectors in the
 // block-major layout, so this is a batched memcpy with 16-byte loads and
-// stores, UNROLL of them in flight per thread.
+// stores, UNROLL of them in flight per thread (the loader passes -DUNROLL).
 //
 // Grid: x = chunk of a block (each CTA of 256 threads moves 256 * UNROLL
 // vectors per step and strides over the block by gridDim.x chunks),
@@ -11,7 +11,7 @@
 
 #define COPY_THREADS 256
 #ifndef UNROLL
-#define UNROLL 8
+#define UNROLL 16
 #endif
 
 extern "C" __global__ void __launch_bounds__(COPY_THREADS) copy_blocks(

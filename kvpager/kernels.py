@@ -30,7 +30,7 @@ NVRTC_OPTIONS = ("-std=c++17", "--use_fast_math")
 #: K/V rows per lane group per decode iteration (paged_decode.cu's CH); benchmarks sweep it
 DECODE_ROWS = 4
 #: 16-byte vectors in flight per thread in copy_blocks (block_copy.cu's UNROLL)
-COPY_UNROLL = 8
+COPY_UNROLL = 16
 
 _HEADER = re.compile(r'^#include "([\w.]+)"\s*$', re.M)
 _lock = threading.Lock()
@@ -209,9 +209,10 @@ def decode_subgroup(dtype: str, head_dim: int, group: int) -> int:
 
 def plan_splits(base_ctas: int, max_len: int, num_sms: int) -> int:
     """Split-K count for decode: enough CTAs for about eight per SM (a few waves,
-    so the last one is short), each split at least 128 tokens long."""
+    so the last one is short), each split at least 512 tokens long (shorter
+    splits cost more in partial writes and the merge launch than they gain)."""
     want = -(-num_sms * 8 // max(base_ctas, 1))
-    return int(max(1, min(want, max_len // 128, 1024)))
+    return int(max(1, min(want, max_len // 512, 1024)))
 
 
 class AttentionPlan:

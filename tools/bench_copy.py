@@ -86,11 +86,11 @@ def bench(label: str, layers: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="also time 4 and 16 vectors in flight per thread")
+    ap.add_argument("--sweep", action="store_true", help="time 4, 8 and 16 vectors in flight per thread")
     args = ap.parse_args()
     name = runtime.getDeviceProperties(0)["name"].decode()
     date = datetime.date.today().isoformat()
-    ap_unroll = [8] if not args.sweep else [4, 8, 16]
+    ap_unroll = [kernels.COPY_UNROLL] if not args.sweep else [4, 8, 16]
     rows = []
     for unroll in ap_unroll:
         kernels.COPY_UNROLL = unroll
