@@ -88,7 +88,8 @@ def _time_steps(step, cut, iters: int) -> list[float]:
     return lat
 
 
-def bare_latency(endpoint: str, iters: int) -> tuple[float, float]:
+def bare(endpoint: str, iters: int, clients: list[int], seconds: float) -> tuple[tuple[float, float], dict]:
+    """Latency and throughput of the bare echo: the floor for everything else."""
     import msgpack
     import zmq
 
@@ -103,11 +104,12 @@ def bare_latency(endpoint: str, iters: int) -> tuple[float, float]:
         sock.send(body)
         msgpack.unpackb(sock.recv())
         lat.append(time.perf_counter() - t0)
+    tput = {n: throughput(ep, n, seconds, _bare_throughput_worker) for n in clients}
     sock.send(msgpack.packb([1, 0, None, "stop", {}]))
     sock.recv()
     sock.close()
     proc.join(10)
-    return _percentiles(lat)
+    return _percentiles(lat), tput
 
 
 def pool_ops(pool, batch: int):
@@ -154,10 +156,27 @@ def _throughput_worker(endpoint: str, seconds: float, start, out) -> None:
         out.put(n)
 
 
-def throughput(endpoint: str, clients: int, seconds: float) -> float:
+def _bare_throughput_worker(endpoint: str, seconds: float, start, out) -> None:
+    import msgpack
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    body = msgpack.packb([1, 7, "0123456789abcdef", "append", {"seq_ids": [5]}])
+    start.wait(60)
+    n, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        sock.send(body)
+        msgpack.unpackb(sock.recv())
+        n += 1
+    out.put(n)
+
+
+def throughput(endpoint: str, clients: int, seconds: float, worker=_throughput_worker) -> float:
     ctx = mp.get_context("spawn")
     start, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_throughput_worker, args=(endpoint, seconds, start, out)) for _ in range(clients)]
+    procs = [ctx.Process(target=worker, args=(endpoint, seconds, start, out)) for _ in range(clients)]
     for p in procs:
         p.start()
     time.sleep(1.0 + 0.25 * clients)  # let every worker connect and warm up (spawn is slow)
@@ -184,23 +203,26 @@ def main() -> None:
     rows, result = [], {"machine": f"{os.cpu_count()}-core CPU, {platform.python_implementation()} "
                                    f"{platform.python_version()}", "date": str(date.today()),
                         "in_process": embedded, "transports": {}}
-    for name, endpoint in (("tcp", "tcp://127.0.0.1:*"), ("ipc", f"ipc://{tmp}/bench.sock")):
-        bare = bare_latency(endpoint if name == "tcp" else f"ipc://{tmp}/echo.sock", args.iters)
+    for name, endpoint in (("ipc", f"ipc://{tmp}/bench.sock"), ("tcp", "tcp://127.0.0.1:*")):
+        counts = [int(x) for x in args.clients.split(",")] if name == "ipc" else []
+        bare_lat, bare_tput = bare(endpoint if name == "tcp" else f"ipc://{tmp}/echo.sock", args.iters,
+                                   counts, args.seconds)
         proc, ep = _start(_daemon, endpoint)
         with Client(ep, heartbeat=False) as c:
+            warm = time.monotonic() + 1.0  # untimed: let caches, clocks and the scheduler settle
+            while time.monotonic() < warm:
+                c.heartbeat()
             lat = latencies(c, args.iters, args.batch)
-        tput = {}
-        if name == "ipc":
-            for n in (int(x) for x in args.clients.split(",")):
-                tput[n] = throughput(ep, n, args.seconds)
+        tput = {n: throughput(ep, n, args.seconds) for n in counts}
         proc.terminate()
         proc.join(10)
-        result["transports"][name] = {"bare": bare, "daemon": lat, "throughput_ops_s": tput}
-        rows.append((name, "bare zmq+msgpack echo", bare, None))
+        result["transports"][name] = {"bare": bare_lat, "daemon": lat, "throughput_ops_s": tput,
+                                      "bare_throughput_ops_s": bare_tput}
+        rows.append((name, "bare zmq+msgpack echo", bare_lat, None))
         for op, (p50, p99) in lat.items():
             rows.append((name, op, (p50, p99), embedded.get(op)))
         for n, ops in tput.items():
-            rows.append((name, f"throughput, {n} client{'s' * (n > 1)}", ops, None))
+            rows.append((name, f"append x1 throughput, {n} client{'s' * (n > 1)}", (ops, bare_tput[n]), None))
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -208,8 +230,8 @@ def main() -> None:
     print("| transport | measurement | p50 us | p99 us | in-process p50 us | daemon / in-process |")
     print("|---|---|---:|---:|---:|---:|")
     for name, what, val, emb in rows:
-        if isinstance(val, float):
-            print(f"| {name} | {what} | {val:,.0f} ops/s | | | |")
+        if "throughput" in what:
+            print(f"| {name} | {what} | {val[0]:,.0f} ops/s | | (bare echo: {val[1]:,.0f} ops/s) | |")
             continue
         p50, p99 = val
         e = f"{emb[0]:.1f} | {p50 / emb[0]:.1f}x" if emb else " | "
