@@ -186,6 +186,9 @@ def default_salt(model: Any) -> str:
 
 
 def _check_geometry(model: Any, pool: Any) -> None:
+    kinds = set(getattr(model.config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise ValueError(f"kvpager attends over full attention only; layers here: {sorted(kinds)}")
     want = model_geometry(model.config)
     spec = pool.spec
     have = {k: getattr(spec, k) for k in want}

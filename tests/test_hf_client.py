@@ -201,6 +201,13 @@ def test_geometry_mismatch_is_refused(model):
         generate(model, pool, [prompt(4, seed=1)], max_new_tokens=2)
 
 
+def test_sliding_window_layers_are_refused():
+    m = make_model()
+    m.config.layer_types = ["full_attention", "sliding_attention"]
+    with pytest.raises(ValueError, match="sliding_attention"):
+        generate(m, make_pool(m), [prompt(4, seed=1)], max_new_tokens=2)
+
+
 def test_plain_forward_without_kvpager_state_is_refused(model):
     from clients.kvpager_hf import paged_attention
 
