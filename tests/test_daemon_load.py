@@ -3,6 +3,7 @@ block is accounted for and the allocator's invariants hold."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import queue
 import time
@@ -34,10 +35,8 @@ def test_sixteen_clients_of_random_ops():
                 deadline = time.monotonic() + WAIT
                 while len(results) < WORKERS and time.monotonic() < deadline:
                     obs.check_integrity()  # invariants hold mid-run too
-                    try:
+                    with contextlib.suppress(queue.Empty):
                         results.append(out.get(timeout=0.5))
-                    except queue.Empty:
-                        pass
                 assert len(results) == WORKERS
                 for p in procs:
                     p.join(WAIT)

@@ -20,7 +20,7 @@ WAIT = 120
 
 def test_sigkilled_worker_leaks_nothing():
     ctx = mp.get_context("spawn")
-    with running_server(heartbeat_timeout=1.0) as server:
+    with running_server(heartbeat_timeout=2.0) as server:
         out = ctx.Queue()
         worker = ctx.Process(target=holder, args=(server.endpoint, 5, out))
         worker.start()
