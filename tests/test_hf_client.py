@@ -19,11 +19,11 @@ from kvpager import KVPool, OutOfBlocks  # noqa: E402
 VOCAB = 128
 
 
-def make_model(seed: int = 0, eos: int | None = None):
+def make_model(seed: int = 0, eos: int | None = None, hidden: int = 64):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,  # 4 heads: head_dim = hidden / 4
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,  # GQA: two query heads per KV head
@@ -218,11 +218,12 @@ def test_plain_forward_without_kvpager_state_is_refused(model):
 
 @pytest.mark.gpu
 def test_cuda_model_on_a_gpu_pool_matches_transformers():
-    """K/V stays on the GPU: torch tensors go into the CuPy pool through DLPack."""
+    """K/V stays on the GPU: torch tensors go into the CuPy pool through DLPack.
+    (head_dim 64: the smallest the CUDA kernels are built for.)"""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     pytest.importorskip("cupy")
-    model = make_model().cuda()
+    model = make_model(hidden=256).cuda()
     pool = KVPool(spec_for_model(model, num_blocks=128, block_size=8), device="cuda:0")
     prompts = [prompt(n, seed=200 + n) for n in (5, 17, 40)]
     outs = generate(model, pool, prompts, max_new_tokens=20)
@@ -235,7 +236,7 @@ def test_cuda_model_on_a_gpu_pool_matches_transformers():
         assert gen.outputs == [reference(model, follow, 8)]
     pool.check_integrity()
     # bfloat16 end to end: runs, and the prefill's token agrees with transformers
-    m16 = make_model().to("cuda", torch.bfloat16)
+    m16 = make_model(hidden=256).to("cuda", torch.bfloat16)
     pool16 = KVPool(spec_for_model(m16, num_blocks=128, block_size=8), device="cuda:0")
     outs16 = generate(m16, pool16, prompts, max_new_tokens=8)
     assert [len(o) for o in outs16] == [8, 8, 8]
