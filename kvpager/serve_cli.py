@@ -88,9 +88,8 @@ def serve(**opts: Any) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        server.bind()
+        server.bind()  # releases everything itself if it fails
     except KVPagerError as e:
-        server.close()
         raise click.ClickException(str(e)) from None
     # The line scripts wait for: the endpoint is bound and serving.
     click.echo(f"kvpager serving on {server.endpoint}", err=True)

@@ -122,7 +122,15 @@ class Server:
 
     # -- lifecycle -------------------------------------------------------------------------
     def bind(self) -> str:
-        """Open and bind the socket; returns the actual endpoint (tcp port ``*`` resolved)."""
+        """Open and bind the socket; returns the actual endpoint (tcp port ``*`` resolved).
+        On failure everything is released (`close()`), shared memory included."""
+        try:
+            return self._bind()
+        except BaseException:
+            self.close()
+            raise
+
+    def _bind(self) -> str:
         prepare_ipc_bind(self.endpoint)
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.ROUTER)
@@ -136,6 +144,7 @@ class Server:
         except zmq.ZMQError as e:
             sock.close()
             self._ctx.term()
+            self._ctx = None
             raise InvalidArgument(f"cannot bind {self.endpoint}: {e}") from None
         self._sock = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -193,6 +202,7 @@ class Server:
             self.memory = None
         if self.owns_pool:
             self.pool.close()
+            self.owns_pool = False
         log.info("stopped after %d requests", self.requests)
 
     # -- the loop ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import logging
 import mmap
 import os
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,9 @@ class Segment:
             os.close(fd)
         self.name, self.size, self.owner = name, size, create
         self.buf = memoryview(self._mmap)
+        # The creator unlinks at close, or at the latest when this object is
+        # collected or the interpreter exits (a server that never ran).
+        self._unlink = weakref.finalize(self, _unlink, name) if create else None
 
     @classmethod
     def create(cls, name: str, size: int) -> Segment:
@@ -86,15 +90,18 @@ class Segment:
     def close(self) -> None:
         """Unmap; unlink too if this process created it. Views still alive keep
         the mapping (then it goes with them)."""
-        if self.owner:
-            self.owner = False
-            with contextlib.suppress(FileNotFoundError):
-                _posixshmem.shm_unlink("/" + self.name)
+        if self._unlink is not None:
+            self._unlink()
         try:
             self.buf.release()
             self._mmap.close()
         except (BufferError, ValueError):
             pass  # NumPy views still point into it; unmapped when they go
+
+
+def _unlink(name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        _posixshmem.shm_unlink("/" + name)
 
 
 def segment_name(epoch: str, tag: str) -> str:

@@ -302,8 +302,11 @@ def test_restarted_daemon_is_detected():
 def test_second_daemon_on_a_live_endpoint_is_refused(server):
     from kvpager.server import Server
 
+    refused = Server.create(SMALL, server.endpoint)
+    name = refused.memory.device.name
     with pytest.raises(InvalidArgument, match="already listens"):
-        Server.create(SMALL, server.endpoint).bind()
+        refused.bind()
+    assert not os.path.exists(f"/dev/shm/{name}")  # released on the failed bind
 
 
 def test_runtime_dir_is_private(tmp_path):
