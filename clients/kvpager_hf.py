@@ -68,7 +68,7 @@ def _to_pool(x: torch.Tensor, dtype: str, gpu_pool: bool) -> Any:
 
 def _from_pool(out: Any, like: torch.Tensor) -> torch.Tensor:
     if isinstance(out, np.ndarray):
-        if out.dtype == numpy_dtype("bfloat16"):
+        if out.dtype.name == "bfloat16":  # ml_dtypes: cross as raw bits
             t = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
         else:
             t = torch.from_numpy(out)
@@ -136,11 +136,18 @@ def paged_attention(model: torch.nn.Module) -> Iterator[None]:
     if previous == ATTN_IMPLEMENTATION:
         yield
         return
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    _set_attn(model, ATTN_IMPLEMENTATION)
     try:
         yield
     finally:
-        model.set_attn_implementation(previous)
+        _set_attn(model, previous)
+
+
+def _set_attn(model: torch.nn.Module, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # transformers < 4.54: the attention functions read the config
+        model.config._attn_implementation = name
 
 
 def model_geometry(config: Any) -> dict[str, int]:
