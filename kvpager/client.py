@@ -242,14 +242,21 @@ class Client:
 
     def append(self, seq_ids: Any, num_tokens: Any = 1, token_ids: Any = None) -> list[np.ndarray]:
         """As `KVPool.append`: the new tokens' slot ids per sequence."""
+        flat = self._append(seq_ids, num_tokens, token_ids)
+        n = 1 if isinstance(seq_ids, (int, np.integer)) else len(seq_ids)
+        return decode_slots(flat, n, num_tokens)
+
+    def append_flat(self, seq_ids: Any, num_tokens: Any = 1, token_ids: Any = None) -> np.ndarray:
+        """As `KVPool.append_flat`: every sequence's new slots in one int64 array."""
+        return decode_slots(self._append(seq_ids, num_tokens, token_ids), 1, None)[0]
+
+    def _append(self, seq_ids: Any, num_tokens: Any, token_ids: Any) -> bytes:
         args: dict[str, Any] = {"seq_ids": seq_ids}
         if not (isinstance(num_tokens, int) and num_tokens == 1):
             args["num_tokens"] = num_tokens
         if token_ids is not None:
             args["token_ids"] = token_ids
-        flat = self._call("append", args)
-        n = 1 if isinstance(seq_ids, (int, np.integer)) else len(seq_ids)
-        return decode_slots(flat, n, num_tokens)
+        return self._call("append", args)
 
     def commit(self, seq_ids: Any, upto: Any = None) -> list[int]:
         args = {"seq_ids": seq_ids} if upto is None else {"seq_ids": seq_ids, "upto": upto}

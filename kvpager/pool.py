@@ -28,6 +28,8 @@ def _ids(seq_ids: int | Seq[int], what: str = "seq_ids") -> list[int]:
     if isinstance(seq_ids, (str, bytes)) or not hasattr(seq_ids, "__iter__"):
         raise InvalidArgument(f"{what} must be an int or a list of ints, got {type(seq_ids).__name__}")
     out = list(seq_ids)
+    if all(type(s) is int for s in out):  # the common case, checked at C speed
+        return out
     for s in out:
         if not isinstance(s, (int, np.integer)) or isinstance(s, bool):
             raise InvalidArgument(f"{what} must hold ints, got {s!r}")
@@ -41,6 +43,15 @@ def _per_seq(value: Any, n: int, what: str) -> list[Any]:
     out = list(value)
     if len(out) != n:
         raise InvalidArgument(f"{what} has {len(out)} entries for {n} sequences")
+    return out
+
+
+def _split(flat: np.ndarray, counts: list[int]) -> list[np.ndarray]:
+    """One view of ``flat`` per sequence."""
+    out, start = [], 0
+    for n in counts:
+        out.append(flat[start : start + n])
+        start += n
     return out
 
 
@@ -102,11 +113,24 @@ class KVPool:
         A shared, partly filled last block is copied first (copy-on-write)."""
         ids = _ids(seq_ids)
         counts = _per_seq(num_tokens, len(ids), "num_tokens")
-        tokens = [None] * len(ids) if token_ids is None else _per_seq(token_ids, len(ids), "token_ids")
-        slots, copies = self.manager.append(ids, counts, tokens)
+        flat = self.append_flat(ids, counts, token_ids)
+        return _split(flat, counts)
+
+    def append_flat(
+        self,
+        seq_ids: int | Seq[int],
+        num_tokens: int | Seq[int] = 1,
+        token_ids: Seq[Seq[int] | None] | None = None,
+    ) -> np.ndarray:
+        """As `append`, but every sequence's slots back to back in one int64 array."""
+        ids = _ids(seq_ids)
+        counts = _per_seq(num_tokens, len(ids), "num_tokens")
+        if token_ids is not None:
+            token_ids = _per_seq(token_ids, len(ids), "token_ids")
+        flat, copies = self.manager.append(ids, counts, token_ids)
         if copies:
             self.backend.copy_blocks(np.asarray(copies, dtype=np.int64))
-        return slots
+        return flat
 
     def commit(self, seq_ids: int | Seq[int], upto: int | None | Seq[int | None] = None) -> list[int]:
         """Declare K/V written for tokens ``[0, upto)`` (default: all), publishing

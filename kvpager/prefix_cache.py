@@ -45,17 +45,15 @@ def token_array(tokens: object, what: str = "tokens") -> np.ndarray:
     return arr.astype("<i8", copy=False)
 
 
-def chain_keys(parent: bytes, tokens: np.ndarray, block_size: int, start: int = 0, stop: int | None = None) -> list[bytes]:
-    """Keys of full blocks ``start .. stop-1`` of ``tokens`` (an int64 array that
-    starts at block 0), chained from ``parent`` (the key of block ``start-1``, or
-    the root key when ``start`` is 0)."""
-    full = len(tokens) // block_size
-    stop = full if stop is None else min(stop, full)
-    raw = tokens.tobytes()
+def chain_keys(parent: bytes, tokens: np.ndarray, block_size: int) -> list[bytes]:
+    """Keys of the full blocks of ``tokens`` (an int64 array starting at a block
+    boundary), chained from ``parent``: the key of the block before the first,
+    or the root key."""
+    raw = tokens.astype("<i8", copy=False).tobytes()
     step = block_size * 8
     keys = []
     blake = hashlib.blake2b
-    for i in range(start, stop):
+    for i in range(len(tokens) // block_size):
         parent = blake(parent + raw[i * step : (i + 1) * step], digest_size=KEY_BYTES).digest()
         keys.append(parent)
     return keys

@@ -327,12 +327,11 @@ def decode_allocations(raw: list[list[Any]]) -> list[Allocation]:
     return [Allocation(int(s), tuple(t.tolist()), int(c), slots) for s, t, c, slots in raw]
 
 
-def encode_slots(slots: list[np.ndarray]) -> bytes:
-    """append's result, the hot path: every sequence's slots back to back as raw
-    int64 little-endian bytes (msgpack bin). The client knows the counts."""
-    if len(slots) == 1:
-        return slots[0].astype("<i8", copy=False).tobytes()
-    return np.concatenate(slots).astype("<i8", copy=False).tobytes() if slots else b""
+def encode_slots(flat: np.ndarray) -> bytes:
+    """append's result, the hot path: every sequence's slots back to back
+    (`KVPool.append_flat`) as raw int64 little-endian bytes (msgpack bin).
+    The client knows the counts."""
+    return flat.astype("<i8", copy=False).tobytes()
 
 
 def decode_slots(raw: bytes, num_seqs: int, num_tokens: Any) -> list[np.ndarray]:

@@ -34,7 +34,7 @@ class Sequence:
     seq_id: int
     block_table: list[int]
     num_tokens: int
-    tokens: np.ndarray  # known token ids, a prefix of the sequence (int64)
+    tokens: list[int]  # known token ids, a prefix of the sequence
     root: bytes  # parent key of block 0 (from the salt)
     block_keys: list[bytes] = field(default_factory=list)  # keys of blocks 0..k-1
     num_committed: int = 0  # K/V written for tokens [0, num_committed)
@@ -45,6 +45,13 @@ class Sequence:
     @property
     def swapped(self) -> bool:
         return self.host_blocks is not None
+
+
+def _token_list(ids: object) -> list[int]:
+    """Token ids of an append as a list of ints (validated)."""
+    if type(ids) is list and (len(ids) == 1 and type(ids[0]) is int or all(type(t) is int for t in ids)):
+        return ids
+    return token_array(ids, "token_ids").tolist()
 
 
 class SequenceManager:
@@ -75,7 +82,11 @@ class SequenceManager:
     def _batch(self, seq_ids: Seq[int], op: str | None) -> list[Sequence]:
         if len(set(seq_ids)) != len(seq_ids):
             raise InvalidArgument(f"{op or 'operation'}: duplicate sequence ids in one batch")
-        return [self.get(s, op) for s in seq_ids]
+        get = self.seqs.get
+        seqs = [get(s) for s in seq_ids]
+        if None in seqs or (op is not None and any(s.host_blocks is not None for s in seqs)):
+            return [self.get(s, op) for s in seq_ids]  # raises the right error
+        return seqs
 
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -122,7 +133,7 @@ class SequenceManager:
             taken += k
             cached = len(hits) * bs
             seq = Sequence(
-                next(self._ids), table, len(tokens), tokens, root, keys,
+                next(self._ids), table, len(tokens), tokens.tolist(), root, keys,
                 num_committed=cached, num_published=len(hits), owner=owner,
             )
             self.seqs[seq.seq_id] = seq
@@ -133,60 +144,71 @@ class SequenceManager:
 
     # -- append (copy-on-write) ----------------------------------------------------------
     def append(
-        self, seq_ids: Seq[int], counts: Seq[int], token_ids: Seq[Seq[int] | None]
-    ) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+        self, seq_ids: Seq[int], counts: Seq[int], token_ids: Seq[Seq[int] | None] | None
+    ) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """Extend each sequence by ``counts[i]`` token slots.
 
-        Returns the slot ids (block * block_size + offset) per sequence and
-        the (src, dst) block copies to run before writing: a shared, partly
-        filled last block is copied first (copy-on-write)."""
+        Returns every new slot id (block * block_size + offset) in one flat
+        int64 array, sequence after sequence, and the (src, dst) block copies
+        to run before writing: a shared, partly filled last block is copied
+        first (copy-on-write). This is the decode hot path: plain Python per
+        sequence, one NumPy array per batch."""
         bs = self.block_size
         pool, ref = self.pool, self.pool.ref_cnt
         seqs = self._batch(seq_ids, "append")
         need = 0
         plans = []
         for i, (seq, n) in enumerate(zip(seqs, counts)):
-            if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+            if type(n) is not int and (not isinstance(n, (int, np.integer)) or isinstance(n, bool)) or n < 0:
                 raise InvalidArgument(f"append: count for sequence {seq.seq_id} must be an integer >= 0, got {n!r}")
-            ids = token_array(token_ids[i], "token_ids") if token_ids[i] is not None else None
-            if ids is not None and len(ids) != n:
-                raise InvalidArgument(
-                    f"append: sequence {seq.seq_id} got {len(ids)} token ids for {n} slots"
-                )
-            cow = bool(n) and seq.num_tokens % bs != 0 and ref[seq.block_table[-1]] > 1
-            grow = self._blocks_for(seq.num_tokens + n) - len(seq.block_table)
+            ids = None if token_ids is None else token_ids[i]
+            if ids is not None:
+                ids = _token_list(ids)
+                if len(ids) != n:
+                    raise InvalidArgument(f"append: sequence {seq.seq_id} got {len(ids)} token ids for {n} slots")
+            nt, table = seq.num_tokens, seq.block_table
+            cow = n > 0 and nt % bs != 0 and ref[table[-1]] > 1
+            grow = (nt + n + bs - 1) // bs - len(table)
             need += grow + cow
             plans.append((seq, int(n), ids, cow, grow))
-        available = pool.get_num_free_blocks()
+        available = len(pool.free_ids) + len(pool.evictable)
         if need > available:
             raise OutOfBlocks(need, available)
 
-        new_ids = iter(pool.get_new_blocks(need) if need else ())
+        new_ids = pool.get_new_blocks(need) if need else []
+        taken = 0
         copies: list[tuple[int, int]] = []
         released: list[int] = []
-        slots_out = []
+        flat: list[int] = []
+        published = self.cache.block_key
         for seq, n, ids, cow, grow in plans:
-            table = seq.block_table
-            if n and seq.num_tokens % bs:
+            table, nt = seq.block_table, seq.num_tokens
+            if n and nt % bs:
                 last = table[-1]
                 if cow:
-                    dst = next(new_ids)
+                    dst = new_ids[taken]
+                    taken += 1
                     copies.append((last, dst))
                     released.append(last)
                     table[-1] = dst
-                elif self.cache.is_published(last):
+                elif last in published:
                     # Exclusively ours but still matchable as a full block (after
                     # a truncate): un-publish before its K/V changes.
                     self.cache.unpublish(last)
-            table.extend(next(new_ids) for _ in range(grow))
-            pos = np.arange(seq.num_tokens, seq.num_tokens + n, dtype=np.int64)
-            slots_out.append(np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs)
-            if ids is not None and len(seq.tokens) == seq.num_tokens:
-                seq.tokens = np.concatenate([seq.tokens, ids])
-            seq.num_tokens += n
+            if grow:
+                table += new_ids[taken : taken + grow]
+                taken += grow
+            if n == 1:
+                flat.append(table[nt // bs] * bs + nt % bs)
+            else:
+                flat += [table[p // bs] * bs + p % bs for p in range(nt, nt + n)]
+            if ids is not None and len(seq.tokens) == nt:
+                seq.tokens += ids
+            seq.num_tokens = nt + n
         # Sources are released only now: no block freed here is reused in this batch.
-        pool.free_blocks(released)
-        return slots_out, copies
+        if released:
+            pool.free_blocks(released)
+        return np.array(flat, dtype=np.int64), copies
 
     # -- commit ---------------------------------------------------------------------
     def commit(self, seq_ids: Seq[int], upto: Seq[int | None]) -> list[int]:
@@ -209,7 +231,8 @@ class SequenceManager:
             start = len(seq.block_keys)
             if full > start:
                 parent = seq.block_keys[-1] if start else seq.root
-                seq.block_keys += chain_keys(parent, seq.tokens, bs, start, full)
+                segment = np.array(seq.tokens[start * bs : full * bs], dtype="<i8")
+                seq.block_keys += chain_keys(parent, segment, bs)
             count = 0
             for i in range(seq.num_published, full):
                 count += self.cache.publish(seq.block_table[i], seq.block_keys[i])
@@ -229,7 +252,7 @@ class SequenceManager:
             for _ in range(n):
                 self.pool.touch(p.block_table)
                 child = Sequence(
-                    next(self._ids), list(p.block_table), p.num_tokens, p.tokens, p.root,
+                    next(self._ids), list(p.block_table), p.num_tokens, list(p.tokens), p.root,
                     list(p.block_keys), p.num_committed, p.num_published, owner=p.owner,
                 )
                 self.seqs[child.seq_id] = child
@@ -264,7 +287,7 @@ class SequenceManager:
             del seq.block_table[keep:]
             self.pool.free_blocks(reversed(dropped))
             seq.num_tokens = int(n)
-            seq.tokens = seq.tokens[:n]
+            del seq.tokens[n:]
             seq.num_committed = min(seq.num_committed, n)
             del seq.block_keys[n // bs :]
             seq.num_published = min(seq.num_published, n // bs)

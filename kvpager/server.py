@@ -316,7 +316,7 @@ class Server:
 
     def _op_append(self, s: Session, a: dict[str, Any]) -> bytes:
         ids = self._owned(s, a["seq_ids"])
-        return protocol.encode_slots(self.pool.append(ids, a.get("num_tokens", 1), a.get("token_ids")))
+        return protocol.encode_slots(self.pool.append_flat(ids, a.get("num_tokens", 1), a.get("token_ids")))
 
     def _op_commit(self, s: Session, a: dict[str, Any]) -> list[int]:
         return self.pool.commit(self._owned(s, a["seq_ids"]), a.get("upto"))

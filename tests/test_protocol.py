@@ -135,7 +135,7 @@ def test_slots_round_trip(counts):
     n = 4
     per = counts if isinstance(counts, list) else [counts] * n
     slots = [np.arange(c, dtype=np.int64) + 100 * i for i, c in enumerate(per)]
-    flat = protocol.unpack(protocol.pack(protocol.encode_slots(slots)))
+    flat = protocol.unpack(protocol.pack(protocol.encode_slots(np.concatenate(slots))))
     assert isinstance(flat, bytes)
     back = protocol.decode_slots(flat, n, counts)
     assert len(back) == n and all(np.array_equal(a, b) for a, b in zip(slots, back))
