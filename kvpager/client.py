@@ -376,6 +376,11 @@ class Client:
         """The daemon's `KVPool.check_integrity`, plus: every sequence has an open session."""
         self._call("check", {})
 
+    def synchronize(self) -> None:
+        """As `KVPool.synchronize`: wait for this process's writes into the mapped
+        pool to land before a commit. On the CPU mapping they land when the
+        write returns, so there is nothing to wait for."""
+
     # -- helpers -----------------------------------------------------------------------------------
     def _pool(self) -> NumpyBackend:
         if self._mapped is None:
