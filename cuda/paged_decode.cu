@@ -287,33 +287,74 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode(
 }
 
 // merge_splits: out[row] = sum_s w_s * part_o[row, s] with w_s proportional to
-// 2^part_lse[row, s] (log-sum-exp merge; num_splits <= 1024).
-// Grid: x = row (item * num_q_heads + head); 128 threads stride over HEAD_DIM.
-extern "C" __global__ void __launch_bounds__(128) merge_splits(
+// 2^part_lse[row, s] (log-sum-exp merge; num_splits <= 1024). Used by both
+// decode kernels (this file's and paged_decode_tc.cu's).
+// Grid: x = row (item * num_q_heads + head); 256 threads: the weights are
+// computed in parallel, then each thread sums float4 columns of its share of
+// the splits (MERGE_THREADS / (HEAD_DIM / 4) split lanes, several loads in
+// flight each) and the lanes are added up through shared memory.
+#define MERGE_THREADS 256
+constexpr int MV = D / 4;                  // float4 columns per row
+constexpr int MSL = MERGE_THREADS / MV;    // split lanes
+
+__device__ __forceinline__ float block_reduce(float x, bool is_max, float* red) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        const float y = __shfl_xor_sync(0xffffffffu, x, off);
+        x = is_max ? fmaxf(x, y) : x + y;
+    }
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = x;
+    __syncthreads();
+    x = red[0];
+#pragma unroll
+    for (int w = 1; w < MERGE_THREADS / 32; ++w) x = is_max ? fmaxf(x, red[w]) : x + red[w];
+    __syncthreads();  // red is reused by the next call
+    return x;
+}
+
+extern "C" __global__ void __launch_bounds__(MERGE_THREADS) merge_splits(
     const float* __restrict__ part_o,    // [num_rows, num_splits, HEAD_DIM]
     const float* __restrict__ part_lse,  // [num_rows, num_splits]
     kv_t* __restrict__ out,              // [num_rows, HEAD_DIM]
     int num_splits)
 {
     const long long row = blockIdx.x;
+    const int tid = threadIdx.x;
     const float* lse = part_lse + row * num_splits;
     __shared__ float w[1024];
-    __shared__ float inv_total;
+    __shared__ float red[MERGE_THREADS / 32];
+    __shared__ float4 lanes[MSL][MV];
     float mx = NEG_INF;
-    for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, lse[s]);
-    for (int s = threadIdx.x; s < num_splits; s += blockDim.x)
-        w[s] = lse[s] == NEG_INF ? 0.f : exp2f(lse[s] - mx);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float t = 0.f;
-        for (int s = 0; s < num_splits; ++s) t += w[s];
-        inv_total = t > 0.f ? 1.f / t : 0.f;
+    for (int s = tid; s < num_splits; s += MERGE_THREADS) {
+        w[s] = lse[s];
+        mx = fmaxf(mx, w[s]);
+    }
+    mx = block_reduce(mx, true, red);
+    float t = 0.f;
+    for (int s = tid; s < num_splits; s += MERGE_THREADS) {
+        const float x = w[s] == NEG_INF ? 0.f : exp2f(w[s] - mx);
+        w[s] = x;
+        t += x;
+    }
+    t = block_reduce(t, false, red);  // its barriers also publish w
+    const float inv_total = t > 0.f ? 1.f / t : 0.f;
+    const int v = tid % MV, sl = tid / MV;
+    if (sl < MSL) {
+        const float4* po = reinterpret_cast<const float4*>(part_o + row * num_splits * D) + v;
+        float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+        for (int s = sl; s < num_splits; s += MSL) {
+            const float ws = w[s];
+            const float4 p = po[(long long)s * MV];
+            a.x += ws * p.x; a.y += ws * p.y; a.z += ws * p.z; a.w += ws * p.w;
+        }
+        lanes[sl][v] = a;
     }
     __syncthreads();
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    for (int d = tid; d < D; d += MERGE_THREADS) {
         float o = 0.f;
-        for (int s = 0; s < num_splits; ++s)
-            if (w[s] != 0.f) o += w[s] * part_o[(row * num_splits + s) * D + d];
+#pragma unroll
+        for (int l = 0; l < MSL; ++l) o += reinterpret_cast<const float*>(&lanes[l][0])[d];
         out[row * D + d] = from_float(o * inv_total);
     }
 }

@@ -3,19 +3,22 @@
 // (mma.sync m16n8k16, float32 accumulate).
 //
 // Query token j of sequence b sits at position seq_len - query_len + j and
-// sees K/V positions <= its own. A CTA owns one query tile of BM = 64 rows,
-// where row r is (query token j0 + r / GROUP, query head kv_head * GROUP +
-// r % GROUP): all heads of a GQA group share the tile, so each K/V tile is
-// loaded once for them. The 4 warps own 16 rows each and walk the sequence's
-// K/V in tiles of BN tokens, staged in shared memory by cp.async (16 bytes,
-// two stages, rows past the end zero-filled) and read with ldmatrix;
-// S = Q K^T and O += P V run on mma.sync with an online softmax (exp2) in
-// registers between them.
+// sees K/V positions <= its own. A CTA owns one query tile of BM = 64 * MT
+// rows, where row r is (query token j0 + r / GROUP, query head kv_head * GROUP
+// + r % GROUP): all heads of a GQA group share the tile, so each K/V tile is
+// loaded once for them. The 4 warps own 16 * MT rows each (MT m-tiles, so
+// every K/V fragment read from shared memory feeds MT MMAs) and walk the
+// sequence's K/V in tiles of BN tokens, staged in shared memory by cp.async
+// (16 bytes, STAGES deep, rows past the end zero-filled) and read with
+// ldmatrix; S = Q K^T and O += P V run on mma.sync with an online softmax
+// (exp2) in registers between them. Only the tiles that cross the diagonal
+// apply the causal mask.
 //
 // Grid: x = query tile (from the tiles list built by the planner), y = kv head.
-// Dynamic shared memory: (BM + 4 * BN) * (HEAD_DIM + 8) * 2 bytes (rows padded
-// by 16 bytes so ldmatrix rows fall in different banks).
+// Dynamic shared memory: (BM + 2 * STAGES * BN) * (HEAD_DIM + 8) * 2 bytes
+// (rows padded by 16 bytes so ldmatrix rows fall in different banks).
 #include "kvpager_common.cuh"
+#include "kvpager_mma.cuh"
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -26,55 +29,25 @@
 #ifndef GROUP
 #define GROUP 4
 #endif
+#ifndef MT
+#define MT (HEAD_DIM > 128 ? 1 : 2)  // m-tiles (16 rows) per warp
+#endif
+#ifndef STAGES
+#define STAGES (MT == 2 ? 3 : 2)
+#endif
 
 #if KV_DTYPE == 2
 #error "paged_prefill.cu is for float16 / bfloat16; float32 uses paged_decode.cu per query token"
 #endif
 
 constexpr int D = HEAD_DIM;
-constexpr int BM = 64;
-constexpr int BN = D > 128 ? 32 : 64;
+constexpr int BM = 64 * MT;
+constexpr int BN = (MT == 2 || D > 128) ? 32 : 64;
 constexpr int LD = D + 8;           // padded smem row, in elements
 constexpr int QT = BM / GROUP;      // query tokens per tile
 constexpr int NT = 128;
-
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-    unsigned long long a;
-    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
-    return (unsigned)a;
-}
-
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                 :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
-
-__device__ __forceinline__ void ldsm_x4(unsigned* r, const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldsm_x4_t(unsigned* r, const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
-}
-
-// c += a * b: a 16x16 (row), b 16x8 (col), c 16x8 float32.
-__device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-#if KV_DTYPE == 1
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
+constexpr int WR = 16 * MT;         // rows per warp
+static_assert(MT == 1 || D <= 128, "two m-tiles per warp only up to head dim 128 (registers)");
 
 extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
     const kv_t* __restrict__ q,             // [total_query_tokens, num_q_heads, HEAD_DIM]
@@ -89,11 +62,11 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
 {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     kv_t* Qs = reinterpret_cast<kv_t*>(smem_raw);   // [BM][LD]
-    kv_t* Ks = Qs + BM * LD;                          // [2][BN][LD]
-    kv_t* Vs = Ks + 2 * BN * LD;                      // [2][BN][LD]
+    kv_t* Ks = Qs + BM * LD;                          // [STAGES][BN][LD]
+    kv_t* Vs = Ks + STAGES * BN * LD;                 // [STAGES][BN][LD]
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int gid = lane >> 2, tig = lane & 3;
+    const int gid = lane >> 2, tig = lane & 3, mi = lane >> 3;
     const int b = tiles[2 * blockIdx.x], j0 = tiles[2 * blockIdx.x + 1];
     const int h = blockIdx.y;
     const int num_q_heads = num_kv_heads * GROUP;
@@ -103,6 +76,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
     const int last_tok = min(j0 + QT, qlen) - 1;
     const int kv_end = qpos0 + last_tok + 1;   // K/V positions this tile can see
     const int num_tiles = (kv_end + BN - 1) / BN;
+    const int first_pos = qpos0 + j0;          // smallest query position of the tile
 
     const int* table = block_tables + (long long)b * max_blocks;
     const long long block_stride = (long long)num_layers * 2 * num_kv_heads * BLOCK_SIZE * D;
@@ -121,6 +95,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
     auto load_kv = [&](int t, int stage) {
         kv_t* ks = Ks + stage * BN * LD;
         kv_t* vs = Vs + stage * BN * LD;
+#pragma unroll
         for (int c = tid; c < BN * CPR; c += NT) {
             const int r = c / CPR, col = (c % CPR) * 8;
             const int pos = t * BN + r;
@@ -131,108 +106,141 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
             cp_async16(vs + r * LD + col, pool + (ok ? row + v_off : 0), ok);
         }
     };
-    load_kv(0, 0);
-    cp_commit();
-
-    float o[D / 8][4];
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < num_tiles) load_kv(s, s);
+        cp_commit();  // the first group also holds the Q tile
+    }
 
-    // The query positions of this thread's two rows (-1: padding row, sees nothing).
-    const int r0 = warp * 16 + gid, r1 = r0 + 8;
-    const int tok0 = j0 + r0 / GROUP, tok1 = j0 + r1 / GROUP;
-    const int p0 = tok0 < qlen ? qpos0 + tok0 : -1;
-    const int p1 = tok1 < qlen ? qpos0 + tok1 : -1;
+    float o[MT][D / 8][4];
+    float m[MT][2], l[MT][2];
+    int p[MT][2];  // query position of this thread's rows (-1: padding row, sees nothing)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            m[mt][hf] = NEG_INF;
+            l[mt][hf] = 0.f;
+            const int tok = j0 + (warp * WR + mt * 16 + gid + 8 * hf) / GROUP;
+            p[mt][hf] = tok < qlen ? qpos0 + tok : -1;
+        }
+    }
 
+    int st = 0, ist = STAGES - 1;
     for (int t = 0; t < num_tiles; ++t) {
-        if (t + 1 < num_tiles) load_kv(t + 1, (t + 1) & 1);
+        if (t + STAGES - 1 < num_tiles) load_kv(t + STAGES - 1, ist);
         cp_commit();
-        cp_wait<1>();
+        cp_wait<STAGES - 1>();
         __syncthreads();
-        const kv_t* ks = Ks + (t & 1) * BN * LD;
-        const kv_t* vs = Vs + (t & 1) * BN * LD;
+        const kv_t* ks = Ks + st * BN * LD;
+        const kv_t* vs = Vs + st * BN * LD;
 
-        float s[BN / 8][4];
+        float s[MT][BN / 8][4];
 #pragma unroll
-        for (int n = 0; n < BN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            unsigned a[4];
-            ldsm_x4(a, Qs + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+            unsigned a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                ldsm_x4(a[mt], Qs + (warp * WR + mt * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
             for (int np = 0; np < BN / 16; ++np) {
                 unsigned bk[4];
-                const int mi = lane >> 3;
                 ldsm_x4(bk, ks + (np * 16 + (mi >> 1) * 8 + (lane & 7)) * LD + kk * 16 + (mi & 1) * 8);
-                mma16816(s[2 * np], a, bk[0], bk[1]);
-                mma16816(s[2 * np + 1], a, bk[2], bk[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816(s[mt][2 * np], a[mt], bk[0], bk[1]);
+                    mma16816(s[mt][2 * np + 1], a[mt], bk[2], bk[3]);
+                }
             }
         }
-        // Scale into the log2 domain, mask (causal and padding), row max.
-        float mx0 = m0, mx1 = m1;
+        // Causal and padding mask, only on tiles that reach past the tile's first query.
+        if ((t + 1) * BN - 1 > first_pos) {
 #pragma unroll
-        for (int n = 0; n < BN / 8; ++n) {
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int kp = t * BN + n * 8 + tig * 2 + e;
-                s[n][e] = kp <= p0 ? s[n][e] * scale_log2 : NEG_INF;
-                s[n][2 + e] = kp <= p1 ? s[n][2 + e] * scale_log2 : NEG_INF;
-                mx0 = fmaxf(mx0, s[n][e]);
-                mx1 = fmaxf(mx1, s[n][2 + e]);
+                for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int kp = t * BN + n * 8 + tig * 2 + e;
+                        if (kp > p[mt][0]) s[mt][n][e] = NEG_INF;
+                        if (kp > p[mt][1]) s[mt][n][2 + e] = NEG_INF;
+                    }
+        }
+        unsigned pa[MT][BN / 16][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            // Row max in raw score units (scale > 0 keeps the order).
+            float mx0 = m[mt][0], mx1 = m[mt][1];
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n) {
+                mx0 = fmaxf(mx0, fmaxf(s[mt][n][0], s[mt][n][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[mt][n][2], s[mt][n][3]));
             }
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float u0 = mx0 == NEG_INF ? 0.f : mx0, u1 = mx1 == NEG_INF ? 0.f : mx1;
-        const float c0 = exp2f(m0 - u0), c1 = exp2f(m1 - u1);
-        m0 = mx0; m1 = mx1;
-        l0 *= c0; l1 *= c1;
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            const float u0 = mx0 == NEG_INF ? 0.f : mx0 * scale_log2;
+            const float u1 = mx1 == NEG_INF ? 0.f : mx1 * scale_log2;
+            const float c0 = exp2f(m[mt][0] * scale_log2 - u0), c1 = exp2f(m[mt][1] * scale_log2 - u1);
+            m[mt][0] = mx0; m[mt][1] = mx1;
+            l[mt][0] *= c0; l[mt][1] *= c1;
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-            o[n][0] *= c0; o[n][1] *= c0; o[n][2] *= c1; o[n][3] *= c1;
-        }
-        // P = exp2(S - m), packed straight into A fragments for P V.
-        unsigned pa[BN / 16][4];
+            for (int n = 0; n < D / 8; ++n) {
+                o[mt][n][0] *= c0; o[mt][n][1] *= c0; o[mt][n][2] *= c1; o[mt][n][3] *= c1;
+            }
+            // P = exp2(S * scale - m * scale), packed straight into A fragments for P V.
 #pragma unroll
-        for (int n = 0; n < BN / 8; ++n) {
-            const float e0 = exp2f(s[n][0] - u0), e1 = exp2f(s[n][1] - u0);
-            const float e2 = exp2f(s[n][2] - u1), e3 = exp2f(s[n][3] - u1);
-            l0 += e0 + e1; l1 += e2 + e3;
-            pa[n >> 1][(n & 1) * 2 + 0] = pack2(e0, e1);
-            pa[n >> 1][(n & 1) * 2 + 1] = pack2(e2, e3);
+            for (int n = 0; n < BN / 8; ++n) {
+                const float e0 = exp2f(fmaf(s[mt][n][0], scale_log2, -u0));
+                const float e1 = exp2f(fmaf(s[mt][n][1], scale_log2, -u0));
+                const float e2 = exp2f(fmaf(s[mt][n][2], scale_log2, -u1));
+                const float e3 = exp2f(fmaf(s[mt][n][3], scale_log2, -u1));
+                l[mt][0] += e0 + e1; l[mt][1] += e2 + e3;
+                pa[mt][n >> 1][(n & 1) * 2 + 0] = pack2(e0, e1);
+                pa[mt][n >> 1][(n & 1) * 2 + 1] = pack2(e2, e3);
+            }
         }
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
 #pragma unroll
             for (int np = 0; np < D / 16; ++np) {
                 unsigned bv[4];
-                const int mi = lane >> 3;
                 ldsm_x4_t(bv, vs + (kk * 16 + (mi & 1) * 8 + (lane & 7)) * LD + np * 16 + (mi >> 1) * 8);
-                mma16816(o[2 * np], pa[kk], bv[0], bv[1]);
-                mma16816(o[2 * np + 1], pa[kk], bv[2], bv[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816(o[mt][2 * np], pa[mt][kk], bv[0], bv[1]);
+                    mma16816(o[mt][2 * np + 1], pa[mt][kk], bv[2], bv[3]);
+                }
             }
         }
-        __syncthreads();  // this stage is refilled next iteration
+        __syncthreads();  // this stage is refilled STAGES - 1 iterations later
+        st = st + 1 == STAGES ? 0 : st + 1;
+        ist = ist + 1 == STAGES ? 0 : ist + 1;
     }
+    cp_wait<0>();
 
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    if (p0 >= 0) {
-        unsigned* dst = reinterpret_cast<unsigned*>(
-            out + ((qrow0 + tok0) * num_q_heads + h * GROUP + r0 % GROUP) * D);
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) dst[n * 4 + tig] = pack2(o[n][0] * inv0, o[n][1] * inv0);
-    }
-    if (p1 >= 0) {
-        unsigned* dst = reinterpret_cast<unsigned*>(
-            out + ((qrow0 + tok1) * num_q_heads + h * GROUP + r1 % GROUP) * D);
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) dst[n * 4 + tig] = pack2(o[n][2] * inv1, o[n][3] * inv1);
+        for (int hf = 0; hf < 2; ++hf) {
+            float lt = l[mt][hf];
+            lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+            lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+            const float inv = lt > 0.f ? 1.f / lt : 0.f;
+            if (p[mt][hf] < 0) continue;
+            const int r = warp * WR + mt * 16 + gid + 8 * hf;
+            unsigned* dst = reinterpret_cast<unsigned*>(
+                out + ((qrow0 + j0 + r / GROUP) * num_q_heads + h * GROUP + r % GROUP) * D);
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n)
+                dst[n * 4 + tig] = pack2(o[mt][n][2 * hf] * inv, o[mt][n][2 * hf + 1] * inv);
+        }
     }
 }

@@ -29,8 +29,17 @@ GROUP_SIZES = (1, 2, 4, 8, 16)
 NVRTC_OPTIONS = ("-std=c++17", "--use_fast_math")
 #: K/V rows per lane group per decode iteration (paged_decode.cu's CH); benchmarks sweep it
 DECODE_ROWS = 4
+#: float16 / bfloat16 decode on tensor cores (paged_decode_tc.cu); False: the CUDA-core kernel
+DECODE_TC = True
+#: cp.async stages per warp in paged_decode_tc.cu; None: as many as fit about 110 KiB per CTA
+DECODE_STAGES: int | None = None
+#: query rows per warp in paged_prefill.cu, in 16-row m-tiles (2 up to head dim 128)
+PREFILL_MT: int | None = None
 #: 16-byte vectors in flight per thread in copy_blocks (block_copy.cu's UNROLL)
 COPY_UNROLL = 16
+#: copy_blocks CTAs per SM (a persistent grid walking all the chunks); 0: one CTA per chunk
+#: (measured the same or faster on an H200: see docs/gpu-notes.md)
+COPY_CTAS_PER_SM = 0
 
 _HEADER = re.compile(r'^#include "([\w.]+)"\s*$', re.M)
 _lock = threading.Lock()
@@ -68,6 +77,23 @@ def get_kernel(file: str, func: str, defines: dict[str, int], device: int) -> An
                 mod = cupy.RawModule(code=source(file), options=opts)
             _modules[key] = mod
     return mod.get_function(func)
+
+
+_attrs: dict[int, dict] = {}
+
+
+def device_attributes(device: int) -> dict:
+    """The device's attributes (cached: querying them all is slow)."""
+    a = _attrs.get(device)
+    if a is None:
+        import cupy
+
+        a = _attrs[device] = dict(cupy.cuda.Device(device).attributes)
+    return a
+
+
+def num_sms(device: int) -> int:
+    return int(device_attributes(device)["MultiProcessorCount"])
 
 
 def check_geometry(dtype: str, head_dim: int, block_size: int) -> None:
@@ -173,8 +199,10 @@ def launch_copy(pool: Any, pairs: Any, block_bytes: int, device: int) -> None:
     """The copy_blocks launch alone; ``pairs`` already checked and on the GPU."""
     block_vecs = block_bytes // 16
     fn = get_kernel("block_copy.cu", "copy_blocks", {"UNROLL": COPY_UNROLL}, device)
-    grid = (min(-(-block_vecs // (256 * COPY_UNROLL)), 1024), min(len(pairs), 65535))
-    fn(grid, (256,), (pool, pool, pairs, np.int32(len(pairs)), np.int64(block_vecs)))
+    items = len(pairs) * -(-block_vecs // (256 * COPY_UNROLL))
+    if COPY_CTAS_PER_SM:
+        items = min(items, num_sms(device) * COPY_CTAS_PER_SM)
+    fn((min(items, 2**31 - 1),), (256,), (pool, pool, pairs, np.int32(len(pairs)), np.int64(block_vecs)))
 
 
 def swap(src_ptr: int, dst_ptr: int, spec: Any, pairs: Any, src_blocks: int, dst_blocks: int,
@@ -207,12 +235,46 @@ def decode_subgroup(dtype: str, head_dim: int, group: int) -> int:
     return min(group, max(1, 32 // per_head))
 
 
-def plan_splits(base_ctas: int, max_len: int, num_sms: int) -> int:
-    """Split-K count for decode: enough CTAs for about eight per SM (a few waves,
-    so the last one is short), each split at least 512 tokens long (shorter
-    splits cost more in partial writes and the merge launch than they gain)."""
-    want = -(-num_sms * 8 // max(base_ctas, 1))
-    return int(max(1, min(want, max_len // 512, 1024)))
+def plan_splits(base_ctas: int, max_len: int, num_sms: int, resident: int = 0) -> int:
+    """Split-K count for decode, each split at least 512 tokens long (shorter
+    splits cost more in partial writes and the merge launch than they gain).
+
+    With ``resident`` (CTAs that fit on one SM at once) known: at least four
+    waves of CTAs, choosing among up to twice that many splits the count whose
+    last wave is fullest. Without it: about eight CTAs per SM."""
+    hi = int(max(1, min(max_len // 512, 1024)))
+    base = max(base_ctas, 1)
+    if resident <= 0:
+        return int(min(max(1, -(-num_sms * 8 // base)), hi))
+    slots = num_sms * resident
+    lo = min(max(1, -(-4 * slots // base)), hi)
+    best, best_fill = lo, 0.0
+    for s in range(lo, min(2 * lo, hi) + 1):
+        waves = base * s / slots
+        fill = waves / math.ceil(waves)
+        if fill > best_fill + 0.02:
+            best, best_fill = s, fill
+    return int(best)
+
+
+def decode_stages(head_dim: int, itemsize: int) -> int:
+    """cp.async stages per warp for paged_decode_tc.cu: as many as fit in about
+    110 KiB of shared memory per CTA (two CTAs per SM), 2 to 4."""
+    if DECODE_STAGES:
+        return int(DECODE_STAGES)
+    per_stage = 4 * 2 * 16 * (head_dim + 8) * itemsize
+    return int(max(2, min(4, 110 * 1024 // per_stage)))
+
+
+def resident_ctas(fn: Any, threads: int, smem: int, device: int) -> int:
+    """CTAs of ``fn`` that fit on one SM at once (registers, shared memory, threads)."""
+    attrs = device_attributes(device)
+    regs = getattr(fn, "num_regs", 0) or 128
+    static = getattr(fn, "shared_size_bytes", 0) or 0
+    by_regs = attrs.get("MaxRegistersPerMultiprocessor", 65536) // (threads * (-(-regs // 8) * 8))
+    by_smem = attrs.get("MaxSharedMemoryPerMultiprocessor", 233472) // (smem + static + 1024)
+    by_threads = attrs.get("MaxThreadsPerMultiProcessor", 2048) // threads
+    return int(max(1, min(by_regs, by_smem, by_threads)))
 
 
 class AttentionPlan:
@@ -254,9 +316,24 @@ class AttentionPlan:
                 j = np.arange(total, dtype=np.int32) - np.repeat(starts, query_lens).astype(np.int32)
                 item_len = (np.repeat(seq_lens - query_lens, query_lens) + j + 1).astype(np.int32)
                 gs = decode_subgroup(spec.dtype, spec.head_dim, group)
-                self.grid = (total * spec.num_kv_heads * (group // gs),)
-                self.splits = num_splits or plan_splits(self.grid[0], int(item_len.max()), num_sms)
-                self.fn = get_kernel("paged_decode.cu", "paged_decode", {**base, "SUBGROUP": gs, "CH": DECODE_ROWS}, device)
+                self.tc = DECODE_TC and spec.dtype != "float32"
+                self.smem = 0
+                if self.tc:
+                    stages = decode_stages(spec.head_dim, spec.itemsize)
+                    self.fn = get_kernel("paged_decode_tc.cu", "paged_decode_tc",
+                                         {**base, "GROUP": group, "STAGES": stages}, device)
+                    self.smem = 4 * stages * 2 * 16 * (spec.head_dim + 8) * spec.itemsize
+                    if self.fn.max_dynamic_shared_size_bytes < self.smem:
+                        self.fn.max_dynamic_shared_size_bytes = self.smem
+                    self.grid = (total * spec.num_kv_heads,)
+                    resident = resident_ctas(self.fn, 128, self.smem, device)
+                else:
+                    self.fn = get_kernel("paged_decode.cu", "paged_decode",
+                                         {**base, "SUBGROUP": gs, "CH": DECODE_ROWS}, device)
+                    self.grid = (total * spec.num_kv_heads * (group // gs),)
+                    resident = 0
+                self.splits = num_splits or plan_splits(self.grid[0], int(item_len.max()), num_sms,
+                                                        resident)
                 self.merge = get_kernel("paged_decode.cu", "merge_splits",
                                         {**base, "SUBGROUP": gs, "CH": DECODE_ROWS},
                                         device)
@@ -268,7 +345,8 @@ class AttentionPlan:
                 else:
                     self.part_o = self.part_lse = cupy.empty(1, dtype=cupy.float32)
             else:
-                qt = 64 // group
+                mt = PREFILL_MT or (2 if spec.head_dim <= 128 else 1)
+                qt = 64 * mt // group
                 counts = -(-query_lens // qt)
                 seq = np.repeat(np.arange(nseq, dtype=np.int32), counts)
                 first = np.cumsum(counts) - counts
@@ -279,10 +357,11 @@ class AttentionPlan:
                 self.tiles = cupy.asarray(np.ascontiguousarray(tiles))
                 self.seq_lens, self.query_lens = cupy.asarray(seq_lens), cupy.asarray(query_lens)
                 self.q_start = cupy.asarray((np.cumsum(query_lens) - query_lens).astype(np.int32))
-                self.fn = get_kernel("paged_prefill.cu", "paged_prefill", {**base, "GROUP": group},
-                                     device)
-                bn = 32 if spec.head_dim > 128 else 64
-                self.smem = (64 + 4 * bn) * (spec.head_dim + 8) * 2
+                self.fn = get_kernel("paged_prefill.cu", "paged_prefill",
+                                     {**base, "GROUP": group, "MT": mt}, device)
+                bn = 32 if mt == 2 or spec.head_dim > 128 else 64
+                stages = 3 if mt == 2 else 2
+                self.smem = (64 * mt + 2 * stages * bn) * (spec.head_dim + 8) * 2
                 if self.fn.max_dynamic_shared_size_bytes < self.smem:
                     self.fn.max_dynamic_shared_size_bytes = self.smem
                 self.grid = (len(tiles), spec.num_kv_heads)
@@ -304,12 +383,19 @@ class AttentionPlan:
             return out
         common = (np.int32(layer), np.int32(spec.num_layers), np.int32(spec.num_kv_heads))
         width = np.int32(self.tables.shape[1])
-        if self.decode:
+        if self.decode and self.tc:
+            self.fn((self.grid[0], self.splits), (128,), (
+                q, pool, self.tables, self.item_seq, self.item_len, out, self.part_o, self.part_lse,
+                *common, width, np.int32(self.splits), self.scale_log2), shared_mem=self.smem)
+            if self.splits > 1:
+                self.merge((self.total * self.num_q_heads,), (256,),
+                           (self.part_o, self.part_lse, out, np.int32(self.splits)))
+        elif self.decode:
             self.fn((self.grid[0], self.splits), (128,), (
                 q, pool, self.tables, self.item_seq, self.item_len, out, self.part_o, self.part_lse,
                 *common, np.int32(self.group), width, np.int32(self.splits), self.scale_log2))
             if self.splits > 1:
-                self.merge((self.total * self.num_q_heads,), (128,),
+                self.merge((self.total * self.num_q_heads,), (256,),
                            (self.part_o, self.part_lse, out, np.int32(self.splits)))
         else:
             self.fn(self.grid, (128,), (

@@ -2,7 +2,7 @@
 
 Each file is built with its default specialisation (the #ifndef defaults in
 the source: bfloat16, head dim 128, block size 16, group 4) plus, for the
-attention kernels, the other dtypes, so a broken kernel fails CI."""
+attention kernels, other dtypes and shapes, so a broken kernel fails CI."""
 
 from __future__ import annotations
 
@@ -22,7 +22,10 @@ NVCC = shutil.which("nvcc")
 ARCHES = ["sm_80", "sm_90", *env.cuda_arch_list()]
 EXTRA = {
     "paged_decode.cu": [["-DKV_DTYPE=0"], ["-DKV_DTYPE=2", "-DSUBGROUP=8"]],
-    "paged_prefill.cu": [["-DKV_DTYPE=0", "-DHEAD_DIM=96", "-DGROUP=1"]],
+    "paged_decode_tc.cu": [["-DKV_DTYPE=0", "-DHEAD_DIM=96", "-DGROUP=16", "-DBLOCK_SIZE=8",
+                            "-DSTAGES=4"], ["-DHEAD_DIM=256", "-DGROUP=1", "-DSTAGES=2"]],
+    "paged_prefill.cu": [["-DKV_DTYPE=0", "-DHEAD_DIM=96", "-DGROUP=1"],
+                         ["-DHEAD_DIM=256", "-DGROUP=16", "-DBLOCK_SIZE=8"], ["-DMT=1"]],
 }
 
 
@@ -47,8 +50,8 @@ def _build(job: tuple[str, str, list[str]], out_dir: str) -> tuple[tuple, int, s
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 def test_every_kernel_file_compiles():
     jobs = _jobs()
-    assert {j[0] for j in jobs} >= {"paged_decode.cu", "paged_prefill.cu", "kv_write.cu",
-                                    "block_copy.cu", "swap.cu"}
+    assert {j[0] for j in jobs} >= {"paged_decode.cu", "paged_decode_tc.cu", "paged_prefill.cu",
+                                    "kv_write.cu", "block_copy.cu", "swap.cu"}
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(os.cpu_count() or 2) as ex:
         results = list(ex.map(lambda j: _build(j, tmp), jobs))
     failed = [f"{job}: {log}" for job, rc, log in results if rc != 0 or "warning" in log]

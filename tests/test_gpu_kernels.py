@@ -136,6 +136,51 @@ def test_multi_token_matches_reference(dtype, d, bs, group):
     gpu.close()
 
 
+@pytest.mark.parametrize("knobs,splits", [
+    ({"DECODE_TC": False}, None),  # the CUDA-core kernel for 16-bit pools
+    ({"DECODE_STAGES": 2}, 3),
+    ({"DECODE_STAGES": 4}, 40),    # more splits than the merge has split lanes
+])
+def test_decode_variants_match_reference(monkeypatch, knobs, splits):
+    from kvpager import kernels
+
+    for k, v in knobs.items():
+        monkeypatch.setattr(kernels, k, v)
+    dtype, d, bs, group = "bfloat16", 128, 16, 8
+    rng = np.random.default_rng(seed(knobs, splits))
+    seq_lens = np.array([1, 17, 640, 2500], dtype=np.int32)
+    spec = geometry(dtype, d, bs, int((-(-seq_lens // bs)).sum() * bs))
+    gpu, cpu = make_pair(spec, rng)
+    tables = random_tables(rng, spec, seq_lens)
+    q = rng.standard_normal((len(seq_lens), 2 * group, d), dtype=np.float32).astype(spec.np_dtype)
+    qlens = np.ones(len(seq_lens), dtype=np.int32)
+    ref = paged_attention(cpu.kv, 1, q, tables, seq_lens, qlens, d**-0.5)
+    out = to_dev(np.full(q.shape, np.nan, dtype=spec.np_dtype), gpu)
+    gpu.attend(1, to_dev(q, gpu), tables, seq_lens, qlens, d**-0.5, out=out, num_splits=splits)
+    assert rel_err(to_host(out, spec), ref) < TOL[dtype]
+    gpu.close()
+
+
+@pytest.mark.parametrize("dtype,d,bs,group", [("float16", 128, 16, 4), ("bfloat16", 64, 8, 16)])
+def test_multi_token_one_mtile_per_warp(monkeypatch, dtype, d, bs, group):
+    from kvpager import kernels
+
+    monkeypatch.setattr(kernels, "PREFILL_MT", 1)
+    rng = np.random.default_rng(seed(dtype, d, bs, group, "mt1"))
+    seq_lens = np.array([300, 77, 129], dtype=np.int32)
+    qlens = np.array([70, 77, 1], dtype=np.int32)
+    spec = geometry(dtype, d, bs, int((-(-seq_lens // bs)).sum() * bs))
+    gpu, cpu = make_pair(spec, rng)
+    tables = random_tables(rng, spec, seq_lens)
+    q = rng.standard_normal((int(qlens.sum()), spec.num_kv_heads * group, d),
+                            dtype=np.float32).astype(spec.np_dtype)
+    ref = paged_attention(cpu.kv, 0, q, tables, seq_lens, qlens, d**-0.5)
+    out = to_dev(np.full(q.shape, np.nan, dtype=spec.np_dtype), gpu)
+    gpu.attend(0, to_dev(q, gpu), tables, seq_lens, qlens, d**-0.5, out=out)
+    assert rel_err(to_host(out, spec), ref) < TOL[dtype]
+    gpu.close()
+
+
 @pytest.mark.parametrize("dtype,d,bs", [(t, d, bs) for (t, d, bs, _) in GRID[::2]])
 def test_write_matches_reference(dtype, d, bs):
     rng = np.random.default_rng(seed(dtype, d, bs, "w"))
@@ -151,6 +196,24 @@ def test_write_matches_reference(dtype, d, bs):
     v = rng.standard_normal(shape, dtype=np.float32).astype(spec.np_dtype)
     cpu.write(2, slots, k, v)
     gpu.write(2, slots, to_dev(k, gpu), to_dev(v, gpu))
+    assert same_bits(to_host(gpu.kv, spec), cpu.kv)
+    gpu.close()
+
+
+@pytest.mark.parametrize("unroll,ctas", [(16, 0), (4, 1), (8, 2)])
+def test_copy_launch_shapes_match_reference(monkeypatch, unroll, ctas):
+    from kvpager import kernels
+
+    monkeypatch.setattr(kernels, "COPY_UNROLL", unroll)
+    monkeypatch.setattr(kernels, "COPY_CTAS_PER_SM", ctas)
+    rng = np.random.default_rng(unroll + ctas)
+    spec = PoolSpec(num_layers=3, num_kv_heads=2, head_dim=128, num_blocks=64, block_size=16,
+                    dtype="bfloat16", num_host_blocks=4)  # 3 x 1024 vectors a block: partial chunks
+    gpu, cpu = make_pair(spec, rng)
+    ids = rng.permutation(np.arange(1, 64))
+    pairs = np.stack([ids[:30], ids[30:60]], axis=1).astype(np.int64)
+    cpu.copy_blocks(pairs)
+    gpu.copy_blocks(pairs)
     assert same_bits(to_host(gpu.kv, spec), cpu.kv)
     gpu.close()
 

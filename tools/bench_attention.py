@@ -6,6 +6,7 @@ bf16, 32 query heads over 8 kv heads, head dim 128, block size 16, block
 tables shuffled. Each case first checks the kernel's output against SDPA's
 (relative error), then times both with CUDA events on one stream (median of
 many calls, queued behind a GPU sleep so launch overhead stays out).
+--sweep adds variants (knobs of kvpager.kernels) timed on the same data.
 Decode moves the K/V once: bytes = sum(seq_len) * kv_heads * head_dim * 2 (K, V) * 2 bytes;
 multi-token counts 4 * head_dim * q_heads FLOPs per (query, visible key) pair.
 """
@@ -28,6 +29,7 @@ from kvpager.spec import PoolSpec
 HQ, HKV, D, BS = 32, 8, 128, 16
 DECODE_CASES = [(64, 4096), (16, 16384), (1, 131072), (256, 1024), (64, 256)]
 DATASHEET_TBS = {"H100": 3.35, "H200": 4.8}
+SMS = 132  # set from the device in main()
 
 
 def tview(a: cupy.ndarray) -> torch.Tensor:
@@ -78,32 +80,50 @@ def card() -> tuple[str, float | None]:
     return name, peak
 
 
-def bench_decode(batch: int, ctx: int, peak: float | None) -> dict:
+def with_knobs(knobs: dict, fn):
+    """Run fn() with kernels.<name> = value for each knob, restoring them after."""
+    saved = {k: getattr(kernels, k) for k in knobs}
+    try:
+        for k, v in knobs.items():
+            setattr(kernels, k, v)
+        return fn()
+    finally:
+        for k, v in saved.items():
+            setattr(kernels, k, v)
+
+
+def bench_decode(batch: int, ctx: int, peak: float | None,
+                 variants: list[tuple[str, dict, int | None]] | None = None) -> list[dict]:
+    """Decode of `batch` x `ctx` for each variant (label, kernels knobs, num_splits), one SDPA baseline."""
     spec, be, tables, q_cp, kv = setup(batch, ctx, 1)
     scale = D**-0.5
-    plan = be.plan_attention(tables, np.full(batch, ctx, np.int32), np.ones(batch, np.int32), HQ, scale)
-    out = cupy.empty_like(q_cp)
     q4 = tview(q_cp).unsqueeze(2)  # [B, HQ, 1, D]
     ref = F.scaled_dot_product_attention(q4, kv[0], kv[1], scale=scale, enable_gqa=True)
-    plan.run(be.kv, 0, q_cp, out)
-    err = rel_err(tview(out), ref.squeeze(2))
-    assert err < 1e-2, f"decode {batch}x{ctx}: relative error {err}"
-    ours = median_ms(lambda: plan.run(be.kv, 0, q_cp, out))
     base = median_ms(lambda: F.scaled_dot_product_attention(q4, kv[0], kv[1], scale=scale, enable_gqa=True))
     nbytes = batch * ctx * HKV * D * 2 * 2
+    rows = []
+    for label, knobs, splits in variants or [("", {}, None)]:
+        plan = with_knobs(knobs, lambda splits=splits: be.plan_attention(
+            tables, np.full(batch, ctx, np.int32), np.ones(batch, np.int32), HQ, scale, splits))
+        out = cupy.empty_like(q_cp)
+        out[...] = cupy.nan if out.dtype != cupy.uint16 else 0x7FC0
+        plan.run(be.kv, 0, q_cp, out)
+        err = rel_err(tview(out), ref.squeeze(2))
+        assert err < 1e-2, f"decode {batch}x{ctx} {label}: relative error {err}"
+        ours = median_ms(lambda plan=plan, out=out: plan.run(be.kv, 0, q_cp, out))
+        case = f"decode {batch}x{ctx}" + (f" ({label})" if label else "")
+        rows.append(dict(case=case, splits=plan.splits, rel_err=err, ms=ours, tbs=nbytes / ours / 1e9,
+                         pct_peak=(nbytes / ours / 1e9 / peak * 100) if peak else None,
+                         sdpa_ms=base, sdpa_tbs=nbytes / base / 1e9, ratio=base / ours))
     be.close()
-    return dict(case=f"decode {batch}x{ctx}", splits=plan.splits, rel_err=err, ms=ours,
-                tbs=nbytes / ours / 1e9, pct_peak=(nbytes / ours / 1e9 / peak * 100) if peak else None,
-                sdpa_ms=base, sdpa_tbs=nbytes / base / 1e9, ratio=base / ours)
+    return rows
 
 
-def bench_prefill(batch: int = 8, new: int = 1024, cached: int = 4096) -> dict:
+def bench_prefill(batch: int = 8, new: int = 1024, cached: int = 4096,
+                  variants: list[tuple[str, dict]] | None = None) -> list[dict]:
     ctx = cached + new
     spec, be, tables, q_cp, kv = setup(batch, ctx, new)
     scale = D**-0.5
-    plan = be.plan_attention(tables, np.full(batch, ctx, np.int32), np.full(batch, new, np.int32),
-                             HQ, scale)
-    out = cupy.empty_like(q_cp)
     q4 = tview(q_cp).view(batch, new, HQ, D).transpose(1, 2)
     from torch.nn.attention.bias import causal_lower_right
 
@@ -122,39 +142,53 @@ def bench_prefill(batch: int = 8, new: int = 1024, cached: int = 4096) -> dict:
             return F.scaled_dot_product_attention(q4, k_rep, v_rep, attn_mask=mask, scale=scale)
 
         ref = sdpa()
-    plan.run(be.kv, 0, q_cp, out)
-    err = rel_err(tview(out), ref.transpose(1, 2).reshape(batch * new, HQ, D))
-    assert err < 1e-2, f"prefill: relative error {err}"
-    ours = median_ms(lambda: plan.run(be.kv, 0, q_cp, out), iters=20)
     base = median_ms(sdpa, iters=20)
     pairs = batch * (new * cached + new * (new + 1) // 2)
     flops = 4 * D * HQ * pairs
+    rows = []
+    for label, knobs in variants or [("", {})]:
+        plan = with_knobs(knobs, lambda: be.plan_attention(
+            tables, np.full(batch, ctx, np.int32), np.full(batch, new, np.int32), HQ, scale))
+        out = cupy.empty_like(q_cp)
+        out[...] = cupy.nan if out.dtype != cupy.uint16 else 0x7FC0
+        plan.run(be.kv, 0, q_cp, out)
+        err = rel_err(tview(out), ref.transpose(1, 2).reshape(batch * new, HQ, D))
+        assert err < 1e-2, f"prefill {label}: relative error {err}"
+        ours = median_ms(lambda plan=plan, out=out: plan.run(be.kv, 0, q_cp, out), iters=20)
+        case = f"prefill {batch}x{new} on {cached}" + (f" ({label})" if label else "")
+        rows.append(dict(case=case, rel_err=err, ms=ours, tflops=flops / ours / 1e9,
+                         sdpa_ms=base, sdpa_tflops=flops / base / 1e9, ratio=base / ours))
     be.close()
-    return dict(case=f"prefill {batch}x{new} on {cached}", rel_err=err, ms=ours, tflops=flops / ours / 1e9,
-                sdpa_ms=base, sdpa_tflops=flops / base / 1e9, ratio=base / ours)
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    ap.add_argument("--sweep", action="store_true", help="also time decode with 2 and 8 rows per lane")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time the CUDA-core decode kernel, other stage and split counts, "
+                         "and one m-tile per warp in the multi-token kernel")
     args = ap.parse_args()
     name, peak = card()
+    global SMS
+    SMS = torch.cuda.get_device_properties(0).multi_processor_count
     stream = torch.cuda.Stream()
     rows = []
     with torch.cuda.stream(stream), cupy.cuda.ExternalStream(stream.cuda_stream):
         for batch, ctx in DECODE_CASES:
-            rows.append(bench_decode(batch, ctx, peak))
+            variants = [("", {}, None)]
+            if args.sweep:
+                variants.append(("CUDA cores", {"DECODE_TC": False}, None))
+                if batch in (64, 1) and ctx >= 4096:
+                    variants += [(f"{st} stages", {"DECODE_STAGES": st}, None) for st in (2, 4)]
+                eight = kernels.plan_splits(batch * HKV, ctx, SMS, 0)  # the old 8-per-SM rule
+                if eight != kernels.plan_splits(batch * HKV, ctx, SMS, 2):
+                    variants.append((f"{eight} splits", {}, eight))
+            rows += bench_decode(batch, ctx, peak, variants)
             torch.cuda.empty_cache()
             cupy.get_default_memory_pool().free_all_blocks()
-        if args.sweep:
-            for ch in (2, 8):
-                kernels.DECODE_ROWS = ch
-                for batch, ctx in DECODE_CASES:
-                    r = bench_decode(batch, ctx, peak)
-                    rows.append({**r, "case": f"{r['case']} (rows {ch})"})
-            kernels.DECODE_ROWS = 4
-        rows.append(bench_prefill())
+        pf = [("", {})] + ([("1 m-tile per warp", {"PREFILL_MT": 1})] if args.sweep else [])
+        rows += bench_prefill(variants=pf)
     date = datetime.date.today().isoformat()
     if args.json:
         print(json.dumps(dict(card=name, date=date, rows=rows), indent=1))

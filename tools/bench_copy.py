@@ -4,8 +4,10 @@ against one device-to-device cudaMemcpy of the same bytes.
     PYTHONPATH=. python tools/bench_copy.py [--json]
 
 Checks every destination against its source (bitwise) first, then times both
-with CUDA events (median of 20 after warm-up). Bytes moved = read + write:
-2 * pairs * bytes_per_block. "kernel" times the launch with the pairs already
+with CUDA events (median of 20 after warm-up, the calls queued behind a GPU
+spin so that host-side launch overhead stays out). Bytes moved = read + write:
+2 * pairs * bytes_per_block. --sweep adds other launch shapes (vectors in
+flight per thread, CTAs per SM) on the same data. "kernel" times the launch with the pairs already
 on the GPU; "call" is wall-clock time of CupyBackend.copy_blocks (validation,
 upload and launch, then a synchronize).
 """
@@ -32,21 +34,31 @@ GEOMETRIES = {
 }
 
 
+_SPIN = cupy.RawKernel(r"""
+extern "C" __global__ void spin(long long cycles) {
+    const long long t0 = clock64();
+    while (clock64() - t0 < cycles) {}
+}""", "spin")
+
+
 def median_ms(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Median per-call GPU time; the calls are queued behind a ~10 ms GPU spin,
+    so host-side launch overhead stays out of the figures."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(iters):
-        a, b = cupy.cuda.Event(), cupy.cuda.Event()
-        a.record()
+    cupy.cuda.get_current_stream().synchronize()
+    ev = [cupy.cuda.Event() for _ in range(iters + 1)]
+    _SPIN((1,), (1,), (np.int64(20_000_000),))
+    ev[0].record()
+    for i in range(iters):
         fn()
-        b.record()
-        b.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(a, b))
-    return float(np.median(times))
+        ev[i + 1].record()
+    ev[-1].synchronize()
+    return float(np.median([cupy.cuda.get_elapsed_time(ev[i], ev[i + 1]) for i in range(iters)]))
 
 
-def bench(label: str, layers: int) -> dict:
+def bench(label: str, layers: int, variants: list[tuple[int, int]]) -> list[dict]:
+    """Time each (vectors in flight, CTAs per SM) variant on one pool; one memcpy baseline."""
     spec = PoolSpec(num_layers=layers, num_kv_heads=8, head_dim=128, num_blocks=2 * PAIRS + 1,
                     block_size=16, dtype="bfloat16")
     be = CupyBackend(spec, 0)
@@ -55,19 +67,7 @@ def bench(label: str, layers: int) -> dict:
     words[...] = cupy.random.standard_normal(words.shape, dtype=cupy.float32)
     ids = np.random.default_rng(0).permutation(np.arange(1, spec.num_blocks))
     pairs = np.stack([ids[:PAIRS], ids[PAIRS : 2 * PAIRS]], axis=1).astype(np.int64)
-    be.copy_blocks(pairs)
-    assert bool((bits[pairs[:, 1]] == bits[pairs[:, 0]]).all()), "copy is wrong"
     d_pairs = cupy.asarray(pairs)
-    ours = median_ms(lambda: kernels.launch_copy(be.kv, d_pairs, spec.bytes_per_block, 0))
-
-    def call():
-        be.copy_blocks(pairs)
-        be.synchronize()
-
-    t0 = time.perf_counter()
-    for _ in range(10):
-        call()
-    call_ms = (time.perf_counter() - t0) / 10 * 1e3
     nbytes = PAIRS * spec.bytes_per_block
     src = cupy.empty(nbytes, dtype=cupy.uint8)
     dst = cupy.empty(nbytes, dtype=cupy.uint8)
@@ -75,34 +75,56 @@ def bench(label: str, layers: int) -> dict:
     stream = cupy.cuda.get_current_stream().ptr
     sp, dp = src.data.ptr, dst.data.ptr
     base = median_ms(lambda: runtime.memcpyAsync(dp, sp, nbytes, runtime.memcpyDeviceToDevice, stream))
+    rows = []
+    for unroll, ctas in variants:
+        kernels.COPY_UNROLL, kernels.COPY_CTAS_PER_SM = unroll, ctas
+        bits[pairs[:, 1]] = 0
+        be.copy_blocks(pairs)
+        assert bool((bits[pairs[:, 1]] == bits[pairs[:, 0]]).all()), "copy is wrong"
+        ours = median_ms(lambda: kernels.launch_copy(be.kv, d_pairs, spec.bytes_per_block, 0))
+
+        def call():
+            be.copy_blocks(pairs)
+            be.synchronize()
+
+        t0 = time.perf_counter()
+        for _ in range(10):
+            call()
+        call_ms = (time.perf_counter() - t0) / 10 * 1e3
+        rows.append(dict(case=label, block_bytes=spec.bytes_per_block, pairs=PAIRS, unroll=unroll,
+                         ctas_per_sm=ctas, ms=ours, call_ms=call_ms, tbs=2 * nbytes / ours / 1e9,
+                         memcpy_ms=base, memcpy_tbs=2 * nbytes / base / 1e9, ratio=base / ours))
     be.close()
     del src, dst
     cupy.get_default_memory_pool().free_all_blocks()
-    return dict(case=label, block_bytes=spec.bytes_per_block, pairs=PAIRS, ms=ours, call_ms=call_ms,
-                tbs=2 * nbytes / ours / 1e9, memcpy_ms=base, memcpy_tbs=2 * nbytes / base / 1e9,
-                ratio=base / ours)
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="time 4, 8 and 16 vectors in flight per thread")
+    ap.add_argument("--sweep", action="store_true",
+                    help="time 4, 8 and 16 vectors in flight per thread, 2, 4 and 8 CTAs per SM, "
+                         "and one CTA per chunk (0)")
     args = ap.parse_args()
     name = runtime.getDeviceProperties(0)["name"].decode()
     date = datetime.date.today().isoformat()
-    ap_unroll = [kernels.COPY_UNROLL] if not args.sweep else [4, 8, 16]
+    default = (kernels.COPY_UNROLL, kernels.COPY_CTAS_PER_SM)
+    variants = [default]
+    if args.sweep:
+        variants += [v for v in [(8, 4), (8, 0), (8, 2), (8, 8), (16, 2), (4, 8)] if v != default]
     rows = []
-    for unroll in ap_unroll:
-        kernels.COPY_UNROLL = unroll
-        rows += [{**bench(label, **g), "unroll": unroll} for label, g in GEOMETRIES.items()]
+    for label, g in GEOMETRIES.items():
+        rows += bench(label, **g, variants=variants)
+    kernels.COPY_UNROLL, kernels.COPY_CTAS_PER_SM = default
     if args.json:
         print(json.dumps(dict(card=name, date=date, rows=rows), indent=1))
         return
     print(f"{name}, {date}; {PAIRS} random (src, dst) block pairs; TB/s counts read + write")
-    print("| block | vectors in flight | block KiB | kernel ms | TB/s | call ms | D2D memcpy ms | memcpy TB/s | memcpy time / kernel time |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| block | vectors in flight | CTAs per SM | block KiB | kernel ms | TB/s | call ms | D2D memcpy ms | memcpy TB/s | memcpy time / kernel time |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['unroll']} | {r['block_bytes'] // 1024} | {r['ms']:.3f} | {r['tbs']:.2f} | "
+        print(f"| {r['case']} | {r['unroll']} | {r['ctas_per_sm'] or 'one per chunk'} | {r['block_bytes'] // 1024} | {r['ms']:.3f} | {r['tbs']:.2f} | "
               f"{r['call_ms']:.3f} | {r['memcpy_ms']:.3f} | {r['memcpy_tbs']:.2f} | {r['ratio']:.2f}x |")
 
 

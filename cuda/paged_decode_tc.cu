@@ -1,0 +1,283 @@
+// paged_decode_tc.cu: decode attention (one query token per work item) for
+// float16 / bfloat16 on tensor cores, over the block-major pool, with
+// split-K over long contexts. float32 pools use paged_decode.cu.
+//
+// Work item i has query row i (q[i]), reads the K/V of sequence item_seq[i]
+// up to item_len[i] tokens, and attends with every query head of its kv
+// head's GQA group. The group (up to 16 heads) is the M dimension of
+// mma.sync m16n8k16 (rows past the group are zero): S = Q K^T and O += P V
+// for 16 tokens are 2 * HEAD_DIM / 16 MMAs each, so the K/V bytes, read once,
+// are the whole cost.
+//
+// Grid: x = (item, kv head), y = split. A CTA (4 warps) owns one split's
+// token range; warp w takes the 16-token tiles w, w + 4, w + 8, ... and runs
+// its own STAGES-deep cp.async pipeline (16-byte copies, zero-filled past the
+// end) into its private shared-memory stages, read back with ldmatrix, so the
+// warps never wait for each other inside the loop. Q fragments stay in
+// registers; online softmax (exp2, float32) between the two products as in
+// the multi-token kernel. At the end the warps merge through shared memory;
+// with num_splits == 1 the CTA writes the normalised output, else a float32
+// partial output and its log2-sum-exp for merge_splits (paged_decode.cu).
+//
+// Dynamic shared memory: 4 * STAGES * 2 * 16 * (HEAD_DIM + 8) * 2 bytes
+// (rows padded by 16 bytes so ldmatrix rows fall in different banks).
+#include "kvpager_common.cuh"
+#include "kvpager_mma.cuh"
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 128
+#endif
+#ifndef BLOCK_SIZE
+#define BLOCK_SIZE 16
+#endif
+#ifndef GROUP
+#define GROUP 4
+#endif
+#ifndef STAGES
+#define STAGES 3
+#endif
+
+#if KV_DTYPE == 2
+#error "paged_decode_tc.cu is for float16 / bfloat16; float32 uses paged_decode.cu"
+#endif
+
+constexpr int D = HEAD_DIM;
+constexpr int T = 16;                 // tokens per warp tile
+constexpr int NWARPS = 4;
+constexpr int NT = NWARPS * 32;
+constexpr int LD = D + 8;             // padded shared-memory row, in elements
+constexpr int CPR = D / 8;            // 16-byte chunks per row
+constexpr int NCP = T * CPR / 32;     // chunks per lane per tile, for K and for V each
+constexpr int KSTEPS = D / 16;
+constexpr bool TWO = GROUP > 8;       // rows 8..15 of the M tile hold heads too
+constexpr int STAGE_ELEMS = 2 * T * LD;  // K rows then V rows
+static_assert(GROUP <= 16, "GQA groups up to 16");
+static_assert((T * CPR) % 32 == 0, "whole chunks per lane");
+
+extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
+    const kv_t* __restrict__ q,             // [num_items, num_q_heads, HEAD_DIM]
+    const kv_t* __restrict__ pool,          // [num_blocks, num_layers, 2, num_kv_heads, BLOCK_SIZE, HEAD_DIM]
+    const int* __restrict__ block_tables,   // [num_seqs, max_blocks]
+    const int* __restrict__ item_seq,       // [num_items]
+    const int* __restrict__ item_len,       // [num_items]
+    kv_t* __restrict__ out,                 // [num_items, num_q_heads, HEAD_DIM] (num_splits == 1)
+    float* __restrict__ part_o,             // [num_items, num_q_heads, num_splits, HEAD_DIM]
+    float* __restrict__ part_lse,           // [num_items, num_q_heads, num_splits]
+    int layer, int num_layers, int num_kv_heads, int max_blocks, int num_splits, float scale_log2)
+{
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int gid = lane >> 2, tig = lane & 3, mi = lane >> 3;
+    kv_t* const wsm = reinterpret_cast<kv_t*>(smem_raw) + warp * STAGES * STAGE_ELEMS;
+
+    const int h = blockIdx.x % num_kv_heads;
+    const int item = blockIdx.x / num_kv_heads;
+    const int split = blockIdx.y;
+    const int num_q_heads = num_kv_heads * GROUP;
+    const int head0 = h * GROUP;
+
+    const int len = item_len[item];
+    int chunk = (len + num_splits - 1) / num_splits;
+    chunk = (chunk + T - 1) / T * T;
+    const int start = split * chunk;
+    const int end = min(len, start + chunk);
+    const int ntiles = end > start ? (end - start + T - 1) / T : 0;
+    const int nw = ntiles > warp ? (ntiles - warp + NWARPS - 1) / NWARPS : 0;  // this warp's tiles
+
+    // Q as A fragments: rows gid and gid + 8 are heads head0 + gid (+ 8), zero past the group.
+    unsigned qa[KSTEPS][4];
+    {
+        const unsigned* qw = reinterpret_cast<const unsigned*>(
+            q + ((long long)item * num_q_heads + head0) * D);
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+            const int c = kk * 16 + 2 * tig;
+            qa[kk][0] = gid < GROUP ? qw[(gid * D + c) / 2] : 0u;
+            qa[kk][2] = gid < GROUP ? qw[(gid * D + c + 8) / 2] : 0u;
+            qa[kk][1] = TWO ? qw[((gid + 8) * D + c) / 2] : 0u;
+            qa[kk][3] = TWO ? qw[((gid + 8) * D + c + 8) / 2] : 0u;
+        }
+    }
+
+    const int* table = block_tables + (long long)item_seq[item] * max_blocks;
+    const long long block_stride = (long long)num_layers * 2 * num_kv_heads * BLOCK_SIZE * D;
+    const long long k_off = ((long long)layer * 2 * num_kv_heads + h) * BLOCK_SIZE * D;
+    const long long vk = (long long)num_kv_heads * BLOCK_SIZE * D;  // V rows sit this far after K
+
+    // Block ids of tile k of this warp (two when a block holds fewer than T tokens).
+    auto lookup = [&](int k, int& x0, int& x1) {
+        const int t0 = start + (warp + NWARPS * k) * T;
+        x0 = k < nw ? __ldg(table + t0 / BLOCK_SIZE) : 0;
+        x1 = (BLOCK_SIZE < T && k < nw && t0 + BLOCK_SIZE < end) ? __ldg(table + t0 / BLOCK_SIZE + 1) : 0;
+    };
+    // cp.async of tile k's K and V rows into stage st.
+    auto issue = [&](int k, int st, int x0, int x1) {
+        const int t0 = start + (warp + NWARPS * k) * T;
+        kv_t* ks = wsm + st * STAGE_ELEMS;
+        const kv_t* p0 = pool + (long long)x0 * block_stride + k_off
+                         + (BLOCK_SIZE >= T ? (t0 % BLOCK_SIZE) * D : 0);
+        const kv_t* p1 = pool + (long long)x1 * block_stride + k_off;
+#pragma unroll
+        for (int i = 0; i < NCP; ++i) {
+            const int c = lane + 32 * i, row = c / CPR, col = (c % CPR) * 8;
+            const bool ok = t0 + row < end;
+            const kv_t* src = ((BLOCK_SIZE < T && row >= BLOCK_SIZE) ? p1 + (row - BLOCK_SIZE) * D
+                                                                     : p0 + row * D) + col;
+            cp_async16(ks + row * LD + col, ok ? src : pool, ok);
+            cp_async16(ks + (T + row) * LD + col, ok ? src + vk : pool, ok);
+        }
+    };
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+
+    int x0, x1;
+    lookup(0, x0, x1);
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < nw) issue(s, s, x0, x1);
+        lookup(s + 1, x0, x1);
+        cp_commit();
+    }
+    int st = 0, ist = STAGES - 1;
+    for (int k = 0; k < nw; ++k) {
+        if (k + STAGES - 1 < nw) issue(k + STAGES - 1, ist, x0, x1);
+        lookup(k + STAGES, x0, x1);
+        cp_commit();
+        cp_wait<STAGES - 1>();
+        __syncwarp();
+
+        const kv_t* ks = wsm + st * STAGE_ELEMS;
+        const kv_t* vs = ks + T * LD;
+        // S = Q K^T for the tile's 16 tokens (two n-tiles of 8), two accumulator sets.
+        float s[2][4], s2[2][4];
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[j][e] = s2[j][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+            unsigned bk[4];
+            ldsm_x4(bk, ks + ((mi >> 1) * 8 + (lane & 7)) * LD + kk * 16 + (mi & 1) * 8);
+            float (&acc)[2][4] = (kk & 1) ? s2 : s;
+            mma16816(acc[0], qa[kk], bk[0], bk[1]);
+            mma16816(acc[1], qa[kk], bk[2], bk[3]);
+        }
+        const int t0 = start + (warp + NWARPS * k) * T;
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const bool ok = t0 + j * 8 + 2 * tig + e < end;
+                s[j][e] = ok ? s[j][e] + s2[j][e] : NEG_INF;
+                mx0 = fmaxf(mx0, s[j][e]);
+                if (TWO) {
+                    s[j][2 + e] = ok ? s[j][2 + e] + s2[j][2 + e] : NEG_INF;
+                    mx1 = fmaxf(mx1, s[j][2 + e]);
+                }
+            }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        if (TWO) {
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        }
+        // The tile's first token is valid, so mx0 (and mx1) are finite here.
+        const float c0 = exp2f((m0 - mx0) * scale_log2);
+        const float c1 = TWO ? exp2f((m1 - mx1) * scale_log2) : 0.f;
+        m0 = mx0; m1 = mx1;
+        const float b0 = mx0 * scale_log2, b1 = mx1 * scale_log2;
+        l0 *= c0;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) { o[n][0] *= c0; o[n][1] *= c0; }
+        if (TWO) {
+            l1 *= c1;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) { o[n][2] *= c1; o[n][3] *= c1; }
+        }
+        // P = exp2(S * scale - m * scale), packed straight into the A fragment of P V.
+        unsigned pa[4];
+        {
+            const float e00 = exp2f(fmaf(s[0][0], scale_log2, -b0));
+            const float e01 = exp2f(fmaf(s[0][1], scale_log2, -b0));
+            const float e10 = exp2f(fmaf(s[1][0], scale_log2, -b0));
+            const float e11 = exp2f(fmaf(s[1][1], scale_log2, -b0));
+            l0 += (e00 + e01) + (e10 + e11);
+            pa[0] = pack2(e00, e01);
+            pa[2] = pack2(e10, e11);
+            if (TWO) {
+                const float f00 = exp2f(fmaf(s[0][2], scale_log2, -b1));
+                const float f01 = exp2f(fmaf(s[0][3], scale_log2, -b1));
+                const float f10 = exp2f(fmaf(s[1][2], scale_log2, -b1));
+                const float f11 = exp2f(fmaf(s[1][3], scale_log2, -b1));
+                l1 += (f00 + f01) + (f10 + f11);
+                pa[1] = pack2(f00, f01);
+                pa[3] = pack2(f10, f11);
+            } else {
+                pa[1] = pa[3] = 0u;
+            }
+        }
+#pragma unroll
+        for (int np = 0; np < KSTEPS; ++np) {
+            unsigned bv[4];
+            ldsm_x4_t(bv, vs + ((mi & 1) * 8 + (lane & 7)) * LD + np * 16 + (mi >> 1) * 8);
+            mma16816(o[2 * np], pa, bv[0], bv[1]);
+            mma16816(o[2 * np + 1], pa, bv[2], bv[3]);
+        }
+        __syncwarp();  // every lane is done with stage st before it is refilled
+        st = st + 1 == STAGES ? 0 : st + 1;
+        ist = ist + 1 == STAGES ? 0 : ist + 1;
+    }
+    cp_wait<0>();
+
+    // Row sums over the 4 lanes of a row; m is in raw score units, turn it into log2 units.
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    m0 = m0 == NEG_INF ? NEG_INF : m0 * scale_log2;
+    m1 = m1 == NEG_INF ? NEG_INF : m1 * scale_log2;
+
+    // Merge the warps through shared memory (the stages are free now).
+    __shared__ float sm_m[NWARPS][16], sm_l[NWARPS][16];
+    __syncthreads();
+    float* sm_o = reinterpret_cast<float*>(smem_raw);  // [NWARPS][GROUP][D]
+    if (gid < GROUP) {
+        if (tig == 0) { sm_m[warp][gid] = m0; sm_l[warp][gid] = l0; }
+        float* r = sm_o + (warp * GROUP + gid) * D + 2 * tig;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) { r[n * 8] = o[n][0]; r[n * 8 + 1] = o[n][1]; }
+    }
+    if (TWO) {
+        if (tig == 0) { sm_m[warp][gid + 8] = m1; sm_l[warp][gid + 8] = l1; }
+        float* r = sm_o + (warp * GROUP + gid + 8) * D + 2 * tig;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) { r[n * 8] = o[n][2]; r[n * 8 + 1] = o[n][3]; }
+    }
+    __syncthreads();
+    for (int idx = tid; idx < GROUP * D; idx += NT) {
+        const int g = idx / D, d = idx % D;
+        float mx = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < NWARPS; ++w) mx = fmaxf(mx, sm_m[w][g]);
+        float lsum = 0.f, acc = 0.f;
+        if (mx != NEG_INF) {
+#pragma unroll
+            for (int w = 0; w < NWARPS; ++w) {
+                const float a = exp2f(sm_m[w][g] - mx);
+                lsum += sm_l[w][g] * a;
+                acc += sm_o[(w * GROUP + g) * D + d] * a;
+            }
+        }
+        const long long row = (long long)item * num_q_heads + head0 + g;
+        if (num_splits == 1) {
+            out[row * D + d] = from_float(lsum > 0.f ? acc / lsum : 0.f);
+        } else {
+            part_o[(row * num_splits + split) * D + d] = lsum > 0.f ? acc / lsum : 0.f;
+            if (d == 0) part_lse[row * num_splits + split] = lsum > 0.f ? mx + __log2f(lsum) : NEG_INF;
+        }
+    }
+}
