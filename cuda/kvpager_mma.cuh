@@ -11,9 +11,21 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
 }
 
 // 16 bytes global -> shared, bypassing L1; zero-filled when !valid (src is not read).
+// CP_L2_PREFETCH (128 or 256) adds an L2 prefetch-size hint to each copy.
+#ifndef CP_L2_PREFETCH
+#define CP_L2_PREFETCH 0
+#endif
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#if CP_L2_PREFETCH == 256
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;"
+                 :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
+#elif CP_L2_PREFETCH == 128
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;"
+                 :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
+#else
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
                  :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
+#endif
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>

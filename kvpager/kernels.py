@@ -33,6 +33,8 @@ DECODE_ROWS = 4
 DECODE_TC = True
 #: cp.async stages per warp in paged_decode_tc.cu; None: as many as fit about 110 KiB per CTA
 DECODE_STAGES: int | None = None
+#: L2 prefetch-size hint (0, 128 or 256 bytes) on paged_decode_tc.cu's cp.async copies
+DECODE_L2_PREFETCH = 128
 #: query rows per warp in paged_prefill.cu, in 16-row m-tiles (2 up to head dim 128)
 PREFILL_MT: int | None = None
 #: 16-byte vectors in flight per thread in copy_blocks (block_copy.cu's UNROLL)
@@ -239,15 +241,17 @@ def plan_splits(base_ctas: int, max_len: int, num_sms: int, resident: int = 0) -
     """Split-K count for decode, each split at least 512 tokens long (shorter
     splits cost more in partial writes and the merge launch than they gain).
 
-    With ``resident`` (CTAs that fit on one SM at once) known: at least four
-    waves of CTAs, choosing among up to twice that many splits the count whose
-    last wave is fullest. Without it: about eight CTAs per SM."""
+    With ``resident`` (CTAs that fit on one SM at once) known: no split when
+    the CTAs already fill the SMs once; else the fewest splits that do, choosing
+    among up to twice that many the count whose last wave is fullest (every
+    split adds a partial write and a latency-bound merge launch, measured at
+    ~8 us for 2,048 rows on an H200). Without it: about eight CTAs per SM."""
     hi = int(max(1, min(max_len // 512, 1024)))
     base = max(base_ctas, 1)
     if resident <= 0:
         return int(min(max(1, -(-num_sms * 8 // base)), hi))
     slots = num_sms * resident
-    lo = min(max(1, -(-4 * slots // base)), hi)
+    lo = min(max(1, -(-slots // base)), hi)
     best, best_fill = lo, 0.0
     for s in range(lo, min(2 * lo, hi) + 1):
         waves = base * s / slots
@@ -320,8 +324,10 @@ class AttentionPlan:
                 self.smem = 0
                 if self.tc:
                     stages = decode_stages(spec.head_dim, spec.itemsize)
-                    self.fn = get_kernel("paged_decode_tc.cu", "paged_decode_tc",
-                                         {**base, "GROUP": group, "STAGES": stages}, device)
+                    defs = {**base, "GROUP": group, "STAGES": stages}
+                    if DECODE_L2_PREFETCH:
+                        defs["CP_L2_PREFETCH"] = DECODE_L2_PREFETCH
+                    self.fn = get_kernel("paged_decode_tc.cu", "paged_decode_tc", defs, device)
                     self.smem = 4 * stages * 2 * 16 * (spec.head_dim + 8) * spec.itemsize
                     if self.fn.max_dynamic_shared_size_bytes < self.smem:
                         self.fn.max_dynamic_shared_size_bytes = self.smem

@@ -140,6 +140,8 @@ def test_multi_token_matches_reference(dtype, d, bs, group):
     ({"DECODE_TC": False}, None),  # the CUDA-core kernel for 16-bit pools
     ({"DECODE_STAGES": 2}, 3),
     ({"DECODE_STAGES": 4}, 40),    # more splits than the merge has split lanes
+    ({"DECODE_L2_PREFETCH": 0}, 2),
+    ({"DECODE_L2_PREFETCH": 256}, None),
 ])
 def test_decode_variants_match_reference(monkeypatch, knobs, splits):
     from kvpager import kernels

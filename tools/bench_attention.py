@@ -168,27 +168,37 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true",
                     help="also time the CUDA-core decode kernel, other stage and split counts, "
                          "and one m-tile per warp in the multi-token kernel")
+    ap.add_argument("--cases", default="",
+                    help="decode cases to run, e.g. 64x4096,1x131072 (default: all); "
+                         "'none' runs only the multi-token case")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the multi-token case")
     args = ap.parse_args()
+    cases = DECODE_CASES
+    if args.cases:
+        cases = [] if args.cases == "none" else [tuple(map(int, c.split("x"))) for c in args.cases.split(",")]
     name, peak = card()
     global SMS
     SMS = torch.cuda.get_device_properties(0).multi_processor_count
     stream = torch.cuda.Stream()
     rows = []
     with torch.cuda.stream(stream), cupy.cuda.ExternalStream(stream.cuda_stream):
-        for batch, ctx in DECODE_CASES:
+        for batch, ctx in cases:
             variants = [("", {}, None)]
             if args.sweep:
                 variants.append(("CUDA cores", {"DECODE_TC": False}, None))
-                if batch in (64, 1) and ctx >= 4096:
+                if batch >= 64 and ctx >= 1024:
+                    variants += [(f"L2 prefetch {pf or 'off'}", {"DECODE_L2_PREFETCH": pf}, None)
+                                 for pf in (0, 256)]
+                if ctx >= 4096:
                     variants += [(f"{st} stages", {"DECODE_STAGES": st}, None) for st in (2, 4)]
-                eight = kernels.plan_splits(batch * HKV, ctx, SMS, 0)  # the old 8-per-SM rule
-                if eight != kernels.plan_splits(batch * HKV, ctx, SMS, 2):
-                    variants.append((f"{eight} splits", {}, eight))
+                    extra = {4096: (3,), 16384: (8, 10), 131072: (66, 132)}.get(ctx, ())
+                    variants += [(f"{n} splits", {}, n) for n in extra]
             rows += bench_decode(batch, ctx, peak, variants)
             torch.cuda.empty_cache()
             cupy.get_default_memory_pool().free_all_blocks()
         pf = [("", {})] + ([("1 m-tile per warp", {"PREFILL_MT": 1})] if args.sweep else [])
-        rows += bench_prefill(variants=pf)
+        if not args.no_prefill:
+            rows += bench_prefill(variants=pf)
     date = datetime.date.today().isoformat()
     if args.json:
         print(json.dumps(dict(card=name, date=date, rows=rows), indent=1))
