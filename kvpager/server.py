@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from kvpager import env, protocol
+from kvpager import cuda_ipc, env, protocol
 from kvpager.backends import make_backend
 from kvpager.endpoints import default_endpoint, ipc_path, prepare_ipc_bind
 from kvpager.errors import (
@@ -52,6 +52,10 @@ MAX_STAGING_BYTES = 1 << 30
 #: make the daemon build millions of sequences.
 MAX_NEW_SEQUENCES = 1 << 16
 _POLL_MS = 50  # how soon stop() and heartbeat expiry are noticed when idle
+#: Ops that may launch work on a GPU pool (copy-on-write, swaps, remote write and
+#: attend): their reply waits for it, so a block id handed out is never mid-copy
+#: and a staging buffer is never read or rewritten while in use.
+_DEVICE_OPS = frozenset({"append", "swap_out", "swap_in", "write", "attend"})
 
 
 def _ids(value: Any, what: str = "seq_ids") -> list[int]:
@@ -75,9 +79,9 @@ class Server:
     """A daemon serving ``pool`` at ``endpoint`` (default: the private ipc:// socket).
 
     ``memory`` is the shared memory the pool lives in (`PoolMemory`), which
-    the hello reply hands to clients; without it clients use remote
-    write/attend only. ``run()`` serves until ``stop()``; ``start()`` runs
-    it in a thread."""
+    the hello reply hands to clients; a GPU pool (`CupyBackend`) is exported
+    by CUDA IPC instead; otherwise clients use remote write/attend only.
+    ``run()`` serves until ``stop()``; ``start()`` runs it in a thread."""
 
     def __init__(
         self,
@@ -94,8 +98,11 @@ class Server:
         self.endpoint = endpoint or default_endpoint()
         self.memory = memory
         self.epoch = epoch or secrets.token_hex(8)
+        #: the pool's CUDA device index when it lives on a GPU, else None
+        self.gpu: int | None = pool.backend.index if hasattr(pool.backend, "ipc_handle") else None
+        self._exported: dict[str, Any] | None = None
         hb = env.heartbeat_timeout_s() if heartbeat_timeout is None else float(heartbeat_timeout)
-        self.sessions = SessionTable(hb, self.epoch)
+        self.sessions = SessionTable(hb, self.epoch, self.gpu)
         self.max_message_bytes = max_message_bytes or env.max_message_bytes()
         self.owns_pool = owns_pool
         self.requests = 0
@@ -240,7 +247,10 @@ class Server:
             session = None
             if OPS[op].session or (req.session is not None and op != "hello"):
                 session = self.sessions.get(req.session)
-            return encode_reply(rid, self._handlers[op](session, req.args))
+            result = self._handlers[op](session, req.args)
+            if self.gpu is not None and op in _DEVICE_OPS:
+                self.pool.synchronize()
+            return encode_reply(rid, result)
         except KVPagerError as e:
             rid = getattr(e, "request_id", rid)
             return encode_reply(rid, None, ErrorInfo.from_exception(e))
@@ -282,10 +292,10 @@ class Server:
         log.info("session %s opened by %s (pid %s)", s.id, s.client, s.pid)
         if self.memory is not None:
             memory = self.memory.handles()
-        elif hasattr(self.pool.backend, "ipc_handle"):
-            # The CUDA half: filled in by a backend that can export its slab.
-            backend = self.pool.backend
-            memory = {"kind": "cuda_ipc", "handle": backend.ipc_handle(), "device_uuid": backend.device_uuid()}
+        elif self.gpu is not None:
+            if self._exported is None:
+                self._exported = cuda_ipc.pool_handles(self.pool.backend, self.epoch)
+            memory = self._exported
         else:
             memory = {"kind": "none"}
         return {
@@ -344,8 +354,7 @@ class Server:
         nbytes = _int(a["nbytes"], "nbytes")
         if not 0 <= nbytes <= MAX_STAGING_BYTES:
             raise InvalidArgument(f"staging: nbytes must be in [0, {MAX_STAGING_BYTES}], got {nbytes}")
-        seg = self.sessions.staging(s, nbytes)
-        return {"name": seg.name, "offset": 0, "size": seg.size}
+        return self.sessions.staging(s, nbytes).handles()
 
     def _staged(self, s: Session, ref: Any, what: str) -> np.ndarray:
         """A view of ``ref`` = [offset, shape] in the session's staging buffer."""
@@ -366,7 +375,7 @@ class Server:
         q = self._staged(s, a["q"], "q")
         out = self.pool.attend(a["layer"], _ids(a["seq_ids"]), q, a.get("query_lens"), a.get("scale"))
         offset = _int(a["out"], "out")
-        s.staging.array(out.shape, out.dtype, offset)[...] = out
+        s.staging.array(out.shape, out.dtype, offset)[...] = out  # a device copy on a GPU
         return [offset, list(out.shape)]
 
     # -- inspection ----------------------------------------------------------------------------

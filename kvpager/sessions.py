@@ -1,5 +1,8 @@
 """Daemon sessions: who a client is, when it was last heard, its staging buffer.
 
+A staging buffer is POSIX shared memory (CPU pools) or a ``cudaMalloc``
+allocation exported by CUDA IPC on the pool's GPU (`cuda_ipc.DeviceBuffer`).
+
 A session opens with ``hello`` and ends with ``bye`` or when it has been
 silent for ``heartbeat_timeout`` seconds; the server then frees every
 sequence it owns. Only the server's event loop touches this table.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvpager.errors import SessionLost
 from kvpager.shm import Segment, segment_name
@@ -21,7 +25,7 @@ class Session:
     client: str
     pid: int | None
     last_seen: float
-    staging: Segment | None = None
+    staging: Any = None  # shm Segment or cuda_ipc DeviceBuffer
     ops: int = 0
     opened: float = field(default_factory=time.time)
 
@@ -32,11 +36,13 @@ class Session:
 
 
 class SessionTable:
-    """Open sessions by id, with heartbeat expiry."""
+    """Open sessions by id, with heartbeat expiry. ``device`` is the pool's CUDA
+    device index (staging in device memory), or None (shared memory)."""
 
-    def __init__(self, heartbeat_timeout: float, epoch: str):
+    def __init__(self, heartbeat_timeout: float, epoch: str, device: int | None = None):
         self.heartbeat_timeout = heartbeat_timeout
         self.epoch = epoch
+        self.device = device
         self.sessions: dict[str, Session] = {}
         self._staging_serial = 0
 
@@ -70,7 +76,7 @@ class SessionTable:
         self.sessions.pop(session.id, None)
         session.close()
 
-    def staging(self, session: Session, nbytes: int) -> Segment:
+    def staging(self, session: Session, nbytes: int) -> Any:
         """The session's staging buffer, grown (replaced) to hold ``nbytes``."""
         if session.staging is None or session.staging.size < nbytes:
             if session.staging is not None:
@@ -79,5 +85,10 @@ class SessionTable:
             self._staging_serial += 1
             # Round up so a growing worker does not re-map on every step.
             size = max(1 << 20, 1 << (max(nbytes, 1) - 1).bit_length())
-            session.staging = Segment.create(segment_name(self.epoch, f"s{self._staging_serial}"), size)
+            if self.device is not None:
+                from kvpager.cuda_ipc import DeviceBuffer
+
+                session.staging = DeviceBuffer.create(size, self.device)
+            else:
+                session.staging = Segment.create(segment_name(self.epoch, f"s{self._staging_serial}"), size)
         return session.staging

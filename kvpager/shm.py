@@ -76,6 +76,10 @@ class Segment:
     def attach(cls, name: str, size: int) -> Segment:
         return cls(name, size, create=False)
 
+    def handles(self) -> dict[str, Any]:
+        """The daemon's staging reply for this segment."""
+        return {"kind": "shm", "name": self.name, "offset": 0, "size": self.size}
+
     def array(self, shape: tuple[int, ...], dtype: Any, offset: int = 0) -> np.ndarray:
         """A view of the segment (no copy); InvalidArgument if it does not fit."""
         dt = np.dtype(dtype)

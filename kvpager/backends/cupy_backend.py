@@ -89,6 +89,27 @@ class CupyBackend(Backend):
                 self._host_dev_ptr = 0
                 self.host_kv = np.zeros(host_shape, dtype=spec.np_dtype)
 
+    @classmethod
+    def over_pointer(cls, spec: PoolSpec, device_index: int, ptr: int, owner: Any = None) -> CupyBackend:
+        """A backend over an existing device pool of ``spec.device_bytes`` at ``ptr``
+        (e.g. another process's slab opened with cudaIpcOpenMemHandle). It frees
+        nothing (``owner`` keeps the memory alive: its views reference it) and has
+        no host pool: write, copy_blocks and attend work, swaps are the owner's."""
+        kernels.check_geometry(spec.dtype, spec.head_dim, spec.block_size)
+        self = cls.__new__(cls)
+        Backend.__init__(self, spec)
+        self.index = int(device_index)
+        self._dev_ptr, self._host_ptr, self._host_dev_ptr = int(ptr), 0, 0
+        self._finalizer = weakref.finalize(self, int)  # nothing to release
+        self.host_kv = np.zeros((0, *spec.block_shape), dtype=spec.np_dtype)
+        with cupy.cuda.Device(self.index):
+            self.dtype = storage_dtype(spec)
+            self.num_sms = cupy.cuda.Device(self.index).attributes["MultiProcessorCount"]
+            mem = cupy.cuda.UnownedMemory(self._dev_ptr, spec.device_bytes, owner, device_id=self.index)
+            self.kv = cupy.ndarray((spec.num_blocks, *spec.block_shape), dtype=self.dtype,
+                                   memptr=cupy.cuda.MemoryPointer(mem, 0))
+        return self
+
     @staticmethod
     def _mapped_pointer(host_ptr: int) -> int:
         """The device-side address of mapped pinned memory (cudaHostGetDevicePointer)."""

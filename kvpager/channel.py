@@ -1,0 +1,71 @@
+"""One DEALER socket to the daemon and its request/reply loop with a deadline.
+
+`Client` holds one for its calls and its heartbeat thread another.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import zmq
+
+from kvpager.endpoints import probe
+from kvpager.errors import DaemonUnavailable, RequestTimeout
+from kvpager.protocol import Reply, decode_reply
+
+
+class Channel:
+    """One DEALER socket and its request/reply loop with a deadline."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self.rcvtimeo = -1
+        self.sock = self._open()
+
+    def _open(self) -> zmq.Socket:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        self.rcvtimeo = -1
+        return sock
+
+    def reset(self) -> None:
+        """A socket that timed out may still receive the late reply: replace it."""
+        self.sock.close(0)
+        self.sock = self._open()
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+    def request(self, body: bytes, rid: int, op: str, timeout: float) -> Reply:
+        deadline = time.monotonic() + timeout
+        sock = self.sock
+        # A blocking recv bounded by RCVTIMEO costs one call per reply; the
+        # option is set again only when the timeout changes.
+        ms = max(1, math.ceil(timeout * 1000))
+        if ms != self.rcvtimeo:
+            sock.setsockopt(zmq.RCVTIMEO, ms)
+            self.rcvtimeo = ms
+        try:
+            sock.send(body, zmq.NOBLOCK)
+            while True:
+                reply = decode_reply(sock.recv())
+                if reply.id == rid or reply.id is None:
+                    return reply
+                # A late reply to an earlier request: drop it, wait out the rest.
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.rcvtimeo = max(1, math.ceil(remaining * 1000))
+                sock.setsockopt(zmq.RCVTIMEO, self.rcvtimeo)
+        except zmq.Again:
+            pass
+        self.reset()
+        why = probe(self.endpoint)
+        if why is not None:
+            raise DaemonUnavailable(f"the kvpager daemon at {self.endpoint} is gone ({why})")
+        raise RequestTimeout(
+            f"no reply from the kvpager daemon at {self.endpoint} to {op!r} within {timeout:g}s; "
+            "raise KVPAGER_TIMEOUT or pass timeout= to Client"
+        )

@@ -1,0 +1,212 @@
+"""The K/V half of `Client`: the daemon's pool mapped here, and the staging path.
+
+The pool is mapped once per process: POSIX shared memory on a CPU pool
+(`kvpager.shm`, NumPy views), CUDA IPC on a GPU pool (`kvpager.cuda_ipc`,
+CuPy views running the kvpager kernels here). `remote_write` /
+`remote_attend` instead move tensors through the session's staging buffer
+(shared memory, or IPC-mapped device memory on a GPU) and let the daemon work.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from kvpager import cuda_ipc
+from kvpager.backends.numpy_backend import paged_attention
+from kvpager.errors import InvalidArgument, SessionLost
+from kvpager.shm import Segment, map_pool
+
+_ALIGN = 64
+
+
+class KVAccess:
+    """Mixin of `Client`: needs ``spec``, ``memory``, ``gpu``, ``server_pid``,
+    ``_mapped``, ``_staging``, ``_device_index``, ``_closed``, ``_call`` and ``tables``."""
+
+    def kv(self, layer: int) -> tuple[Any, Any]:
+        """Zero-copy views of one layer's K and V in the daemon's pool, each
+        [num_blocks, num_kv_heads, block_size, head_dim]: NumPy arrays on a CPU
+        pool, CuPy arrays on a GPU pool."""
+        self._check_layer(layer)
+        return self._pool().layer_kv(int(layer))
+
+    def torch_kv(self, layer: int) -> tuple[Any, Any]:
+        """`kv` as torch tensors (``torch.from_dlpack``, no copy), on the pool's device."""
+        import torch
+
+        out = []
+        for x in self.kv(layer):
+            t = torch.from_dlpack(x)
+            if self.spec.dtype == "bfloat16" and t.dtype != torch.bfloat16:
+                t = t.view(torch.bfloat16)  # a CuPy without bfloat16 stores its bits as uint16
+            out.append(t)
+        return out[0], out[1]
+
+    def device_array(self) -> Any:
+        """The whole device pool [num_blocks, layers, 2, kv_heads, block_size, head_dim], mapped."""
+        return self._pool().kv
+
+    def host_array(self) -> np.ndarray:
+        """The whole host (swap) pool, mapped (CPU pools only: a GPU daemon keeps its own)."""
+        if self.gpu:
+            raise InvalidArgument("the host (swap) pool of a GPU daemon is not mapped into workers")
+        return self._pool().host_kv
+
+    def local_write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
+        """Write K/V straight into the mapped pool (no daemon round trip). On a GPU
+        the write is queued on this process's current CuPy stream: `commit` waits for it."""
+        self._check_layer(layer)
+        pool = self._pool()
+        slots = self._check_slots(slots)
+        shape = (len(slots), self.spec.num_kv_heads, self.spec.head_dim)
+        pool.write(int(layer), slots, self._check_tensor(k, "k", shape), self._check_tensor(v, "v", shape))
+
+    def local_attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None) -> Any:
+        """Paged attention here, over the mapped pool, with the daemon's block tables
+        (the CUDA kernels on a GPU pool: the result is a CuPy array)."""
+        self._check_layer(layer)
+        pool = self._pool()
+        tables, lens = self.tables(seq_ids)
+        qlens = np.broadcast_to(np.asarray(1 if query_lens is None else query_lens, np.int32), lens.shape)
+        if len(lens) and (qlens.min() < 1 or (qlens > lens).any()):
+            raise InvalidArgument(f"query_lens must be in [1, sequence length], got {qlens.tolist()}")
+        q = self._check_q(q, int(qlens.sum()))
+        scale = 1.0 / math.sqrt(self.spec.head_dim) if scale is None else float(scale)
+        if self.gpu:
+            return pool.attend(int(layer), q, tables, lens, np.ascontiguousarray(qlens), scale)
+        return paged_attention(pool.kv, int(layer), q, tables, lens, qlens, scale)
+
+    def remote_write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
+        """Send K/V to the daemon through this session's staging buffer."""
+        k, v = self._as_array(k, "k"), self._as_array(v, "v")
+        voff = _aligned(k.nbytes)
+        stage = self._stage(voff + v.nbytes)
+        stage.array(k.shape, k.dtype, 0)[...] = k
+        stage.array(v.shape, v.dtype, voff)[...] = v
+        self._staged_ready()
+        self._call("write", {"layer": layer, "slots": _host(slots),
+                             "k": [0, list(k.shape)], "v": [voff, list(v.shape)]})
+
+    def remote_attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None) -> Any:
+        """Paged attention computed by the daemon; q and the output cross through
+        staging. Returns a NumPy array (CPU pool) or a CuPy array (GPU pool)."""
+        q = self._as_array(q, "q")
+        out = _aligned(q.nbytes)
+        stage = self._stage(out + q.nbytes)
+        stage.array(q.shape, q.dtype, 0)[...] = q
+        self._staged_ready()
+        args: dict[str, Any] = {"layer": layer, "seq_ids": seq_ids, "q": [0, list(q.shape)], "out": out}
+        if query_lens is not None:
+            args["query_lens"] = query_lens
+        if scale is not None:
+            args["scale"] = scale
+        offset, shape = self._call("attend", args)
+        # The daemon answers once its output is complete (it synchronizes first).
+        return stage.array(tuple(shape), q.dtype, offset).copy()
+
+    def _pool(self) -> Any:
+        if self._mapped is None:
+            kind = self.memory.get("kind")
+            if kind not in ("shm", "cuda_ipc"):
+                raise InvalidArgument(
+                    f"the daemon's pool is not mappable here (memory kind {kind!r}); "
+                    "use remote_write / remote_attend"
+                )
+            if self._closed:
+                raise SessionLost("this client is closed")
+            if kind == "shm":
+                self._mapped = map_pool(self.spec, self.memory)
+            else:
+                self._mapped = cuda_ipc.map_pool(self.spec, self.memory, self._same_process())
+        return self._mapped
+
+    def _same_process(self) -> bool:
+        """Whether the daemon runs in this process (a thread): CUDA IPC handles
+        cannot be opened by their own process, so its pointers are used as they are."""
+        return self.server_pid == os.getpid()
+
+    def _device(self) -> int:
+        """This process's index of the pool's GPU (BackendUnavailable naming both
+        GPUs if it is not visible here)."""
+        if self._device_index is None:
+            self._device_index = cuda_ipc.find_device(self.memory["device_uuid"])
+        return self._device_index
+
+    def _stage(self, nbytes: int) -> Any:
+        if self._staging is None or self._staging.size < nbytes:
+            if self._staging is not None:  # unmap before the daemon frees it for a bigger one
+                self._staging.close()
+                self._staging = None
+            info = self._call("staging", {"nbytes": nbytes})
+            if info.get("kind", "shm") == "shm":
+                self._staging = Segment.attach(info["name"], info["size"])
+            else:
+                self._staging = cuda_ipc.DeviceBuffer.open(info, self._device(), self._same_process())
+        return self._staging
+
+    def _staged_ready(self) -> None:
+        """On a GPU, the copies into staging must have landed before the daemon reads it."""
+        if self.gpu:
+            cuda_ipc.synchronize(self._device())
+
+    def _as_array(self, x: Any, name: str) -> Any:
+        """A tensor argument as this pool's array type: NumPy (CPU pool) or a CuPy
+        array on the pool's GPU (GPU pool: CuPy, torch through DLPack, or NumPy copied over)."""
+        dt = self.spec.np_dtype
+        if self.gpu:
+            dev = self._device()
+            storage = self._mapped.dtype if self._mapped is not None else dt
+            return cuda_ipc.to_device(x, name, storage, dev)
+        if not isinstance(x, np.ndarray) or x.dtype != dt:
+            raise InvalidArgument(f"{name} must be a numpy array of dtype {self.spec.dtype}, "
+                                  f"got {getattr(x, 'dtype', type(x).__name__)}")
+        return x
+
+    def _check_layer(self, layer: Any) -> None:
+        if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool) or not 0 <= layer < self.spec.num_layers:
+            raise InvalidArgument(f"layer must be an int in [0, {self.spec.num_layers}), got {layer!r}")
+
+    def _check_slots(self, slots: Any) -> np.ndarray:
+        arr = _host(slots)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise InvalidArgument(f"slots must be a 1-D integer array, got dtype {arr.dtype} shape {arr.shape}")
+        arr = arr.astype(np.int64, copy=False)
+        bs, limit = self.spec.block_size, self.spec.num_blocks * self.spec.block_size
+        bad = (arr < -1) | (arr >= limit) | ((arr >= 0) & (arr < bs))
+        if bad.any():
+            raise InvalidArgument(
+                f"slot {int(arr[bad][0])} is outside [{bs}, {limit}) (block 0 is the null block; -1 marks padding)"
+            )
+        return arr
+
+    def _check_tensor(self, x: Any, name: str, shape: tuple[int, ...]) -> Any:
+        if not self.gpu and not isinstance(x, np.ndarray):
+            raise InvalidArgument(f"{name} must be a numpy array, got {type(x).__name__}")
+        if tuple(getattr(x, "shape", ())) != shape:
+            raise InvalidArgument(f"{name} must have shape {shape}, got {tuple(getattr(x, 'shape', ()))}")
+        return self._as_array(x, name)
+
+    def _check_q(self, q: Any, tokens: int) -> Any:
+        hkv, d = self.spec.num_kv_heads, self.spec.head_dim
+        hq = q.shape[1] if len(getattr(q, "shape", ())) == 3 else 0
+        if hq < 1 or hq % hkv:
+            raise InvalidArgument(
+                f"q must be [tokens, num_q_heads, {d}] with num_q_heads a multiple of "
+                f"num_kv_heads={hkv}, got shape {getattr(q, 'shape', None)}"
+            )
+        return self._check_tensor(q, "q", (tokens, hq, d))
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _host(x: Any) -> np.ndarray:
+    """An index array here in host memory (slots may come as a CuPy array)."""
+    if not isinstance(x, np.ndarray) and type(x).__module__.startswith("cupy"):
+        x = x.get()
+    return np.asarray(x)
