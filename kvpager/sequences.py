@@ -34,13 +34,28 @@ class Sequence:
     seq_id: int
     block_table: list[int]
     num_tokens: int
-    tokens: list[int]  # known token ids, a prefix of the sequence
+    prompt: np.ndarray  # token ids given at allocate (int64; shared by forks, never mutated)
     root: bytes  # parent key of block 0 (from the salt)
     block_keys: list[bytes] = field(default_factory=list)  # keys of blocks 0..k-1
     num_committed: int = 0  # K/V written for tokens [0, num_committed)
     num_published: int = 0  # blocks [0, num_published) were offered to the cache
     host_blocks: dict[int, int] | None = None  # when swapped: table index -> host block
     owner: object = None  # the daemon's session id; None when embedded
+    # Ids of tokens appended after the prompt, while every one was given: the
+    # known ids are prompt + tail, a prefix of the sequence's tokens.
+    tail: list[int] = field(default_factory=list)
+
+    @property
+    def num_known(self) -> int:
+        return len(self.prompt) + len(self.tail)
+
+    def known(self, start: int, stop: int) -> np.ndarray:
+        """Known token ids ``[start, stop)`` as int64."""
+        p = len(self.prompt)
+        if stop <= p:
+            return self.prompt[start:stop]
+        head = self.prompt[start:p] if start < p else self.prompt[:0]
+        return np.concatenate([head, np.array(self.tail[max(start - p, 0) : stop - p], dtype=np.int64)])
 
     @property
     def swapped(self) -> bool:
@@ -133,7 +148,7 @@ class SequenceManager:
             taken += k
             cached = len(hits) * bs
             seq = Sequence(
-                next(self._ids), table, len(tokens), tokens.tolist(), root, keys,
+                next(self._ids), table, len(tokens), tokens, root, keys,
                 num_committed=cached, num_published=len(hits), owner=owner,
             )
             self.seqs[seq.seq_id] = seq
@@ -202,8 +217,8 @@ class SequenceManager:
                 flat.append(table[nt // bs] * bs + nt % bs)
             else:
                 flat += [table[p // bs] * bs + p % bs for p in range(nt, nt + n)]
-            if ids is not None and len(seq.tokens) == nt:
-                seq.tokens += ids
+            if ids is not None and len(seq.prompt) + len(seq.tail) == nt:
+                seq.tail += ids
             seq.num_tokens = nt + n
         # Sources are released only now: no block freed here is reused in this batch.
         if released:
@@ -227,12 +242,11 @@ class SequenceManager:
         published = []
         for seq, u in zip(seqs, ups):
             seq.num_committed = max(seq.num_committed, u)
-            full = min(seq.num_committed, len(seq.tokens)) // bs
+            full = min(seq.num_committed, seq.num_known) // bs
             start = len(seq.block_keys)
             if full > start:
                 parent = seq.block_keys[-1] if start else seq.root
-                segment = np.array(seq.tokens[start * bs : full * bs], dtype="<i8")
-                seq.block_keys += chain_keys(parent, segment, bs)
+                seq.block_keys += chain_keys(parent, seq.known(start * bs, full * bs), bs)
             count = 0
             for i in range(seq.num_published, full):
                 count += self.cache.publish(seq.block_table[i], seq.block_keys[i])
@@ -252,8 +266,8 @@ class SequenceManager:
             for _ in range(n):
                 self.pool.touch(p.block_table)
                 child = Sequence(
-                    next(self._ids), list(p.block_table), p.num_tokens, list(p.tokens), p.root,
-                    list(p.block_keys), p.num_committed, p.num_published, owner=p.owner,
+                    next(self._ids), list(p.block_table), p.num_tokens, p.prompt, p.root,
+                    list(p.block_keys), p.num_committed, p.num_published, owner=p.owner, tail=list(p.tail),
                 )
                 self.seqs[child.seq_id] = child
                 children.append(child)
@@ -287,7 +301,10 @@ class SequenceManager:
             del seq.block_table[keep:]
             self.pool.free_blocks(reversed(dropped))
             seq.num_tokens = int(n)
-            del seq.tokens[n:]
+            if n <= len(seq.prompt):
+                seq.prompt, seq.tail = seq.prompt[:n], []
+            else:
+                del seq.tail[n - len(seq.prompt) :]
             seq.num_committed = min(seq.num_committed, n)
             del seq.block_keys[n // bs :]
             seq.num_published = min(seq.num_published, n // bs)

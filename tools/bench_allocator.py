@@ -60,65 +60,73 @@ def bare_free_list(num_blocks: int, n: int, repeats: int) -> tuple[float, float]
 
 def run(num_blocks: int, blocks_per_seq: int, batches: list[int], repeats: int) -> list[dict]:
     spec = PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=num_blocks, dtype="float32")
-    bs = spec.block_size
-    tokens_per_seq = blocks_per_seq * bs
     rng = np.random.default_rng(0)
     rows = []
     for batch in batches:
-        n_blocks = batch * blocks_per_seq
-        pool = KVPool(spec)
-        counter = iter(range(10**9))
+        rows += bench_batch(spec, batch, blocks_per_seq, repeats, rng)
+    return rows
 
-        def prompts(batch=batch):
-            # Unique prompts (int64 arrays, as a tokenizer hands them over): no prefix hits.
-            base = next(counter) * batch
-            return [np.full(tokens_per_seq, base + i, dtype=np.int64) for i in range(batch)]
 
-        held: list[int] = []
+def bench_batch(spec: PoolSpec, batch: int, blocks_per_seq: int, repeats: int,
+                rng: np.random.Generator) -> list[dict]:
+    """Time every op for batches of ``batch`` sequences of ``blocks_per_seq`` blocks."""
+    tokens_per_seq = blocks_per_seq * spec.block_size
+    n_blocks = batch * blocks_per_seq
+    rows = []
+    pool = KVPool(spec)
+    counter = iter(range(10**9))
 
-        def fresh_prompts():
-            if held:  # release the last run's sequences, untimed
-                pool.free(held)
-                held.clear()
-            return prompts()
+    def prompts():
+        # Unique prompts (int64 arrays, as a tokenizer hands them over): no prefix hits.
+        base = next(counter) * batch
+        return [np.full(tokens_per_seq, base + i, dtype=np.int64) for i in range(batch)]
 
-        alloc_s = timed(lambda p: held.extend(a.seq_id for a in pool.allocate(p)), fresh_prompts, repeats)
-        pool = KVPool(spec)
+    held: list[int] = []
 
-        def allocated():
-            pool.free(list(pool.manager.seqs))  # start each run from an empty pool, untimed
-            return [a.seq_id for a in pool.allocate(prompts())]
+    def fresh_prompts():
+        if held:  # release the last run's sequences, untimed
+            pool.free(held)
+            held.clear()
+        return prompts()
 
-        free_s = timed(pool.free, allocated, repeats)
-        fork_s = timed(lambda ids: pool.fork(ids, 1), allocated, repeats)
-        pool = KVPool(spec)
-        # Prefix match: the same committed prompt again; all but the last block hit.
-        shared = [rng.integers(0, 50_000, tokens_per_seq + 1) for _ in range(batch)]
-        for a in pool.allocate(shared):
-            pool.commit(a.seq_id)
-        live: list[int] = []
+    alloc_s = timed(lambda p: held.extend(a.seq_id for a in pool.allocate(p)), fresh_prompts, repeats)
+    pool = KVPool(spec)
 
-        def match(_):
-            live.extend(a.seq_id for a in pool.allocate(shared))
+    def allocated():
+        pool.free(list(pool.manager.seqs))  # start each run from an empty pool, untimed
+        return [a.seq_id for a in pool.allocate(prompts())]
 
-        def reset():
-            if live:
-                pool.free(live)
-                live.clear()
+    free_s = timed(pool.free, allocated, repeats)
+    fork_s = timed(lambda ids: pool.fork(ids, 1), allocated, repeats)
+    match_pool = KVPool(spec)
+    # Prefix match: the same committed prompt again; all but the last block hit.
+    shared = [rng.integers(0, 50_000, tokens_per_seq + 1) for _ in range(batch)]
+    for a in match_pool.allocate(shared):
+        match_pool.commit(a.seq_id)
+    live: list[int] = []
 
-        match_s = timed(match, reset, repeats)
-        base_pop, base_push = bare_free_list(num_blocks, n_blocks, repeats)
-        for op, secs, base in (
-            ("allocate", alloc_s, base_pop),
-            ("free", free_s, base_push),
-            ("fork", fork_s, base_pop),
-            ("prefix match", match_s, base_pop),
-        ):
-            rows.append(dict(
-                op=op, batch=batch, blocks=n_blocks, us_per_block=secs / n_blocks * 1e6,
-                baseline_us_per_block=base / n_blocks * 1e6, ratio=secs / base,
-            ))
-        pool.check_integrity()
+    def match(_):
+        live.extend(a.seq_id for a in match_pool.allocate(shared))
+
+    def reset():
+        if live:
+            match_pool.free(live)
+            live.clear()
+
+    match_s = timed(match, reset, repeats)
+    base_pop, base_push = bare_free_list(spec.num_blocks, n_blocks, repeats)
+    for op, secs, base in (
+        ("allocate", alloc_s, base_pop),
+        ("free", free_s, base_push),
+        ("fork", fork_s, base_pop),
+        ("prefix match", match_s, base_pop),
+    ):
+        rows.append(dict(
+            op=op, batch=batch, blocks=n_blocks, us_per_block=secs / n_blocks * 1e6,
+            baseline_us_per_block=base / n_blocks * 1e6, ratio=secs / base,
+        ))
+    pool.check_integrity()
+    match_pool.check_integrity()
     return rows
 
 
