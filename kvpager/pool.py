@@ -71,6 +71,9 @@ class KVPool:
         self.backend = backend if backend is not None else make_backend(spec, device)
         self.device = self.backend.device
         self.manager = SequenceManager(spec.num_blocks, spec.block_size, spec.num_host_blocks)
+        # True while copies or kernels issued by this pool may still be running
+        # (cleared by synchronize): the daemon waits only when there is something to wait for.
+        self.pending = False
 
     # -- sequence ops ----------------------------------------------------------------
     def allocate(
@@ -130,6 +133,7 @@ class KVPool:
         flat, copies = self.manager.append(ids, counts, token_ids)
         if copies:
             self.backend.copy_blocks(np.asarray(copies, dtype=np.int64))
+            self.pending = True
         return flat
 
     def commit(self, seq_ids: int | Seq[int], upto: int | None | Seq[int | None] = None) -> list[int]:
@@ -158,12 +162,14 @@ class KVPool:
         pairs = self.manager.swap_out(_ids(seq_ids))
         if pairs:
             self.backend.swap_out(np.asarray(pairs, dtype=np.int64))
+            self.pending = True
 
     def swap_in(self, seq_ids: int | Seq[int]) -> None:
         """Bring swapped sequences back to the device in one batched copy."""
         pairs = self.manager.swap_in(_ids(seq_ids))
         if pairs:
             self.backend.swap_in(np.asarray(pairs, dtype=np.int64))
+            self.pending = True
 
     # -- K/V ------------------------------------------------------------------------
     def write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
@@ -176,6 +182,7 @@ class KVPool:
         k = self._tensor(k, "k", shape)
         v = self._tensor(v, "v", shape)
         self.backend.write(int(layer), slots, k, v)
+        self.pending = True
 
     def attend(
         self,
@@ -213,6 +220,7 @@ class KVPool:
         elif not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise InvalidArgument(f"scale must be a positive finite number, got {scale!r}")
         tables, seq_lens = self.block_tables(seqs)
+        self.pending = True
         return self.backend.attend(
             int(layer), q, tables, seq_lens, np.asarray(qlens, dtype=np.int32), float(scale)
         )
@@ -288,7 +296,9 @@ class KVPool:
         self.manager.check_integrity()
 
     def synchronize(self) -> None:
+        """Wait until every copy and kernel this pool issued has completed."""
         self.backend.synchronize()
+        self.pending = False
 
     def close(self) -> None:
         self.backend.close()

@@ -248,7 +248,7 @@ class Server:
             if OPS[op].session or (req.session is not None and op != "hello"):
                 session = self.sessions.get(req.session)
             result = self._handlers[op](session, req.args)
-            if self.gpu is not None and op in _DEVICE_OPS:
+            if self.gpu is not None and op in _DEVICE_OPS and self.pool.pending:
                 self.pool.synchronize()
             return encode_reply(rid, result)
         except KVPagerError as e:
