@@ -107,6 +107,8 @@ class StandInModel:
         out = None
         for layer in range(self.cfg.num_layers):
             out = client.attend(layer, seq_ids, self.q[layer, last])
+        if not isinstance(out, np.ndarray):  # a CuPy array from a GPU pool
+            out = out.get()
         logits = out.reshape(len(seq_ids), -1) @ self.unembed
         return logits.argmax(axis=1)
 
@@ -276,10 +278,14 @@ def demo_command():
                   help="Tokens each request generates.")
     @click.option("--max-model-len", type=int, default=DemoConfig.max_model_len, show_default=True,
                   help="What a contiguous cache reserves per request.")
-    @click.option("--device", default="cpu", show_default=True, help="Daemon device: cpu or cuda:N.")
+    @click.option("--device", default=None, help="Daemon device: cpu or cuda:N (default: a GPU if there is one).")
     @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
     def demo(workers, requests, system_prompt, new_tokens, max_model_len, device, as_json):
         """Start a daemon and worker processes that share a system prompt; show the KV memory they use."""
+        if device is None:
+            from kvpager.backends import default_device
+
+            device = default_device()
         if min(workers, requests, system_prompt, new_tokens) < 1:
             raise click.BadParameter("--workers, --requests, --system-prompt and --new-tokens must be >= 1")
         longest = system_prompt + DemoConfig.user_tokens[1] + new_tokens
