@@ -28,7 +28,7 @@ def _ids(seq_ids: int | Seq[int], what: str = "seq_ids") -> list[int]:
     if isinstance(seq_ids, (str, bytes)) or not hasattr(seq_ids, "__iter__"):
         raise InvalidArgument(f"{what} must be an int or a list of ints, got {type(seq_ids).__name__}")
     out = list(seq_ids)
-    if all(type(s) is int for s in out):  # the common case, checked at C speed
+    if set(map(type, out)) <= {int}:  # the common case, checked at C speed
         return out
     for s in out:
         if not isinstance(s, (int, np.integer)) or isinstance(s, bool):
@@ -115,9 +115,10 @@ class KVPool:
         Passing the ``token_ids`` lets the new blocks be published on commit.
         A shared, partly filled last block is copied first (copy-on-write)."""
         ids = _ids(seq_ids)
-        counts = _per_seq(num_tokens, len(ids), "num_tokens")
-        flat = self.append_flat(ids, counts, token_ids)
-        return _split(flat, counts)
+        flat = self.append_flat(ids, num_tokens, token_ids)
+        if isinstance(num_tokens, (int, np.integer)):
+            return list(flat.reshape(len(ids), int(num_tokens)))  # row views, made in C
+        return _split(flat, list(num_tokens))
 
     def append_flat(
         self,
@@ -127,7 +128,7 @@ class KVPool:
     ) -> np.ndarray:
         """As `append`, but every sequence's slots back to back in one int64 array."""
         ids = _ids(seq_ids)
-        counts = _per_seq(num_tokens, len(ids), "num_tokens")
+        counts = num_tokens if isinstance(num_tokens, (int, np.integer)) else list(num_tokens)
         if token_ids is not None:
             token_ids = _per_seq(token_ids, len(ids), "token_ids")
         flat, copies = self.manager.append(ids, counts, token_ids)

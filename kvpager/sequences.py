@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -79,6 +80,7 @@ class SequenceManager:
         self.num_host_blocks = num_host_blocks
         self.host_free: list[int] = list(range(num_host_blocks - 1, -1, -1))
         self.seqs: dict[int, Sequence] = {}
+        self.swapped_ids: set[int] = set()
         self._ids = itertools.count(1)
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
@@ -99,7 +101,7 @@ class SequenceManager:
             raise InvalidArgument(f"{op or 'operation'}: duplicate sequence ids in one batch")
         get = self.seqs.get
         seqs = [get(s) for s in seq_ids]
-        if None in seqs or (op is not None and any(s.host_blocks is not None for s in seqs)):
+        if None in seqs or (op is not None and self.swapped_ids and not self.swapped_ids.isdisjoint(seq_ids)):
             return [self.get(s, op) for s in seq_ids]  # raises the right error
         return seqs
 
@@ -159,9 +161,9 @@ class SequenceManager:
 
     # -- append (copy-on-write) ----------------------------------------------------------
     def append(
-        self, seq_ids: Seq[int], counts: Seq[int], token_ids: Seq[Seq[int] | None] | None
+        self, seq_ids: Seq[int], counts: int | Seq[int], token_ids: Seq[Seq[int] | None] | None
     ) -> tuple[np.ndarray, list[tuple[int, int]]]:
-        """Extend each sequence by ``counts[i]`` token slots.
+        """Extend each sequence by ``counts[i]`` token slots (``counts``: one int for all).
 
         Returns every new slot id (block * block_size + offset) in one flat
         int64 array, sequence after sequence, and the (src, dst) block copies
@@ -171,6 +173,12 @@ class SequenceManager:
         bs = self.block_size
         pool, ref = self.pool, self.pool.ref_cnt
         seqs = self._batch(seq_ids, "append")
+        if type(counts) is int and counts == 1:
+            return self._append_one(seqs, token_ids)
+        if isinstance(counts, (int, np.integer)) and not isinstance(counts, bool):
+            counts = [counts] * len(seqs)
+        elif len(counts) != len(seqs):
+            raise InvalidArgument(f"append: {len(counts)} counts for {len(seqs)} sequences")
         need = 0
         plans = []
         for i, (seq, n) in enumerate(zip(seqs, counts)):
@@ -223,6 +231,54 @@ class SequenceManager:
         # Sources are released only now: no block freed here is reused in this batch.
         if released:
             pool.free_blocks(released)
+        return np.array(flat, dtype=np.int64), copies
+
+    def _append_one(
+        self, seqs: list[Sequence], token_ids: Seq[Seq[int] | None] | None
+    ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """`append` of one token to every sequence: a decode step. The same
+        rules as the general path in fewer operations per sequence."""
+        bs = self.block_size
+        pool, ref = self.pool, self.pool.ref_cnt
+        ids_list: list[Any] = [None] * len(seqs) if token_ids is None else list(token_ids)
+        need = 0
+        for seq, ids in zip(seqs, ids_list):
+            if ids is not None and not (type(ids) is list and len(ids) == 1 and type(ids[0]) is int):
+                ids = _token_list(ids)
+                if len(ids) != 1:
+                    raise InvalidArgument(f"append: sequence {seq.seq_id} got {len(ids)} token ids for 1 slot")
+            if seq.num_tokens % bs == 0 or ref[seq.block_table[-1]] > 1:
+                need += 1  # a new block, or a copy of a shared last block
+        available = len(pool.free_ids) + len(pool.evictable)
+        if need > available:
+            raise OutOfBlocks(need, available)
+        new_ids = pool.get_new_blocks(need) if need else []
+        taken = 0
+        copies: list[tuple[int, int]] = []
+        flat: list[int] = []
+        published = self.cache.block_key
+        for seq, ids in zip(seqs, ids_list):
+            nt, table = seq.num_tokens, seq.block_table
+            off = nt % bs
+            if off == 0:
+                b = new_ids[taken]
+                taken += 1
+                table.append(b)
+            else:
+                b = table[-1]
+                if ref[b] > 1:
+                    dst = new_ids[taken]
+                    taken += 1
+                    copies.append((b, dst))
+                    table[-1] = b = dst
+                elif b in published:
+                    self.cache.unpublish(b)  # see `append`
+            flat.append(b * bs + off)
+            if ids is not None and len(seq.prompt) + len(seq.tail) == nt:
+                seq.tail += ids if type(ids) is list else _token_list(ids)
+            seq.num_tokens = nt + 1
+        if copies:
+            pool.free_blocks([src for src, _ in copies])
         return np.array(flat, dtype=np.int64), copies
 
     # -- commit ---------------------------------------------------------------------
@@ -279,6 +335,7 @@ class SequenceManager:
         seqs = self._batch(seq_ids, None)
         for seq in seqs:
             del self.seqs[seq.seq_id]
+            self.swapped_ids.discard(seq.seq_id)
             table = seq.block_table[::-1]
             if seq.host_blocks:
                 table = [b for b in table if b != NULL_BLOCK]
@@ -324,6 +381,7 @@ class SequenceManager:
         copies = []
         for seq, idx in zip(seqs, moving):
             seq.host_blocks = {}
+            self.swapped_ids.add(seq.seq_id)
             for i in idx:
                 h = self.host_free.pop()
                 copies.append((seq.block_table[i], h))
@@ -375,6 +433,7 @@ class SequenceManager:
                 seq.block_table[i] = b
                 self.host_free.append(h)
             seq.host_blocks = None
+            self.swapped_ids.discard(seq.seq_id)
         return copies
 
     # -- integrity ------------------------------------------------------------------------
@@ -398,6 +457,9 @@ class SequenceManager:
             if seq.host_blocks:
                 host_held.extend(seq.host_blocks.values())
         expected[NULL_BLOCK] = 0
+        swapped = {s.seq_id for s in self.seqs.values() if s.swapped}
+        if swapped != self.swapped_ids:
+            raise IntegrityError(f"swapped sequences {sorted(swapped)} but tracked {sorted(self.swapped_ids)}")
         self.pool.check(expected)
         self.cache.check()
         held, free = set(host_held), set(self.host_free)
