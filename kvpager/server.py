@@ -17,6 +17,7 @@ In-process use (tests)::
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import secrets
 import threading
@@ -64,9 +65,12 @@ def _ids(value: Any, what: str = "seq_ids") -> list[int]:
         return [value]
     if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iu":
         return value.tolist()
-    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if isinstance(value, list) and set(map(type, value)) <= {int}:  # bools excluded: type(True) is bool
         return value
     raise InvalidArgument(f"{what} must be an int or a list of ints")
+
+
+_owner = operator.attrgetter("owner")
 
 
 def _int(value: Any, what: str) -> int:
@@ -268,12 +272,13 @@ class Server:
         """The ids, checked to exist and belong to ``session`` (all before any change)."""
         ids = _ids(value)
         seqs, sid = self.pool.manager.seqs, session.id
-        for i in ids:
-            seq = seqs.get(i)
-            if seq is None:
-                raise UnknownSequence(i)
-            if seq.owner != sid:
-                raise NotOwner(f"sequence {i} belongs to another session")
+        found = list(map(seqs.get, ids))  # map / attrgetter: the per-id work stays in C
+        if None in found or set(map(_owner, found)) - {sid}:
+            for i, seq in zip(ids, found):
+                if seq is None:
+                    raise UnknownSequence(i)
+                if seq.owner != sid:
+                    raise NotOwner(f"sequence {i} belongs to another session")
         return ids
 
     def _end(self, session: Session, why: str) -> int:
