@@ -195,6 +195,13 @@ class Client(KVAccess):
             args["salt"] = salt
         return decode_allocations(self._call("allocate", args))
 
+    def cached_tokens(self, prompts: Seq[Seq[int]], salt: Any = None) -> list[int]:
+        """As `KVPool.cached_tokens`: a read-only probe of the prefix cache."""
+        args: dict[str, Any] = {"prompts": prompts}
+        if salt is not None:
+            args["salt"] = salt
+        return self._call("cached_tokens", args)
+
     def append(self, seq_ids: Any, num_tokens: Any = 1, token_ids: Any = None) -> list[np.ndarray]:
         """As `KVPool.append`: the new tokens' slot ids per sequence."""
         flat = self._append(seq_ids, num_tokens, token_ids)

@@ -46,6 +46,13 @@ def _per_seq(value: Any, n: int, what: str) -> list[Any]:
     return out
 
 
+def _check_prompts(prompts: Any) -> None:
+    if isinstance(prompts, (str, bytes, np.ndarray)) or not hasattr(prompts, "__len__"):
+        raise InvalidArgument("prompts must be a list of token-id lists")
+    if len(prompts) and isinstance(prompts[0], (int, np.integer)):
+        raise InvalidArgument("prompts must be a list of token-id lists: pass [tokens] for one prompt")
+
+
 def _split(flat: np.ndarray, counts: list[int]) -> list[np.ndarray]:
     """One view of ``flat`` per sequence."""
     out, start = [], 0
@@ -86,10 +93,7 @@ class KVPool:
         """New sequences for ``prompts`` (a list of token-id lists). Each shares
         the longest committed prefix of full blocks found in the cache under its
         ``salt`` and gets fresh blocks for the rest."""
-        if isinstance(prompts, (str, bytes, np.ndarray)) or not hasattr(prompts, "__len__"):
-            raise InvalidArgument("prompts must be a list of token-id lists")
-        if len(prompts) and isinstance(prompts[0], (int, np.integer)):
-            raise InvalidArgument("prompts must be a list of token-id lists: pass [tokens] for one prompt")
+        _check_prompts(prompts)
         salts = _per_seq(salt, len(prompts), "salt")
         made = self.manager.allocate(prompts, salts, owner)
         # Slots of every block of every new sequence in one vectorised pass,
@@ -104,6 +108,14 @@ class KVPool:
             out.append(Allocation(seq.seq_id, tuple(table), cached, slots))
             start += len(table) * bs
         return out
+
+    def cached_tokens(
+        self, prompts: Seq[Seq[int]], salt: str | bytes | None | Seq[str | bytes | None] = None
+    ) -> list[int]:
+        """How many tokens of each prompt an `allocate` would find cached now,
+        without allocating or touching anything: for cache-aware admission."""
+        _check_prompts(prompts)
+        return self.manager.cached_tokens(prompts, _per_seq(salt, len(prompts), "salt"))
 
     def append(
         self,

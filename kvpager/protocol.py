@@ -71,6 +71,7 @@ OPS: dict[str, Op] = {
     for op in (
         Op("hello", (), ("client", "pid", "host"), session=False),
         Op("allocate", ("prompts",), ("salt",)),
+        Op("cached_tokens", ("prompts",), ("salt",), session=False),
         Op("append", ("seq_ids",), ("num_tokens", "token_ids")),
         Op("commit", ("seq_ids",), ("upto",)),
         Op("fork", ("seq_ids",), ("n",)),

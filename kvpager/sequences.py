@@ -159,6 +159,18 @@ class SequenceManager:
             out.append((seq, cached))
         return out
 
+    def cached_tokens(self, prompts: Seq[Seq[int] | np.ndarray], salts: Seq[str | bytes | None]) -> list[int]:
+        """How many tokens of each prompt `allocate` would find cached now.
+        Read-only: touches nothing, so the answer can change before an allocate."""
+        bs = self.block_size
+        out = []
+        for i, prompt in enumerate(prompts):
+            tokens = token_array(prompt, f"prompts[{i}]")
+            usable = max(len(tokens) - 1, 0) // bs
+            _, hits = self.cache.match_tokens(root_key(salts[i]), tokens, bs, usable)
+            out.append(len(hits) * bs)
+        return out
+
     # -- append (copy-on-write) ----------------------------------------------------------
     def append(
         self, seq_ids: Seq[int], counts: int | Seq[int], token_ids: Seq[Seq[int] | None] | None

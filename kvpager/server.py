@@ -329,6 +329,12 @@ class Server:
             raise InvalidArgument(f"allocate: {len(prompts)} prompts in one request; at most {MAX_NEW_SEQUENCES}")
         return protocol.encode_allocations(self.pool.allocate(prompts, a.get("salt"), owner=s.id))
 
+    def _op_cached_tokens(self, s: Session | None, a: dict[str, Any]) -> list[int]:
+        prompts = a["prompts"]
+        if not isinstance(prompts, list):
+            raise InvalidArgument("prompts must be a list of token-id lists")
+        return self.pool.cached_tokens(prompts, a.get("salt"))
+
     def _op_append(self, s: Session, a: dict[str, Any]) -> bytes:
         ids = self._owned(s, a["seq_ids"])
         return protocol.encode_slots(self.pool.append_flat(ids, a.get("num_tokens", 1), a.get("token_ids")))

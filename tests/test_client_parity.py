@@ -102,3 +102,20 @@ def test_client_matches_embedded_pool(transport):
         over_wire = script(c, c.device_array, c.host_array, lambda p: [p.local_attend, p.remote_attend])
         assert c.map_pool == (transport == "mapped")
     _equal(embedded, over_wire)
+
+
+def test_cached_tokens_probe_through_the_daemon():
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+
+    with running_server() as server, Client(server.endpoint, timeout=10) as c:
+        prompt = list(range(40))
+        [a] = c.allocate([prompt], salt="m")
+        c.commit(a.seq_id)
+        assert c.cached_tokens([prompt, prompt[:17]], salt="m") == server.pool.cached_tokens(
+            [prompt, prompt[:17]], salt="m") == [32, 16]
+        assert c.cached_tokens([prompt]) == [0]
+        # read-only ops need no session
+        with Client(server.endpoint, timeout=10, heartbeat=False) as other:
+            assert other.cached_tokens([prompt], salt="m") == [32]

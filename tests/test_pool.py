@@ -314,3 +314,22 @@ def test_stats_counts():
     assert st.token_slots_allocated == 3 * BS
     assert st.slot_utilization == pytest.approx((BS + 6) / (3 * BS))
     assert st.to_dict()["prefix_hit_rate"] == 0.0
+
+
+def test_cached_tokens_probe_predicts_allocate_and_changes_nothing():
+    pool = make_pool()
+    prompt = list(range(3 * BS + 5))
+    assert pool.cached_tokens([prompt]) == [0]
+    [a] = pool.allocate([prompt])
+    assert pool.cached_tokens([prompt]) == [0]  # not committed yet
+    pool.commit(a.seq_id, upto=2 * BS)
+    pool.free(a.seq_id)  # its two committed blocks stay matchable (evictable)
+    probes = [prompt, prompt[: 2 * BS], prompt[:BS], [7] + prompt]
+    before = snapshot(pool)
+    got = pool.cached_tokens(probes)
+    assert snapshot(pool) == before  # read-only: no block touched, no counter moved
+    assert got == [2 * BS, BS, 0, 0]  # a fully cached prompt leaves its last block to compute
+    assert pool.cached_tokens([prompt], salt="other") == [0]
+    assert [x.num_cached_tokens for x in pool.allocate(probes)] == got
+    with pytest.raises(InvalidArgument):
+        pool.cached_tokens(prompt)

@@ -29,6 +29,7 @@ LIMIT = 1 << 20
 SAMPLE_ARGS = {
     "hello": {"client": "worker-1", "pid": 123, "host": "h"},
     "allocate": {"prompts": [[1, 2, 3], np.arange(40, dtype=np.int64)], "salt": "m"},
+    "cached_tokens": {"prompts": [[1, 2, 3]], "salt": None},
     "append": {"seq_ids": [1, 2], "num_tokens": [1, 3], "token_ids": [[7], [8, 9, 10]]},
     "commit": {"seq_ids": np.array([1, 2]), "upto": [None, 4]},
     "fork": {"seq_ids": 1, "n": 3},
