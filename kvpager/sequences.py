@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -99,8 +100,7 @@ class SequenceManager:
     def _batch(self, seq_ids: Seq[int], op: str | None) -> list[Sequence]:
         if len(set(seq_ids)) != len(seq_ids):
             raise InvalidArgument(f"{op or 'operation'}: duplicate sequence ids in one batch")
-        get = self.seqs.get
-        seqs = [get(s) for s in seq_ids]
+        seqs = list(map(self.seqs.get, seq_ids))
         if None in seqs or (op is not None and self.swapped_ids and not self.swapped_ids.isdisjoint(seq_ids)):
             return [self.get(s, op) for s in seq_ids]  # raises the right error
         return seqs
@@ -249,23 +249,31 @@ class SequenceManager:
         self, seqs: list[Sequence], token_ids: Seq[Seq[int] | None] | None
     ) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """`append` of one token to every sequence: a decode step. The same
-        rules as the general path in fewer operations per sequence."""
+        rules as the general path in fewer operations per sequence: each
+        sequence needs at most one block (a new one at a block boundary, or a
+        copy of a shared last block), so when the pool has one per sequence
+        the exact count is skipped and blocks are taken as they are needed."""
         bs = self.block_size
         pool, ref = self.pool, self.pool.ref_cnt
-        ids_list: list[Any] = [None] * len(seqs) if token_ids is None else list(token_ids)
-        need = 0
-        for seq, ids in zip(seqs, ids_list):
-            if ids is not None and not (type(ids) is list and len(ids) == 1 and type(ids[0]) is int):
-                ids = _token_list(ids)
-                if len(ids) != 1:
-                    raise InvalidArgument(f"append: sequence {seq.seq_id} got {len(ids)} token ids for 1 slot")
-            if seq.num_tokens % bs == 0 or ref[seq.block_table[-1]] > 1:
-                need += 1  # a new block, or a copy of a shared last block
-        available = len(pool.free_ids) + len(pool.evictable)
-        if need > available:
-            raise OutOfBlocks(need, available)
-        new_ids = pool.get_new_blocks(need) if need else []
-        taken = 0
+        if token_ids is None:
+            ids_list: list[Any] = [None] * len(seqs)
+        else:
+            ids_list = list(token_ids)
+            # Each a list of one int, checked at C speed; anything else the slow way.
+            if not (set(map(type, ids_list)) <= {list} and set(map(len, ids_list)) == {1}
+                    and set(map(type, map(itemgetter(0), ids_list))) <= {int}):
+                for k, (seq, ids) in enumerate(zip(seqs, ids_list)):
+                    if ids is not None:
+                        ids_list[k] = ids = _token_list(ids)
+                        if len(ids) != 1:
+                            raise InvalidArgument(
+                                f"append: sequence {seq.seq_id} got {len(ids)} token ids for 1 slot")
+        free = pool.free_ids
+        available = len(free) + len(pool.evictable)
+        if available < len(seqs):
+            need = sum(1 for seq in seqs if seq.num_tokens % bs == 0 or ref[seq.block_table[-1]] > 1)
+            if need > available:
+                raise OutOfBlocks(need, available)
         copies: list[tuple[int, int]] = []
         flat: list[int] = []
         published = self.cache.block_key
@@ -273,22 +281,29 @@ class SequenceManager:
             nt, table = seq.num_tokens, seq.block_table
             off = nt % bs
             if off == 0:
-                b = new_ids[taken]
-                taken += 1
+                if free:
+                    b = free.pop()
+                    ref[b] = 1
+                else:
+                    b = pool.get_new_blocks(1)[0]
                 table.append(b)
             else:
                 b = table[-1]
                 if ref[b] > 1:
-                    dst = new_ids[taken]
-                    taken += 1
+                    if free:
+                        dst = free.pop()
+                        ref[dst] = 1
+                    else:
+                        dst = pool.get_new_blocks(1)[0]
                     copies.append((b, dst))
                     table[-1] = b = dst
                 elif b in published:
                     self.cache.unpublish(b)  # see `append`
             flat.append(b * bs + off)
             if ids is not None and len(seq.prompt) + len(seq.tail) == nt:
-                seq.tail += ids if type(ids) is list else _token_list(ids)
+                seq.tail += ids
             seq.num_tokens = nt + 1
+        # Sources are released only now: no block freed here is reused in this batch.
         if copies:
             pool.free_blocks([src for src, _ in copies])
         return np.array(flat, dtype=np.int64), copies
