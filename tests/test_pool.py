@@ -333,3 +333,29 @@ def test_cached_tokens_probe_predicts_allocate_and_changes_nothing():
     assert [x.num_cached_tokens for x in pool.allocate(probes)] == got
     with pytest.raises(InvalidArgument):
         pool.cached_tokens(prompt)
+
+
+def test_decode_step_near_a_full_pool():
+    """One token for each of many sequences when blocks are short: exact
+    accounting, eviction of cached blocks, and all-or-nothing."""
+    pool = make_pool(num_blocks=9, host=0)  # 8 usable
+    [c] = pool.allocate([[5] * (2 * BS + 1)])
+    pool.commit(c.seq_id)
+    pool.free(c.seq_id)  # two cached blocks become evictable; the third is free
+    allocs = pool.allocate([[i] * BS for i in range(4)])  # full blocks: the next token needs a new one
+    ids = [a.seq_id for a in allocs]
+    st = pool.stats()
+    assert (st.free_blocks, st.evictable_blocks) == (2, 2)
+    before = snapshot(pool)
+    with pytest.raises(OutOfBlocks):
+        pool.append(ids, 2 * BS)  # far too many
+    assert snapshot(pool) == before
+    slots = pool.append(ids, 1, token_ids=[[7]] * 4)  # 4 new blocks: 2 free + 2 evicted
+    assert pool.stats().evictable_blocks == 0 and pool.stats().free_blocks == 0
+    assert sorted(int(s[0]) // BS for s in slots) == sorted(pool.sequence(i).block_table[1] for i in ids)
+    assert all(int(s[0]) % BS == 0 for s in slots)
+    [[kid]] = pool.fork(ids[0], 1)
+    with pytest.raises(OutOfBlocks) as e:
+        pool.append([kid, ids[0]], 1)  # both would copy the shared, partly filled last block
+    assert (e.value.needed, e.value.available) == (2, 0)
+    pool.check_integrity()
