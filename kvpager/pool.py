@@ -273,36 +273,48 @@ class KVPool:
         return BlockMap(state, ref, cached)
 
     def stats(self) -> PoolStats:
+        """The pool at a glance. Vectorised over all block tables (a few ms for
+        millions of entries), since the daemon answers it on its only thread."""
         m, spec = self.manager, self.spec
         pool, bs = m.pool, spec.block_size
-        ref = pool.ref_cnt
-        # Tokens held per block: the fullest use among the sequences sharing it.
-        fill: dict[int, int] = {}
-        for s in m.seqs.values():
-            for i, b in enumerate(s.block_table):
-                if b != NULL_BLOCK:
-                    n = min(bs, s.num_tokens - i * bs)
-                    if n > fill.get(b, 0):
-                        fill[b] = n
         used = pool.num_usable - pool.get_num_free_blocks()
         return PoolStats(
             total_blocks=pool.num_usable,
             free_blocks=len(pool.free_ids),
             evictable_blocks=len(pool.evictable),
             used_blocks=used,
-            shared_blocks=sum(1 for r in ref if r > 1),
+            shared_blocks=int((np.asarray(pool.ref_cnt) > 1).sum()),
             cached_blocks=len(m.cache),
             num_sequences=len(m.seqs),
-            swapped_sequences=sum(1 for s in m.seqs.values() if s.swapped),
+            swapped_sequences=len(m.swapped_ids),
             host_total_blocks=m.num_host_blocks,
             host_free_blocks=len(m.host_free),
             prefix_query_tokens=m.prefix_query_tokens,
             prefix_hit_tokens=m.prefix_hit_tokens,
-            tokens_stored=sum(fill.values()),
+            tokens_stored=self._tokens_stored(),
             token_slots_allocated=used * bs,
             block_size=bs,
             bytes_per_block=spec.bytes_per_block,
         )
+
+    def _tokens_stored(self) -> int:
+        """Real tokens held by in-use blocks, a shared block counted once at the
+        fill of its fullest user. Every table entry is a full block except each
+        sequence's last, which holds the remainder."""
+        seqs = list(self.manager.seqs.values())
+        if not seqs:
+            return 0
+        bs = self.spec.block_size
+        lens = np.fromiter((len(s.block_table) for s in seqs), np.int64, len(seqs))
+        flat = np.fromiter(itertools.chain.from_iterable(s.block_table for s in seqs), np.int64, int(lens.sum()))
+        fill = np.full(len(flat), bs, dtype=np.int64)
+        ends = np.cumsum(lens)[lens > 0] - 1
+        ntok = np.fromiter((s.num_tokens for s in seqs), np.int64, len(seqs))[lens > 0]
+        fill[ends] = ntok - (lens[lens > 0] - 1) * bs
+        live = flat != NULL_BLOCK  # swapped-out entries hold nothing on the device
+        per_block = np.zeros(self.spec.num_blocks, dtype=np.int64)
+        np.maximum.at(per_block, flat[live], fill[live])
+        return int(per_block.sum())
 
     def check_integrity(self) -> None:
         """Raise IntegrityError (with the counts) if any allocator invariant is broken."""
