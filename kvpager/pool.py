@@ -283,7 +283,7 @@ class KVPool:
             free_blocks=len(pool.free_ids),
             evictable_blocks=len(pool.evictable),
             used_blocks=used,
-            shared_blocks=int((np.asarray(pool.ref_cnt) > 1).sum()),
+            shared_blocks=len(pool.ref_cnt) - pool.ref_cnt.count(0) - pool.ref_cnt.count(1),
             cached_blocks=len(m.cache),
             num_sequences=len(m.seqs),
             swapped_sequences=len(m.swapped_ids),
@@ -307,13 +307,15 @@ class KVPool:
         bs = self.spec.block_size
         lens = np.fromiter((len(s.block_table) for s in seqs), np.int64, len(seqs))
         flat = np.fromiter(itertools.chain.from_iterable(s.block_table for s in seqs), np.int64, int(lens.sum()))
-        fill = np.full(len(flat), bs, dtype=np.int64)
-        ends = np.cumsum(lens)[lens > 0] - 1
-        ntok = np.fromiter((s.num_tokens for s in seqs), np.int64, len(seqs))[lens > 0]
-        fill[ends] = ntok - (lens[lens > 0] - 1) * bs
-        live = flat != NULL_BLOCK  # swapped-out entries hold nothing on the device
+        has = lens > 0
+        ends = np.cumsum(lens)[has] - 1
+        last_fill = np.fromiter((s.num_tokens for s in seqs), np.int64, len(seqs))[has] - (lens[has] - 1) * bs
         per_block = np.zeros(self.spec.num_blocks, dtype=np.int64)
-        np.maximum.at(per_block, flat[live], fill[live])
+        full = np.ones(len(flat), dtype=bool)
+        full[ends] = False
+        per_block[flat[full]] = bs  # duplicates write the same value
+        np.maximum.at(per_block, flat[ends], last_fill)  # one entry per sequence
+        per_block[NULL_BLOCK] = 0  # swapped-out entries hold nothing on the device
         return int(per_block.sum())
 
     def check_integrity(self) -> None:
