@@ -9,17 +9,19 @@
 // for 16 tokens are 2 * HEAD_DIM / 16 MMAs each, so the K/V bytes, read once,
 // are the whole cost.
 //
-// Grid: x = (item, kv head), y = split. A CTA (4 warps) owns one split's
-// token range; warp w takes the 16-token tiles w, w + 4, w + 8, ... and runs
+// Grid: x = (item, chunk of HPC kv heads), y = split. A CTA (HPC * WPH
+// warps) owns one split's token range for HPC kv heads; the WPH warps of a
+// head take its 16-token tiles w, w + WPH, w + 2 WPH, ... and each warp runs
 // its own STAGES-deep cp.async pipeline (16-byte copies, zero-filled past the
 // end) into its private shared-memory stages, read back with ldmatrix, so the
-// warps never wait for each other inside the loop. Q fragments stay in
-// registers; online softmax (exp2, float32) between the two products as in
-// the multi-token kernel. At the end the warps merge through shared memory;
+// warps never wait for each other inside the loop. HPC = 1, WPH = 4 for long
+// contexts; HPC = 4, WPH = 1 (longer runs of tiles per warp, fewer CTAs) for
+// short ones. Q fragments stay in registers; online softmax (exp2, float32)
+// between the two products as in the multi-token kernel. At the end the warps merge through shared memory;
 // with num_splits == 1 the CTA writes the normalised output, else a float32
 // partial output and its log2-sum-exp for merge_splits (paged_decode.cu).
 //
-// Dynamic shared memory: 4 * STAGES * 2 * 16 * (HEAD_DIM + 8) * 2 bytes
+// Dynamic shared memory: HPC * WPH * STAGES * 2 * 16 * (HEAD_DIM + 8) * 2 bytes
 // (rows padded by 16 bytes so ldmatrix rows fall in different banks).
 #include "kvpager_common.cuh"
 #include "kvpager_mma.cuh"
@@ -36,6 +38,12 @@
 #ifndef STAGES
 #define STAGES 3
 #endif
+#ifndef HPC
+#define HPC 1  // kv heads per CTA
+#endif
+#ifndef WPH
+#define WPH 4  // warps per kv head
+#endif
 
 #if KV_DTYPE == 2
 #error "paged_decode_tc.cu is for float16 / bfloat16; float32 uses paged_decode.cu"
@@ -43,7 +51,7 @@
 
 constexpr int D = HEAD_DIM;
 constexpr int T = 16;                 // tokens per warp tile
-constexpr int NWARPS = 4;
+constexpr int NWARPS = HPC * WPH;
 constexpr int NT = NWARPS * 32;
 constexpr int LD = D + 8;             // padded shared-memory row, in elements
 constexpr int CPR = D / 8;            // 16-byte chunks per row
@@ -52,6 +60,7 @@ constexpr int KSTEPS = D / 16;
 constexpr bool TWO = GROUP > 8;       // rows 8..15 of the M tile hold heads too
 constexpr int STAGE_ELEMS = 2 * T * LD;  // K rows then V rows
 static_assert(GROUP <= 16, "GQA groups up to 16");
+static_assert(NWARPS <= 16, "at most 16 warps per CTA");
 static_assert((T * CPR) % 32 == 0, "whole chunks per lane");
 
 extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
@@ -70,8 +79,11 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     const int gid = lane >> 2, tig = lane & 3, mi = lane >> 3;
     kv_t* const wsm = reinterpret_cast<kv_t*>(smem_raw) + warp * STAGES * STAGE_ELEMS;
 
-    const int h = blockIdx.x % num_kv_heads;
-    const int item = blockIdx.x / num_kv_heads;
+    const int nhc = num_kv_heads / HPC;
+    const int hc = blockIdx.x % nhc;
+    const int item = blockIdx.x / nhc;
+    const int hh = warp / WPH, wi = warp % WPH;  // this warp's head in the chunk, its place among WPH
+    const int h = hc * HPC + hh;
     const int split = blockIdx.y;
     const int num_q_heads = num_kv_heads * GROUP;
     const int head0 = h * GROUP;
@@ -82,7 +94,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     const int start = split * chunk;
     const int end = min(len, start + chunk);
     const int ntiles = end > start ? (end - start + T - 1) / T : 0;
-    const int nw = ntiles > warp ? (ntiles - warp + NWARPS - 1) / NWARPS : 0;  // this warp's tiles
+    const int nw = ntiles > wi ? (ntiles - wi + WPH - 1) / WPH : 0;  // this warp's tiles
 
     // Q as A fragments: rows gid and gid + 8 are heads head0 + gid (+ 8), zero past the group.
     unsigned qa[KSTEPS][4];
@@ -106,13 +118,13 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
 
     // Block ids of tile k of this warp (two when a block holds fewer than T tokens).
     auto lookup = [&](int k, int& x0, int& x1) {
-        const int t0 = start + (warp + NWARPS * k) * T;
+        const int t0 = start + (wi + WPH * k) * T;
         x0 = k < nw ? __ldg(table + t0 / BLOCK_SIZE) : 0;
         x1 = (BLOCK_SIZE < T && k < nw && t0 + BLOCK_SIZE < end) ? __ldg(table + t0 / BLOCK_SIZE + 1) : 0;
     };
     // cp.async of tile k's K and V rows into stage st.
     auto issue = [&](int k, int st, int x0, int x1) {
-        const int t0 = start + (warp + NWARPS * k) * T;
+        const int t0 = start + (wi + WPH * k) * T;
         kv_t* ks = wsm + st * STAGE_ELEMS;
         const kv_t* p0 = pool + (long long)x0 * block_stride + k_off
                          + (BLOCK_SIZE >= T ? (t0 % BLOCK_SIZE) * D : 0);
@@ -165,7 +177,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
             mma16816(acc[0], qa[kk], bk[0], bk[1]);
             mma16816(acc[1], qa[kk], bk[2], bk[3]);
         }
-        const int t0 = start + (warp + NWARPS * k) * T;
+        const int t0 = start + (wi + WPH * k) * T;
         float mx0 = m0, mx1 = m1;
 #pragma unroll
         for (int j = 0; j < 2; ++j)
@@ -241,7 +253,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     m0 = m0 == NEG_INF ? NEG_INF : m0 * scale_log2;
     m1 = m1 == NEG_INF ? NEG_INF : m1 * scale_log2;
 
-    // Merge the warps through shared memory (the stages are free now).
+    // Merge the warps of each head through shared memory (the stages are free now).
     __shared__ float sm_m[NWARPS][16], sm_l[NWARPS][16];
     __syncthreads();
     float* sm_o = reinterpret_cast<float*>(smem_raw);  // [NWARPS][GROUP][D]
@@ -258,21 +270,24 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
         for (int n = 0; n < D / 8; ++n) { r[n * 8] = o[n][2]; r[n * 8 + 1] = o[n][3]; }
     }
     __syncthreads();
-    for (int idx = tid; idx < GROUP * D; idx += NT) {
-        const int g = idx / D, d = idx % D;
+    constexpr int R = HPC * GROUP;  // output rows of this CTA: row0 .. row0 + R - 1
+    const long long row0 = (long long)item * num_q_heads + hc * R;
+    for (int idx = tid; idx < R * D; idx += NT) {
+        const int r = idx / D, d = idx % D;
+        const int g = r % GROUP, w0 = (r / GROUP) * WPH;  // the head's warps: w0 .. w0 + WPH - 1
         float mx = NEG_INF;
 #pragma unroll
-        for (int w = 0; w < NWARPS; ++w) mx = fmaxf(mx, sm_m[w][g]);
+        for (int w = 0; w < WPH; ++w) mx = fmaxf(mx, sm_m[w0 + w][g]);
         float lsum = 0.f, acc = 0.f;
         if (mx != NEG_INF) {
 #pragma unroll
-            for (int w = 0; w < NWARPS; ++w) {
-                const float a = exp2f(sm_m[w][g] - mx);
-                lsum += sm_l[w][g] * a;
-                acc += sm_o[(w * GROUP + g) * D + d] * a;
+            for (int w = 0; w < WPH; ++w) {
+                const float a = exp2f(sm_m[w0 + w][g] - mx);
+                lsum += sm_l[w0 + w][g] * a;
+                acc += sm_o[((w0 + w) * GROUP + g) * D + d] * a;
             }
         }
-        const long long row = (long long)item * num_q_heads + head0 + g;
+        const long long row = row0 + r;
         if (num_splits == 1) {
             out[row * D + d] = from_float(lsum > 0.f ? acc / lsum : 0.f);
         } else {

@@ -23,7 +23,9 @@ ARCHES = ["sm_80", "sm_90", *env.cuda_arch_list()]
 EXTRA = {
     "paged_decode.cu": [["-DKV_DTYPE=0"], ["-DKV_DTYPE=2", "-DSUBGROUP=8"]],
     "paged_decode_tc.cu": [["-DKV_DTYPE=0", "-DHEAD_DIM=96", "-DGROUP=16", "-DBLOCK_SIZE=8",
-                            "-DSTAGES=4"], ["-DHEAD_DIM=256", "-DGROUP=1", "-DSTAGES=2"]],
+                            "-DSTAGES=4"], ["-DHEAD_DIM=256", "-DGROUP=1", "-DSTAGES=2"],
+                           ["-DHPC=8", "-DWPH=1"], ["-DKV_DTYPE=0", "-DHPC=2", "-DWPH=4", "-DGROUP=16"],
+                           ["-DHPC=4", "-DWPH=1", "-DBLOCK_SIZE=8", "-DHEAD_DIM=64"]],
     "paged_prefill.cu": [["-DKV_DTYPE=0", "-DHEAD_DIM=96", "-DGROUP=1"],
                          ["-DHEAD_DIM=256", "-DGROUP=16", "-DBLOCK_SIZE=8"], ["-DMT=1"]],
 }

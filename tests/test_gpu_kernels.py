@@ -163,6 +163,44 @@ def test_decode_variants_match_reference(monkeypatch, knobs, splits):
     gpu.close()
 
 
+@pytest.mark.parametrize("dtype,d,bs,group,hpc,wph,splits", [
+    ("bfloat16", 128, 16, 4, 4, 1, None),  # 4 heads per CTA, one warp each (short contexts)
+    ("bfloat16", 128, 16, 4, 8, 1, 5),     # 8 heads per CTA, split
+    ("bfloat16", 128, 16, 4, 2, 4, 3),     # 2 heads x 4 warps
+    ("float16", 64, 8, 16, 4, 1, 3),       # blocks of 8 tokens, two m rows of heads
+    ("float16", 256, 32, 2, 8, 1, 2),      # head dim 256: fewer heads per CTA fit
+    ("bfloat16", 96, 64, 1, 4, 2, 1),
+])
+def test_decode_layouts_match_reference(monkeypatch, dtype, d, bs, group, hpc, wph, splits):
+    """Heads per CTA and warps per head, over 8 kv heads."""
+    from kvpager import kernels
+
+    monkeypatch.setattr(kernels, "DECODE_HEADS_PER_CTA", hpc)
+    monkeypatch.setattr(kernels, "DECODE_WARPS_PER_HEAD", wph)
+    rng = np.random.default_rng(seed(dtype, d, bs, group, hpc, wph, splits))
+    seq_lens = np.array([1, bs + 1, 300, 1700, 2049], dtype=np.int32)
+    spec = geometry(dtype, d, bs, int((-(-seq_lens // bs)).sum() * bs), kv_heads=8)
+    gpu, cpu = make_pair(spec, rng)
+    tables = random_tables(rng, spec, seq_lens)
+    qlens = np.ones(len(seq_lens), dtype=np.int32)
+    q = rng.standard_normal((len(seq_lens), 8 * group, d), dtype=np.float32).astype(spec.np_dtype)
+    ref = paged_attention(cpu.kv, 1, q, tables, seq_lens, qlens, d**-0.5)
+    out = to_dev(np.full(q.shape, np.nan, dtype=spec.np_dtype), gpu)
+    gpu.attend(1, to_dev(q, gpu), tables, seq_lens, qlens, d**-0.5, out=out, num_splits=splits)
+    assert rel_err(to_host(out, spec), ref) < TOL[dtype]
+    gpu.close()
+
+
+def test_decode_short_contexts_take_four_heads_per_cta():
+    """The planner's layout choice: 4 heads per CTA only for short contexts with CTAs to spare."""
+    from kvpager import kernels
+
+    assert kernels.decode_layout(8, 128, 2, 64, 256, 132) == (4, 1)
+    assert kernels.decode_layout(8, 128, 2, 64, 4096, 132) == (1, 4)
+    assert kernels.decode_layout(8, 128, 2, 8, 256, 132) == (1, 4)
+    assert kernels.decode_layout(2, 128, 2, 512, 100, 132) == (2, 1)
+
+
 @pytest.mark.parametrize("dtype,d,bs,group", [("float16", 128, 16, 4), ("bfloat16", 64, 8, 16)])
 def test_multi_token_one_mtile_per_warp(monkeypatch, dtype, d, bs, group):
     from kvpager import kernels

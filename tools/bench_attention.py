@@ -103,13 +103,19 @@ def bench_decode(batch: int, ctx: int, peak: float | None,
     nbytes = batch * ctx * HKV * D * 2 * 2
     rows = []
     for label, knobs, splits in variants or [("", {}, None)]:
-        plan = with_knobs(knobs, lambda splits=splits: be.plan_attention(
-            tables, np.full(batch, ctx, np.int32), np.ones(batch, np.int32), HQ, scale, splits))
-        out = cupy.empty_like(q_cp)
-        out[...] = cupy.nan if out.dtype != cupy.uint16 else 0x7FC0
-        plan.run(be.kv, 0, q_cp, out)
-        err = rel_err(tview(out), ref.squeeze(2))
-        assert err < 1e-2, f"decode {batch}x{ctx} {label}: relative error {err}"
+        try:
+            plan = with_knobs(knobs, lambda splits=splits: be.plan_attention(
+                tables, np.full(batch, ctx, np.int32), np.ones(batch, np.int32), HQ, scale, splits))
+            out = cupy.empty_like(q_cp)
+            out[...] = cupy.nan if out.dtype != cupy.uint16 else 0x7FC0
+            plan.run(be.kv, 0, q_cp, out)
+            err = rel_err(tview(out), ref.squeeze(2))
+            assert err < 1e-2, f"decode {batch}x{ctx} {label}: relative error {err}"
+        except Exception as e:  # a broken variant is reported, the others still run
+            if not label:
+                raise
+            print(f"decode {batch}x{ctx} ({label}): FAILED: {e}", flush=True)
+            continue
         ours = median_ms(lambda plan=plan, out=out: plan.run(be.kv, 0, q_cp, out))
         case = f"decode {batch}x{ctx}" + (f" ({label})" if label else "")
         rows.append(dict(case=case, splits=plan.splits, rel_err=err, ms=ours, tbs=nbytes / ours / 1e9,
@@ -162,6 +168,16 @@ def bench_prefill(batch: int = 8, new: int = 1024, cached: int = 4096,
     return rows
 
 
+def layout_variants(batch: int, ctx: int) -> list[tuple[str, dict, int | None]]:
+    """The --layouts sweep: the planner's choice, then one kv head per CTA (4 warps) and 4 kv
+    heads per CTA (one warp each) forced."""
+    def knobs(hpc: int, wph: int) -> dict:
+        return {"DECODE_HEADS_PER_CTA": hpc, "DECODE_WARPS_PER_HEAD": wph}
+
+    return [("", {}, None), ("1 head x 4 warps/CTA", knobs(1, 4), None),
+            ("4 heads x 1 warp/CTA", knobs(4, 1), None)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -172,6 +188,9 @@ def main() -> None:
                     help="decode cases to run, e.g. 64x4096,1x131072 (default: all); "
                          "'none' runs only the multi-token case")
     ap.add_argument("--no-prefill", action="store_true", help="skip the multi-token case")
+    ap.add_argument("--layouts", action="store_true",
+                    help="decode CTA layouts (kv heads per CTA, warps per head) against the "
+                         "planner's choice, instead of --sweep's variants")
     args = ap.parse_args()
     cases = DECODE_CASES
     if args.cases:
@@ -183,8 +202,8 @@ def main() -> None:
     rows = []
     with torch.cuda.stream(stream), cupy.cuda.ExternalStream(stream.cuda_stream):
         for batch, ctx in cases:
-            variants = [("", {}, None)]
-            if args.sweep:
+            variants = layout_variants(batch, ctx) if args.layouts else [("", {}, None)]
+            if args.sweep and not args.layouts:
                 variants.append(("CUDA cores", {"DECODE_TC": False}, None))
                 if batch >= 64 and ctx >= 1024:
                     variants += [(f"L2 prefetch {pf or 'off'}", {"DECODE_L2_PREFETCH": pf}, None)
