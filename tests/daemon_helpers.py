@@ -96,3 +96,13 @@ def wait_until(cond: Callable[[], bool], timeout: float, interval: float = 0.05)
         if time.monotonic() > deadline:
             return False
         time.sleep(interval)
+
+
+def join_or_kill(procs, timeout: float) -> None:
+    """Join started worker processes, each within ``timeout`` s; kill stragglers."""
+    for p in procs:
+        if p.pid is not None:
+            p.join(timeout)
+            if p.is_alive():
+                p.kill()
+                p.join(10)

@@ -24,7 +24,7 @@ if _NUM_GPUS == 0:
     pytest.skip("no CUDA device", allow_module_level=True)
 
 from daemon_gpu_workers import gpu_prefix_reader, gpu_prefix_writer  # noqa: E402
-from daemon_helpers import daemon_process, ipc_endpoint, running_server  # noqa: E402
+from daemon_helpers import daemon_process, ipc_endpoint, join_or_kill, running_server  # noqa: E402
 from daemon_workers import dense_kv, query  # noqa: E402
 from reference import TOLERANCE, attention, rel_err  # noqa: E402
 
@@ -114,12 +114,7 @@ def test_two_gpu_workers_share_a_prefix(daemon):
                 assert rel_err(rb[key][layer], r) < TOL, (key, layer)
     finally:
         done.set()
-        for p in (a, b):
-            if p.pid is not None:
-                p.join(WAIT)
-                if p.is_alive():
-                    p.kill()
-                    p.join(10)
+        join_or_kill((a, b), WAIT)
     assert a.exitcode == 0 and b.exitcode == 0
     with Client(endpoint) as obs:
         st = obs.stats()

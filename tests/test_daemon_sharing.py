@@ -7,7 +7,7 @@ from __future__ import annotations
 import multiprocessing as mp
 
 import numpy as np
-from daemon_helpers import running_server
+from daemon_helpers import join_or_kill, running_server
 from daemon_workers import dense_kv, prefix_reader, prefix_writer, query
 from reference import TOLERANCE, attention, rel_err
 
@@ -62,12 +62,7 @@ def test_two_processes_share_a_prefix():
                     assert rel_err(rb[key][layer], r) < TOLERANCE["float32"], (key, layer)
         finally:
             done.set()
-            for p in (a, b):
-                if p.pid is not None:
-                    p.join(WAIT)
-                    if p.is_alive():
-                        p.kill()
-                        p.join(10)
+            join_or_kill((a, b), WAIT)
         assert a.exitcode == 0 and b.exitcode == 0
         with Client(server.endpoint) as obs:
             st = obs.stats()

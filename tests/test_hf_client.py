@@ -274,7 +274,7 @@ def test_two_processes_share_a_prompt_prefix_through_the_daemon():
     import multiprocessing as mp
 
     pytest.importorskip("zmq")
-    from daemon_helpers import running_server
+    from daemon_helpers import join_or_kill, running_server
 
     from kvpager.client import Client
 
@@ -295,12 +295,7 @@ def test_two_processes_share_a_prompt_prefix_through_the_daemon():
             done_a, done_b = out_a.get(timeout=WAIT), out_b.get(timeout=WAIT)
         finally:
             go.set()
-            for p in (a, b):
-                if p.pid is not None:
-                    p.join(WAIT)
-                    if p.is_alive():
-                        p.kill()
-                        p.join(10)
+            join_or_kill((a, b), WAIT)
         assert a.exitcode == 0 and b.exitcode == 0
         assert first_a["cached"] == 0
         assert first_b["cached"] == 24  # B computed only its tail
