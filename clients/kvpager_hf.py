@@ -238,7 +238,9 @@ class PagedGeneration:
         if self.salt is None:
             self.salt = default_salt(self.model)
         self._device = next(self.model.parameters()).device
-        allocs = self.pool.allocate(self.prompts, self.salt)
+        # One forward pass writes every layer's K/V for the whole batch before it
+        # attends, so prompts of the batch may share the blocks an earlier one fills.
+        allocs = self.pool.allocate(self.prompts, self.salt, share_in_batch=True)
         self.seq_ids = [a.seq_id for a in allocs]
         self.num_cached_tokens = [a.num_cached_tokens for a in allocs]
         self.outputs = [[] for _ in allocs]

@@ -186,13 +186,17 @@ class Client(KVAccess):
         self._call("heartbeat", {})
 
     # -- sequence ops (as KVPool) ------------------------------------------------------------------
-    def allocate(self, prompts: Seq[Seq[int]], salt: Any = None, *, owner: None = None) -> list[Allocation]:
+    def allocate(
+        self, prompts: Seq[Seq[int]], salt: Any = None, *, owner: None = None, share_in_batch: bool = False
+    ) -> list[Allocation]:
         """As `KVPool.allocate`; the sequences belong to this client's session."""
         if owner is not None:
             raise InvalidArgument("owner: a daemon sequence always belongs to the calling session")
         args: dict[str, Any] = {"prompts": prompts}
         if salt is not None:
             args["salt"] = salt
+        if share_in_batch:
+            args["share_in_batch"] = share_in_batch
         return decode_allocations(self._call("allocate", args))
 
     def cached_tokens(self, prompts: Seq[Seq[int]], salt: Any = None) -> list[int]:

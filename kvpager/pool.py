@@ -89,13 +89,22 @@ class KVPool:
         salt: str | bytes | None | Seq[str | bytes | None] = None,
         *,
         owner: str | None = None,
+        share_in_batch: bool = False,
     ) -> list[Allocation]:
         """New sequences for ``prompts`` (a list of token-id lists). Each shares
         the longest committed prefix of full blocks found in the cache under its
-        ``salt`` and gets fresh blocks for the rest."""
+        ``salt`` and gets fresh blocks for the rest.
+
+        ``share_in_batch``: prompts of this batch also share the full blocks an
+        earlier prompt of the batch gets fresh; those count in
+        ``num_cached_tokens`` though their K/V comes from the earlier prompt's
+        prefill in the same step, so write the whole batch's K/V of a layer
+        before attending in it (a batched forward pass does)."""
         _check_prompts(prompts)
         salts = _per_seq(salt, len(prompts), "salt")
-        made = self.manager.allocate(prompts, salts, owner)
+        if not isinstance(share_in_batch, bool):
+            raise InvalidArgument(f"share_in_batch must be a bool, got {share_in_batch!r}")
+        made = self.manager.allocate(prompts, salts, owner, share_in_batch)
         # Slots of every block of every new sequence in one vectorised pass,
         # then each sequence's uncached token range is a slice of it.
         bs = self.spec.block_size

@@ -70,7 +70,7 @@ OPS: dict[str, Op] = {
     op.name: op
     for op in (
         Op("hello", (), ("client", "pid", "host"), session=False),
-        Op("allocate", ("prompts",), ("salt",)),
+        Op("allocate", ("prompts",), ("salt", "share_in_batch")),
         Op("cached_tokens", ("prompts",), ("salt",), session=False),
         Op("append", ("seq_ids",), ("num_tokens", "token_ids")),
         Op("commit", ("seq_ids",), ("upto",)),

@@ -110,18 +110,30 @@ class SequenceManager:
 
     # -- allocate ------------------------------------------------------------------
     def allocate(
-        self, prompts: Seq[Seq[int] | np.ndarray], salts: Seq[str | bytes | None], owner: object = None
+        self,
+        prompts: Seq[Seq[int] | np.ndarray],
+        salts: Seq[str | bytes | None],
+        owner: object = None,
+        share_in_batch: bool = False,
     ) -> list[tuple[Sequence, int]]:
         """New sequences holding ``prompts``; returns (sequence, cached tokens) each.
 
         The longest committed prefix of full blocks found in the cache is
         shared. At least one token is always left to compute, so a worker
         gets logits for the last prompt token: a fully cached prompt gives
-        back its last block."""
+        back its last block.
+
+        With ``share_in_batch``, a prompt also shares the full blocks that an
+        earlier prompt of the same batch gets fresh (same salt, same tokens):
+        they count as cached for it, but their K/V is written by that earlier
+        prompt's prefill, so the caller must write the whole batch's K/V (layer
+        by layer, as a batched forward pass does) before attending over it."""
         bs = self.block_size
         pool = self.pool
         plans = []
         touched_evictable: set[int] = set()
+        # key -> (prompt index, table index) of a fresh full block earlier in this batch
+        fresh: dict[bytes, tuple[int, int]] = {}
         need = 0
         for i, prompt in enumerate(prompts):
             tokens = token_array(prompt, f"prompts[{i}]")
@@ -131,8 +143,20 @@ class SequenceManager:
             for b in hits:
                 if pool.ref_cnt[b] == 0:
                     touched_evictable.add(b)
-            need += self._blocks_for(len(tokens)) - len(hits)
-            plans.append((tokens, root, keys, hits))
+            shared: list[tuple[int, int]] = []
+            if share_in_batch:
+                start = len(hits)
+                rest = chain_keys(keys[-1] if keys else root, tokens[start * bs :], bs)
+                for key in rest[: usable - start]:
+                    where = fresh.get(key)
+                    if where is None:
+                        break
+                    shared.append(where)
+                    keys.append(key)
+                for t in range(start + len(shared), start + len(rest)):
+                    fresh.setdefault(rest[t - start], (i, t))
+            need += self._blocks_for(len(tokens)) - len(hits) - len(shared)
+            plans.append((tokens, root, keys, hits, shared))
         available = pool.get_num_free_blocks() - len(touched_evictable)
         if need > available:
             raise OutOfBlocks(need, available)
@@ -143,15 +167,17 @@ class SequenceManager:
             pool.touch(plan[3])
         new_ids = pool.get_new_blocks(need) if need else []
         taken = 0
-        out = []
-        for tokens, root, keys, hits in plans:
-            k = self._blocks_for(len(tokens)) - len(hits)
-            table = hits + new_ids[taken : taken + k]
+        out: list[tuple[Sequence, int]] = []
+        for tokens, root, keys, hits, shared in plans:
+            from_batch = [out[pi][0].block_table[t] for pi, t in shared]
+            pool.touch(from_batch)
+            k = self._blocks_for(len(tokens)) - len(hits) - len(shared)
+            table = hits + from_batch + new_ids[taken : taken + k]
             taken += k
-            cached = len(hits) * bs
+            cached = (len(hits) + len(shared)) * bs
             seq = Sequence(
                 next(self._ids), table, len(tokens), tokens, root, keys,
-                num_committed=cached, num_published=len(hits), owner=owner,
+                num_committed=len(hits) * bs, num_published=len(hits), owner=owner,
             )
             self.seqs[seq.seq_id] = seq
             self.prefix_query_tokens += len(tokens)

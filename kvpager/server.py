@@ -327,7 +327,9 @@ class Server:
             raise InvalidArgument("prompts must be a list of token-id lists")
         if len(prompts) > MAX_NEW_SEQUENCES:
             raise InvalidArgument(f"allocate: {len(prompts)} prompts in one request; at most {MAX_NEW_SEQUENCES}")
-        return protocol.encode_allocations(self.pool.allocate(prompts, a.get("salt"), owner=s.id))
+        share = a.get("share_in_batch", False)
+        return protocol.encode_allocations(
+            self.pool.allocate(prompts, a.get("salt"), owner=s.id, share_in_batch=share))
 
     def _op_cached_tokens(self, s: Session | None, a: dict[str, Any]) -> list[int]:
         prompts = a["prompts"]

@@ -54,12 +54,15 @@ class AllocatorMachine(RuleBasedStateMachine):
         return [s for s in self.tokens if s not in self.swapped]
 
     # -- rules -------------------------------------------------------------------
-    @rule(prompts=st.lists(tokens_st, min_size=1, max_size=3), salt=st.sampled_from([None, "x"]))
-    def allocate(self, prompts, salt):
+    @rule(prompts=st.lists(tokens_st, min_size=1, max_size=3), salt=st.sampled_from([None, "x"]),
+          share=st.booleans())
+    def allocate(self, prompts, salt, share):
         if salt == "x":  # salted sequences get a token offset so the model stays per-salt
             prompts = [[t + 10 for t in p] for p in prompts]
         try:
-            allocs = self.pool.allocate(prompts, salt=salt)
+            # Shared-in-batch blocks are filled by an earlier prompt of the batch:
+            # the writes below go in prompt order, as a batched prefill's would.
+            allocs = self.pool.allocate(prompts, salt=salt, share_in_batch=share)
         except OutOfBlocks:
             return
         for p, a in zip(prompts, allocs):

@@ -119,3 +119,19 @@ def test_cached_tokens_probe_through_the_daemon():
         # read-only ops need no session
         with Client(server.endpoint, timeout=10, heartbeat=False) as other:
             assert other.cached_tokens([prompt], salt="m") == [32]
+
+
+def test_share_in_batch_through_the_daemon_matches_embedded():
+    from daemon_helpers import SMALL, running_server
+
+    from kvpager import KVPool
+    from kvpager.client import Client
+
+    system = list(range(40))
+    prompts = [system + [1], system + [2, 3], system[:20]]
+    embedded = KVPool(SMALL).allocate(prompts, salt="m", share_in_batch=True)
+    with running_server() as server, Client(server.endpoint, timeout=10) as c:
+        remote = c.allocate(prompts, salt="m", share_in_batch=True)
+        assert [a.num_cached_tokens for a in remote] == [a.num_cached_tokens for a in embedded] == [0, 32, 16]
+        assert [a.block_table for a in remote] == [a.block_table for a in embedded]
+        server.pool.check_integrity()

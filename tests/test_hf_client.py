@@ -87,6 +87,24 @@ def test_batch_of_different_lengths_matches_transformers(model):
     pool.check_integrity()
 
 
+def test_batch_sharing_a_system_prompt_stores_it_once(model):
+    """Prompts of one batch that start alike share the blocks the first of them
+    fills in the same forward pass, and still produce transformers' tokens."""
+    pool = make_pool(model)
+    system = prompt(27, seed=21)  # 3 full blocks of 8 + 3 tokens
+    prompts = [system + prompt(n, seed=30 + n) for n in (4, 11, 2)]
+    gen = PagedGeneration(model, pool, prompts, max_new_tokens=12)
+    assert gen.num_cached_tokens == [0, 24, 24]
+    tables = [pool.sequence(s).block_table for s in gen.seq_ids]
+    assert tables[0][:3] == tables[1][:3] == tables[2][:3]
+    assert pool.stats().shared_blocks == 3
+    while not gen.done:
+        gen.step()
+    assert gen.outputs == [reference(model, p, 12) for p in prompts]
+    gen.close()
+    pool.check_integrity()
+
+
 def test_stops_at_eos_like_transformers():
     # pick as EOS a token the model emits early for one prompt, then compare
     tokens = prompt(12, seed=7)

@@ -359,3 +359,29 @@ def test_decode_step_near_a_full_pool():
         pool.append([kid, ids[0]], 1)  # both would copy the shared, partly filled last block
     assert (e.value.needed, e.value.available) == (2, 0)
     pool.check_integrity()
+
+
+def test_share_in_batch_shares_fresh_prompt_blocks_within_one_allocate():
+    pool = make_pool()
+    system = list(range(3 * BS + 2))
+    prompts = [system + [1], system + [2, 3], list(range(BS)) + [9], system[:BS]]
+    plain = pool.allocate(prompts)
+    assert [a.num_cached_tokens for a in plain] == [0, 0, 0, 0]
+    pool.free([a.seq_id for a in plain])
+    before = pool.stats().used_blocks
+    a, b, c, d = pool.allocate(prompts, share_in_batch=True)
+    # b shares a's three full blocks; c's first block has the same tokens as a's
+    # first block (same salt): shared too; d is one block long and must compute it.
+    assert (a.num_cached_tokens, b.num_cached_tokens, c.num_cached_tokens, d.num_cached_tokens) == (0, 3 * BS, BS, 0)
+    assert b.block_table[:3] == a.block_table[:3] and c.block_table[0] == a.block_table[0]
+    assert len(b.slots) == 4 and len(c.slots) == 1
+    assert pool.stats().used_blocks == before + 4 + 1 + 1 + 1  # a: 4, b/c/d: one own block each
+    assert pool.stats().prefix_hit_tokens == 4 * BS
+    [e] = pool.allocate([system + [4]], share_in_batch=True)
+    assert e.num_cached_tokens == 0  # nothing committed: only the same batch shares
+    pool.commit([a.seq_id])
+    [f] = pool.allocate([system + [5]])
+    assert f.num_cached_tokens == 3 * BS
+    with pytest.raises(InvalidArgument, match="share_in_batch"):
+        pool.allocate(prompts, share_in_batch="yes")
+    pool.check_integrity()

@@ -28,7 +28,7 @@ LIMIT = 1 << 20
 # One well-formed argument set per op (required and optional arguments).
 SAMPLE_ARGS = {
     "hello": {"client": "worker-1", "pid": 123, "host": "h"},
-    "allocate": {"prompts": [[1, 2, 3], np.arange(40, dtype=np.int64)], "salt": "m"},
+    "allocate": {"prompts": [[1, 2, 3], np.arange(40, dtype=np.int64)], "salt": "m", "share_in_batch": True},
     "cached_tokens": {"prompts": [[1, 2, 3]], "salt": None},
     "append": {"seq_ids": [1, 2], "num_tokens": [1, 3], "token_ids": [[7], [8, 9, 10]]},
     "commit": {"seq_ids": np.array([1, 2]), "upto": [None, 4]},
