@@ -1,0 +1,77 @@
+"""Fuzzing the daemon's request handler: whatever arrives, it answers with a
+well-formed reply (a result or a typed error), never raises, and leaves the
+allocator consistent."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+from daemon_helpers import SMALL
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvpager import KVPool
+from kvpager.errors import ERRORS_BY_CODE
+from kvpager.protocol import OPS, VERSION, decode_reply, pack
+from kvpager.server import Server
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=True),
+    st.text(max_size=8), st.binary(max_size=16),
+)
+values = st.recursive(
+    scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+    max_leaves=12,
+)
+# Plausible argument values: small ids, token lists, slots, and junk.
+arg_values = st.one_of(
+    values, st.integers(-2, 40), st.lists(st.integers(-2, 40), max_size=5),
+    st.lists(st.lists(st.integers(0, 50), max_size=40), max_size=3),
+)
+
+
+def make_server() -> tuple[Server, str]:
+    server = Server(KVPool(SMALL), "ipc:///nonexistent/unused.sock", heartbeat_timeout=60)
+    reply = decode_reply(server.handle(pack([VERSION, 1, None, "hello", {}])))
+    assert reply.error is None
+    return server, reply.result["session"]
+
+
+SERVER, SESSION = make_server()
+
+
+def check_reply(raw: bytes, rid) -> None:
+    reply = decode_reply(raw)  # well-formed, whatever the request was
+    if reply.error is not None:
+        assert reply.error.code in ERRORS_BY_CODE, reply.error
+        assert reply.error.code != "internal", reply.error  # an internal error is a bug
+    SERVER.pool.check_integrity()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(op=st.sampled_from(sorted(set(OPS) - {"bye", "hello"})),
+       args=st.dictionaries(st.sampled_from(["seq_ids", "prompts", "salt", "num_tokens", "token_ids", "upto",
+                                             "n", "lengths", "layer", "slots", "k", "v", "q", "out",
+                                             "query_lens", "scale", "nbytes", "share_in_batch", "x"]),
+                            arg_values, max_size=5),
+       rid=st.integers(0, 2**31))
+def test_random_arguments_for_every_op(op, args, rid):
+    check_reply(SERVER.handle(pack([VERSION, rid, SESSION, op, args])), rid)
+
+
+@settings(max_examples=200, deadline=None)
+@given(msg=values)
+def test_random_msgpack_values(msg):
+    check_reply(SERVER.handle(msgpack.packb(msg, use_bin_type=True)), None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=64))
+def test_random_bytes(raw):
+    check_reply(SERVER.handle(raw), None)
+
+
+def test_the_pool_still_serves_after_fuzzing():
+    reply = decode_reply(SERVER.handle(pack([VERSION, 7, SESSION, "allocate", {"prompts": [[1, 2, 3]]}])))
+    assert reply.error is None and reply.result[0][2] == 0
+    assert np.asarray(reply.result[0][3]).tolist() != []
