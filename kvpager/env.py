@@ -25,10 +25,10 @@ def heartbeat_timeout_s() -> float:
 
 
 def runtime_dir() -> str:
-    """KVPAGER_RUNTIME_DIR: directory (mode 0700) for the default ipc:// socket."""
-    default = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/kvpager-{os.getuid()}", "kvpager")
-    if os.environ.get("XDG_RUNTIME_DIR") is None:
-        default = f"/tmp/kvpager-{os.getuid()}"
+    """KVPAGER_RUNTIME_DIR: directory (mode 0700) for the default ipc:// socket;
+    default ``$XDG_RUNTIME_DIR/kvpager``, else ``/tmp/kvpager-<uid>``."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    default = os.path.join(xdg, "kvpager") if xdg else f"/tmp/kvpager-{os.getuid()}"
     return _get("RUNTIME_DIR", default)
 
 

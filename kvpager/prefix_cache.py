@@ -105,9 +105,6 @@ class PrefixCache:
         self.block_key[block_id] = key
         return True
 
-    def is_published(self, block_id: int) -> bool:
-        return block_id in self.block_key
-
     def unpublish(self, block_id: int) -> None:
         """Forget a block about to be written again (its K/V will change)."""
         key = self.block_key.pop(block_id, None)
