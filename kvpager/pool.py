@@ -40,6 +40,8 @@ def _per_seq(value: Any, n: int, what: str) -> list[Any]:
     """Broadcast a scalar (or None) to n entries; check a list's length."""
     if value is None or isinstance(value, (int, np.integer, str, bytes)):
         return [value] * n
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        raise InvalidArgument(f"{what} must be a scalar or a list, got {type(value).__name__}")
     out = list(value)
     if len(out) != n:
         raise InvalidArgument(f"{what} has {len(out)} entries for {n} sequences")

@@ -275,6 +275,7 @@ def test_unknown_sequence_and_double_free():
     [
         (lambda p, s: p.allocate([1, 2, 3]), "token-id lists"),
         (lambda p, s: p.allocate([["a"]]), r"prompts\[0\]"),
+        (lambda p, s: p.allocate([[1]], salt={"x": 1}), "salt"),
         (lambda p, s: p.append(s, -1), "count"),
         (lambda p, s: p.append([s, s]), "duplicate"),
         (lambda p, s: p.append(s, 2, token_ids=[[1]]), "token ids"),
