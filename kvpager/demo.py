@@ -162,7 +162,9 @@ def daemon(cfg: DemoConfig) -> Iterator[str]:
            "--head-dim", str(spec.head_dim), "--block-size", str(spec.block_size),
            "--dtype", spec.dtype, "--blocks", str(spec.num_blocks),
            "--host-blocks", str(spec.num_host_blocks), "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    # The daemon's log goes to a file, shown only if it fails.
+    log = open(os.path.join(tmp, "daemon.log"), "w+")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
         from kvpager.client import Client
         from kvpager.errors import DaemonUnavailable
@@ -174,7 +176,9 @@ def daemon(cfg: DemoConfig) -> Iterator[str]:
                 break
             except DaemonUnavailable:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the demo daemon did not start (exit code {proc.poll()})") from None
+                    log.seek(0)
+                    raise RuntimeError(
+                        f"the demo daemon did not start (exit code {proc.poll()}):\n{log.read()}") from None
                 time.sleep(0.05)
         yield endpoint
     finally:
@@ -184,6 +188,7 @@ def daemon(cfg: DemoConfig) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+        log.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
