@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from transformers import AttentionInterface
 
-from kvpager.spec import PoolSpec, dtype_name, numpy_dtype
+from kvpager.spec import PoolSpec, dtype_name
 
 ATTN_IMPLEMENTATION = "kvpager"
 
@@ -45,36 +45,23 @@ _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 
 @dataclass
 class PagedBatch:
-    """What the attention layers of one forward pass need from kvpager.
-    Passed to the model as the ``kvpager`` keyword argument."""
+    """What the attention layers of one forward pass need from kvpager: the
+    step's plan (block tables, lengths and slots, uploaded once). Passed to the
+    model as the ``kvpager`` keyword argument."""
 
-    pool: Any
-    seq_ids: list[int]
-    slots: np.ndarray  # int64 [T]: where each new token's K/V goes
-    query_lens: list[int]  # new tokens per sequence, back to back in the packed row
-
-
-def _to_pool(x: torch.Tensor, dtype: str, gpu_pool: bool) -> Any:
-    """A [T, heads, head_dim] tensor as the pool takes it, in the pool dtype: a
-    CUDA tensor as is (DLPack) for a pool on the GPU, else a NumPy array."""
-    x = x.to(_TORCH_DTYPES[dtype]).contiguous()
-    if x.is_cuda and gpu_pool:
-        return x
-    x = x.cpu()
-    if dtype == "bfloat16":  # NumPy has no bfloat16: reinterpret the bits
-        return x.view(torch.int16).numpy().view(numpy_dtype("bfloat16"))
-    return x.numpy()
+    plan: Any  # kvpager.plan.StepPlan
+    dtype: torch.dtype  # the pool's dtype
+    device: torch.device  # where the pool's tensors live (cpu, or its GPU)
 
 
-def _from_pool(out: Any, like: torch.Tensor) -> torch.Tensor:
-    if isinstance(out, np.ndarray):
-        if out.dtype.name == "bfloat16":  # ml_dtypes: cross as raw bits
-            t = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
-        else:
-            t = torch.from_numpy(out)
-    else:
-        t = torch.from_dlpack(out)
-    return t.to(device=like.device, dtype=like.dtype)
+def _to_pool(x: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+    """[T, heads, head_dim] in the pool's dtype and on its device (a no-op for
+    a model on the pool's GPU in the pool's dtype)."""
+    if x.dtype != batch.dtype:
+        x = x.to(batch.dtype)
+    if x.device != batch.device:
+        x = x.to(batch.device)
+    return x
 
 
 def kvpager_attention(
@@ -89,9 +76,10 @@ def kvpager_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """An ``AttentionInterface`` function: store this layer's K/V in the pool and
-    attend over the pool. query [1, Hq, T, D], key/value [1, Hkv, T, D] (the
-    packed row); returns [1, T, Hq, D]. The attention mask is not used: the
-    pool knows each sequence's extent and attends causally."""
+    attend over the pool, through the step's plan. query [1, Hq, T, D],
+    key/value [1, Hkv, T, D] (the packed row); returns [1, T, Hq, D]. The
+    attention mask is not used: the plan knows each sequence's extent and
+    attends causally."""
     if kvpager is None:
         raise RuntimeError(
             f"attn_implementation={ATTN_IMPLEMENTATION!r} needs the kvpager=PagedBatch(...) "
@@ -100,15 +88,31 @@ def kvpager_attention(
     if query.shape[0] != 1:
         raise ValueError(f"kvpager attention takes one packed row, got batch size {query.shape[0]}")
     batch = kvpager
-    dtype = dtype_name(batch.pool.spec.dtype)
-    gpu = str(getattr(batch.pool, "device", "cpu")).startswith("cuda")
-    layer = int(module.layer_idx)
-    k = _to_pool(key[0].transpose(0, 1), dtype, gpu)
-    v = _to_pool(value[0].transpose(0, 1), dtype, gpu)
-    batch.pool.write(layer, batch.slots, k, v)
-    q = _to_pool(query[0].transpose(0, 1), dtype, gpu)
-    out = batch.pool.attend(layer, batch.seq_ids, q, batch.query_lens, scale=scaling)
-    return _from_pool(out, query).unsqueeze(0), None
+    layer = module.layer_idx
+    # [1, H, T, D] -> [T, H, D]: a view; the projections' layout makes it dense.
+    batch.plan.write(layer, _to_pool(key[0].transpose(0, 1), batch), _to_pool(value[0].transpose(0, 1), batch))
+    out = batch.plan.attend(layer, _to_pool(query[0].transpose(0, 1), batch), scaling)
+    if out.dtype != query.dtype or out.device != query.device:
+        out = out.to(device=query.device, dtype=query.dtype)
+    return out.unsqueeze(0), None
+
+
+def paged_forward(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                  logits_to_keep: Any = 0) -> torch.Tensor:
+    """One forward pass of ``model`` (switched to kvpager attention) over a packed
+    row; returns the greedy next token of each kept position. Nothing here waits
+    for the device, so a CUDA graph can capture it."""
+    # A 4-D mask is taken as given: transformers builds none (no work, no host sync).
+    mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=input_ids.device)
+    out = model(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=mask,
+        use_cache=False,
+        logits_to_keep=logits_to_keep,
+        kvpager=batch,
+    )
+    return out.logits[0].argmax(dim=-1)
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
@@ -219,6 +223,7 @@ class PagedGeneration:
     max_new_tokens: int
     salt: str | bytes | None = None
     eos_token_id: int | Sequence[int] | None = None
+    cuda_graphs: bool = False
     seq_ids: list[int] = field(init=False, default_factory=list)
     num_cached_tokens: list[int] = field(init=False, default_factory=list)
     outputs: list[list[int]] = field(init=False, default_factory=list)
@@ -238,6 +243,17 @@ class PagedGeneration:
         if self.salt is None:
             self.salt = default_salt(self.model)
         self._device = next(self.model.parameters()).device
+        self._pool_dtype = _TORCH_DTYPES[dtype_name(self.pool.spec.dtype)]
+        pool_device = str(getattr(self.pool, "device", "cpu"))
+        self._pool_device = torch.device(pool_device)
+        self._graphs = None
+        if self.cuda_graphs:
+            if not pool_device.startswith("cuda") or self._device.type != "cuda":
+                raise ValueError("cuda_graphs needs the model and the pool on a CUDA device")
+            from clients.kvpager_graphs import DecodeGraphs
+
+            longest = max(map(len, self.prompts)) + self.max_new_tokens
+            self._graphs = DecodeGraphs(self.model, self.pool, self._batch, -(-longest // self.pool.spec.block_size))
         # One forward pass writes every layer's K/V for the whole batch before it
         # attends, so prompts of the batch may share the blocks an earlier one fills.
         allocs = self.pool.allocate(self.prompts, self.salt, share_in_batch=True)
@@ -269,8 +285,8 @@ class PagedGeneration:
         last = [self.outputs[i][-1] for i in live]
         # the token fed now sits right after the prompt and the tokens fed before it
         positions = [range(p, p + 1) for p in (self.position(i) for i in live)]
-        slot_lists = self.pool.append(ids, 1, [[t] for t in last])
-        self._run(live, [[t] for t in last], positions, np.concatenate(slot_lists))
+        slots = self.pool.append_flat(ids, 1, [[t] for t in last])
+        self._run(live, [[t] for t in last], positions, slots)
 
     def position(self, i: int) -> int:
         """Position of sequence i's last new token (the next one to feed)."""
@@ -284,27 +300,30 @@ class PagedGeneration:
         slots: np.ndarray,
     ) -> None:
         """One forward pass over the packed new tokens of ``rows``; records each
-        row's next token, then commits (the K/V is written once attend returned)."""
+        row's next token, then commits (the K/V is written once the logits are)."""
         lens = [len(t) for t in tokens]
         flat = [t for ts in tokens for t in ts]
         input_ids = torch.tensor([flat], dtype=torch.long, device=self._device)
         position_ids = torch.tensor(
             [[p for ps in positions for p in ps]], dtype=torch.long, device=self._device
         )
-        ends = np.cumsum(lens) - 1
-        batch = PagedBatch(self.pool, [self.seq_ids[i] for i in rows], slots, lens)
-        with torch.inference_mode(), paged_attention(self.model):
-            out = self.model(
-                input_ids=input_ids,
-                position_ids=position_ids,
-                use_cache=False,
-                logits_to_keep=torch.as_tensor(ends, device=self._device),
-                kvpager=batch,
-            )
-        next_tokens = out.logits[0].argmax(dim=-1).tolist()
+        ids = [self.seq_ids[i] for i in rows]
+        if self._graphs is not None and max(lens) == 1:
+            next_tokens = self._graphs.step(ids, input_ids, position_ids, slots)
+        else:
+            plan = self.pool.plan(ids, lens, slots, num_q_heads=self.model.config.num_attention_heads)
+            ends = torch.as_tensor(np.cumsum(lens) - 1, device=self._device)
+            with torch.inference_mode(), paged_attention(self.model):
+                next_tokens = paged_forward(self.model, self._batch(plan), input_ids, position_ids, ends).tolist()
+        self._record(rows, ids, next_tokens)
+
+    def _batch(self, plan: Any) -> PagedBatch:
+        return PagedBatch(plan, self._pool_dtype, self._pool_device)
+
+    def _record(self, rows: list[int], ids: list[int], next_tokens: list[int]) -> None:
         if hasattr(self.pool, "synchronize"):
             self.pool.synchronize()
-        self.pool.commit(batch.seq_ids)
+        self.pool.commit(ids)
         done = []
         for i, t in zip(rows, next_tokens):
             self.outputs[i].append(int(t))
@@ -337,6 +356,7 @@ def generate(
     max_new_tokens: int,
     salt: str | bytes | None = None,
     eos_token_id: Any = "model",
+    cuda_graphs: bool = False,
 ) -> list[list[int]]:
     """Greedy generation with the KV cache in ``pool``. Returns the new token ids
     of each prompt: ``max_new_tokens`` of them, or fewer where an end-of-sequence
@@ -344,7 +364,7 @@ def generate(
     defaults to the model's generation config ("model"); None never stops early."""
     if isinstance(eos_token_id, str) and eos_token_id == "model":
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    with PagedGeneration(model, pool, prompts, max_new_tokens, salt, eos_token_id) as gen:
+    with PagedGeneration(model, pool, prompts, max_new_tokens, salt, eos_token_id, cuda_graphs) as gen:
         while not gen.done:
             gen.step()
         return gen.outputs

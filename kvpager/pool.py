@@ -16,6 +16,7 @@ import numpy as np
 from kvpager.backends import Backend, make_backend
 from kvpager.block_pool import NULL_BLOCK
 from kvpager.errors import InvalidArgument
+from kvpager.plan import StepPlan, make_plan
 from kvpager.sequences import Sequence, SequenceManager
 from kvpager.spec import PoolSpec
 from kvpager.types import Allocation, BlockMap, PoolStats, SequenceInfo
@@ -256,6 +257,27 @@ class KVPool:
         for i, s in enumerate(seqs):
             tables[i, : len(s.block_table)] = s.block_table
         return tables, np.asarray([s.num_tokens for s in seqs], dtype=np.int32)
+
+    def plan(
+        self,
+        seq_ids: int | Seq[int],
+        query_lens: int | Seq[int] | None = None,
+        slots: Any = None,
+        **options: Any,
+    ) -> StepPlan:
+        """A step plan for one forward pass over ``seq_ids``: their block tables,
+        lengths and the step's ``slots`` (where its new tokens' K/V go, as
+        `append` / `allocate` returned them) checked and uploaded once; then per
+        layer ``plan.write(layer, k, v)`` and ``plan.attend(layer, q, scale)``
+        (see `kvpager.plan`). ``query_lens``: new tokens per sequence (default 1).
+        The plan is a snapshot: make a new one (or `StepPlan.update` it) after
+        the sequences change. ``options`` go to the backend's planner."""
+        ids = _ids(seq_ids)
+        tables, seq_lens = self.block_tables([self.manager.get(s, "attend") for s in ids])
+        if query_lens is not None:
+            query_lens = np.asarray(_per_seq(query_lens, len(ids), "query_lens"))
+        self.pending = True
+        return make_plan(self.backend, tables, seq_lens, query_lens, slots, **options)
 
     def kv(self, layer: int) -> tuple[Any, Any]:
         """Views of one layer's K and V: each [num_blocks, num_kv_heads, block_size, head_dim]."""

@@ -187,16 +187,18 @@ def test_out_of_blocks_leaves_pool_clean(model):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_tensors_cross_into_the_pool_dtype_exactly(dtype):
-    from clients.kvpager_hf import _from_pool, _to_pool
+    from clients.kvpager_hf import PagedBatch, _to_pool
+    from kvpager.plan import from_numpy, to_numpy
     from kvpager.spec import numpy_dtype
 
     x = torch.randn(5, 2, 16).to(getattr(torch, dtype))
-    arr = _to_pool(x, dtype, gpu_pool=False)
-    assert arr.dtype == numpy_dtype(dtype) and arr.shape == (5, 2, 16)
-    back = _from_pool(arr, like=x)
+    arr, from_torch = to_numpy(x, "x", numpy_dtype(dtype))
+    assert from_torch and arr.dtype == numpy_dtype(dtype) and arr.shape == (5, 2, 16)
+    back = from_numpy(arr)
     assert back.dtype == x.dtype and torch.equal(back, x)
     # a float32 model over a float16 pool: K/V rounded to the pool dtype
-    assert _to_pool(x.float(), dtype, gpu_pool=False).dtype == numpy_dtype(dtype)
+    batch = PagedBatch(None, getattr(torch, dtype), torch.device("cpu"))
+    assert _to_pool(x.float(), batch).dtype == x.dtype
 
 
 def test_bfloat16_model_runs_on_a_bfloat16_pool():

@@ -76,6 +76,12 @@ class Backend(ABC):
         Scores are scaled by ``scale``; softmax and accumulation in float32.
         Returns [sum(query_lens), num_q_heads, head_dim] in the pool dtype."""
 
+    @abstractmethod
+    def plan(self, tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
+             slots: np.ndarray | None, **options: Any) -> Any:
+        """A `kvpager.plan.StepPlan` over already validated step metadata (see
+        `kvpager.plan.check_step`; `kvpager.plan.make_plan` validates and calls this)."""
+
     def synchronize(self) -> None:
         """Wait until every copy and kernel issued so far has completed."""
 

@@ -173,27 +173,29 @@ class CupyBackend(Backend):
             kernels.swap(self._host_dev_ptr, self._dev_ptr, self.spec, pairs,
                          self.spec.num_host_blocks, self.spec.num_blocks, self.index, "swap_in")
 
-    def plan_attention(self, block_tables: np.ndarray, seq_lens: np.ndarray,
-                       query_lens: np.ndarray, num_q_heads: int, scale: float,
-                       num_splits: int | None = None) -> kernels.AttentionPlan:
-        """Check and upload a step's block tables once; ``plan.run(self.kv, layer, q)``
-        then attends for any layer. ``num_splits`` overrides the decode split-K planner."""
+    def plan(self, tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
+             slots: np.ndarray | None, **options: Any) -> Any:
+        """A `CupyPlan`: the step uploaded once; ``options``: ``num_rows`` / ``width``
+        capacities (in-place updates for CUDA graphs), ``num_splits`` (overrides the
+        decode split-K planner), ``num_q_heads`` (prepare the launches now)."""
+        from kvpager.backends.cupy_plan import CupyPlan
+
         self._check_open()
-        return kernels.AttentionPlan(self.spec, block_tables, seq_lens, query_lens, num_q_heads,
-                                     scale, self.index, self.num_sms, num_splits)
+        with cupy.cuda.Device(self.index):
+            return CupyPlan(self, tables, seq_lens, query_lens, slots, **options)
 
     def attend(self, layer: int, q: Any, block_tables: np.ndarray, seq_lens: np.ndarray,
                query_lens: np.ndarray, scale: float, out: Any = None,
                num_splits: int | None = None) -> Any:
-        """See `Backend.attend`. ``out`` (optional) receives the result;
-        ``num_splits`` overrides the decode split-K planner (tests, benchmarks)."""
+        """See `Backend.attend`: a one-layer plan. ``out`` (optional) receives the
+        result; ``num_splits`` overrides the decode split-K planner (tests, benchmarks)."""
+        from kvpager.plan import check_step
+
         self._check_open()
         if getattr(q, "ndim", 0) != 3:
             raise InvalidArgument(f"q must be [tokens, num_q_heads, head_dim], got {getattr(q, 'shape', None)}")
-        with cupy.cuda.Device(self.index):
-            plan = self.plan_attention(block_tables, seq_lens, query_lens, q.shape[1], scale,
-                                       num_splits)
-            return plan.run(self.kv, int(layer), q, out)
+        step = check_step(self.spec, block_tables, seq_lens, query_lens)
+        return self.plan(*step, num_splits=num_splits).attend(int(layer), q, scale, out)
 
     def synchronize(self) -> None:
         with cupy.cuda.Device(self.index):

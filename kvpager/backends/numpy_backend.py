@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from kvpager.backends.base import Backend
+from kvpager.errors import InvalidArgument
 from kvpager.spec import PoolSpec
 
 
@@ -57,6 +58,15 @@ class NumpyBackend(Backend):
     def swap_in(self, pairs: np.ndarray) -> None:
         if len(pairs):
             self.kv[pairs[:, 1]] = self.host_kv[pairs[:, 0]]
+
+    def plan(self, tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
+             slots: np.ndarray | None, *, num_rows: int | None = None, **ignored: Any) -> Any:
+        """A `NumpyPlan` (capacity and kernel options mean nothing here; padding rows are refused)."""
+        from kvpager.plan import NumpyPlan
+
+        if num_rows is not None and num_rows != len(seq_lens):
+            raise InvalidArgument("padding rows (num_rows) are for in-place updates on the GPU backend")
+        return NumpyPlan(self, tables, seq_lens, query_lens, slots)
 
     def attend(
         self,

@@ -1,0 +1,226 @@
+"""Step plans: one forward pass's attention metadata, built once, used by every layer.
+
+A model runs every layer once per forward pass and every layer needs the
+same block tables, lengths and slots. `make_plan` checks them once and hands
+them to the backend, which uploads them once and picks its kernels; then per
+layer::
+
+    plan = pool.plan(seq_ids, query_lens, slots)   # once per step
+    for layer in range(num_layers):
+        plan.write(layer, k, v)                     # the step's new K/V at the plan's slots
+        out = plan.attend(layer, q)                 # paged attention, causal over the new tokens
+
+``write`` and ``attend`` check only what they cannot know in advance (the
+tensors' shapes and dtypes) and launch; on a GPU they run on the caller's
+current stream (torch's where torch drives the GPU, else CuPy's), never
+synchronize and allocate nothing but the output (pass ``out`` to avoid that),
+so a decode step can be captured in a CUDA graph. `StepPlan.update` refills a
+plan's buffers in place (same addresses) before a graph replay.
+
+Tensors may be NumPy / CuPy arrays or torch tensors (CPU tensors for the
+NumPy backend, CUDA tensors on the pool's GPU for the CuPy backend); the
+result of ``attend`` is of the same kind as ``q``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from kvpager.errors import InvalidArgument
+from kvpager.spec import PoolSpec
+
+
+def _index(a: Any, name: str, ndim: int, dtype: type) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.ndim != ndim or (arr.size and arr.dtype.kind not in "iu"):
+        raise InvalidArgument(f"{name} must be a {ndim}-D integer array, got {arr.dtype} {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def check_step(
+    spec: PoolSpec, tables: Any, seq_lens: Any, query_lens: Any = None, slots: Any = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Validate one step's metadata; returns (tables int32 [B, W], seq_lens
+    int32 [B], query_lens int32 [B], slots int64 [sum(query_lens)] or None).
+
+    Block ids must lie in the pool, each sequence's length within its table,
+    1 <= query_lens <= seq_lens, slots in the pool (-1: padding, skipped) and
+    never in the null block."""
+    tables = _index(tables, "block_tables", 2, np.int32)
+    seq_lens = _index(seq_lens, "seq_lens", 1, np.int32)
+    nseq, width = tables.shape
+    if query_lens is None:
+        query_lens = np.ones(nseq, dtype=np.int32)
+    else:
+        query_lens = _index(np.broadcast_to(np.asarray(query_lens), (nseq,)) if np.ndim(query_lens) == 0
+                            else query_lens, "query_lens", 1, np.int32)
+    if len(seq_lens) != nseq or len(query_lens) != nseq:
+        raise InvalidArgument(f"{nseq} block tables but {len(seq_lens)} seq_lens, {len(query_lens)} query_lens")
+    if tables.size and (tables.min() < 0 or tables.max() >= spec.num_blocks):
+        bad = tables[(tables < 0) | (tables >= spec.num_blocks)][0]
+        raise InvalidArgument(f"block_tables holds {int(bad)}, outside [0, {spec.num_blocks})")
+    if nseq and (seq_lens.min() < 1 or seq_lens.max() > width * spec.block_size):
+        raise InvalidArgument(f"seq_lens must be in [1, {width * spec.block_size}] for tables {width} blocks wide")
+    if nseq and (query_lens.min() < 1 or (query_lens > seq_lens).any()):
+        raise InvalidArgument(f"query_lens must be in [1, seq_lens], got {query_lens.tolist()[:8]}")
+    if slots is not None:
+        slots = check_slots(spec, slots)
+        if len(slots) != int(query_lens.sum()):
+            raise InvalidArgument(f"{len(slots)} slots for {int(query_lens.sum())} query tokens")
+    return tables, seq_lens, query_lens, slots
+
+
+def check_slots(spec: PoolSpec, slots: Any) -> np.ndarray:
+    """Slot ids as int64 [T]: each in the pool and not in the null block, or -1 (padding)."""
+    if not isinstance(slots, np.ndarray) and hasattr(slots, "get"):  # a CuPy array
+        slots = slots.get()
+    arr = np.asarray(slots)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise InvalidArgument(f"slots must be a 1-D integer array, got dtype {arr.dtype} shape {arr.shape}")
+    arr = arr.astype(np.int64, copy=False)
+    bs, limit = spec.block_size, spec.num_blocks * spec.block_size
+    bad = (arr < -1) | (arr >= limit) | ((arr >= 0) & (arr < bs))
+    if bad.any():
+        raise InvalidArgument(
+            f"slot {int(arr[bad][0])} is outside [{bs}, {limit}) (block 0 is the null block; -1 marks padding)")
+    return arr
+
+
+def check_scale(scale: Any, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(scale, (int, float, np.floating)) or isinstance(scale, bool) \
+            or not math.isfinite(scale) or scale <= 0:
+        raise InvalidArgument(f"scale must be a positive finite number, got {scale!r}")
+    return float(scale)
+
+
+def check_layer(spec: PoolSpec, layer: Any) -> int:
+    if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool) or not 0 <= layer < spec.num_layers:
+        raise InvalidArgument(f"layer must be an int in [0, {spec.num_layers}), got {layer!r}")
+    return int(layer)
+
+
+class StepPlan(ABC):
+    """One step's block tables, lengths and slots, checked and uploaded once."""
+
+    spec: PoolSpec
+    tables: np.ndarray  # int32 [B, W], the host copy
+    seq_lens: np.ndarray  # int32 [B]
+    query_lens: np.ndarray  # int32 [B]
+    slots: np.ndarray | None  # int64 [num_tokens]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        """Query tokens of the step: the rows of q and of k / v."""
+        return int(self.query_lens.sum())
+
+    @abstractmethod
+    def write(self, layer: int, k: Any, v: Any) -> None:
+        """Store ``layer``'s K and V ([num_tokens, num_kv_heads, head_dim], pool
+        dtype) at the plan's slots."""
+
+    @abstractmethod
+    def attend(self, layer: int, q: Any, scale: float | None = None, out: Any = None) -> Any:
+        """Paged attention of q ([num_tokens, num_q_heads, head_dim], pool dtype)
+        over ``layer``; each sequence's query tokens are its last ``query_lens``
+        tokens and attend causally. ``scale`` defaults to 1/sqrt(head_dim)."""
+
+    def update(self, tables: Any, seq_lens: Any, query_lens: Any = None, slots: Any = None) -> None:
+        """Refill the plan in place with another step of the same shape (see the backend's plan)."""
+        raise InvalidArgument(f"{type(self).__name__} cannot be updated in place; make a new plan")
+
+
+def make_plan(backend: Any, tables: Any, seq_lens: Any, query_lens: Any = None, slots: Any = None,
+              **options: Any) -> StepPlan:
+    """A step plan on ``backend`` (validated here once). ``options`` go to the
+    backend's planner (the CuPy backend: ``num_rows`` / ``width`` capacities for
+    in-place updates, ``num_splits`` to override the decode split-K planner)."""
+    return backend.plan(*check_step(backend.spec, tables, seq_lens, query_lens, slots), **options)
+
+
+# -- the NumPy plan ---------------------------------------------------------------------
+def to_numpy(x: Any, name: str, dtype: np.dtype) -> tuple[np.ndarray, bool]:
+    """A NumPy view of ``x`` in ``dtype`` (NumPy array or CPU torch tensor) and
+    whether it came from torch."""
+    if isinstance(x, np.ndarray):
+        if x.dtype != dtype:
+            raise InvalidArgument(f"{name} must have dtype {dtype}, got {x.dtype}")
+        return x, False
+    if type(x).__module__.startswith("torch"):
+        if x.device.type != "cpu":
+            raise InvalidArgument(f"{name} is on {x.device}; this pool is on the CPU")
+        want = str(dtype)
+        if str(x.dtype).removeprefix("torch.") != want:
+            raise InvalidArgument(f"{name} must have dtype {want}, got {x.dtype}")
+        x = x.detach().contiguous()
+        if want == "bfloat16":  # NumPy has no bfloat16: cross as raw bits
+            import torch
+
+            return x.view(torch.int16).numpy().view(dtype), True
+        return x.numpy(), True
+    raise InvalidArgument(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+
+
+def from_numpy(out: np.ndarray) -> Any:
+    """A NumPy result as a torch tensor (bfloat16 through its bits)."""
+    import torch
+
+    if out.dtype.name == "bfloat16":
+        return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(out)
+
+
+class NumpyPlan(StepPlan):
+    """The step plan of the NumPy backend: the reference for the GPU plan."""
+
+    def __init__(self, backend: Any, tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
+                 slots: np.ndarray | None):
+        self.backend, self.spec = backend, backend.spec
+        self.tables, self.seq_lens, self.query_lens, self.slots = tables, seq_lens, query_lens, slots
+
+    def write(self, layer: int, k: Any, v: Any) -> None:
+        spec = self.spec
+        layer = check_layer(spec, layer)
+        if self.slots is None:
+            raise InvalidArgument("this plan has no slots: pass slots to plan() to write through it")
+        shape = (len(self.slots), spec.num_kv_heads, spec.head_dim)
+        k, _ = to_numpy(k, "k", spec.np_dtype)
+        v, _ = to_numpy(v, "v", spec.np_dtype)
+        for name, x in (("k", k), ("v", v)):
+            if x.shape != shape:
+                raise InvalidArgument(f"{name} must have shape {shape}, got {x.shape}")
+        self.backend.write(layer, self.slots, k, v)
+
+    def attend(self, layer: int, q: Any, scale: float | None = None, out: Any = None) -> Any:
+        from kvpager.backends.numpy_backend import paged_attention
+
+        spec = self.spec
+        layer = check_layer(spec, layer)
+        qn, from_torch = to_numpy(q, "q", spec.np_dtype)
+        check_q_shape(qn.shape, self.num_tokens, spec)
+        res = paged_attention(self.backend.kv, layer, qn, self.tables, self.seq_lens, self.query_lens,
+                              check_scale(scale, spec.head_dim))
+        if out is not None:
+            to_numpy(out, "out", spec.np_dtype)[0][...] = res
+            return out
+        return from_numpy(res) if from_torch else res
+
+
+def check_q_shape(shape: tuple[int, ...], tokens: int, spec: PoolSpec) -> int:
+    """The number of query heads of a q of ``shape``; InvalidArgument if q is
+    not [tokens, a multiple of num_kv_heads, head_dim]."""
+    hkv = spec.num_kv_heads
+    if len(shape) != 3 or shape[0] != tokens or shape[2] != spec.head_dim or shape[1] < 1 or shape[1] % hkv:
+        raise InvalidArgument(
+            f"q must be [{tokens}, num_q_heads, {spec.head_dim}] with num_q_heads a multiple of "
+            f"num_kv_heads={hkv}, got shape {tuple(shape)}")
+    return int(shape[1])
