@@ -57,33 +57,49 @@ class Launch:
     def __init__(self, fn: Any, grid: tuple[int, ...], block: int, smem: int, args: list[Any],
                  device: int):
         self.func = fn.kernel.ptr  # the CUfunction of the compiled RawKernel
-        self.grid = (tuple(grid) + (1, 1))[:3]
+        self.grid = (tuple(int(g) for g in grid) + (1, 1))[:3]
         self.block, self.smem, self.device = int(block), int(smem), device
         self.args = args
         self.params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
         self._launch = _driver().cuLaunchKernel
+        self._head = (self.func, *self.grid, self.block, 1, 1, self.smem)
 
     def __call__(self, stream: int) -> None:
-        gx, gy, gz = self.grid
-        rc = self._launch(self.func, gx, gy, gz, self.block, 1, 1, self.smem, stream, self.params, None)
+        rc = self._launch(*self._head, stream, self.params, None)
         if rc:
             if rc == _CUDA_ERROR_INVALID_CONTEXT:  # a thread that never touched this GPU
                 from cupy.cuda import runtime
 
                 runtime.setDevice(self.device)
-                rc = self._launch(self.func, gx, gy, gz, self.block, 1, 1, self.smem, stream, self.params, None)
+                rc = self._launch(*self._head, stream, self.params, None)
             if rc:
                 raise InternalError(f"cuLaunchKernel failed with CUDA error {rc} (grid {self.grid}, "
                                     f"block {self.block}, shared memory {self.smem})")
+
+
+_torch_stream: Any = None
 
 
 def current_stream(device: int) -> int:
     """The caller's current stream on ``device``: torch's where torch has
     initialised CUDA in this process (its default stream is CuPy's too), else
     CuPy's."""
+    if _torch_stream is not None:
+        return _torch_stream(device)
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
-        return int(torch._C._cuda_getCurrentRawStream(device))
+        return torch_stream()(device)
     import cupy
 
     return int(cupy.cuda.get_current_stream().ptr)
+
+
+def torch_stream() -> Any:
+    """torch's raw current-stream getter (device index -> stream handle); call
+    it only once torch has initialised CUDA (it stays initialised)."""
+    global _torch_stream
+    if _torch_stream is None:
+        import torch
+
+        _torch_stream = torch._C._cuda_getCurrentRawStream
+    return _torch_stream

@@ -53,25 +53,39 @@ def check_step(
     tables = _index(tables, "block_tables", 2, np.int32)
     seq_lens = _index(seq_lens, "seq_lens", 1, np.int32)
     nseq, width = tables.shape
-    if query_lens is None:
-        query_lens = np.ones(nseq, dtype=np.int32)
-    else:
-        query_lens = _index(np.broadcast_to(np.asarray(query_lens), (nseq,)) if np.ndim(query_lens) == 0
-                            else query_lens, "query_lens", 1, np.int32)
-    if len(seq_lens) != nseq or len(query_lens) != nseq:
-        raise InvalidArgument(f"{nseq} block tables but {len(seq_lens)} seq_lens, {len(query_lens)} query_lens")
+    if len(seq_lens) != nseq:
+        raise InvalidArgument(f"{nseq} block tables but {len(seq_lens)} seq_lens")
     if tables.size and (tables.min() < 0 or tables.max() >= spec.num_blocks):
         bad = tables[(tables < 0) | (tables >= spec.num_blocks)][0]
         raise InvalidArgument(f"block_tables holds {int(bad)}, outside [0, {spec.num_blocks})")
     if nseq and (seq_lens.min() < 1 or seq_lens.max() > width * spec.block_size):
         raise InvalidArgument(f"seq_lens must be in [1, {width * spec.block_size}] for tables {width} blocks wide")
-    if nseq and (query_lens.min() < 1 or (query_lens > seq_lens).any()):
-        raise InvalidArgument(f"query_lens must be in [1, seq_lens], got {query_lens.tolist()[:8]}")
+    return (tables, seq_lens, *check_queries(spec, seq_lens, query_lens, slots))
+
+
+def check_queries(spec: PoolSpec, seq_lens: np.ndarray, query_lens: Any = None,
+                  slots: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The query lengths (int32 [B], default 1; each in [1, seq_lens]) and slots
+    (see `check_slots`; one per query token) of a step over sequences of
+    ``seq_lens`` tokens, whose tables are known good (the pool's own)."""
+    nseq = len(seq_lens)
+    if query_lens is None:
+        query_lens = np.ones(nseq, dtype=np.int32)
+        total = nseq
+    else:
+        if np.ndim(query_lens) == 0:
+            query_lens = np.broadcast_to(np.asarray(query_lens), (nseq,))
+        query_lens = _index(query_lens, "query_lens", 1, np.int32)
+        if len(query_lens) != nseq:
+            raise InvalidArgument(f"{len(query_lens)} query_lens for {nseq} sequences")
+        if nseq and (query_lens.min() < 1 or (query_lens > seq_lens).any()):
+            raise InvalidArgument(f"query_lens must be in [1, seq_lens], got {query_lens.tolist()[:8]}")
+        total = int(query_lens.sum())
     if slots is not None:
         slots = check_slots(spec, slots)
-        if len(slots) != int(query_lens.sum()):
-            raise InvalidArgument(f"{len(slots)} slots for {int(query_lens.sum())} query tokens")
-    return tables, seq_lens, query_lens, slots
+        if len(slots) != total:
+            raise InvalidArgument(f"{len(slots)} slots for {total} query tokens")
+    return query_lens, slots
 
 
 def check_slots(spec: PoolSpec, slots: Any) -> np.ndarray:
@@ -83,6 +97,8 @@ def check_slots(spec: PoolSpec, slots: Any) -> np.ndarray:
         raise InvalidArgument(f"slots must be a 1-D integer array, got dtype {arr.dtype} shape {arr.shape}")
     arr = arr.astype(np.int64, copy=False)
     bs, limit = spec.block_size, spec.num_blocks * spec.block_size
+    if not arr.size or (arr.min() >= bs and arr.max() < limit):  # no padding: the common case
+        return arr
     bad = (arr < -1) | (arr >= limit) | ((arr >= 0) & (arr < bs))
     if bad.any():
         raise InvalidArgument(

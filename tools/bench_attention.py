@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from kvpager import kernels
 from kvpager.backends.cupy_backend import CupyBackend
+from kvpager.plan import make_plan
 from kvpager.spec import PoolSpec
 
 HQ, HKV, D, BS = 32, 8, 128, 16
@@ -104,11 +105,12 @@ def bench_decode(batch: int, ctx: int, peak: float | None,
     rows = []
     for label, knobs, splits in variants or [("", {}, None)]:
         try:
-            plan = with_knobs(knobs, lambda splits=splits: be.plan_attention(
-                tables, np.full(batch, ctx, np.int32), np.ones(batch, np.int32), HQ, scale, splits))
+            plan = with_knobs(knobs, lambda splits=splits: make_plan(
+                be, tables, np.full(batch, ctx, np.int32), np.ones(batch, np.int32),
+                num_splits=splits, num_q_heads=HQ))
             out = cupy.empty_like(q_cp)
             out[...] = cupy.nan if out.dtype != cupy.uint16 else 0x7FC0
-            plan.run(be.kv, 0, q_cp, out)
+            plan.attend(0, q_cp, scale, out)
             err = rel_err(tview(out), ref.squeeze(2))
             assert err < 1e-2, f"decode {batch}x{ctx} {label}: relative error {err}"
         except Exception as e:  # a broken variant is reported, the others still run
@@ -116,7 +118,7 @@ def bench_decode(batch: int, ctx: int, peak: float | None,
                 raise
             print(f"decode {batch}x{ctx} ({label}): FAILED: {e}", flush=True)
             continue
-        ours = median_ms(lambda plan=plan, out=out: plan.run(be.kv, 0, q_cp, out))
+        ours = median_ms(lambda plan=plan, out=out: plan.attend(0, q_cp, scale, out))
         case = f"decode {batch}x{ctx}" + (f" ({label})" if label else "")
         rows.append(dict(case=case, splits=plan.splits, rel_err=err, ms=ours, tbs=nbytes / ours / 1e9,
                          pct_peak=(nbytes / ours / 1e9 / peak * 100) if peak else None,
@@ -153,14 +155,14 @@ def bench_prefill(batch: int = 8, new: int = 1024, cached: int = 4096,
     flops = 4 * D * HQ * pairs
     rows = []
     for label, knobs in variants or [("", {})]:
-        plan = with_knobs(knobs, lambda: be.plan_attention(
-            tables, np.full(batch, ctx, np.int32), np.full(batch, new, np.int32), HQ, scale))
+        plan = with_knobs(knobs, lambda: make_plan(
+            be, tables, np.full(batch, ctx, np.int32), np.full(batch, new, np.int32), num_q_heads=HQ))
         out = cupy.empty_like(q_cp)
         out[...] = cupy.nan if out.dtype != cupy.uint16 else 0x7FC0
-        plan.run(be.kv, 0, q_cp, out)
+        plan.attend(0, q_cp, scale, out)
         err = rel_err(tview(out), ref.transpose(1, 2).reshape(batch * new, HQ, D))
         assert err < 1e-2, f"prefill {label}: relative error {err}"
-        ours = median_ms(lambda plan=plan, out=out: plan.run(be.kv, 0, q_cp, out), iters=20)
+        ours = median_ms(lambda plan=plan, out=out: plan.attend(0, q_cp, scale, out), iters=20)
         case = f"prefill {batch}x{new} on {cached}" + (f" ({label})" if label else "")
         rows.append(dict(case=case, rel_err=err, ms=ours, tflops=flops / ours / 1e9,
                          sdpa_ms=base, sdpa_tflops=flops / base / 1e9, ratio=base / ours))

@@ -17,13 +17,14 @@ CUDA graph needs: the same buffers at the same addresses, the same grid.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
 
 from kvpager import kernels
 from kvpager.errors import InvalidArgument
-from kvpager.launch import Launch, current_stream, f32, i32, ptr
+from kvpager.launch import Launch, current_stream, f32, i32, ptr, torch_stream
 from kvpager.plan import StepPlan, check_layer, check_q_shape, check_scale, check_step
 
 _LOG2E = 1.4426950408889634
@@ -51,12 +52,12 @@ class CupyPlan(StepPlan):
         self.has_slots = slots is not None
         # Items: decode kernels run one per query token (one per row when padded).
         self.items = self.rows if self.rows > nseq else int(query_lens.sum())
+        self._tokens = self.items if self.decode else int(query_lens.sum())
         n32 = self.rows * self.width + 2 * self.items + 3 * self.rows
         self._n32 = -(-n32 // 2) * 2  # slots (int64) start 8-byte aligned
         nbytes = self._n32 * 4 + self.items * 8
         self._host = np.zeros(nbytes, dtype=np.uint8)
-        with cupy.cuda.Device(self.device):
-            self._dev = cupy.empty(nbytes, dtype=cupy.uint8)
+        self._dev = cupy.empty(nbytes, dtype=cupy.uint8)  # the backend made this device current
         base = self._dev.data.ptr
         w = self.rows * self.width
         self._offsets = {"tables": 0, "item_seq": w, "item_len": w + self.items,
@@ -66,6 +67,11 @@ class CupyPlan(StepPlan):
         self.ptrs["slots"] = base + 4 * self._n32
         self._attn: dict[int, list[Launch]] = {}
         self._write: Launch | None = None
+        self._kv_shape = (self.num_tokens, spec.num_kv_heads, spec.head_dim)
+        self._scale = check_scale(None, spec.head_dim) * _LOG2E
+        self._last_scale: Any = None
+        self._scale_given = self._scale
+        self._torch_type, self._torch_dtype, self._stream = _torch_kinds(spec.dtype)
         self._fill(tables, seq_lens, query_lens, slots)
         if num_q_heads is not None:
             self._prepare(int(num_q_heads))
@@ -134,7 +140,7 @@ class CupyPlan(StepPlan):
 
     @property
     def num_tokens(self) -> int:
-        return self.items if self.decode else int(self.query_lens.sum())
+        return self._tokens
 
     # -- launches -------------------------------------------------------------------------
     def _prepare(self, num_q_heads: int) -> list[Launch]:
@@ -228,10 +234,16 @@ class CupyPlan(StepPlan):
         spec = self.spec
         if not self.has_slots:
             raise InvalidArgument("this plan has no slots: pass slots to plan() to write through it")
-        layer = check_layer(spec, layer)
-        shape = (self.num_tokens, spec.num_kv_heads, spec.head_dim)
-        kp, _ = device_tensor(k, "k", shape, self.backend, self.device)
-        vp, _ = device_tensor(v, "v", shape, self.backend, self.device)
+        if type(layer) is not int or not 0 <= layer < spec.num_layers:
+            layer = check_layer(spec, layer)
+        shape = self._kv_shape
+        kp, vp = self._fast_ptr(k, shape), self._fast_ptr(v, shape)
+        if kp and vp:
+            stream = self._stream(self.device)
+        else:
+            kp, _ = device_tensor(k, "k", shape, self.backend, self.device)
+            vp, _ = device_tensor(v, "v", shape, self.backend, self.device)
+            stream = current_stream(self.device)
         launch = self._write
         if launch is None:
             if not shape[0]:
@@ -243,22 +255,51 @@ class CupyPlan(StepPlan):
             launch = self._write = Launch(fn, (min(shape[0], 65536),), 128, 0, args, self.device)
         a = launch.args
         a[0].value, a[1].value, a[5].value = kp, vp, layer
-        launch(current_stream(self.device))
+        launch(stream)
+
+    def _fast_ptr(self, x: Any, shape: tuple[int, ...]) -> int:
+        """The pointer of a torch CUDA tensor that passes every check (right
+        device, dtype, shape, dense, 16-byte aligned) at the cost of a few
+        attribute reads; 0 for anything else (then the full checks run)."""
+        if type(x) is not self._torch_type or x.dtype is not self._torch_dtype or x.shape != shape:
+            return 0
+        p = x.data_ptr()
+        if p % 16 or not x.is_cuda or x.get_device() != self.device or not x.is_contiguous():
+            return 0
+        return p
 
     def attend(self, layer: int, q: Any, scale: float | None = None, out: Any = None) -> Any:
         spec = self.spec
-        layer = check_layer(spec, layer)
-        shape = getattr(q, "shape", ())
-        num_q = check_q_shape(tuple(shape), self.num_tokens, spec)
-        qp, q = device_tensor(q, "q", tuple(shape), self.backend, self.device)
-        if out is None:
-            out = q.new_empty(q.shape) if hasattr(q, "new_empty") else _cupy_empty_like(q)
-        op, out = device_tensor(out, "out", tuple(shape), self.backend, self.device, writable=True)
-        launches = self._attn.get(num_q) or self._prepare(num_q)
+        if type(layer) is not int or not 0 <= layer < spec.num_layers:
+            layer = check_layer(spec, layer)
+        shape = q.shape if hasattr(q, "shape") else ()
+        launches = self._attn.get(shape[1]) if len(shape) == 3 else None
+        qp = self._fast_ptr(q, shape) if launches else 0
+        if qp:  # a dense torch tensor of the right kind: the hot path
+            if shape[0] != self._tokens:
+                check_q_shape(tuple(shape), self._tokens, spec)
+            if out is None:
+                out = q.new_empty(shape)
+            op = self._fast_ptr(out, shape)
+            if not op:
+                op, out = device_tensor(out, "out", tuple(shape), self.backend, self.device, writable=True)
+            stream = self._stream(self.device)
+        else:
+            num_q = check_q_shape(tuple(shape), self.num_tokens, spec)
+            qp, q = device_tensor(q, "q", tuple(shape), self.backend, self.device)
+            if out is None:
+                out = q.new_empty(q.shape) if hasattr(q, "new_empty") else _cupy_empty_like(q)
+            op, out = device_tensor(out, "out", tuple(shape), self.backend, self.device, writable=True)
+            launches = self._attn.get(num_q) or self._prepare(num_q)
+            stream = current_stream(self.device)
         if not shape[0]:
             return out
-        s = check_scale(scale, spec.head_dim) * _LOG2E
-        stream = current_stream(self.device)
+        if scale is None:
+            s = self._scale
+        elif scale == self._last_scale:
+            s = self._scale_given
+        else:
+            s = self._set_scale(scale)
         # Cells shared by the launches (the merge reads the decode's out cell).
         first = launches[0].args
         first[0].value, first[5 if self.decode else 7].value = qp, op
@@ -266,6 +307,20 @@ class CupyPlan(StepPlan):
         for launch in launches:
             launch(stream)
         return out
+
+    def _set_scale(self, scale: Any) -> float:
+        self._last_scale = scale
+        self._scale_given = check_scale(scale, self.spec.head_dim) * _LOG2E
+        return self._scale_given
+
+
+def _torch_kinds(dtype: str) -> tuple[Any, Any, Any]:
+    """(torch.Tensor, the torch dtype, torch's raw current-stream getter) where
+    torch is loaded; None placeholders otherwise (the fast path never matches)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None, None, current_stream
+    return torch.Tensor, getattr(torch, dtype), torch_stream()
 
 
 def _cupy_empty_like(x: Any) -> Any:

@@ -1,0 +1,155 @@
+"""Step plans on the GPU against the NumPy twin: torch tensors in and out, the
+caller's stream, and a decode step captured in a CUDA graph and replayed over
+new block tables, lengths and slots. Skips without CuPy, torch or a GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy")
+torch = pytest.importorskip("torch")
+try:
+    _GPU = cupy.cuda.runtime.getDeviceCount() > 0 and torch.cuda.is_available()
+except Exception:
+    _GPU = False
+if not _GPU:
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+from kvpager import KVPool  # noqa: E402
+from kvpager.backends.numpy_backend import paged_attention  # noqa: E402
+from kvpager.errors import InvalidArgument  # noqa: E402
+from kvpager.spec import PoolSpec  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+TOL = {"bfloat16": 1e-2, "float16": 2e-3, "float32": 1e-5}
+HQ = 8
+
+
+def make(dtype: str, head_dim: int = 64) -> KVPool:
+    spec = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=head_dim, num_blocks=256, block_size=16, dtype=dtype)
+    return KVPool(spec, device="cuda:0")
+
+
+def rand(g: torch.Generator, *shape: int, dtype: str) -> torch.Tensor:
+    return torch.randn(*shape, generator=g).to(getattr(torch, dtype)).cuda()
+
+
+def reference(pool: KVPool, layer: int, q: torch.Tensor, tables, lens, qlens) -> np.ndarray:
+    """The NumPy twin over a host copy of the pool, in float64-free float32."""
+    kv = cupy.asnumpy(pool.backend.kv).view(pool.spec.np_dtype)
+    qn = q.float().cpu().numpy().astype(pool.spec.np_dtype)
+    return paged_attention(kv, layer, qn, tables, lens, np.asarray(qlens, np.int32), pool.spec.head_dim**-0.5)
+
+
+def rel_err(out: torch.Tensor, ref: np.ndarray) -> float:
+    o = out.double().cpu().numpy()
+    r = ref.astype(np.float64)
+    assert np.isfinite(o).all()
+    return float(np.linalg.norm(o - r) / np.linalg.norm(r))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_plan_prefill_then_decode_matches_numpy(dtype):
+    g = torch.Generator().manual_seed(1)
+    pool = make(dtype)
+    lens = [16, 31, 47, 5, 64]
+    allocs = pool.allocate([list(range(3, 3 + n)) for n in lens])
+    ids = [a.seq_id for a in allocs]
+    slots = np.concatenate([a.slots for a in allocs])
+    plan = pool.plan(ids, lens, slots)
+    hkv, d = pool.spec.num_kv_heads, pool.spec.head_dim
+    for layer in range(2):
+        plan.write(layer, rand(g, sum(lens), hkv, d, dtype=dtype), rand(g, sum(lens), hkv, d, dtype=dtype))
+        q = rand(g, sum(lens), HQ, d, dtype=dtype)
+        out = plan.attend(layer, q)
+        assert isinstance(out, torch.Tensor) and out.dtype == q.dtype and out.shape == q.shape
+        tables, seq_lens = pool.tables(ids)
+        assert rel_err(out, reference(pool, layer, q, tables, seq_lens, lens)) < TOL[dtype]
+    new = pool.append_flat(ids, 1)
+    plan = pool.plan(ids, None, new)
+    for layer in range(2):
+        plan.write(layer, rand(g, len(ids), hkv, d, dtype=dtype), rand(g, len(ids), hkv, d, dtype=dtype))
+        q = rand(g, len(ids), HQ, d, dtype=dtype)
+        out = torch.full_like(q, float("nan"))
+        assert plan.attend(layer, q, out=out) is out
+        tables, seq_lens = pool.tables(ids)
+        assert rel_err(out, reference(pool, layer, q, tables, seq_lens, [1] * len(ids))) < TOL[dtype]
+
+
+def test_plan_checks_tensors_before_launching():
+    pool = make("bfloat16")
+    [a] = pool.allocate([list(range(20))])
+    plan = pool.plan([a.seq_id], 20, a.slots)
+    good = torch.zeros(20, 2, 64, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(InvalidArgument, match="dtype"):
+        plan.write(0, good.half(), good)
+    with pytest.raises(InvalidArgument, match="shape"):
+        plan.write(0, good[:5], good[:5])
+    with pytest.raises(InvalidArgument, match="layer"):
+        plan.write(2, good, good)
+    with pytest.raises(InvalidArgument, match="q must be"):
+        plan.attend(0, torch.zeros(20, 3, 64, dtype=torch.bfloat16, device="cuda"))
+    with pytest.raises(InvalidArgument, match="cuda"):
+        plan.attend(0, torch.zeros(20, 4, 64, dtype=torch.bfloat16))
+    with pytest.raises(InvalidArgument, match="slot"):
+        pool.plan([a.seq_id], 20, np.full(20, 3))  # the null block
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_captured_decode_step_replays_new_tables_like_the_eager_step(dtype):
+    g = torch.Generator().manual_seed(2)
+    pool = make(dtype)
+    hkv, d = pool.spec.num_kv_heads, pool.spec.head_dim
+    lens = [15, 16, 33, 50, 7]  # appends cross block boundaries at different steps
+    allocs = pool.allocate([list(range(100 + i, 100 + i + n)) for i, n in enumerate(lens)])
+    ids = [a.seq_id for a in allocs]
+    prefill = pool.plan(ids, lens, np.concatenate([a.slots for a in allocs]))
+    for layer in range(2):
+        prefill.write(layer, rand(g, sum(lens), hkv, d, dtype=dtype), rand(g, sum(lens), hkv, d, dtype=dtype))
+    bucket, width = 8, 8
+    k, v = (torch.zeros(2, bucket, hkv, d, dtype=getattr(torch, dtype), device="cuda") for _ in range(2))
+    q = torch.zeros(2, bucket, HQ, d, dtype=getattr(torch, dtype), device="cuda")
+
+    def fill(n: int) -> None:
+        for t in (k, v, q):
+            t.zero_()
+            t[:, :n] = rand(g, 2, n, t.shape[2], d, dtype=dtype)
+
+    def step(plan):
+        return [(plan.write(layer, k[layer], v[layer]), plan.attend(layer, q[layer]))[1] for layer in range(2)]
+
+    fill(len(ids))
+    plan = pool.plan(ids, None, pool.append_flat(ids, 1), num_rows=bucket, width=width, num_q_heads=HQ)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(plan)  # warm-up: kernels compiled, launches packed
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step(plan)
+    for n_live in (5, 5, 4, 3):  # new tables and lengths each time, then fewer sequences
+        ids = ids[:n_live]
+        slots = pool.append_flat(ids, 1)
+        tables, seq_lens = pool.tables(ids)
+        plan.update(tables, seq_lens, None, slots)
+        fill(n_live)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = pool.plan(ids, None, slots)
+        kv = cupy.asnumpy(pool.backend.kv).view(pool.spec.np_dtype)
+        blocks, offsets = np.divmod(slots, pool.spec.block_size)
+        for layer in range(2):  # the replay wrote this step's K/V at this step's slots
+            stored = kv[blocks, layer, 0, :, offsets].astype(np.float32)
+            assert np.array_equal(stored, k[layer, :n_live].float().cpu().numpy())
+            expect = eager.attend(layer, q[layer, :n_live].contiguous())
+            ref = reference(pool, layer, q[layer, :n_live], tables, seq_lens, [1] * n_live)
+            assert rel_err(outs[layer][:n_live], ref) < TOL[dtype]
+            assert rel_err(expect, ref) < TOL[dtype]
+            assert not outs[layer][n_live:].any()  # padding rows read nothing
+    too_wide = np.zeros((1, width + 1), np.int32)
+    with pytest.raises(InvalidArgument, match="capacity"):
+        plan.update(too_wide, np.array([1], np.int32), None, np.array([-1]))
+    pool.check_integrity()

@@ -1,0 +1,267 @@
+"""A model on kvpager against the same model on transformers' own cache, in one process (GPU).
+
+Random-weight Llama-shaped models (Llama-3.2-1B: 16 layers, 32 q / 8 kv heads,
+head dim 64; Llama-3-8B: 32 layers, head dim 128), bf16, greedy decoding of
+prompts that share a system prompt. Paths, on the same model and prompts:
+
+- ``hf loop``: the model's forward with a DynamicCache in a plain decode loop;
+- ``hf generate``: transformers' ``generate`` (DynamicCache);
+- ``kvpager eager``: `clients.kvpager_hf.PagedGeneration`, one step plan per pass;
+- ``kvpager graphs``: the same with the decode step captured in CUDA graphs.
+
+Per path: decode ms/step (wall, synchronized), host ms/step (from the step's
+start until its last kernel is queued: the forward call's return, or the graph
+replay's), tokens/s of the decode steps, KV bytes held at the end, and the
+first decode tokens' agreement with the hf loop. Then the fixed-memory case:
+an 8 GiB KV budget, the largest batch each side fits (transformers pads a
+batch to its longest prompt and keeps every request's cache contiguous;
+kvpager stores the shared prompt once), and the tokens/s each reaches.
+
+    python tools/bench_e2e.py [--shapes 1b,8b] [--batches 64,256] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import clients.kvpager_hf as khf  # noqa: E402
+from kvpager import KVPool  # noqa: E402
+
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=64, vocab_size=128256),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, vocab_size=128256),
+}
+
+
+def make_model(shape: str) -> torch.nn.Module:
+    config = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rope_theta=500000.0,
+                                      initializer_range=0.02, bos_token_id=1, eos_token_id=None,
+                                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def prompts(batch: int, shared: int, own: int | tuple[int, int], seed: int = 1) -> list[list[int]]:
+    g = np.random.default_rng(seed)
+    system = g.integers(3, 32000, shared).tolist()
+    out = []
+    for _ in range(batch):
+        n = own if isinstance(own, int) else int(g.integers(own[0], own[1] + 1))
+        out.append(system + g.integers(3, 32000, n).tolist())
+    return out
+
+
+class HostClock:
+    """Marks when a step's last kernel is queued: wraps the forward of the paged
+    paths and the graph replay, and the hf loop times its forward call itself."""
+
+    def __init__(self) -> None:
+        self.mark = 0.0
+        fwd, replay = khf.paged_forward, torch.cuda.CUDAGraph.replay
+
+        def timed_forward(*a, **k):
+            r = fwd(*a, **k)
+            self.mark = time.perf_counter()
+            return r
+
+        def timed_replay(g):
+            replay(g)
+            self.mark = time.perf_counter()
+
+        khf.paged_forward = timed_forward  # DecodeGraphs imports it from there at capture
+        torch.cuda.CUDAGraph.replay = timed_replay
+
+
+def hf_loop(model, ps: list[list[int]], steps: int) -> dict:
+    ids = torch.tensor(ps, device="cuda")
+    with torch.inference_mode():
+        cache = transformers.DynamicCache()
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens, wall, host = [nxt[:, 0].tolist()], [], []
+        for i in range(steps):
+            pos = torch.tensor([ids.shape[1] + i], device="cuda")
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True, cache_position=pos,
+                        position_ids=pos.expand(len(ps), 1))
+            t1 = time.perf_counter()
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(nxt[:, 0].tolist())
+            wall.append(time.perf_counter() - t0)
+            host.append(t1 - t0)
+        kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return summarize("hf loop", wall, host, len(ps), kv, tokens)
+
+
+def hf_generate(model, ps: list[list[int]], steps: int) -> dict:
+    ids = torch.tensor(ps, device="cuda")
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
+        times = []
+        for n in (1, steps + 1):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    per = (times[1] - times[0]) / steps  # the prefill's share cancels out
+    return dict(path="hf generate", ms_step=per * 1e3, host_ms=None, tok_s=len(ps) / per, kv_bytes=None,
+                agree=None)
+
+
+def paged(model, ps: list[list[int]], steps: int, graphs: bool, clock: HostClock, num_blocks: int) -> dict:
+    spec = khf.spec_for_model(model, num_blocks=num_blocks)
+    pool = KVPool(spec, device="cuda:0")
+    try:
+        gen = khf.PagedGeneration(model, pool, ps, steps + 2, salt="bench", cuda_graphs=graphs)
+        tokens, wall, host = [[o[0] for o in gen.outputs]], [], []
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            gen.step()
+            wall.append(time.perf_counter() - t0)
+            host.append(clock.mark - t0)
+            tokens.append([o[-1] for o in gen.outputs])
+        kv = pool.stats().used_blocks * spec.bytes_per_block
+        gen.close()
+    finally:
+        pool.close()
+    label = "kvpager graphs" if graphs else "kvpager eager"
+    # the first steps of the graph path capture its buckets: leave them out
+    skip = 2 if graphs else 1
+    return summarize(label, wall[skip:], host[skip:], len(ps), kv, tokens)
+
+
+def summarize(path: str, wall: list[float], host: list[float], batch: int, kv: int | None,
+              tokens: list[list[int]]) -> dict:
+    ms = float(np.median(wall)) * 1e3
+    return dict(path=path, ms_step=ms, host_ms=float(np.median(host)) * 1e3, tok_s=batch / ms * 1e3,
+                kv_bytes=kv, tokens=tokens)
+
+
+def agreement(a: list[list[int]], b: list[list[int]], steps: int = 4) -> float:
+    """Share of (sequence, step) tokens equal over the first ``steps`` decode steps."""
+    x, y = np.array(a[:steps]), np.array(b[:steps])
+    return float((x == y).mean())
+
+
+def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, clock: HostClock) -> list[dict]:
+    ps = prompts(batch, shared, own)
+    bs = 16
+    blocks = batch * (-(-(own + steps + 2) // bs) + 1) + -(-shared // bs) + 64
+    rows = [hf_loop(model, ps, steps)]
+    torch.cuda.empty_cache()
+    rows.append(hf_generate(model, ps, steps))
+    torch.cuda.empty_cache()
+    rows.append(paged(model, ps, steps, False, clock, blocks))
+    rows.append(paged(model, ps, steps, True, clock, blocks))
+    base_ms, base_tokens = rows[0]["ms_step"], rows[0]["tokens"]
+    for r in rows:
+        r.update(shape=shape, batch=batch, ratio=base_ms / r["ms_step"])
+        toks = r.pop("tokens", None)
+        r["agree"] = agreement(base_tokens, toks) if toks else None
+    return rows
+
+
+def budget_case(model, budget: int, shared: int, own: tuple[int, int], new: int, clock: HostClock) -> list[dict]:
+    """Largest batch within ``budget`` KV bytes on each side, and the tokens/s it reaches."""
+    spec = khf.spec_for_model(model, num_blocks=2)
+    per_token = spec.bytes_per_token
+    hf_batch = budget // (per_token * (shared + own[1] + new))  # padded to the longest prompt
+    shared_blocks = -(-shared // spec.block_size)
+    worst = -(-(own[1] + new) // spec.block_size) + 1  # own tokens, new tokens, a copy of the shared tail
+    num_blocks = budget // spec.bytes_per_block
+    kv_batch = (num_blocks - 1 - shared_blocks) // worst
+    out = []
+    ps = prompts(hf_batch, shared, own, seed=7)
+    ids_list = [[0] * (max(map(len, ps)) - len(p)) + p for p in ps]  # left padding
+    ids = torch.tensor(ids_list, device="cuda")
+    mask = (torch.tensor([[0] * (len(ids_list[0]) - len(p)) + [1] * len(p) for p in ps], device="cuda"))
+    with torch.inference_mode():
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    out.append(dict(path="hf generate", batch=int(hf_batch), tok_s=hf_batch * new / dt, seconds=dt))
+    torch.cuda.empty_cache()
+    ps = prompts(kv_batch, shared, own, seed=7)
+    for graphs in (False, True):
+        pool = KVPool(spec.replace(num_blocks=num_blocks), device="cuda:0")
+        try:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            khf.generate(model, pool, ps, new, salt=f"budget{graphs}", eos_token_id=None, cuda_graphs=graphs)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+        finally:
+            pool.close()
+        out.append(dict(path="kvpager graphs" if graphs else "kvpager eager", batch=int(kv_batch),
+                        tok_s=kv_batch * new / dt, seconds=dt))
+    for r in out:
+        r["ratio"] = r["tok_s"] / out[0]["tok_s"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="1b,8b")
+    ap.add_argument("--batches", default="64,256")
+    ap.add_argument("--shared", type=int, default=1024, help="system prompt tokens")
+    ap.add_argument("--own", type=int, default=64, help="own prompt tokens per request")
+    ap.add_argument("--steps", type=int, default=24, help="timed decode steps")
+    ap.add_argument("--budget-gib", type=float, default=8.0, help="fixed-memory case (8b shape); 0 skips it")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args()
+    clock = HostClock()
+    card = torch.cuda.get_device_name()
+    rows, budget_rows = [], []
+    for shape in args.shapes.split(","):
+        model = make_model(shape)
+        for batch in map(int, args.batches.split(",")):
+            for r in run_case(model, shape, batch, args.shared, args.own, args.steps, clock):
+                rows.append(r)
+                print(f"{shape} x{batch:<4} {r['path']:<15} {r['ms_step']:8.2f} ms/step  host "
+                      f"{r['host_ms'] if r['host_ms'] is not None else float('nan'):7.2f} ms  "
+                      f"{r['tok_s']:9.0f} tok/s  {r['ratio']:5.2f}x  KV "
+                      f"{(r['kv_bytes'] or 0) / 2**30:6.2f} GiB  agree {r['agree']}", flush=True)
+            torch.cuda.empty_cache()
+        if shape == "8b" and args.budget_gib:
+            budget_rows = budget_case(model, int(args.budget_gib * 2**30), args.shared, (64, 256), 128, clock)
+            for r in budget_rows:
+                print(f"budget {args.budget_gib:g} GiB {r['path']:<15} batch {r['batch']:4d} "
+                      f"{r['tok_s']:9.0f} tok/s  {r['ratio']:5.2f}x", flush=True)
+        del model
+        torch.cuda.empty_cache()
+    print(f"\n{card}, {datetime.date.today()}, transformers {transformers.__version__}, torch {torch.__version__}")
+    print(f"{'shape':<5} {'batch':>5} {'path':<15} {'ms/step':>8} {'host ms':>8} {'tok/s':>8} {'vs hf loop':>10} "
+          f"{'KV GiB':>7}")
+    for r in rows:
+        host = f"{r['host_ms']:.2f}" if r["host_ms"] is not None else "-"
+        kv = f"{r['kv_bytes'] / 2**30:.2f}" if r["kv_bytes"] else "-"
+        print(f"{r['shape']:<5} {r['batch']:>5} {r['path']:<15} {r['ms_step']:8.2f} {host:>8} {r['tok_s']:8.0f} "
+              f"{r['ratio']:9.2f}x {kv:>7}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(card=card, rows=rows, budget=budget_rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()

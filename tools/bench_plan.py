@@ -1,0 +1,101 @@
+"""Host cost of a step plan: building it, and each layer's write / attend call.
+
+A decode step of 256 sequences (a 1,024-token shared prompt and 128 own
+tokens each), Llama-3-8B geometry (32 q / 8 kv heads, head dim 128, bf16):
+the plan built from the pool (`KVPool.plan`: tables gathered, checked,
+uploaded), then ``plan.write`` and ``plan.attend`` called with torch tensors
+while the GPU is kept busy, so only the host's time is measured; compared
+with the one-layer convenience ``KVPool.attend`` (a plan per call). Also the
+tables of 64 sequences x 8,192 blocks (`KVPool.tables`).
+
+    python tools/bench_plan.py [--device cuda:0|cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kvpager import KVPool, PoolSpec  # noqa: E402
+
+
+def per_call_us(fn, n: int) -> float:
+    """Median host microseconds per call over 5 rounds of n calls."""
+    out = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        out.append((time.perf_counter() - t0) / n * 1e6)
+    return float(np.median(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda:0")
+    args = ap.parse_args()
+    gpu = args.device.startswith("cuda")
+    import torch
+
+    dev = torch.device(args.device)
+    spec = PoolSpec(num_layers=32, num_kv_heads=8, head_dim=128, num_blocks=20000, block_size=16,
+                    dtype="bfloat16")
+    if not gpu:
+        spec = spec.replace(num_layers=2, num_blocks=8192)
+    pool = KVPool(spec, device=args.device)
+    rng = np.random.default_rng(0)
+    shared = rng.integers(3, 30000, 1024).tolist()
+    [first] = pool.allocate([shared + [1]])
+    pool.commit([first.seq_id])
+    allocs = pool.allocate([shared + rng.integers(3, 30000, 128).tolist() for _ in range(256)])
+    ids = [a.seq_id for a in allocs]
+    slots = pool.append_flat(ids, 1)
+    rows = []
+    rows.append(("plan, 256 sequences (decode step)", per_call_us(lambda: pool.plan(ids, None, slots), 50)))
+    plan = pool.plan(ids, None, slots, num_q_heads=32)
+    k = torch.randn(256, 8, 128, device=dev).to(torch.bfloat16)
+    q = torch.randn(256, 32, 128, device=dev).to(torch.bfloat16)
+    out = torch.empty_like(q)
+    plan.write(0, k, k)
+    plan.attend(0, q, out=out)
+    n = 100 if gpu else 3
+
+    def busy() -> None:
+        if gpu:
+            torch.cuda.synchronize()
+            torch.cuda._sleep(2_000_000_000 // 1000 * 100)  # ~0.1 s of GPU work ahead of the calls
+
+    busy()
+    rows.append(("plan.write per layer (torch k, v)", per_call_us(lambda: plan.write(3, k, k), n)))
+    busy()
+    rows.append(("plan.attend per layer (torch q, out given)", per_call_us(lambda: plan.attend(3, q, out=out), n)))
+    busy()
+    rows.append(("plan.attend per layer (torch q, new out)", per_call_us(lambda: plan.attend(3, q), n)))
+    if gpu:
+        torch.cuda.synchronize()
+    qp = q if gpu else q
+    rows.append(("KVPool.attend per layer (a plan each call)",
+                 per_call_us(lambda: pool.attend(3, ids, qp), 10 if gpu else 2)))
+    if gpu:
+        torch.cuda.synchronize()
+    pool.free(ids)
+    # tables are host arrays: a small geometry holds 64 x 8,192 blocks in little memory
+    wide = KVPool(PoolSpec(num_layers=1, num_kv_heads=1, head_dim=64, num_blocks=64 * 8192 + 8))
+    bid = [a.seq_id for a in wide.allocate([rng.integers(3, 30000, 8192 * 16) for _ in range(64)])]
+    rows.append(("KVPool.tables, 64 sequences x 8,192 blocks", per_call_us(lambda: wide.tables(bid), 10)))
+    name = torch.cuda.get_device_name() if gpu else "CPU"
+    print(f"\n{name}")
+    print(f"{'what':<45} {'us':>9}")
+    for what, us in rows:
+        print(f"{what:<45} {us:9.1f}")
+    pool.close()
+
+
+if __name__ == "__main__":
+    main()
