@@ -12,6 +12,10 @@ cross the socket. Without a mapping, `remote_write` / `remote_attend` move
 tensors through a per-session staging buffer (shared memory, or IPC-mapped
 device memory on a GPU).
 
+The client keeps a mirror of its own sequences' block tables (`TableMirror`),
+updated from the replies of the ops that change them: `tables`, `attend` and
+`plan` read it, so a scheduler step costs one round trip, not one per layer.
+
 On a GPU, `commit` first waits for this process's device work (every stream):
 no other process can match a block whose K/V is still being written.
 
@@ -34,14 +38,17 @@ import numpy as np
 from kvpager import cuda_ipc, env
 from kvpager.channel import Channel
 from kvpager.client_kv import KVAccess
+from kvpager.client_tables import TableMirror, id_list
 from kvpager.endpoints import default_endpoint, probe
 from kvpager.errors import (
     DaemonUnavailable,
+    InternalError,
     InvalidArgument,
     MessageTooLarge,
     RequestTimeout,
     SessionLost,
 )
+from kvpager.plan import StepPlan, make_plan
 from kvpager.protocol import (
     VERSION,
     Reply,
@@ -50,6 +57,7 @@ from kvpager.protocol import (
     decode_info,
     decode_slots,
     decode_stats,
+    decode_tables,
     pack,
 )
 from kvpager.spec import PoolSpec
@@ -86,6 +94,9 @@ class Client(KVAccess):
         self.session: str | None = None
         self.epoch: str | None = None
         self._closed = False
+        # True once the session is known lost or closed: the mirror is not read
+        # again (set by the heartbeat thread too, which never touches the mirror).
+        self._lost = False
         try:
             info = self._call("hello", {"client": name or f"{socket.gethostname()}:{os.getpid()}",
                                         "pid": os.getpid(), "host": socket.gethostname()})
@@ -100,6 +111,7 @@ class Client(KVAccess):
         self.max_message_bytes: int = info["max_message_bytes"]
         self.server_pid: int | None = info.get("server_pid")
         self.gpu = self.memory.get("kind") == "cuda_ipc"
+        self._mirror = TableMirror(self.spec.block_size)  # this session's block tables
         self.map_pool = map_pool and self.memory.get("kind") in ("shm", "cuda_ipc")
         self._mapped: Any = None  # NumpyBackend (shm) or CupyBackend (cuda_ipc) over the pool
         self._staging: Any = None  # shm Segment or cuda_ipc DeviceBuffer
@@ -129,11 +141,20 @@ class Client(KVAccess):
 
     def _error(self, reply: Reply) -> Exception:
         exc = reply.error.exception()
+        if isinstance(exc, SessionLost):
+            self._forget_session()
         if isinstance(exc, SessionLost) and self.epoch and getattr(exc, "epoch", self.epoch) != self.epoch:
             exc.args = (exc.args[0] + "; the daemon restarted (pool epoch changed): memory mapped "
                         "from the old daemon is stale, open a new Client",)
             self._forget_memory()
         return exc
+
+    def _forget_session(self) -> None:
+        """The daemon freed this session's sequences (or will, on bye): drop the mirror."""
+        self._lost = True
+        mirror = getattr(self, "_mirror", None)  # absent while hello is under way
+        if mirror is not None:
+            mirror.clear()
 
     def _forget_memory(self) -> None:
         """Drop mappings of a daemon that is gone: they are unmapped once no view is left."""
@@ -155,6 +176,7 @@ class Client(KVAccess):
                     continue
                 if reply.error is not None and reply.error.code == "session_lost":
                     log.warning("heartbeat: %s", reply.error.message)
+                    self._lost = True  # the mirror is stale; the next call learns why
                     return
         finally:
             chan.close()
@@ -169,6 +191,7 @@ class Client(KVAccess):
         if self._staging is not None:  # unmapped before bye frees it on the daemon
             self._staging.close()
             self._staging = None
+        self._forget_session()
         try:
             self._call("bye", {})
         except Exception as e:
@@ -186,6 +209,9 @@ class Client(KVAccess):
         self._call("heartbeat", {})
 
     # -- sequence ops (as KVPool) ------------------------------------------------------------------
+    # Each op that changes block tables updates the mirror of this session's
+    # sequences from its ok reply (see `TableMirror`): attention and plans
+    # need no round trip.
     def allocate(
         self, prompts: Seq[Seq[int]], salt: Any = None, *, owner: None = None, share_in_batch: bool = False
     ) -> list[Allocation]:
@@ -197,7 +223,9 @@ class Client(KVAccess):
             args["salt"] = salt
         if share_in_batch:
             args["share_in_batch"] = share_in_batch
-        return decode_allocations(self._call("allocate", args))
+        allocs = decode_allocations(self._call("allocate", args))
+        self._mirror.allocated(allocs)
+        return allocs
 
     def cached_tokens(self, prompts: Seq[Seq[int]], salt: Any = None) -> list[int]:
         """As `KVPool.cached_tokens`: a read-only probe of the prefix cache."""
@@ -222,7 +250,10 @@ class Client(KVAccess):
             args["num_tokens"] = num_tokens
         if token_ids is not None:
             args["token_ids"] = token_ids
-        return self._call("append", args)
+        ids = id_list(seq_ids)
+        raw = self._mutate("append", args, ids)
+        self._mirror.appended(ids, num_tokens, decode_slots(raw, 1, None)[0])
+        return raw
 
     def commit(self, seq_ids: Any, upto: Any = None) -> list[int]:
         """As `KVPool.commit`. On a GPU pool mapped in this process, it first waits
@@ -232,19 +263,47 @@ class Client(KVAccess):
         return self._call("commit", args)
 
     def fork(self, seq_ids: Any, n: int = 1) -> list[list[int]]:
-        return self._call("fork", {"seq_ids": seq_ids, "n": n})
+        children = self._call("fork", {"seq_ids": seq_ids, "n": n})
+        self._mirror.forked(id_list(seq_ids), children)
+        return children
 
     def free(self, seq_ids: Any) -> None:
-        self._call("free", {"seq_ids": seq_ids})
+        ids = id_list(seq_ids)
+        self._mutate("free", {"seq_ids": seq_ids}, ids)
+        self._mirror.freed(ids)
 
     def truncate(self, seq_ids: Any, lengths: Any) -> None:
-        self._call("truncate", {"seq_ids": seq_ids, "lengths": lengths})
+        ids = id_list(seq_ids)
+        self._mutate("truncate", {"seq_ids": seq_ids, "lengths": lengths}, ids)
+        self._mirror.truncated(ids, lengths)
 
     def swap_out(self, seq_ids: Any) -> None:
-        self._call("swap_out", {"seq_ids": seq_ids})
+        ids = id_list(seq_ids)
+        self._mutate("swap_out", {"seq_ids": seq_ids}, ids)
+        self._mirror.swapped_out(ids)
 
     def swap_in(self, seq_ids: Any) -> None:
-        self._call("swap_in", {"seq_ids": seq_ids})
+        ids = id_list(seq_ids)
+        got = self._mutate("swap_in", {"seq_ids": seq_ids}, ids)
+        try:
+            if got is None:  # a daemon from before swap_in answered with the tables
+                got = self._call("tables", {"seq_ids": ids})
+            tables, lens = decode_tables(got)
+        except Exception:
+            self._mirror.forget(ids)
+            raise
+        self._mirror.swapped_in(ids, tables, lens)
+
+    def _mutate(self, op: str, args: dict[str, Any], ids: list[int] | None) -> Any:
+        """``_call`` for an op that changes the tables of ``ids``. Without a
+        clear outcome (no reply in time, or a daemon bug) the op may have been
+        applied: the mirror forgets ``ids``, whose tables then come from the daemon."""
+        try:
+            return self._call(op, args)
+        except (RequestTimeout, InternalError):
+            if ids:
+                self._mirror.forget(ids)
+            raise
 
     # -- K/V ---------------------------------------------------------------------------------------
     def write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
@@ -256,15 +315,29 @@ class Client(KVAccess):
 
     def attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None) -> Any:
         """As `KVPool.attend`: computed here over the mapped pool when there is
-        one (block tables from the daemon), else by the daemon."""
+        one (block tables from this client's mirror, no round trip), else by the daemon."""
         if self.map_pool:
             return self.local_attend(layer, seq_ids, q, query_lens, scale)
         return self.remote_attend(layer, seq_ids, q, query_lens, scale)
 
+    def plan(self, seq_ids: Any, query_lens: Any = None, slots: Any = None, **options: Any) -> StepPlan:
+        """As `KVPool.plan`: a step plan over the mapped pool, built here from this
+        client's mirror of its block tables (no round trip for its own sequences),
+        then ``plan.write(layer, k, v)`` and ``plan.attend(layer, q)`` per layer run
+        here too. A snapshot: make a new one after the sequences change."""
+        tables, seq_lens = self.tables(seq_ids)
+        return make_plan(self._pool(), tables, seq_lens, query_lens, slots, **options)
+
     def tables(self, seq_ids: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Padded int32 block tables [B, max_blocks] and lengths [B], as `KVPool.block_tables`."""
-        tables, lens = self._call("tables", {"seq_ids": seq_ids})
-        return tables, lens
+        """Padded int32 block tables [B, max_blocks] and lengths [B], as `KVPool.block_tables`:
+        from this client's mirror when it owns every sequence, else from the daemon."""
+        if not self._lost:
+            ids = id_list(seq_ids)
+            if ids is not None:
+                got = self._mirror.gather(ids)
+                if got is not None:
+                    return got
+        return decode_tables(self._call("tables", {"seq_ids": seq_ids}))
 
     # -- inspection --------------------------------------------------------------------------------
     def sequence(self, seq_id: int) -> SequenceInfo:

@@ -66,8 +66,9 @@ class KVAccess:
         pool.write(int(layer), slots, self._check_tensor(k, "k", shape), self._check_tensor(v, "v", shape))
 
     def local_attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None) -> Any:
-        """Paged attention here, over the mapped pool, with the daemon's block tables
-        (the CUDA kernels on a GPU pool: the result is a CuPy array)."""
+        """Paged attention here, over the mapped pool (the CUDA kernels on a GPU
+        pool: the result is a CuPy array). Block tables come from `tables`: this
+        client's mirror for its own sequences, so a layer costs no round trip."""
         self._check_layer(layer)
         pool = self._pool()
         tables, lens = self.tables(seq_ids)

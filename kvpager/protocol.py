@@ -34,6 +34,8 @@ from kvpager.errors import (
 from kvpager.types import Allocation, BlockMap, PoolStats, SequenceInfo
 
 #: Bumped on any incompatible change of a message; both sides must agree.
+#: Compatible additions keep it (a new op or optional argument, a reply that
+#: now carries what an older client ignores): see "Changes" in docs/protocol.md.
 VERSION = 1
 #: msgpack ExtType code of a NumPy array: see `pack_array`.
 EXT_NDARRAY = 1
@@ -345,6 +347,17 @@ def decode_slots(raw: bytes, num_seqs: int, num_tokens: Any) -> list[np.ndarray]
     if isinstance(num_tokens, (int, np.integer)):
         return list(flat.reshape(num_seqs, int(num_tokens)))
     return np.split(flat, np.cumsum(np.asarray(num_tokens, np.int64))[:-1])
+
+
+def decode_tables(raw: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The result of `tables` (and of `swap_in`): padded int32 block tables
+    [B, max_blocks] and lengths [B]."""
+    if not (isinstance(raw, list) and len(raw) == 2 and all(isinstance(x, np.ndarray) for x in raw)):
+        raise ProtocolError("block tables must be [block_tables, seq_lens] arrays")
+    tables, lens = raw
+    if tables.ndim != 2 or lens.ndim != 1 or len(tables) != len(lens):
+        raise ProtocolError(f"block tables of shape {tables.shape} do not match lengths of shape {lens.shape}")
+    return tables, lens
 
 
 def encode_info(info: SequenceInfo) -> dict[str, Any]:

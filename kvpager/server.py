@@ -359,8 +359,12 @@ class Server:
     def _op_swap_out(self, s: Session, a: dict[str, Any]) -> None:
         self.pool.swap_out(self._owned(s, a["seq_ids"]))
 
-    def _op_swap_in(self, s: Session, a: dict[str, Any]) -> None:
-        self.pool.swap_in(self._owned(s, a["seq_ids"]))
+    def _op_swap_in(self, s: Session, a: dict[str, Any]) -> list[np.ndarray]:
+        ids = self._owned(s, a["seq_ids"])
+        self.pool.swap_in(ids)
+        # The swapped-out blocks came back under new ids: the reply carries the
+        # new tables, so a worker's mirror follows without another round trip.
+        return self._op_tables(s, {"seq_ids": ids})
 
     # -- tensors through the session's staging buffer ----------------------------------------
     def _op_staging(self, s: Session, a: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,169 @@
+"""`TableMirror`: a worker's copy of its own sequences' block tables.
+
+The daemon owns the allocator; a worker's `Client` follows the block tables
+of the sequences its session owns from the replies of the ops that change
+them (allocate: the tables; append: the new slots; fork: the children;
+truncate: the lengths; swap_in: the new tables), so attention and step plans
+gather tables here instead of asking the daemon once per layer.
+
+Ops are all-or-nothing on the daemon, so an update runs only after an ok
+reply. A sequence whose op had no clear outcome (a timeout) is forgotten:
+its tables come from the daemon again, which is slower but never wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kvpager.block_table import BlockTable
+from kvpager.errors import SequenceSwapped
+
+
+def id_list(value: Any) -> list[int] | None:
+    """A batch of sequence ids as the daemon reads one (an int, a list of ints,
+    a 1-D integer array), or None if it is none of those (the daemon says why)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return [int(value)]
+    if isinstance(value, np.ndarray):
+        return value.tolist() if value.ndim == 1 and value.dtype.kind in "iu" else None
+    if isinstance(value, (list, tuple)):
+        if set(map(type, value)) <= {int}:  # bools excluded: type(True) is bool
+            return list(value)
+        if all(isinstance(v, np.integer) for v in value):
+            return [int(v) for v in value]
+    return None
+
+
+class TableMirror:
+    """Block tables and token counts of one session's sequences, a row each."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.table = BlockTable()
+        self.rows: dict[int, int] = {}  # seq_id -> row of `table`
+        self.swapped: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __contains__(self, seq_id: object) -> bool:
+        return seq_id in self.rows
+
+    # -- reading ------------------------------------------------------------------------
+    def gather(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
+        """Padded int32 block tables [B, max_blocks] and lengths [B] of ``ids``
+        exactly as the daemon's `tables` answers, or None unless every id is
+        mirrored here. A swapped sequence raises SequenceSwapped, as there."""
+        rows = list(map(self.rows.get, ids))
+        if None in rows:
+            return None
+        if self.swapped and not self.swapped.isdisjoint(ids):
+            raise SequenceSwapped(next(i for i in ids if i in self.swapped), "attend")
+        return self.table.gather(rows)
+
+    def _known(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of the mirrored ``ids`` and where they are in ``ids``."""
+        rows = list(map(self.rows.get, ids))
+        if None not in rows:
+            return np.array(rows, dtype=np.int64), np.arange(len(ids))
+        at = [k for k, r in enumerate(rows) if r is not None]
+        return np.array([rows[k] for k in at], dtype=np.int64), np.array(at, dtype=np.int64)
+
+    # -- updates from ok replies ----------------------------------------------------------
+    def allocated(self, allocations: Any) -> None:
+        """`allocate`'s sequences: their tables; length = cached tokens + new slots."""
+        for a in allocations:
+            self.rows[a.seq_id] = self.table.add_row(a.block_table, a.num_cached_tokens + len(a.slots))
+
+    def appended(self, ids: list[int], num_tokens: Any, slots: np.ndarray) -> None:
+        """``num_tokens`` (an int, or one per sequence) new tokens per sequence
+        at ``slots`` (every sequence's, back to back). Token ``p`` of a sequence
+        lives in block ``slot // block_size`` = table entry ``p // block_size``,
+        which covers a new block at a block boundary and a copy-on-write copy
+        of the last block alike."""
+        if not ids:
+            return
+        bs, bt = self.block_size, self.table
+        scalar = isinstance(num_tokens, (int, np.integer))
+        counts = np.full(len(ids), int(num_tokens), np.int64) if scalar else np.asarray(num_tokens, np.int64)
+        rows, at = self._known(ids)
+        if len(at) < len(ids):  # some forgotten: keep the others' slots only
+            starts = np.cumsum(counts) - counts
+            keep = np.zeros(len(slots), dtype=bool)
+            for k in at.tolist():
+                keep[starts[k] : starts[k] + counts[k]] = True
+            slots, counts, scalar = slots[keep], counts[at], False
+        start = bt.num_tokens[rows]
+        end = start + counts
+        if scalar and num_tokens == 1:  # a decode step
+            rep, pos = rows, start
+        else:
+            rep = np.repeat(rows, counts)
+            first = np.repeat(np.cumsum(counts) - counts - start, counts)
+            pos = np.arange(len(rep), dtype=np.int64) - first
+        nblocks = -(-end // bs)
+        if len(nblocks):
+            bt.reserve_width(int(nblocks.max()))
+        bt.set_blocks(rep, pos // bs, slots // bs)
+        bt.num_blocks[rows] = nblocks
+        bt.num_tokens[rows] = end
+
+    def forked(self, ids: list[int], children: list[list[int]]) -> None:
+        """Children share every block of their parent: copies of its row."""
+        for parent, kids in zip(ids, children):
+            row = self.rows.get(parent)
+            if row is not None and kids:
+                self.rows.update(zip(kids, self.table.copy_row(row, len(kids))))
+
+    def freed(self, ids: list[int]) -> None:
+        rows = [r for r in map(self.rows.pop, ids, [None] * len(ids)) if r is not None]
+        self.table.release_rows(rows)
+        self.swapped.difference_update(ids)
+
+    forget = freed  # an op without a clear outcome: the daemon's tables are the truth
+
+    def truncated(self, ids: list[int], lengths: Any) -> None:
+        """Sequences cut to ``lengths`` tokens (an int, or one per sequence)."""
+        rows, at = self._known(ids)
+        if not len(rows):
+            return
+        bt = self.table
+        lengths = np.broadcast_to(np.asarray(lengths, np.int64), (len(ids),))[at]
+        keep = -(-lengths // self.block_size)
+        old = bt.num_blocks[rows].astype(np.int64)
+        drop = np.maximum(old - keep, 0)
+        if drop.any():  # dropped entries back to the null block
+            rep = np.repeat(rows, drop)
+            cols = np.arange(len(rep), dtype=np.int64) - np.repeat(np.cumsum(drop) - drop - keep, drop)
+            bt.set_blocks(rep, cols, np.zeros(len(rep), np.int32))
+        bt.num_blocks[rows] = np.minimum(old, keep)
+        bt.num_tokens[rows] = lengths
+
+    def swapped_out(self, ids: list[int]) -> None:
+        """Swapped rows keep their stale tables but are never read until swapped in."""
+        self.swapped.update(i for i in ids if i in self.rows)
+
+    def swapped_in(self, ids: list[int], tables: np.ndarray, lens: np.ndarray) -> None:
+        """The new tables of swapped-in sequences (`swap_in`'s reply): their
+        swapped-out blocks came back under new ids."""
+        rows, at = self._known(ids)
+        self.swapped.difference_update(ids)
+        if not len(rows):
+            return
+        bt = self.table
+        lens = np.asarray(lens, np.int64)[at]
+        nblocks = -(-lens // self.block_size)
+        bt.reserve_width(max(int(nblocks.max()), 1))
+        mask = np.arange(tables.shape[1])[None, :] < nblocks[:, None]
+        rep, cols = np.nonzero(mask)
+        bt.set_blocks(rows[rep], cols, np.asarray(tables)[at][mask])
+        bt.num_blocks[rows] = nblocks
+        bt.num_tokens[rows] = lens
+
+    def clear(self) -> None:
+        """Forget everything (the session is lost or closed)."""
+        self.table = BlockTable()
+        self.rows.clear()
+        self.swapped.clear()
