@@ -66,15 +66,16 @@ class DecodeGraphs:
         n = len(seq_ids)
         bucket = bucket_for(n)
         g = self.graphs.get(bucket)
-        with torch.inference_mode(), paged_attention(self.model):
-            if g is None:
+        if g is None:
+            with torch.inference_mode(), paged_attention(self.model):
                 g = self.graphs[bucket] = self._capture(bucket, seq_ids, slots, input_ids, position_ids)
-            else:
-                g.plan.update(tables, lens, None, slots)
+        else:
+            g.plan.update(tables, lens, None, slots)
+            with torch.inference_mode():  # the static tensors are inference tensors
                 _fill(g.input_ids, input_ids)
                 _fill(g.position_ids, position_ids)
-            g.graph.replay()
-            return g.next_tokens[:n].tolist()
+        g.graph.replay()
+        return g.next_tokens[:n].tolist()
 
     def _capture(self, bucket: int, seq_ids: list[int], slots: np.ndarray,
                  input_ids: torch.Tensor, position_ids: torch.Tensor) -> _Graph:
