@@ -1,0 +1,81 @@
+"""A worker of a GPU daemon plans locally: its mirror of the block tables
+drives a `CupyPlan` over the IPC-mapped slab, which writes K/V where the
+daemon reads it and attends as the daemon does. The daemon is a subprocess
+(a process cannot open its own IPC handles). Skips without CuPy or a GPU."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy")
+try:
+    _NUM_GPUS = cupy.cuda.runtime.getDeviceCount()
+except Exception:
+    _NUM_GPUS = 0
+if _NUM_GPUS == 0:
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+from daemon_helpers import daemon_process, ipc_endpoint  # noqa: E402
+from reference import TOLERANCE, rel_err  # noqa: E402
+
+from kvpager.client import Client  # noqa: E402
+from kvpager.spec import PoolSpec  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+SPEC = PoolSpec(num_layers=3, num_kv_heads=2, head_dim=64, num_blocks=64, block_size=16,
+                dtype="float16", num_host_blocks=16)
+SERVE = ["--device", "cuda:0", "--layers", "3", "--kv-heads", "2", "--head-dim", "64",
+         "--block-size", "16", "--dtype", "float16", "--blocks", "64", "--host-blocks", "16",
+         "--heartbeat-timeout", "60"]
+WAIT = 240  # seconds: the daemon imports CuPy and compiles kernels
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    endpoint, tmp = ipc_endpoint()
+    try:
+        with daemon_process(SERVE, endpoint, timeout=120):
+            yield endpoint
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rand(rng, *shape):
+    return rng.standard_normal(shape).astype(SPEC.dtype)
+
+
+def test_gpu_worker_plans_from_its_mirror(endpoint):
+    rng = np.random.default_rng(5)
+    with Client(endpoint, timeout=WAIT, heartbeat=False) as c:
+        assert c.gpu and not c._same_process()
+        seqs = c.allocate([list(range(n)) for n in (21, 16, 40)])
+        ids = [s.seq_id for s in seqs]
+        slots = np.concatenate([s.slots for s in seqs])
+        for layer in range(SPEC.num_layers):
+            c.write(layer, slots, _rand(rng, len(slots), 2, 64), _rand(rng, len(slots), 2, 64))
+        c.commit(ids)
+        [kids] = c.fork([ids[2]], 2)
+        c.swap_out([ids[0]])
+        c.swap_in([ids[0]])  # new block ids, from swap_in's reply
+        step, qlens = ids + kids, [1, 2, 1, 5, 1]
+        slots = c.append_flat(step, qlens)  # copy-on-write for both children
+        tables, lens = c.tables(step)
+        want = c._call("tables", {"seq_ids": step})
+        np.testing.assert_array_equal(tables, want[0])
+        np.testing.assert_array_equal(lens, want[1])
+
+        plan = c.plan(step, qlens, slots)
+        n = sum(qlens)
+        for layer in range(SPEC.num_layers):
+            plan.write(layer, cupy.asarray(_rand(rng, n, 2, 64)), cupy.asarray(_rand(rng, n, 2, 64)))
+            q = _rand(rng, n, 4, 64)
+            out = cupy.asnumpy(plan.attend(layer, cupy.asarray(q)))
+            c.synchronize()
+            ref = cupy.asnumpy(c.remote_attend(layer, step, q, qlens))
+            assert rel_err(out, ref) < TOLERANCE[SPEC.dtype]
+            assert rel_err(cupy.asnumpy(c.local_attend(layer, step, q, qlens)), ref) < TOLERANCE[SPEC.dtype]
+        c.check_integrity()
