@@ -53,13 +53,16 @@ class PagedBatch:
     dtype: torch.dtype  # the pool's dtype
     device: torch.device  # where the pool's tensors live (cpu, or its GPU)
 
+    def __post_init__(self) -> None:
+        self.on_cpu = self.device.type == "cpu"
+
 
 def _to_pool(x: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
     """[T, heads, head_dim] in the pool's dtype and on its device (a no-op for
-    a model on the pool's GPU in the pool's dtype)."""
-    if x.dtype != batch.dtype:
+    a model on the pool's GPU in the pool's dtype: two attribute reads)."""
+    if x.dtype is not batch.dtype:
         x = x.to(batch.dtype)
-    if x.device != batch.device:
+    if x.is_cuda == batch.on_cpu:  # another GPU than the pool's is the plan's error to raise
         x = x.to(batch.device)
     return x
 
@@ -92,7 +95,7 @@ def kvpager_attention(
     # [1, H, T, D] -> [T, H, D]: a view; the projections' layout makes it dense.
     batch.plan.write(layer, _to_pool(key[0].transpose(0, 1), batch), _to_pool(value[0].transpose(0, 1), batch))
     out = batch.plan.attend(layer, _to_pool(query[0].transpose(0, 1), batch), scaling)
-    if out.dtype != query.dtype or out.device != query.device:
+    if out.dtype is not query.dtype or out.is_cuda != query.is_cuda:
         out = out.to(device=query.device, dtype=query.dtype)
     return out.unsqueeze(0), None
 
