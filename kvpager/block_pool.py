@@ -1,8 +1,9 @@
-"""The block pool: free list, reference counts and the LRU of evictable cached blocks.
+"""The block pool: free list, reference counts, the prefix cache and the LRU of
+evictable cached blocks.
 
 Every device block other than block 0 is in exactly one state:
 
-- free: on ``free_ids``, holds nothing anyone can find;
+- free: on the free list, holds nothing anyone can find;
 - evictable: reference count 0 but its K/V is still published in the prefix
   cache, so a later prompt can match it. Kept in ``evictable`` in LRU order
   (oldest first); when the free list runs dry the oldest is evicted: its
@@ -10,139 +11,240 @@ Every device block other than block 0 is in exactly one state:
 - in use: reference count >= 1 (one per block-table entry that points at it).
 
 Block 0 is the null block: never handed out, never freed; padding entries of
-block tables point at it. Every operation is O(1) per block, and batch
+block tables point at it. The pool owns the prefix cache, so publishing,
+un-publishing and eviction keep the states consistent in one place. Batch
+operations take block ids as arrays and are vectorised (NumPy), and batch
 allocation is all-or-nothing.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Iterable
+
+import numpy as np
 
 from kvpager.errors import IntegrityError, InvalidArgument, OutOfBlocks
+from kvpager.prefix_cache import PrefixCache
 
 NULL_BLOCK = 0
+_ONE = np.int32(1)
+
+
+def _as_ids(ids: Iterable[int] | np.ndarray) -> np.ndarray:
+    if isinstance(ids, np.ndarray):
+        return ids
+    return np.fromiter(ids, dtype=np.int64)
 
 
 class BlockPool:
-    """Reference-counted device blocks with an LRU of evictable cached blocks."""
+    """Reference-counted device blocks, the prefix cache over them, and an LRU
+    of evictable cached blocks."""
 
     def __init__(self, num_blocks: int):
         if num_blocks < 2:
             raise InvalidArgument(f"num_blocks must be >= 2 (block 0 is reserved), got {num_blocks}")
         self.num_blocks = num_blocks
-        self.ref_cnt: list[int] = [0] * num_blocks
-        # Low ids pop first: a fresh pool hands out 1, 2, 3, ...
-        self.free_ids: list[int] = list(range(num_blocks - 1, NULL_BLOCK, -1))
+        self.ref_cnt = np.zeros(num_blocks, dtype=np.int32)
+        # A stack: ids [0, _num_free) are free, the top is handed out first.
+        # Low ids on top: a fresh pool hands out 1, 2, 3, ...
+        self._free = np.arange(num_blocks - 1, NULL_BLOCK, -1, dtype=np.int64)
+        self._num_free = num_blocks - 1
         self.evictable: OrderedDict[int, None] = OrderedDict()
-        # Called with a block id when an evictable block is reclaimed, so the
-        # prefix cache can forget it. Set by the owner of the cache.
-        self.on_evict: Callable[[int], None] = lambda block_id: None
-        # Blocks still published in the prefix cache: one whose count reaches 0
-        # becomes evictable rather than free. Set by the owner of the cache.
-        self.cached: Container[int] = frozenset()
+        self.cache = PrefixCache(num_blocks)
+        self._mark = np.zeros(num_blocks, dtype=np.int64)  # scratch for free_blocks
 
     # -- queries ---------------------------------------------------------------
     @property
     def num_usable(self) -> int:
         return self.num_blocks - 1
 
+    @property
+    def num_free(self) -> int:
+        """Blocks on the free list."""
+        return self._num_free
+
+    @property
+    def num_evictable(self) -> int:
+        return len(self.evictable)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks published in the prefix cache (in use or evictable)."""
+        return len(self.cache)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_usable - self._num_free - len(self.evictable)
+
+    def num_shared(self) -> int:
+        """Blocks with more than one reference."""
+        return int(np.count_nonzero(self.ref_cnt > 1))
+
+    @property
+    def free_ids(self) -> list[int]:
+        """The free list, bottom first (the last id is handed out next)."""
+        return self._free[: self._num_free].tolist()
+
     def get_num_free_blocks(self) -> int:
         """Blocks an allocation can take now: free plus evictable."""
-        return len(self.free_ids) + len(self.evictable)
+        return self._num_free + len(self.evictable)
 
     def get_usage(self) -> float:
         return 1.0 - self.get_num_free_blocks() / self.num_usable
 
+    def states(self) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the reference counts and of the published-block mask."""
+        return self.ref_cnt.copy(), self.cache.cached.copy()
+
+    # -- prefix cache ------------------------------------------------------------
+    def match(self, root: bytes, tokens: np.ndarray, block_size: int, max_blocks: int) -> tuple[list[bytes], list[int]]:
+        """Longest published prefix of ``tokens``: the keys and block ids of the hits."""
+        return self.cache.match_tokens(root, tokens, block_size, max_blocks)
+
+    def lookup(self, key: bytes) -> int | None:
+        return self.cache.get(key)
+
+    def publish(self, block_id: int, key: bytes) -> bool:
+        """Make a block in use matchable under ``key`` (False: the key or the block
+        is already published)."""
+        return self.cache.publish(block_id, key)
+
+    def unpublish(self, block_id: int) -> None:
+        """Forget a block about to be written again (its K/V will change); an
+        evictable block then goes to the free list."""
+        if self.cache.remove(block_id) and block_id in self.evictable:
+            del self.evictable[block_id]
+            self._push(np.array([block_id], dtype=np.int64))
+
     # -- mutation --------------------------------------------------------------
-    def get_new_blocks(self, n: int) -> list[int]:
-        """Take ``n`` blocks (reference count 1 each), evicting LRU cached blocks
-        if the free list is short. All or nothing: raises OutOfBlocks and changes
-        nothing if fewer than ``n`` are available."""
-        free = self.free_ids
-        available = len(free) + len(self.evictable)
-        if n > available:
-            raise OutOfBlocks(n, available)
-        if n <= len(free):
-            ids = free[len(free) - n :]
-            del free[len(free) - n :]
-            ids.reverse()
+    def _push(self, ids: np.ndarray) -> None:
+        top = self._num_free
+        self._free[top : top + len(ids)] = ids
+        self._num_free = top + len(ids)
+
+    def get_new_blocks(self, n: int) -> np.ndarray:
+        """Take ``n`` blocks (reference count 1 each; int64 ids), evicting LRU
+        cached blocks if the free list is short. All or nothing: raises
+        OutOfBlocks and changes nothing if fewer than ``n`` are available."""
+        top = self._num_free
+        if n <= top:
+            ids = self._free[top - n : top][::-1].copy()
+            self._num_free = top - n
         else:
-            ids = free[:]
-            free.clear()
-            evictable, on_evict = self.evictable, self.on_evict
-            for _ in range(n - len(ids)):
-                block_id, _ = evictable.popitem(last=False)
-                on_evict(block_id)
-                ids.append(block_id)
-        ref = self.ref_cnt
-        for b in ids:
-            ref[b] = 1
+            available = top + len(self.evictable)
+            if n > available:
+                raise OutOfBlocks(n, available)
+            evictable, remove = self.evictable, self.cache.remove
+            victims = [evictable.popitem(last=False)[0] for _ in range(n - top)]
+            for b in victims:
+                remove(b)
+            ids = np.concatenate([self._free[:top][::-1], np.array(victims, dtype=np.int64)])
+            self._num_free = 0
+        self.ref_cnt[ids] = 1
         return ids
 
-    def touch(self, ids: Iterable[int]) -> None:
-        """Add one reference to each block; an evictable block leaves the LRU."""
-        ref, evictable = self.ref_cnt, self.evictable
-        for b in ids:
-            if ref[b] == 0:
+    def touch(self, ids: Iterable[int] | np.ndarray) -> None:
+        """Add one reference to each block (repeats add one each); an evictable
+        block leaves the LRU."""
+        ids = _as_ids(ids)
+        if not len(ids):
+            return
+        idle = ids[self.ref_cnt[ids] == 0]
+        if len(idle):
+            evictable = self.evictable
+            idle_set = set(idle.tolist())
+            for b in idle_set:
                 if b not in evictable:
                     raise IntegrityError(f"bug: touched block {b} that is neither in use nor evictable")
+            for b in idle_set:
                 del evictable[b]
-            ref[b] += 1
+        np.add.at(self.ref_cnt, ids, _ONE)
 
-    def free_blocks(self, ids: Iterable[int]) -> None:
-        """Drop one reference from each block. A block reaching 0 becomes
-        evictable if it is cached (most recently used end) or free otherwise.
-        Pass a block table in reverse so a sequence's tail is evicted first."""
-        ref, cached, evictable, free = self.ref_cnt, self.cached, self.evictable, self.free_ids
-        for b in ids:
-            count = ref[b] - 1
-            if count <= 0:
-                if count < 0 or b == NULL_BLOCK:
-                    raise IntegrityError(f"bug: freeing block {b} with reference count {ref[b]}")
-                if b in cached:
-                    evictable[b] = None
-                else:
-                    free.append(b)
-            ref[b] = count
+    def share(self, ids: np.ndarray, times: int = 1) -> None:
+        """Add ``times`` references to each of blocks already in use (a fork)."""
+        np.add.at(self.ref_cnt, ids, np.int32(times))
 
-    def release_evictable(self, block_id: int) -> None:
-        """An evictable block lost its cache entry: move it to the free list."""
-        if block_id in self.evictable:
-            del self.evictable[block_id]
-            self.free_ids.append(block_id)
+    def free_blocks(self, ids: Iterable[int] | np.ndarray, distinct: bool = False) -> None:
+        """Drop one reference from each block (repeats drop one each). A block
+        reaching 0 becomes evictable if it is cached (most recently used end)
+        or free otherwise, in the order its last reference goes: pass a block
+        table in reverse so a sequence's tail is evicted first. ``distinct``:
+        the caller knows there are no repeats (one sequence's table). Pass
+        int64 ids: int32 ones cost a conversion per indexing."""
+        ids = _as_ids(ids)
+        if not len(ids):
+            return
+        ref = self.ref_cnt
+        np.subtract.at(ref, ids, _ONE)
+        after = ref[ids]
+        zero = after <= 0
+        done = ids[zero]
+        if not len(done):
+            return
+        gone = after[zero]
+        if np.count_nonzero(gone):  # below 0: freed once too often (the null block: always)
+            np.add.at(ref, ids, _ONE)
+            bad = int(done[gone < 0][0])
+            raise IntegrityError(f"bug: freeing block {bad} with reference count {ref[bad]}")
+        if not distinct and len(done) > 1:
+            # A block listed more than once reaches 0 at its last listing: keep that one.
+            k = np.arange(len(done))
+            mark = self._mark
+            mark[done] = k  # with repeats, the last write stays
+            done = done[mark[done] == k]
+        if len(self.cache):
+            cached = self.cache.cached[done]
+            if cached.any():
+                self.evictable.update(dict.fromkeys(done[cached].tolist()))
+                done = done[~cached]
+        self._push(done)
 
-    def check(self, expected_refs: list[int]) -> None:
-        """Raise IntegrityError unless every block is in exactly one state and
-        reference counts equal ``expected_refs`` (block-table references)."""
-        free = set(self.free_ids)
+    # -- integrity -----------------------------------------------------------------
+    def check(self, expected_refs: np.ndarray) -> None:
+        """Raise IntegrityError unless every block is in exactly one state,
+        reference counts equal ``expected_refs`` (block-table references,
+        counted by the caller) and the cache maps only to live blocks."""
+        ref = self.ref_cnt
+        free_list = self._free[: self._num_free]
         problems = []
-        if len(free) != len(self.free_ids):
-            problems.append(f"free list has {len(self.free_ids) - len(free)} duplicates")
-        if NULL_BLOCK in free or NULL_BLOCK in self.evictable:
+        is_free = np.zeros(self.num_blocks, dtype=np.int64)
+        np.add.at(is_free, free_list, 1)
+        if (is_free > 1).any():
+            problems.append(f"free list has {int((is_free > 1).sum())} duplicates")
+        is_evictable = np.zeros(self.num_blocks, dtype=bool)
+        if self.evictable:
+            is_evictable[np.fromiter(self.evictable, dtype=np.int64)] = True
+        if is_free[NULL_BLOCK] or is_evictable[NULL_BLOCK]:
             problems.append("null block 0 is on the free list or evictable")
-        both = free & set(self.evictable)
-        if both:
-            problems.append(f"{len(both)} blocks both free and evictable, e.g. {min(both)}")
-        in_use = 0
-        for b in range(1, self.num_blocks):
-            r = self.ref_cnt[b]
-            if r != expected_refs[b]:
-                problems.append(f"block {b}: ref_cnt {r} but {expected_refs[b]} block-table references")
-            if r > 0:
-                in_use += 1
-                if b in free or b in self.evictable:
-                    problems.append(f"block {b} in use (ref {r}) but also free/evictable")
-            elif b not in free and b not in self.evictable:
-                problems.append(f"block {b} has ref 0 but is neither free nor evictable (leaked)")
-            if len(problems) > 20:
-                break
-        total = len(free) + len(self.evictable) + in_use
-        if total != self.num_usable and not problems:
+        both = np.flatnonzero((is_free > 0) & is_evictable)
+        if len(both):
+            problems.append(f"{len(both)} blocks both free and evictable, e.g. {int(both[0])}")
+        expected = np.asarray(expected_refs)
+        for b in np.flatnonzero(ref[1:] != expected[1:])[:20].tolist():
+            problems.append(f"block {b + 1}: ref_cnt {ref[b + 1]} but {expected[b + 1]} block-table references")
+        used = ref > 0
+        used[NULL_BLOCK] = False
+        for b in np.flatnonzero(used & ((is_free > 0) | is_evictable))[:5].tolist():
+            problems.append(f"block {b} in use (ref {ref[b]}) but also free/evictable")
+        idle = ~used & (is_free == 0) & ~is_evictable
+        idle[NULL_BLOCK] = False
+        for b in np.flatnonzero(idle)[:5].tolist():
+            problems.append(f"block {b} has ref 0 but is neither free nor evictable (leaked)")
+        if (ref < 0).any():
+            problems.append(f"negative reference counts, e.g. block {int(np.flatnonzero(ref < 0)[0])}")
+        in_use = int(used.sum())
+        if self._num_free + len(self.evictable) + in_use != self.num_usable and not problems:
             problems.append("block states do not add up")
+        problems += self.cache.problems()
+        cached = self.cache.cached
+        for b in np.flatnonzero(cached & ~used & ~is_evictable)[:5].tolist():
+            problems.append(f"cache maps to block {b}, which is free")
+        if (is_evictable & ~cached).any():
+            problems.append("an evictable block is not in the prefix cache")
         if problems:
             raise IntegrityError(
-                f"block pool integrity violated (free={len(self.free_ids)}, "
-                f"evictable={len(self.evictable)}, in_use={in_use}, total={self.num_usable}): "
-                + "; ".join(problems[:20])
+                f"block pool integrity violated (free={self._num_free}, "
+                f"evictable={len(self.evictable)}, in_use={in_use}, total={self.num_usable}, "
+                f"cached={len(self.cache)}): " + "; ".join(problems[:20])
             )

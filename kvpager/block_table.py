@@ -7,6 +7,12 @@ it. Rows are handed out and taken back by the owner (the allocator, or a
 worker's mirror of its own sequences); both dimensions grow geometrically,
 so appending is amortised O(1) per block and a step's tables are one gather.
 
+An owner that keeps more per-row state names it as ``columns``: int64 columns
+of one array, each read as an attribute (``BlockTable(columns=["owner"]).owner``
+is a 1-D view); they grow, copy and clear with the rows in one operation each.
+Columns are replaced when rows grow, so read them again after adding rows
+instead of keeping a reference.
+
 Batch methods take rows as an int array and are vectorised; they assume the
 rows are live and distinct (the caller checked its ids).
 """
@@ -21,14 +27,26 @@ from kvpager.errors import IntegrityError
 
 
 class BlockTable:
-    """Rows of block ids with a token count each."""
+    """Rows of block ids with a token count each (and the owner's ``columns``)."""
 
-    def __init__(self, rows: int = 64, width: int = 16):
-        self.table = np.zeros((max(rows, 1), max(width, 1)), dtype=np.int32)
-        self.num_blocks = np.zeros(max(rows, 1), dtype=np.int32)
-        self.num_tokens = np.zeros(max(rows, 1), dtype=np.int64)
+    def __init__(self, rows: int = 64, width: int = 16, columns: Seq[str] = ()):
+        rows = max(rows, 1)
+        self.table = np.zeros((rows, max(width, 1)), dtype=np.int32)
+        self.num_blocks = np.zeros(rows, dtype=np.int32)
+        self.num_tokens = np.zeros(rows, dtype=np.int64)
+        self.column_names = tuple(columns)
+        for name in self.column_names:
+            if hasattr(self, name):
+                raise ValueError(f"column name {name!r} is taken")
+        self.cols = np.zeros((rows, len(self.column_names)), dtype=np.int64)  # [rows, columns]
+        self._views()
+        self._mark = np.zeros(rows, dtype=np.int64)  # scratch for `distinct`
         # Low rows first, so live rows stay dense and a gather touches few pages.
-        self._free_rows: list[int] = list(range(len(self.num_blocks) - 1, -1, -1))
+        self._free_rows: list[int] = list(range(rows - 1, -1, -1))
+
+    def _views(self) -> None:
+        for j, name in enumerate(self.column_names):
+            setattr(self, name, self.cols[:, j])
 
     # -- capacity ------------------------------------------------------------------
     @property
@@ -45,8 +63,17 @@ class BlockTable:
         table = np.zeros((new, self.width), dtype=np.int32)
         table[:old] = self.table
         self.table = table
-        self.num_blocks = np.concatenate([self.num_blocks, np.zeros(new - old, np.int32)])
-        self.num_tokens = np.concatenate([self.num_tokens, np.zeros(new - old, np.int64)])
+
+        def grown(a: np.ndarray) -> np.ndarray:
+            return np.concatenate([a, np.zeros(new - old, a.dtype)])
+
+        self.num_blocks = grown(self.num_blocks)
+        self.num_tokens = grown(self.num_tokens)
+        cols = np.zeros((new, self.cols.shape[1]), dtype=np.int64)
+        cols[:old] = self.cols
+        self.cols = cols
+        self._views()
+        self._mark = np.zeros(new, dtype=np.int64)
         self._free_rows = list(range(new - 1, old - 1, -1)) + self._free_rows
 
     def reserve_width(self, width: int) -> None:
@@ -57,12 +84,18 @@ class BlockTable:
             table[:, : self.width] = self.table
             self.table = table
 
+    def _take_rows(self, k: int) -> list[int]:
+        if len(self._free_rows) < k:
+            self._grow_rows(len(self.num_blocks) + k)
+        free = self._free_rows
+        rows = free[len(free) - k :][::-1]
+        del free[len(free) - k :]
+        return rows
+
     # -- rows ----------------------------------------------------------------------
     def add_row(self, blocks: Seq[int] | np.ndarray, num_tokens: int) -> int:
         """A new row holding ``blocks``; returns its index."""
-        if not self._free_rows:
-            self._grow_rows(len(self.num_blocks) + 1)
-        row = self._free_rows.pop()
+        [row] = self._take_rows(1)
         n = len(blocks)
         self.reserve_width(n)
         self.table[row, :n] = blocks
@@ -70,20 +103,59 @@ class BlockTable:
         self.num_tokens[row] = num_tokens
         return row
 
+    def add_rows(self, blocks: np.ndarray, lengths: np.ndarray, num_tokens: np.ndarray) -> np.ndarray:
+        """New rows: row ``i`` holds the next ``lengths[i]`` ids of ``blocks`` (every
+        row's blocks back to back). Returns the rows (int64)."""
+        k = len(lengths)
+        rows = np.asarray(self._take_rows(k), dtype=np.int64)
+        if k:
+            lengths = np.asarray(lengths, dtype=np.int64)
+            self.reserve_width(int(lengths.max()))
+            rep = np.repeat(rows, lengths)
+            cols = np.arange(len(rep)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            self.table[rep, cols] = blocks
+            self.num_blocks[rows] = lengths
+            self.num_tokens[rows] = num_tokens
+        return rows
+
     def copy_row(self, src: int, times: int = 1) -> list[int]:
         """``times`` new rows equal to row ``src`` (a fork)."""
-        if len(self._free_rows) < times:
-            self._grow_rows(len(self.num_blocks) + times)
-        rows = self._free_rows[len(self._free_rows) - times :][::-1]
-        del self._free_rows[len(self._free_rows) - times :]
+        rows = self._take_rows(times)
         n = int(self.num_blocks[src])
         self.table[rows, :n] = self.table[src, :n]
         self.num_blocks[rows] = n
         self.num_tokens[rows] = self.num_tokens[src]
+        self.cols[rows] = self.cols[src]
+        return rows
+
+    def copy_rows(self, srcs: np.ndarray) -> np.ndarray:
+        """A new row equal to each of ``srcs`` (repeats allowed: forks); returns them (int64)."""
+        rows = np.asarray(self._take_rows(len(srcs)), dtype=np.int64)
+        if len(srcs) == 1:
+            src, row = int(srcs[0]), int(rows[0])
+            n = self.num_blocks[src]
+            self.table[row, :n] = self.table[src, :n]
+            self.num_blocks[row] = n
+            self.num_tokens[row] = self.num_tokens[src]
+            self.cols[row] = self.cols[src]
+        elif len(srcs):
+            width = int(self.num_blocks[srcs].max())
+            self.table[rows, :width] = self.table[srcs, :width]
+            self.num_blocks[rows] = self.num_blocks[srcs]
+            self.num_tokens[rows] = self.num_tokens[srcs]
+            self.cols[rows] = self.cols[srcs]
         return rows
 
     def release_rows(self, rows: Seq[int] | np.ndarray) -> None:
-        """Give rows back (their entries are zeroed for the next owner)."""
+        """Give rows back (their entries and columns are zeroed for the next owner)."""
+        if len(rows) == 1:
+            row = int(rows[0])
+            self.table[row, : self.num_blocks[row]] = 0
+            self.num_blocks[row] = 0
+            self.num_tokens[row] = 0
+            self.cols[row] = 0
+            self._free_rows.append(row)
+            return
         rows = np.asarray(rows, dtype=np.int64)
         if not len(rows):
             return
@@ -91,7 +163,17 @@ class BlockTable:
         self.table[rows, :width] = 0
         self.num_blocks[rows] = 0
         self.num_tokens[rows] = 0
+        self.cols[rows] = 0
         self._free_rows.extend(rows[::-1].tolist())
+
+    def distinct(self, rows: np.ndarray) -> bool:
+        """Whether ``rows`` (int64) holds no row twice."""
+        if len(rows) < 2:
+            return True
+        k = np.arange(len(rows))
+        mark = self._mark
+        mark[rows] = k
+        return not np.count_nonzero(mark[rows] != k)
 
     def blocks(self, row: int) -> np.ndarray:
         """Row ``row``'s block ids (a view)."""
@@ -142,6 +224,28 @@ class BlockTable:
             tables = np.zeros((len(rows), width), dtype=np.int32)
             tables[:, : self.width] = self.table[rows]
         return tables, self.num_tokens[rows].astype(np.int32)
+
+    def entries(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every entry of ``rows``, row after row: (block ids, row of each, column of
+        each), int64."""
+        rows = np.asarray(rows, dtype=np.int64)
+        counts = self.num_blocks[rows].astype(np.int64)
+        rep = np.repeat(rows, counts)
+        cols = np.arange(len(rep)) - np.repeat(np.cumsum(counts) - counts, counts)
+        return self.table[rep, cols].astype(np.int64), rep, cols
+
+    def row_blocks(self, rows: np.ndarray, reverse: bool = False) -> np.ndarray:
+        """The block ids of ``rows``, row after row (int64, a copy); ``reverse``:
+        each row's last to first (the order a free releases them)."""
+        if len(rows) == 1:  # one sequence: a slice
+            row = rows[0]
+            blocks = self.table[row, : self.num_blocks[row]]
+            return (blocks[::-1] if reverse else blocks).astype(np.int64)
+        counts = self.num_blocks[rows].astype(np.int64)
+        cols = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        if reverse:
+            cols = np.repeat(counts - 1, counts) - cols
+        return self.table[np.repeat(rows, counts), cols].astype(np.int64)
 
     def references(self, num_blocks: int) -> np.ndarray:
         """How many entries of live rows point at each block id: int64 [num_blocks]

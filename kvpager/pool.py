@@ -6,7 +6,6 @@ either applies all of it or raises a typed error and changes nothing.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -15,9 +14,10 @@ import numpy as np
 
 from kvpager.backends import Backend, make_backend
 from kvpager.block_pool import NULL_BLOCK
-from kvpager.errors import InvalidArgument
-from kvpager.plan import StepPlan, make_plan
-from kvpager.sequences import Sequence, SequenceManager
+from kvpager.errors import InvalidArgument, SequenceSwapped
+from kvpager.plan import StepPlan, check_queries
+from kvpager.seq_check import tokens_stored
+from kvpager.sequences import ANY_OWNER, SequenceManager
 from kvpager.spec import PoolSpec
 from kvpager.types import Allocation, BlockMap, PoolStats, SequenceInfo
 
@@ -28,7 +28,7 @@ def _ids(seq_ids: int | Seq[int], what: str = "seq_ids") -> list[int]:
         return [int(seq_ids)]
     if isinstance(seq_ids, (str, bytes)) or not hasattr(seq_ids, "__iter__"):
         raise InvalidArgument(f"{what} must be an int or a list of ints, got {type(seq_ids).__name__}")
-    out = list(seq_ids)
+    out = seq_ids if type(seq_ids) is list else list(seq_ids)
     if set(map(type, out)) <= {int}:  # the common case, checked at C speed
         return out
     for s in out:
@@ -63,6 +63,9 @@ def _split(flat: np.ndarray, counts: list[int]) -> list[np.ndarray]:
         out.append(flat[start : start + n])
         start += n
     return out
+
+
+_EVERY = object()  # sequences(): no owner filter (None is an owner: the embedded one)
 
 
 class KVPool:
@@ -107,18 +110,16 @@ class KVPool:
         salts = _per_seq(salt, len(prompts), "salt")
         if not isinstance(share_in_batch, bool):
             raise InvalidArgument(f"share_in_batch must be a bool, got {share_in_batch!r}")
-        made = self.manager.allocate(prompts, salts, owner, share_in_batch)
+        ids, flat, lengths, cached, ntok = self.manager.allocate(prompts, salts, owner, share_in_batch)
         # Slots of every block of every new sequence in one vectorised pass,
         # then each sequence's uncached token range is a slice of it.
         bs = self.spec.block_size
-        tables = [seq.block_table for seq, _ in made]
-        flat = np.fromiter(itertools.chain.from_iterable(tables), np.int64, sum(map(len, tables)))
         all_slots = (flat[:, None] * bs + np.arange(bs, dtype=np.int64)).ravel()
+        blocks = flat.tolist()
         out, start = [], 0
-        for (seq, cached), table in zip(made, tables):
-            slots = all_slots[start + cached : start + seq.num_tokens]
-            out.append(Allocation(seq.seq_id, tuple(table), cached, slots))
-            start += len(table) * bs
+        for seq_id, n, c, t in zip(ids, lengths, cached, ntok):
+            out.append(Allocation(seq_id, tuple(blocks[start : start + n]), c, all_slots[start * bs + c : start * bs + t]))
+            start += n
         return out
 
     def cached_tokens(
@@ -149,15 +150,19 @@ class KVPool:
         seq_ids: int | Seq[int],
         num_tokens: int | Seq[int] = 1,
         token_ids: Seq[Seq[int] | None] | None = None,
+        *,
+        owner: Any = ANY_OWNER,
     ) -> np.ndarray:
-        """As `append`, but every sequence's slots back to back in one int64 array."""
+        """As `append`, but every sequence's slots back to back in one int64 array.
+        ``owner``: if given, every sequence must be its (as `check_owner`, in the
+        same lookup: the daemon's decode step)."""
         ids = _ids(seq_ids)
         counts = num_tokens if isinstance(num_tokens, (int, np.integer)) else list(num_tokens)
         if token_ids is not None:
             token_ids = _per_seq(token_ids, len(ids), "token_ids")
-        flat, copies = self.manager.append(ids, counts, token_ids)
-        if copies:
-            self.backend.copy_blocks(np.asarray(copies, dtype=np.int64))
+        flat, copies = self.manager.append(ids, counts, token_ids, owner)
+        if len(copies):
+            self.backend.copy_blocks(copies)
             self.pending = True
         return flat
 
@@ -170,7 +175,7 @@ class KVPool:
 
     def fork(self, seq_ids: int | Seq[int], n: int = 1) -> list[list[int]]:
         """``n`` children per sequence, sharing all of its blocks; returns their ids."""
-        return [[c.seq_id for c in kids] for kids in self.manager.fork(_ids(seq_ids), n)]
+        return self.manager.fork(_ids(seq_ids), n)
 
     def free(self, seq_ids: int | Seq[int]) -> None:
         """Release sequences. Committed full blocks stay matchable until evicted."""
@@ -185,16 +190,29 @@ class KVPool:
         """Move the sequences' exclusively owned blocks to host memory in one
         batched copy; shared blocks stay on the device."""
         pairs = self.manager.swap_out(_ids(seq_ids))
-        if pairs:
-            self.backend.swap_out(np.asarray(pairs, dtype=np.int64))
+        if len(pairs):
+            self.backend.swap_out(pairs)
             self.pending = True
 
     def swap_in(self, seq_ids: int | Seq[int]) -> None:
         """Bring swapped sequences back to the device in one batched copy."""
         pairs = self.manager.swap_in(_ids(seq_ids))
-        if pairs:
-            self.backend.swap_in(np.asarray(pairs, dtype=np.int64))
+        if len(pairs):
+            self.backend.swap_in(pairs)
             self.pending = True
+
+    # -- ownership (the daemon's sessions) ----------------------------------------------
+    def owned(self, owner: Any) -> list[int]:
+        """Ids of ``owner``'s live sequences, in id order."""
+        return list(self.manager.owned.get(owner, ()))
+
+    def owners(self) -> list[Any]:
+        """Every owner that has a live sequence."""
+        return list(self.manager.owned)
+
+    def check_owner(self, seq_ids: int | Seq[int], owner: Any) -> None:
+        """Raise UnknownSequence or NotOwner unless every sequence is live and ``owner``'s."""
+        self.manager.check_owner(_ids(seq_ids), owner)
 
     # -- K/V ------------------------------------------------------------------------
     def write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
@@ -226,13 +244,11 @@ class KVPool:
         spec = self.spec
         self._check_layer(layer)
         ids = _ids(seq_ids)
-        seqs = [self.manager.get(s, "attend") for s in ids]
+        tables, seq_lens = self.tables(ids)
         qlens = _per_seq(1 if query_lens is None else query_lens, len(ids), "query_lens")
-        for seq, ql in zip(seqs, qlens):
-            if not isinstance(ql, (int, np.integer)) or isinstance(ql, bool) or not 1 <= ql <= seq.num_tokens:
-                raise InvalidArgument(
-                    f"query_lens for sequence {seq.seq_id} must be in [1, {seq.num_tokens}], got {ql!r}"
-                )
+        for s, n, ql in zip(ids, seq_lens.tolist(), qlens):
+            if not isinstance(ql, (int, np.integer)) or isinstance(ql, bool) or not 1 <= ql <= n:
+                raise InvalidArgument(f"query_lens for sequence {s} must be in [1, {n}], got {ql!r}")
         num_q = getattr(q, "shape", (0, 0))[1] if getattr(q, "ndim", 0) == 3 else 0
         if num_q < 1 or num_q % spec.num_kv_heads:
             raise InvalidArgument(
@@ -244,19 +260,23 @@ class KVPool:
             scale = 1.0 / math.sqrt(spec.head_dim)
         elif not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise InvalidArgument(f"scale must be a positive finite number, got {scale!r}")
-        tables, seq_lens = self.block_tables(seqs)
         self.pending = True
         return self.backend.attend(
             int(layer), q, tables, seq_lens, np.asarray(qlens, dtype=np.int32), float(scale)
         )
 
-    def block_tables(self, seqs: Seq[Sequence]) -> tuple[np.ndarray, np.ndarray]:
-        """Padded int32 block tables [B, max_blocks] (null-block padding) and lengths [B]."""
-        width = max((len(s.block_table) for s in seqs), default=0) or 1
-        tables = np.zeros((len(seqs), width), dtype=np.int32)
-        for i, s in enumerate(seqs):
-            tables[i, : len(s.block_table)] = s.block_table
-        return tables, np.asarray([s.num_tokens for s in seqs], dtype=np.int32)
+    def tables(self, seq_ids: int | Seq[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Padded int32 block tables [B, max_blocks] (null-block padding) and
+        lengths int32 [B] of resident sequences: one vectorised gather.
+        Raises UnknownSequence, or SequenceSwapped for a swapped-out one."""
+        ids = _ids(seq_ids)
+        m = self.manager
+        rows = m.lookup(ids)
+        if m.num_swapped:
+            swapped = m.table.swapped[rows]
+            if swapped.any():
+                raise SequenceSwapped(ids[int(np.argmax(swapped))], "attend")
+        return m.table.gather(rows)
 
     def plan(
         self,
@@ -273,11 +293,12 @@ class KVPool:
         The plan is a snapshot: make a new one (or `StepPlan.update` it) after
         the sequences change. ``options`` go to the backend's planner."""
         ids = _ids(seq_ids)
-        tables, seq_lens = self.block_tables([self.manager.get(s, "attend") for s in ids])
+        tables, seq_lens = self.tables(ids)  # the pool's own: only the step's part needs checks
         if query_lens is not None:
             query_lens = np.asarray(_per_seq(query_lens, len(ids), "query_lens"))
+        query_lens, slots = check_queries(self.spec, seq_lens, query_lens, slots)
         self.pending = True
-        return make_plan(self.backend, tables, seq_lens, query_lens, slots, **options)
+        return self.backend.plan(tables, seq_lens, query_lens, slots, **options)
 
     def kv(self, layer: int) -> tuple[Any, Any]:
         """Views of one layer's K and V: each [num_blocks, num_kv_heads, block_size, head_dim]."""
@@ -286,70 +307,49 @@ class KVPool:
 
     # -- inspection -------------------------------------------------------------------
     def sequence(self, seq_id: int) -> SequenceInfo:
-        return self._info(self.manager.get(seq_id))
+        [info] = self._infos([seq_id])
+        return info
 
-    def sequences(self) -> list[SequenceInfo]:
-        """Every live sequence, in id order."""
-        return [self._info(s) for _, s in sorted(self.manager.seqs.items())]
+    def sequences(self, owner: Any = _EVERY) -> list[SequenceInfo]:
+        """Every live sequence, or ``owner``'s only, in id order. Costs what it
+        returns: one owner's list is read from an index, not a scan."""
+        ids = list(self.manager.rows) if owner is _EVERY else self.owned(owner)
+        return self._infos(ids)
 
     def blocks(self) -> BlockMap:
         """State and reference count of every device block."""
         pool = self.manager.pool
-        ref = np.asarray(pool.ref_cnt, dtype=np.int32)
+        ref, cached = pool.states()
         state = np.where(ref > 0, BlockMap.USED, BlockMap.FREE).astype(np.uint8)
         if pool.evictable:
             state[np.fromiter(pool.evictable, dtype=np.int64)] = BlockMap.EVICTABLE
         state[NULL_BLOCK] = BlockMap.NULL
-        cached = np.zeros(len(ref), dtype=bool)
-        if self.manager.cache.block_key:
-            cached[np.fromiter(self.manager.cache.block_key, dtype=np.int64)] = True
         return BlockMap(state, ref, cached)
 
     def stats(self) -> PoolStats:
-        """The pool at a glance. Vectorised over all block tables (a few ms for
-        millions of entries), since the daemon answers it on its only thread."""
+        """The pool at a glance, from the block pool's counters and a few array
+        reductions (the daemon answers it on its only thread)."""
         m, spec = self.manager, self.spec
         pool, bs = m.pool, spec.block_size
-        used = pool.num_usable - pool.get_num_free_blocks()
+        used = pool.num_used
         return PoolStats(
             total_blocks=pool.num_usable,
-            free_blocks=len(pool.free_ids),
-            evictable_blocks=len(pool.evictable),
+            free_blocks=pool.num_free,
+            evictable_blocks=pool.num_evictable,
             used_blocks=used,
-            shared_blocks=len(pool.ref_cnt) - pool.ref_cnt.count(0) - pool.ref_cnt.count(1),
-            cached_blocks=len(m.cache),
-            num_sequences=len(m.seqs),
-            swapped_sequences=len(m.swapped_ids),
-            host_total_blocks=m.num_host_blocks,
-            host_free_blocks=len(m.host_free),
+            shared_blocks=pool.num_shared(),
+            cached_blocks=pool.num_cached,
+            num_sequences=len(m.rows),
+            swapped_sequences=m.num_swapped,
+            host_total_blocks=m.host.num_blocks,
+            host_free_blocks=len(m.host.free),
             prefix_query_tokens=m.prefix_query_tokens,
             prefix_hit_tokens=m.prefix_hit_tokens,
-            tokens_stored=self._tokens_stored(),
+            tokens_stored=tokens_stored(m),
             token_slots_allocated=used * bs,
             block_size=bs,
             bytes_per_block=spec.bytes_per_block,
         )
-
-    def _tokens_stored(self) -> int:
-        """Real tokens held by in-use blocks, a shared block counted once at the
-        fill of its fullest user. Every table entry is a full block except each
-        sequence's last, which holds the remainder."""
-        seqs = list(self.manager.seqs.values())
-        if not seqs:
-            return 0
-        bs = self.spec.block_size
-        lens = np.fromiter((len(s.block_table) for s in seqs), np.int64, len(seqs))
-        flat = np.fromiter(itertools.chain.from_iterable(s.block_table for s in seqs), np.int64, int(lens.sum()))
-        has = lens > 0
-        ends = np.cumsum(lens)[has] - 1
-        last_fill = np.fromiter((s.num_tokens for s in seqs), np.int64, len(seqs))[has] - (lens[has] - 1) * bs
-        per_block = np.zeros(self.spec.num_blocks, dtype=np.int64)
-        full = np.ones(len(flat), dtype=bool)
-        full[ends] = False
-        per_block[flat[full]] = bs  # duplicates write the same value
-        np.maximum.at(per_block, flat[ends], last_fill)  # one entry per sequence
-        per_block[NULL_BLOCK] = 0  # swapped-out entries hold nothing on the device
-        return int(per_block.sum())
 
     def check_integrity(self) -> None:
         """Raise IntegrityError (with the counts) if any allocator invariant is broken."""
@@ -370,18 +370,34 @@ class KVPool:
         self.close()
 
     # -- helpers -----------------------------------------------------------------------
-    def _info(self, s: Sequence) -> SequenceInfo:
-        ref = self.manager.pool.ref_cnt
-        return SequenceInfo(
-            seq_id=s.seq_id,
-            owner=s.owner,
-            num_tokens=s.num_tokens,
-            num_committed=s.num_committed,
-            block_table=tuple(s.block_table),
-            shared_blocks=sum(1 for b in s.block_table if b != NULL_BLOCK and ref[b] > 1),
-            swapped=s.swapped,
-            host_blocks=len(s.host_blocks or ()),
-        )
+    def _infos(self, seq_ids: list[int]) -> list[SequenceInfo]:
+        """`SequenceInfo` of each id, its arrays read in one gather."""
+        m = self.manager
+        rows = m.lookup(seq_ids)
+        if not len(rows):
+            return []
+        bt = m.table
+        tables, _ = bt.gather(rows)
+        nb = bt.num_blocks[rows]
+        shared = ((m.pool.ref_cnt[tables] > 1) & (tables != NULL_BLOCK)).sum(axis=1)
+        owner_of = m.owner_of
+        held = m.host.held
+        return [
+            SequenceInfo(
+                seq_id=s,
+                owner=owner_of(row),
+                num_tokens=ntok,
+                num_committed=ncom,
+                block_table=tuple(table[:n]),
+                shared_blocks=sh,
+                swapped=bool(sw),
+                host_blocks=len(held[row][1]) if sw else 0,
+            )
+            for s, row, table, n, ntok, ncom, sh, sw in zip(
+                seq_ids, rows.tolist(), tables.tolist(), nb.tolist(), bt.num_tokens[rows].tolist(),
+                bt.committed[rows].tolist(), shared.tolist(), bt.swapped[rows].tolist(),
+            )
+        ]
 
     def _check_layer(self, layer: Any) -> None:
         if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool) or not 0 <= layer < self.spec.num_layers:

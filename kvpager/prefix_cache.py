@@ -5,6 +5,9 @@ its token ids (little-endian int64). The first block's parent is the root key,
 a digest of the salt (model or adapter id), so different salts never match.
 Keys are stable across processes and Python runs (no ``hash()``), so two
 workers, or a restarted daemon, agree on them.
+
+`PrefixCache` is the map alone; the `BlockPool` owns it and decides when an
+entry goes (eviction, a block about to be rewritten).
 """
 
 from __future__ import annotations
@@ -13,8 +16,7 @@ import hashlib
 
 import numpy as np
 
-from kvpager.block_pool import BlockPool
-from kvpager.errors import IntegrityError, InvalidArgument
+from kvpager.errors import InvalidArgument
 
 KEY_BYTES = 16
 
@@ -60,22 +62,24 @@ def chain_keys(parent: bytes, tokens: np.ndarray, block_size: int) -> list[bytes
 
 
 class PrefixCache:
-    """Maps block keys to the device blocks that hold that prefix's K/V.
+    """Block keys <-> the device blocks that hold that prefix's K/V.
 
     A block is published only after its owner commits that its K/V is
     written. The cache holds no references: a published block whose count
-    falls to 0 stays matchable as an evictable block in the pool's LRU until
-    its memory is needed."""
+    falls to 0 stays matchable (evictable) until the pool needs its memory.
+    ``cached[b]`` says whether block ``b`` is published, for vectorised checks."""
 
-    def __init__(self, pool: BlockPool):
-        self.pool = pool
+    def __init__(self, num_blocks: int):
         self.key_to_block: dict[bytes, int] = {}
         self.block_key: dict[int, bytes] = {}
-        pool.on_evict = self._forget
-        pool.cached = self.block_key
+        self.cached = np.zeros(num_blocks, dtype=bool)
 
     def __len__(self) -> int:
         return len(self.key_to_block)
+
+    def get(self, key: bytes) -> int | None:
+        """The block published under ``key``, or None."""
+        return self.key_to_block.get(key)
 
     def match_tokens(self, root: bytes, tokens: np.ndarray, block_size: int, max_blocks: int) -> tuple[list[bytes], list[int]]:
         """Longest cached prefix of ``tokens`` (at most ``max_blocks`` blocks): the
@@ -103,36 +107,29 @@ class PrefixCache:
             return False
         self.key_to_block[key] = block_id
         self.block_key[block_id] = key
+        self.cached[block_id] = True
         return True
 
-    def unpublish(self, block_id: int) -> None:
-        """Forget a block about to be written again (its K/V will change)."""
+    def remove(self, block_id: int) -> bool:
+        """Forget ``block_id``'s entry; False if it had none."""
         key = self.block_key.pop(block_id, None)
-        if key is not None:
-            del self.key_to_block[key]
-            self.pool.release_evictable(block_id)
-
-    def _forget(self, block_id: int) -> None:
-        key = self.block_key.pop(block_id)
+        if key is None:
+            return False
         del self.key_to_block[key]
+        self.cached[block_id] = False
+        return True
 
-    def check(self) -> None:
-        """Raise IntegrityError unless the two maps mirror each other and every
-        cached block is in use or evictable (never free)."""
-        problems = []
+    def problems(self) -> list[str]:
+        """What is wrong with the maps (empty if nothing): they must mirror each
+        other and ``cached`` must mark exactly the keyed blocks."""
+        out = []
         if len(self.key_to_block) != len(self.block_key):
-            problems.append(f"{len(self.key_to_block)} keys but {len(self.block_key)} keyed blocks")
+            out.append(f"{len(self.key_to_block)} keys but {len(self.block_key)} keyed blocks")
         for key, b in self.key_to_block.items():
             if self.block_key.get(b) != key:
-                problems.append(f"key of block {b} does not map back to it")
+                out.append(f"key of block {b} does not map back to it")
                 break
-        pool = self.pool
-        for b in self.block_key:
-            if not 0 < b < pool.num_blocks:
-                problems.append(f"cache maps to block {b}, outside the pool")
-            elif pool.ref_cnt[b] == 0 and b not in pool.evictable:
-                problems.append(f"cache maps to block {b}, which is free")
-        if problems:
-            raise IntegrityError(
-                f"prefix cache integrity violated (cached={len(self.key_to_block)}): " + "; ".join(problems[:20])
-            )
+        marked = np.flatnonzero(self.cached)
+        if len(marked) != len(self.block_key) or not all(b in self.block_key for b in marked.tolist()):
+            out.append(f"{len(marked)} blocks marked cached but {len(self.block_key)} keyed")
+        return out

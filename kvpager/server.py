@@ -17,7 +17,6 @@ In-process use (tests)::
 from __future__ import annotations
 
 import logging
-import operator
 import os
 import secrets
 import threading
@@ -35,8 +34,6 @@ from kvpager.errors import (
     InternalError,
     InvalidArgument,
     KVPagerError,
-    NotOwner,
-    UnknownSequence,
 )
 from kvpager.pool import KVPool
 from kvpager.protocol import OPS, ErrorInfo, decode_request, encode_reply
@@ -68,9 +65,6 @@ def _ids(value: Any, what: str = "seq_ids") -> list[int]:
     if isinstance(value, list) and set(map(type, value)) <= {int}:  # bools excluded: type(True) is bool
         return value
     raise InvalidArgument(f"{what} must be an int or a list of ints")
-
-
-_owner = operator.attrgetter("owner")
 
 
 def _int(value: Any, what: str) -> int:
@@ -271,18 +265,11 @@ class Server:
     def _owned(self, session: Session, value: Any) -> list[int]:
         """The ids, checked to exist and belong to ``session`` (all before any change)."""
         ids = _ids(value)
-        seqs, sid = self.pool.manager.seqs, session.id
-        found = list(map(seqs.get, ids))  # map / attrgetter: the per-id work stays in C
-        if None in found or set(map(_owner, found)) - {sid}:
-            for i, seq in zip(ids, found):
-                if seq is None:
-                    raise UnknownSequence(i)
-                if seq.owner != sid:
-                    raise NotOwner(f"sequence {i} belongs to another session")
+        self.pool.check_owner(ids, session.id)
         return ids
 
     def _end(self, session: Session, why: str) -> int:
-        ids = [i for i, s in self.pool.manager.seqs.items() if s.owner == session.id]
+        ids = self.pool.owned(session.id)
         if ids:
             self.pool.free(ids)
         self.sessions.close(session)
@@ -338,8 +325,10 @@ class Server:
         return self.pool.cached_tokens(prompts, a.get("salt"))
 
     def _op_append(self, s: Session, a: dict[str, Any]) -> bytes:
-        ids = self._owned(s, a["seq_ids"])
-        return protocol.encode_slots(self.pool.append_flat(ids, a.get("num_tokens", 1), a.get("token_ids")))
+        # The decode hot path: KVPool checks the ids' types, and ownership rides on
+        # append's own lookup of them.
+        slots = self.pool.append_flat(a["seq_ids"], a.get("num_tokens", 1), a.get("token_ids"), owner=s.id)
+        return protocol.encode_slots(slots)
 
     def _op_commit(self, s: Session, a: dict[str, Any]) -> list[int]:
         return self.pool.commit(self._owned(s, a["seq_ids"]), a.get("upto"))
@@ -397,12 +386,12 @@ class Server:
 
     # -- inspection ----------------------------------------------------------------------------
     def _op_tables(self, s: Session | None, a: dict[str, Any]) -> list[np.ndarray]:
-        m = self.pool.manager
-        return list(self.pool.block_tables([m.get(i, "attend") for i in _ids(a["seq_ids"])]))
+        return list(self.pool.tables(_ids(a["seq_ids"])))
 
     def _op_sequences(self, s: Session | None, a: dict[str, Any]) -> list[dict[str, Any]]:
         if a.get("seq_ids") is None:
-            infos = self.pool.sequences()
+            # One session's list (an "owner" argument) is read from the pool's owner index.
+            infos = self.pool.sequences(a["owner"]) if "owner" in a else self.pool.sequences()
         else:
             infos = [self.pool.sequence(i) for i in _ids(a["seq_ids"])]
         return [protocol.encode_info(i) for i in infos]
@@ -418,6 +407,6 @@ class Server:
     def _op_check(self, s: Session | None, a: dict[str, Any]) -> None:
         self.pool.check_integrity()
         open_ids = self.sessions.sessions
-        orphans = [i for i, q in self.pool.manager.seqs.items() if q.owner not in open_ids]
+        orphans = [i for o in self.pool.owners() if o not in open_ids for i in self.pool.owned(o)]
         if orphans:
             raise IntegrityError(f"{len(orphans)} sequences belong to no open session, e.g. {orphans[:5]}")

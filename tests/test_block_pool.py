@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from kvpager.block_pool import BlockPool
@@ -27,18 +28,33 @@ def test_batch_allocation_is_all_or_nothing():
 
 def test_evictable_blocks_are_reclaimed_oldest_first():
     pool = BlockPool(6)
-    cached = {1, 2, 3}
-    evicted = []
-    pool.cached = cached
-    pool.on_evict = lambda b: (evicted.append(b), cached.discard(b))
     ids = pool.get_new_blocks(5)
-    assert ids == [1, 2, 3, 4, 5]
+    assert ids.tolist() == [1, 2, 3, 4, 5]
+    keys = {b: bytes([b]) * 16 for b in (1, 2, 3)}
+    for b, key in keys.items():
+        assert pool.publish(b, key)
     pool.free_blocks([3, 1, 4, 2, 5])
     assert list(pool.evictable) == [3, 1, 2] and sorted(pool.free_ids) == [4, 5]
     pool.touch([1])  # a prefix hit takes 1 back out of the LRU
-    got = pool.get_new_blocks(4)
+    got = pool.get_new_blocks(4).tolist()
+    evicted = got[2:]  # after the two free blocks, evicted oldest first
     assert sorted(got) == [2, 3, 4, 5] and evicted == [3, 2]
+    assert [pool.lookup(keys[b]) for b in (1, 2, 3)] == [1, None, None]  # evicted: forgotten
     assert pool.ref_cnt[1] == 1
+
+
+def test_free_with_repeats_and_unpublish():
+    pool = BlockPool(6)
+    a, b = pool.get_new_blocks(2).tolist()
+    pool.share([a, b], 2)  # three references each
+    assert pool.publish(a, b"k" * 16)
+    pool.free_blocks([a, b, a, b])  # repeats drop one reference each
+    assert pool.ref_cnt[[a, b]].tolist() == [1, 1]
+    pool.free_blocks([b, a])
+    assert list(pool.evictable) == [a] and pool.free_ids[-1] == b
+    pool.unpublish(a)  # an evictable block that loses its key is free
+    assert not pool.evictable and pool.num_free == 5 and pool.lookup(b"k" * 16) is None
+    pool.check(np.zeros(6, np.int64))
 
 
 def test_check_reports_counts():

@@ -93,7 +93,7 @@ def bench_batch(spec: PoolSpec, batch: int, blocks_per_seq: int, repeats: int,
     pool = KVPool(spec)
 
     def allocated():
-        pool.free(list(pool.manager.seqs))  # start each run from an empty pool, untimed
+        pool.free(pool.owned(None))  # start each run from an empty pool, untimed
         return [a.seq_id for a in pool.allocate(prompts())]
 
     free_s = timed(pool.free, allocated, repeats)

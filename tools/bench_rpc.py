@@ -8,7 +8,10 @@ What is timed (each op checked for correctness first):
 - bare: a DEALER -> ROUTER echo of a request-sized msgpack message (the floor);
 - heartbeat: a full daemon round trip that does no pool work;
 - append x1: `append([seq])`, one decode step of one sequence;
-- append x256: one batched decode step of 256 sequences;
+- append x256: one batched decode step of 256 sequences (a list of 256 slot
+  arrays back, as `append` returns);
+- append_flat x256: the same step with every slot in one array back
+  (`append_flat`, what a batched worker takes);
 - throughput: N client processes each doing append x1 in a loop.
 Sequences are cut back (untimed) every few hundred steps so block tables stay
 decode-sized; the in-process column runs the same schedule on a `KVPool`.
@@ -113,7 +116,8 @@ def bare(endpoint: str, iters: int, clients: list[int], seconds: float) -> tuple
 
 
 def pool_ops(pool, batch: int):
-    """(single step, cut, batched step, cut) for a KVPool or a Client, checked once."""
+    """(single step, cut, batched step, cut, flat batched step) for a KVPool or a
+    Client, checked once."""
     [one] = pool.allocate([PROMPT])
     many = [a.seq_id for a in pool.allocate([PROMPT] * batch)]
     n = len(PROMPT)
@@ -121,20 +125,24 @@ def pool_ops(pool, batch: int):
     assert s.tolist() == [one.block_table[n // 16] * 16 + n % 16], "append returned a wrong slot"
     out = pool.append(many)
     assert len(out) == batch and all(len(x) == 1 for x in out)
+    flat = pool.append_flat(many)
+    assert flat.tolist() == [int(x[0]) + 1 for x in out], "append_flat returned wrong slots"
     pool.truncate(many, n)
     return (
         lambda: pool.append([one.seq_id]),
         lambda: pool.truncate([one.seq_id], n),
         lambda: pool.append(many),
         lambda: pool.truncate(many, n),
+        lambda: pool.append_flat(many),
     )
 
 
 def latencies(pool, iters: int, batch: int) -> dict[str, tuple[float, float]]:
-    step1, cut1, step_b, cut_b = pool_ops(pool, batch)
+    step1, cut1, step_b, cut_b, flat_b = pool_ops(pool, batch)
     out = {
         "append x1": _percentiles(_time_steps(step1, cut1, iters)),
         f"append x{batch}": _percentiles(_time_steps(step_b, cut_b, max(200, iters // 20))),
+        f"append_flat x{batch}": _percentiles(_time_steps(flat_b, cut_b, max(200, iters // 20))),
     }
     if hasattr(pool, "heartbeat"):
         out["heartbeat"] = _percentiles(_time_steps(pool.heartbeat, lambda: None, iters))
@@ -145,7 +153,7 @@ def _throughput_worker(endpoint: str, seconds: float, start, out) -> None:
     from kvpager.client import Client
 
     with Client(endpoint, timeout=60, heartbeat=False) as c:
-        step, cut, _, _ = pool_ops(c, 1)
+        step, cut, *_ = pool_ops(c, 1)
         start.wait(60)
         n, deadline = 0, time.monotonic() + seconds
         while time.monotonic() < deadline:

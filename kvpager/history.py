@@ -1,0 +1,54 @@
+"""What a sequence's prefix-cache keys are made of: its known token ids and
+the keys of its blocks. Read and written only on the hashing path (allocate,
+commit, swap-in re-publish) and when tokens are appended with their ids; the
+decode hot path works on the block table's arrays instead."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvpager.prefix_cache import chain_keys
+
+
+@dataclass(eq=False)
+class History:
+    """``prompt`` + ``tail`` are the known token ids, a prefix of the sequence's
+    tokens: ids of appended tokens are kept while every one was given."""
+
+    prompt: np.ndarray  # int64, given at allocate (shared by forks, never mutated)
+    root: bytes  # parent key of block 0 (from the salt)
+    keys: list[bytes] = field(default_factory=list)  # keys of blocks 0..k-1
+    tail: list[int] = field(default_factory=list)  # ids appended after the prompt
+
+    @property
+    def num_known(self) -> int:
+        return len(self.prompt) + len(self.tail)
+
+    def known(self, start: int, stop: int) -> np.ndarray:
+        """Known token ids ``[start, stop)`` as int64."""
+        p = len(self.prompt)
+        if stop <= p:
+            return self.prompt[start:stop]
+        head = self.prompt[start:p] if start < p else self.prompt[:0]
+        return np.concatenate([head, np.array(self.tail[max(start - p, 0) : stop - p], dtype=np.int64)])
+
+    def key_blocks(self, full: int, block_size: int) -> list[bytes]:
+        """The keys of blocks ``0..full-1`` (hashing the ones not hashed yet)."""
+        start = len(self.keys)
+        if full > start:
+            parent = self.keys[-1] if start else self.root
+            self.keys += chain_keys(parent, self.known(start * block_size, full * block_size), block_size)
+        return self.keys
+
+    def truncate(self, num_tokens: int, block_size: int) -> None:
+        """Forget ids and keys past ``num_tokens`` tokens."""
+        if num_tokens <= len(self.prompt):
+            self.prompt, self.tail = self.prompt[:num_tokens], []
+        else:
+            del self.tail[num_tokens - len(self.prompt) :]
+        del self.keys[num_tokens // block_size :]
+
+    def fork(self) -> History:
+        return History(self.prompt, self.root, self.keys.copy(), self.tail.copy())

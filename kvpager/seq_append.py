@@ -1,0 +1,224 @@
+"""Append: extend sequences by token slots, with copy-on-write of a shared,
+partly filled last block and un-publishing of a published last block that is
+about to be rewritten.
+
+A decode step (one token for each sequence) is a few array operations over
+the batch's rows: find the rows at a block boundary or whose last block is
+shared, take that many blocks, write them into the rows, and read the slots
+as ``table[rows, pos // bs] * bs + pos % bs``. Only appended token ids, when
+given, are stored per sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from itertools import compress
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvpager.errors import InvalidArgument, OutOfBlocks
+from kvpager.prefix_cache import token_array
+
+if TYPE_CHECKING:
+    from kvpager.sequences import SequenceManager
+
+_NO_COPIES = np.zeros((0, 2), dtype=np.int64)
+
+
+def _token_list(ids: object) -> list[int]:
+    """Token ids of an append as a list of ints (validated)."""
+    if type(ids) is list and (len(ids) == 1 and type(ids[0]) is int or all(type(t) is int for t in ids)):
+        return ids
+    return token_array(ids, "token_ids").tolist()
+
+
+def _within(counts: np.ndarray) -> np.ndarray:
+    """``0..counts[i]-1`` for each i, back to back."""
+    total = int(counts.sum())
+    return np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def append(
+    m: SequenceManager, seq_ids: list[int], counts: int | Seq[int], token_ids: Seq[Seq[int] | None] | None,
+    owner: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`SequenceManager.append`: (slots int64, copies int64 [k, 2])."""
+    rows = m.batch(seq_ids, "append", owner)
+    if type(counts) is int and counts == 1:
+        return _decode(m, seq_ids, rows, token_ids)
+    if isinstance(counts, (int, np.integer)) and not isinstance(counts, bool):
+        counts = [counts] * len(rows)
+    elif len(counts) != len(rows):
+        raise InvalidArgument(f"append: {len(counts)} counts for {len(rows)} sequences")
+    ids_list: list[Any] = [None] * len(rows) if token_ids is None else list(token_ids)
+    for k, (s, n, ids) in enumerate(zip(seq_ids, counts, ids_list)):
+        if type(n) is not int and (not isinstance(n, (int, np.integer)) or isinstance(n, bool)) or n < 0:
+            raise InvalidArgument(f"append: count for sequence {s} must be an integer >= 0, got {n!r}")
+        if ids is not None:
+            ids_list[k] = ids = _token_list(ids)
+            if len(ids) != n:
+                raise InvalidArgument(f"append: sequence {s} got {len(ids)} token ids for {n} slots")
+    if not len(rows):
+        return np.zeros(0, np.int64), _NO_COPIES
+    bs, bt, pool = m.block_size, m.table, m.pool
+    n = np.fromiter(map(int, counts), np.int64, len(rows))
+    nt = bt.num_tokens[rows]
+    nb = bt.num_blocks[rows].astype(np.int64)
+    last = bt.table[rows, nb - 1].astype(np.int64)  # the null block where a row is empty
+    partial = (n > 0) & (nt % bs != 0)
+    cow = partial & (pool.ref_cnt[last] > 1)
+    grow = (nt + n + bs - 1) // bs - nb
+    per = cow + grow
+    need = int(per.sum())
+    available = pool.get_num_free_blocks()
+    if need > available:
+        raise OutOfBlocks(need, available)
+
+    # Blocks are taken row after row, a row's copy before its new blocks.
+    new = pool.get_new_blocks(need) if need else np.zeros(0, np.int64)
+    start = np.cumsum(per) - per
+    copies = _NO_COPIES
+    if cow.any():
+        dst = new[start[cow]]
+        bt.table[rows[cow], nb[cow] - 1] = dst
+        copies = np.stack([last[cow], dst], axis=1)
+    if need > len(copies):
+        w = _within(grow)
+        bt.reserve_width(int((nb + grow).max()))
+        bt.table[np.repeat(rows, grow), np.repeat(nb, grow) + w] = new[np.repeat(start + cow, grow) + w]
+        bt.num_blocks[rows] = nb + grow
+    _unpublish(m, last[partial & ~cow])
+    pos = np.repeat(nt, n) + _within(n)
+    slots = bt.table[np.repeat(rows, n), pos // bs].astype(np.int64) * bs + pos % bs
+    if token_ids is not None:
+        _record(m, seq_ids, rows, nt, ids_list, n)
+    bt.num_tokens[rows] = nt + n
+    # Sources are released only now: no block freed here is reused in this batch.
+    if len(copies):
+        pool.free_blocks(copies[:, 0])
+    return slots, copies
+
+
+def _decode(
+    m: SequenceManager, seq_ids: list[int], rows: np.ndarray, token_ids: Seq[Seq[int] | None] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`append` of one token to every sequence: a decode step. Each row needs
+    at most one block: a new one at a block boundary, or a copy of a shared
+    last block."""
+    ids_list: list[Any] | None = None
+    if token_ids is not None:
+        ids_list = list(token_ids)
+        # Each a list of one int, checked at C speed; anything else the slow way.
+        if not (set(map(type, ids_list)) <= {list} and set(map(len, ids_list)) == {1}
+                and set(map(type, map(itemgetter(0), ids_list))) <= {int}):
+            for k, (s, ids) in enumerate(zip(seq_ids, ids_list)):
+                if ids is not None:
+                    ids_list[k] = ids = _token_list(ids)
+                    if len(ids) != 1:
+                        raise InvalidArgument(f"append: sequence {s} got {len(ids)} token ids for 1 slot")
+    if len(rows) == 1:
+        return _decode_one(m, seq_ids[0], int(rows[0]), None if ids_list is None else ids_list[0])
+    if not len(rows):
+        return np.zeros(0, np.int64), _NO_COPIES
+    bt, pool, shift = m.table, m.pool, m.shift
+    nt = bt.num_tokens[rows]
+    off = nt & (m.block_size - 1)
+    width = bt.width
+    last = bt.table.reshape(-1)[rows * width + ((nt - 1) >> shift)].astype(np.int64)  # null if empty
+    partial = off != 0
+    cow = partial & (pool.ref_cnt[last] > 1)
+    needs = cow | (off == 0)
+    k = np.count_nonzero(needs)
+    copies = _NO_COPIES
+    blocks = last
+    if k:
+        available = pool.get_num_free_blocks()
+        if k > available:
+            raise OutOfBlocks(int(k), available)
+        new = pool.get_new_blocks(int(k))
+        at, col = (rows, nt >> shift) if k == len(rows) else (rows[needs], nt[needs] >> shift)
+        if int(col.max()) >= width:
+            bt.reserve_width(int(col.max()) + 1)
+        bt.table[at, col] = new
+        bt.num_blocks[at] = col + 1
+        blocks = last.copy()
+        blocks[needs] = new
+        c = cow[needs]
+        if np.count_nonzero(c):
+            copies = np.stack([last[cow], new[c]], axis=1)
+    if len(pool.cache):
+        _unpublish(m, last[partial ^ cow])  # partial and not copied
+    slots = (blocks << shift) | off
+    if ids_list is not None:
+        _record(m, seq_ids, rows, nt, ids_list, 1)
+    bt.num_tokens[rows] = nt + 1
+    # Sources are released only now: no block freed here is reused in this batch.
+    if len(copies):
+        pool.free_blocks(copies[:, 0])
+    return slots, copies
+
+
+def _decode_one(m: SequenceManager, seq_id: int, row: int, ids: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """`_decode` of one sequence, with scalar steps (a batch of one pays no array overhead)."""
+    bt, pool = m.table, m.pool
+    nt = int(bt.num_tokens[row])
+    off = nt & (m.block_size - 1)
+    col = nt >> m.shift
+    copies = _NO_COPIES
+    if off == 0:
+        if not pool.get_num_free_blocks():
+            raise OutOfBlocks(1, 0)
+        b = int(pool.get_new_blocks(1)[0])
+        if col >= bt.width:
+            bt.reserve_width(col + 1)
+        bt.table[row, col] = b
+        bt.num_blocks[row] = col + 1
+    else:
+        b = int(bt.table[row, col])
+        if pool.ref_cnt[b] > 1:
+            if not pool.get_num_free_blocks():
+                raise OutOfBlocks(1, 0)
+            src, b = b, int(pool.get_new_blocks(1)[0])
+            copies = np.array([[src, b]], dtype=np.int64)
+            bt.table[row, col] = b
+        elif pool.cache.cached[b]:
+            pool.unpublish(b)
+    if ids is not None and bt.known[row] == nt:
+        m.history[seq_id].tail += ids
+        bt.known[row] = nt + 1
+    bt.num_tokens[row] = nt + 1
+    if len(copies):
+        pool.free_blocks(copies[:, 0])
+    return np.array([(b << m.shift) | off], dtype=np.int64), copies
+
+
+def _unpublish(m: SequenceManager, last: np.ndarray) -> None:
+    """Last blocks about to be written in place: one still published (after a
+    truncate) must not stay matchable while its K/V changes."""
+    pool = m.pool
+    if len(last) and len(pool.cache):
+        for b in last[pool.cache.cached[last]].tolist():
+            pool.unpublish(b)
+
+
+def _record(
+    m: SequenceManager, seq_ids: list[int], rows: np.ndarray, nt: np.ndarray, ids_list: list[Any],
+    n: int | np.ndarray,
+) -> None:
+    """Keep the given ids of rows whose ids so far are all known (then the
+    known ids stay a prefix of the sequence's tokens)."""
+    bt, history = m.table, m.history
+    ok = bt.known[rows] == nt
+    if None in ids_list:
+        ok &= np.fromiter((ids is not None for ids in ids_list), bool, len(ids_list))
+    if ok.all():
+        for h, ids in zip(map(history.__getitem__, seq_ids), ids_list):
+            h.tail += ids
+        bt.known[rows] = nt + n
+        return
+    mask = ok.tolist()
+    for s, ids in zip(compress(seq_ids, mask), compress(ids_list, mask)):
+        history[s].tail += ids
+    bt.known[rows[ok]] = (nt + n)[ok]
