@@ -56,7 +56,7 @@ class CupyPlan(StepPlan):
         n32 = self.rows * self.width + 2 * self.items + 3 * self.rows
         self._n32 = -(-n32 // 2) * 2  # slots (int64) start 8-byte aligned
         nbytes = self._n32 * 4 + self.items * 8
-        self._host = np.zeros(nbytes, dtype=np.uint8)
+        self._host = np.empty(nbytes, dtype=np.uint8)  # _fill writes every field
         self._dev = cupy.empty(nbytes, dtype=cupy.uint8)  # the backend made this device current
         base = self._dev.data.ptr
         w = self.rows * self.width
@@ -93,7 +93,9 @@ class CupyPlan(StepPlan):
         t[:nseq, w:] = 0
         t[nseq:] = 0
         item_seq, item_len = self._view("item_seq", self.items), self._view("item_len", self.items)
-        if self.items == nseq or self.items > int(query_lens.sum()):  # one item per row (decode)
+        if not self.decode:  # the multi-token kernel reads the per-sequence fields only
+            item_len = seq_lens
+        elif self.items == nseq or self.items > int(query_lens.sum()):  # one item per row
             item_seq[:] = np.arange(self.items, dtype=np.int32)
             item_len[:nseq] = seq_lens
             item_len[nseq:] = 0  # padding: reads nothing

@@ -1,0 +1,64 @@
+"""clients/kvpager_graphs: a decode step captured in CUDA graphs gives the tokens
+of the eager step and of transformers' own generate (float32), as sequences
+finish and the batch moves between buckets, and when tables outgrow a graph.
+Skips without a GPU, CuPy, torch or transformers."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("cupy")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from clients.kvpager_graphs import bucket_for  # noqa: E402
+from clients.kvpager_hf import PagedGeneration, generate, spec_for_model  # noqa: E402
+from kvpager import KVPool  # noqa: E402
+from test_hf_client import make_model, prompt, reference  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+def test_buckets():
+    assert [bucket_for(n) for n in (1, 2, 3, 5, 8, 9, 32, 33, 64, 65, 256)] == [
+        1, 2, 4, 8, 8, 16, 32, 64, 64, 96, 256]
+
+
+def test_graph_steps_give_the_eager_tokens_as_the_batch_shrinks():
+    model = make_model(hidden=256).cuda()  # float32, head_dim 64
+    prompts = [prompt(n, seed=300 + n) for n in (5, 17, 40, 9, 33)]
+
+    def pool():
+        return KVPool(spec_for_model(model, num_blocks=256, block_size=8), device="cuda:0")
+
+    eager = generate(model, pool(), prompts, max_new_tokens=24, eos_token_id=None)
+    assert eager == [reference(model, p, 24) for p in prompts]
+    # an end token some sequences produce early: the batch shrinks across buckets
+    eos = eager[2][6]
+    eager_eos = generate(model, pool(), prompts, max_new_tokens=24, eos_token_id=eos)
+    assert len({len(o) for o in eager_eos}) > 1
+    p = pool()
+    assert generate(model, p, prompts, max_new_tokens=24, eos_token_id=eos, cuda_graphs=True) == eager_eos
+    p.check_integrity()
+    assert p.stats().num_sequences == 0
+
+
+def test_tables_that_outgrow_a_graph_recapture_it():
+    model = make_model(hidden=256).cuda()
+    prompts = [prompt(n, seed=400 + n) for n in (3, 12)]
+    p = KVPool(spec_for_model(model, num_blocks=64, block_size=8), device="cuda:0")
+    with PagedGeneration(model, p, prompts, max_new_tokens=30, eos_token_id=None, cuda_graphs=True) as gen:
+        gen._graphs.width = 2  # narrower than the 2nd prompt's tables after a few steps
+        while not gen.done:
+            gen.step()
+        assert gen._graphs.captures >= 2 and gen._graphs.width >= 6
+        assert gen.outputs == [reference(model, q, 30) for q in prompts]
+
+
+def test_graphs_need_a_gpu_model_and_pool():
+    model = make_model(hidden=256)  # on the CPU
+    p = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        generate(model, p, [prompt(5, seed=1)], max_new_tokens=2, cuda_graphs=True)
