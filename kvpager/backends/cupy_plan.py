@@ -17,14 +17,19 @@ CUDA graph needs: the same buffers at the same addresses, the same grid.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import numpy as np
 
 from kvpager import kernels
+from kvpager.backends.cupy_launches import (
+    attention_launches,
+    cupy_empty_like,
+    device_tensor,
+    torch_kinds,
+)
 from kvpager.errors import InvalidArgument
-from kvpager.launch import Launch, current_stream, f32, i32, ptr, torch_stream
+from kvpager.launch import Launch, current_stream, i32, ptr
 from kvpager.plan import StepPlan, check_layer, check_q_shape, check_scale, check_step
 
 _LOG2E = 1.4426950408889634
@@ -66,12 +71,14 @@ class CupyPlan(StepPlan):
         self.ptrs = {k: base + 4 * off for k, off in self._offsets.items()}
         self.ptrs["slots"] = base + 4 * self._n32
         self._attn: dict[int, list[Launch]] = {}
+        self._keep: list[Any] = []  # device buffers the launches point at
+        self.splits = 1  # decode split-K count, chosen at the first attend
         self._write: Launch | None = None
         self._kv_shape = (self.num_tokens, spec.num_kv_heads, spec.head_dim)
         self._scale = check_scale(None, spec.head_dim) * _LOG2E
         self._last_scale: Any = None
         self._scale_given = self._scale
-        self._torch_type, self._torch_dtype, self._stream = _torch_kinds(spec.dtype)
+        self._torch_type, self._torch_dtype, self._stream = torch_kinds(spec.dtype)
         self._fill(tables, seq_lens, query_lens, slots)
         if num_q_heads is not None:
             self._prepare(int(num_q_heads))
@@ -147,88 +154,8 @@ class CupyPlan(StepPlan):
     # -- launches -------------------------------------------------------------------------
     def _prepare(self, num_q_heads: int) -> list[Launch]:
         """Kernel, layout and launch cells for ``num_q_heads`` query heads (once per plan)."""
-        import cupy
-
-        spec, dev = self.spec, self.device
-        group = kernels.check_group(num_q_heads, spec.num_kv_heads)
-        base = {"KV_DTYPE": kernels.DTYPE_CODES[spec.dtype], "HEAD_DIM": spec.head_dim,
-                "BLOCK_SIZE": spec.block_size}
-        pool = ptr(self.backend.kv.data.ptr)
-        common = [i32(0), i32(spec.num_layers), i32(spec.num_kv_heads)]  # layer set per call
-        q, out, scale = ptr(), ptr(), f32()
-        p = self.ptrs
-        launches: list[Launch] = []
-        with cupy.cuda.Device(dev):
-            if self.decode:
-                tc = kernels.DECODE_TC and spec.dtype != "float32"
-                gs = kernels.decode_subgroup(spec.dtype, spec.head_dim, group)
-                nsm = kernels.num_sms(dev)
-                if tc:
-                    hpc, wph = kernels.decode_layout(spec.num_kv_heads, spec.head_dim, spec.itemsize,
-                                                     self.items, self.max_len, nsm)
-                    threads = 32 * hpc * wph
-                    stages = kernels.decode_stages(spec.head_dim, spec.itemsize, hpc * wph)
-                    defs = {**base, "GROUP": group, "STAGES": stages, "HPC": hpc, "WPH": wph}
-                    if kernels.DECODE_L2_PREFETCH:
-                        defs["CP_L2_PREFETCH"] = kernels.DECODE_L2_PREFETCH
-                    fn = kernels.get_kernel("paged_decode_tc.cu", "paged_decode_tc", defs, dev)
-                    smem = hpc * wph * stages * 2 * 16 * (spec.head_dim + 8) * spec.itemsize
-                    if fn.max_dynamic_shared_size_bytes < smem:
-                        fn.max_dynamic_shared_size_bytes = smem
-                    ctas = self.items * (spec.num_kv_heads // hpc)
-                    resident = kernels.resident_ctas(fn, threads, smem, dev)
-                else:
-                    fn = kernels.get_kernel("paged_decode.cu", "paged_decode",
-                                            {**base, "SUBGROUP": gs, "CH": kernels.DECODE_ROWS}, dev)
-                    threads, smem, resident = 128, 0, 0
-                    ctas = self.items * spec.num_kv_heads * (group // gs)
-                splits = self.num_splits or kernels.plan_splits(ctas, self.max_len, nsm, resident)
-                self.splits = int(splits)
-                rows = self.items * num_q_heads
-                if splits > 1:
-                    self._part_o = cupy.empty(rows * splits * spec.head_dim, dtype=cupy.float32)
-                    self._part_lse = cupy.empty(rows * splits, dtype=cupy.float32)
-                    part_o, part_lse = ptr(self._part_o.data.ptr), ptr(self._part_lse.data.ptr)
-                else:
-                    part_o = part_lse = ptr(0)
-                args = [q, pool, ptr(p["tables"]), ptr(p["item_seq"]), ptr(p["item_len"]), out,
-                        part_o, part_lse, *common]
-                if not tc:
-                    args.append(i32(group))
-                args += [i32(self.width), i32(splits), scale]
-                launches.append(Launch(fn, (ctas, splits), threads, smem, args, dev))
-                if splits > 1:
-                    merge = kernels.get_kernel("paged_decode.cu", "merge_splits",
-                                               {**base, "SUBGROUP": gs, "CH": kernels.DECODE_ROWS}, dev)
-                    launches.append(Launch(merge, (rows,), 256, 0, [part_o, part_lse, out, i32(splits)], dev))
-            else:
-                self.splits = 1
-                mt = kernels.PREFILL_MT or (2 if spec.head_dim <= 128 else 1)
-                qt = 64 * mt // group
-                ql, sl = self.query_lens, self.seq_lens
-                counts = -(-ql // qt)
-                seq = np.repeat(np.arange(len(ql), dtype=np.int32), counts)
-                first = np.cumsum(counts) - counts
-                j0 = ((np.arange(len(seq)) - np.repeat(first, counts)) * qt).astype(np.int32)
-                # Tiles that see the most K/V first, so the long ones do not trail the launch.
-                order = np.argsort(-(sl[seq] - ql[seq] + j0), kind="stable")
-                tiles = np.ascontiguousarray(np.stack([seq[order], j0[order]], axis=1), dtype=np.int32)
-                self._tiles = cupy.empty(tiles.shape, dtype=cupy.int32)
-                from cupy.cuda import runtime
-
-                runtime.memcpyAsync(self._tiles.data.ptr, tiles.ctypes.data, tiles.nbytes,
-                                    runtime.memcpyHostToDevice, current_stream(dev))
-                self._tiles_host = tiles  # alive until the copy has run
-                fn = kernels.get_kernel("paged_prefill.cu", "paged_prefill",
-                                        {**base, "GROUP": group, "MT": mt}, dev)
-                bn = 32 if mt == 2 or spec.head_dim > 128 else 64
-                stages = 3 if mt == 2 else 2
-                smem = (64 * mt + 2 * stages * bn) * (spec.head_dim + 8) * 2
-                if fn.max_dynamic_shared_size_bytes < smem:
-                    fn.max_dynamic_shared_size_bytes = smem
-                args = [q, pool, ptr(p["tables"]), ptr(p["seq_lens"]), ptr(p["query_lens"]),
-                        ptr(p["q_start"]), ptr(self._tiles.data.ptr), out, *common, i32(self.width), scale]
-                launches.append(Launch(fn, (len(tiles), spec.num_kv_heads), 128, smem, args, dev))
+        launches, self.splits, keep = attention_launches(self, num_q_heads)
+        self._keep += keep
         self._attn[num_q_heads] = launches
         return launches
 
@@ -290,7 +217,7 @@ class CupyPlan(StepPlan):
             num_q = check_q_shape(tuple(shape), self.num_tokens, spec)
             qp, q = device_tensor(q, "q", tuple(shape), self.backend, self.device)
             if out is None:
-                out = q.new_empty(q.shape) if hasattr(q, "new_empty") else _cupy_empty_like(q)
+                out = q.new_empty(q.shape) if hasattr(q, "new_empty") else cupy_empty_like(q)
             op, out = device_tensor(out, "out", tuple(shape), self.backend, self.device, writable=True)
             launches = self._attn.get(num_q) or self._prepare(num_q)
             stream = current_stream(self.device)
@@ -314,54 +241,3 @@ class CupyPlan(StepPlan):
         self._last_scale = scale
         self._scale_given = check_scale(scale, self.spec.head_dim) * _LOG2E
         return self._scale_given
-
-
-def _torch_kinds(dtype: str) -> tuple[Any, Any, Any]:
-    """(torch.Tensor, the torch dtype, torch's raw current-stream getter) where
-    torch is loaded; None placeholders otherwise (the fast path never matches)."""
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_initialized():
-        return None, None, current_stream
-    return torch.Tensor, getattr(torch, dtype), torch_stream()
-
-
-def _cupy_empty_like(x: Any) -> Any:
-    import cupy
-
-    return cupy.empty(x.shape, dtype=x.dtype)
-
-
-def device_tensor(x: Any, name: str, shape: tuple[int, ...], backend: Any, device: int,
-                  writable: bool = False) -> tuple[int, Any]:
-    """(device pointer, tensor) of a CuPy array or torch CUDA tensor on the pool's
-    GPU in the pool dtype and ``shape``; a strided or misaligned input is copied
-    (an output must already be dense)."""
-    if type(x).__module__.startswith("torch"):
-        if not x.is_cuda or x.get_device() != device:
-            raise InvalidArgument(f"{name} is on {x.device}; the pool is on cuda:{device}")
-        if str(x.dtype)[6:] != backend.spec.dtype:
-            raise InvalidArgument(f"{name} must have dtype {backend.spec.dtype}, got {x.dtype}")
-        if tuple(x.shape) != shape:
-            raise InvalidArgument(f"{name} must have shape {shape}, got {tuple(x.shape)}")
-        p = x.data_ptr()
-        if not x.is_contiguous() or p % 16:
-            if writable:
-                raise InvalidArgument(f"{name} must be a contiguous, 16-byte aligned tensor")
-            x = x.contiguous() if p % 16 == 0 else x.clone()
-            p = x.data_ptr()
-        return p, x
-    import cupy
-
-    if not isinstance(x, cupy.ndarray):
-        raise InvalidArgument(f"{name} must be a cupy array or a torch CUDA tensor, got {type(x).__name__}")
-    if x.dtype != backend.dtype:
-        raise InvalidArgument(f"{name} must have dtype {backend.spec.dtype}, got {x.dtype}")
-    if x.device.id != device:
-        raise InvalidArgument(f"{name} is on cuda:{x.device.id}, the pool on cuda:{device}")
-    if tuple(x.shape) != shape:
-        raise InvalidArgument(f"{name} must have shape {shape}, got {tuple(x.shape)}")
-    if not x.flags.c_contiguous or x.data.ptr % 16:
-        if writable:
-            raise InvalidArgument(f"{name} must be a contiguous, 16-byte aligned array")
-        x = x.copy()
-    return x.data.ptr, x
