@@ -5,7 +5,8 @@ head dim 64; Llama-3-8B: 32 layers, head dim 128), bf16, greedy decoding of
 prompts that share a system prompt. Paths, on the same model and prompts:
 
 - ``hf loop``: the model's forward with a DynamicCache in a plain decode loop;
-- ``hf generate``: transformers' ``generate`` (DynamicCache);
+- ``hf generate``: transformers' ``generate`` (DynamicCache), and with its
+  preallocated StaticCache (``cache_implementation="static"``, eager) where it runs;
 - ``kvpager eager``: `clients.kvpager_hf.PagedGeneration`, one step plan per pass;
 - ``kvpager graphs``: the same with the decode step captured in CUDA graphs.
 
@@ -111,20 +112,22 @@ def hf_loop(model, ps: list[list[int]], steps: int) -> dict:
     return summarize("hf loop", wall, host, len(ps), kv, tokens)
 
 
-def hf_generate(model, ps: list[list[int]], steps: int) -> dict:
+def hf_generate(model, ps: list[list[int]], steps: int, cache: str | None = None) -> dict:
+    """transformers' generate; ``cache="static"``: its preallocated StaticCache."""
     ids = torch.tensor(ps, device="cuda")
+    kw = dict(do_sample=False, cache_implementation=cache) if cache else dict(do_sample=False)
     with torch.inference_mode():
-        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
         times = []
         for n in (1, steps + 1):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
     per = (times[1] - times[0]) / steps  # the prefill's share cancels out
-    return dict(path="hf generate", ms_step=per * 1e3, host_ms=None, tok_s=len(ps) / per, kv_bytes=None,
-                agree=None)
+    return dict(path=f"hf generate {cache}" if cache else "hf generate", ms_step=per * 1e3, host_ms=None,
+                tok_s=len(ps) / per, kv_bytes=None, agree=None)
 
 
 def paged(model, ps: list[list[int]], steps: int, graphs: bool, clock: HostClock, num_blocks: int) -> dict:
@@ -170,6 +173,11 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
     rows = [hf_loop(model, ps, steps)]
     torch.cuda.empty_cache()
     rows.append(hf_generate(model, ps, steps))
+    torch.cuda.empty_cache()
+    try:
+        rows.append(hf_generate(model, ps, steps, cache="static"))
+    except Exception as e:  # reported, not fatal: the static cache is optional in transformers
+        print(f"hf generate static: {type(e).__name__}: {e}", flush=True)
     torch.cuda.empty_cache()
     rows.append(paged(model, ps, steps, False, clock, blocks))
     rows.append(paged(model, ps, steps, True, clock, blocks))
