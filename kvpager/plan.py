@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from kvpager.errors import InvalidArgument
+from kvpager.errors import InvalidArgument, UnsupportedConfiguration
 from kvpager.spec import PoolSpec
 
 
@@ -115,6 +115,40 @@ def check_scale(scale: Any, head_dim: int) -> float:
     return float(scale)
 
 
+def check_window(window: Any) -> int | None:
+    """A sliding window: None (full attention) or a positive int."""
+    if window is None:
+        return None
+    if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1:
+        raise InvalidArgument(f"window must be None or a positive int, got {window!r}")
+    return int(window)
+
+
+def check_softcap(softcap: Any) -> float | None:
+    """An attention-logit soft cap: None or a positive finite number."""
+    if softcap is None:
+        return None
+    if not isinstance(softcap, (int, float, np.floating)) or isinstance(softcap, bool) \
+            or not math.isfinite(softcap) or softcap <= 0:
+        raise InvalidArgument(f"softcap must be None or a positive finite number, got {softcap!r}")
+    return float(softcap)
+
+
+def refuse_window_softcap(window: Any, softcap: Any, longest: int) -> int:
+    """For kernels without sliding windows or soft caps (the GPU's, for now):
+    UnsupportedConfiguration naming ``softcap`` if one is given, or ``window``
+    if it is shorter than the step's ``longest`` sequence; a window that covers
+    every sequence changes nothing and is returned (0 for none)."""
+    if check_softcap(softcap) is not None:
+        raise UnsupportedConfiguration("softcap: the GPU attention kernels do not apply a logit soft cap yet")
+    window = check_window(window)
+    if window is not None and window < longest:
+        raise UnsupportedConfiguration(
+            f"window={window}: the GPU attention kernels do not apply sliding windows yet "
+            f"(this step holds a sequence of {longest} tokens)")
+    return window or 0
+
+
 def check_layer(spec: PoolSpec, layer: Any) -> int:
     if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool) or not 0 <= layer < spec.num_layers:
         raise InvalidArgument(f"layer must be an int in [0, {spec.num_layers}), got {layer!r}")
@@ -145,10 +179,16 @@ class StepPlan(ABC):
         dtype) at the plan's slots."""
 
     @abstractmethod
-    def attend(self, layer: int, q: Any, scale: float | None = None, out: Any = None) -> Any:
+    def attend(self, layer: int, q: Any, scale: float | None = None, out: Any = None, *,
+               window: int | None = None, softcap: float | None = None) -> Any:
         """Paged attention of q ([num_tokens, num_q_heads, head_dim], pool dtype)
         over ``layer``; each sequence's query tokens are its last ``query_lens``
-        tokens and attend causally. ``scale`` defaults to 1/sqrt(head_dim)."""
+        tokens and attend causally. ``scale`` defaults to 1/sqrt(head_dim).
+        ``window``: sliding-window attention, the query at position i sees keys
+        j with i - window < j <= i (transformers' ``sliding_window``);
+        ``softcap``: scaled scores s become softcap * tanh(s / softcap) before
+        the softmax (transformers' ``softcap``, Gemma-2's attn_logit_softcapping).
+        Both are per call, so layers of one plan may differ."""
 
     def update(self, tables: Any, seq_lens: Any, query_lens: Any = None, slots: Any = None) -> None:
         """Refill the plan in place with another step of the same shape (see the backend's plan)."""
@@ -216,7 +256,8 @@ class NumpyPlan(StepPlan):
                 raise InvalidArgument(f"{name} must have shape {shape}, got {x.shape}")
         self.backend.write(layer, self.slots, k, v)
 
-    def attend(self, layer: int, q: Any, scale: float | None = None, out: Any = None) -> Any:
+    def attend(self, layer: int, q: Any, scale: float | None = None, out: Any = None, *,
+               window: int | None = None, softcap: float | None = None) -> Any:
         from kvpager.backends.numpy_backend import paged_attention
 
         spec = self.spec
@@ -224,7 +265,8 @@ class NumpyPlan(StepPlan):
         qn, from_torch = to_numpy(q, "q", spec.np_dtype)
         check_q_shape(qn.shape, self.num_tokens, spec)
         res = paged_attention(self.backend.kv, layer, qn, self.tables, self.seq_lens, self.query_lens,
-                              check_scale(scale, spec.head_dim))
+                              check_scale(scale, spec.head_dim), window=check_window(window),
+                              softcap=check_softcap(softcap))
         if out is not None:
             to_numpy(out, "out", spec.np_dtype)[0][...] = res
             return out

@@ -15,7 +15,7 @@ import numpy as np
 from kvpager.backends import Backend, make_backend
 from kvpager.block_pool import NULL_BLOCK
 from kvpager.errors import InvalidArgument, SequenceSwapped
-from kvpager.plan import StepPlan, check_queries
+from kvpager.plan import StepPlan, check_queries, check_softcap, check_window
 from kvpager.seq_check import tokens_stored
 from kvpager.sequences import ANY_OWNER, SequenceManager
 from kvpager.spec import PoolSpec
@@ -234,13 +234,17 @@ class KVPool:
         q: Any,
         query_lens: int | Seq[int] | None = None,
         scale: float | None = None,
+        *,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> Any:
         """Paged attention of ``q`` over the sequences' K/V in ``layer``.
 
         q: [sum(query_lens), num_q_heads, head_dim] in the pool dtype, the
         sequences' query tokens back to back; they are each sequence's last
         ``query_lens[i]`` tokens (default 1: decode) and attend causally.
-        ``scale`` defaults to 1/sqrt(head_dim). Returns q's shape."""
+        ``scale`` defaults to 1/sqrt(head_dim). ``window`` / ``softcap``: sliding
+        window and logit soft cap, as `kvpager.plan.StepPlan.attend`. Returns q's shape."""
         spec = self.spec
         self._check_layer(layer)
         ids = _ids(seq_ids)
@@ -262,7 +266,8 @@ class KVPool:
             raise InvalidArgument(f"scale must be a positive finite number, got {scale!r}")
         self.pending = True
         return self.backend.attend(
-            int(layer), q, tables, seq_lens, np.asarray(qlens, dtype=np.int32), float(scale)
+            int(layer), q, tables, seq_lens, np.asarray(qlens, dtype=np.int32), float(scale),
+            window=check_window(window), softcap=check_softcap(softcap),
         )
 
     def tables(self, seq_ids: int | Seq[int]) -> tuple[np.ndarray, np.ndarray]:

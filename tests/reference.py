@@ -8,21 +8,27 @@ from __future__ import annotations
 import numpy as np
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window: int | None = None,
+              softcap: float | None = None) -> np.ndarray:
     """Causal attention for the last ``len(q)`` positions of one sequence.
 
     q: [ql, Hq, D]; k, v: [n, H, D] dense (position order). Float64 throughout,
-    one query head at a time, GQA by integer division of the head index."""
+    one query head at a time, GQA by integer division of the head index.
+    ``window``: position p sees positions p - window + 1 .. p (transformers'
+    sliding window); ``softcap``: scaled scores s become softcap * tanh(s / softcap)."""
     ql, num_q, _ = q.shape
     n, num_kv, _ = k.shape
     group = num_q // num_kv
     out = np.zeros(q.shape, dtype=np.float64)
     for j in range(ql):
         pos = n - ql + j
+        first = 0 if window is None else max(0, pos - window + 1)
         for h in range(num_q):
-            kh = k[: pos + 1, h // group].astype(np.float64)
-            vh = v[: pos + 1, h // group].astype(np.float64)
+            kh = k[first : pos + 1, h // group].astype(np.float64)
+            vh = v[first : pos + 1, h // group].astype(np.float64)
             s = kh @ q[j, h].astype(np.float64) * scale
+            if softcap is not None:
+                s = softcap * np.tanh(s / softcap)
             p = np.exp(s - s.max())
             out[j, h] = (p / p.sum()) @ vh
     return out

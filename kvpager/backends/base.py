@@ -64,6 +64,9 @@ class Backend(ABC):
         seq_lens: np.ndarray,
         query_lens: np.ndarray,
         scale: float,
+        *,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> Any:
         """Paged attention of one layer.
 
@@ -74,6 +77,10 @@ class Backend(ABC):
         seq_lens[b] - query_lens[b] + j and sees K/V positions <= its own
         (causal). Query head h reads kv head h // (num_q_heads // num_kv_heads).
         Scores are scaled by ``scale``; softmax and accumulation in float32.
+        ``window`` (sliding-window attention, transformers' semantics): the
+        query at position i sees only keys j with i - window < j <= i.
+        ``softcap``: scaled scores s become softcap * tanh(s / softcap)
+        before the softmax (Gemma-2).
         Returns [sum(query_lens), num_q_heads, head_dim] in the pool dtype."""
 
     @abstractmethod

@@ -186,7 +186,8 @@ class CupyBackend(Backend):
 
     def attend(self, layer: int, q: Any, block_tables: np.ndarray, seq_lens: np.ndarray,
                query_lens: np.ndarray, scale: float, out: Any = None,
-               num_splits: int | None = None) -> Any:
+               num_splits: int | None = None, *, window: int | None = None,
+               softcap: float | None = None) -> Any:
         """See `Backend.attend`: a one-layer plan. ``out`` (optional) receives the
         result; ``num_splits`` overrides the decode split-K planner (tests, benchmarks)."""
         from kvpager.plan import check_step
@@ -195,7 +196,8 @@ class CupyBackend(Backend):
         if getattr(q, "ndim", 0) != 3:
             raise InvalidArgument(f"q must be [tokens, num_q_heads, head_dim], got {getattr(q, 'shape', None)}")
         step = check_step(self.spec, block_tables, seq_lens, query_lens)
-        return self.plan(*step, num_splits=num_splits).attend(int(layer), q, scale, out)
+        return self.plan(*step, num_splits=num_splits).attend(int(layer), q, scale, out, window=window,
+                                                              softcap=softcap)
 
     def synchronize(self) -> None:
         with cupy.cuda.Device(self.index):

@@ -30,7 +30,14 @@ from kvpager.backends.cupy_launches import (
 )
 from kvpager.errors import InvalidArgument
 from kvpager.launch import Launch, current_stream, i32, ptr
-from kvpager.plan import StepPlan, check_layer, check_q_shape, check_scale, check_step
+from kvpager.plan import (
+    StepPlan,
+    check_layer,
+    check_q_shape,
+    check_scale,
+    check_step,
+    refuse_window_softcap,
+)
 
 _LOG2E = 1.4426950408889634
 
@@ -71,6 +78,7 @@ class CupyPlan(StepPlan):
         self.ptrs = {k: base + 4 * off for k, off in self._offsets.items()}
         self.ptrs["slots"] = base + 4 * self._n32
         self._attn: dict[int, list[Launch]] = {}
+        self._window_floor: int | None = None  # the shortest window taken as covering every sequence
         self._keep: list[Any] = []  # device buffers the launches point at
         self.splits = 1  # decode split-K count, chosen at the first attend
         self._write: Launch | None = None
@@ -123,6 +131,7 @@ class CupyPlan(StepPlan):
         else:
             s[:] = -1
         self.max_len = int(item_len.max()) if self.items else 0
+        self._longest = int(seq_lens.max()) if nseq else 0
         with_stream = current_stream(self.device)
         runtime.memcpyAsync(self._dev.data.ptr, self._host.ctypes.data, self._host.nbytes,
                             runtime.memcpyHostToDevice, with_stream)
@@ -145,6 +154,8 @@ class CupyPlan(StepPlan):
                                   "per sequence (a decode step, or num_rows given) can be updated")
         if (slots is not None) != self.has_slots:
             raise InvalidArgument("update must give slots exactly when the plan was built with them")
+        if self._window_floor is not None and len(seq_lens):
+            refuse_window_softcap(self._window_floor, None, int(seq_lens.max()))
         self._fill(tables, seq_lens, query_lens, slots)
 
     @property
@@ -197,7 +208,15 @@ class CupyPlan(StepPlan):
             return 0
         return p
 
-    def attend(self, layer: int, q: Any, scale: float | None = None, out: Any = None) -> Any:
+    def attend(self, layer: int, q: Any, scale: float | None = None, out: Any = None, *,
+               window: int | None = None, softcap: float | None = None) -> Any:
+        """See `StepPlan.attend`. The kernels have no sliding window or soft cap
+        yet: ``softcap`` is refused, and so is a ``window`` shorter than a
+        sequence of the step (a window that covers every sequence changes
+        nothing, so it runs as full attention)."""
+        if window is not None or softcap is not None:
+            w = refuse_window_softcap(window, softcap, self._longest)
+            self._window_floor = min(w, self._window_floor or w)
         spec = self.spec
         if type(layer) is not int or not 0 <= layer < spec.num_layers:
             layer = check_layer(spec, layer)

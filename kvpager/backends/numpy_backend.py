@@ -76,8 +76,12 @@ class NumpyBackend(Backend):
         seq_lens: np.ndarray,
         query_lens: np.ndarray,
         scale: float,
+        *,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> np.ndarray:
-        return paged_attention(self.kv, layer, q, block_tables, seq_lens, query_lens, scale)
+        return paged_attention(self.kv, layer, q, block_tables, seq_lens, query_lens, scale,
+                               window=window, softcap=softcap)
 
 
 def paged_attention(
@@ -88,11 +92,16 @@ def paged_attention(
     seq_lens: np.ndarray,
     query_lens: np.ndarray,
     scale: float,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> np.ndarray:
     """Paged attention over a block-major pool, float32 accumulation.
 
     This is the NumPy twin of the CUDA kernels; see `Backend.attend` for the
-    contract."""
+    contract. ``window``: the query at position i sees keys j with
+    i - window < j <= i (only the blocks that can hold such keys are read);
+    ``softcap``: scores become softcap * tanh(scores / softcap) after scaling."""
     num_kv_heads, block_size, head_dim = kv.shape[3], kv.shape[4], kv.shape[5]
     num_q_heads = q.shape[1]
     group = num_q_heads // num_kv_heads
@@ -101,17 +110,23 @@ def paged_attention(
     for b in range(len(seq_lens)):
         n, ql = int(seq_lens[b]), int(query_lens[b])
         nb = -(-n // block_size)
-        blocks = block_tables[b, :nb]
-        # [nb, 2, H, bs, D] -> [2, H, nb*bs, D], cut to n tokens
+        first = 0 if window is None else max(0, n - ql - window + 1) // block_size
+        blocks = block_tables[b, first:nb]
+        lo = first * block_size  # position of the first key read
+        # [nb', 2, H, bs, D] -> [2, H, nb'*bs, D], cut to the keys before n
         tiles = kv[blocks, layer].astype(np.float32)
-        kvs = tiles.transpose(1, 2, 0, 3, 4).reshape(2, num_kv_heads, nb * block_size, head_dim)[:, :, :n]
-        keys, values = kvs[0], kvs[1]
+        kvs = tiles.transpose(1, 2, 0, 3, 4).reshape(2, num_kv_heads, len(blocks) * block_size, head_dim)
+        keys, values = kvs[0, :, : n - lo], kvs[1, :, : n - lo]
         qs = q[start : start + ql].astype(np.float32)  # [ql, Hq, D]
         qs = qs.reshape(ql, num_kv_heads, group, head_dim).transpose(1, 2, 0, 3)  # [H, G, ql, D]
         scores = np.einsum("hgqd,hkd->hgqk", qs, keys) * np.float32(scale)
-        if ql > 1:
-            pos = np.arange(n - ql, n)
-            scores = np.where(np.arange(n)[None, :] <= pos[:, None], scores, -np.inf)
+        if softcap is not None:
+            scores = np.float32(softcap) * np.tanh(scores / np.float32(softcap))
+        pos = np.arange(n - ql, n)[:, None]  # [ql, 1]
+        kpos = np.arange(lo, n)[None, :]
+        if ql > 1 or window is not None:
+            seen = kpos <= pos if window is None else (kpos <= pos) & (kpos > pos - window)
+            scores = np.where(seen, scores, -np.inf)
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)

@@ -1,0 +1,155 @@
+"""Sliding-window and soft-capped paged attention (NumPy backend, step plans)
+against the dense float64 reference with the same mask."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from reference import TOLERANCE, attention, rel_err
+
+from kvpager import InvalidArgument, KVPool, PoolSpec, UnsupportedConfiguration
+from kvpager.backends.numpy_backend import paged_attention
+from kvpager.plan import refuse_window_softcap
+
+
+def filled_pool(spec: PoolSpec, lengths: list[int], rng: np.random.Generator):
+    """A pool holding sequences of ``lengths`` tokens of random K/V, and a dense
+    copy of each: ({seq_id: [(k, v) per layer]}, seq_ids)."""
+    pool = KVPool(spec)
+    allocs = pool.allocate([list(range(n)) for n in lengths])
+    dense = {}
+    for a, n in zip(allocs, lengths):
+        shape = (spec.num_layers, n, spec.num_kv_heads, spec.head_dim)
+        k = rng.standard_normal(shape).astype(spec.np_dtype)
+        v = rng.standard_normal(shape).astype(spec.np_dtype)
+        for layer in range(spec.num_layers):
+            pool.write(layer, a.slots, k[layer], v[layer])
+        dense[a.seq_id] = list(zip(k, v))
+    return pool, dense, [a.seq_id for a in allocs]
+
+
+def reference(dense, seq_ids, layer, q, qlens, scale, window, softcap):
+    refs, start = [], 0
+    for s, ql in zip(seq_ids, qlens):
+        k, v = dense[s][layer]
+        refs.append(attention(q[start : start + ql], k, v, scale, window, softcap))
+        start += ql
+    return np.concatenate(refs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_windows_and_softcap_match_reference(dtype, block_size):
+    rng = np.random.default_rng([block_size, len(dtype)])
+    spec = PoolSpec(2, 2, 32, num_blocks=128, block_size=block_size, dtype=dtype)
+    bs = block_size
+    lengths = [1, bs - 1, bs, bs + 1, 3 * bs + 5, 5 * bs + 2]
+    pool, dense, seqs = filled_pool(spec, lengths, rng)
+    scale = 1 / math.sqrt(spec.head_dim)
+    tol = TOLERANCE[dtype]
+    # windows shorter than a block, at and around block sizes, and longer than any sequence
+    windows = [None, 1, 3, bs - 1, bs, bs + 1, 2 * bs + 3, 1000]
+    qlen_sets = [[1] * len(seqs), [1, 3, bs, 2, bs + 4, 2 * bs + 1]]
+    for qlens in qlen_sets:
+        plan = pool.plan(seqs, qlens)
+        q = rng.standard_normal((sum(qlens), 8, spec.head_dim)).astype(spec.np_dtype)
+        for window in windows:
+            for softcap in (None, 2.0):
+                for layer in range(2):
+                    ref = reference(dense, seqs, layer, q, qlens, scale, window, softcap)
+                    out = plan.attend(layer, q, window=window, softcap=softcap)
+                    assert rel_err(out, ref) < tol, (qlens, window, softcap, layer)
+                    direct = pool.attend(layer, seqs, q, qlens, window=window, softcap=softcap)
+                    assert np.array_equal(direct, out)
+
+
+def test_window_and_softcap_change_the_result():
+    rng = np.random.default_rng(5)
+    spec = PoolSpec(1, 1, 32, num_blocks=32, block_size=8, dtype="float32")
+    pool, dense, seqs = filled_pool(spec, [40], rng)
+    q = (3 * rng.standard_normal((1, 2, 32))).astype(np.float32)
+    plan = pool.plan(seqs)
+    full = plan.attend(0, q)
+    assert rel_err(plan.attend(0, q, window=40), full) == 0  # covers the whole sequence
+    assert rel_err(plan.attend(0, q, window=39), full) > 1e-3
+    assert rel_err(plan.attend(0, q, softcap=1.0), full) > 1e-3
+    k, v = dense[seqs[0]][0]
+    assert rel_err(plan.attend(0, q, window=1), attention(q, k[-1:], v[-1:], 1 / math.sqrt(32))) < 1e-5
+
+
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_blocks_before_the_window_are_not_read(block_size):
+    """Whole blocks before every query's window are poisoned with NaN: the
+    result is still the reference's (a block read and masked would give NaN)."""
+    rng = np.random.default_rng(block_size)
+    spec = PoolSpec(1, 2, 32, num_blocks=64, block_size=block_size, dtype="float32")
+    n, window, ql = 6 * block_size + 3, block_size + 2, 3
+    pool, dense, seqs = filled_pool(spec, [n], rng)
+    table = pool.sequence(seqs[0]).block_table
+    first_seen = n - ql - window + 1  # the earliest position the first query sees
+    dead = np.asarray(table[: first_seen // block_size])
+    assert len(dead) >= 3
+    kv = pool.backend.kv
+    kv[dead] = np.nan
+    q = rng.standard_normal((ql, 4, 32)).astype(np.float32)
+    out = pool.plan(seqs, [ql]).attend(0, q, window=window)
+    k, v = dense[seqs[0]][0]
+    assert np.isfinite(out).all()
+    assert rel_err(out, attention(q, k, v, 1 / math.sqrt(32), window)) < 1e-5
+    tables, lens = pool.tables(seqs)
+    direct = paged_attention(kv, 0, q, tables, lens, np.array([ql], np.int32), 1 / math.sqrt(32), window=window)
+    assert np.array_equal(direct, out)
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5, "8"])
+def test_bad_window_is_refused(bad):
+    pool, _, seqs = filled_pool(PoolSpec(1, 1, 32, num_blocks=8, block_size=8, dtype="float32"), [5], np.random.default_rng(0))
+    q = np.zeros((1, 1, 32), np.float32)
+    with pytest.raises(InvalidArgument, match="window"):
+        pool.plan(seqs).attend(0, q, window=bad)
+    with pytest.raises(InvalidArgument, match="window"):
+        pool.attend(0, seqs, q, window=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -2.0, float("nan"), float("inf"), True])
+def test_bad_softcap_is_refused(bad):
+    pool, _, seqs = filled_pool(PoolSpec(1, 1, 32, num_blocks=8, block_size=8, dtype="float32"), [5], np.random.default_rng(0))
+    q = np.zeros((1, 1, 32), np.float32)
+    with pytest.raises(InvalidArgument, match="softcap"):
+        pool.plan(seqs).attend(0, q, softcap=bad)
+
+
+def test_kernels_without_windows_refuse_what_would_change_the_result():
+    """The rule the GPU plan applies until its kernels take windows and soft caps."""
+    with pytest.raises(UnsupportedConfiguration, match="softcap"):
+        refuse_window_softcap(None, 30.0, 10)
+    with pytest.raises(UnsupportedConfiguration, match="window=9"):
+        refuse_window_softcap(9, None, 10)
+    assert refuse_window_softcap(10, None, 10) == 10  # covers every sequence: full attention
+    with pytest.raises(InvalidArgument, match="window"):
+        refuse_window_softcap(0, None, 10)
+
+
+@pytest.mark.gpu
+def test_gpu_plan_refuses_windows_and_softcap_it_cannot_apply():
+    cupy = pytest.importorskip("cupy")
+    from kvpager.backends import cuda_available
+
+    if not cuda_available():
+        pytest.skip("needs a CUDA GPU")
+    spec = PoolSpec(1, 2, 64, num_blocks=32, block_size=16, dtype="float16")
+    pool = KVPool(spec, device="cuda:0")
+    [a] = pool.allocate([list(range(20))])
+    plan = pool.plan([a.seq_id], num_rows=2, width=4)
+    q = cupy.zeros((1, 4, 64), cupy.float16)
+    with pytest.raises(UnsupportedConfiguration, match="softcap"):
+        plan.attend(0, q, softcap=50.0)
+    with pytest.raises(UnsupportedConfiguration, match="window"):
+        plan.attend(0, q, window=19)
+    full = plan.attend(0, q)
+    assert bool((plan.attend(0, q, window=20) == full).all())  # a covering window is full attention
+    [b] = pool.allocate([list(range(30))])
+    with pytest.raises(UnsupportedConfiguration, match="window"):  # the window no longer covers the step
+        plan.update(*pool.tables([a.seq_id, b.seq_id]))
