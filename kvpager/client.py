@@ -91,7 +91,10 @@ class Client(KVAccess):
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._chan = Channel(self.endpoint)
+        #: the session's secret: sent with every request, shown nowhere
         self.session: str | None = None
+        #: the session's public name: the owner of its sequences in `sequences()`
+        self.session_name: str | None = None
         self.epoch: str | None = None
         self._closed = False
         # True once the session is known lost or closed: the mirror is not read
@@ -104,6 +107,7 @@ class Client(KVAccess):
             self._chan.close()
             raise DaemonUnavailable(f"no kvpager daemon answers at {self.endpoint}: {e}") from None
         self.session, self.epoch = info["session"], info["epoch"]
+        self.session_name = info.get("name")
         self.spec = PoolSpec.from_dict(info["spec"])
         self.device: str = info["device"]
         self.memory: dict[str, Any] = info["memory"]

@@ -67,8 +67,9 @@ def sequences_text(seqs: Sequence[SequenceInfo], max_table: int = 12) -> str:
     rows = []
     for s in seqs:
         tbl = " ".join(map(str, s.block_table[:max_table])) + (" ..." if len(s.block_table) > max_table else "")
-        rows.append((s.seq_id, s.owner or "-", s.num_tokens, len(s.block_table), s.shared_blocks, s.state, tbl))
-    return table(("seq", "owner", "tokens", "blocks", "shared", "state", "block table"), rows)
+        pid = "-" if s.owner_pid is None else s.owner_pid
+        rows.append((s.seq_id, s.owner or "-", pid, s.num_tokens, len(s.block_table), s.shared_blocks, s.state, tbl))
+    return table(("seq", "session", "pid", "tokens", "blocks", "shared", "state", "block table"), rows)
 
 
 def sequence_dict(s: SequenceInfo) -> dict[str, object]:

@@ -265,23 +265,23 @@ class Server:
     def _owned(self, session: Session, value: Any) -> list[int]:
         """The ids, checked to exist and belong to ``session`` (all before any change)."""
         ids = _ids(value)
-        self.pool.check_owner(ids, session.id)
+        self.pool.check_owner(ids, session.name)
         return ids
 
     def _end(self, session: Session, why: str) -> int:
-        ids = self.pool.owned(session.id)
+        ids = self.pool.owned(session.name)
         if ids:
             self.pool.free(ids)
         self.sessions.close(session)
         log.info("session %s (%s, pid %s) ended: %s; freed %d sequences",
-                 session.id, session.client, session.pid, why, len(ids))
+                 session.name, session.client, session.pid, why, len(ids))
         return len(ids)
 
     # -- ops ---------------------------------------------------------------------------------
     def _op_hello(self, _: None, a: dict[str, Any]) -> dict[str, Any]:
         pid = a.get("pid")
         s = self.sessions.open(str(a.get("client", "?")), pid if isinstance(pid, int) else None)
-        log.info("session %s opened by %s (pid %s)", s.id, s.client, s.pid)
+        log.info("session %s opened by %s (pid %s)", s.name, s.client, s.pid)
         if self.memory is not None:
             memory = self.memory.handles()
         elif self.gpu is not None:
@@ -291,7 +291,8 @@ class Server:
         else:
             memory = {"kind": "none"}
         return {
-            "session": s.id,
+            "session": s.id,  # the secret: this reply is the only one that carries it
+            "name": s.name,
             "epoch": self.epoch,
             "version": protocol.VERSION,
             "spec": self.pool.spec.to_dict(),
@@ -316,7 +317,7 @@ class Server:
             raise InvalidArgument(f"allocate: {len(prompts)} prompts in one request; at most {MAX_NEW_SEQUENCES}")
         share = a.get("share_in_batch", False)
         return protocol.encode_allocations(
-            self.pool.allocate(prompts, a.get("salt"), owner=s.id, share_in_batch=share))
+            self.pool.allocate(prompts, a.get("salt"), owner=s.name, share_in_batch=share))
 
     def _op_cached_tokens(self, s: Session | None, a: dict[str, Any]) -> list[int]:
         prompts = a["prompts"]
@@ -327,7 +328,7 @@ class Server:
     def _op_append(self, s: Session, a: dict[str, Any]) -> bytes:
         # The decode hot path: KVPool checks the ids' types, and ownership rides on
         # append's own lookup of them.
-        slots = self.pool.append_flat(a["seq_ids"], a.get("num_tokens", 1), a.get("token_ids"), owner=s.id)
+        slots = self.pool.append_flat(a["seq_ids"], a.get("num_tokens", 1), a.get("token_ids"), owner=s.name)
         return protocol.encode_slots(slots)
 
     def _op_commit(self, s: Session, a: dict[str, Any]) -> list[int]:
@@ -394,7 +395,15 @@ class Server:
             infos = self.pool.sequences(a["owner"]) if "owner" in a else self.pool.sequences()
         else:
             infos = [self.pool.sequence(i) for i in _ids(a["seq_ids"])]
-        return [protocol.encode_info(i) for i in infos]
+        # Owners are public session names; the pid says which worker it is.
+        by_name = self.sessions.by_name
+        out = []
+        for info in infos:
+            d = protocol.encode_info(info)
+            owner = by_name.get(info.owner)
+            d["owner_pid"] = owner.pid if owner is not None else None
+            out.append(d)
+        return out
 
     def _op_blocks(self, s: Session | None, a: dict[str, Any]) -> list[np.ndarray]:
         return protocol.encode_blocks(self.pool.blocks())
@@ -406,7 +415,7 @@ class Server:
 
     def _op_check(self, s: Session | None, a: dict[str, Any]) -> None:
         self.pool.check_integrity()
-        open_ids = self.sessions.sessions
+        open_ids = self.sessions.by_name
         orphans = [i for o in self.pool.owners() if o not in open_ids for i in self.pool.owned(o)]
         if orphans:
             raise IntegrityError(f"{len(orphans)} sequences belong to no open session, e.g. {orphans[:5]}")

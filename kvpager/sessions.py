@@ -1,5 +1,12 @@
 """Daemon sessions: who a client is, when it was last heard, its staging buffer.
 
+A session has two names. Its ``id`` is a secret (128 random bits) that only
+its client learns, from the hello reply, and that every later request
+carries: it is the session's credential, so no other reply and no log line
+shows it. Its ``name`` (``s1``, ``s2``, ...) is public: the allocator records
+it as the owner of the session's sequences, and inspection (`sequences`,
+`kvpager seqs`, `kvpager top`) shows it with the client's pid.
+
 A staging buffer is POSIX shared memory (CPU pools) or a ``cudaMalloc``
 allocation exported by CUDA IPC on the pool's GPU (`cuda_ipc.DeviceBuffer`).
 
@@ -21,7 +28,8 @@ from kvpager.shm import Segment, segment_name
 
 @dataclass(eq=False)
 class Session:
-    id: str
+    id: str  # the secret
+    name: str  # public: the owner of its sequences in the pool
     client: str
     pid: int | None
     last_seen: float
@@ -43,23 +51,27 @@ class SessionTable:
         self.heartbeat_timeout = heartbeat_timeout
         self.epoch = epoch
         self.device = device
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, Session] = {}  # by secret id
+        self.by_name: dict[str, Session] = {}
+        self._serial = 0
         self._staging_serial = 0
 
     def __len__(self) -> int:
         return len(self.sessions)
 
     def open(self, client: str, pid: int | None) -> Session:
-        s = Session(secrets.token_hex(8), client, pid, time.monotonic())
+        self._serial += 1
+        s = Session(secrets.token_urlsafe(16), f"s{self._serial}", client, pid, time.monotonic())
         self.sessions[s.id] = s
+        self.by_name[s.name] = s
         return s
 
     def get(self, session_id: str | None) -> Session:
         """The session, its clock reset; SessionLost if it is not open."""
         s = self.sessions.get(session_id) if session_id is not None else None
         if s is None:
-            err = SessionLost(
-                f"session {session_id!r} is not open on this daemon (it said bye, missed heartbeats "
+            err = SessionLost(  # the id is a secret: never echoed
+                "this session is not open on this daemon (it said bye, missed heartbeats "
                 "for longer than the heartbeat timeout, or the daemon restarted)"
             )
             err.epoch = self.epoch  # lets the client tell a restart from an expiry
@@ -74,6 +86,7 @@ class SessionTable:
 
     def close(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
+        self.by_name.pop(session.name, None)
         session.close()
 
     def staging(self, session: Session, nbytes: int) -> Any:

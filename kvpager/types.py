@@ -35,13 +35,14 @@ class SequenceInfo:
     """One sequence as seen from outside."""
 
     seq_id: int
-    owner: str | None
+    owner: str | None  # the owning session's public name (a daemon's); None embedded
     num_tokens: int
     num_committed: int
     block_table: tuple[int, ...]  # 0 marks a block swapped out to host memory
     shared_blocks: int  # blocks whose reference count is above 1
     swapped: bool
     host_blocks: int
+    owner_pid: int | None = None  # the owning session's client process (a daemon's)
 
     @property
     def state(self) -> str:

@@ -34,7 +34,7 @@ def gpu_prefix_writer(endpoint: str, prompt: list[int], seed: int, out, done) ->
             k, v = dense_kv(seed, layer, len(prompt), spec.num_kv_heads, spec.head_dim, spec.dtype)
             c.write(layer, a.slots, cupy.asarray(k), cupy.asarray(v))
         c.commit(a.seq_id)
-        out.put({"seq_id": a.seq_id, "block_table": a.block_table, "session": c.session,
+        out.put({"seq_id": a.seq_id, "block_table": a.block_table, "session": c.session_name,
                  "memory_epoch": c.memory["epoch"], "epoch": c.epoch})
         done.wait(120)
 

@@ -16,6 +16,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgpack
+import zmq
+
+from kvpager.protocol import VERSION
 from kvpager.server import Server
 from kvpager.spec import PoolSpec
 
@@ -106,3 +110,31 @@ def join_or_kill(procs, timeout: float) -> None:
             if p.is_alive():
                 p.kill()
                 p.join(10)
+
+
+class Raw:
+    """A bare DEALER socket for sending frames a Client never would."""
+
+    def __init__(self, endpoint: str):
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def send(self, data: bytes, timeout: float = 10.0) -> list:
+        self.sock.send(data)
+        assert self.sock.poll(int(timeout * 1000)), "no reply"
+        return msgpack.unpackb(self.sock.recv(), raw=False, strict_map_key=False)
+
+    def recv_raw(self, data: bytes, timeout: float = 10.0) -> bytes:
+        """The reply's bytes, undecoded."""
+        self.sock.send(data)
+        assert self.sock.poll(int(timeout * 1000)), "no reply"
+        return self.sock.recv()
+
+    def close(self):
+        self.sock.close(0)
+
+
+def req(rid, op, args, session=None, version=VERSION) -> bytes:
+    """A request envelope as bytes."""
+    return msgpack.packb([version, rid, session, op, args])

@@ -42,7 +42,7 @@ def prefix_writer(endpoint: str, prompt: list[int], seed: int, out, done) -> Non
         [a] = c.allocate([prompt])
         write_positions(c, seed, a.slots, 0, len(prompt))
         c.commit(a.seq_id)
-        out.put({"seq_id": a.seq_id, "block_table": a.block_table, "session": c.session})
+        out.put({"seq_id": a.seq_id, "block_table": a.block_table, "session": c.session_name})
         done.wait(60)
 
 

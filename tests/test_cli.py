@@ -53,10 +53,10 @@ def test_seqs(daemon):
     rows = json.loads(out)
     assert [r["seq_id"] for r in rows] == [s.seq_id for s in client.sequences()]
     row_b = next(r for r in rows if r["seq_id"] == b.seq_id)
-    assert row_b["block_table"] == list(b.block_table) and row_b["owner"] == client.session
+    assert row_b["block_table"] == list(b.block_table) and row_b["owner"] == client.session_name
     assert row_b["state"] == "resident" and row_b["num_tokens"] == 43
     code, out = invoke("seqs", "--endpoint", server.endpoint)
-    assert code == 0 and "block table" in out and client.session in out
+    assert code == 0 and "block table" in out and client.session_name in out and client.session not in out
 
 
 def test_blocks_map_shows_shared_runs(daemon):

@@ -31,7 +31,7 @@ def _snapshot(pool, device_array, host_array):
     st = dataclasses.asdict(pool.stats())
     return {
         "stats": st,
-        "seqs": [dataclasses.replace(s, owner=None) for s in pool.sequences()],
+        "seqs": [dataclasses.replace(s, owner=None, owner_pid=None) for s in pool.sequences()],
         "blocks": pool.blocks(),
         "device": np.array(device_array()),
         "host": np.array(host_array()),

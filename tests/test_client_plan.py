@@ -64,7 +64,7 @@ def assert_unchanged(before, c: Client) -> None:
 def assert_mirrors_daemon(c: Client) -> None:
     """The mirror holds exactly this session's sequences, swapped as the daemon
     says, and gathers the daemon's tables (counted by the daemon, not the mirror)."""
-    own = [s for s in c.sequences() if s.owner == c.session]
+    own = [s for s in c.sequences() if s.owner == c.session_name]
     assert sorted(c._mirror.rows) == [s.seq_id for s in own]
     assert c._mirror.swapped == {s.seq_id for s in own if s.swapped}
     resident = [s.seq_id for s in own if not s.swapped]

@@ -11,8 +11,15 @@ import time
 import msgpack
 import numpy as np
 import pytest
-import zmq
-from daemon_helpers import SMALL, free_tcp_endpoint, ipc_endpoint, running_server, wait_until
+from daemon_helpers import (
+    SMALL,
+    Raw,
+    free_tcp_endpoint,
+    ipc_endpoint,
+    req,
+    running_server,
+    wait_until,
+)
 
 from kvpager import protocol
 from kvpager.client import Client
@@ -43,25 +50,7 @@ def client(server):
         yield c
 
 
-class Raw:
-    """A bare DEALER socket for sending frames a Client never would."""
-
-    def __init__(self, endpoint: str):
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-
-    def send(self, data: bytes, timeout: float = 10.0) -> list:
-        self.sock.send(data)
-        assert self.sock.poll(int(timeout * 1000)), "no reply"
-        return msgpack.unpackb(self.sock.recv(), raw=False, strict_map_key=False)
-
-    def close(self):
-        self.sock.close(0)
-
-
-def _req(rid, op, args, session=None, version=VERSION):
-    return msgpack.packb([version, rid, session, op, args])
+_req = req
 
 
 def _assert_healthy(client: Client):
@@ -76,7 +65,7 @@ def test_basic_ops_and_result_types(client):
     assert s.tolist() == [56, 57]
     assert client.commit(a.seq_id) == [2]  # the prompt's two full blocks
     info = client.sequence(a.seq_id)
-    assert (info.num_tokens, info.owner, info.block_table) == (42, client.session, (1, 2, 3))
+    assert (info.num_tokens, info.owner, info.block_table) == (42, client.session_name, (1, 2, 3))
     assert client.stats().used_blocks == 3
     assert client.blocks().ref_cnt[1:4].tolist() == [1, 1, 1]
     client.free([a.seq_id])
@@ -146,7 +135,7 @@ def test_sessions_own_their_sequences(server):
             b.free([sb.seq_id, sa.seq_id])
         assert b.sequence(sb.seq_id).num_tokens == 65
         [[child]] = a.fork([sa.seq_id])
-        assert a.sequence(child).owner == a.session
+        assert a.sequence(child).owner == a.session_name
         with pytest.raises(NotOwner):
             b.free([child])
         a.check_integrity()
