@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from kvpager import validate
 from kvpager.backends import Backend, make_backend
 from kvpager.block_pool import NULL_BLOCK
 from kvpager.errors import InvalidArgument, SequenceSwapped
@@ -20,40 +21,6 @@ from kvpager.seq_check import tokens_stored
 from kvpager.sequences import ANY_OWNER, SequenceManager
 from kvpager.spec import PoolSpec
 from kvpager.types import Allocation, BlockMap, PoolStats, SequenceInfo
-
-
-def _ids(seq_ids: int | Seq[int], what: str = "seq_ids") -> list[int]:
-    """A batch of sequence ids; a single int is a batch of one."""
-    if isinstance(seq_ids, (int, np.integer)) and not isinstance(seq_ids, bool):
-        return [int(seq_ids)]
-    if isinstance(seq_ids, (str, bytes)) or not hasattr(seq_ids, "__iter__"):
-        raise InvalidArgument(f"{what} must be an int or a list of ints, got {type(seq_ids).__name__}")
-    out = seq_ids if type(seq_ids) is list else list(seq_ids)
-    if set(map(type, out)) <= {int}:  # the common case, checked at C speed
-        return out
-    for s in out:
-        if not isinstance(s, (int, np.integer)) or isinstance(s, bool):
-            raise InvalidArgument(f"{what} must hold ints, got {s!r}")
-    return [int(s) for s in out]
-
-
-def _per_seq(value: Any, n: int, what: str) -> list[Any]:
-    """Broadcast a scalar (or None) to n entries; check a list's length."""
-    if value is None or isinstance(value, (int, np.integer, str, bytes)):
-        return [value] * n
-    if not isinstance(value, (list, tuple, np.ndarray)):
-        raise InvalidArgument(f"{what} must be a scalar or a list, got {type(value).__name__}")
-    out = list(value)
-    if len(out) != n:
-        raise InvalidArgument(f"{what} has {len(out)} entries for {n} sequences")
-    return out
-
-
-def _check_prompts(prompts: Any) -> None:
-    if isinstance(prompts, (str, bytes, np.ndarray)) or not hasattr(prompts, "__len__"):
-        raise InvalidArgument("prompts must be a list of token-id lists")
-    if len(prompts) and isinstance(prompts[0], (int, np.integer)):
-        raise InvalidArgument("prompts must be a list of token-id lists: pass [tokens] for one prompt")
 
 
 def _split(flat: np.ndarray, counts: list[int]) -> list[np.ndarray]:
@@ -106,8 +73,8 @@ class KVPool:
         ``num_cached_tokens`` though their K/V comes from the earlier prompt's
         prefill in the same step, so write the whole batch's K/V of a layer
         before attending in it (a batched forward pass does)."""
-        _check_prompts(prompts)
-        salts = _per_seq(salt, len(prompts), "salt")
+        validate.prompts(prompts)
+        salts = validate.per_seq(salt, len(prompts), "salt")
         if not isinstance(share_in_batch, bool):
             raise InvalidArgument(f"share_in_batch must be a bool, got {share_in_batch!r}")
         ids, flat, lengths, cached, ntok = self.manager.allocate(prompts, salts, owner, share_in_batch)
@@ -127,8 +94,8 @@ class KVPool:
     ) -> list[int]:
         """How many tokens of each prompt an `allocate` would find cached now,
         without allocating or touching anything: for cache-aware admission."""
-        _check_prompts(prompts)
-        return self.manager.cached_tokens(prompts, _per_seq(salt, len(prompts), "salt"))
+        validate.prompts(prompts)
+        return self.manager.cached_tokens(prompts, validate.per_seq(salt, len(prompts), "salt"))
 
     def append(
         self,
@@ -139,7 +106,7 @@ class KVPool:
         """Extend each sequence by ``num_tokens`` slots; returns their slot ids.
         Passing the ``token_ids`` lets the new blocks be published on commit.
         A shared, partly filled last block is copied first (copy-on-write)."""
-        ids = _ids(seq_ids)
+        ids = validate.seq_ids(seq_ids)
         flat = self.append_flat(ids, num_tokens, token_ids)
         if isinstance(num_tokens, (int, np.integer)):
             return list(flat.reshape(len(ids), int(num_tokens)))  # row views, made in C
@@ -156,10 +123,10 @@ class KVPool:
         """As `append`, but every sequence's slots back to back in one int64 array.
         ``owner``: if given, every sequence must be its (as `check_owner`, in the
         same lookup: the daemon's decode step)."""
-        ids = _ids(seq_ids)
+        ids = validate.seq_ids(seq_ids)
         counts = num_tokens if isinstance(num_tokens, (int, np.integer)) else list(num_tokens)
         if token_ids is not None:
-            token_ids = _per_seq(token_ids, len(ids), "token_ids")
+            token_ids = validate.per_seq(token_ids, len(ids), "token_ids")
         flat, copies = self.manager.append(ids, counts, token_ids, owner)
         if len(copies):
             self.backend.copy_blocks(copies)
@@ -170,33 +137,33 @@ class KVPool:
         """Declare K/V written for tokens ``[0, upto)`` (default: all), publishing
         full blocks in the prefix cache. Returns how many blocks each published.
         Call it only after the writes have completed on the device."""
-        ids = _ids(seq_ids)
-        return self.manager.commit(ids, _per_seq(upto, len(ids), "upto"))
+        ids = validate.seq_ids(seq_ids)
+        return self.manager.commit(ids, validate.per_seq(upto, len(ids), "upto"))
 
     def fork(self, seq_ids: int | Seq[int], n: int = 1) -> list[list[int]]:
         """``n`` children per sequence, sharing all of its blocks; returns their ids."""
-        return self.manager.fork(_ids(seq_ids), n)
+        return self.manager.fork(validate.seq_ids(seq_ids), n)
 
     def free(self, seq_ids: int | Seq[int]) -> None:
         """Release sequences. Committed full blocks stay matchable until evicted."""
-        self.manager.free(_ids(seq_ids))
+        self.manager.free(validate.seq_ids(seq_ids))
 
     def truncate(self, seq_ids: int | Seq[int], lengths: int | Seq[int]) -> None:
         """Shorten sequences to ``lengths`` tokens, releasing blocks past the end."""
-        ids = _ids(seq_ids)
-        self.manager.truncate(ids, _per_seq(lengths, len(ids), "lengths"))
+        ids = validate.seq_ids(seq_ids)
+        self.manager.truncate(ids, validate.per_seq(lengths, len(ids), "lengths"))
 
     def swap_out(self, seq_ids: int | Seq[int]) -> None:
         """Move the sequences' exclusively owned blocks to host memory in one
         batched copy; shared blocks stay on the device."""
-        pairs = self.manager.swap_out(_ids(seq_ids))
+        pairs = self.manager.swap_out(validate.seq_ids(seq_ids))
         if len(pairs):
             self.backend.swap_out(pairs)
             self.pending = True
 
     def swap_in(self, seq_ids: int | Seq[int]) -> None:
         """Bring swapped sequences back to the device in one batched copy."""
-        pairs = self.manager.swap_in(_ids(seq_ids))
+        pairs = self.manager.swap_in(validate.seq_ids(seq_ids))
         if len(pairs):
             self.backend.swap_in(pairs)
             self.pending = True
@@ -204,26 +171,26 @@ class KVPool:
     # -- ownership (the daemon's sessions) ----------------------------------------------
     def owned(self, owner: Any) -> list[int]:
         """Ids of ``owner``'s live sequences, in id order."""
-        return list(self.manager.owned.get(owner, ()))
+        return self.manager.owners.ids(owner)
 
     def owners(self) -> list[Any]:
         """Every owner that has a live sequence."""
-        return list(self.manager.owned)
+        return list(self.manager.owners.owned)
 
     def check_owner(self, seq_ids: int | Seq[int], owner: Any) -> None:
         """Raise UnknownSequence or NotOwner unless every sequence is live and ``owner``'s."""
-        self.manager.check_owner(_ids(seq_ids), owner)
+        self.manager.check_owner(validate.seq_ids(seq_ids), owner)
 
     # -- K/V ------------------------------------------------------------------------
     def write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
         """Store one layer's K/V for the tokens at ``slots`` (-1 = padding, skipped).
         ``k`` and ``v`` are [len(slots), num_kv_heads, head_dim] in the pool dtype."""
         spec = self.spec
-        self._check_layer(layer)
-        slots = self._slots(slots)
+        validate.layer(layer, spec)
+        slots = validate.slots(slots, spec)
         shape = (len(slots), spec.num_kv_heads, spec.head_dim)
-        k = self._tensor(k, "k", shape)
-        v = self._tensor(v, "v", shape)
+        k = validate.tensor(k, "k", shape, spec, self.backend.xp)
+        v = validate.tensor(v, "v", shape, spec, self.backend.xp)
         self.backend.write(int(layer), slots, k, v)
         self.pending = True
 
@@ -246,10 +213,10 @@ class KVPool:
         ``scale`` defaults to 1/sqrt(head_dim). ``window`` / ``softcap``: sliding
         window and logit soft cap, as `kvpager.plan.StepPlan.attend`. Returns q's shape."""
         spec = self.spec
-        self._check_layer(layer)
-        ids = _ids(seq_ids)
+        validate.layer(layer, spec)
+        ids = validate.seq_ids(seq_ids)
         tables, seq_lens = self.tables(ids)
-        qlens = _per_seq(1 if query_lens is None else query_lens, len(ids), "query_lens")
+        qlens = validate.per_seq(1 if query_lens is None else query_lens, len(ids), "query_lens")
         for s, n, ql in zip(ids, seq_lens.tolist(), qlens):
             if not isinstance(ql, (int, np.integer)) or isinstance(ql, bool) or not 1 <= ql <= n:
                 raise InvalidArgument(f"query_lens for sequence {s} must be in [1, {n}], got {ql!r}")
@@ -259,7 +226,7 @@ class KVPool:
                 f"q must be [tokens, num_q_heads, {spec.head_dim}] with num_q_heads a multiple of "
                 f"num_kv_heads={spec.num_kv_heads}, got shape {getattr(q, 'shape', None)}"
             )
-        q = self._tensor(q, "q", (int(sum(qlens)), num_q, spec.head_dim))
+        q = validate.tensor(q, "q", (int(sum(qlens)), num_q, spec.head_dim), spec, self.backend.xp)
         if scale is None:
             scale = 1.0 / math.sqrt(spec.head_dim)
         elif not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
@@ -274,7 +241,7 @@ class KVPool:
         """Padded int32 block tables [B, max_blocks] (null-block padding) and
         lengths int32 [B] of resident sequences: one vectorised gather.
         Raises UnknownSequence, or SequenceSwapped for a swapped-out one."""
-        ids = _ids(seq_ids)
+        ids = validate.seq_ids(seq_ids)
         m = self.manager
         rows = m.lookup(ids)
         if m.num_swapped:
@@ -297,18 +264,17 @@ class KVPool:
         (see `kvpager.plan`). ``query_lens``: new tokens per sequence (default 1).
         The plan is a snapshot: make a new one (or `StepPlan.update` it) after
         the sequences change. ``options`` go to the backend's planner."""
-        ids = _ids(seq_ids)
+        ids = validate.seq_ids(seq_ids)
         tables, seq_lens = self.tables(ids)  # the pool's own: only the step's part needs checks
         if query_lens is not None:
-            query_lens = np.asarray(_per_seq(query_lens, len(ids), "query_lens"))
+            query_lens = np.asarray(validate.per_seq(query_lens, len(ids), "query_lens"))
         query_lens, slots = check_queries(self.spec, seq_lens, query_lens, slots)
         self.pending = True
         return self.backend.plan(tables, seq_lens, query_lens, slots, **options)
 
     def kv(self, layer: int) -> tuple[Any, Any]:
         """Views of one layer's K and V: each [num_blocks, num_kv_heads, block_size, head_dim]."""
-        self._check_layer(layer)
-        return self.backend.layer_kv(int(layer))
+        return self.backend.layer_kv(validate.layer(layer, self.spec))
 
     # -- inspection -------------------------------------------------------------------
     def sequence(self, seq_id: int) -> SequenceInfo:
@@ -383,57 +349,14 @@ class KVPool:
             return []
         bt = m.table
         tables, _ = bt.gather(rows)
-        nb = bt.num_blocks[rows]
         shared = ((m.pool.ref_cnt[tables] > 1) & (tables != NULL_BLOCK)).sum(axis=1)
-        owner_of = m.owner_of
         held = m.host.held
+        swapped = bt.swapped[rows].tolist()
         return [
-            SequenceInfo(
-                seq_id=s,
-                owner=owner_of(row),
-                num_tokens=ntok,
-                num_committed=ncom,
-                block_table=tuple(table[:n]),
-                shared_blocks=sh,
-                swapped=bool(sw),
-                host_blocks=len(held[row][1]) if sw else 0,
-            )
+            SequenceInfo(s, m.owner_of(row), ntok, ncom, tuple(table[:n]), sh, bool(sw),
+                         len(held[row][1]) if sw else 0)
             for s, row, table, n, ntok, ncom, sh, sw in zip(
-                seq_ids, rows.tolist(), tables.tolist(), nb.tolist(), bt.num_tokens[rows].tolist(),
-                bt.committed[rows].tolist(), shared.tolist(), bt.swapped[rows].tolist(),
+                seq_ids, rows.tolist(), tables.tolist(), bt.num_blocks[rows].tolist(), bt.num_tokens[rows].tolist(),
+                bt.committed[rows].tolist(), shared.tolist(), swapped,
             )
         ]
-
-    def _check_layer(self, layer: Any) -> None:
-        if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool) or not 0 <= layer < self.spec.num_layers:
-            raise InvalidArgument(f"layer must be an int in [0, {self.spec.num_layers}), got {layer!r}")
-
-    def _slots(self, slots: Any) -> np.ndarray:
-        arr = np.asarray(slots.get() if hasattr(slots, "get") and not isinstance(slots, np.ndarray) else slots)
-        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-            raise InvalidArgument(f"slots must be a 1-D integer array, got dtype {arr.dtype} shape {arr.shape}")
-        arr = arr.astype(np.int64, copy=False)
-        limit = self.spec.num_blocks * self.spec.block_size
-        bad = (arr < -1) | (arr >= limit) | ((arr >= 0) & (arr < self.spec.block_size))
-        if bad.any():
-            raise InvalidArgument(
-                f"slot {int(arr[bad][0])} is outside [{self.spec.block_size}, {limit}) "
-                "(block 0 is the null block; -1 marks padding)"
-            )
-        return arr
-
-    def _tensor(self, x: Any, name: str, shape: tuple[int, ...]) -> Any:
-        xp = self.backend.xp
-        if not isinstance(x, xp.ndarray):
-            if hasattr(x, "__dlpack__"):
-                try:
-                    x = xp.from_dlpack(x)
-                except Exception as e:
-                    raise InvalidArgument(f"{name}: cannot take a {type(x).__name__} as a {xp.__name__} array: {e}") from None
-            else:
-                raise InvalidArgument(f"{name} must be a {xp.__name__} array, got {type(x).__name__}")
-        if tuple(x.shape) != shape:
-            raise InvalidArgument(f"{name} must have shape {shape}, got {tuple(x.shape)}")
-        if x.dtype != self.spec.np_dtype:
-            raise InvalidArgument(f"{name} must have dtype {self.spec.dtype}, got {x.dtype}")
-        return x

@@ -66,7 +66,7 @@ def append(
     n = np.fromiter(map(int, counts), np.int64, len(rows))
     nt = bt.num_tokens[rows]
     nb = bt.num_blocks[rows].astype(np.int64)
-    last = bt.table[rows, nb - 1].astype(np.int64)  # the null block where a row is empty
+    last = bt.last[rows]  # the null block where a row is empty
     partial = (n > 0) & (nt % bs != 0)
     cow = partial & (pool.ref_cnt[last] > 1)
     grow = (nt + n + bs - 1) // bs - nb
@@ -89,6 +89,9 @@ def append(
         bt.reserve_width(int((nb + grow).max()))
         bt.table[np.repeat(rows, grow), np.repeat(nb, grow) + w] = new[np.repeat(start + cow, grow) + w]
         bt.num_blocks[rows] = nb + grow
+    if need:
+        changed = rows[per > 0]
+        bt.last[changed] = bt.table[changed, bt.num_blocks[changed] - 1]
     _unpublish(m, last[partial & ~cow])
     pos = np.repeat(nt, n) + _within(n)
     slots = bt.table[np.repeat(rows, n), pos // bs].astype(np.int64) * bs + pos % bs
@@ -125,8 +128,7 @@ def _decode(
     bt, pool, shift = m.table, m.pool, m.shift
     nt = bt.num_tokens[rows]
     off = nt & (m.block_size - 1)
-    width = bt.width
-    last = bt.table.reshape(-1)[rows * width + ((nt - 1) >> shift)].astype(np.int64)  # null if empty
+    last = bt.last[rows]  # the null block where a row is empty
     partial = off != 0
     cow = partial & (pool.ref_cnt[last] > 1)
     needs = cow | (off == 0)
@@ -139,10 +141,11 @@ def _decode(
             raise OutOfBlocks(int(k), available)
         new = pool.get_new_blocks(int(k))
         at, col = (rows, nt >> shift) if k == len(rows) else (rows[needs], nt[needs] >> shift)
-        if int(col.max()) >= width:
+        if int(col.max()) >= bt.width:
             bt.reserve_width(int(col.max()) + 1)
         bt.table[at, col] = new
         bt.num_blocks[at] = col + 1
+        bt.last[at] = new
         blocks = last.copy()
         blocks[needs] = new
         c = cow[needs]
@@ -175,6 +178,7 @@ def _decode_one(m: SequenceManager, seq_id: int, row: int, ids: list[int] | None
             bt.reserve_width(col + 1)
         bt.table[row, col] = b
         bt.num_blocks[row] = col + 1
+        bt.last[row] = b
     else:
         b = int(bt.table[row, col])
         if pool.ref_cnt[b] > 1:
@@ -183,6 +187,7 @@ def _decode_one(m: SequenceManager, seq_id: int, row: int, ids: list[int] | None
             src, b = b, int(pool.get_new_blocks(1)[0])
             copies = np.array([[src, b]], dtype=np.int64)
             bt.table[row, col] = b
+            bt.last[row] = b
         elif pool.cache.cached[b]:
             pool.unpublish(b)
     if ids is not None and bt.known[row] == nt:

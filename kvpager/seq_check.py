@@ -22,27 +22,28 @@ if TYPE_CHECKING:
 
 def tokens_stored(m: SequenceManager) -> int:
     """Real tokens held by in-use blocks, a shared block counted once at the fill
-    of its fullest user. Every table entry is a full block except each row's
-    last, which may be partly filled: a block is full for someone unless all
-    its references are such partial last entries, and then it holds the most
-    any of them filled. Vectorised over the rows and the blocks."""
+    of its fullest user. Every table entry is a full block except the last of a
+    row whose length is not a multiple of the block size: a block is full for
+    someone unless all its references are such partial last entries, and then
+    it holds the most any of them filled. Vectorised over the rows' lengths and
+    the partly filled last blocks."""
     bs, bt, pool = m.block_size, m.table, m.pool
-    rows = np.flatnonzero(bt.num_blocks)
-    nb = bt.num_blocks[rows].astype(np.int64)
-    last = bt.table[rows, nb - 1]
-    fill = bt.num_tokens[rows] - (nb - 1) * bs
-    part = (fill < bs) & (last != NULL_BLOCK)  # a swapped-out last entry holds nothing here
-    last, fill = last[part], fill[part]
     used = pool.num_used
-    if not len(last):
+    fill = bt.num_tokens & (bs - 1)  # of a row's last block if partly filled; 0 for free rows
+    rows = (fill != 0).nonzero()[0]
+    if not len(rows):
         return used * bs
-    ref = pool.ref_cnt
+    last = bt.last[rows]
+    fill = fill[rows]
     partial_refs = np.bincount(last, minlength=pool.num_blocks)
-    only = np.flatnonzero(partial_refs == ref)
-    only = only[ref[only] > 0]
+    partial_refs[NULL_BLOCK] = 0  # a swapped-out last entry holds nothing here
     most = np.zeros(pool.num_blocks, dtype=np.int64)
-    np.maximum.at(most, last, fill)
-    return int((used - len(only)) * bs + most[only].sum())
+    most[last] = fill
+    several = partial_refs[last] > 1
+    if np.count_nonzero(several):  # a partly filled block shared: its fullest user
+        np.maximum.at(most, last[several], fill[several])
+    only = (partial_refs == pool.ref_cnt) & (partial_refs > 0)
+    return int(used * bs - np.count_nonzero(only) * bs + most[only].sum())
 
 
 def check_integrity(m: SequenceManager) -> None:
@@ -71,6 +72,9 @@ def check_integrity(m: SequenceManager) -> None:
             problems.append(f"sequence {ids[k]}: block-table entry {col} is the null block")
     if len(null_at) != expected_nulls and not problems:
         problems.append(f"{len(null_at)} null entries but {expected_nulls} blocks swapped out")
+    last = np.where(nb > 0, bt.table[rows, np.maximum(nb - 1, 0)], 0)
+    if not np.array_equal(bt.last[rows], last):
+        problems.append("a row's last-block column disagrees with its table")
     if (bt.committed[rows] > nt).any() or (bt.published[rows] * bs > nt).any():
         problems.append("a row has more tokens committed or blocks published than it holds")
     if set(m.history) != set(m.rows):
@@ -83,9 +87,9 @@ def check_integrity(m: SequenceManager) -> None:
                                 f"but {bt.known[row]} known and {bt.published[row]} published")
                 break
     owners = Counter(bt.owner[rows].tolist())
-    indexed = {m._codes.get(o): len(s) for o, s in m.owned.items()}
+    indexed = m.owners.counts()
     if owners != Counter(indexed) or any(m.rows.get(s) is None or m.owner_of(m.rows[s]) != o
-                                         for o, mine in m.owned.items() for s in mine):
+                                         for o, mine in m.owners.owned.items() for s in mine):
         problems.append(f"owner index ({sum(indexed.values())} sequences of {len(indexed)} owners) "
                         f"disagrees with the rows ({len(rows)} of {len(owners)})")
     if problems:

@@ -71,6 +71,7 @@ def swap_out(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     released = released[pool.ref_cnt[released] == 1]
     copies = np.stack([blocks[move], hosts], axis=1)
     bt.table[rep[move], moved_cols] = 0
+    bt.last[rows] = bt.table[rows, np.maximum(bt.num_blocks[rows].astype(np.int64) - 1, 0)]
     bt.swapped[rows] = 1
     m.num_swapped += len(rows)
     pool.free_blocks(released, distinct=True)  # ref 1: one entry each
@@ -117,6 +118,7 @@ def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
         bt.table[row, cols] = blocks
         host.free.extend(hosts.tolist())
         del host.held[row]
+    bt.last[rows] = bt.table[rows, np.maximum(bt.num_blocks[rows].astype(np.int64) - 1, 0)]
     bt.swapped[rows] = 0
     m.num_swapped -= len(rows)
     return np.concatenate(copies) if copies else np.zeros((0, 2), np.int64)

@@ -10,8 +10,9 @@ sequence's `History` (token ids and block keys).
 that need bytes moved return the (source, destination) block pairs, and the
 caller (`KVPool`) runs them on its backend before the freed blocks can be
 handed out again. Every op takes a batch, validates all of it first and
-either applies all of it or raises and changes nothing. Append lives in
-`seq_append`, swap in `seq_swap`, integrity and statistics in `seq_check`.
+either applies all of it or raises and changes nothing. Allocate lives in
+`seq_alloc`, append in `seq_append`, swap in `seq_swap`, integrity and
+statistics in `seq_check`, the owner index in `owners`.
 """
 
 from __future__ import annotations
@@ -24,17 +25,18 @@ from typing import Any
 
 import numpy as np
 
-from kvpager import seq_append, seq_check, seq_swap
+from kvpager import seq_alloc, seq_append, seq_check, seq_swap
 from kvpager.block_pool import BlockPool
 from kvpager.block_table import BlockTable
-from kvpager.errors import InvalidArgument, NotOwner, OutOfBlocks, SequenceSwapped, UnknownSequence
+from kvpager.errors import InvalidArgument, NotOwner, SequenceSwapped, UnknownSequence
 from kvpager.history import History
-from kvpager.prefix_cache import chain_keys, root_key, token_array
+from kvpager.owners import OwnerIndex
 
 #: Per-row state beside the block table: the sequence id, its owner (a code,
 #: 0 = None), tokens whose K/V is committed, blocks offered to the prefix
-#: cache, known token ids (prompt + tail) and whether it is swapped out (0/1).
-COLUMNS = ("seq_id", "owner", "committed", "published", "known", "swapped")
+#: cache, known token ids (prompt + tail), whether it is swapped out (0/1) and
+#: its last block (0: none, or swapped out), which append and stats read.
+COLUMNS = ("seq_id", "owner", "committed", "published", "known", "swapped", "last")
 
 
 ANY_OWNER = object()  # `batch` without an ownership check (None is an owner: the embedded one)
@@ -62,10 +64,7 @@ class SequenceManager:
         self.table = BlockTable(columns=COLUMNS)
         self.rows: dict[int, int] = {}  # seq_id -> row, in id order (ids only grow)
         self.history: dict[int, History] = {}
-        self.owned: dict[Any, dict[int, None]] = {}  # owner -> its seq ids, in id order
-        self._codes: dict[Any, int] = {None: 0}
-        self._owner_of: dict[int, Any] = {0: None}
-        self._next_code = itertools.count(1)
+        self.owners = OwnerIndex()
         self._ids = itertools.count(1)
         self.num_swapped = 0
         self.prefix_query_tokens = 0
@@ -111,48 +110,19 @@ class SequenceManager:
         return InvalidArgument(f"{op or 'operation'}: duplicate sequence ids in one batch")
 
     def owner_of(self, row: int) -> Any:
-        return self._owner_of[int(self.table.owner[row])]
+        return self.owners.owner(self.table.owner.item(row))
 
     def check_owner(self, seq_ids: list[int], owner: Any) -> None:
         """UnknownSequence / NotOwner unless every id is live and ``owner``'s."""
         self._check_rows_owner(seq_ids, self.lookup(seq_ids), owner)
 
     def _check_rows_owner(self, seq_ids: list[int], rows: np.ndarray, owner: Any) -> None:
-        code = self._codes.get(owner, -1)
-        bad = self.table.owner[rows] != code
+        bad = self.table.owner[rows] != self.owners.code(owner)
         if np.count_nonzero(bad):
             raise NotOwner(f"sequence {seq_ids[int(np.argmax(bad))]} belongs to another session")
 
-    def _add_owned(self, owner: Any, ids: Seq[int]) -> int:
-        code = self._codes.get(owner)
-        if code is None:
-            code = self._codes[owner] = next(self._next_code)
-            self._owner_of[code] = owner
-            self.owned[owner] = {}
-        elif owner not in self.owned:
-            self.owned[owner] = {}
-        self.owned[owner].update(dict.fromkeys(ids))
-        return code
-
-    def _drop_owned(self, codes: np.ndarray, ids: list[int]) -> None:
-        if len(ids) == 1:
-            groups = [(int(codes[0]), ids)]
-        elif not len(ids):
-            return
-        elif not np.count_nonzero(codes != codes[0]):
-            groups = [(int(codes[0]), ids)]
-        else:
-            groups = [(int(c), [ids[k] for k in np.flatnonzero(codes == c).tolist()]) for c in np.unique(codes)]
-        for code, group in groups:
-            owner = self._owner_of[code]
-            mine = self.owned[owner]
-            _consume(map(mine.pop, group))
-            if not mine:
-                del self.owned[owner]
-                if owner is not None:
-                    del self._codes[owner], self._owner_of[code]
-
-    def _new_ids(self, n: int) -> list[int]:
+    def new_ids(self, n: int) -> list[int]:
+        """``n`` fresh sequence ids (increasing, never reused)."""
         return [next(self._ids) for _ in range(n)]
 
     # -- allocate ------------------------------------------------------------------
@@ -163,112 +133,15 @@ class SequenceManager:
         owner: Any = None,
         share_in_batch: bool = False,
     ) -> tuple[list[int], np.ndarray, list[int], list[int], list[int]]:
-        """New sequences holding ``prompts``. Returns their ids, every block table
-        back to back (int64), and per sequence its blocks, cached tokens and tokens.
-
-        The longest committed prefix of full blocks found in the cache is
-        shared. At least one token is always left to compute, so a worker
-        gets logits for the last prompt token: a fully cached prompt gives
-        back its last block.
-
-        With ``share_in_batch``, a prompt also shares the full blocks that an
-        earlier prompt of the same batch gets fresh (same salt, same tokens):
-        they count as cached for it, but their K/V is written by that earlier
-        prompt's prefill, so the caller must write the whole batch's K/V (layer
-        by layer, as a batched forward pass does) before attending over it."""
-        bs, pool = self.block_size, self.pool
-        plans = []
-        # key -> (prompt index, table index) of a fresh full block earlier in this batch
-        fresh: dict[bytes, tuple[int, int]] = {}
-        ntok, lengths, cached, nhits = [], [], [], []
-        need = 0
-        for i, prompt in enumerate(prompts):
-            tokens = token_array(prompt, f"prompts[{i}]")
-            root = root_key(salts[i])
-            usable = max(len(tokens) - 1, 0) // bs  # blocks we may take from the cache
-            keys, hits = pool.match(root, tokens, bs, usable)
-            shared: list[tuple[int, int]] = []
-            if share_in_batch:
-                start = len(hits)
-                rest = chain_keys(keys[-1] if keys else root, tokens[start * bs :], bs)
-                for key in rest[: usable - start]:
-                    where = fresh.get(key)
-                    if where is None:
-                        break
-                    shared.append(where)
-                    keys.append(key)
-                for t in range(start + len(shared), start + len(rest)):
-                    fresh.setdefault(rest[t - start], (i, t))
-            plans.append((tokens, root, keys, hits, shared))
-            n = -(-len(tokens) // bs)
-            need += n - len(hits) - len(shared)
-            ntok.append(len(tokens))
-            lengths.append(n)
-            nhits.append(len(hits))
-            cached.append((len(hits) + len(shared)) * bs)
-        hit_ids = np.fromiter(itertools.chain.from_iterable(p[3] for p in plans), np.int64)
-        # An evictable hit is taken before any new block: it must not be evicted
-        # to make room for this very batch, so it does not count as available.
-        idle = len(set(hit_ids[pool.ref_cnt[hit_ids] == 0].tolist())) if len(hit_ids) else 0
-        available = pool.get_num_free_blocks() - idle
-        if need > available:
-            raise OutOfBlocks(need, available)
-
-        if len(hit_ids):
-            pool.touch(hit_ids)
-        new = pool.get_new_blocks(need)
-        total = sum(lengths)
-        if need == total:  # nothing cached: the new blocks in order
-            flat = new
-        else:  # each table: its hits, blocks shared in the batch, then new blocks
-            starts = list(itertools.accumulate(lengths, initial=0))
-            flat = np.empty(total, dtype=np.int64)
-            fresh_at = np.ones(total, dtype=bool)
-            for start, (_, _, _, hits, shared) in zip(starts, plans):
-                fresh_at[start : start + len(hits) + len(shared)] = False
-            flat[fresh_at] = new
-            from_batch = []
-            for start, (_, _, _, hits, shared) in zip(starts, plans):
-                flat[start : start + len(hits)] = hits
-                if shared:
-                    blocks = [int(flat[starts[pi] + t]) for pi, t in shared]
-                    flat[start + len(hits) : start + len(hits) + len(shared)] = blocks
-                    from_batch += blocks
-            if from_batch:
-                pool.touch(from_batch)
-        ids = self._new_ids(len(plans))
-        code = self._add_owned(owner, ids)
-        bt = self.table
-        if len(plans) == 1:
-            rows = [bt.add_row(flat, ntok[0])]
-            bt.cols[rows[0]] = (ids[0], code, nhits[0] * bs, nhits[0], ntok[0], 0)
-        else:
-            ntok_a, nhits_a = np.array(ntok, dtype=np.int64), np.array(nhits, dtype=np.int64)
-            rows = bt.add_rows(flat, np.array(lengths, dtype=np.int64), ntok_a).tolist()
-            cols = np.zeros((len(rows), len(COLUMNS)), dtype=np.int64)
-            cols[:, 0] = ids
-            cols[:, 1] = code
-            cols[:, 2] = nhits_a * bs
-            cols[:, 3] = nhits_a
-            cols[:, 4] = ntok_a
-            bt.cols[rows] = cols
-        self.rows.update(zip(ids, rows))
-        self.history.update(zip(ids, (History(p[0], p[1], p[2]) for p in plans)))
-        self.prefix_query_tokens += sum(ntok)
-        self.prefix_hit_tokens += sum(cached)
-        return ids, flat, lengths, cached, ntok
+        """New sequences holding ``prompts`` (see `seq_alloc.allocate`). Returns
+        their ids, every block table back to back (int64), and per sequence its
+        blocks, cached tokens and tokens."""
+        return seq_alloc.allocate(self, prompts, salts, owner, share_in_batch)
 
     def cached_tokens(self, prompts: Seq[Seq[int] | np.ndarray], salts: Seq[str | bytes | None]) -> list[int]:
         """How many tokens of each prompt `allocate` would find cached now.
         Read-only: touches nothing, so the answer can change before an allocate."""
-        bs = self.block_size
-        out = []
-        for i, prompt in enumerate(prompts):
-            tokens = token_array(prompt, f"prompts[{i}]")
-            usable = max(len(tokens) - 1, 0) // bs
-            _, hits = self.pool.match(root_key(salts[i]), tokens, bs, usable)
-            out.append(len(hits) * bs)
-        return out
+        return seq_alloc.cached_tokens(self, prompts, salts)
 
     # -- append / commit ------------------------------------------------------------
     def append(
@@ -318,20 +191,14 @@ class SequenceManager:
         rows = self.batch(seq_ids, "fork")
         bt = self.table
         kids = bt.copy_rows(np.repeat(rows, n) if n > 1 else rows)
-        ids = self._new_ids(len(kids))
+        ids = self.new_ids(len(kids))
         bt.seq_id[kids] = ids
         self.pool.share(bt.row_blocks(rows), n)
         self.rows.update(zip(ids, kids.tolist()))
         history = self.history
         parents = seq_ids if n == 1 else [p for p in seq_ids for _ in range(n)]
         history.update(zip(ids, (history[p].fork() for p in parents)))
-        codes = bt.owner[rows]
-        if len(codes) == 1 or (codes == codes[0]).all():
-            self._add_owned(self._owner_of[int(codes[0])], ids)
-        else:
-            per_kid = np.repeat(codes, n)
-            for code in np.unique(codes).tolist():
-                self._add_owned(self._owner_of[code], [ids[k] for k in np.flatnonzero(per_kid == code).tolist()])
+        self.owners.add_codes(bt.owner[kids], ids)
         return [ids[k * n : (k + 1) * n] for k in range(len(seq_ids))]
 
     def free(self, seq_ids: list[int]) -> None:
@@ -347,7 +214,7 @@ class SequenceManager:
                 self.host.release(swapped.tolist())
                 self.num_swapped -= len(swapped)
         self.pool.free_blocks(blocks, distinct=len(rows) == 1)
-        self._drop_owned(bt.owner[rows], seq_ids)
+        self.owners.drop(bt.owner[rows], seq_ids)
         bt.release_rows(rows)
         if len(seq_ids) == 1:
             del self.rows[seq_ids[0]], self.history[seq_ids[0]]
@@ -375,6 +242,7 @@ class SequenceManager:
             bt.num_blocks[rows] = keep
             pool.free_blocks(dropped)
         bt.num_tokens[rows] = n
+        bt.last[rows] = np.where(keep > 0, bt.table[rows, np.maximum(keep - 1, 0)], 0)
         bt.committed[rows] = np.minimum(bt.committed[rows], n)
         bt.published[rows] = np.minimum(bt.published[rows], n // bs)
         cut = np.flatnonzero(bt.known[rows] > n)
@@ -385,7 +253,7 @@ class SequenceManager:
         # be rewritten by the next append: un-publish it if it is ours alone.
         part = np.flatnonzero(n % bs != 0)
         if len(part):
-            last = bt.table[rows[part], keep[part] - 1]
+            last = bt.last[rows[part]]
             for b in last[(pool.ref_cnt[last] == 1) & pool.cache.cached[last]].tolist():
                 pool.unpublish(b)
 

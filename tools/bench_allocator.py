@@ -1,7 +1,12 @@
 """Allocator microbenchmark: microseconds per block for allocate, free, fork and
-prefix match on a 100,000-block pool, in batches of 1 and of 256 sequences.
+prefix match on a 100,000-block pool, in batches of 1 and of 256 sequences;
+then the same allocator holding many live sequences (``--live``, default
+100,000, in sessions of 1,000; 0 skips it): ``stats()``, one session's
+sequence list, a decode-step append of 256 sequences, ending a session, and
+the padded tables (`KVPool.tables`) of 64 sequences x 8,192 blocks and of
+256 x 250.
 
-Prints a table; ``--json`` prints one JSON object. Beside each figure stands a
+Prints tables; ``--json`` prints one JSON object. Beside each figure stands a
 baseline run in the same process: the bare cost of the same number of Python
 free-list operations (``list.pop`` + a reference-count store per block, and
 ``list.append`` per block for free), i.e. the floor any pure-Python block pool
@@ -9,7 +14,12 @@ pays. The target is at most 0.4 us per block allocated in batches (within 2x
 of vLLM's in-process block pool, about 0.2 us/block allocate and 0.1 us/block
 free on a 2-core machine).
 
-    python tools/bench_allocator.py [--blocks 100000] [--blocks-per-seq 32] [--json]
+Each measurement at scale checks its answer first (counts against the
+block map, tables against each sequence's own), then times the median of
+``--repeats`` calls. Targets: stats and one session's list at most 5 ms with
+100,000 live sequences; tables of 64 x 8,192 blocks at most 1 ms.
+
+    python tools/bench_allocator.py [--blocks 100000] [--blocks-per-seq 32] [--live 100000] [--json]
 """
 
 from __future__ import annotations
@@ -130,18 +140,102 @@ def bench_batch(spec: PoolSpec, batch: int, blocks_per_seq: int, repeats: int,
     return rows
 
 
+def median_s(fn, repeats: int, setup=None) -> float:
+    """Median seconds of ``fn()`` (``setup()`` before each call, untimed)."""
+    return timed(lambda _: fn(), setup or (lambda: None), repeats)
+
+
+def bench_live(num_live: int, per_session: int, repeats: int) -> list[dict]:
+    """Ops that must cost what they report, not a scan of every sequence."""
+    sessions = max(num_live // per_session, 1)
+    spec = PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=num_live * 2 + sessions * 4 + 1024,
+                    block_size=16, dtype="float16")
+    pool = KVPool(spec)
+    owners = [f"session-{k:04d}" for k in range(sessions)]
+    half = per_session // 2
+    for k, owner in enumerate(owners):
+        # A committed 16-token system prompt per session (its block shared by
+        # all), 8 tokens of each request's own, and a fork of each request.
+        system = [k, 1, 2, 3] * 4
+        [first] = pool.allocate([system + [0] * 8], owner=owner)
+        pool.commit(first.seq_id)
+        rest = pool.allocate([system + [i] * 8 for i in range(1, half)], owner=owner)
+        pool.fork([first.seq_id] + [a.seq_id for a in rest], 1)
+    mine = owners[len(owners) // 2]
+    bm, st = pool.blocks(), pool.stats()
+    assert st.num_sequences == sessions * 2 * half, "stats: wrong number of sequences"
+    assert st.shared_blocks == int((bm.ref_cnt > 1).sum()), "stats: shared blocks disagree with the block map"
+    assert st.used_blocks == int((bm.state == bm.USED).sum()), "stats: used blocks disagree with the block map"
+    infos = pool.sequences(owner=mine)
+    assert len(infos) == 2 * half and {i.owner for i in infos} == {mine}, "one session's list is wrong"
+    rows = [
+        dict(op="stats()", live=st.num_sequences, ms=median_s(pool.stats, repeats) * 1e3, target_ms=5.0),
+        dict(op=f"sequences(owner=...), {len(infos)} of them", live=st.num_sequences,
+             ms=median_s(lambda: pool.sequences(owner=mine), repeats) * 1e3, target_ms=5.0),
+        dict(op=f"owned(session): {len(infos)} ids", live=st.num_sequences,
+             ms=median_s(lambda: pool.owned(mine), repeats) * 1e3, target_ms=None),
+    ]
+    # A decode step of 256 of one session's sequences, ownership checked as the daemon does.
+    step = pool.owned(mine)[:256]
+    before, _ = pool.tables(step)
+    slots = pool.append_flat(step, owner=mine)
+    tables, lens = pool.tables(step)
+    pos = lens.astype(np.int64) - 1
+    assert np.array_equal(slots, tables[np.arange(len(step)), pos // 16].astype(np.int64) * 16 + pos % 16), \
+        "append: slots disagree with the tables"
+    pool.truncate(step, 24)
+    steps = iter(range(10**9))
+
+    def cut():
+        if next(steps) % 8 == 7:
+            pool.truncate(step, 24)
+
+    rows.append(dict(op="append_flat, 256 sequences (decode step)", live=st.num_sequences,
+                     ms=median_s(lambda: pool.append_flat(step, owner=mine), repeats * 8, cut) * 1e3, target_ms=None))
+    ends = iter(owners)
+
+    def end_session():
+        pool.free(pool.owned(next(ends)))
+
+    rows.append(dict(op=f"end a session: free its {2 * half} sequences", live=st.num_sequences,
+                     ms=median_s(end_session, min(repeats, sessions // 2)) * 1e3, target_ms=None))
+    pool.check_integrity()
+    return rows + bench_tables(repeats)
+
+
+def bench_tables(repeats: int) -> list[dict]:
+    """`KVPool.tables`: the padded block tables of a step, one gather."""
+    spec = PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=64 * 8192 + 256 * 250 + 1,
+                    block_size=16, dtype="float16")
+    pool = KVPool(spec)
+    rows = []
+    for batch, blocks, target in ((64, 8192, 1.0), (256, 250, None)):
+        prompts = [np.full(blocks * 16, i, dtype=np.int64) for i in range(batch)]
+        ids = [a.seq_id for a in pool.allocate(prompts)]
+        tables, lens = pool.tables(ids)
+        for k in (0, batch - 1):
+            assert tuple(tables[k, :blocks].tolist()) == pool.sequence(ids[k]).block_table, "tables: wrong row"
+        assert tables.shape == (batch, blocks) and (lens == blocks * 16).all(), "tables: wrong shape or lengths"
+        rows.append(dict(op=f"tables(), {batch} sequences x {blocks:,} blocks", live=batch,
+                         ms=median_s(lambda ids=ids: pool.tables(ids), repeats) * 1e3, target_ms=target))
+    pool.check_integrity()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--blocks", type=int, default=100_000, help="pool size in blocks")
     ap.add_argument("--blocks-per-seq", type=int, default=32, help="blocks per sequence (32 = 512 tokens)")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--live", type=int, default=100_000, help="live sequences for the at-scale part (0: skip it)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     rows = run(args.blocks, args.blocks_per_seq, [1, 256], args.repeats)
+    live = bench_live(args.live, 1000, args.repeats) if args.live else []
     meta = dict(machine=f"{platform.machine()} CPU, {platform.python_implementation()} {platform.python_version()}",
                 pool_blocks=args.blocks, blocks_per_seq=args.blocks_per_seq)
     if args.json:
-        print(json.dumps(dict(meta, rows=rows)))
+        print(json.dumps(dict(meta, rows=rows, at_scale=live)))
         return
     print(f"allocator, {args.blocks:,}-block pool, {args.blocks_per_seq} blocks/sequence, {meta['machine']}")
     print("baseline: bare Python free list (pop + ref store per block; append for free)")
@@ -149,6 +243,12 @@ def main() -> None:
     for r in rows:
         print(f"{r['op']:<14}{r['batch']:>6}{r['blocks']:>8}{r['us_per_block']:>10.3f}"
               f"{r['baseline_us_per_block']:>10.3f}{r['ratio']:>7.1f}x")
+    if live:
+        print(f"\nat scale: {args.live:,} live sequences in sessions of 1,000 (median of {args.repeats})")
+        print(f"{'op':<48}{'live':>9}{'ms':>9}{'target ms':>11}")
+        for r in live:
+            target = "" if r["target_ms"] is None else f"<= {r['target_ms']:g}"
+            print(f"{r['op']:<48}{r['live']:>9,}{r['ms']:>9.3f}{target:>11}")
 
 
 if __name__ == "__main__":

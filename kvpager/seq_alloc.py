@@ -1,0 +1,139 @@
+"""Allocate: new sequences sharing the longest committed prefix found in the
+prefix cache (and, on request, full blocks an earlier prompt of the same
+batch gets fresh), fresh blocks for the rest; and the read-only probe of how
+much a prompt would find cached. The hashing path: per prompt, its keys are
+computed up to the first miss."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvpager.errors import OutOfBlocks
+from kvpager.history import History
+from kvpager.prefix_cache import chain_keys, root_key, token_array
+
+if TYPE_CHECKING:
+    from kvpager.sequences import SequenceManager
+
+
+def allocate(
+    m: SequenceManager,
+    prompts: Seq[Seq[int] | np.ndarray],
+    salts: Seq[str | bytes | None],
+    owner: Any = None,
+    share_in_batch: bool = False,
+) -> tuple[list[int], np.ndarray, list[int], list[int], list[int]]:
+    """New sequences holding ``prompts``. Returns their ids, every block table
+    back to back (int64), and per sequence its blocks, cached tokens and tokens.
+
+    The longest committed prefix of full blocks found in the cache is
+    shared. At least one token is always left to compute, so a worker
+    gets logits for the last prompt token: a fully cached prompt gives
+    back its last block.
+
+    With ``share_in_batch``, a prompt also shares the full blocks that an
+    earlier prompt of the same batch gets fresh (same salt, same tokens):
+    they count as cached for it, but their K/V is written by that earlier
+    prompt's prefill, so the caller must write the whole batch's K/V (layer
+    by layer, as a batched forward pass does) before attending over it."""
+    bs, pool = m.block_size, m.pool
+    plans = []
+    # key -> (prompt index, table index) of a fresh full block earlier in this batch
+    fresh: dict[bytes, tuple[int, int]] = {}
+    ntok, lengths, cached, nhits = [], [], [], []
+    need = 0
+    for i, prompt in enumerate(prompts):
+        tokens = token_array(prompt, f"prompts[{i}]")
+        root = root_key(salts[i])
+        usable = max(len(tokens) - 1, 0) // bs  # blocks we may take from the cache
+        keys, hits = pool.match(root, tokens, bs, usable)
+        shared: list[tuple[int, int]] = []
+        if share_in_batch:
+            start = len(hits)
+            rest = chain_keys(keys[-1] if keys else root, tokens[start * bs :], bs)
+            for key in rest[: usable - start]:
+                where = fresh.get(key)
+                if where is None:
+                    break
+                shared.append(where)
+                keys.append(key)
+            for t in range(start + len(shared), start + len(rest)):
+                fresh.setdefault(rest[t - start], (i, t))
+        plans.append((tokens, root, keys, hits, shared))
+        n = -(-len(tokens) // bs)
+        need += n - len(hits) - len(shared)
+        ntok.append(len(tokens))
+        lengths.append(n)
+        nhits.append(len(hits))
+        cached.append((len(hits) + len(shared)) * bs)
+    hit_ids = np.fromiter(itertools.chain.from_iterable(p[3] for p in plans), np.int64)
+    # An evictable hit is taken before any new block: it must not be evicted
+    # to make room for this very batch, so it does not count as available.
+    idle = len(set(hit_ids[pool.ref_cnt[hit_ids] == 0].tolist())) if len(hit_ids) else 0
+    available = pool.get_num_free_blocks() - idle
+    if need > available:
+        raise OutOfBlocks(need, available)
+
+    if len(hit_ids):
+        pool.touch(hit_ids)
+    new = pool.get_new_blocks(need)
+    total = sum(lengths)
+    if need == total:  # nothing cached: the new blocks in order
+        flat = new
+    else:  # each table: its hits, blocks shared in the batch, then new blocks
+        starts = list(itertools.accumulate(lengths, initial=0))
+        flat = np.empty(total, dtype=np.int64)
+        fresh_at = np.ones(total, dtype=bool)
+        for start, (_, _, _, hits, shared) in zip(starts, plans):
+            fresh_at[start : start + len(hits) + len(shared)] = False
+        flat[fresh_at] = new
+        from_batch = []
+        for start, (_, _, _, hits, shared) in zip(starts, plans):
+            flat[start : start + len(hits)] = hits
+            if shared:
+                blocks = [int(flat[starts[pi] + t]) for pi, t in shared]
+                flat[start + len(hits) : start + len(hits) + len(shared)] = blocks
+                from_batch += blocks
+        if from_batch:
+            pool.touch(from_batch)
+    ids = m.new_ids(len(plans))
+    code = m.owners.add(owner, ids)
+    bt = m.table
+    if len(plans) == 1:
+        rows = [bt.add_row(flat, ntok[0])]
+        last = int(flat[-1]) if len(flat) else 0
+        bt.cols[rows[0]] = (ids[0], code, nhits[0] * bs, nhits[0], ntok[0], 0, last)
+    else:
+        ntok_a, nhits_a = np.array(ntok, dtype=np.int64), np.array(nhits, dtype=np.int64)
+        rows = bt.add_rows(flat, np.array(lengths, dtype=np.int64), ntok_a).tolist()
+        cols = np.zeros((len(rows), len(bt.column_names)), dtype=np.int64)
+        cols[:, 0] = ids
+        cols[:, 1] = code
+        cols[:, 2] = nhits_a * bs
+        cols[:, 3] = nhits_a
+        cols[:, 4] = ntok_a
+        ends = np.cumsum(lengths)
+        cols[:, 6] = np.where(ntok_a > 0, flat[np.maximum(ends - 1, 0)] if len(flat) else 0, 0)
+        bt.cols[rows] = cols
+    m.rows.update(zip(ids, rows))
+    m.history.update(zip(ids, (History(p[0], p[1], p[2]) for p in plans)))
+    m.prefix_query_tokens += sum(ntok)
+    m.prefix_hit_tokens += sum(cached)
+    return ids, flat, lengths, cached, ntok
+
+
+def cached_tokens(m: SequenceManager, prompts: Seq[Seq[int] | np.ndarray], salts: Seq[str | bytes | None]) -> list[int]:
+    """How many tokens of each prompt `allocate` would find cached now.
+    Read-only: touches nothing, so the answer can change before an allocate."""
+    bs = m.block_size
+    out = []
+    for i, prompt in enumerate(prompts):
+        tokens = token_array(prompt, f"prompts[{i}]")
+        usable = max(len(tokens) - 1, 0) // bs
+        _, hits = m.pool.match(root_key(salts[i]), tokens, bs, usable)
+        out.append(len(hits) * bs)
+    return out

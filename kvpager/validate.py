@@ -1,0 +1,86 @@
+"""Argument checks shared by `KVPool`'s methods: each raises InvalidArgument
+naming the bad value, before anything changes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import numpy as np
+
+from kvpager.errors import InvalidArgument
+from kvpager.spec import PoolSpec
+
+
+def seq_ids(value: int | Seq[int], what: str = "seq_ids") -> list[int]:
+    """A batch of sequence ids; a single int is a batch of one."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return [int(value)]
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise InvalidArgument(f"{what} must be an int or a list of ints, got {type(value).__name__}")
+    out = value if type(value) is list else list(value)
+    if set(map(type, out)) <= {int}:  # the common case, checked at C speed
+        return out
+    for s in out:
+        if not isinstance(s, (int, np.integer)) or isinstance(s, bool):
+            raise InvalidArgument(f"{what} must hold ints, got {s!r}")
+    return [int(s) for s in out]
+
+
+def per_seq(value: Any, n: int, what: str) -> list[Any]:
+    """Broadcast a scalar (or None) to n entries; check a list's length."""
+    if value is None or isinstance(value, (int, np.integer, str, bytes)):
+        return [value] * n
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        raise InvalidArgument(f"{what} must be a scalar or a list, got {type(value).__name__}")
+    out = list(value)
+    if len(out) != n:
+        raise InvalidArgument(f"{what} has {len(out)} entries for {n} sequences")
+    return out
+
+
+def prompts(value: Any) -> None:
+    """A list of token-id lists (not one flat list)."""
+    if isinstance(value, (str, bytes, np.ndarray)) or not hasattr(value, "__len__"):
+        raise InvalidArgument("prompts must be a list of token-id lists")
+    if len(value) and isinstance(value[0], (int, np.integer)):
+        raise InvalidArgument("prompts must be a list of token-id lists: pass [tokens] for one prompt")
+
+
+def layer(value: Any, spec: PoolSpec) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not 0 <= value < spec.num_layers:
+        raise InvalidArgument(f"layer must be an int in [0, {spec.num_layers}), got {value!r}")
+    return int(value)
+
+
+def slots(value: Any, spec: PoolSpec) -> np.ndarray:
+    """Slot ids as int64: each a slot of a real block, or -1 (padding)."""
+    arr = np.asarray(value.get() if hasattr(value, "get") and not isinstance(value, np.ndarray) else value)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise InvalidArgument(f"slots must be a 1-D integer array, got dtype {arr.dtype} shape {arr.shape}")
+    arr = arr.astype(np.int64, copy=False)
+    limit = spec.num_blocks * spec.block_size
+    bad = (arr < -1) | (arr >= limit) | ((arr >= 0) & (arr < spec.block_size))
+    if bad.any():
+        raise InvalidArgument(
+            f"slot {int(arr[bad][0])} is outside [{spec.block_size}, {limit}) "
+            "(block 0 is the null block; -1 marks padding)"
+        )
+    return arr
+
+
+def tensor(x: Any, name: str, shape: tuple[int, ...], spec: PoolSpec, xp: Any) -> Any:
+    """An ``xp`` array (DLPack objects are taken) of ``shape`` in the pool dtype."""
+    if not isinstance(x, xp.ndarray):
+        if hasattr(x, "__dlpack__"):
+            try:
+                x = xp.from_dlpack(x)
+            except Exception as e:
+                raise InvalidArgument(f"{name}: cannot take a {type(x).__name__} as a {xp.__name__} array: {e}") from None
+        else:
+            raise InvalidArgument(f"{name} must be a {xp.__name__} array, got {type(x).__name__}")
+    if tuple(x.shape) != shape:
+        raise InvalidArgument(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    if x.dtype != spec.np_dtype:
+        raise InvalidArgument(f"{name} must have dtype {spec.dtype}, got {x.dtype}")
+    return x
