@@ -16,6 +16,7 @@ In-process use (tests)::
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
@@ -34,6 +35,7 @@ from kvpager.errors import (
     InternalError,
     InvalidArgument,
     KVPagerError,
+    NotOwner,
 )
 from kvpager.pool import KVPool
 from kvpager.protocol import OPS, ErrorInfo, decode_request, encode_reply
@@ -376,7 +378,31 @@ class Server:
     def _op_write(self, s: Session, a: dict[str, Any]) -> None:
         slots = a["slots"]
         slots = np.asarray(slots if isinstance(slots, (list, np.ndarray)) else [slots])
+        self._check_writable(s, slots)
         self.pool.write(a["layer"], slots, self._staged(s, a["k"], "k"), self._staged(s, a["v"], "v"))
+
+    def _check_writable(self, s: Session, slots: np.ndarray) -> None:
+        """A session writes only slots of its own sequences' blocks, and never a
+        block published in the prefix cache: other sessions read its K/V through
+        the cache, so a published block is immutable. (A worker that maps the
+        pool is trusted as its user is: see "Trust" in docs/protocol.md.)"""
+        spec = self.pool.spec
+        if slots.ndim != 1 or slots.dtype.kind not in "iu" or not slots.size:
+            return  # KVPool.write names what is wrong
+        slots = slots.astype(np.int64, copy=False)
+        if ((slots < -1) | (slots >= spec.num_blocks * spec.block_size)).any():
+            return  # out of range: KVPool.write says so
+        blocks = np.unique(slots[slots >= 0] // spec.block_size)
+        tables = [info.block_table for info in self.pool.sequences(s.name)]
+        mine = np.fromiter(itertools.chain.from_iterable(tables), np.int64)
+        foreign = blocks[~np.isin(blocks, mine)]
+        if len(foreign):
+            raise NotOwner(f"write: block {int(foreign[0])} (slot {int(foreign[0]) * spec.block_size}...) is not "
+                           "held by any sequence of this session")
+        published = blocks[self.pool.blocks().cached[blocks]]
+        if len(published):
+            raise NotOwner(f"write: block {int(published[0])} is published in the prefix cache; its K/V "
+                           "is immutable (write before commit)")
 
     def _op_attend(self, s: Session, a: dict[str, Any]) -> list[Any]:
         q = self._staged(s, a["q"], "q")

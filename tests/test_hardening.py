@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 from daemon_helpers import SMALL, Raw, req, running_server
 
 from kvpager.client import Client
+from kvpager.errors import NotOwner
 
 
 @pytest.fixture
@@ -40,3 +42,37 @@ def test_session_ids_are_never_revealed(server):
         assert victim.sequence(a.seq_id).num_tokens == 3
         victim.heartbeat()  # still open
 
+
+
+def _kv(n: int, value: float) -> tuple[np.ndarray, np.ndarray]:
+    shape = (n, SMALL.num_kv_heads, SMALL.head_dim)
+    return np.full(shape, value, np.float32), np.full(shape, -value, np.float32)
+
+
+def test_write_needs_ownership_and_published_blocks_are_immutable(server):
+    """D2: a session overwrote another session's committed, published block;
+    a third client then got that K/V through the prefix cache."""
+    prompt = list(range(40))
+    with Client(server.endpoint) as victim, Client(server.endpoint, map_pool=False) as thief:
+        [a] = victim.allocate([prompt])
+        for layer in range(SMALL.num_layers):
+            victim.write(layer, a.slots, *_kv(len(a.slots), 1.0))
+        victim.commit(a.seq_id)
+        [own] = thief.allocate([[7] * 20])
+        with pytest.raises(NotOwner, match="not held"):
+            thief.remote_write(0, a.slots, *_kv(len(a.slots), 666.0))  # the victim's slots
+        with pytest.raises(NotOwner, match="not held"):  # one foreign slot among its own spoils the batch
+            thief.remote_write(0, np.concatenate([own.slots, a.slots[-1:]]), *_kv(len(own.slots) + 1, 666.0))
+        [hit] = thief.allocate([prompt])  # shares the published blocks, in its own table
+        assert hit.num_cached_tokens == 32
+        with pytest.raises(NotOwner, match="immutable"):
+            thief.remote_write(0, np.arange(hit.block_table[0] * 16, hit.block_table[0] * 16 + 4),
+                               *_kv(4, 666.0))
+        thief.remote_write(0, own.slots, *_kv(len(own.slots), 2.0))  # its own, unpublished: fine
+        thief.remote_write(0, hit.slots, *_kv(len(hit.slots), 2.0))  # the uncached tail: its own
+        with Client(server.endpoint) as reader:
+            [b] = reader.allocate([prompt])
+            k, v = reader.kv(0)
+            assert b.block_table[:2] == a.block_table[:2]
+            assert (k[list(b.block_table[:2])] == 1.0).all() and (v[list(b.block_table[:2])] == -1.0).all()
+        victim.check_integrity()
