@@ -20,14 +20,16 @@ Usage::
     outputs = generate(model, pool, [prompt_ids, ...], max_new_tokens=64)
 
 Supported: decoder-only models whose attention modules go through
-transformers' ``AttentionInterface`` (Llama, Mistral without sliding window,
-Qwen2, ...), full attention on every layer, greedy decoding.
+transformers' ``AttentionInterface`` (Llama, Mistral, Mixtral, Qwen2, Qwen3,
+Gemma-2, Gemma-3, Phi-3, Starcoder2, ...): full and sliding-window layers (each
+layer's window as transformers applies it), Gemma-2's logit soft cap, greedy
+decoding. Every keyword argument transformers passes to the attention function
+is honoured or refused by name (see `clients.kvpager_hf_model`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +38,10 @@ import numpy as np
 import torch
 from transformers import AttentionInterface
 
+from clients.kvpager_hf_model import check_call, default_salt, layer_windows
 from kvpager.spec import PoolSpec, dtype_name
+
+__all__ = ["PagedBatch", "PagedGeneration", "default_salt", "generate", "layer_windows", "spec_for_model"]
 
 ATTN_IMPLEMENTATION = "kvpager"
 
@@ -52,6 +57,7 @@ class PagedBatch:
     plan: Any  # kvpager.plan.StepPlan
     dtype: torch.dtype  # the pool's dtype
     device: torch.device  # where the pool's tensors live (cpu, or its GPU)
+    windows: Sequence[int | None] | None = None  # per layer (`layer_windows`); None: as transformers passes
 
     def __post_init__(self) -> None:
         self.on_cpu = self.device.type == "cpu"
@@ -76,13 +82,17 @@ def kvpager_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     kvpager: PagedBatch | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """An ``AttentionInterface`` function: store this layer's K/V in the pool and
     attend over the pool, through the step's plan. query [1, Hq, T, D],
     key/value [1, Hkv, T, D] (the packed row); returns [1, T, Hq, D]. The
     attention mask is not used: the plan knows each sequence's extent and
-    attends causally."""
+    attends causally, within the layer's sliding window if it has one, scores
+    soft-capped by ``softcap`` if given. Any other argument that would change
+    the result is refused (`clients.kvpager_hf_model.check_call`)."""
     if kvpager is None:
         raise RuntimeError(
             f"attn_implementation={ATTN_IMPLEMENTATION!r} needs the kvpager=PagedBatch(...) "
@@ -92,9 +102,14 @@ def kvpager_attention(
         raise ValueError(f"kvpager attention takes one packed row, got batch size {query.shape[0]}")
     batch = kvpager
     layer = module.layer_idx
+    window = sliding_window if batch.windows is None else batch.windows[layer]
+    if kwargs or dropout or sliding_window != window or key.shape != value.shape or key.shape[2] != query.shape[2] \
+            or key.shape[3] != query.shape[3]:
+        check_call(layer, query, key, value, dropout, sliding_window, window, kwargs)
     # [1, H, T, D] -> [T, H, D]: a view; the projections' layout makes it dense.
     batch.plan.write(layer, _to_pool(key[0].transpose(0, 1), batch), _to_pool(value[0].transpose(0, 1), batch))
-    out = batch.plan.attend(layer, _to_pool(query[0].transpose(0, 1), batch), scaling)
+    out = batch.plan.attend(layer, _to_pool(query[0].transpose(0, 1), batch), scaling, window=window,
+                            softcap=softcap)
     if out.dtype is not query.dtype or out.is_cuda != query.is_cuda:
         out = out.to(device=query.device, dtype=query.dtype)
     return out.unsqueeze(0), None
@@ -184,31 +199,16 @@ def spec_for_model(
     )
 
 
-def default_salt(model: Any) -> str:
-    """Prefix-cache salt: blocks may be shared only between workers running the
-    same weights, so K/V computed by one model is never matched by another.
-
-    The model's class, name, dtype and a fingerprint of a few of its weights (so
-    two unnamed models differ too). Workers that load the same checkpoint get the
-    same salt. Pass your own salt to share across, or separate, other setups."""
-    params = list(model.parameters())
-    digest = hashlib.blake2b(digest_size=8)
-    for p in (params[0], params[-1]):
-        sample = p.detach().reshape(-1)[:64].to("cpu", torch.float32)
-        digest.update(str(tuple(p.shape)).encode() + sample.numpy().tobytes())
-    name = getattr(model.config, "_name_or_path", "") or ""
-    return f"{type(model).__name__}|{name}|{params[0].dtype}|{digest.hexdigest()}"
-
-
-def _check_geometry(model: Any, pool: Any) -> None:
-    kinds = set(getattr(model.config, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"}:
-        raise ValueError(f"kvpager attends over full attention only; layers here: {sorted(kinds)}")
+def check_model(model: Any, pool: Any) -> list[int | None]:
+    """The model's per-layer sliding windows (`layer_windows`), after checking
+    that kvpager can attend for it and that ``pool`` has its KV geometry."""
+    windows = layer_windows(model)
     want = model_geometry(model.config)
     spec = pool.spec
     have = {k: getattr(spec, k) for k in want}
     if have != want:
         raise ValueError(f"pool geometry {have} does not match the model's {want}")
+    return windows
 
 
 @dataclass
@@ -239,7 +239,7 @@ class PagedGeneration:
         self.prompts = [[int(t) for t in p] for p in self.prompts]
         if not self.prompts or any(not p for p in self.prompts):
             raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
-        _check_geometry(self.model, self.pool)
+        self._windows = check_model(self.model, self.pool)
         eos = self.eos_token_id
         self._eos = (
             set() if eos is None else {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
@@ -322,7 +322,7 @@ class PagedGeneration:
         self._record(rows, ids, next_tokens)
 
     def _batch(self, plan: Any) -> PagedBatch:
-        return PagedBatch(plan, self._pool_dtype, self._pool_device)
+        return PagedBatch(plan, self._pool_dtype, self._pool_device, self._windows)
 
     def _record(self, rows: list[int], ids: list[int], next_tokens: list[int]) -> None:
         if hasattr(self.pool, "synchronize"):

@@ -221,10 +221,11 @@ def test_geometry_mismatch_is_refused(model):
         generate(model, pool, [prompt(4, seed=1)], max_new_tokens=2)
 
 
-def test_sliding_window_layers_are_refused():
+def test_sliding_layers_without_a_window_are_refused():
+    # windowed layers are honoured (tests/test_hf_models.py); a window of no size is refused
     m = make_model()
     m.config.layer_types = ["full_attention", "sliding_attention"]
-    with pytest.raises(ValueError, match="sliding_attention"):
+    with pytest.raises(ValueError, match="sliding_window is not set"):
         generate(m, make_pool(m), [prompt(4, seed=1)], max_new_tokens=2)
 
 

@@ -1,0 +1,227 @@
+"""Model coverage of clients/kvpager_hf: for each family, float32 on the CPU
+backend, tokens identical to transformers' greedy ``generate`` with prompts
+longer than the sliding windows, in-batch prefix sharing and cache reuse;
+what cannot be reproduced is refused by name."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from clients.kvpager_hf import (  # noqa: E402
+    PagedBatch,
+    PagedGeneration,
+    default_salt,
+    generate,
+    kvpager_attention,
+    layer_windows,
+    spec_for_model,
+)
+from kvpager import KVPool  # noqa: E402
+
+VOCAB = 128
+WINDOW = 6  # shorter than a block of 8 or 16 and than every prompt below
+
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, initializer_range=0.1,
+              bos_token_id=1, eos_token_id=None, pad_token_id=0)
+SLIDING, FULL = "sliding_attention", "full_attention"
+ALTERNATING = [SLIDING, FULL, SLIDING, FULL]
+
+# family: (config class, model class, extra config, the per-layer windows it must get)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}, [None] * 4),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW), [WINDOW] * 4),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2), [WINDOW] * 4),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(sliding_window=WINDOW), [WINDOW] * 4),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=WINDOW), [WINDOW] * 4),
+    # Qwen2 configs carry sliding_window=4096 with use_sliding_window=False: full attention
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(sliding_window=WINDOW), [None] * 4),
+    "qwen2-sliding": ("Qwen2Config", "Qwen2ForCausalLM",
+                      dict(sliding_window=WINDOW, use_sliding_window=True, max_window_layers=2),
+                      [None, None, WINDOW, WINDOW]),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16), [None] * 4),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(head_dim=16, sliding_window=WINDOW, attn_logit_softcapping=1.0, query_pre_attn_scalar=16,
+                    layer_types=ALTERNATING),
+               [WINDOW, None, WINDOW, None]),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(head_dim=16, sliding_window=WINDOW, layer_types=ALTERNATING), [WINDOW, None, WINDOW, None]),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models this small run fastest on one thread, and much faster than on
+    threads that contend with other processes for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(family: str, seed: int = 0, **overrides):
+    config_cls, model_cls, extra, _ = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
+    model = getattr(transformers, model_cls)(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+
+def reference(model, tokens: list[int], max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([tokens]), max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    return out[0, len(tokens) :].tolist()
+
+
+@pytest.mark.parametrize("block_size", [8, 16])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_matches_transformers(family, block_size):
+    model = make_model(family)
+    assert layer_windows(model) == FAMILIES[family][3]
+    if family == "gemma2":
+        assert model.config.attn_logit_softcapping == 1.0  # reaches the attention as softcap
+    pool = KVPool(spec_for_model(model, num_blocks=96, block_size=block_size))
+    system = prompt(35, seed=1)  # shared by two prompts of the batch: 2 blocks of 16, 4 of 8
+    prompts = [system + prompt(5, seed=2), prompt(9, seed=3), system + prompt(13, seed=4), prompt(1, seed=5)]
+    new = 12
+    with PagedGeneration(model, pool, prompts, max_new_tokens=new) as gen:
+        assert gen.num_cached_tokens == [0, 0, 32, 0]  # in-batch sharing of the system prompt
+        while not gen.done:
+            gen.step()
+        outs = gen.outputs
+    assert outs == [reference(model, p, new) for p in prompts]
+    # the next turn reuses the cached prompt and answer
+    follow = prompts[2] + outs[2] + prompt(4, seed=6)
+    with PagedGeneration(model, pool, [follow], max_new_tokens=8) as gen:
+        assert gen.num_cached_tokens[0] >= len(prompts[2]) + new - 1 - block_size
+        while not gen.done:
+            gen.step()
+        assert gen.outputs == [reference(model, follow, 8)]
+    pool.check_integrity()
+
+
+def test_windows_matter_here():
+    """The windows of these tests change the tokens: the same weights without
+    the window generate others."""
+    tokens = prompt(30, seed=7)
+    windowed = make_model("mistral")
+    assert reference(windowed, tokens, 12) != reference(make_model("mistral", sliding_window=None), tokens, 12)
+    pool = KVPool(spec_for_model(windowed, num_blocks=64, block_size=8))
+    assert generate(windowed, pool, [tokens], 12) == [reference(windowed, tokens, 12)]
+
+
+def test_softcap_matters_here():
+    tokens = prompt(30, seed=8)
+    capped = make_model("gemma2")
+    assert reference(capped, tokens, 12) != reference(make_model("gemma2", attn_logit_softcapping=None), tokens, 12)
+
+
+# -- refusals -----------------------------------------------------------------------------
+def test_bidirectional_layers_are_refused():
+    model = make_model("gemma3", use_bidirectional_attention=True)
+    with pytest.raises(ValueError, match="bidirectional"):
+        generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
+
+
+def test_other_layer_kinds_are_refused():
+    model = make_model("qwen2")
+    model.config.layer_types = [FULL, "chunked_attention", FULL, FULL]
+    with pytest.raises(ValueError, match="chunked_attention"):
+        generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
+
+
+def test_attention_sinks_are_refused():
+    """GPT-OSS passes its learned sinks as ``s_aux``."""
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(**{**COMMON, "num_hidden_layers": 2}, head_dim=16, num_local_experts=4,
+                                       num_experts_per_tok=2, sliding_window=WINDOW,
+                                       layer_types=[SLIDING, FULL])
+    model = transformers.GptOssForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="s_aux"):
+        generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2, eos_token_id=None)
+
+
+def test_dropout_in_training_mode_is_refused():
+    model = make_model("llama", attention_dropout=0.1).train()
+    with pytest.raises(ValueError, match="dropout"):
+        generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
+
+
+class _Layer(torch.nn.Module):
+    layer_idx = 0
+
+
+def _call(q_len=3, k_len=3, d=16, dv=16, **kwargs):
+    q = torch.zeros(1, 4, q_len, d)
+    k = torch.zeros(1, 2, k_len, d)
+    v = torch.zeros(1, 2, k_len, dv)
+    batch = PagedBatch(None, torch.float32, torch.device("cpu"), [None])
+    return kvpager_attention(_Layer(), q, k, v, None, kvpager=batch, **kwargs)
+
+
+@pytest.mark.parametrize("name,value", [("s_aux", torch.zeros(4)), ("sinks", torch.zeros(4)),
+                                        ("head_mask", torch.ones(4)), ("position_bias", torch.zeros(1)),
+                                        ("output_attentions", True), ("is_causal", False),
+                                        ("cu_seq_lens_q", torch.zeros(2))])
+def test_unhonoured_attention_arguments_are_refused_by_name(name, value):
+    with pytest.raises(ValueError, match=name):
+        _call(**{name: value})
+
+
+def test_cross_attention_mla_and_foreign_windows_are_refused():
+    with pytest.raises(ValueError, match="cross-attention"):
+        _call(k_len=5)
+    with pytest.raises(ValueError, match="MLA"):
+        _call(dv=8)
+    with pytest.raises(ValueError, match="sliding_window=4"):
+        _call(sliding_window=4)  # the layer's planned window is None
+
+
+# -- the default salt ---------------------------------------------------------------------
+def test_salt_tells_a_changed_middle_layer_apart():
+    """A copy of the model with one middle layer's weights changed (as a merged
+    adapter does) gets another salt: no cached K/V crosses between the two."""
+    base = make_model("llama")
+    merged = make_model("llama")
+    assert default_salt(base) == default_salt(merged)  # same weights: workers share
+    with torch.no_grad():
+        w = merged.model.layers[2].self_attn.k_proj.weight
+        w += 0.05 * torch.randn_like(w)
+    first, last = list(base.parameters())[0], list(base.parameters())[-1]
+    assert torch.equal(first, list(merged.parameters())[0]) and torch.equal(last, list(merged.parameters())[-1])
+    assert default_salt(base) != default_salt(merged)
+    pool = KVPool(spec_for_model(base, num_blocks=64, block_size=8))
+    tokens = prompt(30, seed=9)
+    generate(base, pool, [tokens], 4)
+    with PagedGeneration(merged, pool, [tokens], max_new_tokens=12) as gen:
+        assert gen.num_cached_tokens == [0]
+        while not gen.done:
+            gen.step()
+        assert gen.outputs == [reference(merged, tokens, 12)]
+    assert gen.outputs != reference(base, tokens, 12)
+    pool.check_integrity()
+
+
+def test_salt_follows_edits_after_caching():
+    model = make_model("llama")
+    before = default_salt(model)
+    with torch.no_grad():  # behind the version counter: seen through the sampled entries
+        model.model.layers[1].mlp.up_proj.weight.data += 0.01
+    after = default_salt(model)
+    assert after != before
+    model.model.layers[1].mlp.up_proj.weight.data[0, 1] += 1.0  # one entry, not sampled: a stale cache ...
+    assert default_salt(model) == after
+    assert default_salt(model, refresh=True) != after  # ... that refresh recomputes
+    model.load_state_dict(make_model("llama").state_dict())
+    assert default_salt(model) == before
