@@ -386,3 +386,59 @@ def test_share_in_batch_shares_fresh_prompt_blocks_within_one_allocate():
     with pytest.raises(InvalidArgument, match="share_in_batch"):
         pool.allocate(prompts, share_in_batch="yes")
     pool.check_integrity()
+
+
+# -- ownership, tables, integrity ------------------------------------------------------
+def test_owners_index_checks_and_lists_one_owners_sequences():
+    from kvpager import NotOwner
+
+    pool = make_pool()
+    a = pool.allocate([[1] * 20, [2] * 5], owner="s1")
+    b = pool.allocate([[3] * 3], owner="s2")
+    [[kid]] = pool.fork(a[0].seq_id)
+    assert pool.owned("s1") == [a[0].seq_id, a[1].seq_id, kid] and pool.owned("s2") == [b[0].seq_id]
+    assert [i.seq_id for i in pool.sequences(owner="s1")] == pool.owned("s1")
+    assert {i.owner for i in pool.sequences(owner="s1")} == {"s1"} and pool.sequences(owner="nobody") == []
+    assert sorted(pool.owners()) == ["s1", "s2"]
+    pool.check_owner([kid, a[1].seq_id], "s1")
+    with pytest.raises(NotOwner, match=f"sequence {b[0].seq_id} "):
+        pool.check_owner([kid, b[0].seq_id], "s1")
+    with pytest.raises(UnknownSequence):
+        pool.check_owner([kid, 999], "s1")
+    before = snapshot(pool)
+    with pytest.raises(NotOwner):
+        pool.append_flat([kid, b[0].seq_id], owner="s1")  # checked in append's own lookup
+    assert snapshot(pool) == before
+    pool.free(pool.owned("s2"))
+    assert pool.owners() == ["s1"] and pool.owned("s2") == []
+    pool.check_integrity()
+
+
+def test_tables_are_padded_and_refuse_swapped_sequences():
+    pool = make_pool()
+    a, b = pool.allocate([list(range(2 * BS + 3)), [7] * 5])
+    tables, lens = pool.tables([b.seq_id, a.seq_id])
+    assert tables.tolist() == [[b.block_table[0], 0, 0], list(a.block_table)]
+    assert lens.tolist() == [5, 2 * BS + 3] and tables.dtype == lens.dtype == np.int32
+    pool.swap_out(b.seq_id)
+    with pytest.raises(SequenceSwapped):
+        pool.tables([a.seq_id, b.seq_id])
+    with pytest.raises(UnknownSequence):
+        pool.tables([12345])
+
+
+def test_integrity_check_counts_independently():
+    from kvpager.errors import IntegrityError
+
+    pool = make_pool()
+    [a] = pool.allocate([list(range(BS + 1))], owner="s1")
+    m = pool.manager
+    m.pool.ref_cnt[a.block_table[0]] += 1  # a reference no table holds
+    with pytest.raises(IntegrityError, match="ref_cnt 2 but 1 block-table references"):
+        pool.check_integrity()
+    m.pool.ref_cnt[a.block_table[0]] -= 1
+    m.owners.owned["s1"][999] = None  # an id the rows do not hold
+    with pytest.raises(IntegrityError, match="owner index"):
+        pool.check_integrity()
+    del m.owners.owned["s1"][999]
+    pool.check_integrity()

@@ -1,0 +1,35 @@
+"""BlockTable: rows of block ids; batch add / copy / release, columns, gather."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvpager.block_table import BlockTable
+
+
+def test_rows_grow_and_gather_pads_with_the_null_block():
+    bt = BlockTable(rows=2, width=2, columns=["owner"])
+    a = bt.add_row([5, 6, 7], 40)
+    rows = bt.add_rows(np.array([1, 2, 3]), np.array([1, 2]), np.array([9, 20]))
+    assert bt.num_live == 3 and bt.width >= 3
+    tables, lens = bt.gather([a, *rows.tolist()])
+    assert tables.tolist() == [[5, 6, 7], [1, 0, 0], [2, 3, 0]] and lens.tolist() == [40, 9, 20]
+    assert tables.dtype == np.int32 and lens.dtype == np.int32
+    bt.owner[rows] = [4, 5]
+    kids = bt.copy_rows(np.array([rows[1], rows[1], a]))
+    assert bt.gather(kids)[0].tolist() == [[2, 3, 0], [2, 3, 0], [5, 6, 7]]
+    assert bt.owner[kids].tolist() == [5, 5, 0]
+    assert bt.row_blocks(np.array([a, rows[1]]), reverse=True).tolist() == [7, 6, 5, 3, 2]
+    bt.release_rows(kids)
+    bt.release_rows([a])
+    assert bt.num_live == 2 and bt.owner[kids].tolist() == [0, 0, 0]
+    bt.check(rows)
+    assert bt.references(10).tolist() == [0, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+
+
+def test_distinct_and_column_names():
+    bt = BlockTable(columns=["seq_id"])
+    assert bt.distinct(np.array([3, 1, 2])) and not bt.distinct(np.array([3, 1, 3]))
+    with pytest.raises(ValueError, match="taken"):
+        BlockTable(columns=["table"])
