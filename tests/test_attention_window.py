@@ -142,8 +142,8 @@ def test_gpu_plan_refuses_windows_and_softcap_it_cannot_apply():
     spec = PoolSpec(1, 2, 64, num_blocks=32, block_size=16, dtype="float16")
     pool = KVPool(spec, device="cuda:0")
     [a] = pool.allocate([list(range(20))])
-    plan = pool.plan([a.seq_id], num_rows=2, width=4)
-    q = cupy.zeros((1, 4, 64), cupy.float16)
+    plan = pool.plan([a.seq_id], num_rows=2, width=4)  # a padded decode plan: one q row per plan row
+    q = cupy.asarray(np.random.default_rng(0).standard_normal((2, 4, 64)), dtype=cupy.float16)
     with pytest.raises(UnsupportedConfiguration, match="softcap"):
         plan.attend(0, q, softcap=50.0)
     with pytest.raises(UnsupportedConfiguration, match="window"):
