@@ -69,6 +69,31 @@ def _ids(value: Any, what: str = "seq_ids") -> list[int]:
     raise InvalidArgument(f"{what} must be an int or a list of ints")
 
 
+#: Token ids are int64 in the allocator (block keys hash their bytes).
+_TOKEN_LIMIT = 1 << 63
+
+
+def _check_token_ids(token_ids: Any) -> None:
+    """Every token id of an append in int64 range, checked before anything
+    changes: one past it would be accepted by the append and fail only at a
+    later commit, after that commit had published other sequences' blocks."""
+    if not isinstance(token_ids, list):
+        return  # None, or malformed: KVPool says why
+    try:
+        if max(map(max, token_ids)) < _TOKEN_LIMIT:  # the decode step: [[t], [t], ...]
+            return
+    except (TypeError, ValueError):
+        pass  # None entries, empty lists, junk: one at a time
+    for ids in token_ids:
+        if isinstance(ids, (list, np.ndarray)) and len(ids):
+            try:
+                hi = max(ids)
+            except TypeError:
+                continue  # not numbers: KVPool says why
+            if hi >= _TOKEN_LIMIT:
+                raise InvalidArgument(f"append: token id {hi} is out of range (token ids are below 2**63)")
+
+
 def _int(value: Any, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise InvalidArgument(f"{what} must be an integer, got {type(value).__name__}")
@@ -330,6 +355,7 @@ class Server:
     def _op_append(self, s: Session, a: dict[str, Any]) -> bytes:
         # The decode hot path: KVPool checks the ids' types, and ownership rides on
         # append's own lookup of them.
+        _check_token_ids(a.get("token_ids"))
         slots = self.pool.append_flat(a["seq_ids"], a.get("num_tokens", 1), a.get("token_ids"), owner=s.name)
         return protocol.encode_slots(slots)
 

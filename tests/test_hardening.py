@@ -11,7 +11,7 @@ import pytest
 from daemon_helpers import SMALL, Raw, req, running_server
 
 from kvpager.client import Client
-from kvpager.errors import NotOwner
+from kvpager.errors import InvalidArgument, NotOwner
 
 
 @pytest.fixture
@@ -76,3 +76,22 @@ def test_write_needs_ownership_and_published_blocks_are_immutable(server):
             assert b.block_table[:2] == a.block_table[:2]
             assert (k[list(b.block_table[:2])] == 1.0).all() and (v[list(b.block_table[:2])] == -1.0).all()
         victim.check_integrity()
+
+
+def test_token_ids_out_of_range_change_nothing(server):
+    """D3: a token id >= 2**63 passed append; a later commit of two sequences
+    failed halfway, after publishing the first one's blocks, and the second
+    could never commit again."""
+    with Client(server.endpoint) as c:
+        a, b = c.allocate([list(range(15)), list(range(100, 115))])
+        for bad in ([[1], [2**63]], [[1], [2**64 - 1]], [[1], np.array([2**63], np.uint64)]):
+            with pytest.raises(InvalidArgument, match="2\\*\\*63"):
+                c.append([a.seq_id, b.seq_id], 1, bad)
+        with pytest.raises(InvalidArgument, match="2\\*\\*63"):
+            c.append([a.seq_id, b.seq_id], [2, 1], [[1, 2], [2**63]])  # the general path
+        assert [c.sequence(s).num_tokens for s in (a.seq_id, b.seq_id)] == [15, 15]
+        c.append([a.seq_id, b.seq_id], 1, [[15], [115]])
+        assert c.commit([a.seq_id, b.seq_id]) == [1, 1]
+        with Client(server.endpoint) as d:
+            assert d.cached_tokens([list(range(17)), list(range(100, 117))]) == [16, 16]
+        c.check_integrity()
