@@ -127,6 +127,21 @@ def test_softcap_matters_here():
     assert reference(capped, tokens, 12) != reference(make_model("gemma2", attn_logit_softcapping=None), tokens, 12)
 
 
+def test_windows_and_softcap_through_a_daemon_client():
+    """A worker of the daemon plans from its own mirror over the mapped pool:
+    windows and the soft cap apply there too."""
+    pytest.importorskip("zmq")
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+
+    model = make_model("gemma2")
+    prompts = [prompt(30, seed=10), prompt(17, seed=11)]
+    with running_server(spec_for_model(model, num_blocks=64, block_size=8)) as server, \
+            Client(server.endpoint) as pool:
+        assert generate(model, pool, prompts, 10) == [reference(model, p, 10) for p in prompts]
+
+
 # -- refusals -----------------------------------------------------------------------------
 def test_bidirectional_layers_are_refused():
     model = make_model("gemma3", use_bidirectional_attention=True)
