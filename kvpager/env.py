@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 
 def _get(name: str, default: str) -> str:
@@ -14,14 +15,29 @@ def endpoint() -> str | None:
     return os.environ.get("KVPAGER_ENDPOINT") or None
 
 
+def _seconds(name: str, default: float) -> float:
+    raw = os.environ.get(f"KVPAGER_{name}")
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        from kvpager.errors import InvalidArgument
+
+        raise InvalidArgument(f"KVPAGER_{name}={raw!r} must be a positive number of seconds")
+    return value
+
+
 def timeout_s() -> float:
     """KVPAGER_TIMEOUT: seconds a client waits for a reply before TimeoutError."""
-    return float(_get("TIMEOUT", "10"))
+    return _seconds("TIMEOUT", 10.0)
 
 
 def heartbeat_timeout_s() -> float:
     """KVPAGER_HEARTBEAT_TIMEOUT: seconds of silence after which the daemon ends a session."""
-    return float(_get("HEARTBEAT_TIMEOUT", "5"))
+    return _seconds("HEARTBEAT_TIMEOUT", 5.0)
 
 
 def runtime_dir() -> str:
@@ -41,4 +57,59 @@ def cuda_arch_list() -> list[str]:
 def max_message_bytes() -> int:
     """KVPAGER_MAX_MESSAGE: largest wire message in bytes (default 16 MiB); tensors
     go through shared memory, so only very large prompt batches come near it."""
-    return int(_get("MAX_MESSAGE", str(16 << 20)))
+    return _number("MAX_MESSAGE", 16 << 20) or 16 << 20
+
+
+def _number(name: str, default: int, parse: type = int) -> int:
+    raw = os.environ.get(f"KVPAGER_{name}")
+    if raw is None or raw == "":
+        return default
+    try:
+        value = parse_size(raw) if parse is int else parse(raw)
+    except ValueError:
+        value = None
+    if value is None or value < 0:
+        from kvpager.errors import InvalidArgument
+
+        raise InvalidArgument(f"KVPAGER_{name}={raw!r} is not a non-negative number; unset it or fix it")
+    return value
+
+
+def parse_size(text: str) -> int:
+    """A count or a size: ``123``, ``64K``, ``512M``, ``4G``, ``1.5GiB`` (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"{text!r} is not a number or a size like 4096, 512M or 4G")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def limit(name: str, default: int) -> int:
+    """KVPAGER_MAX_<NAME>: a daemon limit (see `kvpager.limits.Limits`)."""
+    return _number(f"MAX_{name}", default)
+
+
+def token() -> str | None:
+    """KVPAGER_TOKEN, else the contents of the file KVPAGER_TOKEN_FILE: the
+    secret a daemon with a token asks for in hello (see docs/protocol.md, "Trust")."""
+    value = os.environ.get("KVPAGER_TOKEN")
+    if value:
+        return value.strip()
+    path = os.environ.get("KVPAGER_TOKEN_FILE")
+    return read_token_file(path) if path else None
+
+
+def read_token_file(path: str) -> str:
+    from kvpager.errors import InvalidArgument
+
+    try:
+        with open(path) as f:
+            value = f.read().strip()
+    except OSError as e:
+        raise InvalidArgument(f"cannot read the token file {path}: {e.strerror or e}") from None
+    if len(value) < 16:
+        raise InvalidArgument(f"the token in {path} is {len(value)} characters; use at least 16 "
+                              "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE`)")
+    return value

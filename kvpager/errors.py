@@ -39,6 +39,27 @@ class InvalidArgument(KVPagerError, ValueError):
     code = "invalid_argument"
 
 
+class LimitExceeded(InvalidArgument):
+    """A request over one of the daemon's limits (`kvpager.limits.Limits`): too
+    many ids or tokens in one request, sequences or staging bytes in one session,
+    staging bytes in all. The message names the setting; nothing changed."""
+
+    code = "limit_exceeded"
+
+    def __init__(self, message: str, limit: str = "", value: int = 0, maximum: int = 0):
+        self.limit, self.value, self.maximum = limit, value, maximum
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.limit, self.value, self.maximum))
+
+
+class Unauthorized(KVPagerError):
+    """hello without the daemon's token (or with a wrong one); see docs/protocol.md, "Trust"."""
+
+    code = "unauthorized"
+
+
 class UnknownSequence(KVPagerError, KeyError):
     """The sequence id does not exist (never allocated, or already freed)."""
 
@@ -161,6 +182,8 @@ ERRORS_BY_CODE: dict[str, type[KVPagerError]] = {
         KVPagerError,
         OutOfBlocks,
         InvalidArgument,
+        LimitExceeded,
+        Unauthorized,
         UnknownSequence,
         SequenceSwapped,
         NotSwapped,

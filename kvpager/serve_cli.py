@@ -2,26 +2,49 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import re
 import signal
 import sys
 from typing import Any
 
 import click
 
+from kvpager import env
 from kvpager.errors import KVPagerError
+from kvpager.limits import Limits
 from kvpager.spec import MODEL_PRESETS, PoolSpec
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def parse_size(text: str) -> int:
     """Bytes from ``123``, ``512M``, ``4G``, ``1.5GiB`` (binary units)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise click.BadParameter(f"{text!r} is not a size like 4096, 512M or 4G")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    try:
+        return env.parse_size(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+class Size(click.ParamType):
+    """A count or a size with binary units (``65536``, ``64K``, ``1G``)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return env.parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+def limit_options(fn: Any) -> Any:
+    """--max-NAME for every field of `Limits` (default: KVPAGER_MAX_NAME, else built in)."""
+    for f in reversed(dataclasses.fields(Limits)):
+        flag = "--max-" + f.name.replace("_", "-")
+        fn = click.option(flag, f"max_{f.name}", type=Size(), default=None,
+                          help=f"Most {f.metadata['help']} (KVPAGER_MAX_{f.name.upper()}; default {f.default}).")(fn)
+    return fn
 
 
 def build_spec(opts: dict[str, Any]) -> PoolSpec:
@@ -67,6 +90,7 @@ def build_spec(opts: dict[str, Any]) -> PoolSpec:
 @click.option("--heartbeat-timeout", type=float, default=None,
               help="Seconds of silence before a session's sequences are freed (KVPAGER_HEARTBEAT_TIMEOUT).")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@limit_options
 def serve(**opts: Any) -> None:
     """Run the kvpager daemon in the foreground (logs to stderr)."""
     logging.basicConfig(level=opts["log_level"], stream=sys.stderr,
@@ -76,8 +100,9 @@ def serve(**opts: Any) -> None:
 
     try:
         spec = build_spec(opts)
+        limits = Limits.from_env(**{f.name: opts[f"max_{f.name}"] for f in dataclasses.fields(Limits)})
         server = Server.create(spec, opts["endpoint"], opts["device"] or default_device(),
-                               heartbeat_timeout=opts["heartbeat_timeout"])
+                               heartbeat_timeout=opts["heartbeat_timeout"], limits=limits)
     except KVPagerError as e:
         raise click.ClickException(str(e)) from None
 

@@ -36,7 +36,9 @@ from kvpager.errors import (
     InvalidArgument,
     KVPagerError,
     NotOwner,
+    OutOfBlocks,
 )
+from kvpager.limits import Limits
 from kvpager.pool import KVPool
 from kvpager.protocol import OPS, ErrorInfo, decode_request, encode_reply
 from kvpager.sessions import Session, SessionTable
@@ -45,12 +47,6 @@ from kvpager.spec import PoolSpec
 
 log = logging.getLogger("kvpager.server")
 
-#: Largest staging buffer a session may ask for.
-MAX_STAGING_BYTES = 1 << 30
-#: Most sequences one allocate or fork may create: neither needs free blocks
-#: for empty prompts / shared children, so without a cap one request could
-#: make the daemon build millions of sequences.
-MAX_NEW_SEQUENCES = 1 << 16
 _POLL_MS = 50  # how soon stop() and heartbeat expiry are noticed when idle
 #: Ops that may launch work on a GPU pool (copy-on-write, swaps, remote write and
 #: attend): their reply waits for it, so a block id handed out is never mid-copy
@@ -118,6 +114,7 @@ class Server:
         max_message_bytes: int | None = None,
         epoch: str | None = None,
         owns_pool: bool = False,
+        limits: Limits | None = None,
     ):
         self.pool = pool
         self.endpoint = endpoint or default_endpoint()
@@ -127,7 +124,8 @@ class Server:
         self.gpu: int | None = pool.backend.index if hasattr(pool.backend, "ipc_handle") else None
         self._exported: dict[str, Any] | None = None
         hb = env.heartbeat_timeout_s() if heartbeat_timeout is None else float(heartbeat_timeout)
-        self.sessions = SessionTable(hb, self.epoch, self.gpu)
+        self.limits = limits or Limits.from_env()
+        self.sessions = SessionTable(hb, self.epoch, self.gpu, self.limits)
         self.max_message_bytes = max_message_bytes or env.max_message_bytes()
         self.owns_pool = owns_pool
         self.requests = 0
@@ -137,6 +135,9 @@ class Server:
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._handlers = {name: getattr(self, f"_op_{name}") for name in OPS}
+        # When the loop last found nothing queued: every message sent before then
+        # has been read, so a session silent since long before it is really gone.
+        self._idle = time.monotonic()
 
     @classmethod
     def create(cls, spec: PoolSpec, endpoint: str | None = None, device: str = "cpu", **kwargs: Any) -> Server:
@@ -243,9 +244,10 @@ class Server:
         next_expiry = time.monotonic() + self._expiry_interval()
         while not stop.is_set():
             try:
-                frames = sock.recv_multipart()
+                frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                pass
+                self._idle = time.monotonic()  # the queue is empty: everything sent is read
+                sock.poll(_POLL_MS)
             else:
                 # [routing id, (empty delimiter from REQ), body]: answer on the same envelope.
                 frames[-1] = self.handle(frames[-1])
@@ -256,8 +258,14 @@ class Server:
             now = time.monotonic()
             if now >= next_expiry:
                 next_expiry = now + self._expiry_interval()
-                for s in self.sessions.expired(now):
-                    self._end(s, "missed heartbeats")
+                self.expire()
+
+    def expire(self) -> None:
+        """End the sessions silent for longer than the heartbeat timeout, judged
+        at the last moment the loop had read everything queued: after a slow
+        request, the heartbeats that waited behind it count first."""
+        for s in self.sessions.expired(self._idle):
+            self._end(s, "missed heartbeats")
 
     def _expiry_interval(self) -> float:
         return min(1.0, self.sessions.heartbeat_timeout / 4)
@@ -272,6 +280,7 @@ class Server:
             session = None
             if OPS[op].session or (req.session is not None and op != "hello"):
                 session = self.sessions.get(req.session)
+            self._bound(op, req.args)
             result = self._handlers[op](session, req.args)
             if self.gpu is not None and op in _DEVICE_OPS and self.pool.pending:
                 self.pool.synchronize()
@@ -287,6 +296,28 @@ class Server:
         except Exception as e:  # a bug: keep serving, say so loudly
             log.exception("internal error in %s", op)
             return encode_reply(rid, None, ErrorInfo.from_exception(InternalError(f"{op}: {e!r}")))
+
+    def _bound(self, op: str, a: dict[str, Any]) -> None:
+        """The per-request limits: ids and tokens in one request (len() only)."""
+        lim = self.limits
+        for name in ("seq_ids", "prompts", "lengths", "upto", "token_ids", "query_lens", "salt"):
+            v = a.get(name)
+            if isinstance(v, (list, np.ndarray)) and len(v) > lim.ids:
+                lim.check("ids", len(v), f"{op}: {name}")
+        tokens = 0
+        for name in ("prompts", "token_ids"):
+            v = a.get(name)
+            if isinstance(v, list):
+                tokens += sum(len(p) for p in v if isinstance(p, (list, np.ndarray)))
+        n = a.get("num_tokens")
+        if isinstance(n, int) and isinstance(a.get("seq_ids"), (list, np.ndarray)):
+            tokens += n * len(a["seq_ids"])
+        elif isinstance(n, int):
+            tokens += n
+        elif isinstance(n, list) and all(type(x) is int for x in n):
+            tokens += sum(n)
+        if tokens > lim.tokens:
+            lim.check("tokens", tokens, f"{op}: token ids")
 
     # -- sessions ----------------------------------------------------------------------------
     def _owned(self, session: Session, value: Any) -> list[int]:
@@ -306,8 +337,11 @@ class Server:
 
     # -- ops ---------------------------------------------------------------------------------
     def _op_hello(self, _: None, a: dict[str, Any]) -> dict[str, Any]:
-        pid = a.get("pid")
-        s = self.sessions.open(str(a.get("client", "?")), pid if isinstance(pid, int) else None)
+        pid, client = a.get("pid"), a.get("client", "?")
+        if not isinstance(client, str):
+            raise InvalidArgument(f"hello: client must be a string, got {type(client).__name__}")
+        self.limits.check("client_name", len(client), "hello: client name length")
+        s = self.sessions.open(client, pid if isinstance(pid, int) and not isinstance(pid, bool) else None)
         log.info("session %s opened by %s (pid %s)", s.name, s.client, s.pid)
         if self.memory is not None:
             memory = self.memory.handles()
@@ -340,11 +374,25 @@ class Server:
         prompts = a["prompts"]
         if not isinstance(prompts, list):
             raise InvalidArgument("prompts must be a list of token-id lists")
-        if len(prompts) > MAX_NEW_SEQUENCES:
-            raise InvalidArgument(f"allocate: {len(prompts)} prompts in one request; at most {MAX_NEW_SEQUENCES}")
+        self.limits.check("sequences", s.num_seqs + len(prompts), "allocate: sequences of this session")
+        self._check_capacity(prompts)
         share = a.get("share_in_batch", False)
-        return protocol.encode_allocations(
-            self.pool.allocate(prompts, a.get("salt"), owner=s.name, share_in_batch=share))
+        allocs = self.pool.allocate(prompts, a.get("salt"), owner=s.name, share_in_batch=share)
+        s.num_seqs += len(allocs)
+        return protocol.encode_allocations(allocs)
+
+    def _check_capacity(self, prompts: list[Any]) -> None:
+        """OutOfBlocks before any hashing when the prompts cannot fit even if
+        every cached block were a hit: a huge prompt costs no loop time."""
+        bs = self.pool.spec.block_size
+        sizes = [len(p) for p in prompts if isinstance(p, (list, np.ndarray))]
+        need = -(-max(sizes, default=0) // bs)
+        if need * bs < 1 << 16:
+            return  # small: hashing it costs less than counting the pool
+        st = self.pool.stats()
+        available = st.free_blocks + st.evictable_blocks
+        if need - st.cached_blocks > available:
+            raise OutOfBlocks(need, available)
 
     def _op_cached_tokens(self, s: Session | None, a: dict[str, Any]) -> list[int]:
         prompts = a["prompts"]
@@ -364,12 +412,17 @@ class Server:
 
     def _op_fork(self, s: Session, a: dict[str, Any]) -> list[list[int]]:
         ids, n = self._owned(s, a["seq_ids"]), a.get("n", 1)
-        if isinstance(n, int) and len(ids) * n > MAX_NEW_SEQUENCES:
-            raise InvalidArgument(f"fork: {len(ids)} x {n} children in one request; at most {MAX_NEW_SEQUENCES}")
-        return self.pool.fork(ids, n)
+        if isinstance(n, int) and not isinstance(n, bool):
+            self.limits.check("ids", len(ids) * n, "fork: children in one request")
+            self.limits.check("sequences", s.num_seqs + len(ids) * n, "fork: sequences of this session")
+        children = self.pool.fork(ids, n)
+        s.num_seqs += sum(map(len, children))
+        return children
 
     def _op_free(self, s: Session, a: dict[str, Any]) -> None:
-        self.pool.free(self._owned(s, a["seq_ids"]))
+        ids = self._owned(s, a["seq_ids"])
+        self.pool.free(ids)
+        s.num_seqs -= len(ids)
 
     def _op_truncate(self, s: Session, a: dict[str, Any]) -> None:
         self.pool.truncate(self._owned(s, a["seq_ids"]), a["lengths"])
@@ -387,8 +440,9 @@ class Server:
     # -- tensors through the session's staging buffer ----------------------------------------
     def _op_staging(self, s: Session, a: dict[str, Any]) -> dict[str, Any]:
         nbytes = _int(a["nbytes"], "nbytes")
-        if not 0 <= nbytes <= MAX_STAGING_BYTES:
-            raise InvalidArgument(f"staging: nbytes must be in [0, {MAX_STAGING_BYTES}], got {nbytes}")
+        if nbytes < 0:
+            raise InvalidArgument(f"staging: nbytes must be >= 0, got {nbytes}")
+        self.limits.check("staging", nbytes, "staging: bytes of this session's buffer")
         return self.sessions.staging(s, nbytes).handles()
 
     def _staged(self, s: Session, ref: Any, what: str) -> np.ndarray:
@@ -471,3 +525,7 @@ class Server:
         orphans = [i for o in self.pool.owners() if o not in open_ids for i in self.pool.owned(o)]
         if orphans:
             raise IntegrityError(f"{len(orphans)} sequences belong to no open session, e.g. {orphans[:5]}")
+        for s in open_ids.values():
+            if s.num_seqs != len(self.pool.owned(s.name)):
+                raise IntegrityError(f"session {s.name} counts {s.num_seqs} sequences but owns "
+                                     f"{len(self.pool.owned(s.name))}")

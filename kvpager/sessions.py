@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvpager.errors import SessionLost
+from kvpager.limits import Limits
 from kvpager.shm import Segment, segment_name
 
 
@@ -34,6 +35,7 @@ class Session:
     pid: int | None
     last_seen: float
     staging: Any = None  # shm Segment or cuda_ipc DeviceBuffer
+    num_seqs: int = 0  # live sequences it owns (allocate, fork and free keep count)
     ops: int = 0
     opened: float = field(default_factory=time.time)
 
@@ -47,8 +49,11 @@ class SessionTable:
     """Open sessions by id, with heartbeat expiry. ``device`` is the pool's CUDA
     device index (staging in device memory), or None (shared memory)."""
 
-    def __init__(self, heartbeat_timeout: float, epoch: str, device: int | None = None):
+    def __init__(self, heartbeat_timeout: float, epoch: str, device: int | None = None,
+                 limits: Limits | None = None):
         self.heartbeat_timeout = heartbeat_timeout
+        self.limits = limits or Limits()
+        self.staging_bytes = 0  # all sessions' staging buffers
         self.epoch = epoch
         self.device = device
         self.sessions: dict[str, Session] = {}  # by secret id
@@ -80,6 +85,7 @@ class SessionTable:
         return s
 
     def expired(self, now: float | None = None) -> list[Session]:
+        """Sessions not heard from for longer than the heartbeat timeout before ``now``."""
         now = time.monotonic() if now is None else now
         limit = now - self.heartbeat_timeout
         return [s for s in self.sessions.values() if s.last_seen < limit]
@@ -87,21 +93,28 @@ class SessionTable:
     def close(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
         self.by_name.pop(session.name, None)
+        if session.staging is not None:
+            self.staging_bytes -= session.staging.size
         session.close()
 
     def staging(self, session: Session, nbytes: int) -> Any:
         """The session's staging buffer, grown (replaced) to hold ``nbytes``."""
         if session.staging is None or session.staging.size < nbytes:
+            # Round up so a growing worker does not re-map on every step.
+            size = min(max(1 << 20, 1 << (max(nbytes, 1) - 1).bit_length()), max(nbytes, self.limits.staging))
+            held = session.staging.size if session.staging is not None else 0
+            self.limits.check("staging_total", self.staging_bytes - held + size,
+                              "staging: bytes of every session's buffers")
             if session.staging is not None:
                 session.staging.close()
                 session.staging = None
+                self.staging_bytes -= held
             self._staging_serial += 1
-            # Round up so a growing worker does not re-map on every step.
-            size = max(1 << 20, 1 << (max(nbytes, 1) - 1).bit_length())
             if self.device is not None:
                 from kvpager.cuda_ipc import DeviceBuffer
 
                 session.staging = DeviceBuffer.create(size, self.device)
             else:
                 session.staging = Segment.create(segment_name(self.epoch, f"s{self._staging_serial}"), size)
+            self.staging_bytes += size
         return session.staging

@@ -5,13 +5,15 @@ against a CPU daemon; bounded waits, free endpoints."""
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
 from daemon_helpers import SMALL, Raw, req, running_server
 
 from kvpager.client import Client
-from kvpager.errors import InvalidArgument, NotOwner
+from kvpager.errors import InvalidArgument, LimitExceeded, NotOwner, OutOfBlocks
+from kvpager.limits import Limits
 
 
 @pytest.fixture
@@ -95,3 +97,89 @@ def test_token_ids_out_of_range_change_nothing(server):
         with Client(server.endpoint) as d:
             assert d.cached_tokens([list(range(17)), list(range(100, 117))]) == [16, 16]
         c.check_integrity()
+
+
+def test_a_slow_request_does_not_expire_healthy_sessions(monkeypatch):
+    """D9: one slow request kept the loop busy longer than the heartbeat
+    timeout; then every healthy session was expired before its queued
+    heartbeats were read."""
+    with running_server(SMALL, heartbeat_timeout=1.0) as server:
+        clients = [Client(server.endpoint) for _ in range(3)]
+        try:
+            for c in clients:
+                c.allocate([[1, 2, 3]])
+            real = server._handlers["stats"]
+
+            def slow(s, a):
+                time.sleep(3.0)  # three heartbeat timeouts without reading a message
+                return real(s, a)
+
+            monkeypatch.setitem(server._handlers, "stats", slow)
+            with Client(server.endpoint, timeout=20) as obs:
+                obs.stats()
+                monkeypatch.setitem(server._handlers, "stats", real)
+                time.sleep(0.5)  # a few more expiry checks
+                for c in clients:
+                    c.heartbeat()  # still open
+                assert obs.stats().num_sequences == 3
+        finally:
+            for c in clients:
+                c.close()
+
+
+def test_requests_and_sessions_are_bounded(server):
+    """D4, D5, D9: caps on sequences per session, ids and tokens per request,
+    the client name; typed errors that name the setting; nothing changed."""
+    with Client(server.endpoint, timeout=30) as c:
+        t0 = time.monotonic()
+        with pytest.raises(LimitExceeded, match="KVPAGER_MAX_IDS") as e:
+            c._call("sequences", {"seq_ids": np.arange(1_200_000)})
+        assert e.value.limit == "ids" and e.value.maximum == 1 << 16
+        assert time.monotonic() - t0 < 5
+        with pytest.raises(LimitExceeded, match="KVPAGER_MAX_TOKENS"):
+            c.allocate([np.zeros(1 << 20, np.uint8), [1]])
+        with pytest.raises(LimitExceeded, match="KVPAGER_MAX_STAGING"):
+            c._call("staging", {"nbytes": (1 << 30) + 1})
+        assert c.stats().num_sequences == 0
+    with pytest.raises(LimitExceeded, match="KVPAGER_MAX_CLIENT_NAME"):
+        Client(server.endpoint, name="x" * 300)
+    with running_server(SMALL, limits=Limits(sequences=100, ids=64)) as small, \
+            Client(small.endpoint) as c:
+        [a] = c.allocate([[1, 2, 3]])
+        for _ in range(7):
+            [kids] = c.fork(a.seq_id, 14)  # 99 sequences now
+        with pytest.raises(LimitExceeded, match="KVPAGER_MAX_SEQUENCES"):
+            c.fork(a.seq_id, 2)
+        with pytest.raises(LimitExceeded, match="KVPAGER_MAX_SEQUENCES"):
+            c.allocate([[1], [2]])
+        with pytest.raises(LimitExceeded, match="KVPAGER_MAX_IDS"):
+            c.fork(a.seq_id, 65)
+        c.free(kids)
+        c.fork(a.seq_id, 14)  # room again
+        assert c.stats().num_sequences == 99
+        c.check_integrity()  # the session's count agrees with the pool
+
+
+def test_staging_bytes_are_capped_in_all():
+    with running_server(SMALL, limits=Limits(staging=4 << 20, staging_total=6 << 20)) as server, \
+            Client(server.endpoint) as a, Client(server.endpoint) as b:
+        a._stage(4 << 20)
+        with pytest.raises(LimitExceeded, match="KVPAGER_MAX_STAGING_TOTAL"):
+            b._stage(4 << 20)
+        b._stage(1 << 20)
+        a.close()  # its buffer goes back
+        b._stage(4 << 20)
+
+
+def test_capacity_is_checked_before_hashing(monkeypatch):
+    """D6: share_in_batch hashed a whole 16M-token prompt before finding the
+    pool too small; now a prompt that cannot fit is refused before any hashing."""
+    with running_server(SMALL, limits=Limits(tokens=1 << 24)) as server, Client(server.endpoint) as c:
+        def hashing(*args, **kwargs):
+            raise AssertionError("the allocator was asked to hash a prompt that cannot fit")
+
+        monkeypatch.setattr(server.pool, "allocate", hashing)
+        with pytest.raises(OutOfBlocks) as e:
+            c.allocate([np.zeros(1 << 22, np.uint8)], share_in_batch=True)
+        assert e.value.needed == (1 << 22) // SMALL.block_size
+        assert e.value.available == SMALL.num_blocks - 1

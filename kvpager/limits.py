@@ -1,0 +1,41 @@
+"""`Limits`: what one session or one request may ask of the daemon.
+
+Each bounds the work or memory a single client can take from the others on
+the daemon's one thread: a request over a limit is answered with
+`LimitExceeded` (code ``limit_exceeded``), naming the setting, and changes
+nothing. Defaults come from ``KVPAGER_MAX_*`` (`kvpager.env`); ``kvpager
+serve --max-...`` overrides them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from kvpager import env
+from kvpager.errors import LimitExceeded
+
+
+@dataclass(frozen=True)
+class Limits:
+    sequences: int = field(default=1 << 16, metadata={"help": "live sequences of one session"})
+    ids: int = field(default=1 << 16, metadata={"help": "ids in one request (seq_ids, prompts, fork children)"})
+    tokens: int = field(default=1 << 20, metadata={"help": "token ids in one request (prompts, appended tokens)"})
+    staging: int = field(default=1 << 30, metadata={"help": "bytes of one session's staging buffer"})
+    staging_total: int = field(default=4 << 30, metadata={"help": "bytes of all staging buffers together"})
+    client_name: int = field(default=256, metadata={"help": "characters of hello's client name"})
+
+    @classmethod
+    def from_env(cls, **overrides: int | None) -> Limits:
+        """Defaults, then ``KVPAGER_MAX_*``, then the ``overrides`` that are not None."""
+        values = {f.name: env.limit(f.name.upper(), f.default) for f in dataclasses.fields(cls)}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def check(self, name: str, value: int, what: str) -> None:
+        """LimitExceeded if ``value`` is over limit ``name``."""
+        maximum = getattr(self, name)
+        if value > maximum:
+            raise LimitExceeded(
+                f"{what}: {value} is over the limit of {maximum} (KVPAGER_MAX_{name.upper()}, "
+                f"kvpager serve --max-{name.replace('_', '-')})", name, value, maximum)
