@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from transformers import AttentionInterface
 
-from clients.kvpager_hf_model import check_call, default_salt, layer_windows
+from clients.kvpager_hf_model import ABSENT, check_call, default_salt, layer_windows
 from kvpager.spec import PoolSpec, dtype_name
 
 __all__ = ["PagedBatch", "PagedGeneration", "default_salt", "generate", "layer_windows", "spec_for_model"]
@@ -57,7 +57,7 @@ class PagedBatch:
     plan: Any  # kvpager.plan.StepPlan
     dtype: torch.dtype  # the pool's dtype
     device: torch.device  # where the pool's tensors live (cpu, or its GPU)
-    windows: Sequence[int | None] | None = None  # per layer (`layer_windows`); None: as transformers passes
+    windows: Sequence[int | None] | None = None  # per layer (`layer_windows`); None: as transformers passes them
 
     def __post_init__(self) -> None:
         self.on_cpu = self.device.type == "cpu"
@@ -82,7 +82,7 @@ def kvpager_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     kvpager: PagedBatch | None = None,
-    sliding_window: int | None = None,
+    sliding_window: Any = ABSENT,
     softcap: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
@@ -102,7 +102,10 @@ def kvpager_attention(
         raise ValueError(f"kvpager attention takes one packed row, got batch size {query.shape[0]}")
     batch = kvpager
     layer = module.layer_idx
-    window = sliding_window if batch.windows is None else batch.windows[layer]
+    if batch.windows is not None:
+        window = batch.windows[layer]
+    else:
+        window = None if sliding_window is ABSENT else sliding_window
     if kwargs or dropout or sliding_window != window or key.shape != value.shape or key.shape[2] != query.shape[2] \
             or key.shape[3] != query.shape[3]:
         check_call(layer, query, key, value, dropout, sliding_window, window, kwargs)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 FULL, SLIDING = "full_attention", "sliding_attention"
+ABSENT: Any = object()  # an attention argument transformers did not pass
 
 # Keyword arguments of transformers' attention call that change nothing here:
 # positions come from the plan (the rotary embedding is already applied to q
@@ -29,12 +30,18 @@ IGNORED = frozenset({"position_ids", "cache_position", "use_cache", "past_key_va
 
 
 def layer_windows(model: Any) -> list[int | None]:
-    """Each layer's sliding window (None: full attention), as transformers' own
-    attention gets it: the attention module's ``sliding_window`` where it keeps
-    one (Qwen2/3, Gemma-2/3: from ``config.layer_types``), else
-    ``config.layer_types`` with ``config.sliding_window``, else (Mistral,
-    Mixtral, Phi-3, Starcoder2) ``config.sliding_window`` on every layer, unless
-    ``use_sliding_window`` is False. ValueError for what kvpager cannot attend."""
+    """Each layer's sliding window (None: full attention), as transformers'
+    masks apply it: ``config.sliding_window`` on the ``sliding_attention``
+    layers of ``config.layer_types`` (Qwen2/3, Gemma-2/3, Cohere2, ...), else
+    on every layer (Mistral, Mixtral, Phi-3, Starcoder2), none where
+    ``use_sliding_window`` is False (Qwen2/3 configs). ValueError for what
+    kvpager cannot attend.
+
+    Not read: the attention modules' own ``sliding_window`` attributes, which
+    some families set on every layer (Exaone4) whatever the layer's type. At
+    call time, the ``sliding_window`` transformers passes to the attention
+    function (what its flash-attention path applies) must equal this, or the
+    call is refused (`check_call`)."""
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError("kvpager attends for decoder-only models; this one is encoder-decoder (cross-attention)")
@@ -58,8 +65,6 @@ def layer_windows(model: Any) -> list[int | None]:
             continue  # not an attention module
         if module.is_causal is False:
             raise ValueError(f"layer {idx} attends bidirectionally (is_causal=False); kvpager attends causally")
-        if "sliding_window" in vars(module):
-            windows[idx] = module.sliding_window
     for i, w in enumerate(windows):
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
             raise ValueError(f"layer {i} has sliding window {w!r}; kvpager needs a positive int")
@@ -89,7 +94,7 @@ def check_call(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.
     if not query.shape[3] == key.shape[3] == value.shape[3]:
         raise ValueError(f"kvpager attention needs one head dim for q, k and v, got {query.shape[3]}, "
                          f"{key.shape[3]}, {value.shape[3]} at layer {layer} (MLA-style attention)")
-    if sliding_window is not None and sliding_window != window:
+    if sliding_window is not ABSENT and sliding_window != window:
         raise ValueError(f"transformers passes sliding_window={sliding_window} to layer {layer}, whose "
                          f"config gives {window}; refusing rather than guessing")
 

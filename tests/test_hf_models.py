@@ -50,6 +50,11 @@ FAMILIES = {
                [WINDOW, None, WINDOW, None]),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                dict(head_dim=16, sliding_window=WINDOW, layer_types=ALTERNATING), [WINDOW, None, WINDOW, None]),
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", dict(sliding_window=WINDOW, layer_types=ALTERNATING),
+                [WINDOW, None, WINDOW, None]),
+    # its attention modules all keep sliding_window, full layers too: the layer types decide
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", dict(sliding_window=WINDOW, layer_types=ALTERNATING),
+                [WINDOW, None, WINDOW, None]),
 }
 
 
