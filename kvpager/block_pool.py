@@ -26,6 +26,7 @@ import numpy as np
 
 from kvpager.errors import IntegrityError, InvalidArgument, OutOfBlocks
 from kvpager.prefix_cache import PrefixCache
+from kvpager.types import BlockMap
 
 NULL_BLOCK = 0
 _ONE = np.int32(1)
@@ -93,9 +94,14 @@ class BlockPool:
     def get_usage(self) -> float:
         return 1.0 - self.get_num_free_blocks() / self.num_usable
 
-    def states(self) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of the reference counts and of the published-block mask."""
-        return self.ref_cnt.copy(), self.cache.cached.copy()
+    def block_map(self) -> BlockMap:
+        """Every block's state, reference count and whether it is published (copies)."""
+        ref = self.ref_cnt.copy()
+        state = np.where(ref > 0, BlockMap.USED, BlockMap.FREE).astype(np.uint8)
+        if self.evictable:
+            state[np.fromiter(self.evictable, dtype=np.int64)] = BlockMap.EVICTABLE
+        state[NULL_BLOCK] = BlockMap.NULL
+        return BlockMap(state, ref, self.cache.cached.copy())
 
     # -- prefix cache ------------------------------------------------------------
     def match(self, root: bytes, tokens: np.ndarray, block_size: int, max_blocks: int) -> tuple[list[bytes], list[int]]:

@@ -36,6 +36,10 @@ class OwnerIndex:
     def owner(self, code: int) -> Any:
         return self._owners[code]
 
+    def live(self) -> list[Any]:
+        """Every owner with a live sequence."""
+        return list(self.owned)
+
     def ids(self, owner: Any) -> list[int]:
         """``owner``'s live sequence ids, in id order."""
         return list(self.owned.get(owner, ()))

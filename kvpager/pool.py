@@ -14,10 +14,8 @@ import numpy as np
 
 from kvpager import validate
 from kvpager.backends import Backend, make_backend
-from kvpager.block_pool import NULL_BLOCK
-from kvpager.errors import InvalidArgument, SequenceSwapped
+from kvpager.errors import InvalidArgument
 from kvpager.plan import StepPlan, check_queries, check_softcap, check_window
-from kvpager.seq_check import tokens_stored
 from kvpager.sequences import ANY_OWNER, SequenceManager
 from kvpager.spec import PoolSpec
 from kvpager.types import Allocation, BlockMap, PoolStats, SequenceInfo
@@ -171,11 +169,11 @@ class KVPool:
     # -- ownership (the daemon's sessions) ----------------------------------------------
     def owned(self, owner: Any) -> list[int]:
         """Ids of ``owner``'s live sequences, in id order."""
-        return self.manager.owners.ids(owner)
+        return self.manager.owned(owner)
 
     def owners(self) -> list[Any]:
         """Every owner that has a live sequence."""
-        return list(self.manager.owners.owned)
+        return self.manager.owners.live()
 
     def check_owner(self, seq_ids: int | Seq[int], owner: Any) -> None:
         """Raise UnknownSequence or NotOwner unless every sequence is live and ``owner``'s."""
@@ -241,14 +239,7 @@ class KVPool:
         """Padded int32 block tables [B, max_blocks] (null-block padding) and
         lengths int32 [B] of resident sequences: one vectorised gather.
         Raises UnknownSequence, or SequenceSwapped for a swapped-out one."""
-        ids = validate.seq_ids(seq_ids)
-        m = self.manager
-        rows = m.lookup(ids)
-        if m.num_swapped:
-            swapped = m.table.swapped[rows]
-            if swapped.any():
-                raise SequenceSwapped(ids[int(np.argmax(swapped))], "attend")
-        return m.table.gather(rows)
+        return self.manager.tables(validate.seq_ids(seq_ids))
 
     def plan(
         self,
@@ -278,24 +269,17 @@ class KVPool:
 
     # -- inspection -------------------------------------------------------------------
     def sequence(self, seq_id: int) -> SequenceInfo:
-        [info] = self._infos([seq_id])
+        [info] = self.manager.infos([seq_id])
         return info
 
     def sequences(self, owner: Any = _EVERY) -> list[SequenceInfo]:
         """Every live sequence, or ``owner``'s only, in id order. Costs what it
         returns: one owner's list is read from an index, not a scan."""
-        ids = list(self.manager.rows) if owner is _EVERY else self.owned(owner)
-        return self._infos(ids)
+        return self.manager.infos(self.manager.ids() if owner is _EVERY else self.owned(owner))
 
     def blocks(self) -> BlockMap:
         """State and reference count of every device block."""
-        pool = self.manager.pool
-        ref, cached = pool.states()
-        state = np.where(ref > 0, BlockMap.USED, BlockMap.FREE).astype(np.uint8)
-        if pool.evictable:
-            state[np.fromiter(pool.evictable, dtype=np.int64)] = BlockMap.EVICTABLE
-        state[NULL_BLOCK] = BlockMap.NULL
-        return BlockMap(state, ref, cached)
+        return self.manager.pool.block_map()
 
     def stats(self) -> PoolStats:
         """The pool at a glance, from the block pool's counters and a few array
@@ -310,13 +294,13 @@ class KVPool:
             used_blocks=used,
             shared_blocks=pool.num_shared(),
             cached_blocks=pool.num_cached,
-            num_sequences=len(m.rows),
+            num_sequences=m.num_sequences,
             swapped_sequences=m.num_swapped,
             host_total_blocks=m.host.num_blocks,
-            host_free_blocks=len(m.host.free),
+            host_free_blocks=m.host.num_free,
             prefix_query_tokens=m.prefix_query_tokens,
             prefix_hit_tokens=m.prefix_hit_tokens,
-            tokens_stored=tokens_stored(m),
+            tokens_stored=m.tokens_stored(),
             token_slots_allocated=used * bs,
             block_size=bs,
             bytes_per_block=spec.bytes_per_block,
@@ -339,24 +323,3 @@ class KVPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # -- helpers -----------------------------------------------------------------------
-    def _infos(self, seq_ids: list[int]) -> list[SequenceInfo]:
-        """`SequenceInfo` of each id, its arrays read in one gather."""
-        m = self.manager
-        rows = m.lookup(seq_ids)
-        if not len(rows):
-            return []
-        bt = m.table
-        tables, _ = bt.gather(rows)
-        shared = ((m.pool.ref_cnt[tables] > 1) & (tables != NULL_BLOCK)).sum(axis=1)
-        held = m.host.held
-        swapped = bt.swapped[rows].tolist()
-        return [
-            SequenceInfo(s, m.owner_of(row), ntok, ncom, tuple(table[:n]), sh, bool(sw),
-                         len(held[row][1]) if sw else 0)
-            for s, row, table, n, ntok, ncom, sh, sw in zip(
-                seq_ids, rows.tolist(), tables.tolist(), bt.num_blocks[rows].tolist(), bt.num_tokens[rows].tolist(),
-                bt.committed[rows].tolist(), shared.tolist(), swapped,
-            )
-        ]

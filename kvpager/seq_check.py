@@ -1,4 +1,5 @@
-"""Integrity check of the allocator and the counts `stats` derives from its arrays.
+"""Integrity check of the allocator, and what inspection reads from its arrays
+(`SequenceInfo`s, the tokens-stored count of `stats`).
 
 The check counts independently of the state it checks: block-table references
 from the tables (`BlockTable.references`) against the reference counts, the
@@ -15,6 +16,7 @@ import numpy as np
 
 from kvpager.block_pool import NULL_BLOCK
 from kvpager.errors import IntegrityError
+from kvpager.types import SequenceInfo
 
 if TYPE_CHECKING:
     from kvpager.sequences import SequenceManager
@@ -44,6 +46,25 @@ def tokens_stored(m: SequenceManager) -> int:
         np.maximum.at(most, last[several], fill[several])
     only = (partial_refs == pool.ref_cnt) & (partial_refs > 0)
     return int(used * bs - np.count_nonzero(only) * bs + most[only].sum())
+
+
+def infos(m: SequenceManager, seq_ids: list[int]) -> list[SequenceInfo]:
+    """`SequenceManager.infos`: one gather of the rows, then a `SequenceInfo` each."""
+    rows = m.lookup(seq_ids)
+    if not len(rows):
+        return []
+    bt = m.table
+    tables, _ = bt.gather(rows)
+    shared = ((m.pool.ref_cnt[tables] > 1) & (tables != NULL_BLOCK)).sum(axis=1)
+    held = m.host.held
+    return [
+        SequenceInfo(s, m.owner_of(row), ntok, ncom, tuple(table[:n]), sh, bool(sw),
+                     len(held[row][1]) if sw else 0)
+        for s, row, table, n, ntok, ncom, sh, sw in zip(
+            seq_ids, rows.tolist(), tables.tolist(), bt.num_blocks[rows].tolist(), bt.num_tokens[rows].tolist(),
+            bt.committed[rows].tolist(), shared.tolist(), bt.swapped[rows].tolist(),
+        )
+    ]
 
 
 def check_integrity(m: SequenceManager) -> None:

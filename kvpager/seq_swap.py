@@ -27,6 +27,10 @@ class HostPool:
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))
         self.held: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # row -> (columns, host blocks)
 
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
     def take(self, n: int) -> np.ndarray:
         ids = self.free[len(self.free) - n :][::-1]
         del self.free[len(self.free) - n :]

@@ -10,8 +10,8 @@ sequence's `History` (token ids and block keys).
 that need bytes moved return the (source, destination) block pairs, and the
 caller (`KVPool`) runs them on its backend before the freed blocks can be
 handed out again. Every op takes a batch, validates all of it first and
-either applies all of it or raises and changes nothing. Allocate lives in
-`seq_alloc`, append in `seq_append`, swap in `seq_swap`, integrity and
+either applies all of it or raises and changes nothing. Allocate and commit
+(the prefix-cache side) live in `seq_prefix`, append in `seq_append`, swap in `seq_swap`, integrity and
 statistics in `seq_check`, the owner index in `owners`.
 """
 
@@ -26,12 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from kvpager import seq_alloc, seq_append, seq_check, seq_swap
+from kvpager import seq_append, seq_check, seq_prefix, seq_swap
 from kvpager.block_pool import BlockPool
 from kvpager.block_table import BlockTable
 from kvpager.errors import InvalidArgument, NotOwner, SequenceSwapped, UnknownSequence
 from kvpager.history import History
 from kvpager.owners import OwnerIndex
+from kvpager.types import SequenceInfo
+from kvpager.validate import is_int
 
 #: Per-row state beside the block table: the sequence id, its owner (a code,
 #: 0 = None), tokens whose K/V is committed, blocks offered to the prefix
@@ -41,10 +43,6 @@ COLUMNS = ("seq_id", "owner", "committed", "published", "known", "swapped", "las
 
 
 ANY_OWNER = object()  # `batch` without an ownership check (None is an owner: the embedded one)
-
-
-def _is_int(v: Any) -> bool:
-    return type(v) is int or isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def _consume(it: Iterator[Any]) -> None:
@@ -113,6 +111,35 @@ class SequenceManager:
     def _duplicates(op: str | None) -> InvalidArgument:
         return InvalidArgument(f"{op or 'operation'}: duplicate sequence ids in one batch")
 
+    def owned(self, owner: Any) -> list[int]:
+        """Ids of ``owner``'s live sequences, in id order."""
+        return self.owners.ids(owner)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.rows)
+
+    def tokens_stored(self) -> int:
+        """Real tokens in in-use blocks, a shared block counted once (see `seq_check`)."""
+        return seq_check.tokens_stored(self)
+
+    def ids(self) -> list[int]:
+        """Every live sequence id, in id order."""
+        return list(self.rows)
+
+    def tables(self, seq_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Padded int32 block tables and int32 lengths of resident sequences."""
+        rows = self.lookup(seq_ids)
+        if self.num_swapped:
+            swapped = self.table.swapped[rows]
+            if np.count_nonzero(swapped):
+                raise SequenceSwapped(seq_ids[int(np.argmax(swapped))], "attend")
+        return self.table.gather(rows)
+
+    def infos(self, seq_ids: list[int]) -> list[SequenceInfo]:
+        """`SequenceInfo` of each id, its arrays read in one gather."""
+        return seq_check.infos(self, seq_ids)
+
     def owner_of(self, row: int) -> Any:
         return self.owners.owner(self.table.owner.item(row))
 
@@ -137,15 +164,15 @@ class SequenceManager:
         owner: Any = None,
         share_in_batch: bool = False,
     ) -> tuple[list[int], np.ndarray, list[int], list[int], list[int]]:
-        """New sequences holding ``prompts`` (see `seq_alloc.allocate`). Returns
+        """New sequences holding ``prompts`` (see `seq_prefix.allocate`). Returns
         their ids, every block table back to back (int64), and per sequence its
         blocks, cached tokens and tokens."""
-        return seq_alloc.allocate(self, prompts, salts, owner, share_in_batch)
+        return seq_prefix.allocate(self, prompts, salts, owner, share_in_batch)
 
     def cached_tokens(self, prompts: Seq[Seq[int] | np.ndarray], salts: Seq[str | bytes | None]) -> list[int]:
         """How many tokens of each prompt `allocate` would find cached now.
         Read-only: touches nothing, so the answer can change before an allocate."""
-        return seq_alloc.cached_tokens(self, prompts, salts)
+        return seq_prefix.cached_tokens(self, prompts, salts)
 
     # -- append / commit ------------------------------------------------------------
     def append(
@@ -162,34 +189,13 @@ class SequenceManager:
     def commit(self, seq_ids: list[int], upto: Seq[int | None]) -> list[int]:
         """Declare K/V written for tokens ``[0, upto)`` (default: all) and publish
         the full blocks whose token ids are known. Returns blocks published per sequence."""
-        bs, bt = self.block_size, self.table
-        rows = self.batch(seq_ids, "commit")
-        nt = bt.num_tokens[rows]
-        if all(u is None for u in upto):
-            ups = nt
-        else:
-            for s, u, n in zip(seq_ids, upto, nt.tolist()):
-                if u is not None and (not _is_int(u) or not 0 <= u <= n):
-                    raise InvalidArgument(f"commit: upto for sequence {s} must be in [0, {n}], got {u!r}")
-            ups = np.where([u is None for u in upto], nt, [0 if u is None else int(u) for u in upto])
-        committed = np.maximum(bt.committed[rows], ups)
-        bt.committed[rows] = committed
-        full = np.minimum(committed, bt.known[rows]) // bs
-        published = [0] * len(seq_ids)
-        todo = np.flatnonzero(full > bt.published[rows])
-        for k in todo.tolist():
-            row, f = int(rows[k]), int(full[k])
-            keys = self.history[seq_ids[k]].key_blocks(f, bs)
-            blocks = bt.table[row, int(bt.published[row]) : f].tolist()
-            published[k] = sum(map(self.pool.publish, blocks, keys[int(bt.published[row]) : f]))
-            bt.published[row] = f
-        return published
+        return seq_prefix.commit(self, seq_ids, upto)
 
     # -- fork / free / truncate ------------------------------------------------------------
     def fork(self, seq_ids: list[int], n: int) -> list[list[int]]:
         """``n`` children of each sequence, sharing every block (ref counts +1 each);
         returns their ids."""
-        if not _is_int(n) or n < 1:
+        if not is_int(n) or n < 1:
             raise InvalidArgument(f"fork: n must be an integer >= 1, got {n!r}")
         n = int(n)
         rows = self.batch(seq_ids, "fork")
@@ -232,7 +238,7 @@ class SequenceManager:
         rows = self.batch(seq_ids, "truncate")
         nt = bt.num_tokens[rows]
         for s, n, limit in zip(seq_ids, lengths, nt.tolist()):
-            if not _is_int(n) or not 0 <= n <= limit:
+            if not is_int(n) or not 0 <= n <= limit:
                 raise InvalidArgument(f"truncate: length for sequence {s} must be in [0, {limit}], got {n!r}")
         n = np.fromiter(map(int, lengths), np.int64, len(rows))
         keep = -(-n // bs)

@@ -12,6 +12,11 @@ from kvpager.errors import InvalidArgument
 from kvpager.spec import PoolSpec
 
 
+def is_int(v: Any) -> bool:
+    """An int or NumPy integer, not a bool."""
+    return type(v) is int or isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
 def seq_ids(value: int | Seq[int], what: str = "seq_ids") -> list[int]:
     """A batch of sequence ids; a single int is a batch of one."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):

@@ -1,8 +1,12 @@
-"""Allocate: new sequences sharing the longest committed prefix found in the
-prefix cache (and, on request, full blocks an earlier prompt of the same
-batch gets fresh), fresh blocks for the rest; and the read-only probe of how
-much a prompt would find cached. The hashing path: per prompt, its keys are
-computed up to the first miss."""
+"""The prefix-cache side of sequences, and the hashing path:
+
+- allocate: new sequences sharing the longest committed prefix found in the
+  prefix cache (and, on request, full blocks an earlier prompt of the same
+  batch gets fresh), fresh blocks for the rest; a prompt's keys are hashed
+  up to the first miss;
+- cached_tokens: the read-only probe of how much a prompt would find cached;
+- commit: K/V declared written; full blocks with known token ids published.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvpager.errors import OutOfBlocks
+from kvpager.errors import InvalidArgument, OutOfBlocks
 from kvpager.history import History
 from kvpager.prefix_cache import chain_keys, root_key, token_array
+from kvpager.validate import is_int
 
 if TYPE_CHECKING:
     from kvpager.sequences import SequenceManager
@@ -137,3 +142,30 @@ def cached_tokens(m: SequenceManager, prompts: Seq[Seq[int] | np.ndarray], salts
         _, hits = m.pool.match(root_key(salts[i]), tokens, bs, usable)
         out.append(len(hits) * bs)
     return out
+
+
+def commit(m: SequenceManager, seq_ids: list[int], upto: Seq[int | None]) -> list[int]:
+    """Declare K/V written for tokens ``[0, upto)`` (default: all) and publish
+    the full blocks whose token ids are known. Returns blocks published per sequence."""
+    bs, bt = m.block_size, m.table
+    rows = m.batch(seq_ids, "commit")
+    nt = bt.num_tokens[rows]
+    if all(u is None for u in upto):
+        ups = nt
+    else:
+        for s, u, n in zip(seq_ids, upto, nt.tolist()):
+            if u is not None and (not is_int(u) or not 0 <= u <= n):
+                raise InvalidArgument(f"commit: upto for sequence {s} must be in [0, {n}], got {u!r}")
+        ups = np.where([u is None for u in upto], nt, [0 if u is None else int(u) for u in upto])
+    committed = np.maximum(bt.committed[rows], ups)
+    bt.committed[rows] = committed
+    full = np.minimum(committed, bt.known[rows]) // bs
+    published = [0] * len(seq_ids)
+    todo = np.flatnonzero(full > bt.published[rows])
+    for k in todo.tolist():
+        row, f = int(rows[k]), int(full[k])
+        keys = m.history[seq_ids[k]].key_blocks(f, bs)
+        blocks = bt.table[row, int(bt.published[row]) : f].tolist()
+        published[k] = sum(map(m.pool.publish, blocks, keys[int(bt.published[row]) : f]))
+        bt.published[row] = f
+    return published
