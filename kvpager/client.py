@@ -50,6 +50,7 @@ from kvpager.errors import (
 )
 from kvpager.plan import StepPlan, make_plan
 from kvpager.protocol import (
+    RETRIED_OPS,
     VERSION,
     Reply,
     decode_allocations,
@@ -90,6 +91,8 @@ class Client(KVAccess):
             )
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        # (id, bytes, op) of a RETRIED_OPS request that timed out, until its outcome is known
+        self._unsettled: tuple[int, bytes, str] | None = None
         self._chan = Channel(self.endpoint)
         #: the session's secret: sent with every request, shown nowhere
         self.session: str | None = None
@@ -138,10 +141,41 @@ class Client(KVAccess):
                 "(KVPAGER_MAX_MESSAGE on the daemon); split the batch"
             )
         with self._lock:
-            reply = self._chan.request(body, rid, op, self.timeout)
+            self._settle()
+            reply = self._request(rid, body, op)
         if reply.error is not None:
             raise self._error(reply)
         return reply.result
+
+    def _request(self, rid: int, body: bytes, op: str) -> Reply:
+        try:
+            return self._chan.request(body, rid, op, self.timeout)
+        except RequestTimeout:
+            if op in RETRIED_OPS:
+                self._unsettled = (rid, body, op)  # it may still run: settled before the next request
+            raise
+
+    def _settle(self) -> None:
+        """The outcome of a request that timed out: sent again with the same id
+        on the reopened socket, the daemon answers with its first execution's
+        reply (or runs it now, once). What it created, the caller never learnt
+        of (it got RequestTimeout): those sequences are freed, so none is left
+        orphaned. Raises RequestTimeout again while the daemon stays silent."""
+        while self._unsettled is not None:
+            rid, body, op = self._unsettled
+            reply = self._chan.request(body, rid, op, self.timeout)
+            self._unsettled = None
+            if reply.error is not None or op not in ("allocate", "fork"):
+                continue  # nothing created; the mirror already forgot what the op touched
+            if op == "allocate":
+                created = [int(a[0]) for a in reply.result]
+            else:
+                created = [int(c) for kids in reply.result for c in kids]
+            if created:
+                log.warning("a %s that timed out was applied later: freeing its %d new sequences",
+                            op, len(created))
+                frid = next(self._ids)
+                self._request(frid, pack([VERSION, frid, self.session, "free", {"seq_ids": created}]), "free")
 
     def _error(self, reply: Reply) -> Exception:
         exc = reply.error.exception()
@@ -167,7 +201,7 @@ class Client(KVAccess):
             cuda_ipc.forget_pool(self.memory)
 
     def _heartbeat_loop(self) -> None:
-        chan, ids = Channel(self.endpoint), itertools.count(1)
+        chan, ids = Channel(self.endpoint), itertools.count(-1, -1)  # ids apart from the calls
         interval = max(0.05, self.heartbeat_timeout / 3)
         try:
             while not self._hb_stop.wait(interval):
@@ -196,6 +230,7 @@ class Client(KVAccess):
             self._staging.close()
             self._staging = None
         self._forget_session()
+        self._unsettled = None  # bye frees whatever it created
         try:
             self._call("bye", {})
         except Exception as e:

@@ -93,6 +93,13 @@ OPS: dict[str, Op] = {
         Op("bye"),
     )
 }
+#: Ops whose replies the daemon keeps per session by request id: a retry of
+#: one (same id, same bytes) after a timeout gets the first execution's reply
+#: instead of running again (see "Retries" in docs/protocol.md).
+RETRIED_OPS = frozenset({"allocate", "append", "commit", "fork", "free", "truncate", "swap_out", "swap_in"})
+#: How many such replies the daemon keeps per session (a client has one request in flight).
+KEPT_REPLIES = 4
+
 # Per op: (allowed, required) argument names, precomputed for the hot path.
 _ARGS = {name: _arg_sets(op) for name, op in OPS.items()}
 
@@ -400,6 +407,7 @@ __all__ = [
     "EXT_NDARRAY",
     "OK",
     "OPS",
+    "RETRIED_OPS",
     "VERSION",
     "ErrorInfo",
     "Op",

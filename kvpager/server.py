@@ -16,6 +16,7 @@ In-process use (tests)::
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
@@ -40,7 +41,7 @@ from kvpager.errors import (
 )
 from kvpager.limits import Limits
 from kvpager.pool import KVPool
-from kvpager.protocol import OPS, ErrorInfo, decode_request, encode_reply
+from kvpager.protocol import KEPT_REPLIES, OPS, RETRIED_OPS, ErrorInfo, decode_request, encode_reply
 from kvpager.sessions import Session, SessionTable
 from kvpager.shm import PoolMemory, sweep_stale
 from kvpager.spec import PoolSpec
@@ -273,29 +274,49 @@ class Server:
     def handle(self, body: bytes) -> bytes:
         """One request in, one reply out. Never raises."""
         self.requests += 1
-        rid, op = None, "?"
+        rid, op, session, digest = None, "?", None, None
         try:
             req = decode_request(body, self.max_message_bytes)
             rid, op = req.id, req.op
-            session = None
             if OPS[op].session or (req.session is not None and op != "hello"):
                 session = self.sessions.get(req.session)
-            self._bound(op, req.args)
-            result = self._handlers[op](session, req.args)
+            if op in RETRIED_OPS:
+                # A retry after a timeout (same id, same bytes) gets the first reply.
+                digest = hashlib.blake2b(body, digest_size=16).digest()
+                kept = session.replies.get(rid)
+                if kept is not None and kept[0] == digest:
+                    return kept[1]
+            reply = self._reply(rid, op, session, req.args)
+        except Exception as e:
+            return self._error_reply(rid, op, e)
+        if digest is not None:
+            replies = session.replies
+            replies[rid] = (digest, reply)
+            replies.move_to_end(rid)
+            if len(replies) > KEPT_REPLIES:
+                replies.popitem(last=False)
+        return reply
+
+    def _reply(self, rid: int, op: str, session: Session | None, args: dict[str, Any]) -> bytes:
+        try:
+            self._bound(op, args)
+            result = self._handlers[op](session, args)
             if self.gpu is not None and op in _DEVICE_OPS and self.pool.pending:
                 self.pool.synchronize()
             return encode_reply(rid, result)
-        except KVPagerError as e:
-            rid = getattr(e, "request_id", rid)
-            return encode_reply(rid, None, ErrorInfo.from_exception(e))
-        except (TypeError, ValueError, KeyError, IndexError, OverflowError, AttributeError) as e:
+        except Exception as e:
+            return self._error_reply(rid, op, e)
+
+    def _error_reply(self, rid: int | None, op: str, e: Exception) -> bytes:
+        if isinstance(e, KVPagerError):
+            return encode_reply(getattr(e, "request_id", rid), None, ErrorInfo.from_exception(e))
+        if isinstance(e, (TypeError, ValueError, KeyError, IndexError, OverflowError, AttributeError)):
             # KVPool validates its arguments; what slips through is still the
             # caller's malformed input, not a reason to die.
             msg = f"{op}: bad arguments: {type(e).__name__}: {e}"
             return encode_reply(rid, None, ErrorInfo("invalid_argument", msg))
-        except Exception as e:  # a bug: keep serving, say so loudly
-            log.exception("internal error in %s", op)
-            return encode_reply(rid, None, ErrorInfo.from_exception(InternalError(f"{op}: {e!r}")))
+        log.error("internal error in %s", op, exc_info=e)  # a bug: keep serving, say so loudly
+        return encode_reply(rid, None, ErrorInfo.from_exception(InternalError(f"{op}: {e!r}")))
 
     def _bound(self, op: str, a: dict[str, Any]) -> None:
         """The per-request limits: ids and tokens in one request (len() only)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,8 @@ class Session:
     last_seen: float
     staging: Any = None  # shm Segment or cuda_ipc DeviceBuffer
     num_seqs: int = 0  # live sequences it owns (allocate, fork and free keep count)
+    #: request id -> (digest of the request, reply) of its last RETRIED_OPS requests
+    replies: OrderedDict = field(default_factory=OrderedDict)
     ops: int = 0
     opened: float = field(default_factory=time.time)
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import time
 
+import msgpack
 import numpy as np
 import pytest
 from daemon_helpers import SMALL, Raw, req, running_server
 
 from kvpager.client import Client
-from kvpager.errors import InvalidArgument, LimitExceeded, NotOwner, OutOfBlocks
+from kvpager.errors import InvalidArgument, LimitExceeded, NotOwner, OutOfBlocks, RequestTimeout
 from kvpager.limits import Limits
 
 
@@ -183,3 +184,50 @@ def test_capacity_is_checked_before_hashing(monkeypatch):
             c.allocate([np.zeros(1 << 22, np.uint8)], share_in_batch=True)
         assert e.value.needed == (1 << 22) // SMALL.block_size
         assert e.value.available == SMALL.num_blocks - 1
+
+
+def test_a_retry_gets_the_first_reply(server):
+    """D11: each request carries an id; the same request again (after a
+    timeout) gets the first execution's reply and changes nothing more."""
+    with Client(server.endpoint) as c:
+        raw = Raw(server.endpoint)
+        try:
+            body = req(7, "allocate", {"prompts": [[1, 2, 3]]}, session=c.session)
+            first, again = raw.recv_raw(body), raw.recv_raw(body)
+            assert first == again
+            assert c.stats().num_sequences == 1
+            [[seq_id, *_]] = msgpack.unpackb(first, raw=False)[2]
+            free = req(8, "free", {"seq_ids": [seq_id]}, session=c.session)
+            assert raw.send(free)[1] == 0 and raw.send(free)[1] == 0  # not unknown_sequence
+            assert c.stats().num_sequences == 0
+            # the same id with other arguments is a new request, not a retry
+            assert raw.send(req(7, "allocate", {"prompts": [[4]]}, session=c.session))[1] == 0
+            assert c.stats().num_sequences == 1
+        finally:
+            raw.close()
+
+
+def test_a_timed_out_allocate_leaves_no_orphan(server, monkeypatch):
+    """D11: an allocate that timed out on the client still ran later and left
+    a sequence holding blocks until the session ended."""
+    with Client(server.endpoint) as c:
+        real = server._handlers["allocate"]
+
+        def slow(s, a):
+            time.sleep(1.0)
+            return real(s, a)
+
+        monkeypatch.setitem(server._handlers, "allocate", slow)
+        c.timeout = 0.2
+        with pytest.raises(RequestTimeout):
+            c.allocate([list(range(40))])
+        with pytest.raises(RequestTimeout):
+            c.fork(12345, 2)  # still busy: the earlier allocate is not settled yet
+        monkeypatch.setitem(server._handlers, "allocate", real)
+        c.timeout = 10
+        assert c.stats().num_sequences == 0  # settled first: the late sequence freed
+        assert c.stats().used_blocks == 0
+        [a] = c.allocate([[1, 2, 3]])
+        [[child]] = c.fork(a.seq_id)
+        assert [s.seq_id for s in c.sequences()] == [a.seq_id, child]
+        c.check_integrity()
