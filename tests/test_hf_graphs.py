@@ -13,10 +13,11 @@ pytest.importorskip("cupy")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+from test_hf_client import make_model, prompt, reference  # noqa: E402
+
 from clients.kvpager_graphs import bucket_for  # noqa: E402
 from clients.kvpager_hf import PagedGeneration, generate, spec_for_model  # noqa: E402
 from kvpager import KVPool  # noqa: E402
-from test_hf_client import make_model, prompt, reference  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
