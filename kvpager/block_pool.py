@@ -129,10 +129,12 @@ class BlockPool:
         self._free[top : top + len(ids)] = ids
         self._num_free = top + len(ids)
 
-    def get_new_blocks(self, n: int) -> np.ndarray:
+    def get_new_blocks(self, n: int, top_first: bool = False) -> np.ndarray:
         """Take ``n`` blocks (reference count 1 each; int64 ids), evicting LRU
         cached blocks if the free list is short. All or nothing: raises
-        OutOfBlocks and changes nothing if fewer than ``n`` are available."""
+        OutOfBlocks and changes nothing if fewer than ``n`` are available.
+        The free list's top comes first; when it is short, its blocks come
+        bottom first (``top_first``: top first, as one-at-a-time pops would)."""
         top = self._num_free
         if n <= top:
             ids = self._free[top - n : top][::-1].copy()
@@ -145,7 +147,8 @@ class BlockPool:
             victims = [evictable.popitem(last=False)[0] for _ in range(n - top)]
             for b in victims:
                 remove(b)
-            ids = np.concatenate([self._free[:top][::-1], np.array(victims, dtype=np.int64)])
+            free = self._free[:top][::-1] if top_first else self._free[:top]
+            ids = np.concatenate([free, np.array(victims, dtype=np.int64)])
             self._num_free = 0
         self.ref_cnt[ids] = 1
         return ids

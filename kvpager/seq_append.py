@@ -139,7 +139,7 @@ def _decode(
         available = pool.get_num_free_blocks()
         if k > available:
             raise OutOfBlocks(int(k), available)
-        new = pool.get_new_blocks(int(k))
+        new = pool.get_new_blocks(int(k), top_first=True)
         at, col = (rows, nt >> shift) if k == len(rows) else (rows[needs], nt[needs] >> shift)
         if int(col.max()) >= bt.width:
             bt.reserve_width(int(col.max()) + 1)

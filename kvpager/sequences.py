@@ -244,6 +244,7 @@ class SequenceManager:
         keep = -(-n // bs)
         old = bt.num_blocks[rows].astype(np.int64)
         drop = old - keep
+        dropped = np.zeros(0, dtype=np.int64)
         if drop.any():  # each sequence's dropped blocks, last first
             rep = np.repeat(rows, drop)
             cols = np.repeat(old - 1, drop) - (np.arange(len(rep)) - np.repeat(np.cumsum(drop) - drop, drop))
@@ -260,12 +261,18 @@ class SequenceManager:
             self.history[seq_ids[k]].truncate(int(n[k]), bs)
         bt.known[rows[cut]] = n[cut]
         # A partly filled last block that stays published as a full block would
-        # be rewritten by the next append: un-publish it if it is ours alone.
+        # be rewritten by the next append: un-publish it if it is ours alone
+        # once this sequence's blocks are dropped (sequences in batch order: a
+        # later one's drops do not count yet; append un-publishes what is left).
         part = np.flatnonzero(n % bs != 0)
         if len(part):
             last = bt.last[rows[part]]
-            for b in last[(pool.ref_cnt[last] == 1) & pool.cache.cached[last]].tolist():
-                pool.unpublish(b)
+            maybe = (pool.ref_cnt[last] <= 1) & pool.cache.cached[last]
+            if np.count_nonzero(maybe):
+                at = np.repeat(np.arange(len(rows)), drop)
+                for k, b in zip(part[maybe].tolist(), last[maybe].tolist()):
+                    if pool.ref_cnt[b] + np.count_nonzero(dropped[at > k] == b) == 1:
+                        pool.unpublish(b)
 
     # -- swap ------------------------------------------------------------------------------
     def swap_out(self, seq_ids: list[int]) -> np.ndarray:
