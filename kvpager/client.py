@@ -70,7 +70,9 @@ log = logging.getLogger("kvpager.client")
 class Client(KVAccess):
     """A session with the kvpager daemon at ``endpoint`` (default: KVPAGER_ENDPOINT,
     else the private ipc:// socket). Every call waits at most ``timeout`` seconds
-    (default KVPAGER_TIMEOUT). Raises DaemonUnavailable if nothing listens."""
+    (default KVPAGER_TIMEOUT). ``token``: the daemon's token, if it has one
+    (default KVPAGER_TOKEN, else the file KVPAGER_TOKEN_FILE). Raises
+    DaemonUnavailable if nothing listens, Unauthorized without the right token."""
 
     def __init__(
         self,
@@ -80,6 +82,7 @@ class Client(KVAccess):
         heartbeat: bool = True,
         map_pool: bool = True,
         name: str | None = None,
+        token: str | None = None,
     ):
         self.endpoint = endpoint or default_endpoint()
         self.timeout = env.timeout_s() if timeout is None else float(timeout)
@@ -103,9 +106,13 @@ class Client(KVAccess):
         # True once the session is known lost or closed: the mirror is not read
         # again (set by the heartbeat thread too, which never touches the mirror).
         self._lost = False
+        hello: dict[str, Any] = {"client": name or f"{socket.gethostname()}:{os.getpid()}",
+                                 "pid": os.getpid(), "host": socket.gethostname()}
+        token = token if token is not None else env.token()
+        if token:
+            hello["token"] = token  # a daemon with a token asks for it (docs/protocol.md, "Trust")
         try:
-            info = self._call("hello", {"client": name or f"{socket.gethostname()}:{os.getpid()}",
-                                        "pid": os.getpid(), "host": socket.gethostname()})
+            info = self._call("hello", hello)
         except RequestTimeout as e:
             self._chan.close()
             raise DaemonUnavailable(f"no kvpager daemon answers at {self.endpoint}: {e}") from None

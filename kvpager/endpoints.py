@@ -9,6 +9,7 @@ and is used only when asked for.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 import stat
@@ -52,6 +53,20 @@ def default_endpoint() -> str:
 def ipc_path(endpoint: str) -> str | None:
     """The socket file of an ``ipc://`` endpoint, else None."""
     return endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else None
+
+
+def is_local(endpoint: str) -> bool:
+    """Whether only this host can reach ``endpoint``: ipc://, inproc://, or TCP
+    bound to a loopback address."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = urlsplit(endpoint).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface or host name
 
 
 def probe(endpoint: str, timeout: float = 1.0) -> str | None:

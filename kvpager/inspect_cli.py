@@ -23,12 +23,14 @@ from kvpager.errors import (
     KVPagerError,
     RequestTimeout,
     SessionLost,
+    Unauthorized,
 )
 
 # exception type -> (exit code, hint: the next thing to try)
 HINTS: list[tuple[type[BaseException], int, str]] = [
     (DaemonUnavailable, 3, "start one with `kvpager serve`, or pass --endpoint / set KVPAGER_ENDPOINT"),
     (RequestTimeout, 4, "the daemon is busy or stuck: retry with a larger --timeout (KVPAGER_TIMEOUT)"),
+    (Unauthorized, 6, "the daemon has a token: set KVPAGER_TOKEN, or KVPAGER_TOKEN_FILE to its file"),
     (SessionLost, 5, "the daemon restarted or dropped this session: run the command again"),
     (IntegrityError, 1, "a kvpager bug: save `kvpager blocks --json` and `kvpager seqs --json` for the report"),
     (KVPagerError, 2, "see `kvpager --help`"),

@@ -71,7 +71,7 @@ def _arg_sets(op: Op) -> tuple[frozenset[str], frozenset[str]]:
 OPS: dict[str, Op] = {
     op.name: op
     for op in (
-        Op("hello", (), ("client", "pid", "host"), session=False),
+        Op("hello", (), ("client", "pid", "host", "token"), session=False),
         Op("allocate", ("prompts",), ("salt", "share_in_batch")),
         Op("cached_tokens", ("prompts",), ("salt",), session=False),
         Op("append", ("seq_ids",), ("num_tokens", "token_ids")),

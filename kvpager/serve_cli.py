@@ -89,6 +89,9 @@ def build_spec(opts: dict[str, Any]) -> PoolSpec:
 @click.option("--endpoint", default=None, help="ipc://PATH or tcp://HOST:PORT (default: private ipc socket).")
 @click.option("--heartbeat-timeout", type=float, default=None,
               help="Seconds of silence before a session's sequences are freed (KVPAGER_HEARTBEAT_TIMEOUT).")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="A file holding the secret clients must send in hello (KVPAGER_TOKEN / KVPAGER_TOKEN_FILE); "
+                   "required for a TCP endpoint beyond loopback.")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @limit_options
 def serve(**opts: Any) -> None:
@@ -100,9 +103,10 @@ def serve(**opts: Any) -> None:
 
     try:
         spec = build_spec(opts)
+        token = env.read_token_file(opts["token_file"]) if opts["token_file"] else env.token()
         limits = Limits.from_env(**{f.name: opts[f"max_{f.name}"] for f in dataclasses.fields(Limits)})
         server = Server.create(spec, opts["endpoint"], opts["device"] or default_device(),
-                               heartbeat_timeout=opts["heartbeat_timeout"], limits=limits)
+                               heartbeat_timeout=opts["heartbeat_timeout"], limits=limits, token=token)
     except KVPagerError as e:
         raise click.ClickException(str(e)) from None
 

@@ -17,6 +17,7 @@ In-process use (tests)::
 from __future__ import annotations
 
 import hashlib
+import hmac
 import itertools
 import logging
 import os
@@ -30,7 +31,7 @@ import zmq
 
 from kvpager import cuda_ipc, env, protocol
 from kvpager.backends import make_backend
-from kvpager.endpoints import default_endpoint, ipc_path, prepare_ipc_bind
+from kvpager.endpoints import default_endpoint, ipc_path, is_local, prepare_ipc_bind
 from kvpager.errors import (
     IntegrityError,
     InternalError,
@@ -38,6 +39,7 @@ from kvpager.errors import (
     KVPagerError,
     NotOwner,
     OutOfBlocks,
+    Unauthorized,
 )
 from kvpager.limits import Limits
 from kvpager.pool import KVPool
@@ -116,6 +118,7 @@ class Server:
         epoch: str | None = None,
         owns_pool: bool = False,
         limits: Limits | None = None,
+        token: str | None = None,
     ):
         self.pool = pool
         self.endpoint = endpoint or default_endpoint()
@@ -126,6 +129,8 @@ class Server:
         self._exported: dict[str, Any] | None = None
         hb = env.heartbeat_timeout_s() if heartbeat_timeout is None else float(heartbeat_timeout)
         self.limits = limits or Limits.from_env()
+        #: hello must carry this secret when set (see "Trust" in docs/protocol.md)
+        self.token = token or None
         self.sessions = SessionTable(hb, self.epoch, self.gpu, self.limits)
         self.max_message_bytes = max_message_bytes or env.max_message_bytes()
         self.owns_pool = owns_pool
@@ -165,6 +170,10 @@ class Server:
             raise
 
     def _bind(self) -> str:
+        if self.token is None and not is_local(self.endpoint):
+            raise InvalidArgument(
+                f"{self.endpoint} is reachable beyond this host: give the daemon a token "
+                "(kvpager serve --token-file FILE, or KVPAGER_TOKEN) that clients send in hello")
         prepare_ipc_bind(self.endpoint)
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.ROUTER)
@@ -185,8 +194,9 @@ class Server:
         path = ipc_path(self.endpoint)
         if path:
             os.chmod(path, 0o600)
-        elif not self.endpoint.startswith(("tcp://127.", "tcp://[::1]", "inproc://")):
-            log.warning("listening on %s: anyone who can reach it can use the pool", self.endpoint)
+        elif self.token is None and self.endpoint.startswith("tcp://"):
+            log.warning("listening on %s without a token: every local user can use the pool "
+                        "(--token-file / KVPAGER_TOKEN)", self.endpoint)
         log.info(
             "serving %s on %s (epoch %s, heartbeat timeout %.1fs)",
             self.pool.spec, self.endpoint, self.epoch, self.sessions.heartbeat_timeout,
@@ -280,6 +290,8 @@ class Server:
             rid, op = req.id, req.op
             if OPS[op].session or (req.session is not None and op != "hello"):
                 session = self.sessions.get(req.session)
+            elif self.token is not None and op != "hello":
+                raise Unauthorized(f"{op}: this daemon has a token: open a session (hello with the token) first")
             if op in RETRIED_OPS:
                 # A retry after a timeout (same id, same bytes) gets the first reply.
                 digest = hashlib.blake2b(body, digest_size=16).digest()
@@ -358,6 +370,11 @@ class Server:
 
     # -- ops ---------------------------------------------------------------------------------
     def _op_hello(self, _: None, a: dict[str, Any]) -> dict[str, Any]:
+        if self.token is not None:
+            given = a.get("token")
+            if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.token.encode()):
+                raise Unauthorized("hello: this daemon needs its token (Client(token=...), KVPAGER_TOKEN "
+                                   "or KVPAGER_TOKEN_FILE)" + ("; the one given is wrong" if given else ""))
         pid, client = a.get("pid"), a.get("client", "?")
         if not isinstance(client, str):
             raise InvalidArgument(f"hello: client must be a string, got {type(client).__name__}")

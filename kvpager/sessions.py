@@ -25,7 +25,7 @@ from typing import Any
 
 from kvpager.errors import SessionLost
 from kvpager.limits import Limits
-from kvpager.shm import Segment, segment_name
+from kvpager.shm import Segment, SegmentExists, random_tag, segment_name
 
 
 @dataclass(eq=False)
@@ -62,7 +62,6 @@ class SessionTable:
         self.sessions: dict[str, Session] = {}  # by secret id
         self.by_name: dict[str, Session] = {}
         self._serial = 0
-        self._staging_serial = 0
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -112,12 +111,22 @@ class SessionTable:
                 session.staging.close()
                 session.staging = None
                 self.staging_bytes -= held
-            self._staging_serial += 1
             if self.device is not None:
                 from kvpager.cuda_ipc import DeviceBuffer
 
                 session.staging = DeviceBuffer.create(size, self.device)
             else:
-                session.staging = Segment.create(segment_name(self.epoch, f"s{self._staging_serial}"), size)
+                session.staging = self._segment(size)
             self.staging_bytes += size
         return session.staging
+
+    def _segment(self, size: int) -> Segment:
+        """A new shared-memory staging segment under an unguessable name, created
+        exclusively; a name someone else made first is skipped."""
+        for attempt in range(3):
+            try:
+                return Segment.create(segment_name(self.epoch, random_tag()), size)
+            except SegmentExists:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")

@@ -9,16 +9,21 @@ from under the daemon.
 
 Segment names are ``kvp<pid>_<epoch8>_<tag>``: short enough for macOS (31
 bytes), and a later daemon can tell a dead daemon's leftovers by the pid.
+Staging buffers get a random tag (`random_tag`) and every segment is created
+exclusively (``O_EXCL``): another user cannot create a name first and have
+the daemon use it, nor make the next name fail by guessing it.
 """
 
 from __future__ import annotations
 
 import _posixshmem
 import contextlib
+import errno
 import logging
 import mmap
 import os
 import re
+import secrets
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from kvpager.backends.numpy_backend import NumpyBackend
-from kvpager.errors import InvalidArgument
+from kvpager.errors import BackendUnavailable, InvalidArgument
 from kvpager.spec import PoolSpec
 
 log = logging.getLogger("kvpager.shm")
@@ -44,6 +49,8 @@ class Segment:
             fd = _posixshmem.shm_open("/" + name, flags, mode=0o600)
         except FileNotFoundError:
             raise InvalidArgument(f"shared memory segment {name!r} does not exist") from None
+        except FileExistsError:
+            raise SegmentExists(f"shared memory segment {name!r} already exists (another process made it)") from None
         try:
             if create:
                 os.ftruncate(fd, size)
@@ -56,9 +63,14 @@ class Segment:
                 if actual < size:
                     raise InvalidArgument(f"shared memory segment {name!r} has {actual} bytes, expected {size}")
             self._mmap = mmap.mmap(fd, size)
-        except BaseException:
+        except BaseException as e:
             if create:
                 _posixshmem.shm_unlink("/" + name)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.ENOMEM):
+                raise BackendUnavailable(
+                    f"no room in shared memory (/dev/shm) for {size} bytes ({name}): in a container, "
+                    "give it more (docker run --shm-size=16g, or --ipc=host), or make the pool smaller "
+                    "(kvpager serve --blocks / --memory, fewer --host-blocks)") from None
             raise
         finally:
             os.close(fd)
@@ -108,8 +120,17 @@ def _unlink(name: str) -> None:
         _posixshmem.shm_unlink("/" + name)
 
 
+class SegmentExists(BackendUnavailable):
+    """A segment to create exclusively already exists."""
+
+
 def segment_name(epoch: str, tag: str) -> str:
     return f"kvp{os.getpid()}_{epoch[:8]}_{tag}"
+
+
+def random_tag(prefix: str = "s") -> str:
+    """An unguessable segment tag (80 random bits; names stay under 31 bytes)."""
+    return prefix + secrets.token_hex(5)
 
 
 def sweep_stale() -> list[str]:

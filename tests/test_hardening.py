@@ -5,16 +5,28 @@ against a CPU daemon; bounded waits, free endpoints."""
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import msgpack
 import numpy as np
 import pytest
-from daemon_helpers import SMALL, Raw, req, running_server
+from daemon_helpers import SMALL, Raw, free_tcp_endpoint, req, running_server
 
+from kvpager import sessions, shm
 from kvpager.client import Client
-from kvpager.errors import InvalidArgument, LimitExceeded, NotOwner, OutOfBlocks, RequestTimeout
+from kvpager.errors import (
+    BackendUnavailable,
+    InvalidArgument,
+    LimitExceeded,
+    NotOwner,
+    OutOfBlocks,
+    RequestTimeout,
+    Unauthorized,
+)
 from kvpager.limits import Limits
+from kvpager.server import Server
+from kvpager.shm import Segment
 
 
 @pytest.fixture
@@ -231,3 +243,61 @@ def test_a_timed_out_allocate_leaves_no_orphan(server, monkeypatch):
         [[child]] = c.fork(a.seq_id)
         assert [s.seq_id for s in c.sequences()] == [a.seq_id, child]
         c.check_integrity()
+
+
+TOKEN = "a-test-token-of-enough-length-0123"
+
+
+def test_tcp_with_a_token():
+    """D7: over loopback TCP any local user could read and write others' data."""
+    with running_server(SMALL, endpoint=free_tcp_endpoint(), token=TOKEN) as server:
+        for token in (None, "", "wrong-token-wrong-token"):
+            with pytest.raises(Unauthorized, match="token"):
+                Client(server.endpoint, token=token, heartbeat=False)
+        raw = Raw(server.endpoint)
+        try:
+            for rid, op in enumerate(("stats", "sequences", "blocks", "check", "tables", "cached_tokens")):
+                args = {"seq_ids": [1]} if op == "tables" else {"prompts": [[1]]} if op == "cached_tokens" else {}
+                assert raw.send(req(rid, op, args))[2]["code"] == "unauthorized"
+        finally:
+            raw.close()
+        with Client(server.endpoint, token=TOKEN) as c:
+            [a] = c.allocate([[1, 2, 3]])
+            assert c.sequence(a.seq_id).num_tokens == 3
+    # on loopback a token is optional
+    with running_server(SMALL, endpoint=free_tcp_endpoint()) as server, Client(server.endpoint) as c:
+        c.stats()
+
+
+def test_a_token_is_required_beyond_loopback(monkeypatch):
+    monkeypatch.delenv("KVPAGER_TOKEN", raising=False)
+    for endpoint in ("tcp://0.0.0.0:0", "tcp://*:0"):
+        with pytest.raises(InvalidArgument, match="token"):
+            Server.create(SMALL, endpoint).bind()
+    with running_server(SMALL, endpoint="tcp://0.0.0.0:0", token=TOKEN) as server:
+        port = server.endpoint.rsplit(":", 1)[1]
+        with Client(f"tcp://127.0.0.1:{port}", token=TOKEN) as c:
+            c.stats()
+
+
+def test_staging_segments_cannot_be_taken_first(server, monkeypatch):
+    """D7: staging segment names were predictable, so another user could
+    create them first; the next staging request then failed with `internal`."""
+    pid, epoch = os.getpid(), server.epoch[:8]
+    squatted = [Segment.create(f"kvp{pid}_{epoch}_s{n}", 4096) for n in range(1, 6)]
+    try:
+        with Client(server.endpoint) as c:
+            stage = c._stage(1000)
+            assert stage.name not in {s.name for s in squatted}
+            assert re.fullmatch(rf"kvp{pid}_{epoch}_s[0-9a-f]{{10}}", stage.name)
+            # a name taken every time: a typed error, never `internal`
+            monkeypatch.setattr(shm, "random_tag", lambda: "s1")
+            monkeypatch.setattr(sessions, "random_tag", lambda: "s1")
+            c._staging.close()
+            c._staging = None
+            with pytest.raises(BackendUnavailable, match="already exists"):
+                c._stage(1 << 22)
+            c.check_integrity()
+    finally:
+        for s in squatted:
+            s.close()
