@@ -12,7 +12,13 @@ What is timed (each op checked for correctness first):
   arrays back, as `append` returns);
 - append_flat x256: the same step with every slot in one array back
   (`append_flat`, what a batched worker takes);
-- throughput: N client processes each doing append x1 in a loop.
+- throughput: N client processes each doing append x1 in a loop;
+- raw append x1 / x256: the daemon's append round trip from a bare DEALER
+  socket with msgpack, as the echo is timed (no `Client`: its own work, such
+  as following its sequences' tables, stays out);
+- daemon share: `Server.handle` of the same append requests in this process,
+  no socket (decode, ownership check, allocator, encode): what the daemon
+  adds to a round trip besides transport and the client's own work.
 Sequences are cut back (untimed) every few hundred steps so block tables stay
 decode-sized; the in-process column runs the same schedule on a `KVPool`.
 """
@@ -115,6 +121,37 @@ def bare(endpoint: str, iters: int, clients: list[int], seconds: float) -> tuple
     return _percentiles(lat), tput
 
 
+def raw(endpoint: str, iters: int, batch: int) -> dict[str, tuple[float, float]]:
+    """Append round trips to the daemon from a bare DEALER socket (no Client)."""
+    import msgpack
+    import zmq
+
+    from kvpager.protocol import VERSION, pack
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    ids = iter(range(1, 10**9))
+
+    def call(op, args, session=None, body=None):
+        sock.send(body or pack([VERSION, next(ids), session, op, args]))
+        reply = msgpack.unpackb(sock.recv(), strict_map_key=False)
+        assert reply[1] == 0, reply
+        return reply[2]
+
+    session = call("hello", {"client": "bench-raw", "pid": os.getpid()})["session"]
+    out = {}
+    for n in (1, batch):
+        seqs = [a[0] for a in call("allocate", {"prompts": [PROMPT] * n}, session)]
+        step = pack([VERSION, 7, session, "append", {"seq_ids": seqs}])
+        assert len(call(None, None, body=step)) == 8 * n, "append returned wrong slots"
+        cut = pack([VERSION, 8, session, "truncate", {"seq_ids": seqs, "lengths": len(PROMPT)}])
+        out[f"raw append x{n}"] = _percentiles(_time_steps(
+            lambda step=step: call(None, None, body=step), lambda cut=cut: call(None, None, body=cut), iters))
+    sock.close()
+    return out
+
+
 def pool_ops(pool, batch: int):
     """(single step, cut, batched step, cut, flat batched step) for a KVPool or a
     Client, checked once."""
@@ -195,6 +232,31 @@ def throughput(endpoint: str, clients: int, seconds: float, worker=_throughput_w
     return total / seconds
 
 
+def handle_cost(iters: int, batch: int) -> dict[str, tuple[float, float]]:
+    """p50 / p99 of `Server.handle` for append requests (no socket)."""
+    from kvpager import protocol
+    from kvpager.server import Server
+
+    server = Server(KVPool(SPEC), "ipc:///nonexistent/bench.sock")
+    ids = iter(range(1, 10**9))
+
+    def call(op, args, session=None):
+        reply = protocol.unpack(server.handle(protocol.pack([protocol.VERSION, next(ids), session, op, args])))
+        assert reply[1] == 0, reply
+        return reply[2]
+
+    session = call("hello", {"client": "bench", "pid": os.getpid()})["session"]
+    out = {}
+    for n in (1, batch):
+        seqs = [a[0] for a in call("allocate", {"prompts": [PROMPT] * n}, session)]
+        step = protocol.pack([protocol.VERSION, 7, session, "append", {"seq_ids": seqs}])
+        cut = protocol.pack([protocol.VERSION, 8, session, "truncate", {"seq_ids": seqs, "lengths": len(PROMPT)}])
+        assert len(protocol.unpack(server.handle(step))[2]) == 8 * n, "append returned wrong slots"
+        out[f"append x{n}"] = _percentiles(_time_steps(lambda step=step: server.handle(step),
+                                                       lambda cut=cut: server.handle(cut), iters))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -208,9 +270,10 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp(prefix="kvpb", dir="/tmp")
     embedded = latencies(KVPool(SPEC), args.iters, args.batch)
+    handled = handle_cost(args.iters, args.batch)
     rows, result = [], {"machine": f"{os.cpu_count()}-core CPU, {platform.python_implementation()} "
                                    f"{platform.python_version()}", "date": str(date.today()),
-                        "in_process": embedded, "transports": {}}
+                        "in_process": embedded, "daemon_handle": handled, "transports": {}}
     for name, endpoint in (("ipc", f"ipc://{tmp}/bench.sock"), ("tcp", "tcp://127.0.0.1:*")):
         counts = [int(x) for x in args.clients.split(",")] if name == "ipc" else []
         bare_lat, bare_tput = bare(endpoint if name == "tcp" else f"ipc://{tmp}/echo.sock", args.iters,
@@ -221,6 +284,7 @@ def main() -> None:
             while time.monotonic() < warm:
                 c.heartbeat()
             lat = latencies(c, args.iters, args.batch)
+        lat.update(raw(ep, args.iters, args.batch))
         tput = {n: throughput(ep, n, args.seconds) for n in counts}
         proc.terminate()
         proc.join(10)
@@ -235,6 +299,8 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     print(f"machine: {result['machine']}; date: {result['date']}")
+    print("daemon share, Server.handle without a socket: " + "; ".join(
+        f"{op} p50 {p50:.1f} us, p99 {p99:.1f} us" for op, (p50, p99) in handled.items()))
     print("| transport | measurement | p50 us | p99 us | in-process p50 us | daemon / in-process |")
     print("|---|---|---:|---:|---:|---:|")
     for name, what, val, emb in rows:
