@@ -100,13 +100,17 @@ def probe(endpoint: str, timeout: float = 1.0) -> str | None:
 
 def prepare_ipc_bind(endpoint: str) -> None:
     """Before binding an ipc:// endpoint: refuse if a daemon already listens
-    there; remove a stale socket file left by one that died."""
+    there, or if the path is anything but a socket; remove a stale socket file
+    left by one that died."""
     path = ipc_path(endpoint)
     if path is None:
         return
     if path == os.path.join(env.runtime_dir(), SOCKET_NAME):
         ensure_runtime_dir(os.path.dirname(path))
-    if os.path.exists(path):
+    if os.path.lexists(path):
+        if not is_socket(path):
+            raise InvalidArgument(f"{path} exists and is not a socket; refusing to remove it: "
+                                  "choose another --endpoint")
         if probe(endpoint) is None:
             raise InvalidArgument(f"another daemon already listens at {endpoint}")
         try:
@@ -114,3 +118,12 @@ def prepare_ipc_bind(endpoint: str) -> None:
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise InvalidArgument(f"cannot remove stale socket {path}: {e}") from None
+
+
+def is_socket(path: str) -> bool:
+    """Whether ``path`` itself (not a symlink's target) is a socket file: the
+    only thing the daemon ever unlinks at an ipc:// endpoint."""
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False

@@ -16,6 +16,7 @@ In-process use (tests)::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -31,7 +32,7 @@ import zmq
 
 from kvpager import cuda_ipc, env, protocol
 from kvpager.backends import make_backend
-from kvpager.endpoints import default_endpoint, ipc_path, is_local, prepare_ipc_bind
+from kvpager.endpoints import default_endpoint, ipc_path, is_local, is_socket, prepare_ipc_bind
 from kvpager.errors import (
     IntegrityError,
     InternalError,
@@ -239,8 +240,9 @@ class Server:
             self._sock = None
             self._ctx.term()
             path = ipc_path(self.endpoint)
-            if path and os.path.exists(path):
-                os.unlink(path)
+            if path and is_socket(path):  # never anything else found there
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         if self.memory is not None:
             self.memory.close()
             self.memory = None

@@ -6,12 +6,22 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import time
 
 import msgpack
 import numpy as np
 import pytest
-from daemon_helpers import SMALL, Raw, free_tcp_endpoint, req, running_server
+from daemon_helpers import (
+    SMALL,
+    Raw,
+    free_tcp_endpoint,
+    req,
+    running_server,
+    subprocess_env,
+    wait_until,
+)
 
 from kvpager import sessions, shm
 from kvpager.client import Client
@@ -301,3 +311,52 @@ def test_staging_segments_cannot_be_taken_first(server, monkeypatch):
     finally:
         for s in squatted:
             s.close()
+
+
+def test_an_ipc_endpoint_never_removes_what_is_not_a_socket(tmp_path):
+    """D8: `serve --endpoint ipc://PATH` deleted PATH when it was a regular file."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("data")
+    link = tmp_path / "link.sock"
+    link.symlink_to(precious)
+    for path in (precious, link, tmp_path):
+        with pytest.raises(InvalidArgument, match="not a socket"):
+            Server.create(SMALL, f"ipc://{path}").bind()
+    assert precious.read_text() == "data" and link.is_symlink()
+    code = subprocess.run(
+        [sys.executable, "-m", "kvpager", "serve", "--layers", "1", "--kv-heads", "1", "--head-dim", "16",
+         "--blocks", "8", "--device", "cpu", "--endpoint", f"ipc://{precious}"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert code.returncode != 0 and "not a socket" in code.stderr and "Traceback" not in code.stderr
+    assert precious.read_text() == "data"
+
+
+def test_many_sessions_expiring_at_once_do_not_stall_the_loop():
+    """D10: ending a session scanned every sequence: 900 sessions expiring at
+    once stalled the loop for seconds. Ending one costs its own sequences."""
+    with running_server(SMALL, heartbeat_timeout=1.5) as server, Client(server.endpoint, timeout=30) as healthy:
+        healthy.allocate([[]] * 60_000)  # many live sequences: no blocks needed
+        raw = Raw(server.endpoint)
+        try:
+            for rid in range(600):
+                session = raw.send(req(2 * rid, "hello", {}))[2]["session"]
+                assert raw.send(req(2 * rid + 1, "allocate", {"prompts": [[]] * 10}, session=session))[1] == 0
+        finally:
+            raw.close()
+        passes = []
+        real = server.expire
+
+        def timed():
+            t0 = time.monotonic()
+            n = len(server.sessions)
+            real()
+            if len(server.sessions) < n:
+                passes.append((n - len(server.sessions), time.monotonic() - t0))
+
+        server.expire = timed
+        assert wait_until(lambda: len(server.sessions) == 1, timeout=30)
+        assert sum(n for n, _ in passes) == 600
+        assert max(s for _, s in passes) < 1.0, passes
+        healthy.heartbeat()
+        assert healthy.stats().num_sequences == 60_000
+        healthy.check_integrity()
