@@ -51,6 +51,7 @@ from kvpager.errors import (
 from kvpager.plan import StepPlan, make_plan
 from kvpager.protocol import (
     RETRIED_OPS,
+    SEQUENCES_PAGE,
     VERSION,
     Reply,
     decode_allocations,
@@ -390,8 +391,15 @@ class Client(KVAccess):
         return decode_info(self._call("sequences", {"seq_ids": [seq_id]})[0])
 
     def sequences(self) -> list[SequenceInfo]:
-        """Every live sequence of every session, in id order."""
-        return [decode_info(d) for d in self._call("sequences", {})]
+        """Every live sequence of every session, in id order (asked a page at a
+        time, so the daemon never spends long on one request)."""
+        out: list[SequenceInfo] = []
+        while True:
+            after = out[-1].seq_id if out else -1
+            page = self._call("sequences", {"after": after, "limit": SEQUENCES_PAGE})
+            out.extend(decode_info(d) for d in page)
+            if len(page) < SEQUENCES_PAGE:
+                return out
 
     def blocks(self) -> BlockMap:
         return decode_blocks(self._call("blocks", {}))

@@ -85,7 +85,7 @@ OPS: dict[str, Op] = {
         Op("write", ("layer", "slots", "k", "v")),
         Op("attend", ("layer", "seq_ids", "q", "out"), ("query_lens", "scale")),
         Op("tables", ("seq_ids",), (), session=False),
-        Op("sequences", (), ("seq_ids",), session=False),
+        Op("sequences", (), ("seq_ids", "owner", "after", "limit"), session=False),
         Op("blocks", (), (), session=False),
         Op("stats", (), (), session=False),
         Op("check", (), (), session=False),
@@ -97,6 +97,8 @@ OPS: dict[str, Op] = {
 #: one (same id, same bytes) after a timeout gets the first execution's reply
 #: instead of running again (see "Retries" in docs/protocol.md).
 RETRIED_OPS = frozenset({"allocate", "append", "commit", "fork", "free", "truncate", "swap_out", "swap_in"})
+#: Most sequences one `sequences` request lists (a page; see docs/protocol.md).
+SEQUENCES_PAGE = 4096
 #: How many such replies the daemon keeps per session (a client has one request in flight).
 KEPT_REPLIES = 4
 

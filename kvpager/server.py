@@ -16,6 +16,7 @@ In-process use (tests)::
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import hmac
@@ -38,13 +39,22 @@ from kvpager.errors import (
     InternalError,
     InvalidArgument,
     KVPagerError,
+    LimitExceeded,
     NotOwner,
     OutOfBlocks,
     Unauthorized,
 )
 from kvpager.limits import Limits
 from kvpager.pool import KVPool
-from kvpager.protocol import KEPT_REPLIES, OPS, RETRIED_OPS, ErrorInfo, decode_request, encode_reply
+from kvpager.protocol import (
+    KEPT_REPLIES,
+    OPS,
+    RETRIED_OPS,
+    SEQUENCES_PAGE,
+    ErrorInfo,
+    decode_request,
+    encode_reply,
+)
 from kvpager.sessions import Session, SessionTable
 from kvpager.shm import PoolMemory, sweep_stale
 from kvpager.spec import PoolSpec
@@ -536,11 +546,23 @@ class Server:
         return list(self.pool.tables(_ids(a["seq_ids"])))
 
     def _op_sequences(self, s: Session | None, a: dict[str, Any]) -> list[dict[str, Any]]:
-        if a.get("seq_ids") is None:
-            # One session's list (an "owner" argument) is read from the pool's owner index.
-            infos = self.pool.sequences(a["owner"]) if "owner" in a else self.pool.sequences()
+        # A page at a time: a SequenceInfo costs microseconds on the loop's thread.
+        limit = _int(a.get("limit", SEQUENCES_PAGE), "limit")
+        if not 1 <= limit <= SEQUENCES_PAGE:
+            raise InvalidArgument(f"sequences: limit must be in [1, {SEQUENCES_PAGE}], got {limit}")
+        if a.get("seq_ids") is not None:
+            ids = _ids(a["seq_ids"])
+            if len(ids) > limit:
+                raise LimitExceeded(f"sequences: {len(ids)} ids in one request; at most {limit} "
+                                    "(ask for pages: after / limit)", "ids", len(ids), limit)
         else:
-            infos = [self.pool.sequence(i) for i in _ids(a["seq_ids"])]
+            owner = a.get("owner")
+            if owner is not None:
+                ids = self.pool.owned(owner)  # a session name
+            else:
+                ids = sorted(itertools.chain.from_iterable(map(self.pool.owned, self.pool.owners())))
+            ids = ids[bisect.bisect_right(ids, _int(a.get("after", -1), "after")):][:limit]
+        infos = [self.pool.sequence(i) for i in ids]
         # Owners are public session names; the pid says which worker it is.
         by_name = self.sessions.by_name
         out = []

@@ -360,3 +360,16 @@ def test_many_sessions_expiring_at_once_do_not_stall_the_loop():
         healthy.heartbeat()
         assert healthy.stats().num_sequences == 60_000
         healthy.check_integrity()
+
+
+def test_sequences_come_a_page_at_a_time(server):
+    """D9: a `sequences` call with a million ids kept the loop busy for 11 s."""
+    with Client(server.endpoint) as c, Client(server.endpoint) as d:
+        mine = [a.seq_id for a in c.allocate([[]] * 5000)]
+        theirs = [a.seq_id for a in d.allocate([[]] * 10)]
+        assert [s.seq_id for s in d.sequences()] == sorted(mine + theirs)
+        with pytest.raises(LimitExceeded, match="pages"):
+            d._call("sequences", {"seq_ids": mine})
+        page = d._call("sequences", {"owner": d.session_name, "after": theirs[3], "limit": 4})
+        assert [x["seq_id"] for x in page] == theirs[4:8]
+        assert len(d._call("sequences", {})) == 4096  # an older client: the first page
