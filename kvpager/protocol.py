@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -176,13 +177,18 @@ def _ext_hook(code: int, data: bytes) -> Any:
     raise ProtocolError(f"unknown msgpack ext type {code}")
 
 
-_packer = msgpack.Packer(default=_default, use_bin_type=True, autoreset=True)
+# A Packer keeps its buffer between calls, so one per thread: a daemon in a
+# thread and its clients in others (tests, in-process use) pack at once.
+_packers = threading.local()
 
 
 def pack(value: Any) -> bytes:
     """One msgpack message, NumPy arrays as ExtType."""
+    packer = getattr(_packers, "packer", None)
+    if packer is None:
+        packer = _packers.packer = msgpack.Packer(default=_default, use_bin_type=True, autoreset=True)
     try:
-        return _packer.pack(value)
+        return packer.pack(value)
     except TypeError as e:
         raise InvalidArgument(str(e)) from None
 

@@ -334,8 +334,10 @@ def test_an_ipc_endpoint_never_removes_what_is_not_a_socket(tmp_path):
 def test_many_sessions_expiring_at_once_do_not_stall_the_loop():
     """D10: ending a session scanned every sequence: 900 sessions expiring at
     once stalled the loop for seconds. Ending one costs its own sequences."""
-    with running_server(SMALL, heartbeat_timeout=1.5) as server, Client(server.endpoint, timeout=30) as healthy:
+    with running_server(SMALL, heartbeat_timeout=3.0) as server, \
+            Client(server.endpoint, timeout=30) as healthy, Client(server.endpoint, timeout=30) as other:
         healthy.allocate([[]] * 60_000)  # many live sequences: no blocks needed
+        other.allocate([[]] * 60_000)
         raw = Raw(server.endpoint)
         try:
             for rid in range(600):
@@ -354,11 +356,11 @@ def test_many_sessions_expiring_at_once_do_not_stall_the_loop():
                 passes.append((n - len(server.sessions), time.monotonic() - t0))
 
         server.expire = timed
-        assert wait_until(lambda: len(server.sessions) == 1, timeout=30)
+        assert wait_until(lambda: len(server.sessions) == 2, timeout=60), (len(server.sessions), passes)
         assert sum(n for n, _ in passes) == 600
-        assert max(s for _, s in passes) < 1.0, passes
+        assert max(s for _, s in passes) < 1.5, passes
         healthy.heartbeat()
-        assert healthy.stats().num_sequences == 60_000
+        assert healthy.stats().num_sequences == 120_000
         healthy.check_integrity()
 
 
