@@ -107,13 +107,20 @@ class Client(KVAccess):
         # True once the session is known lost or closed: the mirror is not read
         # again (set by the heartbeat thread too, which never touches the mirror).
         self._lost = False
-        hello: dict[str, Any] = {"client": name or f"{socket.gethostname()}:{os.getpid()}",
-                                 "pid": os.getpid(), "host": socket.gethostname()}
+        self._hello_args: dict[str, Any] = {"client": name or f"{socket.gethostname()}:{os.getpid()}",
+                                            "pid": os.getpid(), "host": socket.gethostname()}
         token = token if token is not None else env.token()
         if token:
-            hello["token"] = token  # a daemon with a token asks for it (docs/protocol.md, "Trust")
+            self._hello_args["token"] = token  # a daemon with a token asks for it (docs/protocol.md, "Trust")
+        self._want_map, self._want_heartbeat = map_pool, heartbeat
+        self._hb_stop = threading.Event()
+        self._hb: threading.Thread | None = None
+        self._hello()
+
+    def _hello(self) -> None:
+        """Open a session: its secret, the pool's geometry and memory, heartbeats."""
         try:
-            info = self._call("hello", hello)
+            info = self._call("hello", self._hello_args)
         except RequestTimeout as e:
             self._chan.close()
             raise DaemonUnavailable(f"no kvpager daemon answers at {self.endpoint}: {e}") from None
@@ -127,15 +134,35 @@ class Client(KVAccess):
         self.server_pid: int | None = info.get("server_pid")
         self.gpu = self.memory.get("kind") == "cuda_ipc"
         self._mirror = TableMirror(self.spec.block_size)  # this session's block tables
-        self.map_pool = map_pool and self.memory.get("kind") in ("shm", "cuda_ipc")
+        self.map_pool = self._want_map and self.memory.get("kind") in ("shm", "cuda_ipc")
         self._mapped: Any = None  # NumpyBackend (shm) or CupyBackend (cuda_ipc) over the pool
         self._staging: Any = None  # shm Segment or cuda_ipc DeviceBuffer
         self._device_index: int | None = None
-        self._hb_stop = threading.Event()
-        self._hb: threading.Thread | None = None
-        if heartbeat:
+        if self._want_heartbeat:
+            self._hb_stop = threading.Event()
             self._hb = threading.Thread(target=self._heartbeat_loop, name="kvpager-heartbeat", daemon=True)
             self._hb.start()
+
+    def reconnect(self) -> None:
+        """A new session after `SessionLost` (the daemon restarted, or dropped this
+        session): the old session's sequences are gone, and so is everything
+        mapped from a restarted daemon; this client's ids, tables and mappings
+        start afresh from the new hello."""
+        if self._closed:
+            raise SessionLost("this client is closed")
+        self._hb_stop.set()
+        if self._hb is not None:
+            self._hb.join(5)
+            self._hb = None
+        if self._staging is not None:
+            self._staging.close()
+        self._forget_session()
+        self._forget_memory()
+        self._unsettled = None
+        self._chan.reset()
+        self.session = self.session_name = None
+        self._lost = False
+        self._hello()
 
     # -- transport ------------------------------------------------------------------------------
     def _call(self, op: str, args: dict[str, Any]) -> Any:

@@ -17,6 +17,7 @@ from daemon_helpers import (
     SMALL,
     Raw,
     free_tcp_endpoint,
+    ipc_endpoint,
     req,
     running_server,
     subprocess_env,
@@ -32,6 +33,7 @@ from kvpager.errors import (
     NotOwner,
     OutOfBlocks,
     RequestTimeout,
+    SessionLost,
     Unauthorized,
 )
 from kvpager.limits import Limits
@@ -375,3 +377,32 @@ def test_sequences_come_a_page_at_a_time(server):
         page = d._call("sequences", {"owner": d.session_name, "after": theirs[3], "limit": 4})
         assert [x["seq_id"] for x in page] == theirs[4:8]
         assert len(d._call("sequences", {})) == 4096  # an older client: the first page
+
+
+def test_clients_of_a_restarted_daemon_reconnect_to_a_fresh_pool():
+    """Restart: SessionLost, then a reconnect; nothing cached before the
+    restart is served (new epoch, new pool memory, empty prefix cache)."""
+    endpoint, _ = ipc_endpoint()
+    prompt = list(range(40))
+    with running_server(SMALL, endpoint=endpoint, heartbeat_timeout=30):
+        c = Client(endpoint)
+        [a] = c.allocate([prompt])
+        for layer in range(SMALL.num_layers):
+            c.write(layer, a.slots, *_kv(len(a.slots), 1.0))
+        c.commit(a.seq_id)
+        old_epoch, old_memory = c.epoch, c.memory
+    with running_server(SMALL, endpoint=endpoint, heartbeat_timeout=30) as second:
+        with pytest.raises(SessionLost, match="restarted"):
+            c.allocate([prompt])
+        c.reconnect()
+        try:
+            assert c.epoch == second.epoch != old_epoch and c.memory != old_memory
+            [b] = c.allocate([prompt])
+            assert b.num_cached_tokens == 0 and c.cached_tokens([prompt]) == [0]
+            c.write(0, b.slots, *_kv(len(b.slots), 3.0))
+            k, _ = second.pool.kv(0)
+            assert (k[list(b.block_table[:2])] == 3.0).all()  # the new pool, mapped anew
+            assert [s.seq_id for s in c.sequences()] == [b.seq_id]
+            c.check_integrity()
+        finally:
+            c.close()
