@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kvpager import KVPool, PoolSpec  # noqa: E402
+from kvpager.plan import check_queries, to_numpy  # noqa: E402
 
 
 def per_call_us(fn, n: int) -> float:
@@ -58,6 +59,12 @@ def main() -> None:
     slots = pool.append_flat(ids, 1)
     rows = []
     rows.append(("plan, 256 sequences (decode step)", per_call_us(lambda: pool.plan(ids, None, slots), 50)))
+    tables, lens = pool.tables(ids)
+    ql, sl = check_queries(spec, lens, None, slots)
+    rows.append(("  of which KVPool.tables (gather)", per_call_us(lambda: pool.tables(ids), 50)))
+    rows.append(("  of which check_queries (slots)", per_call_us(lambda: check_queries(spec, lens, None, slots), 50)))
+    rows.append(("  of which backend.plan (pack, upload)",
+                 per_call_us(lambda: pool.backend.plan(tables, lens, ql, sl), 50)))
     plan = pool.plan(ids, None, slots, num_q_heads=32)
     k = torch.randn(256, 8, 128, device=dev).to(torch.bfloat16)
     q = torch.randn(256, 32, 128, device=dev).to(torch.bfloat16)
@@ -72,16 +79,16 @@ def main() -> None:
             torch.cuda._sleep(2_000_000_000 // 1000 * 100)  # ~0.1 s of GPU work ahead of the calls
 
     busy()
-    rows.append(("plan.write per layer (torch k, v)", per_call_us(lambda: plan.write(3, k, k), n)))
+    rows.append(("plan.write per layer (torch k, v)", per_call_us(lambda: plan.write(1, k, k), n)))
     busy()
-    rows.append(("plan.attend per layer (torch q, out given)", per_call_us(lambda: plan.attend(3, q, out=out), n)))
+    rows.append(("plan.attend per layer (torch q, out given)", per_call_us(lambda: plan.attend(1, q, out=out), n)))
     busy()
-    rows.append(("plan.attend per layer (torch q, new out)", per_call_us(lambda: plan.attend(3, q), n)))
+    rows.append(("plan.attend per layer (torch q, new out)", per_call_us(lambda: plan.attend(1, q), n)))
     if gpu:
         torch.cuda.synchronize()
-    qp = q if gpu else q
+    qp = q if gpu else to_numpy(q, "q", spec.np_dtype)[0]
     rows.append(("KVPool.attend per layer (a plan each call)",
-                 per_call_us(lambda: pool.attend(3, ids, qp), 10 if gpu else 2)))
+                 per_call_us(lambda: pool.attend(1, ids, qp), 10 if gpu else 2)))
     if gpu:
         torch.cuda.synchronize()
     pool.free(ids)
