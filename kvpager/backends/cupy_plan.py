@@ -119,11 +119,12 @@ class CupyPlan(StepPlan):
             item_seq[:] = np.repeat(np.arange(nseq, dtype=np.int32), query_lens)
             j = np.arange(self.items, dtype=np.int32) - np.repeat(starts, query_lens).astype(np.int32)
             item_len[:] = np.repeat(seq_lens - query_lens, query_lens) + j + 1
-        for name, arr in (("seq_lens", seq_lens), ("query_lens", query_lens),
-                          ("q_start", np.cumsum(query_lens) - query_lens)):
-            view = self._view(name, self.rows)
-            view[:nseq] = arr
-            view[nseq:] = 0
+        if not self.decode:  # the per-sequence fields only the multi-token kernel reads
+            for name, arr in (("seq_lens", seq_lens), ("query_lens", query_lens),
+                              ("q_start", np.cumsum(query_lens) - query_lens)):
+                view = self._view(name, self.rows)
+                view[:nseq] = arr
+                view[nseq:] = 0
         s = self._host[4 * self._n32 :].view(np.int64)
         if slots is not None:
             s[: len(slots)] = slots
