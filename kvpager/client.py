@@ -39,7 +39,7 @@ from kvpager import cuda_ipc, env
 from kvpager.channel import Channel
 from kvpager.client_kv import KVAccess
 from kvpager.client_tables import TableMirror, id_list
-from kvpager.endpoints import default_endpoint, probe
+from kvpager.endpoints import check_endpoint, default_endpoint, probe
 from kvpager.errors import (
     DaemonUnavailable,
     InternalError,
@@ -85,8 +85,10 @@ class Client(KVAccess):
         name: str | None = None,
         token: str | None = None,
     ):
-        self.endpoint = endpoint or default_endpoint()
+        self.endpoint = check_endpoint(endpoint or default_endpoint())
         self.timeout = env.timeout_s() if timeout is None else float(timeout)
+        if not 0 < self.timeout < float("inf"):
+            raise InvalidArgument(f"timeout must be a positive number of seconds, got {timeout!r}")
         why = probe(self.endpoint)
         if why is not None:
             raise DaemonUnavailable(

@@ -13,6 +13,7 @@ import ipaddress
 import os
 import socket
 import stat
+from typing import Any
 from urllib.parse import urlsplit
 
 from kvpager import env
@@ -53,6 +54,24 @@ def default_endpoint() -> str:
 def ipc_path(endpoint: str) -> str | None:
     """The socket file of an ``ipc://`` endpoint, else None."""
     return endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else None
+
+
+def check_endpoint(endpoint: Any, bind: bool = False) -> str:
+    """``endpoint`` if it is one kvpager uses: ``ipc://PATH``, ``tcp://HOST:PORT``
+    (``*`` / port 0 only to bind) or ``inproc://NAME``; else InvalidArgument."""
+    if not isinstance(endpoint, str) or "://" not in endpoint:
+        raise InvalidArgument(f"endpoint {endpoint!r} must look like ipc:///PATH or tcp://HOST:PORT")
+    scheme, rest = endpoint.split("://", 1)
+    if scheme in ("ipc", "inproc") and rest:
+        return endpoint
+    if scheme == "tcp":
+        host, _, port = rest.rpartition(":")
+        ok_port = port.isdigit() and (0 if bind else 1) <= int(port) <= 65535
+        if host and ok_port and (bind or host != "*"):
+            return endpoint
+        raise InvalidArgument(f"endpoint {endpoint!r}: tcp endpoints are tcp://HOST:PORT with a port in "
+                              f"[{0 if bind else 1}, 65535]")
+    raise InvalidArgument(f"endpoint {endpoint!r} must look like ipc:///PATH or tcp://HOST:PORT")
 
 
 def is_local(endpoint: str) -> bool:

@@ -57,7 +57,7 @@ def daemon_command(fn: Callable[..., None]) -> click.Command:
     opens a client, maps errors to a one-line message and an exit code."""
 
     @click.option("--endpoint", default=None, help="Daemon endpoint (default: KVPAGER_ENDPOINT or the private ipc socket).")
-    @click.option("--timeout", type=float, default=None, help="Seconds to wait for each reply (KVPAGER_TIMEOUT).")
+    @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds to wait for each reply (KVPAGER_TIMEOUT).")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
     @functools.wraps(fn)
     def wrapper(endpoint: str | None, timeout: float | None, as_json: bool, **kwargs: Any) -> None:
@@ -94,7 +94,7 @@ def seqs(client: Any, as_json: bool) -> None:
 
 
 @daemon_command
-@click.option("--width", type=int, default=64, show_default=True, help="Blocks per line.")
+@click.option("--width", type=click.IntRange(min=1), default=64, show_default=True, help="Blocks per line.")
 def blocks(client: Any, as_json: bool, width: int) -> None:
     """A map of the pool: state and reference count of every block."""
     bm = client.blocks()
@@ -113,8 +113,8 @@ def check(client: Any, as_json: bool) -> None:
 
 
 @daemon_command
-@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
-@click.option("--iterations", type=int, default=0, help="Stop after this many refreshes (0: until Ctrl-C).")
+@click.option("--interval", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--iterations", type=click.IntRange(min=0), default=0, help="Stop after this many refreshes (0: until Ctrl-C).")
 def top(client: Any, as_json: bool, interval: float, iterations: int) -> None:
     """A live view of the pool, refreshed until interrupted."""
     n = 0

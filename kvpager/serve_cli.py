@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import signal
 import sys
@@ -76,18 +77,18 @@ def build_spec(opts: dict[str, Any]) -> PoolSpec:
 
 @click.command()
 @click.option("--model", type=click.Choice(sorted(MODEL_PRESETS)), help="Geometry preset.")
-@click.option("--layers", type=int, help="Number of layers.")
-@click.option("--kv-heads", type=int, help="KV heads per layer.")
-@click.option("--head-dim", type=int, help="Head dimension.")
-@click.option("--block-size", type=int, help="Tokens per block (default 16).")
+@click.option("--layers", type=click.IntRange(min=0), help="Number of layers.")
+@click.option("--kv-heads", type=click.IntRange(min=0), help="KV heads per layer.")
+@click.option("--head-dim", type=click.IntRange(min=0), help="Head dimension.")
+@click.option("--block-size", type=click.IntRange(min=0), help="Tokens per block (default 16).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="K/V dtype.")
-@click.option("--blocks", type=int, help="Device blocks (block 0 included).")
+@click.option("--blocks", type=click.IntRange(min=0), help="Device blocks (block 0 included).")
 @click.option("--memory", help="Device pool size instead of --blocks, e.g. 8G.")
-@click.option("--host-blocks", type=int, help="Host (swap) blocks.")
+@click.option("--host-blocks", type=click.IntRange(min=0), help="Host (swap) blocks.")
 @click.option("--host-memory", help="Host (swap) pool size, e.g. 16G.")
 @click.option("--device", default=None, help="cpu or cuda:N (default: a GPU if there is one).")
 @click.option("--endpoint", default=None, help="ipc://PATH or tcp://HOST:PORT (default: private ipc socket).")
-@click.option("--heartbeat-timeout", type=float, default=None,
+@click.option("--heartbeat-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds of silence before a session's sequences are freed (KVPAGER_HEARTBEAT_TIMEOUT).")
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
               help="A file holding the secret clients must send in hello (KVPAGER_TOKEN / KVPAGER_TOKEN_FILE); "
@@ -101,11 +102,16 @@ def serve(**opts: Any) -> None:
     from kvpager.backends import default_device
     from kvpager.server import Server
 
+    device = opts["device"] or default_device()
+    if device.startswith("cuda") and importlib.util.find_spec("cupy") is None:
+        raise click.ClickException(
+            "--device cuda needs CuPy: pip install 'kvpager[cuda]' (CUDA 13 drivers) or 'kvpager[cuda12]' "
+            "(CUDA 12); or serve with --device cpu")
     try:
         spec = build_spec(opts)
         token = env.read_token_file(opts["token_file"]) if opts["token_file"] else env.token()
         limits = Limits.from_env(**{f.name: opts[f"max_{f.name}"] for f in dataclasses.fields(Limits)})
-        server = Server.create(spec, opts["endpoint"], opts["device"] or default_device(),
+        server = Server.create(spec, opts["endpoint"], device,
                                heartbeat_timeout=opts["heartbeat_timeout"], limits=limits, token=token)
     except KVPagerError as e:
         raise click.ClickException(str(e)) from None

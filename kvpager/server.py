@@ -33,7 +33,14 @@ import zmq
 
 from kvpager import cuda_ipc, env, protocol
 from kvpager.backends import make_backend
-from kvpager.endpoints import default_endpoint, ipc_path, is_local, is_socket, prepare_ipc_bind
+from kvpager.endpoints import (
+    check_endpoint,
+    default_endpoint,
+    ipc_path,
+    is_local,
+    is_socket,
+    prepare_ipc_bind,
+)
 from kvpager.errors import (
     IntegrityError,
     InternalError,
@@ -55,6 +62,7 @@ from kvpager.protocol import (
     decode_request,
     encode_reply,
 )
+from kvpager.render import human_bytes
 from kvpager.sessions import Session, SessionTable
 from kvpager.shm import PoolMemory, sweep_stale
 from kvpager.spec import PoolSpec
@@ -132,13 +140,15 @@ class Server:
         token: str | None = None,
     ):
         self.pool = pool
-        self.endpoint = endpoint or default_endpoint()
+        self.endpoint = check_endpoint(endpoint or default_endpoint(), bind=True)
         self.memory = memory
         self.epoch = epoch or secrets.token_hex(8)
         #: the pool's CUDA device index when it lives on a GPU, else None
         self.gpu: int | None = pool.backend.index if hasattr(pool.backend, "ipc_handle") else None
         self._exported: dict[str, Any] | None = None
         hb = env.heartbeat_timeout_s() if heartbeat_timeout is None else float(heartbeat_timeout)
+        if not 0 < hb < float("inf"):
+            raise InvalidArgument(f"heartbeat timeout must be a positive number of seconds, got {heartbeat_timeout!r}")
         self.limits = limits or Limits.from_env()
         #: hello must carry this secret when set (see "Trust" in docs/protocol.md)
         self.token = token or None
@@ -160,6 +170,7 @@ class Server:
     def create(cls, spec: PoolSpec, endpoint: str | None = None, device: str = "cpu", **kwargs: Any) -> Server:
         """A server with its own pool; on the CPU the pool lives in shared memory
         that clients map."""
+        check_endpoint(endpoint or default_endpoint(), bind=True)  # before any memory is taken
         epoch = secrets.token_hex(8)
         memory = None
         if device == "cpu":
@@ -208,9 +219,13 @@ class Server:
         elif self.token is None and self.endpoint.startswith("tcp://"):
             log.warning("listening on %s without a token: every local user can use the pool "
                         "(--token-file / KVPAGER_TOKEN)", self.endpoint)
+        spec = self.pool.spec
         log.info(
-            "serving %s on %s (epoch %s, heartbeat timeout %.1fs)",
-            self.pool.spec, self.endpoint, self.epoch, self.sessions.heartbeat_timeout,
+            "serving on %s: device %s, %d blocks of %d tokens (%s), %d host blocks (%s); %d layers x %d kv "
+            "heads x %d head dim, %s; epoch %s, heartbeat timeout %.1fs",
+            self.endpoint, self.pool.device, spec.num_blocks, spec.block_size, human_bytes(spec.device_bytes),
+            spec.num_host_blocks, human_bytes(spec.host_bytes), spec.num_layers, spec.num_kv_heads,
+            spec.head_dim, spec.dtype, self.epoch, self.sessions.heartbeat_timeout,
         )
         return self.endpoint
 

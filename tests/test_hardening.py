@@ -406,3 +406,41 @@ def test_clients_of_a_restarted_daemon_reconnect_to_a_fresh_pool():
             c.check_integrity()
         finally:
             c.close()
+
+
+GEOMETRY = ["--layers", "2", "--kv-heads", "2", "--head-dim", "16", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("args, env", [
+    (["serve", *GEOMETRY, "--blocks", "abc"], {}),
+    (["serve", *GEOMETRY, "--blocks", "-5"], {}),
+    (["serve", *GEOMETRY, "--blocks", "8", "--endpoint", "tcp://127.0.0.1:99999"], {}),
+    (["serve", *GEOMETRY, "--blocks", "8", "--endpoint", "foo://x"], {}),
+    (["serve", *GEOMETRY, "--blocks", "8", "--heartbeat-timeout", "-1"], {}),
+    (["serve", *GEOMETRY, "--blocks", "8", "--max-ids", "lots"], {}),
+    (["serve", *GEOMETRY, "--blocks", "8", "--token-file", "/nonexistent/token"], {}),
+    (["serve", *GEOMETRY, "--memory", "1x"], {}),
+    (["serve", *GEOMETRY, "--memory", "100T"], {}),  # more than /dev/shm holds
+    (["serve", *GEOMETRY, "--blocks", "8"], {"KVPAGER_HEARTBEAT_TIMEOUT": "soon"}),
+    (["serve", *GEOMETRY, "--blocks", "8"], {"KVPAGER_MAX_MESSAGE": "-3"}),
+    (["serve", *GEOMETRY, "--blocks", "8"], {"KVPAGER_MAX_SEQUENCES": "many"}),
+    (["serve", *GEOMETRY, "--blocks", "8"], {"KVPAGER_ENDPOINT": "foo://x"}),
+    (["stats"], {"KVPAGER_ENDPOINT": "foo://x"}),
+    (["stats"], {"KVPAGER_TIMEOUT": "abc"}),
+    (["stats", "--endpoint", "tcp://127.0.0.1:1", "--timeout", "-1"], {}),
+    (["seqs", "--endpoint", "ipc:///nonexistent/kv.sock"], {}),
+    (["blocks", "--width", "0"], {}),
+    (["top", "--interval", "-1"], {}),
+])
+def test_bad_cli_and_environment_inputs_get_a_clear_error(args, env, tmp_path, monkeypatch):
+    """Every bad command-line or environment input: a one-line error, a
+    non-zero exit, never a traceback."""
+    from click.testing import CliRunner
+
+    from kvpager.cli import main
+
+    monkeypatch.setenv("KVPAGER_RUNTIME_DIR", str(tmp_path / "rt"))
+    result = CliRunner().invoke(main, args, env=env)
+    assert result.exit_code not in (0, None), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output and "rror" in result.output
