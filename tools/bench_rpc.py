@@ -274,7 +274,7 @@ def main() -> None:
     rows, result = [], {"machine": f"{os.cpu_count()}-core CPU, {platform.python_implementation()} "
                                    f"{platform.python_version()}", "date": str(date.today()),
                         "in_process": embedded, "daemon_handle": handled, "transports": {}}
-    for name, endpoint in (("ipc", f"ipc://{tmp}/bench.sock"), ("tcp", "tcp://127.0.0.1:*")):
+    for name, endpoint in (("ipc", f"ipc://{tmp}/bench.sock"), ("tcp", "tcp://127.0.0.1:0")):
         counts = [int(x) for x in args.clients.split(",")] if name == "ipc" else []
         bare_lat, bare_tput = bare(endpoint if name == "tcp" else f"ipc://{tmp}/echo.sock", args.iters,
                                    counts, args.seconds)
