@@ -49,6 +49,7 @@ from kvpager.errors import (
     LimitExceeded,
     NotOwner,
     OutOfBlocks,
+    SequenceSwapped,
     Unauthorized,
 )
 from kvpager.limits import Limits
@@ -538,8 +539,12 @@ class Server:
         if ((slots < -1) | (slots >= spec.num_blocks * spec.block_size)).any():
             return  # out of range: KVPool.write says so
         blocks = np.unique(slots[slots >= 0] // spec.block_size)
-        tables = [info.block_table for info in self.pool.sequences(s.name)]
-        mine = np.fromiter(itertools.chain.from_iterable(tables), np.int64)
+        ids = self.pool.owned(s.name)
+        try:
+            mine = self.pool.tables(ids)[0].ravel() if ids else np.zeros(0, np.int64)  # one gather
+        except SequenceSwapped:  # a swapped-out sequence has no device table: the long way
+            tables = [info.block_table for info in self.pool.sequences(s.name)]
+            mine = np.fromiter(itertools.chain.from_iterable(tables), np.int64)
         foreign = blocks[~np.isin(blocks, mine)]
         if len(foreign):
             raise NotOwner(f"write: block {int(foreign[0])} (slot {int(foreign[0]) * spec.block_size}...) is not "

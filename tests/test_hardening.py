@@ -97,6 +97,10 @@ def test_write_needs_ownership_and_published_blocks_are_immutable(server):
                                *_kv(4, 666.0))
         thief.remote_write(0, own.slots, *_kv(len(own.slots), 2.0))  # its own, unpublished: fine
         thief.remote_write(0, hit.slots, *_kv(len(hit.slots), 2.0))  # the uncached tail: its own
+        thief.swap_out(own.seq_id)  # a swapped-out sequence of its own: its blocks are not writable
+        with pytest.raises(NotOwner, match="not held"):
+            thief.remote_write(0, own.slots, *_kv(len(own.slots), 2.0))
+        thief.remote_write(0, hit.slots, *_kv(len(hit.slots), 2.0))
         with Client(server.endpoint) as reader:
             [b] = reader.allocate([prompt])
             k, v = reader.kv(0)

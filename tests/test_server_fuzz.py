@@ -52,7 +52,8 @@ def check_reply(raw: bytes, rid) -> None:
 @given(op=st.sampled_from(sorted(set(OPS) - {"bye", "hello"})),
        args=st.dictionaries(st.sampled_from(["seq_ids", "prompts", "salt", "num_tokens", "token_ids", "upto",
                                              "n", "lengths", "layer", "slots", "k", "v", "q", "out",
-                                             "query_lens", "scale", "nbytes", "share_in_batch", "x"]),
+                                             "query_lens", "scale", "nbytes", "share_in_batch", "owner", "after",
+                                             "limit", "token", "client", "x"]),
                             arg_values, max_size=5),
        rid=st.integers(0, 2**31))
 def test_random_arguments_for_every_op(op, args, rid):
