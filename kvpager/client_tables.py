@@ -86,6 +86,27 @@ class TableMirror:
         if not ids:
             return
         bs, bt = self.block_size, self.table
+        if type(num_tokens) is int and num_tokens == 1:  # a decode step: one slot per sequence
+            if len(ids) == 1:  # plain ints: no array operation pays off for one row
+                row = self.rows.get(ids[0])
+                if row is not None:
+                    p = int(bt.num_tokens[row])
+                    col = p // bs
+                    if col >= bt.width:
+                        bt.reserve_width(col + 1)
+                    bt.table[row, col] = int(slots[0]) // bs
+                    bt.num_blocks[row] = col + 1
+                    bt.num_tokens[row] = p + 1
+                return
+            rows, at = self._known(ids)
+            if len(at) == len(ids):
+                pos = bt.num_tokens[rows]
+                col = pos // bs
+                bt.reserve_width(int(col.max()) + 1)
+                bt.table[rows, col] = slots // bs
+                bt.num_blocks[rows] = col + 1
+                bt.num_tokens[rows] = pos + 1
+                return
         scalar = isinstance(num_tokens, (int, np.integer))
         counts = np.full(len(ids), int(num_tokens), np.int64) if scalar else np.asarray(num_tokens, np.int64)
         rows, at = self._known(ids)
