@@ -27,9 +27,15 @@ if TYPE_CHECKING:
 _NO_COPIES = np.zeros((0, 2), dtype=np.int64)
 
 
+#: Token ids are int64 (block keys hash their bytes): one out of range must fail
+#: the append, not a later commit halfway through its batch.
+_LIMIT = 1 << 63
+
+
 def _token_list(ids: object) -> list[int]:
     """Token ids of an append as a list of ints (validated)."""
-    if type(ids) is list and (len(ids) == 1 and type(ids[0]) is int or all(type(t) is int for t in ids)):
+    if (type(ids) is list and (len(ids) == 1 and type(ids[0]) is int or all(type(t) is int for t in ids))
+            and (not ids or min(ids) >= -_LIMIT and max(ids) < _LIMIT)):
         return ids
     return token_array(ids, "token_ids").tolist()
 
@@ -115,7 +121,8 @@ def _decode(
         ids_list = list(token_ids)
         # Each a list of one int, checked at C speed; anything else the slow way.
         if not (set(map(type, ids_list)) <= {list} and set(map(len, ids_list)) == {1}
-                and set(map(type, map(itemgetter(0), ids_list))) <= {int}):
+                and set(map(type, map(itemgetter(0), ids_list))) <= {int}
+                and min(map(itemgetter(0), ids_list)) >= -_LIMIT and max(map(itemgetter(0), ids_list)) < _LIMIT):
             for k, (s, ids) in enumerate(zip(seq_ids, ids_list)):
                 if ids is not None:
                     ids_list[k] = ids = _token_list(ids)

@@ -24,7 +24,7 @@ from daemon_helpers import (
     wait_until,
 )
 
-from kvpager import sessions, shm
+from kvpager import KVPool, sessions, shm
 from kvpager.client import Client
 from kvpager.errors import (
     BackendUnavailable,
@@ -448,3 +448,16 @@ def test_bad_cli_and_environment_inputs_get_a_clear_error(args, env, tmp_path, m
     assert result.exit_code not in (0, None), result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.output and "rror" in result.output
+
+
+def test_the_embedded_pool_checks_token_ids_before_any_change():
+    """D3 in `KVPool` itself: both append paths refuse an id out of int64 range."""
+    pool = KVPool(SMALL)
+    a, b = pool.allocate([list(range(15)), list(range(100, 115))])
+    for counts, bad in ((1, [[1], [2**63]]), (1, [[1], [-(2**63) - 1]]), ([2, 1], [[1, 2], [2**64 - 1]])):
+        with pytest.raises(InvalidArgument):
+            pool.append([a.seq_id, b.seq_id], counts, bad)
+    assert [pool.sequence(s).num_tokens for s in (a.seq_id, b.seq_id)] == [15, 15]
+    pool.append([a.seq_id, b.seq_id], 1, [[15], [115]])
+    assert pool.commit([a.seq_id, b.seq_id]) == [1, 1]
+    pool.check_integrity()
