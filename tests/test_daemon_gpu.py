@@ -30,7 +30,7 @@ from reference import TOLERANCE, attention, rel_err  # noqa: E402
 
 from kvpager import KVPool, cuda_ipc  # noqa: E402
 from kvpager.client import Client  # noqa: E402
-from kvpager.errors import BackendUnavailable  # noqa: E402
+from kvpager.errors import BackendUnavailable, NotOwner  # noqa: E402
 from kvpager.spec import PoolSpec  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -217,7 +217,11 @@ def test_daemon_in_this_process_uses_its_pointers():
             assert rel_err(cupy.asnumpy(c.local_attend(layer, [a.seq_id], q, [3])), ref) < TOL
             assert rel_err(cupy.asnumpy(c.remote_attend(layer, [a.seq_id], q, [3])), ref) < TOL
         assert c._staging.kind == "cuda_ipc"
-        c.remote_write(0, a.slots[:1], k[:1] * 0, v[:1] * 0)
+        # a committed full block is published, so immutable; the partly filled last block is ours
+        with pytest.raises(NotOwner):
+            c.remote_write(0, a.slots[:1], k[:1] * 0, v[:1] * 0)
+        c.remote_write(0, a.slots[-1:], k[:1] * 0, v[:1] * 0)
         kview, _ = c.kv(0)
-        assert not cupy.asnumpy(kview[a.block_table[0], :, 0]).any()
+        assert not cupy.asnumpy(kview[a.block_table[2], :, 39 % 16]).any()
+        assert cupy.asnumpy(kview[a.block_table[0], :, 0]).any()  # the refused write changed nothing
         assert c.stats().used_blocks == 3

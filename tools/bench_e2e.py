@@ -5,8 +5,9 @@ head dim 64; Llama-3-8B: 32 layers, head dim 128), bf16, greedy decoding of
 prompts that share a system prompt. Paths, on the same model and prompts:
 
 - ``hf loop``: the model's forward with a DynamicCache in a plain decode loop;
-- ``hf generate``: transformers' ``generate`` (DynamicCache), and with its
-  preallocated StaticCache (``cache_implementation="static"``, eager) where it runs;
+- ``hf generate``: transformers' ``generate`` (DynamicCache); with ``--static``
+  also with its StaticCache (``cache_implementation="static"``: transformers
+  then compiles the model, whose compile time the timed steps include);
 - ``kvpager eager``: `clients.kvpager_hf.PagedGeneration`, one step plan per pass;
 - ``kvpager graphs``: the same with the decode step captured in CUDA graphs.
 
@@ -166,7 +167,8 @@ def agreement(a: list[list[int]], b: list[list[int]], steps: int = 4) -> float:
     return float((x == y).mean())
 
 
-def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, clock: HostClock) -> list[dict]:
+def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, clock: HostClock,
+             static: bool = False) -> list[dict]:
     ps = prompts(batch, shared, own)
     bs = 16
     blocks = batch * (-(-(own + steps + 2) // bs) + 1) + -(-shared // bs) + 64
@@ -174,11 +176,12 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
     torch.cuda.empty_cache()
     rows.append(hf_generate(model, ps, steps))
     torch.cuda.empty_cache()
-    try:
-        rows.append(hf_generate(model, ps, steps, cache="static"))
-    except Exception as e:  # reported, not fatal: the static cache is optional in transformers
-        print(f"hf generate static: {type(e).__name__}: {e}", flush=True)
-    torch.cuda.empty_cache()
+    if static:
+        try:
+            rows.append(hf_generate(model, ps, steps, cache="static"))
+        except Exception as e:  # reported, not fatal: the static cache is optional in transformers
+            print(f"hf generate static: {type(e).__name__}: {e}", flush=True)
+        torch.cuda.empty_cache()
     rows.append(paged(model, ps, steps, False, clock, blocks))
     rows.append(paged(model, ps, steps, True, clock, blocks))
     base_ms, base_tokens, gen_ms = rows[0]["ms_step"], rows[0]["tokens"], rows[1]["ms_step"]
@@ -237,6 +240,8 @@ def main() -> None:
     ap.add_argument("--own", type=int, default=64, help="own prompt tokens per request")
     ap.add_argument("--steps", type=int, default=24, help="timed decode steps")
     ap.add_argument("--budget-gib", type=float, default=8.0, help="fixed-memory case (8b shape); 0 skips it")
+    ap.add_argument("--static", action="store_true",
+                    help="also generate with transformers' StaticCache (it compiles the model first: minutes)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     clock = HostClock()
@@ -245,7 +250,7 @@ def main() -> None:
     for shape in args.shapes.split(","):
         model = make_model(shape)
         for batch in map(int, args.batches.split(",")):
-            for r in run_case(model, shape, batch, args.shared, args.own, args.steps, clock):
+            for r in run_case(model, shape, batch, args.shared, args.own, args.steps, clock, args.static):
                 rows.append(r)
                 print(f"{shape} x{batch:<4} {r['path']:<15} {r['ms_step']:8.2f} ms/step  host "
                       f"{r['host_ms'] if r['host_ms'] is not None else float('nan'):7.2f} ms  "
