@@ -85,6 +85,13 @@ def _percentiles(samples: list[float]) -> tuple[float, float]:
     return float(np.percentile(a, 50)), float(np.percentile(a, 99))
 
 
+def _bodies(ids, session, op: str, args: dict, n: int):
+    """``n`` packed requests, each with a new request id, as an iterator."""
+    from kvpager.protocol import VERSION, pack
+
+    return iter([pack([VERSION, next(ids), session, op, args]) for _ in range(n)])
+
+
 def _time_steps(step, cut, iters: int) -> list[float]:
     lat = []
     clock = time.perf_counter
@@ -143,11 +150,14 @@ def raw(endpoint: str, iters: int, batch: int) -> dict[str, tuple[float, float]]
     out = {}
     for n in (1, batch):
         seqs = [a[0] for a in call("allocate", {"prompts": [PROMPT] * n}, session)]
-        step = pack([VERSION, 7, session, "append", {"seq_ids": seqs}])
-        assert len(call(None, None, body=step)) == 8 * n, "append returned wrong slots"
-        cut = pack([VERSION, 8, session, "truncate", {"seq_ids": seqs, "lengths": len(PROMPT)}])
+        # Every request a new id, packed before the clock starts: the daemon keeps
+        # recent replies by request id, and a repeated id would only replay one.
+        steps = _bodies(ids, session, "append", {"seq_ids": seqs}, iters + 1)
+        cuts = _bodies(ids, session, "truncate", {"seq_ids": seqs, "lengths": len(PROMPT)}, iters // CUT_EVERY + 1)
+        assert len(call(None, None, body=next(steps))) == 8 * n, "append returned wrong slots"
         out[f"raw append x{n}"] = _percentiles(_time_steps(
-            lambda step=step: call(None, None, body=step), lambda cut=cut: call(None, None, body=cut), iters))
+            lambda steps=steps: call(None, None, body=next(steps)),
+            lambda cuts=cuts: call(None, None, body=next(cuts)), iters))
     sock.close()
     return out
 
@@ -249,11 +259,11 @@ def handle_cost(iters: int, batch: int) -> dict[str, tuple[float, float]]:
     out = {}
     for n in (1, batch):
         seqs = [a[0] for a in call("allocate", {"prompts": [PROMPT] * n}, session)]
-        step = protocol.pack([protocol.VERSION, 7, session, "append", {"seq_ids": seqs}])
-        cut = protocol.pack([protocol.VERSION, 8, session, "truncate", {"seq_ids": seqs, "lengths": len(PROMPT)}])
-        assert len(protocol.unpack(server.handle(step))[2]) == 8 * n, "append returned wrong slots"
-        out[f"append x{n}"] = _percentiles(_time_steps(lambda step=step: server.handle(step),
-                                                       lambda cut=cut: server.handle(cut), iters))
+        steps = _bodies(ids, session, "append", {"seq_ids": seqs}, iters + 1)
+        cuts = _bodies(ids, session, "truncate", {"seq_ids": seqs, "lengths": len(PROMPT)}, iters // CUT_EVERY + 1)
+        assert len(protocol.unpack(server.handle(next(steps)))[2]) == 8 * n, "append returned wrong slots"
+        out[f"append x{n}"] = _percentiles(_time_steps(lambda steps=steps: server.handle(next(steps)),
+                                                       lambda cuts=cuts: server.handle(next(cuts)), iters))
     return out
 
 
