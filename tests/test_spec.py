@@ -49,3 +49,22 @@ def test_round_trip_dict():
     assert PoolSpec.from_dict(s.to_dict()) == s
     with pytest.raises(InvalidArgument, match="bogus"):
         PoolSpec.from_dict({**s.to_dict(), "bogus": 1})
+
+
+def test_default_device_warns_of_a_gpu_without_cupy(monkeypatch, caplog):
+    import importlib.util
+
+    import kvpager.backends as backends
+
+    monkeypatch.setattr(backends, "cuda_available", lambda: False)
+    monkeypatch.setattr(backends, "nvidia_gpu_present", lambda: True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cupy" else real(name, *a))
+    with caplog.at_level("WARNING", logger="kvpager.backends"):
+        assert backends.default_device() == "cpu"
+    assert "NVIDIA GPU is present but CuPy is not installed" in caplog.text and "kvpager[cuda]" in caplog.text
+    monkeypatch.setattr(backends, "nvidia_gpu_present", lambda: False)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kvpager.backends"):
+        assert backends.default_device() == "cpu"
+    assert not caplog.text

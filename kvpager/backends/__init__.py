@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import glob
+import importlib.util
+import logging
 from typing import Any
 
 from kvpager.backends.base import Backend
@@ -22,9 +25,28 @@ def cuda_available() -> bool:
         return False
 
 
+log = logging.getLogger("kvpager.backends")
+
+
+def nvidia_gpu_present() -> bool:
+    """Whether the NVIDIA driver shows a GPU here (whatever Python packages exist)."""
+    return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/proc/driver/nvidia/gpus/*"))
+
+
 def default_device() -> str:
-    """``cuda:0`` where CuPy sees a GPU, else ``cpu``."""
-    return "cuda:0" if cuda_available() else "cpu"
+    """``cuda:0`` where CuPy sees a GPU, else ``cpu``; warns when an NVIDIA GPU
+    is present but CuPy is missing (the pool would silently be on the CPU)."""
+    if cuda_available():
+        return "cuda:0"
+    if nvidia_gpu_present():
+        if importlib.util.find_spec("cupy") is None:
+            log.warning("an NVIDIA GPU is present but CuPy is not installed: the pool goes on the CPU; "
+                        "install CuPy for the GPU (pip install 'kvpager[cuda]', or 'kvpager[cuda12]' "
+                        "for a CUDA 12 driver)")
+        else:
+            log.warning("an NVIDIA GPU is present but CuPy cannot use it (driver or CUDA version?): "
+                        "the pool goes on the CPU; check `python -c 'import cupy; cupy.show_config()'`")
+    return "cpu"
 
 
 def parse_device(device: str) -> tuple[str, int]:
