@@ -66,6 +66,11 @@ class SequenceManager:
         self.owners = OwnerIndex()
         self._ids = itertools.count(1)
         self.num_swapped = 0
+        # The last checked batch (ids, owner, frees so far, rows): a decode loop
+        # sends the same ids step after step, and while no sequence was freed
+        # (rows move only then) they need no new lookup or checks.
+        self._last_batch: tuple[list[int], Any, int, np.ndarray] | None = None
+        self._frees = 0
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
 
@@ -91,16 +96,22 @@ class SequenceManager:
         """Rows of a batch of distinct, known ids; resident ones if ``op`` needs
         them; ``owner``'s only if one is given (UnknownSequence / NotOwner before
         anything else, as the daemon checks a session's ids)."""
-        try:
-            rows = self.lookup(seq_ids)
-        except UnknownSequence:
-            if owner is ANY_OWNER and len(set(seq_ids)) != len(seq_ids):
-                raise self._duplicates(op) from None
-            raise
-        if owner is not ANY_OWNER:
-            self._check_rows_owner(seq_ids, rows, owner)
-        if not self.table.distinct(rows):
-            raise self._duplicates(op)
+        last = self._last_batch
+        if last is not None and last[2] == self._frees and last[1] == owner and last[0] == seq_ids:
+            rows = last[3]
+        else:
+            try:
+                rows = self.lookup(seq_ids)
+            except UnknownSequence:
+                if owner is ANY_OWNER and len(set(seq_ids)) != len(seq_ids):
+                    raise self._duplicates(op) from None
+                raise
+            if owner is not ANY_OWNER:
+                self._check_rows_owner(seq_ids, rows, owner)
+            if not self.table.distinct(rows):
+                raise self._duplicates(op)
+            rows.flags.writeable = False  # shared with the next call that sends these ids
+            self._last_batch = (list(seq_ids), owner, self._frees, rows)
         if op is not None and self.num_swapped:
             swapped = self.table.swapped[rows]
             if np.count_nonzero(swapped):
@@ -215,6 +226,7 @@ class SequenceManager:
         """Drop the sequences; their blocks lose one reference each (each table
         last entry first, so its tail is evicted first)."""
         rows = self.batch(seq_ids, None)
+        self._frees += 1  # rows are given back: no remembered batch holds any more
         bt = self.table
         blocks = bt.row_blocks(rows, reverse=True)
         if self.num_swapped:
