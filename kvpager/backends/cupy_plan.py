@@ -68,7 +68,7 @@ class CupyPlan(StepPlan):
         n32 = self.rows * self.width + 2 * self.items + 3 * self.rows
         self._n32 = -(-n32 // 2) * 2  # slots (int64) start 8-byte aligned
         nbytes = self._n32 * 4 + self.items * 8
-        self._host = np.empty(nbytes, dtype=np.uint8)  # _fill writes every field
+        self._host = np.empty(nbytes, dtype=np.uint8)  # _fill writes every field the kernels read
         self._dev = cupy.empty(nbytes, dtype=cupy.uint8)  # the backend made this device current
         base = self._dev.data.ptr
         w = self.rows * self.width
