@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kvpager import InvalidArgument, PoolSpec
@@ -68,3 +70,15 @@ def test_default_device_warns_of_a_gpu_without_cupy(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="kvpager.backends"):
         assert backends.default_device() == "cpu"
     assert not caplog.text
+
+
+def test_package_surface():
+    import importlib.metadata
+
+    import kvpager
+    from kvpager.client import Client
+
+    assert kvpager.Client is Client and "Client" in kvpager.__all__
+    assert all(hasattr(kvpager, name) for name in kvpager.__all__)
+    assert importlib.metadata.version("kvpager") == kvpager.__version__  # one place for the version
+    assert (Path(kvpager.__file__).parent / "py.typed").is_file()
