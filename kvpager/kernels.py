@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from kvpager.errors import InvalidArgument, UnsupportedConfiguration
+from kvpager.validate import int_array
 
 DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
 HEAD_DIMS = (64, 96, 128, 256)
@@ -124,13 +125,6 @@ def check_group(num_q_heads: int, num_kv_heads: int) -> int:
 
 
 # -- argument checks --------------------------------------------------------------------
-def _index(a: Any, name: str, ndim: int, dtype: type) -> np.ndarray:
-    arr = np.asarray(a)
-    if arr.ndim != ndim or (arr.size and arr.dtype.kind not in "iu"):
-        raise InvalidArgument(f"{name} must be a {ndim}-D integer array, got {arr.dtype} {arr.shape}")
-    return np.ascontiguousarray(arr, dtype=dtype)
-
-
 def _in_range(arr: np.ndarray, lo: int, hi: int, name: str) -> None:
     if arr.size:
         bad = (arr < lo) | (arr >= hi)
@@ -159,7 +153,7 @@ def check_pairs(pairs: Any, src_blocks: int, dst_blocks: int, what: str) -> np.n
     arr = np.asarray(pairs)
     if arr.size == 0:
         return np.zeros((0, 2), dtype=np.int64)
-    arr = _index(arr, f"{what} pairs", 2, np.int64)
+    arr = int_array(arr, f"{what} pairs", 2, np.int64)
     if arr.shape[1] != 2:
         raise InvalidArgument(f"{what} pairs must be [n, 2], got {arr.shape}")
     _in_range(arr[:, 0], 0, src_blocks, f"{what} source blocks")
@@ -174,7 +168,7 @@ def write(pool: Any, spec: Any, layer: int, slots: Any, k: Any, v: Any, device: 
     """pool[slot // bs, layer, 0|1, :, slot % bs] = k|v for every slot != -1."""
     import cupy
 
-    slots = _index(slots, "slots", 1, np.int64)
+    slots = int_array(slots, "slots", 1, np.int64)
     _in_range(slots, -1, spec.num_blocks * spec.block_size, "slots")
     if not 0 <= layer < spec.num_layers:
         raise InvalidArgument(f"layer {layer} outside [0, {spec.num_layers})")

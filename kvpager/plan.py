@@ -30,15 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from kvpager import validate
 from kvpager.errors import InvalidArgument, UnsupportedConfiguration
 from kvpager.spec import PoolSpec
-
-
-def _index(a: Any, name: str, ndim: int, dtype: type) -> np.ndarray:
-    arr = np.asarray(a)
-    if arr.ndim != ndim or (arr.size and arr.dtype.kind not in "iu"):
-        raise InvalidArgument(f"{name} must be a {ndim}-D integer array, got {arr.dtype} {arr.shape}")
-    return np.ascontiguousarray(arr, dtype=dtype)
+from kvpager.validate import int_array
 
 
 def check_step(
@@ -50,8 +45,8 @@ def check_step(
     Block ids must lie in the pool, each sequence's length within its table,
     1 <= query_lens <= seq_lens, slots in the pool (-1: padding, skipped) and
     never in the null block."""
-    tables = _index(tables, "block_tables", 2, np.int32)
-    seq_lens = _index(seq_lens, "seq_lens", 1, np.int32)
+    tables = int_array(tables, "block_tables", 2, np.int32)
+    seq_lens = int_array(seq_lens, "seq_lens", 1, np.int32)
     nseq, width = tables.shape
     if len(seq_lens) != nseq:
         raise InvalidArgument(f"{nseq} block tables but {len(seq_lens)} seq_lens")
@@ -66,7 +61,7 @@ def check_step(
 def check_queries(spec: PoolSpec, seq_lens: np.ndarray, query_lens: Any = None,
                   slots: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The query lengths (int32 [B], default 1; each in [1, seq_lens]) and slots
-    (see `check_slots`; one per query token) of a step over sequences of
+    (see `validate.slots`; one per query token) of a step over sequences of
     ``seq_lens`` tokens, whose tables are known good (the pool's own)."""
     nseq = len(seq_lens)
     if query_lens is None:
@@ -75,35 +70,17 @@ def check_queries(spec: PoolSpec, seq_lens: np.ndarray, query_lens: Any = None,
     else:
         if np.ndim(query_lens) == 0:
             query_lens = np.broadcast_to(np.asarray(query_lens), (nseq,))
-        query_lens = _index(query_lens, "query_lens", 1, np.int32)
+        query_lens = int_array(query_lens, "query_lens", 1, np.int32)
         if len(query_lens) != nseq:
             raise InvalidArgument(f"{len(query_lens)} query_lens for {nseq} sequences")
         if nseq and (query_lens.min() < 1 or (query_lens > seq_lens).any()):
             raise InvalidArgument(f"query_lens must be in [1, seq_lens], got {query_lens.tolist()[:8]}")
         total = int(query_lens.sum())
     if slots is not None:
-        slots = check_slots(spec, slots)
+        slots = validate.slots(slots, spec)
         if len(slots) != total:
             raise InvalidArgument(f"{len(slots)} slots for {total} query tokens")
     return query_lens, slots
-
-
-def check_slots(spec: PoolSpec, slots: Any) -> np.ndarray:
-    """Slot ids as int64 [T]: each in the pool and not in the null block, or -1 (padding)."""
-    if not isinstance(slots, np.ndarray) and hasattr(slots, "get"):  # a CuPy array
-        slots = slots.get()
-    arr = np.asarray(slots)
-    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-        raise InvalidArgument(f"slots must be a 1-D integer array, got dtype {arr.dtype} shape {arr.shape}")
-    arr = arr.astype(np.int64, copy=False)
-    bs, limit = spec.block_size, spec.num_blocks * spec.block_size
-    if not arr.size or (arr.min() >= bs and arr.max() < limit):  # no padding: the common case
-        return arr
-    bad = (arr < -1) | (arr >= limit) | ((arr >= 0) & (arr < bs))
-    if bad.any():
-        raise InvalidArgument(
-            f"slot {int(arr[bad][0])} is outside [{bs}, {limit}) (block 0 is the null block; -1 marks padding)")
-    return arr
 
 
 def check_scale(scale: Any, head_dim: int) -> float:
@@ -148,11 +125,6 @@ def refuse_window_softcap(window: Any, softcap: Any, longest: int) -> int:
             f"(this step holds a sequence of {longest} tokens)")
     return window or 0
 
-
-def check_layer(spec: PoolSpec, layer: Any) -> int:
-    if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool) or not 0 <= layer < spec.num_layers:
-        raise InvalidArgument(f"layer must be an int in [0, {spec.num_layers}), got {layer!r}")
-    return int(layer)
 
 
 class StepPlan(ABC):
@@ -245,7 +217,7 @@ class NumpyPlan(StepPlan):
 
     def write(self, layer: int, k: Any, v: Any) -> None:
         spec = self.spec
-        layer = check_layer(spec, layer)
+        layer = validate.layer(layer, spec)
         if self.slots is None:
             raise InvalidArgument("this plan has no slots: pass slots to plan() to write through it")
         shape = (len(self.slots), spec.num_kv_heads, spec.head_dim)
@@ -261,7 +233,7 @@ class NumpyPlan(StepPlan):
         from kvpager.backends.numpy_backend import paged_attention
 
         spec = self.spec
-        layer = check_layer(spec, layer)
+        layer = validate.layer(layer, spec)
         qn, from_torch = to_numpy(q, "q", spec.np_dtype)
         check_q_shape(qn.shape, self.num_tokens, spec)
         res = paged_attention(self.backend.kv, layer, qn, self.tables, self.seq_lens, self.query_lens,

@@ -58,6 +58,14 @@ def layer(value: Any, spec: PoolSpec) -> int:
     return int(value)
 
 
+def int_array(a: Any, name: str, ndim: int, dtype: type) -> np.ndarray:
+    """``a`` as a contiguous ``ndim``-D integer array of ``dtype``."""
+    arr = np.asarray(a)
+    if arr.ndim != ndim or (arr.size and arr.dtype.kind not in "iu"):
+        raise InvalidArgument(f"{name} must be a {ndim}-D integer array, got {arr.dtype} {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
 def slots(value: Any, spec: PoolSpec) -> np.ndarray:
     """Slot ids as int64: each a slot of a real block, or -1 (padding)."""
     arr = np.asarray(value.get() if hasattr(value, "get") and not isinstance(value, np.ndarray) else value)
@@ -65,6 +73,8 @@ def slots(value: Any, spec: PoolSpec) -> np.ndarray:
         raise InvalidArgument(f"slots must be a 1-D integer array, got dtype {arr.dtype} shape {arr.shape}")
     arr = arr.astype(np.int64, copy=False)
     limit = spec.num_blocks * spec.block_size
+    if not arr.size or (arr.min() >= spec.block_size and arr.max() < limit):  # no padding: the common case
+        return arr
     bad = (arr < -1) | (arr >= limit) | ((arr >= 0) & (arr < spec.block_size))
     if bad.any():
         raise InvalidArgument(

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from kvpager import kernels
+from kvpager import kernels, validate
 from kvpager.backends.cupy_launches import (
     attention_launches,
     cupy_empty_like,
@@ -32,7 +32,6 @@ from kvpager.errors import InvalidArgument
 from kvpager.launch import Launch, current_stream, i32, ptr
 from kvpager.plan import (
     StepPlan,
-    check_layer,
     check_q_shape,
     check_scale,
     check_step,
@@ -176,7 +175,7 @@ class CupyPlan(StepPlan):
         if not self.has_slots:
             raise InvalidArgument("this plan has no slots: pass slots to plan() to write through it")
         if type(layer) is not int or not 0 <= layer < spec.num_layers:
-            layer = check_layer(spec, layer)
+            layer = validate.layer(layer, spec)
         shape = self._kv_shape
         kp, vp = self._fast_ptr(k, shape), self._fast_ptr(v, shape)
         if kp and vp:
@@ -220,7 +219,7 @@ class CupyPlan(StepPlan):
             self._window_floor = min(w, self._window_floor or w)
         spec = self.spec
         if type(layer) is not int or not 0 <= layer < spec.num_layers:
-            layer = check_layer(spec, layer)
+            layer = validate.layer(layer, spec)
         shape = q.shape if hasattr(q, "shape") else ()
         launches = self._attn.get(shape[1]) if len(shape) == 3 else None
         qp = self._fast_ptr(q, shape) if launches else 0
