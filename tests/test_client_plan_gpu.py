@@ -9,14 +9,9 @@ import shutil
 
 import numpy as np
 import pytest
+from gpu_helpers import cupy_or_skip  # noqa: E402
 
-cupy = pytest.importorskip("cupy")
-try:
-    _NUM_GPUS = cupy.cuda.runtime.getDeviceCount()
-except Exception:
-    _NUM_GPUS = 0
-if _NUM_GPUS == 0:
-    pytest.skip("no CUDA device", allow_module_level=True)
+cupy = cupy_or_skip()
 
 from daemon_helpers import daemon_process, ipc_endpoint  # noqa: E402
 from reference import TOLERANCE, rel_err  # noqa: E402

@@ -14,14 +14,9 @@ import shutil
 
 import numpy as np
 import pytest
+from gpu_helpers import cupy_or_skip  # noqa: E402
 
-cupy = pytest.importorskip("cupy")
-try:
-    _NUM_GPUS = cupy.cuda.runtime.getDeviceCount()
-except Exception:
-    _NUM_GPUS = 0
-if _NUM_GPUS == 0:
-    pytest.skip("no CUDA device", allow_module_level=True)
+cupy = cupy_or_skip()
 
 from daemon_gpu_workers import gpu_prefix_reader, gpu_prefix_writer  # noqa: E402
 from daemon_helpers import daemon_process, ipc_endpoint, join_or_kill, running_server  # noqa: E402

@@ -10,14 +10,9 @@ import zlib
 
 import numpy as np
 import pytest
+from gpu_helpers import cupy_or_skip  # noqa: E402
 
-cupy = pytest.importorskip("cupy")
-try:
-    _NUM_GPUS = cupy.cuda.runtime.getDeviceCount()
-except Exception:
-    _NUM_GPUS = 0
-if _NUM_GPUS == 0:
-    pytest.skip("no CUDA device", allow_module_level=True)
+cupy = cupy_or_skip()
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.backends.cupy_backend import CupyBackend  # noqa: E402
