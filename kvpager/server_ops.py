@@ -1,0 +1,299 @@
+"""The daemon's request handlers: one ``_op_<name>`` method per op of
+`protocol.OPS`, mixed into `Server`.
+
+Each handler runs on the loop's thread with the calling session already
+looked up (``None`` for the ops that need none) and returns the reply's result;
+raising a `KVPagerError` (or a plain TypeError / ValueError on malformed input)
+becomes a typed error reply. Every check runs before the first change.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hmac
+import itertools
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvpager import cuda_ipc, protocol
+from kvpager.errors import (
+    IntegrityError,
+    InvalidArgument,
+    LimitExceeded,
+    NotOwner,
+    OutOfBlocks,
+    SequenceSwapped,
+    Unauthorized,
+)
+from kvpager.protocol import SEQUENCES_PAGE
+
+if TYPE_CHECKING:
+    from kvpager.sessions import Session
+
+log = logging.getLogger("kvpager.server")
+
+
+def _ids(value: Any, what: str = "seq_ids") -> list[int]:
+    """A batch of sequence ids from the wire: an int, a list of ints or an int array."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iu":
+        return value.tolist()
+    if isinstance(value, list) and set(map(type, value)) <= {int}:  # bools excluded: type(True) is bool
+        return value
+    raise InvalidArgument(f"{what} must be an int or a list of ints")
+
+
+#: Token ids are int64 in the allocator (block keys hash their bytes).
+_TOKEN_LIMIT = 1 << 63
+
+
+def _check_token_ids(token_ids: Any) -> None:
+    """Every token id of an append in int64 range, checked before anything
+    changes: one past it would be accepted by the append and fail only at a
+    later commit, after that commit had published other sequences' blocks."""
+    if not isinstance(token_ids, list):
+        return  # None, or malformed: KVPool says why
+    try:
+        if max(map(max, token_ids)) < _TOKEN_LIMIT:  # the decode step: [[t], [t], ...]
+            return
+    except (TypeError, ValueError):
+        pass  # None entries, empty lists, junk: one at a time
+    for ids in token_ids:
+        if isinstance(ids, (list, np.ndarray)) and len(ids):
+            try:
+                hi = max(ids)
+            except TypeError:
+                continue  # not numbers: KVPool says why
+            if hi >= _TOKEN_LIMIT:
+                raise InvalidArgument(f"append: token id {hi} is out of range (token ids are below 2**63)")
+
+
+def _int(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidArgument(f"{what} must be an integer, got {type(value).__name__}")
+    return value
+
+
+class ServerOps:
+    """The op handlers; `Server` supplies ``pool``, ``sessions``, ``limits``,
+    ``token``, ``memory``, ``gpu``, ``epoch``, ``_owned`` and ``_end``."""
+
+    def _op_hello(self, _: None, a: dict[str, Any]) -> dict[str, Any]:
+        if self.token is not None:
+            given = a.get("token")
+            if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.token.encode()):
+                raise Unauthorized("hello: this daemon needs its token (Client(token=...), KVPAGER_TOKEN "
+                                   "or KVPAGER_TOKEN_FILE)" + ("; the one given is wrong" if given else ""))
+        pid, client = a.get("pid"), a.get("client", "?")
+        if not isinstance(client, str):
+            raise InvalidArgument(f"hello: client must be a string, got {type(client).__name__}")
+        self.limits.check("client_name", len(client), "hello: client name length")
+        s = self.sessions.open(client, pid if isinstance(pid, int) and not isinstance(pid, bool) else None)
+        log.info("session %s opened by %s (pid %s)", s.name, s.client, s.pid)
+        if self.memory is not None:
+            memory = self.memory.handles()
+        elif self.gpu is not None:
+            if self._exported is None:
+                self._exported = cuda_ipc.pool_handles(self.pool.backend, self.epoch)
+            memory = self._exported
+        else:
+            memory = {"kind": "none"}
+        return {
+            "session": s.id,  # the secret: this reply is the only one that carries it
+            "name": s.name,
+            "epoch": self.epoch,
+            "version": protocol.VERSION,
+            "spec": self.pool.spec.to_dict(),
+            "device": self.pool.device,
+            "memory": memory,
+            "heartbeat_timeout": self.sessions.heartbeat_timeout,
+            "max_message_bytes": self.max_message_bytes,
+            "server_pid": os.getpid(),
+        }
+
+    def _op_heartbeat(self, s: Session, a: dict[str, Any]) -> None:
+        return None  # SessionTable.get already reset the clock
+
+    def _op_bye(self, s: Session, a: dict[str, Any]) -> dict[str, int]:
+        return {"freed": self._end(s, "bye")}
+
+    def _op_allocate(self, s: Session, a: dict[str, Any]) -> list[list[Any]]:
+        prompts = a["prompts"]
+        if not isinstance(prompts, list):
+            raise InvalidArgument("prompts must be a list of token-id lists")
+        self.limits.check("sequences", s.num_seqs + len(prompts), "allocate: sequences of this session")
+        self._check_capacity(prompts)
+        share = a.get("share_in_batch", False)
+        allocs = self.pool.allocate(prompts, a.get("salt"), owner=s.name, share_in_batch=share)
+        s.num_seqs += len(allocs)
+        return protocol.encode_allocations(allocs)
+
+    def _check_capacity(self, prompts: list[Any]) -> None:
+        """OutOfBlocks before any hashing when the prompts cannot fit even if
+        every cached block were a hit: a huge prompt costs no loop time."""
+        bs = self.pool.spec.block_size
+        sizes = [len(p) for p in prompts if isinstance(p, (list, np.ndarray))]
+        need = -(-max(sizes, default=0) // bs)
+        if need * bs < 1 << 16:
+            return  # small: hashing it costs less than counting the pool
+        st = self.pool.stats()
+        available = st.free_blocks + st.evictable_blocks
+        if need - st.cached_blocks > available:
+            raise OutOfBlocks(need, available)
+
+    def _op_cached_tokens(self, s: Session | None, a: dict[str, Any]) -> list[int]:
+        prompts = a["prompts"]
+        if not isinstance(prompts, list):
+            raise InvalidArgument("prompts must be a list of token-id lists")
+        return self.pool.cached_tokens(prompts, a.get("salt"))
+
+    def _op_append(self, s: Session, a: dict[str, Any]) -> bytes:
+        # The decode hot path: KVPool checks the ids' types, and ownership rides on
+        # append's own lookup of them.
+        _check_token_ids(a.get("token_ids"))
+        slots = self.pool.append_flat(a["seq_ids"], a.get("num_tokens", 1), a.get("token_ids"), owner=s.name)
+        return protocol.encode_slots(slots)
+
+    def _op_commit(self, s: Session, a: dict[str, Any]) -> list[int]:
+        return self.pool.commit(self._owned(s, a["seq_ids"]), a.get("upto"))
+
+    def _op_fork(self, s: Session, a: dict[str, Any]) -> list[list[int]]:
+        ids, n = self._owned(s, a["seq_ids"]), a.get("n", 1)
+        if isinstance(n, int) and not isinstance(n, bool):
+            self.limits.check("ids", len(ids) * n, "fork: children in one request")
+            self.limits.check("sequences", s.num_seqs + len(ids) * n, "fork: sequences of this session")
+        children = self.pool.fork(ids, n)
+        s.num_seqs += sum(map(len, children))
+        return children
+
+    def _op_free(self, s: Session, a: dict[str, Any]) -> None:
+        ids = self._owned(s, a["seq_ids"])
+        self.pool.free(ids)
+        s.num_seqs -= len(ids)
+
+    def _op_truncate(self, s: Session, a: dict[str, Any]) -> None:
+        self.pool.truncate(self._owned(s, a["seq_ids"]), a["lengths"])
+
+    def _op_swap_out(self, s: Session, a: dict[str, Any]) -> None:
+        self.pool.swap_out(self._owned(s, a["seq_ids"]))
+
+    def _op_swap_in(self, s: Session, a: dict[str, Any]) -> list[np.ndarray]:
+        ids = self._owned(s, a["seq_ids"])
+        self.pool.swap_in(ids)
+        # The swapped-out blocks came back under new ids: the reply carries the
+        # new tables, so a worker's mirror follows without another round trip.
+        return self._op_tables(s, {"seq_ids": ids})
+
+    # -- tensors through the session's staging buffer ----------------------------------------
+    def _op_staging(self, s: Session, a: dict[str, Any]) -> dict[str, Any]:
+        nbytes = _int(a["nbytes"], "nbytes")
+        if nbytes < 0:
+            raise InvalidArgument(f"staging: nbytes must be >= 0, got {nbytes}")
+        self.limits.check("staging", nbytes, "staging: bytes of this session's buffer")
+        return self.sessions.staging(s, nbytes).handles()
+
+    def _staged(self, s: Session, ref: Any, what: str) -> np.ndarray:
+        """A view of ``ref`` = [offset, shape] in the session's staging buffer."""
+        if s.staging is None:
+            raise InvalidArgument(f"{what}: this session has no staging buffer; ask for one with 'staging'")
+        if not (isinstance(ref, list) and len(ref) == 2 and isinstance(ref[1], list)):
+            raise InvalidArgument(f"{what} must be [offset, shape] in the staging buffer")
+        offset = _int(ref[0], f"{what} offset")
+        shape = tuple(_int(d, f"{what} shape") for d in ref[1])
+        return s.staging.array(shape, self.pool.spec.np_dtype, offset)
+
+    def _op_write(self, s: Session, a: dict[str, Any]) -> None:
+        slots = a["slots"]
+        slots = np.asarray(slots if isinstance(slots, (list, np.ndarray)) else [slots])
+        self._check_writable(s, slots)
+        self.pool.write(a["layer"], slots, self._staged(s, a["k"], "k"), self._staged(s, a["v"], "v"))
+
+    def _check_writable(self, s: Session, slots: np.ndarray) -> None:
+        """A session writes only slots of its own sequences' blocks, and never a
+        block published in the prefix cache: other sessions read its K/V through
+        the cache, so a published block is immutable. (A worker that maps the
+        pool is trusted as its user is: see "Trust" in docs/protocol.md.)"""
+        spec = self.pool.spec
+        if slots.ndim != 1 or slots.dtype.kind not in "iu" or not slots.size:
+            return  # KVPool.write names what is wrong
+        slots = slots.astype(np.int64, copy=False)
+        if ((slots < -1) | (slots >= spec.num_blocks * spec.block_size)).any():
+            return  # out of range: KVPool.write says so
+        blocks = np.unique(slots[slots >= 0] // spec.block_size)
+        ids = self.pool.owned(s.name)
+        try:
+            mine = self.pool.tables(ids)[0].ravel() if ids else np.zeros(0, np.int64)  # one gather
+        except SequenceSwapped:  # a swapped-out sequence has no device table: the long way
+            tables = [info.block_table for info in self.pool.sequences(s.name)]
+            mine = np.fromiter(itertools.chain.from_iterable(tables), np.int64)
+        foreign = blocks[~np.isin(blocks, mine)]
+        if len(foreign):
+            raise NotOwner(f"write: block {int(foreign[0])} (slot {int(foreign[0]) * spec.block_size}...) is not "
+                           "held by any sequence of this session")
+        published = blocks[self.pool.blocks().cached[blocks]]
+        if len(published):
+            raise NotOwner(f"write: block {int(published[0])} is published in the prefix cache; its K/V "
+                           "is immutable (write before commit)")
+
+    def _op_attend(self, s: Session, a: dict[str, Any]) -> list[Any]:
+        q = self._staged(s, a["q"], "q")
+        out = self.pool.attend(a["layer"], _ids(a["seq_ids"]), q, a.get("query_lens"), a.get("scale"))
+        offset = _int(a["out"], "out")
+        s.staging.array(out.shape, out.dtype, offset)[...] = out  # a device copy on a GPU
+        return [offset, list(out.shape)]
+
+    # -- inspection ----------------------------------------------------------------------------
+    def _op_tables(self, s: Session | None, a: dict[str, Any]) -> list[np.ndarray]:
+        return list(self.pool.tables(_ids(a["seq_ids"])))
+
+    def _op_sequences(self, s: Session | None, a: dict[str, Any]) -> list[dict[str, Any]]:
+        # A page at a time: a SequenceInfo costs microseconds on the loop's thread.
+        limit = _int(a.get("limit", SEQUENCES_PAGE), "limit")
+        if not 1 <= limit <= SEQUENCES_PAGE:
+            raise InvalidArgument(f"sequences: limit must be in [1, {SEQUENCES_PAGE}], got {limit}")
+        if a.get("seq_ids") is not None:
+            ids = _ids(a["seq_ids"])
+            if len(ids) > limit:
+                raise LimitExceeded(f"sequences: {len(ids)} ids in one request; at most {limit} "
+                                    "(ask for pages: after / limit)", "ids", len(ids), limit)
+        else:
+            owner = a.get("owner")
+            if owner is not None:
+                ids = self.pool.owned(owner)  # a session name
+            else:
+                ids = sorted(itertools.chain.from_iterable(map(self.pool.owned, self.pool.owners())))
+            ids = ids[bisect.bisect_right(ids, _int(a.get("after", -1), "after")):][:limit]
+        infos = [self.pool.sequence(i) for i in ids]
+        # Owners are public session names; the pid says which worker it is.
+        by_name = self.sessions.by_name
+        out = []
+        for info in infos:
+            d = protocol.encode_info(info)
+            owner = by_name.get(info.owner)
+            d["owner_pid"] = owner.pid if owner is not None else None
+            out.append(d)
+        return out
+
+    def _op_blocks(self, s: Session | None, a: dict[str, Any]) -> list[np.ndarray]:
+        return protocol.encode_blocks(self.pool.blocks())
+
+    def _op_stats(self, s: Session | None, a: dict[str, Any]) -> dict[str, Any]:
+        d = protocol.encode_stats(self.pool.stats())
+        d["sessions"] = len(self.sessions)
+        return d
+
+    def _op_check(self, s: Session | None, a: dict[str, Any]) -> None:
+        self.pool.check_integrity()
+        open_ids = self.sessions.by_name
+        orphans = [i for o in self.pool.owners() if o not in open_ids for i in self.pool.owned(o)]
+        if orphans:
+            raise IntegrityError(f"{len(orphans)} sequences belong to no open session, e.g. {orphans[:5]}")
+        for s in open_ids.values():
+            if s.num_seqs != len(self.pool.owned(s.name)):
+                raise IntegrityError(f"session {s.name} counts {s.num_seqs} sequences but owns "
+                                     f"{len(self.pool.owned(s.name))}")
+
