@@ -21,9 +21,10 @@ from kvpager.errors import (
     UnknownSequence,
     UnsupportedConfiguration,
 )
+from kvpager.events import EventSink
 from kvpager.pool import KVPool
 from kvpager.spec import PoolSpec
-from kvpager.types import Allocation, BlockMap, PoolStats, SequenceInfo
+from kvpager.types import Allocation, BlockMap, PoolCounters, PoolStats, SequenceInfo
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "Allocation",
     "BlockMap",
     "Client",
+    "EventSink",
     "IntegrityError",
     "InvalidArgument",
     "KVPagerError",
@@ -38,6 +40,7 @@ __all__ = [
     "NotOwner",
     "NotSwapped",
     "OutOfBlocks",
+    "PoolCounters",
     "PoolSpec",
     "PoolStats",
     "SequenceInfo",

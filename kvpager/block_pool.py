@@ -15,6 +15,11 @@ block tables point at it. The pool owns the prefix cache, so publishing,
 un-publishing and eviction keep the states consistent in one place. Batch
 operations take block ids as arrays and are vectorised (NumPy), and batch
 allocation is all-or-nothing.
+
+Counters and events: ``num_evicted`` counts cached blocks evicted to make
+room; with an `EventSink` attached (``events``), every key that leaves the
+cache is reported there (the sequence layer reports the keys it publishes,
+with their token ids, which the pool does not know).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from kvpager.errors import IntegrityError, InvalidArgument, OutOfBlocks
+from kvpager.events import EventSink
 from kvpager.prefix_cache import PrefixCache
 from kvpager.types import BlockMap
 
@@ -54,6 +60,9 @@ class BlockPool:
         self.evictable: OrderedDict[int, None] = OrderedDict()
         self.cache = PrefixCache(num_blocks)
         self._mark = np.zeros(num_blocks, dtype=np.int64)  # scratch for free_blocks
+        self.num_evicted = 0  # cached blocks evicted to make room, ever
+        #: where keys leaving the cache are reported (None: nowhere, at no cost)
+        self.events: EventSink | None = None
 
     # -- queries ---------------------------------------------------------------
     @property
@@ -119,7 +128,12 @@ class BlockPool:
     def unpublish(self, block_id: int) -> None:
         """Forget a block about to be written again (its K/V will change); an
         evictable block then goes to the free list."""
-        if self.cache.remove(block_id) and block_id in self.evictable:
+        key = self.cache.remove(block_id)
+        if key is None:
+            return
+        if self.events is not None:
+            self.events.removed([key])
+        if block_id in self.evictable:
             del self.evictable[block_id]
             self._push(np.array([block_id], dtype=np.int64))
 
@@ -145,8 +159,10 @@ class BlockPool:
                 raise OutOfBlocks(n, available)
             evictable, remove = self.evictable, self.cache.remove
             victims = [evictable.popitem(last=False)[0] for _ in range(n - top)]
-            for b in victims:
-                remove(b)
+            keys = [remove(b) for b in victims]
+            self.num_evicted += len(victims)
+            if self.events is not None:
+                self.events.removed(keys)
             free = self._free[:top][::-1] if top_first else self._free[:top]
             ids = np.concatenate([free, np.array(victims, dtype=np.int64)])
             self._num_free = 0

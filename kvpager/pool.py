@@ -15,10 +15,11 @@ import numpy as np
 from kvpager import validate
 from kvpager.backends import Backend, make_backend
 from kvpager.errors import InvalidArgument
+from kvpager.events import EventSink
 from kvpager.plan import StepPlan, check_queries, check_softcap, check_window
 from kvpager.sequences import ANY_OWNER, SequenceManager
 from kvpager.spec import PoolSpec
-from kvpager.types import Allocation, BlockMap, PoolStats, SequenceInfo
+from kvpager.types import Allocation, BlockMap, PoolCounters, PoolStats, SequenceInfo
 
 
 def _split(flat: np.ndarray, counts: list[int]) -> list[np.ndarray]:
@@ -52,6 +53,8 @@ class KVPool:
         # True while copies or kernels issued by this pool may still be running
         # (cleared by synchronize): the daemon waits only when there is something to wait for.
         self.pending = False
+        # Blocks copied by copy-on-write and by swaps, ever (see `counters`).
+        self._cow_blocks = self._swap_out_blocks = self._swap_in_blocks = 0
 
     # -- sequence ops ----------------------------------------------------------------
     def allocate(
@@ -129,6 +132,7 @@ class KVPool:
         if len(copies):
             self.backend.copy_blocks(copies)
             self.pending = True
+            self._cow_blocks += len(copies)
         return flat
 
     def commit(self, seq_ids: int | Seq[int], upto: int | None | Seq[int | None] = None) -> list[int]:
@@ -158,6 +162,7 @@ class KVPool:
         if len(pairs):
             self.backend.swap_out(pairs)
             self.pending = True
+            self._swap_out_blocks += len(pairs)
 
     def swap_in(self, seq_ids: int | Seq[int]) -> None:
         """Bring swapped sequences back to the device in one batched copy."""
@@ -165,6 +170,7 @@ class KVPool:
         if len(pairs):
             self.backend.swap_in(pairs)
             self.pending = True
+            self._swap_in_blocks += len(pairs)
 
     # -- ownership (the daemon's sessions) ----------------------------------------------
     def owned(self, owner: Any) -> list[int]:
@@ -305,6 +311,28 @@ class KVPool:
             block_size=bs,
             bytes_per_block=spec.bytes_per_block,
         )
+
+    def counters(self) -> PoolCounters:
+        """Cumulative counts since the pool was made (prefix lookups and hits in
+        tokens, evictions, copy-on-write and swap copies in blocks); O(1)."""
+        m = self.manager
+        return PoolCounters(
+            prefix_query_tokens=m.prefix_query_tokens,
+            prefix_hit_tokens=m.prefix_hit_tokens,
+            evicted_blocks=m.pool.num_evicted,
+            cow_blocks=self._cow_blocks,
+            swap_out_blocks=self._swap_out_blocks,
+            swap_in_blocks=self._swap_in_blocks,
+            bytes_per_block=self.spec.bytes_per_block,
+        )
+
+    def set_event_sink(self, sink: EventSink | None) -> None:
+        """Report every key entering or leaving the prefix cache to ``sink``
+        (`kvpager.events`: vLLM's BlockStored / BlockRemoved), or stop (None).
+        Without a sink nothing is recorded."""
+        if sink is not None and not isinstance(sink, EventSink):
+            raise InvalidArgument(f"sink must be an EventSink or None, got {type(sink).__name__}")
+        self.manager.pool.events = sink
 
     def check_integrity(self) -> None:
         """Raise IntegrityError (with the counts) if any allocator invariant is broken."""

@@ -110,14 +110,14 @@ class PrefixCache:
         self.cached[block_id] = True
         return True
 
-    def remove(self, block_id: int) -> bool:
-        """Forget ``block_id``'s entry; False if it had none."""
+    def remove(self, block_id: int) -> bytes | None:
+        """Forget ``block_id``'s entry; returns its key, or None if it had none."""
         key = self.block_key.pop(block_id, None)
         if key is None:
-            return False
+            return None
         del self.key_to_block[key]
         self.cached[block_id] = False
-        return True
+        return key
 
     def problems(self) -> list[str]:
         """What is wrong with the maps (empty if nothing): they must mirror each

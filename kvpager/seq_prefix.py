@@ -162,10 +162,36 @@ def commit(m: SequenceManager, seq_ids: list[int], upto: Seq[int | None]) -> lis
     full = np.minimum(committed, bt.known[rows]) // bs
     published = [0] * len(seq_ids)
     todo = np.flatnonzero(full > bt.published[rows])
+    sink = m.pool.events
     for k in todo.tolist():
         row, f = int(rows[k]), int(full[k])
-        keys = m.history[seq_ids[k]].key_blocks(f, bs)
-        blocks = bt.table[row, int(bt.published[row]) : f].tolist()
-        published[k] = sum(map(m.pool.publish, blocks, keys[int(bt.published[row]) : f]))
+        history = m.history[seq_ids[k]]
+        keys = history.key_blocks(f, bs)
+        start = int(bt.published[row])
+        blocks = bt.table[row, start:f].tolist()
+        done = list(map(m.pool.publish, blocks, keys[start:f]))
+        published[k] = sum(done)
+        if sink is not None:
+            report_stored(m, history, list(range(start, f)), done)
         bt.published[row] = f
     return published
+
+
+def report_stored(m: SequenceManager, history: History, index: list[int], done: list[bool]) -> None:
+    """Tell the event sink about blocks of one sequence just offered to the
+    cache: its table entries ``index`` (ascending), published where ``done`` (a
+    key already cached under another block is not published again). One event
+    per run of consecutive published entries."""
+    bs, keys = m.block_size, history.keys
+    i = 0
+    while i < len(index):
+        if not done[i]:
+            i += 1
+            continue
+        j = i + 1
+        while j < len(index) and done[j] and index[j] == index[j - 1] + 1:
+            j += 1
+        first, end = index[i], index[j - 1] + 1
+        m.pool.events.stored(keys[first:end], keys[first - 1] if first else None,
+                             history.known(first * bs, end * bs))
+        i = j

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kvpager.errors import IntegrityError, NotSwapped, OutOfBlocks
+from kvpager.seq_prefix import report_stored
 
 if TYPE_CHECKING:
     from kvpager.sequences import SequenceManager
@@ -94,9 +95,10 @@ def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     for s, row in zip(seq_ids, rows.tolist()):
         cols, hosts = host.held[row]
         published = int(bt.published[row])
-        keys = m.history[s].keys
+        history = m.history[s]
+        keys = history.keys
         found = [pool.lookup(keys[i]) if i < published else None for i in cols.tolist()]
-        plans.append((row, cols, hosts, published, keys,
+        plans.append((row, cols, hosts, published, history,
                       np.array([-1 if b is None else b for b in found], dtype=np.int64)))
     reuse = np.concatenate([p[5] for p in plans]) if plans else np.zeros(0, np.int64)
     reused = reuse[reuse >= 0]
@@ -109,16 +111,17 @@ def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     new = pool.get_new_blocks(need) if need else np.zeros(0, np.int64)
     taken = 0
     copies = []
-    for row, cols, hosts, published, keys, found in plans:
+    for row, cols, hosts, published, history, found in plans:
         fresh = found < 0
         k = int(np.count_nonzero(fresh))
         blocks = found.copy()
         blocks[fresh] = new[taken : taken + k]
         taken += k
         copies.append(np.stack([hosts[fresh], blocks[fresh]], axis=1))
-        for i, b in zip(cols[fresh].tolist(), blocks[fresh].tolist()):
-            if i < published:
-                pool.publish(b, keys[i])
+        again = [(i, b) for i, b in zip(cols[fresh].tolist(), blocks[fresh].tolist()) if i < published]
+        done = [pool.publish(b, history.keys[i]) for i, b in again]
+        if pool.events is not None and any(done):
+            report_stored(m, history, [i for i, _ in again], done)
         bt.table[row, cols] = blocks
         host.free.extend(hosts.tolist())
         del host.held[row]

@@ -6,6 +6,11 @@ and checks that a sequence belongs to the calling session before `KVPool`
 sees the batch: a rejected batch changes nothing. A client's mistake is
 answered with a typed error reply; it never ends the loop.
 
+Observability, both off unless asked for: Prometheus metrics over HTTP
+(``metrics_port``; `kvpager.metrics`) and vLLM-compatible KV events over
+ZeroMQ PUB (``events``; `kvpager.events_pub`). With neither, a request costs
+one ``is None`` test more; with them, a few list stores and a queue put.
+
 In-process use (tests)::
 
     server = Server.create(spec, "ipc:///tmp/x/kv.sock")
@@ -39,12 +44,16 @@ from kvpager.endpoints import (
     prepare_ipc_bind,
 )
 from kvpager.errors import (
+    ERRORS_BY_CODE,
     InternalError,
     InvalidArgument,
     KVPagerError,
     Unauthorized,
 )
+from kvpager.events import EventSink
+from kvpager.events_pub import EventPublisher, EventsConfig
 from kvpager.limits import Limits
+from kvpager.metrics import RequestMetrics, serve_metrics
 from kvpager.pool import KVPool
 from kvpager.protocol import (
     KEPT_REPLIES,
@@ -89,6 +98,9 @@ class Server(ServerOps):
         owns_pool: bool = False,
         limits: Limits | None = None,
         token: str | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
+        events: EventsConfig | None = None,
     ):
         self.pool = pool
         self.endpoint = check_endpoint(endpoint or default_endpoint(), bind=True)
@@ -116,6 +128,14 @@ class Server(ServerOps):
         # When the loop last found nothing queued: every message sent before then
         # has been read, so a session silent since long before it is really gone.
         self._idle = time.monotonic()
+        # Observability (see the module's docstring): what `bind` starts.
+        self.metrics_port, self.metrics_host = metrics_port, metrics_host
+        self.request_metrics = RequestMetrics() if metrics_port is not None else None
+        self._snapshots: Any = None  # and the HTTP server: started by bind
+        self._httpd: Any = None
+        self.events = EventPublisher(events, pool.spec.block_size) if events is not None else None
+        self._sink = EventSink() if events is not None else None
+        self._op, self._result = "", "ok"  # the request being handled, for the metrics
 
     @classmethod
     def create(cls, spec: PoolSpec, endpoint: str | None = None, device: str = "cpu", **kwargs: Any) -> Server:
@@ -170,6 +190,7 @@ class Server(ServerOps):
         elif self.token is None and self.endpoint.startswith("tcp://"):
             log.warning("listening on %s without a token: every local user can use the pool "
                         "(--token-file / KVPAGER_TOKEN)", self.endpoint)
+        self._start_observers()
         spec = self.pool.spec
         log.info(
             "serving on %s: device %s, %d blocks of %d tokens (%s), %d host blocks (%s); %d layers x %d kv "
@@ -179,6 +200,14 @@ class Server(ServerOps):
             spec.head_dim, spec.dtype, self.epoch, self.sessions.heartbeat_timeout,
         )
         return self.endpoint
+
+    def _start_observers(self) -> None:
+        if self.request_metrics is not None:
+            self._snapshots, self._httpd, self.metrics_port = serve_metrics(
+                self.request_metrics, self.pool, lambda: len(self.sessions), self.metrics_host, self.metrics_port)
+        if self.events is not None:
+            self.pool.set_event_sink(self._sink)
+            self.events.bind()
 
     def run(self) -> None:
         """Serve until `stop()`; then release everything (`close()`)."""
@@ -211,6 +240,10 @@ class Server(ServerOps):
         the ipc socket and the shared memory."""
         for s in list(self.sessions.sessions.values()):
             self._end(s, "daemon shutting down")
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
@@ -225,11 +258,16 @@ class Server(ServerOps):
         if self.owns_pool:
             self.pool.close()
             self.owns_pool = False
+        if self.events is not None:
+            self.pool.set_event_sink(None)
+            self._flush_events()
+            self.events.close()  # ends with AllBlocksCleared
+            self.events = None
         log.info("stopped after %d requests", self.requests)
 
     # -- the loop ---------------------------------------------------------------------------
     def _loop(self) -> None:
-        sock, stop = self._sock, self._stop
+        sock, stop, snapshots = self._sock, self._stop, self._snapshots
         next_expiry = time.monotonic() + self._expiry_interval()
         while not stop.is_set():
             try:
@@ -244,28 +282,58 @@ class Server(ServerOps):
                     sock.send_multipart(frames, zmq.NOBLOCK)
                 except zmq.ZMQError as e:  # peer gone or its queue full: its problem, not ours
                     log.debug("reply dropped: %s", e)
+            if snapshots is not None and snapshots.wanted:  # a scrape waits for the pool's figures
+                snapshots.serve()
             now = time.monotonic()
             if now >= next_expiry:
                 next_expiry = now + self._expiry_interval()
                 self.expire()
+                if self.request_metrics is not None:
+                    self.request_metrics.window(now)
 
     def expire(self) -> None:
         """End the sessions silent for longer than the heartbeat timeout, judged
         at the last moment the loop had read everything queued: after a slow
         request, the heartbeats that waited behind it count first."""
-        for s in self.sessions.expired(self._idle):
+        t0 = time.perf_counter()
+        ended = self.sessions.expired(self._idle)
+        for s in ended:
             self._end(s, "missed heartbeats")
+        if self.request_metrics is not None:
+            self.request_metrics.session_expiries += len(ended)
+            self.request_metrics.busy += time.perf_counter() - t0
+        self._flush_events()
 
     def _expiry_interval(self) -> float:
         return min(1.0, self.sessions.heartbeat_timeout / 4)
 
     def handle(self, body: bytes) -> bytes:
-        """One request in, one reply out. Never raises."""
+        """One request in, one reply out (counted, timed and its KV events
+        published when those are on). Never raises."""
+        metrics = self.request_metrics
+        if metrics is None:
+            reply = self._handle(body)
+        else:
+            t0 = time.perf_counter()
+            reply = self._handle(body)
+            metrics.observe(self._op, self._result, time.perf_counter() - t0)
+        if self._sink is not None and self._sink.items:
+            self._flush_events()
+        return reply
+
+    def _flush_events(self) -> None:
+        """Publish what the pool recorded as one batch."""
+        if self._sink is not None and self._sink.items:
+            self.events.publish(time.time(), self._sink.take())
+
+    def _handle(self, body: bytes) -> bytes:
         self.requests += 1
+        self._op, self._result = "", "ok"
         rid, op, session, digest = None, "?", None, None
         try:
             req = decode_request(body, self.max_message_bytes)
             rid, op = req.id, req.op
+            self._op = op
             if OPS[op].session or (req.session is not None and op != "hello"):
                 session = self.sessions.get(req.session)
             elif self.token is not None and op != "hello":
@@ -275,6 +343,7 @@ class Server(ServerOps):
                 digest = hashlib.blake2b(body, digest_size=16).digest()
                 kept = session.replies.get(rid)
                 if kept is not None and kept[0] == digest:
+                    self._result = "replayed"
                     return kept[1]
             reply = self._reply(rid, op, session, req.args)
         except Exception as e:
@@ -299,12 +368,15 @@ class Server(ServerOps):
 
     def _error_reply(self, rid: int | None, op: str, e: Exception) -> bytes:
         if isinstance(e, KVPagerError):
+            self._result = e.code if e.code in ERRORS_BY_CODE else "internal"
             return encode_reply(getattr(e, "request_id", rid), None, ErrorInfo.from_exception(e))
         if isinstance(e, (TypeError, ValueError, KeyError, IndexError, OverflowError, AttributeError)):
             # KVPool validates its arguments; what slips through is still the
             # caller's malformed input, not a reason to die.
+            self._result = "invalid_argument"
             msg = f"{op}: bad arguments: {type(e).__name__}: {e}"
             return encode_reply(rid, None, ErrorInfo("invalid_argument", msg))
+        self._result = "internal"
         log.error("internal error in %s", op, exc_info=e)  # a bug: keep serving, say so loudly
         return encode_reply(rid, None, ErrorInfo.from_exception(InternalError(f"{op}: {e!r}")))
 

@@ -87,6 +87,29 @@ class PoolStats:
 
 
 @dataclass(frozen=True)
+class PoolCounters:
+    """What the pool has done since it was made: cumulative counts, read in
+    O(1) (`KVPool.counters`). Swap counts are blocks copied (a swap-in that
+    re-shares a block still cached on the device copies nothing)."""
+
+    prefix_query_tokens: int  # prompt tokens looked up by allocate
+    prefix_hit_tokens: int  # of those, found in the prefix cache
+    evicted_blocks: int  # cached blocks evicted (LRU) to make room
+    cow_blocks: int  # blocks copied by copy-on-write (append to a shared, partly filled block)
+    swap_out_blocks: int  # device -> host copies
+    swap_in_blocks: int  # host -> device copies
+    bytes_per_block: int
+
+    @property
+    def swap_out_bytes(self) -> int:
+        return self.swap_out_blocks * self.bytes_per_block
+
+    @property
+    def swap_in_bytes(self) -> int:
+        return self.swap_in_blocks * self.bytes_per_block
+
+
+@dataclass(frozen=True)
 class BlockMap:
     """Per-block state of the device pool: ``state[b]`` is one of NULL, FREE,
     EVICTABLE, USED; ``ref_cnt[b]`` its reference count."""

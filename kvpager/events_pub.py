@@ -1,0 +1,226 @@
+"""The daemon's KV event stream: ZeroMQ PUB with vLLM's framing, and a ROUTER
+socket that replays missed batches.
+
+The daemon's loop hands each request's events to `EventPublisher.publish`
+(a queue put); a thread of its own numbers, encodes and sends them, keeps
+the last batches for replay and answers replay requests, so neither
+encoding nor a subscriber costs the loop anything. PUB never blocks: a
+subscriber that does not keep up loses batches at its high-water mark
+(and can ask for them again by sequence number).
+
+Wire format (docs/protocol.md, "KV events"), as vLLM's `ZmqEventPublisher`:
+- PUB, one message per batch: ``[topic, seq (8 bytes, big-endian), payload]``,
+  ``payload`` the msgpack ``EventBatch`` (`kvpager.events.batch_value`),
+  ``seq`` counting from 0 per daemon start;
+- replay (ROUTER): a request is one frame, the first sequence number wanted
+  (8 bytes, big-endian; from a REQ socket, or a DEALER sending an empty
+  delimiter frame first); the answer is one message per kept batch from
+  there on, ``[topic, seq, payload]`` (``[seq, payload]`` in the "array"
+  format, as earlier vLLM), then the end marker ``[b"", seq -1, b""]``
+  (``[seq -1, b""]``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Any
+
+import msgpack
+import zmq
+
+from kvpager.endpoints import check_endpoint, ipc_path, is_local, is_socket, prepare_ipc_bind
+from kvpager.errors import InvalidArgument
+from kvpager.events import FORMATS, EventSink, batch_value, to_dicts
+
+log = logging.getLogger("kvpager.events")
+
+#: The end of a replay answer: sequence number -1.
+END_SEQ = (-1).to_bytes(8, "big", signed=True)
+#: Batches kept for replay, and at most this many bytes of them.
+REPLAY_BATCHES = 10_000
+REPLAY_BYTES = 64 << 20
+#: Batches PUB queues per subscriber before it drops (vLLM's default).
+SEND_HWM = 100_000
+_WAKE_S = 0.05  # how often the idle thread looks at the replay socket
+
+
+def replay_endpoint_for(endpoint: str) -> str:
+    """The replay endpoint beside an events endpoint: the next TCP port
+    (vLLM's 5557 / 5558 convention), else the same path with ``.replay``."""
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        if port.isdigit() and 0 < int(port) < 65535:
+            return f"tcp://{host}:{int(port) + 1}"
+        raise InvalidArgument(f"events endpoint {endpoint!r}: give --events-replay-endpoint too "
+                              "(no replay port follows from this one)")
+    return endpoint + ".replay"
+
+
+@dataclasses.dataclass(frozen=True)
+class EventsConfig:
+    """Where and how the daemon publishes KV events."""
+
+    endpoint: str
+    replay_endpoint: str | None = None  # default: `replay_endpoint_for(endpoint)`
+    topic: str = ""
+    format: str = "map"
+
+    def __post_init__(self) -> None:
+        check_endpoint(self.endpoint, bind=True)
+        replay = self.replay_endpoint or replay_endpoint_for(self.endpoint)
+        check_endpoint(replay, bind=True)
+        if replay == self.endpoint:
+            raise InvalidArgument(f"the events replay endpoint must differ from the events endpoint {replay}")
+        object.__setattr__(self, "replay_endpoint", replay)
+        if self.format not in FORMATS:
+            raise InvalidArgument(f"events format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if not isinstance(self.topic, str):
+            raise InvalidArgument(f"events topic must be a string, got {type(self.topic).__name__}")
+
+
+class EventPublisher:
+    """PUB + replay ROUTER for one daemon; ``publish`` is the only call the
+    loop makes. `bind` opens both sockets (released again if either fails);
+    `close` publishes ``AllBlocksCleared`` and stops the thread."""
+
+    def __init__(self, config: EventsConfig, block_size: int):
+        self.config = config
+        self.block_size = block_size
+        self.endpoint = config.endpoint
+        self.replay_endpoint: str = config.replay_endpoint  # type: ignore[assignment]
+        self._topic = config.topic.encode()
+        self._queue: queue.SimpleQueue[tuple[float, list[Any]] | None] = queue.SimpleQueue()
+        self._ctx: zmq.Context | None = None
+        self._pub: zmq.Socket | None = None
+        self._replay: zmq.Socket | None = None
+        self._thread: threading.Thread | None = None
+        self._kept: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._kept_bytes = 0
+        self.published = 0  # batches sent (the next sequence number)
+
+    def bind(self) -> None:
+        """Bind PUB and replay sockets and start the thread; InvalidArgument
+        naming the endpoint if either cannot be bound."""
+        self._ctx = zmq.Context()
+        try:
+            self._pub = self._bind(zmq.PUB, self.endpoint)
+            self._pub.setsockopt(zmq.SNDHWM, SEND_HWM)
+            self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._replay = self._bind(zmq.ROUTER, self.replay_endpoint)
+            self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
+        except BaseException:
+            self._close_sockets()
+            raise
+        for ep in (self.endpoint, self.replay_endpoint):
+            if not is_local(ep):
+                log.warning("KV events at %s are readable from other hosts without authentication: "
+                            "they carry prompts' token ids", ep)
+        # The cache starts empty: batch 0 says so to anyone replaying from the start.
+        sink = EventSink()
+        sink.cleared()
+        self.publish(time.time(), sink.take())
+        self._thread = threading.Thread(target=self._run, name="kvpager-events", daemon=True)
+        self._thread.start()
+        log.info("KV events on %s (replay %s, topic %r, %s format)", self.endpoint, self.replay_endpoint,
+                 self.config.topic, self.config.format)
+
+    def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
+        prepare_ipc_bind(endpoint)
+        sock = self._ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as e:
+            sock.close()
+            raise InvalidArgument(f"cannot bind the KV events endpoint {endpoint}: {e}") from None
+        path = ipc_path(endpoint)
+        if path:
+            os.chmod(path, 0o600)  # token ids of prompts: this user only, like the daemon's socket
+        return sock
+
+    def publish(self, ts: float, items: list[Any]) -> None:
+        """Queue one batch of recorded events (`EventSink.take`) for sending."""
+        self._queue.put((ts, items))
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Publish ``AllBlocksCleared`` (the pool is going away), send what is
+        queued, stop the thread, close the sockets and unlink ipc files."""
+        if self._thread is not None:
+            sink = EventSink()
+            sink.cleared()
+            self.publish(time.time(), sink.take())
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+            if self._pub is not None:
+                self._pub.setsockopt(zmq.LINGER, 200)  # let the last batches leave
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        for sock, ep in ((self._pub, self.endpoint), (self._replay, self.replay_endpoint)):
+            if sock is not None:
+                sock.close()
+                path = ipc_path(ep)
+                if path and is_socket(path):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+        self._pub = self._replay = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    # -- the thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        get, replay = self._queue.get, self._replay
+        while True:
+            try:
+                while replay.poll(0):
+                    self._answer(replay.recv_multipart())
+                item = get(timeout=_WAKE_S)
+            except queue.Empty:
+                continue
+            except Exception:  # a bug: keep the stream going, say so
+                log.exception("KV events: replay failed")
+                continue
+            if item is None:
+                return
+            try:
+                self._send(*item)
+            except Exception:
+                log.exception("KV events: a batch could not be sent")
+
+    def _send(self, ts: float, items: list[Any]) -> None:
+        seq = self.published
+        self.published += 1
+        payload = msgpack.packb(batch_value(ts, to_dicts(items, self.block_size), self.config.format))
+        seq_bytes = seq.to_bytes(8, "big")
+        with contextlib.suppress(zmq.Again):  # PUB drops rather than blocks; replay still has it
+            self._pub.send_multipart((self._topic, seq_bytes, payload), zmq.NOBLOCK)
+        kept = self._kept
+        kept.append((seq, payload))
+        self._kept_bytes += len(payload)
+        while len(kept) > REPLAY_BATCHES or (self._kept_bytes > REPLAY_BYTES and len(kept) > 1):
+            self._kept_bytes -= len(kept.popleft()[1])
+
+    def _answer(self, frames: list[bytes]) -> None:
+        """A replay request: ``[identity, (b""), start seq]``; answered on the same envelope."""
+        if len(frames) not in (2, 3) or (len(frames) == 3 and frames[1]):
+            log.debug("KV events: malformed replay request of %d frames", len(frames))
+            return
+        envelope, start_bytes = frames[:-1], frames[-1]
+        send = self._replay.send_multipart
+        head = [self._topic] if self.config.format == "map" else []
+        if len(start_bytes) == 8:
+            start = int.from_bytes(start_bytes, "big")
+            for seq, payload in list(self._kept):
+                if seq >= start:
+                    send([*envelope, *head, seq.to_bytes(8, "big"), payload])
+        end = [b""] if head else []
+        send([*envelope, *end, END_SEQ, b""])

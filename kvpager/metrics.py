@@ -1,0 +1,238 @@
+"""Prometheus metrics of the daemon, served over HTTP by `prometheus_client`
+from a thread of their own (names modelled on vLLM's, prefixed ``kvpager_``;
+each listed with its meaning in docs/protocol.md, "Metrics").
+
+The loop thread is the only one that touches the pool. So:
+- per-request counts and latencies are plain ints and floats in lists that
+  the loop adds to (`RequestMetrics.observe`: a few list stores per request)
+  and a scrape copies (a list copy is atomic under the GIL);
+- the pool's gauges and counters are read on the loop: a scrape asks for a
+  `Snapshot` (`Snapshots.request`) and the loop takes one between two
+  requests (or within ~50 ms when idle); a loop stuck in a long request
+  leaves the scrape the previous snapshot after ``wait`` seconds, and
+  ``kvpager_pool_snapshot_age_seconds`` says how old it is.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from kvpager.errors import ERRORS_BY_CODE, InvalidArgument
+from kvpager.protocol import OPS
+from kvpager.types import PoolCounters, PoolStats
+
+log = logging.getLogger("kvpager.server")
+
+#: Upper bounds (seconds) of the request latency buckets: a decode step takes
+#: tens of microseconds, a large allocate milliseconds.
+BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0,
+           2.5)
+_BOUNDS = (*(f"{b:g}" for b in BUCKETS), "+Inf")  # the ``le`` labels
+#: The ``op`` label of a request too broken to name a known op.
+INVALID_OP = "invalid"
+#: ``result`` label values: ok, a retry answered with the kept reply, or an error code.
+RESULTS = ("ok", "replayed", *ERRORS_BY_CODE)
+
+
+class RequestMetrics:
+    """Per-op request counts by result, latency histograms and loop busy time;
+    written by the loop thread only."""
+
+    def __init__(self) -> None:
+        self.ops = (*OPS, INVALID_OP)
+        self._op_index = {op: i for i, op in enumerate(self.ops)}
+        self._result_index = {r: i for i, r in enumerate(RESULTS)}
+        self._internal = self._result_index["internal"]  # an unknown code is a bug
+        self.counts = [[0] * len(RESULTS) for _ in self.ops]  # [op][result]
+        self.buckets = [[0] * (len(BUCKETS) + 1) for _ in self.ops]  # [op][bucket], not cumulative
+        self.sums = [0.0] * len(self.ops)
+        self.busy = 0.0  # seconds handling requests and expiring sessions
+        self.session_expiries = 0
+        self.busy_ratio = 0.0  # of the last window (`window`)
+        self._window = (time.monotonic(), 0.0)
+
+    def observe(self, op: str, result: str, seconds: float) -> None:
+        """One request: its op, result (``ok``, ``replayed`` or an error code) and time."""
+        i = self._op_index.get(op, -1)  # -1: INVALID_OP, the last
+        self.counts[i][self._result_index.get(result, self._internal)] += 1
+        self.buckets[i][bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.sums[i] += seconds
+        self.busy += seconds
+
+    def window(self, now: float) -> None:
+        """Close the current busy-ratio window (the loop calls this about once a second)."""
+        start, busy = self._window
+        if now > start:
+            self.busy_ratio = min(1.0, (self.busy - busy) / (now - start))
+        self._window = (now, self.busy)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The pool as the loop saw it at ``taken`` (time.monotonic())."""
+
+    stats: PoolStats
+    counters: PoolCounters
+    sessions: int
+    taken: float
+
+
+class Snapshots:
+    """Hands a scrape (any thread) a snapshot the loop thread takes."""
+
+    def __init__(self, take: Callable[[], Snapshot]):
+        self._take = take
+        self._cond = threading.Condition()
+        self.wanted = False  # read by the loop on every turn: a plain attribute
+        self.latest: Snapshot | None = None
+        self._serial = 0
+
+    def request(self, wait: float) -> Snapshot | None:
+        """A fresh snapshot, or after ``wait`` seconds the last one (None if none yet)."""
+        with self._cond:
+            serial = self._serial
+            self.wanted = True
+            self._cond.wait_for(lambda: self._serial != serial, wait)
+            return self.latest
+
+    def serve(self) -> None:
+        """Take one (the loop thread, when ``wanted``)."""
+        snap = self._take()
+        with self._cond:
+            self.latest = snap
+            self._serial += 1
+            self.wanted = False
+            self._cond.notify_all()
+
+
+class Collector:
+    """The ``kvpager_*`` metric families, for a `prometheus_client` registry."""
+
+    def __init__(self, requests: RequestMetrics, snapshots: Snapshots, info: dict[str, str], wait: float = 2.0):
+        self.requests = requests
+        self.snapshots = snapshots
+        self.info = info
+        self.wait = wait
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"kvpager_{name}", doc, value=value)
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"kvpager_{name}", doc, value=value)
+
+        info = GaugeMetricFamily("kvpager_info", "The daemon: version, device, block size.", labels=list(self.info))
+        info.add_metric(list(self.info.values()), 1)
+        yield info
+        snap = self.snapshots.request(self.wait)
+        if snap is not None:
+            st, c = snap.stats, snap.counters
+            yield gauge("kv_cache_usage_perc", "Share of device blocks in use (0-1); evictable cached blocks "
+                        "count as free.", st.used_blocks / st.total_blocks if st.total_blocks else 0.0)
+            yield gauge("blocks_total", "Usable device blocks (the null block excluded).", st.total_blocks)
+            yield gauge("blocks_free", "Device blocks on the free list.", st.free_blocks)
+            yield gauge("blocks_evictable", "Unreferenced device blocks still in the prefix cache.",
+                        st.evictable_blocks)
+            yield gauge("blocks_used", "Device blocks referenced by at least one sequence.", st.used_blocks)
+            yield gauge("blocks_shared", "Device blocks referenced more than once.", st.shared_blocks)
+            yield gauge("blocks_pinned", "Device blocks pinned in the prefix cache.",
+                        getattr(st, "pinned_blocks", 0))  # 0 until pools have pins
+            yield gauge("blocks_cached", "Device blocks published in the prefix cache.", st.cached_blocks)
+            yield gauge("host_blocks_total", "Host (swap) blocks.", st.host_total_blocks)
+            yield gauge("host_blocks_free", "Free host (swap) blocks.", st.host_free_blocks)
+            yield gauge("sequences", "Live sequences.", st.num_sequences)
+            yield gauge("sequences_swapped", "Live sequences swapped out to host memory.", st.swapped_sequences)
+            yield gauge("sessions", "Open sessions.", snap.sessions)
+            yield gauge("pool_snapshot_age_seconds", "Age of the pool figures in this scrape (the loop "
+                        "takes them between requests).", max(0.0, time.monotonic() - snap.taken))
+            yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                          c.prefix_query_tokens)
+            yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", c.prefix_hit_tokens)
+            yield counter("evictions", "Cached blocks evicted from the prefix cache to make room.",
+                          c.evicted_blocks)
+            yield counter("cow_copies", "Blocks copied by copy-on-write.", c.cow_blocks)
+            blocks = CounterMetricFamily("kvpager_swap_blocks", "Blocks copied by swaps, by direction "
+                                         "(out: device to host).", labels=["direction"])
+            swap_bytes = CounterMetricFamily("kvpager_swap_bytes", "Bytes copied by swaps, by direction.",
+                                             labels=["direction"])
+            for direction, n, nbytes in (("out", c.swap_out_blocks, c.swap_out_bytes),
+                                         ("in", c.swap_in_blocks, c.swap_in_bytes)):
+                blocks.add_metric([direction], n)
+                swap_bytes.add_metric([direction], nbytes)
+            yield blocks
+            yield swap_bytes
+        yield from self._requests(CounterMetricFamily, HistogramMetricFamily, gauge, counter)
+
+    def _requests(self, counter_family: Any, histogram_family: Any, gauge: Any, counter: Any) -> Iterator[Any]:
+        r = self.requests
+        counts = [list(row) for row in r.counts]  # each copy is atomic: no torn row
+        buckets = [list(row) for row in r.buckets]
+        sums = list(r.sums)
+        total = counter_family("kvpager_requests", "Requests handled, by op and result (ok, replayed "
+                               "or an error code).", labels=["op", "result"])
+        hist = histogram_family("kvpager_request_duration_seconds", "Time the loop spent on a request, by op.",
+                                labels=["op"])
+        for i, op in enumerate(r.ops):
+            for j, result in enumerate(RESULTS):
+                if counts[i][j]:
+                    total.add_metric([op, result], counts[i][j])
+            if any(buckets[i]):
+                cumulative, acc = [], 0
+                for bound, n in zip(_BOUNDS, buckets[i]):
+                    acc += n
+                    cumulative.append((bound, acc))
+                hist.add_metric([op], cumulative, sums[i])
+        yield total
+        yield hist
+        yield counter("session_expiries", "Sessions ended for missing heartbeats.", r.session_expiries)
+        yield counter("loop_busy_seconds", "Seconds the loop spent handling requests and expiring sessions.",
+                      r.busy)
+        yield gauge("loop_busy_ratio", "Share of the last second the loop was busy (0-1).", r.busy_ratio)
+
+
+def serve_metrics(requests: RequestMetrics, pool: Any, sessions: Callable[[], int], host: str,
+          port: int) -> tuple[Snapshots, Any, int]:
+    """Serve the metrics of a daemon's ``pool`` (a `KVPool`; its figures read on
+    the loop's thread through the returned `Snapshots`) and ``requests`` at
+    http://HOST:PORT/metrics from a thread. Returns the snapshots, the HTTP
+    server (``shutdown()``, ``server_close()``) and the bound port."""
+    from kvpager import __version__
+
+    def take() -> Snapshot:
+        return Snapshot(pool.stats(), pool.counters(), sessions(), time.monotonic())
+
+    snapshots = Snapshots(take)
+    info = {"version": __version__, "device": str(pool.device), "block_size": str(pool.spec.block_size)}
+    httpd, port = serve_http(Collector(requests, snapshots, info), host, port)
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return snapshots, httpd, port
+
+
+def serve_http(collector: Collector, host: str, port: int) -> tuple[Any, int]:
+    """Serve ``collector`` at http://HOST:PORT/metrics from a thread; returns
+    the server (``shutdown()`` / ``server_close()``) and the bound port."""
+    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise InvalidArgument(f"metrics port must be an integer in [0, 65535], got {port!r}")
+    registry = CollectorRegistry()
+    registry.register(collector)
+    ProcessCollector(registry=registry)  # process_cpu_seconds_total, resident memory, open fds
+    try:
+        httpd, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as e:
+        raise InvalidArgument(f"cannot serve metrics on {host}:{port}: {e.strerror or e} "
+                              "(choose another --metrics-port / KVPAGER_METRICS_PORT, or --metrics-host)") from None
+    return httpd, httpd.server_address[1]
