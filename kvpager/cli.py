@@ -7,6 +7,7 @@ import click
 from kvpager import __version__
 from kvpager.bench_cli import bench
 from kvpager.demo import demo_command
+from kvpager.events_cli import events_command
 from kvpager.inspect_cli import COMMANDS as INSPECT_COMMANDS
 from kvpager.serve_cli import serve
 
@@ -20,6 +21,7 @@ def main() -> None:
 main.add_command(serve)
 main.add_command(demo_command())
 main.add_command(bench)
+main.add_command(events_command)
 for _cmd in INSPECT_COMMANDS:
     main.add_command(_cmd)
 

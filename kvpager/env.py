@@ -40,6 +40,25 @@ def heartbeat_timeout_s() -> float:
     return _seconds("HEARTBEAT_TIMEOUT", 5.0)
 
 
+def metrics_port() -> int | None:
+    """KVPAGER_METRICS_PORT: the daemon serves Prometheus metrics at
+    http://127.0.0.1:PORT/metrics (0: any free port; unset: no metrics)."""
+    raw = os.environ.get("KVPAGER_METRICS_PORT")
+    if raw is None or raw.strip() == "":
+        return None
+    if not raw.strip().isdigit() or int(raw) > 65535:
+        from kvpager.errors import InvalidArgument
+
+        raise InvalidArgument(f"KVPAGER_METRICS_PORT={raw!r} must be a TCP port in [0, 65535]; unset it or fix it")
+    return int(raw)
+
+
+def events_endpoint() -> str | None:
+    """KVPAGER_EVENTS_ENDPOINT: where the daemon publishes KV events (ZeroMQ PUB)
+    and where `kvpager events` subscribes; unset: no events."""
+    return os.environ.get("KVPAGER_EVENTS_ENDPOINT") or None
+
+
 def runtime_dir() -> str:
     """KVPAGER_RUNTIME_DIR: directory (mode 0700) for the default ipc:// socket;
     default ``$XDG_RUNTIME_DIR/kvpager``, else ``/tmp/kvpager-<uid>``."""

@@ -13,6 +13,7 @@ import click
 
 from kvpager import env
 from kvpager.errors import KVPagerError
+from kvpager.events import FORMATS
 from kvpager.limits import Limits
 from kvpager.spec import MODEL_PRESETS, PoolSpec
 
@@ -93,6 +94,18 @@ def build_spec(opts: dict[str, Any]) -> PoolSpec:
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
               help="A file holding the secret clients must send in hello (KVPAGER_TOKEN / KVPAGER_TOKEN_FILE); "
                    "required for a TCP endpoint beyond loopback.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (KVPAGER_METRICS_PORT; 0: any free port).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Address the metrics server binds (e.g. 0.0.0.0 for a Prometheus on another host).")
+@click.option("--events-endpoint", default=None,
+              help="Publish KV events (vLLM's BlockStored / BlockRemoved) on ZeroMQ PUB here, e.g. "
+                   "tcp://127.0.0.1:5557 (KVPAGER_EVENTS_ENDPOINT).")
+@click.option("--events-replay-endpoint", default=None,
+              help="Replay socket for missed batches (default: the next TCP port, or the ipc path + .replay).")
+@click.option("--events-topic", default="", help="Topic of every event message (default: none, as vLLM).")
+@click.option("--events-format", type=click.Choice(FORMATS), default="map", show_default=True,
+              help="map: events as tagged maps (vLLM since mid-2026); array: tagged arrays (earlier vLLM).")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @limit_options
 def serve(**opts: Any) -> None:
@@ -111,8 +124,19 @@ def serve(**opts: Any) -> None:
         spec = build_spec(opts)
         token = env.read_token_file(opts["token_file"]) if opts["token_file"] else env.token()
         limits = Limits.from_env(**{f.name: opts[f"max_{f.name}"] for f in dataclasses.fields(Limits)})
+        metrics_port = opts["metrics_port"] if opts["metrics_port"] is not None else env.metrics_port()
+        events = None
+        events_endpoint = opts["events_endpoint"] or env.events_endpoint()
+        if events_endpoint:
+            from kvpager.events_pub import EventsConfig
+
+            events = EventsConfig(events_endpoint, opts["events_replay_endpoint"], opts["events_topic"],
+                                  opts["events_format"])
+        elif opts["events_replay_endpoint"]:
+            raise click.UsageError("--events-replay-endpoint needs --events-endpoint (or KVPAGER_EVENTS_ENDPOINT)")
         server = Server.create(spec, opts["endpoint"], device,
-                               heartbeat_timeout=opts["heartbeat_timeout"], limits=limits, token=token)
+                               heartbeat_timeout=opts["heartbeat_timeout"], limits=limits, token=token,
+                               metrics_port=metrics_port, metrics_host=opts["metrics_host"], events=events)
     except KVPagerError as e:
         raise click.ClickException(str(e)) from None
 
@@ -126,6 +150,10 @@ def serve(**opts: Any) -> None:
         server.bind()  # releases everything itself if it fails
     except KVPagerError as e:
         raise click.ClickException(str(e)) from None
+    if server.metrics_port is not None:
+        click.echo(f"kvpager metrics on http://{server.metrics_host}:{server.metrics_port}/metrics", err=True)
+    if server.events is not None:
+        click.echo(f"kvpager events on {server.events.endpoint} (replay {server.events.replay_endpoint})", err=True)
     # The line scripts wait for: the endpoint is bound and serving.
     click.echo(f"kvpager serving on {server.endpoint}", err=True)
     server.run()

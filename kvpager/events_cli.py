@@ -1,0 +1,196 @@
+"""`kvpager events`: tail a daemon's KV event stream (or a vLLM engine's).
+
+Subscribes to the PUB socket, fills gaps in the sequence numbers from the
+replay socket, and prints one row per event (``--json``: one JSON object per
+batch, the events with vLLM's field names). `Subscription` is the reusable
+part: batches in sequence order, each at most once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import click
+import msgpack
+import zmq
+
+from kvpager import env
+from kvpager.endpoints import check_endpoint, probe
+from kvpager.errors import InvalidArgument
+from kvpager.events import parse_batch
+from kvpager.events_pub import replay_endpoint_for
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One ``EventBatch``: its sequence number, timestamp and events (maps with
+    the tag under ``type``), and whether it came from the replay socket."""
+
+    seq: int
+    ts: float
+    events: list[dict[str, Any]]
+    replayed: bool = False
+
+
+def _batch(seq: int, payload: bytes, replayed: bool) -> Batch:
+    try:
+        ts, events = parse_batch(msgpack.unpackb(payload, raw=False, strict_map_key=False))
+    except Exception as e:
+        raise InvalidArgument(f"batch {seq} is not an event batch: {e}") from None
+    return Batch(seq, ts, events, replayed)
+
+
+class Subscription:
+    """A SUB socket on ``endpoint`` (topic prefix ``topic``) and a DEALER on
+    ``replay``: `batches` yields every batch once, in order, asking the replay
+    socket for what the PUB socket skipped (and, with ``start``, for
+    everything from that sequence number on before the live stream)."""
+
+    def __init__(self, endpoint: str, replay: str | None, topic: str = "", start: int | None = None):
+        self.endpoint = check_endpoint(endpoint)
+        self.replay_endpoint = check_endpoint(replay) if replay else None
+        self._ctx = zmq.Context()
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self._sub.connect(self.endpoint)
+        self._replay: zmq.Socket | None = None
+        if self.replay_endpoint:
+            self._replay = self._ctx.socket(zmq.DEALER)
+            self._replay.setsockopt(zmq.LINGER, 0)
+            self._replay.connect(self.replay_endpoint)
+        self.last = -1 if start is None else start - 1  # the last sequence number yielded
+        self._catch_up = start is not None
+
+    def close(self) -> None:
+        self._sub.close()
+        if self._replay is not None:
+            self._replay.close()
+        self._ctx.term()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def batches(self, idle: float | None = None) -> Iterator[Batch]:
+        """Batches as they come; stops after ``idle`` seconds without one (None: never)."""
+        if self._catch_up:
+            yield from self.replay(self.last + 1)
+        while True:
+            if not self._sub.poll(None if idle is None else int(idle * 1000)):
+                return
+            frames = self._sub.recv_multipart()
+            if len(frames) != 3 or len(frames[1]) != 8:
+                continue  # not an event message
+            seq = int.from_bytes(frames[1], "big")
+            if seq == 0 and self.last >= 0:
+                self.last = -1  # a restarted publisher (its batch 0 says AllBlocksCleared)
+            if seq <= self.last:
+                continue  # seen already, from the replay socket
+            if seq > self.last + 1 and self.last >= 0:
+                yield from self.replay(self.last + 1, until=seq)
+            self.last = seq
+            yield _batch(seq, frames[2], False)
+
+    def replay(self, start: int, until: int | None = None, timeout: float = 2.0) -> Iterator[Batch]:
+        """Kept batches from ``start`` (before ``until``) from the replay socket."""
+        if self._replay is None:
+            return
+        self._replay.send_multipart([b"", start.to_bytes(8, "big")])
+        while self._replay.poll(int(timeout * 1000)):
+            frames = self._replay.recv_multipart()[1:]  # the empty delimiter first
+            if len(frames) < 2 or not frames[-1]:
+                return  # the end marker: [(topic,) seq -1, b""]
+            seq = int.from_bytes(frames[-2], "big")
+            if seq > self.last and (until is None or seq < until):
+                self.last = seq
+                yield _batch(seq, frames[-1], True)
+
+
+def _hex(h: Any) -> str:
+    if isinstance(h, int):
+        return f"{h:016x}"
+    if isinstance(h, bytes):
+        return h.hex()
+    return "-" if h is None else str(h)
+
+
+def batch_rows(b: Batch) -> list[tuple[object, ...]]:
+    """Table rows of a batch: seq, time, event, medium, blocks, hashes, parent, tokens."""
+    when = time.strftime("%H:%M:%S", time.localtime(b.ts)) + f".{int(b.ts * 1000) % 1000:03d}"
+    rows = []
+    for e in b.events:
+        hashes = e.get("block_hashes") or []
+        shown = " ".join(map(_hex, hashes[:2])) + (" ..." if len(hashes) > 2 else "")
+        tokens = e.get("token_ids")
+        rows.append((f"{b.seq}{'r' if b.replayed else ''}", when, e["type"], e.get("medium") or "-",
+                     len(hashes), shown or "-", _hex(e.get("parent_block_hash")) if "parent_block_hash" in e
+                     else "-", len(tokens) if tokens is not None else "-"))
+    return rows
+
+
+_COLUMNS = (("seq", 8), ("time", 12), ("event", 16), ("medium", 6), ("blocks", 6), ("hashes", 37),
+            ("parent", 16), ("tokens", 6))
+
+
+def line(values: tuple[object, ...]) -> str:
+    """One row of the tail, in fixed-width columns (rows arrive one at a time)."""
+    return "  ".join(str(v).ljust(w) for v, (_, w) in zip(values, _COLUMNS)).rstrip()
+
+
+@click.command("events")
+@click.option("--endpoint", default=None,
+              help="The daemon's events endpoint (default: KVPAGER_EVENTS_ENDPOINT), e.g. tcp://127.0.0.1:5557.")
+@click.option("--replay-endpoint", default=None,
+              help="Its replay socket (default: the next TCP port, or the ipc path + .replay).")
+@click.option("--topic", default="", help="Topic prefix to subscribe to (default: every topic).")
+@click.option("--from-seq", "start", type=click.IntRange(min=0), default=None,
+              help="First replay the kept batches from this sequence number (0: all the daemon keeps).")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after this many batches.")
+@click.option("--idle", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop after this many seconds without a batch (default: wait until Ctrl-C).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per batch instead of a table.")
+def events_command(endpoint: str | None, replay_endpoint: str | None, topic: str, start: int | None,
+                   count: int | None, idle: float | None, as_json: bool) -> None:
+    """Tail the KV event stream: vLLM's BlockStored / BlockRemoved / AllBlocksCleared."""
+    endpoint = endpoint or env.events_endpoint()
+    if not endpoint:
+        raise click.UsageError("give --endpoint, or set KVPAGER_EVENTS_ENDPOINT (the daemon's --events-endpoint)")
+    try:
+        sub = Subscription(endpoint, replay_endpoint or replay_endpoint_for(endpoint), topic, start)
+    except InvalidArgument as e:
+        raise click.ClickException(str(e)) from None
+    why = probe(endpoint)
+    if why is not None:
+        sub.close()
+        raise click.ClickException(f"no KV event publisher at {endpoint} ({why}): start the daemon with "
+                                   "--events-endpoint, or pass the one it uses")
+    seen = 0
+    try:
+        with sub:
+            if not as_json:
+                click.echo(line(tuple(name for name, _ in _COLUMNS)))
+            for b in sub.batches(idle):
+                if as_json:
+                    click.echo(json.dumps({"seq": b.seq, "ts": b.ts, "replayed": b.replayed, "events": b.events},
+                                          default=_hex))
+                else:
+                    for row in batch_rows(b):
+                        click.echo(line(row))
+                seen += 1
+                if count is not None and seen >= count:
+                    break
+    except InvalidArgument as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        pass
+    if count is not None and seen < count:
+        click.echo(f"error: {seen} of {count} batches before {idle} s without one", err=True)
+        sys.exit(4)

@@ -1,0 +1,311 @@
+"""The daemon's KV event stream through real ZeroMQ sockets: a subscriber
+written as a router for vLLM's events would be (SUB, 3-frame messages,
+msgspec decoding, REQ replay), kvpager's own tail (`kvpager events`), and
+the daemon's refusals of bad settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import zmq
+from click.testing import CliRunner
+
+from daemon_helpers import SMALL, daemon_process, free_tcp_endpoint, ipc_endpoint, running_server, subprocess_env
+from kvpager.cli import main
+from kvpager.client import Client
+from kvpager.errors import InvalidArgument
+from kvpager.events_pub import END_SEQ, EventsConfig, replay_endpoint_for
+from kvpager.server import Server
+from vllm_events import DECODERS, AllBlocksCleared, BlockRemoved, BlockStored, hashes
+
+BS = SMALL.block_size
+WAIT_MS = 5000
+
+
+@pytest.fixture
+def tmp_ipc():
+    endpoint, d = ipc_endpoint()
+    yield endpoint, d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+class Router:
+    """The subscriber side of a KV-aware router built for vLLM: SUB on the
+    events endpoint, REQ on the replay one, msgspec decoding."""
+
+    def __init__(self, endpoint: str, replay: str, fmt: str = "map", topic: bytes = b""):
+        self.ctx = zmq.Context()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, topic)
+        self.sub.connect(endpoint)
+        self.replay_endpoint = replay
+        self.decoder = DECODERS[fmt]
+
+    def next(self, timeout_ms: int = WAIT_MS):
+        assert self.sub.poll(timeout_ms), "no event batch arrived"
+        topic, seq, payload = self.sub.recv_multipart()
+        return topic, int.from_bytes(seq, "big"), self.decoder.decode(payload)
+
+    def ready(self, client: Client) -> int:
+        """Commit throwaway prompts until one reaches the subscriber (a SUB
+        socket sees nothing sent before its subscription arrived); returns
+        that batch's sequence number."""
+        deadline = time.monotonic() + 10
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            [a] = client.allocate([[10_000 + n] * BS])
+            client.commit([a.seq_id])
+            client.free([a.seq_id])
+            if self.sub.poll(200):
+                seq = self.next()[1]
+                while self.sub.poll(100):  # any later warm-up batch too
+                    seq = self.next()[1]
+                return seq
+        raise AssertionError("the subscriber never received a batch")
+
+    def close(self):
+        self.sub.close(0)
+        self.ctx.term()
+
+
+def test_router_sees_stored_after_commit_removed_after_eviction_and_replays(tmp_ipc):
+    endpoint, d = tmp_ipc
+    config = EventsConfig(f"ipc://{d}/ev.sock")
+    with running_server(endpoint=endpoint, events=config) as server, Client(endpoint) as c:
+        assert server.events.replay_endpoint == f"ipc://{d}/ev.sock.replay"
+        router = Router(server.events.endpoint, server.events.replay_endpoint)
+        try:
+            last = router.ready(c)
+            prompt = list(range(3 * BS + 5))
+            [a] = c.allocate([prompt])
+            c.commit([a.seq_id])
+            topic, seq, batch = router.next()
+            assert topic == b"" and seq == last + 1 and batch.ts == pytest.approx(time.time(), abs=60)
+            [e] = batch.events
+            assert isinstance(e, BlockStored)
+            assert e.block_hashes == hashes(prompt, BS) and e.parent_block_hash is None
+            assert e.token_ids == prompt[: 3 * BS] and e.block_size == BS and e.medium == "GPU"
+            c.free([a.seq_id])  # still cached: no event
+            # every usable block: the 3 evictable cached blocks go, the tail first
+            [b] = c.allocate([list(range(50_000, 50_000 + (SMALL.num_blocks - 1) * BS))])
+            _, seq2, batch = router.next()
+            removed = [e for e in batch.events if isinstance(e, BlockRemoved)]
+            assert seq2 == seq + 1 and len(removed) == 1
+            assert set(hashes(prompt, BS)) <= set(removed[0].block_hashes) and removed[0].medium == "GPU"
+            assert removed[0].block_hashes.index(hashes(prompt, BS)[2]) < removed[0].block_hashes.index(
+                hashes(prompt, BS)[0])
+            # a replay from 0 returns everything kept, batch 0 first: the cache started empty
+            req = router.ctx.socket(zmq.REQ)  # as vLLM's example subscriber asks
+            req.connect(server.events.replay_endpoint)
+            req.send((seq).to_bytes(8, "big"))
+            assert req.poll(WAIT_MS)
+            frames = req.recv_multipart()
+            assert len(frames) == 3 and int.from_bytes(frames[1], "big") == seq  # [topic, seq, payload]
+            assert isinstance(DECODERS["map"].decode(frames[2]).events[0], BlockStored)
+            req.close(0)
+            dealer = router.ctx.socket(zmq.DEALER)  # one request, every batch, then the end marker
+            dealer.connect(server.events.replay_endpoint)
+            dealer.send_multipart([b"", (0).to_bytes(8, "big")])
+            got = []
+            while True:
+                assert dealer.poll(WAIT_MS), "replay ended without its end marker"
+                frames = dealer.recv_multipart()
+                if frames[-2:] == [END_SEQ, b""]:
+                    assert frames == [b"", b"", END_SEQ, b""]
+                    break
+                got.append((int.from_bytes(frames[2], "big"), DECODERS["map"].decode(frames[3])))
+            dealer.close(0)
+            assert [s for s, _ in got] == list(range(seq2 + 1))
+            assert [type(e) for e in got[0][1].events] == [AllBlocksCleared]
+            assert got[seq][1].events[0].block_hashes == hashes(prompt, BS)
+            c.free([b.seq_id])
+        finally:
+            router.close()
+
+
+def test_array_format_topic_and_tcp_replay_port():
+    endpoint = free_tcp_endpoint()
+    host, port = endpoint.rsplit(":", 1)
+    events = f"{host}:{int(port) + 10}"
+    config = EventsConfig(events, topic="kv-events", format="array")
+    assert config.replay_endpoint == f"{host}:{int(port) + 11}"
+    with running_server(endpoint=endpoint, events=config) as server, Client(endpoint) as c:
+        router = Router(server.events.endpoint, server.events.replay_endpoint, fmt="array", topic=b"kv-events")
+        try:
+            router.ready(c)
+            prompt = list(range(BS))
+            [a] = c.allocate([prompt + [1]])
+            c.commit([a.seq_id])
+            topic, seq, batch = router.next()
+            assert topic == b"kv-events" and batch.events[0].block_hashes == hashes(prompt, BS)
+            req = router.ctx.socket(zmq.DEALER)
+            req.connect(server.events.replay_endpoint)
+            req.send(seq.to_bytes(8, "big"))  # a DEALER without the delimiter frame
+            assert req.poll(WAIT_MS)
+            seq_bytes, payload = req.recv_multipart()  # earlier vLLM: [seq, payload], no topic
+            assert int.from_bytes(seq_bytes, "big") == seq and DECODERS["array"].decode(payload).events
+            assert req.poll(WAIT_MS) and req.recv_multipart() == [END_SEQ, b""]
+            req.send((seq + 100).to_bytes(8, "big"))  # nothing kept from there: just the end
+            assert req.poll(WAIT_MS) and req.recv_multipart() == [END_SEQ, b""]
+            req.send(b"junk")  # not a sequence number: the end marker, and the daemon goes on
+            assert req.poll(WAIT_MS) and req.recv_multipart() == [END_SEQ, b""]
+            req.close(0)
+            c.free([a.seq_id])
+            assert c.stats().num_sequences == 0
+        finally:
+            router.close()
+
+
+def test_a_subscriber_that_never_reads_does_not_slow_the_daemon(tmp_ipc):
+    endpoint, d = tmp_ipc
+    with running_server(endpoint=endpoint, events=EventsConfig(f"ipc://{d}/ev.sock")) as server, \
+            Client(endpoint) as c:
+        ctx = zmq.Context()
+        stuck = ctx.socket(zmq.SUB)
+        stuck.setsockopt(zmq.RCVHWM, 1)
+        stuck.setsockopt(zmq.SUBSCRIBE, b"")
+        stuck.connect(server.events.endpoint)
+        try:
+            t0 = time.monotonic()
+            for i in range(300):  # 300 batches, each with 4 blocks of token ids, none read
+                [a] = c.allocate([list(range(i * 1000, i * 1000 + 4 * BS))])
+                c.commit([a.seq_id])
+                c.free([a.seq_id])
+            assert time.monotonic() - t0 < 60
+            c.check_integrity()
+        finally:
+            stuck.close(0)
+            ctx.term()
+        assert wait_published(server, 301)  # batch 0 and one per commit: none dropped on the daemon's side
+
+
+def wait_published(server: Server, n: int) -> bool:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if server.events.published >= n:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_shutdown_publishes_all_blocks_cleared(tmp_ipc):
+    endpoint, d = tmp_ipc
+    server = Server.create(SMALL, endpoint, events=EventsConfig(f"ipc://{d}/ev.sock")).start()
+    router = Router(server.events.endpoint, server.events.replay_endpoint)
+    try:
+        with Client(endpoint) as c:
+            router.ready(c)
+        server.stop()
+        while True:  # the session's end may come first; the last batch clears everything
+            _, _, batch = router.next()
+            if any(isinstance(e, AllBlocksCleared) for e in batch.events):
+                break
+    finally:
+        server.stop()
+        router.close()
+    assert not os.path.exists(f"{d}/ev.sock") and not os.path.exists(f"{d}/ev.sock.replay")  # unlinked
+
+
+def test_kvpager_events_tails_replays_and_prints_json(tmp_ipc):
+    endpoint, d = tmp_ipc
+    with running_server(endpoint=endpoint, events=EventsConfig(f"ipc://{d}/ev.sock")) as server, \
+            Client(endpoint) as c:
+        prompt = list(range(2 * BS + 1))
+        [a] = c.allocate([prompt])
+        c.commit([a.seq_id])
+        assert wait_published(server, 2)
+        runner = CliRunner()
+        r = runner.invoke(main, ["events", "--endpoint", server.events.endpoint, "--from-seq", "0",
+                                 "--count", "2", "--json"])
+        assert r.exit_code == 0, r.output
+        first, second = map(json.loads, r.output.splitlines())
+        assert first["seq"] == 0 and first["replayed"] and first["events"] == [{"type": "AllBlocksCleared"}]
+        assert second["seq"] == 1 and second["events"][0]["block_hashes"] == hashes(prompt, BS)
+        assert second["events"][0]["token_ids"] == prompt[: 2 * BS]
+        r = runner.invoke(main, ["events", "--endpoint", server.events.endpoint, "--from-seq", "1",
+                                 "--count", "1"])
+        assert r.exit_code == 0, r.output
+        header, row = r.output.splitlines()
+        assert header.split()[:4] == ["seq", "time", "event", "medium"]
+        assert row.split()[0] == "1r" and "BlockStored" in row and f"{hashes(prompt, BS)[0]:016x}" in row
+        # live: a tail started now sees the next commit
+        tail = subprocess.Popen([sys.executable, "-m", "kvpager", "events", "--endpoint", server.events.endpoint,
+                                 "--count", "1", "--json", "--idle", "20"], env=subprocess_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            n = 0
+            while tail.poll() is None and n < 200:  # until its subscription is live
+                n += 1
+                [b] = c.allocate([[7, n] * BS])
+                c.commit([b.seq_id])
+                c.free([b.seq_id])
+                time.sleep(0.1)
+            out, err = tail.communicate(timeout=30)
+        finally:
+            if tail.poll() is None:
+                tail.kill()
+        assert tail.returncode == 0, err
+        assert json.loads(out)["events"][0]["type"] == "BlockStored"
+        r = runner.invoke(main, ["events", "--endpoint", server.events.endpoint, "--count", "1", "--idle", "0.3"])
+        assert r.exit_code == 4 and "0 of 1 batches" in r.output
+
+
+def test_events_cli_refuses_bad_settings(tmp_ipc):
+    _, d = tmp_ipc
+    runner = CliRunner()
+    r = runner.invoke(main, ["events"], env={"KVPAGER_EVENTS_ENDPOINT": ""})
+    assert r.exit_code == 2 and "--endpoint" in r.output
+    r = runner.invoke(main, ["events", "--endpoint", "nonsense"])
+    assert r.exit_code == 1 and "must look like" in r.output
+    r = runner.invoke(main, ["events", "--endpoint", f"ipc://{d}/none.sock", "--idle", "1"])
+    assert r.exit_code == 1 and "no KV event publisher" in r.output
+
+
+def test_bad_events_settings_are_refused_before_anything_starts(tmp_ipc):
+    endpoint, d = tmp_ipc
+    for bad, match in ((lambda: EventsConfig("nonsense"), "must look like"),
+                       (lambda: EventsConfig(f"ipc://{d}/e", format="json"), "format"),
+                       (lambda: EventsConfig(f"ipc://{d}/e", f"ipc://{d}/e"), "must differ"),
+                       (lambda: EventsConfig("tcp://127.0.0.1:0"), "replay"),
+                       (lambda: replay_endpoint_for("tcp://127.0.0.1:65535"), "replay")):
+        with pytest.raises(InvalidArgument, match=match):
+            bad()
+    # an endpoint in use: the daemon does not start and releases what it took
+    taken = free_tcp_endpoint()
+    ctx = zmq.Context()
+    holder = ctx.socket(zmq.PUB)
+    holder.bind(taken)
+    try:
+        server = Server.create(SMALL, endpoint, events=EventsConfig(taken))
+        with pytest.raises(InvalidArgument, match="cannot bind the KV events endpoint"):
+            server.bind()
+        assert server._sock is None and server.memory is None
+        with running_server(endpoint=endpoint) as ok:  # the daemon's endpoint is free again
+            assert ok.events is None
+    finally:
+        holder.close(0)
+        ctx.term()
+
+
+def test_serve_cli_events_flags_and_environment(tmp_ipc):
+    endpoint, d = tmp_ipc
+    args = ["--layers", "1", "--kv-heads", "1", "--head-dim", "8", "--blocks", "16", "--dtype", "float32",
+            "--events-endpoint", f"ipc://{d}/ev.sock", "--events-format", "array"]
+    with daemon_process(args, endpoint) as proc:
+        line = next(x for x in proc.log if "kvpager events on" in x)
+        assert f"ipc://{d}/ev.sock" in line and f"ipc://{d}/ev.sock.replay" in line
+    bad = subprocess.run([sys.executable, "-m", "kvpager", "serve", *args[:10], "--endpoint", endpoint,
+                          "--events-endpoint", "udp://x"], env=subprocess_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 1 and "must look like" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "kvpager", "serve", *args[:10], "--endpoint", endpoint,
+                          "--events-replay-endpoint", f"ipc://{d}/r"], env=subprocess_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "needs --events-endpoint" in bad.stderr
