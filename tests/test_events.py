@@ -7,10 +7,17 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 import pytest
+from vllm_events import (
+    DECODERS,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    LegacyBlockStored,
+    hashes,
+)
 
 from kvpager import EventSink, InvalidArgument, KVPool, PoolSpec
 from kvpager.events import batch_value, parse_batch, to_dicts
-from vllm_events import DECODERS, AllBlocksCleared, BlockRemoved, BlockStored, LegacyBlockStored, hashes
 
 BS = 16
 SPEC = PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=12, block_size=BS, dtype="float32",

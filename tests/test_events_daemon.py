@@ -15,14 +15,21 @@ import time
 import pytest
 import zmq
 from click.testing import CliRunner
+from daemon_helpers import (
+    SMALL,
+    daemon_process,
+    free_tcp_endpoint,
+    ipc_endpoint,
+    running_server,
+    subprocess_env,
+)
+from vllm_events import DECODERS, AllBlocksCleared, BlockRemoved, BlockStored, hashes
 
-from daemon_helpers import SMALL, daemon_process, free_tcp_endpoint, ipc_endpoint, running_server, subprocess_env
 from kvpager.cli import main
 from kvpager.client import Client
 from kvpager.errors import InvalidArgument
 from kvpager.events_pub import END_SEQ, EventsConfig, replay_endpoint_for
 from kvpager.server import Server
-from vllm_events import DECODERS, AllBlocksCleared, BlockRemoved, BlockStored, hashes
 
 BS = SMALL.block_size
 WAIT_MS = 5000
@@ -294,7 +301,7 @@ def test_bad_events_settings_are_refused_before_anything_starts(tmp_ipc):
         ctx.term()
 
 
-def test_serve_cli_events_flags_and_environment(tmp_ipc):
+def test_serve_cli_events_flags(tmp_ipc):
     endpoint, d = tmp_ipc
     args = ["--layers", "1", "--kv-heads", "1", "--head-dim", "8", "--blocks", "16", "--dtype", "float32",
             "--events-endpoint", f"ipc://{d}/ev.sock", "--events-format", "array"]
