@@ -21,6 +21,15 @@ What is timed (each op checked for correctness first):
   adds to a round trip besides transport and the client's own work.
 Sequences are cut back (untimed) every few hundred steps so block tables stay
 decode-sized; the in-process column runs the same schedule on a `KVPool`.
+
+    python3 tools/bench_rpc.py --observability [--rounds 5]
+
+compares, in one run, the daemon without and with metrics and KV events
+(`serve --metrics-port`, `--events-endpoint`; a scraper reading /metrics
+every second and a subscriber reading the events meanwhile): the raw decode
+step round trips (x1 and x256) and `Server.handle`'s share, alternating the
+two daemons round after round (the median of the rounds' p50s, then the
+difference).
 """
 
 from __future__ import annotations
@@ -46,12 +55,16 @@ PROMPT = list(range(100))  # 7 blocks
 CUT_EVERY = 256  # steps between (untimed) truncations back to the prompt
 
 
-def _daemon(endpoint: str, ready) -> None:
+def _daemon(endpoint: str, ready, observe: str | None = None) -> None:
+    """A daemon; with ``observe`` (a directory) also metrics and KV events there."""
+    from kvpager.events_pub import EventsConfig
     from kvpager.server import Server
 
-    server = Server.create(SPEC, endpoint, heartbeat_timeout=60)
+    extra = dict(metrics_port=0, events=EventsConfig(f"ipc://{observe}/events.sock")) if observe else {}
+    server = Server.create(SPEC, endpoint, heartbeat_timeout=60, **extra)
     server.bind()
-    ready.put(server.endpoint)
+    ready.put((server.endpoint, server.metrics_port, server.events and server.events.endpoint) if observe
+              else server.endpoint)
     server.run()
 
 
@@ -72,10 +85,10 @@ def _echo(endpoint: str, ready) -> None:
         sock.send_multipart([frames[0], reply])
 
 
-def _start(target, endpoint: str):
+def _start(target, endpoint: str, *args):
     ctx = mp.get_context("spawn")
     ready = ctx.Queue()
-    proc = ctx.Process(target=target, args=(endpoint, ready), daemon=True)
+    proc = ctx.Process(target=target, args=(endpoint, ready, *args), daemon=True)
     proc.start()
     return proc, ready.get(timeout=60)
 
@@ -267,6 +280,149 @@ def handle_cost(iters: int, batch: int) -> dict[str, tuple[float, float]]:
     return out
 
 
+def handle_ab(iters: int, batch: int, tmp: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """`Server.handle` of the same append requests on two servers in this
+    process, one without and one with metrics + KV events (bound: the HTTP
+    and events threads run), timed alternately request by request, so both
+    see the same machine. {"off" | "on": {measurement: (p50, p99)}}."""
+    from kvpager import protocol
+    from kvpager.events_pub import EventsConfig
+    from kvpager.server import Server
+
+    servers = {"off": Server(KVPool(SPEC), f"ipc://{tmp}/ab-off.sock"),
+               "on": Server(KVPool(SPEC), f"ipc://{tmp}/ab-on.sock", metrics_port=0,
+                            events=EventsConfig(f"ipc://{tmp}/ab-events.sock"))}
+    ids = iter(range(1, 10**9))
+    lat: dict[str, dict[str, list[float]]] = {"off": {}, "on": {}}
+    try:
+        plans = {}
+        for mode, server in servers.items():
+            server.bind()
+
+            def call(op, args, session=None, server=server):
+                reply = protocol.unpack(server.handle(protocol.pack([protocol.VERSION, next(ids), session, op, args])))
+                assert reply[1] == 0, reply
+                return reply[2]
+
+            session = call("hello", {"client": "bench", "pid": os.getpid()})["session"]
+            plans[mode] = (server, session, call)
+        clock = time.perf_counter
+        for n in (1, batch):
+            steps, cuts = {}, {}
+            for mode, (_, session, call) in plans.items():
+                seqs = [a[0] for a in call("allocate", {"prompts": [PROMPT] * n}, session)]
+                steps[mode] = _bodies(ids, session, "append", {"seq_ids": seqs}, iters)
+                cuts[mode] = _bodies(ids, session, "truncate", {"seq_ids": seqs, "lengths": len(PROMPT)},
+                                     iters // CUT_EVERY + 1)
+            for mode in plans:
+                lat[mode][f"handle append x{n}"] = []
+            for i in range(iters):
+                for mode in (("off", "on") if i % 2 else ("on", "off")):
+                    server = plans[mode][0]
+                    if i % CUT_EVERY == CUT_EVERY - 1:
+                        server.handle(next(cuts[mode]))
+                    body = next(steps[mode])
+                    t0 = clock()
+                    server.handle(body)
+                    lat[mode][f"handle append x{n}"].append(clock() - t0)
+    finally:
+        for server in servers.values():
+            server.close()
+    return {mode: {k: _percentiles(v) for k, v in d.items()} for mode, d in lat.items()}
+
+
+class _Background:
+    """What else happens during the comparison: another worker committing a
+    4-block prompt every 20 ms (events to publish, in both runs), and on the
+    observed daemon a Prometheus-like scraper (/metrics every second) and a
+    KV event subscriber."""
+
+    def __init__(self, endpoint: str, metrics_port: int | None = None, events: str | None = None):
+        import threading
+        import urllib.request
+
+        import zmq
+
+        from kvpager.client import Client
+
+        self.stop = threading.Event()
+        self.scrapes = self.batches = self.commits = 0
+
+        def commit():
+            with Client(endpoint, heartbeat=False) as c:
+                while not self.stop.wait(0.02):
+                    [a] = c.allocate([list(range(self.commits * 64, self.commits * 64 + 64))])
+                    c.commit([a.seq_id])
+                    c.free([a.seq_id])
+                    self.commits += 1
+
+        def scrape():
+            while True:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as r:
+                    assert b"kvpager_requests_total" in r.read()
+                self.scrapes += 1
+                if self.stop.wait(1.0):
+                    return
+
+        def subscribe():
+            sub = zmq.Context.instance().socket(zmq.SUB)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.connect(events)
+            while not self.stop.is_set():
+                if sub.poll(100):
+                    sub.recv_multipart()
+                    self.batches += 1
+            sub.close(0)
+
+        jobs = (commit, scrape, subscribe) if metrics_port is not None else (commit,)
+        self.threads = [threading.Thread(target=f, daemon=True) for f in jobs]
+        for t in self.threads:
+            t.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+
+def observability(iters: int, batch: int, rounds: int) -> dict:
+    """The daemon without and with metrics + KV events, alternating, ``rounds`` times."""
+    tmp = tempfile.mkdtemp(prefix="kvpo", dir="/tmp")
+    runs: dict[str, dict[str, list[tuple[float, float]]]] = {"off": {}, "on": {}}
+    watched = {"scrapes": 0, "batches": 0, "commits": 0}
+    for r in range(rounds):
+        ab = handle_ab(iters, batch, tmp)
+        for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+            observe = f"{tmp}/{mode}{r}" if mode == "on" else None
+            if observe:
+                os.makedirs(observe)
+            out = dict(ab[mode])
+            proc, ready = _start(_daemon, f"ipc://{tmp}/{mode}{r}.sock", observe)
+            ep = ready[0] if observe else ready
+            background = _Background(ep, ready[1], ready[2]) if observe else _Background(ep)
+            out.update(raw(ep, iters, batch))
+            background.close()
+            for k in watched:
+                watched[k] += getattr(background, k)
+            proc.terminate()
+            proc.join(10)
+            for k, v in out.items():
+                runs[mode].setdefault(k, []).append(v)
+    result = {"machine": f"{os.cpu_count()}-core CPU, {platform.python_implementation()} "
+                         f"{platform.python_version()}", "date": str(date.today()), "rounds": rounds,
+              "watchers": watched, "rows": []}
+    for k in runs["off"]:
+        off = float(np.median([p50 for p50, _ in runs["off"][k]]))
+        on = float(np.median([p50 for p50, _ in runs["on"][k]]))
+        off99 = float(np.median([p99 for _, p99 in runs["off"][k]]))
+        on99 = float(np.median([p99 for _, p99 in runs["on"][k]]))
+        result["rows"].append({"measurement": k, "off_p50_us": off, "on_p50_us": on, "delta_p50_us": on - off,
+                               "off_p99_us": off99, "on_p99_us": on99,
+                               "on_p50_each_round": [p for p, _ in runs["on"][k]],
+                               "off_p50_each_round": [p for p, _ in runs["off"][k]]})
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -274,7 +430,24 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
     ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--observability", action="store_true",
+                    help="only compare the daemon without and with metrics + KV events")
+    ap.add_argument("--rounds", type=int, default=5, help="alternations of that comparison")
     args = ap.parse_args()
+    if args.observability:
+        res = observability(args.iters, args.batch, args.rounds)
+        if args.json:
+            print(json.dumps(res, indent=2))
+            return
+        w = res["watchers"]
+        print(f"machine: {res['machine']}; date: {res['date']}; {res['rounds']} rounds; meanwhile {w['commits']} "
+              f"commits by another worker, {w['scrapes']} scrapes of /metrics, {w['batches']} event batches read")
+        print("| measurement | p50 us, off | p50 us, on | on - off | p99 us, off | p99 us, on |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for row in res["rows"]:
+            print(f"| {row['measurement']} | {row['off_p50_us']:.1f} | {row['on_p50_us']:.1f} | "
+                  f"{row['delta_p50_us']:+.1f} | {row['off_p99_us']:.1f} | {row['on_p99_us']:.1f} |")
+        return
 
     from kvpager.client import Client
 
