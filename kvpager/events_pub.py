@@ -179,15 +179,15 @@ class EventPublisher:
     # -- the thread --------------------------------------------------------------------------
     def _run(self) -> None:
         get, replay = self._queue.get, self._replay
-        while True:
+        while not replay.closed:  # closed under it only if close() gave up waiting
             try:
                 while replay.poll(0):
                     self._answer(replay.recv_multipart())
-                item = get(timeout=_WAKE_S)
-            except queue.Empty:
-                continue
             except Exception:  # a bug: keep the stream going, say so
                 log.exception("KV events: replay failed")
+            try:
+                item = get(timeout=_WAKE_S)
+            except queue.Empty:
                 continue
             if item is None:
                 return

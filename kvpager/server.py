@@ -202,6 +202,8 @@ class Server(ServerOps):
         return self.endpoint
 
     def _start_observers(self) -> None:
+        if self.events is not None and self.endpoint in (self.events.endpoint, self.events.replay_endpoint):
+            raise InvalidArgument(f"the KV events endpoints must differ from the daemon's {self.endpoint}")
         if self.request_metrics is not None:
             self._snapshots, self._httpd, self.metrics_port = serve_metrics(
                 self.request_metrics, self.pool, lambda: len(self.sessions), self.metrics_host, self.metrics_port)

@@ -284,6 +284,10 @@ def test_bad_events_settings_are_refused_before_anything_starts(tmp_ipc):
                        (lambda: replay_endpoint_for("tcp://127.0.0.1:65535"), "replay")):
         with pytest.raises(InvalidArgument, match=match):
             bad()
+    server = Server.create(SMALL, endpoint, events=EventsConfig(endpoint))
+    with pytest.raises(InvalidArgument, match="must differ from the daemon's"):
+        server.bind()
+    assert server._sock is None and server.memory is None
     # an endpoint in use: the daemon does not start and releases what it took
     taken = free_tcp_endpoint()
     ctx = zmq.Context()

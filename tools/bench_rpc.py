@@ -25,11 +25,13 @@ decode-sized; the in-process column runs the same schedule on a `KVPool`.
     python3 tools/bench_rpc.py --observability [--rounds 5]
 
 compares, in one run, the daemon without and with metrics and KV events
-(`serve --metrics-port`, `--events-endpoint`; a scraper reading /metrics
-every second and a subscriber reading the events meanwhile): the raw decode
-step round trips (x1 and x256) and `Server.handle`'s share, alternating the
-two daemons round after round (the median of the rounds' p50s, then the
-difference).
+(`serve --metrics-port`, `--events-endpoint`): decode steps (append x1 and
+x256) as raw round trips and as `Server.handle`'s share, sent to both
+daemons alternately, request by request, so both see the same machine.
+Meanwhile another worker commits a prompt on each daemon every 20 ms, and
+the observed one has a scraper reading /metrics every second and a
+subscriber reading its events. Figures: the median over rounds of each
+round's p50, and the median of the rounds' differences (on - off).
 """
 
 from __future__ import annotations
@@ -280,55 +282,83 @@ def handle_cost(iters: int, batch: int) -> dict[str, tuple[float, float]]:
     return out
 
 
-def handle_ab(iters: int, batch: int, tmp: str) -> dict[str, dict[str, tuple[float, float]]]:
-    """`Server.handle` of the same append requests on two servers in this
-    process, one without and one with metrics + KV events (bound: the HTTP
-    and events threads run), timed alternately request by request, so both
-    see the same machine. {"off" | "on": {measurement: (p50, p99)}}."""
+def _ab_steps(calls: dict, iters: int, batch: int, what: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """Decode steps (append x1, x``batch``) on two daemons, ``calls[mode](body)``
+    answering a packed request with the reply's bytes, timed alternately
+    request by request (the order swapped every step), so both see the same
+    machine at the same moments. {mode: {measurement: (p50, p99)}}."""
     from kvpager import protocol
+
+    ids = iter(range(1, 10**9))
+
+    def call(mode, op, args, session=None):
+        reply = protocol.unpack(calls[mode](protocol.pack([protocol.VERSION, next(ids), session, op, args])))
+        assert reply[1] == 0, reply
+        return reply[2]
+
+    sessions = {mode: call(mode, "hello", {"client": "bench", "pid": os.getpid()})["session"] for mode in calls}
+    lat: dict[str, dict[str, list[float]]] = {mode: {} for mode in calls}
+    clock = time.perf_counter
+    for n in (1, batch):
+        steps, cuts = {}, {}
+        for mode, session in sessions.items():
+            seqs = [a[0] for a in call(mode, "allocate", {"prompts": [PROMPT] * n}, session)]
+            steps[mode] = _bodies(ids, session, "append", {"seq_ids": seqs}, iters)
+            cuts[mode] = _bodies(ids, session, "truncate", {"seq_ids": seqs, "lengths": len(PROMPT)},
+                                 iters // CUT_EVERY + 1)
+            assert len(protocol.unpack(calls[mode](next(steps[mode])))[2]) == 8 * n, "append returned wrong slots"
+            lat[mode][f"{what} append x{n}"] = []
+        order = (list(calls), list(calls)[::-1])
+        for i in range(1, iters):
+            for mode in order[i % 2]:
+                if i % CUT_EVERY == 0:
+                    calls[mode](next(cuts[mode]))
+                body = next(steps[mode])
+                t0 = clock()
+                calls[mode](body)
+                lat[mode][f"{what} append x{n}"].append(clock() - t0)
+    return {mode: {k: _percentiles(v) for k, v in d.items()} for mode, d in lat.items()}
+
+
+def handle_ab(iters: int, batch: int, tmp: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """`Server.handle` (no socket) on two servers in this process, without and
+    with metrics + KV events (bound: their HTTP and events threads run)."""
     from kvpager.events_pub import EventsConfig
     from kvpager.server import Server
 
     servers = {"off": Server(KVPool(SPEC), f"ipc://{tmp}/ab-off.sock"),
                "on": Server(KVPool(SPEC), f"ipc://{tmp}/ab-on.sock", metrics_port=0,
                             events=EventsConfig(f"ipc://{tmp}/ab-events.sock"))}
-    ids = iter(range(1, 10**9))
-    lat: dict[str, dict[str, list[float]]] = {"off": {}, "on": {}}
     try:
-        plans = {}
-        for mode, server in servers.items():
+        for server in servers.values():
             server.bind()
-
-            def call(op, args, session=None, server=server):
-                reply = protocol.unpack(server.handle(protocol.pack([protocol.VERSION, next(ids), session, op, args])))
-                assert reply[1] == 0, reply
-                return reply[2]
-
-            session = call("hello", {"client": "bench", "pid": os.getpid()})["session"]
-            plans[mode] = (server, session, call)
-        clock = time.perf_counter
-        for n in (1, batch):
-            steps, cuts = {}, {}
-            for mode, (_, session, call) in plans.items():
-                seqs = [a[0] for a in call("allocate", {"prompts": [PROMPT] * n}, session)]
-                steps[mode] = _bodies(ids, session, "append", {"seq_ids": seqs}, iters)
-                cuts[mode] = _bodies(ids, session, "truncate", {"seq_ids": seqs, "lengths": len(PROMPT)},
-                                     iters // CUT_EVERY + 1)
-            for mode in plans:
-                lat[mode][f"handle append x{n}"] = []
-            for i in range(iters):
-                for mode in (("off", "on") if i % 2 else ("on", "off")):
-                    server = plans[mode][0]
-                    if i % CUT_EVERY == CUT_EVERY - 1:
-                        server.handle(next(cuts[mode]))
-                    body = next(steps[mode])
-                    t0 = clock()
-                    server.handle(body)
-                    lat[mode][f"handle append x{n}"].append(clock() - t0)
+        return _ab_steps({mode: server.handle for mode, server in servers.items()}, iters, batch, "handle")
     finally:
         for server in servers.values():
             server.close()
-    return {mode: {k: _percentiles(v) for k, v in d.items()} for mode, d in lat.items()}
+
+
+def raw_ab(endpoints: dict[str, str], iters: int, batch: int) -> dict[str, dict[str, tuple[float, float]]]:
+    """Round trips from bare DEALER sockets to two daemons, alternately."""
+    import zmq
+
+    socks = {}
+    for mode, ep in endpoints.items():
+        sock = socks[mode] = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(ep)
+
+    def caller(sock):
+        def call(body: bytes) -> bytes:
+            sock.send(body)
+            return sock.recv()
+        return call
+
+    try:
+        return _ab_steps({mode: caller(sock) for mode, sock in socks.items()}, iters, batch, "raw")
+    finally:
+        for sock in socks.values():
+            sock.close()
 
 
 class _Background:
@@ -386,27 +416,31 @@ class _Background:
 
 
 def observability(iters: int, batch: int, rounds: int) -> dict:
-    """The daemon without and with metrics + KV events, alternating, ``rounds`` times."""
+    """The daemon without and with metrics + KV events, ``rounds`` times: both
+    daemons run at once and are timed alternately (`_ab_steps`)."""
     tmp = tempfile.mkdtemp(prefix="kvpo", dir="/tmp")
     runs: dict[str, dict[str, list[tuple[float, float]]]] = {"off": {}, "on": {}}
     watched = {"scrapes": 0, "batches": 0, "commits": 0}
     for r in range(rounds):
-        ab = handle_ab(iters, batch, tmp)
-        for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
-            observe = f"{tmp}/{mode}{r}" if mode == "on" else None
-            if observe:
-                os.makedirs(observe)
-            out = dict(ab[mode])
-            proc, ready = _start(_daemon, f"ipc://{tmp}/{mode}{r}.sock", observe)
-            ep = ready[0] if observe else ready
-            background = _Background(ep, ready[1], ready[2]) if observe else _Background(ep)
-            out.update(raw(ep, iters, batch))
-            background.close()
-            for k in watched:
-                watched[k] += getattr(background, k)
-            proc.terminate()
-            proc.join(10)
-            for k, v in out.items():
+        out = handle_ab(iters, batch, tmp)
+        observe = f"{tmp}/on{r}"
+        os.makedirs(observe)
+        off_proc, off_ep = _start(_daemon, f"ipc://{tmp}/off{r}.sock")
+        on_proc, (on_ep, port, events) = _start(_daemon, f"ipc://{tmp}/on{r}.sock", observe)
+        background = [_Background(off_ep), _Background(on_ep, port, events)]
+        try:
+            for mode, d in raw_ab({"off": off_ep, "on": on_ep}, iters, batch).items():
+                out[mode].update(d)
+        finally:
+            for b in background:
+                b.close()
+                for k in watched:
+                    watched[k] += getattr(b, k)
+            for proc in (off_proc, on_proc):
+                proc.terminate()
+                proc.join(10)
+        for mode, d in out.items():
+            for k, v in d.items():
                 runs[mode].setdefault(k, []).append(v)
     result = {"machine": f"{os.cpu_count()}-core CPU, {platform.python_implementation()} "
                          f"{platform.python_version()}", "date": str(date.today()), "rounds": rounds,
@@ -416,7 +450,9 @@ def observability(iters: int, batch: int, rounds: int) -> dict:
         on = float(np.median([p50 for p50, _ in runs["on"][k]]))
         off99 = float(np.median([p99 for _, p99 in runs["off"][k]]))
         on99 = float(np.median([p99 for _, p99 in runs["on"][k]]))
-        result["rows"].append({"measurement": k, "off_p50_us": off, "on_p50_us": on, "delta_p50_us": on - off,
+        # each round times both daemons together: the median of the rounds' differences
+        delta = float(np.median([a[0] - b[0] for a, b in zip(runs["on"][k], runs["off"][k])]))
+        result["rows"].append({"measurement": k, "off_p50_us": off, "on_p50_us": on, "delta_p50_us": delta,
                                "off_p99_us": off99, "on_p99_us": on99,
                                "on_p50_each_round": [p for p, _ in runs["on"][k]],
                                "off_p50_each_round": [p for p, _ in runs["off"][k]]})
@@ -442,7 +478,7 @@ def main() -> None:
         w = res["watchers"]
         print(f"machine: {res['machine']}; date: {res['date']}; {res['rounds']} rounds; meanwhile {w['commits']} "
               f"commits by another worker, {w['scrapes']} scrapes of /metrics, {w['batches']} event batches read")
-        print("| measurement | p50 us, off | p50 us, on | on - off | p99 us, off | p99 us, on |")
+        print("| measurement | p50 us, off | p50 us, on | on - off (median of rounds) | p99 us, off | p99 us, on |")
         print("|---|---:|---:|---:|---:|---:|")
         for row in res["rows"]:
             print(f"| {row['measurement']} | {row['off_p50_us']:.1f} | {row['on_p50_us']:.1f} | "
