@@ -110,10 +110,10 @@ class EventPublisher:
         naming the endpoint if either cannot be bound."""
         self._ctx = zmq.Context()
         try:
-            self._pub = self._bind(zmq.PUB, self.endpoint)
-            self._pub.setsockopt(zmq.SNDHWM, SEND_HWM)
+            self._pub = self._bind(zmq.PUB, self.endpoint, {zmq.SNDHWM: SEND_HWM})
             self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
-            self._replay = self._bind(zmq.ROUTER, self.replay_endpoint)
+            # A request is 8 bytes: a much bigger one drops its sender's connection.
+            self._replay = self._bind(zmq.ROUTER, self.replay_endpoint, {zmq.MAXMSGSIZE: 64})
             self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
         except BaseException:
             self._close_sockets()
@@ -131,10 +131,12 @@ class EventPublisher:
         log.info("KV events on %s (replay %s, topic %r, %s format)", self.endpoint, self.replay_endpoint,
                  self.config.topic, self.config.format)
 
-    def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
+    def _bind(self, kind: int, endpoint: str, options: dict[int, int]) -> zmq.Socket:
         prepare_ipc_bind(endpoint)
         sock = self._ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        for option, value in options.items():  # before bind: a listener keeps the options it had then
+            sock.setsockopt(option, value)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as e:

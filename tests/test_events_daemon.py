@@ -78,8 +78,7 @@ class Router:
         raise AssertionError("the subscriber never received a batch")
 
     def close(self):
-        self.sub.close(0)
-        self.ctx.term()
+        self.ctx.destroy(linger=0)  # every socket made on it, even after a failed assertion
 
 
 def test_router_sees_stored_after_commit_removed_after_eviction_and_replays(tmp_ipc):
@@ -163,7 +162,14 @@ def test_array_format_topic_and_tcp_replay_port():
             assert req.poll(WAIT_MS) and req.recv_multipart() == [END_SEQ, b""]
             req.send(b"junk")  # not a sequence number: the end marker, and the daemon goes on
             assert req.poll(WAIT_MS) and req.recv_multipart() == [END_SEQ, b""]
+            req.send(b"x" * 100_000)  # far over a request's size: dropped with the connection
+            assert not req.poll(500)
             req.close(0)
+            again = router.ctx.socket(zmq.DEALER)
+            again.connect(server.events.replay_endpoint)
+            again.send(seq.to_bytes(8, "big"))
+            assert again.poll(WAIT_MS) and int.from_bytes(again.recv_multipart()[0], "big") == seq
+            again.close(0)
             c.free([a.seq_id])
             assert c.stats().num_sequences == 0
         finally:
