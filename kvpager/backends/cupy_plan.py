@@ -1,8 +1,9 @@
 """The step plan of the CuPy backend: a step's metadata on the GPU and its launches.
 
 At construction the step's block tables, per-item lengths and slots are
-packed into one host buffer and uploaded with one copy on the caller's
-stream into one device buffer. The first ``attend`` with a given number of
+packed into one pinned host buffer and uploaded with one asynchronous copy on
+the caller's stream into one device buffer (`cupy_uploads`: the host never
+waits for a busy GPU, and a buffer is reused only after its copy has run). The first ``attend`` with a given number of
 query heads picks the kernel (decode on tensor cores, CUDA-core decode for
 float32, or the multi-token kernel), its layout and split count, and packs
 the launch arguments (`kvpager.launch.Launch`). Every later ``write`` /
@@ -67,7 +68,9 @@ class CupyPlan(StepPlan):
         n32 = self.rows * self.width + 2 * self.items + 3 * self.rows
         self._n32 = -(-n32 // 2) * 2  # slots (int64) start 8-byte aligned
         nbytes = self._n32 * 4 + self.items * 8
-        self._host = np.empty(nbytes, dtype=np.uint8)  # _fill writes every field the kernels read
+        # Pinned, so the upload never waits for a busy GPU; _fill writes every field the kernels read.
+        self._upload = backend.uploads.take(nbytes, self)
+        self._host = self._upload.host
         self._dev = cupy.empty(nbytes, dtype=cupy.uint8)  # the backend made this device current
         base = self._dev.data.ptr
         w = self.rows * self.width
@@ -98,9 +101,8 @@ class CupyPlan(StepPlan):
     def _fill(self, tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
               slots: np.ndarray | None) -> None:
         """Pack the step into the host buffer and upload it on the caller's stream."""
-        from cupy.cuda import runtime
-
         nseq, w = tables.shape
+        self._upload.wait()  # update(): the last upload from this buffer has run
         self.tables, self.seq_lens, self.query_lens, self.slots = tables, seq_lens, query_lens, slots
         t = self._view("tables", self.rows * self.width).reshape(self.rows, self.width)
         t[:nseq, :w] = tables
@@ -132,9 +134,7 @@ class CupyPlan(StepPlan):
             s[:] = -1
         self.max_len = int(item_len.max()) if self.items else 0
         self._longest = int(seq_lens.max()) if nseq else 0
-        with_stream = current_stream(self.device)
-        runtime.memcpyAsync(self._dev.data.ptr, self._host.ctypes.data, self._host.nbytes,
-                            runtime.memcpyHostToDevice, with_stream)
+        self._upload.copy_to(self._dev.data.ptr, current_stream(self.device))
 
     def update(self, tables: Any, seq_lens: Any, query_lens: Any = None, slots: Any = None) -> None:
         """Refill with another decode step that fits the capacities (at most
