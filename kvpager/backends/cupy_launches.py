@@ -18,10 +18,13 @@ from kvpager.errors import InvalidArgument
 from kvpager.launch import Launch, current_stream, f32, i32, ptr, torch_stream
 
 
-def attention_launches(plan: Any, num_q_heads: int) -> tuple[list[Launch], int, list[Any]]:
-    """(launches, split count, buffers to keep alive) of ``plan`` for ``num_q_heads``.
-    Cells shared by the launches: q (0), out (5 in decode, 7 multi-token), layer
-    (8), scale (last); the merge launch reads the decode launch's out cell."""
+def attention_launches(plan: Any, num_q_heads: int) -> tuple[list[Launch], int, list[Any], bool]:
+    """(launches, split count, buffers to keep alive, whether the kernel's scores
+    are raw q . k products) of ``plan`` for ``num_q_heads``. Cells shared by the
+    launches: q (0), out (5 in decode, 7 multi-token), layer (8), window (-3),
+    soft cap (-2, in the kernel's score units: raw products, or scaled log2
+    units for the CUDA-core decode), scale (last); the merge launch reads the
+    decode launch's out cell."""
     import cupy
 
     keep: list[Any] = []
@@ -31,7 +34,7 @@ def attention_launches(plan: Any, num_q_heads: int) -> tuple[list[Launch], int, 
             "BLOCK_SIZE": spec.block_size}
     pool = ptr(plan.backend.kv.data.ptr)
     common = [i32(0), i32(spec.num_layers), i32(spec.num_kv_heads)]  # layer set per call
-    q, out, scale = ptr(), ptr(), f32()
+    q, out, window, softcap, scale = ptr(), ptr(), i32(), f32(), f32()
     p = plan.ptrs
     launches: list[Launch] = []
     with cupy.cuda.Device(dev):
@@ -72,7 +75,7 @@ def attention_launches(plan: Any, num_q_heads: int) -> tuple[list[Launch], int, 
                     part_o, part_lse, *common]
             if not tc:
                 args.append(i32(group))
-            args += [i32(plan.width), i32(splits), scale]
+            args += [i32(plan.width), i32(splits), window, softcap, scale]
             launches.append(Launch(fn, (ctas, splits), threads, smem, args, dev))
             if splits > 1:
                 merge = kernels.get_kernel("paged_decode.cu", "merge_splits",
@@ -104,9 +107,10 @@ def attention_launches(plan: Any, num_q_heads: int) -> tuple[list[Launch], int, 
             if fn.max_dynamic_shared_size_bytes < smem:
                 fn.max_dynamic_shared_size_bytes = smem
             args = [q, pool, ptr(p["tables"]), ptr(p["seq_lens"]), ptr(p["query_lens"]),
-                    ptr(p["q_start"]), ptr(tiles_dev.data.ptr), out, *common, i32(plan.width), scale]
+                    ptr(p["q_start"]), ptr(tiles_dev.data.ptr), out, *common, i32(plan.width), window,
+                    softcap, scale]
             launches.append(Launch(fn, (len(tiles), spec.num_kv_heads), 128, smem, args, dev))
-    return launches, splits, keep
+    return launches, splits, keep, not plan.decode or tc
 
 
 def torch_kinds(dtype: str) -> tuple[Any, Any, Any]:

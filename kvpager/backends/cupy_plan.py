@@ -35,8 +35,9 @@ from kvpager.plan import (
     StepPlan,
     check_q_shape,
     check_scale,
+    check_softcap,
     check_step,
-    refuse_window_softcap,
+    check_window,
 )
 
 _LOG2E = 1.4426950408889634
@@ -80,7 +81,7 @@ class CupyPlan(StepPlan):
         self.ptrs = {k: base + 4 * off for k, off in self._offsets.items()}
         self.ptrs["slots"] = base + 4 * self._n32
         self._attn: dict[int, list[Launch]] = {}
-        self._window_floor: int | None = None  # the shortest window taken as covering every sequence
+        self._raw: dict[int, bool] = {}  # per query-head count: the kernel's scores are raw q . k
         self._keep: list[Any] = []  # device buffers the launches point at
         self.splits = 1  # decode split-K count, chosen at the first attend
         self._write: Launch | None = None
@@ -133,7 +134,6 @@ class CupyPlan(StepPlan):
         else:
             s[:] = -1
         self.max_len = int(item_len.max()) if self.items else 0
-        self._longest = int(seq_lens.max()) if nseq else 0
         self._upload.copy_to(self._dev.data.ptr, current_stream(self.device))
 
     def update(self, tables: Any, seq_lens: Any, query_lens: Any = None, slots: Any = None) -> None:
@@ -154,8 +154,6 @@ class CupyPlan(StepPlan):
                                   "per sequence (a decode step, or num_rows given) can be updated")
         if (slots is not None) != self.has_slots:
             raise InvalidArgument("update must give slots exactly when the plan was built with them")
-        if self._window_floor is not None and len(seq_lens):
-            refuse_window_softcap(self._window_floor, None, int(seq_lens.max()))
         self._fill(tables, seq_lens, query_lens, slots)
 
     @property
@@ -165,7 +163,7 @@ class CupyPlan(StepPlan):
     # -- launches -------------------------------------------------------------------------
     def _prepare(self, num_q_heads: int) -> list[Launch]:
         """Kernel, layout and launch cells for ``num_q_heads`` query heads (once per plan)."""
-        launches, self.splits, keep = attention_launches(self, num_q_heads)
+        launches, self.splits, keep, self._raw[num_q_heads] = attention_launches(self, num_q_heads)
         self._keep += keep
         self._attn[num_q_heads] = launches
         return launches
@@ -210,13 +208,7 @@ class CupyPlan(StepPlan):
 
     def attend(self, layer: int, q: Any, scale: float | None = None, out: Any = None, *,
                window: int | None = None, softcap: float | None = None) -> Any:
-        """See `StepPlan.attend`. The kernels have no sliding window or soft cap
-        yet: ``softcap`` is refused, and so is a ``window`` shorter than a
-        sequence of the step (a window that covers every sequence changes
-        nothing, so it runs as full attention)."""
-        if window is not None or softcap is not None:
-            w = refuse_window_softcap(window, softcap, self._longest)
-            self._window_floor = min(w, self._window_floor or w)
+        """See `StepPlan.attend`."""
         spec = self.spec
         if type(layer) is not int or not 0 <= layer < spec.num_layers:
             layer = validate.layer(layer, spec)
@@ -252,6 +244,14 @@ class CupyPlan(StepPlan):
         first = launches[0].args
         first[0].value, first[5 if self.decode else 7].value = qp, op
         first[8].value, first[-1].value = layer, s
+        if window is None and softcap is None:
+            first[-3].value = first[-2].value = 0
+        else:
+            first[-3].value = check_window(window) or 0
+            cap = check_softcap(softcap)
+            # in the kernel's score units: raw q . k (cap / scale), or log2 units (cap * log2 e)
+            first[-2].value = 0.0 if cap is None else (
+                cap * _LOG2E / s if self._raw[shape[1]] else cap * _LOG2E)
         for launch in launches:
             launch(stream)
         return out
