@@ -18,9 +18,12 @@
 // lane keeps its dims of q and of the output accumulator for SUBGROUP heads in
 // registers. Online softmax in float32 with exp2 (q is pre-scaled by
 // scale * log2(e)), rescaling lazily; warps merge at the end through shared memory.
-// With num_splits == 1 the CTA writes the normalised output; otherwise it
-// writes a float32 partial output and its log2-sum-exp, and merge_splits
-// combines the splits.
+// With parts == 0 (one split, no shared prefix) the CTA writes the
+// normalised output; otherwise it writes a float32 partial output and its
+// log2-sum-exp into slot ``split`` of ``parts`` per row, and merge_splits
+// combines the slots. item_start (optional): the first position each item
+// reads here, past the shared prefix that cascade_prefix.cu attends into the
+// slots num_splits .. parts - 1 (which split 0 marks empty first).
 //
 // window > 0 (sliding window): the item sees only positions
 // [item_len - window, item_len); the splits cover that range, from the
@@ -94,11 +97,12 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode(
     const int* __restrict__ block_tables,   // [num_seqs, max_blocks]
     const int* __restrict__ item_seq,       // [num_items]
     const int* __restrict__ item_len,       // [num_items]
-    kv_t* __restrict__ out,                 // [num_items, num_q_heads, HEAD_DIM] (num_splits == 1)
+    kv_t* __restrict__ out,                 // [num_items, num_q_heads, HEAD_DIM] (parts == 0)
     float* __restrict__ part_o,             // [num_items, num_q_heads, num_splits, HEAD_DIM]
     float* __restrict__ part_lse,           // [num_items, num_q_heads, num_splits]
     int layer, int num_layers, int num_kv_heads, int group, int max_blocks,
-    int num_splits, int window, float softcap, float scale_log2)
+    int num_splits, const int* __restrict__ item_start, int parts, int window, float softcap,
+    float scale_log2)
 {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int rg = lane / LPR, li = lane % LPR;
@@ -112,7 +116,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode(
     const int head0 = h * group + sub * GS;
 
     const int len = item_len[item];
-    const int lo = window > 0 ? max(0, len - window) : 0;  // the first position seen
+    int lo = window > 0 ? max(0, len - window) : 0;  // the first position seen
+    if (item_start != nullptr) lo = max(lo, item_start[item]);  // after its shared prefix (cascade)
     const int from = lo & ~15;
     int chunk = (len - from + num_splits - 1) / num_splits;
     chunk = (chunk + 15) & ~15;
@@ -296,11 +301,14 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode(
             }
         }
         const long long row = (long long)item * num_q_heads + head0 + g;
-        if (num_splits == 1) {
+        if (parts == 0) {
             out[row * D + d] = from_float(lsum > 0.f ? o / lsum : 0.f);
         } else {
-            part_o[(row * num_splits + split) * D + d] = lsum > 0.f ? o / lsum : 0.f;
-            if (d == 0) part_lse[row * num_splits + split] = lsum > 0.f ? mx + __log2f(lsum) : NEG_INF;
+            part_o[(row * parts + split) * D + d] = lsum > 0.f ? o / lsum : 0.f;
+            if (d == 0) part_lse[row * parts + split] = lsum > 0.f ? mx + __log2f(lsum) : NEG_INF;
+            // the shared-prefix slots start empty: cascade_prefix (launched next) fills its members'
+            if (d == 0 && split == 0)
+                for (int s = num_splits; s < parts; ++s) part_lse[row * parts + s] = NEG_INF;
         }
     }
 }
@@ -331,6 +339,7 @@ __device__ __forceinline__ float block_reduce(float x, bool is_max, float* red) 
     return x;
 }
 
+// Slots of zero weight (empty: log2-sum-exp -inf) are not read.
 extern "C" __global__ void __launch_bounds__(MERGE_THREADS) merge_splits(
     const float* __restrict__ part_o,    // [num_rows, num_splits, HEAD_DIM]
     const float* __restrict__ part_lse,  // [num_rows, num_splits]
@@ -364,6 +373,7 @@ extern "C" __global__ void __launch_bounds__(MERGE_THREADS) merge_splits(
 #pragma unroll 4
         for (int s = sl; s < num_splits; s += MSL) {
             const float ws = w[s];
+            if (ws == 0.f) continue;
             const float4 p = po[(long long)s * MV];
             a.x += ws * p.x; a.y += ws * p.y; a.z += ws * p.z; a.w += ws * p.w;
         }

@@ -18,8 +18,9 @@
 // contexts; HPC = 4, WPH = 1 (longer runs of tiles per warp, fewer CTAs) for
 // short ones. Q fragments stay in registers; online softmax (exp2, float32)
 // between the two products as in the multi-token kernel. At the end the warps merge through shared memory;
-// with num_splits == 1 the CTA writes the normalised output, else a float32
-// partial output and its log2-sum-exp for merge_splits (paged_decode.cu).
+// with parts == 0 the CTA writes the normalised output, else a float32
+// partial output and its log2-sum-exp into slot ``split`` of ``parts`` for
+// merge_splits (paged_decode.cu). item_start: as in paged_decode.cu (cascade).
 //
 // window > 0 (sliding window): the item sees only positions
 // [item_len - window, item_len); the splits cover that range from the tile
@@ -75,11 +76,11 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     const int* __restrict__ block_tables,   // [num_seqs, max_blocks]
     const int* __restrict__ item_seq,       // [num_items]
     const int* __restrict__ item_len,       // [num_items]
-    kv_t* __restrict__ out,                 // [num_items, num_q_heads, HEAD_DIM] (num_splits == 1)
+    kv_t* __restrict__ out,                 // [num_items, num_q_heads, HEAD_DIM] (parts == 0)
     float* __restrict__ part_o,             // [num_items, num_q_heads, num_splits, HEAD_DIM]
     float* __restrict__ part_lse,           // [num_items, num_q_heads, num_splits]
-    int layer, int num_layers, int num_kv_heads, int max_blocks, int num_splits, int window,
-    float softcap, float scale_log2)
+    int layer, int num_layers, int num_kv_heads, int max_blocks, int num_splits,
+    const int* __restrict__ item_start, int parts, int window, float softcap, float scale_log2)
 {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -96,7 +97,8 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     const int head0 = h * GROUP;
 
     const int len = item_len[item];
-    const int lo = window > 0 ? max(0, len - window) : 0;  // the first position seen
+    int lo = window > 0 ? max(0, len - window) : 0;  // the first position seen
+    if (item_start != nullptr) lo = max(lo, item_start[item]);  // after its shared prefix (cascade)
     const int from = lo / T * T;
     int chunk = (len - from + num_splits - 1) / num_splits;
     chunk = (chunk + T - 1) / T * T;
@@ -310,11 +312,14 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
             }
         }
         const long long row = row0 + r;
-        if (num_splits == 1) {
+        if (parts == 0) {
             out[row * D + d] = from_float(lsum > 0.f ? acc / lsum : 0.f);
         } else {
-            part_o[(row * num_splits + split) * D + d] = lsum > 0.f ? acc / lsum : 0.f;
-            if (d == 0) part_lse[row * num_splits + split] = lsum > 0.f ? mx + __log2f(lsum) : NEG_INF;
+            part_o[(row * parts + split) * D + d] = lsum > 0.f ? acc / lsum : 0.f;
+            if (d == 0) part_lse[row * parts + split] = lsum > 0.f ? mx + __log2f(lsum) : NEG_INF;
+            // the shared-prefix slots start empty: cascade_prefix (launched next) fills its members'
+            if (d == 0 && split == 0)
+                for (int s = num_splits; s < parts; ++s) part_lse[row * parts + s] = NEG_INF;
         }
     }
 }

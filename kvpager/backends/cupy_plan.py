@@ -29,6 +29,7 @@ from kvpager.backends.cupy_launches import (
     device_tensor,
     torch_kinds,
 )
+from kvpager.cascade import find_shared_prefixes, worth_it
 from kvpager.errors import InvalidArgument
 from kvpager.launch import Launch, current_stream, i32, ptr
 from kvpager.plan import (
@@ -48,7 +49,7 @@ class CupyPlan(StepPlan):
 
     def __init__(self, backend: Any, tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
                  slots: np.ndarray | None, *, num_rows: int | None = None, width: int | None = None,
-                 num_splits: int | None = None, num_q_heads: int | None = None):
+                 num_splits: int | None = None, num_q_heads: int | None = None, cascade: bool | None = None):
         import cupy
 
         spec = self.spec = backend.spec
@@ -82,6 +83,13 @@ class CupyPlan(StepPlan):
         self.ptrs["slots"] = base + 4 * self._n32
         self._attn: dict[int, list[Launch]] = {}
         self._raw: dict[int, bool] = {}  # per query-head count: the kernel's scores are raw q . k
+        # Shared-prefix (cascade) attention: a decode step on tensor cores, not padded for graphs;
+        # None: when it pays (kvpager.cascade.worth_it), True: whenever prefixes are shared.
+        self._cascade = cascade
+        self._cascade_ok = (cascade is not False and self.decode and self.rows == nseq == self.items
+                            and spec.dtype != "float32" and kernels.DECODE_TC)
+        self._shared: Any = None  # kvpager.cascade.SharedPrefixes of the step, found at the first attend
+        self._plain: dict[int, list[Launch]] = {}  # launches without a cascade, for windowed calls
         self._keep: list[Any] = []  # device buffers the launches point at
         self.splits = 1  # decode split-K count, chosen at the first attend
         self._write: Launch | None = None
@@ -154,18 +162,46 @@ class CupyPlan(StepPlan):
                                   "per sequence (a decode step, or num_rows given) can be updated")
         if (slots is not None) != self.has_slots:
             raise InvalidArgument("update must give slots exactly when the plan was built with them")
+        if self._shared is not None:  # the shared prefixes are the old step's: find them again
+            self._attn.clear()
+            self._plain.clear()
+            self._shared = None
         self._fill(tables, seq_lens, query_lens, slots)
 
     @property
     def num_tokens(self) -> int:
         return self._tokens
 
+    @property
+    def shared_prefixes(self) -> Any:
+        """The step's shared prefixes (`kvpager.cascade.SharedPrefixes`) when its
+        attention cascades over them, else None (known after the first attend,
+        or at construction with ``num_q_heads``)."""
+        return self._shared
+
     # -- launches -------------------------------------------------------------------------
     def _prepare(self, num_q_heads: int) -> list[Launch]:
         """Kernel, layout and launch cells for ``num_q_heads`` query heads (once per plan)."""
-        launches, self.splits, keep, self._raw[num_q_heads] = attention_launches(self, num_q_heads)
+        if self._cascade_ok and self._shared is None:
+            found = find_shared_prefixes(self.tables, self.seq_lens, self.spec.block_size)
+            if found is not None and (self._cascade or worth_it(found, self.seq_lens)):
+                self._shared = found
+            else:
+                self._cascade_ok = False
+        launches, self.splits, keep, self._raw[num_q_heads] = attention_launches(self, num_q_heads, self._shared)
         self._keep += keep
         self._attn[num_q_heads] = launches
+        if self._shared is None:
+            self._plain[num_q_heads] = launches
+        return launches
+
+    def _windowed(self, num_q_heads: int) -> list[Launch]:
+        """Launches without the cascade (which applies no window), built at the first windowed call."""
+        launches = self._plain.get(num_q_heads)
+        if launches is None:
+            launches, _, keep, _ = attention_launches(self, num_q_heads)
+            self._keep += keep
+            self._plain[num_q_heads] = launches
         return launches
 
     def write(self, layer: int, k: Any, v: Any) -> None:
@@ -234,6 +270,8 @@ class CupyPlan(StepPlan):
             stream = current_stream(self.device)
         if not shape[0]:
             return out
+        if window is not None and self._shared is not None:
+            launches = self._windowed(shape[1])
         if scale is None:
             s = self._scale
         elif scale == self._last_scale:
