@@ -103,11 +103,14 @@ def _common_end(tables: np.ndarray, full: np.ndarray, group: np.ndarray, col: in
     return hi if same.all() else col + int(np.argmin(same))
 
 
-def worth_it(shared: SharedPrefixes | None, seq_lens: np.ndarray, *, min_saved: int = 4096,
-             min_fraction: float = 0.25) -> bool:
-    """Whether cascading pays: the positions it spares rereading are at least
-    ``min_saved`` and ``min_fraction`` of the step's K/V positions (below that
-    the extra launches and partial writes cost more than they save)."""
+def worth_it(shared: SharedPrefixes | None, seq_lens: np.ndarray, bytes_per_position: int, *,
+             min_saved_bytes: int = 96 << 20, min_fraction: float = 0.25) -> bool:
+    """Whether cascading pays: the K/V bytes it spares rereading (positions x
+    ``bytes_per_position``, K and V of every kv head of a layer) are at least
+    ``min_saved_bytes`` (reading 96 MiB takes about 25 us on an H200, the
+    measured cost of the cascade's two extra launches and partial writes on
+    small steps) and ``min_fraction`` of the step's positions."""
     if shared is None:
         return False
-    return shared.saved >= max(min_saved, min_fraction * float(np.sum(seq_lens)))
+    return (shared.saved * bytes_per_position >= min_saved_bytes
+            and shared.saved >= min_fraction * float(np.sum(seq_lens)))

@@ -91,7 +91,7 @@ def test_segments_are_shared_and_the_cascade_equals_plain_attention(ops, seed):
         assert len(set(firsts)) == len(firsts)
         return
     own_end = np.zeros(len(ids), np.int64)
-    for row, start, end, moff, count, level in shared.segments.tolist():
+    for row, start, end, moff, count, _level in shared.segments.tolist():
         members = shared.members[moff : moff + count]
         assert count >= 2 and row in members and start % BS == 0 and end % BS == 0 and end > start
         cols = slice(start // BS, end // BS)
@@ -126,8 +126,9 @@ def test_a_system_prompt_and_forks_make_two_levels():
     assert [(s, e, c, lv) for _, s, e, _, c, lv in segs] == [(0, 64, 9, 0), (64, 88, 4, 1)]
     assert sorted(shared.members[segs[1][3] : segs[1][3] + 4].tolist()) == [1, 6, 7, 8]
     assert shared.saved == 8 * 64 + 3 * 24
-    assert worth_it(shared, lens, min_saved=0)
-    assert not worth_it(shared, lens, min_saved=10**6)
+    assert worth_it(shared, lens, 4096, min_saved_bytes=0)
+    assert not worth_it(shared, lens, 4096, min_saved_bytes=(8 * 64 + 3 * 24) * 4096 + 1)
+    assert not worth_it(shared, lens, 4096, min_saved_bytes=0, min_fraction=0.9)
 
 
 def test_no_sharing_and_partial_blocks_are_never_shared():

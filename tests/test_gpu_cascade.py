@@ -86,14 +86,27 @@ def test_cascade_matches_numpy_and_plain_plan(dtype, d, bs, group):
 
 
 def test_cascade_is_automatic_only_when_it_pays():
+    """Chosen when the K/V bytes it spares rereading are large (64 sequences of
+    an 8-kv-head model sharing 2,048 positions: 0.5 GB a layer), not for a small
+    step (8 sequences sharing 64 positions), never when nothing is shared, nor
+    for a plan padded for CUDA graphs (one launch shape)."""
     rng = np.random.default_rng(4)
-    pool, ids = shared_pool("bfloat16", 128, 16, rng)
-    plan = pool.plan(ids, num_q_heads=8)  # 12 of 15 sequences share 640 positions: it pays
-    assert plan.shared_prefixes is not None
+    spec = PoolSpec(num_layers=1, num_kv_heads=8, head_dim=128, num_blocks=1024, block_size=16, dtype="bfloat16")
+    pool = KVPool(spec, device="cuda:0")
+    system = rng.integers(0, 1000, 2048).tolist()
+    [first] = pool.allocate([system + [1]])
+    pool.commit([first.seq_id])
+    big = [a.seq_id for a in pool.allocate([system + [2, i] for i in range(64)])]
+    small_prompt = rng.integers(0, 1000, 64).tolist()
+    [head] = pool.allocate([small_prompt + [1]])
+    pool.commit([head.seq_id])
+    small = [a.seq_id for a in pool.allocate([small_prompt + [3, i] for i in range(8)])]
     alone = [a.seq_id for a in pool.allocate([rng.integers(0, 9, 300).tolist() for _ in range(4)])]
-    pool.append(alone, 1)
-    assert pool.plan(alone, num_q_heads=8).shared_prefixes is None  # nothing shared
-    assert pool.plan(ids, num_q_heads=8, cascade=False).shared_prefixes is None
-    # a padded plan (for CUDA graphs) keeps one launch shape: never a cascade
-    assert pool.plan(ids, num_q_heads=8, num_rows=32, width=64).shared_prefixes is None
+    pool.append(big + small + alone, 1)
+    assert pool.plan(big, num_q_heads=32).shared_prefixes is not None
+    assert pool.plan(small, num_q_heads=32).shared_prefixes is None
+    assert pool.plan(small, num_q_heads=32, cascade=True).shared_prefixes is not None
+    assert pool.plan(alone, num_q_heads=32, cascade=True).shared_prefixes is None  # nothing shared
+    assert pool.plan(big, num_q_heads=32, cascade=False).shared_prefixes is None
+    assert pool.plan(big, num_q_heads=32, num_rows=96, width=160).shared_prefixes is None
     pool.close()

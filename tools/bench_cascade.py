@@ -23,7 +23,7 @@ import cupy
 import numpy as np
 import torch
 import torch.nn.functional as F
-from bench_attention import BS, D, DATASHEET_TBS, HKV, HQ, median_ms, rel_err, tview
+from bench_attention import BS, DATASHEET_TBS, HKV, HQ, D, median_ms, rel_err, tview
 
 from kvpager.backends.cupy_backend import CupyBackend
 from kvpager.plan import make_plan

@@ -153,8 +153,16 @@ class CascadeLaunch:
         tiles_per_seg = -(-counts // per_tile)
         base_ctas = int(tiles_per_seg.sum()) * spec.num_kv_heads
         lengths = (seg[:, 2] - seg[:, 1]).astype(np.int64)
-        # chunks: about two waves of CTAs, each chunk at least 256 positions
-        chunks = int(max(1, min(-(-2 * nsm // max(base_ctas, 1)), int(lengths.min()) // 256)))
+        defs = {"KV_DTYPE": kernels.DTYPE_CODES[spec.dtype], "HEAD_DIM": spec.head_dim,
+                "BLOCK_SIZE": spec.block_size, "GROUP": group, "MT": self.mt}
+        self.fn = kernels.get_kernel("cascade_prefix.cu", "cascade_prefix", defs, plan.device)
+        if self.fn.max_dynamic_shared_size_bytes < self.smem:
+            self.fn.max_dynamic_shared_size_bytes = self.smem
+        slots = nsm * kernels.resident_ctas(self.fn, 128, self.smem, plan.device)
+        # Chunks of each segment (at least 256 positions): the count whose waves of CTAs
+        # end soonest (waves x chunk length), the fewest among equals (fewer partials to merge).
+        most = int(max(1, min(64, int(lengths.min()) // 256)))
+        chunks = min(range(1, most + 1), key=lambda c: (-(-base_ctas * c // slots)) / c)
         self.parts = splits + shared.levels * chunks
         out = []
         for row, start, end, moff, count, level in seg.tolist():
@@ -188,14 +196,9 @@ class CascadeLaunch:
     def launch(self, q: Any, pool: Any, tables: Any, part_o: Any, part_lse: Any, common: list[Any],
                width: int, softcap: Any, scale: Any) -> Launch:
         spec, dev = self.spec, self.device
-        defs = {"KV_DTYPE": kernels.DTYPE_CODES[spec.dtype], "HEAD_DIM": spec.head_dim,
-                "BLOCK_SIZE": spec.block_size, "GROUP": self.group, "MT": self.mt}
-        fn = kernels.get_kernel("cascade_prefix.cu", "cascade_prefix", defs, dev)
-        if fn.max_dynamic_shared_size_bytes < self.smem:
-            fn.max_dynamic_shared_size_bytes = self.smem
         args = [q, pool, tables, ptr(self.segments), ptr(self.members), ptr(self.tiles), part_o, part_lse,
                 *common, i32(width), i32(self.parts), softcap, scale]
-        return Launch(fn, (self.num_tiles, spec.num_kv_heads), 128, self.smem, args, dev)
+        return Launch(self.fn, (self.num_tiles, spec.num_kv_heads), 128, self.smem, args, dev)
 
 
 def torch_kinds(dtype: str) -> tuple[Any, Any, Any]:
