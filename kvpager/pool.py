@@ -15,7 +15,7 @@ import numpy as np
 from kvpager import validate
 from kvpager.backends import Backend, make_backend
 from kvpager.errors import InvalidArgument
-from kvpager.plan import StepPlan, check_queries, check_softcap, check_window
+from kvpager.plan import StepPlan, check_floor, check_queries, check_softcap, check_window
 from kvpager.sequences import ANY_OWNER, SequenceManager
 from kvpager.spec import PoolSpec
 from kvpager.types import Allocation, BlockMap, PoolStats, SequenceInfo
@@ -225,6 +225,7 @@ class KVPool:
                 f"num_kv_heads={spec.num_kv_heads}, got shape {getattr(q, 'shape', None)}"
             )
         q = validate.tensor(q, "q", (int(sum(qlens)), num_q, spec.head_dim), spec, self.backend.xp)
+        check_floor(self.manager.floors(ids), seq_lens, np.asarray(qlens, np.int64), window)
         if scale is None:
             scale = 1.0 / math.sqrt(spec.head_dim)
         elif not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
@@ -261,7 +262,21 @@ class KVPool:
             query_lens = np.asarray(validate.per_seq(query_lens, len(ids), "query_lens"))
         query_lens, slots = check_queries(self.spec, seq_lens, query_lens, slots)
         self.pending = True
-        return self.backend.plan(tables, seq_lens, query_lens, slots, **options)
+        plan = self.backend.plan(tables, seq_lens, query_lens, slots, **options)
+        plan.floor = self.manager.floors(ids)
+        return plan
+
+    def release_before(self, seq_ids: int | Seq[int], positions: int | Seq[int], *, owner: Any = ANY_OWNER
+                       ) -> list[int]:
+        """Give back each sequence's whole blocks before ``positions[i]`` (its last
+        block stays): K/V no attention will read again once every layer's sliding
+        window has moved past it (see `kvpager.seq_release`). Their table entries
+        become the null block; attention over the sequence must then use a window
+        that starts at or after what is held. A block still shared or cached
+        stays for the others. Returns blocks released per sequence."""
+        ids = validate.seq_ids(seq_ids)
+        positions = validate.per_seq(positions, len(ids), "positions")
+        return self.manager.release_before(ids, positions, owner)
 
     def kv(self, layer: int) -> tuple[Any, Any]:
         """Views of one layer's K and V: each [num_blocks, num_kv_heads, block_size, head_dim]."""

@@ -111,7 +111,7 @@ def allocate(
     if len(plans) == 1:
         rows = [bt.add_row(flat, ntok[0])]
         last = int(flat[-1]) if len(flat) else 0
-        bt.cols[rows[0]] = (ids[0], code, nhits[0] * bs, nhits[0], ntok[0], 0, last)
+        bt.cols[rows[0]] = (ids[0], code, nhits[0] * bs, nhits[0], ntok[0], 0, last, 0)
     else:
         ntok_a, nhits_a = np.array(ntok, dtype=np.int64), np.array(nhits, dtype=np.int64)
         rows = bt.add_rows(flat, np.array(lengths, dtype=np.int64), ntok_a).tolist()
@@ -165,7 +165,8 @@ def commit(m: SequenceManager, seq_ids: list[int], upto: Seq[int | None]) -> lis
     for k in todo.tolist():
         row, f = int(rows[k]), int(full[k])
         keys = m.history[seq_ids[k]].key_blocks(f, bs)
-        blocks = bt.table[row, int(bt.published[row]) : f].tolist()
-        published[k] = sum(map(m.pool.publish, blocks, keys[int(bt.published[row]) : f]))
+        start = max(int(bt.published[row]), int(bt.released[row]))  # released entries hold nothing
+        blocks = bt.table[row, start:f].tolist()
+        published[k] = sum(map(m.pool.publish, blocks, keys[start:f]))
         bt.published[row] = f
     return published

@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvpager import KVPool, OutOfBlocks, PoolSpec
+from kvpager import InvalidArgument, KVPool, OutOfBlocks, PoolSpec
 
 BS = 8
 HEAD_DIM = 8
@@ -41,6 +42,7 @@ class AllocatorMachine(RuleBasedStateMachine):
                                     dtype="float32", num_host_blocks=10))
         self.tokens: dict[int, list[int]] = {}
         self.swapped: set[int] = set()
+        self.floor: dict[int, int] = {}  # first position still held, after a release
 
     # -- helpers -----------------------------------------------------------------
     def _write(self, seq_id: int, start: int, slots: np.ndarray) -> None:
@@ -104,6 +106,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         [kids] = self.pool.fork(s, n)
         for c in kids:
             self.tokens[c] = list(self.tokens[s])
+            if s in self.floor:
+                self.floor[c] = self.floor[s]
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
@@ -113,14 +117,35 @@ class AllocatorMachine(RuleBasedStateMachine):
         for s in seqs:
             del self.tokens[s]
             self.swapped.discard(s)
+            self.floor.pop(s, None)
 
     @precondition(lambda self: self._resident())
     @rule(data=st.data())
     def truncate(self, data):
         s = data.draw(st.sampled_from(self._resident()))
         n = data.draw(st.integers(0, len(self.tokens[s])))
+        if s in self.floor and n <= self.floor[s]:  # into the released blocks: refused, nothing changes
+            with pytest.raises(InvalidArgument, match="released"):
+                self.pool.truncate(s, n)
+            event("truncate into released blocks")
+            return
         self.pool.truncate(s, n)
         del self.tokens[s][n:]
+
+    @precondition(lambda self: self._resident())
+    @rule(data=st.data())
+    def release(self, data):
+        s = data.draw(st.sampled_from(self._resident()))
+        p = data.draw(st.integers(0, len(self.tokens[s])))
+        before = self.pool.stats().used_blocks
+        [n] = self.pool.release_before(s, p)
+        # whole blocks before p, never the last block, never what was released already
+        want = max(0, min(p // BS, -(-len(self.tokens[s]) // BS) - 1) - self.floor.get(s, 0) // BS)
+        assert n == want
+        assert self.pool.stats().used_blocks <= before
+        if n:
+            event("release")
+            self.floor[s] = self.floor.get(s, 0) + n * BS
 
     @precondition(lambda self: self._resident())
     @rule(data=st.data())
@@ -161,7 +186,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert info.swapped == (s in self.swapped)
             if info.swapped:
                 continue
-            for p in range(len(toks)):
+            for p in range(self.floor.get(s, 0), len(toks)):
                 b, o = info.block_table[p // BS], p % BS
                 want = k_value(tuple(toks[: p + 1]))
                 np.testing.assert_array_equal(k_all[b, 0, o], want, err_msg=f"seq {s} pos {p}")

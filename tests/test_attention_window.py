@@ -119,3 +119,42 @@ def test_bad_softcap_is_refused(bad):
     q = np.zeros((1, 1, 32), np.float32)
     with pytest.raises(InvalidArgument, match="softcap"):
         pool.plan(seqs).attend(0, q, softcap=bad)
+
+
+def test_released_blocks_are_freed_and_attention_must_keep_within_the_window():
+    """Blocks wholly before every window go back to the pool; attention over
+    what is left equals the reference with that window; attention that would
+    read a released position is refused and changes nothing."""
+    rng = np.random.default_rng(9)
+    spec = PoolSpec(1, 2, 32, num_blocks=64, block_size=8, dtype="float32")
+    window, n = 12, 70
+    pool, dense, seqs = filled_pool(spec, [n, 30], rng)
+    free_before = pool.stats().free_blocks
+    # the next query sits at n - 1 (a decode step): it sees positions > n - 1 - window
+    assert pool.release_before(seqs, [n - window, 3]) == [(n - window) // 8, 0]
+    assert pool.stats().free_blocks == free_before + (n - window) // 8
+    table = pool.sequence(seqs[0]).block_table
+    assert set(table[: (n - window) // 8]) == {0} and 0 not in table[(n - window) // 8 :]
+    pool.check_integrity()
+    q = rng.standard_normal((2, 4, 32)).astype(np.float32)
+    plan = pool.plan(seqs)
+    out = plan.attend(0, q, window=window)
+    k, v = dense[seqs[0]][0]
+    assert rel_err(out[:1], attention(q[:1], k, v, 1 / math.sqrt(32), window)) < 1e-5
+    assert np.array_equal(pool.attend(0, seqs, q, window=window), out)
+    for bad in (None, window + 8):
+        with pytest.raises(InvalidArgument, match="released its blocks before position 56"):
+            plan.attend(0, q, window=bad)
+        with pytest.raises(InvalidArgument, match="released"):
+            pool.attend(0, seqs, q, window=bad)
+    assert pool.release_before(seqs, [n - window, 3]) == [0, 0]  # nothing more to give back
+    with pytest.raises(InvalidArgument, match="position"):
+        pool.release_before(seqs, [n + 1, 0])
+    with pytest.raises(InvalidArgument, match="released"):
+        pool.truncate(seqs[0], 50)
+    # a fork shares only what is held; freeing everything returns every block
+    kid = pool.fork(seqs[0], 1)[0][0]
+    pool.check_integrity()
+    pool.free([kid, *seqs])
+    pool.check_integrity()
+    assert pool.stats().free_blocks + pool.stats().evictable_blocks == spec.num_blocks - 1

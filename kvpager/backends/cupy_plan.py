@@ -284,6 +284,8 @@ class CupyPlan(StepPlan):
             stream = current_stream(self.device)
         if not shape[0]:
             return out
+        if self.floor is not None:
+            self.check_floor(window)
         if window is not None and self._shared is not None:
             launches = self._windowed(shape[1])
         if scale is None:
