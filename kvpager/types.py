@@ -93,6 +93,21 @@ class PinInfo:
 
 
 @dataclass(frozen=True)
+class SessionInfo:
+    """A daemon session as others see it (never its secret id)."""
+
+    name: str  # public: the owner of its sequences and pins
+    client: str  # the name the client gave in hello
+    pid: int | None  # the client's process
+    sequences: int  # live sequences it owns
+    pins: int  # pins it holds (released when it ends)
+    requests: int  # requests it has sent
+    age_s: float  # seconds since hello
+    idle_s: float  # seconds since it was last heard from
+    control: bool  # opened with the daemon's control token
+
+
+@dataclass(frozen=True)
 class PoolStats:
     """The pool at a glance. Block counts exclude the reserved null block."""
 
