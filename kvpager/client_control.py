@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from kvpager.protocol import decode_pin, decode_session
-from kvpager.types import PinInfo, SessionInfo
+from kvpager.protocol import decode_pin, decode_session, decode_stats
+from kvpager.types import PinInfo, PoolStats, SessionInfo
 
 
 def _args(prompts: Any, salt: Any, keep: bool) -> dict[str, Any]:
@@ -58,6 +58,12 @@ class ControlMethods:
     def set_quota(self, salt: str | bytes | None, blocks: int | None) -> None:
         """As `KVPool.set_quota` (needs the control token)."""
         self._call("set_quota", {"salt": salt, "blocks": blocks})
+
+    def daemon_stats(self) -> tuple[PoolStats, dict[str, int]]:
+        """`stats`, and the daemon's own counters beside it: ``sessions`` (open
+        now) and ``requests`` (answered since it started; absent from older daemons)."""
+        raw = self._call("stats", {})
+        return decode_stats(raw), {k: raw[k] for k in ("sessions", "requests") if isinstance(raw.get(k), int)}
 
     def sessions(self) -> list[SessionInfo]:
         """The daemon's open sessions: public names, client names, pids, counts."""
