@@ -49,11 +49,11 @@ class ControlOps:
             raise Unauthorized(f"{op} changes every tenant's share of the pool: {how}")
 
     def _check_control_token(self, given: Any) -> bool:
-        """hello's ``control_token``: True if it is the daemon's; Unauthorized if wrong."""
-        if given is None:
+        """hello's ``control_token``: True if it is the daemon's; Unauthorized if
+        wrong. A daemon without one opens an ordinary session (a worker that
+        inherits KVPAGER_CONTROL_TOKEN still connects; its control ops say why not)."""
+        if given is None or self.control_token is None:
             return False
-        if self.control_token is None:
-            raise Unauthorized("hello: this daemon has no control token (kvpager serve --control-token-file)")
         if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.control_token.encode()):
             raise Unauthorized("hello: the control token given is wrong")
         return True

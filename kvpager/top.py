@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from kvpager.errors import UnknownOp
 from kvpager.render import human_bytes, salt_label
 from kvpager.types import PoolStats, SessionInfo
 
@@ -56,7 +57,10 @@ class Rates:
 def take(client: Any) -> Snapshot:
     """One refresh's worth: the pool's stats and the sessions, without this client's own."""
     stats, counters = client.daemon_stats()
-    sessions = tuple(s for s in client.sessions() if s.name != client.session_name)
+    try:
+        sessions = tuple(s for s in client.sessions() if s.name != client.session_name)
+    except UnknownOp:  # a daemon from before the sessions op
+        sessions = ()
     return Snapshot(time.monotonic(), stats, counters.get("requests"), sessions)
 
 
