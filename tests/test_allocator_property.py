@@ -199,6 +199,20 @@ class AllocatorMachine(RuleBasedStateMachine):
     def set_quota(self, salt, blocks):
         self.pool.set_quota(salt, blocks)
 
+    @rule(extra=st.integers(1, 4))
+    def memory_pressure(self, extra):
+        """Take every free block and ``extra`` evictable ones (one-block prompts no
+        other prompt matches), then give them back: an eviction of ``extra`` blocks."""
+        st_ = self.pool.stats()
+        extra = min(extra, st_.evictable_blocks)
+        if not extra:
+            return
+        event("memory pressure")
+        before = self._tenants()
+        allocs = self.pool.allocate([[99] * BS] * (st_.free_blocks + extra))
+        self._check_eviction_order(before, self._tenants())
+        self.pool.free([a.seq_id for a in allocs])
+
     # -- helpers for quotas ----------------------------------------------------------
     def _tenants(self) -> dict:
         return {t.salt: t for t in self.pool.stats().tenants}
