@@ -404,12 +404,14 @@ class Client(KVAccess, ControlMethods):
         else:
             self.remote_write(layer, slots, k, v)
 
-    def attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None) -> Any:
-        """As `KVPool.attend`: computed here over the mapped pool when there is
-        one (block tables from this client's mirror, no round trip), else by the daemon."""
+    def attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None,
+               *, window: int | None = None, softcap: float | None = None) -> Any:
+        """As `KVPool.attend` (``window`` / ``softcap`` included): computed here over
+        the mapped pool when there is one (block tables from this client's mirror,
+        no round trip), else by the daemon."""
         if self.map_pool:
-            return self.local_attend(layer, seq_ids, q, query_lens, scale)
-        return self.remote_attend(layer, seq_ids, q, query_lens, scale)
+            return self.local_attend(layer, seq_ids, q, query_lens, scale, window=window, softcap=softcap)
+        return self.remote_attend(layer, seq_ids, q, query_lens, scale, window=window, softcap=softcap)
 
     def plan(self, seq_ids: Any, query_lens: Any = None, slots: Any = None, **options: Any) -> StepPlan:
         """As `KVPool.plan`: a step plan over the mapped pool, built here from this

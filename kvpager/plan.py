@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from kvpager import validate
-from kvpager.errors import InvalidArgument, UnsupportedConfiguration
+from kvpager.errors import InvalidArgument
 from kvpager.spec import PoolSpec
 from kvpager.validate import int_array
 
@@ -110,20 +110,6 @@ def check_softcap(softcap: Any) -> float | None:
         raise InvalidArgument(f"softcap must be None or a positive finite number, got {softcap!r}")
     return float(softcap)
 
-
-def refuse_window_softcap(window: Any, softcap: Any, longest: int) -> int:
-    """For kernels without sliding windows or soft caps (the GPU's, for now):
-    UnsupportedConfiguration naming ``softcap`` if one is given, or ``window``
-    if it is shorter than the step's ``longest`` sequence; a window that covers
-    every sequence changes nothing and is returned (0 for none)."""
-    if check_softcap(softcap) is not None:
-        raise UnsupportedConfiguration("softcap: the GPU attention kernels do not apply a logit soft cap yet")
-    window = check_window(window)
-    if window is not None and window < longest:
-        raise UnsupportedConfiguration(
-            f"window={window}: the GPU attention kernels do not apply sliding windows yet "
-            f"(this step holds a sequence of {longest} tokens)")
-    return window or 0
 
 
 

@@ -92,7 +92,7 @@ OPS: dict[str, Op] = {
         Op("swap_in", ("seq_ids",)),
         Op("staging", ("nbytes",)),
         Op("write", ("layer", "slots", "k", "v")),
-        Op("attend", ("layer", "seq_ids", "q", "out"), ("query_lens", "scale")),
+        Op("attend", ("layer", "seq_ids", "q", "out"), ("query_lens", "scale", "window", "softcap")),
         Op("tables", ("seq_ids",), (), session=False),
         Op("sequences", (), ("seq_ids", "owner", "after", "limit"), session=False),
         Op("blocks", (), (), session=False),

@@ -143,7 +143,11 @@ class SequenceManager:
 
     def tables(self, seq_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Padded int32 block tables and int32 lengths of resident sequences."""
-        rows = self.lookup(seq_ids)
+        last = self._last_batch
+        if last is not None and last[2] == self._frees and last[0] == seq_ids:
+            rows = last[3]  # the ids the step's append just took: no lookup
+        else:
+            rows = self.lookup(seq_ids)
         if self.num_swapped:
             swapped = self.table.swapped[rows]
             if np.count_nonzero(swapped):

@@ -237,10 +237,9 @@ class Server(ServerOps):
         next_expiry = time.monotonic() + self._expiry_interval()
         while not stop.is_set():
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart()  # blocks for at most _POLL_MS (RCVTIMEO)
             except zmq.Again:
                 self._idle = time.monotonic()  # the queue is empty: everything sent is read
-                sock.poll(_POLL_MS)
             else:
                 # [routing id, (empty delimiter from REQ), body]: answer on the same envelope.
                 frames[-1] = self.handle(frames[-1])
@@ -248,6 +247,8 @@ class Server(ServerOps):
                     sock.send_multipart(frames, zmq.NOBLOCK)
                 except zmq.ZMQError as e:  # peer gone or its queue full: its problem, not ours
                     log.debug("reply dropped: %s", e)
+                if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self._idle = time.monotonic()  # nothing else queued: read up to now
             now = time.monotonic()
             if now >= next_expiry:
                 next_expiry = now + self._expiry_interval()

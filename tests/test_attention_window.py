@@ -1,5 +1,6 @@
 """Sliding-window and soft-capped paged attention (NumPy backend, step plans)
-against the dense float64 reference with the same mask."""
+against the dense float64 reference with the same mask. The GPU kernels'
+windows and soft caps: tests/test_gpu_window.py."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import numpy as np
 import pytest
 from reference import TOLERANCE, attention, rel_err
 
-from kvpager import InvalidArgument, KVPool, PoolSpec, UnsupportedConfiguration
+from kvpager import InvalidArgument, KVPool, PoolSpec
 from kvpager.backends.numpy_backend import paged_attention
-from kvpager.plan import refuse_window_softcap
 
 
 def filled_pool(spec: PoolSpec, lengths: list[int], rng: np.random.Generator):
@@ -119,37 +119,3 @@ def test_bad_softcap_is_refused(bad):
     q = np.zeros((1, 1, 32), np.float32)
     with pytest.raises(InvalidArgument, match="softcap"):
         pool.plan(seqs).attend(0, q, softcap=bad)
-
-
-def test_kernels_without_windows_refuse_what_would_change_the_result():
-    """The rule the GPU plan applies until its kernels take windows and soft caps."""
-    with pytest.raises(UnsupportedConfiguration, match="softcap"):
-        refuse_window_softcap(None, 30.0, 10)
-    with pytest.raises(UnsupportedConfiguration, match="window=9"):
-        refuse_window_softcap(9, None, 10)
-    assert refuse_window_softcap(10, None, 10) == 10  # covers every sequence: full attention
-    with pytest.raises(InvalidArgument, match="window"):
-        refuse_window_softcap(0, None, 10)
-
-
-@pytest.mark.gpu
-def test_gpu_plan_refuses_windows_and_softcap_it_cannot_apply():
-    cupy = pytest.importorskip("cupy")
-    from kvpager.backends import cuda_available
-
-    if not cuda_available():
-        pytest.skip("needs a CUDA GPU")
-    spec = PoolSpec(1, 2, 64, num_blocks=32, block_size=16, dtype="float16")
-    pool = KVPool(spec, device="cuda:0")
-    [a] = pool.allocate([list(range(20))])
-    plan = pool.plan([a.seq_id], num_rows=2, width=4)  # a padded decode plan: one q row per plan row
-    q = cupy.asarray(np.random.default_rng(0).standard_normal((2, 4, 64)), dtype=cupy.float16)
-    with pytest.raises(UnsupportedConfiguration, match="softcap"):
-        plan.attend(0, q, softcap=50.0)
-    with pytest.raises(UnsupportedConfiguration, match="window"):
-        plan.attend(0, q, window=19)
-    full = plan.attend(0, q)
-    assert bool((plan.attend(0, q, window=20) == full).all())  # a covering window is full attention
-    [b] = pool.allocate([list(range(30))])
-    with pytest.raises(UnsupportedConfiguration, match="window"):  # the window no longer covers the step
-        plan.update(*pool.tables([a.seq_id, b.seq_id]))
