@@ -18,7 +18,7 @@ from kvpager.errors import InvalidArgument
 from kvpager.plan import StepPlan, check_floor, check_queries, check_softcap, check_window
 from kvpager.sequences import ANY_OWNER, SequenceManager
 from kvpager.spec import PoolSpec
-from kvpager.types import Allocation, BlockMap, PoolStats, SequenceInfo
+from kvpager.types import Allocation, BlockMap, PinInfo, PoolStats, SequenceInfo, TenantUsage
 
 
 def _split(flat: np.ndarray, counts: list[int]) -> list[np.ndarray]:
@@ -42,13 +42,20 @@ class KVPool:
     (0, 3)
     """
 
-    def __init__(self, spec: PoolSpec, device: str = "cpu", backend: Backend | None = None):
+    def __init__(
+        self, spec: PoolSpec, device: str = "cpu", backend: Backend | None = None, *,
+        max_pinned_blocks: int | None = None,
+    ):
+        """``max_pinned_blocks``: the most blocks pins may hold (default half the pool)."""
         if not isinstance(spec, PoolSpec):
             raise InvalidArgument(f"spec must be a PoolSpec, got {type(spec).__name__}")
+        if max_pinned_blocks is not None and (not validate.is_int(max_pinned_blocks) or max_pinned_blocks < 0):
+            raise InvalidArgument(f"max_pinned_blocks must be an integer >= 0, got {max_pinned_blocks!r}")
         self.spec = spec
         self.backend = backend if backend is not None else make_backend(spec, device)
         self.device = self.backend.device
-        self.manager = SequenceManager(spec.num_blocks, spec.block_size, spec.num_host_blocks)
+        self.manager = SequenceManager(spec.num_blocks, spec.block_size, spec.num_host_blocks,
+                                       None if max_pinned_blocks is None else int(max_pinned_blocks))
         # True while copies or kernels issued by this pool may still be running
         # (cleared by synchronize): the daemon waits only when there is something to wait for.
         self.pending = False
@@ -165,6 +172,45 @@ class KVPool:
         if len(pairs):
             self.backend.swap_in(pairs)
             self.pending = True
+
+    # -- control: pins and tenants' quotas (kvpager/pins.py, kvpager/tenants.py) ---------------
+    def pin(self, prompts: Seq[Seq[int]], salt: str | bytes | None | Seq[str | bytes | None] = None, *,
+            owner: Any = None) -> list[int]:
+        """Pin the longest cached prefix of full blocks of each prompt: its blocks
+        stay in the prefix cache, never evicted, until unpinned. Returns the tokens
+        pinned per prompt (0: none of it is cached; nothing is waited for). Pinning
+        a prefix again counts: each `unpin` drops one. LimitExceeded (nothing
+        changes) past ``max_pinned_blocks``. ``owner``: whose pin (a daemon's session)."""
+        validate.prompts(prompts)
+        salts = validate.per_seq(salt, len(prompts), "salt")
+        m = self.manager
+        return m.pins.pin(m.pool, self.spec.block_size, prompts, salts, owner)
+
+    def unpin(self, prompts: Seq[Seq[int]], salt: str | bytes | None | Seq[str | bytes | None] = None, *,
+              owner: Any = None) -> list[int]:
+        """Drop one of ``owner``'s pins per prompt, of its longest pinned prefix;
+        returns the tokens it held. NotPinned (nothing changes) for a prompt
+        ``owner`` holds no pin of. Unpinned blocks become evictable, still cached."""
+        validate.prompts(prompts)
+        salts = validate.per_seq(salt, len(prompts), "salt")
+        m = self.manager
+        return m.pins.unpin(m.pool, self.spec.block_size, prompts, salts, owner)
+
+    def release_pins(self, owner: Any) -> int:
+        """Drop every pin of ``owner`` (the daemon: a session that ended); returns how many."""
+        m = self.manager
+        return m.pins.release(m.pool, owner)
+
+    def pins(self, owner: Any = _EVERY) -> list[PinInfo]:
+        """Every pin, or ``owner``'s."""
+        pins, bs = self.manager.pins, self.spec.block_size
+        return pins.infos(bs) if owner is _EVERY else pins.infos(bs, owner)
+
+    def set_quota(self, salt: str | bytes | None, blocks: int | None) -> None:
+        """A soft quota on the cached blocks of ``salt``'s tenant (None: none):
+        when the pool must evict, it takes from tenants over their quota first
+        (least recently used among them), then the global LRU (`kvpager.tenants`)."""
+        self.manager.pool.set_quota(salt, blocks)
 
     # -- ownership (the daemon's sessions) ----------------------------------------------
     def owned(self, owner: Any) -> list[int]:
@@ -319,7 +365,18 @@ class KVPool:
             token_slots_allocated=used * bs,
             block_size=bs,
             bytes_per_block=spec.bytes_per_block,
+            pinned_blocks=m.pins.num_pinned,
+            max_pinned_blocks=m.pins.limit,
+            tenants=self._tenants(),
         )
+
+    def _tenants(self) -> tuple[TenantUsage, ...]:
+        pool = self.manager.pool
+        evictable = np.zeros(pool.num_blocks, dtype=bool)
+        if pool.evictable:
+            evictable[np.fromiter(pool.evictable, dtype=np.int64, count=len(pool.evictable))] = True
+        rows = pool.tenants.rows(pool.cache.cached, evictable, self.manager.pins.refs > 0)
+        return tuple(TenantUsage(*r) for r in rows)
 
     def check_integrity(self) -> None:
         """Raise IntegrityError (with the counts) if any allocator invariant is broken."""

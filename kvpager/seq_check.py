@@ -120,9 +120,11 @@ def check_integrity(m: SequenceManager) -> None:
                                          for o, mine in m.owners.owned.items() for s in mine):
         problems.append(f"owner index ({sum(indexed.values())} sequences of {len(indexed)} owners) "
                         f"disagrees with the rows ({len(rows)} of {len(owners)})")
+    problems += m.pins.problems(pool)
     if problems:
         raise IntegrityError("sequence state integrity violated: " + "; ".join(problems[:20]))
-    expected = bt.references(pool.num_blocks)
+    # A block's references: its block-table entries and its pins.
+    expected = bt.references(pool.num_blocks) + m.pins.references(pool.num_blocks)
     expected[NULL_BLOCK] = 0
     pool.check(expected)
     m.host.check()

@@ -125,7 +125,7 @@ def allocate(
         cols[:, 6] = np.where(ntok_a > 0, flat[np.maximum(ends - 1, 0)] if len(flat) else 0, 0)
         bt.cols[rows] = cols
     m.rows.update(zip(ids, rows))
-    m.history.update(zip(ids, (History(p[0], p[1], p[2]) for p in plans)))
+    m.history.update(zip(ids, (History(p[0], p[1], p[2], salt=salt) for p, salt in zip(plans, salts))))
     m.prefix_query_tokens += sum(ntok)
     m.prefix_hit_tokens += sum(cached)
     return ids, flat, lengths, cached, ntok
@@ -164,9 +164,11 @@ def commit(m: SequenceManager, seq_ids: list[int], upto: Seq[int | None]) -> lis
     todo = np.flatnonzero(full > bt.published[rows])
     for k in todo.tolist():
         row, f = int(rows[k]), int(full[k])
-        keys = m.history[seq_ids[k]].key_blocks(f, bs)
+        h = m.history[seq_ids[k]]
+        keys = h.key_blocks(f, bs)
         start = max(int(bt.published[row]), int(bt.released[row]))  # released entries hold nothing
         blocks = bt.table[row, start:f].tolist()
-        published[k] = sum(map(m.pool.publish, blocks, keys[start:f]))
+        tenant = itertools.repeat(m.pool.tenants.code(h.root, h.salt), len(blocks))
+        published[k] = sum(map(m.pool.publish, blocks, keys[start:f], tenant))
         bt.published[row] = f
     return published

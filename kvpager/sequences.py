@@ -32,6 +32,7 @@ from kvpager.block_table import BlockTable
 from kvpager.errors import InvalidArgument, NotOwner, SequenceSwapped, UnknownSequence
 from kvpager.history import History
 from kvpager.owners import OwnerIndex
+from kvpager.pins import PinTable
 from kvpager.types import SequenceInfo
 from kvpager.validate import is_int
 
@@ -54,13 +55,15 @@ def _consume(it: Iterator[Any]) -> None:
 class SequenceManager:
     """Allocator state: block pool (with the prefix cache) + host blocks + sequences."""
 
-    def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0):
+    def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0,
+                 max_pinned_blocks: int | None = None):
         if block_size < 1 or block_size & (block_size - 1):
             raise InvalidArgument(f"block_size must be a power of two, got {block_size}")
         self.block_size = block_size
         self.shift = block_size.bit_length() - 1  # pos >> shift == pos // block_size
         self.pool = BlockPool(num_blocks)
         self.host = seq_swap.HostPool(num_host_blocks)
+        self.pins = PinTable(num_blocks, (num_blocks - 1) // 2 if max_pinned_blocks is None else max_pinned_blocks)
         self.table = BlockTable(columns=COLUMNS)
         self.rows: dict[int, int] = {}  # seq_id -> row, in id order (ids only grow)
         self.history: dict[int, History] = {}

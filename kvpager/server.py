@@ -89,6 +89,7 @@ class Server(ServerOps):
         owns_pool: bool = False,
         limits: Limits | None = None,
         token: str | None = None,
+        control_token: str | None = None,
     ):
         self.pool = pool
         self.endpoint = check_endpoint(endpoint or default_endpoint(), bind=True)
@@ -103,6 +104,8 @@ class Server(ServerOps):
         self.limits = limits or Limits.from_env()
         #: hello must carry this secret when set (see "Trust" in docs/protocol.md)
         self.token = token or None
+        #: hello with this secret opens a control session (quotas, kept pins; server_control.py)
+        self.control_token = control_token or None
         self.sessions = SessionTable(hb, self.epoch, self.gpu, self.limits)
         self.max_message_bytes = max_message_bytes or env.max_message_bytes()
         self.owns_pool = owns_pool
@@ -118,18 +121,19 @@ class Server(ServerOps):
         self._idle = time.monotonic()
 
     @classmethod
-    def create(cls, spec: PoolSpec, endpoint: str | None = None, device: str = "cpu", **kwargs: Any) -> Server:
+    def create(cls, spec: PoolSpec, endpoint: str | None = None, device: str = "cpu", *,
+               max_pinned_blocks: int | None = None, **kwargs: Any) -> Server:
         """A server with its own pool; on the CPU the pool lives in shared memory
-        that clients map."""
+        that clients map. ``max_pinned_blocks``: as `KVPool`'s."""
         check_endpoint(endpoint or default_endpoint(), bind=True)  # before any memory is taken
         epoch = secrets.token_hex(8)
         memory = None
         if device == "cpu":
             sweep_stale()
             memory = PoolMemory.create(spec, epoch)
-            pool = KVPool(spec, backend=memory.backend())
+            pool = KVPool(spec, backend=memory.backend(), max_pinned_blocks=max_pinned_blocks)
         else:
-            pool = KVPool(spec, backend=make_backend(spec, device))
+            pool = KVPool(spec, backend=make_backend(spec, device), max_pinned_blocks=max_pinned_blocks)
         return cls(pool, endpoint, memory=memory, epoch=epoch, owns_pool=True, **kwargs)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -269,6 +273,7 @@ class Server(ServerOps):
             rid, op = req.id, req.op
             if OPS[op].session or (req.session is not None and op != "hello"):
                 session = self.sessions.get(req.session)
+                session.ops += 1
             elif self.token is not None and op != "hello":
                 raise Unauthorized(f"{op}: this daemon has a token: open a session (hello with the token) first")
             if op in RETRIED_OPS:
@@ -342,7 +347,8 @@ class Server(ServerOps):
         ids = self.pool.owned(session.name)
         if ids:
             self.pool.free(ids)
+        pins = self.pool.release_pins(session.name)
         self.sessions.close(session)
-        log.info("session %s (%s, pid %s) ended: %s; freed %d sequences",
-                 session.name, session.client, session.pid, why, len(ids))
+        log.info("session %s (%s, pid %s) ended: %s; freed %d sequences, released %d pins",
+                 session.name, session.client, session.pid, why, len(ids), pins)
         return len(ids)

@@ -15,8 +15,8 @@ if not torch.cuda.is_available():
 
 from test_hf_models import WINDOW, make_model, prompt  # noqa: E402
 
-from clients.kvpager_hf import PagedGeneration, layer_windows, spec_for_model  # noqa: E402
 from kvpager import KVPool  # noqa: E402
+from kvpager.hf import PagedGeneration, layer_windows, spec_for_model  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
