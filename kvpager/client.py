@@ -368,6 +368,14 @@ class Client(KVAccess, ControlMethods):
         self._mutate("truncate", {"seq_ids": seq_ids, "lengths": lengths}, ids)
         self._mirror.truncated(ids, lengths)
 
+    def release_before(self, seq_ids: Any, positions: Any) -> list[int]:
+        """As `KVPool.release_before`; this worker's mirror follows (null entries)."""
+        ids = id_list(seq_ids)
+        counts = self._mutate("release", {"seq_ids": seq_ids, "positions": positions}, ids)
+        if ids is not None:
+            self._mirror.released(ids, counts)
+        return counts
+
     def swap_out(self, seq_ids: Any) -> None:
         ids = id_list(seq_ids)
         self._mutate("swap_out", {"seq_ids": seq_ids}, ids)
@@ -419,7 +427,11 @@ class Client(KVAccess, ControlMethods):
         then ``plan.write(layer, k, v)`` and ``plan.attend(layer, q)`` per layer run
         here too. A snapshot: make a new one after the sequences change."""
         tables, seq_lens = self.tables(seq_ids)
-        return make_plan(self._pool(), tables, seq_lens, query_lens, slots, **options)
+        plan = make_plan(self._pool(), tables, seq_lens, query_lens, slots, **options)
+        ids = id_list(seq_ids)
+        if ids is not None and not self._lost:
+            plan.floor = self._mirror.floors(ids)
+        return plan
 
     def tables(self, seq_ids: Any) -> tuple[np.ndarray, np.ndarray]:
         """Padded int32 block tables [B, max_blocks] and lengths [B], as `KVPool.block_tables`:

@@ -90,6 +90,7 @@ OPS: dict[str, Op] = {
         Op("truncate", ("seq_ids", "lengths")),
         Op("swap_out", ("seq_ids",)),
         Op("swap_in", ("seq_ids",)),
+        Op("release", ("seq_ids", "positions")),
         Op("staging", ("nbytes",)),
         Op("write", ("layer", "slots", "k", "v")),
         Op("attend", ("layer", "seq_ids", "q", "out"), ("query_lens", "scale", "window", "softcap")),
@@ -111,7 +112,7 @@ OPS: dict[str, Op] = {
 #: one (same id, same bytes) after a timeout gets the first execution's reply
 #: instead of running again (see "Retries" in docs/protocol.md).
 RETRIED_OPS = frozenset({"allocate", "append", "commit", "fork", "free", "truncate", "swap_out", "swap_in",
-                         "pin", "unpin"})
+                         "pin", "unpin", "release"})
 #: Most sequences one `sequences` request lists (a page; see docs/protocol.md).
 SEQUENCES_PAGE = 4096
 #: How many such replies the daemon keeps per session (a client has one request in flight).

@@ -317,7 +317,7 @@ class Server(ServerOps):
     def _bound(self, op: str, a: dict[str, Any]) -> None:
         """The per-request limits: ids and tokens in one request (len() only)."""
         lim = self.limits
-        for name in ("seq_ids", "prompts", "lengths", "upto", "token_ids", "query_lens", "salt"):
+        for name in ("seq_ids", "prompts", "lengths", "upto", "token_ids", "query_lens", "salt", "positions"):
             v = a.get(name)
             if isinstance(v, (list, np.ndarray)) and len(v) > lim.ids:
                 lim.check("ids", len(v), f"{op}: {name}")

@@ -183,6 +183,9 @@ class ServerOps(ControlOps):
     def _op_truncate(self, s: Session, a: dict[str, Any]) -> None:
         self.pool.truncate(self._owned(s, a["seq_ids"]), a["lengths"])
 
+    def _op_release(self, s: Session, a: dict[str, Any]) -> list[int]:
+        return self.pool.release_before(_ids(a["seq_ids"]), a["positions"], owner=s.name)
+
     def _op_swap_out(self, s: Session, a: dict[str, Any]) -> None:
         self.pool.swap_out(self._owned(s, a["seq_ids"]))
 

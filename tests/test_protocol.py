@@ -45,6 +45,7 @@ SAMPLE_ARGS = {
     "truncate": {"seq_ids": [1], "lengths": [5]},
     "swap_out": {"seq_ids": [1, 2]},
     "swap_in": {"seq_ids": [1, 2]},
+    "release": {"seq_ids": [1, 2], "positions": [16, 0]},
     "staging": {"nbytes": 4096},
     "write": {"layer": 0, "slots": np.array([16, 17, -1]), "k": [0, [3, 2, 16]], "v": [448, [3, 2, 16]]},
     "attend": {"layer": 1, "seq_ids": [1], "q": [0, [1, 4, 16]], "out": 256, "query_lens": [1], "scale": 0.25},

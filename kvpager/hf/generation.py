@@ -231,6 +231,10 @@ class PagedGeneration:
     salt: str | bytes | None = None
     eos_token_id: int | Sequence[int] | None = None
     cuda_graphs: bool = False
+    #: in a model whose every layer has a sliding window, give back each step the
+    #: blocks no window will read again (`KVPool.release_before`): KV memory per
+    #: sequence stays about one window, however long it generates
+    release_windowed: bool = True
     seq_ids: list[int] = field(init=False, default_factory=list)
     num_cached_tokens: list[int] = field(init=False, default_factory=list)
     outputs: list[list[int]] = field(init=False, default_factory=list)
@@ -338,6 +342,14 @@ class PagedGeneration:
                 self.finished[i] = True
                 done.append(self.seq_ids[i])
         self._free(done)  # a finished sequence's blocks go back at once
+        windows = self._windows
+        if self.release_windowed and windows and None not in windows and hasattr(self.pool, "release_before"):
+            # the next query of sequence i sits at position(i) and sees positions after position(i) - w
+            live = [i for i in rows if not self.finished[i]]
+            if live:
+                reach = max(windows)
+                self.pool.release_before([self.seq_ids[i] for i in live],
+                                         [max(0, self.position(i) - reach + 1) for i in live])
 
     def _free(self, seq_ids: list[int]) -> None:
         seq_ids = [s for s in seq_ids if s in self._held]
