@@ -16,6 +16,9 @@ un-publishing and eviction keep the states consistent in one place. Batch
 operations take block ids as arrays and are vectorised (NumPy), and batch
 allocation is all-or-nothing.
 
+Every cached block belongs to a tenant (its salt; `Tenants`): with quotas
+set, eviction takes from tenants over their quota first.
+
 Counters and events: ``num_evicted`` counts cached blocks evicted to make
 room; with an `EventSink` attached (``events``), every key that leaves the
 cache is reported there (the sequence layer reports the keys it publishes,
@@ -32,6 +35,7 @@ import numpy as np
 from kvpager.errors import IntegrityError, InvalidArgument, OutOfBlocks
 from kvpager.events import EventSink
 from kvpager.prefix_cache import PrefixCache
+from kvpager.tenants import DEFAULT, Tenants
 from kvpager.types import BlockMap
 
 NULL_BLOCK = 0
@@ -59,6 +63,7 @@ class BlockPool:
         self._num_free = num_blocks - 1
         self.evictable: OrderedDict[int, None] = OrderedDict()
         self.cache = PrefixCache(num_blocks)
+        self.tenants = Tenants(num_blocks)
         self._mark = np.zeros(num_blocks, dtype=np.int64)  # scratch for free_blocks
         self.num_evicted = 0  # cached blocks evicted to make room, ever
         #: where keys leaving the cache are reported (None: nowhere, at no cost)
@@ -120,10 +125,13 @@ class BlockPool:
     def lookup(self, key: bytes) -> int | None:
         return self.cache.get(key)
 
-    def publish(self, block_id: int, key: bytes) -> bool:
-        """Make a block in use matchable under ``key`` (False: the key or the block
-        is already published)."""
-        return self.cache.publish(block_id, key)
+    def publish(self, block_id: int, key: bytes, tenant: int = DEFAULT) -> bool:
+        """Make a block in use matchable under ``key``, a block of ``tenant`` (a
+        `Tenants` code). False: the key or the block is already published."""
+        if not self.cache.publish(block_id, key):
+            return False
+        self.tenants.published(block_id, tenant)
+        return True
 
     def unpublish(self, block_id: int) -> None:
         """Forget a block about to be written again (its K/V will change); an
@@ -133,9 +141,15 @@ class BlockPool:
             return
         if self.events is not None:
             self.events.removed([key])
+        self.tenants.removed(np.array([block_id], dtype=np.int64))
         if block_id in self.evictable:
             del self.evictable[block_id]
+            self.tenants.left_lru([block_id])
             self._push(np.array([block_id], dtype=np.int64))
+
+    def set_quota(self, salt: str | bytes | None, blocks: int | None) -> None:
+        """A soft bound on the cached blocks of ``salt``'s tenant (see `Tenants`)."""
+        self.tenants.set_quota(salt, blocks, self.evictable)
 
     # -- mutation --------------------------------------------------------------
     def _push(self, ids: np.ndarray) -> None:
@@ -157,12 +171,19 @@ class BlockPool:
             available = top + len(self.evictable)
             if n > available:
                 raise OutOfBlocks(n, available)
-            evictable, remove = self.evictable, self.cache.remove
-            victims = [evictable.popitem(last=False)[0] for _ in range(n - top)]
+            evictable, remove, tenants = self.evictable, self.cache.remove, self.tenants
+            # Tenants over their quota first (their least recently used), then the LRU.
+            victims = tenants.victims(n - top) if tenants.quotas else []
+            for b in victims:
+                del evictable[b]
+            first = len(victims)
+            victims += [evictable.popitem(last=False)[0] for _ in range(n - top - first)]
             keys = [remove(b) for b in victims]
             self.num_evicted += len(victims)
             if self.events is not None:
                 self.events.removed(keys)
+            tenants.left_lru(victims[first:])
+            tenants.removed(np.array(victims, dtype=np.int64))
             free = self._free[:top][::-1] if top_first else self._free[:top]
             ids = np.concatenate([free, np.array(victims, dtype=np.int64)])
             self._num_free = 0
@@ -184,6 +205,7 @@ class BlockPool:
                     raise IntegrityError(f"bug: touched block {b} that is neither in use nor evictable")
             for b in idle_set:
                 del evictable[b]
+            self.tenants.left_lru(idle_set)
         np.add.at(self.ref_cnt, ids, _ONE)
 
     def share(self, ids: np.ndarray, times: int = 1) -> None:
@@ -221,7 +243,9 @@ class BlockPool:
         if len(self.cache):
             cached = self.cache.cached[done]
             if cached.any():
-                self.evictable.update(dict.fromkeys(done[cached].tolist()))
+                idle = done[cached]
+                self.evictable.update(dict.fromkeys(idle.tolist()))
+                self.tenants.became_evictable(idle)
                 done = done[~cached]
         self._push(done)
 
@@ -262,6 +286,7 @@ class BlockPool:
         if self._num_free + len(self.evictable) + in_use != self.num_usable and not problems:
             problems.append("block states do not add up")
         problems += self.cache.problems()
+        problems += self.tenants.problems(self.cache.cached, self.evictable)
         cached = self.cache.cached
         for b in np.flatnonzero(cached & ~used & ~is_evictable)[:5].tolist():
             problems.append(f"cache maps to block {b}, which is free")

@@ -41,7 +41,7 @@ class TableMirror:
 
     def __init__(self, block_size: int):
         self.block_size = block_size
-        self.table = BlockTable()
+        self.table = BlockTable(columns=("released",))  # leading blocks released (null entries)
         self.rows: dict[int, int] = {}  # seq_id -> row of `table`
         self.swapped: set[int] = set()
 
@@ -162,6 +162,24 @@ class TableMirror:
         bt.num_blocks[rows] = np.minimum(old, keep)
         bt.num_tokens[rows] = lengths
 
+    def released(self, ids: list[int], counts: list[int]) -> None:
+        """`release`'s reply: each sequence's next ``counts[i]`` leading blocks became null entries."""
+        rows, at = self._known(ids)
+        bt = self.table
+        for row, n in zip(rows.tolist(), np.asarray(counts, np.int64)[at].tolist()):
+            if n:
+                old = int(bt.released[row])
+                bt.table[row, old : old + n] = 0
+                bt.released[row] = old + n
+
+    def floors(self, ids: list[int]) -> np.ndarray | None:
+        """Each mirrored sequence's first position still held, or None when none released any."""
+        rows = list(map(self.rows.get, ids))
+        if None in rows:
+            return None
+        floor = self.table.released[rows] * self.block_size
+        return floor if floor.any() else None
+
     def swapped_out(self, ids: list[int]) -> None:
         """Swapped rows keep their stale tables but are never read until swapped in."""
         self.swapped.update(i for i in ids if i in self.rows)
@@ -185,6 +203,6 @@ class TableMirror:
 
     def clear(self) -> None:
         """Forget everything (the session is lost or closed)."""
-        self.table = BlockTable()
+        self.table = BlockTable(columns=("released",))  # leading blocks released (null entries)
         self.rows.clear()
         self.swapped.clear()

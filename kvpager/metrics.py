@@ -147,8 +147,7 @@ class Collector:
                         st.evictable_blocks)
             yield gauge("blocks_used", "Device blocks referenced by at least one sequence.", st.used_blocks)
             yield gauge("blocks_shared", "Device blocks referenced more than once.", st.shared_blocks)
-            yield gauge("blocks_pinned", "Device blocks pinned in the prefix cache.",
-                        getattr(st, "pinned_blocks", 0))  # 0 until pools have pins
+            yield gauge("blocks_pinned", "Device blocks held by pins (never evicted).", st.pinned_blocks)
             yield gauge("blocks_cached", "Device blocks published in the prefix cache.", st.cached_blocks)
             yield gauge("host_blocks_total", "Host (swap) blocks.", st.host_total_blocks)
             yield gauge("host_blocks_free", "Free host (swap) blocks.", st.host_free_blocks)

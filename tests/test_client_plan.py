@@ -428,6 +428,15 @@ class MirrorMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.c._mirror.rows)
     @rule(data=st.data())
+    def release(self, data):
+        m = self.c._mirror
+        ids = self._ids(data)
+        lens = [m.table.num_tokens[m.rows[i]] if i in m.rows else 0 for i in ids]
+        if ids:  # a position one past the end now and then: InvalidArgument
+            self._try(self.c.release_before, ids, [data.draw(st.integers(0, int(n) + (n % 5 == 0))) for n in lens])
+
+    @precondition(lambda self: self.c._mirror.rows)
+    @rule(data=st.data())
     def swap_out(self, data):
         self._try(self.c.swap_out, self._ids(data))
 
@@ -447,7 +456,8 @@ class MirrorMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def attend(self, data):
         m = self.c._mirror
-        ids = [i for i in self._ids(data) if i in m.rows and i not in m.swapped and m.table.num_tokens[m.rows[i]]]
+        ids = [i for i in self._ids(data) if i in m.rows and i not in m.swapped and m.table.num_tokens[m.rows[i]]
+               and not m.table.released[m.rows[i]]]  # full attention: none released
         if ids:
             lens = m.gather(ids)[1]
             attend_both(self.c, ids, [data.draw(st.integers(1, int(n))) for n in lens], self.rng)
@@ -469,3 +479,25 @@ def test_random_ops_keep_the_mirror_exact(server):
             obs.check_integrity()
             assert obs.stats().num_sequences == 0, "an example leaked its session's sequences"
 
+
+
+def test_released_blocks_through_a_worker(server, client):
+    """A worker releases blocks its windows passed: the daemon frees them, the
+    worker's mirror and plans follow, and a plan that would read them is refused."""
+    rng = np.random.default_rng(3)
+    [a] = client.allocate([list(range(5 * BS + 3))])
+    write_random(client, a.slots, rng)
+    free = client.stats().free_blocks
+    assert client.release_before([a.seq_id], [4 * BS]) == [4]
+    assert client.stats().free_blocks == free + 4
+    assert_mirrors_daemon(client)
+    plan = client.plan([a.seq_id])
+    q = rng.standard_normal((1, 4, client.spec.head_dim)).astype(client.spec.np_dtype)
+    window = BS + 3  # the query at 5 * BS + 2 sees from 4 * BS on
+    got = plan.attend(0, q, window=window)
+    np.testing.assert_allclose(got, server.pool.attend(0, [a.seq_id], q, window=window), rtol=1e-6)
+    with pytest.raises(InvalidArgument, match="released"):
+        plan.attend(0, q)
+    with pytest.raises(InvalidArgument, match="released"):
+        client.remote_attend(0, [a.seq_id], q)
+    client.free([a.seq_id])

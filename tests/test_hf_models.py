@@ -1,16 +1,19 @@
-"""Model coverage of clients/kvpager_hf: for each family, float32 on the CPU
+"""Model coverage of kvpager.hf: for each family, float32 on the CPU
 backend, tokens identical to transformers' greedy ``generate`` with prompts
 longer than the sliding windows, in-batch prefix sharing and cache reuse;
 what cannot be reproduced is refused by name."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from clients.kvpager_hf import (  # noqa: E402
+from kvpager import KVPool  # noqa: E402
+from kvpager.hf import (  # noqa: E402
     PagedBatch,
     PagedGeneration,
     default_salt,
@@ -19,7 +22,6 @@ from clients.kvpager_hf import (  # noqa: E402
     layer_windows,
     spec_for_model,
 )
-from kvpager import KVPool  # noqa: E402
 
 VOCAB = 128
 WINDOW = 6  # shorter than a block of 8 or 16 and than every prompt below
@@ -145,6 +147,42 @@ def test_windows_and_softcap_through_a_daemon_client():
     with running_server(spec_for_model(model, num_blocks=64, block_size=8)) as server, \
             Client(server.endpoint) as pool:
         assert generate(model, pool, prompts, 10) == [reference(model, p, 10) for p in prompts]
+
+
+@pytest.mark.parametrize("through_daemon", [False, True])
+def test_windowed_model_holds_about_one_window_of_blocks(through_daemon):
+    """Every layer windowed (Mistral-style): each step gives back the blocks no
+    window reads again, so a sequence holds about a window of blocks however
+    long it generates, with the tokens unchanged; a model with full-attention
+    layers (Gemma-2's alternating layout) keeps them all."""
+    tokens = [prompt(30, seed=12), prompt(9, seed=13)]
+    new = 40
+    for family, releases in (("mistral", True), ("gemma2", False)):
+        model = make_model(family)
+        spec = spec_for_model(model, num_blocks=96, block_size=8)
+        with contextlib.ExitStack() as stack:
+            if through_daemon:
+                pytest.importorskip("zmq")
+                from daemon_helpers import running_server
+
+                from kvpager.client import Client
+
+                server = stack.enter_context(running_server(spec))
+                pool = stack.enter_context(Client(server.endpoint))
+            else:
+                pool = KVPool(spec)
+            held = []
+            with PagedGeneration(model, pool, tokens, max_new_tokens=new) as gen:
+                while not gen.done:
+                    gen.step()
+                    held.append(pool.stats().used_blocks)
+                outs = gen.outputs
+            assert outs == [reference(model, p, new) for p in tokens]
+            if releases:  # window 6 in blocks of 8: at most 2 blocks each, and 1 more while a step appends
+                assert max(held[2:]) <= 2 * 3
+            else:  # every block kept: 79 tokens hold 10 blocks
+                assert max(held) >= 10
+            pool.check_integrity()
 
 
 # -- refusals -----------------------------------------------------------------------------

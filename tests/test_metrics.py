@@ -103,6 +103,11 @@ def test_each_metric_moves_after_the_ops_that_move_it(daemon):
         assert v(s1, "kvpager_kv_cache_usage_perc") == pytest.approx(4 / (SMALL.num_blocks - 1))
         assert v(s1, "kvpager_prefix_cache_queries_total") == len(prompt)
         assert v(s1, "kvpager_prefix_cache_hits_total") == 0
+        assert v(s1, "kvpager_blocks_pinned") == 0
+        assert c.pin([prompt]) == [3 * BS]  # the 3 cached blocks
+        assert v(scrape(port), "kvpager_blocks_pinned") == 3
+        c.unpin([prompt])
+        assert v(scrape(port), "kvpager_blocks_pinned") == 0
         for op in ("hello", "allocate", "commit"):
             assert v(s1, "kvpager_requests_total", op=op, result="ok") == 1
             assert v(s1, "kvpager_request_duration_seconds_count", op=op) == 1

@@ -22,6 +22,7 @@ except ImportError as e:  # make_backend turns this into BackendUnavailable
 
 from kvpager import kernels
 from kvpager.backends.base import Backend
+from kvpager.backends.cupy_uploads import Uploads
 from kvpager.errors import BackendUnavailable, InvalidArgument
 from kvpager.spec import PoolSpec
 
@@ -65,6 +66,7 @@ class CupyBackend(Backend):
         if not 0 <= device_index < count:
             raise BackendUnavailable(f"cuda:{device_index} requested but {count} CUDA device(s) found")
         self.index = int(device_index)
+        self.uploads = Uploads()  # pinned buffers of step-plan uploads
         self._dev_ptr = self._host_ptr = 0
         shape = (spec.num_blocks, *spec.block_shape)
         host_shape = (spec.num_host_blocks, *spec.block_shape)
@@ -99,6 +101,7 @@ class CupyBackend(Backend):
         self = cls.__new__(cls)
         Backend.__init__(self, spec)
         self.index = int(device_index)
+        self.uploads = Uploads()
         self._dev_ptr, self._host_ptr, self._host_dev_ptr = int(ptr), 0, 0
         self._finalizer = weakref.finalize(self, int)  # nothing to release
         self.host_kv = np.zeros((0, *spec.block_shape), dtype=spec.np_dtype)
