@@ -90,7 +90,7 @@ class Subscription:
             if len(frames) != 3 or len(frames[1]) != 8:
                 continue  # not an event message
             seq = int.from_bytes(frames[1], "big")
-            if seq == 0 and self.last >= 0:
+            if seq == 0 and self.last > 0:
                 self.last = -1  # a restarted publisher (its batch 0 says AllBlocksCleared)
             if seq <= self.last:
                 continue  # seen already, from the replay socket
