@@ -28,9 +28,9 @@ compares, in one run, the daemon without and with metrics and KV events
 (`serve --metrics-port`, `--events-endpoint`): decode steps (append x1 and
 x256) as raw round trips and as `Server.handle`'s share, sent to both
 daemons alternately, request by request, so both see the same machine.
-Meanwhile another worker commits a prompt on each daemon every 20 ms, and
-the observed one has a scraper reading /metrics every second and a
-subscriber reading its events. Figures: the median over rounds of each
+Meanwhile (from other processes) another worker commits a prompt on each
+daemon every 20 ms, and the observed one has a scraper reading /metrics
+every second and a subscriber reading its events. Figures: the median over rounds of each
 round's p50, and the median of the rounds' differences (on - off).
 """
 
@@ -361,58 +361,56 @@ def raw_ab(endpoints: dict[str, str], iters: int, batch: int) -> dict[str, dict[
             sock.close()
 
 
-class _Background:
-    """What else happens during the comparison: another worker committing a
-    4-block prompt every 20 ms (events to publish, in both runs), and on the
-    observed daemon a Prometheus-like scraper (/metrics every second) and a
-    KV event subscriber."""
+def _background(endpoint: str, metrics_port: int | None, events: str | None, stop, out) -> None:
+    """What else happens during the comparison, in a process of its own (its
+    threads must not share the timing process's interpreter): another worker
+    committing a 4-block prompt every 20 ms on the daemon (events to publish,
+    in both runs) and, on the observed daemon, a Prometheus-like scraper
+    (/metrics every second) and a KV event subscriber. Puts its counts on
+    ``out`` once ``stop`` is set."""
+    import threading
+    import urllib.request
 
-    def __init__(self, endpoint: str, metrics_port: int | None = None, events: str | None = None):
-        import threading
-        import urllib.request
+    import zmq
 
-        import zmq
+    from kvpager.client import Client
 
-        from kvpager.client import Client
+    counts = {"commits": 0, "scrapes": 0, "batches": 0}
 
-        self.stop = threading.Event()
-        self.scrapes = self.batches = self.commits = 0
+    def commit():
+        with Client(endpoint, heartbeat=False) as c:
+            while not stop.wait(0.02):
+                n = counts["commits"]
+                [a] = c.allocate([list(range(n * 64, n * 64 + 64))])
+                c.commit([a.seq_id])
+                c.free([a.seq_id])
+                counts["commits"] += 1
 
-        def commit():
-            with Client(endpoint, heartbeat=False) as c:
-                while not self.stop.wait(0.02):
-                    [a] = c.allocate([list(range(self.commits * 64, self.commits * 64 + 64))])
-                    c.commit([a.seq_id])
-                    c.free([a.seq_id])
-                    self.commits += 1
+    def scrape():
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as r:
+                assert b"kvpager_requests_total" in r.read()
+            counts["scrapes"] += 1
+            if stop.wait(1.0):
+                return
 
-        def scrape():
-            while True:
-                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as r:
-                    assert b"kvpager_requests_total" in r.read()
-                self.scrapes += 1
-                if self.stop.wait(1.0):
-                    return
+    def subscribe():
+        sub = zmq.Context.instance().socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(events)
+        while not stop.is_set():
+            if sub.poll(100):
+                sub.recv_multipart()
+                counts["batches"] += 1
+        sub.close(0)
 
-        def subscribe():
-            sub = zmq.Context.instance().socket(zmq.SUB)
-            sub.setsockopt(zmq.SUBSCRIBE, b"")
-            sub.connect(events)
-            while not self.stop.is_set():
-                if sub.poll(100):
-                    sub.recv_multipart()
-                    self.batches += 1
-            sub.close(0)
-
-        jobs = (commit, scrape, subscribe) if metrics_port is not None else (commit,)
-        self.threads = [threading.Thread(target=f, daemon=True) for f in jobs]
-        for t in self.threads:
-            t.start()
-
-    def close(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
+    jobs = (commit, scrape, subscribe) if metrics_port is not None else (commit,)
+    threads = [threading.Thread(target=f, daemon=True) for f in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out.put(counts)
 
 
 def observability(iters: int, batch: int, rounds: int) -> dict:
@@ -427,15 +425,23 @@ def observability(iters: int, batch: int, rounds: int) -> dict:
         os.makedirs(observe)
         off_proc, off_ep = _start(_daemon, f"ipc://{tmp}/off{r}.sock")
         on_proc, (on_ep, port, events) = _start(_daemon, f"ipc://{tmp}/on{r}.sock", observe)
-        background = [_Background(off_ep), _Background(on_ep, port, events)]
+        ctx = mp.get_context("spawn")
+        stop, counts = ctx.Event(), ctx.Queue()
+        background = [ctx.Process(target=_background, args=(ep, p, e, stop, counts), daemon=True)
+                      for ep, p, e in ((off_ep, None, None), (on_ep, port, events))]
+        for b in background:
+            b.start()
+        time.sleep(1.0)  # spawned: let them start
         try:
             for mode, d in raw_ab({"off": off_ep, "on": on_ep}, iters, batch).items():
                 out[mode].update(d)
         finally:
+            stop.set()
+            for _ in background:
+                for k, n in counts.get(timeout=60).items():
+                    watched[k] += n
             for b in background:
-                b.close()
-                for k in watched:
-                    watched[k] += getattr(b, k)
+                b.join(10)
             for proc in (off_proc, on_proc):
                 proc.terminate()
                 proc.join(10)
