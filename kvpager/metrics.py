@@ -84,30 +84,37 @@ class Snapshot:
 
 
 class Snapshots:
-    """Hands a scrape (any thread) a snapshot the loop thread takes."""
+    """Hands a scrape (any thread) a snapshot the loop thread takes: at most
+    one per ``MIN_INTERVAL`` seconds, so scrapes in a tight loop cannot take
+    the loop's time (a snapshot reads every block's reference count)."""
+
+    MIN_INTERVAL = 0.1
 
     def __init__(self, take: Callable[[], Snapshot]):
         self._take = take
         self._cond = threading.Condition()
         self.wanted = False  # read by the loop on every turn: a plain attribute
+        self.next_at = 0.0  # time.monotonic() before which the loop takes none
         self.latest: Snapshot | None = None
-        self._serial = 0
+        self.taken = 0  # snapshots taken, ever
 
     def request(self, wait: float) -> Snapshot | None:
-        """A fresh snapshot, or after ``wait`` seconds the last one (None if none yet)."""
+        """A snapshot taken after this call, or after ``wait`` seconds the last
+        one (None if none yet)."""
         with self._cond:
-            serial = self._serial
+            taken = self.taken
             self.wanted = True
-            self._cond.wait_for(lambda: self._serial != serial, wait)
+            self._cond.wait_for(lambda: self.taken != taken, wait)
             return self.latest
 
-    def serve(self) -> None:
-        """Take one (the loop thread, when ``wanted``)."""
+    def serve(self, now: float) -> None:
+        """Take one (the loop thread, when ``wanted`` and ``now >= next_at``)."""
         snap = self._take()
         with self._cond:
             self.latest = snap
-            self._serial += 1
+            self.taken += 1
             self.wanted = False
+            self.next_at = now + self.MIN_INTERVAL
             self._cond.notify_all()
 
 

@@ -289,9 +289,9 @@ class Server(ServerOps):
                     log.debug("reply dropped: %s", e)
                 if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     self._idle = time.monotonic()  # nothing else queued: read up to now
-            if snapshots is not None and snapshots.wanted:  # a scrape waits for the pool's figures
-                snapshots.serve()
             now = time.monotonic()
+            if snapshots is not None and snapshots.wanted and now >= snapshots.next_at:
+                snapshots.serve(now)  # a scrape waits for the pool's figures
             if now >= next_expiry:
                 next_expiry = now + self._expiry_interval()
                 self.expire()
