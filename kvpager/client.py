@@ -57,13 +57,14 @@ from kvpager.protocol import (
     decode_allocations,
     decode_blocks,
     decode_info,
+    decode_remote_stats,
     decode_slots,
     decode_stats,
     decode_tables,
     pack,
 )
 from kvpager.spec import PoolSpec
-from kvpager.types import Allocation, BlockMap, PoolStats, SequenceInfo
+from kvpager.types import Allocation, BlockMap, PoolStats, RemoteStats, SequenceInfo
 
 log = logging.getLogger("kvpager.client")
 
@@ -134,6 +135,8 @@ class Client(KVAccess):
         self.heartbeat_timeout: float = info["heartbeat_timeout"]
         self.max_message_bytes: int = info["max_message_bytes"]
         self.server_pid: int | None = info.get("server_pid")
+        #: the daemon's remote tier (kind, url, ttl), or None (also from a daemon that predates it)
+        self.remote: dict[str, Any] | None = info.get("remote")
         self.gpu = self.memory.get("kind") == "cuda_ipc"
         self._mirror = TableMirror(self.spec.block_size)  # this session's block tables
         self.map_pool = self._want_map and self.memory.get("kind") in ("shm", "cuda_ipc")
@@ -299,6 +302,8 @@ class Client(KVAccess):
             args["salt"] = salt
         if share_in_batch:
             args["share_in_batch"] = share_in_batch
+        if self.remote:  # only a daemon with a tier knows the argument
+            args["remote_tokens"] = True
         allocs = decode_allocations(self._call("allocate", args))
         self._mirror.allocated(allocs)
         return allocs
@@ -435,6 +440,11 @@ class Client(KVAccess):
 
     def stats(self) -> PoolStats:
         return decode_stats(self._call("stats", {}))
+
+    def remote_stats(self) -> RemoteStats | None:
+        """As `KVPool.remote_stats`: the daemon's remote tier counters, or None."""
+        d = self._call("stats", {}).get("remote")
+        return decode_remote_stats(d) if d is not None else None
 
     def check_integrity(self) -> None:
         """The daemon's `KVPool.check_integrity`, plus: every sequence has an open session."""

@@ -144,9 +144,12 @@ def cached_tokens(m: SequenceManager, prompts: Seq[Seq[int] | np.ndarray], salts
     return out
 
 
-def commit(m: SequenceManager, seq_ids: list[int], upto: Seq[int | None]) -> list[int]:
+def commit(m: SequenceManager, seq_ids: list[int], upto: Seq[int | None],
+           fresh: list[tuple[int, bytes, bytes]] | None = None) -> list[int]:
     """Declare K/V written for tokens ``[0, upto)`` (default: all) and publish
-    the full blocks whose token ids are known. Returns blocks published per sequence."""
+    the full blocks whose token ids are known. Returns blocks published per
+    sequence; appends (block, root key, block key) of each newly published
+    block to ``fresh`` if given (for the remote tier)."""
     bs, bt = m.block_size, m.table
     rows = m.batch(seq_ids, "commit")
     nt = bt.num_tokens[rows]
@@ -164,8 +167,13 @@ def commit(m: SequenceManager, seq_ids: list[int], upto: Seq[int | None]) -> lis
     todo = np.flatnonzero(full > bt.published[rows])
     for k in todo.tolist():
         row, f = int(rows[k]), int(full[k])
-        keys = m.history[seq_ids[k]].key_blocks(f, bs)
-        blocks = bt.table[row, int(bt.published[row]) : f].tolist()
-        published[k] = sum(map(m.pool.publish, blocks, keys[int(bt.published[row]) : f]))
+        history = m.history[seq_ids[k]]
+        first = int(bt.published[row])
+        keys = history.key_blocks(f, bs)[first:f]
+        blocks = bt.table[row, first:f].tolist()
+        done = list(map(m.pool.publish, blocks, keys))
+        published[k] = sum(done)
+        if fresh is not None:
+            fresh += [(b, history.root, key) for b, key, new in zip(blocks, keys, done) if new]
         bt.published[row] = f
     return published

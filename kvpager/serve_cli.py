@@ -75,6 +75,26 @@ def build_spec(opts: dict[str, Any]) -> PoolSpec:
     return spec
 
 
+def remote_tier(opts: dict[str, Any]) -> Any:
+    """The `RemoteTier` of ``--remote``; an unreachable store is a warning (the
+    daemon serves without it until it answers), a malformed URL an error."""
+    from kvpager.remote_tier import RemoteTier
+
+    try:
+        tier = RemoteTier(opts["remote"], timeout=opts["remote_timeout"], ttl=opts["remote_ttl"],
+                          queue_bytes=opts["remote_queue"])
+    except ImportError as e:  # a dependency of the tier is missing; the message says which
+        raise click.ClickException(str(e)) from None
+    why = tier.check()
+    log = logging.getLogger("kvpager.remote")
+    if why is None:
+        log.info("remote tier: %s (%s), ttl %ss", tier.store.url, tier.store.kind, tier.ttl)
+    else:
+        log.warning("remote store %s does not answer (%s): serving without it until it does",
+                    tier.store.url, why)
+    return tier
+
+
 @click.command()
 @click.option("--model", type=click.Choice(sorted(MODEL_PRESETS)), help="Geometry preset.")
 @click.option("--layers", type=click.IntRange(min=0), help="Number of layers.")
@@ -93,6 +113,15 @@ def build_spec(opts: dict[str, Any]) -> PoolSpec:
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
               help="A file holding the secret clients must send in hello (KVPAGER_TOKEN / KVPAGER_TOKEN_FILE); "
                    "required for a TCP endpoint beyond loopback.")
+@click.option("--remote", default=None, metavar="URL",
+              help="Share committed prefix blocks across hosts through a store: redis://HOST:PORT, "
+                   "rediss://, unix:///PATH, or a Redis Cluster: redis+cluster://HOST:PORT[,HOST:PORT].")
+@click.option("--remote-timeout", type=click.FloatRange(min=0, min_open=True, max=60), default=0.1,
+              show_default=True, help="Seconds an allocate waits for the store before it counts as a miss.")
+@click.option("--remote-ttl", type=click.IntRange(min=0), default=86400, show_default=True,
+              help="Seconds a block lives in the store (0: until the store evicts it).")
+@click.option("--remote-queue", type=Size(), default="256M", show_default=True,
+              help="Bytes of committed blocks waiting to be written; past it new ones are dropped.")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @limit_options
 def serve(**opts: Any) -> None:
@@ -111,7 +140,8 @@ def serve(**opts: Any) -> None:
         spec = build_spec(opts)
         token = env.read_token_file(opts["token_file"]) if opts["token_file"] else env.token()
         limits = Limits.from_env(**{f.name: opts[f"max_{f.name}"] for f in dataclasses.fields(Limits)})
-        server = Server.create(spec, opts["endpoint"], device,
+        remote = remote_tier(opts) if opts["remote"] else None
+        server = Server.create(spec, opts["endpoint"], device, remote=remote,
                                heartbeat_timeout=opts["heartbeat_timeout"], limits=limits, token=token)
     except KVPagerError as e:
         raise click.ClickException(str(e)) from None

@@ -23,7 +23,7 @@ import os
 import secrets
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
@@ -59,6 +59,9 @@ from kvpager.server_ops import ServerOps, _ids
 from kvpager.sessions import Session, SessionTable
 from kvpager.shm import PoolMemory, sweep_stale
 from kvpager.spec import PoolSpec
+
+if TYPE_CHECKING:
+    from kvpager.remote_tier import RemoteTier
 
 log = logging.getLogger("kvpager.server")
 
@@ -118,18 +121,19 @@ class Server(ServerOps):
         self._idle = time.monotonic()
 
     @classmethod
-    def create(cls, spec: PoolSpec, endpoint: str | None = None, device: str = "cpu", **kwargs: Any) -> Server:
+    def create(cls, spec: PoolSpec, endpoint: str | None = None, device: str = "cpu", *,
+               remote: RemoteTier | None = None, **kwargs: Any) -> Server:
         """A server with its own pool; on the CPU the pool lives in shared memory
-        that clients map."""
+        that clients map. ``remote``: the pool's remote prefix tier."""
         check_endpoint(endpoint or default_endpoint(), bind=True)  # before any memory is taken
         epoch = secrets.token_hex(8)
         memory = None
         if device == "cpu":
             sweep_stale()
             memory = PoolMemory.create(spec, epoch)
-            pool = KVPool(spec, backend=memory.backend())
+            pool = KVPool(spec, backend=memory.backend(), remote=remote)
         else:
-            pool = KVPool(spec, backend=make_backend(spec, device))
+            pool = KVPool(spec, backend=make_backend(spec, device), remote=remote)
         return cls(pool, endpoint, memory=memory, epoch=epoch, owns_pool=True, **kwargs)
 
     # -- lifecycle -------------------------------------------------------------------------

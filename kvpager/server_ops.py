@@ -113,6 +113,8 @@ class ServerOps:
             "heartbeat_timeout": self.sessions.heartbeat_timeout,
             "max_message_bytes": self.max_message_bytes,
             "server_pid": os.getpid(),
+            # a remote tier: allocate answers num_remote_tokens to a client that asks (remote_tokens)
+            "remote": self.pool.remote.describe() if self.pool.remote is not None else None,
         }
 
     def _op_heartbeat(self, s: Session, a: dict[str, Any]) -> None:
@@ -130,7 +132,7 @@ class ServerOps:
         share = a.get("share_in_batch", False)
         allocs = self.pool.allocate(prompts, a.get("salt"), owner=s.name, share_in_batch=share)
         s.num_seqs += len(allocs)
-        return protocol.encode_allocations(allocs)
+        return protocol.encode_allocations(allocs, a.get("remote_tokens") is True)
 
     def _check_capacity(self, prompts: list[Any]) -> None:
         """OutOfBlocks before any hashing when the prompts cannot fit even if
@@ -284,6 +286,9 @@ class ServerOps:
     def _op_stats(self, s: Session | None, a: dict[str, Any]) -> dict[str, Any]:
         d = protocol.encode_stats(self.pool.stats())
         d["sessions"] = len(self.sessions)
+        remote = self.pool.remote_stats()
+        if remote is not None:
+            d["remote"] = remote.to_dict()
         return d
 
     def _op_check(self, s: Session | None, a: dict[str, Any]) -> None:
