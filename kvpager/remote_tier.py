@@ -141,6 +141,7 @@ class RemoteTier:
         try:
             self.store.ping()
         except StoreError as e:
+            self._lookup_errors += 1
             self.breaker.failure("ping", e)
             return str(e)
         return None

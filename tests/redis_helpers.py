@@ -31,6 +31,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 def ping(port: int, timeout: float = 0.5) -> bool:
     """True if a Redis server answers PING on 127.0.0.1:port."""
     try:
@@ -100,7 +114,7 @@ def redis_cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
     servers = []
     try:
         for _ in range(masters):
-            servers.append(RedisServer(None, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            servers.append(RedisServer(free_cluster_port(), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                                        "--cluster-node-timeout", "2000").start())
         nodes = [f"127.0.0.1:{s.port}" for s in servers]
         subprocess.run(["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],

@@ -4,6 +4,8 @@ for byte with what was written on the first."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import numpy as np
@@ -227,3 +229,26 @@ def test_store_down_at_start_and_killed_mid_run():
     assert dead.remote_stats().available is False
     dead.check_integrity()
     dead.close()
+
+
+def test_a_hung_store_costs_one_timeout_then_is_skipped():
+    with redis_server() as store:
+        b = pool(store.url, timeout=0.2, retry_after=30)
+        assert b.remote.check() is None
+        os.kill(store.proc.pid, signal.SIGSTOP)  # accepts connections, never answers
+        try:
+            times = []
+            for i in range(10):
+                t0 = time.monotonic()
+                [x] = b.allocate([list(range(100 * i, 100 * i + 3 * BS))], salt="m")
+                times.append(time.monotonic() - t0)
+                assert x.num_cached_tokens == 0
+                b.free(x.seq_id)
+        finally:
+            os.kill(store.proc.pid, signal.SIGCONT)
+        assert times[0] >= 0.15 and times[0] < 5  # the one lookup that waited for the timeout
+        assert max(times[1:]) < 0.15  # then no wait: the breaker skips the store
+        st = b.remote_stats()
+        assert (st.lookups, st.skipped_lookups, st.errors, st.available) == (1, 9, 1, False)
+        b.check_integrity()
+        b.close()
