@@ -7,13 +7,14 @@ bad URL or an unreachable store."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from daemon_helpers import daemon_process, ipc_endpoint, wait_until
+from daemon_helpers import Raw, daemon_process, ipc_endpoint, req, running_server, wait_until
 from daemon_workers import dense_kv
 from redis_helpers import free_port, need_redis, redis_cluster, redis_server
 
@@ -145,3 +146,24 @@ def test_cluster_of_three_masters():
         assert np.array_equal(b.backend.device_array()[list(y.block_table[:12])], kv[list(x.block_table[:12])])
         b.check_integrity()
         a.close(), b.close()
+
+
+def test_old_clients_get_four_fields_and_stats_show_the_tier():
+    with redis_server() as store, running_server(remote=RemoteTier(store.url)) as server:
+        raw = Raw(server.endpoint)
+        try:
+            hello = raw.send(req(1, "hello", {}))[2]
+            assert hello["remote"] == {"kind": "redis", "url": store.url, "ttl": 86400}
+            old = raw.send(req(2, "allocate", {"prompts": [list(range(40))]}, hello["session"]))
+            assert old[1] == 0 and len(old[2][0]) == 4  # a client that predates the tier
+            new = raw.send(req(3, "allocate", {"prompts": [list(range(40))], "remote_tokens": True},
+                               hello["session"]))
+            assert new[1] == 0 and len(new[2][0]) == 5 and new[2][0][4] == 0
+        finally:
+            raw.close()
+        result = CliRunner().invoke(main, ["stats", "--json", "--endpoint", server.endpoint])
+        assert result.exit_code == 0, result.output
+        remote = json.loads(result.output)["remote"]
+        assert remote["store"] == store.url and remote["lookups"] == 2 and remote["available"] is True
+        result = CliRunner().invoke(main, ["stats", "--endpoint", server.endpoint])
+        assert f"remote store     {store.url}: available" in result.output, result.output
