@@ -10,7 +10,8 @@ decides when to try again, so an outage never adds a timeout to every
 allocate.
 
 URLs (``--remote``):
-- ``redis://[[USER]:PASSWORD@]HOST:PORT[/DB]``, ``rediss://...`` (TLS),
+- ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`` (port 6379 if none; an IPv6
+  address in brackets), ``rediss://...`` (TLS),
   ``unix:///PATH.sock[?db=N]``; ``valkey://`` and ``valkeys://`` are the same;
 - ``redis+cluster://HOST:PORT[,HOST:PORT...]`` (``rediss+cluster://``,
   ``valkey+cluster://``): a Redis Cluster, found from any of those nodes.
@@ -79,13 +80,17 @@ def redact(url: str) -> str:
 
 
 def _nodes(netloc: str, url: str) -> list[tuple[str, int]]:
-    """HOST:PORT[,HOST:PORT...] after any credentials, each checked."""
+    """HOST[:PORT][,HOST[:PORT]...] after any credentials, each checked (port
+    6379 if none; an IPv6 address in brackets)."""
     hosts = netloc.rsplit("@", 1)[-1]
     out = []
     for item in hosts.split(","):
-        host, sep, port = item.strip().rpartition(":")
+        item = item.strip()
+        host, sep, port = item.rpartition(":")
+        if not sep or host.endswith("[") or (item.startswith("[") and not host.endswith("]")):
+            host, port = item, "6379"
         host = host.strip("[]")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise InvalidArgument(f"remote store URL {redact(url)!r}: {item!r} is not HOST:PORT")
         out.append((host, int(port)))
     return out

@@ -68,7 +68,8 @@ def test_value_round_trip_and_every_refusal():
     ("http://localhost:6379", "unknown scheme"),
     ("redis://localhost:notaport", "not HOST:PORT"),
     ("redis://localhost:70000", "not HOST:PORT"),
-    ("redis+cluster://a:1,b", "not HOST:PORT"),
+    ("redis+cluster://a:1,:2", "not HOST:PORT"),
+    ("redis://:pw@:6379", "not HOST:PORT"),
     (None, "must look like"),
 ])
 def test_bad_urls_are_refused_by_name(url, why):
@@ -82,6 +83,9 @@ def test_good_urls_and_redaction():
     assert open_store("redis://127.0.0.1:1").kind == "redis"
     assert open_store("valkey://127.0.0.1:1/2").kind == "redis"
     assert open_store("unix:///tmp/x.sock").kind == "redis"
+    assert open_store("redis://store.internal").kind == "redis"  # port 6379
+    assert open_store("redis://[::1]:7000").kind == "redis"
+    assert open_store("redis+cluster://a:1,b").kind == "redis-cluster"
     assert open_store("redis+cluster://127.0.0.1:1,127.0.0.1:2").kind == "redis-cluster"
     store = open_store("redis://user:s3cret@127.0.0.1:1")
     assert "s3cret" not in store.url and store.url == "redis://user:***@127.0.0.1:1"
