@@ -15,7 +15,7 @@ from redis_helpers import need_redis, redis_server
 need_redis()
 redis = pytest.importorskip("redis")
 
-from kvpager import KVPool, OutOfBlocks, PoolSpec  # noqa: E402
+from kvpager import InvalidArgument, KVPool, OutOfBlocks, PoolSpec  # noqa: E402
 from kvpager.remote_format import HEADER_BYTES, key_prefix  # noqa: E402
 from kvpager.remote_tier import RemoteTier  # noqa: E402
 
@@ -252,3 +252,76 @@ def test_a_hung_store_costs_one_timeout_then_is_skipped():
         assert (st.lookups, st.skipped_lookups, st.errors, st.available) == (1, 9, 1, False)
         b.check_integrity()
         b.close()
+
+
+def expected_k(tokens: list[int]) -> np.ndarray:
+    """K of each position as a function of the tokens up to it (a rolling hash):
+    whoever computed a prefix, its K/V is the same, so a restored or shared block
+    holds exactly these values."""
+    out, h = np.empty(len(tokens), np.float32), 17
+    for i, t in enumerate(tokens):
+        h = (h * 1_000_003 + t + 1) % 16_777_213
+        out[i] = h
+    return out
+
+
+def test_random_ops_keep_kv_right_and_blocks_accounted():
+    rng = np.random.default_rng(2024)
+    small = SPEC.replace(num_blocks=24)  # eviction and the capacity rule come into play
+    with redis_server() as store:
+        hosts = [pool(store.url, small), pool(store.url, small)]
+        live: list[tuple[KVPool, int]] = []
+        full = 0
+        prefixes = [rng.integers(0, 1000, int(rng.integers(1, 5)) * BS).tolist() for _ in range(12)]
+        middles = [[]] + [rng.integers(0, 1000, int(rng.integers(1, 3)) * BS).tolist() for _ in range(4)]
+        for step in range(300):
+            p = hosts[int(rng.integers(2))]
+            if live and rng.random() < 0.4:
+                q, seq = live.pop(int(rng.integers(len(live))))
+                q.free(seq)
+            else:
+                prompt = (prefixes[int(rng.integers(12))] + middles[int(rng.integers(5))]
+                          + rng.integers(0, 1000, int(rng.integers(1, 12))).tolist())
+                try:
+                    [a] = p.allocate([prompt], salt="m")
+                except OutOfBlocks:
+                    full += 1
+                    continue
+                want = expected_k(prompt)
+                assert a.num_remote_tokens <= a.num_cached_tokens
+                k = p.backend.device_array()[:, :, 0]  # [blocks, layers, heads, bs, dim]
+                cached = np.arange(a.num_cached_tokens)
+                blocks = np.asarray(a.block_table)[cached // BS]
+                got = k[blocks, :, :, cached % BS, 0]  # [tokens, layers, heads]
+                assert np.array_equal(got, np.broadcast_to(want[: a.num_cached_tokens, None, None], got.shape)), step
+                vals = want[a.num_cached_tokens :, None, None]
+                shape = (len(a.slots), SPEC.num_kv_heads, SPEC.head_dim)
+                for layer in range(SPEC.num_layers):
+                    p.write(layer, a.slots, np.broadcast_to(vals, shape), np.broadcast_to(-vals, shape))
+                if rng.random() < 0.8:
+                    p.commit(a.seq_id)
+                live.append((p, a.seq_id))
+            if step % 10 == 0:
+                p.remote.flush(WAIT)
+            p.check_integrity()
+        for q, seq in live:
+            q.free(seq)
+        for q in hosts:
+            q.check_integrity()
+            assert q.stats().used_blocks == 0
+        assert sum(q.remote_stats().restored_blocks for q in hosts) > 50 and full > 5
+        assert all(q.remote_stats().errors == 0 and q.remote_stats().corrupt_blocks == 0 for q in hosts)
+        for q in hosts:
+            q.close()
+
+
+def test_bad_input_is_refused_before_the_store_is_asked():
+    with redis_server() as store:
+        p = pool(store.url)
+        before = p.blocks()
+        for prompts, salt in (([[1, 2, "x"]], "m"), ([list(range(40)), [2**64]], "m"), ([list(range(40))], 3.5)):
+            with pytest.raises(InvalidArgument):
+                p.allocate(prompts, salt=salt)
+        assert p.blocks() == before and p.remote_stats().lookups == 0
+        p.check_integrity()
+        p.close()
