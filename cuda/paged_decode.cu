@@ -18,9 +18,18 @@
 // lane keeps its dims of q and of the output accumulator for SUBGROUP heads in
 // registers. Online softmax in float32 with exp2 (q is pre-scaled by
 // scale * log2(e)), rescaling lazily; warps merge at the end through shared memory.
-// With num_splits == 1 the CTA writes the normalised output; otherwise it
-// writes a float32 partial output and its log2-sum-exp, and merge_splits
-// combines the splits.
+// With parts == 0 (one split, no shared prefix) the CTA writes the
+// normalised output; otherwise it writes a float32 partial output and its
+// log2-sum-exp into slot ``split`` of ``parts`` per row, and merge_splits
+// combines the slots. item_start (optional): the first position each item
+// reads here, past the shared prefix that cascade_prefix.cu attends into the
+// slots num_splits .. parts - 1 (which split 0 marks empty first).
+//
+// window > 0 (sliding window): the item sees only positions
+// [item_len - window, item_len); the splits cover that range, from the
+// multiple of 16 below its start (the rows before it are masked). softcap > 0:
+// scores s (log2 units) become softcap * tanh(s / softcap), so the host passes
+// the cap times log2(e).
 #include "kvpager_common.cuh"
 
 #ifndef HEAD_DIM
@@ -49,18 +58,19 @@ constexpr int GS = SUBGROUP;
 constexpr int E = VEC_ELEMS;
 
 // Block ids of the CH rows this lane group reads in the iteration starting at base.
-__device__ __forceinline__ void lookup_blocks(const int* __restrict__ table, int base, int end,
+__device__ __forceinline__ void lookup_blocks(const int* __restrict__ table, int base, int lo, int end,
                                               int rg, int (&blk)[CH]) {
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
         const int pos = base + c * RPW + rg;
-        blk[c] = pos < end ? __ldg(table + pos / BLOCK_SIZE) : 0;
+        blk[c] = pos < end && pos >= lo ? __ldg(table + pos / BLOCK_SIZE) : 0;
     }
 }
 
-// This lane's 16-byte vectors of the K and V rows of that iteration (zeros past the end).
+// This lane's 16-byte vectors of the K and V rows of that iteration (zeros outside [lo, end):
+// the rows before a window's start may sit in blocks that are not to be read).
 __device__ __forceinline__ void load_rows(const kv_t* __restrict__ pool, const int (&blk)[CH],
-                                          int base, int end, int rg, int li, long long block_stride,
+                                          int base, int lo, int end, int rg, int li, long long block_stride,
                                           long long k_off, long long v_off,
                                           uint4 (&kr)[CH][VPL], uint4 (&vr)[CH][VPL]) {
 #pragma unroll
@@ -70,7 +80,7 @@ __device__ __forceinline__ void load_rows(const kv_t* __restrict__ pool, const i
 #pragma unroll
         for (int j = 0; j < VPL; ++j) {
             const int vi = j * LPR + li;
-            if (pos < end && vi < NV) {
+            if (pos < end && pos >= lo && vi < NV) {
                 kr[c][j] = ld_stream(pool + row + k_off + vi * E);
                 vr[c][j] = ld_stream(pool + row + v_off + vi * E);
             } else {
@@ -87,11 +97,12 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode(
     const int* __restrict__ block_tables,   // [num_seqs, max_blocks]
     const int* __restrict__ item_seq,       // [num_items]
     const int* __restrict__ item_len,       // [num_items]
-    kv_t* __restrict__ out,                 // [num_items, num_q_heads, HEAD_DIM] (num_splits == 1)
+    kv_t* __restrict__ out,                 // [num_items, num_q_heads, HEAD_DIM] (parts == 0)
     float* __restrict__ part_o,             // [num_items, num_q_heads, num_splits, HEAD_DIM]
     float* __restrict__ part_lse,           // [num_items, num_q_heads, num_splits]
     int layer, int num_layers, int num_kv_heads, int group, int max_blocks,
-    int num_splits, float scale_log2)
+    int num_splits, const int* __restrict__ item_start, int parts, int window, float softcap,
+    float scale_log2)
 {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int rg = lane / LPR, li = lane % LPR;
@@ -105,9 +116,12 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode(
     const int head0 = h * group + sub * GS;
 
     const int len = item_len[item];
-    int chunk = (len + num_splits - 1) / num_splits;
+    int lo = window > 0 ? max(0, len - window) : 0;  // the first position seen
+    if (item_start != nullptr) lo = max(lo, item_start[item]);  // after its shared prefix (cascade)
+    const int from = lo & ~15;
+    int chunk = (len - from + num_splits - 1) / num_splits;
     chunk = (chunk + 15) & ~15;
-    const int start = split * chunk;
+    const int start = from + split * chunk;
     const int end = min(len, start + chunk);
 
     // q for this lane's dims, pre-scaled into the log2 domain.
@@ -150,16 +164,19 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode(
     int blk[CH];
     uint4 kc[CH][VPL], vc[CH][VPL], kn[CH][VPL], vn[CH][VPL];
     int base = start + warp * ROWS_PER_ITER;
-    lookup_blocks(table, base, end, rg, blk);
-    load_rows(pool, blk, base, end, rg, li, block_stride, k_off, v_off, kc, vc);
-    lookup_blocks(table, base + STEP, end, rg, blk);
+    lookup_blocks(table, base, lo, end, rg, blk);
+    load_rows(pool, blk, base, lo, end, rg, li, block_stride, k_off, v_off, kc, vc);
+    lookup_blocks(table, base + STEP, lo, end, rg, blk);
 
     for (; base < end; base += STEP) {
-        load_rows(pool, blk, base + STEP, end, rg, li, block_stride, k_off, v_off, kn, vn);
-        lookup_blocks(table, base + 2 * STEP, end, rg, blk);
+        load_rows(pool, blk, base + STEP, lo, end, rg, li, block_stride, k_off, v_off, kn, vn);
+        lookup_blocks(table, base + 2 * STEP, lo, end, rg, blk);
         bool valid[CH];
 #pragma unroll
-        for (int c = 0; c < CH; ++c) valid[c] = base + c * RPW + rg < end;
+        for (int c = 0; c < CH; ++c) {
+            const int pos = base + c * RPW + rg;
+            valid[c] = pos < end && pos >= lo;
+        }
         // Scores: partial dot products, then a butterfly over the LPR lanes of a row.
         float s[CH][GS];
 #pragma unroll
@@ -182,6 +199,13 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode(
             for (int c = 0; c < CH; ++c)
 #pragma unroll
                 for (int g = 0; g < GS; ++g) s[c][g] += __shfl_xor_sync(0xffffffffu, s[c][g], off);
+        if (softcap > 0.f) {
+            const float inv = 1.f / softcap;
+#pragma unroll
+            for (int c = 0; c < CH; ++c)
+#pragma unroll
+                for (int g = 0; g < GS; ++g) s[c][g] = softcap * tanhf(s[c][g] * inv);
+        }
 
         // Online softmax over the CH rows of this lane group, then P.V.
         float vf[CH][VPL][E];
@@ -277,11 +301,14 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode(
             }
         }
         const long long row = (long long)item * num_q_heads + head0 + g;
-        if (num_splits == 1) {
+        if (parts == 0) {
             out[row * D + d] = from_float(lsum > 0.f ? o / lsum : 0.f);
         } else {
-            part_o[(row * num_splits + split) * D + d] = lsum > 0.f ? o / lsum : 0.f;
-            if (d == 0) part_lse[row * num_splits + split] = lsum > 0.f ? mx + __log2f(lsum) : NEG_INF;
+            part_o[(row * parts + split) * D + d] = lsum > 0.f ? o / lsum : 0.f;
+            if (d == 0) part_lse[row * parts + split] = lsum > 0.f ? mx + __log2f(lsum) : NEG_INF;
+            // the shared-prefix slots start empty: cascade_prefix (launched next) fills its members'
+            if (d == 0 && split == 0)
+                for (int s = num_splits; s < parts; ++s) part_lse[row * parts + s] = NEG_INF;
         }
     }
 }
@@ -312,6 +339,7 @@ __device__ __forceinline__ float block_reduce(float x, bool is_max, float* red) 
     return x;
 }
 
+// Slots of zero weight (empty: log2-sum-exp -inf) are not read.
 extern "C" __global__ void __launch_bounds__(MERGE_THREADS) merge_splits(
     const float* __restrict__ part_o,    // [num_rows, num_splits, HEAD_DIM]
     const float* __restrict__ part_lse,  // [num_rows, num_splits]
@@ -345,6 +373,7 @@ extern "C" __global__ void __launch_bounds__(MERGE_THREADS) merge_splits(
 #pragma unroll 4
         for (int s = sl; s < num_splits; s += MSL) {
             const float ws = w[s];
+            if (ws == 0.f) continue;
             const float4 p = po[(long long)s * MV];
             a.x += ws * p.x; a.y += ws * p.y; a.z += ws * p.z; a.w += ws * p.w;
         }

@@ -18,8 +18,15 @@
 // contexts; HPC = 4, WPH = 1 (longer runs of tiles per warp, fewer CTAs) for
 // short ones. Q fragments stay in registers; online softmax (exp2, float32)
 // between the two products as in the multi-token kernel. At the end the warps merge through shared memory;
-// with num_splits == 1 the CTA writes the normalised output, else a float32
-// partial output and its log2-sum-exp for merge_splits (paged_decode.cu).
+// with parts == 0 the CTA writes the normalised output, else a float32
+// partial output and its log2-sum-exp into slot ``split`` of ``parts`` for
+// merge_splits (paged_decode.cu). item_start: as in paged_decode.cu (cascade).
+//
+// window > 0 (sliding window): the item sees only positions
+// [item_len - window, item_len); the splits cover that range from the tile
+// boundary below its start (the rows before it are masked). softcap > 0:
+// raw scores s (q . k) become softcap * tanh(s / softcap), so the host passes
+// the cap divided by the scale.
 //
 // Dynamic shared memory: HPC * WPH * STAGES * 2 * 16 * (HEAD_DIM + 8) * 2 bytes
 // (rows padded by 16 bytes so ldmatrix rows fall in different banks).
@@ -69,10 +76,11 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     const int* __restrict__ block_tables,   // [num_seqs, max_blocks]
     const int* __restrict__ item_seq,       // [num_items]
     const int* __restrict__ item_len,       // [num_items]
-    kv_t* __restrict__ out,                 // [num_items, num_q_heads, HEAD_DIM] (num_splits == 1)
+    kv_t* __restrict__ out,                 // [num_items, num_q_heads, HEAD_DIM] (parts == 0)
     float* __restrict__ part_o,             // [num_items, num_q_heads, num_splits, HEAD_DIM]
     float* __restrict__ part_lse,           // [num_items, num_q_heads, num_splits]
-    int layer, int num_layers, int num_kv_heads, int max_blocks, int num_splits, float scale_log2)
+    int layer, int num_layers, int num_kv_heads, int max_blocks, int num_splits,
+    const int* __restrict__ item_start, int parts, int window, float softcap, float scale_log2)
 {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -89,9 +97,12 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     const int head0 = h * GROUP;
 
     const int len = item_len[item];
-    int chunk = (len + num_splits - 1) / num_splits;
+    int lo = window > 0 ? max(0, len - window) : 0;  // the first position seen
+    if (item_start != nullptr) lo = max(lo, item_start[item]);  // after its shared prefix (cascade)
+    const int from = lo / T * T;
+    int chunk = (len - from + num_splits - 1) / num_splits;
     chunk = (chunk + T - 1) / T * T;
-    const int start = split * chunk;
+    const int start = from + split * chunk;
     const int end = min(len, start + chunk);
     const int ntiles = end > start ? (end - start + T - 1) / T : 0;
     const int nw = ntiles > wi ? (ntiles - wi + WPH - 1) / WPH : 0;  // this warp's tiles
@@ -116,10 +127,11 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     const long long k_off = ((long long)layer * 2 * num_kv_heads + h) * BLOCK_SIZE * D;
     const long long vk = (long long)num_kv_heads * BLOCK_SIZE * D;  // V rows sit this far after K
 
-    // Block ids of tile k of this warp (two when a block holds fewer than T tokens).
+    // Block ids of tile k of this warp (two when a block holds fewer than T tokens; the first
+    // is not read when the window starts past it).
     auto lookup = [&](int k, int& x0, int& x1) {
         const int t0 = start + (wi + WPH * k) * T;
-        x0 = k < nw ? __ldg(table + t0 / BLOCK_SIZE) : 0;
+        x0 = k < nw && t0 + BLOCK_SIZE > lo ? __ldg(table + t0 / BLOCK_SIZE) : 0;
         x1 = (BLOCK_SIZE < T && k < nw && t0 + BLOCK_SIZE < end) ? __ldg(table + t0 / BLOCK_SIZE + 1) : 0;
     };
     // cp.async of tile k's K and V rows into stage st.
@@ -132,7 +144,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
 #pragma unroll
         for (int i = 0; i < NCP; ++i) {
             const int c = lane + 32 * i, row = c / CPR, col = (c % CPR) * 8;
-            const bool ok = t0 + row < end;
+            const bool ok = t0 + row < end && t0 + row >= lo;  // zero-filled outside [lo, end)
             const kv_t* src = ((BLOCK_SIZE < T && row >= BLOCK_SIZE) ? p1 + (row - BLOCK_SIZE) * D
                                                                      : p0 + row * D) + col;
             cp_async16(ks + row * LD + col, ok ? src : pool, ok);
@@ -178,16 +190,28 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
             mma16816(acc[1], qa[kk], bk[2], bk[3]);
         }
         const int t0 = start + (wi + WPH * k) * T;
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[j][e] += s2[j][e];
+        if (softcap > 0.f) {
+            const float inv = 1.f / softcap;
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[j][e] = softcap * tanhf(s[j][e] * inv);
+        }
         float mx0 = m0, mx1 = m1;
 #pragma unroll
         for (int j = 0; j < 2; ++j)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const bool ok = t0 + j * 8 + 2 * tig + e < end;
-                s[j][e] = ok ? s[j][e] + s2[j][e] : NEG_INF;
+                const int pos = t0 + j * 8 + 2 * tig + e;
+                const bool ok = pos < end && pos >= lo;
+                s[j][e] = ok ? s[j][e] : NEG_INF;
                 mx0 = fmaxf(mx0, s[j][e]);
                 if (TWO) {
-                    s[j][2 + e] = ok ? s[j][2 + e] + s2[j][2 + e] : NEG_INF;
+                    s[j][2 + e] = ok ? s[j][2 + e] : NEG_INF;
                     mx1 = fmaxf(mx1, s[j][2 + e]);
                 }
             }
@@ -197,7 +221,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
             mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
             mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
         }
-        // The tile's first token is valid, so mx0 (and mx1) are finite here.
+        // Every tile holds a valid token (the first tile holds lo), so mx0 (and mx1) are finite here.
         const float c0 = exp2f((m0 - mx0) * scale_log2);
         const float c1 = TWO ? exp2f((m1 - mx1) * scale_log2) : 0.f;
         m0 = mx0; m1 = mx1;
@@ -288,11 +312,14 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
             }
         }
         const long long row = row0 + r;
-        if (num_splits == 1) {
+        if (parts == 0) {
             out[row * D + d] = from_float(lsum > 0.f ? acc / lsum : 0.f);
         } else {
-            part_o[(row * num_splits + split) * D + d] = lsum > 0.f ? acc / lsum : 0.f;
-            if (d == 0) part_lse[row * num_splits + split] = lsum > 0.f ? mx + __log2f(lsum) : NEG_INF;
+            part_o[(row * parts + split) * D + d] = lsum > 0.f ? acc / lsum : 0.f;
+            if (d == 0) part_lse[row * parts + split] = lsum > 0.f ? mx + __log2f(lsum) : NEG_INF;
+            // the shared-prefix slots start empty: cascade_prefix (launched next) fills its members'
+            if (d == 0 && split == 0)
+                for (int s = num_splits; s < parts; ++s) part_lse[row * parts + s] = NEG_INF;
         }
     }
 }

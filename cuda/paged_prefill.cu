@@ -14,6 +14,12 @@
 // (exp2) in registers between them. Only the tiles that cross the diagonal
 // apply the causal mask.
 //
+// window > 0 (sliding window): query position p sees only K/V positions
+// (p - window, p]; the K/V tiles before the tile's first visible position are
+// not read, and the tiles that reach below a row's window mask it. softcap > 0:
+// raw scores s (q . k) become softcap * tanh(s / softcap), so the host passes
+// the cap divided by the scale.
+//
 // Grid: x = query tile (from the tiles list built by the planner), y = kv head.
 // Dynamic shared memory: (BM + 2 * STAGES * BN) * (HEAD_DIM + 8) * 2 bytes
 // (rows padded by 16 bytes so ldmatrix rows fall in different banks).
@@ -58,7 +64,8 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
     const int* __restrict__ q_start,        // [num_seqs]: first row of each sequence in q / out
     const int* __restrict__ tiles,          // [num_tiles, 2]: (sequence, first query token)
     kv_t* __restrict__ out,                 // [total_query_tokens, num_q_heads, HEAD_DIM]
-    int layer, int num_layers, int num_kv_heads, int max_blocks, float scale_log2)
+    int layer, int num_layers, int num_kv_heads, int max_blocks, int window, float softcap,
+    float scale_log2)
 {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     kv_t* Qs = reinterpret_cast<kv_t*>(smem_raw);   // [BM][LD]
@@ -77,6 +84,11 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
     const int kv_end = qpos0 + last_tok + 1;   // K/V positions this tile can see
     const int num_tiles = (kv_end + BN - 1) / BN;
     const int first_pos = qpos0 + j0;          // smallest query position of the tile
+    const int last_pos = qpos0 + last_tok;     // largest
+    // The first K/V tile any row of this tile sees, and below which position a row may not see.
+    const int first_vis = window > 0 ? max(0, first_pos - window + 1) : 0;
+    const int t_begin = first_vis / BN;
+    const int win_edge = window > 0 ? last_pos - window : -1;
 
     const int* table = block_tables + (long long)b * max_blocks;
     const long long block_stride = (long long)num_layers * 2 * num_kv_heads * BLOCK_SIZE * D;
@@ -99,7 +111,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
         for (int c = tid; c < BN * CPR; c += NT) {
             const int r = c / CPR, col = (c % CPR) * 8;
             const int pos = t * BN + r;
-            const bool ok = pos < kv_end;
+            const bool ok = pos < kv_end && pos >= first_vis;  // zero-filled outside
             long long row = 0;
             if (ok) row = (long long)table[pos / BLOCK_SIZE] * block_stride + (pos % BLOCK_SIZE) * D + col;
             cp_async16(ks + r * LD + col, pool + (ok ? row + k_off : 0), ok);
@@ -108,7 +120,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
     };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < num_tiles) load_kv(s, s);
+        if (t_begin + s < num_tiles) load_kv(t_begin + s, s);
         cp_commit();  // the first group also holds the Q tile
     }
 
@@ -129,7 +141,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
     }
 
     int st = 0, ist = STAGES - 1;
-    for (int t = 0; t < num_tiles; ++t) {
+    for (int t = t_begin; t < num_tiles; ++t) {
         if (t + STAGES - 1 < num_tiles) load_kv(t + STAGES - 1, ist);
         cp_commit();
         cp_wait<STAGES - 1>();
@@ -159,7 +171,17 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
                 }
             }
         }
-        // Causal and padding mask, only on tiles that reach past the tile's first query.
+        if (softcap > 0.f) {
+            const float inv = 1.f / softcap;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) s[mt][n][e] = softcap * tanhf(s[mt][n][e] * inv);
+        }
+        // Causal and padding mask, only on tiles that reach past the tile's first query;
+        // the window's, only on tiles that reach below the last query's window.
         if ((t + 1) * BN - 1 > first_pos) {
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
@@ -170,6 +192,18 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
                         const int kp = t * BN + n * 8 + tig * 2 + e;
                         if (kp > p[mt][0]) s[mt][n][e] = NEG_INF;
                         if (kp > p[mt][1]) s[mt][n][2 + e] = NEG_INF;
+                    }
+        }
+        if (t * BN <= win_edge) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int kp = t * BN + n * 8 + tig * 2 + e;
+                        if (kp <= p[mt][0] - window) s[mt][n][e] = NEG_INF;
+                        if (kp <= p[mt][1] - window) s[mt][n][2 + e] = NEG_INF;
                     }
         }
         unsigned pa[MT][BN / 16][4];

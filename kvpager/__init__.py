@@ -6,44 +6,82 @@ Embedded use::
     pool = KVPool(PoolSpec(num_layers=32, num_kv_heads=8, head_dim=128, num_blocks=4096))
 
 A worker of the daemon: ``from kvpager import Client`` (the same methods).
+The transformers integration: ``kvpager.hf`` (``pip install 'kvpager[torch]'``).
 """
 
 from typing import Any
 
 from kvpager.errors import (
+    BackendUnavailable,
+    DaemonUnavailable,
     IntegrityError,
+    InternalError,
     InvalidArgument,
     KVPagerError,
+    LimitExceeded,
+    MessageTooLarge,
     NotOwner,
+    NotPinned,
     NotSwapped,
     OutOfBlocks,
+    ProtocolError,
+    RequestTimeout,
     SequenceSwapped,
+    SessionLost,
+    Unauthorized,
+    UnknownOp,
     UnknownSequence,
     UnsupportedConfiguration,
+    VersionMismatch,
 )
 from kvpager.pool import KVPool
 from kvpager.spec import PoolSpec
-from kvpager.types import Allocation, BlockMap, PoolStats, SequenceInfo
+from kvpager.types import (
+    Allocation,
+    BlockMap,
+    PinInfo,
+    PoolStats,
+    RemoteStats,
+    SequenceInfo,
+    SessionInfo,
+    TenantUsage,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Allocation",
+    "BackendUnavailable",
     "BlockMap",
     "Client",
+    "DaemonUnavailable",
     "IntegrityError",
+    "InternalError",
     "InvalidArgument",
     "KVPagerError",
     "KVPool",
+    "LimitExceeded",
+    "MessageTooLarge",
     "NotOwner",
+    "NotPinned",
     "NotSwapped",
     "OutOfBlocks",
+    "PinInfo",
     "PoolSpec",
     "PoolStats",
+    "ProtocolError",
+    "RemoteStats",
+    "RequestTimeout",
     "SequenceInfo",
     "SequenceSwapped",
+    "SessionInfo",
+    "SessionLost",
+    "TenantUsage",
+    "Unauthorized",
+    "UnknownOp",
     "UnknownSequence",
     "UnsupportedConfiguration",
+    "VersionMismatch",
     "__version__",
 ]
 

@@ -1,12 +1,15 @@
-"""`kvpager bench`: run the benchmark tools in ``tools/`` with a progress bar.
+"""`kvpager bench`: run the benchmark tools with a progress bar.
 
-The benchmarks live in the source checkout (they import baselines such as
-torch that kvpager itself does not need), so this command runs them from
-there as subprocesses and prints each one's table, or one JSON object.
+The benchmarks are scripts (`tools/` in a checkout; pip installs them under
+``<prefix>/share/kvpager/tools``), run as subprocesses, each printing its
+table or, with ``--json``, one JSON object. What a benchmark needs beyond
+kvpager (a GPU, CuPy, torch) is checked first: one that cannot run here is
+listed as skipped with what to install, not failed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -14,15 +17,32 @@ from pathlib import Path
 
 import click
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-# (name, script, needs a GPU)
+#: Where the scripts are: beside the package in a checkout, else where pip put them.
+TOOLS_DIRS = (Path(__file__).resolve().parents[1] / "tools", Path(sys.prefix) / "share" / "kvpager" / "tools")
+# (name, script, needs a GPU, Python modules it imports beyond kvpager's own dependencies)
 BENCHMARKS = [
-    ("allocator", "bench_allocator.py", False),
-    ("rpc", "bench_rpc.py", False),
-    ("attention", "bench_attention.py", True),
-    ("copy", "bench_copy.py", True),
-    ("swap", "bench_swap.py", True),
+    ("allocator", "bench_allocator.py", False, ()),
+    ("rpc", "bench_rpc.py", False, ()),
+    ("attention", "bench_attention.py", True, ("cupy", "torch")),
+    ("copy", "bench_copy.py", True, ("cupy",)),
+    ("swap", "bench_swap.py", True, ("cupy",)),
 ]
+_INSTALL = {"cupy": "pip install 'kvpager[cuda]' (or 'kvpager[cuda12]')", "torch": "pip install 'kvpager[torch]'"}
+
+
+def tools_dir() -> Path | None:
+    """The first folder of `TOOLS_DIRS` that holds the benchmark scripts."""
+    return next((d for d in TOOLS_DIRS if (d / BENCHMARKS[0][1]).is_file()), None)
+
+
+def missing(needs_gpu: bool, modules: tuple[str, ...], gpu: bool) -> str | None:
+    """Why a benchmark cannot run here (what to install), or None."""
+    absent = [m for m in modules if importlib.util.find_spec(m) is None]
+    if absent:
+        return "needs " + "; ".join(f"{m}: {_INSTALL.get(m, 'pip install ' + m)}" for m in absent)
+    if needs_gpu and not gpu:
+        return "no GPU"
+    return None
 
 
 @click.command()
@@ -34,21 +54,25 @@ def bench(names: tuple[str, ...], as_json: bool, timeout: float) -> None:
     attention, copy, swap) and print their tables."""
     from kvpager.backends import cuda_available
 
-    known = {n for n, _, _ in BENCHMARKS}
+    known = {n for n, *_ in BENCHMARKS}
     unknown = set(names) - known
     if unknown:
         raise click.BadParameter(f"unknown benchmark(s) {sorted(unknown)}; choose from {sorted(known)}")
-    if not TOOLS.is_dir():
-        click.echo(f"error: no tools/ directory next to the kvpager package ({TOOLS})", err=True)
-        click.echo("next: run from a source checkout installed with `pip install -e .`", err=True)
+    tools = tools_dir()
+    if tools is None:
+        click.echo("error: the benchmark scripts are not here: looked in " + " and ".join(map(str, TOOLS_DIRS)),
+                   err=True)
+        click.echo("next: reinstall kvpager with pip (it puts them in <prefix>/share/kvpager/tools), "
+                   "or run from a source checkout", err=True)
         sys.exit(2)
     gpu = cuda_available()
     chosen, skipped = [], []
-    for name, script, needs_gpu in BENCHMARKS:
+    for name, script, needs_gpu, modules in BENCHMARKS:
         if names and name not in names:
             continue
-        if not (TOOLS / script).exists() or (needs_gpu and not gpu):
-            skipped.append((name, "no GPU" if needs_gpu and not gpu else "script missing"))
+        why = "script missing" if not (tools / script).exists() else missing(needs_gpu, modules, gpu)
+        if why:
+            skipped.append((name, why))
         else:
             chosen.append((name, script))
     results: dict[str, object] = {}
@@ -56,7 +80,7 @@ def bench(names: tuple[str, ...], as_json: bool, timeout: float) -> None:
     with click.progressbar(chosen, label="benchmarks", file=sys.stderr,
                            item_show_func=lambda item: item[0] if item else "") as bar:
         for name, script in bar:
-            cmd = [sys.executable, str(TOOLS / script)] + (["--json"] if as_json else [])
+            cmd = [sys.executable, str(tools / script)] + (["--json"] if as_json else [])
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
             except subprocess.TimeoutExpired:

@@ -15,6 +15,9 @@ block tables point at it. The pool owns the prefix cache, so publishing,
 un-publishing and eviction keep the states consistent in one place. Batch
 operations take block ids as arrays and are vectorised (NumPy), and batch
 allocation is all-or-nothing.
+
+Every cached block belongs to a tenant (its salt; `Tenants`): with quotas
+set, eviction takes from tenants over their quota first.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 
 from kvpager.errors import IntegrityError, InvalidArgument, OutOfBlocks
 from kvpager.prefix_cache import PrefixCache
+from kvpager.tenants import DEFAULT, Tenants
 from kvpager.types import BlockMap
 
 NULL_BLOCK = 0
@@ -53,6 +57,7 @@ class BlockPool:
         self._num_free = num_blocks - 1
         self.evictable: OrderedDict[int, None] = OrderedDict()
         self.cache = PrefixCache(num_blocks)
+        self.tenants = Tenants(num_blocks)
         self._mark = np.zeros(num_blocks, dtype=np.int64)  # scratch for free_blocks
 
     # -- queries ---------------------------------------------------------------
@@ -111,17 +116,27 @@ class BlockPool:
     def lookup(self, key: bytes) -> int | None:
         return self.cache.get(key)
 
-    def publish(self, block_id: int, key: bytes) -> bool:
-        """Make a block in use matchable under ``key`` (False: the key or the block
-        is already published)."""
-        return self.cache.publish(block_id, key)
+    def publish(self, block_id: int, key: bytes, tenant: int = DEFAULT) -> bool:
+        """Make a block in use matchable under ``key``, a block of ``tenant`` (a
+        `Tenants` code). False: the key or the block is already published."""
+        if not self.cache.publish(block_id, key):
+            return False
+        self.tenants.published(block_id, tenant)
+        return True
 
     def unpublish(self, block_id: int) -> None:
         """Forget a block about to be written again (its K/V will change); an
         evictable block then goes to the free list."""
-        if self.cache.remove(block_id) and block_id in self.evictable:
-            del self.evictable[block_id]
-            self._push(np.array([block_id], dtype=np.int64))
+        if self.cache.remove(block_id):
+            self.tenants.removed(np.array([block_id], dtype=np.int64))
+            if block_id in self.evictable:
+                del self.evictable[block_id]
+                self.tenants.left_lru([block_id])
+                self._push(np.array([block_id], dtype=np.int64))
+
+    def set_quota(self, salt: str | bytes | None, blocks: int | None) -> None:
+        """A soft bound on the cached blocks of ``salt``'s tenant (see `Tenants`)."""
+        self.tenants.set_quota(salt, blocks, self.evictable)
 
     # -- mutation --------------------------------------------------------------
     def _push(self, ids: np.ndarray) -> None:
@@ -143,10 +158,17 @@ class BlockPool:
             available = top + len(self.evictable)
             if n > available:
                 raise OutOfBlocks(n, available)
-            evictable, remove = self.evictable, self.cache.remove
-            victims = [evictable.popitem(last=False)[0] for _ in range(n - top)]
+            evictable, remove, tenants = self.evictable, self.cache.remove, self.tenants
+            # Tenants over their quota first (their least recently used), then the LRU.
+            victims = tenants.victims(n - top) if tenants.quotas else []
+            for b in victims:
+                del evictable[b]
+            first = len(victims)
+            victims += [evictable.popitem(last=False)[0] for _ in range(n - top - first)]
             for b in victims:
                 remove(b)
+            tenants.left_lru(victims[first:])
+            tenants.removed(np.array(victims, dtype=np.int64))
             free = self._free[:top][::-1] if top_first else self._free[:top]
             ids = np.concatenate([free, np.array(victims, dtype=np.int64)])
             self._num_free = 0
@@ -168,6 +190,7 @@ class BlockPool:
                     raise IntegrityError(f"bug: touched block {b} that is neither in use nor evictable")
             for b in idle_set:
                 del evictable[b]
+            self.tenants.left_lru(idle_set)
         np.add.at(self.ref_cnt, ids, _ONE)
 
     def share(self, ids: np.ndarray, times: int = 1) -> None:
@@ -205,7 +228,9 @@ class BlockPool:
         if len(self.cache):
             cached = self.cache.cached[done]
             if cached.any():
-                self.evictable.update(dict.fromkeys(done[cached].tolist()))
+                idle = done[cached]
+                self.evictable.update(dict.fromkeys(idle.tolist()))
+                self.tenants.became_evictable(idle)
                 done = done[~cached]
         self._push(done)
 
@@ -246,6 +271,7 @@ class BlockPool:
         if self._num_free + len(self.evictable) + in_use != self.num_usable and not problems:
             problems.append("block states do not add up")
         problems += self.cache.problems()
+        problems += self.tenants.problems(self.cache.cached, self.evictable)
         cached = self.cache.cached
         for b in np.flatnonzero(cached & ~used & ~is_evictable)[:5].tolist():
             problems.append(f"cache maps to block {b}, which is free")

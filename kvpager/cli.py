@@ -6,6 +6,7 @@ import click
 
 from kvpager import __version__
 from kvpager.bench_cli import bench
+from kvpager.control_cli import COMMANDS as CONTROL_COMMANDS
 from kvpager.demo import demo_command
 from kvpager.inspect_cli import COMMANDS as INSPECT_COMMANDS
 from kvpager.serve_cli import serve
@@ -20,7 +21,7 @@ def main() -> None:
 main.add_command(serve)
 main.add_command(demo_command())
 main.add_command(bench)
-for _cmd in INSPECT_COMMANDS:
+for _cmd in INSPECT_COMMANDS + CONTROL_COMMANDS:
     main.add_command(_cmd)
 
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from kvpager import cuda_ipc, env
 from kvpager.channel import Channel
+from kvpager.client_control import ControlMethods, undo_pin
 from kvpager.client_kv import KVAccess
 from kvpager.client_tables import TableMirror, id_list
 from kvpager.endpoints import check_endpoint, default_endpoint, probe
@@ -62,6 +63,7 @@ from kvpager.protocol import (
     decode_stats,
     decode_tables,
     pack,
+    unpack,
 )
 from kvpager.spec import PoolSpec
 from kvpager.types import Allocation, BlockMap, PoolStats, RemoteStats, SequenceInfo
@@ -69,11 +71,13 @@ from kvpager.types import Allocation, BlockMap, PoolStats, RemoteStats, Sequence
 log = logging.getLogger("kvpager.client")
 
 
-class Client(KVAccess):
+class Client(KVAccess, ControlMethods):
     """A session with the kvpager daemon at ``endpoint`` (default: KVPAGER_ENDPOINT,
     else the private ipc:// socket). Every call waits at most ``timeout`` seconds
     (default KVPAGER_TIMEOUT). ``token``: the daemon's token, if it has one
-    (default KVPAGER_TOKEN, else the file KVPAGER_TOKEN_FILE). Raises
+    (default KVPAGER_TOKEN, else the file KVPAGER_TOKEN_FILE). ``control_token``:
+    the daemon's control token, for quotas and kept pins (default
+    KVPAGER_CONTROL_TOKEN, else the file KVPAGER_CONTROL_TOKEN_FILE). Raises
     DaemonUnavailable if nothing listens, Unauthorized without the right token."""
 
     def __init__(
@@ -85,6 +89,7 @@ class Client(KVAccess):
         map_pool: bool = True,
         name: str | None = None,
         token: str | None = None,
+        control_token: str | None = None,
     ):
         self.endpoint = check_endpoint(endpoint or default_endpoint())
         self.timeout = env.timeout_s() if timeout is None else float(timeout)
@@ -115,6 +120,9 @@ class Client(KVAccess):
         token = token if token is not None else env.token()
         if token:
             self._hello_args["token"] = token  # a daemon with a token asks for it (docs/protocol.md, "Trust")
+        control_token = control_token if control_token is not None else env.control_token()
+        if control_token:
+            self._hello_args["control_token"] = control_token
         self._want_map, self._want_heartbeat = map_pool, heartbeat
         self._hb_stop = threading.Event()
         self._hb: threading.Thread | None = None
@@ -137,6 +145,7 @@ class Client(KVAccess):
         self.server_pid: int | None = info.get("server_pid")
         #: the daemon's remote tier (kind, url, ttl), or None (also from a daemon that predates it)
         self.remote: dict[str, Any] | None = info.get("remote")
+        self.control: bool = bool(info.get("control"))  # quotas and kept pins allowed
         self.gpu = self.memory.get("kind") == "cuda_ipc"
         self._mirror = TableMirror(self.spec.block_size)  # this session's block tables
         self.map_pool = self._want_map and self.memory.get("kind") in ("shm", "cuda_ipc")
@@ -205,6 +214,12 @@ class Client(KVAccess):
             rid, body, op = self._unsettled
             reply = self._chan.request(body, rid, op, self.timeout)
             self._unsettled = None
+            if reply.error is None and op == "pin":  # a pin the caller never learnt of: undone
+                undo = undo_pin(unpack(body)[4], reply.result)
+                if undo:
+                    frid = next(self._ids)
+                    self._request(frid, pack([VERSION, frid, self.session, "unpin", undo]), "unpin")
+                continue
             if reply.error is not None or op not in ("allocate", "fork"):
                 continue  # nothing created; the mirror already forgot what the op touched
             if op == "allocate":
@@ -394,12 +409,14 @@ class Client(KVAccess):
         else:
             self.remote_write(layer, slots, k, v)
 
-    def attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None) -> Any:
-        """As `KVPool.attend`: computed here over the mapped pool when there is
-        one (block tables from this client's mirror, no round trip), else by the daemon."""
+    def attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None,
+               *, window: int | None = None, softcap: float | None = None) -> Any:
+        """As `KVPool.attend` (``window`` / ``softcap`` included): computed here over
+        the mapped pool when there is one (block tables from this client's mirror,
+        no round trip), else by the daemon."""
         if self.map_pool:
-            return self.local_attend(layer, seq_ids, q, query_lens, scale)
-        return self.remote_attend(layer, seq_ids, q, query_lens, scale)
+            return self.local_attend(layer, seq_ids, q, query_lens, scale, window=window, softcap=softcap)
+        return self.remote_attend(layer, seq_ids, q, query_lens, scale, window=window, softcap=softcap)
 
     def plan(self, seq_ids: Any, query_lens: Any = None, slots: Any = None, **options: Any) -> StepPlan:
         """As `KVPool.plan`: a step plan over the mapped pool, built here from this

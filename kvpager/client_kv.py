@@ -9,7 +9,6 @@ CuPy views running the kvpager kernels here). `remote_write` /
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 from kvpager import cuda_ipc
 from kvpager.backends.numpy_backend import paged_attention
 from kvpager.errors import InvalidArgument, SessionLost
+from kvpager.plan import check_scale, check_softcap, check_window
 from kvpager.shm import Segment, map_pool
 
 _ALIGN = 64
@@ -65,7 +65,8 @@ class KVAccess:
         shape = (len(slots), self.spec.num_kv_heads, self.spec.head_dim)
         pool.write(int(layer), slots, self._check_tensor(k, "k", shape), self._check_tensor(v, "v", shape))
 
-    def local_attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None) -> Any:
+    def local_attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None,
+                     *, window: int | None = None, softcap: float | None = None) -> Any:
         """Paged attention here, over the mapped pool (the CUDA kernels on a GPU
         pool: the result is a CuPy array). Block tables come from `tables`: this
         client's mirror for its own sequences, so a layer costs no round trip."""
@@ -76,10 +77,12 @@ class KVAccess:
         if len(lens) and (qlens.min() < 1 or (qlens > lens).any()):
             raise InvalidArgument(f"query_lens must be in [1, sequence length], got {qlens.tolist()}")
         q = self._check_q(q, int(qlens.sum()))
-        scale = 1.0 / math.sqrt(self.spec.head_dim) if scale is None else float(scale)
+        scale = check_scale(scale, self.spec.head_dim)
+        window, softcap = check_window(window), check_softcap(softcap)
         if self.gpu:
-            return pool.attend(int(layer), q, tables, lens, np.ascontiguousarray(qlens), scale)
-        return paged_attention(pool.kv, int(layer), q, tables, lens, qlens, scale)
+            return pool.attend(int(layer), q, tables, lens, np.ascontiguousarray(qlens), scale,
+                               window=window, softcap=softcap)
+        return paged_attention(pool.kv, int(layer), q, tables, lens, qlens, scale, window=window, softcap=softcap)
 
     def remote_write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
         """Send K/V to the daemon through this session's staging buffer."""
@@ -92,7 +95,8 @@ class KVAccess:
         self._call("write", {"layer": layer, "slots": _host(slots),
                              "k": [0, list(k.shape)], "v": [voff, list(v.shape)]})
 
-    def remote_attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None) -> Any:
+    def remote_attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None,
+                      *, window: int | None = None, softcap: float | None = None) -> Any:
         """Paged attention computed by the daemon; q and the output cross through
         staging. Returns a NumPy array (CPU pool) or a CuPy array (GPU pool)."""
         q = self._as_array(q, "q")
@@ -105,6 +109,10 @@ class KVAccess:
             args["query_lens"] = query_lens
         if scale is not None:
             args["scale"] = scale
+        if window is not None:
+            args["window"] = window
+        if softcap is not None:
+            args["softcap"] = softcap
         offset, shape = self._call("attend", args)
         # The daemon answers once its output is complete (it synchronizes first).
         return stage.array(tuple(shape), q.dtype, offset).copy()

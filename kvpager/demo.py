@@ -17,12 +17,13 @@ import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -192,13 +193,42 @@ def daemon(cfg: DemoConfig) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_demo(cfg: DemoConfig) -> DemoReport:
-    """Run the demo end to end and return what the daemon accounted at the peak."""
+def _get(q) -> object:
+    try:
+        return q.get(timeout=0.2)
+    except queue.Empty:
+        return None
+
+
+def _wait(poll: Callable[[], object], procs: list, what: str, timeout: float = 120) -> object:
+    """``poll()`` until it gives something; RuntimeError if a worker died first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = poll()
+        if got:
+            return got
+        dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+        if dead:
+            raise RuntimeError(f"worker {dead[0][0]} exited with code {dead[0][1]} while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"gave up after {timeout:.0f} s waiting for {what}")
+
+
+def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> DemoReport:
+    """Run the demo end to end and return what the daemon accounted at the peak.
+    ``progress`` gets a line as each phase starts or ends."""
     from kvpager.client import Client
 
     t0 = time.monotonic()
+
+    def say(text: str) -> None:
+        if progress is not None:
+            progress(f"[{time.monotonic() - t0:5.1f}s] {text}")
+
     ctx = mp.get_context("spawn")
+    say(f"starting a daemon ({cfg.device}, {cfg.num_blocks} blocks of {cfg.block_size} tokens)")
     with daemon(cfg) as endpoint:
+        say(f"daemon ready at {endpoint}; starting {cfg.workers} worker processes")
         prompt_ready, at_peak, release = ctx.Event(), ctx.Event(), ctx.Event()
         results = ctx.Queue()
         procs = [ctx.Process(target=_worker, args=(i, endpoint, cfg, prompt_ready, at_peak, release, results),
@@ -206,7 +236,16 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
         for p in procs:
             p.start()
         try:
-            got = [results.get(timeout=120) for _ in procs]
+            _wait(lambda: prompt_ready.wait(0.2), procs, "worker 0 to prefill the system prompt")
+            say(f"worker 0 wrote the {cfg.system_prompt_tokens}-token system prompt's K/V and committed it; "
+                "the other workers allocate and find it cached")
+            got = []
+            for _ in procs:
+                got.append(_wait(lambda: _get(results), procs, "the workers to finish decoding"))
+                index, cached, lengths = got[-1]
+                say(f"worker {index}: {len(lengths)} requests prefilled ({sum(cached)} prompt tokens found "
+                    f"cached) and {cfg.new_tokens} tokens decoded each; holding them")
+            say("every worker at its peak: reading the daemon's accounting")
             with Client(endpoint, heartbeat=False, map_pool=False, name="demo-observer") as obs:
                 st = obs.stats()
                 seqs = obs.sequences()
@@ -214,6 +253,7 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
                 release.set()
                 for p in procs:
                     p.join(60)
+                say("workers freed their sequences and exited; checking the allocator's integrity")
                 try:
                     obs.check_integrity()
                     check_ok = obs.stats().used_blocks == 0
@@ -284,8 +324,9 @@ def demo_command():
     @click.option("--max-model-len", type=int, default=DemoConfig.max_model_len, show_default=True,
                   help="What a contiguous cache reserves per request.")
     @click.option("--device", default=None, help="Daemon device: cpu or cuda:N (default: a GPU if there is one).")
-    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-    def demo(workers, requests, system_prompt, new_tokens, max_model_len, device, as_json):
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (progress still goes to stderr).")
+    @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+    def demo(workers, requests, system_prompt, new_tokens, max_model_len, device, as_json, quiet):
         """Start a daemon and worker processes that share a system prompt; show the KV memory they use."""
         if device is None:
             from kvpager.backends import default_device
@@ -299,9 +340,7 @@ def demo_command():
         # Size the pool for the workload: prompt blocks once, the rest per request, plus slack.
         per_request = -(-(DemoConfig.user_tokens[1] + new_tokens) // cfg.block_size) + 2
         cfg = dataclasses.replace(cfg, num_blocks=system_prompt // cfg.block_size + workers * requests * per_request + 64)
-        if not as_json:
-            click.echo(f"starting a daemon ({device}) and {workers} worker processes ...", err=True)
-        report = run_demo(cfg)
+        report = run_demo(cfg, None if quiet else lambda line: click.echo(line, err=True))
         click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report_text(report, cfg))
         if not report.check_ok:
             sys.exit(1)

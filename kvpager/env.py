@@ -101,6 +101,17 @@ def token() -> str | None:
     return read_token_file(path) if path else None
 
 
+def control_token() -> str | None:
+    """KVPAGER_CONTROL_TOKEN, else the contents of the file KVPAGER_CONTROL_TOKEN_FILE:
+    the secret a session sends in hello to be let set quotas and keep pins
+    (see docs/protocol.md, "Control")."""
+    value = os.environ.get("KVPAGER_CONTROL_TOKEN")
+    if value:
+        return value.strip()
+    path = os.environ.get("KVPAGER_CONTROL_TOKEN_FILE")
+    return read_token_file(path) if path else None
+
+
 def read_token_file(path: str) -> str:
     from kvpager.errors import InvalidArgument
 

@@ -108,6 +108,13 @@ class NotOwner(KVPagerError):
     code = "not_owner"
 
 
+class NotPinned(KVPagerError):
+    """unpin of a prefix the caller holds no pin on (never pinned, already
+    unpinned, or pinned by another session)."""
+
+    code = "not_pinned"
+
+
 class UnsupportedConfiguration(KVPagerError):
     """A geometry or dtype the chosen backend's kernels do not support."""
 
@@ -188,6 +195,7 @@ ERRORS_BY_CODE: dict[str, type[KVPagerError]] = {
         SequenceSwapped,
         NotSwapped,
         NotOwner,
+        NotPinned,
         UnsupportedConfiguration,
         BackendUnavailable,
         IntegrityError,

@@ -21,6 +21,7 @@ class History:
     root: bytes  # parent key of block 0 (from the salt)
     keys: list[bytes] = field(default_factory=list)  # keys of blocks 0..k-1
     tail: list[int] = field(default_factory=list)  # ids appended after the prompt
+    salt: str | bytes | None = None  # the root's salt: names its blocks' tenant
 
     @property
     def num_known(self) -> int:
@@ -51,4 +52,4 @@ class History:
         del self.keys[num_tokens // block_size :]
 
     def fork(self) -> History:
-        return History(self.prompt, self.root, self.keys.copy(), self.tail.copy())
+        return History(self.prompt, self.root, self.keys.copy(), self.tail.copy(), self.salt)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -119,26 +120,29 @@ def check(client: Any, as_json: bool) -> None:
 
 @daemon_command
 @click.option("--interval", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Seconds between refreshes.")
-@click.option("--iterations", type=click.IntRange(min=0), default=0, help="Stop after this many refreshes (0: until Ctrl-C).")
+@click.option("--iterations", type=click.IntRange(min=0), default=0, help="Stop after this many refreshes (0: until q or Ctrl-C).")
 def top(client: Any, as_json: bool, interval: float, iterations: int) -> None:
-    """A live view of the pool, refreshed until interrupted."""
-    n = 0
+    """A live view: usage, rates over each interval, tenants, sessions (q quits).
+    Without a terminal, or with --json, a frame (a JSON line) per refresh."""
+    from kvpager import top as view
+
+    if not as_json and sys.stdout.isatty() and sys.stdin.isatty():
+        view.run_screen(client, interval, iterations)
+        return
+    n, prev = 0, None
     try:
         while True:
-            st = client.stats()
-            seq_list = client.sequences()
+            cur = view.take(client)
+            r = None if prev is None else view.rates(prev, cur)
             if as_json:
-                click.echo(json.dumps({"time": time.time(), "stats": st.to_dict(),
-                                       "sequences": len(seq_list)}))
+                click.echo(json.dumps({"time": time.time(), "stats": cur.stats.to_dict(),
+                                       "sequences": cur.stats.num_sequences,
+                                       "rates": None if r is None else r.to_dict(),
+                                       "sessions": [vars(s) for s in cur.sessions]}))
             else:
-                click.clear()
-                click.echo(f"kvpager top   {client.endpoint}   {time.strftime('%H:%M:%S')}   (Ctrl-C to quit)\n")
-                click.echo(render.stats_text(st))
-                click.echo("")
-                click.echo(render.sequences_text(seq_list[:20]))
-                if len(seq_list) > 20:
-                    click.echo(f"... {len(seq_list) - 20} more")
-            n += 1
+                size = shutil.get_terminal_size()
+                click.echo("\n".join(view.lines(cur, r, client.endpoint, size.columns, size.lines)) + "\n")
+            n, prev = n + 1, cur
             if iterations and n >= iterations:
                 return
             time.sleep(interval)

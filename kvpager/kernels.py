@@ -24,7 +24,7 @@ from kvpager.errors import InvalidArgument, UnsupportedConfiguration
 from kvpager.validate import int_array
 
 DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
-HEAD_DIMS = (64, 96, 128, 256)
+HEAD_DIMS = tuple(range(32, 257, 16))  # every multiple of 16 from 32 to 256
 BLOCK_SIZES = (8, 16, 32, 64)
 GROUP_SIZES = (1, 2, 4, 8, 16)
 NVRTC_OPTIONS = ("-std=c++17", "--use_fast_math")
@@ -110,7 +110,8 @@ def check_geometry(dtype: str, head_dim: int, block_size: int) -> None:
     if dtype not in DTYPE_CODES:
         raise UnsupportedConfiguration(f"the CUDA kernels support dtypes {sorted(DTYPE_CODES)}, not {dtype!r}")
     if head_dim not in HEAD_DIMS:
-        raise UnsupportedConfiguration(f"the CUDA kernels support head_dim in {HEAD_DIMS}, not {head_dim}")
+        raise UnsupportedConfiguration(f"the CUDA kernels support every head_dim that is a multiple of 16 "
+                                       f"from 32 to 256, not {head_dim}")
     if block_size not in BLOCK_SIZES:
         raise UnsupportedConfiguration(f"the CUDA kernels support block_size in {BLOCK_SIZES}, not {block_size}")
 

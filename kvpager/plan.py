@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from kvpager import validate
-from kvpager.errors import InvalidArgument, UnsupportedConfiguration
+from kvpager.errors import InvalidArgument
 from kvpager.spec import PoolSpec
 from kvpager.validate import int_array
 
@@ -111,20 +111,6 @@ def check_softcap(softcap: Any) -> float | None:
     return float(softcap)
 
 
-def refuse_window_softcap(window: Any, softcap: Any, longest: int) -> int:
-    """For kernels without sliding windows or soft caps (the GPU's, for now):
-    UnsupportedConfiguration naming ``softcap`` if one is given, or ``window``
-    if it is shorter than the step's ``longest`` sequence; a window that covers
-    every sequence changes nothing and is returned (0 for none)."""
-    if check_softcap(softcap) is not None:
-        raise UnsupportedConfiguration("softcap: the GPU attention kernels do not apply a logit soft cap yet")
-    window = check_window(window)
-    if window is not None and window < longest:
-        raise UnsupportedConfiguration(
-            f"window={window}: the GPU attention kernels do not apply sliding windows yet "
-            f"(this step holds a sequence of {longest} tokens)")
-    return window or 0
-
 
 
 class StepPlan(ABC):
@@ -135,6 +121,8 @@ class StepPlan(ABC):
     seq_lens: np.ndarray  # int32 [B]
     query_lens: np.ndarray  # int32 [B]
     slots: np.ndarray | None  # int64 [num_tokens]
+    #: each sequence's first position still held, where some released blocks (`KVPool.release_before`)
+    floor: np.ndarray | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -165,6 +153,28 @@ class StepPlan(ABC):
     def update(self, tables: Any, seq_lens: Any, query_lens: Any = None, slots: Any = None) -> None:
         """Refill the plan in place with another step of the same shape (see the backend's plan)."""
         raise InvalidArgument(f"{type(self).__name__} cannot be updated in place; make a new plan")
+
+    def check_floor(self, window: Any) -> None:
+        """InvalidArgument unless every query's ``window`` starts at or after its
+        sequence's first held position (blocks before it were released)."""
+        check_floor(self.floor, self.seq_lens, self.query_lens, window)
+
+
+def check_floor(floor: np.ndarray | None, seq_lens: np.ndarray, query_lens: np.ndarray, window: Any) -> None:
+    """See `StepPlan.check_floor`; ``floor`` None: nothing released."""
+    if floor is None:
+        return
+    w = check_window(window)
+    first = np.zeros(len(floor), np.int64) if w is None else \
+        np.maximum(seq_lens.astype(np.int64) - query_lens - w + 1, 0)
+    bad = np.flatnonzero(first < floor)
+    if len(bad):
+        b = int(bad[0])
+        raise InvalidArgument(
+            f"attend: sequence {b} of the step released its blocks before position {int(floor[b])}; "
+            f"its queries would read position {int(first[b])} "
+            + ("(no window given)" if w is None else f"with window={w}")
+            + ": attend with the sliding window those blocks were released for")
 
 
 def make_plan(backend: Any, tables: Any, seq_lens: Any, query_lens: Any = None, slots: Any = None,
@@ -236,6 +246,8 @@ class NumpyPlan(StepPlan):
         layer = validate.layer(layer, spec)
         qn, from_torch = to_numpy(q, "q", spec.np_dtype)
         check_q_shape(qn.shape, self.num_tokens, spec)
+        if self.floor is not None:
+            self.check_floor(window)
         res = paged_attention(self.backend.kv, layer, qn, self.tables, self.seq_lens, self.query_lens,
                               check_scale(scale, spec.head_dim), window=check_window(window),
                               softcap=check_softcap(softcap))

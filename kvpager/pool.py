@@ -15,13 +15,21 @@ import numpy as np
 from kvpager import validate
 from kvpager.backends import Backend, make_backend
 from kvpager.errors import InvalidArgument
-from kvpager.plan import StepPlan, check_queries, check_softcap, check_window
+from kvpager.plan import StepPlan, check_floor, check_queries, check_softcap, check_window
 from kvpager.sequences import ANY_OWNER, SequenceManager
 from kvpager.spec import PoolSpec
-from kvpager.types import Allocation, BlockMap, PoolStats, SequenceInfo
+from kvpager.types import (
+    Allocation,
+    BlockMap,
+    PinInfo,
+    PoolStats,
+    RemoteStats,
+    SequenceInfo,
+    TenantUsage,
+)
 
 if TYPE_CHECKING:
-    from kvpager.remote_tier import RemoteStats, RemoteTier
+    from kvpager.remote_tier import RemoteTier
 
 
 def _split(flat: np.ndarray, counts: list[int]) -> list[np.ndarray]:
@@ -45,12 +53,17 @@ class KVPool:
     (0, 3)
     """
 
-    def __init__(self, spec: PoolSpec, device: str = "cpu", backend: Backend | None = None, *,
-                 remote: RemoteTier | None = None):
-        """``remote``: a `kvpager.remote_tier.RemoteTier` (prefix blocks shared
-        through a store across hosts); the pool closes it on `close`."""
+    def __init__(
+        self, spec: PoolSpec, device: str = "cpu", backend: Backend | None = None, *,
+        max_pinned_blocks: int | None = None, remote: RemoteTier | None = None,
+    ):
+        """``max_pinned_blocks``: the most blocks pins may hold (default half the
+        pool). ``remote``: a `kvpager.remote_tier.RemoteTier` (prefix blocks
+        shared through a store across hosts); the pool closes it on `close`."""
         if not isinstance(spec, PoolSpec):
             raise InvalidArgument(f"spec must be a PoolSpec, got {type(spec).__name__}")
+        if max_pinned_blocks is not None and (not validate.is_int(max_pinned_blocks) or max_pinned_blocks < 0):
+            raise InvalidArgument(f"max_pinned_blocks must be an integer >= 0, got {max_pinned_blocks!r}")
         if remote is not None:
             from kvpager.remote_tier import RemoteTier
 
@@ -60,7 +73,8 @@ class KVPool:
         self.spec = spec
         self.backend = backend if backend is not None else make_backend(spec, device)
         self.device = self.backend.device
-        self.manager = SequenceManager(spec.num_blocks, spec.block_size, spec.num_host_blocks)
+        self.manager = SequenceManager(spec.num_blocks, spec.block_size, spec.num_host_blocks,
+                                       None if max_pinned_blocks is None else int(max_pinned_blocks))
         self.remote = remote
         # True while copies or kernels issued by this pool may still be running
         # (cleared by synchronize): the daemon waits only when there is something to wait for.
@@ -200,6 +214,45 @@ class KVPool:
             self.backend.swap_in(pairs)
             self.pending = True
 
+    # -- control: pins and tenants' quotas (kvpager/pins.py, kvpager/tenants.py) ---------------
+    def pin(self, prompts: Seq[Seq[int]], salt: str | bytes | None | Seq[str | bytes | None] = None, *,
+            owner: Any = None) -> list[int]:
+        """Pin the longest cached prefix of full blocks of each prompt: its blocks
+        stay in the prefix cache, never evicted, until unpinned. Returns the tokens
+        pinned per prompt (0: none of it is cached; nothing is waited for). Pinning
+        a prefix again counts: each `unpin` drops one. LimitExceeded (nothing
+        changes) past ``max_pinned_blocks``. ``owner``: whose pin (a daemon's session)."""
+        validate.prompts(prompts)
+        salts = validate.per_seq(salt, len(prompts), "salt")
+        m = self.manager
+        return m.pins.pin(m.pool, self.spec.block_size, prompts, salts, owner)
+
+    def unpin(self, prompts: Seq[Seq[int]], salt: str | bytes | None | Seq[str | bytes | None] = None, *,
+              owner: Any = None) -> list[int]:
+        """Drop one of ``owner``'s pins per prompt, of its longest pinned prefix;
+        returns the tokens it held. NotPinned (nothing changes) for a prompt
+        ``owner`` holds no pin of. Unpinned blocks become evictable, still cached."""
+        validate.prompts(prompts)
+        salts = validate.per_seq(salt, len(prompts), "salt")
+        m = self.manager
+        return m.pins.unpin(m.pool, self.spec.block_size, prompts, salts, owner)
+
+    def release_pins(self, owner: Any) -> int:
+        """Drop every pin of ``owner`` (the daemon: a session that ended); returns how many."""
+        m = self.manager
+        return m.pins.release(m.pool, owner)
+
+    def pins(self, owner: Any = _EVERY) -> list[PinInfo]:
+        """Every pin, or ``owner``'s."""
+        pins, bs = self.manager.pins, self.spec.block_size
+        return pins.infos(bs) if owner is _EVERY else pins.infos(bs, owner)
+
+    def set_quota(self, salt: str | bytes | None, blocks: int | None) -> None:
+        """A soft quota on the cached blocks of ``salt``'s tenant (None: none):
+        when the pool must evict, it takes from tenants over their quota first
+        (least recently used among them), then the global LRU (`kvpager.tenants`)."""
+        self.manager.pool.set_quota(salt, blocks)
+
     # -- ownership (the daemon's sessions) ----------------------------------------------
     def owned(self, owner: Any) -> list[int]:
         """Ids of ``owner``'s live sequences, in id order."""
@@ -259,6 +312,7 @@ class KVPool:
                 f"num_kv_heads={spec.num_kv_heads}, got shape {getattr(q, 'shape', None)}"
             )
         q = validate.tensor(q, "q", (int(sum(qlens)), num_q, spec.head_dim), spec, self.backend.xp)
+        check_floor(self.manager.floors(ids), seq_lens, np.asarray(qlens, np.int64), window)
         if scale is None:
             scale = 1.0 / math.sqrt(spec.head_dim)
         elif not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
@@ -295,7 +349,21 @@ class KVPool:
             query_lens = np.asarray(validate.per_seq(query_lens, len(ids), "query_lens"))
         query_lens, slots = check_queries(self.spec, seq_lens, query_lens, slots)
         self.pending = True
-        return self.backend.plan(tables, seq_lens, query_lens, slots, **options)
+        plan = self.backend.plan(tables, seq_lens, query_lens, slots, **options)
+        plan.floor = self.manager.floors(ids)
+        return plan
+
+    def release_before(self, seq_ids: int | Seq[int], positions: int | Seq[int], *, owner: Any = ANY_OWNER
+                       ) -> list[int]:
+        """Give back each sequence's whole blocks before ``positions[i]`` (its last
+        block stays): K/V no attention will read again once every layer's sliding
+        window has moved past it (see `kvpager.seq_release`). Their table entries
+        become the null block; attention over the sequence must then use a window
+        that starts at or after what is held. A block still shared or cached
+        stays for the others. Returns blocks released per sequence."""
+        ids = validate.seq_ids(seq_ids)
+        positions = validate.per_seq(positions, len(ids), "positions")
+        return self.manager.release_before(ids, positions, owner)
 
     def kv(self, layer: int) -> tuple[Any, Any]:
         """Views of one layer's K and V: each [num_blocks, num_kv_heads, block_size, head_dim]."""
@@ -338,7 +406,18 @@ class KVPool:
             token_slots_allocated=used * bs,
             block_size=bs,
             bytes_per_block=spec.bytes_per_block,
+            pinned_blocks=m.pins.num_pinned,
+            max_pinned_blocks=m.pins.limit,
+            tenants=self._tenants(),
         )
+
+    def _tenants(self) -> tuple[TenantUsage, ...]:
+        pool = self.manager.pool
+        evictable = np.zeros(pool.num_blocks, dtype=bool)
+        if pool.evictable:
+            evictable[np.fromiter(pool.evictable, dtype=np.int64, count=len(pool.evictable))] = True
+        rows = pool.tenants.rows(pool.cache.cached, evictable, self.manager.pins.refs > 0)
+        return tuple(TenantUsage(*r) for r in rows)
 
     def remote_stats(self) -> RemoteStats | None:
         """The remote tier's counters, or None without one."""

@@ -32,7 +32,16 @@ from kvpager.errors import (
     UnknownOp,
     VersionMismatch,
 )
-from kvpager.types import Allocation, BlockMap, PoolStats, RemoteStats, SequenceInfo
+from kvpager.types import (
+    Allocation,
+    BlockMap,
+    PinInfo,
+    PoolStats,
+    RemoteStats,
+    SequenceInfo,
+    SessionInfo,
+    TenantUsage,
+)
 
 #: Bumped on any incompatible change of a message; both sides must agree.
 #: Compatible additions keep it (a new op or optional argument, a reply that
@@ -72,7 +81,7 @@ def _arg_sets(op: Op) -> tuple[frozenset[str], frozenset[str]]:
 OPS: dict[str, Op] = {
     op.name: op
     for op in (
-        Op("hello", (), ("client", "pid", "host", "token"), session=False),
+        Op("hello", (), ("client", "pid", "host", "token", "control_token"), session=False),
         Op("allocate", ("prompts",), ("salt", "share_in_batch", "remote_tokens")),
         Op("cached_tokens", ("prompts",), ("salt",), session=False),
         Op("append", ("seq_ids",), ("num_tokens", "token_ids")),
@@ -84,12 +93,17 @@ OPS: dict[str, Op] = {
         Op("swap_in", ("seq_ids",)),
         Op("staging", ("nbytes",)),
         Op("write", ("layer", "slots", "k", "v")),
-        Op("attend", ("layer", "seq_ids", "q", "out"), ("query_lens", "scale")),
+        Op("attend", ("layer", "seq_ids", "q", "out"), ("query_lens", "scale", "window", "softcap")),
         Op("tables", ("seq_ids",), (), session=False),
         Op("sequences", (), ("seq_ids", "owner", "after", "limit"), session=False),
         Op("blocks", (), (), session=False),
         Op("stats", (), (), session=False),
         Op("check", (), (), session=False),
+        Op("pin", ("prompts",), ("salt", "keep")),
+        Op("unpin", ("prompts",), ("salt", "keep")),
+        Op("pins", (), (), session=False),
+        Op("set_quota", ("salt", "blocks")),
+        Op("sessions", (), (), session=False),
         Op("heartbeat"),
         Op("bye"),
     )
@@ -97,7 +111,8 @@ OPS: dict[str, Op] = {
 #: Ops whose replies the daemon keeps per session by request id: a retry of
 #: one (same id, same bytes) after a timeout gets the first execution's reply
 #: instead of running again (see "Retries" in docs/protocol.md).
-RETRIED_OPS = frozenset({"allocate", "append", "commit", "fork", "free", "truncate", "swap_out", "swap_in"})
+RETRIED_OPS = frozenset({"allocate", "append", "commit", "fork", "free", "truncate", "swap_out", "swap_in",
+                         "pin", "unpin"})
 #: Most sequences one `sequences` request lists (a page; see docs/protocol.md).
 SEQUENCES_PAGE = 4096
 #: How many such replies the daemon keeps per session (a client has one request in flight).
@@ -395,11 +410,31 @@ def decode_info(d: dict[str, Any]) -> SequenceInfo:
 
 
 def encode_stats(stats: PoolStats) -> dict[str, Any]:
-    return {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
+    d = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
+    d["tenants"] = [dataclasses.asdict(t) for t in stats.tenants]
+    return d
 
 
 def decode_stats(d: dict[str, Any]) -> PoolStats:
-    return PoolStats(**_known_fields(PoolStats, d))
+    d = _known_fields(PoolStats, d)
+    d["tenants"] = tuple(TenantUsage(**_known_fields(TenantUsage, t)) for t in d.get("tenants", ()))
+    return PoolStats(**d)
+
+
+def encode_pin(pin: PinInfo) -> dict[str, Any]:
+    d = dataclasses.asdict(pin)
+    d["block_table"] = np.asarray(pin.block_table, np.int64)
+    return d
+
+
+def decode_pin(d: dict[str, Any]) -> PinInfo:
+    d = _known_fields(PinInfo, d)
+    d["block_table"] = tuple(np.asarray(d["block_table"]).tolist())
+    return PinInfo(**d)
+
+
+def decode_session(d: dict[str, Any]) -> SessionInfo:
+    return SessionInfo(**_known_fields(SessionInfo, d))
 
 
 def decode_remote_stats(d: dict[str, Any]) -> RemoteStats:

@@ -69,7 +69,7 @@ def restore(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None]) 
     bp, bs = m.pool, m.block_size
     # 1. probe (read-only): every prompt checked before anything changes
     plans: list[tuple[list[int], list[bytes], list[int | None]]] = []
-    wants: dict[bytes, bytes] = {}  # block key -> root key, keys missing locally
+    wants: dict[bytes, tuple[bytes, str | bytes | None]] = {}  # block key -> (root key, salt), missing here
     need = 0  # fresh blocks of the batch if nothing were restored
     for i, prompt in enumerate(prompts):
         tokens = token_array(prompt, f"prompts[{i}]")
@@ -81,12 +81,12 @@ def restore(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None]) 
         local = [bp.lookup(k) for k in rest]
         for k, b in zip(rest, local):
             if b is None:
-                wants.setdefault(k, root)
+                wants.setdefault(k, (root, salts[i]))
         plans.append((hits, rest, local))
         need += -(-len(tokens) // bs) - len(hits)
     if not wants:
         return None
-    found = tier.fetch([(root, key) for key, root in wants.items()])
+    found = tier.fetch([(root, key) for key, (root, _) in wants.items()])
     if not found:
         return None
     # 2. runs: the blocks each prompt would share after the restore
@@ -122,6 +122,7 @@ def restore(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None]) 
     except BaseException:
         bp.free_blocks(np.concatenate([kept, new_blocks]))
         raise
-    published = [b for b, k in zip(new_blocks.tolist(), keys) if bp.publish(b, k)]
+    # each restored block belongs to its salt's tenant, as if committed here
+    published = [b for b, k in zip(new_blocks.tolist(), keys) if bp.publish(b, k, bp.tenants.code(*wants[k]))]
     tier.restored(len(published))
     return Restore(np.asarray(published, dtype=np.int64), np.concatenate([kept, new_blocks]))

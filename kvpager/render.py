@@ -7,7 +7,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kvpager.types import BlockMap, PoolStats, RemoteStats, SequenceInfo
+from kvpager.types import (
+    BlockMap,
+    PinInfo,
+    PoolStats,
+    RemoteStats,
+    SequenceInfo,
+    SessionInfo,
+    TenantUsage,
+)
 
 
 def human_bytes(n: float) -> str:
@@ -45,6 +53,7 @@ def stats_text(st: PoolStats) -> str:
     rows = [
         ("used", *blocks(st.used_blocks)),
         ("  shared (ref > 1)", *blocks(st.shared_blocks)),
+        (f"  pinned (max {st.max_pinned_blocks})", *blocks(st.pinned_blocks)),
         ("evictable (cached)", *blocks(st.evictable_blocks)),
         ("free", *blocks(st.free_blocks)),
         ("total", *blocks(st.total_blocks)),
@@ -84,6 +93,35 @@ def sequences_text(seqs: Sequence[SequenceInfo], max_table: int = 12) -> str:
         pid = "-" if s.owner_pid is None else s.owner_pid
         rows.append((s.seq_id, s.owner or "-", pid, s.num_tokens, len(s.block_table), s.shared_blocks, s.state, tbl))
     return table(("seq", "session", "pid", "tokens", "blocks", "shared", "state", "block table"), rows)
+
+
+def salt_label(salt: str | bytes | None, width: int = 32) -> str:
+    """A salt for a table cell: ``-`` for the default (None or empty), bytes as hex, cut to ``width``."""
+    text = "-" if not salt else salt if isinstance(salt, str) else "0x" + salt.hex()
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def tenants_text(tenants: Sequence[TenantUsage]) -> str:
+    if not tenants:
+        return "no cached blocks and no quotas"
+    rows = [(salt_label(t.salt), t.cached_blocks, t.evictable_blocks, t.pinned_blocks,
+             "-" if t.quota is None else t.quota, "over" if t.over_quota else "") for t in tenants]
+    return table(("tenant (salt)", "cached", "evictable", "pinned", "quota", ""), rows)
+
+
+def pins_text(pins: Sequence[PinInfo]) -> str:
+    if not pins:
+        return "no pins"
+    rows = [(p.owner or "daemon", salt_label(p.salt), p.num_tokens, len(p.block_table), p.count) for p in pins]
+    return table(("owner", "salt", "tokens", "blocks", "count"), rows)
+
+
+def sessions_text(sessions: Sequence[SessionInfo]) -> str:
+    if not sessions:
+        return "no sessions"
+    rows = [(s.name, "-" if s.pid is None else s.pid, s.client[:40], s.sequences, s.pins, s.requests,
+             f"{s.age_s:.0f}s", "yes" if s.control else "") for s in sessions]
+    return table(("session", "pid", "client", "seqs", "pins", "requests", "age", "control"), rows)
 
 
 def sequence_dict(s: SequenceInfo) -> dict[str, object]:

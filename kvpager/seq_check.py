@@ -84,8 +84,15 @@ def check_integrity(m: SequenceManager) -> None:
     if int(swapped.sum()) != m.num_swapped or set(rows[swapped].tolist()) != set(m.host.held):
         problems.append(f"{int(swapped.sum())} rows marked swapped, {m.num_swapped} counted, "
                         f"{len(m.host.held)} holding host blocks")
-    # A null entry inside a table only where a swapped row moved that block out.
-    null_at = np.argwhere((bt.table[rows] == NULL_BLOCK) & (np.arange(bt.width)[None, :] < nb[:, None]))
+    # A null entry inside a table only where a swapped row moved that block out,
+    # or among the leading blocks a row released (which are all null).
+    released = bt.released[rows]
+    cols = np.arange(bt.width)[None, :]
+    if (released >= np.maximum(nb, 1)).any() or (bt.table[rows] != NULL_BLOCK)[cols < released[:, None]].any():
+        problems.append("a row released its last block, or holds a block among its released entries")
+    if int(np.count_nonzero(released)) != m.num_released:
+        problems.append(f"{int(np.count_nonzero(released))} rows released blocks, {m.num_released} counted")
+    null_at = np.argwhere((bt.table[rows] == NULL_BLOCK) & (cols < nb[:, None]) & (cols >= released[:, None]))
     expected_nulls = sum(len(c) for c, _ in m.host.held.values())
     for k, col in null_at[:5].tolist():
         held = m.host.held.get(int(rows[k]))
@@ -113,9 +120,11 @@ def check_integrity(m: SequenceManager) -> None:
                                          for o, mine in m.owners.owned.items() for s in mine):
         problems.append(f"owner index ({sum(indexed.values())} sequences of {len(indexed)} owners) "
                         f"disagrees with the rows ({len(rows)} of {len(owners)})")
+    problems += m.pins.problems(pool)
     if problems:
         raise IntegrityError("sequence state integrity violated: " + "; ".join(problems[:20]))
-    expected = bt.references(pool.num_blocks)
+    # A block's references: its block-table entries and its pins.
+    expected = bt.references(pool.num_blocks) + m.pins.references(pool.num_blocks)
     expected[NULL_BLOCK] = 0
     pool.check(expected)
     m.host.check()

@@ -111,7 +111,7 @@ def allocate(
     if len(plans) == 1:
         rows = [bt.add_row(flat, ntok[0])]
         last = int(flat[-1]) if len(flat) else 0
-        bt.cols[rows[0]] = (ids[0], code, nhits[0] * bs, nhits[0], ntok[0], 0, last)
+        bt.cols[rows[0]] = (ids[0], code, nhits[0] * bs, nhits[0], ntok[0], 0, last, 0)
     else:
         ntok_a, nhits_a = np.array(ntok, dtype=np.int64), np.array(nhits, dtype=np.int64)
         rows = bt.add_rows(flat, np.array(lengths, dtype=np.int64), ntok_a).tolist()
@@ -125,7 +125,7 @@ def allocate(
         cols[:, 6] = np.where(ntok_a > 0, flat[np.maximum(ends - 1, 0)] if len(flat) else 0, 0)
         bt.cols[rows] = cols
     m.rows.update(zip(ids, rows))
-    m.history.update(zip(ids, (History(p[0], p[1], p[2]) for p in plans)))
+    m.history.update(zip(ids, (History(p[0], p[1], p[2], salt=salt) for p, salt in zip(plans, salts))))
     m.prefix_query_tokens += sum(ntok)
     m.prefix_hit_tokens += sum(cached)
     return ids, flat, lengths, cached, ntok
@@ -167,13 +167,14 @@ def commit(m: SequenceManager, seq_ids: list[int], upto: Seq[int | None],
     todo = np.flatnonzero(full > bt.published[rows])
     for k in todo.tolist():
         row, f = int(rows[k]), int(full[k])
-        history = m.history[seq_ids[k]]
-        first = int(bt.published[row])
-        keys = history.key_blocks(f, bs)[first:f]
-        blocks = bt.table[row, first:f].tolist()
-        done = list(map(m.pool.publish, blocks, keys))
+        h = m.history[seq_ids[k]]
+        keys = h.key_blocks(f, bs)
+        start = max(int(bt.published[row]), int(bt.released[row]))  # released entries hold nothing
+        blocks = bt.table[row, start:f].tolist()
+        tenant = itertools.repeat(m.pool.tenants.code(h.root, h.salt), len(blocks))
+        done = list(map(m.pool.publish, blocks, keys[start:f], tenant))
         published[k] = sum(done)
         if fresh is not None:
-            fresh += [(b, history.root, key) for b, key, new in zip(blocks, keys, done) if new]
+            fresh += [(b, h.root, key) for b, key, new in zip(blocks, keys[start:f], done) if new]
         bt.published[row] = f
     return published

@@ -94,9 +94,10 @@ def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     for s, row in zip(seq_ids, rows.tolist()):
         cols, hosts = host.held[row]
         published = int(bt.published[row])
-        keys = m.history[s].keys
+        h = m.history[s]
+        keys = h.keys
         found = [pool.lookup(keys[i]) if i < published else None for i in cols.tolist()]
-        plans.append((row, cols, hosts, published, keys,
+        plans.append((row, cols, hosts, published, (keys, h),
                       np.array([-1 if b is None else b for b in found], dtype=np.int64)))
     reuse = np.concatenate([p[5] for p in plans]) if plans else np.zeros(0, np.int64)
     reused = reuse[reuse >= 0]
@@ -109,16 +110,17 @@ def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     new = pool.get_new_blocks(need) if need else np.zeros(0, np.int64)
     taken = 0
     copies = []
-    for row, cols, hosts, published, keys, found in plans:
+    for row, cols, hosts, published, (keys, h), found in plans:
         fresh = found < 0
         k = int(np.count_nonzero(fresh))
         blocks = found.copy()
         blocks[fresh] = new[taken : taken + k]
         taken += k
         copies.append(np.stack([hosts[fresh], blocks[fresh]], axis=1))
+        tenant = pool.tenants.code(h.root, h.salt) if published else 0
         for i, b in zip(cols[fresh].tolist(), blocks[fresh].tolist()):
             if i < published:
-                pool.publish(b, keys[i])
+                pool.publish(b, keys[i], tenant)
         bt.table[row, cols] = blocks
         host.free.extend(hosts.tolist())
         del host.held[row]

@@ -26,20 +26,22 @@ from typing import Any
 
 import numpy as np
 
-from kvpager import seq_append, seq_check, seq_prefix, seq_swap
+from kvpager import seq_append, seq_check, seq_prefix, seq_release, seq_swap
 from kvpager.block_pool import BlockPool
 from kvpager.block_table import BlockTable
 from kvpager.errors import InvalidArgument, NotOwner, SequenceSwapped, UnknownSequence
 from kvpager.history import History
 from kvpager.owners import OwnerIndex
+from kvpager.pins import PinTable
 from kvpager.types import SequenceInfo
 from kvpager.validate import is_int
 
 #: Per-row state beside the block table: the sequence id, its owner (a code,
 #: 0 = None), tokens whose K/V is committed, blocks offered to the prefix
 #: cache, known token ids (prompt + tail), whether it is swapped out (0/1) and
-#: its last block (0: none, or swapped out), which append and stats read.
-COLUMNS = ("seq_id", "owner", "committed", "published", "known", "swapped", "last")
+#: its last block (0: none, or swapped out), which append and stats read, and
+#: how many leading blocks it released (`seq_release`: null entries).
+COLUMNS = ("seq_id", "owner", "committed", "published", "known", "swapped", "last", "released")
 
 
 ANY_OWNER = object()  # `batch` without an ownership check (None is an owner: the embedded one)
@@ -53,19 +55,22 @@ def _consume(it: Iterator[Any]) -> None:
 class SequenceManager:
     """Allocator state: block pool (with the prefix cache) + host blocks + sequences."""
 
-    def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0):
+    def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0,
+                 max_pinned_blocks: int | None = None):
         if block_size < 1 or block_size & (block_size - 1):
             raise InvalidArgument(f"block_size must be a power of two, got {block_size}")
         self.block_size = block_size
         self.shift = block_size.bit_length() - 1  # pos >> shift == pos // block_size
         self.pool = BlockPool(num_blocks)
         self.host = seq_swap.HostPool(num_host_blocks)
+        self.pins = PinTable(num_blocks, (num_blocks - 1) // 2 if max_pinned_blocks is None else max_pinned_blocks)
         self.table = BlockTable(columns=COLUMNS)
         self.rows: dict[int, int] = {}  # seq_id -> row, in id order (ids only grow)
         self.history: dict[int, History] = {}
         self.owners = OwnerIndex()
         self._ids = itertools.count(1)
         self.num_swapped = 0
+        self.num_released = 0  # rows with released leading blocks
         # The last checked batch (ids, owner, frees so far, rows): a decode loop
         # sends the same ids step after step, and while no sequence was freed
         # (rows move only then) they need no new lookup or checks.
@@ -140,7 +145,11 @@ class SequenceManager:
 
     def tables(self, seq_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Padded int32 block tables and int32 lengths of resident sequences."""
-        rows = self.lookup(seq_ids)
+        last = self._last_batch
+        if last is not None and last[2] == self._frees and last[0] == seq_ids:
+            rows = last[3]  # the ids the step's append just took: no lookup
+        else:
+            rows = self.lookup(seq_ids)
         if self.num_swapped:
             swapped = self.table.swapped[rows]
             if np.count_nonzero(swapped):
@@ -217,7 +226,9 @@ class SequenceManager:
         kids = bt.copy_rows(np.repeat(rows, n) if n > 1 else rows)
         ids = self.new_ids(len(kids))
         bt.seq_id[kids] = ids
-        self.pool.share(bt.row_blocks(rows), n)
+        self.pool.share(seq_release.live_blocks(self, bt.row_blocks(rows)), n)
+        if self.num_released:
+            self.num_released += int(np.count_nonzero(bt.released[kids]))
         self.rows.update(zip(ids, kids.tolist()))
         history = self.history
         parents = seq_ids if n == 1 else [p for p in seq_ids for _ in range(n)]
@@ -232,6 +243,9 @@ class SequenceManager:
         self._frees += 1  # rows are given back: no remembered batch holds any more
         bt = self.table
         blocks = bt.row_blocks(rows, reverse=True)
+        if self.num_released:
+            blocks = seq_release.live_blocks(self, blocks)
+            self.num_released -= int(np.count_nonzero(bt.released[rows]))
         if self.num_swapped:
             swapped = rows[bt.swapped[rows] != 0]
             if len(swapped):
@@ -252,9 +266,13 @@ class SequenceManager:
         bs, bt, pool = self.block_size, self.table, self.pool
         rows = self.batch(seq_ids, "truncate")
         nt = bt.num_tokens[rows]
-        for s, n, limit in zip(seq_ids, lengths, nt.tolist()):
+        floor = bt.released[rows] * bs + 1 if self.num_released else np.zeros(len(rows), np.int64)
+        for s, n, limit, lo in zip(seq_ids, lengths, nt.tolist(), floor.tolist()):
             if not is_int(n) or not 0 <= n <= limit:
                 raise InvalidArgument(f"truncate: length for sequence {s} must be in [0, {limit}], got {n!r}")
+            if lo > 1 and n < lo:
+                raise InvalidArgument(f"truncate: sequence {s} released its blocks before position {lo - 1}; "
+                                      f"it can be cut back to {lo} tokens at least, not {n}")
         n = np.fromiter(map(int, lengths), np.int64, len(rows))
         keep = -(-n // bs)
         old = bt.num_blocks[rows].astype(np.int64)
@@ -288,6 +306,20 @@ class SequenceManager:
                 for k, b in zip(part[maybe].tolist(), last[maybe].tolist()):
                     if pool.ref_cnt[b] + np.count_nonzero(dropped[at > k] == b) == 1:
                         pool.unpublish(b)
+
+    def release_before(self, seq_ids: list[int], positions: Seq[int], owner: Any = ANY_OWNER) -> list[int]:
+        """Give back each sequence's whole blocks before ``positions[i]`` (never its
+        last block), leaving null entries; returns blocks released per sequence
+        (see `seq_release`). ``owner``: the ids must be its."""
+        return seq_release.release_before(self, seq_ids, positions, owner)
+
+    def floors(self, seq_ids: list[int]) -> np.ndarray | None:
+        """Each sequence's first position still held (int64), or None when none of
+        them released any blocks."""
+        if not self.num_released:
+            return None
+        floor = self.table.released[self.lookup(seq_ids)] * self.block_size
+        return floor if floor.any() else None
 
     # -- swap ------------------------------------------------------------------------------
     def swap_out(self, seq_ids: list[int]) -> np.ndarray:

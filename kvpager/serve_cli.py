@@ -14,6 +14,7 @@ import click
 from kvpager import env
 from kvpager.errors import KVPagerError
 from kvpager.limits import Limits
+from kvpager.sizing import memory_budget, model_geometry
 from kvpager.spec import MODEL_PRESETS, PoolSpec
 
 
@@ -48,10 +49,25 @@ def limit_options(fn: Any) -> Any:
     return fn
 
 
-def build_spec(opts: dict[str, Any]) -> PoolSpec:
-    """The pool geometry from the command-line options (a --model preset fills
-    in what the options leave out)."""
-    geo: dict[str, Any] = dict(MODEL_PRESETS[opts["model"]]) if opts["model"] else {}
+def parse_quotas(items: tuple[str, ...]) -> list[tuple[str | None, int]]:
+    """``--quota SALT=BLOCKS`` values (the last ``=`` splits: a salt may hold one)."""
+    out = []
+    for item in items:
+        salt, sep, blocks = item.rpartition("=")
+        if not sep or not blocks.strip().isdigit():
+            raise click.BadParameter(f"{item!r} is not SALT=BLOCKS (e.g. --quota tenant-a=1024)",
+                                     param_hint="--quota")
+        out.append((salt or None, int(blocks)))
+    return out
+
+
+def build_spec(opts: dict[str, Any], device: str = "cpu") -> PoolSpec:
+    """The pool geometry from the command-line options (a --model preset or a
+    model's config.json fills in what the options leave out)."""
+    model = opts["model"]
+    geo: dict[str, Any] = {}
+    if model:
+        geo = dict(MODEL_PRESETS[model]) if model in MODEL_PRESETS else model_geometry(model)
     for opt, field in (("layers", "num_layers"), ("kv_heads", "num_kv_heads"),
                        ("head_dim", "head_dim"), ("dtype", "dtype"), ("block_size", "block_size")):
         if opts[opt] is not None:
@@ -59,13 +75,17 @@ def build_spec(opts: dict[str, Any]) -> PoolSpec:
     missing = [f for f in ("num_layers", "num_kv_heads", "head_dim") if f not in geo]
     if missing:
         raise click.UsageError(f"give --model or all of --layers/--kv-heads/--head-dim (missing {missing})")
+    if model and model not in MODEL_PRESETS and "dtype" not in geo:
+        raise click.UsageError(f"--model {model}: its config.json names no torch_dtype; pass --dtype")
     if (opts["blocks"] is None) == (opts["memory"] is None):
         raise click.UsageError("give exactly one of --blocks and --memory")
     if opts["host_blocks"] is not None and opts["host_memory"] is not None:
         raise click.UsageError("give at most one of --host-blocks and --host-memory")
     if opts["memory"] is not None:
         host = parse_size(opts["host_memory"]) if opts["host_memory"] else 0
-        spec = PoolSpec.for_memory(parse_size(opts["memory"]), host_bytes=host, **geo)
+        budget, how = memory_budget(opts["memory"], device, host)
+        spec = PoolSpec.for_memory(budget, host_bytes=host, **geo)
+        logging.getLogger("kvpager.server").info("device pool: %d blocks from %s", spec.num_blocks, how)
     else:
         spec = PoolSpec(num_blocks=opts["blocks"], **geo)
         if opts["host_memory"]:
@@ -96,14 +116,16 @@ def remote_tier(opts: dict[str, Any]) -> Any:
 
 
 @click.command()
-@click.option("--model", type=click.Choice(sorted(MODEL_PRESETS)), help="Geometry preset.")
+@click.option("--model", help=f"Geometry: a preset ({', '.join(sorted(MODEL_PRESETS))}), or a Hugging Face "
+              "model folder or its config.json (layers, KV heads, head dim and dtype read from it).")
 @click.option("--layers", type=click.IntRange(min=0), help="Number of layers.")
 @click.option("--kv-heads", type=click.IntRange(min=0), help="KV heads per layer.")
 @click.option("--head-dim", type=click.IntRange(min=0), help="Head dimension.")
 @click.option("--block-size", type=click.IntRange(min=0), help="Tokens per block (default 16).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="K/V dtype.")
 @click.option("--blocks", type=click.IntRange(min=0), help="Device blocks (block 0 included).")
-@click.option("--memory", help="Device pool size instead of --blocks, e.g. 8G.")
+@click.option("--memory", help="Device pool size instead of --blocks: bytes (8G), or a fraction of free "
+              "memory (0.9 or 90%: of free GPU memory; on the CPU of available RAM and /dev/shm, less the host pool).")
 @click.option("--host-blocks", type=click.IntRange(min=0), help="Host (swap) blocks.")
 @click.option("--host-memory", help="Host (swap) pool size, e.g. 16G.")
 @click.option("--device", default=None, help="cpu or cuda:N (default: a GPU if there is one).")
@@ -122,6 +144,14 @@ def remote_tier(opts: dict[str, Any]) -> Any:
               help="Seconds a block lives in the store (0: until the store evicts it).")
 @click.option("--remote-queue", type=Size(), default="256M", show_default=True,
               help="Bytes of committed blocks waiting to be written; past it new ones are dropped.")
+@click.option("--max-pinned-blocks", type=click.IntRange(min=0), default=None,
+              help="Most blocks pins may hold (default: half the device blocks).")
+@click.option("--quota", "quotas", multiple=True, metavar="SALT=BLOCKS",
+              help="A tenant's quota on cached blocks: eviction takes from tenants over theirs first "
+                   "(repeatable; an empty SALT is the default tenant).")
+@click.option("--control-token-file", type=click.Path(dir_okay=False), default=None,
+              help="A file holding the secret a session sends to set quotas and keep pins "
+                   "(KVPAGER_CONTROL_TOKEN / KVPAGER_CONTROL_TOKEN_FILE); without one, quotas are fixed at start.")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @limit_options
 def serve(**opts: Any) -> None:
@@ -136,13 +166,19 @@ def serve(**opts: Any) -> None:
         raise click.ClickException(
             "--device cuda needs CuPy: pip install 'kvpager[cuda]' (CUDA 13 drivers) or 'kvpager[cuda12]' "
             "(CUDA 12); or serve with --device cpu")
+    quotas = parse_quotas(opts["quotas"])
     try:
-        spec = build_spec(opts)
+        spec = build_spec(opts, device)
         token = env.read_token_file(opts["token_file"]) if opts["token_file"] else env.token()
+        control = (env.read_token_file(opts["control_token_file"]) if opts["control_token_file"]
+                   else env.control_token())
         limits = Limits.from_env(**{f.name: opts[f"max_{f.name}"] for f in dataclasses.fields(Limits)})
         remote = remote_tier(opts) if opts["remote"] else None
-        server = Server.create(spec, opts["endpoint"], device, remote=remote,
-                               heartbeat_timeout=opts["heartbeat_timeout"], limits=limits, token=token)
+        server = Server.create(spec, opts["endpoint"], device, max_pinned_blocks=opts["max_pinned_blocks"],
+                               remote=remote, heartbeat_timeout=opts["heartbeat_timeout"], limits=limits,
+                               token=token, control_token=control)
+        for salt, blocks in quotas:
+            server.pool.set_quota(salt, blocks)
     except KVPagerError as e:
         raise click.ClickException(str(e)) from None
 

@@ -92,6 +92,7 @@ class Server(ServerOps):
         owns_pool: bool = False,
         limits: Limits | None = None,
         token: str | None = None,
+        control_token: str | None = None,
     ):
         self.pool = pool
         self.endpoint = check_endpoint(endpoint or default_endpoint(), bind=True)
@@ -106,6 +107,8 @@ class Server(ServerOps):
         self.limits = limits or Limits.from_env()
         #: hello must carry this secret when set (see "Trust" in docs/protocol.md)
         self.token = token or None
+        #: hello with this secret opens a control session (quotas, kept pins; server_control.py)
+        self.control_token = control_token or None
         self.sessions = SessionTable(hb, self.epoch, self.gpu, self.limits)
         self.max_message_bytes = max_message_bytes or env.max_message_bytes()
         self.owns_pool = owns_pool
@@ -122,18 +125,20 @@ class Server(ServerOps):
 
     @classmethod
     def create(cls, spec: PoolSpec, endpoint: str | None = None, device: str = "cpu", *,
-               remote: RemoteTier | None = None, **kwargs: Any) -> Server:
+               max_pinned_blocks: int | None = None, remote: RemoteTier | None = None,
+               **kwargs: Any) -> Server:
         """A server with its own pool; on the CPU the pool lives in shared memory
-        that clients map. ``remote``: the pool's remote prefix tier."""
+        that clients map. ``max_pinned_blocks``, ``remote``: as `KVPool`'s."""
         check_endpoint(endpoint or default_endpoint(), bind=True)  # before any memory is taken
         epoch = secrets.token_hex(8)
         memory = None
         if device == "cpu":
             sweep_stale()
             memory = PoolMemory.create(spec, epoch)
-            pool = KVPool(spec, backend=memory.backend(), remote=remote)
+            pool = KVPool(spec, backend=memory.backend(), max_pinned_blocks=max_pinned_blocks, remote=remote)
         else:
-            pool = KVPool(spec, backend=make_backend(spec, device), remote=remote)
+            pool = KVPool(spec, backend=make_backend(spec, device), max_pinned_blocks=max_pinned_blocks,
+                          remote=remote)
         return cls(pool, endpoint, memory=memory, epoch=epoch, owns_pool=True, **kwargs)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -237,10 +242,9 @@ class Server(ServerOps):
         next_expiry = time.monotonic() + self._expiry_interval()
         while not stop.is_set():
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart()  # blocks for at most _POLL_MS (RCVTIMEO)
             except zmq.Again:
                 self._idle = time.monotonic()  # the queue is empty: everything sent is read
-                sock.poll(_POLL_MS)
             else:
                 # [routing id, (empty delimiter from REQ), body]: answer on the same envelope.
                 frames[-1] = self.handle(frames[-1])
@@ -248,6 +252,8 @@ class Server(ServerOps):
                     sock.send_multipart(frames, zmq.NOBLOCK)
                 except zmq.ZMQError as e:  # peer gone or its queue full: its problem, not ours
                     log.debug("reply dropped: %s", e)
+                if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self._idle = time.monotonic()  # nothing else queued: read up to now
             now = time.monotonic()
             if now >= next_expiry:
                 next_expiry = now + self._expiry_interval()
@@ -272,6 +278,7 @@ class Server(ServerOps):
             rid, op = req.id, req.op
             if OPS[op].session or (req.session is not None and op != "hello"):
                 session = self.sessions.get(req.session)
+                session.ops += 1
             elif self.token is not None and op != "hello":
                 raise Unauthorized(f"{op}: this daemon has a token: open a session (hello with the token) first")
             if op in RETRIED_OPS:
@@ -345,7 +352,8 @@ class Server(ServerOps):
         ids = self.pool.owned(session.name)
         if ids:
             self.pool.free(ids)
+        pins = self.pool.release_pins(session.name)
         self.sessions.close(session)
-        log.info("session %s (%s, pid %s) ended: %s; freed %d sequences",
-                 session.name, session.client, session.pid, why, len(ids))
+        log.info("session %s (%s, pid %s) ended: %s; freed %d sequences, released %d pins",
+                 session.name, session.client, session.pid, why, len(ids), pins)
         return len(ids)

@@ -29,6 +29,7 @@ from kvpager.errors import (
     Unauthorized,
 )
 from kvpager.protocol import SEQUENCES_PAGE
+from kvpager.server_control import ControlOps
 
 if TYPE_CHECKING:
     from kvpager.sessions import Session
@@ -78,9 +79,10 @@ def _int(value: Any, what: str) -> int:
     return value
 
 
-class ServerOps:
+class ServerOps(ControlOps):
     """The op handlers; `Server` supplies ``pool``, ``sessions``, ``limits``,
-    ``token``, ``memory``, ``gpu``, ``epoch``, ``_owned`` and ``_end``."""
+    ``token``, ``control_token``, ``memory``, ``gpu``, ``epoch``, ``requests``,
+    ``_owned`` and ``_end``. Pins, quotas and the session list: `ControlOps`."""
 
     def _op_hello(self, _: None, a: dict[str, Any]) -> dict[str, Any]:
         if self.token is not None:
@@ -92,8 +94,10 @@ class ServerOps:
         if not isinstance(client, str):
             raise InvalidArgument(f"hello: client must be a string, got {type(client).__name__}")
         self.limits.check("client_name", len(client), "hello: client name length")
+        control = self._check_control_token(a.get("control_token"))
         s = self.sessions.open(client, pid if isinstance(pid, int) and not isinstance(pid, bool) else None)
-        log.info("session %s opened by %s (pid %s)", s.name, s.client, s.pid)
+        s.control = control
+        log.info("session %s opened by %s (pid %s)%s", s.name, s.client, s.pid, " with control" if control else "")
         if self.memory is not None:
             memory = self.memory.handles()
         elif self.gpu is not None:
@@ -113,6 +117,7 @@ class ServerOps:
             "heartbeat_timeout": self.sessions.heartbeat_timeout,
             "max_message_bytes": self.max_message_bytes,
             "server_pid": os.getpid(),
+            "control": control,
             # a remote tier: allocate answers num_remote_tokens to a client that asks (remote_tokens)
             "remote": self.pool.remote.describe() if self.pool.remote is not None else None,
         }
@@ -243,7 +248,8 @@ class ServerOps:
 
     def _op_attend(self, s: Session, a: dict[str, Any]) -> list[Any]:
         q = self._staged(s, a["q"], "q")
-        out = self.pool.attend(a["layer"], _ids(a["seq_ids"]), q, a.get("query_lens"), a.get("scale"))
+        out = self.pool.attend(a["layer"], _ids(a["seq_ids"]), q, a.get("query_lens"), a.get("scale"),
+                               window=a.get("window"), softcap=a.get("softcap"))
         offset = _int(a["out"], "out")
         s.staging.array(out.shape, out.dtype, offset)[...] = out  # a device copy on a GPU
         return [offset, list(out.shape)]
@@ -286,6 +292,7 @@ class ServerOps:
     def _op_stats(self, s: Session | None, a: dict[str, Any]) -> dict[str, Any]:
         d = protocol.encode_stats(self.pool.stats())
         d["sessions"] = len(self.sessions)
+        d["requests"] = self.requests  # every request the daemon has answered: rates for `kvpager top`
         remote = self.pool.remote_stats()
         if remote is not None:
             d["remote"] = remote.to_dict()
@@ -297,6 +304,9 @@ class ServerOps:
         orphans = [i for o in self.pool.owners() if o not in open_ids for i in self.pool.owned(o)]
         if orphans:
             raise IntegrityError(f"{len(orphans)} sequences belong to no open session, e.g. {orphans[:5]}")
+        stray = [p.owner for p in self.pool.pins() if p.owner is not None and p.owner not in open_ids]
+        if stray:
+            raise IntegrityError(f"{len(stray)} pins belong to no open session, e.g. of {stray[0]!r}")
         for s in open_ids.values():
             if s.num_seqs != len(self.pool.owned(s.name)):
                 raise IntegrityError(f"session {s.name} counts {s.num_seqs} sequences but owns "

@@ -39,8 +39,9 @@ class Session:
     num_seqs: int = 0  # live sequences it owns (allocate, fork and free keep count)
     #: request id -> (digest of the request, reply) of its last RETRIED_OPS requests
     replies: OrderedDict = field(default_factory=OrderedDict)
-    ops: int = 0
+    ops: int = 0  # requests it sent
     opened: float = field(default_factory=time.time)
+    control: bool = False  # hello carried the daemon's control token
 
     def close(self) -> None:
         if self.staging is not None:

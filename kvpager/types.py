@@ -52,6 +52,64 @@ class SequenceInfo:
         return "swapped" if self.swapped else "resident"
 
 
+def salt_text(salt: str | bytes | None) -> str | None:
+    """A salt for JSON: a str as it is, bytes as ``hex:`` + their hex digits."""
+    return "hex:" + salt.hex() if isinstance(salt, bytes) else salt
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    """One tenant (salt) of the prefix cache: its published blocks, and its quota."""
+
+    salt: str | bytes | None  # as first given; None is the default tenant
+    cached_blocks: int  # published blocks, in use or evictable (what the quota bounds)
+    evictable_blocks: int  # of those, the ones eviction may take
+    pinned_blocks: int  # of those, the ones held by pins
+    quota: int | None  # None: no quota
+
+    @property
+    def over_quota(self) -> bool:
+        return self.quota is not None and self.cached_blocks > self.quota
+
+    def to_dict(self) -> dict[str, object]:
+        d = dataclasses.asdict(self)
+        d["salt"] = salt_text(self.salt)
+        return d
+
+
+@dataclass(frozen=True)
+class PinInfo:
+    """A pinned prefix: its blocks stay in the prefix cache, never evicted,
+    until every pin on it is unpinned (or its owner's session ends)."""
+
+    owner: str | None  # the session that pinned it; None: the pool's own (kept) pins
+    salt: str | bytes | None
+    num_tokens: int  # full blocks pinned x block size
+    count: int  # times pinned by this owner: each unpin drops one
+    block_table: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        d = dataclasses.asdict(self)
+        d["salt"] = salt_text(self.salt)
+        d["block_table"] = list(self.block_table)
+        return d
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A daemon session as others see it (never its secret id)."""
+
+    name: str  # public: the owner of its sequences and pins
+    client: str  # the name the client gave in hello
+    pid: int | None  # the client's process
+    sequences: int  # live sequences it owns
+    pins: int  # pins it holds (released when it ends)
+    requests: int  # requests it has sent
+    age_s: float  # seconds since hello
+    idle_s: float  # seconds since it was last heard from
+    control: bool  # opened with the daemon's control token
+
+
 @dataclass(frozen=True)
 class PoolStats:
     """The pool at a glance. Block counts exclude the reserved null block."""
@@ -72,6 +130,9 @@ class PoolStats:
     token_slots_allocated: int  # used_blocks * block_size
     block_size: int
     bytes_per_block: int
+    pinned_blocks: int = 0  # distinct blocks held by pins (in use; never evicted)
+    max_pinned_blocks: int = 0  # the cap on pinned_blocks
+    tenants: tuple[TenantUsage, ...] = ()  # every tenant with cached blocks or a quota
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -84,6 +145,7 @@ class PoolStats:
 
     def to_dict(self) -> dict[str, object]:
         d = dataclasses.asdict(self)
+        d["tenants"] = [t.to_dict() for t in self.tenants]
         d["prefix_hit_rate"] = self.prefix_hit_rate
         d["slot_utilization"] = self.slot_utilization
         return d

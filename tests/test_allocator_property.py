@@ -4,18 +4,23 @@ The model keeps, per sequence, its token ids. Every token's K is written as a
 deterministic function of the token ids up to and including it (as a real
 model's K/V is), so any prefix hit, copy-on-write, swap or truncation that
 hands a sequence the wrong bytes shows up when K is read back through the
-block table. `check_integrity()` runs after every step."""
+block table. Pins and tenants' quotas run among the other ops: pinned
+prefixes must stay cached with their bytes, and an eviction may take from
+tenants at or under their quota only once every tenant over its quota has
+nothing evictable left. `check_integrity()` runs after every step."""
 
 from __future__ import annotations
 
 import hashlib
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvpager import KVPool, OutOfBlocks, PoolSpec
+from kvpager import InvalidArgument, KVPool, OutOfBlocks, PoolSpec
+from kvpager.errors import LimitExceeded, NotPinned
 
 BS = 8
 HEAD_DIM = 8
@@ -38,9 +43,12 @@ class AllocatorMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.pool = KVPool(PoolSpec(1, 1, HEAD_DIM, num_blocks=25, block_size=BS,
-                                    dtype="float32", num_host_blocks=10))
+                                    dtype="float32", num_host_blocks=10), max_pinned_blocks=8)
         self.tokens: dict[int, list[int]] = {}
         self.swapped: set[int] = set()
+        self.floor: dict[int, int] = {}  # first position still held, after a release
+        self.prompts: list[tuple[tuple[int, ...], str | None]] = []  # (tokens, salt) allocated
+        self.pinned: dict[tuple[tuple[int, ...], str | None], int] = {}  # (pinned prefix, salt) -> count
 
     # -- helpers -----------------------------------------------------------------
     def _write(self, seq_id: int, start: int, slots: np.ndarray) -> None:
@@ -59,12 +67,15 @@ class AllocatorMachine(RuleBasedStateMachine):
     def allocate(self, prompts, salt, share):
         if salt == "x":  # salted sequences get a token offset so the model stays per-salt
             prompts = [[t + 10 for t in p] for p in prompts]
+        before = self._tenants()
         try:
             # Shared-in-batch blocks are filled by an earlier prompt of the batch:
             # the writes below go in prompt order, as a batched prefill's would.
             allocs = self.pool.allocate(prompts, salt=salt, share_in_batch=share)
         except OutOfBlocks:
             return
+        self._check_eviction_order(before, self._tenants())
+        self.prompts += [(tuple(p), salt) for p in prompts]
         for p, a in zip(prompts, allocs):
             assert a.num_cached_tokens % BS == 0 and a.num_cached_tokens < max(len(p), 1)
             assert len(a.slots) == len(p) - a.num_cached_tokens
@@ -104,6 +115,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         [kids] = self.pool.fork(s, n)
         for c in kids:
             self.tokens[c] = list(self.tokens[s])
+            if s in self.floor:
+                self.floor[c] = self.floor[s]
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
@@ -113,14 +126,35 @@ class AllocatorMachine(RuleBasedStateMachine):
         for s in seqs:
             del self.tokens[s]
             self.swapped.discard(s)
+            self.floor.pop(s, None)
 
     @precondition(lambda self: self._resident())
     @rule(data=st.data())
     def truncate(self, data):
         s = data.draw(st.sampled_from(self._resident()))
         n = data.draw(st.integers(0, len(self.tokens[s])))
+        if s in self.floor and n <= self.floor[s]:  # into the released blocks: refused, nothing changes
+            with pytest.raises(InvalidArgument, match="released"):
+                self.pool.truncate(s, n)
+            event("truncate into released blocks")
+            return
         self.pool.truncate(s, n)
         del self.tokens[s][n:]
+
+    @precondition(lambda self: self._resident())
+    @rule(data=st.data())
+    def release(self, data):
+        s = data.draw(st.sampled_from(self._resident()))
+        p = data.draw(st.integers(0, len(self.tokens[s])))
+        before = self.pool.stats().used_blocks
+        [n] = self.pool.release_before(s, p)
+        # whole blocks before p, never the last block, never what was released already
+        want = max(0, min(p // BS, -(-len(self.tokens[s]) // BS) - 1) - self.floor.get(s, 0) // BS)
+        assert n == want
+        assert self.pool.stats().used_blocks <= before
+        if n:
+            event("release")
+            self.floor[s] = self.floor.get(s, 0) + n * BS
 
     @precondition(lambda self: self._resident())
     @rule(data=st.data())
@@ -145,6 +179,84 @@ class AllocatorMachine(RuleBasedStateMachine):
         event("swap in")
         self.swapped.difference_update(seqs)
 
+    @precondition(lambda self: self.prompts)
+    @rule(data=st.data(), cut=st.integers(0, 5 * BS))
+    def pin(self, data, cut):
+        toks, salt = data.draw(st.sampled_from(self.prompts))
+        toks = toks[:cut]
+        before = self.pool.stats()
+        try:
+            [n] = self.pool.pin([list(toks)], salt=salt)
+        except LimitExceeded:
+            assert self.pool.stats() == before
+            event("pin: over the cap")
+            return
+        assert n % BS == 0 and n <= len(toks)
+        # What is pinned is what a prompt one token longer finds cached (allocate keeps one back).
+        assert n == self.pool.cached_tokens([list(toks) + [0]], salt)[0]
+        if n:
+            event("pin")
+            key = (toks[:n], salt)
+            self.pinned[key] = self.pinned.get(key, 0) + 1
+
+    @precondition(lambda self: self.pinned)
+    @rule(data=st.data())
+    def unpin(self, data):
+        toks, salt = data.draw(st.sampled_from(sorted(self.pinned, key=repr)))
+        assert self.pool.unpin([list(toks)], salt) == [len(toks)]
+        self.pinned[(toks, salt)] -= 1
+        if not self.pinned[(toks, salt)]:
+            del self.pinned[(toks, salt)]
+
+    @rule(toks=tokens_st, salt=st.sampled_from([None, "x"]))
+    def unpin_what_is_not_pinned(self, toks, salt):
+        if any(toks[: len(p)] == list(p) and s == salt for p, s in self.pinned):
+            return
+        before = self.pool.stats()
+        try:
+            self.pool.unpin([toks], salt)
+            raise AssertionError("unpin of an unpinned prefix succeeded")
+        except NotPinned:
+            pass
+        assert self.pool.stats() == before
+
+    @rule(salt=st.sampled_from([None, "x"]), blocks=st.one_of(st.none(), st.integers(0, 6)))
+    def set_quota(self, salt, blocks):
+        self.pool.set_quota(salt, blocks)
+
+    @rule(extra=st.integers(1, 4))
+    def memory_pressure(self, extra):
+        """Take every free block and ``extra`` evictable ones (one-block prompts no
+        other prompt matches), then give them back: an eviction of ``extra`` blocks."""
+        st_ = self.pool.stats()
+        extra = min(extra, st_.evictable_blocks)
+        if not extra:
+            return
+        event("memory pressure")
+        before = self._tenants()
+        allocs = self.pool.allocate([[99] * BS] * (st_.free_blocks + extra))
+        self._check_eviction_order(before, self._tenants())
+        self.pool.free([a.seq_id for a in allocs])
+
+    # -- helpers for quotas ----------------------------------------------------------
+    def _tenants(self) -> dict:
+        return {t.salt: t for t in self.pool.stats().tenants}
+
+    @staticmethod
+    def _check_eviction_order(before: dict, after: dict) -> None:
+        """Blocks evicted beyond what tenants over their quota had in excess only
+        if, after, every tenant with a quota is at or under it or has nothing
+        evictable left (new blocks are not published yet: cached counts fall only
+        by eviction)."""
+        evicted = {s: t.cached_blocks - (after[s].cached_blocks if s in after else 0) for s, t in before.items()}
+        excess = sum(min(evicted[s], max(t.cached_blocks - t.quota, 0))
+                     for s, t in before.items() if t.quota is not None)
+        if sum(evicted.values()) > excess:
+            for t in after.values():
+                assert t.quota is None or t.cached_blocks <= t.quota or t.evictable_blocks == 0, (before, after)
+        if excess:
+            event("eviction from a tenant over its quota")
+
     # -- invariants --------------------------------------------------------------
     @invariant()
     def integrity(self):
@@ -161,11 +273,25 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert info.swapped == (s in self.swapped)
             if info.swapped:
                 continue
-            for p in range(len(toks)):
+            for p in range(self.floor.get(s, 0), len(toks)):
                 b, o = info.block_table[p // BS], p % BS
                 want = k_value(tuple(toks[: p + 1]))
                 np.testing.assert_array_equal(k_all[b, 0, o], want, err_msg=f"seq {s} pos {p}")
                 np.testing.assert_array_equal(v_all[b, 0, o], -want)
+
+    @invariant()
+    def pins_hold_their_prefixes(self):
+        pins = self.pool.pins()
+        assert sorted(repr((p.salt, p.num_tokens, p.count)) for p in pins) == sorted(
+            repr((s, len(t), c)) for (t, s), c in self.pinned.items())
+        k_all, _ = self.pool.kv(0)
+        for toks, salt in self.pinned:
+            assert self.pool.cached_tokens([list(toks) + [0]], salt)[0] >= len(toks)
+        for p in pins:  # the bytes of a pinned block are its prefix's, as written
+            k = k_all[list(p.block_table), 0].reshape(-1, HEAD_DIM)
+            assert any(s == p.salt and len(t) == p.num_tokens
+                       and all(np.array_equal(k[i], k_value(t[: i + 1])) for i in range(len(t)))
+                       for t, s in self.pinned)
 
     @invariant()
     def accounting(self):
@@ -174,6 +300,11 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert st_.num_sequences == len(self.tokens)
         assert st_.swapped_sequences == len(self.swapped)
         assert st_.tokens_stored <= st_.token_slots_allocated
+        assert st_.pinned_blocks == len({b for p in self.pool.pins() for b in p.block_table}) <= 8
+        tenants = st_.tenants
+        assert sum(t.cached_blocks for t in tenants) == st_.cached_blocks
+        assert sum(t.evictable_blocks for t in tenants) == st_.evictable_blocks
+        assert sum(t.pinned_blocks for t in tenants) == st_.pinned_blocks
 
 
 AllocatorMachine.TestCase.settings = settings(

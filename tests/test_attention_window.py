@@ -1,5 +1,6 @@
 """Sliding-window and soft-capped paged attention (NumPy backend, step plans)
-against the dense float64 reference with the same mask."""
+against the dense float64 reference with the same mask. The GPU kernels'
+windows and soft caps: tests/test_gpu_window.py."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import numpy as np
 import pytest
 from reference import TOLERANCE, attention, rel_err
 
-from kvpager import InvalidArgument, KVPool, PoolSpec, UnsupportedConfiguration
+from kvpager import InvalidArgument, KVPool, PoolSpec
 from kvpager.backends.numpy_backend import paged_attention
-from kvpager.plan import refuse_window_softcap
 
 
 def filled_pool(spec: PoolSpec, lengths: list[int], rng: np.random.Generator):
@@ -121,35 +121,40 @@ def test_bad_softcap_is_refused(bad):
         pool.plan(seqs).attend(0, q, softcap=bad)
 
 
-def test_kernels_without_windows_refuse_what_would_change_the_result():
-    """The rule the GPU plan applies until its kernels take windows and soft caps."""
-    with pytest.raises(UnsupportedConfiguration, match="softcap"):
-        refuse_window_softcap(None, 30.0, 10)
-    with pytest.raises(UnsupportedConfiguration, match="window=9"):
-        refuse_window_softcap(9, None, 10)
-    assert refuse_window_softcap(10, None, 10) == 10  # covers every sequence: full attention
-    with pytest.raises(InvalidArgument, match="window"):
-        refuse_window_softcap(0, None, 10)
-
-
-@pytest.mark.gpu
-def test_gpu_plan_refuses_windows_and_softcap_it_cannot_apply():
-    cupy = pytest.importorskip("cupy")
-    from kvpager.backends import cuda_available
-
-    if not cuda_available():
-        pytest.skip("needs a CUDA GPU")
-    spec = PoolSpec(1, 2, 64, num_blocks=32, block_size=16, dtype="float16")
-    pool = KVPool(spec, device="cuda:0")
-    [a] = pool.allocate([list(range(20))])
-    plan = pool.plan([a.seq_id], num_rows=2, width=4)  # a padded decode plan: one q row per plan row
-    q = cupy.asarray(np.random.default_rng(0).standard_normal((2, 4, 64)), dtype=cupy.float16)
-    with pytest.raises(UnsupportedConfiguration, match="softcap"):
-        plan.attend(0, q, softcap=50.0)
-    with pytest.raises(UnsupportedConfiguration, match="window"):
-        plan.attend(0, q, window=19)
-    full = plan.attend(0, q)
-    assert bool((plan.attend(0, q, window=20) == full).all())  # a covering window is full attention
-    [b] = pool.allocate([list(range(30))])
-    with pytest.raises(UnsupportedConfiguration, match="window"):  # the window no longer covers the step
-        plan.update(*pool.tables([a.seq_id, b.seq_id]))
+def test_released_blocks_are_freed_and_attention_must_keep_within_the_window():
+    """Blocks wholly before every window go back to the pool; attention over
+    what is left equals the reference with that window; attention that would
+    read a released position is refused and changes nothing."""
+    rng = np.random.default_rng(9)
+    spec = PoolSpec(1, 2, 32, num_blocks=64, block_size=8, dtype="float32")
+    window, n = 12, 70
+    pool, dense, seqs = filled_pool(spec, [n, 30], rng)
+    free_before = pool.stats().free_blocks
+    # the next query sits at n - 1 (a decode step): it sees positions > n - 1 - window
+    assert pool.release_before(seqs, [n - window, 3]) == [(n - window) // 8, 0]
+    assert pool.stats().free_blocks == free_before + (n - window) // 8
+    table = pool.sequence(seqs[0]).block_table
+    assert set(table[: (n - window) // 8]) == {0} and 0 not in table[(n - window) // 8 :]
+    pool.check_integrity()
+    q = rng.standard_normal((2, 4, 32)).astype(np.float32)
+    plan = pool.plan(seqs)
+    out = plan.attend(0, q, window=window)
+    k, v = dense[seqs[0]][0]
+    assert rel_err(out[:1], attention(q[:1], k, v, 1 / math.sqrt(32), window)) < 1e-5
+    assert np.array_equal(pool.attend(0, seqs, q, window=window), out)
+    for bad in (None, window + 8):
+        with pytest.raises(InvalidArgument, match="released its blocks before position 56"):
+            plan.attend(0, q, window=bad)
+        with pytest.raises(InvalidArgument, match="released"):
+            pool.attend(0, seqs, q, window=bad)
+    assert pool.release_before(seqs, [n - window, 3]) == [0, 0]  # nothing more to give back
+    with pytest.raises(InvalidArgument, match="position"):
+        pool.release_before(seqs, [n + 1, 0])
+    with pytest.raises(InvalidArgument, match="released"):
+        pool.truncate(seqs[0], 50)
+    # a fork shares only what is held; freeing everything returns every block
+    kid = pool.fork(seqs[0], 1)[0][0]
+    pool.check_integrity()
+    pool.free([kid, *seqs])
+    pool.check_integrity()
+    assert pool.stats().free_blocks + pool.stats().evictable_blocks == spec.num_blocks - 1

@@ -70,6 +70,10 @@ def script(pool, device_array, host_array, attend_fns):
     q = rng.standard_normal((1 + 1 + 3, 4, SPEC.head_dim)).astype(SPEC.dtype)
     for attend in attend_fns(pool):
         seen.append([attend(layer, [a2.seq_id, kids[1], a3.seq_id], q, [1, 1, 3]) for layer in range(2)])
+        # a sliding window and a soft cap travel with the call (they change the result)
+        windowed = attend(1, [a2.seq_id, kids[1], a3.seq_id], q, [1, 1, 3], window=5, softcap=0.5)
+        assert not np.allclose(windowed, seen[-1][1])
+        seen.append(windowed)
     pool.free([a1.seq_id, kids[1]])
     pool.swap_in([kids[0]])
     snap()

@@ -21,13 +21,18 @@ CUDA_DIR = Path(__file__).resolve().parent.parent / "cuda"
 NVCC = shutil.which("nvcc")
 ARCHES = ["sm_80", "sm_90", *env.cuda_arch_list()]
 EXTRA = {
-    "paged_decode.cu": [["-DKV_DTYPE=0"], ["-DKV_DTYPE=2", "-DSUBGROUP=8"]],
+    "paged_decode.cu": [["-DKV_DTYPE=0"], ["-DKV_DTYPE=2", "-DSUBGROUP=8"], ["-DKV_DTYPE=2", "-DHEAD_DIM=48"],
+                        ["-DHEAD_DIM=208"]],
     "paged_decode_tc.cu": [["-DKV_DTYPE=0", "-DHEAD_DIM=96", "-DGROUP=16", "-DBLOCK_SIZE=8",
                             "-DSTAGES=4"], ["-DHEAD_DIM=256", "-DGROUP=1", "-DSTAGES=2"],
                            ["-DHPC=8", "-DWPH=1"], ["-DKV_DTYPE=0", "-DHPC=2", "-DWPH=4", "-DGROUP=16"],
-                           ["-DHPC=4", "-DWPH=1", "-DBLOCK_SIZE=8", "-DHEAD_DIM=64"]],
+                           ["-DHPC=4", "-DWPH=1", "-DBLOCK_SIZE=8", "-DHEAD_DIM=64"],
+                           ["-DHEAD_DIM=80", "-DGROUP=8"], ["-DHEAD_DIM=32", "-DHPC=4", "-DWPH=1"]],
+    "cascade_prefix.cu": [["-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DGROUP=1"],
+                          ["-DHEAD_DIM=256", "-DGROUP=16", "-DBLOCK_SIZE=8"], ["-DHEAD_DIM=80", "-DMT=1"]],
     "paged_prefill.cu": [["-DKV_DTYPE=0", "-DHEAD_DIM=96", "-DGROUP=1"],
-                         ["-DHEAD_DIM=256", "-DGROUP=16", "-DBLOCK_SIZE=8"], ["-DMT=1"]],
+                         ["-DHEAD_DIM=256", "-DGROUP=16", "-DBLOCK_SIZE=8"], ["-DMT=1"],
+                         ["-DHEAD_DIM=80", "-DGROUP=4"], ["-DHEAD_DIM=240", "-DGROUP=2"]],
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -17,7 +18,15 @@ def test_demo_json_figures():
         capture_output=True, text=True, timeout=120, env=subprocess_env(),
     )
     assert out.returncode == 0, out.stderr
-    r = json.loads(out.stdout)
+    r = json.loads(out.stdout)  # stdout holds the JSON alone; progress went to stderr
+    progress = out.stderr.splitlines()
+    phases = ["starting a daemon (", "daemon ready at ipc://", "worker 0 wrote the 256-token system prompt",
+              "worker ", "worker ", "worker ", "every worker at its peak", "workers freed their sequences"]
+    assert len(progress) == len(phases) and all(
+        re.fullmatch(r"\[ *\d+\.\ds\] .*", line) and line.split("] ", 1)[1].startswith(p)
+        for line, p in zip(progress, phases)), progress
+    found = sorted(int(x.split("worker ")[1].split(":")[0]) for x in progress[3:6])
+    assert found == [0, 1, 2]
     assert r["requests"] == 6 and len(r["request_tokens"]) == 6 and r["check_ok"] is True
     bpb = r["kv_bytes_contiguous"] // (6 * 2048) * bs
     sys_blocks = system // bs
@@ -41,3 +50,10 @@ def test_demo_table_output():
     assert out.returncode == 0, out.stderr
     assert "kvpager (paged + shared prefix)" in out.stdout and "integrity check" in out.stdout
     assert "ok" in out.stdout.splitlines()[-1]
+    assert "daemon ready at" in out.stderr and "[" not in out.stdout.splitlines()[0]
+    quiet = subprocess.run(
+        [sys.executable, "-m", "kvpager", "demo", "--quiet", "--workers", "1", "--requests", "1",
+         "--system-prompt", "32", "--new-tokens", "1"],
+        capture_output=True, text=True, timeout=120, env=subprocess_env(),
+    )
+    assert quiet.returncode == 0 and quiet.stderr == "" and "integrity check" in quiet.stdout

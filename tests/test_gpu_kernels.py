@@ -131,6 +131,34 @@ def test_multi_token_matches_reference(dtype, d, bs, group):
     gpu.close()
 
 
+@pytest.mark.parametrize("d", range(32, 257, 16))
+def test_every_head_dim_matches_reference(d):
+    """Every multiple of 16 from 32 to 256 (Phi-2's 80, 112, 160, 192 ...):
+    decode with and without split-K and multi-token, the dtype and block size
+    rotating."""
+    i = d // 16
+    dtype, bs, group = DTYPES[i % 3], BLOCK_SIZES[i % 4], GROUPS[i % 5]
+    rng = np.random.default_rng(seed(d, "every head dim"))
+    seq_lens = np.array([1, bs + 1, 300, 1100], dtype=np.int32)
+    qlens = np.array([1, 3, 70, 1], dtype=np.int32)
+    spec = geometry(dtype, d, bs, int((-(-seq_lens // bs)).sum() * bs))
+    gpu, cpu = make_pair(spec, rng)
+    tables = random_tables(rng, spec, seq_lens)
+    hq = spec.num_kv_heads * group
+    for ql, splits in ((np.ones(4, np.int32), None), (np.ones(4, np.int32), 3), (qlens, None)):
+        q = rng.standard_normal((int(ql.sum()), hq, d), dtype=np.float32).astype(spec.np_dtype)
+        ref = paged_attention(cpu.kv, 1, q, tables, seq_lens, ql, d**-0.5)
+        out = to_dev(np.full(q.shape, np.nan, dtype=spec.np_dtype), gpu)
+        gpu.attend(1, to_dev(q, gpu), tables, seq_lens, ql, d**-0.5, out=out, num_splits=splits)
+        assert rel_err(to_host(out, spec), ref) < TOL[dtype], (dtype, bs, group, ql.tolist(), splits)
+    k = rng.standard_normal((5, 2, d), dtype=np.float32).astype(spec.np_dtype)
+    slots = np.array([3, 40, 41, 100, 7], dtype=np.int64)
+    gpu.write(0, slots, to_dev(k, gpu), to_dev(k, gpu))
+    cpu.write(0, slots, k, k)
+    assert same_bits(to_host(gpu.kv, spec), cpu.kv)
+    gpu.close()
+
+
 @pytest.mark.parametrize("knobs,splits", [
     ({"DECODE_TC": False}, None),  # the CUDA-core kernel for 16-bit pools
     ({"DECODE_STAGES": 2}, 3),
@@ -302,7 +330,7 @@ def test_bad_arguments_never_launch():
     with pytest.raises(InvalidArgument):
         gpu.swap_out(np.array([[1, 4]], dtype=np.int64))
     gpu.close()
-    for bad in (dict(head_dim=80), dict(block_size=128)):
+    for bad in (dict(head_dim=72), dict(head_dim=272), dict(block_size=128)):
         with pytest.raises(UnsupportedConfiguration):
             CupyBackend(spec.replace(**bad), 0)
 

@@ -153,3 +153,33 @@ def test_captured_decode_step_replays_new_tables_like_the_eager_step(dtype):
     with pytest.raises(InvalidArgument, match="capacity"):
         plan.update(too_wide, np.array([1], np.int32), None, np.array([-1]))
     pool.check_integrity()
+
+
+def test_plans_built_and_updated_while_the_gpu_is_busy_read_their_own_tables():
+    """Uploads are asynchronous copies from pinned buffers: a plan refilled in
+    place, or a new plan in a buffer another plan just released, while the GPU
+    is still busy with earlier work, must still attend over its own step."""
+    g = torch.Generator().manual_seed(3)
+    pool = make("float16")
+    hkv, d = pool.spec.num_kv_heads, pool.spec.head_dim
+    allocs = pool.allocate([list(range(3, 3 + n)) for n in (40, 70, 9, 33)])
+    ids = [a.seq_id for a in allocs]
+    slots = np.concatenate([a.slots for a in allocs])
+    plan = pool.plan(ids, [40, 70, 9, 33], slots)
+    for layer in range(2):
+        plan.write(layer, rand(g, 152, hkv, d, dtype="float16"), rand(g, 152, hkv, d, dtype="float16"))
+    steps = []
+    torch.cuda.synchronize()
+    torch.cuda._sleep(50_000_000)  # the GPU stays busy while the host builds every plan below
+    for i in range(6):
+        sub = ids[i % 4:] + ids[: i % 4]  # another order each step: other tables, other lengths
+        tables, lens = pool.tables(sub)
+        q = rand(g, len(sub), HQ, d, dtype="float16")
+        if i % 2:  # refill the previous plan in place, its last upload maybe not run yet
+            plan.update(tables, lens)
+        else:  # a new plan, maybe in the buffer of one just released
+            plan = pool.plan(sub)
+        steps.append((plan.attend(i % 2, q), i % 2, q, tables, lens))
+    torch.cuda.synchronize()
+    for out, layer, q, tables, lens in steps:
+        assert rel_err(out, reference(pool, layer, q, tables, lens, [1] * 4)) < TOL["float16"]

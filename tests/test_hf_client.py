@@ -1,4 +1,4 @@
-"""clients/kvpager_hf: a transformers Llama generating with its KV in kvpager
+"""kvpager.hf: a transformers Llama generating with its KV in kvpager
 produces exactly the tokens of transformers' own greedy ``generate``."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from clients.kvpager_hf import (  # noqa: E402
+from kvpager import KVPool, OutOfBlocks  # noqa: E402
+from kvpager.hf import (  # noqa: E402
     PagedGeneration,
     default_salt,
     generate,
     spec_for_model,
 )
-from kvpager import KVPool, OutOfBlocks  # noqa: E402
 
 VOCAB = 128
 
@@ -187,7 +187,7 @@ def test_out_of_blocks_leaves_pool_clean(model):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_tensors_cross_into_the_pool_dtype_exactly(dtype):
-    from clients.kvpager_hf import PagedBatch, _to_pool
+    from kvpager.hf.generation import PagedBatch, _to_pool
     from kvpager.plan import from_numpy, to_numpy
     from kvpager.spec import numpy_dtype
 
@@ -230,7 +230,7 @@ def test_sliding_layers_without_a_window_are_refused():
 
 
 def test_plain_forward_without_kvpager_state_is_refused(model):
-    from clients.kvpager_hf import paged_attention
+    from kvpager.hf.generation import paged_attention
 
     with paged_attention(model), pytest.raises(RuntimeError, match="kvpager"):
         model(torch.tensor([[1, 2, 3]]), use_cache=False)

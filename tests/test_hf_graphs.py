@@ -1,4 +1,4 @@
-"""clients/kvpager_graphs: a decode step captured in CUDA graphs gives the tokens
+"""kvpager.hf.graphs: a decode step captured in CUDA graphs gives the tokens
 of the eager step and of transformers' own generate (float32), as sequences
 finish and the batch moves between buckets, and when tables outgrow a graph.
 Skips without a GPU, CuPy, torch or transformers."""
@@ -15,9 +15,9 @@ if not torch.cuda.is_available():
 
 from test_hf_client import make_model, prompt, reference  # noqa: E402
 
-from clients.kvpager_graphs import bucket_for  # noqa: E402
-from clients.kvpager_hf import PagedGeneration, generate, spec_for_model  # noqa: E402
 from kvpager import KVPool  # noqa: E402
+from kvpager.hf import PagedGeneration, generate, spec_for_model  # noqa: E402
+from kvpager.hf.graphs import bucket_for  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

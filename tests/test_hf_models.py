@@ -1,4 +1,4 @@
-"""Model coverage of clients/kvpager_hf: for each family, float32 on the CPU
+"""Model coverage of kvpager.hf: for each family, float32 on the CPU
 backend, tokens identical to transformers' greedy ``generate`` with prompts
 longer than the sliding windows, in-batch prefix sharing and cache reuse;
 what cannot be reproduced is refused by name."""
@@ -10,7 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from clients.kvpager_hf import (  # noqa: E402
+from kvpager import KVPool  # noqa: E402
+from kvpager.hf import (  # noqa: E402
     PagedBatch,
     PagedGeneration,
     default_salt,
@@ -19,7 +20,6 @@ from clients.kvpager_hf import (  # noqa: E402
     layer_windows,
     spec_for_model,
 )
-from kvpager import KVPool  # noqa: E402
 
 VOCAB = 128
 WINDOW = 6  # shorter than a block of 8 or 16 and than every prompt below

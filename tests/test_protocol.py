@@ -21,13 +21,21 @@ from kvpager.errors import (
     VersionMismatch,
 )
 from kvpager.protocol import OPS, VERSION, ErrorInfo, Reply, Request, decode_reply, decode_request
-from kvpager.types import Allocation, BlockMap, PoolStats, SequenceInfo
+from kvpager.types import (
+    Allocation,
+    BlockMap,
+    PinInfo,
+    PoolStats,
+    SequenceInfo,
+    SessionInfo,
+    TenantUsage,
+)
 
 LIMIT = 1 << 20
 
 # One well-formed argument set per op (required and optional arguments).
 SAMPLE_ARGS = {
-    "hello": {"client": "worker-1", "pid": 123, "host": "h"},
+    "hello": {"client": "worker-1", "pid": 123, "host": "h", "token": "t" * 16, "control_token": "c" * 16},
     "allocate": {"prompts": [[1, 2, 3], np.arange(40, dtype=np.int64)], "salt": "m", "share_in_batch": True},
     "cached_tokens": {"prompts": [[1, 2, 3]], "salt": None},
     "append": {"seq_ids": [1, 2], "num_tokens": [1, 3], "token_ids": [[7], [8, 9, 10]]},
@@ -45,6 +53,11 @@ SAMPLE_ARGS = {
     "blocks": {},
     "stats": {},
     "check": {},
+    "pin": {"prompts": [[1, 2, 3]], "salt": b"\x01", "keep": True},
+    "unpin": {"prompts": [np.arange(40, dtype=np.int64)], "salt": ["a"], "keep": False},
+    "pins": {},
+    "set_quota": {"salt": None, "blocks": 12},
+    "sessions": {},
     "heartbeat": {},
     "bye": {},
 }
@@ -121,6 +134,14 @@ def test_result_codecs_round_trip():
     assert protocol.decode_info(protocol.unpack(protocol.pack(protocol.encode_info(info)))) == info
     stats = PoolStats(*range(16))
     assert protocol.decode_stats(protocol.unpack(protocol.pack(protocol.encode_stats(stats)))) == stats
+    tenants = (TenantUsage("a", 5, 2, 1, 3), TenantUsage(b"\xff", 1, 1, 0, None), TenantUsage(None, 2, 0, 0, 0))
+    stats = PoolStats(*range(16), pinned_blocks=4, max_pinned_blocks=9, tenants=tenants)
+    assert protocol.decode_stats(protocol.unpack(protocol.pack(protocol.encode_stats(stats)))) == stats
+    for pin in (PinInfo("s1", b"\x00", 32, 2, (5, 6)), PinInfo(None, None, 0, 1, ())):
+        assert protocol.decode_pin(protocol.unpack(protocol.pack(protocol.encode_pin(pin)))) == pin
+    session = SessionInfo("s2", "w", 12, 3, 1, 40, 1.5, 0.25, True)
+    d = protocol.unpack(protocol.pack(dict(vars(session), newer_field=1)))
+    assert protocol.decode_session(d) == session
     bm = BlockMap(np.array([0, 1, 3], np.uint8), np.array([0, 0, 2], np.int32), np.array([False, False, True]))
     assert protocol.decode_blocks(protocol.unpack(protocol.pack(protocol.encode_blocks(bm)))) == bm
 
@@ -129,6 +150,14 @@ def test_stats_from_a_newer_daemon_drop_unknown_fields():
     d = protocol.encode_stats(PoolStats(*range(16)))
     d["sessions"] = 3
     assert protocol.decode_stats(d) == PoolStats(*range(16))
+
+
+def test_stats_from_an_older_daemon_have_no_pins_or_tenants():
+    d = protocol.encode_stats(PoolStats(*range(16)))
+    for name in ("pinned_blocks", "max_pinned_blocks", "tenants"):
+        del d[name]
+    st = protocol.decode_stats(d)
+    assert (st.pinned_blocks, st.max_pinned_blocks, st.tenants) == (0, 0, ())
 
 
 @pytest.mark.parametrize("counts", [1, 3, [1, 2, 0, 4]])

@@ -8,7 +8,7 @@ prompts that share a system prompt. Paths, on the same model and prompts:
 - ``hf generate``: transformers' ``generate`` (DynamicCache); with ``--static``
   also with its StaticCache (``cache_implementation="static"``: transformers
   then compiles the model, whose compile time the timed steps include);
-- ``kvpager eager``: `clients.kvpager_hf.PagedGeneration`, one step plan per pass;
+- ``kvpager eager``: `kvpager.hf.PagedGeneration`, one step plan per pass;
 - ``kvpager graphs``: the same with the decode step captured in CUDA graphs.
 
 Per path: decode ms/step (wall, synchronized), host ms/step (from the step's
@@ -37,7 +37,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import clients.kvpager_hf as khf  # noqa: E402
+import kvpager.hf.generation as khf  # noqa: E402
 from kvpager import KVPool  # noqa: E402
 
 SHAPES = {

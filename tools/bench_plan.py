@@ -3,7 +3,8 @@
 A decode step of 256 sequences (a 1,024-token shared prompt and 128 own
 tokens each), Llama-3-8B geometry (32 q / 8 kv heads, head dim 128, bf16):
 the plan built from the pool (`KVPool.plan`: tables gathered, checked,
-uploaded), then ``plan.write`` and ``plan.attend`` called with torch tensors
+uploaded; with the GPU idle and with it busy, as when the host runs ahead),
+then ``plan.write`` and ``plan.attend`` called with torch tensors
 while the GPU is kept busy, so only the host's time is measured; compared
 with the one-layer convenience ``KVPool.attend`` (a plan per call). Also the
 tables of 64 sequences x 8,192 blocks (`KVPool.tables`).
@@ -57,8 +58,18 @@ def main() -> None:
     allocs = pool.allocate([shared + rng.integers(3, 30000, 128).tolist() for _ in range(256)])
     ids = [a.seq_id for a in allocs]
     slots = pool.append_flat(ids, 1)
+    def busy() -> None:
+        if gpu:
+            torch.cuda.synchronize()
+            torch.cuda._sleep(2_000_000_000 // 1000 * 100)  # ~0.1 s of GPU work ahead of the calls
+
     rows = []
     rows.append(("plan, 256 sequences (decode step)", per_call_us(lambda: pool.plan(ids, None, slots), 50)))
+    busy()
+    rows.append(("  the same, GPU busy (host ahead)", per_call_us(lambda: pool.plan(ids, None, slots), 50)))
+    busy()
+    rows.append(("  with its launches (num_q_heads, GPU busy)",
+                 per_call_us(lambda: pool.plan(ids, None, slots, num_q_heads=32), 50)))
     tables, lens = pool.tables(ids)
     ql, sl = check_queries(spec, lens, None, slots)
     rows.append(("  of which KVPool.tables (gather)", per_call_us(lambda: pool.tables(ids), 50)))
@@ -72,12 +83,9 @@ def main() -> None:
     plan.write(0, k, k)
     plan.attend(0, q, out=out)
     n = 100 if gpu else 3
-
-    def busy() -> None:
-        if gpu:
-            torch.cuda.synchronize()
-            torch.cuda._sleep(2_000_000_000 // 1000 * 100)  # ~0.1 s of GPU work ahead of the calls
-
+    if gpu:  # the in-place refill a captured decode step replays over
+        busy()
+        rows.append(("plan.update in place (GPU busy)", per_call_us(lambda: plan.update(tables, lens, None, slots), 50)))
     busy()
     rows.append(("plan.write per layer (torch k, v)", per_call_us(lambda: plan.write(1, k, k), n)))
     busy()

@@ -34,28 +34,60 @@ blocks and bytes written, loop-thread time spent copying blocks out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import shutil
 import socket
 import statistics
-import sys
+import subprocess
+import tempfile
 import time
-from pathlib import Path
+from collections.abc import Iterator
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from redis_helpers import redis_server  # noqa: E402
-
-from kvpager import KVPool, PoolSpec  # noqa: E402
-from kvpager.prefix_cache import root_key  # noqa: E402
-from kvpager.remote_tier import RemoteTier  # noqa: E402
+from kvpager import KVPool, PoolSpec
+from kvpager.prefix_cache import root_key
+from kvpager.remote_tier import RemoteTier
 
 TOTAL = 256 << 20
 SALT = "bench"
 LAYER_WEIGHTS = 218.1e6  # llama-3-8b: attention 41.9 M + MLP 176.2 M per layer
 D_MODEL, PROMPT = 4096, 2048
+
+
+@contextlib.contextmanager
+def local_redis() -> Iterator[int]:
+    """A redis-server on a free loopback port (no persistence, 2 GiB, LRU),
+    stopped on exit; yields its port."""
+    if shutil.which("redis-server") is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server), or pass --url")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = tempfile.mkdtemp(prefix="kvpbench")
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", folder, "--maxmemory", "2gb",
+                             "--maxmemory-policy", "allkeys-lru"], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as c:
+                    c.sendall(b"PING\r\n")
+                    if c.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"redis-server on port {port} did not start")
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.kill()
+        proc.wait(10)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def spec_for(layers: int, blocks: int, host: int = 0) -> PoolSpec:
@@ -237,8 +269,8 @@ def main() -> None:
     if args.url:
         result = run(args.url, None)
     else:
-        with redis_server("--maxmemory", "2gb", "--maxmemory-policy", "allkeys-lru") as store:
-            result = run(store.url, store.port)
+        with local_redis() as port:
+            result = run(f"redis://127.0.0.1:{port}", port)
     if args.json:
         print(json.dumps(result, indent=1))
         return

@@ -22,6 +22,7 @@ except ImportError as e:  # make_backend turns this into BackendUnavailable
 
 from kvpager import kernels
 from kvpager.backends.base import Backend
+from kvpager.backends.cupy_uploads import Uploads
 from kvpager.errors import BackendUnavailable, InvalidArgument
 from kvpager.spec import PoolSpec
 
@@ -72,6 +73,7 @@ class CupyBackend(Backend):
         if not 0 <= device_index < count:
             raise BackendUnavailable(f"cuda:{device_index} requested but {count} CUDA device(s) found")
         self.index = int(device_index)
+        self.uploads = Uploads()  # pinned buffers of step-plan uploads
         self._dev_ptr = self._host_ptr = 0
         self._stage_rows, self._stage_fin = 0, None
         shape = (spec.num_blocks, *spec.block_shape)
@@ -107,6 +109,7 @@ class CupyBackend(Backend):
         self = cls.__new__(cls)
         Backend.__init__(self, spec)
         self.index = int(device_index)
+        self.uploads = Uploads()
         self._dev_ptr, self._host_ptr, self._host_dev_ptr = int(ptr), 0, 0
         self._stage_rows, self._stage_fin = 0, None
         self._finalizer = weakref.finalize(self, int)  # nothing to release

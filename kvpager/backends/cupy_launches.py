@@ -18,10 +18,18 @@ from kvpager.errors import InvalidArgument
 from kvpager.launch import Launch, current_stream, f32, i32, ptr, torch_stream
 
 
-def attention_launches(plan: Any, num_q_heads: int) -> tuple[list[Launch], int, list[Any]]:
-    """(launches, split count, buffers to keep alive) of ``plan`` for ``num_q_heads``.
-    Cells shared by the launches: q (0), out (5 in decode, 7 multi-token), layer
-    (8), scale (last); the merge launch reads the decode launch's out cell."""
+def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
+                       ) -> tuple[list[Launch], int, list[Any], bool]:
+    """(launches, split count, buffers to keep alive, whether the kernel's scores
+    are raw q . k products) of ``plan`` for ``num_q_heads``. Cells shared by the
+    launches: q (0), out (5 in decode, 7 multi-token), layer (8), window (-3),
+    soft cap (-2, in the kernel's score units: raw products, or scaled log2
+    units for the CUDA-core decode), scale (last); the merge launch reads the
+    decode launch's out cell. ``shared`` (`kvpager.cascade.SharedPrefixes`, a
+    tensor-core decode step only): the decode kernel reads each sequence's own
+    positions, `cascade_launch` the shared ones once per segment, and the merge
+    combines them (a cascade takes no sliding window: the plan keeps a plain
+    set of launches for windowed calls)."""
     import cupy
 
     keep: list[Any] = []
@@ -31,7 +39,7 @@ def attention_launches(plan: Any, num_q_heads: int) -> tuple[list[Launch], int, 
             "BLOCK_SIZE": spec.block_size}
     pool = ptr(plan.backend.kv.data.ptr)
     common = [i32(0), i32(spec.num_layers), i32(spec.num_kv_heads)]  # layer set per call
-    q, out, scale = ptr(), ptr(), f32()
+    q, out, window, softcap, scale = ptr(), ptr(), i32(), f32(), f32()
     p = plan.ptrs
     launches: list[Launch] = []
     with cupy.cuda.Device(dev):
@@ -39,9 +47,12 @@ def attention_launches(plan: Any, num_q_heads: int) -> tuple[list[Launch], int, 
             tc = kernels.DECODE_TC and spec.dtype != "float32"
             gs = kernels.decode_subgroup(spec.dtype, spec.head_dim, group)
             nsm = kernels.num_sms(dev)
+            max_len = plan.max_len
+            if shared is not None:  # the decode kernel reads only each sequence's own positions
+                max_len = int((plan.seq_lens - shared.own_start).max())
             if tc:
                 hpc, wph = kernels.decode_layout(spec.num_kv_heads, spec.head_dim, spec.itemsize,
-                                                 plan.items, plan.max_len, nsm)
+                                                 plan.items, max_len, nsm)
                 threads = 32 * hpc * wph
                 stages = kernels.decode_stages(spec.head_dim, spec.itemsize, hpc * wph)
                 defs = {**base, "GROUP": group, "STAGES": stages, "HPC": hpc, "WPH": wph}
@@ -58,12 +69,17 @@ def attention_launches(plan: Any, num_q_heads: int) -> tuple[list[Launch], int, 
                                         {**base, "SUBGROUP": gs, "CH": kernels.DECODE_ROWS}, dev)
                 threads, smem, resident = 128, 0, 0
                 ctas = plan.items * spec.num_kv_heads * (group // gs)
-            splits = plan.num_splits or kernels.plan_splits(ctas, plan.max_len, nsm, resident)
+            splits = plan.num_splits or kernels.plan_splits(ctas, max_len, nsm, resident)
             splits = int(splits)
             rows = plan.items * num_q_heads
-            if splits > 1:
-                part_o_buf = cupy.empty(rows * splits * spec.head_dim, dtype=cupy.float32)
-                part_lse_buf = cupy.empty(rows * splits, dtype=cupy.float32)
+            cascade = None
+            if shared is not None and tc:
+                cascade = CascadeLaunch(plan, shared, group, splits, nsm)
+                keep += [*cascade.keep, cascade]  # the plan keeps it, and so its upload buffer, alive
+            parts = cascade.parts if cascade else (splits if splits > 1 else 0)
+            if parts:
+                part_o_buf = cupy.empty(rows * parts * spec.head_dim, dtype=cupy.float32)
+                part_lse_buf = cupy.empty(rows * parts, dtype=cupy.float32)
                 part_o, part_lse = ptr(part_o_buf.data.ptr), ptr(part_lse_buf.data.ptr)
                 keep += [part_o_buf, part_lse_buf]
             else:
@@ -72,12 +88,16 @@ def attention_launches(plan: Any, num_q_heads: int) -> tuple[list[Launch], int, 
                     part_o, part_lse, *common]
             if not tc:
                 args.append(i32(group))
-            args += [i32(plan.width), i32(splits), scale]
+            args += [i32(plan.width), i32(splits), ptr(cascade.own_start if cascade else 0), i32(parts),
+                     window, softcap, scale]
             launches.append(Launch(fn, (ctas, splits), threads, smem, args, dev))
-            if splits > 1:
+            if cascade is not None:
+                launches.append(cascade.launch(q, pool, ptr(p["tables"]), part_o, part_lse, common,
+                                               plan.width, softcap, scale))
+            if parts:
                 merge = kernels.get_kernel("paged_decode.cu", "merge_splits",
                                            {**base, "SUBGROUP": gs, "CH": kernels.DECODE_ROWS}, dev)
-                launches.append(Launch(merge, (rows,), 256, 0, [part_o, part_lse, out, i32(splits)], dev))
+                launches.append(Launch(merge, (rows,), 256, 0, [part_o, part_lse, out, i32(parts)], dev))
         else:
             splits = 1
             mt = kernels.PREFILL_MT or (2 if spec.head_dim <= 128 else 1)
@@ -104,9 +124,81 @@ def attention_launches(plan: Any, num_q_heads: int) -> tuple[list[Launch], int, 
             if fn.max_dynamic_shared_size_bytes < smem:
                 fn.max_dynamic_shared_size_bytes = smem
             args = [q, pool, ptr(p["tables"]), ptr(p["seq_lens"]), ptr(p["query_lens"]),
-                    ptr(p["q_start"]), ptr(tiles_dev.data.ptr), out, *common, i32(plan.width), scale]
+                    ptr(p["q_start"]), ptr(tiles_dev.data.ptr), out, *common, i32(plan.width), window,
+                    softcap, scale]
             launches.append(Launch(fn, (len(tiles), spec.num_kv_heads), 128, smem, args, dev))
-    return launches, splits, keep
+    return launches, splits, keep, not plan.decode or tc
+
+
+class CascadeLaunch:
+    """The shared-prefix launch of a cascade decode step (`cuda/cascade_prefix.cu`):
+    its segments cut into chunks of positions (so that enough CTAs run: each
+    chunk is a slot of its own), tiles of members, and the partial slots per
+    row: the decode kernel's ``splits`` first, then ``levels x chunks``. Its
+    tables (own start per row, segments, members, tiles) go up in one upload."""
+
+    def __init__(self, plan: Any, shared: Any, group: int, splits: int, nsm: int):
+        import cupy
+
+        spec = plan.spec
+        self.mt = kernels.PREFILL_MT or (2 if spec.head_dim <= 128 else 1)
+        bm = 64 * self.mt
+        self.bn = 32 if self.mt == 2 or spec.head_dim > 128 else 64
+        self.stages = 3 if self.mt == 2 else 2
+        self.smem = (bm + 2 * self.stages * self.bn) * (spec.head_dim + 8) * 2
+        self.group = group
+        per_tile = max(1, bm // group)  # members per CTA
+        seg = shared.segments
+        counts = seg[:, 4].astype(np.int64)
+        tiles_per_seg = -(-counts // per_tile)
+        base_ctas = int(tiles_per_seg.sum()) * spec.num_kv_heads
+        lengths = (seg[:, 2] - seg[:, 1]).astype(np.int64)
+        defs = {"KV_DTYPE": kernels.DTYPE_CODES[spec.dtype], "HEAD_DIM": spec.head_dim,
+                "BLOCK_SIZE": spec.block_size, "GROUP": group, "MT": self.mt}
+        self.fn = kernels.get_kernel("cascade_prefix.cu", "cascade_prefix", defs, plan.device)
+        if self.fn.max_dynamic_shared_size_bytes < self.smem:
+            self.fn.max_dynamic_shared_size_bytes = self.smem
+        slots = nsm * kernels.resident_ctas(self.fn, 128, self.smem, plan.device)
+        # Chunks of each segment (at least 256 positions): the count whose waves of CTAs
+        # end soonest (waves x chunk length), the fewest among equals (fewer partials to merge).
+        most = int(max(1, min(64, int(lengths.min()) // 256)))
+        chunks = min(range(1, most + 1), key=lambda c: (-(-base_ctas * c // slots)) / c)
+        self.parts = splits + shared.levels * chunks
+        out = []
+        for row, start, end, moff, count, level in seg.tolist():
+            per_chunk = -(-(end - start) // chunks)
+            step = -(-per_chunk // self.bn) * self.bn  # aligned to the K/V tile
+            for c in range(chunks):
+                a, b = start + c * step, min(end, start + (c + 1) * step)
+                out.append((row, a, max(a, b), moff, count, splits + level * chunks + c))
+        segs = np.asarray(out, dtype=np.int32).reshape(-1, 6)
+        reps = np.repeat(tiles_per_seg, chunks)
+        seg_of = np.repeat(np.arange(len(segs), dtype=np.int32), reps)
+        first = np.repeat(np.cumsum(reps) - reps, reps)
+        j0 = ((np.arange(len(seg_of)) - first) * per_tile).astype(np.int32)
+        tiles = np.stack([seg_of, j0], axis=1).astype(np.int32)
+        parts = [shared.own_start.astype(np.int32), np.zeros(plan.rows - len(shared.own_start), np.int32),
+                 segs.ravel(), shared.members, tiles.ravel()]
+        sizes = [len(a) for a in parts]
+        host = np.concatenate(parts).astype(np.int32)
+        dev = cupy.empty(len(host), dtype=cupy.int32)
+        up = plan.backend.uploads.take(host.nbytes, owner=self)
+        up.host[:] = host.view(np.uint8)
+        up.copy_to(dev.data.ptr, current_stream(plan.device))
+        offs = np.cumsum([0, *sizes]) * 4
+        base = dev.data.ptr
+        self.own_start = base
+        self.segments, self.members, self.tiles = base + int(offs[2]), base + int(offs[3]), base + int(offs[4])
+        self.num_tiles = len(tiles)
+        self.keep = [dev]
+        self.spec, self.device = spec, plan.device
+
+    def launch(self, q: Any, pool: Any, tables: Any, part_o: Any, part_lse: Any, common: list[Any],
+               width: int, softcap: Any, scale: Any) -> Launch:
+        spec, dev = self.spec, self.device
+        args = [q, pool, tables, ptr(self.segments), ptr(self.members), ptr(self.tiles), part_o, part_lse,
+                *common, i32(width), i32(self.parts), softcap, scale]
+        return Launch(self.fn, (self.num_tiles, spec.num_kv_heads), 128, self.smem, args, dev)
 
 
 def torch_kinds(dtype: str) -> tuple[Any, Any, Any]:

@@ -1,8 +1,9 @@
 """The step plan of the CuPy backend: a step's metadata on the GPU and its launches.
 
 At construction the step's block tables, per-item lengths and slots are
-packed into one host buffer and uploaded with one copy on the caller's
-stream into one device buffer. The first ``attend`` with a given number of
+packed into one pinned host buffer and uploaded with one asynchronous copy on
+the caller's stream into one device buffer (`cupy_uploads`: the host never
+waits for a busy GPU, and a buffer is reused only after its copy has run). The first ``attend`` with a given number of
 query heads picks the kernel (decode on tensor cores, CUDA-core decode for
 float32, or the multi-token kernel), its layout and split count, and packs
 the launch arguments (`kvpager.launch.Launch`). Every later ``write`` /
@@ -28,14 +29,16 @@ from kvpager.backends.cupy_launches import (
     device_tensor,
     torch_kinds,
 )
+from kvpager.cascade import find_shared_prefixes, worth_it
 from kvpager.errors import InvalidArgument
 from kvpager.launch import Launch, current_stream, i32, ptr
 from kvpager.plan import (
     StepPlan,
     check_q_shape,
     check_scale,
+    check_softcap,
     check_step,
-    refuse_window_softcap,
+    check_window,
 )
 
 _LOG2E = 1.4426950408889634
@@ -46,7 +49,8 @@ class CupyPlan(StepPlan):
 
     def __init__(self, backend: Any, tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
                  slots: np.ndarray | None, *, num_rows: int | None = None, width: int | None = None,
-                 num_splits: int | None = None, num_q_heads: int | None = None):
+                 num_splits: int | None = None, num_q_heads: int | None = None, cascade: bool | None = None,
+                 overlap: bool = True):
         import cupy
 
         spec = self.spec = backend.spec
@@ -67,7 +71,9 @@ class CupyPlan(StepPlan):
         n32 = self.rows * self.width + 2 * self.items + 3 * self.rows
         self._n32 = -(-n32 // 2) * 2  # slots (int64) start 8-byte aligned
         nbytes = self._n32 * 4 + self.items * 8
-        self._host = np.empty(nbytes, dtype=np.uint8)  # _fill writes every field the kernels read
+        # Pinned, so the upload never waits for a busy GPU; _fill writes every field the kernels read.
+        self._upload = backend.uploads.take(nbytes, self)
+        self._host = self._upload.host
         self._dev = cupy.empty(nbytes, dtype=cupy.uint8)  # the backend made this device current
         base = self._dev.data.ptr
         w = self.rows * self.width
@@ -77,7 +83,18 @@ class CupyPlan(StepPlan):
         self.ptrs = {k: base + 4 * off for k, off in self._offsets.items()}
         self.ptrs["slots"] = base + 4 * self._n32
         self._attn: dict[int, list[Launch]] = {}
-        self._window_floor: int | None = None  # the shortest window taken as covering every sequence
+        self._raw: dict[int, bool] = {}  # per query-head count: the kernel's scores are raw q . k
+        # Shared-prefix (cascade) attention: a decode step on tensor cores, not padded for graphs;
+        # None: when it pays (kvpager.cascade.worth_it), True: whenever prefixes are shared.
+        self._cascade = cascade
+        self._cascade_ok = (cascade is not False and self.decode and self.rows == nseq == self.items
+                            and spec.dtype != "float32" and kernels.DECODE_TC)
+        self._shared: Any = None  # kvpager.cascade.SharedPrefixes of the step, found at the first attend
+        self._plain: dict[int, list[Launch]] = {}  # launches without a cascade, for windowed calls
+        # A cascade's own-position decode runs on a side stream beside its shared-prefix launch
+        # (memory-bound beside compute-bound), joined before the merge.
+        self._overlap = overlap
+        self._fork: Any = None  # (side stream, fork event, join event)
         self._keep: list[Any] = []  # device buffers the launches point at
         self.splits = 1  # decode split-K count, chosen at the first attend
         self._write: Launch | None = None
@@ -98,9 +115,8 @@ class CupyPlan(StepPlan):
     def _fill(self, tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
               slots: np.ndarray | None) -> None:
         """Pack the step into the host buffer and upload it on the caller's stream."""
-        from cupy.cuda import runtime
-
         nseq, w = tables.shape
+        self._upload.wait()  # update(): the last upload from this buffer has run
         self.tables, self.seq_lens, self.query_lens, self.slots = tables, seq_lens, query_lens, slots
         t = self._view("tables", self.rows * self.width).reshape(self.rows, self.width)
         t[:nseq, :w] = tables
@@ -131,10 +147,7 @@ class CupyPlan(StepPlan):
         else:
             s[:] = -1
         self.max_len = int(item_len.max()) if self.items else 0
-        self._longest = int(seq_lens.max()) if nseq else 0
-        with_stream = current_stream(self.device)
-        runtime.memcpyAsync(self._dev.data.ptr, self._host.ctypes.data, self._host.nbytes,
-                            runtime.memcpyHostToDevice, with_stream)
+        self._upload.copy_to(self._dev.data.ptr, current_stream(self.device))
 
     def update(self, tables: Any, seq_lens: Any, query_lens: Any = None, slots: Any = None) -> None:
         """Refill with another decode step that fits the capacities (at most
@@ -154,20 +167,55 @@ class CupyPlan(StepPlan):
                                   "per sequence (a decode step, or num_rows given) can be updated")
         if (slots is not None) != self.has_slots:
             raise InvalidArgument("update must give slots exactly when the plan was built with them")
-        if self._window_floor is not None and len(seq_lens):
-            refuse_window_softcap(self._window_floor, None, int(seq_lens.max()))
+        if self._shared is not None:  # the shared prefixes are the old step's: find them again
+            self._attn.clear()
+            self._plain.clear()
+            self._shared = None
         self._fill(tables, seq_lens, query_lens, slots)
 
     @property
     def num_tokens(self) -> int:
         return self._tokens
 
+    @property
+    def shared_prefixes(self) -> Any:
+        """The step's shared prefixes (`kvpager.cascade.SharedPrefixes`) when its
+        attention cascades over them, else None (known after the first attend,
+        or at construction with ``num_q_heads``)."""
+        return self._shared
+
     # -- launches -------------------------------------------------------------------------
     def _prepare(self, num_q_heads: int) -> list[Launch]:
         """Kernel, layout and launch cells for ``num_q_heads`` query heads (once per plan)."""
-        launches, self.splits, keep = attention_launches(self, num_q_heads)
+        if self._cascade_ok and self._shared is None:
+            found = find_shared_prefixes(self.tables, self.seq_lens, self.spec.block_size)
+            spec = self.spec
+            per_position = 2 * spec.num_kv_heads * spec.head_dim * spec.itemsize
+            if found is not None and (self._cascade or worth_it(found, self.seq_lens, per_position)):
+                self._shared = found
+            else:
+                self._cascade_ok = False
+        launches, self.splits, keep, self._raw[num_q_heads] = attention_launches(self, num_q_heads, self._shared)
         self._keep += keep
         self._attn[num_q_heads] = launches
+        if self._shared is None:
+            self._plain[num_q_heads] = launches
+        elif self._overlap and self._fork is None:
+            import cupy
+
+            side = cupy.cuda.Stream(non_blocking=True)
+            forked, joined = (cupy.cuda.Event(block=False, disable_timing=True) for _ in range(2))
+            self._keep += [side, forked, joined]
+            self._fork = (side.ptr, forked.ptr, joined.ptr)
+        return launches
+
+    def _windowed(self, num_q_heads: int) -> list[Launch]:
+        """Launches without the cascade (which applies no window), built at the first windowed call."""
+        launches = self._plain.get(num_q_heads)
+        if launches is None:
+            launches, _, keep, _ = attention_launches(self, num_q_heads)
+            self._keep += keep
+            self._plain[num_q_heads] = launches
         return launches
 
     def write(self, layer: int, k: Any, v: Any) -> None:
@@ -210,13 +258,7 @@ class CupyPlan(StepPlan):
 
     def attend(self, layer: int, q: Any, scale: float | None = None, out: Any = None, *,
                window: int | None = None, softcap: float | None = None) -> Any:
-        """See `StepPlan.attend`. The kernels have no sliding window or soft cap
-        yet: ``softcap`` is refused, and so is a ``window`` shorter than a
-        sequence of the step (a window that covers every sequence changes
-        nothing, so it runs as full attention)."""
-        if window is not None or softcap is not None:
-            w = refuse_window_softcap(window, softcap, self._longest)
-            self._window_floor = min(w, self._window_floor or w)
+        """See `StepPlan.attend`."""
         spec = self.spec
         if type(layer) is not int or not 0 <= layer < spec.num_layers:
             layer = validate.layer(layer, spec)
@@ -242,6 +284,10 @@ class CupyPlan(StepPlan):
             stream = current_stream(self.device)
         if not shape[0]:
             return out
+        if self.floor is not None:
+            self.check_floor(window)
+        if window is not None and self._shared is not None:
+            launches = self._windowed(shape[1])
         if scale is None:
             s = self._scale
         elif scale == self._last_scale:
@@ -252,6 +298,27 @@ class CupyPlan(StepPlan):
         first = launches[0].args
         first[0].value, first[5 if self.decode else 7].value = qp, op
         first[8].value, first[-1].value = layer, s
+        fork = self._fork if len(launches) == 3 and launches is self._attn.get(shape[1]) else None
+        if window is None and softcap is None:
+            first[-3].value = first[-2].value = 0
+        else:
+            first[-3].value = check_window(window) or 0
+            cap = check_softcap(softcap)
+            # in the kernel's score units: raw q . k (cap / scale), or log2 units (cap * log2 e)
+            first[-2].value = 0.0 if cap is None else (
+                cap * _LOG2E / s if self._raw[shape[1]] else cap * _LOG2E)
+        if fork is not None and self._shared is not None:
+            from cupy.cuda import runtime
+
+            side, forked, joined = fork
+            runtime.eventRecord(forked, stream)
+            runtime.streamWaitEvent(side, forked, 0)
+            launches[0](side)  # the own positions
+            runtime.eventRecord(joined, side)
+            launches[1](stream)  # the shared prefixes
+            runtime.streamWaitEvent(stream, joined, 0)
+            launches[2](stream)  # the merge
+            return out
         for launch in launches:
             launch(stream)
         return out

@@ -1,0 +1,262 @@
+// cascade_prefix.cu: the shared part of shared-prefix (cascade) decode
+// attention, float16 / bfloat16 on tensor cores (mma.sync m16n8k16, float32
+// accumulate).
+//
+// The planner finds sequences of a decode step whose block tables start with
+// the same blocks. A segment is one such run of K/V positions [kv_start,
+// kv_end) (read through one member's table row) and the members that share
+// it: every query head of every member attends to those positions here, as
+// rows of one tensor-core tile per kv head, so each shared K/V tile is read
+// once for all of them (instead of once per sequence). The result of a
+// segment is a partial attention state, written as a float32 output
+// normalised within the segment and its log2-sum-exp into the member's
+// partial slot ``slot``; the decode kernel writes the members' own positions
+// (from the end of their deepest segment) into other slots, and merge_splits
+// (paged_decode.cu) combines them. Every position of a segment precedes every
+// member's query, so no causal mask applies; sliding windows are not applied
+// here (the planner does not cascade a windowed call).
+//
+// A CTA owns BM = 64 * MT rows: row r is (member j0 + r / GROUP, query head
+// kv_head * GROUP + r % GROUP); its 4 warps walk the segment's K/V in tiles of
+// BN positions, staged by cp.async (STAGES deep, positions outside the
+// segment zero-filled and masked), S = Q K^T and O += P V on mma.sync with an
+// online softmax (exp2) in registers between them, as in paged_prefill.cu.
+//
+// Grid: x = query tile (tiles list: (segment, first member)), y = kv head.
+// segments: int32 [num_segments, 6] = (table row, kv_start, kv_end, first
+// member in members, member count, slot). members: the members' item (query
+// row) indices. Dynamic shared memory: (BM + 2 * STAGES * BN) * (HEAD_DIM + 8) * 2 bytes.
+#include "kvpager_common.cuh"
+#include "kvpager_mma.cuh"
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 128
+#endif
+#ifndef BLOCK_SIZE
+#define BLOCK_SIZE 16
+#endif
+#ifndef GROUP
+#define GROUP 4
+#endif
+#ifndef MT
+#define MT (HEAD_DIM > 128 ? 1 : 2)  // m-tiles (16 rows) per warp
+#endif
+#ifndef STAGES
+#define STAGES (MT == 2 ? 3 : 2)
+#endif
+
+#if KV_DTYPE == 2
+#error "cascade_prefix.cu is for float16 / bfloat16"
+#endif
+
+constexpr int D = HEAD_DIM;
+constexpr int BM = 64 * MT;
+constexpr int BN = (MT == 2 || D > 128) ? 32 : 64;
+constexpr int LD = D + 8;           // padded smem row, in elements
+constexpr int NT = 128;
+constexpr int WR = 16 * MT;         // rows per warp
+constexpr int CPR = D / 8;          // 16-byte chunks per row
+static_assert(MT == 1 || D <= 128, "two m-tiles per warp only up to head dim 128 (registers)");
+static_assert(GROUP <= BM, "a tile holds at least one member");
+
+extern "C" __global__ void __launch_bounds__(NT) cascade_prefix(
+    const kv_t* __restrict__ q,             // [num_items, num_q_heads, HEAD_DIM]
+    const kv_t* __restrict__ pool,          // [num_blocks, num_layers, 2, num_kv_heads, BLOCK_SIZE, HEAD_DIM]
+    const int* __restrict__ block_tables,   // [num_rows, max_blocks]
+    const int* __restrict__ segments,       // [num_segments, 6]
+    const int* __restrict__ members,        // [total members]
+    const int* __restrict__ tiles,          // [num_tiles, 2]: (segment, first member)
+    float* __restrict__ part_o,             // [num_items, num_q_heads, parts, HEAD_DIM]
+    float* __restrict__ part_lse,           // [num_items, num_q_heads, parts]
+    int layer, int num_layers, int num_kv_heads, int max_blocks, int parts, float softcap,
+    float scale_log2)
+{
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    kv_t* Qs = reinterpret_cast<kv_t*>(smem_raw);   // [BM][LD]
+    kv_t* Ks = Qs + BM * LD;                          // [STAGES][BN][LD]
+    kv_t* Vs = Ks + STAGES * BN * LD;                 // [STAGES][BN][LD]
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int gid = lane >> 2, tig = lane & 3, mi = lane >> 3;
+    const int* seg = segments + 6 * tiles[2 * blockIdx.x];
+    const int j0 = tiles[2 * blockIdx.x + 1];
+    const int trow = seg[0], kv_start = seg[1], kv_end = seg[2];
+    const int* mem = members + seg[3];
+    const int count = seg[4], slot = seg[5];
+    const int h = blockIdx.y;
+    const int num_q_heads = num_kv_heads * GROUP;
+    const int t_begin = kv_start / BN;
+    const int num_tiles = (kv_end + BN - 1) / BN;
+
+    const int* table = block_tables + (long long)trow * max_blocks;
+    const long long block_stride = (long long)num_layers * 2 * num_kv_heads * BLOCK_SIZE * D;
+    const long long k_off = ((long long)layer * 2 * num_kv_heads + h) * BLOCK_SIZE * D;
+    const long long v_off = k_off + (long long)num_kv_heads * BLOCK_SIZE * D;
+
+    // Q tile -> smem: each member's query row (rows past the segment's members zero-filled).
+    for (int c = tid; c < BM * CPR; c += NT) {
+        const int r = c / CPR, col = (c % CPR) * 8;
+        const int m = j0 + r / GROUP;
+        const bool ok = m < count;
+        const kv_t* src = ok ? q + ((long long)mem[m] * num_q_heads + h * GROUP + r % GROUP) * D + col : q;
+        cp_async16(Qs + r * LD + col, src, ok);
+    }
+    auto load_kv = [&](int t, int stage) {
+        kv_t* ks = Ks + stage * BN * LD;
+        kv_t* vs = Vs + stage * BN * LD;
+#pragma unroll
+        for (int c = tid; c < BN * CPR; c += NT) {
+            const int r = c / CPR, col = (c % CPR) * 8;
+            const int pos = t * BN + r;
+            const bool ok = pos >= kv_start && pos < kv_end;
+            long long row = 0;
+            if (ok) row = (long long)table[pos / BLOCK_SIZE] * block_stride + (pos % BLOCK_SIZE) * D + col;
+            cp_async16(ks + r * LD + col, pool + (ok ? row + k_off : 0), ok);
+            cp_async16(vs + r * LD + col, pool + (ok ? row + v_off : 0), ok);
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (t_begin + s < num_tiles) load_kv(t_begin + s, s);
+        cp_commit();  // the first group also holds the Q tile
+    }
+
+    float o[MT][D / 8][4];
+    float m[MT][2], l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
+        m[mt][0] = m[mt][1] = NEG_INF;
+        l[mt][0] = l[mt][1] = 0.f;
+    }
+
+    int st = 0, ist = STAGES - 1;
+    for (int t = t_begin; t < num_tiles; ++t) {
+        if (t + STAGES - 1 < num_tiles) load_kv(t + STAGES - 1, ist);
+        cp_commit();
+        cp_wait<STAGES - 1>();
+        __syncthreads();
+        const kv_t* ks = Ks + st * BN * LD;
+        const kv_t* vs = Vs + st * BN * LD;
+
+        float s[MT][BN / 8][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            unsigned a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                ldsm_x4(a[mt], Qs + (warp * WR + mt * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+            for (int np = 0; np < BN / 16; ++np) {
+                unsigned bk[4];
+                ldsm_x4(bk, ks + (np * 16 + (mi >> 1) * 8 + (lane & 7)) * LD + kk * 16 + (mi & 1) * 8);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816(s[mt][2 * np], a[mt], bk[0], bk[1]);
+                    mma16816(s[mt][2 * np + 1], a[mt], bk[2], bk[3]);
+                }
+            }
+        }
+        if (softcap > 0.f) {
+            const float inv = 1.f / softcap;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) s[mt][n][e] = softcap * tanhf(s[mt][n][e] * inv);
+        }
+        // Positions outside the segment: only in its first and last tiles.
+        if (t * BN < kv_start || (t + 1) * BN > kv_end) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int kp = t * BN + n * 8 + tig * 2 + e;
+                        if (kp < kv_start || kp >= kv_end) {
+                            s[mt][n][e] = NEG_INF;
+                            s[mt][n][2 + e] = NEG_INF;
+                        }
+                    }
+        }
+        unsigned pa[MT][BN / 16][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            // Row max in raw score units (scale > 0 keeps the order).
+            float mx0 = m[mt][0], mx1 = m[mt][1];
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n) {
+                mx0 = fmaxf(mx0, fmaxf(s[mt][n][0], s[mt][n][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[mt][n][2], s[mt][n][3]));
+            }
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            const float u0 = mx0 == NEG_INF ? 0.f : mx0 * scale_log2;
+            const float u1 = mx1 == NEG_INF ? 0.f : mx1 * scale_log2;
+            const float c0 = exp2f(m[mt][0] * scale_log2 - u0), c1 = exp2f(m[mt][1] * scale_log2 - u1);
+            m[mt][0] = mx0; m[mt][1] = mx1;
+            l[mt][0] *= c0; l[mt][1] *= c1;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                o[mt][n][0] *= c0; o[mt][n][1] *= c0; o[mt][n][2] *= c1; o[mt][n][3] *= c1;
+            }
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n) {
+                const float e0 = exp2f(fmaf(s[mt][n][0], scale_log2, -u0));
+                const float e1 = exp2f(fmaf(s[mt][n][1], scale_log2, -u0));
+                const float e2 = exp2f(fmaf(s[mt][n][2], scale_log2, -u1));
+                const float e3 = exp2f(fmaf(s[mt][n][3], scale_log2, -u1));
+                l[mt][0] += e0 + e1; l[mt][1] += e2 + e3;
+                pa[mt][n >> 1][(n & 1) * 2 + 0] = pack2(e0, e1);
+                pa[mt][n >> 1][(n & 1) * 2 + 1] = pack2(e2, e3);
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+            for (int np = 0; np < D / 16; ++np) {
+                unsigned bv[4];
+                ldsm_x4_t(bv, vs + (kk * 16 + (mi & 1) * 8 + (lane & 7)) * LD + np * 16 + (mi >> 1) * 8);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816(o[mt][2 * np], pa[mt][kk], bv[0], bv[1]);
+                    mma16816(o[mt][2 * np + 1], pa[mt][kk], bv[2], bv[3]);
+                }
+            }
+        }
+        __syncthreads();  // this stage is refilled STAGES - 1 iterations later
+        st = st + 1 == STAGES ? 0 : st + 1;
+        ist = ist + 1 == STAGES ? 0 : ist + 1;
+    }
+    cp_wait<0>();
+
+    // The partial state of each member row: output normalised within the segment, log2-sum-exp.
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            float lt = l[mt][hf];
+            lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+            lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+            const int r = warp * WR + mt * 16 + gid + 8 * hf;
+            const int mb = j0 + r / GROUP;
+            if (mb >= count) continue;
+            const long long prow = ((long long)mem[mb] * num_q_heads + h * GROUP + r % GROUP) * parts + slot;
+            const float inv = lt > 0.f ? 1.f / lt : 0.f;
+            float2* dst = reinterpret_cast<float2*>(part_o + prow * D) + tig;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n)
+                dst[n * 4] = make_float2(o[mt][n][2 * hf] * inv, o[mt][n][2 * hf + 1] * inv);
+            if (tig == 0) part_lse[prow] = lt > 0.f ? m[mt][hf] * scale_log2 + __log2f(lt) : NEG_INF;
+        }
+    }
+}

@@ -1,0 +1,56 @@
+"""Hugging Face transformers on kvpager: a causal LM generating with its KV
+cache in a kvpager pool (embedded `KVPool` or a daemon `Client`).
+
+Install with ``pip install 'kvpager[torch]'`` (torch and transformers), then::
+
+    from kvpager.hf import generate, spec_for_model
+
+    pool = KVPool(spec_for_model(model, num_blocks=4096))
+    outputs = generate(model, pool, [prompt_ids, ...], max_new_tokens=64)
+
+Modules: `kvpager.hf.generation` (the attention function, step plans,
+`PagedGeneration`, `generate`), `kvpager.hf.model` (windows, attention
+arguments, the default salt), `kvpager.hf.graphs` (CUDA graphs of the decode
+step). ``import kvpager`` never imports this package (nor torch).
+"""
+
+try:
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+except ImportError as e:  # say what to install, not only what is missing
+    raise ImportError(f"kvpager.hf needs torch and transformers: pip install 'kvpager[torch]' ({e})") from e
+
+from kvpager.hf.generation import (
+    ATTN_IMPLEMENTATION,
+    PagedBatch,
+    PagedGeneration,
+    check_model,
+    generate,
+    kvpager_attention,
+    model_geometry,
+    paged_attention,
+    paged_forward,
+    register,
+    spec_for_model,
+)
+from kvpager.hf.graphs import DecodeGraphs, bucket_for
+from kvpager.hf.model import check_call, default_salt, layer_windows
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "DecodeGraphs",
+    "PagedBatch",
+    "PagedGeneration",
+    "bucket_for",
+    "check_call",
+    "check_model",
+    "default_salt",
+    "generate",
+    "kvpager_attention",
+    "layer_windows",
+    "model_geometry",
+    "paged_attention",
+    "paged_forward",
+    "register",
+    "spec_for_model",
+]

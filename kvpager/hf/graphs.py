@@ -1,0 +1,111 @@
+"""CUDA graphs of a transformers model's decode step over kvpager, one per batch-size bucket.
+
+A decode step of a 32-layer model launches hundreds of kernels; replaying a
+captured graph launches them all with one call, so the host's Python (the
+model's and kvpager's) leaves the step. As serving engines do, the step is
+captured once per batch-size bucket (1, 2, 4, 8, 16, 32, then multiples of
+32): a step of B sequences runs the smallest bucket >= B, its extra rows
+being padding (slot -1: nothing written; zero-length: nothing read).
+
+What a replay needs is updated in place first: the token ids and positions
+(static tensors), and the step plan's block tables, lengths and slots
+(`kvpager.plan.StepPlan.update`: same buffers, same grid). A plan holds
+tables of a fixed width (blocks per sequence); a step that outgrows it
+recaptures with twice the width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def bucket_for(n: int) -> int:
+    """The batch-size bucket that holds ``n`` sequences."""
+    if n <= 32:
+        return 1 << max(0, (n - 1).bit_length())
+    return -(-n // 32) * 32
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    plan: Any  # kvpager.plan.StepPlan, updated before each replay
+    input_ids: torch.Tensor  # [1, bucket]
+    position_ids: torch.Tensor  # [1, bucket]
+    next_tokens: torch.Tensor  # [bucket]: the graph's output
+
+
+class DecodeGraphs:
+    """Captured decode steps of ``model`` over ``pool``. ``make_batch(plan)``
+    wraps a plan as the model's ``kvpager`` argument; ``width`` is the
+    initial capacity in blocks per sequence."""
+
+    def __init__(self, model: Any, pool: Any, make_batch: Callable[[Any], Any], width: int):
+        self.model, self.pool, self.make_batch = model, pool, make_batch
+        self.width = max(int(width), 1)
+        self.num_q_heads = model.config.num_attention_heads
+        self.graphs: dict[int, _Graph] = {}
+        self.mempool = torch.cuda.graph_pool_handle()
+        self.captures = 0
+
+    def step(self, seq_ids: list[int], input_ids: torch.Tensor, position_ids: torch.Tensor,
+             slots: np.ndarray) -> list[int]:
+        """Run one decode step (one new token per sequence, ``input_ids`` and
+        ``position_ids`` [1, B]) and return each sequence's greedy next token."""
+        from kvpager.hf.generation import paged_attention
+
+        tables, lens = self.pool.tables(seq_ids)
+        if tables.shape[1] > self.width:
+            self.width = max(2 * self.width, tables.shape[1])
+            self.graphs.clear()  # every plan's tables are too narrow now
+        n = len(seq_ids)
+        bucket = bucket_for(n)
+        g = self.graphs.get(bucket)
+        if g is None:
+            with torch.inference_mode(), paged_attention(self.model):
+                g = self.graphs[bucket] = self._capture(bucket, seq_ids, slots, input_ids, position_ids)
+        else:
+            g.plan.update(tables, lens, None, slots)
+            with torch.inference_mode():  # the static tensors are inference tensors
+                _fill(g.input_ids, input_ids)
+                _fill(g.position_ids, position_ids)
+        g.graph.replay()
+        return g.next_tokens[:n].tolist()
+
+    def _capture(self, bucket: int, seq_ids: list[int], slots: np.ndarray,
+                 input_ids: torch.Tensor, position_ids: torch.Tensor) -> _Graph:
+        """Plan this step with capacity (bucket rows, ``width`` blocks), run it once
+        eagerly on a side stream (kernels compiled, launches prepared), then capture
+        it; the replay that follows runs the step again, writing the same K/V."""
+        from kvpager.hf.generation import paged_forward
+
+        plan = self.pool.plan(seq_ids, None, slots, num_rows=bucket, width=self.width,
+                              num_q_heads=self.num_q_heads)
+        device = input_ids.device
+        ids = torch.zeros((1, bucket), dtype=torch.long, device=device)
+        pos = torch.zeros((1, bucket), dtype=torch.long, device=device)
+        _fill(ids, input_ids)
+        _fill(pos, position_ids)
+        batch = self.make_batch(plan)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            paged_forward(self.model, batch, ids, pos)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.mempool):
+            next_tokens = paged_forward(self.model, batch, ids, pos)
+        self.captures += 1
+        return _Graph(graph, plan, ids, pos, next_tokens)
+
+
+def _fill(static: torch.Tensor, values: torch.Tensor) -> None:
+    """The first columns of a static [1, bucket] tensor from ``values`` [1, n], zeros after."""
+    n = values.shape[1]
+    static[0, :n] = values[0]
+    static[0, n:] = 0

@@ -1,0 +1,162 @@
+"""Pins: committed prefixes held in the prefix cache, never evicted.
+
+A pin is one reference on each block of the longest cached prefix of full
+blocks of a prompt (under its salt), as a sequence's block table is: while
+pinned, those blocks are in use, so eviction never takes them, and being
+full and published they are never written again (an append to a sequence
+that shares one copies it first). Pinning finds what is cached now: it
+pins that much and says how many tokens; the rest of the prompt is not
+waited for (pin again once more is committed: that is another pin, of the
+longer prefix).
+
+A pin belongs to an owner (a daemon session's name; None for the pool's
+own), is known by its owner and the key of its last block (so by the exact
+prefix and salt), and is counted: pinning the same prefix again adds a
+reference, and each unpin drops one. `unpin` drops the caller's pin of the
+longest pinned prefix of the prompt; a prompt with none of the caller's
+pins is `NotPinned`. Distinct pinned blocks are capped (`limit`): a pin over
+the cap is `LimitExceeded` and changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvpager.errors import LimitExceeded, NotPinned
+from kvpager.prefix_cache import chain_keys, root_key, token_array
+from kvpager.types import PinInfo
+
+if TYPE_CHECKING:
+    from kvpager.block_pool import BlockPool
+
+EVERY = object()  # `infos`: every owner's pins (None is an owner: the pool's own)
+
+
+@dataclass(eq=False)
+class Pin:
+    owner: Any
+    salt: str | bytes | None
+    keys: list[bytes]  # of its blocks, first to last
+    blocks: np.ndarray  # int64, the blocks published under ``keys``
+    count: int
+
+
+class PinTable:
+    """Every pin by owner and last key, and pin references per block."""
+
+    def __init__(self, num_blocks: int, limit: int):
+        self.refs = np.zeros(num_blocks, dtype=np.int32)  # pin references per block
+        self.num_pinned = 0  # blocks with refs > 0
+        self.limit = limit
+        self.pins: dict[Any, dict[bytes, Pin]] = {}  # owner -> last key -> pin
+
+    def pin(self, pool: BlockPool, block_size: int, prompts: Seq[Any], salts: Seq[Any], owner: Any) -> list[int]:
+        """Pin the longest cached prefix of full blocks of each prompt; returns
+        the tokens pinned per prompt (0: nothing of it is cached)."""
+        plans = []
+        for i, prompt in enumerate(prompts):
+            tokens = token_array(prompt, f"prompts[{i}]")
+            keys, hits = pool.match(root_key(salts[i]), tokens, block_size, len(tokens) // block_size)
+            plans.append((salts[i], keys, np.array(hits, dtype=np.int64)))
+        every = np.concatenate([p[2] for p in plans]) if plans else np.zeros(0, np.int64)
+        fresh = len(np.unique(every[self.refs[every] == 0]))
+        if self.num_pinned + fresh > self.limit:
+            raise LimitExceeded(
+                f"pin: {self.num_pinned + fresh} pinned blocks would be over the limit of {self.limit} "
+                "(kvpager serve --max-pinned-blocks, KVPool(max_pinned_blocks=...))",
+                "pinned_blocks", self.num_pinned + fresh, self.limit)
+        if len(every):
+            pool.touch(every)  # a reference each: an evictable block is taken back into use
+            np.add.at(self.refs, every, 1)
+            self.num_pinned += fresh
+        mine = self.pins.setdefault(owner, {})
+        for salt, keys, blocks in plans:
+            if len(blocks):
+                pin = mine.get(keys[-1])
+                if pin is None:
+                    mine[keys[-1]] = Pin(owner, salt, keys, blocks, 1)
+                else:  # the same prefix: the same blocks, held since it was pinned
+                    pin.count += 1
+        if not mine:
+            del self.pins[owner]
+        return [len(p[2]) * block_size for p in plans]
+
+    def unpin(self, pool: BlockPool, block_size: int, prompts: Seq[Any], salts: Seq[Any], owner: Any) -> list[int]:
+        """Drop one of ``owner``'s pins per prompt: the one of the longest pinned
+        prefix. All or nothing: NotPinned if a prompt has none left."""
+        mine = self.pins.get(owner, {})
+        taken: dict[bytes, int] = {}  # pins this batch drops, by last key
+        chosen = []
+        for i, prompt in enumerate(prompts):
+            tokens = token_array(prompt, f"prompts[{i}]")
+            keys = chain_keys(root_key(salts[i]), tokens, block_size)
+            pin = next((mine[k] for k in reversed(keys) if mine.get(k) is not None
+                        and mine[k].count > taken.get(k, 0)), None)
+            if pin is None:
+                who = "the pool" if owner is None else f"session {owner}"
+                raise NotPinned(f"unpin: prompts[{i}] ({len(tokens)} tokens, salt {salts[i]!r}) has no "
+                                f"pin of {who} left")
+            taken[pin.keys[-1]] = taken.get(pin.keys[-1], 0) + 1
+            chosen.append(pin)
+        for pin in chosen:
+            pin.count -= 1
+            if not pin.count:
+                del mine[pin.keys[-1]]
+            self._release(pool, pin.blocks, 1)
+        if owner in self.pins and not mine:
+            del self.pins[owner]
+        return [len(p.blocks) * block_size for p in chosen]
+
+    def release(self, pool: BlockPool, owner: Any) -> int:
+        """Drop every pin of ``owner`` (a session that ended); returns how many."""
+        pins = self.pins.pop(owner, {})
+        for pin in pins.values():
+            self._release(pool, pin.blocks, pin.count)
+        return len(pins)
+
+    def _release(self, pool: BlockPool, blocks: np.ndarray, times: int) -> None:
+        ids = np.tile(blocks[::-1], times)  # last block first: a prefix's tail is evicted first
+        np.subtract.at(self.refs, ids, 1)
+        self.num_pinned -= int(np.count_nonzero(self.refs[np.unique(blocks)] == 0))
+        pool.free_blocks(ids, distinct=times == 1)
+
+    # -- inspection ----------------------------------------------------------------------
+    def infos(self, block_size: int, owner: Any = EVERY) -> list[PinInfo]:
+        owners = list(self.pins) if owner is EVERY else [owner]
+        return [PinInfo(p.owner, p.salt, len(p.blocks) * block_size, p.count, tuple(p.blocks.tolist()))
+                for o in owners for p in self.pins.get(o, {}).values()]
+
+    def references(self, num_blocks: int) -> np.ndarray:
+        """Pin references per block, counted from the pins themselves."""
+        refs = np.zeros(num_blocks, dtype=np.int64)
+        for mine in self.pins.values():
+            for pin in mine.values():
+                np.add.at(refs, pin.blocks, pin.count)
+        return refs
+
+    def problems(self, pool: BlockPool) -> list[str]:
+        """What is wrong with the pins (empty if nothing): references as counted,
+        the count of pinned blocks within the cap, every pinned block published
+        under its pin's key."""
+        out = []
+        counted = self.references(len(self.refs))
+        if not np.array_equal(counted, self.refs):
+            out.append(f"pin references per block disagree with the pins, e.g. block "
+                       f"{int(np.flatnonzero(counted != self.refs)[0])}")
+        n = int(np.count_nonzero(counted))
+        if n != self.num_pinned or n > self.limit:
+            out.append(f"{n} pinned blocks, {self.num_pinned} counted, limit {self.limit}")
+        for owner, mine in self.pins.items():
+            for last, pin in mine.items():
+                if (not mine or pin.count < 1 or pin.owner != owner or last != pin.keys[-1]
+                        or len(pin.keys) != len(pin.blocks)
+                        or any(pool.lookup(k) != b for k, b in zip(pin.keys, pin.blocks.tolist()))):
+                    out.append(f"a pin of {owner!r} ({len(pin.blocks)} blocks) is not published as pinned")
+                    break
+        if any(not mine for mine in self.pins.values()):
+            out.append("an owner with an empty pin table")
+        return out

@@ -1,0 +1,157 @@
+"""Sizing a pool as serving engines do: geometry from a Hugging Face model's
+``config.json``, memory as a fraction of what the device has free.
+
+- `model_geometry(path)`: layers, KV heads, head dim and dtype from a model
+  folder or its ``config.json`` (a multimodal config's ``text_config`` when the
+  language model's numbers live there), as transformers reads them:
+  ``num_key_value_heads`` defaults to ``num_attention_heads`` (multi-head
+  attention), ``head_dim`` to ``hidden_size / num_attention_heads``, the
+  dtype is ``torch_dtype`` (``dtype`` in newer configs).
+- `memory_budget(text, device)`: ``--memory`` as bytes (``8G``) or as a
+  fraction of free memory (``0.9`` or ``90%``, as vLLM's
+  ``--gpu-memory-utilization``, but of what is free when the daemon starts,
+  since the weights live in other processes). On a GPU: free device memory
+  (``cudaMemGetInfo``). On the CPU backend the pool lives in POSIX shared
+  memory, so: the smaller of available RAM (``MemAvailable``) and free space
+  in ``/dev/shm``, less the host (swap) pool, which lives there too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+from kvpager.errors import BackendUnavailable, InvalidArgument, UnsupportedConfiguration
+
+_DTYPES = {"float16": "float16", "half": "float16", "bfloat16": "bfloat16", "float32": "float32", "float": "float32"}
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """The parsed ``config.json`` at ``path`` (the file, or a folder holding it)."""
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise InvalidArgument(f"--model {path}: no such preset, and no {file}") from None
+    except (OSError, ValueError) as e:
+        raise InvalidArgument(f"--model {path}: cannot read {file}: {e}") from None
+    if not isinstance(config, dict):
+        raise InvalidArgument(f"--model {path}: {file} is not a JSON object")
+    return config
+
+
+def config_geometry(config: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
+    """`PoolSpec` fields (num_layers, num_kv_heads, head_dim, and dtype when the
+    config names one) from a transformers config dict."""
+    text = config.get("text_config")
+    cfg = {**config, **text} if isinstance(text, dict) and "num_hidden_layers" not in config else config
+    if cfg.get("kv_lora_rank"):
+        raise UnsupportedConfiguration(
+            f"{where}: multi-head latent attention (kv_lora_rank) stores one latent per token, not K/V per "
+            "head; kvpager pools hold per-head K and V")
+
+    def positive(name: str, value: Any) -> int:
+        if type(value) is not int or value < 1:
+            raise InvalidArgument(f"{where}: {name} must be a positive integer, got {value!r}")
+        return value
+
+    if "num_hidden_layers" not in cfg or "num_attention_heads" not in cfg:
+        raise InvalidArgument(f"{where}: needs num_hidden_layers and num_attention_heads (is it a "
+                              "transformers causal LM config?)")
+    layers = positive("num_hidden_layers", cfg["num_hidden_layers"])
+    heads = positive("num_attention_heads", cfg["num_attention_heads"])
+    kv_heads = positive("num_key_value_heads", cfg.get("num_key_value_heads") or heads)
+    if cfg.get("head_dim"):
+        head_dim = positive("head_dim", cfg["head_dim"])
+    else:
+        hidden = positive("hidden_size", cfg.get("hidden_size"))
+        if hidden % heads:
+            raise InvalidArgument(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads "
+                                  f"{heads}, and there is no head_dim")
+        head_dim = hidden // heads
+    out: dict[str, Any] = dict(num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim)
+    dtype = cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or config.get("dtype")
+    if dtype is not None:
+        name = _DTYPES.get(str(dtype).removeprefix("torch."))
+        if name is None:
+            raise UnsupportedConfiguration(f"{where}: dtype {dtype!r} is not one kvpager stores "
+                                           f"({', '.join(sorted(set(_DTYPES.values())))}); pass --dtype")
+        out["dtype"] = name
+    return out
+
+
+def model_geometry(path: str) -> dict[str, Any]:
+    """`config_geometry` of the ``config.json`` at ``path`` (a file or a model folder)."""
+    return config_geometry(read_config(path), path)
+
+
+_FRACTION = re.compile(r"\s*(\d*\.\d+|\d+\.\d*)\s*|\s*(\d+(?:\.\d+)?)\s*%\s*")
+
+
+def parse_fraction(text: str) -> float | None:
+    """``0.9`` or ``90%`` -> 0.9; None if ``text`` is not written as a fraction
+    (a plain integer or a size with a unit is bytes)."""
+    m = _FRACTION.fullmatch(str(text))
+    if not m:
+        return None
+    value = float(m.group(1)) if m.group(1) is not None else float(m.group(2)) / 100
+    if not 0 < value <= 1:
+        raise InvalidArgument(f"--memory {text}: a fraction of free memory must be in (0, 1] (or up to 100%); "
+                              "for bytes give a unit, e.g. 8G")
+    return value
+
+
+def cpu_available_bytes(shm: str = "/dev/shm") -> tuple[int, str]:
+    """What a CPU pool can take: the smaller of MemAvailable and free space in ``shm``, and which."""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        ram = kib * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        raise BackendUnavailable("--memory as a fraction needs /proc/meminfo (MemAvailable); "
+                                 "give a size instead, e.g. --memory 8G") from None
+    try:
+        st = os.statvfs(shm)
+        free_shm = st.f_bavail * st.f_frsize
+    except OSError:
+        return ram, "available RAM"
+    return (free_shm, f"free space in {shm}") if free_shm < ram else (ram, "available RAM")
+
+
+def gpu_free_bytes(device: str) -> int:
+    """Free memory of the CUDA device ``device`` now (``cudaMemGetInfo``)."""
+    from kvpager.backends import parse_device
+
+    _, index = parse_device(device)
+    try:
+        import cupy
+
+        with cupy.cuda.Device(index):
+            free, _total = cupy.cuda.runtime.memGetInfo()
+    except Exception as e:
+        raise BackendUnavailable(f"cannot read the free memory of {device}: {e}") from None
+    return int(free)
+
+
+def memory_budget(text: str, device: str, host_bytes: int = 0) -> tuple[int, str]:
+    """Bytes for the device pool from ``--memory`` (a size, or a fraction of free
+    memory), and a line saying how they were found."""
+    from kvpager.env import parse_size
+
+    fraction = parse_fraction(text)
+    if fraction is None:
+        try:
+            return parse_size(text), f"--memory {text}"
+        except ValueError as e:
+            raise InvalidArgument(f"--memory: {e}, or a fraction of free memory such as 0.9") from None
+    if device.startswith("cuda"):
+        free, what = gpu_free_bytes(device), f"free memory of {device}"
+    else:
+        free, what = cpu_available_bytes()
+        free -= host_bytes  # the host pool lives in shared memory too
+        what += " less the host pool" if host_bytes else ""
+    budget = int(max(free, 0) * fraction)
+    return budget, f"{fraction * 100:g}% of {what} ({free} bytes)"

@@ -1,0 +1,178 @@
+"""Tenants of the prefix cache: the salt each cached block was published
+under, how many cached blocks each tenant holds, quotas, and which evictable
+blocks eviction takes first.
+
+A tenant is a salt (a model, an adapter, a customer): a block a sequence
+publishes belongs to the tenant of that sequence's salt, identified by the
+salt's root key (so ``"x"`` and ``b"x"`` are one tenant, and the default
+``None`` salt is tenant 0). A quota bounds a tenant's cached blocks
+(published, in use or evictable), softly: a tenant may hold more while
+memory is free, but when the pool must evict, it first takes the least
+recently used evictable blocks among tenants over their quota, each only
+until it is back at its quota, and then the global least recently used.
+Blocks in use (by sequences or pins) are never evicted, quota or not.
+
+`BlockPool` owns one `Tenants` and tells it what it publishes, removes and
+makes evictable; only tenants with a quota keep an LRU of their own, so a
+pool without quotas pays one array write per block that turns evictable.
+A tenant's code is released once it holds no block and has no quota: a
+daemon serving many salts over time keeps only the live ones.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import numpy as np
+
+from kvpager.errors import InvalidArgument
+from kvpager.prefix_cache import root_key
+
+#: The code of the default tenant (salt None); never released.
+DEFAULT = 0
+
+
+class Tenants:
+    """Per-block tenant codes, per-tenant cached-block counts, quotas and the
+    evictable blocks of every tenant with a quota (oldest first)."""
+
+    def __init__(self, num_blocks: int):
+        self.of_block = np.zeros(num_blocks, dtype=np.int32)  # meaningful for cached blocks only
+        # When each evictable block became evictable: orders blocks of different
+        # tenants as the pool's LRU does.
+        self.stamp = np.zeros(num_blocks, dtype=np.int64)
+        self.clock = 0
+        self.usage = np.zeros(8, dtype=np.int64)  # cached blocks per code
+        self.quotas: dict[int, int] = {}
+        self.lru: dict[int, OrderedDict[int, None]] = {}  # quota'd tenants' evictable blocks
+        self._codes: dict[bytes, int] = {root_key(None): DEFAULT}
+        self.roots: list[bytes | None] = [root_key(None)]  # code -> root; None: a free code
+        self.salts: list[str | bytes | None] = [None]  # code -> the salt as first given
+        self._free: list[int] = []
+
+    # -- codes -----------------------------------------------------------------------
+    def code(self, root: bytes, salt: str | bytes | None) -> int:
+        """The code of the tenant of ``root`` (the root key of ``salt``), made if new."""
+        c = self._codes.get(root)
+        if c is None:
+            c = self._free.pop() if self._free else len(self.roots)
+            if c == len(self.roots):
+                self.roots.append(root)
+                self.salts.append(salt)
+                if c >= len(self.usage):
+                    self.usage = np.concatenate([self.usage, np.zeros(len(self.usage), np.int64)])
+            else:
+                self.roots[c], self.salts[c] = root, salt
+            self._codes[root] = c
+        return c
+
+    def find(self, salt: str | bytes | None) -> int | None:
+        """The code of ``salt``'s tenant if it has one now."""
+        return self._codes.get(root_key(salt))
+
+    def _release_idle(self, codes: np.ndarray) -> None:
+        for c in codes.tolist():
+            if c != DEFAULT and self.usage[c] == 0 and c not in self.quotas and self.roots[c] is not None:
+                del self._codes[self.roots[c]]
+                self.roots[c] = self.salts[c] = None
+                self._free.append(c)
+
+    # -- what the block pool tells ------------------------------------------------------
+    def published(self, block: int, code: int) -> None:
+        self.of_block[block] = code
+        self.usage[code] += 1
+
+    def removed(self, blocks: np.ndarray) -> None:
+        """Blocks gone from the prefix cache (evicted or un-published)."""
+        codes = self.of_block[blocks]
+        np.subtract.at(self.usage, codes, 1)
+        self._release_idle(np.unique(codes))
+
+    def became_evictable(self, blocks: np.ndarray) -> None:
+        """Cached blocks whose last reference went, in this order (the pool's LRU end)."""
+        n = len(blocks)
+        self.stamp[blocks] = np.arange(self.clock, self.clock + n)
+        self.clock += n
+        if self.lru:
+            for b, c in zip(blocks.tolist(), self.of_block[blocks].tolist()):
+                mine = self.lru.get(c)
+                if mine is not None:
+                    mine[b] = None
+
+    def left_lru(self, blocks: Iterable[int]) -> None:
+        """Evictable blocks taken back into use, evicted or un-published."""
+        if self.lru:
+            lru, of_block = self.lru, self.of_block
+            for b in blocks:
+                mine = lru.get(int(of_block[b]))
+                if mine is not None:
+                    mine.pop(b, None)
+
+    def victims(self, n: int) -> list[int]:
+        """Up to ``n`` evictable blocks of tenants over their quota, least recently
+        used first across them, each tenant only until it is back at its quota.
+        They leave this LRU; the caller evicts them."""
+        excess = {c: int(self.usage[c]) - q for c, q in self.quotas.items()}
+        over = [c for c, e in excess.items() if e > 0 and self.lru[c]]
+        out: list[int] = []
+        stamp = self.stamp
+        while len(out) < n and over:
+            c = min(over, key=lambda c: stamp[next(iter(self.lru[c]))])
+            b = self.lru[c].popitem(last=False)[0]
+            out.append(b)
+            excess[c] -= 1
+            if not excess[c] or not self.lru[c]:
+                over.remove(c)
+        return out
+
+    # -- quotas ------------------------------------------------------------------------
+    def set_quota(self, salt: str | bytes | None, blocks: int | None, evictable: OrderedDict[int, None]) -> None:
+        """Bound ``salt``'s cached blocks softly by ``blocks`` (None: no quota)."""
+        root = root_key(salt)  # InvalidArgument for a salt of the wrong type
+        if blocks is not None and (type(blocks) is not int or blocks < 0):
+            raise InvalidArgument(f"quota must be a number of blocks >= 0 or None, got {blocks!r}")
+        if blocks is None:
+            c = self._codes.get(root)
+            if c is not None and self.quotas.pop(c, None) is not None:
+                del self.lru[c]
+                self._release_idle(np.array([c]))
+            return
+        c = self.code(root, salt)
+        if c not in self.lru:  # its evictable blocks, in the pool's LRU order
+            ids = np.fromiter(evictable, dtype=np.int64, count=len(evictable))
+            self.lru[c] = OrderedDict.fromkeys(ids[self.of_block[ids] == c].tolist())
+        self.quotas[c] = blocks
+
+    # -- inspection ----------------------------------------------------------------------
+    def rows(self, cached: np.ndarray, evictable: np.ndarray, pinned: np.ndarray) -> list[tuple]:
+        """(salt, cached, evictable, pinned, quota) of every tenant with cached
+        blocks or a quota, most cached first. Masks are per block."""
+        n = len(self.roots)
+        live = [c for c in range(n) if self.roots[c] is not None and (self.usage[c] or c in self.quotas)]
+        if not live:
+            return []
+        of = self.of_block
+        ev = np.bincount(of[evictable & cached], minlength=n)
+        pin = np.bincount(of[pinned & cached], minlength=n)
+        rows = [(self.salts[c], int(self.usage[c]), int(ev[c]), int(pin[c]), self.quotas.get(c)) for c in live]
+        return sorted(rows, key=lambda r: -r[1])
+
+    def problems(self, cached: np.ndarray, evictable: OrderedDict[int, None]) -> list[str]:
+        """What disagrees with an independent count over the blocks (empty if nothing)."""
+        out = []
+        n = len(self.roots)
+        counted = np.bincount(self.of_block[cached], minlength=n)
+        if len(counted) > n or not np.array_equal(counted, self.usage[:n]) or self.usage[n:].any():
+            bad = np.flatnonzero(counted[:n] != self.usage[:n])
+            out.append(f"tenant usage disagrees with the cached blocks, e.g. code {bad[:1].tolist()}")
+        if any(self.roots[c] is None for c in self.quotas) or set(self.lru) != set(self.quotas):
+            out.append("a quota without a live tenant or its LRU")
+        if set(self._codes.values()) != {c for c in range(n) if self.roots[c] is not None}:
+            out.append("tenant codes and roots disagree")
+        for c, mine in self.lru.items():
+            expected = [b for b in evictable if self.of_block[b] == c]
+            if list(mine) != expected:
+                out.append(f"tenant {self.salts[c]!r}: LRU of {len(mine)} blocks, but {len(expected)} of its "
+                           "blocks are evictable (or in another order)")
+        return out

@@ -1,0 +1,112 @@
+"""Shared-prefix (cascade) decode attention on the GPU against the NumPy twin
+and against the same plan without the cascade: prefixes shared through the
+prefix cache and by forks (two levels), GQA groups 1-16, block sizes 8-64,
+split-K of the own part, soft caps, and a windowed call (which runs without
+the cascade). Outputs are poisoned (NaN) first. Skips without CuPy or a GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gpu_helpers import cupy_or_skip
+
+cupy = cupy_or_skip()
+
+from test_gpu_kernels import TOL, rel_err, seed, to_dev, to_host  # noqa: E402
+
+from kvpager import KVPool  # noqa: E402
+from kvpager.backends.numpy_backend import paged_attention  # noqa: E402
+from kvpager.spec import PoolSpec  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+CASES = [  # (dtype, head dim, block size, GQA group)
+    ("bfloat16", 128, 16, 4),
+    ("float16", 64, 8, 1),
+    ("bfloat16", 256, 32, 16),
+    ("float16", 96, 64, 8),
+    ("bfloat16", 80, 16, 2),
+]
+
+
+def shared_pool(dtype, d, bs, rng):
+    """A GPU pool with a system prompt shared by 12 sequences (3 of them forks
+    of one conversation, which share its own blocks too) and 3 sequences of
+    their own; every slot holds random K/V. Returns (pool, ids)."""
+    spec = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=d, num_blocks=4096 // bs + 64, block_size=bs,
+                    dtype=dtype)
+    pool = KVPool(spec, device="cuda:0")
+    system = rng.integers(0, 1000, 40 * bs + 3).tolist()  # 40 whole blocks and a partial one
+    [first] = pool.allocate([system + [1]])
+    pool.commit([first.seq_id])
+    allocs = pool.allocate([system + rng.integers(1000, 2000, int(n)).tolist() for n in rng.integers(1, 5 * bs, 8)])
+    allocs += pool.allocate([rng.integers(0, 1000, int(n)).tolist() for n in (5, 3 * bs, 9 * bs + 1)])
+    ids = [first.seq_id] + [a.seq_id for a in allocs]
+    conv = ids[1]
+    pool.append([conv], 4 * bs)  # a conversation: whole blocks of its own, shared with its forks
+    ids += pool.fork([conv], 3)[0]
+    pool.append(ids, 1)  # the step's query tokens
+    kv = pool.backend.kv
+    kv[...] = to_dev(rng.standard_normal(kv.shape, dtype=np.float32).astype(spec.np_dtype), pool.backend)
+    return pool, ids
+
+
+@pytest.mark.parametrize("dtype,d,bs,group", CASES)
+def test_cascade_matches_numpy_and_plain_plan(dtype, d, bs, group):
+    rng = np.random.default_rng(seed(dtype, d, bs, group, "cascade"))
+    pool, ids = shared_pool(dtype, d, bs, rng)
+    spec = pool.spec
+    tables, lens = pool.tables(ids)
+    kv = to_host(pool.backend.kv, spec)
+    hq = spec.num_kv_heads * group
+    q = rng.standard_normal((len(ids), hq, d), dtype=np.float32).astype(spec.np_dtype)
+    ones = np.ones(len(ids), np.int32)
+    for splits in (None, 3):
+        plan = pool.plan(ids, cascade=True, num_splits=splits, num_q_heads=hq)
+        shared = plan.shared_prefixes
+        assert shared is not None and shared.levels == 2
+        plain = pool.plan(ids, cascade=False, num_splits=splits)
+        for layer, softcap in ((0, None), (1, None), (1, 3.0)):
+            ref = paged_attention(kv, layer, q, tables, lens, ones, d**-0.5, softcap=softcap)
+            got, want = (to_dev(np.full(q.shape, np.nan, dtype=spec.np_dtype), pool.backend) for _ in range(2))
+            plan.attend(layer, to_dev(q, pool.backend), out=got, softcap=softcap)
+            plain.attend(layer, to_dev(q, pool.backend), out=want, softcap=softcap)
+            assert rel_err(to_host(got, spec), ref) < TOL[dtype], (splits, layer, softcap)
+            assert rel_err(to_host(got, spec), to_host(want, spec)) < TOL[dtype]
+        # a sliding window is not cascaded: the plan runs its plain launches
+        ref = paged_attention(kv, 1, q, tables, lens, ones, d**-0.5, window=3 * bs)
+        got = to_dev(np.full(q.shape, np.nan, dtype=spec.np_dtype), pool.backend)
+        plan.attend(1, to_dev(q, pool.backend), out=got, window=3 * bs)
+        assert rel_err(to_host(got, spec), ref) < TOL[dtype]
+        # and the cascade again after it
+        got = to_dev(np.full(q.shape, np.nan, dtype=spec.np_dtype), pool.backend)
+        plan.attend(0, to_dev(q, pool.backend), out=got)
+        assert rel_err(to_host(got, spec), paged_attention(kv, 0, q, tables, lens, ones, d**-0.5)) < TOL[dtype]
+    pool.close()
+
+
+def test_cascade_is_automatic_only_when_it_pays():
+    """Chosen when the K/V bytes it spares rereading are large (64 sequences of
+    an 8-kv-head model sharing 2,048 positions: 0.5 GB a layer), not for a small
+    step (8 sequences sharing 64 positions), never when nothing is shared, nor
+    for a plan padded for CUDA graphs (one launch shape)."""
+    rng = np.random.default_rng(4)
+    spec = PoolSpec(num_layers=1, num_kv_heads=8, head_dim=128, num_blocks=1024, block_size=16, dtype="bfloat16")
+    pool = KVPool(spec, device="cuda:0")
+    system = rng.integers(0, 1000, 2048).tolist()
+    [first] = pool.allocate([system + [1]])
+    pool.commit([first.seq_id])
+    big = [a.seq_id for a in pool.allocate([system + [2, i] for i in range(64)])]
+    small_prompt = rng.integers(0, 1000, 64).tolist()
+    [head] = pool.allocate([small_prompt + [1]])
+    pool.commit([head.seq_id])
+    small = [a.seq_id for a in pool.allocate([small_prompt + [3, i] for i in range(8)])]
+    alone = [a.seq_id for a in pool.allocate([rng.integers(0, 9, 300).tolist() for _ in range(4)])]
+    pool.append(big + small + alone, 1)
+    assert pool.plan(big, num_q_heads=32).shared_prefixes is not None
+    assert pool.plan(small, num_q_heads=32).shared_prefixes is None
+    assert pool.plan(small, num_q_heads=32, cascade=True).shared_prefixes is not None
+    assert pool.plan(alone, num_q_heads=32, cascade=True).shared_prefixes is None  # nothing shared
+    assert pool.plan(big, num_q_heads=32, cascade=False).shared_prefixes is None
+    assert pool.plan(big, num_q_heads=32, num_rows=96, width=160).shared_prefixes is None
+    pool.close()

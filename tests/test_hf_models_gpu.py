@@ -1,0 +1,55 @@
+"""Windowed and soft-capped model families on a GPU pool (the CUDA kernels'
+sliding windows and soft caps), float32, tokens identical to transformers'
+greedy ``generate`` of the same model on the same GPU. Skips without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+from gpu_helpers import cupy_or_skip
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+cupy_or_skip()
+if not torch.cuda.is_available():
+    pytest.skip("torch has no CUDA here", allow_module_level=True)
+
+from test_hf_models import WINDOW, make_model, prompt  # noqa: E402
+
+from kvpager import KVPool  # noqa: E402
+from kvpager.hf import PagedGeneration, layer_windows, spec_for_model  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+# head dim 32: the smallest the CUDA kernels take
+GPU_SIZES = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
+FAMILIES = {
+    "mistral": {},
+    "phi3": {},
+    "qwen2-sliding": {},
+    "gemma2": dict(head_dim=32, query_pre_attn_scalar=32),
+    "gemma3": dict(head_dim=32),
+    "cohere2": {},
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_windowed_family_matches_transformers_on_the_gpu(family):
+    model = make_model(family, **GPU_SIZES, **FAMILIES[family]).cuda()
+    assert WINDOW in layer_windows(model)
+    pool = KVPool(spec_for_model(model, num_blocks=96, block_size=16), device="cuda:0")
+    system = prompt(35, seed=1)
+    prompts = [system + prompt(5, seed=2), prompt(9, seed=3), system + prompt(13, seed=4), prompt(1, seed=5)]
+    new = 12
+    with PagedGeneration(model, pool, prompts, max_new_tokens=new) as gen:
+        while not gen.done:
+            gen.step()
+        outs = gen.outputs
+    want = []
+    for p in prompts:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=new, do_sample=False,
+                                 num_beams=1)
+        want.append(out[0, len(p):].tolist())
+    assert outs == want
+    pool.check_integrity()
+    pool.close()

@@ -1,0 +1,142 @@
+"""Sizing like serving engines: geometry from a model's config.json, --memory
+as a fraction of free memory; `kvpager serve` with both."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from daemon_helpers import daemon_process, ipc_endpoint
+
+from kvpager import sizing
+from kvpager.client import Client
+from kvpager.errors import InvalidArgument, UnsupportedConfiguration
+from kvpager.serve_cli import build_spec
+from kvpager.spec import PoolSpec
+
+LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "num_attention_heads": 32,
+         "num_hidden_layers": 32, "num_key_value_heads": 8, "torch_dtype": "bfloat16"}
+
+
+def write(tmp_path, config, name="config.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def opts(**kw):
+    base = dict(model=None, layers=None, kv_heads=None, head_dim=None, dtype=None, block_size=None,
+                blocks=None, memory=None, host_blocks=None, host_memory=None)
+    return {**base, **kw}
+
+
+@pytest.mark.parametrize("config, want", [
+    (LLAMA, dict(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")),
+    # head_dim given (Gemma: not hidden/heads); transformers 5 writes "dtype"
+    ({"hidden_size": 2304, "num_attention_heads": 8, "num_hidden_layers": 26, "num_key_value_heads": 4,
+      "head_dim": 256, "dtype": "float32"}, dict(num_layers=26, num_kv_heads=4, head_dim=256, dtype="float32")),
+    # multi-head attention: no num_key_value_heads; no dtype named
+    ({"hidden_size": 768, "num_attention_heads": 12, "num_hidden_layers": 12},
+     dict(num_layers=12, num_kv_heads=12, head_dim=64)),
+    # a multimodal config: the language model's numbers in text_config, the dtype outside
+    ({"model_type": "gemma3", "torch_dtype": "float16",
+      "text_config": {"hidden_size": 2560, "num_attention_heads": 8, "num_hidden_layers": 34,
+                      "num_key_value_heads": 4, "head_dim": 256}},
+     dict(num_layers=34, num_kv_heads=4, head_dim=256, dtype="float16")),
+])
+def test_geometry_from_config(tmp_path, config, want):
+    assert sizing.model_geometry(write(tmp_path, config)) == want
+    assert sizing.model_geometry(str(tmp_path)) == want  # the model folder
+
+
+@pytest.mark.parametrize("config, error, match", [
+    ({**LLAMA, "kv_lora_rank": 512}, UnsupportedConfiguration, "latent"),
+    ({**LLAMA, "torch_dtype": "float64"}, UnsupportedConfiguration, "float64"),
+    ({**LLAMA, "num_hidden_layers": 0}, InvalidArgument, "num_hidden_layers"),
+    ({**LLAMA, "num_key_value_heads": "8"}, InvalidArgument, "num_key_value_heads"),
+    ({**LLAMA, "hidden_size": 4001}, InvalidArgument, "not a multiple"),
+    ({"vocab_size": 3}, InvalidArgument, "num_hidden_layers and num_attention_heads"),
+    ([1, 2], InvalidArgument, "not a JSON object"),
+])
+def test_bad_configs_are_named(tmp_path, config, error, match):
+    with pytest.raises(error, match=match):
+        sizing.model_geometry(write(tmp_path, config))
+
+
+def test_missing_or_broken_config(tmp_path):
+    with pytest.raises(InvalidArgument, match="no such preset"):
+        sizing.model_geometry(str(tmp_path / "nowhere"))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(InvalidArgument, match="cannot read"):
+        sizing.model_geometry(str(tmp_path))
+
+
+def test_build_spec_from_a_config_and_options(tmp_path):
+    path = write(tmp_path, LLAMA)
+    spec = build_spec(opts(model=path, blocks=100, block_size=32))
+    assert spec == PoolSpec(32, 8, 128, 100, 32, "bfloat16")
+    assert build_spec(opts(model=path, blocks=10, dtype="float16", layers=2)).dtype == "float16"
+    no_dtype = write(tmp_path, {k: v for k, v in LLAMA.items() if k != "torch_dtype"}, "x.json")
+    with pytest.raises(Exception, match="pass --dtype"):
+        build_spec(opts(model=no_dtype, blocks=10))
+    assert build_spec(opts(model=no_dtype, blocks=10, dtype="float32")).dtype == "float32"
+    assert build_spec(opts(model="tiny", blocks=10)).num_layers == 2  # presets still work
+
+
+@pytest.mark.parametrize("text, want", [("0.9", 0.9), (".5", 0.5), ("1.0", 1.0), ("90%", 0.9), ("100%", 1.0),
+                                        ("8G", None), ("4096", None), ("1", None), ("1.5GiB", None)])
+def test_fraction_or_bytes(text, want):
+    got = sizing.parse_fraction(text)
+    assert got == pytest.approx(want) if want is not None else got is None
+
+
+@pytest.mark.parametrize("text", ["2.5", "0.0", "0%", "150%"])
+def test_fractions_out_of_range(text):
+    with pytest.raises(InvalidArgument, match=r"\(0, 1\]"):
+        sizing.parse_fraction(text)
+
+
+def test_memory_budget_on_cpu_and_gpu(monkeypatch):
+    assert sizing.memory_budget("8G", "cpu") == (8 << 30, "--memory 8G")
+    monkeypatch.setattr(sizing, "cpu_available_bytes", lambda: (10_000_000, "available RAM"))
+    budget, how = sizing.memory_budget("0.5", "cpu", host_bytes=2_000_000)
+    assert budget == 4_000_000 and "50% of available RAM less the host pool" in how
+    monkeypatch.setattr(sizing, "gpu_free_bytes", lambda device: 80 << 30)
+    assert sizing.memory_budget("90%", "cuda:0", host_bytes=1 << 30)[0] == int(0.9 * (80 << 30))
+    with pytest.raises(InvalidArgument, match="fraction of free memory"):
+        sizing.memory_budget("lots", "cpu")
+
+
+def test_cpu_available_is_the_smaller_of_ram_and_shm():
+    with open("/proc/meminfo") as f:
+        ram = next(int(x.split()[1]) for x in f if x.startswith("MemAvailable:")) * 1024
+    st = os.statvfs("/dev/shm")
+    shm = st.f_bavail * st.f_frsize
+    got, what = sizing.cpu_available_bytes()
+    assert got == pytest.approx(min(ram, shm), rel=0.05)
+    assert what == ("available RAM" if ram <= shm else "free space in /dev/shm")
+
+
+def test_serve_with_a_model_folder_and_a_fraction(tmp_path):
+    """The daemon sized from a config.json and a fraction of what a CPU pool can take."""
+    tiny = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2,
+            "torch_dtype": "float32"}
+    write(tmp_path, tiny)
+    endpoint, _ = ipc_endpoint()
+    free, _ = sizing.cpu_available_bytes()
+    args = ["--model", str(tmp_path), "--memory", "0.1%", "--device", "cpu"]
+    with daemon_process(args, endpoint) as proc, Client(endpoint, heartbeat=False, map_pool=False) as c:
+        spec = c.spec
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype) == (2, 2, 16, "float32")
+    assert spec.num_blocks == pytest.approx(free * 0.001 // spec.bytes_per_block, rel=0.05)
+    assert any(f"device pool: {spec.num_blocks} blocks from 0.1% of " in line for line in proc.log)
+
+
+def test_serve_refuses_a_bad_model_clearly(tmp_path):
+    endpoint, _ = ipc_endpoint()
+    write(tmp_path, {**LLAMA, "kv_lora_rank": 8})
+    for model, match in ((tmp_path, "latent"), (tmp_path / "nope", "no such preset")):
+        with pytest.raises(RuntimeError, match=match), daemon_process(["--model", str(model), "--blocks", "8"],
+                                                                       endpoint):
+            pass

@@ -1,0 +1,113 @@
+"""Shared-prefix decode: kvpager's cascade against its plain paged decode on the
+same step, and (headline case) SDPA on contiguous K/V; then a sharing sweep.
+
+    PYTHONPATH=. python tools/bench_cascade.py [--sweep] [--json]
+
+bf16, 32 query heads over 8 kv heads, head dim 128, block size 16, blocks
+shuffled. A step of B sequences in G groups: each group's sequences share a
+prefix of P tokens (the same blocks), then hold O tokens of their own. The
+headline case is 256 sequences sharing an 8,192-token prefix with 256 own
+tokens each. Every timed call is checked first (relative error against the
+plain kernel, and against SDPA in the headline case); times are medians of
+CUDA-event-timed calls queued behind a GPU sleep. The floor reads each
+distinct K/V byte once at the card's datasheet bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+
+import cupy
+import numpy as np
+import torch
+import torch.nn.functional as F
+from bench_attention import BS, DATASHEET_TBS, HKV, HQ, D, median_ms, rel_err, tview
+
+from kvpager.backends.cupy_backend import CupyBackend
+from kvpager.plan import make_plan
+from kvpager.spec import PoolSpec
+
+SWEEP = [(b, p, g) for p in (1024, 4096, 32768) for b in (16, 64, 512) for g in (1, 8) if b >= 8 * g]
+
+
+def setup(batch: int, prefix: int, own: int, groups: int):
+    """Backend, tables, lengths, q for a step of ``batch`` sequences in ``groups`` sharing groups."""
+    pb, ob = prefix // BS, -(-(own + 1) // BS)
+    nblocks = groups * pb + batch * ob + 1
+    spec = PoolSpec(num_layers=1, num_kv_heads=HKV, head_dim=D, num_blocks=nblocks, block_size=BS,
+                    dtype="bfloat16")
+    be = CupyBackend(spec, 0)
+    tview(be.kv).normal_()
+    ids = np.random.default_rng(0).permutation(np.arange(1, nblocks)).astype(np.int32)
+    shared = ids[: groups * pb].reshape(groups, pb)
+    owned = ids[groups * pb :].reshape(batch, ob)
+    tables = np.concatenate([shared[np.arange(batch) % groups], owned], axis=1)
+    lens = np.full(batch, prefix + own + 1, np.int32)  # the query is the last position
+    q = cupy.empty((batch, HQ, D), dtype=be.dtype)
+    tview(q).normal_()
+    return be, tables, lens, q
+
+
+def run(batch: int, prefix: int, own: int, groups: int, peak: float | None, sdpa: bool = False) -> dict:
+    be, tables, lens, q = setup(batch, prefix, own, groups)
+    scale = D**-0.5
+    ones = np.ones(batch, np.int32)
+    cascade = make_plan(be, tables, lens, ones, num_q_heads=HQ, cascade=True)
+    plain = make_plan(be, tables, lens, ones, num_q_heads=HQ, cascade=False)
+    auto = make_plan(be, tables, lens, ones, num_q_heads=HQ)
+    out_c, out_p = cupy.empty_like(q), cupy.empty_like(q)
+    cascade.attend(0, q, scale, out_c)
+    plain.attend(0, q, scale, out_p)
+    err = rel_err(tview(out_c), tview(out_p))
+    assert err < 1e-2, f"cascade vs plain: relative error {err}"
+    row = dict(batch=batch, prefix=prefix, own=own, groups=groups, rel_err=err,
+               cascade_ms=median_ms(lambda: cascade.attend(0, q, scale, out_c)),
+               plain_ms=median_ms(lambda: plain.attend(0, q, scale, out_p)),
+               auto_ms=median_ms(lambda: auto.attend(0, q, scale, out_c)),
+               auto_cascades=auto.shared_prefixes is not None)
+    distinct = (groups * prefix + batch * (own + 1)) * HKV * D * 2 * 2
+    row["floor_ms"] = distinct / (peak * 1e12) * 1e3 if peak else None
+    if sdpa:
+        kvt = tview(be.kv)[torch.from_numpy(tables).long().cuda(), 0]  # [B, nb, 2, H, BS, D]
+        kv = kvt.permute(2, 0, 3, 1, 4, 5).reshape(2, batch, HKV, -1, D)[:, :, :, : int(lens[0])].contiguous()
+        del kvt
+        q4 = tview(q).unsqueeze(2)
+        ref = F.scaled_dot_product_attention(q4, kv[0], kv[1], scale=scale, enable_gqa=True).squeeze(2)
+        row["rel_err_sdpa"] = rel_err(tview(out_c), ref)
+        assert row["rel_err_sdpa"] < 1e-2
+        row["sdpa_ms"] = median_ms(lambda: F.scaled_dot_product_attention(q4, kv[0], kv[1], scale=scale,
+                                                                            enable_gqa=True))
+        del kv
+    be.close()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sweep", action="store_true", help="also the sharing sweep")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in DATASHEET_TBS.items() if k in name), None)
+    rows = [run(256, 8192, 256, 1, peak, sdpa=True)]
+    if args.sweep:
+        rows += [run(b, p, 256, g, peak) for b, p, g in SWEEP]
+    if args.json:
+        print(json.dumps(dict(card=name, rows=rows), indent=1))
+        return
+    print(f"{name}, {datetime.date.today()}; bf16, {HQ} q / {HKV} kv heads, head dim {D}, block size {BS}")
+    print("| sequences x (shared + own) | groups | cascade ms | plain paged ms | plain / cascade | "
+          "auto ms | SDPA ms | floor ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        sd = f"{r['sdpa_ms']:.3f}" if "sdpa_ms" in r else "-"
+        fl = f"{r['floor_ms']:.3f}" if r["floor_ms"] else "-"
+        auto = f"{r['auto_ms']:.3f}" + (" (cascade)" if r["auto_cascades"] else " (plain)")
+        print(f"| {r['batch']} x ({r['prefix']} + {r['own']}) | {r['groups']} | {r['cascade_ms']:.3f} | "
+              f"{r['plain_ms']:.3f} | {r['plain_ms'] / r['cascade_ms']:.2f}x | {auto} | {sd} | {fl} |")
+
+
+if __name__ == "__main__":
+    main()
