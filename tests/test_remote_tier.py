@@ -270,6 +270,7 @@ def test_random_ops_keep_kv_right_and_blocks_accounted():
     small = SPEC.replace(num_blocks=24)  # eviction and the capacity rule come into play
     with redis_server() as store:
         hosts = [pool(store.url, small), pool(store.url, small)]
+        hosts[0].set_quota("n", 4)  # eviction takes from a tenant over its quota first
         live: list[tuple[KVPool, int]] = []
         full = 0
         prefixes = [rng.integers(0, 1000, int(rng.integers(1, 5)) * BS).tolist() for _ in range(12)]
@@ -283,7 +284,7 @@ def test_random_ops_keep_kv_right_and_blocks_accounted():
                 prompt = (prefixes[int(rng.integers(12))] + middles[int(rng.integers(5))]
                           + rng.integers(0, 1000, int(rng.integers(1, 12))).tolist())
                 try:
-                    [a] = p.allocate([prompt], salt="m")
+                    [a] = p.allocate([prompt], salt="mn"[step % 2])
                 except OutOfBlocks:
                     full += 1
                     continue
