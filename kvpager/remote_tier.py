@@ -94,18 +94,19 @@ class RemoteTier:
     block lives in the store (0: until the store evicts it);
     ``queue_bytes``: bytes of blocks waiting to be written, past which new
     ones are dropped; ``retry_after``: the first pause after a failure;
-    ``max_lookup_bytes``: most bytes one allocate may restore."""
+    ``max_restore_bytes``: most bytes one allocate may restore (the lookup and
+    the restore run on the caller's thread: the daemon's loop waits for them)."""
 
     def __init__(self, store: Store | str, *, timeout: float = 0.1, ttl: int = 86400,
                  queue_bytes: int = 256 << 20, retry_after: float = 1.0,
-                 max_lookup_bytes: int = 1 << 30):
-        for name, value in (("ttl", ttl), ("queue_bytes", queue_bytes), ("max_lookup_bytes", max_lookup_bytes)):
+                 max_restore_bytes: int = 256 << 20):
+        for name, value in (("ttl", ttl), ("queue_bytes", queue_bytes), ("max_restore_bytes", max_restore_bytes)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidArgument(f"remote {name} must be a non-negative integer, got {value!r}")
         if not isinstance(retry_after, (int, float)) or not 0 < retry_after <= _MAX_PAUSE:
             raise InvalidArgument(f"remote retry_after must be in (0, {_MAX_PAUSE}] seconds, got {retry_after!r}")
         self.store = open_store(store, timeout) if isinstance(store, str) else store
-        self.ttl, self.queue_bytes, self.max_lookup_bytes = ttl, queue_bytes, max_lookup_bytes
+        self.ttl, self.queue_bytes, self.max_restore_bytes = ttl, queue_bytes, max_restore_bytes
         self.breaker = Breaker(float(retry_after))
         self.codec: Codec | None = None
         self._prefix = ""
@@ -159,7 +160,7 @@ class RemoteTier:
         if not self.breaker.allow():
             self._skipped += 1
             return {}
-        limit = max(1, self.max_lookup_bytes // self.codec.value_bytes)
+        limit = max(1, self.max_restore_bytes // self.codec.value_bytes)
         wants = wants[:limit]
         names = [block_key(self._prefix, root, key) for root, key in wants]
         self._lookups += 1

@@ -326,3 +326,20 @@ def test_bad_input_is_refused_before_the_store_is_asked():
         assert p.blocks() == before and p.remote_stats().lookups == 0
         p.check_integrity()
         p.close()
+
+
+def test_one_allocate_restores_at_most_max_restore_bytes():
+    with redis_server() as store:
+        a = pool(store.url)
+        b = pool(store.url, max_restore_bytes=2 * (HEADER_BYTES + SPEC.bytes_per_block))
+        prompt = list(range(5 * BS + 1))
+        _, kv_a = prefill(a, prompt, seed=12)
+        assert written(a, 5)
+        [x] = b.allocate([prompt], salt="m")
+        assert (x.num_cached_tokens, x.num_remote_tokens, len(x.slots)) == (2 * BS, 2 * BS, 3 * BS + 1)
+        assert b.remote_stats().lookup_blocks == 2
+        assert np.array_equal(kv_of(b, x.block_table, 2 * BS), kv_a[:, :, : 2 * BS])
+        [y] = b.allocate([prompt], salt="m")  # the next two come with the next allocate
+        assert (y.num_cached_tokens, y.num_remote_tokens) == (4 * BS, 2 * BS)
+        b.check_integrity()
+        a.close(), b.close()

@@ -129,7 +129,7 @@ def recompute_s(layers: int, tokens: int) -> tuple[float, float]:
 def restore_case(url: str, port: int | None, layers: int, tflops: float) -> dict:
     n = TOTAL // spec_for(layers, 2).bytes_per_block
     a = KVPool(spec_for(layers, n + 2), remote=RemoteTier(url, queue_bytes=2 * TOTAL, ttl=3600))
-    b = KVPool(spec_for(layers, n + 2, host=n), remote=RemoteTier(url, timeout=5.0))
+    b = KVPool(spec_for(layers, n + 2, host=n), remote=RemoteTier(url, timeout=5.0, max_restore_bytes=2 * TOTAL))
     rng = np.random.default_rng(layers)
     prompt = rng.integers(0, 2**31, n * 16 + 1).tolist()
     [x] = a.allocate([prompt], salt=SALT)
