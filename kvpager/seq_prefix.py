@@ -144,9 +144,12 @@ def cached_tokens(m: SequenceManager, prompts: Seq[Seq[int] | np.ndarray], salts
     return out
 
 
-def commit(m: SequenceManager, seq_ids: list[int], upto: Seq[int | None]) -> list[int]:
+def commit(m: SequenceManager, seq_ids: list[int], upto: Seq[int | None],
+           fresh: list[tuple[int, bytes, bytes]] | None = None) -> list[int]:
     """Declare K/V written for tokens ``[0, upto)`` (default: all) and publish
-    the full blocks whose token ids are known. Returns blocks published per sequence."""
+    the full blocks whose token ids are known. Returns blocks published per
+    sequence; appends (block, root key, block key) of each newly published
+    block to ``fresh`` if given (for the remote tier)."""
     bs, bt = m.block_size, m.table
     rows = m.batch(seq_ids, "commit")
     nt = bt.num_tokens[rows]
@@ -169,6 +172,9 @@ def commit(m: SequenceManager, seq_ids: list[int], upto: Seq[int | None]) -> lis
         start = max(int(bt.published[row]), int(bt.released[row]))  # released entries hold nothing
         blocks = bt.table[row, start:f].tolist()
         tenant = itertools.repeat(m.pool.tenants.code(h.root, h.salt), len(blocks))
-        published[k] = sum(map(m.pool.publish, blocks, keys[start:f], tenant))
+        done = list(map(m.pool.publish, blocks, keys[start:f], tenant))
+        published[k] = sum(done)
+        if fresh is not None:
+            fresh += [(b, h.root, key) for b, key, new in zip(blocks, keys[start:f], done) if new]
         bt.published[row] = f
     return published
