@@ -226,7 +226,7 @@ class SequenceManager:
         kids = bt.copy_rows(np.repeat(rows, n) if n > 1 else rows)
         ids = self.new_ids(len(kids))
         bt.seq_id[kids] = ids
-        self.pool.share(seq_release.live_blocks(self, bt.row_blocks(rows)), n)
+        self.pool.share(seq_release.live_blocks(self, bt.row_blocks(rows)), n, distinct=len(rows) == 1)
         if self.num_released:
             self.num_released += int(np.count_nonzero(bt.released[kids]))
         self.rows.update(zip(ids, kids.tolist()))
