@@ -208,9 +208,13 @@ class BlockPool:
             self.tenants.left_lru(idle_set)
         np.add.at(self.ref_cnt, ids, _ONE)
 
-    def share(self, ids: np.ndarray, times: int = 1) -> None:
-        """Add ``times`` references to each of blocks already in use (a fork)."""
-        np.add.at(self.ref_cnt, ids, np.int32(times))
+    def share(self, ids: np.ndarray, times: int = 1, distinct: bool = False) -> None:
+        """Add ``times`` references to each of blocks already in use (a fork);
+        ``distinct``: no repeats among ``ids`` (one sequence's table)."""
+        if distinct:
+            self.ref_cnt[ids] += np.int32(times)
+        else:
+            np.add.at(self.ref_cnt, ids, np.int32(times))
 
     def free_blocks(self, ids: Iterable[int] | np.ndarray, distinct: bool = False) -> None:
         """Drop one reference from each block (repeats drop one each). A block
@@ -223,7 +227,10 @@ class BlockPool:
         if not len(ids):
             return
         ref = self.ref_cnt
-        np.subtract.at(ref, ids, _ONE)
+        if distinct:  # one sequence's blocks: a plain indexed update (ufunc.at is slower)
+            ref[ids] -= _ONE
+        else:
+            np.subtract.at(ref, ids, _ONE)
         after = ref[ids]
         zero = after <= 0
         done = ids[zero]

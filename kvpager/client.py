@@ -58,6 +58,7 @@ from kvpager.protocol import (
     decode_allocations,
     decode_blocks,
     decode_info,
+    decode_remote_stats,
     decode_slots,
     decode_stats,
     decode_tables,
@@ -65,7 +66,7 @@ from kvpager.protocol import (
     unpack,
 )
 from kvpager.spec import PoolSpec
-from kvpager.types import Allocation, BlockMap, PoolStats, SequenceInfo
+from kvpager.types import Allocation, BlockMap, PoolStats, RemoteStats, SequenceInfo
 
 log = logging.getLogger("kvpager.client")
 
@@ -142,6 +143,8 @@ class Client(KVAccess, ControlMethods):
         self.heartbeat_timeout: float = info["heartbeat_timeout"]
         self.max_message_bytes: int = info["max_message_bytes"]
         self.server_pid: int | None = info.get("server_pid")
+        #: the daemon's remote tier (kind, url, ttl), or None (also from a daemon that predates it)
+        self.remote: dict[str, Any] | None = info.get("remote")
         self.control: bool = bool(info.get("control"))  # quotas and kept pins allowed
         self.gpu = self.memory.get("kind") == "cuda_ipc"
         self._mirror = TableMirror(self.spec.block_size)  # this session's block tables
@@ -314,6 +317,8 @@ class Client(KVAccess, ControlMethods):
             args["salt"] = salt
         if share_in_batch:
             args["share_in_batch"] = share_in_batch
+        if self.remote:  # only a daemon with a tier knows the argument
+            args["remote_tokens"] = True
         allocs = decode_allocations(self._call("allocate", args))
         self._mirror.allocated(allocs)
         return allocs
@@ -464,6 +469,11 @@ class Client(KVAccess, ControlMethods):
 
     def stats(self) -> PoolStats:
         return decode_stats(self._call("stats", {}))
+
+    def remote_stats(self) -> RemoteStats | None:
+        """As `KVPool.remote_stats`: the daemon's remote tier counters, or None."""
+        d = self._call("stats", {}).get("remote")
+        return decode_remote_stats(d) if d is not None else None
 
     def check_integrity(self) -> None:
         """The daemon's `KVPool.check_integrity`, plus: every sequence has an open session."""

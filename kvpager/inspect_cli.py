@@ -84,7 +84,12 @@ def emit(as_json: bool, data: object, text: str) -> None:
 def stats(client: Any, as_json: bool) -> None:
     """The pool at a glance: blocks free / evictable / used / shared, prefix hits."""
     st = client.stats()
-    emit(as_json, st.to_dict(), render.stats_text(st))
+    data, text = st.to_dict(), render.stats_text(st)
+    remote = client.remote_stats() if client.remote else None  # a daemon with a remote tier
+    if remote is not None:
+        data["remote"] = remote.to_dict()
+        text += "\n\n" + render.remote_text(remote)
+    emit(as_json, data, text)
 
 
 @daemon_command

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence as Seq
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,9 +25,13 @@ from kvpager.types import (
     PinInfo,
     PoolCounters,
     PoolStats,
+    RemoteStats,
     SequenceInfo,
     TenantUsage,
 )
+
+if TYPE_CHECKING:
+    from kvpager.remote_tier import RemoteTier
 
 
 def _split(flat: np.ndarray, counts: list[int]) -> list[np.ndarray]:
@@ -53,18 +57,27 @@ class KVPool:
 
     def __init__(
         self, spec: PoolSpec, device: str = "cpu", backend: Backend | None = None, *,
-        max_pinned_blocks: int | None = None,
+        max_pinned_blocks: int | None = None, remote: RemoteTier | None = None,
     ):
-        """``max_pinned_blocks``: the most blocks pins may hold (default half the pool)."""
+        """``max_pinned_blocks``: the most blocks pins may hold (default half the
+        pool). ``remote``: a `kvpager.remote_tier.RemoteTier` (prefix blocks
+        shared through a store across hosts); the pool closes it on `close`."""
         if not isinstance(spec, PoolSpec):
             raise InvalidArgument(f"spec must be a PoolSpec, got {type(spec).__name__}")
         if max_pinned_blocks is not None and (not validate.is_int(max_pinned_blocks) or max_pinned_blocks < 0):
             raise InvalidArgument(f"max_pinned_blocks must be an integer >= 0, got {max_pinned_blocks!r}")
+        if remote is not None:
+            from kvpager.remote_tier import RemoteTier
+
+            if not isinstance(remote, RemoteTier):
+                raise InvalidArgument(f"remote must be a RemoteTier, got {type(remote).__name__}")
+            remote.attach(spec)
         self.spec = spec
         self.backend = backend if backend is not None else make_backend(spec, device)
         self.device = self.backend.device
         self.manager = SequenceManager(spec.num_blocks, spec.block_size, spec.num_host_blocks,
                                        None if max_pinned_blocks is None else int(max_pinned_blocks))
+        self.remote = remote
         # True while copies or kernels issued by this pool may still be running
         # (cleared by synchronize): the daemon waits only when there is something to wait for.
         self.pending = False
@@ -88,20 +101,35 @@ class KVPool:
         earlier prompt of the batch gets fresh; those count in
         ``num_cached_tokens`` though their K/V comes from the earlier prompt's
         prefill in the same step, so write the whole batch's K/V of a layer
-        before attending in it (a batched forward pass does)."""
+        before attending in it (a batched forward pass does).
+
+        With a remote tier, full blocks missing here are first looked up in
+        the store (one batch) and restored into device blocks; they count in
+        ``num_cached_tokens`` and in ``num_remote_tokens``."""
         validate.prompts(prompts)
         salts = validate.per_seq(salt, len(prompts), "salt")
         if not isinstance(share_in_batch, bool):
             raise InvalidArgument(f"share_in_batch must be a bool, got {share_in_batch!r}")
-        ids, flat, lengths, cached, ntok = self.manager.allocate(prompts, salts, owner, share_in_batch)
+        restore = None
+        if self.remote is not None:
+            from kvpager.remote_restore import restore as restore_from
+
+            restore = restore_from(self, prompts, salts)
+        try:
+            ids, flat, lengths, cached, ntok = self.manager.allocate(prompts, salts, owner, share_in_batch)
+        finally:
+            if restore is not None:
+                restore.release(self.manager.pool)
+        bs = self.spec.block_size
+        remote = restore.remote_tokens(flat, lengths, cached, bs) if restore is not None else [0] * len(ids)
         # Slots of every block of every new sequence in one vectorised pass,
         # then each sequence's uncached token range is a slice of it.
-        bs = self.spec.block_size
         all_slots = (flat[:, None] * bs + np.arange(bs, dtype=np.int64)).ravel()
         blocks = flat.tolist()
         out, start = [], 0
-        for seq_id, n, c, t in zip(ids, lengths, cached, ntok):
-            out.append(Allocation(seq_id, tuple(blocks[start : start + n]), c, all_slots[start * bs + c : start * bs + t]))
+        for seq_id, n, c, t, r in zip(ids, lengths, cached, ntok, remote):
+            out.append(Allocation(seq_id, tuple(blocks[start : start + n]), c,
+                                  all_slots[start * bs + c : start * bs + t], r))
             start += n
         return out
 
@@ -155,7 +183,13 @@ class KVPool:
         full blocks in the prefix cache. Returns how many blocks each published.
         Call it only after the writes have completed on the device."""
         ids = validate.seq_ids(seq_ids)
-        return self.manager.commit(ids, validate.per_seq(upto, len(ids), "upto"))
+        upto = validate.per_seq(upto, len(ids), "upto")
+        if self.remote is None:
+            return self.manager.commit(ids, upto)
+        fresh: list[tuple[int, bytes, bytes]] = []
+        published = self.manager.commit(ids, upto, fresh)
+        self.remote.offer(self.backend, fresh)  # copies the bytes now, sends them later
+        return published
 
     def fork(self, seq_ids: int | Seq[int], n: int = 1) -> list[list[int]]:
         """``n`` children per sequence, sharing all of its blocks; returns their ids."""
@@ -414,6 +448,10 @@ class KVPool:
         rows = pool.tenants.rows(pool.cache.cached, evictable, self.manager.pins.refs > 0)
         return tuple(TenantUsage(*r) for r in rows)
 
+    def remote_stats(self) -> RemoteStats | None:
+        """The remote tier's counters, or None without one."""
+        return self.remote.stats() if self.remote is not None else None
+
     def check_integrity(self) -> None:
         """Raise IntegrityError (with the counts) if any allocator invariant is broken."""
         self.manager.check_integrity()
@@ -424,6 +462,8 @@ class KVPool:
         self.pending = False
 
     def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
         self.backend.close()
 
     def __enter__(self) -> KVPool:

@@ -37,6 +37,7 @@ from kvpager.types import (
     BlockMap,
     PinInfo,
     PoolStats,
+    RemoteStats,
     SequenceInfo,
     SessionInfo,
     TenantUsage,
@@ -81,7 +82,7 @@ OPS: dict[str, Op] = {
     op.name: op
     for op in (
         Op("hello", (), ("client", "pid", "host", "token", "control_token"), session=False),
-        Op("allocate", ("prompts",), ("salt", "share_in_batch")),
+        Op("allocate", ("prompts",), ("salt", "share_in_batch", "remote_tokens")),
         Op("cached_tokens", ("prompts",), ("salt",), session=False),
         Op("append", ("seq_ids",), ("num_tokens", "token_ids")),
         Op("commit", ("seq_ids",), ("upto",)),
@@ -352,12 +353,19 @@ def decode_reply(data: bytes) -> Reply:
 
 
 # -- results ------------------------------------------------------------------------------
-def encode_allocations(allocs: list[Allocation]) -> list[list[Any]]:
+def encode_allocations(allocs: list[Allocation], remote_tokens: bool = False) -> list[list[Any]]:
+    """``[seq_id, block_table, num_cached_tokens, slots]`` per allocation, and
+    ``num_remote_tokens`` fifth when the request asked for it (``remote_tokens``:
+    a client that predates it unpacks four)."""
+    if remote_tokens:
+        return [[a.seq_id, np.asarray(a.block_table, np.int32), a.num_cached_tokens, a.slots,
+                 a.num_remote_tokens] for a in allocs]
     return [[a.seq_id, np.asarray(a.block_table, np.int32), a.num_cached_tokens, a.slots] for a in allocs]
 
 
 def decode_allocations(raw: list[list[Any]]) -> list[Allocation]:
-    return [Allocation(int(s), tuple(t.tolist()), int(c), slots) for s, t, c, slots in raw]
+    return [Allocation(int(a[0]), tuple(a[1].tolist()), int(a[2]), a[3], int(a[4]) if len(a) > 4 else 0)
+            for a in raw]
 
 
 def encode_slots(flat: np.ndarray) -> bytes:
@@ -428,6 +436,10 @@ def decode_pin(d: dict[str, Any]) -> PinInfo:
 
 def decode_session(d: dict[str, Any]) -> SessionInfo:
     return SessionInfo(**_known_fields(SessionInfo, d))
+
+
+def decode_remote_stats(d: dict[str, Any]) -> RemoteStats:
+    return RemoteStats(**_known_fields(RemoteStats, d))
 
 
 def encode_blocks(bm: BlockMap) -> list[np.ndarray]:

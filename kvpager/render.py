@@ -7,7 +7,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kvpager.types import BlockMap, PinInfo, PoolStats, SequenceInfo, SessionInfo, TenantUsage
+from kvpager.types import (
+    BlockMap,
+    PinInfo,
+    PoolStats,
+    RemoteStats,
+    SequenceInfo,
+    SessionInfo,
+    TenantUsage,
+)
 
 
 def human_bytes(n: float) -> str:
@@ -60,6 +68,20 @@ def stats_text(st: PoolStats) -> str:
         f"cached blocks    {st.cached_blocks}    block size {st.block_size} tokens, {human_bytes(bpb)} per block",
     ]
     return "\n".join(lines)
+
+
+def remote_text(rs: RemoteStats) -> str:
+    """The remote prefix tier's counters."""
+    state = "available" if rs.available else "unavailable (lookups skipped until a retry succeeds)"
+    return "\n".join([
+        f"remote store     {rs.store}: {state}",
+        f"  lookups        {rs.lookups} ({rs.lookup_blocks} blocks asked, {rs.hit_blocks} found), "
+        f"{rs.skipped_lookups} skipped",
+        f"  restored       {rs.restored_blocks} blocks ({human_bytes(rs.restored_bytes)})",
+        f"  written        {rs.written_blocks} blocks ({human_bytes(rs.written_bytes)}), {rs.queued_blocks} queued, "
+        f"{rs.dropped_blocks} dropped",
+        f"  errors         {rs.errors} failed calls, {rs.corrupt_blocks} corrupt blocks refused",
+    ])
 
 
 def sequences_text(seqs: Sequence[SequenceInfo], max_table: int = 12) -> str:

@@ -144,9 +144,12 @@ def cached_tokens(m: SequenceManager, prompts: Seq[Seq[int] | np.ndarray], salts
     return out
 
 
-def commit(m: SequenceManager, seq_ids: list[int], upto: Seq[int | None]) -> list[int]:
+def commit(m: SequenceManager, seq_ids: list[int], upto: Seq[int | None],
+           fresh: list[tuple[int, bytes, bytes]] | None = None) -> list[int]:
     """Declare K/V written for tokens ``[0, upto)`` (default: all) and publish
-    the full blocks whose token ids are known. Returns blocks published per sequence."""
+    the full blocks whose token ids are known. Returns blocks published per
+    sequence; appends (block, root key, block key) of each newly published
+    block to ``fresh`` if given (for the remote tier)."""
     bs, bt = m.block_size, m.table
     rows = m.batch(seq_ids, "commit")
     nt = bt.num_tokens[rows]
@@ -174,6 +177,8 @@ def commit(m: SequenceManager, seq_ids: list[int], upto: Seq[int | None]) -> lis
         published[k] = sum(done)
         if sink is not None:
             report_stored(m, h, list(range(start, f)), done)
+        if fresh is not None:
+            fresh += [(b, h.root, key) for b, key, new in zip(blocks, keys[start:f], done) if new]
         bt.published[row] = f
     return published
 

@@ -206,10 +206,13 @@ class SequenceManager:
         ids must be its (checked in the same lookup)."""
         return seq_append.append(self, seq_ids, counts, token_ids, owner)
 
-    def commit(self, seq_ids: list[int], upto: Seq[int | None]) -> list[int]:
+    def commit(self, seq_ids: list[int], upto: Seq[int | None],
+               fresh: list[tuple[int, bytes, bytes]] | None = None) -> list[int]:
         """Declare K/V written for tokens ``[0, upto)`` (default: all) and publish
-        the full blocks whose token ids are known. Returns blocks published per sequence."""
-        return seq_prefix.commit(self, seq_ids, upto)
+        the full blocks whose token ids are known. Returns blocks published per
+        sequence; ``fresh`` (if given) gets (block, root key, block key) of each
+        block newly published."""
+        return seq_prefix.commit(self, seq_ids, upto, fresh)
 
     # -- fork / free / truncate ------------------------------------------------------------
     def fork(self, seq_ids: list[int], n: int) -> list[list[int]]:
@@ -223,7 +226,7 @@ class SequenceManager:
         kids = bt.copy_rows(np.repeat(rows, n) if n > 1 else rows)
         ids = self.new_ids(len(kids))
         bt.seq_id[kids] = ids
-        self.pool.share(seq_release.live_blocks(self, bt.row_blocks(rows)), n)
+        self.pool.share(seq_release.live_blocks(self, bt.row_blocks(rows)), n, distinct=len(rows) == 1)
         if self.num_released:
             self.num_released += int(np.count_nonzero(bt.released[kids]))
         self.rows.update(zip(ids, kids.tolist()))

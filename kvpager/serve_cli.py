@@ -96,6 +96,26 @@ def build_spec(opts: dict[str, Any], device: str = "cpu") -> PoolSpec:
     return spec
 
 
+def remote_tier(opts: dict[str, Any]) -> Any:
+    """The `RemoteTier` of ``--remote``; an unreachable store is a warning (the
+    daemon serves without it until it answers), a malformed URL an error."""
+    from kvpager.remote_tier import RemoteTier
+
+    try:
+        tier = RemoteTier(opts["remote"], timeout=opts["remote_timeout"], ttl=opts["remote_ttl"],
+                          queue_bytes=opts["remote_queue"], max_restore_bytes=opts["remote_max_restore"])
+    except ImportError as e:  # a dependency of the tier is missing; the message says which
+        raise click.ClickException(str(e)) from None
+    why = tier.check()
+    log = logging.getLogger("kvpager.remote")
+    if why is None:
+        log.info("remote tier: %s (%s), ttl %ss", tier.store.url, tier.store.kind, tier.ttl)
+    else:
+        log.warning("remote store %s does not answer (%s): serving without it until it does",
+                    tier.store.url, why)
+    return tier
+
+
 @click.command()
 @click.option("--model", help=f"Geometry: a preset ({', '.join(sorted(MODEL_PRESETS))}), or a Hugging Face "
               "model folder or its config.json (layers, KV heads, head dim and dtype read from it).")
@@ -116,6 +136,17 @@ def build_spec(opts: dict[str, Any], device: str = "cpu") -> PoolSpec:
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
               help="A file holding the secret clients must send in hello (KVPAGER_TOKEN / KVPAGER_TOKEN_FILE); "
                    "required for a TCP endpoint beyond loopback.")
+@click.option("--remote", default=None, metavar="URL",
+              help="Share committed prefix blocks across hosts through a store: redis://HOST:PORT, "
+                   "rediss://, unix:///PATH, or a Redis Cluster: redis+cluster://HOST:PORT[,HOST:PORT].")
+@click.option("--remote-timeout", type=click.FloatRange(min=0, min_open=True, max=60), default=0.1,
+              show_default=True, help="Seconds an allocate waits for the store before it counts as a miss.")
+@click.option("--remote-ttl", type=click.IntRange(min=0), default=86400, show_default=True,
+              help="Seconds a block lives in the store (0: until the store evicts it).")
+@click.option("--remote-queue", type=Size(), default="256M", show_default=True,
+              help="Bytes of committed blocks waiting to be written; past it new ones are dropped.")
+@click.option("--remote-max-restore", type=Size(), default="256M", show_default=True,
+              help="Most bytes one allocate restores from the store (the daemon's loop waits for it).")
 @click.option("--max-pinned-blocks", type=click.IntRange(min=0), default=None,
               help="Most blocks pins may hold (default: half the device blocks).")
 @click.option("--quota", "quotas", multiple=True, metavar="SALT=BLOCKS",
@@ -167,9 +198,10 @@ def serve(**opts: Any) -> None:
                                   opts["events_format"])
         elif opts["events_replay_endpoint"]:
             raise click.UsageError("--events-replay-endpoint needs --events-endpoint (or KVPAGER_EVENTS_ENDPOINT)")
+        remote = remote_tier(opts) if opts["remote"] else None
         server = Server.create(spec, opts["endpoint"], device, max_pinned_blocks=opts["max_pinned_blocks"],
-                               heartbeat_timeout=opts["heartbeat_timeout"], limits=limits, token=token,
-                               control_token=control, metrics_port=metrics_port,
+                               remote=remote, heartbeat_timeout=opts["heartbeat_timeout"], limits=limits,
+                               token=token, control_token=control, metrics_port=metrics_port,
                                metrics_host=opts["metrics_host"], events=events)
         for salt, blocks in quotas:
             server.pool.set_quota(salt, blocks)

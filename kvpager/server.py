@@ -28,7 +28,7 @@ import os
 import secrets
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
@@ -68,6 +68,9 @@ from kvpager.server_ops import ServerOps, _ids
 from kvpager.sessions import Session, SessionTable
 from kvpager.shm import PoolMemory, sweep_stale
 from kvpager.spec import PoolSpec
+
+if TYPE_CHECKING:
+    from kvpager.remote_tier import RemoteTier
 
 log = logging.getLogger("kvpager.server")
 
@@ -142,18 +145,20 @@ class Server(ServerOps):
 
     @classmethod
     def create(cls, spec: PoolSpec, endpoint: str | None = None, device: str = "cpu", *,
-               max_pinned_blocks: int | None = None, **kwargs: Any) -> Server:
+               max_pinned_blocks: int | None = None, remote: RemoteTier | None = None,
+               **kwargs: Any) -> Server:
         """A server with its own pool; on the CPU the pool lives in shared memory
-        that clients map. ``max_pinned_blocks``: as `KVPool`'s."""
+        that clients map. ``max_pinned_blocks``, ``remote``: as `KVPool`'s."""
         check_endpoint(endpoint or default_endpoint(), bind=True)  # before any memory is taken
         epoch = secrets.token_hex(8)
         memory = None
         if device == "cpu":
             sweep_stale()
             memory = PoolMemory.create(spec, epoch)
-            pool = KVPool(spec, backend=memory.backend(), max_pinned_blocks=max_pinned_blocks)
+            pool = KVPool(spec, backend=memory.backend(), max_pinned_blocks=max_pinned_blocks, remote=remote)
         else:
-            pool = KVPool(spec, backend=make_backend(spec, device), max_pinned_blocks=max_pinned_blocks)
+            pool = KVPool(spec, backend=make_backend(spec, device), max_pinned_blocks=max_pinned_blocks,
+                          remote=remote)
         return cls(pool, endpoint, memory=memory, epoch=epoch, owns_pool=True, **kwargs)
 
     # -- lifecycle -------------------------------------------------------------------------

@@ -118,6 +118,8 @@ class ServerOps(ControlOps):
             "max_message_bytes": self.max_message_bytes,
             "server_pid": os.getpid(),
             "control": control,
+            # a remote tier: allocate answers num_remote_tokens to a client that asks (remote_tokens)
+            "remote": self.pool.remote.describe() if self.pool.remote is not None else None,
         }
 
     def _op_heartbeat(self, s: Session, a: dict[str, Any]) -> None:
@@ -135,7 +137,7 @@ class ServerOps(ControlOps):
         share = a.get("share_in_batch", False)
         allocs = self.pool.allocate(prompts, a.get("salt"), owner=s.name, share_in_batch=share)
         s.num_seqs += len(allocs)
-        return protocol.encode_allocations(allocs)
+        return protocol.encode_allocations(allocs, a.get("remote_tokens") is True)
 
     def _check_capacity(self, prompts: list[Any]) -> None:
         """OutOfBlocks before any hashing when the prompts cannot fit even if
@@ -294,6 +296,9 @@ class ServerOps(ControlOps):
         d = protocol.encode_stats(self.pool.stats())
         d["sessions"] = len(self.sessions)
         d["requests"] = self.requests  # every request the daemon has answered: rates for `kvpager top`
+        remote = self.pool.remote_stats()
+        if remote is not None:
+            d["remote"] = remote.to_dict()
         return d
 
     def _op_check(self, s: Session | None, a: dict[str, Any]) -> None:

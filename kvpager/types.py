@@ -11,19 +11,22 @@ import numpy as np
 @dataclass(frozen=True)
 class Allocation:
     """A new sequence. The worker computes K/V only for tokens from
-    ``num_cached_tokens`` on, writing them into ``slots`` (one per such token)."""
+    ``num_cached_tokens`` on, writing them into ``slots`` (one per such token).
+    ``num_remote_tokens`` of the cached tokens were restored from the remote
+    tier by this allocate (their K/V came from another host's daemon)."""
 
     seq_id: int
     block_table: tuple[int, ...]
     num_cached_tokens: int
     slots: np.ndarray  # int64 [num_tokens - num_cached_tokens]
+    num_remote_tokens: int = 0
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Allocation):
             return NotImplemented
         return (
-            (self.seq_id, self.block_table, self.num_cached_tokens)
-            == (other.seq_id, other.block_table, other.num_cached_tokens)
+            (self.seq_id, self.block_table, self.num_cached_tokens, self.num_remote_tokens)
+            == (other.seq_id, other.block_table, other.num_cached_tokens, other.num_remote_tokens)
             and np.array_equal(self.slots, other.slots)
         )
 
@@ -192,3 +195,27 @@ class BlockMap:
         return all(np.array_equal(getattr(self, f), getattr(other, f)) for f in ("state", "ref_cnt", "cached"))
 
     __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class RemoteStats:
+    """The tier's counters since the daemon started."""
+
+    store: str  # the store's URL, without a password
+    available: bool  # False while the circuit breaker skips the store
+    lookups: int  # allocates that asked the store
+    lookup_blocks: int  # block keys asked for
+    hit_blocks: int  # values found and valid
+    restored_blocks: int  # restored into device blocks
+    restored_bytes: int
+    skipped_lookups: int  # lookups not sent: the store was marked unavailable
+    errors: int  # failed store calls (lookups, writes, deletes)
+    corrupt_blocks: int  # values refused (format, key, length, checksum) and deleted
+    queued_blocks: int  # waiting to be written now
+    queued_bytes: int
+    written_blocks: int  # new in the store
+    written_bytes: int
+    dropped_blocks: int  # never written: the queue was full or the store unavailable
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)

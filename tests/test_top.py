@@ -15,13 +15,14 @@ import sys
 import termios
 import time
 
-import pyte
 import pytest
 from daemon_helpers import running_server, subprocess_env
 
 from kvpager import top
 from kvpager.client import Client
 from kvpager.types import PoolStats, SessionInfo, TenantUsage
+
+pyte = pytest.importorskip("pyte")  # a terminal emulator (the test extra)
 
 
 class Terminal:

@@ -13,10 +13,12 @@ arrive as NumPy arrays; tensors (k, v, q) as the backend's own array type.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from kvpager.errors import UnsupportedConfiguration
 from kvpager.spec import PoolSpec
 
 
@@ -88,6 +90,19 @@ class Backend(ABC):
              slots: np.ndarray | None, **options: Any) -> Any:
         """A `kvpager.plan.StepPlan` over already validated step metadata (see
         `kvpager.plan.check_step`; `kvpager.plan.make_plan` validates and calls this)."""
+
+    def read_blocks(self, blocks: np.ndarray, out: np.ndarray) -> None:
+        """Copy whole device blocks to host memory (the remote tier's writes):
+        ``out[i]`` (uint8, ``bytes_per_block`` long; rows may be strided)
+        receives block ``blocks[i]``, complete when this returns."""
+        raise UnsupportedConfiguration(f"the {self.name} backend cannot copy blocks for a remote tier")
+
+    def write_blocks(self, blocks: np.ndarray, payloads: Sequence[Any]) -> None:
+        """Copy host bytes into whole device blocks (the remote tier's
+        restores) in one batched transfer, complete when this returns:
+        ``payloads[i]`` (bytes-like, ``bytes_per_block`` long) into block
+        ``blocks[i]`` (int64, distinct)."""
+        raise UnsupportedConfiguration(f"the {self.name} backend cannot restore blocks from a remote tier")
 
     def synchronize(self) -> None:
         """Wait until every copy and kernel issued so far has completed."""

@@ -28,6 +28,9 @@ from kvpager.spec import PoolSpec
 
 _HOST_ALLOC_PORTABLE = 1
 _HOST_ALLOC_MAPPED = 2
+#: Bytes of the pinned buffer that stages blocks to and from the remote tier
+#: (a transfer of more blocks goes in chunks of this size).
+_STAGE_BYTES = 64 << 20
 
 
 def storage_dtype(spec: PoolSpec) -> np.dtype:
@@ -50,6 +53,10 @@ def _release(device: int, dev_ptr: int, host_ptr: int) -> None:
             runtime.freeHost(host_ptr)
 
 
+def _free_host(ptr: int) -> None:
+    runtime.freeHost(ptr)
+
+
 class CupyBackend(Backend):
     """K/V on ``cuda:device_index``: a raw device slab plus a mapped pinned host pool."""
 
@@ -68,6 +75,7 @@ class CupyBackend(Backend):
         self.index = int(device_index)
         self.uploads = Uploads()  # pinned buffers of step-plan uploads
         self._dev_ptr = self._host_ptr = 0
+        self._stage_rows, self._stage_fin = 0, None
         shape = (spec.num_blocks, *spec.block_shape)
         host_shape = (spec.num_host_blocks, *spec.block_shape)
         with cupy.cuda.Device(self.index):
@@ -103,6 +111,7 @@ class CupyBackend(Backend):
         self.index = int(device_index)
         self.uploads = Uploads()
         self._dev_ptr, self._host_ptr, self._host_dev_ptr = int(ptr), 0, 0
+        self._stage_rows, self._stage_fin = 0, None
         self._finalizer = weakref.finalize(self, int)  # nothing to release
         self.host_kv = np.zeros((0, *spec.block_shape), dtype=spec.np_dtype)
         with cupy.cuda.Device(self.index):
@@ -176,6 +185,60 @@ class CupyBackend(Backend):
             kernels.swap(self._host_dev_ptr, self._dev_ptr, self.spec, pairs,
                          self.spec.num_host_blocks, self.spec.num_blocks, self.index, "swap_in")
 
+    # -- the remote tier: whole blocks through a pinned staging buffer ------------------
+    def _stage(self, rows: int) -> tuple[np.ndarray, int]:
+        """A pinned host buffer mapped into the device, at least ``rows`` blocks
+        long: its uint8 rows and its device address (kept for the next call)."""
+        bpb = self.spec.bytes_per_block
+        if self._stage_rows < rows:
+            self._free_stage()
+            ptr = runtime.hostAlloc(rows * bpb, _HOST_ALLOC_MAPPED | _HOST_ALLOC_PORTABLE)
+            self._stage_fin = weakref.finalize(self, _free_host, ptr)
+            buf = (ctypes.c_byte * (rows * bpb)).from_address(ptr)
+            self._stage_host = np.frombuffer(buf, dtype=np.uint8).reshape(rows, bpb)
+            self._stage_dev = self._mapped_pointer(ptr)
+            self._stage_rows = rows
+        return self._stage_host, self._stage_dev
+
+    def _free_stage(self) -> None:
+        if self._stage_fin is not None:
+            self._stage_host = None
+            self._stage_fin()
+            self._stage_fin, self._stage_rows = None, 0
+
+    def _chunks(self, n: int) -> range:
+        return range(0, n, max(1, _STAGE_BYTES // self.spec.bytes_per_block))
+
+    def read_blocks(self, blocks: np.ndarray, out: np.ndarray) -> None:
+        """One swap launch per staging chunk (device -> pinned host), then a host copy into ``out``."""
+        self._check_open()
+        spec, chunks = self.spec, self._chunks(len(blocks))
+        with cupy.cuda.Device(self.index):
+            for start in chunks:
+                part = np.asarray(blocks[start : start + chunks.step], dtype=np.int64)
+                host, dev = self._stage(min(len(blocks), chunks.step))
+                pairs = np.stack([part, np.arange(len(part), dtype=np.int64)], axis=1)
+                kernels.swap(self._dev_ptr, dev, spec, pairs, spec.num_blocks, self._stage_rows,
+                             self.index, "read")
+                cupy.cuda.get_current_stream().synchronize()
+                out[start : start + len(part)] = host[: len(part)]
+
+    def write_blocks(self, blocks: np.ndarray, payloads: Any) -> None:
+        """Host copies into the pinned staging buffer, then one swap launch per
+        chunk (pinned host -> device), synchronised: the K/V is in place on return."""
+        self._check_open()
+        spec, chunks = self.spec, self._chunks(len(blocks))
+        with cupy.cuda.Device(self.index):
+            for start in chunks:
+                part = np.asarray(blocks[start : start + chunks.step], dtype=np.int64)
+                host, dev = self._stage(min(len(blocks), chunks.step))
+                for i, data in enumerate(payloads[start : start + len(part)]):
+                    host[i] = np.frombuffer(data, dtype=np.uint8)
+                pairs = np.stack([np.arange(len(part), dtype=np.int64), part], axis=1)
+                kernels.swap(dev, self._dev_ptr, spec, pairs, self._stage_rows, spec.num_blocks,
+                             self.index, "restore")
+                cupy.cuda.get_current_stream().synchronize()
+
     def plan(self, tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
              slots: np.ndarray | None, **options: Any) -> Any:
         """A `CupyPlan`: the step uploaded once; ``options``: ``num_rows`` / ``width``
@@ -209,6 +272,7 @@ class CupyBackend(Backend):
     def close(self) -> None:
         if self._dev_ptr:
             self.synchronize()
+            self._free_stage()
             self.kv = None
             self.host_kv = np.zeros((0, *self.spec.block_shape), dtype=self.spec.np_dtype)
             self._finalizer()

@@ -49,8 +49,7 @@ class CupyPlan(StepPlan):
 
     def __init__(self, backend: Any, tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
                  slots: np.ndarray | None, *, num_rows: int | None = None, width: int | None = None,
-                 num_splits: int | None = None, num_q_heads: int | None = None, cascade: bool | None = None,
-                 overlap: bool = True):
+                 num_splits: int | None = None, num_q_heads: int | None = None, cascade: bool | None = None):
         import cupy
 
         spec = self.spec = backend.spec
@@ -91,10 +90,6 @@ class CupyPlan(StepPlan):
                             and spec.dtype != "float32" and kernels.DECODE_TC)
         self._shared: Any = None  # kvpager.cascade.SharedPrefixes of the step, found at the first attend
         self._plain: dict[int, list[Launch]] = {}  # launches without a cascade, for windowed calls
-        # A cascade's own-position decode runs on a side stream beside its shared-prefix launch
-        # (memory-bound beside compute-bound), joined before the merge.
-        self._overlap = overlap
-        self._fork: Any = None  # (side stream, fork event, join event)
         self._keep: list[Any] = []  # device buffers the launches point at
         self.splits = 1  # decode split-K count, chosen at the first attend
         self._write: Launch | None = None
@@ -200,13 +195,6 @@ class CupyPlan(StepPlan):
         self._attn[num_q_heads] = launches
         if self._shared is None:
             self._plain[num_q_heads] = launches
-        elif self._overlap and self._fork is None:
-            import cupy
-
-            side = cupy.cuda.Stream(non_blocking=True)
-            forked, joined = (cupy.cuda.Event(block=False, disable_timing=True) for _ in range(2))
-            self._keep += [side, forked, joined]
-            self._fork = (side.ptr, forked.ptr, joined.ptr)
         return launches
 
     def _windowed(self, num_q_heads: int) -> list[Launch]:
@@ -298,7 +286,7 @@ class CupyPlan(StepPlan):
         first = launches[0].args
         first[0].value, first[5 if self.decode else 7].value = qp, op
         first[8].value, first[-1].value = layer, s
-        fork = self._fork if len(launches) == 3 and launches is self._attn.get(shape[1]) else None
+
         if window is None and softcap is None:
             first[-3].value = first[-2].value = 0
         else:
@@ -307,18 +295,6 @@ class CupyPlan(StepPlan):
             # in the kernel's score units: raw q . k (cap / scale), or log2 units (cap * log2 e)
             first[-2].value = 0.0 if cap is None else (
                 cap * _LOG2E / s if self._raw[shape[1]] else cap * _LOG2E)
-        if fork is not None and self._shared is not None:
-            from cupy.cuda import runtime
-
-            side, forked, joined = fork
-            runtime.eventRecord(forked, stream)
-            runtime.streamWaitEvent(side, forked, 0)
-            launches[0](side)  # the own positions
-            runtime.eventRecord(joined, side)
-            launches[1](stream)  # the shared prefixes
-            runtime.streamWaitEvent(stream, joined, 0)
-            launches[2](stream)  # the merge
-            return out
         for launch in launches:
             launch(stream)
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,20 @@ class NumpyBackend(Backend):
     def swap_in(self, pairs: np.ndarray) -> None:
         if len(pairs):
             self.kv[pairs[:, 1]] = self.host_kv[pairs[:, 0]]
+
+    def _bytes(self) -> np.ndarray:
+        """The device pool as uint8 rows, one per block (a view)."""
+        return self.kv.reshape(self.spec.num_blocks, -1).view(np.uint8)
+
+    def read_blocks(self, blocks: np.ndarray, out: np.ndarray) -> None:
+        rows = self._bytes()
+        for i, b in enumerate(blocks.tolist()):
+            out[i] = rows[b]
+
+    def write_blocks(self, blocks: np.ndarray, payloads: Sequence[Any]) -> None:
+        rows = self._bytes()
+        for b, data in zip(blocks.tolist(), payloads):
+            rows[b] = np.frombuffer(data, np.uint8)
 
     def plan(self, tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
              slots: np.ndarray | None, *, num_rows: int | None = None, **ignored: Any) -> Any:

@@ -1,0 +1,104 @@
+"""What the remote prefix tier stores: the key of a block and its value.
+
+Key: ``kvpager:v1:<format>:<salt>:<block key>`` where
+- ``v1`` is `FORMAT_VERSION`;
+- ``<format>`` is 12 hex digits of a digest of everything that decides how
+  a block's bytes are laid out (layers, kv heads, head dim, block size,
+  dtype, the block-major layout): a daemon of another geometry or dtype
+  looks under other keys and never reads foreign bytes;
+- ``<salt>`` is 16 hex digits of the salt's root key (so one model's or
+  adapter's blocks can be found, or deleted, by pattern);
+- ``<block key>`` is the block's chained BLAKE2b key (32 hex digits), which
+  already depends on the salt and on every token before the block's end.
+
+Value: an 80-byte header, then the block's K/V bytes for all layers in the
+pool's block layout (``[layers, 2, kv heads, block size, head dim]``).
+The header repeats the format (magic, version, geometry, dtype), holds the
+block key and the payload length, and an XXH3-128 checksum of the block key
+and the payload: a value that was cut short, bit-flipped, written by another
+format or stored under the wrong key is refused, never restored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+from kvpager.spec import PoolSpec
+
+try:
+    import xxhash
+except ImportError as e:
+    raise ImportError(f"the remote tier needs xxhash: pip install 'kvpager[remote]' ({e})") from None
+
+FORMAT_VERSION = 1
+MAGIC = b"KVPB"
+#: magic, version, header bytes, layers, kv heads, head dim, block size,
+#: dtype code, 7 pad, block key (16), checksum (16), payload bytes
+_HEADER = struct.Struct("<4sHHIIIIB7x16s16sQ")
+HEADER_BYTES = 80  # a multiple of 16: the payload stays aligned as the block was
+assert _HEADER.size <= HEADER_BYTES
+_DTYPES = {"float16": 1, "bfloat16": 2, "float32": 3}
+_KEY_BYTES = 16
+
+
+class BadValue(ValueError):
+    """A stored value that must not be restored (the message says why)."""
+
+
+def format_id(spec: PoolSpec) -> str:
+    """12 hex digits naming the byte layout of ``spec``'s blocks (not its size)."""
+    text = (f"kvpager-block-v{FORMAT_VERSION}|layout=block-major[L,2,H,B,D]|layers={spec.num_layers}|"
+            f"kv_heads={spec.num_kv_heads}|head_dim={spec.head_dim}|block_size={spec.block_size}|"
+            f"dtype={spec.dtype}")
+    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+
+def key_prefix(spec: PoolSpec) -> str:
+    """``kvpager:v1:<format>:``: every key of this geometry starts with it."""
+    return f"kvpager:v{FORMAT_VERSION}:{format_id(spec)}:"
+
+
+def block_key(prefix: str, root: bytes, key: bytes) -> str:
+    """The store key of the block ``key`` under the salt whose root key is ``root``."""
+    return f"{prefix}{root[:8].hex()}:{key.hex()}"
+
+
+def checksum(key: bytes, payload: memoryview | bytes) -> bytes:
+    h = xxhash.xxh3_128(key)
+    h.update(payload)
+    return h.digest()
+
+
+class Codec:
+    """Encodes and checks the values of one pool geometry."""
+
+    def __init__(self, spec: PoolSpec):
+        self.spec = spec
+        self.payload_bytes = spec.bytes_per_block
+        self.value_bytes = HEADER_BYTES + self.payload_bytes
+        self._fixed = (MAGIC, FORMAT_VERSION, HEADER_BYTES, spec.num_layers, spec.num_kv_heads,
+                       spec.head_dim, spec.block_size, _DTYPES[spec.dtype])
+
+    def seal(self, row: memoryview, key: bytes) -> None:
+        """Fill in the header of ``row`` (``value_bytes`` long, the payload already
+        in place after the header): the value to store under ``key``."""
+        payload = row[HEADER_BYTES:]
+        _HEADER.pack_into(row, 0, *self._fixed, key, checksum(key, payload), self.payload_bytes)
+        row[_HEADER.size : HEADER_BYTES] = bytes(HEADER_BYTES - _HEADER.size)
+
+    def open(self, value: bytes, key: bytes) -> memoryview:
+        """The payload of ``value`` stored under ``key``; BadValue if it is not
+        a value of this geometry for this key or its checksum does not match."""
+        if len(value) != self.value_bytes:
+            raise BadValue(f"{len(value)} bytes, expected {self.value_bytes}")
+        magic, version, hbytes, *geometry, stored_key, digest, nbytes = _HEADER.unpack_from(value)
+        if (magic, version, hbytes, *geometry) != self._fixed or nbytes != self.payload_bytes:
+            raise BadValue(f"header of another format (magic {magic!r}, version {version}, "
+                           f"geometry {geometry})")
+        if stored_key != key:
+            raise BadValue(f"stored for block key {stored_key.hex()}, looked up as {key.hex()}")
+        payload = memoryview(value)[HEADER_BYTES:]
+        if checksum(key, payload) != digest:
+            raise BadValue("checksum mismatch")
+        return payload

@@ -1,0 +1,150 @@
+"""Restoring prefix blocks from the remote tier before an allocate.
+
+`restore` runs before `seq_prefix.allocate` and turns the tier's hits into
+ordinary published prefix-cache blocks, so the allocate that follows (and
+every later one) finds them locally:
+
+1. probe: per prompt, the chain keys of its full blocks that an allocate may
+   take from the cache (all but the last token's), and which of them the
+   local cache holds; every key it lacks goes into one tier lookup;
+2. per prompt, the run after its local hits of keys held locally or found
+   in the tier: the tier's keys in such runs are restored (once per batch);
+3. capacity: restoring happens only if the allocate is then sure to fit
+   (fresh blocks, restored blocks and the cached blocks it holds from
+   eviction counted against free + evictable); otherwise nothing changes;
+4. the local blocks of the runs get a temporary reference (so taking blocks
+   for the restore evicts none of them), fresh blocks are taken, the
+   payloads go into them in one batched host-to-device copy (completed
+   before this returns) and each is published under its key.
+
+The caller drops the temporary references (`Restore.release`) once the
+allocate has taken its own. With an event sink on the block pool, the
+restored keys are reported as stored (they are hittable here now), with
+their parents and token ids, one event per chain of them. A prompt's tokens count as remote when its
+allocation's cached blocks include blocks restored here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kvpager.prefix_cache import chain_keys, root_key, token_array
+
+if TYPE_CHECKING:
+    from kvpager.block_pool import BlockPool
+    from kvpager.events import EventSink
+    from kvpager.pool import KVPool
+
+
+@dataclass
+class Restore:
+    """What `restore` did: the blocks it restored and the references it holds."""
+
+    restored: np.ndarray  # int64 device blocks restored from the tier
+    held: np.ndarray  # int64 blocks with a temporary reference (restored ones included)
+
+    def release(self, pool: BlockPool) -> None:
+        """Drop the temporary references (restored blocks no allocation took
+        become evictable: still cached)."""
+        if len(self.held):
+            pool.free_blocks(self.held)
+            self.held = self.held[:0]
+
+    def remote_tokens(self, flat: np.ndarray, lengths: Seq[int], cached: Seq[int], block_size: int) -> list[int]:
+        """Per allocation (tables back to back in ``flat``): tokens of its cached
+        prefix held by blocks restored here."""
+        out, start = [], 0
+        for n, c in zip(lengths, cached):
+            head = flat[start : start + c // block_size]
+            out.append(int(np.count_nonzero(np.isin(head, self.restored))) * block_size)
+            start += n
+        return out
+
+
+def restore(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None]) -> Restore | None:
+    """Restore from ``kv.remote`` the blocks that ``prompts`` miss locally and the
+    tier holds (see the module docstring). None when nothing was restored."""
+    m, tier = kv.manager, kv.remote
+    bp, bs = m.pool, m.block_size
+    # 1. probe (read-only): every prompt checked before anything changes
+    plans: list[tuple[list[int], list[bytes], list[int | None]]] = []
+    wants: dict[bytes, tuple[bytes, str | bytes | None]] = {}  # block key -> (root key, salt), missing here
+    origin: dict[bytes, tuple[bytes | None, np.ndarray]] = {}  # for events: key -> (parent key, token ids)
+    need = 0  # fresh blocks of the batch if nothing were restored
+    for i, prompt in enumerate(prompts):
+        tokens = token_array(prompt, f"prompts[{i}]")
+        usable = max(len(tokens) - 1, 0) // bs
+        root = root_key(salts[i])
+        keys, hits = bp.match(root, tokens, bs, usable)
+        rest = chain_keys(keys[-1] if keys else root, tokens[len(hits) * bs : usable * bs], bs) \
+            if len(hits) < usable else []
+        local = [bp.lookup(k) for k in rest]
+        for j, (k, b) in enumerate(zip(rest, local)):
+            if b is None:
+                wants.setdefault(k, (root, salts[i]))
+                if bp.events is not None and k not in origin:
+                    at = (len(hits) + j) * bs
+                    origin[k] = (rest[j - 1] if j else keys[-1] if keys else None, tokens[at : at + bs])
+        plans.append((hits, rest, local))
+        need += -(-len(tokens) // bs) - len(hits)
+    if not wants:
+        return None
+    found = tier.fetch([(root, key) for key, (root, _) in wants.items()])
+    if not found:
+        return None
+    # 2. runs: the blocks each prompt would share after the restore
+    todo: dict[bytes, None] = {}  # keys to restore, in order
+    keep: list[int] = []  # local blocks of the runs, held during the restore
+    for hits, rest, local in plans:
+        keep += hits
+        run: list[int] = []
+        new = []
+        for k, b in zip(rest, local):
+            if b is not None:
+                run.append(b)
+            elif k in found:
+                new.append(k)
+            else:
+                break
+        need -= len(run) + len(new)
+        if new:
+            keep += run
+            todo.update(dict.fromkeys(new))
+    # 3. capacity: held idle blocks leave the evictable list, restored ones are taken
+    kept = np.asarray(keep, dtype=np.int64)
+    idle = len(np.unique(kept[bp.ref_cnt[kept] == 0])) if len(kept) else 0
+    if need + len(todo) + idle > bp.get_num_free_blocks():
+        return None  # the allocate may not fit: leave it as it would be without the tier
+    # 4. hold, take, copy, publish
+    if len(kept):
+        bp.touch(kept)
+    new_blocks = bp.get_new_blocks(len(todo))
+    keys = list(todo)
+    try:
+        kv.backend.write_blocks(new_blocks, [found[k] for k in keys])
+    except BaseException:
+        bp.free_blocks(np.concatenate([kept, new_blocks]))
+        raise
+    # each restored block belongs to its salt's tenant, as if committed here
+    done = [bp.publish(b, k, bp.tenants.code(*wants[k])) for b, k in zip(new_blocks.tolist(), keys)]
+    published = [b for b, new in zip(new_blocks.tolist(), done) if new]
+    if bp.events is not None:
+        _report(bp.events, [k for k, new in zip(keys, done) if new], origin)
+    tier.restored(len(published))
+    return Restore(np.asarray(published, dtype=np.int64), np.concatenate([kept, new_blocks]))
+
+
+def _report(sink: EventSink, keys: list[bytes], origin: dict[bytes, tuple[bytes | None, np.ndarray]]) -> None:
+    """Restored ``keys`` (in chain order per prompt) as BlockStored events: one
+    per run of keys each the parent of the next."""
+    run: list[bytes] = []
+    for k in [*keys, None]:
+        if run and (k is None or origin[k][0] != run[-1]):
+            sink.stored(run, origin[run[0]][0], np.concatenate([origin[r][1] for r in run]))
+            run = []
+        if k is not None:
+            run.append(k)

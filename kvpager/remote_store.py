@@ -1,0 +1,255 @@
+"""Stores for the remote prefix tier: one small interface, Redis / Valkey
+(standalone and Redis Cluster) behind it, chosen by URL.
+
+A store only moves bytes under string keys; what the bytes are and whether
+they may be restored is `kvpager.remote_format`'s business. Every failure
+(refused connection, timeout, a cluster without a node for a slot, a
+protocol error) is raised as `StoreError`; the tier counts it and treats
+the call as a miss. Nothing here retries: the tier's circuit breaker
+decides when to try again, so an outage never adds a timeout to every
+allocate.
+
+URLs (``--remote``):
+- ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`` (port 6379 if none; an IPv6
+  address in brackets), ``rediss://...`` (TLS),
+  ``unix:///PATH.sock[?db=N]``; ``valkey://`` and ``valkeys://`` are the same;
+- ``redis+cluster://HOST:PORT[,HOST:PORT...]`` (``rediss+cluster://``,
+  ``valkey+cluster://``): a Redis Cluster, found from any of those nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import urllib.parse
+from abc import ABC, abstractmethod
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from kvpager.errors import InvalidArgument
+
+_STANDALONE = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss", "unix": "unix"}
+_CLUSTER = {"redis+cluster": "redis", "rediss+cluster": "rediss", "valkey+cluster": "redis",
+            "valkeys+cluster": "rediss"}
+
+
+class StoreError(Exception):
+    """A store call failed (connection, timeout, cluster or protocol error)."""
+
+
+class Store(ABC):
+    """Bytes under string keys. Calls from the daemon's loop thread (lookups)
+    and the tier's writer thread (writes, deletes) may overlap: an
+    implementation keeps separate connections for the two."""
+
+    #: "redis" or "redis-cluster"
+    kind: str = ""
+    #: the URL without its password, for logs and stats
+    url: str = ""
+
+    @abstractmethod
+    def get_many(self, keys: Seq[str]) -> list[bytes | None]:
+        """The values of ``keys`` (None where absent) in one round trip (one per
+        node of a cluster). Loop thread; bounded by the lookup timeout."""
+
+    @abstractmethod
+    def put_many(self, items: Seq[tuple[str, Any]], ttl: int) -> int:
+        """Store each (key, bytes-like value) unless the key exists already,
+        expiring after ``ttl`` seconds (0: never), in one pipelined batch.
+        Returns how many were new. Writer thread."""
+
+    @abstractmethod
+    def delete(self, keys: Seq[str]) -> None:
+        """Remove ``keys`` (values that failed their checks). Writer thread."""
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise StoreError unless the store answers now."""
+
+    def close(self) -> None:
+        """Drop the connections."""
+
+
+def redact(url: str) -> str:
+    """``url`` without a password (``redis://:***@host:6379``)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _nodes(netloc: str, url: str) -> list[tuple[str, int]]:
+    """HOST[:PORT][,HOST[:PORT]...] after any credentials, each checked (port
+    6379 if none; an IPv6 address in brackets)."""
+    hosts = netloc.rsplit("@", 1)[-1]
+    out = []
+    for item in hosts.split(","):
+        item = item.strip()
+        host, sep, port = item.rpartition(":")
+        if not sep or host.endswith("[") or (item.startswith("[") and not host.endswith("]")):
+            host, port = item, "6379"
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidArgument(f"remote store URL {redact(url)!r}: {item!r} is not HOST:PORT")
+        out.append((host, int(port)))
+    return out
+
+
+def open_store(url: str, timeout: float = 0.1, write_timeout: float = 2.0) -> Store:
+    """The store at ``url`` (see the module docstring). Nothing is contacted
+    yet: an unreachable store is found by the first call (`Store.ping`).
+    ``timeout``: seconds a lookup may wait for the store (connect and each
+    read); ``write_timeout``: the same for the writer thread.
+    InvalidArgument for a URL of no known form."""
+    if not isinstance(url, str) or "://" not in url:
+        raise InvalidArgument(f"remote store URL must look like redis://HOST:PORT, got {url!r}")
+    for name, value in (("timeout", timeout), ("write_timeout", write_timeout)):
+        if not isinstance(value, (int, float)) or not 0 < value < 3600:
+            raise InvalidArgument(f"remote store {name} must be a positive number of seconds, got {value!r}")
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in _STANDALONE:
+        return RedisStore(url, _STANDALONE[scheme], timeout, write_timeout)
+    if scheme in _CLUSTER:
+        return RedisClusterStore(url, _CLUSTER[scheme], timeout, write_timeout)
+    known = ", ".join(f"{s}://" for s in [*_STANDALONE, *_CLUSTER])
+    raise InvalidArgument(f"remote store URL {redact(url)!r}: unknown scheme {scheme!r} (known: {known})")
+
+
+def _redis() -> Any:
+    try:
+        import redis
+    except ImportError as e:
+        raise ImportError(f"the remote tier needs the redis client: pip install 'kvpager[remote]' ({e})") from None
+    return redis
+
+
+def _options(redis: Any, timeout: float) -> dict[str, Any]:
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return dict(socket_timeout=timeout, socket_connect_timeout=timeout, socket_keepalive=True,
+                retry=Retry(NoBackoff(), 0), health_check_interval=0, client_name="kvpager")
+
+
+class RedisStore(Store):
+    """A standalone Redis or Valkey server: MGET for lookups, pipelined
+    ``SET NX EX`` for writes. Two clients, one per thread."""
+
+    kind = "redis"
+
+    def __init__(self, url: str, scheme: str, timeout: float, write_timeout: float):
+        redis = _redis()
+        self.url = redact(url)
+        real = scheme + url[url.index("://") :]
+        if scheme != "unix":
+            parts = urllib.parse.urlsplit(real)
+            _nodes(parts.netloc, url)
+        try:
+            self._reader = redis.Redis.from_url(real, **_options(redis, timeout))
+            self._writer = redis.Redis.from_url(real, **_options(redis, write_timeout))
+        except (ValueError, TypeError) as e:
+            raise InvalidArgument(f"remote store URL {self.url!r}: {e}") from None
+        self._errors = (redis.RedisError, OSError)
+
+    def get_many(self, keys: Seq[str]) -> list[bytes | None]:
+        try:
+            return self._reader.mget(keys)
+        except self._errors as e:
+            raise StoreError(f"{type(e).__name__}: {e}") from None
+
+    def put_many(self, items: Seq[tuple[str, Any]], ttl: int) -> int:
+        try:
+            pipe = self._writer.pipeline(transaction=False)
+            for key, value in items:
+                pipe.set(key, value, nx=True, ex=ttl or None)
+            return sum(1 for r in pipe.execute() if r)
+        except self._errors as e:
+            raise StoreError(f"{type(e).__name__}: {e}") from None
+
+    def delete(self, keys: Seq[str]) -> None:
+        try:
+            self._writer.delete(*keys)
+        except self._errors as e:
+            raise StoreError(f"{type(e).__name__}: {e}") from None
+
+    def ping(self) -> None:
+        try:
+            self._reader.ping()
+        except self._errors as e:
+            raise StoreError(f"{type(e).__name__}: {e}") from None
+
+    def close(self) -> None:
+        for client in (self._reader, self._writer):
+            with contextlib.suppress(Exception):
+                client.close()
+
+
+class RedisClusterStore(Store):
+    """A Redis Cluster: keys spread over the masters by hash slot (no hash
+    tags, so one salt's blocks spread too); a lookup is one pipeline, sent to
+    every master that holds a slot of its keys before any reply is read. The
+    cluster client is made on first use (it asks a node for the slot map)."""
+
+    kind = "redis-cluster"
+
+    def __init__(self, url: str, scheme: str, timeout: float, write_timeout: float):
+        self._redis = _redis()
+        self.url = redact(url)
+        parts = urllib.parse.urlsplit(scheme + url[url.index("://") :].split(",", 1)[0])
+        self._startup = _nodes(url.split("://", 1)[1].split("/", 1)[0], url)
+        self._auth = dict(username=parts.username or None, password=parts.password,
+                          ssl=scheme == "rediss")
+        self._timeouts = (timeout, write_timeout)
+        self._clients: list[Any] = [None, None]  # reader, writer
+        self._errors = (self._redis.RedisError, self._redis.exceptions.RedisClusterException, OSError)
+
+    def _client(self, which: int) -> Any:
+        client = self._clients[which]
+        if client is None:
+            from redis.cluster import ClusterNode, RedisCluster
+
+            nodes = [ClusterNode(h, p) for h, p in self._startup]
+            options = _options(self._redis, self._timeouts[which])
+            retry = options.pop("retry")
+            client = RedisCluster(startup_nodes=nodes, retry=retry, require_full_coverage=False,
+                                  **options, **self._auth)
+            self._clients[which] = client
+        return client
+
+    def _call(self, which: int, fn: Any) -> Any:
+        try:
+            return fn(self._client(which))
+        except self._errors as e:
+            raise StoreError(f"{type(e).__name__}: {e}") from None
+
+    def get_many(self, keys: Seq[str]) -> list[bytes | None]:
+        def run(rc: Any) -> list[bytes | None]:
+            pipe = rc.pipeline()
+            for key in keys:
+                pipe.get(key)
+            return pipe.execute()
+
+        return self._call(0, run)
+
+    def put_many(self, items: Seq[tuple[str, Any]], ttl: int) -> int:
+        def run(rc: Any) -> int:
+            pipe = rc.pipeline()
+            for key, value in items:
+                pipe.set(key, value, nx=True, ex=ttl or None)
+            return sum(1 for r in pipe.execute() if r)
+
+        return self._call(1, run)
+
+    def delete(self, keys: Seq[str]) -> None:
+        self._call(1, lambda rc: rc.delete(*keys))
+
+    def ping(self) -> None:
+        self._call(0, lambda rc: rc.ping())
+
+    def close(self) -> None:
+        for client in self._clients:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.close()
+        self._clients = [None, None]

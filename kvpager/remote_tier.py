@@ -1,0 +1,329 @@
+"""`RemoteTier`: committed prefix blocks in a shared store (Redis / Valkey),
+so a daemon on another host restores them instead of its worker recomputing.
+
+- Lookups run on the caller's thread (the daemon's loop), one pipelined
+  batch per allocate, bounded by a short timeout. Any failure is a miss:
+  it is counted, logged once per outage, and opens a circuit breaker so the
+  next lookups skip the store (no timeout added to every allocate) until a
+  retry after a growing pause (``retry_after`` doubling up to 30 s) succeeds.
+- Writes never block the caller: committed blocks' bytes are copied into a
+  bounded queue (``queue_bytes``; a block that does not fit is dropped and
+  counted) and a writer thread seals (header, checksum) and sends them,
+  pipelined ``SET NX`` with an expiry. The writer never touches pool state.
+- Values are checked before they are restored (`kvpager.remote_format`); a
+  bad one is counted, deleted from the store and treated as a miss.
+
+A tier serves one pool geometry: `KVPool` attaches it (`attach`).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import numpy as np
+
+from kvpager.errors import InvalidArgument
+from kvpager.remote_format import HEADER_BYTES, BadValue, Codec, block_key, key_prefix
+from kvpager.remote_store import Store, StoreError, open_store
+from kvpager.spec import PoolSpec
+from kvpager.types import RemoteStats
+
+log = logging.getLogger("kvpager.remote")
+
+_BATCH_BYTES = 64 << 20  # most bytes the writer sends in one pipeline
+_MAX_PAUSE = 30.0
+
+
+class Breaker:
+    """Closed while the store answers. After a failure it is open for a pause
+    (``base`` seconds, doubling per failure up to 30 s); then one call may try
+    (the pause starts again meanwhile), and its success closes it."""
+
+    def __init__(self, base: float):
+        self.base = base
+        self.failures = 0
+        self._until = 0.0
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        """May a call go to the store now (taking the one retry when due)."""
+        if not self.failures:
+            return True
+        with self._lock:
+            now = time.monotonic()
+            if now < self._until:
+                return False
+            self._until = now + self._pause()
+            return True
+
+    def is_open(self) -> bool:
+        return bool(self.failures) and time.monotonic() < self._until
+
+    def success(self) -> None:
+        if self.failures:
+            with self._lock:
+                was, self.failures, self._until = self.failures, 0, 0.0
+            if was:
+                log.warning("remote store answers again (after %d failed calls)", was)
+
+    def failure(self, what: str, error: Exception) -> None:
+        with self._lock:
+            self.failures += 1
+            pause = self._pause()
+            self._until = time.monotonic() + pause
+            first = self.failures == 1
+        # Once per outage at WARNING; each retry that fails at DEBUG.
+        (log.warning if first else log.debug)(
+            "remote store %s failed: %s; requests are served without it, next try in %.1fs",
+            what, error, pause)
+
+    def _pause(self) -> float:
+        return min(_MAX_PAUSE, self.base * 2 ** max(self.failures - 1, 0))
+
+
+class RemoteTier:
+    """The remote prefix tier over ``store`` (a `Store` or a URL for `open_store`).
+
+    ``timeout``: seconds a lookup may wait for the store; ``ttl``: seconds a
+    block lives in the store (0: until the store evicts it);
+    ``queue_bytes``: bytes of blocks waiting to be written, past which new
+    ones are dropped; ``retry_after``: the first pause after a failure;
+    ``max_restore_bytes``: most bytes one allocate may restore (the lookup and
+    the restore run on the caller's thread: the daemon's loop waits for them)."""
+
+    def __init__(self, store: Store | str, *, timeout: float = 0.1, ttl: int = 86400,
+                 queue_bytes: int = 256 << 20, retry_after: float = 1.0,
+                 max_restore_bytes: int = 256 << 20):
+        for name, value in (("ttl", ttl), ("queue_bytes", queue_bytes), ("max_restore_bytes", max_restore_bytes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidArgument(f"remote {name} must be a non-negative integer, got {value!r}")
+        if not isinstance(retry_after, (int, float)) or not 0 < retry_after <= _MAX_PAUSE:
+            raise InvalidArgument(f"remote retry_after must be in (0, {_MAX_PAUSE}] seconds, got {retry_after!r}")
+        self.store = open_store(store, timeout) if isinstance(store, str) else store
+        self.ttl, self.queue_bytes, self.max_restore_bytes = ttl, queue_bytes, max_restore_bytes
+        self.breaker = Breaker(float(retry_after))
+        self.codec: Codec | None = None
+        self._prefix = ""
+        # loop-thread counters
+        self._lookups = self._lookup_blocks = self._hits = self._skipped = 0
+        self._restored = self._lookup_errors = self._corrupt = self._dropped_full = 0
+        # writer-thread counters
+        self._written = self._write_errors = self._dropped_failed = 0
+        # the queue: (rows [n, value_bytes] uint8, names, block keys); deletes: names
+        self._queue: collections.deque[tuple[np.ndarray, list[str], list[bytes]]] = collections.deque()
+        self._deletes: list[str] = []
+        self._queued_bytes = self._queued_blocks = 0
+        self._busy = False
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    # -- wiring -----------------------------------------------------------------------
+    def attach(self, spec: PoolSpec) -> None:
+        """Serve pools of ``spec``'s geometry (a tier serves one geometry)."""
+        old = self.codec.spec if self.codec is not None else spec
+        if (old.block_shape, old.dtype) != (spec.block_shape, spec.dtype):
+            raise InvalidArgument("this RemoteTier already serves a pool of another geometry")
+        self.codec = Codec(spec)
+        self._prefix = key_prefix(spec)
+
+    def describe(self) -> dict[str, Any]:
+        """What hello tells clients: the store's kind and URL (no password)."""
+        return {"kind": self.store.kind, "url": self.store.url, "ttl": self.ttl}
+
+    def check(self) -> str | None:
+        """None if the store answers now, else why not (for a warning at start)."""
+        try:
+            self.store.ping()
+        except StoreError as e:
+            self._lookup_errors += 1
+            self.breaker.failure("ping", e)
+            return str(e)
+        return None
+
+    def key(self, root: bytes, key: bytes) -> str:
+        """The store key of block ``key`` under the salt whose root key is ``root``."""
+        return block_key(self._prefix, root, key)
+
+    # -- lookups (the caller's thread) ----------------------------------------------------
+    def fetch(self, wants: Seq[tuple[bytes, bytes]]) -> dict[bytes, memoryview]:
+        """Payloads of the blocks ``wants`` = [(root key, block key)] found in the
+        store and valid, by block key. Never raises: a failure is an empty answer."""
+        if not wants:
+            return {}
+        if not self.breaker.allow():
+            self._skipped += 1
+            return {}
+        limit = max(1, self.max_restore_bytes // self.codec.value_bytes)
+        wants = wants[:limit]
+        names = [block_key(self._prefix, root, key) for root, key in wants]
+        self._lookups += 1
+        self._lookup_blocks += len(names)
+        try:
+            values = self.store.get_many(names)
+        except StoreError as e:
+            self._lookup_errors += 1
+            self.breaker.failure("lookup", e)
+            return {}
+        except Exception as e:  # a client bug must not fail the allocate either
+            self._lookup_errors += 1
+            self.breaker.failure("lookup", e)
+            log.error("unexpected error from the remote store", exc_info=e)
+            return {}
+        self.breaker.success()
+        found: dict[bytes, memoryview] = {}
+        bad = []
+        codec = self.codec
+        for (_, key), name, value in zip(wants, names, values):
+            if value is None:
+                continue
+            try:
+                found[key] = codec.open(value, key)
+            except BadValue as e:
+                bad.append(name)
+                log.warning("remote block %s refused: %s; deleting it", name, e)
+        if bad:
+            self._corrupt += len(bad)
+            with self._cond:
+                self._deletes += bad
+                self._start()
+                self._cond.notify()
+        self._hits += len(found)
+        return found
+
+    def restored(self, n: int) -> None:
+        """``n`` blocks were restored from the last fetch (for the counters)."""
+        self._restored += n
+
+    # -- writes -----------------------------------------------------------------------------
+    def offer(self, backend: Any, fresh: Seq[tuple[int, bytes, bytes]]) -> None:
+        """Queue newly published blocks for writing: ``fresh`` = [(device block,
+        root key, block key)]. Their bytes are copied now (``backend.read_blocks``),
+        so the blocks may change once this returns; what does not fit in the
+        queue, or comes while the store is unavailable, is dropped (counted)."""
+        if not fresh:
+            return
+        size = self.codec.value_bytes
+        if self.breaker.is_open():
+            self._dropped_full += len(fresh)
+            return
+        with self._cond:
+            room = (self.queue_bytes - self._queued_bytes) // size
+        take = fresh[: max(room, 0)]
+        self._dropped_full += len(fresh) - len(take)
+        if not take:
+            return
+        rows = np.empty((len(take), size), dtype=np.uint8)
+        backend.read_blocks(np.fromiter((b for b, _, _ in take), np.int64, len(take)), rows[:, HEADER_BYTES:])
+        names = [block_key(self._prefix, root, key) for _, root, key in take]
+        with self._cond:
+            self._queue.append((rows, names, [key for _, _, key in take]))
+            self._queued_bytes += rows.nbytes
+            self._queued_blocks += len(take)
+            self._start()
+            self._cond.notify()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued write and delete has been sent (or dropped);
+        False if that took longer than ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._deletes or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def _start(self) -> None:
+        if self._thread is None and not self._closed:
+            self._thread = threading.Thread(target=self._write_loop, name="kvpager-remote-writer", daemon=True)
+            self._thread.start()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._queue or self._deletes or self._closed):
+                    self._cond.wait()
+                if self._closed:  # close() gave flush its time: what is left is dropped
+                    self._dropped_failed += self._queued_blocks
+                    self._queue.clear()
+                    self._deletes = []
+                    self._queued_bytes = self._queued_blocks = 0
+                    self._cond.notify_all()
+                    return
+                batch, nbytes = [], 0
+                while self._queue and (not batch or nbytes + self._queue[0][0].nbytes <= _BATCH_BYTES):
+                    item = self._queue.popleft()
+                    batch.append(item)
+                    nbytes += item[0].nbytes
+                deletes, self._deletes = self._deletes, []
+                self._busy = True
+            try:
+                self._send(batch, deletes)
+            except Exception as e:  # never let the writer die
+                log.error("remote writer: unexpected error", exc_info=e)
+            finally:
+                with self._cond:
+                    self._queued_bytes -= nbytes
+                    self._queued_blocks -= sum(len(names) for _, names, _ in batch)
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _send(self, batch: list[tuple[np.ndarray, list[str], list[bytes]]], deletes: list[str]) -> None:
+        count = sum(len(names) for _, names, _ in batch)
+        if not self.breaker.allow():
+            self._dropped_failed += count
+            return
+        try:
+            if deletes:
+                self.store.delete(deletes)
+            items = []
+            for rows, names, keys in batch:
+                for row, name, key in zip(rows, names, keys):
+                    view = memoryview(row)
+                    self.codec.seal(view, key)
+                    items.append((name, view))
+            if items:
+                new = self.store.put_many(items, self.ttl)
+                self._written += new
+        except StoreError as e:
+            self._write_errors += 1
+            self._dropped_failed += count
+            self.breaker.failure("write", e)
+            return
+        self.breaker.success()
+
+    # -- inspection and shutdown -------------------------------------------------------------
+    def stats(self) -> RemoteStats:
+        size = self.codec.value_bytes if self.codec is not None else 0
+        with self._cond:
+            queued_blocks, queued_bytes = self._queued_blocks, self._queued_bytes
+        return RemoteStats(
+            store=self.store.url, available=not self.breaker.is_open(), lookups=self._lookups,
+            lookup_blocks=self._lookup_blocks, hit_blocks=self._hits, restored_blocks=self._restored,
+            restored_bytes=self._restored * (size - HEADER_BYTES), skipped_lookups=self._skipped,
+            errors=self._lookup_errors + self._write_errors, corrupt_blocks=self._corrupt,
+            queued_blocks=queued_blocks, queued_bytes=queued_bytes, written_blocks=self._written,
+            written_bytes=self._written * size, dropped_blocks=self._dropped_full + self._dropped_failed,
+        )
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Send what is queued (for at most ``timeout`` seconds), stop the writer,
+        drop the connections."""
+        if self._closed:
+            return
+        self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with contextlib.suppress(Exception):
+            self.store.close()

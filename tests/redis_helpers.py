@@ -1,0 +1,130 @@
+"""Real redis-server processes for the remote tier's tests: each on a free
+loopback port in a temp dir, no persistence, waited for (bounded) and
+stopped by the test that started it. Tests skip only where redis-server is
+not installed (CI installs it: .ci/run)."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+START_TIMEOUT = 20.0  # seconds for a server to answer PING (a busy 2-core machine)
+
+
+def need_redis() -> None:
+    """Skip the calling test module where redis-server is not installed."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does)",
+                    allow_module_level=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def ping(port: int, timeout: float = 0.5) -> bool:
+    """True if a Redis server answers PING on 127.0.0.1:port."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """One redis-server process; ``stop`` / ``start`` again on the same port."""
+
+    def __init__(self, port: int | None = None, *extra: str):
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="kvpredis")
+        self.extra = extra
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.dir, *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not ping(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        """SIGKILL: the store vanishes as in a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True,
+                             timeout=30)
+        return out.stdout
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def redis_server(*extra: str) -> Iterator[RedisServer]:
+    server = RedisServer(None, *extra).start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@contextlib.contextmanager
+def redis_cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
+    """``masters`` cluster-enabled servers joined by ``redis-cli --cluster create``,
+    waited for until every node says ``cluster_state:ok``."""
+    servers = []
+    try:
+        for _ in range(masters):
+            servers.append(RedisServer(free_cluster_port(), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                       "--cluster-node-timeout", "2000").start())
+        nodes = [f"127.0.0.1:{s.port}" for s in servers]
+        subprocess.run(["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+                       capture_output=True, text=True, timeout=60, check=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not all("cluster_state:ok" in s.cli("cluster", "info") for s in servers):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the redis cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+        yield servers
+    finally:
+        for s in servers:
+            s.close()

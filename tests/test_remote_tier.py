@@ -1,0 +1,345 @@
+"""The remote prefix tier between embedded pools, against a real redis-server:
+two pools stand for two hosts. K/V restored on the second is compared byte
+for byte with what was written on the first."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from redis_helpers import need_redis, redis_server
+
+need_redis()
+redis = pytest.importorskip("redis")
+
+from kvpager import InvalidArgument, KVPool, OutOfBlocks, PoolSpec  # noqa: E402
+from kvpager.remote_format import HEADER_BYTES, key_prefix  # noqa: E402
+from kvpager.remote_tier import RemoteTier  # noqa: E402
+
+SPEC = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=48, block_size=16, dtype="float32")
+BS = SPEC.block_size
+WAIT = 20.0
+
+
+def pool(url: str, spec: PoolSpec = SPEC, **tier) -> KVPool:
+    tier.setdefault("retry_after", 0.2)
+    return KVPool(spec, remote=RemoteTier(url, **tier))
+
+
+def prefill(p: KVPool, prompt: list[int], seed: int, salt: str = "m") -> tuple[int, np.ndarray]:
+    """Allocate, write random K/V for the uncached tokens, commit; the sequence and
+    the whole K/V it holds per layer, [layers, 2, tokens, heads, dim]."""
+    [a] = p.allocate([prompt], salt=salt)
+    rng = np.random.default_rng(seed)
+    shape = (len(a.slots), p.spec.num_kv_heads, p.spec.head_dim)
+    for layer in range(p.spec.num_layers):
+        k, v = rng.standard_normal(shape).astype(p.spec.np_dtype), rng.standard_normal(shape).astype(p.spec.np_dtype)
+        p.write(layer, a.slots, k, v)
+    p.commit(a.seq_id)
+    return a.seq_id, kv_of(p, a.block_table, len(prompt))
+
+
+def kv_of(p: KVPool, table, n: int) -> np.ndarray:
+    """K/V of tokens [0, n) read from the pool through the block table."""
+    blocks = np.asarray(table[: -(-n // BS)])
+    kv = p.backend.device_array()[blocks]  # [nb, layers, 2, heads, bs, dim]
+    return kv.transpose(1, 2, 0, 4, 3, 5).reshape(p.spec.num_layers, 2, -1, p.spec.num_kv_heads,
+                                                 p.spec.head_dim)[:, :, :n]
+
+
+def written(p: KVPool, n: int) -> bool:
+    return p.remote.flush(WAIT) and p.remote_stats().written_blocks >= n
+
+
+def test_second_host_restores_byte_identical_kv():
+    with redis_server() as store:
+        a, b = pool(store.url), pool(store.url)
+        prompt = list(range(1000, 1000 + 5 * BS + 3))  # 5 full blocks and a tail
+        _, kv_a = prefill(a, prompt, seed=1)
+        assert written(a, 5)
+        [x] = b.allocate([prompt], salt="m")
+        assert (x.num_cached_tokens, x.num_remote_tokens) == (5 * BS, 5 * BS)
+        assert len(x.slots) == 3  # only the tail is left to compute
+        assert np.array_equal(kv_of(b, x.block_table, 5 * BS), kv_a[:, :, : 5 * BS])
+        b.check_integrity()
+        st = b.remote_stats()
+        assert (st.lookups, st.hit_blocks, st.restored_blocks, st.errors) == (1, 5, 5, 0)
+        assert st.restored_bytes == 5 * SPEC.bytes_per_block
+        # restored blocks are ordinary cached blocks now: the next allocate hits locally
+        [y] = b.allocate([prompt], salt="m")
+        assert (y.num_cached_tokens, y.num_remote_tokens) == (5 * BS, 0)
+        assert y.block_table[:5] == x.block_table[:5]
+        assert b.remote_stats().lookups == 1
+        # another salt never matches a block of this one
+        [z] = b.allocate([prompt], salt="other")
+        assert z.num_cached_tokens == 0 and z.num_remote_tokens == 0
+        b.free([x.seq_id, y.seq_id, z.seq_id])
+        b.check_integrity()
+        assert b.stats().cached_blocks == 5 and b.stats().used_blocks == 0
+        a.close(), b.close()
+
+
+def test_keys_ttl_and_no_rewrite_of_restored_blocks():
+    with redis_server() as store:
+        a, b = pool(store.url, ttl=600), pool(store.url, ttl=600)
+        prompt = list(range(3 * BS + 1))
+        prefill(a, prompt, seed=2)
+        assert written(a, 3)
+        client = redis.Redis(port=store.port)
+        keys = sorted(k.decode() for k in client.keys("*"))
+        assert len(keys) == 3 and all(k.startswith(key_prefix(SPEC)) for k in keys)
+        assert all(0 < client.ttl(k) <= 600 for k in keys)
+        assert all(client.strlen(k) == HEADER_BYTES + SPEC.bytes_per_block for k in keys)
+        [x] = b.allocate([prompt], salt="m")
+        assert x.num_remote_tokens == 3 * BS
+        b.commit(x.seq_id)  # restored blocks were published at restore: nothing new to write
+        assert b.remote.flush(WAIT) and b.remote_stats().written_blocks == 0
+        a.close(), b.close()
+
+
+def test_partial_chains_and_one_restore_per_batch():
+    with redis_server() as store:
+        a, b = pool(store.url), pool(store.url)
+        system = list(range(500, 500 + 4 * BS))
+        _, kv_a = prefill(a, system + [1], seed=3)
+        assert written(a, 4)
+        # b restores block 0 for a prompt of one full block: it is local from then on
+        [first] = b.allocate([system[:BS] + [9]], salt="m")
+        assert (first.num_cached_tokens, first.num_remote_tokens) == (BS, BS)
+        longer = system + list(range(7000, 7000 + 2 * BS))  # 4 stored blocks, then 2 nobody has
+        x, y = b.allocate([longer, system + [5]], salt="m")
+        # each: block 0 local, blocks 1-3 from the store (restored once, shared), the rest computed
+        assert (x.num_cached_tokens, x.num_remote_tokens) == (4 * BS, 3 * BS)
+        assert (y.num_cached_tokens, y.num_remote_tokens) == (4 * BS, 3 * BS)
+        assert x.block_table[:4] == y.block_table[:4] and x.block_table[0] == first.block_table[0]
+        st = b.remote_stats()
+        assert (st.lookups, st.restored_blocks) == (2, 4)
+        assert st.lookup_blocks == 1 + 4  # block 0 alone, then 1-4 (of 6 full blocks, the last holds the last token)
+        assert np.array_equal(kv_of(b, x.block_table, 4 * BS), kv_a[:, :, : 4 * BS])
+        b.check_integrity()
+        a.close(), b.close()
+
+
+def test_other_geometry_never_reads_foreign_bytes():
+    with redis_server() as store:
+        a = pool(store.url)
+        b = pool(store.url, SPEC.replace(dtype="float16"))
+        prompt = list(range(2 * BS + 1))
+        prefill(a, prompt, seed=5)
+        assert written(a, 2)
+        [x] = b.allocate([prompt], salt="m")
+        assert x.num_cached_tokens == 0 and x.num_remote_tokens == 0
+        st = b.remote_stats()
+        assert st.lookups == 1 and st.hit_blocks == 0 and st.corrupt_blocks == 0
+        a.close(), b.close()
+
+
+def test_corrupt_values_are_refused_counted_and_deleted():
+    with redis_server() as store:
+        a, b = pool(store.url), pool(store.url)
+        prompt = list(range(3 * BS + 1))
+        _, kv_a = prefill(a, prompt, seed=6)
+        assert written(a, 3)
+        client = redis.Redis(port=store.port)
+        names = sorted(client.keys("*"))
+        # find block 1's key: its name ends with the chain key of the second block
+        from kvpager.prefix_cache import chain_keys, root_key
+
+        keys = chain_keys(root_key("m"), np.asarray(prompt, np.int64), BS)
+        [second] = [n for n in names if n.decode().endswith(keys[1].hex())]
+        value = bytearray(client.get(second))
+        value[HEADER_BYTES + 100] ^= 0xFF
+        client.set(second, bytes(value))
+        [x] = b.allocate([prompt], salt="m")
+        # block 0 restored, block 1 refused, block 2 unusable without it
+        assert (x.num_cached_tokens, x.num_remote_tokens) == (BS, BS)
+        assert np.array_equal(kv_of(b, x.block_table, BS), kv_a[:, :, :BS])
+        assert b.remote_stats().corrupt_blocks == 1
+        assert b.remote.flush(WAIT) and not client.exists(second)
+        b.check_integrity()
+        a.close(), b.close()
+
+
+def test_full_queue_drops_and_counts():
+    with redis_server() as store:
+        one = HEADER_BYTES + SPEC.bytes_per_block
+        a = pool(store.url, queue_bytes=2 * one)
+        prefill(a, list(range(6 * BS + 1)), seed=7)
+        st = a.remote_stats()
+        assert st.dropped_blocks == 4 and a.remote.flush(WAIT)
+        assert a.remote_stats().written_blocks == 2
+        a.close()
+
+
+def test_no_room_means_no_restore_and_nothing_changes():
+    with redis_server() as store:
+        a = pool(store.url)
+        small = SPEC.replace(num_blocks=6)  # 5 usable blocks
+        b = pool(store.url, small)
+        prompt = list(range(4 * BS + 1))  # 5 blocks
+        prefill(a, prompt, seed=8)
+        assert written(a, 4)
+        [hold] = b.allocate([list(range(9000, 9000 + 2 * BS))])  # 2 blocks in use: 3 left
+        before = b.blocks()
+        with pytest.raises(OutOfBlocks):
+            b.allocate([prompt], salt="m")  # needs 5 even with 4 restored (1 + 4 restored)
+        assert b.blocks() == before and b.remote_stats().restored_blocks == 0
+        b.free(hold.seq_id)
+        [x] = b.allocate([prompt], salt="m")
+        assert x.num_remote_tokens == 4 * BS
+        b.check_integrity()
+        a.close(), b.close()
+
+
+def test_store_down_at_start_and_killed_mid_run():
+    with redis_server() as store:
+        a, b = pool(store.url), pool(store.url)
+        prompt = list(range(2 * BS + 1))
+        prefill(a, prompt, seed=9)
+        assert written(a, 2)
+        store.stop()  # the store crashes
+        t0 = time.monotonic()
+        for i in range(20):  # every request is served; only the first pays a failed call
+            seq, _ = prefill(b, list(range(100 * i, 100 * i + 2 * BS + 1)), seed=i)
+            b.free(seq)
+        assert time.monotonic() - t0 < 10
+        st = b.remote_stats()
+        assert st.errors >= 1 and not st.available and st.skipped_lookups >= 1
+        assert st.lookups + st.skipped_lookups == 20 and st.dropped_blocks > 0
+        b.check_integrity()
+        store.start()  # back, empty: after the pause the tier writes again
+        deadline, i = time.monotonic() + WAIT, 1000
+        while b.remote_stats().written_blocks == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            i += 1
+            seq, _ = prefill(b, list(range(100 * i, 100 * i + 2 * BS + 1)), seed=i)
+            b.free(seq)
+            b.remote.flush(WAIT)
+        assert b.remote_stats().written_blocks > 0 and b.remote_stats().available
+        b.check_integrity()
+        a.close(), b.close()
+
+    # a store that never answered: requests are served, the tier says why
+    dead = pool("redis://127.0.0.1:1", timeout=0.05)
+    assert dead.remote.check() is not None
+    prefill(dead, list(range(2 * BS + 1)), seed=1)
+    assert dead.remote_stats().available is False
+    dead.check_integrity()
+    dead.close()
+
+
+def test_a_hung_store_costs_one_timeout_then_is_skipped():
+    with redis_server() as store:
+        b = pool(store.url, timeout=0.2, retry_after=30)
+        assert b.remote.check() is None
+        os.kill(store.proc.pid, signal.SIGSTOP)  # accepts connections, never answers
+        try:
+            times = []
+            for i in range(10):
+                t0 = time.monotonic()
+                [x] = b.allocate([list(range(100 * i, 100 * i + 3 * BS))], salt="m")
+                times.append(time.monotonic() - t0)
+                assert x.num_cached_tokens == 0
+                b.free(x.seq_id)
+        finally:
+            os.kill(store.proc.pid, signal.SIGCONT)
+        assert times[0] >= 0.15 and times[0] < 5  # the one lookup that waited for the timeout
+        assert max(times[1:]) < 0.15  # then no wait: the breaker skips the store
+        st = b.remote_stats()
+        assert (st.lookups, st.skipped_lookups, st.errors, st.available) == (1, 9, 1, False)
+        b.check_integrity()
+        b.close()
+
+
+def expected_k(tokens: list[int]) -> np.ndarray:
+    """K of each position as a function of the tokens up to it (a rolling hash):
+    whoever computed a prefix, its K/V is the same, so a restored or shared block
+    holds exactly these values."""
+    out, h = np.empty(len(tokens), np.float32), 17
+    for i, t in enumerate(tokens):
+        h = (h * 1_000_003 + t + 1) % 16_777_213
+        out[i] = h
+    return out
+
+
+def test_random_ops_keep_kv_right_and_blocks_accounted():
+    rng = np.random.default_rng(2024)
+    small = SPEC.replace(num_blocks=24)  # eviction and the capacity rule come into play
+    with redis_server() as store:
+        hosts = [pool(store.url, small), pool(store.url, small)]
+        hosts[0].set_quota("n", 4)  # eviction takes from a tenant over its quota first
+        live: list[tuple[KVPool, int]] = []
+        full = 0
+        prefixes = [rng.integers(0, 1000, int(rng.integers(1, 5)) * BS).tolist() for _ in range(12)]
+        middles = [[]] + [rng.integers(0, 1000, int(rng.integers(1, 3)) * BS).tolist() for _ in range(4)]
+        for step in range(300):
+            p = hosts[int(rng.integers(2))]
+            if live and rng.random() < 0.4:
+                q, seq = live.pop(int(rng.integers(len(live))))
+                q.free(seq)
+            else:
+                prompt = (prefixes[int(rng.integers(12))] + middles[int(rng.integers(5))]
+                          + rng.integers(0, 1000, int(rng.integers(1, 12))).tolist())
+                try:
+                    [a] = p.allocate([prompt], salt="mn"[step % 2])
+                except OutOfBlocks:
+                    full += 1
+                    continue
+                want = expected_k(prompt)
+                assert a.num_remote_tokens <= a.num_cached_tokens
+                k = p.backend.device_array()[:, :, 0]  # [blocks, layers, heads, bs, dim]
+                cached = np.arange(a.num_cached_tokens)
+                blocks = np.asarray(a.block_table)[cached // BS]
+                got = k[blocks, :, :, cached % BS, 0]  # [tokens, layers, heads]
+                assert np.array_equal(got, np.broadcast_to(want[: a.num_cached_tokens, None, None], got.shape)), step
+                vals = want[a.num_cached_tokens :, None, None]
+                shape = (len(a.slots), SPEC.num_kv_heads, SPEC.head_dim)
+                for layer in range(SPEC.num_layers):
+                    p.write(layer, a.slots, np.broadcast_to(vals, shape), np.broadcast_to(-vals, shape))
+                if rng.random() < 0.8:
+                    p.commit(a.seq_id)
+                live.append((p, a.seq_id))
+            if step % 10 == 0:
+                p.remote.flush(WAIT)
+            p.check_integrity()
+        for q, seq in live:
+            q.free(seq)
+        for q in hosts:
+            q.check_integrity()
+            assert q.stats().used_blocks == 0
+        assert sum(q.remote_stats().restored_blocks for q in hosts) > 50 and full > 5
+        assert all(q.remote_stats().errors == 0 and q.remote_stats().corrupt_blocks == 0 for q in hosts)
+        for q in hosts:
+            q.close()
+
+
+def test_bad_input_is_refused_before_the_store_is_asked():
+    with redis_server() as store:
+        p = pool(store.url)
+        before = p.blocks()
+        for prompts, salt in (([[1, 2, "x"]], "m"), ([list(range(40)), [2**64]], "m"), ([list(range(40))], 3.5)):
+            with pytest.raises(InvalidArgument):
+                p.allocate(prompts, salt=salt)
+        assert p.blocks() == before and p.remote_stats().lookups == 0
+        p.check_integrity()
+        p.close()
+
+
+def test_one_allocate_restores_at_most_max_restore_bytes():
+    with redis_server() as store:
+        a = pool(store.url)
+        b = pool(store.url, max_restore_bytes=2 * (HEADER_BYTES + SPEC.bytes_per_block))
+        prompt = list(range(5 * BS + 1))
+        _, kv_a = prefill(a, prompt, seed=12)
+        assert written(a, 5)
+        [x] = b.allocate([prompt], salt="m")
+        assert (x.num_cached_tokens, x.num_remote_tokens, len(x.slots)) == (2 * BS, 2 * BS, 3 * BS + 1)
+        assert b.remote_stats().lookup_blocks == 2
+        assert np.array_equal(kv_of(b, x.block_table, 2 * BS), kv_a[:, :, : 2 * BS])
+        [y] = b.allocate([prompt], salt="m")  # the next two come with the next allocate
+        assert (y.num_cached_tokens, y.num_remote_tokens) == (4 * BS, 2 * BS)
+        b.check_integrity()
+        a.close(), b.close()
