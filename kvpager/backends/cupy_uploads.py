@@ -8,7 +8,8 @@ handed to anyone else until the copy has executed. `Uploads` keeps that
 promise: each buffer carries the event recorded after its last copy, a plan
 waits for it before refilling its own buffer (`Upload.wait`), and a released
 buffer goes back to the free list with its event, to be handed out again
-only once the event has completed.
+only once the event has completed. A host that runs several uploads ahead of
+the GPU waits for the oldest instead of pinning more memory.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import numpy as np
 
 #: Free buffers kept per backend; past this, released ones whose copy has run are let go.
 _KEEP = 16
+#: Released buffers still being read past which a new upload waits for one instead of pinning more.
+_WAIT_PAST = 4
 
 
 class Upload:
@@ -59,6 +62,12 @@ class Uploads:
 
         ready = next((i for i, (_, cap, event) in enumerate(self._free)
                       if cap >= nbytes and event.done), None)
+        if ready is None and len(self._free) >= _WAIT_PAST:
+            # The host is that many uploads ahead of the GPU: wait for the oldest
+            # big enough rather than pin more memory (cudaHostAlloc costs far more).
+            ready = next((i for i, (_, cap, _e) in enumerate(self._free) if cap >= nbytes), None)
+            if ready is not None:
+                self._free[ready][2].synchronize()
         if ready is not None:
             mem, cap, event = self._free.pop(ready)
         else:
