@@ -1,7 +1,7 @@
 """`kvpager bench`: run the benchmark tools with a progress bar.
 
-The benchmarks are scripts (`tools/` in a checkout; pip installs them under
-``<prefix>/share/kvpager/tools``), run as subprocesses, each printing its
+The benchmarks are scripts (`tools/` in a checkout; a wheel installs them in
+the package's ``_tools`` folder in a wheel), run as subprocesses, each printing its
 table or, with ``--json``, one JSON object. What a benchmark needs beyond
 kvpager (a GPU, CuPy, torch) is checked first: one that cannot run here is
 listed as skipped with what to install, not failed.
@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 #: Where the scripts are: beside the package in a checkout, else where pip put them.
-TOOLS_DIRS = (Path(__file__).resolve().parents[1] / "tools", Path(sys.prefix) / "share" / "kvpager" / "tools")
+TOOLS_DIRS = (Path(__file__).resolve().parents[1] / "tools", Path(__file__).resolve().parent / "_tools")
 # (name, script, needs a GPU, Python modules it imports beyond kvpager's own dependencies)
 BENCHMARKS = [
     ("allocator", "bench_allocator.py", False, ()),
@@ -62,7 +62,7 @@ def bench(names: tuple[str, ...], as_json: bool, timeout: float) -> None:
     if tools is None:
         click.echo("error: the benchmark scripts are not here: looked in " + " and ".join(map(str, TOOLS_DIRS)),
                    err=True)
-        click.echo("next: reinstall kvpager with pip (it puts them in <prefix>/share/kvpager/tools), "
+        click.echo("next: reinstall kvpager with pip (the wheel puts them in the package's _tools folder), "
                    "or run from a source checkout", err=True)
         sys.exit(2)
     gpu = cuda_available()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -57,9 +56,9 @@ _modules: dict[tuple, Any] = {}
 
 def cuda_dir() -> Path:
     """Where the .cu sources are: ``cuda/`` beside the package in a checkout,
-    else ``<prefix>/share/kvpager/cuda`` where pip installs them."""
-    for d in (Path(__file__).resolve().parent.parent / "cuda",
-              Path(sys.prefix) / "share" / "kvpager" / "cuda"):
+    else the package's ``_cuda`` folder, where a wheel puts them."""
+    here = Path(__file__).resolve().parent
+    for d in (here.parent / "cuda", here / "_cuda"):
         if (d / "paged_decode.cu").is_file():
             return d
     raise UnsupportedConfiguration("kvpager's CUDA sources (cuda/*.cu) are not installed")

@@ -83,8 +83,10 @@ def test_the_wheel_holds_the_package_kernels_and_tools(installed):
     for path in ("kvpager/hf/__init__.py", "kvpager/hf/generation.py", "kvpager/hf/model.py",
                  "kvpager/hf/graphs.py", "kvpager/py.typed", "kvpager/top.py"):
         assert path in names
-    data = [n.split("/data/", 1)[1] for n in names if ".data/data/" in n]
-    assert "share/kvpager/cuda/paged_decode.cu" in data and "share/kvpager/tools/bench_allocator.py" in data
+    # the kernel sources and the benchmarks as package data, no data-files
+    assert "kvpager/_cuda/paged_decode.cu" in names and "kvpager/_cuda/kvpager_common.cuh" in names
+    assert "kvpager/_tools/bench_allocator.py" in names
+    assert not any(".data/data/" in n for n in names)
     assert not any(n.startswith(("clients/", "tests/", "tools/")) for n in names)
 
 
@@ -98,7 +100,7 @@ def test_installed_outside_a_checkout(installed):
     assert out.returncode == 0, out.stderr
     where, cuda = out.stdout.split()
     env_dir = str(python.parent.parent)
-    assert where.startswith(env_dir) and cuda == f"{env_dir}/share/kvpager/cuda"
+    assert where.startswith(env_dir) and cuda == str(Path(where).parent / "_cuda")
     out = subprocess.run([str(python), "-c", "import clients"], capture_output=True, text=True, cwd=outside, env=env)
     assert out.returncode != 0  # no generic top-level module comes with the wheel
     bench = subprocess.run([str(python), "-m", "kvpager", "bench", "--json", "allocator", "attention"],
