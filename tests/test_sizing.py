@@ -140,3 +140,22 @@ def test_serve_refuses_a_bad_model_clearly(tmp_path):
         with pytest.raises(RuntimeError, match=match), daemon_process(["--model", str(model), "--blocks", "8"],
                                                                        endpoint):
             pass
+
+
+@pytest.mark.gpu
+def test_a_fraction_of_free_gpu_memory_sizes_a_gpu_pool():
+    """On a GPU, --memory 0.02 is 2% of the device's free memory as CUDA reports
+    it, and a pool of that many bytes fits there."""
+    from gpu_helpers import cupy_or_skip
+
+    cupy = cupy_or_skip()
+    from kvpager import KVPool
+
+    free = cupy.cuda.runtime.memGetInfo()[0]
+    budget, how = sizing.memory_budget("0.02", "cuda:0")
+    assert abs(budget - 0.02 * free) <= 0.002 * free and "free memory of cuda:0" in how
+    spec = PoolSpec(num_layers=4, num_kv_heads=8, head_dim=128, num_blocks=2, block_size=16, dtype="bfloat16")
+    spec = spec.replace(num_blocks=budget // spec.bytes_per_block)
+    pool = KVPool(spec, device="cuda:0")
+    assert spec.device_bytes <= budget and cupy.cuda.runtime.memGetInfo()[0] <= free - spec.device_bytes + (64 << 20)
+    pool.close()
