@@ -24,6 +24,8 @@ class Limits:
     staging: int = field(default=1 << 30, metadata={"help": "bytes of one session's staging buffer"})
     staging_total: int = field(default=4 << 30, metadata={"help": "bytes of all staging buffers together"})
     client_name: int = field(default=256, metadata={"help": "characters of hello's client name"})
+    sessions: int = field(default=1024, metadata={"help": "sessions open at once"})
+    kept: int = field(default=4 << 20, metadata={"help": "bytes of replies one session's retries may replay"})
 
     @classmethod
     def from_env(cls, **overrides: int | None) -> Limits:

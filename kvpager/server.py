@@ -48,6 +48,7 @@ from kvpager.errors import (
     InternalError,
     InvalidArgument,
     KVPagerError,
+    LimitExceeded,
     Unauthorized,
 )
 from kvpager.events import EventSink
@@ -357,17 +358,33 @@ class Server(ServerOps):
                 kept = session.replies.get(rid)
                 if kept is not None and kept[0] == digest:
                     self._result = "replayed"
+                    if kept[1] is None:  # ran, but its reply was over the session's limit to keep
+                        raise LimitExceeded(
+                            f"{op}: request {rid} ran, but its reply was too large to keep for a retry "
+                            f"(over {self.limits.kept} bytes: KVPAGER_MAX_KEPT, kvpager serve --max-kept)",
+                            "kept", self.limits.kept + 1, self.limits.kept)
                     return kept[1]
             reply = self._reply(rid, op, session, req.args)
         except Exception as e:
             return self._error_reply(rid, op, e)
         if digest is not None:
-            replies = session.replies
-            replies[rid] = (digest, reply)
-            replies.move_to_end(rid)
-            if len(replies) > KEPT_REPLIES:
-                replies.popitem(last=False)
+            self._keep(session, rid, digest, reply)
         return reply
+
+    def _keep(self, session: Session, rid: int, digest: bytes, reply: bytes) -> None:
+        """Keep ``reply`` for a retry of request ``rid``: the last KEPT_REPLIES of
+        a session, within ``limits.kept`` bytes (one larger is remembered as run
+        but not kept: its retry is told so, and nothing runs twice)."""
+        replies, limit = session.replies, self.limits.kept
+        old = replies.pop(rid, None)
+        if old is not None and old[1] is not None:
+            session.kept_bytes -= len(old[1])
+        keep = reply if len(reply) <= limit else None
+        replies[rid] = (digest, keep)
+        session.kept_bytes += len(keep) if keep is not None else 0
+        while len(replies) > KEPT_REPLIES or session.kept_bytes > limit:
+            _, (_, dropped) = replies.popitem(last=False)
+            session.kept_bytes -= len(dropped) if dropped is not None else 0
 
     def _reply(self, rid: int, op: str, session: Session | None, args: dict[str, Any]) -> bytes:
         try:

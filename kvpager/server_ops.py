@@ -94,6 +94,7 @@ class ServerOps(ControlOps):
         if not isinstance(client, str):
             raise InvalidArgument(f"hello: client must be a string, got {type(client).__name__}")
         self.limits.check("client_name", len(client), "hello: client name length")
+        self.limits.check("sessions", len(self.sessions) + 1, "hello: sessions open at once")
         control = self._check_control_token(a.get("control_token"))
         s = self.sessions.open(client, pid if isinstance(pid, int) and not isinstance(pid, bool) else None)
         s.control = control

@@ -39,6 +39,7 @@ class Session:
     num_seqs: int = 0  # live sequences it owns (allocate, fork and free keep count)
     #: request id -> (digest of the request, reply) of its last RETRIED_OPS requests
     replies: OrderedDict = field(default_factory=OrderedDict)
+    kept_bytes: int = 0  # of those replies
     ops: int = 0  # requests it sent
     opened: float = field(default_factory=time.time)
     control: bool = False  # hello carried the daemon's control token

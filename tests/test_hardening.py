@@ -235,6 +235,42 @@ def test_a_retry_gets_the_first_reply(server):
             raw.close()
 
 
+def test_sessions_and_kept_replies_are_bounded():
+    """D11 follow-up: a client opening session after session, or sending
+    mutating requests with huge replies, cannot grow the daemon's memory
+    without bound: hello past the sessions limit is refused (and admits again
+    once one closes); replies kept for retries stay within the byte limit, and
+    the retry of one too large to keep is told it ran, without running again."""
+    limits = Limits(sessions=3, kept=4096)
+    with running_server(SMALL, heartbeat_timeout=30, limits=limits) as server:
+        clients = [Client(server.endpoint) for _ in range(3)]
+        try:
+            with pytest.raises(LimitExceeded, match="sessions open at once"):
+                Client(server.endpoint)
+            clients.pop().close()
+            clients.append(Client(server.endpoint))  # a closed one makes room
+            c = clients[0]
+            raw = Raw(server.endpoint)
+            try:
+                small = req(21, "allocate", {"prompts": [[1, 2, 3]]}, session=c.session)
+                assert raw.recv_raw(small) == raw.recv_raw(small)  # kept: replayed
+                big = req(22, "allocate", {"prompts": [list(range(350))] * 2}, session=c.session)
+                reply = raw.recv_raw(big)
+                assert len(reply) > 4096 and msgpack.unpackb(reply, raw=False)[1] == 0
+                before = c.stats().num_sequences
+                again = msgpack.unpackb(raw.recv_raw(big), raw=False)
+                assert again[1] == 1 and again[2]["code"] == "limit_exceeded" and " ran" in again[2]["message"]
+                assert c.stats().num_sequences == before  # not run twice
+                session = next(s for s in server.sessions.sessions.values() if s.name == c.session_name)
+                assert session.kept_bytes <= 4096
+                assert session.kept_bytes == sum(len(r) for _, r in session.replies.values() if r is not None)
+            finally:
+                raw.close()
+        finally:
+            for c in clients:
+                c.close()
+
+
 def test_a_timed_out_allocate_leaves_no_orphan(server, monkeypatch):
     """D11: an allocate that timed out on the client still ran later and left
     a sequence holding blocks until the session ended."""
