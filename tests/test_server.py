@@ -128,11 +128,15 @@ def test_sessions_own_their_sequences(server):
         a.commit(sa.seq_id)
         [sb] = b.allocate([prompt + [99]])
         assert sb.num_cached_tokens == 64 and sb.block_table[:4] == sa.block_table  # prefix shared
-        for call in (b.free, b.append, b.commit, b.swap_out, lambda i: b.truncate(i, [1]), b.fork):
+        for call in (b.free, b.append, b.commit, b.swap_out, lambda i: b.truncate(i, [1]), b.fork,
+                     lambda i: b.release_before(i, [48])):
             with pytest.raises(NotOwner):
                 call([sa.seq_id])
         with pytest.raises(NotOwner):  # all or nothing: b's own id in the batch does not help
             b.free([sb.seq_id, sa.seq_id])
+        with pytest.raises(NotOwner):
+            b.release_before([sb.seq_id, sa.seq_id], [48, 48])
+        assert 0 not in a.sequence(sa.seq_id).block_table and 0 not in b.sequence(sb.seq_id).block_table
         assert b.sequence(sb.seq_id).num_tokens == 65
         [[child]] = a.fork([sa.seq_id])
         assert a.sequence(child).owner == a.session_name
