@@ -29,6 +29,10 @@
 #include "kvpager_common.cuh"
 #include "kvpager_mma.cuh"
 
+#if KV_FP8
+#error "cascade_prefix.cu reads float16 / bfloat16 pools; the planner keeps FP8 pools off the cascade"
+#endif
+
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
 #endif

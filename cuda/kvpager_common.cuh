@@ -21,6 +21,26 @@ typedef unsigned short kv_t;  // raw float16 / bfloat16 bits
 #endif
 #define VEC_ELEMS (16 / KV_BYTES)  // elements in one 16-byte vector
 
+// Storage of the pool: the compute type, or FP8 (KV_FP8 = 1: e4m3, 2: e5m2) with
+// per-(layer, K|V, kv head) float32 scales (stored = x / scale, read = stored * scale).
+#ifndef KV_FP8
+#define KV_FP8 0
+#endif
+#if KV_FP8
+#if KV_DTYPE == 2
+#error "FP8 storage needs float16 or bfloat16 compute (KV_DTYPE 0 or 1)"
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+#error "FP8 conversions (cvt ... e4m3x2 / e5m2x2) need sm_89 or later"
+#endif
+typedef unsigned char st_t;  // raw FP8 bits
+#define ST_BYTES 1
+#else
+typedef kv_t st_t;
+#define ST_BYTES KV_BYTES
+#endif
+#define ST_VEC (16 / ST_BYTES)  // stored elements in one 16-byte vector
+
 #define NEG_INF (-__int_as_float(0x7f800000))
 
 __device__ __forceinline__ float to_float(kv_t x) {
@@ -70,6 +90,46 @@ __device__ __forceinline__ void unpack2(unsigned w, float& lo, float& hi) {
     lo = to_float((kv_t)(w & 0xffffu));
     hi = to_float((kv_t)(w >> 16));
 #endif
+}
+#endif
+
+#if KV_FP8
+// Two FP8 values (lo byte first) -> float16x2, exact (every e4m3 / e5m2 value is a float16).
+__device__ __forceinline__ unsigned fp8x2_to_f16x2(unsigned w) {
+    unsigned r;
+    const unsigned short h = (unsigned short)w;
+#if KV_FP8 == 1
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(h));
+#else
+    asm("cvt.rn.f16x2.e5m2x2 %0, %1;" : "=r"(r) : "h"(h));
+#endif
+    return r;
+}
+
+// Two FP8 values (the low 16 bits of w) -> a packed pair of the compute type, exact
+// (bfloat16 holds every e4m3 / e5m2 value too: through float32).
+__device__ __forceinline__ unsigned fp8x2_to_kv2(unsigned w) {
+    const unsigned h = fp8x2_to_f16x2(w);
+#if KV_DTYPE == 1
+    float lo, hi;
+    asm("{.reg .f16 l, h;\n\tmov.b32 {l, h}, %2;\n\tcvt.f32.f16 %0, l;\n\tcvt.f32.f16 %1, h;}"
+        : "=f"(lo), "=f"(hi) : "r"(h));
+    return pack2(lo, hi);
+#else
+    return h;
+#endif
+}
+
+// Two floats -> two FP8 values in a 16-bit word (lo byte first): round to nearest even,
+// saturated to the largest finite value (NaN stays NaN).
+__device__ __forceinline__ unsigned f32x2_to_fp8x2(float lo, float hi) {
+    unsigned short r;
+#if KV_FP8 == 1
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
 }
 #endif
 

@@ -82,7 +82,8 @@ class KVAccess:
         if self.gpu:
             return pool.attend(int(layer), q, tables, lens, np.ascontiguousarray(qlens), scale,
                                window=window, softcap=softcap)
-        return paged_attention(pool.kv, int(layer), q, tables, lens, qlens, scale, window=window, softcap=softcap)
+        return paged_attention(pool.kv, int(layer), q, tables, lens, qlens, scale, window=window, softcap=softcap,
+                               kv_scales=pool.scales)
 
     def remote_write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
         """Send K/V to the daemon through this session's staging buffer."""

@@ -250,7 +250,7 @@ class NumpyPlan(StepPlan):
             self.check_floor(window)
         res = paged_attention(self.backend.kv, layer, qn, self.tables, self.seq_lens, self.query_lens,
                               check_scale(scale, spec.head_dim), window=check_window(window),
-                              softcap=check_softcap(softcap))
+                              softcap=check_softcap(softcap), kv_scales=self.backend.scales)
         if out is not None:
             to_numpy(out, "out", spec.np_dtype)[0][...] = res
             return out

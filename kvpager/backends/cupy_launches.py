@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from kvpager import kernels
-from kvpager.errors import InvalidArgument
+from kvpager.errors import InvalidArgument, UnsupportedConfiguration
 from kvpager.launch import Launch, current_stream, f32, i32, ptr, torch_stream
 
 
@@ -35,9 +35,9 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
     keep: list[Any] = []
     spec, dev = plan.spec, plan.device
     group = kernels.check_group(num_q_heads, spec.num_kv_heads)
-    base = {"KV_DTYPE": kernels.DTYPE_CODES[spec.dtype], "HEAD_DIM": spec.head_dim,
-            "BLOCK_SIZE": spec.block_size}
+    base = {**kernels.storage_defines(spec), "HEAD_DIM": spec.head_dim, "BLOCK_SIZE": spec.block_size}
     pool = ptr(plan.backend.kv.data.ptr)
+    scales = ptr(plan.backend.scales.data.ptr if spec.is_fp8 else 0)  # FP8: [layers, 2, kv heads]
     common = [i32(0), i32(spec.num_layers), i32(spec.num_kv_heads)]  # layer set per call
     q, out, window, softcap, scale = ptr(), ptr(), i32(), f32(), f32()
     p = plan.ptrs
@@ -45,6 +45,8 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
     with cupy.cuda.Device(dev):
         if plan.decode:
             tc = kernels.DECODE_TC and spec.dtype != "float32"
+            if spec.is_fp8 and not tc:
+                raise UnsupportedConfiguration("FP8 pools decode on tensor cores only (kernels.DECODE_TC)")
             gs = kernels.decode_subgroup(spec.dtype, spec.head_dim, group)
             nsm = kernels.num_sms(dev)
             max_len = plan.max_len
@@ -59,7 +61,7 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
                 if kernels.DECODE_L2_PREFETCH:
                     defs["CP_L2_PREFETCH"] = kernels.DECODE_L2_PREFETCH
                 fn = kernels.get_kernel("paged_decode_tc.cu", "paged_decode_tc", defs, dev)
-                smem = hpc * wph * stages * 2 * 16 * (spec.head_dim + 8) * spec.itemsize
+                smem = kernels.decode_smem(spec.head_dim, spec.itemsize, hpc * wph, stages, group)
                 if fn.max_dynamic_shared_size_bytes < smem:
                     fn.max_dynamic_shared_size_bytes = smem
                 ctas = plan.items * (spec.num_kv_heads // hpc)
@@ -88,15 +90,18 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
                     part_o, part_lse, *common]
             if not tc:
                 args.append(i32(group))
-            args += [i32(plan.width), i32(splits), ptr(cascade.own_start if cascade else 0), i32(parts),
-                     window, softcap, scale]
+            args += [i32(plan.width), i32(splits), ptr(cascade.own_start if cascade else 0), i32(parts)]
+            if tc:
+                args.append(scales)
+            args += [window, softcap, scale]
             launches.append(Launch(fn, (ctas, splits), threads, smem, args, dev))
             if cascade is not None:
                 launches.append(cascade.launch(q, pool, ptr(p["tables"]), part_o, part_lse, common,
                                                plan.width, softcap, scale))
             if parts:
+                plain = {k: v for k, v in base.items() if k != "KV_FP8"}  # merges float32 partials
                 merge = kernels.get_kernel("paged_decode.cu", "merge_splits",
-                                           {**base, "SUBGROUP": gs, "CH": kernels.DECODE_ROWS}, dev)
+                                           {**plain, "SUBGROUP": gs, "CH": kernels.DECODE_ROWS}, dev)
                 launches.append(Launch(merge, (rows,), 256, 0, [part_o, part_lse, out, i32(parts)], dev))
         else:
             splits = 1
@@ -121,10 +126,12 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
             bn = 32 if mt == 2 or spec.head_dim > 128 else 64
             stages = 3 if mt == 2 else 2
             smem = (64 * mt + 2 * stages * bn) * (spec.head_dim + 8) * 2
+            if spec.is_fp8:  # one converted K and V tile, the stages as stored
+                smem = (64 * mt + 2 * bn) * (spec.head_dim + 8) * 2 + 2 * stages * bn * spec.head_dim
             if fn.max_dynamic_shared_size_bytes < smem:
                 fn.max_dynamic_shared_size_bytes = smem
             args = [q, pool, ptr(p["tables"]), ptr(p["seq_lens"]), ptr(p["query_lens"]),
-                    ptr(p["q_start"]), ptr(tiles_dev.data.ptr), out, *common, i32(plan.width), window,
+                    ptr(p["q_start"]), ptr(tiles_dev.data.ptr), out, *common, i32(plan.width), scales, window,
                     softcap, scale]
             launches.append(Launch(fn, (len(tiles), spec.num_kv_heads), 128, smem, args, dev))
     return launches, splits, keep, not plan.decode or tc

@@ -30,7 +30,7 @@ from kvpager.backends.cupy_launches import (
     torch_kinds,
 )
 from kvpager.cascade import find_shared_prefixes, worth_it
-from kvpager.errors import InvalidArgument
+from kvpager.errors import InvalidArgument, UnsupportedConfiguration
 from kvpager.launch import Launch, current_stream, i32, ptr
 from kvpager.plan import (
     StepPlan,
@@ -86,8 +86,11 @@ class CupyPlan(StepPlan):
         # Shared-prefix (cascade) attention: a decode step on tensor cores, not padded for graphs;
         # None: when it pays (kvpager.cascade.worth_it), True: whenever prefixes are shared.
         self._cascade = cascade
+        if cascade and spec.is_fp8:
+            raise UnsupportedConfiguration(f"cascade attention does not read FP8 pools (kv_dtype="
+                                           f"{spec.kv_dtype}); leave cascade=None for the plain decode")
         self._cascade_ok = (cascade is not False and self.decode and self.rows == nseq == self.items
-                            and spec.dtype != "float32" and kernels.DECODE_TC)
+                            and spec.dtype != "float32" and kernels.DECODE_TC and not spec.is_fp8)
         self._shared: Any = None  # kvpager.cascade.SharedPrefixes of the step, found at the first attend
         self._plain: dict[int, list[Launch]] = {}  # launches without a cascade, for windowed calls
         self._keep: list[Any] = []  # device buffers the launches point at
@@ -224,10 +227,13 @@ class CupyPlan(StepPlan):
         if launch is None:
             if not shape[0]:
                 return
-            fn = kernels.get_kernel("kv_write.cu", "kv_write", {}, self.device)
+            name, defs = kernels.write_kernel(spec)
+            fn = kernels.get_kernel("kv_write.cu", name, defs, self.device)
             args = [ptr(), ptr(), ptr(self.ptrs["slots"]), ptr(self.backend.kv.data.ptr), i32(shape[0]),
                     i32(), i32(spec.num_layers), i32(spec.num_kv_heads), i32(spec.block_size),
-                    i32(spec.head_dim * spec.itemsize // 16)]
+                    i32(spec.head_dim * spec.compute_itemsize // 16)]
+            if spec.is_fp8:
+                args.append(ptr(self.backend.scales.data.ptr))
             launch = self._write = Launch(fn, (min(shape[0], 65536),), 128, 0, args, self.device)
         a = launch.args
         a[0].value, a[1].value, a[5].value = kp, vp, layer
