@@ -38,7 +38,7 @@ MAGIC = b"KVPB"
 _HEADER = struct.Struct("<4sHHIIIIB7x16s16sQ")
 HEADER_BYTES = 80  # a multiple of 16: the payload stays aligned as the block was
 assert _HEADER.size <= HEADER_BYTES
-_DTYPES = {"float16": 1, "bfloat16": 2, "float32": 3}
+_DTYPES = {"float16": 1, "bfloat16": 2, "float32": 3, "float8_e4m3": 4, "float8_e5m2": 5}  # stored dtype
 _KEY_BYTES = 16
 
 
@@ -51,6 +51,9 @@ def format_id(spec: PoolSpec) -> str:
     text = (f"kvpager-block-v{FORMAT_VERSION}|layout=block-major[L,2,H,B,D]|layers={spec.num_layers}|"
             f"kv_heads={spec.num_kv_heads}|head_dim={spec.head_dim}|block_size={spec.block_size}|"
             f"dtype={spec.dtype}")
+    if spec.is_fp8:  # FP8 bytes mean something only with their scales: both name the format
+        scales = spec.scales.tobytes()
+        text += f"|kv_dtype={spec.kv_dtype}|kv_scales={hashlib.blake2b(scales, digest_size=8).hexdigest()}"
     return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
@@ -78,7 +81,7 @@ class Codec:
         self.payload_bytes = spec.bytes_per_block
         self.value_bytes = HEADER_BYTES + self.payload_bytes
         self._fixed = (MAGIC, FORMAT_VERSION, HEADER_BYTES, spec.num_layers, spec.num_kv_heads,
-                       spec.head_dim, spec.block_size, _DTYPES[spec.dtype])
+                       spec.head_dim, spec.block_size, _DTYPES[spec.storage_dtype])
 
     def seal(self, row: memoryview, key: bytes) -> None:
         """Fill in the header of ``row`` (``value_bytes`` long, the payload already

@@ -128,7 +128,7 @@ class RemoteTier:
     def attach(self, spec: PoolSpec) -> None:
         """Serve pools of ``spec``'s geometry (a tier serves one geometry)."""
         old = self.codec.spec if self.codec is not None else spec
-        if (old.block_shape, old.dtype) != (spec.block_shape, spec.dtype):
+        if key_prefix(old) != key_prefix(spec):
             raise InvalidArgument("this RemoteTier already serves a pool of another geometry")
         self.codec = Codec(spec)
         self._prefix = key_prefix(spec)

@@ -73,6 +73,10 @@ def build_spec(opts: dict[str, Any], device: str = "cpu") -> PoolSpec:
                        ("head_dim", "head_dim"), ("dtype", "dtype"), ("block_size", "block_size")):
         if opts[opt] is not None:
             geo[field] = opts[opt]
+    if opts.get("kv_dtype") not in (None, "auto"):
+        geo["kv_dtype"] = opts["kv_dtype"]
+    if opts.get("kv_scales"):
+        geo["kv_scales"] = read_scales(opts["kv_scales"])
     missing = [f for f in ("num_layers", "num_kv_heads", "head_dim") if f not in geo]
     if missing:
         raise click.UsageError(f"give --model or all of --layers/--kv-heads/--head-dim (missing {missing})")
@@ -94,6 +98,17 @@ def build_spec(opts: dict[str, Any], device: str = "cpu") -> PoolSpec:
     if opts["host_blocks"] is not None:
         spec = spec.replace(num_host_blocks=opts["host_blocks"])
     return spec
+
+
+def read_scales(path: str) -> Any:
+    """FP8 scales from a JSON file: [layers][2][kv heads] nested, or flat."""
+    import json
+
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise click.BadParameter(f"{path}: {e}", param_hint="--kv-scales") from None
 
 
 def remote_tier(opts: dict[str, Any]) -> Any:
@@ -124,6 +139,11 @@ def remote_tier(opts: dict[str, Any]) -> Any:
 @click.option("--head-dim", type=click.IntRange(min=0), help="Head dimension.")
 @click.option("--block-size", type=click.IntRange(min=0), help="Tokens per block (default 16).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="K/V dtype.")
+@click.option("--kv-dtype", type=click.Choice(["auto", "fp8", "float8_e4m3", "float8_e5m2"]), default=None,
+              help="K/V storage: auto (the --dtype) or FP8 (fp8 = float8_e4m3), which halves the bytes of "
+                   "a 16-bit pool; queries and outputs stay in --dtype.")
+@click.option("--kv-scales", type=click.Path(dir_okay=False), default=None,
+              help="FP8 scales: a JSON file of [layers][2 (K, V)][kv heads] floats (default: all 1.0).")
 @click.option("--blocks", type=click.IntRange(min=0), help="Device blocks (block 0 included).")
 @click.option("--memory", help="Device pool size instead of --blocks: bytes (8G), or a fraction of free "
               "memory (0.9 or 90%: of free GPU memory; on the CPU of available RAM and /dev/shm, less the host pool).")

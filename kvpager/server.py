@@ -207,7 +207,8 @@ class Server(ServerOps):
             "heads x %d head dim, %s; epoch %s, heartbeat timeout %.1fs",
             self.endpoint, self.pool.device, spec.num_blocks, spec.block_size, human_bytes(spec.device_bytes),
             spec.num_host_blocks, human_bytes(spec.host_bytes), spec.num_layers, spec.num_kv_heads,
-            spec.head_dim, spec.dtype, self.epoch, self.sessions.heartbeat_timeout,
+            spec.head_dim, spec.dtype + (f" stored as {spec.kv_dtype}" if spec.is_fp8 else ""), self.epoch,
+            self.sessions.heartbeat_timeout,
         )
         return self.endpoint
 

@@ -10,7 +10,8 @@ Install with ``pip install 'kvpager[torch]'`` (torch and transformers), then::
 
 Modules: `kvpager.hf.generation` (the attention function, step plans,
 `PagedGeneration`, `generate`), `kvpager.hf.model` (windows, attention
-arguments, the default salt), `kvpager.hf.graphs` (CUDA graphs of the decode
+arguments, the default salt), `kvpager.hf.fp8` (FP8 scales calibrated from a
+sample prompt), `kvpager.hf.graphs` (CUDA graphs of the decode
 step). ``import kvpager`` never imports this package (nor torch).
 """
 
@@ -33,6 +34,7 @@ from kvpager.hf.generation import (
     register,
     spec_for_model,
 )
+from kvpager.hf.fp8 import calibrate_kv_scales
 from kvpager.hf.graphs import DecodeGraphs, bucket_for
 from kvpager.hf.model import check_call, default_salt, layer_windows
 
@@ -42,6 +44,7 @@ __all__ = [
     "PagedBatch",
     "PagedGeneration",
     "bucket_for",
+    "calibrate_kv_scales",
     "check_call",
     "check_model",
     "default_salt",

@@ -187,9 +187,12 @@ def model_geometry(config: Any) -> dict[str, int]:
 
 
 def spec_for_model(
-    model: Any, num_blocks: int, block_size: int = 16, dtype: Any = None, num_host_blocks: int = 0
+    model: Any, num_blocks: int, block_size: int = 16, dtype: Any = None, num_host_blocks: int = 0,
+    kv_dtype: str | None = None, kv_scales: Any = None,
 ) -> PoolSpec:
-    """A `PoolSpec` matching ``model``'s KV geometry (dtype: the model's unless given)."""
+    """A `PoolSpec` matching ``model``'s KV geometry (dtype: the model's unless given).
+    ``kv_dtype`` "float8_e4m3" / "float8_e5m2": an FP8 pool, its ``kv_scales`` given
+    (e.g. from `kvpager.hf.calibrate_kv_scales`) or all 1.0."""
     config = model.config
     if dtype is None:
         dtype = next(model.parameters()).dtype
@@ -199,6 +202,8 @@ def spec_for_model(
         block_size=block_size,
         dtype=dtype_name(dtype),
         num_host_blocks=num_host_blocks,
+        kv_dtype=kv_dtype,
+        kv_scales=kv_scales,
     )
 
 
