@@ -7,6 +7,7 @@
 // elem_bytes / 16 of them.
 // Element type is irrelevant here: every row is a whole number of 16-byte
 // vectors (head_dim * elem_bytes is a multiple of 64).
+// kv_write_fp8 (built with KV_FP8): the FP8 pool's quantising variant, below.
 #include "kvpager_common.cuh"
 
 extern "C" __global__ void __launch_bounds__(128) kv_write(

@@ -106,19 +106,26 @@ __device__ __forceinline__ unsigned fp8x2_to_f16x2(unsigned w) {
     return r;
 }
 
-// Two FP8 values (the low 16 bits of w) -> a packed pair of the compute type, exact
-// (bfloat16 holds every e4m3 / e5m2 value too: through float32).
-__device__ __forceinline__ unsigned fp8x2_to_kv2(unsigned w) {
-    const unsigned h = fp8x2_to_f16x2(w);
-#if KV_DTYPE == 1
-    float lo, hi;
-    asm("{.reg .f16 l, h;\n\tmov.b32 {l, h}, %2;\n\tcvt.f32.f16 %0, l;\n\tcvt.f32.f16 %1, h;}"
-        : "=f"(lo), "=f"(hi) : "r"(h));
-    return pack2(lo, hi);
-#else
-    return h;
-#endif
+// Two floats -> float16x2 (lo in the low half).
+__device__ __forceinline__ unsigned pack2_f16(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
 }
+
+// With an FP8 pool the attention MMAs run on float16 operands whatever the compute type:
+// FP8 -> float16 is one exact conversion per pair (bfloat16 would take three), P in [0, 1]
+// is finer in float16, and a bfloat16 q is brought into float16's range by a power of two
+// (q_range_exp), undone on the scores.
+// The exponent p of the power of two 2^p that brings |q| <= amax just under 2^15 (float16's
+// largest finite value is 65504): q * 2^p is then exact in float16 down to 2^-14 (bfloat16
+// has 8 significant bits). amax 0 or not finite: p = 0.
+__device__ __forceinline__ int q_range_exp(float amax) {
+    if (!(amax > 0.f) || amax > 3.0e38f) return 0;
+    const int e = (__float_as_int(amax) >> 23) & 0xff;  // amax < 2^(e - 126)
+    return max(-100, min(100, 141 - e));
+}
+__device__ __forceinline__ float exp2i(int p) { return __int_as_float((p + 127) << 23); }  // |p| <= 126
 
 // Two floats -> two FP8 values in a 16-bit word (lo byte first): round to nearest even,
 // saturated to the largest finite value (NaN stays NaN).

@@ -37,7 +37,9 @@
 // 16-byte chunks; ldmatrix reads them as 16-bit pairs and each pair is converted to the
 // compute type in registers right before its MMA (exact; see kvpager_mma.cuh for the
 // permuted k order of Q K^T and the even / odd dims of P V). The scores are multiplied by
-// the (layer, head) K scale before the soft cap, the output by the V scale.
+// the (layer, head) K scale before the soft cap, the output by the V scale. The MMAs take
+// float16 operands (kvpager_common.cuh): a bfloat16 q is scaled into float16's range by a
+// power of two per warp, undone with the K scale.
 #include "kvpager_common.cuh"
 #include "kvpager_mma.cuh"
 
@@ -175,7 +177,27 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
 #if KV_FP8
-    const float k_scale = kv_scales[(layer * 2) * num_kv_heads + h];
+    float k_scale = kv_scales[(layer * 2) * num_kv_heads + h];
+#if KV_DTYPE == 1
+    {   // q (bfloat16) -> float16 operands, times 2^p so its largest value fits float16
+        float amax = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                amax = fmaxf(amax, fmaxf(fabsf(__uint_as_float(qa[kk][e] << 16)),
+                                         fabsf(__uint_as_float(qa[kk][e] & 0xffff0000u))));
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+        const int p = q_range_exp(amax);
+        const float mul = exp2i(p);
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) qa[kk][e] = bf16x2_to_f16x2(qa[kk][e], mul);
+        k_scale *= exp2i(-p);  // the scores of the scaled q, back in q . k units
+    }
+#endif
 #endif
 
     int x0, x1;
@@ -289,16 +311,16 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
             const float e10 = exp2f(fmaf(s[1][0], scale_log2, -b0));
             const float e11 = exp2f(fmaf(s[1][1], scale_log2, -b0));
             l0 += (e00 + e01) + (e10 + e11);
-            pa[0] = pack2(e00, e01);
-            pa[2] = pack2(e10, e11);
+            pa[0] = pack2_mma(e00, e01);
+            pa[2] = pack2_mma(e10, e11);
             if (TWO) {
                 const float f00 = exp2f(fmaf(s[0][2], scale_log2, -b1));
                 const float f01 = exp2f(fmaf(s[0][3], scale_log2, -b1));
                 const float f10 = exp2f(fmaf(s[1][2], scale_log2, -b1));
                 const float f11 = exp2f(fmaf(s[1][3], scale_log2, -b1));
                 l1 += (f00 + f01) + (f10 + f11);
-                pa[1] = pack2(f00, f01);
-                pa[3] = pack2(f10, f11);
+                pa[1] = pack2_mma(f00, f01);
+                pa[3] = pack2_mma(f10, f11);
             } else {
                 pa[1] = pa[3] = 0u;
             }

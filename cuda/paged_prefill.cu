@@ -28,7 +28,9 @@
 // of HEAD_DIM bytes); each iteration the CTA converts its tile (exactly) into one
 // K and one V tile of the compute type, from which the MMAs read as above. Scores
 // are multiplied by the (layer, head) K scale before the soft cap, the output by
-// the V scale. Dynamic shared memory: (BM + 2 * BN) * (HEAD_DIM + 8) * 2
+// the V scale. The MMAs take float16 operands (kvpager_common.cuh): a bfloat16 Q tile is
+// converted in shared memory once, times a power of two that fits it into float16's range,
+// undone with the K scale. Dynamic shared memory: (BM + 2 * BN) * (HEAD_DIM + 8) * 2
 // + 2 * STAGES * BN * HEAD_DIM bytes.
 #include "kvpager_common.cuh"
 #include "kvpager_mma.cuh"
@@ -164,8 +166,12 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
     }
 
 #if KV_FP8
-    const float k_scale = kv_scales[(layer * 2) * num_kv_heads + h];
+    float k_scale = kv_scales[(layer * 2) * num_kv_heads + h];
     const float v_scale = kv_scales[(layer * 2 + 1) * num_kv_heads + h];
+#if KV_DTYPE == 1
+    __shared__ unsigned q_amax;  // |q| of the tile, as float bits (non-negative: ordered as ints)
+    if (tid == 0) q_amax = 0u;   // read after the loop's first barrier
+#endif
 #else
     const float v_scale = 1.f;
 #endif
@@ -176,16 +182,34 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
         cp_wait<STAGES - 1>();
         __syncthreads();
 #if KV_FP8
-        {   // the stage's FP8 K and V -> the compute-type tiles (16 values per chunk, exact)
+#if KV_DTYPE == 1
+        if (t == t_begin) {  // the Q tile (landed with the first stage) -> float16, times 2^p
+            float amax = 0.f;
+            for (int c = tid; c < BM * D / 2; c += NT) {
+                const unsigned w = reinterpret_cast<const unsigned*>(Qs)[(c / (D / 2)) * (LD / 2) + c % (D / 2)];
+                amax = fmaxf(amax, fmaxf(fabsf(__uint_as_float(w << 16)), fabsf(__uint_as_float(w & 0xffff0000u))));
+            }
+            atomicMax(&q_amax, __float_as_uint(amax));
+            __syncthreads();
+            const int p = q_range_exp(__uint_as_float(q_amax));
+            const float mul = exp2i(p);
+            for (int c = tid; c < BM * D / 2; c += NT) {
+                unsigned* w = reinterpret_cast<unsigned*>(Qs) + (c / (D / 2)) * (LD / 2) + c % (D / 2);
+                *w = bf16x2_to_f16x2(*w, mul);
+            }
+            k_scale *= exp2i(-p);  // the scores of the scaled q, back in q . k units
+        }
+#endif
+        {   // the stage's FP8 K and V -> float16 tiles (16 values per chunk, exact)
             const st_t* raw = Rs + st * SSTAGE;
             for (int c = tid; c < 2 * BN * SCPR; c += NT) {
                 const int r = c / SCPR, col = (c % SCPR) * 16;  // r: K rows, then V rows
                 const uint4 w = *reinterpret_cast<const uint4*>(raw + r * SLD + col);
                 uint4 a, b;
-                a.x = fp8x2_to_kv2(w.x); a.y = fp8x2_to_kv2(w.x >> 16);
-                a.z = fp8x2_to_kv2(w.y); a.w = fp8x2_to_kv2(w.y >> 16);
-                b.x = fp8x2_to_kv2(w.z); b.y = fp8x2_to_kv2(w.z >> 16);
-                b.z = fp8x2_to_kv2(w.w); b.w = fp8x2_to_kv2(w.w >> 16);
+                a.x = fp8x2_to_f16x2(w.x); a.y = fp8x2_to_f16x2(w.x >> 16);
+                a.z = fp8x2_to_f16x2(w.y); a.w = fp8x2_to_f16x2(w.y >> 16);
+                b.x = fp8x2_to_f16x2(w.z); b.y = fp8x2_to_f16x2(w.z >> 16);
+                b.z = fp8x2_to_f16x2(w.w); b.w = fp8x2_to_f16x2(w.w >> 16);
                 kv_t* dst = (r < BN ? Ks + r * LD : Vs + (r - BN) * LD) + col;
                 *reinterpret_cast<uint4*>(dst) = a;
                 *reinterpret_cast<uint4*>(dst + 8) = b;
@@ -295,8 +319,8 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
                 const float e2 = exp2f(fmaf(s[mt][n][2], scale_log2, -u1));
                 const float e3 = exp2f(fmaf(s[mt][n][3], scale_log2, -u1));
                 l[mt][0] += e0 + e1; l[mt][1] += e2 + e3;
-                pa[mt][n >> 1][(n & 1) * 2 + 0] = pack2(e0, e1);
-                pa[mt][n >> 1][(n & 1) * 2 + 1] = pack2(e2, e3);
+                pa[mt][n >> 1][(n & 1) * 2 + 0] = pack2_mma(e0, e1);
+                pa[mt][n >> 1][(n & 1) * 2 + 1] = pack2_mma(e2, e3);
             }
         }
 #pragma unroll

@@ -17,7 +17,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from kvpager import InvalidArgument, KVPool  # noqa: E402
-from kvpager.hf import PagedBatch, calibrate_kv_scales, layer_windows, paged_attention, spec_for_model  # noqa: E402
+from kvpager.hf import (  # noqa: E402
+    PagedBatch,
+    calibrate_kv_scales,
+    layer_windows,
+    paged_attention,
+    spec_for_model,
+)
 from kvpager.spec import FP8_DTYPES  # noqa: E402
 
 VOCAB = 128

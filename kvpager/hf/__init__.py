@@ -21,6 +21,7 @@ try:
 except ImportError as e:  # say what to install, not only what is missing
     raise ImportError(f"kvpager.hf needs torch and transformers: pip install 'kvpager[torch]' ({e})") from e
 
+from kvpager.hf.fp8 import calibrate_kv_scales
 from kvpager.hf.generation import (
     ATTN_IMPLEMENTATION,
     PagedBatch,
@@ -34,7 +35,6 @@ from kvpager.hf.generation import (
     register,
     spec_for_model,
 )
-from kvpager.hf.fp8 import calibrate_kv_scales
 from kvpager.hf.graphs import DecodeGraphs, bucket_for
 from kvpager.hf.model import check_call, default_salt, layer_windows
 
