@@ -34,8 +34,8 @@
 //
 // KV_FP8 (an FP8 pool): the stages hold the FP8 bytes as stored (16 per cp.async,
 // half the bytes of a 16-bit pool), rows of HEAD_DIM bytes padded to an odd number of
-// 16-byte chunks; ldmatrix reads them as 16-bit pairs and each pair is converted to the
-// compute type in registers right before its MMA (exact; see kvpager_mma.cuh for the
+// 16-byte chunks; ldmatrix reads them as 16-bit pairs and each pair is converted to
+// float16 in registers right before its MMA (exact; see kvpager_mma.cuh for the
 // permuted k order of Q K^T and the even / odd dims of P V). The scores are multiplied by
 // the (layer, head) K scale before the soft cap, the output by the V scale. The MMAs take
 // float16 operands (kvpager_common.cuh): a bfloat16 q is scaled into float16's range by a
