@@ -24,12 +24,13 @@ import numpy as np
 
 from kvpager import kernels, validate
 from kvpager.backends.cupy_launches import (
+    CascadeLaunch,
     attention_launches,
     cupy_empty_like,
     device_tensor,
     torch_kinds,
 )
-from kvpager.cascade import find_shared_prefixes, worth_it
+from kvpager.cascade import GRAPH_MIN_SAVED_BYTES, find_shared_prefixes, worth_it
 from kvpager.errors import InvalidArgument
 from kvpager.launch import Launch, current_stream, i32, ptr
 from kvpager.plan import (
@@ -83,12 +84,15 @@ class CupyPlan(StepPlan):
         self.ptrs["slots"] = base + 4 * self._n32
         self._attn: dict[int, list[Launch]] = {}
         self._raw: dict[int, bool] = {}  # per query-head count: the kernel's scores are raw q . k
-        # Shared-prefix (cascade) attention: a decode step on tensor cores, not padded for graphs;
+        # Shared-prefix (cascade) attention: a decode step on tensor cores, one item a row;
         # None: when it pays (kvpager.cascade.worth_it), True: whenever prefixes are shared.
+        # A plan with capacities (for CUDA graphs) sizes its cascade tables for later steps too.
         self._cascade = cascade
-        self._cascade_ok = (cascade is not False and self.decode and self.rows == nseq == self.items
+        self._cascade_ok = (cascade is not False and self.decode and self.rows == self.items
                             and spec.dtype != "float32" and kernels.DECODE_TC)
+        self.cascade_slack = 2 if num_rows is not None or width is not None else 1
         self._shared: Any = None  # kvpager.cascade.SharedPrefixes of the step, found at the first attend
+        self._cascades: list[CascadeLaunch] = []  # refilled in place by update()
         self._plain: dict[int, list[Launch]] = {}  # launches without a cascade, for windowed calls
         self._keep: list[Any] = []  # device buffers the launches point at
         self.splits = 1  # decode split-K count, chosen at the first attend
@@ -149,7 +153,9 @@ class CupyPlan(StepPlan):
         ``num_rows`` sequences, tables at most ``width`` blocks wide), on the
         caller's stream: the buffers keep their addresses and the launches
         their grids, so a CUDA graph captured over this plan replays the new step.
-        The split count chosen at the first ``attend`` stays."""
+        The split count chosen at the first ``attend`` stays, and so does the
+        cascade's shape: the new step's shared prefixes are found again and
+        refilled into it when they fit (else the step attends without them)."""
         tables, seq_lens, query_lens, slots = check_step(self.spec, tables, seq_lens, query_lens, slots)
         if not self.decode or not (query_lens == 1).all():
             raise InvalidArgument("only a decode plan (one query token per sequence) can be updated in place")
@@ -162,11 +168,12 @@ class CupyPlan(StepPlan):
                                   "per sequence (a decode step, or num_rows given) can be updated")
         if (slots is not None) != self.has_slots:
             raise InvalidArgument("update must give slots exactly when the plan was built with them")
-        if self._shared is not None:  # the shared prefixes are the old step's: find them again
-            self._attn.clear()
-            self._plain.clear()
-            self._shared = None
         self._fill(tables, seq_lens, query_lens, slots)
+        if self._cascades:
+            found = find_shared_prefixes(tables, seq_lens, self.spec.block_size,
+                                         levels=max(c.levels for c in self._cascades))
+            fits = [c.fill(found) for c in self._cascades]
+            self._shared = found if all(fits) else None
 
     @property
     def num_tokens(self) -> int:
@@ -186,12 +193,15 @@ class CupyPlan(StepPlan):
             found = find_shared_prefixes(self.tables, self.seq_lens, self.spec.block_size)
             spec = self.spec
             per_position = 2 * spec.num_kv_heads * spec.head_dim * spec.itemsize
-            if found is not None and (self._cascade or worth_it(found, self.seq_lens, per_position)):
+            least = GRAPH_MIN_SAVED_BYTES if self.cascade_slack > 1 else None
+            if found is not None and (self._cascade or worth_it(found, self.seq_lens, per_position,
+                                                                min_saved_bytes=least)):
                 self._shared = found
             else:
                 self._cascade_ok = False
         launches, self.splits, keep, self._raw[num_q_heads] = attention_launches(self, num_q_heads, self._shared)
         self._keep += keep
+        self._cascades += [x for x in keep if isinstance(x, CascadeLaunch)]
         self._attn[num_q_heads] = launches
         if self._shared is None:
             self._plain[num_q_heads] = launches
@@ -274,7 +284,7 @@ class CupyPlan(StepPlan):
             return out
         if self.floor is not None:
             self.check_floor(window)
-        if window is not None and self._shared is not None:
+        if window is not None and self._cascades:
             launches = self._windowed(shape[1])
         if scale is None:
             s = self._scale
