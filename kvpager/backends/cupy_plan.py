@@ -30,7 +30,7 @@ from kvpager.backends.cupy_launches import (
     device_tensor,
     torch_kinds,
 )
-from kvpager.cascade import GRAPH_MIN_SAVED_BYTES, find_shared_prefixes, worth_it
+from kvpager.cascade import find_shared_prefixes, worth_it
 from kvpager.errors import InvalidArgument
 from kvpager.launch import Launch, current_stream, i32, ptr
 from kvpager.plan import (
@@ -193,9 +193,7 @@ class CupyPlan(StepPlan):
             found = find_shared_prefixes(self.tables, self.seq_lens, self.spec.block_size)
             spec = self.spec
             per_position = 2 * spec.num_kv_heads * spec.head_dim * spec.itemsize
-            least = GRAPH_MIN_SAVED_BYTES if self.cascade_slack > 1 else None
-            if found is not None and (self._cascade or worth_it(found, self.seq_lens, per_position,
-                                                                min_saved_bytes=least)):
+            if found is not None and (self._cascade or worth_it(found, self.seq_lens, per_position)):
                 self._shared = found
             else:
                 self._cascade_ok = False
