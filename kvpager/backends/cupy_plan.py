@@ -40,6 +40,7 @@ from kvpager.plan import (
     check_softcap,
     check_step,
     check_window,
+    table_floor,
 )
 
 _LOG2E = 1.4426950408889634
@@ -169,6 +170,7 @@ class CupyPlan(StepPlan):
         if (slots is not None) != self.has_slots:
             raise InvalidArgument("update must give slots exactly when the plan was built with them")
         self._fill(tables, seq_lens, query_lens, slots)
+        self.floor = table_floor(tables, self.spec.block_size)
         if self._cascades:
             found = find_shared_prefixes(tables, seq_lens, self.spec.block_size,
                                          levels=max(c.levels for c in self._cascades))
