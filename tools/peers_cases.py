@@ -50,10 +50,13 @@ def peer(fi: Any, absent: str, make: Make, ref: torch.Tensor, iters: int) -> dic
 
 
 def kvpager(be: Any, tables: np.ndarray, lens: np.ndarray, qlens: np.ndarray, q_cp: Any,
-            **options: Any) -> Make:
-    """kvpager's step plan over the pool; its output poisoned with NaN before the check."""
+            plans: list | None = None, **options: Any) -> Make:
+    """kvpager's step plan over the pool (appended to ``plans``); its output
+    poisoned with NaN before the check."""
     def make():
         plan = make_plan(be, tables, lens, qlens, num_q_heads=HQ, **options)
+        if plans is not None:
+            plans.append(plan)
         out = q_cp.copy()
         tview(out).fill_(float("nan"))
         return (lambda: plan.attend(0, q_cp, SCALE, out)), tview
@@ -152,7 +155,10 @@ def shared(batch: int, prefix: int, own: int, groups: int, fi: Any, absent: str)
             del kv
         res["sdpa"] = {"skipped": f"its contiguous copy ({dense / 1e9:.0f} GB) does not fit in GPU memory"}
     ones = np.ones(batch, np.int32)
-    res["kvpager cascade"] = measure(kvpager(be, tables, lens, ones, q_cp, cascade=True), ref, 50)
+    plans: list = []
+    res["kvpager cascade"] = measure(kvpager(be, tables, lens, ones, q_cp, plans, cascade=True), ref, 50)
+    if plans:  # whether the plan found the shared prefixes (else it ran the plain decode)
+        res["kvpager cascade"]["cascades"] = plans[0].shared_prefixes is not None
     res["kvpager plain"] = measure(kvpager(be, tables, lens, ones, q_cp, cascade=False), ref, 50)
 
     def fi_cascade():

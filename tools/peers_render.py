@@ -17,7 +17,7 @@ def ms(res: dict | None) -> str:
     if not res:
         return "-"
     if "ms" in res:
-        return f"{res['ms']:.3f}"
+        return f"{res['ms']:.3f}" + (" (ran plain)" if res.get("cascades") is False else "")
     for key, word in (("absent", "absent"), ("skipped", "skipped"), ("error", "failed")):
         if key in res:
             return word
