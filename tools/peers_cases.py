@@ -153,7 +153,7 @@ def shared(batch: int, prefix: int, own: int, groups: int, fi: Any, absent: str)
             ref[s : s + step] = F.scaled_dot_product_attention(q4[s : s + step], kv[0], kv[1], scale=SCALE,
                                                                enable_gqa=True).squeeze(2)
             del kv
-        res["sdpa"] = {"skipped": f"its contiguous copy ({dense / 1e9:.0f} GB) does not fit in GPU memory"}
+        res["sdpa"] = {"skipped": f"its contiguous copy ({dense / 1e9:.1f} GB) does not fit in GPU memory"}
     ones = np.ones(batch, np.int32)
     plans: list = []
     res["kvpager cascade"] = measure(kvpager(be, tables, lens, ones, q_cp, plans, cascade=True), ref, 50)
