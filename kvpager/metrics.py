@@ -25,7 +25,7 @@ from typing import Any
 
 from kvpager.errors import ERRORS_BY_CODE, InvalidArgument
 from kvpager.protocol import OPS
-from kvpager.types import PoolCounters, PoolStats
+from kvpager.types import PoolCounters, PoolStats, RemoteStats
 
 log = logging.getLogger("kvpager.server")
 
