@@ -133,3 +133,13 @@ def test_memory_is_each_gpus_budget(monkeypatch):
     opts["kv_heads"] = 3
     with pytest.raises(InvalidArgument, match="cannot be split over 2 ranks"):
         build_spec(opts, "cuda:0", ["cuda:0", "cuda:1"])
+
+
+def test_metrics_name_the_ranks():
+    from test_metrics import scrape
+
+    with running_server(SPEC, devices=["cpu", "cpu"], metrics_port=0) as server:
+        got = scrape(server.metrics_port)
+        assert got[("kvpager_ranks", frozenset())] == 2
+        [info] = [labels for name, labels in got if name == "kvpager_info"]
+        assert ("device", "cpu,cpu") in info

@@ -1,0 +1,57 @@
+"""The remote tier between tensor-parallel pools, against a real redis-server:
+a block's value is its ranks' bytes back to back, restored byte for byte into
+another pool of as many ranks; a pool of another rank count looks under other
+keys and never reads them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from redis_helpers import need_redis, redis_server
+
+need_redis()
+pytest.importorskip("redis")
+
+from kvpager import KVPool, PoolSpec  # noqa: E402
+from kvpager.remote_format import key_prefix  # noqa: E402
+from kvpager.remote_tier import RemoteTier  # noqa: E402
+
+SPEC = PoolSpec(num_layers=2, num_kv_heads=4, head_dim=16, num_blocks=32, block_size=8, dtype="float32")
+BS = SPEC.block_size
+WAIT = 20.0
+
+
+def pool(url: str, ranks: int) -> KVPool:
+    return KVPool(SPEC, remote=RemoteTier(url, retry_after=0.2), devices=["cpu"] * ranks if ranks > 1 else None)
+
+
+def test_ranked_blocks_restore_byte_for_byte_and_only_for_as_many_ranks():
+    import redis
+
+    with redis_server() as store:
+        a, b, one, four = pool(store.url, 2), pool(store.url, 2), pool(store.url, 1), pool(store.url, 4)
+        prompt = list(range(900, 900 + 3 * BS + 2))
+        [x] = a.allocate([prompt], salt="m")
+        rng = np.random.default_rng(0)
+        for layer in range(SPEC.num_layers):
+            for r in range(2):
+                k, v = (rng.standard_normal((len(x.slots), 2, 16)).astype(np.float32) for _ in "kv")
+                a.rank(r).write(layer, x.slots, k, v)
+        a.commit(x.seq_id)
+        assert a.remote.flush(WAIT) and a.remote_stats().written_blocks == 3
+        keys = [k.decode() for k in redis.Redis(port=store.port).keys("*")]
+        assert len(keys) == 3 and all(k.startswith(key_prefix(SPEC, 2)) for k in keys)
+        assert key_prefix(SPEC, 2) != key_prefix(SPEC)
+        [y] = b.allocate([prompt], salt="m")
+        assert (y.num_cached_tokens, y.num_remote_tokens) == (3 * BS, 3 * BS)
+        for r in range(2):
+            mine, theirs = b.backend.ranks[r].kv, a.backend.ranks[r].kv
+            assert np.array_equal(mine[list(y.block_table[:3])], theirs[list(x.block_table[:3])])
+        b.check_integrity()
+        for other in (one, four):  # same geometry, other rank count: other keys, nothing read
+            [z] = other.allocate([prompt], salt="m")
+            assert z.num_cached_tokens == 0 and z.num_remote_tokens == 0
+            st = other.remote_stats()
+            assert st.hit_blocks == 0 and st.corrupt_blocks == 0
+        for p in (a, b, one, four):
+            p.close()
