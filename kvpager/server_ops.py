@@ -30,7 +30,7 @@ from kvpager.errors import (
 )
 from kvpager.protocol import SEQUENCES_PAGE
 from kvpager.server_control import ControlOps
-from kvpager.server_ranks import hello_memory, hello_rank, rank_backends, session_kv
+from kvpager.server_ranks import hello_memory, hello_rank, on_rank_device, rank_backends, session_kv
 
 if TYPE_CHECKING:
     from kvpager.sessions import Session
@@ -219,7 +219,8 @@ class ServerOps(ControlOps):
         slots = np.asarray(slots if isinstance(slots, (list, np.ndarray)) else [slots])
         self._check_writable(s, slots)
         kv = session_kv(self, s, "write")
-        kv.write(a["layer"], slots, self._staged(s, a["k"], "k"), self._staged(s, a["v"], "v"))
+        with on_rank_device(self, s):
+            kv.write(a["layer"], slots, self._staged(s, a["k"], "k"), self._staged(s, a["v"], "v"))
 
     def _check_writable(self, s: Session, slots: np.ndarray) -> None:
         """A session writes only slots of its own sequences' blocks, and never a
@@ -250,10 +251,12 @@ class ServerOps(ControlOps):
 
     def _op_attend(self, s: Session, a: dict[str, Any]) -> list[Any]:
         q = self._staged(s, a["q"], "q")
-        out = session_kv(self, s, "attend").attend(a["layer"], _ids(a["seq_ids"]), q, a.get("query_lens"), a.get("scale"),
-                               window=a.get("window"), softcap=a.get("softcap"))
-        offset = _int(a["out"], "out")
-        s.staging.array(out.shape, out.dtype, offset)[...] = out  # a device copy on a GPU
+        with on_rank_device(self, s):
+            out = session_kv(self, s, "attend").attend(a["layer"], _ids(a["seq_ids"]), q, a.get("query_lens"),
+                                                       a.get("scale"), window=a.get("window"),
+                                                       softcap=a.get("softcap"))
+            offset = _int(a["out"], "out")
+            s.staging.array(out.shape, out.dtype, offset)[...] = out  # a device copy on a GPU
         return [offset, list(out.shape)]
 
     # -- inspection ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ attend: it is told to name a rank (see docs/protocol.md, "Ranks").
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from kvpager import cuda_ipc
@@ -107,3 +108,13 @@ def session_kv(server: Any, s: Session, op: str) -> KVPool | PoolRank:
     if not views:
         views.extend(pool.rank(r) for r in range(pool.ranks))
     return views[s.rank]
+
+
+def on_rank_device(server: Any, s: Session) -> Any:
+    """A context with the session's rank's GPU current (a no-op on the CPU and
+    with one rank): its staging copies and kernels run there."""
+    if server.gpu is None or server.pool.ranks == 1 or s.rank is None:
+        return contextlib.nullcontext()
+    import cupy
+
+    return cupy.cuda.Device(server.sessions.rank_devices[s.rank])

@@ -77,12 +77,11 @@ def test_what_hello_tells_each_client_and_bad_ranks():
                     Client(ep, rank=bad)
             assert len(server.sessions) == sessions  # a refused hello opened nothing
     # one rank: rank 0 is the whole pool, as a client that names none
-    with running_server(SPEC) as server:
-        with Client(server.endpoint, rank=0) as c, Client(server.endpoint) as plain:
-            assert (c.ranks, c.rank, c.spec, c.memory["kind"]) == (1, 0, SPEC, "shm")
-            assert (plain.ranks, plain.rank, plain.spec) == (1, None, SPEC)
-            with pytest.raises(InvalidArgument, match=r"\[0, 1\)"):
-                Client(server.endpoint, rank=1)
+    with running_server(SPEC) as server, Client(server.endpoint, rank=0) as c, Client(server.endpoint) as plain:
+        assert (c.ranks, c.rank, c.spec, c.memory["kind"]) == (1, 0, SPEC, "shm")
+        assert (plain.ranks, plain.rank, plain.spec) == (1, None, SPEC)
+        with pytest.raises(InvalidArgument, match=r"\[0, 1\)"):
+            Client(server.endpoint, rank=1)
 
 
 def run_serve(*args: str) -> subprocess.CompletedProcess:
@@ -109,11 +108,10 @@ def test_serve_refuses_bad_rank_settings():
 def test_serve_ranks_and_memory_per_device():
     endpoint, _ = ipc_endpoint()
     args = [*GEOMETRY[:10], "--memory", str(40 * SPEC.bytes_per_block), "--device", "cpu", "--ranks", "2"]
-    with daemon_process(args, endpoint):
-        with Client(endpoint, rank=1) as c:
-            # the CPU is one device: its budget is split between the ranks, half of each block each
-            assert c.ranks == 2 and c.pool_spec.num_blocks == 40
-            assert c.spec.bytes_per_block * 2 == SPEC.bytes_per_block
+    with daemon_process(args, endpoint), Client(endpoint, rank=1) as c:
+        # the CPU is one device: its budget is split between the ranks, half of each block each
+        assert c.ranks == 2 and c.pool_spec.num_blocks == 40
+        assert c.spec.bytes_per_block * 2 == SPEC.bytes_per_block
 
 
 def test_memory_is_each_gpus_budget(monkeypatch):

@@ -15,7 +15,7 @@ from daemon_workers import dense_kv, query
 
 from kvpager.client import Client
 
-WAIT = 60.0
+WAIT = 240.0  # a bound: GPU workers compile kernels on their first attend
 
 
 def heads_of(rank: int, per: int) -> slice:
