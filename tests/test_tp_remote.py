@@ -55,3 +55,29 @@ def test_ranked_blocks_restore_byte_for_byte_and_only_for_as_many_ranks():
             assert st.hit_blocks == 0 and st.corrupt_blocks == 0
         for p in (a, b, one, four):
             p.close()
+
+
+def test_a_two_rank_daemon_keys_its_blocks_by_its_rank_count():
+    from daemon_helpers import running_server
+
+    from kvpager import Client
+
+    with redis_server() as store, running_server(SPEC, devices=["cpu", "cpu"],
+                                                 remote=RemoteTier(store.url, retry_after=0.2)) as server:
+        assert server.pool.remote.key(b"\0" * 16, b"\1" * 16).startswith(key_prefix(SPEC, 2))
+        with Client(server.endpoint, rank=0) as r0, Client(server.endpoint, rank=1) as r1:
+            [a] = r0.allocate([list(range(2 * BS))], salt="m")
+            for c in (r0, r1):
+                for layer in range(SPEC.num_layers):
+                    k = np.full((len(a.slots), 2, 16), c.rank + 1, np.float32)
+                    c.write(layer, a.slots, k, k)
+            r0.commit(a.seq_id)
+            assert server.pool.remote.flush(WAIT) and server.pool.remote_stats().written_blocks == 2
+        import redis
+
+        keys = [k.decode() for k in redis.Redis(port=store.port).keys("*")]
+        assert len(keys) == 2 and all(k.startswith(key_prefix(SPEC, 2)) for k in keys)
+        # the value: rank 0's bytes (all 1.0), then rank 1's (all 2.0)
+        value = np.frombuffer(redis.Redis(port=store.port).get(keys[0])[80:], np.float32)
+        half = len(value) // 2
+        assert (value[:half] == 1).all() and (value[half:] == 2).all()
