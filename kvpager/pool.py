@@ -97,6 +97,7 @@ class KVPool:
         self.device = self.backend.device
         #: tensor-parallel ranks: 1, or the ranks of a `RankedBackend`
         self.ranks: int = ranks
+        self._rank_views: list[PoolRank] | None = None  # made by the first `rank`
         self.manager = SequenceManager(spec.num_blocks, spec.block_size, spec.num_host_blocks,
                                        None if max_pinned_blocks is None else int(max_pinned_blocks))
         self.remote = remote
@@ -414,9 +415,13 @@ class KVPool:
 
         if not validate.is_int(r) or not 0 <= r < self.ranks:
             raise InvalidArgument(f"rank must be an int in [0, {self.ranks}), got {r!r}")
-        if self.ranks == 1:
-            return PoolRank(self, 0, self.spec, self.backend)
-        return PoolRank(self, int(r), self.backend.rank_spec, self.backend.ranks[int(r)])
+        if self._rank_views is None:
+            if self.ranks == 1:
+                self._rank_views = [PoolRank(self, 0, self.spec, self.backend)]
+            else:
+                per = self.backend.rank_spec
+                self._rank_views = [PoolRank(self, i, per, b) for i, b in enumerate(self.backend.ranks)]
+        return self._rank_views[int(r)]
 
     # -- inspection -------------------------------------------------------------------
     def sequence(self, seq_id: int) -> SequenceInfo:

@@ -118,7 +118,6 @@ class Server(ServerOps):
         #: the pool's CUDA device index when it lives on a GPU (rank 0's), else None
         self.gpu: int | None = ranks[0].index if hasattr(ranks[0], "ipc_handle") else None
         self._exported: dict[int, Any] = {}  # CUDA IPC exports by rank, made at the first hello
-        self._rank_views: list[Any] = []
         hb = env.heartbeat_timeout_s() if heartbeat_timeout is None else float(heartbeat_timeout)
         if not 0 < hb < float("inf"):
             raise InvalidArgument(f"heartbeat timeout must be a positive number of seconds, got {heartbeat_timeout!r}")

@@ -104,10 +104,7 @@ def session_kv(server: Any, s: Session, op: str) -> KVPool | PoolRank:
     if s.rank is None:
         raise InvalidArgument(f"{op}: this pool has {pool.ranks} tensor-parallel ranks: open the session "
                               "with the rank this worker serves (Client(rank=r)) to write or attend")
-    views = server._rank_views
-    if not views:
-        views.extend(pool.rank(r) for r in range(pool.ranks))
-    return views[s.rank]
+    return pool.rank(s.rank)
 
 
 def on_rank_device(server: Any, s: Session) -> Any:

@@ -97,8 +97,8 @@ def test_embedded_two_gpu_pool_matches_the_numpy_twin():
     other = KVPool(SPEC, devices=["cuda:1", "cuda:0"])
     other.backend.write_blocks(blocks, [bytes(row) for row in out])
     for r in (0, 1):
-        assert np.array_equal(_host(other.backend.ranks[r].device_array()[blocks]),
-                              _host(tp.backend.ranks[r].device_array()[blocks]))
+        assert np.array_equal(_host(other.backend.ranks[r].device_array())[blocks],
+                              _host(tp.backend.ranks[r].device_array())[blocks])
     # a tensor on the other GPU is refused, naming both
     with cupy.cuda.Device(0):
         k0 = cupy.zeros((len(s), per, 64), cupy.float16)
