@@ -154,6 +154,7 @@ class PoolStats:
         d["tenants"] = [t.to_dict() for t in self.tenants]
         d["prefix_hit_rate"] = self.prefix_hit_rate
         d["slot_utilization"] = self.slot_utilization
+        d["bytes_per_block_per_rank"] = self.bytes_per_block_per_rank
         return d
 
 

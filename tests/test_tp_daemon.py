@@ -33,6 +33,7 @@ def test_two_rank_workers_through_serve_match_the_numpy_twin():
         res = CliRunner().invoke(main, ["stats", "--json", "--endpoint", endpoint], catch_exceptions=False)
         st = json.loads(res.output)
         assert st["ranks"] == 2 and st["bytes_per_block"] == SPEC.bytes_per_block
+        assert st["bytes_per_block_per_rank"] == SPEC.bytes_per_block // 2
         text = CliRunner().invoke(main, ["stats", "--endpoint", endpoint], catch_exceptions=False).output
         assert "2 ranks: each holds 4.0 KiB per block" in text
 
