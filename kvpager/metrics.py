@@ -150,6 +150,8 @@ class Collector:
             yield gauge("kv_cache_usage_perc", "Share of device blocks in use (0-1); evictable cached blocks "
                         "count as free.", st.used_blocks / st.total_blocks if st.total_blocks else 0.0)
             yield gauge("blocks_total", "Usable device blocks (the null block excluded).", st.total_blocks)
+            yield gauge("ranks", "Tensor-parallel ranks (GPUs) of the pool; each holds bytes_per_block / ranks "
+                        "of every block.", st.ranks)
             yield gauge("blocks_free", "Device blocks on the free list.", st.free_blocks)
             yield gauge("blocks_evictable", "Unreferenced device blocks still in the prefix cache.",
                         st.evictable_blocks)
@@ -247,7 +249,8 @@ def serve_metrics(requests: RequestMetrics, pool: Any, sessions: Callable[[], in
         return Snapshot(pool.stats(), pool.counters(), sessions(), time.monotonic(), remote)
 
     snapshots = Snapshots(take)
-    info = {"version": __version__, "device": str(pool.device), "block_size": str(pool.spec.block_size)}
+    devices = getattr(pool.backend, "devices", None) or [pool.device]
+    info = {"version": __version__, "device": ",".join(map(str, devices)), "block_size": str(pool.spec.block_size)}
     httpd, port = serve_http(Collector(requests, snapshots, info), host, port)
     log.info("metrics on http://%s:%d/metrics", host, port)
     return snapshots, httpd, port
