@@ -126,6 +126,10 @@ class KVAccess:
     def _pool(self) -> Any:
         if self._mapped is None:
             kind = self.memory.get("kind")
+            if kind == "ranks":
+                raise InvalidArgument(
+                    f"the daemon's pool has {self.memory.get('ranks')} tensor-parallel ranks, each holding a "
+                    "share of the kv heads: open the client with the rank this worker serves (Client(rank=r))")
             if kind not in ("shm", "cuda_ipc"):
                 raise InvalidArgument(
                     f"the daemon's pool is not mappable here (memory kind {kind!r}); "

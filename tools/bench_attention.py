@@ -71,12 +71,49 @@ def setup(batch: int, ctx: int, new: int):
     be = CupyBackend(spec, 0)
     pool = tview(be.kv)
     pool.normal_()
-    tables = (torch.randperm(batch * nb, device="cuda") + 1).view(batch, nb).to(torch.int32)
+    tables = (torch.randperm(batch * nb, device="cuda") + 1).view(batch, nb).to(torch.int32).cpu().numpy()
     q_cp = cupy.empty((batch * new, HQ, D), dtype=be.dtype)
     tview(q_cp).normal_()
-    blocks = pool[tables.long(), 0]  # [B, nb, 2, H, BS, D]
-    kv = blocks.permute(2, 0, 3, 1, 4, 5).reshape(2, batch, HKV, nb * BS, D).contiguous()
-    return spec, be, tables.cpu().numpy(), q_cp, kv
+    return spec, be, tables, q_cp, dense_kv(pool, tables, ctx)
+
+
+def dense_kv(pool: torch.Tensor, tables: np.ndarray, length: int, layer: int = 0,
+             chunk_bytes: int = 1 << 30) -> torch.Tensor:
+    """The first ``length`` positions of each table's K/V in ``pool`` (torch view of
+    the slab) copied into contiguous [2, B, kv heads, length, head dim], gathered
+    a few sequences at a time (no second full-size temporary)."""
+    batch, nb = len(tables), -(-length // BS)
+    kv = torch.empty((2, batch, HKV, length, D), dtype=pool.dtype, device=pool.device)
+    step = max(1, chunk_bytes // (nb * pool[0, layer].numel() * pool.element_size()))
+    for s in range(0, batch, step):
+        rows = torch.from_numpy(np.ascontiguousarray(tables[s : s + step, :nb])).long().to(pool.device)
+        blocks = pool[rows, layer]  # [b, nb, 2, H, BS, D]
+        kv[:, s : s + step] = blocks.permute(2, 0, 3, 1, 4, 5).reshape(2, len(rows), HKV, nb * BS, D)[..., :length, :]
+    return kv
+
+
+def causal_sdpa(q4: torch.Tensor, kv: torch.Tensor, scale: float):
+    """A call of SDPA for multi-token queries q4 [B, q heads, new, D] over kv [2, B,
+    kv heads, ctx, D], causal with the mask at the bottom right (the queries are the
+    last positions); GQA in SDPA where a fused kernel takes this mask, else K/V with
+    the heads repeated."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    mask = causal_lower_right(q4.shape[2], kv.shape[3])
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q4, kv[0], kv[1], attn_mask=mask, scale=scale,
+                                              enable_gqa=True)
+
+    try:
+        sdpa()
+    except RuntimeError:  # no fused kernel for this mask with GQA: give SDPA repeated heads
+        k_rep, v_rep = (t.repeat_interleave(q4.shape[1] // kv.shape[2], dim=1) for t in (kv[0], kv[1]))
+
+        def sdpa():
+            return F.scaled_dot_product_attention(q4, k_rep, v_rep, attn_mask=mask, scale=scale)
+
+    return sdpa
 
 
 def card() -> tuple[str, float | None]:
@@ -137,23 +174,8 @@ def bench_prefill(batch: int = 8, new: int = 1024, cached: int = 4096,
     spec, be, tables, q_cp, kv = setup(batch, ctx, new)
     scale = D**-0.5
     q4 = tview(q_cp).view(batch, new, HQ, D).transpose(1, 2)
-    from torch.nn.attention.bias import causal_lower_right
-
-    mask = causal_lower_right(new, ctx)
-
-    def sdpa():
-        return F.scaled_dot_product_attention(q4, kv[0], kv[1], attn_mask=mask, scale=scale,
-                                              enable_gqa=True)
-
-    try:
-        ref = sdpa()
-    except RuntimeError:  # no fused kernel for this mask with GQA: give SDPA repeated heads
-        k_rep, v_rep = (t.repeat_interleave(HQ // HKV, dim=1) for t in (kv[0], kv[1]))
-
-        def sdpa():
-            return F.scaled_dot_product_attention(q4, k_rep, v_rep, attn_mask=mask, scale=scale)
-
-        ref = sdpa()
+    sdpa = causal_sdpa(q4, kv, scale)
+    ref = sdpa()
     base = median_ms(sdpa, iters=20)
     pairs = batch * (new * cached + new * (new + 1) // 2)
     flops = 4 * D * HQ * pairs

@@ -272,8 +272,9 @@ class CupyBackend(Backend):
         if getattr(q, "ndim", 0) != 3:
             raise InvalidArgument(f"q must be [tokens, num_q_heads, head_dim], got {getattr(q, 'shape', None)}")
         step = check_step(self.spec, block_tables, seq_lens, query_lens)
-        return self.plan(*step, num_splits=num_splits).attend(int(layer), q, scale, out, window=window,
-                                                              softcap=softcap)
+        with cupy.cuda.Device(self.index):  # this pool's GPU, whichever is current (a rank of several)
+            return self.plan(*step, num_splits=num_splits).attend(int(layer), q, scale, out, window=window,
+                                                                  softcap=softcap)
 
     def synchronize(self) -> None:
         with cupy.cuda.Device(self.index):

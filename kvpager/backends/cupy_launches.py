@@ -76,7 +76,7 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
             rows = plan.items * num_q_heads
             cascade = None
             if shared is not None and tc:
-                cascade = CascadeLaunch(plan, shared, group, splits, nsm)
+                cascade = CascadeLaunch(plan, shared, group, splits, nsm, plan.cascade_slack)
                 keep += [*cascade.keep, cascade]  # the plan keeps it, and so its upload buffer, alive
             parts = cascade.parts if cascade else (splits if splits > 1 else 0)
             if parts:
@@ -142,9 +142,16 @@ class CascadeLaunch:
     its segments cut into chunks of positions (so that enough CTAs run: each
     chunk is a slot of its own), tiles of members, and the partial slots per
     row: the decode kernel's ``splits`` first, then ``levels x chunks``. Its
-    tables (own start per row, segments, members, tiles) go up in one upload."""
+    tables (own start per row, segments, members, tiles) go up in one upload.
 
-    def __init__(self, plan: Any, shared: Any, group: int, splits: int, nsm: int):
+    The launch's shape (levels, chunks, grid) is fixed when it is made; `fill`
+    refills its tables in place for another step's shared prefixes (a plan
+    updated under a CUDA graph). Tables are sized for the first step, with
+    ``slack`` times its tiles for later ones (unused tiles exit at once); a step
+    whose prefixes do not fit runs with none (every row from position 0: plain
+    attention, the same result)."""
+
+    def __init__(self, plan: Any, shared: Any, group: int, splits: int, nsm: int, slack: int = 1):
         import cupy
 
         spec = plan.spec
@@ -154,10 +161,9 @@ class CascadeLaunch:
         self.stages = 3 if self.mt == 2 else 2
         self.smem = (bm + 2 * self.stages * self.bn) * (spec.head_dim + 8) * 2
         self.group = group
-        per_tile = max(1, bm // group)  # members per CTA
+        self.per_tile = max(1, bm // group)  # members per CTA
         seg = shared.segments
-        counts = seg[:, 4].astype(np.int64)
-        tiles_per_seg = -(-counts // per_tile)
+        tiles_per_seg = -(-seg[:, 4].astype(np.int64) // self.per_tile)
         base_ctas = int(tiles_per_seg.sum()) * spec.num_kv_heads
         lengths = (seg[:, 2] - seg[:, 1]).astype(np.int64)
         defs = {"KV_DTYPE": kernels.DTYPE_CODES[spec.dtype], "HEAD_DIM": spec.head_dim,
@@ -169,8 +175,35 @@ class CascadeLaunch:
         # Chunks of each segment (at least 256 positions): the count whose waves of CTAs
         # end soonest (waves x chunk length), the fewest among equals (fewer partials to merge).
         most = int(max(1, min(64, int(lengths.min()) // 256)))
-        chunks = min(range(1, most + 1), key=lambda c: (-(-base_ctas * c // slots)) / c)
-        self.parts = splits + shared.levels * chunks
+        self.chunks = min(range(1, most + 1), key=lambda c: (-(-base_ctas * c // slots)) / c)
+        self.levels, self.splits = shared.levels, splits
+        self.parts = splits + shared.levels * self.chunks
+        self.rows = plan.rows
+        first = int(tiles_per_seg.sum()) * self.chunks
+        self.cap_tiles = first if slack <= 1 else slack * first + 2 * self.levels * self.chunks
+        self.cap_segs = min(self.cap_tiles, len(seg) * self.chunks) if slack <= 1 else self.cap_tiles
+        self.cap_members = len(shared.members) if slack <= 1 else self.levels * self.rows
+        self._sizes = [self.rows, 6 * self.cap_segs, self.cap_members, 2 * self.cap_tiles]
+        nbytes = 4 * sum(self._sizes)
+        self._dev = cupy.empty(nbytes // 4, dtype=cupy.int32)
+        self._upload = plan.backend.uploads.take(nbytes, owner=self)
+        offs = np.cumsum([0, *self._sizes]) * 4
+        base = self._dev.data.ptr
+        self.own_start = base
+        self.segments, self.members, self.tiles = base + int(offs[1]), base + int(offs[2]), base + int(offs[3])
+        self.keep = [self._dev]
+        self.spec, self.device = spec, plan.device
+        self.fits = self.fill(shared)
+
+    def _pack(self, shared: Any) -> tuple[np.ndarray, np.ndarray] | None:
+        """(segment chunks [S, 6], tiles [T, 2]) of ``shared``, or None if they exceed the tables."""
+        if shared is None or shared.levels > self.levels or len(shared.members) > self.cap_members:
+            return None
+        seg = shared.segments
+        tiles_per_seg = -(-seg[:, 4].astype(np.int64) // self.per_tile)
+        chunks, splits = self.chunks, self.splits
+        if len(seg) * chunks > self.cap_segs or int(tiles_per_seg.sum()) * chunks > self.cap_tiles:
+            return None
         out = []
         for row, start, end, moff, count, level in seg.tolist():
             per_chunk = -(-(end - start) // chunks)
@@ -182,30 +215,36 @@ class CascadeLaunch:
         reps = np.repeat(tiles_per_seg, chunks)
         seg_of = np.repeat(np.arange(len(segs), dtype=np.int32), reps)
         first = np.repeat(np.cumsum(reps) - reps, reps)
-        j0 = ((np.arange(len(seg_of)) - first) * per_tile).astype(np.int32)
-        tiles = np.stack([seg_of, j0], axis=1).astype(np.int32)
-        parts = [shared.own_start.astype(np.int32), np.zeros(plan.rows - len(shared.own_start), np.int32),
-                 segs.ravel(), shared.members, tiles.ravel()]
-        sizes = [len(a) for a in parts]
-        host = np.concatenate(parts).astype(np.int32)
-        dev = cupy.empty(len(host), dtype=cupy.int32)
-        up = plan.backend.uploads.take(host.nbytes, owner=self)
-        up.host[:] = host.view(np.uint8)
-        up.copy_to(dev.data.ptr, current_stream(plan.device))
-        offs = np.cumsum([0, *sizes]) * 4
-        base = dev.data.ptr
-        self.own_start = base
-        self.segments, self.members, self.tiles = base + int(offs[2]), base + int(offs[3]), base + int(offs[4])
-        self.num_tiles = len(tiles)
-        self.keep = [dev]
-        self.spec, self.device = spec, plan.device
+        j0 = ((np.arange(len(seg_of)) - first) * self.per_tile).astype(np.int32)
+        return segs, np.stack([seg_of, j0], axis=1).astype(np.int32)
+
+    def fill(self, shared: Any) -> bool:
+        """Refill the tables for ``shared`` (`kvpager.cascade.SharedPrefixes` of a
+        step of at most ``rows`` rows) on the caller's stream; False when they do
+        not fit (or ``shared`` is None): the launch then attends nothing and every
+        row's own part starts at position 0."""
+        packed = self._pack(shared)
+        self._upload.wait()
+        host = self._upload.host.view(np.int32)
+        host[:] = 0
+        rows, segs_n, members_n, _ = self._sizes
+        tiles = host[rows + segs_n + members_n:].reshape(-1, 2)
+        tiles[:, 0] = -1  # unused tiles exit at once
+        if packed is not None:
+            segs, used = packed
+            host[: len(shared.own_start)] = shared.own_start
+            host[rows : rows + segs.size] = segs.ravel()
+            host[rows + segs_n : rows + segs_n + len(shared.members)] = shared.members
+            tiles[: len(used)] = used
+        self._upload.copy_to(self._dev.data.ptr, current_stream(self.device))
+        return packed is not None
 
     def launch(self, q: Any, pool: Any, tables: Any, part_o: Any, part_lse: Any, common: list[Any],
                width: int, softcap: Any, scale: Any) -> Launch:
         spec, dev = self.spec, self.device
         args = [q, pool, tables, ptr(self.segments), ptr(self.members), ptr(self.tiles), part_o, part_lse,
                 *common, i32(width), i32(self.parts), softcap, scale]
-        return Launch(self.fn, (self.num_tiles, spec.num_kv_heads), 128, self.smem, args, dev)
+        return Launch(self.fn, (self.cap_tiles, spec.num_kv_heads), 128, self.smem, args, dev)
 
 
 def torch_kinds(dtype: str) -> tuple[Any, Any, Any]:
