@@ -257,3 +257,26 @@ def test_cupy_refuses_fp8_where_unsupported():
         pytest.skip("this GPU runs FP8 pools")
     with pytest.raises(UnsupportedConfiguration):
         KVPool(spec(), device="cuda:0")
+
+
+def test_tensor_parallel_ranks_hold_their_heads_scales():
+    """A 2-rank FP8 pool: rank r stores its heads quantised with those heads' scales, byte
+    for byte as a one-rank pool of all heads, and attends as it does."""
+    rng = np.random.default_rng(11)
+    s = spec(num_kv_heads=4)
+    s = s.replace(kv_scales=random_scales(s, rng))
+    one, tp = KVPool(s), KVPool(s, devices=["cpu", "cpu"])
+    assert [np.array_equal(tp.rank(r).spec.scales, s.scales[:, :, 2 * r : 2 * r + 2]) for r in (0, 1)] == [True] * 2
+    a, b = one.allocate([list(range(19))])[0], tp.allocate([list(range(19))])[0]
+    k = rng.standard_normal((19, 4, 32)).astype(BF16)
+    for layer in range(2):
+        one.write(layer, a.slots, k, -k)
+        for r in (0, 1):
+            tp.rank(r).write(layer, b.slots, k[:, 2 * r : 2 * r + 2].copy(), -k[:, 2 * r : 2 * r + 2].copy())
+    q = rng.standard_normal((2, 8, 32)).astype(BF16)
+    want = one.attend(1, a.seq_id, q, 2)
+    for r in (0, 1):
+        got = tp.backend.ranks[r].device_array()
+        np.testing.assert_array_equal(got.view(np.uint8), one.backend.kv[:, :, :, 2 * r : 2 * r + 2].view(np.uint8))
+        out = tp.rank(r).attend(1, b.seq_id, q[:, 4 * r : 4 * r + 4].copy(), 2)
+        np.testing.assert_array_equal(out.view(np.uint16), want[:, 4 * r : 4 * r + 4].view(np.uint16))
