@@ -239,3 +239,35 @@ def test_copy_on_write_swap_and_staging_keep_bytes():
     gpu.backend.write_blocks(np.array([10, 11, 12], np.int64), [bytes(r) for r in out])
     np.testing.assert_array_equal(kv_bytes(gpu.backend)[[10, 11, 12]].reshape(3, -1), out)
     gpu.close()
+
+
+@pytest.mark.parametrize("kv_dtype", KV)
+def test_transformers_on_a_gpu_fp8_pool_matches_the_cpu_twin(kv_dtype):
+    """A small Llama in float16 on the GPU, its K/V in an FP8 GPU pool: the logits of a
+    prefill and of decode steps against the same model on the CPU over an FP8 NumPy pool
+    (same scales), within 1% of the logit spread (float16 and float32 math differ)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from test_hf_fp8 import run, tokens
+
+    from kvpager.hf import calibrate_kv_scales, spec_for_model
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=512, initializer_range=0.02,
+        bos_token_id=1, eos_token_id=None, pad_token_id=0)
+    cpu_model = transformers.LlamaForCausalLM(config).eval()
+    gpu_model = transformers.LlamaForCausalLM(config).eval()
+    gpu_model.load_state_dict(cpu_model.state_dict())
+    gpu_model = gpu_model.to("cuda", torch.float16)
+    scales = calibrate_kv_scales(cpu_model, tokens(64, 2), kv_dtype)
+    prompt, feed = tokens(100, 1), tokens(5, 3)
+    gpu_pool = KVPool(spec_for_model(gpu_model, 64, 16, dtype=torch.float16, kv_dtype=kv_dtype, kv_scales=scales),
+                      device="cuda:0")
+    cpu_pool = KVPool(spec_for_model(cpu_model, 64, 16, dtype=torch.float16, kv_dtype=kv_dtype, kv_scales=scales))
+    got = run(gpu_model, gpu_pool, prompt, feed, torch.float16)
+    want = run(cpu_model, cpu_pool, prompt, feed, torch.float16)
+    for g, w in zip(got, want):
+        assert np.abs(g - w).max() <= 0.01 * float(w.max() - w.min())
+    gpu_pool.close()

@@ -44,20 +44,24 @@ def tokens(n: int, seed: int) -> list[int]:
     return torch.randint(3, VOCAB, (n,), generator=g).tolist()
 
 
-def run(model, pool, prompt: list[int], feed: list[int]) -> list[np.ndarray]:
-    """Logits of the prefill's last position, then of each decode step fed ``feed``."""
+def run(model, pool, prompt: list[int], feed: list[int], dtype=None) -> list[np.ndarray]:
+    """Logits of the prefill's last position, then of each decode step fed ``feed``
+    (the model on the pool's device; ``dtype``: the pool's, default bfloat16)."""
+    device = torch.device(str(getattr(pool, "device", "cpu")))
+    dtype = dtype or torch.bfloat16
     a = pool.allocate([prompt])[0]
     windows = layer_windows(model)
     out = []
 
     def forward(ids: list[int], start: int, slots) -> np.ndarray:
         plan = pool.plan([a.seq_id], [len(ids)], slots, num_q_heads=model.config.num_attention_heads)
-        batch = PagedBatch(plan, torch.bfloat16, torch.device("cpu"), windows)
+        batch = PagedBatch(plan, dtype, device, windows)
         with torch.inference_mode(), paged_attention(model):
-            res = model(input_ids=torch.tensor([ids]), position_ids=torch.arange(start, start + len(ids))[None],
-                        attention_mask=torch.ones((1, 1, 1, 1), dtype=torch.bool), use_cache=False,
+            res = model(input_ids=torch.tensor([ids], device=device),
+                        position_ids=torch.arange(start, start + len(ids), device=device)[None],
+                        attention_mask=torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device), use_cache=False,
                         kvpager=batch)
-        return res.logits[0, -1].float().numpy()
+        return res.logits[0, -1].float().cpu().numpy()
 
     out.append(forward(prompt, 0, a.slots))
     pos = len(prompt)
