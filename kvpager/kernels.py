@@ -117,13 +117,20 @@ def check_geometry(dtype: str, head_dim: int, block_size: int) -> None:
         raise UnsupportedConfiguration(f"the CUDA kernels support block_size in {BLOCK_SIZES}, not {block_size}")
 
 
+def compute_capability(device: int) -> tuple[int, int]:
+    """(major, minor) of ``device``."""
+    import cupy
+
+    cc = cupy.cuda.Device(device).compute_capability  # e.g. "90"
+    return int(cc[:-1]), int(cc[-1])
+
+
 def check_fp8(spec: Any, device: int) -> None:
     """UnsupportedConfiguration unless the FP8 pool ``spec`` can run on ``device``:
     the FP8 conversions (cvt ... e4m3x2 / e5m2x2) need compute capability 8.9 or later."""
     if not spec.is_fp8:
         return
-    a = device_attributes(device)
-    cc = (int(a.get("ComputeCapabilityMajor", 0)), int(a.get("ComputeCapabilityMinor", 0)))
+    cc = compute_capability(device)
     if cc < (8, 9):
         raise UnsupportedConfiguration(
             f"kv_dtype={spec.kv_dtype} needs a GPU of compute capability 8.9 or later (FP8 conversions); "

@@ -252,8 +252,7 @@ def test_cupy_refuses_fp8_where_unsupported():
         pytest.skip("no CUDA device")
     from kvpager import kernels
 
-    cc = kernels.device_attributes(0)
-    if (cc["ComputeCapabilityMajor"], cc["ComputeCapabilityMinor"]) >= (8, 9):
+    if kernels.compute_capability(0) >= (8, 9):
         pytest.skip("this GPU runs FP8 pools")
     with pytest.raises(UnsupportedConfiguration):
         KVPool(spec(), device="cuda:0")

@@ -24,8 +24,7 @@ from kvpager.spec import PoolSpec  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-_cc = kernels.device_attributes(0)
-if (_cc["ComputeCapabilityMajor"], _cc["ComputeCapabilityMinor"]) < (8, 9):
+if kernels.compute_capability(0) < (8, 9):
     pytest.skip("FP8 pools need compute capability 8.9 or later", allow_module_level=True)
 
 TOL = {"bfloat16": 1e-2, "float16": 1e-3}
