@@ -88,6 +88,8 @@ class BlockTable:
         if len(self._free_rows) < k:
             self._grow_rows(len(self.num_blocks) + k)
         free = self._free_rows
+        if k == 1:
+            return [free.pop()]
         rows = free[len(free) - k :][::-1]
         del free[len(free) - k :]
         return rows
@@ -121,7 +123,14 @@ class BlockTable:
     def copy_row(self, src: int, times: int = 1) -> list[int]:
         """``times`` new rows equal to row ``src`` (a fork)."""
         rows = self._take_rows(times)
-        n = int(self.num_blocks[src])
+        n = self.num_blocks.item(src)
+        if times == 1:  # one child: scalar indexing, no row-list conversions
+            row = rows[0]
+            self.table[row, :n] = self.table[src, :n]
+            self.num_blocks[row] = n
+            self.num_tokens[row] = self.num_tokens.item(src)
+            self.cols[row] = self.cols[src]
+            return rows
         self.table[rows, :n] = self.table[src, :n]
         self.num_blocks[rows] = n
         self.num_tokens[rows] = self.num_tokens[src]
@@ -146,15 +155,18 @@ class BlockTable:
             self.cols[rows] = self.cols[srcs]
         return rows
 
+    def release_row(self, row: int) -> None:
+        """Give one row back (`release_rows` of one, with scalar indexing)."""
+        self.table[row, : self.num_blocks.item(row)] = 0
+        self.num_blocks[row] = 0
+        self.num_tokens[row] = 0
+        self.cols[row] = 0
+        self._free_rows.append(row)
+
     def release_rows(self, rows: Seq[int] | np.ndarray) -> None:
         """Give rows back (their entries and columns are zeroed for the next owner)."""
         if len(rows) == 1:
-            row = int(rows[0])
-            self.table[row, : self.num_blocks[row]] = 0
-            self.num_blocks[row] = 0
-            self.num_tokens[row] = 0
-            self.cols[row] = 0
-            self._free_rows.append(row)
+            self.release_row(int(rows[0]))
             return
         rows = np.asarray(rows, dtype=np.int64)
         if not len(rows):

@@ -73,6 +73,16 @@ class OwnerIndex:
                 if owner is not None:
                     del self._codes[owner], self._owners[code]
 
+    def drop_one(self, code: int, seq_id: int) -> None:
+        """`drop` of one id."""
+        owner = self._owners[code]
+        mine = self.owned[owner]
+        del mine[seq_id]
+        if not mine:
+            del self.owned[owner]
+            if owner is not None:
+                del self._codes[owner], self._owners[code]
+
     @staticmethod
     def _groups(codes: np.ndarray, ids: list[int]) -> list[tuple[int, list[int]]]:
         if len(ids) == 1 or len(ids) and not np.count_nonzero(codes != codes[0]):

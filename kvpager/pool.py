@@ -78,6 +78,8 @@ class KVPool:
         self.manager = SequenceManager(spec.num_blocks, spec.block_size, spec.num_host_blocks,
                                        None if max_pinned_blocks is None else int(max_pinned_blocks))
         self.remote = remote
+        # A slot is block * block_size + offset (NumPy scalars: no conversion per call).
+        self._bs, self._offsets = np.int64(spec.block_size), np.arange(spec.block_size, dtype=np.int64)
         # True while copies or kernels issued by this pool may still be running
         # (cleared by synchronize): the daemon waits only when there is something to wait for.
         self.pending = False
@@ -122,9 +124,13 @@ class KVPool:
                 restore.release(self.manager.pool)
         bs = self.spec.block_size
         remote = restore.remote_tokens(flat, lengths, cached, bs) if restore is not None else [0] * len(ids)
+        if len(ids) == 1:  # one sequence: the slots of its uncached blocks only
+            c, t = cached[0], ntok[0]
+            slots = (flat[c // bs :, None] * self._bs + self._offsets).ravel()[: t - c]
+            return [Allocation(ids[0], tuple(flat.tolist()), c, slots, remote[0])]
         # Slots of every block of every new sequence in one vectorised pass,
         # then each sequence's uncached token range is a slice of it.
-        all_slots = (flat[:, None] * bs + np.arange(bs, dtype=np.int64)).ravel()
+        all_slots = (flat[:, None] * self._bs + self._offsets).ravel()
         blocks = flat.tolist()
         out, start = [], 0
         for seq_id, n, c, t, r in zip(ids, lengths, cached, ntok, remote):
