@@ -228,16 +228,26 @@ class BlockPool:
         table in reverse so a sequence's tail is evicted first. ``distinct``:
         the caller knows there are no repeats (one sequence's table). Pass
         int64 ids: int32 ones cost a conversion per indexing."""
-        ids = _as_ids(ids)
+        if type(ids) is not np.ndarray:
+            ids = _as_ids(ids)
         if not len(ids):
             return
         ref = self.ref_cnt
         if distinct:  # one sequence's blocks: a plain indexed update (ufunc.at is slower)
-            ref[ids] -= _ONE
+            before = ref[ids].tolist()
+            v = before[0]
+            if v > 0 and before.count(v) == len(before):  # one count for all: no arithmetic on arrays
+                ref[ids] = v - 1
+                if v > 1:
+                    return
+                after = None
+            else:
+                ref[ids] -= _ONE
+                after = ref[ids]
         else:
             np.subtract.at(ref, ids, _ONE)
-        after = ref[ids]
-        if np.count_nonzero(after):
+            after = ref[ids]
+        if after is not None and np.count_nonzero(after):
             zero = after <= 0
             done = ids[zero]
             if not len(done):
@@ -262,7 +272,9 @@ class BlockPool:
                 self.evictable.update(dict.fromkeys(idle.tolist()))
                 self.tenants.became_evictable(idle)
                 done = done[~cached]
-        self._push(done)
+        top = self._num_free  # `_push`, inline
+        self._free[top : top + len(done)] = done
+        self._num_free = top + len(done)
 
     # -- integrity -----------------------------------------------------------------
     def check(self, expected_refs: np.ndarray) -> None:

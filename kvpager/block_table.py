@@ -137,6 +137,19 @@ class BlockTable:
         self.cols[rows] = self.cols[src]
         return rows
 
+    def fork_row(self, src: int) -> tuple[int, np.ndarray]:
+        """`copy_row` of one copy: the new row, and ``src``'s block ids (a view)."""
+        free = self._free_rows
+        row = free.pop() if free else self._take_rows(1)[0]
+        n = self.num_blocks.item(src)
+        blocks = self.table[src, :n]
+        self.table[row, :n] = blocks
+        self.num_blocks[row] = n
+        self.num_tokens[row] = self.num_tokens.item(src)
+        cols = self.cols
+        cols[row] = cols[src]
+        return row, blocks
+
     def copy_rows(self, srcs: np.ndarray) -> np.ndarray:
         """A new row equal to each of ``srcs`` (repeats allowed: forks); returns them (int64)."""
         rows = np.asarray(self._take_rows(len(srcs)), dtype=np.int64)

@@ -84,31 +84,41 @@ def allocate(m: SequenceManager, prompt: Any, salt: str | bytes | None, owner: A
 
 def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:
     """`SequenceManager.fork` of one sequence (``n`` checked by the caller)."""
-    row = row_of(m, seq_id)
+    row = m.rows.get(seq_id) if type(seq_id) is int else None
+    if row is None:
+        row = row_of(m, seq_id)
     bt = m.table
     if m.num_swapped and bt.swapped.item(row):
         raise SequenceSwapped(seq_id, "fork")
-    kids = bt.copy_row(row, n)
-    ids = m.new_ids(n)
-    seq_col = bt.seq_id
-    for kid, i in zip(kids, ids):
-        seq_col[kid] = i
-    blocks = bt.table[row, : bt.num_blocks.item(row)].astype(np.int64)
+    if n == 1:
+        kid, blocks = bt.fork_row(row)
+        kids, ids = [kid], [next(m._ids)]
+        bt.seq_id[kid] = ids[0]
+    else:
+        kids = bt.copy_row(row, n)
+        ids = m.new_ids(n)
+        seq_col = bt.seq_id
+        for kid, i in zip(kids, ids):
+            seq_col[kid] = i
+        blocks = bt.blocks(row)
+    blocks = blocks.astype(np.int64)
     if bt.released.item(row):  # released entries are the null block: not shared
         blocks = blocks[blocks != 0]
         m.num_released += n
     m.pool.share(blocks, n, distinct=True)
-    m.rows.update(zip(ids, kids))
-    parent = m.history[seq_id]
-    m.history.update((i, parent.fork()) for i in ids)
-    owners = m.owners
-    owners.add(owners.owner(bt.owner.item(row)), ids)
+    parent, code = m.history[seq_id], bt.owner.item(row)
+    for kid, i in zip(kids, ids):
+        m.rows[i] = kid
+        m.history[i] = parent.fork()
+        m.owners.add_one(code, i)
     return [ids]
 
 
 def free(m: SequenceManager, seq_id: int) -> None:
     """`SequenceManager.free` of one sequence: its blocks last to first."""
-    row = row_of(m, seq_id)
+    row = m.rows.get(seq_id) if type(seq_id) is int else None
+    if row is None:
+        row = row_of(m, seq_id)
     m._frees += 1  # rows are given back: no remembered batch holds any more
     bt = m.table
     n = bt.num_blocks.item(row)

@@ -222,9 +222,10 @@ class SequenceManager:
     def fork(self, seq_ids: list[int], n: int) -> list[list[int]]:
         """``n`` children of each sequence, sharing every block (ref counts +1 each);
         returns their ids."""
-        if not is_int(n) or n < 1:
-            raise InvalidArgument(f"fork: n must be an integer >= 1, got {n!r}")
-        n = int(n)
+        if type(n) is not int or n < 1:
+            if not is_int(n) or n < 1:
+                raise InvalidArgument(f"fork: n must be an integer >= 1, got {n!r}")
+            n = int(n)
         if len(seq_ids) == 1 and self.scalar:
             return seq_one.fork(self, seq_ids[0], n)
         rows = self.batch(seq_ids, "fork")
