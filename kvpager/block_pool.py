@@ -233,14 +233,14 @@ class BlockPool:
         if not len(ids):
             return
         ref = self.ref_cnt
+        after = None  # the counts after, unless every block had the same count
         if distinct:  # one sequence's blocks: a plain indexed update (ufunc.at is slower)
             before = ref[ids].tolist()
             v = before[0]
-            if v > 0 and before.count(v) == len(before):  # one count for all: no arithmetic on arrays
+            if v > 0 and before.count(v) == len(before):  # one count for all: a store, no array arithmetic
                 ref[ids] = v - 1
                 if v > 1:
                     return
-                after = None
             else:
                 ref[ids] -= _ONE
                 after = ref[ids]
