@@ -217,7 +217,15 @@ class BlockPool:
         """Add ``times`` references to each of blocks already in use (a fork);
         ``distinct``: no repeats among ``ids`` (one sequence's table)."""
         if distinct:
-            self.ref_cnt[ids] += _ONE if times == 1 else np.int32(times)
+            if not len(ids):
+                return
+            ref = self.ref_cnt
+            before = ref[ids].tolist()
+            v = before[0]
+            if before.count(v) == len(before):  # one count for all (a sequence's own blocks): a store
+                ref[ids] = v + times
+            else:
+                ref[ids] += np.int32(times)
         else:
             np.add.at(self.ref_cnt, ids, np.int32(times))
 

@@ -168,9 +168,12 @@ class BlockTable:
             self.cols[rows] = self.cols[srcs]
         return rows
 
-    def release_row(self, row: int) -> None:
-        """Give one row back (`release_rows` of one, with scalar indexing)."""
-        self.table[row, : self.num_blocks.item(row)] = 0
+    def release_row(self, row: int, entries: np.ndarray | None = None) -> None:
+        """Give one row back (`release_rows` of one, with scalar indexing);
+        ``entries``: the row's block ids (a view, as `blocks` gives), if the caller has them."""
+        if entries is None:
+            entries = self.table[row, : self.num_blocks.item(row)]
+        entries.fill(0)
         self.num_blocks[row] = 0
         self.num_tokens[row] = 0
         self.cols[row] = 0

@@ -102,7 +102,7 @@ def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:
             seq_col[kid] = i
         blocks = bt.blocks(row)
     blocks = blocks.astype(np.int64)
-    if bt.released.item(row):  # released entries are the null block: not shared
+    if m.num_released and bt.released.item(row):  # released entries are the null block: not shared
         blocks = blocks[blocks != 0]
         m.num_released += n
     m.pool.share(blocks, n, distinct=True)
@@ -121,17 +121,18 @@ def free(m: SequenceManager, seq_id: int) -> None:
         row = row_of(m, seq_id)
     m._frees += 1  # rows are given back: no remembered batch holds any more
     bt = m.table
-    n = bt.num_blocks.item(row)
-    blocks = bt.table[row, n - 1 :: -1].astype(np.int64) if n else np.zeros(0, np.int64)
-    released, swapped = bt.released.item(row), bt.swapped.item(row)
-    if released or swapped:
-        blocks = blocks[blocks != 0]  # released entries; swapped-out ones
-        if released:
-            m.num_released -= 1
-        if swapped:
-            m.host.release([row])
-            m.num_swapped -= 1
+    entries = bt.table[row, : bt.num_blocks.item(row)]
+    blocks = entries[::-1].astype(np.int64)
+    if m.num_released or m.num_swapped:
+        released, swapped = bt.released.item(row), bt.swapped.item(row)
+        if released or swapped:
+            blocks = blocks[blocks != 0]  # released entries; swapped-out ones
+            if released:
+                m.num_released -= 1
+            if swapped:
+                m.host.release([row])
+                m.num_swapped -= 1
     m.pool.free_blocks(blocks, distinct=True)
     m.owners.drop_one(bt.owner.item(row), seq_id)
-    bt.release_row(row)
+    bt.release_row(row, entries)
     del m.rows[seq_id], m.history[seq_id]
