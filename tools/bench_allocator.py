@@ -12,17 +12,14 @@ free-list operations (``list.pop`` + a reference-count store per block, and
 ``list.append`` per block for free), i.e. the floor any pure-Python block pool
 pays. The target is at most 0.4 us per block allocated in batches (within 2x
 of vLLM's in-process block pool, about 0.2 us/block allocate and 0.1 us/block
-free on a 2-core machine). Each op's figure is the median of ``--repeats``
-calls after ``--warmup`` untimed ones (default 10; 0 measures the first calls
-too, as the tool did before: Python specialises a function's code only after
-a few calls, so the first calls of a new code path are slower).
+free on a 2-core machine).
 
 Each measurement at scale checks its answer first (counts against the
 block map, tables against each sequence's own), then times the median of
 ``--repeats`` calls. Targets: stats and one session's list at most 5 ms with
 100,000 live sequences; tables of 64 x 8,192 blocks at most 1 ms.
 
-    python tools/bench_allocator.py [--blocks 100000] [--blocks-per-seq 32] [--live 100000] [--warmup 10] [--json]
+    python tools/bench_allocator.py [--blocks 100000] [--blocks-per-seq 32] [--live 100000] [--json]
 """
 
 from __future__ import annotations
@@ -38,11 +35,8 @@ import numpy as np
 from kvpager import KVPool, PoolSpec
 
 
-def timed(fn, setup, repeats: int, warmup: int = 0) -> float:
-    """Median seconds of ``fn(state)`` over ``repeats`` runs, ``setup()`` before each (untimed),
-    after ``warmup`` untimed runs."""
-    for _ in range(warmup):
-        fn(setup())
+def timed(fn, setup, repeats: int) -> float:
+    """Median seconds of ``fn(state)`` over ``repeats`` runs, ``setup()`` before each (untimed)."""
     times = []
     for _ in range(repeats):
         state = setup()
@@ -74,19 +68,18 @@ def bare_free_list(num_blocks: int, n: int, repeats: int) -> tuple[float, float]
     return statistics.median(pops), statistics.median(pushes)
 
 
-def run(num_blocks: int, blocks_per_seq: int, batches: list[int], repeats: int, warmup: int = 0) -> list[dict]:
+def run(num_blocks: int, blocks_per_seq: int, batches: list[int], repeats: int) -> list[dict]:
     spec = PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=num_blocks, dtype="float32")
     rng = np.random.default_rng(0)
     rows = []
     for batch in batches:
-        rows += bench_batch(spec, batch, blocks_per_seq, repeats, rng, warmup)
+        rows += bench_batch(spec, batch, blocks_per_seq, repeats, rng)
     return rows
 
 
 def bench_batch(spec: PoolSpec, batch: int, blocks_per_seq: int, repeats: int,
-                rng: np.random.Generator, warmup: int = 0) -> list[dict]:
-    """Time every op for batches of ``batch`` sequences of ``blocks_per_seq`` blocks,
-    each after ``warmup`` untimed calls of it."""
+                rng: np.random.Generator) -> list[dict]:
+    """Time every op for batches of ``batch`` sequences of ``blocks_per_seq`` blocks."""
     tokens_per_seq = blocks_per_seq * spec.block_size
     n_blocks = batch * blocks_per_seq
     rows = []
@@ -106,15 +99,15 @@ def bench_batch(spec: PoolSpec, batch: int, blocks_per_seq: int, repeats: int,
             held.clear()
         return prompts()
 
-    alloc_s = timed(lambda p: held.extend(a.seq_id for a in pool.allocate(p)), fresh_prompts, repeats, warmup)
+    alloc_s = timed(lambda p: held.extend(a.seq_id for a in pool.allocate(p)), fresh_prompts, repeats)
     pool = KVPool(spec)
 
     def allocated():
         pool.free(pool.owned(None))  # start each run from an empty pool, untimed
         return [a.seq_id for a in pool.allocate(prompts())]
 
-    free_s = timed(pool.free, allocated, repeats, warmup)
-    fork_s = timed(lambda ids: pool.fork(ids, 1), allocated, repeats, warmup)
+    free_s = timed(pool.free, allocated, repeats)
+    fork_s = timed(lambda ids: pool.fork(ids, 1), allocated, repeats)
     match_pool = KVPool(spec)
     # Prefix match: the same committed prompt again; all but the last block hit.
     shared = [rng.integers(0, 50_000, tokens_per_seq + 1) for _ in range(batch)]
@@ -130,7 +123,7 @@ def bench_batch(spec: PoolSpec, batch: int, blocks_per_seq: int, repeats: int,
             match_pool.free(live)
             live.clear()
 
-    match_s = timed(match, reset, repeats, warmup)
+    match_s = timed(match, reset, repeats)
     base_pop, base_push = bare_free_list(spec.num_blocks, n_blocks, repeats)
     for op, secs, base in (
         ("allocate", alloc_s, base_pop),
@@ -234,16 +227,13 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=100_000, help="pool size in blocks")
     ap.add_argument("--blocks-per-seq", type=int, default=32, help="blocks per sequence (32 = 512 tokens)")
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--warmup", type=int, default=10,
-                    help="untimed calls of each allocator op first (0: none, as before): Python specialises "
-                         "a function's code only after it has run a few times")
     ap.add_argument("--live", type=int, default=100_000, help="live sequences for the at-scale part (0: skip it)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
-    rows = run(args.blocks, args.blocks_per_seq, [1, 256], args.repeats, args.warmup)
+    rows = run(args.blocks, args.blocks_per_seq, [1, 256], args.repeats)
     live = bench_live(args.live, 1000, args.repeats) if args.live else []
     meta = dict(machine=f"{platform.machine()} CPU, {platform.python_implementation()} {platform.python_version()}",
-                pool_blocks=args.blocks, blocks_per_seq=args.blocks_per_seq, warmup=args.warmup)
+                pool_blocks=args.blocks, blocks_per_seq=args.blocks_per_seq)
     if args.json:
         print(json.dumps(dict(meta, rows=rows, at_scale=live)))
         return
