@@ -137,18 +137,21 @@ class BlockTable:
         self.cols[rows] = self.cols[src]
         return rows
 
-    def fork_row(self, src: int) -> tuple[int, np.ndarray]:
-        """`copy_row` of one copy: the new row, and ``src``'s block ids (a view)."""
+    def fork_row(self, src: int) -> tuple[int, int]:
+        """`copy_row` of one copy: the new row and its number of blocks."""
         free = self._free_rows
         row = free.pop() if free else self._take_rows(1)[0]
         n = self.num_blocks.item(src)
-        blocks = self.table[src, :n]
-        self.table[row, :n] = blocks
+        table = self.table
+        if table.shape[1] <= 2 * n + 16:  # narrow: the whole row (null past the end in both) in one copy
+            table[row] = table[src]
+        else:
+            table[row, :n] = table[src, :n]
         self.num_blocks[row] = n
         self.num_tokens[row] = self.num_tokens.item(src)
         cols = self.cols
         cols[row] = cols[src]
-        return row, blocks
+        return row, n
 
     def copy_rows(self, srcs: np.ndarray) -> np.ndarray:
         """A new row equal to each of ``srcs`` (repeats allowed: forks); returns them (int64)."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvpager import validate
+from kvpager import seq_one, validate
 from kvpager.backends import Backend, make_backend
 from kvpager.errors import InvalidArgument
 from kvpager.events import EventSink
@@ -199,7 +199,11 @@ class KVPool:
 
     def fork(self, seq_ids: int | Seq[int], n: int = 1) -> list[list[int]]:
         """``n`` children per sequence, sharing all of its blocks; returns their ids."""
-        return self.manager.fork(validate.seq_ids(seq_ids), n)
+        m = self.manager
+        if type(seq_ids) is list and len(seq_ids) == 1 and type(seq_ids[0]) is int and type(n) is int and n > 0 \
+                and m.scalar:  # one sequence, valid arguments: straight to its path (`seq_one`)
+            return seq_one.fork(m, seq_ids[0], n)
+        return m.fork(validate.seq_ids(seq_ids), n)
 
     def free(self, seq_ids: int | Seq[int]) -> None:
         """Release sequences. Committed full blocks stay matchable until evicted."""

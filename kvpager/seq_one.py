@@ -91,7 +91,7 @@ def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:
     if m.num_swapped and bt.swapped.item(row):
         raise SequenceSwapped(seq_id, "fork")
     if n == 1:
-        kid, blocks = bt.fork_row(row)
+        kid, nb = bt.fork_row(row)
         kids, ids = [kid], [next(m._ids)]
         bt.seq_id[kid] = ids[0]
     else:
@@ -100,8 +100,8 @@ def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:
         seq_col = bt.seq_id
         for kid, i in zip(kids, ids):
             seq_col[kid] = i
-        blocks = bt.blocks(row)
-    blocks = blocks.astype(np.int64)
+        nb = bt.num_blocks.item(row)
+    blocks = bt.table[row, :nb].astype(np.int64)
     if m.num_released and bt.released.item(row):  # released entries are the null block: not shared
         blocks = blocks[blocks != 0]
         m.num_released += n
