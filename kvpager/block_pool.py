@@ -190,14 +190,16 @@ class BlockPool:
         self.ref_cnt[ids] = 1
         return ids
 
-    def touch(self, ids: Iterable[int] | np.ndarray) -> None:
+    def touch(self, ids: Iterable[int] | np.ndarray, distinct: bool = False) -> None:
         """Add one reference to each block (repeats add one each); an evictable
-        block leaves the LRU."""
+        block leaves the LRU. ``distinct``: the caller knows there are no repeats."""
         ids = _as_ids(ids)
         if not len(ids):
             return
-        idle = ids[self.ref_cnt[ids] == 0]
-        if len(idle):
+        ref = self.ref_cnt
+        before = ref[ids]
+        if np.count_nonzero(before) != len(ids):
+            idle = ids[before == 0]
             evictable = self.evictable
             idle_set = set(idle.tolist())
             for b in idle_set:
@@ -206,13 +208,24 @@ class BlockPool:
             for b in idle_set:
                 del evictable[b]
             self.tenants.left_lru(idle_set)
-        np.add.at(self.ref_cnt, ids, _ONE)
+        if distinct:
+            ref[ids] += _ONE
+        else:
+            np.add.at(ref, ids, _ONE)
 
     def share(self, ids: np.ndarray, times: int = 1, distinct: bool = False) -> None:
         """Add ``times`` references to each of blocks already in use (a fork);
         ``distinct``: no repeats among ``ids`` (one sequence's table)."""
         if distinct:
-            self.ref_cnt[ids] += np.int32(times)
+            if not len(ids):
+                return
+            ref = self.ref_cnt
+            before = ref[ids].tolist()
+            v = before[0]
+            if before.count(v) == len(before):  # one count for all (a sequence's own blocks): a store
+                ref[ids] = v + times
+            else:
+                ref[ids] += np.int32(times)
         else:
             np.add.at(self.ref_cnt, ids, np.int32(times))
 
@@ -223,24 +236,37 @@ class BlockPool:
         table in reverse so a sequence's tail is evicted first. ``distinct``:
         the caller knows there are no repeats (one sequence's table). Pass
         int64 ids: int32 ones cost a conversion per indexing."""
-        ids = _as_ids(ids)
+        if type(ids) is not np.ndarray:
+            ids = _as_ids(ids)
         if not len(ids):
             return
         ref = self.ref_cnt
+        after = None  # the counts after, unless every block had the same count
         if distinct:  # one sequence's blocks: a plain indexed update (ufunc.at is slower)
-            ref[ids] -= _ONE
+            before = ref[ids].tolist()
+            v = before[0]
+            if v > 0 and before.count(v) == len(before):  # one count for all: a store, no array arithmetic
+                ref[ids] = v - 1
+                if v > 1:
+                    return
+            else:
+                ref[ids] -= _ONE
+                after = ref[ids]
         else:
             np.subtract.at(ref, ids, _ONE)
-        after = ref[ids]
-        zero = after <= 0
-        done = ids[zero]
-        if not len(done):
-            return
-        gone = after[zero]
-        if np.count_nonzero(gone):  # below 0: freed once too often (the null block: always)
-            np.add.at(ref, ids, _ONE)
-            bad = int(done[gone < 0][0])
-            raise IntegrityError(f"bug: freeing block {bad} with reference count {ref[bad]}")
+            after = ref[ids]
+        if after is not None and np.count_nonzero(after):
+            zero = after <= 0
+            done = ids[zero]
+            if not len(done):
+                return
+            gone = after[zero]
+            if np.count_nonzero(gone):  # below 0: freed once too often (the null block: always)
+                np.add.at(ref, ids, _ONE)
+                bad = int(done[gone < 0][0])
+                raise IntegrityError(f"bug: freeing block {bad} with reference count {ref[bad]}")
+        else:  # every reference went (a sequence's own blocks): no masks
+            done = ids
         if not distinct and len(done) > 1:
             # A block listed more than once reaches 0 at its last listing: keep that one.
             k = np.arange(len(done))
@@ -249,12 +275,14 @@ class BlockPool:
             done = done[mark[done] == k]
         if len(self.cache):
             cached = self.cache.cached[done]
-            if cached.any():
+            if np.count_nonzero(cached):
                 idle = done[cached]
                 self.evictable.update(dict.fromkeys(idle.tolist()))
                 self.tenants.became_evictable(idle)
                 done = done[~cached]
-        self._push(done)
+        top = self._num_free  # `_push`, inline
+        self._free[top : top + len(done)] = done
+        self._num_free = top + len(done)
 
     # -- integrity -----------------------------------------------------------------
     def check(self, expected_refs: np.ndarray) -> None:

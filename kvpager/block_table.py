@@ -88,6 +88,8 @@ class BlockTable:
         if len(self._free_rows) < k:
             self._grow_rows(len(self.num_blocks) + k)
         free = self._free_rows
+        if k == 1:
+            return [free.pop()]
         rows = free[len(free) - k :][::-1]
         del free[len(free) - k :]
         return rows
@@ -121,12 +123,35 @@ class BlockTable:
     def copy_row(self, src: int, times: int = 1) -> list[int]:
         """``times`` new rows equal to row ``src`` (a fork)."""
         rows = self._take_rows(times)
-        n = int(self.num_blocks[src])
+        n = self.num_blocks.item(src)
+        if times == 1:  # one child: scalar indexing, no row-list conversions
+            row = rows[0]
+            self.table[row, :n] = self.table[src, :n]
+            self.num_blocks[row] = n
+            self.num_tokens[row] = self.num_tokens.item(src)
+            self.cols[row] = self.cols[src]
+            return rows
         self.table[rows, :n] = self.table[src, :n]
         self.num_blocks[rows] = n
         self.num_tokens[rows] = self.num_tokens[src]
         self.cols[rows] = self.cols[src]
         return rows
+
+    def fork_row(self, src: int) -> tuple[int, int]:
+        """`copy_row` of one copy: the new row and its number of blocks."""
+        free = self._free_rows
+        row = free.pop() if free else self._take_rows(1)[0]
+        n = self.num_blocks.item(src)
+        table = self.table
+        if table.shape[1] <= 2 * n + 16:  # narrow: the whole row (null past the end in both) in one copy
+            table[row] = table[src]
+        else:
+            table[row, :n] = table[src, :n]
+        self.num_blocks[row] = n
+        self.num_tokens[row] = self.num_tokens.item(src)
+        cols = self.cols
+        cols[row] = cols[src]
+        return row, n
 
     def copy_rows(self, srcs: np.ndarray) -> np.ndarray:
         """A new row equal to each of ``srcs`` (repeats allowed: forks); returns them (int64)."""
@@ -146,15 +171,21 @@ class BlockTable:
             self.cols[rows] = self.cols[srcs]
         return rows
 
+    def release_row(self, row: int, entries: np.ndarray | None = None) -> None:
+        """Give one row back (`release_rows` of one, with scalar indexing);
+        ``entries``: the row's block ids (a view, as `blocks` gives), if the caller has them."""
+        if entries is None:
+            entries = self.table[row, : self.num_blocks.item(row)]
+        entries.fill(0)
+        self.num_blocks[row] = 0
+        self.num_tokens[row] = 0
+        self.cols[row] = 0
+        self._free_rows.append(row)
+
     def release_rows(self, rows: Seq[int] | np.ndarray) -> None:
         """Give rows back (their entries and columns are zeroed for the next owner)."""
         if len(rows) == 1:
-            row = int(rows[0])
-            self.table[row, : self.num_blocks[row]] = 0
-            self.num_blocks[row] = 0
-            self.num_tokens[row] = 0
-            self.cols[row] = 0
-            self._free_rows.append(row)
+            self.release_row(int(rows[0]))
             return
         rows = np.asarray(rows, dtype=np.int64)
         if not len(rows):

@@ -12,7 +12,7 @@ import numpy as np
 from kvpager.prefix_cache import chain_keys
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class History:
     """``prompt`` + ``tail`` are the known token ids, a prefix of the sequence's
     tokens: ids of appended tokens are kept while every one was given."""

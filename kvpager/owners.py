@@ -53,8 +53,15 @@ class OwnerIndex:
         mine = self.owned.get(owner)
         if mine is None:
             mine = self.owned[owner] = {}
-        mine.update(dict.fromkeys(ids))
+        if len(ids) == 1:
+            mine[ids[0]] = None
+        else:
+            mine.update(dict.fromkeys(ids))
         return code
+
+    def add_one(self, code: int, seq_id: int) -> None:
+        """``seq_id`` (new) belongs to the owner of ``code``, who owns others already (a fork's child)."""
+        self.owned[self._owners[code]][seq_id] = None
 
     def add_codes(self, codes: np.ndarray, ids: list[int]) -> None:
         """``ids[i]`` now belongs to the owner of ``codes[i]`` (children of a fork)."""
@@ -72,6 +79,16 @@ class OwnerIndex:
                 del self.owned[owner]
                 if owner is not None:
                     del self._codes[owner], self._owners[code]
+
+    def drop_one(self, code: int, seq_id: int) -> None:
+        """`drop` of one id."""
+        owner = self._owners[code]
+        mine = self.owned[owner]
+        del mine[seq_id]
+        if not mine:
+            del self.owned[owner]
+            if owner is not None:
+                del self._codes[owner], self._owners[code]
 
     @staticmethod
     def _groups(codes: np.ndarray, ids: list[int]) -> list[tuple[int, list[int]]]:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvpager import validate
+from kvpager import seq_one, validate
 from kvpager.backends import Backend, make_backend
 from kvpager.errors import InvalidArgument
 from kvpager.events import EventSink
@@ -101,6 +101,8 @@ class KVPool:
         self.manager = SequenceManager(spec.num_blocks, spec.block_size, spec.num_host_blocks,
                                        None if max_pinned_blocks is None else int(max_pinned_blocks))
         self.remote = remote
+        # A slot is block * block_size + offset (NumPy scalars: no conversion per call).
+        self._bs, self._offsets = np.int64(spec.block_size), np.arange(spec.block_size, dtype=np.int64)
         # True while copies or kernels issued by this pool may still be running
         # (cleared by synchronize): the daemon waits only when there is something to wait for.
         self.pending = False
@@ -145,9 +147,13 @@ class KVPool:
                 restore.release(self.manager.pool)
         bs = self.spec.block_size
         remote = restore.remote_tokens(flat, lengths, cached, bs) if restore is not None else [0] * len(ids)
+        if len(ids) == 1:  # one sequence: the slots of its uncached blocks only
+            c, t = cached[0], ntok[0]
+            slots = (flat[c // bs :, None] * self._bs + self._offsets).ravel()[: t - c]
+            return [Allocation(ids[0], tuple(flat.tolist()), c, slots, remote[0])]
         # Slots of every block of every new sequence in one vectorised pass,
         # then each sequence's uncached token range is a slice of it.
-        all_slots = (flat[:, None] * bs + np.arange(bs, dtype=np.int64)).ravel()
+        all_slots = (flat[:, None] * self._bs + self._offsets).ravel()
         blocks = flat.tolist()
         out, start = [], 0
         for seq_id, n, c, t, r in zip(ids, lengths, cached, ntok, remote):
@@ -216,7 +222,11 @@ class KVPool:
 
     def fork(self, seq_ids: int | Seq[int], n: int = 1) -> list[list[int]]:
         """``n`` children per sequence, sharing all of its blocks; returns their ids."""
-        return self.manager.fork(validate.seq_ids(seq_ids), n)
+        m = self.manager
+        if type(seq_ids) is list and len(seq_ids) == 1 and type(seq_ids[0]) is int and type(n) is int and n > 0 \
+                and m.scalar:  # one sequence, valid arguments: straight to its path (`seq_one`)
+            return seq_one.fork(m, seq_ids[0], n)
+        return m.fork(validate.seq_ids(seq_ids), n)
 
     def free(self, seq_ids: int | Seq[int]) -> None:
         """Release sequences. Committed full blocks stay matchable until evicted."""

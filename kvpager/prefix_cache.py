@@ -21,8 +21,24 @@ from kvpager.errors import InvalidArgument
 KEY_BYTES = 16
 
 
+#: Root keys of recent salts (a model or adapter id each: few), so an allocate hashes only its blocks.
+_ROOTS: dict[str | bytes | None, bytes] = {}
+_I8 = np.dtype("<i8")
+
+
 def root_key(salt: str | bytes | None) -> bytes:
     """The parent key of a sequence's first block."""
+    if type(salt) in _ROOT_TYPES:
+        key = _ROOTS.get(salt)
+        if key is None:
+            if len(_ROOTS) >= 1024:
+                _ROOTS.clear()
+            key = _ROOTS[salt] = _root_key(salt)
+        return key
+    return _root_key(salt)
+
+
+def _root_key(salt: str | bytes | None) -> bytes:
     if salt is None:
         salt = b""
     elif isinstance(salt, str):
@@ -32,8 +48,13 @@ def root_key(salt: str | bytes | None) -> bytes:
     return hashlib.blake2b(b"kvpager-root\0" + salt, digest_size=KEY_BYTES).digest()
 
 
+_ROOT_TYPES = (type(None), str, bytes)
+
+
 def token_array(tokens: object, what: str = "tokens") -> np.ndarray:
     """Token ids as a 1-D little-endian int64 array, validated."""
+    if type(tokens) is np.ndarray and tokens.dtype == _I8 and tokens.ndim == 1:  # as a tokenizer hands them
+        return tokens
     try:
         arr = np.asarray(tokens)
     except (TypeError, ValueError) as e:
@@ -44,7 +65,7 @@ def token_array(tokens: object, what: str = "tokens") -> np.ndarray:
         raise InvalidArgument(f"{what} must be a flat list of integers, got dtype {arr.dtype} shape {arr.shape}")
     if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and int(arr.max()) >= 2**63:
         raise InvalidArgument(f"{what} has an id >= 2**63")
-    return arr.astype("<i8", copy=False)
+    return arr.astype(_I8, copy=False)
 
 
 def chain_keys(parent: bytes, tokens: np.ndarray, block_size: int) -> list[bytes]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from kvpager import seq_append, seq_check, seq_prefix, seq_release, seq_swap
+from kvpager import seq_append, seq_check, seq_one, seq_prefix, seq_release, seq_swap
 from kvpager.block_pool import BlockPool
 from kvpager.block_table import BlockTable
 from kvpager.errors import InvalidArgument, NotOwner, SequenceSwapped, UnknownSequence
@@ -78,6 +78,8 @@ class SequenceManager:
         self._frees = 0
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
+        #: Batches of one take `seq_one`'s scalar paths (False: the batch paths; tests compare both).
+        self.scalar = True
 
     # -- lookup ------------------------------------------------------------------
     def lookup(self, seq_ids: list[int]) -> np.ndarray:
@@ -174,7 +176,7 @@ class SequenceManager:
 
     def new_ids(self, n: int) -> list[int]:
         """``n`` fresh sequence ids (increasing, never reused)."""
-        return [next(self._ids) for _ in range(n)]
+        return [next(self._ids)] if n == 1 else [next(self._ids) for _ in range(n)]
 
     # -- allocate ------------------------------------------------------------------
     def allocate(
@@ -187,6 +189,8 @@ class SequenceManager:
         """New sequences holding ``prompts`` (see `seq_prefix.allocate`). Returns
         their ids, every block table back to back (int64), and per sequence its
         blocks, cached tokens and tokens."""
+        if len(prompts) == 1 and self.scalar:
+            return seq_one.allocate(self, prompts[0], salts[0], owner)
         return seq_prefix.allocate(self, prompts, salts, owner, share_in_batch)
 
     def cached_tokens(self, prompts: Seq[Seq[int] | np.ndarray], salts: Seq[str | bytes | None]) -> list[int]:
@@ -218,9 +222,12 @@ class SequenceManager:
     def fork(self, seq_ids: list[int], n: int) -> list[list[int]]:
         """``n`` children of each sequence, sharing every block (ref counts +1 each);
         returns their ids."""
-        if not is_int(n) or n < 1:
-            raise InvalidArgument(f"fork: n must be an integer >= 1, got {n!r}")
-        n = int(n)
+        if type(n) is not int or n < 1:
+            if not is_int(n) or n < 1:
+                raise InvalidArgument(f"fork: n must be an integer >= 1, got {n!r}")
+            n = int(n)
+        if len(seq_ids) == 1 and self.scalar:
+            return seq_one.fork(self, seq_ids[0], n)
         rows = self.batch(seq_ids, "fork")
         bt = self.table
         kids = bt.copy_rows(np.repeat(rows, n) if n > 1 else rows)
@@ -239,6 +246,8 @@ class SequenceManager:
     def free(self, seq_ids: list[int]) -> None:
         """Drop the sequences; their blocks lose one reference each (each table
         last entry first, so its tail is evicted first)."""
+        if len(seq_ids) == 1 and self.scalar:
+            return seq_one.free(self, seq_ids[0])
         rows = self.batch(seq_ids, None)
         self._frees += 1  # rows are given back: no remembered batch holds any more
         bt = self.table

@@ -19,6 +19,10 @@ def is_int(v: Any) -> bool:
 
 def seq_ids(value: int | Seq[int], what: str = "seq_ids") -> list[int]:
     """A batch of sequence ids; a single int is a batch of one."""
+    if type(value) is list and len(value) == 1 and type(value[0]) is int:  # one sequence: no sets
+        return value
+    if type(value) is int:
+        return [value]
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return [int(value)]
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
@@ -46,6 +50,8 @@ def per_seq(value: Any, n: int, what: str) -> list[Any]:
 
 def prompts(value: Any) -> None:
     """A list of token-id lists (not one flat list)."""
+    if type(value) is list and len(value) == 1 and type(value[0]) in (list, np.ndarray):  # one prompt
+        return
     if isinstance(value, (str, bytes, np.ndarray)) or not hasattr(value, "__len__"):
         raise InvalidArgument("prompts must be a list of token-id lists")
     if len(value) and isinstance(value[0], (int, np.integer)):

@@ -57,6 +57,43 @@ def test_free_with_repeats_and_unpublish():
     pool.check(np.zeros(6, np.int64))
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_distinct_free_and_touch_agree_with_the_general_path(seed):
+    """``distinct=True`` (one sequence's blocks: a plain store when every count
+    is the same, an indexed update otherwise) leaves what the repeat-safe path
+    leaves: counts, free list in order, LRU; and refuses a block without
+    references (IntegrityError, counts restored) the same way."""
+    rng = np.random.default_rng(seed)
+    pools = [BlockPool(30), BlockPool(30)]
+    for pool in pools:
+        pool.get_new_blocks(29)
+        for b in range(1, 30, 3):
+            assert pool.publish(b, bytes([b]) * 16)
+    for _ in range(40):
+        ids = rng.choice(np.arange(1, 30), size=int(rng.integers(1, 8)), replace=False).astype(np.int64)
+        live = ids[pools[0].ref_cnt[ids] > 0]
+        op = rng.integers(3)
+        if op == 0 and len(live):  # share with a uniform or a mixed count
+            times = int(rng.integers(1, 3))
+            for pool in pools:
+                pool.share(live, times)
+            continue
+        results = []
+        for pool, distinct in zip(pools, (True, False)):
+            try:
+                if op == 1:
+                    pool.free_blocks(ids, distinct=distinct)
+                else:
+                    pool.touch(ids[(pool.ref_cnt[ids] > 0) | pool.cache.cached[ids]], distinct=distinct)
+                results.append(None)
+            except IntegrityError as e:
+                results.append(str(e))
+        a, b = pools
+        assert results[0] == results[1]
+        assert a.ref_cnt.tolist() == b.ref_cnt.tolist()
+        assert a.free_ids == b.free_ids and list(a.evictable) == list(b.evictable)
+
+
 def test_check_reports_counts():
     pool = BlockPool(4)
     [a, _] = pool.get_new_blocks(2)

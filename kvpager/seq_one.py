@@ -1,0 +1,138 @@
+"""One-sequence paths of allocate, fork and free, with scalar steps.
+
+A batch of one pays NumPy's per-call overhead on every array operation of
+the batch paths (about a microsecond each on a small machine): these do the
+same work for one sequence with Python ints, row indices and one array op
+per step where an array is needed (the block ids). Each must leave exactly
+the state its batch path leaves for a batch of one (tables, columns,
+reference counts, the free list and its order, the LRU, the cache, owners,
+histories): `SequenceManager.scalar` switches them off, and
+tests/test_allocator_paths.py runs random ops both ways and compares.
+Validation is the batch paths': the same checks, in the same order, raising
+the same typed errors before anything changes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvpager.errors import OutOfBlocks, SequenceSwapped, UnknownSequence
+from kvpager.history import History
+from kvpager.prefix_cache import root_key, token_array
+
+if TYPE_CHECKING:
+    from kvpager.sequences import SequenceManager
+
+
+def row_of(m: SequenceManager, seq_id: int) -> int:
+    """The row of a live sequence; UnknownSequence otherwise."""
+    try:
+        row = m.rows.get(seq_id)
+    except TypeError:  # unhashable
+        row = None
+    if row is None:
+        raise UnknownSequence(seq_id)
+    return row
+
+
+def allocate(m: SequenceManager, prompt: Any, salt: str | bytes | None, owner: Any
+             ) -> tuple[list[int], np.ndarray, list[int], list[int], list[int]]:
+    """`seq_prefix.allocate` of one prompt (``share_in_batch`` has no earlier
+    prompt to share with): its cached prefix, then fresh blocks."""
+    bs, pool = m.block_size, m.pool
+    tokens = token_array(prompt, "prompts[0]")
+    root = root_key(salt)
+    ntok = len(tokens)
+    usable = max(ntok - 1, 0) // bs  # blocks we may take from the cache
+    keys, hits = pool.match(root, tokens, bs, usable)
+    n = -(-ntok // bs)
+    need = n - len(hits)
+    if hits:
+        hit_ids = np.array(hits, dtype=np.int64)
+        distinct = len(set(hits)) == len(hits)
+        # An evictable hit is taken before any new block: it must not be
+        # evicted to make room for this very allocation.
+        refs = pool.ref_cnt[hit_ids]
+        nidle = len(hits) - np.count_nonzero(refs)
+        if nidle and not distinct:
+            nidle = len(set(hit_ids[refs == 0].tolist()))
+        available = pool.get_num_free_blocks() - int(nidle)
+        if need > available:
+            raise OutOfBlocks(need, available)
+        pool.touch(hit_ids, distinct)
+        new = pool.get_new_blocks(need)
+        flat = np.concatenate([hit_ids, new]) if need else hit_ids
+    else:
+        available = pool.get_num_free_blocks()
+        if need > available:
+            raise OutOfBlocks(need, available)
+        flat = new = pool.get_new_blocks(need)
+    [seq_id] = m.new_ids(1)
+    code = m.owners.add(owner, (seq_id,))
+    bt = m.table
+    row = bt.add_row(flat, ntok)
+    nh = len(hits)
+    bt.cols[row] = (seq_id, code, nh * bs, nh, ntok, 0, flat.item(-1) if n else 0, 0)
+    m.rows[seq_id] = row
+    m.history[seq_id] = History(tokens, root, keys, salt=salt)
+    m.prefix_query_tokens += ntok
+    m.prefix_hit_tokens += nh * bs
+    return [seq_id], flat, [n], [nh * bs], [ntok]
+
+
+def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:
+    """`SequenceManager.fork` of one sequence (``n`` checked by the caller)."""
+    row = m.rows.get(seq_id) if type(seq_id) is int else None
+    if row is None:
+        row = row_of(m, seq_id)
+    bt = m.table
+    if m.num_swapped and bt.swapped.item(row):
+        raise SequenceSwapped(seq_id, "fork")
+    if n == 1:
+        kid, nb = bt.fork_row(row)
+        kids, ids = [kid], [next(m._ids)]
+        bt.seq_id[kid] = ids[0]
+    else:
+        kids = bt.copy_row(row, n)
+        ids = m.new_ids(n)
+        seq_col = bt.seq_id
+        for kid, i in zip(kids, ids):
+            seq_col[kid] = i
+        nb = bt.num_blocks.item(row)
+    blocks = bt.table[row, :nb].astype(np.int64)
+    if m.num_released and bt.released.item(row):  # released entries are the null block: not shared
+        blocks = blocks[blocks != 0]
+        m.num_released += n
+    m.pool.share(blocks, n, distinct=True)
+    parent, code = m.history[seq_id], bt.owner.item(row)
+    for kid, i in zip(kids, ids):
+        m.rows[i] = kid
+        m.history[i] = parent.fork()
+        m.owners.add_one(code, i)
+    return [ids]
+
+
+def free(m: SequenceManager, seq_id: int) -> None:
+    """`SequenceManager.free` of one sequence: its blocks last to first."""
+    row = m.rows.get(seq_id) if type(seq_id) is int else None
+    if row is None:
+        row = row_of(m, seq_id)
+    m._frees += 1  # rows are given back: no remembered batch holds any more
+    bt = m.table
+    entries = bt.table[row, : bt.num_blocks.item(row)]
+    blocks = entries[::-1].astype(np.int64)
+    if m.num_released or m.num_swapped:
+        released, swapped = bt.released.item(row), bt.swapped.item(row)
+        if released or swapped:
+            blocks = blocks[blocks != 0]  # released entries; swapped-out ones
+            if released:
+                m.num_released -= 1
+            if swapped:
+                m.host.release([row])
+                m.num_swapped -= 1
+    m.pool.free_blocks(blocks, distinct=True)
+    m.owners.drop_one(bt.owner.item(row), seq_id)
+    bt.release_row(row, entries)
+    del m.rows[seq_id], m.history[seq_id]

@@ -1,0 +1,162 @@
+"""The one-sequence paths (`kvpager.seq_one`) leave exactly the state the batch
+paths leave: the same random ops run on two pools, one with the scalar paths
+switched off (`SequenceManager.scalar = False`, so a batch of one goes
+through the array code), and after every op the whole allocator state of the
+two is compared: block-table rows and columns, reference counts, the free
+list in order, the LRU, the prefix cache, owners, histories, host blocks,
+counters; every result, and every error (type and message), must agree too.
+Ops of one sequence dominate (the paths under test), mixed with batches,
+appends, commits, truncation, releases, swaps, evictions and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvpager import KVPool, PoolSpec
+from kvpager.errors import KVPagerError
+
+BS = 8
+SYSTEM = [[7, 1, 2, 3] * 4, [5] * 20]
+
+
+def make_pool(scalar: bool) -> KVPool:
+    pool = KVPool(PoolSpec(1, 1, 8, num_blocks=40, block_size=BS, dtype="float32", num_host_blocks=8))
+    pool.manager.scalar = scalar
+    return pool
+
+
+def state(pool: KVPool) -> dict:
+    """Everything the allocator keeps, as plain values."""
+    m = pool.manager
+    bt, bp = m.table, m.pool
+    return dict(
+        table=bt.table.tolist(), num_blocks=bt.num_blocks.tolist(), num_tokens=bt.num_tokens.tolist(),
+        cols=bt.cols.tolist(), free_rows=list(bt._free_rows), rows=dict(m.rows),
+        ref=bp.ref_cnt.tolist(), free=bp.free_ids, evictable=list(bp.evictable),
+        cache=dict(bp.cache.key_to_block), cached=np.flatnonzero(bp.cache.cached).tolist(),
+        owned={repr(o): list(ids) for o, ids in m.owners.owned.items()},
+        codes={repr(o): c for o, c in m.owners._codes.items()},
+        history={s: (h.prompt.tolist(), h.root, list(h.keys), list(h.tail), h.salt) for s, h in m.history.items()},
+        host=(list(m.host.free), {r: (c.tolist(), h.tolist()) for r, (c, h) in m.host.held.items()}),
+        counters=(m.num_swapped, m.num_released, m.prefix_query_tokens, m.prefix_hit_tokens, bp.num_evicted),
+        tenants=pool.stats().tenants,
+    )
+
+
+def outcome(fn, pool: KVPool) -> object:
+    """What an op returned, or the error it raised (type and message)."""
+    try:
+        out = fn(pool)
+    except KVPagerError as e:
+        return (type(e).__name__, str(e))
+    if isinstance(out, list) and out and hasattr(out[0], "slots"):  # allocations
+        return [(a.seq_id, a.block_table, a.num_cached_tokens, a.slots.tolist()) for a in out]
+    if isinstance(out, list) and out and isinstance(out[0], np.ndarray):  # append's slots
+        return [s.tolist() for s in out]
+    return out
+
+
+def random_op(rng: np.random.Generator, live: list[int], swapped: set[int]):
+    """One op (a function of a pool) and a description of it."""
+    def pick(k: int = 1) -> list[int]:
+        return [int(s) for s in rng.choice(live, size=min(k, len(live)), replace=False)]
+
+    def prompt() -> list[int]:
+        head = SYSTEM[rng.integers(2)][: int(rng.integers(0, 21))]
+        return head + rng.integers(0, 3, size=int(rng.integers(0, 13))).tolist()
+
+    kind = rng.choice(["allocate", "allocate", "fork", "fork", "free", "free", "append", "commit", "truncate",
+                       "release", "swap_out", "swap_in", "batch", "pressure", "bad"]) if live else "allocate"
+    one_resident = [s for s in live if s not in swapped]
+    if kind == "allocate":
+        p, salt = prompt(), [None, "a", b"b"][rng.integers(3)]
+        owner, share = [None, "s1", "s2"][rng.integers(3)], bool(rng.integers(2))
+        tokens = np.array(p, dtype=np.int64) if rng.integers(2) else p
+        return (lambda pool: pool.allocate([tokens], salt, owner=owner, share_in_batch=share)), kind
+    if kind == "fork":
+        [s], n = pick(), int(rng.integers(1, 4))
+        return (lambda pool: pool.fork([s] if rng.integers(2) else s, n)), kind
+    if kind == "free":
+        ids = pick()
+        if rng.integers(6) == 0:
+            ids = [10_000]  # unknown: UnknownSequence, nothing changes
+        return (lambda pool: pool.free(ids)), kind
+    if kind == "batch":  # batch paths on both pools, for the state they leave
+        prompts, ids = [prompt() for _ in range(int(rng.integers(2, 4)))], pick(2)
+        op = rng.choice(["allocate", "fork", "free"])
+        if op == "allocate":
+            return (lambda pool: pool.allocate(prompts, share_in_batch=True)), "batch allocate"
+        return (lambda pool: getattr(pool, op)(ids)), f"batch {op}"
+    if kind == "pressure":  # every free block and some evictable ones, then back: evictions
+        def pressure(pool: KVPool) -> None:
+            st = pool.stats()
+            allocs = pool.allocate([[99] * BS] * (st.free_blocks + min(2, st.evictable_blocks)))
+            pool.free([a.seq_id for a in allocs])
+        return pressure, kind
+    if kind == "bad":
+        bad = [lambda pool: pool.allocate([[1, 2]], salt=5), lambda pool: pool.allocate([[1] * 500]),
+               lambda pool: pool.fork(pick(), 0), lambda pool: pool.fork(pick(), True),
+               lambda pool: pool.free([pick()[0]] * 2), lambda pool: pool.allocate([[1, -1.5]])]
+        return bad[rng.integers(len(bad))], kind
+    if not one_resident:
+        return (lambda pool: None), "nothing"
+    s = int(rng.choice(one_resident))
+    if kind == "append":
+        n = int(rng.integers(1, 6))
+        ids = rng.integers(0, 3, size=n).tolist()
+        return (lambda pool: pool.append([s], n, token_ids=[ids])), kind
+    if kind == "commit":
+        return (lambda pool: pool.commit(s)), kind
+    if kind == "truncate":
+        return (lambda pool: pool.truncate(s, pool.sequence(s).num_tokens // 2)), kind
+    if kind == "release":
+        return (lambda pool: pool.release_before(s, pool.sequence(s).num_tokens)), kind
+    if kind == "swap_out":
+        return (lambda pool: pool.swap_out(s)), kind
+    return (lambda pool: pool.swap_in(sorted(swapped)[:1])), kind
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_scalar_paths_leave_the_batch_paths_state(seed):
+    rng = np.random.default_rng(seed)
+    fast, slow = make_pool(True), make_pool(False)
+    kinds = set()
+    for step in range(250):
+        live = fast.manager.ids()
+        swapped = {i.seq_id for i in fast.sequences() if i.swapped}
+        fn, kind = random_op(rng, live, swapped)
+        draws = rng.bit_generator.state  # an op may draw again when run: the same draws for both
+        a = outcome(fn, fast)
+        rng.bit_generator.state = draws
+        b = outcome(fn, slow)
+        assert a == b, f"step {step} ({kind}): results differ"
+        sa, sb = state(fast), state(slow)
+        for key in sa:
+            assert sa[key] == sb[key], f"step {step} ({kind}): {key} differs"
+        fast.check_integrity()
+        slow.check_integrity()
+        kinds.add(kind if not isinstance(a, tuple) else f"{kind} error")
+    # the paths under test ran, and so did the errors
+    assert {"allocate", "fork", "free", "free error"} <= kinds, kinds
+
+
+def test_scalar_switch_changes_the_path():
+    """The switch really selects the path: with it off, no `seq_one` function runs."""
+    import kvpager.seq_one as seq_one
+
+    calls = []
+    saved = {name: getattr(seq_one, name) for name in ("allocate", "fork", "free")}
+    try:
+        for name, fn in saved.items():
+            setattr(seq_one, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
+        for scalar in (True, False):
+            pool = make_pool(scalar)
+            [a] = pool.allocate([[1, 2, 3, 4, 5]])
+            [[kid]] = pool.fork(a.seq_id)
+            pool.free(kid)
+            assert calls == (["allocate", "fork", "free"] if scalar else []), scalar
+            calls.clear()
+    finally:
+        for name, fn in saved.items():
+            setattr(seq_one, name, fn)
