@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 _AHEAD = 64 << 10  # the read-ahead buffer for reply lines
+_LINE_READ = 256  # most bytes read ahead for a line: a value's bytes should go to their row
 _MAX_LINE = 4 << 10  # a longer line is not a reply to MGET
 
 
@@ -50,14 +51,14 @@ class Reader:
         self.view = memoryview(self.buf)
         self.lo = self.hi = 0
 
-    def _fill(self) -> None:
+    def _fill(self, most: int = _AHEAD) -> None:
         if self.lo == self.hi:
             self.lo = self.hi = 0
         elif self.hi == len(self.buf):
             n = self.hi - self.lo
             self.buf[:n] = self.buf[self.lo : self.hi]
             self.lo, self.hi = 0, n
-        n = self.sock.recv_into(self.view[self.hi :])
+        n = self.sock.recv_into(self.view[self.hi :], min(most, len(self.buf) - self.hi))
         if not n:
             raise FetchError("the store closed the connection mid-reply")
         self.hi += n
@@ -72,7 +73,7 @@ class Reader:
                 return out
             if self.hi - self.lo > _MAX_LINE:
                 raise FetchError("malformed reply: a line longer than 4 KiB")
-            self._fill()
+            self._fill(_LINE_READ)
 
     def into(self, dest: memoryview) -> None:
         """Exactly ``len(dest)`` bytes into ``dest``."""

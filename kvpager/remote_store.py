@@ -182,9 +182,14 @@ class RedisStore(Store):
         if scheme != "unix":
             parts = urllib.parse.urlsplit(real)
             _nodes(parts.netloc, url)
+        unix = {"socket_keepalive"} if scheme == "unix" else set()  # a Unix socket takes no keepalive
+
+        def options(seconds: float) -> dict[str, Any]:
+            return {k: v for k, v in _options(redis, seconds).items() if k not in unix}
+
         try:
-            self._reader = redis.Redis.from_url(real, **_options(redis, timeout))
-            self._writer = redis.Redis.from_url(real, **_options(redis, write_timeout))
+            self._reader = redis.Redis.from_url(real, **options(timeout))
+            self._writer = redis.Redis.from_url(real, **options(write_timeout))
         except (ValueError, TypeError) as e:
             raise InvalidArgument(f"remote store URL {self.url!r}: {e}") from None
         self._errors = (redis.RedisError, OSError)
