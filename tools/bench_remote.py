@@ -10,15 +10,25 @@ Starts its own redis-server (the first on PATH; ``--io-threads``,
 CPU backend (NumPy pools), whatever the machine has. The first lines
 printed name the machine, its load, the server and the settings.
 
+On a machine with more cores, sweep the lookup's connections against the
+server's I/O threads (Redis >= 6 writes the replies of several connections
+from ``io-threads`` threads; one connection is always one thread's):
+
+    export PATH=/path/to/redis/bin:$PATH   # the redis-server to measure
+    for t in 1 4 8; do for c in 1 2 4 8; do
+        PYTHONPATH=. python tools/bench_remote.py --restore-only --block-kib 2048 --io-threads $t --connections $c
+    done; done
+
 Restore: pool A commits 256 MiB (``--total-mib``) of blocks (the tier writes
 them), pool B allocates the same prompt and restores every block (chunked
 MGETs over ``--connections`` connections read straight into staging,
 checksums, copies into its pool). Checked byte for byte first, then timed
 (median of 5, B's cache emptied between runs). GB/s = restored K/V bytes /
 allocate time. Beside it: the tier's fetch alone (the same lookups and
-checks, no pool), redis-py's MGET of every key at once (the path before
-chunking), the same single MGET read by a bare socket into one buffer, and a
-swap-in of the same blocks from B's host pool.
+checks, no pool), the chunked MGETs alone (no checks), redis-py's MGET of
+every key at once (the path before chunking), the same single MGET read by a
+bare socket into one buffer, and a swap-in of the same blocks from B's host
+pool.
 
 Recompute (model-free): FLOPs per token = 2 x weights of the layers the
 block holds (a llama-3-8b layer: 218.1 M weights) + 4 x layers x 4096 x
@@ -198,6 +208,16 @@ def restore_case(url: str, port: int | None, layers: int, args: argparse.Namespa
         return time.perf_counter() - t
 
     redis_py = median_s(redis_py_once)
+    staging, sizes = np.empty((n, tier.codec.value_bytes), np.uint8), np.empty(n, np.int64)
+
+    def chunked_once() -> float:
+        t = time.perf_counter()
+        tier.store.get_into(names, staging, sizes)
+        dt = time.perf_counter() - t
+        assert (sizes == tier.codec.value_bytes).all()
+        return dt
+
+    chunked = median_s(chunked_once)
     raw = median_s(lambda: raw_mget_s(port, names, tier.codec.value_bytes)) if port else float("nan")
 
     for s in b.sequences():
@@ -219,7 +239,7 @@ def restore_case(url: str, port: int | None, layers: int, args: argparse.Namespa
     a.close(), b.close()
     return dict(block_kib=a.spec.bytes_per_block >> 10, layers=layers, blocks=n, mib=nbytes >> 20,
                 restore_ms=restore * 1e3, restore_gbs=nbytes / restore / 1e9,
-                fetch_gbs=nbytes / fetch / 1e9, redis_py_gbs=nbytes / redis_py / 1e9, raw_gbs=nbytes / raw / 1e9,
+                fetch_gbs=nbytes / fetch / 1e9, redis_py_gbs=nbytes / redis_py / 1e9, chunked_gbs=nbytes / chunked / 1e9, raw_gbs=nbytes / raw / 1e9,
                 swap_in_gbs=nbytes / swap / 1e9, recompute_ms=recompute * 1e3,
                 recompute_gbs=nbytes / recompute / 1e9, gflop_per_token=per_token / 1e9,
                 offer_gbs=nbytes / offer_s / 1e9)
@@ -281,7 +301,7 @@ def policy_case(url: str, policy: str, blocks: int, seed: int = 0) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=None, help="a store to use instead of a redis-server started here")
     ap.add_argument("--block-kib", default="2048,64",
                     help="block sizes to restore, KiB, multiples of 64 (a 64 KiB layer: 8 kv heads x 16 x 128 bf16)")
@@ -324,13 +344,14 @@ def main() -> None:
           f"{result['load_before'][0]:.2f} before, {result['load_after'][0]:.2f} after; Python {result['python']}")
     print(f"store: {result['redis']} {' '.join(result['redis_args'])}; lookups over {args.connections} "
           f"connections, {args.chunk_mib:g} MiB per MGET; CPU backend; recompute at an assumed {args.tflops:g} TFLOP/s")
-    print("| block | blocks | restore ms | restore GB/s | tier fetch GB/s | redis-py one MGET GB/s | "
+    print("| block | blocks | restore ms | restore GB/s | tier fetch GB/s | chunked MGETs, no checks GB/s | "
+          "redis-py one MGET GB/s | "
           "bare socket one MGET GB/s | host swap-in GB/s | recompute GFLOP/token | recompute ms | recompute GB/s | "
           "commit copy GB/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["restore"]:
         print(f"| {r['block_kib']} KiB ({r['layers']} layers) | {r['blocks']} | {r['restore_ms']:.0f} | "
-              f"{r['restore_gbs']:.2f} | {r['fetch_gbs']:.2f} | {r['redis_py_gbs']:.2f} | {r['raw_gbs']:.2f} | "
+              f"{r['restore_gbs']:.2f} | {r['fetch_gbs']:.2f} | {r['chunked_gbs']:.2f} | {r['redis_py_gbs']:.2f} | {r['raw_gbs']:.2f} | "
               f"{r['swap_in_gbs']:.2f} | {r['gflop_per_token']:.2f} | {r['recompute_ms']:.0f} | "
               f"{r['recompute_gbs']:.2f} | {r['offer_gbs']:.2f} |")
     if not result["policy"]:
