@@ -160,7 +160,7 @@ class ChunkedFetch:
         if not n:
             return
         rows = memoryview(out).cast("B")
-        per = max(1, self.chunk_bytes // width)
+        per = max(1, round(self.chunk_bytes / width))
         chunks = iter(range(0, n, per))
         lock = threading.Lock()
         failed: list[BaseException] = []
@@ -168,7 +168,7 @@ class ChunkedFetch:
         def work() -> None:
             try:
                 conn, sock = self.acquire()
-            except BaseException as e:
+            except Exception as e:
                 failed.append(e)
                 return
             broken = True
@@ -187,16 +187,18 @@ class ChunkedFetch:
                     if done is not None:
                         done(lo, hi)
                 broken = False
-            except BaseException as e:
+            except Exception as e:
                 failed.append(e)
             finally:
                 self.release(conn, broken)
 
         helpers = min(self.connections, -(-n // per)) - 1
         futures = [self._executor().submit(work) for _ in range(helpers)]
-        work()
-        for f in futures:
-            f.result()
+        try:
+            work()
+        finally:  # no helper may still write into ``out`` once this returns
+            for f in futures:
+                f.result()
         if failed:
             e = failed[0]
             raise FetchError(str(e) if isinstance(e, FetchError) else f"{type(e).__name__}: {e}")

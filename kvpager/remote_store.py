@@ -37,7 +37,7 @@ _CLUSTER = {"redis+cluster": "redis", "rediss+cluster": "rediss", "valkey+cluste
 
 
 CONNECTIONS = 2  # a lookup's connections (docs/remote.md: measured)
-CHUNK_BYTES = 8 << 20  # about the bytes of one MGET of a lookup
+CHUNK_BYTES = 4 << 20  # about the bytes of one MGET of a lookup (docs/remote.md: measured)
 
 
 class StoreError(Exception):

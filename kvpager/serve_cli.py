@@ -149,7 +149,7 @@ def remote_tier(opts: dict[str, Any]) -> Any:
 @click.option("--remote-max-restore", type=Size(), default="256M", show_default=True,
               help="Most bytes one allocate restores from the store (the daemon's loop waits for it).")
 @click.option("--remote-connections", type=click.IntRange(min=1, max=64), default=2, show_default=True,
-              help="Connections (and threads) one lookup fetches over, in chunks of about 8 MiB "
+              help="Connections (and threads) one lookup fetches over, in chunks of about 4 MiB "
                    "(standalone stores; see docs/remote.md).")
 @click.option("--max-pinned-blocks", type=click.IntRange(min=0), default=None,
               help="Most blocks pins may hold (default: half the device blocks).")

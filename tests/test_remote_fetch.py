@@ -68,7 +68,7 @@ def mixed(rng: np.random.Generator, n: int) -> tuple[list[str], dict[str, bytes]
     return keys, values
 
 
-@pytest.mark.parametrize("connections,chunk_bytes", [(1, 1), (1, 5 * WIDTH), (2, 3 * WIDTH), (3, 7 * WIDTH),
+@pytest.mark.parametrize("connections,chunk_bytes", [(1, 1), (1, 5 * WIDTH), (2, 3 * WIDTH), (3, 7 * WIDTH + 100),
                                                      (4, 1 << 20)])
 def test_chunked_values_and_lengths_equal_redis_py(connections, chunk_bytes):
     rng = np.random.default_rng(connections * 100 + chunk_bytes % 97)

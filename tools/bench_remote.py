@@ -3,7 +3,7 @@ and against a local host-pool swap-in; then the write policy (on commit or on
 eviction) on a two-host workload.
 
     PYTHONPATH=. python tools/bench_remote.py [--url redis://HOST:PORT] [--block-kib 2048,64]
-        [--connections 2] [--chunk-mib 8] [--io-threads 1] [--restore-only] [--tflops 400] [--json]
+        [--connections 2] [--chunk-mib 4] [--io-threads 1] [--restore-only] [--tflops 400] [--json]
 
 Starts its own redis-server (the first on PATH; ``--io-threads``,
 ``--redis-arg``) on a free loopback port unless ``--url`` names a store.
@@ -307,7 +307,7 @@ def main() -> None:
                     help="block sizes to restore, KiB, multiples of 64 (a 64 KiB layer: 8 kv heads x 16 x 128 bf16)")
     ap.add_argument("--total-mib", type=int, default=TOTAL >> 20, help="bytes restored per allocate (MiB)")
     ap.add_argument("--connections", type=int, default=CONNECTIONS, help="connections one lookup fetches over")
-    ap.add_argument("--chunk-mib", type=float, default=CHUNK_BYTES / 2**20, help="about the MiB of one MGET")
+    ap.add_argument("--chunk-mib", type=float, default=CHUNK_BYTES / 2**20, help="about the MiB of one MGET (rounded to whole values)")
     ap.add_argument("--io-threads", type=int, default=1, help="the started redis-server's io-threads")
     ap.add_argument("--redis-arg", action="append", default=[], metavar="ARG",
                     help="more arguments for the started redis-server (repeat: --redis-arg=--io-threads-do-reads "
