@@ -244,3 +244,41 @@ def test_tier_restores_nothing_from_a_failed_parallel_lookup_then_restores_byte_
         assert b.remote_stats().restored_blocks == 12
         b.check_integrity()
         a.close(), b.close()
+
+
+def test_tier_refuses_longer_and_shorter_values_mid_batch_and_reads_on():
+    """One lookup of two 8-block prompts over 3 connections, 2 blocks per MGET:
+    one value made longer, one shorter. Each is refused, counted and deleted,
+    its chain stops there, and every other block is restored byte for byte."""
+    with redis_server() as server:
+        a = KVPool(SPEC, remote=RemoteTier(server.url, retry_after=0.2))
+        p1 = list(range(100, 100 + 8 * 16 + 1))
+        p2 = list(range(9000, 9000 + 8 * 16 + 1))
+        rng = np.random.default_rng(10)
+        kv = a.backend.device_array()
+        tables = []
+        for p in (p1, p2):
+            [x] = a.allocate([p], salt="m")
+            blocks = np.asarray(x.block_table[:8])
+            kv[blocks] = rng.standard_normal(kv[blocks].shape)
+            a.commit(x.seq_id)
+            tables.append((blocks, a.manager.history[x.seq_id].keys[:8]))
+        assert a.remote.flush(20) and a.remote_stats().written_blocks == 16
+        r = redis.Redis.from_url(server.url)
+        long_name = a.remote.key(root_key("m"), tables[0][1][3])
+        short_name = a.remote.key(root_key("m"), tables[1][1][5])
+        r.set(long_name, r.get(long_name) + bytes(1000))
+        r.set(short_name, r.get(short_name)[:-10])
+        b = KVPool(SPEC, remote=RemoteTier(server.url, retry_after=0.2, connections=3,
+                                           chunk_bytes=2 * SPEC.bytes_per_block))
+        x, y = b.allocate([p1, p2], salt="m")
+        assert (x.num_cached_tokens, x.num_remote_tokens) == (3 * 16, 3 * 16)
+        assert (y.num_cached_tokens, y.num_remote_tokens) == (5 * 16, 5 * 16)
+        got = b.backend.device_array()
+        assert np.array_equal(got[np.asarray(x.block_table[:3])], kv[tables[0][0][:3]])
+        assert np.array_equal(got[np.asarray(y.block_table[:5])], kv[tables[1][0][:5]])
+        st = b.remote_stats()
+        assert (st.lookups, st.lookup_blocks, st.hit_blocks, st.corrupt_blocks, st.errors) == (1, 16, 14, 2, 0)
+        assert b.remote.flush(20) and not r.exists(long_name) and not r.exists(short_name)
+        b.check_integrity()
+        r.close(), a.close(), b.close()
