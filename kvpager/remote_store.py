@@ -208,7 +208,9 @@ class RedisStore(Store):
         except FetchError as e:
             raise StoreError(str(e)) from None
 
-    # a lookup connection: redis-py's (connected, authenticated), read raw
+    # a lookup connection: redis-py's (connected, authenticated), read raw; its
+    # parser has nothing buffered, as every reply on it was read whole
+    # (a connection left with part of one is dropped). redis >= 5.3.
     def _acquire(self) -> tuple[Any, Any]:
         pool = self._reader.connection_pool
         conn = pool.get_connection()
