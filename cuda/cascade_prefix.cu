@@ -22,12 +22,17 @@
 // segment zero-filled and masked), S = Q K^T and O += P V on mma.sync with an
 // online softmax (exp2) in registers between them, as in paged_prefill.cu.
 //
-// Grid: x = query tile (tiles list: (segment, first member)), y = kv head.
+// Grid: x = query tile (tiles list: (segment, first member); segment -1: unused,
+// the CTA exits), y = kv head.
 // segments: int32 [num_segments, 6] = (table row, kv_start, kv_end, first
 // member in members, member count, slot). members: the members' item (query
 // row) indices. Dynamic shared memory: (BM + 2 * STAGES * BN) * (HEAD_DIM + 8) * 2 bytes.
 #include "kvpager_common.cuh"
 #include "kvpager_mma.cuh"
+
+#if KV_FP8
+#error "cascade_prefix.cu reads float16 / bfloat16 pools; the planner keeps FP8 pools off the cascade"
+#endif
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -76,6 +81,7 @@ extern "C" __global__ void __launch_bounds__(NT) cascade_prefix(
     kv_t* Ks = Qs + BM * LD;                          // [STAGES][BN][LD]
     kv_t* Vs = Ks + STAGES * BN * LD;                 // [STAGES][BN][LD]
 
+    if (tiles[2 * blockIdx.x] < 0) return;  // an unused tile of a launch sized for more
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gid = lane >> 2, tig = lane & 3, mi = lane >> 3;
     const int* seg = segments + 6 * tiles[2 * blockIdx.x];

@@ -7,6 +7,7 @@
 // elem_bytes / 16 of them.
 // Element type is irrelevant here: every row is a whole number of 16-byte
 // vectors (head_dim * elem_bytes is a multiple of 64).
+// kv_write_fp8 (built with KV_FP8): the FP8 pool's quantising variant, below.
 #include "kvpager_common.cuh"
 
 extern "C" __global__ void __launch_bounds__(128) kv_write(
@@ -42,3 +43,52 @@ extern "C" __global__ void __launch_bounds__(128) kv_write(
         }
     }
 }
+
+#if KV_FP8
+// The FP8 pool: each thread reads a 16-byte vector of k or v (8 compute values),
+// divides by the (layer, K|V, head) scale (IEEE division, as the NumPy twin),
+// converts with round-to-nearest-even saturated to the finite range and stores
+// 8 bytes. The pool rows are head_dim bytes.
+extern "C" __global__ void __launch_bounds__(128) kv_write_fp8(
+    const uint4* __restrict__ k,          // [num_tokens, num_kv_heads, head_dim] (compute dtype)
+    const uint4* __restrict__ v,          // [num_tokens, num_kv_heads, head_dim]
+    const long long* __restrict__ slots,  // [num_tokens]
+    unsigned char* __restrict__ pool,     // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim] FP8
+    int num_tokens,
+    int layer,
+    int num_layers,
+    int num_kv_heads,
+    int block_size,
+    int row_vecs,                         // head_dim / 8: input vectors per row
+    const float* __restrict__ scales)     // [num_layers, 2, num_kv_heads]
+{
+    const int d = row_vecs * 8;                            // head_dim = bytes of a stored row
+    const long long head_bytes = (long long)block_size * d;
+    const int token_vecs = num_kv_heads * row_vecs;
+    const long long block_bytes = (long long)num_layers * 2 * num_kv_heads * head_bytes;
+    for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
+        const long long slot = slots[t];
+        if (slot < 0) continue;
+        const long long blk = slot / block_size;
+        const int off = (int)(slot - blk * block_size);
+        unsigned char* base = pool + blk * block_bytes + (long long)layer * 2 * num_kv_heads * head_bytes
+                              + (long long)off * d;
+        const uint4* ks = k + (long long)t * token_vecs;
+        const uint4* vs = v + (long long)t * token_vecs;
+        for (int i = threadIdx.x; i < 2 * token_vecs; i += blockDim.x) {
+            const bool is_v = i >= token_vecs;
+            const int j = is_v ? i - token_vecs : i;
+            const int h = j / row_vecs, c = j - h * row_vecs;
+            float f[8];
+            vec_to_float(ld_vec(is_v ? vs + j : ks + j), f);
+            const float s = scales[(layer * 2 + (is_v ? 1 : 0)) * num_kv_heads + h];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) f[e] = __fdiv_rn(f[e], s);
+            uint2 w;
+            w.x = f32x2_to_fp8x2(f[0], f[1]) | (f32x2_to_fp8x2(f[2], f[3]) << 16);
+            w.y = f32x2_to_fp8x2(f[4], f[5]) | (f32x2_to_fp8x2(f[6], f[7]) << 16);
+            *reinterpret_cast<uint2*>(base + (is_v ? num_kv_heads * head_bytes : 0) + h * head_bytes + c * 8) = w;
+        }
+    }
+}
+#endif

@@ -21,6 +21,26 @@ typedef unsigned short kv_t;  // raw float16 / bfloat16 bits
 #endif
 #define VEC_ELEMS (16 / KV_BYTES)  // elements in one 16-byte vector
 
+// Storage of the pool: the compute type, or FP8 (KV_FP8 = 1: e4m3, 2: e5m2) with
+// per-(layer, K|V, kv head) float32 scales (stored = x / scale, read = stored * scale).
+#ifndef KV_FP8
+#define KV_FP8 0
+#endif
+#if KV_FP8
+#if KV_DTYPE == 2
+#error "FP8 storage needs float16 or bfloat16 compute (KV_DTYPE 0 or 1)"
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+#error "FP8 conversions (cvt ... e4m3x2 / e5m2x2) need sm_89 or later"
+#endif
+typedef unsigned char st_t;  // raw FP8 bits
+#define ST_BYTES 1
+#else
+typedef kv_t st_t;
+#define ST_BYTES KV_BYTES
+#endif
+#define ST_VEC (16 / ST_BYTES)  // stored elements in one 16-byte vector
+
 #define NEG_INF (-__int_as_float(0x7f800000))
 
 __device__ __forceinline__ float to_float(kv_t x) {
@@ -70,6 +90,53 @@ __device__ __forceinline__ void unpack2(unsigned w, float& lo, float& hi) {
     lo = to_float((kv_t)(w & 0xffffu));
     hi = to_float((kv_t)(w >> 16));
 #endif
+}
+#endif
+
+#if KV_FP8
+// Two FP8 values (lo byte first) -> float16x2, exact (every e4m3 / e5m2 value is a float16).
+__device__ __forceinline__ unsigned fp8x2_to_f16x2(unsigned w) {
+    unsigned r;
+    const unsigned short h = (unsigned short)w;
+#if KV_FP8 == 1
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(h));
+#else
+    asm("cvt.rn.f16x2.e5m2x2 %0, %1;" : "=r"(r) : "h"(h));
+#endif
+    return r;
+}
+
+// Two floats -> float16x2 (lo in the low half).
+__device__ __forceinline__ unsigned pack2_f16(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// With an FP8 pool the attention MMAs run on float16 operands whatever the compute type:
+// FP8 -> float16 is one exact conversion per pair (bfloat16 would take three), P in [0, 1]
+// is finer in float16, and a bfloat16 q is brought into float16's range by a power of two
+// (q_range_exp), undone on the scores.
+// The exponent p of the power of two 2^p that brings |q| <= amax just under 2^15 (float16's
+// largest finite value is 65504): q * 2^p is then exact in float16 down to 2^-14 (bfloat16
+// has 8 significant bits). amax 0 or not finite: p = 0.
+__device__ __forceinline__ int q_range_exp(float amax) {
+    if (!(amax > 0.f) || amax > 3.0e38f) return 0;
+    const int e = (__float_as_int(amax) >> 23) & 0xff;  // amax < 2^(e - 126)
+    return max(-100, min(100, 141 - e));
+}
+__device__ __forceinline__ float exp2i(int p) { return __int_as_float((p + 127) << 23); }  // |p| <= 126
+
+// Two floats -> two FP8 values in a 16-bit word (lo byte first): round to nearest even,
+// saturated to the largest finite value (NaN stays NaN).
+__device__ __forceinline__ unsigned f32x2_to_fp8x2(float lo, float hi) {
+    unsigned short r;
+#if KV_FP8 == 1
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
 }
 #endif
 

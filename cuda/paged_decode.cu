@@ -32,6 +32,10 @@
 // the cap times log2(e).
 #include "kvpager_common.cuh"
 
+#if KV_FP8
+#error "paged_decode.cu reads float16 / bfloat16 / float32 pools; FP8 pools decode in paged_decode_tc.cu"
+#endif
+
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
 #endif

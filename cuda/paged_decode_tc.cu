@@ -28,8 +28,18 @@
 // raw scores s (q . k) become softcap * tanh(s / softcap), so the host passes
 // the cap divided by the scale.
 //
-// Dynamic shared memory: HPC * WPH * STAGES * 2 * 16 * (HEAD_DIM + 8) * 2 bytes
-// (rows padded by 16 bytes so ldmatrix rows fall in different banks).
+// Dynamic shared memory: HPC * WPH * STAGES * 2 * 16 * LD * ST_BYTES bytes, LD = HEAD_DIM + 8
+// (rows padded by 16 bytes so ldmatrix rows fall in different banks), and at least
+// HPC * WPH * GROUP * HEAD_DIM * 4 for the final merge.
+//
+// KV_FP8 (an FP8 pool): the stages hold the FP8 bytes as stored (16 per cp.async,
+// half the bytes of a 16-bit pool), rows of HEAD_DIM bytes padded to an odd number of
+// 16-byte chunks; ldmatrix reads them as 16-bit pairs and each pair is converted to
+// float16 in registers right before its MMA (exact; see kvpager_mma.cuh for the
+// permuted k order of Q K^T and the even / odd dims of P V). The scores are multiplied by
+// the (layer, head) K scale before the soft cap, the output by the V scale. The MMAs take
+// float16 operands (kvpager_common.cuh): a bfloat16 q is scaled into float16's range by a
+// power of two per warp, undone with the K scale.
 #include "kvpager_common.cuh"
 #include "kvpager_mma.cuh"
 
@@ -60,19 +70,22 @@ constexpr int D = HEAD_DIM;
 constexpr int T = 16;                 // tokens per warp tile
 constexpr int NWARPS = HPC * WPH;
 constexpr int NT = NWARPS * 32;
+#if KV_FP8
+constexpr int LD = (D / 16) % 2 ? D : D + 16;  // an odd number of 16-byte chunks per row
+#else
 constexpr int LD = D + 8;             // padded shared-memory row, in elements
-constexpr int CPR = D / 8;            // 16-byte chunks per row
-constexpr int NCP = T * CPR / 32;     // chunks per lane per tile, for K and for V each
+#endif
+constexpr int CPR = D / ST_VEC;       // 16-byte chunks per row
+constexpr int NCP = (T * CPR + 31) / 32;  // chunks per lane per tile, for K and for V each
 constexpr int KSTEPS = D / 16;
 constexpr bool TWO = GROUP > 8;       // rows 8..15 of the M tile hold heads too
 constexpr int STAGE_ELEMS = 2 * T * LD;  // K rows then V rows
 static_assert(GROUP <= 16, "GQA groups up to 16");
 static_assert(NWARPS <= 16, "at most 16 warps per CTA");
-static_assert((T * CPR) % 32 == 0, "whole chunks per lane");
 
 extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     const kv_t* __restrict__ q,             // [num_items, num_q_heads, HEAD_DIM]
-    const kv_t* __restrict__ pool,          // [num_blocks, num_layers, 2, num_kv_heads, BLOCK_SIZE, HEAD_DIM]
+    const st_t* __restrict__ pool,          // [num_blocks, num_layers, 2, num_kv_heads, BLOCK_SIZE, HEAD_DIM]
     const int* __restrict__ block_tables,   // [num_seqs, max_blocks]
     const int* __restrict__ item_seq,       // [num_items]
     const int* __restrict__ item_len,       // [num_items]
@@ -80,12 +93,14 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     float* __restrict__ part_o,             // [num_items, num_q_heads, num_splits, HEAD_DIM]
     float* __restrict__ part_lse,           // [num_items, num_q_heads, num_splits]
     int layer, int num_layers, int num_kv_heads, int max_blocks, int num_splits,
-    const int* __restrict__ item_start, int parts, int window, float softcap, float scale_log2)
+    const int* __restrict__ item_start, int parts,
+    const float* __restrict__ kv_scales,    // [num_layers, 2, num_kv_heads] (KV_FP8; else unused)
+    int window, float softcap, float scale_log2)
 {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gid = lane >> 2, tig = lane & 3, mi = lane >> 3;
-    kv_t* const wsm = reinterpret_cast<kv_t*>(smem_raw) + warp * STAGES * STAGE_ELEMS;
+    st_t* const wsm = reinterpret_cast<st_t*>(smem_raw) + warp * STAGES * STAGE_ELEMS;
 
     const int nhc = num_kv_heads / HPC;
     const int hc = blockIdx.x % nhc;
@@ -114,11 +129,15 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
             q + ((long long)item * num_q_heads + head0) * D);
 #pragma unroll
         for (int kk = 0; kk < KSTEPS; ++kk) {
-            const int c = kk * 16 + 2 * tig;
+#if KV_FP8
+            const int c = kk * 16 + 4 * tig, c2 = c + 2;  // the permuted k order (kvpager_mma.cuh)
+#else
+            const int c = kk * 16 + 2 * tig, c2 = c + 8;
+#endif
             qa[kk][0] = gid < GROUP ? qw[(gid * D + c) / 2] : 0u;
-            qa[kk][2] = gid < GROUP ? qw[(gid * D + c + 8) / 2] : 0u;
+            qa[kk][2] = gid < GROUP ? qw[(gid * D + c2) / 2] : 0u;
             qa[kk][1] = TWO ? qw[((gid + 8) * D + c) / 2] : 0u;
-            qa[kk][3] = TWO ? qw[((gid + 8) * D + c + 8) / 2] : 0u;
+            qa[kk][3] = TWO ? qw[((gid + 8) * D + c2) / 2] : 0u;
         }
     }
 
@@ -137,15 +156,16 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     // cp.async of tile k's K and V rows into stage st.
     auto issue = [&](int k, int st, int x0, int x1) {
         const int t0 = start + (wi + WPH * k) * T;
-        kv_t* ks = wsm + st * STAGE_ELEMS;
-        const kv_t* p0 = pool + (long long)x0 * block_stride + k_off
+        st_t* ks = wsm + st * STAGE_ELEMS;
+        const st_t* p0 = pool + (long long)x0 * block_stride + k_off
                          + (BLOCK_SIZE >= T ? (t0 % BLOCK_SIZE) * D : 0);
-        const kv_t* p1 = pool + (long long)x1 * block_stride + k_off;
+        const st_t* p1 = pool + (long long)x1 * block_stride + k_off;
 #pragma unroll
         for (int i = 0; i < NCP; ++i) {
-            const int c = lane + 32 * i, row = c / CPR, col = (c % CPR) * 8;
+            const int c = lane + 32 * i, row = c / CPR, col = (c % CPR) * ST_VEC;
+            if ((T * CPR) % 32 != 0 && c >= T * CPR) break;  // FP8 rows of an odd chunk count
             const bool ok = t0 + row < end && t0 + row >= lo;  // zero-filled outside [lo, end)
-            const kv_t* src = ((BLOCK_SIZE < T && row >= BLOCK_SIZE) ? p1 + (row - BLOCK_SIZE) * D
+            const st_t* src = ((BLOCK_SIZE < T && row >= BLOCK_SIZE) ? p1 + (row - BLOCK_SIZE) * D
                                                                      : p0 + row * D) + col;
             cp_async16(ks + row * LD + col, ok ? src : pool, ok);
             cp_async16(ks + (T + row) * LD + col, ok ? src + vk : pool, ok);
@@ -156,6 +176,29 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+#if KV_FP8
+    float k_scale = kv_scales[(layer * 2) * num_kv_heads + h];
+#if KV_DTYPE == 1
+    {   // q (bfloat16) -> float16 operands, times 2^p so its largest value fits float16
+        float amax = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                amax = fmaxf(amax, fmaxf(fabsf(__uint_as_float(qa[kk][e] << 16)),
+                                         fabsf(__uint_as_float(qa[kk][e] & 0xffff0000u))));
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+        const int p = q_range_exp(amax);
+        const float mul = exp2i(p);
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) qa[kk][e] = bf16x2_to_f16x2(qa[kk][e], mul);
+        k_scale *= exp2i(-p);  // the scores of the scaled q, back in q . k units
+    }
+#endif
+#endif
 
     int x0, x1;
     lookup(0, x0, x1);
@@ -173,14 +216,33 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
         cp_wait<STAGES - 1>();
         __syncwarp();
 
-        const kv_t* ks = wsm + st * STAGE_ELEMS;
-        const kv_t* vs = ks + T * LD;
+        const st_t* ks = wsm + st * STAGE_ELEMS;
+        const st_t* vs = ks + T * LD;
         // S = Q K^T for the tile's 16 tokens (two n-tiles of 8), two accumulator sets.
         float s[2][4], s2[2][4];
 #pragma unroll
         for (int j = 0; j < 2; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[j][e] = s2[j][e] = 0.f;
+#if KV_FP8
+        // One ldmatrix.x4 per two 16-dim chunks: matrices (tokens 0-7 | 8-15) x (chunk kc | kc + 1).
+#pragma unroll
+        for (int kc = 0; kc < KSTEPS; kc += 2) {
+            if (kc + 1 < KSTEPS) {
+                unsigned r[4];
+                ldsm_x4(r, ks + ((mi >> 1) * 8 + (lane & 7)) * LD + (kc + (mi & 1)) * 16);
+                mma_fp8_k(s[0], qa[kc], r[0]);
+                mma_fp8_k(s[1], qa[kc], r[2]);
+                mma_fp8_k(s2[0], qa[kc + 1], r[1]);
+                mma_fp8_k(s2[1], qa[kc + 1], r[3]);
+            } else {
+                unsigned r[2];
+                ldsm_x2(r, ks + ((mi & 1) * 8 + (lane & 7)) * LD + kc * 16);
+                mma_fp8_k(s[0], qa[kc], r[0]);
+                mma_fp8_k(s[1], qa[kc], r[1]);
+            }
+        }
+#else
 #pragma unroll
         for (int kk = 0; kk < KSTEPS; ++kk) {
             unsigned bk[4];
@@ -189,11 +251,18 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
             mma16816(acc[0], qa[kk], bk[0], bk[1]);
             mma16816(acc[1], qa[kk], bk[2], bk[3]);
         }
+#endif
         const int t0 = start + (wi + WPH * k) * T;
 #pragma unroll
         for (int j = 0; j < 2; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[j][e] += s2[j][e];
+#if KV_FP8
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[j][e] *= k_scale;  // raw q . k of the dequantised K
+#endif
         if (softcap > 0.f) {
             const float inv = 1.f / softcap;
 #pragma unroll
@@ -242,20 +311,36 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
             const float e10 = exp2f(fmaf(s[1][0], scale_log2, -b0));
             const float e11 = exp2f(fmaf(s[1][1], scale_log2, -b0));
             l0 += (e00 + e01) + (e10 + e11);
-            pa[0] = pack2(e00, e01);
-            pa[2] = pack2(e10, e11);
+            pa[0] = pack2_mma(e00, e01);
+            pa[2] = pack2_mma(e10, e11);
             if (TWO) {
                 const float f00 = exp2f(fmaf(s[0][2], scale_log2, -b1));
                 const float f01 = exp2f(fmaf(s[0][3], scale_log2, -b1));
                 const float f10 = exp2f(fmaf(s[1][2], scale_log2, -b1));
                 const float f11 = exp2f(fmaf(s[1][3], scale_log2, -b1));
                 l1 += (f00 + f01) + (f10 + f11);
-                pa[1] = pack2(f00, f01);
-                pa[3] = pack2(f10, f11);
+                pa[1] = pack2_mma(f00, f01);
+                pa[3] = pack2_mma(f10, f11);
             } else {
                 pa[1] = pa[3] = 0u;
             }
         }
+#if KV_FP8
+        // One ldmatrix.x4.trans per two 16-dim chunks: matrices (tokens 0-7 | 8-15) x (chunk | chunk + 1).
+#pragma unroll
+        for (int vc = 0; vc < KSTEPS; vc += 2) {
+            if (vc + 1 < KSTEPS) {
+                unsigned r[4];
+                ldsm_x4_t(r, vs + ((mi & 1) * 8 + (lane & 7)) * LD + (vc + (mi >> 1)) * 16);
+                mma_fp8_v(o[2 * vc], o[2 * vc + 1], pa, r[0], r[1]);
+                mma_fp8_v(o[2 * vc + 2], o[2 * vc + 3], pa, r[2], r[3]);
+            } else {
+                unsigned r[2];
+                ldsm_x2_t(r, vs + ((mi & 1) * 8 + (lane & 7)) * LD + vc * 16);
+                mma_fp8_v(o[2 * vc], o[2 * vc + 1], pa, r[0], r[1]);
+            }
+        }
+#else
 #pragma unroll
         for (int np = 0; np < KSTEPS; ++np) {
             unsigned bv[4];
@@ -263,6 +348,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
             mma16816(o[2 * np], pa, bv[0], bv[1]);
             mma16816(o[2 * np + 1], pa, bv[2], bv[3]);
         }
+#endif
         __syncwarp();  // every lane is done with stage st before it is refilled
         st = st + 1 == STAGES ? 0 : st + 1;
         ist = ist + 1 == STAGES ? 0 : ist + 1;
@@ -281,18 +367,26 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     __shared__ float sm_m[NWARPS][16], sm_l[NWARPS][16];
     __syncthreads();
     float* sm_o = reinterpret_cast<float*>(smem_raw);  // [NWARPS][GROUP][D]
+    // Where accumulator column e (0, 1) of n-tile n sits in the row: FP8's P V leaves dims
+    // 4 tig + (0, 2) of chunk n / 2 in the even n-tiles and 4 tig + (1, 3) in the odd ones.
+#if KV_FP8
+#define OCOL(n, e) (((n) >> 1) * 16 + 4 * tig + 2 * (e) + ((n) & 1))
+#else
+#define OCOL(n, e) ((n) * 8 + 2 * tig + (e))
+#endif
     if (gid < GROUP) {
         if (tig == 0) { sm_m[warp][gid] = m0; sm_l[warp][gid] = l0; }
-        float* r = sm_o + (warp * GROUP + gid) * D + 2 * tig;
+        float* r = sm_o + (warp * GROUP + gid) * D;
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) { r[n * 8] = o[n][0]; r[n * 8 + 1] = o[n][1]; }
+        for (int n = 0; n < D / 8; ++n) { r[OCOL(n, 0)] = o[n][0]; r[OCOL(n, 1)] = o[n][1]; }
     }
     if (TWO) {
         if (tig == 0) { sm_m[warp][gid + 8] = m1; sm_l[warp][gid + 8] = l1; }
-        float* r = sm_o + (warp * GROUP + gid + 8) * D + 2 * tig;
+        float* r = sm_o + (warp * GROUP + gid + 8) * D;
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) { r[n * 8] = o[n][2]; r[n * 8 + 1] = o[n][3]; }
+        for (int n = 0; n < D / 8; ++n) { r[OCOL(n, 0)] = o[n][2]; r[OCOL(n, 1)] = o[n][3]; }
     }
+#undef OCOL
     __syncthreads();
     constexpr int R = HPC * GROUP;  // output rows of this CTA: row0 .. row0 + R - 1
     const long long row0 = (long long)item * num_q_heads + hc * R;
@@ -312,10 +406,16 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
             }
         }
         const long long row = row0 + r;
+#if KV_FP8
+        const float v_scale = kv_scales[(layer * 2 + 1) * num_kv_heads + hc * HPC + r / GROUP];
+#else
+        const float v_scale = 1.f;
+#endif
+        const float res = lsum > 0.f ? acc / lsum * v_scale : 0.f;
         if (parts == 0) {
-            out[row * D + d] = from_float(lsum > 0.f ? acc / lsum : 0.f);
+            out[row * D + d] = from_float(res);
         } else {
-            part_o[(row * parts + split) * D + d] = lsum > 0.f ? acc / lsum : 0.f;
+            part_o[(row * parts + split) * D + d] = res;
             if (d == 0) part_lse[row * parts + split] = lsum > 0.f ? mx + __log2f(lsum) : NEG_INF;
             // the shared-prefix slots start empty: cascade_prefix (launched next) fills its members'
             if (d == 0 && split == 0)

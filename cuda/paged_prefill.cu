@@ -23,6 +23,15 @@
 // Grid: x = query tile (from the tiles list built by the planner), y = kv head.
 // Dynamic shared memory: (BM + 2 * STAGES * BN) * (HEAD_DIM + 8) * 2 bytes
 // (rows padded by 16 bytes so ldmatrix rows fall in different banks).
+//
+// KV_FP8 (an FP8 pool): cp.async stages the FP8 bytes as stored (STAGES deep, rows
+// of HEAD_DIM bytes); each iteration the CTA converts its tile (exactly) into one
+// K and one V tile of the compute type, from which the MMAs read as above. Scores
+// are multiplied by the (layer, head) K scale before the soft cap, the output by
+// the V scale. The MMAs take float16 operands (kvpager_common.cuh): a bfloat16 Q tile is
+// converted in shared memory once, times a power of two that fits it into float16's range,
+// undone with the K scale. Dynamic shared memory: (BM + 2 * BN) * (HEAD_DIM + 8) * 2
+// + 2 * STAGES * BN * HEAD_DIM bytes.
 #include "kvpager_common.cuh"
 #include "kvpager_mma.cuh"
 
@@ -57,20 +66,35 @@ static_assert(MT == 1 || D <= 128, "two m-tiles per warp only up to head dim 128
 
 extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
     const kv_t* __restrict__ q,             // [total_query_tokens, num_q_heads, HEAD_DIM]
-    const kv_t* __restrict__ pool,          // [num_blocks, num_layers, 2, num_kv_heads, BLOCK_SIZE, HEAD_DIM]
+    const st_t* __restrict__ pool,          // [num_blocks, num_layers, 2, num_kv_heads, BLOCK_SIZE, HEAD_DIM]
     const int* __restrict__ block_tables,   // [num_seqs, max_blocks]
     const int* __restrict__ seq_lens,       // [num_seqs]
     const int* __restrict__ query_lens,     // [num_seqs]
     const int* __restrict__ q_start,        // [num_seqs]: first row of each sequence in q / out
     const int* __restrict__ tiles,          // [num_tiles, 2]: (sequence, first query token)
     kv_t* __restrict__ out,                 // [total_query_tokens, num_q_heads, HEAD_DIM]
-    int layer, int num_layers, int num_kv_heads, int max_blocks, int window, float softcap,
-    float scale_log2)
+    int layer, int num_layers, int num_kv_heads, int max_blocks,
+    const float* __restrict__ kv_scales,    // [num_layers, 2, num_kv_heads] (KV_FP8; else unused)
+    int window, float softcap, float scale_log2)
 {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     kv_t* Qs = reinterpret_cast<kv_t*>(smem_raw);   // [BM][LD]
+#if KV_FP8
+    kv_t* Ks = Qs + BM * LD;                          // [BN][LD], converted
+    kv_t* Vs = Ks + BN * LD;                          // [BN][LD], converted
+    st_t* Rs = reinterpret_cast<st_t*>(Vs + BN * LD); // [STAGES][2][BN][D], as stored
+    constexpr int SLD = D;                            // stored row, in elements
+    constexpr int SST = BN * SLD;                     // K to V within a stage
+    constexpr int SSTAGE = 2 * SST;
+    st_t* Rv = Rs + SST;                              // the V rows of stage 0
+#else
     kv_t* Ks = Qs + BM * LD;                          // [STAGES][BN][LD]
     kv_t* Vs = Ks + STAGES * BN * LD;                 // [STAGES][BN][LD]
+    constexpr int SLD = LD;
+    constexpr int SSTAGE = BN * LD;
+    st_t* Rs = Ks;
+    st_t* Rv = Vs;
+#endif
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gid = lane >> 2, tig = lane & 3, mi = lane >> 3;
@@ -94,7 +118,8 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
     const long long block_stride = (long long)num_layers * 2 * num_kv_heads * BLOCK_SIZE * D;
     const long long k_off = ((long long)layer * 2 * num_kv_heads + h) * BLOCK_SIZE * D;
     const long long v_off = k_off + (long long)num_kv_heads * BLOCK_SIZE * D;
-    constexpr int CPR = D / 8;  // 16-byte chunks per row
+    constexpr int CPR = D / 8;  // 16-byte chunks per row of q
+    constexpr int SCPR = D / ST_VEC;  // 16-byte chunks per stored K/V row
 
     // Q tile -> smem (rows past the sequence's queries zero-filled).
     for (int c = tid; c < BM * CPR; c += NT) {
@@ -105,17 +130,17 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
         cp_async16(Qs + r * LD + col, src, ok);
     }
     auto load_kv = [&](int t, int stage) {
-        kv_t* ks = Ks + stage * BN * LD;
-        kv_t* vs = Vs + stage * BN * LD;
+        st_t* ks = Rs + stage * SSTAGE;
+        st_t* vs = Rv + stage * SSTAGE;
 #pragma unroll
-        for (int c = tid; c < BN * CPR; c += NT) {
-            const int r = c / CPR, col = (c % CPR) * 8;
+        for (int c = tid; c < BN * SCPR; c += NT) {
+            const int r = c / SCPR, col = (c % SCPR) * ST_VEC;
             const int pos = t * BN + r;
             const bool ok = pos < kv_end && pos >= first_vis;  // zero-filled outside
             long long row = 0;
             if (ok) row = (long long)table[pos / BLOCK_SIZE] * block_stride + (pos % BLOCK_SIZE) * D + col;
-            cp_async16(ks + r * LD + col, pool + (ok ? row + k_off : 0), ok);
-            cp_async16(vs + r * LD + col, pool + (ok ? row + v_off : 0), ok);
+            cp_async16(ks + r * SLD + col, pool + (ok ? row + k_off : 0), ok);
+            cp_async16(vs + r * SLD + col, pool + (ok ? row + v_off : 0), ok);
         }
     };
 #pragma unroll
@@ -140,14 +165,63 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
         }
     }
 
+#if KV_FP8
+    float k_scale = kv_scales[(layer * 2) * num_kv_heads + h];
+    const float v_scale = kv_scales[(layer * 2 + 1) * num_kv_heads + h];
+#if KV_DTYPE == 1
+    __shared__ unsigned q_amax;  // |q| of the tile, as float bits (non-negative: ordered as ints)
+    if (tid == 0) q_amax = 0u;   // read after the loop's first barrier
+#endif
+#else
+    const float v_scale = 1.f;
+#endif
     int st = 0, ist = STAGES - 1;
     for (int t = t_begin; t < num_tiles; ++t) {
         if (t + STAGES - 1 < num_tiles) load_kv(t + STAGES - 1, ist);
         cp_commit();
         cp_wait<STAGES - 1>();
         __syncthreads();
+#if KV_FP8
+#if KV_DTYPE == 1
+        if (t == t_begin) {  // the Q tile (landed with the first stage) -> float16, times 2^p
+            float amax = 0.f;
+            for (int c = tid; c < BM * D / 2; c += NT) {
+                const unsigned w = reinterpret_cast<const unsigned*>(Qs)[(c / (D / 2)) * (LD / 2) + c % (D / 2)];
+                amax = fmaxf(amax, fmaxf(fabsf(__uint_as_float(w << 16)), fabsf(__uint_as_float(w & 0xffff0000u))));
+            }
+            atomicMax(&q_amax, __float_as_uint(amax));
+            __syncthreads();
+            const int p = q_range_exp(__uint_as_float(q_amax));
+            const float mul = exp2i(p);
+            for (int c = tid; c < BM * D / 2; c += NT) {
+                unsigned* w = reinterpret_cast<unsigned*>(Qs) + (c / (D / 2)) * (LD / 2) + c % (D / 2);
+                *w = bf16x2_to_f16x2(*w, mul);
+            }
+            k_scale *= exp2i(-p);  // the scores of the scaled q, back in q . k units
+        }
+#endif
+        {   // the stage's FP8 K and V -> float16 tiles (16 values per chunk, exact)
+            const st_t* raw = Rs + st * SSTAGE;
+            for (int c = tid; c < 2 * BN * SCPR; c += NT) {
+                const int r = c / SCPR, col = (c % SCPR) * 16;  // r: K rows, then V rows
+                const uint4 w = *reinterpret_cast<const uint4*>(raw + r * SLD + col);
+                uint4 a, b;
+                a.x = fp8x2_to_f16x2(w.x); a.y = fp8x2_to_f16x2(w.x >> 16);
+                a.z = fp8x2_to_f16x2(w.y); a.w = fp8x2_to_f16x2(w.y >> 16);
+                b.x = fp8x2_to_f16x2(w.z); b.y = fp8x2_to_f16x2(w.z >> 16);
+                b.z = fp8x2_to_f16x2(w.w); b.w = fp8x2_to_f16x2(w.w >> 16);
+                kv_t* dst = (r < BN ? Ks + r * LD : Vs + (r - BN) * LD) + col;
+                *reinterpret_cast<uint4*>(dst) = a;
+                *reinterpret_cast<uint4*>(dst + 8) = b;
+            }
+        }
+        __syncthreads();
+        const kv_t* ks = Ks;
+        const kv_t* vs = Vs;
+#else
         const kv_t* ks = Ks + st * BN * LD;
         const kv_t* vs = Vs + st * BN * LD;
+#endif
 
         float s[MT][BN / 8][4];
 #pragma unroll
@@ -171,6 +245,14 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
                 }
             }
         }
+#if KV_FP8
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][n][e] *= k_scale;  // q . k of the dequantised K
+#endif
         if (softcap > 0.f) {
             const float inv = 1.f / softcap;
 #pragma unroll
@@ -237,8 +319,8 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
                 const float e2 = exp2f(fmaf(s[mt][n][2], scale_log2, -u1));
                 const float e3 = exp2f(fmaf(s[mt][n][3], scale_log2, -u1));
                 l[mt][0] += e0 + e1; l[mt][1] += e2 + e3;
-                pa[mt][n >> 1][(n & 1) * 2 + 0] = pack2(e0, e1);
-                pa[mt][n >> 1][(n & 1) * 2 + 1] = pack2(e2, e3);
+                pa[mt][n >> 1][(n & 1) * 2 + 0] = pack2_mma(e0, e1);
+                pa[mt][n >> 1][(n & 1) * 2 + 1] = pack2_mma(e2, e3);
             }
         }
 #pragma unroll
@@ -267,7 +349,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
             float lt = l[mt][hf];
             lt += __shfl_xor_sync(0xffffffffu, lt, 1);
             lt += __shfl_xor_sync(0xffffffffu, lt, 2);
-            const float inv = lt > 0.f ? 1.f / lt : 0.f;
+            const float inv = lt > 0.f ? v_scale / lt : 0.f;
             if (p[mt][hf] < 0) continue;
             const int r = warp * WR + mt * 16 + gid + 8 * hf;
             unsigned* dst = reinterpret_cast<unsigned*>(

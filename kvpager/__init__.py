@@ -36,6 +36,7 @@ from kvpager.errors import (
 )
 from kvpager.events import EventSink
 from kvpager.pool import KVPool
+from kvpager.pool_rank import PoolRank
 from kvpager.spec import PoolSpec
 from kvpager.types import (
     Allocation,
@@ -71,6 +72,7 @@ __all__ = [
     "OutOfBlocks",
     "PinInfo",
     "PoolCounters",
+    "PoolRank",
     "PoolSpec",
     "PoolStats",
     "ProtocolError",

@@ -26,6 +26,7 @@ BENCHMARKS = [
     ("attention", "bench_attention.py", True, ("cupy", "torch")),
     ("copy", "bench_copy.py", True, ("cupy",)),
     ("swap", "bench_swap.py", True, ("cupy",)),
+    ("peers", "bench_peers.py", True, ("cupy", "torch")),  # FlashInfer optional: "absent" columns
 ]
 _INSTALL = {"cupy": "pip install 'kvpager[cuda]' (or 'kvpager[cuda12]')", "torch": "pip install 'kvpager[torch]'"}
 
@@ -51,7 +52,7 @@ def missing(needs_gpu: bool, modules: tuple[str, ...], gpu: bool) -> str | None:
 @click.option("--timeout", type=float, default=900, show_default=True, help="Seconds allowed per benchmark.")
 def bench(names: tuple[str, ...], as_json: bool, timeout: float) -> None:
     """Run the benchmarks (all that this machine can run, or NAMES: allocator, rpc,
-    attention, copy, swap) and print their tables."""
+    attention, copy, swap, peers) and print their tables."""
     from kvpager.backends import cuda_available
 
     known = {n for n, *_ in BENCHMARKS}

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from kvpager import cuda_ipc, env
+from kvpager.backends.ranked import rank_spec
 from kvpager.channel import Channel
 from kvpager.client_control import ControlMethods, undo_pin
 from kvpager.client_kv import KVAccess
@@ -78,7 +79,10 @@ class Client(KVAccess, ControlMethods):
     (default KVPAGER_TOKEN, else the file KVPAGER_TOKEN_FILE). ``control_token``:
     the daemon's control token, for quotas and kept pins (default
     KVPAGER_CONTROL_TOKEN, else the file KVPAGER_CONTROL_TOKEN_FILE). Raises
-    DaemonUnavailable if nothing listens, Unauthorized without the right token."""
+    DaemonUnavailable if nothing listens, Unauthorized without the right token.
+    ``rank``: on a tensor-parallel daemon (``kvpager serve --devices``), the rank
+    this worker serves: it maps that rank's storage only, and `spec`, `kv`,
+    `write`, `attend` and `plan` are over that rank's kv heads."""
 
     def __init__(
         self,
@@ -90,8 +94,11 @@ class Client(KVAccess, ControlMethods):
         name: str | None = None,
         token: str | None = None,
         control_token: str | None = None,
+        rank: int | None = None,
     ):
         self.endpoint = check_endpoint(endpoint or default_endpoint())
+        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
+            raise InvalidArgument(f"rank must be an int >= 0 (this worker's tensor-parallel rank), got {rank!r}")
         self.timeout = env.timeout_s() if timeout is None else float(timeout)
         if not 0 < self.timeout < float("inf"):
             raise InvalidArgument(f"timeout must be a positive number of seconds, got {timeout!r}")
@@ -123,6 +130,8 @@ class Client(KVAccess, ControlMethods):
         control_token = control_token if control_token is not None else env.control_token()
         if control_token:
             self._hello_args["control_token"] = control_token
+        if rank is not None:
+            self._hello_args["rank"] = rank  # maps that rank's storage (docs/protocol.md, "Ranks")
         self._want_map, self._want_heartbeat = map_pool, heartbeat
         self._hb_stop = threading.Event()
         self._hb: threading.Thread | None = None
@@ -137,7 +146,13 @@ class Client(KVAccess, ControlMethods):
             raise DaemonUnavailable(f"no kvpager daemon answers at {self.endpoint}: {e}") from None
         self.session, self.epoch = info["session"], info["epoch"]
         self.session_name = info.get("name")
-        self.spec = PoolSpec.from_dict(info["spec"])
+        #: the whole pool's geometry (all kv heads); `spec` is this worker's rank's
+        self.pool_spec = PoolSpec.from_dict(info["spec"])
+        #: tensor-parallel ranks of the pool, and the one this session serves (None: none named)
+        self.ranks: int = int(info.get("ranks") or 1)
+        self.rank: int | None = info.get("rank")
+        self.spec = (rank_spec(self.pool_spec, self.ranks, self.rank) if self.ranks > 1 and self.rank is not None
+                     else self.pool_spec)
         self.device: str = info["device"]
         self.memory: dict[str, Any] = info["memory"]
         self.heartbeat_timeout: float = info["heartbeat_timeout"]

@@ -35,11 +35,16 @@ class KVAccess:
         return self._pool().layer_kv(int(layer))
 
     def torch_kv(self, layer: int) -> tuple[Any, Any]:
-        """`kv` as torch tensors (``torch.from_dlpack``, no copy), on the pool's device."""
+        """`kv` as torch tensors (``torch.from_dlpack``, no copy), on the pool's device
+        (an FP8 pool: torch.float8_e4m3fn / float8_e5m2 views of the stored bytes)."""
         import torch
 
         out = []
+        fp8 = {"float8_e4m3": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}.get(self.spec.kv_dtype or "")
         for x in self.kv(layer):
+            if fp8 is not None:  # the raw bytes, as torch's float8 type (DLPack has no FP8)
+                out.append(torch.from_dlpack(x.view(np.uint8)).view(fp8))
+                continue
             t = torch.from_dlpack(x)
             if self.spec.dtype == "bfloat16" and t.dtype != torch.bfloat16:
                 t = t.view(torch.bfloat16)  # a CuPy without bfloat16 stores its bits as uint16
@@ -82,7 +87,8 @@ class KVAccess:
         if self.gpu:
             return pool.attend(int(layer), q, tables, lens, np.ascontiguousarray(qlens), scale,
                                window=window, softcap=softcap)
-        return paged_attention(pool.kv, int(layer), q, tables, lens, qlens, scale, window=window, softcap=softcap)
+        return paged_attention(pool.kv, int(layer), q, tables, lens, qlens, scale, window=window, softcap=softcap,
+                               kv_scales=pool.scales)
 
     def remote_write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
         """Send K/V to the daemon through this session's staging buffer."""
@@ -120,6 +126,10 @@ class KVAccess:
     def _pool(self) -> Any:
         if self._mapped is None:
             kind = self.memory.get("kind")
+            if kind == "ranks":
+                raise InvalidArgument(
+                    f"the daemon's pool has {self.memory.get('ranks')} tensor-parallel ranks, each holding a "
+                    "share of the kv heads: open the client with the rank this worker serves (Client(rank=r))")
             if kind not in ("shm", "cuda_ipc"):
                 raise InvalidArgument(
                     f"the daemon's pool is not mappable here (memory kind {kind!r}); "

@@ -23,6 +23,8 @@ from kvpager.errors import InvalidArgument, UnsupportedConfiguration
 from kvpager.validate import int_array
 
 DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
+#: KV_FP8 codes of the FP8 storage dtypes (kvpager_common.cuh)
+FP8_CODES = {"float8_e4m3": 1, "float8_e5m2": 2}
 HEAD_DIMS = tuple(range(32, 257, 16))  # every multiple of 16 from 32 to 256
 BLOCK_SIZES = (8, 16, 32, 64)
 GROUP_SIZES = (1, 2, 4, 8, 16)
@@ -115,6 +117,34 @@ def check_geometry(dtype: str, head_dim: int, block_size: int) -> None:
         raise UnsupportedConfiguration(f"the CUDA kernels support block_size in {BLOCK_SIZES}, not {block_size}")
 
 
+def compute_capability(device: int) -> tuple[int, int]:
+    """(major, minor) of ``device``."""
+    import cupy
+
+    cc = cupy.cuda.Device(device).compute_capability  # e.g. "90"
+    return int(cc[:-1]), int(cc[-1])
+
+
+def check_fp8(spec: Any, device: int) -> None:
+    """UnsupportedConfiguration unless the FP8 pool ``spec`` can run on ``device``:
+    the FP8 conversions (cvt ... e4m3x2 / e5m2x2) need compute capability 8.9 or later."""
+    if not spec.is_fp8:
+        return
+    cc = compute_capability(device)
+    if cc < (8, 9):
+        raise UnsupportedConfiguration(
+            f"kv_dtype={spec.kv_dtype} needs a GPU of compute capability 8.9 or later (FP8 conversions); "
+            f"cuda:{device} is {cc[0]}.{cc[1]}")
+
+
+def storage_defines(spec: Any) -> dict[str, int]:
+    """The -D defines naming a pool's compute and storage types."""
+    defs = {"KV_DTYPE": DTYPE_CODES[spec.dtype]}
+    if spec.is_fp8:
+        defs["KV_FP8"] = FP8_CODES[spec.kv_dtype]
+    return defs
+
+
 def check_group(num_q_heads: int, num_kv_heads: int) -> int:
     if num_q_heads % num_kv_heads or num_q_heads // num_kv_heads not in GROUP_SIZES:
         raise UnsupportedConfiguration(
@@ -164,8 +194,11 @@ def check_pairs(pairs: Any, src_blocks: int, dst_blocks: int, what: str) -> np.n
 
 
 # -- launchers --------------------------------------------------------------------------
-def write(pool: Any, spec: Any, layer: int, slots: Any, k: Any, v: Any, device: int) -> None:
-    """pool[slot // bs, layer, 0|1, :, slot % bs] = k|v for every slot != -1."""
+def write(pool: Any, spec: Any, layer: int, slots: Any, k: Any, v: Any, device: int,
+          dtype: Any = None, scales: Any = None) -> None:
+    """pool[slot // bs, layer, 0|1, :, slot % bs] = k|v for every slot != -1. An FP8
+    pool: k / v in ``dtype`` (the compute dtype), quantised with ``scales`` (float32
+    [layers, 2, kv heads] on the device)."""
     import cupy
 
     slots = int_array(slots, "slots", 1, np.int64)
@@ -174,15 +207,25 @@ def write(pool: Any, spec: Any, layer: int, slots: Any, k: Any, v: Any, device: 
         raise InvalidArgument(f"layer {layer} outside [0, {spec.num_layers})")
     t = len(slots)
     shape = (t, spec.num_kv_heads, spec.head_dim)
-    k = _tensor(k, "k", shape, pool.dtype, device)
-    v = _tensor(v, "v", shape, pool.dtype, device)
+    k = _tensor(k, "k", shape, pool.dtype if dtype is None else dtype, device)
+    v = _tensor(v, "v", shape, pool.dtype if dtype is None else dtype, device)
     if t == 0:
         return
-    fn = get_kernel("kv_write.cu", "kv_write", {}, device)
-    row_vecs = spec.head_dim * spec.itemsize // 16
-    fn((min(t, 65536),), (128,), (
-        k, v, cupy.asarray(slots), pool, np.int32(t), np.int32(layer), np.int32(spec.num_layers),
-        np.int32(spec.num_kv_heads), np.int32(spec.block_size), np.int32(row_vecs)))
+    name, defs = write_kernel(spec)
+    fn = get_kernel("kv_write.cu", name, defs, device)
+    row_vecs = spec.head_dim * spec.compute_itemsize // 16
+    args = [k, v, cupy.asarray(slots), pool, np.int32(t), np.int32(layer), np.int32(spec.num_layers),
+            np.int32(spec.num_kv_heads), np.int32(spec.block_size), np.int32(row_vecs)]
+    if spec.is_fp8:
+        args.append(scales)
+    fn((min(t, 65536),), (128,), tuple(args))
+
+
+def write_kernel(spec: Any) -> tuple[str, dict[str, int]]:
+    """(kernel name, defines) of kv_write.cu for the pool: a byte move, or FP8 quantisation."""
+    if spec.is_fp8:
+        return "kv_write_fp8", storage_defines(spec)
+    return "kv_write", {}
 
 
 def copy_blocks(pool: Any, spec: Any, pairs: Any, device: int) -> None:
@@ -275,10 +318,25 @@ def decode_layout(num_kv_heads: int, head_dim: int, itemsize: int, items: int = 
         hpc = 4 if short else 1
     hpc = math.gcd(int(hpc), num_kv_heads)
     wph = int(DECODE_WARPS_PER_HEAD or (4 if hpc == 1 else 1))
-    per_warp = 2 * 16 * (head_dim + 8) * itemsize
+    per_warp = 2 * 16 * decode_row_bytes(head_dim, itemsize)
     while hpc > 1 and (hpc * wph > 16 or hpc * wph * 2 * per_warp > 220 * 1024):
         hpc //= 2
     return hpc, wph
+
+
+def decode_row_bytes(head_dim: int, itemsize: int) -> int:
+    """Bytes of a K/V row in paged_decode_tc.cu's shared memory: padded by 16 bytes
+    (itemsize 1, FP8: to an odd number of 16-byte chunks), so ldmatrix rows fall
+    in different banks."""
+    if itemsize == 1:
+        return head_dim if (head_dim // 16) % 2 else head_dim + 16
+    return (head_dim + 8) * itemsize
+
+
+def decode_smem(head_dim: int, itemsize: int, warps: int, stages: int, group: int) -> int:
+    """Dynamic shared memory of a paged_decode_tc.cu CTA: its warps' stages, and at least
+    the float32 rows of the final merge (which reuses them)."""
+    return max(warps * stages * 2 * 16 * decode_row_bytes(head_dim, itemsize), warps * group * head_dim * 4)
 
 
 def decode_stages(head_dim: int, itemsize: int, warps: int = 4) -> int:
@@ -286,7 +344,7 @@ def decode_stages(head_dim: int, itemsize: int, warps: int = 4) -> int:
     of about 220 KiB of shared memory per SM (8 warps per SM), 2 to 4."""
     if DECODE_STAGES:
         return int(DECODE_STAGES)
-    per_stage = warps * 2 * 16 * (head_dim + 8) * itemsize
+    per_stage = warps * 2 * 16 * decode_row_bytes(head_dim, itemsize)
     budget = 220 * 1024 // max(1, 8 // warps)
     return int(max(2, min(4, budget // per_stage)))
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from kvpager.errors import ERRORS_BY_CODE, InvalidArgument
 from kvpager.protocol import OPS
-from kvpager.types import PoolCounters, PoolStats
+from kvpager.types import PoolCounters, PoolStats, RemoteStats
 
 log = logging.getLogger("kvpager.server")
 
@@ -81,6 +81,7 @@ class Snapshot:
     counters: PoolCounters
     sessions: int
     taken: float
+    remote: RemoteStats | None = None  # the remote prefix tier's counters, where there is one
 
 
 class Snapshots:
@@ -149,6 +150,8 @@ class Collector:
             yield gauge("kv_cache_usage_perc", "Share of device blocks in use (0-1); evictable cached blocks "
                         "count as free.", st.used_blocks / st.total_blocks if st.total_blocks else 0.0)
             yield gauge("blocks_total", "Usable device blocks (the null block excluded).", st.total_blocks)
+            yield gauge("ranks", "Tensor-parallel ranks (GPUs) of the pool; each holds bytes_per_block / ranks "
+                        "of every block.", st.ranks)
             yield gauge("blocks_free", "Device blocks on the free list.", st.free_blocks)
             yield gauge("blocks_evictable", "Unreferenced device blocks still in the prefix cache.",
                         st.evictable_blocks)
@@ -179,6 +182,8 @@ class Collector:
                 swap_bytes.add_metric([direction], nbytes)
             yield blocks
             yield swap_bytes
+            if snap.remote is not None:
+                yield from _remote(snap.remote, gauge, counter)
         yield from self._requests(CounterMetricFamily, HistogramMetricFamily, gauge, counter)
 
     def _requests(self, counter_family: Any, histogram_family: Any, gauge: Any, counter: Any) -> Iterator[Any]:
@@ -208,6 +213,29 @@ class Collector:
         yield gauge("loop_busy_ratio", "Share of the last second the loop was busy (0-1).", r.busy_ratio)
 
 
+def _remote(r: RemoteStats, gauge: Any, counter: Any) -> Iterator[Any]:
+    """The remote prefix tier's figures (`kvpager.remote_tier`)."""
+    yield gauge("remote_available", "1 while the remote store is used, 0 while the circuit breaker skips it.",
+                float(r.available))
+    yield counter("remote_lookups", "Allocates that asked the remote store.", r.lookups)
+    yield counter("remote_lookup_blocks", "Block keys asked of the remote store.", r.lookup_blocks)
+    yield counter("remote_hit_blocks", "Valid values the remote store returned.", r.hit_blocks)
+    yield counter("remote_restored_blocks", "Blocks restored from the remote store into the pool.",
+                  r.restored_blocks)
+    yield counter("remote_restored_bytes", "K/V bytes restored from the remote store.", r.restored_bytes)
+    yield counter("remote_skipped_lookups", "Lookups not sent while the store was marked unavailable.",
+                  r.skipped_lookups)
+    yield counter("remote_errors", "Failed remote store calls (lookups, writes, deletes).", r.errors)
+    yield counter("remote_corrupt_blocks", "Values refused (format, key, length, checksum) and deleted.",
+                  r.corrupt_blocks)
+    yield gauge("remote_queued_blocks", "Blocks waiting to be written to the remote store.", r.queued_blocks)
+    yield gauge("remote_queued_bytes", "Bytes waiting to be written to the remote store.", r.queued_bytes)
+    yield counter("remote_written_blocks", "Blocks newly written to the remote store.", r.written_blocks)
+    yield counter("remote_written_bytes", "Bytes newly written to the remote store.", r.written_bytes)
+    yield counter("remote_dropped_blocks", "Blocks never written: the queue was full or the store "
+                  "unavailable.", r.dropped_blocks)
+
+
 def serve_metrics(requests: RequestMetrics, pool: Any, sessions: Callable[[], int], host: str,
           port: int) -> tuple[Snapshots, Any, int]:
     """Serve the metrics of a daemon's ``pool`` (a `KVPool`; its figures read on
@@ -217,10 +245,12 @@ def serve_metrics(requests: RequestMetrics, pool: Any, sessions: Callable[[], in
     from kvpager import __version__
 
     def take() -> Snapshot:
-        return Snapshot(pool.stats(), pool.counters(), sessions(), time.monotonic())
+        remote = pool.remote.stats() if pool.remote is not None else None
+        return Snapshot(pool.stats(), pool.counters(), sessions(), time.monotonic(), remote)
 
     snapshots = Snapshots(take)
-    info = {"version": __version__, "device": str(pool.device), "block_size": str(pool.spec.block_size)}
+    devices = getattr(pool.backend, "devices", None) or [pool.device]
+    info = {"version": __version__, "device": ",".join(map(str, devices)), "block_size": str(pool.spec.block_size)}
     httpd, port = serve_http(Collector(requests, snapshots, info), host, port)
     log.info("metrics on http://%s:%d/metrics", host, port)
     return snapshots, httpd, port

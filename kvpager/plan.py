@@ -160,6 +160,16 @@ class StepPlan(ABC):
         check_floor(self.floor, self.seq_lens, self.query_lens, window)
 
 
+def table_floor(tables: np.ndarray, block_size: int) -> np.ndarray | None:
+    """Each row's first held position read from its block table (released
+    blocks are null entries at its start, and only there); None when no row
+    has one. What `KVPool.plan` takes from the pool, for a plan refilled from tables alone."""
+    if not tables.size or tables[:, 0].all():
+        return None
+    held = tables != 0
+    return held.argmax(axis=1).astype(np.int64) * block_size
+
+
 def check_floor(floor: np.ndarray | None, seq_lens: np.ndarray, query_lens: np.ndarray, window: Any) -> None:
     """See `StepPlan.check_floor`; ``floor`` None: nothing released."""
     if floor is None:
@@ -250,7 +260,7 @@ class NumpyPlan(StepPlan):
             self.check_floor(window)
         res = paged_attention(self.backend.kv, layer, qn, self.tables, self.seq_lens, self.query_lens,
                               check_scale(scale, spec.head_dim), window=check_window(window),
-                              softcap=check_softcap(softcap))
+                              softcap=check_softcap(softcap), kv_scales=self.backend.scales)
         if out is not None:
             to_numpy(out, "out", spec.np_dtype)[0][...] = res
             return out

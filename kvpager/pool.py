@@ -31,6 +31,7 @@ from kvpager.types import (
 )
 
 if TYPE_CHECKING:
+    from kvpager.pool_rank import PoolRank
     from kvpager.remote_tier import RemoteTier
 
 
@@ -58,12 +59,27 @@ class KVPool:
     def __init__(
         self, spec: PoolSpec, device: str = "cpu", backend: Backend | None = None, *,
         max_pinned_blocks: int | None = None, remote: RemoteTier | None = None,
+        devices: Seq[str] | None = None,
     ):
         """``max_pinned_blocks``: the most blocks pins may hold (default half the
         pool). ``remote``: a `kvpager.remote_tier.RemoteTier` (prefix blocks
-        shared through a store across hosts); the pool closes it on `close`."""
+        shared through a store across hosts); the pool closes it on `close`.
+        ``devices``: tensor parallelism, one rank per device (``["cuda:0",
+        "cuda:1"]``; ``["cpu", "cpu"]`` keeps the ranks in host memory): rank r
+        holds kv heads ``[r*H/R, (r+1)*H/R)`` of every block, one allocator
+        serves them all, and per-layer K/V ops go through `rank` (see
+        `kvpager.backends.ranked`)."""
         if not isinstance(spec, PoolSpec):
             raise InvalidArgument(f"spec must be a PoolSpec, got {type(spec).__name__}")
+        ranks = len(getattr(backend, "ranks", ())) or 1
+        if devices is not None:
+            from kvpager.backends.ranked import check_devices, rank_spec
+
+            if backend is not None or device != "cpu":
+                raise InvalidArgument("give devices, or device / backend, not both")
+            devices = check_devices(devices)
+            ranks = len(devices)
+            rank_spec(spec, ranks)  # heads divisible, before anything is allocated
         if max_pinned_blocks is not None and (not validate.is_int(max_pinned_blocks) or max_pinned_blocks < 0):
             raise InvalidArgument(f"max_pinned_blocks must be an integer >= 0, got {max_pinned_blocks!r}")
         if remote is not None:
@@ -71,10 +87,17 @@ class KVPool:
 
             if not isinstance(remote, RemoteTier):
                 raise InvalidArgument(f"remote must be a RemoteTier, got {type(remote).__name__}")
-            remote.attach(spec)
+            remote.attach(spec, ranks)
+        if devices is not None:
+            from kvpager.backends.ranked import make_ranked_backend
+
+            backend = make_ranked_backend(spec, devices)
         self.spec = spec
         self.backend = backend if backend is not None else make_backend(spec, device)
         self.device = self.backend.device
+        #: tensor-parallel ranks: 1, or the ranks of a `RankedBackend`
+        self.ranks: int = ranks
+        self._rank_views: list[PoolRank] | None = None  # made by the first `rank`
         self.manager = SequenceManager(spec.num_blocks, spec.block_size, spec.num_host_blocks,
                                        None if max_pinned_blocks is None else int(max_pinned_blocks))
         self.remote = remote
@@ -277,6 +300,8 @@ class KVPool:
     def write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
         """Store one layer's K/V for the tokens at ``slots`` (-1 = padding, skipped).
         ``k`` and ``v`` are [len(slots), num_kv_heads, head_dim] in the pool dtype."""
+        if self.ranks > 1:
+            raise self.backend._per_rank("write")
         spec = self.spec
         validate.layer(layer, spec)
         slots = validate.slots(slots, spec)
@@ -304,6 +329,8 @@ class KVPool:
         ``query_lens[i]`` tokens (default 1: decode) and attend causally.
         ``scale`` defaults to 1/sqrt(head_dim). ``window`` / ``softcap``: sliding
         window and logit soft cap, as `kvpager.plan.StepPlan.attend`. Returns q's shape."""
+        if self.ranks > 1:
+            raise self.backend._per_rank("attend")
         spec = self.spec
         validate.layer(layer, spec)
         ids = validate.seq_ids(seq_ids)
@@ -350,6 +377,8 @@ class KVPool:
         (see `kvpager.plan`). ``query_lens``: new tokens per sequence (default 1).
         The plan is a snapshot: make a new one (or `StepPlan.update` it) after
         the sequences change. ``options`` go to the backend's planner."""
+        if self.ranks > 1:
+            raise self.backend._per_rank("plan")
         ids = validate.seq_ids(seq_ids)
         tables, seq_lens = self.tables(ids)  # the pool's own: only the step's part needs checks
         if query_lens is not None:
@@ -374,7 +403,24 @@ class KVPool:
 
     def kv(self, layer: int) -> tuple[Any, Any]:
         """Views of one layer's K and V: each [num_blocks, num_kv_heads, block_size, head_dim]."""
+        if self.ranks > 1:
+            raise self.backend._per_rank("kv")
         return self.backend.layer_kv(validate.layer(layer, self.spec))
+
+    def rank(self, r: int) -> PoolRank:
+        """Rank ``r``'s per-layer K/V ops (`kvpager.pool_rank.PoolRank`): write,
+        attend, plan and kv over its ``num_kv_heads / ranks`` heads, with this
+        pool's block tables. A one-rank pool's rank 0 is the whole pool's storage."""
+        from kvpager.pool_rank import PoolRank
+
+        if not validate.is_int(r) or not 0 <= r < self.ranks:
+            raise InvalidArgument(f"rank must be an int in [0, {self.ranks}), got {r!r}")
+        if self._rank_views is None:
+            if self.ranks == 1:
+                self._rank_views = [PoolRank(self, 0, self.spec, self.backend)]
+            else:
+                self._rank_views = [PoolRank(self, i, b.spec, b) for i, b in enumerate(self.backend.ranks)]
+        return self._rank_views[int(r)]
 
     # -- inspection -------------------------------------------------------------------
     def sequence(self, seq_id: int) -> SequenceInfo:
@@ -416,6 +462,7 @@ class KVPool:
             pinned_blocks=m.pins.num_pinned,
             max_pinned_blocks=m.pins.limit,
             tenants=self._tenants(),
+            ranks=self.ranks,
         )
 
     def counters(self) -> PoolCounters:

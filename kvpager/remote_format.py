@@ -12,7 +12,9 @@ Key: ``kvpager:v1:<format>:<salt>:<block key>`` where
   already depends on the salt and on every token before the block's end.
 
 Value: an 80-byte header, then the block's K/V bytes for all layers in the
-pool's block layout (``[layers, 2, kv heads, block size, head dim]``).
+pool's block layout (``[layers, 2, kv heads, block size, head dim]``; a pool
+of R tensor-parallel ranks: each rank's ``[layers, 2, kv heads / R, ...]``
+back to back, under a format of its own).
 The header repeats the format (magic, version, geometry, dtype), holds the
 block key and the payload length, and an XXH3-128 checksum of the block key
 and the payload: a value that was cut short, bit-flipped, written by another
@@ -38,7 +40,7 @@ MAGIC = b"KVPB"
 _HEADER = struct.Struct("<4sHHIIIIB7x16s16sQ")
 HEADER_BYTES = 80  # a multiple of 16: the payload stays aligned as the block was
 assert _HEADER.size <= HEADER_BYTES
-_DTYPES = {"float16": 1, "bfloat16": 2, "float32": 3}
+_DTYPES = {"float16": 1, "bfloat16": 2, "float32": 3, "float8_e4m3": 4, "float8_e5m2": 5}  # stored dtype
 _KEY_BYTES = 16
 
 
@@ -46,17 +48,23 @@ class BadValue(ValueError):
     """A stored value that must not be restored (the message says why)."""
 
 
-def format_id(spec: PoolSpec) -> str:
-    """12 hex digits naming the byte layout of ``spec``'s blocks (not its size)."""
-    text = (f"kvpager-block-v{FORMAT_VERSION}|layout=block-major[L,2,H,B,D]|layers={spec.num_layers}|"
+def format_id(spec: PoolSpec, ranks: int = 1) -> str:
+    """12 hex digits naming the byte layout of ``spec``'s blocks (not its size).
+    A pool of ``ranks`` > 1 tensor-parallel ranks stores a block as its ranks'
+    bytes back to back (``[R][L,2,H/R,B,D]``): another layout, another format."""
+    layout = "block-major[L,2,H,B,D]" if ranks == 1 else f"rank-major[R={ranks}][L,2,H/R,B,D]"
+    text = (f"kvpager-block-v{FORMAT_VERSION}|layout={layout}|layers={spec.num_layers}|"
             f"kv_heads={spec.num_kv_heads}|head_dim={spec.head_dim}|block_size={spec.block_size}|"
             f"dtype={spec.dtype}")
+    if spec.is_fp8:  # FP8 bytes mean something only with their scales: both name the format
+        scales = spec.scales.tobytes()
+        text += f"|kv_dtype={spec.kv_dtype}|kv_scales={hashlib.blake2b(scales, digest_size=8).hexdigest()}"
     return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
-def key_prefix(spec: PoolSpec) -> str:
-    """``kvpager:v1:<format>:``: every key of this geometry starts with it."""
-    return f"kvpager:v{FORMAT_VERSION}:{format_id(spec)}:"
+def key_prefix(spec: PoolSpec, ranks: int = 1) -> str:
+    """``kvpager:v1:<format>:``: every key of this geometry (and rank count) starts with it."""
+    return f"kvpager:v{FORMAT_VERSION}:{format_id(spec, ranks)}:"
 
 
 def block_key(prefix: str, root: bytes, key: bytes) -> str:
@@ -78,7 +86,7 @@ class Codec:
         self.payload_bytes = spec.bytes_per_block
         self.value_bytes = HEADER_BYTES + self.payload_bytes
         self._fixed = (MAGIC, FORMAT_VERSION, HEADER_BYTES, spec.num_layers, spec.num_kv_heads,
-                       spec.head_dim, spec.block_size, _DTYPES[spec.dtype])
+                       spec.head_dim, spec.block_size, _DTYPES[spec.storage_dtype])
 
     def seal(self, row: memoryview, key: bytes) -> None:
         """Fill in the header of ``row`` (``value_bytes`` long, the payload already

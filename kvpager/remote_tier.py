@@ -67,6 +67,7 @@ class RemoteTier:
         self.breaker = Breaker(float(retry_after))
         self.codec: Codec | None = None
         self._prefix = ""
+        self._ranks = 1
         self._staging = np.empty((0, 0), dtype=np.uint8)  # fetched values, kept for the next lookup
         # loop-thread counters
         self._lookups = self._lookup_blocks = self._hits = self._skipped = 0
@@ -83,13 +84,15 @@ class RemoteTier:
         self._thread: threading.Thread | None = None
 
     # -- wiring -----------------------------------------------------------------------
-    def attach(self, spec: PoolSpec) -> None:
-        """Serve pools of ``spec``'s geometry (a tier serves one geometry)."""
+    def attach(self, spec: PoolSpec, ranks: int = 1) -> None:
+        """Serve pools of ``spec``'s geometry split over ``ranks`` tensor-parallel
+        ranks (a tier serves one geometry)."""
         old = self.codec.spec if self.codec is not None else spec
-        if (old.block_shape, old.dtype) != (spec.block_shape, spec.dtype):
+        if key_prefix(old) != key_prefix(spec) or (self.codec is not None and self._ranks != ranks):
             raise InvalidArgument("this RemoteTier already serves a pool of another geometry")
         self.codec = Codec(spec)
-        self._prefix = key_prefix(spec)
+        self._prefix = key_prefix(spec, ranks)
+        self._ranks = ranks
 
     def describe(self) -> dict[str, Any]:
         """What hello tells clients: the store's kind and URL (no password)."""

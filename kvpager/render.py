@@ -67,6 +67,10 @@ def stats_text(st: PoolStats) -> str:
         f"slot utilization {100 * st.slot_utilization:.1f}% ({st.tokens_stored} tokens in {st.token_slots_allocated} slots)",
         f"cached blocks    {st.cached_blocks}    block size {st.block_size} tokens, {human_bytes(bpb)} per block",
     ]
+    if st.ranks > 1:
+        per = st.bytes_per_block_per_rank
+        lines.append(f"tensor-parallel  {st.ranks} ranks: each holds {human_bytes(per)} per block, "
+                     f"{human_bytes(per * st.total_blocks)} of device blocks")
     return "\n".join(lines)
 
 

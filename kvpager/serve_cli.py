@@ -62,9 +62,11 @@ def parse_quotas(items: tuple[str, ...]) -> list[tuple[str | None, int]]:
     return out
 
 
-def build_spec(opts: dict[str, Any], device: str = "cpu") -> PoolSpec:
+def build_spec(opts: dict[str, Any], device: str = "cpu", devices: list[str] | None = None) -> PoolSpec:
     """The pool geometry from the command-line options (a --model preset or a
-    model's config.json fills in what the options leave out)."""
+    model's config.json fills in what the options leave out). ``devices``: the
+    ranks of a tensor-parallel pool; ``--memory`` is then each device's budget
+    (ranks sharing one device, the CPU, split it)."""
     model = opts["model"]
     geo: dict[str, Any] = {}
     if model:
@@ -73,6 +75,10 @@ def build_spec(opts: dict[str, Any], device: str = "cpu") -> PoolSpec:
                        ("head_dim", "head_dim"), ("dtype", "dtype"), ("block_size", "block_size")):
         if opts[opt] is not None:
             geo[field] = opts[opt]
+    if opts.get("kv_dtype") not in (None, "auto"):
+        geo["kv_dtype"] = opts["kv_dtype"]
+    if opts.get("kv_scales"):
+        geo["kv_scales"] = read_scales(opts["kv_scales"])
     missing = [f for f in ("num_layers", "num_kv_heads", "head_dim") if f not in geo]
     if missing:
         raise click.UsageError(f"give --model or all of --layers/--kv-heads/--head-dim (missing {missing})")
@@ -84,7 +90,17 @@ def build_spec(opts: dict[str, Any], device: str = "cpu") -> PoolSpec:
         raise click.UsageError("give at most one of --host-blocks and --host-memory")
     if opts["memory"] is not None:
         host = parse_size(opts["host_memory"]) if opts["host_memory"] else 0
-        budget, how = memory_budget(opts["memory"], device, host)
+        if devices and len(devices) > 1:
+            from kvpager.backends.ranked import rank_spec
+
+            # each rank holds 1/R of a block: the pool is as many blocks as the tightest device fits
+            budgets = [memory_budget(opts["memory"], d, host) for d in dict.fromkeys(devices)]
+            per_rank = min(b // devices.count(d) for (b, _), d in zip(budgets, dict.fromkeys(devices)))
+            how = "; ".join(h for _, h in budgets) + f", over {len(devices)} ranks"
+            rank_spec(PoolSpec(num_blocks=2, **geo), len(devices))  # heads divisible, said before sizing
+            budget = per_rank * len(devices)
+        else:
+            budget, how = memory_budget(opts["memory"], device, host)
         spec = PoolSpec.for_memory(budget, host_bytes=host, **geo)
         logging.getLogger("kvpager.server").info("device pool: %d blocks from %s", spec.num_blocks, how)
     else:
@@ -94,6 +110,17 @@ def build_spec(opts: dict[str, Any], device: str = "cpu") -> PoolSpec:
     if opts["host_blocks"] is not None:
         spec = spec.replace(num_host_blocks=opts["host_blocks"])
     return spec
+
+
+def read_scales(path: str) -> Any:
+    """FP8 scales from a JSON file: [layers][2][kv heads] nested, or flat."""
+    import json
+
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise click.BadParameter(f"{path}: {e}", param_hint="--kv-scales") from None
 
 
 def remote_tier(opts: dict[str, Any]) -> Any:
@@ -117,6 +144,30 @@ def remote_tier(opts: dict[str, Any]) -> Any:
     return tier
 
 
+def serve_devices(opts: dict[str, Any], default_device: Any) -> list[str] | None:
+    """The ranks' devices from --devices / --ranks (None: one device, --device)."""
+    from kvpager.backends.ranked import check_devices
+
+    listed, ranks = opts["devices"], opts["ranks"]
+    if listed is None and ranks is None:
+        return None
+    if listed is not None and opts["device"] is not None:
+        raise click.UsageError("give --device or --devices, not both")
+    try:
+        if listed is not None:
+            devices = check_devices(listed)
+            if ranks is not None and ranks != len(devices):
+                raise click.UsageError(f"--ranks {ranks} but --devices names {len(devices)}")
+            return devices
+        from kvpager.backends import parse_device
+
+        kind, first = parse_device(opts["device"] or default_device())
+        devices = ["cpu"] * ranks if kind == "cpu" else [f"cuda:{first + i}" for i in range(ranks)]
+        return check_devices(devices)
+    except KVPagerError as e:
+        raise click.UsageError(str(e)) from None
+
+
 @click.command()
 @click.option("--model", help=f"Geometry: a preset ({', '.join(sorted(MODEL_PRESETS))}), or a Hugging Face "
               "model folder or its config.json (layers, KV heads, head dim and dtype read from it).")
@@ -125,12 +176,23 @@ def remote_tier(opts: dict[str, Any]) -> Any:
 @click.option("--head-dim", type=click.IntRange(min=0), help="Head dimension.")
 @click.option("--block-size", type=click.IntRange(min=0), help="Tokens per block (default 16).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="K/V dtype.")
+@click.option("--kv-dtype", type=click.Choice(["auto", "fp8", "float8_e4m3", "float8_e5m2"]), default=None,
+              help="K/V storage: auto (the --dtype) or FP8 (fp8 = float8_e4m3), which halves the bytes of "
+                   "a 16-bit pool; queries and outputs stay in --dtype.")
+@click.option("--kv-scales", type=click.Path(dir_okay=False), default=None,
+              help="FP8 scales: a JSON file of [layers][2 (K, V)][kv heads] floats (default: all 1.0).")
 @click.option("--blocks", type=click.IntRange(min=0), help="Device blocks (block 0 included).")
 @click.option("--memory", help="Device pool size instead of --blocks: bytes (8G), or a fraction of free "
               "memory (0.9 or 90%: of free GPU memory; on the CPU of available RAM and /dev/shm, less the host pool).")
 @click.option("--host-blocks", type=click.IntRange(min=0), help="Host (swap) blocks.")
 @click.option("--host-memory", help="Host (swap) pool size, e.g. 16G.")
 @click.option("--device", default=None, help="cpu or cuda:N (default: a GPU if there is one).")
+@click.option("--devices", default=None, metavar="LIST",
+              help="Tensor parallelism: one rank per device, e.g. cuda:0,cuda:1 (or cpu,cpu); each rank holds "
+                   "kv-heads / ranks heads of every block, one allocator serves them all.")
+@click.option("--ranks", type=click.IntRange(min=1), default=None,
+              help="Tensor-parallel ranks on N GPUs from --device on (cuda:0..N-1 by default), or N ranks "
+                   "in host memory with --device cpu.")
 @click.option("--endpoint", default=None, help="ipc://PATH or tcp://HOST:PORT (default: private ipc socket).")
 @click.option("--heartbeat-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds of silence before a session's sequences are freed (KVPAGER_HEARTBEAT_TIMEOUT).")
@@ -180,14 +242,15 @@ def serve(**opts: Any) -> None:
     from kvpager.backends import default_device
     from kvpager.server import Server
 
-    device = opts["device"] or default_device()
+    devices = serve_devices(opts, default_device)
+    device = devices[0] if devices else (opts["device"] or default_device())
     if device.startswith("cuda") and importlib.util.find_spec("cupy") is None:
         raise click.ClickException(
             "--device cuda needs CuPy: pip install 'kvpager[cuda]' (CUDA 13 drivers) or 'kvpager[cuda12]' "
             "(CUDA 12); or serve with --device cpu")
     quotas = parse_quotas(opts["quotas"])
     try:
-        spec = build_spec(opts, device)
+        spec = build_spec(opts, device, devices)
         token = env.read_token_file(opts["token_file"]) if opts["token_file"] else env.token()
         control = (env.read_token_file(opts["control_token_file"]) if opts["control_token_file"]
                    else env.control_token())
@@ -203,7 +266,8 @@ def serve(**opts: Any) -> None:
         elif opts["events_replay_endpoint"]:
             raise click.UsageError("--events-replay-endpoint needs --events-endpoint (or KVPAGER_EVENTS_ENDPOINT)")
         remote = remote_tier(opts) if opts["remote"] else None
-        server = Server.create(spec, opts["endpoint"], device, max_pinned_blocks=opts["max_pinned_blocks"],
+        server = Server.create(spec, opts["endpoint"], device, devices=devices,
+                               max_pinned_blocks=opts["max_pinned_blocks"],
                                remote=remote, heartbeat_timeout=opts["heartbeat_timeout"], limits=limits,
                                token=token, control_token=control, metrics_port=metrics_port,
                                metrics_host=opts["metrics_host"], events=events)

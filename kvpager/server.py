@@ -34,7 +34,6 @@ import numpy as np
 import zmq
 
 from kvpager import env, protocol
-from kvpager.backends import make_backend
 from kvpager.endpoints import (
     check_endpoint,
     default_endpoint,
@@ -66,8 +65,9 @@ from kvpager.protocol import (
 )
 from kvpager.render import human_bytes
 from kvpager.server_ops import ServerOps, _ids
+from kvpager.server_ranks import create_pool, rank_backends
 from kvpager.sessions import Session, SessionTable
-from kvpager.shm import PoolMemory, sweep_stale
+from kvpager.shm import PoolMemory
 from kvpager.spec import PoolSpec
 
 if TYPE_CHECKING:
@@ -96,6 +96,7 @@ class Server(ServerOps):
         endpoint: str | None = None,
         *,
         memory: PoolMemory | None = None,
+        rank_memory: list[PoolMemory] | None = None,
         heartbeat_timeout: float | None = None,
         max_message_bytes: int | None = None,
         epoch: str | None = None,
@@ -110,10 +111,13 @@ class Server(ServerOps):
         self.pool = pool
         self.endpoint = check_endpoint(endpoint or default_endpoint(), bind=True)
         self.memory = memory
+        #: a tensor-parallel CPU pool: each rank's shared memory (`kvpager.server_ranks`)
+        self.rank_memory = rank_memory
         self.epoch = epoch or secrets.token_hex(8)
-        #: the pool's CUDA device index when it lives on a GPU, else None
-        self.gpu: int | None = pool.backend.index if hasattr(pool.backend, "ipc_handle") else None
-        self._exported: dict[str, Any] | None = None
+        ranks = rank_backends(pool)
+        #: the pool's CUDA device index when it lives on a GPU (rank 0's), else None
+        self.gpu: int | None = ranks[0].index if hasattr(ranks[0], "ipc_handle") else None
+        self._exported: dict[int, Any] = {}  # CUDA IPC exports by rank, made at the first hello
         hb = env.heartbeat_timeout_s() if heartbeat_timeout is None else float(heartbeat_timeout)
         if not 0 < hb < float("inf"):
             raise InvalidArgument(f"heartbeat timeout must be a positive number of seconds, got {heartbeat_timeout!r}")
@@ -122,7 +126,8 @@ class Server(ServerOps):
         self.token = token or None
         #: hello with this secret opens a control session (quotas, kept pins; server_control.py)
         self.control_token = control_token or None
-        self.sessions = SessionTable(hb, self.epoch, self.gpu, self.limits)
+        self.sessions = SessionTable(hb, self.epoch, self.gpu, self.limits,
+                                     [b.index for b in ranks] if self.gpu is not None and len(ranks) > 1 else None)
         self.max_message_bytes = max_message_bytes or env.max_message_bytes()
         self.owns_pool = owns_pool
         self.requests = 0
@@ -147,20 +152,23 @@ class Server(ServerOps):
     @classmethod
     def create(cls, spec: PoolSpec, endpoint: str | None = None, device: str = "cpu", *,
                max_pinned_blocks: int | None = None, remote: RemoteTier | None = None,
-               **kwargs: Any) -> Server:
+               devices: list[str] | str | None = None, **kwargs: Any) -> Server:
         """A server with its own pool; on the CPU the pool lives in shared memory
-        that clients map. ``max_pinned_blocks``, ``remote``: as `KVPool`'s."""
+        that clients map. ``max_pinned_blocks``, ``remote``, ``devices`` (tensor-
+        parallel ranks, one per device): as `KVPool`'s."""
         check_endpoint(endpoint or default_endpoint(), bind=True)  # before any memory is taken
         epoch = secrets.token_hex(8)
-        memory = None
-        if device == "cpu":
-            sweep_stale()
-            memory = PoolMemory.create(spec, epoch)
-            pool = KVPool(spec, backend=memory.backend(), max_pinned_blocks=max_pinned_blocks, remote=remote)
-        else:
-            pool = KVPool(spec, backend=make_backend(spec, device), max_pinned_blocks=max_pinned_blocks,
-                          remote=remote)
-        return cls(pool, endpoint, memory=memory, epoch=epoch, owns_pool=True, **kwargs)
+        pool, memory, rank_memory = create_pool(spec, device, devices, epoch,
+                                                max_pinned_blocks=max_pinned_blocks, remote=remote)
+        try:
+            return cls(pool, endpoint, memory=memory, rank_memory=rank_memory, epoch=epoch, owns_pool=True,
+                       **kwargs)
+        except BaseException:
+            for m in [memory, *(rank_memory or ())]:
+                if m is not None:
+                    m.close()
+            pool.close()
+            raise
 
     # -- lifecycle -------------------------------------------------------------------------
     def bind(self) -> str:
@@ -202,12 +210,18 @@ class Server(ServerOps):
                         "(--token-file / KVPAGER_TOKEN)", self.endpoint)
         self._start_observers()
         spec = self.pool.spec
+        if self.pool.ranks > 1:
+            per = self.pool.backend.rank_spec
+            log.info("tensor-parallel: %d ranks on %s, %d kv heads and %s (%s per block) each",
+                     self.pool.ranks, ", ".join(self.pool.backend.devices), per.num_kv_heads,
+                     human_bytes(per.device_bytes), human_bytes(per.bytes_per_block))
         log.info(
             "serving on %s: device %s, %d blocks of %d tokens (%s), %d host blocks (%s); %d layers x %d kv "
             "heads x %d head dim, %s; epoch %s, heartbeat timeout %.1fs",
             self.endpoint, self.pool.device, spec.num_blocks, spec.block_size, human_bytes(spec.device_bytes),
             spec.num_host_blocks, human_bytes(spec.host_bytes), spec.num_layers, spec.num_kv_heads,
-            spec.head_dim, spec.dtype, self.epoch, self.sessions.heartbeat_timeout,
+            spec.head_dim, spec.dtype + (f" stored as {spec.kv_dtype}" if spec.is_fp8 else ""), self.epoch,
+            self.sessions.heartbeat_timeout,
         )
         return self.endpoint
 
@@ -264,9 +278,10 @@ class Server(ServerOps):
             if path and is_socket(path):  # never anything else found there
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-        if self.memory is not None:
-            self.memory.close()
-            self.memory = None
+        for m in [self.memory, *(self.rank_memory or ())]:
+            if m is not None:
+                m.close()
+        self.memory = self.rank_memory = None
         if self.owns_pool:
             self.pool.close()
             self.owns_pool = False

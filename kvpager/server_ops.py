@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvpager import cuda_ipc, protocol
+from kvpager import protocol
 from kvpager.errors import (
     IntegrityError,
     InvalidArgument,
@@ -30,6 +30,7 @@ from kvpager.errors import (
 )
 from kvpager.protocol import SEQUENCES_PAGE
 from kvpager.server_control import ControlOps
+from kvpager.server_ranks import hello_memory, hello_rank, on_rank_device, rank_backends, session_kv
 
 if TYPE_CHECKING:
     from kvpager.sessions import Session
@@ -96,24 +97,20 @@ class ServerOps(ControlOps):
         self.limits.check("client_name", len(client), "hello: client name length")
         self.limits.check("sessions", len(self.sessions) + 1, "hello: sessions open at once")
         control = self._check_control_token(a.get("control_token"))
+        rank = hello_rank(self.pool, a.get("rank"))
         s = self.sessions.open(client, pid if isinstance(pid, int) and not isinstance(pid, bool) else None)
-        s.control = control
+        s.control, s.rank = control, rank
         log.info("session %s opened by %s (pid %s)%s", s.name, s.client, s.pid, " with control" if control else "")
-        if self.memory is not None:
-            memory = self.memory.handles()
-        elif self.gpu is not None:
-            if self._exported is None:
-                self._exported = cuda_ipc.pool_handles(self.pool.backend, self.epoch)
-            memory = self._exported
-        else:
-            memory = {"kind": "none"}
+        memory = hello_memory(self, rank)
         return {
             "session": s.id,  # the secret: this reply is the only one that carries it
             "name": s.name,
             "epoch": self.epoch,
             "version": protocol.VERSION,
             "spec": self.pool.spec.to_dict(),
-            "device": self.pool.device,
+            "device": rank_backends(self.pool)[rank or 0].device,
+            "ranks": self.pool.ranks,  # tensor-parallel ranks; "spec" is the whole pool's (all heads)
+            "rank": rank,
             "memory": memory,
             "heartbeat_timeout": self.sessions.heartbeat_timeout,
             "max_message_bytes": self.max_message_bytes,
@@ -221,7 +218,9 @@ class ServerOps(ControlOps):
         slots = a["slots"]
         slots = np.asarray(slots if isinstance(slots, (list, np.ndarray)) else [slots])
         self._check_writable(s, slots)
-        self.pool.write(a["layer"], slots, self._staged(s, a["k"], "k"), self._staged(s, a["v"], "v"))
+        kv = session_kv(self, s, "write")
+        with on_rank_device(self, s):
+            kv.write(a["layer"], slots, self._staged(s, a["k"], "k"), self._staged(s, a["v"], "v"))
 
     def _check_writable(self, s: Session, slots: np.ndarray) -> None:
         """A session writes only slots of its own sequences' blocks, and never a
@@ -252,10 +251,12 @@ class ServerOps(ControlOps):
 
     def _op_attend(self, s: Session, a: dict[str, Any]) -> list[Any]:
         q = self._staged(s, a["q"], "q")
-        out = self.pool.attend(a["layer"], _ids(a["seq_ids"]), q, a.get("query_lens"), a.get("scale"),
-                               window=a.get("window"), softcap=a.get("softcap"))
-        offset = _int(a["out"], "out")
-        s.staging.array(out.shape, out.dtype, offset)[...] = out  # a device copy on a GPU
+        with on_rank_device(self, s):
+            out = session_kv(self, s, "attend").attend(a["layer"], _ids(a["seq_ids"]), q, a.get("query_lens"),
+                                                       a.get("scale"), window=a.get("window"),
+                                                       softcap=a.get("softcap"))
+            offset = _int(a["out"], "out")
+            s.staging.array(out.shape, out.dtype, offset)[...] = out  # a device copy on a GPU
         return [offset, list(out.shape)]
 
     # -- inspection ----------------------------------------------------------------------------

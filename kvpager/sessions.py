@@ -43,6 +43,7 @@ class Session:
     ops: int = 0  # requests it sent
     opened: float = field(default_factory=time.time)
     control: bool = False  # hello carried the daemon's control token
+    rank: int | None = None  # the tensor-parallel rank hello named (None: none named)
 
     def close(self) -> None:
         if self.staging is not None:
@@ -55,12 +56,14 @@ class SessionTable:
     device index (staging in device memory), or None (shared memory)."""
 
     def __init__(self, heartbeat_timeout: float, epoch: str, device: int | None = None,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, rank_devices: list[int] | None = None):
         self.heartbeat_timeout = heartbeat_timeout
         self.limits = limits or Limits()
         self.staging_bytes = 0  # all sessions' staging buffers
         self.epoch = epoch
         self.device = device
+        #: a tensor-parallel GPU pool: each rank's device (a session stages on its rank's)
+        self.rank_devices = rank_devices
         self.sessions: dict[str, Session] = {}  # by secret id
         self.by_name: dict[str, Session] = {}
         self._serial = 0
@@ -116,7 +119,8 @@ class SessionTable:
             if self.device is not None:
                 from kvpager.cuda_ipc import DeviceBuffer
 
-                session.staging = DeviceBuffer.create(size, self.device)
+                dev = self.device if not self.rank_devices else self.rank_devices[session.rank or 0]
+                session.staging = DeviceBuffer.create(size, dev)
             else:
                 session.staging = self._segment(size)
             self.staging_bytes += size

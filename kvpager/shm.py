@@ -178,10 +178,12 @@ class PoolMemory:
     host: Segment | None
 
     @classmethod
-    def create(cls, spec: PoolSpec, epoch: str) -> PoolMemory:
-        dev = Segment.create(segment_name(epoch, "dev"), spec.device_bytes)
+    def create(cls, spec: PoolSpec, epoch: str, suffix: str = "") -> PoolMemory:
+        """``suffix``: tells apart the segments of a tensor-parallel pool's ranks."""
+        dev = Segment.create(segment_name(epoch, "dev" + suffix), spec.device_bytes)
         try:
-            host = Segment.create(segment_name(epoch, "host"), spec.host_bytes) if spec.host_bytes else None
+            host = (Segment.create(segment_name(epoch, "host" + suffix), spec.host_bytes)
+                    if spec.host_bytes else None)
         except BaseException:
             dev.close()
             raise
@@ -202,6 +204,20 @@ class PoolMemory:
         self.device.close()
         if self.host is not None:
             self.host.close()
+
+
+def create_ranks(specs: list[PoolSpec], epoch: str) -> list[PoolMemory]:
+    """One `PoolMemory` per rank of a tensor-parallel CPU pool (``specs``: each
+    rank's geometry, `rank_spec`); segments made before a failure are unlinked."""
+    made: list[PoolMemory] = []
+    try:
+        for r, spec in enumerate(specs):
+            made.append(PoolMemory.create(spec, epoch, f"r{r}"))
+    except BaseException:
+        for m in made:
+            m.close()
+        raise
+    return made
 
 
 # Mappings made by clients, one per segment per process (see `map_pool`).

@@ -10,6 +10,10 @@ import numpy as np
 from kvpager.errors import InvalidArgument
 
 DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
+#: FP8 storage dtypes (``kv_dtype``): name -> (ml_dtypes name, largest finite value)
+FP8_DTYPES = {"float8_e4m3": ("float8_e4m3fn", 448.0), "float8_e5m2": ("float8_e5m2", 57344.0)}
+_FP8_ALIASES = {"fp8": "float8_e4m3", "fp8_e4m3": "float8_e4m3", "float8_e4m3fn": "float8_e4m3",
+                "e4m3": "float8_e4m3", "fp8_e5m2": "float8_e5m2", "e5m2": "float8_e5m2"}
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -21,6 +25,24 @@ def numpy_dtype(name: str) -> np.dtype:
     if name not in DTYPE_SIZES:
         raise InvalidArgument(f"dtype must be one of {sorted(DTYPE_SIZES)}, got {name!r}")
     return np.dtype(name)
+
+
+def kv_dtype_name(kv_dtype: object) -> str | None:
+    """Normalise a storage dtype: None (the compute dtype), or an FP8 name
+    ("fp8" and vLLM's "fp8_e4m3" / "fp8_e5m2" are taken)."""
+    if kv_dtype is None:
+        return None
+    text = str(kv_dtype).removeprefix("torch.")
+    text = _FP8_ALIASES.get(text, text)
+    if text in FP8_DTYPES:
+        return text
+    return dtype_name(kv_dtype)
+
+
+def fp8_numpy_dtype(name: str) -> np.dtype:
+    import ml_dtypes
+
+    return np.dtype(getattr(ml_dtypes, FP8_DTYPES[name][0]))
 
 
 def dtype_name(dtype: object) -> str:
@@ -54,6 +76,12 @@ class PoolSpec:
     block_size: int = 16
     dtype: str = "float16"
     num_host_blocks: int = 0
+    #: storage dtype of K/V: None (the same as ``dtype``), "float8_e4m3" or "float8_e5m2";
+    #: queries, outputs and the K/V given to ``write`` stay in ``dtype``
+    kv_dtype: str | None = None
+    #: FP8 dequantisation scales, float32 [num_layers, 2 (K, V), num_kv_heads] flattened
+    #: (stored = x / scale, read = stored * scale); None: every scale 1.0
+    kv_scales: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim"):
@@ -70,12 +98,77 @@ class PoolSpec:
         if not isinstance(nh, (int, np.integer)) or isinstance(nh, bool) or nh < 0:
             raise InvalidArgument(f"num_host_blocks must be a non-negative integer, got {nh!r}")
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
+        kvd = kv_dtype_name(self.kv_dtype)
+        object.__setattr__(self, "kv_dtype", None if kvd == self.dtype else kvd)
+        if self.kv_dtype is not None and self.kv_dtype not in FP8_DTYPES:
+            raise InvalidArgument(f"kv_dtype must be None (= dtype) or one of {sorted(FP8_DTYPES)}, "
+                                  f"got {self.kv_dtype!r}")
+        if self.kv_dtype is not None and self.dtype == "float32":
+            raise InvalidArgument(f"kv_dtype={self.kv_dtype} needs dtype float16 or bfloat16 (queries and "
+                                  "outputs), not float32")
+        object.__setattr__(self, "kv_scales", self._check_scales(self.kv_scales))
         for name in ("num_layers", "num_kv_heads", "head_dim", "num_blocks", "block_size", "num_host_blocks"):
             object.__setattr__(self, name, int(getattr(self, name)))
 
+    def _check_scales(self, scales: object) -> tuple[float, ...] | None:
+        if scales is None:
+            return None
+        if self.kv_dtype is None:
+            raise InvalidArgument("kv_scales are for an FP8 pool: give kv_dtype too")
+        want = self.num_layers * 2 * self.num_kv_heads
+        try:
+            arr = np.asarray(scales, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"kv_scales must be numbers, got {type(scales).__name__}") from None
+        if arr.size != want or arr.ndim not in (1, 3) or (arr.ndim == 3 and arr.shape != (
+                self.num_layers, 2, self.num_kv_heads)):
+            raise InvalidArgument(f"kv_scales must hold [num_layers={self.num_layers}, 2, num_kv_heads="
+                                  f"{self.num_kv_heads}] values (nested or flat), got shape {arr.shape}")
+        f32 = arr.astype(np.float32)
+        bad = ~np.isfinite(f32) | (f32 <= 0) | (f32 < np.finfo(np.float32).tiny)
+        if bad.any():
+            raise InvalidArgument(f"kv_scales must be positive, finite float32 normals, "
+                                  f"got {float(arr.ravel()[bad.ravel()][0])!r}")
+        return tuple(float(x) for x in f32.ravel())
+
+    @property
+    def storage_dtype(self) -> str:
+        """The dtype K/V is stored in (``kv_dtype``, else ``dtype``)."""
+        return self.kv_dtype or self.dtype
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.kv_dtype is not None
+
     @property
     def itemsize(self) -> int:
+        """Bytes of one stored K/V element."""
+        return 1 if self.kv_dtype else DTYPE_SIZES[self.dtype]
+
+    @property
+    def compute_itemsize(self) -> int:
+        """Bytes of one element of q, the output and the K/V given to ``write``."""
         return DTYPE_SIZES[self.dtype]
+
+    @property
+    def kv_np_dtype(self) -> np.dtype:
+        """The NumPy dtype of the stored K/V (ml_dtypes' float8 types for FP8)."""
+        return fp8_numpy_dtype(self.kv_dtype) if self.kv_dtype else self.np_dtype
+
+    @property
+    def fp8_max(self) -> float:
+        """The largest finite value of the FP8 storage dtype."""
+        if not self.kv_dtype:
+            raise InvalidArgument("fp8_max: this pool does not store FP8")
+        return FP8_DTYPES[self.kv_dtype][1]
+
+    @property
+    def scales(self) -> np.ndarray:
+        """float32 [num_layers, 2, num_kv_heads]: the dequantisation scales (ones if none given)."""
+        shape = (self.num_layers, 2, self.num_kv_heads)
+        if self.kv_scales is None:
+            return np.ones(shape, np.float32)
+        return np.asarray(self.kv_scales, np.float32).reshape(shape)
 
     @property
     def block_shape(self) -> tuple[int, int, int, int, int]:
@@ -107,7 +200,15 @@ class PoolSpec:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+        """The fields as plain values; ``kv_dtype`` / ``kv_scales`` only when set,
+        so a pool without FP8 reads as before to older peers."""
+        out = dataclasses.asdict(self)
+        for name in ("kv_dtype", "kv_scales"):
+            if out[name] is None:
+                del out[name]
+        if out.get("kv_scales") is not None:
+            out["kv_scales"] = list(out["kv_scales"])
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> PoolSpec:
@@ -128,10 +229,13 @@ class PoolSpec:
         block_size: int = 16,
         dtype: str = "float16",
         host_bytes: int = 0,
+        kv_dtype: str | None = None,
+        kv_scales: object = None,
     ) -> PoolSpec:
         """Size a pool to fit a memory budget: as many whole blocks as fit in
         ``device_bytes`` (and ``host_bytes`` for the swap pool)."""
-        probe = cls(num_layers, num_kv_heads, head_dim, 2, block_size, dtype)
+        probe = cls(num_layers, num_kv_heads, head_dim, 2, block_size, dtype, kv_dtype=kv_dtype,
+                    kv_scales=kv_scales)  # type: ignore[arg-type]
         per_block = probe.bytes_per_block
         num_blocks = int(device_bytes) // per_block
         if num_blocks < 2:

@@ -133,10 +133,16 @@ class PoolStats:
     pinned_blocks: int = 0  # distinct blocks held by pins (in use; never evicted)
     max_pinned_blocks: int = 0  # the cap on pinned_blocks
     tenants: tuple[TenantUsage, ...] = ()  # every tenant with cached blocks or a quota
+    ranks: int = 1  # tensor-parallel ranks: each holds bytes_per_block / ranks of every block
 
     @property
     def prefix_hit_rate(self) -> float:
         return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
+
+    @property
+    def bytes_per_block_per_rank(self) -> int:
+        """What one rank (one GPU) stores of a block."""
+        return self.bytes_per_block // max(1, self.ranks)
 
     @property
     def slot_utilization(self) -> float:
@@ -148,6 +154,7 @@ class PoolStats:
         d["tenants"] = [t.to_dict() for t in self.tenants]
         d["prefix_hit_rate"] = self.prefix_hit_rate
         d["slot_utilization"] = self.slot_utilization
+        d["bytes_per_block_per_rank"] = self.bytes_per_block_per_rank
         return d
 
 

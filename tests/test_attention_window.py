@@ -12,6 +12,7 @@ from reference import TOLERANCE, attention, rel_err
 
 from kvpager import InvalidArgument, KVPool, PoolSpec
 from kvpager.backends.numpy_backend import paged_attention
+from kvpager.plan import table_floor
 
 
 def filled_pool(spec: PoolSpec, lengths: list[int], rng: np.random.Generator):
@@ -147,6 +148,9 @@ def test_released_blocks_are_freed_and_attention_must_keep_within_the_window():
             plan.attend(0, q, window=bad)
         with pytest.raises(InvalidArgument, match="released"):
             pool.attend(0, seqs, q, window=bad)
+    tables, _ = pool.tables(seqs)  # the floor is readable from the tables alone (plan.update's source)
+    assert np.array_equal(table_floor(tables, 8), [(n - window) // 8 * 8, 0])
+    assert table_floor(pool.tables(seqs[1:])[0], 8) is None
     assert pool.release_before(seqs, [n - window, 3]) == [0, 0]  # nothing more to give back
     with pytest.raises(InvalidArgument, match="position"):
         pool.release_before(seqs, [n + 1, 0])

@@ -34,13 +34,31 @@ EXTRA = {
                          ["-DHEAD_DIM=256", "-DGROUP=16", "-DBLOCK_SIZE=8"], ["-DMT=1"],
                          ["-DHEAD_DIM=80", "-DGROUP=4"], ["-DHEAD_DIM=240", "-DGROUP=2"]],
 }
+# FP8 pools (KV_FP8 1: e4m3, 2: e5m2): the conversions need sm_89 or later, so these
+# build only for such arches (kvpager refuses FP8 pools on older GPUs).
+FP8_EXTRA = {
+    "kv_write.cu": [["-DKV_FP8=1"], ["-DKV_FP8=2", "-DKV_DTYPE=0"]],
+    "paged_decode_tc.cu": [["-DKV_FP8=1"], ["-DKV_FP8=2", "-DKV_DTYPE=0", "-DGROUP=16", "-DBLOCK_SIZE=8"],
+                           ["-DKV_FP8=1", "-DHEAD_DIM=48", "-DHPC=4", "-DWPH=1"],
+                           ["-DKV_FP8=1", "-DHEAD_DIM=256", "-DGROUP=1", "-DSTAGES=2"],
+                           ["-DKV_FP8=2", "-DHEAD_DIM=80", "-DGROUP=8", "-DCP_L2_PREFETCH=128"]],
+    "paged_prefill.cu": [["-DKV_FP8=1"], ["-DKV_FP8=2", "-DKV_DTYPE=0", "-DHEAD_DIM=96", "-DGROUP=1"],
+                         ["-DKV_FP8=1", "-DHEAD_DIM=256", "-DGROUP=16", "-DBLOCK_SIZE=8"],
+                         ["-DKV_FP8=1", "-DHEAD_DIM=80", "-DMT=1"]],
+}
+
+
+def _fp8_arch(arch: str) -> bool:
+    digits = "".join(ch for ch in arch if ch.isdigit())
+    return bool(digits) and int(digits) >= 89
 
 
 def _jobs() -> list[tuple[str, str, list[str]]]:
     jobs = []
     for src in sorted(CUDA_DIR.glob("*.cu")):
         for arch in ARCHES:
-            for defines in [[], *EXTRA.get(src.name, [])]:
+            fp8 = FP8_EXTRA.get(src.name, []) if _fp8_arch(arch) else []
+            for defines in [[], *EXTRA.get(src.name, []), *fp8]:
                 jobs.append((src.name, arch, defines))
     return jobs
 
@@ -57,6 +75,7 @@ def _build(job: tuple[str, str, list[str]], out_dir: str) -> tuple[tuple, int, s
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 def test_every_kernel_file_compiles():
     jobs = _jobs()
+    assert any("-DKV_FP8=2" in j[2] for j in jobs)  # sm_90 is always built
     assert {j[0] for j in jobs} >= {"paged_decode.cu", "paged_decode_tc.cu", "paged_prefill.cu",
                                     "kv_write.cu", "block_copy.cu", "swap.cu"}
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(os.cpu_count() or 2) as ex:

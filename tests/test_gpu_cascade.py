@@ -88,8 +88,7 @@ def test_cascade_matches_numpy_and_plain_plan(dtype, d, bs, group):
 def test_cascade_is_automatic_only_when_it_pays():
     """Chosen when the K/V bytes it spares rereading are large (64 sequences of
     an 8-kv-head model sharing 2,048 positions: 0.5 GB a layer), not for a small
-    step (8 sequences sharing 64 positions), never when nothing is shared, nor
-    for a plan padded for CUDA graphs (one launch shape)."""
+    step (8 sequences sharing 64 positions), never when nothing is shared."""
     rng = np.random.default_rng(4)
     spec = PoolSpec(num_layers=1, num_kv_heads=8, head_dim=128, num_blocks=1024, block_size=16, dtype="bfloat16")
     pool = KVPool(spec, device="cuda:0")
@@ -108,5 +107,74 @@ def test_cascade_is_automatic_only_when_it_pays():
     assert pool.plan(small, num_q_heads=32, cascade=True).shared_prefixes is not None
     assert pool.plan(alone, num_q_heads=32, cascade=True).shared_prefixes is None  # nothing shared
     assert pool.plan(big, num_q_heads=32, cascade=False).shared_prefixes is None
-    assert pool.plan(big, num_q_heads=32, num_rows=96, width=160).shared_prefixes is None
+    # a plan with capacities (CUDA graphs) cascades too, sized for later steps
+    padded = pool.plan(big, num_q_heads=32, num_rows=96, width=160)
+    assert padded.shared_prefixes is not None
+    tables, lens = pool.tables(small)
+    padded.update(tables, lens)  # nothing worth it is required of an update: it refills what fits
+    assert padded.shared_prefixes is not None
+    tables, lens = pool.tables(alone)
+    padded.update(tables, lens)
+    assert padded.shared_prefixes is None
+    pool.close()
+
+
+def test_captured_cascade_step_replays_updated_prefixes():
+    """A decode step captured in a CUDA graph with its cascade, replayed after
+    `update` over new tables: the same sharing with longer own parts, fewer
+    sequences, more groups than its tables hold (it runs without the cascade),
+    nothing shared, and the first sharing again. Each replay equals the twin;
+    padding rows stay zero."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(seed("captured cascade"))
+    dtype, d, bs, group = "bfloat16", 128, 16, 4
+    pool, ids = shared_pool(dtype, d, bs, rng)
+    spec = pool.spec
+    hq, bucket, width = spec.num_kv_heads * group, 32, 64
+    q = torch.zeros(bucket, hq, d, dtype=torch.bfloat16, device="cuda")
+    outs = [torch.zeros_like(q) for _ in range(2)]
+    plan = pool.plan(ids, num_rows=bucket, width=width, num_q_heads=hq, cascade=True)
+    assert plan.shared_prefixes is not None and plan.shared_prefixes.levels == 2
+
+    def step():
+        plan.attend(0, q, out=outs[0])
+        plan.attend(1, q, out=outs[1], softcap=3.0)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    def replay(live, cascades):
+        pool.append(live, 1)
+        tables, lens = pool.tables(live)
+        plan.update(tables, lens)
+        assert (plan.shared_prefixes is not None) == cascades
+        n = len(live)
+        q.zero_()
+        q[:n] = torch.from_numpy(rng.standard_normal((n, hq, d), dtype=np.float32)).to(q)
+        for out in outs:
+            out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        kv = to_host(pool.backend.kv, spec)
+        qn = q[:n].float().cpu().numpy()
+        for layer, softcap in ((0, None), (1, 3.0)):
+            ref = paged_attention(kv, layer, qn, tables, lens, np.ones(n, np.int32), d**-0.5, softcap=softcap)
+            assert rel_err(outs[layer][:n].float().cpu().numpy(), ref) < TOL[dtype], (n, cascades, layer)
+            assert not outs[layer][n:].any()
+
+    replay(ids, True)
+    replay(ids[:10], True)
+    # eight new pairs (a prompt and its fork) sharing their first blocks: more segments than the tables hold
+    pairs = [a.seq_id for a in pool.allocate([rng.integers(3000, 9000, 3 * bs + 2).tolist() for _ in range(8)])]
+    pairs += [f for p in pairs for f in pool.fork([p], 1)[0]]
+    replay(ids + pairs, False)
+    replay(pairs[:8], False)  # nothing shared
+    replay(ids, True)
+    pool.check_integrity()
     pool.close()

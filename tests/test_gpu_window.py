@@ -14,7 +14,7 @@ cupy = cupy_or_skip()
 
 from test_gpu_kernels import TOL, geometry, make_pair, random_tables, rel_err, seed, to_dev, to_host  # noqa: E402
 
-from kvpager import KVPool  # noqa: E402
+from kvpager import InvalidArgument, KVPool  # noqa: E402
 from kvpager.backends.numpy_backend import paged_attention  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -139,3 +139,17 @@ def test_plan_layers_with_and_without_windows_and_an_updated_plan():
             k, v = (torch.randn(len(slots), 2, 64).to(torch.bfloat16).cuda() for _ in range(2))
             pool.write(layer, slots, k, v)
         plan.update(*pool.tables(ids))
+    # blocks released before the window: the updated plan knows each sequence's first held position
+    tables, lens = pool.tables(ids)
+    pool.release_before(ids, [int(n) - 40 for n in lens])
+    tables, lens = pool.tables(ids)
+    plan.update(tables, lens)
+    q = torch.randn(4, 8, 64, generator=g).to(torch.bfloat16)
+    with pytest.raises(InvalidArgument, match="released its blocks"):
+        plan.attend(1, q.cuda())
+    out = plan.attend(1, q.cuda(), window=32)[:3]
+    kv = cupy.asnumpy(pool.backend.kv).view(spec.np_dtype)
+    ref = paged_attention(kv, 1, q[:3].float().numpy().astype(spec.np_dtype), tables, lens,
+                          np.ones(3, np.int32), 64**-0.5, window=32)
+    assert rel_err(out.float().cpu().numpy(), ref) < TOL["bfloat16"]
+    pool.check_integrity()

@@ -174,3 +174,28 @@ def test_old_clients_get_four_fields_and_stats_show_the_tier():
         assert remote["store"] == store.url and remote["lookups"] == 2 and remote["available"] is True
         result = CliRunner().invoke(main, ["stats", "--endpoint", server.endpoint])
         assert f"remote store     {store.url}: available" in result.output, result.output
+
+
+def test_metrics_carry_the_tier_counters():
+    """/metrics of two daemons on one store: the writer's written blocks, the
+    reader's lookups, hits and restored bytes, equal to `remote_stats()`."""
+    from test_metrics import scrape, v
+
+    with redis_server() as store, \
+            running_server(remote=RemoteTier(store.url), metrics_port=0) as a, \
+            running_server(remote=RemoteTier(store.url), metrics_port=0) as b, \
+            Client(a.endpoint) as wa, Client(b.endpoint) as wb:
+        prompt = list(range(500, 500 + 3 * wa.spec.block_size + 2))
+        write_prompt(wa, prompt, seed=3)
+        assert wait_until(lambda: wa.remote_stats().written_blocks == 3, WAIT)
+        [got] = wb.allocate([prompt], salt="model")
+        assert got.num_remote_tokens == 3 * wb.spec.block_size
+        for server, client in ((a, wa), (b, wb)):
+            st = client.remote_stats()
+            samples = scrape(server.metrics_port)
+            assert v(samples, "kvpager_remote_available") == 1.0
+            for name in ("lookups", "lookup_blocks", "hit_blocks", "restored_blocks", "restored_bytes",
+                         "errors", "written_blocks", "written_bytes", "dropped_blocks", "corrupt_blocks"):
+                assert v(samples, f"kvpager_remote_{name}_total") == getattr(st, name), name
+        assert v(scrape(b.metrics_port), "kvpager_remote_restored_blocks_total") == 3
+        assert v(scrape(a.metrics_port), "kvpager_remote_written_blocks_total") == 3

@@ -9,6 +9,10 @@ many calls, queued behind a GPU sleep so launch overhead stays out).
 --sweep adds variants (knobs of kvpager.kernels) timed on the same data.
 Decode moves the K/V once: bytes = sum(seq_len) * kv_heads * head_dim * 2 (K, V) * 2 bytes;
 multi-token counts 4 * head_dim * q_heads FLOPs per (query, visible key) pair.
+Each decode case also runs on an FP8 copy of the pool (--fp8, default e4m3: the bf16 K/V
+quantised with one scale, 1 byte per value), checked against SDPA over the dequantised
+K/V, and timed against the bf16 pool in the same run: the "vs bf16" column is the
+bf16 time over the FP8 time.
 """
 
 from __future__ import annotations
@@ -67,12 +71,49 @@ def setup(batch: int, ctx: int, new: int):
     be = CupyBackend(spec, 0)
     pool = tview(be.kv)
     pool.normal_()
-    tables = (torch.randperm(batch * nb, device="cuda") + 1).view(batch, nb).to(torch.int32)
+    tables = (torch.randperm(batch * nb, device="cuda") + 1).view(batch, nb).to(torch.int32).cpu().numpy()
     q_cp = cupy.empty((batch * new, HQ, D), dtype=be.dtype)
     tview(q_cp).normal_()
-    blocks = pool[tables.long(), 0]  # [B, nb, 2, H, BS, D]
-    kv = blocks.permute(2, 0, 3, 1, 4, 5).reshape(2, batch, HKV, nb * BS, D).contiguous()
-    return spec, be, tables.cpu().numpy(), q_cp, kv
+    return spec, be, tables, q_cp, dense_kv(pool, tables, ctx)
+
+
+def dense_kv(pool: torch.Tensor, tables: np.ndarray, length: int, layer: int = 0,
+             chunk_bytes: int = 1 << 30) -> torch.Tensor:
+    """The first ``length`` positions of each table's K/V in ``pool`` (torch view of
+    the slab) copied into contiguous [2, B, kv heads, length, head dim], gathered
+    a few sequences at a time (no second full-size temporary)."""
+    batch, nb = len(tables), -(-length // BS)
+    kv = torch.empty((2, batch, HKV, length, D), dtype=pool.dtype, device=pool.device)
+    step = max(1, chunk_bytes // (nb * pool[0, layer].numel() * pool.element_size()))
+    for s in range(0, batch, step):
+        rows = torch.from_numpy(np.ascontiguousarray(tables[s : s + step, :nb])).long().to(pool.device)
+        blocks = pool[rows, layer]  # [b, nb, 2, H, BS, D]
+        kv[:, s : s + step] = blocks.permute(2, 0, 3, 1, 4, 5).reshape(2, len(rows), HKV, nb * BS, D)[..., :length, :]
+    return kv
+
+
+def causal_sdpa(q4: torch.Tensor, kv: torch.Tensor, scale: float):
+    """A call of SDPA for multi-token queries q4 [B, q heads, new, D] over kv [2, B,
+    kv heads, ctx, D], causal with the mask at the bottom right (the queries are the
+    last positions); GQA in SDPA where a fused kernel takes this mask, else K/V with
+    the heads repeated."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    mask = causal_lower_right(q4.shape[2], kv.shape[3])
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q4, kv[0], kv[1], attn_mask=mask, scale=scale,
+                                              enable_gqa=True)
+
+    try:
+        sdpa()
+    except RuntimeError:  # no fused kernel for this mask with GQA: give SDPA repeated heads
+        k_rep, v_rep = (t.repeat_interleave(q4.shape[1] // kv.shape[2], dim=1) for t in (kv[0], kv[1]))
+
+        def sdpa():
+            return F.scaled_dot_product_attention(q4, k_rep, v_rep, attn_mask=mask, scale=scale)
+
+    return sdpa
 
 
 def card() -> tuple[str, float | None]:
@@ -133,23 +174,8 @@ def bench_prefill(batch: int = 8, new: int = 1024, cached: int = 4096,
     spec, be, tables, q_cp, kv = setup(batch, ctx, new)
     scale = D**-0.5
     q4 = tview(q_cp).view(batch, new, HQ, D).transpose(1, 2)
-    from torch.nn.attention.bias import causal_lower_right
-
-    mask = causal_lower_right(new, ctx)
-
-    def sdpa():
-        return F.scaled_dot_product_attention(q4, kv[0], kv[1], attn_mask=mask, scale=scale,
-                                              enable_gqa=True)
-
-    try:
-        ref = sdpa()
-    except RuntimeError:  # no fused kernel for this mask with GQA: give SDPA repeated heads
-        k_rep, v_rep = (t.repeat_interleave(HQ // HKV, dim=1) for t in (kv[0], kv[1]))
-
-        def sdpa():
-            return F.scaled_dot_product_attention(q4, k_rep, v_rep, attn_mask=mask, scale=scale)
-
-        ref = sdpa()
+    sdpa = causal_sdpa(q4, kv, scale)
+    ref = sdpa()
     base = median_ms(sdpa, iters=20)
     pairs = batch * (new * cached + new * (new + 1) // 2)
     flops = 4 * D * HQ * pairs
@@ -168,6 +194,44 @@ def bench_prefill(batch: int = 8, new: int = 1024, cached: int = 4096,
                          sdpa_ms=base, sdpa_tflops=flops / base / 1e9, ratio=base / ours))
     be.close()
     return rows
+
+
+def bench_fp8(batch: int, ctx: int, kv_dtype: str, peak: float | None) -> dict:
+    """Decode of `batch` x `ctx` on a bf16 pool and on its FP8 copy, timed alternately."""
+    spec, be, tables, q_cp, kv = setup(batch, ctx, 1)
+    fmt, top = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}[kv_dtype]
+    scale_kv = 8.0 / top  # the normal(0, 1) values stay below 8
+    spec8 = spec.replace(kv_dtype=f"float8_{kv_dtype}", kv_scales=[scale_kv] * (2 * HKV))
+    be8 = CupyBackend(spec8, 0)
+    stored = (tview(be.kv).float() / scale_kv).clamp(-top, top).to(fmt)
+    torch.from_dlpack(be8.kv).copy_(stored.view(torch.uint8))
+    deq = (stored.float() * scale_kv).to(torch.bfloat16)[torch.from_numpy(tables).long().cuda(), 0]
+    nb = ctx // BS
+    kv8 = deq.permute(2, 0, 3, 1, 4, 5).reshape(2, batch, HKV, nb * BS, D)
+    scale = D**-0.5
+    q4 = tview(q_cp).unsqueeze(2)
+    ref8 = F.scaled_dot_product_attention(q4, kv8[0], kv8[1], scale=scale, enable_gqa=True).squeeze(2)
+    ref = F.scaled_dot_product_attention(q4, kv[0], kv[1], scale=scale, enable_gqa=True).squeeze(2)
+    plans = [make_plan(b, tables, np.full(batch, ctx, np.int32), np.ones(batch, np.int32), num_q_heads=HQ)
+             for b in (be, be8)]
+    outs = [cupy.full(q_cp.shape, 0x7FC0, dtype=q_cp.dtype) if q_cp.dtype == cupy.uint16
+            else cupy.full(q_cp.shape, cupy.nan, dtype=q_cp.dtype) for _ in plans]
+    for plan, out in zip(plans, outs):
+        plan.attend(0, q_cp, scale, out)
+    err8 = rel_err(tview(outs[1]), ref8)
+    assert err8 < 1e-2, f"fp8 decode {batch}x{ctx}: relative error {err8} against the dequantised K/V"
+    times = [[], []]
+    for _ in range(3):  # alternate, so clocks and neighbours treat both alike
+        for i, (plan, out) in enumerate(zip(plans, outs)):
+            times[i].append(median_ms(lambda plan=plan, out=out: plan.attend(0, q_cp, scale, out)))
+    bf16_ms, fp8_ms = (float(np.median(t)) for t in times)
+    nbytes = batch * ctx * HKV * D * 2  # one byte per value
+    be.close()
+    be8.close()
+    return dict(case=f"decode {batch}x{ctx} fp8 {kv_dtype}", splits=plans[1].splits, rel_err=err8,
+                rel_err_vs_bf16=rel_err(tview(outs[1]), ref), ms=fp8_ms, tbs=nbytes / fp8_ms / 1e9,
+                pct_peak=(nbytes / fp8_ms / 1e9 / peak * 100) if peak else None, bf16_ms=bf16_ms,
+                speedup=bf16_ms / fp8_ms, memory_ratio=spec8.bytes_per_block / spec.bytes_per_block)
 
 
 def layout_variants(batch: int, ctx: int) -> list[tuple[str, dict, int | None]]:
@@ -190,6 +254,8 @@ def main() -> None:
                     help="decode cases to run, e.g. 64x4096,1x131072 (default: all); "
                          "'none' runs only the multi-token case")
     ap.add_argument("--no-prefill", action="store_true", help="skip the multi-token case")
+    ap.add_argument("--fp8", choices=["e4m3", "e5m2", "off"], default="e4m3",
+                    help="FP8 storage of each decode case against bf16, in the same run (default e4m3)")
     ap.add_argument("--layouts", action="store_true",
                     help="decode CTA layouts (kv heads per CTA, warps per head) against the "
                          "planner's choice, instead of --sweep's variants")
@@ -215,6 +281,8 @@ def main() -> None:
                     extra = {4096: (3,), 16384: (8, 10), 131072: (66, 132)}.get(ctx, ())
                     variants += [(f"{n} splits", {}, n) for n in extra]
             rows += bench_decode(batch, ctx, peak, variants)
+            if args.fp8 != "off":
+                rows.append(bench_fp8(batch, ctx, args.fp8, peak))
             torch.cuda.empty_cache()
             cupy.get_default_memory_pool().free_all_blocks()
         pf = [("", {})] + ([("1 m-tile per warp", {"PREFILL_MT": 1})] if args.sweep else [])
@@ -228,10 +296,22 @@ def main() -> None:
     print("| case | splits | kvpager ms | TB/s | % of datasheet | SDPA ms | SDPA TB/s | SDPA time / kvpager time |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if "tbs" in r:
+        if "tbs" in r and "speedup" not in r:
             pct = f"{r['pct_peak']:.0f}%" if r["pct_peak"] is not None else "-"
             print(f"| {r['case']} | {r['splits']} | {r['ms']:.3f} | {r['tbs']:.2f} | {pct} | "
                   f"{r['sdpa_ms']:.3f} | {r['sdpa_tbs']:.2f} | {r['ratio']:.2f}x |")
+    if any("speedup" in r for r in rows):
+        print()
+        print("FP8 K/V (bytes: one per value), the bf16 pool timed alternately in the same run")
+        print("| case | splits | FP8 ms | TB/s | % of datasheet | bf16 ms | vs bf16 | bytes / bf16 "
+              "| rel. err vs dequantised | rel. err vs bf16 |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            if "speedup" in r:
+                pct = f"{r['pct_peak']:.0f}%" if r["pct_peak"] is not None else "-"
+                print(f"| {r['case']} | {r['splits']} | {r['ms']:.3f} | {r['tbs']:.2f} | {pct} | "
+                      f"{r['bf16_ms']:.3f} | {r['speedup']:.2f}x | {r['memory_ratio']:.2f} | "
+                      f"{r['rel_err']:.1e} | {r['rel_err_vs_bf16']:.1e} |")
     print()
     print("| case | kvpager ms | TFLOP/s | SDPA ms | SDPA TFLOP/s | SDPA time / kvpager time |")
     print("|---|---|---|---|---|---|")

@@ -23,7 +23,7 @@ import cupy
 import numpy as np
 import torch
 import torch.nn.functional as F
-from bench_attention import BS, DATASHEET_TBS, HKV, HQ, D, median_ms, rel_err, tview
+from bench_attention import BS, DATASHEET_TBS, HKV, HQ, D, dense_kv, median_ms, rel_err, tview
 
 from kvpager.backends.cupy_backend import CupyBackend
 from kvpager.plan import make_plan
@@ -70,9 +70,7 @@ def run(batch: int, prefix: int, own: int, groups: int, peak: float | None, sdpa
     distinct = (groups * prefix + batch * (own + 1)) * HKV * D * 2 * 2
     row["floor_ms"] = distinct / (peak * 1e12) * 1e3 if peak else None
     if sdpa:
-        kvt = tview(be.kv)[torch.from_numpy(tables).long().cuda(), 0]  # [B, nb, 2, H, BS, D]
-        kv = kvt.permute(2, 0, 3, 1, 4, 5).reshape(2, batch, HKV, -1, D)[:, :, :, : int(lens[0])].contiguous()
-        del kvt
+        kv = dense_kv(tview(be.kv), tables, int(lens[0]))
         q4 = tview(q).unsqueeze(2)
         ref = F.scaled_dot_product_attention(q4, kv[0], kv[1], scale=scale, enable_gqa=True).squeeze(2)
         row["rel_err_sdpa"] = rel_err(tview(out_c), ref)

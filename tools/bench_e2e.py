@@ -9,7 +9,9 @@ prompts that share a system prompt. Paths, on the same model and prompts:
   also with its StaticCache (``cache_implementation="static"``: transformers
   then compiles the model, whose compile time the timed steps include);
 - ``kvpager eager``: `kvpager.hf.PagedGeneration`, one step plan per pass;
-- ``kvpager graphs``: the same with the decode step captured in CUDA graphs.
+- ``kvpager graphs``: the same with the decode step captured in CUDA graphs;
+  ``kvpager graphs plain``: the same without shared-prefix (cascade) attention,
+  to show what the cascade brings to a captured step.
 
 Per path: decode ms/step (wall, synchronized), host ms/step (from the step's
 start until its last kernel is queued: the forward call's return, or the graph
@@ -131,11 +133,12 @@ def hf_generate(model, ps: list[list[int]], steps: int, cache: str | None = None
                 tok_s=len(ps) / per, kv_bytes=None, agree=None)
 
 
-def paged(model, ps: list[list[int]], steps: int, graphs: bool, clock: HostClock, num_blocks: int) -> dict:
+def paged(model, ps: list[list[int]], steps: int, graphs: bool, clock: HostClock, num_blocks: int,
+          cascade: bool | None = None) -> dict:
     spec = khf.spec_for_model(model, num_blocks=num_blocks)
     pool = KVPool(spec, device="cuda:0")
     try:
-        gen = khf.PagedGeneration(model, pool, ps, steps + 2, salt="bench", cuda_graphs=graphs)
+        gen = khf.PagedGeneration(model, pool, ps, steps + 2, salt="bench", cuda_graphs=graphs, cascade=cascade)
         tokens, wall, host = [[o[0] for o in gen.outputs]], [], []
         for _ in range(steps):
             torch.cuda.synchronize()
@@ -148,7 +151,7 @@ def paged(model, ps: list[list[int]], steps: int, graphs: bool, clock: HostClock
         gen.close()
     finally:
         pool.close()
-    label = "kvpager graphs" if graphs else "kvpager eager"
+    label = ("kvpager graphs" if graphs else "kvpager eager") + (" plain" if cascade is False else "")
     # the first steps of the graph path capture its buckets: leave them out
     skip = 2 if graphs else 1
     return summarize(label, wall[skip:], host[skip:], len(ps), kv, tokens)
@@ -184,6 +187,7 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
         torch.cuda.empty_cache()
     rows.append(paged(model, ps, steps, False, clock, blocks))
     rows.append(paged(model, ps, steps, True, clock, blocks))
+    rows.append(paged(model, ps, steps, True, clock, blocks, cascade=False))
     base_ms, base_tokens, gen_ms = rows[0]["ms_step"], rows[0]["tokens"], rows[1]["ms_step"]
     for r in rows:
         r.update(shape=shape, batch=batch, ratio=base_ms / r["ms_step"], vs_generate=gen_ms / r["ms_step"])

@@ -45,6 +45,14 @@ def storage_dtype(spec: PoolSpec) -> np.dtype:
         raise
 
 
+def _storage(backend: CupyBackend, spec: PoolSpec) -> None:
+    """Set the backend's array dtypes (``dtype``: q, output and write inputs; ``kv_dtype``:
+    the pool's CuPy arrays, raw uint8 bits for FP8) and, for FP8, its scales on the device."""
+    backend.dtype = storage_dtype(spec)
+    backend.kv_dtype = np.dtype(np.uint8) if spec.is_fp8 else backend.dtype
+    backend.scales = cupy.asarray(spec.scales) if spec.is_fp8 else None
+
+
 def _release(device: int, dev_ptr: int, host_ptr: int) -> None:
     with cupy.cuda.Device(device):
         if dev_ptr:
@@ -72,6 +80,7 @@ class CupyBackend(Backend):
             raise BackendUnavailable(f"CUDA is not usable here: {e}") from None
         if not 0 <= device_index < count:
             raise BackendUnavailable(f"cuda:{device_index} requested but {count} CUDA device(s) found")
+        kernels.check_fp8(spec, int(device_index))
         self.index = int(device_index)
         self.uploads = Uploads()  # pinned buffers of step-plan uploads
         self._dev_ptr = self._host_ptr = 0
@@ -79,13 +88,13 @@ class CupyBackend(Backend):
         shape = (spec.num_blocks, *spec.block_shape)
         host_shape = (spec.num_host_blocks, *spec.block_shape)
         with cupy.cuda.Device(self.index):
-            self.dtype = storage_dtype(spec)
+            _storage(self, spec)
             self.num_sms = cupy.cuda.Device(self.index).attributes["MultiProcessorCount"]
             self._dev_ptr = runtime.malloc(spec.device_bytes)
             self._finalizer = weakref.finalize(self, _release, self.index, self._dev_ptr, 0)
             runtime.memset(self._dev_ptr, 0, spec.device_bytes)
             mem = cupy.cuda.UnownedMemory(self._dev_ptr, spec.device_bytes, self, device_id=self.index)
-            self.kv = cupy.ndarray(shape, dtype=self.dtype, memptr=cupy.cuda.MemoryPointer(mem, 0))
+            self.kv = cupy.ndarray(shape, dtype=self.kv_dtype, memptr=cupy.cuda.MemoryPointer(mem, 0))
             if spec.host_bytes:
                 self._host_ptr = runtime.hostAlloc(spec.host_bytes, _HOST_ALLOC_MAPPED | _HOST_ALLOC_PORTABLE)
                 self._finalizer.detach()
@@ -94,10 +103,10 @@ class CupyBackend(Backend):
                 ctypes.memset(self._host_ptr, 0, spec.host_bytes)
                 self._host_dev_ptr = self._mapped_pointer(self._host_ptr)
                 buf = (ctypes.c_byte * spec.host_bytes).from_address(self._host_ptr)
-                self.host_kv = np.frombuffer(buf, dtype=spec.np_dtype).reshape(host_shape)
+                self.host_kv = np.frombuffer(buf, dtype=spec.kv_np_dtype).reshape(host_shape)
             else:
                 self._host_dev_ptr = 0
-                self.host_kv = np.zeros(host_shape, dtype=spec.np_dtype)
+                self.host_kv = np.zeros(host_shape, dtype=spec.kv_np_dtype)
 
     @classmethod
     def over_pointer(cls, spec: PoolSpec, device_index: int, ptr: int, owner: Any = None) -> CupyBackend:
@@ -113,12 +122,13 @@ class CupyBackend(Backend):
         self._dev_ptr, self._host_ptr, self._host_dev_ptr = int(ptr), 0, 0
         self._stage_rows, self._stage_fin = 0, None
         self._finalizer = weakref.finalize(self, int)  # nothing to release
-        self.host_kv = np.zeros((0, *spec.block_shape), dtype=spec.np_dtype)
+        self.host_kv = np.zeros((0, *spec.block_shape), dtype=spec.kv_np_dtype)
+        kernels.check_fp8(spec, self.index)
         with cupy.cuda.Device(self.index):
-            self.dtype = storage_dtype(spec)
+            _storage(self, spec)
             self.num_sms = cupy.cuda.Device(self.index).attributes["MultiProcessorCount"]
             mem = cupy.cuda.UnownedMemory(self._dev_ptr, spec.device_bytes, owner, device_id=self.index)
-            self.kv = cupy.ndarray((spec.num_blocks, *spec.block_shape), dtype=self.dtype,
+            self.kv = cupy.ndarray((spec.num_blocks, *spec.block_shape), dtype=self.kv_dtype,
                                    memptr=cupy.cuda.MemoryPointer(mem, 0))
         return self
 
@@ -164,7 +174,7 @@ class CupyBackend(Backend):
     def write(self, layer: int, slots: np.ndarray, k: Any, v: Any) -> None:
         self._check_open()
         with cupy.cuda.Device(self.index):
-            kernels.write(self.kv, self.spec, int(layer), slots, k, v, self.index)
+            kernels.write(self.kv, self.spec, int(layer), slots, k, v, self.index, self.dtype, self.scales)
 
     def copy_blocks(self, pairs: np.ndarray) -> None:
         self._check_open()
@@ -262,8 +272,9 @@ class CupyBackend(Backend):
         if getattr(q, "ndim", 0) != 3:
             raise InvalidArgument(f"q must be [tokens, num_q_heads, head_dim], got {getattr(q, 'shape', None)}")
         step = check_step(self.spec, block_tables, seq_lens, query_lens)
-        return self.plan(*step, num_splits=num_splits).attend(int(layer), q, scale, out, window=window,
-                                                              softcap=softcap)
+        with cupy.cuda.Device(self.index):  # this pool's GPU, whichever is current (a rank of several)
+            return self.plan(*step, num_splits=num_splits).attend(int(layer), q, scale, out, window=window,
+                                                                  softcap=softcap)
 
     def synchronize(self) -> None:
         with cupy.cuda.Device(self.index):
@@ -274,7 +285,7 @@ class CupyBackend(Backend):
             self.synchronize()
             self._free_stage()
             self.kv = None
-            self.host_kv = np.zeros((0, *self.spec.block_shape), dtype=self.spec.np_dtype)
+            self.host_kv = np.zeros((0, *self.spec.block_shape), dtype=self.spec.kv_np_dtype)
             self._finalizer()
             self._dev_ptr = self._host_ptr = self._host_dev_ptr = 0
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from kvpager import kernels
-from kvpager.errors import InvalidArgument
+from kvpager.errors import InvalidArgument, UnsupportedConfiguration
 from kvpager.launch import Launch, current_stream, f32, i32, ptr, torch_stream
 
 
@@ -35,9 +35,9 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
     keep: list[Any] = []
     spec, dev = plan.spec, plan.device
     group = kernels.check_group(num_q_heads, spec.num_kv_heads)
-    base = {"KV_DTYPE": kernels.DTYPE_CODES[spec.dtype], "HEAD_DIM": spec.head_dim,
-            "BLOCK_SIZE": spec.block_size}
+    base = {**kernels.storage_defines(spec), "HEAD_DIM": spec.head_dim, "BLOCK_SIZE": spec.block_size}
     pool = ptr(plan.backend.kv.data.ptr)
+    scales = ptr(plan.backend.scales.data.ptr if spec.is_fp8 else 0)  # FP8: [layers, 2, kv heads]
     common = [i32(0), i32(spec.num_layers), i32(spec.num_kv_heads)]  # layer set per call
     q, out, window, softcap, scale = ptr(), ptr(), i32(), f32(), f32()
     p = plan.ptrs
@@ -45,6 +45,8 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
     with cupy.cuda.Device(dev):
         if plan.decode:
             tc = kernels.DECODE_TC and spec.dtype != "float32"
+            if spec.is_fp8 and not tc:
+                raise UnsupportedConfiguration("FP8 pools decode on tensor cores only (kernels.DECODE_TC)")
             gs = kernels.decode_subgroup(spec.dtype, spec.head_dim, group)
             nsm = kernels.num_sms(dev)
             max_len = plan.max_len
@@ -59,7 +61,7 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
                 if kernels.DECODE_L2_PREFETCH:
                     defs["CP_L2_PREFETCH"] = kernels.DECODE_L2_PREFETCH
                 fn = kernels.get_kernel("paged_decode_tc.cu", "paged_decode_tc", defs, dev)
-                smem = hpc * wph * stages * 2 * 16 * (spec.head_dim + 8) * spec.itemsize
+                smem = kernels.decode_smem(spec.head_dim, spec.itemsize, hpc * wph, stages, group)
                 if fn.max_dynamic_shared_size_bytes < smem:
                     fn.max_dynamic_shared_size_bytes = smem
                 ctas = plan.items * (spec.num_kv_heads // hpc)
@@ -74,7 +76,7 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
             rows = plan.items * num_q_heads
             cascade = None
             if shared is not None and tc:
-                cascade = CascadeLaunch(plan, shared, group, splits, nsm)
+                cascade = CascadeLaunch(plan, shared, group, splits, nsm, plan.cascade_slack)
                 keep += [*cascade.keep, cascade]  # the plan keeps it, and so its upload buffer, alive
             parts = cascade.parts if cascade else (splits if splits > 1 else 0)
             if parts:
@@ -88,15 +90,18 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
                     part_o, part_lse, *common]
             if not tc:
                 args.append(i32(group))
-            args += [i32(plan.width), i32(splits), ptr(cascade.own_start if cascade else 0), i32(parts),
-                     window, softcap, scale]
+            args += [i32(plan.width), i32(splits), ptr(cascade.own_start if cascade else 0), i32(parts)]
+            if tc:
+                args.append(scales)
+            args += [window, softcap, scale]
             launches.append(Launch(fn, (ctas, splits), threads, smem, args, dev))
             if cascade is not None:
                 launches.append(cascade.launch(q, pool, ptr(p["tables"]), part_o, part_lse, common,
                                                plan.width, softcap, scale))
             if parts:
+                plain = {k: v for k, v in base.items() if k != "KV_FP8"}  # merges float32 partials
                 merge = kernels.get_kernel("paged_decode.cu", "merge_splits",
-                                           {**base, "SUBGROUP": gs, "CH": kernels.DECODE_ROWS}, dev)
+                                           {**plain, "SUBGROUP": gs, "CH": kernels.DECODE_ROWS}, dev)
                 launches.append(Launch(merge, (rows,), 256, 0, [part_o, part_lse, out, i32(parts)], dev))
         else:
             splits = 1
@@ -121,10 +126,12 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
             bn = 32 if mt == 2 or spec.head_dim > 128 else 64
             stages = 3 if mt == 2 else 2
             smem = (64 * mt + 2 * stages * bn) * (spec.head_dim + 8) * 2
+            if spec.is_fp8:  # one converted K and V tile, the stages as stored
+                smem = (64 * mt + 2 * bn) * (spec.head_dim + 8) * 2 + 2 * stages * bn * spec.head_dim
             if fn.max_dynamic_shared_size_bytes < smem:
                 fn.max_dynamic_shared_size_bytes = smem
             args = [q, pool, ptr(p["tables"]), ptr(p["seq_lens"]), ptr(p["query_lens"]),
-                    ptr(p["q_start"]), ptr(tiles_dev.data.ptr), out, *common, i32(plan.width), window,
+                    ptr(p["q_start"]), ptr(tiles_dev.data.ptr), out, *common, i32(plan.width), scales, window,
                     softcap, scale]
             launches.append(Launch(fn, (len(tiles), spec.num_kv_heads), 128, smem, args, dev))
     return launches, splits, keep, not plan.decode or tc
@@ -135,9 +142,16 @@ class CascadeLaunch:
     its segments cut into chunks of positions (so that enough CTAs run: each
     chunk is a slot of its own), tiles of members, and the partial slots per
     row: the decode kernel's ``splits`` first, then ``levels x chunks``. Its
-    tables (own start per row, segments, members, tiles) go up in one upload."""
+    tables (own start per row, segments, members, tiles) go up in one upload.
 
-    def __init__(self, plan: Any, shared: Any, group: int, splits: int, nsm: int):
+    The launch's shape (levels, chunks, grid) is fixed when it is made; `fill`
+    refills its tables in place for another step's shared prefixes (a plan
+    updated under a CUDA graph). Tables are sized for the first step, with
+    ``slack`` times its tiles for later ones (unused tiles exit at once); a step
+    whose prefixes do not fit runs with none (every row from position 0: plain
+    attention, the same result)."""
+
+    def __init__(self, plan: Any, shared: Any, group: int, splits: int, nsm: int, slack: int = 1):
         import cupy
 
         spec = plan.spec
@@ -147,10 +161,9 @@ class CascadeLaunch:
         self.stages = 3 if self.mt == 2 else 2
         self.smem = (bm + 2 * self.stages * self.bn) * (spec.head_dim + 8) * 2
         self.group = group
-        per_tile = max(1, bm // group)  # members per CTA
+        self.per_tile = max(1, bm // group)  # members per CTA
         seg = shared.segments
-        counts = seg[:, 4].astype(np.int64)
-        tiles_per_seg = -(-counts // per_tile)
+        tiles_per_seg = -(-seg[:, 4].astype(np.int64) // self.per_tile)
         base_ctas = int(tiles_per_seg.sum()) * spec.num_kv_heads
         lengths = (seg[:, 2] - seg[:, 1]).astype(np.int64)
         defs = {"KV_DTYPE": kernels.DTYPE_CODES[spec.dtype], "HEAD_DIM": spec.head_dim,
@@ -162,8 +175,35 @@ class CascadeLaunch:
         # Chunks of each segment (at least 256 positions): the count whose waves of CTAs
         # end soonest (waves x chunk length), the fewest among equals (fewer partials to merge).
         most = int(max(1, min(64, int(lengths.min()) // 256)))
-        chunks = min(range(1, most + 1), key=lambda c: (-(-base_ctas * c // slots)) / c)
-        self.parts = splits + shared.levels * chunks
+        self.chunks = min(range(1, most + 1), key=lambda c: (-(-base_ctas * c // slots)) / c)
+        self.levels, self.splits = shared.levels, splits
+        self.parts = splits + shared.levels * self.chunks
+        self.rows = plan.rows
+        first = int(tiles_per_seg.sum()) * self.chunks
+        self.cap_tiles = first if slack <= 1 else slack * first + 2 * self.levels * self.chunks
+        self.cap_segs = min(self.cap_tiles, len(seg) * self.chunks) if slack <= 1 else self.cap_tiles
+        self.cap_members = len(shared.members) if slack <= 1 else self.levels * self.rows
+        self._sizes = [self.rows, 6 * self.cap_segs, self.cap_members, 2 * self.cap_tiles]
+        nbytes = 4 * sum(self._sizes)
+        self._dev = cupy.empty(nbytes // 4, dtype=cupy.int32)
+        self._upload = plan.backend.uploads.take(nbytes, owner=self)
+        offs = np.cumsum([0, *self._sizes]) * 4
+        base = self._dev.data.ptr
+        self.own_start = base
+        self.segments, self.members, self.tiles = base + int(offs[1]), base + int(offs[2]), base + int(offs[3])
+        self.keep = [self._dev]
+        self.spec, self.device = spec, plan.device
+        self.fits = self.fill(shared)
+
+    def _pack(self, shared: Any) -> tuple[np.ndarray, np.ndarray] | None:
+        """(segment chunks [S, 6], tiles [T, 2]) of ``shared``, or None if they exceed the tables."""
+        if shared is None or shared.levels > self.levels or len(shared.members) > self.cap_members:
+            return None
+        seg = shared.segments
+        tiles_per_seg = -(-seg[:, 4].astype(np.int64) // self.per_tile)
+        chunks, splits = self.chunks, self.splits
+        if len(seg) * chunks > self.cap_segs or int(tiles_per_seg.sum()) * chunks > self.cap_tiles:
+            return None
         out = []
         for row, start, end, moff, count, level in seg.tolist():
             per_chunk = -(-(end - start) // chunks)
@@ -175,30 +215,36 @@ class CascadeLaunch:
         reps = np.repeat(tiles_per_seg, chunks)
         seg_of = np.repeat(np.arange(len(segs), dtype=np.int32), reps)
         first = np.repeat(np.cumsum(reps) - reps, reps)
-        j0 = ((np.arange(len(seg_of)) - first) * per_tile).astype(np.int32)
-        tiles = np.stack([seg_of, j0], axis=1).astype(np.int32)
-        parts = [shared.own_start.astype(np.int32), np.zeros(plan.rows - len(shared.own_start), np.int32),
-                 segs.ravel(), shared.members, tiles.ravel()]
-        sizes = [len(a) for a in parts]
-        host = np.concatenate(parts).astype(np.int32)
-        dev = cupy.empty(len(host), dtype=cupy.int32)
-        up = plan.backend.uploads.take(host.nbytes, owner=self)
-        up.host[:] = host.view(np.uint8)
-        up.copy_to(dev.data.ptr, current_stream(plan.device))
-        offs = np.cumsum([0, *sizes]) * 4
-        base = dev.data.ptr
-        self.own_start = base
-        self.segments, self.members, self.tiles = base + int(offs[2]), base + int(offs[3]), base + int(offs[4])
-        self.num_tiles = len(tiles)
-        self.keep = [dev]
-        self.spec, self.device = spec, plan.device
+        j0 = ((np.arange(len(seg_of)) - first) * self.per_tile).astype(np.int32)
+        return segs, np.stack([seg_of, j0], axis=1).astype(np.int32)
+
+    def fill(self, shared: Any) -> bool:
+        """Refill the tables for ``shared`` (`kvpager.cascade.SharedPrefixes` of a
+        step of at most ``rows`` rows) on the caller's stream; False when they do
+        not fit (or ``shared`` is None): the launch then attends nothing and every
+        row's own part starts at position 0."""
+        packed = self._pack(shared)
+        self._upload.wait()
+        host = self._upload.host.view(np.int32)
+        host[:] = 0
+        rows, segs_n, members_n, _ = self._sizes
+        tiles = host[rows + segs_n + members_n:].reshape(-1, 2)
+        tiles[:, 0] = -1  # unused tiles exit at once
+        if packed is not None:
+            segs, used = packed
+            host[: len(shared.own_start)] = shared.own_start
+            host[rows : rows + segs.size] = segs.ravel()
+            host[rows + segs_n : rows + segs_n + len(shared.members)] = shared.members
+            tiles[: len(used)] = used
+        self._upload.copy_to(self._dev.data.ptr, current_stream(self.device))
+        return packed is not None
 
     def launch(self, q: Any, pool: Any, tables: Any, part_o: Any, part_lse: Any, common: list[Any],
                width: int, softcap: Any, scale: Any) -> Launch:
         spec, dev = self.spec, self.device
         args = [q, pool, tables, ptr(self.segments), ptr(self.members), ptr(self.tiles), part_o, part_lse,
                 *common, i32(width), i32(self.parts), softcap, scale]
-        return Launch(self.fn, (self.num_tiles, spec.num_kv_heads), 128, self.smem, args, dev)
+        return Launch(self.fn, (self.cap_tiles, spec.num_kv_heads), 128, self.smem, args, dev)
 
 
 def torch_kinds(dtype: str) -> tuple[Any, Any, Any]:

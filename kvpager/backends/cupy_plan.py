@@ -24,13 +24,14 @@ import numpy as np
 
 from kvpager import kernels, validate
 from kvpager.backends.cupy_launches import (
+    CascadeLaunch,
     attention_launches,
     cupy_empty_like,
     device_tensor,
     torch_kinds,
 )
 from kvpager.cascade import find_shared_prefixes, worth_it
-from kvpager.errors import InvalidArgument
+from kvpager.errors import InvalidArgument, UnsupportedConfiguration
 from kvpager.launch import Launch, current_stream, i32, ptr
 from kvpager.plan import (
     StepPlan,
@@ -39,6 +40,7 @@ from kvpager.plan import (
     check_softcap,
     check_step,
     check_window,
+    table_floor,
 )
 
 _LOG2E = 1.4426950408889634
@@ -83,12 +85,18 @@ class CupyPlan(StepPlan):
         self.ptrs["slots"] = base + 4 * self._n32
         self._attn: dict[int, list[Launch]] = {}
         self._raw: dict[int, bool] = {}  # per query-head count: the kernel's scores are raw q . k
-        # Shared-prefix (cascade) attention: a decode step on tensor cores, not padded for graphs;
+        # Shared-prefix (cascade) attention: a decode step on tensor cores, one item a row;
         # None: when it pays (kvpager.cascade.worth_it), True: whenever prefixes are shared.
+        # A plan with capacities (for CUDA graphs) sizes its cascade tables for later steps too.
         self._cascade = cascade
-        self._cascade_ok = (cascade is not False and self.decode and self.rows == nseq == self.items
-                            and spec.dtype != "float32" and kernels.DECODE_TC)
+        if cascade and spec.is_fp8:
+            raise UnsupportedConfiguration(f"cascade attention does not read FP8 pools (kv_dtype="
+                                           f"{spec.kv_dtype}); leave cascade=None for the plain decode")
+        self._cascade_ok = (cascade is not False and self.decode and self.rows == self.items
+                            and spec.dtype != "float32" and kernels.DECODE_TC and not spec.is_fp8)
+        self.cascade_slack = 2 if num_rows is not None or width is not None else 1
         self._shared: Any = None  # kvpager.cascade.SharedPrefixes of the step, found at the first attend
+        self._cascades: list[CascadeLaunch] = []  # refilled in place by update()
         self._plain: dict[int, list[Launch]] = {}  # launches without a cascade, for windowed calls
         self._keep: list[Any] = []  # device buffers the launches point at
         self.splits = 1  # decode split-K count, chosen at the first attend
@@ -149,7 +157,9 @@ class CupyPlan(StepPlan):
         ``num_rows`` sequences, tables at most ``width`` blocks wide), on the
         caller's stream: the buffers keep their addresses and the launches
         their grids, so a CUDA graph captured over this plan replays the new step.
-        The split count chosen at the first ``attend`` stays."""
+        The split count chosen at the first ``attend`` stays, and so does the
+        cascade's shape: the new step's shared prefixes are found again and
+        refilled into it when they fit (else the step attends without them)."""
         tables, seq_lens, query_lens, slots = check_step(self.spec, tables, seq_lens, query_lens, slots)
         if not self.decode or not (query_lens == 1).all():
             raise InvalidArgument("only a decode plan (one query token per sequence) can be updated in place")
@@ -162,11 +172,13 @@ class CupyPlan(StepPlan):
                                   "per sequence (a decode step, or num_rows given) can be updated")
         if (slots is not None) != self.has_slots:
             raise InvalidArgument("update must give slots exactly when the plan was built with them")
-        if self._shared is not None:  # the shared prefixes are the old step's: find them again
-            self._attn.clear()
-            self._plain.clear()
-            self._shared = None
         self._fill(tables, seq_lens, query_lens, slots)
+        self.floor = table_floor(tables, self.spec.block_size)
+        if self._cascades:
+            found = find_shared_prefixes(tables, seq_lens, self.spec.block_size,
+                                         levels=max(c.levels for c in self._cascades))
+            fits = [c.fill(found) for c in self._cascades]
+            self._shared = found if all(fits) else None
 
     @property
     def num_tokens(self) -> int:
@@ -192,6 +204,7 @@ class CupyPlan(StepPlan):
                 self._cascade_ok = False
         launches, self.splits, keep, self._raw[num_q_heads] = attention_launches(self, num_q_heads, self._shared)
         self._keep += keep
+        self._cascades += [x for x in keep if isinstance(x, CascadeLaunch)]
         self._attn[num_q_heads] = launches
         if self._shared is None:
             self._plain[num_q_heads] = launches
@@ -224,10 +237,13 @@ class CupyPlan(StepPlan):
         if launch is None:
             if not shape[0]:
                 return
-            fn = kernels.get_kernel("kv_write.cu", "kv_write", {}, self.device)
+            name, defs = kernels.write_kernel(spec)
+            fn = kernels.get_kernel("kv_write.cu", name, defs, self.device)
             args = [ptr(), ptr(), ptr(self.ptrs["slots"]), ptr(self.backend.kv.data.ptr), i32(shape[0]),
                     i32(), i32(spec.num_layers), i32(spec.num_kv_heads), i32(spec.block_size),
-                    i32(spec.head_dim * spec.itemsize // 16)]
+                    i32(spec.head_dim * spec.compute_itemsize // 16)]
+            if spec.is_fp8:
+                args.append(ptr(self.backend.scales.data.ptr))
             launch = self._write = Launch(fn, (min(shape[0], 65536),), 128, 0, args, self.device)
         a = launch.args
         a[0].value, a[1].value, a[5].value = kp, vp, layer
@@ -274,7 +290,7 @@ class CupyPlan(StepPlan):
             return out
         if self.floor is not None:
             self.check_floor(window)
-        if window is not None and self._shared is not None:
+        if window is not None and self._cascades:
             launches = self._windowed(shape[1])
         if scale is None:
             s = self._scale

@@ -23,7 +23,8 @@ class NumpyBackend(Backend):
         super().__init__(spec)
         shape = (spec.num_blocks, *spec.block_shape)
         host_shape = (spec.num_host_blocks, *spec.block_shape)
-        dt = spec.np_dtype
+        dt = spec.kv_np_dtype
+        self.scales = spec.scales if spec.is_fp8 else None  # float32 [layers, 2, kv heads]
         if device_buffer is None:
             self.kv = np.zeros(shape, dt)
         else:
@@ -44,6 +45,11 @@ class NumpyBackend(Backend):
         if not keep.all():
             slots, k, v = slots[keep], k[keep], v[keep]
         blocks, offsets = np.divmod(slots, self.spec.block_size)
+        if self.scales is not None:  # FP8: x / scale of the (layer, K|V, head), saturated
+            from kvpager.fp8 import quantize
+
+            k = quantize(k, self.scales[layer, 0][None, :, None], self.spec)
+            v = quantize(v, self.scales[layer, 1][None, :, None], self.spec)
         # Mixed advanced indexing puts the token axis first: [T, heads, head_dim].
         self.kv[blocks, layer, 0, :, offsets] = k
         self.kv[blocks, layer, 1, :, offsets] = v
@@ -96,7 +102,7 @@ class NumpyBackend(Backend):
         softcap: float | None = None,
     ) -> np.ndarray:
         return paged_attention(self.kv, layer, q, block_tables, seq_lens, query_lens, scale,
-                               window=window, softcap=softcap)
+                               window=window, softcap=softcap, kv_scales=self.scales)
 
 
 def paged_attention(
@@ -110,17 +116,21 @@ def paged_attention(
     *,
     window: int | None = None,
     softcap: float | None = None,
+    kv_scales: np.ndarray | None = None,
 ) -> np.ndarray:
     """Paged attention over a block-major pool, float32 accumulation.
 
     This is the NumPy twin of the CUDA kernels; see `Backend.attend` for the
     contract. ``window``: the query at position i sees keys j with
     i - window < j <= i (only the blocks that can hold such keys are read);
-    ``softcap``: scores become softcap * tanh(scores / softcap) after scaling."""
+    ``softcap``: scores become softcap * tanh(scores / softcap) after scaling.
+    ``kv_scales`` (FP8 pools: float32 [layers, 2, kv heads]): K and V are
+    dequantised (stored * scale, float32) before the math. The result has q's dtype."""
     num_kv_heads, block_size, head_dim = kv.shape[3], kv.shape[4], kv.shape[5]
     num_q_heads = q.shape[1]
     group = num_q_heads // num_kv_heads
-    out = np.empty(q.shape, dtype=kv.dtype)
+    out = np.empty(q.shape, dtype=q.dtype)
+    deq = None if kv_scales is None else np.asarray(kv_scales, np.float32)[layer][None, :, :, None, None]
     start = 0
     for b in range(len(seq_lens)):
         n, ql = int(seq_lens[b]), int(query_lens[b])
@@ -130,6 +140,8 @@ def paged_attention(
         lo = first * block_size  # position of the first key read
         # [nb', 2, H, bs, D] -> [2, H, nb'*bs, D], cut to the keys before n
         tiles = kv[blocks, layer].astype(np.float32)
+        if deq is not None:
+            tiles *= deq  # [nb', 2, H, bs, D] * [1, 2, H, 1, 1]
         kvs = tiles.transpose(1, 2, 0, 3, 4).reshape(2, num_kv_heads, len(blocks) * block_size, head_dim)
         keys, values = kvs[0, :, : n - lo], kvs[1, :, : n - lo]
         qs = q[start : start + ql].astype(np.float32)  # [ql, Hq, D]

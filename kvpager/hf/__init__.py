@@ -10,7 +10,8 @@ Install with ``pip install 'kvpager[torch]'`` (torch and transformers), then::
 
 Modules: `kvpager.hf.generation` (the attention function, step plans,
 `PagedGeneration`, `generate`), `kvpager.hf.model` (windows, attention
-arguments, the default salt), `kvpager.hf.graphs` (CUDA graphs of the decode
+arguments, the default salt), `kvpager.hf.fp8` (FP8 scales calibrated from a
+sample prompt), `kvpager.hf.graphs` (CUDA graphs of the decode
 step). ``import kvpager`` never imports this package (nor torch).
 """
 
@@ -20,6 +21,7 @@ try:
 except ImportError as e:  # say what to install, not only what is missing
     raise ImportError(f"kvpager.hf needs torch and transformers: pip install 'kvpager[torch]' ({e})") from e
 
+from kvpager.hf.fp8 import calibrate_kv_scales
 from kvpager.hf.generation import (
     ATTN_IMPLEMENTATION,
     PagedBatch,
@@ -42,6 +44,7 @@ __all__ = [
     "PagedBatch",
     "PagedGeneration",
     "bucket_for",
+    "calibrate_kv_scales",
     "check_call",
     "check_model",
     "default_salt",

@@ -187,9 +187,12 @@ def model_geometry(config: Any) -> dict[str, int]:
 
 
 def spec_for_model(
-    model: Any, num_blocks: int, block_size: int = 16, dtype: Any = None, num_host_blocks: int = 0
+    model: Any, num_blocks: int, block_size: int = 16, dtype: Any = None, num_host_blocks: int = 0,
+    kv_dtype: str | None = None, kv_scales: Any = None,
 ) -> PoolSpec:
-    """A `PoolSpec` matching ``model``'s KV geometry (dtype: the model's unless given)."""
+    """A `PoolSpec` matching ``model``'s KV geometry (dtype: the model's unless given).
+    ``kv_dtype`` "float8_e4m3" / "float8_e5m2": an FP8 pool, its ``kv_scales`` given
+    (e.g. from `kvpager.hf.calibrate_kv_scales`) or all 1.0."""
     config = model.config
     if dtype is None:
         dtype = next(model.parameters()).dtype
@@ -199,6 +202,8 @@ def spec_for_model(
         block_size=block_size,
         dtype=dtype_name(dtype),
         num_host_blocks=num_host_blocks,
+        kv_dtype=kv_dtype,
+        kv_scales=kv_scales,
     )
 
 
@@ -235,6 +240,9 @@ class PagedGeneration:
     #: blocks no window will read again (`KVPool.release_before`): KV memory per
     #: sequence stays about one window, however long it generates
     release_windowed: bool = True
+    #: shared-prefix (cascade) attention in decode steps: None where it pays
+    #: (`kvpager.cascade.worth_it`), True / False to force it on or off
+    cascade: bool | None = None
     seq_ids: list[int] = field(init=False, default_factory=list)
     num_cached_tokens: list[int] = field(init=False, default_factory=list)
     outputs: list[list[int]] = field(init=False, default_factory=list)
@@ -264,7 +272,8 @@ class PagedGeneration:
             from kvpager.hf.graphs import DecodeGraphs
 
             longest = max(map(len, self.prompts)) + self.max_new_tokens
-            self._graphs = DecodeGraphs(self.model, self.pool, self._batch, -(-longest // self.pool.spec.block_size))
+            self._graphs = DecodeGraphs(self.model, self.pool, self._batch, -(-longest // self.pool.spec.block_size),
+                                        cascade=self.cascade)
         # One forward pass writes every layer's K/V for the whole batch before it
         # attends, so prompts of the batch may share the blocks an earlier one fills.
         allocs = self.pool.allocate(self.prompts, self.salt, share_in_batch=True)
@@ -322,7 +331,8 @@ class PagedGeneration:
         if self._graphs is not None and max(lens) == 1:
             next_tokens = self._graphs.step(ids, input_ids, position_ids, slots)
         else:
-            plan = self.pool.plan(ids, lens, slots, num_q_heads=self.model.config.num_attention_heads)
+            plan = self.pool.plan(ids, lens, slots, num_q_heads=self.model.config.num_attention_heads,
+                                  cascade=self.cascade)
             ends = torch.as_tensor(np.cumsum(lens) - 1, device=self._device)
             with torch.inference_mode(), paged_attention(self.model):
                 next_tokens = paged_forward(self.model, self._batch(plan), input_ids, position_ids, ends).tolist()

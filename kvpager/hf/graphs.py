@@ -43,10 +43,12 @@ class _Graph:
 class DecodeGraphs:
     """Captured decode steps of ``model`` over ``pool``. ``make_batch(plan)``
     wraps a plan as the model's ``kvpager`` argument; ``width`` is the
-    initial capacity in blocks per sequence."""
+    initial capacity in blocks per sequence; ``cascade`` goes to each plan
+    (a captured step keeps its cascade's shape; `StepPlan.update` refills it)."""
 
-    def __init__(self, model: Any, pool: Any, make_batch: Callable[[Any], Any], width: int):
-        self.model, self.pool, self.make_batch = model, pool, make_batch
+    def __init__(self, model: Any, pool: Any, make_batch: Callable[[Any], Any], width: int,
+                 cascade: bool | None = None):
+        self.model, self.pool, self.make_batch, self.cascade = model, pool, make_batch, cascade
         self.width = max(int(width), 1)
         self.num_q_heads = model.config.num_attention_heads
         self.graphs: dict[int, _Graph] = {}
@@ -85,7 +87,7 @@ class DecodeGraphs:
         from kvpager.hf.generation import paged_forward
 
         plan = self.pool.plan(seq_ids, None, slots, num_rows=bucket, width=self.width,
-                              num_q_heads=self.num_q_heads)
+                              num_q_heads=self.num_q_heads, cascade=self.cascade)
         device = input_ids.device
         ids = torch.zeros((1, bucket), dtype=torch.long, device=device)
         pos = torch.zeros((1, bucket), dtype=torch.long, device=device)

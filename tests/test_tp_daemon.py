@@ -1,0 +1,144 @@
+"""A daemon of two tensor-parallel ranks in host memory (`kvpager serve
+--devices cpu,cpu`): one worker process per rank writes and attends over its
+heads of one allocator's blocks, against a one-rank NumPy pool of all heads
+(tests/tp_helpers.py); what hello tells each kind of client; bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from daemon_helpers import daemon_process, ipc_endpoint, running_server, subprocess_env
+from tp_helpers import run_scenario
+
+from kvpager import Client, InvalidArgument, PoolSpec
+from kvpager.cli import main
+
+SPEC = PoolSpec(num_layers=2, num_kv_heads=4, head_dim=16, num_blocks=48, block_size=8, dtype="float32",
+                num_host_blocks=16)
+GEOMETRY = ["--layers", "2", "--kv-heads", "4", "--head-dim", "16", "--block-size", "8", "--dtype", "float32",
+            "--blocks", "48", "--host-blocks", "16", "--device", "cpu"]
+
+
+def test_two_rank_workers_through_serve_match_the_numpy_twin():
+    endpoint, _ = ipc_endpoint()
+    with daemon_process([*GEOMETRY[:-2], "--devices", "cpu,cpu"], endpoint) as proc:
+        out = run_scenario(endpoint, SPEC, [None, None], num_q_heads=8, rtol=1e-5, atol=1e-6)
+        assert [h["kind"] for h in out["hellos"]] == ["shm", "shm"]
+        assert any("tensor-parallel: 2 ranks" in line for line in proc.log)
+        res = CliRunner().invoke(main, ["stats", "--json", "--endpoint", endpoint], catch_exceptions=False)
+        st = json.loads(res.output)
+        assert st["ranks"] == 2 and st["bytes_per_block"] == SPEC.bytes_per_block
+        assert st["bytes_per_block_per_rank"] == SPEC.bytes_per_block // 2
+        text = CliRunner().invoke(main, ["stats", "--endpoint", endpoint], catch_exceptions=False).output
+        assert "2 ranks: each holds 4.0 KiB per block" in text
+
+
+def test_four_ranks_one_head_each():
+    with running_server(SPEC, devices=["cpu"] * 4) as server:
+        run_scenario(server.endpoint, SPEC, [None] * 4, num_q_heads=4, rtol=1e-5, atol=1e-6)
+        server.pool.check_integrity()
+
+
+def test_what_hello_tells_each_client_and_bad_ranks():
+    with running_server(SPEC, devices=["cpu", "cpu"]) as server:
+        ep = server.endpoint
+        with Client(ep) as old, Client(ep, rank=0) as r0:
+            [a] = old.allocate([list(range(10))])  # sequence ops need no rank
+            assert (old.ranks, old.rank, old.spec) == (2, None, SPEC)
+            assert (r0.ranks, r0.rank, r0.pool_spec) == (2, 0, SPEC)
+            assert r0.spec == SPEC.replace(num_kv_heads=2) and r0.kv(0)[0].shape == (48, 2, 8, 16)
+            # a client that names no rank maps nothing and is told why
+            for call in (lambda: old.kv(0), lambda: old.device_array()):
+                with pytest.raises(InvalidArgument, match=r"Client\(rank=r\)"):
+                    call()
+            k = np.zeros((10, 4, 16), np.float32)
+            with pytest.raises(InvalidArgument, match=r"2 tensor-parallel ranks.*Client\(rank=r\)"):
+                old.write(0, a.slots, k, k)  # goes remote: the daemon refuses
+            with pytest.raises(InvalidArgument, match="rank"):
+                old.remote_attend(0, [a.seq_id], np.zeros((1, 4, 16), np.float32))
+            # a rank's remote write lands in its own heads' storage only
+            [b] = r0.allocate([list(range(50, 60))])
+            k2 = np.full((10, 2, 16), 3.0, np.float32)
+            r0.remote_write(1, b.slots, k2, 2 * k2)
+            blocks = list(b.block_table)
+            rank0, rank1 = (server.pool.backend.ranks[r].kv for r in (0, 1))
+            assert (rank0[blocks, 1, 0, :, :2] == 3).all() and (rank0[blocks, 1, 1, :, :2] == 6).all()
+            assert not rank0[blocks, 0].any() and not rank1[blocks].any()
+            sessions = len(server.sessions)
+            for bad in (2, 5):
+                with pytest.raises(InvalidArgument, match=r"hello: rank must be an int in \[0, 2\)"):
+                    Client(ep, rank=bad)
+            for bad in (-1, True, "1"):
+                with pytest.raises(InvalidArgument, match="rank must be an int"):
+                    Client(ep, rank=bad)
+            assert len(server.sessions) == sessions  # a refused hello opened nothing
+    # one rank: rank 0 is the whole pool, as a client that names none
+    with running_server(SPEC) as server, Client(server.endpoint, rank=0) as c, Client(server.endpoint) as plain:
+        assert (c.ranks, c.rank, c.spec, c.memory["kind"]) == (1, 0, SPEC, "shm")
+        assert (plain.ranks, plain.rank, plain.spec) == (1, None, SPEC)
+        with pytest.raises(InvalidArgument, match=r"\[0, 1\)"):
+            Client(server.endpoint, rank=1)
+
+
+def run_serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvpager", "serve", *args], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_serve_refuses_bad_rank_settings():
+    endpoint, _ = ipc_endpoint()
+    base = [*GEOMETRY[:-2], "--endpoint", endpoint]
+    cases = [
+        (["--devices", "cpu,cpu,cpu"], "cannot be split over 3 ranks"),
+        (["--devices", "cuda:0,cuda:0"], "appears twice"),
+        (["--devices", "cpu,cuda:0"], "must all be 'cpu'"),
+        (["--devices", "cpu,cpu", "--device", "cpu"], "not both"),
+        (["--devices", "cpu,cpu", "--ranks", "4"], "--ranks 4 but --devices names 2"),
+        (["--device", "cpu", "--ranks", "3"], "cannot be split over 3 ranks"),
+    ]
+    for extra, message in cases:
+        res = run_serve(*base, *extra)
+        assert res.returncode != 0 and message in res.stderr, (extra, res.stderr[-2000:])
+
+
+def test_serve_ranks_and_memory_per_device():
+    endpoint, _ = ipc_endpoint()
+    args = [*GEOMETRY[:10], "--memory", str(40 * SPEC.bytes_per_block), "--device", "cpu", "--ranks", "2"]
+    with daemon_process(args, endpoint), Client(endpoint, rank=1) as c:
+        # the CPU is one device: its budget is split between the ranks, half of each block each
+        assert c.ranks == 2 and c.pool_spec.num_blocks == 40
+        assert c.spec.bytes_per_block * 2 == SPEC.bytes_per_block
+
+
+def test_memory_is_each_gpus_budget(monkeypatch):
+    """--memory on a TP group: each GPU gives its budget, the tightest decides;
+    a rank holds 1/R of every block, so the pool holds R times what one GPU fits."""
+    from kvpager import sizing
+    from kvpager.serve_cli import build_spec
+
+    free = {"cuda:0": 80 << 30, "cuda:1": 40 << 30}
+    monkeypatch.setattr(sizing, "gpu_free_bytes", lambda device: free[device])
+    opts = dict(model="llama-3-70b", layers=None, kv_heads=None, head_dim=None, dtype=None, block_size=None,
+                blocks=None, memory="0.5", host_blocks=None, host_memory=None)
+    spec = build_spec(opts, "cuda:0", ["cuda:0", "cuda:1"])
+    per_rank = spec.bytes_per_block // 2  # 2.5 MiB of a 5 MiB block
+    assert spec.num_blocks == (20 << 30) // per_rank == 8192
+    assert build_spec(opts, "cuda:1").num_blocks == (20 << 30) // spec.bytes_per_block  # one GPU holds all heads
+    opts["kv_heads"] = 3
+    with pytest.raises(InvalidArgument, match="cannot be split over 2 ranks"):
+        build_spec(opts, "cuda:0", ["cuda:0", "cuda:1"])
+
+
+def test_metrics_name_the_ranks():
+    from test_metrics import scrape
+
+    with running_server(SPEC, devices=["cpu", "cpu"], metrics_port=0) as server:
+        got = scrape(server.metrics_port)
+        assert got[("kvpager_ranks", frozenset())] == 2
+        [info] = [labels for name, labels in got if name == "kvpager_info"]
+        assert ("device", "cpu,cpu") in info

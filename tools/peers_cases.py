@@ -1,0 +1,174 @@
+"""The cases of `bench_peers.py`: each builds one pool slab, runs kvpager, FlashInfer
+and SDPA on it, checks every result against SDPA's, then times each.
+
+A case returns a row: its shape and ``results``, one entry per contender:
+``{"ms", "rel_err"}`` (checked, then timed), ``{"error"}`` (it raised, or its
+relative error was not below `TOL`: not timed), ``{"absent"}`` (FlashInfer not
+installed) or ``{"skipped"}`` (SDPA's contiguous copy would not fit in memory).
+Imports CuPy and torch: `bench_peers` imports this module only once it knows
+both are there and see a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import peers_flashinfer as pf
+import torch
+import torch.nn.functional as F
+from bench_attention import BS, HKV, HQ, D, causal_sdpa, dense_kv, median_ms, rel_err, setup, tview
+from bench_cascade import setup as shared_setup
+
+from kvpager.plan import make_plan
+
+TOL = 1e-2  # relative error against SDPA every contender must stay under
+SCALE = D**-0.5
+KV_BYTES_PER_TOKEN = HKV * D * 2 * 2  # K and V, bf16
+Make = Callable[[], tuple[Callable[[], Any], Callable[[Any], torch.Tensor]]]
+
+
+def measure(make: Make, ref: torch.Tensor, iters: int) -> dict:
+    """``make()`` -> (call, view): check ``view(call())`` against ``ref``, then time ``call``."""
+    try:
+        call, view = make()
+        try:
+            err = rel_err(view(call()), ref)
+        except AssertionError:  # rel_err's check of the output
+            return {"error": "the output holds NaN or inf (parts never written?)"}
+        if not err < TOL:
+            return {"error": f"relative error {err:.2e} against SDPA (limit {TOL:g})", "rel_err": err}
+        return {"ms": median_ms(call, iters=iters), "rel_err": err}
+    except Exception as e:  # a failing contender is reported; the others still run
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        return {"error": f"{type(e).__name__}: {first}"}
+
+
+def peer(fi: Any, absent: str, make: Make, ref: torch.Tensor, iters: int) -> dict:
+    return {"absent": absent} if fi is None else measure(make, ref, iters)
+
+
+def kvpager(be: Any, tables: np.ndarray, lens: np.ndarray, qlens: np.ndarray, q_cp: Any,
+            plans: list | None = None, **options: Any) -> Make:
+    """kvpager's step plan over the pool (appended to ``plans``); its output
+    poisoned with NaN before the check."""
+    def make():
+        plan = make_plan(be, tables, lens, qlens, num_q_heads=HQ, **options)
+        if plans is not None:
+            plans.append(plan)
+        out = q_cp.copy()
+        tview(out).fill_(float("nan"))
+        return (lambda: plan.attend(0, q_cp, SCALE, out)), tview
+    return make
+
+
+def same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def layer(be: Any) -> torch.Tensor:
+    """Layer 0 of kvpager's pool as FlashInfer's HND paged cache (the same memory)."""
+    return tview(be.kv)[:, 0]
+
+
+def decode(batch: int, ctx: int, fi: Any, absent: str) -> dict:
+    """``batch`` sequences of ``ctx`` tokens, one query each."""
+    _, be, tables, q_cp, kv = setup(batch, ctx, 1)
+    q = tview(q_cp)
+    q4 = q.unsqueeze(2)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q4, kv[0], kv[1], scale=SCALE, enable_gqa=True)
+
+    ref = sdpa().squeeze(2)
+    lens, ones = np.full(batch, ctx, np.int32), np.ones(batch, np.int32)
+    res = {
+        "kvpager": measure(kvpager(be, tables, lens, ones, q_cp), ref, 50),
+        "flashinfer": peer(fi, absent, lambda: (pf.decode(fi, layer(be), tables, lens, q, HKV, BS, SCALE),
+                                                same), ref, 50),
+        "sdpa": {"ms": median_ms(sdpa), "rel_err": 0.0},
+    }
+    be.close()
+    return dict(case=f"{batch} x {ctx}", batch=batch, context=ctx, bytes=batch * ctx * KV_BYTES_PER_TOKEN,
+                results=res)
+
+
+def prefill(batch: int, new: int, cached: int, fi: Any, absent: str) -> dict:
+    """``batch`` sequences of ``new`` tokens on ``cached`` ones, causal."""
+    ctx = cached + new
+    _, be, tables, q_cp, kv = setup(batch, ctx, new)
+    q = tview(q_cp)
+    sdpa = causal_sdpa(q.view(batch, new, HQ, D).transpose(1, 2), kv, SCALE)
+    ref = sdpa().transpose(1, 2).reshape(batch * new, HQ, D)
+    lens, qlens = np.full(batch, ctx, np.int32), np.full(batch, new, np.int32)
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+
+    def fi_make(backend: str) -> Make:
+        return lambda: (pf.prefill(fi, backend, layer(be), tables, lens, qlens, q, HKV, BS, SCALE), same)
+
+    res = {
+        "kvpager": measure(kvpager(be, tables, lens, qlens, q_cp), ref, 20),
+        "flashinfer fa2": peer(fi, absent, fi_make("fa2"), ref, 20),
+        "flashinfer fa3": peer(fi, absent, fi_make("fa3"), ref, 20) if hopper or fi is None
+        else {"skipped": "FlashInfer's fa3 kernels need a Hopper (sm90) GPU"},
+        "sdpa": {"ms": median_ms(sdpa, iters=20), "rel_err": 0.0},
+    }
+    be.close()
+    pairs = batch * (new * cached + new * (new + 1) // 2)  # (query, visible key) pairs
+    return dict(case=f"{batch} x {new} on {cached}", batch=batch, new=new, cached=cached,
+                flops=4 * D * HQ * pairs, results=res)
+
+
+def shared(batch: int, prefix: int, own: int, groups: int, fi: Any, absent: str) -> dict:
+    """``batch`` sequences in ``groups`` groups, each sharing ``prefix`` tokens (the
+    same blocks), then ``own`` tokens of their own and the query's (bench_cascade's
+    step). Every contender is checked against SDPA; SDPA is timed where its
+    contiguous copy fits in memory, else only used chunk by chunk as the reference."""
+    row = dict(case=f"{batch} x ({prefix} + {own})", batch=batch, prefix=prefix, own=own, groups=groups,
+               distinct_bytes=(groups * prefix + batch * (own + 1)) * KV_BYTES_PER_TOKEN)
+    pool_bytes = (groups * prefix // BS + batch * -(-(own + 1) // BS) + 1) * BS * KV_BYTES_PER_TOKEN
+    if pool_bytes > 0.8 * torch.cuda.mem_get_info()[0]:
+        row["skipped"] = f"the pool ({pool_bytes / 1e9:.1f} GB) does not fit in free GPU memory"
+        return row
+    be, tables, lens, q_cp = shared_setup(batch, prefix, own, groups)
+    length, q = int(lens[0]), tview(q_cp)
+    q4, pool = q.unsqueeze(2), tview(be.kv)
+    dense = batch * length * KV_BYTES_PER_TOKEN
+    res: dict[str, dict] = {}
+    if dense < 0.7 * torch.cuda.mem_get_info()[0]:
+        kv = dense_kv(pool, tables, length)
+
+        def sdpa():
+            return F.scaled_dot_product_attention(q4, kv[0], kv[1], scale=SCALE, enable_gqa=True)
+
+        ref = sdpa().squeeze(2)
+        res["sdpa"] = {"ms": median_ms(sdpa), "rel_err": 0.0}
+        del kv
+    else:
+        ref = torch.empty_like(q)
+        step = max(1, (4 << 30) // (length * KV_BYTES_PER_TOKEN))
+        for s in range(0, batch, step):
+            kv = dense_kv(pool, tables[s : s + step], length)
+            ref[s : s + step] = F.scaled_dot_product_attention(q4[s : s + step], kv[0], kv[1], scale=SCALE,
+                                                               enable_gqa=True).squeeze(2)
+            del kv
+        res["sdpa"] = {"skipped": f"its contiguous copy ({dense / 1e9:.1f} GB) does not fit in GPU memory"}
+    ones = np.ones(batch, np.int32)
+    plans: list = []
+    res["kvpager cascade"] = measure(kvpager(be, tables, lens, ones, q_cp, plans, cascade=True), ref, 50)
+    if plans:  # whether the plan found the shared prefixes (else it ran the plain decode)
+        res["kvpager cascade"]["cascades"] = plans[0].shared_prefixes is not None
+    res["kvpager plain"] = measure(kvpager(be, tables, lens, ones, q_cp, cascade=False), ref, 50)
+
+    def fi_cascade():
+        call, order = pf.cascade(fi, layer(be), tables, lens, prefix, q, HKV, BS, SCALE)
+        back = torch.from_numpy(np.argsort(order)).to(q.device)  # grouped rows -> the step's rows
+        return call, lambda out: out[back]
+
+    res["flashinfer cascade"] = peer(fi, absent, fi_cascade, ref, 50)
+    res["flashinfer paged"] = peer(
+        fi, absent, lambda: (pf.decode(fi, layer(be), tables, lens, q, HKV, BS, SCALE), same), ref, 50)
+    be.close()
+    row["results"] = res
+    return row
