@@ -22,14 +22,22 @@ from __future__ import annotations
 import contextlib
 import urllib.parse
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import Any
 
+import numpy as np
+
 from kvpager.errors import InvalidArgument
+from kvpager.remote_resp import ChunkedFetch, FetchError
 
 _STANDALONE = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss", "unix": "unix"}
 _CLUSTER = {"redis+cluster": "redis", "rediss+cluster": "rediss", "valkey+cluster": "redis",
             "valkeys+cluster": "rediss"}
+
+
+CONNECTIONS = 2  # a lookup's connections (docs/remote.md: measured)
+CHUNK_BYTES = 4 << 20  # about the bytes of one MGET of a lookup (docs/remote.md: measured)
 
 
 class StoreError(Exception):
@@ -50,6 +58,24 @@ class Store(ABC):
     def get_many(self, keys: Seq[str]) -> list[bytes | None]:
         """The values of ``keys`` (None where absent) in one round trip (one per
         node of a cluster). Loop thread; bounded by the lookup timeout."""
+
+    def get_into(self, keys: Seq[str], out: np.ndarray, sizes: np.ndarray,
+                 done: Callable[[int, int], None] | None = None) -> None:
+        """The values of ``keys`` into the rows of ``out`` ([len(keys), width]
+        uint8, C-contiguous), their lengths into ``sizes`` (int64, -1 where
+        absent; a row holds its value only where the length is ``width``).
+        ``done(lo, hi)`` may run on another thread as soon as rows ``lo..hi``
+        are in (here: once, at the end). Loop thread; bounded by the lookup
+        timeout. This default copies what `get_many` returns."""
+        sizes[:] = -1
+        width = out.shape[1]
+        for i, value in enumerate(self.get_many(keys)):
+            if value is not None:
+                sizes[i] = len(value)
+                if len(value) == width:
+                    out[i] = np.frombuffer(value, dtype=np.uint8)
+        if done is not None and len(keys):
+            done(0, len(keys))
 
     @abstractmethod
     def put_many(self, items: Seq[tuple[str, Any]], ttl: int) -> int:
@@ -96,21 +122,29 @@ def _nodes(netloc: str, url: str) -> list[tuple[str, int]]:
     return out
 
 
-def open_store(url: str, timeout: float = 0.1, write_timeout: float = 2.0) -> Store:
+def open_store(url: str, timeout: float = 0.1, write_timeout: float = 2.0, *,
+               connections: int = CONNECTIONS, chunk_bytes: int = CHUNK_BYTES) -> Store:
     """The store at ``url`` (see the module docstring). Nothing is contacted
     yet: an unreachable store is found by the first call (`Store.ping`).
     ``timeout``: seconds a lookup may wait for the store (connect and each
-    read); ``write_timeout``: the same for the writer thread.
-    InvalidArgument for a URL of no known form."""
+    read); ``write_timeout``: the same for the writer thread;
+    ``connections``: connections (and threads) one lookup fetches over;
+    ``chunk_bytes``: about how many bytes one ``MGET`` of a lookup asks for.
+    InvalidArgument for a URL of no known form or a bad setting."""
     if not isinstance(url, str) or "://" not in url:
         raise InvalidArgument(f"remote store URL must look like redis://HOST:PORT, got {url!r}")
     for name, value in (("timeout", timeout), ("write_timeout", write_timeout)):
         if not isinstance(value, (int, float)) or not 0 < value < 3600:
             raise InvalidArgument(f"remote store {name} must be a positive number of seconds, got {value!r}")
+    for name, value, top in (("connections", connections, 64), ("chunk_bytes", chunk_bytes, 1 << 30)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
+            raise InvalidArgument(f"remote store {name} must be an integer in [1, {top}], got {value!r}")
     scheme = url.split("://", 1)[0].lower()
     if scheme in _STANDALONE:
-        return RedisStore(url, _STANDALONE[scheme], timeout, write_timeout)
+        return RedisStore(url, _STANDALONE[scheme], timeout, write_timeout, connections, chunk_bytes)
     if scheme in _CLUSTER:
+        from kvpager.remote_cluster import RedisClusterStore
+
         return RedisClusterStore(url, _CLUSTER[scheme], timeout, write_timeout)
     known = ", ".join(f"{s}://" for s in [*_STANDALONE, *_CLUSTER])
     raise InvalidArgument(f"remote store URL {redact(url)!r}: unknown scheme {scheme!r} (known: {known})")
@@ -133,30 +167,70 @@ def _options(redis: Any, timeout: float) -> dict[str, Any]:
 
 
 class RedisStore(Store):
-    """A standalone Redis or Valkey server: MGET for lookups, pipelined
-    ``SET NX EX`` for writes. Two clients, one per thread."""
+    """A standalone Redis or Valkey server: lookups as chunked ``MGET``s over
+    ``connections`` connections, read straight into the caller's buffer
+    (`kvpager.remote_resp`); pipelined ``SET NX EX`` for writes. The lookup
+    connections and the writer's are separate pools."""
 
     kind = "redis"
 
-    def __init__(self, url: str, scheme: str, timeout: float, write_timeout: float):
+    def __init__(self, url: str, scheme: str, timeout: float, write_timeout: float,
+                 connections: int = CONNECTIONS, chunk_bytes: int = CHUNK_BYTES):
         redis = _redis()
         self.url = redact(url)
         real = scheme + url[url.index("://") :]
         if scheme != "unix":
             parts = urllib.parse.urlsplit(real)
             _nodes(parts.netloc, url)
+        unix = {"socket_keepalive"} if scheme == "unix" else set()  # a Unix socket takes no keepalive
+
+        def options(seconds: float) -> dict[str, Any]:
+            return {k: v for k, v in _options(redis, seconds).items() if k not in unix}
+
         try:
-            self._reader = redis.Redis.from_url(real, **_options(redis, timeout))
-            self._writer = redis.Redis.from_url(real, **_options(redis, write_timeout))
+            self._reader = redis.Redis.from_url(real, **options(timeout))
+            self._writer = redis.Redis.from_url(real, **options(write_timeout))
         except (ValueError, TypeError) as e:
             raise InvalidArgument(f"remote store URL {self.url!r}: {e}") from None
         self._errors = (redis.RedisError, OSError)
+        self._fetch = ChunkedFetch(self._acquire, self._release, self._send, connections, chunk_bytes)
 
     def get_many(self, keys: Seq[str]) -> list[bytes | None]:
         try:
             return self._reader.mget(keys)
         except self._errors as e:
             raise StoreError(f"{type(e).__name__}: {e}") from None
+
+    def get_into(self, keys: Seq[str], out: np.ndarray, sizes: np.ndarray,
+                 done: Callable[[int, int], None] | None = None) -> None:
+        try:
+            self._fetch.run(keys, out, sizes, done)
+        except FetchError as e:
+            raise StoreError(str(e)) from None
+
+    # a lookup connection: redis-py's (connected, authenticated), read raw; its
+    # parser has nothing buffered, as every reply on it was read whole
+    # (a connection left with part of one is dropped). redis >= 5.3.
+    def _acquire(self) -> tuple[Any, Any]:
+        pool = self._reader.connection_pool
+        conn = pool.get_connection()
+        try:
+            if conn._sock is None:
+                conn.connect()
+        except BaseException:
+            self._release(conn, True)
+            raise
+        return conn, conn._sock
+
+    def _release(self, conn: Any, broken: bool) -> None:
+        if broken:
+            with contextlib.suppress(Exception):
+                conn.disconnect()
+        self._reader.connection_pool.release(conn)
+
+    @staticmethod
+    def _send(conn: Any, keys: Seq[str]) -> None:
+        conn.send_packed_command(conn.pack_command("MGET", *keys), check_health=False)
 
     def put_many(self, items: Seq[tuple[str, Any]], ttl: int) -> int:
         try:
@@ -180,76 +254,7 @@ class RedisStore(Store):
             raise StoreError(f"{type(e).__name__}: {e}") from None
 
     def close(self) -> None:
+        self._fetch.close()
         for client in (self._reader, self._writer):
             with contextlib.suppress(Exception):
                 client.close()
-
-
-class RedisClusterStore(Store):
-    """A Redis Cluster: keys spread over the masters by hash slot (no hash
-    tags, so one salt's blocks spread too); a lookup is one pipeline, sent to
-    every master that holds a slot of its keys before any reply is read. The
-    cluster client is made on first use (it asks a node for the slot map)."""
-
-    kind = "redis-cluster"
-
-    def __init__(self, url: str, scheme: str, timeout: float, write_timeout: float):
-        self._redis = _redis()
-        self.url = redact(url)
-        parts = urllib.parse.urlsplit(scheme + url[url.index("://") :].split(",", 1)[0])
-        self._startup = _nodes(url.split("://", 1)[1].split("/", 1)[0], url)
-        self._auth = dict(username=parts.username or None, password=parts.password,
-                          ssl=scheme == "rediss")
-        self._timeouts = (timeout, write_timeout)
-        self._clients: list[Any] = [None, None]  # reader, writer
-        self._errors = (self._redis.RedisError, self._redis.exceptions.RedisClusterException, OSError)
-
-    def _client(self, which: int) -> Any:
-        client = self._clients[which]
-        if client is None:
-            from redis.cluster import ClusterNode, RedisCluster
-
-            nodes = [ClusterNode(h, p) for h, p in self._startup]
-            options = _options(self._redis, self._timeouts[which])
-            retry = options.pop("retry")
-            client = RedisCluster(startup_nodes=nodes, retry=retry, require_full_coverage=False,
-                                  **options, **self._auth)
-            self._clients[which] = client
-        return client
-
-    def _call(self, which: int, fn: Any) -> Any:
-        try:
-            return fn(self._client(which))
-        except self._errors as e:
-            raise StoreError(f"{type(e).__name__}: {e}") from None
-
-    def get_many(self, keys: Seq[str]) -> list[bytes | None]:
-        def run(rc: Any) -> list[bytes | None]:
-            pipe = rc.pipeline()
-            for key in keys:
-                pipe.get(key)
-            return pipe.execute()
-
-        return self._call(0, run)
-
-    def put_many(self, items: Seq[tuple[str, Any]], ttl: int) -> int:
-        def run(rc: Any) -> int:
-            pipe = rc.pipeline()
-            for key, value in items:
-                pipe.set(key, value, nx=True, ex=ttl or None)
-            return sum(1 for r in pipe.execute() if r)
-
-        return self._call(1, run)
-
-    def delete(self, keys: Seq[str]) -> None:
-        self._call(1, lambda rc: rc.delete(*keys))
-
-    def ping(self) -> None:
-        self._call(0, lambda rc: rc.ping())
-
-    def close(self) -> None:
-        for client in self._clients:
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    client.close()
-        self._clients = [None, None]

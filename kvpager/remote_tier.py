@@ -29,62 +29,15 @@ from typing import Any
 import numpy as np
 
 from kvpager.errors import InvalidArgument
+from kvpager.remote_breaker import MAX_PAUSE, Breaker
 from kvpager.remote_format import HEADER_BYTES, BadValue, Codec, block_key, key_prefix
-from kvpager.remote_store import Store, StoreError, open_store
+from kvpager.remote_store import CHUNK_BYTES, CONNECTIONS, Store, StoreError, open_store
 from kvpager.spec import PoolSpec
 from kvpager.types import RemoteStats
 
 log = logging.getLogger("kvpager.remote")
 
 _BATCH_BYTES = 64 << 20  # most bytes the writer sends in one pipeline
-_MAX_PAUSE = 30.0
-
-
-class Breaker:
-    """Closed while the store answers. After a failure it is open for a pause
-    (``base`` seconds, doubling per failure up to 30 s); then one call may try
-    (the pause starts again meanwhile), and its success closes it."""
-
-    def __init__(self, base: float):
-        self.base = base
-        self.failures = 0
-        self._until = 0.0
-        self._lock = threading.Lock()
-
-    def allow(self) -> bool:
-        """May a call go to the store now (taking the one retry when due)."""
-        if not self.failures:
-            return True
-        with self._lock:
-            now = time.monotonic()
-            if now < self._until:
-                return False
-            self._until = now + self._pause()
-            return True
-
-    def is_open(self) -> bool:
-        return bool(self.failures) and time.monotonic() < self._until
-
-    def success(self) -> None:
-        if self.failures:
-            with self._lock:
-                was, self.failures, self._until = self.failures, 0, 0.0
-            if was:
-                log.warning("remote store answers again (after %d failed calls)", was)
-
-    def failure(self, what: str, error: Exception) -> None:
-        with self._lock:
-            self.failures += 1
-            pause = self._pause()
-            self._until = time.monotonic() + pause
-            first = self.failures == 1
-        # Once per outage at WARNING; each retry that fails at DEBUG.
-        (log.warning if first else log.debug)(
-            "remote store %s failed: %s; requests are served without it, next try in %.1fs",
-            what, error, pause)
-
-    def _pause(self) -> float:
-        return min(_MAX_PAUSE, self.base * 2 ** max(self.failures - 1, 0))
 
 
 class RemoteTier:
@@ -95,22 +48,27 @@ class RemoteTier:
     ``queue_bytes``: bytes of blocks waiting to be written, past which new
     ones are dropped; ``retry_after``: the first pause after a failure;
     ``max_restore_bytes``: most bytes one allocate may restore (the lookup and
-    the restore run on the caller's thread: the daemon's loop waits for them)."""
+    the restore run on the caller's thread: the daemon's loop waits for them);
+    ``connections`` and ``chunk_bytes``: how a URL's store splits a lookup
+    (`open_store`)."""
 
     def __init__(self, store: Store | str, *, timeout: float = 0.1, ttl: int = 86400,
                  queue_bytes: int = 256 << 20, retry_after: float = 1.0,
-                 max_restore_bytes: int = 256 << 20):
+                 max_restore_bytes: int = 256 << 20, connections: int = CONNECTIONS,
+                 chunk_bytes: int = CHUNK_BYTES):
         for name, value in (("ttl", ttl), ("queue_bytes", queue_bytes), ("max_restore_bytes", max_restore_bytes)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidArgument(f"remote {name} must be a non-negative integer, got {value!r}")
-        if not isinstance(retry_after, (int, float)) or not 0 < retry_after <= _MAX_PAUSE:
-            raise InvalidArgument(f"remote retry_after must be in (0, {_MAX_PAUSE}] seconds, got {retry_after!r}")
-        self.store = open_store(store, timeout) if isinstance(store, str) else store
+        if not isinstance(retry_after, (int, float)) or not 0 < retry_after <= MAX_PAUSE:
+            raise InvalidArgument(f"remote retry_after must be in (0, {MAX_PAUSE}] seconds, got {retry_after!r}")
+        self.store = open_store(store, timeout, connections=connections, chunk_bytes=chunk_bytes) \
+            if isinstance(store, str) else store
         self.ttl, self.queue_bytes, self.max_restore_bytes = ttl, queue_bytes, max_restore_bytes
         self.breaker = Breaker(float(retry_after))
         self.codec: Codec | None = None
         self._prefix = ""
         self._ranks = 1
+        self._staging = np.empty((0, 0), dtype=np.uint8)  # fetched values, kept for the next lookup
         # loop-thread counters
         self._lookups = self._lookup_blocks = self._hits = self._skipped = 0
         self._restored = self._lookup_errors = self._corrupt = self._dropped_full = 0
@@ -157,19 +115,37 @@ class RemoteTier:
     # -- lookups (the caller's thread) ----------------------------------------------------
     def fetch(self, wants: Seq[tuple[bytes, bytes]]) -> dict[bytes, memoryview]:
         """Payloads of the blocks ``wants`` = [(root key, block key)] found in the
-        store and valid, by block key. Never raises: a failure is an empty answer."""
+        store and valid, by block key: views of the tier's staging buffer, valid
+        until the next fetch. Never raises: a failure is an empty answer."""
         if not wants:
             return {}
         if not self.breaker.allow():
             self._skipped += 1
             return {}
-        limit = max(1, self.max_restore_bytes // self.codec.value_bytes)
-        wants = wants[:limit]
+        codec = self.codec
+        width = codec.value_bytes
+        wants = wants[: max(1, self.max_restore_bytes // width)]
         names = [block_key(self._prefix, root, key) for root, key in wants]
         self._lookups += 1
         self._lookup_blocks += len(names)
+        rows = self._rows(len(names), width)
+        flat = memoryview(rows).cast("B")
+        payloads: list[memoryview | None] = [None] * len(names)
+        refused: list[str | None] = [None] * len(names)
+
+        def check(lo: int, hi: int) -> None:  # on a fetching thread, as each chunk arrives
+            for i in range(lo, hi):
+                if sizes[i] == width:
+                    try:
+                        payloads[i] = codec.open(flat[i * width : (i + 1) * width], wants[i][1])
+                    except BadValue as e:
+                        refused[i] = str(e)
+                elif sizes[i] >= 0:
+                    refused[i] = f"{sizes[i]} bytes, expected {width}"
+
+        sizes = np.full(len(names), -1, dtype=np.int64)
         try:
-            values = self.store.get_many(names)
+            self.store.get_into(names, rows, sizes, check)
         except StoreError as e:
             self._lookup_errors += 1
             self.breaker.failure("lookup", e)
@@ -180,17 +156,11 @@ class RemoteTier:
             log.error("unexpected error from the remote store", exc_info=e)
             return {}
         self.breaker.success()
-        found: dict[bytes, memoryview] = {}
-        bad = []
-        codec = self.codec
-        for (_, key), name, value in zip(wants, names, values):
-            if value is None:
-                continue
-            try:
-                found[key] = codec.open(value, key)
-            except BadValue as e:
-                bad.append(name)
-                log.warning("remote block %s refused: %s; deleting it", name, e)
+        found = {key: p for (_, key), p in zip(wants, payloads) if p is not None}
+        bad = [name for name, why in zip(names, refused) if why is not None]
+        for name, why in zip(names, refused):
+            if why is not None:
+                log.warning("remote block %s refused: %s; deleting it", name, why)
         if bad:
             self._corrupt += len(bad)
             with self._cond:
@@ -199,6 +169,14 @@ class RemoteTier:
                 self._cond.notify()
         self._hits += len(found)
         return found
+
+    def _rows(self, n: int, width: int) -> np.ndarray:
+        """``n`` staging rows of ``width`` bytes. The buffer is kept (at most
+        ``max_restore_bytes`` and a value): faulting in fresh pages for every
+        lookup would cost a tenth of a restore."""
+        if self._staging.shape[1] != width or len(self._staging) < n:
+            self._staging = np.empty((n, width), dtype=np.uint8)
+        return self._staging[:n]
 
     def restored(self, n: int) -> None:
         """``n`` blocks were restored from the last fetch (for the counters)."""

@@ -130,7 +130,8 @@ def remote_tier(opts: dict[str, Any]) -> Any:
 
     try:
         tier = RemoteTier(opts["remote"], timeout=opts["remote_timeout"], ttl=opts["remote_ttl"],
-                          queue_bytes=opts["remote_queue"], max_restore_bytes=opts["remote_max_restore"])
+                          queue_bytes=opts["remote_queue"], max_restore_bytes=opts["remote_max_restore"],
+                          connections=opts["remote_connections"])
     except ImportError as e:  # a dependency of the tier is missing; the message says which
         raise click.ClickException(str(e)) from None
     why = tier.check()
@@ -209,6 +210,9 @@ def serve_devices(opts: dict[str, Any], default_device: Any) -> list[str] | None
               help="Bytes of committed blocks waiting to be written; past it new ones are dropped.")
 @click.option("--remote-max-restore", type=Size(), default="256M", show_default=True,
               help="Most bytes one allocate restores from the store (the daemon's loop waits for it).")
+@click.option("--remote-connections", type=click.IntRange(min=1, max=64), default=2, show_default=True,
+              help="Connections (and threads) one lookup fetches over, in chunks of about 4 MiB "
+                   "(standalone stores; see docs/remote.md).")
 @click.option("--max-pinned-blocks", type=click.IntRange(min=0), default=None,
               help="Most blocks pins may hold (default: half the device blocks).")
 @click.option("--quota", "quotas", multiple=True, metavar="SALT=BLOCKS",

@@ -59,7 +59,7 @@ def expected_kv(spec: PoolSpec, seed: int, n: int) -> np.ndarray:
 
 def test_two_daemons_share_prefixes_and_survive_the_store_dying():
     with redis_server() as store:
-        args = [*SERVE, "--remote", store.url, "--remote-timeout", "0.2"]
+        args = [*SERVE, "--remote", store.url, "--remote-timeout", "0.2", "--remote-connections", "3"]
         (ep_a, dir_a), (ep_b, dir_b) = ipc_endpoint(), ipc_endpoint()
         with daemon_process(args, ep_a) as daemon_a, daemon_process(args, ep_b) as daemon_b, \
                 Client(ep_a) as wa, Client(ep_b) as wb:
@@ -121,6 +121,13 @@ def test_serve_with_an_unreachable_store_starts_and_serves():
 def test_serve_refuses_a_bad_remote_url(url, why):
     result = CliRunner().invoke(main, ["serve", *SERVE, "--endpoint", ipc_endpoint()[0], "--remote", url])
     assert result.exit_code != 0 and why in result.output, result.output
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two"])
+def test_serve_refuses_bad_remote_connections(value):
+    result = CliRunner().invoke(main, ["serve", *SERVE, "--endpoint", ipc_endpoint()[0], "--remote",
+                                       "redis://127.0.0.1:6379", "--remote-connections", value])
+    assert result.exit_code != 0 and "--remote-connections" in result.output, result.output
 
 
 def test_cluster_of_three_masters():

@@ -92,3 +92,10 @@ def test_good_urls_and_redaction():
     assert redact("redis://:pw@h:1/0") == "redis://:***@h:1/0"
     with pytest.raises(InvalidArgument, match="timeout"):
         open_store("redis://127.0.0.1:1", timeout=0)
+
+
+@pytest.mark.parametrize("option, value", [("connections", 0), ("connections", 65), ("connections", 2.0),
+                                           ("connections", True), ("chunk_bytes", 0), ("chunk_bytes", "8M")])
+def test_bad_lookup_settings(option, value):
+    with pytest.raises(InvalidArgument, match=option):
+        open_store("redis://127.0.0.1:1", **{option: value})

@@ -2,18 +2,33 @@
 and against a local host-pool swap-in; then the write policy (on commit or on
 eviction) on a two-host workload.
 
-    PYTHONPATH=. python tools/bench_remote.py [--url redis://HOST:PORT] [--tflops 400] [--json]
+    PYTHONPATH=. python tools/bench_remote.py [--url redis://HOST:PORT] [--block-kib 2048,64]
+        [--connections 2] [--chunk-mib 4] [--io-threads 1] [--restore-only] [--tflops 400] [--json]
 
-Starts its own redis-server on a free loopback port unless ``--url`` names a
-store. CPU backend (NumPy pools), whatever the machine has.
+Starts its own redis-server (the first on PATH; ``--io-threads``,
+``--redis-arg``) on a free loopback port unless ``--url`` names a store.
+CPU backend (NumPy pools), whatever the machine has. The first lines
+printed name the machine, its load, the server and the settings.
 
-Restore: pool A commits 256 MiB of blocks (the tier writes them), pool B
-allocates the same prompt and restores every block (one MGET, checksums,
-copies into its pool). Checked byte for byte first, then timed (median of 5,
-B's cache emptied between runs). GB/s = restored K/V bytes / allocate time.
-Beside it: the store fetch alone (redis-py MGET), the store's ceiling (the same
-MGET read by a raw socket into one buffer, no parsing), and a swap-in of the
-same blocks from B's host pool.
+On a machine with more cores, sweep the lookup's connections against the
+server's I/O threads (Redis >= 6 writes the replies of several connections
+from ``io-threads`` threads; one connection is always one thread's):
+
+    export PATH=/path/to/redis/bin:$PATH   # the redis-server to measure
+    for t in 1 4 8; do for c in 1 2 4 8; do
+        PYTHONPATH=. python tools/bench_remote.py --restore-only --block-kib 2048 --io-threads $t --connections $c
+    done; done
+
+Restore: pool A commits 256 MiB (``--total-mib``) of blocks (the tier writes
+them), pool B allocates the same prompt and restores every block (chunked
+MGETs over ``--connections`` connections read straight into staging,
+checksums, copies into its pool). Checked byte for byte first, then timed
+(median of 5, B's cache emptied between runs). GB/s = restored K/V bytes /
+allocate time. Beside it: the tier's fetch alone (the same lookups and
+checks, no pool), the chunked MGETs alone (no checks), redis-py's MGET of
+every key at once (the path before chunking), the same single MGET read by a
+bare socket into one buffer, and a swap-in of the same blocks from B's host
+pool.
 
 Recompute (model-free): FLOPs per token = 2 x weights of the layers the
 block holds (a llama-3-8b layer: 218.1 M weights) + 4 x layers x 4096 x
@@ -37,6 +52,8 @@ import argparse
 import contextlib
 import datetime
 import json
+import os
+import platform
 import shutil
 import socket
 import statistics
@@ -49,6 +66,7 @@ import numpy as np
 
 from kvpager import KVPool, PoolSpec
 from kvpager.prefix_cache import root_key
+from kvpager.remote_store import CHUNK_BYTES, CONNECTIONS
 from kvpager.remote_tier import RemoteTier
 
 TOTAL = 256 << 20
@@ -57,19 +75,27 @@ LAYER_WEIGHTS = 218.1e6  # llama-3-8b: attention 41.9 M + MLP 176.2 M per layer
 D_MODEL, PROMPT = 4096, 2048
 
 
+def redis_version() -> str:
+    path = shutil.which("redis-server")
+    if path is None:
+        return "none"
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout.split()
+    return f"{path} " + next((w for w in out if w.startswith("v=")), "v=?")[2:]
+
+
 @contextlib.contextmanager
-def local_redis() -> Iterator[int]:
-    """A redis-server on a free loopback port (no persistence, 2 GiB, LRU),
-    stopped on exit; yields its port."""
+def local_redis(extra: list[str]) -> Iterator[int]:
+    """A redis-server on a free loopback port (no persistence, 2 GiB, LRU, then
+    ``extra`` arguments), stopped on exit; yields its port."""
     if shutil.which("redis-server") is None:
-        raise SystemExit("redis-server is not installed (apt-get install redis-server), or pass --url")
+        raise SystemExit("redis-server is not on PATH (apt-get install redis-server), or pass --url")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     folder = tempfile.mkdtemp(prefix="kvpbench")
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", folder, "--maxmemory", "2gb",
-                             "--maxmemory-policy", "allkeys-lru"], stdout=subprocess.DEVNULL)
+                             "--maxmemory-policy", "allkeys-lru", *extra], stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -126,10 +152,14 @@ def recompute_s(layers: int, tokens: int) -> tuple[float, float]:
     return per_token * tokens, per_token
 
 
-def restore_case(url: str, port: int | None, layers: int, tflops: float) -> dict:
-    n = TOTAL // spec_for(layers, 2).bytes_per_block
-    a = KVPool(spec_for(layers, n + 2), remote=RemoteTier(url, queue_bytes=2 * TOTAL, ttl=3600))
-    b = KVPool(spec_for(layers, n + 2, host=n), remote=RemoteTier(url, timeout=5.0, max_restore_bytes=2 * TOTAL))
+def restore_case(url: str, port: int | None, layers: int, args: argparse.Namespace) -> dict:
+    total = args.total_mib << 20
+    n = total // spec_for(layers, 2).bytes_per_block
+    a = KVPool(spec_for(layers, n + 2), remote=RemoteTier(url, queue_bytes=2 * total, ttl=3600))
+    b = KVPool(spec_for(layers, n + 2, host=n),
+               remote=RemoteTier(url, timeout=5.0, max_restore_bytes=2 * total, connections=args.connections,
+                                 chunk_bytes=int(args.chunk_mib * 2**20)))
+    tflops = args.tflops
     rng = np.random.default_rng(layers)
     prompt = rng.integers(0, 2**31, n * 16 + 1).tolist()
     [x] = a.allocate([prompt], salt=SALT)
@@ -171,6 +201,23 @@ def restore_case(url: str, port: int | None, layers: int, tflops: float) -> dict
 
     fetch = median_s(fetch_once)
     names = [tier.key(root, k) for k in keys]
+
+    def redis_py_once() -> float:
+        t = time.perf_counter()
+        assert sum(v is not None for v in tier.store.get_many(names)) == n
+        return time.perf_counter() - t
+
+    redis_py = median_s(redis_py_once)
+    staging, sizes = np.empty((n, tier.codec.value_bytes), np.uint8), np.empty(n, np.int64)
+
+    def chunked_once() -> float:
+        t = time.perf_counter()
+        tier.store.get_into(names, staging, sizes)
+        dt = time.perf_counter() - t
+        assert (sizes == tier.codec.value_bytes).all()
+        return dt
+
+    chunked = median_s(chunked_once)
     raw = median_s(lambda: raw_mget_s(port, names, tier.codec.value_bytes)) if port else float("nan")
 
     for s in b.sequences():
@@ -192,7 +239,7 @@ def restore_case(url: str, port: int | None, layers: int, tflops: float) -> dict
     a.close(), b.close()
     return dict(block_kib=a.spec.bytes_per_block >> 10, layers=layers, blocks=n, mib=nbytes >> 20,
                 restore_ms=restore * 1e3, restore_gbs=nbytes / restore / 1e9,
-                fetch_gbs=nbytes / fetch / 1e9, raw_gbs=nbytes / raw / 1e9,
+                fetch_gbs=nbytes / fetch / 1e9, redis_py_gbs=nbytes / redis_py / 1e9, chunked_gbs=nbytes / chunked / 1e9, raw_gbs=nbytes / raw / 1e9,
                 swap_in_gbs=nbytes / swap / 1e9, recompute_ms=recompute * 1e3,
                 recompute_gbs=nbytes / recompute / 1e9, gflop_per_token=per_token / 1e9,
                 offer_gbs=nbytes / offer_s / 1e9)
@@ -254,35 +301,61 @@ def policy_case(url: str, policy: str, blocks: int, seed: int = 0) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=None, help="a store to use instead of a redis-server started here")
+    ap.add_argument("--block-kib", default="2048,64",
+                    help="block sizes to restore, KiB, multiples of 64 (a 64 KiB layer: 8 kv heads x 16 x 128 bf16)")
+    ap.add_argument("--total-mib", type=int, default=TOTAL >> 20, help="bytes restored per allocate (MiB)")
+    ap.add_argument("--connections", type=int, default=CONNECTIONS, help="connections one lookup fetches over")
+    ap.add_argument("--chunk-mib", type=float, default=CHUNK_BYTES / 2**20, help="about the MiB of one MGET (rounded to whole values)")
+    ap.add_argument("--io-threads", type=int, default=1, help="the started redis-server's io-threads")
+    ap.add_argument("--redis-arg", action="append", default=[], metavar="ARG",
+                    help="more arguments for the started redis-server (repeat: --redis-arg=--io-threads-do-reads "
+                         "--redis-arg=yes)")
+    ap.add_argument("--restore-only", action="store_true", help="skip the write-policy workload")
     ap.add_argument("--tflops", type=float, default=400.0, help="assumed device rate for recomputing (TFLOP/s)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    kibs = [int(k) for k in args.block_kib.split(",")]
+    if any(k <= 0 or k % 64 for k in kibs):
+        ap.error(f"--block-kib takes multiples of 64, got {args.block_kib}")
+    extra = ["--io-threads", str(args.io_threads), *args.redis_arg]
 
     def run(url: str, port: int | None) -> dict:
-        rows = [restore_case(url, port, layers, args.tflops) for layers in (32, 1)]
-        policies = [policy_case(url, p, blocks, seed) for seed, blocks in enumerate((96, 320))
-                    for p in ("commit", "evict")]
-        return dict(date=datetime.date.today().isoformat(), tflops=args.tflops, restore=rows, policy=policies)
+        load = os.getloadavg()
+        rows = [restore_case(url, port, kib // 64, args) for kib in kibs]
+        policies = [] if args.restore_only else [
+            policy_case(url, p, blocks, seed) for seed, blocks in enumerate((96, 320)) for p in ("commit", "evict")]
+        return dict(date=datetime.date.today().isoformat(), tflops=args.tflops, cpus=os.cpu_count(),
+                    load_before=load, load_after=os.getloadavg(), machine=platform.machine(),
+                    python=platform.python_version(), redis=redis_version() if not args.url else args.url,
+                    redis_args=extra if not args.url else [], connections=args.connections,
+                    chunk_mib=args.chunk_mib, restore=rows, policy=policies)
 
     if args.url:
         result = run(args.url, None)
     else:
-        with local_redis() as port:
+        with local_redis(extra) as port:
             result = run(f"redis://127.0.0.1:{port}", port)
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"{result['date']}; CPU backend; store over loopback; recompute at an assumed {args.tflops:g} TFLOP/s")
-    print("| block | blocks | restore ms | restore GB/s | store fetch GB/s | store ceiling GB/s | "
-          "host swap-in GB/s | recompute GFLOP/token | recompute ms | recompute GB/s | commit copy GB/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"{result['date']}; {result['cpus']} CPUs ({result['machine']}), load average "
+          f"{result['load_before'][0]:.2f} before, {result['load_after'][0]:.2f} after; Python {result['python']}")
+    print(f"store: {result['redis']} {' '.join(result['redis_args'])}; lookups over {args.connections} "
+          f"connections, {args.chunk_mib:g} MiB per MGET; CPU backend; recompute at an assumed {args.tflops:g} TFLOP/s")
+    print("| block | blocks | restore ms | restore GB/s | tier fetch GB/s | chunked MGETs, no checks GB/s | "
+          "redis-py one MGET GB/s | "
+          "bare socket one MGET GB/s | host swap-in GB/s | recompute GFLOP/token | recompute ms | recompute GB/s | "
+          "commit copy GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["restore"]:
         print(f"| {r['block_kib']} KiB ({r['layers']} layers) | {r['blocks']} | {r['restore_ms']:.0f} | "
-              f"{r['restore_gbs']:.2f} | {r['fetch_gbs']:.2f} | {r['raw_gbs']:.2f} | {r['swap_in_gbs']:.2f} | "
-              f"{r['gflop_per_token']:.2f} | {r['recompute_ms']:.0f} | {r['recompute_gbs']:.2f} | "
-              f"{r['offer_gbs']:.2f} |")
+              f"{r['restore_gbs']:.2f} | {r['fetch_gbs']:.2f} | {r['chunked_gbs']:.2f} | {r['redis_py_gbs']:.2f} | {r['raw_gbs']:.2f} | "
+              f"{r['swap_in_gbs']:.2f} | {r['gflop_per_token']:.2f} | {r['recompute_ms']:.0f} | "
+              f"{r['recompute_gbs']:.2f} | {r['offer_gbs']:.2f} |")
+    if not result["policy"]:
+        return
     print()
     print("| write policy | blocks per pool | requests | tokens from the store | tokens computed | blocks written | "
           "MiB written | loop ms copying |")

@@ -1,0 +1,214 @@
+"""Lookups read straight into a staging buffer: ``MGET`` replies parsed by a
+minimal RESP2 reader on a redis-py connection's socket, several connections
+at once.
+
+redis-py's parser copies every value into a new ``bytes`` object (and
+hiredis first into its own buffer); for 2 MiB values that copying, on the
+thread that waits, costs more than the store's own work. Here each value's
+bytes go from the socket into its row of the caller's buffer
+(``recv_into``); only the short lines between values pass through a small
+read-ahead buffer. Everything else (connecting, AUTH, TLS, SELECT, the
+client name, timeouts) is redis-py's connection, taken from and returned to
+its pool.
+
+A lookup is split into chunks of about ``chunk_bytes`` (one ``MGET`` each:
+Redis builds a reply of 8 MiB far faster than one of 256 MiB, whose reply
+buffers no longer fit in a cache) and ``connections`` threads fetch chunks
+in turn, the caller's thread being one of them; socket reads and the
+checksums of ``done`` release the GIL, so the checks of one chunk overlap the
+transfer of the next. Any failure (timeout, reset, closed connection, an
+error reply, a malformed reply) fails the whole lookup: the connection it
+happened on is dropped (never reused half-read), the other threads stop
+after their current chunk, and the caller gets `FetchError`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+_AHEAD = 64 << 10  # the read-ahead buffer for reply lines
+_LINE_READ = 256  # most bytes read ahead for a line: a value's bytes should go to their row
+_MAX_LINE = 4 << 10  # a longer line is not a reply to MGET
+
+
+class FetchError(Exception):
+    """A chunked lookup failed; the message says where and why."""
+
+
+class Reader:
+    """A RESP2 reply reader over one socket: lines through a small read-ahead
+    buffer, bulk payloads ``recv_into`` their destination."""
+
+    def __init__(self, sock: Any):
+        self.sock = sock
+        self.buf = bytearray(_AHEAD)
+        self.view = memoryview(self.buf)
+        self.lo = self.hi = 0
+
+    def _fill(self, most: int = _AHEAD) -> None:
+        if self.lo == self.hi:
+            self.lo = self.hi = 0
+        elif self.hi == len(self.buf):
+            n = self.hi - self.lo
+            self.buf[:n] = self.buf[self.lo : self.hi]
+            self.lo, self.hi = 0, n
+        n = self.sock.recv_into(self.view[self.hi :], min(most, len(self.buf) - self.hi))
+        if not n:
+            raise FetchError("the store closed the connection mid-reply")
+        self.hi += n
+
+    def line(self) -> bytes:
+        """The next line, without its CRLF."""
+        while True:
+            end = self.buf.find(b"\r\n", self.lo, self.hi)
+            if end >= 0:
+                out = bytes(self.view[self.lo : end])
+                self.lo = end + 2
+                return out
+            if self.hi - self.lo > _MAX_LINE:
+                raise FetchError("malformed reply: a line longer than 4 KiB")
+            self._fill(_LINE_READ)
+
+    def into(self, dest: memoryview) -> None:
+        """Exactly ``len(dest)`` bytes into ``dest``."""
+        have = min(self.hi - self.lo, len(dest))
+        dest[:have] = self.view[self.lo : self.lo + have]
+        self.lo += have
+        got, want = have, len(dest)
+        while got < want:
+            n = self.sock.recv_into(dest[got:])
+            if not n:
+                raise FetchError("the store closed the connection mid-reply")
+            got += n
+
+    def skip(self, n: int) -> None:
+        """Read and drop ``n`` bytes."""
+        while n:
+            if self.lo == self.hi:
+                self._fill()
+            take = min(n, self.hi - self.lo)
+            self.lo += take
+            n -= take
+
+    def idle(self) -> bool:
+        """True if nothing read ahead is left over (the reply was all of it)."""
+        return self.lo == self.hi
+
+
+def _int(line: bytes, what: str) -> int:
+    try:
+        return int(line[1:])
+    except ValueError:
+        raise FetchError(f"malformed reply: {what} {line[:40]!r}") from None
+
+
+def read_mget(reader: Reader, rows: memoryview, width: int, sizes: np.ndarray, lo: int, hi: int) -> None:
+    """The reply to ``MGET`` of keys ``lo..hi``: each value of ``width`` bytes into
+    its row of ``rows`` (flat, ``width`` bytes a row); ``sizes[i]``: its length,
+    -1 where absent. A value of another length is read past, not copied."""
+    head = reader.line()
+    if head[:1] == b"-":
+        raise FetchError(f"the store answered {head[1:200].decode(errors='replace')!r}")
+    if head[:1] != b"*" or _int(head, "array header") != hi - lo:
+        raise FetchError(f"malformed reply: {head[:40]!r} to an MGET of {hi - lo} keys")
+    for i in range(lo, hi):
+        head = reader.line()
+        kind = head[:1]
+        if kind == b"_":  # RESP3 null
+            sizes[i] = -1
+            continue
+        if kind != b"$":
+            raise FetchError(f"malformed reply: {head[:40]!r} for a value")
+        n = _int(head, "bulk length")
+        sizes[i] = max(n, -1)
+        if n < 0:
+            continue
+        if n == width:
+            reader.into(rows[i * width : (i + 1) * width])
+        else:
+            reader.skip(n)
+        if reader.line() != b"":
+            raise FetchError("malformed reply: a value longer than its length")
+
+
+class ChunkedFetch:
+    """Parallel chunked ``MGET`` over connections handed out by ``acquire`` /
+    ``release`` (see the module docstring). ``acquire() -> (conn, sock)``;
+    ``release(conn, broken)``: ``broken`` connections must be dropped."""
+
+    def __init__(self, acquire: Callable[[], tuple[Any, Any]], release: Callable[[Any, bool], None],
+                 send: Callable[[Any, Seq[str]], None], connections: int, chunk_bytes: int):
+        self.acquire, self.release, self.send = acquire, release, send
+        self.connections, self.chunk_bytes = connections, chunk_bytes
+        self._pool: ThreadPoolExecutor | None = None
+
+    def run(self, keys: Seq[str], out: np.ndarray, sizes: np.ndarray,
+            done: Callable[[int, int], None] | None = None) -> None:
+        """Values of ``keys`` into the rows of ``out`` ([len(keys), width] uint8,
+        C-contiguous), their lengths into ``sizes`` (-1: absent; a row is filled
+        only where the length is ``width``). ``done(lo, hi)`` runs on the
+        fetching thread as soon as rows ``lo..hi`` are in. FetchError if any
+        chunk failed."""
+        n, width = len(keys), out.shape[1]
+        sizes[:] = -1
+        if not n:
+            return
+        rows = memoryview(out).cast("B")
+        per = max(1, round(self.chunk_bytes / width))
+        chunks = iter(range(0, n, per))
+        lock = threading.Lock()
+        failed: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                conn, sock = self.acquire()
+            except Exception as e:
+                failed.append(e)
+                return
+            broken = True
+            try:
+                reader = Reader(sock)
+                while not failed:
+                    with lock:
+                        lo = next(chunks, None)
+                    if lo is None:
+                        break
+                    hi = min(lo + per, n)
+                    self.send(conn, keys[lo:hi])
+                    read_mget(reader, rows, width, sizes, lo, hi)
+                    if not reader.idle():
+                        raise FetchError("malformed reply: bytes after the MGET reply")
+                    if done is not None:
+                        done(lo, hi)
+                broken = False
+            except Exception as e:
+                failed.append(e)
+            finally:
+                self.release(conn, broken)
+
+        helpers = min(self.connections, -(-n // per)) - 1
+        futures = [self._executor().submit(work) for _ in range(helpers)]
+        try:
+            work()
+        finally:  # no helper may still write into ``out`` once this returns
+            for f in futures:
+                f.result()
+        if failed:
+            e = failed[0]
+            raise FetchError(str(e) if isinstance(e, FetchError) else f"{type(e).__name__}: {e}")
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max(self.connections - 1, 1), thread_name_prefix="kvpager-remote-fetch")
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
