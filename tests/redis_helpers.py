@@ -89,6 +89,7 @@ class RedisServer:
         self.proc = None
 
     def cli(self, *args: str) -> str:
+        need_cli()
         out = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True,
                              timeout=30)
         return out.stdout
@@ -96,6 +97,13 @@ class RedisServer:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def need_cli() -> None:
+    """Skip the calling test where ``redis-cli`` (Debian's redis-tools, which
+    redis-server's package pulls in) is not installed."""
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli is not installed (apt install redis-tools)")
 
 
 @contextlib.contextmanager
@@ -111,6 +119,7 @@ def redis_server(*extra: str) -> Iterator[RedisServer]:
 def redis_cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
     """``masters`` cluster-enabled servers joined by ``redis-cli --cluster create``,
     waited for until every node says ``cluster_state:ok``."""
+    need_cli()
     servers = []
     try:
         for _ in range(masters):

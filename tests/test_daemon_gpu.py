@@ -118,12 +118,13 @@ def test_two_gpu_workers_share_a_prefix(daemon):
         obs.check_integrity()
 
 
-def _script(target, kv_of):
+def _script(target, kv_of, spec=SPEC):
     """Allocate 2.5 blocks, fork two children, append one token to each
     (copy-on-write of the shared partial block), write different K/V into
     them, swap one child out and in. Returns each sequence's dense K/V and
     decode attention per layer."""
     rng = np.random.default_rng(5)
+    SPEC = spec  # noqa: N806 (the pool's geometry; FP8 pools store it in one byte a value)
     prompt = list(range(7000, 7040))
     [a] = target.allocate([prompt], salt="cow")
     for layer in range(SPEC.num_layers):
@@ -164,6 +165,37 @@ def test_fork_append_copy_on_write_matches_embedded(daemon):
         want = _script(pool, pool.kv)
     with Client(endpoint) as c:
         got = _script(c, c.kv)
+        c.check_integrity()
+    assert got.keys() == want.keys()
+    for key in want:
+        if key == "attn":
+            for g, w in zip(got[key], want[key]):
+                assert rel_err(g, w.astype(np.float64)) < TOL
+        else:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=str(key))
+
+
+@pytest.fixture(scope="module")
+def fp8_daemon():
+    endpoint, tmp = ipc_endpoint()
+    try:
+        with daemon_process([*SERVE, "--kv-dtype", "float8_e4m3"], endpoint, timeout=120) as proc:
+            yield endpoint, proc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_fp8_pool_over_ipc_matches_embedded(fp8_daemon):
+    """An FP8 daemon pool mapped by CUDA IPC: the client's writes quantise to the
+    same bytes as an embedded FP8 pool's on the same GPU; copy-on-write, swaps
+    and attention the same."""
+    endpoint, _ = fp8_daemon
+    fp8 = SPEC.replace(kv_dtype="float8_e4m3")
+    with KVPool(fp8, device="cuda:0") as pool:
+        want = _script(pool, pool.kv, fp8)
+    with Client(endpoint) as c:
+        assert c.spec == fp8 and c.memory["size"] == fp8.device_bytes
+        got = _script(c, c.kv, fp8)
         c.check_integrity()
     assert got.keys() == want.keys()
     for key in want:
