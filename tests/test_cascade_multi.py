@@ -195,3 +195,50 @@ def test_worth_it_counts_underfilled_tiles():
     # small steps spare too little to pay for the extra launches
     shared, lens, ql = step(4, 256, 16, 4)
     assert not multi_token_worth_it(shared, lens, ql, 32, per_position, partial)
+
+
+def packed(shared, ql, per_tile, chunks, splits=1):
+    """`CascadeLaunch`'s tables for ``shared`` (its packing alone: no GPU)."""
+    from kvpager.backends.cupy_cascade import CascadeLaunch
+
+    launch = CascadeLaunch.__new__(CascadeLaunch)
+    launch.per_tile, launch.chunks, launch.splits, launch.levels, launch.bn = per_tile, chunks, splits, 2, 32
+    launch.cap_members = launch.cap_segs = launch.cap_tiles = 1 << 30
+    rows = query_rows(shared, ql)
+    return rows, launch._pack(rows)
+
+
+@settings(max_examples=30, deadline=None)
+@given(OPS, QLENS, st.sampled_from([4, 32, 128]), st.integers(1, 3), st.integers(0, 2**16))
+def test_packed_tiles_give_each_row_its_segments_once(ops, qlens, per_tile, chunks, seed):
+    """Walk the packed tables as `cascade_prefix.cu` does (tile -> segment chunk ->
+    member rows j0 .. j0 + per_tile -> slot), then the own part into slot 0 and
+    the merge: every row's slots are distinct, and the result is plain attention."""
+    pool, ids, ql = build(ops, qlens, seed)
+    tables, lens = pool.tables(ids) if ids else (None, None)
+    shared = find_shared_prefixes(tables, lens, BS, query_lens=ql) if ids else None
+    if shared is None:
+        return
+    rows, (segs, tiles) = packed(shared, ql, per_tile, chunks)
+    kv = pool.backend.kv
+    q = np.random.default_rng(seed).standard_normal((int(ql.sum()), 4, 16)).astype(np.float32)
+    seq_of = np.repeat(np.arange(len(ids)), ql)
+    pos_of = np.concatenate([np.arange(n - m, n) for n, m in zip(lens.tolist(), ql.tolist())])
+    slots: list[dict] = [{} for _ in range(len(q))]
+    for s, j0 in tiles.tolist():
+        trow, a, b, moff, count, slot = segs[s].tolist()
+        for r in rows.members[moff + j0 : moff + min(j0 + per_tile, count)].tolist():
+            assert slot not in slots[r] and slot >= 1
+            if b > a:  # (a chunk past a short segment's end is empty: it reads nothing)
+                assert b <= lens[seq_of[r]] - ql[seq_of[r]]
+                slots[r][slot] = partial(kv, q[r], tables[trow], a, b, 0.25, None)
+    out = np.empty(q.shape, np.float64)
+    for r in range(len(q)):
+        b = seq_of[r]
+        parts = [*slots[r].values(), partial(kv, q[r], tables[b], int(shared.own_start[b]), pos_of[r] + 1, 0.25,
+                                             None)]
+        lse = np.stack([p[1] for p in parts])
+        w = np.exp(lse - lse.max(0))
+        out[r] = sum(wi[:, None] * p[0] for wi, p in zip(w, parts)) / w.sum(0)[:, None]
+    plain = paged_attention(kv, 0, q, tables, lens, ql, 0.25)
+    np.testing.assert_allclose(out, plain, rtol=1e-4, atol=1e-5)
