@@ -242,3 +242,38 @@ def test_packed_tiles_give_each_row_its_segments_once(ops, qlens, per_tile, chun
         out[r] = sum(wi[:, None] * p[0] for wi, p in zip(w, parts)) / w.sum(0)[:, None]
     plain = paged_attention(kv, 0, q, tables, lens, ql, 0.25)
     np.testing.assert_allclose(out, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_the_plan_chooses_by_step_kind_and_pool():
+    """`choose_cascade` / `cascade_applies` (the CuPy plan's choice, on its host
+    fields alone): a multi-token step cascades where its tiles are underfilled,
+    not where they are full unless forced; an FP8 decode step counts one byte a
+    value; float32 pools and padded multi-token steps never cascade."""
+    from types import SimpleNamespace
+
+    from kvpager.backends.cupy_cascade import cascade_applies, choose_cascade
+
+    def plan(nseq, prefix, own, qlen, kv_dtype=None, dtype="bfloat16"):
+        spec = PoolSpec(num_layers=1, num_kv_heads=8, head_dim=128, num_blocks=4, block_size=16, dtype=dtype,
+                        kv_dtype=kv_dtype)
+        shared = np.arange(1, prefix // 16 + 1, dtype=np.int32)
+        nown = -(-(own + qlen) // 16)
+        fresh = 1 + prefix // 16 + np.arange(nseq * nown, dtype=np.int32).reshape(nseq, nown)
+        return SimpleNamespace(spec=spec, decode=qlen == 1, rows=nseq, items=nseq * qlen,
+                               tables=np.concatenate([np.tile(shared, (nseq, 1)), fresh], axis=1),
+                               seq_lens=np.full(nseq, prefix + own + qlen, np.int32),
+                               query_lens=np.full(nseq, qlen, np.int32))
+
+    p = plan(64, 8192, 256, 8)
+    assert cascade_applies(p, p.spec, 64) and choose_cascade(p, 32, False) is not None
+    p = plan(8, 4096, 0, 1024)
+    assert choose_cascade(p, 32, False) is None and choose_cascade(p, 32, True) is not None
+    # decode: 64 x 2,048 shared positions spare 264 MB a layer at one byte a value; 32 sequences
+    # 130 MB (below the 192 MiB threshold), the same 32 on a bfloat16 pool 260 MB
+    assert choose_cascade(plan(64, 2048, 100, 1, "float8_e4m3"), 32, False) is not None
+    assert choose_cascade(plan(32, 2048, 100, 1, "float8_e4m3"), 32, False) is None
+    assert choose_cascade(plan(32, 2048, 100, 1), 32, False) is not None
+    p = plan(4, 256, 0, 1, dtype="float32")
+    assert not cascade_applies(p, p.spec, 4)
+    p = plan(4, 256, 0, 8)
+    assert not cascade_applies(p, p.spec, 3)  # padding rows
