@@ -1,22 +1,25 @@
-// cascade_prefix.cu: the shared part of shared-prefix (cascade) decode
-// attention, float16 / bfloat16 on tensor cores (mma.sync m16n8k16, float32
-// accumulate).
+// cascade_prefix.cu: the shared part of shared-prefix (cascade) attention,
+// decode and multi-token steps, float16 / bfloat16 on tensor cores
+// (mma.sync m16n8k16, float32 accumulate); FP8 pools too.
 //
-// The planner finds sequences of a decode step whose block tables start with
-// the same blocks. A segment is one such run of K/V positions [kv_start,
-// kv_end) (read through one member's table row) and the members that share
-// it: every query head of every member attends to those positions here, as
-// rows of one tensor-core tile per kv head, so each shared K/V tile is read
-// once for all of them (instead of once per sequence). The result of a
-// segment is a partial attention state, written as a float32 output
-// normalised within the segment and its log2-sum-exp into the member's
-// partial slot ``slot``; the decode kernel writes the members' own positions
-// (from the end of their deepest segment) into other slots, and merge_splits
-// (paged_decode.cu) combines them. Every position of a segment precedes every
-// member's query, so no causal mask applies; sliding windows are not applied
-// here (the planner does not cascade a windowed call).
+// The planner finds sequences of a step whose block tables start with the
+// same blocks, whole blocks before each sequence's first query token. A
+// segment is one such run of K/V positions [kv_start, kv_end) (read through
+// one member's table row) and its member query rows: every query token of
+// every member sequence (the planner lists their rows of q, member after
+// member, token after token; one per member in a decode step). Every query
+// head of every such row attends to the segment's positions here, as rows of
+// one tensor-core tile per kv head, so each shared K/V tile is read once for
+// all of them (instead of once per sequence and query tile). The result is a
+// partial attention state, written as a float32 output normalised within the
+// segment and its log2-sum-exp into the row's partial slot ``slot``; the
+// decode or multi-token kernel writes each sequence's own positions (from the
+// end of its deepest segment) into slot 0 (or the split slots), and
+// merge_splits (paged_decode.cu) combines them. Every position of a segment
+// precedes every member query, so no causal mask applies; sliding windows are
+// not applied here (the planner does not cascade a windowed call).
 //
-// A CTA owns BM = 64 * MT rows: row r is (member j0 + r / GROUP, query head
+// A CTA owns BM = 64 * MT rows: row r is (member row j0 + r / GROUP, query head
 // kv_head * GROUP + r % GROUP); its 4 warps walk the segment's K/V in tiles of
 // BN positions, staged by cp.async (STAGES deep, positions outside the
 // segment zero-filled and masked), S = Q K^T and O += P V on mma.sync with an
@@ -25,14 +28,19 @@
 // Grid: x = query tile (tiles list: (segment, first member); segment -1: unused,
 // the CTA exits), y = kv head.
 // segments: int32 [num_segments, 6] = (table row, kv_start, kv_end, first
-// member in members, member count, slot). members: the members' item (query
-// row) indices. Dynamic shared memory: (BM + 2 * STAGES * BN) * (HEAD_DIM + 8) * 2 bytes.
+// member row in members, member row count, slot). members: the member rows'
+// indices in q (query token rows). Dynamic shared memory: (BM + 2 * STAGES * BN)
+// * (HEAD_DIM + 8) * 2 bytes.
+//
+// KV_FP8 (an FP8 pool), as in paged_prefill.cu: cp.async stages the FP8 bytes as
+// stored (STAGES deep, rows of HEAD_DIM bytes), each iteration the CTA converts its
+// tile (exactly) into one float16 K and one V tile, from which the MMAs read; scores
+// are multiplied by the (layer, head) K scale before the soft cap, the output by
+// the V scale; a bfloat16 Q tile is converted to float16 in shared memory once,
+// times a power of two that fits it into float16's range, undone with the K scale.
+// Dynamic shared memory: (BM + 2 * BN) * (HEAD_DIM + 8) * 2 + 2 * STAGES * BN * HEAD_DIM bytes.
 #include "kvpager_common.cuh"
 #include "kvpager_mma.cuh"
-
-#if KV_FP8
-#error "cascade_prefix.cu reads float16 / bfloat16 pools; the planner keeps FP8 pools off the cascade"
-#endif
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -66,20 +74,36 @@ static_assert(GROUP <= BM, "a tile holds at least one member");
 
 extern "C" __global__ void __launch_bounds__(NT) cascade_prefix(
     const kv_t* __restrict__ q,             // [num_items, num_q_heads, HEAD_DIM]
-    const kv_t* __restrict__ pool,          // [num_blocks, num_layers, 2, num_kv_heads, BLOCK_SIZE, HEAD_DIM]
+    const st_t* __restrict__ pool,          // [num_blocks, num_layers, 2, num_kv_heads, BLOCK_SIZE, HEAD_DIM]
     const int* __restrict__ block_tables,   // [num_rows, max_blocks]
     const int* __restrict__ segments,       // [num_segments, 6]
-    const int* __restrict__ members,        // [total members]
+    const int* __restrict__ members,        // [total member rows]: rows of q
     const int* __restrict__ tiles,          // [num_tiles, 2]: (segment, first member)
     float* __restrict__ part_o,             // [num_items, num_q_heads, parts, HEAD_DIM]
     float* __restrict__ part_lse,           // [num_items, num_q_heads, parts]
-    int layer, int num_layers, int num_kv_heads, int max_blocks, int parts, float softcap,
-    float scale_log2)
+    int layer, int num_layers, int num_kv_heads, int max_blocks, int parts,
+    const float* __restrict__ kv_scales,    // [num_layers, 2, num_kv_heads] (KV_FP8; else unused)
+    float softcap, float scale_log2)
 {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     kv_t* Qs = reinterpret_cast<kv_t*>(smem_raw);   // [BM][LD]
+#if KV_FP8
+    kv_t* Ks = Qs + BM * LD;                          // [BN][LD], converted
+    kv_t* Vs = Ks + BN * LD;                          // [BN][LD], converted
+    st_t* Rs = reinterpret_cast<st_t*>(Vs + BN * LD); // [STAGES][2][BN][D], as stored
+    constexpr int SLD = D;                            // stored row, in elements
+    constexpr int SST = BN * SLD;                     // K to V within a stage
+    constexpr int SSTAGE = 2 * SST;
+    st_t* Rv = Rs + SST;                              // the V rows of stage 0
+#else
     kv_t* Ks = Qs + BM * LD;                          // [STAGES][BN][LD]
     kv_t* Vs = Ks + STAGES * BN * LD;                 // [STAGES][BN][LD]
+    constexpr int SLD = LD;
+    constexpr int SSTAGE = BN * LD;
+    st_t* Rs = Ks;
+    st_t* Rv = Vs;
+#endif
+    constexpr int SCPR = D / ST_VEC;  // 16-byte chunks per stored K/V row
 
     if (tiles[2 * blockIdx.x] < 0) return;  // an unused tile of a launch sized for more
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -108,17 +132,17 @@ extern "C" __global__ void __launch_bounds__(NT) cascade_prefix(
         cp_async16(Qs + r * LD + col, src, ok);
     }
     auto load_kv = [&](int t, int stage) {
-        kv_t* ks = Ks + stage * BN * LD;
-        kv_t* vs = Vs + stage * BN * LD;
+        st_t* ks = Rs + stage * SSTAGE;
+        st_t* vs = Rv + stage * SSTAGE;
 #pragma unroll
-        for (int c = tid; c < BN * CPR; c += NT) {
-            const int r = c / CPR, col = (c % CPR) * 8;
+        for (int c = tid; c < BN * SCPR; c += NT) {
+            const int r = c / SCPR, col = (c % SCPR) * ST_VEC;
             const int pos = t * BN + r;
             const bool ok = pos >= kv_start && pos < kv_end;
             long long row = 0;
             if (ok) row = (long long)table[pos / BLOCK_SIZE] * block_stride + (pos % BLOCK_SIZE) * D + col;
-            cp_async16(ks + r * LD + col, pool + (ok ? row + k_off : 0), ok);
-            cp_async16(vs + r * LD + col, pool + (ok ? row + v_off : 0), ok);
+            cp_async16(ks + r * SLD + col, pool + (ok ? row + k_off : 0), ok);
+            cp_async16(vs + r * SLD + col, pool + (ok ? row + v_off : 0), ok);
         }
     };
 #pragma unroll
@@ -137,14 +161,63 @@ extern "C" __global__ void __launch_bounds__(NT) cascade_prefix(
         l[mt][0] = l[mt][1] = 0.f;
     }
 
+#if KV_FP8
+    float k_scale = kv_scales[(layer * 2) * num_kv_heads + h];
+    const float v_scale = kv_scales[(layer * 2 + 1) * num_kv_heads + h];
+#if KV_DTYPE == 1
+    __shared__ unsigned q_amax;  // |q| of the tile, as float bits (non-negative: ordered as ints)
+    if (tid == 0) q_amax = 0u;   // read after the loop's first barrier
+#endif
+#else
+    const float v_scale = 1.f;
+#endif
     int st = 0, ist = STAGES - 1;
     for (int t = t_begin; t < num_tiles; ++t) {
         if (t + STAGES - 1 < num_tiles) load_kv(t + STAGES - 1, ist);
         cp_commit();
         cp_wait<STAGES - 1>();
         __syncthreads();
+#if KV_FP8
+#if KV_DTYPE == 1
+        if (t == t_begin) {  // the Q tile (landed with the first stage) -> float16, times 2^p
+            float amax = 0.f;
+            for (int c = tid; c < BM * D / 2; c += NT) {
+                const unsigned w = reinterpret_cast<const unsigned*>(Qs)[(c / (D / 2)) * (LD / 2) + c % (D / 2)];
+                amax = fmaxf(amax, fmaxf(fabsf(__uint_as_float(w << 16)), fabsf(__uint_as_float(w & 0xffff0000u))));
+            }
+            atomicMax(&q_amax, __float_as_uint(amax));
+            __syncthreads();
+            const int p = q_range_exp(__uint_as_float(q_amax));
+            const float mul = exp2i(p);
+            for (int c = tid; c < BM * D / 2; c += NT) {
+                unsigned* w = reinterpret_cast<unsigned*>(Qs) + (c / (D / 2)) * (LD / 2) + c % (D / 2);
+                *w = bf16x2_to_f16x2(*w, mul);
+            }
+            k_scale *= exp2i(-p);  // the scores of the scaled q, back in q . k units
+        }
+#endif
+        {   // the stage's FP8 K and V -> float16 tiles (16 values per chunk, exact)
+            const st_t* raw = Rs + st * SSTAGE;
+            for (int c = tid; c < 2 * BN * SCPR; c += NT) {
+                const int r = c / SCPR, col = (c % SCPR) * 16;  // r: K rows, then V rows
+                const uint4 w = *reinterpret_cast<const uint4*>(raw + r * SLD + col);
+                uint4 a, b;
+                a.x = fp8x2_to_f16x2(w.x); a.y = fp8x2_to_f16x2(w.x >> 16);
+                a.z = fp8x2_to_f16x2(w.y); a.w = fp8x2_to_f16x2(w.y >> 16);
+                b.x = fp8x2_to_f16x2(w.z); b.y = fp8x2_to_f16x2(w.z >> 16);
+                b.z = fp8x2_to_f16x2(w.w); b.w = fp8x2_to_f16x2(w.w >> 16);
+                kv_t* dst = (r < BN ? Ks + r * LD : Vs + (r - BN) * LD) + col;
+                *reinterpret_cast<uint4*>(dst) = a;
+                *reinterpret_cast<uint4*>(dst + 8) = b;
+            }
+        }
+        __syncthreads();
+        const kv_t* ks = Ks;
+        const kv_t* vs = Vs;
+#else
         const kv_t* ks = Ks + st * BN * LD;
         const kv_t* vs = Vs + st * BN * LD;
+#endif
 
         float s[MT][BN / 8][4];
 #pragma unroll
@@ -168,6 +241,14 @@ extern "C" __global__ void __launch_bounds__(NT) cascade_prefix(
                 }
             }
         }
+#if KV_FP8
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][n][e] *= k_scale;  // q . k of the dequantised K
+#endif
         if (softcap > 0.f) {
             const float inv = 1.f / softcap;
 #pragma unroll
@@ -222,8 +303,8 @@ extern "C" __global__ void __launch_bounds__(NT) cascade_prefix(
                 const float e2 = exp2f(fmaf(s[mt][n][2], scale_log2, -u1));
                 const float e3 = exp2f(fmaf(s[mt][n][3], scale_log2, -u1));
                 l[mt][0] += e0 + e1; l[mt][1] += e2 + e3;
-                pa[mt][n >> 1][(n & 1) * 2 + 0] = pack2(e0, e1);
-                pa[mt][n >> 1][(n & 1) * 2 + 1] = pack2(e2, e3);
+                pa[mt][n >> 1][(n & 1) * 2 + 0] = pack2_mma(e0, e1);
+                pa[mt][n >> 1][(n & 1) * 2 + 1] = pack2_mma(e2, e3);
             }
         }
 #pragma unroll
@@ -257,7 +338,7 @@ extern "C" __global__ void __launch_bounds__(NT) cascade_prefix(
             const int mb = j0 + r / GROUP;
             if (mb >= count) continue;
             const long long prow = ((long long)mem[mb] * num_q_heads + h * GROUP + r % GROUP) * parts + slot;
-            const float inv = lt > 0.f ? 1.f / lt : 0.f;
+            const float inv = lt > 0.f ? v_scale / lt : 0.f;
             float2* dst = reinterpret_cast<float2*>(part_o + prow * D) + tig;
 #pragma unroll
             for (int n = 0; n < D / 8; ++n)

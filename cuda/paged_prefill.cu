@@ -20,6 +20,14 @@
 // raw scores s (q . k) become softcap * tanh(s / softcap), so the host passes
 // the cap divided by the scale.
 //
+// own_start (optional; a cascade, see cascade_prefix.cu): sequence b reads only
+// its own positions [own_start[b], seq_len), after the shared segments, which
+// precede all its queries; with parts > 0 each row writes a partial state (the
+// float32 output normalised over those positions, times the V scale, and its
+// log2-sum-exp) into slot 0 of its ``parts`` and marks the other slots empty
+// (cascade_prefix, launched next, fills its member rows'), for merge_splits
+// (paged_decode.cu); parts == 0: the output in the compute type.
+//
 // Grid: x = query tile (from the tiles list built by the planner), y = kv head.
 // Dynamic shared memory: (BM + 2 * STAGES * BN) * (HEAD_DIM + 8) * 2 bytes
 // (rows padded by 16 bytes so ldmatrix rows fall in different banks).
@@ -72,8 +80,12 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
     const int* __restrict__ query_lens,     // [num_seqs]
     const int* __restrict__ q_start,        // [num_seqs]: first row of each sequence in q / out
     const int* __restrict__ tiles,          // [num_tiles, 2]: (sequence, first query token)
-    kv_t* __restrict__ out,                 // [total_query_tokens, num_q_heads, HEAD_DIM]
+    kv_t* __restrict__ out,                 // [total_query_tokens, num_q_heads, HEAD_DIM] (parts == 0)
     int layer, int num_layers, int num_kv_heads, int max_blocks,
+    const int* __restrict__ own_start,      // [num_seqs] or null: the first position read
+    float* __restrict__ part_o,             // [total_query_tokens, num_q_heads, parts, HEAD_DIM]
+    float* __restrict__ part_lse,           // [total_query_tokens, num_q_heads, parts]
+    int parts,
     const float* __restrict__ kv_scales,    // [num_layers, 2, num_kv_heads] (KV_FP8; else unused)
     int window, float softcap, float scale_log2)
 {
@@ -110,7 +122,8 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
     const int first_pos = qpos0 + j0;          // smallest query position of the tile
     const int last_pos = qpos0 + last_tok;     // largest
     // The first K/V tile any row of this tile sees, and below which position a row may not see.
-    const int first_vis = window > 0 ? max(0, first_pos - window + 1) : 0;
+    const int own = own_start != nullptr ? own_start[b] : 0;  // before it: the shared segments
+    const int first_vis = max(own, window > 0 ? max(0, first_pos - window + 1) : 0);
     const int t_begin = first_vis / BN;
     const int win_edge = window > 0 ? last_pos - window : -1;
 
@@ -276,6 +289,17 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
                         if (kp > p[mt][1]) s[mt][n][2 + e] = NEG_INF;
                     }
         }
+        if (t * BN < own) {  // the tile that holds the own part's start (blocks can be shorter than BN)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int kp = t * BN + n * 8 + tig * 2 + e;
+                        if (kp < own) { s[mt][n][e] = NEG_INF; s[mt][n][2 + e] = NEG_INF; }
+                    }
+        }
         if (t * BN <= win_edge) {
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
@@ -352,8 +376,19 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
             const float inv = lt > 0.f ? v_scale / lt : 0.f;
             if (p[mt][hf] < 0) continue;
             const int r = warp * WR + mt * 16 + gid + 8 * hf;
-            unsigned* dst = reinterpret_cast<unsigned*>(
-                out + ((qrow0 + j0 + r / GROUP) * num_q_heads + h * GROUP + r % GROUP) * D);
+            const long long orow = (qrow0 + j0 + r / GROUP) * num_q_heads + h * GROUP + r % GROUP;
+            if (parts > 0) {  // a cascade's own part: slot 0, the segments' slots empty until filled
+                float2* dst = reinterpret_cast<float2*>(part_o + orow * parts * D) + tig;
+#pragma unroll
+                for (int n = 0; n < D / 8; ++n)
+                    dst[n * 4] = make_float2(o[mt][n][2 * hf] * inv, o[mt][n][2 * hf + 1] * inv);
+                if (tig == 0) {
+                    part_lse[orow * parts] = lt > 0.f ? m[mt][hf] * scale_log2 + __log2f(lt) : NEG_INF;
+                    for (int sl = 1; sl < parts; ++sl) part_lse[orow * parts + sl] = NEG_INF;
+                }
+                continue;
+            }
+            unsigned* dst = reinterpret_cast<unsigned*>(out + orow * D);
 #pragma unroll
             for (int n = 0; n < D / 8; ++n)
                 dst[n * 4 + tig] = pack2(o[mt][n][2 * hf] * inv, o[mt][n][2 * hf + 1] * inv);

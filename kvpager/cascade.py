@@ -1,4 +1,4 @@
-"""Shared prefixes of a decode step, for cascade attention.
+"""Shared prefixes of a step (decode or multi-token), for cascade attention.
 
 Sequences that share a prefix point at the same physical blocks at the same
 leading positions of their block tables (the prefix cache and `fork` make it
@@ -11,13 +11,17 @@ prefix shared by a few forks). A segment's K/V is then attended once for all
 its members (`cuda/cascade_prefix.cu`) and each sequence reads only its own
 part; the partial results merge by their log-sum-exp.
 
-Only whole blocks strictly before a sequence's query block are shared: every
-shared position precedes every query, so no causal mask applies inside a
-segment.
+Only whole blocks strictly before a sequence's first query position
+(``seq_len - query_len``) are shared: every shared position precedes every
+query, so no causal mask applies inside a segment. In a multi-token step
+(chunked prefill on a cached prefix, speculative verification) a segment's
+rows are every query token of every member (`query_rows`), and whether it
+pays is counted in the tensor-core tiles' reads (`multi_token_worth_it`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,13 +45,17 @@ class SharedPrefixes:
     saved: int
 
 
-def find_shared_prefixes(tables: np.ndarray, seq_lens: np.ndarray, block_size: int, *, levels: int = 2,
-                         min_members: int = 2, min_blocks: int = 1) -> SharedPrefixes | None:
-    """The shared prefixes of a decode step over ``tables`` (int32 [B, W]) and
-    ``seq_lens`` (each sequence's length, its query the last position); None
-    when no group of ``min_members`` rows shares ``min_blocks`` blocks."""
+def find_shared_prefixes(tables: np.ndarray, seq_lens: np.ndarray, block_size: int, *,
+                         query_lens: np.ndarray | None = None, levels: int = 2, min_members: int = 2,
+                         min_blocks: int = 1) -> SharedPrefixes | None:
+    """The shared prefixes of a step over ``tables`` (int32 [B, W]), ``seq_lens``
+    (each sequence's length, its queries the last ``query_lens`` positions; one
+    each when None: a decode step); None when no group of ``min_members`` rows
+    shares ``min_blocks`` whole blocks before their first queries."""
     n = len(seq_lens)
-    full = (np.asarray(seq_lens, dtype=np.int64) - 1) // block_size  # whole blocks before the query's
+    ql = 1 if query_lens is None else np.asarray(query_lens, dtype=np.int64)
+    # whole blocks before the block of the first query
+    full = (np.asarray(seq_lens, dtype=np.int64) - ql) // block_size
     full = np.minimum(full, tables.shape[1])
     own = np.zeros(n, dtype=np.int64)
     segments: list[tuple[int, int, int, int, int, int]] = []
@@ -118,3 +126,68 @@ def worth_it(shared: SharedPrefixes | None, seq_lens: np.ndarray, bytes_per_posi
         return False
     return (shared.saved * bytes_per_position >= min_saved_bytes
             and shared.saved >= min_fraction * float(np.sum(seq_lens)))
+
+
+def query_rows(shared: SharedPrefixes, query_lens: np.ndarray) -> SharedPrefixes:
+    """``shared`` with its members as rows of q (every query token of every
+    member, packed per sequence in order: sequence b's rows start at the sum of
+    the query lengths before it) and each segment's member offset and count in
+    those rows; the same object for a decode step (one row per sequence)."""
+    ql = np.asarray(query_lens, dtype=np.int64)
+    if (ql == 1).all():
+        return shared
+    q_start = np.cumsum(ql) - ql
+    per = ql[shared.members]
+    first = np.cumsum(per) - per
+    rows = np.repeat(q_start[shared.members] - first, per) + np.arange(int(per.sum()))
+    ends = np.concatenate(([0], np.cumsum(per)))
+    seg = shared.segments.astype(np.int64)
+    seg[:, 3], seg[:, 4] = ends[seg[:, 3]], ends[seg[:, 3] + seg[:, 4]] - ends[seg[:, 3]]
+    return dataclasses.replace(shared, segments=seg.astype(np.int32), members=rows.astype(np.int32))
+
+
+def tile_positions(shared: SharedPrefixes, seq_lens: np.ndarray, query_lens: np.ndarray,
+                   tokens_per_tile: int) -> tuple[int, int]:
+    """(plain, cascade): the K/V positions the multi-token kernels' query tiles
+    of ``tokens_per_tile`` query tokens (64 * MT rows over a GQA group) read, per
+    kv head, without and with the cascade. Each tile reads every position up to
+    its last query (causal), so a tile of a sequence with few query tokens reads
+    the whole prefix for a few rows; the cascade's segment tiles hold the
+    query rows of several members, its own tiles read from the sequence's own
+    start. Both the K/V reads and the tensor-core work (padded rows included)
+    are proportional to these counts."""
+    sl, ql = np.asarray(seq_lens, dtype=np.int64), np.asarray(query_lens, dtype=np.int64)
+    qt = int(tokens_per_tile)
+    n = -(-ql // qt)
+    causal = qt * n * (n - 1) // 2 + ql  # the tiles' reads within the queries
+    plain = int((n * (sl - ql) + causal).sum())
+    own = int((n * (sl - shared.own_start.astype(np.int64) - ql) + causal).sum())
+    seg = shared.segments.astype(np.int64)
+    per = ql[shared.members]
+    ends = np.concatenate(([0], np.cumsum(per)))
+    seg_rows = ends[seg[:, 3] + seg[:, 4]] - ends[seg[:, 3]]
+    return plain, own + int((-(-seg_rows // qt) * (seg[:, 2] - seg[:, 1])).sum())
+
+
+def multi_token_worth_it(shared: SharedPrefixes | None, seq_lens: np.ndarray, query_lens: np.ndarray,
+                         tokens_per_tile: int, bytes_per_position: int, partial_bytes_per_row: int, *,
+                         min_saved_bytes: int = 192 << 20, min_fraction: float = 0.25) -> bool:
+    """Whether cascading a multi-token step pays: the K/V bytes its tiles spare
+    reading (`tile_positions`, times ``bytes_per_position``: K and V of every kv
+    head of a layer), less the float32 partial states it writes and merges
+    (``partial_bytes_per_row`` per query token and part), are at least
+    ``min_saved_bytes`` and the reads fall by ``min_fraction``. A multi-token
+    step is more compute-bound than decode, but the tensor-core work falls in the
+    same proportion as the reads: the twin's FLOP count (4 x head dim per query
+    head, query token and visible position) is the same either way, and the
+    plain kernel's padded rows are what the cascade saves. 64 sequences x 8
+    query tokens at GQA 4 (32 tokens a tile) on an 8k shared prefix: 64 tiles
+    of 8 used tokens each read 8k positions (4x the twin's FLOPs), the cascade
+    16 tiles; 8 x 1,024 new tokens on a 4k prefix fill their tiles either way,
+    so nothing is spared and the plain kernel runs."""
+    if shared is None:
+        return False
+    plain, cascade = tile_positions(shared, seq_lens, query_lens, tokens_per_tile)
+    rows = int(np.sum(query_lens)) + int(np.asarray(query_lens)[shared.members].sum())
+    saved = (plain - cascade) * bytes_per_position - 2 * rows * partial_bytes_per_row
+    return saved >= min_saved_bytes and plain - cascade >= min_fraction * plain

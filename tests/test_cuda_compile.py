@@ -45,6 +45,9 @@ FP8_EXTRA = {
     "paged_prefill.cu": [["-DKV_FP8=1"], ["-DKV_FP8=2", "-DKV_DTYPE=0", "-DHEAD_DIM=96", "-DGROUP=1"],
                          ["-DKV_FP8=1", "-DHEAD_DIM=256", "-DGROUP=16", "-DBLOCK_SIZE=8"],
                          ["-DKV_FP8=1", "-DHEAD_DIM=80", "-DMT=1"]],
+    "cascade_prefix.cu": [["-DKV_FP8=1"], ["-DKV_FP8=2", "-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DGROUP=1"],
+                          ["-DKV_FP8=1", "-DHEAD_DIM=256", "-DGROUP=16", "-DBLOCK_SIZE=8"],
+                          ["-DKV_FP8=2", "-DHEAD_DIM=80", "-DMT=1"]],
 }
 
 

@@ -1,7 +1,7 @@
 """FP8 pools on the GPU against the NumPy twin: quantisation in kv_write.cu
 (bit for bit, saturation included), tensor-core decode (split-K, head layouts,
-windows, soft caps), multi-token prefill, the plain path where a cascade would
-have been chosen, and block copies / swaps / remote-tier staging keeping the
+windows, soft caps), multi-token prefill, a shared prefix planned with and
+without a cascade, and block copies / swaps / remote-tier staging keeping the
 bytes. Outputs are poisoned (NaN) before each kernel; tables are shuffled and
 lengths ragged. Skips without CuPy or a GPU of compute capability 8.9+."""
 
@@ -187,9 +187,9 @@ def test_cuda_core_decode_is_refused(monkeypatch):
     gpu.close()
 
 
-def test_shared_prefixes_take_the_plain_path():
-    """Forked sequences share a long prefix: an FP8 plan does not cascade (and says so), a
-    forced cascade is refused, and the answer is the twin's."""
+def test_shared_prefixes_cascade():
+    """Forked sequences share a long prefix: an FP8 plan does not cascade a step this
+    small by itself, a forced cascade does, and both answer as the twin."""
     rng = np.random.default_rng(6)
     spec = geometry("float8_e4m3", "float16", 128, 16, 4096, rng=rng)
     gpu_pool, cpu_pool = KVPool(spec, device="cuda:0"), KVPool(spec)
@@ -205,13 +205,15 @@ def test_shared_prefixes_take_the_plain_path():
     gpu_pool.synchronize()
     np.testing.assert_array_equal(kv_bytes(gpu_pool.backend), kv_bytes(cpu_pool.backend))
     q = rng.standard_normal((8, 8, 128), dtype=np.float32).astype(np.float16)
+    want = cpu_pool.plan(ids[1], 1).attend(0, q)
     plan = gpu_pool.plan(ids[0], 1)
     out = cupy.asnumpy(plan.attend(0, cupy.asarray(q)))
     assert plan.shared_prefixes is None
-    want = cpu_pool.plan(ids[1], 1).attend(0, q)
     assert rel_err(out, want) < TOL["float16"]
-    with pytest.raises(UnsupportedConfiguration):
-        gpu_pool.plan(ids[0], 1, cascade=True)
+    forced = gpu_pool.plan(ids[0], 1, cascade=True)
+    out = cupy.asnumpy(forced.attend(0, cupy.asarray(q)))
+    assert forced.shared_prefixes is not None
+    assert rel_err(out, want) < TOL["float16"]
     gpu_pool.close()
 
 

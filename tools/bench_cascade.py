@@ -1,16 +1,22 @@
-"""Shared-prefix decode: kvpager's cascade against its plain paged decode on the
-same step, and (headline case) SDPA on contiguous K/V; then a sharing sweep.
+"""Shared-prefix attention: kvpager's cascade against its plain paged attention
+on the same step, and (headline case) SDPA on contiguous K/V; multi-token steps
+and FP8 pools; then a sharing sweep.
 
     PYTHONPATH=. python tools/bench_cascade.py [--sweep] [--json]
 
 bf16, 32 query heads over 8 kv heads, head dim 128, block size 16, blocks
 shuffled. A step of B sequences in G groups: each group's sequences share a
-prefix of P tokens (the same blocks), then hold O tokens of their own. The
-headline case is 256 sequences sharing an 8,192-token prefix with 256 own
-tokens each. Every timed call is checked first (relative error against the
-plain kernel, and against SDPA in the headline case); times are medians of
-CUDA-event-timed calls queued behind a GPU sleep. The floor reads each
-distinct K/V byte once at the card's datasheet bandwidth.
+prefix of P tokens (the same blocks), then hold O tokens of their own, then
+Q query tokens (1: decode; more: chunked prefill on the cached prefix or
+speculative verification, causal). The headline case is 256 sequences sharing
+an 8,192-token prefix with 256 own tokens each, decoding. Multi-token cases:
+64 sequences x 8 query tokens on an 8k shared prefix + 256 own, and 8 x 1,024
+new tokens on a 4k shared cached prefix. FP8 rows: the same steps on an e4m3
+pool (random stored values, one scale). Every timed call is checked first
+(relative error against the plain kernel, and against SDPA in the headline
+case); times are medians of CUDA-event-timed calls queued behind a GPU sleep.
+`auto` is what the plan chooses by itself. The floor reads each distinct K/V
+byte once at the card's datasheet bandwidth.
 """
 
 from __future__ import annotations
@@ -32,42 +38,49 @@ from kvpager.spec import PoolSpec
 SWEEP = [(b, p, g) for p in (1024, 4096, 32768) for b in (16, 64, 512) for g in (1, 8) if b >= 8 * g]
 
 
-def setup(batch: int, prefix: int, own: int, groups: int):
-    """Backend, tables, lengths, q for a step of ``batch`` sequences in ``groups`` sharing groups."""
-    pb, ob = prefix // BS, -(-(own + 1) // BS)
+def setup(batch: int, prefix: int, own: int, groups: int, qlen: int = 1, kv_dtype: str | None = None):
+    """Backend, tables, lengths, query lengths, q for a step of ``batch`` sequences in
+    ``groups`` sharing groups, ``qlen`` query tokens each (after ``own`` tokens of their own)."""
+    pb, ob = prefix // BS, -(-(own + qlen) // BS)
     nblocks = groups * pb + batch * ob + 1
     spec = PoolSpec(num_layers=1, num_kv_heads=HKV, head_dim=D, num_blocks=nblocks, block_size=BS,
-                    dtype="bfloat16")
+                    dtype="bfloat16", kv_dtype=kv_dtype, kv_scales=None if kv_dtype is None else [1 / 64] * 2 * HKV)
     be = CupyBackend(spec, 0)
-    tview(be.kv).normal_()
+    if kv_dtype is None:
+        tview(be.kv).normal_()
+    else:  # normal(0, 1) values stored at scale 1 / 64
+        fmt = {"float8_e4m3": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}[kv_dtype]
+        raw = torch.from_dlpack(be.kv)
+        raw.view(fmt).copy_((torch.randn(raw.shape, device=raw.device) * 64).clamp(-400, 400).to(fmt))
     ids = np.random.default_rng(0).permutation(np.arange(1, nblocks)).astype(np.int32)
     shared = ids[: groups * pb].reshape(groups, pb)
     owned = ids[groups * pb :].reshape(batch, ob)
     tables = np.concatenate([shared[np.arange(batch) % groups], owned], axis=1)
-    lens = np.full(batch, prefix + own + 1, np.int32)  # the query is the last position
-    q = cupy.empty((batch, HQ, D), dtype=be.dtype)
+    lens = np.full(batch, prefix + own + qlen, np.int32)  # the queries are the last positions
+    qlens = np.full(batch, qlen, np.int32)
+    q = cupy.empty((batch * qlen, HQ, D), dtype=be.dtype)
     tview(q).normal_()
-    return be, tables, lens, q
+    return be, tables, lens, qlens, q
 
 
-def run(batch: int, prefix: int, own: int, groups: int, peak: float | None, sdpa: bool = False) -> dict:
-    be, tables, lens, q = setup(batch, prefix, own, groups)
+def run(batch: int, prefix: int, own: int, groups: int, peak: float | None, sdpa: bool = False,
+        qlen: int = 1, kv_dtype: str | None = None) -> dict:
+    be, tables, lens, qlens, q = setup(batch, prefix, own, groups, qlen, kv_dtype)
     scale = D**-0.5
-    ones = np.ones(batch, np.int32)
-    cascade = make_plan(be, tables, lens, ones, num_q_heads=HQ, cascade=True)
-    plain = make_plan(be, tables, lens, ones, num_q_heads=HQ, cascade=False)
-    auto = make_plan(be, tables, lens, ones, num_q_heads=HQ)
+    cascade = make_plan(be, tables, lens, qlens, num_q_heads=HQ, cascade=True)
+    plain = make_plan(be, tables, lens, qlens, num_q_heads=HQ, cascade=False)
+    auto = make_plan(be, tables, lens, qlens, num_q_heads=HQ)
     out_c, out_p = cupy.empty_like(q), cupy.empty_like(q)
     cascade.attend(0, q, scale, out_c)
     plain.attend(0, q, scale, out_p)
     err = rel_err(tview(out_c), tview(out_p))
     assert err < 1e-2, f"cascade vs plain: relative error {err}"
-    row = dict(batch=batch, prefix=prefix, own=own, groups=groups, rel_err=err,
-               cascade_ms=median_ms(lambda: cascade.attend(0, q, scale, out_c)),
+    row = dict(batch=batch, prefix=prefix, own=own, groups=groups, qlen=qlen, kv=kv_dtype or "bfloat16",
+               rel_err=err, cascade_ms=median_ms(lambda: cascade.attend(0, q, scale, out_c)),
                plain_ms=median_ms(lambda: plain.attend(0, q, scale, out_p)),
                auto_ms=median_ms(lambda: auto.attend(0, q, scale, out_c)),
                auto_cascades=auto.shared_prefixes is not None)
-    distinct = (groups * prefix + batch * (own + 1)) * HKV * D * 2 * 2
+    distinct = (groups * prefix + batch * (own + qlen)) * HKV * D * 2 * be.spec.itemsize
     row["floor_ms"] = distinct / (peak * 1e12) * 1e3 if peak else None
     if sdpa:
         kv = dense_kv(tview(be.kv), tables, int(lens[0]))
@@ -82,6 +95,12 @@ def run(batch: int, prefix: int, own: int, groups: int, peak: float | None, sdpa
     return row
 
 
+#: (batch, prefix, own, groups, query tokens, kv dtype): multi-token steps and FP8 pools
+CASES = [(64, 8192, 256, 1, 8, None), (8, 4096, 0, 1, 1024, None),
+         (256, 8192, 256, 1, 1, "float8_e4m3"), (64, 8192, 256, 1, 8, "float8_e4m3"),
+         (8, 4096, 0, 1, 1024, "float8_e4m3")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sweep", action="store_true", help="also the sharing sweep")
@@ -90,20 +109,24 @@ def main() -> None:
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in DATASHEET_TBS.items() if k in name), None)
     rows = [run(256, 8192, 256, 1, peak, sdpa=True)]
+    for b, p, o, g, ql, kv in CASES:
+        rows.append(run(b, p, o, g, peak, qlen=ql, kv_dtype=kv))
+        torch.cuda.empty_cache()
     if args.sweep:
         rows += [run(b, p, 256, g, peak) for b, p, g in SWEEP]
     if args.json:
         print(json.dumps(dict(card=name, rows=rows), indent=1))
         return
     print(f"{name}, {datetime.date.today()}; bf16, {HQ} q / {HKV} kv heads, head dim {D}, block size {BS}")
-    print("| sequences x (shared + own) | groups | cascade ms | plain paged ms | plain / cascade | "
-          "auto ms | SDPA ms | floor ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| sequences x (shared + own) | query tokens | K/V | groups | cascade ms | plain paged ms | "
+          "plain / cascade | auto ms | SDPA ms | floor ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         sd = f"{r['sdpa_ms']:.3f}" if "sdpa_ms" in r else "-"
         fl = f"{r['floor_ms']:.3f}" if r["floor_ms"] else "-"
         auto = f"{r['auto_ms']:.3f}" + (" (cascade)" if r["auto_cascades"] else " (plain)")
-        print(f"| {r['batch']} x ({r['prefix']} + {r['own']}) | {r['groups']} | {r['cascade_ms']:.3f} | "
+        print(f"| {r['batch']} x ({r['prefix']} + {r['own']}) | {r['qlen']} | {r['kv']} | {r['groups']} | "
+              f"{r['cascade_ms']:.3f} | "
               f"{r['plain_ms']:.3f} | {r['plain_ms'] / r['cascade_ms']:.2f}x | {auto} | {sd} | {fl} |")
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from kvpager import kernels
+from kvpager.backends.cupy_cascade import CascadeLaunch
 from kvpager.errors import InvalidArgument, UnsupportedConfiguration
 from kvpager.launch import Launch, current_stream, f32, i32, ptr, torch_stream
 
@@ -26,10 +27,11 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
     soft cap (-2, in the kernel's score units: raw products, or scaled log2
     units for the CUDA-core decode), scale (last); the merge launch reads the
     decode launch's out cell. ``shared`` (`kvpager.cascade.SharedPrefixes`, a
-    tensor-core decode step only): the decode kernel reads each sequence's own
-    positions, `cascade_launch` the shared ones once per segment, and the merge
-    combines them (a cascade takes no sliding window: the plan keeps a plain
-    set of launches for windowed calls)."""
+    tensor-core decode or multi-token step): the decode or multi-token kernel
+    reads each sequence's own positions, `CascadeLaunch` the shared ones once
+    per segment for all member query rows, and the merge combines them (a
+    cascade takes no sliding window: the plan keeps a plain set of launches for
+    windowed calls)."""
     import cupy
 
     keep: list[Any] = []
@@ -97,7 +99,7 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
             launches.append(Launch(fn, (ctas, splits), threads, smem, args, dev))
             if cascade is not None:
                 launches.append(cascade.launch(q, pool, ptr(p["tables"]), part_o, part_lse, common,
-                                               plan.width, softcap, scale))
+                                               plan.width, scales, softcap, scale))
             if parts:
                 plain = {k: v for k, v in base.items() if k != "KV_FP8"}  # merges float32 partials
                 merge = kernels.get_kernel("paged_decode.cu", "merge_splits",
@@ -113,7 +115,8 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
             first = np.cumsum(counts) - counts
             j0 = ((np.arange(len(seq)) - np.repeat(first, counts)) * qt).astype(np.int32)
             # Tiles that see the most K/V first, so the long ones do not trail the launch.
-            order = np.argsort(-(sl[seq] - ql[seq] + j0), kind="stable")
+            own = shared.own_start[seq] if shared is not None else 0
+            order = np.argsort(-(sl[seq] - own - ql[seq] + j0), kind="stable")
             tiles = np.ascontiguousarray(np.stack([seq[order], j0[order]], axis=1), dtype=np.int32)
             tiles_dev = cupy.empty(tiles.shape, dtype=cupy.int32)
             from cupy.cuda import runtime
@@ -130,121 +133,31 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
                 smem = (64 * mt + 2 * bn) * (spec.head_dim + 8) * 2 + 2 * stages * bn * spec.head_dim
             if fn.max_dynamic_shared_size_bytes < smem:
                 fn.max_dynamic_shared_size_bytes = smem
+            # A cascade: this kernel reads each sequence's own positions into slot 0, the
+            # cascade launch the shared ones into the other slots, and merge_splits combines them.
+            cascade = None if shared is None else CascadeLaunch(plan, shared, group, 1, kernels.num_sms(dev))
+            rows = plan.num_tokens * num_q_heads
+            part_o = part_lse = ptr(0)
+            if cascade is not None:
+                keep += [*cascade.keep, cascade]
+                part_o_buf = cupy.empty(rows * cascade.parts * spec.head_dim, dtype=cupy.float32)
+                part_lse_buf = cupy.empty(rows * cascade.parts, dtype=cupy.float32)
+                part_o, part_lse = ptr(part_o_buf.data.ptr), ptr(part_lse_buf.data.ptr)
+                keep += [part_o_buf, part_lse_buf]
             args = [q, pool, ptr(p["tables"]), ptr(p["seq_lens"]), ptr(p["query_lens"]),
-                    ptr(p["q_start"]), ptr(tiles_dev.data.ptr), out, *common, i32(plan.width), scales, window,
-                    softcap, scale]
+                    ptr(p["q_start"]), ptr(tiles_dev.data.ptr), out, *common, i32(plan.width),
+                    ptr(cascade.own_start if cascade else 0), part_o, part_lse, i32(cascade.parts if cascade else 0),
+                    scales, window, softcap, scale]
             launches.append(Launch(fn, (len(tiles), spec.num_kv_heads), 128, smem, args, dev))
+            if cascade is not None:
+                launches.append(cascade.launch(q, pool, ptr(p["tables"]), part_o, part_lse, common,
+                                               plan.width, scales, softcap, scale))
+                gs = kernels.decode_subgroup(spec.dtype, spec.head_dim, group)
+                plain = {k: v for k, v in base.items() if k != "KV_FP8"}  # merges float32 partials
+                merge = kernels.get_kernel("paged_decode.cu", "merge_splits",
+                                           {**plain, "SUBGROUP": gs, "CH": kernels.DECODE_ROWS}, dev)
+                launches.append(Launch(merge, (rows,), 256, 0, [part_o, part_lse, out, i32(cascade.parts)], dev))
     return launches, splits, keep, not plan.decode or tc
-
-
-class CascadeLaunch:
-    """The shared-prefix launch of a cascade decode step (`cuda/cascade_prefix.cu`):
-    its segments cut into chunks of positions (so that enough CTAs run: each
-    chunk is a slot of its own), tiles of members, and the partial slots per
-    row: the decode kernel's ``splits`` first, then ``levels x chunks``. Its
-    tables (own start per row, segments, members, tiles) go up in one upload.
-
-    The launch's shape (levels, chunks, grid) is fixed when it is made; `fill`
-    refills its tables in place for another step's shared prefixes (a plan
-    updated under a CUDA graph). Tables are sized for the first step, with
-    ``slack`` times its tiles for later ones (unused tiles exit at once); a step
-    whose prefixes do not fit runs with none (every row from position 0: plain
-    attention, the same result)."""
-
-    def __init__(self, plan: Any, shared: Any, group: int, splits: int, nsm: int, slack: int = 1):
-        import cupy
-
-        spec = plan.spec
-        self.mt = kernels.PREFILL_MT or (2 if spec.head_dim <= 128 else 1)
-        bm = 64 * self.mt
-        self.bn = 32 if self.mt == 2 or spec.head_dim > 128 else 64
-        self.stages = 3 if self.mt == 2 else 2
-        self.smem = (bm + 2 * self.stages * self.bn) * (spec.head_dim + 8) * 2
-        self.group = group
-        self.per_tile = max(1, bm // group)  # members per CTA
-        seg = shared.segments
-        tiles_per_seg = -(-seg[:, 4].astype(np.int64) // self.per_tile)
-        base_ctas = int(tiles_per_seg.sum()) * spec.num_kv_heads
-        lengths = (seg[:, 2] - seg[:, 1]).astype(np.int64)
-        defs = {"KV_DTYPE": kernels.DTYPE_CODES[spec.dtype], "HEAD_DIM": spec.head_dim,
-                "BLOCK_SIZE": spec.block_size, "GROUP": group, "MT": self.mt}
-        self.fn = kernels.get_kernel("cascade_prefix.cu", "cascade_prefix", defs, plan.device)
-        if self.fn.max_dynamic_shared_size_bytes < self.smem:
-            self.fn.max_dynamic_shared_size_bytes = self.smem
-        slots = nsm * kernels.resident_ctas(self.fn, 128, self.smem, plan.device)
-        # Chunks of each segment (at least 256 positions): the count whose waves of CTAs
-        # end soonest (waves x chunk length), the fewest among equals (fewer partials to merge).
-        most = int(max(1, min(64, int(lengths.min()) // 256)))
-        self.chunks = min(range(1, most + 1), key=lambda c: (-(-base_ctas * c // slots)) / c)
-        self.levels, self.splits = shared.levels, splits
-        self.parts = splits + shared.levels * self.chunks
-        self.rows = plan.rows
-        first = int(tiles_per_seg.sum()) * self.chunks
-        self.cap_tiles = first if slack <= 1 else slack * first + 2 * self.levels * self.chunks
-        self.cap_segs = min(self.cap_tiles, len(seg) * self.chunks) if slack <= 1 else self.cap_tiles
-        self.cap_members = len(shared.members) if slack <= 1 else self.levels * self.rows
-        self._sizes = [self.rows, 6 * self.cap_segs, self.cap_members, 2 * self.cap_tiles]
-        nbytes = 4 * sum(self._sizes)
-        self._dev = cupy.empty(nbytes // 4, dtype=cupy.int32)
-        self._upload = plan.backend.uploads.take(nbytes, owner=self)
-        offs = np.cumsum([0, *self._sizes]) * 4
-        base = self._dev.data.ptr
-        self.own_start = base
-        self.segments, self.members, self.tiles = base + int(offs[1]), base + int(offs[2]), base + int(offs[3])
-        self.keep = [self._dev]
-        self.spec, self.device = spec, plan.device
-        self.fits = self.fill(shared)
-
-    def _pack(self, shared: Any) -> tuple[np.ndarray, np.ndarray] | None:
-        """(segment chunks [S, 6], tiles [T, 2]) of ``shared``, or None if they exceed the tables."""
-        if shared is None or shared.levels > self.levels or len(shared.members) > self.cap_members:
-            return None
-        seg = shared.segments
-        tiles_per_seg = -(-seg[:, 4].astype(np.int64) // self.per_tile)
-        chunks, splits = self.chunks, self.splits
-        if len(seg) * chunks > self.cap_segs or int(tiles_per_seg.sum()) * chunks > self.cap_tiles:
-            return None
-        out = []
-        for row, start, end, moff, count, level in seg.tolist():
-            per_chunk = -(-(end - start) // chunks)
-            step = -(-per_chunk // self.bn) * self.bn  # aligned to the K/V tile
-            for c in range(chunks):
-                a, b = start + c * step, min(end, start + (c + 1) * step)
-                out.append((row, a, max(a, b), moff, count, splits + level * chunks + c))
-        segs = np.asarray(out, dtype=np.int32).reshape(-1, 6)
-        reps = np.repeat(tiles_per_seg, chunks)
-        seg_of = np.repeat(np.arange(len(segs), dtype=np.int32), reps)
-        first = np.repeat(np.cumsum(reps) - reps, reps)
-        j0 = ((np.arange(len(seg_of)) - first) * self.per_tile).astype(np.int32)
-        return segs, np.stack([seg_of, j0], axis=1).astype(np.int32)
-
-    def fill(self, shared: Any) -> bool:
-        """Refill the tables for ``shared`` (`kvpager.cascade.SharedPrefixes` of a
-        step of at most ``rows`` rows) on the caller's stream; False when they do
-        not fit (or ``shared`` is None): the launch then attends nothing and every
-        row's own part starts at position 0."""
-        packed = self._pack(shared)
-        self._upload.wait()
-        host = self._upload.host.view(np.int32)
-        host[:] = 0
-        rows, segs_n, members_n, _ = self._sizes
-        tiles = host[rows + segs_n + members_n:].reshape(-1, 2)
-        tiles[:, 0] = -1  # unused tiles exit at once
-        if packed is not None:
-            segs, used = packed
-            host[: len(shared.own_start)] = shared.own_start
-            host[rows : rows + segs.size] = segs.ravel()
-            host[rows + segs_n : rows + segs_n + len(shared.members)] = shared.members
-            tiles[: len(used)] = used
-        self._upload.copy_to(self._dev.data.ptr, current_stream(self.device))
-        return packed is not None
-
-    def launch(self, q: Any, pool: Any, tables: Any, part_o: Any, part_lse: Any, common: list[Any],
-               width: int, softcap: Any, scale: Any) -> Launch:
-        spec, dev = self.spec, self.device
-        args = [q, pool, tables, ptr(self.segments), ptr(self.members), ptr(self.tiles), part_o, part_lse,
-                *common, i32(width), i32(self.parts), softcap, scale]
-        return Launch(self.fn, (self.cap_tiles, spec.num_kv_heads), 128, self.smem, args, dev)
 
 
 def torch_kinds(dtype: str) -> tuple[Any, Any, Any]:

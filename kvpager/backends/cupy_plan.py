@@ -23,15 +23,15 @@ from typing import Any
 import numpy as np
 
 from kvpager import kernels, validate
+from kvpager.backends.cupy_cascade import CascadeLaunch, cascade_applies, choose_cascade
 from kvpager.backends.cupy_launches import (
-    CascadeLaunch,
     attention_launches,
     cupy_empty_like,
     device_tensor,
     torch_kinds,
 )
-from kvpager.cascade import find_shared_prefixes, worth_it
-from kvpager.errors import InvalidArgument, UnsupportedConfiguration
+from kvpager.cascade import find_shared_prefixes
+from kvpager.errors import InvalidArgument
 from kvpager.launch import Launch, current_stream, i32, ptr
 from kvpager.plan import (
     StepPlan,
@@ -85,15 +85,12 @@ class CupyPlan(StepPlan):
         self.ptrs["slots"] = base + 4 * self._n32
         self._attn: dict[int, list[Launch]] = {}
         self._raw: dict[int, bool] = {}  # per query-head count: the kernel's scores are raw q . k
-        # Shared-prefix (cascade) attention: a decode step on tensor cores, one item a row;
-        # None: when it pays (kvpager.cascade.worth_it), True: whenever prefixes are shared.
-        # A plan with capacities (for CUDA graphs) sizes its cascade tables for later steps too.
+        # Shared-prefix (cascade) attention: a decode step on tensor cores (one item a row)
+        # or a multi-token step (no padding rows); FP8 pools too. None: when it pays
+        # (kvpager.cascade), True: whenever prefixes are shared. A plan with capacities
+        # (for CUDA graphs, decode only) sizes its cascade tables for later steps too.
         self._cascade = cascade
-        if cascade and spec.is_fp8:
-            raise UnsupportedConfiguration(f"cascade attention does not read FP8 pools (kv_dtype="
-                                           f"{spec.kv_dtype}); leave cascade=None for the plain decode")
-        self._cascade_ok = (cascade is not False and self.decode and self.rows == self.items
-                            and spec.dtype != "float32" and kernels.DECODE_TC and not spec.is_fp8)
+        self._cascade_ok = cascade is not False and cascade_applies(self, spec, nseq)
         self.cascade_slack = 2 if num_rows is not None or width is not None else 1
         self._shared: Any = None  # kvpager.cascade.SharedPrefixes of the step, found at the first attend
         self._cascades: list[CascadeLaunch] = []  # refilled in place by update()
@@ -195,13 +192,8 @@ class CupyPlan(StepPlan):
     def _prepare(self, num_q_heads: int) -> list[Launch]:
         """Kernel, layout and launch cells for ``num_q_heads`` query heads (once per plan)."""
         if self._cascade_ok and self._shared is None:
-            found = find_shared_prefixes(self.tables, self.seq_lens, self.spec.block_size)
-            spec = self.spec
-            per_position = 2 * spec.num_kv_heads * spec.head_dim * spec.itemsize
-            if found is not None and (self._cascade or worth_it(found, self.seq_lens, per_position)):
-                self._shared = found
-            else:
-                self._cascade_ok = False
+            self._shared = choose_cascade(self, num_q_heads, bool(self._cascade))
+            self._cascade_ok = self._shared is not None
         launches, self.splits, keep, self._raw[num_q_heads] = attention_launches(self, num_q_heads, self._shared)
         self._keep += keep
         self._cascades += [x for x in keep if isinstance(x, CascadeLaunch)]
@@ -319,3 +311,4 @@ class CupyPlan(StepPlan):
         self._last_scale = scale
         self._scale_given = check_scale(scale, self.spec.head_dim) * _LOG2E
         return self._scale_given
+

@@ -240,8 +240,8 @@ class PagedGeneration:
     #: blocks no window will read again (`KVPool.release_before`): KV memory per
     #: sequence stays about one window, however long it generates
     release_windowed: bool = True
-    #: shared-prefix (cascade) attention in decode steps: None where it pays
-    #: (`kvpager.cascade.worth_it`), True / False to force it on or off
+    #: shared-prefix (cascade) attention in decode and multi-token steps: None where it pays
+    #: (`kvpager.cascade.worth_it` / `multi_token_worth_it`), True / False to force it on or off
     cascade: bool | None = None
     seq_ids: list[int] = field(init=False, default_factory=list)
     num_cached_tokens: list[int] = field(init=False, default_factory=list)

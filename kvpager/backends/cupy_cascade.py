@@ -1,0 +1,169 @@
+"""The cascade side of a `CupyPlan`: whether a step can cascade
+(`cascade_applies`), whether it pays (`choose_cascade`), and the shared-prefix
+launch (`CascadeLaunch`).
+
+`kvpager.cascade` finds the segments; `CascadeLaunch` packs them (members as
+query rows, segments cut into chunks of positions, tiles of rows) into one
+device buffer and launches `cuda/cascade_prefix.cu` over them. The own parts
+and the merge are the attention launches' (`cupy_launches.attention_launches`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kvpager import kernels
+from kvpager.cascade import find_shared_prefixes, multi_token_worth_it, query_rows, worth_it
+from kvpager.launch import Launch, current_stream, i32, ptr
+
+
+class CascadeLaunch:
+    """The shared-prefix launch of a cascade step (`cuda/cascade_prefix.cu`):
+    its segments cut into chunks of positions (so that enough CTAs run: each
+    chunk is a slot of its own), tiles of member query rows (one per member in
+    a decode step, every query token of every member in a multi-token step:
+    `kvpager.cascade.query_rows`), and the partial slots per row: the own
+    part's ``splits`` first (the decode kernel's splits; 1 for the multi-token
+    kernel), then ``levels x chunks``. Its tables (own start per sequence,
+    segments, members, tiles) go up in one upload. FP8 pools: the kernel
+    converts the stored tiles in shared memory, as the multi-token kernel does.
+
+    The launch's shape (levels, chunks, grid) is fixed when it is made; `fill`
+    refills its tables in place for another step's shared prefixes (a plan
+    updated under a CUDA graph). Tables are sized for the first step, with
+    ``slack`` times its tiles for later ones (unused tiles exit at once); a step
+    whose prefixes do not fit runs with none (every row from position 0: plain
+    attention, the same result)."""
+
+    def __init__(self, plan: Any, shared: Any, group: int, splits: int, nsm: int, slack: int = 1):
+        import cupy
+
+        spec = plan.spec
+        shared = query_rows(shared, plan.query_lens)
+        self.mt = kernels.PREFILL_MT or (2 if spec.head_dim <= 128 else 1)
+        bm = 64 * self.mt
+        self.bn = 32 if self.mt == 2 or spec.head_dim > 128 else 64
+        self.stages = 3 if self.mt == 2 else 2
+        self.smem = (bm + 2 * self.stages * self.bn) * (spec.head_dim + 8) * 2
+        if spec.is_fp8:  # one converted K and V tile, the stages as stored
+            self.smem = (bm + 2 * self.bn) * (spec.head_dim + 8) * 2 + 2 * self.stages * self.bn * spec.head_dim
+        self.group = group
+        self.per_tile = max(1, bm // group)  # member rows per CTA
+        seg = shared.segments
+        tiles_per_seg = -(-seg[:, 4].astype(np.int64) // self.per_tile)
+        base_ctas = int(tiles_per_seg.sum()) * spec.num_kv_heads
+        lengths = (seg[:, 2] - seg[:, 1]).astype(np.int64)
+        defs = {**kernels.storage_defines(spec), "HEAD_DIM": spec.head_dim,
+                "BLOCK_SIZE": spec.block_size, "GROUP": group, "MT": self.mt}
+        self.fn = kernels.get_kernel("cascade_prefix.cu", "cascade_prefix", defs, plan.device)
+        if self.fn.max_dynamic_shared_size_bytes < self.smem:
+            self.fn.max_dynamic_shared_size_bytes = self.smem
+        slots = nsm * kernels.resident_ctas(self.fn, 128, self.smem, plan.device)
+        # Chunks of each segment (at least 256 positions): the count whose waves of CTAs
+        # end soonest (waves x chunk length), the fewest among equals (fewer partials to merge).
+        most = int(max(1, min(64, int(lengths.min()) // 256)))
+        self.chunks = min(range(1, most + 1), key=lambda c: (-(-base_ctas * c // slots)) / c)
+        self.levels, self.splits = shared.levels, splits
+        self.parts = splits + shared.levels * self.chunks
+        self.rows = plan.rows
+        first = int(tiles_per_seg.sum()) * self.chunks
+        self.cap_tiles = first if slack <= 1 else slack * first + 2 * self.levels * self.chunks
+        self.cap_segs = min(self.cap_tiles, len(seg) * self.chunks) if slack <= 1 else self.cap_tiles
+        self.cap_members = len(shared.members) if slack <= 1 else self.levels * self.rows
+        self._sizes = [self.rows, 6 * self.cap_segs, self.cap_members, 2 * self.cap_tiles]
+        nbytes = 4 * sum(self._sizes)
+        self._dev = cupy.empty(nbytes // 4, dtype=cupy.int32)
+        self._upload = plan.backend.uploads.take(nbytes, owner=self)
+        offs = np.cumsum([0, *self._sizes]) * 4
+        base = self._dev.data.ptr
+        self.own_start = base
+        self.segments, self.members, self.tiles = base + int(offs[1]), base + int(offs[2]), base + int(offs[3])
+        self.keep = [self._dev]
+        self.spec, self.device = spec, plan.device
+        self.fits = self.fill(shared)
+
+    def _pack(self, shared: Any) -> tuple[np.ndarray, np.ndarray] | None:
+        """(segment chunks [S, 6], tiles [T, 2]) of ``shared`` (members as query
+        rows), or None if they exceed the tables."""
+        if shared is None or shared.levels > self.levels or len(shared.members) > self.cap_members:
+            return None
+        seg = shared.segments
+        tiles_per_seg = -(-seg[:, 4].astype(np.int64) // self.per_tile)
+        chunks, splits = self.chunks, self.splits
+        if len(seg) * chunks > self.cap_segs or int(tiles_per_seg.sum()) * chunks > self.cap_tiles:
+            return None
+        out = []
+        for row, start, end, moff, count, level in seg.tolist():
+            per_chunk = -(-(end - start) // chunks)
+            step = -(-per_chunk // self.bn) * self.bn  # aligned to the K/V tile
+            for c in range(chunks):
+                a, b = start + c * step, min(end, start + (c + 1) * step)
+                out.append((row, a, max(a, b), moff, count, splits + level * chunks + c))
+        segs = np.asarray(out, dtype=np.int32).reshape(-1, 6)
+        reps = np.repeat(tiles_per_seg, chunks)
+        seg_of = np.repeat(np.arange(len(segs), dtype=np.int32), reps)
+        first = np.repeat(np.cumsum(reps) - reps, reps)
+        j0 = ((np.arange(len(seg_of)) - first) * self.per_tile).astype(np.int32)
+        return segs, np.stack([seg_of, j0], axis=1).astype(np.int32)
+
+    def fill(self, shared: Any) -> bool:
+        """Refill the tables for ``shared`` (`kvpager.cascade.SharedPrefixes` of a
+        step of at most ``rows`` sequences, its members as query rows: a decode
+        step's already are) on the caller's stream; False when they do not fit
+        (or ``shared`` is None): the launch then attends nothing and every row's
+        own part starts at position 0."""
+        packed = self._pack(shared)
+        self._upload.wait()
+        host = self._upload.host.view(np.int32)
+        host[:] = 0
+        rows, segs_n, members_n, _ = self._sizes
+        tiles = host[rows + segs_n + members_n:].reshape(-1, 2)
+        tiles[:, 0] = -1  # unused tiles exit at once
+        if packed is not None:
+            segs, used = packed
+            host[: len(shared.own_start)] = shared.own_start
+            host[rows : rows + segs.size] = segs.ravel()
+            host[rows + segs_n : rows + segs_n + len(shared.members)] = shared.members
+            tiles[: len(used)] = used
+        self._upload.copy_to(self._dev.data.ptr, current_stream(self.device))
+        return packed is not None
+
+    def launch(self, q: Any, pool: Any, tables: Any, part_o: Any, part_lse: Any, common: list[Any],
+               width: int, scales: Any, softcap: Any, scale: Any) -> Launch:
+        """The launch, sharing the attention launch's cells (q, layer, soft cap, scale)."""
+        spec, dev = self.spec, self.device
+        args = [q, pool, tables, ptr(self.segments), ptr(self.members), ptr(self.tiles), part_o, part_lse,
+                *common, i32(width), i32(self.parts), scales, softcap, scale]
+        return Launch(self.fn, (self.cap_tiles, spec.num_kv_heads), 128, self.smem, args, dev)
+
+
+def cascade_applies(plan: Any, spec: Any, nseq: int) -> bool:
+    """Whether ``plan``'s step can cascade at all: a decode step on the tensor-core
+    kernel with one item a row, or a multi-token step (the tensor-core multi-token
+    kernel) without padding rows."""
+    if spec.dtype == "float32":
+        return False
+    if plan.decode:
+        return plan.rows == plan.items and bool(kernels.DECODE_TC)
+    return plan.rows == nseq
+
+
+def choose_cascade(plan: Any, num_q_heads: int, always: bool) -> Any:
+    """The step's shared prefixes (`kvpager.cascade.SharedPrefixes`) when its
+    attention is to cascade over them (``always``: whenever some are shared;
+    else when `worth_it` / `multi_token_worth_it` says it pays), else None."""
+    spec = plan.spec
+    ql = None if plan.decode else plan.query_lens
+    found = find_shared_prefixes(plan.tables, plan.seq_lens, spec.block_size, query_lens=ql)
+    if found is None or always:
+        return found
+    per_position = 2 * spec.num_kv_heads * spec.head_dim * spec.itemsize
+    if plan.decode:
+        return found if worth_it(found, plan.seq_lens, per_position) else None
+    mt = kernels.PREFILL_MT or (2 if spec.head_dim <= 128 else 1)
+    per_tile = max(1, 64 * mt // (num_q_heads // spec.num_kv_heads))
+    partial = num_q_heads * (spec.head_dim + 1) * 4  # float32 output and log2-sum-exp per head
+    pays = multi_token_worth_it(found, plan.seq_lens, plan.query_lens, per_tile, per_position, partial)
+    return found if pays else None
