@@ -193,7 +193,6 @@ def decode_reply(data: bytes) -> Reply:
     return Reply(rid, None, ErrorInfo(payload["code"], str(payload.get("message", "")), payload.get("details") or {}))
 
 
-
 __all__ = [
     "ERR",
     "ERROR_CODES",
