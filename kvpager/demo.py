@@ -1,14 +1,14 @@
 """`kvpager demo`: a daemon and several worker processes sharing a system prompt.
 
-The daemon runs as a subprocess on a private ipc:// endpoint. Each worker is a
-separate process with its own `Client`: it maps the pool, allocates requests
-that start with the same system prompt, writes their K/V straight into the
-mapped pool, decodes tokens with paged attention over the shared blocks, and
-waits at the peak so the parent can read the daemon's accounting. The model is
-a stand-in (fixed random projections): the demo is about the memory, not the
-text. The report compares the KV memory the requests use with what
-contiguous max-length caches would reserve and what paging without prefix
-sharing would use.
+The daemon runs as a subprocess on a private ipc:// endpoint. Each worker
+(`kvpager.demo_worker`) is a separate process with its own `Client`: it maps
+the pool, allocates requests that start with the same system prompt, writes
+their K/V straight into the mapped pool, decodes tokens with paged attention
+over the shared blocks, and waits at the peak so the parent can read the
+daemon's accounting. The model is a stand-in (fixed random projections): the
+demo is about the memory, not the text. The report compares the KV memory the
+requests use with what contiguous max-length caches would reserve and what
+paging without prefix sharing would use.
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvpager.demo_worker import run_worker
 from kvpager.spec import PoolSpec
-
-SALT = "kvpager-demo-model"
-VOCAB = 512
 
 
 @dataclass(frozen=True)
@@ -85,70 +83,6 @@ class DemoReport:
         d["saving_vs_contiguous"] = self.saving_vs_contiguous
         d["saving_vs_no_sharing"] = self.saving_vs_no_sharing
         return d
-
-
-class StandInModel:
-    """Fixed random projections from token ids to K, V and Q (same in every worker)."""
-
-    def __init__(self, cfg: DemoConfig):
-        rng = np.random.default_rng(1234)
-        h, d = cfg.num_kv_heads, cfg.head_dim
-        self.cfg = cfg
-        self.k = rng.standard_normal((cfg.num_layers, VOCAB, h, d)).astype(np.float32)
-        self.v = rng.standard_normal((cfg.num_layers, VOCAB, h, d)).astype(np.float32)
-        self.q = rng.standard_normal((cfg.num_layers, VOCAB, cfg.num_q_heads, d)).astype(np.float32)
-        self.unembed = rng.standard_normal((cfg.num_q_heads * d, VOCAB)).astype(np.float32)
-
-    def prefill(self, client, slots: np.ndarray, tokens: np.ndarray) -> None:
-        for layer in range(self.cfg.num_layers):
-            client.write(layer, slots, self.k[layer, tokens], self.v[layer, tokens])
-
-    def decode(self, client, seq_ids: list[int], last: np.ndarray) -> np.ndarray:
-        """One step for a batch: K/V of each last token are already written."""
-        out = None
-        for layer in range(self.cfg.num_layers):
-            out = client.attend(layer, seq_ids, self.q[layer, last])
-        if not isinstance(out, np.ndarray):  # a CuPy array from a GPU pool
-            out = out.get()
-        logits = out.reshape(len(seq_ids), -1) @ self.unembed
-        return logits.argmax(axis=1)
-
-
-def _worker(index: int, endpoint: str, cfg: DemoConfig, prompt_ready, at_peak, release, results) -> None:
-    from kvpager.client import Client
-
-    rng = np.random.default_rng([cfg.seed, index])
-    system = np.random.default_rng(cfg.seed).integers(0, VOCAB, cfg.system_prompt_tokens)
-    model = StandInModel(cfg)
-    with Client(endpoint, name=f"demo-worker-{index}") as client:
-        if index != 0:
-            prompt_ready.wait(60)  # worker 0 prefills the system prompt first
-        prompts = [np.concatenate([system, rng.integers(0, VOCAB, int(rng.integers(*cfg.user_tokens)))])
-                   for _ in range(cfg.requests_per_worker)]
-        if index == 0:
-            first = client.allocate([prompts[0]], salt=SALT)
-            model.prefill(client, first[0].slots, prompts[0][first[0].num_cached_tokens:])
-            client.commit([first[0].seq_id])  # the K/V is written: publish the prompt blocks
-            prompt_ready.set()
-            rest = client.allocate(prompts[1:], salt=SALT) if len(prompts) > 1 else []
-            allocs = first + rest
-        else:
-            allocs = client.allocate(prompts, salt=SALT)
-        for a, p in zip(allocs[1 if index == 0 else 0:], prompts[1 if index == 0 else 0:]):
-            model.prefill(client, a.slots, p[a.num_cached_tokens:])
-        seq_ids = [a.seq_id for a in allocs]
-        client.commit(seq_ids)
-        last = np.array([p[-1] for p in prompts])
-        for _ in range(cfg.new_tokens):
-            slots = client.append(seq_ids, 1, token_ids=[[int(t)] for t in last])
-            flat = np.concatenate(slots)
-            model.prefill(client, flat, last)
-            last = model.decode(client, seq_ids, last)
-            client.commit(seq_ids)
-        results.put((index, [a.num_cached_tokens for a in allocs], [len(p) + cfg.new_tokens for p in prompts]))
-        at_peak.wait(120)  # hold the sequences while the parent reads the pool
-        release.wait(120)
-        client.free(seq_ids)
 
 
 @contextlib.contextmanager
@@ -231,7 +165,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> 
         say(f"daemon ready at {endpoint}; starting {cfg.workers} worker processes")
         prompt_ready, at_peak, release = ctx.Event(), ctx.Event(), ctx.Event()
         results = ctx.Queue()
-        procs = [ctx.Process(target=_worker, args=(i, endpoint, cfg, prompt_ready, at_peak, release, results),
+        procs = [ctx.Process(target=run_worker, args=(i, endpoint, cfg, prompt_ready, at_peak, release, results),
                              daemon=True) for i in range(cfg.workers)]
         for p in procs:
             p.start()
