@@ -7,7 +7,7 @@ import click
 from kvpager import __version__
 from kvpager.bench_cli import bench
 from kvpager.control_cli import COMMANDS as CONTROL_COMMANDS
-from kvpager.demo import demo_command
+from kvpager.demo_cli import demo_command
 from kvpager.events_cli import events_command
 from kvpager.inspect_cli import COMMANDS as INSPECT_COMMANDS
 from kvpager.serve_cli import serve

@@ -1,10 +1,11 @@
-"""The K/V half of `Client`: the daemon's pool mapped here, and the staging path.
+"""The K/V half of `Client`: the daemon's pool mapped here, local K/V and step plans.
 
 The pool is mapped once per process: POSIX shared memory on a CPU pool
 (`kvpager.shm`, NumPy views), CUDA IPC on a GPU pool (`kvpager.cuda_ipc`,
-CuPy views running the kvpager kernels here). `remote_write` /
-`remote_attend` instead move tensors through the session's staging buffer
-(shared memory, or IPC-mapped device memory on a GPU) and let the daemon work.
+CuPy views running the kvpager kernels here). `write` and `attend` run here
+when the pool is mapped, else through the session's staging buffer
+(`kvpager.client_staging`); step plans are built here from the mirror of this
+session's block tables.
 """
 
 from __future__ import annotations
@@ -16,16 +17,52 @@ import numpy as np
 
 from kvpager import cuda_ipc
 from kvpager.backends.numpy_backend import paged_attention
+from kvpager.client_tables import id_list
 from kvpager.errors import InvalidArgument, SessionLost
-from kvpager.plan import check_scale, check_softcap, check_window
-from kvpager.shm import Segment, map_pool
-
-_ALIGN = 64
+from kvpager.plan import StepPlan, check_scale, check_softcap, check_window, make_plan
+from kvpager.shm import map_pool
 
 
 class KVAccess:
-    """Mixin of `Client`: needs ``spec``, ``memory``, ``gpu``, ``server_pid``,
-    ``_mapped``, ``_staging``, ``_device_index``, ``_closed``, ``_call`` and ``tables``."""
+    """Mixin of `Client`: needs ``spec``, ``memory``, ``gpu``, ``map_pool``, ``server_pid``,
+    ``_mapped``, ``_device_index``, ``_closed``, ``_lost``, ``_mirror``, ``tables``
+    and the staging path's ``remote_write`` / ``remote_attend``."""
+
+    def write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
+        """As `KVPool.write`: through the mapped pool when there is one, else remote."""
+        if self.map_pool:
+            self.local_write(layer, slots, k, v)
+        else:
+            self.remote_write(layer, slots, k, v)
+
+    def attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None,
+               *, window: int | None = None, softcap: float | None = None) -> Any:
+        """As `KVPool.attend` (``window`` / ``softcap`` included): computed here over
+        the mapped pool when there is one (block tables from this client's mirror,
+        no round trip), else by the daemon."""
+        if self.map_pool:
+            return self.local_attend(layer, seq_ids, q, query_lens, scale, window=window, softcap=softcap)
+        return self.remote_attend(layer, seq_ids, q, query_lens, scale, window=window, softcap=softcap)
+
+    def plan(self, seq_ids: Any, query_lens: Any = None, slots: Any = None, **options: Any) -> StepPlan:
+        """As `KVPool.plan`: a step plan over the mapped pool, built here from this
+        client's mirror of its block tables (no round trip for its own sequences),
+        then ``plan.write(layer, k, v)`` and ``plan.attend(layer, q)`` per layer run
+        here too. A snapshot: make a new one after the sequences change."""
+        tables, seq_lens = self.tables(seq_ids)
+        plan = make_plan(self._pool(), tables, seq_lens, query_lens, slots, **options)
+        ids = id_list(seq_ids)
+        if ids is not None and not self._lost:
+            plan.floor = self._mirror.floors(ids)
+        return plan
+
+    def synchronize(self) -> None:
+        """As `KVPool.synchronize`: wait for this process's writes into the mapped
+        pool to land (`commit` does it on a GPU pool). On a GPU: every stream of
+        this process on the pool's device. On the CPU mapping they land when the
+        write returns, so there is nothing to wait for."""
+        if self.gpu and cuda_ipc.in_use():
+            cuda_ipc.synchronize(self._device())
 
     def kv(self, layer: int) -> tuple[Any, Any]:
         """Zero-copy views of one layer's K and V in the daemon's pool, each
@@ -90,39 +127,6 @@ class KVAccess:
         return paged_attention(pool.kv, int(layer), q, tables, lens, qlens, scale, window=window, softcap=softcap,
                                kv_scales=pool.scales)
 
-    def remote_write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
-        """Send K/V to the daemon through this session's staging buffer."""
-        k, v = self._as_array(k, "k"), self._as_array(v, "v")
-        voff = _aligned(k.nbytes)
-        stage = self._stage(voff + v.nbytes)
-        stage.array(k.shape, k.dtype, 0)[...] = k
-        stage.array(v.shape, v.dtype, voff)[...] = v
-        self._staged_ready()
-        self._call("write", {"layer": layer, "slots": _host(slots),
-                             "k": [0, list(k.shape)], "v": [voff, list(v.shape)]})
-
-    def remote_attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None,
-                      *, window: int | None = None, softcap: float | None = None) -> Any:
-        """Paged attention computed by the daemon; q and the output cross through
-        staging. Returns a NumPy array (CPU pool) or a CuPy array (GPU pool)."""
-        q = self._as_array(q, "q")
-        out = _aligned(q.nbytes)
-        stage = self._stage(out + q.nbytes)
-        stage.array(q.shape, q.dtype, 0)[...] = q
-        self._staged_ready()
-        args: dict[str, Any] = {"layer": layer, "seq_ids": seq_ids, "q": [0, list(q.shape)], "out": out}
-        if query_lens is not None:
-            args["query_lens"] = query_lens
-        if scale is not None:
-            args["scale"] = scale
-        if window is not None:
-            args["window"] = window
-        if softcap is not None:
-            args["softcap"] = softcap
-        offset, shape = self._call("attend", args)
-        # The daemon answers once its output is complete (it synchronizes first).
-        return stage.array(tuple(shape), q.dtype, offset).copy()
-
     def _pool(self) -> Any:
         if self._mapped is None:
             kind = self.memory.get("kind")
@@ -155,23 +159,6 @@ class KVAccess:
             self._device_index = cuda_ipc.find_device(self.memory["device_uuid"])
         return self._device_index
 
-    def _stage(self, nbytes: int) -> Any:
-        if self._staging is None or self._staging.size < nbytes:
-            if self._staging is not None:  # unmap before the daemon frees it for a bigger one
-                self._staging.close()
-                self._staging = None
-            info = self._call("staging", {"nbytes": nbytes})
-            if info.get("kind", "shm") == "shm":
-                self._staging = Segment.attach(info["name"], info["size"])
-            else:
-                self._staging = cuda_ipc.DeviceBuffer.open(info, self._device(), self._same_process())
-        return self._staging
-
-    def _staged_ready(self) -> None:
-        """On a GPU, the copies into staging must have landed before the daemon reads it."""
-        if self.gpu:
-            cuda_ipc.synchronize(self._device())
-
     def _as_array(self, x: Any, name: str) -> Any:
         """A tensor argument as this pool's array type: NumPy (CPU pool) or a CuPy
         array on the pool's GPU (GPU pool: CuPy, torch through DLPack, or NumPy copied over)."""
@@ -190,7 +177,7 @@ class KVAccess:
             raise InvalidArgument(f"layer must be an int in [0, {self.spec.num_layers}), got {layer!r}")
 
     def _check_slots(self, slots: Any) -> np.ndarray:
-        arr = _host(slots)
+        arr = on_host(slots)
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
             raise InvalidArgument(f"slots must be a 1-D integer array, got dtype {arr.dtype} shape {arr.shape}")
         arr = arr.astype(np.int64, copy=False)
@@ -220,11 +207,7 @@ class KVAccess:
         return self._check_tensor(q, "q", (tokens, hq, d))
 
 
-def _aligned(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
-
-
-def _host(x: Any) -> np.ndarray:
+def on_host(x: Any) -> np.ndarray:
     """An index array here in host memory (slots may come as a CuPy array)."""
     if not isinstance(x, np.ndarray) and type(x).__module__.startswith("cupy"):
         x = x.get()

@@ -1,14 +1,14 @@
 """`kvpager demo`: a daemon and several worker processes sharing a system prompt.
 
-The daemon runs as a subprocess on a private ipc:// endpoint. Each worker is a
-separate process with its own `Client`: it maps the pool, allocates requests
-that start with the same system prompt, writes their K/V straight into the
-mapped pool, decodes tokens with paged attention over the shared blocks, and
-waits at the peak so the parent can read the daemon's accounting. The model is
-a stand-in (fixed random projections): the demo is about the memory, not the
-text. The report compares the KV memory the requests use with what
-contiguous max-length caches would reserve and what paging without prefix
-sharing would use.
+The daemon runs as a subprocess on a private ipc:// endpoint. Each worker
+(`kvpager.demo_worker`) is a separate process with its own `Client`: it maps
+the pool, allocates requests that start with the same system prompt, writes
+their K/V straight into the mapped pool, decodes tokens with paged attention
+over the shared blocks, and waits at the peak so the parent can read the
+daemon's accounting. The model is a stand-in (fixed random projections): the
+demo is about the memory, not the text. The report compares the KV memory the
+requests use with what contiguous max-length caches would reserve and what
+paging without prefix sharing would use. The command is `kvpager.demo_cli`.
 """
 
 from __future__ import annotations
@@ -26,12 +26,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
-
+from kvpager.demo_worker import run_worker
 from kvpager.spec import PoolSpec
-
-SALT = "kvpager-demo-model"
-VOCAB = 512
 
 
 @dataclass(frozen=True)
@@ -85,70 +81,6 @@ class DemoReport:
         d["saving_vs_contiguous"] = self.saving_vs_contiguous
         d["saving_vs_no_sharing"] = self.saving_vs_no_sharing
         return d
-
-
-class StandInModel:
-    """Fixed random projections from token ids to K, V and Q (same in every worker)."""
-
-    def __init__(self, cfg: DemoConfig):
-        rng = np.random.default_rng(1234)
-        h, d = cfg.num_kv_heads, cfg.head_dim
-        self.cfg = cfg
-        self.k = rng.standard_normal((cfg.num_layers, VOCAB, h, d)).astype(np.float32)
-        self.v = rng.standard_normal((cfg.num_layers, VOCAB, h, d)).astype(np.float32)
-        self.q = rng.standard_normal((cfg.num_layers, VOCAB, cfg.num_q_heads, d)).astype(np.float32)
-        self.unembed = rng.standard_normal((cfg.num_q_heads * d, VOCAB)).astype(np.float32)
-
-    def prefill(self, client, slots: np.ndarray, tokens: np.ndarray) -> None:
-        for layer in range(self.cfg.num_layers):
-            client.write(layer, slots, self.k[layer, tokens], self.v[layer, tokens])
-
-    def decode(self, client, seq_ids: list[int], last: np.ndarray) -> np.ndarray:
-        """One step for a batch: K/V of each last token are already written."""
-        out = None
-        for layer in range(self.cfg.num_layers):
-            out = client.attend(layer, seq_ids, self.q[layer, last])
-        if not isinstance(out, np.ndarray):  # a CuPy array from a GPU pool
-            out = out.get()
-        logits = out.reshape(len(seq_ids), -1) @ self.unembed
-        return logits.argmax(axis=1)
-
-
-def _worker(index: int, endpoint: str, cfg: DemoConfig, prompt_ready, at_peak, release, results) -> None:
-    from kvpager.client import Client
-
-    rng = np.random.default_rng([cfg.seed, index])
-    system = np.random.default_rng(cfg.seed).integers(0, VOCAB, cfg.system_prompt_tokens)
-    model = StandInModel(cfg)
-    with Client(endpoint, name=f"demo-worker-{index}") as client:
-        if index != 0:
-            prompt_ready.wait(60)  # worker 0 prefills the system prompt first
-        prompts = [np.concatenate([system, rng.integers(0, VOCAB, int(rng.integers(*cfg.user_tokens)))])
-                   for _ in range(cfg.requests_per_worker)]
-        if index == 0:
-            first = client.allocate([prompts[0]], salt=SALT)
-            model.prefill(client, first[0].slots, prompts[0][first[0].num_cached_tokens:])
-            client.commit([first[0].seq_id])  # the K/V is written: publish the prompt blocks
-            prompt_ready.set()
-            rest = client.allocate(prompts[1:], salt=SALT) if len(prompts) > 1 else []
-            allocs = first + rest
-        else:
-            allocs = client.allocate(prompts, salt=SALT)
-        for a, p in zip(allocs[1 if index == 0 else 0:], prompts[1 if index == 0 else 0:]):
-            model.prefill(client, a.slots, p[a.num_cached_tokens:])
-        seq_ids = [a.seq_id for a in allocs]
-        client.commit(seq_ids)
-        last = np.array([p[-1] for p in prompts])
-        for _ in range(cfg.new_tokens):
-            slots = client.append(seq_ids, 1, token_ids=[[int(t)] for t in last])
-            flat = np.concatenate(slots)
-            model.prefill(client, flat, last)
-            last = model.decode(client, seq_ids, last)
-            client.commit(seq_ids)
-        results.put((index, [a.num_cached_tokens for a in allocs], [len(p) + cfg.new_tokens for p in prompts]))
-        at_peak.wait(120)  # hold the sequences while the parent reads the pool
-        release.wait(120)
-        client.free(seq_ids)
 
 
 @contextlib.contextmanager
@@ -231,7 +163,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> 
         say(f"daemon ready at {endpoint}; starting {cfg.workers} worker processes")
         prompt_ready, at_peak, release = ctx.Event(), ctx.Event(), ctx.Event()
         results = ctx.Queue()
-        procs = [ctx.Process(target=_worker, args=(i, endpoint, cfg, prompt_ready, at_peak, release, results),
+        procs = [ctx.Process(target=run_worker, args=(i, endpoint, cfg, prompt_ready, at_peak, release, results),
                              daemon=True) for i in range(cfg.workers)]
         for p in procs:
             p.start()
@@ -281,68 +213,3 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> 
         check_ok=check_ok,
         seconds=time.monotonic() - t0,
     )
-
-
-def report_text(r: DemoReport, cfg: DemoConfig) -> str:
-    from kvpager.render import human_bytes, table
-
-    rows = [
-        (f"contiguous, {cfg.max_model_len}-token max length", human_bytes(r.kv_bytes_contiguous),
-         f"{r.saving_vs_contiguous:.1f}x"),
-        ("paged, no prefix sharing", human_bytes(r.kv_bytes_no_sharing), f"{r.saving_vs_no_sharing:.1f}x"),
-        ("kvpager (paged + shared prefix)", human_bytes(r.kv_bytes_paged), "1.0x"),
-    ]
-    return "\n".join([
-        f"{r.workers} worker processes, {r.requests} requests, each a {cfg.system_prompt_tokens}-token "
-        f"shared system prompt + its own prompt + {cfg.new_tokens} generated tokens "
-        f"(mean {np.mean(r.request_tokens):.0f} tokens)",
-        "",
-        table(("KV cache at the peak", "memory", "vs kvpager"), rows),
-        "",
-        f"system prompt: {r.system_prompt_blocks} blocks stored once, shared by all {r.requests} requests "
-        f"({r.shared_blocks} shared blocks in the pool)",
-        f"prefix hit rate {100 * r.prefix_hit_rate:.1f}%; {r.tokens_stored} tokens in "
-        f"{r.token_slots_allocated} allocated slots ({100 * r.tokens_stored / max(r.token_slots_allocated, 1):.1f}%)",
-        f"integrity check after the workers freed everything: {'ok' if r.check_ok else 'FAILED'}"
-        f"   ({r.seconds:.1f} s)",
-    ])
-
-
-def demo_command():
-    import json
-
-    import click
-
-    @click.command()
-    @click.option("--workers", type=int, default=DemoConfig.workers, show_default=True, help="Worker processes.")
-    @click.option("--requests", type=int, default=DemoConfig.requests_per_worker, show_default=True,
-                  help="Requests per worker.")
-    @click.option("--system-prompt", type=int, default=DemoConfig.system_prompt_tokens, show_default=True,
-                  help="Tokens of the shared system prompt.")
-    @click.option("--new-tokens", type=int, default=DemoConfig.new_tokens, show_default=True,
-                  help="Tokens each request generates.")
-    @click.option("--max-model-len", type=int, default=DemoConfig.max_model_len, show_default=True,
-                  help="What a contiguous cache reserves per request.")
-    @click.option("--device", default=None, help="Daemon device: cpu or cuda:N (default: a GPU if there is one).")
-    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (progress still goes to stderr).")
-    @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
-    def demo(workers, requests, system_prompt, new_tokens, max_model_len, device, as_json, quiet):
-        """Start a daemon and worker processes that share a system prompt; show the KV memory they use."""
-        if device is None:
-            from kvpager.backends import default_device
-
-            device = default_device()
-        if min(workers, requests, system_prompt, new_tokens) < 1:
-            raise click.BadParameter("--workers, --requests, --system-prompt and --new-tokens must be >= 1")
-        longest = system_prompt + DemoConfig.user_tokens[1] + new_tokens
-        cfg = DemoConfig(workers=workers, requests_per_worker=requests, system_prompt_tokens=system_prompt,
-                         new_tokens=new_tokens, max_model_len=max(max_model_len, longest), device=device)
-        # Size the pool for the workload: prompt blocks once, the rest per request, plus slack.
-        per_request = -(-(DemoConfig.user_tokens[1] + new_tokens) // cfg.block_size) + 2
-        cfg = dataclasses.replace(cfg, num_blocks=system_prompt // cfg.block_size + workers * requests * per_request + 64)
-        report = run_demo(cfg, None if quiet else lambda line: click.echo(line, err=True))
-        click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report_text(report, cfg))
-        if not report.check_ok:
-            sys.exit(1)
-
-    return demo

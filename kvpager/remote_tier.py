@@ -13,7 +13,8 @@ so a daemon on another host restores them instead of its worker recomputing.
 - Values are checked before they are restored (`kvpager.remote_format`); a
   bad one is counted, deleted from the store and treated as a miss.
 
-A tier serves one pool geometry: `KVPool` attaches it (`attach`).
+A tier serves one pool geometry: `KVPool` attaches it (`attach`). The write
+side (queue and writer thread) is `kvpager.remote_writes`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import collections
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -32,15 +32,14 @@ from kvpager.errors import InvalidArgument
 from kvpager.remote_breaker import MAX_PAUSE, Breaker
 from kvpager.remote_format import HEADER_BYTES, BadValue, Codec, block_key, key_prefix
 from kvpager.remote_store import CHUNK_BYTES, CONNECTIONS, Store, StoreError, open_store
+from kvpager.remote_writes import RemoteWrites
 from kvpager.spec import PoolSpec
 from kvpager.types import RemoteStats
 
 log = logging.getLogger("kvpager.remote")
 
-_BATCH_BYTES = 64 << 20  # most bytes the writer sends in one pipeline
 
-
-class RemoteTier:
+class RemoteTier(RemoteWrites):
     """The remote prefix tier over ``store`` (a `Store` or a URL for `open_store`).
 
     ``timeout``: seconds a lookup may wait for the store; ``ttl``: seconds a
@@ -181,105 +180,6 @@ class RemoteTier:
     def restored(self, n: int) -> None:
         """``n`` blocks were restored from the last fetch (for the counters)."""
         self._restored += n
-
-    # -- writes -----------------------------------------------------------------------------
-    def offer(self, backend: Any, fresh: Seq[tuple[int, bytes, bytes]]) -> None:
-        """Queue newly published blocks for writing: ``fresh`` = [(device block,
-        root key, block key)]. Their bytes are copied now (``backend.read_blocks``),
-        so the blocks may change once this returns; what does not fit in the
-        queue, or comes while the store is unavailable, is dropped (counted)."""
-        if not fresh:
-            return
-        size = self.codec.value_bytes
-        if self.breaker.is_open():
-            self._dropped_full += len(fresh)
-            return
-        with self._cond:
-            room = (self.queue_bytes - self._queued_bytes) // size
-        take = fresh[: max(room, 0)]
-        self._dropped_full += len(fresh) - len(take)
-        if not take:
-            return
-        rows = np.empty((len(take), size), dtype=np.uint8)
-        backend.read_blocks(np.fromiter((b for b, _, _ in take), np.int64, len(take)), rows[:, HEADER_BYTES:])
-        names = [block_key(self._prefix, root, key) for _, root, key in take]
-        with self._cond:
-            self._queue.append((rows, names, [key for _, _, key in take]))
-            self._queued_bytes += rows.nbytes
-            self._queued_blocks += len(take)
-            self._start()
-            self._cond.notify()
-
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every queued write and delete has been sent (or dropped);
-        False if that took longer than ``timeout``."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._queue or self._deletes or self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
-
-    def _start(self) -> None:
-        if self._thread is None and not self._closed:
-            self._thread = threading.Thread(target=self._write_loop, name="kvpager-remote-writer", daemon=True)
-            self._thread.start()
-
-    def _write_loop(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._queue or self._deletes or self._closed):
-                    self._cond.wait()
-                if self._closed:  # close() gave flush its time: what is left is dropped
-                    self._dropped_failed += self._queued_blocks
-                    self._queue.clear()
-                    self._deletes = []
-                    self._queued_bytes = self._queued_blocks = 0
-                    self._cond.notify_all()
-                    return
-                batch, nbytes = [], 0
-                while self._queue and (not batch or nbytes + self._queue[0][0].nbytes <= _BATCH_BYTES):
-                    item = self._queue.popleft()
-                    batch.append(item)
-                    nbytes += item[0].nbytes
-                deletes, self._deletes = self._deletes, []
-                self._busy = True
-            try:
-                self._send(batch, deletes)
-            except Exception as e:  # never let the writer die
-                log.error("remote writer: unexpected error", exc_info=e)
-            finally:
-                with self._cond:
-                    self._queued_bytes -= nbytes
-                    self._queued_blocks -= sum(len(names) for _, names, _ in batch)
-                    self._busy = False
-                    self._cond.notify_all()
-
-    def _send(self, batch: list[tuple[np.ndarray, list[str], list[bytes]]], deletes: list[str]) -> None:
-        count = sum(len(names) for _, names, _ in batch)
-        if not self.breaker.allow():
-            self._dropped_failed += count
-            return
-        try:
-            if deletes:
-                self.store.delete(deletes)
-            items = []
-            for rows, names, keys in batch:
-                for row, name, key in zip(rows, names, keys):
-                    view = memoryview(row)
-                    self.codec.seal(view, key)
-                    items.append((name, view))
-            if items:
-                new = self.store.put_many(items, self.ttl)
-                self._written += new
-        except StoreError as e:
-            self._write_errors += 1
-            self._dropped_failed += count
-            self.breaker.failure("write", e)
-            return
-        self.breaker.success()
 
     # -- inspection and shutdown -------------------------------------------------------------
     def stats(self) -> RemoteStats:

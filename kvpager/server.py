@@ -11,6 +11,13 @@ Observability, both off unless asked for: Prometheus metrics over HTTP
 ZeroMQ PUB (``events``; `kvpager.events_pub`). With neither, a request costs
 one ``is None`` test more; with them, a few list stores and a queue put.
 
+`Server` is one class made of mixins by responsibility: the socket and
+observers, opened and closed (`kvpager.server_bind`), request dispatch and
+replies kept for retries (`kvpager.server_dispatch`), session expiry and
+ends (`kvpager.server_sessions`), the op handlers (`kvpager.server_ops`,
+`kvpager.server_staging`, `kvpager.server_control`). This module builds the
+server and runs its loop.
+
 In-process use (tests)::
 
     server = Server.create(spec, "ipc:///tmp/x/kv.sock")
@@ -21,52 +28,30 @@ In-process use (tests)::
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
-import os
 import secrets
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import zmq
 
-from kvpager import env, protocol
-from kvpager.endpoints import (
-    check_endpoint,
-    default_endpoint,
-    ipc_path,
-    is_local,
-    is_socket,
-    prepare_ipc_bind,
-)
-from kvpager.errors import (
-    ERRORS_BY_CODE,
-    InternalError,
-    InvalidArgument,
-    KVPagerError,
-    LimitExceeded,
-    Unauthorized,
-)
+from kvpager import env
+from kvpager.endpoints import check_endpoint, default_endpoint
+from kvpager.errors import InvalidArgument
 from kvpager.events import EventSink
 from kvpager.events_pub import EventPublisher, EventsConfig
 from kvpager.limits import Limits
-from kvpager.metrics import RequestMetrics, serve_metrics
+from kvpager.metrics import RequestMetrics
 from kvpager.pool import KVPool
-from kvpager.protocol import (
-    KEPT_REPLIES,
-    OPS,
-    RETRIED_OPS,
-    ErrorInfo,
-    decode_request,
-    encode_reply,
-)
-from kvpager.render import human_bytes
-from kvpager.server_ops import ServerOps, _ids
+from kvpager.protocol import OPS
+from kvpager.server_bind import Binding
+from kvpager.server_dispatch import Dispatch
+from kvpager.server_ops import ServerOps
 from kvpager.server_ranks import create_pool, rank_backends
-from kvpager.sessions import Session, SessionTable
+from kvpager.server_sessions import SessionEnds
+from kvpager.server_staging import StagingOps
+from kvpager.sessions import SessionTable
 from kvpager.shm import PoolMemory
 from kvpager.spec import PoolSpec
 
@@ -75,14 +60,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvpager.server")
 
-_POLL_MS = 50  # how soon stop() and heartbeat expiry are noticed when idle
-#: Ops that may launch work on a GPU pool (copy-on-write, swaps, remote write and
-#: attend): their reply waits for it, so a block id handed out is never mid-copy
-#: and a staging buffer is never read or rewritten while in use.
-_DEVICE_OPS = frozenset({"append", "swap_out", "swap_in", "write", "attend"})
 
-
-class Server(ServerOps):
+class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
     """A daemon serving ``pool`` at ``endpoint`` (default: the private ipc:// socket).
 
     ``memory`` is the shared memory the pool lives in (`PoolMemory`), which
@@ -170,71 +149,6 @@ class Server(ServerOps):
             pool.close()
             raise
 
-    # -- lifecycle -------------------------------------------------------------------------
-    def bind(self) -> str:
-        """Open and bind the socket; returns the actual endpoint (tcp port ``*`` resolved).
-        On failure everything is released (`close()`), shared memory included."""
-        try:
-            return self._bind()
-        except BaseException:
-            self.close()
-            raise
-
-    def _bind(self) -> str:
-        if self.token is None and not is_local(self.endpoint):
-            raise InvalidArgument(
-                f"{self.endpoint} is reachable beyond this host: give the daemon a token "
-                "(kvpager serve --token-file FILE, or KVPAGER_TOKEN) that clients send in hello")
-        prepare_ipc_bind(self.endpoint)
-        self._ctx = zmq.Context()
-        sock = self._ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        # A blocking recv that gives up every _POLL_MS: one call per message
-        # when busy, and a regular chance to expire sessions and see stop().
-        sock.setsockopt(zmq.RCVTIMEO, _POLL_MS)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes + protocol.TRANSPORT_SLACK)
-        try:
-            sock.bind(self.endpoint)
-        except zmq.ZMQError as e:
-            sock.close()
-            self._ctx.term()
-            self._ctx = None
-            raise InvalidArgument(f"cannot bind {self.endpoint}: {e}") from None
-        self._sock = sock
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        path = ipc_path(self.endpoint)
-        if path:
-            os.chmod(path, 0o600)
-        elif self.token is None and self.endpoint.startswith("tcp://"):
-            log.warning("listening on %s without a token: every local user can use the pool "
-                        "(--token-file / KVPAGER_TOKEN)", self.endpoint)
-        self._start_observers()
-        spec = self.pool.spec
-        if self.pool.ranks > 1:
-            per = self.pool.backend.rank_spec
-            log.info("tensor-parallel: %d ranks on %s, %d kv heads and %s (%s per block) each",
-                     self.pool.ranks, ", ".join(self.pool.backend.devices), per.num_kv_heads,
-                     human_bytes(per.device_bytes), human_bytes(per.bytes_per_block))
-        log.info(
-            "serving on %s: device %s, %d blocks of %d tokens (%s), %d host blocks (%s); %d layers x %d kv "
-            "heads x %d head dim, %s; epoch %s, heartbeat timeout %.1fs",
-            self.endpoint, self.pool.device, spec.num_blocks, spec.block_size, human_bytes(spec.device_bytes),
-            spec.num_host_blocks, human_bytes(spec.host_bytes), spec.num_layers, spec.num_kv_heads,
-            spec.head_dim, spec.dtype + (f" stored as {spec.kv_dtype}" if spec.is_fp8 else ""), self.epoch,
-            self.sessions.heartbeat_timeout,
-        )
-        return self.endpoint
-
-    def _start_observers(self) -> None:
-        if self.events is not None and self.endpoint in (self.events.endpoint, self.events.replay_endpoint):
-            raise InvalidArgument(f"the KV events endpoints must differ from the daemon's {self.endpoint}")
-        if self.request_metrics is not None:
-            self._snapshots, self._httpd, self.metrics_port = serve_metrics(
-                self.request_metrics, self.pool, lambda: len(self.sessions), self.metrics_host, self.metrics_port)
-        if self.events is not None:
-            self.pool.set_event_sink(self._sink)
-            self.events.bind()
-
     def run(self) -> None:
         """Serve until `stop()`; then release everything (`close()`)."""
         try:
@@ -260,37 +174,6 @@ class Server(ServerOps):
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
-
-    def close(self) -> None:
-        """End every session (freeing its sequences), close the socket, unlink
-        the ipc socket and the shared memory."""
-        for s in list(self.sessions.sessions.values()):
-            self._end(s, "daemon shutting down")
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-        if self._sock is not None:
-            self._sock.close(0)
-            self._sock = None
-            self._ctx.term()
-            path = ipc_path(self.endpoint)
-            if path and is_socket(path):  # never anything else found there
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-        for m in [self.memory, *(self.rank_memory or ())]:
-            if m is not None:
-                m.close()
-        self.memory = self.rank_memory = None
-        if self.owns_pool:
-            self.pool.close()
-            self.owns_pool = False
-        if self.events is not None:
-            self.pool.set_event_sink(None)
-            self._flush_events()
-            self.events.close()  # ends with AllBlocksCleared
-            self.events = None
-        log.info("stopped after %d requests", self.requests)
 
     # -- the loop ---------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -318,148 +201,3 @@ class Server(ServerOps):
                 self.expire()
                 if self.request_metrics is not None:
                     self.request_metrics.window(now)
-
-    def expire(self) -> None:
-        """End the sessions silent for longer than the heartbeat timeout, judged
-        at the last moment the loop had read everything queued: after a slow
-        request, the heartbeats that waited behind it count first."""
-        t0 = time.perf_counter()
-        ended = self.sessions.expired(self._idle)
-        for s in ended:
-            self._end(s, "missed heartbeats")
-        if self.request_metrics is not None:
-            self.request_metrics.session_expiries += len(ended)
-            self.request_metrics.busy += time.perf_counter() - t0
-        self._flush_events()
-
-    def _expiry_interval(self) -> float:
-        return min(1.0, self.sessions.heartbeat_timeout / 4)
-
-    def handle(self, body: bytes) -> bytes:
-        """One request in, one reply out (counted, timed and its KV events
-        published when those are on). Never raises."""
-        metrics = self.request_metrics
-        if metrics is None:
-            reply = self._handle(body)
-        else:
-            t0 = time.perf_counter()
-            reply = self._handle(body)
-            metrics.observe(self._op, self._result, time.perf_counter() - t0)
-        if self._sink is not None and self._sink.items:
-            self._flush_events()
-        return reply
-
-    def _flush_events(self) -> None:
-        """Publish what the pool recorded as one batch."""
-        if self._sink is not None and self._sink.items:
-            self.events.publish(time.time(), self._sink.take())
-
-    def _handle(self, body: bytes) -> bytes:
-        self.requests += 1
-        self._op, self._result = "", "ok"
-        rid, op, session, digest = None, "?", None, None
-        try:
-            req = decode_request(body, self.max_message_bytes)
-            rid, op = req.id, req.op
-            self._op = op
-            if OPS[op].session or (req.session is not None and op != "hello"):
-                session = self.sessions.get(req.session)
-                session.ops += 1
-            elif self.token is not None and op != "hello":
-                raise Unauthorized(f"{op}: this daemon has a token: open a session (hello with the token) first")
-            if op in RETRIED_OPS:
-                # A retry after a timeout (same id, same bytes) gets the first reply.
-                digest = hashlib.blake2b(body, digest_size=16).digest()
-                kept = session.replies.get(rid)
-                if kept is not None and kept[0] == digest:
-                    self._result = "replayed"
-                    if kept[1] is None:  # ran, but its reply was over the session's limit to keep
-                        raise LimitExceeded(
-                            f"{op}: request {rid} ran, but its reply was too large to keep for a retry "
-                            f"(over {self.limits.kept} bytes: KVPAGER_MAX_KEPT, kvpager serve --max-kept)",
-                            "kept", self.limits.kept + 1, self.limits.kept)
-                    return kept[1]
-            reply = self._reply(rid, op, session, req.args)
-        except Exception as e:
-            return self._error_reply(rid, op, e)
-        if digest is not None:
-            self._keep(session, rid, digest, reply)
-        return reply
-
-    def _keep(self, session: Session, rid: int, digest: bytes, reply: bytes) -> None:
-        """Keep ``reply`` for a retry of request ``rid``: the last KEPT_REPLIES of
-        a session, within ``limits.kept`` bytes (one larger is remembered as run
-        but not kept: its retry is told so, and nothing runs twice)."""
-        replies, limit = session.replies, self.limits.kept
-        old = replies.pop(rid, None)
-        if old is not None and old[1] is not None:
-            session.kept_bytes -= len(old[1])
-        keep = reply if len(reply) <= limit else None
-        replies[rid] = (digest, keep)
-        session.kept_bytes += len(keep) if keep is not None else 0
-        while len(replies) > KEPT_REPLIES or session.kept_bytes > limit:
-            _, (_, dropped) = replies.popitem(last=False)
-            session.kept_bytes -= len(dropped) if dropped is not None else 0
-
-    def _reply(self, rid: int, op: str, session: Session | None, args: dict[str, Any]) -> bytes:
-        try:
-            self._bound(op, args)
-            result = self._handlers[op](session, args)
-            if self.gpu is not None and op in _DEVICE_OPS and self.pool.pending:
-                self.pool.synchronize()
-            return encode_reply(rid, result)
-        except Exception as e:
-            return self._error_reply(rid, op, e)
-
-    def _error_reply(self, rid: int | None, op: str, e: Exception) -> bytes:
-        if isinstance(e, KVPagerError):
-            self._result = e.code if e.code in ERRORS_BY_CODE else "internal"
-            return encode_reply(getattr(e, "request_id", rid), None, ErrorInfo.from_exception(e))
-        if isinstance(e, (TypeError, ValueError, KeyError, IndexError, OverflowError, AttributeError)):
-            # KVPool validates its arguments; what slips through is still the
-            # caller's malformed input, not a reason to die.
-            self._result = "invalid_argument"
-            msg = f"{op}: bad arguments: {type(e).__name__}: {e}"
-            return encode_reply(rid, None, ErrorInfo("invalid_argument", msg))
-        self._result = "internal"
-        log.error("internal error in %s", op, exc_info=e)  # a bug: keep serving, say so loudly
-        return encode_reply(rid, None, ErrorInfo.from_exception(InternalError(f"{op}: {e!r}")))
-
-    def _bound(self, op: str, a: dict[str, Any]) -> None:
-        """The per-request limits: ids and tokens in one request (len() only)."""
-        lim = self.limits
-        for name in ("seq_ids", "prompts", "lengths", "upto", "token_ids", "query_lens", "salt", "positions"):
-            v = a.get(name)
-            if isinstance(v, (list, np.ndarray)) and len(v) > lim.ids:
-                lim.check("ids", len(v), f"{op}: {name}")
-        tokens = 0
-        for name in ("prompts", "token_ids"):
-            v = a.get(name)
-            if isinstance(v, list):
-                tokens += sum(len(p) for p in v if isinstance(p, (list, np.ndarray)))
-        n = a.get("num_tokens")
-        if isinstance(n, int) and isinstance(a.get("seq_ids"), (list, np.ndarray)):
-            tokens += n * len(a["seq_ids"])
-        elif isinstance(n, int):
-            tokens += n
-        elif isinstance(n, list) and all(type(x) is int for x in n):
-            tokens += sum(n)
-        if tokens > lim.tokens:
-            lim.check("tokens", tokens, f"{op}: token ids")
-
-    # -- sessions ----------------------------------------------------------------------------
-    def _owned(self, session: Session, value: Any) -> list[int]:
-        """The ids, checked to exist and belong to ``session`` (all before any change)."""
-        ids = _ids(value)
-        self.pool.check_owner(ids, session.name)
-        return ids
-
-    def _end(self, session: Session, why: str) -> int:
-        ids = self.pool.owned(session.name)
-        if ids:
-            self.pool.free(ids)
-        pins = self.pool.release_pins(session.name)
-        self.sessions.close(session)
-        log.info("session %s (%s, pid %s) ended: %s; freed %d sequences, released %d pins",
-                 session.name, session.client, session.pid, why, len(ids), pins)
-        return len(ids)

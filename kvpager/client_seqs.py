@@ -1,0 +1,176 @@
+"""`Client`'s sequence ops and inspection over the wire, with `KVPool`'s names
+and result types.
+
+Each op that changes block tables updates the mirror of this session's
+sequences from its ok reply (see `TableMirror`): attention and plans need no
+round trip. ``tables`` reads that mirror when it holds every sequence asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import numpy as np
+
+from kvpager.client_tables import id_list
+from kvpager.errors import InternalError, InvalidArgument, RequestTimeout
+from kvpager.protocol import (
+    SEQUENCES_PAGE,
+    decode_allocations,
+    decode_blocks,
+    decode_info,
+    decode_remote_stats,
+    decode_slots,
+    decode_stats,
+    decode_tables,
+)
+from kvpager.types import Allocation, BlockMap, PoolStats, RemoteStats, SequenceInfo
+
+
+class ClientSequences:
+    """Mixed into `Client`, which supplies ``remote``, ``_call``, ``_mirror``,
+    ``_lost`` and ``synchronize``."""
+
+    def allocate(
+        self, prompts: Seq[Seq[int]], salt: Any = None, *, owner: None = None, share_in_batch: bool = False
+    ) -> list[Allocation]:
+        """As `KVPool.allocate`; the sequences belong to this client's session."""
+        if owner is not None:
+            raise InvalidArgument("owner: a daemon sequence always belongs to the calling session")
+        args: dict[str, Any] = {"prompts": prompts}
+        if salt is not None:
+            args["salt"] = salt
+        if share_in_batch:
+            args["share_in_batch"] = share_in_batch
+        if self.remote:  # only a daemon with a tier knows the argument
+            args["remote_tokens"] = True
+        allocs = decode_allocations(self._call("allocate", args))
+        self._mirror.allocated(allocs)
+        return allocs
+
+    def cached_tokens(self, prompts: Seq[Seq[int]], salt: Any = None) -> list[int]:
+        """As `KVPool.cached_tokens`: a read-only probe of the prefix cache."""
+        args: dict[str, Any] = {"prompts": prompts}
+        if salt is not None:
+            args["salt"] = salt
+        return self._call("cached_tokens", args)
+
+    def append(self, seq_ids: Any, num_tokens: Any = 1, token_ids: Any = None) -> list[np.ndarray]:
+        """As `KVPool.append`: the new tokens' slot ids per sequence."""
+        flat = self._append(seq_ids, num_tokens, token_ids)
+        n = 1 if isinstance(seq_ids, (int, np.integer)) else len(seq_ids)
+        return decode_slots(flat, n, num_tokens)
+
+    def append_flat(self, seq_ids: Any, num_tokens: Any = 1, token_ids: Any = None) -> np.ndarray:
+        """As `KVPool.append_flat`: every sequence's new slots in one int64 array."""
+        return decode_slots(self._append(seq_ids, num_tokens, token_ids), 1, None)[0]
+
+    def _append(self, seq_ids: Any, num_tokens: Any, token_ids: Any) -> bytes:
+        args: dict[str, Any] = {"seq_ids": seq_ids}
+        if not (isinstance(num_tokens, int) and num_tokens == 1):
+            args["num_tokens"] = num_tokens
+        if token_ids is not None:
+            args["token_ids"] = token_ids
+        ids = id_list(seq_ids)
+        raw = self._mutate("append", args, ids)
+        self._mirror.appended(ids, num_tokens, decode_slots(raw, 1, None)[0])
+        return raw
+
+    def commit(self, seq_ids: Any, upto: Any = None) -> list[int]:
+        """As `KVPool.commit`. On a GPU pool mapped in this process, it first waits
+        until this process's device work (K/V writes on any stream) has completed."""
+        self.synchronize()
+        args = {"seq_ids": seq_ids} if upto is None else {"seq_ids": seq_ids, "upto": upto}
+        return self._call("commit", args)
+
+    def fork(self, seq_ids: Any, n: int = 1) -> list[list[int]]:
+        children = self._call("fork", {"seq_ids": seq_ids, "n": n})
+        self._mirror.forked(id_list(seq_ids), children)
+        return children
+
+    def free(self, seq_ids: Any) -> None:
+        ids = id_list(seq_ids)
+        self._mutate("free", {"seq_ids": seq_ids}, ids)
+        self._mirror.freed(ids)
+
+    def truncate(self, seq_ids: Any, lengths: Any) -> None:
+        ids = id_list(seq_ids)
+        self._mutate("truncate", {"seq_ids": seq_ids, "lengths": lengths}, ids)
+        self._mirror.truncated(ids, lengths)
+
+    def release_before(self, seq_ids: Any, positions: Any) -> list[int]:
+        """As `KVPool.release_before`; this worker's mirror follows (null entries)."""
+        ids = id_list(seq_ids)
+        counts = self._mutate("release", {"seq_ids": seq_ids, "positions": positions}, ids)
+        if ids is not None:
+            self._mirror.released(ids, counts)
+        return counts
+
+    def swap_out(self, seq_ids: Any) -> None:
+        ids = id_list(seq_ids)
+        self._mutate("swap_out", {"seq_ids": seq_ids}, ids)
+        self._mirror.swapped_out(ids)
+
+    def swap_in(self, seq_ids: Any) -> None:
+        ids = id_list(seq_ids)
+        got = self._mutate("swap_in", {"seq_ids": seq_ids}, ids)
+        try:
+            if got is None:  # a daemon from before swap_in answered with the tables
+                got = self._call("tables", {"seq_ids": ids})
+            tables, lens = decode_tables(got)
+        except Exception:
+            self._mirror.forget(ids)
+            raise
+        self._mirror.swapped_in(ids, tables, lens)
+
+    def _mutate(self, op: str, args: dict[str, Any], ids: list[int] | None) -> Any:
+        """``_call`` for an op that changes the tables of ``ids``. Without a
+        clear outcome (no reply in time, or a daemon bug) the op may have been
+        applied: the mirror forgets ``ids``, whose tables then come from the daemon."""
+        try:
+            return self._call(op, args)
+        except (RequestTimeout, InternalError):
+            if ids:
+                self._mirror.forget(ids)
+            raise
+
+    def tables(self, seq_ids: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Padded int32 block tables [B, max_blocks] and lengths [B], as `KVPool.block_tables`:
+        from this client's mirror when it owns every sequence, else from the daemon."""
+        if not self._lost:
+            ids = id_list(seq_ids)
+            if ids is not None:
+                got = self._mirror.gather(ids)
+                if got is not None:
+                    return got
+        return decode_tables(self._call("tables", {"seq_ids": seq_ids}))
+
+    def sequence(self, seq_id: int) -> SequenceInfo:
+        return decode_info(self._call("sequences", {"seq_ids": [seq_id]})[0])
+
+    def sequences(self) -> list[SequenceInfo]:
+        """Every live sequence of every session, in id order (asked a page at a
+        time, so the daemon never spends long on one request)."""
+        out: list[SequenceInfo] = []
+        while True:
+            after = out[-1].seq_id if out else -1
+            page = self._call("sequences", {"after": after, "limit": SEQUENCES_PAGE})
+            out.extend(decode_info(d) for d in page)
+            if len(page) < SEQUENCES_PAGE:
+                return out
+
+    def blocks(self) -> BlockMap:
+        return decode_blocks(self._call("blocks", {}))
+
+    def stats(self) -> PoolStats:
+        return decode_stats(self._call("stats", {}))
+
+    def remote_stats(self) -> RemoteStats | None:
+        """As `KVPool.remote_stats`: the daemon's remote tier counters, or None."""
+        d = self._call("stats", {}).get("remote")
+        return decode_remote_stats(d) if d is not None else None
+
+    def check_integrity(self) -> None:
+        """The daemon's `KVPool.check_integrity`, plus: every sequence has an open session."""
+        self._call("check", {})

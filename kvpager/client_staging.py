@@ -1,0 +1,73 @@
+"""`Client`'s staging path: `remote_write` / `remote_attend` move tensors
+through the session's staging buffer (shared memory, or IPC-mapped device
+memory on a GPU) and let the daemon work: for a worker that does not map the
+pool, and to compare against the mapped path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvpager import cuda_ipc
+from kvpager.client_kv import on_host
+from kvpager.shm import Segment
+
+_ALIGN = 64
+
+
+class ClientStaging:
+    """Mixed into `Client`, which supplies ``gpu``, ``_staging``, ``_call``,
+    ``_device``, ``_same_process`` and ``_as_array``."""
+
+    def remote_write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
+        """Send K/V to the daemon through this session's staging buffer."""
+        k, v = self._as_array(k, "k"), self._as_array(v, "v")
+        voff = _aligned(k.nbytes)
+        stage = self._stage(voff + v.nbytes)
+        stage.array(k.shape, k.dtype, 0)[...] = k
+        stage.array(v.shape, v.dtype, voff)[...] = v
+        self._staged_ready()
+        self._call("write", {"layer": layer, "slots": on_host(slots),
+                             "k": [0, list(k.shape)], "v": [voff, list(v.shape)]})
+
+    def remote_attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None,
+                      *, window: int | None = None, softcap: float | None = None) -> Any:
+        """Paged attention computed by the daemon; q and the output cross through
+        staging. Returns a NumPy array (CPU pool) or a CuPy array (GPU pool)."""
+        q = self._as_array(q, "q")
+        out = _aligned(q.nbytes)
+        stage = self._stage(out + q.nbytes)
+        stage.array(q.shape, q.dtype, 0)[...] = q
+        self._staged_ready()
+        args: dict[str, Any] = {"layer": layer, "seq_ids": seq_ids, "q": [0, list(q.shape)], "out": out}
+        if query_lens is not None:
+            args["query_lens"] = query_lens
+        if scale is not None:
+            args["scale"] = scale
+        if window is not None:
+            args["window"] = window
+        if softcap is not None:
+            args["softcap"] = softcap
+        offset, shape = self._call("attend", args)
+        # The daemon answers once its output is complete (it synchronizes first).
+        return stage.array(tuple(shape), q.dtype, offset).copy()
+
+    def _stage(self, nbytes: int) -> Any:
+        if self._staging is None or self._staging.size < nbytes:
+            if self._staging is not None:  # unmap before the daemon frees it for a bigger one
+                self._staging.close()
+                self._staging = None
+            info = self._call("staging", {"nbytes": nbytes})
+            if info.get("kind", "shm") == "shm":
+                self._staging = Segment.attach(info["name"], info["size"])
+            else:
+                self._staging = cuda_ipc.DeviceBuffer.open(info, self._device(), self._same_process())
+        return self._staging
+
+    def _staged_ready(self) -> None:
+        """On a GPU, the copies into staging must have landed before the daemon reads it."""
+        if self.gpu:
+            cuda_ipc.synchronize(self._device())
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN

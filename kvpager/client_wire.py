@@ -1,0 +1,120 @@
+"""`Client`'s requests: one at a time on its socket with a deadline, a request
+that timed out settled by a retry with the same id (freeing what a late
+allocate or fork created, undoing a late pin), typed errors from replies,
+what a lost session forgets, and the heartbeat thread on a socket of its own."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+from kvpager import cuda_ipc
+from kvpager.channel import Channel
+from kvpager.client_control import undo_pin
+from kvpager.errors import MessageTooLarge, RequestTimeout, SessionLost
+from kvpager.protocol import RETRIED_OPS, VERSION, Reply, pack, unpack
+
+log = logging.getLogger("kvpager.client")
+
+
+class ClientWire:
+    """Mixed into `Client`, which supplies ``session``, ``epoch``, ``timeout``,
+    ``max_message_bytes``, ``heartbeat_timeout``, ``endpoint``, ``gpu``,
+    ``memory``, ``_chan``, ``_lock``, ``_ids``, ``_unsettled``, ``_closed``,
+    ``_lost``, ``_hb_stop``, ``_mirror``, ``_mapped`` and ``_staging``."""
+
+    def _call(self, op: str, args: dict[str, Any]) -> Any:
+        if self._closed:
+            raise SessionLost("this client is closed")
+        rid = next(self._ids)
+        body = pack([VERSION, rid, self.session, op, args])
+        if len(body) > getattr(self, "max_message_bytes", len(body)):
+            raise MessageTooLarge(
+                f"{op}: message of {len(body)} bytes is over the daemon's limit of {self.max_message_bytes} "
+                "(KVPAGER_MAX_MESSAGE on the daemon); split the batch"
+            )
+        with self._lock:
+            self._settle()
+            reply = self._request(rid, body, op)
+        if reply.error is not None:
+            raise self._error(reply)
+        return reply.result
+
+    def _request(self, rid: int, body: bytes, op: str) -> Reply:
+        try:
+            return self._chan.request(body, rid, op, self.timeout)
+        except RequestTimeout:
+            if op in RETRIED_OPS:
+                self._unsettled = (rid, body, op)  # it may still run: settled before the next request
+            raise
+
+    def _settle(self) -> None:
+        """The outcome of a request that timed out: sent again with the same id
+        on the reopened socket, the daemon answers with its first execution's
+        reply (or runs it now, once). What it created, the caller never learnt
+        of (it got RequestTimeout): those sequences are freed, so none is left
+        orphaned. Raises RequestTimeout again while the daemon stays silent."""
+        while self._unsettled is not None:
+            rid, body, op = self._unsettled
+            reply = self._chan.request(body, rid, op, self.timeout)
+            self._unsettled = None
+            if reply.error is None and op == "pin":  # a pin the caller never learnt of: undone
+                undo = undo_pin(unpack(body)[4], reply.result)
+                if undo:
+                    frid = next(self._ids)
+                    self._request(frid, pack([VERSION, frid, self.session, "unpin", undo]), "unpin")
+                continue
+            if reply.error is not None or op not in ("allocate", "fork"):
+                continue  # nothing created; the mirror already forgot what the op touched
+            if op == "allocate":
+                created = [int(a[0]) for a in reply.result]
+            else:
+                created = [int(c) for kids in reply.result for c in kids]
+            if created:
+                log.warning("a %s that timed out was applied later: freeing its %d new sequences",
+                            op, len(created))
+                frid = next(self._ids)
+                self._request(frid, pack([VERSION, frid, self.session, "free", {"seq_ids": created}]), "free")
+
+    def _error(self, reply: Reply) -> Exception:
+        exc = reply.error.exception()
+        if isinstance(exc, SessionLost):
+            self._forget_session()
+        if isinstance(exc, SessionLost) and self.epoch and getattr(exc, "epoch", self.epoch) != self.epoch:
+            exc.args = (exc.args[0] + "; the daemon restarted (pool epoch changed): memory mapped "
+                        "from the old daemon is stale, open a new Client",)
+            self._forget_memory()
+        return exc
+
+    def _forget_session(self) -> None:
+        """The daemon freed this session's sequences (or will, on bye): drop the mirror."""
+        self._lost = True
+        mirror = getattr(self, "_mirror", None)  # absent while hello is under way
+        if mirror is not None:
+            mirror.clear()
+
+    def _forget_memory(self) -> None:
+        """Drop mappings of a daemon that is gone: they are unmapped once no view is left."""
+        self._mapped = self._staging = None
+        if self.gpu:
+            cuda_ipc.forget_pool(self.memory)
+
+    def _heartbeat_loop(self) -> None:
+        chan, ids = Channel(self.endpoint), itertools.count(-1, -1)  # ids apart from the calls
+        interval = max(0.05, self.heartbeat_timeout / 3)
+        try:
+            while not self._hb_stop.wait(interval):
+                rid = next(ids)
+                try:
+                    reply = chan.request(pack([VERSION, rid, self.session, "heartbeat", {}]), rid,
+                                         "heartbeat", max(interval, 1.0))
+                except Exception as e:  # a missed beat is not fatal; the next may get through
+                    log.debug("heartbeat failed: %s", e)
+                    continue
+                if reply.error is not None and reply.error.code == "session_lost":
+                    log.warning("heartbeat: %s", reply.error.message)
+                    self._lost = True  # the mirror is stale; the next call learns why
+                    return
+        finally:
+            chan.close()

@@ -1,0 +1,67 @@
+"""`KVPool`'s control and ownership: pins (`kvpager.pins`), tenants' quotas
+(`kvpager.tenants`), and which owner (a daemon's session) holds which sequence."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from kvpager import validate
+from kvpager.types import PinInfo
+
+EVERY = object()  # pins() / sequences(): no owner filter (None is an owner: the embedded one)
+
+
+class PoolControl:
+    """Mixed into `KVPool`, which supplies ``spec`` and ``manager``."""
+
+    def pin(self, prompts: Seq[Seq[int]], salt: str | bytes | None | Seq[str | bytes | None] = None, *,
+            owner: Any = None) -> list[int]:
+        """Pin the longest cached prefix of full blocks of each prompt: its blocks
+        stay in the prefix cache, never evicted, until unpinned. Returns the tokens
+        pinned per prompt (0: none of it is cached; nothing is waited for). Pinning
+        a prefix again counts: each `unpin` drops one. LimitExceeded (nothing
+        changes) past ``max_pinned_blocks``. ``owner``: whose pin (a daemon's session)."""
+        validate.prompts(prompts)
+        salts = validate.per_seq(salt, len(prompts), "salt")
+        m = self.manager
+        return m.pins.pin(m.pool, self.spec.block_size, prompts, salts, owner)
+
+    def unpin(self, prompts: Seq[Seq[int]], salt: str | bytes | None | Seq[str | bytes | None] = None, *,
+              owner: Any = None) -> list[int]:
+        """Drop one of ``owner``'s pins per prompt, of its longest pinned prefix;
+        returns the tokens it held. NotPinned (nothing changes) for a prompt
+        ``owner`` holds no pin of. Unpinned blocks become evictable, still cached."""
+        validate.prompts(prompts)
+        salts = validate.per_seq(salt, len(prompts), "salt")
+        m = self.manager
+        return m.pins.unpin(m.pool, self.spec.block_size, prompts, salts, owner)
+
+    def release_pins(self, owner: Any) -> int:
+        """Drop every pin of ``owner`` (the daemon: a session that ended); returns how many."""
+        m = self.manager
+        return m.pins.release(m.pool, owner)
+
+    def pins(self, owner: Any = EVERY) -> list[PinInfo]:
+        """Every pin, or ``owner``'s."""
+        pins, bs = self.manager.pins, self.spec.block_size
+        return pins.infos(bs) if owner is EVERY else pins.infos(bs, owner)
+
+    def set_quota(self, salt: str | bytes | None, blocks: int | None) -> None:
+        """A soft quota on the cached blocks of ``salt``'s tenant (None: none):
+        when the pool must evict, it takes from tenants over their quota first
+        (least recently used among them), then the global LRU (`kvpager.tenants`)."""
+        self.manager.pool.set_quota(salt, blocks)
+
+    # -- ownership (the daemon's sessions) ----------------------------------------------
+    def owned(self, owner: Any) -> list[int]:
+        """Ids of ``owner``'s live sequences, in id order."""
+        return self.manager.owned(owner)
+
+    def owners(self) -> list[Any]:
+        """Every owner that has a live sequence."""
+        return self.manager.owners.live()
+
+    def check_owner(self, seq_ids: int | Seq[int], owner: Any) -> None:
+        """Raise UnknownSequence or NotOwner unless every sequence is live and ``owner``'s."""
+        self.manager.check_owner(validate.seq_ids(seq_ids), owner)

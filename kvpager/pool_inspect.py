@@ -1,0 +1,98 @@
+"""`KVPool`'s inspection: sequences, the block map, `stats` from the block
+pool's counters, cumulative `counters`, the event sink, the integrity check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kvpager.errors import InvalidArgument
+from kvpager.events import EventSink
+from kvpager.pool_control import EVERY
+from kvpager.types import BlockMap, PoolCounters, PoolStats, RemoteStats, SequenceInfo, TenantUsage
+
+
+class PoolInspection:
+    """Mixed into `KVPool`, which supplies ``spec``, ``manager``, ``ranks``,
+    ``remote``, the copy counters and ``owned``."""
+
+    def sequence(self, seq_id: int) -> SequenceInfo:
+        [info] = self.manager.infos([seq_id])
+        return info
+
+    def sequences(self, owner: Any = EVERY) -> list[SequenceInfo]:
+        """Every live sequence, or ``owner``'s only, in id order. Costs what it
+        returns: one owner's list is read from an index, not a scan."""
+        return self.manager.infos(self.manager.ids() if owner is EVERY else self.owned(owner))
+
+    def blocks(self) -> BlockMap:
+        """State and reference count of every device block."""
+        return self.manager.pool.block_map()
+
+    def stats(self) -> PoolStats:
+        """The pool at a glance, from the block pool's counters and a few array
+        reductions (the daemon answers it on its only thread)."""
+        m, spec = self.manager, self.spec
+        pool, bs = m.pool, spec.block_size
+        used = pool.num_used
+        return PoolStats(
+            total_blocks=pool.num_usable,
+            free_blocks=pool.num_free,
+            evictable_blocks=pool.num_evictable,
+            used_blocks=used,
+            shared_blocks=pool.num_shared(),
+            cached_blocks=pool.num_cached,
+            num_sequences=m.num_sequences,
+            swapped_sequences=m.num_swapped,
+            host_total_blocks=m.host.num_blocks,
+            host_free_blocks=m.host.num_free,
+            prefix_query_tokens=m.prefix_query_tokens,
+            prefix_hit_tokens=m.prefix_hit_tokens,
+            tokens_stored=m.tokens_stored(),
+            token_slots_allocated=used * bs,
+            block_size=bs,
+            bytes_per_block=spec.bytes_per_block,
+            pinned_blocks=m.pins.num_pinned,
+            max_pinned_blocks=m.pins.limit,
+            tenants=self._tenants(),
+            ranks=self.ranks,
+        )
+
+    def counters(self) -> PoolCounters:
+        """Cumulative counts since the pool was made (prefix lookups and hits in
+        tokens, evictions, copy-on-write and swap copies in blocks); O(1)."""
+        m = self.manager
+        return PoolCounters(
+            prefix_query_tokens=m.prefix_query_tokens,
+            prefix_hit_tokens=m.prefix_hit_tokens,
+            evicted_blocks=m.pool.num_evicted,
+            cow_blocks=self._cow_blocks,
+            swap_out_blocks=self._swap_out_blocks,
+            swap_in_blocks=self._swap_in_blocks,
+            bytes_per_block=self.spec.bytes_per_block,
+        )
+
+    def set_event_sink(self, sink: EventSink | None) -> None:
+        """Report every key entering or leaving the prefix cache to ``sink``
+        (`kvpager.events`: vLLM's BlockStored / BlockRemoved), or stop (None).
+        Without a sink nothing is recorded."""
+        if sink is not None and not isinstance(sink, EventSink):
+            raise InvalidArgument(f"sink must be an EventSink or None, got {type(sink).__name__}")
+        self.manager.pool.events = sink
+
+    def _tenants(self) -> tuple[TenantUsage, ...]:
+        pool = self.manager.pool
+        evictable = np.zeros(pool.num_blocks, dtype=bool)
+        if pool.evictable:
+            evictable[np.fromiter(pool.evictable, dtype=np.int64, count=len(pool.evictable))] = True
+        rows = pool.tenants.rows(pool.cache.cached, evictable, self.manager.pins.refs > 0)
+        return tuple(TenantUsage(*r) for r in rows)
+
+    def remote_stats(self) -> RemoteStats | None:
+        """The remote tier's counters, or None without one."""
+        return self.remote.stats() if self.remote is not None else None
+
+    def check_integrity(self) -> None:
+        """Raise IntegrityError (with the counts) if any allocator invariant is broken."""
+        self.manager.check_integrity()

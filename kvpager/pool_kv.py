@@ -1,0 +1,136 @@
+"""`KVPool`'s K/V ops: per-layer ``write`` and ``attend`` through the backend,
+padded block ``tables``, step plans (`kvpager.plan`), layer views and the
+per-rank ops of a tensor-parallel pool (`kvpager.pool_rank`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvpager import validate
+from kvpager.errors import InvalidArgument
+from kvpager.plan import StepPlan, check_floor, check_queries, check_softcap, check_window
+
+if TYPE_CHECKING:
+    from kvpager.pool_rank import PoolRank
+
+
+class PoolKV:
+    """Mixed into `KVPool`, which supplies ``spec``, ``backend``, ``manager``,
+    ``ranks``, ``pending`` and ``_rank_views``."""
+
+    def write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
+        """Store one layer's K/V for the tokens at ``slots`` (-1 = padding, skipped).
+        ``k`` and ``v`` are [len(slots), num_kv_heads, head_dim] in the pool dtype."""
+        if self.ranks > 1:
+            raise self.backend._per_rank("write")
+        spec = self.spec
+        validate.layer(layer, spec)
+        slots = validate.slots(slots, spec)
+        shape = (len(slots), spec.num_kv_heads, spec.head_dim)
+        k = validate.tensor(k, "k", shape, spec, self.backend.xp)
+        v = validate.tensor(v, "v", shape, spec, self.backend.xp)
+        self.backend.write(int(layer), slots, k, v)
+        self.pending = True
+
+    def attend(
+        self,
+        layer: int,
+        seq_ids: int | Seq[int],
+        q: Any,
+        query_lens: int | Seq[int] | None = None,
+        scale: float | None = None,
+        *,
+        window: int | None = None,
+        softcap: float | None = None,
+    ) -> Any:
+        """Paged attention of ``q`` over the sequences' K/V in ``layer``.
+
+        q: [sum(query_lens), num_q_heads, head_dim] in the pool dtype, the
+        sequences' query tokens back to back; they are each sequence's last
+        ``query_lens[i]`` tokens (default 1: decode) and attend causally.
+        ``scale`` defaults to 1/sqrt(head_dim). ``window`` / ``softcap``: sliding
+        window and logit soft cap, as `kvpager.plan.StepPlan.attend`. Returns q's shape."""
+        if self.ranks > 1:
+            raise self.backend._per_rank("attend")
+        spec = self.spec
+        validate.layer(layer, spec)
+        ids = validate.seq_ids(seq_ids)
+        tables, seq_lens = self.tables(ids)
+        qlens = validate.per_seq(1 if query_lens is None else query_lens, len(ids), "query_lens")
+        for s, n, ql in zip(ids, seq_lens.tolist(), qlens):
+            if not isinstance(ql, (int, np.integer)) or isinstance(ql, bool) or not 1 <= ql <= n:
+                raise InvalidArgument(f"query_lens for sequence {s} must be in [1, {n}], got {ql!r}")
+        num_q = getattr(q, "shape", (0, 0))[1] if getattr(q, "ndim", 0) == 3 else 0
+        if num_q < 1 or num_q % spec.num_kv_heads:
+            raise InvalidArgument(
+                f"q must be [tokens, num_q_heads, {spec.head_dim}] with num_q_heads a multiple of "
+                f"num_kv_heads={spec.num_kv_heads}, got shape {getattr(q, 'shape', None)}"
+            )
+        q = validate.tensor(q, "q", (int(sum(qlens)), num_q, spec.head_dim), spec, self.backend.xp)
+        check_floor(self.manager.floors(ids), seq_lens, np.asarray(qlens, np.int64), window)
+        if scale is None:
+            scale = 1.0 / math.sqrt(spec.head_dim)
+        elif not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise InvalidArgument(f"scale must be a positive finite number, got {scale!r}")
+        self.pending = True
+        return self.backend.attend(
+            int(layer), q, tables, seq_lens, np.asarray(qlens, dtype=np.int32), float(scale),
+            window=check_window(window), softcap=check_softcap(softcap),
+        )
+
+    def tables(self, seq_ids: int | Seq[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Padded int32 block tables [B, max_blocks] (null-block padding) and
+        lengths int32 [B] of resident sequences: one vectorised gather.
+        Raises UnknownSequence, or SequenceSwapped for a swapped-out one."""
+        return self.manager.tables(validate.seq_ids(seq_ids))
+
+    def plan(
+        self,
+        seq_ids: int | Seq[int],
+        query_lens: int | Seq[int] | None = None,
+        slots: Any = None,
+        **options: Any,
+    ) -> StepPlan:
+        """A step plan for one forward pass over ``seq_ids``: their block tables,
+        lengths and the step's ``slots`` (where its new tokens' K/V go, as
+        `append` / `allocate` returned them) checked and uploaded once; then per
+        layer ``plan.write(layer, k, v)`` and ``plan.attend(layer, q, scale)``
+        (see `kvpager.plan`). ``query_lens``: new tokens per sequence (default 1).
+        The plan is a snapshot: make a new one (or `StepPlan.update` it) after
+        the sequences change. ``options`` go to the backend's planner."""
+        if self.ranks > 1:
+            raise self.backend._per_rank("plan")
+        ids = validate.seq_ids(seq_ids)
+        tables, seq_lens = self.tables(ids)  # the pool's own: only the step's part needs checks
+        if query_lens is not None:
+            query_lens = np.asarray(validate.per_seq(query_lens, len(ids), "query_lens"))
+        query_lens, slots = check_queries(self.spec, seq_lens, query_lens, slots)
+        self.pending = True
+        plan = self.backend.plan(tables, seq_lens, query_lens, slots, **options)
+        plan.floor = self.manager.floors(ids)
+        return plan
+
+    def kv(self, layer: int) -> tuple[Any, Any]:
+        """Views of one layer's K and V: each [num_blocks, num_kv_heads, block_size, head_dim]."""
+        if self.ranks > 1:
+            raise self.backend._per_rank("kv")
+        return self.backend.layer_kv(validate.layer(layer, self.spec))
+
+    def rank(self, r: int) -> PoolRank:
+        """Rank ``r``'s per-layer K/V ops (`kvpager.pool_rank.PoolRank`): write,
+        attend, plan and kv over its ``num_kv_heads / ranks`` heads, with this
+        pool's block tables. A one-rank pool's rank 0 is the whole pool's storage."""
+        from kvpager.pool_rank import PoolRank
+
+        if not validate.is_int(r) or not 0 <= r < self.ranks:
+            raise InvalidArgument(f"rank must be an int in [0, {self.ranks}), got {r!r}")
+        if self._rank_views is None:
+            if self.ranks == 1:
+                self._rank_views = [PoolRank(self, 0, self.spec, self.backend)]
+            else:
+                self._rank_views = [PoolRank(self, i, b.spec, b) for i, b in enumerate(self.backend.ranks)]
+        return self._rank_views[int(r)]

@@ -1,0 +1,189 @@
+"""`KVPool`'s sequence ops: allocate, append, commit, fork, free, truncate,
+swap, release of blocks behind a window.
+
+Each takes a batch, validates all of it (`kvpager.validate`), and hands it
+to the `SequenceManager`; copies the manager asks for (copy-on-write, swaps)
+go to the backend in one batched call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import numpy as np
+
+from kvpager import seq_one, validate
+from kvpager.errors import InvalidArgument
+from kvpager.sequences import ANY_OWNER
+from kvpager.types import Allocation
+
+
+def _split(flat: np.ndarray, counts: list[int]) -> list[np.ndarray]:
+    """One view of ``flat`` per sequence."""
+    out, start = [], 0
+    for n in counts:
+        out.append(flat[start : start + n])
+        start += n
+    return out
+
+
+class PoolSequences:
+    """Mixed into `KVPool`, which supplies ``spec``, ``manager``, ``backend``,
+    ``remote``, ``pending``, ``_bs``, ``_offsets`` and the copy counters."""
+
+    def allocate(
+        self,
+        prompts: Seq[Seq[int]],
+        salt: str | bytes | None | Seq[str | bytes | None] = None,
+        *,
+        owner: str | None = None,
+        share_in_batch: bool = False,
+    ) -> list[Allocation]:
+        """New sequences for ``prompts`` (a list of token-id lists). Each shares
+        the longest committed prefix of full blocks found in the cache under its
+        ``salt`` and gets fresh blocks for the rest.
+
+        ``share_in_batch``: prompts of this batch also share the full blocks an
+        earlier prompt of the batch gets fresh; those count in
+        ``num_cached_tokens`` though their K/V comes from the earlier prompt's
+        prefill in the same step, so write the whole batch's K/V of a layer
+        before attending in it (a batched forward pass does).
+
+        With a remote tier, full blocks missing here are first looked up in
+        the store (one batch) and restored into device blocks; they count in
+        ``num_cached_tokens`` and in ``num_remote_tokens``."""
+        validate.prompts(prompts)
+        salts = validate.per_seq(salt, len(prompts), "salt")
+        if not isinstance(share_in_batch, bool):
+            raise InvalidArgument(f"share_in_batch must be a bool, got {share_in_batch!r}")
+        restore = None
+        if self.remote is not None:
+            from kvpager.remote_restore import restore as restore_from
+
+            restore = restore_from(self, prompts, salts)
+        try:
+            ids, flat, lengths, cached, ntok = self.manager.allocate(prompts, salts, owner, share_in_batch)
+        finally:
+            if restore is not None:
+                restore.release(self.manager.pool)
+        bs = self.spec.block_size
+        remote = restore.remote_tokens(flat, lengths, cached, bs) if restore is not None else [0] * len(ids)
+        if len(ids) == 1:  # one sequence: the slots of its uncached blocks only
+            c, t = cached[0], ntok[0]
+            slots = (flat[c // bs :, None] * self._bs + self._offsets).ravel()[: t - c]
+            return [Allocation(ids[0], tuple(flat.tolist()), c, slots, remote[0])]
+        # Slots of every block of every new sequence in one vectorised pass,
+        # then each sequence's uncached token range is a slice of it.
+        all_slots = (flat[:, None] * self._bs + self._offsets).ravel()
+        blocks = flat.tolist()
+        out, start = [], 0
+        for seq_id, n, c, t, r in zip(ids, lengths, cached, ntok, remote):
+            out.append(Allocation(seq_id, tuple(blocks[start : start + n]), c,
+                                  all_slots[start * bs + c : start * bs + t], r))
+            start += n
+        return out
+
+    def cached_tokens(
+        self, prompts: Seq[Seq[int]], salt: str | bytes | None | Seq[str | bytes | None] = None
+    ) -> list[int]:
+        """How many tokens of each prompt an `allocate` would find cached now,
+        without allocating or touching anything: for cache-aware admission."""
+        validate.prompts(prompts)
+        return self.manager.cached_tokens(prompts, validate.per_seq(salt, len(prompts), "salt"))
+
+    def append(
+        self,
+        seq_ids: int | Seq[int],
+        num_tokens: int | Seq[int] = 1,
+        token_ids: Seq[Seq[int] | None] | None = None,
+    ) -> list[np.ndarray]:
+        """Extend each sequence by ``num_tokens`` slots; returns their slot ids.
+        Passing the ``token_ids`` lets the new blocks be published on commit.
+        A shared, partly filled last block is copied first (copy-on-write)."""
+        ids = validate.seq_ids(seq_ids)
+        flat = self.append_flat(ids, num_tokens, token_ids)
+        if isinstance(num_tokens, (int, np.integer)):
+            return list(flat.reshape(len(ids), int(num_tokens)))  # row views, made in C
+        return _split(flat, list(num_tokens))
+
+    def append_flat(
+        self,
+        seq_ids: int | Seq[int],
+        num_tokens: int | Seq[int] = 1,
+        token_ids: Seq[Seq[int] | None] | None = None,
+        *,
+        owner: Any = ANY_OWNER,
+    ) -> np.ndarray:
+        """As `append`, but every sequence's slots back to back in one int64 array.
+        ``owner``: if given, every sequence must be its (as `check_owner`, in the
+        same lookup: the daemon's decode step)."""
+        ids = validate.seq_ids(seq_ids)
+        counts = num_tokens if isinstance(num_tokens, (int, np.integer)) else list(num_tokens)
+        if token_ids is not None:
+            token_ids = validate.per_seq(token_ids, len(ids), "token_ids")
+        flat, copies = self.manager.append(ids, counts, token_ids, owner)
+        if len(copies):
+            self.backend.copy_blocks(copies)
+            self.pending = True
+            self._cow_blocks += len(copies)
+        return flat
+
+    def commit(self, seq_ids: int | Seq[int], upto: int | None | Seq[int | None] = None) -> list[int]:
+        """Declare K/V written for tokens ``[0, upto)`` (default: all), publishing
+        full blocks in the prefix cache. Returns how many blocks each published.
+        Call it only after the writes have completed on the device."""
+        ids = validate.seq_ids(seq_ids)
+        upto = validate.per_seq(upto, len(ids), "upto")
+        if self.remote is None:
+            return self.manager.commit(ids, upto)
+        fresh: list[tuple[int, bytes, bytes]] = []
+        published = self.manager.commit(ids, upto, fresh)
+        self.remote.offer(self.backend, fresh)  # copies the bytes now, sends them later
+        return published
+
+    def fork(self, seq_ids: int | Seq[int], n: int = 1) -> list[list[int]]:
+        """``n`` children per sequence, sharing all of its blocks; returns their ids."""
+        m = self.manager
+        if type(seq_ids) is list and len(seq_ids) == 1 and type(seq_ids[0]) is int and type(n) is int and n > 0 \
+                and m.scalar:  # one sequence, valid arguments: straight to its path (`seq_one`)
+            return seq_one.fork(m, seq_ids[0], n)
+        return m.fork(validate.seq_ids(seq_ids), n)
+
+    def free(self, seq_ids: int | Seq[int]) -> None:
+        """Release sequences. Committed full blocks stay matchable until evicted."""
+        self.manager.free(validate.seq_ids(seq_ids))
+
+    def truncate(self, seq_ids: int | Seq[int], lengths: int | Seq[int]) -> None:
+        """Shorten sequences to ``lengths`` tokens, releasing blocks past the end."""
+        ids = validate.seq_ids(seq_ids)
+        self.manager.truncate(ids, validate.per_seq(lengths, len(ids), "lengths"))
+
+    def swap_out(self, seq_ids: int | Seq[int]) -> None:
+        """Move the sequences' exclusively owned blocks to host memory in one
+        batched copy; shared blocks stay on the device."""
+        pairs = self.manager.swap_out(validate.seq_ids(seq_ids))
+        if len(pairs):
+            self.backend.swap_out(pairs)
+            self.pending = True
+            self._swap_out_blocks += len(pairs)
+
+    def swap_in(self, seq_ids: int | Seq[int]) -> None:
+        """Bring swapped sequences back to the device in one batched copy."""
+        pairs = self.manager.swap_in(validate.seq_ids(seq_ids))
+        if len(pairs):
+            self.backend.swap_in(pairs)
+            self.pending = True
+            self._swap_in_blocks += len(pairs)
+
+    def release_before(self, seq_ids: int | Seq[int], positions: int | Seq[int], *, owner: Any = ANY_OWNER
+                       ) -> list[int]:
+        """Give back each sequence's whole blocks before ``positions[i]`` (its last
+        block stays): K/V no attention will read again once every layer's sliding
+        window has moved past it (see `kvpager.seq_release`). Their table entries
+        become the null block; attention over the sequence must then use a window
+        that starts at or after what is held. A block still shared or cached
+        stays for the others. Returns blocks released per sequence."""
+        ids = validate.seq_ids(seq_ids)
+        positions = validate.per_seq(positions, len(ids), "positions")
+        return self.manager.release_before(ids, positions, owner)

@@ -1,0 +1,131 @@
+"""The wire codec: msgpack values with NumPy arrays as an ExtType, the
+transport's size cap, and the id of a request too large to decode."""
+
+from __future__ import annotations
+
+import math
+import struct
+import threading
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from kvpager.errors import InvalidArgument, ProtocolError
+
+#: msgpack ExtType code of a NumPy array: see `pack_array`.
+EXT_NDARRAY = 1
+#: Hard cap handed to ZeroMQ (MAXMSGSIZE): a bigger message drops the
+#: connection instead of being buffered; between the limit and this cap the
+#: daemon still answers with a typed `message_too_large` error.
+TRANSPORT_SLACK = 1 << 20
+
+# -- NumPy arrays as ExtType -------------------------------------------------------------
+# Payload: u8 len(dtype.str), dtype.str, u8 ndim, ndim x u64 shape, raw C-order bytes.
+# Decoding is on every reply's hot path (slot arrays): parsed dtypes are cached.
+_ALLOWED_KINDS = frozenset("biuf")
+_dtypes: dict[bytes, np.dtype] = {}
+_shapes = [struct.Struct(f"<{n}Q") for n in range(33)]
+
+
+def pack_array(a: np.ndarray) -> msgpack.ExtType:
+    """A NumPy array as msgpack ExtType ``EXT_NDARRAY`` (see docs/protocol.md)."""
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    dt = a.dtype.str.encode()
+    return msgpack.ExtType(EXT_NDARRAY, b"".join(
+        (bytes((len(dt),)), dt, bytes((a.ndim,)), _shapes[a.ndim].pack(*a.shape), a.tobytes())))
+
+
+def _dtype(key: bytes) -> np.dtype:
+    dt = _dtypes.get(key)
+    if dt is None:
+        try:
+            dt = np.dtype(key.decode())
+        except Exception as e:
+            raise ProtocolError(f"malformed array dtype {key!r}: {e}") from None
+        if dt.kind not in _ALLOWED_KINDS or dt.hasobject:
+            raise ProtocolError(f"array dtype {dt} is not allowed")
+        if len(_dtypes) < 64:
+            _dtypes[key] = dt
+    return dt
+
+
+def unpack_array(data: bytes) -> np.ndarray:
+    """The (read-only) array a `pack_array` payload holds; ProtocolError if malformed."""
+    try:
+        dlen = data[0]
+        dt = _dtype(data[1 : 1 + dlen])
+        ndim = data[1 + dlen]
+        off = 2 + dlen
+        shape = _shapes[ndim].unpack_from(data, off)
+    except ProtocolError:
+        raise
+    except Exception as e:
+        raise ProtocolError(f"malformed array: {type(e).__name__}: {e}") from None
+    off += 8 * ndim
+    count = math.prod(shape)
+    if count * dt.itemsize != len(data) - off:
+        raise ProtocolError(f"array of shape {shape} {dt} does not match its {len(data) - off} bytes")
+    a = np.frombuffer(data, dt, count, off)
+    return a if ndim == 1 else a.reshape(shape)
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return pack_array(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"cannot send a {type(obj).__name__} over the wire")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == EXT_NDARRAY:
+        return unpack_array(data)
+    raise ProtocolError(f"unknown msgpack ext type {code}")
+
+
+# A Packer keeps its buffer between calls, so one per thread: a daemon in a
+# thread and its clients in others (tests, in-process use) pack at once.
+_packers = threading.local()
+
+
+def pack(value: Any) -> bytes:
+    """One msgpack message, NumPy arrays as ExtType."""
+    packer = getattr(_packers, "packer", None)
+    if packer is None:
+        packer = _packers.packer = msgpack.Packer(default=_default, use_bin_type=True, autoreset=True)
+    try:
+        return packer.pack(value)
+    except TypeError as e:
+        raise InvalidArgument(str(e)) from None
+
+
+def unpack(data: bytes) -> Any:
+    """Inverse of `pack`; ProtocolError if the bytes are not one msgpack value."""
+    try:
+        return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+    except ProtocolError:
+        raise
+    except Exception as e:
+        raise ProtocolError(f"not a msgpack message: {type(e).__name__}: {e}") from None
+
+
+def peek_id(data: bytes) -> int | None:
+    """The id of a request without decoding the rest of it (for oversized ones)."""
+    try:
+        up = msgpack.Unpacker(max_buffer_size=len(data) or 1)
+        up.feed(data)
+        if up.read_array_header() < 2:
+            return None
+        up.skip()
+        rid = up.unpack()
+        return rid if isinstance(rid, int) and not isinstance(rid, bool) else None
+    except Exception:
+        return None

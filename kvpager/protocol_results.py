@@ -1,0 +1,124 @@
+"""The results of ops on the wire: `KVPool`'s result types to msgpack values
+and back (a newer daemon's extra fields are dropped by an older client)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from kvpager.errors import ProtocolError
+from kvpager.types import (
+    Allocation,
+    BlockMap,
+    PinInfo,
+    PoolStats,
+    RemoteStats,
+    SequenceInfo,
+    SessionInfo,
+    TenantUsage,
+)
+
+
+def encode_allocations(allocs: list[Allocation], remote_tokens: bool = False) -> list[list[Any]]:
+    """``[seq_id, block_table, num_cached_tokens, slots]`` per allocation, and
+    ``num_remote_tokens`` fifth when the request asked for it (``remote_tokens``:
+    a client that predates it unpacks four)."""
+    if remote_tokens:
+        return [[a.seq_id, np.asarray(a.block_table, np.int32), a.num_cached_tokens, a.slots,
+                 a.num_remote_tokens] for a in allocs]
+    return [[a.seq_id, np.asarray(a.block_table, np.int32), a.num_cached_tokens, a.slots] for a in allocs]
+
+
+def decode_allocations(raw: list[list[Any]]) -> list[Allocation]:
+    return [Allocation(int(a[0]), tuple(a[1].tolist()), int(a[2]), a[3], int(a[4]) if len(a) > 4 else 0)
+            for a in raw]
+
+
+def encode_slots(flat: np.ndarray) -> bytes:
+    """append's result, the hot path: every sequence's slots back to back
+    (`KVPool.append_flat`) as raw int64 little-endian bytes (msgpack bin).
+    The client knows the counts."""
+    return flat.astype("<i8", copy=False).tobytes()
+
+
+def decode_slots(raw: bytes, num_seqs: int, num_tokens: Any) -> list[np.ndarray]:
+    """Split append's result back into one int64 array per sequence."""
+    if not isinstance(raw, bytes) or len(raw) % 8:
+        raise ProtocolError("append's result must be int64 bytes")
+    flat = np.frombuffer(raw, "<i8")
+    if num_seqs == 1:
+        return [flat]
+    if isinstance(num_tokens, (int, np.integer)):
+        return list(flat.reshape(num_seqs, int(num_tokens)))
+    return np.split(flat, np.cumsum(np.asarray(num_tokens, np.int64))[:-1])
+
+
+def decode_tables(raw: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The result of `tables` (and of `swap_in`): padded int32 block tables
+    [B, max_blocks] and lengths [B]."""
+    if not (isinstance(raw, list) and len(raw) == 2 and all(isinstance(x, np.ndarray) for x in raw)):
+        raise ProtocolError("block tables must be [block_tables, seq_lens] arrays")
+    tables, lens = raw
+    if tables.ndim != 2 or lens.ndim != 1 or len(tables) != len(lens):
+        raise ProtocolError(f"block tables of shape {tables.shape} do not match lengths of shape {lens.shape}")
+    return tables, lens
+
+
+def encode_info(info: SequenceInfo) -> dict[str, Any]:
+    d = {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
+    d["block_table"] = np.asarray(info.block_table, np.int64)
+    return d
+
+
+def decode_info(d: dict[str, Any]) -> SequenceInfo:
+    d = _known_fields(SequenceInfo, d)
+    d["block_table"] = tuple(np.asarray(d["block_table"]).tolist())
+    return SequenceInfo(**d)
+
+
+def encode_stats(stats: PoolStats) -> dict[str, Any]:
+    d = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
+    d["tenants"] = [dataclasses.asdict(t) for t in stats.tenants]
+    return d
+
+
+def decode_stats(d: dict[str, Any]) -> PoolStats:
+    d = _known_fields(PoolStats, d)
+    d["tenants"] = tuple(TenantUsage(**_known_fields(TenantUsage, t)) for t in d.get("tenants", ()))
+    return PoolStats(**d)
+
+
+def encode_pin(pin: PinInfo) -> dict[str, Any]:
+    d = dataclasses.asdict(pin)
+    d["block_table"] = np.asarray(pin.block_table, np.int64)
+    return d
+
+
+def decode_pin(d: dict[str, Any]) -> PinInfo:
+    d = _known_fields(PinInfo, d)
+    d["block_table"] = tuple(np.asarray(d["block_table"]).tolist())
+    return PinInfo(**d)
+
+
+def decode_session(d: dict[str, Any]) -> SessionInfo:
+    return SessionInfo(**_known_fields(SessionInfo, d))
+
+
+def decode_remote_stats(d: dict[str, Any]) -> RemoteStats:
+    return RemoteStats(**_known_fields(RemoteStats, d))
+
+
+def encode_blocks(bm: BlockMap) -> list[np.ndarray]:
+    return [bm.state, bm.ref_cnt, bm.cached]
+
+
+def decode_blocks(raw: list[np.ndarray]) -> BlockMap:
+    return BlockMap(*raw)
+
+
+def _known_fields(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    """A newer daemon may send more fields than this client knows: drop them."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}

@@ -1,0 +1,125 @@
+"""The daemon's socket and observers: `bind` opens the ROUTER socket (an ipc://
+socket made private, a token required beyond loopback) and starts the metrics
+server and the KV event publisher; `close` ends every session and releases all
+of it, shared memory included."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import zmq
+
+from kvpager import protocol
+from kvpager.endpoints import ipc_path, is_local, is_socket, prepare_ipc_bind
+from kvpager.errors import InvalidArgument
+from kvpager.metrics import serve_metrics
+from kvpager.render import human_bytes
+
+log = logging.getLogger("kvpager.server")
+
+_POLL_MS = 50  # how soon stop() and heartbeat expiry are noticed when idle
+
+
+class Binding:
+    """Mixed into `Server`, which supplies ``pool``, ``endpoint``, ``token``,
+    ``max_message_bytes``, ``sessions``, ``memory``, ``rank_memory``, ``owns_pool``,
+    ``events``, ``request_metrics`` and the metrics' settings, ``requests``,
+    ``_ctx``, ``_sock``, ``_sink``, ``_snapshots``, ``_httpd``, ``_end`` and
+    ``_flush_events``."""
+
+    def bind(self) -> str:
+        """Open and bind the socket; returns the actual endpoint (tcp port ``*`` resolved).
+        On failure everything is released (`close()`), shared memory included."""
+        try:
+            return self._bind()
+        except BaseException:
+            self.close()
+            raise
+
+    def _bind(self) -> str:
+        if self.token is None and not is_local(self.endpoint):
+            raise InvalidArgument(
+                f"{self.endpoint} is reachable beyond this host: give the daemon a token "
+                "(kvpager serve --token-file FILE, or KVPAGER_TOKEN) that clients send in hello")
+        prepare_ipc_bind(self.endpoint)
+        self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # A blocking recv that gives up every _POLL_MS: one call per message
+        # when busy, and a regular chance to expire sessions and see stop().
+        sock.setsockopt(zmq.RCVTIMEO, _POLL_MS)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes + protocol.TRANSPORT_SLACK)
+        try:
+            sock.bind(self.endpoint)
+        except zmq.ZMQError as e:
+            sock.close()
+            self._ctx.term()
+            self._ctx = None
+            raise InvalidArgument(f"cannot bind {self.endpoint}: {e}") from None
+        self._sock = sock
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        path = ipc_path(self.endpoint)
+        if path:
+            os.chmod(path, 0o600)
+        elif self.token is None and self.endpoint.startswith("tcp://"):
+            log.warning("listening on %s without a token: every local user can use the pool "
+                        "(--token-file / KVPAGER_TOKEN)", self.endpoint)
+        self._start_observers()
+        spec = self.pool.spec
+        if self.pool.ranks > 1:
+            per = self.pool.backend.rank_spec
+            log.info("tensor-parallel: %d ranks on %s, %d kv heads and %s (%s per block) each",
+                     self.pool.ranks, ", ".join(self.pool.backend.devices), per.num_kv_heads,
+                     human_bytes(per.device_bytes), human_bytes(per.bytes_per_block))
+        log.info(
+            "serving on %s: device %s, %d blocks of %d tokens (%s), %d host blocks (%s); %d layers x %d kv "
+            "heads x %d head dim, %s; epoch %s, heartbeat timeout %.1fs",
+            self.endpoint, self.pool.device, spec.num_blocks, spec.block_size, human_bytes(spec.device_bytes),
+            spec.num_host_blocks, human_bytes(spec.host_bytes), spec.num_layers, spec.num_kv_heads,
+            spec.head_dim, spec.dtype + (f" stored as {spec.kv_dtype}" if spec.is_fp8 else ""), self.epoch,
+            self.sessions.heartbeat_timeout,
+        )
+        return self.endpoint
+
+    def _start_observers(self) -> None:
+        if self.events is not None and self.endpoint in (self.events.endpoint, self.events.replay_endpoint):
+            raise InvalidArgument(f"the KV events endpoints must differ from the daemon's {self.endpoint}")
+        if self.request_metrics is not None:
+            self._snapshots, self._httpd, self.metrics_port = serve_metrics(
+                self.request_metrics, self.pool, lambda: len(self.sessions), self.metrics_host, self.metrics_port)
+        if self.events is not None:
+            self.pool.set_event_sink(self._sink)
+            self.events.bind()
+
+    def close(self) -> None:
+        """End every session (freeing its sequences), close the socket, unlink
+        the ipc socket and the shared memory."""
+        for s in list(self.sessions.sessions.values()):
+            self._end(s, "daemon shutting down")
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+            self._ctx.term()
+            path = ipc_path(self.endpoint)
+            if path and is_socket(path):  # never anything else found there
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        for m in [self.memory, *(self.rank_memory or ())]:
+            if m is not None:
+                m.close()
+        self.memory = self.rank_memory = None
+        if self.owns_pool:
+            self.pool.close()
+            self.owns_pool = False
+        if self.events is not None:
+            self.pool.set_event_sink(None)
+            self._flush_events()
+            self.events.close()  # ends with AllBlocksCleared
+            self.events = None
+        log.info("stopped after %d requests", self.requests)

@@ -1,0 +1,147 @@
+"""The daemon's request dispatch: one request in, one reply out. A request is
+decoded and checked (envelope, session or token, per-request limits), its
+handler (`kvpager.server_ops`) runs, a GPU pool's work is waited for where a
+reply must not race it, and any error becomes a typed error reply. Replies of
+`RETRIED_OPS` are kept per session, so a retry with the same id and bytes
+gets the first execution's reply instead of running twice."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvpager.errors import ERRORS_BY_CODE, InternalError, KVPagerError, LimitExceeded, Unauthorized
+from kvpager.protocol import KEPT_REPLIES, OPS, RETRIED_OPS, ErrorInfo, decode_request, encode_reply
+
+if TYPE_CHECKING:
+    from kvpager.sessions import Session
+
+log = logging.getLogger("kvpager.server")
+
+#: Ops that may launch work on a GPU pool (copy-on-write, swaps, remote write and
+#: attend): their reply waits for it, so a block id handed out is never mid-copy
+#: and a staging buffer is never read or rewritten while in use.
+_DEVICE_OPS = frozenset({"append", "swap_out", "swap_in", "write", "attend"})
+
+
+
+class Dispatch:
+    """Mixed into `Server`, which supplies ``pool``, ``sessions``, ``limits``,
+    ``token``, ``gpu``, ``max_message_bytes``, ``requests``, ``request_metrics``,
+    ``events``, ``_sink``, ``_handlers``, ``_op`` and ``_result``."""
+
+    def handle(self, body: bytes) -> bytes:
+        """One request in, one reply out (counted, timed and its KV events
+        published when those are on). Never raises."""
+        metrics = self.request_metrics
+        if metrics is None:
+            reply = self._handle(body)
+        else:
+            t0 = time.perf_counter()
+            reply = self._handle(body)
+            metrics.observe(self._op, self._result, time.perf_counter() - t0)
+        if self._sink is not None and self._sink.items:
+            self._flush_events()
+        return reply
+
+    def _flush_events(self) -> None:
+        """Publish what the pool recorded as one batch."""
+        if self._sink is not None and self._sink.items:
+            self.events.publish(time.time(), self._sink.take())
+
+    def _handle(self, body: bytes) -> bytes:
+        self.requests += 1
+        self._op, self._result = "", "ok"
+        rid, op, session, digest = None, "?", None, None
+        try:
+            req = decode_request(body, self.max_message_bytes)
+            rid, op = req.id, req.op
+            self._op = op
+            if OPS[op].session or (req.session is not None and op != "hello"):
+                session = self.sessions.get(req.session)
+                session.ops += 1
+            elif self.token is not None and op != "hello":
+                raise Unauthorized(f"{op}: this daemon has a token: open a session (hello with the token) first")
+            if op in RETRIED_OPS:
+                # A retry after a timeout (same id, same bytes) gets the first reply.
+                digest = hashlib.blake2b(body, digest_size=16).digest()
+                kept = session.replies.get(rid)
+                if kept is not None and kept[0] == digest:
+                    self._result = "replayed"
+                    if kept[1] is None:  # ran, but its reply was over the session's limit to keep
+                        raise LimitExceeded(
+                            f"{op}: request {rid} ran, but its reply was too large to keep for a retry "
+                            f"(over {self.limits.kept} bytes: KVPAGER_MAX_KEPT, kvpager serve --max-kept)",
+                            "kept", self.limits.kept + 1, self.limits.kept)
+                    return kept[1]
+            reply = self._reply(rid, op, session, req.args)
+        except Exception as e:
+            return self._error_reply(rid, op, e)
+        if digest is not None:
+            self._keep(session, rid, digest, reply)
+        return reply
+
+    def _keep(self, session: Session, rid: int, digest: bytes, reply: bytes) -> None:
+        """Keep ``reply`` for a retry of request ``rid``: the last KEPT_REPLIES of
+        a session, within ``limits.kept`` bytes (one larger is remembered as run
+        but not kept: its retry is told so, and nothing runs twice)."""
+        replies, limit = session.replies, self.limits.kept
+        old = replies.pop(rid, None)
+        if old is not None and old[1] is not None:
+            session.kept_bytes -= len(old[1])
+        keep = reply if len(reply) <= limit else None
+        replies[rid] = (digest, keep)
+        session.kept_bytes += len(keep) if keep is not None else 0
+        while len(replies) > KEPT_REPLIES or session.kept_bytes > limit:
+            _, (_, dropped) = replies.popitem(last=False)
+            session.kept_bytes -= len(dropped) if dropped is not None else 0
+
+    def _reply(self, rid: int, op: str, session: Session | None, args: dict[str, Any]) -> bytes:
+        try:
+            self._bound(op, args)
+            result = self._handlers[op](session, args)
+            if self.gpu is not None and op in _DEVICE_OPS and self.pool.pending:
+                self.pool.synchronize()
+            return encode_reply(rid, result)
+        except Exception as e:
+            return self._error_reply(rid, op, e)
+
+    def _error_reply(self, rid: int | None, op: str, e: Exception) -> bytes:
+        if isinstance(e, KVPagerError):
+            self._result = e.code if e.code in ERRORS_BY_CODE else "internal"
+            return encode_reply(getattr(e, "request_id", rid), None, ErrorInfo.from_exception(e))
+        if isinstance(e, (TypeError, ValueError, KeyError, IndexError, OverflowError, AttributeError)):
+            # KVPool validates its arguments; what slips through is still the
+            # caller's malformed input, not a reason to die.
+            self._result = "invalid_argument"
+            msg = f"{op}: bad arguments: {type(e).__name__}: {e}"
+            return encode_reply(rid, None, ErrorInfo("invalid_argument", msg))
+        self._result = "internal"
+        log.error("internal error in %s", op, exc_info=e)  # a bug: keep serving, say so loudly
+        return encode_reply(rid, None, ErrorInfo.from_exception(InternalError(f"{op}: {e!r}")))
+
+    def _bound(self, op: str, a: dict[str, Any]) -> None:
+        """The per-request limits: ids and tokens in one request (len() only)."""
+        lim = self.limits
+        for name in ("seq_ids", "prompts", "lengths", "upto", "token_ids", "query_lens", "salt", "positions"):
+            v = a.get(name)
+            if isinstance(v, (list, np.ndarray)) and len(v) > lim.ids:
+                lim.check("ids", len(v), f"{op}: {name}")
+        tokens = 0
+        for name in ("prompts", "token_ids"):
+            v = a.get(name)
+            if isinstance(v, list):
+                tokens += sum(len(p) for p in v if isinstance(p, (list, np.ndarray)))
+        n = a.get("num_tokens")
+        if isinstance(n, int) and isinstance(a.get("seq_ids"), (list, np.ndarray)):
+            tokens += n * len(a["seq_ids"])
+        elif isinstance(n, int):
+            tokens += n
+        elif isinstance(n, list) and all(type(x) is int for x in n):
+            tokens += sum(n)
+        if tokens > lim.tokens:
+            lim.check("tokens", tokens, f"{op}: token ids")

@@ -1,0 +1,84 @@
+"""The daemon's tensor ops through a session's staging buffer (shared memory,
+or device memory exported by CUDA IPC): ``staging`` hands one out, ``write``
+stores K/V from it into the session's own unpublished blocks only, ``attend``
+reads q from it and leaves the output there."""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvpager.errors import InvalidArgument, NotOwner, SequenceSwapped
+from kvpager.server_ops import _ids, _int
+from kvpager.server_ranks import on_rank_device, session_kv
+
+if TYPE_CHECKING:
+    from kvpager.sessions import Session
+
+
+class StagingOps:
+    """Op handlers mixed into `Server`, which supplies ``pool``, ``sessions`` and ``limits``."""
+
+    def _op_staging(self, s: Session, a: dict[str, Any]) -> dict[str, Any]:
+        nbytes = _int(a["nbytes"], "nbytes")
+        if nbytes < 0:
+            raise InvalidArgument(f"staging: nbytes must be >= 0, got {nbytes}")
+        self.limits.check("staging", nbytes, "staging: bytes of this session's buffer")
+        return self.sessions.staging(s, nbytes).handles()
+
+    def _staged(self, s: Session, ref: Any, what: str) -> np.ndarray:
+        """A view of ``ref`` = [offset, shape] in the session's staging buffer."""
+        if s.staging is None:
+            raise InvalidArgument(f"{what}: this session has no staging buffer; ask for one with 'staging'")
+        if not (isinstance(ref, list) and len(ref) == 2 and isinstance(ref[1], list)):
+            raise InvalidArgument(f"{what} must be [offset, shape] in the staging buffer")
+        offset = _int(ref[0], f"{what} offset")
+        shape = tuple(_int(d, f"{what} shape") for d in ref[1])
+        return s.staging.array(shape, self.pool.spec.np_dtype, offset)
+
+    def _op_write(self, s: Session, a: dict[str, Any]) -> None:
+        slots = a["slots"]
+        slots = np.asarray(slots if isinstance(slots, (list, np.ndarray)) else [slots])
+        self._check_writable(s, slots)
+        kv = session_kv(self, s, "write")
+        with on_rank_device(self, s):
+            kv.write(a["layer"], slots, self._staged(s, a["k"], "k"), self._staged(s, a["v"], "v"))
+
+    def _check_writable(self, s: Session, slots: np.ndarray) -> None:
+        """A session writes only slots of its own sequences' blocks, and never a
+        block published in the prefix cache: other sessions read its K/V through
+        the cache, so a published block is immutable. (A worker that maps the
+        pool is trusted as its user is: see "Trust" in docs/protocol.md.)"""
+        spec = self.pool.spec
+        if slots.ndim != 1 or slots.dtype.kind not in "iu" or not slots.size:
+            return  # KVPool.write names what is wrong
+        slots = slots.astype(np.int64, copy=False)
+        if ((slots < -1) | (slots >= spec.num_blocks * spec.block_size)).any():
+            return  # out of range: KVPool.write says so
+        blocks = np.unique(slots[slots >= 0] // spec.block_size)
+        ids = self.pool.owned(s.name)
+        try:
+            mine = self.pool.tables(ids)[0].ravel() if ids else np.zeros(0, np.int64)  # one gather
+        except SequenceSwapped:  # a swapped-out sequence has no device table: the long way
+            tables = [info.block_table for info in self.pool.sequences(s.name)]
+            mine = np.fromiter(itertools.chain.from_iterable(tables), np.int64)
+        foreign = blocks[~np.isin(blocks, mine)]
+        if len(foreign):
+            raise NotOwner(f"write: block {int(foreign[0])} (slot {int(foreign[0]) * spec.block_size}...) is not "
+                           "held by any sequence of this session")
+        published = blocks[self.pool.blocks().cached[blocks]]
+        if len(published):
+            raise NotOwner(f"write: block {int(published[0])} is published in the prefix cache; its K/V "
+                           "is immutable (write before commit)")
+
+    def _op_attend(self, s: Session, a: dict[str, Any]) -> list[Any]:
+        q = self._staged(s, a["q"], "q")
+        with on_rank_device(self, s):
+            out = session_kv(self, s, "attend").attend(a["layer"], _ids(a["seq_ids"]), q, a.get("query_lens"),
+                                                       a.get("scale"), window=a.get("window"),
+                                                       softcap=a.get("softcap"))
+            offset = _int(a["out"], "out")
+            s.staging.array(out.shape, out.dtype, offset)[...] = out  # a device copy on a GPU
+        return [offset, list(out.shape)]
