@@ -12,7 +12,7 @@
 // normalised within the segment and its log2-sum-exp into the member's
 // partial slot ``slot``; the decode kernel writes the members' own positions
 // (from the end of their deepest segment) into other slots, and merge_splits
-// (paged_decode.cu) combines them. Every position of a segment precedes every
+// (merge_splits.cu) combines them. Every position of a segment precedes every
 // member's query, so no causal mask applies; sliding windows are not applied
 // here (the planner does not cascade a windowed call).
 //

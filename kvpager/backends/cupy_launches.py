@@ -1,8 +1,10 @@
 """The launches of a `CupyPlan`, and the tensor checks of its hot path.
 
-`attention_launches` picks the attention kernel for a step (decode on tensor
-cores, CUDA-core decode for float32, or the multi-token kernel), its layout
-and split count, and packs each launch's arguments once (`kvpager.launch`);
+`attention_launches` puts a step's attention together: decode
+(`cupy_decode`: tensor cores, or CUDA cores for float32) with its split-K
+merge and, over shared prefixes, `CascadeLaunch` (planned here:
+`cascade_tiling`, `cascade_chunks`); or the multi-token kernel
+(`cupy_prefill`). Each launch's arguments are packed once (`kvpager.launch`);
 the per-layer call then only fills the q / out / layer / scale cells.
 """
 
@@ -14,14 +16,19 @@ from typing import Any
 import numpy as np
 
 from kvpager import kernels
-from kvpager.errors import InvalidArgument, UnsupportedConfiguration
+from kvpager.backends.cupy_decode import decode_kernel, decode_launch, merge_launch
+from kvpager.backends.cupy_prefill import Tiling, prefill_launch, tiling
+from kvpager.errors import InvalidArgument
+from kvpager.kernel_config import KernelConfig
+from kvpager.kernel_smem import cascade_smem
 from kvpager.launch import Launch, current_stream, f32, i32, ptr, torch_stream
 
 
 def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
                        ) -> tuple[list[Launch], int, list[Any], bool]:
     """(launches, split count, buffers to keep alive, whether the kernel's scores
-    are raw q . k products) of ``plan`` for ``num_q_heads``. Cells shared by the
+    are raw q . k products) of ``plan`` for ``num_q_heads``, shaped by
+    ``plan.config``. Cells shared by the
     launches: q (0), out (5 in decode, 7 multi-token), layer (8), window (-3),
     soft cap (-2, in the kernel's score units: raw products, or scaled log2
     units for the CUDA-core decode), scale (last); the merge launch reads the
@@ -33,108 +40,58 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
     import cupy
 
     keep: list[Any] = []
-    spec, dev = plan.spec, plan.device
+    spec, dev, config = plan.spec, plan.device, plan.config
     group = kernels.check_group(num_q_heads, spec.num_kv_heads)
-    base = {**kernels.storage_defines(spec), "HEAD_DIM": spec.head_dim, "BLOCK_SIZE": spec.block_size}
-    pool = ptr(plan.backend.kv.data.ptr)
-    scales = ptr(plan.backend.scales.data.ptr if spec.is_fp8 else 0)  # FP8: [layers, 2, kv heads]
-    common = [i32(0), i32(spec.num_layers), i32(spec.num_kv_heads)]  # layer set per call
-    q, out, window, softcap, scale = ptr(), ptr(), i32(), f32(), f32()
     p = plan.ptrs
-    launches: list[Launch] = []
+    cells = dict(q=ptr(), pool=ptr(plan.backend.kv.data.ptr), tables=ptr(p["tables"]),
+                 item_seq=ptr(p["item_seq"]), item_len=ptr(p["item_len"]), out=ptr(),
+                 common=[i32(0), i32(spec.num_layers), i32(spec.num_kv_heads)],  # layer set per call
+                 scales=ptr(plan.backend.scales.data.ptr if spec.is_fp8 else 0),  # FP8: [layers, 2, kv heads]
+                 window=i32(), softcap=f32(), scale=f32())
     with cupy.cuda.Device(dev):
-        if plan.decode:
-            tc = kernels.DECODE_TC and spec.dtype != "float32"
-            if spec.is_fp8 and not tc:
-                raise UnsupportedConfiguration("FP8 pools decode on tensor cores only (kernels.DECODE_TC)")
-            gs = kernels.decode_subgroup(spec.dtype, spec.head_dim, group)
-            nsm = kernels.num_sms(dev)
-            max_len = plan.max_len
-            if shared is not None:  # the decode kernel reads only each sequence's own positions
-                max_len = int((plan.seq_lens - shared.own_start).max())
-            if tc:
-                hpc, wph = kernels.decode_layout(spec.num_kv_heads, spec.head_dim, spec.itemsize,
-                                                 plan.items, max_len, nsm)
-                threads = 32 * hpc * wph
-                stages = kernels.decode_stages(spec.head_dim, spec.itemsize, hpc * wph)
-                defs = {**base, "GROUP": group, "STAGES": stages, "HPC": hpc, "WPH": wph}
-                if kernels.DECODE_L2_PREFETCH:
-                    defs["CP_L2_PREFETCH"] = kernels.DECODE_L2_PREFETCH
-                fn = kernels.get_kernel("paged_decode_tc.cu", "paged_decode_tc", defs, dev)
-                smem = kernels.decode_smem(spec.head_dim, spec.itemsize, hpc * wph, stages, group)
-                if fn.max_dynamic_shared_size_bytes < smem:
-                    fn.max_dynamic_shared_size_bytes = smem
-                ctas = plan.items * (spec.num_kv_heads // hpc)
-                resident = kernels.resident_ctas(fn, threads, smem, dev)
-            else:
-                fn = kernels.get_kernel("paged_decode.cu", "paged_decode",
-                                        {**base, "SUBGROUP": gs, "CH": kernels.DECODE_ROWS}, dev)
-                threads, smem, resident = 128, 0, 0
-                ctas = plan.items * spec.num_kv_heads * (group // gs)
-            splits = plan.num_splits or kernels.plan_splits(ctas, max_len, nsm, resident)
-            splits = int(splits)
-            rows = plan.items * num_q_heads
-            cascade = None
-            if shared is not None and tc:
-                cascade = CascadeLaunch(plan, shared, group, splits, nsm, plan.cascade_slack)
-                keep += [*cascade.keep, cascade]  # the plan keeps it, and so its upload buffer, alive
-            parts = cascade.parts if cascade else (splits if splits > 1 else 0)
-            if parts:
-                part_o_buf = cupy.empty(rows * parts * spec.head_dim, dtype=cupy.float32)
-                part_lse_buf = cupy.empty(rows * parts, dtype=cupy.float32)
-                part_o, part_lse = ptr(part_o_buf.data.ptr), ptr(part_lse_buf.data.ptr)
-                keep += [part_o_buf, part_lse_buf]
-            else:
-                part_o = part_lse = ptr(0)
-            args = [q, pool, ptr(p["tables"]), ptr(p["item_seq"]), ptr(p["item_len"]), out,
-                    part_o, part_lse, *common]
-            if not tc:
-                args.append(i32(group))
-            args += [i32(plan.width), i32(splits), ptr(cascade.own_start if cascade else 0), i32(parts)]
-            if tc:
-                args.append(scales)
-            args += [window, softcap, scale]
-            launches.append(Launch(fn, (ctas, splits), threads, smem, args, dev))
-            if cascade is not None:
-                launches.append(cascade.launch(q, pool, ptr(p["tables"]), part_o, part_lse, common,
-                                               plan.width, softcap, scale))
-            if parts:
-                plain = {k: v for k, v in base.items() if k != "KV_FP8"}  # merges float32 partials
-                merge = kernels.get_kernel("paged_decode.cu", "merge_splits",
-                                           {**plain, "SUBGROUP": gs, "CH": kernels.DECODE_ROWS}, dev)
-                launches.append(Launch(merge, (rows,), 256, 0, [part_o, part_lse, out, i32(parts)], dev))
+        if not plan.decode:
+            launch, keep = prefill_launch(plan, group, cells, config)
+            return [launch], 1, keep, True
+        max_len = plan.max_len
+        if shared is not None:  # the decode kernel reads only each sequence's own positions
+            max_len = int((plan.seq_lens - shared.own_start).max())
+        shape, fn, splits = decode_kernel(plan, group, max_len, config)
+        rows = plan.items * num_q_heads
+        cascade = None
+        if shared is not None and shape.tc:
+            cascade = CascadeLaunch(plan, shared, group, splits, kernels.num_sms(dev), plan.cascade_slack)
+            keep += [*cascade.keep, cascade]  # the plan keeps it, and so its upload buffer, alive
+        parts = cascade.parts if cascade else (splits if splits > 1 else 0)
+        if parts:
+            part_o_buf = cupy.empty(rows * parts * spec.head_dim, dtype=cupy.float32)
+            part_lse_buf = cupy.empty(rows * parts, dtype=cupy.float32)
+            part_o, part_lse = ptr(part_o_buf.data.ptr), ptr(part_lse_buf.data.ptr)
+            keep += [part_o_buf, part_lse_buf]
         else:
-            splits = 1
-            mt = kernels.PREFILL_MT or (2 if spec.head_dim <= 128 else 1)
-            qt = 64 * mt // group
-            ql, sl = plan.query_lens, plan.seq_lens
-            counts = -(-ql // qt)
-            seq = np.repeat(np.arange(len(ql), dtype=np.int32), counts)
-            first = np.cumsum(counts) - counts
-            j0 = ((np.arange(len(seq)) - np.repeat(first, counts)) * qt).astype(np.int32)
-            # Tiles that see the most K/V first, so the long ones do not trail the launch.
-            order = np.argsort(-(sl[seq] - ql[seq] + j0), kind="stable")
-            tiles = np.ascontiguousarray(np.stack([seq[order], j0[order]], axis=1), dtype=np.int32)
-            tiles_dev = cupy.empty(tiles.shape, dtype=cupy.int32)
-            from cupy.cuda import runtime
+            part_o = part_lse = ptr(0)
+        own_start = ptr(cascade.own_start if cascade else 0)
+        launches = [decode_launch(plan, shape, fn, splits, group, cells, part_o, part_lse, own_start, parts)]
+        if cascade is not None:
+            launches.append(cascade.launch(cells["q"], cells["pool"], cells["tables"], part_o, part_lse,
+                                           cells["common"], plan.width, cells["softcap"], cells["scale"]))
+        if parts:
+            launches.append(merge_launch(plan, rows, part_o, part_lse, cells["out"], parts))
+    return launches, splits, keep, shape.tc
 
-            runtime.memcpyAsync(tiles_dev.data.ptr, tiles.ctypes.data, tiles.nbytes,
-                                runtime.memcpyHostToDevice, current_stream(dev))
-            keep += [tiles_dev, tiles]  # the host copy alive until the copy has run
-            fn = kernels.get_kernel("paged_prefill.cu", "paged_prefill",
-                                    {**base, "GROUP": group, "MT": mt}, dev)
-            bn = 32 if mt == 2 or spec.head_dim > 128 else 64
-            stages = 3 if mt == 2 else 2
-            smem = (64 * mt + 2 * stages * bn) * (spec.head_dim + 8) * 2
-            if spec.is_fp8:  # one converted K and V tile, the stages as stored
-                smem = (64 * mt + 2 * bn) * (spec.head_dim + 8) * 2 + 2 * stages * bn * spec.head_dim
-            if fn.max_dynamic_shared_size_bytes < smem:
-                fn.max_dynamic_shared_size_bytes = smem
-            args = [q, pool, ptr(p["tables"]), ptr(p["seq_lens"]), ptr(p["query_lens"]),
-                    ptr(p["q_start"]), ptr(tiles_dev.data.ptr), out, *common, i32(plan.width), scales, window,
-                    softcap, scale]
-            launches.append(Launch(fn, (len(tiles), spec.num_kv_heads), 128, smem, args, dev))
-    return launches, splits, keep, not plan.decode or tc
+
+def cascade_tiling(head_dim: int, group: int, config: KernelConfig) -> tuple[Tiling, int, int]:
+    """(tiling, dynamic shared memory, members per CTA) of cascade_prefix.cu: the
+    multi-token kernel's tiling (`kvpager.backends.cupy_prefill.tiling`)."""
+    t = tiling(head_dim, config)
+    return t, cascade_smem(head_dim, t.mt, t.bn, t.stages), max(1, t.bm // group)
+
+
+def cascade_chunks(min_length: int, base_ctas: int, slots: int) -> int:
+    """Chunks each shared segment is cut into (at least 256 positions each, at most 64):
+    the count whose waves of ``base_ctas * chunks`` CTAs over ``slots`` resident CTA slots
+    end soonest (waves x chunk length), the fewest among equals (fewer partials to merge)."""
+    most = int(max(1, min(64, int(min_length) // 256)))
+    return min(range(1, most + 1), key=lambda c: (-(-base_ctas * c // slots)) / c)
 
 
 class CascadeLaunch:
@@ -155,13 +112,9 @@ class CascadeLaunch:
         import cupy
 
         spec = plan.spec
-        self.mt = kernels.PREFILL_MT or (2 if spec.head_dim <= 128 else 1)
-        bm = 64 * self.mt
-        self.bn = 32 if self.mt == 2 or spec.head_dim > 128 else 64
-        self.stages = 3 if self.mt == 2 else 2
-        self.smem = (bm + 2 * self.stages * self.bn) * (spec.head_dim + 8) * 2
+        t, self.smem, self.per_tile = cascade_tiling(spec.head_dim, group, plan.config)  # per_tile: members per CTA
+        self.mt, self.bn, self.stages = t.mt, t.bn, t.stages
         self.group = group
-        self.per_tile = max(1, bm // group)  # members per CTA
         seg = shared.segments
         tiles_per_seg = -(-seg[:, 4].astype(np.int64) // self.per_tile)
         base_ctas = int(tiles_per_seg.sum()) * spec.num_kv_heads
@@ -172,10 +125,7 @@ class CascadeLaunch:
         if self.fn.max_dynamic_shared_size_bytes < self.smem:
             self.fn.max_dynamic_shared_size_bytes = self.smem
         slots = nsm * kernels.resident_ctas(self.fn, 128, self.smem, plan.device)
-        # Chunks of each segment (at least 256 positions): the count whose waves of CTAs
-        # end soonest (waves x chunk length), the fewest among equals (fewer partials to merge).
-        most = int(max(1, min(64, int(lengths.min()) // 256)))
-        self.chunks = min(range(1, most + 1), key=lambda c: (-(-base_ctas * c // slots)) / c)
+        self.chunks = cascade_chunks(int(lengths.min()), base_ctas, slots)
         self.levels, self.splits = shared.levels, splits
         self.parts = splits + shared.levels * self.chunks
         self.rows = plan.rows
