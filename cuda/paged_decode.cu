@@ -14,8 +14,9 @@
 // Grid: x = (item, kv head, head subgroup) with the subgroup fastest, y =
 // split. A CTA (4 warps) handles SUBGROUP query heads of one kv head over
 // its split's token range, so each K/V row is read once for all of them
-// (SUBGROUP = GROUP for groups up to 8; a group of 16 is cut into two
-// subgroups whose CTAs run side by side and share the K/V reads through L2).
+// (SUBGROUP = GROUP while a lane's q and accumulator fit in 64 registers, 8
+// heads at head dim 128; larger groups are cut into subgroups whose CTAs run
+// side by side and share the K/V reads through L2).
 // Inside a warp, LPR lanes share a K/V row (16-byte loads, one row of
 // head_dim elements per LPR lanes, rows of a warp contiguous in memory); each
 // lane keeps its dims of q and of the output accumulator for SUBGROUP heads in
