@@ -154,7 +154,7 @@ def test_bad_knobs_are_refused_by_name(knob, value):
 def test_config_is_frozen_and_replaced_by_name():
     c = DEFAULT.replace(decode_stages=4, prefill_mt=1)
     assert (c.decode_stages, c.prefill_mt, c.copy_unroll) == (4, 1, 16)
-    assert DEFAULT == KernelConfig() and DEFAULT.decode_stages is None  # the original is untouched
+    assert KernelConfig() == DEFAULT and DEFAULT.decode_stages is None  # the original is untouched
     with pytest.raises(AttributeError):
         c.decode_stages = 2  # type: ignore[misc]
     with pytest.raises(InvalidArgument, match="decode_stage"):

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 
 from kvpager import kernels, validate
-from kvpager.block_moves import write_kernel
 from kvpager.backends.cupy_launches import (
     CascadeLaunch,
     attention_launches,
@@ -31,6 +30,7 @@ from kvpager.backends.cupy_launches import (
     device_tensor,
     torch_kinds,
 )
+from kvpager.block_moves import write_kernel
 from kvpager.cascade import find_shared_prefixes, worth_it
 from kvpager.errors import InvalidArgument, UnsupportedConfiguration
 from kvpager.kernel_config import KernelConfig, check_config
