@@ -85,8 +85,9 @@ def decode_shape(spec: Any, group: int, items: int, max_len: int, num_sms: int,
     base = {**kernels.storage_defines(spec), "HEAD_DIM": spec.head_dim, "BLOCK_SIZE": spec.block_size}
     if spec.dtype == "float32":
         gs = decode_subgroup(spec.dtype, spec.head_dim, group)
-        return DecodeShape("paged_decode.cu", "paged_decode", {**base, "SUBGROUP": gs, "CH": config.decode_rows},
-                           items * spec.num_kv_heads * (group // gs), 128, 0, False)
+        defs = {**base, "SUBGROUP": gs, "CH": config.decode_rows}
+        return DecodeShape("paged_decode.cu", "paged_decode", defs, items * spec.num_kv_heads * (group // gs),
+                           128, 0, False)
     hpc, wph = decode_layout(spec.num_kv_heads, spec.head_dim, spec.itemsize, items, max_len, num_sms, config)
     stages = decode_stages(spec.head_dim, spec.itemsize, hpc * wph, config)
     defs = {**base, "GROUP": group, "STAGES": stages, "HPC": hpc, "WPH": wph}

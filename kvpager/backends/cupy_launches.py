@@ -27,9 +27,9 @@ from kvpager.launch import Launch, current_stream, f32, i32, ptr, torch_stream
 def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
                        ) -> tuple[list[Launch], int, list[Any], bool]:
     """(launches, split count, buffers to keep alive, whether the kernel's scores
-    are raw q . k products) of ``plan`` for ``num_q_heads``, shaped by
-    ``plan.config``. Cells shared by the
-    launches: q (0), out (5 in decode, 7 multi-token), layer (8), window (-3),
+    are raw q . k products) of ``plan`` for ``num_q_heads``, tuned by
+    ``plan.config`` (`kvpager.KernelConfig`). Cells shared by the launches:
+    q (0), out (5 in decode, 7 multi-token), layer (8), window (-3),
     soft cap (-2, in the kernel's score units: raw products, or scaled log2
     units for the CUDA-core decode), scale (last); the merge launch reads the
     decode launch's out cell. ``shared`` (`kvpager.cascade.SharedPrefixes`, a
@@ -112,7 +112,8 @@ class CascadeLaunch:
         import cupy
 
         spec = plan.spec
-        t, self.smem, self.per_tile = cascade_tiling(spec.head_dim, group, plan.config)  # per_tile: members per CTA
+        # per_tile: members per CTA
+        t, self.smem, self.per_tile = cascade_tiling(spec.head_dim, group, plan.config)
         self.mt, self.bn, self.stages = t.mt, t.bn, t.stages
         self.group = group
         seg = shared.segments
