@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvpager.errors import UnsupportedConfiguration
+
 
 def decode_row_bytes(head_dim: int, itemsize: int) -> int:
     """Bytes of a K/V row in paged_decode_tc.cu's shared memory: padded by 16 bytes
@@ -38,6 +40,15 @@ def cascade_smem(head_dim: int, mt: int, bn: int, stages: int) -> int:
     """cascade_prefix.cu: the member tile (64 * mt rows) and ``stages`` K and V tiles of
     ``bn`` rows, rows padded by 8 elements."""
     return (64 * mt + 2 * stages * bn) * (head_dim + 8) * 2
+
+
+def check_fits(smem: int, attrs: dict[str, Any], what: str) -> None:
+    """UnsupportedConfiguration when a CTA's ``smem`` bytes exceed what one CTA may
+    take on a device with ``attrs`` (a config's knobs can ask for more)."""
+    most = int(attrs.get("MaxSharedMemoryPerBlockOptin", 232448))
+    if smem > most:
+        raise UnsupportedConfiguration(f"{what} needs {smem} bytes of shared memory per CTA; "
+                                       f"this GPU allows {most}")
 
 
 def resident(attrs: dict[str, Any], regs: int, static_smem: int, threads: int, smem: int) -> int:

@@ -28,11 +28,12 @@ from kvpager.backends.cupy_launches import cascade_chunks, cascade_tiling
 from kvpager.backends.cupy_prefill import prefill_tiles, prefill_tiling
 from kvpager.block_moves import COPY_THREADS, copy_grid
 from kvpager.kernel_config import DEFAULT, check_config
-from kvpager.kernel_smem import resident
+from kvpager.kernel_smem import check_fits, resident
 
 PINS = json.loads((Path(__file__).parent / "kernel_plan_pins.json").read_text())
 H200 = {"MultiProcessorCount": 132, "MaxRegistersPerMultiprocessor": 65536,
-        "MaxSharedMemoryPerMultiprocessor": 233472, "MaxThreadsPerMultiProcessor": 2048}
+        "MaxSharedMemoryPerMultiprocessor": 233472, "MaxThreadsPerMultiProcessor": 2048,
+        "MaxSharedMemoryPerBlockOptin": 232448}
 NSM = 132
 
 
@@ -56,6 +57,7 @@ def test_decode_launches_are_the_pinned_ones(case):
     assert shape.defines == case["defines"]
     assert [shape.ctas, splits] == case["grid"]
     assert (shape.threads, shape.smem, splits) == (case["threads"], case["smem"], case["splits"])
+    check_fits(shape.smem, H200, "decode")  # the production config's layouts fit an H200's CTA
     # merge_splits.cu takes only the defines it reads (the output dtype and head dim)
     assert merge_defines(spec) == {k: case["merge_defines"][k] for k in ("KV_DTYPE", "HEAD_DIM")}
 
@@ -121,6 +123,15 @@ def test_knobs_reach_the_launches():
     assert cascade_tiling(128, 4, KernelConfig(prefill_mt=1))[0] == t  # the cascade runs the same tiling
     with pytest.raises(UnsupportedConfiguration, match="prefill_mt=2"):
         prefill_tiling(spec_of("float16", None, 256, 16, 8), 4, KernelConfig(prefill_mt=2))
+
+
+def test_shared_memory_a_config_asks_for_must_fit():
+    _, s, _ = decode("bfloat16", None, 256, 16, 8, 4, 64, 4096, 168, config=KernelConfig(decode_stages=8))
+    assert s.smem == 4 * 8 * 2 * 16 * (256 + 8) * 2  # paged_decode_tc.cu's header formula
+    with pytest.raises(UnsupportedConfiguration, match="shared memory"):
+        check_fits(s.smem, H200, "paged_decode_tc.cu")
+    _, s, _ = decode("bfloat16", None, 256, 16, 8, 4, 64, 4096, 168, config=KernelConfig(decode_stages=3))
+    check_fits(s.smem, H200, "paged_decode_tc.cu")
 
 
 def test_fp8_pools_decode_on_tensor_cores_only():

@@ -17,7 +17,7 @@ from typing import Any
 
 from kvpager import kernels
 from kvpager.kernel_config import KernelConfig
-from kvpager.kernel_smem import decode_row_bytes, decode_tc_smem
+from kvpager.kernel_smem import check_fits, decode_row_bytes, decode_tc_smem
 from kvpager.launch import Launch, i32
 
 #: shared memory the decode planner sizes its stages and layouts to, per SM (an H100 / H200 has 227 KiB)
@@ -137,6 +137,9 @@ def decode_kernel(plan: Any, group: int, max_len: int, config: KernelConfig) -> 
     dev = plan.device
     nsm = kernels.num_sms(dev)
     shape = decode_shape(plan.spec, group, plan.items, max_len, nsm, config)
+    if shape.tc:
+        check_fits(shape.smem, kernels.device_attributes(dev),
+                   "paged_decode_tc.cu with these decode_stages / decode_heads_per_cta / decode_warps_per_head")
     fn = kernels.get_kernel(shape.file, shape.kernel, shape.defines, dev)
     resident = 0
     if shape.tc:
