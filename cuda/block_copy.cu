@@ -5,16 +5,15 @@
 // stores, UNROLL of them in flight per thread (the loader passes -DUNROLL).
 //
 // Work is cut into items of COPY_THREADS * UNROLL vectors: item i is chunk
-// i % chunks_per_block of pair i / chunks_per_block. Grid: 1-D; CTA b takes
-// items b, b + gridDim.x, ... (the loader launches a few CTAs per SM, so the
-// CTAs stay resident and walk all the pairs, with the next item's pair
-// fetched while the current one is copied; a grid of one CTA per item works
-// too).
+// i % chunks_per_block of pair i / chunks_per_block. Grid: 1-D, one CTA per
+// item (destinations are distinct, so the items number at most the pool's
+// bytes / (16 * COPY_THREADS * UNROLL)). A persistent grid walking the items
+// measured no better (docs/gpu-notes.md, v1).
 #include "kvpager_common.cuh"
 
 #define COPY_THREADS 256
 #ifndef UNROLL
-#define UNROLL 8
+#define UNROLL 16
 #endif
 
 extern "C" __global__ void __launch_bounds__(COPY_THREADS) copy_blocks(
@@ -26,35 +25,21 @@ extern "C" __global__ void __launch_bounds__(COPY_THREADS) copy_blocks(
 {
     constexpr int SEG = COPY_THREADS * UNROLL;
     const long long cpb = (block_vecs + SEG - 1) / SEG;  // chunks per block
-    const long long items = (long long)num_pairs * cpb;
-    long long it = blockIdx.x;
-    long long ps = 0, pd = 0;
-    if (it < items) {
-        const long long p = it / cpb;
-        ps = __ldg(pairs + 2 * p);
-        pd = __ldg(pairs + 2 * p + 1);
+    const long long it = blockIdx.x;
+    if (it >= (long long)num_pairs * cpb) return;
+    const long long p = it / cpb;
+    const long long base = (it - p * cpb) * SEG + threadIdx.x;
+    const uint4* s = src + __ldg(pairs + 2 * p) * block_vecs;
+    uint4* d = dst + __ldg(pairs + 2 * p + 1) * block_vecs;
+    uint4 r[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        const long long i = base + u * COPY_THREADS;
+        if (i < block_vecs) r[u] = ld_stream(s + i);
     }
-    for (; it < items; it += gridDim.x) {
-        const long long p = it / cpb;
-        const long long base = (it - p * cpb) * SEG + threadIdx.x;
-        const uint4* s = src + ps * block_vecs;
-        uint4* d = dst + pd * block_vecs;
-        const long long nx = it + gridDim.x;
-        if (nx < items) {  // the next item's pair, in flight during this copy
-            const long long np = nx / cpb;
-            ps = __ldg(pairs + 2 * np);
-            pd = __ldg(pairs + 2 * np + 1);
-        }
-        uint4 r[UNROLL];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const long long i = base + u * COPY_THREADS;
-            if (i < block_vecs) r[u] = ld_stream(s + i);
-        }
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const long long i = base + u * COPY_THREADS;
-            if (i < block_vecs) st_vec(d + i, r[u]);
-        }
+    for (int u = 0; u < UNROLL; ++u) {
+        const long long i = base + u * COPY_THREADS;
+        if (i < block_vecs) st_vec(d + i, r[u]);
     }
 }

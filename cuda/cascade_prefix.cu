@@ -15,7 +15,7 @@
 // segment and its log2-sum-exp into the row's partial slot ``slot``; the
 // decode or multi-token kernel writes each sequence's own positions (from the
 // end of its deepest segment) into slot 0 (or the split slots), and
-// merge_splits (paged_decode.cu) combines them. Every position of a segment
+// merge_splits (merge_splits.cu) combines them. Every position of a segment
 // precedes every member query, so no causal mask applies; sliding windows are
 // not applied here (the planner does not cascade a windowed call).
 //

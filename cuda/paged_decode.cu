@@ -1,18 +1,22 @@
-// paged_decode.cu: paged attention for one query token per work item
-// (decode), over the block-major pool, with split-K over long contexts.
+// paged_decode.cu: paged attention of float32 pools on CUDA cores, one
+// query token per work item (decode, and float32 multi-token as one item per
+// query token), over the block-major pool, with split-K over long contexts.
+// float16 / bfloat16 (and FP8) pools decode on tensor cores in
+// paged_decode_tc.cu; this kernel's 16-bit build measured 0.78-0.84x of that
+// one and is gone (docs/gpu-notes.md, v1).
 //
 // Work item i has query row i (q[i]), reads the K/V of sequence item_seq[i]
 // up to item_len[i] tokens (positions [0, item_len[i])), and attends with
 // every query head of its kv head's GQA group. Decode uses one item per
-// sequence; the float32 multi-token path uses one item per query token with
+// sequence; the multi-token path uses one item per query token with
 // item_len = its position + 1 (causal).
 //
 // Grid: x = (item, kv head, head subgroup) with the subgroup fastest, y =
 // split. A CTA (4 warps) handles SUBGROUP query heads of one kv head over
 // its split's token range, so each K/V row is read once for all of them
-// (SUBGROUP = GROUP for float16/bfloat16 groups up to 4 and float32 up to 8;
-// larger groups are cut into subgroups whose CTAs run side by side and share
-// the K/V reads through L2).
+// (SUBGROUP = GROUP while a lane's q and accumulator fit in 64 registers, 8
+// heads at head dim 128; larger groups are cut into subgroups whose CTAs run
+// side by side and share the K/V reads through L2).
 // Inside a warp, LPR lanes share a K/V row (16-byte loads, one row of
 // head_dim elements per LPR lanes, rows of a warp contiguous in memory); each
 // lane keeps its dims of q and of the output accumulator for SUBGROUP heads in
@@ -21,19 +25,23 @@
 // With parts == 0 (one split, no shared prefix) the CTA writes the
 // normalised output; otherwise it writes a float32 partial output and its
 // log2-sum-exp into slot ``split`` of ``parts`` per row, and merge_splits
-// combines the slots. item_start (optional): the first position each item
-// reads here, past the shared prefix that cascade_prefix.cu attends into the
-// slots num_splits .. parts - 1 (which split 0 marks empty first).
+// (merge_splits.cu) combines the slots. item_start (optional): the first
+// position each item reads, past a shared prefix attended elsewhere into the
+// slots num_splits .. parts - 1 (which split 0 marks empty first; kvpager
+// cascades only 16-bit pools, so it passes none here).
 //
 // window > 0 (sliding window): the item sees only positions
 // [item_len - window, item_len); the splits cover that range, from the
 // multiple of 16 below its start (the rows before it are masked). softcap > 0:
 // scores s (log2 units) become softcap * tanh(s / softcap), so the host passes
 // the cap times log2(e).
+#ifndef KV_DTYPE
+#define KV_DTYPE 2  // float32: the only pools this kernel reads
+#endif
 #include "kvpager_common.cuh"
 
-#if KV_FP8
-#error "paged_decode.cu reads float16 / bfloat16 / float32 pools; FP8 pools decode in paged_decode_tc.cu"
+#if KV_DTYPE != 2 || KV_FP8
+#error "paged_decode.cu reads float32 pools; float16 / bfloat16 / FP8 pools decode in paged_decode_tc.cu"
 #endif
 
 #ifndef HEAD_DIM
@@ -314,80 +322,5 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode(
             if (d == 0 && split == 0)
                 for (int s = num_splits; s < parts; ++s) part_lse[row * parts + s] = NEG_INF;
         }
-    }
-}
-
-// merge_splits: out[row] = sum_s w_s * part_o[row, s] with w_s proportional to
-// 2^part_lse[row, s] (log-sum-exp merge; num_splits <= 1024). Used by both
-// decode kernels (this file's and paged_decode_tc.cu's).
-// Grid: x = row (item * num_q_heads + head); 256 threads: the weights are
-// computed in parallel, then each thread sums float4 columns of its share of
-// the splits (MERGE_THREADS / (HEAD_DIM / 4) split lanes, several loads in
-// flight each) and the lanes are added up through shared memory.
-#define MERGE_THREADS 256
-constexpr int MV = D / 4;                  // float4 columns per row
-constexpr int MSL = MERGE_THREADS / MV;    // split lanes
-
-__device__ __forceinline__ float block_reduce(float x, bool is_max, float* red) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-        const float y = __shfl_xor_sync(0xffffffffu, x, off);
-        x = is_max ? fmaxf(x, y) : x + y;
-    }
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = x;
-    __syncthreads();
-    x = red[0];
-#pragma unroll
-    for (int w = 1; w < MERGE_THREADS / 32; ++w) x = is_max ? fmaxf(x, red[w]) : x + red[w];
-    __syncthreads();  // red is reused by the next call
-    return x;
-}
-
-// Slots of zero weight (empty: log2-sum-exp -inf) are not read.
-extern "C" __global__ void __launch_bounds__(MERGE_THREADS) merge_splits(
-    const float* __restrict__ part_o,    // [num_rows, num_splits, HEAD_DIM]
-    const float* __restrict__ part_lse,  // [num_rows, num_splits]
-    kv_t* __restrict__ out,              // [num_rows, HEAD_DIM]
-    int num_splits)
-{
-    const long long row = blockIdx.x;
-    const int tid = threadIdx.x;
-    const float* lse = part_lse + row * num_splits;
-    __shared__ float w[1024];
-    __shared__ float red[MERGE_THREADS / 32];
-    __shared__ float4 lanes[MSL][MV];
-    float mx = NEG_INF;
-    for (int s = tid; s < num_splits; s += MERGE_THREADS) {
-        w[s] = lse[s];
-        mx = fmaxf(mx, w[s]);
-    }
-    mx = block_reduce(mx, true, red);
-    float t = 0.f;
-    for (int s = tid; s < num_splits; s += MERGE_THREADS) {
-        const float x = w[s] == NEG_INF ? 0.f : exp2f(w[s] - mx);
-        w[s] = x;
-        t += x;
-    }
-    t = block_reduce(t, false, red);  // its barriers also publish w
-    const float inv_total = t > 0.f ? 1.f / t : 0.f;
-    const int v = tid % MV, sl = tid / MV;
-    if (sl < MSL) {
-        const float4* po = reinterpret_cast<const float4*>(part_o + row * num_splits * D) + v;
-        float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-        for (int s = sl; s < num_splits; s += MSL) {
-            const float ws = w[s];
-            if (ws == 0.f) continue;
-            const float4 p = po[(long long)s * MV];
-            a.x += ws * p.x; a.y += ws * p.y; a.z += ws * p.z; a.w += ws * p.w;
-        }
-        lanes[sl][v] = a;
-    }
-    __syncthreads();
-    for (int d = tid; d < D; d += MERGE_THREADS) {
-        float o = 0.f;
-#pragma unroll
-        for (int l = 0; l < MSL; ++l) o += reinterpret_cast<const float*>(&lanes[l][0])[d];
-        out[row * D + d] = from_float(o * inv_total);
     }
 }

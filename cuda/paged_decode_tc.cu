@@ -20,7 +20,7 @@
 // between the two products as in the multi-token kernel. At the end the warps merge through shared memory;
 // with parts == 0 the CTA writes the normalised output, else a float32
 // partial output and its log2-sum-exp into slot ``split`` of ``parts`` for
-// merge_splits (paged_decode.cu). item_start: as in paged_decode.cu (cascade).
+// merge_splits (merge_splits.cu). item_start: the first position each item reads (cascade).
 //
 // window > 0 (sliding window): the item sees only positions
 // [item_len - window, item_len); the splits cover that range from the tile

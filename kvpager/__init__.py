@@ -35,6 +35,7 @@ from kvpager.errors import (
     VersionMismatch,
 )
 from kvpager.events import EventSink
+from kvpager.kernel_config import KernelConfig
 from kvpager.pool import KVPool
 from kvpager.pool_rank import PoolRank
 from kvpager.spec import PoolSpec
@@ -64,6 +65,7 @@ __all__ = [
     "InvalidArgument",
     "KVPagerError",
     "KVPool",
+    "KernelConfig",
     "LimitExceeded",
     "MessageTooLarge",
     "NotOwner",

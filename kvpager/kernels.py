@@ -1,17 +1,20 @@
-"""The one loader of kvpager's CUDA kernels (`cuda/*.cu`), and their launchers.
+"""The one loader of kvpager's CUDA kernels (`cuda/*.cu`).
 
 Sources are read from disk, compiled with `cupy.RawModule` (NVRTC) on first
 use, one module per (device, file, specialisation), and cached. A
 specialisation is a set of ``-D`` defines (dtype, head dim, block size, GQA
 group), so each kernel is built with compile-time shapes.
 
-Every launcher validates its arguments in Python first (dtypes, shapes, ids in
-range), so a bad block id or slot never reaches a kernel.
+Here too: the device attributes the planners read, and the checks every
+launcher runs in Python first (geometry, GQA group, block ids in range), so a
+bad block id or slot never reaches a kernel. The launchers are in
+`kvpager.block_moves` (write, copy, swap) and `kvpager.backends.cupy_decode` /
+`cupy_prefill` / `cupy_launches` (attention, each beside its planner); their
+tuning knobs in `kvpager.kernel_config`.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import threading
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from kvpager.errors import InvalidArgument, UnsupportedConfiguration
+from kvpager.kernel_smem import resident
 from kvpager.validate import int_array
 
 DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
@@ -29,28 +33,6 @@ HEAD_DIMS = tuple(range(32, 257, 16))  # every multiple of 16 from 32 to 256
 BLOCK_SIZES = (8, 16, 32, 64)
 GROUP_SIZES = (1, 2, 4, 8, 16)
 NVRTC_OPTIONS = ("-std=c++17", "--use_fast_math")
-#: K/V rows per lane group per decode iteration (paged_decode.cu's CH); benchmarks sweep it
-DECODE_ROWS = 4
-#: float16 / bfloat16 decode on tensor cores (paged_decode_tc.cu); False: the CUDA-core kernel
-DECODE_TC = True
-#: cp.async stages per warp in paged_decode_tc.cu; None: as many as fit about 110 KiB per CTA
-DECODE_STAGES: int | None = None
-#: L2 prefetch-size hint (0, 128 or 256 bytes) on paged_decode_tc.cu's cp.async copies
-DECODE_L2_PREFETCH = 128
-#: kv heads per paged_decode_tc.cu CTA (a divisor of the kv heads is taken); None: chosen per call
-DECODE_HEADS_PER_CTA: int | None = None
-#: warps per kv head in paged_decode_tc.cu; None: 4 with one head per CTA, else 1
-DECODE_WARPS_PER_HEAD: int | None = None
-#: contexts up to this long (with CTAs to spare) get 4 kv heads per CTA, one warp each
-DECODE_SHORT_CONTEXT = 512
-#: query rows per warp in paged_prefill.cu, in 16-row m-tiles (2 up to head dim 128)
-PREFILL_MT: int | None = None
-#: 16-byte vectors in flight per thread in copy_blocks (block_copy.cu's UNROLL)
-COPY_UNROLL = 16
-#: copy_blocks CTAs per SM (a persistent grid walking all the chunks); 0: one CTA per chunk
-#: (measured the same or faster on an H200: see docs/gpu-notes.md)
-COPY_CTAS_PER_SM = 0
-
 _HEADER = re.compile(r'^#include "([\w.]+)"\s*$', re.M)
 _lock = threading.Lock()
 _modules: dict[tuple, Any] = {}
@@ -155,27 +137,11 @@ def check_group(num_q_heads: int, num_kv_heads: int) -> int:
 
 
 # -- argument checks --------------------------------------------------------------------
-def _in_range(arr: np.ndarray, lo: int, hi: int, name: str) -> None:
+def in_range(arr: np.ndarray, lo: int, hi: int, name: str) -> None:
     if arr.size:
         bad = (arr < lo) | (arr >= hi)
         if bad.any():
             raise InvalidArgument(f"{name} holds {int(arr[bad][0])}, outside [{lo}, {hi})")
-
-
-def _tensor(x: Any, name: str, shape: tuple[int, ...], dtype: Any, device: int) -> Any:
-    import cupy
-
-    if not isinstance(x, cupy.ndarray):
-        raise InvalidArgument(f"{name} must be a cupy array, got {type(x).__name__}")
-    if tuple(x.shape) != shape:
-        raise InvalidArgument(f"{name} must have shape {shape}, got {tuple(x.shape)}")
-    if x.dtype != dtype:
-        raise InvalidArgument(f"{name} must have dtype {dtype}, got {x.dtype}")
-    if x.device.id != device:
-        raise InvalidArgument(f"{name} is on cuda:{x.device.id}, the pool on cuda:{device}")
-    if not x.flags.c_contiguous or x.data.ptr % 16:
-        x = x.copy()  # kernels take dense, 16-byte aligned rows
-    return x
 
 
 def check_pairs(pairs: Any, src_blocks: int, dst_blocks: int, what: str) -> np.ndarray:
@@ -186,179 +152,14 @@ def check_pairs(pairs: Any, src_blocks: int, dst_blocks: int, what: str) -> np.n
     arr = int_array(arr, f"{what} pairs", 2, np.int64)
     if arr.shape[1] != 2:
         raise InvalidArgument(f"{what} pairs must be [n, 2], got {arr.shape}")
-    _in_range(arr[:, 0], 0, src_blocks, f"{what} source blocks")
-    _in_range(arr[:, 1], 0, dst_blocks, f"{what} destination blocks")
+    in_range(arr[:, 0], 0, src_blocks, f"{what} source blocks")
+    in_range(arr[:, 1], 0, dst_blocks, f"{what} destination blocks")
     if len(np.unique(arr[:, 1])) != len(arr):
         raise InvalidArgument(f"{what} destination blocks must be distinct")
     return arr
 
 
-# -- launchers --------------------------------------------------------------------------
-def write(pool: Any, spec: Any, layer: int, slots: Any, k: Any, v: Any, device: int,
-          dtype: Any = None, scales: Any = None) -> None:
-    """pool[slot // bs, layer, 0|1, :, slot % bs] = k|v for every slot != -1. An FP8
-    pool: k / v in ``dtype`` (the compute dtype), quantised with ``scales`` (float32
-    [layers, 2, kv heads] on the device)."""
-    import cupy
-
-    slots = int_array(slots, "slots", 1, np.int64)
-    _in_range(slots, -1, spec.num_blocks * spec.block_size, "slots")
-    if not 0 <= layer < spec.num_layers:
-        raise InvalidArgument(f"layer {layer} outside [0, {spec.num_layers})")
-    t = len(slots)
-    shape = (t, spec.num_kv_heads, spec.head_dim)
-    k = _tensor(k, "k", shape, pool.dtype if dtype is None else dtype, device)
-    v = _tensor(v, "v", shape, pool.dtype if dtype is None else dtype, device)
-    if t == 0:
-        return
-    name, defs = write_kernel(spec)
-    fn = get_kernel("kv_write.cu", name, defs, device)
-    row_vecs = spec.head_dim * spec.compute_itemsize // 16
-    args = [k, v, cupy.asarray(slots), pool, np.int32(t), np.int32(layer), np.int32(spec.num_layers),
-            np.int32(spec.num_kv_heads), np.int32(spec.block_size), np.int32(row_vecs)]
-    if spec.is_fp8:
-        args.append(scales)
-    fn((min(t, 65536),), (128,), tuple(args))
-
-
-def write_kernel(spec: Any) -> tuple[str, dict[str, int]]:
-    """(kernel name, defines) of kv_write.cu for the pool: a byte move, or FP8 quantisation."""
-    if spec.is_fp8:
-        return "kv_write_fp8", storage_defines(spec)
-    return "kv_write", {}
-
-
-def copy_blocks(pool: Any, spec: Any, pairs: Any, device: int) -> None:
-    """Whole-block copies inside the pool, all pairs in one launch."""
-    import cupy
-
-    pairs = check_pairs(pairs, spec.num_blocks, spec.num_blocks, "copy")
-    if not len(pairs):
-        return
-    if np.isin(pairs[:, 1], pairs[:, 0]).any():
-        raise InvalidArgument("copy destination blocks must not also be sources")
-    launch_copy(pool, cupy.asarray(pairs), spec.bytes_per_block, device)
-
-
-def launch_copy(pool: Any, pairs: Any, block_bytes: int, device: int) -> None:
-    """The copy_blocks launch alone; ``pairs`` already checked and on the GPU."""
-    block_vecs = block_bytes // 16
-    fn = get_kernel("block_copy.cu", "copy_blocks", {"UNROLL": COPY_UNROLL}, device)
-    items = len(pairs) * -(-block_vecs // (256 * COPY_UNROLL))
-    if COPY_CTAS_PER_SM:
-        items = min(items, num_sms(device) * COPY_CTAS_PER_SM)
-    fn((min(items, 2**31 - 1),), (256,), (pool, pool, pairs, np.int32(len(pairs)), np.int64(block_vecs)))
-
-
-def swap(src_ptr: int, dst_ptr: int, spec: Any, pairs: Any, src_blocks: int, dst_blocks: int,
-         device: int, what: str) -> None:
-    """Whole-block copies between the device pool and the mapped host pool."""
-    import cupy
-
-    pairs = check_pairs(pairs, src_blocks, dst_blocks, what)
-    if not len(pairs):
-        return
-    launch_swap(src_ptr, dst_ptr, cupy.asarray(pairs), spec.bytes_per_block, device)
-
-
-def launch_swap(src_ptr: int, dst_ptr: int, pairs: Any, block_bytes: int, device: int) -> None:
-    """The swap_blocks launch alone; ``pairs`` already checked and on the GPU."""
-    block_vecs = block_bytes // 16
-    fn = get_kernel("swap.cu", "swap_blocks", {}, device)
-    grid = (min(-(-block_vecs // 2048), 1024), min(len(pairs), 65535))
-    fn(grid, (256,), (np.uint64(src_ptr), np.uint64(dst_ptr), pairs, np.int32(len(pairs)),
-                      np.int64(block_vecs)))
-
-
-def decode_subgroup(dtype: str, head_dim: int, group: int) -> int:
-    """Query heads per decode CTA: the whole group while q and the accumulator
-    of the lane's dims fit in 64 registers, else a power-of-two part of it."""
-    itemsize = 4 if dtype == "float32" else 2
-    nv = head_dim * itemsize // 16
-    lpr = 4 if nv <= 4 else 8 if nv <= 8 else 16 if nv <= 16 else 32
-    per_head = -(-nv // lpr) * (16 // itemsize)
-    return min(group, max(1, 32 // per_head))
-
-
-def plan_splits(base_ctas: int, max_len: int, num_sms: int, resident: int = 0) -> int:
-    """Split-K count for decode, each split at least 512 tokens long (shorter
-    splits cost more in partial writes and the merge launch than they gain).
-
-    With ``resident`` (CTAs that fit on one SM at once) known: no split when
-    the CTAs already fill the SMs once; else the fewest splits that do, choosing
-    among up to twice that many the count whose last wave is fullest (every
-    split adds a partial write and a latency-bound merge launch, measured at
-    ~8 us for 2,048 rows on an H200), and none when they fill the SMs four
-    times over (FP8 256 x 1,024 on an H200: 0.147 ms unsplit, 0.176 in two).
-    Without it: about eight CTAs per SM."""
-    hi = int(max(1, min(max_len // 512, 1024)))
-    base = max(base_ctas, 1)
-    if resident <= 0:
-        return int(min(max(1, -(-num_sms * 8 // base)), hi))
-    slots = num_sms * resident
-    if base >= 4 * slots:  # the last wave's tail is under a quarter of the launch: splits cost more
-        return 1
-    lo = min(max(1, -(-slots // base)), hi)
-    best, best_fill = lo, 0.0
-    for s in range(lo, min(2 * lo, hi) + 1):
-        waves = base * s / slots
-        fill = waves / math.ceil(waves)
-        if fill > best_fill + 0.02:
-            best, best_fill = s, fill
-    return int(best)
-
-
-def decode_layout(num_kv_heads: int, head_dim: int, itemsize: int, items: int = 0,
-                  max_len: int = 0, num_sms: int = 0) -> tuple[int, int]:
-    """(kv heads per CTA, warps per head) for paged_decode_tc.cu. By default one head per CTA
-    and 4 warps sharing its tiles; for short contexts whose one-head CTAs would fill every
-    SM twice, 4 heads per CTA with one warp each (the same warps in a quarter of the CTAs,
-    each with 4x the tiles: 64 x 256 tokens measured 0.025 ms against 0.027 on an H200,
-    three runs). The knobs override;
-    the heads per CTA are cut to a divisor of the kv heads whose two stages fit 220 KiB."""
-    hpc = DECODE_HEADS_PER_CTA
-    if hpc is None:
-        short = max_len <= DECODE_SHORT_CONTEXT and items * num_kv_heads >= 2 * num_sms
-        hpc = 4 if short else 1
-    hpc = math.gcd(int(hpc), num_kv_heads)
-    wph = int(DECODE_WARPS_PER_HEAD or (4 if hpc == 1 else 1))
-    per_warp = 2 * 16 * decode_row_bytes(head_dim, itemsize)
-    while hpc > 1 and (hpc * wph > 16 or hpc * wph * 2 * per_warp > 220 * 1024):
-        hpc //= 2
-    return hpc, wph
-
-
-def decode_row_bytes(head_dim: int, itemsize: int) -> int:
-    """Bytes of a K/V row in paged_decode_tc.cu's shared memory: padded by 16 bytes
-    (itemsize 1, FP8: to an odd number of 16-byte chunks), so ldmatrix rows fall
-    in different banks."""
-    if itemsize == 1:
-        return head_dim if (head_dim // 16) % 2 else head_dim + 16
-    return (head_dim + 8) * itemsize
-
-
-def decode_smem(head_dim: int, itemsize: int, warps: int, stages: int, group: int) -> int:
-    """Dynamic shared memory of a paged_decode_tc.cu CTA: its warps' stages, and at least
-    the float32 rows of the final merge (which reuses them)."""
-    return max(warps * stages * 2 * 16 * decode_row_bytes(head_dim, itemsize), warps * group * head_dim * 4)
-
-
-def decode_stages(head_dim: int, itemsize: int, warps: int = 4) -> int:
-    """cp.async stages per warp for paged_decode_tc.cu: as many as fit in the CTA's share
-    of about 220 KiB of shared memory per SM (8 warps per SM), 2 to 4."""
-    if DECODE_STAGES:
-        return int(DECODE_STAGES)
-    per_stage = warps * 2 * 16 * decode_row_bytes(head_dim, itemsize)
-    budget = 220 * 1024 // max(1, 8 // warps)
-    return int(max(2, min(4, budget // per_stage)))
-
-
 def resident_ctas(fn: Any, threads: int, smem: int, device: int) -> int:
-    """CTAs of ``fn`` that fit on one SM at once (registers, shared memory, threads)."""
-    attrs = device_attributes(device)
-    regs = getattr(fn, "num_regs", 0) or 128
-    static = getattr(fn, "shared_size_bytes", 0) or 0
-    by_regs = attrs.get("MaxRegistersPerMultiprocessor", 65536) // (threads * (-(-regs // 8) * 8))
-    by_smem = attrs.get("MaxSharedMemoryPerMultiprocessor", 233472) // (smem + static + 1024)
-    by_threads = attrs.get("MaxThreadsPerMultiProcessor", 2048) // threads
-    return int(max(1, min(by_regs, by_smem, by_threads)))
+    """CTAs of the compiled ``fn`` that fit on one SM of ``device`` at once (`kernel_smem.resident`)."""
+    return resident(device_attributes(device), getattr(fn, "num_regs", 0) or 0,
+                    getattr(fn, "shared_size_bytes", 0) or 0, threads, smem)

@@ -191,7 +191,9 @@ def make_plan(backend: Any, tables: Any, seq_lens: Any, query_lens: Any = None, 
               **options: Any) -> StepPlan:
     """A step plan on ``backend`` (validated here once). ``options`` go to the
     backend's planner (the CuPy backend: ``num_rows`` / ``width`` capacities for
-    in-place updates, ``num_splits`` to override the decode split-K planner)."""
+    in-place updates, ``num_splits`` to override the decode split-K planner,
+    ``config``: a `kvpager.KernelConfig` of kernel tuning knobs, default the
+    production one)."""
     return backend.plan(*check_step(backend.spec, tables, seq_lens, query_lens, slots), **options)
 
 

@@ -101,7 +101,8 @@ class PoolKV:
         layer ``plan.write(layer, k, v)`` and ``plan.attend(layer, q, scale)``
         (see `kvpager.plan`). ``query_lens``: new tokens per sequence (default 1).
         The plan is a snapshot: make a new one (or `StepPlan.update` it) after
-        the sequences change. ``options`` go to the backend's planner."""
+        the sequences change. ``options`` go to the backend's planner (see
+        `kvpager.plan.make_plan`; ``config=KernelConfig(...)`` for other kernel knobs)."""
         if self.ranks > 1:
             raise self.backend._per_rank("plan")
         ids = validate.seq_ids(seq_ids)

@@ -251,6 +251,7 @@ def test_the_plan_chooses_by_step_kind_and_pool():
     value; float32 pools and padded multi-token steps never cascade."""
     from types import SimpleNamespace
 
+    from kvpager import KernelConfig
     from kvpager.backends.cupy_cascade import cascade_applies, choose_cascade
 
     def plan(nseq, prefix, own, qlen, kv_dtype=None, dtype="bfloat16"):
@@ -259,7 +260,7 @@ def test_the_plan_chooses_by_step_kind_and_pool():
         shared = np.arange(1, prefix // 16 + 1, dtype=np.int32)
         nown = -(-(own + qlen) // 16)
         fresh = 1 + prefix // 16 + np.arange(nseq * nown, dtype=np.int32).reshape(nseq, nown)
-        return SimpleNamespace(spec=spec, decode=qlen == 1, rows=nseq, items=nseq * qlen,
+        return SimpleNamespace(spec=spec, config=KernelConfig(), decode=qlen == 1, rows=nseq, items=nseq * qlen,
                                tables=np.concatenate([np.tile(shared, (nseq, 1)), fresh], axis=1),
                                seq_lens=np.full(nseq, prefix + own + qlen, np.int32),
                                query_lens=np.full(nseq, qlen, np.int32))

@@ -1,8 +1,9 @@
 """Every cuda/*.cu builds with the machine's nvcc for sm_80 and sm_90 (no GPU needed).
 
 Each file is built with its default specialisation (the #ifndef defaults in
-the source: bfloat16, head dim 128, block size 16, group 4) plus, for the
-attention kernels, other dtypes and shapes, so a broken kernel fails CI."""
+the source: bfloat16, head dim 128, block size 16, group 4; float32 for the
+CUDA-core decode) plus, for the attention kernels, other dtypes and shapes, so
+a broken kernel fails CI."""
 
 from __future__ import annotations
 
@@ -21,8 +22,11 @@ CUDA_DIR = Path(__file__).resolve().parent.parent / "cuda"
 NVCC = shutil.which("nvcc")
 ARCHES = ["sm_80", "sm_90", *env.cuda_arch_list()]
 EXTRA = {
-    "paged_decode.cu": [["-DKV_DTYPE=0"], ["-DKV_DTYPE=2", "-DSUBGROUP=8"], ["-DKV_DTYPE=2", "-DHEAD_DIM=48"],
-                        ["-DHEAD_DIM=208"]],
+    "paged_decode.cu": [["-DSUBGROUP=8"], ["-DHEAD_DIM=48", "-DCH=8"], ["-DHEAD_DIM=208", "-DSUBGROUP=1"],
+                        ["-DCH=1", "-DBLOCK_SIZE=64"]],
+    "merge_splits.cu": [["-DKV_DTYPE=0", "-DHEAD_DIM=64"], ["-DKV_DTYPE=2", "-DHEAD_DIM=256"],
+                        ["-DHEAD_DIM=80"], ["-DHEAD_DIM=32"]],
+    "block_copy.cu": [["-DUNROLL=1"], ["-DUNROLL=32"]],
     "paged_decode_tc.cu": [["-DKV_DTYPE=0", "-DHEAD_DIM=96", "-DGROUP=16", "-DBLOCK_SIZE=8",
                             "-DSTAGES=4"], ["-DHEAD_DIM=256", "-DGROUP=1", "-DSTAGES=2"],
                            ["-DHPC=8", "-DWPH=1"], ["-DKV_DTYPE=0", "-DHPC=2", "-DWPH=4", "-DGROUP=16"],
@@ -79,8 +83,8 @@ def _build(job: tuple[str, str, list[str]], out_dir: str) -> tuple[tuple, int, s
 def test_every_kernel_file_compiles():
     jobs = _jobs()
     assert any("-DKV_FP8=2" in j[2] for j in jobs)  # sm_90 is always built
-    assert {j[0] for j in jobs} >= {"paged_decode.cu", "paged_decode_tc.cu", "paged_prefill.cu",
-                                    "kv_write.cu", "block_copy.cu", "swap.cu"}
+    assert {j[0] for j in jobs} >= {"paged_decode.cu", "paged_decode_tc.cu", "paged_prefill.cu", "merge_splits.cu",
+                                    "cascade_prefix.cu", "kv_write.cu", "block_copy.cu", "swap.cu"}
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(os.cpu_count() or 2) as ex:
         results = list(ex.map(lambda j: _build(j, tmp), jobs))
     failed = [f"{job}: {log}" for job, rc, log in results if rc != 0 or "warning" in log]

@@ -15,10 +15,9 @@ from gpu_helpers import cupy_or_skip  # noqa: E402
 
 cupy = cupy_or_skip()
 
-from kvpager import KVPool, kernels  # noqa: E402
+from kvpager import KernelConfig, KVPool, kernels  # noqa: E402
 from kvpager.backends.cupy_backend import CupyBackend  # noqa: E402
 from kvpager.backends.numpy_backend import NumpyBackend, paged_attention  # noqa: E402
-from kvpager.errors import UnsupportedConfiguration  # noqa: E402
 from kvpager.plan import make_plan  # noqa: E402
 from kvpager.spec import PoolSpec  # noqa: E402
 
@@ -46,9 +45,10 @@ def geometry(kv_dtype: str, dtype: str, d: int, bs: int, max_tokens: int, kv_hea
                     block_size=bs, dtype=dtype, num_host_blocks=8, kv_dtype=kv_dtype, kv_scales=scales)
 
 
-def make_pair(spec: PoolSpec, rng: np.random.Generator) -> tuple[CupyBackend, NumpyBackend]:
-    """A GPU and a CPU backend holding the same random FP8 pool."""
-    gpu, cpu = CupyBackend(spec, 0), NumpyBackend(spec)
+def make_pair(spec: PoolSpec, rng: np.random.Generator, config: KernelConfig | None = None
+              ) -> tuple[CupyBackend, NumpyBackend]:
+    """A GPU (its kernels tuned by ``config``) and a CPU backend holding the same random FP8 pool."""
+    gpu, cpu = CupyBackend(spec, 0, config), NumpyBackend(spec)
     cpu.kv[...] = (rng.standard_normal(cpu.kv.shape, dtype=np.float32) * 8).astype(spec.kv_np_dtype)
     gpu.kv[...] = cupy.asarray(cpu.kv.view(np.uint8))
     return gpu, cpu
@@ -152,38 +152,24 @@ def test_prefill_matches_twin(kv_dtype, dtype, d, bs, group):
 
 
 @pytest.mark.parametrize("hpc,wph,splits,d", [(4, 1, None, 128), (8, 1, 5, 128), (2, 4, 3, 64), (4, 2, 1, 80)])
-def test_decode_layouts_match_twin(monkeypatch, hpc, wph, splits, d):
-    monkeypatch.setattr(kernels, "DECODE_HEADS_PER_CTA", hpc)
-    monkeypatch.setattr(kernels, "DECODE_WARPS_PER_HEAD", wph)
+def test_decode_layouts_match_twin(hpc, wph, splits, d):
     rng = np.random.default_rng(seed(hpc, wph, splits, d, "layouts"))
     seq_lens = np.array([1, 17, 300, 1700, 2049], dtype=np.int32)
     spec = geometry("float8_e4m3", "bfloat16", d, 16, int((-(-seq_lens // 16)).sum() * 16), kv_heads=8, rng=rng)
-    gpu, cpu = make_pair(spec, rng)
+    gpu, cpu = make_pair(spec, rng, KernelConfig(decode_heads_per_cta=hpc, decode_warps_per_head=wph))
     check_attend(gpu, cpu, spec, rng, seq_lens, np.ones(5, np.int32), 4, splits)
     gpu.close()
 
 
-@pytest.mark.parametrize("knobs", [{"DECODE_STAGES": 2}, {"DECODE_STAGES": 4}, {"DECODE_L2_PREFETCH": 0},
-                                   {"PREFILL_MT": 1}])
-def test_kernel_knobs_match_twin(monkeypatch, knobs):
-    for k, v in knobs.items():
-        monkeypatch.setattr(kernels, k, v)
+@pytest.mark.parametrize("knobs", [{"decode_stages": 2}, {"decode_stages": 4}, {"decode_l2_prefetch": 0},
+                                   {"prefill_mt": 1}])
+def test_kernel_knobs_match_twin(knobs):
     rng = np.random.default_rng(seed(knobs))
     seq_lens = np.array([3, 40, 640, 2500], dtype=np.int32)
     spec = geometry("float8_e5m2", "float16", 128, 16, int((-(-seq_lens // 16)).sum() * 16), rng=rng)
-    gpu, cpu = make_pair(spec, rng)
+    gpu, cpu = make_pair(spec, rng, KernelConfig(**knobs))
     check_attend(gpu, cpu, spec, rng, seq_lens, np.ones(4, np.int32), 8, 3)
     check_attend(gpu, cpu, spec, rng, seq_lens, np.array([3, 20, 64, 1], np.int32), 8)
-    gpu.close()
-
-
-def test_cuda_core_decode_is_refused(monkeypatch):
-    monkeypatch.setattr(kernels, "DECODE_TC", False)
-    rng = np.random.default_rng(5)
-    spec = geometry("float8_e4m3", "bfloat16", 128, 16, 256)
-    gpu, cpu = make_pair(spec, rng)
-    with pytest.raises(UnsupportedConfiguration):
-        check_attend(gpu, cpu, spec, rng, np.array([40], np.int32), np.ones(1, np.int32), 4)
     gpu.close()
 
 

@@ -14,7 +14,7 @@ from gpu_helpers import cupy_or_skip  # noqa: E402
 
 cupy = cupy_or_skip()
 
-from kvpager import KVPool  # noqa: E402
+from kvpager import KernelConfig, KVPool  # noqa: E402
 from kvpager.backends.cupy_backend import CupyBackend  # noqa: E402
 from kvpager.backends.numpy_backend import NumpyBackend, paged_attention  # noqa: E402
 from kvpager.errors import InvalidArgument, UnsupportedConfiguration  # noqa: E402
@@ -67,9 +67,10 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return np.array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8))
 
 
-def make_pair(spec: PoolSpec, rng: np.random.Generator) -> tuple[CupyBackend, NumpyBackend]:
-    """A GPU and a CPU backend holding the same random pool."""
-    gpu, cpu = CupyBackend(spec, 0), NumpyBackend(spec)
+def make_pair(spec: PoolSpec, rng: np.random.Generator, config: KernelConfig | None = None
+              ) -> tuple[CupyBackend, NumpyBackend]:
+    """A GPU (its kernels tuned by ``config``) and a CPU backend holding the same random pool."""
+    gpu, cpu = CupyBackend(spec, 0, config), NumpyBackend(spec)
     cpu.kv[...] = rng.standard_normal(cpu.kv.shape, dtype=np.float32).astype(spec.np_dtype)
     gpu.kv[...] = to_dev(cpu.kv, gpu)
     return gpu, cpu
@@ -159,29 +160,27 @@ def test_every_head_dim_matches_reference(d):
     gpu.close()
 
 
-@pytest.mark.parametrize("knobs,splits", [
-    ({"DECODE_TC": False}, None),  # the CUDA-core kernel for 16-bit pools
-    ({"DECODE_STAGES": 2}, 3),
-    ({"DECODE_STAGES": 4}, 40),    # more splits than the merge has split lanes
-    ({"DECODE_L2_PREFETCH": 0}, 2),
-    ({"DECODE_L2_PREFETCH": 256}, None),
+@pytest.mark.parametrize("dtype,knobs,splits", [
+    ("bfloat16", {"decode_stages": 2}, 3),
+    ("bfloat16", {"decode_stages": 4}, 40),    # more splits than the merge has split lanes
+    ("bfloat16", {"decode_l2_prefetch": 0}, 2),
+    ("bfloat16", {"decode_l2_prefetch": 256}, None),
+    ("float32", {"decode_rows": 1}, 3),        # the CUDA-core kernel's rows per iteration
+    ("float32", {"decode_rows": 8}, None),
 ])
-def test_decode_variants_match_reference(monkeypatch, knobs, splits):
-    from kvpager import kernels
-
-    for k, v in knobs.items():
-        monkeypatch.setattr(kernels, k, v)
-    dtype, d, bs, group = "bfloat16", 128, 16, 8
-    rng = np.random.default_rng(seed(knobs, splits))
+def test_decode_variants_match_reference(dtype, knobs, splits):
+    d, bs, group = 128, 16, 8
+    rng = np.random.default_rng(seed(dtype, knobs, splits))
     seq_lens = np.array([1, 17, 640, 2500], dtype=np.int32)
     spec = geometry(dtype, d, bs, int((-(-seq_lens // bs)).sum() * bs))
-    gpu, cpu = make_pair(spec, rng)
+    gpu, cpu = make_pair(spec, rng)  # the plan's config, not the backend's
     tables = random_tables(rng, spec, seq_lens)
     q = rng.standard_normal((len(seq_lens), 2 * group, d), dtype=np.float32).astype(spec.np_dtype)
     qlens = np.ones(len(seq_lens), dtype=np.int32)
     ref = paged_attention(cpu.kv, 1, q, tables, seq_lens, qlens, d**-0.5)
     out = to_dev(np.full(q.shape, np.nan, dtype=spec.np_dtype), gpu)
-    gpu.attend(1, to_dev(q, gpu), tables, seq_lens, qlens, d**-0.5, out=out, num_splits=splits)
+    gpu.attend(1, to_dev(q, gpu), tables, seq_lens, qlens, d**-0.5, out=out, num_splits=splits,
+               config=KernelConfig(**knobs))
     assert rel_err(to_host(out, spec), ref) < TOL[dtype]
     gpu.close()
 
@@ -194,16 +193,12 @@ def test_decode_variants_match_reference(monkeypatch, knobs, splits):
     ("float16", 256, 32, 2, 8, 1, 2),      # head dim 256: fewer heads per CTA fit
     ("bfloat16", 96, 64, 1, 4, 2, 1),
 ])
-def test_decode_layouts_match_reference(monkeypatch, dtype, d, bs, group, hpc, wph, splits):
+def test_decode_layouts_match_reference(dtype, d, bs, group, hpc, wph, splits):
     """Heads per CTA and warps per head, over 8 kv heads."""
-    from kvpager import kernels
-
-    monkeypatch.setattr(kernels, "DECODE_HEADS_PER_CTA", hpc)
-    monkeypatch.setattr(kernels, "DECODE_WARPS_PER_HEAD", wph)
     rng = np.random.default_rng(seed(dtype, d, bs, group, hpc, wph, splits))
     seq_lens = np.array([1, bs + 1, 300, 1700, 2049], dtype=np.int32)
     spec = geometry(dtype, d, bs, int((-(-seq_lens // bs)).sum() * bs), kv_heads=8)
-    gpu, cpu = make_pair(spec, rng)
+    gpu, cpu = make_pair(spec, rng, KernelConfig(decode_heads_per_cta=hpc, decode_warps_per_head=wph))
     tables = random_tables(rng, spec, seq_lens)
     qlens = np.ones(len(seq_lens), dtype=np.int32)
     q = rng.standard_normal((len(seq_lens), 8 * group, d), dtype=np.float32).astype(spec.np_dtype)
@@ -216,24 +211,22 @@ def test_decode_layouts_match_reference(monkeypatch, dtype, d, bs, group, hpc, w
 
 def test_decode_short_contexts_take_four_heads_per_cta():
     """The planner's layout choice: 4 heads per CTA only for short contexts with CTAs to spare."""
-    from kvpager import kernels
+    from kvpager.backends.cupy_decode import decode_layout
 
-    assert kernels.decode_layout(8, 128, 2, 64, 256, 132) == (4, 1)
-    assert kernels.decode_layout(8, 128, 2, 64, 4096, 132) == (1, 4)
-    assert kernels.decode_layout(8, 128, 2, 8, 256, 132) == (1, 4)
-    assert kernels.decode_layout(2, 128, 2, 512, 100, 132) == (2, 1)
+    c = KernelConfig()
+    assert decode_layout(8, 128, 2, 64, 256, 132, c) == (4, 1)
+    assert decode_layout(8, 128, 2, 64, 4096, 132, c) == (1, 4)
+    assert decode_layout(8, 128, 2, 8, 256, 132, c) == (1, 4)
+    assert decode_layout(2, 128, 2, 512, 100, 132, c) == (2, 1)
 
 
 @pytest.mark.parametrize("dtype,d,bs,group", [("float16", 128, 16, 4), ("bfloat16", 64, 8, 16)])
-def test_multi_token_one_mtile_per_warp(monkeypatch, dtype, d, bs, group):
-    from kvpager import kernels
-
-    monkeypatch.setattr(kernels, "PREFILL_MT", 1)
+def test_multi_token_one_mtile_per_warp(dtype, d, bs, group):
     rng = np.random.default_rng(seed(dtype, d, bs, group, "mt1"))
     seq_lens = np.array([300, 77, 129], dtype=np.int32)
     qlens = np.array([70, 77, 1], dtype=np.int32)
     spec = geometry(dtype, d, bs, int((-(-seq_lens // bs)).sum() * bs))
-    gpu, cpu = make_pair(spec, rng)
+    gpu, cpu = make_pair(spec, rng, KernelConfig(prefill_mt=1))
     tables = random_tables(rng, spec, seq_lens)
     q = rng.standard_normal((int(qlens.sum()), spec.num_kv_heads * group, d),
                             dtype=np.float32).astype(spec.np_dtype)
@@ -263,16 +256,12 @@ def test_write_matches_reference(dtype, d, bs):
     gpu.close()
 
 
-@pytest.mark.parametrize("unroll,ctas", [(16, 0), (4, 1), (8, 2)])
-def test_copy_launch_shapes_match_reference(monkeypatch, unroll, ctas):
-    from kvpager import kernels
-
-    monkeypatch.setattr(kernels, "COPY_UNROLL", unroll)
-    monkeypatch.setattr(kernels, "COPY_CTAS_PER_SM", ctas)
-    rng = np.random.default_rng(unroll + ctas)
+@pytest.mark.parametrize("unroll", [16, 4, 1])
+def test_copy_launch_shapes_match_reference(unroll):
+    rng = np.random.default_rng(unroll)
     spec = PoolSpec(num_layers=3, num_kv_heads=2, head_dim=128, num_blocks=64, block_size=16,
                     dtype="bfloat16", num_host_blocks=4)  # 3 x 1024 vectors a block: partial chunks
-    gpu, cpu = make_pair(spec, rng)
+    gpu, cpu = make_pair(spec, rng, KernelConfig(copy_unroll=unroll))
     ids = rng.permutation(np.arange(1, 64))
     pairs = np.stack([ids[:30], ids[30:60]], axis=1).astype(np.int64)
     cpu.copy_blocks(pairs)

@@ -6,7 +6,7 @@ bf16, 32 query heads over 8 kv heads, head dim 128, block size 16, block
 tables shuffled. Each case first checks the kernel's output against SDPA's
 (relative error), then times both with CUDA events on one stream (median of
 many calls, queued behind a GPU sleep so launch overhead stays out).
---sweep adds variants (knobs of kvpager.kernels) timed on the same data.
+--sweep adds variants (kvpager.KernelConfig knobs, split counts) timed on the same data.
 Decode moves the K/V once: bytes = sum(seq_len) * kv_heads * head_dim * 2 (K, V) * 2 bytes;
 multi-token counts 4 * head_dim * q_heads FLOPs per (query, visible key) pair.
 Each decode case also runs on an FP8 copy of the pool (--fp8, default e4m3: the bf16 K/V
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kvpager import kernels
+from kvpager import KernelConfig
 from kvpager.backends.cupy_backend import CupyBackend
 from kvpager.plan import make_plan
 from kvpager.spec import PoolSpec
@@ -122,21 +122,9 @@ def card() -> tuple[str, float | None]:
     return name, peak
 
 
-def with_knobs(knobs: dict, fn):
-    """Run fn() with kernels.<name> = value for each knob, restoring them after."""
-    saved = {k: getattr(kernels, k) for k in knobs}
-    try:
-        for k, v in knobs.items():
-            setattr(kernels, k, v)
-        return fn()
-    finally:
-        for k, v in saved.items():
-            setattr(kernels, k, v)
-
-
 def bench_decode(batch: int, ctx: int, peak: float | None,
-                 variants: list[tuple[str, dict, int | None]] | None = None) -> list[dict]:
-    """Decode of `batch` x `ctx` for each variant (label, kernels knobs, num_splits), one SDPA baseline."""
+                 variants: list[tuple[str, KernelConfig, int | None]] | None = None) -> list[dict]:
+    """Decode of `batch` x `ctx` for each variant (label, kernel config, num_splits), one SDPA baseline."""
     spec, be, tables, q_cp, kv = setup(batch, ctx, 1)
     scale = D**-0.5
     q4 = tview(q_cp).unsqueeze(2)  # [B, HQ, 1, D]
@@ -144,11 +132,10 @@ def bench_decode(batch: int, ctx: int, peak: float | None,
     base = median_ms(lambda: F.scaled_dot_product_attention(q4, kv[0], kv[1], scale=scale, enable_gqa=True))
     nbytes = batch * ctx * HKV * D * 2 * 2
     rows = []
-    for label, knobs, splits in variants or [("", {}, None)]:
+    for label, config, splits in variants or [("", KernelConfig(), None)]:
         try:
-            plan = with_knobs(knobs, lambda splits=splits: make_plan(
-                be, tables, np.full(batch, ctx, np.int32), np.ones(batch, np.int32),
-                num_splits=splits, num_q_heads=HQ))
+            plan = make_plan(be, tables, np.full(batch, ctx, np.int32), np.ones(batch, np.int32),
+                             num_splits=splits, num_q_heads=HQ, config=config)
             out = cupy.empty_like(q_cp)
             out[...] = cupy.nan if out.dtype != cupy.uint16 else 0x7FC0
             plan.attend(0, q_cp, scale, out)
@@ -169,7 +156,7 @@ def bench_decode(batch: int, ctx: int, peak: float | None,
 
 
 def bench_prefill(batch: int = 8, new: int = 1024, cached: int = 4096,
-                  variants: list[tuple[str, dict]] | None = None) -> list[dict]:
+                  variants: list[tuple[str, KernelConfig]] | None = None) -> list[dict]:
     ctx = cached + new
     spec, be, tables, q_cp, kv = setup(batch, ctx, new)
     scale = D**-0.5
@@ -180,9 +167,9 @@ def bench_prefill(batch: int = 8, new: int = 1024, cached: int = 4096,
     pairs = batch * (new * cached + new * (new + 1) // 2)
     flops = 4 * D * HQ * pairs
     rows = []
-    for label, knobs in variants or [("", {})]:
-        plan = with_knobs(knobs, lambda: make_plan(
-            be, tables, np.full(batch, ctx, np.int32), np.full(batch, new, np.int32), num_q_heads=HQ))
+    for label, config in variants or [("", KernelConfig())]:
+        plan = make_plan(be, tables, np.full(batch, ctx, np.int32), np.full(batch, new, np.int32),
+                         num_q_heads=HQ, config=config)
         out = cupy.empty_like(q_cp)
         out[...] = cupy.nan if out.dtype != cupy.uint16 else 0x7FC0
         plan.attend(0, q_cp, scale, out)
@@ -234,21 +221,35 @@ def bench_fp8(batch: int, ctx: int, kv_dtype: str, peak: float | None) -> dict:
                 speedup=bf16_ms / fp8_ms, memory_ratio=spec8.bytes_per_block / spec.bytes_per_block)
 
 
-def layout_variants(batch: int, ctx: int) -> list[tuple[str, dict, int | None]]:
+def layout_variants(batch: int, ctx: int) -> list[tuple[str, KernelConfig, int | None]]:
     """The --layouts sweep: the planner's choice, then one kv head per CTA (4 warps) and 4 kv
     heads per CTA (one warp each) forced."""
-    def knobs(hpc: int, wph: int) -> dict:
-        return {"DECODE_HEADS_PER_CTA": hpc, "DECODE_WARPS_PER_HEAD": wph}
+    def layout(hpc: int, wph: int) -> KernelConfig:
+        return KernelConfig(decode_heads_per_cta=hpc, decode_warps_per_head=wph)
 
-    return [("", {}, None), ("1 head x 4 warps/CTA", knobs(1, 4), None),
-            ("4 heads x 1 warp/CTA", knobs(4, 1), None)]
+    return [("", KernelConfig(), None), ("1 head x 4 warps/CTA", layout(1, 4), None),
+            ("4 heads x 1 warp/CTA", layout(4, 1), None)]
+
+
+def sweep_variants(batch: int, ctx: int) -> list[tuple[str, KernelConfig, int | None]]:
+    """The --sweep variants of a decode case after the production config: the L2 prefetch
+    hint off and at 256 bytes, 2 and 4 stages, other split counts."""
+    c = KernelConfig()
+    variants = [("", c, None)]
+    if batch >= 64 and ctx >= 1024:
+        variants += [(f"L2 prefetch {pf or 'off'}", c.replace(decode_l2_prefetch=pf), None) for pf in (0, 256)]
+    if ctx >= 4096:
+        variants += [(f"{st} stages", c.replace(decode_stages=st), None) for st in (2, 4)]
+        extra = {4096: (3,), 16384: (8, 10), 131072: (66, 132)}.get(ctx, ())
+        variants += [(f"{n} splits", c, n) for n in extra]
+    return variants
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--sweep", action="store_true",
-                    help="also time the CUDA-core decode kernel, other stage and split counts, "
+                    help="also time other L2 prefetch hints, stage and split counts, "
                          "and one m-tile per warp in the multi-token kernel")
     ap.add_argument("--cases", default="",
                     help="decode cases to run, e.g. 64x4096,1x131072 (default: all); "
@@ -270,22 +271,18 @@ def main() -> None:
     rows = []
     with torch.cuda.stream(stream), cupy.cuda.ExternalStream(stream.cuda_stream):
         for batch, ctx in cases:
-            variants = layout_variants(batch, ctx) if args.layouts else [("", {}, None)]
-            if args.sweep and not args.layouts:
-                variants.append(("CUDA cores", {"DECODE_TC": False}, None))
-                if batch >= 64 and ctx >= 1024:
-                    variants += [(f"L2 prefetch {pf or 'off'}", {"DECODE_L2_PREFETCH": pf}, None)
-                                 for pf in (0, 256)]
-                if ctx >= 4096:
-                    variants += [(f"{st} stages", {"DECODE_STAGES": st}, None) for st in (2, 4)]
-                    extra = {4096: (3,), 16384: (8, 10), 131072: (66, 132)}.get(ctx, ())
-                    variants += [(f"{n} splits", {}, n) for n in extra]
+            if args.layouts:
+                variants = layout_variants(batch, ctx)
+            elif args.sweep:
+                variants = sweep_variants(batch, ctx)
+            else:
+                variants = [("", KernelConfig(), None)]
             rows += bench_decode(batch, ctx, peak, variants)
             if args.fp8 != "off":
                 rows.append(bench_fp8(batch, ctx, args.fp8, peak))
             torch.cuda.empty_cache()
             cupy.get_default_memory_pool().free_all_blocks()
-        pf = [("", {})] + ([("1 m-tile per warp", {"PREFILL_MT": 1})] if args.sweep else [])
+        pf = [("", KernelConfig())] + ([("1 m-tile per warp", KernelConfig(prefill_mt=1))] if args.sweep else [])
         if not args.no_prefill:
             rows += bench_prefill(variants=pf)
     date = datetime.date.today().isoformat()

@@ -22,6 +22,7 @@ byte once at the card's datasheet bandwidth.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from bench_attention import BS, DATASHEET_TBS, HKV, HQ, D, dense_kv, median_ms, rel_err, tview
 
 from kvpager.backends.cupy_backend import CupyBackend
+from kvpager.kernel_config import DEFAULT, KernelConfig
 from kvpager.plan import make_plan
 from kvpager.spec import PoolSpec
 
@@ -64,12 +66,12 @@ def setup(batch: int, prefix: int, own: int, groups: int, qlen: int = 1, kv_dtyp
 
 
 def run(batch: int, prefix: int, own: int, groups: int, peak: float | None, sdpa: bool = False,
-        qlen: int = 1, kv_dtype: str | None = None) -> dict:
+        qlen: int = 1, kv_dtype: str | None = None, config: KernelConfig = DEFAULT) -> dict:
     be, tables, lens, qlens, q = setup(batch, prefix, own, groups, qlen, kv_dtype)
     scale = D**-0.5
-    cascade = make_plan(be, tables, lens, qlens, num_q_heads=HQ, cascade=True)
-    plain = make_plan(be, tables, lens, qlens, num_q_heads=HQ, cascade=False)
-    auto = make_plan(be, tables, lens, qlens, num_q_heads=HQ)
+    cascade = make_plan(be, tables, lens, qlens, num_q_heads=HQ, cascade=True, config=config)
+    plain = make_plan(be, tables, lens, qlens, num_q_heads=HQ, cascade=False, config=config)
+    auto = make_plan(be, tables, lens, qlens, num_q_heads=HQ, config=config)
     out_c, out_p = cupy.empty_like(q), cupy.empty_like(q)
     cascade.attend(0, q, scale, out_c)
     plain.attend(0, q, scale, out_p)
@@ -115,7 +117,7 @@ def main() -> None:
     if args.sweep:
         rows += [run(b, p, 256, g, peak) for b, p, g in SWEEP]
     if args.json:
-        print(json.dumps(dict(card=name, rows=rows), indent=1))
+        print(json.dumps(dict(card=name, kernel_config=dataclasses.asdict(DEFAULT), rows=rows), indent=1))
         return
     print(f"{name}, {datetime.date.today()}; bf16, {HQ} q / {HKV} kv heads, head dim {D}, block size {BS}")
     print("| sequences x (shared + own) | query tokens | K/V | groups | cascade ms | plain paged ms | "

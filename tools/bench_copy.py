@@ -6,10 +6,10 @@ against one device-to-device cudaMemcpy of the same bytes.
 Checks every destination against its source (bitwise) first, then times both
 with CUDA events (median of 20 after warm-up, the calls queued behind a GPU
 spin so that host-side launch overhead stays out). Bytes moved = read + write:
-2 * pairs * bytes_per_block. --sweep adds other launch shapes (vectors in
-flight per thread, CTAs per SM) on the same data. "kernel" times the launch with the pairs already
-on the GPU; "call" is wall-clock time of CupyBackend.copy_blocks (validation,
-upload and launch, then a synchronize).
+2 * pairs * bytes_per_block. --sweep adds other vectors in flight per thread
+(`KernelConfig.copy_unroll`) on the same data. "kernel" times the launch with the pairs already
+on the GPU; "call" is wall-clock time of the checked copy that CupyBackend.copy_blocks
+runs (validation, upload and launch, then a synchronize).
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import cupy
 import numpy as np
 from cupy.cuda import runtime
 
-from kvpager import kernels
+from kvpager import KernelConfig
 from kvpager.backends.cupy_backend import CupyBackend
+from kvpager.block_moves import copy_blocks, launch_copy
 from kvpager.spec import PoolSpec
 
 PAIRS = 1000
@@ -57,8 +58,8 @@ def median_ms(fn, iters: int = 20, warmup: int = 3) -> float:
     return float(np.median([cupy.cuda.get_elapsed_time(ev[i], ev[i + 1]) for i in range(iters)]))
 
 
-def bench(label: str, layers: int, variants: list[tuple[int, int]]) -> list[dict]:
-    """Time each (vectors in flight, CTAs per SM) variant on one pool; one memcpy baseline."""
+def bench(label: str, layers: int, variants: list[KernelConfig]) -> list[dict]:
+    """Time each config's copy launch on one pool; one memcpy baseline."""
     spec = PoolSpec(num_layers=layers, num_kv_heads=8, head_dim=128, num_blocks=2 * PAIRS + 1,
                     block_size=16, dtype="bfloat16")
     be = CupyBackend(spec, 0)
@@ -76,23 +77,22 @@ def bench(label: str, layers: int, variants: list[tuple[int, int]]) -> list[dict
     sp, dp = src.data.ptr, dst.data.ptr
     base = median_ms(lambda: runtime.memcpyAsync(dp, sp, nbytes, runtime.memcpyDeviceToDevice, stream))
     rows = []
-    for unroll, ctas in variants:
-        kernels.COPY_UNROLL, kernels.COPY_CTAS_PER_SM = unroll, ctas
+    for config in variants:
         bits[pairs[:, 1]] = 0
-        be.copy_blocks(pairs)
+        copy_blocks(be.kv, spec, pairs, 0, config)  # CupyBackend.copy_blocks with this config
         assert bool((bits[pairs[:, 1]] == bits[pairs[:, 0]]).all()), "copy is wrong"
-        ours = median_ms(lambda: kernels.launch_copy(be.kv, d_pairs, spec.bytes_per_block, 0))
+        ours = median_ms(lambda config=config: launch_copy(be.kv, d_pairs, spec.bytes_per_block, 0, config))
 
-        def call():
-            be.copy_blocks(pairs)
+        def call(config=config):
+            copy_blocks(be.kv, spec, pairs, 0, config)
             be.synchronize()
 
         t0 = time.perf_counter()
         for _ in range(10):
             call()
         call_ms = (time.perf_counter() - t0) / 10 * 1e3
-        rows.append(dict(case=label, block_bytes=spec.bytes_per_block, pairs=PAIRS, unroll=unroll,
-                         ctas_per_sm=ctas, ms=ours, call_ms=call_ms, tbs=2 * nbytes / ours / 1e9,
+        rows.append(dict(case=label, block_bytes=spec.bytes_per_block, pairs=PAIRS, unroll=config.copy_unroll,
+                         ms=ours, call_ms=call_ms, tbs=2 * nbytes / ours / 1e9,
                          memcpy_ms=base, memcpy_tbs=2 * nbytes / base / 1e9, ratio=base / ours))
     be.close()
     del src, dst
@@ -104,27 +104,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--sweep", action="store_true",
-                    help="time 4, 8 and 16 vectors in flight per thread, 2, 4 and 8 CTAs per SM, "
-                         "and one CTA per chunk (0)")
+                    help="also time 4, 8 and 32 vectors in flight per thread")
     args = ap.parse_args()
     name = runtime.getDeviceProperties(0)["name"].decode()
     date = datetime.date.today().isoformat()
-    default = (kernels.COPY_UNROLL, kernels.COPY_CTAS_PER_SM)
+    default = KernelConfig()
     variants = [default]
     if args.sweep:
-        variants += [v for v in [(8, 4), (8, 0), (8, 2), (8, 8), (16, 2), (4, 8)] if v != default]
+        variants += [default.replace(copy_unroll=u) for u in (4, 8, 32) if u != default.copy_unroll]
     rows = []
     for label, g in GEOMETRIES.items():
         rows += bench(label, **g, variants=variants)
-    kernels.COPY_UNROLL, kernels.COPY_CTAS_PER_SM = default
     if args.json:
         print(json.dumps(dict(card=name, date=date, rows=rows), indent=1))
         return
     print(f"{name}, {date}; {PAIRS} random (src, dst) block pairs; TB/s counts read + write")
-    print("| block | vectors in flight | CTAs per SM | block KiB | kernel ms | TB/s | call ms | D2D memcpy ms | memcpy TB/s | memcpy time / kernel time |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| block | vectors in flight | block KiB | kernel ms | TB/s | call ms | D2D memcpy ms | memcpy TB/s | memcpy time / kernel time |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['unroll']} | {r['ctas_per_sm'] or 'one per chunk'} | {r['block_bytes'] // 1024} | {r['ms']:.3f} | {r['tbs']:.2f} | "
+        print(f"| {r['case']} | {r['unroll']} | {r['block_bytes'] // 1024} | {r['ms']:.3f} | {r['tbs']:.2f} | "
               f"{r['call_ms']:.3f} | {r['memcpy_ms']:.3f} | {r['memcpy_tbs']:.2f} | {r['ratio']:.2f}x |")
 
 

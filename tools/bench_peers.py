@@ -20,6 +20,7 @@ FlashInfer its columns read "absent" and the rest still runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import importlib.util
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     import peers_flashinfer as pf
     import peers_render
     from bench_attention import BS, HKV, HQ, D, card
-    from peers_cases import TOL
+    from peers_cases import CONFIG, TOL
 
     # Keep stdout for the tables / JSON alone: whatever a JIT build prints goes to stderr.
     sys.stdout.flush()
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     name, peak = card()
     report = dict(card=name, date=datetime.date.today().isoformat(), versions=versions(fi_version),
                   datasheet_tbs=peak, geometry=dict(dtype="bfloat16", q_heads=HQ, kv_heads=HKV, head_dim=D,
-                                                    block_size=BS, tolerance=TOL), **rows)
+                                                    block_size=BS, tolerance=TOL),
+                  kernel_config=dataclasses.asdict(CONFIG), **rows)
     report["failed"] = failures(rows)
     print(json.dumps(report, indent=1) if args.json else peers_render.markdown(report))
     if report["failed"]:

@@ -19,8 +19,8 @@ import cupy
 import numpy as np
 from cupy.cuda import runtime
 
-from kvpager import kernels
 from kvpager.backends.cupy_backend import CupyBackend
+from kvpager.block_moves import launch_swap
 from kvpager.spec import PoolSpec
 
 PAIRS = 1000
@@ -55,7 +55,7 @@ def time_way(be: CupyBackend, way: str, pairs: np.ndarray, label: str) -> dict:
         kind, src, dst, src_base, dst_base = runtime.memcpyDeviceToHost, dev, host_mapped, dev, host
     else:
         kind, src, dst, src_base, dst_base = runtime.memcpyHostToDevice, host_mapped, dev, host, dev
-    ours = median_ms(lambda: kernels.launch_swap(src, dst, d_pairs, bpb, 0))
+    ours = median_ms(lambda: launch_swap(src, dst, d_pairs, bpb, 0))
     # One pinned copy of the same bytes: host blocks 0.. <-> device blocks 1.. (contiguous).
     one_src = src_base + (bpb if way == "out" else 0)
     one_dst = dst_base + (bpb if way == "in" else 0)

@@ -21,9 +21,11 @@ import torch.nn.functional as F
 from bench_attention import BS, HKV, HQ, D, causal_sdpa, dense_kv, median_ms, rel_err, setup, tview
 from bench_cascade import setup as shared_setup
 
+from kvpager import KernelConfig
 from kvpager.plan import make_plan
 
 TOL = 1e-2  # relative error against SDPA every contender must stay under
+CONFIG = KernelConfig()  # the kernel config kvpager's plans run (the production one; in the report)
 SCALE = D**-0.5
 KV_BYTES_PER_TOKEN = HKV * D * 2 * 2  # K and V, bf16
 Make = Callable[[], tuple[Callable[[], Any], Callable[[Any], torch.Tensor]]]
@@ -54,7 +56,7 @@ def kvpager(be: Any, tables: np.ndarray, lens: np.ndarray, qlens: np.ndarray, q_
     """kvpager's step plan over the pool (appended to ``plans``); its output
     poisoned with NaN before the check."""
     def make():
-        plan = make_plan(be, tables, lens, qlens, num_q_heads=HQ, **options)
+        plan = make_plan(be, tables, lens, qlens, num_q_heads=HQ, config=CONFIG, **options)
         if plans is not None:
             plans.append(plan)
         out = q_cp.copy()

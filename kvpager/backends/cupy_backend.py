@@ -20,10 +20,11 @@ try:
 except ImportError as e:  # make_backend turns this into BackendUnavailable
     raise ImportError(f"the cupy backend needs CuPy: {e}") from None
 
-from kvpager import kernels
+from kvpager import block_moves, kernels
 from kvpager.backends.base import Backend
 from kvpager.backends.cupy_uploads import Uploads
 from kvpager.errors import BackendUnavailable, InvalidArgument
+from kvpager.kernel_config import KernelConfig, check_config
 from kvpager.spec import PoolSpec
 
 _HOST_ALLOC_PORTABLE = 1
@@ -66,13 +67,16 @@ def _free_host(ptr: int) -> None:
 
 
 class CupyBackend(Backend):
-    """K/V on ``cuda:device_index``: a raw device slab plus a mapped pinned host pool."""
+    """K/V on ``cuda:device_index``: a raw device slab plus a mapped pinned host pool.
+    ``config`` (`kvpager.KernelConfig`, default the production one): the kernels' tuning
+    knobs for its block copies and, unless a plan is given its own, its step plans."""
 
     name = "cupy"
     xp = cupy
 
-    def __init__(self, spec: PoolSpec, device_index: int = 0):
+    def __init__(self, spec: PoolSpec, device_index: int = 0, config: KernelConfig | None = None):
         super().__init__(spec)
+        self.config = check_config(config)
         kernels.check_geometry(spec.dtype, spec.head_dim, spec.block_size)
         try:
             count = runtime.getDeviceCount()
@@ -109,7 +113,8 @@ class CupyBackend(Backend):
                 self.host_kv = np.zeros(host_shape, dtype=spec.kv_np_dtype)
 
     @classmethod
-    def over_pointer(cls, spec: PoolSpec, device_index: int, ptr: int, owner: Any = None) -> CupyBackend:
+    def over_pointer(cls, spec: PoolSpec, device_index: int, ptr: int, owner: Any = None,
+                     config: KernelConfig | None = None) -> CupyBackend:
         """A backend over an existing device pool of ``spec.device_bytes`` at ``ptr``
         (e.g. another process's slab opened with cudaIpcOpenMemHandle). It frees
         nothing (``owner`` keeps the memory alive: its views reference it) and has
@@ -117,6 +122,7 @@ class CupyBackend(Backend):
         kernels.check_geometry(spec.dtype, spec.head_dim, spec.block_size)
         self = cls.__new__(cls)
         Backend.__init__(self, spec)
+        self.config = check_config(config)
         self.index = int(device_index)
         self.uploads = Uploads()
         self._dev_ptr, self._host_ptr, self._host_dev_ptr = int(ptr), 0, 0
@@ -174,17 +180,17 @@ class CupyBackend(Backend):
     def write(self, layer: int, slots: np.ndarray, k: Any, v: Any) -> None:
         self._check_open()
         with cupy.cuda.Device(self.index):
-            kernels.write(self.kv, self.spec, int(layer), slots, k, v, self.index, self.dtype, self.scales)
+            block_moves.write(self.kv, self.spec, int(layer), slots, k, v, self.index, self.dtype, self.scales)
 
     def copy_blocks(self, pairs: np.ndarray) -> None:
         self._check_open()
         with cupy.cuda.Device(self.index):
-            kernels.copy_blocks(self.kv, self.spec, pairs, self.index)
+            block_moves.copy_blocks(self.kv, self.spec, pairs, self.index, self.config)
 
     def swap_out(self, pairs: np.ndarray) -> None:
         self._check_open()
         with cupy.cuda.Device(self.index):
-            kernels.swap(self._dev_ptr, self._host_dev_ptr, self.spec, pairs, self.spec.num_blocks,
+            block_moves.swap(self._dev_ptr, self._host_dev_ptr, self.spec, pairs, self.spec.num_blocks,
                          self.spec.num_host_blocks, self.index, "swap_out")
             # The host pool is read through a NumPy view: the copy must be done first.
             cupy.cuda.get_current_stream().synchronize()
@@ -192,7 +198,7 @@ class CupyBackend(Backend):
     def swap_in(self, pairs: np.ndarray) -> None:
         self._check_open()
         with cupy.cuda.Device(self.index):
-            kernels.swap(self._host_dev_ptr, self._dev_ptr, self.spec, pairs,
+            block_moves.swap(self._host_dev_ptr, self._dev_ptr, self.spec, pairs,
                          self.spec.num_host_blocks, self.spec.num_blocks, self.index, "swap_in")
 
     # -- the remote tier: whole blocks through a pinned staging buffer ------------------
@@ -228,7 +234,7 @@ class CupyBackend(Backend):
                 part = np.asarray(blocks[start : start + chunks.step], dtype=np.int64)
                 host, dev = self._stage(min(len(blocks), chunks.step))
                 pairs = np.stack([part, np.arange(len(part), dtype=np.int64)], axis=1)
-                kernels.swap(self._dev_ptr, dev, spec, pairs, spec.num_blocks, self._stage_rows,
+                block_moves.swap(self._dev_ptr, dev, spec, pairs, spec.num_blocks, self._stage_rows,
                              self.index, "read")
                 cupy.cuda.get_current_stream().synchronize()
                 out[start : start + len(part)] = host[: len(part)]
@@ -245,7 +251,7 @@ class CupyBackend(Backend):
                 for i, data in enumerate(payloads[start : start + len(part)]):
                     host[i] = np.frombuffer(data, dtype=np.uint8)
                 pairs = np.stack([np.arange(len(part), dtype=np.int64), part], axis=1)
-                kernels.swap(dev, self._dev_ptr, spec, pairs, self._stage_rows, spec.num_blocks,
+                block_moves.swap(dev, self._dev_ptr, spec, pairs, self._stage_rows, spec.num_blocks,
                              self.index, "restore")
                 cupy.cuda.get_current_stream().synchronize()
 
@@ -253,7 +259,9 @@ class CupyBackend(Backend):
              slots: np.ndarray | None, **options: Any) -> Any:
         """A `CupyPlan`: the step uploaded once; ``options``: ``num_rows`` / ``width``
         capacities (in-place updates for CUDA graphs), ``num_splits`` (overrides the
-        decode split-K planner), ``num_q_heads`` (prepare the launches now)."""
+        decode split-K planner), ``num_q_heads`` (prepare the launches now),
+        ``cascade`` (shared-prefix attention: None when it pays, True, False),
+        ``config`` (`kvpager.KernelConfig`; default: this backend's)."""
         from kvpager.backends.cupy_plan import CupyPlan
 
         self._check_open()
@@ -263,9 +271,10 @@ class CupyBackend(Backend):
     def attend(self, layer: int, q: Any, block_tables: np.ndarray, seq_lens: np.ndarray,
                query_lens: np.ndarray, scale: float, out: Any = None,
                num_splits: int | None = None, *, window: int | None = None,
-               softcap: float | None = None) -> Any:
+               softcap: float | None = None, config: KernelConfig | None = None) -> Any:
         """See `Backend.attend`: a one-layer plan. ``out`` (optional) receives the
-        result; ``num_splits`` overrides the decode split-K planner (tests, benchmarks)."""
+        result; ``num_splits`` overrides the decode split-K planner and ``config``
+        the backend's kernel config (tests, benchmarks)."""
         from kvpager.plan import check_step
 
         self._check_open()
@@ -273,8 +282,8 @@ class CupyBackend(Backend):
             raise InvalidArgument(f"q must be [tokens, num_q_heads, head_dim], got {getattr(q, 'shape', None)}")
         step = check_step(self.spec, block_tables, seq_lens, query_lens)
         with cupy.cuda.Device(self.index):  # this pool's GPU, whichever is current (a rank of several)
-            return self.plan(*step, num_splits=num_splits).attend(int(layer), q, scale, out, window=window,
-                                                                  softcap=softcap)
+            plan = self.plan(*step, num_splits=num_splits, config=config)
+            return plan.attend(int(layer), q, scale, out, window=window, softcap=softcap)
 
     def synchronize(self) -> None:
         with cupy.cuda.Device(self.index):

@@ -15,8 +15,26 @@ from typing import Any
 import numpy as np
 
 from kvpager import kernels
+from kvpager.backends.cupy_prefill import Tiling, tiling
 from kvpager.cascade import find_shared_prefixes, multi_token_worth_it, query_rows, worth_it
+from kvpager.kernel_config import KernelConfig
+from kvpager.kernel_smem import cascade_smem
 from kvpager.launch import Launch, current_stream, i32, ptr
+
+
+def cascade_tiling(spec: Any, group: int, config: KernelConfig) -> tuple[Tiling, int, int]:
+    """(tiling, dynamic shared memory, member rows per CTA) of cascade_prefix.cu: the
+    multi-token kernel's tiling (`kvpager.backends.cupy_prefill.tiling`)."""
+    t = tiling(spec.head_dim, config)
+    return t, cascade_smem(spec.head_dim, t.mt, t.bn, t.stages, spec.is_fp8), max(1, t.bm // group)
+
+
+def cascade_chunks(min_length: int, base_ctas: int, slots: int) -> int:
+    """Chunks each shared segment is cut into (at least 256 positions each, at most 64):
+    the count whose waves of ``base_ctas * chunks`` CTAs over ``slots`` resident CTA slots
+    end soonest (waves x chunk length), the fewest among equals (fewer partials to merge)."""
+    most = int(max(1, min(64, int(min_length) // 256)))
+    return min(range(1, most + 1), key=lambda c: (-(-base_ctas * c // slots)) / c)
 
 
 class CascadeLaunch:
@@ -42,15 +60,10 @@ class CascadeLaunch:
 
         spec = plan.spec
         shared = query_rows(shared, plan.query_lens)
-        self.mt = kernels.PREFILL_MT or (2 if spec.head_dim <= 128 else 1)
-        bm = 64 * self.mt
-        self.bn = 32 if self.mt == 2 or spec.head_dim > 128 else 64
-        self.stages = 3 if self.mt == 2 else 2
-        self.smem = (bm + 2 * self.stages * self.bn) * (spec.head_dim + 8) * 2
-        if spec.is_fp8:  # one converted K and V tile, the stages as stored
-            self.smem = (bm + 2 * self.bn) * (spec.head_dim + 8) * 2 + 2 * self.stages * self.bn * spec.head_dim
+        # per_tile: member rows per CTA
+        t, self.smem, self.per_tile = cascade_tiling(spec, group, plan.config)
+        self.mt, self.bn, self.stages = t.mt, t.bn, t.stages
         self.group = group
-        self.per_tile = max(1, bm // group)  # member rows per CTA
         seg = shared.segments
         tiles_per_seg = -(-seg[:, 4].astype(np.int64) // self.per_tile)
         base_ctas = int(tiles_per_seg.sum()) * spec.num_kv_heads
@@ -61,10 +74,7 @@ class CascadeLaunch:
         if self.fn.max_dynamic_shared_size_bytes < self.smem:
             self.fn.max_dynamic_shared_size_bytes = self.smem
         slots = nsm * kernels.resident_ctas(self.fn, 128, self.smem, plan.device)
-        # Chunks of each segment (at least 256 positions): the count whose waves of CTAs
-        # end soonest (waves x chunk length), the fewest among equals (fewer partials to merge).
-        most = int(max(1, min(64, int(lengths.min()) // 256)))
-        self.chunks = min(range(1, most + 1), key=lambda c: (-(-base_ctas * c // slots)) / c)
+        self.chunks = cascade_chunks(int(lengths.min()), base_ctas, slots)
         self.levels, self.splits = shared.levels, splits
         self.parts = splits + shared.levels * self.chunks
         self.rows = plan.rows
@@ -146,7 +156,7 @@ def cascade_applies(plan: Any, spec: Any, nseq: int) -> bool:
     if spec.dtype == "float32":
         return False
     if plan.decode:
-        return plan.rows == plan.items and bool(kernels.DECODE_TC)
+        return plan.rows == plan.items
     return plan.rows == nseq
 
 
@@ -162,8 +172,7 @@ def choose_cascade(plan: Any, num_q_heads: int, always: bool) -> Any:
     per_position = 2 * spec.num_kv_heads * spec.head_dim * spec.itemsize
     if plan.decode:
         return found if worth_it(found, plan.seq_lens, per_position) else None
-    mt = kernels.PREFILL_MT or (2 if spec.head_dim <= 128 else 1)
-    per_tile = max(1, 64 * mt // (num_q_heads // spec.num_kv_heads))
+    per_tile = max(1, tiling(spec.head_dim, plan.config).bm // (num_q_heads // spec.num_kv_heads))
     partial = num_q_heads * (spec.head_dim + 1) * 4  # float32 output and log2-sum-exp per head
     pays = multi_token_worth_it(found, plan.seq_lens, plan.query_lens, per_tile, per_position, partial)
     return found if pays else None

@@ -1,8 +1,10 @@
 """The launches of a `CupyPlan`, and the tensor checks of its hot path.
 
-`attention_launches` picks the attention kernel for a step (decode on tensor
-cores, CUDA-core decode for float32, or the multi-token kernel), its layout
-and split count, and packs each launch's arguments once (`kvpager.launch`);
+`attention_launches` puts a step's attention together: decode
+(`cupy_decode`: tensor cores, or CUDA cores for float32) with its split-K
+merge, or the multi-token kernel (`cupy_prefill`); over shared prefixes
+either one reads each sequence's own positions, `CascadeLaunch`
+(`cupy_cascade`) the shared ones, and the merge combines them. Each launch's arguments are packed once (`kvpager.launch`);
 the per-layer call then only fills the q / out / layer / scale cells.
 """
 
@@ -11,153 +13,94 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import numpy as np
-
 from kvpager import kernels
 from kvpager.backends.cupy_cascade import CascadeLaunch
-from kvpager.errors import InvalidArgument, UnsupportedConfiguration
+from kvpager.backends.cupy_decode import decode_kernel, decode_launch, merge_launch
+from kvpager.backends.cupy_prefill import prefill_launch
+from kvpager.errors import InvalidArgument
 from kvpager.launch import Launch, current_stream, f32, i32, ptr, torch_stream
 
 
 def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
                        ) -> tuple[list[Launch], int, list[Any], bool]:
     """(launches, split count, buffers to keep alive, whether the kernel's scores
-    are raw q . k products) of ``plan`` for ``num_q_heads``. Cells shared by the
-    launches: q (0), out (5 in decode, 7 multi-token), layer (8), window (-3),
+    are raw q . k products) of ``plan`` for ``num_q_heads``, tuned by
+    ``plan.config`` (`kvpager.KernelConfig`). Cells shared by the launches:
+    q (0), out (5 in decode, 7 multi-token), layer (8), window (-3),
     soft cap (-2, in the kernel's score units: raw products, or scaled log2
     units for the CUDA-core decode), scale (last); the merge launch reads the
     decode launch's out cell. ``shared`` (`kvpager.cascade.SharedPrefixes`, a
-    tensor-core decode or multi-token step): the decode or multi-token kernel
-    reads each sequence's own positions, `CascadeLaunch` the shared ones once
-    per segment for all member query rows, and the merge combines them (a
-    cascade takes no sliding window: the plan keeps a plain set of launches for
-    windowed calls)."""
+    tensor-core step): the decode or multi-token kernel reads each sequence's
+    own positions, `CascadeLaunch` the shared ones once per segment, and the
+    merge combines them (a cascade takes no sliding window: the plan keeps a
+    plain set of launches for windowed calls)."""
     import cupy
 
     keep: list[Any] = []
-    spec, dev = plan.spec, plan.device
+    spec, dev, config = plan.spec, plan.device, plan.config
     group = kernels.check_group(num_q_heads, spec.num_kv_heads)
-    base = {**kernels.storage_defines(spec), "HEAD_DIM": spec.head_dim, "BLOCK_SIZE": spec.block_size}
-    pool = ptr(plan.backend.kv.data.ptr)
-    scales = ptr(plan.backend.scales.data.ptr if spec.is_fp8 else 0)  # FP8: [layers, 2, kv heads]
-    common = [i32(0), i32(spec.num_layers), i32(spec.num_kv_heads)]  # layer set per call
-    q, out, window, softcap, scale = ptr(), ptr(), i32(), f32(), f32()
     p = plan.ptrs
-    launches: list[Launch] = []
+    cells = dict(q=ptr(), pool=ptr(plan.backend.kv.data.ptr), tables=ptr(p["tables"]),
+                 item_seq=ptr(p["item_seq"]), item_len=ptr(p["item_len"]), out=ptr(),
+                 common=[i32(0), i32(spec.num_layers), i32(spec.num_kv_heads)],  # layer set per call
+                 scales=ptr(plan.backend.scales.data.ptr if spec.is_fp8 else 0),  # FP8: [layers, 2, kv heads]
+                 window=i32(), softcap=f32(), scale=f32())
     with cupy.cuda.Device(dev):
-        if plan.decode:
-            tc = kernels.DECODE_TC and spec.dtype != "float32"
-            if spec.is_fp8 and not tc:
-                raise UnsupportedConfiguration("FP8 pools decode on tensor cores only (kernels.DECODE_TC)")
-            gs = kernels.decode_subgroup(spec.dtype, spec.head_dim, group)
-            nsm = kernels.num_sms(dev)
-            max_len = plan.max_len
-            if shared is not None:  # the decode kernel reads only each sequence's own positions
-                max_len = int((plan.seq_lens - shared.own_start).max())
-            if tc:
-                hpc, wph = kernels.decode_layout(spec.num_kv_heads, spec.head_dim, spec.itemsize,
-                                                 plan.items, max_len, nsm)
-                threads = 32 * hpc * wph
-                stages = kernels.decode_stages(spec.head_dim, spec.itemsize, hpc * wph)
-                defs = {**base, "GROUP": group, "STAGES": stages, "HPC": hpc, "WPH": wph}
-                if kernels.DECODE_L2_PREFETCH:
-                    defs["CP_L2_PREFETCH"] = kernels.DECODE_L2_PREFETCH
-                fn = kernels.get_kernel("paged_decode_tc.cu", "paged_decode_tc", defs, dev)
-                smem = kernels.decode_smem(spec.head_dim, spec.itemsize, hpc * wph, stages, group)
-                if fn.max_dynamic_shared_size_bytes < smem:
-                    fn.max_dynamic_shared_size_bytes = smem
-                ctas = plan.items * (spec.num_kv_heads // hpc)
-                resident = kernels.resident_ctas(fn, threads, smem, dev)
-            else:
-                fn = kernels.get_kernel("paged_decode.cu", "paged_decode",
-                                        {**base, "SUBGROUP": gs, "CH": kernels.DECODE_ROWS}, dev)
-                threads, smem, resident = 128, 0, 0
-                ctas = plan.items * spec.num_kv_heads * (group // gs)
-            splits = plan.num_splits or kernels.plan_splits(ctas, max_len, nsm, resident)
-            splits = int(splits)
-            rows = plan.items * num_q_heads
-            cascade = None
-            if shared is not None and tc:
-                cascade = CascadeLaunch(plan, shared, group, splits, nsm, plan.cascade_slack)
-                keep += [*cascade.keep, cascade]  # the plan keeps it, and so its upload buffer, alive
-            parts = cascade.parts if cascade else (splits if splits > 1 else 0)
-            if parts:
-                part_o_buf = cupy.empty(rows * parts * spec.head_dim, dtype=cupy.float32)
-                part_lse_buf = cupy.empty(rows * parts, dtype=cupy.float32)
-                part_o, part_lse = ptr(part_o_buf.data.ptr), ptr(part_lse_buf.data.ptr)
-                keep += [part_o_buf, part_lse_buf]
-            else:
-                part_o = part_lse = ptr(0)
-            args = [q, pool, ptr(p["tables"]), ptr(p["item_seq"]), ptr(p["item_len"]), out,
-                    part_o, part_lse, *common]
-            if not tc:
-                args.append(i32(group))
-            args += [i32(plan.width), i32(splits), ptr(cascade.own_start if cascade else 0), i32(parts)]
-            if tc:
-                args.append(scales)
-            args += [window, softcap, scale]
-            launches.append(Launch(fn, (ctas, splits), threads, smem, args, dev))
-            if cascade is not None:
-                launches.append(cascade.launch(q, pool, ptr(p["tables"]), part_o, part_lse, common,
-                                               plan.width, scales, softcap, scale))
-            if parts:
-                plain = {k: v for k, v in base.items() if k != "KV_FP8"}  # merges float32 partials
-                merge = kernels.get_kernel("paged_decode.cu", "merge_splits",
-                                           {**plain, "SUBGROUP": gs, "CH": kernels.DECODE_ROWS}, dev)
-                launches.append(Launch(merge, (rows,), 256, 0, [part_o, part_lse, out, i32(parts)], dev))
+        if not plan.decode:
+            return _multi_token(plan, group, num_q_heads, cells, shared, config)
+        max_len = plan.max_len
+        if shared is not None:  # the decode kernel reads only each sequence's own positions
+            max_len = int((plan.seq_lens - shared.own_start).max())
+        shape, fn, splits = decode_kernel(plan, group, max_len, config)
+        rows = plan.items * num_q_heads
+        cascade = None
+        if shared is not None and shape.tc:
+            cascade = CascadeLaunch(plan, shared, group, splits, kernels.num_sms(dev), plan.cascade_slack)
+            keep += [*cascade.keep, cascade]  # the plan keeps it, and so its upload buffer, alive
+        parts = cascade.parts if cascade else (splits if splits > 1 else 0)
+        if parts:
+            part_o_buf = cupy.empty(rows * parts * spec.head_dim, dtype=cupy.float32)
+            part_lse_buf = cupy.empty(rows * parts, dtype=cupy.float32)
+            part_o, part_lse = ptr(part_o_buf.data.ptr), ptr(part_lse_buf.data.ptr)
+            keep += [part_o_buf, part_lse_buf]
         else:
-            splits = 1
-            mt = kernels.PREFILL_MT or (2 if spec.head_dim <= 128 else 1)
-            qt = 64 * mt // group
-            ql, sl = plan.query_lens, plan.seq_lens
-            counts = -(-ql // qt)
-            seq = np.repeat(np.arange(len(ql), dtype=np.int32), counts)
-            first = np.cumsum(counts) - counts
-            j0 = ((np.arange(len(seq)) - np.repeat(first, counts)) * qt).astype(np.int32)
-            # Tiles that see the most K/V first, so the long ones do not trail the launch.
-            own = shared.own_start[seq] if shared is not None else 0
-            order = np.argsort(-(sl[seq] - own - ql[seq] + j0), kind="stable")
-            tiles = np.ascontiguousarray(np.stack([seq[order], j0[order]], axis=1), dtype=np.int32)
-            tiles_dev = cupy.empty(tiles.shape, dtype=cupy.int32)
-            from cupy.cuda import runtime
-
-            runtime.memcpyAsync(tiles_dev.data.ptr, tiles.ctypes.data, tiles.nbytes,
-                                runtime.memcpyHostToDevice, current_stream(dev))
-            keep += [tiles_dev, tiles]  # the host copy alive until the copy has run
-            fn = kernels.get_kernel("paged_prefill.cu", "paged_prefill",
-                                    {**base, "GROUP": group, "MT": mt}, dev)
-            bn = 32 if mt == 2 or spec.head_dim > 128 else 64
-            stages = 3 if mt == 2 else 2
-            smem = (64 * mt + 2 * stages * bn) * (spec.head_dim + 8) * 2
-            if spec.is_fp8:  # one converted K and V tile, the stages as stored
-                smem = (64 * mt + 2 * bn) * (spec.head_dim + 8) * 2 + 2 * stages * bn * spec.head_dim
-            if fn.max_dynamic_shared_size_bytes < smem:
-                fn.max_dynamic_shared_size_bytes = smem
-            # A cascade: this kernel reads each sequence's own positions into slot 0, the
-            # cascade launch the shared ones into the other slots, and merge_splits combines them.
-            cascade = None if shared is None else CascadeLaunch(plan, shared, group, 1, kernels.num_sms(dev))
-            rows = plan.num_tokens * num_q_heads
             part_o = part_lse = ptr(0)
-            if cascade is not None:
-                keep += [*cascade.keep, cascade]
-                part_o_buf = cupy.empty(rows * cascade.parts * spec.head_dim, dtype=cupy.float32)
-                part_lse_buf = cupy.empty(rows * cascade.parts, dtype=cupy.float32)
-                part_o, part_lse = ptr(part_o_buf.data.ptr), ptr(part_lse_buf.data.ptr)
-                keep += [part_o_buf, part_lse_buf]
-            args = [q, pool, ptr(p["tables"]), ptr(p["seq_lens"]), ptr(p["query_lens"]),
-                    ptr(p["q_start"]), ptr(tiles_dev.data.ptr), out, *common, i32(plan.width),
-                    ptr(cascade.own_start if cascade else 0), part_o, part_lse, i32(cascade.parts if cascade else 0),
-                    scales, window, softcap, scale]
-            launches.append(Launch(fn, (len(tiles), spec.num_kv_heads), 128, smem, args, dev))
-            if cascade is not None:
-                launches.append(cascade.launch(q, pool, ptr(p["tables"]), part_o, part_lse, common,
-                                               plan.width, scales, softcap, scale))
-                gs = kernels.decode_subgroup(spec.dtype, spec.head_dim, group)
-                plain = {k: v for k, v in base.items() if k != "KV_FP8"}  # merges float32 partials
-                merge = kernels.get_kernel("paged_decode.cu", "merge_splits",
-                                           {**plain, "SUBGROUP": gs, "CH": kernels.DECODE_ROWS}, dev)
-                launches.append(Launch(merge, (rows,), 256, 0, [part_o, part_lse, out, i32(cascade.parts)], dev))
-    return launches, splits, keep, not plan.decode or tc
+        own_start = ptr(cascade.own_start if cascade else 0)
+        launches = [decode_launch(plan, shape, fn, splits, group, cells, part_o, part_lse, own_start, parts)]
+        if cascade is not None:
+            launches.append(cascade.launch(cells["q"], cells["pool"], cells["tables"], part_o, part_lse,
+                                           cells["common"], plan.width, cells["scales"], cells["softcap"],
+                                           cells["scale"]))
+        if parts:
+            launches.append(merge_launch(plan, rows, part_o, part_lse, cells["out"], parts))
+    return launches, splits, keep, shape.tc
+
+
+
+def _multi_token(plan: Any, group: int, num_q_heads: int, cells: dict[str, Any], shared: Any,
+                 config: Any) -> tuple[list[Launch], int, list[Any], bool]:
+    """The multi-token launches: the kernel alone, or (over ``shared``) the kernel
+    over each sequence's own positions into partial slot 0, the shared part into
+    the others, and the merge."""
+    import cupy
+
+    if shared is None:
+        launch, keep = prefill_launch(plan, group, cells, config)
+        return [launch], 1, keep, True
+    spec = plan.spec
+    cascade = CascadeLaunch(plan, shared, group, 1, kernels.num_sms(plan.device))
+    rows = plan.num_tokens * num_q_heads
+    part_o_buf = cupy.empty(rows * cascade.parts * spec.head_dim, dtype=cupy.float32)
+    part_lse_buf = cupy.empty(rows * cascade.parts, dtype=cupy.float32)
+    part_o, part_lse = ptr(part_o_buf.data.ptr), ptr(part_lse_buf.data.ptr)
+    launch, keep = prefill_launch(plan, group, cells, config, own=shared.own_start,
+                                  own_start=ptr(cascade.own_start), part_o=part_o, part_lse=part_lse,
+                                  parts=cascade.parts)
+    launches = [launch, cascade.launch(cells["q"], cells["pool"], cells["tables"], part_o, part_lse,
+                                       cells["common"], plan.width, cells["scales"], cells["softcap"],
+                                       cells["scale"]),
+                merge_launch(plan, rows, part_o, part_lse, cells["out"], cascade.parts)]
+    return launches, 1, [*keep, *cascade.keep, cascade, part_o_buf, part_lse_buf], True
 
 
 def torch_kinds(dtype: str) -> tuple[Any, Any, Any]:

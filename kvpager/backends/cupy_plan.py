@@ -30,8 +30,10 @@ from kvpager.backends.cupy_launches import (
     device_tensor,
     torch_kinds,
 )
+from kvpager.block_moves import write_kernel
 from kvpager.cascade import find_shared_prefixes
 from kvpager.errors import InvalidArgument
+from kvpager.kernel_config import KernelConfig, check_config
 from kvpager.launch import Launch, current_stream, i32, ptr
 from kvpager.plan import (
     StepPlan,
@@ -51,10 +53,13 @@ class CupyPlan(StepPlan):
 
     def __init__(self, backend: Any, tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
                  slots: np.ndarray | None, *, num_rows: int | None = None, width: int | None = None,
-                 num_splits: int | None = None, num_q_heads: int | None = None, cascade: bool | None = None):
+                 num_splits: int | None = None, num_q_heads: int | None = None, cascade: bool | None = None,
+                 config: KernelConfig | None = None):
         import cupy
 
         spec = self.spec = backend.spec
+        # The kernels' tuning knobs (kvpager.kernel_config); None: the backend's (production) config.
+        self.config = backend.config if config is None else check_config(config)
         self.backend, self.device = backend, backend.index
         nseq = len(seq_lens)
         self.rows = int(num_rows or nseq)
@@ -229,7 +234,7 @@ class CupyPlan(StepPlan):
         if launch is None:
             if not shape[0]:
                 return
-            name, defs = kernels.write_kernel(spec)
+            name, defs = write_kernel(spec)
             fn = kernels.get_kernel("kv_write.cu", name, defs, self.device)
             args = [ptr(), ptr(), ptr(self.ptrs["slots"]), ptr(self.backend.kv.data.ptr), i32(shape[0]),
                     i32(), i32(spec.num_layers), i32(spec.num_kv_heads), i32(spec.block_size),

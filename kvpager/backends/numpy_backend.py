@@ -81,10 +81,14 @@ class NumpyBackend(Backend):
             rows[b] = np.frombuffer(data, np.uint8)
 
     def plan(self, tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
-             slots: np.ndarray | None, *, num_rows: int | None = None, **ignored: Any) -> Any:
-        """A `NumpyPlan` (capacity and kernel options mean nothing here; padding rows are refused)."""
+             slots: np.ndarray | None, *, num_rows: int | None = None, config: Any = None,
+             **ignored: Any) -> Any:
+        """A `NumpyPlan` (capacity and kernel options mean nothing here, but a ``config``
+        must be a `kvpager.KernelConfig` as on the GPU; padding rows are refused)."""
+        from kvpager.kernel_config import check_config
         from kvpager.plan import NumpyPlan
 
+        check_config(config)
         if num_rows is not None and num_rows != len(seq_lens):
             raise InvalidArgument("padding rows (num_rows) are for in-place updates on the GPU backend")
         return NumpyPlan(self, tables, seq_lens, query_lens, slots)

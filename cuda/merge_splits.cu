@@ -1,0 +1,90 @@
+// merge_splits.cu: the log-sum-exp merge of partial attention states, after
+// a split-K or cascade decode (paged_decode_tc.cu, paged_decode.cu,
+// cascade_prefix.cu write the partials; this writes the output).
+//
+// out[row] = sum_s w_s * part_o[row, s] with w_s proportional to
+// 2^part_lse[row, s] (log-sum-exp merge; num_splits <= 1024: every partial
+// slot of a row, splits first, then the cascade's). Out in the pool's compute
+// dtype (KV_DTYPE; the loader builds it per dtype and head dim only).
+// Grid: x = row (item * num_q_heads + head); 256 threads: the weights are
+// computed in parallel, then each thread sums float4 columns of its share of
+// the splits (MERGE_THREADS / (HEAD_DIM / 4) split lanes, several loads in
+// flight each) and the lanes are added up through shared memory.
+#include "kvpager_common.cuh"
+
+#if KV_FP8
+#error "merge_splits.cu reads float32 partials and writes the compute dtype: build it without KV_FP8"
+#endif
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 128
+#endif
+
+#define MERGE_THREADS 256
+constexpr int D = HEAD_DIM;
+constexpr int MV = D / 4;                  // float4 columns per row
+constexpr int MSL = MERGE_THREADS / MV;    // split lanes
+
+__device__ __forceinline__ float block_reduce(float x, bool is_max, float* red) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        const float y = __shfl_xor_sync(0xffffffffu, x, off);
+        x = is_max ? fmaxf(x, y) : x + y;
+    }
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = x;
+    __syncthreads();
+    x = red[0];
+#pragma unroll
+    for (int w = 1; w < MERGE_THREADS / 32; ++w) x = is_max ? fmaxf(x, red[w]) : x + red[w];
+    __syncthreads();  // red is reused by the next call
+    return x;
+}
+
+// Slots of zero weight (empty: log2-sum-exp -inf) are not read.
+extern "C" __global__ void __launch_bounds__(MERGE_THREADS) merge_splits(
+    const float* __restrict__ part_o,    // [num_rows, num_splits, HEAD_DIM]
+    const float* __restrict__ part_lse,  // [num_rows, num_splits]
+    kv_t* __restrict__ out,              // [num_rows, HEAD_DIM]
+    int num_splits)
+{
+    const long long row = blockIdx.x;
+    const int tid = threadIdx.x;
+    const float* lse = part_lse + row * num_splits;
+    __shared__ float w[1024];
+    __shared__ float red[MERGE_THREADS / 32];
+    __shared__ float4 lanes[MSL][MV];
+    float mx = NEG_INF;
+    for (int s = tid; s < num_splits; s += MERGE_THREADS) {
+        w[s] = lse[s];
+        mx = fmaxf(mx, w[s]);
+    }
+    mx = block_reduce(mx, true, red);
+    float t = 0.f;
+    for (int s = tid; s < num_splits; s += MERGE_THREADS) {
+        const float x = w[s] == NEG_INF ? 0.f : exp2f(w[s] - mx);
+        w[s] = x;
+        t += x;
+    }
+    t = block_reduce(t, false, red);  // its barriers also publish w
+    const float inv_total = t > 0.f ? 1.f / t : 0.f;
+    const int v = tid % MV, sl = tid / MV;
+    if (sl < MSL) {
+        const float4* po = reinterpret_cast<const float4*>(part_o + row * num_splits * D) + v;
+        float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+        for (int s = sl; s < num_splits; s += MSL) {
+            const float ws = w[s];
+            if (ws == 0.f) continue;
+            const float4 p = po[(long long)s * MV];
+            a.x += ws * p.x; a.y += ws * p.y; a.z += ws * p.z; a.w += ws * p.w;
+        }
+        lanes[sl][v] = a;
+    }
+    __syncthreads();
+    for (int d = tid; d < D; d += MERGE_THREADS) {
+        float o = 0.f;
+#pragma unroll
+        for (int l = 0; l < MSL; ++l) o += reinterpret_cast<const float*>(&lanes[l][0])[d];
+        out[row * D + d] = from_float(o * inv_total);
+    }
+}

@@ -1,0 +1,171 @@
+"""Decode (one query token per item): the planner and the launches.
+
+The planner is pure arithmetic over the pool's geometry, the step's shape,
+the device's SM count and a `KernelConfig`, so it is tested on the CPU:
+`decode_shape` picks the kernel (paged_decode_tc.cu on tensor cores for
+16-bit and FP8 pools, paged_decode.cu on CUDA cores for float32), its CTA
+layout, pipeline stages, defines, grid and shared memory; `plan_splits` the
+split-K count once the compiled kernel's occupancy is known. `decode_launch`
+and `merge_launch` pack the launches (`kvpager.launch.Launch`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from kvpager import kernels
+from kvpager.kernel_config import KernelConfig
+from kvpager.kernel_smem import check_fits, decode_row_bytes, decode_tc_smem
+from kvpager.launch import Launch, i32
+
+#: shared memory the decode planner sizes its stages and layouts to, per SM (an H100 / H200 has 227 KiB)
+SMEM_BUDGET = 220 * 1024
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    """A decode launch before its split count: kernel, defines, CTAs, threads, shared memory."""
+
+    file: str
+    kernel: str
+    defines: dict[str, int]
+    ctas: int
+    threads: int
+    smem: int
+    tc: bool  # tensor cores: scores are raw q . k products (else log2 units)
+
+
+def decode_subgroup(dtype: str, head_dim: int, group: int) -> int:
+    """Query heads per CUDA-core decode CTA: the whole group while q and the
+    accumulator of the lane's dims fit in 64 registers, else a power-of-two part of it."""
+    itemsize = 4 if dtype == "float32" else 2
+    nv = head_dim * itemsize // 16
+    lpr = 4 if nv <= 4 else 8 if nv <= 8 else 16 if nv <= 16 else 32
+    per_head = -(-nv // lpr) * (16 // itemsize)
+    return min(group, max(1, 32 // per_head))
+
+
+def decode_layout(num_kv_heads: int, head_dim: int, itemsize: int, items: int, max_len: int,
+                  num_sms: int, config: KernelConfig) -> tuple[int, int]:
+    """(kv heads per CTA, warps per head) for paged_decode_tc.cu. By default one head per CTA
+    and 4 warps sharing its tiles; for short contexts (``config.decode_short_context``) whose
+    one-head CTAs would fill every SM twice, 4 heads per CTA with one warp each (the same warps
+    in a quarter of the CTAs, each with 4x the tiles: 64 x 256 tokens measured 0.025 ms against
+    0.027 on an H200, three runs). The config's ``decode_heads_per_cta`` /
+    ``decode_warps_per_head`` override; the heads per CTA are cut to a divisor of the kv heads
+    whose two stages fit the shared-memory budget."""
+    hpc = config.decode_heads_per_cta
+    if hpc is None:
+        short = max_len <= config.decode_short_context and items * num_kv_heads >= 2 * num_sms
+        hpc = 4 if short else 1
+    hpc = math.gcd(int(hpc), num_kv_heads)
+    wph = int(config.decode_warps_per_head or (4 if hpc == 1 else 1))
+    per_warp = 2 * 16 * decode_row_bytes(head_dim, itemsize)
+    while hpc > 1 and (hpc * wph > 16 or hpc * wph * 2 * per_warp > SMEM_BUDGET):
+        hpc //= 2
+    return hpc, wph
+
+
+def decode_stages(head_dim: int, itemsize: int, warps: int, config: KernelConfig) -> int:
+    """cp.async stages per warp for paged_decode_tc.cu: ``config.decode_stages``, else as
+    many as fit in the CTA's share of the budget (8 warps per SM), 2 to 4."""
+    if config.decode_stages:
+        return int(config.decode_stages)
+    per_stage = warps * 2 * 16 * decode_row_bytes(head_dim, itemsize)
+    budget = SMEM_BUDGET // max(1, 8 // warps)
+    return int(max(2, min(4, budget // per_stage)))
+
+
+def decode_shape(spec: Any, group: int, items: int, max_len: int, num_sms: int,
+                 config: KernelConfig) -> DecodeShape:
+    """The decode kernel of ``items`` work items of at most ``max_len`` positions (GQA
+    ``group`` query heads per kv head) over the pool ``spec`` on ``num_sms`` SMs."""
+    base = {**kernels.storage_defines(spec), "HEAD_DIM": spec.head_dim, "BLOCK_SIZE": spec.block_size}
+    if spec.dtype == "float32":
+        gs = decode_subgroup(spec.dtype, spec.head_dim, group)
+        defs = {**base, "SUBGROUP": gs, "CH": config.decode_rows}
+        return DecodeShape("paged_decode.cu", "paged_decode", defs, items * spec.num_kv_heads * (group // gs),
+                           128, 0, False)
+    hpc, wph = decode_layout(spec.num_kv_heads, spec.head_dim, spec.itemsize, items, max_len, num_sms, config)
+    stages = decode_stages(spec.head_dim, spec.itemsize, hpc * wph, config)
+    defs = {**base, "GROUP": group, "STAGES": stages, "HPC": hpc, "WPH": wph}
+    if config.decode_l2_prefetch:
+        defs["CP_L2_PREFETCH"] = config.decode_l2_prefetch
+    smem = decode_tc_smem(spec.head_dim, spec.itemsize, hpc * wph, stages, group)
+    return DecodeShape("paged_decode_tc.cu", "paged_decode_tc", defs, items * (spec.num_kv_heads // hpc),
+                       32 * hpc * wph, smem, True)
+
+
+def plan_splits(base_ctas: int, max_len: int, num_sms: int, resident: int = 0) -> int:
+    """Split-K count for decode, each split at least 512 tokens long (shorter
+    splits cost more in partial writes and the merge launch than they gain).
+
+    With ``resident`` (CTAs that fit on one SM at once) known: no split when
+    the CTAs already fill the SMs once; else the fewest splits that do, choosing
+    among up to twice that many the count whose last wave is fullest (every
+    split adds a partial write and a latency-bound merge launch, measured at
+    ~8 us for 2,048 rows on an H200), and none when they fill the SMs four
+    times over (FP8 256 x 1,024 on an H200: 0.147 ms unsplit, 0.176 in two).
+    Without it (the CUDA-core kernel): about eight CTAs per SM."""
+    hi = int(max(1, min(max_len // 512, 1024)))
+    base = max(base_ctas, 1)
+    if resident <= 0:
+        return int(min(max(1, -(-num_sms * 8 // base)), hi))
+    slots = num_sms * resident
+    if base >= 4 * slots:  # the last wave's tail is under a quarter of the launch: splits cost more
+        return 1
+    lo = min(max(1, -(-slots // base)), hi)
+    best, best_fill = lo, 0.0
+    for s in range(lo, min(2 * lo, hi) + 1):
+        waves = base * s / slots
+        fill = waves / math.ceil(waves)
+        if fill > best_fill + 0.02:
+            best, best_fill = s, fill
+    return int(best)
+
+
+def merge_defines(spec: Any) -> dict[str, int]:
+    """merge_splits.cu's defines: the output dtype and head dim (the partials are float32)."""
+    return {"KV_DTYPE": kernels.DTYPE_CODES[spec.dtype], "HEAD_DIM": spec.head_dim}
+
+
+# -- launches -----------------------------------------------------------------------------
+def decode_kernel(plan: Any, group: int, max_len: int, config: KernelConfig) -> tuple[DecodeShape, Any, int]:
+    """(shape, compiled kernel, split count) of ``plan``'s decode; ``plan.num_splits`` overrides."""
+    dev = plan.device
+    nsm = kernels.num_sms(dev)
+    shape = decode_shape(plan.spec, group, plan.items, max_len, nsm, config)
+    if shape.tc:
+        check_fits(shape.smem, kernels.device_attributes(dev),
+                   "paged_decode_tc.cu with these decode_stages / decode_heads_per_cta / decode_warps_per_head")
+    fn = kernels.get_kernel(shape.file, shape.kernel, shape.defines, dev)
+    resident = 0
+    if shape.tc:
+        if fn.max_dynamic_shared_size_bytes < shape.smem:
+            fn.max_dynamic_shared_size_bytes = shape.smem
+        resident = kernels.resident_ctas(fn, shape.threads, shape.smem, dev)
+    return shape, fn, int(plan.num_splits or plan_splits(shape.ctas, max_len, nsm, resident))
+
+
+def decode_launch(plan: Any, shape: DecodeShape, fn: Any, splits: int, group: int, cells: dict[str, Any],
+                  part_o: Any, part_lse: Any, own_start: Any, parts: int) -> Launch:
+    """The decode launch; ``cells``: q, pool, tables, item_seq, item_len, out, common
+    (layer, layers, kv heads), scales, window, softcap, scale (`attention_launches`)."""
+    c = cells
+    args = [c["q"], c["pool"], c["tables"], c["item_seq"], c["item_len"], c["out"], part_o, part_lse,
+            *c["common"]]
+    if not shape.tc:
+        args.append(i32(group))
+    args += [i32(plan.width), i32(splits), own_start, i32(parts)]
+    if shape.tc:
+        args.append(c["scales"])
+    args += [c["window"], c["softcap"], c["scale"]]
+    return Launch(fn, (shape.ctas, splits), shape.threads, shape.smem, args, plan.device)
+
+
+def merge_launch(plan: Any, rows: int, part_o: Any, part_lse: Any, out: Any, parts: int) -> Launch:
+    """merge_splits over ``parts`` partial slots of each of ``rows`` rows into ``out``."""
+    fn = kernels.get_kernel("merge_splits.cu", "merge_splits", merge_defines(plan.spec), plan.device)
+    return Launch(fn, (rows,), 256, 0, [part_o, part_lse, out, i32(parts)], plan.device)

@@ -1,0 +1,79 @@
+"""`KernelConfig`: every tuning knob of the CUDA kernels, with the production values.
+
+A step plan (`KVPool.plan(..., config=...)`, `kvpager.plan.make_plan`) and a
+`CupyBackend` (its block copies) take one; without it they use `DEFAULT`,
+the values measured best on an H200 (docs/gpu-notes.md). Tests and
+benchmarks pass other configs to time or check a variant: nothing in
+kvpager is patched at run time. The planners read a config; they never
+change one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from kvpager.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tuning knobs of the attention and block-copy kernels. ``None``: the planner chooses."""
+
+    #: K/V rows per lane group and iteration in the CUDA-core decode (paged_decode.cu's CH)
+    decode_rows: int = 4
+    #: cp.async stages per warp in paged_decode_tc.cu; None: as many as fit (2 to 4)
+    decode_stages: int | None = None
+    #: L2 prefetch-size hint (0: none, 128 or 256 bytes) on paged_decode_tc.cu's copies
+    decode_l2_prefetch: int = 128
+    #: kv heads per paged_decode_tc.cu CTA (cut to a divisor of the kv heads that fits); None: per step
+    decode_heads_per_cta: int | None = None
+    #: warps per kv head in paged_decode_tc.cu; None: 4 with one head per CTA, else 1
+    decode_warps_per_head: int | None = None
+    #: contexts up to this long (with CTAs to spare) get 4 kv heads per CTA, one warp each
+    decode_short_context: int = 512
+    #: 16-row m-tiles per warp in paged_prefill.cu and cascade_prefix.cu; None: 2 up to head dim 128, else 1
+    prefill_mt: int | None = None
+    #: 16-byte vectors in flight per thread in block_copy.cu (its UNROLL)
+    copy_unroll: int = 16
+
+    def __post_init__(self) -> None:
+        _int_in(self, "decode_rows", (1, 2, 4, 8))
+        _int_in(self, "decode_stages", range(2, 9), optional=True)
+        _int_in(self, "decode_l2_prefetch", (0, 128, 256))
+        _int_in(self, "decode_heads_per_cta", range(1, 17), optional=True)
+        _int_in(self, "decode_warps_per_head", range(1, 17), optional=True)
+        _int_in(self, "decode_short_context", range(0, 2**31))
+        _int_in(self, "prefill_mt", (1, 2), optional=True)
+        _int_in(self, "copy_unroll", (1, 2, 4, 8, 16, 32))
+
+    def replace(self, **changes: Any) -> KernelConfig:
+        """A copy with ``changes`` (validated; an unknown knob is an InvalidArgument)."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise InvalidArgument(f"unknown kernel knob(s) {unknown}; KernelConfig has {sorted(names)}")
+        return KernelConfig(**{**{n: getattr(self, n) for n in names}, **changes})
+
+
+def _int_in(config: KernelConfig, name: str, allowed: Any, optional: bool = False) -> None:
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    if type(value) is not int or value not in allowed:
+        shown = f"[{allowed.start}, {allowed.stop - 1}]" if isinstance(allowed, range) else f"one of {allowed}"
+        raise InvalidArgument(f"KernelConfig.{name} must be an int {shown}"
+                              f"{' or None' if optional else ''}, got {value!r}")
+
+
+#: The production configuration.
+DEFAULT = KernelConfig()
+
+
+def check_config(config: Any) -> KernelConfig:
+    """``config``, or `DEFAULT` for None; InvalidArgument for anything but a `KernelConfig`."""
+    if config is None:
+        return DEFAULT
+    if not isinstance(config, KernelConfig):
+        raise InvalidArgument(f"config must be a kvpager.KernelConfig, got {type(config).__name__}")
+    return config

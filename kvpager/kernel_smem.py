@@ -1,0 +1,64 @@
+"""Shared memory of each attention kernel's CTA, and how many CTAs fit on an SM.
+
+One function per kernel, the formula of its source's header comment; the
+planners (`kvpager.backends.cupy_decode`, `cupy_prefill`, `cupy_launches`)
+size their layouts with it and the launches pass the same figure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvpager.errors import UnsupportedConfiguration
+
+
+def decode_row_bytes(head_dim: int, itemsize: int) -> int:
+    """Bytes of a K/V row in paged_decode_tc.cu's shared memory: padded by 16 bytes
+    (itemsize 1, FP8: to an odd number of 16-byte chunks), so ldmatrix rows fall
+    in different banks."""
+    if itemsize == 1:
+        return head_dim if (head_dim // 16) % 2 else head_dim + 16
+    return (head_dim + 8) * itemsize
+
+
+def decode_tc_smem(head_dim: int, itemsize: int, warps: int, stages: int, group: int) -> int:
+    """paged_decode_tc.cu: its warps' stages (two 16-row K and V tiles each), and at
+    least the float32 rows of the final merge (which reuses them)."""
+    return max(warps * stages * 2 * 16 * decode_row_bytes(head_dim, itemsize), warps * group * head_dim * 4)
+
+
+def prefill_smem(head_dim: int, mt: int, bn: int, stages: int, fp8: bool) -> int:
+    """paged_prefill.cu: the query tile (64 * mt rows) and ``stages`` K and V tiles of
+    ``bn`` rows, 16-bit rows padded by 8 elements; FP8: one converted K and V tile,
+    the stages as stored (one byte an element, unpadded)."""
+    if fp8:
+        return (64 * mt + 2 * bn) * (head_dim + 8) * 2 + 2 * stages * bn * head_dim
+    return (64 * mt + 2 * stages * bn) * (head_dim + 8) * 2
+
+
+def cascade_smem(head_dim: int, mt: int, bn: int, stages: int, fp8: bool = False) -> int:
+    """cascade_prefix.cu: the member tile (64 * mt rows) and ``stages`` K and V tiles of
+    ``bn`` rows, rows padded by 8 elements (FP8: one converted K and V tile, the stages as
+    stored): the multi-token kernel's layout."""
+    return prefill_smem(head_dim, mt, bn, stages, fp8)
+
+
+def check_fits(smem: int, attrs: dict[str, Any], what: str) -> None:
+    """UnsupportedConfiguration when a CTA's ``smem`` bytes exceed what one CTA may
+    take on a device with ``attrs`` (a config's knobs can ask for more)."""
+    most = int(attrs.get("MaxSharedMemoryPerBlockOptin", 232448))
+    if smem > most:
+        raise UnsupportedConfiguration(f"{what} needs {smem} bytes of shared memory per CTA; "
+                                       f"this GPU allows {most}")
+
+
+def resident(attrs: dict[str, Any], regs: int, static_smem: int, threads: int, smem: int) -> int:
+    """CTAs of a kernel (``regs`` per thread, 0: unknown, taken as 128; ``static_smem``
+    bytes of static shared memory) that fit on one SM of a device with ``attrs``
+    (CUDA device attributes) at once: by registers, shared memory (1 KiB reserved
+    per CTA) and threads."""
+    regs = regs or 128
+    by_regs = attrs.get("MaxRegistersPerMultiprocessor", 65536) // (threads * (-(-regs // 8) * 8))
+    by_smem = attrs.get("MaxSharedMemoryPerMultiprocessor", 233472) // (smem + static_smem + 1024)
+    by_threads = attrs.get("MaxThreadsPerMultiProcessor", 2048) // threads
+    return int(max(1, min(by_regs, by_smem, by_threads)))

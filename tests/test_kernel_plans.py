@@ -1,0 +1,184 @@
+"""The attention planners on the CPU: the launches they choose for a device of 132 SMs
+with an H200's limits, and `KernelConfig`'s knobs and errors.
+
+`kernel_plan_pins.json` holds the choices of the planners as they were before
+the kernel knobs became a `KernelConfig` (commit c3af6b9: kvpager.kernels'
+module globals and the formulas inside cupy_launches.attention_launches /
+CascadeLaunch), recorded by running that code for each case: kernel file and
+name, defines, grid, threads, dynamic shared memory and split count of the
+decode launch; tiling, defines, shared memory and query tiles (their count
+and a SHA-256 of the int32 array) of the multi-token launch; tiling, shared
+memory and chunks of the cascade launch. The production `KernelConfig` must
+choose the same. Each case's ``regs`` stands for the compiled kernel's
+registers per thread, which set the resident CTAs (and so the splits).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvpager import InvalidArgument, KernelConfig, KVPool, PoolSpec, UnsupportedConfiguration
+from kvpager.backends.cupy_cascade import cascade_chunks, cascade_tiling
+from kvpager.backends.cupy_decode import decode_shape, merge_defines, plan_splits
+from kvpager.backends.cupy_prefill import prefill_tiles, prefill_tiling
+from kvpager.block_moves import COPY_THREADS, copy_grid
+from kvpager.kernel_config import DEFAULT, check_config
+from kvpager.kernel_smem import check_fits, resident
+
+PINS = json.loads((Path(__file__).parent / "kernel_plan_pins.json").read_text())
+H200 = {"MultiProcessorCount": 132, "MaxRegistersPerMultiprocessor": 65536,
+        "MaxSharedMemoryPerMultiprocessor": 233472, "MaxThreadsPerMultiProcessor": 2048,
+        "MaxSharedMemoryPerBlockOptin": 232448}
+NSM = 132
+
+
+def spec_of(dtype, kv_dtype, d, bs, hkv):
+    return PoolSpec(num_layers=2, num_kv_heads=hkv, head_dim=d, num_blocks=64, block_size=bs, dtype=dtype,
+                    kv_dtype=kv_dtype)
+
+
+def decode(dtype, kv_dtype, d, bs, hkv, group, items, max_len, regs, num_splits=None, config=DEFAULT):
+    """What the decode launch is for these arguments: (shape, splits)."""
+    spec = spec_of(dtype, kv_dtype, d, bs, hkv)
+    shape = decode_shape(spec, group, items, max_len, NSM, config)
+    res = resident(H200, regs, 0, shape.threads, shape.smem) if shape.tc else 0
+    return spec, shape, int(num_splits or plan_splits(shape.ctas, max_len, NSM, res))
+
+
+@pytest.mark.parametrize("case", PINS["decode"], ids=lambda c: "-".join(map(str, c["args"])))
+def test_decode_launches_are_the_pinned_ones(case):
+    spec, shape, splits = decode(*case["args"])
+    assert (shape.file, shape.kernel) == (case["file"], case["kernel"])
+    assert shape.defines == case["defines"]
+    assert [shape.ctas, splits] == case["grid"]
+    assert (shape.threads, shape.smem, splits) == (case["threads"], case["smem"], case["splits"])
+    check_fits(shape.smem, H200, "decode")  # the production config's layouts fit an H200's CTA
+    # merge_splits.cu takes only the defines it reads (the output dtype and head dim)
+    assert merge_defines(spec) == {k: case["merge_defines"][k] for k in ("KV_DTYPE", "HEAD_DIM")}
+
+
+@pytest.mark.parametrize("case", PINS["prefill"], ids=lambda c: "-".join(map(str, c["args"][:6])))
+def test_multi_token_launches_are_the_pinned_ones(case):
+    dtype, kv_dtype, d, bs, hkv, group, ql, sl = case["args"]
+    spec = spec_of(dtype, kv_dtype, d, bs, hkv)
+    t, defs, smem = prefill_tiling(spec, group, DEFAULT)
+    tiles = prefill_tiles(np.asarray(ql, np.int32), np.asarray(sl, np.int32), t.bm // group)
+    assert defs == case["defines"]
+    assert smem == case["smem"]
+    assert [len(tiles), hkv] == case["grid"] and len(tiles) == case["num_tiles"]
+    assert hashlib.sha256(tiles.tobytes()).hexdigest()[:16] == case["tiles_sha256"]
+
+
+@pytest.mark.parametrize("case", PINS["cascade"], ids=lambda c: "-".join(map(str, c["args"][:5])))
+def test_cascade_launches_are_the_pinned_ones(case):
+    dtype, d, bs, hkv, group, members, lengths, regs = case["args"]
+    t, smem, per_tile = cascade_tiling(spec_of(dtype, None, d, bs, hkv), group, DEFAULT)
+    assert (t.mt, t.bn, t.stages, smem, per_tile) == (case["mt"], case["bn"], case["stages"], case["smem"],
+                                                     case["per_tile"])
+    tiles = int(sum(-(-m // per_tile) for m in members))
+    chunks = cascade_chunks(min(lengths), tiles * hkv, NSM * resident(H200, regs, 0, 128, smem))
+    assert chunks == case["chunks"] and tiles * chunks == case["tiles"]
+
+
+def test_the_pins_cover_every_kernel_and_layout():
+    """The recorded cases reach both decode kernels, both CTA layouts, FP8, splits and
+    no splits, each multi-token tiling and several cascade chunk counts."""
+    dec = PINS["decode"]
+    assert {c["kernel"] for c in dec} == {"paged_decode_tc", "paged_decode"}
+    assert {(c["defines"].get("HPC"), c["defines"].get("WPH")) for c in dec} >= {(1, 4), (4, 1), (2, 1)}
+    assert any("KV_FP8" in c["defines"] for c in dec)
+    assert {c["splits"] > 1 for c in dec} == {True, False}
+    assert {c["defines"]["MT"] for c in PINS["prefill"]} == {1, 2}
+    assert len({c["chunks"] for c in PINS["cascade"]}) >= 3
+
+
+# -- the knobs ----------------------------------------------------------------------------
+def test_knobs_reach_the_launches():
+    args = ("bfloat16", None, 128, 16, 8, 4, 64, 4096, 168)
+    _, base, _ = decode(*args)
+    assert (base.defines["STAGES"], base.defines["HPC"], base.defines["WPH"]) == (3, 1, 4)
+    _, s, _ = decode(*args, config=KernelConfig(decode_stages=2))
+    assert s.defines["STAGES"] == 2 and s.smem < base.smem
+    _, s, _ = decode(*args, config=KernelConfig(decode_l2_prefetch=0))
+    assert "CP_L2_PREFETCH" not in s.defines
+    _, s, _ = decode(*args, config=KernelConfig(decode_heads_per_cta=8, decode_warps_per_head=1))
+    assert (s.defines["HPC"], s.defines["WPH"], s.ctas, s.threads) == (8, 1, 64, 256)
+    _, s, _ = decode(*args, config=KernelConfig(decode_heads_per_cta=3))  # cut to a divisor of 8 kv heads
+    assert s.defines["HPC"] == 1
+    _, s, _ = decode("bfloat16", None, 128, 16, 8, 4, 64, 256, 168)  # short contexts: 4 heads x 1 warp
+    assert (s.defines["HPC"], s.defines["WPH"]) == (4, 1)
+    _, s, _ = decode("bfloat16", None, 128, 16, 8, 4, 64, 256, 168, config=KernelConfig(decode_short_context=128))
+    assert (s.defines["HPC"], s.defines["WPH"]) == (1, 4)
+    _, s, _ = decode("float32", None, 128, 16, 8, 4, 64, 4096, 0, config=KernelConfig(decode_rows=2))
+    assert s.kernel == "paged_decode" and s.defines["CH"] == 2
+    spec = spec_of("float16", None, 128, 16, 8)
+    t, defs, smem = prefill_tiling(spec, 4, KernelConfig(prefill_mt=1))
+    assert (t.mt, t.bm, t.bn, t.stages, defs["MT"]) == (1, 64, 64, 2, 1)
+    assert smem == (64 + 2 * 2 * 64) * (128 + 8) * 2  # paged_prefill.cu's header formula
+    assert cascade_tiling(spec, 4, KernelConfig(prefill_mt=1))[0] == t  # the cascade runs the same tiling
+    with pytest.raises(UnsupportedConfiguration, match="prefill_mt=2"):
+        prefill_tiling(spec_of("float16", None, 256, 16, 8), 4, KernelConfig(prefill_mt=2))
+
+
+def test_shared_memory_a_config_asks_for_must_fit():
+    _, s, _ = decode("bfloat16", None, 256, 16, 8, 4, 64, 4096, 168, config=KernelConfig(decode_stages=8))
+    assert s.smem == 4 * 8 * 2 * 16 * (256 + 8) * 2  # paged_decode_tc.cu's header formula
+    with pytest.raises(UnsupportedConfiguration, match="shared memory"):
+        check_fits(s.smem, H200, "paged_decode_tc.cu")
+    _, s, _ = decode("bfloat16", None, 256, 16, 8, 4, 64, 4096, 168, config=KernelConfig(decode_stages=3))
+    check_fits(s.smem, H200, "paged_decode_tc.cu")
+
+
+def test_fp8_pools_decode_on_tensor_cores_only():
+    for kv in ("float8_e4m3", "float8_e5m2"):
+        for config in (DEFAULT, KernelConfig(decode_heads_per_cta=4, decode_rows=8)):
+            _, s, _ = decode("float16", kv, 128, 16, 8, 4, 16, 2048, 168, config=config)
+            assert s.kernel == "paged_decode_tc" and s.tc
+
+
+def test_copy_grid_is_one_cta_per_chunk():
+    block = 32 * 2 * 8 * 16 * 128 * 2  # a llama-3-8b block: 2 MiB
+    assert copy_grid(1000, block) == 1000 * (block // 16) // (COPY_THREADS * 16)
+    assert copy_grid(1000, block, KernelConfig(copy_unroll=4)) == 4 * copy_grid(1000, block)
+    assert copy_grid(3, 16 * 1000) == 3  # a partial chunk is a chunk
+
+
+@pytest.mark.parametrize("knob,value", [
+    ("decode_rows", 3), ("decode_rows", 0), ("decode_stages", 1), ("decode_stages", 9),
+    ("decode_stages", 2.0), ("decode_l2_prefetch", 64), ("decode_l2_prefetch", None),
+    ("decode_heads_per_cta", 0), ("decode_heads_per_cta", 17), ("decode_warps_per_head", True),
+    ("decode_short_context", -1), ("prefill_mt", 3), ("prefill_mt", 0), ("copy_unroll", 12),
+    ("copy_unroll", "16"),
+])
+def test_bad_knobs_are_refused_by_name(knob, value):
+    with pytest.raises(InvalidArgument, match=f"KernelConfig.{knob}"):
+        KernelConfig(**{knob: value})
+    with pytest.raises(InvalidArgument, match=f"KernelConfig.{knob}"):
+        DEFAULT.replace(**{knob: value})
+
+
+def test_config_is_frozen_and_replaced_by_name():
+    c = DEFAULT.replace(decode_stages=4, prefill_mt=1)
+    assert (c.decode_stages, c.prefill_mt, c.copy_unroll) == (4, 1, 16)
+    assert KernelConfig() == DEFAULT and DEFAULT.decode_stages is None  # the original is untouched
+    with pytest.raises(AttributeError):
+        c.decode_stages = 2  # type: ignore[misc]
+    with pytest.raises(InvalidArgument, match="decode_stage"):
+        DEFAULT.replace(decode_stage=2)
+    assert check_config(None) is DEFAULT and check_config(c) is c
+    with pytest.raises(InvalidArgument, match="KernelConfig"):
+        check_config({"decode_stages": 2})
+
+
+def test_a_plan_takes_a_config_and_refuses_anything_else():
+    pool = KVPool(PoolSpec(num_layers=1, num_kv_heads=2, head_dim=32, num_blocks=8, block_size=8))
+    a = pool.allocate([[1, 2, 3]])[0]
+    plan = pool.plan([a.seq_id], None, None, config=KernelConfig(decode_stages=2))
+    assert plan.num_tokens == 1
+    with pytest.raises(InvalidArgument, match="KernelConfig"):
+        pool.plan([a.seq_id], None, None, config={"decode_stages": 2})
