@@ -20,6 +20,7 @@ URLs (``--remote``):
 from __future__ import annotations
 
 import contextlib
+import logging
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from kvpager.remote_resp import ChunkedFetch, FetchError
 _STANDALONE = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss", "unix": "unix"}
 _CLUSTER = {"redis+cluster": "redis", "rediss+cluster": "rediss", "valkey+cluster": "redis",
             "valkeys+cluster": "rediss"}
+
+log = logging.getLogger("kvpager.remote")
 
 
 CONNECTIONS = 2  # a lookup's connections (docs/remote.md: measured)
@@ -194,6 +197,13 @@ class RedisStore(Store):
             raise InvalidArgument(f"remote store URL {self.url!r}: {e}") from None
         self._errors = (redis.RedisError, OSError)
         self._fetch = ChunkedFetch(self._acquire, self._release, self._send, connections, chunk_bytes)
+        # Raw reads need the socket of a redis-py connection (a private attribute, there
+        # from 5.3 on); a release without it gets redis-py's own MGET, copied (slower).
+        pool = self._reader.connection_pool
+        self.raw_reads = "_sock" in vars(pool.connection_class(**pool.connection_kwargs))
+        if not self.raw_reads:
+            log.warning("this redis-py (%s) keeps no socket where kvpager reads it: lookups go through "
+                        "redis-py's MGET (slower restores)", getattr(redis, "__version__", "?"))
 
     def get_many(self, keys: Seq[str]) -> list[bytes | None]:
         try:
@@ -203,6 +213,8 @@ class RedisStore(Store):
 
     def get_into(self, keys: Seq[str], out: np.ndarray, sizes: np.ndarray,
                  done: Callable[[int, int], None] | None = None) -> None:
+        if not self.raw_reads:
+            return super().get_into(keys, out, sizes, done)
         try:
             self._fetch.run(keys, out, sizes, done)
         except FetchError as e:

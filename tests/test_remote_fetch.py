@@ -102,6 +102,25 @@ def test_chunked_values_and_lengths_equal_redis_py(connections, chunk_bytes):
         store.close()
 
 
+def test_without_raw_reads_lookups_go_through_redis_py_with_the_same_answers():
+    """A redis-py that keeps no socket where the raw reader reads it: get_into falls
+    back to redis-py's MGET and answers as the raw path does."""
+    rng = np.random.default_rng(17)
+    with redis_server() as server:
+        keys, values = mixed(rng, 40)
+        fill(server.url, values)
+        store = open_store(server.url, timeout=2.0, connections=2)
+        assert store.raw_reads  # this redis-py has the socket
+        store.raw_reads = False
+        out = np.zeros((len(keys), WIDTH), dtype=np.uint8)
+        sizes = np.zeros(len(keys), dtype=np.int64)
+        seen = []
+        store.get_into(keys, out, sizes, lambda lo, hi: seen.append((lo, hi)))
+        check_against(server.url, keys, out, sizes)
+        assert seen == [(0, len(keys))]
+        store.close()
+
+
 def test_a_chunk_refused_by_the_server_fails_the_lookup_and_the_next_one_works():
     """An ACL user who may not read one key: the chunk holding it gets an error
     reply (NOPERM) while other chunks are read in parallel."""
