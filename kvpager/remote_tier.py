@@ -98,8 +98,10 @@ class RemoteTier(RemoteWrites):
         self._ranks = ranks
 
     def describe(self) -> dict[str, Any]:
-        """What hello tells clients: the store's kind and URL (no password)."""
-        return {"kind": self.store.kind, "url": self.store.url, "ttl": self.ttl}
+        """What hello tells clients: the store's kind and URL (no password);
+        ``probe``: ``cached_tokens`` counts the tier and takes ``remote`` and
+        ``remote_tokens``."""
+        return {"kind": self.store.kind, "url": self.store.url, "ttl": self.ttl, "probe": True}
 
     def check(self) -> str | None:
         """None if the store answers now, else why not (for a warning at start)."""
