@@ -188,14 +188,17 @@ def test_metrics_carry_the_tier_counters():
         prompt = list(range(500, 500 + 3 * wa.spec.block_size + 2))
         write_prompt(wa, prompt, seed=3)
         assert wait_until(lambda: wa.remote_stats().written_blocks == 3, WAIT)
+        assert wb.cached_tokens([prompt], salt="model") == [3 * wb.spec.block_size]  # a probe
         [got] = wb.allocate([prompt], salt="model")
         assert got.num_remote_tokens == 3 * wb.spec.block_size
+        assert wb.remote_stats().probe_hit_blocks == 3
         for server, client in ((a, wa), (b, wb)):
             st = client.remote_stats()
             samples = scrape(server.metrics_port)
             assert v(samples, "kvpager_remote_available") == 1.0
             for name in ("lookups", "lookup_blocks", "hit_blocks", "restored_blocks", "restored_bytes",
-                         "errors", "written_blocks", "written_bytes", "dropped_blocks", "corrupt_blocks"):
+                         "errors", "written_blocks", "written_bytes", "dropped_blocks", "corrupt_blocks",
+                         "probes", "probe_blocks", "probe_hit_blocks", "skipped_probes"):
                 assert v(samples, f"kvpager_remote_{name}_total") == getattr(st, name), name
         assert v(scrape(b.metrics_port), "kvpager_remote_restored_blocks_total") == 3
         assert v(scrape(a.metrics_port), "kvpager_remote_written_blocks_total") == 3
