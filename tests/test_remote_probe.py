@@ -291,3 +291,30 @@ def test_a_value_the_fetch_refuses_is_counted_by_the_probe_until_deleted():
         assert b.remote.flush(WAIT) and r.dbsize() == 0
         assert b.cached_tokens([prompt], "m") == [0]
         a.close(), b.close()
+
+
+def test_exists_many_against_redis_py_and_an_error_reply():
+    """The store's pipelined EXISTS vs redis-py's EXISTS of each key; a key an
+    ACL user may not read fails the call (StoreError), and the next call on
+    a fresh connection answers right."""
+    from kvpager.remote_store import StoreError, open_store
+
+    with redis_server() as server:
+        r = redis.Redis(port=server.port)
+        names = [f"kvpager:v1:test:{i:05d}" for i in range(3000)]
+        rng = np.random.default_rng(1)
+        for name in names:
+            if rng.random() < 0.3:
+                r.set(name, b"x" * int(rng.integers(1, 100)))
+        r.set("secret", b"x")
+        want = np.array([bool(r.exists(n)) for n in names])
+        store = open_store(server.url, timeout=2.0)
+        assert np.array_equal(store.exists_many(names), want) and 0 < want.sum() < len(names)
+        assert store.exists_many([]).shape == (0,)
+        store.close()
+        server.cli("ACL", "SETUSER", "reader", "on", ">pw", "~kvpager:*", "+@all")
+        store = open_store(f"redis://reader:pw@127.0.0.1:{server.port}", timeout=2.0)
+        with pytest.raises(StoreError, match="NOPERM"):
+            store.exists_many([names[0], "secret", *names[1:50]])
+        assert np.array_equal(store.exists_many(names[:200]), want[:200])
+        store.close()
