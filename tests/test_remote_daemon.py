@@ -145,6 +145,11 @@ def test_cluster_of_three_masters():
         assert a.remote.flush(WAIT) and a.remote_stats().written_blocks == 12
         per_node = [int(n.cli("dbsize").strip()) for n in nodes]
         assert sum(per_node) == 12 and sum(1 for n in per_node if n) >= 2, per_node  # spread by slot
+        # the probe: a cluster pipeline of EXISTS over the masters
+        short = prompt[: 5 * BS] + [7]  # blocks 0-4 held, then one nobody has
+        probes = b.probe_cache([prompt, short, prompt], ["m", "m", "x"])
+        assert [(p.num_cached_tokens, p.num_remote_tokens) for p in probes] == [(12 * BS,) * 2, (5 * BS,) * 2, (0, 0)]
+        assert b.remote_stats().probe_hit_blocks == 12 and b.remote_stats().lookups == 0
         t0 = time.monotonic()
         [y] = b.allocate([prompt], salt="m")
         assert time.monotonic() - t0 < 10
