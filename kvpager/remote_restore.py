@@ -17,6 +17,10 @@ every later one) finds them locally:
    payloads go into them in one batched host-to-device copy (completed
    before this returns) and each is published under its key.
 
+Steps 1-3 only read (`missing`, `runs`, `fits`): the read-only probe
+(`kvpager.remote_probe`) runs them too, with the store's ``EXISTS``
+answers in place of fetched values, so it counts what this restores.
+
 The caller drops the temporary references (`Restore.release`) once the
 allocate has taken its own. With an event sink on the block pool, the
 restored keys are reported as stored (they are hittable here now), with
