@@ -42,6 +42,7 @@ from kvpager.spec import PoolSpec
 from kvpager.types import (
     Allocation,
     BlockMap,
+    CacheProbe,
     PinInfo,
     PoolCounters,
     PoolStats,
@@ -57,6 +58,7 @@ __all__ = [
     "Allocation",
     "BackendUnavailable",
     "BlockMap",
+    "CacheProbe",
     "Client",
     "DaemonUnavailable",
     "EventSink",

@@ -20,12 +20,13 @@ from kvpager.protocol import (
     decode_allocations,
     decode_blocks,
     decode_info,
+    decode_probes,
     decode_remote_stats,
     decode_slots,
     decode_stats,
     decode_tables,
 )
-from kvpager.types import Allocation, BlockMap, PoolStats, RemoteStats, SequenceInfo
+from kvpager.types import Allocation, BlockMap, CacheProbe, PoolStats, RemoteStats, SequenceInfo
 
 
 class ClientSequences:
@@ -49,12 +50,29 @@ class ClientSequences:
         self._mirror.allocated(allocs)
         return allocs
 
-    def cached_tokens(self, prompts: Seq[Seq[int]], salt: Any = None) -> list[int]:
-        """As `KVPool.cached_tokens`: a read-only probe of the prefix cache."""
+    def cached_tokens(self, prompts: Seq[Seq[int]], salt: Any = None, *, remote: bool | None = None) -> list[int]:
+        """As `KVPool.cached_tokens`: a read-only probe of the daemon's prefix
+        cache and, where it has a remote tier, of the store."""
+        return [p.num_cached_tokens for p in self._probe(prompts, salt, remote, False)]
+
+    def probe_cache(self, prompts: Seq[Seq[int]], salt: Any = None, *, remote: bool | None = None
+                    ) -> list[CacheProbe]:
+        """As `KVPool.probe_cache`. A daemon with a remote tier that predates
+        the tier's probe answers from its local cache (no remote tokens)."""
+        return self._probe(prompts, salt, remote, True)
+
+    def _probe(self, prompts: Any, salt: Any, remote: bool | None, split: bool) -> list[CacheProbe]:
+        if remote is not None and not isinstance(remote, bool):
+            raise InvalidArgument(f"remote must be a bool or None, got {remote!r}")
         args: dict[str, Any] = {"prompts": prompts}
         if salt is not None:
             args["salt"] = salt
-        return self._call("cached_tokens", args)
+        if self.remote and self.remote.get("probe"):  # only such a daemon knows the arguments
+            if remote is not None:
+                args["remote"] = remote
+            if split:
+                args["remote_tokens"] = True
+        return decode_probes(self._call("cached_tokens", args))
 
     def append(self, seq_ids: Any, num_tokens: Any = 1, token_ids: Any = None) -> list[np.ndarray]:
         """As `KVPool.append`: the new tokens' slot ids per sequence."""

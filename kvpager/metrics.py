@@ -225,7 +225,12 @@ def _remote(r: RemoteStats, gauge: Any, counter: Any) -> Iterator[Any]:
     yield counter("remote_restored_bytes", "K/V bytes restored from the remote store.", r.restored_bytes)
     yield counter("remote_skipped_lookups", "Lookups not sent while the store was marked unavailable.",
                   r.skipped_lookups)
-    yield counter("remote_errors", "Failed remote store calls (lookups, writes, deletes).", r.errors)
+    yield counter("remote_probes", "Read-only probes (cached_tokens) that asked the remote store.", r.probes)
+    yield counter("remote_probe_blocks", "Block keys probes asked the remote store about.", r.probe_blocks)
+    yield counter("remote_probe_hit_blocks", "Block keys probes found in the remote store.", r.probe_hit_blocks)
+    yield counter("remote_skipped_probes", "Probes not sent while the store was marked unavailable.",
+                  r.skipped_probes)
+    yield counter("remote_errors", "Failed remote store calls (lookups, probes, writes, deletes).", r.errors)
     yield counter("remote_corrupt_blocks", "Values refused (format, key, length, checksum) and deleted.",
                   r.corrupt_blocks)
     yield gauge("remote_queued_blocks", "Blocks waiting to be written to the remote store.", r.queued_blocks)

@@ -1,5 +1,6 @@
-"""`KVPool`'s sequence ops: allocate, append, commit, fork, free, truncate,
-swap, release of blocks behind a window.
+"""`KVPool`'s sequence ops: allocate, the read-only probe (`cached_tokens`,
+`probe_cache`), append, commit, fork, free, truncate, swap, release of blocks
+behind a window.
 
 Each takes a batch, validates all of it (`kvpager.validate`), and hands it
 to the `SequenceManager`; copies the manager asks for (copy-on-write, swaps)
@@ -16,7 +17,7 @@ import numpy as np
 from kvpager import seq_one, validate
 from kvpager.errors import InvalidArgument
 from kvpager.sequences import ANY_OWNER
-from kvpager.types import Allocation
+from kvpager.types import Allocation, CacheProbe
 
 
 def _split(flat: np.ndarray, counts: list[int]) -> list[np.ndarray]:
@@ -85,12 +86,39 @@ class PoolSequences:
         return out
 
     def cached_tokens(
-        self, prompts: Seq[Seq[int]], salt: str | bytes | None | Seq[str | bytes | None] = None
+        self, prompts: Seq[Seq[int]], salt: str | bytes | None | Seq[str | bytes | None] = None, *,
+        remote: bool | None = None,
     ) -> list[int]:
-        """How many tokens of each prompt an `allocate` would find cached now,
-        without allocating or touching anything: for cache-aware admission."""
+        """How many tokens of each prompt an `allocate` of ``prompts`` would find
+        cached now (its ``num_cached_tokens``), without allocating or touching
+        anything: for cache-aware admission.
+
+        With a remote tier (and ``remote`` not False) that includes the blocks
+        the allocate would restore from the store: one pipelined ``EXISTS``
+        round trip for the batch (no value read), under the tier's timeout and
+        circuit breaker (a store that is down answers 0 blocks, never an
+        error). ``remote=False``: this pool's prefix cache only, no store
+        call. `probe_cache` says which part is remote."""
+        return [p.num_cached_tokens for p in self.probe_cache(prompts, salt, remote=remote)]
+
+    def probe_cache(
+        self, prompts: Seq[Seq[int]], salt: str | bytes | None | Seq[str | bytes | None] = None, *,
+        remote: bool | None = None,
+    ) -> list[CacheProbe]:
+        """As `cached_tokens`, per prompt a `CacheProbe`: the cached tokens and,
+        of them, how many the allocate would restore from the remote tier
+        (``num_remote_tokens``, as its `Allocation` would say). ``remote``:
+        None (the default) or True asks the tier where the pool has one;
+        False answers from this pool's prefix cache only."""
         validate.prompts(prompts)
-        return self.manager.cached_tokens(prompts, validate.per_seq(salt, len(prompts), "salt"))
+        salts = validate.per_seq(salt, len(prompts), "salt")
+        if remote is not None and not isinstance(remote, bool):
+            raise InvalidArgument(f"remote must be a bool or None, got {remote!r}")
+        if self.remote is None or remote is False:
+            return [CacheProbe(n) for n in self.manager.cached_tokens(prompts, salts)]
+        from kvpager.remote_probe import probe
+
+        return probe(self, prompts, salts)
 
     def append(
         self,

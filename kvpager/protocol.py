@@ -53,6 +53,7 @@ from kvpager.protocol_results import (  # noqa: F401 (re-exported)
     decode_blocks,
     decode_info,
     decode_pin,
+    decode_probes,
     decode_remote_stats,
     decode_session,
     decode_slots,
@@ -62,6 +63,7 @@ from kvpager.protocol_results import (  # noqa: F401 (re-exported)
     encode_blocks,
     encode_info,
     encode_pin,
+    encode_probes,
     encode_slots,
     encode_stats,
 )

@@ -35,7 +35,7 @@ OPS: dict[str, Op] = {
     for op in (
         Op("hello", (), ("client", "pid", "host", "token", "control_token", "rank"), session=False),
         Op("allocate", ("prompts",), ("salt", "share_in_batch", "remote_tokens")),
-        Op("cached_tokens", ("prompts",), ("salt",), session=False),
+        Op("cached_tokens", ("prompts",), ("salt", "remote", "remote_tokens"), session=False),
         Op("append", ("seq_ids",), ("num_tokens", "token_ids")),
         Op("commit", ("seq_ids",), ("upto",)),
         Op("fork", ("seq_ids",), ("n",)),

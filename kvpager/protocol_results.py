@@ -12,6 +12,7 @@ from kvpager.errors import ProtocolError
 from kvpager.types import (
     Allocation,
     BlockMap,
+    CacheProbe,
     PinInfo,
     PoolStats,
     RemoteStats,
@@ -34,6 +35,21 @@ def encode_allocations(allocs: list[Allocation], remote_tokens: bool = False) ->
 def decode_allocations(raw: list[list[Any]]) -> list[Allocation]:
     return [Allocation(int(a[0]), tuple(a[1].tolist()), int(a[2]), a[3], int(a[4]) if len(a) > 4 else 0)
             for a in raw]
+
+
+def encode_probes(probes: list[CacheProbe], remote_tokens: bool = False) -> list[Any]:
+    """``cached_tokens``' result: tokens per prompt, or ``[num_cached_tokens,
+    num_remote_tokens]`` per prompt when the request asked (``remote_tokens``:
+    a client that predates it reads a list of ints)."""
+    if remote_tokens:
+        return [[p.num_cached_tokens, p.num_remote_tokens] for p in probes]
+    return [p.num_cached_tokens for p in probes]
+
+
+def decode_probes(raw: list[Any]) -> list[CacheProbe]:
+    """Either form of ``cached_tokens``' result (ints from a daemon that
+    predates ``remote_tokens`` or without a tier: nothing remote)."""
+    return [CacheProbe(int(p[0]), int(p[1])) if isinstance(p, (list, tuple)) else CacheProbe(int(p)) for p in raw]
 
 
 def encode_slots(flat: np.ndarray) -> bytes:

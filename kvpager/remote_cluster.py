@@ -1,7 +1,7 @@
 """A Redis Cluster store for the remote prefix tier (``redis+cluster://``;
 see `kvpager.remote_store` for the interface and the URLs).
 
-Lookups are redis-py cluster pipelines of ``GET`` (a cluster's ``MGET``
+Lookups are redis-py cluster pipelines of ``GET`` (probes: of ``EXISTS``) (a cluster's ``MGET``
 needs every key in one slot, and blocks spread over all slots), copied into
 the caller's buffer by `Store.get_into`'s default; redis-py follows the
 cluster's redirections and slot-map changes.
@@ -13,6 +13,8 @@ import contextlib
 import urllib.parse
 from collections.abc import Sequence as Seq
 from typing import Any
+
+import numpy as np
 
 from kvpager.remote_store import Store, StoreError, _nodes, _options, _redis, redact
 
@@ -63,6 +65,15 @@ class RedisClusterStore(Store):
             return pipe.execute()
 
         return self._call(0, run)
+
+    def exists_many(self, keys: Seq[str]) -> np.ndarray:
+        def run(rc: Any) -> list[int]:
+            pipe = rc.pipeline()
+            for key in keys:
+                pipe.exists(key)
+            return pipe.execute()
+
+        return np.asarray(self._call(0, run) if len(keys) else [], dtype=np.int64) > 0
 
     def put_many(self, items: Seq[tuple[str, Any]], ttl: int) -> int:
         def run(rc: Any) -> int:

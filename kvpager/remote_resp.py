@@ -1,6 +1,6 @@
 """Lookups read straight into a staging buffer: ``MGET`` replies parsed by a
 minimal RESP2 reader on a redis-py connection's socket, several connections
-at once.
+at once; and the probe's pipelined ``EXISTS`` (`exists`), read the same way.
 
 redis-py's parser copies every value into a new ``bytes`` object (and
 hiredis first into its own buffer); for 2 MiB values that copying, on the
@@ -135,6 +135,32 @@ def read_mget(reader: Reader, rows: memoryview, width: int, sizes: np.ndarray, l
             reader.skip(n)
         if reader.line() != b"":
             raise FetchError("malformed reply: a value longer than its length")
+
+
+def exists(sock: Any, keys: Seq[str]) -> np.ndarray:
+    """Which of ``keys`` the store holds (bool per key): one ``EXISTS`` per key,
+    all sent before any reply is read (one round trip). ``EXISTS`` reads no
+    value and does not touch a key's LRU / LFU clock (``STRLEN`` would). Each
+    reply is ``:0`` or ``:1`` (4 bytes) and any other reply is longer, so
+    exactly 4 bytes a key are read; anything else fails (`FetchError`) and the
+    connection must be dropped."""
+    n = len(keys)
+    encoded = [k.encode() for k in keys]
+    sock.sendall(b"".join(b"*2\r\n$6\r\nEXISTS\r\n$%d\r\n%s\r\n" % (len(k), k) for k in encoded))
+    buf = bytearray(4 * n)
+    view, got = memoryview(buf), 0
+    while got < len(buf):
+        r = sock.recv_into(view[got:])
+        if not r:
+            raise FetchError("the store closed the connection mid-reply")
+        got += r
+    rows = np.frombuffer(buf, dtype=np.uint8).reshape(n, 4)
+    ok = (rows[:, 0] == ord(":")) & (rows[:, 2] == ord("\r")) & (rows[:, 3] == ord("\n")) \
+        & ((rows[:, 1] == ord("0")) | (rows[:, 1] == ord("1")))
+    if not ok.all():
+        at = 4 * int(np.argmin(ok))
+        raise FetchError(f"the store answered {bytes(buf[at : at + 200])!r} to EXISTS")
+    return rows[:, 1] == ord("1")
 
 
 class ChunkedFetch:

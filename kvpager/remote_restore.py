@@ -17,6 +17,10 @@ every later one) finds them locally:
    payloads go into them in one batched host-to-device copy (completed
    before this returns) and each is published under its key.
 
+Steps 1-3 only read (`missing`, `runs`, `fits`): the read-only probe
+(`kvpager.remote_probe`) runs them too, with the store's ``EXISTS``
+answers in place of fetched values, so it counts what this restores.
+
 The caller drops the temporary references (`Restore.release`) once the
 allocate has taken its own. With an event sink on the block pool, the
 restored keys are reported as stored (they are hittable here now), with
@@ -26,6 +30,7 @@ allocation's cached blocks include blocks restored here.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -65,16 +70,25 @@ class Restore:
         return out
 
 
-def restore(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None]) -> Restore | None:
-    """Restore from ``kv.remote`` the blocks that ``prompts`` miss locally and the
-    tier holds (see the module docstring). None when nothing was restored."""
-    m, tier = kv.manager, kv.remote
-    bp, bs = m.pool, m.block_size
-    # 1. probe (read-only): every prompt checked before anything changes
-    plans: list[tuple[list[int], list[bytes], list[int | None]]] = []
-    wants: dict[bytes, tuple[bytes, str | bytes | None]] = {}  # block key -> (root key, salt), missing here
-    origin: dict[bytes, tuple[bytes | None, np.ndarray]] = {}  # for events: key -> (parent key, token ids)
-    need = 0  # fresh blocks of the batch if nothing were restored
+@dataclass
+class Missing:
+    """Step 1 (read-only): per prompt its local hits, the chain keys after them
+    an allocate may take from the cache, and the blocks the local cache holds
+    under those keys (None: missing); every missing key once, in the order an
+    allocate asks the tier for them."""
+
+    plans: list[tuple[list[int], list[bytes], list[int | None]]]
+    wants: dict[bytes, tuple[bytes, str | bytes | None]]  # block key -> (root key, salt)
+    origin: dict[bytes, tuple[bytes | None, np.ndarray]]  # for events: key -> (parent key, token ids)
+    need: int  # fresh blocks of the batch if nothing were restored
+
+
+def missing(bp: BlockPool, block_size: int, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None],
+            events: bool = False) -> Missing:
+    """Step 1 for ``prompts`` (see `Missing`); ``events``: note each missing
+    key's parent and token ids (for BlockStored events)."""
+    bs = block_size
+    out = Missing([], {}, {}, 0)
     for i, prompt in enumerate(prompts):
         tokens = token_array(prompt, f"prompts[{i}]")
         usable = max(len(tokens) - 1, 0) // bs
@@ -85,21 +99,25 @@ def restore(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None]) 
         local = [bp.lookup(k) for k in rest]
         for j, (k, b) in enumerate(zip(rest, local)):
             if b is None:
-                wants.setdefault(k, (root, salts[i]))
-                if bp.events is not None and k not in origin:
+                out.wants.setdefault(k, (root, salts[i]))
+                if events and k not in out.origin:
                     at = (len(hits) + j) * bs
-                    origin[k] = (rest[j - 1] if j else keys[-1] if keys else None, tokens[at : at + bs])
-        plans.append((hits, rest, local))
-        need += -(-len(tokens) // bs) - len(hits)
-    if not wants:
-        return None
-    found = tier.fetch([(root, key) for key, (root, _) in wants.items()])
-    if not found:
-        return None
-    # 2. runs: the blocks each prompt would share after the restore
-    todo: dict[bytes, None] = {}  # keys to restore, in order
-    keep: list[int] = []  # local blocks of the runs, held during the restore
-    for hits, rest, local in plans:
+                    out.origin[k] = (rest[j - 1] if j else keys[-1] if keys else None, tokens[at : at + bs])
+        out.plans.append((hits, rest, local))
+        out.need += -(-len(tokens) // bs) - len(hits)
+    return out
+
+
+def runs(m: Missing, found: Container[bytes]) -> tuple[list[tuple[int, int]], dict[bytes, None], list[int], int]:
+    """Step 2 for ``found``, the tier's hits: per prompt, its run after its
+    local hits of blocks held locally or found, as (blocks, of which found);
+    the keys to restore (each once, in order); the local blocks to hold while
+    restoring; and the fresh blocks the allocate then needs."""
+    extra: list[tuple[int, int]] = []
+    todo: dict[bytes, None] = {}
+    keep: list[int] = []
+    need = m.need
+    for hits, rest, local in m.plans:
         keep += hits
         run: list[int] = []
         new = []
@@ -114,10 +132,34 @@ def restore(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None]) 
         if new:
             keep += run
             todo.update(dict.fromkeys(new))
-    # 3. capacity: held idle blocks leave the evictable list, restored ones are taken
-    kept = np.asarray(keep, dtype=np.int64)
+        extra.append((len(run) + len(new), len(new)))
+    return extra, todo, keep, need
+
+
+def fits(bp: BlockPool, need: int, restores: int, kept: np.ndarray) -> bool:
+    """Step 3: is the allocate sure to fit after restoring ``restores`` blocks
+    (held idle blocks leave the evictable list, restored ones are taken)?"""
     idle = len(np.unique(kept[bp.ref_cnt[kept] == 0])) if len(kept) else 0
-    if need + len(todo) + idle > bp.get_num_free_blocks():
+    return need + restores + idle <= bp.get_num_free_blocks()
+
+
+def restore(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None]) -> Restore | None:
+    """Restore from ``kv.remote`` the blocks that ``prompts`` miss locally and the
+    tier holds (see the module docstring). None when nothing was restored."""
+    m, tier = kv.manager, kv.remote
+    bp = m.pool
+    # 1. probe (read-only): every prompt checked before anything changes
+    miss = missing(bp, m.block_size, prompts, salts, bp.events is not None)
+    if not miss.wants:
+        return None
+    found = tier.fetch([(root, key) for key, (root, _) in miss.wants.items()])
+    if not found:
+        return None
+    # 2. runs: the blocks each prompt would share after the restore
+    _, todo, keep, need = runs(miss, found)
+    # 3. capacity
+    kept = np.asarray(keep, dtype=np.int64)
+    if not fits(bp, need, len(todo), kept):
         return None  # the allocate may not fit: leave it as it would be without the tier
     # 4. hold, take, copy, publish
     if len(kept):
@@ -130,10 +172,10 @@ def restore(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None]) 
         bp.free_blocks(np.concatenate([kept, new_blocks]))
         raise
     # each restored block belongs to its salt's tenant, as if committed here
-    done = [bp.publish(b, k, bp.tenants.code(*wants[k])) for b, k in zip(new_blocks.tolist(), keys)]
+    done = [bp.publish(b, k, bp.tenants.code(*miss.wants[k])) for b, k in zip(new_blocks.tolist(), keys)]
     published = [b for b, new in zip(new_blocks.tolist(), done) if new]
     if bp.events is not None:
-        _report(bp.events, [k for k, new in zip(keys, done) if new], origin)
+        _report(bp.events, [k for k, new in zip(keys, done) if new], miss.origin)
     tier.restored(len(published))
     return Restore(np.asarray(published, dtype=np.int64), np.concatenate([kept, new_blocks]))
 

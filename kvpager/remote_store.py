@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from kvpager.errors import InvalidArgument
-from kvpager.remote_resp import ChunkedFetch, FetchError
+from kvpager.remote_resp import ChunkedFetch, FetchError, exists
 
 _STANDALONE = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss", "unix": "unix"}
 _CLUSTER = {"redis+cluster": "redis", "rediss+cluster": "rediss", "valkey+cluster": "redis",
@@ -79,6 +79,13 @@ class Store(ABC):
                     out[i] = np.frombuffer(value, dtype=np.uint8)
         if done is not None and len(keys):
             done(0, len(keys))
+
+    @abstractmethod
+    def exists_many(self, keys: Seq[str]) -> np.ndarray:
+        """Which of ``keys`` the store holds (a bool per key), in one pipelined
+        round trip (one per node of a cluster) that reads no value and leaves
+        the keys' LRU / LFU clocks as they were. Loop thread; bounded by the
+        lookup timeout."""
 
     @abstractmethod
     def put_many(self, items: Seq[tuple[str, Any]], ttl: int) -> int:
@@ -172,7 +179,8 @@ def _options(redis: Any, timeout: float) -> dict[str, Any]:
 class RedisStore(Store):
     """A standalone Redis or Valkey server: lookups as chunked ``MGET``s over
     ``connections`` connections, read straight into the caller's buffer
-    (`kvpager.remote_resp`); pipelined ``SET NX EX`` for writes. The lookup
+    (`kvpager.remote_resp`); probes as pipelined ``EXISTS`` on one of them;
+    pipelined ``SET NX EX`` for writes. The lookup
     connections and the writer's are separate pools."""
 
     kind = "redis"
@@ -219,6 +227,25 @@ class RedisStore(Store):
             self._fetch.run(keys, out, sizes, done)
         except FetchError as e:
             raise StoreError(str(e)) from None
+
+    def exists_many(self, keys: Seq[str]) -> np.ndarray:
+        if not len(keys):
+            return np.zeros(0, dtype=bool)
+        try:
+            conn, sock = self._acquire()
+        except self._errors as e:
+            raise StoreError(f"{type(e).__name__}: {e}") from None
+        broken = True
+        try:
+            out = exists(sock, keys)
+            broken = False
+            return out
+        except FetchError as e:
+            raise StoreError(str(e)) from None
+        except self._errors as e:
+            raise StoreError(f"{type(e).__name__}: {e}") from None
+        finally:
+            self._release(conn, broken)
 
     # a lookup connection: redis-py's (connected, authenticated), read raw; its
     # parser has nothing buffered, as every reply on it was read whole

@@ -10,6 +10,9 @@ so a daemon on another host restores them instead of its worker recomputing.
   bounded queue (``queue_bytes``; a block that does not fit is dropped and
   counted) and a writer thread seals (header, checksum) and sends them,
   pipelined ``SET NX`` with an expiry. The writer never touches pool state.
+- Probes (`exists`, for `KVPool.cached_tokens`) ask which keys the store
+  holds, one pipelined ``EXISTS`` batch behind the same breaker and timeout,
+  reading no value.
 - Values are checked before they are restored (`kvpager.remote_format`); a
   bad one is counted, deleted from the store and treated as a miss.
 
@@ -71,6 +74,7 @@ class RemoteTier(RemoteWrites):
         # loop-thread counters
         self._lookups = self._lookup_blocks = self._hits = self._skipped = 0
         self._restored = self._lookup_errors = self._corrupt = self._dropped_full = 0
+        self._probes = self._probe_blocks = self._probe_hits = self._skipped_probes = 0
         # writer-thread counters
         self._written = self._write_errors = self._dropped_failed = 0
         # the queue: (rows [n, value_bytes] uint8, names, block keys); deletes: names
@@ -94,8 +98,10 @@ class RemoteTier(RemoteWrites):
         self._ranks = ranks
 
     def describe(self) -> dict[str, Any]:
-        """What hello tells clients: the store's kind and URL (no password)."""
-        return {"kind": self.store.kind, "url": self.store.url, "ttl": self.ttl}
+        """What hello tells clients: the store's kind and URL (no password);
+        ``probe``: ``cached_tokens`` counts the tier and takes ``remote`` and
+        ``remote_tokens``."""
+        return {"kind": self.store.kind, "url": self.store.url, "ttl": self.ttl, "probe": True}
 
     def check(self) -> str | None:
         """None if the store answers now, else why not (for a warning at start)."""
@@ -123,7 +129,7 @@ class RemoteTier(RemoteWrites):
             return {}
         codec = self.codec
         width = codec.value_bytes
-        wants = wants[: max(1, self.max_restore_bytes // width)]
+        wants = wants[: self.most_blocks()]
         names = [block_key(self._prefix, root, key) for root, key in wants]
         self._lookups += 1
         self._lookup_blocks += len(names)
@@ -169,6 +175,43 @@ class RemoteTier(RemoteWrites):
         self._hits += len(found)
         return found
 
+    def most_blocks(self) -> int:
+        """Most blocks one allocate may restore: ``max_restore_bytes`` of values
+        (at least one); a lookup asks for the first this many it misses."""
+        return max(1, self.max_restore_bytes // self.codec.value_bytes)
+
+    def exists(self, wants: Seq[tuple[bytes, bytes]]) -> set[bytes]:
+        """The block keys of ``wants`` = [(root key, block key)] that the store
+        holds, among the first `most_blocks` (as `fetch` would ask for them):
+        one pipelined ``EXISTS`` round trip, no value read, no key's LRU clock
+        touched in the store, nothing changed here but the probe counters. A
+        value held but refused by `fetch` (checksum, length) counts here. Never
+        raises: a failure (counted, as in `fetch`, and opening the breaker) or
+        an open breaker is an empty answer."""
+        if not wants:
+            return set()
+        if not self.breaker.allow():
+            self._skipped_probes += 1
+            return set()
+        wants = wants[: self.most_blocks()]
+        self._probes += 1
+        self._probe_blocks += len(wants)
+        try:
+            held = self.store.exists_many([block_key(self._prefix, root, key) for root, key in wants])
+        except StoreError as e:
+            self._lookup_errors += 1
+            self.breaker.failure("probe", e)
+            return set()
+        except Exception as e:  # a client bug must not fail the probe either
+            self._lookup_errors += 1
+            self.breaker.failure("probe", e)
+            log.error("unexpected error from the remote store", exc_info=e)
+            return set()
+        self.breaker.success()
+        found = {key for (_, key), h in zip(wants, held.tolist()) if h}
+        self._probe_hits += len(found)
+        return found
+
     def _rows(self, n: int, width: int) -> np.ndarray:
         """``n`` staging rows of ``width`` bytes. The buffer is kept (at most
         ``max_restore_bytes`` and a value): faulting in fresh pages for every
@@ -193,6 +236,8 @@ class RemoteTier(RemoteWrites):
             errors=self._lookup_errors + self._write_errors, corrupt_blocks=self._corrupt,
             queued_blocks=queued_blocks, queued_bytes=queued_bytes, written_blocks=self._written,
             written_bytes=self._written * size, dropped_blocks=self._dropped_full + self._dropped_failed,
+            probes=self._probes, probe_blocks=self._probe_blocks, probe_hit_blocks=self._probe_hits,
+            skipped_probes=self._skipped_probes,
         )
 
     def close(self, timeout: float = 2.0) -> None:

@@ -81,6 +81,8 @@ def remote_text(rs: RemoteStats) -> str:
         f"remote store     {rs.store}: {state}",
         f"  lookups        {rs.lookups} ({rs.lookup_blocks} blocks asked, {rs.hit_blocks} found), "
         f"{rs.skipped_lookups} skipped",
+        f"  probes         {rs.probes} ({rs.probe_blocks} blocks asked, {rs.probe_hit_blocks} held), "
+        f"{rs.skipped_probes} skipped",
         f"  restored       {rs.restored_blocks} blocks ({human_bytes(rs.restored_bytes)})",
         f"  written        {rs.written_blocks} blocks ({human_bytes(rs.written_bytes)}), {rs.queued_blocks} queued, "
         f"{rs.dropped_blocks} dropped",

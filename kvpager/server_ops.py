@@ -151,11 +151,13 @@ class ServerOps(ControlOps):
         if need - st.cached_blocks > available:
             raise OutOfBlocks(need, available)
 
-    def _op_cached_tokens(self, s: Session | None, a: dict[str, Any]) -> list[int]:
+    def _op_cached_tokens(self, s: Session | None, a: dict[str, Any]) -> list[Any]:
         prompts = a["prompts"]
         if not isinstance(prompts, list):
             raise InvalidArgument("prompts must be a list of token-id lists")
-        return self.pool.cached_tokens(prompts, a.get("salt"))
+        # with a remote tier, what an allocate would restore counts unless remote is false
+        probes = self.pool.probe_cache(prompts, a.get("salt"), remote=a.get("remote"))
+        return protocol.encode_probes(probes, a.get("remote_tokens") is True)
 
     def _op_append(self, s: Session, a: dict[str, Any]) -> bytes:
         # The decode hot path: KVPool checks the ids' types, and ownership rides on

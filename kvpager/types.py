@@ -34,6 +34,21 @@ class Allocation:
 
 
 @dataclass(frozen=True)
+class CacheProbe:
+    """What an `allocate` of a prompt would find cached now (`KVPool.probe_cache`):
+    ``num_cached_tokens`` as its `Allocation` would say, ``num_remote_tokens``
+    of them to be restored from the remote tier (the rest are local hits)."""
+
+    num_cached_tokens: int
+    num_remote_tokens: int = 0
+
+    @property
+    def num_local_tokens(self) -> int:
+        """The cached tokens held in this pool's prefix cache now."""
+        return self.num_cached_tokens - self.num_remote_tokens
+
+
+@dataclass(frozen=True)
 class SequenceInfo:
     """One sequence as seen from outside."""
 
@@ -216,13 +231,18 @@ class RemoteStats:
     restored_blocks: int  # restored into device blocks
     restored_bytes: int
     skipped_lookups: int  # lookups not sent: the store was marked unavailable
-    errors: int  # failed store calls (lookups, writes, deletes)
+    errors: int  # failed store calls (lookups, probes, writes, deletes)
     corrupt_blocks: int  # values refused (format, key, length, checksum) and deleted
     queued_blocks: int  # waiting to be written now
     queued_bytes: int
     written_blocks: int  # new in the store
     written_bytes: int
     dropped_blocks: int  # never written: the queue was full or the store unavailable
+    # read-only probes (`KVPool.cached_tokens`); 0 from a daemon that predates them
+    probes: int = 0  # probes that asked the store (failed ones count in errors too)
+    probe_blocks: int = 0  # block keys they asked about
+    probe_hit_blocks: int = 0  # keys the store held
+    skipped_probes: int = 0  # probes not sent: the store was marked unavailable
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)

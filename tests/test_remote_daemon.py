@@ -63,7 +63,7 @@ def test_two_daemons_share_prefixes_and_survive_the_store_dying():
         (ep_a, dir_a), (ep_b, dir_b) = ipc_endpoint(), ipc_endpoint()
         with daemon_process(args, ep_a) as daemon_a, daemon_process(args, ep_b) as daemon_b, \
                 Client(ep_a) as wa, Client(ep_b) as wb:
-            assert wa.remote == {"kind": "redis", "url": store.url, "ttl": 86400}
+            assert wa.remote == {"kind": "redis", "url": store.url, "ttl": 86400, "probe": True}
             prompt = list(range(2000, 2000 + 4 * BS + 5))
             seq_a, cached, remote = write_prompt(wa, prompt, seed=11)
             assert (cached, remote) == (0, 0)
@@ -145,6 +145,11 @@ def test_cluster_of_three_masters():
         assert a.remote.flush(WAIT) and a.remote_stats().written_blocks == 12
         per_node = [int(n.cli("dbsize").strip()) for n in nodes]
         assert sum(per_node) == 12 and sum(1 for n in per_node if n) >= 2, per_node  # spread by slot
+        # the probe: a cluster pipeline of EXISTS over the masters
+        short = prompt[: 5 * BS] + [7]  # blocks 0-4 held, then one nobody has
+        probes = b.probe_cache([prompt, short, prompt], ["m", "m", "x"])
+        assert [(p.num_cached_tokens, p.num_remote_tokens) for p in probes] == [(12 * BS,) * 2, (5 * BS,) * 2, (0, 0)]
+        assert b.remote_stats().probe_hit_blocks == 12 and b.remote_stats().lookups == 0
         t0 = time.monotonic()
         [y] = b.allocate([prompt], salt="m")
         assert time.monotonic() - t0 < 10
@@ -160,7 +165,7 @@ def test_old_clients_get_four_fields_and_stats_show_the_tier():
         raw = Raw(server.endpoint)
         try:
             hello = raw.send(req(1, "hello", {}))[2]
-            assert hello["remote"] == {"kind": "redis", "url": store.url, "ttl": 86400}
+            assert hello["remote"] == {"kind": "redis", "url": store.url, "ttl": 86400, "probe": True}
             old = raw.send(req(2, "allocate", {"prompts": [list(range(40))]}, hello["session"]))
             assert old[1] == 0 and len(old[2][0]) == 4  # a client that predates the tier
             new = raw.send(req(3, "allocate", {"prompts": [list(range(40))], "remote_tokens": True},
@@ -188,14 +193,17 @@ def test_metrics_carry_the_tier_counters():
         prompt = list(range(500, 500 + 3 * wa.spec.block_size + 2))
         write_prompt(wa, prompt, seed=3)
         assert wait_until(lambda: wa.remote_stats().written_blocks == 3, WAIT)
+        assert wb.cached_tokens([prompt], salt="model") == [3 * wb.spec.block_size]  # a probe
         [got] = wb.allocate([prompt], salt="model")
         assert got.num_remote_tokens == 3 * wb.spec.block_size
+        assert wb.remote_stats().probe_hit_blocks == 3
         for server, client in ((a, wa), (b, wb)):
             st = client.remote_stats()
             samples = scrape(server.metrics_port)
             assert v(samples, "kvpager_remote_available") == 1.0
             for name in ("lookups", "lookup_blocks", "hit_blocks", "restored_blocks", "restored_bytes",
-                         "errors", "written_blocks", "written_bytes", "dropped_blocks", "corrupt_blocks"):
+                         "errors", "written_blocks", "written_bytes", "dropped_blocks", "corrupt_blocks",
+                         "probes", "probe_blocks", "probe_hit_blocks", "skipped_probes"):
                 assert v(samples, f"kvpager_remote_{name}_total") == getattr(st, name), name
         assert v(scrape(b.metrics_port), "kvpager_remote_restored_blocks_total") == 3
         assert v(scrape(a.metrics_port), "kvpager_remote_written_blocks_total") == 3
