@@ -8,10 +8,11 @@ worker's mirror of its own sequences); both dimensions grow geometrically,
 so appending is amortised O(1) per block and a step's tables are one gather.
 
 An owner that keeps more per-row state names it as ``columns``: int64 columns
-of one array, each read as an attribute (``BlockTable(columns=["owner"]).owner``
-is a 1-D view); they grow, copy and clear with the rows in one operation each.
-Columns are replaced when rows grow, so read them again after adding rows
-instead of keeping a reference.
+of one array (``row_data``, after the block and token counts), each read as
+an attribute (``BlockTable(columns=["owner"]).owner`` is a 1-D view); a row's
+counts and columns grow, copy and clear in one operation each. These views
+are replaced when rows grow, so read them again after adding rows instead of
+keeping a reference.
 
 Batch methods take rows as an int array and are vectorised; they assume the
 rows are live and distinct (the caller checked its ids).
@@ -32,21 +33,26 @@ class BlockTable:
     def __init__(self, rows: int = 64, width: int = 16, columns: Seq[str] = ()):
         rows = max(rows, 1)
         self.table = np.zeros((rows, max(width, 1)), dtype=np.int32)
-        self.num_blocks = np.zeros(rows, dtype=np.int32)
-        self.num_tokens = np.zeros(rows, dtype=np.int64)
         self.column_names = tuple(columns)
         for name in self.column_names:
-            if hasattr(self, name):
+            if hasattr(self, name) or name in ("num_blocks", "num_tokens"):
                 raise ValueError(f"column name {name!r} is taken")
-        self.cols = np.zeros((rows, len(self.column_names)), dtype=np.int64)  # [rows, columns]
+        #: Every per-row number in one int64 array [rows, 2 + columns]: the
+        #: number of blocks, the token count, then the owner's columns; so a
+        #: row's state copies (a fork) or clears (a free) in one operation.
+        self.row_data = np.zeros((rows, 2 + len(self.column_names)), dtype=np.int64)
         self._views()
         self._mark = np.zeros(rows, dtype=np.int64)  # scratch for `distinct`
         # Low rows first, so live rows stay dense and a gather touches few pages.
         self._free_rows: list[int] = list(range(rows - 1, -1, -1))
 
     def _views(self) -> None:
+        data = self.row_data
+        self.num_blocks = data[:, 0]  # views: read them again after rows grow
+        self.num_tokens = data[:, 1]
+        self.cols = data[:, 2:]  # [rows, columns]
         for j, name in enumerate(self.column_names):
-            setattr(self, name, self.cols[:, j])
+            setattr(self, name, data[:, 2 + j])
 
     # -- capacity ------------------------------------------------------------------
     @property
@@ -64,14 +70,9 @@ class BlockTable:
         table[:old] = self.table
         self.table = table
 
-        def grown(a: np.ndarray) -> np.ndarray:
-            return np.concatenate([a, np.zeros(new - old, a.dtype)])
-
-        self.num_blocks = grown(self.num_blocks)
-        self.num_tokens = grown(self.num_tokens)
-        cols = np.zeros((new, self.cols.shape[1]), dtype=np.int64)
-        cols[:old] = self.cols
-        self.cols = cols
+        data = np.zeros((new, self.row_data.shape[1]), dtype=np.int64)
+        data[:old] = self.row_data
+        self.row_data = data
         self._views()
         self._mark = np.zeros(new, dtype=np.int64)
         self._free_rows = list(range(new - 1, old - 1, -1)) + self._free_rows
@@ -127,30 +128,24 @@ class BlockTable:
         if times == 1:  # one child: scalar indexing, no row-list conversions
             row = rows[0]
             self.table[row, :n] = self.table[src, :n]
-            self.num_blocks[row] = n
-            self.num_tokens[row] = self.num_tokens.item(src)
-            self.cols[row] = self.cols[src]
+            self.row_data[row] = self.row_data[src]
             return rows
         self.table[rows, :n] = self.table[src, :n]
-        self.num_blocks[rows] = n
-        self.num_tokens[rows] = self.num_tokens[src]
-        self.cols[rows] = self.cols[src]
+        self.row_data[rows] = self.row_data[src]
         return rows
 
     def fork_row(self, src: int) -> tuple[int, int]:
         """`copy_row` of one copy: the new row and its number of blocks."""
         free = self._free_rows
         row = free.pop() if free else self._take_rows(1)[0]
-        n = self.num_blocks.item(src)
+        data = self.row_data
+        n = data.item(src, 0)
         table = self.table
         if table.shape[1] <= 2 * n + 16:  # narrow: the whole row (null past the end in both) in one copy
             table[row] = table[src]
         else:
             table[row, :n] = table[src, :n]
-        self.num_blocks[row] = n
-        self.num_tokens[row] = self.num_tokens.item(src)
-        cols = self.cols
-        cols[row] = cols[src]
+        data[row] = data[src]  # blocks, tokens and columns in one copy
         return row, n
 
     def copy_rows(self, srcs: np.ndarray) -> np.ndarray:
@@ -160,15 +155,11 @@ class BlockTable:
             src, row = int(srcs[0]), int(rows[0])
             n = self.num_blocks[src]
             self.table[row, :n] = self.table[src, :n]
-            self.num_blocks[row] = n
-            self.num_tokens[row] = self.num_tokens[src]
-            self.cols[row] = self.cols[src]
+            self.row_data[row] = self.row_data[src]
         elif len(srcs):
             width = int(self.num_blocks[srcs].max())
             self.table[rows, :width] = self.table[srcs, :width]
-            self.num_blocks[rows] = self.num_blocks[srcs]
-            self.num_tokens[rows] = self.num_tokens[srcs]
-            self.cols[rows] = self.cols[srcs]
+            self.row_data[rows] = self.row_data[srcs]
         return rows
 
     def release_row(self, row: int, entries: np.ndarray | None = None) -> None:
@@ -177,9 +168,7 @@ class BlockTable:
         if entries is None:
             entries = self.table[row, : self.num_blocks.item(row)]
         entries.fill(0)
-        self.num_blocks[row] = 0
-        self.num_tokens[row] = 0
-        self.cols[row] = 0
+        self.row_data[row] = 0
         self._free_rows.append(row)
 
     def release_rows(self, rows: Seq[int] | np.ndarray) -> None:
@@ -192,9 +181,7 @@ class BlockTable:
             return
         width = int(self.num_blocks[rows].max())
         self.table[rows, :width] = 0
-        self.num_blocks[rows] = 0
-        self.num_tokens[rows] = 0
-        self.cols[rows] = 0
+        self.row_data[rows] = 0
         self._free_rows.extend(rows[::-1].tolist())
 
     def distinct(self, rows: np.ndarray) -> bool:
