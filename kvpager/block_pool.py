@@ -273,7 +273,7 @@ class BlockPool:
             mark = self._mark
             mark[done] = k  # with repeats, the last write stays
             done = done[mark[done] == k]
-        if len(self.cache):
+        if self.cache.key_to_block:  # anything cached at all (no `len` call)
             cached = self.cache.cached[done]
             if np.count_nonzero(cached):
                 idle = done[cached]

@@ -180,7 +180,11 @@ class PoolSequences:
 
     def free(self, seq_ids: int | Seq[int]) -> None:
         """Release sequences. Committed full blocks stay matchable until evicted."""
-        self.manager.free(validate.seq_ids(seq_ids))
+        m = self.manager
+        if type(seq_ids) is list and len(seq_ids) == 1 and type(seq_ids[0]) is int and m.scalar:
+            seq_one.free(m, seq_ids[0])  # one sequence: straight to its path
+            return
+        m.free(validate.seq_ids(seq_ids))
 
     def truncate(self, seq_ids: int | Seq[int], lengths: int | Seq[int]) -> None:
         """Shorten sequences to ``lengths`` tokens, releasing blocks past the end."""

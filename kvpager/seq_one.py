@@ -90,19 +90,26 @@ def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:
     bt = m.table
     if m.num_swapped and bt.swapped.item(row):
         raise SequenceSwapped(seq_id, "fork")
-    if n == 1:
+    if n == 1:  # one child: no lists, no loop
         kid, nb = bt.fork_row(row)
-        kids, ids = [kid], [next(m._ids)]
-        bt.seq_id[kid] = ids[0]
-    else:
-        kids = bt.copy_row(row, n)
-        ids = m.new_ids(n)
-        seq_col = bt.seq_id
-        for kid, i in zip(kids, ids):
-            seq_col[kid] = i
-        nb = bt.num_blocks.item(row)
-    blocks = bt.table[row, :nb].astype(np.int64)
-    if m.num_released and bt.released.item(row):  # released entries are the null block: not shared
+        i = next(m._ids)
+        bt.seq_id[kid] = i
+        blocks = bt.table[row, :nb].astype(np.int64)
+        if m.num_released and bt.released.item(row):  # released entries are the null block: not shared
+            blocks = blocks[blocks != 0]
+            m.num_released += 1
+        m.pool.share(blocks, 1, distinct=True)
+        m.rows[i] = kid
+        m.history[i] = m.history[seq_id].fork()
+        m.owners.add_one(bt.owner.item(row), i)
+        return [[i]]
+    kids = bt.copy_row(row, n)
+    ids = m.new_ids(n)
+    seq_col = bt.seq_id
+    for kid, i in zip(kids, ids):
+        seq_col[kid] = i
+    blocks = bt.table[row, : bt.num_blocks.item(row)].astype(np.int64)
+    if m.num_released and bt.released.item(row):
         blocks = blocks[blocks != 0]
         m.num_released += n
     m.pool.share(blocks, n, distinct=True)
@@ -121,7 +128,8 @@ def free(m: SequenceManager, seq_id: int) -> None:
         row = row_of(m, seq_id)
     m._frees += 1  # rows are given back: no remembered batch holds any more
     bt = m.table
-    entries = bt.table[row, : bt.num_blocks.item(row)]
+    data = bt.row_data  # [num_blocks, num_tokens, columns...] per row
+    entries = bt.table[row, : data.item(row, 0)]
     blocks = entries[::-1].astype(np.int64)
     if m.num_released or m.num_swapped:
         released, swapped = bt.released.item(row), bt.swapped.item(row)
@@ -134,5 +142,7 @@ def free(m: SequenceManager, seq_id: int) -> None:
                 m.num_swapped -= 1
     m.pool.free_blocks(blocks, distinct=True)
     m.owners.drop_one(bt.owner.item(row), seq_id)
-    bt.release_row(row, entries)
+    entries.fill(0)  # `BlockTable.release_row`, inline
+    data[row] = 0
+    bt._free_rows.append(row)
     del m.rows[seq_id], m.history[seq_id]
