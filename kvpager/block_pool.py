@@ -229,6 +229,25 @@ class BlockPool:
         else:
             np.add.at(self.ref_cnt, ids, np.int32(times))
 
+    def free_table(self, ids: np.ndarray) -> None:
+        """`free_blocks` of one sequence's blocks (distinct int64 ids, in the
+        order they go), with short cuts for the common cases: all still
+        shared, or all this sequence's own with nothing cached."""
+        ref = self.ref_cnt
+        before = ref[ids].tolist()
+        if before:
+            v = before[0]
+            if v > 1 and before.count(v) == len(before):  # every block stays in use
+                ref[ids] = v - 1
+                return
+            if v == 1 and not self.cache.key_to_block and before.count(1) == len(before):
+                ref[ids] = 0  # every block goes to the free list (`_push`, inline)
+                top = self._num_free
+                self._free[top : top + len(before)] = ids
+                self._num_free = top + len(before)
+                return
+        self.free_blocks(ids, distinct=True)
+
     def free_blocks(self, ids: Iterable[int] | np.ndarray, distinct: bool = False) -> None:
         """Drop one reference from each block (repeats drop one each). A block
         reaching 0 becomes evictable if it is cached (most recently used end)

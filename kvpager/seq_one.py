@@ -90,15 +90,28 @@ def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:
     bt = m.table
     if m.num_swapped and bt.swapped.item(row):
         raise SequenceSwapped(seq_id, "fork")
-    if n == 1:  # one child: no lists, no loop
-        kid, nb = bt.fork_row(row)
+    if n == 1:  # one child, in one function (`BlockTable.fork_row`, `BlockPool.share` inline)
+        free_rows = bt._free_rows
+        kid = free_rows.pop() if free_rows else bt._take_rows(1)[0]
+        data, table = bt.row_data, bt.table  # read after taking the row: growing replaces them
+        nb = data.item(row, 0)
+        if table.shape[1] <= 2 * nb + 16:  # narrow: the whole row (null past the end in both) in one copy
+            table[kid] = table[row]
+        else:
+            table[kid, :nb] = table[row, :nb]
+        data[kid] = data[row]  # block and token counts and every column in one copy
         i = next(m._ids)
         bt.seq_id[kid] = i
-        blocks = bt.table[row, :nb].astype(np.int64)
+        blocks = table[row, :nb].astype(np.int64)
         if m.num_released and bt.released.item(row):  # released entries are the null block: not shared
             blocks = blocks[blocks != 0]
             m.num_released += 1
-        m.pool.share(blocks, 1, distinct=True)
+        ref = m.pool.ref_cnt
+        before = ref[blocks].tolist()
+        if before and before.count(before[0]) == len(before):  # one count for all: a store
+            ref[blocks] = before[0] + 1
+        elif before:
+            ref[blocks] += np.int32(1)  # distinct blocks: a plain indexed update
         m.rows[i] = kid
         m.history[i] = m.history[seq_id].fork()
         m.owners.add_one(bt.owner.item(row), i)
@@ -129,8 +142,9 @@ def free(m: SequenceManager, seq_id: int) -> None:
     m._frees += 1  # rows are given back: no remembered batch holds any more
     bt = m.table
     data = bt.row_data  # [num_blocks, num_tokens, columns...] per row
-    entries = bt.table[row, : data.item(row, 0)]
-    blocks = entries[::-1].astype(np.int64)
+    nb = data.item(row, 0)
+    entries = bt.table[row, nb - 1 :: -1] if nb else bt.table[row, :0]  # last to first
+    blocks = entries.astype(np.int64)
     if m.num_released or m.num_swapped:
         released, swapped = bt.released.item(row), bt.swapped.item(row)
         if released or swapped:
@@ -140,7 +154,7 @@ def free(m: SequenceManager, seq_id: int) -> None:
             if swapped:
                 m.host.release([row])
                 m.num_swapped -= 1
-    m.pool.free_blocks(blocks, distinct=True)
+    m.pool.free_table(blocks)
     m.owners.drop_one(bt.owner.item(row), seq_id)
     entries.fill(0)  # `BlockTable.release_row`, inline
     data[row] = 0
