@@ -95,14 +95,15 @@ def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:
         kid = free_rows.pop() if free_rows else bt._take_rows(1)[0]
         data, table = bt.row_data, bt.table  # read after taking the row: growing replaces them
         nb = data.item(row, 0)
-        if table.shape[1] <= 2 * nb + 16:  # narrow: the whole row (null past the end in both) in one copy
-            table[kid] = table[row]
+        src = table[row]
+        if len(src) <= 2 * nb + 16:  # narrow: the whole row (null past the end in both) in one copy
+            table[kid] = src
         else:
-            table[kid, :nb] = table[row, :nb]
+            table[kid, :nb] = src[:nb]
         data[kid] = data[row]  # block and token counts and every column in one copy
         i = next(m._ids)
         bt.seq_id[kid] = i
-        blocks = table[row, :nb].astype(np.int64)
+        blocks = src[:nb].astype(np.int64)
         if m.num_released and bt.released.item(row):  # released entries are the null block: not shared
             blocks = blocks[blocks != 0]
             m.num_released += 1
