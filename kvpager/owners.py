@@ -25,6 +25,7 @@ class OwnerIndex:
 
     def __init__(self) -> None:
         self.owned: dict[Any, dict[int, None]] = {}  # owner -> its seq ids, in id order
+        self.by_code: dict[int, dict[int, None]] = {}  # code -> the same dict (one lookup from a row's column)
         self._codes: dict[Any, int] = {None: 0}
         self._owners: dict[int, Any] = {0: None}
         self._next = itertools.count(1)
@@ -52,7 +53,7 @@ class OwnerIndex:
             self._owners[code] = owner
         mine = self.owned.get(owner)
         if mine is None:
-            mine = self.owned[owner] = {}
+            mine = self.owned[owner] = self.by_code[code] = {}
         if len(ids) == 1:
             mine[ids[0]] = None
         else:
@@ -61,7 +62,7 @@ class OwnerIndex:
 
     def add_one(self, code: int, seq_id: int) -> None:
         """``seq_id`` (new) belongs to the owner of ``code``, who owns others already (a fork's child)."""
-        self.owned[self._owners[code]][seq_id] = None
+        self.by_code[code][seq_id] = None
 
     def add_codes(self, codes: np.ndarray, ids: list[int]) -> None:
         """``ids[i]`` now belongs to the owner of ``codes[i]`` (children of a fork)."""
@@ -72,23 +73,24 @@ class OwnerIndex:
         """``ids[i]`` (owned by the owner of ``codes[i]``) are gone; an owner left
         with none is forgotten."""
         for code, group in self._groups(codes, ids):
-            owner = self._owners[code]
-            mine = self.owned[owner]
+            mine = self.by_code[code]
             deque(map(mine.pop, group), maxlen=0)
             if not mine:
-                del self.owned[owner]
-                if owner is not None:
-                    del self._codes[owner], self._owners[code]
+                self.forget(code)
 
     def drop_one(self, code: int, seq_id: int) -> None:
         """`drop` of one id."""
-        owner = self._owners[code]
-        mine = self.owned[owner]
+        mine = self.by_code[code]
         del mine[seq_id]
         if not mine:
-            del self.owned[owner]
-            if owner is not None:
-                del self._codes[owner], self._owners[code]
+            self.forget(code)
+
+    def forget(self, code: int) -> None:
+        """The owner of ``code`` has no sequence left: drop its entries (None keeps its code 0)."""
+        owner = self._owners[code]
+        del self.owned[owner], self.by_code[code]
+        if owner is not None:
+            del self._codes[owner], self._owners[code]
 
     @staticmethod
     def _groups(codes: np.ndarray, ids: list[int]) -> list[tuple[int, list[int]]]:
@@ -97,5 +99,10 @@ class OwnerIndex:
         return [(int(c), [ids[k] for k in np.flatnonzero(codes == c).tolist()]) for c in np.unique(codes)]
 
     def counts(self) -> dict[int, int]:
-        """Sequences per owner code (for integrity checks)."""
-        return {self._codes[o]: len(mine) for o, mine in self.owned.items()}
+        """Sequences per owner code (for integrity checks); -1: the two indexes
+        (by owner, by code) disagree."""
+        counts = {self._codes[o]: len(mine) for o, mine in self.owned.items()}
+        if len(self.by_code) != len(self.owned) or any(self.by_code.get(c) is not self.owned[self._owners[c]]
+                                                        for c in counts):
+            counts[-1] = 1
+        return counts

@@ -156,7 +156,11 @@ def free(m: SequenceManager, seq_id: int) -> None:
                 m.host.release([row])
                 m.num_swapped -= 1
     m.pool.free_table(blocks)
-    m.owners.drop_one(bt.owner.item(row), seq_id)
+    owners, code = m.owners, bt.owner.item(row)
+    mine = owners.by_code[code]  # `OwnerIndex.drop_one`, inline
+    del mine[seq_id]
+    if not mine:
+        owners.forget(code)
     entries.fill(0)  # `BlockTable.release_row`, inline
     data[row] = 0
     bt._free_rows.append(row)

@@ -442,3 +442,10 @@ def test_integrity_check_counts_independently():
         pool.check_integrity()
     del m.owners.owned["s1"][999]
     pool.check_integrity()
+    code = m.owners.code("s1")
+    mine = m.owners.by_code[code]
+    m.owners.by_code[code] = dict(mine)  # equal ids, but not the index's own dict: out of step
+    with pytest.raises(IntegrityError, match="owner index"):
+        pool.check_integrity()
+    m.owners.by_code[code] = mine
+    pool.check_integrity()
