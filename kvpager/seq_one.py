@@ -115,7 +115,7 @@ def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:
             ref[blocks] += np.int32(1)  # distinct blocks: a plain indexed update
         m.rows[i] = kid
         m.history[i] = m.history[seq_id].fork()
-        m.owners.add_one(bt.owner.item(row), i)
+        m.owners.by_code[bt.owner.item(row)][i] = None  # `OwnerIndex.add_one`, inline
         return [[i]]
     kids = bt.copy_row(row, n)
     ids = m.new_ids(n)
