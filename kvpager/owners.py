@@ -4,7 +4,8 @@ Each owner gets a small integer code, stored per row in the block table's
 ``owner`` column, so an ownership check of a batch is one array comparison;
 and the index keeps each owner's sequence ids in id order, so listing or
 ending one session costs what it holds, not a scan of every sequence. The
-embedded pool's owner is None (code 0, the value of a fresh row).
+embedded pool's owner is None (code 0, the value of a fresh row); it keeps
+its (possibly empty) entry, other owners are forgotten with their last id.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class OwnerIndex:
 
     def live(self) -> list[Any]:
         """Every owner with a live sequence."""
-        return list(self.owned)
+        return [o for o, mine in self.owned.items() if mine]
 
     def ids(self, owner: Any) -> list[int]:
         """``owner``'s live sequence ids, in id order."""
@@ -71,7 +72,7 @@ class OwnerIndex:
 
     def drop(self, codes: np.ndarray, ids: list[int]) -> None:
         """``ids[i]`` (owned by the owner of ``codes[i]``) are gone; an owner left
-        with none is forgotten."""
+        with none is forgotten (`forget`)."""
         for code, group in self._groups(codes, ids):
             mine = self.by_code[code]
             deque(map(mine.pop, group), maxlen=0)
@@ -86,11 +87,12 @@ class OwnerIndex:
             self.forget(code)
 
     def forget(self, code: int) -> None:
-        """The owner of ``code`` has no sequence left: drop its entries (None keeps its code 0)."""
-        owner = self._owners[code]
-        del self.owned[owner], self.by_code[code]
-        if owner is not None:
-            del self._codes[owner], self._owners[code]
+        """The owner of ``code`` has no sequence left: drop its entries. None
+        (code 0, the embedded pool's owner) keeps its entry, empty: an embedded
+        pool that frees its last sequence and allocates again pays nothing."""
+        if code:
+            owner = self._owners[code]
+            del self.owned[owner], self.by_code[code], self._codes[owner], self._owners[code]
 
     @staticmethod
     def _groups(codes: np.ndarray, ids: list[int]) -> list[tuple[int, list[int]]]:

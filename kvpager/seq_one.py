@@ -159,7 +159,7 @@ def free(m: SequenceManager, seq_id: int) -> None:
     owners, code = m.owners, bt.owner.item(row)
     mine = owners.by_code[code]  # `OwnerIndex.drop_one`, inline
     del mine[seq_id]
-    if not mine:
+    if not mine and code:  # an owner left with none is forgotten (None: never)
         owners.forget(code)
     entries.fill(0)  # `BlockTable.release_row`, inline
     data[row] = 0
