@@ -412,6 +412,14 @@ def test_owners_index_checks_and_lists_one_owners_sequences():
     pool.free(pool.owned("s2"))
     assert pool.owners() == ["s1"] and pool.owned("s2") == []
     pool.check_integrity()
+    # The embedded owner (None) is listed while it holds a sequence, and not
+    # after its last one goes, by either path (one id, a batch).
+    for batch in (1, 2):
+        mine = [x.seq_id for x in pool.allocate([[4] * 3] * batch)]
+        assert set(pool.owners()) == {None, "s1"} and pool.owned(None) == mine
+        pool.free(mine)
+        assert pool.owners() == ["s1"] and pool.owned(None) == []
+        pool.check_integrity()
 
 
 def test_tables_are_padded_and_refuse_swapped_sequences():
