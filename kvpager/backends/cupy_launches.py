@@ -4,8 +4,9 @@
 (`cupy_decode`: tensor cores, or CUDA cores for float32) with its split-K
 merge, or the multi-token kernel (`cupy_prefill`); over shared prefixes
 either one reads each sequence's own positions, `CascadeLaunch`
-(`cupy_cascade`) the shared ones, and the merge combines them. Each launch's arguments are packed once (`kvpager.launch`);
-the per-layer call then only fills the q / out / layer / scale cells.
+(`cupy_cascade`) the shared ones, and the merge combines them. Each
+launch's arguments are packed once (`kvpager.launch`); the per-layer call
+then only fills the q / out / layer / scale cells.
 """
 
 from __future__ import annotations
