@@ -124,18 +124,17 @@ def _script(target, kv_of, spec=SPEC):
     them, swap one child out and in. Returns each sequence's dense K/V and
     decode attention per layer."""
     rng = np.random.default_rng(5)
-    SPEC = spec  # noqa: N806 (the pool's geometry; FP8 pools store it in one byte a value)
     prompt = list(range(7000, 7040))
     [a] = target.allocate([prompt], salt="cow")
-    for layer in range(SPEC.num_layers):
-        k, v = rng.standard_normal((2, 40, SPEC.num_kv_heads, SPEC.head_dim)).astype(SPEC.dtype)
+    for layer in range(spec.num_layers):
+        k, v = rng.standard_normal((2, 40, spec.num_kv_heads, spec.head_dim)).astype(spec.dtype)
         target.write(layer, a.slots, cupy.asarray(k), cupy.asarray(v))
     target.commit(a.seq_id)
     [kids] = target.fork(a.seq_id, 2)
     slots = target.append(kids, 1)
     for kid_slots in slots:
-        for layer in range(SPEC.num_layers):
-            k, v = rng.standard_normal((2, 1, SPEC.num_kv_heads, SPEC.head_dim)).astype(SPEC.dtype)
+        for layer in range(spec.num_layers):
+            k, v = rng.standard_normal((2, 1, spec.num_kv_heads, spec.head_dim)).astype(spec.dtype)
             target.write(layer, kid_slots, cupy.asarray(k), cupy.asarray(v))
     target.synchronize()
     seqs = [a.seq_id, *kids]
@@ -146,17 +145,28 @@ def _script(target, kv_of, spec=SPEC):
     target.swap_out([kids[0]])
     target.swap_in([kids[0]])
     tables = {s: target.sequence(s).block_table for s in seqs}
-    q = cupy.asarray(rng.standard_normal((3, NUM_Q_HEADS, SPEC.head_dim)).astype(SPEC.dtype))
-    out = {"attn": [cupy.asnumpy(target.attend(layer, seqs, q)) for layer in range(SPEC.num_layers)]}
+    q = cupy.asarray(rng.standard_normal((3, NUM_Q_HEADS, spec.head_dim)).astype(spec.dtype))
+    out = {"attn": [cupy.asnumpy(target.attend(layer, seqs, q)) for layer in range(spec.num_layers)]}
     for j, s in enumerate(seqs):
         n = target.sequence(s).num_tokens
-        for layer in range(SPEC.num_layers):
+        for layer in range(spec.num_layers):
             for i, view in enumerate(kv_of(layer)):
                 g = view[cupy.asarray(np.asarray(tables[s], np.int64))]
                 out[(j, layer, i)] = cupy.asnumpy(
-                    g.transpose(0, 2, 1, 3).reshape(-1, SPEC.num_kv_heads, SPEC.head_dim)[:n])
+                    g.transpose(0, 2, 1, 3).reshape(-1, spec.num_kv_heads, spec.head_dim)[:n])
     target.free(seqs)
     return out
+
+
+def assert_same_results(got, want):
+    """The same K/V bytes per sequence and layer, attention within tolerance."""
+    assert got.keys() == want.keys()
+    for key in want:
+        if key == "attn":
+            for g, w in zip(got[key], want[key]):
+                assert rel_err(g, w.astype(np.float64)) < TOL
+        else:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=str(key))
 
 
 def test_fork_append_copy_on_write_matches_embedded(daemon):
@@ -166,13 +176,7 @@ def test_fork_append_copy_on_write_matches_embedded(daemon):
     with Client(endpoint) as c:
         got = _script(c, c.kv)
         c.check_integrity()
-    assert got.keys() == want.keys()
-    for key in want:
-        if key == "attn":
-            for g, w in zip(got[key], want[key]):
-                assert rel_err(g, w.astype(np.float64)) < TOL
-        else:
-            np.testing.assert_array_equal(got[key], want[key], err_msg=str(key))
+    assert_same_results(got, want)
 
 
 @pytest.fixture(scope="module")
@@ -197,13 +201,7 @@ def test_fp8_pool_over_ipc_matches_embedded(fp8_daemon):
         assert c.spec == fp8 and c.memory["size"] == fp8.device_bytes
         got = _script(c, c.kv, fp8)
         c.check_integrity()
-    assert got.keys() == want.keys()
-    for key in want:
-        if key == "attn":
-            for g, w in zip(got[key], want[key]):
-                assert rel_err(g, w.astype(np.float64)) < TOL
-        else:
-            np.testing.assert_array_equal(got[key], want[key], err_msg=str(key))
+    assert_same_results(got, want)
 
 
 def test_wrong_gpu_is_a_clear_error(daemon, monkeypatch):
