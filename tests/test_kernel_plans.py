@@ -145,6 +145,22 @@ def test_fp8_pools_decode_on_tensor_cores_only():
             assert s.kernel == "paged_decode_tc" and s.tc
 
 
+@pytest.mark.parametrize("base", [1, 7, 8, 100, 128, 200, 237, 264, 512, 5000])
+@pytest.mark.parametrize("resident", [1, 2, 3])
+def test_fp8_splits_take_nine_tenths_of_the_slots_in_one_wave(base, resident):
+    """FP8 decode (``fill=False``): the fewest splits whose CTAs take 90% of the resident
+    slots, each split at least 512 positions long (no second, part wave of splits)."""
+    slots = NSM * resident
+    for max_len in (512, 4096, 131072):
+        s = plan_splits(base, max_len, NSM, resident, fill=False)
+        hi = max(1, min(max_len // 512, 1024))
+        assert 1 <= s <= hi
+        if s > 1:
+            assert base * (s - 1) < 0.9 * slots  # one split fewer would not take 90%
+        if s < hi:
+            assert base * s >= 0.9 * slots  # else it stopped short of the slots
+
+
 def test_copy_grid_is_one_cta_per_chunk():
     block = 32 * 2 * 8 * 16 * 128 * 2  # a llama-3-8b block: 2 MiB
     assert copy_grid(1000, block) == 1000 * (block // 16) // (COPY_THREADS * 16)
