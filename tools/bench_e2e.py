@@ -13,7 +13,11 @@ prompts that share a system prompt. Paths, on the same model and prompts:
   ``kvpager graphs plain``: the same without shared-prefix (cascade) attention,
   to show what the cascade brings to a captured step.
 
-Per path: decode ms/step (wall, synchronized), host ms/step (from the step's
+``generate`` and the kvpager paths run in alternating rounds (``--rounds`` of
+``--steps`` steps each), since this kind of host's speed drifts by tens of
+percent within minutes: a path's ms/step is the median of its rounds, its
+ratio to ``generate`` the median of the rounds' ratios (their range printed
+beside it). Per path: decode ms/step (wall, synchronized), host ms/step (from the step's
 start until its last kernel is queued: the forward call's return, or the graph
 replay's), tokens/s of the decode steps, KV bytes held at the end, and the
 first decode tokens' agreement with the hf loop. Then the fixed-memory case:
@@ -115,53 +119,68 @@ def hf_loop(model, ps: list[list[int]], steps: int) -> dict:
     return summarize("hf loop", wall, host, len(ps), kv, tokens)
 
 
-def hf_generate(model, ps: list[list[int]], steps: int, cache: str | None = None) -> dict:
-    """transformers' generate; ``cache="static"``: its preallocated StaticCache."""
-    ids = torch.tensor(ps, device="cuda")
+def generate_ms(model, ids: torch.Tensor, steps: int, cache: str | None = None) -> float:
+    """ms per decode step of transformers' ``generate``: the time of ``steps`` + 1 new tokens
+    less that of 1 (the prefill's share cancels out); ``cache="static"``: its StaticCache."""
     kw = dict(do_sample=False, cache_implementation=cache) if cache else dict(do_sample=False)
+    times = []
     with torch.inference_mode():
-        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
-        times = []
         for n in (1, steps + 1):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-    per = (times[1] - times[0]) / steps  # the prefill's share cancels out
-    return dict(path=f"hf generate {cache}" if cache else "hf generate", ms_step=per * 1e3, host_ms=None,
-                tok_s=len(ps) / per, kv_bytes=None, agree=None)
+    return (times[1] - times[0]) / steps * 1e3
 
 
-def paged(model, ps: list[list[int]], steps: int, graphs: bool, clock: HostClock, num_blocks: int,
-          cascade: bool | None = None) -> dict:
-    spec = khf.spec_for_model(model, num_blocks=num_blocks)
-    pool = KVPool(spec, device="cuda:0")
-    try:
-        gen = khf.PagedGeneration(model, pool, ps, steps + 2, salt="bench", cuda_graphs=graphs, cascade=cascade)
-        tokens, wall, host = [[o[0] for o in gen.outputs]], [], []
+class Paged:
+    """A kvpager path kept live across the rounds: `kvpager.hf.PagedGeneration` on a pool of its own."""
+
+    def __init__(self, model, ps: list[list[int]], total_steps: int, graphs: bool, clock: HostClock,
+                 num_blocks: int, cascade: bool | None = None) -> None:
+        self.spec = khf.spec_for_model(model, num_blocks=num_blocks)
+        self.pool = KVPool(self.spec, device="cuda:0")
+        self.gen = khf.PagedGeneration(model, self.pool, ps, total_steps, salt="bench", cuda_graphs=graphs,
+                                       cascade=cascade)
+        self.clock, self.batch = clock, len(ps)
+        self.label = ("kvpager graphs" if graphs else "kvpager eager") + (" plain" if cascade is False else "")
+        self.tokens = [[o[0] for o in self.gen.outputs]]
+        self.wall: list[list[float]] = []  # per round
+        self.host: list[list[float]] = []
+
+    def run(self, steps: int, timed: bool = True) -> None:
+        wall, host = [], []
         for _ in range(steps):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            gen.step()
+            self.gen.step()
             wall.append(time.perf_counter() - t0)
-            host.append(clock.mark - t0)
-            tokens.append([o[-1] for o in gen.outputs])
-        kv = pool.stats().used_blocks * spec.bytes_per_block
-        gen.close()
-    finally:
-        pool.close()
-    label = ("kvpager graphs" if graphs else "kvpager eager") + (" plain" if cascade is False else "")
-    # the first steps of the graph path capture its buckets: leave them out
-    skip = 2 if graphs else 1
-    return summarize(label, wall[skip:], host[skip:], len(ps), kv, tokens)
+            host.append(self.clock.mark - t0)
+            self.tokens.append([o[-1] for o in self.gen.outputs])
+        if timed:
+            self.wall.append(wall)
+            self.host.append(host)
+
+    def round_ms(self) -> list[float]:
+        return [float(np.median(w)) * 1e3 for w in self.wall]
+
+    def row(self) -> dict:
+        kv = self.pool.stats().used_blocks * self.spec.bytes_per_block
+        return summarize(self.label, sum(self.wall, []), sum(self.host, []), self.batch, kv, self.tokens,
+                         self.round_ms())
+
+    def close(self) -> None:
+        self.gen.close()
+        self.pool.close()
 
 
 def summarize(path: str, wall: list[float], host: list[float], batch: int, kv: int | None,
-              tokens: list[list[int]]) -> dict:
-    ms = float(np.median(wall)) * 1e3
-    return dict(path=path, ms_step=ms, host_ms=float(np.median(host)) * 1e3, tok_s=batch / ms * 1e3,
-                kv_bytes=kv, tokens=tokens)
+              tokens: list[list[int]] | None, rounds: list[float] | None = None) -> dict:
+    """A path's row; ``rounds``: its ms/step in each round (the step time is then their median)."""
+    ms = float(np.median(rounds)) if rounds else float(np.median(wall)) * 1e3
+    return dict(path=path, ms_step=ms, host_ms=float(np.median(host)) * 1e3 if host else None,
+                tok_s=batch / ms * 1e3, kv_bytes=kv, tokens=tokens, rounds=rounds)
 
 
 def agreement(a: list[list[int]], b: list[list[int]], steps: int = 4) -> float:
@@ -171,26 +190,53 @@ def agreement(a: list[list[int]], b: list[list[int]], steps: int = 4) -> float:
 
 
 def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, clock: HostClock,
-             static: bool = False) -> list[dict]:
+             static: bool = False, rounds: int = 5) -> list[dict]:
+    """Every path on the same prompts. transformers' ``generate`` and the kvpager paths run
+    in ``rounds`` alternating rounds of ``steps`` decode steps each (this host's speed
+    drifts by tens of percent within minutes): a path's ms/step is the median of its
+    rounds, and its ratio to ``generate`` the median of the rounds' ratios."""
     ps = prompts(batch, shared, own)
-    bs = 16
-    blocks = batch * (-(-(own + steps + 2) // bs) + 1) + -(-shared // bs) + 64
+    ids = torch.tensor(ps, device="cuda")
+    bs, warm = 16, 2
+    total = warm + rounds * steps + 2
+    blocks = batch * (-(-(own + total) // bs) + 1) + -(-shared // bs) + 64
     rows = [hf_loop(model, ps, steps)]
     torch.cuda.empty_cache()
-    rows.append(hf_generate(model, ps, steps))
-    torch.cuda.empty_cache()
-    if static:
-        try:
-            rows.append(hf_generate(model, ps, steps, cache="static"))
-        except Exception as e:  # reported, not fatal: the static cache is optional in transformers
-            print(f"hf generate static: {type(e).__name__}: {e}", flush=True)
-        torch.cuda.empty_cache()
-    rows.append(paged(model, ps, steps, False, clock, blocks))
-    rows.append(paged(model, ps, steps, True, clock, blocks))
-    rows.append(paged(model, ps, steps, True, clock, blocks, cascade=False))
-    base_ms, base_tokens, gen_ms = rows[0]["ms_step"], rows[0]["tokens"], rows[1]["ms_step"]
+    paths = [Paged(model, ps, total, graphs, clock, blocks, cascade)
+             for graphs, cascade in ((False, None), (True, None), (True, False))]
+    try:
+        generate_ms(model, ids, 1)  # warm-up
+        for p in paths:
+            p.run(warm, timed=False)  # the graph paths capture their buckets here
+        gen_rounds = []
+        for _ in range(rounds):
+            gen_rounds.append(generate_ms(model, ids, steps))
+            torch.cuda.empty_cache()
+            for p in paths:
+                p.run(steps)
+        gen_row = summarize("hf generate", [], [], batch, None, None, gen_rounds)
+        rows.append(gen_row)
+        if static:
+            try:
+                ms = generate_ms(model, ids, steps, cache="static")
+                rows.append(summarize("hf generate static", [], [], batch, None, None, [ms]))
+            except Exception as e:  # reported, not fatal: the static cache is optional in transformers
+                print(f"hf generate static: {type(e).__name__}: {e}", flush=True)
+            torch.cuda.empty_cache()
+        paged_rows = [p.row() for p in paths]
+    finally:
+        for p in paths:
+            p.close()
+    rows += paged_rows
+    base_ms, base_tokens = rows[0]["ms_step"], rows[0]["tokens"]
     for r in rows:
-        r.update(shape=shape, batch=batch, ratio=base_ms / r["ms_step"], vs_generate=gen_ms / r["ms_step"])
+        r.update(shape=shape, batch=batch, ratio=base_ms / r["ms_step"])
+        rr = r.pop("rounds", None)
+        r["vs_generate"] = (float(np.median(np.array(gen_rounds) / np.array(rr)))
+                            if rr and len(rr) == len(gen_rounds) else gen_row["ms_step"] / r["ms_step"])
+        r["vs_generate_range"] = ([float(x) for x in (min(np.array(gen_rounds) / np.array(rr)),
+                                                       max(np.array(gen_rounds) / np.array(rr)))]
+                                  if rr and len(rr) == len(gen_rounds) else None)
         toks = r.pop("tokens", None)
         r["agree"] = agreement(base_tokens, toks) if toks else None
     return rows
@@ -242,7 +288,9 @@ def main() -> None:
     ap.add_argument("--batches", default="64,256")
     ap.add_argument("--shared", type=int, default=1024, help="system prompt tokens")
     ap.add_argument("--own", type=int, default=64, help="own prompt tokens per request")
-    ap.add_argument("--steps", type=int, default=24, help="timed decode steps")
+    ap.add_argument("--steps", type=int, default=8, help="timed decode steps per round")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="alternating rounds of generate and the kvpager paths (ratios: median of the rounds')")
     ap.add_argument("--budget-gib", type=float, default=8.0, help="fixed-memory case (8b shape); 0 skips it")
     ap.add_argument("--static", action="store_true",
                     help="also generate with transformers' StaticCache (it compiles the model first: minutes)")
@@ -254,7 +302,8 @@ def main() -> None:
     for shape in args.shapes.split(","):
         model = make_model(shape)
         for batch in map(int, args.batches.split(",")):
-            for r in run_case(model, shape, batch, args.shared, args.own, args.steps, clock, args.static):
+            for r in run_case(model, shape, batch, args.shared, args.own, args.steps, clock, args.static,
+                                  args.rounds):
                 rows.append(r)
                 print(f"{shape} x{batch:<4} {r['path']:<15} {r['ms_step']:8.2f} ms/step  host "
                       f"{r['host_ms'] if r['host_ms'] is not None else float('nan'):7.2f} ms  "
@@ -274,8 +323,9 @@ def main() -> None:
     for r in rows:
         host = f"{r['host_ms']:.2f}" if r["host_ms"] is not None else "-"
         kv = f"{r['kv_bytes'] / 2**30:.2f}" if r["kv_bytes"] else "-"
+        rng = "{:.2f}-{:.2f}".format(*r["vs_generate_range"]) if r.get("vs_generate_range") else "-"
         print(f"{r['shape']:<5} {r['batch']:>5} {r['path']:<20} {r['ms_step']:8.2f} {host:>8} {r['tok_s']:8.0f} "
-              f"{r['ratio']:7.2f}x {r['vs_generate']:10.2f}x {kv:>7}")
+              f"{r['ratio']:7.2f}x {r['vs_generate']:10.2f}x {rng:>12} {kv:>7}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(card=card, rows=rows, budget=budget_rows), indent=1))
 
