@@ -70,6 +70,7 @@ constexpr int LD = D + 8;           // padded smem row, in elements
 constexpr int QT = BM / GROUP;      // query tokens per tile
 constexpr int NT = 128;
 constexpr int WR = 16 * MT;         // rows per warp
+#include "kvpager_tile.cuh"
 static_assert(MT == 1 || D <= 128, "two m-tiles per warp only up to head dim 128 (registers)");
 
 extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
@@ -109,7 +110,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
 #endif
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int gid = lane >> 2, tig = lane & 3, mi = lane >> 3;
+    const int gid = lane >> 2, tig = lane & 3;
     const int b = tiles[2 * blockIdx.x], j0 = tiles[2 * blockIdx.x + 1];
     const int h = blockIdx.y;
     const int num_q_heads = num_kv_heads * GROUP;
@@ -196,85 +197,19 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
         __syncthreads();
 #if KV_FP8
 #if KV_DTYPE == 1
-        if (t == t_begin) {  // the Q tile (landed with the first stage) -> float16, times 2^p
-            float amax = 0.f;
-            for (int c = tid; c < BM * D / 2; c += NT) {
-                const unsigned w = reinterpret_cast<const unsigned*>(Qs)[(c / (D / 2)) * (LD / 2) + c % (D / 2)];
-                amax = fmaxf(amax, fmaxf(fabsf(__uint_as_float(w << 16)), fabsf(__uint_as_float(w & 0xffff0000u))));
-            }
-            atomicMax(&q_amax, __float_as_uint(amax));
-            __syncthreads();
-            const int p = q_range_exp(__uint_as_float(q_amax));
-            const float mul = exp2i(p);
-            for (int c = tid; c < BM * D / 2; c += NT) {
-                unsigned* w = reinterpret_cast<unsigned*>(Qs) + (c / (D / 2)) * (LD / 2) + c % (D / 2);
-                *w = bf16x2_to_f16x2(*w, mul);
-            }
-            k_scale *= exp2i(-p);  // the scores of the scaled q, back in q . k units
-        }
+        if (t == t_begin) k_scale *= exp2i(-tile_q_to_f16(Qs, &q_amax, tid));  // the Q tile, landed with stage 0
 #endif
-        {   // the stage's FP8 K and V -> float16 tiles (16 values per chunk, exact)
-            const st_t* raw = Rs + st * SSTAGE;
-            for (int c = tid; c < 2 * BN * SCPR; c += NT) {
-                const int r = c / SCPR, col = (c % SCPR) * 16;  // r: K rows, then V rows
-                const uint4 w = *reinterpret_cast<const uint4*>(raw + r * SLD + col);
-                uint4 a, b;
-                a.x = fp8x2_to_f16x2(w.x); a.y = fp8x2_to_f16x2(w.x >> 16);
-                a.z = fp8x2_to_f16x2(w.y); a.w = fp8x2_to_f16x2(w.y >> 16);
-                b.x = fp8x2_to_f16x2(w.z); b.y = fp8x2_to_f16x2(w.z >> 16);
-                b.z = fp8x2_to_f16x2(w.w); b.w = fp8x2_to_f16x2(w.w >> 16);
-                kv_t* dst = (r < BN ? Ks + r * LD : Vs + (r - BN) * LD) + col;
-                *reinterpret_cast<uint4*>(dst) = a;
-                *reinterpret_cast<uint4*>(dst + 8) = b;
-            }
-        }
+        tile_kv_to_f16(Rs + st * SSTAGE, Ks, Vs, tid);
         __syncthreads();
         const kv_t* ks = Ks;
         const kv_t* vs = Vs;
 #else
         const kv_t* ks = Ks + st * BN * LD;
         const kv_t* vs = Vs + st * BN * LD;
+        constexpr float k_scale = 1.f;
 #endif
-
         float s[MT][BN / 8][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int n = 0; n < BN / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            unsigned a[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-                ldsm_x4(a[mt], Qs + (warp * WR + mt * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
-#pragma unroll
-            for (int np = 0; np < BN / 16; ++np) {
-                unsigned bk[4];
-                ldsm_x4(bk, ks + (np * 16 + (mi >> 1) * 8 + (lane & 7)) * LD + kk * 16 + (mi & 1) * 8);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mma16816(s[mt][2 * np], a[mt], bk[0], bk[1]);
-                    mma16816(s[mt][2 * np + 1], a[mt], bk[2], bk[3]);
-                }
-            }
-        }
-#if KV_FP8
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int n = 0; n < BN / 8; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) s[mt][n][e] *= k_scale;  // q . k of the dequantised K
-#endif
-        if (softcap > 0.f) {
-            const float inv = 1.f / softcap;
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int n = 0; n < BN / 8; ++n)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) s[mt][n][e] = softcap * tanhf(s[mt][n][e] * inv);
-        }
+        tile_scores(s, Qs, ks, warp, lane, k_scale, softcap);
         // Causal and padding mask, only on tiles that reach past the tile's first query;
         // the window's, only on tiles that reach below the last query's window.
         if ((t + 1) * BN - 1 > first_pos) {
@@ -312,54 +247,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
                         if (kp <= p[mt][1] - window) s[mt][n][2 + e] = NEG_INF;
                     }
         }
-        unsigned pa[MT][BN / 16][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-            // Row max in raw score units (scale > 0 keeps the order).
-            float mx0 = m[mt][0], mx1 = m[mt][1];
-#pragma unroll
-            for (int n = 0; n < BN / 8; ++n) {
-                mx0 = fmaxf(mx0, fmaxf(s[mt][n][0], s[mt][n][1]));
-                mx1 = fmaxf(mx1, fmaxf(s[mt][n][2], s[mt][n][3]));
-            }
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-            const float u0 = mx0 == NEG_INF ? 0.f : mx0 * scale_log2;
-            const float u1 = mx1 == NEG_INF ? 0.f : mx1 * scale_log2;
-            const float c0 = exp2f(m[mt][0] * scale_log2 - u0), c1 = exp2f(m[mt][1] * scale_log2 - u1);
-            m[mt][0] = mx0; m[mt][1] = mx1;
-            l[mt][0] *= c0; l[mt][1] *= c1;
-#pragma unroll
-            for (int n = 0; n < D / 8; ++n) {
-                o[mt][n][0] *= c0; o[mt][n][1] *= c0; o[mt][n][2] *= c1; o[mt][n][3] *= c1;
-            }
-            // P = exp2(S * scale - m * scale), packed straight into A fragments for P V.
-#pragma unroll
-            for (int n = 0; n < BN / 8; ++n) {
-                const float e0 = exp2f(fmaf(s[mt][n][0], scale_log2, -u0));
-                const float e1 = exp2f(fmaf(s[mt][n][1], scale_log2, -u0));
-                const float e2 = exp2f(fmaf(s[mt][n][2], scale_log2, -u1));
-                const float e3 = exp2f(fmaf(s[mt][n][3], scale_log2, -u1));
-                l[mt][0] += e0 + e1; l[mt][1] += e2 + e3;
-                pa[mt][n >> 1][(n & 1) * 2 + 0] = pack2_mma(e0, e1);
-                pa[mt][n >> 1][(n & 1) * 2 + 1] = pack2_mma(e2, e3);
-            }
-        }
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-#pragma unroll
-            for (int np = 0; np < D / 16; ++np) {
-                unsigned bv[4];
-                ldsm_x4_t(bv, vs + (kk * 16 + (mi & 1) * 8 + (lane & 7)) * LD + np * 16 + (mi >> 1) * 8);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mma16816(o[mt][2 * np], pa[mt][kk], bv[0], bv[1]);
-                    mma16816(o[mt][2 * np + 1], pa[mt][kk], bv[2], bv[3]);
-                }
-            }
-        }
+        tile_softmax_pv(s, o, m, l, vs, scale_log2, lane);
         __syncthreads();  // this stage is refilled STAGES - 1 iterations later
         st = st + 1 == STAGES ? 0 : st + 1;
         ist = ist + 1 == STAGES ? 0 : ist + 1;
