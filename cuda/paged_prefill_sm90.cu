@@ -14,7 +14,9 @@
 // K from shared memory (K token-major: the K-major B operand), the online
 // softmax (exp2) on the accumulator registers, and O += P V with P from
 // registers (the A fragment) and V from shared memory (token-major: the
-// MN-major, transposed B operand).
+// MN-major, transposed B operand). OVERLAP=1: S of tile t + 1 is issued before
+// the softmax of tile t, which then runs while the tensor cores work (two
+// tiles resident, so the copies run STAGES - 2 tiles ahead).
 //
 // Grid: x = query tile, y = kv head; NT = 128 * WG threads.
 // Dynamic shared memory: (BM + 2 * STAGES * BN) * HEAD_DIM * 2 + 1024 bytes (the
@@ -44,11 +46,14 @@
 #ifndef VN
 #define VN HEAD_DIM  // N of one O += P V instruction: HEAD_DIM (one), or 64 (one per 64 dims)
 #endif
+#ifndef OVERLAP
+#define OVERLAP 0  // 1: S of the next K/V tile runs during this tile's softmax (STAGES >= 3)
+#endif
 
 #if KV_DTYPE == 2 || KV_FP8
 #error "paged_prefill_sm90.cu is for float16 / bfloat16 pools; FP8 and float32 use paged_prefill.cu / paged_decode.cu"
 #endif
-#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL) && !defined(__CUDACC_RTC__)
 #error "paged_prefill_sm90.cu needs the sm_90a target (wgmma)"
 #endif
 
@@ -62,6 +67,7 @@ static_assert(D == 64 || D == 128, "paged_prefill_sm90.cu takes head dims 64 and
 static_assert(BN == 64 || BN == 128, "BN is 64 or 128");
 static_assert(WG == 1 || WG == 2, "WG is 1 or 2");
 static_assert(VN == D || VN == 64, "VN is HEAD_DIM or 64");
+static_assert(!OVERLAP || STAGES >= 3, "OVERLAP keeps two tiles resident: STAGES >= 3");
 static_assert(BM % GROUP == 0, "a tile holds whole query tokens");
 
 extern "C" __global__ void __launch_bounds__(NT) paged_prefill_sm90(
@@ -158,17 +164,9 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill_sm90(
     // This warpgroup's 64 Q rows: K-major A operand, SBO 1024 (8-row groups).
     const unsigned q_wg = q_addr + wg * 64 * 128;
 
-    int st = 0, ist = STAGES - 1;
-    for (int t = t_begin; t < num_tiles; ++t) {
-        if (t + STAGES - 1 < num_tiles) load_kv(t + STAGES - 1, ist);
-        cp_commit();
-        cp_wait<STAGES - 1>();
-        fence_proxy_async();  // this thread's landed copies -> visible to wgmma
-        __syncthreads();
-
-        // S = Q K^T: D / 16 k-steps; k-step kk is +32 bytes within a 64-value region.
-        float s[BN / 2];
-        const unsigned k_st = k_addr + st * KV_TILE, v_st = v_addr + st * KV_TILE;
+    // S = Q K^T of the K tile at k_st (issued and committed, not waited for): D / 16 k-steps,
+    // k-step kk is +32 bytes within a 64-value region.
+    auto issue_s = [&](float* s, unsigned k_st) {
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
@@ -177,9 +175,10 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill_sm90(
             wgmma_ss<BN>(s, sw128_desc(qa, 16, 1024), sw128_desc(ka, 16, 1024), kk > 0);
         }
         wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs<BN / 2>(s);
-
+    };
+    // Soft cap, masks and the online softmax of tile t's scores s, then O += P V with the V
+    // tile at v_st (issued and committed, not waited for).
+    auto softmax_pv = [&](float* s, int t, unsigned v_st) {
         if (softcap > 0.f) {
             const float inv = 1.f / softcap;
 #pragma unroll
@@ -216,7 +215,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill_sm90(
                     if (kp <= p[1] - window) s[4 * n + 2 + e] = NEG_INF;
                 }
         }
-        // Online softmax: row max in raw score units (scale > 0 keeps the order).
+        // Row max in raw score units (scale > 0 keeps the order).
         float mx0 = m[0], mx1 = m[1];
 #pragma unroll
         for (int n = 0; n < BN / 8; ++n) {
@@ -258,12 +257,58 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill_sm90(
             for (int c = 0; c < D / VN; ++c)
                 wgmma_rs<VN>(o + c * (VN / 2), pa[kk], sw128_desc(v_st + c * BN * 128 + kk * 2048, BN * 128, 1024));
         wgmma_commit();
+    };
+
+    int st = 0;  // the stage of tile t
+#if OVERLAP
+    // S of tile t + 1 runs on the tensor cores while this warpgroup's softmax of tile t runs.
+    // Tiles t and t + 1 are resident at once, so the copies run STAGES - 2 tiles ahead.
+    float s[BN / 2], sn[BN / 2];
+    if (t_begin < num_tiles) {
+        cp_wait<STAGES - 2>();  // tile t_begin (and the Q tile) landed
+        fence_proxy_async();
+        __syncthreads();
+        issue_s(s, k_addr);
+        wgmma_wait<0>();
+        fence_regs<BN / 2>(s);
+    }
+    for (int t = t_begin; t < num_tiles; ++t) {
+        const int nst = st + 1 == STAGES ? 0 : st + 1;
+        cp_wait<STAGES - 3>();  // tile t + 1 landed
+        fence_proxy_async();
+        __syncthreads();        // ... for every thread; and tile t - 1's stage is read by no one
+        if (t + STAGES - 1 < num_tiles) load_kv(t + STAGES - 1, st == 0 ? STAGES - 1 : st - 1);
+        cp_commit();
+        const bool more = t + 1 < num_tiles;
+        if (more) issue_s(sn, k_addr + nst * KV_TILE);
+        softmax_pv(s, t, v_addr + st * KV_TILE);
+        wgmma_wait<0>();
+        fence_regs<D / 2>(o);
+        fence_regs<BN / 2>(sn);
+        if (more) {
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) s[i] = sn[i];
+        }
+        st = nst;
+    }
+#else
+    for (int t = t_begin; t < num_tiles; ++t) {
+        if (t + STAGES - 1 < num_tiles) load_kv(t + STAGES - 1, st == 0 ? STAGES - 1 : st - 1);
+        cp_commit();
+        cp_wait<STAGES - 1>();
+        fence_proxy_async();  // this thread's landed copies -> visible to wgmma
+        __syncthreads();
+        float s[BN / 2];
+        issue_s(s, k_addr + st * KV_TILE);
+        wgmma_wait<0>();
+        fence_regs<BN / 2>(s);
+        softmax_pv(s, t, v_addr + st * KV_TILE);
         wgmma_wait<0>();
         fence_regs<D / 2>(o);
         __syncthreads();  // this stage is refilled STAGES - 1 iterations later
         st = st + 1 == STAGES ? 0 : st + 1;
-        ist = ist + 1 == STAGES ? 0 : ist + 1;
     }
+#endif
     cp_wait<0>();
 
 #pragma unroll

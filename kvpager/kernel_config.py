@@ -45,8 +45,10 @@ class KernelConfig:
     prefill_wgmma_warpgroups: int | None = None
     #: K/V positions per paged_prefill_sm90.cu tile; None: 128 at head dim 64, else 64
     prefill_wgmma_bn: int | None = None
-    #: cp.async stages of paged_prefill_sm90.cu; None: 2 with 128-position tiles, else 3
+    #: cp.async stages of paged_prefill_sm90.cu; None: 3 with overlap or 64-position tiles, else 2
     prefill_wgmma_stages: int | None = None
+    #: paged_prefill_sm90.cu issues S of the next K/V tile before this tile's softmax (OVERLAP)
+    prefill_wgmma_overlap: bool = False
     #: 16-byte vectors in flight per thread in block_copy.cu (its UNROLL)
     copy_unroll: int = 16
 
@@ -64,6 +66,8 @@ class KernelConfig:
         _int_in(self, "prefill_wgmma_warpgroups", (1, 2), optional=True)
         _int_in(self, "prefill_wgmma_bn", (64, 128), optional=True)
         _int_in(self, "prefill_wgmma_stages", range(2, 5), optional=True)
+        if type(self.prefill_wgmma_overlap) is not bool:
+            raise InvalidArgument(f"KernelConfig.prefill_wgmma_overlap must be a bool, got {self.prefill_wgmma_overlap!r}")
         _int_in(self, "copy_unroll", (1, 2, 4, 8, 16, 32))
 
     def replace(self, **changes: Any) -> KernelConfig:

@@ -64,6 +64,9 @@ SM90A = {
         ["-DGROUP=1", "-DBN=128", "-DSTAGES=2"], ["-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DBN=128", "-DGROUP=16"],
         ["-DHEAD_DIM=64", "-DWG=1", "-DBN=64", "-DSTAGES=4", "-DBLOCK_SIZE=64", "-DGROUP=8"],
         ["-DVN=64"], ["-DKV_DTYPE=0", "-DWG=1", "-DBN=128", "-DGROUP=2", "-DBLOCK_SIZE=32"],
+        ["-DOVERLAP=1"], ["-DOVERLAP=1", "-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DBN=128", "-DGROUP=16"],
+        ["-DOVERLAP=1", "-DWG=1", "-DBN=128", "-DBLOCK_SIZE=8", "-DGROUP=1"],
+        ["-DOVERLAP=1", "-DSTAGES=4", "-DBLOCK_SIZE=64", "-DGROUP=8", "-DVN=64"],
     ],
 }
 

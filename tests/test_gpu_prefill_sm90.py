@@ -41,6 +41,11 @@ CASES = [  # (dtype, head dim, block size, GQA group, knobs beyond prefill_kerne
     ("bfloat16", 64, 8, 4, {"prefill_wgmma_bn": 64, "prefill_wgmma_stages": 4}),
     ("float16", 128, 16, 4, {"prefill_wgmma_stages": 2}),
     ("bfloat16", 64, 16, 1, {"prefill_wgmma_warpgroups": 1, "prefill_wgmma_stages": 3}),
+    ("bfloat16", 128, 16, 4, {"prefill_wgmma_overlap": True}),
+    ("float16", 64, 8, 16, {"prefill_wgmma_overlap": True}),
+    ("bfloat16", 128, 64, 1, {"prefill_wgmma_overlap": True, "prefill_wgmma_warpgroups": 1,
+                              "prefill_wgmma_bn": 128}),
+    ("float16", 128, 32, 8, {"prefill_wgmma_overlap": True, "prefill_wgmma_stages": 4}),
 ]
 
 
@@ -86,12 +91,14 @@ def test_wgmma_matches_twin_and_mma(dtype, d, bs, group, knobs):
     check(dtype, d, bs, group, knobs, seq_lens, qlens, calls)
 
 
-@pytest.mark.parametrize("dtype,d,bs,group", [("bfloat16", 128, 16, 4), ("float16", 64, 64, 8)])
-def test_wgmma_long_step(dtype, d, bs, group):
+@pytest.mark.parametrize("dtype,d,bs,group,knobs", [
+    ("bfloat16", 128, 16, 4, {}), ("float16", 64, 64, 8, {}), ("bfloat16", 128, 16, 4, {"prefill_wgmma_overlap": True}),
+])
+def test_wgmma_long_step(dtype, d, bs, group, knobs):
     """Two sequences of 512 new tokens on 1,024 and 1,536 cached, 8 kv heads (the benchmark's shape, smaller)."""
     seq_lens = np.array([1536, 2048], dtype=np.int32)
     qlens = np.array([512, 512], dtype=np.int32)
-    check(dtype, d, bs, group, {}, seq_lens, qlens, [(0, {}), (1, {"window": 700})], kv_heads=8)
+    check(dtype, d, bs, group, knobs, seq_lens, qlens, [(0, {}), (1, {"window": 700})], kv_heads=8)
 
 
 @pytest.mark.parametrize("kv_dtype,dtype,d,bs,group", [
@@ -114,14 +121,15 @@ def test_wgmma_cascade_own_parts(kv_dtype, dtype, d, bs, group):
     poison_unread(gpu, spec, tables)
     hq = spec.num_kv_heads * group
     q = rng.standard_normal((int(qlens.sum()), hq, d), dtype=np.float32).astype(spec.np_dtype)
-    new = make_plan(gpu, tables, seq_lens, qlens, cascade=True, num_q_heads=hq, config=WGMMA)
     old = make_plan(gpu, tables, seq_lens, qlens, cascade=True, num_q_heads=hq, config=MMA)
-    assert new.shared_prefixes is not None and new.shared_prefixes.levels == 2
-    for layer, softcap in ((0, None), (1, 3.0)):
-        ref = paged_attention(cpu.kv, layer, q, tables, seq_lens, qlens, d**-0.5, softcap=softcap)
-        got, want = run(new, gpu, q, layer, softcap=softcap), run(old, gpu, q, layer, softcap=softcap)
-        assert rel_err(got, ref) < TOL[dtype], (layer, softcap)
-        assert rel_err(got, want) < TOL[dtype], (layer, softcap)
+    for config in (WGMMA, WGMMA.replace(prefill_wgmma_overlap=True)):
+        new = make_plan(gpu, tables, seq_lens, qlens, cascade=True, num_q_heads=hq, config=config)
+        assert new.shared_prefixes is not None and new.shared_prefixes.levels == 2
+        for layer, softcap in ((0, None), (1, 3.0)):
+            ref = paged_attention(cpu.kv, layer, q, tables, seq_lens, qlens, d**-0.5, softcap=softcap)
+            got, want = run(new, gpu, q, layer, softcap=softcap), run(old, gpu, q, layer, softcap=softcap)
+            assert rel_err(got, ref) < TOL[dtype], (config, layer, softcap)
+            assert rel_err(got, want) < TOL[dtype], (config, layer, softcap)
     gpu.close()
 
 

@@ -118,6 +118,7 @@ def test_the_pins_cover_every_kernel_and_layout():
     assert {(d["WG"], d["BN"], d["HEAD_DIM"], d["KV_DTYPE"]) for d in sm90} >= {
         (2, 64, 128, 1), (2, 128, 64, 0), (1, 64, 128, 1), (1, 128, 128, 0)}
     assert {d["GROUP"] for d in sm90} == {1, 2, 4, 8, 16} and {d["BLOCK_SIZE"] for d in sm90} >= {8, 16, 64}
+    assert {d.get("OVERLAP", 0) for d in sm90} == {0, 1}
 
 
 # -- the knobs ----------------------------------------------------------------------------
@@ -193,6 +194,11 @@ def test_wgmma_knobs_reach_the_launch():
     # the query tiles hold bm / group tokens, as for the mma kernel (the most K/V first)
     tiles = prefill_tiles(np.array([300, 5], np.int32), np.array([300, 900], np.int32), base.tiling.bm // 4)
     assert tiles.tolist() == [[1, 0], *([0, j] for j in range(288, -1, -32))]
+    k = prefill_kernel(spec, 4, WG.replace(prefill_wgmma_overlap=True, prefill_wgmma_bn=128), (9, 0))
+    assert (k.defines["OVERLAP"], k.defines["STAGES"]) == (1, 3)  # two tiles resident: 3 stages
+    assert "OVERLAP" not in base.defines
+    with pytest.raises(UnsupportedConfiguration, match="overlap needs 3 or more stages"):
+        prefill_kernel(spec, 4, WG.replace(prefill_wgmma_overlap=True, prefill_wgmma_stages=2), (9, 0))
     # too much shared memory for a CTA: refused by name before any compile
     with pytest.raises(UnsupportedConfiguration, match="shared memory"):
         prefill_kernel(spec, 4, WG.replace(prefill_wgmma_bn=128, prefill_wgmma_stages=4), (9, 0))
@@ -255,7 +261,7 @@ def test_copy_grid_is_one_cta_per_chunk():
     ("copy_unroll", "16"), ("prefill_kernel", "wmma"), ("prefill_kernel", None), ("prefill_kernel", 1),
     ("prefill_wgmma_warpgroups", 3), ("prefill_wgmma_warpgroups", 0), ("prefill_wgmma_bn", 32),
     ("prefill_wgmma_bn", 96), ("prefill_wgmma_stages", 1), ("prefill_wgmma_stages", 5),
-    ("prefill_wgmma_stages", 2.0),
+    ("prefill_wgmma_stages", 2.0), ("prefill_wgmma_overlap", 1), ("prefill_wgmma_overlap", None),
 ])
 def test_bad_knobs_are_refused_by_name(knob, value):
     with pytest.raises(InvalidArgument, match=f"KernelConfig.{knob}"):

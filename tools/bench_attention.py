@@ -237,14 +237,16 @@ def prefill_variants(sweep: bool) -> list[tuple[str, KernelConfig]]:
     variants = [("", c)]
     wg = c.replace(prefill_kernel="wgmma")
     if torch.cuda.get_device_capability() == (9, 0):
-        variants.append(("wgmma", wg))
+        variants += [("wgmma", wg), ("wgmma, overlap", wg.replace(prefill_wgmma_overlap=True))]
     if sweep:
         variants.append(("1 m-tile per warp", c.replace(prefill_kernel="mma", prefill_mt=1)))
         if torch.cuda.get_device_capability() == (9, 0):
-            for wgs, bn, st in ((2, 64, 2), (2, 128, 2), (1, 64, 3), (1, 64, 4), (1, 128, 2), (1, 128, 3)):
-                variants.append((f"wgmma {64 * wgs} rows, {bn}-position tiles, {st} stages",
+            for wgs, bn, st, ov in ((2, 64, 2, False), (2, 128, 2, False), (1, 64, 3, False), (1, 64, 4, False),
+                                    (1, 128, 2, False), (1, 128, 3, False), (2, 64, 3, True), (2, 64, 4, True),
+                                    (2, 128, 3, True), (1, 64, 3, True), (1, 128, 3, True)):
+                variants.append((f"wgmma {64 * wgs} rows, {bn}-position tiles, {st} stages" + (", overlap" if ov else ""),
                                  wg.replace(prefill_wgmma_warpgroups=wgs, prefill_wgmma_bn=bn,
-                                            prefill_wgmma_stages=st)))
+                                            prefill_wgmma_stages=st, prefill_wgmma_overlap=ov)))
     return variants
 
 

@@ -89,10 +89,12 @@ def wgmma_unsupported(spec: Any, cc: tuple[int, int]) -> str | None:
 def wgmma_tiling(head_dim: int, config: KernelConfig) -> Tiling:
     """paged_prefill_sm90.cu's tiling: 2 warpgroups (128 rows; each warp its 16 rows, mt 1),
     128-position K/V tiles at head dim 64 and 64 above, 2 stages of 128-position tiles
-    and 3 of 64; each knob overrides."""
+    and 3 of 64 (3 with overlap, which keeps two tiles resident); each knob overrides."""
     wg = config.prefill_wgmma_warpgroups or 2
     bn = config.prefill_wgmma_bn or (128 if head_dim == 64 else 64)
-    stages = config.prefill_wgmma_stages or (2 if bn == 128 else 3)
+    stages = config.prefill_wgmma_stages or (2 if bn == 128 and not config.prefill_wgmma_overlap else 3)
+    if config.prefill_wgmma_overlap and stages < 3:
+        raise UnsupportedConfiguration(f"prefill_wgmma_overlap needs 3 or more stages, not {stages}")
     return Tiling(1, 64 * wg, bn, stages)
 
 
@@ -113,6 +115,8 @@ def prefill_kernel(spec: Any, group: int, config: KernelConfig, cc: tuple[int, i
     check_fits(smem, {}, f"paged_prefill_sm90.cu ({t.bm} rows, {t.bn}-position tiles, {t.stages} stages)")
     defs = {**kernels.storage_defines(spec), "HEAD_DIM": spec.head_dim, "BLOCK_SIZE": spec.block_size,
             "GROUP": group, "WG": t.bm // 64, "BN": t.bn, "STAGES": t.stages}
+    if config.prefill_wgmma_overlap:
+        defs["OVERLAP"] = 1
     return PrefillKernel("paged_prefill_sm90.cu", "paged_prefill_sm90", "sm_90a", t, defs, smem, 2 * t.bm)
 
 
