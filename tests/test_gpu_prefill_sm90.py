@@ -17,7 +17,7 @@ cupy = cupy_or_skip()
 
 from test_gpu_kernels import TOL, geometry, make_pair, random_tables, rel_err, seed, to_dev, to_host  # noqa: E402
 
-from kvpager import KernelConfig, kernels  # noqa: E402
+from kvpager import KernelConfig, kernel_build, kernels  # noqa: E402
 from kvpager.backends.cupy_prefill import prefill_kernel  # noqa: E402
 from kvpager.backends.numpy_backend import paged_attention  # noqa: E402
 from kvpager.errors import UnsupportedConfiguration  # noqa: E402
@@ -145,3 +145,16 @@ def test_wgmma_refuses_what_it_does_not_run():
     plan = make_plan(gpu, *step, config=KernelConfig(prefill_kernel="auto"), num_q_heads=8)
     assert plan.num_tokens == 8
     gpu.close()
+
+
+def test_the_sm90a_cubin_is_built_by_nvrtc_once_then_read_from_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert kernel_build.supports("sm_90a")
+    src = kernels.source("paged_prefill_sm90.cu")
+    opts = (*kernels.NVRTC_OPTIONS, "-DHEAD_DIM=64", "-DGROUP=2")
+    path = kernel_build.compile_cubin(src, "paged_prefill_sm90.cu", opts, "sm_90a")
+    assert path.startswith(str(tmp_path))
+    monkeypatch.setattr(kernel_build, "_nvrtc_cubin", lambda *a: pytest.fail("compiled a second time"))
+    assert kernel_build.compile_cubin(src, "paged_prefill_sm90.cu", opts, "sm_90a") == path
+    fn = cupy.RawModule(path=path).get_function("paged_prefill_sm90")
+    assert 0 < fn.num_regs <= 255 and fn.local_size_bytes == 0  # no spills
