@@ -14,11 +14,15 @@
 // K from shared memory (K token-major: the K-major B operand), the online
 // softmax (exp2) on the accumulator registers, and O += P V with P from
 // registers (the A fragment) and V from shared memory (token-major: the
-// MN-major, transposed B operand). OVERLAP=1: S of tile t + 1 is issued before
+// MN-major, transposed B operand). WS=1 (warp specialisation, FA3 style): a
+// third, producer warpgroup does all the copies (setmaxnreg gives its registers
+// to the two MMA warpgroups) and hands each stage over through mbarriers, full
+// (its copies landed) and empty (both warpgroups' MMAs on it done), so the
+// warpgroups never wait on one another. OVERLAP=1: S of tile t + 1 is issued before
 // the softmax of tile t, which then runs while the tensor cores work (two
 // tiles resident, so the copies run STAGES - 2 tiles ahead).
 //
-// Grid: x = query tile, y = kv head; NT = 128 * WG threads.
+// Grid: x = query tile, y = kv head; NT = 128 * WG threads (+ 128 with WS).
 // Dynamic shared memory: (BM + 2 * STAGES * BN) * HEAD_DIM * 2 + 1024 bytes (the
 // 1024: the layout's regions start on 1024-byte boundaries).
 #include "kvpager_common.cuh"
@@ -49,6 +53,9 @@
 #ifndef OVERLAP
 #define OVERLAP 0  // 1: S of the next K/V tile runs during this tile's softmax (STAGES >= 3)
 #endif
+#ifndef WS
+#define WS 0  // 1: a producer warpgroup copies K/V, the other two only compute (mbarriers, no CTA barrier)
+#endif
 
 #if KV_DTYPE == 2 || KV_FP8
 #error "paged_prefill_sm90.cu is for float16 / bfloat16 pools; FP8 and float32 use paged_prefill.cu / paged_decode.cu"
@@ -59,7 +66,13 @@
 
 constexpr int D = HEAD_DIM;
 constexpr int BM = 64 * WG;
-constexpr int NT = 128 * WG;
+constexpr int NC = 128 * WG;            // consumer (MMA) threads
+constexpr int NT = NC + (WS ? 128 : 0); // + the producer warpgroup
+#if WS
+// Registers move from the producer warpgroup to the consumers (setmaxnreg): the CTA is
+// compiled for 65536 / 384 = 168 a thread, the producer keeps 56, the consumers get 224.
+constexpr int PRODUCER_REGS = 56, CONSUMER_REGS = 224;
+#endif
 constexpr int QT = BM / GROUP;          // query tokens per tile
 constexpr int CPR = D / 8;              // 16-byte chunks per row
 constexpr int KV_TILE = BN * D * 2;     // bytes of one K or V tile
@@ -68,9 +81,12 @@ static_assert(BN == 64 || BN == 128, "BN is 64 or 128");
 static_assert(WG == 1 || WG == 2, "WG is 1 or 2");
 static_assert(VN == D || VN == 64, "VN is HEAD_DIM or 64");
 static_assert(!OVERLAP || STAGES >= 3, "OVERLAP keeps two tiles resident: STAGES >= 3");
+static_assert(!WS || WG == 2, "WS: two consumer warpgroups and a producer warpgroup");
 static_assert(BM % GROUP == 0, "a tile holds whole query tokens");
 
-extern "C" __global__ void __launch_bounds__(NT) paged_prefill_sm90(
+template <int N> struct Threads { static constexpr int n = N; };
+
+extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(
     const kv_t* __restrict__ q,             // [total_query_tokens, num_q_heads, HEAD_DIM]
     const st_t* __restrict__ pool,          // [num_blocks, num_layers, 2, num_kv_heads, BLOCK_SIZE, HEAD_DIM]
     const int* __restrict__ block_tables,   // [num_seqs, max_blocks]
@@ -120,19 +136,21 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill_sm90(
     const long long k_off = ((long long)layer * 2 * num_kv_heads + h) * BLOCK_SIZE * D;
     const long long v_off = k_off + (long long)num_kv_heads * BLOCK_SIZE * D;
 
-    // Q tile -> smem (rows past the sequence's queries zero-filled).
-    for (int c = tid; c < BM * CPR; c += NT) {
+    // Q tile -> smem (rows past the sequence's queries zero-filled), by the consumer threads.
+    if (tid < NC) for (int c = tid; c < BM * CPR; c += NC) {
         const int r = c / CPR, ch = c % CPR;
         const int tok = j0 + r / GROUP;
         const bool ok = tok < qlen;
         const kv_t* src = ok ? q + ((qrow0 + tok) * num_q_heads + h * GROUP + r % GROUP) * D + ch * 8 : q;
         cp_async16(Qs + sw128_offset(BM, r, ch), src, ok);
     }
-    auto load_kv = [&](int t, int stage) {
+    // K/V tile t -> stage, copied by ``Threads<n>`` threads of which this is number ``me``.
+    auto load_kv = [&](int t, int stage, int me, auto threads) {
+        constexpr int n = decltype(threads)::n;
         unsigned char* ks = Ks + stage * KV_TILE;
         unsigned char* vs = Vs + stage * KV_TILE;
-#pragma unroll
-        for (int c = tid; c < BN * CPR; c += NT) {
+#pragma unroll 4
+        for (int c = me; c < BN * CPR; c += n) {
             const int r = c / CPR, ch = c % CPR;
             const int pos = t * BN + r;
             const bool ok = pos < kv_end && pos >= first_vis;  // zero-filled outside
@@ -143,11 +161,50 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill_sm90(
             cp_async16(vs + off, pool + (ok ? row + v_off : 0), ok);
         }
     };
+#if !WS
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (t_begin + s < num_tiles) load_kv(t_begin + s, s);
+        if (t_begin + s < num_tiles) load_kv(t_begin + s, s, tid, Threads<NT>());
         cp_commit();  // the first group also holds the Q tile
     }
+#else
+    // Stage s is full (128 producer arrivals: each thread's copies landed and fenced for the
+    // async proxy) and empty (NC consumer arrivals: its last reader's MMAs done).
+    __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES];
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(smem_addr(&full_bar[s]), NT - NC);
+            mbar_init(smem_addr(&empty_bar[s]), NC);
+        }
+    }
+    __syncthreads();
+    if (tid >= NC) {  // the producer warpgroup; each thread signals a tile once the next is under way
+        setmaxnreg_dec<PRODUCER_REGS>();
+        int i = 0;
+        for (int t = t_begin; t < num_tiles; ++t, ++i) {
+            const int stage = i % STAGES;
+            if (i >= STAGES) mbar_wait(smem_addr(&empty_bar[stage]), ((i / STAGES) - 1) & 1);
+            load_kv(t, stage, tid - NC, Threads<NT - NC>());
+            cp_commit();
+            if (i > 0) {
+                cp_wait<1>();
+                fence_proxy_async();
+                mbar_arrive(smem_addr(&full_bar[(i - 1) % STAGES]));
+            }
+        }
+        if (i > 0) {
+            cp_wait<0>();
+            fence_proxy_async();
+            mbar_arrive(smem_addr(&full_bar[(i - 1) % STAGES]));
+        }
+        return;
+    }
+    setmaxnreg_inc<CONSUMER_REGS>();
+    cp_commit();
+    cp_wait<0>();  // the Q tile
+    fence_proxy_async();
+    named_barrier_sync(1, NC);
+#endif
 
     float o[D / 2];   // m64nD accumulator: n8 block n holds (gid, 8n + 2 tig + {0,1}), (gid + 8, ...)
     float m[2], l[2];
@@ -260,7 +317,46 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill_sm90(
     };
 
     int st = 0;  // the stage of tile t
-#if OVERLAP
+#if WS && OVERLAP
+    float s[BN / 2], sn[BN / 2];
+    if (t_begin < num_tiles) {
+        mbar_wait(smem_addr(&full_bar[0]), 0);
+        issue_s(s, k_addr);
+        wgmma_wait<0>();
+        fence_regs<BN / 2>(s);
+    }
+    for (int t = t_begin, i = 0; t < num_tiles; ++t, ++i) {
+        const int nst = st + 1 == STAGES ? 0 : st + 1;
+        const bool more = t + 1 < num_tiles;
+        if (more) {
+            mbar_wait(smem_addr(&full_bar[nst]), ((i + 1) / STAGES) & 1);
+            issue_s(sn, k_addr + nst * KV_TILE);
+        }
+        softmax_pv(s, t, v_addr + st * KV_TILE);
+        wgmma_wait<0>();
+        fence_regs<D / 2>(o);
+        fence_regs<BN / 2>(sn);
+        mbar_arrive(smem_addr(&empty_bar[st]));  // K (read last iteration) and V of tile t done
+        if (more) {
+#pragma unroll
+            for (int k = 0; k < BN / 2; ++k) s[k] = sn[k];
+        }
+        st = nst;
+    }
+#elif WS
+    for (int t = t_begin, i = 0; t < num_tiles; ++t, ++i) {
+        mbar_wait(smem_addr(&full_bar[st]), (i / STAGES) & 1);
+        float s[BN / 2];
+        issue_s(s, k_addr + st * KV_TILE);
+        wgmma_wait<0>();
+        fence_regs<BN / 2>(s);
+        softmax_pv(s, t, v_addr + st * KV_TILE);
+        wgmma_wait<0>();
+        fence_regs<D / 2>(o);
+        mbar_arrive(smem_addr(&empty_bar[st]));
+        st = st + 1 == STAGES ? 0 : st + 1;
+    }
+#elif OVERLAP
     // S of tile t + 1 runs on the tensor cores while this warpgroup's softmax of tile t runs.
     // Tiles t and t + 1 are resident at once, so the copies run STAGES - 2 tiles ahead.
     float s[BN / 2], sn[BN / 2];
@@ -277,7 +373,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill_sm90(
         cp_wait<STAGES - 3>();  // tile t + 1 landed
         fence_proxy_async();
         __syncthreads();        // ... for every thread; and tile t - 1's stage is read by no one
-        if (t + STAGES - 1 < num_tiles) load_kv(t + STAGES - 1, st == 0 ? STAGES - 1 : st - 1);
+        if (t + STAGES - 1 < num_tiles) load_kv(t + STAGES - 1, st == 0 ? STAGES - 1 : st - 1, tid, Threads<NT>());
         cp_commit();
         const bool more = t + 1 < num_tiles;
         if (more) issue_s(sn, k_addr + nst * KV_TILE);
@@ -293,7 +389,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill_sm90(
     }
 #else
     for (int t = t_begin; t < num_tiles; ++t) {
-        if (t + STAGES - 1 < num_tiles) load_kv(t + STAGES - 1, st == 0 ? STAGES - 1 : st - 1);
+        if (t + STAGES - 1 < num_tiles) load_kv(t + STAGES - 1, st == 0 ? STAGES - 1 : st - 1, tid, Threads<NT>());
         cp_commit();
         cp_wait<STAGES - 1>();
         fence_proxy_async();  // this thread's landed copies -> visible to wgmma

@@ -49,6 +49,8 @@ class KernelConfig:
     prefill_wgmma_stages: int | None = None
     #: paged_prefill_sm90.cu issues S of the next K/V tile before this tile's softmax (OVERLAP)
     prefill_wgmma_overlap: bool = False
+    #: paged_prefill_sm90.cu with a producer warpgroup doing the copies (WS; 2 MMA warpgroups)
+    prefill_wgmma_producer: bool = False
     #: 16-byte vectors in flight per thread in block_copy.cu (its UNROLL)
     copy_unroll: int = 16
 
@@ -66,8 +68,9 @@ class KernelConfig:
         _int_in(self, "prefill_wgmma_warpgroups", (1, 2), optional=True)
         _int_in(self, "prefill_wgmma_bn", (64, 128), optional=True)
         _int_in(self, "prefill_wgmma_stages", range(2, 5), optional=True)
-        if type(self.prefill_wgmma_overlap) is not bool:
-            raise InvalidArgument(f"KernelConfig.prefill_wgmma_overlap must be a bool, got {self.prefill_wgmma_overlap!r}")
+        for name in ("prefill_wgmma_overlap", "prefill_wgmma_producer"):
+            if type(getattr(self, name)) is not bool:
+                raise InvalidArgument(f"KernelConfig.{name} must be a bool, got {getattr(self, name)!r}")
         _int_in(self, "copy_unroll", (1, 2, 4, 8, 16, 32))
 
     def replace(self, **changes: Any) -> KernelConfig:

@@ -67,6 +67,10 @@ SM90A = {
         ["-DOVERLAP=1"], ["-DOVERLAP=1", "-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DBN=128", "-DGROUP=16"],
         ["-DOVERLAP=1", "-DWG=1", "-DBN=128", "-DBLOCK_SIZE=8", "-DGROUP=1"],
         ["-DOVERLAP=1", "-DSTAGES=4", "-DBLOCK_SIZE=64", "-DGROUP=8", "-DVN=64"],
+        ["-DWS=1"], ["-DWS=1", "-DOVERLAP=1", "-DKV_DTYPE=0", "-DGROUP=16", "-DBLOCK_SIZE=8"],
+        ["-DWS=1", "-DHEAD_DIM=64", "-DBN=128", "-DSTAGES=2", "-DGROUP=1"],
+        ["-DWS=1", "-DOVERLAP=1", "-DHEAD_DIM=64", "-DBN=128", "-DBLOCK_SIZE=64", "-DGROUP=4"],
+        ["-DWS=1", "-DBN=128", "-DSTAGES=3", "-DGROUP=2", "-DBLOCK_SIZE=32"],
     ],
 }
 

@@ -4,7 +4,8 @@ and every block no table reads (the null block 0 included) poisoned with NaN,
 GQA groups 1-16, block sizes 8-64, head dims 64 and 128, float16 / bfloat16,
 every tiling knob, ragged query and sequence lengths (query length 1, lengths
 off every tile size, a query tile shorter than a block), sliding windows, soft
-caps, a cascade's own parts (own_start and partial states) and a long step.
+caps, a cascade's own parts (own_start and partial states) and a long step;
+each variant of the kernel (overlap, producer warpgroup) among them.
 Skips without CuPy, a GPU, or on a GPU other than compute capability 9.0."""
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ CASES = [  # (dtype, head dim, block size, GQA group, knobs beyond prefill_kerne
     ("bfloat16", 128, 64, 1, {"prefill_wgmma_overlap": True, "prefill_wgmma_warpgroups": 1,
                               "prefill_wgmma_bn": 128}),
     ("float16", 128, 32, 8, {"prefill_wgmma_overlap": True, "prefill_wgmma_stages": 4}),
+    ("bfloat16", 128, 16, 4, {"prefill_wgmma_producer": True}),
+    ("float16", 64, 64, 1, {"prefill_wgmma_producer": True}),
+    ("bfloat16", 128, 8, 16, {"prefill_wgmma_producer": True, "prefill_wgmma_overlap": True}),
+    ("float16", 64, 16, 2, {"prefill_wgmma_producer": True, "prefill_wgmma_overlap": True}),
+    ("bfloat16", 128, 32, 8, {"prefill_wgmma_producer": True, "prefill_wgmma_bn": 128, "prefill_wgmma_stages": 3}),
 ]
 
 
@@ -93,6 +99,7 @@ def test_wgmma_matches_twin_and_mma(dtype, d, bs, group, knobs):
 
 @pytest.mark.parametrize("dtype,d,bs,group,knobs", [
     ("bfloat16", 128, 16, 4, {}), ("float16", 64, 64, 8, {}), ("bfloat16", 128, 16, 4, {"prefill_wgmma_overlap": True}),
+    ("bfloat16", 128, 16, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_overlap": True}),
 ])
 def test_wgmma_long_step(dtype, d, bs, group, knobs):
     """Two sequences of 512 new tokens on 1,024 and 1,536 cached, 8 kv heads (the benchmark's shape, smaller)."""
@@ -122,7 +129,8 @@ def test_wgmma_cascade_own_parts(kv_dtype, dtype, d, bs, group):
     hq = spec.num_kv_heads * group
     q = rng.standard_normal((int(qlens.sum()), hq, d), dtype=np.float32).astype(spec.np_dtype)
     old = make_plan(gpu, tables, seq_lens, qlens, cascade=True, num_q_heads=hq, config=MMA)
-    for config in (WGMMA, WGMMA.replace(prefill_wgmma_overlap=True)):
+    for config in (WGMMA, WGMMA.replace(prefill_wgmma_overlap=True),
+                   WGMMA.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True)):
         new = make_plan(gpu, tables, seq_lens, qlens, cascade=True, num_q_heads=hq, config=config)
         assert new.shared_prefixes is not None and new.shared_prefixes.levels == 2
         for layer, softcap in ((0, None), (1, 3.0)):

@@ -118,7 +118,7 @@ def test_the_pins_cover_every_kernel_and_layout():
     assert {(d["WG"], d["BN"], d["HEAD_DIM"], d["KV_DTYPE"]) for d in sm90} >= {
         (2, 64, 128, 1), (2, 128, 64, 0), (1, 64, 128, 1), (1, 128, 128, 0)}
     assert {d["GROUP"] for d in sm90} == {1, 2, 4, 8, 16} and {d["BLOCK_SIZE"] for d in sm90} >= {8, 16, 64}
-    assert {d.get("OVERLAP", 0) for d in sm90} == {0, 1}
+    assert {(d.get("OVERLAP", 0), d.get("WS", 0)) for d in sm90} == {(0, 0), (1, 0), (0, 1), (1, 1)}
 
 
 # -- the knobs ----------------------------------------------------------------------------
@@ -199,6 +199,17 @@ def test_wgmma_knobs_reach_the_launch():
     assert "OVERLAP" not in base.defines
     with pytest.raises(UnsupportedConfiguration, match="overlap needs 3 or more stages"):
         prefill_kernel(spec, 4, WG.replace(prefill_wgmma_overlap=True, prefill_wgmma_stages=2), (9, 0))
+    k = prefill_kernel(spec, 4, WG.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True), (9, 0))
+    assert (k.defines["WS"], k.defines["OVERLAP"], k.threads, k.tiling.bm) == (1, 1, 384, 128)
+    assert k.smem == base.smem  # the mbarriers are static shared memory
+    with pytest.raises(UnsupportedConfiguration, match="two MMA warpgroups"):
+        prefill_kernel(spec, 4, WG.replace(prefill_wgmma_producer=True, prefill_wgmma_warpgroups=1), (9, 0))
+    with pytest.raises(UnsupportedConfiguration, match="registers"):
+        prefill_kernel(spec, 4, WG.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True,
+                                           prefill_wgmma_bn=128), (9, 0))
+    k = prefill_kernel(spec_of("bfloat16", None, 64, 16, 8), 4,
+                       WG.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True), (9, 0))
+    assert (k.defines["BN"], k.defines["STAGES"], k.threads) == (128, 3, 384)
     # too much shared memory for a CTA: refused by name before any compile
     with pytest.raises(UnsupportedConfiguration, match="shared memory"):
         prefill_kernel(spec, 4, WG.replace(prefill_wgmma_bn=128, prefill_wgmma_stages=4), (9, 0))
@@ -262,6 +273,7 @@ def test_copy_grid_is_one_cta_per_chunk():
     ("prefill_wgmma_warpgroups", 3), ("prefill_wgmma_warpgroups", 0), ("prefill_wgmma_bn", 32),
     ("prefill_wgmma_bn", 96), ("prefill_wgmma_stages", 1), ("prefill_wgmma_stages", 5),
     ("prefill_wgmma_stages", 2.0), ("prefill_wgmma_overlap", 1), ("prefill_wgmma_overlap", None),
+    ("prefill_wgmma_producer", "yes"), ("prefill_wgmma_producer", 0),
 ])
 def test_bad_knobs_are_refused_by_name(knob, value):
     with pytest.raises(InvalidArgument, match=f"KernelConfig.{knob}"):

@@ -237,7 +237,10 @@ def prefill_variants(sweep: bool) -> list[tuple[str, KernelConfig]]:
     variants = [("", c)]
     wg = c.replace(prefill_kernel="wgmma")
     if torch.cuda.get_device_capability() == (9, 0):
-        variants += [("wgmma", wg), ("wgmma, overlap", wg.replace(prefill_wgmma_overlap=True))]
+        variants += [("wgmma", wg), ("wgmma, overlap", wg.replace(prefill_wgmma_overlap=True)),
+                     ("wgmma, producer warpgroup", wg.replace(prefill_wgmma_producer=True)),
+                     ("wgmma, producer warpgroup, overlap",
+                      wg.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True))]
     if sweep:
         variants.append(("1 m-tile per warp", c.replace(prefill_kernel="mma", prefill_mt=1)))
         if torch.cuda.get_device_capability() == (9, 0):
@@ -246,6 +249,11 @@ def prefill_variants(sweep: bool) -> list[tuple[str, KernelConfig]]:
                                     (2, 128, 3, True), (1, 64, 3, True), (1, 128, 3, True)):
                 variants.append((f"wgmma {64 * wgs} rows, {bn}-position tiles, {st} stages" + (", overlap" if ov else ""),
                                  wg.replace(prefill_wgmma_warpgroups=wgs, prefill_wgmma_bn=bn,
+                                            prefill_wgmma_stages=st, prefill_wgmma_overlap=ov)))
+            for bn, st, ov in ((64, 4, True), (128, 2, False), (128, 3, False), (64, 2, False)):
+                variants.append((f"wgmma producer warpgroup, {bn}-position tiles, {st} stages"
+                                 + (", overlap" if ov else ""),
+                                 wg.replace(prefill_wgmma_producer=True, prefill_wgmma_bn=bn,
                                             prefill_wgmma_stages=st, prefill_wgmma_overlap=ov)))
     return variants
 

@@ -89,12 +89,19 @@ def wgmma_unsupported(spec: Any, cc: tuple[int, int]) -> str | None:
 def wgmma_tiling(head_dim: int, config: KernelConfig) -> Tiling:
     """paged_prefill_sm90.cu's tiling: 2 warpgroups (128 rows; each warp its 16 rows, mt 1),
     128-position K/V tiles at head dim 64 and 64 above, 2 stages of 128-position tiles
-    and 3 of 64 (3 with overlap, which keeps two tiles resident); each knob overrides."""
+    and 3 of 64 (3 with overlap, which keeps two tiles resident); each knob overrides.
+    The producer warpgroup (WS) needs 2 MMA warpgroups, and with overlap at head dim
+    128 64-position tiles (the MMA warpgroups' 224 registers)."""
     wg = config.prefill_wgmma_warpgroups or 2
     bn = config.prefill_wgmma_bn or (128 if head_dim == 64 else 64)
     stages = config.prefill_wgmma_stages or (2 if bn == 128 and not config.prefill_wgmma_overlap else 3)
     if config.prefill_wgmma_overlap and stages < 3:
         raise UnsupportedConfiguration(f"prefill_wgmma_overlap needs 3 or more stages, not {stages}")
+    if config.prefill_wgmma_producer and wg != 2:
+        raise UnsupportedConfiguration("prefill_wgmma_producer runs two MMA warpgroups, not 1")
+    if config.prefill_wgmma_producer and config.prefill_wgmma_overlap and head_dim * bn > 128 * 64:
+        raise UnsupportedConfiguration(f"prefill_wgmma_producer with overlap takes 64-position tiles at head dim "
+                                       f"128 (registers: 224 a thread), not {bn}")
     return Tiling(1, 64 * wg, bn, stages)
 
 
@@ -117,7 +124,10 @@ def prefill_kernel(spec: Any, group: int, config: KernelConfig, cc: tuple[int, i
             "GROUP": group, "WG": t.bm // 64, "BN": t.bn, "STAGES": t.stages}
     if config.prefill_wgmma_overlap:
         defs["OVERLAP"] = 1
-    return PrefillKernel("paged_prefill_sm90.cu", "paged_prefill_sm90", "sm_90a", t, defs, smem, 2 * t.bm)
+    if config.prefill_wgmma_producer:
+        defs["WS"] = 1
+    threads = 2 * t.bm + (128 if config.prefill_wgmma_producer else 0)
+    return PrefillKernel("paged_prefill_sm90.cu", "paged_prefill_sm90", "sm_90a", t, defs, smem, threads)
 
 
 def prefill_function(spec: Any, group: int, config: KernelConfig, cc: tuple[int, int],
