@@ -1,7 +1,9 @@
 """The one loader of kvpager's CUDA kernels (`cuda/*.cu`).
 
 Sources are read from disk, compiled with `cupy.RawModule` (NVRTC) on first
-use, one module per (device, file, specialisation), and cached. A
+use, one module per (device, file, specialisation, target), and cached; a
+kernel for an architecture-specific target (``sm_90a``: wgmma) is compiled
+by `kvpager.kernel_build` and loaded from its cubin. A
 specialisation is a set of ``-D`` defines (dtype, head dim, block size, GQA
 group), so each kernel is built with compile-time shapes.
 
