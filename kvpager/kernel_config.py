@@ -15,6 +15,9 @@ from typing import Any
 
 from kvpager.errors import InvalidArgument
 
+#: the multi-token kernels `KernelConfig.prefill_kernel` names
+PREFILL_KERNELS = ("auto", "mma", "wgmma")
+
 
 @dataclass(frozen=True)
 class KernelConfig:
@@ -34,6 +37,20 @@ class KernelConfig:
     decode_short_context: int = 512
     #: 16-row m-tiles per warp in paged_prefill.cu and cascade_prefix.cu; None: 2 up to head dim 128, else 1
     prefill_mt: int | None = None
+    #: the multi-token kernel: "mma" (paged_prefill.cu, every GPU), "wgmma" (paged_prefill_sm90.cu:
+    #: compute capability 9.0, 16-bit pools, head dims 64 / 128; else UnsupportedConfiguration),
+    #: "auto" (wgmma where it applies, else mma)
+    prefill_kernel: str = "mma"
+    #: warpgroups (64 query rows each) per paged_prefill_sm90.cu CTA; None: 2
+    prefill_wgmma_warpgroups: int | None = None
+    #: K/V positions per paged_prefill_sm90.cu tile; None: 128 at head dim 64, else 64
+    prefill_wgmma_bn: int | None = None
+    #: cp.async stages of paged_prefill_sm90.cu; None: 3 with overlap or 64-position tiles, else 2
+    prefill_wgmma_stages: int | None = None
+    #: paged_prefill_sm90.cu issues S of the next K/V tile before this tile's softmax (OVERLAP)
+    prefill_wgmma_overlap: bool = False
+    #: paged_prefill_sm90.cu with a producer warpgroup doing the copies (WS; 2 MMA warpgroups)
+    prefill_wgmma_producer: bool = False
     #: 16-byte vectors in flight per thread in block_copy.cu (its UNROLL)
     copy_unroll: int = 16
 
@@ -45,6 +62,15 @@ class KernelConfig:
         _int_in(self, "decode_warps_per_head", range(1, 17), optional=True)
         _int_in(self, "decode_short_context", range(0, 2**31))
         _int_in(self, "prefill_mt", (1, 2), optional=True)
+        if self.prefill_kernel not in PREFILL_KERNELS:
+            raise InvalidArgument(f"KernelConfig.prefill_kernel must be one of {PREFILL_KERNELS}, "
+                                  f"got {self.prefill_kernel!r}")
+        _int_in(self, "prefill_wgmma_warpgroups", (1, 2), optional=True)
+        _int_in(self, "prefill_wgmma_bn", (64, 128), optional=True)
+        _int_in(self, "prefill_wgmma_stages", range(2, 5), optional=True)
+        for name in ("prefill_wgmma_overlap", "prefill_wgmma_producer"):
+            if type(getattr(self, name)) is not bool:
+                raise InvalidArgument(f"KernelConfig.{name} must be a bool, got {getattr(self, name)!r}")
         _int_in(self, "copy_unroll", (1, 2, 4, 8, 16, 32))
 
     def replace(self, **changes: Any) -> KernelConfig:

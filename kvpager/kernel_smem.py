@@ -36,6 +36,12 @@ def prefill_smem(head_dim: int, mt: int, bn: int, stages: int, fp8: bool) -> int
     return (64 * mt + 2 * stages * bn) * (head_dim + 8) * 2
 
 
+def prefill_sm90_smem(head_dim: int, warpgroups: int, bn: int, stages: int) -> int:
+    """paged_prefill_sm90.cu: the query tile (64 rows per warpgroup) and ``stages`` K and V
+    tiles of ``bn`` rows, unpadded (128-byte swizzle), and 1024 bytes to align them."""
+    return (64 * warpgroups + 2 * stages * bn) * head_dim * 2 + 1024
+
+
 def cascade_smem(head_dim: int, mt: int, bn: int, stages: int, fp8: bool = False) -> int:
     """cascade_prefix.cu: the member tile (64 * mt rows) and ``stages`` K and V tiles of
     ``bn`` rows, rows padded by 8 elements (FP8: one converted K and V tile, the stages as

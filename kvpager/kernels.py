@@ -1,7 +1,9 @@
 """The one loader of kvpager's CUDA kernels (`cuda/*.cu`).
 
 Sources are read from disk, compiled with `cupy.RawModule` (NVRTC) on first
-use, one module per (device, file, specialisation), and cached. A
+use, one module per (device, file, specialisation, target), and cached; a
+kernel for an architecture-specific target (``sm_90a``: wgmma) is compiled
+by `kvpager.kernel_build` and loaded from its cubin. A
 specialisation is a set of ``-D`` defines (dtype, head dim, block size, GQA
 group), so each kernel is built with compile-time shapes.
 
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from kvpager import kernel_build
 from kvpager.errors import InvalidArgument, UnsupportedConfiguration
 from kvpager.kernel_smem import resident
 from kvpager.validate import int_array
@@ -56,17 +59,22 @@ def source(name: str) -> str:
     return _HEADER.sub(lambda m: (d / m.group(1)).read_text(), text)
 
 
-def get_kernel(file: str, func: str, defines: dict[str, int], device: int) -> Any:
-    """The compiled ``func`` of ``file`` for these defines on ``device`` (cached)."""
+def get_kernel(file: str, func: str, defines: dict[str, int], device: int, arch: str | None = None) -> Any:
+    """The compiled ``func`` of ``file`` for these defines on ``device`` (cached).
+    ``arch`` (e.g. ``"sm_90a"``): built for that target by `kvpager.kernel_build`
+    (UnsupportedConfiguration where NVRTC cannot), else for the device's own."""
     import cupy
 
-    key = (device, file, tuple(sorted(defines.items())))
+    key = (device, file, tuple(sorted(defines.items())), arch)
     with _lock:
         mod = _modules.get(key)
         if mod is None:
             opts = NVRTC_OPTIONS + tuple(f"-D{k}={v}" for k, v in sorted(defines.items()))
             with cupy.cuda.Device(device):
-                mod = cupy.RawModule(code=source(file), options=opts)
+                if arch is None:
+                    mod = cupy.RawModule(code=source(file), options=opts)
+                else:
+                    mod = cupy.RawModule(path=kernel_build.compile_cubin(source(file), file, opts, arch))
             _modules[key] = mod
     return mod.get_function(func)
 

@@ -1,4 +1,5 @@
-"""Every cuda/*.cu builds with the machine's nvcc for sm_80 and sm_90 (no GPU needed).
+"""Every cuda/*.cu builds with the machine's nvcc for sm_80 and sm_90 (no GPU needed);
+the wgmma kernels (SM90A) for sm_90a only, without register spills.
 
 Each file is built with its default specialisation (the #ifndef defaults in
 the source: bfloat16, head dim 128, block size 16, group 4; float32 for the
@@ -54,6 +55,25 @@ FP8_EXTRA = {
                           ["-DKV_FP8=2", "-DHEAD_DIM=80", "-DMT=1"]],
 }
 
+# Kernels on wgmma: built for sm_90a alone (-gencode=arch=compute_90a,code=sm_90a), each
+# specialisation checked for register spills; the plain targets refuse them (#error).
+SM90A = {
+    "paged_prefill_sm90.cu": [
+        ["-DKV_DTYPE=0"], ["-DHEAD_DIM=64"], ["-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DGROUP=1", "-DBLOCK_SIZE=8"],
+        ["-DGROUP=8", "-DBLOCK_SIZE=64"], ["-DGROUP=16", "-DBLOCK_SIZE=8", "-DWG=1"],
+        ["-DGROUP=1", "-DBN=128", "-DSTAGES=2"], ["-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DBN=128", "-DGROUP=16"],
+        ["-DHEAD_DIM=64", "-DWG=1", "-DBN=64", "-DSTAGES=4", "-DBLOCK_SIZE=64", "-DGROUP=8"],
+        ["-DVN=64"], ["-DKV_DTYPE=0", "-DWG=1", "-DBN=128", "-DGROUP=2", "-DBLOCK_SIZE=32"],
+        ["-DOVERLAP=1"], ["-DOVERLAP=1", "-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DBN=128", "-DGROUP=16"],
+        ["-DOVERLAP=1", "-DWG=1", "-DBN=128", "-DBLOCK_SIZE=8", "-DGROUP=1"],
+        ["-DOVERLAP=1", "-DSTAGES=4", "-DBLOCK_SIZE=64", "-DGROUP=8", "-DVN=64"],
+        ["-DWS=1"], ["-DWS=1", "-DOVERLAP=1", "-DKV_DTYPE=0", "-DGROUP=16", "-DBLOCK_SIZE=8"],
+        ["-DWS=1", "-DHEAD_DIM=64", "-DBN=128", "-DSTAGES=2", "-DGROUP=1"],
+        ["-DWS=1", "-DOVERLAP=1", "-DHEAD_DIM=64", "-DBN=128", "-DBLOCK_SIZE=64", "-DGROUP=4"],
+        ["-DWS=1", "-DBN=128", "-DSTAGES=3", "-DGROUP=2", "-DBLOCK_SIZE=32"],
+    ],
+}
+
 
 def _fp8_arch(arch: str) -> bool:
     digits = "".join(ch for ch in arch if ch.isdigit())
@@ -63,6 +83,9 @@ def _fp8_arch(arch: str) -> bool:
 def _jobs() -> list[tuple[str, str, list[str]]]:
     jobs = []
     for src in sorted(CUDA_DIR.glob("*.cu")):
+        if src.name in SM90A:
+            jobs += [(src.name, "sm_90a", defines) for defines in [[], *SM90A[src.name]]]
+            continue
         for arch in ARCHES:
             fp8 = FP8_EXTRA.get(src.name, []) if _fp8_arch(arch) else []
             for defines in [[], *EXTRA.get(src.name, []), *fp8]:
@@ -72,11 +95,15 @@ def _jobs() -> list[tuple[str, str, list[str]]]:
 
 def _build(job: tuple[str, str, list[str]], out_dir: str) -> tuple[tuple, int, str]:
     name, arch, defines = job
-    out = os.path.join(out_dir, f"{name}.{arch}.{len(defines)}.cubin")
-    cmd = [NVCC, "--cubin", f"-arch={arch}", "-std=c++17", "--use_fast_math", "-Werror",
+    out = os.path.join(out_dir, f"{name}.{arch}.{'_'.join(defines)}.cubin")
+    target = ["-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v"] if arch == "sm_90a" else [f"-arch={arch}"]
+    cmd = [NVCC, "--cubin", *target, "-std=c++17", "--use_fast_math", "-Werror",
            "all-warnings", f"-I{CUDA_DIR}", *defines, "-o", out, str(CUDA_DIR / name)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    return job, proc.returncode, proc.stdout + proc.stderr
+    log = proc.stdout + proc.stderr
+    if arch == "sm_90a" and proc.returncode == 0 and "0 bytes spill stores, 0 bytes spill loads" not in log:
+        return job, 1, f"register spills:\n{log}"
+    return job, proc.returncode, log
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
@@ -84,11 +111,22 @@ def test_every_kernel_file_compiles():
     jobs = _jobs()
     assert any("-DKV_FP8=2" in j[2] for j in jobs)  # sm_90 is always built
     assert {j[0] for j in jobs} >= {"paged_decode.cu", "paged_decode_tc.cu", "paged_prefill.cu", "merge_splits.cu",
-                                    "cascade_prefix.cu", "kv_write.cu", "block_copy.cu", "swap.cu"}
+                                    "cascade_prefix.cu", "kv_write.cu", "block_copy.cu", "swap.cu",
+                                    "paged_prefill_sm90.cu"}
+    assert {j[1] for j in jobs if j[0] in SM90A} == {"sm_90a"}
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(os.cpu_count() or 2) as ex:
         results = list(ex.map(lambda j: _build(j, tmp), jobs))
     failed = [f"{job}: {log}" for job, rc, log in results if rc != 0 or "warning" in log]
     assert not failed, "\n".join(failed)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+@pytest.mark.parametrize("name", sorted(SM90A))
+def test_wgmma_kernels_refuse_other_targets(name):
+    """Built for plain sm_90 (no wgmma) a wgmma kernel stops at its #error, not in ptxas."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _, rc, log = _build((name, "sm_90", []), tmp)
+    assert rc != 0 and "needs the sm_90a target" in log
 
 
 def test_every_source_opens_with_a_description():

@@ -12,9 +12,11 @@ memory and chunks of the cascade launch. The production `KernelConfig` must
 choose the same. Each case's ``regs`` stands for the compiled kernel's
 registers per thread, which set the resident CTAs (and so the splits).
 One deliberate change since: FP8 pools' decode takes up to 6 stages for
-contexts of 2,048 positions or more and the fewest splits that fill the SMs
+contexts of 2,048 positions or more and the fewest splits whose CTAs take 90% of the SMs' resident slots
 (`cupy_decode.decode_stages`, `plan_splits(fill=False)`, measured on an
 H200); their FP8 cases were recorded again after it, the others are c3af6b9's.
+Its ``prefill_kernel`` cases (recorded when paged_prefill_sm90.cu came) pin
+the multi-token kernel chosen by compute capability, pool and knobs.
 """
 
 from __future__ import annotations
@@ -29,10 +31,15 @@ import pytest
 from kvpager import InvalidArgument, KernelConfig, KVPool, PoolSpec, UnsupportedConfiguration
 from kvpager.backends.cupy_cascade import cascade_chunks, cascade_tiling
 from kvpager.backends.cupy_decode import decode_shape, merge_defines, plan_splits
-from kvpager.backends.cupy_prefill import prefill_tiles, prefill_tiling
+from kvpager.backends.cupy_prefill import (
+    prefill_function,
+    prefill_kernel,
+    prefill_tiles,
+    prefill_tiling,
+)
 from kvpager.block_moves import COPY_THREADS, copy_grid
 from kvpager.kernel_config import DEFAULT, check_config
-from kvpager.kernel_smem import check_fits, resident
+from kvpager.kernel_smem import check_fits, prefill_sm90_smem, resident
 
 PINS = json.loads((Path(__file__).parent / "kernel_plan_pins.json").read_text())
 H200 = {"MultiProcessorCount": 132, "MaxRegistersPerMultiprocessor": 65536,
@@ -89,6 +96,16 @@ def test_cascade_launches_are_the_pinned_ones(case):
     assert chunks == case["chunks"] and tiles * chunks == case["tiles"]
 
 
+@pytest.mark.parametrize("case", PINS["prefill_kernel"], ids=lambda c: "-".join(map(str, c["args"][:7])))
+def test_multi_token_kernel_choices_are_the_pinned_ones(case):
+    dtype, kv_dtype, d, bs, hkv, group, cc, knobs = case["args"]
+    k = prefill_kernel(spec_of(dtype, kv_dtype, d, bs, hkv), group, KernelConfig(**knobs), tuple(cc))
+    assert (k.file, k.func, k.arch, k.defines) == (case["file"], case["kernel"], case["arch"], case["defines"])
+    assert (k.tiling.bm, k.tiling.bn, k.tiling.stages, k.smem, k.threads) == (
+        case["bm"], case["bn"], case["stages"], case["smem"], case["threads"])
+    check_fits(k.smem, H200, k.file)
+
+
 def test_the_pins_cover_every_kernel_and_layout():
     """The recorded cases reach both decode kernels, both CTA layouts, FP8, splits and
     no splits, each multi-token tiling and several cascade chunk counts."""
@@ -99,6 +116,13 @@ def test_the_pins_cover_every_kernel_and_layout():
     assert {c["splits"] > 1 for c in dec} == {True, False}
     assert {c["defines"]["MT"] for c in PINS["prefill"]} == {1, 2}
     assert len({c["chunks"] for c in PINS["cascade"]}) >= 3
+    pk = PINS["prefill_kernel"]
+    assert {c["file"] for c in pk} == {"paged_prefill.cu", "paged_prefill_sm90.cu"}
+    sm90 = [c["defines"] for c in pk if c["arch"] == "sm_90a"]
+    assert {(d["WG"], d["BN"], d["HEAD_DIM"], d["KV_DTYPE"]) for d in sm90} >= {
+        (2, 64, 128, 1), (2, 128, 64, 0), (1, 64, 128, 1), (1, 128, 128, 0)}
+    assert {d["GROUP"] for d in sm90} == {1, 2, 4, 8, 16} and {d["BLOCK_SIZE"] for d in sm90} >= {8, 16, 64}
+    assert {(d.get("OVERLAP", 0), d.get("WS", 0)) for d in sm90} == {(0, 0), (1, 0), (0, 1), (1, 1)}
 
 
 # -- the knobs ----------------------------------------------------------------------------
@@ -127,6 +151,98 @@ def test_knobs_reach_the_launches():
     assert cascade_tiling(spec, 4, KernelConfig(prefill_mt=1))[0] == t  # the cascade runs the same tiling
     with pytest.raises(UnsupportedConfiguration, match="prefill_mt=2"):
         prefill_tiling(spec_of("float16", None, 256, 16, 8), 4, KernelConfig(prefill_mt=2))
+
+
+# -- the multi-token kernel's choice ------------------------------------------------------
+WG, AUTO, MMA = (KernelConfig(prefill_kernel=k) for k in ("wgmma", "auto", "mma"))
+
+
+def test_the_default_stays_on_mma_until_the_wgmma_kernel_is_measured():
+    spec = spec_of("bfloat16", None, 128, 16, 8)
+    assert DEFAULT.prefill_kernel == "mma"
+    assert prefill_kernel(spec, 4, DEFAULT, (9, 0)).file == "paged_prefill.cu"
+    assert prefill_kernel(spec, 4, AUTO, (9, 0)).file == "paged_prefill_sm90.cu"
+    assert prefill_kernel(spec, 4, MMA, (9, 0)) == prefill_kernel(spec, 4, DEFAULT, (8, 0))
+
+
+@pytest.mark.parametrize("dtype,kv_dtype,d,cc,why", [
+    ("bfloat16", None, 128, (8, 0), "compute capability 9.0"),
+    ("float16", None, 64, (8, 9), "compute capability 9.0"),
+    ("bfloat16", None, 128, (10, 0), "compute capability 9.0"),
+    ("bfloat16", "float8_e4m3", 128, (9, 0), "FP8"),
+    ("float16", "float8_e5m2", 64, (9, 0), "FP8"),
+    ("bfloat16", None, 96, (9, 0), "head_dim 96"),
+    ("float16", None, 256, (9, 0), "head_dim 256"),
+    ("float32", None, 128, (9, 0), "float32"),
+])
+def test_wgmma_where_it_does_not_apply(dtype, kv_dtype, d, cc, why):
+    """Asked for: a typed error naming the reason; "auto": the mma kernel, as "mma" chooses it."""
+    spec = spec_of(dtype, kv_dtype, d, 16, 8)
+    with pytest.raises(UnsupportedConfiguration, match=f"prefill_kernel='wgmma'.*{why}"):
+        prefill_kernel(spec, 4, WG, cc)
+    assert prefill_kernel(spec, 4, AUTO, cc) == prefill_kernel(spec, 4, MMA, cc)
+    assert prefill_kernel(spec, 4, AUTO, cc).arch is None
+
+
+def test_wgmma_knobs_reach_the_launch():
+    spec = spec_of("float16", None, 128, 16, 8)
+    base = prefill_kernel(spec, 4, WG, (9, 0))
+    assert (base.defines["WG"], base.defines["BN"], base.defines["STAGES"], base.threads) == (2, 64, 3, 256)
+    assert base.smem == (128 + 2 * 3 * 64) * 128 * 2 + 1024  # paged_prefill_sm90.cu's header formula
+    assert base.tiling.bm == 128 and base.arch == "sm_90a"
+    k = prefill_kernel(spec, 4, WG.replace(prefill_wgmma_warpgroups=1, prefill_wgmma_bn=128), (9, 0))
+    assert (k.defines["WG"], k.defines["BN"], k.defines["STAGES"], k.threads, k.tiling.bm) == (1, 128, 2, 128, 64)
+    assert k.smem == prefill_sm90_smem(128, 1, 128, 2) == (64 + 2 * 2 * 128) * 128 * 2 + 1024
+    k = prefill_kernel(spec_of("bfloat16", None, 64, 8, 8), 16, WG, (9, 0))
+    assert (k.defines["BN"], k.defines["STAGES"]) == (128, 2)  # head dim 64: longer K/V tiles
+    # the query tiles hold bm / group tokens, as for the mma kernel (the most K/V first)
+    tiles = prefill_tiles(np.array([300, 5], np.int32), np.array([300, 900], np.int32), base.tiling.bm // 4)
+    assert tiles.tolist() == [[1, 0], *([0, j] for j in range(288, -1, -32))]
+    k = prefill_kernel(spec, 4, WG.replace(prefill_wgmma_overlap=True, prefill_wgmma_bn=128), (9, 0))
+    assert (k.defines["OVERLAP"], k.defines["STAGES"]) == (1, 3)  # two tiles resident: 3 stages
+    assert "OVERLAP" not in base.defines
+    with pytest.raises(UnsupportedConfiguration, match="overlap needs 3 or more stages"):
+        prefill_kernel(spec, 4, WG.replace(prefill_wgmma_overlap=True, prefill_wgmma_stages=2), (9, 0))
+    k = prefill_kernel(spec, 4, WG.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True), (9, 0))
+    assert (k.defines["WS"], k.defines["OVERLAP"], k.threads, k.tiling.bm) == (1, 1, 384, 128)
+    assert k.smem == base.smem  # the mbarriers are static shared memory
+    with pytest.raises(UnsupportedConfiguration, match="two MMA warpgroups"):
+        prefill_kernel(spec, 4, WG.replace(prefill_wgmma_producer=True, prefill_wgmma_warpgroups=1), (9, 0))
+    with pytest.raises(UnsupportedConfiguration, match="registers"):
+        prefill_kernel(spec, 4, WG.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True,
+                                           prefill_wgmma_bn=128), (9, 0))
+    k = prefill_kernel(spec_of("bfloat16", None, 64, 16, 8), 4,
+                       WG.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True), (9, 0))
+    assert (k.defines["BN"], k.defines["STAGES"], k.threads) == (128, 3, 384)
+    # too much shared memory for a CTA: refused by name before any compile
+    with pytest.raises(UnsupportedConfiguration, match="shared memory"):
+        prefill_kernel(spec, 4, WG.replace(prefill_wgmma_bn=128, prefill_wgmma_stages=4), (9, 0))
+
+
+def test_auto_falls_back_to_mma_when_sm90a_cannot_be_built(caplog):
+    """An NVRTC without sm_90a: "auto" builds paged_prefill.cu (logged once); "wgmma" raises."""
+    from kvpager import kernel_build
+
+    spec = spec_of("bfloat16", None, 128, 16, 8)
+    built = []
+
+    def build(k):
+        if k.arch is not None:
+            raise UnsupportedConfiguration("NVRTC 11.8 cannot build for sm_90a")
+        built.append(k.file)
+        return "fn"
+
+    kernel_build._warned.discard("paged_prefill_sm90.cu")
+    with caplog.at_level("WARNING", logger="kvpager.kernels"):
+        for _ in range(3):
+            k, fn = prefill_function(spec, 4, AUTO, (9, 0), build)
+            assert (k.file, fn) == ("paged_prefill.cu", "fn")
+    assert built == ["paged_prefill.cu"] * 3
+    assert sum("sm_90a" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(UnsupportedConfiguration, match="sm_90a"):
+        prefill_function(spec, 4, WG, (9, 0), build)
+    k, fn = prefill_function(spec, 4, AUTO, (9, 0), lambda k: k.func)
+    assert (k.file, fn) == ("paged_prefill_sm90.cu", "paged_prefill_sm90")
 
 
 def test_shared_memory_a_config_asks_for_must_fit():
@@ -173,7 +289,11 @@ def test_copy_grid_is_one_cta_per_chunk():
     ("decode_stages", 2.0), ("decode_l2_prefetch", 64), ("decode_l2_prefetch", None),
     ("decode_heads_per_cta", 0), ("decode_heads_per_cta", 17), ("decode_warps_per_head", True),
     ("decode_short_context", -1), ("prefill_mt", 3), ("prefill_mt", 0), ("copy_unroll", 12),
-    ("copy_unroll", "16"),
+    ("copy_unroll", "16"), ("prefill_kernel", "wmma"), ("prefill_kernel", None), ("prefill_kernel", 1),
+    ("prefill_wgmma_warpgroups", 3), ("prefill_wgmma_warpgroups", 0), ("prefill_wgmma_bn", 32),
+    ("prefill_wgmma_bn", 96), ("prefill_wgmma_stages", 1), ("prefill_wgmma_stages", 5),
+    ("prefill_wgmma_stages", 2.0), ("prefill_wgmma_overlap", 1), ("prefill_wgmma_overlap", None),
+    ("prefill_wgmma_producer", "yes"), ("prefill_wgmma_producer", 0),
 ])
 def test_bad_knobs_are_refused_by_name(knob, value):
     with pytest.raises(InvalidArgument, match=f"KernelConfig.{knob}"):

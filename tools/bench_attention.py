@@ -7,6 +7,8 @@ tables shuffled. Each case first checks the kernel's output against SDPA's
 (relative error), then times both with CUDA events on one stream (median of
 many calls, queued behind a GPU sleep so launch overhead stays out).
 --sweep adds variants (kvpager.KernelConfig knobs, split counts) timed on the same data.
+On compute capability 9.0 the multi-token case also runs the wgmma kernel
+(paged_prefill_sm90.cu) beside the production one (--sweep: its tilings too).
 Decode moves the K/V once: bytes = sum(seq_len) * kv_heads * head_dim * 2 (K, V) * 2 bytes;
 multi-token counts 4 * head_dim * q_heads FLOPs per (query, visible key) pair.
 Each decode case also runs on an FP8 copy of the pool (--fp8, default e4m3: the bf16 K/V
@@ -168,13 +170,19 @@ def bench_prefill(batch: int = 8, new: int = 1024, cached: int = 4096,
     flops = 4 * D * HQ * pairs
     rows = []
     for label, config in variants or [("", KernelConfig())]:
-        plan = make_plan(be, tables, np.full(batch, ctx, np.int32), np.full(batch, new, np.int32),
-                         num_q_heads=HQ, config=config)
-        out = cupy.empty_like(q_cp)
-        out[...] = cupy.nan if out.dtype != cupy.uint16 else 0x7FC0
-        plan.attend(0, q_cp, scale, out)
-        err = rel_err(tview(out), ref.transpose(1, 2).reshape(batch * new, HQ, D))
-        assert err < 1e-2, f"prefill {label}: relative error {err}"
+        try:
+            plan = make_plan(be, tables, np.full(batch, ctx, np.int32), np.full(batch, new, np.int32),
+                             num_q_heads=HQ, config=config)
+            out = cupy.empty_like(q_cp)
+            out[...] = cupy.nan if out.dtype != cupy.uint16 else 0x7FC0
+            plan.attend(0, q_cp, scale, out)
+            err = rel_err(tview(out), ref.transpose(1, 2).reshape(batch * new, HQ, D))
+            assert err < 1e-2, f"prefill {label}: relative error {err}"
+        except Exception as e:  # a broken variant is reported, the others still run
+            if not label:
+                raise
+            print(f"prefill {batch}x{new} on {cached} ({label}): FAILED: {e}", flush=True)
+            continue
         ours = median_ms(lambda plan=plan, out=out: plan.attend(0, q_cp, scale, out), iters=20)
         case = f"prefill {batch}x{new} on {cached}" + (f" ({label})" if label else "")
         rows.append(dict(case=case, rel_err=err, ms=ours, tflops=flops / ours / 1e9,
@@ -221,6 +229,35 @@ def bench_fp8(batch: int, ctx: int, kv_dtype: str, peak: float | None) -> dict:
                 speedup=bf16_ms / fp8_ms, memory_ratio=spec8.bytes_per_block / spec.bytes_per_block)
 
 
+def prefill_variants(sweep: bool) -> list[tuple[str, KernelConfig]]:
+    """The multi-token case's variants: the production config, on compute capability 9.0
+    the wgmma kernel (paged_prefill_sm90.cu) beside it; --sweep adds one m-tile per warp
+    and the wgmma kernel's tilings (warpgroups, K/V tile, stages)."""
+    c = KernelConfig()
+    variants = [("", c)]
+    wg = c.replace(prefill_kernel="wgmma")
+    if torch.cuda.get_device_capability() == (9, 0):
+        variants += [("wgmma", wg), ("wgmma, overlap", wg.replace(prefill_wgmma_overlap=True)),
+                     ("wgmma, producer warpgroup", wg.replace(prefill_wgmma_producer=True)),
+                     ("wgmma, producer warpgroup, overlap",
+                      wg.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True))]
+    if sweep:
+        variants.append(("1 m-tile per warp", c.replace(prefill_kernel="mma", prefill_mt=1)))
+        if torch.cuda.get_device_capability() == (9, 0):
+            for wgs, bn, st, ov in ((2, 64, 2, False), (2, 128, 2, False), (1, 64, 3, False), (1, 64, 4, False),
+                                    (1, 128, 2, False), (1, 128, 3, False), (2, 64, 3, True), (2, 64, 4, True),
+                                    (2, 128, 3, True), (1, 64, 3, True), (1, 128, 3, True)):
+                variants.append((f"wgmma {64 * wgs} rows, {bn}-position tiles, {st} stages" + (", overlap" if ov else ""),
+                                 wg.replace(prefill_wgmma_warpgroups=wgs, prefill_wgmma_bn=bn,
+                                            prefill_wgmma_stages=st, prefill_wgmma_overlap=ov)))
+            for bn, st, ov in ((64, 4, True), (128, 2, False), (128, 3, False), (64, 2, False)):
+                variants.append((f"wgmma producer warpgroup, {bn}-position tiles, {st} stages"
+                                 + (", overlap" if ov else ""),
+                                 wg.replace(prefill_wgmma_producer=True, prefill_wgmma_bn=bn,
+                                            prefill_wgmma_stages=st, prefill_wgmma_overlap=ov)))
+    return variants
+
+
 def layout_variants(batch: int, ctx: int) -> list[tuple[str, KernelConfig, int | None]]:
     """The --layouts sweep: the planner's choice, then one kv head per CTA (4 warps) and 4 kv
     heads per CTA (one warp each) forced."""
@@ -250,7 +287,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--sweep", action="store_true",
                     help="also time other L2 prefetch hints, stage and split counts, "
-                         "and one m-tile per warp in the multi-token kernel")
+                         "one m-tile per warp in the multi-token kernel and the wgmma kernel's tilings")
     ap.add_argument("--cases", default="",
                     help="decode cases to run, e.g. 64x4096,1x131072 (default: all); "
                          "'none' runs only the multi-token case")
@@ -282,7 +319,7 @@ def main() -> None:
                 rows.append(bench_fp8(batch, ctx, args.fp8, peak))
             torch.cuda.empty_cache()
             cupy.get_default_memory_pool().free_all_blocks()
-        pf = [("", KernelConfig())] + ([("1 m-tile per warp", KernelConfig(prefill_mt=1))] if args.sweep else [])
+        pf = prefill_variants(args.sweep)
         if not args.no_prefill:
             rows += bench_prefill(variants=pf)
     date = datetime.date.today().isoformat()

@@ -1,25 +1,33 @@
 """Multi-token attention (prefill, chunked prefill): the planner and the launch.
 
-`prefill_tiling` picks paged_prefill.cu's tiling (query rows per warp, the
-K/V tile, pipeline stages, shared memory) from the head dim and a
+`prefill_kernel` chooses the kernel: paged_prefill.cu (mma.sync, every GPU)
+or, on compute capability 9.0 for 16-bit pools of head dim 64 / 128,
+paged_prefill_sm90.cu (wgmma, built for sm_90a) as `KernelConfig.prefill_kernel`
+says. `prefill_tiling` picks paged_prefill.cu's tiling (query rows per warp,
+the K/V tile, pipeline stages, shared memory) from the head dim and a
 `KernelConfig`; cascade_prefix.cu runs on the same tiling
 (`kvpager.backends.cupy_launches.cascade_tiling`). `prefill_tiles` lists a
-step's query tiles, longest K/V first. Both are pure arithmetic (tested on
-the CPU); `prefill_launch` uploads the tiles and packs the launch.
+step's query tiles, longest K/V first. All are pure arithmetic (tested on
+the CPU); `prefill_launch` uploads the tiles and packs the launch (falling
+back to paged_prefill.cu, logged once, where "auto" meets an NVRTC without sm_90a).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from kvpager import kernels
+from kvpager import kernel_build, kernels
 from kvpager.errors import UnsupportedConfiguration
 from kvpager.kernel_config import KernelConfig
-from kvpager.kernel_smem import prefill_smem
+from kvpager.kernel_smem import check_fits, prefill_sm90_smem, prefill_smem
 from kvpager.launch import Launch, current_stream, i32, ptr
+
+#: head dims paged_prefill_sm90.cu is built for (others: paged_prefill.cu)
+WGMMA_HEAD_DIMS = (64, 128)
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,93 @@ def prefill_tiling(spec: Any, group: int, config: KernelConfig) -> tuple[Tiling,
     return t, defs, prefill_smem(spec.head_dim, t.mt, t.bn, t.stages, spec.is_fp8)
 
 
+@dataclass(frozen=True)
+class PrefillKernel:
+    """The multi-token kernel of a step: source, function, target, tiling, defines,
+    dynamic shared memory and threads per CTA."""
+
+    file: str
+    func: str
+    arch: str | None  # "sm_90a" (wgmma) or None: the device's own target
+    tiling: Tiling
+    defines: dict[str, int]
+    smem: int
+    threads: int
+
+
+def wgmma_unsupported(spec: Any, cc: tuple[int, int]) -> str | None:
+    """Why paged_prefill_sm90.cu cannot run the pool ``spec`` on a device of compute
+    capability ``cc``; None when it can."""
+    if cc != (9, 0):
+        return f"wgmma kernels are built for compute capability 9.0 (sm_90a), not {cc[0]}.{cc[1]}"
+    if spec.is_fp8:
+        return f"FP8 pools ({spec.kv_dtype}) use paged_prefill.cu"
+    if spec.dtype not in ("float16", "bfloat16"):
+        return f"{spec.dtype} pools use the CUDA-core kernels"
+    if spec.head_dim not in WGMMA_HEAD_DIMS:
+        return f"head_dim {spec.head_dim} is not one of {WGMMA_HEAD_DIMS}"
+    return None
+
+
+def wgmma_tiling(head_dim: int, config: KernelConfig) -> Tiling:
+    """paged_prefill_sm90.cu's tiling: 2 warpgroups (128 rows; each warp its 16 rows, mt 1),
+    128-position K/V tiles at head dim 64 and 64 above, 2 stages of 128-position tiles
+    and 3 of 64 (3 with overlap, which keeps two tiles resident); each knob overrides.
+    The producer warpgroup (WS) needs 2 MMA warpgroups, and with overlap at head dim
+    128 64-position tiles (the MMA warpgroups' 224 registers)."""
+    wg = config.prefill_wgmma_warpgroups or 2
+    bn = config.prefill_wgmma_bn or (128 if head_dim == 64 else 64)
+    stages = config.prefill_wgmma_stages or (2 if bn == 128 and not config.prefill_wgmma_overlap else 3)
+    if config.prefill_wgmma_overlap and stages < 3:
+        raise UnsupportedConfiguration(f"prefill_wgmma_overlap needs 3 or more stages, not {stages}")
+    if config.prefill_wgmma_producer and wg != 2:
+        raise UnsupportedConfiguration("prefill_wgmma_producer runs two MMA warpgroups, not 1")
+    if config.prefill_wgmma_producer and config.prefill_wgmma_overlap and head_dim * bn > 128 * 64:
+        raise UnsupportedConfiguration(f"prefill_wgmma_producer with overlap takes 64-position tiles at head dim "
+                                       f"128 (registers: 224 a thread), not {bn}")
+    return Tiling(1, 64 * wg, bn, stages)
+
+
+def prefill_kernel(spec: Any, group: int, config: KernelConfig, cc: tuple[int, int]) -> PrefillKernel:
+    """The multi-token kernel for the pool ``spec`` and GQA ``group`` on a device of
+    compute capability ``cc``: wgmma where ``config.prefill_kernel`` is "wgmma" (else
+    UnsupportedConfiguration, and where its shared memory exceeds an H200's CTA) or
+    "auto" and it applies; paged_prefill.cu otherwise."""
+    choice = config.prefill_kernel
+    why = wgmma_unsupported(spec, cc) if choice != "mma" else "not asked for"
+    if choice == "wgmma" and why:
+        raise UnsupportedConfiguration(f"prefill_kernel='wgmma': {why}")
+    if why:
+        t, defs, smem = prefill_tiling(spec, group, config)
+        return PrefillKernel("paged_prefill.cu", "paged_prefill", None, t, defs, smem, 128)
+    t = wgmma_tiling(spec.head_dim, config)
+    smem = prefill_sm90_smem(spec.head_dim, t.bm // 64, t.bn, t.stages)
+    check_fits(smem, {}, f"paged_prefill_sm90.cu ({t.bm} rows, {t.bn}-position tiles, {t.stages} stages)")
+    defs = {**kernels.storage_defines(spec), "HEAD_DIM": spec.head_dim, "BLOCK_SIZE": spec.block_size,
+            "GROUP": group, "WG": t.bm // 64, "BN": t.bn, "STAGES": t.stages}
+    if config.prefill_wgmma_overlap:
+        defs["OVERLAP"] = 1
+    if config.prefill_wgmma_producer:
+        defs["WS"] = 1
+    threads = 2 * t.bm + (128 if config.prefill_wgmma_producer else 0)
+    return PrefillKernel("paged_prefill_sm90.cu", "paged_prefill_sm90", "sm_90a", t, defs, smem, threads)
+
+
+def prefill_function(spec: Any, group: int, config: KernelConfig, cc: tuple[int, int],
+                     build: Callable[[PrefillKernel], Any]) -> tuple[PrefillKernel, Any]:
+    """(the kernel, ``build(kernel)``): `prefill_kernel`'s choice, or paged_prefill.cu where
+    "auto" chose wgmma and building it failed (an NVRTC without sm_90a: logged once)."""
+    k = prefill_kernel(spec, group, config, cc)
+    try:
+        return k, build(k)
+    except UnsupportedConfiguration as exc:
+        if k.arch is None or config.prefill_kernel == "wgmma":
+            raise
+        kernel_build.warn_once(k.file, exc)
+        k = prefill_kernel(spec, group, config.replace(prefill_kernel="mma"), cc)
+        return k, build(k)
+
+
 def prefill_tiles(query_lens: np.ndarray, seq_lens: np.ndarray, rows: int, own: Any = None) -> np.ndarray:
     """int32 [tiles, 2]: (sequence, first query) of every tile of ``rows`` queries, the
     tiles that see the most K/V first (so the long ones do not trail the launch);
@@ -75,18 +170,23 @@ def prefill_launch(plan: Any, group: int, cells: dict[str, Any], config: KernelC
     from cupy.cuda import runtime
 
     spec, dev = plan.spec, plan.device
-    t, defs, smem = prefill_tiling(spec, group, config)
-    tiles = prefill_tiles(plan.query_lens, plan.seq_lens, t.bm // group, own)
+
+    def build(k: PrefillKernel) -> Any:
+        check_fits(k.smem, kernels.device_attributes(dev), k.file)
+        return kernels.get_kernel(k.file, k.func, k.defines, dev, k.arch)
+
+    k, fn = prefill_function(spec, group, config, kernels.compute_capability(dev), build)
+    smem = k.smem
+    if fn.max_dynamic_shared_size_bytes < smem:
+        fn.max_dynamic_shared_size_bytes = smem
+    tiles = prefill_tiles(plan.query_lens, plan.seq_lens, k.tiling.bm // group, own)
     tiles_dev = cupy.empty(tiles.shape, dtype=cupy.int32)
     runtime.memcpyAsync(tiles_dev.data.ptr, tiles.ctypes.data, tiles.nbytes, runtime.memcpyHostToDevice,
                         current_stream(dev))
-    fn = kernels.get_kernel("paged_prefill.cu", "paged_prefill", defs, dev)
-    if fn.max_dynamic_shared_size_bytes < smem:
-        fn.max_dynamic_shared_size_bytes = smem
     c, p = cells, plan.ptrs
     args = [c["q"], c["pool"], c["tables"], ptr(p["seq_lens"]), ptr(p["query_lens"]), ptr(p["q_start"]),
             ptr(tiles_dev.data.ptr), c["out"], *c["common"], i32(plan.width),
             ptr(0) if own_start is None else own_start, ptr(0) if part_o is None else part_o,
             ptr(0) if part_lse is None else part_lse, i32(parts), c["scales"], c["window"], c["softcap"], c["scale"]]
     # the host copy stays alive until the upload has run
-    return Launch(fn, (len(tiles), spec.num_kv_heads), 128, smem, args, dev), [tiles_dev, tiles]
+    return Launch(fn, (len(tiles), spec.num_kv_heads), k.threads, smem, args, dev), [tiles_dev, tiles]
