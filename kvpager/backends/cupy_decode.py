@@ -119,9 +119,10 @@ def plan_splits(base_ctas: int, max_len: int, num_sms: int, resident: int = 0, f
     times over (FP8 256 x 1,024 on an H200: 0.147 ms unsplit, 0.176 in two).
     Without it (the CUDA-core kernel): about eight CTAs per SM. ``fill`` False (FP8
     pools, bound by the bytes each warp keeps in flight rather than by the last wave):
-    the fewest splits whose CTAs take 90% of the resident slots, never a second, part
-    wave (H200: 64 x 4,096 0.145 ms unsplit, 0.164 in the two that fill the last wave
-    best; 16 x 16,384 with 264 slots 0.165 ms in three splits, 1.45 waves)."""
+    the most splits whose CTAs all fit in one wave of resident CTAs (H200, 264 slots:
+    64 x 4,096 0.145 ms unsplit against 0.164 in the two that fill the last wave
+    best; 16 x 16,384 0.144 ms in two against 0.165 in three, 1.45 waves; 1 x
+    131,072 0.080 ms in 33 against 0.083 in 30)."""
     hi = int(max(1, min(max_len // 512, 1024)))
     base = max(base_ctas, 1)
     if resident <= 0:
@@ -130,7 +131,7 @@ def plan_splits(base_ctas: int, max_len: int, num_sms: int, resident: int = 0, f
     if base >= 4 * slots:  # the last wave's tail is under a quarter of the launch: splits cost more
         return 1
     if not fill:
-        return int(min(max(1, -(-(9 * slots) // (10 * base))), hi))
+        return int(min(max(1, slots // base), hi))
     lo = min(max(1, -(-slots // base)), hi)
     best, best_fill = lo, 0.0
     for s in range(lo, min(2 * lo, hi) + 1):
