@@ -84,8 +84,6 @@ static_assert(!OVERLAP || STAGES >= 3, "OVERLAP keeps two tiles resident: STAGES
 static_assert(!WS || WG == 2, "WS: two consumer warpgroups and a producer warpgroup");
 static_assert(BM % GROUP == 0, "a tile holds whole query tokens");
 
-template <int N> struct Threads { static constexpr int n = N; };
-
 extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(
     const kv_t* __restrict__ q,             // [total_query_tokens, num_q_heads, HEAD_DIM]
     const st_t* __restrict__ pool,          // [num_blocks, num_layers, 2, num_kv_heads, BLOCK_SIZE, HEAD_DIM]
@@ -144,9 +142,9 @@ extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(
         const kv_t* src = ok ? q + ((qrow0 + tok) * num_q_heads + h * GROUP + r % GROUP) * D + ch * 8 : q;
         cp_async16(Qs + sw128_offset(BM, r, ch), src, ok);
     }
-    // K/V tile t -> stage, copied by ``Threads<n>`` threads of which this is number ``me``.
-    auto load_kv = [&](int t, int stage, int me, auto threads) {
-        constexpr int n = decltype(threads)::n;
+    // K/V tile t -> stage, copied by ``n`` threads of which this is number ``me`` (``n`` is a
+    // constant at every call: the lambda is inlined; not a generic lambda, which NVRTC 13.0 refuses).
+    auto load_kv = [&](int t, int stage, int me, int n) {
         unsigned char* ks = Ks + stage * KV_TILE;
         unsigned char* vs = Vs + stage * KV_TILE;
 #pragma unroll 4
@@ -164,7 +162,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(
 #if !WS
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (t_begin + s < num_tiles) load_kv(t_begin + s, s, tid, Threads<NT>());
+        if (t_begin + s < num_tiles) load_kv(t_begin + s, s, tid, NT);
         cp_commit();  // the first group also holds the Q tile
     }
 #else
@@ -184,7 +182,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(
         for (int t = t_begin; t < num_tiles; ++t, ++i) {
             const int stage = i % STAGES;
             if (i >= STAGES) mbar_wait(smem_addr(&empty_bar[stage]), ((i / STAGES) - 1) & 1);
-            load_kv(t, stage, tid - NC, Threads<NT - NC>());
+            load_kv(t, stage, tid - NC, NT - NC);
             cp_commit();
             if (i > 0) {
                 cp_wait<1>();
@@ -373,7 +371,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(
         cp_wait<STAGES - 3>();  // tile t + 1 landed
         fence_proxy_async();
         __syncthreads();        // ... for every thread; and tile t - 1's stage is read by no one
-        if (t + STAGES - 1 < num_tiles) load_kv(t + STAGES - 1, st == 0 ? STAGES - 1 : st - 1, tid, Threads<NT>());
+        if (t + STAGES - 1 < num_tiles) load_kv(t + STAGES - 1, st == 0 ? STAGES - 1 : st - 1, tid, NT);
         cp_commit();
         const bool more = t + 1 < num_tiles;
         if (more) issue_s(sn, k_addr + nst * KV_TILE);
@@ -389,7 +387,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(
     }
 #else
     for (int t = t_begin; t < num_tiles; ++t) {
-        if (t + STAGES - 1 < num_tiles) load_kv(t + STAGES - 1, st == 0 ? STAGES - 1 : st - 1, tid, Threads<NT>());
+        if (t + STAGES - 1 < num_tiles) load_kv(t + STAGES - 1, st == 0 ? STAGES - 1 : st - 1, tid, NT);
         cp_commit();
         cp_wait<STAGES - 1>();
         fence_proxy_async();  // this thread's landed copies -> visible to wgmma
