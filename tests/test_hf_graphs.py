@@ -63,3 +63,29 @@ def test_graphs_need_a_gpu_model_and_pool():
     p = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
     with pytest.raises(ValueError, match="cuda_graphs"):
         generate(model, p, [prompt(5, seed=1)], max_new_tokens=2, cuda_graphs=True)
+
+
+def test_eager_decode_steps_refill_one_plan_while_the_batch_keeps_its_sequences():
+    model = make_model(hidden=256).cuda()
+    system = prompt(40, seed=500)  # a shared prefix: the plans cascade over it
+    prompts = [system + prompt(n, seed=510 + n) for n in (3, 9, 20, 6)]
+    eager = [reference(model, p, 12) for p in prompts]
+    eos = eager[1][4]  # one sequence ends early: the batch shrinks once
+
+    def run(reuse: bool):
+        pool = KVPool(spec_for_model(model, num_blocks=256, block_size=8), device="cuda:0")
+        plans = []
+        with PagedGeneration(model, pool, prompts, max_new_tokens=12, eos_token_id=eos, cascade=True) as gen:
+            gen._reuse_plans = reuse
+            while not gen.done:
+                gen.step()
+                plans.append(gen._last_plan[0] if reuse else None)
+            out = gen.outputs
+        pool.check_integrity()
+        return out, plans
+
+    got, plans = run(True)
+    want = [e[: e.index(eos) + 1] if eos in e else e for e in eager]
+    assert got == want == run(False)[0]
+    # one plan for the full batch's steps, a second once the batch shrank
+    assert len({id(p) for p in plans}) == 2

@@ -266,14 +266,18 @@ class PagedGeneration:
         pool_device = str(getattr(self.pool, "device", "cpu"))
         self._pool_device = torch.device(pool_device)
         self._graphs = None
+        # Decode steps on a GPU pool refill the last step's plan in place while the batch
+        # keeps its sequences (`_plan`); the CPU backend's plans are made anew each step.
+        self._reuse_plans = pool_device.startswith("cuda") and hasattr(self.pool, "tables")
+        self._last_plan: tuple[Any, list[int]] | None = None
+        longest = max(map(len, self.prompts)) + self.max_new_tokens
+        self._width = -(-longest // self.pool.spec.block_size)  # blocks a sequence can reach
         if self.cuda_graphs:
             if not pool_device.startswith("cuda") or self._device.type != "cuda":
                 raise ValueError("cuda_graphs needs the model and the pool on a CUDA device")
             from kvpager.hf.graphs import DecodeGraphs
 
-            longest = max(map(len, self.prompts)) + self.max_new_tokens
-            self._graphs = DecodeGraphs(self.model, self.pool, self._batch, -(-longest // self.pool.spec.block_size),
-                                        cascade=self.cascade)
+            self._graphs = DecodeGraphs(self.model, self.pool, self._batch, self._width, cascade=self.cascade)
         # One forward pass writes every layer's K/V for the whole batch before it
         # attends, so prompts of the batch may share the blocks an earlier one fills.
         allocs = self.pool.allocate(self.prompts, self.salt, share_in_batch=True)
@@ -331,12 +335,32 @@ class PagedGeneration:
         if self._graphs is not None and max(lens) == 1:
             next_tokens = self._graphs.step(ids, input_ids, position_ids, slots)
         else:
-            plan = self.pool.plan(ids, lens, slots, num_q_heads=self.model.config.num_attention_heads,
-                                  cascade=self.cascade)
+            plan = self._plan(ids, lens, slots)
             ends = torch.as_tensor(np.cumsum(lens) - 1, device=self._device)
             with torch.inference_mode(), paged_attention(self.model):
                 next_tokens = paged_forward(self.model, self._batch(plan), input_ids, position_ids, ends).tolist()
         self._record(rows, ids, next_tokens)
+
+    def _plan(self, ids: list[int], lens: list[int], slots: np.ndarray) -> Any:
+        """The step plan of an eager pass. A decode step of the same sequences as the
+        last one refills that step's plan in place (`StepPlan.update`: no new device
+        buffers, kernel launches or cascade planning), as a captured step does; any
+        other step gets a new plan, with capacity for the generation's longest
+        sequence when it is a decode step that later ones can reuse."""
+        heads = self.model.config.num_attention_heads
+        decode = max(lens) == 1
+        if not (self._reuse_plans and decode):
+            return self.pool.plan(ids, lens, slots, num_q_heads=heads, cascade=self.cascade)
+        last = self._last_plan
+        if last is not None and last[1] == ids:
+            tables, seq_lens = self.pool.tables(ids)
+            if tables.shape[1] <= last[0].width:
+                last[0].update(tables, seq_lens, None, slots)
+                return last[0]
+        plan = self.pool.plan(ids, None, slots, num_rows=len(ids), width=self._width, num_q_heads=heads,
+                              cascade=self.cascade)
+        self._last_plan = (plan, list(ids))
+        return plan
 
     def _batch(self, plan: Any) -> PagedBatch:
         return PagedBatch(plan, self._pool_dtype, self._pool_device, self._windows)
