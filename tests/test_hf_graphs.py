@@ -87,5 +87,6 @@ def test_eager_decode_steps_refill_one_plan_while_the_batch_keeps_its_sequences(
     got, plans = run(True)
     want = [e[: e.index(eos) + 1] if eos in e else e for e in eager]
     assert got == want == run(False)[0]
-    # one plan for the full batch's steps, a second once the batch shrank
-    assert len({id(p) for p in plans}) == 2
+    # a plan per batch: refilled while the batch keeps its sequences, a new one when it shrinks
+    finished_at = {len(o) for o in got if len(o) < 12}
+    assert len({id(p) for p in plans}) == 1 + len(finished_at) < len(plans)
