@@ -28,7 +28,7 @@ pytestmark = pytest.mark.gpu
 if kernels.compute_capability(0) != (9, 0):
     pytest.skip("the wgmma kernel runs on compute capability 9.0 only", allow_module_level=True)
 
-WGMMA = KernelConfig(prefill_kernel="wgmma")
+WGMMA = KernelConfig(prefill_kernel="wgmma", prefill_wgmma_producer=False)  # the variants below add it
 MMA = KernelConfig(prefill_kernel="mma")
 
 CASES = [  # (dtype, head dim, block size, GQA group, knobs beyond prefill_kernel="wgmma")

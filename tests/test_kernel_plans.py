@@ -154,15 +154,21 @@ def test_knobs_reach_the_launches():
 
 
 # -- the multi-token kernel's choice ------------------------------------------------------
-WG, AUTO, MMA = (KernelConfig(prefill_kernel=k) for k in ("wgmma", "auto", "mma"))
+WG = KernelConfig(prefill_kernel="wgmma", prefill_wgmma_producer=False)  # the knobs' base: no producer
+AUTO, MMA = (KernelConfig(prefill_kernel=k) for k in ("auto", "mma"))
 
 
-def test_the_default_stays_on_mma_until_the_wgmma_kernel_is_measured():
+def test_the_default_is_wgmma_with_a_producer_on_hopper_and_mma_elsewhere():
     spec = spec_of("bfloat16", None, 128, 16, 8)
-    assert DEFAULT.prefill_kernel == "mma"
-    assert prefill_kernel(spec, 4, DEFAULT, (9, 0)).file == "paged_prefill.cu"
-    assert prefill_kernel(spec, 4, AUTO, (9, 0)).file == "paged_prefill_sm90.cu"
+    assert DEFAULT.prefill_kernel == "auto"
+    k = prefill_kernel(spec, 4, DEFAULT, (9, 0))
+    assert (k.file, k.defines.get("WS"), k.threads) == ("paged_prefill_sm90.cu", 1, 384)
+    assert prefill_kernel(spec, 4, AUTO, (9, 0)) == k
     assert prefill_kernel(spec, 4, MMA, (9, 0)) == prefill_kernel(spec, 4, DEFAULT, (8, 0))
+    assert prefill_kernel(spec, 4, DEFAULT, (8, 0)).file == "paged_prefill.cu"
+    # one MMA warpgroup or overlap: no producer unless asked for
+    assert "WS" not in prefill_kernel(spec, 4, DEFAULT.replace(prefill_wgmma_warpgroups=1), (9, 0)).defines
+    assert "WS" not in prefill_kernel(spec, 4, DEFAULT.replace(prefill_wgmma_overlap=True), (9, 0)).defines
 
 
 @pytest.mark.parametrize("dtype,kv_dtype,d,cc,why", [

@@ -230,14 +230,16 @@ def bench_fp8(batch: int, ctx: int, kv_dtype: str, peak: float | None) -> dict:
 
 
 def prefill_variants(sweep: bool) -> list[tuple[str, KernelConfig]]:
-    """The multi-token case's variants: the production config, on compute capability 9.0
-    the wgmma kernel (paged_prefill_sm90.cu) beside it; --sweep adds one m-tile per warp
-    and the wgmma kernel's tilings (warpgroups, K/V tile, stages)."""
+    """The multi-token case's variants: the production config (on compute capability 9.0
+    the wgmma kernel, paged_prefill_sm90.cu, with its producer warpgroup), and there the
+    mma kernel and the wgmma kernel's other variants beside it; --sweep adds one m-tile
+    per warp and the wgmma kernel's tilings (warpgroups, K/V tile, stages)."""
     c = KernelConfig()
     variants = [("", c)]
-    wg = c.replace(prefill_kernel="wgmma")
+    wg = c.replace(prefill_kernel="wgmma", prefill_wgmma_producer=False)
     if torch.cuda.get_device_capability() == (9, 0):
-        variants += [("wgmma", wg), ("wgmma, overlap", wg.replace(prefill_wgmma_overlap=True)),
+        variants += [("mma", c.replace(prefill_kernel="mma")),
+                     ("wgmma", wg), ("wgmma, overlap", wg.replace(prefill_wgmma_overlap=True)),
                      ("wgmma, producer warpgroup", wg.replace(prefill_wgmma_producer=True)),
                      ("wgmma, producer warpgroup, overlap",
                       wg.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True))]

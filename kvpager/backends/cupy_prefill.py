@@ -86,20 +86,29 @@ def wgmma_unsupported(spec: Any, cc: tuple[int, int]) -> str | None:
     return None
 
 
+def producer(config: KernelConfig) -> bool:
+    """Whether paged_prefill_sm90.cu runs with its producer warpgroup (WS):
+    ``config.prefill_wgmma_producer``, or by default with 2 MMA warpgroups and no overlap."""
+    if config.prefill_wgmma_producer is not None:
+        return config.prefill_wgmma_producer
+    return (config.prefill_wgmma_warpgroups or 2) == 2 and not config.prefill_wgmma_overlap
+
+
 def wgmma_tiling(head_dim: int, config: KernelConfig) -> Tiling:
     """paged_prefill_sm90.cu's tiling: 2 warpgroups (128 rows; each warp its 16 rows, mt 1),
     128-position K/V tiles at head dim 64 and 64 above, 2 stages of 128-position tiles
     and 3 of 64 (3 with overlap, which keeps two tiles resident); each knob overrides.
-    The producer warpgroup (WS) needs 2 MMA warpgroups, and with overlap at head dim
-    128 64-position tiles (the MMA warpgroups' 224 registers)."""
+    The producer warpgroup (WS; by default with 2 MMA warpgroups and no overlap: `producer`)
+    needs 2 MMA warpgroups, and with overlap at head dim 128 64-position tiles (the MMA
+    warpgroups' 224 registers)."""
     wg = config.prefill_wgmma_warpgroups or 2
     bn = config.prefill_wgmma_bn or (128 if head_dim == 64 else 64)
     stages = config.prefill_wgmma_stages or (2 if bn == 128 and not config.prefill_wgmma_overlap else 3)
     if config.prefill_wgmma_overlap and stages < 3:
         raise UnsupportedConfiguration(f"prefill_wgmma_overlap needs 3 or more stages, not {stages}")
-    if config.prefill_wgmma_producer and wg != 2:
+    if producer(config) and wg != 2:
         raise UnsupportedConfiguration("prefill_wgmma_producer runs two MMA warpgroups, not 1")
-    if config.prefill_wgmma_producer and config.prefill_wgmma_overlap and head_dim * bn > 128 * 64:
+    if producer(config) and config.prefill_wgmma_overlap and head_dim * bn > 128 * 64:
         raise UnsupportedConfiguration(f"prefill_wgmma_producer with overlap takes 64-position tiles at head dim "
                                        f"128 (registers: 224 a thread), not {bn}")
     return Tiling(1, 64 * wg, bn, stages)
@@ -124,9 +133,10 @@ def prefill_kernel(spec: Any, group: int, config: KernelConfig, cc: tuple[int, i
             "GROUP": group, "WG": t.bm // 64, "BN": t.bn, "STAGES": t.stages}
     if config.prefill_wgmma_overlap:
         defs["OVERLAP"] = 1
-    if config.prefill_wgmma_producer:
+    ws = producer(config)
+    if ws:
         defs["WS"] = 1
-    threads = 2 * t.bm + (128 if config.prefill_wgmma_producer else 0)
+    threads = 2 * t.bm + (128 if ws else 0)
     return PrefillKernel("paged_prefill_sm90.cu", "paged_prefill_sm90", "sm_90a", t, defs, smem, threads)
 
 
