@@ -140,10 +140,12 @@ def _loss(model, ids: torch.Tensor, autocast: bool) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(out.float().reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
 
 
-def evaluate(model, stream: torch.Tensor, seq_len: int, batch: int, autocast: bool, windows: int) -> float:
-    """Held-out bits per byte over up to ``windows`` non-overlapping windows of the stream."""
-    n = min(windows, (len(stream) - 1) // seq_len)
-    starts = torch.arange(n, device=stream.device) * seq_len
+def evaluate(model, stream: torch.Tensor, seq_len: int, batch: int, autocast: bool, windows: int = 0) -> float:
+    """Held-out bits per byte: the mean loss over the stream's non-overlapping windows (every
+    one, or ``windows`` of them spread evenly over the stream)."""
+    total_windows = (len(stream) - 1) // seq_len
+    n = min(windows, total_windows) if windows > 0 else total_windows
+    starts = torch.arange(n, device=stream.device) * (total_windows // n) * seq_len
     model.eval()
     total = torch.zeros((), device=stream.device)
     with torch.inference_mode():
@@ -223,14 +225,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--train-bytes", type=int, default=8 << 20)
     ap.add_argument("--heldout-bytes", type=int, default=256 << 10)
-    ap.add_argument("--eval-windows", type=int, default=256, help="held-out windows of --seq-len bytes")
+    ap.add_argument("--eval-windows", type=int, default=0,
+                    help="held-out windows of --seq-len bytes to evaluate, spread over the set (0: all)")
     ap.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     args = ap.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     positive = ("steps", "hidden", "layers", "heads", "kv_heads", "head_dim", "seq_len", "batch", "warmup",
-                "log_every", "eval_windows", "train_bytes", "heldout_bytes")
+                "log_every", "train_bytes", "heldout_bytes")
     for key in positive:
         if getattr(args, key) <= 0:
             ap.error(f"--{key.replace('_', '-')} must be positive")
@@ -238,8 +241,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--heads must be a multiple of --kv-heads")
     if args.dtype == "bfloat16" and not args.device.startswith("cuda"):
         ap.error("--dtype bfloat16 (autocast) is for CUDA; train on the CPU in float32")
-    if args.lr <= 0:
-        ap.error("--lr must be positive")
+    if args.lr <= 0 or args.eval_windows < 0:
+        ap.error("--lr must be positive and --eval-windows at least 0")
     return args
 
 
