@@ -44,14 +44,18 @@ ARGS = ["--steps", "120", "--hidden", "64", "--layers", "2", "--heads", "4", "--
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    args = tiny_lm.parse_args(ARGS)
-    corpus = tiny_lm.load_corpus(args.train_bytes, args.heldout_bytes)
-    model = tiny_lm.build_model(args)
-    untrained = tiny_lm.evaluate(model, torch.from_numpy(corpus.heldout), args.seq_len, args.batch, False,
-                                 args.eval_windows)
-    lines: list[str] = []
-    result = tiny_lm.train(model, corpus, args, log=lines.append)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))  # the same arithmetic on any machine
+    try:
+        args = tiny_lm.parse_args(ARGS)
+        corpus = tiny_lm.load_corpus(args.train_bytes, args.heldout_bytes)
+        model = tiny_lm.build_model(args)
+        untrained = tiny_lm.evaluate(model, torch.from_numpy(corpus.heldout), args.seq_len, args.batch, False,
+                                     args.eval_windows)
+        lines: list[str] = []
+        result = tiny_lm.train(model, corpus, args, log=lines.append)
+    finally:
+        torch.set_num_threads(threads)
     out = tmp_path_factory.mktemp("tiny")
     tiny_lm.save(model, corpus, args, result, out)
     return dict(args=args, corpus=corpus, result=result, untrained=untrained, lines=lines, out=out)
