@@ -48,7 +48,8 @@ def check_token_ids(token_ids: Any) -> None:
         if isinstance(ids, (list, np.ndarray)) and len(ids):
             try:
                 hi = max(ids)
+                big = hi >= TOKEN_LIMIT
             except TypeError:
                 continue  # not numbers: KVPool says why
-            if hi >= TOKEN_LIMIT:
+            if big:
                 raise InvalidArgument(f"append: token id {hi} is out of range (token ids are below 2**63)")
