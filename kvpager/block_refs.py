@@ -89,7 +89,10 @@ class BlockRefs:
         """`free_blocks` of one sequence's blocks (distinct int64 ids, in the
         order they go), with short cuts for the common cases: all still
         shared, or all this sequence's own with nothing cached. ``before``:
-        their reference counts, if the caller read them already."""
+        their reference counts, if the caller read them already. ``ids`` may
+        be a view of the free list's room above its top (where one
+        sequence's free stages them): a push there writes them over
+        themselves or a copy of some of them, read before."""
         ref = self.ref_cnt
         if before is None:
             before = ref[ids].tolist()

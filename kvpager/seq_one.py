@@ -164,25 +164,34 @@ def free(m: SequenceManager, seq_id: int) -> None:
     d = bt.row_data[row]  # [num_blocks, num_tokens, columns...]
     nb = d.item(0)
     src = bt.table[row]
-    blocks = src[nb - 1 :: -1].astype(_I64) if nb else _NONE  # last to first
-    if m.num_released or m.num_swapped:
-        released, swapped = d.item(RELEASED), d.item(SWAPPED)
-        if released or swapped:
-            blocks = blocks[blocks != 0]  # released entries; swapped-out ones
-            if released:
-                m.num_released -= 1
-            if swapped:
-                m.host.release([row])
-                m.num_swapped -= 1
     pool = m.pool
-    before = ref[blocks].tolist()
-    if before and before.count(1) == len(before) and not pool.cache.key_to_block:
-        ref[blocks] = 0  # all its own, nothing cached: every block to the free list (`BlockPool._push`, inline)
-        top = pool._num_free
-        pool._free[top : top + len(before)] = blocks
-        pool._num_free = top + len(before)
-    elif before:
-        pool.free_table(blocks, before)
+    top = pool._num_free
+    # The block ids, last to first, go where a free pushes them: the free
+    # list's room above its top (room for every block in use), read back from
+    # there as int64; pushing them is then moving the top. Released and
+    # swapped-out entries (null) are taken out first instead.
+    staged = pool._free[top : top + nb] if not (m.num_released or m.num_swapped) else _NONE
+    if len(staged) == nb and nb:
+        staged[::-1] = src[:nb]
+        before = ref[staged].tolist()
+        if before.count(1) == nb and not pool.cache.key_to_block:
+            ref[staged] = 0  # all its own, nothing cached: every block to the free list
+            pool._num_free = top + nb
+        else:
+            pool.free_table(staged, before)
+    else:
+        blocks = src[nb - 1 :: -1].astype(_I64) if nb else _NONE
+        if m.num_released or m.num_swapped:
+            released, swapped = d.item(RELEASED), d.item(SWAPPED)
+            if released or swapped:
+                blocks = blocks[blocks != 0]  # released entries; swapped-out ones
+                if released:
+                    m.num_released -= 1
+                if swapped:
+                    m.host.release([row])
+                    m.num_swapped -= 1
+        if len(blocks):
+            pool.free_table(blocks)
     code = d.item(OWNER)
     mine = by_code[code]  # `OwnerIndex.drop_one`, inline
     del mine[seq_id]
