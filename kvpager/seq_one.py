@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 _I64 = np.int64
 _NONE = np.zeros(0, dtype=np.int64)
 _NONE.flags.writeable = False
+#: A reference count of 0 as a read-only 0-d int32 array: storing it into
+#: ``ref_cnt[ids]`` is a plain copy, where a Python int 0 is converted first
+#: (about as long again as the store itself).
+_ZERO = np.zeros((), dtype=np.int32)
+_ZERO.flags.writeable = False
 
 
 def row_of(m: SequenceManager, seq_id: int) -> int:
@@ -175,7 +180,7 @@ def free(m: SequenceManager, seq_id: int) -> None:
         staged[::-1] = src[:nb]
         before = ref[staged].tolist()
         if before.count(1) == nb and not pool.cache.key_to_block:
-            ref[staged] = 0  # all its own, nothing cached: every block to the free list
+            ref[staged] = _ZERO  # all its own, nothing cached: every block to the free list
             pool._num_free = top + nb
         else:
             pool.free_table(staged, before)
