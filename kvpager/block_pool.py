@@ -19,6 +19,9 @@ allocation is all-or-nothing.
 Every cached block belongs to a tenant (its salt; `Tenants`): with quotas
 set, eviction takes from tenants over their quota first.
 
+Adding and dropping references (a prefix hit, a fork, a free) is the
+reference-count side, `BlockRefs`, mixed in from `block_refs`.
+
 Counters and events: ``num_evicted`` counts cached blocks evicted to make
 room; with an `EventSink` attached (``events``), every key that leaves the
 cache is reported there (the sequence layer reports the keys it publishes,
@@ -28,10 +31,10 @@ with their token ids, which the pool does not know).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
 
 import numpy as np
 
+from kvpager.block_refs import BlockRefs
 from kvpager.errors import IntegrityError, InvalidArgument, OutOfBlocks
 from kvpager.events import EventSink
 from kvpager.prefix_cache import PrefixCache
@@ -39,16 +42,9 @@ from kvpager.tenants import DEFAULT, Tenants
 from kvpager.types import BlockMap
 
 NULL_BLOCK = 0
-_ONE = np.int32(1)
 
 
-def _as_ids(ids: Iterable[int] | np.ndarray) -> np.ndarray:
-    if isinstance(ids, np.ndarray):
-        return ids
-    return np.fromiter(ids, dtype=np.int64)
-
-
-class BlockPool:
+class BlockPool(BlockRefs):
     """Reference-counted device blocks, the prefix cache over them, and an LRU
     of evictable cached blocks."""
 
@@ -189,119 +185,6 @@ class BlockPool:
             self._num_free = 0
         self.ref_cnt[ids] = 1
         return ids
-
-    def touch(self, ids: Iterable[int] | np.ndarray, distinct: bool = False) -> None:
-        """Add one reference to each block (repeats add one each); an evictable
-        block leaves the LRU. ``distinct``: the caller knows there are no repeats."""
-        ids = _as_ids(ids)
-        if not len(ids):
-            return
-        ref = self.ref_cnt
-        before = ref[ids]
-        if np.count_nonzero(before) != len(ids):
-            idle = ids[before == 0]
-            evictable = self.evictable
-            idle_set = set(idle.tolist())
-            for b in idle_set:
-                if b not in evictable:
-                    raise IntegrityError(f"bug: touched block {b} that is neither in use nor evictable")
-            for b in idle_set:
-                del evictable[b]
-            self.tenants.left_lru(idle_set)
-        if distinct:
-            ref[ids] += _ONE
-        else:
-            np.add.at(ref, ids, _ONE)
-
-    def share(self, ids: np.ndarray, times: int = 1, distinct: bool = False) -> None:
-        """Add ``times`` references to each of blocks already in use (a fork);
-        ``distinct``: no repeats among ``ids`` (one sequence's table)."""
-        if distinct:
-            if not len(ids):
-                return
-            ref = self.ref_cnt
-            before = ref[ids].tolist()
-            v = before[0]
-            if before.count(v) == len(before):  # one count for all (a sequence's own blocks): a store
-                ref[ids] = v + times
-            else:
-                ref[ids] += np.int32(times)
-        else:
-            np.add.at(self.ref_cnt, ids, np.int32(times))
-
-    def free_table(self, ids: np.ndarray) -> None:
-        """`free_blocks` of one sequence's blocks (distinct int64 ids, in the
-        order they go), with short cuts for the common cases: all still
-        shared, or all this sequence's own with nothing cached."""
-        ref = self.ref_cnt
-        before = ref[ids].tolist()
-        if before:
-            v = before[0]
-            if v > 1 and before.count(v) == len(before):  # every block stays in use
-                ref[ids] = v - 1
-                return
-            if v == 1 and not self.cache.key_to_block and before.count(1) == len(before):
-                ref[ids] = 0  # every block goes to the free list (`_push`, inline)
-                top = self._num_free
-                self._free[top : top + len(before)] = ids
-                self._num_free = top + len(before)
-                return
-        self.free_blocks(ids, distinct=True)
-
-    def free_blocks(self, ids: Iterable[int] | np.ndarray, distinct: bool = False) -> None:
-        """Drop one reference from each block (repeats drop one each). A block
-        reaching 0 becomes evictable if it is cached (most recently used end)
-        or free otherwise, in the order its last reference goes: pass a block
-        table in reverse so a sequence's tail is evicted first. ``distinct``:
-        the caller knows there are no repeats (one sequence's table). Pass
-        int64 ids: int32 ones cost a conversion per indexing."""
-        if type(ids) is not np.ndarray:
-            ids = _as_ids(ids)
-        if not len(ids):
-            return
-        ref = self.ref_cnt
-        after = None  # the counts after, unless every block had the same count
-        if distinct:  # one sequence's blocks: a plain indexed update (ufunc.at is slower)
-            before = ref[ids].tolist()
-            v = before[0]
-            if v > 0 and before.count(v) == len(before):  # one count for all: a store, no array arithmetic
-                ref[ids] = v - 1
-                if v > 1:
-                    return
-            else:
-                ref[ids] -= _ONE
-                after = ref[ids]
-        else:
-            np.subtract.at(ref, ids, _ONE)
-            after = ref[ids]
-        if after is not None and np.count_nonzero(after):
-            zero = after <= 0
-            done = ids[zero]
-            if not len(done):
-                return
-            gone = after[zero]
-            if np.count_nonzero(gone):  # below 0: freed once too often (the null block: always)
-                np.add.at(ref, ids, _ONE)
-                bad = int(done[gone < 0][0])
-                raise IntegrityError(f"bug: freeing block {bad} with reference count {ref[bad]}")
-        else:  # every reference went (a sequence's own blocks): no masks
-            done = ids
-        if not distinct and len(done) > 1:
-            # A block listed more than once reaches 0 at its last listing: keep that one.
-            k = np.arange(len(done))
-            mark = self._mark
-            mark[done] = k  # with repeats, the last write stays
-            done = done[mark[done] == k]
-        if self.cache.key_to_block:  # anything cached at all (no `len` call)
-            cached = self.cache.cached[done]
-            if np.count_nonzero(cached):
-                idle = done[cached]
-                self.evictable.update(dict.fromkeys(idle.tolist()))
-                self.tenants.became_evictable(idle)
-                done = done[~cached]
-        top = self._num_free  # `_push`, inline
-        self._free[top : top + len(done)] = done
-        self._num_free = top + len(done)
 
     # -- integrity -----------------------------------------------------------------
     def check(self, expected_refs: np.ndarray) -> None:

@@ -173,9 +173,9 @@ class PoolSequences:
     def fork(self, seq_ids: int | Seq[int], n: int = 1) -> list[list[int]]:
         """``n`` children per sequence, sharing all of its blocks; returns their ids."""
         m = self.manager
-        if type(seq_ids) is list and len(seq_ids) == 1 and type(seq_ids[0]) is int and type(n) is int and n > 0 \
-                and m.scalar:  # one sequence, valid arguments: straight to its path (`seq_one`)
-            return seq_one.fork(m, seq_ids[0], n)
+        if type(seq_ids) is list and len(seq_ids) == 1 and type(seq_ids[0]) is int and n == 1 and type(n) is int \
+                and m.scalar:
+            return seq_one.fork(m, seq_ids[0], 1)  # one child of one sequence: straight to its path
         return m.fork(validate.seq_ids(seq_ids), n)
 
     def free(self, seq_ids: int | Seq[int]) -> None:

@@ -21,9 +21,19 @@ import numpy as np
 from kvpager.errors import OutOfBlocks, SequenceSwapped, UnknownSequence
 from kvpager.history import History
 from kvpager.prefix_cache import root_key, token_array
+from kvpager.seq_lookup import OWNER, RELEASED, SWAPPED
 
 if TYPE_CHECKING:
     from kvpager.sequences import SequenceManager
+
+_I64 = np.int64
+_NONE = np.zeros(0, dtype=np.int64)
+_NONE.flags.writeable = False
+#: A reference count of 0 as a read-only 0-d int32 array: storing it into
+#: ``ref_cnt[ids]`` is a plain copy, where a Python int 0 is converted first
+#: (about as long again as the store itself).
+_ZERO = np.zeros((), dtype=np.int32)
+_ZERO.flags.writeable = False
 
 
 def row_of(m: SequenceManager, seq_id: int) -> int:
@@ -84,39 +94,53 @@ def allocate(m: SequenceManager, prompt: Any, salt: str | bytes | None, owner: A
 
 def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:
     """`SequenceManager.fork` of one sequence (``n`` checked by the caller)."""
-    row = m.rows.get(seq_id) if type(seq_id) is int else None
+    rows, history, by_code, ids, ref, bt = m.one_refs
+    row = rows.get(seq_id) if type(seq_id) is int else None
     if row is None:
         row = row_of(m, seq_id)
+    if n != 1:
+        return _fork_many(m, seq_id, row, n)
+    data = bt.row_data
+    d = data[row]  # its counts and columns (a view: still the same values if the arrays grow below)
+    if m.num_swapped and d.item(SWAPPED):
+        raise SequenceSwapped(seq_id, "fork")
+    nb = d.item(0)
+    free_rows = bt._free_rows
+    if free_rows:  # `BlockTable.fork_row`, inline
+        kid = free_rows.pop()
+    else:
+        kid = bt._take_rows(1)[0]
+        data = bt.row_data  # grown: new arrays
+    table = bt.table
+    src = table[row]
+    if len(src) <= 2 * nb + 16:  # narrow: the whole row (null past the end in both) in one copy
+        table[kid] = src
+    else:
+        table[kid, :nb] = src[:nb]
+    data[kid] = d  # block and token counts and every column in one copy
+    i = next(ids)
+    bt.seq_id[kid] = i
+    blocks = src[:nb].astype(_I64)
+    if m.num_released and d.item(RELEASED):  # released entries are the null block: not shared
+        blocks = blocks[blocks != 0]
+        m.num_released += 1
+    before = ref[blocks].tolist()  # `BlockPool.share`, inline
+    if before and before.count(before[0]) == len(before):  # one count for all: a store
+        ref[blocks] = before[0] + 1
+    elif before:
+        ref[blocks] += np.int32(1)  # distinct blocks: a plain indexed update
+    rows[i] = kid
+    h = history[seq_id]  # `History.fork`, inline
+    history[i] = History(h.prompt, h.root, h.keys.copy(), h.tail.copy(), h.salt)
+    by_code[d.item(OWNER)][i] = None  # `OwnerIndex.add_one`, inline
+    return [[i]]
+
+
+def _fork_many(m: SequenceManager, seq_id: int, row: int, n: int) -> list[list[int]]:
+    """``n`` > 1 children of one sequence."""
     bt = m.table
     if m.num_swapped and bt.swapped.item(row):
         raise SequenceSwapped(seq_id, "fork")
-    if n == 1:  # one child, in one function (`BlockTable.fork_row`, `BlockPool.share` inline)
-        free_rows = bt._free_rows
-        kid = free_rows.pop() if free_rows else bt._take_rows(1)[0]
-        data, table = bt.row_data, bt.table  # read after taking the row: growing replaces them
-        nb = data.item(row, 0)
-        src = table[row]
-        if len(src) <= 2 * nb + 16:  # narrow: the whole row (null past the end in both) in one copy
-            table[kid] = src
-        else:
-            table[kid, :nb] = src[:nb]
-        data[kid] = data[row]  # block and token counts and every column in one copy
-        i = next(m._ids)
-        bt.seq_id[kid] = i
-        blocks = src[:nb].astype(np.int64)
-        if m.num_released and bt.released.item(row):  # released entries are the null block: not shared
-            blocks = blocks[blocks != 0]
-            m.num_released += 1
-        ref = m.pool.ref_cnt
-        before = ref[blocks].tolist()
-        if before and before.count(before[0]) == len(before):  # one count for all: a store
-            ref[blocks] = before[0] + 1
-        elif before:
-            ref[blocks] += np.int32(1)  # distinct blocks: a plain indexed update
-        m.rows[i] = kid
-        m.history[i] = m.history[seq_id].fork()
-        m.owners.by_code[bt.owner.item(row)][i] = None  # `OwnerIndex.add_one`, inline
-        return [[i]]
     kids = bt.copy_row(row, n)
     ids = m.new_ids(n)
     seq_col = bt.seq_id
@@ -137,31 +161,51 @@ def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:
 
 def free(m: SequenceManager, seq_id: int) -> None:
     """`SequenceManager.free` of one sequence: its blocks last to first."""
-    row = m.rows.get(seq_id) if type(seq_id) is int else None
+    rows, history, by_code, _, ref, bt = m.one_refs
+    row = rows.get(seq_id) if type(seq_id) is int else None
     if row is None:
         row = row_of(m, seq_id)
     m._frees += 1  # rows are given back: no remembered batch holds any more
-    bt = m.table
-    data = bt.row_data  # [num_blocks, num_tokens, columns...] per row
-    nb = data.item(row, 0)
-    entries = bt.table[row, nb - 1 :: -1] if nb else bt.table[row, :0]  # last to first
-    blocks = entries.astype(np.int64)
-    if m.num_released or m.num_swapped:
-        released, swapped = bt.released.item(row), bt.swapped.item(row)
-        if released or swapped:
-            blocks = blocks[blocks != 0]  # released entries; swapped-out ones
-            if released:
-                m.num_released -= 1
-            if swapped:
-                m.host.release([row])
-                m.num_swapped -= 1
-    m.pool.free_table(blocks)
-    owners, code = m.owners, bt.owner.item(row)
-    mine = owners.by_code[code]  # `OwnerIndex.drop_one`, inline
+    d = bt.row_data[row]  # [num_blocks, num_tokens, columns...]
+    nb = d.item(0)
+    src = bt.table[row]
+    pool = m.pool
+    top = pool._num_free
+    # The block ids, last to first, go where a free pushes them: the free
+    # list's room above its top (room for every block in use), read back from
+    # there as int64; pushing them is then moving the top. Released and
+    # swapped-out entries (null) are taken out first instead.
+    staged = pool._free[top : top + nb] if not (m.num_released or m.num_swapped) else _NONE
+    if len(staged) == nb and nb:
+        staged[::-1] = src[:nb]
+        before = ref[staged].tolist()
+        if before.count(1) == nb and not pool.cache.key_to_block:
+            ref[staged] = _ZERO  # all its own, nothing cached: every block to the free list
+            pool._num_free = top + nb
+        else:
+            pool.free_table(staged, before)
+    else:
+        blocks = src[nb - 1 :: -1].astype(_I64) if nb else _NONE
+        if m.num_released or m.num_swapped:
+            released, swapped = d.item(RELEASED), d.item(SWAPPED)
+            if released or swapped:
+                blocks = blocks[blocks != 0]  # released entries; swapped-out ones
+                if released:
+                    m.num_released -= 1
+                if swapped:
+                    m.host.release([row])
+                    m.num_swapped -= 1
+        if len(blocks):
+            pool.free_table(blocks)
+    code = d.item(OWNER)
+    mine = by_code[code]  # `OwnerIndex.drop_one`, inline
     del mine[seq_id]
     if not mine and code:  # an owner left with none is forgotten (None: never)
-        owners.forget(code)
-    entries.fill(0)  # `BlockTable.release_row`, inline
-    data[row] = 0
+        m.owners.forget(code)
+    if len(src) <= 2 * nb + 16:  # `BlockTable.release_row`, inline
+        src.fill(0)
+    else:
+        src[:nb].fill(0)
+    d.fill(0)
     bt._free_rows.append(row)
-    del m.rows[seq_id], m.history[seq_id]
+    del rows[seq_id], history[seq_id]

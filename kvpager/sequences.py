@@ -11,8 +11,9 @@ that need bytes moved return the (source, destination) block pairs, and the
 caller (`KVPool`) runs them on its backend before the freed blocks can be
 handed out again. Every op takes a batch, validates all of it first and
 either applies all of it or raises and changes nothing. Allocate and commit
-(the prefix-cache side) live in `seq_prefix`, append in `seq_append`, swap in `seq_swap`, integrity and
-statistics in `seq_check`, the owner index in `owners`.
+(the prefix-cache side) live in `seq_prefix`, append in `seq_append`, swap
+in `seq_swap`, integrity and statistics in `seq_check`, the owner index in
+`owners`, lookup and the checks of a batch in `seq_lookup`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import itertools
 from collections import deque
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
-from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -29,22 +29,13 @@ import numpy as np
 from kvpager import seq_append, seq_check, seq_one, seq_prefix, seq_release, seq_swap
 from kvpager.block_pool import BlockPool
 from kvpager.block_table import BlockTable
-from kvpager.errors import InvalidArgument, NotOwner, SequenceSwapped, UnknownSequence
+from kvpager.errors import InvalidArgument
 from kvpager.history import History
 from kvpager.owners import OwnerIndex
 from kvpager.pins import PinTable
+from kvpager.seq_lookup import ANY_OWNER, COLUMNS, SequenceLookup
 from kvpager.types import SequenceInfo
 from kvpager.validate import is_int
-
-#: Per-row state beside the block table: the sequence id, its owner (a code,
-#: 0 = None), tokens whose K/V is committed, blocks offered to the prefix
-#: cache, known token ids (prompt + tail), whether it is swapped out (0/1) and
-#: its last block (0: none, or swapped out), which append and stats read, and
-#: how many leading blocks it released (`seq_release`: null entries).
-COLUMNS = ("seq_id", "owner", "committed", "published", "known", "swapped", "last", "released")
-
-
-ANY_OWNER = object()  # `batch` without an ownership check (None is an owner: the embedded one)
 
 
 def _consume(it: Iterator[Any]) -> None:
@@ -52,7 +43,7 @@ def _consume(it: Iterator[Any]) -> None:
     deque(it, maxlen=0)
 
 
-class SequenceManager:
+class SequenceManager(SequenceLookup):
     """Allocator state: block pool (with the prefix cache) + host blocks + sequences."""
 
     def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0,
@@ -80,55 +71,11 @@ class SequenceManager:
         self.prefix_hit_tokens = 0
         #: Batches of one take `seq_one`'s scalar paths (False: the batch paths; tests compare both).
         self.scalar = True
+        #: The objects those paths use, never rebound (the arrays that grow are
+        #: read through ``table``), so a call takes them in one step.
+        self.one_refs = (self.rows, self.history, self.owners.by_code, self._ids, self.pool.ref_cnt, self.table)
 
-    # -- lookup ------------------------------------------------------------------
-    def lookup(self, seq_ids: list[int]) -> np.ndarray:
-        """Rows of ``seq_ids`` (int64); UnknownSequence names the first unknown id."""
-        try:
-            if len(seq_ids) == 1:
-                return np.array([self.rows[seq_ids[0]]], dtype=np.int64)
-            if not seq_ids:
-                return np.zeros(0, dtype=np.int64)
-            # itemgetter looks every id up in one C call (a map calls back per id)
-            return np.fromiter(itemgetter(*seq_ids)(self.rows), np.int64, len(seq_ids))
-        except (KeyError, TypeError):
-            for s in seq_ids:
-                try:
-                    self.rows[s]
-                except (KeyError, TypeError):
-                    raise UnknownSequence(s) from None
-            raise
-
-    def batch(self, seq_ids: list[int], op: str | None, owner: Any = ANY_OWNER) -> np.ndarray:
-        """Rows of a batch of distinct, known ids; resident ones if ``op`` needs
-        them; ``owner``'s only if one is given (UnknownSequence / NotOwner before
-        anything else, as the daemon checks a session's ids)."""
-        last = self._last_batch
-        if last is not None and last[2] == self._frees and last[1] == owner and last[0] == seq_ids:
-            rows = last[3]
-        else:
-            try:
-                rows = self.lookup(seq_ids)
-            except UnknownSequence:
-                if owner is ANY_OWNER and len(set(seq_ids)) != len(seq_ids):
-                    raise self._duplicates(op) from None
-                raise
-            if owner is not ANY_OWNER:
-                self._check_rows_owner(seq_ids, rows, owner)
-            if not self.table.distinct(rows):
-                raise self._duplicates(op)
-            rows.flags.writeable = False  # shared with the next call that sends these ids
-            self._last_batch = (list(seq_ids), owner, self._frees, rows)
-        if op is not None and self.num_swapped:
-            swapped = self.table.swapped[rows]
-            if np.count_nonzero(swapped):
-                raise SequenceSwapped(seq_ids[int(np.argmax(swapped))], op)
-        return rows
-
-    @staticmethod
-    def _duplicates(op: str | None) -> InvalidArgument:
-        return InvalidArgument(f"{op or 'operation'}: duplicate sequence ids in one batch")
-
+    # -- lookup (the rest: `SequenceLookup`) -----------------------------------------
     def owned(self, owner: Any) -> list[int]:
         """Ids of ``owner``'s live sequences, in id order."""
         return self.owners.ids(owner)
@@ -145,34 +92,12 @@ class SequenceManager:
         """Every live sequence id, in id order."""
         return list(self.rows)
 
-    def tables(self, seq_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Padded int32 block tables and int32 lengths of resident sequences."""
-        last = self._last_batch
-        if last is not None and last[2] == self._frees and last[0] == seq_ids:
-            rows = last[3]  # the ids the step's append just took: no lookup
-        else:
-            rows = self.lookup(seq_ids)
-        if self.num_swapped:
-            swapped = self.table.swapped[rows]
-            if np.count_nonzero(swapped):
-                raise SequenceSwapped(seq_ids[int(np.argmax(swapped))], "attend")
-        return self.table.gather(rows)
-
     def infos(self, seq_ids: list[int]) -> list[SequenceInfo]:
         """`SequenceInfo` of each id, its arrays read in one gather."""
         return seq_check.infos(self, seq_ids)
 
     def owner_of(self, row: int) -> Any:
         return self.owners.owner(self.table.owner.item(row))
-
-    def check_owner(self, seq_ids: list[int], owner: Any) -> None:
-        """UnknownSequence / NotOwner unless every id is live and ``owner``'s."""
-        self._check_rows_owner(seq_ids, self.lookup(seq_ids), owner)
-
-    def _check_rows_owner(self, seq_ids: list[int], rows: np.ndarray, owner: Any) -> None:
-        bad = self.table.owner[rows] != self.owners.code(owner)
-        if np.count_nonzero(bad):
-            raise NotOwner(f"sequence {seq_ids[int(np.argmax(bad))]} belongs to another session")
 
     def new_ids(self, n: int) -> list[int]:
         """``n`` fresh sequence ids (increasing, never reused)."""
@@ -321,14 +246,6 @@ class SequenceManager:
         last block), leaving null entries; returns blocks released per sequence
         (see `seq_release`). ``owner``: the ids must be its."""
         return seq_release.release_before(self, seq_ids, positions, owner)
-
-    def floors(self, seq_ids: list[int]) -> np.ndarray | None:
-        """Each sequence's first position still held (int64), or None when none of
-        them released any blocks."""
-        if not self.num_released:
-            return None
-        floor = self.table.released[self.lookup(seq_ids)] * self.block_size
-        return floor if floor.any() else None
 
     # -- swap ------------------------------------------------------------------------------
     def swap_out(self, seq_ids: list[int]) -> np.ndarray:

@@ -31,53 +31,12 @@ from kvpager.errors import (
 from kvpager.protocol import SEQUENCES_PAGE
 from kvpager.server_control import ControlOps
 from kvpager.server_ranks import hello_memory, hello_rank, rank_backends
+from kvpager.wire_args import check_token_ids, wire_ids, wire_int
 
 if TYPE_CHECKING:
     from kvpager.sessions import Session
 
 log = logging.getLogger("kvpager.server")
-
-
-def _ids(value: Any, what: str = "seq_ids") -> list[int]:
-    """A batch of sequence ids from the wire: an int, a list of ints or an int array."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iu":
-        return value.tolist()
-    if isinstance(value, list) and set(map(type, value)) <= {int}:  # bools excluded: type(True) is bool
-        return value
-    raise InvalidArgument(f"{what} must be an int or a list of ints")
-
-
-#: Token ids are int64 in the allocator (block keys hash their bytes).
-_TOKEN_LIMIT = 1 << 63
-
-
-def _check_token_ids(token_ids: Any) -> None:
-    """Every token id of an append in int64 range, checked before anything
-    changes: one past it would be accepted by the append and fail only at a
-    later commit, after that commit had published other sequences' blocks."""
-    if not isinstance(token_ids, list):
-        return  # None, or malformed: KVPool says why
-    try:
-        if max(map(max, token_ids)) < _TOKEN_LIMIT:  # the decode step: [[t], [t], ...]
-            return
-    except (TypeError, ValueError):
-        pass  # None entries, empty lists, junk: one at a time
-    for ids in token_ids:
-        if isinstance(ids, (list, np.ndarray)) and len(ids):
-            try:
-                hi = max(ids)
-            except TypeError:
-                continue  # not numbers: KVPool says why
-            if hi >= _TOKEN_LIMIT:
-                raise InvalidArgument(f"append: token id {hi} is out of range (token ids are below 2**63)")
-
-
-def _int(value: Any, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidArgument(f"{what} must be an integer, got {type(value).__name__}")
-    return value
 
 
 class ServerOps(ControlOps):
@@ -162,7 +121,7 @@ class ServerOps(ControlOps):
     def _op_append(self, s: Session, a: dict[str, Any]) -> bytes:
         # The decode hot path: KVPool checks the ids' types, and ownership rides on
         # append's own lookup of them.
-        _check_token_ids(a.get("token_ids"))
+        check_token_ids(a.get("token_ids"))
         slots = self.pool.append_flat(a["seq_ids"], a.get("num_tokens", 1), a.get("token_ids"), owner=s.name)
         return protocol.encode_slots(slots)
 
@@ -187,7 +146,7 @@ class ServerOps(ControlOps):
         self.pool.truncate(self._owned(s, a["seq_ids"]), a["lengths"])
 
     def _op_release(self, s: Session, a: dict[str, Any]) -> list[int]:
-        return self.pool.release_before(_ids(a["seq_ids"]), a["positions"], owner=s.name)
+        return self.pool.release_before(wire_ids(a["seq_ids"]), a["positions"], owner=s.name)
 
     def _op_swap_out(self, s: Session, a: dict[str, Any]) -> None:
         self.pool.swap_out(self._owned(s, a["seq_ids"]))
@@ -201,15 +160,15 @@ class ServerOps(ControlOps):
 
     # -- inspection ----------------------------------------------------------------------------
     def _op_tables(self, s: Session | None, a: dict[str, Any]) -> list[np.ndarray]:
-        return list(self.pool.tables(_ids(a["seq_ids"])))
+        return list(self.pool.tables(wire_ids(a["seq_ids"])))
 
     def _op_sequences(self, s: Session | None, a: dict[str, Any]) -> list[dict[str, Any]]:
         # A page at a time: a SequenceInfo costs microseconds on the loop's thread.
-        limit = _int(a.get("limit", SEQUENCES_PAGE), "limit")
+        limit = wire_int(a.get("limit", SEQUENCES_PAGE), "limit")
         if not 1 <= limit <= SEQUENCES_PAGE:
             raise InvalidArgument(f"sequences: limit must be in [1, {SEQUENCES_PAGE}], got {limit}")
         if a.get("seq_ids") is not None:
-            ids = _ids(a["seq_ids"])
+            ids = wire_ids(a["seq_ids"])
             if len(ids) > limit:
                 raise LimitExceeded(f"sequences: {len(ids)} ids in one request; at most {limit} "
                                     "(ask for pages: after / limit)", "ids", len(ids), limit)
@@ -219,7 +178,7 @@ class ServerOps(ControlOps):
                 ids = self.pool.owned(owner)  # a session name
             else:
                 ids = sorted(itertools.chain.from_iterable(map(self.pool.owned, self.pool.owners())))
-            ids = ids[bisect.bisect_right(ids, _int(a.get("after", -1), "after")):][:limit]
+            ids = ids[bisect.bisect_right(ids, wire_int(a.get("after", -1), "after")):][:limit]
         infos = [self.pool.sequence(i) for i in ids]
         # Owners are public session names; the pid says which worker it is.
         by_name = self.sessions.by_name

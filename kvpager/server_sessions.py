@@ -8,7 +8,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from kvpager.server_ops import _ids
+from kvpager.wire_args import wire_ids
 
 if TYPE_CHECKING:
     from kvpager.sessions import Session
@@ -38,7 +38,7 @@ class SessionEnds:
 
     def _owned(self, session: Session, value: Any) -> list[int]:
         """The ids, checked to exist and belong to ``session`` (all before any change)."""
-        ids = _ids(value)
+        ids = wire_ids(value)
         self.pool.check_owner(ids, session.name)
         return ids
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvpager.errors import InvalidArgument, NotOwner, SequenceSwapped
-from kvpager.server_ops import _ids, _int
 from kvpager.server_ranks import on_rank_device, session_kv
+from kvpager.wire_args import wire_ids, wire_int
 
 if TYPE_CHECKING:
     from kvpager.sessions import Session
@@ -22,7 +22,7 @@ class StagingOps:
     """Op handlers mixed into `Server`, which supplies ``pool``, ``sessions`` and ``limits``."""
 
     def _op_staging(self, s: Session, a: dict[str, Any]) -> dict[str, Any]:
-        nbytes = _int(a["nbytes"], "nbytes")
+        nbytes = wire_int(a["nbytes"], "nbytes")
         if nbytes < 0:
             raise InvalidArgument(f"staging: nbytes must be >= 0, got {nbytes}")
         self.limits.check("staging", nbytes, "staging: bytes of this session's buffer")
@@ -34,8 +34,8 @@ class StagingOps:
             raise InvalidArgument(f"{what}: this session has no staging buffer; ask for one with 'staging'")
         if not (isinstance(ref, list) and len(ref) == 2 and isinstance(ref[1], list)):
             raise InvalidArgument(f"{what} must be [offset, shape] in the staging buffer")
-        offset = _int(ref[0], f"{what} offset")
-        shape = tuple(_int(d, f"{what} shape") for d in ref[1])
+        offset = wire_int(ref[0], f"{what} offset")
+        shape = tuple(wire_int(d, f"{what} shape") for d in ref[1])
         return s.staging.array(shape, self.pool.spec.np_dtype, offset)
 
     def _op_write(self, s: Session, a: dict[str, Any]) -> None:
@@ -76,9 +76,9 @@ class StagingOps:
     def _op_attend(self, s: Session, a: dict[str, Any]) -> list[Any]:
         q = self._staged(s, a["q"], "q")
         with on_rank_device(self, s):
-            out = session_kv(self, s, "attend").attend(a["layer"], _ids(a["seq_ids"]), q, a.get("query_lens"),
+            out = session_kv(self, s, "attend").attend(a["layer"], wire_ids(a["seq_ids"]), q, a.get("query_lens"),
                                                        a.get("scale"), window=a.get("window"),
                                                        softcap=a.get("softcap"))
-            offset = _int(a["out"], "out")
+            offset = wire_int(a["out"], "out")
             s.staging.array(out.shape, out.dtype, offset)[...] = out  # a device copy on a GPU
         return [offset, list(out.shape)]

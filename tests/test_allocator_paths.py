@@ -160,3 +160,35 @@ def test_scalar_switch_changes_the_path():
     finally:
         for name, fn in saved.items():
             setattr(seq_one, name, fn)
+
+
+def test_fork_and_free_across_row_growth():
+    """A one-child fork that finds no free row grows the block table (its
+    arrays are replaced mid-fork), and rows far narrower than the table take
+    the sliced copy and clear: the scalar paths still leave the batch paths'
+    state, and the manager's tuple of stable objects still names the live
+    ones."""
+    pools = []
+    for scalar in (True, False):
+        pool = KVPool(PoolSpec(1, 1, 8, num_blocks=400, block_size=BS, dtype="float32"))
+        pool.manager.scalar = scalar
+        rows = len(pool.manager.table.num_blocks)
+        ids = [a.seq_id for a in pool.allocate([[i] * 3 for i in range(rows - 1)])]
+        [wide] = pool.allocate([list(range(40 * BS))])  # the table 40+ wide: a 1-block row is far narrower
+        assert not pool.manager.table._free_rows
+        out = [pool.fork([ids[0]]), pool.fork([wide.seq_id])]  # the first grows the rows, sliced copy
+        assert len(pool.manager.table.num_blocks) > rows
+        pool.free([ids[1]])  # a 1-block row: sliced clear
+        pool.free([out[1][0][0]])  # a full-width one, shared with its parent
+        pool.free([wide.seq_id])  # then the parent: its blocks go
+        pool.commit(out[0][0][0])
+        out.append(pool.fork([out[0][0][0]], 3))
+        m = pool.manager
+        assert all(x is y for x, y in zip(m.one_refs, (m.rows, m.history, m.owners.by_code, m._ids,
+                                                         m.pool.ref_cnt, m.table)))
+        pool.check_integrity()
+        pools.append((out, state(pool)))
+    (out_a, state_a), (out_b, state_b) = pools
+    assert out_a == out_b
+    for key in state_a:
+        assert state_a[key] == state_b[key], key

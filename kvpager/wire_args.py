@@ -1,0 +1,55 @@
+"""Checks of the daemon's request arguments as msgpack decodes them: sequence
+ids (an int, a list of ints or an int array), plain integers and the token
+ids of an append. Each raises InvalidArgument naming the argument, before the
+handler changes anything; the pool's own checks (`kvpager.validate`) follow."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kvpager.errors import InvalidArgument
+
+#: Token ids are int64 in the allocator (block keys hash their bytes).
+TOKEN_LIMIT = 1 << 63
+
+
+def wire_ids(value: Any, what: str = "seq_ids") -> list[int]:
+    """A batch of sequence ids from the wire: an int, a list of ints or an int array."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iu":
+        return value.tolist()
+    if isinstance(value, list) and set(map(type, value)) <= {int}:  # bools excluded: type(True) is bool
+        return value
+    raise InvalidArgument(f"{what} must be an int or a list of ints")
+
+
+def wire_int(value: Any, what: str) -> int:
+    """An integer argument (not a bool)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidArgument(f"{what} must be an integer, got {type(value).__name__}")
+    return value
+
+
+def check_token_ids(token_ids: Any) -> None:
+    """Every token id of an append in int64 range, checked before anything
+    changes: one past it would be accepted by the append and fail only at a
+    later commit, after that commit had published other sequences' blocks."""
+    if not isinstance(token_ids, list):
+        return  # None, or malformed: KVPool says why
+    try:
+        if max(map(max, token_ids)) < TOKEN_LIMIT:  # the decode step: [[t], [t], ...]
+            return
+    except (TypeError, ValueError):
+        pass  # None entries, empty lists, junk: one at a time
+    for ids in token_ids:
+        if isinstance(ids, (list, np.ndarray)) and len(ids):
+            try:
+                hi = max(ids)
+                big = hi >= TOKEN_LIMIT
+            except TypeError:
+                continue  # not numbers: KVPool says why
+            if big:
+                raise InvalidArgument(f"append: token id {hi} is out of range (token ids are below 2**63)")
