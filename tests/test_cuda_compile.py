@@ -72,6 +72,14 @@ SM90A = {
         ["-DWS=1", "-DOVERLAP=1", "-DHEAD_DIM=64", "-DBN=128", "-DBLOCK_SIZE=64", "-DGROUP=4"],
         ["-DWS=1", "-DBN=128", "-DSTAGES=3", "-DGROUP=2", "-DBLOCK_SIZE=32"],
     ],
+    "cascade_prefix_sm90.cu": [
+        ["-DKV_DTYPE=0"], ["-DHEAD_DIM=64", "-DGROUP=1"], ["-DGROUP=16", "-DBLOCK_SIZE=8", "-DWG=1"],
+        ["-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DBN=128", "-DSTAGES=2", "-DGROUP=8", "-DBLOCK_SIZE=64"],
+        ["-DOVERLAP=1"], ["-DOVERLAP=1", "-DWG=1", "-DBN=128", "-DBLOCK_SIZE=32", "-DGROUP=2"],
+        ["-DWS=1"], ["-DWS=1", "-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DBN=128", "-DSTAGES=2", "-DGROUP=16"],
+        ["-DWS=1", "-DOVERLAP=1", "-DGROUP=1", "-DBLOCK_SIZE=8"],
+        ["-DWS=1", "-DBN=128", "-DSTAGES=2", "-DGROUP=8", "-DBLOCK_SIZE=64", "-DVN=64"],
+    ],
 }
 
 
@@ -112,7 +120,7 @@ def test_every_kernel_file_compiles():
     assert any("-DKV_FP8=2" in j[2] for j in jobs)  # sm_90 is always built
     assert {j[0] for j in jobs} >= {"paged_decode.cu", "paged_decode_tc.cu", "paged_prefill.cu", "merge_splits.cu",
                                     "cascade_prefix.cu", "kv_write.cu", "block_copy.cu", "swap.cu",
-                                    "paged_prefill_sm90.cu"}
+                                    "paged_prefill_sm90.cu", "cascade_prefix_sm90.cu"}
     assert {j[1] for j in jobs if j[0] in SM90A} == {"sm_90a"}
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(os.cpu_count() or 2) as ex:
         results = list(ex.map(lambda j: _build(j, tmp), jobs))
