@@ -35,7 +35,8 @@
 #if KV_DTYPE == 2 || KV_FP8
 #error "cascade_prefix_sm90.cu is for float16 / bfloat16 pools; FP8 pools use cascade_prefix.cu"
 #endif
-#include "kvpager_wgmma_tile.cuh"  // the knobs (WG, BN, STAGES, VN, OVERLAP, WS) and constants
+// kvpager_wgmma_tile.cuh: the knobs (WG, BN, STAGES, VN, OVERLAP, WS), constants and shared steps
+#include "kvpager_wgmma_tile.cuh"
 
 extern "C" __global__ void __launch_bounds__(NT, 1) cascade_prefix_sm90(
     const kv_t* __restrict__ q,             // [num_items, num_q_heads, HEAD_DIM]

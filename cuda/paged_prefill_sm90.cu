@@ -44,7 +44,8 @@
 #if KV_DTYPE == 2 || KV_FP8
 #error "paged_prefill_sm90.cu is for float16 / bfloat16 pools; FP8 and float32 use paged_prefill.cu / paged_decode.cu"
 #endif
-#include "kvpager_wgmma_tile.cuh"  // the knobs (WG, BN, STAGES, VN, OVERLAP, WS) and constants
+// kvpager_wgmma_tile.cuh: the knobs (WG, BN, STAGES, VN, OVERLAP, WS), constants and shared steps
+#include "kvpager_wgmma_tile.cuh"
 constexpr int QT = BM / GROUP;     // query tokens per tile
 
 extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(

@@ -141,3 +141,17 @@ def test_every_source_opens_with_a_description():
     for src in CUDA_DIR.glob("*.cu"):
         first = src.read_text().splitlines()[0]
         assert first.startswith(f"// {src.name}:"), src.name
+
+
+def test_the_loader_pastes_every_local_header():
+    """NVRTC gets `kvpager.kernels.source`'s text, with no include path: every local
+    `#include "x.cuh"` must be pasted (a line the loader's pattern misses, e.g. one with a
+    trailing comment, would reach NVRTC and fail there, not under nvcc)."""
+    from kvpager import kernels
+
+    for src in sorted(CUDA_DIR.glob("*.cu")):
+        text = kernels.source(src.name)
+        assert '#include "' not in text, src.name
+        for header in CUDA_DIR.glob("*.cuh"):
+            if f'#include "{header.name}"' in src.read_text():
+                assert header.read_text() in text, (src.name, header.name)
