@@ -39,7 +39,8 @@ class KernelConfig:
     prefill_mt: int | None = None
     #: the multi-token kernel: "mma" (paged_prefill.cu, every GPU), "wgmma" (paged_prefill_sm90.cu:
     #: compute capability 9.0, 16-bit pools, head dims 64 / 128; else UnsupportedConfiguration),
-    #: "auto" (wgmma where it applies, else mma)
+    #: "auto" (wgmma where it applies, else mma); the cascade's shared part follows it
+    #: (cascade_prefix_sm90.cu with the wgmma knobs below, else cascade_prefix.cu)
     prefill_kernel: str = "auto"
     #: warpgroups (64 query rows each) per paged_prefill_sm90.cu CTA; None: 2
     prefill_wgmma_warpgroups: int | None = None

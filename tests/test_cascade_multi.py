@@ -197,20 +197,22 @@ def test_worth_it_counts_underfilled_tiles():
     assert not multi_token_worth_it(shared, lens, ql, 32, per_position, partial)
 
 
-def packed(shared, ql, per_tile, chunks, splits=1):
-    """`CascadeLaunch`'s tables for ``shared`` (its packing alone: no GPU)."""
+def packed(shared, ql, per_tile, chunks, splits=1, bn=32):
+    """`CascadeLaunch`'s tables for ``shared`` (its packing alone: no GPU); ``bn``: the
+    kernel's K/V tile (32: cascade_prefix.cu; 64 / 128: cascade_prefix_sm90.cu)."""
     from kvpager.backends.cupy_cascade import CascadeLaunch
 
     launch = CascadeLaunch.__new__(CascadeLaunch)
-    launch.per_tile, launch.chunks, launch.splits, launch.levels, launch.bn = per_tile, chunks, splits, 2, 32
+    launch.per_tile, launch.chunks, launch.splits, launch.levels, launch.bn = per_tile, chunks, splits, 2, bn
     launch.cap_members = launch.cap_segs = launch.cap_tiles = 1 << 30
     rows = query_rows(shared, ql)
     return rows, launch._pack(rows)
 
 
 @settings(max_examples=30, deadline=None)
-@given(OPS, QLENS, st.sampled_from([4, 32, 128]), st.integers(1, 3), st.integers(0, 2**16))
-def test_packed_tiles_give_each_row_its_segments_once(ops, qlens, per_tile, chunks, seed):
+@given(OPS, QLENS, st.sampled_from([4, 32, 128]), st.integers(1, 3), st.sampled_from([32, 64, 128]),
+       st.integers(0, 2**16))
+def test_packed_tiles_give_each_row_its_segments_once(ops, qlens, per_tile, chunks, bn, seed):
     """Walk the packed tables as `cascade_prefix.cu` does (tile -> segment chunk ->
     member rows j0 .. j0 + per_tile -> slot), then the own part into slot 0 and
     the merge: every row's slots are distinct, and the result is plain attention."""
@@ -219,7 +221,7 @@ def test_packed_tiles_give_each_row_its_segments_once(ops, qlens, per_tile, chun
     shared = find_shared_prefixes(tables, lens, BS, query_lens=ql) if ids else None
     if shared is None:
         return
-    rows, (segs, tiles) = packed(shared, ql, per_tile, chunks)
+    rows, (segs, tiles) = packed(shared, ql, per_tile, chunks, bn=bn)
     kv = pool.backend.kv
     q = np.random.default_rng(seed).standard_normal((int(ql.sum()), 4, 16)).astype(np.float32)
     seq_of = np.repeat(np.arange(len(ids)), ql)

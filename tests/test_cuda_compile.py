@@ -72,6 +72,14 @@ SM90A = {
         ["-DWS=1", "-DOVERLAP=1", "-DHEAD_DIM=64", "-DBN=128", "-DBLOCK_SIZE=64", "-DGROUP=4"],
         ["-DWS=1", "-DBN=128", "-DSTAGES=3", "-DGROUP=2", "-DBLOCK_SIZE=32"],
     ],
+    "cascade_prefix_sm90.cu": [
+        ["-DKV_DTYPE=0"], ["-DHEAD_DIM=64", "-DGROUP=1"], ["-DGROUP=16", "-DBLOCK_SIZE=8", "-DWG=1"],
+        ["-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DBN=128", "-DSTAGES=2", "-DGROUP=8", "-DBLOCK_SIZE=64"],
+        ["-DOVERLAP=1"], ["-DOVERLAP=1", "-DWG=1", "-DBN=128", "-DBLOCK_SIZE=32", "-DGROUP=2"],
+        ["-DWS=1"], ["-DWS=1", "-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DBN=128", "-DSTAGES=2", "-DGROUP=16"],
+        ["-DWS=1", "-DOVERLAP=1", "-DGROUP=1", "-DBLOCK_SIZE=8"],
+        ["-DWS=1", "-DBN=128", "-DSTAGES=2", "-DGROUP=8", "-DBLOCK_SIZE=64", "-DVN=64"],
+    ],
 }
 
 
@@ -112,7 +120,7 @@ def test_every_kernel_file_compiles():
     assert any("-DKV_FP8=2" in j[2] for j in jobs)  # sm_90 is always built
     assert {j[0] for j in jobs} >= {"paged_decode.cu", "paged_decode_tc.cu", "paged_prefill.cu", "merge_splits.cu",
                                     "cascade_prefix.cu", "kv_write.cu", "block_copy.cu", "swap.cu",
-                                    "paged_prefill_sm90.cu"}
+                                    "paged_prefill_sm90.cu", "cascade_prefix_sm90.cu"}
     assert {j[1] for j in jobs if j[0] in SM90A} == {"sm_90a"}
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(os.cpu_count() or 2) as ex:
         results = list(ex.map(lambda j: _build(j, tmp), jobs))
@@ -133,3 +141,17 @@ def test_every_source_opens_with_a_description():
     for src in CUDA_DIR.glob("*.cu"):
         first = src.read_text().splitlines()[0]
         assert first.startswith(f"// {src.name}:"), src.name
+
+
+def test_the_loader_pastes_every_local_header():
+    """NVRTC gets `kvpager.kernels.source`'s text, with no include path: every local
+    `#include "x.cuh"` must be pasted (a line the loader's pattern misses, e.g. one with a
+    trailing comment, would reach NVRTC and fail there, not under nvcc)."""
+    from kvpager import kernels
+
+    for src in sorted(CUDA_DIR.glob("*.cu")):
+        text = kernels.source(src.name)
+        assert '#include "' not in text, src.name
+        for header in CUDA_DIR.glob("*.cuh"):
+            if f'#include "{header.name}"' in src.read_text():
+                assert header.read_text() in text, (src.name, header.name)

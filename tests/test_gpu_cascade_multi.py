@@ -40,14 +40,15 @@ CASES = [  # (kv dtype or None, compute dtype, head dim, block size, GQA group)
 ]
 
 
-def layout(rng, bs, qlens, levels=2):
+def layout(rng, bs, qlens, levels=2, prefix=None):
     """Sequence lengths and the shared blocks of each sequence's table (block
     counts by group), for len(qlens) sequences: the first 60% share a prefix of
-    512 positions (or 2,048 in one level), the first 30% a second one of three
-    blocks (levels=2), the next 20% another prefix of three blocks, the rest
-    nothing. Own parts ragged (0 to 3 blocks + 5 positions)."""
+    ``prefix`` positions (whole blocks; by default 512, or 2,048 in one level),
+    the first 30% a second one of three blocks (levels=2), the next 20% another
+    prefix of three blocks, the rest nothing. Own parts ragged (0 to 3 blocks +
+    5 positions)."""
     n = len(qlens)
-    big = (2048 if levels == 1 else 512) // bs
+    big = (prefix or (2048 if levels == 1 else 512)) // bs
     groups = [(range(0, int(0.6 * n)), big)]
     if levels == 2:
         groups.append((range(0, int(0.3 * n)), 3))

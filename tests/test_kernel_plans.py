@@ -16,20 +16,24 @@ contexts of 2,048 positions or more and the most splits that fit one wave of res
 (`cupy_decode.decode_stages`, `plan_splits(fill=False)`, measured on an
 H200); their FP8 cases were recorded again after it, the others are c3af6b9's.
 Its ``prefill_kernel`` cases (recorded when paged_prefill_sm90.cu came) pin
-the multi-token kernel chosen by compute capability, pool and knobs.
+the multi-token kernel chosen by compute capability, pool and knobs; its
+``cascade_kernel`` cases (recorded when cascade_prefix_sm90.cu came) the
+shared-prefix kernel, its tiling, member rows per CTA and chunks. The
+``cascade`` cases (cascade_prefix.cu's tiling) are c3af6b9's, unchanged.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kvpager import InvalidArgument, KernelConfig, KVPool, PoolSpec, UnsupportedConfiguration
-from kvpager.backends.cupy_cascade import cascade_chunks, cascade_tiling
+from kvpager.backends.cupy_cascade import cascade_chunks, cascade_kernel, cascade_tiling
 from kvpager.backends.cupy_decode import decode_shape, merge_defines, plan_splits
 from kvpager.backends.cupy_prefill import (
     prefill_function,
@@ -96,6 +100,64 @@ def test_cascade_launches_are_the_pinned_ones(case):
     assert chunks == case["chunks"] and tiles * chunks == case["tiles"]
 
 
+@pytest.mark.parametrize("case", PINS["cascade_kernel"], ids=lambda c: "-".join(map(str, c["args"][:8])))
+def test_cascade_kernel_choices_are_the_pinned_ones(case):
+    dtype, kv_dtype, d, bs, hkv, group, cc, knobs, members, lengths, regs = case["args"]
+    k = cascade_kernel(spec_of(dtype, kv_dtype, d, bs, hkv), group, KernelConfig(**knobs), tuple(cc))
+    assert (k.file, k.func, k.arch, k.defines) == (case["file"], case["kernel"], case["arch"], case["defines"])
+    assert (k.tiling.bm, k.tiling.bn, k.tiling.stages, k.smem, k.threads) == (
+        case["bm"], case["bn"], case["stages"], case["smem"], case["threads"])
+    per_tile = max(1, k.tiling.bm // group)
+    tiles = int(sum(-(-m // per_tile) for m in members))
+    chunks = cascade_chunks(min(lengths), tiles * hkv, NSM * resident(H200, regs, 0, k.threads, k.smem))
+    assert (per_tile, chunks, tiles * chunks) == (case["per_tile"], case["chunks"], case["tiles"])
+    check_fits(k.smem, H200, k.file)
+
+
+def test_the_cascade_runs_the_multi_token_kernels_twin():
+    """cascade_prefix_sm90.cu exactly where the multi-token kernel is paged_prefill_sm90.cu, with
+    its knobs, tiling, defines, shared memory and threads; else cascade_prefix.cu on the tiling
+    it had (`cascade_tiling`), 128 threads; "wgmma" where it cannot run: the same typed error."""
+    for dtype, kv_dtype, d in [("bfloat16", None, 128), ("float16", None, 64), ("bfloat16", "float8_e4m3", 128),
+                               ("float16", None, 256), ("bfloat16", None, 96)]:
+        spec = spec_of(dtype, kv_dtype, d, 16, 8)
+        for config in (DEFAULT, MMA, WG, WG.replace(prefill_wgmma_overlap=True), AUTO.replace(prefill_mt=1),
+                       DEFAULT.replace(prefill_wgmma_warpgroups=1, prefill_wgmma_bn=128)):
+            for cc in ((9, 0), (8, 0)):
+                try:
+                    p = prefill_kernel(spec, 4, config, cc)
+                except UnsupportedConfiguration as exc:
+                    with pytest.raises(UnsupportedConfiguration, match=re.escape(str(exc))):
+                        cascade_kernel(spec, 4, config, cc)
+                    continue
+                c = cascade_kernel(spec, 4, config, cc)
+                if p.file == "paged_prefill_sm90.cu":
+                    assert (c.file, c.func) == ("cascade_prefix_sm90.cu", "cascade_prefix_sm90")
+                    assert (c.arch, c.tiling, c.defines, c.smem, c.threads) == (
+                        p.arch, p.tiling, p.defines, p.smem, p.threads)
+                else:
+                    t, smem, _ = cascade_tiling(spec, 4, config)
+                    assert (c.file, c.func, c.arch, c.tiling, c.smem, c.threads) == (
+                        "cascade_prefix.cu", "cascade_prefix", None, t, smem, 128)
+                    assert c.defines == {**p.defines}  # the mma kernels' defines are the same set
+
+
+def test_the_cascade_falls_back_to_mma_when_sm90a_cannot_be_built():
+    spec = spec_of("bfloat16", None, 128, 16, 8)
+
+    def build(k):
+        if k.arch is not None:
+            raise UnsupportedConfiguration("NVRTC 11.8 cannot build for sm_90a")
+        return k.func
+
+    k, fn = prefill_function(spec, 4, AUTO, (9, 0), build, choose=cascade_kernel)
+    assert (k.file, fn, k.threads) == ("cascade_prefix.cu", "cascade_prefix", 128)
+    with pytest.raises(UnsupportedConfiguration, match="sm_90a"):
+        prefill_function(spec, 4, WG, (9, 0), build, choose=cascade_kernel)
+    k, fn = prefill_function(spec, 4, AUTO, (9, 0), lambda k: k.func, choose=cascade_kernel)
+    assert (k.file, fn, k.threads) == ("cascade_prefix_sm90.cu", "cascade_prefix_sm90", 384)
+
+
 @pytest.mark.parametrize("case", PINS["prefill_kernel"], ids=lambda c: "-".join(map(str, c["args"][:7])))
 def test_multi_token_kernel_choices_are_the_pinned_ones(case):
     dtype, kv_dtype, d, bs, hkv, group, cc, knobs = case["args"]
@@ -118,6 +180,11 @@ def test_the_pins_cover_every_kernel_and_layout():
     assert len({c["chunks"] for c in PINS["cascade"]}) >= 3
     pk = PINS["prefill_kernel"]
     assert {c["file"] for c in pk} == {"paged_prefill.cu", "paged_prefill_sm90.cu"}
+    ck = PINS["cascade_kernel"]
+    assert {c["file"] for c in ck} == {"cascade_prefix.cu", "cascade_prefix_sm90.cu"}
+    assert {(c["defines"].get("OVERLAP", 0), c["defines"].get("WS", 0)) for c in ck if c["arch"]} == {
+        (0, 0), (1, 0), (0, 1), (1, 1)}
+    assert len({c["chunks"] for c in ck}) >= 3 and {c["defines"].get("WG", 2) for c in ck} == {1, 2}
     sm90 = [c["defines"] for c in pk if c["arch"] == "sm_90a"]
     assert {(d["WG"], d["BN"], d["HEAD_DIM"], d["KV_DTYPE"]) for d in sm90} >= {
         (2, 64, 128, 1), (2, 128, 64, 0), (1, 64, 128, 1), (1, 128, 128, 0)}

@@ -2,7 +2,7 @@
 on the same step, and (headline case) SDPA on contiguous K/V; multi-token steps
 and FP8 pools; then a sharing sweep.
 
-    PYTHONPATH=. python tools/bench_cascade.py [--sweep] [--json]
+    PYTHONPATH=. python tools/bench_cascade.py [--sweep] [--mma] [--json]
 
 bf16, 32 query heads over 8 kv heads, head dim 128, block size 16, blocks
 shuffled. A step of B sequences in G groups: each group's sequences share a
@@ -16,7 +16,10 @@ pool (random stored values, one scale). Every timed call is checked first
 (relative error against the plain kernel, and against SDPA in the headline
 case); times are medians of CUDA-event-timed calls queued behind a GPU sleep.
 `auto` is what the plan chooses by itself. The floor reads each distinct K/V
-byte once at the card's datasheet bandwidth.
+byte once at the card's datasheet bandwidth. ``--mma``: the headline case
+again with ``prefill_kernel="mma"`` (on compute capability 9.0 the cascade's
+shared part then runs on mma.sync, cascade_prefix.cu, instead of wgmma), its
+K/V column marked "(mma)".
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ def run(batch: int, prefix: int, own: int, groups: int, peak: float | None, sdpa
     err = rel_err(tview(out_c), tview(out_p))
     assert err < 1e-2, f"cascade vs plain: relative error {err}"
     row = dict(batch=batch, prefix=prefix, own=own, groups=groups, qlen=qlen, kv=kv_dtype or "bfloat16",
+               kernels=config.prefill_kernel,
                rel_err=err, cascade_ms=median_ms(lambda: cascade.attend(0, q, scale, out_c)),
                plain_ms=median_ms(lambda: plain.attend(0, q, scale, out_p)),
                auto_ms=median_ms(lambda: auto.attend(0, q, scale, out_c)),
@@ -106,11 +110,14 @@ CASES = [(64, 8192, 256, 1, 8, None), (8, 4096, 0, 1, 1024, None),
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sweep", action="store_true", help="also the sharing sweep")
+    ap.add_argument("--mma", action="store_true", help="the headline case again on the mma kernels")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in DATASHEET_TBS.items() if k in name), None)
     rows = [run(256, 8192, 256, 1, peak, sdpa=True)]
+    if args.mma:
+        rows.append(run(256, 8192, 256, 1, peak, config=DEFAULT.replace(prefill_kernel="mma")))
     for b, p, o, g, ql, kv in CASES:
         rows.append(run(b, p, o, g, peak, qlen=ql, kv_dtype=kv))
         torch.cuda.empty_cache()
@@ -127,7 +134,8 @@ def main() -> None:
         sd = f"{r['sdpa_ms']:.3f}" if "sdpa_ms" in r else "-"
         fl = f"{r['floor_ms']:.3f}" if r["floor_ms"] else "-"
         auto = f"{r['auto_ms']:.3f}" + (" (cascade)" if r["auto_cascades"] else " (plain)")
-        print(f"| {r['batch']} x ({r['prefix']} + {r['own']}) | {r['qlen']} | {r['kv']} | {r['groups']} | "
+        kv = r["kv"] + ("" if r["kernels"] == DEFAULT.prefill_kernel else f" ({r['kernels']})")
+        print(f"| {r['batch']} x ({r['prefix']} + {r['own']}) | {r['qlen']} | {kv} | {r['groups']} | "
               f"{r['cascade_ms']:.3f} | "
               f"{r['plain_ms']:.3f} | {r['plain_ms'] / r['cascade_ms']:.2f}x | {auto} | {sd} | {fl} |")
 

@@ -4,18 +4,29 @@ launch (`CascadeLaunch`).
 
 `kvpager.cascade` finds the segments; `CascadeLaunch` packs them (members as
 query rows, segments cut into chunks of positions, tiles of rows) into one
-device buffer and launches `cuda/cascade_prefix.cu` over them. The own parts
-and the merge are the attention launches' (`cupy_launches.attention_launches`).
+device buffer and launches the shared-prefix kernel over them
+(`cascade_kernel`: `cuda/cascade_prefix_sm90.cu` on wgmma where the
+multi-token kernel is paged_prefill_sm90.cu, else `cuda/cascade_prefix.cu`).
+The own parts and the merge are the attention launches'
+(`cupy_launches.attention_launches`).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from kvpager import kernels
-from kvpager.backends.cupy_prefill import Tiling, tiling
+from kvpager.backends.cupy_prefill import (
+    PrefillKernel,
+    Tiling,
+    kernel_builder,
+    prefill_function,
+    prefill_kernel,
+    tiling,
+)
 from kvpager.cascade import find_shared_prefixes, multi_token_worth_it, query_rows, worth_it
 from kvpager.kernel_config import KernelConfig
 from kvpager.kernel_smem import cascade_smem
@@ -29,6 +40,21 @@ def cascade_tiling(spec: Any, group: int, config: KernelConfig) -> tuple[Tiling,
     return t, cascade_smem(spec.head_dim, t.mt, t.bn, t.stages, spec.is_fp8), max(1, t.bm // group)
 
 
+def cascade_kernel(spec: Any, group: int, config: KernelConfig, cc: tuple[int, int]) -> PrefillKernel:
+    """The shared-prefix kernel for the pool ``spec`` and GQA ``group`` on a device of
+    compute capability ``cc``: cascade_prefix_sm90.cu where `prefill_kernel` chooses
+    paged_prefill_sm90.cu (the same knobs, tiling, defines, shared memory and threads:
+    its twin on wgmma), else cascade_prefix.cu on `cascade_tiling` (128 threads).
+    Member rows per CTA: ``max(1, tiling.bm // group)``."""
+    k = prefill_kernel(spec, group, config, cc)
+    if k.arch is not None:
+        return replace(k, file="cascade_prefix_sm90.cu", func="cascade_prefix_sm90")
+    t, smem, _ = cascade_tiling(spec, group, config)
+    defs = {**kernels.storage_defines(spec), "HEAD_DIM": spec.head_dim, "BLOCK_SIZE": spec.block_size,
+            "GROUP": group, "MT": t.mt}
+    return PrefillKernel("cascade_prefix.cu", "cascade_prefix", None, t, defs, smem, 128)
+
+
 def cascade_chunks(min_length: int, base_ctas: int, slots: int) -> int:
     """Chunks each shared segment is cut into (at least 256 positions each, at most 64):
     the count whose waves of ``base_ctas * chunks`` CTAs over ``slots`` resident CTA slots
@@ -38,7 +64,10 @@ def cascade_chunks(min_length: int, base_ctas: int, slots: int) -> int:
 
 
 class CascadeLaunch:
-    """The shared-prefix launch of a cascade step (`cuda/cascade_prefix.cu`):
+    """The shared-prefix launch of a cascade step (`cascade_kernel`'s kernel: its
+    tiling sets the member rows per CTA, the K/V tile the chunks align to, shared
+    memory and threads; where "auto" chose wgmma and NVRTC cannot build it,
+    cascade_prefix.cu):
     its segments cut into chunks of positions (so that enough CTAs run: each
     chunk is a slot of its own), tiles of member query rows (one per member in
     a decode step, every query token of every member in a multi-token step:
@@ -60,20 +89,21 @@ class CascadeLaunch:
 
         spec = plan.spec
         shared = query_rows(shared, plan.query_lens)
-        # per_tile: member rows per CTA
-        t, self.smem, self.per_tile = cascade_tiling(spec, group, plan.config)
+        cc = kernels.compute_capability(plan.device)
+        k, self.fn = prefill_function(spec, group, plan.config, cc, kernel_builder(plan.device),
+                                      choose=cascade_kernel)
+        t = k.tiling
+        self.kernel, self.smem, self.threads = k, k.smem, k.threads
+        self.per_tile = max(1, t.bm // group)  # member rows per CTA
         self.mt, self.bn, self.stages = t.mt, t.bn, t.stages
         self.group = group
         seg = shared.segments
         tiles_per_seg = -(-seg[:, 4].astype(np.int64) // self.per_tile)
         base_ctas = int(tiles_per_seg.sum()) * spec.num_kv_heads
         lengths = (seg[:, 2] - seg[:, 1]).astype(np.int64)
-        defs = {**kernels.storage_defines(spec), "HEAD_DIM": spec.head_dim,
-                "BLOCK_SIZE": spec.block_size, "GROUP": group, "MT": self.mt}
-        self.fn = kernels.get_kernel("cascade_prefix.cu", "cascade_prefix", defs, plan.device)
         if self.fn.max_dynamic_shared_size_bytes < self.smem:
             self.fn.max_dynamic_shared_size_bytes = self.smem
-        slots = nsm * kernels.resident_ctas(self.fn, 128, self.smem, plan.device)
+        slots = nsm * kernels.resident_ctas(self.fn, self.threads, self.smem, plan.device)
         self.chunks = cascade_chunks(int(lengths.min()), base_ctas, slots)
         self.levels, self.splits = shared.levels, splits
         self.parts = splits + shared.levels * self.chunks
@@ -146,7 +176,7 @@ class CascadeLaunch:
         spec, dev = self.spec, self.device
         args = [q, pool, tables, ptr(self.segments), ptr(self.members), ptr(self.tiles), part_o, part_lse,
                 *common, i32(width), i32(self.parts), scales, softcap, scale]
-        return Launch(self.fn, (self.cap_tiles, spec.num_kv_heads), 128, self.smem, args, dev)
+        return Launch(self.fn, (self.cap_tiles, spec.num_kv_heads), self.threads, self.smem, args, dev)
 
 
 def cascade_applies(plan: Any, spec: Any, nseq: int) -> bool:

@@ -5,8 +5,8 @@ or, on compute capability 9.0 for 16-bit pools of head dim 64 / 128,
 paged_prefill_sm90.cu (wgmma, built for sm_90a) as `KernelConfig.prefill_kernel`
 says. `prefill_tiling` picks paged_prefill.cu's tiling (query rows per warp,
 the K/V tile, pipeline stages, shared memory) from the head dim and a
-`KernelConfig`; cascade_prefix.cu runs on the same tiling
-(`kvpager.backends.cupy_launches.cascade_tiling`). `prefill_tiles` lists a
+`KernelConfig`; the cascade's shared part runs on the chosen kernel's twin
+and tiling (`kvpager.backends.cupy_cascade.cascade_kernel`). `prefill_tiles` lists a
 step's query tiles, longest K/V first. All are pure arithmetic (tested on
 the CPU); `prefill_launch` uploads the tiles and packs the launch (falling
 back to paged_prefill.cu, logged once, where "auto" meets an NVRTC without sm_90a).
@@ -141,18 +141,33 @@ def prefill_kernel(spec: Any, group: int, config: KernelConfig, cc: tuple[int, i
 
 
 def prefill_function(spec: Any, group: int, config: KernelConfig, cc: tuple[int, int],
-                     build: Callable[[PrefillKernel], Any]) -> tuple[PrefillKernel, Any]:
-    """(the kernel, ``build(kernel)``): `prefill_kernel`'s choice, or paged_prefill.cu where
-    "auto" chose wgmma and building it failed (an NVRTC without sm_90a: logged once)."""
-    k = prefill_kernel(spec, group, config, cc)
+                     build: Callable[[PrefillKernel], Any],
+                     choose: Callable[..., PrefillKernel] | None = None) -> tuple[PrefillKernel, Any]:
+    """(the kernel, ``build(kernel)``): `prefill_kernel`'s choice (or ``choose``'s, which
+    takes the same arguments: the cascade's `cupy_cascade.cascade_kernel`), or the mma
+    kernel where "auto" chose wgmma and building it failed (an NVRTC without sm_90a:
+    logged once)."""
+    choose = choose or prefill_kernel
+    k = choose(spec, group, config, cc)
     try:
         return k, build(k)
     except UnsupportedConfiguration as exc:
         if k.arch is None or config.prefill_kernel == "wgmma":
             raise
         kernel_build.warn_once(k.file, exc)
-        k = prefill_kernel(spec, group, config.replace(prefill_kernel="mma"), cc)
+        k = choose(spec, group, config.replace(prefill_kernel="mma"), cc)
         return k, build(k)
+
+
+def kernel_builder(device: int) -> Callable[[PrefillKernel], Any]:
+    """``build`` for `prefill_function` on ``device``: the shared memory checked against
+    the device's CTA limit, then the compiled function (`kernels.get_kernel`)."""
+
+    def build(k: PrefillKernel) -> Any:
+        check_fits(k.smem, kernels.device_attributes(device), k.file)
+        return kernels.get_kernel(k.file, k.func, k.defines, device, k.arch)
+
+    return build
 
 
 def prefill_tiles(query_lens: np.ndarray, seq_lens: np.ndarray, rows: int, own: Any = None) -> np.ndarray:
@@ -180,12 +195,7 @@ def prefill_launch(plan: Any, group: int, cells: dict[str, Any], config: KernelC
     from cupy.cuda import runtime
 
     spec, dev = plan.spec, plan.device
-
-    def build(k: PrefillKernel) -> Any:
-        check_fits(k.smem, kernels.device_attributes(dev), k.file)
-        return kernels.get_kernel(k.file, k.func, k.defines, dev, k.arch)
-
-    k, fn = prefill_function(spec, group, config, kernels.compute_capability(dev), build)
+    k, fn = prefill_function(spec, group, config, kernels.compute_capability(dev), kernel_builder(dev))
     smem = k.smem
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem

@@ -1,0 +1,369 @@
+// kvpager_wgmma_tile.cuh: the steps the wgmma attention kernels share
+// (paged_prefill_sm90.cu, cascade_prefix_sm90.cu): the K/V tile gather into
+// the 128-byte-swizzled layout, S = Q K^T, soft cap, the online softmax with
+// O += P V, the copy pipeline (cp.async by every thread, or a producer
+// warpgroup with mbarriers: WS) and the loop over a run of K/V tiles in each of
+// its forms (plain, OVERLAP, WS, WS + OVERLAP), and the final row sums and
+// float32 row stores. Each kernel keeps what is its own: the Q rows it gathers,
+// the masks of its scores (a functor the loop calls after the soft cap) and
+// where its rows go.
+//
+// Here too the knobs both kernels take (-D: WG, BN, STAGES, VN, OVERLAP, WS) with
+// their defaults, and the constants and checks they derive. Include it after
+// kvpager_common.cuh, kvpager_mma.cuh, kvpager_wgmma.cuh and the defaults of
+// HEAD_DIM, BLOCK_SIZE and GROUP (the loader pastes headers and does not
+// nest). Accumulator layout (m64nN, per thread): n8
+// block n holds (row gid, columns 8n + 2 tig + {0,1}) at [4n], [4n + 1] and
+// (row gid + 8, same columns) at [4n + 2], [4n + 3]. Functors are plain (not
+// generic) lambdas: NVRTC 13.0 takes generic ones in device code for host functions.
+#pragma once
+
+#ifndef WG
+#define WG 2  // warpgroups (64 query rows each) per CTA
+#endif
+#ifndef BN
+#define BN 64  // K/V positions per tile (the N of S = Q K^T)
+#endif
+#ifndef STAGES
+#define STAGES 3
+#endif
+#ifndef VN
+#define VN HEAD_DIM  // N of one O += P V instruction: HEAD_DIM (one), or 64 (one per 64 dims)
+#endif
+#ifndef OVERLAP
+#define OVERLAP 0  // 1: S of the next K/V tile runs during this tile's softmax (STAGES >= 3)
+#endif
+#ifndef WS
+#define WS 0  // 1: a producer warpgroup copies K/V, the other two only compute (mbarriers, no CTA barrier)
+#endif
+
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL) && !defined(__CUDACC_RTC__)
+#error "the wgmma kernels need the sm_90a target"
+#endif
+
+constexpr int D = HEAD_DIM;
+constexpr int BM = 64 * WG;
+constexpr int NC = 128 * WG;            // consumer (MMA) threads
+constexpr int NT = NC + (WS ? 128 : 0); // + the producer warpgroup
+#if WS
+// Registers move from the producer warpgroup to the consumers (setmaxnreg): the CTA is
+// compiled for 65536 / 384 = 168 a thread, the producer keeps 56, the consumers get 224.
+constexpr int PRODUCER_REGS = 56, CONSUMER_REGS = 224;
+#endif
+constexpr int CPR = D / 8;              // 16-byte chunks per row
+constexpr int KV_TILE = BN * D * 2;     // bytes of one K or V tile
+static_assert(D == 64 || D == 128, "the wgmma kernels take head dims 64 and 128");
+static_assert(BN == 64 || BN == 128, "BN is 64 or 128");
+static_assert(WG == 1 || WG == 2, "WG is 1 or 2");
+static_assert(VN == D || VN == 64, "VN is HEAD_DIM or 64");
+static_assert(!OVERLAP || STAGES >= 3, "OVERLAP keeps two tiles resident: STAGES >= 3");
+static_assert(!WS || WG == 2, "WS: two consumer warpgroups and a producer warpgroup");
+static_assert(BM % GROUP == 0, "a tile holds whole query tokens (members)");
+
+// The dynamic shared memory of a CTA: the Q tile (BM rows), then STAGES K tiles and STAGES
+// V tiles of BN rows, each in the SW128 layout, from the first 1024-byte boundary (the
+// hardware applies the swizzle from address bits 7-9): pointers and shared addresses.
+struct WgSmem {
+    unsigned char *q, *k, *v;
+    unsigned q_addr, k_addr, v_addr;
+};
+__device__ __forceinline__ WgSmem wg_smem(unsigned char* raw) {
+    const unsigned raw_addr = smem_addr(raw);
+    const unsigned base = (raw_addr + 1023u) & ~1023u;
+    WgSmem sm;
+    sm.q = raw + (base - raw_addr);
+    sm.k = sm.q + BM * D * 2;
+    sm.v = sm.k + STAGES * KV_TILE;
+    sm.q_addr = base;
+    sm.k_addr = base + BM * D * 2;
+    sm.v_addr = sm.k_addr + STAGES * KV_TILE;
+    return sm;
+}
+
+#if WS
+// The stages' mbarriers (WS): full[s] = [s], empty[s] = [STAGES + s]. One array per CTA
+// (a __shared__ variable of a function is static): every call returns the same.
+__device__ __forceinline__ unsigned long long* wg_barriers() {
+    __shared__ __align__(8) unsigned long long bars[2 * STAGES];
+    return bars;
+}
+#endif
+
+// A fresh accumulator: O = 0, row max -inf, row sum 0 (both of this thread's rows).
+__device__ __forceinline__ void wg_init(float* o, float* m, float* l) {
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    m[0] = m[1] = NEG_INF;
+    l[0] = l[1] = 0.f;
+}
+
+// K/V tile t (positions t * BN ...) of ``table``'s sequence -> the stage at ks / vs: the
+// positions in [lo, hi), the rest zero-filled; copied by ``n`` threads of which this is
+// number ``me`` (``n`` is a constant at every call, after inlining).
+__device__ __forceinline__ void wg_load_kv(unsigned char* ks, unsigned char* vs, const st_t* __restrict__ pool,
+                                           const int* __restrict__ table, long long block_stride,
+                                           long long k_off, long long v_off, int t, int lo, int hi,
+                                           int me, int n) {
+#pragma unroll 4
+    for (int c = me; c < BN * CPR; c += n) {
+        const int r = c / CPR, ch = c % CPR;
+        const int pos = t * BN + r;
+        const bool ok = pos < hi && pos >= lo;
+        long long row = 0;
+        if (ok) row = (long long)table[pos / BLOCK_SIZE] * block_stride + (pos % BLOCK_SIZE) * D + ch * 8;
+        const int off = sw128_offset(BN, r, ch);
+        cp_async16(ks + off, pool + (ok ? row + k_off : 0), ok);
+        cp_async16(vs + off, pool + (ok ? row + v_off : 0), ok);
+    }
+}
+
+// S = Q K^T of this warpgroup's 64 Q rows at q_wg (K-major A operand, SBO 1024) and the K
+// tile at k_st (issued and committed, not waited for): D / 16 k-steps, k-step kk is +32
+// bytes within a 64-value region.
+__device__ __forceinline__ void wg_issue_s(float* s, unsigned q_wg, unsigned k_st) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const unsigned qa = q_wg + (kk >> 2) * BM * 128 + (kk & 3) * 32;
+        const unsigned ka = k_st + (kk >> 2) * BN * 128 + (kk & 3) * 32;
+        wgmma_ss<BN>(s, sw128_desc(qa, 16, 1024), sw128_desc(ka, 16, 1024), kk > 0);
+    }
+    wgmma_commit();
+}
+
+// The online softmax (exp2) of the soft-capped, masked scores s of one tile, then O += P V
+// with the V tile at v_st (issued and committed, not waited for).
+__device__ __forceinline__ void wg_softmax_pv(float* s, float* o, float* m, float* l, float scale_log2,
+                                              unsigned v_st) {
+    // Row max in raw score units (scale > 0 keeps the order).
+    float mx0 = m[0], mx1 = m[1];
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+        mx0 = fmaxf(mx0, fmaxf(s[4 * n], s[4 * n + 1]));
+        mx1 = fmaxf(mx1, fmaxf(s[4 * n + 2], s[4 * n + 3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float u0 = mx0 == NEG_INF ? 0.f : mx0 * scale_log2;
+    const float u1 = mx1 == NEG_INF ? 0.f : mx1 * scale_log2;
+    const float c0 = exp2f(m[0] * scale_log2 - u0), c1 = exp2f(m[1] * scale_log2 - u1);
+    m[0] = mx0; m[1] = mx1;
+    l[0] *= c0; l[1] *= c1;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        o[4 * n] *= c0; o[4 * n + 1] *= c0; o[4 * n + 2] *= c1; o[4 * n + 3] *= c1;
+    }
+    // P = exp2(S * scale - m * scale), packed into A fragments (16 positions per k-step).
+    unsigned pa[BN / 16][4];
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+        const float e0 = exp2f(fmaf(s[4 * n], scale_log2, -u0));
+        const float e1 = exp2f(fmaf(s[4 * n + 1], scale_log2, -u0));
+        const float e2 = exp2f(fmaf(s[4 * n + 2], scale_log2, -u1));
+        const float e3 = exp2f(fmaf(s[4 * n + 3], scale_log2, -u1));
+        l[0] += e0 + e1; l[1] += e2 + e3;
+        pa[n >> 1][(n & 1) * 2 + 0] = pack2(e0, e1);
+        pa[n >> 1][(n & 1) * 2 + 1] = pack2(e2, e3);
+    }
+    // O += P V: BN / 16 k-steps of 16 positions (+2048 bytes each); N = VN values per
+    // instruction, LBO = a region (the next 64 dims), SBO 1024 (the next 8 positions).
+    fence_regs<D / 2>(o);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+        for (int c = 0; c < D / VN; ++c)
+            wgmma_rs<VN>(o + c * (VN / 2), pa[kk], sw128_desc(v_st + c * BN * 128 + kk * 2048, BN * 128, 1024));
+    wgmma_commit();
+}
+
+// Soft cap, the kernel's masks (mask(s, t)) and the softmax with O += P V of tile t.
+template <class Mask>
+__device__ __forceinline__ void wg_tile(float* s, int t, unsigned v_st, float* o, float* m, float* l,
+                                        float softcap, float scale_log2, Mask& mask) {
+    if (softcap > 0.f) {
+        const float inv = 1.f / softcap;
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) s[i] = softcap * tanhf(s[i] * inv);
+    }
+    mask(s, t);
+    wg_softmax_pv(s, o, m, l, scale_log2, v_st);
+}
+
+// Before the MMAs, after the consumer threads issued their Q tile's copies: without WS,
+// every thread issues the copies of the run's first STAGES - 1 tiles (load(t, stage, me, n);
+// the first group also holds the Q tile). With WS, thread 0 sets up the stages' mbarriers,
+// full (128 producer arrivals: each producer thread's copies landed and fenced for the
+// async proxy) and empty (NC consumer arrivals: its last reader's MMAs done); the producer
+// warpgroup then copies every tile of the run and this returns true (its work is done:
+// the caller returns), the consumers take its registers and wait for the Q tile.
+template <class Load>
+__device__ __forceinline__ bool wg_start(Load& load, int tid, int t_begin, int num_tiles) {
+#if !WS
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (t_begin + s < num_tiles) load(t_begin + s, s, tid, NT);
+        cp_commit();
+    }
+    return false;
+#else
+    unsigned long long* full_bar = wg_barriers();
+    unsigned long long* empty_bar = full_bar + STAGES;
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(smem_addr(&full_bar[s]), NT - NC);
+            mbar_init(smem_addr(&empty_bar[s]), NC);
+        }
+    }
+    __syncthreads();
+    if (tid >= NC) {  // the producer warpgroup; each thread signals a tile once the next is under way
+        setmaxnreg_dec<PRODUCER_REGS>();
+        int i = 0;
+        for (int t = t_begin; t < num_tiles; ++t, ++i) {
+            const int stage = i % STAGES;
+            if (i >= STAGES) mbar_wait(smem_addr(&empty_bar[stage]), ((i / STAGES) - 1) & 1);
+            load(t, stage, tid - NC, NT - NC);
+            cp_commit();
+            if (i > 0) {
+                cp_wait<1>();
+                fence_proxy_async();
+                mbar_arrive(smem_addr(&full_bar[(i - 1) % STAGES]));
+            }
+        }
+        if (i > 0) {
+            cp_wait<0>();
+            fence_proxy_async();
+            mbar_arrive(smem_addr(&full_bar[(i - 1) % STAGES]));
+        }
+        return true;
+    }
+    setmaxnreg_inc<CONSUMER_REGS>();
+    cp_commit();
+    cp_wait<0>();  // the Q tile
+    fence_proxy_async();
+    named_barrier_sync(1, NC);
+    return false;
+#endif
+}
+
+// The consumers' loop over K/V tiles [t_begin, num_tiles) (stage i % STAGES holds the run's
+// tile i; K tiles at k_addr, V tiles at v_addr, KV_TILE bytes apart): S = Q K^T, wg_tile,
+// each tile's MMAs waited for before its stage is given back. Without WS every thread also
+// issues the copies STAGES - 1 tiles ahead (load), with CTA barriers between them.
+template <class Load, class Mask>
+__device__ __forceinline__ void wg_attend(float* o, float* m, float* l, unsigned q_wg, unsigned k_addr,
+                                          unsigned v_addr, int t_begin, int num_tiles, float softcap,
+                                          float scale_log2, Load& load, Mask& mask, int tid) {
+    int st = 0;  // the stage of tile t
+#if WS
+    unsigned long long* full_bar = wg_barriers();
+    unsigned long long* empty_bar = full_bar + STAGES;
+#endif
+#if WS && OVERLAP
+    float s[BN / 2], sn[BN / 2];
+    if (t_begin < num_tiles) {
+        mbar_wait(smem_addr(&full_bar[0]), 0);
+        wg_issue_s(s, q_wg, k_addr);
+        wgmma_wait<0>();
+        fence_regs<BN / 2>(s);
+    }
+    for (int t = t_begin, i = 0; t < num_tiles; ++t, ++i) {
+        const int nst = st + 1 == STAGES ? 0 : st + 1;
+        const bool more = t + 1 < num_tiles;
+        if (more) {
+            mbar_wait(smem_addr(&full_bar[nst]), ((i + 1) / STAGES) & 1);
+            wg_issue_s(sn, q_wg, k_addr + nst * KV_TILE);
+        }
+        wg_tile(s, t, v_addr + st * KV_TILE, o, m, l, softcap, scale_log2, mask);
+        wgmma_wait<0>();
+        fence_regs<D / 2>(o);
+        fence_regs<BN / 2>(sn);
+        mbar_arrive(smem_addr(&empty_bar[st]));  // K (read last iteration) and V of tile t done
+        if (more) {
+#pragma unroll
+            for (int k = 0; k < BN / 2; ++k) s[k] = sn[k];
+        }
+        st = nst;
+    }
+#elif WS
+    for (int t = t_begin, i = 0; t < num_tiles; ++t, ++i) {
+        mbar_wait(smem_addr(&full_bar[st]), (i / STAGES) & 1);
+        float s[BN / 2];
+        wg_issue_s(s, q_wg, k_addr + st * KV_TILE);
+        wgmma_wait<0>();
+        fence_regs<BN / 2>(s);
+        wg_tile(s, t, v_addr + st * KV_TILE, o, m, l, softcap, scale_log2, mask);
+        wgmma_wait<0>();
+        fence_regs<D / 2>(o);
+        mbar_arrive(smem_addr(&empty_bar[st]));
+        st = st + 1 == STAGES ? 0 : st + 1;
+    }
+#elif OVERLAP
+    // S of tile t + 1 runs on the tensor cores while this warpgroup's softmax of tile t runs.
+    // Tiles t and t + 1 are resident at once, so the copies run STAGES - 2 tiles ahead.
+    float s[BN / 2], sn[BN / 2];
+    if (t_begin < num_tiles) {
+        cp_wait<STAGES - 2>();  // tile t_begin (and the Q tile) landed
+        fence_proxy_async();
+        __syncthreads();
+        wg_issue_s(s, q_wg, k_addr);
+        wgmma_wait<0>();
+        fence_regs<BN / 2>(s);
+    }
+    for (int t = t_begin; t < num_tiles; ++t) {
+        const int nst = st + 1 == STAGES ? 0 : st + 1;
+        cp_wait<STAGES - 3>();  // tile t + 1 landed
+        fence_proxy_async();
+        __syncthreads();        // ... for every thread; and tile t - 1's stage is read by no one
+        if (t + STAGES - 1 < num_tiles) load(t + STAGES - 1, st == 0 ? STAGES - 1 : st - 1, tid, NT);
+        cp_commit();
+        const bool more = t + 1 < num_tiles;
+        if (more) wg_issue_s(sn, q_wg, k_addr + nst * KV_TILE);
+        wg_tile(s, t, v_addr + st * KV_TILE, o, m, l, softcap, scale_log2, mask);
+        wgmma_wait<0>();
+        fence_regs<D / 2>(o);
+        fence_regs<BN / 2>(sn);
+        if (more) {
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) s[i] = sn[i];
+        }
+        st = nst;
+    }
+#else
+    for (int t = t_begin; t < num_tiles; ++t) {
+        if (t + STAGES - 1 < num_tiles) load(t + STAGES - 1, st == 0 ? STAGES - 1 : st - 1, tid, NT);
+        cp_commit();
+        cp_wait<STAGES - 1>();
+        fence_proxy_async();  // this thread's landed copies -> visible to wgmma
+        __syncthreads();
+        float s[BN / 2];
+        wg_issue_s(s, q_wg, k_addr + st * KV_TILE);
+        wgmma_wait<0>();
+        fence_regs<BN / 2>(s);
+        wg_tile(s, t, v_addr + st * KV_TILE, o, m, l, softcap, scale_log2, mask);
+        wgmma_wait<0>();
+        fence_regs<D / 2>(o);
+        __syncthreads();  // this stage is refilled STAGES - 1 iterations later
+        st = st + 1 == STAGES ? 0 : st + 1;
+    }
+#endif
+    cp_wait<0>();
+}
+
+// A row's softmax sum: this thread's share summed over its quad (all lanes must call it).
+__device__ __forceinline__ float wg_row_sum(float l) {
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    return l;
+}
+
+// This thread's values of accumulator row hf (0: gid, 1: gid + 8) times inv, as float32
+// into the row of D values at dst.
+__device__ __forceinline__ void wg_store_f32(float* dst, const float* o, int hf, float inv, int tig) {
+    float2* d2 = reinterpret_cast<float2*>(dst) + tig;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+        d2[n * 4] = make_float2(o[4 * n + 2 * hf] * inv, o[4 * n + 2 * hf + 1] * inv);
+}
