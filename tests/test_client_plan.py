@@ -7,21 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from client_plan_helpers import (
-    BS,
-    SPEC,
-    WAIT,
-    assert_mirrors_daemon,
-    write_random,
-)
+from client_plan_helpers import BS, SPEC, WAIT, assert_mirrors_daemon, write_random
 from daemon_helpers import running_server
 
 from kvpager.client import Client
-from kvpager.errors import (
-    InvalidArgument,
-    SequenceSwapped,
-    UnknownSequence,
-)
+from kvpager.errors import InvalidArgument, SequenceSwapped, UnknownSequence
 from kvpager.spec import PoolSpec
 
 
