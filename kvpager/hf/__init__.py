@@ -8,11 +8,12 @@ Install with ``pip install 'kvpager[torch]'`` (torch and transformers), then::
     pool = KVPool(spec_for_model(model, num_blocks=4096))
     outputs = generate(model, pool, [prompt_ids, ...], max_new_tokens=64)
 
-Modules: `kvpager.hf.generation` (the attention function, step plans,
-`PagedGeneration`, `generate`), `kvpager.hf.model` (windows, attention
-arguments, the default salt), `kvpager.hf.fp8` (FP8 scales calibrated from a
-sample prompt), `kvpager.hf.graphs` (CUDA graphs of the decode
-step). ``import kvpager`` never imports this package (nor torch).
+Modules: `kvpager.hf.generation` (step plans, `PagedGeneration`,
+`generate`), `kvpager.hf.attention` (the attention function, the packed forward
+pass), `kvpager.hf.model` (windows, attention arguments, the default salt, the
+KV geometry), `kvpager.hf.fp8` (FP8 scales calibrated from a sample prompt),
+`kvpager.hf.graphs` (CUDA graphs of the decode step). ``import kvpager``
+never imports this package (nor torch).
 """
 
 try:

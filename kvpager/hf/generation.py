@@ -1,18 +1,11 @@
-"""Hugging Face transformers on kvpager: a causal LM whose KV cache lives in a kvpager pool.
-
-The model runs unchanged; only its attention function is swapped. A forward
-pass takes the batch's new tokens packed into one row (no padding), each with
-its own position id, and every attention layer
-
-1. writes the step's K/V into the pool at the slots kvpager handed out
-   (``pool.write(layer, slots, k, v)``), then
-2. returns ``pool.attend(layer, seq_ids, q, query_lens)``: paged attention of
-   the new tokens over everything their sequences hold, causal within them.
+"""Hugging Face transformers on kvpager: greedy generation of a causal LM whose KV cache lives in a kvpager pool.
 
 The pool is any object with `KVPool`'s methods: an embedded `kvpager.KVPool`
 or a daemon client. Sequences are allocated with their prompt ids, so a
 prompt whose leading blocks another worker already computed (under the same
-salt) starts from them: only the uncached tail goes through the model.
+salt) starts from them: only the uncached tail goes through the model. Each
+forward pass runs on one step plan (`kvpager.hf.attention`: the attention
+function, the packed forward pass).
 
 Usage::
 
@@ -21,202 +14,46 @@ Usage::
 
 Supported: decoder-only models whose attention modules go through
 transformers' ``AttentionInterface`` (Llama, Mistral, Mixtral, Qwen2, Qwen3,
-Gemma-2, Gemma-3, Phi-3, Starcoder2, ...): full and sliding-window layers (each
-layer's window as transformers applies it), Gemma-2's logit soft cap, greedy
-decoding. Every keyword argument transformers passes to the attention function
-is honoured or refused by name (see `kvpager.hf.model`).
+Gemma-2, Gemma-3, Phi-3, Starcoder2, ...): full and sliding-window layers,
+Gemma-2's logit soft cap, greedy decoding. This module also gives the names of
+`kvpager.hf.attention` and the model helpers of `kvpager.hf.model` (their old home).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import AttentionInterface
 
-from kvpager.hf.model import ABSENT, check_call, default_salt, layer_windows
-from kvpager.spec import PoolSpec, dtype_name
+# Re-exported: this module was their home, and `clients/kvpager_hf.py` is this module object.
+from kvpager.hf.attention import (  # noqa: F401
+    ATTN_IMPLEMENTATION,
+    PagedBatch,
+    _no_mask,
+    _set_attn,
+    _to_pool,
+    kvpager_attention,
+    paged_attention,
+    paged_forward,
+    register,
+)
+from kvpager.hf.model import (  # noqa: F401
+    ABSENT,
+    check_call,
+    check_model,
+    default_salt,
+    layer_windows,
+    model_geometry,
+    spec_for_model,
+)
+from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
 
 __all__ = ["PagedBatch", "PagedGeneration", "default_salt", "generate", "layer_windows", "spec_for_model"]
 
-ATTN_IMPLEMENTATION = "kvpager"
-
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-@dataclass
-class PagedBatch:
-    """What the attention layers of one forward pass need from kvpager: the
-    step's plan (block tables, lengths and slots, uploaded once). Passed to the
-    model as the ``kvpager`` keyword argument."""
-
-    plan: Any  # kvpager.plan.StepPlan
-    dtype: torch.dtype  # the pool's dtype
-    device: torch.device  # where the pool's tensors live (cpu, or its GPU)
-    windows: Sequence[int | None] | None = None  # per layer (`layer_windows`); None: as transformers passes them
-
-    def __post_init__(self) -> None:
-        self.on_cpu = self.device.type == "cpu"
-
-
-def _to_pool(x: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
-    """[T, heads, head_dim] in the pool's dtype and on its device (a no-op for
-    a model on the pool's GPU in the pool's dtype: two attribute reads)."""
-    if x.dtype is not batch.dtype:
-        x = x.to(batch.dtype)
-    if x.is_cuda == batch.on_cpu:  # another GPU than the pool's is the plan's error to raise
-        x = x.to(batch.device)
-    return x
-
-
-def kvpager_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    kvpager: PagedBatch | None = None,
-    sliding_window: Any = ABSENT,
-    softcap: float | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """An ``AttentionInterface`` function: store this layer's K/V in the pool and
-    attend over the pool, through the step's plan. query [1, Hq, T, D],
-    key/value [1, Hkv, T, D] (the packed row); returns [1, T, Hq, D]. The
-    attention mask is not used: the plan knows each sequence's extent and
-    attends causally, within the layer's sliding window if it has one, scores
-    soft-capped by ``softcap`` if given. Any other argument that would change
-    the result is refused (`kvpager.hf.model.check_call`)."""
-    if kvpager is None:
-        raise RuntimeError(
-            f"attn_implementation={ATTN_IMPLEMENTATION!r} needs the kvpager=PagedBatch(...) "
-            "keyword in the forward call; use kvpager.hf.generate"
-        )
-    if query.shape[0] != 1:
-        raise ValueError(f"kvpager attention takes one packed row, got batch size {query.shape[0]}")
-    batch = kvpager
-    layer = module.layer_idx
-    if batch.windows is not None:
-        window = batch.windows[layer]
-    else:
-        window = None if sliding_window is ABSENT else sliding_window
-    if kwargs or dropout or sliding_window != window or key.shape != value.shape or key.shape[2] != query.shape[2] \
-            or key.shape[3] != query.shape[3]:
-        check_call(layer, query, key, value, dropout, sliding_window, window, kwargs)
-    # [1, H, T, D] -> [T, H, D]: a view; the projections' layout makes it dense.
-    batch.plan.write(layer, _to_pool(key[0].transpose(0, 1), batch), _to_pool(value[0].transpose(0, 1), batch))
-    out = batch.plan.attend(layer, _to_pool(query[0].transpose(0, 1), batch), scaling, window=window,
-                            softcap=softcap)
-    if out.dtype is not query.dtype or out.is_cuda != query.is_cuda:
-        out = out.to(device=query.device, dtype=query.dtype)
-    return out.unsqueeze(0), None
-
-
-def paged_forward(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                  logits_to_keep: Any = 0) -> torch.Tensor:
-    """One forward pass of ``model`` (switched to kvpager attention) over a packed
-    row; returns the greedy next token of each kept position. Nothing here waits
-    for the device, so a CUDA graph can capture it."""
-    # A 4-D mask is taken as given: transformers builds none (no work, no host sync).
-    mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=input_ids.device)
-    out = model(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        attention_mask=mask,
-        use_cache=False,
-        logits_to_keep=logits_to_keep,
-        kvpager=batch,
-    )
-    return out.logits[0].argmax(dim=-1)
-
-
-def _no_mask(*args: Any, **kwargs: Any) -> None:
-    """The mask function paired with kvpager attention: it needs none."""
-    return None
-
-
-def register() -> None:
-    """Make ``attn_implementation="kvpager"`` known to transformers (idempotent)."""
-    AttentionInterface.register(ATTN_IMPLEMENTATION, kvpager_attention)
-    try:
-        from transformers import AttentionMaskInterface
-    except ImportError:  # older releases build an sdpa-style mask, which is ignored
-        return
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
-
-
-register()
-
-
-@contextlib.contextmanager
-def paged_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Switch ``model`` to kvpager attention for the duration of the block."""
-    previous = model.config._attn_implementation
-    if previous == ATTN_IMPLEMENTATION:
-        yield
-        return
-    _set_attn(model, ATTN_IMPLEMENTATION)
-    try:
-        yield
-    finally:
-        _set_attn(model, previous)
-
-
-def _set_attn(model: torch.nn.Module, name: str) -> None:
-    """Switch the attention function. The attention modules read it from the
-    (shared) config at call time, so the config's setter, which also reaches
-    sub-configs, is enough: ``set_attn_implementation`` walks every module and
-    costs about a millisecond a switch, twice per forward pass."""
-    model.config._attn_implementation = name
-
-
-def model_geometry(config: Any) -> dict[str, int]:
-    """Layers, KV heads and head dim of a transformers config, as `PoolSpec` names them."""
-    heads = config.num_attention_heads
-    return dict(
-        num_layers=config.num_hidden_layers,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-    )
-
-
-def spec_for_model(
-    model: Any, num_blocks: int, block_size: int = 16, dtype: Any = None, num_host_blocks: int = 0,
-    kv_dtype: str | None = None, kv_scales: Any = None,
-) -> PoolSpec:
-    """A `PoolSpec` matching ``model``'s KV geometry (dtype: the model's unless given).
-    ``kv_dtype`` "float8_e4m3" / "float8_e5m2": an FP8 pool, its ``kv_scales`` given
-    (e.g. from `kvpager.hf.calibrate_kv_scales`) or all 1.0."""
-    config = model.config
-    if dtype is None:
-        dtype = next(model.parameters()).dtype
-    return PoolSpec(
-        **model_geometry(config),
-        num_blocks=num_blocks,
-        block_size=block_size,
-        dtype=dtype_name(dtype),
-        num_host_blocks=num_host_blocks,
-        kv_dtype=kv_dtype,
-        kv_scales=kv_scales,
-    )
-
-
-def check_model(model: Any, pool: Any) -> list[int | None]:
-    """The model's per-layer sliding windows (`layer_windows`), after checking
-    that kvpager can attend for it and that ``pool`` has its KV geometry."""
-    windows = layer_windows(model)
-    want = model_geometry(model.config)
-    spec = pool.spec
-    have = {k: getattr(spec, k) for k in want}
-    if have != want:
-        raise ValueError(f"pool geometry {have} does not match the model's {want}")
-    return windows
 
 
 @dataclass

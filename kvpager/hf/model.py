@@ -6,7 +6,9 @@
 - `check_call`: the keyword arguments transformers passes to an attention
   function, each honoured or refused by name: nothing is dropped silently;
 - `default_salt`: a prefix-cache salt derived from every weight, so
-  different weights never share cached K/V.
+  different weights never share cached K/V;
+- `model_geometry`, `spec_for_model`, `check_model`: the model's KV geometry
+  as a `PoolSpec`, and a pool checked against it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+
+from kvpager.spec import PoolSpec, dtype_name
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 ABSENT: Any = object()  # an attention argument transformers did not pass
@@ -174,3 +178,46 @@ def _cache_key(named: list[tuple[str, torch.Tensor]], config: bytes) -> tuple[An
             by_kind.setdefault((s.device, s.dtype), []).append(s)
         sample = b"".join(_tensor_digest(torch.cat(v)) for v in by_kind.values())
     return meta, config, sample
+
+
+def model_geometry(config: Any) -> dict[str, int]:
+    """Layers, KV heads and head dim of a transformers config, as `PoolSpec` names them."""
+    heads = config.num_attention_heads
+    return dict(
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+    )
+
+
+def spec_for_model(
+    model: Any, num_blocks: int, block_size: int = 16, dtype: Any = None, num_host_blocks: int = 0,
+    kv_dtype: str | None = None, kv_scales: Any = None,
+) -> PoolSpec:
+    """A `PoolSpec` matching ``model``'s KV geometry (dtype: the model's unless given).
+    ``kv_dtype`` "float8_e4m3" / "float8_e5m2": an FP8 pool, its ``kv_scales`` given
+    (e.g. from `kvpager.hf.calibrate_kv_scales`) or all 1.0."""
+    config = model.config
+    if dtype is None:
+        dtype = next(model.parameters()).dtype
+    return PoolSpec(
+        **model_geometry(config),
+        num_blocks=num_blocks,
+        block_size=block_size,
+        dtype=dtype_name(dtype),
+        num_host_blocks=num_host_blocks,
+        kv_dtype=kv_dtype,
+        kv_scales=kv_scales,
+    )
+
+
+def check_model(model: Any, pool: Any) -> list[int | None]:
+    """The model's per-layer sliding windows (`layer_windows`), after checking
+    that kvpager can attend for it and that ``pool`` has its KV geometry."""
+    windows = layer_windows(model)
+    want = model_geometry(model.config)
+    spec = pool.spec
+    have = {k: getattr(spec, k) for k in want}
+    if have != want:
+        raise ValueError(f"pool geometry {have} does not match the model's {want}")
+    return windows

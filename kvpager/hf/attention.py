@@ -1,0 +1,159 @@
+"""kvpager attention inside a transformers model: the attention function and the forward pass.
+
+The model runs unchanged; only its attention function is swapped. A forward
+pass takes the batch's new tokens packed into one row (no padding), each with
+its own position id, and every attention layer
+
+1. writes the step's K/V into the pool at the slots kvpager handed out
+   (``plan.write(layer, k, v)``), then
+2. returns ``plan.attend(layer, q, ...)``: paged attention of the new tokens
+   over everything their sequences hold, causal within them.
+
+`register` makes ``attn_implementation="kvpager"`` known to transformers (done
+on import); `paged_attention` switches a model to it for a block; `paged_forward`
+runs one pass with the step's `PagedBatch`. Every keyword argument transformers
+passes to the attention function is honoured or refused by name (see
+`kvpager.hf.model`). `kvpager.hf.generation` drives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+
+from kvpager.hf.model import ABSENT, check_call
+
+ATTN_IMPLEMENTATION = "kvpager"
+
+
+@dataclass
+class PagedBatch:
+    """What the attention layers of one forward pass need from kvpager: the
+    step's plan (block tables, lengths and slots, uploaded once). Passed to the
+    model as the ``kvpager`` keyword argument."""
+
+    plan: Any  # kvpager.plan.StepPlan
+    dtype: torch.dtype  # the pool's dtype
+    device: torch.device  # where the pool's tensors live (cpu, or its GPU)
+    windows: Sequence[int | None] | None = None  # per layer (`layer_windows`); None: as transformers passes them
+
+    def __post_init__(self) -> None:
+        self.on_cpu = self.device.type == "cpu"
+
+
+def _to_pool(x: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+    """[T, heads, head_dim] in the pool's dtype and on its device (a no-op for
+    a model on the pool's GPU in the pool's dtype: two attribute reads)."""
+    if x.dtype is not batch.dtype:
+        x = x.to(batch.dtype)
+    if x.is_cuda == batch.on_cpu:  # another GPU than the pool's is the plan's error to raise
+        x = x.to(batch.device)
+    return x
+
+
+def kvpager_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    kvpager: PagedBatch | None = None,
+    sliding_window: Any = ABSENT,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """An ``AttentionInterface`` function: store this layer's K/V in the pool and
+    attend over the pool, through the step's plan. query [1, Hq, T, D],
+    key/value [1, Hkv, T, D] (the packed row); returns [1, T, Hq, D]. The
+    attention mask is not used: the plan knows each sequence's extent and
+    attends causally, within the layer's sliding window if it has one, scores
+    soft-capped by ``softcap`` if given. Any other argument that would change
+    the result is refused (`kvpager.hf.model.check_call`)."""
+    if kvpager is None:
+        raise RuntimeError(
+            f"attn_implementation={ATTN_IMPLEMENTATION!r} needs the kvpager=PagedBatch(...) "
+            "keyword in the forward call; use kvpager.hf.generate"
+        )
+    if query.shape[0] != 1:
+        raise ValueError(f"kvpager attention takes one packed row, got batch size {query.shape[0]}")
+    batch = kvpager
+    layer = module.layer_idx
+    if batch.windows is not None:
+        window = batch.windows[layer]
+    else:
+        window = None if sliding_window is ABSENT else sliding_window
+    if kwargs or dropout or sliding_window != window or key.shape != value.shape or key.shape[2] != query.shape[2] \
+            or key.shape[3] != query.shape[3]:
+        check_call(layer, query, key, value, dropout, sliding_window, window, kwargs)
+    # [1, H, T, D] -> [T, H, D]: a view; the projections' layout makes it dense.
+    batch.plan.write(layer, _to_pool(key[0].transpose(0, 1), batch), _to_pool(value[0].transpose(0, 1), batch))
+    out = batch.plan.attend(layer, _to_pool(query[0].transpose(0, 1), batch), scaling, window=window,
+                            softcap=softcap)
+    if out.dtype is not query.dtype or out.is_cuda != query.is_cuda:
+        out = out.to(device=query.device, dtype=query.dtype)
+    return out.unsqueeze(0), None
+
+
+def paged_forward(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                  logits_to_keep: Any = 0) -> torch.Tensor:
+    """One forward pass of ``model`` (switched to kvpager attention) over a packed
+    row; returns the greedy next token of each kept position. Nothing here waits
+    for the device, so a CUDA graph can capture it."""
+    # A 4-D mask is taken as given: transformers builds none (no work, no host sync).
+    mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=input_ids.device)
+    out = model(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=mask,
+        use_cache=False,
+        logits_to_keep=logits_to_keep,
+        kvpager=batch,
+    )
+    return out.logits[0].argmax(dim=-1)
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    """The mask function paired with kvpager attention: it needs none."""
+    return None
+
+
+def register() -> None:
+    """Make ``attn_implementation="kvpager"`` known to transformers (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, kvpager_attention)
+    try:
+        from transformers import AttentionMaskInterface
+    except ImportError:  # older releases build an sdpa-style mask, which is ignored
+        return
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
+
+
+register()
+
+
+@contextlib.contextmanager
+def paged_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Switch ``model`` to kvpager attention for the duration of the block."""
+    previous = model.config._attn_implementation
+    if previous == ATTN_IMPLEMENTATION:
+        yield
+        return
+    _set_attn(model, ATTN_IMPLEMENTATION)
+    try:
+        yield
+    finally:
+        _set_attn(model, previous)
+
+
+def _set_attn(model: torch.nn.Module, name: str) -> None:
+    """Switch the attention function. The attention modules read it from the
+    (shared) config at call time, so the config's setter, which also reaches
+    sub-configs, is enough: ``set_attn_implementation`` walks every module and
+    costs about a millisecond a switch, twice per forward pass."""
+    model.config._attn_implementation = name

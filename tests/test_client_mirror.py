@@ -1,0 +1,212 @@
+"""A worker's mirror of its block tables (`Client` + `TableMirror`) against the daemon, op by op.
+
+After a scripted walk through allocate / append (one and several tokens,
+copy-on-write after fork) / fork / truncate / swap / free, the mirror gathers
+exactly the tables the daemon's `tables` op answers and attention through it
+equals the daemon's; a failed op changes nothing; an op without an outcome,
+a closed, lost or expired session drop what the mirror followed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from client_plan_helpers import (
+    BS,
+    SPEC,
+    WAIT,
+    assert_mirrors_daemon,
+    assert_unchanged,
+    attend_both,
+    snapshot,
+    write_random,
+)
+from daemon_helpers import ipc_endpoint, running_server, wait_until
+
+from kvpager.client import Client
+from kvpager.errors import (
+    InvalidArgument,
+    NotSwapped,
+    OutOfBlocks,
+    ProtocolError,
+    RequestTimeout,
+    SequenceSwapped,
+    SessionLost,
+    UnknownSequence,
+)
+from kvpager.protocol import decode_tables, pack, unpack
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server(SPEC, heartbeat_timeout=60) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    with Client(server.endpoint, timeout=WAIT, heartbeat=False) as c:
+        yield c
+
+
+def test_decode_tables_checks_its_shapes():
+    tables, lens = np.zeros((2, 3), np.int32), np.array([5, 9], np.int32)
+    got = decode_tables(unpack(pack([tables, lens])))
+    np.testing.assert_array_equal(got[0], tables)
+    np.testing.assert_array_equal(got[1], lens)
+    for bad in (None, [tables], [tables, lens[:1]], [lens, lens], [tables, [5, 9]]):
+        with pytest.raises(ProtocolError):
+            decode_tables(bad)
+
+
+# -- a scripted walk through every op ------------------------------------------------------
+def test_every_op_keeps_the_mirror_exact(client):
+    c, rng = client, np.random.default_rng(0)
+    a, b, e = c.allocate([list(range(10)), list(range(8)), []])
+    assert_mirrors_daemon(c)
+    write_random(c, np.concatenate([a.slots, b.slots]), rng)
+    c.commit([a.seq_id, b.seq_id])
+    [kids] = c.fork([a.seq_id], 3)
+    assert_mirrors_daemon(c)
+    # copy-on-write of the shared, partly filled last block; several tokens; empty
+    c.append(kids + [a.seq_id, e.seq_id], [1, 3, 7, 2, 5], [[1], [2, 3, 4], None, None, None])
+    assert_mirrors_daemon(c)
+    c.append(kids + [b.seq_id])  # decode: a new block for b at its boundary
+    assert_mirrors_daemon(c)
+    c.append_flat([kids[0]], [0])
+    c.truncate([kids[1], kids[2], e.seq_id], [3, 9, 0])
+    assert_mirrors_daemon(c)
+    c.swap_out([kids[0], b.seq_id])
+    assert_mirrors_daemon(c)
+    c.append([kids[1]], 6)
+    c.swap_in([b.seq_id, kids[0]])
+    assert_mirrors_daemon(c)
+    attend_both(c, [a.seq_id, b.seq_id, kids[0], kids[1]], [1, 2, 1, 4], rng)
+    c.free([kids[2], b.seq_id])
+    assert_mirrors_daemon(c)
+    c.check_integrity()
+
+
+def test_swap_in_reply_carries_the_new_tables(client):
+    [a] = client.allocate([list(range(10))])
+    client.swap_out(a.seq_id)
+    got = client._call("swap_in", {"seq_ids": [a.seq_id]})
+    want = client._call("tables", {"seq_ids": [a.seq_id]})
+    for x, y in zip(got, want):
+        np.testing.assert_array_equal(x, y)
+    client._mirror.forget([a.seq_id])  # swapped in behind the mirror's back
+
+
+def test_swap_in_from_an_older_daemon(server, client, monkeypatch):
+    """A daemon whose swap_in answers nil: the client asks for the tables."""
+    op = server._handlers["swap_in"]
+    monkeypatch.setitem(server._handlers, "swap_in", lambda s, a: op(s, a) and None)
+    [a] = client.allocate([list(range(10))])
+    client.swap_out([a.seq_id])
+    client.swap_in([a.seq_id])
+    assert_mirrors_daemon(client)
+
+
+# -- failures change nothing ----------------------------------------------------------------
+def test_failed_ops_leave_the_mirror_unchanged(client):
+    c = client
+    a, b = c.allocate([list(range(9)), list(range(100, 104))])
+    [[kid]] = c.fork([a.seq_id])
+    c.swap_out([b.seq_id])
+    before = snapshot(c)
+    failing = [
+        (OutOfBlocks, lambda: c.append([a.seq_id, kid], [2, BS * SPEC.num_blocks])),
+        (OutOfBlocks, lambda: c.allocate([[1] * 8, [2] * (BS * SPEC.num_blocks)])),
+        (UnknownSequence, lambda: c.append([a.seq_id, 10**6])),
+        (UnknownSequence, lambda: c.free([kid, 10**6])),
+        (UnknownSequence, lambda: c.truncate([a.seq_id, 10**6], 1)),
+        (UnknownSequence, lambda: c.fork([a.seq_id, 10**6])),
+        (UnknownSequence, lambda: c.swap_out([a.seq_id, 10**6])),
+        (InvalidArgument, lambda: c.append([a.seq_id, a.seq_id])),
+        (InvalidArgument, lambda: c.truncate([a.seq_id, kid], [1, 100])),
+        (InvalidArgument, lambda: c.append([a.seq_id, kid], [1, 2, 3])),
+        (InvalidArgument, lambda: c.fork([a.seq_id], 0)),
+        (SequenceSwapped, lambda: c.append([a.seq_id, b.seq_id])),
+        (SequenceSwapped, lambda: c.truncate([b.seq_id], 1)),
+        (NotSwapped, lambda: c.swap_in([b.seq_id, a.seq_id])),
+        (InvalidArgument, lambda: c.free("x")),
+    ]
+    for error, op in failing:
+        with pytest.raises(error):
+            op()
+        assert_unchanged(before, c)
+    assert_mirrors_daemon(c)
+
+
+def test_swap_out_beyond_the_host_pool_changes_nothing(client):
+    seqs = client.allocate([[7] * (BS * 5)] * 3)  # 15 exclusive blocks, 12 host blocks
+    before = snapshot(client)
+    with pytest.raises(OutOfBlocks):
+        client.swap_out([s.seq_id for s in seqs])
+    assert_unchanged(before, client)
+    assert_mirrors_daemon(client)
+
+
+def test_an_op_without_an_outcome_forgets_its_sequences(client, monkeypatch):
+    """No reply in time, though the daemon applied the append: those sequences'
+    tables come from the daemon again, still exact."""
+    a, b = client.allocate([list(range(6)), list(range(5))])
+    real = client._chan.request
+
+    def applied_then_lost(body, rid, op, timeout):
+        reply = real(body, rid, op, timeout)
+        if op == "append":
+            raise RequestTimeout("no reply (test)")
+        return reply
+
+    monkeypatch.setattr(client._chan, "request", applied_then_lost)
+    with pytest.raises(RequestTimeout):
+        client.append([a.seq_id])
+    monkeypatch.undo()
+    assert a.seq_id not in client._mirror and b.seq_id in client._mirror
+    tables, lens = client.tables([a.seq_id, b.seq_id])  # from the daemon
+    want = client._call("tables", {"seq_ids": [a.seq_id, b.seq_id]})
+    np.testing.assert_array_equal(tables, want[0])
+    assert lens.tolist() == [7, 5]
+    client.append([a.seq_id, b.seq_id], [2, 3])  # updates the one it still follows
+    np.testing.assert_array_equal(client._mirror.gather([b.seq_id])[0],
+                                  client._call("tables", {"seq_ids": [b.seq_id]})[0])
+    client.free([a.seq_id])
+
+
+# -- the session's end ----------------------------------------------------------------------
+def test_close_clears_the_mirror(server):
+    c = Client(server.endpoint, timeout=WAIT, heartbeat=False)
+    [a] = c.allocate([[1, 2, 3]])
+    c.close()
+    assert len(c._mirror) == 0
+    with pytest.raises(SessionLost):
+        c.tables([a.seq_id])
+
+
+def test_lost_session_clears_the_mirror():
+    """A restarted daemon: the heartbeat notices, the mirror is not read again,
+    and the next call says why and drops it."""
+    endpoint, _ = ipc_endpoint()
+    with running_server(SPEC, endpoint=endpoint, heartbeat_timeout=0.6):
+        c = Client(endpoint, timeout=WAIT)
+        [a] = c.allocate([[1, 2, 3]])
+    with running_server(SPEC, endpoint=endpoint, heartbeat_timeout=0.6):
+        assert wait_until(lambda: c._lost, WAIT)
+        with pytest.raises(SessionLost, match="restarted"):
+            c.tables([a.seq_id])
+        assert len(c._mirror) == 0
+        c.close()
+
+
+def test_expired_session_fails_the_next_op_and_clears_the_mirror():
+    with running_server(SPEC, heartbeat_timeout=0.5) as server:
+        c = Client(server.endpoint, timeout=WAIT, heartbeat=False)
+        [a] = c.allocate([[1, 2, 3]])
+        with Client(server.endpoint, timeout=WAIT) as obs:
+            assert wait_until(lambda: obs.stats().num_sequences == 0, WAIT)
+        with pytest.raises(SessionLost):
+            c.append([a.seq_id])
+        assert len(c._mirror) == 0
+        with pytest.raises(SessionLost):
+            c.tables([a.seq_id])
+        c.close()

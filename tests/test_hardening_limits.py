@@ -1,0 +1,192 @@
+"""Issue 11, a loop that cannot be stalled and bounds on everything a client
+asks: healthy sessions outliving a slow request, requests, sessions, staging
+bytes and kept replies bounded, capacity checked before hashing, many sessions
+expiring at once, sequences listed a page at a time. Each test is an attack
+that once worked against a CPU daemon; bounded waits, free endpoints."""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import numpy as np
+import pytest
+from daemon_helpers import SMALL, Raw, req, running_server, wait_until
+
+from kvpager.client import Client
+from kvpager.errors import LimitExceeded, OutOfBlocks
+from kvpager.limits import Limits
+
+
+@pytest.fixture
+def server():
+    with running_server(SMALL, heartbeat_timeout=30) as s:
+        yield s
+
+
+def test_a_slow_request_does_not_expire_healthy_sessions(monkeypatch):
+    """D9: one slow request kept the loop busy longer than the heartbeat
+    timeout; then every healthy session was expired before its queued
+    heartbeats were read."""
+    with running_server(SMALL, heartbeat_timeout=1.0) as server:
+        clients = [Client(server.endpoint) for _ in range(3)]
+        try:
+            for c in clients:
+                c.allocate([[1, 2, 3]])
+            real = server._handlers["stats"]
+
+            def slow(s, a):
+                time.sleep(3.0)  # three heartbeat timeouts without reading a message
+                return real(s, a)
+
+            monkeypatch.setitem(server._handlers, "stats", slow)
+            with Client(server.endpoint, timeout=20) as obs:
+                obs.stats()
+                monkeypatch.setitem(server._handlers, "stats", real)
+                time.sleep(0.5)  # a few more expiry checks
+                for c in clients:
+                    c.heartbeat()  # still open
+                assert obs.stats().num_sequences == 3
+        finally:
+            for c in clients:
+                c.close()
+
+
+def test_requests_and_sessions_are_bounded(server):
+    """D4, D5, D9: caps on sequences per session, ids and tokens per request,
+    the client name; typed errors that name the setting; nothing changed."""
+    with Client(server.endpoint, timeout=30) as c:
+        t0 = time.monotonic()
+        with pytest.raises(LimitExceeded, match="KVPAGER_MAX_IDS") as e:
+            c._call("sequences", {"seq_ids": np.arange(1_200_000)})
+        assert e.value.limit == "ids" and e.value.maximum == 1 << 16
+        assert time.monotonic() - t0 < 5
+        with pytest.raises(LimitExceeded, match="KVPAGER_MAX_TOKENS"):
+            c.allocate([np.zeros(1 << 20, np.uint8), [1]])
+        with pytest.raises(LimitExceeded, match="KVPAGER_MAX_STAGING"):
+            c._call("staging", {"nbytes": (1 << 30) + 1})
+        assert c.stats().num_sequences == 0
+    with pytest.raises(LimitExceeded, match="KVPAGER_MAX_CLIENT_NAME"):
+        Client(server.endpoint, name="x" * 300)
+    with running_server(SMALL, limits=Limits(sequences=100, ids=64)) as small, \
+            Client(small.endpoint) as c:
+        [a] = c.allocate([[1, 2, 3]])
+        for _ in range(7):
+            [kids] = c.fork(a.seq_id, 14)  # 99 sequences now
+        with pytest.raises(LimitExceeded, match="KVPAGER_MAX_SEQUENCES"):
+            c.fork(a.seq_id, 2)
+        with pytest.raises(LimitExceeded, match="KVPAGER_MAX_SEQUENCES"):
+            c.allocate([[1], [2]])
+        with pytest.raises(LimitExceeded, match="KVPAGER_MAX_IDS"):
+            c.fork(a.seq_id, 65)
+        c.free(kids)
+        c.fork(a.seq_id, 14)  # room again
+        assert c.stats().num_sequences == 99
+        c.check_integrity()  # the session's count agrees with the pool
+
+
+def test_staging_bytes_are_capped_in_all():
+    with running_server(SMALL, limits=Limits(staging=4 << 20, staging_total=6 << 20)) as server, \
+            Client(server.endpoint) as a, Client(server.endpoint) as b:
+        a._stage(4 << 20)
+        with pytest.raises(LimitExceeded, match="KVPAGER_MAX_STAGING_TOTAL"):
+            b._stage(4 << 20)
+        b._stage(1 << 20)
+        a.close()  # its buffer goes back
+        b._stage(4 << 20)
+
+
+def test_capacity_is_checked_before_hashing(monkeypatch):
+    """D6: share_in_batch hashed a whole 16M-token prompt before finding the
+    pool too small; now a prompt that cannot fit is refused before any hashing."""
+    with running_server(SMALL, limits=Limits(tokens=1 << 24)) as server, Client(server.endpoint) as c:
+        def hashing(*args, **kwargs):
+            raise AssertionError("the allocator was asked to hash a prompt that cannot fit")
+
+        monkeypatch.setattr(server.pool, "allocate", hashing)
+        with pytest.raises(OutOfBlocks) as e:
+            c.allocate([np.zeros(1 << 22, np.uint8)], share_in_batch=True)
+        assert e.value.needed == (1 << 22) // SMALL.block_size
+        assert e.value.available == SMALL.num_blocks - 1
+
+
+def test_sessions_and_kept_replies_are_bounded():
+    """D11 follow-up: a client opening session after session, or sending
+    mutating requests with huge replies, cannot grow the daemon's memory
+    without bound: hello past the sessions limit is refused (and admits again
+    once one closes); replies kept for retries stay within the byte limit, and
+    the retry of one too large to keep is told it ran, without running again."""
+    limits = Limits(sessions=3, kept=4096)
+    with running_server(SMALL, heartbeat_timeout=30, limits=limits) as server:
+        clients = [Client(server.endpoint) for _ in range(3)]
+        try:
+            with pytest.raises(LimitExceeded, match="sessions open at once"):
+                Client(server.endpoint)
+            clients.pop().close()
+            clients.append(Client(server.endpoint))  # a closed one makes room
+            c = clients[0]
+            raw = Raw(server.endpoint)
+            try:
+                small = req(21, "allocate", {"prompts": [[1, 2, 3]]}, session=c.session)
+                assert raw.recv_raw(small) == raw.recv_raw(small)  # kept: replayed
+                big = req(22, "allocate", {"prompts": [list(range(350))] * 2}, session=c.session)
+                reply = raw.recv_raw(big)
+                assert len(reply) > 4096 and msgpack.unpackb(reply, raw=False)[1] == 0
+                before = c.stats().num_sequences
+                again = msgpack.unpackb(raw.recv_raw(big), raw=False)
+                assert again[1] == 1 and again[2]["code"] == "limit_exceeded" and " ran" in again[2]["message"]
+                assert c.stats().num_sequences == before  # not run twice
+                session = next(s for s in server.sessions.sessions.values() if s.name == c.session_name)
+                assert session.kept_bytes <= 4096
+                assert session.kept_bytes == sum(len(r) for _, r in session.replies.values() if r is not None)
+            finally:
+                raw.close()
+        finally:
+            for c in clients:
+                c.close()
+
+
+def test_many_sessions_expiring_at_once_do_not_stall_the_loop():
+    """D10: ending a session scanned every sequence: 900 sessions expiring at
+    once stalled the loop for seconds. Ending one costs its own sequences."""
+    with running_server(SMALL, heartbeat_timeout=3.0) as server, \
+            Client(server.endpoint, timeout=30) as healthy, Client(server.endpoint, timeout=30) as other:
+        healthy.allocate([[]] * 60_000)  # many live sequences: no blocks needed
+        other.allocate([[]] * 60_000)
+        raw = Raw(server.endpoint)
+        try:
+            for rid in range(600):
+                session = raw.send(req(2 * rid, "hello", {}))[2]["session"]
+                assert raw.send(req(2 * rid + 1, "allocate", {"prompts": [[]] * 10}, session=session))[1] == 0
+        finally:
+            raw.close()
+        passes = []
+        real = server.expire
+
+        def timed():
+            t0 = time.monotonic()
+            n = len(server.sessions)
+            real()
+            if len(server.sessions) < n:
+                passes.append((n - len(server.sessions), time.monotonic() - t0))
+
+        server.expire = timed
+        assert wait_until(lambda: len(server.sessions) == 2, timeout=60), (len(server.sessions), passes)
+        assert sum(n for n, _ in passes) == 600
+        assert max(s for _, s in passes) < 1.5, passes
+        healthy.heartbeat()
+        assert healthy.stats().num_sequences == 120_000
+        healthy.check_integrity()
+
+
+def test_sequences_come_a_page_at_a_time(server):
+    """D9: a `sequences` call with a million ids kept the loop busy for 11 s."""
+    with Client(server.endpoint) as c, Client(server.endpoint) as d:
+        mine = [a.seq_id for a in c.allocate([[]] * 5000)]
+        theirs = [a.seq_id for a in d.allocate([[]] * 10)]
+        assert [s.seq_id for s in d.sequences()] == sorted(mine + theirs)
+        with pytest.raises(LimitExceeded, match="pages"):
+            d._call("sequences", {"seq_ids": mine})
+        page = d._call("sequences", {"owner": d.session_name, "after": theirs[3], "limit": 4})
+        assert [x["seq_id"] for x in page] == theirs[4:8]
+        assert len(d._call("sequences", {})) == 4096  # an older client: the first page

@@ -1,0 +1,172 @@
+"""`bench_rpc.py`'s default measurements: the bare ZeroMQ + msgpack echo (the
+floor), daemon round trips through a `Client` and from a bare DEALER socket,
+the same ops in process, throughput of N client processes, and
+`Server.handle`'s share without a socket."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+
+from rpc_common import CUT_EVERY, PROMPT, SPEC, bodies, percentiles, pool_ops, spawn, time_steps
+
+from kvpager import KVPool
+
+
+def _echo(endpoint: str, ready) -> None:
+    import msgpack
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    ready.put(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    reply = msgpack.packb([1, 0, b"\0" * 8])
+    while True:
+        frames = sock.recv_multipart()
+        msg = msgpack.unpackb(frames[1])
+        if msg[3] == "stop":
+            sock.send_multipart([frames[0], reply])
+            return
+        sock.send_multipart([frames[0], reply])
+
+
+def bare(endpoint: str, iters: int, clients: list[int], seconds: float) -> tuple[tuple[float, float], dict]:
+    """Latency and throughput of the bare echo: the floor for everything else."""
+    import msgpack
+    import zmq
+
+    proc, ep = spawn(_echo, endpoint)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(ep)
+    body = msgpack.packb([1, 7, "0123456789abcdef", "append", {"seq_ids": [5]}])
+    lat = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        sock.send(body)
+        msgpack.unpackb(sock.recv())
+        lat.append(time.perf_counter() - t0)
+    tput = {n: throughput(ep, n, seconds, _bare_throughput_worker) for n in clients}
+    sock.send(msgpack.packb([1, 0, None, "stop", {}]))
+    sock.recv()
+    sock.close()
+    proc.join(10)
+    return percentiles(lat), tput
+
+
+def raw(endpoint: str, iters: int, batch: int) -> dict[str, tuple[float, float]]:
+    """Append round trips to the daemon from a bare DEALER socket (no Client)."""
+    import msgpack
+    import zmq
+
+    from kvpager.protocol import VERSION, pack
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    ids = iter(range(1, 10**9))
+
+    def call(op, args, session=None, body=None):
+        sock.send(body or pack([VERSION, next(ids), session, op, args]))
+        reply = msgpack.unpackb(sock.recv(), strict_map_key=False)
+        assert reply[1] == 0, reply
+        return reply[2]
+
+    session = call("hello", {"client": "bench-raw", "pid": os.getpid()})["session"]
+    out = {}
+    for n in (1, batch):
+        seqs = [a[0] for a in call("allocate", {"prompts": [PROMPT] * n}, session)]
+        # Every request a new id, packed before the clock starts: the daemon keeps
+        # recent replies by request id, and a repeated id would only replay one.
+        steps = bodies(ids, session, "append", {"seq_ids": seqs}, iters + 1)
+        cuts = bodies(ids, session, "truncate", {"seq_ids": seqs, "lengths": len(PROMPT)}, iters // CUT_EVERY + 1)
+        assert len(call(None, None, body=next(steps))) == 8 * n, "append returned wrong slots"
+        out[f"raw append x{n}"] = percentiles(time_steps(
+            lambda steps=steps: call(None, None, body=next(steps)),
+            lambda cuts=cuts: call(None, None, body=next(cuts)), iters))
+    sock.close()
+    return out
+
+
+def latencies(pool, iters: int, batch: int) -> dict[str, tuple[float, float]]:
+    step1, cut1, step_b, cut_b, flat_b = pool_ops(pool, batch)
+    out = {
+        "append x1": percentiles(time_steps(step1, cut1, iters)),
+        f"append x{batch}": percentiles(time_steps(step_b, cut_b, max(200, iters // 20))),
+        f"append_flat x{batch}": percentiles(time_steps(flat_b, cut_b, max(200, iters // 20))),
+    }
+    if hasattr(pool, "heartbeat"):
+        out["heartbeat"] = percentiles(time_steps(pool.heartbeat, lambda: None, iters))
+    return out
+
+
+def _throughput_worker(endpoint: str, seconds: float, start, out) -> None:
+    from kvpager.client import Client
+
+    with Client(endpoint, timeout=60, heartbeat=False) as c:
+        step, cut, *_ = pool_ops(c, 1)
+        start.wait(60)
+        n, deadline = 0, time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            step()
+            n += 1
+            if n % CUT_EVERY == 0:
+                cut()
+        out.put(n)
+
+
+def _bare_throughput_worker(endpoint: str, seconds: float, start, out) -> None:
+    import msgpack
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    body = msgpack.packb([1, 7, "0123456789abcdef", "append", {"seq_ids": [5]}])
+    start.wait(60)
+    n, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        sock.send(body)
+        msgpack.unpackb(sock.recv())
+        n += 1
+    out.put(n)
+
+
+def throughput(endpoint: str, clients: int, seconds: float, worker=_throughput_worker) -> float:
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(endpoint, seconds, start, out)) for _ in range(clients)]
+    for p in procs:
+        p.start()
+    time.sleep(1.0 + 0.25 * clients)  # let every worker connect and warm up (spawn is slow)
+    start.set()
+    total = sum(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    return total / seconds
+
+
+def handle_cost(iters: int, batch: int) -> dict[str, tuple[float, float]]:
+    """p50 / p99 of `Server.handle` for append requests (no socket)."""
+    from kvpager import protocol
+    from kvpager.server import Server
+
+    server = Server(KVPool(SPEC), "ipc:///nonexistent/bench.sock")
+    ids = iter(range(1, 10**9))
+
+    def call(op, args, session=None):
+        reply = protocol.unpack(server.handle(protocol.pack([protocol.VERSION, next(ids), session, op, args])))
+        assert reply[1] == 0, reply
+        return reply[2]
+
+    session = call("hello", {"client": "bench", "pid": os.getpid()})["session"]
+    out = {}
+    for n in (1, batch):
+        seqs = [a[0] for a in call("allocate", {"prompts": [PROMPT] * n}, session)]
+        steps = bodies(ids, session, "append", {"seq_ids": seqs}, iters + 1)
+        cuts = bodies(ids, session, "truncate", {"seq_ids": seqs, "lengths": len(PROMPT)}, iters // CUT_EVERY + 1)
+        assert len(protocol.unpack(server.handle(next(steps)))[2]) == 8 * n, "append returned wrong slots"
+        out[f"append x{n}"] = percentiles(time_steps(lambda steps=steps: server.handle(next(steps)),
+                                                       lambda cuts=cuts: server.handle(next(cuts)), iters))
+    return out
