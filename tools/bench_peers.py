@@ -69,7 +69,10 @@ def run_cases(args: argparse.Namespace, fi, absent: str) -> dict:
             first = (str(e).strip().splitlines() or [""])[0][:200]
             row = {"case": case, **extra, ("skipped" if oom else "error"): f"{type(e).__name__}: {first}"}
         tidy()
-        print(f"bench_peers: {kind} {case} done", file=sys.stderr, flush=True)
+        # each case's times as it ends, so a run cut short (a long JIT build) still reports them
+        times = ", ".join(f"{who} {res['ms']:.4f} ms" if "ms" in res else f"{who} -"
+                          for who, res in row.get("results", {}).items())
+        print(f"bench_peers: {kind} {case} done" + (f": {times}" if times else ""), file=sys.stderr, flush=True)
         return row
 
     stream = torch.cuda.Stream()
