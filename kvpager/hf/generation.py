@@ -229,8 +229,10 @@ class PagedGeneration:
             self._held.difference_update(seq_ids)
 
     def close(self) -> None:
-        """Free the sequences still held (their committed full blocks stay matchable)."""
+        """Free the sequences still held (their committed full blocks stay matchable)
+        and drop the reused plan (its device buffers)."""
         self._free(self.seq_ids)
+        self._last_plan = None
 
     def __enter__(self) -> PagedGeneration:
         return self
