@@ -106,7 +106,13 @@ def test_token_ids_out_of_range_change_nothing(server):
                 c.append([a.seq_id, b.seq_id], 1, bad)
         with pytest.raises(InvalidArgument, match="2\\*\\*63"):
             c.append([a.seq_id, b.seq_id], [2, 1], [[1, 2], [2**63]])  # the general path
+        for bad in ([["a"], [1]], [[1.5], [1]], [[None], [1]]):  # not integers: the pool's typed refusal
+            with pytest.raises(InvalidArgument):
+                c.append([a.seq_id, b.seq_id], 1, bad)
+        with pytest.raises(InvalidArgument):
+            c.allocate([["a", "b"], [1, 2]])
         assert [c.sequence(s).num_tokens for s in (a.seq_id, b.seq_id)] == [15, 15]
+        assert sorted(s.seq_id for s in c.sequences() if s.owner == c.session_name) == sorted([a.seq_id, b.seq_id])
         c.append([a.seq_id, b.seq_id], 1, [[15], [115]])
         assert c.commit([a.seq_id, b.seq_id]) == [1, 1]
         with Client(server.endpoint) as d:
