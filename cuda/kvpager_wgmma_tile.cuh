@@ -33,6 +33,9 @@
 #ifndef OVERLAP
 #define OVERLAP 0  // 1: S of the next K/V tile runs during this tile's softmax (STAGES >= 3)
 #endif
+#ifndef PINGPONG
+#define PINGPONG 1  // with WS and OVERLAP: the two MMA warpgroups take turns at issuing their MMAs
+#endif
 #ifndef WS
 #define WS 0  // 1: a producer warpgroup copies K/V, the other two only compute (mbarriers, no CTA barrier)
 #endif
@@ -56,7 +59,7 @@ static_assert(D == 64 || D == 128, "the wgmma kernels take head dims 64 and 128"
 static_assert(BN == 64 || BN == 128, "BN is 64 or 128");
 static_assert(WG == 1 || WG == 2, "WG is 1 or 2");
 static_assert(VN == D || VN == 64, "VN is HEAD_DIM or 64");
-static_assert(!OVERLAP || STAGES >= 3, "OVERLAP keeps two tiles resident: STAGES >= 3");
+static_assert(!OVERLAP || STAGES >= 3, "OVERLAP keeps two tiles resident, and the copies run ahead: STAGES >= 3");
 static_assert(!WS || WG == 2, "WS: two consumer warpgroups and a producer warpgroup");
 static_assert(BM % GROUP == 0, "a tile holds whole query tokens (members)");
 
@@ -86,6 +89,11 @@ __device__ __forceinline__ WgSmem wg_smem(unsigned char* raw) {
 __device__ __forceinline__ unsigned long long* wg_barriers() {
     __shared__ __align__(8) unsigned long long bars[2 * STAGES];
     return bars;
+}
+// Arrive at hardware barrier ``id`` without waiting (its ``count`` includes the threads that
+// wait there with named_barrier_sync): PINGPONG's hand-over of the turn.
+__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;" :: "r"(id), "r"(count) : "memory");
 }
 #endif
 
@@ -131,10 +139,10 @@ __device__ __forceinline__ void wg_issue_s(float* s, unsigned q_wg, unsigned k_s
     wgmma_commit();
 }
 
-// The online softmax (exp2) of the soft-capped, masked scores s of one tile, then O += P V
-// with the V tile at v_st (issued and committed, not waited for).
-__device__ __forceinline__ void wg_softmax_pv(float* s, float* o, float* m, float* l, float scale_log2,
-                                              unsigned v_st) {
+// The online softmax (exp2) of the soft-capped, masked scores s of one tile: the new row
+// max m, the factors c that rescale what O and l held so far, l rescaled and increased by
+// this tile's share, and s replaced by P = exp2(S * scale - m * scale).
+__device__ __forceinline__ void wg_softmax(float* s, float* m, float* l, float* c, float scale_log2) {
     // Row max in raw score units (scale > 0 keeps the order).
     float mx0 = m[0], mx1 = m[1];
 #pragma unroll
@@ -148,27 +156,41 @@ __device__ __forceinline__ void wg_softmax_pv(float* s, float* o, float* m, floa
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
     const float u0 = mx0 == NEG_INF ? 0.f : mx0 * scale_log2;
     const float u1 = mx1 == NEG_INF ? 0.f : mx1 * scale_log2;
-    const float c0 = exp2f(m[0] * scale_log2 - u0), c1 = exp2f(m[1] * scale_log2 - u1);
+    c[0] = exp2f(m[0] * scale_log2 - u0);
+    c[1] = exp2f(m[1] * scale_log2 - u1);
     m[0] = mx0; m[1] = mx1;
-    l[0] *= c0; l[1] *= c1;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-        o[4 * n] *= c0; o[4 * n + 1] *= c0; o[4 * n + 2] *= c1; o[4 * n + 3] *= c1;
-    }
-    // P = exp2(S * scale - m * scale), packed into A fragments (16 positions per k-step).
-    unsigned pa[BN / 16][4];
+    l[0] *= c[0]; l[1] *= c[1];
 #pragma unroll
     for (int n = 0; n < BN / 8; ++n) {
-        const float e0 = exp2f(fmaf(s[4 * n], scale_log2, -u0));
-        const float e1 = exp2f(fmaf(s[4 * n + 1], scale_log2, -u0));
-        const float e2 = exp2f(fmaf(s[4 * n + 2], scale_log2, -u1));
-        const float e3 = exp2f(fmaf(s[4 * n + 3], scale_log2, -u1));
-        l[0] += e0 + e1; l[1] += e2 + e3;
-        pa[n >> 1][(n & 1) * 2 + 0] = pack2(e0, e1);
-        pa[n >> 1][(n & 1) * 2 + 1] = pack2(e2, e3);
+        s[4 * n] = exp2f(fmaf(s[4 * n], scale_log2, -u0));
+        s[4 * n + 1] = exp2f(fmaf(s[4 * n + 1], scale_log2, -u0));
+        s[4 * n + 2] = exp2f(fmaf(s[4 * n + 2], scale_log2, -u1));
+        s[4 * n + 3] = exp2f(fmaf(s[4 * n + 3], scale_log2, -u1));
+        l[0] += s[4 * n] + s[4 * n + 1]; l[1] += s[4 * n + 2] + s[4 * n + 3];
     }
-    // O += P V: BN / 16 k-steps of 16 positions (+2048 bytes each); N = VN values per
-    // instruction, LBO = a region (the next 64 dims), SBO 1024 (the next 8 positions).
+}
+
+// O *= c, row by row (c[0]: this thread's row gid, c[1]: row gid + 8).
+__device__ __forceinline__ void wg_rescale(float* o, const float* c) {
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        o[4 * n] *= c[0]; o[4 * n + 1] *= c[0]; o[4 * n + 2] *= c[1]; o[4 * n + 3] *= c[1];
+    }
+}
+
+// P (the exps in s) packed into 16-bit A fragments, 16 positions per k-step.
+__device__ __forceinline__ void wg_pack_p(const float* s, unsigned (*pa)[4]) {
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+        pa[n >> 1][(n & 1) * 2 + 0] = pack2(s[4 * n], s[4 * n + 1]);
+        pa[n >> 1][(n & 1) * 2 + 1] = pack2(s[4 * n + 2], s[4 * n + 3]);
+    }
+}
+
+// O += P V with the V tile at v_st (issued and committed, not waited for): BN / 16 k-steps
+// of 16 positions (+2048 bytes each); N = VN values per instruction, LBO = a region (the
+// next 64 dims), SBO 1024 (the next 8 positions).
+__device__ __forceinline__ void wg_issue_pv(float* o, unsigned (*pa)[4], unsigned v_st) {
     fence_regs<D / 2>(o);
     wgmma_fence();
 #pragma unroll
@@ -179,17 +201,28 @@ __device__ __forceinline__ void wg_softmax_pv(float* s, float* o, float* m, floa
     wgmma_commit();
 }
 
-// Soft cap, the kernel's masks (mask(s, t)) and the softmax with O += P V of tile t.
+// Soft cap and the kernel's masks (mask(s, t)) on the scores of tile t.
 template <class Mask>
-__device__ __forceinline__ void wg_tile(float* s, int t, unsigned v_st, float* o, float* m, float* l,
-                                        float softcap, float scale_log2, Mask& mask) {
+__device__ __forceinline__ void wg_scores(float* s, int t, float softcap, Mask& mask) {
     if (softcap > 0.f) {
         const float inv = 1.f / softcap;
 #pragma unroll
         for (int i = 0; i < BN / 2; ++i) s[i] = softcap * tanhf(s[i] * inv);
     }
     mask(s, t);
-    wg_softmax_pv(s, o, m, l, scale_log2, v_st);
+}
+
+// Soft cap, masks and the online softmax of tile t, then O += P V (issued, not waited for).
+template <class Mask>
+__device__ __forceinline__ void wg_tile(float* s, int t, unsigned v_st, float* o, float* m, float* l,
+                                        float softcap, float scale_log2, Mask& mask) {
+    wg_scores(s, t, softcap, mask);
+    float c[2];
+    wg_softmax(s, m, l, c, scale_log2);
+    wg_rescale(o, c);
+    unsigned pa[BN / 16][4];
+    wg_pack_p(s, pa);
+    wg_issue_pv(o, pa, v_st);
 }
 
 // Before the MMAs, after the consumer threads issued their Q tile's copies: without WS,
@@ -262,31 +295,68 @@ __device__ __forceinline__ void wg_attend(float* o, float* m, float* l, unsigned
     unsigned long long* empty_bar = full_bar + STAGES;
 #endif
 #if WS && OVERLAP
-    float s[BN / 2], sn[BN / 2];
+    // FlashAttention-3's consumer loop: S of tile t and O += P V of tile t - 1 are issued
+    // together, so the softmax of tile t runs while P V of tile t - 1 is on the tensor cores.
+    // With PINGPONG the two MMA warpgroups take turns at issuing (named barriers 2 and 3:
+    // warpgroup 1 lets warpgroup 0 go first, then each hands the turn over once its MMAs are
+    // issued), so one's softmax runs while the other's MMAs do. Held: S of tile t, P of
+    // tile t - 1 and the stages of both (released once P V of the tile is done).
+    float s[BN / 2], c[2];
+    unsigned pa[BN / 16][4];
+    int pst = 0;  // the stage of tile t - 1
+#if PINGPONG
+    const int wg = tid >> 7;
+    if (wg == 1) named_barrier_arrive(2, NC);
+#define WG_TURN_BEGIN named_barrier_sync(2 + wg, NC)
+#define WG_TURN_END named_barrier_arrive(3 - wg, NC)
+#else
+#define WG_TURN_BEGIN
+#define WG_TURN_END
+#endif
+    // The first tile alone (no P V to issue with it), so that every wait below is unconditional
+    // (ptxas otherwise injects a full wait of its own).
     if (t_begin < num_tiles) {
         mbar_wait(smem_addr(&full_bar[0]), 0);
+        WG_TURN_BEGIN;
         wg_issue_s(s, q_wg, k_addr);
+        WG_TURN_END;
         wgmma_wait<0>();
         fence_regs<BN / 2>(s);
+        wg_scores(s, t_begin, softcap, mask);
+        wg_softmax(s, m, l, c, scale_log2);
+        wg_pack_p(s, pa);
+        st = 1;
     }
-    for (int t = t_begin, i = 0; t < num_tiles; ++t, ++i) {
-        const int nst = st + 1 == STAGES ? 0 : st + 1;
-        const bool more = t + 1 < num_tiles;
-        if (more) {
-            mbar_wait(smem_addr(&full_bar[nst]), ((i + 1) / STAGES) & 1);
-            wg_issue_s(sn, q_wg, k_addr + nst * KV_TILE);
-        }
-        wg_tile(s, t, v_addr + st * KV_TILE, o, m, l, softcap, scale_log2, mask);
+    for (int t = t_begin + 1, i = 1; t < num_tiles; ++t, ++i) {
+        mbar_wait(smem_addr(&full_bar[st]), (i / STAGES) & 1);
+        WG_TURN_BEGIN;
+        wg_issue_s(s, q_wg, k_addr + st * KV_TILE);
+        wg_rescale(o, c);  // the factors of tile t - 1's softmax, before its P V adds in
+        wg_issue_pv(o, pa, v_addr + pst * KV_TILE);
+        WG_TURN_END;
+        wgmma_wait<1>();  // S of tile t
+        fence_regs<BN / 2>(s);
+        wg_scores(s, t, softcap, mask);
+        wg_softmax(s, m, l, c, scale_log2);
+        wgmma_wait<0>();  // P V of tile t - 1: its registers and stage are free
+        fence_regs<D / 2>(o);
+        mbar_arrive(smem_addr(&empty_bar[pst]));
+        wg_pack_p(s, pa);
+        pst = st;
+        st = st + 1 == STAGES ? 0 : st + 1;
+    }
+#undef WG_TURN_BEGIN
+#undef WG_TURN_END
+    if (t_begin < num_tiles) {
+        wg_rescale(o, c);
+        wg_issue_pv(o, pa, v_addr + pst * KV_TILE);
         wgmma_wait<0>();
         fence_regs<D / 2>(o);
-        fence_regs<BN / 2>(sn);
-        mbar_arrive(smem_addr(&empty_bar[st]));  // K (read last iteration) and V of tile t done
-        if (more) {
-#pragma unroll
-            for (int k = 0; k < BN / 2; ++k) s[k] = sn[k];
-        }
-        st = nst;
+        mbar_arrive(smem_addr(&empty_bar[pst]));
     }
+#if PINGPONG
+    if (wg == 0) named_barrier_sync(2, NC);  // warpgroup 1's first hand-over, left over
+#endif
 #elif WS
     for (int t = t_begin, i = 0; t < num_tiles; ++t, ++i) {
         mbar_wait(smem_addr(&full_bar[st]), (i / STAGES) & 1);

@@ -54,6 +54,9 @@ class KernelConfig:
     #: None: with 2 MMA warpgroups and no overlap (8 x 1,024 on 4,096 on an H200: 352 TFLOP/s
     #: against 286 without, 297 with overlap alone, 265 with both)
     prefill_wgmma_producer: bool | None = None
+    #: with the producer and overlap: the two MMA warpgroups take turns at issuing their MMAs
+    #: (FlashAttention-3's ping-pong; PINGPONG)
+    prefill_wgmma_pingpong: bool = True
     #: 16-byte vectors in flight per thread in block_copy.cu (its UNROLL)
     copy_unroll: int = 16
 
@@ -71,7 +74,7 @@ class KernelConfig:
         _int_in(self, "prefill_wgmma_warpgroups", (1, 2), optional=True)
         _int_in(self, "prefill_wgmma_bn", (64, 128), optional=True)
         _int_in(self, "prefill_wgmma_stages", range(2, 5), optional=True)
-        for name in ("prefill_wgmma_overlap", "prefill_wgmma_producer"):
+        for name in ("prefill_wgmma_overlap", "prefill_wgmma_producer", "prefill_wgmma_pingpong"):
             value = getattr(self, name)
             if type(value) is not bool and not (value is None and name == "prefill_wgmma_producer"):
                 raise InvalidArgument(f"KernelConfig.{name} must be a bool"

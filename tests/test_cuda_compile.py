@@ -71,6 +71,8 @@ SM90A = {
         ["-DWS=1", "-DHEAD_DIM=64", "-DBN=128", "-DSTAGES=2", "-DGROUP=1"],
         ["-DWS=1", "-DOVERLAP=1", "-DHEAD_DIM=64", "-DBN=128", "-DBLOCK_SIZE=64", "-DGROUP=4"],
         ["-DWS=1", "-DBN=128", "-DSTAGES=3", "-DGROUP=2", "-DBLOCK_SIZE=32"],
+        ["-DWS=1", "-DOVERLAP=1", "-DBN=128"], ["-DWS=1", "-DOVERLAP=1", "-DBN=128", "-DPINGPONG=0"],
+        ["-DWS=1", "-DOVERLAP=1", "-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DBN=128", "-DSTAGES=4", "-DGROUP=8"],
     ],
     "cascade_prefix_sm90.cu": [
         ["-DKV_DTYPE=0"], ["-DHEAD_DIM=64", "-DGROUP=1"], ["-DGROUP=16", "-DBLOCK_SIZE=8", "-DWG=1"],
@@ -79,6 +81,7 @@ SM90A = {
         ["-DWS=1"], ["-DWS=1", "-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DBN=128", "-DSTAGES=2", "-DGROUP=16"],
         ["-DWS=1", "-DOVERLAP=1", "-DGROUP=1", "-DBLOCK_SIZE=8"],
         ["-DWS=1", "-DBN=128", "-DSTAGES=2", "-DGROUP=8", "-DBLOCK_SIZE=64", "-DVN=64"],
+        ["-DWS=1", "-DOVERLAP=1", "-DBN=128"],
     ],
 }
 

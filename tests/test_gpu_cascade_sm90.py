@@ -40,6 +40,8 @@ CASES = [  # (dtype, head dim, block size, GQA group, knobs beyond prefill_kerne
     ("float16", 128, 32, 8, {"prefill_wgmma_producer": False}),
     ("bfloat16", 64, 16, 2, {"prefill_wgmma_overlap": True}),
     ("float16", 128, 16, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_overlap": True}),
+    ("bfloat16", 128, 16, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_overlap": True,
+                              "prefill_wgmma_bn": 128, "prefill_wgmma_stages": 3}),
     ("bfloat16", 128, 8, 8, {"prefill_wgmma_warpgroups": 1}),
     ("float16", 64, 64, 16, {"prefill_wgmma_warpgroups": 1, "prefill_wgmma_bn": 64, "prefill_wgmma_stages": 4}),
     ("bfloat16", 128, 16, 1, {"prefill_wgmma_bn": 128}),

@@ -52,6 +52,14 @@ CASES = [  # (dtype, head dim, block size, GQA group, knobs beyond prefill_kerne
     ("bfloat16", 128, 8, 16, {"prefill_wgmma_producer": True, "prefill_wgmma_overlap": True}),
     ("float16", 64, 16, 2, {"prefill_wgmma_producer": True, "prefill_wgmma_overlap": True}),
     ("bfloat16", 128, 32, 8, {"prefill_wgmma_producer": True, "prefill_wgmma_bn": 128, "prefill_wgmma_stages": 3}),
+    ("bfloat16", 128, 16, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_overlap": True,
+                              "prefill_wgmma_bn": 128, "prefill_wgmma_stages": 3}),
+    ("float16", 128, 64, 8, {"prefill_wgmma_producer": True, "prefill_wgmma_overlap": True,
+                             "prefill_wgmma_bn": 128, "prefill_wgmma_stages": 3}),
+    ("bfloat16", 64, 8, 2, {"prefill_wgmma_producer": True, "prefill_wgmma_overlap": True,
+                            "prefill_wgmma_stages": 4}),
+    ("float16", 128, 16, 16, {"prefill_wgmma_producer": True, "prefill_wgmma_overlap": True,
+                              "prefill_wgmma_pingpong": False, "prefill_wgmma_bn": 128}),
 ]
 
 

@@ -281,9 +281,16 @@ def test_wgmma_knobs_reach_the_launch():
     assert k.smem == base.smem  # the mbarriers are static shared memory
     with pytest.raises(UnsupportedConfiguration, match="two MMA warpgroups"):
         prefill_kernel(spec, 4, WG.replace(prefill_wgmma_producer=True, prefill_wgmma_warpgroups=1), (9, 0))
-    with pytest.raises(UnsupportedConfiguration, match="registers"):
-        prefill_kernel(spec, 4, WG.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True,
+    # with the producer, overlap is FlashAttention-3's loop, ping-pong unless turned off
+    k = prefill_kernel(spec, 4, WG.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True,
                                            prefill_wgmma_bn=128), (9, 0))
+    assert (k.defines["BN"], k.defines["STAGES"], "PINGPONG" in k.defines) == (128, 3, False)
+    with pytest.raises(UnsupportedConfiguration, match="overlap needs 3 or more stages"):
+        prefill_kernel(spec, 4, WG.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True,
+                                           prefill_wgmma_stages=2), (9, 0))
+    k = prefill_kernel(spec, 4, WG.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True,
+                                           prefill_wgmma_pingpong=False), (9, 0))
+    assert k.defines["PINGPONG"] == 0
     k = prefill_kernel(spec_of("bfloat16", None, 64, 16, 8), 4,
                        WG.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True), (9, 0))
     assert (k.defines["BN"], k.defines["STAGES"], k.threads) == (128, 3, 384)

@@ -99,18 +99,17 @@ def wgmma_tiling(head_dim: int, config: KernelConfig) -> Tiling:
     128-position K/V tiles at head dim 64 and 64 above, 2 stages of 128-position tiles
     and 3 of 64 (3 with overlap, which keeps two tiles resident); each knob overrides.
     The producer warpgroup (WS; by default with 2 MMA warpgroups and no overlap: `producer`)
-    needs 2 MMA warpgroups, and with overlap at head dim 128 64-position tiles (the MMA
-    warpgroups' 224 registers)."""
+    needs 2 MMA warpgroups; with it, overlap is FlashAttention-3's loop (S of a tile issued
+    with P V of the one before)."""
     wg = config.prefill_wgmma_warpgroups or 2
+    ws = producer(config)
     bn = config.prefill_wgmma_bn or (128 if head_dim == 64 else 64)
     stages = config.prefill_wgmma_stages or (2 if bn == 128 and not config.prefill_wgmma_overlap else 3)
     if config.prefill_wgmma_overlap and stages < 3:
+        # two tiles resident; and a producer signals a tile once the next is under way
         raise UnsupportedConfiguration(f"prefill_wgmma_overlap needs 3 or more stages, not {stages}")
-    if producer(config) and wg != 2:
+    if ws and wg != 2:
         raise UnsupportedConfiguration("prefill_wgmma_producer runs two MMA warpgroups, not 1")
-    if producer(config) and config.prefill_wgmma_overlap and head_dim * bn > 128 * 64:
-        raise UnsupportedConfiguration(f"prefill_wgmma_producer with overlap takes 64-position tiles at head dim "
-                                       f"128 (registers: 224 a thread), not {bn}")
     return Tiling(1, 64 * wg, bn, stages)
 
 
@@ -136,6 +135,8 @@ def prefill_kernel(spec: Any, group: int, config: KernelConfig, cc: tuple[int, i
     ws = producer(config)
     if ws:
         defs["WS"] = 1
+        if config.prefill_wgmma_overlap and not config.prefill_wgmma_pingpong:
+            defs["PINGPONG"] = 0
     threads = 2 * t.bm + (128 if ws else 0)
     return PrefillKernel("paged_prefill_sm90.cu", "paged_prefill_sm90", "sm_90a", t, defs, smem, threads)
 
