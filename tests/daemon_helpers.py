@@ -1,5 +1,6 @@
 """Helpers for tests that start a daemon: free endpoints, in-process and
-subprocess daemons, bounded waits. Every daemon a test starts, it stops."""
+subprocess daemons, fixtures of a daemon and a client, bounded waits. Every
+daemon a test starts, it stops."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgpack
+import pytest
 import zmq
 
+from kvpager.client import Client
 from kvpager.protocol import VERSION
 from kvpager.server import Server
 from kvpager.spec import PoolSpec
@@ -55,6 +59,32 @@ def running_server(spec: PoolSpec = SMALL, endpoint: str | None = None, **kwargs
         server.stop()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def server_fixture(spec: PoolSpec = SMALL, scope: str = "function", **kwargs: Any) -> Any:
+    """A fixture of a daemon in a thread (`running_server(spec, **kwargs)`): a
+    fresh one per test, or with ``scope="module"`` one per test module. A module
+    takes it as ``server = server_fixture(...)`` (the fixture's name is the
+    name it is bound to)."""
+
+    @pytest.fixture(scope=scope)
+    def server() -> Iterator[Server]:
+        with running_server(spec, **kwargs) as s:
+            yield s
+
+    return server
+
+
+def client_fixture(**kwargs: Any) -> Any:
+    """A fixture of a `Client(server.endpoint, **kwargs)` of the module's
+    ``server`` fixture, closed after each test (``client = client_fixture(...)``)."""
+
+    @pytest.fixture
+    def client(server: Server) -> Iterator[Client]:
+        with Client(server.endpoint, **kwargs) as c:
+            yield c
+
+    return client
 
 
 def subprocess_env() -> dict[str, str]:

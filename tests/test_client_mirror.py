@@ -20,7 +20,7 @@ from client_plan_helpers import (
     snapshot,
     write_random,
 )
-from daemon_helpers import ipc_endpoint, running_server, wait_until
+from daemon_helpers import client_fixture, ipc_endpoint, running_server, server_fixture, wait_until
 
 from kvpager.client import Client
 from kvpager.errors import (
@@ -35,17 +35,10 @@ from kvpager.errors import (
 )
 from kvpager.protocol import decode_tables, pack, unpack
 
-
-@pytest.fixture(scope="module")
-def server():
-    with running_server(SPEC, heartbeat_timeout=60) as s:
-        yield s
+server = server_fixture(SPEC, scope="module", heartbeat_timeout=60)
 
 
-@pytest.fixture
-def client(server):
-    with Client(server.endpoint, timeout=WAIT, heartbeat=False) as c:
-        yield c
+client = client_fixture(timeout=WAIT, heartbeat=False)
 
 
 def test_decode_tables_checks_its_shapes():

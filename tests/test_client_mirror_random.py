@@ -6,7 +6,6 @@ each failed op leaves it unchanged, and no example leaks sequences."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from client_plan_helpers import (
     BS,
     SPEC,
@@ -17,7 +16,7 @@ from client_plan_helpers import (
     snapshot,
     write_random,
 )
-from daemon_helpers import running_server
+from daemon_helpers import server_fixture
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -31,11 +30,7 @@ from kvpager.errors import (
     UnknownSequence,
 )
 
-
-@pytest.fixture(scope="module")
-def server():
-    with running_server(SPEC, heartbeat_timeout=60) as s:
-        yield s
+server = server_fixture(SPEC, scope="module", heartbeat_timeout=60)
 
 
 PROMPTS = st.lists(

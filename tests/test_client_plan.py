@@ -8,23 +8,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from client_plan_helpers import BS, SPEC, WAIT, assert_mirrors_daemon, write_random
-from daemon_helpers import running_server
+from daemon_helpers import client_fixture, running_server, server_fixture
 
 from kvpager.client import Client
 from kvpager.errors import InvalidArgument, SequenceSwapped, UnknownSequence
 from kvpager.spec import PoolSpec
 
-
-@pytest.fixture(scope="module")
-def server():
-    with running_server(SPEC, heartbeat_timeout=60) as s:
-        yield s
+server = server_fixture(SPEC, scope="module", heartbeat_timeout=60)
 
 
-@pytest.fixture
-def client(server):
-    with Client(server.endpoint, timeout=WAIT, heartbeat=False) as c:
-        yield c
+client = client_fixture(timeout=WAIT, heartbeat=False)
 
 
 # -- reading ----------------------------------------------------------------------------------

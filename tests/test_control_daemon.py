@@ -7,7 +7,7 @@ import time
 
 import msgpack
 import pytest
-from daemon_helpers import SMALL, Raw, req, running_server, wait_until
+from daemon_helpers import SMALL, Raw, req, running_server, server_fixture, wait_until
 
 from kvpager.client import Client
 from kvpager.errors import IntegrityError, InvalidArgument, NotPinned, RequestTimeout, Unauthorized
@@ -17,10 +17,7 @@ BS = SMALL.block_size
 PROMPT = list(range(3 * BS + 5))
 
 
-@pytest.fixture
-def server():
-    with running_server(SMALL, heartbeat_timeout=30, control_token=CONTROL, max_pinned_blocks=10) as s:
-        yield s
+server = server_fixture(SMALL, heartbeat_timeout=30, control_token=CONTROL, max_pinned_blocks=10)
 
 
 def cache(c: Client, tokens=PROMPT, salt=None) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from daemon_helpers import running_server
+from daemon_helpers import server_fixture
 
 from kvpager import KVPool, PoolSpec
 from kvpager.client import Client
@@ -23,10 +23,7 @@ SPEC = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=48, block_
                 num_host_blocks=8, kv_dtype="float8_e5m2", kv_scales=SCALES)
 
 
-@pytest.fixture(scope="module")
-def server():
-    with running_server(SPEC, heartbeat_timeout=60) as s:
-        yield s
+server = server_fixture(SPEC, scope="module", heartbeat_timeout=60)
 
 
 def test_worker_writes_and_attends_as_the_embedded_pool(server):

@@ -12,7 +12,7 @@ from gpu_helpers import cupy_or_skip
 
 cupy = cupy_or_skip()
 
-from test_gpu_kernels import TOL, rel_err, seed, to_dev, to_host  # noqa: E402
+from gpu_kernel_helpers import TOL, rel_err, seed, to_dev, to_host  # noqa: E402
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.backends.numpy_backend import paged_attention  # noqa: E402

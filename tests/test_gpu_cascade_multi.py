@@ -16,7 +16,7 @@ from gpu_helpers import cupy_or_skip
 
 cupy = cupy_or_skip()
 
-from test_gpu_kernels import TOL, rel_err, seed  # noqa: E402
+from gpu_kernel_helpers import TOL, rel_err, seed  # noqa: E402
 
 from kvpager import kernels  # noqa: E402
 from kvpager.backends.cupy_backend import CupyBackend  # noqa: E402

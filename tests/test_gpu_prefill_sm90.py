@@ -16,7 +16,16 @@ from gpu_helpers import cupy_or_skip
 
 cupy = cupy_or_skip()
 
-from test_gpu_kernels import TOL, geometry, make_pair, random_tables, rel_err, seed, to_dev, to_host  # noqa: E402
+from gpu_kernel_helpers import (  # noqa: E402
+    TOL,
+    geometry,
+    make_pair,
+    random_tables,
+    rel_err,
+    seed,
+    to_dev,
+    to_host,
+)
 
 from kvpager import KernelConfig, kernel_build, kernels  # noqa: E402
 from kvpager.backends.cupy_prefill import prefill_kernel  # noqa: E402

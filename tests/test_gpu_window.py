@@ -12,7 +12,16 @@ from gpu_helpers import cupy_or_skip
 
 cupy = cupy_or_skip()
 
-from test_gpu_kernels import TOL, geometry, make_pair, random_tables, rel_err, seed, to_dev, to_host  # noqa: E402
+from gpu_kernel_helpers import (  # noqa: E402
+    TOL,
+    geometry,
+    make_pair,
+    random_tables,
+    rel_err,
+    seed,
+    to_dev,
+    to_host,
+)
 
 from kvpager import InvalidArgument, KVPool  # noqa: E402
 from kvpager.backends.numpy_backend import paged_attention  # noqa: E402

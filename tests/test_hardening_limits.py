@@ -11,17 +11,13 @@ import time
 import msgpack
 import numpy as np
 import pytest
-from daemon_helpers import SMALL, Raw, req, running_server, wait_until
+from daemon_helpers import SMALL, Raw, req, running_server, server_fixture, wait_until
 
 from kvpager.client import Client
 from kvpager.errors import LimitExceeded, OutOfBlocks
 from kvpager.limits import Limits
 
-
-@pytest.fixture
-def server():
-    with running_server(SMALL, heartbeat_timeout=30) as s:
-        yield s
+server = server_fixture(SMALL, heartbeat_timeout=30)
 
 
 def test_a_slow_request_does_not_expire_healthy_sessions(monkeypatch):

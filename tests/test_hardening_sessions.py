@@ -14,7 +14,7 @@ import time
 import msgpack
 import numpy as np
 import pytest
-from daemon_helpers import SMALL, Raw, ipc_endpoint, req, running_server
+from daemon_helpers import SMALL, Raw, ipc_endpoint, req, running_server, server_fixture
 
 from kvpager import KVPool, sessions, shm
 from kvpager.client import Client
@@ -27,11 +27,7 @@ from kvpager.errors import (
 )
 from kvpager.shm import Segment
 
-
-@pytest.fixture
-def server():
-    with running_server(SMALL, heartbeat_timeout=30) as s:
-        yield s
+server = server_fixture(SMALL, heartbeat_timeout=30)
 
 
 def test_session_ids_are_never_revealed(server):

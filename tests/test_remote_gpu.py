@@ -13,7 +13,7 @@ from gpu_helpers import cupy_or_skip
 cupy = cupy_or_skip()
 
 from kvpager import KVPool  # noqa: E402
-from kvpager.backends import cupy_backend  # noqa: E402
+from kvpager.backends import cupy_staging  # noqa: E402
 from kvpager.backends.cupy_backend import CupyBackend  # noqa: E402
 from kvpager.backends.numpy_backend import NumpyBackend  # noqa: E402
 from kvpager.spec import PoolSpec  # noqa: E402
@@ -31,7 +31,7 @@ def bits(x) -> np.ndarray:
 def test_block_copies_match_the_numpy_twin(dtype, monkeypatch):
     spec = PoolSpec(num_layers=3, num_kv_heads=2, head_dim=64, num_blocks=40, block_size=16, dtype=dtype)
     # a staging buffer of 3 blocks: 7 blocks go in 3 chunks
-    monkeypatch.setattr(cupy_backend, "_STAGE_BYTES", 3 * spec.bytes_per_block)
+    monkeypatch.setattr(cupy_staging, "_STAGE_BYTES", 3 * spec.bytes_per_block)
     gpu, cpu = CupyBackend(spec, 0), NumpyBackend(spec)
     raw = np.random.default_rng(0).integers(0, 255, (spec.num_blocks, spec.bytes_per_block), dtype=np.uint8)
     gpu.kv.view(cupy.uint8).reshape(spec.num_blocks, -1)[...] = cupy.asarray(raw)

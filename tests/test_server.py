@@ -14,10 +14,12 @@ import pytest
 from daemon_helpers import (
     SMALL,
     Raw,
+    client_fixture,
     free_tcp_endpoint,
     ipc_endpoint,
     req,
     running_server,
+    server_fixture,
     wait_until,
 )
 
@@ -37,17 +39,10 @@ from kvpager.errors import (
 )
 from kvpager.protocol import VERSION
 
-
-@pytest.fixture
-def server():
-    with running_server(SMALL, heartbeat_timeout=30) as s:
-        yield s
+server = server_fixture(SMALL, heartbeat_timeout=30)
 
 
-@pytest.fixture
-def client(server):
-    with Client(server.endpoint, timeout=10) as c:
-        yield c
+client = client_fixture(timeout=10)
 
 
 _req = req

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import sys
 import time
@@ -97,18 +98,26 @@ class HostClock:
         torch.cuda.CUDAGraph.replay = timed_replay
 
 
+def cache_argument(model, cache) -> dict:
+    """The forward's cache keyword: ``cache`` where transformers names it so (5.x,
+    which deprecates ``past_key_values``), else ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
 def hf_loop(model, ps: list[list[int]], steps: int) -> dict:
     ids = torch.tensor(ps, device="cuda")
     with torch.inference_mode():
         cache = transformers.DynamicCache()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        kv = cache_argument(model, cache)
+        out = model(input_ids=ids, **kv, use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens, wall, host = [nxt[:, 0].tolist()], [], []
         for i in range(steps):
             pos = torch.tensor([ids.shape[1] + i], device="cuda")
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True, cache_position=pos,
+            out = model(input_ids=nxt, **kv, use_cache=True, cache_position=pos,
                         position_ids=pos.expand(len(ps), 1))
             t1 = time.perf_counter()
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)

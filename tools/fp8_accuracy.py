@@ -160,6 +160,13 @@ def tiny_name(path: str, meta: dict) -> str:
             f"heads of {s['head_dim']}, {meta['heldout_bits_per_byte']:.2f} bits/byte held out")
 
 
+def dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``from_pretrained``'s dtype keyword: ``dtype`` from transformers 4.56 on (which
+    deprecates ``torch_dtype``), ``torch_dtype`` before it (which would ignore ``dtype``)."""
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
 def load_models(args: argparse.Namespace, ap: argparse.ArgumentParser) -> list[tuple[str, object, Inputs]]:
     """(name, model, inputs) of each model to measure."""
     if not args.model:
@@ -168,7 +175,7 @@ def load_models(args: argparse.Namespace, ap: argparse.ArgumentParser) -> list[t
         models = [(f"random Llama, hidden {h}, init {i}", random_llama(h, i).to(args.device)) for h, i in RANDOM]
         return [(name, m, random_inputs(m.config.vocab_size, args.prompts or 1, args.prompt_len or 40,
                                         args.steps or 6)) for name, m in models]
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype))
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, **dtype_argument(getattr(torch, args.dtype)))
     model = model.to(args.device).eval()
     meta = tiny_meta(args.model)
     text = Path(args.text) if args.text else None

@@ -3,7 +3,8 @@
 The device pool is one raw ``cudaMalloc`` slab (not CuPy's memory pool), so one
 CUDA IPC handle covers it; the host (swap) pool is pinned memory mapped into
 the device's address space, so a single kernel moves any number of scattered
-blocks each way.
+blocks each way. The remote tier's whole-block copies go through a pinned
+staging buffer (`cupy_staging`); step plans are `cupy_plan`'s.
 """
 
 from __future__ import annotations
@@ -22,16 +23,16 @@ except ImportError as e:  # make_backend turns this into BackendUnavailable
 
 from kvpager import block_moves, kernels
 from kvpager.backends.base import Backend
+from kvpager.backends.cupy_staging import (
+    HOST_ALLOC_MAPPED,
+    HOST_ALLOC_PORTABLE,
+    Staging,
+    mapped_pointer,
+)
 from kvpager.backends.cupy_uploads import Uploads
 from kvpager.errors import BackendUnavailable, InvalidArgument
 from kvpager.kernel_config import KernelConfig, check_config
 from kvpager.spec import PoolSpec
-
-_HOST_ALLOC_PORTABLE = 1
-_HOST_ALLOC_MAPPED = 2
-#: Bytes of the pinned buffer that stages blocks to and from the remote tier
-#: (a transfer of more blocks goes in chunks of this size).
-_STAGE_BYTES = 64 << 20
 
 
 def storage_dtype(spec: PoolSpec) -> np.dtype:
@@ -62,10 +63,6 @@ def _release(device: int, dev_ptr: int, host_ptr: int) -> None:
             runtime.freeHost(host_ptr)
 
 
-def _free_host(ptr: int) -> None:
-    runtime.freeHost(ptr)
-
-
 class CupyBackend(Backend):
     """K/V on ``cuda:device_index``: a raw device slab plus a mapped pinned host pool.
     ``config`` (`kvpager.KernelConfig`, default the production one): the kernels' tuning
@@ -88,7 +85,7 @@ class CupyBackend(Backend):
         self.index = int(device_index)
         self.uploads = Uploads()  # pinned buffers of step-plan uploads
         self._dev_ptr = self._host_ptr = 0
-        self._stage_rows, self._stage_fin = 0, None
+        self.staging = Staging(spec, self.index)  # the remote tier's block copies
         shape = (spec.num_blocks, *spec.block_shape)
         host_shape = (spec.num_host_blocks, *spec.block_shape)
         with cupy.cuda.Device(self.index):
@@ -100,12 +97,12 @@ class CupyBackend(Backend):
             mem = cupy.cuda.UnownedMemory(self._dev_ptr, spec.device_bytes, self, device_id=self.index)
             self.kv = cupy.ndarray(shape, dtype=self.kv_dtype, memptr=cupy.cuda.MemoryPointer(mem, 0))
             if spec.host_bytes:
-                self._host_ptr = runtime.hostAlloc(spec.host_bytes, _HOST_ALLOC_MAPPED | _HOST_ALLOC_PORTABLE)
+                self._host_ptr = runtime.hostAlloc(spec.host_bytes, HOST_ALLOC_MAPPED | HOST_ALLOC_PORTABLE)
                 self._finalizer.detach()
                 self._finalizer = weakref.finalize(
                     self, _release, self.index, self._dev_ptr, self._host_ptr)
                 ctypes.memset(self._host_ptr, 0, spec.host_bytes)
-                self._host_dev_ptr = self._mapped_pointer(self._host_ptr)
+                self._host_dev_ptr = mapped_pointer(self._host_ptr)
                 buf = (ctypes.c_byte * spec.host_bytes).from_address(self._host_ptr)
                 self.host_kv = np.frombuffer(buf, dtype=spec.kv_np_dtype).reshape(host_shape)
             else:
@@ -126,7 +123,7 @@ class CupyBackend(Backend):
         self.index = int(device_index)
         self.uploads = Uploads()
         self._dev_ptr, self._host_ptr, self._host_dev_ptr = int(ptr), 0, 0
-        self._stage_rows, self._stage_fin = 0, None
+        self.staging = Staging(spec, self.index)  # the remote tier's block copies
         self._finalizer = weakref.finalize(self, int)  # nothing to release
         self.host_kv = np.zeros((0, *spec.block_shape), dtype=spec.kv_np_dtype)
         kernels.check_fp8(spec, self.index)
@@ -137,14 +134,6 @@ class CupyBackend(Backend):
             self.kv = cupy.ndarray((spec.num_blocks, *spec.block_shape), dtype=self.kv_dtype,
                                    memptr=cupy.cuda.MemoryPointer(mem, 0))
         return self
-
-    @staticmethod
-    def _mapped_pointer(host_ptr: int) -> int:
-        """The device-side address of mapped pinned memory (cudaHostGetDevicePointer)."""
-        get = getattr(runtime, "hostGetDevicePointer", None)
-        if get is not None:
-            return int(get(host_ptr, 0))
-        return int(runtime.pointerGetAttributes(host_ptr).devicePointer)
 
     # -- identity, for the daemon ----------------------------------------------------
     @property
@@ -202,58 +191,16 @@ class CupyBackend(Backend):
                          self.spec.num_host_blocks, self.spec.num_blocks, self.index, "swap_in")
 
     # -- the remote tier: whole blocks through a pinned staging buffer ------------------
-    def _stage(self, rows: int) -> tuple[np.ndarray, int]:
-        """A pinned host buffer mapped into the device, at least ``rows`` blocks
-        long: its uint8 rows and its device address (kept for the next call)."""
-        bpb = self.spec.bytes_per_block
-        if self._stage_rows < rows:
-            self._free_stage()
-            ptr = runtime.hostAlloc(rows * bpb, _HOST_ALLOC_MAPPED | _HOST_ALLOC_PORTABLE)
-            self._stage_fin = weakref.finalize(self, _free_host, ptr)
-            buf = (ctypes.c_byte * (rows * bpb)).from_address(ptr)
-            self._stage_host = np.frombuffer(buf, dtype=np.uint8).reshape(rows, bpb)
-            self._stage_dev = self._mapped_pointer(ptr)
-            self._stage_rows = rows
-        return self._stage_host, self._stage_dev
-
-    def _free_stage(self) -> None:
-        if self._stage_fin is not None:
-            self._stage_host = None
-            self._stage_fin()
-            self._stage_fin, self._stage_rows = None, 0
-
-    def _chunks(self, n: int) -> range:
-        return range(0, n, max(1, _STAGE_BYTES // self.spec.bytes_per_block))
-
     def read_blocks(self, blocks: np.ndarray, out: np.ndarray) -> None:
         """One swap launch per staging chunk (device -> pinned host), then a host copy into ``out``."""
         self._check_open()
-        spec, chunks = self.spec, self._chunks(len(blocks))
-        with cupy.cuda.Device(self.index):
-            for start in chunks:
-                part = np.asarray(blocks[start : start + chunks.step], dtype=np.int64)
-                host, dev = self._stage(min(len(blocks), chunks.step))
-                pairs = np.stack([part, np.arange(len(part), dtype=np.int64)], axis=1)
-                block_moves.swap(self._dev_ptr, dev, spec, pairs, spec.num_blocks, self._stage_rows,
-                             self.index, "read")
-                cupy.cuda.get_current_stream().synchronize()
-                out[start : start + len(part)] = host[: len(part)]
+        self.staging.read_blocks(self._dev_ptr, blocks, out)
 
     def write_blocks(self, blocks: np.ndarray, payloads: Any) -> None:
         """Host copies into the pinned staging buffer, then one swap launch per
         chunk (pinned host -> device), synchronised: the K/V is in place on return."""
         self._check_open()
-        spec, chunks = self.spec, self._chunks(len(blocks))
-        with cupy.cuda.Device(self.index):
-            for start in chunks:
-                part = np.asarray(blocks[start : start + chunks.step], dtype=np.int64)
-                host, dev = self._stage(min(len(blocks), chunks.step))
-                for i, data in enumerate(payloads[start : start + len(part)]):
-                    host[i] = np.frombuffer(data, dtype=np.uint8)
-                pairs = np.stack([np.arange(len(part), dtype=np.int64), part], axis=1)
-                block_moves.swap(dev, self._dev_ptr, spec, pairs, self._stage_rows, spec.num_blocks,
-                             self.index, "restore")
-                cupy.cuda.get_current_stream().synchronize()
+        self.staging.write_blocks(self._dev_ptr, blocks, payloads)
 
     def plan(self, tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
              slots: np.ndarray | None, **options: Any) -> Any:
@@ -292,7 +239,7 @@ class CupyBackend(Backend):
     def close(self) -> None:
         if self._dev_ptr:
             self.synchronize()
-            self._free_stage()
+            self.staging.free()
             self.kv = None
             self.host_kv = np.zeros((0, *self.spec.block_shape), dtype=self.spec.kv_np_dtype)
             self._finalizer()

@@ -1,14 +1,14 @@
 """The step plan of the CuPy backend: a step's metadata on the GPU and its launches.
 
 At construction the step's block tables, per-item lengths and slots are
-packed into one pinned host buffer and uploaded with one asynchronous copy on
-the caller's stream into one device buffer (`cupy_uploads`: the host never
-waits for a busy GPU, and a buffer is reused only after its copy has run). The first ``attend`` with a given number of
-query heads picks the kernel (decode on tensor cores, CUDA-core decode for
-float32, or the multi-token kernel), its layout and split count, and packs
-the launch arguments (`kvpager.launch.Launch`). Every later ``write`` /
-``attend`` sets a few pointers and launches: no validation beyond the
-tensors, no upload, no synchronization, no allocation but the output.
+packed and uploaded once into one device buffer (`cupy_plan_buffer`: one
+asynchronous copy from pinned memory on the caller's stream). The first
+``attend`` with a given number of query heads picks the kernel (decode on
+tensor cores, CUDA-core decode for float32, or the multi-token kernel), its
+layout and split count, and packs the launch arguments
+(`kvpager.launch.Launch`). Every later ``write`` / ``attend`` sets a few
+pointers and launches: no validation beyond the tensors, no upload, no
+synchronization, no allocation but the output.
 
 With ``num_rows`` / ``width`` capacities a decode plan can be refilled in
 place by `CupyPlan.update` (rows past the step's sequences are padding: they
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from kvpager import kernels, validate
+from kvpager.backends import cupy_plan_buffer as buffer
 from kvpager.backends.cupy_cascade import CascadeLaunch, cascade_applies, choose_cascade
 from kvpager.backends.cupy_launches import (
     attention_launches,
@@ -31,7 +32,6 @@ from kvpager.backends.cupy_launches import (
     torch_kinds,
 )
 from kvpager.block_moves import write_kernel
-from kvpager.cascade import find_shared_prefixes
 from kvpager.errors import InvalidArgument
 from kvpager.kernel_config import KernelConfig, check_config
 from kvpager.launch import Launch, current_stream, i32, ptr
@@ -40,9 +40,7 @@ from kvpager.plan import (
     check_q_shape,
     check_scale,
     check_softcap,
-    check_step,
     check_window,
-    table_floor,
 )
 
 _LOG2E = 1.4426950408889634
@@ -55,8 +53,6 @@ class CupyPlan(StepPlan):
                  slots: np.ndarray | None, *, num_rows: int | None = None, width: int | None = None,
                  num_splits: int | None = None, num_q_heads: int | None = None, cascade: bool | None = None,
                  config: KernelConfig | None = None):
-        import cupy
-
         spec = self.spec = backend.spec
         # The kernels' tuning knobs (kvpager.kernel_config); None: the backend's (production) config.
         self.config = backend.config if config is None else check_config(config)
@@ -74,20 +70,7 @@ class CupyPlan(StepPlan):
         # Items: decode kernels run one per query token (one per row when padded).
         self.items = self.rows if self.rows > nseq else int(query_lens.sum())
         self._tokens = self.items if self.decode else int(query_lens.sum())
-        n32 = self.rows * self.width + 2 * self.items + 3 * self.rows
-        self._n32 = -(-n32 // 2) * 2  # slots (int64) start 8-byte aligned
-        nbytes = self._n32 * 4 + self.items * 8
-        # Pinned, so the upload never waits for a busy GPU; _fill writes every field the kernels read.
-        self._upload = backend.uploads.take(nbytes, self)
-        self._host = self._upload.host
-        self._dev = cupy.empty(nbytes, dtype=cupy.uint8)  # the backend made this device current
-        base = self._dev.data.ptr
-        w = self.rows * self.width
-        self._offsets = {"tables": 0, "item_seq": w, "item_len": w + self.items,
-                         "seq_lens": w + 2 * self.items, "query_lens": w + 2 * self.items + self.rows,
-                         "q_start": w + 2 * self.items + 2 * self.rows}
-        self.ptrs = {k: base + 4 * off for k, off in self._offsets.items()}
-        self.ptrs["slots"] = base + 4 * self._n32
+        buffer.allocate(self, backend)
         self._attn: dict[int, list[Launch]] = {}
         self._raw: dict[int, bool] = {}  # per query-head count: the kernel's scores are raw q . k
         # Shared-prefix (cascade) attention: a decode step on tensor cores (one item a row)
@@ -108,51 +91,9 @@ class CupyPlan(StepPlan):
         self._last_scale: Any = None
         self._scale_given = self._scale
         self._torch_type, self._torch_dtype, self._stream = torch_kinds(spec.dtype)
-        self._fill(tables, seq_lens, query_lens, slots)
+        buffer.fill(self, tables, seq_lens, query_lens, slots)
         if num_q_heads is not None:
             self._prepare(int(num_q_heads))
-
-    # -- metadata ---------------------------------------------------------------------
-    def _view(self, name: str, n: int) -> np.ndarray:
-        off = self._offsets[name]
-        return self._host[4 * off : 4 * (off + n)].view(np.int32)
-
-    def _fill(self, tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
-              slots: np.ndarray | None) -> None:
-        """Pack the step into the host buffer and upload it on the caller's stream."""
-        nseq, w = tables.shape
-        self._upload.wait()  # update(): the last upload from this buffer has run
-        self.tables, self.seq_lens, self.query_lens, self.slots = tables, seq_lens, query_lens, slots
-        t = self._view("tables", self.rows * self.width).reshape(self.rows, self.width)
-        t[:nseq, :w] = tables
-        t[:nseq, w:] = 0
-        t[nseq:] = 0
-        item_seq, item_len = self._view("item_seq", self.items), self._view("item_len", self.items)
-        if not self.decode:  # the multi-token kernel reads the per-sequence fields only
-            item_len = seq_lens
-        elif self.items == nseq or self.items > int(query_lens.sum()):  # one item per row
-            item_seq[:] = np.arange(self.items, dtype=np.int32)
-            item_len[:nseq] = seq_lens
-            item_len[nseq:] = 0  # padding: reads nothing
-        else:  # one item per query token (float32 multi-token)
-            starts = np.cumsum(query_lens) - query_lens
-            item_seq[:] = np.repeat(np.arange(nseq, dtype=np.int32), query_lens)
-            j = np.arange(self.items, dtype=np.int32) - np.repeat(starts, query_lens).astype(np.int32)
-            item_len[:] = np.repeat(seq_lens - query_lens, query_lens) + j + 1
-        if not self.decode:  # the per-sequence fields only the multi-token kernel reads
-            for name, arr in (("seq_lens", seq_lens), ("query_lens", query_lens),
-                              ("q_start", np.cumsum(query_lens) - query_lens)):
-                view = self._view(name, self.rows)
-                view[:nseq] = arr
-                view[nseq:] = 0
-        s = self._host[4 * self._n32 :].view(np.int64)
-        if slots is not None:
-            s[: len(slots)] = slots
-            s[len(slots) :] = -1
-        else:
-            s[:] = -1
-        self.max_len = int(item_len.max()) if self.items else 0
-        self._upload.copy_to(self._dev.data.ptr, current_stream(self.device))
 
     def update(self, tables: Any, seq_lens: Any, query_lens: Any = None, slots: Any = None) -> None:
         """Refill with another decode step that fits the capacities (at most
@@ -162,25 +103,7 @@ class CupyPlan(StepPlan):
         The split count chosen at the first ``attend`` stays, and so does the
         cascade's shape: the new step's shared prefixes are found again and
         refilled into it when they fit (else the step attends without them)."""
-        tables, seq_lens, query_lens, slots = check_step(self.spec, tables, seq_lens, query_lens, slots)
-        if not self.decode or not (query_lens == 1).all():
-            raise InvalidArgument("only a decode plan (one query token per sequence) can be updated in place")
-        if len(seq_lens) > self.rows or tables.shape[1] > self.width:
-            raise InvalidArgument(
-                f"step of {len(seq_lens)} sequences x {tables.shape[1]} blocks exceeds the plan's "
-                f"capacity of {self.rows} x {self.width}")
-        if self.items != self.rows:
-            raise InvalidArgument("this plan runs one item per query token; only a plan of one item "
-                                  "per sequence (a decode step, or num_rows given) can be updated")
-        if (slots is not None) != self.has_slots:
-            raise InvalidArgument("update must give slots exactly when the plan was built with them")
-        self._fill(tables, seq_lens, query_lens, slots)
-        self.floor = table_floor(tables, self.spec.block_size)
-        if self._cascades:
-            found = find_shared_prefixes(tables, seq_lens, self.spec.block_size,
-                                         levels=max(c.levels for c in self._cascades))
-            fits = [c.fill(found) for c in self._cascades]
-            self._shared = found if all(fits) else None
+        buffer.update(self, tables, seq_lens, query_lens, slots)
 
     @property
     def num_tokens(self) -> int:

@@ -33,6 +33,13 @@ def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(k, v) for k, v in cache]  # the legacy tuple of tuples
 
 
+def _output_cache(out: Any) -> Any:
+    """The cache a forward returned: ``out.cache`` where transformers names it so
+    (5.x, which deprecates the ``past_key_values`` alias), else ``out.past_key_values``."""
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache
+
+
 def calibrate_kv_scales(model: Any, input_ids: Any, kv_dtype: str = "float8_e4m3",
                         margin: float = 1.25) -> list[list[list[float]]]:
     """Scales [num_layers][2 (K, V)][num_kv_heads] for an FP8 pool of ``model``:
@@ -55,7 +62,7 @@ def calibrate_kv_scales(model: Any, input_ids: Any, kv_dtype: str = "float8_e4m3
         out = model(input_ids=ids, use_cache=True)
     fmax = FP8_DTYPES[name][1]
     scales = []
-    for keys, values in _cache_layers(out.past_key_values):
+    for keys, values in _cache_layers(_output_cache(out)):
         per_kv = []
         for x in (keys, values):
             amax = x.detach().abs().float().amax(dim=(0, 2, 3)).cpu().numpy()  # [kv heads]

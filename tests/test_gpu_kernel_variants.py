@@ -1,0 +1,122 @@
+"""The kernels' tuning knobs (`KernelConfig`) against the NumPy reference: decode
+stages, L2 prefetch, CUDA-core rows, heads per CTA and warps per head (and the
+planner's choice of them), multi-token m-tiles per warp, the block copy's unroll.
+
+Outputs are poisoned (NaN) before the kernel runs. Skips without CuPy or a GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gpu_helpers import cupy_or_skip
+
+cupy = cupy_or_skip()
+
+from gpu_kernel_helpers import (  # noqa: E402
+    TOL,
+    geometry,
+    make_pair,
+    random_tables,
+    rel_err,
+    same_bits,
+    seed,
+    to_dev,
+    to_host,
+)
+
+from kvpager import KernelConfig  # noqa: E402
+from kvpager.backends.numpy_backend import paged_attention  # noqa: E402
+from kvpager.spec import PoolSpec  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype,knobs,splits", [
+    ("bfloat16", {"decode_stages": 2}, 3),
+    ("bfloat16", {"decode_stages": 4}, 40),    # more splits than the merge has split lanes
+    ("bfloat16", {"decode_l2_prefetch": 0}, 2),
+    ("bfloat16", {"decode_l2_prefetch": 256}, None),
+    ("float32", {"decode_rows": 1}, 3),        # the CUDA-core kernel's rows per iteration
+    ("float32", {"decode_rows": 8}, None),
+])
+def test_decode_variants_match_reference(dtype, knobs, splits):
+    d, bs, group = 128, 16, 8
+    rng = np.random.default_rng(seed(dtype, knobs, splits))
+    seq_lens = np.array([1, 17, 640, 2500], dtype=np.int32)
+    spec = geometry(dtype, d, bs, int((-(-seq_lens // bs)).sum() * bs))
+    gpu, cpu = make_pair(spec, rng)  # the plan's config, not the backend's
+    tables = random_tables(rng, spec, seq_lens)
+    q = rng.standard_normal((len(seq_lens), 2 * group, d), dtype=np.float32).astype(spec.np_dtype)
+    qlens = np.ones(len(seq_lens), dtype=np.int32)
+    ref = paged_attention(cpu.kv, 1, q, tables, seq_lens, qlens, d**-0.5)
+    out = to_dev(np.full(q.shape, np.nan, dtype=spec.np_dtype), gpu)
+    gpu.attend(1, to_dev(q, gpu), tables, seq_lens, qlens, d**-0.5, out=out, num_splits=splits,
+               config=KernelConfig(**knobs))
+    assert rel_err(to_host(out, spec), ref) < TOL[dtype]
+    gpu.close()
+
+
+@pytest.mark.parametrize("dtype,d,bs,group,hpc,wph,splits", [
+    ("bfloat16", 128, 16, 4, 4, 1, None),  # 4 heads per CTA, one warp each (short contexts)
+    ("bfloat16", 128, 16, 4, 8, 1, 5),     # 8 heads per CTA, split
+    ("bfloat16", 128, 16, 4, 2, 4, 3),     # 2 heads x 4 warps
+    ("float16", 64, 8, 16, 4, 1, 3),       # blocks of 8 tokens, two m rows of heads
+    ("float16", 256, 32, 2, 8, 1, 2),      # head dim 256: fewer heads per CTA fit
+    ("bfloat16", 96, 64, 1, 4, 2, 1),
+])
+def test_decode_layouts_match_reference(dtype, d, bs, group, hpc, wph, splits):
+    """Heads per CTA and warps per head, over 8 kv heads."""
+    rng = np.random.default_rng(seed(dtype, d, bs, group, hpc, wph, splits))
+    seq_lens = np.array([1, bs + 1, 300, 1700, 2049], dtype=np.int32)
+    spec = geometry(dtype, d, bs, int((-(-seq_lens // bs)).sum() * bs), kv_heads=8)
+    gpu, cpu = make_pair(spec, rng, KernelConfig(decode_heads_per_cta=hpc, decode_warps_per_head=wph))
+    tables = random_tables(rng, spec, seq_lens)
+    qlens = np.ones(len(seq_lens), dtype=np.int32)
+    q = rng.standard_normal((len(seq_lens), 8 * group, d), dtype=np.float32).astype(spec.np_dtype)
+    ref = paged_attention(cpu.kv, 1, q, tables, seq_lens, qlens, d**-0.5)
+    out = to_dev(np.full(q.shape, np.nan, dtype=spec.np_dtype), gpu)
+    gpu.attend(1, to_dev(q, gpu), tables, seq_lens, qlens, d**-0.5, out=out, num_splits=splits)
+    assert rel_err(to_host(out, spec), ref) < TOL[dtype]
+    gpu.close()
+
+
+def test_decode_short_contexts_take_four_heads_per_cta():
+    """The planner's layout choice: 4 heads per CTA only for short contexts with CTAs to spare."""
+    from kvpager.backends.cupy_decode import decode_layout
+
+    c = KernelConfig()
+    assert decode_layout(8, 128, 2, 64, 256, 132, c) == (4, 1)
+    assert decode_layout(8, 128, 2, 64, 4096, 132, c) == (1, 4)
+    assert decode_layout(8, 128, 2, 8, 256, 132, c) == (1, 4)
+    assert decode_layout(2, 128, 2, 512, 100, 132, c) == (2, 1)
+
+
+@pytest.mark.parametrize("dtype,d,bs,group", [("float16", 128, 16, 4), ("bfloat16", 64, 8, 16)])
+def test_multi_token_one_mtile_per_warp(dtype, d, bs, group):
+    rng = np.random.default_rng(seed(dtype, d, bs, group, "mt1"))
+    seq_lens = np.array([300, 77, 129], dtype=np.int32)
+    qlens = np.array([70, 77, 1], dtype=np.int32)
+    spec = geometry(dtype, d, bs, int((-(-seq_lens // bs)).sum() * bs))
+    gpu, cpu = make_pair(spec, rng, KernelConfig(prefill_mt=1))
+    tables = random_tables(rng, spec, seq_lens)
+    q = rng.standard_normal((int(qlens.sum()), spec.num_kv_heads * group, d),
+                            dtype=np.float32).astype(spec.np_dtype)
+    ref = paged_attention(cpu.kv, 0, q, tables, seq_lens, qlens, d**-0.5)
+    out = to_dev(np.full(q.shape, np.nan, dtype=spec.np_dtype), gpu)
+    gpu.attend(0, to_dev(q, gpu), tables, seq_lens, qlens, d**-0.5, out=out)
+    assert rel_err(to_host(out, spec), ref) < TOL[dtype]
+    gpu.close()
+
+
+@pytest.mark.parametrize("unroll", [16, 4, 1])
+def test_copy_launch_shapes_match_reference(unroll):
+    rng = np.random.default_rng(unroll)
+    spec = PoolSpec(num_layers=3, num_kv_heads=2, head_dim=128, num_blocks=64, block_size=16,
+                    dtype="bfloat16", num_host_blocks=4)  # 3 x 1024 vectors a block: partial chunks
+    gpu, cpu = make_pair(spec, rng, KernelConfig(copy_unroll=unroll))
+    ids = rng.permutation(np.arange(1, 64))
+    pairs = np.stack([ids[:30], ids[30:60]], axis=1).astype(np.int64)
+    cpu.copy_blocks(pairs)
+    gpu.copy_blocks(pairs)
+    assert same_bits(to_host(gpu.kv, spec), cpu.kv)
+    gpu.close()
