@@ -139,10 +139,11 @@ __device__ __forceinline__ void wg_issue_s(float* s, unsigned q_wg, unsigned k_s
     wgmma_commit();
 }
 
-// The online softmax (exp2) of the soft-capped, masked scores s of one tile: the new row
-// max m, the factors c that rescale what O and l held so far, l rescaled and increased by
-// this tile's share, and s replaced by P = exp2(S * scale - m * scale).
-__device__ __forceinline__ void wg_softmax(float* s, float* m, float* l, float* c, float scale_log2) {
+// The online softmax (exp2) of the soft-capped, masked scores s of one tile, first step: the
+// new row max m, the factors c that rescale what O and l held so far (l is rescaled here),
+// and u, the max in exp2 units.
+__device__ __forceinline__ void wg_softmax_max(const float* s, float* m, float* l, float* c, float* u,
+                                               float scale_log2) {
     // Row max in raw score units (scale > 0 keeps the order).
     float mx0 = m[0], mx1 = m[1];
 #pragma unroll
@@ -154,19 +155,32 @@ __device__ __forceinline__ void wg_softmax(float* s, float* m, float* l, float* 
     mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float u0 = mx0 == NEG_INF ? 0.f : mx0 * scale_log2;
-    const float u1 = mx1 == NEG_INF ? 0.f : mx1 * scale_log2;
-    c[0] = exp2f(m[0] * scale_log2 - u0);
-    c[1] = exp2f(m[1] * scale_log2 - u1);
+    u[0] = mx0 == NEG_INF ? 0.f : mx0 * scale_log2;
+    u[1] = mx1 == NEG_INF ? 0.f : mx1 * scale_log2;
+    c[0] = exp2f(m[0] * scale_log2 - u[0]);
+    c[1] = exp2f(m[1] * scale_log2 - u[1]);
     m[0] = mx0; m[1] = mx1;
     l[0] *= c[0]; l[1] *= c[1];
+}
+
+// Second step: P = exp2(S * scale - u), added into l, and either packed straight into 16-bit
+// A fragments pa (PACK: 16 positions per k-step) or written back over s.
+template <bool PACK>
+__device__ __forceinline__ void wg_softmax_exp(float* s, float* l, const float* u, float scale_log2,
+                                               unsigned (*pa)[4]) {
 #pragma unroll
     for (int n = 0; n < BN / 8; ++n) {
-        s[4 * n] = exp2f(fmaf(s[4 * n], scale_log2, -u0));
-        s[4 * n + 1] = exp2f(fmaf(s[4 * n + 1], scale_log2, -u0));
-        s[4 * n + 2] = exp2f(fmaf(s[4 * n + 2], scale_log2, -u1));
-        s[4 * n + 3] = exp2f(fmaf(s[4 * n + 3], scale_log2, -u1));
-        l[0] += s[4 * n] + s[4 * n + 1]; l[1] += s[4 * n + 2] + s[4 * n + 3];
+        const float e0 = exp2f(fmaf(s[4 * n], scale_log2, -u[0]));
+        const float e1 = exp2f(fmaf(s[4 * n + 1], scale_log2, -u[0]));
+        const float e2 = exp2f(fmaf(s[4 * n + 2], scale_log2, -u[1]));
+        const float e3 = exp2f(fmaf(s[4 * n + 3], scale_log2, -u[1]));
+        l[0] += e0 + e1; l[1] += e2 + e3;
+        if constexpr (PACK) {
+            pa[n >> 1][(n & 1) * 2 + 0] = pack2(e0, e1);
+            pa[n >> 1][(n & 1) * 2 + 1] = pack2(e2, e3);
+        } else {
+            s[4 * n] = e0; s[4 * n + 1] = e1; s[4 * n + 2] = e2; s[4 * n + 3] = e3;
+        }
     }
 }
 
@@ -178,7 +192,7 @@ __device__ __forceinline__ void wg_rescale(float* o, const float* c) {
     }
 }
 
-// P (the exps in s) packed into 16-bit A fragments, 16 positions per k-step.
+// P (the exps in s: wg_softmax_exp<false>) packed into 16-bit A fragments.
 __device__ __forceinline__ void wg_pack_p(const float* s, unsigned (*pa)[4]) {
 #pragma unroll
     for (int n = 0; n < BN / 8; ++n) {
@@ -217,11 +231,11 @@ template <class Mask>
 __device__ __forceinline__ void wg_tile(float* s, int t, unsigned v_st, float* o, float* m, float* l,
                                         float softcap, float scale_log2, Mask& mask) {
     wg_scores(s, t, softcap, mask);
-    float c[2];
-    wg_softmax(s, m, l, c, scale_log2);
-    wg_rescale(o, c);
+    float c[2], u[2];
     unsigned pa[BN / 16][4];
-    wg_pack_p(s, pa);
+    wg_softmax_max(s, m, l, c, u, scale_log2);
+    wg_rescale(o, c);
+    wg_softmax_exp<true>(s, l, u, scale_log2, pa);
     wg_issue_pv(o, pa, v_st);
 }
 
@@ -301,7 +315,7 @@ __device__ __forceinline__ void wg_attend(float* o, float* m, float* l, unsigned
     // warpgroup 1 lets warpgroup 0 go first, then each hands the turn over once its MMAs are
     // issued), so one's softmax runs while the other's MMAs do. Held: S of tile t, P of
     // tile t - 1 and the stages of both (released once P V of the tile is done).
-    float s[BN / 2], c[2];
+    float s[BN / 2], c[2], u[2];
     unsigned pa[BN / 16][4];
     int pst = 0;  // the stage of tile t - 1
 #if PINGPONG
@@ -323,7 +337,8 @@ __device__ __forceinline__ void wg_attend(float* o, float* m, float* l, unsigned
         wgmma_wait<0>();
         fence_regs<BN / 2>(s);
         wg_scores(s, t_begin, softcap, mask);
-        wg_softmax(s, m, l, c, scale_log2);
+        wg_softmax_max(s, m, l, c, u, scale_log2);
+        wg_softmax_exp<false>(s, l, u, scale_log2, pa);
         wg_pack_p(s, pa);
         st = 1;
     }
@@ -337,7 +352,8 @@ __device__ __forceinline__ void wg_attend(float* o, float* m, float* l, unsigned
         wgmma_wait<1>();  // S of tile t
         fence_regs<BN / 2>(s);
         wg_scores(s, t, softcap, mask);
-        wg_softmax(s, m, l, c, scale_log2);
+        wg_softmax_max(s, m, l, c, u, scale_log2);
+        wg_softmax_exp<false>(s, l, u, scale_log2, pa);
         wgmma_wait<0>();  // P V of tile t - 1: its registers and stage are free
         fence_regs<D / 2>(o);
         mbar_arrive(smem_addr(&empty_bar[pst]));
