@@ -90,6 +90,13 @@ __device__ __forceinline__ unsigned long long* wg_barriers() {
     __shared__ __align__(8) unsigned long long bars[2 * STAGES];
     return bars;
 }
+// Arrive at the mbarrier once every cp.async this thread issued so far has landed, without
+// waiting (noinc: the arrival is one of the count the barrier was initialised with).
+__device__ __forceinline__ void cp_async_mbar_arrive(unsigned bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(bar) : "memory");
+}
+// Wait for every cp.async this thread issued (committed in groups or not).
+__device__ __forceinline__ void cp_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 // Arrive at hardware barrier ``id`` without waiting (its ``count`` includes the threads that
 // wait there with named_barrier_sync): PINGPONG's hand-over of the turn.
 __device__ __forceinline__ void named_barrier_arrive(int id, int count) {
@@ -242,8 +249,9 @@ __device__ __forceinline__ void wg_tile(float* s, int t, unsigned v_st, float* o
 // Before the MMAs, after the consumer threads issued their Q tile's copies: without WS,
 // every thread issues the copies of the run's first STAGES - 1 tiles (load(t, stage, me, n);
 // the first group also holds the Q tile). With WS, thread 0 sets up the stages' mbarriers,
-// full (128 producer arrivals: each producer thread's copies landed and fenced for the
-// async proxy) and empty (NC consumer arrivals: its last reader's MMAs done); the producer
+// full (128 producer arrivals: each producer thread's copies of the tile landed, signalled
+// by cp.async itself, so the producer never waits for its copies; each consumer fences for
+// the async proxy once it has waited) and empty (NC consumer arrivals: its last reader's MMAs done); the producer
 // warpgroup then copies every tile of the run and this returns true (its work is done:
 // the caller returns), the consumers take its registers and wait for the Q tile.
 template <class Load>
@@ -265,25 +273,16 @@ __device__ __forceinline__ bool wg_start(Load& load, int tid, int t_begin, int n
         }
     }
     __syncthreads();
-    if (tid >= NC) {  // the producer warpgroup; each thread signals a tile once the next is under way
+    if (tid >= NC) {  // the producer warpgroup
         setmaxnreg_dec<PRODUCER_REGS>();
         int i = 0;
         for (int t = t_begin; t < num_tiles; ++t, ++i) {
             const int stage = i % STAGES;
             if (i >= STAGES) mbar_wait(smem_addr(&empty_bar[stage]), ((i / STAGES) - 1) & 1);
             load(t, stage, tid - NC, NT - NC);
-            cp_commit();
-            if (i > 0) {
-                cp_wait<1>();
-                fence_proxy_async();
-                mbar_arrive(smem_addr(&full_bar[(i - 1) % STAGES]));
-            }
+            cp_async_mbar_arrive(smem_addr(&full_bar[stage]));  // once this thread's copies have landed
         }
-        if (i > 0) {
-            cp_wait<0>();
-            fence_proxy_async();
-            mbar_arrive(smem_addr(&full_bar[(i - 1) % STAGES]));
-        }
+        cp_wait_all();
         return true;
     }
     setmaxnreg_inc<CONSUMER_REGS>();
@@ -331,6 +330,7 @@ __device__ __forceinline__ void wg_attend(float* o, float* m, float* l, unsigned
     // (ptxas otherwise injects a full wait of its own).
     if (t_begin < num_tiles) {
         mbar_wait(smem_addr(&full_bar[0]), 0);
+        fence_proxy_async();  // the producer's copies (generic proxy) -> visible to wgmma (async proxy)
         WG_TURN_BEGIN;
         wg_issue_s(s, q_wg, k_addr);
         WG_TURN_END;
@@ -344,6 +344,7 @@ __device__ __forceinline__ void wg_attend(float* o, float* m, float* l, unsigned
     }
     for (int t = t_begin + 1, i = 1; t < num_tiles; ++t, ++i) {
         mbar_wait(smem_addr(&full_bar[st]), (i / STAGES) & 1);
+        fence_proxy_async();
         WG_TURN_BEGIN;
         wg_issue_s(s, q_wg, k_addr + st * KV_TILE);
         wg_rescale(o, c);  // the factors of tile t - 1's softmax, before its P V adds in
@@ -376,6 +377,7 @@ __device__ __forceinline__ void wg_attend(float* o, float* m, float* l, unsigned
 #elif WS
     for (int t = t_begin, i = 0; t < num_tiles; ++t, ++i) {
         mbar_wait(smem_addr(&full_bar[st]), (i / STAGES) & 1);
+        fence_proxy_async();
         float s[BN / 2];
         wg_issue_s(s, q_wg, k_addr + st * KV_TILE);
         wgmma_wait<0>();
