@@ -17,10 +17,12 @@
 // MN-major, transposed B operand). WS=1 (warp specialisation, FA3 style): a
 // third, producer warpgroup does all the copies (setmaxnreg gives its registers
 // to the two MMA warpgroups) and hands each stage over through mbarriers, full
-// (its copies landed) and empty (both warpgroups' MMAs on it done), so the
-// warpgroups never wait on one another. OVERLAP=1: S of tile t + 1 is issued before
-// the softmax of tile t, which then runs while the tensor cores work (two
-// tiles resident, so the copies run STAGES - 2 tiles ahead).
+// (cp.async arrives there itself once a producer thread's copies of the stage
+// landed, so the producer never waits on its copies) and empty (both warpgroups'
+// MMAs on it done), so the warpgroups never wait on one another. OVERLAP=1: S of
+// the next tile is issued before this tile's softmax, which then runs while the
+// tensor cores work; with WS it is FlashAttention-3's loop (S of tile t issued
+// with P V of tile t - 1; PINGPONG: the two MMA warpgroups take turns at issuing).
 // The gather, the MMAs, the softmax and each form of the loop are
 // kvpager_wgmma_tile.cuh's (shared with cascade_prefix_sm90.cu); the Q rows, the
 // masks (causal, own start, window) and the output are this kernel's.

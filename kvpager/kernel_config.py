@@ -44,15 +44,19 @@ class KernelConfig:
     prefill_kernel: str = "auto"
     #: warpgroups (64 query rows each) per paged_prefill_sm90.cu CTA; None: 2
     prefill_wgmma_warpgroups: int | None = None
-    #: K/V positions per paged_prefill_sm90.cu tile; None: 128 at head dim 64, else 64
+    #: K/V positions per paged_prefill_sm90.cu tile; None: 128 at head dim 64 and with the
+    #: producer at 128 (without overlap), else 64
     prefill_wgmma_bn: int | None = None
-    #: cp.async stages of paged_prefill_sm90.cu; None: 3 with overlap or 64-position tiles, else 2
+    #: cp.async stages of paged_prefill_sm90.cu; None: 3, but 2 for 128-position tiles without
+    #: overlap other than the producer's at head dim 128
     prefill_wgmma_stages: int | None = None
-    #: paged_prefill_sm90.cu issues S of the next K/V tile before this tile's softmax (OVERLAP)
+    #: paged_prefill_sm90.cu issues S of the next K/V tile before this tile's softmax (OVERLAP;
+    #: with the producer, FlashAttention-3's loop: S of a tile issued with P V of the one before)
     prefill_wgmma_overlap: bool = False
     #: paged_prefill_sm90.cu with a producer warpgroup doing the copies (WS; 2 MMA warpgroups);
-    #: None: with 2 MMA warpgroups and no overlap (8 x 1,024 on 4,096 on an H200: 352 TFLOP/s
-    #: against 286 without, 297 with overlap alone, 265 with both)
+    #: None: with 2 MMA warpgroups and no overlap (8 x 1,024 on 4,096 on an H200, 2026-11-30:
+    #: 372 TFLOP/s with 128-position tiles; 369 with FlashAttention-3's loop; 286 without the
+    #: producer, 297 with overlap alone)
     prefill_wgmma_producer: bool | None = None
     #: with the producer and overlap: the two MMA warpgroups take turns at issuing their MMAs
     #: (FlashAttention-3's ping-pong; PINGPONG)
