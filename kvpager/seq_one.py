@@ -95,8 +95,9 @@ def allocate(m: SequenceManager, prompt: Any, salt: str | bytes | None, owner: A
 def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:
     """`SequenceManager.fork` of one sequence (``n`` checked by the caller)."""
     rows, history, by_code, ids, ref, bt = m.one_refs
-    row = rows.get(seq_id) if type(seq_id) is int else None
-    if row is None:
+    try:
+        row = rows[seq_id]
+    except (KeyError, TypeError):  # unknown or unhashable
         row = row_of(m, seq_id)
     if n != 1:
         return _fork_many(m, seq_id, row, n)
@@ -120,18 +121,19 @@ def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:
     data[kid] = d  # block and token counts and every column in one copy
     i = next(ids)
     bt.seq_id[kid] = i
-    blocks = src[:nb].astype(_I64)
-    if m.num_released and d.item(RELEASED):  # released entries are the null block: not shared
-        blocks = blocks[blocks != 0]
-        m.num_released += 1
-    before = ref[blocks].tolist()  # `BlockPool.share`, inline
-    if before and before.count(before[0]) == len(before):  # one count for all: a store
-        ref[blocks] = before[0] + 1
-    elif before:
-        ref[blocks] += np.int32(1)  # distinct blocks: a plain indexed update
+    if nb:  # `BlockPool.share`, inline
+        blocks = src[:nb].astype(_I64)
+        if m.num_released and d.item(RELEASED):  # released entries are the null block: not shared
+            blocks = blocks[blocks != 0]  # (never the last one: some stay)
+            m.num_released += 1
+        before = ref[blocks].tolist()
+        if before.count(before[0]) == len(before):  # one count for all: a store
+            ref[blocks] = before[0] + 1
+        else:
+            ref[blocks] += np.int32(1)  # distinct blocks: a plain indexed update
     rows[i] = kid
-    h = history[seq_id]  # `History.fork`, inline
-    history[i] = History(h.prompt, h.root, h.keys.copy(), h.tail.copy(), h.salt)
+    history[i] = h = history[seq_id]  # copy-on-write: the child holds the parent's (`History.share`, inline)
+    h.shared = True
     by_code[d.item(OWNER)][i] = None  # `OwnerIndex.add_one`, inline
     return [[i]]
 
@@ -151,10 +153,10 @@ def _fork_many(m: SequenceManager, seq_id: int, row: int, n: int) -> list[list[i
         blocks = blocks[blocks != 0]
         m.num_released += n
     m.pool.share(blocks, n, distinct=True)
-    parent, code = m.history[seq_id], bt.owner.item(row)
+    parent, code = m.history[seq_id].share(), bt.owner.item(row)
     for kid, i in zip(kids, ids):
         m.rows[i] = kid
-        m.history[i] = parent.fork()
+        m.history[i] = parent
         m.owners.add_one(code, i)
     return [ids]
 
