@@ -75,7 +75,7 @@ class BlockTable:
         self.row_data = data
         self._views()
         self._mark = np.zeros(new, dtype=np.int64)
-        self._free_rows = list(range(new - 1, old - 1, -1)) + self._free_rows
+        self._free_rows[:0] = range(new - 1, old - 1, -1)  # the same list: a caller may hold it
 
     def reserve_width(self, width: int) -> None:
         """Make every row able to hold ``width`` blocks (geometric growth)."""

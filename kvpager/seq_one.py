@@ -94,7 +94,7 @@ def allocate(m: SequenceManager, prompt: Any, salt: str | bytes | None, owner: A
 
 def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:
     """`SequenceManager.fork` of one sequence (``n`` checked by the caller)."""
-    rows, history, by_code, ids, ref, bt = m.one_refs
+    rows, history, by_code, ids, ref, bt, free_rows = m.one_refs
     try:
         row = rows[seq_id]
     except (KeyError, TypeError):  # unknown or unhashable
@@ -106,10 +106,9 @@ def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:
     if m.num_swapped and d.item(SWAPPED):
         raise SequenceSwapped(seq_id, "fork")
     nb = d.item(0)
-    free_rows = bt._free_rows
-    if free_rows:  # `BlockTable.fork_row`, inline
+    try:  # `BlockTable.fork_row`, inline
         kid = free_rows.pop()
-    else:
+    except IndexError:  # no free row
         kid = bt._take_rows(1)[0]
         data = bt.row_data  # grown: new arrays
     table = bt.table
@@ -163,7 +162,7 @@ def _fork_many(m: SequenceManager, seq_id: int, row: int, n: int) -> list[list[i
 
 def free(m: SequenceManager, seq_id: int) -> None:
     """`SequenceManager.free` of one sequence: its blocks last to first."""
-    rows, history, by_code, _, ref, bt = m.one_refs
+    rows, history, by_code, _, ref, bt, free_rows = m.one_refs
     row = rows.get(seq_id) if type(seq_id) is int else None
     if row is None:
         row = row_of(m, seq_id)
@@ -209,5 +208,5 @@ def free(m: SequenceManager, seq_id: int) -> None:
     else:
         src[:nb].fill(0)
     d.fill(0)
-    bt._free_rows.append(row)
+    free_rows.append(row)
     del rows[seq_id], history[seq_id]

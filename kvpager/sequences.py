@@ -73,7 +73,8 @@ class SequenceManager(SequenceLookup):
         self.scalar = True
         #: The objects those paths use, never rebound (the arrays that grow are
         #: read through ``table``), so a call takes them in one step.
-        self.one_refs = (self.rows, self.history, self.owners.by_code, self._ids, self.pool.ref_cnt, self.table)
+        self.one_refs = (self.rows, self.history, self.owners.by_code, self._ids, self.pool.ref_cnt, self.table,
+                         self.table._free_rows)
 
     # -- lookup (the rest: `SequenceLookup`) -----------------------------------------
     def owned(self, owner: Any) -> list[int]:

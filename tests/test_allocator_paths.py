@@ -185,7 +185,7 @@ def test_fork_and_free_across_row_growth():
         out.append(pool.fork([out[0][0][0]], 3))
         m = pool.manager
         assert all(x is y for x, y in zip(m.one_refs, (m.rows, m.history, m.owners.by_code, m._ids,
-                                                         m.pool.ref_cnt, m.table)))
+                                                         m.pool.ref_cnt, m.table, m.table._free_rows), strict=True))
         pool.check_integrity()
         pools.append((out, state(pool)))
     (out_a, state_a), (out_b, state_b) = pools
