@@ -29,11 +29,14 @@ if TYPE_CHECKING:
 _I64 = np.int64
 _NONE = np.zeros(0, dtype=np.int64)
 _NONE.flags.writeable = False
-#: A reference count of 0 as a read-only 0-d int32 array: storing it into
-#: ``ref_cnt[ids]`` is a plain copy, where a Python int 0 is converted first
+#: Reference counts 0..256 as read-only 0-d int32 arrays: storing one into
+#: ``ref_cnt[ids]`` is a plain copy, where a Python int is converted first
 #: (about as long again as the store itself).
-_ZERO = np.zeros((), dtype=np.int32)
-_ZERO.flags.writeable = False
+_COUNTS = tuple(np.full((), k, dtype=np.int32) for k in range(257))
+for _c in _COUNTS:
+    _c.flags.writeable = False
+_ZERO = _COUNTS[0]
+_PLUS_ONE = _COUNTS[1:]  # count k + 1 at index k
 
 
 def row_of(m: SequenceManager, seq_id: int) -> int:
@@ -126,8 +129,12 @@ def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:
             blocks = blocks[blocks != 0]  # (never the last one: some stay)
             m.num_released += 1
         before = ref[blocks].tolist()
-        if before.count(before[0]) == len(before):  # one count for all: a store
-            ref[blocks] = before[0] + 1
+        k = before[0]
+        if before.count(k) == len(before):  # one count for all: a store
+            try:
+                ref[blocks] = _PLUS_ONE[k]
+            except IndexError:  # a count past the table's
+                ref[blocks] = k + 1
         else:
             ref[blocks] += np.int32(1)  # distinct blocks: a plain indexed update
     rows[i] = kid

@@ -192,3 +192,23 @@ def test_fork_and_free_across_row_growth():
     assert out_a == out_b
     for key in state_a:
         assert state_a[key] == state_b[key], key
+
+
+def test_fork_of_blocks_held_many_times():
+    """Counts past the one-child fork's table of stored counts (256) take the
+    plain store: the same state as the batch path, counts equal to the
+    references in the tables."""
+    states = []
+    for scalar in (True, False):
+        pool = KVPool(PoolSpec(1, 1, 8, num_blocks=64, block_size=BS, dtype="float32"))
+        pool.manager.scalar = scalar
+        [a] = pool.allocate([list(range(3 * BS))])
+        pool.fork([a.seq_id], 255)  # 256 holders
+        for _ in range(3):  # 256 -> 257 -> 258 -> 259 holders, one child at a time
+            pool.fork([a.seq_id])
+        ref = pool.manager.pool.ref_cnt
+        assert ref[list(a.block_table)].tolist() == [259] * 3
+        pool.check_integrity()  # every count equal to the table references
+        states.append(state(pool))
+    for key in states[0]:
+        assert states[0][key] == states[1][key], key
