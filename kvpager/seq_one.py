@@ -97,13 +97,18 @@ def allocate(m: SequenceManager, prompt: Any, salt: str | bytes | None, owner: A
 
 def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:
     """`SequenceManager.fork` of one sequence (``n`` checked by the caller)."""
+    if n == 1:
+        return fork_one(m, seq_id)
+    return _fork_many(m, seq_id, row_of(m, seq_id), n)
+
+
+def fork_one(m: SequenceManager, seq_id: int) -> list[list[int]]:
+    """One child of one sequence."""
     rows, history, by_code, ids, ref, bt, free_rows = m.one_refs
     try:
         row = rows[seq_id]
     except (KeyError, TypeError):  # unknown or unhashable
         row = row_of(m, seq_id)
-    if n != 1:
-        return _fork_many(m, seq_id, row, n)
     data = bt.row_data
     d = data[row]  # its counts and columns (a view: still the same values if the arrays grow below)
     if m.num_swapped and d.item(SWAPPED):
@@ -116,7 +121,7 @@ def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:
         data = bt.row_data  # grown: new arrays
     table = bt.table
     src = table[row]
-    if len(src) <= 2 * nb + 16:  # narrow: the whole row (null past the end in both) in one copy
+    if nb >= bt.whole_from:  # the whole row (null past the end in both) in one copy
         table[kid] = src
     else:
         table[kid, :nb] = src[:nb]
@@ -128,9 +133,10 @@ def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:
         if m.num_released and d.item(RELEASED):  # released entries are the null block: not shared
             blocks = blocks[blocks != 0]  # (never the last one: some stay)
             m.num_released += 1
+            nb = len(blocks)  # from here: the number of blocks shared
         before = ref[blocks].tolist()
         k = before[0]
-        if before.count(k) == len(before):  # one count for all: a store
+        if before.count(k) == nb:  # one count for all: a store
             try:
                 ref[blocks] = _PLUS_ONE[k]
             except IndexError:  # a count past the table's
@@ -210,7 +216,7 @@ def free(m: SequenceManager, seq_id: int) -> None:
     del mine[seq_id]
     if not mine and code:  # an owner left with none is forgotten (None: never)
         m.owners.forget(code)
-    if len(src) <= 2 * nb + 16:  # `BlockTable.release_row`, inline
+    if nb >= bt.whole_from:  # `BlockTable.release_row`, inline
         src.fill(0)
     else:
         src[:nb].fill(0)
