@@ -33,6 +33,7 @@ class BlockTable:
     def __init__(self, rows: int = 64, width: int = 16, columns: Seq[str] = ()):
         rows = max(rows, 1)
         self.table = np.zeros((rows, max(width, 1)), dtype=np.int32)
+        self._set_whole_from()
         self.column_names = tuple(columns)
         for name in self.column_names:
             if hasattr(self, name) or name in ("num_blocks", "num_tokens"):
@@ -45,6 +46,12 @@ class BlockTable:
         self._mark = np.zeros(rows, dtype=np.int64)  # scratch for `distinct`
         # Low rows first, so live rows stay dense and a gather touches few pages.
         self._free_rows: list[int] = list(range(rows - 1, -1, -1))
+
+    def _set_whole_from(self) -> None:
+        #: A row of at least this many blocks is copied or cleared whole (one
+        #: operation, the null entries past its end with it); a shorter one,
+        #: in a table more than about twice as wide, by its used part.
+        self.whole_from = max(0, -(-(self.table.shape[1] - 16) // 2))
 
     def _views(self) -> None:
         data = self.row_data
@@ -75,7 +82,7 @@ class BlockTable:
         self.row_data = data
         self._views()
         self._mark = np.zeros(new, dtype=np.int64)
-        self._free_rows = list(range(new - 1, old - 1, -1)) + self._free_rows
+        self._free_rows[:0] = range(new - 1, old - 1, -1)  # the same list: a caller may hold it
 
     def reserve_width(self, width: int) -> None:
         """Make every row able to hold ``width`` blocks (geometric growth)."""
@@ -84,6 +91,7 @@ class BlockTable:
             table = np.zeros((len(self.num_blocks), new), dtype=np.int32)
             table[:, : self.width] = self.table
             self.table = table
+            self._set_whole_from()
 
     def _take_rows(self, k: int) -> list[int]:
         if len(self._free_rows) < k:
@@ -141,7 +149,7 @@ class BlockTable:
         data = self.row_data
         n = data.item(src, 0)
         table = self.table
-        if table.shape[1] <= 2 * n + 16:  # narrow: the whole row (null past the end in both) in one copy
+        if n >= self.whole_from:  # the whole row (null past the end in both) in one copy
             table[row] = table[src]
         else:
             table[row, :n] = table[src, :n]

@@ -1,7 +1,13 @@
 """What a sequence's prefix-cache keys are made of: its known token ids and
 the keys of its blocks. Read and written only on the hashing path (allocate,
 commit, swap-in re-publish) and when tokens are appended with their ids; the
-decode hot path works on the block table's arrays instead."""
+decode hot path works on the block table's arrays instead.
+
+A fork does not copy its parent's history: parent and child hold the same
+object, marked ``shared``, and whoever changes its token ids first takes a
+copy (`writable`). Filling in keys of full blocks (`History.key_blocks`) is
+not a change: a key is a function of the root and the known ids, which stay
+the same for every holder while it is shared."""
 
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ class History:
     keys: list[bytes] = field(default_factory=list)  # keys of blocks 0..k-1
     tail: list[int] = field(default_factory=list)  # ids appended after the prompt
     salt: str | bytes | None = None  # the root's salt: names its blocks' tenant
+    shared: bool = False  # held by several sequences (forks): copy before changing ids or cutting keys
 
     @property
     def num_known(self) -> int:
@@ -51,5 +58,20 @@ class History:
             del self.tail[num_tokens - len(self.prompt) :]
         del self.keys[num_tokens // block_size :]
 
-    def fork(self) -> History:
+    def share(self) -> History:
+        """This history, for one more sequence (a fork): marked shared."""
+        self.shared = True
+        return self
+
+    def copy(self) -> History:
+        """A private copy: the same ids and keys, not shared."""
         return History(self.prompt, self.root, self.keys.copy(), self.tail.copy(), self.salt)
+
+
+def writable(history: dict[int, History], seq_id: int) -> History:
+    """``seq_id``'s history, to change its ids or cut its keys: a private copy
+    first (kept in ``history``) if it is shared."""
+    h = history[seq_id]
+    if h.shared:
+        h = history[seq_id] = h.copy()
+    return h

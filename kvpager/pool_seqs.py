@@ -175,7 +175,7 @@ class PoolSequences:
         m = self.manager
         if type(seq_ids) is list and len(seq_ids) == 1 and type(seq_ids[0]) is int and n == 1 and type(n) is int \
                 and m.scalar:
-            return seq_one.fork(m, seq_ids[0], 1)  # one child of one sequence: straight to its path
+            return seq_one.fork_one(m, seq_ids[0])  # one child of one sequence: straight to its path
         return m.fork(validate.seq_ids(seq_ids), n)
 
     def free(self, seq_ids: int | Seq[int]) -> None:

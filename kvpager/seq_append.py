@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvpager.errors import InvalidArgument, OutOfBlocks
+from kvpager.history import writable
 from kvpager.prefix_cache import token_array
 
 if TYPE_CHECKING:
@@ -198,7 +199,10 @@ def _decode_one(m: SequenceManager, seq_id: int, row: int, ids: list[int] | None
         elif pool.cache.cached[b]:
             pool.unpublish(b)
     if ids is not None and bt.known[row] == nt:
-        m.history[seq_id].tail += ids
+        h = m.history[seq_id]
+        if h.shared:  # `writable`, inline
+            h = m.history[seq_id] = h.copy()
+        h.tail += ids
         bt.known[row] = nt + 1
     bt.num_tokens[row] = nt + 1
     if len(copies):
@@ -226,11 +230,14 @@ def _record(
     if None in ids_list:
         ok &= np.fromiter((ids is not None for ids in ids_list), bool, len(ids_list))
     if ok.all():
-        for h, ids in zip(map(history.__getitem__, seq_ids), ids_list):
+        for s, ids in zip(seq_ids, ids_list):
+            h = history[s]
+            if h.shared:  # `writable`, inline
+                h = history[s] = h.copy()
             h.tail += ids
         bt.known[rows] = nt + n
         return
     mask = ok.tolist()
     for s, ids in zip(compress(seq_ids, mask), compress(ids_list, mask)):
-        history[s].tail += ids
+        writable(history, s).tail += ids
     bt.known[rows[ok]] = (nt + n)[ok]

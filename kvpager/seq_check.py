@@ -114,6 +114,9 @@ def check_integrity(m: SequenceManager) -> None:
                 problems.append(f"sequence {s}: history of {h.num_known} tokens and {len(h.keys)} keys "
                                 f"but {bt.known[row]} known and {bt.published[row]} published")
                 break
+        holders = Counter(map(id, m.history.values()))  # a history held by several (forks) is copy-on-write
+        if any(holders[id(h)] > 1 and not h.shared for h in m.history.values()):
+            problems.append("a token history held by several sequences is not marked shared")
     owners = Counter(bt.owner[rows].tolist())
     indexed = m.owners.counts()
     if owners != Counter(indexed) or any(m.rows.get(s) is None or m.owner_of(m.rows[s]) != o

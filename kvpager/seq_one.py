@@ -29,11 +29,14 @@ if TYPE_CHECKING:
 _I64 = np.int64
 _NONE = np.zeros(0, dtype=np.int64)
 _NONE.flags.writeable = False
-#: A reference count of 0 as a read-only 0-d int32 array: storing it into
-#: ``ref_cnt[ids]`` is a plain copy, where a Python int 0 is converted first
+#: Reference counts 0..256 as read-only 0-d int32 arrays: storing one into
+#: ``ref_cnt[ids]`` is a plain copy, where a Python int is converted first
 #: (about as long again as the store itself).
-_ZERO = np.zeros((), dtype=np.int32)
-_ZERO.flags.writeable = False
+_COUNTS = tuple(np.full((), k, dtype=np.int32) for k in range(257))
+for _c in _COUNTS:
+    _c.flags.writeable = False
+_ZERO = _COUNTS[0]
+_PLUS_ONE = _COUNTS[1:]  # count k + 1 at index k
 
 
 def row_of(m: SequenceManager, seq_id: int) -> int:
@@ -94,44 +97,55 @@ def allocate(m: SequenceManager, prompt: Any, salt: str | bytes | None, owner: A
 
 def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:
     """`SequenceManager.fork` of one sequence (``n`` checked by the caller)."""
-    rows, history, by_code, ids, ref, bt = m.one_refs
-    row = rows.get(seq_id) if type(seq_id) is int else None
-    if row is None:
+    if n == 1:
+        return fork_one(m, seq_id)
+    return _fork_many(m, seq_id, row_of(m, seq_id), n)
+
+
+def fork_one(m: SequenceManager, seq_id: int) -> list[list[int]]:
+    """One child of one sequence."""
+    rows, history, by_code, ids, ref, bt, free_rows = m.one_refs
+    try:
+        row = rows[seq_id]
+    except (KeyError, TypeError):  # unknown or unhashable
         row = row_of(m, seq_id)
-    if n != 1:
-        return _fork_many(m, seq_id, row, n)
     data = bt.row_data
     d = data[row]  # its counts and columns (a view: still the same values if the arrays grow below)
     if m.num_swapped and d.item(SWAPPED):
         raise SequenceSwapped(seq_id, "fork")
     nb = d.item(0)
-    free_rows = bt._free_rows
-    if free_rows:  # `BlockTable.fork_row`, inline
+    try:  # `BlockTable.fork_row`, inline
         kid = free_rows.pop()
-    else:
+    except IndexError:  # no free row
         kid = bt._take_rows(1)[0]
         data = bt.row_data  # grown: new arrays
     table = bt.table
     src = table[row]
-    if len(src) <= 2 * nb + 16:  # narrow: the whole row (null past the end in both) in one copy
+    if nb >= bt.whole_from:  # the whole row (null past the end in both) in one copy
         table[kid] = src
     else:
         table[kid, :nb] = src[:nb]
     data[kid] = d  # block and token counts and every column in one copy
     i = next(ids)
     bt.seq_id[kid] = i
-    blocks = src[:nb].astype(_I64)
-    if m.num_released and d.item(RELEASED):  # released entries are the null block: not shared
-        blocks = blocks[blocks != 0]
-        m.num_released += 1
-    before = ref[blocks].tolist()  # `BlockPool.share`, inline
-    if before and before.count(before[0]) == len(before):  # one count for all: a store
-        ref[blocks] = before[0] + 1
-    elif before:
-        ref[blocks] += np.int32(1)  # distinct blocks: a plain indexed update
+    if nb:  # `BlockPool.share`, inline
+        blocks = src[:nb].astype(_I64)
+        if m.num_released and d.item(RELEASED):  # released entries are the null block: not shared
+            blocks = blocks[blocks != 0]  # (never the last one: some stay)
+            m.num_released += 1
+            nb = len(blocks)  # from here: the number of blocks shared
+        before = ref[blocks].tolist()
+        k = before[0]
+        if before.count(k) == nb:  # one count for all: a store
+            try:
+                ref[blocks] = _PLUS_ONE[k]
+            except IndexError:  # a count past the table's
+                ref[blocks] = k + 1
+        else:
+            ref[blocks] += np.int32(1)  # distinct blocks: a plain indexed update
     rows[i] = kid
-    h = history[seq_id]  # `History.fork`, inline
-    history[i] = History(h.prompt, h.root, h.keys.copy(), h.tail.copy(), h.salt)
+    history[i] = h = history[seq_id]  # copy-on-write: the child holds the parent's (`History.share`, inline)
+    h.shared = True
     by_code[d.item(OWNER)][i] = None  # `OwnerIndex.add_one`, inline
     return [[i]]
 
@@ -151,17 +165,17 @@ def _fork_many(m: SequenceManager, seq_id: int, row: int, n: int) -> list[list[i
         blocks = blocks[blocks != 0]
         m.num_released += n
     m.pool.share(blocks, n, distinct=True)
-    parent, code = m.history[seq_id], bt.owner.item(row)
+    parent, code = m.history[seq_id].share(), bt.owner.item(row)
     for kid, i in zip(kids, ids):
         m.rows[i] = kid
-        m.history[i] = parent.fork()
+        m.history[i] = parent
         m.owners.add_one(code, i)
     return [ids]
 
 
 def free(m: SequenceManager, seq_id: int) -> None:
     """`SequenceManager.free` of one sequence: its blocks last to first."""
-    rows, history, by_code, _, ref, bt = m.one_refs
+    rows, history, by_code, _, ref, bt, free_rows = m.one_refs
     row = rows.get(seq_id) if type(seq_id) is int else None
     if row is None:
         row = row_of(m, seq_id)
@@ -202,10 +216,10 @@ def free(m: SequenceManager, seq_id: int) -> None:
     del mine[seq_id]
     if not mine and code:  # an owner left with none is forgotten (None: never)
         m.owners.forget(code)
-    if len(src) <= 2 * nb + 16:  # `BlockTable.release_row`, inline
+    if nb >= bt.whole_from:  # `BlockTable.release_row`, inline
         src.fill(0)
     else:
         src[:nb].fill(0)
     d.fill(0)
-    bt._free_rows.append(row)
+    free_rows.append(row)
     del rows[seq_id], history[seq_id]

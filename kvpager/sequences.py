@@ -30,7 +30,7 @@ from kvpager import seq_append, seq_check, seq_one, seq_prefix, seq_release, seq
 from kvpager.block_pool import BlockPool
 from kvpager.block_table import BlockTable
 from kvpager.errors import InvalidArgument
-from kvpager.history import History
+from kvpager.history import History, writable
 from kvpager.owners import OwnerIndex
 from kvpager.pins import PinTable
 from kvpager.seq_lookup import ANY_OWNER, COLUMNS, SequenceLookup
@@ -73,7 +73,8 @@ class SequenceManager(SequenceLookup):
         self.scalar = True
         #: The objects those paths use, never rebound (the arrays that grow are
         #: read through ``table``), so a call takes them in one step.
-        self.one_refs = (self.rows, self.history, self.owners.by_code, self._ids, self.pool.ref_cnt, self.table)
+        self.one_refs = (self.rows, self.history, self.owners.by_code, self._ids, self.pool.ref_cnt, self.table,
+                         self.table._free_rows)
 
     # -- lookup (the rest: `SequenceLookup`) -----------------------------------------
     def owned(self, owner: Any) -> list[int]:
@@ -164,7 +165,7 @@ class SequenceManager(SequenceLookup):
         self.rows.update(zip(ids, kids.tolist()))
         history = self.history
         parents = seq_ids if n == 1 else [p for p in seq_ids for _ in range(n)]
-        history.update(zip(ids, (history[p].fork() for p in parents)))
+        history.update(zip(ids, (history[p].share() for p in parents)))  # copy-on-write
         self.owners.add_codes(bt.owner[kids], ids)
         return [ids[k * n : (k + 1) * n] for k in range(len(seq_ids))]
 
@@ -225,7 +226,7 @@ class SequenceManager(SequenceLookup):
         bt.published[rows] = np.minimum(bt.published[rows], n // bs)
         cut = np.flatnonzero(bt.known[rows] > n)
         for k in cut.tolist():
-            self.history[seq_ids[k]].truncate(int(n[k]), bs)
+            writable(self.history, seq_ids[k]).truncate(int(n[k]), bs)
         bt.known[rows[cut]] = n[cut]
         # A partly filled last block that stays published as a full block would
         # be rewritten by the next append: un-publish it if it is ours alone

@@ -146,7 +146,7 @@ def test_scalar_switch_changes_the_path():
     import kvpager.seq_one as seq_one
 
     calls = []
-    saved = {name: getattr(seq_one, name) for name in ("allocate", "fork", "free")}
+    saved = {name: getattr(seq_one, name) for name in ("allocate", "fork_one", "free")}
     try:
         for name, fn in saved.items():
             setattr(seq_one, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
@@ -154,8 +154,9 @@ def test_scalar_switch_changes_the_path():
             pool = make_pool(scalar)
             [a] = pool.allocate([[1, 2, 3, 4, 5]])
             [[kid]] = pool.fork(a.seq_id)
+            [[kid2]] = pool.fork([a.seq_id], 1)  # the pool's own short cut to it
             pool.free(kid)
-            assert calls == (["allocate", "fork", "free"] if scalar else []), scalar
+            assert calls == (["allocate", "fork_one", "fork_one", "free"] if scalar else []), scalar
             calls.clear()
     finally:
         for name, fn in saved.items():
@@ -185,10 +186,30 @@ def test_fork_and_free_across_row_growth():
         out.append(pool.fork([out[0][0][0]], 3))
         m = pool.manager
         assert all(x is y for x, y in zip(m.one_refs, (m.rows, m.history, m.owners.by_code, m._ids,
-                                                         m.pool.ref_cnt, m.table)))
+                                                         m.pool.ref_cnt, m.table, m.table._free_rows), strict=True))
         pool.check_integrity()
         pools.append((out, state(pool)))
     (out_a, state_a), (out_b, state_b) = pools
     assert out_a == out_b
     for key in state_a:
         assert state_a[key] == state_b[key], key
+
+
+def test_fork_of_blocks_held_many_times():
+    """Counts past the one-child fork's table of stored counts (256) take the
+    plain store: the same state as the batch path, counts equal to the
+    references in the tables."""
+    states = []
+    for scalar in (True, False):
+        pool = KVPool(PoolSpec(1, 1, 8, num_blocks=64, block_size=BS, dtype="float32"))
+        pool.manager.scalar = scalar
+        [a] = pool.allocate([list(range(3 * BS))])
+        pool.fork([a.seq_id], 255)  # 256 holders
+        for _ in range(3):  # 256 -> 257 -> 258 -> 259 holders, one child at a time
+            pool.fork([a.seq_id])
+        ref = pool.manager.pool.ref_cnt
+        assert ref[list(a.block_table)].tolist() == [259] * 3
+        pool.check_integrity()  # every count equal to the table references
+        states.append(state(pool))
+    for key in states[0]:
+        assert states[0][key] == states[1][key], key

@@ -33,3 +33,14 @@ def test_distinct_and_column_names():
     assert bt.distinct(np.array([3, 1, 2])) and not bt.distinct(np.array([3, 1, 3]))
     with pytest.raises(ValueError, match="taken"):
         BlockTable(columns=["table"])
+
+
+def test_whole_row_threshold_follows_the_width():
+    """`whole_from`: the fewest blocks for which a row is copied whole, i.e. the
+    table at most twice (+16) as wide as the row's used part; kept as the
+    table widens."""
+    bt = BlockTable(rows=2, width=1)
+    for width in [1, 2, 15, 16, 17, 18, 19, 40, 41, 100, 257, 1000]:
+        bt.reserve_width(width)
+        w = bt.table.shape[1]
+        assert bt.whole_from == next(nb for nb in range(w + 1) if w <= 2 * nb + 16), w
