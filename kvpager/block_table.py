@@ -142,20 +142,6 @@ class BlockTable:
         self.row_data[rows] = self.row_data[src]
         return rows
 
-    def fork_row(self, src: int) -> tuple[int, int]:
-        """`copy_row` of one copy: the new row and its number of blocks."""
-        free = self._free_rows
-        row = free.pop() if free else self._take_rows(1)[0]
-        data = self.row_data
-        n = data.item(src, 0)
-        table = self.table
-        if n >= self.whole_from:  # the whole row (null past the end in both) in one copy
-            table[row] = table[src]
-        else:
-            table[row, :n] = table[src, :n]
-        data[row] = data[src]  # blocks, tokens and columns in one copy
-        return row, n
-
     def copy_rows(self, srcs: np.ndarray) -> np.ndarray:
         """A new row equal to each of ``srcs`` (repeats allowed: forks); returns them (int64)."""
         rows = np.asarray(self._take_rows(len(srcs)), dtype=np.int64)

@@ -114,7 +114,7 @@ def fork_one(m: SequenceManager, seq_id: int) -> list[list[int]]:
     if m.num_swapped and d.item(SWAPPED):
         raise SequenceSwapped(seq_id, "fork")
     nb = d.item(0)
-    try:  # `BlockTable.fork_row`, inline
+    try:  # a row as `BlockTable.copy_row` copies one, inline
         kid = free_rows.pop()
     except IndexError:  # no free row
         kid = bt._take_rows(1)[0]
