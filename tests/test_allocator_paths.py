@@ -146,7 +146,7 @@ def test_scalar_switch_changes_the_path():
     import kvpager.seq_one as seq_one
 
     calls = []
-    saved = {name: getattr(seq_one, name) for name in ("allocate", "fork_one", "free")}
+    saved = {name: getattr(seq_one, name) for name in ("allocate", "allocate_one", "fork_one", "free")}
     try:
         for name, fn in saved.items():
             setattr(seq_one, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
@@ -156,7 +156,9 @@ def test_scalar_switch_changes_the_path():
             [[kid]] = pool.fork(a.seq_id)
             [[kid2]] = pool.fork([a.seq_id], 1)  # the pool's own short cut to it
             pool.free(kid)
-            assert calls == (["allocate", "fork_one", "fork_one", "free"] if scalar else []), scalar
+            [b] = pool.allocate([[1, 2, 3, 4, 5]], ["a"])  # a list of salts: through the manager
+            assert calls == (["allocate_one", "fork_one", "fork_one", "free", "allocate", "allocate_one"]
+                             if scalar else []), scalar
             calls.clear()
     finally:
         for name, fn in saved.items():
