@@ -62,13 +62,14 @@ class PoolSequences:
         if type(prompts) is list and len(prompts) == 1 and type(salt) in _ONE_SALT and type(share_in_batch) is bool \
                 and type(prompts[0]) in _ONE_PROMPT and self.remote is None and m.scalar:
             # One prompt, checked as `validate.prompts` / `per_seq` would: straight to its path.
-            seq_id, flat, nh, ntok = seq_one.allocate_one(m, prompts[0], salt, owner)
+            seq_id, flat, blocks, nh, ntok = seq_one.allocate_one(m, prompts[0], salt, owner)
             c = nh * self.spec.block_size
             if len(flat) - nh == 1:  # one block to compute (a prefix hit of all but the last)
-                slots = self._offsets[: ntok - c] + flat.item(-1) * self.spec.block_size
+                start = flat.item(-1) * self.spec.block_size
+                slots = np.arange(start, start + ntok - c, dtype=np.int64)
             else:
                 slots = (flat[nh:, None] * self._bs + self._offsets).ravel()[: ntok - c]
-            return [Allocation(seq_id, tuple(flat.tolist()), c, slots)]
+            return [Allocation(seq_id, blocks, c, slots)]
         validate.prompts(prompts)
         salts = validate.per_seq(salt, len(prompts), "salt")
         if not isinstance(share_in_batch, bool):

@@ -38,6 +38,10 @@ for _c in _COUNTS:
 _ZERO = _COUNTS[0]
 _PLUS_ONE = _COUNTS[1:]  # count k + 1 at index k
 _ONE = np.int32(1)
+#: Up to this many new blocks after prefix hits, an allocate of one prompt
+#: builds its table as a list (one conversion); more, as arrays (a list of
+#: many ids converts slower than a concatenation).
+_LIST_NEW = 32
 
 
 def row_of(m: SequenceManager, seq_id: int) -> int:
@@ -55,14 +59,15 @@ def allocate(m: SequenceManager, prompt: Any, salt: str | bytes | None, owner: A
              ) -> tuple[list[int], np.ndarray, list[int], list[int], list[int]]:
     """`seq_prefix.allocate` of one prompt (``share_in_batch`` has no earlier
     prompt to share with), in its return form."""
-    seq_id, flat, nh, ntok = allocate_one(m, prompt, salt, owner)
+    seq_id, flat, _, nh, ntok = allocate_one(m, prompt, salt, owner)
     return [seq_id], flat, [len(flat)], [nh * m.block_size], [ntok]
 
 
 def allocate_one(m: SequenceManager, prompt: Any, salt: str | bytes | None, owner: Any
-                 ) -> tuple[int, np.ndarray, int, int]:
+                 ) -> tuple[int, np.ndarray, tuple[int, ...], int, int]:
     """One prompt's sequence: its cached prefix, then fresh blocks. Returns its
-    id, block table (int64), blocks taken from the cache and tokens.
+    id, block table (int64 and as a tuple), blocks taken from the cache and
+    tokens.
 
     The hits are distinct blocks: the cache maps keys to blocks one to one,
     and the keys of one chain differ unless BLAKE2b-128 collides (which the
@@ -80,36 +85,53 @@ def allocate_one(m: SequenceManager, prompt: Any, salt: str | bytes | None, owne
     need = n - nh
     ref = pool.ref_cnt
     top = pool._num_free
-    available = top + len(pool.evictable)  # `BlockPool.get_num_free_blocks`
     if nh:
-        hit_ids = np.array(hits, dtype=_I64)
+        # Few new blocks, taken from the free list's top (no eviction, so
+        # enough of them): the table built as a list, one conversion.
+        short = need <= top and need <= _LIST_NEW
+        if short:
+            new = pool._free[top - need : top]
+            blocks = hits + new[::-1].tolist()
+            flat = np.array(blocks, dtype=_I64)
+            hit_ids = flat[:nh]
+        else:
+            hit_ids = np.array(hits, dtype=_I64)
         before = ref[hit_ids].tolist()
         v = before[0]
         same = v and before.count(v) == nh  # all in use, one count
-        # An evictable hit is taken before any new block: it must not be
-        # evicted to make room for this very allocation.
-        nidle = 0 if same else before.count(0)
-        if need > available - nidle:
-            raise OutOfBlocks(need, available - nidle)
+        if not short:
+            # An evictable hit is taken before any new block: it must not be
+            # evicted to make room for this very allocation.
+            available = top + len(pool.evictable) - (0 if same else before.count(0))
+            if need > available:
+                raise OutOfBlocks(need, available)
         if same:  # `BlockPool.touch` with nothing in the LRU: a store
             try:
                 ref[hit_ids] = _PLUS_ONE[v]
             except IndexError:  # a count past the table's
                 ref[hit_ids] = v + 1
-        elif nidle:
+        elif 0 in before:
             pool.touch(hit_ids, True)
         else:
             ref[hit_ids] += _ONE
-    elif need > available:
-        raise OutOfBlocks(need, available)
-    if need <= top:  # `BlockPool.get_new_blocks` from the free list's top, inline
-        new = pool._free[top - need : top]
-        pool._num_free = top - need
-        ref[new] = _COUNTS[1]
-        flat = np.concatenate((hit_ids, new[::-1])) if nh else new[::-1].copy()
-    else:  # evictions
-        new = pool.get_new_blocks(need)
-        flat = np.concatenate((hit_ids, new)) if nh else new
+        if short:  # `BlockPool.get_new_blocks`, inline
+            pool._num_free = top - need
+            ref[new] = _COUNTS[1]
+        else:
+            flat = np.concatenate((hit_ids, pool.get_new_blocks(need)))
+            blocks = flat.tolist()
+    else:
+        if need <= top:  # `BlockPool.get_new_blocks` from the free list's top, inline
+            new = pool._free[top - need : top]
+            pool._num_free = top - need
+            ref[new] = _COUNTS[1]
+            flat = new[::-1].copy()
+        else:
+            available = top + len(pool.evictable)
+            if need > available:
+                raise OutOfBlocks(need, available)
+            flat = pool.get_new_blocks(need)
+        blocks = flat.tolist()
     rows, history, _, ids, _, bt, free_rows = m.one_refs
     seq_id = next(ids)
     code = m.owners.add(owner, (seq_id,))
@@ -124,10 +146,10 @@ def allocate_one(m: SequenceManager, prompt: Any, salt: str | bytes | None, owne
     table[row, :n] = flat
     bt.row_data[row] = (n, ntok, seq_id, code, nh * bs, nh, ntok, 0, flat.item(-1) if n else 0, 0)
     rows[seq_id] = row
-    history[seq_id] = History(tokens, root, keys, salt=salt)
+    history[seq_id] = History(tokens, root, keys, [], salt)
     m.prefix_query_tokens += ntok
     m.prefix_hit_tokens += nh * bs
-    return seq_id, flat, nh, ntok
+    return seq_id, flat, tuple(blocks), nh, ntok
 
 
 def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:
