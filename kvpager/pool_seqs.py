@@ -29,6 +29,10 @@ def _split(flat: np.ndarray, counts: list[int]) -> list[np.ndarray]:
     return out
 
 
+_ONE_PROMPT = (list, np.ndarray)
+_ONE_SALT = (type(None), str, bytes)
+
+
 class PoolSequences:
     """Mixed into `KVPool`, which supplies ``spec``, ``manager``, ``backend``,
     ``remote``, ``pending``, ``_bs``, ``_offsets`` and the copy counters."""
@@ -54,6 +58,18 @@ class PoolSequences:
         With a remote tier, full blocks missing here are first looked up in
         the store (one batch) and restored into device blocks; they count in
         ``num_cached_tokens`` and in ``num_remote_tokens``."""
+        m = self.manager
+        if type(prompts) is list and len(prompts) == 1 and type(salt) in _ONE_SALT and type(share_in_batch) is bool \
+                and type(prompts[0]) in _ONE_PROMPT and self.remote is None and m.scalar:
+            # One prompt, checked as `validate.prompts` / `per_seq` would: straight to its path.
+            seq_id, flat, blocks, nh, ntok = seq_one.allocate_one(m, prompts[0], salt, owner)
+            c = nh * self.spec.block_size
+            if len(flat) - nh == 1:  # one block to compute (a prefix hit of all but the last)
+                start = flat.item(-1) * self.spec.block_size
+                slots = np.arange(start, start + ntok - c, dtype=np.int64)
+            else:
+                slots = (flat[nh:, None] * self._bs + self._offsets).ravel()[: ntok - c]
+            return [Allocation(seq_id, blocks, c, slots)]
         validate.prompts(prompts)
         salts = validate.per_seq(salt, len(prompts), "salt")
         if not isinstance(share_in_batch, bool):
@@ -64,10 +80,10 @@ class PoolSequences:
 
             restore = restore_from(self, prompts, salts)
         try:
-            ids, flat, lengths, cached, ntok = self.manager.allocate(prompts, salts, owner, share_in_batch)
+            ids, flat, lengths, cached, ntok = m.allocate(prompts, salts, owner, share_in_batch)
         finally:
             if restore is not None:
-                restore.release(self.manager.pool)
+                restore.release(m.pool)
         bs = self.spec.block_size
         remote = restore.remote_tokens(flat, lengths, cached, bs) if restore is not None else [0] * len(ids)
         if len(ids) == 1:  # one sequence: the slots of its uncached blocks only

@@ -37,6 +37,11 @@ for _c in _COUNTS:
     _c.flags.writeable = False
 _ZERO = _COUNTS[0]
 _PLUS_ONE = _COUNTS[1:]  # count k + 1 at index k
+_ONE = np.int32(1)
+#: Up to this many new blocks after prefix hits, an allocate of one prompt
+#: builds its table as a list (one conversion); more, as arrays (a list of
+#: many ids converts slower than a concatenation).
+_LIST_NEW = 32
 
 
 def row_of(m: SequenceManager, seq_id: int) -> int:
@@ -53,46 +58,98 @@ def row_of(m: SequenceManager, seq_id: int) -> int:
 def allocate(m: SequenceManager, prompt: Any, salt: str | bytes | None, owner: Any
              ) -> tuple[list[int], np.ndarray, list[int], list[int], list[int]]:
     """`seq_prefix.allocate` of one prompt (``share_in_batch`` has no earlier
-    prompt to share with): its cached prefix, then fresh blocks."""
+    prompt to share with), in its return form."""
+    seq_id, flat, _, nh, ntok = allocate_one(m, prompt, salt, owner)
+    return [seq_id], flat, [len(flat)], [nh * m.block_size], [ntok]
+
+
+def allocate_one(m: SequenceManager, prompt: Any, salt: str | bytes | None, owner: Any
+                 ) -> tuple[int, np.ndarray, tuple[int, ...], int, int]:
+    """One prompt's sequence: its cached prefix, then fresh blocks. Returns its
+    id, block table (int64 and as a tuple), blocks taken from the cache and
+    tokens.
+
+    The hits are distinct blocks: the cache maps keys to blocks one to one,
+    and the keys of one chain differ unless BLAKE2b-128 collides (which the
+    cache's answers already rule out). So a hit's count goes up by a store
+    when they all have one count (a prefix held by live sequences), and only
+    a prefix with evictable blocks takes `BlockPool.touch` (the LRU)."""
     bs, pool = m.block_size, m.pool
     tokens = token_array(prompt, "prompts[0]")
     root = root_key(salt)
     ntok = len(tokens)
-    usable = max(ntok - 1, 0) // bs  # blocks we may take from the cache
-    keys, hits = pool.match(root, tokens, bs, usable)
+    # blocks we may take from the cache: the last token is always computed
+    keys, hits = pool.cache.match_tokens(root, tokens, bs, (ntok - 1) // bs if ntok else 0)
     n = -(-ntok // bs)
-    need = n - len(hits)
-    if hits:
-        hit_ids = np.array(hits, dtype=np.int64)
-        distinct = len(set(hits)) == len(hits)
-        # An evictable hit is taken before any new block: it must not be
-        # evicted to make room for this very allocation.
-        refs = pool.ref_cnt[hit_ids]
-        nidle = len(hits) - np.count_nonzero(refs)
-        if nidle and not distinct:
-            nidle = len(set(hit_ids[refs == 0].tolist()))
-        available = pool.get_num_free_blocks() - int(nidle)
-        if need > available:
-            raise OutOfBlocks(need, available)
-        pool.touch(hit_ids, distinct)
-        new = pool.get_new_blocks(need)
-        flat = np.concatenate([hit_ids, new]) if need else hit_ids
-    else:
-        available = pool.get_num_free_blocks()
-        if need > available:
-            raise OutOfBlocks(need, available)
-        flat = new = pool.get_new_blocks(need)
-    [seq_id] = m.new_ids(1)
-    code = m.owners.add(owner, (seq_id,))
-    bt = m.table
-    row = bt.add_row(flat, ntok)
     nh = len(hits)
-    bt.cols[row] = (seq_id, code, nh * bs, nh, ntok, 0, flat.item(-1) if n else 0, 0)
-    m.rows[seq_id] = row
-    m.history[seq_id] = History(tokens, root, keys, salt=salt)
+    need = n - nh
+    ref = pool.ref_cnt
+    top = pool._num_free
+    if nh:
+        # Few new blocks, taken from the free list's top (no eviction, so
+        # enough of them): the table built as a list, one conversion.
+        short = need <= top and need <= _LIST_NEW
+        if short:
+            new = pool._free[top - need : top]
+            blocks = hits + new[::-1].tolist()
+            flat = np.array(blocks, dtype=_I64)
+            hit_ids = flat[:nh]
+        else:
+            hit_ids = np.array(hits, dtype=_I64)
+        before = ref[hit_ids].tolist()
+        v = before[0]
+        same = v and before.count(v) == nh  # all in use, one count
+        if not short:
+            # An evictable hit is taken before any new block: it must not be
+            # evicted to make room for this very allocation.
+            available = top + len(pool.evictable) - (0 if same else before.count(0))
+            if need > available:
+                raise OutOfBlocks(need, available)
+        if same:  # `BlockPool.touch` with nothing in the LRU: a store
+            try:
+                ref[hit_ids] = _PLUS_ONE[v]
+            except IndexError:  # a count past the table's
+                ref[hit_ids] = v + 1
+        elif 0 in before:
+            pool.touch(hit_ids, True)
+        else:
+            ref[hit_ids] += _ONE
+        if short:  # `BlockPool.get_new_blocks`, inline
+            pool._num_free = top - need
+            ref[new] = _COUNTS[1]
+        else:
+            flat = np.concatenate((hit_ids, pool.get_new_blocks(need)))
+            blocks = flat.tolist()
+    else:
+        if need <= top:  # `BlockPool.get_new_blocks` from the free list's top, inline
+            new = pool._free[top - need : top]
+            pool._num_free = top - need
+            ref[new] = _COUNTS[1]
+            flat = new[::-1].copy()
+        else:
+            available = top + len(pool.evictable)
+            if need > available:
+                raise OutOfBlocks(need, available)
+            flat = pool.get_new_blocks(need)
+        blocks = flat.tolist()
+    rows, history, _, ids, _, bt, free_rows = m.one_refs
+    seq_id = next(ids)
+    code = m.owners.add(owner, (seq_id,))
+    try:  # `BlockTable.add_row`, inline
+        row = free_rows.pop()
+    except IndexError:  # no free row
+        row = bt._take_rows(1)[0]
+    table = bt.table
+    if n > table.shape[1]:
+        bt.reserve_width(n)
+        table = bt.table
+    table[row, :n] = flat
+    bt.row_data[row] = (n, ntok, seq_id, code, nh * bs, nh, ntok, 0, flat.item(-1) if n else 0, 0)
+    rows[seq_id] = row
+    history[seq_id] = History(tokens, root, keys, [], salt)
     m.prefix_query_tokens += ntok
     m.prefix_hit_tokens += nh * bs
-    return [seq_id], flat, [n], [nh * bs], [ntok]
+    return seq_id, flat, tuple(blocks), nh, ntok
 
 
 def fork(m: SequenceManager, seq_id: int, n: int) -> list[list[int]]:

@@ -21,6 +21,19 @@ class Allocation:
     slots: np.ndarray  # int64 [num_tokens - num_cached_tokens]
     num_remote_tokens: int = 0
 
+    def __init__(self, seq_id: int, block_table: tuple[int, ...], num_cached_tokens: int, slots: np.ndarray,
+                 num_remote_tokens: int = 0):
+        # The fields in the instance's dict, as the generated __init__ of a
+        # frozen dataclass stores them, without its object.__setattr__ call
+        # per field (about 2 us per allocation on a small machine, where an
+        # allocate of one cached prompt takes about 40).
+        d = self.__dict__
+        d["seq_id"] = seq_id
+        d["block_table"] = block_table
+        d["num_cached_tokens"] = num_cached_tokens
+        d["slots"] = slots
+        d["num_remote_tokens"] = num_remote_tokens
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Allocation):
             return NotImplemented

@@ -146,7 +146,7 @@ def test_scalar_switch_changes_the_path():
     import kvpager.seq_one as seq_one
 
     calls = []
-    saved = {name: getattr(seq_one, name) for name in ("allocate", "fork_one", "free")}
+    saved = {name: getattr(seq_one, name) for name in ("allocate", "allocate_one", "fork_one", "free")}
     try:
         for name, fn in saved.items():
             setattr(seq_one, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
@@ -156,7 +156,9 @@ def test_scalar_switch_changes_the_path():
             [[kid]] = pool.fork(a.seq_id)
             [[kid2]] = pool.fork([a.seq_id], 1)  # the pool's own short cut to it
             pool.free(kid)
-            assert calls == (["allocate", "fork_one", "fork_one", "free"] if scalar else []), scalar
+            [b] = pool.allocate([[1, 2, 3, 4, 5]], ["a"])  # a list of salts: through the manager
+            assert calls == (["allocate_one", "fork_one", "fork_one", "free", "allocate", "allocate_one"]
+                             if scalar else []), scalar
             calls.clear()
     finally:
         for name, fn in saved.items():
@@ -213,3 +215,56 @@ def test_fork_of_blocks_held_many_times():
         states.append(state(pool))
     for key in states[0]:
         assert states[0][key] == states[1][key], key
+
+
+def test_allocate_of_one_prompt_by_its_hits():
+    """An allocate of one prompt whose prefix is cached, in each case of its
+    hits and new blocks: hits all held once or twice, with different counts,
+    some or all evictable, more than 256 holders; few new blocks (a list) and
+    many (arrays); new blocks by eviction; too few blocks. The scalar path
+    leaves the batch path's state and answers (or error) after each step."""
+    prefix = list(range(3 * BS))  # three full blocks to share
+    long_tail = list(range(1000, 1000 + 34 * BS))  # 34 more blocks: past the list's limit
+    other_tail = list(range(5000, 5000 + 40 * BS))  # more than are evictable
+
+    def steps():
+        yield "commit", lambda pool: pool.commit(pool.allocate([prefix + [1]])[0].seq_id)
+        yield "held once", lambda pool: pool.allocate([prefix + [2]])
+        yield "many new blocks", lambda pool: pool.allocate([prefix + long_tail])
+        yield "commit it", lambda pool: pool.commit(pool.manager.ids()[-1])
+        yield "free it", lambda pool: pool.free(pool.manager.ids()[-1])  # its own blocks evictable
+        yield "fork", lambda pool: pool.fork(pool.manager.ids()[0])
+        yield "cut the fork", lambda pool: pool.truncate(pool.manager.ids()[-1], BS)  # counts 3, 2, 2
+        yield "different counts", lambda pool: pool.allocate([prefix + [3]])
+        yield "free all", lambda pool: pool.free(pool.manager.ids())  # the prefix evictable
+        yield "one block held", lambda pool: pool.allocate([prefix[: BS + 1]])  # block 0 in use again
+        yield "some evictable", lambda pool: pool.allocate([prefix + [4]])
+        yield "free all again", lambda pool: pool.free(pool.manager.ids())
+        yield "all evictable", lambda pool: pool.allocate([prefix + [5]])
+        yield "fill the free list", lambda pool: pool.allocate([[7] * (pool.stats().free_blocks * BS)])
+        yield "too few", lambda pool: pool.allocate([prefix + other_tail])
+        yield "evictions", lambda pool: pool.allocate([prefix + [6] * 30])
+        yield "many holders", lambda pool: pool.fork(pool.manager.ids()[0], 300)
+        yield "past the stored counts", lambda pool: pool.allocate([np.array(prefix + [8], dtype=np.int64)])
+
+    runs = []
+    for scalar in (True, False):
+        pool = KVPool(PoolSpec(1, 1, 8, num_blocks=64, block_size=BS, dtype="float32"))
+        pool.manager.scalar = scalar
+        run = []
+        for name, fn in steps():
+            run.append((name, outcome(fn, pool), state(pool)))
+            pool.check_integrity()
+        runs.append(run)
+    for (name, out_a, state_a), (_, out_b, state_b) in zip(*runs, strict=True):
+        assert out_a == out_b, name
+        for key in state_a:
+            assert state_a[key] == state_b[key], f"{name}: {key} differs"
+    outcomes = {name: out for name, out, _ in runs[0]}
+    states = {name: st for name, _, st in runs[0]}
+    assert outcomes["too few"][0] == "OutOfBlocks"
+    assert outcomes["many new blocks"][0][2] == 3 * BS and len(outcomes["many new blocks"][0][1]) == 37
+    assert outcomes["evictions"][0][2] == 3 * BS
+    assert states["fill the free list"]["free"] == [] and len(states["fill the free list"]["evictable"]) == 34
+    assert len(states["evictions"]["evictable"]) == 34 - 4  # its 4 new blocks evicted
+    assert max(states["past the stored counts"]["ref"]) > 257

@@ -98,6 +98,35 @@ def test_hash_is_stable_across_processes():
     assert len(outs) == 1 and len(outs.pop()) == 32
 
 
+@pytest.mark.parametrize("block_size", [1, 8, 16, 64])
+def test_keys_are_their_definition(block_size):
+    """Chained keys and a match's keys are BLAKE2b-128 of the parent key and
+    the block's int64 little-endian token ids (root: of b"kvpager-root\\0" +
+    salt), recomputed here from that definition; a match stops at the first
+    block not published and at its limit."""
+    import hashlib
+
+    import numpy as np
+
+    from kvpager.prefix_cache import PrefixCache, chain_keys, root_key
+
+    tokens = np.random.default_rng(block_size).integers(0, 2**40, 5 * block_size + 3)
+    parent = hashlib.blake2b(b"kvpager-root\0" + b"salt", digest_size=16).digest()
+    assert root_key("salt") == parent
+    expected = []
+    for i in range(len(tokens) // block_size):  # every full block
+        block = b"".join(int(t).to_bytes(8, "little", signed=True) for t in tokens[i * block_size : (i + 1) * block_size])
+        parent = hashlib.blake2b(parent + block, digest_size=16).digest()
+        expected.append(parent)
+    assert chain_keys(root_key("salt"), tokens, block_size) == expected
+    cache = PrefixCache(16)
+    for b, key in enumerate(expected[:4], start=1):
+        cache.publish(b, key)
+    assert cache.match_tokens(root_key("salt"), tokens, block_size, 5) == (expected[:4], [1, 2, 3, 4])
+    assert cache.match_tokens(root_key("salt"), tokens, block_size, 2) == (expected[:2], [1, 2])
+    assert cache.match_tokens(root_key(None), tokens, block_size, 5) == ([], [])
+
+
 
 
 def test_cached_tokens_probe_predicts_allocate_and_changes_nothing():

@@ -217,3 +217,23 @@ def test_array_whose_bytes_do_not_match_its_shape():
 def test_unsendable_value_is_invalid_argument():
     with pytest.raises(InvalidArgument):
         protocol.pack({"x": object()})
+
+
+def test_allocation_is_still_a_frozen_dataclass():
+    """`Allocation` fills its fields itself (no setattr call per field): it
+    must still behave as the frozen dataclass it declares."""
+    import dataclasses
+
+    slots = np.arange(8, 12, dtype=np.int64)
+    a = Allocation(3, (4, 5), 16, slots)
+    b = Allocation(seq_id=3, block_table=(4, 5), num_cached_tokens=16, slots=slots.copy(), num_remote_tokens=0)
+    assert [f.name for f in dataclasses.fields(a)] == list(vars(a)) == [
+        "seq_id", "block_table", "num_cached_tokens", "slots", "num_remote_tokens"]
+    assert a == b and a.num_remote_tokens == 0
+    assert a != dataclasses.replace(a, num_remote_tokens=16) and a != Allocation(3, (4, 5), 16, slots + 1)
+    assert dataclasses.asdict(a)["block_table"] == (4, 5)
+    assert repr(a).startswith("Allocation(seq_id=3, block_table=(4, 5), num_cached_tokens=16, slots=array(")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.seq_id = 4  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        hash(a)
