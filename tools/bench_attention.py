@@ -241,8 +241,8 @@ def prefill_variants(sweep: bool) -> list[tuple[str, KernelConfig]]:
         variants += [("mma", c.replace(prefill_kernel="mma")),
                      ("wgmma", wg), ("wgmma, overlap", wg.replace(prefill_wgmma_overlap=True)),
                      ("wgmma, producer warpgroup", wg.replace(prefill_wgmma_producer=True)),
-                     ("wgmma, producer warpgroup, overlap",
-                      wg.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True))]
+                     ("wgmma, producer warpgroup, FlashAttention-3 loop",
+                      wg.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True, prefill_wgmma_bn=128))]
     if sweep:
         variants.append(("1 m-tile per warp", c.replace(prefill_kernel="mma", prefill_mt=1)))
         if torch.cuda.get_device_capability() == (9, 0):
@@ -252,11 +252,13 @@ def prefill_variants(sweep: bool) -> list[tuple[str, KernelConfig]]:
                 variants.append((f"wgmma {64 * wgs} rows, {bn}-position tiles, {st} stages" + (", overlap" if ov else ""),
                                  wg.replace(prefill_wgmma_warpgroups=wgs, prefill_wgmma_bn=bn,
                                             prefill_wgmma_stages=st, prefill_wgmma_overlap=ov)))
-            for bn, st, ov in ((64, 4, True), (128, 2, False), (128, 3, False), (64, 2, False)):
+            for bn, st, ov, pp in ((64, 4, True, True), (128, 3, True, True), (128, 3, True, False),
+                                   (128, 2, False, True), (64, 3, False, True), (64, 2, False, True)):
                 variants.append((f"wgmma producer warpgroup, {bn}-position tiles, {st} stages"
-                                 + (", overlap" if ov else ""),
+                                 + (", FlashAttention-3 loop" if ov else "") + ("" if pp else ", no ping-pong"),
                                  wg.replace(prefill_wgmma_producer=True, prefill_wgmma_bn=bn,
-                                            prefill_wgmma_stages=st, prefill_wgmma_overlap=ov)))
+                                            prefill_wgmma_stages=st, prefill_wgmma_overlap=ov,
+                                            prefill_wgmma_pingpong=pp)))
     return variants
 
 
