@@ -1,0 +1,195 @@
+"""Which multi-token and shared-prefix kernel the planners choose, on the CPU: the
+wgmma kernels (paged_prefill_sm90.cu, cascade_prefix_sm90.cu) on compute
+capability 9.0 for 16-bit pools of head dim 64 / 128, the mma kernels elsewhere,
+the wgmma knobs as they reach a launch, and the fall-back where NVRTC cannot
+build sm_90a. The ``prefill_kernel`` and ``cascade_kernel`` cases of
+kernel_plan_pins.json pin the choices (see test_kernel_plans.py)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from kernel_plan_helpers import H200, NSM, PINS, spec_of
+
+from kvpager import KernelConfig, UnsupportedConfiguration
+from kvpager.backends.cupy_cascade import cascade_chunks, cascade_kernel, cascade_tiling
+from kvpager.backends.cupy_prefill import prefill_function, prefill_kernel, prefill_tiles
+from kvpager.kernel_config import DEFAULT
+from kvpager.kernel_smem import check_fits, prefill_sm90_smem, resident
+
+WG = KernelConfig(prefill_kernel="wgmma", prefill_wgmma_producer=False)  # the knobs' base: no producer
+AUTO, MMA = (KernelConfig(prefill_kernel=k) for k in ("auto", "mma"))
+
+
+@pytest.mark.parametrize("case", PINS["prefill_kernel"], ids=lambda c: "-".join(map(str, c["args"][:7])))
+def test_multi_token_kernel_choices_are_the_pinned_ones(case):
+    dtype, kv_dtype, d, bs, hkv, group, cc, knobs = case["args"]
+    k = prefill_kernel(spec_of(dtype, kv_dtype, d, bs, hkv), group, KernelConfig(**knobs), tuple(cc))
+    assert (k.file, k.func, k.arch, k.defines) == (case["file"], case["kernel"], case["arch"], case["defines"])
+    assert (k.tiling.bm, k.tiling.bn, k.tiling.stages, k.smem, k.threads) == (
+        case["bm"], case["bn"], case["stages"], case["smem"], case["threads"])
+    check_fits(k.smem, H200, k.file)
+
+
+@pytest.mark.parametrize("case", PINS["cascade_kernel"], ids=lambda c: "-".join(map(str, c["args"][:8])))
+def test_cascade_kernel_choices_are_the_pinned_ones(case):
+    dtype, kv_dtype, d, bs, hkv, group, cc, knobs, members, lengths, regs = case["args"]
+    k = cascade_kernel(spec_of(dtype, kv_dtype, d, bs, hkv), group, KernelConfig(**knobs), tuple(cc))
+    assert (k.file, k.func, k.arch, k.defines) == (case["file"], case["kernel"], case["arch"], case["defines"])
+    assert (k.tiling.bm, k.tiling.bn, k.tiling.stages, k.smem, k.threads) == (
+        case["bm"], case["bn"], case["stages"], case["smem"], case["threads"])
+    per_tile = max(1, k.tiling.bm // group)
+    tiles = int(sum(-(-m // per_tile) for m in members))
+    chunks = cascade_chunks(min(lengths), tiles * hkv, NSM * resident(H200, regs, 0, k.threads, k.smem))
+    assert (per_tile, chunks, tiles * chunks) == (case["per_tile"], case["chunks"], case["tiles"])
+    check_fits(k.smem, H200, k.file)
+
+
+def test_the_cascade_runs_the_multi_token_kernels_twin():
+    """cascade_prefix_sm90.cu exactly where the multi-token kernel is paged_prefill_sm90.cu, with
+    its knobs, tiling, defines, shared memory and threads; else cascade_prefix.cu on the tiling
+    it had (`cascade_tiling`), 128 threads; "wgmma" where it cannot run: the same typed error."""
+    for dtype, kv_dtype, d in [("bfloat16", None, 128), ("float16", None, 64), ("bfloat16", "float8_e4m3", 128),
+                               ("float16", None, 256), ("bfloat16", None, 96)]:
+        spec = spec_of(dtype, kv_dtype, d, 16, 8)
+        for config in (DEFAULT, MMA, WG, WG.replace(prefill_wgmma_overlap=True), AUTO.replace(prefill_mt=1),
+                       DEFAULT.replace(prefill_wgmma_warpgroups=1, prefill_wgmma_bn=128)):
+            for cc in ((9, 0), (8, 0)):
+                try:
+                    p = prefill_kernel(spec, 4, config, cc)
+                except UnsupportedConfiguration as exc:
+                    with pytest.raises(UnsupportedConfiguration, match=re.escape(str(exc))):
+                        cascade_kernel(spec, 4, config, cc)
+                    continue
+                c = cascade_kernel(spec, 4, config, cc)
+                if p.file == "paged_prefill_sm90.cu":
+                    assert (c.file, c.func) == ("cascade_prefix_sm90.cu", "cascade_prefix_sm90")
+                    assert (c.arch, c.tiling, c.defines, c.smem, c.threads) == (
+                        p.arch, p.tiling, p.defines, p.smem, p.threads)
+                else:
+                    t, smem, _ = cascade_tiling(spec, 4, config)
+                    assert (c.file, c.func, c.arch, c.tiling, c.smem, c.threads) == (
+                        "cascade_prefix.cu", "cascade_prefix", None, t, smem, 128)
+                    assert c.defines == {**p.defines}  # the mma kernels' defines are the same set
+
+
+def test_the_cascade_falls_back_to_mma_when_sm90a_cannot_be_built():
+    spec = spec_of("bfloat16", None, 128, 16, 8)
+
+    def build(k):
+        if k.arch is not None:
+            raise UnsupportedConfiguration("NVRTC 11.8 cannot build for sm_90a")
+        return k.func
+
+    k, fn = prefill_function(spec, 4, AUTO, (9, 0), build, choose=cascade_kernel)
+    assert (k.file, fn, k.threads) == ("cascade_prefix.cu", "cascade_prefix", 128)
+    with pytest.raises(UnsupportedConfiguration, match="sm_90a"):
+        prefill_function(spec, 4, WG, (9, 0), build, choose=cascade_kernel)
+    k, fn = prefill_function(spec, 4, AUTO, (9, 0), lambda k: k.func, choose=cascade_kernel)
+    assert (k.file, fn, k.threads) == ("cascade_prefix_sm90.cu", "cascade_prefix_sm90", 384)
+
+
+WG = KernelConfig(prefill_kernel="wgmma", prefill_wgmma_producer=False)  # the knobs' base: no producer
+AUTO, MMA = (KernelConfig(prefill_kernel=k) for k in ("auto", "mma"))
+
+
+def test_the_default_is_wgmma_with_a_producer_on_hopper_and_mma_elsewhere():
+    spec = spec_of("bfloat16", None, 128, 16, 8)
+    assert DEFAULT.prefill_kernel == "auto"
+    k = prefill_kernel(spec, 4, DEFAULT, (9, 0))
+    assert (k.file, k.defines.get("WS"), k.threads) == ("paged_prefill_sm90.cu", 1, 384)
+    assert prefill_kernel(spec, 4, AUTO, (9, 0)) == k
+    assert prefill_kernel(spec, 4, MMA, (9, 0)) == prefill_kernel(spec, 4, DEFAULT, (8, 0))
+    assert prefill_kernel(spec, 4, DEFAULT, (8, 0)).file == "paged_prefill.cu"
+    # one MMA warpgroup or overlap: no producer unless asked for
+    assert "WS" not in prefill_kernel(spec, 4, DEFAULT.replace(prefill_wgmma_warpgroups=1), (9, 0)).defines
+    assert "WS" not in prefill_kernel(spec, 4, DEFAULT.replace(prefill_wgmma_overlap=True), (9, 0)).defines
+
+
+@pytest.mark.parametrize("dtype,kv_dtype,d,cc,why", [
+    ("bfloat16", None, 128, (8, 0), "compute capability 9.0"),
+    ("float16", None, 64, (8, 9), "compute capability 9.0"),
+    ("bfloat16", None, 128, (10, 0), "compute capability 9.0"),
+    ("bfloat16", "float8_e4m3", 128, (9, 0), "FP8"),
+    ("float16", "float8_e5m2", 64, (9, 0), "FP8"),
+    ("bfloat16", None, 96, (9, 0), "head_dim 96"),
+    ("float16", None, 256, (9, 0), "head_dim 256"),
+    ("float32", None, 128, (9, 0), "float32"),
+])
+def test_wgmma_where_it_does_not_apply(dtype, kv_dtype, d, cc, why):
+    """Asked for: a typed error naming the reason; "auto": the mma kernel, as "mma" chooses it."""
+    spec = spec_of(dtype, kv_dtype, d, 16, 8)
+    with pytest.raises(UnsupportedConfiguration, match=f"prefill_kernel='wgmma'.*{why}"):
+        prefill_kernel(spec, 4, WG, cc)
+    assert prefill_kernel(spec, 4, AUTO, cc) == prefill_kernel(spec, 4, MMA, cc)
+    assert prefill_kernel(spec, 4, AUTO, cc).arch is None
+
+
+def test_wgmma_knobs_reach_the_launch():
+    spec = spec_of("float16", None, 128, 16, 8)
+    base = prefill_kernel(spec, 4, WG, (9, 0))
+    assert (base.defines["WG"], base.defines["BN"], base.defines["STAGES"], base.threads) == (2, 64, 3, 256)
+    assert base.smem == (128 + 2 * 3 * 64) * 128 * 2 + 1024  # paged_prefill_sm90.cu's header formula
+    assert base.tiling.bm == 128 and base.arch == "sm_90a"
+    k = prefill_kernel(spec, 4, WG.replace(prefill_wgmma_warpgroups=1, prefill_wgmma_bn=128), (9, 0))
+    assert (k.defines["WG"], k.defines["BN"], k.defines["STAGES"], k.threads, k.tiling.bm) == (1, 128, 2, 128, 64)
+    assert k.smem == prefill_sm90_smem(128, 1, 128, 2) == (64 + 2 * 2 * 128) * 128 * 2 + 1024
+    k = prefill_kernel(spec_of("bfloat16", None, 64, 8, 8), 16, WG, (9, 0))
+    assert (k.defines["BN"], k.defines["STAGES"]) == (128, 2)  # head dim 64: longer K/V tiles
+    # the query tiles hold bm / group tokens, as for the mma kernel (the most K/V first)
+    tiles = prefill_tiles(np.array([300, 5], np.int32), np.array([300, 900], np.int32), base.tiling.bm // 4)
+    assert tiles.tolist() == [[1, 0], *([0, j] for j in range(288, -1, -32))]
+    k = prefill_kernel(spec, 4, WG.replace(prefill_wgmma_overlap=True, prefill_wgmma_bn=128), (9, 0))
+    assert (k.defines["OVERLAP"], k.defines["STAGES"]) == (1, 3)  # two tiles resident: 3 stages
+    assert "OVERLAP" not in base.defines
+    with pytest.raises(UnsupportedConfiguration, match="overlap needs 3 or more stages"):
+        prefill_kernel(spec, 4, WG.replace(prefill_wgmma_overlap=True, prefill_wgmma_stages=2), (9, 0))
+    k = prefill_kernel(spec, 4, WG.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True), (9, 0))
+    assert (k.defines["WS"], k.defines["OVERLAP"], k.threads, k.tiling.bm) == (1, 1, 384, 128)
+    assert k.smem == base.smem  # the mbarriers are static shared memory
+    with pytest.raises(UnsupportedConfiguration, match="two MMA warpgroups"):
+        prefill_kernel(spec, 4, WG.replace(prefill_wgmma_producer=True, prefill_wgmma_warpgroups=1), (9, 0))
+    # with the producer, overlap is FlashAttention-3's loop, ping-pong unless turned off
+    k = prefill_kernel(spec, 4, WG.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True,
+                                           prefill_wgmma_bn=128), (9, 0))
+    assert (k.defines["BN"], k.defines["STAGES"], "PINGPONG" in k.defines) == (128, 3, False)
+    with pytest.raises(UnsupportedConfiguration, match="overlap needs 3 or more stages"):
+        prefill_kernel(spec, 4, WG.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True,
+                                           prefill_wgmma_stages=2), (9, 0))
+    k = prefill_kernel(spec, 4, WG.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True,
+                                           prefill_wgmma_pingpong=False), (9, 0))
+    assert k.defines["PINGPONG"] == 0
+    k = prefill_kernel(spec_of("bfloat16", None, 64, 16, 8), 4,
+                       WG.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True), (9, 0))
+    assert (k.defines["BN"], k.defines["STAGES"], k.threads) == (128, 3, 384)
+    # too much shared memory for a CTA: refused by name before any compile
+    with pytest.raises(UnsupportedConfiguration, match="shared memory"):
+        prefill_kernel(spec, 4, WG.replace(prefill_wgmma_bn=128, prefill_wgmma_stages=4), (9, 0))
+
+
+def test_auto_falls_back_to_mma_when_sm90a_cannot_be_built(caplog):
+    """An NVRTC without sm_90a: "auto" builds paged_prefill.cu (logged once); "wgmma" raises."""
+    from kvpager import kernel_build
+
+    spec = spec_of("bfloat16", None, 128, 16, 8)
+    built = []
+
+    def build(k):
+        if k.arch is not None:
+            raise UnsupportedConfiguration("NVRTC 11.8 cannot build for sm_90a")
+        built.append(k.file)
+        return "fn"
+
+    kernel_build._warned.discard("paged_prefill_sm90.cu")
+    with caplog.at_level("WARNING", logger="kvpager.kernels"):
+        for _ in range(3):
+            k, fn = prefill_function(spec, 4, AUTO, (9, 0), build)
+            assert (k.file, fn) == ("paged_prefill.cu", "fn")
+    assert built == ["paged_prefill.cu"] * 3
+    assert sum("sm_90a" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(UnsupportedConfiguration, match="sm_90a"):
+        prefill_function(spec, 4, WG, (9, 0), build)
+    k, fn = prefill_function(spec, 4, AUTO, (9, 0), lambda k: k.func)
+    assert (k.file, fn) == ("paged_prefill_sm90.cu", "paged_prefill_sm90")
