@@ -192,3 +192,28 @@ def test_integrity_check_counts_independently():
         pool.check_integrity()
     m.owners.by_code[code] = mine
     pool.check_integrity()
+
+
+@pytest.mark.parametrize("prompt", [
+    [1.5], ["a"], [None], [[1]], np.array([1.0, 2.0]), [np.int64(3), 1.0], "abc", b"ab", [1] * (100 * BS),
+    [True, 2], [-1], [2**40], np.array([1, 2], np.uint64),
+], ids=repr)
+@pytest.mark.parametrize("salt", [None, "s", 5])
+def test_one_prompt_is_refused_or_taken_as_in_a_batch(prompt, salt):
+    """An allocate of one prompt takes its own scalar path (its own type checks): whatever
+    a careless or hostile caller sends, it refuses exactly what the batch path refuses,
+    with the same typed error and nothing changed, and takes what the batch path takes."""
+    outcomes = []
+    for prompts in ([prompt], [prompt, list(range(BS + 3))]):
+        pool = make_pool(num_blocks=16)
+        before = snapshot(pool)
+        try:
+            allocs = pool.allocate(prompts, salt=salt if len(prompts) == 1 or salt is None else [salt] * 2)
+        except Exception as exc:  # noqa: BLE001 - the error's type is what is compared
+            assert isinstance(exc, (InvalidArgument, OutOfBlocks)), repr(exc)
+            assert snapshot(pool) == before
+            outcomes.append(type(exc))
+        else:
+            outcomes.append((allocs[0].block_table, allocs[0].num_cached_tokens, allocs[0].slots.tolist()))
+            pool.check_integrity()
+    assert outcomes[0] == outcomes[1]
