@@ -59,6 +59,11 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
                  "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
                  "@!done bra WAIT;\n}\n" :: "r"(bar), "r"(parity) : "memory");
 }
+// Arrive at the mbarrier once every cp.async this thread issued so far has landed, without
+// waiting (noinc: the arrival is one of the count the barrier was initialised with).
+__device__ __forceinline__ void cp_async_mbar_arrive(unsigned bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(bar) : "memory");
+}
 // Registers of this warpgroup's threads handed back to / taken from the CTA's pool (warp
 // specialisation: a producer needs few, the MMA warpgroups many). Multiples of 8, 24-256.
 template <int R>
@@ -68,6 +73,11 @@ __device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.
 // A barrier of ``count`` threads (a multiple of 32) on hardware barrier ``id`` (0 is __syncthreads').
 __device__ __forceinline__ void named_barrier_sync(int id, int count) {
     asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(count) : "memory");
+}
+// Arrive at hardware barrier ``id`` without waiting (its ``count`` includes the threads that
+// wait there with named_barrier_sync).
+__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;" :: "r"(id), "r"(count) : "memory");
 }
 // Keeps the compiler from moving accesses of an accumulator across an asynchronous MMA's issue or wait.
 template <int N>

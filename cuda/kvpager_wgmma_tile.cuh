@@ -90,18 +90,6 @@ __device__ __forceinline__ unsigned long long* wg_barriers() {
     __shared__ __align__(8) unsigned long long bars[2 * STAGES];
     return bars;
 }
-// Arrive at the mbarrier once every cp.async this thread issued so far has landed, without
-// waiting (noinc: the arrival is one of the count the barrier was initialised with).
-__device__ __forceinline__ void cp_async_mbar_arrive(unsigned bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(bar) : "memory");
-}
-// Wait for every cp.async this thread issued (committed in groups or not).
-__device__ __forceinline__ void cp_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-// Arrive at hardware barrier ``id`` without waiting (its ``count`` includes the threads that
-// wait there with named_barrier_sync): PINGPONG's hand-over of the turn.
-__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
-    asm volatile("bar.arrive %0, %1;" :: "r"(id), "r"(count) : "memory");
-}
 #endif
 
 // A fresh accumulator: O = 0, row max -inf, row sum 0 (both of this thread's rows).
@@ -282,7 +270,8 @@ __device__ __forceinline__ bool wg_start(Load& load, int tid, int t_begin, int n
             load(t, stage, tid - NC, NT - NC);
             cp_async_mbar_arrive(smem_addr(&full_bar[stage]));  // once this thread's copies have landed
         }
-        cp_wait_all();
+        cp_commit();
+        cp_wait<0>();  // every copy of this thread landed before it leaves
         return true;
     }
     setmaxnreg_inc<CONSUMER_REGS>();
