@@ -173,6 +173,20 @@ class PoolSequences:
             self._cow_blocks += len(copies)
         return flat
 
+    def record_tokens(self, seq_ids: int | Seq[int], token_ids: Seq[Seq[int]], *, owner: Any = ANY_OWNER) -> None:
+        """Record the token ids of slots appended without them (`append` with no
+        ``token_ids``): each sequence's ids continue the ids it knows, at most up
+        to its length (else `InvalidArgument`, and nothing changes). A pipelined
+        decode loop appends the next step's slots before it knows the tokens that
+        go in them; once their ids are recorded, the blocks they fill are
+        published on commit exactly as if the ids had come with the append.
+        ``owner``: if given, every sequence must be its."""
+        ids = validate.seq_ids(seq_ids)
+        if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, (list, tuple, np.ndarray)) \
+                or isinstance(token_ids, np.ndarray) and token_ids.ndim == 0:
+            raise InvalidArgument(f"token_ids must be a list of token-id lists, got {type(token_ids).__name__}")
+        self.manager.record_tokens(ids, list(token_ids), owner)
+
     def commit(self, seq_ids: int | Seq[int], upto: int | None | Seq[int | None] = None) -> list[int]:
         """Declare K/V written for tokens ``[0, upto)`` (default: all), publishing
         full blocks in the prefix cache. Returns how many blocks each published.

@@ -210,6 +210,40 @@ def _decode_one(m: SequenceManager, seq_id: int, row: int, ids: list[int] | None
     return np.array([(b << m.shift) | off], dtype=np.int64), copies
 
 
+def record(m: SequenceManager, seq_ids: list[int], token_ids: Seq[Seq[int]], owner: Any) -> None:
+    """`SequenceManager.record_tokens`: the ids of slots appended without them.
+    Each sequence's ids continue the ids it knows (a prefix of its tokens), at
+    most up to its length; every check runs before anything changes."""
+    rows = m.batch(seq_ids, "record_tokens", owner)
+    if len(token_ids) != len(rows):
+        raise InvalidArgument(f"record_tokens: {len(token_ids)} token-id lists for {len(rows)} sequences")
+    bt = m.table
+    known, nt = bt.known[rows], bt.num_tokens[rows]
+    ids_list: list[Any] = list(token_ids)
+    if ids_list and set(map(type, ids_list)) == {list} and set(map(len, ids_list)) == {1} \
+            and set(map(type, map(itemgetter(0), ids_list))) == {int} \
+            and min(map(itemgetter(0), ids_list)) >= -_LIMIT and max(map(itemgetter(0), ids_list)) < _LIMIT:
+        n: Any = 1  # one id each (a pipelined decode step), checked at C speed
+        over = np.flatnonzero(known >= nt)
+    else:
+        ids_list = [_token_list(ids) for ids in ids_list]
+        n = np.fromiter(map(len, ids_list), np.int64, len(ids_list))
+        over = np.flatnonzero(known + n > nt)
+    if len(over):
+        k = int(over[0])
+        raise InvalidArgument(
+            f"record_tokens: sequence {seq_ids[k]} has {int(nt[k] - known[k])} slots without token ids, "
+            f"got {len(ids_list[k])} ids")
+    history = m.history
+    for s, ids in zip(seq_ids, ids_list):
+        if ids:
+            h = history[s]
+            if h.shared:  # `writable`, inline
+                h = history[s] = h.copy()
+            h.tail += ids
+    bt.known[rows] = known + n
+
+
 def _unpublish(m: SequenceManager, last: np.ndarray) -> None:
     """Last blocks about to be written in place: one still published (after a
     truncate) must not stay matchable while its K/V changes."""

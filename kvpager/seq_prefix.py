@@ -155,6 +155,13 @@ def commit(m: SequenceManager, seq_ids: list[int], upto: Seq[int | None],
     nt = bt.num_tokens[rows]
     if all(u is None for u in upto):
         ups = nt
+    elif set(map(type, upto)) == {int}:  # a pipelined decode step's: checked at C speed
+        ups = np.fromiter(upto, np.int64, len(upto))
+        bad = np.flatnonzero((ups < 0) | (ups > nt))
+        if len(bad):
+            k = int(bad[0])
+            raise InvalidArgument(f"commit: upto for sequence {seq_ids[k]} must be in [0, {int(nt[k])}], "
+                                  f"got {upto[k]!r}")
     else:
         for s, u, n in zip(seq_ids, upto, nt.tolist()):
             if u is not None and (not is_int(u) or not 0 <= u <= n):

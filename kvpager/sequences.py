@@ -136,6 +136,11 @@ class SequenceManager(SequenceLookup):
         ids must be its (checked in the same lookup)."""
         return seq_append.append(self, seq_ids, counts, token_ids, owner)
 
+    def record_tokens(self, seq_ids: list[int], token_ids: Seq[Seq[int]], owner: Any = ANY_OWNER) -> None:
+        """The token ids of slots appended without them, continuing each
+        sequence's known ids (`seq_append.record`)."""
+        seq_append.record(self, seq_ids, token_ids, owner)
+
     def commit(self, seq_ids: list[int], upto: Seq[int | None],
                fresh: list[tuple[int, bytes, bytes]] | None = None) -> list[int]:
         """Declare K/V written for tokens ``[0, upto)`` (default: all) and publish

@@ -8,7 +8,10 @@ prompts that share a system prompt. Paths, on the same model and prompts:
 - ``hf generate``: transformers' ``generate`` (DynamicCache); with ``--static``
   also with its StaticCache (``cache_implementation="static"``: transformers
   then compiles the model, whose compile time the timed steps include);
-- ``kvpager eager``: `kvpager.hf.PagedGeneration`, one step plan per pass;
+- ``kvpager eager``: `kvpager.hf.PagedGeneration`, one step plan per pass,
+  pipelined (each pass launched before the last one's tokens reach the host:
+  `kvpager.hf.pipeline`); with ``--sync`` also ``kvpager eager sync`` and
+  ``kvpager graphs sync``, the loop that waits for each pass's tokens;
 - ``kvpager graphs``: the same with the decode step captured in CUDA graphs;
   ``kvpager graphs plain``: the same without shared-prefix (cascade) attention,
   to show what the cascade brings to a captured step.
@@ -17,7 +20,8 @@ prompts that share a system prompt. Paths, on the same model and prompts:
 ``--steps`` steps each), since this kind of host's speed drifts by tens of
 percent within minutes: a path's ms/step is the median of its rounds, its
 ratio to ``generate`` the median of the rounds' ratios (their range printed
-beside it). Per path: decode ms/step (wall, synchronized), host ms/step (from the step's
+beside it). Per path: decode ms/step (wall: from one step's return to the
+next's, the steady rate of a loop of steps), host ms/step (from the step's
 start until its last kernel is queued: the forward call's return, or the graph
 replay's), tokens/s of the decode steps, KV bytes held at the end, and the
 first decode tokens' agreement with the hf loop. Then the fixed-memory case:
@@ -147,26 +151,37 @@ class Paged:
     """A kvpager path kept live across the rounds: `kvpager.hf.PagedGeneration` on a pool of its own."""
 
     def __init__(self, model, ps: list[list[int]], total_steps: int, graphs: bool, clock: HostClock,
-                 num_blocks: int, cascade: bool | None = None) -> None:
+                 num_blocks: int, cascade: bool | None = None, pipeline: bool = True) -> None:
         self.spec = khf.spec_for_model(model, num_blocks=num_blocks)
         self.pool = KVPool(self.spec, device="cuda:0")
         self.gen = khf.PagedGeneration(model, self.pool, ps, total_steps, salt="bench", cuda_graphs=graphs,
-                                       cascade=cascade)
+                                       cascade=cascade, pipeline=pipeline)
         self.clock, self.batch = clock, len(ps)
-        self.label = ("kvpager graphs" if graphs else "kvpager eager") + (" plain" if cascade is False else "")
-        self.tokens = [[o[0] for o in self.gen.outputs]]
+        self.label = (("kvpager graphs" if graphs else "kvpager eager") + (" plain" if cascade is False else "")
+                      + ("" if pipeline else " sync"))
         self.wall: list[list[float]] = []  # per round
         self.host: list[list[float]] = []
 
+    @property
+    def tokens(self) -> list[list[int]]:
+        """Each step's tokens (the prefill's first), as the hf loop lists them."""
+        outs = self.gen.outputs
+        return [[o[k] for o in outs] for k in range(min(map(len, outs)))]
+
     def run(self, steps: int, timed: bool = True) -> None:
+        """``steps`` decode steps after one untimed one; a step's time runs from the
+        last one's return to its own (a pipelined step returns once the pass
+        before it has completed and the next one is queued: its steady rate)."""
+        self.gen.step()
         wall, host = [], []
+        last = time.perf_counter()
         for _ in range(steps):
-            torch.cuda.synchronize()
             t0 = time.perf_counter()
             self.gen.step()
-            wall.append(time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            wall.append(t1 - last)
             host.append(self.clock.mark - t0)
-            self.tokens.append([o[-1] for o in self.gen.outputs])
+            last = t1
         if timed:
             self.wall.append(wall)
             self.host.append(host)
@@ -199,7 +214,7 @@ def agreement(a: list[list[int]], b: list[list[int]], steps: int = 4) -> float:
 
 
 def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, clock: HostClock,
-             static: bool = False, rounds: int = 5) -> list[dict]:
+             static: bool = False, rounds: int = 5, sync: bool = False) -> list[dict]:
     """Every path on the same prompts. transformers' ``generate`` and the kvpager paths run
     in ``rounds`` alternating rounds of ``steps`` decode steps each (this host's speed
     drifts by tens of percent within minutes): a path's ms/step is the median of its
@@ -207,12 +222,15 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
     ps = prompts(batch, shared, own)
     ids = torch.tensor(ps, device="cuda")
     bs, warm = 16, 2
-    total = warm + rounds * steps + 2
+    total = warm + 1 + rounds * (steps + 1) + 2
     blocks = batch * (-(-(own + total) // bs) + 1) + -(-shared // bs) + 64
     rows = [hf_loop(model, ps, steps)]
     torch.cuda.empty_cache()
-    paths = [Paged(model, ps, total, graphs, clock, blocks, cascade)
-             for graphs, cascade in ((False, None), (True, None), (True, False))]
+    kinds = [(False, None, True), (True, None, True), (True, False, True)]
+    if sync:  # the same without pipelined steps
+        kinds += [(False, None, False), (True, None, False)]
+    paths = [Paged(model, ps, total, graphs, clock, blocks, cascade, pipeline)
+             for graphs, cascade, pipeline in kinds]
     try:
         generate_ms(model, ids, 1)  # warm-up
         for p in paths:
@@ -301,6 +319,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5,
                     help="alternating rounds of generate and the kvpager paths (ratios: median of the rounds')")
     ap.add_argument("--budget-gib", type=float, default=8.0, help="fixed-memory case (8b shape); 0 skips it")
+    ap.add_argument("--sync", action="store_true",
+                    help="also run the kvpager eager and graph paths without pipelined steps")
     ap.add_argument("--static", action="store_true",
                     help="also generate with transformers' StaticCache (it compiles the model first: minutes)")
     ap.add_argument("--json", help="write the rows here")
@@ -312,9 +332,9 @@ def main() -> None:
         model = make_model(shape)
         for batch in map(int, args.batches.split(",")):
             for r in run_case(model, shape, batch, args.shared, args.own, args.steps, clock, args.static,
-                                  args.rounds):
+                              args.rounds, args.sync):
                 rows.append(r)
-                print(f"{shape} x{batch:<4} {r['path']:<15} {r['ms_step']:8.2f} ms/step  host "
+                print(f"{shape} x{batch:<4} {r['path']:<20} {r['ms_step']:8.2f} ms/step  host "
                       f"{r['host_ms'] if r['host_ms'] is not None else float('nan'):7.2f} ms  "
                       f"{r['tok_s']:9.0f} tok/s  {r['ratio']:5.2f}x  KV "
                       f"{(r['kv_bytes'] or 0) / 2**30:6.2f} GiB  agree {r['agree']}", flush=True)

@@ -49,6 +49,7 @@ from kvpager.hf.model import (  # noqa: F401
     model_geometry,
     spec_for_model,
 )
+from kvpager.hf.pipeline import HostBuffers, Pass, PipelinedSteps
 from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
 
 __all__ = ["PagedBatch", "PagedGeneration", "default_salt", "generate", "layer_windows", "spec_for_model"]
@@ -57,7 +58,7 @@ _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 
 
 @dataclass
-class PagedGeneration:
+class PagedGeneration(PipelinedSteps):
     """Greedy generation of one batch of prompts with its KV in ``pool``.
 
     Construction allocates the prompts (sharing any cached prefix) and runs the
@@ -80,6 +81,10 @@ class PagedGeneration:
     #: shared-prefix (cascade) attention in decode and multi-token steps: None where it pays
     #: (`kvpager.cascade.worth_it` / `multi_token_worth_it`), True / False to force it on or off
     cascade: bool | None = None
+    #: launch each decode pass before the last one's tokens reach the host
+    #: (`kvpager.hf.pipeline`; where the pool has `record_tokens`): the host's work
+    #: overlaps the device's, and `outputs` trail the device by one pass until `done`
+    pipeline: bool = True
     seq_ids: list[int] = field(init=False, default_factory=list)
     num_cached_tokens: list[int] = field(init=False, default_factory=list)
     outputs: list[list[int]] = field(init=False, default_factory=list)
@@ -107,6 +112,9 @@ class PagedGeneration:
         # keeps its sequences (`_plan`); the CPU backend's plans are made anew each step.
         self._reuse_plans = pool_device.startswith("cuda") and hasattr(self.pool, "tables")
         self._last_plan: tuple[Any, list[int]] | None = None
+        self._pipelined = self.pipeline and hasattr(self.pool, "record_tokens")
+        self._inflight: Pass | None = None  # the decode pass launched and not yet completed
+        self._host_tokens = HostBuffers(self._device)
         longest = max(map(len, self.prompts)) + self.max_new_tokens
         self._width = -(-longest // self.pool.spec.block_size)  # blocks a sequence can reach
         if self.cuda_graphs:
@@ -135,10 +143,17 @@ class PagedGeneration:
 
     @property
     def done(self) -> bool:
-        return all(self.finished)
+        return all(self.finished) and self._inflight is None
 
     def step(self) -> None:
-        """One decode pass: feed each unfinished sequence its last new token."""
+        """One decode pass: feed each unfinished sequence its last new token.
+        Pipelined, launch the next pass, then complete the one before it (its
+        tokens reach `outputs`); the last call only completes."""
+        if self._pipelined:
+            prev, self._inflight = self._inflight, self._launch()
+            if prev is not None:
+                self._complete(prev)
+            return
         live = [i for i, f in enumerate(self.finished) if not f]
         if not live:
             return
@@ -172,11 +187,15 @@ class PagedGeneration:
         if self._graphs is not None and max(lens) == 1:
             next_tokens = self._graphs.step(ids, input_ids, position_ids, slots)
         else:
-            plan = self._plan(ids, lens, slots)
             ends = torch.as_tensor(np.cumsum(lens) - 1, device=self._device)
-            with torch.inference_mode(), paged_attention(self.model):
-                next_tokens = paged_forward(self.model, self._batch(plan), input_ids, position_ids, ends).tolist()
+            next_tokens = self._forward(self._plan(ids, lens, slots), input_ids, position_ids, ends).tolist()
         self._record(rows, ids, next_tokens)
+
+    def _forward(self, plan: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 logits_to_keep: Any = 0) -> torch.Tensor:
+        """One eager forward pass over ``plan``: each kept position's greedy next token, on the device."""
+        with torch.inference_mode(), paged_attention(self.model):
+            return paged_forward(self.model, self._batch(plan), input_ids, position_ids, logits_to_keep)
 
     def _plan(self, ids: list[int], lens: list[int], slots: np.ndarray) -> Any:
         """The step plan of an eager pass. A decode step of the same sequences as the
@@ -206,21 +225,32 @@ class PagedGeneration:
         if hasattr(self.pool, "synchronize"):
             self.pool.synchronize()
         self.pool.commit(ids)
-        done = []
+        ended = self._update(rows, next_tokens)
+        self._free([self.seq_ids[i] for i in ended])  # a finished sequence's blocks go back at once
+        self._release([i for i in rows if not self.finished[i]])
+
+    def _update(self, rows: list[int], next_tokens: list[int]) -> list[int]:
+        """Append each unfinished row's next token to its outputs; the rows that end now."""
+        ended = []
         for i, t in zip(rows, next_tokens):
+            if self.finished[i]:  # ended on an end token the pass before: this token is past it
+                continue
             self.outputs[i].append(int(t))
             if len(self.outputs[i]) >= self.max_new_tokens or t in self._eos:
                 self.finished[i] = True
-                done.append(self.seq_ids[i])
-        self._free(done)  # a finished sequence's blocks go back at once
+                ended.append(i)
+        return ended
+
+    def _release(self, live: list[int]) -> None:
+        """In a model whose every layer has a sliding window, give back the blocks no
+        window of ``live``'s next query reads again (pipelined: the query in flight)."""
         windows = self._windows
-        if self.release_windowed and windows and None not in windows and hasattr(self.pool, "release_before"):
+        if live and self.release_windowed and windows and None not in windows \
+                and hasattr(self.pool, "release_before"):
             # the next query of sequence i sits at position(i) and sees positions after position(i) - w
-            live = [i for i in rows if not self.finished[i]]
-            if live:
-                reach = max(windows)
-                self.pool.release_before([self.seq_ids[i] for i in live],
-                                         [max(0, self.position(i) - reach + 1) for i in live])
+            reach = max(windows)
+            self.pool.release_before([self.seq_ids[i] for i in live],
+                                     [max(0, self.position(i) - reach + 1) for i in live])
 
     def _free(self, seq_ids: list[int]) -> None:
         seq_ids = [s for s in seq_ids if s in self._held]
@@ -230,7 +260,11 @@ class PagedGeneration:
 
     def close(self) -> None:
         """Free the sequences still held (their committed full blocks stay matchable)
-        and drop the reused plan (its device buffers)."""
+        and drop the reused plan (its device buffers). A pass still in flight is
+        waited for first: its writes must land before its blocks go back."""
+        if self._inflight is not None:
+            self._inflight.read()
+            self._inflight = None
         self._free(self.seq_ids)
         self._last_plan = None
 
@@ -249,14 +283,18 @@ def generate(
     salt: str | bytes | None = None,
     eos_token_id: Any = "model",
     cuda_graphs: bool = False,
+    pipeline: bool = True,
 ) -> list[list[int]]:
     """Greedy generation with the KV cache in ``pool``. Returns the new token ids
     of each prompt: ``max_new_tokens`` of them, or fewer where an end-of-sequence
     token came (included, as transformers' ``generate`` does). ``eos_token_id``
-    defaults to the model's generation config ("model"); None never stops early."""
+    defaults to the model's generation config ("model"); None never stops early.
+    ``pipeline``: launch each decode pass before the last one's tokens reach the
+    host (`PagedGeneration.pipeline`; the same tokens)."""
     if isinstance(eos_token_id, str) and eos_token_id == "model":
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    with PagedGeneration(model, pool, prompts, max_new_tokens, salt, eos_token_id, cuda_graphs) as gen:
+    with PagedGeneration(model, pool, prompts, max_new_tokens, salt, eos_token_id, cuda_graphs,
+                         pipeline=pipeline) as gen:
         while not gen.done:
             gen.step()
         return gen.outputs

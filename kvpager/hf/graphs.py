@@ -59,12 +59,22 @@ class DecodeGraphs:
              slots: np.ndarray) -> list[int]:
         """Run one decode step (one new token per sequence, ``input_ids`` and
         ``position_ids`` [1, B]) and return each sequence's greedy next token."""
+        return self.launch(seq_ids, input_ids, position_ids, slots).tolist()
+
+    def launch(self, seq_ids: list[int], input_ids: torch.Tensor, position_ids: torch.Tensor,
+               slots: np.ndarray) -> torch.Tensor:
+        """Queue one decode step (as `step`) without waiting for it: each sequence's
+        greedy next token, [B] on the device (the graph's output: read or copy it
+        before the next replay of the same bucket)."""
         from kvpager.hf.generation import paged_attention
 
         tables, lens = self.pool.tables(seq_ids)
         if tables.shape[1] > self.width:
             self.width = max(2 * self.width, tables.shape[1])
             self.graphs.clear()  # every plan's tables are too narrow now
+            # a new memory pool: the old one's tensors may outlive its graphs (a pipelined
+            # step still reads the last output), and a pool without graphs cannot capture again
+            self.mempool = torch.cuda.graph_pool_handle()
         n = len(seq_ids)
         bucket = bucket_for(n)
         g = self.graphs.get(bucket)
@@ -77,7 +87,7 @@ class DecodeGraphs:
                 _fill(g.input_ids, input_ids)
                 _fill(g.position_ids, position_ids)
         g.graph.replay()
-        return g.next_tokens[:n].tolist()
+        return g.next_tokens[:n]
 
     def _capture(self, bucket: int, seq_ids: list[int], slots: np.ndarray,
                  input_ids: torch.Tensor, position_ids: torch.Tensor) -> _Graph:

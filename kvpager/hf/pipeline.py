@@ -1,0 +1,148 @@
+"""Pipelined decode steps: the next pass is launched before the last one's tokens reach the host.
+
+A greedy decode step needs the previous step's tokens only as the model's
+input ids, and those can stay on the device. So, as serving engines schedule
+asynchronously, `PagedGeneration` (with ``pipeline=True``, where the pool has
+`record_tokens`) runs each step as
+
+1. launch pass t+1: take its slots (`append` without token ids), refill its
+   plan, gather its input ids from pass t's output on the device, run the
+   forward pass (or replay its CUDA graph), and queue a copy of its tokens to
+   pinned host memory;
+2. complete pass t: wait for its copy, record its tokens as the ids of the
+   slots pass t+1 took (`record_tokens`), commit what pass t wrote, and
+   update the outputs.
+
+The host's work for pass t+1 (the allocator, the plan, the model's Python)
+overlaps the device's for pass t, and no step waits for the device to drain.
+A sequence that ends on an end token in pass t has already been fed to pass
+t+1: that pass's token for it is dropped, and its blocks go back once pass
+t+1 has completed (its write must land before anyone else can take them).
+The results are the same as the unpipelined loop's, token for token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Pass:
+    """A decode pass launched and not yet completed."""
+
+    rows: list[int]  # indices of the generation's sequences, in the pass's order
+    seq_ids: list[int]
+    positions: list[int]  # the position each row's fed token sits at
+    tokens: torch.Tensor  # [n] the pass's greedy tokens, on the model's device
+    host: torch.Tensor  # [>= n] where they are copied to (pinned on a GPU)
+    event: Any  # a torch.cuda.Event recorded after that copy; None on the CPU
+    free_after: list[int] = field(default_factory=list)  # sequences to free once this pass completes
+
+    def read(self) -> list[int]:
+        """The pass's tokens (waits for their copy)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host[: len(self.rows)].tolist()
+
+
+class HostBuffers:
+    """Pinned host buffers for passes' tokens, two of them taking turns (a pass's
+    buffer is read before the pass two later is launched), grown as needed."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.bufs: list[torch.Tensor] = []
+        self.turn = 0
+
+    def take(self, n: int) -> torch.Tensor:
+        self.turn ^= 1
+        if len(self.bufs) < 2:
+            self.bufs = [self._new(n), self._new(n)]
+        if self.bufs[self.turn].numel() < n:
+            self.bufs[self.turn] = self._new(max(n, 2 * self.bufs[self.turn].numel()))
+        return self.bufs[self.turn]
+
+    def _new(self, n: int) -> torch.Tensor:
+        return torch.empty(n, dtype=torch.long, pin_memory=self.device.type == "cuda")
+
+
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """[1, n] int64 on ``device`` without waiting for it: a pinned staging tensor
+    and an asynchronous copy (torch keeps the staging memory until the copy ran)."""
+    t = torch.tensor([values], dtype=torch.long)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def fed_tokens(prev: Pass, rows: list[int]) -> torch.Tensor:
+    """[1, n] input ids of the next pass over ``rows`` (a subsequence of ``prev``'s):
+    ``prev``'s tokens for them, gathered on the device."""
+    if rows == prev.rows:
+        return prev.tokens.view(1, -1)
+    where = {r: k for k, r in enumerate(prev.rows)}
+    index = to_device([where[r] for r in rows], prev.tokens.device)[0]
+    return prev.tokens.index_select(0, index).view(1, -1)
+
+
+def queue_copy(tokens: torch.Tensor, buffers: HostBuffers) -> tuple[torch.Tensor, Any]:
+    """Queue the copy of a pass's ``tokens`` to a host buffer; (buffer, event)."""
+    if tokens.device.type != "cuda":
+        return tokens, None
+    host = buffers.take(tokens.numel())
+    host[: tokens.numel()].copy_(tokens, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+class PipelinedSteps:
+    """`PagedGeneration`'s pipelined decode passes (mixed into it): `_launch` of the
+    next pass, `_complete` of the one before it."""
+
+    def _launch(self) -> Pass | None:
+        """Launch the next decode pass of the sequences that will still need a
+        token once the pass in flight (if any) has given its own; None if none."""
+        prev = self._inflight
+        ahead = prev is not None  # each row's newest token is still on the device
+        rows = [i for i in (prev.rows if ahead else range(len(self.finished)))
+                if not self.finished[i] and len(self.outputs[i]) + ahead < self.max_new_tokens]
+        if not rows:
+            return None
+        ids = [self.seq_ids[i] for i in rows]
+        positions = [len(self.prompts[i]) + len(self.outputs[i]) - 1 + ahead for i in rows]
+        if ahead:
+            slots = self.pool.append_flat(ids, 1)  # the ids come with `record_tokens`
+            input_ids = fed_tokens(prev, rows)
+        else:
+            last = [[self.outputs[i][-1]] for i in rows]
+            slots = self.pool.append_flat(ids, 1, last)
+            input_ids = to_device([t for [t] in last], self._device)
+        position_ids = to_device(positions, self._device)
+        if self._graphs is not None:
+            tokens = self._graphs.launch(ids, input_ids, position_ids, slots)
+        else:
+            tokens = self._forward(self._plan(ids, [1] * len(ids), slots), input_ids, position_ids)
+        host, event = queue_copy(tokens, self._host_tokens)
+        return Pass(rows, ids, positions, tokens, host, event)
+
+    def _complete(self, done: Pass) -> None:
+        """Complete ``done``, the pass before the one in flight: its tokens become the
+        ids of the slots the next pass took, what it wrote is committed, and the
+        outputs and finished sequences are updated."""
+        tokens = done.read()
+        nxt = self._inflight
+        if nxt is not None:
+            of = dict(zip(done.rows, tokens))
+            self.pool.record_tokens(nxt.seq_ids, [[of[i]] for i in nxt.rows])
+        self.pool.commit(done.seq_ids, [p + 1 for p in done.positions])
+        fed = set(nxt.rows) if nxt is not None else ()
+        ended = self._update(done.rows, tokens)
+        # a row the next pass was fed to keeps its blocks until that pass has written them
+        if nxt is not None:
+            nxt.free_after += [self.seq_ids[i] for i in ended if i in fed]
+        self._free([self.seq_ids[i] for i in ended if i not in fed] + done.free_after)
+        self._release([i for i in done.rows if not self.finished[i]])

@@ -1,0 +1,156 @@
+"""Pipelined decode steps (`kvpager.hf.pipeline`): each pass launched before the
+last one's tokens reach the host gives the unpipelined loop's tokens, and
+leaves the pool exactly as that loop does (the same blocks published, nothing
+leaked, sequences ending on an end token freed)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from kvpager import KVPool  # noqa: E402
+from kvpager.hf import PagedGeneration, default_salt, spec_for_model  # noqa: E402
+from tests.test_hf_client import make_model, prompt, reference  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model(seed=5)
+
+
+def run(model, prompts, max_new_tokens, pipeline, eos=None, pool=None, steps_seen=None):
+    pool = pool or KVPool(spec_for_model(model, num_blocks=160, block_size=8))
+    with PagedGeneration(model, pool, prompts, max_new_tokens, eos_token_id=eos, pipeline=pipeline) as gen:
+        assert gen._pipelined == pipeline
+        while not gen.done:
+            gen.step()
+            if steps_seen is not None:
+                steps_seen.append([len(o) for o in gen.outputs])
+        outs = gen.outputs
+    return outs, pool
+
+
+def cached(pool, model, tokens):
+    return pool.cached_tokens([tokens], default_salt(model))[0]
+
+
+def test_pipelined_tokens_and_published_blocks_equal_the_unpipelined_loop(model):
+    prompts = [prompt(n, seed=40 + n) for n in (3, 8, 19, 30)]
+    sync, sync_pool = run(model, prompts, 21, pipeline=False)
+    seen: list[list[int]] = []
+    piped, pool = run(model, prompts, 21, pipeline=True, steps_seen=seen)
+    assert piped == sync == [reference(model, p, 21) for p in prompts]
+    # the outputs trail by one pass: nothing after the first step, everything at the end
+    assert seen[0] == [1, 1, 1, 1] and seen[-1] == [21] * 4 and len(seen) == 21
+    # generated blocks were published through record_tokens: the same cached prefixes
+    for p, out in zip(prompts, piped):
+        whole = p + out
+        assert cached(pool, model, whole + [0]) == cached(sync_pool, model, whole + [0]) \
+            == (len(whole) - 1) // 8 * 8 > len(p) // 8 * 8
+    assert pool.stats().cached_blocks == sync_pool.stats().cached_blocks
+    assert pool.stats().num_sequences == 0 and pool.stats().used_blocks == sync_pool.stats().used_blocks
+    pool.check_integrity()
+
+
+def test_a_sequence_ending_on_an_end_token_is_fed_once_more_and_freed_after(model):
+    prompts = [prompt(n, seed=70 + n) for n in (6, 13, 22)]
+    plain = [reference(model, p, 16) for p in prompts]
+    eos = plain[1][4]  # the second prompt ends after 5 tokens (others maybe too)
+    want = [o[: o.index(eos) + 1] if eos in o else o for o in plain]
+    assert len({len(o) for o in want}) > 1
+    pool = KVPool(spec_for_model(model, num_blocks=160, block_size=8))
+    with PagedGeneration(model, pool, prompts, 16, eos_token_id=eos, pipeline=True) as gen:
+        held = []
+        while not gen.done:
+            gen.step()
+            held.append(pool.stats().num_sequences)
+            pool.check_integrity()
+        assert gen.outputs == want
+    # the ended sequence is held one pass past its end (the pass it was fed to), then freed
+    short = want.index(min(want, key=len))
+    ends_at = len(want[short])  # the step() whose completion saw its end token
+    assert held[ends_at - 1] == 3 and held[ends_at] == 3 - sum(len(o) == len(want[short]) for o in want)
+    assert pool.stats().num_sequences == 0
+    pool.check_integrity()
+
+
+def test_closing_with_a_pass_in_flight_frees_everything(model):
+    pool = KVPool(spec_for_model(model, num_blocks=160, block_size=8))
+    gen = PagedGeneration(model, pool, [prompt(9, seed=1), prompt(17, seed=2)], 30, pipeline=True)
+    for _ in range(5):
+        gen.step()
+    assert gen._inflight is not None and [len(o) for o in gen.outputs] == [5, 5]
+    gen.close()
+    assert pool.stats().num_sequences == 0
+    pool.check_integrity()
+
+
+def test_two_pipelined_generations_over_one_pool_share_a_prefix(model):
+    system = prompt(27, seed=11)
+    a_prompt, b_prompt = system + prompt(6, seed=12), system + prompt(13, seed=13)
+    pool = KVPool(spec_for_model(model, num_blocks=160, block_size=8))
+    salt = default_salt(model)
+    a = PagedGeneration(model, pool, [a_prompt], 18, salt=salt, pipeline=True)
+    for _ in range(4):
+        a.step()
+    b = PagedGeneration(model, pool, [b_prompt], 18, salt=salt, pipeline=True)
+    assert b.num_cached_tokens == [24]
+    while not (a.done and b.done):
+        a.step()
+        b.step()
+    assert a.outputs == [reference(model, a_prompt, 18)]
+    assert b.outputs == [reference(model, b_prompt, 18)]
+    a.close()
+    b.close()
+    pool.check_integrity()
+
+
+def test_a_pool_without_record_tokens_runs_unpipelined(model):
+    class Plain:
+        """A pool with `KVPool`'s methods but `record_tokens`."""
+
+        def __init__(self, pool):
+            self._pool = pool
+
+        def __getattr__(self, name):
+            if name == "record_tokens":
+                raise AttributeError(name)
+            return getattr(self._pool, name)
+
+    pool = KVPool(spec_for_model(model, num_blocks=160, block_size=8))
+    p = [prompt(11, seed=3)]
+    with PagedGeneration(model, Plain(pool), p, 9) as gen:
+        assert not gen._pipelined
+        while not gen.done:
+            gen.step()
+        assert gen.outputs == [reference(model, p[0], 9)]
+    pool.check_integrity()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [False, True])
+def test_pipelined_gpu_steps_equal_the_unpipelined_loop(graphs):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = make_model(seed=6, hidden=256).cuda()  # float32, head dim 64
+    system = prompt(40, seed=600)  # shared: the plans cascade over it
+    prompts = [system + prompt(n, seed=610 + n) for n in (3, 9, 20, 6, 31)]
+    plain = [reference(model, p, 20) for p in prompts]
+    eos = plain[1][5]
+
+    def go(pipeline):
+        pool = KVPool(spec_for_model(model, num_blocks=256, block_size=8), device="cuda:0")
+        with PagedGeneration(model, pool, prompts, 20, eos_token_id=eos, cuda_graphs=graphs, cascade=True,
+                             pipeline=pipeline) as gen:
+            while not gen.done:
+                gen.step()
+            outs = gen.outputs
+        pool.check_integrity()
+        assert pool.stats().num_sequences == 0
+        return outs, pool.stats().cached_blocks
+
+    want = [o[: o.index(eos) + 1] if eos in o else o for o in plain]
+    piped = go(True)
+    assert piped == go(False) and piped[0] == want
