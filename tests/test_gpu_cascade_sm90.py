@@ -18,9 +18,8 @@ from gpu_helpers import cupy_or_skip
 
 cupy = cupy_or_skip()
 
+from gpu_cascade_helpers import layout, make_pair, poison_unread, run, spec_for, tables_for  # noqa: E402
 from gpu_kernel_helpers import TOL, rel_err, seed  # noqa: E402
-from test_gpu_cascade_multi import layout, make_pair, run, spec_for, tables_for  # noqa: E402
-from test_gpu_prefill_sm90 import poison_unread  # noqa: E402
 
 from kvpager import KernelConfig, kernels  # noqa: E402
 from kvpager.backends.numpy_backend import paged_attention  # noqa: E402

@@ -16,6 +16,7 @@ from gpu_helpers import cupy_or_skip
 
 cupy = cupy_or_skip()
 
+from gpu_cascade_helpers import poison_unread  # noqa: E402
 from gpu_kernel_helpers import (  # noqa: E402
     TOL,
     geometry,
@@ -72,13 +73,6 @@ CASES = [  # (dtype, head dim, block size, GQA group, knobs beyond prefill_kerne
 ]
 
 
-def poison_unread(gpu, spec, tables: np.ndarray) -> None:
-    """NaN into every block no table names (block 0, the tables' padding, among them)."""
-    unread = np.setdiff1d(np.arange(spec.num_blocks), tables[tables > 0])
-    nan = np.full((len(unread), *gpu.kv.shape[1:]), np.nan, dtype=spec.np_dtype)
-    gpu.kv[cupy.asarray(unread)] = to_dev(nan, gpu)
-
-
 def run(plan, gpu, q, layer, **kw):
     out = to_dev(np.full(q.shape, np.nan, dtype=q.dtype), gpu)
     plan.attend(layer, to_dev(q, gpu), out=out, **kw)
@@ -132,8 +126,8 @@ def test_wgmma_long_step(dtype, d, bs, group, knobs):
 def test_wgmma_cascade_own_parts(kv_dtype, dtype, d, bs, group):
     """Over shared prefixes the kernel reads each sequence's own positions (own_start) into
     partial states; the shared part and the merge follow: equal to the twin and the mma plan."""
-    from test_gpu_cascade_multi import layout, spec_for, tables_for
-    from test_gpu_cascade_multi import make_pair as cascade_pair
+    from gpu_cascade_helpers import layout, spec_for, tables_for
+    from gpu_cascade_helpers import make_pair as cascade_pair
 
     rng = np.random.default_rng(seed(kv_dtype, dtype, d, bs, group, "sm90 cascade"))
     qlens = rng.integers(1, 41, 14).astype(np.int32)
