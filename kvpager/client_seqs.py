@@ -95,6 +95,18 @@ class ClientSequences:
         self._mirror.appended(ids, num_tokens, decode_slots(raw, 1, None)[0])
         return raw
 
+    def record_tokens(self, seq_ids: Any, token_ids: Any) -> None:
+        """As `KVPool.record_tokens`: record the token ids of slots appended
+        without them (`append` with no ``token_ids``): each sequence's ids
+        continue the ids it knows, at most up to its length (else
+        `InvalidArgument`, and nothing changes). A pipelined decode loop
+        appends the next step's slots before it knows the tokens that go in
+        them; once their ids are recorded, the blocks they fill are published
+        on commit exactly as if the ids had come with the append. No block
+        table changes, so the mirror has nothing to follow; a retry after a
+        timeout gets the first execution's reply (the ids are recorded once)."""
+        self._call("record_tokens", {"seq_ids": seq_ids, "token_ids": token_ids})
+
     def commit(self, seq_ids: Any, upto: Any = None) -> list[int]:
         """As `KVPool.commit`. On a GPU pool mapped in this process, it first waits
         until this process's device work (K/V writes on any stream) has completed."""

@@ -37,6 +37,7 @@ OPS: dict[str, Op] = {
         Op("allocate", ("prompts",), ("salt", "share_in_batch", "remote_tokens")),
         Op("cached_tokens", ("prompts",), ("salt", "remote", "remote_tokens"), session=False),
         Op("append", ("seq_ids",), ("num_tokens", "token_ids")),
+        Op("record_tokens", ("seq_ids", "token_ids")),
         Op("commit", ("seq_ids",), ("upto",)),
         Op("fork", ("seq_ids",), ("n",)),
         Op("free", ("seq_ids",)),
@@ -64,8 +65,8 @@ OPS: dict[str, Op] = {
 #: Ops whose replies the daemon keeps per session by request id: a retry of
 #: one (same id, same bytes) after a timeout gets the first execution's reply
 #: instead of running again (see "Retries" in docs/protocol.md).
-RETRIED_OPS = frozenset({"allocate", "append", "commit", "fork", "free", "truncate", "swap_out", "swap_in",
-                         "pin", "unpin", "release"})
+RETRIED_OPS = frozenset({"allocate", "append", "record_tokens", "commit", "fork", "free", "truncate", "swap_out",
+                         "swap_in", "pin", "unpin", "release"})
 #: Most sequences one `sequences` request lists (a page; see docs/protocol.md).
 SEQUENCES_PAGE = 4096
 #: How many such replies the daemon keeps per session (a client has one request in flight).

@@ -125,6 +125,11 @@ class ServerOps(ControlOps):
         slots = self.pool.append_flat(a["seq_ids"], a.get("num_tokens", 1), a.get("token_ids"), owner=s.name)
         return protocol.encode_slots(slots)
 
+    def _op_record_tokens(self, s: Session, a: dict[str, Any]) -> None:
+        # Moves no block: KVPool checks the ids (int64 range included) before any
+        # change, and ownership rides on its own lookup of them, as append's.
+        self.pool.record_tokens(wire_ids(a["seq_ids"]), a["token_ids"], owner=s.name)
+
     def _op_commit(self, s: Session, a: dict[str, Any]) -> list[int]:
         return self.pool.commit(self._owned(s, a["seq_ids"]), a.get("upto"))
 

@@ -39,6 +39,7 @@ SAMPLE_ARGS = {
     "allocate": {"prompts": [[1, 2, 3], np.arange(40, dtype=np.int64)], "salt": "m", "share_in_batch": True},
     "cached_tokens": {"prompts": [[1, 2, 3]], "salt": None},
     "append": {"seq_ids": [1, 2], "num_tokens": [1, 3], "token_ids": [[7], [8, 9, 10]]},
+    "record_tokens": {"seq_ids": [1, 2], "token_ids": [[7], np.array([8, 9], dtype=np.int64)]},
     "commit": {"seq_ids": np.array([1, 2]), "upto": [None, 4]},
     "fork": {"seq_ids": 1, "n": 3},
     "free": {"seq_ids": [1]},
