@@ -6,6 +6,11 @@
 // 2^part_lse[row, s] (log-sum-exp merge; num_splits <= 1024: every partial
 // slot of a row, splits first, then the cascade's). Out in the pool's compute
 // dtype (KV_DTYPE; the loader builds it per dtype and head dim only).
+// level_mask (a decode cascade; else null: every slot counts): slot s >=
+// own_parts belongs to level (s - own_parts) / chunks and counts only where
+// bit level of level_mask[row / num_q_heads] is set (the row's item is a
+// member of a segment of that level): the decode kernel never marks the
+// others, so the two may run at the same time.
 // Grid: x = row (item * num_q_heads + head); 256 threads: the weights are
 // computed in parallel, then each thread sums float4 columns of its share of
 // the splits (MERGE_THREADS / (HEAD_DIM / 4) split lanes, several loads in
@@ -45,17 +50,20 @@ extern "C" __global__ void __launch_bounds__(MERGE_THREADS) merge_splits(
     const float* __restrict__ part_o,    // [num_rows, num_splits, HEAD_DIM]
     const float* __restrict__ part_lse,  // [num_rows, num_splits]
     kv_t* __restrict__ out,              // [num_rows, HEAD_DIM]
-    int num_splits)
+    int num_splits,
+    const int* __restrict__ level_mask,  // [num_rows / num_q_heads] or null
+    int own_parts, int chunks, int num_q_heads)
 {
     const long long row = blockIdx.x;
     const int tid = threadIdx.x;
     const float* lse = part_lse + row * num_splits;
+    const int levels = level_mask ? level_mask[row / num_q_heads] : -1;
     __shared__ float w[1024];
     __shared__ float red[MERGE_THREADS / 32];
     __shared__ float4 lanes[MSL][MV];
     float mx = NEG_INF;
     for (int s = tid; s < num_splits; s += MERGE_THREADS) {
-        w[s] = lse[s];
+        w[s] = s < own_parts || (levels >> ((s - own_parts) / chunks)) & 1 ? lse[s] : NEG_INF;
         mx = fmaxf(mx, w[s]);
     }
     mx = block_reduce(mx, true, red);

@@ -20,7 +20,8 @@
 // between the two products as in the multi-token kernel. At the end the warps merge through shared memory;
 // with parts == 0 the CTA writes the normalised output, else a float32
 // partial output and its log2-sum-exp into slot ``split`` of ``parts`` for
-// merge_splits (merge_splits.cu). item_start: the first position each item reads (cascade).
+// merge_splits (merge_splits.cu). item_start: the first position each item reads (cascade);
+// a cascade's slots past num_splits are left to cascade_prefix and the merge's level mask.
 //
 // window > 0 (sliding window): the item sees only positions
 // [item_len - window, item_len); the splits cover that range from the tile
@@ -417,9 +418,9 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
         } else {
             part_o[(row * parts + split) * D + d] = res;
             if (d == 0) part_lse[row * parts + split] = lsum > 0.f ? mx + __log2f(lsum) : NEG_INF;
-            // the shared-prefix slots start empty: cascade_prefix (launched next) fills its members'
-            if (d == 0 && split == 0)
-                for (int s = num_splits; s < parts; ++s) part_lse[row * parts + s] = NEG_INF;
+            // slots num_splits.. are the cascade's (cascade_prefix fills its members', maybe
+            // at the same time): never written here; merge_splits reads a row's only where
+            // its level mask says it is a member
         }
     }
 }

@@ -107,12 +107,12 @@ class CascadeLaunch:
         self.chunks = cascade_chunks(int(lengths.min()), base_ctas, slots)
         self.levels, self.splits = shared.levels, splits
         self.parts = splits + shared.levels * self.chunks
-        self.rows = plan.rows
+        self.rows, self.decode = plan.rows, plan.decode
         first = int(tiles_per_seg.sum()) * self.chunks
         self.cap_tiles = first if slack <= 1 else slack * first + 2 * self.levels * self.chunks
         self.cap_segs = min(self.cap_tiles, len(seg) * self.chunks) if slack <= 1 else self.cap_tiles
         self.cap_members = len(shared.members) if slack <= 1 else self.levels * self.rows
-        self._sizes = [self.rows, 6 * self.cap_segs, self.cap_members, 2 * self.cap_tiles]
+        self._sizes = [self.rows, 6 * self.cap_segs, self.cap_members, 2 * self.cap_tiles, self.rows]
         nbytes = 4 * sum(self._sizes)
         self._dev = cupy.empty(nbytes // 4, dtype=cupy.int32)
         self._upload = plan.backend.uploads.take(nbytes, owner=self)
@@ -120,6 +120,8 @@ class CascadeLaunch:
         base = self._dev.data.ptr
         self.own_start = base
         self.segments, self.members, self.tiles = base + int(offs[1]), base + int(offs[2]), base + int(offs[3])
+        # per row (a decode step's item), bit l: a member of a level-l segment (the merge's level mask)
+        self.level_mask = base + int(offs[4])
         self.keep = [self._dev]
         self.spec, self.device = spec, plan.device
         self.fits = self.fill(shared)
@@ -158,8 +160,9 @@ class CascadeLaunch:
         self._upload.wait()
         host = self._upload.host.view(np.int32)
         host[:] = 0
-        rows, segs_n, members_n, _ = self._sizes
-        tiles = host[rows + segs_n + members_n:].reshape(-1, 2)
+        rows, segs_n, members_n, tiles_n, _ = self._sizes
+        at = rows + segs_n + members_n
+        tiles = host[at : at + tiles_n].reshape(-1, 2)
         tiles[:, 0] = -1  # unused tiles exit at once
         if packed is not None:
             segs, used = packed
@@ -167,6 +170,10 @@ class CascadeLaunch:
             host[rows : rows + segs.size] = segs.ravel()
             host[rows + segs_n : rows + segs_n + len(shared.members)] = shared.members
             tiles[: len(used)] = used
+            if self.decode:  # members are the step's rows (a multi-token step's merge takes no mask)
+                mask = host[at + tiles_n :]
+                for _, _, _, moff, count, level in shared.segments.tolist():
+                    mask[shared.members[moff : moff + count]] |= 1 << level
         self._upload.copy_to(self._dev.data.ptr, current_stream(self.device))
         return packed is not None
 

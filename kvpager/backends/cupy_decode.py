@@ -18,7 +18,7 @@ from typing import Any
 from kvpager import kernels
 from kvpager.kernel_config import KernelConfig
 from kvpager.kernel_smem import check_fits, decode_row_bytes, decode_tc_smem
-from kvpager.launch import Launch, i32
+from kvpager.launch import Launch, i32, ptr
 
 #: shared memory the decode planner sizes its stages and layouts to, per SM (an H100 / H200 has 227 KiB)
 SMEM_BUDGET = 220 * 1024
@@ -182,7 +182,13 @@ def decode_launch(plan: Any, shape: DecodeShape, fn: Any, splits: int, group: in
     return Launch(fn, (shape.ctas, splits), shape.threads, shape.smem, args, plan.device)
 
 
-def merge_launch(plan: Any, rows: int, part_o: Any, part_lse: Any, out: Any, parts: int) -> Launch:
-    """merge_splits over ``parts`` partial slots of each of ``rows`` rows into ``out``."""
+def merge_launch(plan: Any, rows: int, part_o: Any, part_lse: Any, out: Any, parts: int,
+                 level_mask: int = 0, own_parts: int | None = None, chunks: int = 1, num_q_heads: int = 1
+                 ) -> Launch:
+    """merge_splits over ``parts`` partial slots of each of ``rows`` rows into ``out``;
+    with a ``level_mask`` (a decode cascade's, per item), slot ``own_parts + level *
+    chunks + c`` counts only for the members of a segment of that level."""
     fn = kernels.get_kernel("merge_splits.cu", "merge_splits", merge_defines(plan.spec), plan.device)
-    return Launch(fn, (rows,), 256, 0, [part_o, part_lse, out, i32(parts)], plan.device)
+    args = [part_o, part_lse, out, i32(parts), ptr(level_mask), i32(parts if own_parts is None else own_parts),
+            i32(chunks), i32(num_q_heads)]
+    return Launch(fn, (rows,), 256, 0, args, plan.device)

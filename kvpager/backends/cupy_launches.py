@@ -72,7 +72,10 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
             launches.append(cascade.launch(cells["q"], cells["pool"], cells["tables"], part_o, part_lse,
                                            cells["common"], plan.width, cells["scales"], cells["softcap"],
                                            cells["scale"]))
-        if parts:
+        if parts and cascade is not None:  # the shared slots count for each level's members only
+            launches.append(merge_launch(plan, rows, part_o, part_lse, cells["out"], parts, cascade.level_mask,
+                                         splits, cascade.chunks, num_q_heads))
+        elif parts:
             launches.append(merge_launch(plan, rows, part_o, part_lse, cells["out"], parts))
     return launches, splits, keep, shape.tc
 

@@ -34,7 +34,7 @@ from kvpager.backends.cupy_launches import (
 from kvpager.block_moves import write_kernel
 from kvpager.errors import InvalidArgument
 from kvpager.kernel_config import KernelConfig, check_config
-from kvpager.launch import Launch, current_stream, i32, ptr
+from kvpager.launch import ForkJoin, Launch, current_stream, i32, ptr
 from kvpager.plan import (
     StepPlan,
     check_q_shape,
@@ -83,6 +83,10 @@ class CupyPlan(StepPlan):
         self._shared: Any = None  # kvpager.cascade.SharedPrefixes of the step, found at the first attend
         self._cascades: list[CascadeLaunch] = []  # refilled in place by update()
         self._plain: dict[int, list[Launch]] = {}  # launches without a cascade, for windowed calls
+        # per query-head count: a decode cascade's launches (own parts, shared part, merge), whose
+        # first two run side by side in a captured graph (`kvpager.launch.ForkJoin`)
+        self._forked: dict[int, bool] = {}
+        self._fork_join = ForkJoin(self.device)
         self._keep: list[Any] = []  # device buffers the launches point at
         self.splits = 1  # decode split-K count, chosen at the first attend
         self._write: Launch | None = None
@@ -128,6 +132,7 @@ class CupyPlan(StepPlan):
         self._attn[num_q_heads] = launches
         if self._shared is None:
             self._plain[num_q_heads] = launches
+        self._forked[num_q_heads] = self.decode and self._shared is not None and len(launches) == 3
         return launches
 
     def _windowed(self, num_q_heads: int) -> list[Launch]:
@@ -210,8 +215,11 @@ class CupyPlan(StepPlan):
             return out
         if self.floor is not None:
             self.check_floor(window)
+        forked = False
         if window is not None and self._cascades:
             launches = self._windowed(shape[1])
+        else:
+            forked = self._forked[shape[1]]
         if scale is None:
             s = self._scale
         elif scale == self._last_scale:
@@ -231,6 +239,10 @@ class CupyPlan(StepPlan):
             # in the kernel's score units: raw q . k (cap / scale), or log2 units (cap * log2 e)
             first[-2].value = 0.0 if cap is None else (
                 cap * _LOG2E / s if self._raw[shape[1]] else cap * _LOG2E)
+        if forked:  # own parts and the shared part side by side under a capture, then the merge
+            self._fork_join(stream, launches[0], launches[1])
+            launches[2](stream)
+            return out
         for launch in launches:
             launch(stream)
         return out
