@@ -2,7 +2,7 @@
 on the same step, and (headline case) SDPA on contiguous K/V; multi-token steps
 and FP8 pools; then a sharing sweep.
 
-    PYTHONPATH=. python tools/bench_cascade.py [--sweep] [--mma] [--json]
+    PYTHONPATH=. python tools/bench_cascade.py [--sweep] [--mma] [--captured] [--json]
 
 bf16, 32 query heads over 8 kv heads, head dim 128, block size 16, blocks
 shuffled. A step of B sequences in G groups: each group's sequences share a
@@ -19,7 +19,9 @@ case); times are medians of CUDA-event-timed calls queued behind a GPU sleep.
 byte once at the card's datasheet bandwidth. ``--mma``: the headline case
 again with ``prefill_kernel="mma"`` (on compute capability 9.0 the cascade's
 shared part then runs on mma.sync, cascade_prefix.cu, instead of wgmma), its
-K/V column marked "(mma)".
+K/V column marked "(mma)". ``--captured``: decode steps of a model's size
+as a captured CUDA graph runs them, the cascade's own and shared parts side
+by side against one after the other (the same bits) and plain attention.
 """
 
 from __future__ import annotations
@@ -101,6 +103,36 @@ def run(batch: int, prefix: int, own: int, groups: int, peak: float | None, sdpa
     return row
 
 
+def captured(batch: int, prefix: int, own: int, groups: int, calls: int = 20) -> dict:
+    """A decode step's attention as a model's captured step runs it: ``calls`` calls in
+    one CUDA graph, per-call time of a replay (CUDA events), the cascade with its own
+    and shared parts side by side (`KernelConfig.decode_cascade_fork`), one after the
+    other, and plain; the two cascades' outputs must be the same bits."""
+    be, tables, lens, qlens, q = setup(batch, prefix, own, groups)
+    row = dict(batch=batch, prefix=prefix, own=own, groups=groups)
+    outs = {}
+    for label, cascade, fork in (("fork", True, True), ("serial", True, False), ("plain", False, True)):
+        plan = make_plan(be, tables, lens, qlens, num_q_heads=HQ, cascade=cascade,
+                         config=DEFAULT.replace(decode_cascade_fork=fork))
+        out = cupy.empty_like(q)
+        plan.attend(0, q, None, out)  # prepared outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                plan.attend(0, q, None, out)
+        row[f"{label}_us"] = median_ms(graph.replay) * 1e3 / calls
+        outs[label] = cupy.asnumpy(out)
+    assert np.array_equal(outs["fork"].view(np.uint16), outs["serial"].view(np.uint16)), "fork != serial"
+    row["rel_err_plain"] = rel_err(tview(cupy.asarray(outs["fork"])), tview(cupy.asarray(outs["plain"])))
+    assert row["rel_err_plain"] < 1e-2
+    be.close()
+    return row
+
+
+#: decode steps of a model's size (sequences, shared, own), captured
+CAPTURED = [(64, 1024, 72), (256, 1024, 72), (64, 1024, 256), (128, 2048, 128), (256, 8192, 256)]
+
 #: (batch, prefix, own, groups, query tokens, kv dtype): multi-token steps and FP8 pools
 CASES = [(64, 8192, 256, 1, 8, None), (8, 4096, 0, 1, 1024, None),
          (256, 8192, 256, 1, 1, "float8_e4m3"), (64, 8192, 256, 1, 8, "float8_e4m3"),
@@ -111,10 +143,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sweep", action="store_true", help="also the sharing sweep")
     ap.add_argument("--mma", action="store_true", help="the headline case again on the mma kernels")
+    ap.add_argument("--captured", action="store_true",
+                    help="only decode steps captured in a CUDA graph: the cascade's parts side by side or not")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in DATASHEET_TBS.items() if k in name), None)
+    if args.captured:
+        rows = [captured(b, p, o, 1) for b, p, o in CAPTURED]
+        if args.json:
+            print(json.dumps(dict(card=name, rows=rows), indent=1))
+            return
+        print(f"{name}, {datetime.date.today()}; bf16, {HQ} q / {HKV} kv heads, head dim {D}, block size {BS}; "
+              "per call of a captured graph")
+        print("| sequences x (shared + own) | cascade, parts side by side us | one after the other us | "
+              "plain us | side by side gain |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['batch']} x ({r['prefix']} + {r['own']}) | {r['fork_us']:.1f} | {r['serial_us']:.1f} | "
+                  f"{r['plain_us']:.1f} | {r['serial_us'] / r['fork_us']:.2f}x |")
+        return
     rows = [run(256, 8192, 256, 1, peak, sdpa=True)]
     if args.mma:
         rows.append(run(256, 8192, 256, 1, peak, config=DEFAULT.replace(prefill_kernel="mma")))

@@ -132,7 +132,8 @@ class CupyPlan(StepPlan):
         self._attn[num_q_heads] = launches
         if self._shared is None:
             self._plain[num_q_heads] = launches
-        self._forked[num_q_heads] = self.decode and self._shared is not None and len(launches) == 3
+        self._forked[num_q_heads] = (self.config.decode_cascade_fork and self.decode and self._shared is not None
+                                     and len(launches) == 3)
         return launches
 
     def _windowed(self, num_q_heads: int) -> list[Launch]:
