@@ -107,10 +107,14 @@ class ClientSequences:
         timeout gets the first execution's reply (the ids are recorded once)."""
         self._call("record_tokens", {"seq_ids": seq_ids, "token_ids": token_ids})
 
-    def commit(self, seq_ids: Any, upto: Any = None) -> list[int]:
+    def commit(self, seq_ids: Any, upto: Any = None, *, synchronize: bool = True) -> list[int]:
         """As `KVPool.commit`. On a GPU pool mapped in this process, it first waits
-        until this process's device work (K/V writes on any stream) has completed."""
-        self.synchronize()
+        until this process's device work (K/V writes on any stream) has completed,
+        unless ``synchronize=False``: the caller has already waited for the writes
+        of these tokens (an event recorded after them, as a pipelined decode loop
+        does while its next pass is running)."""
+        if synchronize:
+            self.synchronize()
         args = {"seq_ids": seq_ids} if upto is None else {"seq_ids": seq_ids, "upto": upto}
         return self._call("commit", args)
 

@@ -187,12 +187,17 @@ class PoolSequences:
             raise InvalidArgument(f"token_ids must be a list of token-id lists, got {type(token_ids).__name__}")
         self.manager.record_tokens(ids, list(token_ids), owner)
 
-    def commit(self, seq_ids: int | Seq[int], upto: int | None | Seq[int | None] = None) -> list[int]:
+    def commit(self, seq_ids: int | Seq[int], upto: int | None | Seq[int | None] = None, *,
+               synchronize: bool = False) -> list[int]:
         """Declare K/V written for tokens ``[0, upto)`` (default: all), publishing
         full blocks in the prefix cache. Returns how many blocks each published.
-        Call it only after the writes have completed on the device."""
+        Call it only after the writes have completed on the device, or pass
+        ``synchronize=True`` to wait for all of this pool's device work first
+        (a daemon `Client`'s default)."""
         ids = validate.seq_ids(seq_ids)
         upto = validate.per_seq(upto, len(ids), "upto")
+        if synchronize:
+            self.synchronize()
         if self.remote is None:
             return self.manager.commit(ids, upto)
         fresh: list[tuple[int, bytes, bytes]] = []

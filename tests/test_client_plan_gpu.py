@@ -74,3 +74,40 @@ def test_gpu_worker_plans_from_its_mirror(endpoint):
             assert rel_err(out, ref) < TOLERANCE[SPEC.dtype]
             assert rel_err(cupy.asnumpy(c.local_attend(layer, step, q, qlens)), ref) < TOLERANCE[SPEC.dtype]
         c.check_integrity()
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_pipelined_generation_through_the_gpu_daemon(endpoint, graphs):
+    """A model worker generating over the daemon's GPU pool: pipelined passes (slots
+    appended without ids, `record_tokens` over the wire, commits that do not wait for
+    the pass in flight) give the tokens and published blocks of the loop that waits
+    for each pass, eager and captured."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from kvpager.hf import PagedGeneration, default_salt
+
+    torch.manual_seed(7)
+    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                      max_position_embeddings=512, initializer_range=0.1)
+    model = transformers.LlamaForCausalLM(config).to("cuda", torch.float16).eval()
+    rng = np.random.default_rng(9)
+    system = rng.integers(3, 128, 35).tolist()
+    prompts = [system + rng.integers(3, 128, int(n)).tolist() for n in (3, 11, 20)]
+    with Client(endpoint, timeout=WAIT, heartbeat=False) as c:
+        salt = default_salt(model)
+        runs = []
+        for pipeline in (True, False):
+            with PagedGeneration(model, c, prompts, 14, salt=f"{salt}-{pipeline}-{graphs}", eos_token_id=None,
+                                 cuda_graphs=graphs, pipeline=pipeline) as gen:
+                assert gen._pipelined == pipeline
+                while not gen.done:
+                    gen.step()
+                outs = gen.outputs
+            cached = [c.cached_tokens([p + o + [0]], salt=f"{salt}-{pipeline}-{graphs}")[0]
+                      for p, o in zip(prompts, outs)]
+            runs.append((outs, cached))
+        assert runs[0] == runs[1]
+        assert all(len(o) == 14 for o in runs[0][0]) and min(runs[0][1]) >= 48  # generated blocks published
+        assert c.stats().num_sequences == 0
+        c.check_integrity()

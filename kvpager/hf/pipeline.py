@@ -138,7 +138,8 @@ class PipelinedSteps:
         if nxt is not None:
             of = dict(zip(done.rows, tokens))
             self.pool.record_tokens(nxt.seq_ids, [[of[i]] for i in nxt.rows])
-        self.pool.commit(done.seq_ids, [p + 1 for p in done.positions])
+        # ``done``'s writes have landed (its event): no wait for the pass in flight
+        self.pool.commit(done.seq_ids, [p + 1 for p in done.positions], synchronize=False)
         fed = set(nxt.rows) if nxt is not None else ()
         ended = self._update(done.rows, tokens)
         # a row the next pass was fed to keeps its blocks until that pass has written them
