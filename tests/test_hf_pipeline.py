@@ -154,3 +154,38 @@ def test_pipelined_gpu_steps_equal_the_unpipelined_loop(graphs):
     want = [o[: o.index(eos) + 1] if eos in o else o for o in plain]
     piped = go(True)
     assert piped == go(False) and piped[0] == want
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_failed_forward_pass_takes_back_its_slots(model, pipeline, monkeypatch):
+    """A decode pass whose forward raises (a device out of memory, an interrupt)
+    gives back the slots it appended: the next step feeds the same tokens at the
+    same positions and the generation ends with transformers' tokens."""
+    import kvpager.hf.generation as generation
+
+    prompts = [prompt(n, seed=90 + n) for n in (7, 16, 25)]
+    pool = KVPool(spec_for_model(model, num_blocks=160, block_size=8))
+    real, calls = generation.paged_forward, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) in (4, 9):  # two decode passes fail (the 1st call is the prefill)
+            raise RuntimeError("injected failure")
+        return real(*a, **k)
+
+    monkeypatch.setattr(generation, "paged_forward", flaky)
+    with PagedGeneration(model, pool, prompts, 12, pipeline=pipeline) as gen:
+        failures = 0
+        while not gen.done:
+            try:
+                gen.step()
+            except RuntimeError as e:
+                assert "injected" in str(e)
+                failures += 1
+                pool.check_integrity()
+                for s, i in zip(gen.seq_ids, range(3)):  # the tokens held: fed so far, none extra
+                    fed = len(prompts[i]) + len(gen.outputs[i]) - 1 + (gen._inflight is not None)
+                    assert pool.sequence(s).num_tokens == fed
+        assert failures == 2
+        assert gen.outputs == [reference(model, p, 12) for p in prompts]
+    pool.check_integrity()

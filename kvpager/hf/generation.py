@@ -21,7 +21,8 @@ Gemma-2's logit soft cap, greedy decoding. This module also gives the names of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,7 +137,7 @@ class PagedGeneration(PipelinedSteps):
             tokens = [p[a.num_cached_tokens :] for p, a in zip(self.prompts, allocs)]
             positions = [range(a.num_cached_tokens, len(p)) for p, a in zip(self.prompts, allocs)]
             slots = np.concatenate([np.asarray(a.slots, dtype=np.int64) for a in allocs])
-            self._run(rows, tokens, positions, slots)
+            self._record(rows, self.seq_ids, self._run(rows, tokens, positions, slots))
         except BaseException:
             self.close()
             raise
@@ -162,7 +163,20 @@ class PagedGeneration(PipelinedSteps):
         # the token fed now sits right after the prompt and the tokens fed before it
         positions = [range(p, p + 1) for p in (self.position(i) for i in live)]
         slots = self.pool.append_flat(ids, 1, [[t] for t in last])
-        self._run(live, [[t] for t in last], positions, slots)
+        with self._undo_append_on_error(ids, [p.start for p in positions]):
+            next_tokens = self._run(live, [[t] for t in last], positions, slots)
+        self._record(live, ids, next_tokens)
+
+    @contextlib.contextmanager
+    def _undo_append_on_error(self, ids: list[int], lengths: list[int]) -> Iterator[None]:
+        """A pass that fails before it ran (the forward raised: out of device memory,
+        an interrupt) gives back the slots it took: the sequences go back to
+        ``lengths`` tokens, so the next step feeds the same tokens at the same positions."""
+        try:
+            yield
+        except BaseException:
+            self.pool.truncate(ids, lengths)
+            raise
 
     def position(self, i: int) -> int:
         """Position of sequence i's last new token (the next one to feed)."""
@@ -174,9 +188,9 @@ class PagedGeneration(PipelinedSteps):
         tokens: list[Sequence[int]],
         positions: list[range],
         slots: np.ndarray,
-    ) -> None:
-        """One forward pass over the packed new tokens of ``rows``; records each
-        row's next token, then commits (the K/V is written once the logits are)."""
+    ) -> list[int]:
+        """One forward pass over the packed new tokens of ``rows``: each row's next
+        token (`_record` commits them: the K/V is written once the logits are)."""
         lens = [len(t) for t in tokens]
         flat = [t for ts in tokens for t in ts]
         input_ids = torch.tensor([flat], dtype=torch.long, device=self._device)
@@ -189,7 +203,7 @@ class PagedGeneration(PipelinedSteps):
         else:
             ends = torch.as_tensor(np.cumsum(lens) - 1, device=self._device)
             next_tokens = self._forward(self._plan(ids, lens, slots), input_ids, position_ids, ends).tolist()
-        self._record(rows, ids, next_tokens)
+        return next_tokens
 
     def _forward(self, plan: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  logits_to_keep: Any = 0) -> torch.Tensor:

@@ -114,18 +114,15 @@ class PipelinedSteps:
             return None
         ids = [self.seq_ids[i] for i in rows]
         positions = [len(self.prompts[i]) + len(self.outputs[i]) - 1 + ahead for i in rows]
-        if ahead:
-            slots = self.pool.append_flat(ids, 1)  # the ids come with `record_tokens`
-            input_ids = fed_tokens(prev, rows)
-        else:
-            last = [[self.outputs[i][-1]] for i in rows]
-            slots = self.pool.append_flat(ids, 1, last)
-            input_ids = to_device([t for [t] in last], self._device)
-        position_ids = to_device(positions, self._device)
-        if self._graphs is not None:
-            tokens = self._graphs.launch(ids, input_ids, position_ids, slots)
-        else:
-            tokens = self._forward(self._plan(ids, [1] * len(ids), slots), input_ids, position_ids)
+        last = None if ahead else [[self.outputs[i][-1]] for i in rows]
+        slots = self.pool.append_flat(ids, 1, last)  # ahead: the ids come with `record_tokens`
+        with self._undo_append_on_error(ids, positions):  # a pass that fails gives its slots back
+            input_ids = fed_tokens(prev, rows) if prev is not None else to_device([t for [t] in last], self._device)
+            position_ids = to_device(positions, self._device)
+            if self._graphs is not None:
+                tokens = self._graphs.launch(ids, input_ids, position_ids, slots)
+            else:
+                tokens = self._forward(self._plan(ids, [1] * len(ids), slots), input_ids, position_ids)
         host, event = queue_copy(tokens, self._host_tokens)
         return Pass(rows, ids, positions, tokens, host, event)
 
