@@ -21,8 +21,7 @@ Gemma-2's logit soft cap, greedy decoding. This module also gives the names of
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +49,7 @@ from kvpager.hf.model import (  # noqa: F401
     model_geometry,
     spec_for_model,
 )
-from kvpager.hf.pipeline import HostBuffers, Pass, PipelinedSteps
+from kvpager.hf.pipeline import DecodePasses, HostBuffers, Pass
 from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
 
 __all__ = ["PagedBatch", "PagedGeneration", "default_salt", "generate", "layer_windows", "spec_for_model"]
@@ -59,7 +58,7 @@ _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 
 
 @dataclass
-class PagedGeneration(PipelinedSteps):
+class PagedGeneration(DecodePasses):
     """Greedy generation of one batch of prompts with its KV in ``pool``.
 
     Construction allocates the prompts (sharing any cached prefix) and runs the
@@ -167,17 +166,6 @@ class PagedGeneration(PipelinedSteps):
             next_tokens = self._run(live, [[t] for t in last], positions, slots)
         self._record(live, ids, next_tokens)
 
-    @contextlib.contextmanager
-    def _undo_append_on_error(self, ids: list[int], lengths: list[int]) -> Iterator[None]:
-        """A pass that fails before it ran (the forward raised: out of device memory,
-        an interrupt) gives back the slots it took: the sequences go back to
-        ``lengths`` tokens, so the next step feeds the same tokens at the same positions."""
-        try:
-            yield
-        except BaseException:
-            self.pool.truncate(ids, lengths)
-            raise
-
     def position(self, i: int) -> int:
         """Position of sequence i's last new token (the next one to feed)."""
         return len(self.prompts[i]) + len(self.outputs[i]) - 1
@@ -234,43 +222,6 @@ class PagedGeneration(PipelinedSteps):
 
     def _batch(self, plan: Any) -> PagedBatch:
         return PagedBatch(plan, self._pool_dtype, self._pool_device, self._windows)
-
-    def _record(self, rows: list[int], ids: list[int], next_tokens: list[int]) -> None:
-        if hasattr(self.pool, "synchronize"):
-            self.pool.synchronize()
-        self.pool.commit(ids)
-        ended = self._update(rows, next_tokens)
-        self._free([self.seq_ids[i] for i in ended])  # a finished sequence's blocks go back at once
-        self._release([i for i in rows if not self.finished[i]])
-
-    def _update(self, rows: list[int], next_tokens: list[int]) -> list[int]:
-        """Append each unfinished row's next token to its outputs; the rows that end now."""
-        ended = []
-        for i, t in zip(rows, next_tokens):
-            if self.finished[i]:  # ended on an end token the pass before: this token is past it
-                continue
-            self.outputs[i].append(int(t))
-            if len(self.outputs[i]) >= self.max_new_tokens or t in self._eos:
-                self.finished[i] = True
-                ended.append(i)
-        return ended
-
-    def _release(self, live: list[int]) -> None:
-        """In a model whose every layer has a sliding window, give back the blocks no
-        window of ``live``'s next query reads again (pipelined: the query in flight)."""
-        windows = self._windows
-        if live and self.release_windowed and windows and None not in windows \
-                and hasattr(self.pool, "release_before"):
-            # the next query of sequence i sits at position(i) and sees positions after position(i) - w
-            reach = max(windows)
-            self.pool.release_before([self.seq_ids[i] for i in live],
-                                     [max(0, self.position(i) - reach + 1) for i in live])
-
-    def _free(self, seq_ids: list[int]) -> None:
-        seq_ids = [s for s in seq_ids if s in self._held]
-        if seq_ids:
-            self.pool.free(seq_ids)
-            self._held.difference_update(seq_ids)
 
     def close(self) -> None:
         """Free the sequences still held (their committed full blocks stay matchable)

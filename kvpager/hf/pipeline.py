@@ -19,10 +19,16 @@ A sequence that ends on an end token in pass t has already been fed to pass
 t+1: that pass's token for it is dropped, and its blocks go back once pass
 t+1 has completed (its write must land before anyone else can take them).
 The results are the same as the unpipelined loop's, token for token.
+
+`DecodePasses` also holds what every pass, pipelined or not, does with its
+tokens (commit, outputs, finished sequences, windows' blocks) and gives back
+the slots of a pass whose forward failed.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,9 +105,12 @@ def queue_copy(tokens: torch.Tensor, buffers: HostBuffers) -> tuple[torch.Tensor
     return host, event
 
 
-class PipelinedSteps:
-    """`PagedGeneration`'s pipelined decode passes (mixed into it): `_launch` of the
-    next pass, `_complete` of the one before it."""
+class DecodePasses:
+    """What `PagedGeneration` does around its forward passes (mixed into it): the
+    pipelined `_launch` of the next pass and `_complete` of the one before it; for
+    every pass, recording its tokens (`_record`: commit, outputs, finished
+    sequences freed, windows' blocks released) and giving back the slots of one
+    that failed (`_undo_append_on_error`)."""
 
     def _launch(self) -> Pass | None:
         """Launch the next decode pass of the sequences that will still need a
@@ -144,3 +153,51 @@ class PipelinedSteps:
             nxt.free_after += [self.seq_ids[i] for i in ended if i in fed]
         self._free([self.seq_ids[i] for i in ended if i not in fed] + done.free_after)
         self._release([i for i in done.rows if not self.finished[i]])
+
+    @contextlib.contextmanager
+    def _undo_append_on_error(self, ids: list[int], lengths: list[int]) -> Iterator[None]:
+        """A pass that fails before it ran (the forward raised: out of device memory,
+        an interrupt) gives back the slots it took: the sequences go back to
+        ``lengths`` tokens, so the next step feeds the same tokens at the same positions."""
+        try:
+            yield
+        except BaseException:
+            self.pool.truncate(ids, lengths)
+            raise
+
+    def _record(self, rows: list[int], ids: list[int], next_tokens: list[int]) -> None:
+        if hasattr(self.pool, "synchronize"):
+            self.pool.synchronize()
+        self.pool.commit(ids)
+        ended = self._update(rows, next_tokens)
+        self._free([self.seq_ids[i] for i in ended])  # a finished sequence's blocks go back at once
+        self._release([i for i in rows if not self.finished[i]])
+
+    def _update(self, rows: list[int], next_tokens: list[int]) -> list[int]:
+        """Append each unfinished row's next token to its outputs; the rows that end now."""
+        ended = []
+        for i, t in zip(rows, next_tokens):
+            if self.finished[i]:  # ended on an end token the pass before: this token is past it
+                continue
+            self.outputs[i].append(int(t))
+            if len(self.outputs[i]) >= self.max_new_tokens or t in self._eos:
+                self.finished[i] = True
+                ended.append(i)
+        return ended
+
+    def _release(self, live: list[int]) -> None:
+        """In a model whose every layer has a sliding window, give back the blocks no
+        window of ``live``'s next query reads again (pipelined: the query in flight)."""
+        windows = self._windows
+        if live and self.release_windowed and windows and None not in windows \
+                and hasattr(self.pool, "release_before"):
+            # the next query of sequence i sits at position(i) and sees positions after position(i) - w
+            reach = max(windows)
+            self.pool.release_before([self.seq_ids[i] for i in live],
+                                     [max(0, self.position(i) - reach + 1) for i in live])
+
+    def _free(self, seq_ids: list[int]) -> None:
+        seq_ids = [s for s in seq_ids if s in self._held]
+        if seq_ids:
+            self.pool.free(seq_ids)
+            self._held.difference_update(seq_ids)
