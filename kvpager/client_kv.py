@@ -115,7 +115,10 @@ class KVAccess:
         self._check_layer(layer)
         pool = self._pool()
         tables, lens = self.tables(seq_ids)
-        qlens = np.broadcast_to(np.asarray(1 if query_lens is None else query_lens, np.int32), lens.shape)
+        qlens = np.asarray(1 if query_lens is None else query_lens)
+        if qlens.dtype.kind not in "iu" and qlens.size:  # as KVPool: integers, a float or a bool refused (not cast)
+            raise InvalidArgument(f"query_lens must be integers, got {query_lens!r}")
+        qlens = np.broadcast_to(qlens.astype(np.int32, copy=False), lens.shape)
         if len(lens) and (qlens.min() < 1 or (qlens > lens).any()):
             raise InvalidArgument(f"query_lens must be in [1, sequence length], got {qlens.tolist()}")
         q = self._check_q(q, int(qlens.sum()))

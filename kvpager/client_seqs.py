@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from kvpager.client_tables import id_list
+from kvpager.client_tables import id_list, scalar
 from kvpager.errors import InternalError, InvalidArgument, RequestTimeout
 from kvpager.protocol import (
     SEQUENCES_PAGE,
@@ -76,9 +76,11 @@ class ClientSequences:
 
     def append(self, seq_ids: Any, num_tokens: Any = 1, token_ids: Any = None) -> list[np.ndarray]:
         """As `KVPool.append`: the new tokens' slot ids per sequence."""
+        if type(num_tokens) is not int:
+            num_tokens = scalar(num_tokens)
         flat = self._append(seq_ids, num_tokens, token_ids)
-        n = 1 if isinstance(seq_ids, (int, np.integer)) else len(seq_ids)
-        return decode_slots(flat, n, num_tokens)
+        one = isinstance(seq_ids, (int, np.integer)) or isinstance(seq_ids, np.ndarray) and seq_ids.ndim == 0
+        return decode_slots(flat, 1 if one else len(seq_ids), num_tokens)
 
     def append_flat(self, seq_ids: Any, num_tokens: Any = 1, token_ids: Any = None) -> np.ndarray:
         """As `KVPool.append_flat`: every sequence's new slots in one int64 array."""
@@ -86,7 +88,9 @@ class ClientSequences:
 
     def _append(self, seq_ids: Any, num_tokens: Any, token_ids: Any) -> bytes:
         args: dict[str, Any] = {"seq_ids": seq_ids}
-        if not (isinstance(num_tokens, int) and num_tokens == 1):
+        if type(num_tokens) is not int:
+            num_tokens = scalar(num_tokens)  # a 0-d integer array: its int (the mirror follows a count)
+        if not (type(num_tokens) is int and num_tokens == 1):  # a bool goes to the daemon, which refuses it
             args["num_tokens"] = num_tokens
         if token_ids is not None:
             args["token_ids"] = token_ids

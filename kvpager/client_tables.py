@@ -23,17 +23,27 @@ from kvpager.errors import SequenceSwapped
 
 def id_list(value: Any) -> list[int] | None:
     """A batch of sequence ids as the daemon reads one (an int, a list of ints,
-    a 1-D integer array), or None if it is none of those (the daemon says why)."""
+    a 1-D integer array; a 0-d one is one id), or None if it is none of those
+    (the daemon says why)."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
         return [int(value)]
     if isinstance(value, np.ndarray):
-        return value.tolist() if value.ndim == 1 and value.dtype.kind in "iu" else None
+        if value.dtype.kind not in "iu" or value.ndim > 1:
+            return None
+        return value.tolist() if value.ndim else [int(value)]
     if isinstance(value, (list, tuple)):
         if set(map(type, value)) <= {int}:  # bools excluded: type(True) is bool
             return list(value)
         if all(isinstance(v, np.integer) for v in value):
             return [int(v) for v in value]
     return None
+
+
+def scalar(value: Any) -> Any:
+    """A 0-d integer array as the int it holds (as the daemon's pool takes it); anything else as is."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
+        return int(value)
+    return value
 
 
 class TableMirror:

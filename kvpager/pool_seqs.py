@@ -146,10 +146,11 @@ class PoolSequences:
         Passing the ``token_ids`` lets the new blocks be published on commit.
         A shared, partly filled last block is copied first (copy-on-write)."""
         ids = validate.seq_ids(seq_ids)
-        flat = self.append_flat(ids, num_tokens, token_ids)
-        if isinstance(num_tokens, (int, np.integer)):
-            return list(flat.reshape(len(ids), int(num_tokens)))  # row views, made in C
-        return _split(flat, list(num_tokens))
+        counts = num_tokens if type(num_tokens) is int else validate.counts(num_tokens)
+        flat = self.append_flat(ids, counts, token_ids)
+        if isinstance(counts, (int, np.integer)):
+            return list(flat.reshape(len(ids), int(counts)))  # row views, made in C
+        return _split(flat, counts)
 
     def append_flat(
         self,
@@ -163,7 +164,7 @@ class PoolSequences:
         ``owner``: if given, every sequence must be its (as `check_owner`, in the
         same lookup: the daemon's decode step)."""
         ids = validate.seq_ids(seq_ids)
-        counts = num_tokens if isinstance(num_tokens, (int, np.integer)) else list(num_tokens)
+        counts = num_tokens if type(num_tokens) is int else validate.counts(num_tokens)
         if token_ids is not None:
             token_ids = validate.per_seq(token_ids, len(ids), "token_ids")
         flat, copies = self.manager.append(ids, counts, token_ids, owner)

@@ -29,6 +29,7 @@ _BLAKE = hashlib.blake2b(digest_size=KEY_BYTES)
 #: Root keys of recent salts (a model or adapter id each: few), so an allocate hashes only its blocks.
 _ROOTS: dict[str | bytes | None, bytes] = {}
 _I8 = np.dtype("<i8")
+_INT = {int}
 
 
 def root_key(salt: str | bytes | None) -> bytes:
@@ -57,9 +58,17 @@ _ROOT_TYPES = (type(None), str, bytes)
 
 
 def token_array(tokens: object, what: str = "tokens") -> np.ndarray:
-    """Token ids as a 1-D little-endian int64 array, validated."""
+    """Token ids as a 1-D little-endian int64 array, validated. A bool is not a
+    token id: NumPy would take ``[1, True]`` as ``[1, 1]``, so the items of a
+    list (or other sequence NumPy reads item by item) must each be an int or
+    a NumPy integer; a bool array is refused by its dtype."""
     if type(tokens) is np.ndarray and tokens.dtype == _I8 and tokens.ndim == 1:  # as a tokenizer hands them
         return tokens
+    if type(tokens) is list and set(map(type, tokens)) <= _INT:  # plain ints (not bools), checked at C speed
+        try:
+            return np.fromiter(tokens, _I8, len(tokens))
+        except OverflowError:
+            pass  # past int64: the general path says why (or takes them as uint64)
     try:
         arr = np.asarray(tokens)
     except (TypeError, ValueError) as e:
@@ -68,6 +77,12 @@ def token_array(tokens: object, what: str = "tokens") -> np.ndarray:
         return np.zeros(0, dtype="<i8")
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
         raise InvalidArgument(f"{what} must be a flat list of integers, got dtype {arr.dtype} shape {arr.shape}")
+    if not isinstance(tokens, np.ndarray) and not hasattr(tokens, "__array__") \
+            and not hasattr(tokens, "__array_interface__"):
+        # NumPy read the items one by one (a list, a tuple): bools among ints became ints
+        for t in set(map(type, tokens)):
+            if t is not int and not issubclass(t, np.integer):
+                raise InvalidArgument(f"{what} must hold integers, got {t.__name__}")
     if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and int(arr.max()) >= 2**63:
         raise InvalidArgument(f"{what} has an id >= 2**63")
     return arr.astype(_I8, copy=False)

@@ -31,11 +31,12 @@ _NO_COPIES = np.zeros((0, 2), dtype=np.int64)
 #: Token ids are int64 (block keys hash their bytes): one out of range must fail
 #: the append, not a later commit halfway through its batch.
 _LIMIT = 1 << 63
+_INT = {int}
 
 
 def _token_list(ids: object) -> list[int]:
-    """Token ids of an append as a list of ints (validated)."""
-    if (type(ids) is list and (len(ids) == 1 and type(ids[0]) is int or all(type(t) is int for t in ids))
+    """Token ids of an append as a list of ints (validated: bools refused)."""
+    if (type(ids) is list and (len(ids) == 1 and type(ids[0]) is int or set(map(type, ids)) <= _INT)
             and (not ids or min(ids) >= -_LIMIT and max(ids) < _LIMIT)):
         return ids
     return token_array(ids, "token_ids").tolist()

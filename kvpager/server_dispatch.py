@@ -28,6 +28,10 @@ log = logging.getLogger("kvpager.server")
 _DEVICE_OPS = frozenset({"append", "swap_out", "swap_in", "write", "attend"})
 
 
+def _sized(v: Any) -> bool:
+    """A list or an array with a length (a 0-d array is a scalar)."""
+    return isinstance(v, list) or isinstance(v, np.ndarray) and v.ndim > 0
+
 
 class Dispatch:
     """Mixed into `Server`, which supplies ``pool``, ``sessions``, ``limits``,
@@ -129,15 +133,17 @@ class Dispatch:
         lim = self.limits
         for name in ("seq_ids", "prompts", "lengths", "upto", "token_ids", "query_lens", "salt", "positions"):
             v = a.get(name)
-            if isinstance(v, (list, np.ndarray)) and len(v) > lim.ids:
+            if _sized(v) and len(v) > lim.ids:
                 lim.check("ids", len(v), f"{op}: {name}")
         tokens = 0
         for name in ("prompts", "token_ids"):
             v = a.get(name)
             if isinstance(v, list):
-                tokens += sum(len(p) for p in v if isinstance(p, (list, np.ndarray)))
+                tokens += sum(len(p) for p in v if _sized(p))
         n = a.get("num_tokens")
-        if isinstance(n, int) and isinstance(a.get("seq_ids"), (list, np.ndarray)):
+        if isinstance(n, np.ndarray) and n.ndim == 0 and n.dtype.kind in "iu":
+            n = int(n)  # a scalar, as KVPool takes it
+        if isinstance(n, int) and _sized(a.get("seq_ids")):
             tokens += n * len(a["seq_ids"])
         elif isinstance(n, int):
             tokens += n

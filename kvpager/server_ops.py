@@ -101,7 +101,7 @@ class ServerOps(ControlOps):
         """OutOfBlocks before any hashing when the prompts cannot fit even if
         every cached block were a hit: a huge prompt costs no loop time."""
         bs = self.pool.spec.block_size
-        sizes = [len(p) for p in prompts if isinstance(p, (list, np.ndarray))]
+        sizes = [len(p) for p in prompts if isinstance(p, list) or isinstance(p, np.ndarray) and p.ndim]
         need = -(-max(sizes, default=0) // bs)
         if need * bs < 1 << 16:
             return  # small: hashing it costs less than counting the pool

@@ -17,14 +17,26 @@ def is_int(v: Any) -> bool:
     return type(v) is int or isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
+def zero_d(value: np.ndarray, what: str) -> int:
+    """The int a 0-d integer array holds: a scalar spelled as an array, taken
+    wherever a NumPy integer is. Any other 0-d array (bool, float, str,
+    object) raises InvalidArgument naming ``what``."""
+    if value.dtype.kind not in "iu":
+        raise InvalidArgument(f"{what} must be a scalar or a list, got a 0-d {value.dtype} array "
+                              "(only a 0-d integer array is taken, as the int it holds)")
+    return int(value)
+
+
 def seq_ids(value: int | Seq[int], what: str = "seq_ids") -> list[int]:
-    """A batch of sequence ids; a single int is a batch of one."""
+    """A batch of sequence ids; a single int (or a 0-d integer array) is a batch of one."""
     if type(value) is list and len(value) == 1 and type(value[0]) is int:  # one sequence: no sets
         return value
     if type(value) is int:
         return [value]
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return [int(value)]
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return [zero_d(value, what)]
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise InvalidArgument(f"{what} must be an int or a list of ints, got {type(value).__name__}")
     out = value if type(value) is list else list(value)
@@ -37,15 +49,34 @@ def seq_ids(value: int | Seq[int], what: str = "seq_ids") -> list[int]:
 
 
 def per_seq(value: Any, n: int, what: str) -> list[Any]:
-    """Broadcast a scalar (or None) to n entries; check a list's length."""
+    """Broadcast a scalar (or None) to n entries; check a list's length.
+
+    A 0-d integer array is a scalar (the int it holds, as a NumPy integer is);
+    any other 0-d array, like anything neither a scalar nor a list, raises
+    InvalidArgument. Entries are checked by the caller."""
     if value is None or isinstance(value, (int, np.integer, str, bytes)):
         return [value] * n
     if not isinstance(value, (list, tuple, np.ndarray)):
         raise InvalidArgument(f"{what} must be a scalar or a list, got {type(value).__name__}")
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return [zero_d(value, what)] * n
     out = list(value)
     if len(out) != n:
         raise InvalidArgument(f"{what} has {len(out)} entries for {n} sequences")
     return out
+
+
+def counts(value: Any) -> int | np.integer | list[Any]:
+    """`append`'s ``num_tokens``: an int (a NumPy integer, or a 0-d integer
+    array: the int it holds) for every sequence, else a list of counts (each
+    checked by the append). A bool or anything not iterable raises InvalidArgument."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return zero_d(value, "append: count")
+    if isinstance(value, (bool, np.bool_)) or not hasattr(value, "__iter__"):
+        raise InvalidArgument(f"append: count must be an integer >= 0 or a list of them, got {value!r}")
+    return list(value)
 
 
 def prompts(value: Any) -> None:

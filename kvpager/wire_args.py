@@ -16,11 +16,12 @@ TOKEN_LIMIT = 1 << 63
 
 
 def wire_ids(value: Any, what: str = "seq_ids") -> list[int]:
-    """A batch of sequence ids from the wire: an int, a list of ints or an int array."""
+    """A batch of sequence ids from the wire: an int, a list of ints or an int
+    array (a 0-d one is a batch of one, as `kvpager.validate.seq_ids` takes it)."""
     if isinstance(value, int) and not isinstance(value, bool):
         return [value]
-    if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iu":
-        return value.tolist()
+    if isinstance(value, np.ndarray) and value.ndim <= 1 and value.dtype.kind in "iu":
+        return value.tolist() if value.ndim else [int(value)]
     if isinstance(value, list) and set(map(type, value)) <= {int}:  # bools excluded: type(True) is bool
         return value
     raise InvalidArgument(f"{what} must be an int or a list of ints")
@@ -45,7 +46,7 @@ def check_token_ids(token_ids: Any) -> None:
     except (TypeError, ValueError):
         pass  # None entries, empty lists, junk: one at a time
     for ids in token_ids:
-        if isinstance(ids, (list, np.ndarray)) and len(ids):
+        if (isinstance(ids, list) or isinstance(ids, np.ndarray) and ids.ndim) and len(ids):  # 0-d: KVPool says why
             try:
                 hi = max(ids)
                 big = hi >= TOKEN_LIMIT
