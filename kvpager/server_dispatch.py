@@ -140,14 +140,16 @@ class Dispatch:
             v = a.get(name)
             if isinstance(v, list):
                 tokens += sum(len(p) for p in v if _sized(p))
+            elif isinstance(v, np.ndarray) and v.ndim > 1:  # rows of ids in one array
+                tokens += v.size
         n = a.get("num_tokens")
-        if isinstance(n, np.ndarray) and n.ndim == 0 and n.dtype.kind in "iu":
-            n = int(n)  # a scalar, as KVPool takes it
+        if isinstance(n, np.ndarray) and n.dtype.kind in "iu":
+            n = int(n) if n.ndim == 0 else n.tolist()  # a scalar or a list, as KVPool takes them
         if isinstance(n, int) and _sized(a.get("seq_ids")):
             tokens += n * len(a["seq_ids"])
         elif isinstance(n, int):
             tokens += n
         elif isinstance(n, list) and all(type(x) is int for x in n):
-            tokens += sum(n)
+            tokens += sum(x for x in n if x > 0)  # a negative count is the pool's to refuse
         if tokens > lim.tokens:
             lim.check("tokens", tokens, f"{op}: token ids")

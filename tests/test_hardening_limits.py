@@ -186,3 +186,24 @@ def test_sequences_come_a_page_at_a_time(server):
         page = d._call("sequences", {"owner": d.session_name, "after": theirs[3], "limit": 4})
         assert [x["seq_id"] for x in page] == theirs[4:8]
         assert len(d._call("sequences", {})) == 4096  # an older client: the first page
+
+
+def test_token_counts_as_arrays_are_held_to_the_tokens_limit():
+    """Appended token counts sent as an integer array, and token ids sent as one
+    2-D array, count toward the tokens limit as their list forms do (they were
+    not counted: an append of 40 slots went through a limit of 32)."""
+    with running_server(SMALL, limits=Limits(tokens=32)) as small, Client(small.endpoint) as c:
+        a, b = c.allocate([[1, 2, 3], [4, 5, 6]])
+        ids = [a.seq_id, b.seq_id]
+        before = [c.sequence(s).num_tokens for s in ids]
+        with pytest.raises(LimitExceeded, match="KVPAGER_MAX_TOKENS"):
+            c._call("append", {"seq_ids": ids, "num_tokens": np.array([20, 20])})
+        with pytest.raises(LimitExceeded, match="KVPAGER_MAX_TOKENS"):
+            c._call("append", {"seq_ids": ids, "num_tokens": [20, 20]})
+        with pytest.raises(LimitExceeded, match="KVPAGER_MAX_TOKENS"):
+            c._call("append", {"seq_ids": ids, "num_tokens": 20,
+                               "token_ids": np.arange(40, dtype=np.int64).reshape(2, 20)})
+        assert [c.sequence(s).num_tokens for s in ids] == before
+        c._call("append", {"seq_ids": ids, "num_tokens": np.array([10, 6])})  # within it
+        assert [c.sequence(s).num_tokens for s in ids] == [before[0] + 10, before[1] + 6]
+        c.check_integrity()
