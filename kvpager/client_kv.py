@@ -116,7 +116,9 @@ class KVAccess:
         pool = self._pool()
         tables, lens = self.tables(seq_ids)
         qlens = np.asarray(1 if query_lens is None else query_lens)
-        if qlens.dtype.kind not in "iu" and qlens.size:  # as KVPool: integers, a float or a bool refused (not cast)
+        # as KVPool: integers; a float or a bool refused, not cast (NumPy takes [1, True] as [1, 1])
+        if qlens.dtype.kind not in "iu" and qlens.size or isinstance(query_lens, (list, tuple)) \
+                and {bool, np.bool_} & set(map(type, query_lens)):
             raise InvalidArgument(f"query_lens must be integers, got {query_lens!r}")
         qlens = np.broadcast_to(qlens.astype(np.int32, copy=False), lens.shape)
         if len(lens) and (qlens.min() < 1 or (qlens > lens).any()):

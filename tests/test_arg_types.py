@@ -105,6 +105,11 @@ _COUNTS_REFUSED = [
     pytest.param(lambda p, s: p.append(s["c"], None), "count", id="append count None"),
     pytest.param(lambda p, s: p.append_flat([s["c"], s["a"]], 2.0), "count", id="append_flat count float"),
 ]
+# attention's query lengths: a bool among them is not a count (NumPy takes [1, True] as [1, 1])
+_COUNTS_REFUSED += [
+    pytest.param(lambda p, s: p.attend(0, [s["a"], s["c"]], np.ones((2, 2, p.spec.head_dim), np.float32), [1, True]),
+                 "query_lens", id="attend query_lens with a bool"),
+]
 _ZERO_D_REFUSED += _COUNTS_REFUSED
 # Embedded only: a 0-d str array cannot cross the wire (the codec refuses its dtype).
 _ZERO_D_REFUSED_EMBEDDED = [
