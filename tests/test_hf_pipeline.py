@@ -189,3 +189,25 @@ def test_a_failed_forward_pass_takes_back_its_slots(model, pipeline, monkeypatch
         assert failures == 2
         assert gen.outputs == [reference(model, p, 12) for p in prompts]
     pool.check_integrity()
+
+
+def test_the_plan_a_pass_in_flight_reads_outlives_the_next_plans(model):
+    """A pass in flight keeps what its kernels read (its plan) until it completes,
+    whatever plans are made meanwhile: on a GPU a dropped plan's device buffers
+    could be handed to other work while the pass still reads them."""
+    import gc
+    import weakref
+
+    pool = KVPool(spec_for_model(model, num_blocks=160, block_size=8))
+    with PagedGeneration(model, pool, [prompt(9, seed=4), prompt(14, seed=5)], 8, pipeline=True) as gen:
+        gen.step()
+        refs = []
+        while not gen.done:
+            if gen._inflight is not None:
+                assert gen._inflight.reads is not None
+                refs.append(weakref.ref(gen._inflight.reads))
+            gen.step()
+            gc.collect()
+            if len(refs) >= 1 and gen._inflight is not None:
+                assert refs[-1]() is None or refs[-1]() is gen._inflight.reads  # completed: let go
+        assert len(refs) >= 5

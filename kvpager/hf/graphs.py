@@ -54,6 +54,7 @@ class DecodeGraphs:
         self.graphs: dict[int, _Graph] = {}
         self.mempool = torch.cuda.graph_pool_handle()
         self.captures = 0
+        self.last: _Graph | None = None
 
     def step(self, seq_ids: list[int], input_ids: torch.Tensor, position_ids: torch.Tensor,
              slots: np.ndarray) -> list[int]:
@@ -87,6 +88,7 @@ class DecodeGraphs:
                 _fill(g.input_ids, input_ids)
                 _fill(g.position_ids, position_ids)
         g.graph.replay()
+        self.last = g  # the graph (and its plan) replayed last: a caller may keep it while it runs
         return g.next_tokens[:n]
 
     def _capture(self, bucket: int, seq_ids: list[int], slots: np.ndarray,

@@ -45,6 +45,9 @@ class Pass:
     tokens: torch.Tensor  # [n] the pass's greedy tokens, on the model's device
     host: torch.Tensor  # [>= n] where they are copied to (pinned on a GPU)
     event: Any  # a torch.cuda.Event recorded after that copy; None on the CPU
+    #: what the pass's kernels read (its plan, or its captured graph and plan): kept alive
+    #: until the pass completes, whatever the generation plans or captures meanwhile
+    reads: Any = None
     free_after: list[int] = field(default_factory=list)  # sequences to free once this pass completes
 
     def read(self) -> list[int]:
@@ -130,10 +133,12 @@ class DecodePasses:
             position_ids = to_device(positions, self._device)
             if self._graphs is not None:
                 tokens = self._graphs.launch(ids, input_ids, position_ids, slots)
+                reads = self._graphs.last
             else:
-                tokens = self._forward(self._plan(ids, [1] * len(ids), slots), input_ids, position_ids)
+                reads = self._plan(ids, [1] * len(ids), slots)
+                tokens = self._forward(reads, input_ids, position_ids)
         host, event = queue_copy(tokens, self._host_tokens)
-        return Pass(rows, ids, positions, tokens, host, event)
+        return Pass(rows, ids, positions, tokens, host, event, reads)
 
     def _complete(self, done: Pass) -> None:
         """Complete ``done``, the pass before the one in flight: its tokens become the
