@@ -211,3 +211,59 @@ def test_the_plan_a_pass_in_flight_reads_outlives_the_next_plans(model):
             if len(refs) >= 1 and gen._inflight is not None:
                 assert refs[-1]() is None or refs[-1]() is gen._inflight.reads  # completed: let go
         assert len(refs) >= 5
+
+
+def _windowed_model():
+    """A Mistral with a 12-token sliding window on every layer (blocks released as it decodes)."""
+    torch.manual_seed(11)
+    config = transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                        max_position_embeddings=512, initializer_range=0.1, sliding_window=12)
+    m = transformers.MistralForCausalLM(config).eval()
+    m.generation_config.eos_token_id = None
+    return m
+
+
+@pytest.fixture(scope="module")
+def windowed():
+    return _windowed_model()
+
+
+def test_pipelined_equals_unpipelined_for_random_batches(model, windowed):
+    """Property: for random batches (prompt lengths, a shared prefix or not, block
+    size, max_new_tokens, an end token some sequences reach, a sliding-window
+    model releasing blocks), the pipelined loop gives the unpipelined loop's
+    tokens and leaves the pool in the same state (cached blocks, what each
+    prompt + output finds cached, no sequence, the integrity check)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                      HealthCheck.function_scoped_fixture])
+    @given(data=st.data())
+    def check(data):
+        m = data.draw(st.sampled_from([model, windowed]), label="model")
+        bs = data.draw(st.sampled_from([8, 16]), label="block size")
+        shared = data.draw(st.integers(0, 20), label="shared prefix")
+        seed = data.draw(st.integers(0, 10_000), label="seed")
+        lens = data.draw(st.lists(st.integers(1, 30), min_size=1, max_size=4), label="own lengths")
+        new = data.draw(st.integers(1, 14), label="max_new_tokens")
+        system = prompt(shared, seed=seed) if shared else []
+        prompts = [system + prompt(n, seed=seed + 1 + k) for k, n in enumerate(lens)]
+        eos = data.draw(st.one_of(st.none(), st.integers(3, 127)), label="eos")
+        results = []
+        for pipeline in (False, True):
+            pool = KVPool(spec_for_model(m, num_blocks=128, block_size=bs))
+            with PagedGeneration(m, pool, prompts, new, eos_token_id=eos, pipeline=pipeline) as gen:
+                while not gen.done:
+                    gen.step()
+                outs = gen.outputs
+            pool.check_integrity()
+            st_ = pool.stats()
+            assert st_.num_sequences == 0
+            salt = default_salt(m)
+            found = [pool.cached_tokens([p + o + [0]], salt)[0] for p, o in zip(prompts, outs)]
+            results.append((outs, st_.cached_blocks, found))
+        assert results[0] == results[1]
+
+    check()
