@@ -76,14 +76,19 @@ def test_a_sequence_ending_on_an_end_token_is_fed_once_more_and_freed_after(mode
     pool.check_integrity()
 
 
-def test_closing_with_a_pass_in_flight_frees_everything(model):
+def test_closing_with_a_pass_in_flight_completes_it_and_frees_everything(model):
+    prompts = [prompt(9, seed=1), prompt(19, seed=2)]
     pool = KVPool(spec_for_model(model, num_blocks=160, block_size=8))
-    gen = PagedGeneration(model, pool, [prompt(9, seed=1), prompt(17, seed=2)], 30, pipeline=True)
+    gen = PagedGeneration(model, pool, prompts, 30, pipeline=True)
     for _ in range(5):
         gen.step()
     assert gen._inflight is not None and [len(o) for o in gen.outputs] == [5, 5]
     gen.close()
+    # the pass in flight completed: six tokens each (the prefill's and five decode passes')
+    assert gen.outputs == [reference(model, p, 30)[:6] for p in prompts]
     assert pool.stats().num_sequences == 0
+    # what it wrote was committed: it fed position 23, which fills the third block of 8
+    assert pool.cached_tokens([prompts[1] + gen.outputs[1] + [0]], default_salt(model)) == [24]
     pool.check_integrity()
 
 

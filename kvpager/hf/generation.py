@@ -226,12 +226,16 @@ class PagedGeneration(DecodePasses):
     def close(self) -> None:
         """Free the sequences still held (their committed full blocks stay matchable)
         and drop the reused plan (its device buffers). A pass still in flight is
-        waited for first: its writes must land before its blocks go back."""
-        if self._inflight is not None:
-            self._inflight.read()
-            self._inflight = None
-        self._free(self.seq_ids)
-        self._last_plan = None
+        completed first (its writes must land before its blocks go back): its
+        tokens reach `outputs` and what it wrote is committed, so a loop that
+        stops stepping early loses none of the tokens computed."""
+        prev, self._inflight = self._inflight, None
+        try:
+            if prev is not None:
+                self._complete(prev)
+        finally:
+            self._free(self.seq_ids)
+            self._last_plan = None
 
     def __enter__(self) -> PagedGeneration:
         return self
