@@ -102,9 +102,9 @@ def queue_copy(tokens: torch.Tensor, buffers: HostBuffers) -> tuple[torch.Tensor
     if tokens.device.type != "cuda":
         return tokens, None
     host = buffers.take(tokens.numel())
-    host[: tokens.numel()].copy_(tokens, non_blocking=True)
+    host[: tokens.numel()].copy_(tokens, non_blocking=True)  # on the current stream of the tokens' GPU
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(tokens.device))  # that GPU's, whichever is current
     return host, event
 
 
