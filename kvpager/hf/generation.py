@@ -148,23 +148,14 @@ class PagedGeneration(DecodePasses):
     def step(self) -> None:
         """One decode pass: feed each unfinished sequence its last new token.
         Pipelined, launch the next pass, then complete the one before it (its
-        tokens reach `outputs`); the last call only completes."""
+        tokens reach `outputs`); the last call only completes. Unpipelined, the
+        same pass is launched and completed at once."""
         if self._pipelined:
             prev, self._inflight = self._inflight, self._launch()
-            if prev is not None:
-                self._complete(prev)
-            return
-        live = [i for i, f in enumerate(self.finished) if not f]
-        if not live:
-            return
-        ids = [self.seq_ids[i] for i in live]
-        last = [self.outputs[i][-1] for i in live]
-        # the token fed now sits right after the prompt and the tokens fed before it
-        positions = [range(p, p + 1) for p in (self.position(i) for i in live)]
-        slots = self.pool.append_flat(ids, 1, [[t] for t in last])
-        with self._undo_append_on_error(ids, [p.start for p in positions]):
-            next_tokens = self._run(live, [[t] for t in last], positions, slots)
-        self._record(live, ids, next_tokens)
+        else:
+            prev = self._launch()  # nothing in flight: fed from `outputs`, ids given with the slots
+        if prev is not None:
+            self._complete(prev)
 
     def position(self, i: int) -> int:
         """Position of sequence i's last new token (the next one to feed)."""

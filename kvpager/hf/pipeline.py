@@ -110,10 +110,10 @@ def queue_copy(tokens: torch.Tensor, buffers: HostBuffers) -> tuple[torch.Tensor
 
 class DecodePasses:
     """What `PagedGeneration` does around its forward passes (mixed into it): the
-    pipelined `_launch` of the next pass and `_complete` of the one before it; for
-    every pass, recording its tokens (`_record`: commit, outputs, finished
-    sequences freed, windows' blocks released) and giving back the slots of one
-    that failed (`_undo_append_on_error`)."""
+    `_launch` of a decode pass and its `_complete` (pipelined: one pass later),
+    the prefill's `_record` (commit, outputs, finished sequences freed, windows'
+    blocks released), and giving back the slots of a pass that failed
+    (`_undo_append_on_error`)."""
 
     def _launch(self) -> Pass | None:
         """Launch the next decode pass of the sequences that will still need a
@@ -141,8 +141,8 @@ class DecodePasses:
         return Pass(rows, ids, positions, tokens, host, event, reads)
 
     def _complete(self, done: Pass) -> None:
-        """Complete ``done``, the pass before the one in flight: its tokens become the
-        ids of the slots the next pass took, what it wrote is committed, and the
+        """Complete ``done`` (pipelined: the pass before the one in flight, whose slots
+        get ``done``'s tokens as their ids): what it wrote is committed, and the
         outputs and finished sequences are updated."""
         tokens = done.read()
         nxt = self._inflight
@@ -171,6 +171,7 @@ class DecodePasses:
             raise
 
     def _record(self, rows: list[int], ids: list[int], next_tokens: list[int]) -> None:
+        """The prefill's tokens: commit, outputs, finished sequences freed, windows' blocks released."""
         if hasattr(self.pool, "synchronize"):
             self.pool.synchronize()
         self.pool.commit(ids)
