@@ -49,6 +49,7 @@ from kvpager.client_tables import TableMirror
 from kvpager.client_wire import ClientWire
 from kvpager.endpoints import check_endpoint, default_endpoint, probe
 from kvpager.errors import DaemonUnavailable, InvalidArgument, RequestTimeout, SessionLost
+from kvpager.protocol import OPS
 from kvpager.spec import PoolSpec
 
 log = logging.getLogger("kvpager.client")
@@ -143,6 +144,9 @@ class Client(ClientWire, ClientSequences, KVAccess, ClientStaging, ControlMethod
         #: the daemon's remote tier (kind, url, ttl), or None (also from a daemon that predates it)
         self.remote: dict[str, Any] | None = info.get("remote")
         self.control: bool = bool(info.get("control"))  # quotas and kept pins allowed
+        #: the ops the daemon answers; a daemon that predates the list answers every op
+        #: but `record_tokens`, which came with it
+        self.ops: frozenset[str] = frozenset(info["ops"] if "ops" in info else set(OPS) - {"record_tokens"})
         self.gpu = self.memory.get("kind") == "cuda_ipc"
         self._mirror = TableMirror(self.spec.block_size)  # this session's block tables
         self.map_pool = self._want_map and self.memory.get("kind") in ("shm", "cuda_ipc")

@@ -67,6 +67,7 @@ class ServerOps(ControlOps):
             "name": s.name,
             "epoch": self.epoch,
             "version": protocol.VERSION,
+            "ops": sorted(protocol.OPS),  # what a newer client may ask of this daemon
             "spec": self.pool.spec.to_dict(),
             "device": rank_backends(self.pool)[rank or 0].device,
             "ranks": self.pool.ranks,  # tensor-parallel ranks; "spec" is the whole pool's (all heads)

@@ -272,3 +272,33 @@ def test_pipelined_equals_unpipelined_for_random_batches(model, windowed):
         assert results[0] == results[1]
 
     check()
+
+
+@pytest.mark.parametrize("daemon_has_it", [True, False])
+def test_through_a_daemon_pipelined_only_where_it_answers_record_tokens(model, daemon_has_it, monkeypatch):
+    """A daemon `Client` pipelines when its daemon lists `record_tokens` among its
+    ops (hello's ``ops``); one that predates the op (no ``ops`` in its hello, no
+    handler) gets the unpipelined loop instead of an `unknown_op` mid-generation.
+    Both give transformers' tokens."""
+    pytest.importorskip("zmq")
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+
+    prompts = [prompt(n, seed=120 + n) for n in (6, 19)]
+    spec = spec_for_model(model, num_blocks=128, block_size=8)
+    with running_server(spec, heartbeat_timeout=60) as server:
+        if not daemon_has_it:  # as an older daemon: no op list, no such op
+            hello = server._handlers["hello"]
+            monkeypatch.setitem(server._handlers, "hello",
+                                lambda s, a: {k: v for k, v in hello(s, a).items() if k != "ops"})
+            monkeypatch.delitem(server._handlers, "record_tokens")
+        with Client(server.endpoint) as c:
+            assert ("record_tokens" in c.ops) == daemon_has_it
+            with PagedGeneration(model, c, prompts, 10) as gen:
+                assert gen._pipelined == daemon_has_it
+                while not gen.done:
+                    gen.step()
+                assert gen.outputs == [reference(model, p, 10) for p in prompts]
+            assert c.stats().num_sequences == 0
+            c.check_integrity()

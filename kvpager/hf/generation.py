@@ -82,7 +82,7 @@ class PagedGeneration(DecodePasses):
     #: (`kvpager.cascade.worth_it` / `multi_token_worth_it`), True / False to force it on or off
     cascade: bool | None = None
     #: launch each decode pass before the last one's tokens reach the host
-    #: (`kvpager.hf.pipeline`; where the pool has `record_tokens`): the host's work
+    #: (`kvpager.hf.pipeline`; where the pool, or a client's daemon, has `record_tokens`): the host's work
     #: overlaps the device's, and `outputs` trail the device by one pass until `done`
     pipeline: bool = True
     seq_ids: list[int] = field(init=False, default_factory=list)
@@ -112,7 +112,10 @@ class PagedGeneration(DecodePasses):
         # keeps its sequences (`_plan`); the CPU backend's plans are made anew each step.
         self._reuse_plans = pool_device.startswith("cuda") and hasattr(self.pool, "tables")
         self._last_plan: tuple[Any, list[int]] | None = None
-        self._pipelined = self.pipeline and hasattr(self.pool, "record_tokens")
+        # a daemon client pipelines only where its daemon answers `record_tokens` (`Client.ops`)
+        ops = getattr(self.pool, "ops", None)
+        self._pipelined = (self.pipeline and hasattr(self.pool, "record_tokens")
+                           and (ops is None or "record_tokens" in ops))
         self._inflight: Pass | None = None  # the decode pass launched and not yet completed
         self._host_tokens = HostBuffers(self._device)
         longest = max(map(len, self.prompts)) + self.max_new_tokens
