@@ -24,7 +24,8 @@ heartbeat thread has its own socket. Do not share one across ``fork()``.
 
 `Client` is one class made of mixins by responsibility: requests, retries
 and heartbeats (`kvpager.client_wire`), sequence ops and inspection
-(`kvpager.client_seqs`), the mapped pool, local K/V and step plans
+(`kvpager.client_seqs`), several of a step's sequence ops in one round trip
+(`kvpager.client_batch`), the mapped pool, local K/V and step plans
 (`kvpager.client_kv`), the staging path (`kvpager.client_staging`), control
 (`kvpager.client_control`). This module opens, reopens and closes the session.
 """
@@ -41,6 +42,7 @@ from typing import Any
 from kvpager import env
 from kvpager.backends.ranked import rank_spec
 from kvpager.channel import Channel
+from kvpager.client_batch import ClientBatch
 from kvpager.client_control import ControlMethods
 from kvpager.client_kv import KVAccess
 from kvpager.client_seqs import ClientSequences
@@ -55,7 +57,7 @@ from kvpager.spec import PoolSpec
 log = logging.getLogger("kvpager.client")
 
 
-class Client(ClientWire, ClientSequences, KVAccess, ClientStaging, ControlMethods):
+class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, ControlMethods):
     """A session with the kvpager daemon at ``endpoint`` (default: KVPAGER_ENDPOINT,
     else the private ipc:// socket). Every call waits at most ``timeout`` seconds
     (default KVPAGER_TIMEOUT). ``token``: the daemon's token, if it has one
@@ -146,7 +148,7 @@ class Client(ClientWire, ClientSequences, KVAccess, ClientStaging, ControlMethod
         self.control: bool = bool(info.get("control"))  # quotas and kept pins allowed
         #: the ops the daemon answers; a daemon that predates the list answers every op
         #: but `record_tokens`, which came with it
-        self.ops: frozenset[str] = frozenset(info["ops"] if "ops" in info else set(OPS) - {"record_tokens"})
+        self.ops: frozenset[str] = frozenset(info["ops"] if "ops" in info else set(OPS) - {"record_tokens", "batch"})
         self.gpu = self.memory.get("kind") == "cuda_ipc"
         self._mirror = TableMirror(self.spec.block_size)  # this session's block tables
         self.map_pool = self._want_map and self.memory.get("kind") in ("shm", "cuda_ipc")

@@ -40,6 +40,8 @@ from kvpager.protocol_codec import (  # noqa: F401 (re-exported)
     unpack_array,
 )
 from kvpager.protocol_ops import (  # noqa: F401 (re-exported)
+    BATCH_MAX_OPS,
+    BATCH_OPS,
     ERROR_CODES,
     KEPT_REPLIES,
     OP_ARGS,
@@ -170,16 +172,44 @@ def decode_request(data: bytes, limit: int) -> Request:
         err = UnknownOp(f"unknown op {op!r}; ops are {', '.join(OPS)}")
         err.request_id = rid
         raise err
+    try:
+        check_args(op, args)
+    except InvalidArgument as err:
+        err.request_id = rid
+        raise
+    return Request(rid, op, args, session, version)
+
+
+def check_args(op: str, args: dict[Any, Any]) -> None:
+    """InvalidArgument unless ``args`` has every required argument name of the known
+    ``op`` and no name it does not take."""
+    sets = OP_ARGS[op]
     keys = args.keys()
     if not (keys <= sets[0] and sets[1] <= keys):  # non-string keys fail the first test
         spec = OPS[op]
-        err = InvalidArgument(
+        raise InvalidArgument(
             f"{op}: arguments {sorted(map(str, keys))} do not match required {list(spec.required)}, "
             f"optional {list(spec.optional)}"
         )
-        err.request_id = rid
-        raise err
-    return Request(rid, op, args, session, version)
+
+
+def encode_batch(results: list[Any], error: ErrorInfo | None) -> dict[str, Any]:
+    """A `batch` reply's result: the results of the ops that ran, and the error of
+    the one that stopped it (its ``details`` hold its ``index``), or nil."""
+    err = None if error is None else {"code": error.code, "message": error.message, "details": error.details}
+    return {"results": results, "error": err}
+
+
+def decode_batch(result: Any) -> tuple[list[Any], ErrorInfo | None]:
+    """(results of the ops that ran, the error that stopped the batch or None)."""
+    if not isinstance(result, dict) or not isinstance(result.get("results"), list):
+        raise ProtocolError("a batch reply is a map with a list of results")
+    err = result.get("error")
+    if err is None:
+        return result["results"], None
+    if not isinstance(err, dict) or not isinstance(err.get("code"), str):
+        raise ProtocolError("a batch's error is a map with a string code")
+    return result["results"], ErrorInfo(err["code"], str(err.get("message", "")), err.get("details") or {})
 
 
 def decode_reply(data: bytes) -> Reply:
@@ -200,6 +230,8 @@ __all__ = [
     "ERROR_CODES",
     "EXT_NDARRAY",
     "OK",
+    "BATCH_MAX_OPS",
+    "BATCH_OPS",
     "OPS",
     "RETRIED_OPS",
     "VERSION",
@@ -207,8 +239,11 @@ __all__ = [
     "Op",
     "Reply",
     "Request",
+    "check_args",
+    "decode_batch",
     "decode_reply",
     "decode_request",
+    "encode_batch",
     "pack",
     "unpack",
 ]

@@ -45,6 +45,7 @@ OPS: dict[str, Op] = {
         Op("swap_out", ("seq_ids",)),
         Op("swap_in", ("seq_ids",)),
         Op("release", ("seq_ids", "positions")),
+        Op("batch", ("ops",)),
         Op("staging", ("nbytes",)),
         Op("write", ("layer", "slots", "k", "v")),
         Op("attend", ("layer", "seq_ids", "q", "out"), ("query_lens", "scale", "window", "softcap")),
@@ -66,7 +67,11 @@ OPS: dict[str, Op] = {
 #: one (same id, same bytes) after a timeout gets the first execution's reply
 #: instead of running again (see "Retries" in docs/protocol.md).
 RETRIED_OPS = frozenset({"allocate", "append", "record_tokens", "commit", "fork", "free", "truncate", "swap_out",
-                         "swap_in", "pin", "unpin", "release"})
+                         "swap_in", "pin", "unpin", "release", "batch"})
+#: Ops a `batch` may hold: a scheduler step's sequence ops (see "Batches" in docs/protocol.md).
+BATCH_OPS = ("append", "record_tokens", "commit", "free", "truncate", "release")
+#: Most ops in one batch.
+BATCH_MAX_OPS = 64
 #: Most sequences one `sequences` request lists (a page; see docs/protocol.md).
 SEQUENCES_PAGE = 4096
 #: How many such replies the daemon keeps per session (a client has one request in flight).

@@ -3,7 +3,8 @@ decoded and checked (envelope, session or token, per-request limits), its
 handler (`kvpager.server_ops`) runs, a GPU pool's work is waited for where a
 reply must not race it, and any error becomes a typed error reply. Replies of
 `RETRIED_OPS` are kept per session, so a retry with the same id and bytes
-gets the first execution's reply instead of running twice."""
+gets the first execution's reply instead of running twice. A `batch` runs
+several sequence ops of a step in one request (`Dispatch._op_batch`)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,26 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvpager.errors import ERRORS_BY_CODE, InternalError, KVPagerError, LimitExceeded, Unauthorized
-from kvpager.protocol import KEPT_REPLIES, OPS, RETRIED_OPS, ErrorInfo, decode_request, encode_reply
+from kvpager.errors import (
+    ERRORS_BY_CODE,
+    InternalError,
+    InvalidArgument,
+    KVPagerError,
+    LimitExceeded,
+    Unauthorized,
+)
+from kvpager.protocol import (
+    BATCH_MAX_OPS,
+    BATCH_OPS,
+    KEPT_REPLIES,
+    OPS,
+    RETRIED_OPS,
+    ErrorInfo,
+    check_args,
+    decode_request,
+    encode_batch,
+    encode_reply,
+)
 
 if TYPE_CHECKING:
     from kvpager.sessions import Session
@@ -25,7 +44,7 @@ log = logging.getLogger("kvpager.server")
 #: Ops that may launch work on a GPU pool (copy-on-write, swaps, remote write and
 #: attend): their reply waits for it, so a block id handed out is never mid-copy
 #: and a staging buffer is never read or rewritten while in use.
-_DEVICE_OPS = frozenset({"append", "swap_out", "swap_in", "write", "attend"})
+_DEVICE_OPS = frozenset({"append", "swap_out", "swap_in", "write", "attend", "batch"})
 
 
 def _sized(v: Any) -> bool:
@@ -115,18 +134,46 @@ class Dispatch:
             return self._error_reply(rid, op, e)
 
     def _error_reply(self, rid: int | None, op: str, e: Exception) -> bytes:
+        return encode_reply(getattr(e, "request_id", rid), None, self._error_info(op, e))
+
+    def _error_info(self, op: str, e: Exception) -> ErrorInfo:
+        """The typed error of ``op``'s failure (counted as the request's result)."""
         if isinstance(e, KVPagerError):
             self._result = e.code if e.code in ERRORS_BY_CODE else "internal"
-            return encode_reply(getattr(e, "request_id", rid), None, ErrorInfo.from_exception(e))
+            return ErrorInfo.from_exception(e)
         if isinstance(e, (TypeError, ValueError, KeyError, IndexError, OverflowError, AttributeError)):
             # KVPool validates its arguments; what slips through is still the
             # caller's malformed input, not a reason to die.
             self._result = "invalid_argument"
-            msg = f"{op}: bad arguments: {type(e).__name__}: {e}"
-            return encode_reply(rid, None, ErrorInfo("invalid_argument", msg))
+            return ErrorInfo("invalid_argument", f"{op}: bad arguments: {type(e).__name__}: {e}")
         self._result = "internal"
         log.error("internal error in %s", op, exc_info=e)  # a bug: keep serving, say so loudly
-        return encode_reply(rid, None, ErrorInfo.from_exception(InternalError(f"{op}: {e!r}")))
+        return ErrorInfo.from_exception(InternalError(f"{op}: {e!r}"))
+
+    def _op_batch(self, s: Session, a: dict[str, Any]) -> dict[str, Any]:
+        """Several sequence ops of one session in order, in one request: each all or
+        nothing, the first that fails stops the batch (the ops before it stay done,
+        the rest do not run). Every op's name, argument names and per-request limits
+        are checked before the first one runs."""
+        ops = a["ops"]
+        if not isinstance(ops, list) or not 0 < len(ops) <= BATCH_MAX_OPS:
+            raise InvalidArgument(f"batch: ops must be a list of 1 to {BATCH_MAX_OPS} [op, args] pairs")
+        for i, item in enumerate(ops):
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], dict)):
+                raise InvalidArgument(f"batch: ops[{i}] must be an [op, args] pair with an args map")
+            if item[0] not in BATCH_OPS:
+                raise InvalidArgument(f"batch: ops[{i}] is {item[0]!r}; a batch holds {', '.join(BATCH_OPS)}")
+            check_args(item[0], item[1])
+            self._bound(item[0], item[1])
+        results: list[Any] = []
+        for i, (op, args) in enumerate(ops):
+            try:
+                results.append(self._handlers[op](s, args))
+            except Exception as e:
+                error = self._error_info(op, e)
+                error.details["index"] = i
+                return encode_batch(results, error)
+        return encode_batch(results, None)
 
     def _bound(self, op: str, a: dict[str, Any]) -> None:
         """The per-request limits: ids and tokens in one request (len() only)."""

@@ -302,3 +302,53 @@ def test_through_a_daemon_pipelined_only_where_it_answers_record_tokens(model, d
                 assert gen.outputs == [reference(model, p, 10) for p in prompts]
             assert c.stats().num_sequences == 0
             c.check_integrity()
+
+
+@pytest.mark.parametrize("has_batch", [True, False])
+def test_through_a_daemon_a_pipelined_step_is_one_round_trip(model, has_batch, monkeypatch):
+    """Where the daemon answers `batch`, each pipelined decode step is one request:
+    the next pass's append carries the last pass's `record_tokens`, the commit of
+    the pass before and any free (the last step flushes them alone). A daemon
+    without it gets them one by one. The same tokens as transformers either way,
+    every sequence freed, the generated blocks matchable."""
+    pytest.importorskip("zmq")
+    from daemon_helpers import running_server
+
+    from kvpager import protocol, server_dispatch
+    from kvpager.client import Client
+
+    prompts = [prompt(n, seed=140 + n) for n in (5, 17, 30)]
+    spec = spec_for_model(model, num_blocks=128, block_size=8)
+    seen: list[str] = []
+
+    def counted(data, limit):
+        req = protocol.decode_request(data, limit)
+        seen.append(req.op)
+        return req
+
+    with running_server(spec, heartbeat_timeout=60) as server:
+        if not has_batch:  # as a daemon that predates the op
+            hello = server._handlers["hello"]
+            monkeypatch.setitem(server._handlers, "hello", lambda s, a: {
+                **hello(s, a), "ops": [o for o in hello(s, a)["ops"] if o != "batch"]})
+        with Client(server.endpoint) as c:
+            steps = []
+            with PagedGeneration(model, c, prompts, 9, eos_token_id=None) as gen:
+                assert gen._pipelined and gen._batched == has_batch
+                monkeypatch.setattr(server_dispatch, "decode_request", counted)
+                while not gen.done:
+                    n = len(seen)
+                    gen.step()
+                    steps.append([op for op in seen[n:] if op != "heartbeat"])
+                monkeypatch.setattr(server_dispatch, "decode_request", protocol.decode_request)
+                assert gen.outputs == [reference(model, p, 9) for p in prompts]
+            assert c.stats().num_sequences == 0
+            c.check_integrity()
+            salt = default_salt(model)
+            assert c.cached_tokens([p + o for p, o in zip(prompts, gen.outputs)], salt) == [
+                (len(p) + 8) // 8 * 8 for p in prompts]
+    if has_batch:
+        assert all(len(ops) == 1 for ops in steps) and {op for ops in steps[2:] for op in ops} == {"batch"}, steps
+    else:
+        assert "batch" not in {op for ops in steps for op in ops}
+        assert all(len(ops) >= 3 for ops in steps[2:-1]), steps

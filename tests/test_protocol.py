@@ -47,6 +47,7 @@ SAMPLE_ARGS = {
     "swap_out": {"seq_ids": [1, 2]},
     "swap_in": {"seq_ids": [1, 2]},
     "release": {"seq_ids": [1, 2], "positions": [16, 0]},
+    "batch": {"ops": [["record_tokens", {"seq_ids": [1], "token_ids": [[7]]}], ["append", {"seq_ids": [1, 2]}]]},
     "staging": {"nbytes": 4096},
     "write": {"layer": 0, "slots": np.array([16, 17, -1]), "k": [0, [3, 2, 16]], "v": [448, [3, 2, 16]]},
     "attend": {"layer": 1, "seq_ids": [1], "q": [0, [1, 4, 16]], "out": 256, "query_lens": [1], "scale": 0.25},

@@ -117,6 +117,9 @@ class PagedGeneration(DecodePasses):
         self._pipelined = (self.pipeline and hasattr(self.pool, "record_tokens")
                            and (ops is None or "record_tokens" in ops))
         self._inflight: Pass | None = None  # the decode pass launched and not yet completed
+        # a daemon that batches takes a pipelined step's calls in one round trip (`DecodePasses._later`)
+        self._batched = self._pipelined and ops is not None and "batch" in ops
+        self._deferred: list[tuple[Any, ...]] = []
         self._host_tokens = HostBuffers(self._device)
         longest = max(map(len, self.prompts)) + self.max_new_tokens
         self._width = -(-longest // self.pool.spec.block_size)  # blocks a sequence can reach
@@ -230,6 +233,7 @@ class PagedGeneration(DecodePasses):
         finally:
             self._free(self.seq_ids)
             self._last_plan = None
+            self._flush()
 
     def __enter__(self) -> PagedGeneration:
         return self

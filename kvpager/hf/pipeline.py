@@ -127,7 +127,7 @@ class DecodePasses:
         ids = [self.seq_ids[i] for i in rows]
         positions = [len(self.prompts[i]) + len(self.outputs[i]) - 1 + ahead for i in rows]
         last = None if ahead else [[self.outputs[i][-1]] for i in rows]
-        slots = self.pool.append_flat(ids, 1, last)  # ahead: the ids come with `record_tokens`
+        slots = self._append(ids, last)  # ahead: the ids come with `record_tokens`
         with self._undo_append_on_error(ids, positions):  # a pass that fails gives its slots back
             input_ids = fed_tokens(prev, rows) if prev is not None else to_device([t for [t] in last], self._device)
             position_ids = to_device(positions, self._device)
@@ -148,9 +148,9 @@ class DecodePasses:
         nxt = self._inflight
         if nxt is not None:
             of = dict(zip(done.rows, tokens))
-            self.pool.record_tokens(nxt.seq_ids, [[of[i]] for i in nxt.rows])
+            self._later("record_tokens", nxt.seq_ids, [[of[i]] for i in nxt.rows])
         # ``done``'s writes have landed (its event): no wait for the pass in flight
-        self.pool.commit(done.seq_ids, [p + 1 for p in done.positions], synchronize=False)
+        self._later("commit", done.seq_ids, [p + 1 for p in done.positions], synchronize=False)
         fed = set(nxt.rows) if nxt is not None else ()
         ended = self._update(done.rows, tokens)
         # a row the next pass was fed to keeps its blocks until that pass has written them
@@ -158,6 +158,30 @@ class DecodePasses:
             nxt.free_after += [self.seq_ids[i] for i in ended if i in fed]
         self._free([self.seq_ids[i] for i in ended if i not in fed] + done.free_after)
         self._release([i for i in done.rows if not self.finished[i]])
+        if nxt is None:  # no pass in flight to carry them
+            self._flush()
+
+    def _later(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """A call on the pool that the next pass's append carries where the pool
+        batches (a daemon `Client`: `Client.batch`, so a pipelined step is one round
+        trip); made at once elsewhere."""
+        if self._batched:
+            self._deferred.append((method, *args, kwargs) if kwargs else (method, *args))
+        else:
+            getattr(self.pool, method)(*args, **kwargs)
+
+    def _flush(self) -> None:
+        """Make the calls `_later` kept, in one batch."""
+        if self._deferred:
+            calls, self._deferred = self._deferred, []
+            self.pool.batch(calls)
+
+    def _append(self, ids: list[int], last: list[list[int]] | None) -> Any:
+        """One slot for each of ``ids`` (with ``last``'s ids, or none yet), after the calls kept."""
+        if self._deferred:
+            calls, self._deferred = self._deferred, []
+            return self.pool.batch([*calls, ("append_flat", ids, 1, last)])[-1]
+        return self.pool.append_flat(ids, 1, last)
 
     @contextlib.contextmanager
     def _undo_append_on_error(self, ids: list[int], lengths: list[int]) -> Iterator[None]:
@@ -178,6 +202,7 @@ class DecodePasses:
         ended = self._update(rows, next_tokens)
         self._free([self.seq_ids[i] for i in ended])  # a finished sequence's blocks go back at once
         self._release([i for i in rows if not self.finished[i]])
+        self._flush()
 
     def _update(self, rows: list[int], next_tokens: list[int]) -> list[int]:
         """Append each unfinished row's next token to its outputs; the rows that end now."""
@@ -199,11 +224,11 @@ class DecodePasses:
                 and hasattr(self.pool, "release_before"):
             # the next query of sequence i sits at position(i) and sees positions after position(i) - w
             reach = max(windows)
-            self.pool.release_before([self.seq_ids[i] for i in live],
-                                     [max(0, self.position(i) - reach + 1) for i in live])
+            self._later("release_before", [self.seq_ids[i] for i in live],
+                        [max(0, self.position(i) - reach + 1) for i in live])
 
     def _free(self, seq_ids: list[int]) -> None:
         seq_ids = [s for s in seq_ids if s in self._held]
         if seq_ids:
-            self.pool.free(seq_ids)
+            self._later("free", seq_ids)
             self._held.difference_update(seq_ids)
