@@ -145,3 +145,17 @@ def test_no_sharing_and_partial_blocks_are_never_shared():
     shared = find_shared_prefixes(tables, lens, BS)
     assert shared.segments[:, 1:3].tolist() == [[0, 8]]
     assert shared.own_start.tolist() == [8, 8]
+
+
+def test_a_host_bound_step_cascades_only_from_two_gib_spared_a_layer():
+    from kvpager.cascade import HOST_BOUND_MIN_SAVED
+
+    bs, per_position = 16, 2 * 8 * 128 * 2  # K and V of 8 kv heads of head dim 128, bfloat16
+    for n, shared_blocks, host_bound_pays in ((64, 128, False), (256, 256, True)):
+        tables = np.concatenate([np.tile(np.arange(1, shared_blocks + 1), (n, 1)),
+                                 np.arange(shared_blocks + 1, shared_blocks + 1 + n)[:, None]], axis=1)
+        lens = np.full(n, shared_blocks * bs + 2)
+        found = find_shared_prefixes(tables.astype(np.int32), lens, bs)
+        assert found.saved == (n - 1) * shared_blocks * bs
+        assert worth_it(found, lens, per_position)
+        assert worth_it(found, lens, per_position, min_saved_bytes=HOST_BOUND_MIN_SAVED) == host_bound_pays

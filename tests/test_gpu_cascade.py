@@ -14,7 +14,7 @@ cupy = cupy_or_skip()
 
 from gpu_kernel_helpers import TOL, rel_err, seed, to_dev, to_host  # noqa: E402
 
-from kvpager import KVPool  # noqa: E402
+from kvpager import InvalidArgument, KVPool  # noqa: E402
 from kvpager.backends.numpy_backend import paged_attention  # noqa: E402
 from kvpager.spec import PoolSpec  # noqa: E402
 
@@ -88,7 +88,8 @@ def test_cascade_matches_numpy_and_plain_plan(dtype, d, bs, group):
 def test_cascade_is_automatic_only_when_it_pays():
     """Chosen when the K/V bytes it spares rereading are large (64 sequences of
     an 8-kv-head model sharing 2,048 positions: 0.5 GB a layer), not for a small
-    step (8 sequences sharing 64 positions), never when nothing is shared."""
+    step (8 sequences sharing 64 positions), never when nothing is shared; in a
+    host-bound step only from 2 GiB a layer (256 sequences sharing 4,096)."""
     rng = np.random.default_rng(4)
     spec = PoolSpec(num_layers=1, num_kv_heads=8, head_dim=128, num_blocks=1024, block_size=16, dtype="bfloat16")
     pool = KVPool(spec, device="cuda:0")
@@ -101,8 +102,18 @@ def test_cascade_is_automatic_only_when_it_pays():
     pool.commit([head.seq_id])
     small = [a.seq_id for a in pool.allocate([small_prompt + [3, i] for i in range(8)])]
     alone = [a.seq_id for a in pool.allocate([rng.integers(0, 9, 300).tolist() for _ in range(4)])]
-    pool.append(big + small + alone, 1)
+    long_prompt = rng.integers(0, 1000, 4096).tolist()
+    [lead] = pool.allocate([long_prompt + [1]])
+    pool.commit([lead.seq_id])
+    wide = [a.seq_id for a in pool.allocate([long_prompt + [4, i] for i in range(256)])]
+    pool.append(big + small + alone + wide, 1)
     assert pool.plan(big, num_q_heads=32).shared_prefixes is not None
+    # a host-bound (eager) step: 0.5 GB spared a layer is not enough, 4.3 GB is
+    assert pool.plan(big, num_q_heads=32, host_bound=True).shared_prefixes is None
+    assert pool.plan(wide, num_q_heads=32, host_bound=True).shared_prefixes is not None
+    assert pool.plan(big, num_q_heads=32, host_bound=True, cascade=True).shared_prefixes is not None
+    with pytest.raises(InvalidArgument, match="host_bound"):
+        pool.plan(big, num_q_heads=32, host_bound=1)
     assert pool.plan(small, num_q_heads=32).shared_prefixes is None
     assert pool.plan(small, num_q_heads=32, cascade=True).shared_prefixes is not None
     assert pool.plan(alone, num_q_heads=32, cascade=True).shared_prefixes is None  # nothing shared

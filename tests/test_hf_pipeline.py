@@ -352,3 +352,24 @@ def test_through_a_daemon_a_pipelined_step_is_one_round_trip(model, has_batch, m
     else:
         assert "batch" not in {op for ops in steps for op in ops}
         assert all(len(ops) >= 3 for ops in steps[2:-1]), steps
+
+
+def test_eager_plans_say_the_step_is_host_bound(model, monkeypatch):
+    """Eager passes (prefill and decode, new plans and the reused one) ask for plans
+    with ``host_bound=True``, so a decode cascade is chosen only where it would pace
+    the device (`kvpager.cascade.HOST_BOUND_MIN_SAVED`); the tokens are transformers'."""
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    asked: list[dict] = []
+    plan = pool.plan
+
+    def recorded(*args, **options):
+        asked.append(options)
+        return plan(*args, **options)
+
+    monkeypatch.setattr(pool, "plan", recorded)
+    prompts = [prompt(n, seed=160 + n) for n in (4, 11)]
+    with PagedGeneration(model, pool, prompts, 5) as gen:
+        while not gen.done:
+            gen.step()
+        assert gen.outputs == [reference(model, p, 5) for p in prompts]
+    assert len(asked) >= 5 and all(o.get("host_bound") is True for o in asked)

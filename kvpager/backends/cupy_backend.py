@@ -208,6 +208,8 @@ class CupyBackend(Backend):
         capacities (in-place updates for CUDA graphs), ``num_splits`` (overrides the
         decode split-K planner), ``num_q_heads`` (prepare the launches now),
         ``cascade`` (shared-prefix attention: None when it pays, True, False),
+        ``host_bound`` (a decode step paced by its host: cascade only from
+        `kvpager.cascade.HOST_BOUND_MIN_SAVED` bytes spared a layer),
         ``config`` (`kvpager.KernelConfig`; default: this backend's)."""
         from kvpager.backends.cupy_plan import CupyPlan
 

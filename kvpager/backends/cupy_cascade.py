@@ -27,7 +27,13 @@ from kvpager.backends.cupy_prefill import (
     prefill_kernel,
     tiling,
 )
-from kvpager.cascade import find_shared_prefixes, multi_token_worth_it, query_rows, worth_it
+from kvpager.cascade import (
+    HOST_BOUND_MIN_SAVED,
+    find_shared_prefixes,
+    multi_token_worth_it,
+    query_rows,
+    worth_it,
+)
 from kvpager.kernel_config import KernelConfig
 from kvpager.kernel_smem import cascade_smem
 from kvpager.launch import Launch, current_stream, i32, ptr
@@ -197,10 +203,12 @@ def cascade_applies(plan: Any, spec: Any, nseq: int) -> bool:
     return plan.rows == nseq
 
 
-def choose_cascade(plan: Any, num_q_heads: int, always: bool) -> Any:
+def choose_cascade(plan: Any, num_q_heads: int, always: bool, host_bound: bool = False) -> Any:
     """The step's shared prefixes (`kvpager.cascade.SharedPrefixes`) when its
     attention is to cascade over them (``always``: whenever some are shared;
-    else when `worth_it` / `multi_token_worth_it` says it pays), else None."""
+    else when `worth_it` / `multi_token_worth_it` says it pays; ``host_bound``:
+    a decode step whose host sets the pace, from `HOST_BOUND_MIN_SAVED` bytes
+    spared a layer), else None."""
     spec = plan.spec
     ql = None if plan.decode else plan.query_lens
     found = find_shared_prefixes(plan.tables, plan.seq_lens, spec.block_size, query_lens=ql)
@@ -208,7 +216,8 @@ def choose_cascade(plan: Any, num_q_heads: int, always: bool) -> Any:
         return found
     per_position = 2 * spec.num_kv_heads * spec.head_dim * spec.itemsize
     if plan.decode:
-        return found if worth_it(found, plan.seq_lens, per_position) else None
+        least = {"min_saved_bytes": HOST_BOUND_MIN_SAVED} if host_bound else {}
+        return found if worth_it(found, plan.seq_lens, per_position, **least) else None
     per_tile = max(1, tiling(spec.head_dim, plan.config).bm // (num_q_heads // spec.num_kv_heads))
     partial = num_q_heads * (spec.head_dim + 1) * 4  # float32 output and log2-sum-exp per head
     pays = multi_token_worth_it(found, plan.seq_lens, plan.query_lens, per_tile, per_position, partial)

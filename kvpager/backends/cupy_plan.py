@@ -52,7 +52,7 @@ class CupyPlan(StepPlan):
     def __init__(self, backend: Any, tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
                  slots: np.ndarray | None, *, num_rows: int | None = None, width: int | None = None,
                  num_splits: int | None = None, num_q_heads: int | None = None, cascade: bool | None = None,
-                 config: KernelConfig | None = None):
+                 config: KernelConfig | None = None, host_bound: bool = False):
         spec = self.spec = backend.spec
         # The kernels' tuning knobs (kvpager.kernel_config); None: the backend's (production) config.
         self.config = backend.config if config is None else check_config(config)
@@ -78,6 +78,9 @@ class CupyPlan(StepPlan):
         # (kvpager.cascade), True: whenever prefixes are shared. A plan with capacities
         # (for CUDA graphs, decode only) sizes its cascade tables for later steps too.
         self._cascade = cascade
+        if type(host_bound) is not bool:
+            raise InvalidArgument(f"host_bound must be a bool, got {host_bound!r}")
+        self._host_bound = host_bound  # a decode step cascades only where it would pace the device
         self._cascade_ok = cascade is not False and cascade_applies(self, spec, nseq)
         self.cascade_slack = 2 if num_rows is not None or width is not None else 1
         self._shared: Any = None  # kvpager.cascade.SharedPrefixes of the step, found at the first attend
@@ -124,7 +127,7 @@ class CupyPlan(StepPlan):
     def _prepare(self, num_q_heads: int) -> list[Launch]:
         """Kernel, layout and launch cells for ``num_q_heads`` query heads (once per plan)."""
         if self._cascade_ok and self._shared is None:
-            self._shared = choose_cascade(self, num_q_heads, bool(self._cascade))
+            self._shared = choose_cascade(self, num_q_heads, bool(self._cascade), self._host_bound)
             self._cascade_ok = self._shared is not None
         launches, self.splits, keep, self._raw[num_q_heads] = attention_launches(self, num_q_heads, self._shared)
         self._keep += keep

@@ -79,7 +79,8 @@ class PagedGeneration(DecodePasses):
     #: sequence stays about one window, however long it generates
     release_windowed: bool = True
     #: shared-prefix (cascade) attention in decode and multi-token steps: None where it pays
-    #: (`kvpager.cascade.worth_it` / `multi_token_worth_it`), True / False to force it on or off
+    #: (`kvpager.cascade.worth_it` / `multi_token_worth_it`; an eager decode step, paced by the
+    #: model's Python, from `kvpager.cascade.HOST_BOUND_MIN_SAVED`), True / False to force it on or off
     cascade: bool | None = None
     #: launch each decode pass before the last one's tokens reach the host
     #: (`kvpager.hf.pipeline`; where the pool, or a client's daemon, has `record_tokens`): the host's work
@@ -201,11 +202,15 @@ class PagedGeneration(DecodePasses):
         last one refills that step's plan in place (`StepPlan.update`: no new device
         buffers, kernel launches or cascade planning), as a captured step does; any
         other step gets a new plan, with capacity for the generation's longest
-        sequence when it is a decode step that later ones can reuse."""
+        sequence when it is a decode step that later ones can reuse. Plans say
+        ``host_bound``: where the cascade is left to the planner, an eager decode
+        step cascades only where it spares enough reading to pace the device
+        (`kvpager.cascade.HOST_BOUND_MIN_SAVED`)."""
         heads = self.model.config.num_attention_heads
         decode = max(lens) == 1
+        # the model's Python paces an eager step: a decode cascade only where it would pace the device
         if not (self._reuse_plans and decode):
-            return self.pool.plan(ids, lens, slots, num_q_heads=heads, cascade=self.cascade)
+            return self.pool.plan(ids, lens, slots, num_q_heads=heads, cascade=self.cascade, host_bound=True)
         last = self._last_plan
         if last is not None and last[1] == ids:
             tables, seq_lens = self.pool.tables(ids)
@@ -213,7 +218,7 @@ class PagedGeneration(DecodePasses):
                 last[0].update(tables, seq_lens, None, slots)
                 return last[0]
         plan = self.pool.plan(ids, None, slots, num_rows=len(ids), width=self._width, num_q_heads=heads,
-                              cascade=self.cascade)
+                              cascade=self.cascade, host_bound=True)
         self._last_plan = (plan, list(ids))
         return plan
 
