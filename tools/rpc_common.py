@@ -1,7 +1,7 @@
 """What `bench_rpc.py`'s measurements share: the pool (`SPEC`), the prompt and
 the cut schedule, a daemon in a spawned process, packed requests, timed steps
 and their p50 / p99, and the checked decode-step ops of a `KVPool` or a
-`Client` (`pool_ops`)."""
+`Client` (`pool_ops`, `step_ops`)."""
 
 from __future__ import annotations
 
@@ -82,3 +82,29 @@ def pool_ops(pool, batch: int):
         lambda: pool.truncate(many, n),
         lambda: pool.append_flat(many),
     )
+
+
+def step_ops(pool, batch: int):
+    """(a pipelined decode step of ``batch`` sequences as three calls: `append_flat` of
+    one slot each without ids, `record_tokens` of one id each, `commit`; the same step
+    as one `batch` request, or None where the pool has none; cut) for a KVPool or a
+    Client, checked once."""
+    many = [a.seq_id for a in pool.allocate([PROMPT] * batch)]
+    toks = [[7]] * batch
+    n = len(PROMPT)
+
+    def calls():
+        pool.append_flat(many)
+        pool.record_tokens(many, toks)
+        return pool.commit(many)
+
+    batched = None
+    if "batch" in getattr(pool, "ops", ()):
+        def batched():
+            return pool.batch([("append_flat", many, 1), ("record_tokens", many, toks), ("commit", many)])
+
+        slots, recorded, published = batched()
+        assert len(slots) == batch and recorded is None and len(published) == batch, "batch answered wrongly"
+    assert len(calls()) == batch
+    pool.truncate(many, n)
+    return calls, batched, lambda: pool.truncate(many, n)

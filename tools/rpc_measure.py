@@ -9,7 +9,17 @@ import multiprocessing as mp
 import os
 import time
 
-from rpc_common import CUT_EVERY, PROMPT, SPEC, bodies, percentiles, pool_ops, spawn, time_steps
+from rpc_common import (
+    CUT_EVERY,
+    PROMPT,
+    SPEC,
+    bodies,
+    percentiles,
+    pool_ops,
+    spawn,
+    step_ops,
+    time_steps,
+)
 
 from kvpager import KVPool
 
@@ -96,6 +106,11 @@ def latencies(pool, iters: int, batch: int) -> dict[str, tuple[float, float]]:
         f"append x{batch}": percentiles(time_steps(step_b, cut_b, max(200, iters // 20))),
         f"append_flat x{batch}": percentiles(time_steps(flat_b, cut_b, max(200, iters // 20))),
     }
+    calls, batched, cut = step_ops(pool, batch)
+    many = max(200, iters // 20)
+    out[f"step x{batch}: append, record_tokens, commit"] = percentiles(time_steps(calls, cut, many))
+    if batched is not None:
+        out[f"step x{batch}: the same as one batch"] = percentiles(time_steps(batched, cut, many))
     if hasattr(pool, "heartbeat"):
         out["heartbeat"] = percentiles(time_steps(pool.heartbeat, lambda: None, iters))
     return out
