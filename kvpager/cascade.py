@@ -114,9 +114,9 @@ def _common_end(tables: np.ndarray, full: np.ndarray, group: np.ndarray, col: in
 #: A decode step whose host sets the pace (an eager step of a model in Python: transformers
 #: spends 0.5-1 ms of host time on a layer) cascades only from this many bytes of K/V spared
 #: a layer (about 0.5 ms of reading on an H200): below it the device waits for the host
-#: either way, and the cascade's extra launches are host time (plain attention stepped
-#: 2.8-3.5% faster eager at 64 and 256 sequences on a 1,024-token prompt, where a captured
-#: step gains 10-25% from the cascade; H200, 2026-11-30).
+#: either way, and the cascade's extra launches are host time (eager steps with the cascade
+#: took 4.6-13.4% longer than plain ones at 64 and 256 sequences on a 1,024-token prompt,
+#: where a captured step gains 7-25% from it; H200, 2026-11-30).
 HOST_BOUND_MIN_SAVED = 2 << 30
 
 
