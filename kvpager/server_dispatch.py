@@ -154,17 +154,22 @@ class Dispatch:
         """Several sequence ops of one session in order, in one request: each all or
         nothing, the first that fails stops the batch (the ops before it stay done,
         the rest do not run). Every op's name, argument names and per-request limits
-        are checked before the first one runs."""
+        are checked before the first one runs; the batch is one request for the
+        limits: each op's lists within the ids limit, all its ops' token ids together
+        within the tokens limit."""
         ops = a["ops"]
         if not isinstance(ops, list) or not 0 < len(ops) <= BATCH_MAX_OPS:
             raise InvalidArgument(f"batch: ops must be a list of 1 to {BATCH_MAX_OPS} [op, args] pairs")
+        tokens = 0
         for i, item in enumerate(ops):
             if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], dict)):
                 raise InvalidArgument(f"batch: ops[{i}] must be an [op, args] pair with an args map")
             if item[0] not in BATCH_OPS:
                 raise InvalidArgument(f"batch: ops[{i}] is {item[0]!r}; a batch holds {', '.join(BATCH_OPS)}")
             check_args(item[0], item[1])
-            self._bound(item[0], item[1])
+            tokens += self._bound(item[0], item[1])
+        if tokens > self.limits.tokens:
+            self.limits.check("tokens", tokens, "batch: token ids of its ops together")
         results: list[Any] = []
         for i, (op, args) in enumerate(ops):
             try:
@@ -175,8 +180,8 @@ class Dispatch:
                 return encode_batch(results, error)
         return encode_batch(results, None)
 
-    def _bound(self, op: str, a: dict[str, Any]) -> None:
-        """The per-request limits: ids and tokens in one request (len() only)."""
+    def _bound(self, op: str, a: dict[str, Any]) -> int:
+        """The per-request limits: ids and tokens in one request (len() only); the token ids counted."""
         lim = self.limits
         for name in ("seq_ids", "prompts", "lengths", "upto", "token_ids", "query_lens", "salt", "positions"):
             v = a.get(name)
@@ -200,3 +205,4 @@ class Dispatch:
             tokens += sum(x for x in n if x > 0)  # a negative count is the pool's to refuse
         if tokens > lim.tokens:
             lim.check("tokens", tokens, f"{op}: token ids")
+        return tokens

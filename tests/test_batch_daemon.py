@@ -160,13 +160,23 @@ def test_malformed_batches_are_refused_before_anything_runs(server, ops, error):
         assert c.sequence(a.seq_id).num_tokens == 20  # the daemon serves on
 
 
-def test_limits_apply_to_every_op_of_a_batch():
+def test_limits_apply_to_every_op_and_token_ids_to_the_whole_batch():
     with running_server(SMALL, limits=Limits(ids=4)) as srv, Client(srv.endpoint) as c:
         allocs = c.allocate([[i, i + 1] for i in range(4)])
         ids = [a.seq_id for a in allocs]
         with pytest.raises(LimitExceeded):
             c.batch([("append_flat", ids, 1), ("append_flat", ids + ids[:1], 1)])
         assert [s.num_tokens for s in c.sequences()] == [2] * 4
+    # token ids count for the whole batch: each op within the limit, together over it
+    with running_server(SMALL, limits=Limits(tokens=10)) as srv, Client(srv.endpoint) as c:
+        allocs = c.allocate([[i, i + 1] for i in range(2)])
+        ids = [a.seq_id for a in allocs]
+        c.batch([("append_flat", ids, 3)])  # 6 token ids: within
+        with pytest.raises(LimitExceeded, match="together"):
+            c.batch([("append_flat", ids, 3), ("append_flat", ids, 3)])
+        with pytest.raises(LimitExceeded):
+            c.batch([("append_flat", ids, 3), ("record_tokens", ids, [[1] * 3, [2] * 3])])
+        assert [s.num_tokens for s in c.sequences()] == [5, 5]
 
 
 def test_a_retried_batch_runs_once(server):
