@@ -60,6 +60,26 @@ def test_random_arguments_for_every_op(op, args, rid):
     check_reply(SERVER.handle(pack([VERSION, rid, SESSION, op, args])), rid)
 
 
+op_args = st.dictionaries(st.sampled_from(["seq_ids", "num_tokens", "token_ids", "upto", "lengths", "positions",
+                                           "ops", "x"]), arg_values, max_size=4)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.one_of(values, st.lists(st.one_of(
+    st.tuples(st.sampled_from(["append", "record_tokens", "commit", "free", "truncate", "release", "batch",
+                               "allocate", "attend"]), op_args).map(list),
+    values), max_size=5)), rid=st.integers(0, 2**31))
+def test_random_batches(ops, rid):
+    """A batch of random ops: a typed error before anything runs, or an ok reply
+    whose stopping error (if any) is typed and not internal."""
+    raw = SERVER.handle(pack([VERSION, rid, SESSION, "batch", {"ops": ops}]))
+    check_reply(raw, rid)
+    reply = decode_reply(raw)
+    if reply.error is None:
+        err = reply.result["error"]
+        assert err is None or (err["code"] in ERRORS_BY_CODE and err["code"] != "internal"), err
+
+
 @settings(max_examples=200, deadline=None)
 @given(msg=values)
 def test_random_msgpack_values(msg):
