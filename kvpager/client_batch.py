@@ -14,31 +14,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from kvpager.batch_calls import BATCHED, parse_calls, stopped
 from kvpager.client_tables import id_list, scalar
-from kvpager.errors import InvalidArgument, UnsupportedConfiguration
-from kvpager.protocol import BATCH_MAX_OPS, decode_batch, decode_slots
-
-#: The `Client` methods a batch may call, and the daemon op each one is.
-BATCHED = {"append_flat": "append", "record_tokens": "record_tokens", "commit": "commit", "free": "free",
-           "truncate": "truncate", "release_before": "release"}
-#: Each method's arguments, in order (``commit``'s ``synchronize`` is a keyword of its own).
-_PARAMS = {"append_flat": ("seq_ids", "num_tokens", "token_ids"), "record_tokens": ("seq_ids", "token_ids"),
-           "commit": ("seq_ids", "upto"), "free": ("seq_ids",), "truncate": ("seq_ids", "lengths"),
-           "release_before": ("seq_ids", "positions")}
+from kvpager.errors import UnsupportedConfiguration
+from kvpager.protocol import decode_batch, decode_slots
 
 
-def wire_args(method: str, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The daemon op's arguments of a call ``method(*args, **kwargs)`` (InvalidArgument
-    for a method a batch cannot call or arguments it does not take)."""
-    params = _PARAMS.get(method)
-    if params is None:
-        raise InvalidArgument(f"batch: {method!r} cannot be batched; a batch calls {', '.join(BATCHED)}")
-    if len(args) > len(params) or set(kwargs) - set(params) or set(params[: len(args)]) & set(kwargs):
-        raise InvalidArgument(f"batch: {method} takes {', '.join(params)}; got {len(args)} positional "
-                              f"and {sorted(kwargs)}")
-    named = {**dict(zip(params, args)), **kwargs}
-    if "seq_ids" not in named:
-        raise InvalidArgument(f"batch: {method} needs seq_ids")
+def wire_args(method: str, named: dict[str, Any]) -> dict[str, Any]:
+    """The daemon op's arguments of a call of ``method`` with arguments ``named``."""
     wire = {k: v for k, v in named.items() if v is not None}
     if method == "append_flat" and "num_tokens" in wire:
         n = wire["num_tokens"] if type(wire["num_tokens"]) is int else scalar(wire["num_tokens"])
@@ -68,41 +51,29 @@ def follow(mirror: Any, method: str, wire: dict[str, Any], result: Any) -> Any:
 class ClientBatch:
     """Mixed into `Client` (``ops``, ``_mirror``, ``_mutate``, ``synchronize``)."""
 
-    def batch(self, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """Make ``calls`` in one round trip: each a tuple (method name, positional
-        arguments...) with an optional trailing dict of keyword arguments, e.g.
-        ``("record_tokens", ids, tokens)``, ``("commit", ids, {"upto": ends})``,
-        ``("append_flat", ids, 1)``. Methods: ``append_flat``, ``record_tokens``,
-        ``commit``, ``free``, ``truncate``, ``release_before``, with their usual
-        arguments and results (the list of them, in order). They run in order,
-        each all or nothing; the first that fails raises its typed error with
-        ``index`` (its place in ``calls``) and ``results`` (those of the calls
-        before it, which stay done). A ``commit`` waits for this process's
-        device writes first, as `commit` does, unless given ``synchronize=False``.
-        UnsupportedConfiguration from a daemon that has no ``batch`` op."""
+    def batch(self, calls: Sequence[Any]) -> list[Any]:
+        """Make ``calls`` in one round trip (see `kvpager.batch_calls`: a tuple
+        (method name, positional arguments...) each, with an optional trailing dict
+        of keyword arguments): ``append_flat``, ``record_tokens``, ``commit``,
+        ``free``, ``truncate``, ``release_before``, with their usual arguments and
+        results (the list of them, in order). They run in order, each all or
+        nothing; the first that fails raises its typed error with ``index`` and
+        ``results`` (of the calls before it, which stay done). A ``commit`` waits
+        for this process's device writes first, as `commit` does, unless given
+        ``synchronize=False``. UnsupportedConfiguration from a daemon that has no
+        ``batch`` op."""
         if "batch" not in self.ops:
             raise UnsupportedConfiguration("this daemon predates the batch op; make the calls one by one")
-        if not 0 < len(calls) <= BATCH_MAX_OPS:
-            raise InvalidArgument(f"batch: 1 to {BATCH_MAX_OPS} calls, got {len(calls)}")
-        methods, wires, touched, wait = [], [], [], False
-        for call in calls:
-            if not isinstance(call, tuple) or not call or not isinstance(call[0], str):
-                raise InvalidArgument(f"batch: each call is a tuple (method name, arguments...), got {call!r}")
-            method, *args = call
-            kwargs = dict(args.pop()) if args and isinstance(args[-1], dict) else {}
-            if method == "commit":
-                wait = wait or kwargs.pop("synchronize", True) is not False
-            wire = wire_args(method, args, kwargs)
-            methods.append(method)
-            wires.append(wire)
-            touched += id_list(wire["seq_ids"]) or []
-        if wait:
+        parsed = parse_calls(calls)
+        wires = [wire_args(method, named) for method, named, _ in parsed]
+        if any(method == "commit" and extra.get("synchronize", True) is not False
+               for method, _, extra in parsed):
             self.synchronize()
-        reply = self._mutate("batch", {"ops": [[BATCHED[m], w] for m, w in zip(methods, wires)]}, touched)
+        touched = [s for w in wires for s in id_list(w["seq_ids"]) or []]
+        reply = self._mutate("batch", {"ops": [[BATCHED[m], w] for (m, _, _), w in zip(parsed, wires)]},
+                             touched)
         results, error = decode_batch(reply)
-        out = [follow(self._mirror, m, w, r) for m, w, r in zip(methods, wires, results)]
+        out = [follow(self._mirror, m, w, r) for (m, _, _), w, r in zip(parsed, wires, results)]
         if error is not None:
-            exc = error.exception()
-            exc.results = out
-            raise exc
+            raise stopped(error.exception(), len(out), out)
         return out

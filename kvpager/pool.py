@@ -19,6 +19,7 @@ import numpy as np
 
 from kvpager import validate
 from kvpager.backends import Backend, make_backend
+from kvpager.batch_calls import PoolBatch
 from kvpager.errors import InvalidArgument
 from kvpager.pool_control import PoolControl
 from kvpager.pool_inspect import PoolInspection
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from kvpager.remote_tier import RemoteTier
 
 
-class KVPool(PoolSequences, PoolControl, PoolKV, PoolInspection):
+class KVPool(PoolSequences, PoolBatch, PoolControl, PoolKV, PoolInspection):
     """A paged KV cache in this process.
 
     >>> pool = KVPool(PoolSpec(num_layers=2, num_kv_heads=2, head_dim=64, num_blocks=64))

@@ -1,6 +1,6 @@
 """`batch` through the daemon: a pipelined decode loop whose step is one
 batch answers exactly as the embedded `KVPool` making the same calls one by
-one; the first failing op stops a batch (earlier ops stay done, the worker's
+one (and as its own `KVPool.batch`); the first failing op stops a batch (earlier ops stay done, the worker's
 mirror follows them, later ones never run); malformed batches are refused
 before anything runs; another session's sequences are refused; a retry runs
 nothing twice; a daemon without the op is told apart."""
@@ -86,6 +86,25 @@ def test_a_batched_loop_answers_as_the_embedded_pool_one_call_at_a_time(server, 
         for got, want in zip(c.tables(ids), c._call("tables", {"seq_ids": ids})):  # the mirror follows
             np.testing.assert_array_equal(got, want)
     _equal(embedded, over_wire)
+
+
+def test_the_embedded_pool_batches_the_same_calls():
+    """`KVPool.batch` makes the same calls with the same results as one by one, and
+    stops at the first that fails as the daemon does (index, results, nothing after)."""
+    _equal(loop(KVPool(SMALL), batched=False), loop(KVPool(SMALL), batched=True))
+    pool = KVPool(SMALL)
+    a, b = pool.allocate([list(range(20)), list(range(30, 47))])
+    ids = [a.seq_id, b.seq_id]
+    with pytest.raises(InvalidArgument) as e:
+        pool.batch([("append_flat", ids, 2), ("record_tokens", ids, [[1, 2, 3], [4, 5]]), ("commit", ids)])
+    assert e.value.index == 1 and len(e.value.results) == 1 and len(e.value.results[0]) == 4
+    assert [s.num_tokens for s in pool.sequences()] == [22, 19]
+    for bad in ([], [("allocate", [[1]])], [("append_flat",)], [("commit", ids, {"uptoo": 3})], ["append_flat"],
+                [("free", ids, ids)]):
+        with pytest.raises(InvalidArgument):
+            pool.batch(bad)
+    assert [s.num_tokens for s in pool.sequences()] == [22, 19]
+    pool.check_integrity()
 
 
 def test_the_first_failing_op_stops_the_batch(server):
