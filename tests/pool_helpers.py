@@ -1,8 +1,11 @@
 """Shared pieces of the embedded pool's behaviour tests (`test_pool_*.py`): a
 small pool, random K/V writes, a sequence's K/V read back through its block
-table, and a snapshot of everything an op could change."""
+table, and a snapshot of everything an op could change; prefix-cache keys
+recomputed from their definition (`chain`) and what the cache holds (`published`)."""
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 
@@ -34,3 +37,20 @@ def seq_kv(pool: KVPool, seq_id: int) -> np.ndarray:
 
 def snapshot(pool: KVPool):
     return pool.stats(), pool.blocks(), [(s.seq_id, s.block_table, s.num_tokens) for s in pool.sequences()]
+
+
+def chain(tokens, bs: int, salt: bytes = b"") -> list[bytes]:
+    """The keys of the full blocks of ``tokens``, from their definition (BLAKE2b over
+    the parent key and the block's little-endian int64 ids)."""
+    parent = hashlib.blake2b(b"kvpager-root\0" + salt, digest_size=16).digest()
+    keys = []
+    for i in range(len(tokens) // bs):
+        block = np.asarray(tokens[i * bs : (i + 1) * bs], dtype="<i8").tobytes()
+        parent = hashlib.blake2b(parent + block, digest_size=16).digest()
+        keys.append(parent)
+    return keys
+
+
+def published(pool: KVPool) -> dict[bytes, int]:
+    """The prefix cache: key -> block."""
+    return dict(pool.manager.pool.cache.key_to_block)

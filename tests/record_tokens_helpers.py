@@ -1,13 +1,12 @@
 """What the `record_tokens` tests share: a small CPU pool, block keys
-recomputed from their definition (BLAKE2b over the parent key and the block's
-little-endian int64 ids), the published blocks and known ids of a pool, and
-the stored-block events."""
+recomputed from their definition and the published blocks (`pool_helpers`'s
+`chain` and `published`, re-exported), the known ids of a pool, and the
+stored-block events."""
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
+from pool_helpers import chain, published
 
 from kvpager import KVPool, PoolSpec
 from kvpager.events import EventSink
@@ -19,21 +18,6 @@ def make(bs: int = BS, num_blocks: int = 64, scalar: bool = True) -> KVPool:
     pool = KVPool(PoolSpec(1, 1, 8, num_blocks=num_blocks, block_size=bs, dtype="float32", num_host_blocks=16))
     pool.manager.scalar = scalar
     return pool
-
-
-def chain(tokens, bs: int = BS, salt: bytes = b"") -> list[bytes]:
-    """The keys of the full blocks of ``tokens``, from their definition."""
-    parent = hashlib.blake2b(b"kvpager-root\0" + salt, digest_size=16).digest()
-    keys = []
-    for i in range(len(tokens) // bs):
-        block = np.asarray(tokens[i * bs : (i + 1) * bs], dtype="<i8").tobytes()
-        parent = hashlib.blake2b(parent + block, digest_size=16).digest()
-        keys.append(parent)
-    return keys
-
-
-def published(pool: KVPool) -> dict[bytes, int]:
-    return dict(pool.manager.pool.cache.key_to_block)
 
 
 def known(pool: KVPool, seq_id: int) -> int:

@@ -7,31 +7,14 @@ and block, on both the one-sequence and the batch paths."""
 
 from __future__ import annotations
 
-import hashlib
-
-import numpy as np
 import pytest
+from pool_helpers import chain, published
 
 from kvpager import KVPool, PoolSpec
 from kvpager.errors import IntegrityError
 
 BS = 8
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3] * 2  # two full blocks and half of a third
-
-
-def chain(tokens: list[int], salt: bytes = b"") -> list[bytes]:
-    """The keys of the full blocks of ``tokens``, from their definition."""
-    parent = hashlib.blake2b(b"kvpager-root\0" + salt, digest_size=16).digest()
-    keys = []
-    for i in range(len(tokens) // BS):
-        block = np.asarray(tokens[i * BS : (i + 1) * BS], dtype="<i8").tobytes()
-        parent = hashlib.blake2b(parent + block, digest_size=16).digest()
-        keys.append(parent)
-    return keys
-
-
-def published(pool: KVPool) -> dict[bytes, int]:
-    return dict(pool.manager.pool.cache.key_to_block)
 
 
 @pytest.mark.parametrize("scalar", [True, False])
@@ -56,13 +39,13 @@ def test_children_publish_their_own_ids(scalar, n):
     expected = {}
     for s, toks in tokens.items():
         table = pool.sequence(s).block_table
-        for i, key in enumerate(chain(toks)):
+        for i, key in enumerate(chain(toks, BS)):
             assert cache.get(key) is not None, f"sequence {s}: block {i} not published under its key"
             expected[key] = cache[key]
             if i >= 2:  # past the shared prefix: this sequence's own block
                 assert cache[key] == table[i], f"sequence {s}: block {i} published as another block"
     assert cache == expected  # nothing published under a key of ids no sequence holds
-    assert len({cache[k] for k in chain(tokens[parent])[2:]} & {cache[k] for k in chain(tokens[kids[0]])[2:]}) == 0
+    assert len({cache[k] for k in chain(tokens[parent], BS)[2:]} & {cache[k] for k in chain(tokens[kids[0]], BS)[2:]}) == 0
 
     # A child cut back below the fork point leaves the parent's ids and keys whole.
     pool.truncate([kids[0]], 10)
@@ -71,7 +54,7 @@ def test_children_publish_their_own_ids(scalar, n):
     tokens[kids[0]] += [6] * 6
     pool.commit([parent] + kids)
     pool.check_integrity()
-    assert published(pool)[chain(tokens[kids[0]])[1]] == pool.sequence(kids[0]).block_table[1]
+    assert published(pool)[chain(tokens[kids[0]], BS)[1]] == pool.sequence(kids[0]).block_table[1]
     # A new prompt of the parent's ids finds every full block of the parent's but its last.
     [b] = pool.allocate([tokens[parent]])
     assert b.num_cached_tokens == (len(tokens[parent]) - 1) // BS * BS
@@ -93,7 +76,7 @@ def test_child_cut_back_while_shared_leaves_the_parents_ids(scalar):
     cache = published(pool)
     for s, toks in ((a.seq_id, PROMPT + [4] * 4), (kid, PROMPT[:10] + [9] * 14)):
         table = pool.sequence(s).block_table
-        assert [cache.get(k) for k in chain(toks)] == list(table[:3]), f"sequence {s}"
+        assert [cache.get(k) for k in chain(toks, BS)] == list(table[:3]), f"sequence {s}"
 
 
 def test_integrity_check_finds_a_shared_history_not_marked():

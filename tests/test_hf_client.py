@@ -119,19 +119,20 @@ def test_stops_at_eos_like_transformers():
     pool.check_integrity()
 
 
-def test_two_workers_share_a_prompt_prefix(model):
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_two_workers_share_a_prompt_prefix(model, pipeline):
     """Worker A is mid-generation when worker B arrives with the same system prompt:
     B reuses A's committed prefix blocks, computes only its own tail, and both
-    produce transformers' tokens."""
+    produce transformers' tokens, pipelined or not."""
     pool = make_pool(model)
     system = prompt(27, seed=11)  # 3 full blocks of 8 + 3 tokens
     a_prompt, b_prompt = system + prompt(6, seed=12), system + prompt(13, seed=13)
     salt = default_salt(model)
-    a = PagedGeneration(model, pool, [a_prompt], max_new_tokens=18, salt=salt)
+    a = PagedGeneration(model, pool, [a_prompt], max_new_tokens=18, salt=salt, pipeline=pipeline)
     assert a.num_cached_tokens == [0]
     for _ in range(4):
         a.step()
-    b = PagedGeneration(model, pool, [b_prompt], max_new_tokens=18, salt=salt)
+    b = PagedGeneration(model, pool, [b_prompt], max_new_tokens=18, salt=salt, pipeline=pipeline)
     assert b.num_cached_tokens == [24]  # the system prompt's full blocks
     [info_a] = [pool.sequence(s) for s in a.seq_ids]
     assert info_a.shared_blocks == 3

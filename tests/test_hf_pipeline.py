@@ -92,26 +92,6 @@ def test_closing_with_a_pass_in_flight_completes_it_and_frees_everything(model):
     pool.check_integrity()
 
 
-def test_two_pipelined_generations_over_one_pool_share_a_prefix(model):
-    system = prompt(27, seed=11)
-    a_prompt, b_prompt = system + prompt(6, seed=12), system + prompt(13, seed=13)
-    pool = KVPool(spec_for_model(model, num_blocks=160, block_size=8))
-    salt = default_salt(model)
-    a = PagedGeneration(model, pool, [a_prompt], 18, salt=salt, pipeline=True)
-    for _ in range(4):
-        a.step()
-    b = PagedGeneration(model, pool, [b_prompt], 18, salt=salt, pipeline=True)
-    assert b.num_cached_tokens == [24]
-    while not (a.done and b.done):
-        a.step()
-        b.step()
-    assert a.outputs == [reference(model, a_prompt, 18)]
-    assert b.outputs == [reference(model, b_prompt, 18)]
-    a.close()
-    b.close()
-    pool.check_integrity()
-
-
 def test_a_pool_without_record_tokens_runs_unpipelined(model):
     class Plain:
         """A pool with `KVPool`'s methods but `record_tokens`."""

@@ -191,7 +191,7 @@ def test_an_append_with_ids_while_ids_are_owed_keeps_none():
     pool.record_tokens(a.seq_id, [[6, 7, 77]])
     assert known_ids(pool, a.seq_id) == [0, 1, 2, 3, 4, 5, 6, 7, 77]
     pool.commit(a.seq_id)
-    assert published(pool) == {chain(range(8))[0]: pool.sequence(a.seq_id).block_table[0]}
+    assert published(pool) == {chain(range(8), BS)[0]: pool.sequence(a.seq_id).block_table[0]}
     pool.check_integrity()
 
 

@@ -29,7 +29,7 @@ def test_recording_on_a_child_leaves_the_parent(scalar):
     parent = a.seq_id
     pool.commit(parent)
     parent_keys = list(pool.manager.history[parent].keys)
-    assert parent_keys == chain(PROMPT)[:2]
+    assert parent_keys == chain(PROMPT, BS)[:2]
     pool.append(parent, 6)  # slots 20..25 without ids: block 2 fills, block 3 starts
     [[kid]] = pool.fork(parent)
     assert pool.manager.history[kid] is pool.manager.history[parent]
@@ -42,7 +42,7 @@ def test_recording_on_a_child_leaves_the_parent(scalar):
     assert known_ids(pool, kid) == PROMPT + x
     assert pool.commit([parent, kid]) == [0, 1]  # the parent knows two full blocks only: both published
     table = pool.sequence(kid).block_table
-    assert published(pool) == {k: table[i] for i, k in enumerate(chain(PROMPT + x))}
+    assert published(pool) == {k: table[i] for i, k in enumerate(chain(PROMPT + x, BS))}
     assert pool.manager.history[parent].keys == parent_keys
 
     # The same as the child's ids given with the parent's append before the fork.
@@ -61,8 +61,8 @@ def test_recording_on_a_child_leaves_the_parent(scalar):
     assert known_ids(pool, kid) == PROMPT + x
     assert pool.commit(parent) == [0]  # block 2 already carries the child's key
     assert published(pool) == before
-    assert pool.manager.history[parent].key_blocks(3, BS) == chain(PROMPT + y)
-    assert pool.manager.history[kid].key_blocks(3, BS) == chain(PROMPT + x)
+    assert pool.manager.history[parent].key_blocks(3, BS) == chain(PROMPT + y, BS)
+    assert pool.manager.history[kid].key_blocks(3, BS) == chain(PROMPT + x, BS)
     pool.check_integrity()
 
 

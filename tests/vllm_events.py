@@ -8,11 +8,10 @@ token ids; the root key from the salt)."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import msgspec
-import numpy as np
+from pool_helpers import chain
 
 
 class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -85,17 +84,6 @@ DECODERS = {
 }
 
 
-def block_keys(tokens: list[int], block_size: int, salt: bytes = b"") -> list[bytes]:
-    """kvpager's chained keys of the full blocks of ``tokens``."""
-    parent = hashlib.blake2b(b"kvpager-root\0" + salt, digest_size=16).digest()
-    keys = []
-    for i in range(len(tokens) // block_size):
-        raw = np.asarray(tokens[i * block_size : (i + 1) * block_size], dtype="<i8").tobytes()
-        parent = hashlib.blake2b(parent + raw, digest_size=16).digest()
-        keys.append(parent)
-    return keys
-
-
 def hashes(tokens: list[int], block_size: int, salt: bytes = b"") -> list[int]:
     """The block hashes a router sees for ``tokens``: each key's low 64 bits."""
-    return [int.from_bytes(k[8:], "big") for k in block_keys(tokens, block_size, salt)]
+    return [int.from_bytes(k[8:], "big") for k in chain(tokens, block_size, salt)]
