@@ -59,6 +59,18 @@ def stopped(error: KVPagerError, index: int, results: list[Any]) -> KVPagerError
     return error
 
 
+def one_by_one(pool: Any, calls: Sequence[Any]) -> list[Any]:
+    """Make ``calls`` on ``pool`` (a `KVPool` or a `Client`) as single calls, with a
+    batch's results and its stop at the first that fails."""
+    results: list[Any] = []
+    for i, (method, named, extra) in enumerate(parse_calls(calls)):
+        try:
+            results.append(getattr(pool, method)(**named, **extra))
+        except KVPagerError as e:
+            raise stopped(e, i, results) from None
+    return results
+
+
 class PoolBatch:
     """Mixed into `KVPool`: `batch` as a daemon `Client` makes it, here call by call."""
 
@@ -66,10 +78,4 @@ class PoolBatch:
         """Make ``calls`` (see `kvpager.batch_calls`): ``append_flat``,
         ``record_tokens``, ``commit``, ``free``, ``truncate``, ``release_before``,
         with their usual arguments; their results, in order."""
-        results: list[Any] = []
-        for i, (method, named, extra) in enumerate(parse_calls(calls)):
-            try:
-                results.append(getattr(self, method)(**named, **extra))
-            except KVPagerError as e:
-                raise stopped(e, i, results) from None
-        return results
+        return one_by_one(self, calls)

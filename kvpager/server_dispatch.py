@@ -155,12 +155,12 @@ class Dispatch:
         nothing, the first that fails stops the batch (the ops before it stay done,
         the rest do not run). Every op's name, argument names and per-request limits
         are checked before the first one runs; the batch is one request for the
-        limits: each op's lists within the ids limit, all its ops' token ids together
-        within the tokens limit."""
+        limits: its ops' sequence ids together within the ids limit (each op's other
+        lists too), their token ids together within the tokens limit."""
         ops = a["ops"]
         if not isinstance(ops, list) or not 0 < len(ops) <= BATCH_MAX_OPS:
             raise InvalidArgument(f"batch: ops must be a list of 1 to {BATCH_MAX_OPS} [op, args] pairs")
-        tokens = 0
+        ids = tokens = 0
         for i, item in enumerate(ops):
             if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], dict)):
                 raise InvalidArgument(f"batch: ops[{i}] must be an [op, args] pair with an args map")
@@ -168,8 +168,13 @@ class Dispatch:
                 raise InvalidArgument(f"batch: ops[{i}] is {item[0]!r}; a batch holds {', '.join(BATCH_OPS)}")
             check_args(item[0], item[1])
             tokens += self._bound(item[0], item[1])
-        if tokens > self.limits.tokens:
-            self.limits.check("tokens", tokens, "batch: token ids of its ops together")
+            seq_ids = item[1]["seq_ids"]
+            ids += len(seq_ids) if _sized(seq_ids) else 1
+        lim = self.limits
+        if ids > lim.ids:
+            lim.check("ids", ids, "batch: sequence ids of its ops together")
+        if tokens > lim.tokens:
+            lim.check("tokens", tokens, "batch: token ids of its ops together")
         results: list[Any] = []
         for i, (op, args) in enumerate(ops):
             try:

@@ -185,7 +185,11 @@ def test_limits_apply_to_every_op_and_token_ids_to_the_whole_batch():
         ids = [a.seq_id for a in allocs]
         with pytest.raises(LimitExceeded):
             c.batch([("append_flat", ids, 1), ("append_flat", ids + ids[:1], 1)])
+        # sequence ids count for the whole batch too: each op within the limit, together over it
+        with pytest.raises(LimitExceeded, match="together"):
+            c.batch([("append_flat", ids[:3], 1), ("commit", ids[:2])])
         assert [s.num_tokens for s in c.sequences()] == [2] * 4
+        assert len(c.batch([("append_flat", ids[:2], 1), ("commit", ids[2:])])[0]) == 2
     # token ids count for the whole batch: each op within the limit, together over it
     with running_server(SMALL, limits=Limits(tokens=10)) as srv, Client(srv.endpoint) as c:
         allocs = c.allocate([[i, i + 1] for i in range(2)])

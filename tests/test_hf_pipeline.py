@@ -353,3 +353,26 @@ def test_eager_plans_say_the_step_is_host_bound(model, monkeypatch):
             gen.step()
         assert gen.outputs == [reference(model, p, 5) for p in prompts]
     assert len(asked) >= 5 and all(o.get("host_bound") is True for o in asked)
+
+
+def test_a_daemon_whose_limits_refuse_a_step_together_gets_its_calls_one_by_one(model, monkeypatch):
+    """A daemon whose ids limit holds each of a step's calls but not all of them in one
+    batch (three sequences, a limit of four ids): the first refused batch runs its calls
+    one by one, and so do the steps after it; transformers' tokens, every sequence freed."""
+    pytest.importorskip("zmq")
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+    from kvpager.limits import Limits
+
+    prompts = [prompt(n, seed=170 + n) for n in (5, 12, 20)]
+    spec = spec_for_model(model, num_blocks=128, block_size=8)
+    with running_server(spec, heartbeat_timeout=60, limits=Limits(ids=4)) as server, Client(server.endpoint) as c:
+        with PagedGeneration(model, c, prompts, 7, eos_token_id=None) as gen:
+            assert gen._batched
+            while not gen.done:
+                gen.step()
+            assert not gen._batched
+            assert gen.outputs == [reference(model, p, 7) for p in prompts]
+        assert c.stats().num_sequences == 0
+        c.check_integrity()

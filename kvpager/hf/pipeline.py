@@ -34,6 +34,9 @@ from typing import Any
 
 import torch
 
+from kvpager.batch_calls import one_by_one
+from kvpager.errors import LimitExceeded
+
 
 @dataclass
 class Pass:
@@ -174,14 +177,25 @@ class DecodePasses:
         """Make the calls `_later` kept, in one batch."""
         if self._deferred:
             calls, self._deferred = self._deferred, []
-            self.pool.batch(calls)
+            self._send(calls)
 
     def _append(self, ids: list[int], last: list[list[int]] | None) -> Any:
         """One slot for each of ``ids`` (with ``last``'s ids, or none yet), after the calls kept."""
         if self._deferred:
             calls, self._deferred = self._deferred, []
-            return self.pool.batch([*calls, ("append_flat", ids, 1, last)])[-1]
+            return self._send([*calls, ("append_flat", ids, 1, last)])[-1]
         return self.pool.append_flat(ids, 1, last)
+
+    def _send(self, calls: list[tuple[Any, ...]]) -> list[Any]:
+        """``calls`` in one batch; one by one from then on where the daemon's limits
+        refuse a step's calls together (each within them alone)."""
+        try:
+            return self.pool.batch(calls)
+        except LimitExceeded as e:
+            if getattr(e, "index", None) is not None:  # one of them failed on its own
+                raise
+            self._batched = False
+            return one_by_one(self.pool, calls)
 
     @contextlib.contextmanager
     def _undo_append_on_error(self, ids: list[int], lengths: list[int]) -> Iterator[None]:
