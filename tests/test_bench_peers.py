@@ -178,3 +178,27 @@ def test_without_a_gpu_it_says_what_it_needs():
     out = subprocess.run([sys.executable, str(TOOL), "--json"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and out.stdout == ""
     assert "cannot run here" in out.stderr and ("CUDA GPU" in out.stderr or "needs cupy" in out.stderr)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", ["decode", "shared", "prefill"])
+def test_each_case_checks_and_times_kvpager_and_sdpa_on_a_gpu(case, monkeypatch):
+    """Each case function of the tool, on a small shape (contexts whole blocks, as
+    the tool's are), without FlashInfer: kvpager
+    and SDPA are checked and timed, FlashInfer's cells read absent (a case that
+    breaks, as the shared cases once did on a changed setup, fails here)."""
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    import peers_cases as pc
+
+    row = {"decode": lambda: pc.decode(4, 320, None, "absent (test)"),
+           "shared": lambda: pc.shared(12, 512, 40, 2, None, "absent (test)"),
+           "prefill": lambda: pc.prefill(2, 48, 208, None, "absent (test)")}[case]()
+    res = row["results"]
+    kvpager = [name for name in res if name.startswith("kvpager")]
+    assert kvpager and all("flashinfer" not in name or res[name] == {"absent": "absent (test)"} for name in res)
+    for name in kvpager + ["sdpa"]:
+        assert "error" not in res[name], (name, res[name])
+        assert res[name]["ms"] > 0 and res[name]["rel_err"] < pc.TOL
+    if case == "shared":
+        assert res["kvpager cascade"]["cascades"] is True  # the plan found the two groups' prefixes

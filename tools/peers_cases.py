@@ -133,7 +133,7 @@ def shared(batch: int, prefix: int, own: int, groups: int, fi: Any, absent: str)
     if pool_bytes > 0.8 * torch.cuda.mem_get_info()[0]:
         row["skipped"] = f"the pool ({pool_bytes / 1e9:.1f} GB) does not fit in free GPU memory"
         return row
-    be, tables, lens, q_cp = shared_setup(batch, prefix, own, groups)
+    be, tables, lens, _, q_cp = shared_setup(batch, prefix, own, groups)
     length, q = int(lens[0]), tview(q_cp)
     q4, pool = q.unsqueeze(2), tview(be.kv)
     dense = batch * length * KV_BYTES_PER_TOKEN
