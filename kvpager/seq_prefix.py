@@ -153,7 +153,7 @@ def commit(m: SequenceManager, seq_ids: list[int], upto: Seq[int | None],
     bs, bt = m.block_size, m.table
     rows = m.batch(seq_ids, "commit")
     nt = bt.num_tokens[rows]
-    if all(u is None for u in upto):
+    if upto.count(None) == len(upto):  # `per_seq` gives a list
         ups = nt
     elif set(map(type, upto)) == {int}:  # a pipelined decode step's: checked at C speed
         ups = np.fromiter(upto, np.int64, len(upto))

@@ -196,7 +196,10 @@ class Dispatch:
         for name in ("prompts", "token_ids"):
             v = a.get(name)
             if isinstance(v, list):
-                tokens += sum(len(p) for p in v if _sized(p))
+                if set(map(type, v)) == {list}:  # lists of ids, as msgpack decodes them: at C speed
+                    tokens += sum(map(len, v))
+                else:
+                    tokens += sum(len(p) for p in v if _sized(p))
             elif isinstance(v, np.ndarray) and v.ndim > 1:  # rows of ids in one array
                 tokens += v.size
         n = a.get("num_tokens")
