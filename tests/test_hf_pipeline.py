@@ -376,3 +376,44 @@ def test_a_daemon_whose_limits_refuse_a_step_together_gets_its_calls_one_by_one(
             assert gen.outputs == [reference(model, p, 7) for p in prompts]
         assert c.stats().num_sequences == 0
         c.check_integrity()
+
+
+def test_a_failed_batch_leaves_the_sequences_it_did_not_free_to_close(model, monkeypatch):
+    """The daemon refuses a commit in the last step's batch, before the free of
+    every finished sequence: the step raises that typed error, the free did not
+    run, and `close` frees those sequences (they were dropped from the held set
+    and stayed live until the session ended). Nothing leaks; the pool is consistent."""
+    pytest.importorskip("zmq")
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+    from kvpager.errors import InvalidArgument
+
+    prompts = [prompt(n, seed=180 + n) for n in (6, 13)]
+    spec = spec_for_model(model, num_blocks=128, block_size=8)
+    with running_server(spec, heartbeat_timeout=60) as server, Client(server.endpoint) as c:
+        with PagedGeneration(model, c, prompts, 4, eos_token_id=None) as gen:
+            steps = 0
+            while not gen.done:
+                gen.step()
+                steps += 1
+        commit, refuse = server._handlers["commit"], []
+
+        def flaky(session, args):
+            if refuse:
+                raise InvalidArgument("commit refused (test)")
+            return commit(session, args)
+
+        monkeypatch.setitem(server._handlers, "commit", flaky)
+        gen = PagedGeneration(model, c, prompts, 4, eos_token_id=None)
+        assert gen._batched
+        for _ in range(steps - 1):
+            gen.step()
+        refuse.append(True)
+        with pytest.raises(InvalidArgument, match="refused"):
+            gen.step()  # completes the last pass: [commit, free] in one batch
+        assert c.stats().num_sequences == len(prompts)
+        refuse.clear()
+        gen.close()
+        assert c.stats().num_sequences == 0
+        c.check_integrity()

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from kvpager.batch_calls import one_by_one
-from kvpager.errors import LimitExceeded
+from kvpager.errors import KVPagerError, LimitExceeded
 
 
 @dataclass
@@ -188,14 +188,21 @@ class DecodePasses:
 
     def _send(self, calls: list[tuple[Any, ...]]) -> list[Any]:
         """``calls`` in one batch; one by one from then on where the daemon's limits
-        refuse a step's calls together (each within them alone)."""
+        refuse a step's calls together (each within them alone). Where a call
+        fails, the calls from it on did not run: the sequences they would have
+        freed are held again, so `close` frees them."""
         try:
-            return self.pool.batch(calls)
-        except LimitExceeded as e:
-            if getattr(e, "index", None) is not None:  # one of them failed on its own
-                raise
-            self._batched = False
-            return one_by_one(self.pool, calls)
+            try:
+                return self.pool.batch(calls)
+            except LimitExceeded as e:
+                if getattr(e, "index", None) is not None:  # one of them failed on its own
+                    raise
+                self._batched = False
+                return one_by_one(self.pool, calls)
+        except KVPagerError as e:  # typed: the daemon says which ran (its ``results``)
+            ran = len(getattr(e, "results", None) or ())
+            self._held.update(s for method, *args in calls[ran:] if method == "free" for s in args[0])
+            raise
 
     @contextlib.contextmanager
     def _undo_append_on_error(self, ids: list[int], lengths: list[int]) -> Iterator[None]:
