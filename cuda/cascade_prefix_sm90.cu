@@ -83,9 +83,10 @@ extern "C" __global__ void __launch_bounds__(NT, 1) cascade_prefix_sm90(
         cp_async16(sm.q + sw128_offset(BM, r, ch), src, ok);
     }
     // K/V tile t -> stage: the segment's positions, the rest zero-filled.
-    auto load = [&](int t, int stage, int me, int n) {
+    auto load = [&](int t, int stage, int me, int n) -> bool {
         wg_load_kv(sm.k + stage * KV_TILE, sm.v + stage * KV_TILE, pool, table, block_stride, k_off, v_off, t,
                    kv_start, kv_end, me, n);
+        return false;  // cp.async: the producer loop arrives once they landed
     };
     if (wg_start(load, tid, t_begin, num_tiles)) return;  // the producer's work is done
 

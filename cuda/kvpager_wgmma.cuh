@@ -64,6 +64,19 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
 __device__ __forceinline__ void cp_async_mbar_arrive(unsigned bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(bar) : "memory");
 }
+// Arrive at the mbarrier (one of its count) and add ``bytes`` to the transactions its phase
+// waits for (the TMA copies below complete them).
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
+}
+// TMA: the 2-D box of the tensor map ``map`` (the generic address of a CUtensorMap in global
+// memory) at element coordinates (c0 innermost, c1) -> shared memory at ``dst``, laid out
+// (and swizzled) as the map says; its bytes complete transactions of the mbarrier ``bar``.
+__device__ __forceinline__ void tma_load_2d(unsigned dst, const void* map, int c0, int c1, unsigned bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3}], [%4];"
+                 :: "r"(dst), "l"(map), "r"(c0), "r"(c1), "r"(bar) : "memory");
+}
 // Registers of this warpgroup's threads handed back to / taken from the CTA's pool (warp
 // specialisation: a producer needs few, the MMA warpgroups many). Multiples of 8, 24-256.
 template <int R>

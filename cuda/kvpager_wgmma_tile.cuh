@@ -39,6 +39,12 @@
 #ifndef WS
 #define WS 0  // 1: a producer warpgroup copies K/V, the other two only compute (mbarriers, no CTA barrier)
 #endif
+#ifndef TMA
+#define TMA 0  // 1 (with WS): tiles whose every position is visible come by TMA, one box per block piece
+#endif
+#if TMA && !WS
+#error "TMA loads are the producer warpgroup's (WS)"
+#endif
 
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL) && !defined(__CUDACC_RTC__)
 #error "the wgmma kernels need the sm_90a target"
@@ -119,6 +125,39 @@ __device__ __forceinline__ void wg_load_kv(unsigned char* ks, unsigned char* vs,
         cp_async16(vs + off, pool + (ok ? row + v_off : 0), ok);
     }
 }
+
+#if TMA
+// Rows of one TMA box: a block, or the part of one a tile holds. A box lands on a 1024-byte
+// boundary of its region (8-row atoms), where the map's 128-byte swizzle is sw128_offset's.
+constexpr int TMA_ROWS = BLOCK_SIZE < BN ? BLOCK_SIZE : BN;
+static_assert(TMA_ROWS % 8 == 0, "TMA boxes are whole 8-row atoms of the SW128 layout");
+
+// K/V tile t, every position of it visible, by TMA -> the stage at ks / vs (shared addresses).
+// ``map``: the pool as [rows of HEAD_DIM values] (a row: one position of one kv head of one
+// layer's K or V); block b's K rows of this layer and head start at b * block_rows + k_row, its
+// V rows at b * block_rows + v_row. Producer thread ``me`` 0 asks for the tile's bytes on the
+// stage's full barrier ``bar`` and issues one box per (piece of a block, K or V, 64-value
+// region); the others arrive (the barrier counts every producer thread).
+__device__ __forceinline__ void wg_tma_kv(unsigned ks, unsigned vs, const void* map, const int* __restrict__ table,
+                                          int block_rows, int k_row, int v_row, int t, unsigned bar, int me) {
+    if (me != 0) {
+        mbar_arrive(bar);
+        return;
+    }
+    mbar_arrive_expect_tx(bar, 2 * KV_TILE);
+#pragma unroll
+    for (int j = 0; j < BN / TMA_ROWS; ++j) {
+        const int pos = t * BN + j * TMA_ROWS;
+        const int row = table[pos / BLOCK_SIZE] * block_rows + pos % BLOCK_SIZE;
+#pragma unroll
+        for (int reg = 0; reg < D / 64; ++reg) {
+            const unsigned off = reg * BN * 128 + j * TMA_ROWS * 128;
+            tma_load_2d(ks + off, map, reg * 64, row + k_row, bar);
+            tma_load_2d(vs + off, map, reg * 64, row + v_row, bar);
+        }
+    }
+}
+#endif
 
 // S = Q K^T of this warpgroup's 64 Q rows at q_wg (K-major A operand, SBO 1024) and the K
 // tile at k_st (issued and committed, not waited for): D / 16 k-steps, k-step kk is +32
@@ -235,7 +274,8 @@ __device__ __forceinline__ void wg_tile(float* s, int t, unsigned v_st, float* o
 }
 
 // Before the MMAs, after the consumer threads issued their Q tile's copies: without WS,
-// every thread issues the copies of the run's first STAGES - 1 tiles (load(t, stage, me, n);
+// every thread issues the copies of the run's first STAGES - 1 tiles (load(t, stage, me, n),
+// which returns true where it arrived on the stage's full barrier itself: TMA, WS only;
 // the first group also holds the Q tile). With WS, thread 0 sets up the stages' mbarriers,
 // full (128 producer arrivals: each producer thread's copies of the tile landed, signalled
 // by cp.async itself, so the producer never waits for its copies; each consumer fences for
@@ -267,8 +307,8 @@ __device__ __forceinline__ bool wg_start(Load& load, int tid, int t_begin, int n
         for (int t = t_begin; t < num_tiles; ++t, ++i) {
             const int stage = i % STAGES;
             if (i >= STAGES) mbar_wait(smem_addr(&empty_bar[stage]), ((i / STAGES) - 1) & 1);
-            load(t, stage, tid - NC, NT - NC);
-            cp_async_mbar_arrive(smem_addr(&full_bar[stage]));  // once this thread's copies have landed
+            // true: the load arrived itself (TMA); else once this thread's cp.async copies have landed
+            if (!load(t, stage, tid - NC, NT - NC)) cp_async_mbar_arrive(smem_addr(&full_bar[stage]));
         }
         cp_commit();
         cp_wait<0>();  // every copy of this thread landed before it leaves

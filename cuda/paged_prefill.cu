@@ -88,6 +88,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
     float* __restrict__ part_lse,           // [total_query_tokens, num_q_heads, parts]
     int parts,
     const float* __restrict__ kv_scales,    // [num_layers, 2, num_kv_heads] (KV_FP8; else unused)
+    const void* __restrict__ kv_map,        // unused (paged_prefill_sm90.cu's TMA tensor map)
     int window, float softcap, float scale_log2)
 {
     extern __shared__ __align__(16) unsigned char smem_raw[];

@@ -23,6 +23,12 @@
 // the next tile is issued before this tile's softmax, which then runs while the
 // tensor cores work; with WS it is FlashAttention-3's loop (S of tile t issued
 // with P V of tile t - 1; PINGPONG: the two MMA warpgroups take turns at issuing).
+// TMA=1 (with WS): the producer's tiles whose every position is visible (all but a
+// run's first and last, mostly) come by TMA instead, one 2-D box per block (or per
+// the part of one a tile holds), K and V, and 64-value region, from a tensor map of
+// the whole pool as rows of HEAD_DIM values (kv_map, made by cupy_tma.py), landing
+// in the same swizzled layout; one producer thread issues them, with the tile's
+// byte count on the stage's full barrier. Boundary tiles keep cp.async's zero fill.
 // The gather, the MMAs, the softmax and each form of the loop are
 // kvpager_wgmma_tile.cuh's (shared with cascade_prefix_sm90.cu); the Q rows, the
 // masks (causal, own start, window) and the output are this kernel's.
@@ -65,6 +71,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(
     float* __restrict__ part_lse,           // [total_query_tokens, num_q_heads, parts]
     int parts,
     const float* __restrict__ kv_scales,    // unused (16-bit pools only; the signature is paged_prefill's)
+    const void* __restrict__ kv_map,        // TMA: the pool's tensor map (cupy_tma.py), else unused
     int window, float softcap, float scale_log2)
 {
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -102,10 +109,20 @@ extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(
         const kv_t* src = ok ? q + ((qrow0 + tok) * num_q_heads + h * GROUP + r % GROUP) * D + ch * 8 : q;
         cp_async16(sm.q + sw128_offset(BM, r, ch), src, ok);
     }
-    // K/V tile t -> stage: the visible positions [first_vis, kv_end), the rest zero-filled.
-    auto load = [&](int t, int stage, int me, int n) {
+    // K/V tile t -> stage: the visible positions [first_vis, kv_end), the rest zero-filled
+    // (cp.async); with TMA a tile whose every position is visible comes whole, by TMA.
+    auto load = [&](int t, int stage, int me, int n) -> bool {
+#if TMA
+        if (t * BN >= first_vis && (t + 1) * BN <= kv_end) {
+            const int block_rows = (int)(block_stride / D);
+            wg_tma_kv(sm.k_addr + stage * KV_TILE, sm.v_addr + stage * KV_TILE, kv_map, table, block_rows,
+                      (int)(k_off / D), (int)(v_off / D), t, smem_addr(&wg_barriers()[stage]), me);
+            return true;
+        }
+#endif
         wg_load_kv(sm.k + stage * KV_TILE, sm.v + stage * KV_TILE, pool, table, block_stride, k_off, v_off, t,
                    first_vis, kv_end, me, n);
+        return false;
     };
     if (wg_start(load, tid, t_begin, num_tiles)) return;  // the producer's work is done
 

@@ -61,6 +61,9 @@ class KernelConfig:
     #: with the producer and overlap: the two MMA warpgroups take turns at issuing their MMAs
     #: (FlashAttention-3's ping-pong; PINGPONG)
     prefill_wgmma_pingpong: bool = True
+    #: with the producer: K/V tiles whose every position is visible come by TMA, one box per
+    #: block (`kvpager.backends.cupy_tma`; TMA), where the pool allows it; else all by cp.async
+    prefill_wgmma_tma: bool = True
     #: in a captured CUDA graph, a decode cascade's own parts and shared part run side by
     #: side (the graph forks and joins; `kvpager.launch.ForkJoin`), else one after the other
     decode_cascade_fork: bool = True
@@ -82,7 +85,7 @@ class KernelConfig:
         _int_in(self, "prefill_wgmma_bn", (64, 128), optional=True)
         _int_in(self, "prefill_wgmma_stages", range(2, 5), optional=True)
         for name in ("prefill_wgmma_overlap", "prefill_wgmma_producer", "prefill_wgmma_pingpong",
-                     "decode_cascade_fork"):
+                     "prefill_wgmma_tma", "decode_cascade_fork"):
             value = getattr(self, name)
             if type(value) is not bool and not (value is None and name == "prefill_wgmma_producer"):
                 raise InvalidArgument(f"KernelConfig.{name} must be a bool"

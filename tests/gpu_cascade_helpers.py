@@ -81,3 +81,12 @@ def poison_unread(gpu, spec, tables: np.ndarray) -> None:
     unread = np.setdiff1d(np.arange(spec.num_blocks), tables[tables > 0])
     nan = np.full((len(unread), *gpu.kv.shape[1:]), np.nan, dtype=spec.np_dtype)
     gpu.kv[cupy.asarray(unread)] = to_dev(nan, gpu)
+
+
+def poison_tails(gpu, spec, tables: np.ndarray, seq_lens: np.ndarray) -> None:
+    """NaN into the positions past each sequence's length in its last block (every layer,
+    K and V): a kernel that reads a whole block must still not let them in."""
+    bs = spec.block_size
+    for table, n in zip(tables, seq_lens.tolist()):
+        if n % bs:
+            gpu.kv[int(table[(n - 1) // bs]), :, :, :, n % bs:] = np.nan

@@ -5,7 +5,9 @@ GQA groups 1-16, block sizes 8-64, head dims 64 and 128, float16 / bfloat16,
 every tiling knob, ragged query and sequence lengths (query length 1, lengths
 off every tile size, a query tile shorter than a block), sliding windows, soft
 caps, a cascade's own parts (own_start and partial states) and a long step;
-each variant of the kernel (overlap, producer warpgroup) among them.
+each variant of the kernel (overlap, producer warpgroup, its TMA loads of whole
+blocks or its cp.async copies alone) among them. With TMA the positions past
+each sequence's length in its last block are NaN too.
 Skips without CuPy, a GPU, or on a GPU other than compute capability 9.0."""
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from gpu_helpers import cupy_or_skip
 
 cupy = cupy_or_skip()
 
-from gpu_cascade_helpers import poison_unread  # noqa: E402
+from gpu_cascade_helpers import poison_tails, poison_unread  # noqa: E402
 from gpu_kernel_helpers import (  # noqa: E402
     TOL,
     geometry,
@@ -70,6 +72,10 @@ CASES = [  # (dtype, head dim, block size, GQA group, knobs beyond prefill_kerne
                             "prefill_wgmma_stages": 4}),
     ("float16", 128, 16, 16, {"prefill_wgmma_producer": True, "prefill_wgmma_overlap": True,
                               "prefill_wgmma_pingpong": False, "prefill_wgmma_bn": 128}),
+    # the producer's loads: TMA where a tile is all visible (the default), or cp.async alone
+    ("bfloat16", 128, 16, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_tma": False}),
+    ("float16", 128, 8, 8, {"prefill_wgmma_producer": True, "prefill_wgmma_bn": 128, "prefill_wgmma_stages": 3}),
+    ("bfloat16", 64, 32, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_tma": False}),
 ]
 
 
@@ -87,6 +93,9 @@ def check(dtype, d, bs, group, knobs, seq_lens, qlens, calls, kv_heads=2):
     gpu, cpu = make_pair(spec, rng)
     tables = random_tables(rng, spec, seq_lens)
     poison_unread(gpu, spec, tables)
+    tma = bool(prefill_kernel(spec, group, config, (9, 0)).defines.get("TMA"))
+    if tma:
+        poison_tails(gpu, spec, tables, seq_lens)
     hq = spec.num_kv_heads * group
     q = rng.standard_normal((int(qlens.sum()), hq, d), dtype=np.float32).astype(spec.np_dtype)
     new = make_plan(gpu, tables, seq_lens, qlens, config=config, cascade=False)
@@ -96,6 +105,8 @@ def check(dtype, d, bs, group, knobs, seq_lens, qlens, calls, kv_heads=2):
         got, want = run(new, gpu, q, layer, **kw), run(old, gpu, q, layer, **kw)
         assert rel_err(got, ref) < TOL[dtype], (layer, kw)
         assert rel_err(got, want) < TOL[dtype], (layer, kw)
+    if tma:  # the driver encoded the pool's tensor map: the TMA loads ran
+        assert [m is not None for m in gpu.tma_maps.values()] == [True]
     gpu.close()
 
 
@@ -111,6 +122,7 @@ def test_wgmma_matches_twin_and_mma(dtype, d, bs, group, knobs):
 @pytest.mark.parametrize("dtype,d,bs,group,knobs", [
     ("bfloat16", 128, 16, 4, {}), ("float16", 64, 64, 8, {}), ("bfloat16", 128, 16, 4, {"prefill_wgmma_overlap": True}),
     ("bfloat16", 128, 16, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_overlap": True}),
+    ("bfloat16", 128, 16, 4, {"prefill_wgmma_producer": True}),
 ])
 def test_wgmma_long_step(dtype, d, bs, group, knobs):
     """Two sequences of 512 new tokens on 1,024 and 1,536 cached, 8 kv heads (the benchmark's shape, smaller)."""

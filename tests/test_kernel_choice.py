@@ -49,7 +49,8 @@ def test_cascade_kernel_choices_are_the_pinned_ones(case):
 
 def test_the_cascade_runs_the_multi_token_kernels_twin():
     """cascade_prefix_sm90.cu exactly where the multi-token kernel is paged_prefill_sm90.cu, with
-    its knobs, tiling, defines, shared memory and threads; else cascade_prefix.cu on the tiling
+    its knobs, tiling, defines (but TMA: the cascade's copies are cp.async), shared memory and
+    threads; else cascade_prefix.cu on the tiling
     it had (`cascade_tiling`), 128 threads; "wgmma" where it cannot run: the same typed error."""
     for dtype, kv_dtype, d in [("bfloat16", None, 128), ("float16", None, 64), ("bfloat16", "float8_e4m3", 128),
                                ("float16", None, 256), ("bfloat16", None, 96)]:
@@ -67,7 +68,7 @@ def test_the_cascade_runs_the_multi_token_kernels_twin():
                 if p.file == "paged_prefill_sm90.cu":
                     assert (c.file, c.func) == ("cascade_prefix_sm90.cu", "cascade_prefix_sm90")
                     assert (c.arch, c.tiling, c.defines, c.smem, c.threads) == (
-                        p.arch, p.tiling, p.defines, p.smem, p.threads)
+                        p.arch, p.tiling, {k: v for k, v in p.defines.items() if k != "TMA"}, p.smem, p.threads)
                 else:
                     t, smem, _ = cascade_tiling(spec, 4, config)
                     assert (c.file, c.func, c.arch, c.tiling, c.smem, c.threads) == (
@@ -193,3 +194,55 @@ def test_auto_falls_back_to_mma_when_sm90a_cannot_be_built(caplog):
         prefill_function(spec, 4, WG, (9, 0), build)
     k, fn = prefill_function(spec, 4, AUTO, (9, 0), lambda k: k.func)
     assert (k.file, fn) == ("paged_prefill_sm90.cu", "paged_prefill_sm90")
+
+
+@pytest.mark.parametrize("dtype,kv_dtype,d,bs,bn,why", [
+    ("bfloat16", None, 128, 16, 128, None),
+    ("float16", None, 64, 8, 128, None),
+    ("bfloat16", None, 128, 64, 64, None),
+    ("bfloat16", None, 128, 128, 64, None),  # a tile is half a block: 64-row boxes
+    ("bfloat16", "float8_e4m3", 128, 16, 128, "16-bit pools"),
+    ("float32", None, 128, 16, 128, "16-bit pools"),
+])
+def test_tma_loads_where_the_pool_allows_them(dtype, kv_dtype, d, bs, bn, why):
+    """The producer's TMA boxes are a block or the part of one a tile holds; the default with
+    the producer uses them (TMA=1) for 16-bit pools, the knob turns them off, and neither
+    the cascade's shared part (cp.async) nor the kernel without a producer has them."""
+    from kvpager.backends.cupy_tma import box_rows, pool_rows, tma_unsupported
+
+    spec = spec_of(dtype, kv_dtype, d, bs, 8)
+    got = tma_unsupported(spec, bn)
+    assert (got is None) if why is None else (why in got), got
+    assert box_rows(bs, bn) == min(bs, bn)
+    if why is None:
+        assert pool_rows(spec) * d * 2 == spec.device_bytes
+        k = prefill_kernel(spec, 4, DEFAULT.replace(prefill_wgmma_bn=bn), (9, 0))
+        assert (k.defines["WS"], k.defines["TMA"]) == (1, 1)
+        assert "TMA" not in prefill_kernel(spec, 4, DEFAULT.replace(prefill_wgmma_tma=False), (9, 0)).defines
+        assert "TMA" not in cascade_kernel(spec, 4, DEFAULT, (9, 0)).defines
+        assert "TMA" not in prefill_kernel(spec, 4, WG, (9, 0)).defines  # no producer: no TMA
+    else:
+        assert "TMA" not in prefill_kernel(spec, 4, DEFAULT, (9, 0)).defines  # the mma kernel
+
+
+@pytest.mark.parametrize("bs,bn,why", [(4, 128, "8-row atoms"), (24, 128, "whole 24-row boxes"),
+                                       (48, 128, "whole 48-row boxes"), (512, 128, None), (16, 64, None)])
+def test_tma_boxes_must_be_whole_atoms_that_tile_the_tiles(bs, bn, why):
+    """The arithmetic alone, for block sizes a PoolSpec refuses today (8-128, powers of two)."""
+    from types import SimpleNamespace
+
+    from kvpager.backends.cupy_tma import tma_unsupported
+
+    spec = SimpleNamespace(dtype="bfloat16", is_fp8=False, kv_dtype=None, block_size=bs, num_blocks=100,
+                           num_layers=2, num_kv_heads=8)
+    got = tma_unsupported(spec, bn)
+    assert (got is None) if why is None else (why in got), got
+
+
+def test_a_pool_whose_rows_overflow_int32_gets_no_tma():
+    from kvpager.backends.cupy_tma import tma_unsupported
+
+    spec = spec_of("bfloat16", None, 128, 16, 8)
+    big = spec.replace(num_blocks=(1 << 31) // (spec.num_layers * 2 * 8 * 16))  # 2**31 rows
+    assert "int32" in tma_unsupported(big, 128)
+    assert tma_unsupported(big.replace(num_blocks=big.num_blocks - 1), 128) is None

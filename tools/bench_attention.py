@@ -241,8 +241,13 @@ def prefill_variants(sweep: bool) -> list[tuple[str, KernelConfig]]:
         variants += [("mma", c.replace(prefill_kernel="mma")),
                      ("wgmma", wg), ("wgmma, overlap", wg.replace(prefill_wgmma_overlap=True)),
                      ("wgmma, producer warpgroup", wg.replace(prefill_wgmma_producer=True)),
+                     ("wgmma, producer warpgroup, cp.async only (no TMA)",
+                      wg.replace(prefill_wgmma_producer=True, prefill_wgmma_tma=False)),
                      ("wgmma, producer warpgroup, FlashAttention-3 loop",
-                      wg.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True, prefill_wgmma_bn=128))]
+                      wg.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True, prefill_wgmma_bn=128)),
+                     ("wgmma, producer warpgroup, FlashAttention-3 loop, no TMA",
+                      wg.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True, prefill_wgmma_bn=128,
+                                 prefill_wgmma_tma=False))]
     if sweep:
         variants.append(("1 m-tile per warp", c.replace(prefill_kernel="mma", prefill_mt=1)))
         if torch.cuda.get_device_capability() == (9, 0):

@@ -84,6 +84,7 @@ class CupyBackend(Backend):
         kernels.check_fp8(spec, int(device_index))
         self.index = int(device_index)
         self.uploads = Uploads()  # pinned buffers of step-plan uploads
+        self.tma_maps: dict[int, Any] = {}  # the pool's TMA tensor maps by box rows (`cupy_tma.pool_map`)
         self._dev_ptr = self._host_ptr = 0
         self.staging = Staging(spec, self.index)  # the remote tier's block copies
         shape = (spec.num_blocks, *spec.block_shape)
@@ -122,6 +123,7 @@ class CupyBackend(Backend):
         self.config = check_config(config)
         self.index = int(device_index)
         self.uploads = Uploads()
+        self.tma_maps = {}
         self._dev_ptr, self._host_ptr, self._host_dev_ptr = int(ptr), 0, 0
         self.staging = Staging(spec, self.index)  # the remote tier's block copies
         self._finalizer = weakref.finalize(self, int)  # nothing to release
@@ -242,6 +244,7 @@ class CupyBackend(Backend):
         if self._dev_ptr:
             self.synchronize()
             self.staging.free()
+            self.tma_maps.clear()
             self.kv = None
             self.host_kv = np.zeros((0, *self.spec.block_shape), dtype=self.spec.kv_np_dtype)
             self._finalizer()

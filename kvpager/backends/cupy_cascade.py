@@ -52,7 +52,7 @@ def cascade_kernel(spec: Any, group: int, config: KernelConfig, cc: tuple[int, i
     paged_prefill_sm90.cu (the same knobs, tiling, defines, shared memory and threads:
     its twin on wgmma), else cascade_prefix.cu on `cascade_tiling` (128 threads).
     Member rows per CTA: ``max(1, tiling.bm // group)``."""
-    k = prefill_kernel(spec, group, config, cc)
+    k = prefill_kernel(spec, group, config.replace(prefill_wgmma_tma=False), cc)  # its copies are cp.async
     if k.arch is not None:
         return replace(k, file="cascade_prefix_sm90.cu", func="cascade_prefix_sm90")
     t, smem, _ = cascade_tiling(spec, group, config)

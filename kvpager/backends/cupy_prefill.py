@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from kvpager import kernel_build, kernels
+from kvpager.backends.cupy_tma import box_rows, pool_map, tma_unsupported
 from kvpager.errors import UnsupportedConfiguration
 from kvpager.kernel_config import KernelConfig
 from kvpager.kernel_smem import check_fits, prefill_sm90_smem, prefill_smem
@@ -142,6 +143,8 @@ def prefill_kernel(spec: Any, group: int, config: KernelConfig, cc: tuple[int, i
         defs["WS"] = 1
         if config.prefill_wgmma_overlap and not config.prefill_wgmma_pingpong:
             defs["PINGPONG"] = 0
+        if config.prefill_wgmma_tma and tma_unsupported(spec, t.bn) is None:
+            defs["TMA"] = 1
     threads = 2 * t.bm + (128 if ws else 0)
     return PrefillKernel("paged_prefill_sm90.cu", "paged_prefill_sm90", "sm_90a", t, defs, smem, threads)
 
@@ -201,7 +204,13 @@ def prefill_launch(plan: Any, group: int, cells: dict[str, Any], config: KernelC
     from cupy.cuda import runtime
 
     spec, dev = plan.spec, plan.device
-    k, fn = prefill_function(spec, group, config, kernels.compute_capability(dev), kernel_builder(dev))
+    cc, build = kernels.compute_capability(dev), kernel_builder(dev)
+    k, fn = prefill_function(spec, group, config, cc, build)
+    kv_map = None
+    if k.defines.get("TMA"):
+        kv_map = pool_map(plan.backend, box_rows(spec.block_size, k.tiling.bn))
+        if kv_map is None:  # the driver could not encode it (logged once): the cp.async producer
+            k, fn = prefill_function(spec, group, config.replace(prefill_wgmma_tma=False), cc, build)
     smem = k.smem
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
@@ -213,6 +222,7 @@ def prefill_launch(plan: Any, group: int, cells: dict[str, Any], config: KernelC
     args = [c["q"], c["pool"], c["tables"], ptr(p["seq_lens"]), ptr(p["query_lens"]), ptr(p["q_start"]),
             ptr(tiles_dev.data.ptr), c["out"], *c["common"], i32(plan.width),
             ptr(0) if own_start is None else own_start, ptr(0) if part_o is None else part_o,
-            ptr(0) if part_lse is None else part_lse, i32(parts), c["scales"], c["window"], c["softcap"], c["scale"]]
+            ptr(0) if part_lse is None else part_lse, i32(parts), c["scales"],
+            ptr(0 if kv_map is None else kv_map.data.ptr), c["window"], c["softcap"], c["scale"]]
     # the host copy stays alive until the upload has run
     return Launch(fn, (len(tiles), spec.num_kv_heads), k.threads, smem, args, dev), [tiles_dev, tiles]
