@@ -84,6 +84,7 @@ extern "C" __global__ void __launch_bounds__(NT) cascade_prefix(
     float* __restrict__ part_lse,           // [num_items, num_q_heads, parts]
     int layer, int num_layers, int num_kv_heads, int max_blocks, int parts,
     const float* __restrict__ kv_scales,    // [num_layers, 2, num_kv_heads] (KV_FP8; else unused)
+    const void* __restrict__ kv_map,        // unused (cascade_prefix_sm90.cu's TMA tensor map)
     float softcap, float scale_log2)
 {
     extern __shared__ __align__(16) unsigned char smem_raw[];

@@ -11,7 +11,8 @@
 // positions, as paged_prefill_sm90.cu walks a query tile's: the same gather
 // into the 128-byte-swizzled layout, S = Q K^T and O += P V on wgmma, online
 // softmax, and the same pipelines (all threads copying STAGES deep; OVERLAP;
-// WS: a producer warpgroup with mbarriers), all kvpager_wgmma_tile.cuh's. Every
+// WS: a producer warpgroup with mbarriers, whose tiles inside the segment come by TMA
+// with TMA=1), all kvpager_wgmma_tile.cuh's. Every
 // position of a segment precedes every member query: no causal mask, only the
 // positions outside the segment (in its first and last tiles) are masked; soft
 // cap as in the mma kernel; no window (the planner does not cascade a windowed call).
@@ -49,6 +50,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) cascade_prefix_sm90(
     float* __restrict__ part_lse,           // [num_items, num_q_heads, parts]
     int layer, int num_layers, int num_kv_heads, int max_blocks, int parts,
     const float* __restrict__ kv_scales,    // unused (16-bit pools only; the signature is cascade_prefix's)
+    const void* __restrict__ kv_map,        // TMA: the pool's tensor map (cupy_tma.py), else unused
     float softcap, float scale_log2)
 {
     if (tiles[2 * blockIdx.x] < 0) return;  // an unused tile of a launch sized for more
@@ -82,11 +84,10 @@ extern "C" __global__ void __launch_bounds__(NT, 1) cascade_prefix_sm90(
         const kv_t* src = ok ? q + ((long long)mem[mb] * num_q_heads + h * GROUP + r % GROUP) * D + ch * 8 : q;
         cp_async16(sm.q + sw128_offset(BM, r, ch), src, ok);
     }
-    // K/V tile t -> stage: the segment's positions, the rest zero-filled.
+    // K/V tile t -> stage: the segment's positions (TMA where a tile is all in the segment;
+    // else cp.async, the rest zero-filled).
     auto load = [&](int t, int stage, int me, int n) -> bool {
-        wg_load_kv(sm.k + stage * KV_TILE, sm.v + stage * KV_TILE, pool, table, block_stride, k_off, v_off, t,
-                   kv_start, kv_end, me, n);
-        return false;  // cp.async: the producer loop arrives once they landed
+        return wg_load_tile(sm, stage, pool, kv_map, table, block_stride, k_off, v_off, t, kv_start, kv_end, me, n);
     };
     if (wg_start(load, tid, t_begin, num_tiles)) return;  // the producer's work is done
 

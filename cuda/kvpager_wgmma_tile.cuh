@@ -159,6 +159,25 @@ __device__ __forceinline__ void wg_tma_kv(unsigned ks, unsigned vs, const void* 
 }
 #endif
 
+// K/V tile t of the positions [lo, hi) of ``table``'s sequence -> stage ``stage``: with TMA,
+// a tile whose every position is in range comes by TMA (wg_tma_kv; returns true: the load
+// arrived on the stage's full barrier itself); else cp.async, the rest zero-filled (false).
+__device__ __forceinline__ bool wg_load_tile(const WgSmem& sm, int stage, const st_t* __restrict__ pool,
+                                             const void* map, const int* __restrict__ table,
+                                             long long block_stride, long long k_off, long long v_off, int t,
+                                             int lo, int hi, int me, int n) {
+#if TMA
+    if (t * BN >= lo && (t + 1) * BN <= hi) {
+        wg_tma_kv(sm.k_addr + stage * KV_TILE, sm.v_addr + stage * KV_TILE, map, table, (int)(block_stride / D),
+                  (int)(k_off / D), (int)(v_off / D), t, smem_addr(&wg_barriers()[stage]), me);
+        return true;
+    }
+#endif
+    wg_load_kv(sm.k + stage * KV_TILE, sm.v + stage * KV_TILE, pool, table, block_stride, k_off, v_off, t, lo, hi,
+               me, n);
+    return false;
+}
+
 // S = Q K^T of this warpgroup's 64 Q rows at q_wg (K-major A operand, SBO 1024) and the K
 // tile at k_st (issued and committed, not waited for): D / 16 k-steps, k-step kk is +32
 // bytes within a 64-value region.

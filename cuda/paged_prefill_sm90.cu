@@ -109,20 +109,10 @@ extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(
         const kv_t* src = ok ? q + ((qrow0 + tok) * num_q_heads + h * GROUP + r % GROUP) * D + ch * 8 : q;
         cp_async16(sm.q + sw128_offset(BM, r, ch), src, ok);
     }
-    // K/V tile t -> stage: the visible positions [first_vis, kv_end), the rest zero-filled
-    // (cp.async); with TMA a tile whose every position is visible comes whole, by TMA.
+    // K/V tile t -> stage: the visible positions [first_vis, kv_end) (TMA where a tile is all
+    // visible; else cp.async, the rest zero-filled).
     auto load = [&](int t, int stage, int me, int n) -> bool {
-#if TMA
-        if (t * BN >= first_vis && (t + 1) * BN <= kv_end) {
-            const int block_rows = (int)(block_stride / D);
-            wg_tma_kv(sm.k_addr + stage * KV_TILE, sm.v_addr + stage * KV_TILE, kv_map, table, block_rows,
-                      (int)(k_off / D), (int)(v_off / D), t, smem_addr(&wg_barriers()[stage]), me);
-            return true;
-        }
-#endif
-        wg_load_kv(sm.k + stage * KV_TILE, sm.v + stage * KV_TILE, pool, table, block_stride, k_off, v_off, t,
-                   first_vis, kv_end, me, n);
-        return false;
+        return wg_load_tile(sm, stage, pool, kv_map, table, block_stride, k_off, v_off, t, first_vis, kv_end, me, n);
     };
     if (wg_start(load, tid, t_begin, num_tiles)) return;  // the producer's work is done
 

@@ -85,6 +85,9 @@ SM90A = {
         ["-DWS=1", "-DOVERLAP=1", "-DGROUP=1", "-DBLOCK_SIZE=8"],
         ["-DWS=1", "-DBN=128", "-DSTAGES=2", "-DGROUP=8", "-DBLOCK_SIZE=64", "-DVN=64"],
         ["-DWS=1", "-DOVERLAP=1", "-DBN=128"],
+        ["-DWS=1", "-DBN=128", "-DSTAGES=3", "-DTMA=1"],
+        ["-DWS=1", "-DTMA=1", "-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DBN=128", "-DSTAGES=2", "-DBLOCK_SIZE=64",
+         "-DGROUP=16"],
     ],
 }
 

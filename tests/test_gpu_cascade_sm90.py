@@ -6,8 +6,10 @@ starts off every K/V tile boundary, one long level cut into chunks, GQA 1-16,
 block sizes 8-64, head dims 64 / 128, float16 / bfloat16, every variant of the
 kernel (producer warpgroup, overlap, one warpgroup, 128-position tiles), soft
 caps; outputs and every block no table reads (the null block 0 included)
-poisoned with NaN. Then which kernel the planner runs (wgmma by default on 16-bit
-pools of head dim 64 / 128; FP8 pools and other head dims: cascade_prefix.cu).
+poisoned with NaN, and the positions past each sequence's end in its last block
+too (the producer's TMA loads, the default, fetch whole blocks inside a
+segment). Then which kernel the planner runs (wgmma by default on 16-bit pools
+of head dim 64 / 128; FP8 pools and other head dims: cascade_prefix.cu).
 Skips without CuPy, a GPU, or on a GPU other than compute capability 9.0."""
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ from gpu_helpers import cupy_or_skip
 
 cupy = cupy_or_skip()
 
-from gpu_cascade_helpers import layout, make_pair, poison_unread, run, spec_for, tables_for  # noqa: E402
+from gpu_cascade_helpers import (  # noqa: E402
+    layout,
+    make_pair,
+    poison_tails,
+    poison_unread,
+    run,
+    spec_for,
+    tables_for,
+)
 from gpu_kernel_helpers import TOL, rel_err, seed  # noqa: E402
 
 from kvpager import KernelConfig, kernels  # noqa: E402
@@ -58,6 +68,7 @@ def check(dtype, d, bs, group, knobs, qlens, levels, prefix, rng, splits=(None,)
     gpu, cpu = make_pair(spec, rng)
     tables = tables_for(rng, spec, groups, seq_lens)
     poison_unread(gpu, spec, tables)
+    poison_tails(gpu, spec, tables, seq_lens)  # a block's positions past a sequence's end: never read
     hq = spec.num_kv_heads * group
     q = rng.standard_normal((int(qlens.sum()), hq, d), dtype=np.float32).astype(spec.np_dtype)
     config = KernelConfig(prefill_kernel="wgmma", **knobs)
@@ -72,6 +83,11 @@ def check(dtype, d, bs, group, knobs, qlens, levels, prefix, rng, splits=(None,)
             assert rel_err(got, ref) < TOL[dtype], (sp, layer, softcap)
             assert rel_err(got, want) < TOL[dtype], (sp, layer, softcap)
         assert (files(new), files(old)) == ({SM90}, {OLD})
+        tma = {bool(c.kernel.defines.get("TMA")) for c in new._cascades}
+        if not knobs:  # the production variant: a producer warpgroup with its TMA loads
+            assert tma == {True}
+        if True in tma:  # the driver encoded the pool's tensor map: the shared part's TMA loads ran
+            assert all(c.kv_map is not None for c in new._cascades)
     gpu.close()
 
 

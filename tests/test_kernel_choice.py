@@ -49,8 +49,7 @@ def test_cascade_kernel_choices_are_the_pinned_ones(case):
 
 def test_the_cascade_runs_the_multi_token_kernels_twin():
     """cascade_prefix_sm90.cu exactly where the multi-token kernel is paged_prefill_sm90.cu, with
-    its knobs, tiling, defines (but TMA: the cascade's copies are cp.async), shared memory and
-    threads; else cascade_prefix.cu on the tiling
+    its knobs, tiling, defines (TMA among them), shared memory and threads; else cascade_prefix.cu on the tiling
     it had (`cascade_tiling`), 128 threads; "wgmma" where it cannot run: the same typed error."""
     for dtype, kv_dtype, d in [("bfloat16", None, 128), ("float16", None, 64), ("bfloat16", "float8_e4m3", 128),
                                ("float16", None, 256), ("bfloat16", None, 96)]:
@@ -68,7 +67,7 @@ def test_the_cascade_runs_the_multi_token_kernels_twin():
                 if p.file == "paged_prefill_sm90.cu":
                     assert (c.file, c.func) == ("cascade_prefix_sm90.cu", "cascade_prefix_sm90")
                     assert (c.arch, c.tiling, c.defines, c.smem, c.threads) == (
-                        p.arch, p.tiling, {k: v for k, v in p.defines.items() if k != "TMA"}, p.smem, p.threads)
+                        p.arch, p.tiling, p.defines, p.smem, p.threads)
                 else:
                     t, smem, _ = cascade_tiling(spec, 4, config)
                     assert (c.file, c.func, c.arch, c.tiling, c.smem, c.threads) == (
@@ -206,8 +205,8 @@ def test_auto_falls_back_to_mma_when_sm90a_cannot_be_built(caplog):
 ])
 def test_tma_loads_where_the_pool_allows_them(dtype, kv_dtype, d, bs, bn, why):
     """The producer's TMA boxes are a block or the part of one a tile holds; the default with
-    the producer uses them (TMA=1) for 16-bit pools, the knob turns them off, and neither
-    the cascade's shared part (cp.async) nor the kernel without a producer has them."""
+    the producer uses them (TMA=1) for 16-bit pools, the cascade's shared part too (the same
+    defines), the knob turns them off, and the kernel without a producer has none."""
     from kvpager.backends.cupy_tma import box_rows, pool_rows, tma_unsupported
 
     spec = spec_of(dtype, kv_dtype, d, bs, 8)
@@ -219,7 +218,7 @@ def test_tma_loads_where_the_pool_allows_them(dtype, kv_dtype, d, bs, bn, why):
         k = prefill_kernel(spec, 4, DEFAULT.replace(prefill_wgmma_bn=bn), (9, 0))
         assert (k.defines["WS"], k.defines["TMA"]) == (1, 1)
         assert "TMA" not in prefill_kernel(spec, 4, DEFAULT.replace(prefill_wgmma_tma=False), (9, 0)).defines
-        assert "TMA" not in cascade_kernel(spec, 4, DEFAULT, (9, 0)).defines
+        assert cascade_kernel(spec, 4, DEFAULT.replace(prefill_wgmma_bn=bn), (9, 0)).defines["TMA"] == 1
         assert "TMA" not in prefill_kernel(spec, 4, WG, (9, 0)).defines  # no producer: no TMA
     else:
         assert "TMA" not in prefill_kernel(spec, 4, DEFAULT, (9, 0)).defines  # the mma kernel

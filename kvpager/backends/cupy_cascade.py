@@ -27,6 +27,7 @@ from kvpager.backends.cupy_prefill import (
     prefill_kernel,
     tiling,
 )
+from kvpager.backends.cupy_tma import box_rows, pool_map
 from kvpager.cascade import (
     HOST_BOUND_MIN_SAVED,
     find_shared_prefixes,
@@ -52,7 +53,7 @@ def cascade_kernel(spec: Any, group: int, config: KernelConfig, cc: tuple[int, i
     paged_prefill_sm90.cu (the same knobs, tiling, defines, shared memory and threads:
     its twin on wgmma), else cascade_prefix.cu on `cascade_tiling` (128 threads).
     Member rows per CTA: ``max(1, tiling.bm // group)``."""
-    k = prefill_kernel(spec, group, config.replace(prefill_wgmma_tma=False), cc)  # its copies are cp.async
+    k = prefill_kernel(spec, group, config, cc)
     if k.arch is not None:
         return replace(k, file="cascade_prefix_sm90.cu", func="cascade_prefix_sm90")
     t, smem, _ = cascade_tiling(spec, group, config)
@@ -96,8 +97,14 @@ class CascadeLaunch:
         spec = plan.spec
         shared = query_rows(shared, plan.query_lens)
         cc = kernels.compute_capability(plan.device)
-        k, self.fn = prefill_function(spec, group, plan.config, cc, kernel_builder(plan.device),
-                                      choose=cascade_kernel)
+        build = kernel_builder(plan.device)
+        k, self.fn = prefill_function(spec, group, plan.config, cc, build, choose=cascade_kernel)
+        self.kv_map = None  # the pool's TMA tensor map where the kernel loads by TMA
+        if k.defines.get("TMA"):
+            self.kv_map = pool_map(plan.backend, box_rows(spec.block_size, k.tiling.bn))
+            if self.kv_map is None:  # the driver could not encode it (logged once): cp.async alone
+                k, self.fn = prefill_function(spec, group, plan.config.replace(prefill_wgmma_tma=False), cc, build,
+                                              choose=cascade_kernel)
         t = k.tiling
         self.kernel, self.smem, self.threads = k, k.smem, k.threads
         self.per_tile = max(1, t.bm // group)  # member rows per CTA
@@ -188,7 +195,8 @@ class CascadeLaunch:
         """The launch, sharing the attention launch's cells (q, layer, soft cap, scale)."""
         spec, dev = self.spec, self.device
         args = [q, pool, tables, ptr(self.segments), ptr(self.members), ptr(self.tiles), part_o, part_lse,
-                *common, i32(width), i32(self.parts), scales, softcap, scale]
+                *common, i32(width), i32(self.parts), scales,
+                ptr(0 if self.kv_map is None else self.kv_map.data.ptr), softcap, scale]
         return Launch(self.fn, (self.cap_tiles, spec.num_kv_heads), self.threads, self.smem, args, dev)
 
 
