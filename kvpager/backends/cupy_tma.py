@@ -1,8 +1,8 @@
-"""TMA tensor maps of a GPU pool, for paged_prefill_sm90.cu's producer (``TMA=1``).
+"""TMA tensor maps of a GPU pool, for the wgmma kernels' producer (``TMA=1``).
 
-The wgmma multi-token kernel's producer warpgroup can fetch a K/V tile whose
-every position is visible as 2-D TMA boxes instead of 16-byte cp.async
-copies: one box per block (or the part of a block a tile holds), K or V, and
+The wgmma kernels' producer warpgroup (the multi-token kernel's and the
+cascade's shared part's) fetches a K/V tile whose every position is in range
+as 2-D TMA boxes instead of 16-byte cp.async copies: one box per block (or the part of a block a tile holds), K or V, and
 64-value region of the head dim. The tensor map that describes them views
 the whole pool slab ``[blocks, layers, 2, kv heads, block size, head dim]``
 as rows of ``head_dim`` 16-bit values (a row: one position of one kv head of
@@ -11,8 +11,8 @@ kernels' SW128 shared layout). It is encoded once per pool and box height by
 the driver (``cuTensorMapEncodeTiled``) and kept in device memory, where the
 kernel reads it by address. `tma_unsupported` says where a pool cannot be
 mapped (pure arithmetic, tested on the CPU); `pool_map` returns the map, or
-None where the driver cannot encode it (logged once): the caller then runs
-the cp.async producer.
+None where the driver cannot encode it (logged once): the caller then builds
+the kernel with its cp.async producer alone.
 """
 
 from __future__ import annotations
