@@ -2,8 +2,9 @@
 
 The wgmma kernels' producer warpgroup (the multi-token kernel's and the
 cascade's shared part's) fetches a K/V tile whose every position is in range
-as 2-D TMA boxes instead of 16-byte cp.async copies: one box per block (or the part of a block a tile holds), K or V, and
-64-value region of the head dim. The tensor map that describes them views
+as 2-D TMA boxes instead of 16-byte cp.async copies: one box per block (or
+the part of a block a tile holds), K or V, and 64-value region of the head
+dim. The tensor map that describes them views
 the whole pool slab ``[blocks, layers, 2, kv heads, block size, head dim]``
 as rows of ``head_dim`` 16-bit values (a row: one position of one kv head of
 one layer's K or V), boxes of ``box_rows`` x 64 values, 128-byte swizzle (the
