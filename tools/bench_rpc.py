@@ -16,6 +16,9 @@ What is timed (each op checked for correctness first):
 - raw append x1 / x256: the daemon's append round trip from a bare DEALER
   socket with msgpack, as the echo is timed (no `Client`: its own work, such
   as following its sequences' tables, stays out);
+- paired: the bare echo and the raw append x256, alternately, one round trip of
+  each at a time (both see the machine in the same state), with the per-pair
+  difference: the daemon's cost of a decode step over the transport's;
 - daemon share: `Server.handle` of the same append requests in this process,
   no socket (decode, ownership check, allocator, encode): what the daemon
   adds to a round trip besides transport and the client's own work.
@@ -51,7 +54,7 @@ from datetime import date
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rpc_common import SPEC, run_daemon, spawn  # noqa: E402
-from rpc_measure import bare, handle_cost, latencies, raw, throughput  # noqa: E402
+from rpc_measure import bare, handle_cost, latencies, paired, raw, throughput  # noqa: E402
 from rpc_observe import observability  # noqa: E402
 
 from kvpager import KVPool  # noqa: E402
@@ -102,6 +105,7 @@ def main() -> None:
                 c.heartbeat()
             lat = latencies(c, args.iters, args.batch)
         lat.update(raw(ep, args.iters, args.batch))
+        lat.update(paired(ep, endpoint if name == "tcp" else f"ipc://{tmp}/echo2.sock", args.iters, args.batch))
         tput = {n: throughput(ep, n, args.seconds) for n in counts}
         proc.terminate()
         proc.join(10)

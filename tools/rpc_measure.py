@@ -99,6 +99,58 @@ def raw(endpoint: str, iters: int, batch: int) -> dict[str, tuple[float, float]]
     return out
 
 
+def paired(endpoint: str, echo_endpoint: str, iters: int, batch: int) -> dict[str, tuple[float, float]]:
+    """The bare echo and the daemon's raw append of ``batch`` sequences, timed in
+    pairs (one echo round trip, then one append, over and over), so both see the
+    machine in the same state: on a shared or busy host, an echo timed minutes
+    before the appends is not their floor. Also the per-pair difference
+    (append - echo), the daemon's cost over the transport."""
+    import msgpack
+    import zmq
+
+    from kvpager.protocol import VERSION, pack
+
+    proc, ep = spawn(_echo, echo_endpoint)
+    ctx = zmq.Context.instance()
+    echo, daemon = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    for sock, at in ((echo, ep), (daemon, endpoint)):
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(at)
+    ids = iter(range(1, 10**9))
+
+    def call(op, args, session=None, body=None):
+        daemon.send(body or pack([VERSION, next(ids), session, op, args]))
+        reply = msgpack.unpackb(daemon.recv(), strict_map_key=False)
+        assert reply[1] == 0, reply
+        return reply[2]
+
+    session = call("hello", {"client": "bench-paired", "pid": os.getpid()})["session"]
+    seqs = [a[0] for a in call("allocate", {"prompts": [PROMPT] * batch}, session)]
+    steps = bodies(ids, session, "append", {"seq_ids": seqs}, iters + 1)
+    cuts = bodies(ids, session, "truncate", {"seq_ids": seqs, "lengths": len(PROMPT)}, iters // CUT_EVERY + 1)
+    assert len(call(None, None, body=next(steps))) == 8 * batch, "append returned wrong slots"
+    ping = msgpack.packb([1, 7, "0123456789abcdef", "append", {"seq_ids": [5]}])
+    clock, bare, appends = time.perf_counter, [], []
+    for i in range(iters):
+        if i % CUT_EVERY == CUT_EVERY - 1:
+            call(None, None, body=next(cuts))
+        t0 = clock()
+        echo.send(ping)
+        msgpack.unpackb(echo.recv())
+        t1 = clock()
+        call(None, None, body=next(steps))
+        t2 = clock()
+        bare.append(t1 - t0)
+        appends.append(t2 - t1)
+    echo.send(msgpack.packb([1, 0, None, "stop", {}]))
+    echo.recv()
+    echo.close()
+    daemon.close()
+    proc.join(10)
+    return {"paired: bare echo": percentiles(bare), f"paired: raw append x{batch}": percentiles(appends),
+            f"paired: raw append x{batch} - echo, per pair": percentiles([a - b for a, b in zip(appends, bare)])}
+
+
 def latencies(pool, iters: int, batch: int) -> dict[str, tuple[float, float]]:
     step1, cut1, step_b, cut_b, flat_b = pool_ops(pool, batch)
     out = {
