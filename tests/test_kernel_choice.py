@@ -245,3 +245,33 @@ def test_a_pool_whose_rows_overflow_int32_gets_no_tma():
     big = spec.replace(num_blocks=(1 << 31) // (spec.num_layers * 2 * 8 * 16))  # 2**31 rows
     assert "int32" in tma_unsupported(big, 128)
     assert tma_unsupported(big.replace(num_blocks=big.num_blocks - 1), 128) is None
+
+
+def test_a_tensor_map_the_driver_refuses_is_none_logged_once(monkeypatch, caplog):
+    """`pool_map` where the driver refuses the encoding (or has none): None, kept for the
+    pool (not asked again), one warning; the launch then builds its kernel without TMA."""
+    from types import SimpleNamespace
+
+    from kvpager import kernel_build
+    from kvpager.backends import cupy_tma
+
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        return 1  # CUDA_ERROR_INVALID_VALUE
+
+    monkeypatch.setattr(cupy_tma, "_encode", refuse)
+    kernel_build._warned.discard("TMA tensor maps (paged_prefill_sm90.cu runs its cp.async producer)")
+    spec = spec_of("bfloat16", None, 128, 16, 8)
+    backend = SimpleNamespace(spec=spec, tma_maps={}, index=0, kv=SimpleNamespace(data=SimpleNamespace(ptr=1 << 20)))
+    with caplog.at_level("WARNING", logger="kvpager.kernels"):
+        for _ in range(3):
+            assert cupy_tma.pool_map(backend, 16) is None
+    assert backend.tma_maps == {16: None} and len(calls) == 1
+    assert sum("CUresult 1" in r.getMessage() for r in caplog.records) == 1
+    # what the driver was asked for: rows of head-dim values, 16-row x 64-value boxes, 128-byte swizzle
+    _, dtype, rank, base, dims, strides, boxes, steps, interleave, swizzle, _, oob = calls[0]
+    assert (dtype, rank, base.value, interleave, swizzle, oob) == (1, 2, 1 << 20, 0, 3, 0)
+    assert (list(dims), list(strides), list(boxes), list(steps)) == (
+        [128, cupy_tma.pool_rows(spec)], [256], [64, 16], [1, 1])
