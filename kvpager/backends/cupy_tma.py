@@ -90,9 +90,6 @@ def pool_map(backend: Any, box: int) -> Any:
     driver cannot encode it (logged once)."""
     maps = backend.tma_maps
     if box not in maps:
-        import cupy
-        import numpy as np
-
         spec = backend.spec
         try:
             raw = encode(backend.kv.data.ptr, spec.head_dim, pool_rows(spec), box)
@@ -100,6 +97,9 @@ def pool_map(backend: Any, box: int) -> Any:
             kernel_build.warn_once("TMA tensor maps (paged_prefill_sm90.cu runs its cp.async producer)", exc)
             maps[box] = None
         else:
+            import cupy
+            import numpy as np
+
             with cupy.cuda.Device(backend.index):
                 maps[box] = cupy.asarray(np.frombuffer(raw, dtype=np.uint8))
     return maps[box]
