@@ -65,37 +65,53 @@ def bare(endpoint: str, iters: int, clients: list[int], seconds: float) -> tuple
     return percentiles(lat), tput
 
 
-def raw(endpoint: str, iters: int, batch: int) -> dict[str, tuple[float, float]]:
-    """Append round trips to the daemon from a bare DEALER socket (no Client)."""
-    import msgpack
-    import zmq
+class RawSession:
+    """A session on the daemon from a bare DEALER socket with msgpack (no `Client`)."""
 
-    from kvpager.protocol import VERSION, pack
+    def __init__(self, endpoint: str, name: str):
+        import zmq
 
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    ids = iter(range(1, 10**9))
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.ids = iter(range(1, 10**9))
+        self.session = None
+        self.session = self.call("hello", {"client": name, "pid": os.getpid()})["session"]
 
-    def call(op, args, session=None, body=None):
-        sock.send(body or pack([VERSION, next(ids), session, op, args]))
-        reply = msgpack.unpackb(sock.recv(), strict_map_key=False)
+    def call(self, op: str | None, args: dict | None, body: bytes | None = None):
+        """One round trip (``body``: a request packed beforehand); the reply's result, checked."""
+        import msgpack
+
+        from kvpager.protocol import VERSION, pack
+
+        self.sock.send(body or pack([VERSION, next(self.ids), self.session, op, args]))
+        reply = msgpack.unpackb(self.sock.recv(), strict_map_key=False)
         assert reply[1] == 0, reply
         return reply[2]
 
-    session = call("hello", {"client": "bench-raw", "pid": os.getpid()})["session"]
+    def decode_steps(self, n: int, iters: int):
+        """``n`` new sequences and their decode steps: (appends, cuts back to the prompt),
+        each request with a new id, packed before the clock starts (the daemon keeps
+        recent replies by request id, and a repeated id would only replay one); the
+        first append is made and checked."""
+        seqs = [a[0] for a in self.call("allocate", {"prompts": [PROMPT] * n})]
+        steps = bodies(self.ids, self.session, "append", {"seq_ids": seqs}, iters + 1)
+        cuts = bodies(self.ids, self.session, "truncate", {"seq_ids": seqs, "lengths": len(PROMPT)},
+                      iters // CUT_EVERY + 1)
+        assert len(self.call(None, None, next(steps))) == 8 * n, "append returned wrong slots"
+        return steps, cuts
+
+
+def raw(endpoint: str, iters: int, batch: int) -> dict[str, tuple[float, float]]:
+    """Append round trips to the daemon from a bare DEALER socket (no Client)."""
+    daemon = RawSession(endpoint, "bench-raw")
     out = {}
     for n in (1, batch):
-        seqs = [a[0] for a in call("allocate", {"prompts": [PROMPT] * n}, session)]
-        # Every request a new id, packed before the clock starts: the daemon keeps
-        # recent replies by request id, and a repeated id would only replay one.
-        steps = bodies(ids, session, "append", {"seq_ids": seqs}, iters + 1)
-        cuts = bodies(ids, session, "truncate", {"seq_ids": seqs, "lengths": len(PROMPT)}, iters // CUT_EVERY + 1)
-        assert len(call(None, None, body=next(steps))) == 8 * n, "append returned wrong slots"
+        steps, cuts = daemon.decode_steps(n, iters)
         out[f"raw append x{n}"] = percentiles(time_steps(
-            lambda steps=steps: call(None, None, body=next(steps)),
-            lambda cuts=cuts: call(None, None, body=next(cuts)), iters))
-    sock.close()
+            lambda steps=steps: daemon.call(None, None, next(steps)),
+            lambda cuts=cuts: daemon.call(None, None, next(cuts)), iters))
+    daemon.sock.close()
     return out
 
 
@@ -108,44 +124,29 @@ def paired(endpoint: str, echo_endpoint: str, iters: int, batch: int) -> dict[st
     import msgpack
     import zmq
 
-    from kvpager.protocol import VERSION, pack
-
     proc, ep = spawn(_echo, echo_endpoint)
-    ctx = zmq.Context.instance()
-    echo, daemon = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
-    for sock, at in ((echo, ep), (daemon, endpoint)):
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(at)
-    ids = iter(range(1, 10**9))
-
-    def call(op, args, session=None, body=None):
-        daemon.send(body or pack([VERSION, next(ids), session, op, args]))
-        reply = msgpack.unpackb(daemon.recv(), strict_map_key=False)
-        assert reply[1] == 0, reply
-        return reply[2]
-
-    session = call("hello", {"client": "bench-paired", "pid": os.getpid()})["session"]
-    seqs = [a[0] for a in call("allocate", {"prompts": [PROMPT] * batch}, session)]
-    steps = bodies(ids, session, "append", {"seq_ids": seqs}, iters + 1)
-    cuts = bodies(ids, session, "truncate", {"seq_ids": seqs, "lengths": len(PROMPT)}, iters // CUT_EVERY + 1)
-    assert len(call(None, None, body=next(steps))) == 8 * batch, "append returned wrong slots"
+    echo = zmq.Context.instance().socket(zmq.DEALER)
+    echo.setsockopt(zmq.LINGER, 0)
+    echo.connect(ep)
+    daemon = RawSession(endpoint, "bench-paired")
+    steps, cuts = daemon.decode_steps(batch, iters)
     ping = msgpack.packb([1, 7, "0123456789abcdef", "append", {"seq_ids": [5]}])
     clock, bare, appends = time.perf_counter, [], []
     for i in range(iters):
         if i % CUT_EVERY == CUT_EVERY - 1:
-            call(None, None, body=next(cuts))
+            daemon.call(None, None, next(cuts))
         t0 = clock()
         echo.send(ping)
         msgpack.unpackb(echo.recv())
         t1 = clock()
-        call(None, None, body=next(steps))
+        daemon.call(None, None, next(steps))
         t2 = clock()
         bare.append(t1 - t0)
         appends.append(t2 - t1)
     echo.send(msgpack.packb([1, 0, None, "stop", {}]))
     echo.recv()
     echo.close()
-    daemon.close()
+    daemon.sock.close()
     proc.join(10)
     return {"paired: bare echo": percentiles(bare), f"paired: raw append x{batch}": percentiles(appends),
             f"paired: raw append x{batch} - echo, per pair": percentiles([a - b for a, b in zip(appends, bare)])}
