@@ -275,3 +275,32 @@ def test_a_tensor_map_the_driver_refuses_is_none_logged_once(monkeypatch, caplog
     assert (dtype, rank, base.value, interleave, swizzle, oob) == (1, 2, 1 << 20, 0, 3, 0)
     assert (list(dims), list(strides), list(boxes), list(steps)) == (
         [128, cupy_tma.pool_rows(spec)], [256], [64, 16], [1, 1])
+
+
+@pytest.mark.parametrize("encoded", [True, False])
+def test_a_launch_gets_the_tma_kernel_with_its_map_or_the_cp_async_one(monkeypatch, encoded):
+    """`plan_function` (the multi-token launch's and the cascade's): the TMA kernel and
+    the pool's map where the driver encoded one; where it could not, the same choice
+    built without TMA, and no map."""
+    from types import SimpleNamespace
+
+    from kvpager.backends import cupy_prefill
+
+    spec = spec_of("bfloat16", None, 128, 16, 8)
+    asked = []
+
+    def pool_map(backend, box):
+        asked.append(box)
+        return "the map" if encoded else None
+
+    monkeypatch.setattr(cupy_prefill.kernels, "compute_capability", lambda dev: (9, 0))
+    monkeypatch.setattr(cupy_prefill, "kernel_builder", lambda dev: lambda k: (k.func, dict(k.defines)))
+    monkeypatch.setattr(cupy_prefill, "pool_map", pool_map)
+    plan = SimpleNamespace(spec=spec, device=0, backend=object())
+    for choose, func in ((None, "paged_prefill_sm90"), (cascade_kernel, "cascade_prefix_sm90")):
+        k, (name, built), kv_map = cupy_prefill.plan_function(plan, 4, DEFAULT, choose)
+        assert name == func and k.defines == built and k.defines["WS"] == 1
+        assert (k.defines.get("TMA"), kv_map) == ((1, "the map") if encoded else (None, None))
+        k, _, kv_map = cupy_prefill.plan_function(plan, 4, DEFAULT.replace(prefill_wgmma_tma=False), choose)
+        assert "TMA" not in k.defines and kv_map is None
+    assert asked == [16, 16]  # 16-row boxes (a block), asked only where the kernel loads by TMA

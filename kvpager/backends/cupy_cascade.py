@@ -22,12 +22,10 @@ from kvpager import kernels
 from kvpager.backends.cupy_prefill import (
     PrefillKernel,
     Tiling,
-    kernel_builder,
-    prefill_function,
+    plan_function,
     prefill_kernel,
     tiling,
 )
-from kvpager.backends.cupy_tma import box_rows, pool_map
 from kvpager.cascade import (
     HOST_BOUND_MIN_SAVED,
     find_shared_prefixes,
@@ -96,15 +94,8 @@ class CascadeLaunch:
 
         spec = plan.spec
         shared = query_rows(shared, plan.query_lens)
-        cc = kernels.compute_capability(plan.device)
-        build = kernel_builder(plan.device)
-        k, self.fn = prefill_function(spec, group, plan.config, cc, build, choose=cascade_kernel)
-        self.kv_map = None  # the pool's TMA tensor map where the kernel loads by TMA
-        if k.defines.get("TMA"):
-            self.kv_map = pool_map(plan.backend, box_rows(spec.block_size, k.tiling.bn))
-            if self.kv_map is None:  # the driver could not encode it (logged once): cp.async alone
-                k, self.fn = prefill_function(spec, group, plan.config.replace(prefill_wgmma_tma=False), cc, build,
-                                              choose=cascade_kernel)
+        # kv_map: the pool's TMA tensor map where the kernel loads by TMA, else None
+        k, self.fn, self.kv_map = plan_function(plan, group, plan.config, choose=cascade_kernel)
         t = k.tiling
         self.kernel, self.smem, self.threads = k, k.smem, k.threads
         self.per_tile = max(1, t.bm // group)  # member rows per CTA

@@ -168,6 +168,22 @@ def prefill_function(spec: Any, group: int, config: KernelConfig, cc: tuple[int,
         return k, build(k)
 
 
+def plan_function(plan: Any, group: int, config: KernelConfig,
+                  choose: Callable[..., PrefillKernel] | None = None) -> tuple[PrefillKernel, Any, Any]:
+    """`prefill_function` on ``plan``'s device, with the pool's TMA tensor map (`cupy_tma.pool_map`)
+    where the kernel loads by TMA, else None; where the driver cannot encode the map (logged
+    once), the same choice without TMA: the cp.async producer."""
+    spec, dev = plan.spec, plan.device
+    cc, build = kernels.compute_capability(dev), kernel_builder(dev)
+    k, fn = prefill_function(spec, group, config, cc, build, choose)
+    if not k.defines.get("TMA"):
+        return k, fn, None
+    kv_map = pool_map(plan.backend, box_rows(spec.block_size, k.tiling.bn))
+    if kv_map is None:
+        k, fn = prefill_function(spec, group, config.replace(prefill_wgmma_tma=False), cc, build, choose)
+    return k, fn, kv_map
+
+
 def kernel_builder(device: int) -> Callable[[PrefillKernel], Any]:
     """``build`` for `prefill_function` on ``device``: the shared memory checked against
     the device's CTA limit, then the compiled function (`kernels.get_kernel`)."""
@@ -204,13 +220,7 @@ def prefill_launch(plan: Any, group: int, cells: dict[str, Any], config: KernelC
     from cupy.cuda import runtime
 
     spec, dev = plan.spec, plan.device
-    cc, build = kernels.compute_capability(dev), kernel_builder(dev)
-    k, fn = prefill_function(spec, group, config, cc, build)
-    kv_map = None
-    if k.defines.get("TMA"):
-        kv_map = pool_map(plan.backend, box_rows(spec.block_size, k.tiling.bn))
-        if kv_map is None:  # the driver could not encode it (logged once): the cp.async producer
-            k, fn = prefill_function(spec, group, config.replace(prefill_wgmma_tma=False), cc, build)
+    k, fn, kv_map = plan_function(plan, group, config)
     smem = k.smem
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
