@@ -1,0 +1,161 @@
+"""Pipelined decode steps through a daemon `Client`: pipelined only where the
+daemon answers `record_tokens`; one round trip a step where it answers `batch`;
+a step's calls one by one where the daemon's limits refuse them together; and
+what a batch that fails part way leaves (nothing leaked, `close` frees the rest).
+The tokens are transformers' throughout."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("zmq")
+
+from kvpager.hf import PagedGeneration, default_salt, spec_for_model  # noqa: E402
+from tests.test_hf_client import make_model, prompt, reference  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model(seed=5)
+
+
+@pytest.mark.parametrize("daemon_has_it", [True, False])
+def test_through_a_daemon_pipelined_only_where_it_answers_record_tokens(model, daemon_has_it, monkeypatch):
+    """A daemon `Client` pipelines when its daemon lists `record_tokens` among its
+    ops (hello's ``ops``); one that predates the op (no ``ops`` in its hello, no
+    handler) gets the unpipelined loop instead of an `unknown_op` mid-generation.
+    Both give transformers' tokens."""
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+
+    prompts = [prompt(n, seed=120 + n) for n in (6, 19)]
+    spec = spec_for_model(model, num_blocks=128, block_size=8)
+    with running_server(spec, heartbeat_timeout=60) as server:
+        if not daemon_has_it:  # as an older daemon: no op list, no such op
+            hello = server._handlers["hello"]
+            monkeypatch.setitem(server._handlers, "hello",
+                                lambda s, a: {k: v for k, v in hello(s, a).items() if k != "ops"})
+            monkeypatch.delitem(server._handlers, "record_tokens")
+        with Client(server.endpoint) as c:
+            assert ("record_tokens" in c.ops) == daemon_has_it
+            with PagedGeneration(model, c, prompts, 10) as gen:
+                assert gen._pipelined == daemon_has_it
+                while not gen.done:
+                    gen.step()
+                assert gen.outputs == [reference(model, p, 10) for p in prompts]
+            assert c.stats().num_sequences == 0
+            c.check_integrity()
+
+
+@pytest.mark.parametrize("has_batch", [True, False])
+def test_through_a_daemon_a_pipelined_step_is_one_round_trip(model, has_batch, monkeypatch):
+    """Where the daemon answers `batch`, each pipelined decode step is one request:
+    the next pass's append carries the last pass's `record_tokens`, the commit of
+    the pass before and any free (the last step flushes them alone). A daemon
+    without it gets them one by one. The same tokens as transformers either way,
+    every sequence freed, the generated blocks matchable."""
+    from daemon_helpers import running_server
+
+    from kvpager import protocol, server_dispatch
+    from kvpager.client import Client
+
+    prompts = [prompt(n, seed=140 + n) for n in (5, 17, 30)]
+    spec = spec_for_model(model, num_blocks=128, block_size=8)
+    seen: list[str] = []
+
+    def counted(data, limit):
+        req = protocol.decode_request(data, limit)
+        seen.append(req.op)
+        return req
+
+    with running_server(spec, heartbeat_timeout=60) as server:
+        if not has_batch:  # as a daemon that predates the op
+            hello = server._handlers["hello"]
+            monkeypatch.setitem(server._handlers, "hello", lambda s, a: {
+                **hello(s, a), "ops": [o for o in hello(s, a)["ops"] if o != "batch"]})
+        with Client(server.endpoint) as c:
+            steps = []
+            with PagedGeneration(model, c, prompts, 9, eos_token_id=None) as gen:
+                assert gen._pipelined and gen._batched == has_batch
+                monkeypatch.setattr(server_dispatch, "decode_request", counted)
+                while not gen.done:
+                    n = len(seen)
+                    gen.step()
+                    steps.append([op for op in seen[n:] if op != "heartbeat"])
+                monkeypatch.setattr(server_dispatch, "decode_request", protocol.decode_request)
+                assert gen.outputs == [reference(model, p, 9) for p in prompts]
+            assert c.stats().num_sequences == 0
+            c.check_integrity()
+            salt = default_salt(model)
+            assert c.cached_tokens([p + o for p, o in zip(prompts, gen.outputs)], salt) == [
+                (len(p) + 8) // 8 * 8 for p in prompts]
+    if has_batch:
+        assert all(len(ops) == 1 for ops in steps) and {op for ops in steps[2:] for op in ops} == {"batch"}, steps
+    else:
+        assert "batch" not in {op for ops in steps for op in ops}
+        assert all(len(ops) >= 3 for ops in steps[2:-1]), steps
+
+
+def test_a_daemon_whose_limits_refuse_a_step_together_gets_its_calls_one_by_one(model, monkeypatch):
+    """A daemon whose ids limit holds each of a step's calls but not all of them in one
+    batch (three sequences, a limit of four ids): the first refused batch runs its calls
+    one by one, and so do the steps after it; transformers' tokens, every sequence freed."""
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+    from kvpager.limits import Limits
+
+    prompts = [prompt(n, seed=170 + n) for n in (5, 12, 20)]
+    spec = spec_for_model(model, num_blocks=128, block_size=8)
+    with running_server(spec, heartbeat_timeout=60, limits=Limits(ids=4)) as server, Client(server.endpoint) as c:
+        with PagedGeneration(model, c, prompts, 7, eos_token_id=None) as gen:
+            assert gen._batched
+            while not gen.done:
+                gen.step()
+            assert not gen._batched
+            assert gen.outputs == [reference(model, p, 7) for p in prompts]
+        assert c.stats().num_sequences == 0
+        c.check_integrity()
+
+
+def test_a_failed_batch_leaves_the_sequences_it_did_not_free_to_close(model, monkeypatch):
+    """The daemon refuses a commit in the last step's batch, before the free of
+    every finished sequence: the step raises that typed error, the free did not
+    run, and `close` frees those sequences (they were dropped from the held set
+    and stayed live until the session ended). Nothing leaks; the pool is consistent."""
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+    from kvpager.errors import InvalidArgument
+
+    prompts = [prompt(n, seed=180 + n) for n in (6, 13)]
+    spec = spec_for_model(model, num_blocks=128, block_size=8)
+    with running_server(spec, heartbeat_timeout=60) as server, Client(server.endpoint) as c:
+        with PagedGeneration(model, c, prompts, 4, eos_token_id=None) as gen:
+            steps = 0
+            while not gen.done:
+                gen.step()
+                steps += 1
+        commit, refuse = server._handlers["commit"], []
+
+        def flaky(session, args):
+            if refuse:
+                raise InvalidArgument("commit refused (test)")
+            return commit(session, args)
+
+        monkeypatch.setitem(server._handlers, "commit", flaky)
+        gen = PagedGeneration(model, c, prompts, 4, eos_token_id=None)
+        assert gen._batched
+        for _ in range(steps - 1):
+            gen.step()
+        refuse.append(True)
+        with pytest.raises(InvalidArgument, match="refused"):
+            gen.step()  # completes the last pass: [commit, free] in one batch
+        assert c.stats().num_sequences == len(prompts)
+        refuse.clear()
+        gen.close()
+        assert c.stats().num_sequences == 0
+        c.check_integrity()
