@@ -207,3 +207,26 @@ def test_token_counts_as_arrays_are_held_to_the_tokens_limit():
         c._call("append", {"seq_ids": ids, "num_tokens": np.array([10, 6])})  # within it
         assert [c.sequence(s).num_tokens for s in ids] == [before[0] + 10, before[1] + 6]
         c.check_integrity()
+
+
+def test_lists_of_id_lists_are_counted_whatever_they_hold():
+    """Token ids as lists of lists (what msgpack decodes; counted at C speed) and mixed
+    with other items (counted one by one) are held to the tokens limit alike, in
+    allocate, append and record_tokens: refused by name, nothing changed."""
+    with running_server(SMALL, limits=Limits(tokens=32)) as small, Client(small.endpoint) as c:
+        a, b = c.allocate([[1, 2, 3], [4, 5, 6]])
+        ids = [a.seq_id, b.seq_id]
+        c.append_flat(ids, 16)  # slots without ids: 16 each to record
+        before = c.stats()
+        for op, args in (
+            ("allocate", {"prompts": [[7] * 20, [8] * 13]}),
+            ("allocate", {"prompts": [[7] * 20, "x", [8] * 13]}),  # mixed: the slow count
+            ("append", {"seq_ids": ids, "token_ids": [[7] * 17, [8] * 16]}),
+            ("record_tokens", {"seq_ids": ids, "token_ids": [[7] * 17, [8] * 16]}),
+            ("record_tokens", {"seq_ids": ids, "token_ids": [[7] * 17, np.full(16, 8)]}),
+        ):
+            with pytest.raises(LimitExceeded, match="KVPAGER_MAX_TOKENS"):
+                c._call(op, args)
+        assert c.stats() == before
+        c._call("record_tokens", {"seq_ids": ids, "token_ids": [[7] * 16, [8] * 16]})  # 32: within it
+        c.check_integrity()
