@@ -28,6 +28,8 @@ from kvpager import kernel_build
 #: CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE
 _UINT16, _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_256B, _OOB_NONE = 1, 0, 3, 3, 0
 _MAP_BYTES = 128  # sizeof(CUtensorMap), 64-byte aligned
+#: what a refusal logs (once) as unavailable
+WHAT = "TMA tensor maps (the wgmma kernels' producers use cp.async alone)"
 
 _encode: Any = None
 
@@ -94,7 +96,7 @@ def pool_map(backend: Any, box: int) -> Any:
         try:
             raw = encode(backend.kv.data.ptr, spec.head_dim, pool_rows(spec), box)
         except (OSError, AttributeError, RuntimeError) as exc:  # no libcuda, an old driver, a refusal
-            kernel_build.warn_once("TMA tensor maps (paged_prefill_sm90.cu runs its cp.async producer)", exc)
+            kernel_build.warn_once(WHAT, exc)
             maps[box] = None
         else:
             import cupy
