@@ -22,7 +22,6 @@
 // bytes, as paged_prefill_sm90.cu's.
 #include "kvpager_common.cuh"
 #include "kvpager_mma.cuh"
-#include "kvpager_tma.cuh"
 #include "kvpager_wgmma.cuh"
 
 #ifndef HEAD_DIM

@@ -3,13 +3,17 @@
 // 128-byte-swizzled layout, the fences and group waits wgmma needs, and the
 // m64nNk16 instructions (float32 accumulate) for N = 64 and 128 with both
 // operands in shared memory (ss) or A in registers (rs). Include it after
-// kvpager_common.cuh, kvpager_mma.cuh and kvpager_tma.cuh (the loader pastes
-// them; it does not nest). Build only for sm_90a: wgmma does not exist on
-// other targets.
+// kvpager_common.cuh and kvpager_mma.cuh (the loader pastes all three; it does
+// not nest). Build only for sm_90a: wgmma does not exist on other targets.
 //
-// Layout: SW128 (kvpager_tma.cuh). Read as a K-major operand (rows = M or N,
-// the 64 values = K): stride between 8-row groups (SBO) 1024 bytes, a k16 step
-// is +32 bytes on the start address, the next 64 values of K the next region. Read as an MN-major operand (rows =
+// Layout (SW128): a tile of R rows of 16-bit values is stored as D / 64 regions
+// of R rows x 128 bytes (64 values of each row per region); within a region row
+// r's 16-byte chunk c sits at chunk c ^ (r % 8), so the 8 rows of a 1024-byte
+// atom spread each column over all banks. Every region starts on a 1024-byte
+// boundary (the hardware applies the swizzle to address bits 4-6 from bits 7-9).
+// Read as a K-major operand (rows = M or N, the 64 values = K): stride between
+// 8-row groups (SBO) 1024 bytes, a k16 step is +32 bytes on the start address,
+// the next 64 values of K the next region. Read as an MN-major operand (rows =
 // K, the 64 values = N, e.g. V token-major for P V): SBO 1024 bytes between
 // 8-row groups of K, LBO = the region size between 64-wide groups of N, a k16
 // step is +2048 bytes (16 rows).
@@ -20,6 +24,11 @@
 #else
 #define WG_AB "f16"
 #endif
+
+// Byte offset of 16-byte chunk ``chunk`` (8 values) of row ``r`` in a SW128 tile of ``rows`` rows.
+__device__ __forceinline__ int sw128_offset(int rows, int r, int chunk) {
+    return (chunk >> 3) * rows * 128 + r * 128 + (((chunk & 7) ^ (r & 7)) << 4);
+}
 
 // A wgmma shared-memory matrix descriptor, 128-byte swizzle: start address, leading and
 // stride byte offsets (all >> 4), base offset 0 (regions 1024-byte aligned).
@@ -34,6 +43,40 @@ __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.a
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory"); }
+// Ordinary (generic-proxy) writes to shared memory -> visible to wgmma's async-proxy reads.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// mbarriers (shared memory, 8 bytes each): init with an arrival count, arrive, and wait until
+// the phase of the given parity has completed.
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    asm volatile("{\n.reg .pred done;\nWAIT:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra WAIT;\n}\n" :: "r"(bar), "r"(parity) : "memory");
+}
+// Arrive at the mbarrier once every cp.async this thread issued so far has landed, without
+// waiting (noinc: the arrival is one of the count the barrier was initialised with).
+__device__ __forceinline__ void cp_async_mbar_arrive(unsigned bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(bar) : "memory");
+}
+// Arrive at the mbarrier (one of its count) and add ``bytes`` to the transactions its phase
+// waits for (the TMA copies below complete them).
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
+}
+// TMA: the 2-D box of the tensor map ``map`` (the generic address of a CUtensorMap in global
+// memory) at element coordinates (c0 innermost, c1) -> shared memory at ``dst``, laid out
+// (and swizzled) as the map says; its bytes complete transactions of the mbarrier ``bar``.
+__device__ __forceinline__ void tma_load_2d(unsigned dst, const void* map, int c0, int c1, unsigned bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3}], [%4];"
+                 :: "r"(dst), "l"(map), "r"(c0), "r"(c1), "r"(bar) : "memory");
+}
 // Registers of this warpgroup's threads handed back to / taken from the CTA's pool (warp
 // specialisation: a producer needs few, the MMA warpgroups many). Multiples of 8, 24-256.
 template <int R>

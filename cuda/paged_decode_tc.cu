@@ -33,16 +33,6 @@
 // (rows padded by 16 bytes so ldmatrix rows fall in different banks), and at least
 // HPC * WPH * GROUP * HEAD_DIM * 4 for the final merge.
 //
-// TMA (sm_90, 16-bit pools, head dims of whole 64-value regions): a tile whose 16
-// positions are all in [lo, end) comes as 2-D TMA boxes of the pool's tensor map
-// ``kv_map`` (one per block, K or V, and 64-value region, issued by lane 0), the rest
-// by cp.async with the zero fill; both land in the SW128 layout (kvpager_tma.cuh),
-// unpadded, from a 1024-byte boundary, and complete the stage's mbarrier (a count of
-// 32: lane 0's arrival with the TMA bytes and the other lanes' plain ones, or each
-// lane's cp.async arrival), on which the warp waits instead of cp.async groups.
-// Dynamic shared memory then: HPC * WPH * STAGES * 2 * 16 * HEAD_DIM * 2 + 1024 bytes
-// (at least the final merge's).
-//
 // KV_FP8 (an FP8 pool): the stages hold the FP8 bytes as stored (16 per cp.async,
 // half the bytes of a 16-bit pool), rows of HEAD_DIM bytes padded to an odd number of
 // 16-byte chunks; ldmatrix reads them as 16-bit pairs and each pair is converted to
@@ -53,12 +43,6 @@
 // power of two per warp, undone with the K scale.
 #include "kvpager_common.cuh"
 #include "kvpager_mma.cuh"
-#ifndef TMA
-#define TMA 0
-#endif
-#if TMA
-#include "kvpager_tma.cuh"
-#endif
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -97,16 +81,6 @@ constexpr int NCP = (T * CPR + 31) / 32;  // chunks per lane per tile, for K and
 constexpr int KSTEPS = D / 16;
 constexpr bool TWO = GROUP > 8;       // rows 8..15 of the M tile hold heads too
 constexpr int STAGE_ELEMS = 2 * T * LD;  // K rows then V rows
-#if TMA
-#if KV_FP8 || HEAD_DIM % 64
-#error "TMA loads are for 16-bit pools with head dims of whole 64-value regions"
-#endif
-constexpr int TMA_ROWS = BLOCK_SIZE < T ? BLOCK_SIZE : T;  // rows of one box (cupy_tma.box_rows)
-constexpr int TILE_BYTES = T * D * 2;       // one K (or V) tile, SW128, unpadded
-constexpr int STAGE_BYTES = 2 * TILE_BYTES;
-#else
-constexpr int STAGE_BYTES = STAGE_ELEMS * (int)sizeof(st_t);
-#endif
 static_assert(GROUP <= 16, "GQA groups up to 16");
 static_assert(NWARPS <= 16, "at most 16 warps per CTA");
 
@@ -122,39 +96,12 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     int layer, int num_layers, int num_kv_heads, int max_blocks, int num_splits,
     const int* __restrict__ item_start, int parts,
     const float* __restrict__ kv_scales,    // [num_layers, 2, num_kv_heads] (KV_FP8; else unused)
-    const void* __restrict__ kv_map,         // the pool's TMA tensor map (TMA; else unused)
     int window, float softcap, float scale_log2)
 {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gid = lane >> 2, tig = lane & 3, mi = lane >> 3;
-#if TMA
-    const unsigned raw_addr = smem_addr(smem_raw);
-    unsigned char* const wsm = smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr) + warp * STAGES * STAGE_BYTES;
-    __shared__ __align__(8) unsigned long long stage_bar[NWARPS * STAGES];  // this warp's: [warp * STAGES + s]
-    const unsigned bar0 = smem_addr(&stage_bar[warp * STAGES]);
-    if (lane == 0) {
-#pragma unroll
-        for (int s = 0; s < STAGES; ++s) mbar_init(bar0 + 8 * s, 32);
-        fence_mbar_init();
-    }
-    __syncwarp();
-#else
-    unsigned char* const wsm = smem_raw + warp * STAGES * STAGE_BYTES;
-#endif
-    // Where 16-byte chunk c of row r of stage st's K tile (V: + V_OFF) sits.
-    auto at = [&](int st, int r, int c) -> unsigned char* {
-#if TMA
-        return wsm + st * STAGE_BYTES + sw128_offset(T, r, c);
-#else
-        return wsm + st * STAGE_BYTES + (r * LD + c * ST_VEC) * (int)sizeof(st_t);
-#endif
-    };
-#if TMA
-    constexpr int V_OFF = TILE_BYTES;
-#else
-    constexpr int V_OFF = T * LD * (int)sizeof(st_t);
-#endif
+    st_t* const wsm = reinterpret_cast<st_t*>(smem_raw) + warp * STAGES * STAGE_ELEMS;
 
     const int nhc = num_kv_heads / HPC;
     const int hc = blockIdx.x % nhc;
@@ -207,34 +154,10 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
         x0 = k < nw && t0 + BLOCK_SIZE > lo ? __ldg(table + t0 / BLOCK_SIZE) : 0;
         x1 = (BLOCK_SIZE < T && k < nw && t0 + BLOCK_SIZE < end) ? __ldg(table + t0 / BLOCK_SIZE + 1) : 0;
     };
-    // Tile k's K and V rows -> stage st: TMA boxes where every position is in [lo, end) (TMA),
-    // else 16-byte cp.async copies, zero-filled outside [lo, end).
+    // cp.async of tile k's K and V rows into stage st.
     auto issue = [&](int k, int st, int x0, int x1) {
         const int t0 = start + (wi + WPH * k) * T;
-#if TMA
-        const unsigned bar = bar0 + 8 * st;
-        if (t0 >= lo && t0 + T <= end) {
-            if (lane != 0) {
-                mbar_arrive(bar);
-                return;
-            }
-            fence_proxy_async();  // this stage's ldmatrix reads (generic proxy) before TMA's writes
-            mbar_arrive_expect_tx(bar, STAGE_BYTES);
-            const int rows = (int)(block_stride / D), k_row = (int)(k_off / D), v_row = (int)(vk / D);
-            const unsigned ks = smem_addr(wsm + st * STAGE_BYTES);
-#pragma unroll
-            for (int j = 0; j < T / TMA_ROWS; ++j) {
-                const int row = (j == 0 ? x0 : x1) * rows + (BLOCK_SIZE >= T ? t0 % BLOCK_SIZE : 0) + k_row;
-#pragma unroll
-                for (int reg = 0; reg < D / 64; ++reg) {
-                    const unsigned off = reg * T * 128 + j * TMA_ROWS * 128;
-                    tma_load_2d(ks + off, kv_map, reg * 64, row, bar);
-                    tma_load_2d(ks + V_OFF + off, kv_map, reg * 64, row + v_row, bar);
-                }
-            }
-            return;
-        }
-#endif
+        st_t* ks = wsm + st * STAGE_ELEMS;
         const st_t* p0 = pool + (long long)x0 * block_stride + k_off
                          + (BLOCK_SIZE >= T ? (t0 % BLOCK_SIZE) * D : 0);
         const st_t* p1 = pool + (long long)x1 * block_stride + k_off;
@@ -245,13 +168,9 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
             const bool ok = t0 + row < end && t0 + row >= lo;  // zero-filled outside [lo, end)
             const st_t* src = ((BLOCK_SIZE < T && row >= BLOCK_SIZE) ? p1 + (row - BLOCK_SIZE) * D
                                                                      : p0 + row * D) + col;
-            unsigned char* dst = at(st, row, c % CPR);
-            cp_async16(dst, ok ? src : pool, ok);
-            cp_async16(dst + V_OFF, ok ? src + vk : pool, ok);
+            cp_async16(ks + row * LD + col, ok ? src : pool, ok);
+            cp_async16(ks + (T + row) * LD + col, ok ? src + vk : pool, ok);
         }
-#if TMA
-        cp_async_mbar_arrive(bar);
-#endif
     };
 
     float o[D / 8][4];
@@ -294,13 +213,12 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     for (int k = 0; k < nw; ++k) {
         if (k + STAGES - 1 < nw) issue(k + STAGES - 1, ist, x0, x1);
         lookup(k + STAGES, x0, x1);
-#if TMA
-        mbar_wait(bar0 + 8 * st, (k / STAGES) & 1);
-#else
         cp_commit();
         cp_wait<STAGES - 1>();
         __syncwarp();
-#endif
+
+        const st_t* ks = wsm + st * STAGE_ELEMS;
+        const st_t* vs = ks + T * LD;
         // S = Q K^T for the tile's 16 tokens (two n-tiles of 8), two accumulator sets.
         float s[2][4], s2[2][4];
 #pragma unroll
@@ -313,14 +231,14 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
         for (int kc = 0; kc < KSTEPS; kc += 2) {
             if (kc + 1 < KSTEPS) {
                 unsigned r[4];
-                ldsm_x4(r, at(st, (mi >> 1) * 8 + (lane & 7), kc + (mi & 1)));
+                ldsm_x4(r, ks + ((mi >> 1) * 8 + (lane & 7)) * LD + (kc + (mi & 1)) * 16);
                 mma_fp8_k(s[0], qa[kc], r[0]);
                 mma_fp8_k(s[1], qa[kc], r[2]);
                 mma_fp8_k(s2[0], qa[kc + 1], r[1]);
                 mma_fp8_k(s2[1], qa[kc + 1], r[3]);
             } else {
                 unsigned r[2];
-                ldsm_x2(r, at(st, (mi & 1) * 8 + (lane & 7), kc));
+                ldsm_x2(r, ks + ((mi & 1) * 8 + (lane & 7)) * LD + kc * 16);
                 mma_fp8_k(s[0], qa[kc], r[0]);
                 mma_fp8_k(s[1], qa[kc], r[1]);
             }
@@ -329,7 +247,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
 #pragma unroll
         for (int kk = 0; kk < KSTEPS; ++kk) {
             unsigned bk[4];
-            ldsm_x4(bk, at(st, (mi >> 1) * 8 + (lane & 7), 2 * kk + (mi & 1)));
+            ldsm_x4(bk, ks + ((mi >> 1) * 8 + (lane & 7)) * LD + kk * 16 + (mi & 1) * 8);
             float (&acc)[2][4] = (kk & 1) ? s2 : s;
             mma16816(acc[0], qa[kk], bk[0], bk[1]);
             mma16816(acc[1], qa[kk], bk[2], bk[3]);
@@ -414,12 +332,12 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
         for (int vc = 0; vc < KSTEPS; vc += 2) {
             if (vc + 1 < KSTEPS) {
                 unsigned r[4];
-                ldsm_x4_t(r, at(st, (mi & 1) * 8 + (lane & 7), vc + (mi >> 1)) + V_OFF);
+                ldsm_x4_t(r, vs + ((mi & 1) * 8 + (lane & 7)) * LD + (vc + (mi >> 1)) * 16);
                 mma_fp8_v(o[2 * vc], o[2 * vc + 1], pa, r[0], r[1]);
                 mma_fp8_v(o[2 * vc + 2], o[2 * vc + 3], pa, r[2], r[3]);
             } else {
                 unsigned r[2];
-                ldsm_x2_t(r, at(st, (mi & 1) * 8 + (lane & 7), vc) + V_OFF);
+                ldsm_x2_t(r, vs + ((mi & 1) * 8 + (lane & 7)) * LD + vc * 16);
                 mma_fp8_v(o[2 * vc], o[2 * vc + 1], pa, r[0], r[1]);
             }
         }
@@ -427,7 +345,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
 #pragma unroll
         for (int np = 0; np < KSTEPS; ++np) {
             unsigned bv[4];
-            ldsm_x4_t(bv, at(st, (mi & 1) * 8 + (lane & 7), 2 * np + (mi >> 1)) + V_OFF);
+            ldsm_x4_t(bv, vs + ((mi & 1) * 8 + (lane & 7)) * LD + np * 16 + (mi >> 1) * 8);
             mma16816(o[2 * np], pa, bv[0], bv[1]);
             mma16816(o[2 * np + 1], pa, bv[2], bv[3]);
         }

@@ -38,7 +38,6 @@
 // 1024: the layout's regions start on 1024-byte boundaries).
 #include "kvpager_common.cuh"
 #include "kvpager_mma.cuh"
-#include "kvpager_tma.cuh"
 #include "kvpager_wgmma.cuh"
 
 #ifndef HEAD_DIM

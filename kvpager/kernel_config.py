@@ -35,9 +35,6 @@ class KernelConfig:
     decode_warps_per_head: int | None = None
     #: contexts up to this long (with CTAs to spare) get 4 kv heads per CTA, one warp each
     decode_short_context: int = 512
-    #: paged_decode_tc.cu loads the tiles whose positions are all in range by TMA (compute
-    #: capability 9.0, 16-bit pools, head dims of whole 64-value regions; else cp.async alone)
-    decode_tma: bool = False
     #: 16-row m-tiles per warp in paged_prefill.cu and cascade_prefix.cu; None: 2 up to head dim 128, else 1
     prefill_mt: int | None = None
     #: the multi-token kernel: "mma" (paged_prefill.cu, every GPU), "wgmma" (paged_prefill_sm90.cu:

@@ -21,15 +21,10 @@ def decode_row_bytes(head_dim: int, itemsize: int) -> int:
     return (head_dim + 8) * itemsize
 
 
-def decode_tc_smem(head_dim: int, itemsize: int, warps: int, stages: int, group: int, tma: bool = False) -> int:
-    """paged_decode_tc.cu: its warps' stages (two 16-row K and V tiles each; with TMA
-    unpadded, and 1024 bytes to align them), and at least the float32 rows of the final
-    merge (which reuses them)."""
-    if tma:
-        stages_bytes = warps * stages * 2 * 16 * head_dim * itemsize + 1024
-    else:
-        stages_bytes = warps * stages * 2 * 16 * decode_row_bytes(head_dim, itemsize)
-    return max(stages_bytes, warps * group * head_dim * 4)
+def decode_tc_smem(head_dim: int, itemsize: int, warps: int, stages: int, group: int) -> int:
+    """paged_decode_tc.cu: its warps' stages (two 16-row K and V tiles each), and at
+    least the float32 rows of the final merge (which reuses them)."""
+    return max(warps * stages * 2 * 16 * decode_row_bytes(head_dim, itemsize), warps * group * head_dim * 4)
 
 
 def prefill_smem(head_dim: int, mt: int, bn: int, stages: int, fp8: bool) -> int:

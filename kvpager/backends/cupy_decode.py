@@ -17,14 +17,11 @@ from typing import Any
 
 from kvpager import kernels
 from kvpager.kernel_config import KernelConfig
-from kvpager.backends.cupy_tma import box_rows, pool_map, tma_unsupported
 from kvpager.kernel_smem import check_fits, decode_row_bytes, decode_tc_smem
 from kvpager.launch import Launch, i32, ptr
 
 #: shared memory the decode planner sizes its stages and layouts to, per SM (an H100 / H200 has 227 KiB)
 SMEM_BUDGET = 220 * 1024
-#: positions of one paged_decode_tc.cu warp tile
-TILE = 16
 
 
 @dataclass(frozen=True)
@@ -90,19 +87,10 @@ def decode_stages(head_dim: int, itemsize: int, warps: int, config: KernelConfig
     return int(max(2, min(most, budget // per_stage)))
 
 
-def decode_tma(spec: Any, config: KernelConfig, cc: tuple[int, int]) -> bool:
-    """Whether paged_decode_tc.cu loads by TMA (``config.decode_tma``) on a device of compute
-    capability ``cc``: sm_90 and newer, 16-bit pools whose head dim is whole 64-value regions
-    and whose blocks TMA boxes can read (`cupy_tma.tma_unsupported`)."""
-    return (bool(config.decode_tma) and tuple(cc) >= (9, 0) and spec.head_dim % 64 == 0
-            and tma_unsupported(spec, TILE) is None)
-
-
 def decode_shape(spec: Any, group: int, items: int, max_len: int, num_sms: int,
-                 config: KernelConfig, tma: bool = False) -> DecodeShape:
+                 config: KernelConfig) -> DecodeShape:
     """The decode kernel of ``items`` work items of at most ``max_len`` positions (GQA
-    ``group`` query heads per kv head) over the pool ``spec`` on ``num_sms`` SMs; ``tma``
-    (`decode_tma`): its full tiles by TMA."""
+    ``group`` query heads per kv head) over the pool ``spec`` on ``num_sms`` SMs."""
     base = {**kernels.storage_defines(spec), "HEAD_DIM": spec.head_dim, "BLOCK_SIZE": spec.block_size}
     if spec.dtype == "float32":
         gs = decode_subgroup(spec.dtype, spec.head_dim, group)
@@ -114,9 +102,7 @@ def decode_shape(spec: Any, group: int, items: int, max_len: int, num_sms: int,
     defs = {**base, "GROUP": group, "STAGES": stages, "HPC": hpc, "WPH": wph}
     if config.decode_l2_prefetch:
         defs["CP_L2_PREFETCH"] = config.decode_l2_prefetch
-    if tma:
-        defs["TMA"] = 1
-    smem = decode_tc_smem(spec.head_dim, spec.itemsize, hpc * wph, stages, group, tma)
+    smem = decode_tc_smem(spec.head_dim, spec.itemsize, hpc * wph, stages, group)
     return DecodeShape("paged_decode_tc.cu", "paged_decode_tc", defs, items * (spec.num_kv_heads // hpc),
                        32 * hpc * wph, smem, True)
 
@@ -162,19 +148,11 @@ def merge_defines(spec: Any) -> dict[str, int]:
 
 
 # -- launches -----------------------------------------------------------------------------
-def decode_kernel(plan: Any, group: int, max_len: int, config: KernelConfig
-                  ) -> tuple[DecodeShape, Any, int, Any]:
-    """(shape, compiled kernel, split count, the pool's TMA tensor map or None) of ``plan``'s
-    decode; ``plan.num_splits`` overrides. Where the driver cannot encode the map (logged
-    once), the kernel without TMA."""
+def decode_kernel(plan: Any, group: int, max_len: int, config: KernelConfig) -> tuple[DecodeShape, Any, int]:
+    """(shape, compiled kernel, split count) of ``plan``'s decode; ``plan.num_splits`` overrides."""
     dev = plan.device
     nsm = kernels.num_sms(dev)
-    kv_map = None
-    tma = decode_tma(plan.spec, config, kernels.compute_capability(dev))
-    if tma:
-        kv_map = pool_map(plan.backend, box_rows(plan.spec.block_size, TILE))
-        tma = kv_map is not None
-    shape = decode_shape(plan.spec, group, plan.items, max_len, nsm, config, tma)
+    shape = decode_shape(plan.spec, group, plan.items, max_len, nsm, config)
     if shape.tc:
         check_fits(shape.smem, kernels.device_attributes(dev),
                    "paged_decode_tc.cu with these decode_stages / decode_heads_per_cta / decode_warps_per_head")
@@ -185,14 +163,13 @@ def decode_kernel(plan: Any, group: int, max_len: int, config: KernelConfig
             fn.max_dynamic_shared_size_bytes = shape.smem
         resident = kernels.resident_ctas(fn, shape.threads, shape.smem, dev)
     splits = plan.num_splits or plan_splits(shape.ctas, max_len, nsm, resident, fill=not plan.spec.is_fp8)
-    return shape, fn, int(splits), kv_map
+    return shape, fn, int(splits)
 
 
 def decode_launch(plan: Any, shape: DecodeShape, fn: Any, splits: int, group: int, cells: dict[str, Any],
-                  part_o: Any, part_lse: Any, own_start: Any, parts: int, kv_map: Any = None) -> Launch:
+                  part_o: Any, part_lse: Any, own_start: Any, parts: int) -> Launch:
     """The decode launch; ``cells``: q, pool, tables, item_seq, item_len, out, common
-    (layer, layers, kv heads), scales, window, softcap, scale (`attention_launches`);
-    ``kv_map``: the pool's TMA tensor map where ``shape`` loads by TMA."""
+    (layer, layers, kv heads), scales, window, softcap, scale (`attention_launches`)."""
     c = cells
     args = [c["q"], c["pool"], c["tables"], c["item_seq"], c["item_len"], c["out"], part_o, part_lse,
             *c["common"]]
@@ -200,7 +177,7 @@ def decode_launch(plan: Any, shape: DecodeShape, fn: Any, splits: int, group: in
         args.append(i32(group))
     args += [i32(plan.width), i32(splits), own_start, i32(parts)]
     if shape.tc:
-        args += [c["scales"], ptr(0 if kv_map is None else kv_map.data.ptr)]
+        args.append(c["scales"])
     args += [c["window"], c["softcap"], c["scale"]]
     return Launch(fn, (shape.ctas, splits), shape.threads, shape.smem, args, plan.device)
 

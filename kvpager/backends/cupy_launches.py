@@ -52,7 +52,7 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
         max_len = plan.max_len
         if shared is not None:  # the decode kernel reads only each sequence's own positions
             max_len = int((plan.seq_lens - shared.own_start).max())
-        shape, fn, splits, kv_map = decode_kernel(plan, group, max_len, config)
+        shape, fn, splits = decode_kernel(plan, group, max_len, config)
         rows = plan.items * num_q_heads
         cascade = None
         if shared is not None and shape.tc:
@@ -67,8 +67,7 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
         else:
             part_o = part_lse = ptr(0)
         own_start = ptr(cascade.own_start if cascade else 0)
-        launches = [decode_launch(plan, shape, fn, splits, group, cells, part_o, part_lse, own_start, parts,
-                                  kv_map)]
+        launches = [decode_launch(plan, shape, fn, splits, group, cells, part_o, part_lse, own_start, parts)]
         if cascade is not None:
             launches.append(cascade.launch(cells["q"], cells["pool"], cells["tables"], part_o, part_lse,
                                            cells["common"], plan.width, cells["scales"], cells["softcap"],
