@@ -11,19 +11,28 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
 }
 
 // 16 bytes global -> shared, bypassing L1; zero-filled when !valid (src is not read).
-// CP_L2_PREFETCH (128 or 256) adds an L2 prefetch-size hint to each copy.
+// CP_L2_PREFETCH (128 or 256) adds an L2 prefetch-size hint to each copy; CP_EVICT_FIRST an
+// L2 evict-first policy (K/V a kernel reads once: its lines are the first L2 gives back).
 #ifndef CP_L2_PREFETCH
 #define CP_L2_PREFETCH 0
 #endif
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#ifndef CP_EVICT_FIRST
+#define CP_EVICT_FIRST 0
+#endif
 #if CP_L2_PREFETCH == 256
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;"
-                 :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
+#define CP_PREFETCH ".L2::256B"
 #elif CP_L2_PREFETCH == 128
-    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;"
+#define CP_PREFETCH ".L2::128B"
+#else
+#define CP_PREFETCH ""
+#endif
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#if CP_EVICT_FIRST
+    asm volatile("{\n.reg .b64 pol;\ncreatepolicy.fractional.L2::evict_first.b64 pol, 1.0;\n"
+                 "cp.async.cg.shared.global.L2::cache_hint" CP_PREFETCH " [%0], [%1], 16, %2, pol;\n}\n"
                  :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
 #else
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+    asm volatile("cp.async.cg.shared.global" CP_PREFETCH " [%0], [%1], 16, %2;"
                  :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
 #endif
 }

@@ -36,6 +36,8 @@ pytestmark = pytest.mark.gpu
     ("bfloat16", {"decode_stages": 4}, 40),    # more splits than the merge has split lanes
     ("bfloat16", {"decode_l2_prefetch": 0}, 2),
     ("bfloat16", {"decode_l2_prefetch": 256}, None),
+    ("bfloat16", {"decode_l2_evict_first": False}, 2),
+    ("bfloat16", {"decode_l2_evict_first": False, "decode_l2_prefetch": 0}, None),
     ("float32", {"decode_rows": 1}, 3),        # the CUDA-core kernel's rows per iteration
     ("float32", {"decode_rows": 8}, None),
 ])

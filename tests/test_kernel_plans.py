@@ -117,7 +117,9 @@ def test_knobs_reach_the_launches():
     _, s, _ = decode(*args, config=KernelConfig(decode_stages=2))
     assert s.defines["STAGES"] == 2 and s.smem < base.smem
     _, s, _ = decode(*args, config=KernelConfig(decode_l2_prefetch=0))
-    assert "CP_L2_PREFETCH" not in s.defines
+    assert "CP_L2_PREFETCH" not in s.defines and s.defines["CP_EVICT_FIRST"] == 1
+    _, s, _ = decode(*args, config=KernelConfig(decode_l2_evict_first=False))
+    assert "CP_EVICT_FIRST" not in s.defines and s.defines["CP_L2_PREFETCH"] == 128
     _, s, _ = decode(*args, config=KernelConfig(decode_heads_per_cta=8, decode_warps_per_head=1))
     assert (s.defines["HPC"], s.defines["WPH"], s.ctas, s.threads) == (8, 1, 64, 256)
     _, s, _ = decode(*args, config=KernelConfig(decode_heads_per_cta=3))  # cut to a divisor of 8 kv heads
@@ -185,7 +187,7 @@ def test_copy_grid_is_one_cta_per_chunk():
     ("prefill_wgmma_bn", 96), ("prefill_wgmma_stages", 1), ("prefill_wgmma_stages", 5),
     ("prefill_wgmma_stages", 2.0), ("prefill_wgmma_overlap", 1), ("prefill_wgmma_overlap", None),
     ("prefill_wgmma_producer", "yes"), ("prefill_wgmma_producer", 0), ("decode_cascade_fork", 1),
-    ("decode_cascade_fork", None),
+    ("decode_cascade_fork", None), ("decode_l2_evict_first", 1), ("decode_l2_evict_first", None),
 ])
 def test_bad_knobs_are_refused_by_name(knob, value):
     with pytest.raises(InvalidArgument, match=f"KernelConfig.{knob}"):

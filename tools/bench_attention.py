@@ -279,9 +279,9 @@ def layout_variants(batch: int, ctx: int) -> list[tuple[str, KernelConfig, int |
 
 def sweep_variants(batch: int, ctx: int) -> list[tuple[str, KernelConfig, int | None]]:
     """The --sweep variants of a decode case after the production config: the L2 prefetch
-    hint off and at 256 bytes, 2 and 4 stages, other split counts."""
+    hint off and at 256 bytes, the L2 evict-first policy off, 2 and 4 stages, other split counts."""
     c = KernelConfig()
-    variants = [("", c, None)]
+    variants = [("", c, None), ("L2 evict-first off", c.replace(decode_l2_evict_first=False), None)]
     if batch >= 64 and ctx >= 1024:
         variants += [(f"L2 prefetch {pf or 'off'}", c.replace(decode_l2_prefetch=pf), None) for pf in (0, 256)]
     if ctx >= 4096:

@@ -102,6 +102,8 @@ def decode_shape(spec: Any, group: int, items: int, max_len: int, num_sms: int,
     defs = {**base, "GROUP": group, "STAGES": stages, "HPC": hpc, "WPH": wph}
     if config.decode_l2_prefetch:
         defs["CP_L2_PREFETCH"] = config.decode_l2_prefetch
+    if config.decode_l2_evict_first:
+        defs["CP_EVICT_FIRST"] = 1
     smem = decode_tc_smem(spec.head_dim, spec.itemsize, hpc * wph, stages, group)
     return DecodeShape("paged_decode_tc.cu", "paged_decode_tc", defs, items * (spec.num_kv_heads // hpc),
                        32 * hpc * wph, smem, True)
