@@ -29,8 +29,13 @@
 // raw scores s (q . k) become softcap * tanh(s / softcap), so the host passes
 // the cap divided by the scale.
 //
-// Dynamic shared memory: HPC * WPH * STAGES * 2 * 16 * LD * ST_BYTES bytes, LD = HEAD_DIM + 8
-// (rows padded by 16 bytes so ldmatrix rows fall in different banks), and at least
+// Shared-memory stages, 16-bit pools whose head dim is whole 64-value regions (SW): rows
+// unpadded in the 128-byte XOR swizzle (a row's 16-byte chunk c of each 64-value region at
+// chunk c ^ (row % 8)), so ldmatrix's 8 rows fall in different banks and a warp's copies
+// fill whole 128-byte lines (rows padded by 16 bytes instead read 5% slower: a decode of
+// 64 x 4,096 on an H200, copies alone 4.27 against 4.50 TB/s). Other head dims: rows of
+// HEAD_DIM + 8 elements. Dynamic shared memory: HPC * WPH * STAGES * 2 * 16 * row
+// bytes (SW: + 128 to align the stages to 128 bytes), and at least
 // HPC * WPH * GROUP * HEAD_DIM * 4 for the final merge.
 //
 // KV_FP8 (an FP8 pool): the stages hold the FP8 bytes as stored (16 per cp.async,
@@ -71,16 +76,22 @@ constexpr int D = HEAD_DIM;
 constexpr int T = 16;                 // tokens per warp tile
 constexpr int NWARPS = HPC * WPH;
 constexpr int NT = NWARPS * 32;
-#if KV_FP8
-constexpr int LD = (D / 16) % 2 ? D : D + 16;  // an odd number of 16-byte chunks per row
-#else
-constexpr int LD = D + 8;             // padded shared-memory row, in elements
-#endif
 constexpr int CPR = D / ST_VEC;       // 16-byte chunks per row
 constexpr int NCP = (T * CPR + 31) / 32;  // chunks per lane per tile, for K and for V each
 constexpr int KSTEPS = D / 16;
 constexpr bool TWO = GROUP > 8;       // rows 8..15 of the M tile hold heads too
-constexpr int STAGE_ELEMS = 2 * T * LD;  // K rows then V rows
+#if !KV_FP8 && HEAD_DIM % 64 == 0
+#define SW 1
+constexpr int ROW_BYTES = D * ST_BYTES;  // unpadded, swizzled
+#elif KV_FP8
+#define SW 0
+constexpr int ROW_BYTES = (D / 16) % 2 ? D : D + 16;  // an odd number of 16-byte chunks per row
+#else
+#define SW 0
+constexpr int ROW_BYTES = (D + 8) * ST_BYTES;  // padded by 16 bytes
+#endif
+constexpr int STAGE_BYTES = 2 * T * ROW_BYTES;  // K rows then V rows
+constexpr int V_OFF = T * ROW_BYTES;            // V rows' offset in a stage
 static_assert(GROUP <= 16, "GQA groups up to 16");
 static_assert(NWARPS <= 16, "at most 16 warps per CTA");
 
@@ -101,7 +112,19 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gid = lane >> 2, tig = lane & 3, mi = lane >> 3;
-    st_t* const wsm = reinterpret_cast<st_t*>(smem_raw) + warp * STAGES * STAGE_ELEMS;
+#if SW
+    unsigned char* const wsm = smem_raw + ((128u - (smem_addr(smem_raw) & 127u)) & 127u) + warp * STAGES * STAGE_BYTES;
+#else
+    unsigned char* const wsm = smem_raw + warp * STAGES * STAGE_BYTES;
+#endif
+    // Where 16-byte chunk c of row r of stage st's K tile (V: + V_OFF) sits.
+    auto at = [&](int st, int r, int c) -> unsigned char* {
+#if SW
+        return wsm + st * STAGE_BYTES + (c >> 3) * T * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+#else
+        return wsm + st * STAGE_BYTES + r * ROW_BYTES + c * 16;
+#endif
+    };
 
     const int nhc = num_kv_heads / HPC;
     const int hc = blockIdx.x % nhc;
@@ -157,7 +180,6 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     // cp.async of tile k's K and V rows into stage st.
     auto issue = [&](int k, int st, int x0, int x1) {
         const int t0 = start + (wi + WPH * k) * T;
-        st_t* ks = wsm + st * STAGE_ELEMS;
         const st_t* p0 = pool + (long long)x0 * block_stride + k_off
                          + (BLOCK_SIZE >= T ? (t0 % BLOCK_SIZE) * D : 0);
         const st_t* p1 = pool + (long long)x1 * block_stride + k_off;
@@ -168,8 +190,9 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
             const bool ok = t0 + row < end && t0 + row >= lo;  // zero-filled outside [lo, end)
             const st_t* src = ((BLOCK_SIZE < T && row >= BLOCK_SIZE) ? p1 + (row - BLOCK_SIZE) * D
                                                                      : p0 + row * D) + col;
-            cp_async16(ks + row * LD + col, ok ? src : pool, ok);
-            cp_async16(ks + (T + row) * LD + col, ok ? src + vk : pool, ok);
+            unsigned char* dst = at(st, row, c % CPR);
+            cp_async16(dst, ok ? src : pool, ok);
+            cp_async16(dst + V_OFF, ok ? src + vk : pool, ok);
         }
     };
 
@@ -217,8 +240,6 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
         cp_wait<STAGES - 1>();
         __syncwarp();
 
-        const st_t* ks = wsm + st * STAGE_ELEMS;
-        const st_t* vs = ks + T * LD;
         // S = Q K^T for the tile's 16 tokens (two n-tiles of 8), two accumulator sets.
         float s[2][4], s2[2][4];
 #pragma unroll
@@ -231,14 +252,14 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
         for (int kc = 0; kc < KSTEPS; kc += 2) {
             if (kc + 1 < KSTEPS) {
                 unsigned r[4];
-                ldsm_x4(r, ks + ((mi >> 1) * 8 + (lane & 7)) * LD + (kc + (mi & 1)) * 16);
+                ldsm_x4(r, at(st, (mi >> 1) * 8 + (lane & 7), kc + (mi & 1)));
                 mma_fp8_k(s[0], qa[kc], r[0]);
                 mma_fp8_k(s[1], qa[kc], r[2]);
                 mma_fp8_k(s2[0], qa[kc + 1], r[1]);
                 mma_fp8_k(s2[1], qa[kc + 1], r[3]);
             } else {
                 unsigned r[2];
-                ldsm_x2(r, ks + ((mi & 1) * 8 + (lane & 7)) * LD + kc * 16);
+                ldsm_x2(r, at(st, (mi & 1) * 8 + (lane & 7), kc));
                 mma_fp8_k(s[0], qa[kc], r[0]);
                 mma_fp8_k(s[1], qa[kc], r[1]);
             }
@@ -247,7 +268,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
 #pragma unroll
         for (int kk = 0; kk < KSTEPS; ++kk) {
             unsigned bk[4];
-            ldsm_x4(bk, ks + ((mi >> 1) * 8 + (lane & 7)) * LD + kk * 16 + (mi & 1) * 8);
+            ldsm_x4(bk, at(st, (mi >> 1) * 8 + (lane & 7), 2 * kk + (mi & 1)));
             float (&acc)[2][4] = (kk & 1) ? s2 : s;
             mma16816(acc[0], qa[kk], bk[0], bk[1]);
             mma16816(acc[1], qa[kk], bk[2], bk[3]);
@@ -332,12 +353,12 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
         for (int vc = 0; vc < KSTEPS; vc += 2) {
             if (vc + 1 < KSTEPS) {
                 unsigned r[4];
-                ldsm_x4_t(r, vs + ((mi & 1) * 8 + (lane & 7)) * LD + (vc + (mi >> 1)) * 16);
+                ldsm_x4_t(r, at(st, (mi & 1) * 8 + (lane & 7), vc + (mi >> 1)) + V_OFF);
                 mma_fp8_v(o[2 * vc], o[2 * vc + 1], pa, r[0], r[1]);
                 mma_fp8_v(o[2 * vc + 2], o[2 * vc + 3], pa, r[2], r[3]);
             } else {
                 unsigned r[2];
-                ldsm_x2_t(r, vs + ((mi & 1) * 8 + (lane & 7)) * LD + vc * 16);
+                ldsm_x2_t(r, at(st, (mi & 1) * 8 + (lane & 7), vc) + V_OFF);
                 mma_fp8_v(o[2 * vc], o[2 * vc + 1], pa, r[0], r[1]);
             }
         }
@@ -345,7 +366,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
 #pragma unroll
         for (int np = 0; np < KSTEPS; ++np) {
             unsigned bv[4];
-            ldsm_x4_t(bv, vs + ((mi & 1) * 8 + (lane & 7)) * LD + np * 16 + (mi >> 1) * 8);
+            ldsm_x4_t(bv, at(st, (mi & 1) * 8 + (lane & 7), 2 * np + (mi >> 1)) + V_OFF);
             mma16816(o[2 * np], pa, bv[0], bv[1]);
             mma16816(o[2 * np + 1], pa, bv[2], bv[3]);
         }

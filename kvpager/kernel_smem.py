@@ -12,19 +12,30 @@ from typing import Any
 from kvpager.errors import UnsupportedConfiguration
 
 
+def decode_swizzled(head_dim: int, itemsize: int) -> bool:
+    """Whether paged_decode_tc.cu keeps its stages' rows unpadded in the 128-byte XOR
+    swizzle (its SW): 16-bit pools whose head dim is whole 64-value regions."""
+    return itemsize == 2 and head_dim % 64 == 0
+
+
 def decode_row_bytes(head_dim: int, itemsize: int) -> int:
-    """Bytes of a K/V row in paged_decode_tc.cu's shared memory: padded by 16 bytes
-    (itemsize 1, FP8: to an odd number of 16-byte chunks), so ldmatrix rows fall
-    in different banks."""
+    """Bytes of a K/V row in paged_decode_tc.cu's shared memory: unpadded where it
+    swizzles (`decode_swizzled`), else padded by 16 bytes (itemsize 1, FP8: to an odd
+    number of 16-byte chunks), so ldmatrix rows fall in different banks."""
+    if decode_swizzled(head_dim, itemsize):
+        return head_dim * itemsize
     if itemsize == 1:
         return head_dim if (head_dim // 16) % 2 else head_dim + 16
     return (head_dim + 8) * itemsize
 
 
 def decode_tc_smem(head_dim: int, itemsize: int, warps: int, stages: int, group: int) -> int:
-    """paged_decode_tc.cu: its warps' stages (two 16-row K and V tiles each), and at
-    least the float32 rows of the final merge (which reuses them)."""
-    return max(warps * stages * 2 * 16 * decode_row_bytes(head_dim, itemsize), warps * group * head_dim * 4)
+    """paged_decode_tc.cu: its warps' stages (two 16-row K and V tiles each; swizzled ones
+    with 128 bytes to align them), and at least the float32 rows of the final merge
+    (which reuses them)."""
+    align = 128 if decode_swizzled(head_dim, itemsize) else 0
+    return max(warps * stages * 2 * 16 * decode_row_bytes(head_dim, itemsize) + align,
+               warps * group * head_dim * 4)
 
 
 def prefill_smem(head_dim: int, mt: int, bn: int, stages: int, fp8: bool) -> int:

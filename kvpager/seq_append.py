@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 from itertools import compress
-from operator import itemgetter
+from operator import countOf, itemgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kvpager.errors import InvalidArgument, OutOfBlocks
 from kvpager.history import writable
+from kvpager.validate import all_type
 from kvpager.prefix_cache import token_array
 
 if TYPE_CHECKING:
@@ -31,12 +32,11 @@ _NO_COPIES = np.zeros((0, 2), dtype=np.int64)
 #: Token ids are int64 (block keys hash their bytes): one out of range must fail
 #: the append, not a later commit halfway through its batch.
 _LIMIT = 1 << 63
-_INT = {int}
 
 
 def _token_list(ids: object) -> list[int]:
     """Token ids of an append as a list of ints (validated: bools refused)."""
-    if (type(ids) is list and (len(ids) == 1 and type(ids[0]) is int or set(map(type, ids)) <= _INT)
+    if (type(ids) is list and (len(ids) == 1 and type(ids[0]) is int or all_type(ids, int))
             and (not ids or min(ids) >= -_LIMIT and max(ids) < _LIMIT)):
         return ids
     return token_array(ids, "token_ids").tolist()
@@ -122,8 +122,8 @@ def _decode(
     if token_ids is not None:
         ids_list = list(token_ids)
         # Each a list of one int, checked at C speed; anything else the slow way.
-        if not (set(map(type, ids_list)) <= {list} and set(map(len, ids_list)) == {1}
-                and set(map(type, map(itemgetter(0), ids_list))) <= {int}
+        if not (all_type(ids_list, list) and countOf(map(len, ids_list), 1) == len(ids_list)
+                and countOf(map(type, map(itemgetter(0), ids_list)), int) == len(ids_list)
                 and min(map(itemgetter(0), ids_list)) >= -_LIMIT and max(map(itemgetter(0), ids_list)) < _LIMIT):
             for k, (s, ids) in enumerate(zip(seq_ids, ids_list)):
                 if ids is not None:
@@ -138,9 +138,9 @@ def _decode(
     nt = bt.num_tokens[rows]
     off = nt & (m.block_size - 1)
     last = bt.last[rows]  # the null block where a row is empty
-    partial = off != 0
-    cow = partial & (pool.ref_cnt[last] > 1)
-    needs = cow | (off == 0)
+    # A row needs a block at a block boundary, or a copy of its partly filled last block
+    # when that is shared (copy-on-write).
+    needs = (off == 0) | (pool.ref_cnt[last] > 1)
     k = np.count_nonzero(needs)
     copies = _NO_COPIES
     blocks = last
@@ -157,11 +157,12 @@ def _decode(
         bt.last[at] = new
         blocks = last.copy()
         blocks[needs] = new
+        cow = needs & (off != 0)
         c = cow[needs]
         if np.count_nonzero(c):
             copies = np.stack([last[cow], new[c]], axis=1)
     if len(pool.cache):
-        _unpublish(m, last[partial ^ cow])  # partial and not copied
+        _unpublish(m, last[~needs])  # partly filled and not copied
     slots = (blocks << shift) | off
     if ids_list is not None:
         _record(m, seq_ids, rows, nt, ids_list, 1)
@@ -221,8 +222,8 @@ def record(m: SequenceManager, seq_ids: list[int], token_ids: Seq[Seq[int]], own
     bt = m.table
     known, nt = bt.known[rows], bt.num_tokens[rows]
     ids_list: list[Any] = list(token_ids)
-    if ids_list and set(map(type, ids_list)) == {list} and set(map(len, ids_list)) == {1} \
-            and set(map(type, map(itemgetter(0), ids_list))) == {int} \
+    if ids_list and all_type(ids_list, list) and countOf(map(len, ids_list), 1) == len(ids_list) \
+            and countOf(map(type, map(itemgetter(0), ids_list)), int) == len(ids_list) \
             and min(map(itemgetter(0), ids_list)) >= -_LIMIT and max(map(itemgetter(0), ids_list)) < _LIMIT:
         n: Any = 1  # one id each (a pipelined decode step), checked at C speed
         over = np.flatnonzero(known >= nt)

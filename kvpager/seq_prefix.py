@@ -19,7 +19,7 @@ import numpy as np
 from kvpager.errors import InvalidArgument, OutOfBlocks
 from kvpager.history import History
 from kvpager.prefix_cache import chain_keys, root_key, token_array
-from kvpager.validate import is_int
+from kvpager.validate import all_type, is_int
 
 if TYPE_CHECKING:
     from kvpager.sequences import SequenceManager
@@ -155,7 +155,7 @@ def commit(m: SequenceManager, seq_ids: list[int], upto: Seq[int | None],
     nt = bt.num_tokens[rows]
     if upto.count(None) == len(upto):  # `per_seq` gives a list
         ups = nt
-    elif set(map(type, upto)) == {int}:  # a pipelined decode step's: checked at C speed
+    elif upto and all_type(upto, int):  # a pipelined decode step's: checked at C speed
         ups = np.fromiter(upto, np.int64, len(upto))
         bad = np.flatnonzero((ups < 0) | (ups > nt))
         if len(bad):

@@ -188,6 +188,11 @@ class Dispatch:
     def _bound(self, op: str, a: dict[str, Any]) -> int:
         """The per-request limits: ids and tokens in one request (len() only); the token ids counted."""
         lim = self.limits
+        if len(a) == 1 and "seq_ids" in a:  # ids alone (a decode step's append): no token ids
+            v = a["seq_ids"]
+            if _sized(v) and len(v) > lim.ids:
+                lim.check("ids", len(v), f"{op}: seq_ids")
+            return 0
         for name in ("seq_ids", "prompts", "lengths", "upto", "token_ids", "query_lens", "salt", "positions"):
             v = a.get(name)
             if _sized(v) and len(v) > lim.ids:

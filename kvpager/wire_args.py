@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from kvpager.errors import InvalidArgument
+from kvpager.validate import all_type
 
 #: Token ids are int64 in the allocator (block keys hash their bytes).
 TOKEN_LIMIT = 1 << 63
@@ -22,7 +23,7 @@ def wire_ids(value: Any, what: str = "seq_ids") -> list[int]:
         return [value]
     if isinstance(value, np.ndarray) and value.ndim <= 1 and value.dtype.kind in "iu":
         return value.tolist() if value.ndim else [int(value)]
-    if isinstance(value, list) and set(map(type, value)) <= {int}:  # bools excluded: type(True) is bool
+    if isinstance(value, list) and all_type(value, int):  # bools excluded: type(True) is bool
         return value
     raise InvalidArgument(f"{what} must be an int or a list of ints")
 

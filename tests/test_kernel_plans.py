@@ -141,11 +141,16 @@ def test_knobs_reach_the_launches():
 
 def test_shared_memory_a_config_asks_for_must_fit():
     _, s, _ = decode("bfloat16", None, 256, 16, 8, 4, 64, 4096, 168, config=KernelConfig(decode_stages=8))
-    assert s.smem == 4 * 8 * 2 * 16 * (256 + 8) * 2  # paged_decode_tc.cu's header formula
+    assert s.smem == 4 * 8 * 2 * 16 * 256 * 2 + 128  # paged_decode_tc.cu's header formula (swizzled rows)
     with pytest.raises(UnsupportedConfiguration, match="shared memory"):
         check_fits(s.smem, H200, "paged_decode_tc.cu")
     _, s, _ = decode("bfloat16", None, 256, 16, 8, 4, 64, 4096, 168, config=KernelConfig(decode_stages=3))
     check_fits(s.smem, H200, "paged_decode_tc.cu")
+    # head dims that are not whole 64-value regions, and FP8 rows, keep padded rows
+    _, s, _ = decode("bfloat16", None, 96, 16, 8, 4, 64, 4096, 168, config=KernelConfig(decode_stages=3))
+    assert s.smem == 4 * 3 * 2 * 16 * (96 + 8) * 2
+    _, s, _ = decode("bfloat16", "float8_e4m3", 128, 16, 8, 4, 64, 4096, 168, config=KernelConfig(decode_stages=3))
+    assert s.smem == 4 * 3 * 2 * 16 * (128 + 16)
 
 
 def test_fp8_pools_decode_on_tensor_cores_only():
