@@ -20,8 +20,8 @@ import numpy as np
 
 from kvpager.errors import InvalidArgument, OutOfBlocks
 from kvpager.history import writable
-from kvpager.validate import all_type
 from kvpager.prefix_cache import token_array
+from kvpager.validate import all_type
 
 if TYPE_CHECKING:
     from kvpager.sequences import SequenceManager
@@ -40,6 +40,16 @@ def _token_list(ids: object) -> list[int]:
             and (not ids or min(ids) >= -_LIMIT and max(ids) < _LIMIT)):
         return ids
     return token_array(ids, "token_ids").tolist()
+
+
+def _one_id_each(ids_list: list[Any]) -> bool:
+    """Whether each of the (non-empty) ``ids_list`` is a list of one int in int64 range, as
+    a decode step's token ids arrive: checked at C speed (else each the slow way)."""
+    n = len(ids_list)
+    if not (all_type(ids_list, list) and countOf(map(len, ids_list), 1) == n):
+        return False
+    first = list(map(itemgetter(0), ids_list))
+    return countOf(map(type, first), int) == n and min(first) >= -_LIMIT and max(first) < _LIMIT
 
 
 def _within(counts: np.ndarray) -> np.ndarray:
@@ -122,9 +132,7 @@ def _decode(
     if token_ids is not None:
         ids_list = list(token_ids)
         # Each a list of one int, checked at C speed; anything else the slow way.
-        if not (all_type(ids_list, list) and countOf(map(len, ids_list), 1) == len(ids_list)
-                and countOf(map(type, map(itemgetter(0), ids_list)), int) == len(ids_list)
-                and min(map(itemgetter(0), ids_list)) >= -_LIMIT and max(map(itemgetter(0), ids_list)) < _LIMIT):
+        if not (ids_list and _one_id_each(ids_list)):
             for k, (s, ids) in enumerate(zip(seq_ids, ids_list)):
                 if ids is not None:
                     ids_list[k] = ids = _token_list(ids)
@@ -222,9 +230,7 @@ def record(m: SequenceManager, seq_ids: list[int], token_ids: Seq[Seq[int]], own
     bt = m.table
     known, nt = bt.known[rows], bt.num_tokens[rows]
     ids_list: list[Any] = list(token_ids)
-    if ids_list and all_type(ids_list, list) and countOf(map(len, ids_list), 1) == len(ids_list) \
-            and countOf(map(type, map(itemgetter(0), ids_list)), int) == len(ids_list) \
-            and min(map(itemgetter(0), ids_list)) >= -_LIMIT and max(map(itemgetter(0), ids_list)) < _LIMIT:
+    if ids_list and _one_id_each(ids_list):
         n: Any = 1  # one id each (a pipelined decode step), checked at C speed
         over = np.flatnonzero(known >= nt)
     else:

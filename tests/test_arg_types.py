@@ -209,3 +209,21 @@ def test_daemon_takes_a_0d_integer_array_as_its_scalar(call):
         for mine, theirs in zip(c.tables(live), pool.tables(live)):  # the mirror's, as the pool's
             assert mine.tolist() == theirs.tolist()
         c.check_integrity()
+
+
+def test_an_empty_decode_step_with_token_ids_does_nothing(server):
+    """No sequences, token ids given (an empty list): an empty result, nothing changed,
+    on the embedded pool and through the daemon (the decode step's fast checks once took
+    min() of nothing and raised ValueError)."""
+    pool = make_pool()
+    _setup(pool)
+    before = snapshot(pool)
+    assert pool.append([], 1, token_ids=[]) == [] and pool.append_flat([], 1, token_ids=[]).size == 0
+    pool.record_tokens([], [])
+    assert snapshot(pool) == before
+    with Client(server.endpoint) as c:
+        before = snapshot(server.pool)
+        assert c.append_flat([], 1, token_ids=[]).size == 0
+        c.record_tokens([], [])
+        assert snapshot(server.pool) == before
+        c.check_integrity()
