@@ -35,6 +35,7 @@ from kvpager.protocol import (
     encode_batch,
     encode_reply,
 )
+from kvpager.validate import all_type
 
 if TYPE_CHECKING:
     from kvpager.sessions import Session
@@ -45,6 +46,10 @@ log = logging.getLogger("kvpager.server")
 #: attend): their reply waits for it, so a block id handed out is never mid-copy
 #: and a staging buffer is never read or rewritten while in use.
 _DEVICE_OPS = frozenset({"append", "swap_out", "swap_in", "write", "attend", "batch"})
+
+
+#: Arguments that are lists with an entry per sequence (or per prompt): each within the ids limit.
+_ID_LISTS = frozenset({"seq_ids", "prompts", "lengths", "upto", "token_ids", "query_lens", "salt", "positions"})
 
 
 def _sized(v: Any) -> bool:
@@ -188,20 +193,14 @@ class Dispatch:
     def _bound(self, op: str, a: dict[str, Any]) -> int:
         """The per-request limits: ids and tokens in one request (len() only); the token ids counted."""
         lim = self.limits
-        if len(a) == 1 and "seq_ids" in a:  # ids alone (a decode step's append): no token ids
-            v = a["seq_ids"]
-            if _sized(v) and len(v) > lim.ids:
-                lim.check("ids", len(v), f"{op}: seq_ids")
-            return 0
-        for name in ("seq_ids", "prompts", "lengths", "upto", "token_ids", "query_lens", "salt", "positions"):
-            v = a.get(name)
-            if _sized(v) and len(v) > lim.ids:
+        for name, v in a.items():  # the request's own arguments (a decode step's append: seq_ids alone)
+            if name in _ID_LISTS and _sized(v) and len(v) > lim.ids:
                 lim.check("ids", len(v), f"{op}: {name}")
         tokens = 0
         for name in ("prompts", "token_ids"):
             v = a.get(name)
             if isinstance(v, list):
-                if set(map(type, v)) == {list}:  # lists of ids, as msgpack decodes them: at C speed
+                if v and all_type(v, list):  # lists of ids, as msgpack decodes them: at C speed
                     tokens += sum(map(len, v))
                 else:
                     tokens += sum(len(p) for p in v if _sized(p))

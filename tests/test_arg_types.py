@@ -97,6 +97,18 @@ _ZERO_D_REFUSED = [
     pytest.param(lambda p, s: p.allocate([[1], np.array(5)]), r"prompts\[1\]", id="allocate batch 0-d prompt"),
     pytest.param(lambda p, s: p.cached_tokens([np.array(5)]), r"prompts\[0\]", id="cached_tokens 0-d prompt"),
 ]
+# A bool or a float among sequence ids (True == 1 and 2.0 == 2 name live sequences to a
+# dict or an equality test) is refused, whatever the op; the decode step's fast checks too.
+_SEQ_IDS = [
+    pytest.param(lambda p, s: p.append([s["a"], float(s["b"])], 1), "seq_ids", id="decode float id"),
+    pytest.param(lambda p, s: p.append_flat([s["c"], s["a"], True], 1), "seq_ids", id="decode bool id"),
+    pytest.param(lambda p, s: p.append([s["a"], float(s["b"])], 2), "seq_ids", id="append float id"),
+    pytest.param(lambda p, s: p.record_tokens([s["a"], float(s["b"])], [[1], [2]]), "seq_ids",
+                 id="record_tokens float id"),
+    pytest.param(lambda p, s: p.commit([s["a"], float(s["b"])]), "seq_ids", id="commit float id"),
+    pytest.param(lambda p, s: p.free([s["b"], float(s["c"])]), "seq_ids", id="free float id"),
+]
+_BOOLS += _SEQ_IDS
 # append's count: any other scalar than an integer is refused the same typed way.
 _COUNTS_REFUSED = [
     pytest.param(lambda p, s: p.append(s["c"], True), "count", id="append count True"),
