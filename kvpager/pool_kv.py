@@ -106,7 +106,7 @@ class PoolKV:
         if self.ranks > 1:
             raise self.backend._per_rank("plan")
         ids = validate.seq_ids(seq_ids)
-        tables, seq_lens = self.tables(ids)  # the pool's own: only the step's part needs checks
+        tables, seq_lens = self.manager.tables(ids)  # the pool's own: only the step's part needs checks
         if query_lens is not None:
             query_lens = np.asarray(validate.per_seq(query_lens, len(ids), "query_lens"))
         query_lens, slots = check_queries(self.spec, seq_lens, query_lens, slots)

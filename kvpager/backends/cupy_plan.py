@@ -62,14 +62,16 @@ class CupyPlan(StepPlan):
         self.width = int(max(width or 0, tables.shape[1], 1))
         if self.rows < nseq:
             raise InvalidArgument(f"num_rows={num_rows} is less than the step's {nseq} sequences")
-        self.decode = bool((query_lens == 1).all()) or spec.dtype == "float32"
-        if self.rows > nseq and not (query_lens == 1).all():
+        queries = int(query_lens.sum())
+        one_each = queries == nseq  # (query lengths are at least 1)
+        self.decode = one_each or spec.dtype == "float32"
+        if self.rows > nseq and not one_each:
             raise InvalidArgument("padding rows (num_rows) need a decode step: one query token per sequence")
         self.num_splits = num_splits
         self.has_slots = slots is not None
         # Items: decode kernels run one per query token (one per row when padded).
-        self.items = self.rows if self.rows > nseq else int(query_lens.sum())
-        self._tokens = self.items if self.decode else int(query_lens.sum())
+        self.items = self.rows if self.rows > nseq else queries
+        self._tokens = self.items if self.decode else queries
         buffer.allocate(self, backend)
         self._attn: dict[int, list[Launch]] = {}
         self._raw: dict[int, bool] = {}  # per query-head count: the kernel's scores are raw q . k

@@ -38,8 +38,10 @@ def allocate(plan: CupyPlan, backend: Any) -> None:
     # Pinned, so the upload never waits for a busy GPU; fill writes every field the kernels read.
     plan._upload = backend.uploads.take(nbytes, plan)
     plan._host = plan._upload.host
-    plan._dev = cupy.empty(nbytes, dtype=cupy.uint8)  # the backend made this device current
-    base = plan._dev.data.ptr
+    # A bare allocation from CuPy's pool (no ndarray around it); the backend made this device current.
+    plan._dev = cupy.cuda.alloc(nbytes)
+    base = plan._dev.ptr
+    plan._items_written = False  # item_seq of a one-item-a-row plan: written at the first fill
     w = plan.rows * plan.width
     plan._offsets = {"tables": 0, "item_seq": w, "item_len": w + plan.items,
                      "seq_lens": w + 2 * plan.items, "query_lens": w + 2 * plan.items + plan.rows,
@@ -61,15 +63,20 @@ def fill(plan: CupyPlan, tables: np.ndarray, seq_lens: np.ndarray, query_lens: n
     plan.tables, plan.seq_lens, plan.query_lens, plan.slots = tables, seq_lens, query_lens, slots
     t = _view(plan, "tables", plan.rows * plan.width).reshape(plan.rows, plan.width)
     t[:nseq, :w] = tables
-    t[:nseq, w:] = 0
-    t[nseq:] = 0
+    if w < plan.width:  # (empty slices are skipped: each assignment costs a microsecond)
+        t[:nseq, w:] = 0
+    if nseq < plan.rows:
+        t[nseq:] = 0
     item_seq, item_len = _view(plan, "item_seq", plan.items), _view(plan, "item_len", plan.items)
     if not plan.decode:  # the multi-token kernel reads the per-sequence fields only
         item_len = seq_lens
-    elif plan.items == nseq or plan.items > int(query_lens.sum()):  # one item per row
-        item_seq[:] = np.arange(plan.items, dtype=np.int32)
+    elif plan.items == plan.rows:  # one item per row (a decode step, padded or not)
+        if not plan._items_written:  # the same for every step this plan holds
+            item_seq[:] = np.arange(plan.items, dtype=np.int32)
+            plan._items_written = True
         item_len[:nseq] = seq_lens
-        item_len[nseq:] = 0  # padding: reads nothing
+        if nseq < plan.items:
+            item_len[nseq:] = 0  # padding: reads nothing
     else:  # one item per query token (float32 multi-token)
         starts = np.cumsum(query_lens) - query_lens
         item_seq[:] = np.repeat(np.arange(nseq, dtype=np.int32), query_lens)
@@ -84,11 +91,12 @@ def fill(plan: CupyPlan, tables: np.ndarray, seq_lens: np.ndarray, query_lens: n
     s = plan._host[4 * plan._n32 :].view(np.int64)
     if slots is not None:
         s[: len(slots)] = slots
-        s[len(slots) :] = -1
+        if len(slots) < len(s):
+            s[len(slots) :] = -1
     else:
         s[:] = -1
     plan.max_len = int(item_len.max()) if plan.items else 0
-    plan._upload.copy_to(plan._dev.data.ptr, current_stream(plan.device))
+    plan._upload.copy_to(plan._dev.ptr, current_stream(plan.device))
 
 
 def update(plan: CupyPlan, tables: Any, seq_lens: Any, query_lens: Any = None, slots: Any = None) -> None:
