@@ -29,18 +29,19 @@
 // raw scores s (q . k) become softcap * tanh(s / softcap), so the host passes
 // the cap divided by the scale.
 //
-// Shared-memory stages, 16-bit pools whose head dim is whole 64-value regions (SW): rows
-// unpadded in the 128-byte XOR swizzle (a row's 16-byte chunk c of each 64-value region at
-// chunk c ^ (row % 8)), so ldmatrix's 8 rows fall in different banks and a warp's copies
+// Shared-memory stages whose rows are whole 128-byte lines (SW: 16-bit pools of head dims
+// 64, 128, ..., FP8 pools of 128, 256): rows unpadded in the 128-byte XOR swizzle (a row's
+// 16-byte chunk c of each 128-byte region at chunk c ^ (row % 8)), so ldmatrix's 8 rows
+// fall in different banks and a warp's copies
 // fill whole 128-byte lines (rows padded by 16 bytes instead read 5% slower: a decode of
-// 64 x 4,096 on an H200, copies alone 4.27 against 4.50 TB/s). Other head dims: rows of
-// HEAD_DIM + 8 elements. Dynamic shared memory: HPC * WPH * STAGES * 2 * 16 * row
+// 64 x 4,096 on an H200, copies alone 4.27 against 4.50 TB/s). Other 16-bit head dims: rows
+// of HEAD_DIM + 8 elements. Dynamic shared memory: HPC * WPH * STAGES * 2 * 16 * row
 // bytes (SW: + 128 to align the stages to 128 bytes), and at least
 // HPC * WPH * GROUP * HEAD_DIM * 4 for the final merge.
 //
 // KV_FP8 (an FP8 pool): the stages hold the FP8 bytes as stored (16 per cp.async,
-// half the bytes of a 16-bit pool), rows of HEAD_DIM bytes padded to an odd number of
-// 16-byte chunks; ldmatrix reads them as 16-bit pairs and each pair is converted to
+// half the bytes of a 16-bit pool), rows of HEAD_DIM bytes swizzled as above, or (head
+// dims not a multiple of 128) padded to an odd number of 16-byte chunks; ldmatrix reads them as 16-bit pairs and each pair is converted to
 // float16 in registers right before its MMA (exact; see kvpager_mma.cuh for the
 // permuted k order of Q K^T and the even / odd dims of P V). The scores are multiplied by
 // the (layer, head) K scale before the soft cap, the output by the V scale. The MMAs take
@@ -80,7 +81,7 @@ constexpr int CPR = D / ST_VEC;       // 16-byte chunks per row
 constexpr int NCP = (T * CPR + 31) / 32;  // chunks per lane per tile, for K and for V each
 constexpr int KSTEPS = D / 16;
 constexpr bool TWO = GROUP > 8;       // rows 8..15 of the M tile hold heads too
-#if !KV_FP8 && HEAD_DIM % 64 == 0
+#if (HEAD_DIM * ST_BYTES) % 128 == 0
 #define SW 1
 constexpr int ROW_BYTES = D * ST_BYTES;  // unpadded, swizzled
 #elif KV_FP8

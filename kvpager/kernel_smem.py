@@ -14,14 +14,15 @@ from kvpager.errors import UnsupportedConfiguration
 
 def decode_swizzled(head_dim: int, itemsize: int) -> bool:
     """Whether paged_decode_tc.cu keeps its stages' rows unpadded in the 128-byte XOR
-    swizzle (its SW): 16-bit pools whose head dim is whole 64-value regions."""
-    return itemsize == 2 and head_dim % 64 == 0
+    swizzle (its SW): rows of whole 128-byte lines (16-bit pools whose head dim is whole
+    64-value regions, FP8 pools whose head dim is a multiple of 128)."""
+    return head_dim * itemsize % 128 == 0
 
 
 def decode_row_bytes(head_dim: int, itemsize: int) -> int:
     """Bytes of a K/V row in paged_decode_tc.cu's shared memory: unpadded where it
     swizzles (`decode_swizzled`), else padded by 16 bytes (itemsize 1, FP8: to an odd
-    number of 16-byte chunks), so ldmatrix rows fall in different banks."""
+    number of 16-byte chunks), so ldmatrix rows fall in different banks either way."""
     if decode_swizzled(head_dim, itemsize):
         return head_dim * itemsize
     if itemsize == 1:

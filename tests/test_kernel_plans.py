@@ -146,11 +146,14 @@ def test_shared_memory_a_config_asks_for_must_fit():
         check_fits(s.smem, H200, "paged_decode_tc.cu")
     _, s, _ = decode("bfloat16", None, 256, 16, 8, 4, 64, 4096, 168, config=KernelConfig(decode_stages=3))
     check_fits(s.smem, H200, "paged_decode_tc.cu")
-    # head dims that are not whole 64-value regions, and FP8 rows, keep padded rows
+    # rows that are not whole 128-byte lines keep their padding: 16-bit head dim 96,
+    # FP8 head dim 64 (to an odd number of 16-byte chunks); FP8 head dim 128 swizzles
     _, s, _ = decode("bfloat16", None, 96, 16, 8, 4, 64, 4096, 168, config=KernelConfig(decode_stages=3))
     assert s.smem == 4 * 3 * 2 * 16 * (96 + 8) * 2
+    _, s, _ = decode("bfloat16", "float8_e4m3", 64, 16, 8, 4, 64, 4096, 168, config=KernelConfig(decode_stages=3))
+    assert s.smem == 4 * 3 * 2 * 16 * (64 + 16)
     _, s, _ = decode("bfloat16", "float8_e4m3", 128, 16, 8, 4, 64, 4096, 168, config=KernelConfig(decode_stages=3))
-    assert s.smem == 4 * 3 * 2 * 16 * (128 + 16)
+    assert s.smem == 4 * 3 * 2 * 16 * 128 + 128
 
 
 def test_fp8_pools_decode_on_tensor_cores_only():
