@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvpager.batch_calls import BATCHED, parse_calls, stopped
-from kvpager.client_tables import id_list, scalar
+from kvpager.client_tables import id_list, packed, packed_rows, scalar
 from kvpager.errors import UnsupportedConfiguration
 from kvpager.protocol import decode_batch, decode_slots
 
@@ -30,6 +30,16 @@ def wire_args(method: str, named: dict[str, Any]) -> dict[str, Any]:
         else:
             wire["num_tokens"] = n
     return wire
+
+
+def on_wire(wire: dict[str, Any]) -> dict[str, Any]:
+    """``wire`` as the request carries it: large batches of ids packed (`packed`)."""
+    out = dict(wire, seq_ids=packed(wire["seq_ids"]))
+    if "token_ids" in out:
+        out["token_ids"] = packed_rows(out["token_ids"])
+    if "upto" in out:
+        out["upto"] = packed(out["upto"])
+    return out
 
 
 def follow(mirror: Any, method: str, wire: dict[str, Any], result: Any) -> Any:
@@ -70,7 +80,7 @@ class ClientBatch:
                for method, _, extra in parsed):
             self.synchronize()
         touched = [s for w in wires for s in id_list(w["seq_ids"]) or []]
-        reply = self._mutate("batch", {"ops": [[BATCHED[m], w] for (m, _, _), w in zip(parsed, wires)]},
+        reply = self._mutate("batch", {"ops": [[BATCHED[m], on_wire(w)] for (m, _, _), w in zip(parsed, wires)]},
                              touched)
         results, error = decode_batch(reply)
         out = [follow(self._mirror, m, w, r) for (m, _, _), w, r in zip(parsed, wires, results)]

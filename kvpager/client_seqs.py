@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from kvpager.client_tables import id_list, scalar
+from kvpager.client_tables import id_list, packed, packed_rows, scalar
 from kvpager.errors import InternalError, InvalidArgument, RequestTimeout
 from kvpager.protocol import (
     SEQUENCES_PAGE,
@@ -87,13 +87,13 @@ class ClientSequences:
         return decode_slots(self._append(seq_ids, num_tokens, token_ids), 1, None)[0]
 
     def _append(self, seq_ids: Any, num_tokens: Any, token_ids: Any) -> bytes:
-        args: dict[str, Any] = {"seq_ids": seq_ids}
+        args: dict[str, Any] = {"seq_ids": packed(seq_ids)}
         if type(num_tokens) is not int:
             num_tokens = scalar(num_tokens)  # a 0-d integer array: its int (the mirror follows a count)
         if not (type(num_tokens) is int and num_tokens == 1):  # a bool goes to the daemon, which refuses it
             args["num_tokens"] = num_tokens
         if token_ids is not None:
-            args["token_ids"] = token_ids
+            args["token_ids"] = packed_rows(token_ids)
         ids = id_list(seq_ids)
         raw = self._mutate("append", args, ids)
         self._mirror.appended(ids, num_tokens, decode_slots(raw, 1, None)[0])
@@ -109,7 +109,7 @@ class ClientSequences:
         on commit exactly as if the ids had come with the append. No block
         table changes, so the mirror has nothing to follow; a retry after a
         timeout gets the first execution's reply (the ids are recorded once)."""
-        self._call("record_tokens", {"seq_ids": seq_ids, "token_ids": token_ids})
+        self._call("record_tokens", {"seq_ids": packed(seq_ids), "token_ids": packed_rows(token_ids)})
 
     def commit(self, seq_ids: Any, upto: Any = None, *, synchronize: bool = True) -> list[int]:
         """As `KVPool.commit`. On a GPU pool mapped in this process, it first waits
@@ -119,7 +119,7 @@ class ClientSequences:
         does while its next pass is running)."""
         if synchronize:
             self.synchronize()
-        args = {"seq_ids": seq_ids} if upto is None else {"seq_ids": seq_ids, "upto": upto}
+        args = {"seq_ids": packed(seq_ids)} if upto is None else {"seq_ids": packed(seq_ids), "upto": packed(upto)}
         return self._call("commit", args)
 
     def fork(self, seq_ids: Any, n: int = 1) -> list[list[int]]:

@@ -13,12 +13,20 @@ its tables come from the daemon again, which is slower but never wrong.
 
 from __future__ import annotations
 
+from operator import countOf, itemgetter
 from typing import Any
 
 import numpy as np
 
 from kvpager.block_table import BlockTable
 from kvpager.errors import SequenceSwapped
+from kvpager.validate import all_type
+
+#: A batch of at least this many ids (or a decode step's token ids for that many
+#: sequences) goes on the wire packed, as one int64 array (docs/protocol.md): the
+#: daemon reads it without making an int of each id, and finds a decode loop's
+#: repeated batch by comparing bytes. Smaller ones go as lists.
+PACK_AT = 16
 
 
 def id_list(value: Any) -> list[int] | None:
@@ -37,6 +45,31 @@ def id_list(value: Any) -> list[int] | None:
         if all(isinstance(v, np.integer) for v in value):
             return [int(v) for v in value]
     return None
+
+
+def packed(value: Any) -> Any:
+    """A list of at least `PACK_AT` ints (sequence ids, commit's ``upto``) as one
+    int64 array; anything else as given (the daemon checks it)."""
+    if type(value) is list and len(value) >= PACK_AT and all_type(value, int):
+        try:
+            return np.fromiter(value, np.int64, len(value))
+        except OverflowError:  # out of int64 range: the daemon says why
+            pass
+    return value
+
+
+def packed_rows(value: Any) -> Any:
+    """A decode step's token ids (a list of at least `PACK_AT` lists of one int
+    each) as one int64 array ``[n, 1]``; anything else as given."""
+    if type(value) is list and len(value) >= PACK_AT and all_type(value, list) \
+            and countOf(map(len, value), 1) == len(value):
+        first = list(map(itemgetter(0), value))
+        if all_type(first, int):
+            try:
+                return np.fromiter(first, np.int64, len(first)).reshape(-1, 1)
+            except OverflowError:
+                pass
+    return value
 
 
 def scalar(value: Any) -> Any:

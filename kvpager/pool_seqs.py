@@ -163,9 +163,9 @@ class PoolSequences:
         """As `append`, but every sequence's slots back to back in one int64 array.
         ``owner``: if given, every sequence must be its (as `check_owner`, in the
         same lookup: the daemon's decode step)."""
-        ids = validate.seq_ids(seq_ids)
+        ids = validate.batch_ids(seq_ids)
         counts = num_tokens if type(num_tokens) is int else validate.counts(num_tokens)
-        if token_ids is not None:
+        if token_ids is not None and validate.token_rows(token_ids, len(ids)) is None:
             token_ids = validate.per_seq(token_ids, len(ids), "token_ids")
         flat, copies = self.manager.append(ids, counts, token_ids, owner)
         if len(copies):
@@ -182,27 +182,29 @@ class PoolSequences:
         go in them; once their ids are recorded, the blocks they fill are
         published on commit exactly as if the ids had come with the append.
         ``owner``: if given, every sequence must be its."""
-        ids = validate.seq_ids(seq_ids)
+        ids = validate.batch_ids(seq_ids)
         if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, (list, tuple, np.ndarray)) \
                 or isinstance(token_ids, np.ndarray) and token_ids.ndim == 0:
             raise InvalidArgument(f"token_ids must be a list of token-id lists, got {type(token_ids).__name__}")
-        self.manager.record_tokens(ids, list(token_ids), owner)
+        rows = validate.token_rows(token_ids, len(ids))
+        self.manager.record_tokens(ids, list(token_ids) if rows is None else rows, owner)
 
     def commit(self, seq_ids: int | Seq[int], upto: int | None | Seq[int | None] = None, *,
-               synchronize: bool = False) -> list[int]:
+               synchronize: bool = False, owner: Any = ANY_OWNER) -> list[int]:
         """Declare K/V written for tokens ``[0, upto)`` (default: all), publishing
         full blocks in the prefix cache. Returns how many blocks each published.
         Call it only after the writes have completed on the device, or pass
         ``synchronize=True`` to wait for all of this pool's device work first
-        (a daemon `Client`'s default)."""
-        ids = validate.seq_ids(seq_ids)
+        (a daemon `Client`'s default). ``owner``: if given, every sequence must
+        be its."""
+        ids = validate.batch_ids(seq_ids)
         upto = validate.per_seq(upto, len(ids), "upto")
         if synchronize:
             self.synchronize()
         if self.remote is None:
-            return self.manager.commit(ids, upto)
+            return self.manager.commit(ids, upto, owner=owner)
         fresh: list[tuple[int, bytes, bytes]] = []
-        published = self.manager.commit(ids, upto, fresh)
+        published = self.manager.commit(ids, upto, fresh, owner)
         self.remote.offer(self.backend, fresh)  # copies the bytes now, sends them later
         return published
 

@@ -59,7 +59,7 @@ def _within(counts: np.ndarray) -> np.ndarray:
 
 
 def append(
-    m: SequenceManager, seq_ids: list[int], counts: int | Seq[int], token_ids: Seq[Seq[int] | None] | None,
+    m: SequenceManager, seq_ids: list[int] | np.ndarray, counts: int | Seq[int], token_ids: Seq[Seq[int] | None] | None,
     owner: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`SequenceManager.append`: (slots int64, copies int64 [k, 2])."""
@@ -70,12 +70,15 @@ def append(
         counts = [counts] * len(rows)
     elif len(counts) != len(rows):
         raise InvalidArgument(f"append: {len(counts)} counts for {len(rows)} sequences")
-    ids_list: list[Any] = [None] * len(rows) if token_ids is None else list(token_ids)
+    packed = isinstance(token_ids, np.ndarray)  # rows of ids, checked by `validate.token_rows`
+    ids_list: list[Any] = [None] * len(rows) if token_ids is None else token_ids.tolist() if packed \
+        else list(token_ids)
     for k, (s, n, ids) in enumerate(zip(seq_ids, counts, ids_list)):
         if type(n) is not int and (not isinstance(n, (int, np.integer)) or isinstance(n, bool)) or n < 0:
             raise InvalidArgument(f"append: count for sequence {s} must be an integer >= 0, got {n!r}")
         if ids is not None:
-            ids_list[k] = ids = _token_list(ids)
+            if not packed:
+                ids_list[k] = ids = _token_list(ids)
             if len(ids) != n:
                 raise InvalidArgument(f"append: sequence {s} got {len(ids)} token ids for {n} slots")
     if not len(rows):
@@ -123,13 +126,17 @@ def append(
 
 
 def _decode(
-    m: SequenceManager, seq_ids: list[int], rows: np.ndarray, token_ids: Seq[Seq[int] | None] | None
+    m: SequenceManager, seq_ids: list[int] | np.ndarray, rows: np.ndarray, token_ids: Seq[Seq[int] | None] | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """`append` of one token to every sequence: a decode step. Each row needs
     at most one block: a new one at a block boundary, or a copy of a shared
     last block."""
     ids_list: list[Any] | None = None
-    if token_ids is not None:
+    if isinstance(token_ids, np.ndarray):  # rows of ids, checked by `validate.token_rows`
+        if token_ids.shape[1] != 1:
+            raise InvalidArgument(f"append: sequence {seq_ids[0]} got {token_ids.shape[1]} token ids for 1 slot")
+        ids_list = token_ids.tolist()
+    elif token_ids is not None:
         ids_list = list(token_ids)
         # Each a list of one int, checked at C speed; anything else the slow way.
         if not (ids_list and _one_id_each(ids_list)):
@@ -139,7 +146,7 @@ def _decode(
                     if len(ids) != 1:
                         raise InvalidArgument(f"append: sequence {s} got {len(ids)} token ids for 1 slot")
     if len(rows) == 1:
-        return _decode_one(m, seq_ids[0], int(rows[0]), None if ids_list is None else ids_list[0])
+        return _decode_one(m, int(seq_ids[0]), int(rows[0]), None if ids_list is None else ids_list[0])
     if not len(rows):
         return np.zeros(0, np.int64), _NO_COPIES
     bt, pool, shift = m.table, m.pool, m.shift
@@ -220,7 +227,7 @@ def _decode_one(m: SequenceManager, seq_id: int, row: int, ids: list[int] | None
     return np.array([(b << m.shift) | off], dtype=np.int64), copies
 
 
-def record(m: SequenceManager, seq_ids: list[int], token_ids: Seq[Seq[int]], owner: Any) -> None:
+def record(m: SequenceManager, seq_ids: list[int] | np.ndarray, token_ids: Seq[Seq[int]], owner: Any) -> None:
     """`SequenceManager.record_tokens`: the ids of slots appended without them.
     Each sequence's ids continue the ids it knows (a prefix of its tokens), at
     most up to its length; every check runs before anything changes."""
@@ -229,9 +236,13 @@ def record(m: SequenceManager, seq_ids: list[int], token_ids: Seq[Seq[int]], own
         raise InvalidArgument(f"record_tokens: {len(token_ids)} token-id lists for {len(rows)} sequences")
     bt = m.table
     known, nt = bt.known[rows], bt.num_tokens[rows]
-    ids_list: list[Any] = list(token_ids)
-    if ids_list and _one_id_each(ids_list):
-        n: Any = 1  # one id each (a pipelined decode step), checked at C speed
+    ids_list: list[Any]
+    n: Any
+    if isinstance(token_ids, np.ndarray):  # rows of ids, checked by `validate.token_rows`
+        ids_list, n = token_ids.tolist(), token_ids.shape[1]
+        over = np.flatnonzero(known + n > nt)
+    elif (ids_list := list(token_ids)) and _one_id_each(ids_list):
+        n = 1  # one id each (a pipelined decode step), checked at C speed
         over = np.flatnonzero(known >= nt)
     else:
         ids_list = [_token_list(ids) for ids in ids_list]
@@ -243,7 +254,7 @@ def record(m: SequenceManager, seq_ids: list[int], token_ids: Seq[Seq[int]], own
             f"record_tokens: sequence {seq_ids[k]} has {int(nt[k] - known[k])} slots without token ids, "
             f"got {len(ids_list[k])} ids")
     history = m.history
-    for s, ids in zip(seq_ids, ids_list):
+    for s, ids in zip(seq_ids.tolist() if isinstance(seq_ids, np.ndarray) else seq_ids, ids_list):
         if ids:
             h = history[s]
             if h.shared:  # `writable`, inline
@@ -262,12 +273,14 @@ def _unpublish(m: SequenceManager, last: np.ndarray) -> None:
 
 
 def _record(
-    m: SequenceManager, seq_ids: list[int], rows: np.ndarray, nt: np.ndarray, ids_list: list[Any],
+    m: SequenceManager, seq_ids: list[int] | np.ndarray, rows: np.ndarray, nt: np.ndarray, ids_list: list[Any],
     n: int | np.ndarray,
 ) -> None:
     """Keep the given ids of rows whose ids so far are all known (then the
     known ids stay a prefix of the sequence's tokens)."""
     bt, history = m.table, m.history
+    if isinstance(seq_ids, np.ndarray):  # packed ids: the history is keyed by ints
+        seq_ids = seq_ids.tolist()
     ok = bt.known[rows] == nt
     if None in ids_list:
         ok &= np.fromiter((ids is not None for ids in ids_list), bool, len(ids_list))

@@ -53,14 +53,20 @@ class SequenceLookup:
                     raise UnknownSequence(s) from None
             raise
 
-    def batch(self, seq_ids: list[int], op: str | None, owner: Any = ANY_OWNER) -> np.ndarray:
-        """Rows of a batch of distinct, known ids; resident ones if ``op`` needs
-        them; ``owner``'s only if one is given (UnknownSequence / NotOwner before
-        anything else, as the daemon checks a session's ids)."""
+    def batch(self, seq_ids: list[int] | np.ndarray, op: str | None, owner: Any = ANY_OWNER) -> np.ndarray:
+        """Rows of a batch of distinct, known ids (a list, or packed: an int64
+        array); resident ones if ``op`` needs them; ``owner``'s only if one is
+        given (UnknownSequence / NotOwner before anything else, as the daemon
+        checks a session's ids). The last batch's rows are kept: a decode loop
+        sends the same ids step after step, and finds them by one comparison
+        (of the bytes, for packed ids)."""
         last = self._last_batch
-        if last is not None and last[2] == self._frees and last[1] == owner and last[0] == seq_ids:
+        key = seq_ids.tobytes() if isinstance(seq_ids, np.ndarray) else seq_ids
+        if last is not None and last[2] == self._frees and last[1] == owner and last[0] == key:
             rows = last[3]
         else:
+            if isinstance(seq_ids, np.ndarray):
+                seq_ids = seq_ids.tolist()
             try:
                 rows = self.lookup(seq_ids)
             except UnknownSequence:
@@ -72,11 +78,11 @@ class SequenceLookup:
             if not self.table.distinct(rows):
                 raise self._duplicates(op)
             rows.flags.writeable = False  # shared with the next call that sends these ids
-            self._last_batch = (list(seq_ids), owner, self._frees, rows)
+            self._last_batch = (key if isinstance(key, bytes) else list(seq_ids), owner, self._frees, rows)
         if op is not None and self.num_swapped:
             swapped = self.table.swapped[rows]
             if np.count_nonzero(swapped):
-                raise SequenceSwapped(seq_ids[int(np.argmax(swapped))], op)
+                raise SequenceSwapped(int(seq_ids[int(np.argmax(swapped))]), op)
         return rows
 
     @staticmethod
@@ -90,7 +96,7 @@ class SequenceLookup:
     def _check_rows_owner(self, seq_ids: list[int], rows: np.ndarray, owner: Any) -> None:
         bad = self.table.owner[rows] != self.owners.code(owner)
         if np.count_nonzero(bad):
-            raise NotOwner(f"sequence {seq_ids[int(np.argmax(bad))]} belongs to another session")
+            raise NotOwner(f"sequence {int(seq_ids[int(np.argmax(bad))])} belongs to another session")
 
     def tables(self, seq_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Padded int32 block tables and int32 lengths of resident sequences."""

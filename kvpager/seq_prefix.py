@@ -19,6 +19,7 @@ import numpy as np
 from kvpager.errors import InvalidArgument, OutOfBlocks
 from kvpager.history import History
 from kvpager.prefix_cache import chain_keys, root_key, token_array
+from kvpager.seq_lookup import ANY_OWNER
 from kvpager.validate import all_type, is_int
 
 if TYPE_CHECKING:
@@ -144,14 +145,14 @@ def cached_tokens(m: SequenceManager, prompts: Seq[Seq[int] | np.ndarray], salts
     return out
 
 
-def commit(m: SequenceManager, seq_ids: list[int], upto: Seq[int | None],
-           fresh: list[tuple[int, bytes, bytes]] | None = None) -> list[int]:
+def commit(m: SequenceManager, seq_ids: list[int] | np.ndarray, upto: Seq[int | None],
+           fresh: list[tuple[int, bytes, bytes]] | None = None, owner: Any = ANY_OWNER) -> list[int]:
     """Declare K/V written for tokens ``[0, upto)`` (default: all) and publish
     the full blocks whose token ids are known. Returns blocks published per
     sequence; appends (block, root key, block key) of each newly published
-    block to ``fresh`` if given (for the remote tier)."""
+    block to ``fresh`` if given (for the remote tier). ``owner``: as `SequenceManager.batch`'s."""
     bs, bt = m.block_size, m.table
-    rows = m.batch(seq_ids, "commit")
+    rows = m.batch(seq_ids, "commit", owner)
     nt = bt.num_tokens[rows]
     if upto.count(None) == len(upto):  # `per_seq` gives a list
         ups = nt
@@ -175,7 +176,7 @@ def commit(m: SequenceManager, seq_ids: list[int], upto: Seq[int | None],
     sink = m.pool.events
     for k in todo.tolist():
         row, f = int(rows[k]), int(full[k])
-        h = m.history[seq_ids[k]]
+        h = m.history[int(seq_ids[k])]
         keys = h.key_blocks(f, bs)
         start = max(int(bt.published[row]), int(bt.released[row]))  # released entries hold nothing
         blocks = bt.table[row, start:f].tolist()

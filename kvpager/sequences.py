@@ -65,7 +65,7 @@ class SequenceManager(SequenceLookup):
         # The last checked batch (ids, owner, frees so far, rows): a decode loop
         # sends the same ids step after step, and while no sequence was freed
         # (rows move only then) they need no new lookup or checks.
-        self._last_batch: tuple[list[int], Any, int, np.ndarray] | None = None
+        self._last_batch: tuple[list[int] | bytes, Any, int, np.ndarray] | None = None
         self._frees = 0
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
@@ -126,7 +126,7 @@ class SequenceManager(SequenceLookup):
 
     # -- append / commit ------------------------------------------------------------
     def append(
-        self, seq_ids: list[int], counts: int | Seq[int], token_ids: Seq[Seq[int] | None] | None,
+        self, seq_ids: list[int] | np.ndarray, counts: int | Seq[int], token_ids: Seq[Seq[int] | None] | None,
         owner: Any = ANY_OWNER,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Extend each sequence by ``counts[i]`` token slots (one int: the same for
@@ -136,18 +136,19 @@ class SequenceManager(SequenceLookup):
         ids must be its (checked in the same lookup)."""
         return seq_append.append(self, seq_ids, counts, token_ids, owner)
 
-    def record_tokens(self, seq_ids: list[int], token_ids: Seq[Seq[int]], owner: Any = ANY_OWNER) -> None:
+    def record_tokens(self, seq_ids: list[int] | np.ndarray, token_ids: Seq[Seq[int]] | np.ndarray, owner: Any = ANY_OWNER) -> None:
         """The token ids of slots appended without them, continuing each
         sequence's known ids (`seq_append.record`)."""
         seq_append.record(self, seq_ids, token_ids, owner)
 
-    def commit(self, seq_ids: list[int], upto: Seq[int | None],
-               fresh: list[tuple[int, bytes, bytes]] | None = None) -> list[int]:
+    def commit(self, seq_ids: list[int] | np.ndarray, upto: Seq[int | None],
+               fresh: list[tuple[int, bytes, bytes]] | None = None, owner: Any = ANY_OWNER) -> list[int]:
         """Declare K/V written for tokens ``[0, upto)`` (default: all) and publish
         the full blocks whose token ids are known. Returns blocks published per
         sequence; ``fresh`` (if given) gets (block, root key, block key) of each
-        block newly published."""
-        return seq_prefix.commit(self, seq_ids, upto, fresh)
+        block newly published. ``owner``: the ids must be its (checked in the
+        same lookup)."""
+        return seq_prefix.commit(self, seq_ids, upto, fresh, owner)
 
     # -- fork / free / truncate ------------------------------------------------------------
     def fork(self, seq_ids: list[int], n: int) -> list[list[int]]:

@@ -129,10 +129,11 @@ class ServerOps(ControlOps):
     def _op_record_tokens(self, s: Session, a: dict[str, Any]) -> None:
         # Moves no block: KVPool checks the ids (int64 range included) before any
         # change, and ownership rides on its own lookup of them, as append's.
-        self.pool.record_tokens(wire_ids(a["seq_ids"]), a["token_ids"], owner=s.name)
+        self.pool.record_tokens(a["seq_ids"], a["token_ids"], owner=s.name)
 
     def _op_commit(self, s: Session, a: dict[str, Any]) -> list[int]:
-        return self.pool.commit(self._owned(s, a["seq_ids"]), a.get("upto"))
+        # Ownership rides on commit's own lookup of the ids, as append's.
+        return self.pool.commit(a["seq_ids"], a.get("upto"), owner=s.name)
 
     def _op_fork(self, s: Session, a: dict[str, Any]) -> list[list[int]]:
         ids, n = self._owned(s, a["seq_ids"]), a.get("n", 1)

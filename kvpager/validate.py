@@ -43,8 +43,11 @@ def seq_ids(value: int | Seq[int], what: str = "seq_ids") -> list[int]:
         return [value]
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return [int(value)]
-    if isinstance(value, np.ndarray) and value.ndim == 0:
-        return [zero_d(value, what)]
+    if isinstance(value, np.ndarray):
+        if value.ndim == 1 and value.dtype.kind in "iu":  # packed ids (the wire's int64 array)
+            return value.tolist()
+        if value.ndim == 0:
+            return [zero_d(value, what)]
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise InvalidArgument(f"{what} must be an int or a list of ints, got {type(value).__name__}")
     out = value if type(value) is list else list(value)
@@ -54,6 +57,16 @@ def seq_ids(value: int | Seq[int], what: str = "seq_ids") -> list[int]:
         if not isinstance(s, (int, np.integer)) or isinstance(s, bool):
             raise InvalidArgument(f"{what} must hold ints, got {s!r}")
     return [int(s) for s in out]
+
+
+def batch_ids(value: Any) -> list[int] | np.ndarray:
+    """The ``seq_ids`` of a decode step's op (append, record_tokens, commit):
+    as `seq_ids`, but packed ids (a 1-D int64 array, as the wire carries a
+    batch) stay that array. The step's lookup compares their bytes with the
+    last batch's, and no id becomes a Python int unless it must."""
+    if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype == np.int64:
+        return value
+    return seq_ids(value)
 
 
 def per_seq(value: Any, n: int, what: str) -> list[Any]:
@@ -68,10 +81,27 @@ def per_seq(value: Any, n: int, what: str) -> list[Any]:
         raise InvalidArgument(f"{what} must be a scalar or a list, got {type(value).__name__}")
     if isinstance(value, np.ndarray) and value.ndim == 0:
         return [zero_d(value, what)] * n
-    out = list(value)
+    out = value.tolist() if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iu" \
+        else list(value)
     if len(out) != n:
         raise InvalidArgument(f"{what} has {len(out)} entries for {n} sequences")
     return out
+
+
+def token_rows(value: Any, n: int, what: str = "token_ids") -> np.ndarray | None:
+    """Token ids given as one 2-D integer array, a row per sequence (every
+    sequence the same number of ids, as a decode step's ``[n, 1]``): checked
+    (``n`` rows, every id in int64 range) and returned; None for any other
+    form (a list of lists, checked by the op)."""
+    if not isinstance(value, np.ndarray) or value.ndim != 2:
+        return None
+    if value.dtype.kind not in "iu":
+        raise InvalidArgument(f"{what} must hold integers, got a {value.dtype} array")
+    if len(value) != n:
+        raise InvalidArgument(f"{what} has {len(value)} rows for {n} sequences")
+    if value.dtype.kind == "u" and value.size and int(value.max()) >> 63:
+        raise InvalidArgument(f"{what}: token id {int(value.max())} is out of int64 range")
+    return value
 
 
 def counts(value: Any) -> int | np.integer | list[Any]:

@@ -15,10 +15,12 @@ What is timed (each op checked for correctness first):
 - throughput: N client processes each doing append x1 in a loop;
 - raw append x1 / x256: the daemon's append round trip from a bare DEALER
   socket with msgpack, as the echo is timed (no `Client`: its own work, such
-  as following its sequences' tables, stays out);
-- paired: the bare echo and the raw append x256, alternately, one round trip of
-  each at a time (both see the machine in the same state), with the per-pair
-  difference: the daemon's cost of a decode step over the transport's;
+  as following its sequences' tables, stays out); the x256 ids packed (one
+  int64 array), as a `Client` sends a batch;
+- paired: the bare echo, the raw append x256 with packed ids and the same with
+  a list of ids, in turns, one round trip of each at a time (all see the
+  machine in the same state), with the per-turn differences: the daemon's
+  cost of a decode step over the transport's;
 - daemon share: `Server.handle` of the same append requests in this process,
   no socket (decode, ownership check, allocator, encode): what the daemon
   adds to a round trip besides transport and the client's own work.

@@ -9,6 +9,7 @@ import multiprocessing as mp
 import os
 import time
 
+import numpy as np
 from rpc_common import (
     CUT_EVERY,
     PROMPT,
@@ -89,13 +90,15 @@ class RawSession:
         assert reply[1] == 0, reply
         return reply[2]
 
-    def decode_steps(self, n: int, iters: int):
+    def decode_steps(self, n: int, iters: int, packed: bool = False):
         """``n`` new sequences and their decode steps: (appends, cuts back to the prompt),
         each request with a new id, packed before the clock starts (the daemon keeps
         recent replies by request id, and a repeated id would only replay one); the
-        first append is made and checked."""
+        first append is made and checked. ``packed``: the ids as one int64 array (as
+        a `Client` sends a batch), else a list of ints."""
         seqs = [a[0] for a in self.call("allocate", {"prompts": [PROMPT] * n})]
-        steps = bodies(self.ids, self.session, "append", {"seq_ids": seqs}, iters + 1)
+        ids = np.array(seqs, dtype=np.int64) if packed else seqs
+        steps = bodies(self.ids, self.session, "append", {"seq_ids": ids}, iters + 1)
         cuts = bodies(self.ids, self.session, "truncate", {"seq_ids": seqs, "lengths": len(PROMPT)},
                       iters // CUT_EVERY + 1)
         assert len(self.call(None, None, next(steps))) == 8 * n, "append returned wrong slots"
@@ -103,11 +106,12 @@ class RawSession:
 
 
 def raw(endpoint: str, iters: int, batch: int) -> dict[str, tuple[float, float]]:
-    """Append round trips to the daemon from a bare DEALER socket (no Client)."""
+    """Append round trips to the daemon from a bare DEALER socket (no Client); the
+    batch's ids packed, as a `Client` sends them."""
     daemon = RawSession(endpoint, "bench-raw")
     out = {}
     for n in (1, batch):
-        steps, cuts = daemon.decode_steps(n, iters)
+        steps, cuts = daemon.decode_steps(n, iters, packed=n > 1)
         out[f"raw append x{n}"] = percentiles(time_steps(
             lambda steps=steps: daemon.call(None, None, next(steps)),
             lambda cuts=cuts: daemon.call(None, None, next(cuts)), iters))
@@ -117,9 +121,10 @@ def raw(endpoint: str, iters: int, batch: int) -> dict[str, tuple[float, float]]
 
 def paired(endpoint: str, echo_endpoint: str, iters: int, batch: int) -> dict[str, tuple[float, float]]:
     """The bare echo and the daemon's raw append of ``batch`` sequences, timed in
-    pairs (one echo round trip, then one append, over and over), so both see the
+    turns (one echo round trip, then one append with packed ids, as a `Client`
+    sends a batch, then one with a list of ids, over and over), so all see the
     machine in the same state: on a shared or busy host, an echo timed minutes
-    before the appends is not their floor. Also the per-pair difference
+    before the appends is not their floor. Also the per-turn differences
     (append - echo), the daemon's cost over the transport."""
     import msgpack
     import zmq
@@ -129,27 +134,33 @@ def paired(endpoint: str, echo_endpoint: str, iters: int, batch: int) -> dict[st
     echo.setsockopt(zmq.LINGER, 0)
     echo.connect(ep)
     daemon = RawSession(endpoint, "bench-paired")
-    steps, cuts = daemon.decode_steps(batch, iters)
+    forms = {"packed ids": daemon.decode_steps(batch, iters, packed=True),
+             "list ids": daemon.decode_steps(batch, iters, packed=False)}
     ping = msgpack.packb([1, 7, "0123456789abcdef", "append", {"seq_ids": [5]}])
-    clock, bare, appends = time.perf_counter, [], []
+    clock, bare = time.perf_counter, []
+    appends: dict[str, list[float]] = {name: [] for name in forms}
     for i in range(iters):
         if i % CUT_EVERY == CUT_EVERY - 1:
-            daemon.call(None, None, next(cuts))
+            for _, cuts in forms.values():
+                daemon.call(None, None, next(cuts))
         t0 = clock()
         echo.send(ping)
         msgpack.unpackb(echo.recv())
-        t1 = clock()
-        daemon.call(None, None, next(steps))
-        t2 = clock()
-        bare.append(t1 - t0)
-        appends.append(t2 - t1)
+        bare.append(clock() - t0)
+        for name, (steps, _) in forms.items():
+            t1 = clock()
+            daemon.call(None, None, next(steps))
+            appends[name].append(clock() - t1)
     echo.send(msgpack.packb([1, 0, None, "stop", {}]))
     echo.recv()
     echo.close()
     daemon.sock.close()
     proc.join(10)
-    return {"paired: bare echo": percentiles(bare), f"paired: raw append x{batch}": percentiles(appends),
-            f"paired: raw append x{batch} - echo, per pair": percentiles([a - b for a, b in zip(appends, bare)])}
+    out = {"paired: bare echo": percentiles(bare)}
+    for name, lat in appends.items():
+        out[f"paired: raw append x{batch}, {name}"] = percentiles(lat)
+        out[f"paired: raw append x{batch}, {name} - echo, per turn"] = percentiles([a - b for a, b in zip(lat, bare)])
+    return out
 
 
 def latencies(pool, iters: int, batch: int) -> dict[str, tuple[float, float]]:
@@ -216,7 +227,8 @@ def throughput(endpoint: str, clients: int, seconds: float, worker=_throughput_w
 
 
 def handle_cost(iters: int, batch: int) -> dict[str, tuple[float, float]]:
-    """p50 / p99 of `Server.handle` for append requests (no socket)."""
+    """p50 / p99 of `Server.handle` for append requests (no socket); the batch's
+    ids packed, as a `Client` sends them, and as a list."""
     from kvpager import protocol
     from kvpager.server import Server
 
@@ -230,11 +242,13 @@ def handle_cost(iters: int, batch: int) -> dict[str, tuple[float, float]]:
 
     session = call("hello", {"client": "bench", "pid": os.getpid()})["session"]
     out = {}
-    for n in (1, batch):
+    for n, form in ((1, "list"), (batch, "packed"), (batch, "list")):
         seqs = [a[0] for a in call("allocate", {"prompts": [PROMPT] * n}, session)]
-        steps = bodies(ids, session, "append", {"seq_ids": seqs}, iters + 1)
+        sent = np.array(seqs, dtype=np.int64) if form == "packed" else seqs
+        steps = bodies(ids, session, "append", {"seq_ids": sent}, iters + 1)
         cuts = bodies(ids, session, "truncate", {"seq_ids": seqs, "lengths": len(PROMPT)}, iters // CUT_EVERY + 1)
         assert len(protocol.unpack(server.handle(next(steps)))[2]) == 8 * n, "append returned wrong slots"
-        out[f"append x{n}"] = percentiles(time_steps(lambda steps=steps: server.handle(next(steps)),
-                                                       lambda cuts=cuts: server.handle(next(cuts)), iters))
+        name = f"append x{n}" if n == 1 else f"append x{n} ({form} ids)"
+        out[name] = percentiles(time_steps(lambda steps=steps: server.handle(next(steps)),
+                                           lambda cuts=cuts: server.handle(next(cuts)), iters))
     return out
