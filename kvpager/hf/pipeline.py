@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvpager.batch_calls import one_by_one
@@ -149,13 +150,25 @@ class DecodePasses:
         outputs and finished sequences are updated."""
         tokens = done.read()
         nxt = self._inflight
+        ended = self._update(done.rows, tokens)
         if nxt is not None:
-            of = dict(zip(done.rows, tokens))
-            self._later("record_tokens", nxt.seq_ids, [[of[i]] for i in nxt.rows])
+            # The ids of the slots the pass in flight took: ``done``'s tokens, as one int64
+            # array [n, 1]. A row that ended now (an end token) was fed that token all the
+            # same, but it is dropped: no id is recorded for its slot, which is then never
+            # published, and the pool ends as the unpipelined loop leaves it.
+            stop = set(ended)
+            rows = [i for i in nxt.rows if i not in stop] if stop else nxt.rows
+            if rows == done.rows:
+                recorded = np.fromiter(tokens, np.int64, len(tokens))
+            else:
+                of = dict(zip(done.rows, tokens))
+                recorded = np.fromiter(map(of.__getitem__, rows), np.int64, len(rows))
+            if rows:
+                ids = nxt.seq_ids if rows is nxt.rows else [self.seq_ids[i] for i in rows]
+                self._later("record_tokens", ids, recorded.reshape(-1, 1))
         # ``done``'s writes have landed (its event): no wait for the pass in flight
         self._later("commit", done.seq_ids, [p + 1 for p in done.positions], synchronize=False)
         fed = set(nxt.rows) if nxt is not None else ()
-        ended = self._update(done.rows, tokens)
         # a row the next pass was fed to keeps its blocks until that pass has written them
         if nxt is not None:
             nxt.free_after += [self.seq_ids[i] for i in ended if i in fed]
