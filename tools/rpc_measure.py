@@ -121,11 +121,13 @@ def raw(endpoint: str, iters: int, batch: int) -> dict[str, tuple[float, float]]
 
 def paired(endpoint: str, echo_endpoint: str, iters: int, batch: int) -> dict[str, tuple[float, float]]:
     """The bare echo and the daemon's raw append of ``batch`` sequences, timed in
-    turns (one echo round trip, then one append with packed ids, as a `Client`
-    sends a batch, then one with a list of ids, over and over), so all see the
+    pairs (one echo round trip, then one append, over and over), so both see the
     machine in the same state: on a shared or busy host, an echo timed minutes
-    before the appends is not their floor. Also the per-turn differences
-    (append - echo), the daemon's cost over the transport."""
+    before the appends is not their floor. The pairs take turns between the
+    append with packed ids (as a `Client` sends a batch) and with a list of ids;
+    each append follows its own echo (a daemon request right after another one
+    runs warm, and would look cheaper). Also the per-pair differences (append -
+    echo), the daemon's cost over the transport."""
     import msgpack
     import zmq
 
@@ -137,29 +139,32 @@ def paired(endpoint: str, echo_endpoint: str, iters: int, batch: int) -> dict[st
     forms = {"packed ids": daemon.decode_steps(batch, iters, packed=True),
              "list ids": daemon.decode_steps(batch, iters, packed=False)}
     ping = msgpack.packb([1, 7, "0123456789abcdef", "append", {"seq_ids": [5]}])
-    clock, bare = time.perf_counter, []
+    clock = time.perf_counter
+    bare: dict[str, list[float]] = {name: [] for name in forms}
     appends: dict[str, list[float]] = {name: [] for name in forms}
     for i in range(iters):
         if i % CUT_EVERY == CUT_EVERY - 1:
             for _, cuts in forms.values():
                 daemon.call(None, None, next(cuts))
-        t0 = clock()
-        echo.send(ping)
-        msgpack.unpackb(echo.recv())
-        bare.append(clock() - t0)
         for name, (steps, _) in forms.items():
+            t0 = clock()
+            echo.send(ping)
+            msgpack.unpackb(echo.recv())
             t1 = clock()
             daemon.call(None, None, next(steps))
-            appends[name].append(clock() - t1)
+            t2 = clock()
+            bare[name].append(t1 - t0)
+            appends[name].append(t2 - t1)
     echo.send(msgpack.packb([1, 0, None, "stop", {}]))
     echo.recv()
     echo.close()
     daemon.sock.close()
     proc.join(10)
-    out = {"paired: bare echo": percentiles(bare)}
+    out = {"paired: bare echo": percentiles(bare["packed ids"] + bare["list ids"])}
     for name, lat in appends.items():
         out[f"paired: raw append x{batch}, {name}"] = percentiles(lat)
-        out[f"paired: raw append x{batch}, {name} - echo, per turn"] = percentiles([a - b for a, b in zip(lat, bare)])
+        out[f"paired: raw append x{batch}, {name} - echo, per pair"] = percentiles(
+            [a - b for a, b in zip(lat, bare[name])])
     return out
 
 
