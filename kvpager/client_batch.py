@@ -42,9 +42,9 @@ def on_wire(wire: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def follow(mirror: Any, method: str, wire: dict[str, Any], result: Any) -> Any:
-    """Update ``mirror`` from an op that ran; the method's return value."""
-    ids = id_list(wire["seq_ids"])
+def follow(mirror: Any, method: str, wire: dict[str, Any], ids: list[int] | None, result: Any) -> Any:
+    """Update ``mirror`` from an op that ran (on ``ids``, its ``seq_ids`` as
+    `id_list` reads them); the method's return value."""
     if method == "append_flat":
         slots = decode_slots(result, 1, None)[0]
         mirror.appended(ids, wire.get("num_tokens", 1), slots)
@@ -79,11 +79,12 @@ class ClientBatch:
         if any(method == "commit" and extra.get("synchronize", True) is not False
                for method, _, extra in parsed):
             self.synchronize()
-        touched = [s for w in wires for s in id_list(w["seq_ids"]) or []]
+        ids = [id_list(w["seq_ids"]) for w in wires]
+        touched = [s for each in ids for s in each or ()]
         reply = self._mutate("batch", {"ops": [[BATCHED[m], on_wire(w)] for (m, _, _), w in zip(parsed, wires)]},
                              touched)
         results, error = decode_batch(reply)
-        out = [follow(self._mirror, m, w, r) for (m, _, _), w, r in zip(parsed, wires, results)]
+        out = [follow(self._mirror, m, w, i, r) for (m, _, _), w, i, r in zip(parsed, wires, ids, results)]
         if error is not None:
             raise stopped(error.exception(), len(out), out)
         return out

@@ -40,7 +40,7 @@ def id_list(value: Any) -> list[int] | None:
             return None
         return value.tolist() if value.ndim else [int(value)]
     if isinstance(value, (list, tuple)):
-        if set(map(type, value)) <= {int}:  # bools excluded: type(True) is bool
+        if all_type(value, int):  # bools excluded: type(True) is bool
             return list(value)
         if all(isinstance(v, np.integer) for v in value):
             return [int(v) for v in value]
@@ -87,6 +87,11 @@ class TableMirror:
         self.table = BlockTable(columns=("released",))  # leading blocks released (null entries)
         self.rows: dict[int, int] = {}  # seq_id -> row of `table`
         self.swapped: set[int] = set()
+        # The last batch that was wholly mirrored (ids, frees so far, rows): a decode
+        # loop follows the same ids step after step, and a row changes only when its
+        # sequence is freed or forgotten.
+        self._last: tuple[list[int], int, np.ndarray] | None = None
+        self._frees = 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -108,9 +113,15 @@ class TableMirror:
 
     def _known(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Rows of the mirrored ``ids`` and where they are in ``ids``."""
+        last = self._last
+        if last is not None and last[1] == self._frees and last[0] == ids:
+            return last[2], np.arange(len(ids))
         rows = list(map(self.rows.get, ids))
         if None not in rows:
-            return np.array(rows, dtype=np.int64), np.arange(len(ids))
+            found = np.array(rows, dtype=np.int64)
+            found.flags.writeable = False  # shared with the next call that sends these ids
+            self._last = (list(ids), self._frees, found)
+            return found, np.arange(len(ids))
         at = [k for k, r in enumerate(rows) if r is not None]
         return np.array([rows[k] for k in at], dtype=np.int64), np.array(at, dtype=np.int64)
 
@@ -183,6 +194,7 @@ class TableMirror:
 
     def freed(self, ids: list[int]) -> None:
         rows = [r for r in map(self.rows.pop, ids, [None] * len(ids)) if r is not None]
+        self._frees += 1
         self.table.release_rows(rows)
         self.swapped.difference_update(ids)
 
@@ -249,3 +261,4 @@ class TableMirror:
         self.table = BlockTable(columns=("released",))  # leading blocks released (null entries)
         self.rows.clear()
         self.swapped.clear()
+        self._frees += 1
