@@ -4,7 +4,9 @@ Random-weight Llama-shaped models (Llama-3.2-1B: 16 layers, 32 q / 8 kv heads,
 head dim 64; Llama-3-8B: 32 layers, head dim 128), bf16, greedy decoding of
 prompts that share a system prompt. Paths, on the same model and prompts:
 
-- ``hf loop``: the model's forward with a DynamicCache in a plain decode loop;
+- ``hf loop``: the model's forward with a DynamicCache in a plain decode loop
+  (with the attention mask `generate` passes), warmed up and timed in the
+  rounds as the kvpager paths are;
 - ``hf generate``: transformers' ``generate`` (DynamicCache); with ``--static``
   also with its StaticCache (``cache_implementation="static"``: transformers
   then compiles the model, whose compile time the timed steps include);
@@ -16,11 +18,11 @@ prompts that share a system prompt. Paths, on the same model and prompts:
   ``kvpager graphs plain``: the same without shared-prefix (cascade) attention,
   to show what the cascade brings to a captured step.
 
-``generate`` and the kvpager paths run in alternating rounds (``--rounds`` of
-``--steps`` steps each), since this kind of host's speed drifts by tens of
-percent within minutes: a path's ms/step is the median of its rounds, its
-ratio to ``generate`` the median of the rounds' ratios (their range printed
-beside it). Per path: decode ms/step (wall: from one step's return to the
+``generate``, the hf loop and the kvpager paths run in alternating rounds
+(``--rounds`` of ``--steps`` steps each), since this kind of host's speed
+drifts by tens of percent within minutes: a path's ms/step is the median of
+its rounds, its ratios to the hf loop and to ``generate`` the medians of the
+rounds' ratios (their ranges printed beside them). Per path: decode ms/step (wall: from one step's return to the
 next's, the steady rate of a loop of steps), host ms/step (from the step's
 start until its last kernel is queued: the forward call's return, or the graph
 replay's), tokens/s of the decode steps, KV bytes held at the end, and the
@@ -109,35 +111,60 @@ def cache_argument(model, cache) -> dict:
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
-def hf_loop(model, ps: list[list[int]], steps: int) -> dict:
-    """transformers' own decode loop: the model's forward on a DynamicCache, with the
-    2-D attention mask `generate` passes (grown by a column a step). `run_case` runs
-    it once untimed first: its forward is slow the first times it meets a shape
-    (batch, length) in a process (1b shape, batch 64, H200: 51-72 ms a step in a
-    loop's first run, 13.7-13.9 in the same loop's second, 2026-11-30)."""
-    ids = torch.tensor(ps, device="cuda")
-    with torch.inference_mode():
-        cache = transformers.DynamicCache()
-        kv = cache_argument(model, cache)
-        mask = torch.ones_like(ids)
-        out = model(input_ids=ids, attention_mask=mask, **kv, use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        tokens, wall, host = [nxt[:, 0].tolist()], [], []
-        column = torch.ones_like(ids[:, :1])
-        for i in range(steps):
-            pos = torch.tensor([ids.shape[1] + i], device="cuda")
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            mask = torch.cat([mask, column], dim=1)
-            out = model(input_ids=nxt, attention_mask=mask, **kv, use_cache=True, cache_position=pos,
-                        position_ids=pos.expand(len(ps), 1))
-            t1 = time.perf_counter()
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(nxt[:, 0].tolist())
-            wall.append(time.perf_counter() - t0)
-            host.append(t1 - t0)
-        kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    return summarize("hf loop", wall, host, len(ps), kv, tokens)
+class HFLoop:
+    """transformers' own decode loop, kept live across the rounds as the kvpager
+    paths are: the model's forward on a DynamicCache, with the 2-D attention mask
+    `generate` passes (grown by a column a step). Its forward is slow the first
+    times it meets a shape (batch, length) in a process (1b shape, batch 64, H200:
+    51-72 ms a step in a loop's first run, 13.7-13.9 in the same loop's second,
+    2026-11-30), so its warm-up steps are untimed as theirs are."""
+
+    def __init__(self, model, ps: list[list[int]]) -> None:
+        self.model, self.batch = model, len(ps)
+        ids = torch.tensor(ps, device="cuda")
+        self.cache = transformers.DynamicCache()
+        self.kv = cache_argument(model, self.cache)
+        self.mask = torch.ones_like(ids)
+        self.column = torch.ones_like(ids[:, :1])
+        self.length = ids.shape[1]
+        with torch.inference_mode():
+            out = model(input_ids=ids, attention_mask=self.mask, **self.kv, use_cache=True, logits_to_keep=1)
+        self.nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        self.tokens = [self.nxt[:, 0].tolist()]
+        self.wall: list[list[float]] = []  # per round
+        self.host: list[list[float]] = []
+
+    def run(self, steps: int, timed: bool = True) -> None:
+        """``steps`` decode steps, each timed from its start to its tokens on the host."""
+        wall, host = [], []
+        with torch.inference_mode():
+            for _ in range(steps):
+                pos = torch.tensor([self.length], device="cuda")
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                self.mask = torch.cat([self.mask, self.column], dim=1)
+                out = self.model(input_ids=self.nxt, attention_mask=self.mask, **self.kv, use_cache=True,
+                                 cache_position=pos, position_ids=pos.expand(self.batch, 1))
+                t1 = time.perf_counter()
+                self.nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                self.tokens.append(self.nxt[:, 0].tolist())
+                wall.append(time.perf_counter() - t0)
+                host.append(t1 - t0)
+                self.length += 1
+        if timed:
+            self.wall.append(wall)
+            self.host.append(host)
+
+    def round_ms(self) -> list[float]:
+        return [float(np.median(w)) * 1e3 for w in self.wall]
+
+    def row(self) -> dict:
+        kv = sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
+        return summarize("hf loop", sum(self.wall, []), sum(self.host, []), self.batch, kv, self.tokens,
+                         self.round_ms())
+
+    def close(self) -> None:
+        self.cache = self.kv = None
 
 
 def generate_ms(model, ids: torch.Tensor, steps: int, cache: str | None = None) -> float:
@@ -223,18 +250,17 @@ def agreement(a: list[list[int]], b: list[list[int]], steps: int = 4) -> float:
 
 def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, clock: HostClock,
              static: bool = False, rounds: int = 5, sync: bool = False) -> list[dict]:
-    """Every path on the same prompts. transformers' ``generate`` and the kvpager paths run
-    in ``rounds`` alternating rounds of ``steps`` decode steps each (this host's speed
-    drifts by tens of percent within minutes): a path's ms/step is the median of its
-    rounds, and its ratio to ``generate`` the median of the rounds' ratios."""
+    """Every path on the same prompts. transformers' ``generate``, its plain decode loop
+    and the kvpager paths run in ``rounds`` alternating rounds of ``steps`` decode steps
+    each (this host's speed drifts by tens of percent within minutes): a path's ms/step
+    is the median of its rounds, its ratios to the loop and to ``generate`` the medians
+    of the rounds' ratios."""
     ps = prompts(batch, shared, own)
     ids = torch.tensor(ps, device="cuda")
     bs, warm = 16, 2
     total = warm + 1 + rounds * (steps + 1) + 2
     blocks = batch * (-(-(own + total) // bs) + 1) + -(-shared // bs) + 64
-    hf_loop(model, ps, steps)  # warm-up: a forward is slow the first times it meets a shape
-    rows = [hf_loop(model, ps, steps)]
-    torch.cuda.empty_cache()
+    loop = HFLoop(model, ps)
     kinds = [(False, None, True), (True, None, True), (True, False, True)]
     if sync:  # the same without pipelined steps
         kinds += [(False, None, False), (True, None, False)]
@@ -242,14 +268,17 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
              for graphs, cascade, pipeline in kinds]
     try:
         generate_ms(model, ids, 1)  # warm-up
+        loop.run(warm + 1, timed=False)
         for p in paths:
             p.run(warm, timed=False)  # the graph paths capture their buckets here
         gen_rounds = []
         for _ in range(rounds):
             gen_rounds.append(generate_ms(model, ids, steps))
             torch.cuda.empty_cache()
+            loop.run(steps + 1)
             for p in paths:
                 p.run(steps)
+        rows = [loop.row()]
         gen_row = summarize("hf generate", [], [], batch, None, None, gen_rounds)
         rows.append(gen_row)
         if static:
@@ -261,18 +290,21 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
             torch.cuda.empty_cache()
         paged_rows = [p.row() for p in paths]
     finally:
+        loop.close()
         for p in paths:
             p.close()
     rows += paged_rows
-    base_ms, base_tokens = rows[0]["ms_step"], rows[0]["tokens"]
+    base_tokens, loop_rounds = rows[0]["tokens"], np.array(rows[0]["rounds"])
     for r in rows:
-        r.update(shape=shape, batch=batch, ratio=base_ms / r["ms_step"])
+        r.update(shape=shape, batch=batch)
         rr = r.pop("rounds", None)
         if rr and len(rr) == len(gen_rounds):  # timed in the rounds: the rounds' ratios
-            each = np.array(gen_rounds) / np.array(rr)
+            each, by_loop = np.array(gen_rounds) / np.array(rr), loop_rounds / np.array(rr)
             r["vs_generate"], r["vs_generate_range"] = float(np.median(each)), [float(each.min()), float(each.max())]
+            r["ratio"], r["ratio_range"] = float(np.median(by_loop)), [float(by_loop.min()), float(by_loop.max())]
         else:
             r["vs_generate"], r["vs_generate_range"] = gen_row["ms_step"] / r["ms_step"], None
+            r["ratio"], r["ratio_range"] = rows[0]["ms_step"] / r["ms_step"], None
         toks = r.pop("tokens", None)
         r["agree"] = agreement(base_tokens, toks) if toks else None
     return rows
@@ -357,13 +389,14 @@ def main() -> None:
         torch.cuda.empty_cache()
     print(f"\n{card}, {datetime.date.today()}, transformers {transformers.__version__}, torch {torch.__version__}")
     print(f"{'shape':<5} {'batch':>5} {'path':<20} {'ms/step':>8} {'host ms':>8} {'tok/s':>8} {'vs loop':>8} "
-          f"{'vs generate':>11} {'KV GiB':>7}")
+          f"{'(rounds)':>12} {'vs generate':>11} {'(rounds)':>12} {'KV GiB':>7}")
     for r in rows:
         host = f"{r['host_ms']:.2f}" if r["host_ms"] is not None else "-"
         kv = f"{r['kv_bytes'] / 2**30:.2f}" if r["kv_bytes"] else "-"
         rng = "{:.2f}-{:.2f}".format(*r["vs_generate_range"]) if r.get("vs_generate_range") else "-"
+        lrng = "{:.2f}-{:.2f}".format(*r["ratio_range"]) if r.get("ratio_range") else "-"
         print(f"{r['shape']:<5} {r['batch']:>5} {r['path']:<20} {r['ms_step']:8.2f} {host:>8} {r['tok_s']:8.0f} "
-              f"{r['ratio']:7.2f}x {r['vs_generate']:10.2f}x {rng:>12} {kv:>7}")
+              f"{r['ratio']:7.2f}x {lrng:>12} {r['vs_generate']:10.2f}x {rng:>12} {kv:>7}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(card=card, rows=rows, budget=budget_rows), indent=1))
 
