@@ -40,13 +40,18 @@ import argparse
 import datetime
 import inspect
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import transformers
+# The hf loop's DynamicCache grows beside generate's and the pools: fragmentation
+# ran the 8b x256 case out of memory (24 GiB reserved but unallocated).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -364,8 +369,17 @@ def main() -> None:
                     help="also run the kvpager eager and graph paths without pipelined steps")
     ap.add_argument("--static", action="store_true",
                     help="also generate with transformers' StaticCache (it compiles the model first: minutes)")
+    ap.add_argument("--cudnn-sdp", action="store_true",
+                    help="leave torch's cuDNN attention on for transformers (it builds a plan per new length)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
+    if not args.cudnn_sdp:
+        # torch's cuDNN SDPA builds an execution plan the first time it meets a shape: on an
+        # H200 (torch 2.11) transformers' generate took 64-65 ms a step at lengths it had not
+        # seen and 10-11 at lengths it had (1b x64), 15-16 with cuDNN attention off.
+        # generate's rounds replay the same lengths and the hf loop always meets new
+        # ones, so with it on the two baselines would not be comparable.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     clock = HostClock()
     card = torch.cuda.get_device_name()
     rows, budget_rows = [], []
