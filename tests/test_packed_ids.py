@@ -213,3 +213,27 @@ def test_a_client_decode_loop_with_packed_batches_equals_the_embedded_pool(serve
                             for ops in sent)
         assert any(sum(published) for _, published in got[0][0])
         c.check_integrity()
+
+
+def test_odd_packed_forms_from_the_wire(server):
+    """Ids packed big-endian are read as the ids they are; ids as a 2-D array, a
+    float array or a bool array are refused (invalid_argument) and change nothing."""
+    a = Raw(server.endpoint)
+    try:
+        s = call(a, 1, None, "hello", {"client": "odd", "pid": 3})[0]["session"]
+        seqs = [x[0] for x in call(a, 2, s, "allocate", {"prompts": [[1, 2, 3]] * 20})[0]]
+        big = np.array(seqs, np.int64).astype(">i8")
+        slots, err = call(a, 3, s, "append", {"seq_ids": big})
+        assert err is None
+        expect = [server.pool.manager.table.table[server.pool.manager.rows[q], 0] * SMALL.block_size + 3
+                  for q in seqs]
+        assert np.frombuffer(slots, "<i8").tolist() == expect
+        before = state(server.pool)
+        for rid, bad in enumerate([np.array([seqs], np.int64), np.array(seqs, np.float64),
+                                   np.ones(20, bool)], start=10):
+            _, err = call(a, rid, s, "append", {"seq_ids": bad})
+            assert err == InvalidArgument.code, (bad.dtype, bad.shape, err)
+            assert state(server.pool) == before
+        server.pool.check_integrity()
+    finally:
+        a.close()
