@@ -116,7 +116,31 @@ def cache_argument(model, cache) -> dict:
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
-class HFLoop:
+class Timed:
+    """What a path kept live across the rounds records: its steps' wall and host
+    times, per round (the rounds that are timed)."""
+
+    batch: int
+    tokens: list[list[int]]
+
+    def __init__(self) -> None:
+        self.wall: list[list[float]] = []  # per round
+        self.host: list[list[float]] = []
+
+    def keep(self, wall: list[float], host: list[float], timed: bool) -> None:
+        if timed:
+            self.wall.append(wall)
+            self.host.append(host)
+
+    def round_ms(self) -> list[float]:
+        return [float(np.median(w)) * 1e3 for w in self.wall]
+
+    def summary(self, label: str, kv: int) -> dict:
+        return summarize(label, sum(self.wall, []), sum(self.host, []), self.batch, kv, self.tokens,
+                         self.round_ms())
+
+
+class HFLoop(Timed):
     """transformers' own decode loop, kept live across the rounds as the kvpager
     paths are: the model's forward on a DynamicCache, with the 2-D attention mask
     `generate` passes (grown by a column a step). Its forward is slow the first
@@ -125,6 +149,7 @@ class HFLoop:
     2026-11-30), so its warm-up steps are untimed as theirs are."""
 
     def __init__(self, model, ps: list[list[int]]) -> None:
+        super().__init__()
         self.model, self.batch = model, len(ps)
         ids = torch.tensor(ps, device="cuda")
         self.cache = transformers.DynamicCache()
@@ -136,8 +161,6 @@ class HFLoop:
             out = model(input_ids=ids, attention_mask=self.mask, **self.kv, use_cache=True, logits_to_keep=1)
         self.nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         self.tokens = [self.nxt[:, 0].tolist()]
-        self.wall: list[list[float]] = []  # per round
-        self.host: list[list[float]] = []
 
     def run(self, steps: int, timed: bool = True) -> None:
         """``steps`` decode steps, each timed from its start to its tokens on the host."""
@@ -156,17 +179,11 @@ class HFLoop:
                 wall.append(time.perf_counter() - t0)
                 host.append(t1 - t0)
                 self.length += 1
-        if timed:
-            self.wall.append(wall)
-            self.host.append(host)
-
-    def round_ms(self) -> list[float]:
-        return [float(np.median(w)) * 1e3 for w in self.wall]
+        self.keep(wall, host, timed)
 
     def row(self) -> dict:
         kv = sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
-        return summarize("hf loop", sum(self.wall, []), sum(self.host, []), self.batch, kv, self.tokens,
-                         self.round_ms())
+        return self.summary("hf loop", kv)
 
     def close(self) -> None:
         self.cache = self.kv = None
@@ -187,11 +204,12 @@ def generate_ms(model, ids: torch.Tensor, steps: int, cache: str | None = None) 
     return (times[1] - times[0]) / steps * 1e3
 
 
-class Paged:
+class Paged(Timed):
     """A kvpager path kept live across the rounds: `kvpager.hf.PagedGeneration` on a pool of its own."""
 
     def __init__(self, model, ps: list[list[int]], total_steps: int, graphs: bool, clock: HostClock,
                  num_blocks: int, cascade: bool | None = None, pipeline: bool = True) -> None:
+        super().__init__()
         self.spec = khf.spec_for_model(model, num_blocks=num_blocks)
         self.pool = KVPool(self.spec, device="cuda:0")
         self.gen = khf.PagedGeneration(model, self.pool, ps, total_steps, salt="bench", cuda_graphs=graphs,
@@ -199,8 +217,6 @@ class Paged:
         self.clock, self.batch = clock, len(ps)
         self.label = (("kvpager graphs" if graphs else "kvpager eager") + (" plain" if cascade is False else "")
                       + ("" if pipeline else " sync"))
-        self.wall: list[list[float]] = []  # per round
-        self.host: list[list[float]] = []
 
     @property
     def tokens(self) -> list[list[int]]:
@@ -222,17 +238,10 @@ class Paged:
             wall.append(t1 - last)
             host.append(self.clock.mark - t0)
             last = t1
-        if timed:
-            self.wall.append(wall)
-            self.host.append(host)
-
-    def round_ms(self) -> list[float]:
-        return [float(np.median(w)) * 1e3 for w in self.wall]
+        self.keep(wall, host, timed)
 
     def row(self) -> dict:
-        kv = self.pool.stats().used_blocks * self.spec.bytes_per_block
-        return summarize(self.label, sum(self.wall, []), sum(self.host, []), self.batch, kv, self.tokens,
-                         self.round_ms())
+        return self.summary(self.label, self.pool.stats().used_blocks * self.spec.bytes_per_block)
 
     def close(self) -> None:
         self.gen.close()
