@@ -14,10 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from kvpager.batch_calls import BATCHED, parse_calls, stopped
 from kvpager.client_tables import id_list, packed, packed_rows, scalar
 from kvpager.errors import UnsupportedConfiguration
 from kvpager.protocol import decode_batch, decode_slots
+from kvpager.protocol_codec import pack_array
 
 
 def wire_args(method: str, named: dict[str, Any]) -> dict[str, Any]:
@@ -32,9 +35,10 @@ def wire_args(method: str, named: dict[str, Any]) -> dict[str, Any]:
     return wire
 
 
-def on_wire(wire: dict[str, Any]) -> dict[str, Any]:
-    """``wire`` as the request carries it: large batches of ids packed (`packed`)."""
-    out = dict(wire, seq_ids=packed(wire["seq_ids"]))
+def on_wire(wire: dict[str, Any], ids: Any) -> dict[str, Any]:
+    """``wire`` as the request carries it, its ``seq_ids`` sent as ``ids``; large
+    lists of token ids and ``upto`` packed (`packed_rows`, `packed`)."""
+    out = dict(wire, seq_ids=ids)
     if "token_ids" in out:
         out["token_ids"] = packed_rows(out["token_ids"])
     if "upto" in out:
@@ -79,10 +83,18 @@ class ClientBatch:
         if any(method == "commit" and extra.get("synchronize", True) is not False
                for method, _, extra in parsed):
             self.synchronize()
-        ids = [id_list(w["seq_ids"]) for w in wires]
-        touched = [s for each in ids for s in each or ()]
-        reply = self._mutate("batch", {"ops": [[BATCHED[m], on_wire(w)] for (m, _, _), w in zip(parsed, wires)]},
-                             touched)
+        # A step's ops mostly share one list of ids: each list is read, packed and
+        # encoded once (an ExtType goes into the message as it is).
+        seen: dict[int, tuple[list[int] | None, Any]] = {}
+        for w in wires:
+            v = w["seq_ids"]
+            if id(v) not in seen:
+                checked = id_list(v)
+                sent = v if checked is None else packed(checked, checked=True)
+                seen[id(v)] = (checked, pack_array(sent) if isinstance(sent, np.ndarray) else sent)
+        ids = [seen[id(w["seq_ids"])][0] for w in wires]
+        ops = [[BATCHED[m], on_wire(w, seen[id(w["seq_ids"])][1])] for (m, _, _), w in zip(parsed, wires)]
+        reply = self._mutate("batch", {"ops": ops}, (s for each in ids for s in each or ()))
         results, error = decode_batch(reply)
         out = [follow(self._mirror, m, w, i, r) for (m, _, _), w, i, r in zip(parsed, wires, ids, results)]
         if error is not None:

@@ -8,6 +8,7 @@ round trip. ``tables`` reads that mirror when it holds every sequence asked for.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -162,15 +163,17 @@ class ClientSequences:
             raise
         self._mirror.swapped_in(ids, tables, lens)
 
-    def _mutate(self, op: str, args: dict[str, Any], ids: list[int] | None) -> Any:
-        """``_call`` for an op that changes the tables of ``ids``. Without a
-        clear outcome (no reply in time, or a daemon bug) the op may have been
-        applied: the mirror forgets ``ids``, whose tables then come from the daemon."""
+    def _mutate(self, op: str, args: dict[str, Any], ids: Iterable[int] | None) -> Any:
+        """``_call`` for an op that changes the tables of ``ids`` (read only if it
+        fails). Without a clear outcome (no reply in time, or a daemon bug) the op
+        may have been applied: the mirror forgets ``ids``, whose tables then come
+        from the daemon."""
         try:
             return self._call(op, args)
         except (RequestTimeout, InternalError):
-            if ids:
-                self._mirror.forget(ids)
+            forget = list(ids or ())
+            if forget:
+                self._mirror.forget(forget)
             raise
 
     def tables(self, seq_ids: Any) -> tuple[np.ndarray, np.ndarray]:

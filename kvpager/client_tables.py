@@ -47,10 +47,11 @@ def id_list(value: Any) -> list[int] | None:
     return None
 
 
-def packed(value: Any) -> Any:
+def packed(value: Any, checked: bool = False) -> Any:
     """A list of at least `PACK_AT` ints (sequence ids, commit's ``upto``) as one
-    int64 array; anything else as given (the daemon checks it)."""
-    if type(value) is list and len(value) >= PACK_AT and all_type(value, int):
+    int64 array; anything else as given (the daemon checks it). ``checked``: the
+    list is known to hold only ints (`id_list`'s)."""
+    if type(value) is list and len(value) >= PACK_AT and (checked or all_type(value, int)):
         try:
             return np.fromiter(value, np.int64, len(value))
         except OverflowError:  # out of int64 range: the daemon says why

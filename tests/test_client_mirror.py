@@ -166,6 +166,29 @@ def test_an_op_without_an_outcome_forgets_its_sequences(client, monkeypatch):
     client.free([a.seq_id])
 
 
+def test_a_batch_without_an_outcome_forgets_every_sequence_it_named(client, monkeypatch):
+    """A batch the daemon applied but whose reply was lost: every sequence any of
+    its ops named is forgotten (tables from the daemon again, exact); others stay."""
+    seqs = [a.seq_id for a in client.allocate([list(range(5))] * 20)]
+    other = client.allocate([list(range(3))])[0].seq_id
+    real = client._chan.request
+
+    def applied_then_lost(body, rid, op, timeout):
+        reply = real(body, rid, op, timeout)
+        if op == "batch":
+            raise RequestTimeout("no reply (test)")
+        return reply
+
+    monkeypatch.setattr(client._chan, "request", applied_then_lost)
+    with pytest.raises(RequestTimeout):
+        client.batch([("append_flat", seqs, 1), ("commit", seqs[:3])])
+    monkeypatch.undo()
+    assert not any(s in client._mirror for s in seqs) and other in client._mirror
+    tables, lens = client.tables(seqs)  # from the daemon: the append was applied
+    assert lens.tolist() == [6] * 20
+    client.free(seqs + [other])
+
+
 # -- the session's end ----------------------------------------------------------------------
 def test_close_clears_the_mirror(server):
     c = Client(server.endpoint, timeout=WAIT, heartbeat=False)
