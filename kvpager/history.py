@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvpager.prefix_cache import chain_keys
+from kvpager.prefix_cache import block_key, chain_keys
 
 
 @dataclass(eq=False, slots=True)
@@ -39,6 +39,8 @@ class History:
         p = len(self.prompt)
         if stop <= p:
             return self.prompt[start:stop]
+        if start >= p:  # all in the tail (a decode step's block)
+            return np.array(self.tail[start - p : stop - p], dtype=np.int64)
         head = self.prompt[start:p] if start < p else self.prompt[:0]
         return np.concatenate([head, np.array(self.tail[max(start - p, 0) : stop - p], dtype=np.int64)])
 
@@ -47,7 +49,11 @@ class History:
         start = len(self.keys)
         if full > start:
             parent = self.keys[-1] if start else self.root
-            self.keys += chain_keys(parent, self.known(start * block_size, full * block_size), block_size)
+            at = start * block_size - len(self.prompt)
+            if full == start + 1 and at >= 0 and len(self.tail) >= at + block_size:  # a decode step's block
+                self.keys.append(block_key(parent, self.tail[at : at + block_size]))
+            else:
+                self.keys += chain_keys(parent, self.known(start * block_size, full * block_size), block_size)
         return self.keys
 
     def truncate(self, num_tokens: int, block_size: int) -> None:

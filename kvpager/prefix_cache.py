@@ -13,6 +13,7 @@ entry goes (eviction, a block about to be rewritten).
 from __future__ import annotations
 
 import hashlib
+import struct
 
 import numpy as np
 
@@ -102,6 +103,15 @@ def chain_keys(parent: bytes, tokens: np.ndarray, block_size: int) -> list[bytes
         parent = h.digest()
         keys.append(parent)
     return keys
+
+
+def block_key(parent: bytes, ids: list[int]) -> bytes:
+    """The key of one block whose token ids are ``ids`` (Python ints in int64
+    range), chained from ``parent``: `chain_keys`' key, without an array (a
+    decode step publishes one block per sequence)."""
+    h = _BLAKE.copy()
+    h.update(parent + struct.pack(f"<{len(ids)}q", *ids))
+    return h.digest()
 
 
 class PrefixCache:

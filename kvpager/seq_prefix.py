@@ -173,21 +173,27 @@ def commit(m: SequenceManager, seq_ids: list[int] | np.ndarray, upto: Seq[int | 
     full = np.minimum(committed, bt.known[rows]) // bs
     published = [0] * len(seq_ids)
     todo = np.flatnonzero(full > bt.published[rows])
-    sink = m.pool.events
-    for k in todo.tolist():
-        row, f = int(rows[k]), int(full[k])
-        h = m.history[int(seq_ids[k])]
+    if not len(todo):
+        return published
+    sink, pool, history = m.pool.events, m.pool, m.history
+    trows, tfull = rows[todo], full[todo]
+    starts = np.maximum(bt.published[trows], bt.released[trows])  # released entries hold nothing
+    ks = todo.tolist()
+    ids = seq_ids[todo].tolist() if isinstance(seq_ids, np.ndarray) else [seq_ids[k] for k in ks]
+    # A decode step completes one block per sequence at most: those blocks in one read.
+    one = bt.table[trows, starts].tolist() if bool((tfull - starts == 1).all()) else None
+    for i, (k, row, f, start) in enumerate(zip(ks, trows.tolist(), tfull.tolist(), starts.tolist())):
+        h = history[ids[i]]
         keys = h.key_blocks(f, bs)
-        start = max(int(bt.published[row]), int(bt.released[row]))  # released entries hold nothing
-        blocks = bt.table[row, start:f].tolist()
-        tenant = itertools.repeat(m.pool.tenants.code(h.root, h.salt), len(blocks))
-        done = list(map(m.pool.publish, blocks, keys[start:f], tenant))
+        blocks = [one[i]] if one is not None else bt.table[row, start:f].tolist()
+        tenant = itertools.repeat(pool.tenants.code(h.root, h.salt), len(blocks))
+        done = list(map(pool.publish, blocks, keys[start:f], tenant))
         published[k] = sum(done)
         if sink is not None:
             report_stored(m, h, list(range(start, f)), done)
         if fresh is not None:
             fresh += [(b, h.root, key) for b, key, new in zip(blocks, keys[start:f], done) if new]
-        bt.published[row] = f
+    bt.published[trows] = tfull
     return published
 
 

@@ -174,3 +174,22 @@ def test_share_in_batch_shares_fresh_prompt_blocks_within_one_allocate():
     pool.check_integrity()
 
 
+
+
+def test_one_block_key_equals_the_chained_key():
+    """`block_key` (a decode step's one block, from a list of ints) gives the key
+    `chain_keys` gives for the same ids: over the whole int64 range and every
+    block size a pool takes."""
+    import numpy as np
+
+    from kvpager.prefix_cache import block_key, chain_keys, root_key
+
+    rng = np.random.default_rng(7)
+    for bs in (8, 16, 32, 64, 128):
+        parent = root_key(f"salt{bs}")
+        for _ in range(50):
+            ids = rng.integers(-(2**63), 2**63 - 1, bs, dtype=np.int64, endpoint=True)
+            ids[: rng.integers(0, 3)] = rng.choice([-(2**63), 2**63 - 1, 0])
+            key = block_key(parent, ids.tolist())
+            assert key == chain_keys(parent, ids, bs)[0]
+            parent = key
