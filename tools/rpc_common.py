@@ -84,14 +84,18 @@ def pool_ops(pool, batch: int):
     )
 
 
-def step_ops(pool, batch: int):
+def step_ops(pool, batch: int, staggered: bool = False):
     """(a pipelined decode step of ``batch`` sequences as three calls: `append_flat` of
     one slot each without ids, `record_tokens` of one id each, `commit`; the same step
     as one `batch` request, or None where the pool has none; cut) for a KVPool or a
-    Client, checked once."""
-    many = [a.seq_id for a in pool.allocate([PROMPT] * batch)]
+    Client, checked once. ``staggered``: the prompts' lengths differ (100 + i % 16),
+    so every step one in 16 sequences completes a block (a commit publishes it) and
+    one in 16 starts a new one, as in a running batch; otherwise all sequences
+    cross a block boundary in the same step, one step in 16."""
+    prompts = [PROMPT + PROMPT[: i % 16] for i in range(batch)] if staggered else [PROMPT] * batch
+    many = [a.seq_id for a in pool.allocate(prompts)]
     toks = [[7]] * batch
-    n = len(PROMPT)
+    n = [len(p) for p in prompts] if staggered else len(PROMPT)
 
     def calls():
         pool.append_flat(many)

@@ -180,6 +180,10 @@ def latencies(pool, iters: int, batch: int) -> dict[str, tuple[float, float]]:
     out[f"step x{batch}: append, record_tokens, commit"] = percentiles(time_steps(calls, cut, many))
     if batched is not None:
         out[f"step x{batch}: the same as one batch"] = percentiles(time_steps(batched, cut, many))
+    calls, batched, cut = step_ops(pool, batch, staggered=True)
+    out[f"step x{batch}, staggered lengths: three calls"] = percentiles(time_steps(calls, cut, many))
+    if batched is not None:
+        out[f"step x{batch}, staggered lengths: one batch"] = percentiles(time_steps(batched, cut, many))
     if hasattr(pool, "heartbeat"):
         out["heartbeat"] = percentiles(time_steps(pool.heartbeat, lambda: None, iters))
     return out
