@@ -62,35 +62,10 @@ from rpc_observe import observability  # noqa: E402
 from kvpager import KVPool  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--iters", type=int, default=5000, help="single-op round trips per measurement")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
-    ap.add_argument("--clients", default="1,4,16")
-    ap.add_argument("--observability", action="store_true",
-                    help="only compare the daemon without and with metrics + KV events")
-    ap.add_argument("--rounds", type=int, default=5, help="alternations of that comparison")
-    args = ap.parse_args()
-    if args.observability:
-        res = observability(args.iters, args.batch, args.rounds)
-        if args.json:
-            print(json.dumps(res, indent=2))
-            return
-        w = res["watchers"]
-        print(f"machine: {res['machine']}; date: {res['date']}; {res['rounds']} rounds; meanwhile {w['commits']} "
-              f"commits by another worker, {w['scrapes']} scrapes of /metrics, {w['batches']} event batches read")
-        print("| measurement | p50 us, off | p50 us, on | on - off (median of rounds) | p99 us, off | p99 us, on |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for row in res["rows"]:
-            print(f"| {row['measurement']} | {row['off_p50_us']:.1f} | {row['on_p50_us']:.1f} | "
-                  f"{row['delta_p50_us']:+.1f} | {row['off_p99_us']:.1f} | {row['on_p99_us']:.1f} |")
-        return
-
+def measure(args: argparse.Namespace, tmp: str) -> tuple[list, dict]:
+    """Every measurement of the default run; ipc sockets in ``tmp``: (table rows, result)."""
     from kvpager.client import Client
 
-    tmp = tempfile.mkdtemp(prefix="kvpb", dir="/tmp")
     embedded = latencies(KVPool(SPEC), args.iters, args.batch)
     handled = handle_cost(args.iters, args.batch)
     rows, result = [], {"machine": f"{os.cpu_count()}-core CPU, {platform.python_implementation()} "
@@ -118,12 +93,43 @@ def main() -> None:
             rows.append((name, op, (p50, p99), embedded.get(op)))
         for n, ops in tput.items():
             rows.append((name, f"append x1 throughput, {n} client{'s' * (n > 1)}", (ops, bare_tput[n]), None))
+    return rows, result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--iters", type=int, default=5000, help="single-op round trips per measurement")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--observability", action="store_true",
+                    help="only compare the daemon without and with metrics + KV events")
+    ap.add_argument("--rounds", type=int, default=5, help="alternations of that comparison")
+    args = ap.parse_args()
+    if args.observability:
+        res = observability(args.iters, args.batch, args.rounds)
+        if args.json:
+            print(json.dumps(res, indent=2))
+            return
+        w = res["watchers"]
+        print(f"machine: {res['machine']}; date: {res['date']}; {res['rounds']} rounds; meanwhile {w['commits']} "
+              f"commits by another worker, {w['scrapes']} scrapes of /metrics, {w['batches']} event batches read")
+        print("| measurement | p50 us, off | p50 us, on | on - off (median of rounds) | p99 us, off | p99 us, on |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for row in res["rows"]:
+            print(f"| {row['measurement']} | {row['off_p50_us']:.1f} | {row['on_p50_us']:.1f} | "
+                  f"{row['delta_p50_us']:+.1f} | {row['off_p99_us']:.1f} | {row['on_p99_us']:.1f} |")
+        return
+
+    with tempfile.TemporaryDirectory(prefix="kvpb", dir="/tmp") as tmp:  # the ipc sockets
+        rows, result = measure(args, tmp)
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"machine: {result['machine']}; date: {result['date']}")
     print("daemon share, Server.handle without a socket: " + "; ".join(
-        f"{op} p50 {p50:.1f} us, p99 {p99:.1f} us" for op, (p50, p99) in handled.items()))
+        f"{op} p50 {p50:.1f} us, p99 {p99:.1f} us" for op, (p50, p99) in result["daemon_handle"].items()))
     print("| transport | measurement | p50 us | p99 us | in-process p50 us | daemon / in-process |")
     print("|---|---|---:|---:|---:|---:|")
     for name, what, val, emb in rows:

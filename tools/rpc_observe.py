@@ -152,7 +152,8 @@ def _background(endpoint: str, metrics_port: int | None, events: str | None, sto
 def observability(iters: int, batch: int, rounds: int) -> dict:
     """The daemon without and with metrics + KV events, ``rounds`` times: both
     daemons run at once and are timed alternately (`_ab_steps`)."""
-    tmp = tempfile.mkdtemp(prefix="kvpo", dir="/tmp")
+    sockets = tempfile.TemporaryDirectory(prefix="kvpo", dir="/tmp")  # removed when done (or collected)
+    tmp = sockets.name
     runs: dict[str, dict[str, list[tuple[float, float]]]] = {"off": {}, "on": {}}
     watched = {"scrapes": 0, "batches": 0, "commits": 0}
     for r in range(rounds):
@@ -184,6 +185,7 @@ def observability(iters: int, batch: int, rounds: int) -> dict:
         for mode, d in out.items():
             for k, v in d.items():
                 runs[mode].setdefault(k, []).append(v)
+    sockets.cleanup()
     result = {"machine": f"{os.cpu_count()}-core CPU, {platform.python_implementation()} "
                          f"{platform.python_version()}", "date": str(date.today()), "rounds": rounds,
               "watchers": watched, "rows": []}
