@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from kvpager.batch_calls import BATCHED, parse_calls, stopped
-from kvpager.client_tables import id_list, packed, packed_rows, scalar
+from kvpager.client_tables import packed, packed_rows, read_ids, scalar
 from kvpager.errors import UnsupportedConfiguration
 from kvpager.protocol import decode_batch, decode_slots
 from kvpager.protocol_codec import pack_array
@@ -89,8 +89,7 @@ class ClientBatch:
         for w in wires:
             v = w["seq_ids"]
             if id(v) not in seen:
-                checked = id_list(v)
-                sent = v if checked is None else packed(checked, checked=True)
+                checked, sent = read_ids(v)
                 seen[id(v)] = (checked, pack_array(sent) if isinstance(sent, np.ndarray) else sent)
         ids = [seen[id(w["seq_ids"])][0] for w in wires]
         ops = [[BATCHED[m], on_wire(w, seen[id(w["seq_ids"])][1])] for (m, _, _), w in zip(parsed, wires)]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from kvpager.client_tables import id_list, packed, packed_rows, scalar
+from kvpager.client_tables import id_list, packed, packed_rows, read_ids, scalar
 from kvpager.errors import InternalError, InvalidArgument, RequestTimeout
 from kvpager.protocol import (
     SEQUENCES_PAGE,
@@ -88,14 +88,14 @@ class ClientSequences:
         return decode_slots(self._append(seq_ids, num_tokens, token_ids), 1, None)[0]
 
     def _append(self, seq_ids: Any, num_tokens: Any, token_ids: Any) -> bytes:
-        args: dict[str, Any] = {"seq_ids": packed(seq_ids)}
+        ids, sent = read_ids(seq_ids)
+        args: dict[str, Any] = {"seq_ids": sent}
         if type(num_tokens) is not int:
             num_tokens = scalar(num_tokens)  # a 0-d integer array: its int (the mirror follows a count)
         if not (type(num_tokens) is int and num_tokens == 1):  # a bool goes to the daemon, which refuses it
             args["num_tokens"] = num_tokens
         if token_ids is not None:
             args["token_ids"] = packed_rows(token_ids)
-        ids = id_list(seq_ids)
         raw = self._mutate("append", args, ids)
         self._mirror.appended(ids, num_tokens, decode_slots(raw, 1, None)[0])
         return raw

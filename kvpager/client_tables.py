@@ -13,14 +13,14 @@ its tables come from the daemon again, which is slower but never wrong.
 
 from __future__ import annotations
 
-from operator import countOf, itemgetter
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
 
 from kvpager.block_table import BlockTable
 from kvpager.errors import SequenceSwapped
-from kvpager.validate import all_type
+from kvpager.validate import all_type, one_id_each
 
 #: A batch of at least this many ids (or a decode step's token ids for that many
 #: sequences) goes on the wire packed, as one int64 array (docs/protocol.md): the
@@ -61,16 +61,17 @@ def packed(value: Any, checked: bool = False) -> Any:
 
 def packed_rows(value: Any) -> Any:
     """A decode step's token ids (a list of at least `PACK_AT` lists of one int
-    each) as one int64 array ``[n, 1]``; anything else as given."""
-    if type(value) is list and len(value) >= PACK_AT and all_type(value, list) \
-            and countOf(map(len, value), 1) == len(value):
-        first = list(map(itemgetter(0), value))
-        if all_type(first, int):
-            try:
-                return np.fromiter(first, np.int64, len(first)).reshape(-1, 1)
-            except OverflowError:
-                pass
+    each, in int64 range) as one int64 array ``[n, 1]``; anything else as given."""
+    if type(value) is list and len(value) >= PACK_AT and one_id_each(value):
+        return np.fromiter(map(itemgetter(0), value), np.int64, len(value)).reshape(-1, 1)
     return value
+
+
+def read_ids(value: Any) -> tuple[list[int] | None, Any]:
+    """A batch of sequence ids read once: (`id_list`'s reading, what the request
+    carries: a batch of `PACK_AT` or more packed, anything else as given)."""
+    ids = id_list(value)
+    return ids, value if ids is None else packed(ids, checked=True)
 
 
 def scalar(value: Any) -> Any:

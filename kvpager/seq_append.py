@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 from itertools import compress
-from operator import countOf, itemgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,7 +20,7 @@ import numpy as np
 from kvpager.errors import InvalidArgument, OutOfBlocks
 from kvpager.history import writable
 from kvpager.prefix_cache import token_array
-from kvpager.validate import all_type
+from kvpager.validate import TOKEN_LIMIT, all_type, one_id_each
 
 if TYPE_CHECKING:
     from kvpager.sequences import SequenceManager
@@ -29,27 +28,15 @@ if TYPE_CHECKING:
 _NO_COPIES = np.zeros((0, 2), dtype=np.int64)
 
 
-#: Token ids are int64 (block keys hash their bytes): one out of range must fail
-#: the append, not a later commit halfway through its batch.
-_LIMIT = 1 << 63
 
 
 def _token_list(ids: object) -> list[int]:
-    """Token ids of an append as a list of ints (validated: bools refused)."""
+    """Token ids of an append as a list of ints (validated: bools refused; one out
+    of int64 range fails the append, not a later commit halfway through its batch)."""
     if (type(ids) is list and (len(ids) == 1 and type(ids[0]) is int or all_type(ids, int))
-            and (not ids or min(ids) >= -_LIMIT and max(ids) < _LIMIT)):
+            and (not ids or min(ids) >= -TOKEN_LIMIT and max(ids) < TOKEN_LIMIT)):
         return ids
     return token_array(ids, "token_ids").tolist()
-
-
-def _one_id_each(ids_list: list[Any]) -> bool:
-    """Whether each of the (non-empty) ``ids_list`` is a list of one int in int64 range, as
-    a decode step's token ids arrive: checked at C speed (else each the slow way)."""
-    n = len(ids_list)
-    if not (all_type(ids_list, list) and countOf(map(len, ids_list), 1) == n):
-        return False
-    first = list(map(itemgetter(0), ids_list))
-    return countOf(map(type, first), int) == n and min(first) >= -_LIMIT and max(first) < _LIMIT
 
 
 def _within(counts: np.ndarray) -> np.ndarray:
@@ -139,7 +126,7 @@ def _decode(
     elif token_ids is not None:
         ids_list = list(token_ids)
         # Each a list of one int, checked at C speed; anything else the slow way.
-        if not (ids_list and _one_id_each(ids_list)):
+        if not (ids_list and one_id_each(ids_list)):
             for k, (s, ids) in enumerate(zip(seq_ids, ids_list)):
                 if ids is not None:
                     ids_list[k] = ids = _token_list(ids)
@@ -241,7 +228,7 @@ def record(m: SequenceManager, seq_ids: list[int] | np.ndarray, token_ids: Seq[S
     if isinstance(token_ids, np.ndarray):  # rows of ids, checked by `validate.token_rows`
         ids_list, n = token_ids.tolist(), token_ids.shape[1]
         over = np.flatnonzero(known + n > nt)
-    elif (ids_list := list(token_ids)) and _one_id_each(ids_list):
+    elif (ids_list := list(token_ids)) and one_id_each(ids_list):
         n = 1  # one id each (a pipelined decode step), checked at C speed
         over = np.flatnonzero(known >= nt)
     else:

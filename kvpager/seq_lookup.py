@@ -78,7 +78,7 @@ class SequenceLookup:
             if not self.table.distinct(rows):
                 raise self._duplicates(op)
             rows.flags.writeable = False  # shared with the next call that sends these ids
-            self._last_batch = (key if isinstance(key, bytes) else list(seq_ids), owner, self._frees, rows)
+            self._last_batch = (key if isinstance(key, bytes) else list(key), owner, self._frees, rows)
         if op is not None and self.num_swapped:
             swapped = self.table.swapped[rows]
             if np.count_nonzero(swapped):

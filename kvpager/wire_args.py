@@ -10,10 +10,7 @@ from typing import Any
 import numpy as np
 
 from kvpager.errors import InvalidArgument
-from kvpager.validate import all_type
-
-#: Token ids are int64 in the allocator (block keys hash their bytes).
-TOKEN_LIMIT = 1 << 63
+from kvpager.validate import TOKEN_LIMIT, all_type
 
 
 def wire_ids(value: Any, what: str = "seq_ids") -> list[int]:

@@ -139,19 +139,24 @@ def test_swap_out_beyond_the_host_pool_changes_nothing(client):
     assert_mirrors_daemon(client)
 
 
-def test_an_op_without_an_outcome_forgets_its_sequences(client, monkeypatch):
-    """No reply in time, though the daemon applied the append: those sequences'
-    tables come from the daemon again, still exact."""
-    a, b = client.allocate([list(range(6)), list(range(5))])
+def lose_replies_of(client, monkeypatch, lost: str) -> None:
+    """The daemon applies each ``lost`` request, but its reply never comes (RequestTimeout)."""
     real = client._chan.request
 
     def applied_then_lost(body, rid, op, timeout):
         reply = real(body, rid, op, timeout)
-        if op == "append":
+        if op == lost:
             raise RequestTimeout("no reply (test)")
         return reply
 
     monkeypatch.setattr(client._chan, "request", applied_then_lost)
+
+
+def test_an_op_without_an_outcome_forgets_its_sequences(client, monkeypatch):
+    """No reply in time, though the daemon applied the append: those sequences'
+    tables come from the daemon again, still exact."""
+    a, b = client.allocate([list(range(6)), list(range(5))])
+    lose_replies_of(client, monkeypatch, "append")
     with pytest.raises(RequestTimeout):
         client.append([a.seq_id])
     monkeypatch.undo()
@@ -171,15 +176,7 @@ def test_a_batch_without_an_outcome_forgets_every_sequence_it_named(client, monk
     its ops named is forgotten (tables from the daemon again, exact); others stay."""
     seqs = [a.seq_id for a in client.allocate([list(range(5))] * 20)]
     other = client.allocate([list(range(3))])[0].seq_id
-    real = client._chan.request
-
-    def applied_then_lost(body, rid, op, timeout):
-        reply = real(body, rid, op, timeout)
-        if op == "batch":
-            raise RequestTimeout("no reply (test)")
-        return reply
-
-    monkeypatch.setattr(client._chan, "request", applied_then_lost)
+    lose_replies_of(client, monkeypatch, "batch")
     with pytest.raises(RequestTimeout):
         client.batch([("append_flat", seqs, 1), ("commit", seqs[:3])])
     monkeypatch.undo()

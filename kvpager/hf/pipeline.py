@@ -158,14 +158,10 @@ class DecodePasses:
             # published, and the pool ends as the unpipelined loop leaves it.
             stop = set(ended)
             rows = [i for i in nxt.rows if i not in stop] if stop else nxt.rows
-            if rows == done.rows:
-                recorded = np.fromiter(tokens, np.int64, len(tokens))
-            else:
-                of = dict(zip(done.rows, tokens))
-                recorded = np.fromiter(map(of.__getitem__, rows), np.int64, len(rows))
             if rows:
+                of = tokens if rows == done.rows else map(dict(zip(done.rows, tokens)).__getitem__, rows)
                 ids = nxt.seq_ids if rows is nxt.rows else [self.seq_ids[i] for i in rows]
-                self._later("record_tokens", ids, recorded.reshape(-1, 1))
+                self._later("record_tokens", ids, np.fromiter(of, np.int64, len(rows)).reshape(-1, 1))
         # ``done``'s writes have landed (its event): no wait for the pass in flight
         self._later("commit", done.seq_ids, [p + 1 for p in done.positions], synchronize=False)
         fed = set(nxt.rows) if nxt is not None else ()
