@@ -1,0 +1,185 @@
+"""The decode paths `bench_e2e.py` times in its alternating rounds, each kept
+live across them: transformers' own loop (`HFLoop`), a kvpager generation
+(`Paged`, eager or captured), transformers' ``generate`` (`generate_ms`), what
+each records per round (`Timed`, `summarize`) and the mark of a step's last
+queued kernel (`HostClock`)."""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import numpy as np
+import torch
+import transformers
+
+import kvpager.hf.generation as khf
+from kvpager import KVPool
+
+
+class HostClock:
+    """Marks when a step's last kernel is queued: wraps the forward of the paged
+    paths and the graph replay, and the hf loop times its forward call itself."""
+
+    def __init__(self) -> None:
+        self.mark = 0.0
+        fwd, replay = khf.paged_forward, torch.cuda.CUDAGraph.replay
+
+        def timed_forward(*a, **k):
+            r = fwd(*a, **k)
+            self.mark = time.perf_counter()
+            return r
+
+        def timed_replay(g):
+            replay(g)
+            self.mark = time.perf_counter()
+
+        khf.paged_forward = timed_forward  # DecodeGraphs imports it from there at capture
+        torch.cuda.CUDAGraph.replay = timed_replay
+
+
+def cache_argument(model, cache) -> dict:
+    """The forward's cache keyword: ``cache`` where transformers names it so (5.x,
+    which deprecates ``past_key_values``), else ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+class Timed:
+    """What a path kept live across the rounds records: its steps' wall and host
+    times, per round (the rounds that are timed)."""
+
+    batch: int
+    tokens: list[list[int]]
+
+    def __init__(self) -> None:
+        self.wall: list[list[float]] = []  # per round
+        self.host: list[list[float]] = []
+
+    def keep(self, wall: list[float], host: list[float], timed: bool) -> None:
+        if timed:
+            self.wall.append(wall)
+            self.host.append(host)
+
+    def round_ms(self) -> list[float]:
+        return [float(np.median(w)) * 1e3 for w in self.wall]
+
+    def summary(self, label: str, kv: int) -> dict:
+        return summarize(label, sum(self.wall, []), sum(self.host, []), self.batch, kv, self.tokens,
+                         self.round_ms())
+
+
+class HFLoop(Timed):
+    """transformers' own decode loop, kept live across the rounds as the kvpager
+    paths are: the model's forward on a DynamicCache, with the 2-D attention mask
+    `generate` passes (grown by a column a step). Its forward is slow the first
+    times it meets a shape (batch, length) in a process (1b shape, batch 64, H200:
+    51-72 ms a step in a loop's first run, 13.7-13.9 in the same loop's second,
+    2026-11-30), so its warm-up steps are untimed as theirs are."""
+
+    def __init__(self, model, ps: list[list[int]]) -> None:
+        super().__init__()
+        self.model, self.batch = model, len(ps)
+        ids = torch.tensor(ps, device="cuda")
+        self.cache = transformers.DynamicCache()
+        self.kv = cache_argument(model, self.cache)
+        self.mask = torch.ones_like(ids)
+        self.column = torch.ones_like(ids[:, :1])
+        self.length = ids.shape[1]
+        with torch.inference_mode():
+            out = model(input_ids=ids, attention_mask=self.mask, **self.kv, use_cache=True, logits_to_keep=1)
+        self.nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        self.tokens = [self.nxt[:, 0].tolist()]
+
+    def run(self, steps: int, timed: bool = True) -> None:
+        """``steps`` decode steps, each timed from its start to its tokens on the host."""
+        wall, host = [], []
+        with torch.inference_mode():
+            for _ in range(steps):
+                pos = torch.tensor([self.length], device="cuda")
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                self.mask = torch.cat([self.mask, self.column], dim=1)
+                out = self.model(input_ids=self.nxt, attention_mask=self.mask, **self.kv, use_cache=True,
+                                 cache_position=pos, position_ids=pos.expand(self.batch, 1))
+                t1 = time.perf_counter()
+                self.nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                self.tokens.append(self.nxt[:, 0].tolist())
+                wall.append(time.perf_counter() - t0)
+                host.append(t1 - t0)
+                self.length += 1
+        self.keep(wall, host, timed)
+
+    def row(self) -> dict:
+        kv = sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
+        return self.summary("hf loop", kv)
+
+    def close(self) -> None:
+        self.cache = self.kv = None
+
+
+def generate_ms(model, ids: torch.Tensor, steps: int, cache: str | None = None) -> float:
+    """ms per decode step of transformers' ``generate``: the time of ``steps`` + 1 new tokens
+    less that of 1 (the prefill's share cancels out); ``cache="static"``: its StaticCache."""
+    kw = dict(do_sample=False, cache_implementation=cache) if cache else dict(do_sample=False)
+    times = []
+    with torch.inference_mode():
+        for n in (1, steps + 1):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return (times[1] - times[0]) / steps * 1e3
+
+
+class Paged(Timed):
+    """A kvpager path kept live across the rounds: `kvpager.hf.PagedGeneration` on a pool of its own."""
+
+    def __init__(self, model, ps: list[list[int]], total_steps: int, graphs: bool, clock: HostClock,
+                 num_blocks: int, cascade: bool | None = None, pipeline: bool = True) -> None:
+        super().__init__()
+        self.spec = khf.spec_for_model(model, num_blocks=num_blocks)
+        self.pool = KVPool(self.spec, device="cuda:0")
+        self.gen = khf.PagedGeneration(model, self.pool, ps, total_steps, salt="bench", cuda_graphs=graphs,
+                                       cascade=cascade, pipeline=pipeline)
+        self.clock, self.batch = clock, len(ps)
+        self.label = (("kvpager graphs" if graphs else "kvpager eager") + (" plain" if cascade is False else "")
+                      + ("" if pipeline else " sync"))
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        """Each step's tokens (the prefill's first), as the hf loop lists them."""
+        outs = self.gen.outputs
+        return [[o[k] for o in outs] for k in range(min(map(len, outs)))]
+
+    def run(self, steps: int, timed: bool = True) -> None:
+        """``steps`` decode steps after one untimed one; a step's time runs from the
+        last one's return to its own (a pipelined step returns once the pass
+        before it has completed and the next one is queued: its steady rate)."""
+        self.gen.step()
+        wall, host = [], []
+        last = time.perf_counter()
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            self.gen.step()
+            t1 = time.perf_counter()
+            wall.append(t1 - last)
+            host.append(self.clock.mark - t0)
+            last = t1
+        self.keep(wall, host, timed)
+
+    def row(self) -> dict:
+        return self.summary(self.label, self.pool.stats().used_blocks * self.spec.bytes_per_block)
+
+    def close(self) -> None:
+        self.gen.close()
+        self.pool.close()
+
+
+def summarize(path: str, wall: list[float], host: list[float], batch: int, kv: int | None,
+              tokens: list[list[int]] | None, rounds: list[float] | None = None) -> dict:
+    """A path's row; ``rounds``: its ms/step in each round (the step time is then their median)."""
+    ms = float(np.median(rounds)) if rounds else float(np.median(wall)) * 1e3
+    return dict(path=path, ms_step=ms, host_ms=float(np.median(host)) * 1e3 if host else None,
+                tok_s=batch / ms * 1e3, kv_bytes=kv, tokens=tokens, rounds=rounds)
