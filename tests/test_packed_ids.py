@@ -237,3 +237,36 @@ def test_odd_packed_forms_from_the_wire(server):
         server.pool.check_integrity()
     finally:
         a.close()
+
+
+def test_packed_forms_are_held_to_the_request_limits():
+    """A packed id array over the ids limit, and a 2-D token-id array over the
+    tokens limit, are refused (limit_exceeded) before anything changes, for
+    append, record_tokens and commit, alone and in a batch."""
+    from daemon_helpers import running_server
+
+    from kvpager.errors import LimitExceeded
+    from kvpager.limits import Limits
+
+    with running_server(SMALL, limits=Limits(ids=20, tokens=40)) as small:
+        a = Raw(small.endpoint)
+        try:
+            s = call(a, 1, None, "hello", {"client": "lim", "pid": 4})[0]["session"]
+            seqs = [x[0] for x in call(a, 2, s, "allocate", {"prompts": [[1]] * 16})[0]]
+            over = np.array(seqs + seqs[:5], np.int64)  # 21 ids (duplicates too: the limit comes first)
+            ids = np.array(seqs, np.int64)
+            before = state(small.pool)
+            requests = [
+                ("append", {"seq_ids": over}),
+                ("commit", {"seq_ids": over}),
+                ("record_tokens", {"seq_ids": over, "token_ids": np.ones((21, 1), np.int64)}),
+                ("append", {"seq_ids": ids, "token_ids": np.ones((16, 3), np.int64), "num_tokens": 3}),  # 48 tokens
+                ("batch", {"ops": [["append", {"seq_ids": ids}], ["commit", {"seq_ids": ids[:5]}]]}),  # 21 ids
+            ]
+            for rid, (op, args) in enumerate(requests, start=10):
+                _, err = call(a, rid, s, op, args)
+                assert err == LimitExceeded.code, (op, err)
+                assert state(small.pool) == before
+            small.pool.check_integrity()
+        finally:
+            a.close()
