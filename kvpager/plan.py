@@ -150,6 +150,31 @@ class StepPlan(ABC):
         the softmax (transformers' ``softcap``, Gemma-2's attn_logit_softcapping).
         Both are per call, so layers of one plan may differ."""
 
+    def write_attend(self, layer: int, q: Any, k: Any, v: Any, scale: float | None = None, *,
+                     window: int | None = None, softcap: float | None = None) -> Any:
+        """One layer of a model that keeps heads first (transformers' layout): ``k`` /
+        ``v`` [1, num_kv_heads, num_tokens, head_dim] and ``q`` [1, num_q_heads,
+        num_tokens, head_dim]; `write` k and v, then `attend` q. Returns [1,
+        num_tokens, num_q_heads, head_dim], of the kind of ``q``. Where the three
+        are views of token-major memory (a model's projections reshaped), the
+        GPU plan launches on their pointers without making a view. Checked
+        whole before anything is written: a refused call changes nothing."""
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            shape = tuple(getattr(x, "shape", ()))
+            if len(shape) != 4 or shape[0] != 1:
+                raise InvalidArgument(f"write_attend: {name} must be [1, heads, num_tokens, head_dim], "
+                                      f"got shape {shape}")
+        qt = q[0].swapaxes(0, 1)
+        check_q_shape(tuple(qt.shape), self.num_tokens, self.spec)
+        check_scale(scale, self.spec.head_dim)
+        check_softcap(softcap)
+        if self.floor is not None:
+            self.check_floor(window)
+        else:
+            check_window(window)
+        self.write(layer, k[0].swapaxes(0, 1), v[0].swapaxes(0, 1))
+        return self.attend(layer, qt, scale, window=window, softcap=softcap)[None]
+
     def update(self, tables: Any, seq_lens: Any, query_lens: Any = None, slots: Any = None) -> None:
         """Refill the plan in place with another step of the same shape (see the backend's plan)."""
         raise InvalidArgument(f"{type(self).__name__} cannot be updated in place; make a new plan")

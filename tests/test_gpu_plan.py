@@ -78,6 +78,91 @@ def test_plan_prefill_then_decode_matches_numpy(dtype):
         assert rel_err(out, reference(pool, layer, q, tables, seq_lens, [1] * len(ids))) < TOL[dtype]
 
 
+def test_a_host_bound_decode_step_splits_only_where_its_ctas_miss_sms():
+    """An eager (host-bound) decode step whose unsplit CTAs reach every SM runs
+    unsplit (no merge launch a layer) and gives the split step's output; a step
+    of too few CTAs (one long sequence) still splits."""
+    from kvpager import kernels
+
+    g = torch.Generator().manual_seed(7)
+    spec = PoolSpec(num_layers=1, num_kv_heads=8, head_dim=128, num_blocks=6000, block_size=16,
+                    dtype="bfloat16")
+    pool = KVPool(spec, device="cuda:0")
+    nsm = kernels.num_sms(0)
+    many = [a.seq_id for a in pool.allocate([[i % 7 + 2] * (520 + i) for i in range(nsm)])]
+    [one] = pool.allocate([[5] * 8000])
+    pool.append(many + [one.seq_id], 1)
+    kv = pool.backend.kv
+    # random bfloat16 K/V made on the device: the top half of float32 normals
+    kv[...] = (cupy.random.standard_normal(kv.shape, dtype=cupy.float32).view(cupy.uint32) >> 16).astype(kv.dtype)
+    q = rand(g, len(many), 32, 128, dtype="bfloat16")
+    eager = pool.plan(many, num_q_heads=32, host_bound=True, cascade=False)
+    split = pool.plan(many, num_q_heads=32, num_splits=4, cascade=False)
+    assert eager.splits == 1 and split.splits == 4
+    a, b = eager.attend(0, q), split.attend(0, q)
+    tables, lens = pool.tables(many)
+    ref = reference(pool, 0, q, tables, lens, [1] * len(many))
+    assert rel_err(a, ref) < TOL["bfloat16"] and rel_err(b, ref) < TOL["bfloat16"]
+    alone = pool.plan([one.seq_id], num_q_heads=32, host_bound=True)
+    assert alone.splits > 1
+    q1 = rand(g, 1, 32, 128, dtype="bfloat16")
+    tables, lens = pool.tables([one.seq_id])
+    assert rel_err(alone.attend(0, q1), reference(pool, 0, q1, tables, lens, [1])) < TOL["bfloat16"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_write_attend_on_pointers_is_write_then_attend(dtype):
+    """The GPU plan's per-layer hot path (heads-first views of token-major
+    memory, launched on their pointers) writes the K/V and returns the output
+    that `write` then `attend` give on a twin pool; heads-major memory (a
+    contiguous [1, H, T, D]) takes the checked path to the same result; a
+    refused option writes nothing."""
+    g = torch.Generator().manual_seed(5)
+    pools = [make(dtype), make(dtype)]
+    lens = [16, 31, 47, 5]
+    ids = [[a.seq_id for a in p.allocate([list(range(3, 3 + n)) for n in lens])] for p in pools]
+    slots = [p.append_flat(i, 1) for p, i in zip(pools, ids)]
+    assert np.array_equal(*slots)
+    plans = [p.plan(i, None, s, num_q_heads=HQ) for p, i, s in zip(pools, ids, slots)]
+    t, hkv, d = len(lens), 2, 64
+    for layer, heads_major in ((0, False), (1, True)):
+        k, v = (rand(g, 1, t, hkv, d, dtype=dtype).transpose(1, 2) for _ in range(2))
+        q = rand(g, 1, t, HQ, d, dtype=dtype).transpose(1, 2)
+        if heads_major:
+            k, v, q = k.contiguous(), v.contiguous(), q.contiguous()
+        out = plans[0].write_attend(layer, q, k, v, 0.2)
+        plans[1].write(layer, k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous())
+        ref = plans[1].attend(layer, q[0].transpose(0, 1).contiguous(), 0.2)
+        assert out.shape == (1, t, HQ, d) and out.dtype == q.dtype
+        assert torch.equal(out[0], ref)
+        tables, seq_lens = pools[0].tables(ids[0])
+        kv = cupy.asnumpy(pools[0].backend.kv).view(pools[0].spec.np_dtype)
+        qn = q[0].transpose(0, 1).float().cpu().numpy().astype(pools[0].spec.np_dtype)
+        twin = paged_attention(kv, layer, qn, tables, seq_lens, np.ones(t, np.int32), 0.2)
+        assert rel_err(out[0], twin) < TOL[dtype]
+    assert cupy.array_equal(pools[0].backend.kv, pools[1].backend.kv)
+    before = pools[0].backend.kv.copy()
+    k, v = (rand(g, 1, t, hkv, d, dtype=dtype).transpose(1, 2) for _ in range(2))
+    q = rand(g, 1, t, HQ, d, dtype=dtype).transpose(1, 2)
+    for bad in (dict(scale=0.0), dict(softcap=-1.0), dict(window=0)):
+        with pytest.raises(InvalidArgument):
+            plans[0].write_attend(0, q, k, v, **bad)
+    assert cupy.array_equal(pools[0].backend.kv, before)
+
+
+def test_a_refused_scale_is_not_remembered():
+    """Regression: a plan remembered a refused scale as its last one, so the
+    same bad scale given again was taken, with the last good one's value."""
+    pool = make("bfloat16")
+    [a] = pool.allocate([list(range(20))])
+    plan = pool.plan([a.seq_id], None, pool.append_flat([a.seq_id], 1), num_q_heads=HQ)
+    q = torch.zeros(1, HQ, 64, dtype=torch.bfloat16, device="cuda")
+    plan.attend(0, q, 0.5)
+    for _ in range(2):
+        with pytest.raises(InvalidArgument, match="scale"):
+            plan.attend(0, q, -1.0)
+
+
 def test_plan_checks_tensors_before_launching():
     pool = make("bfloat16")
     [a] = pool.allocate([list(range(20))])

@@ -211,7 +211,9 @@ class CupyBackend(Backend):
         decode split-K planner), ``num_q_heads`` (prepare the launches now),
         ``cascade`` (shared-prefix attention: None when it pays, True, False),
         ``host_bound`` (a decode step paced by its host: cascade only from
-        `kvpager.cascade.HOST_BOUND_MIN_SAVED` bytes spared a layer),
+        `kvpager.cascade.HOST_BOUND_MIN_SAVED` bytes spared a layer, and no
+        split-K, whose merge is a launch a layer, where the unsplit decode has a
+        CTA for every SM),
         ``config`` (`kvpager.KernelConfig`; default: this backend's)."""
         from kvpager.backends.cupy_plan import CupyPlan
 

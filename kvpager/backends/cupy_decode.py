@@ -164,7 +164,14 @@ def decode_kernel(plan: Any, group: int, max_len: int, config: KernelConfig) -> 
         if fn.max_dynamic_shared_size_bytes < shape.smem:
             fn.max_dynamic_shared_size_bytes = shape.smem
         resident = kernels.resident_ctas(fn, shape.threads, shape.smem, dev)
-    splits = plan.num_splits or plan_splits(shape.ctas, max_len, nsm, resident, fill=not plan.spec.is_fp8)
+    if plan.num_splits:
+        splits = plan.num_splits
+    elif plan._host_bound and shape.ctas >= nsm:
+        # A step its host paces: the unsplit kernel already has a CTA for every SM, and
+        # no split spares the host a merge launch a layer (the device's extra time hides).
+        splits = 1
+    else:
+        splits = plan_splits(shape.ctas, max_len, nsm, resident, fill=not plan.spec.is_fp8)
     return shape, fn, int(splits)
 
 

@@ -82,7 +82,9 @@ class CupyPlan(StepPlan):
         self._cascade = cascade
         if type(host_bound) is not bool:
             raise InvalidArgument(f"host_bound must be a bool, got {host_bound!r}")
-        self._host_bound = host_bound  # a decode step cascades only where it would pace the device
+        # A decode step paced by its host: it cascades only where that would pace the device,
+        # and splits only where its unsplit CTAs would not reach every SM (`cupy_decode.decode_kernel`).
+        self._host_bound = host_bound
         self._cascade_ok = cascade is not False and cascade_applies(self, spec, nseq)
         self.cascade_slack = 2 if num_rows is not None or width is not None else 1
         self._shared: Any = None  # kvpager.cascade.SharedPrefixes of the step, found at the first attend
@@ -164,8 +166,13 @@ class CupyPlan(StepPlan):
             kp, _ = device_tensor(k, "k", shape, self.backend, self.device)
             vp, _ = device_tensor(v, "v", shape, self.backend, self.device)
             stream = current_stream(self.device)
+        self._launch_write(layer, kp, vp, stream)
+
+    def _launch_write(self, layer: int, kp: int, vp: int, stream: int) -> None:
+        """The K/V write of ``layer`` from checked pointers (built at the first call)."""
         launch = self._write
         if launch is None:
+            spec, shape = self.spec, self._kv_shape
             if not shape[0]:
                 return
             name, defs = write_kernel(spec)
@@ -179,6 +186,61 @@ class CupyPlan(StepPlan):
         a = launch.args
         a[0].value, a[1].value, a[5].value = kp, vp, layer
         launch(stream)
+
+    def write_attend(self, layer: int, q: Any, k: Any, v: Any, scale: float | None = None, *,
+                     window: int | None = None, softcap: float | None = None) -> Any:
+        """See `StepPlan.write_attend`. The hot path of a model's layer: torch
+        tensors of the pool's dtype on its GPU, token-major, after the plan's
+        launches for their query heads are built: two launches from their
+        pointers (no view made, nothing checked twice). Anything else goes the
+        checked way (`write`, `attend`)."""
+        spec = self.spec
+        heads = q.shape[1] if type(q) is self._torch_type and q.dim() == 4 else 0
+        launches = self._attn.get(heads)
+        if launches and self.has_slots and type(layer) is int and 0 <= layer < spec.num_layers:
+            hkv = spec.num_kv_heads
+            kp = self._heads_first_ptr(k, hkv)
+            vp = kp and self._heads_first_ptr(v, hkv)
+            qp = vp and self._heads_first_ptr(q, heads)
+            if qp:
+                if (self.floor is not None or window is not None or softcap is not None
+                        or (scale is not None and scale != self._last_scale)):
+                    self._check_options(scale, window, softcap)  # before the write: a refusal changes nothing
+                out = q.new_empty((1, self._tokens, heads, spec.head_dim))
+                if self._tokens:
+                    stream = self._stream(self.device)
+                    self._launch_write(layer, kp, vp, stream)
+                    self._launch_attend(layer, launches, heads, qp, out.data_ptr(), scale, window, softcap, stream)
+                return out
+        return super().write_attend(layer, q, k, v, scale, window=window, softcap=softcap)
+
+    def _check_options(self, scale: Any, window: Any, softcap: Any) -> None:
+        """InvalidArgument for an attend's ``scale``, ``window`` or ``softcap`` that
+        `_launch_attend` would refuse (the window against released blocks too)."""
+        if scale is not None:
+            self._set_scale(scale)
+        check_softcap(softcap)
+        if self.floor is not None:
+            self.check_floor(window)
+        else:
+            check_window(window)
+
+    def _heads_first_ptr(self, x: Any, heads: int) -> int:
+        """The pointer of a torch CUDA tensor [1, heads, num_tokens, head_dim] of the
+        pool's dtype on its GPU whose memory is [num_tokens, heads, head_dim] dense and
+        16-byte aligned (a model's projection viewed heads first); 0 for anything else."""
+        if type(x) is not self._torch_type or x.dtype is not self._torch_dtype:
+            return 0
+        t, d = self._tokens, self.spec.head_dim
+        if x.shape != (1, heads, t, d):
+            return 0
+        st = x.stride()
+        if st[3] != 1 or (heads > 1 and st[1] != d) or (t > 1 and st[2] != heads * d):
+            return 0
+        p = x.data_ptr()
+        if p % 16 or not x.is_cuda or x.get_device() != self.device:
+            return 0
+        return p
 
     def _fast_ptr(self, x: Any, shape: tuple[int, ...]) -> int:
         """The pointer of a torch CUDA tensor that passes every check (right
@@ -219,13 +281,20 @@ class CupyPlan(StepPlan):
             stream = current_stream(self.device)
         if not shape[0]:
             return out
+        self._launch_attend(layer, launches, shape[1], qp, op, scale, window, softcap, stream)
+        return out
+
+    def _launch_attend(self, layer: int, launches: list[Launch], heads: int, qp: int, op: int, scale: Any,
+                       window: Any, softcap: Any, stream: int) -> None:
+        """The attention of ``layer`` from checked pointers, on ``launches`` (those of
+        ``heads`` query heads); ``scale``, ``window`` and ``softcap`` as given to `attend`."""
         if self.floor is not None:
             self.check_floor(window)
         forked = False
         if window is not None and self._cascades:
-            launches = self._windowed(shape[1])
+            launches = self._windowed(heads)
         else:
-            forked = self._forked[shape[1]]
+            forked = self._forked[heads]
         if scale is None:
             s = self._scale
         elif scale == self._last_scale:
@@ -244,17 +313,16 @@ class CupyPlan(StepPlan):
             cap = check_softcap(softcap)
             # in the kernel's score units: raw q . k (cap / scale), or log2 units (cap * log2 e)
             first[-2].value = 0.0 if cap is None else (
-                cap * _LOG2E / s if self._raw[shape[1]] else cap * _LOG2E)
+                cap * _LOG2E / s if self._raw[heads] else cap * _LOG2E)
         if forked:  # own parts and the shared part side by side under a capture, then the merge
             self._fork_join(stream, launches[0], launches[1])
             launches[2](stream)
-            return out
+            return
         for launch in launches:
             launch(stream)
-        return out
 
     def _set_scale(self, scale: Any) -> float:
-        self._last_scale = scale
-        self._scale_given = check_scale(scale, self.spec.head_dim) * _LOG2E
-        return self._scale_given
+        given = check_scale(scale, self.spec.head_dim) * _LOG2E  # a refused scale is not remembered
+        self._last_scale, self._scale_given = scale, given
+        return given
 

@@ -4,10 +4,12 @@ The model runs unchanged; only its attention function is swapped. A forward
 pass takes the batch's new tokens packed into one row (no padding), each with
 its own position id, and every attention layer
 
-1. writes the step's K/V into the pool at the slots kvpager handed out
-   (``plan.write(layer, k, v)``), then
-2. returns ``plan.attend(layer, q, ...)``: paged attention of the new tokens
-   over everything their sequences hold, causal within them.
+1. writes the step's K/V into the pool at the slots kvpager handed out, then
+2. returns paged attention of the new tokens over everything their
+   sequences hold, causal within them,
+
+in one call, ``plan.write_attend(layer, q, k, v, ...)``, on transformers'
+heads-first views as they come.
 
 `register` makes ``attn_implementation="kvpager"`` known to transformers (done
 on import); `paged_attention` switches a model to it for a block; `paged_forward`
@@ -92,13 +94,12 @@ def kvpager_attention(
     if kwargs or dropout or sliding_window != window or key.shape != value.shape or key.shape[2] != query.shape[2] \
             or key.shape[3] != query.shape[3]:
         check_call(layer, query, key, value, dropout, sliding_window, window, kwargs)
-    # [1, H, T, D] -> [T, H, D]: a view; the projections' layout makes it dense.
-    batch.plan.write(layer, _to_pool(key[0].transpose(0, 1), batch), _to_pool(value[0].transpose(0, 1), batch))
-    out = batch.plan.attend(layer, _to_pool(query[0].transpose(0, 1), batch), scaling, window=window,
-                            softcap=softcap)
+    # [1, H, T, D] views of the projections' token-major memory: the plan launches on their pointers
+    out = batch.plan.write_attend(layer, _to_pool(query, batch), _to_pool(key, batch), _to_pool(value, batch),
+                                  scaling, window=window, softcap=softcap)
     if out.dtype is not query.dtype or out.is_cuda != query.is_cuda:
         out = out.to(device=query.device, dtype=query.dtype)
-    return out.unsqueeze(0), None
+    return out, None
 
 
 def paged_forward(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,

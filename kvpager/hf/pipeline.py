@@ -84,11 +84,15 @@ class HostBuffers:
 
 def to_device(values: list[int], device: torch.device) -> torch.Tensor:
     """[1, n] int64 on ``device`` without waiting for it: a pinned staging tensor
-    and an asynchronous copy (torch keeps the staging memory until the copy ran)."""
-    t = torch.tensor([values], dtype=torch.long)
+    and an asynchronous copy (torch's host allocator keeps the staging memory
+    until the copy ran). The staging tensor is taken pinned and filled, not
+    built and then pinned (a second tensor and a copy: 14-17 against 18-20 us a
+    call on an H200's host)."""
     if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
+        return torch.tensor([values], dtype=torch.long)
+    t = torch.empty((1, len(values)), dtype=torch.long, pin_memory=True)
+    t.numpy()[0] = values
+    return t.to(device, non_blocking=True)
 
 
 def fed_tokens(prev: Pass, rows: list[int]) -> torch.Tensor:
