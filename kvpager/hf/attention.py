@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
-from kvpager.hf.model import ABSENT, check_call
+from kvpager.hf.model import ABSENT, IGNORED, check_call
 
 ATTN_IMPLEMENTATION = "kvpager"
 
@@ -91,8 +91,9 @@ def kvpager_attention(
         window = batch.windows[layer]
     else:
         window = None if sliding_window is ABSENT else sliding_window
-    if kwargs or dropout or sliding_window != window or key.shape != value.shape or key.shape[2] != query.shape[2] \
-            or key.shape[3] != query.shape[3]:
+    # arguments that change nothing here (`IGNORED`, passed at every layer) need no closer look
+    if (kwargs and not kwargs.keys() <= IGNORED) or dropout or sliding_window != window \
+            or key.shape != value.shape or key.shape[2] != query.shape[2] or key.shape[3] != query.shape[3]:
         check_call(layer, query, key, value, dropout, sliding_window, window, kwargs)
     # [1, H, T, D] views of the projections' token-major memory: the plan launches on their pointers
     out = batch.plan.write_attend(layer, _to_pool(query, batch), _to_pool(key, batch), _to_pool(value, batch),
