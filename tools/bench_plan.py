@@ -4,8 +4,10 @@ A decode step of 256 sequences (a 1,024-token shared prompt and 128 own
 tokens each), Llama-3-8B geometry (32 q / 8 kv heads, head dim 128, bf16):
 the plan built from the pool (`KVPool.plan`: tables gathered, checked,
 uploaded; with the GPU idle and with it busy, as when the host runs ahead),
-then ``plan.write`` and ``plan.attend`` called with torch tensors
-while the GPU is kept busy, so only the host's time is measured; compared
+then ``plan.write`` and ``plan.attend`` called with torch tensors, and
+``plan.write_attend`` on heads-first views as `kvpager.hf` calls it (a
+host-bound plan), while the GPU is kept busy, so only the host's time is
+measured; compared
 with the one-layer convenience ``KVPool.attend`` (a plan per call). Also the
 tables of 64 sequences x 8,192 blocks (`KVPool.tables`).
 
@@ -101,6 +103,13 @@ def main() -> None:
     rows.append(("plan.attend per layer (torch q, out given)", per_call_us(lambda: plan.attend(1, q, out=out), n)))
     busy()
     rows.append(("plan.attend per layer (torch q, new out)", per_call_us(lambda: plan.attend(1, q), n)))
+    # a model's layer as kvpager.hf runs it: heads-first views, one call, a host-bound (eager) plan
+    k4, q4 = k.unsqueeze(0).transpose(1, 2), q.unsqueeze(0).transpose(1, 2)
+    eager = pool.plan(ids, None, slots, num_q_heads=32, host_bound=True)
+    eager.write_attend(0, q4, k4, k4)
+    busy()
+    rows.append(("plan.write_attend per layer (heads-first, eager)",
+                 per_call_us(lambda: eager.write_attend(1, q4, k4, k4), n)))
     if gpu:  # these sequences share a prefix: the plan above cascades (three launches a layer)
         plain = pool.plan(ids, None, slots, num_q_heads=32, cascade=False)
         plain.attend(0, q, out=out)
