@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from kvpager import cuda_release
 from kvpager.errors import BackendUnavailable, InvalidArgument
 from kvpager.spec import PoolSpec
 
@@ -69,7 +70,8 @@ class DeviceBuffer:
         self.ptr, self.size, self.device, self.handle = int(ptr), int(size), int(device), handle
         # Views keep this object alive (it is their memory's owner); the memory
         # goes when the last of them does, or at close().
-        self._release = weakref.finalize(self, release, self.device, self.ptr) if release else None
+        self._release = (weakref.finalize(self, cuda_release.release, release, self.device, self.ptr)
+                         if release else None)
 
     @classmethod
     def create(cls, size: int, device: int) -> DeviceBuffer:

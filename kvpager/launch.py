@@ -149,7 +149,9 @@ class ForkJoin:
             fork = runtime.eventCreateWithFlags(runtime.eventDisableTiming)
             join = runtime.eventCreateWithFlags(runtime.eventDisableTiming)
         self._side, self._fork, self._join = side, fork, join
-        self._finalizer = weakref.finalize(self, _destroy, self.device, side, fork, join)
+        from kvpager import cuda_release
+
+        self._finalizer = weakref.finalize(self, cuda_release.release, _destroy, self.device, side, fork, join)
 
 
 def _destroy(device: int, side: int, fork: int, join: int) -> None:

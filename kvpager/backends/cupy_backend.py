@@ -21,7 +21,7 @@ try:
 except ImportError as e:  # make_backend turns this into BackendUnavailable
     raise ImportError(f"the cupy backend needs CuPy: {e}") from None
 
-from kvpager import block_moves, kernels
+from kvpager import block_moves, cuda_release, kernels
 from kvpager.backends.base import Backend
 from kvpager.backends.cupy_staging import (
     HOST_ALLOC_MAPPED,
@@ -92,8 +92,9 @@ class CupyBackend(Backend):
         with cupy.cuda.Device(self.index):
             _storage(self, spec)
             self.num_sms = cupy.cuda.Device(self.index).attributes["MultiProcessorCount"]
+            cuda_release.flush()  # what finalizers kept during a capture, before taking more
             self._dev_ptr = runtime.malloc(spec.device_bytes)
-            self._finalizer = weakref.finalize(self, _release, self.index, self._dev_ptr, 0)
+            self._finalizer = weakref.finalize(self, cuda_release.release, _release, self.index, self._dev_ptr, 0)
             runtime.memset(self._dev_ptr, 0, spec.device_bytes)
             mem = cupy.cuda.UnownedMemory(self._dev_ptr, spec.device_bytes, self, device_id=self.index)
             self.kv = cupy.ndarray(shape, dtype=self.kv_dtype, memptr=cupy.cuda.MemoryPointer(mem, 0))
@@ -101,7 +102,7 @@ class CupyBackend(Backend):
                 self._host_ptr = runtime.hostAlloc(spec.host_bytes, HOST_ALLOC_MAPPED | HOST_ALLOC_PORTABLE)
                 self._finalizer.detach()
                 self._finalizer = weakref.finalize(
-                    self, _release, self.index, self._dev_ptr, self._host_ptr)
+                    self, cuda_release.release, _release, self.index, self._dev_ptr, self._host_ptr)
                 ctypes.memset(self._host_ptr, 0, spec.host_bytes)
                 self._host_dev_ptr = mapped_pointer(self._host_ptr)
                 buf = (ctypes.c_byte * spec.host_bytes).from_address(self._host_ptr)

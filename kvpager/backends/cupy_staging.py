@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from kvpager import block_moves
+from kvpager import block_moves, cuda_release
 from kvpager.spec import PoolSpec
 
 HOST_ALLOC_PORTABLE = 1
@@ -62,7 +62,7 @@ class Staging:
         if self.rows < rows:
             self.free()
             ptr = runtime.hostAlloc(rows * bpb, HOST_ALLOC_MAPPED | HOST_ALLOC_PORTABLE)
-            self._fin = weakref.finalize(self, free_host, ptr)
+            self._fin = weakref.finalize(self, cuda_release.release, free_host, ptr)
             buf = (ctypes.c_byte * (rows * bpb)).from_address(ptr)
             self._host = np.frombuffer(buf, dtype=np.uint8).reshape(rows, bpb)
             self._dev = mapped_pointer(ptr)
