@@ -189,7 +189,7 @@ def test_out_of_blocks_leaves_pool_clean(model):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_tensors_cross_into_the_pool_dtype_exactly(dtype):
     from kvpager.hf.generation import PagedBatch, _to_pool
-    from kvpager.plan import from_numpy, to_numpy
+    from kvpager.plan_numpy import from_numpy, to_numpy
     from kvpager.spec import numpy_dtype
 
     x = torch.randn(5, 2, 16).to(getattr(torch, dtype))

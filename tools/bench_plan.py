@@ -26,7 +26,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kvpager import KVPool, PoolSpec  # noqa: E402
-from kvpager.plan import check_queries, to_numpy  # noqa: E402
+from kvpager.plan import check_queries  # noqa: E402
+from kvpager.plan_numpy import to_numpy  # noqa: E402
 
 
 def per_call_us(fn, n: int) -> float:

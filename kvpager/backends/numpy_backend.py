@@ -86,7 +86,7 @@ class NumpyBackend(Backend):
         """A `NumpyPlan` (capacity and kernel options mean nothing here, but a ``config``
         must be a `kvpager.KernelConfig` as on the GPU; padding rows are refused)."""
         from kvpager.kernel_config import check_config
-        from kvpager.plan import NumpyPlan
+        from kvpager.plan_numpy import NumpyPlan
 
         check_config(config)
         if num_rows is not None and num_rows != len(seq_lens):

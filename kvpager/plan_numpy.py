@@ -1,0 +1,84 @@
+"""The NumPy backend's step plan: the reference for the GPU plan
+(`kvpager.backends.cupy_plan`), and the crossing of torch CPU tensors into
+NumPy arrays and back (bfloat16 as its bits)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kvpager import validate
+from kvpager.errors import InvalidArgument
+from kvpager.plan import StepPlan, check_q_shape, check_scale, check_softcap, check_window
+
+
+def to_numpy(x: Any, name: str, dtype: np.dtype) -> tuple[np.ndarray, bool]:
+    """A NumPy view of ``x`` in ``dtype`` (NumPy array or CPU torch tensor) and
+    whether it came from torch."""
+    if isinstance(x, np.ndarray):
+        if x.dtype != dtype:
+            raise InvalidArgument(f"{name} must have dtype {dtype}, got {x.dtype}")
+        return x, False
+    if type(x).__module__.startswith("torch"):
+        if x.device.type != "cpu":
+            raise InvalidArgument(f"{name} is on {x.device}; this pool is on the CPU")
+        want = str(dtype)
+        if str(x.dtype).removeprefix("torch.") != want:
+            raise InvalidArgument(f"{name} must have dtype {want}, got {x.dtype}")
+        x = x.detach().contiguous()
+        if want == "bfloat16":  # NumPy has no bfloat16: cross as raw bits
+            import torch
+
+            return x.view(torch.int16).numpy().view(dtype), True
+        return x.numpy(), True
+    raise InvalidArgument(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+
+
+def from_numpy(out: np.ndarray) -> Any:
+    """A NumPy result as a torch tensor (bfloat16 through its bits)."""
+    import torch
+
+    if out.dtype.name == "bfloat16":
+        return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(out)
+
+
+class NumpyPlan(StepPlan):
+    """The step plan of the NumPy backend: the reference for the GPU plan."""
+
+    def __init__(self, backend: Any, tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
+                 slots: np.ndarray | None):
+        self.backend, self.spec = backend, backend.spec
+        self.tables, self.seq_lens, self.query_lens, self.slots = tables, seq_lens, query_lens, slots
+
+    def write(self, layer: int, k: Any, v: Any) -> None:
+        spec = self.spec
+        layer = validate.layer(layer, spec)
+        if self.slots is None:
+            raise InvalidArgument("this plan has no slots: pass slots to plan() to write through it")
+        shape = (len(self.slots), spec.num_kv_heads, spec.head_dim)
+        k, _ = to_numpy(k, "k", spec.np_dtype)
+        v, _ = to_numpy(v, "v", spec.np_dtype)
+        for name, x in (("k", k), ("v", v)):
+            if x.shape != shape:
+                raise InvalidArgument(f"{name} must have shape {shape}, got {x.shape}")
+        self.backend.write(layer, self.slots, k, v)
+
+    def attend(self, layer: int, q: Any, scale: float | None = None, out: Any = None, *,
+               window: int | None = None, softcap: float | None = None) -> Any:
+        from kvpager.backends.numpy_backend import paged_attention
+
+        spec = self.spec
+        layer = validate.layer(layer, spec)
+        qn, from_torch = to_numpy(q, "q", spec.np_dtype)
+        check_q_shape(qn.shape, self.num_tokens, spec)
+        if self.floor is not None:
+            self.check_floor(window)
+        res = paged_attention(self.backend.kv, layer, qn, self.tables, self.seq_lens, self.query_lens,
+                              check_scale(scale, spec.head_dim), window=check_window(window),
+                              softcap=check_softcap(softcap), kv_scales=self.backend.scales)
+        if out is not None:
+            to_numpy(out, "out", spec.np_dtype)[0][...] = res
+            return out
+        return from_numpy(res) if from_torch else res
