@@ -7,6 +7,7 @@ against a CPU daemon; bounded waits, free endpoints."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -152,15 +153,23 @@ def test_staging_segments_cannot_be_taken_first(server, monkeypatch):
             s.close()
 
 
-def test_a_retry_gets_the_first_reply(server):
+@pytest.mark.parametrize("match_bytes", [8192, 0])
+def test_a_retry_gets_the_first_reply(server, monkeypatch, match_bytes):
     """D11: each request carries an id; the same request again (after a
-    timeout) gets the first execution's reply and changes nothing more."""
+    timeout) gets the first execution's reply and changes nothing more.
+    Requests are matched by their bytes up to a size, by a digest above it
+    (``match_bytes`` 0: every request by its digest)."""
+    from kvpager import server_dispatch
+
+    monkeypatch.setattr(server_dispatch, "_MATCH_BYTES", match_bytes)
     with Client(server.endpoint) as c:
         raw = Raw(server.endpoint)
         try:
             body = req(7, "allocate", {"prompts": [[1, 2, 3]]}, session=c.session)
             first, again = raw.recv_raw(body), raw.recv_raw(body)
             assert first == again
+            kept = server.sessions.sessions[c.session].replies[7][0]
+            assert kept == (body if match_bytes else hashlib.blake2b(body, digest_size=16).digest())
             assert c.stats().num_sequences == 1
             [[seq_id, *_]] = msgpack.unpackb(first, raw=False)[2]
             free = req(8, "free", {"seq_ids": [seq_id]}, session=c.session)
