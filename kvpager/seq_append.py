@@ -28,8 +28,6 @@ if TYPE_CHECKING:
 _NO_COPIES = np.zeros((0, 2), dtype=np.int64)
 
 
-
-
 def _token_list(ids: object) -> list[int]:
     """Token ids of an append as a list of ints (validated: bools refused; one out
     of int64 range fails the append, not a later commit halfway through its batch)."""

@@ -17,3 +17,13 @@ def cupy_or_skip() -> Any:
     if count == 0:
         pytest.skip("no CUDA device", allow_module_level=True)
     return cupy
+
+
+def cupy_torch_or_skip() -> tuple[Any, Any]:
+    """CuPy and torch, or skip the calling test module where either, a CUDA device
+    or torch's CUDA is missing."""
+    cupy = cupy_or_skip()
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here", allow_module_level=True)
+    return cupy, torch

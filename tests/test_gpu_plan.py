@@ -6,15 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gpu_helpers import cupy_torch_or_skip
 
-cupy = pytest.importorskip("cupy")
-torch = pytest.importorskip("torch")
-try:
-    _GPU = cupy.cuda.runtime.getDeviceCount() > 0 and torch.cuda.is_available()
-except Exception:
-    _GPU = False
-if not _GPU:
-    pytest.skip("no CUDA device", allow_module_level=True)
+cupy, torch = cupy_torch_or_skip()
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.backends.numpy_backend import paged_attention  # noqa: E402

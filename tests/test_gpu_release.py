@@ -9,15 +9,9 @@ from __future__ import annotations
 import gc
 
 import pytest
+from gpu_helpers import cupy_torch_or_skip
 
-cupy = pytest.importorskip("cupy")
-torch = pytest.importorskip("torch")
-try:
-    _GPU = cupy.cuda.runtime.getDeviceCount() > 0 and torch.cuda.is_available()
-except Exception:
-    _GPU = False
-if not _GPU:
-    pytest.skip("no CUDA device", allow_module_level=True)
+cupy, torch = cupy_torch_or_skip()
 
 from kvpager import KVPool, PoolSpec, cuda_release  # noqa: E402
 
