@@ -90,3 +90,26 @@ def test_eager_decode_steps_refill_one_plan_while_the_batch_keeps_its_sequences(
     # a plan per batch: refilled while the batch keeps its sequences, a new one when it shrinks
     finished_at = {len(o) for o in got if len(o) < 12}
     assert len({id(p) for p in plans}) == 1 + len(finished_at) < len(plans)
+
+
+def test_compiled_graph_steps_give_the_eager_tokens_as_the_batch_shrinks():
+    pytest.importorskip("triton")  # torch.compile's inductor backend
+    model = make_model(hidden=256).cuda()
+    prompts = [prompt(n, seed=600 + n) for n in (4, 19, 35, 8, 27)]
+
+    def pool():
+        return KVPool(spec_for_model(model, num_blocks=256, block_size=8), device="cuda:0")
+
+    eager = generate(model, pool(), prompts, max_new_tokens=16, eos_token_id=None)
+    eos = eager[1][5]  # some sequences end early: the captures span two buckets
+    eager_eos = generate(model, pool(), prompts, max_new_tokens=16, eos_token_id=eos)
+    assert len({len(o) for o in eager_eos}) > 1
+    p = pool()
+    with PagedGeneration(model, p, prompts, max_new_tokens=16, eos_token_id=eos, cuda_graphs=True,
+                         compile=True) as gen:
+        while not gen.done:
+            gen.step()
+        assert gen._graphs.captures >= 2
+        assert gen.outputs == eager_eos
+    p.check_integrity()
+    assert p.stats().num_sequences == 0

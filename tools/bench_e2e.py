@@ -16,7 +16,10 @@ prompts that share a system prompt. Paths, on the same model and prompts:
   ``kvpager graphs sync``, the loop that waits for each pass's tokens;
 - ``kvpager graphs``: the same with the decode step captured in CUDA graphs;
   ``kvpager graphs plain``: the same without shared-prefix (cascade) attention,
-  to show what the cascade brings to a captured step.
+  to show what the cascade brings to a captured step; with ``--compiled`` also
+  ``kvpager graphs compiled``, the captured step compiled by ``torch.compile``
+  first (`kvpager.hf.compiled`: the model's small kernels fused; its compile
+  time is spent in the warm-up, before the rounds).
 
 ``generate``, the hf loop and the kvpager paths run in alternating rounds
 (``--rounds`` of ``--steps`` steps each), since this kind of host's speed
@@ -29,7 +32,9 @@ replay's), tokens/s of the decode steps, KV bytes held at the end, and the
 first decode tokens' agreement with the hf loop. Then the fixed-memory case:
 an 8 GiB KV budget, the largest batch each side fits (transformers pads a
 batch to its longest prompt and keeps every request's cache contiguous;
-kvpager stores the shared prompt once), and the tokens/s each reaches.
+kvpager stores the shared prompt once), and the tokens/s each reaches: one
+whole generation each (prefill included), timed after a 2-token warm-up of
+the same batch.
 
     python tools/bench_e2e.py [--shapes 1b,8b] [--batches 64,256] [--json out.json]
 """
@@ -96,7 +101,7 @@ def agreement(a: list[list[int]], b: list[list[int]], steps: int = 4) -> float:
 
 
 def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, clock: HostClock,
-             static: bool = False, rounds: int = 5, sync: bool = False) -> list[dict]:
+             static: bool = False, rounds: int = 5, sync: bool = False, compiled: bool = False) -> list[dict]:
     """Every path on the same prompts. transformers' ``generate``, its plain decode loop
     and the kvpager paths run in ``rounds`` alternating rounds of ``steps`` decode steps
     each (this host's speed drifts by tens of percent within minutes): a path's ms/step
@@ -108,11 +113,13 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
     total = warm + 1 + rounds * (steps + 1) + 2
     blocks = batch * (-(-(own + total) // bs) + 1) + -(-shared // bs) + 64
     loop = HFLoop(model, ps)
-    kinds = [(False, None, True), (True, None, True), (True, False, True)]
+    kinds = [(False, None, True, False), (True, None, True, False), (True, False, True, False)]
+    if compiled:
+        kinds.append((True, None, True, True))
     if sync:  # the same without pipelined steps
-        kinds += [(False, None, False), (True, None, False)]
-    paths = [Paged(model, ps, total, graphs, clock, blocks, cascade, pipeline)
-             for graphs, cascade, pipeline in kinds]
+        kinds += [(False, None, False, False), (True, None, False, False)]
+    paths = [Paged(model, ps, total, graphs, clock, blocks, cascade, pipeline, compile)
+             for graphs, cascade, pipeline, compile in kinds]
     try:
         generate_ms(model, ids, 1)  # warm-up
         loop.run(warm + 1, timed=False)
@@ -157,7 +164,8 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
     return rows
 
 
-def budget_case(model, budget: int, shared: int, own: tuple[int, int], new: int, clock: HostClock) -> list[dict]:
+def budget_case(model, budget: int, shared: int, own: tuple[int, int], new: int, clock: HostClock,
+                compiled: bool = False) -> list[dict]:
     """Largest batch within ``budget`` KV bytes on each side, and the tokens/s it reaches."""
     spec = khf.spec_for_model(model, num_blocks=2)
     per_token = spec.bytes_per_token
@@ -172,26 +180,32 @@ def budget_case(model, budget: int, shared: int, own: tuple[int, int], new: int,
     ids = torch.tensor(ids_list, device="cuda")
     mask = (torch.tensor([[0] * (len(ids_list[0]) - len(p)) + [1] * len(p) for p in ps], device="cuda"))
     with torch.inference_mode():
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        for n in (2, new):  # warm-up at this batch's shapes first, as for every path below
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
     out.append(dict(path="hf generate", batch=int(hf_batch), tok_s=hf_batch * new / dt, seconds=dt))
     torch.cuda.empty_cache()
     ps = prompts(kv_batch, shared, own, seed=7)
-    for graphs in (False, True):
-        pool = KVPool(spec.replace(num_blocks=num_blocks), device="cuda:0")
-        try:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            khf.generate(model, pool, ps, new, salt=f"budget{graphs}", eos_token_id=None, cuda_graphs=graphs)
-            torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-        finally:
-            pool.close()
-        out.append(dict(path="kvpager graphs" if graphs else "kvpager eager", batch=int(kv_batch),
-                        tok_s=kv_batch * new / dt, seconds=dt))
+    kinds = [(False, False), (True, False)] + ([(True, True)] if compiled else [])
+    for graphs, compile in kinds:
+        # a warm-up of 2 new tokens first (kernels built; the compiled path compiles for this
+        # batch's shapes, as a server does at start): the timed run still plans, prefills and captures
+        for n in (2, new):
+            pool = KVPool(spec.replace(num_blocks=num_blocks), device="cuda:0")
+            try:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                khf.generate(model, pool, ps, n, salt=f"budget{graphs}{compile}", eos_token_id=None,
+                             cuda_graphs=graphs, compile=compile)
+                torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+            finally:
+                pool.close()
+        path = ("kvpager graphs" if graphs else "kvpager eager") + (" compiled" if compile else "")
+        out.append(dict(path=path, batch=int(kv_batch), tok_s=kv_batch * new / dt, seconds=dt))
     for r in out:
         r["ratio"] = r["tok_s"] / out[0]["tok_s"]
     return out
@@ -209,6 +223,8 @@ def main() -> None:
     ap.add_argument("--budget-gib", type=float, default=8.0, help="fixed-memory case (8b shape); 0 skips it")
     ap.add_argument("--sync", action="store_true",
                     help="also run the kvpager eager and graph paths without pipelined steps")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also capture the kvpager graphs compiled by torch.compile (compiles each shape first)")
     ap.add_argument("--static", action="store_true",
                     help="also generate with transformers' StaticCache (it compiles the model first: minutes)")
     ap.add_argument("--cudnn-sdp", action="store_true",
@@ -229,7 +245,7 @@ def main() -> None:
         model = make_model(shape)
         for batch in map(int, args.batches.split(",")):
             for r in run_case(model, shape, batch, args.shared, args.own, args.steps, clock, args.static,
-                              args.rounds, args.sync):
+                              args.rounds, args.sync, args.compiled):
                 rows.append(r)
                 print(f"{shape} x{batch:<4} {r['path']:<20} {r['ms_step']:8.2f} ms/step  host "
                       f"{r['host_ms'] if r['host_ms'] is not None else float('nan'):7.2f} ms  "
@@ -237,7 +253,8 @@ def main() -> None:
                       f"{(r['kv_bytes'] or 0) / 2**30:6.2f} GiB  agree {r['agree']}", flush=True)
             torch.cuda.empty_cache()
         if shape == "8b" and args.budget_gib:
-            budget_rows = budget_case(model, int(args.budget_gib * 2**30), args.shared, (64, 256), 128, clock)
+            budget_rows = budget_case(model, int(args.budget_gib * 2**30), args.shared, (64, 256), 128, clock,
+                                      args.compiled)
             for r in budget_rows:
                 print(f"budget {args.budget_gib:g} GiB {r['path']:<15} batch {r['batch']:4d} "
                       f"{r['tok_s']:9.0f} tok/s  {r['ratio']:5.2f}x", flush=True)

@@ -137,15 +137,15 @@ class Paged(Timed):
     """A kvpager path kept live across the rounds: `kvpager.hf.PagedGeneration` on a pool of its own."""
 
     def __init__(self, model, ps: list[list[int]], total_steps: int, graphs: bool, clock: HostClock,
-                 num_blocks: int, cascade: bool | None = None, pipeline: bool = True) -> None:
+                 num_blocks: int, cascade: bool | None = None, pipeline: bool = True, compile: bool = False) -> None:
         super().__init__()
         self.spec = khf.spec_for_model(model, num_blocks=num_blocks)
         self.pool = KVPool(self.spec, device="cuda:0")
         self.gen = khf.PagedGeneration(model, self.pool, ps, total_steps, salt="bench", cuda_graphs=graphs,
-                                       cascade=cascade, pipeline=pipeline)
+                                       cascade=cascade, pipeline=pipeline, compile=compile)
         self.clock, self.batch = clock, len(ps)
         self.label = (("kvpager graphs" if graphs else "kvpager eager") + (" plain" if cascade is False else "")
-                      + ("" if pipeline else " sync"))
+                      + ("" if pipeline else " sync") + (" compiled" if compile else ""))
 
     @property
     def tokens(self) -> list[list[int]]:

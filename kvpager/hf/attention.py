@@ -9,7 +9,8 @@ its own position id, and every attention layer
    sequences hold, causal within them,
 
 in one call, ``plan.write_attend(layer, q, k, v, ...)``, on transformers'
-heads-first views as they come.
+heads-first views as they come (inside ``torch.compile``, through the custom
+op ``kvpager::write_attend``: `kvpager.hf.compiled`).
 
 `register` makes ``attn_implementation="kvpager"`` known to transformers (done
 on import); `paged_attention` switches a model to it for a block; `paged_forward`
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
+from kvpager.hf.compiled import write_attend as _write_attend_op
 from kvpager.hf.model import ABSENT, IGNORED, check_call
 
 ATTN_IMPLEMENTATION = "kvpager"
@@ -92,9 +94,14 @@ def kvpager_attention(
     else:
         window = None if sliding_window is ABSENT else sliding_window
     # arguments that change nothing here (`IGNORED`, passed at every layer) need no closer look
-    if (kwargs and not kwargs.keys() <= IGNORED) or dropout or sliding_window != window \
+    if (kwargs and not kwargs.keys() <= IGNORED) or dropout \
+            or (sliding_window is not ABSENT and sliding_window != window) \
             or key.shape != value.shape or key.shape[2] != query.shape[2] or key.shape[3] != query.shape[3]:
         check_call(layer, query, key, value, dropout, sliding_window, window, kwargs)
+    if torch.compiler.is_compiling():  # one opaque op for the compiler (`kvpager.hf.compiled`)
+        return _write_attend_op(query, key, value, layer, None if scaling is None else float(scaling),
+                                None if window is None else int(window),
+                                None if softcap is None else float(softcap)), None
     # [1, H, T, D] views of the projections' token-major memory: the plan launches on their pointers
     out = batch.plan.write_attend(layer, _to_pool(query, batch), _to_pool(key, batch), _to_pool(value, batch),
                                   scaling, window=window, softcap=softcap)

@@ -86,6 +86,9 @@ class PagedGeneration(DecodePasses):
     #: (`kvpager.hf.pipeline`; where the pool, or a client's daemon, has `record_tokens`): the host's work
     #: overlaps the device's, and `outputs` trail the device by one pass until `done`
     pipeline: bool = True
+    #: with ``cuda_graphs``: capture the decode step compiled by ``torch.compile`` (`kvpager.hf.compiled`:
+    #: the model's small kernels fused; compiling an 8B model takes tens of seconds, once per process)
+    compile: bool = False
     seq_ids: list[int] = field(init=False, default_factory=list)
     num_cached_tokens: list[int] = field(init=False, default_factory=list)
     outputs: list[list[int]] = field(init=False, default_factory=list)
@@ -124,12 +127,15 @@ class PagedGeneration(DecodePasses):
         self._host_tokens = HostBuffers(self._device)
         longest = max(map(len, self.prompts)) + self.max_new_tokens
         self._width = -(-longest // self.pool.spec.block_size)  # blocks a sequence can reach
+        if self.compile and not self.cuda_graphs:
+            raise ValueError("compile=True compiles the captured decode step: it needs cuda_graphs=True")
         if self.cuda_graphs:
             if not pool_device.startswith("cuda") or self._device.type != "cuda":
                 raise ValueError("cuda_graphs needs the model and the pool on a CUDA device")
             from kvpager.hf.graphs import DecodeGraphs
 
-            self._graphs = DecodeGraphs(self.model, self.pool, self._batch, self._width, cascade=self.cascade)
+            self._graphs = DecodeGraphs(self.model, self.pool, self._batch, self._width, cascade=self.cascade,
+                                       compile=self.compile)
         # One forward pass writes every layer's K/V for the whole batch before it
         # attends, so prompts of the batch may share the blocks an earlier one fills.
         allocs = self.pool.allocate(self.prompts, self.salt, share_in_batch=True)
@@ -256,17 +262,20 @@ def generate(
     eos_token_id: Any = "model",
     cuda_graphs: bool = False,
     pipeline: bool = True,
+    compile: bool = False,
 ) -> list[list[int]]:
     """Greedy generation with the KV cache in ``pool``. Returns the new token ids
     of each prompt: ``max_new_tokens`` of them, or fewer where an end-of-sequence
     token came (included, as transformers' ``generate`` does). ``eos_token_id``
     defaults to the model's generation config ("model"); None never stops early.
     ``pipeline``: launch each decode pass before the last one's tokens reach the
-    host (`PagedGeneration.pipeline`; the same tokens)."""
+    host (`PagedGeneration.pipeline`; the same tokens). ``compile`` (with
+    ``cuda_graphs``): capture the step compiled by ``torch.compile``
+    (`PagedGeneration.compile`)."""
     if isinstance(eos_token_id, str) and eos_token_id == "model":
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     with PagedGeneration(model, pool, prompts, max_new_tokens, salt, eos_token_id, cuda_graphs,
-                         pipeline=pipeline) as gen:
+                         pipeline=pipeline, compile=compile) as gen:
         while not gen.done:
             gen.step()
         return gen.outputs

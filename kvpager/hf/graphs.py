@@ -11,7 +11,8 @@ What a replay needs is updated in place first: the token ids and positions
 (static tensors), and the step plan's block tables, lengths and slots
 (`kvpager.plan.StepPlan.update`: same buffers, same grid). A plan holds
 tables of a fixed width (blocks per sequence); a step that outgrows it
-recaptures with twice the width.
+recaptures with twice the width. With ``compile=True`` the step captured is
+the model compiled by ``torch.compile`` (`kvpager.hf.compiled`).
 """
 
 from __future__ import annotations
@@ -44,11 +45,19 @@ class DecodeGraphs:
     """Captured decode steps of ``model`` over ``pool``. ``make_batch(plan)``
     wraps a plan as the model's ``kvpager`` argument; ``width`` is the
     initial capacity in blocks per sequence; ``cascade`` goes to each plan
-    (a captured step keeps its cascade's shape; `StepPlan.update` refills it)."""
+    (a captured step keeps its cascade's shape; `StepPlan.update` refills it);
+    ``compile``: capture the step compiled by ``torch.compile``
+    (`kvpager.hf.compiled`: the model's small kernels fused; the first capture
+    of a model compiles it, tens of seconds for an 8B model)."""
 
     def __init__(self, model: Any, pool: Any, make_batch: Callable[[Any], Any], width: int,
-                 cascade: bool | None = None):
+                 cascade: bool | None = None, compile: bool = False):
+        from kvpager.hf.attention import paged_forward
+        from kvpager.hf.compiled import compiled_forward
+
         self.model, self.pool, self.make_batch, self.cascade = model, pool, make_batch, cascade
+        self.compile = compile
+        self._forward = compiled_forward if compile else paged_forward
         self.width = max(int(width), 1)
         self.num_q_heads = model.config.num_attention_heads
         self.graphs: dict[int, _Graph] = {}
@@ -96,8 +105,6 @@ class DecodeGraphs:
         """Plan this step with capacity (bucket rows, ``width`` blocks), run it once
         eagerly on a side stream (kernels compiled, launches prepared), then capture
         it; the replay that follows runs the step again, writing the same K/V."""
-        from kvpager.hf.generation import paged_forward
-
         plan = self.pool.plan(seq_ids, None, slots, num_rows=bucket, width=self.width,
                               num_q_heads=self.num_q_heads, cascade=self.cascade)
         device = input_ids.device
@@ -109,11 +116,11 @@ class DecodeGraphs:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            paged_forward(self.model, batch, ids, pos)
+            self._forward(self.model, batch, ids, pos)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool):
-            next_tokens = paged_forward(self.model, batch, ids, pos)
+            next_tokens = self._forward(self.model, batch, ids, pos)
         self.captures += 1
         return _Graph(graph, plan, ids, pos, next_tokens)
 

@@ -1,0 +1,89 @@
+"""A model's forward pass compiled by ``torch.compile`` around kvpager attention.
+
+A captured decode step of a transformers model is, once the host has left it,
+the sum of its kernels' times; at batch 64 on an 8B shape about a quarter of
+them are the model's own small kernels (RMSNorm, rotary, SiLU, residual
+adds, casts: a few microseconds each, dozens a layer). Compiled, as serving
+engines compile before they capture, those fuse into a few kernels a layer.
+
+kvpager's layer call (`StepPlan.write_attend`) is opaque to the compiler, so
+inside a compiled region the attention function calls it through the custom
+op ``kvpager::write_attend``: the compiler sees one op with a known output
+shape, and the graph has no break at any layer. The op reaches the step's plan
+through the batch made current by `running` (per thread), which the caller
+sets around every call of the compiled forward: a CUDA graph captured from it
+replays its launches without running any Python, so `running` is needed only
+where Python runs (the warm-up that compiles, and the capture).
+
+`kvpager.hf.graphs.DecodeGraphs` with ``compile=True`` uses it (`compiled_forward`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+_current = threading.local()
+
+
+@contextlib.contextmanager
+def running(batch: Any) -> Iterator[None]:
+    """Make ``batch`` (a `kvpager.hf.attention.PagedBatch`) the one the
+    ``kvpager::write_attend`` op of this thread uses, for the block."""
+    previous = getattr(_current, "batch", None)
+    _current.batch = batch
+    try:
+        yield
+    finally:
+        _current.batch = previous
+
+
+@torch.library.custom_op("kvpager::write_attend", mutates_args=())
+def write_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float | None,
+                 window: int | None, softcap: float | None) -> torch.Tensor:
+    """One layer's `StepPlan.write_attend` on the current batch's plan (`running`):
+    q [1, Hq, T, D], k / v [1, Hkv, T, D]; returns [1, T, Hq, D] of ``q``'s dtype and device.
+    Writes the layer's K/V into the pool: not a pure function, but its output is
+    always used (the layer's attention), so a compiler never drops or repeats it."""
+    from kvpager.hf.attention import _to_pool
+
+    batch = getattr(_current, "batch", None)
+    if batch is None:
+        raise RuntimeError("kvpager::write_attend ran outside kvpager.hf.compiled.running(batch): "
+                           "call the compiled forward through compiled_forward")
+    out = batch.plan.write_attend(layer, _to_pool(q, batch), _to_pool(k, batch), _to_pool(v, batch),
+                                  scale, window=window, softcap=softcap)
+    if out.dtype is not q.dtype or out.device != q.device:
+        out = out.to(device=q.device, dtype=q.dtype)
+    return out
+
+
+@write_attend.register_fake
+def _write_attend_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float | None,
+                       window: int | None, softcap: float | None) -> torch.Tensor:
+    return q.new_empty((1, q.shape[2], q.shape[1], q.shape[3]))
+
+
+_compiled: dict[tuple[str, bool], Callable[..., torch.Tensor]] = {}
+
+
+def compiled_forward(model: Any, batch: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                     logits_to_keep: Any = 0, *, backend: str = "inductor",
+                     fullgraph: bool = False) -> torch.Tensor:
+    """`kvpager.hf.attention.paged_forward`, compiled (``torch.compile`` with
+    ``backend``; ``fullgraph=True`` refuses a graph break instead of running
+    the rest eagerly). The first call with a new model or shape compiles (tens
+    of seconds for an 8B model); a second batch size makes the compiled graph
+    take any size, so later buckets reuse it. The model must be switched to
+    kvpager attention (`paged_attention`)."""
+    from kvpager.hf.attention import paged_forward
+
+    fn = _compiled.get((backend, fullgraph))
+    if fn is None:
+        fn = _compiled[backend, fullgraph] = torch.compile(paged_forward, backend=backend, fullgraph=fullgraph)
+    with running(batch):
+        return fn(model, batch, input_ids, position_ids, logits_to_keep)

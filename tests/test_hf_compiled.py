@@ -1,0 +1,74 @@
+"""kvpager.hf.compiled: a forward pass compiled by torch.compile around the
+``kvpager::write_attend`` op gives the eager pass's tokens and pool, traced
+without a graph break (windows and soft caps included); the op refuses to run
+without a current batch. CPU, NumPy backend, ``aot_eager`` (the GPU test with
+inductor and CUDA graphs is in test_hf_graphs.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from test_hf_models import make_model, one_thread, prompt  # noqa: E402, F401
+
+from kvpager import KVPool  # noqa: E402
+from kvpager.hf import PagedBatch, PagedGeneration, layer_windows, paged_attention, paged_forward  # noqa: E402
+from kvpager.hf.compiled import compiled_forward, running, write_attend  # noqa: E402
+from kvpager.hf.model import spec_for_model  # noqa: E402
+
+
+def two_passes(model, forward) -> tuple[list[list[int]], bytes]:
+    """A packed prefill of three prompts, then one decode step of all three, through
+    ``forward``: each pass's tokens, and the pool's K/V bytes after both."""
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    prompts = [prompt(n, seed=40 + n) for n in (5, 13, 21)]
+    allocs = pool.allocate(prompts, "compiled")
+    ids = [a.seq_id for a in allocs]
+    windows = layer_windows(model)
+    heads = model.config.num_attention_heads
+    with torch.inference_mode(), paged_attention(model):
+        lens = [len(p) for p in prompts]
+        slots = np.concatenate([np.asarray(a.slots, dtype=np.int64) for a in allocs])
+        batch = PagedBatch(pool.plan(ids, lens, slots, num_q_heads=heads), torch.float32, torch.device("cpu"),
+                           windows)
+        flat = torch.tensor([[t for p in prompts for t in p]])
+        pos = torch.tensor([[i for n in lens for i in range(n)]])
+        ends = torch.as_tensor(np.cumsum(lens) - 1)
+        first = forward(model, batch, flat, pos, ends).tolist()
+        pool.commit(ids)
+        slots = np.asarray(pool.append_flat(ids, 1, [[t] for t in first]), dtype=np.int64)
+        batch = PagedBatch(pool.plan(ids, [1] * 3, slots, num_q_heads=heads), torch.float32, torch.device("cpu"),
+                           windows)
+        second = forward(model, batch, torch.tensor([first]), torch.tensor([lens])).tolist()
+    return [first, second], pool.backend.kv.tobytes()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2-sliding"])
+def test_compiled_pass_gives_the_eager_tokens_and_kv(family):
+    model = make_model(family)
+    eager = two_passes(model, paged_forward)
+
+    def compiled(*args):
+        return compiled_forward(*args, backend="aot_eager", fullgraph=True)  # a graph break would raise
+
+    assert two_passes(model, compiled) == eager
+
+
+def test_the_op_needs_a_current_batch():
+    q = torch.zeros((1, 4, 1, 16))
+    k = torch.zeros((1, 2, 1, 16))
+    with pytest.raises(RuntimeError, match="running"):
+        write_attend(q, k, k, 0, None, None, None)
+    with running("outer"), running(None):  # nested blocks restore the outer batch
+        pass
+
+
+def test_compile_needs_cuda_graphs():
+    model = make_model("llama")
+    pool = KVPool(spec_for_model(model, num_blocks=16, block_size=8))
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        PagedGeneration(model, pool, [prompt(5, seed=1)], max_new_tokens=2, compile=True)
+    assert pool.stats().num_sequences == 0  # refused before anything was allocated
