@@ -75,11 +75,13 @@ def test_plan_prefill_then_decode_matches_numpy(dtype):
 def test_a_host_bound_decode_step_splits_only_where_its_ctas_miss_sms():
     """An eager (host-bound) decode step whose unsplit CTAs reach every SM runs
     unsplit (no merge launch a layer) and gives the split step's output; a step
-    of too few CTAs (one long sequence) still splits."""
+    of too few CTAs (one long sequence) still splits, and so does one whose
+    layer reads more than `HOST_BOUND_UNSPLIT_BYTES` (the device could outlast the host)."""
     from kvpager import kernels
+    from kvpager.backends import cupy_decode
 
     g = torch.Generator().manual_seed(7)
-    spec = PoolSpec(num_layers=1, num_kv_heads=8, head_dim=128, num_blocks=6000, block_size=16,
+    spec = PoolSpec(num_layers=1, num_kv_heads=8, head_dim=128, num_blocks=12000, block_size=16,
                     dtype="bfloat16")
     pool = KVPool(spec, device="cuda:0")
     nsm = kernels.num_sms(0)
@@ -102,6 +104,13 @@ def test_a_host_bound_decode_step_splits_only_where_its_ctas_miss_sms():
     q1 = rand(g, 1, 32, 128, dtype="bfloat16")
     tables, lens = pool.tables([one.seq_id])
     assert rel_err(alone.attend(0, q1), reference(pool, 0, q1, tables, lens, [1])) < TOL["bfloat16"]
+    # a CTA per (sequence, kv head) for every SM, but 4,000 positions each: over 64 MiB a layer
+    few = [a.seq_id for a in pool.allocate([[3 + i] * 4000 for i in range(nsm // 8 + 1)])]
+    pool.append(few, 1)
+    assert len(few) * 4001 * spec.bytes_per_token > cupy_decode.HOST_BOUND_UNSPLIT_BYTES
+    capped = pool.plan(few, num_q_heads=32, host_bound=True, cascade=False)
+    plain = pool.plan(few, num_q_heads=32, cascade=False)
+    assert plain.splits > 1 and capped.splits == plain.splits
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

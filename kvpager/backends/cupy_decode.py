@@ -22,6 +22,10 @@ from kvpager.launch import Launch, i32, ptr
 
 #: shared memory the decode planner sizes its stages and layouts to, per SM (an H100 / H200 has 227 KiB)
 SMEM_BUDGET = 220 * 1024
+#: a host-bound decode step (`CupyPlan.host_bound`) runs unsplit only while its layer reads at most this
+#: much K/V (64 MiB: 14 us at 4.8 TB/s, well inside the 30-70 us of Python a model's eager layer takes);
+#: a longer read could outlast the host, and is split as any other step
+HOST_BOUND_UNSPLIT_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -166,7 +170,8 @@ def decode_kernel(plan: Any, group: int, max_len: int, config: KernelConfig) -> 
         resident = kernels.resident_ctas(fn, shape.threads, shape.smem, dev)
     if plan.num_splits:
         splits = plan.num_splits
-    elif plan._host_bound and shape.ctas >= nsm:
+    elif (plan.host_bound and shape.ctas >= nsm
+          and plan.items * max_len * plan.spec.bytes_per_token <= HOST_BOUND_UNSPLIT_BYTES * plan.spec.num_layers):
         # A step its host paces: the unsplit kernel already has a CTA for every SM, and
         # no split spares the host a merge launch a layer (the device's extra time hides).
         splits = 1

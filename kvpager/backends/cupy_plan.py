@@ -82,9 +82,10 @@ class CupyPlan(StepPlan):
         self._cascade = cascade
         if type(host_bound) is not bool:
             raise InvalidArgument(f"host_bound must be a bool, got {host_bound!r}")
-        # A decode step paced by its host: it cascades only where that would pace the device,
-        # and splits only where its unsplit CTAs would not reach every SM (`cupy_decode.decode_kernel`).
-        self._host_bound = host_bound
+        #: a step paced by its host (a model's eager step): a decode cascades only where that would
+        #: pace the device, and splits only where its unsplit CTAs would not reach every SM or its
+        #: read is long (`cupy_decode.decode_kernel`)
+        self.host_bound = host_bound
         self._cascade_ok = cascade is not False and cascade_applies(self, spec, nseq)
         self.cascade_slack = 2 if num_rows is not None or width is not None else 1
         self._shared: Any = None  # kvpager.cascade.SharedPrefixes of the step, found at the first attend
@@ -131,7 +132,7 @@ class CupyPlan(StepPlan):
     def _prepare(self, num_q_heads: int) -> list[Launch]:
         """Kernel, layout and launch cells for ``num_q_heads`` query heads (once per plan)."""
         if self._cascade_ok and self._shared is None:
-            self._shared = choose_cascade(self, num_q_heads, bool(self._cascade), self._host_bound)
+            self._shared = choose_cascade(self, num_q_heads, bool(self._cascade), self.host_bound)
             self._cascade_ok = self._shared is not None
         launches, self.splits, keep, self._raw[num_q_heads] = attention_launches(self, num_q_heads, self._shared)
         self._keep += keep
@@ -203,27 +204,14 @@ class CupyPlan(StepPlan):
             vp = kp and self._heads_first_ptr(v, hkv)
             qp = vp and self._heads_first_ptr(q, heads)
             if qp:
-                if (self.floor is not None or window is not None or softcap is not None
-                        or (scale is not None and scale != self._last_scale)):
-                    self._check_options(scale, window, softcap)  # before the write: a refusal changes nothing
+                options = self._options(launches, heads, scale, window, softcap)  # a refusal writes nothing
                 out = q.new_empty((1, self._tokens, heads, spec.head_dim))
                 if self._tokens:
                     stream = self._stream(self.device)
                     self._launch_write(layer, kp, vp, stream)
-                    self._launch_attend(layer, launches, heads, qp, out.data_ptr(), scale, window, softcap, stream)
+                    self._launch_attend(layer, qp, out.data_ptr(), options, stream)
                 return out
         return super().write_attend(layer, q, k, v, scale, window=window, softcap=softcap)
-
-    def _check_options(self, scale: Any, window: Any, softcap: Any) -> None:
-        """InvalidArgument for an attend's ``scale``, ``window`` or ``softcap`` that
-        `_launch_attend` would refuse (the window against released blocks too)."""
-        if scale is not None:
-            self._set_scale(scale)
-        check_softcap(softcap)
-        if self.floor is not None:
-            self.check_floor(window)
-        else:
-            check_window(window)
 
     def _heads_first_ptr(self, x: Any, heads: int) -> int:
         """The pointer of a torch CUDA tensor [1, heads, num_tokens, head_dim] of the
@@ -279,41 +267,47 @@ class CupyPlan(StepPlan):
             op, out = device_tensor(out, "out", tuple(shape), self.backend, self.device, writable=True)
             launches = self._attn.get(num_q) or self._prepare(num_q)
             stream = current_stream(self.device)
+        options = self._options(launches, shape[1], scale, window, softcap)
         if not shape[0]:
             return out
-        self._launch_attend(layer, launches, shape[1], qp, op, scale, window, softcap, stream)
+        self._launch_attend(layer, qp, op, options, stream)
         return out
 
-    def _launch_attend(self, layer: int, launches: list[Launch], heads: int, qp: int, op: int, scale: Any,
-                       window: Any, softcap: Any, stream: int) -> None:
-        """The attention of ``layer`` from checked pointers, on ``launches`` (those of
-        ``heads`` query heads); ``scale``, ``window`` and ``softcap`` as given to `attend`."""
+    def _options(self, launches: list[Launch], heads: int, scale: Any, window: Any,
+                 softcap: Any) -> tuple[list[Launch], bool, float, int, float]:
+        """An attend's ``scale``, ``window`` and ``softcap`` checked (InvalidArgument,
+        before anything is launched; the window against released blocks too) and
+        turned into what `_launch_attend` sets: (launches, forked, scale in log2
+        units, window or 0, soft cap in the kernel's score units or 0). ``launches``:
+        those of ``heads`` query heads; a windowed call runs them without the cascade."""
         if self.floor is not None:
             self.check_floor(window)
-        forked = False
-        if window is not None and self._cascades:
-            launches = self._windowed(heads)
-        else:
-            forked = self._forked[heads]
         if scale is None:
             s = self._scale
         elif scale == self._last_scale:
             s = self._scale_given
         else:
             s = self._set_scale(scale)
+        if window is None and softcap is None:
+            win, cap_units = 0, 0.0
+        else:
+            win = check_window(window) or 0
+            cap = check_softcap(softcap)
+            # in the kernel's score units: raw q . k (cap / scale), or log2 units (cap * log2 e)
+            cap_units = 0.0 if cap is None else (cap * _LOG2E / s if self._raw[heads] else cap * _LOG2E)
+        if window is not None and self._cascades:
+            return self._windowed(heads), False, s, win, cap_units
+        return launches, self._forked[heads], s, win, cap_units
+
+    def _launch_attend(self, layer: int, qp: int, op: int,
+                       options: tuple[list[Launch], bool, float, int, float], stream: int) -> None:
+        """The attention of ``layer`` from checked pointers with checked `_options`."""
+        launches, forked, s, win, cap_units = options
         # Cells shared by the launches (the merge reads the decode's out cell).
         first = launches[0].args
         first[0].value, first[5 if self.decode else 7].value = qp, op
         first[8].value, first[-1].value = layer, s
-
-        if window is None and softcap is None:
-            first[-3].value = first[-2].value = 0
-        else:
-            first[-3].value = check_window(window) or 0
-            cap = check_softcap(softcap)
-            # in the kernel's score units: raw q . k (cap / scale), or log2 units (cap * log2 e)
-            first[-2].value = 0.0 if cap is None else (
-                cap * _LOG2E / s if self._raw[heads] else cap * _LOG2E)
+        first[-3].value, first[-2].value = win, cap_units
         if forked:  # own parts and the shared part side by side under a capture, then the merge
             self._fork_join(stream, launches[0], launches[1])
             launches[2](stream)
