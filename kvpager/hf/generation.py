@@ -21,6 +21,7 @@ Gemma-2's logit soft cap, greedy decoding. This module also gives the names of
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,8 +128,11 @@ class PagedGeneration(DecodePasses):
         self._host_tokens = HostBuffers(self._device)
         longest = max(map(len, self.prompts)) + self.max_new_tokens
         self._width = -(-longest // self.pool.spec.block_size)  # blocks a sequence can reach
-        if self.compile and not self.cuda_graphs:
-            raise ValueError("compile=True compiles the captured decode step: it needs cuda_graphs=True")
+        if self.compile:
+            if not self.cuda_graphs:
+                raise ValueError("compile=True compiles the captured decode step: it needs cuda_graphs=True")
+            if importlib.util.find_spec("triton") is None:  # say so now, not at the first capture
+                raise ValueError("compile=True needs triton, torch.compile's GPU code generator: pip install triton")
         if self.cuda_graphs:
             if not pool_device.startswith("cuda") or self._device.type != "cuda":
                 raise ValueError("cuda_graphs needs the model and the pool on a CUDA device")
