@@ -15,7 +15,14 @@ pytest.importorskip("transformers")
 from test_hf_models import make_model, one_thread, prompt  # noqa: E402, F401
 
 from kvpager import KVPool  # noqa: E402
-from kvpager.hf import PagedBatch, PagedGeneration, layer_windows, paged_attention, paged_forward  # noqa: E402
+from kvpager.hf import (  # noqa: E402
+    PagedBatch,
+    PagedGeneration,
+    generate,
+    layer_windows,
+    paged_attention,
+    paged_forward,
+)
 from kvpager.hf.compiled import compiled_forward, running, write_attend  # noqa: E402
 from kvpager.hf.model import spec_for_model  # noqa: E402
 
@@ -78,3 +85,20 @@ def test_compile_needs_cuda_graphs_and_triton(monkeypatch):
     with pytest.raises(ValueError, match="triton"):
         PagedGeneration(model, pool, [prompt(5, seed=1)], max_new_tokens=2, cuda_graphs=True, compile=True)
     assert pool.stats().num_sequences == 0  # refused before anything was allocated
+
+
+def test_a_model_its_user_compiled_generates_the_same_tokens():
+    """``torch.compile(model)`` by the user, then kvpager's eager generation: the
+    attention layers inside the compiled model call the op, which finds the
+    step's batch (`paged_forward` makes it current)."""
+    model = make_model("gemma2")
+    prompts = [prompt(n, seed=70 + n) for n in (4, 11, 19)]
+
+    def pool():
+        return KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+
+    want = generate(model, pool(), prompts, max_new_tokens=5)
+    p = pool()
+    assert generate(torch.compile(model, backend="aot_eager"), p, prompts, max_new_tokens=5) == want
+    p.check_integrity()
+    assert p.stats().num_sequences == 0

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
+from kvpager.hf.compiled import running
 from kvpager.hf.compiled import write_attend as _write_attend_op
 from kvpager.hf.model import ABSENT, IGNORED, check_call
 
@@ -114,7 +115,17 @@ def paged_forward(model: Any, batch: PagedBatch, input_ids: torch.Tensor, positi
                   logits_to_keep: Any = 0) -> torch.Tensor:
     """One forward pass of ``model`` (switched to kvpager attention) over a packed
     row; returns the greedy next token of each kept position. Nothing here waits
-    for the device, so a CUDA graph can capture it."""
+    for the device, so a CUDA graph can capture it. A model compiled by its user
+    (``torch.compile(model)``) works too: its attention layers call the
+    ``kvpager::write_attend`` op, which reaches ``batch`` through `running`."""
+    if torch.compiler.is_compiling():  # traced by `compiled_forward`, which made ``batch`` current
+        return _forward(model, batch, input_ids, position_ids, logits_to_keep)
+    with running(batch):
+        return _forward(model, batch, input_ids, position_ids, logits_to_keep)
+
+
+def _forward(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,
+             logits_to_keep: Any) -> torch.Tensor:
     # A 4-D mask is taken as given: transformers builds none (no work, no host sync).
     mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=input_ids.device)
     out = model(
