@@ -32,15 +32,16 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_windowed_family_matches_transformers_on_the_gpu(family):
+def run_family(family: str, **options):
+    """The family's model on a GPU pool (``options`` to `PagedGeneration`): its
+    outputs and transformers' greedy ``generate``'s, prompt by prompt."""
     model = make_model(family, **GPU_SIZES, **FAMILIES[family]).cuda()
     assert WINDOW in layer_windows(model)
     pool = KVPool(spec_for_model(model, num_blocks=96, block_size=16), device="cuda:0")
     system = prompt(35, seed=1)
     prompts = [system + prompt(5, seed=2), prompt(9, seed=3), system + prompt(13, seed=4), prompt(1, seed=5)]
     new = 12
-    with PagedGeneration(model, pool, prompts, max_new_tokens=new) as gen:
+    with PagedGeneration(model, pool, prompts, max_new_tokens=new, **options) as gen:
         while not gen.done:
             gen.step()
         outs = gen.outputs
@@ -50,6 +51,21 @@ def test_windowed_family_matches_transformers_on_the_gpu(family):
             out = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=new, do_sample=False,
                                  num_beams=1)
         want.append(out[0, len(p):].tolist())
-    assert outs == want
     pool.check_integrity()
     pool.close()
+    return outs, want
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_windowed_family_matches_transformers_on_the_gpu(family):
+    outs, want = run_family(family)
+    assert outs == want
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2-sliding", "gemma2"])
+def test_windowed_family_compiled_and_captured_matches_transformers(family):
+    """The decode step compiled by torch.compile (inductor) and captured: the
+    windows and Gemma-2's soft cap reach the kernels through the custom op."""
+    pytest.importorskip("triton")
+    outs, want = run_family(family, cuda_graphs=True, compile=True)
+    assert outs == want
