@@ -76,14 +76,19 @@ def test_gpu_worker_plans_from_its_mirror(endpoint):
         c.check_integrity()
 
 
-@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("graphs", [False, True, "compiled"])
 def test_pipelined_generation_through_the_gpu_daemon(endpoint, graphs):
     """A model worker generating over the daemon's GPU pool: pipelined passes (slots
     appended without ids, `record_tokens` over the wire, commits that do not wait for
     the pass in flight) give the tokens and published blocks of the loop that waits
-    for each pass, eager and captured."""
+    for each pass, eager, captured, and captured after torch.compile (the worker's
+    plans reached through the ``kvpager::write_attend`` op)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
+    compiled = graphs == "compiled"
+    if compiled:
+        pytest.importorskip("triton")
+        graphs = True
     from kvpager.hf import PagedGeneration, default_salt
 
     torch.manual_seed(7)
@@ -99,7 +104,7 @@ def test_pipelined_generation_through_the_gpu_daemon(endpoint, graphs):
         runs = []
         for pipeline in (True, False):
             with PagedGeneration(model, c, prompts, 14, salt=f"{salt}-{pipeline}-{graphs}", eos_token_id=None,
-                                 cuda_graphs=graphs, pipeline=pipeline) as gen:
+                                 cuda_graphs=graphs, pipeline=pipeline, compile=compiled) as gen:
                 assert gen._pipelined == pipeline
                 while not gen.done:
                     gen.step()
