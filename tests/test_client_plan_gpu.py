@@ -103,13 +103,14 @@ def test_pipelined_generation_through_the_gpu_daemon(endpoint, graphs):
         salt = default_salt(model)
         runs = []
         for pipeline in (True, False):
-            with PagedGeneration(model, c, prompts, 14, salt=f"{salt}-{pipeline}-{graphs}-{compiled}", eos_token_id=None,
+            tag = f"{salt}-{pipeline}-{graphs}-{compiled}"
+            with PagedGeneration(model, c, prompts, 14, salt=tag, eos_token_id=None,
                                  cuda_graphs=graphs, pipeline=pipeline, compile=compiled) as gen:
                 assert gen._pipelined == pipeline
                 while not gen.done:
                     gen.step()
                 outs = gen.outputs
-            cached = [c.cached_tokens([p + o + [0]], salt=f"{salt}-{pipeline}-{graphs}-{compiled}")[0]
+            cached = [c.cached_tokens([p + o + [0]], salt=tag)[0]
                       for p, o in zip(prompts, outs)]
             runs.append((outs, cached))
         assert runs[0] == runs[1]
