@@ -9,7 +9,8 @@ prompts that share a system prompt. Paths, on the same model and prompts:
   rounds as the kvpager paths are;
 - ``hf generate``: transformers' ``generate`` (DynamicCache); with ``--static``
   also with its StaticCache (``cache_implementation="static"``: transformers
-  then compiles the model, whose compile time the timed steps include);
+  then compiles the decode step; an untimed call compiles it first), timed
+  once after the rounds;
 - ``kvpager eager``: `kvpager.hf.PagedGeneration`, one step plan per pass,
   pipelined (each pass launched before the last one's tokens reach the host:
   `kvpager.hf.pipeline`); with ``--sync`` also ``kvpager eager sync`` and
@@ -226,7 +227,7 @@ def main() -> None:
     ap.add_argument("--compiled", action="store_true",
                     help="also capture the kvpager graphs compiled by torch.compile (compiles each shape first)")
     ap.add_argument("--static", action="store_true",
-                    help="also generate with transformers' StaticCache (it compiles the model first: minutes)")
+                    help="also generate with transformers' StaticCache (it compiles the model first, untimed)")
     ap.add_argument("--cudnn-sdp", action="store_true",
                     help="leave torch's cuDNN attention on for transformers (it builds a plan per new length)")
     ap.add_argument("--json", help="write the rows here")
