@@ -11,10 +11,16 @@
 // bit level of level_mask[row / num_q_heads] is set (the row's item is a
 // member of a segment of that level): the decode kernel never marks the
 // others, so the two may run at the same time.
-// Grid: x = row (item * num_q_heads + head); 256 threads: the weights are
-// computed in parallel, then each thread sums float4 columns of its share of
-// the splits (MERGE_THREADS / (HEAD_DIM / 4) split lanes, several loads in
-// flight each) and the lanes are added up through shared memory.
+// merge_splits: grid x = row (item * num_q_heads + head); 256 threads: the
+// weights are computed in parallel, then each thread sums float4 columns of
+// its share of the splits (MERGE_THREADS / (HEAD_DIM / 4) split lanes,
+// several loads in flight each) and the lanes are added up through shared
+// memory. For rows of many slots (a long context split many ways).
+// merge_splits_warp: a warp per row (8 rows a CTA), each lane HEAD_DIM / 32
+// columns over every slot in turn: for many rows of few slots (a decode
+// cascade's own and shared parts, a few splits), where a CTA a row would
+// launch 8x as many CTAs for a few hundred bytes each. Same weights, same
+// result up to the order of the float32 sums.
 #include "kvpager_common.cuh"
 
 #if KV_FP8
@@ -96,3 +102,62 @@ extern "C" __global__ void __launch_bounds__(MERGE_THREADS) merge_splits(
         out[row * D + d] = from_float(o * inv_total);
     }
 }
+
+#if HEAD_DIM % 32 == 0
+constexpr int WC = D / 32;  // columns per lane
+
+// One warp per row; rows past num_rows (the last CTA's) do nothing.
+extern "C" __global__ void __launch_bounds__(256) merge_splits_warp(
+    const float* __restrict__ part_o,    // [num_rows, num_splits, HEAD_DIM]
+    const float* __restrict__ part_lse,  // [num_rows, num_splits]
+    kv_t* __restrict__ out,              // [num_rows, HEAD_DIM]
+    int num_splits,
+    const int* __restrict__ level_mask,  // [num_rows / num_q_heads] or null
+    int own_parts, int chunks, int num_q_heads, int num_rows)
+{
+    const long long row = (long long)blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (row >= num_rows) return;
+    const int lane = threadIdx.x & 31;
+    const float* lse = part_lse + row * num_splits;
+    const int levels = level_mask ? level_mask[row / num_q_heads] : -1;
+    float mx = NEG_INF;
+    for (int s = lane; s < num_splits; s += 32)
+        if (s < own_parts || (levels >> ((s - own_parts) / chunks)) & 1) mx = fmaxf(mx, lse[s]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    float acc[WC];
+#pragma unroll
+    for (int c = 0; c < WC; ++c) acc[c] = 0.f;
+    float t = 0.f;
+    const float* po = part_o + row * num_splits * D + lane * WC;
+#pragma unroll 4
+    for (int s = 0; s < num_splits; ++s) {
+        if (!(s < own_parts || (levels >> ((s - own_parts) / chunks)) & 1)) continue;
+        const float l = lse[s];
+        if (l == NEG_INF) continue;  // an empty slot: not read
+        const float w = exp2f(l - mx);
+        t += w;
+        const float* p = po + (long long)s * D;
+        if constexpr (WC % 4 == 0) {
+#pragma unroll
+            for (int c = 0; c < WC; c += 4) {
+                const float4 v = *reinterpret_cast<const float4*>(p + c);
+                acc[c] += w * v.x; acc[c + 1] += w * v.y; acc[c + 2] += w * v.z; acc[c + 3] += w * v.w;
+            }
+        } else if constexpr (WC % 2 == 0) {
+#pragma unroll
+            for (int c = 0; c < WC; c += 2) {
+                const float2 v = *reinterpret_cast<const float2*>(p + c);
+                acc[c] += w * v.x; acc[c + 1] += w * v.y;
+            }
+        } else {
+#pragma unroll
+            for (int c = 0; c < WC; ++c) acc[c] += w * p[c];
+        }
+    }
+    const float inv_total = t > 0.f ? 1.f / t : 0.f;
+    kv_t* o = out + row * D + lane * WC;
+#pragma unroll
+    for (int c = 0; c < WC; ++c) o[c] = from_float(acc[c] * inv_total);
+}
+#endif

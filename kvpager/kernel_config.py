@@ -72,6 +72,12 @@ class KernelConfig:
     decode_cascade_fork: bool = True
     #: 16-byte vectors in flight per thread in block_copy.cu (its UNROLL)
     copy_unroll: int = 16
+    #: merges of at most this many partial slots a row run a warp per row (merge_splits_warp:
+    #: a decode cascade's parts, a few splits), over at least `merge_warp_min_rows` rows;
+    #: others a CTA per row (merge_splits); 0: always a CTA per row
+    merge_warp_max_parts: int = 8
+    #: fewer rows than this merge a CTA per row (a long context split many ways)
+    merge_warp_min_rows: int = 256
 
     def __post_init__(self) -> None:
         _int_in(self, "decode_rows", (1, 2, 4, 8))
@@ -94,6 +100,8 @@ class KernelConfig:
                 raise InvalidArgument(f"KernelConfig.{name} must be a bool"
                                       f"{' or None' if name == 'prefill_wgmma_producer' else ''}, got {value!r}")
         _int_in(self, "copy_unroll", (1, 2, 4, 8, 16, 32))
+        _int_in(self, "merge_warp_max_parts", range(0, 1025))
+        _int_in(self, "merge_warp_min_rows", range(0, 2**31))
 
     def replace(self, **changes: Any) -> KernelConfig:
         """A copy with ``changes`` (validated; an unknown knob is an InvalidArgument)."""

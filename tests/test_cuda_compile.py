@@ -26,7 +26,7 @@ EXTRA = {
     "paged_decode.cu": [["-DSUBGROUP=8"], ["-DHEAD_DIM=48", "-DCH=8"], ["-DHEAD_DIM=208", "-DSUBGROUP=1"],
                         ["-DCH=1", "-DBLOCK_SIZE=64"]],
     "merge_splits.cu": [["-DKV_DTYPE=0", "-DHEAD_DIM=64"], ["-DKV_DTYPE=2", "-DHEAD_DIM=256"],
-                        ["-DHEAD_DIM=80"], ["-DHEAD_DIM=32"]],
+                        ["-DHEAD_DIM=80"], ["-DHEAD_DIM=32"], ["-DHEAD_DIM=96"]],
     "block_copy.cu": [["-DUNROLL=1"], ["-DUNROLL=32"]],
     "paged_decode_tc.cu": [["-DKV_DTYPE=0", "-DHEAD_DIM=96", "-DGROUP=16", "-DBLOCK_SIZE=8",
                             "-DSTAGES=4"], ["-DHEAD_DIM=256", "-DGROUP=1", "-DSTAGES=2"],

@@ -189,3 +189,40 @@ def test_captured_cascade_step_replays_updated_prefixes():
     replay(ids, True)
     pool.check_integrity()
     pool.close()
+
+
+@pytest.mark.parametrize("dtype,d,bs,group", CASES)
+def test_warp_and_cta_merges_agree(dtype, d, bs, group):
+    """The merge of a few partial slots a row, a warp per row (merge_splits_warp)
+    and a CTA per row (merge_splits), after split decodes and two-level cascades:
+    both equal the NumPy twin and each other (head dims that are not a multiple
+    of 32 always merge a CTA per row)."""
+    from kvpager.kernel_config import DEFAULT
+
+    rng = np.random.default_rng(seed(dtype, d, bs, group, "merge"))
+    pool, ids = shared_pool(dtype, d, bs, rng)
+    spec = pool.spec
+    tables, lens = pool.tables(ids)
+    kv = to_host(pool.backend.kv, spec)
+    hq = spec.num_kv_heads * group
+    rows = len(ids) * hq
+    q = rng.standard_normal((len(ids), hq, d), dtype=np.float32).astype(spec.np_dtype)
+    ref = paged_attention(kv, 0, q, tables, lens, np.ones(len(ids), np.int32), d**-0.5)
+    configs = {"warp": DEFAULT.replace(merge_warp_min_rows=0), "cta": DEFAULT.replace(merge_warp_max_parts=0)}
+    warps = 0
+    for cascade, splits in ((True, None), (True, 3), (False, 3), (False, 8)):
+        outs = {}
+        for name, config in configs.items():
+            plan = pool.plan(ids, cascade=cascade, num_splits=splits, num_q_heads=hq, config=config)
+            merge = plan._attn[hq][-1]
+            parts = merge.args[3].value
+            warp = name == "warp" and d % 32 == 0 and parts <= DEFAULT.merge_warp_max_parts
+            assert merge.grid[0] == (-(-rows // 8) if warp else rows), (name, cascade, splits, parts)
+            warps += warp
+            got = to_dev(np.full(q.shape, np.nan, dtype=spec.np_dtype), pool.backend)
+            plan.attend(0, to_dev(q, pool.backend), out=got)
+            outs[name] = to_host(got, spec)
+            assert rel_err(outs[name], ref) < TOL[dtype], (name, cascade, splits)
+        assert rel_err(outs["warp"], outs["cta"]) < TOL[dtype]
+    assert warps or d % 32, "no merge ran a warp per row"
+    pool.close()

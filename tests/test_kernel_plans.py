@@ -191,6 +191,7 @@ def test_copy_grid_is_one_cta_per_chunk():
     ("decode_heads_per_cta", 0), ("decode_heads_per_cta", 17), ("decode_warps_per_head", True),
     ("decode_short_context", -1), ("prefill_mt", 3), ("prefill_mt", 0), ("copy_unroll", 12),
     ("copy_unroll", "16"), ("prefill_kernel", "wmma"), ("prefill_kernel", None), ("prefill_kernel", 1),
+    ("merge_warp_max_parts", -1), ("merge_warp_max_parts", 1025), ("merge_warp_min_rows", "256"),
     ("prefill_wgmma_warpgroups", 3), ("prefill_wgmma_warpgroups", 0), ("prefill_wgmma_bn", 32),
     ("prefill_wgmma_bn", 96), ("prefill_wgmma_stages", 1), ("prefill_wgmma_stages", 5),
     ("prefill_wgmma_stages", 2.0), ("prefill_wgmma_overlap", 1), ("prefill_wgmma_overlap", None),

@@ -201,8 +201,13 @@ def merge_launch(plan: Any, rows: int, part_o: Any, part_lse: Any, out: Any, par
                  ) -> Launch:
     """merge_splits over ``parts`` partial slots of each of ``rows`` rows into ``out``;
     with a ``level_mask`` (a decode cascade's, per item), slot ``own_parts + level *
-    chunks + c`` counts only for the members of a segment of that level."""
-    fn = kernels.get_kernel("merge_splits.cu", "merge_splits", merge_defines(plan.spec), plan.device)
+    chunks + c`` counts only for the members of a segment of that level. Many rows
+    of few slots merge a warp per row (merge_splits_warp: `KernelConfig.merge_warp_max_parts`)."""
+    config = plan.config
     args = [part_o, part_lse, out, i32(parts), ptr(level_mask), i32(parts if own_parts is None else own_parts),
             i32(chunks), i32(num_q_heads)]
+    if parts <= config.merge_warp_max_parts and rows >= config.merge_warp_min_rows and plan.spec.head_dim % 32 == 0:
+        fn = kernels.get_kernel("merge_splits.cu", "merge_splits_warp", merge_defines(plan.spec), plan.device)
+        return Launch(fn, (-(-rows // 8),), 256, 0, [*args, i32(rows)], plan.device)
+    fn = kernels.get_kernel("merge_splits.cu", "merge_splits", merge_defines(plan.spec), plan.device)
     return Launch(fn, (rows,), 256, 0, args, plan.device)
