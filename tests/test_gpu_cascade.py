@@ -208,7 +208,8 @@ def test_warp_and_cta_merges_agree(dtype, d, bs, group):
     rows = len(ids) * hq
     q = rng.standard_normal((len(ids), hq, d), dtype=np.float32).astype(spec.np_dtype)
     ref = paged_attention(kv, 0, q, tables, lens, np.ones(len(ids), np.int32), d**-0.5)
-    configs = {"warp": DEFAULT.replace(merge_warp_min_rows=0), "cta": DEFAULT.replace(merge_warp_max_parts=0)}
+    configs = {"warp": DEFAULT.replace(merge_warp_max_parts=8, merge_warp_min_rows=0),
+               "cta": DEFAULT.replace(merge_warp_max_parts=0)}
     warps = 0
     for cascade, splits in ((True, None), (True, 3), (False, 3), (False, 8)):
         outs = {}
@@ -216,7 +217,7 @@ def test_warp_and_cta_merges_agree(dtype, d, bs, group):
             plan = pool.plan(ids, cascade=cascade, num_splits=splits, num_q_heads=hq, config=config)
             merge = plan._attn[hq][-1]
             parts = merge.args[3].value
-            warp = name == "warp" and d % 32 == 0 and parts <= DEFAULT.merge_warp_max_parts
+            warp = name == "warp" and d % 32 == 0 and parts <= 8
             assert merge.grid[0] == (-(-rows // 8) if warp else rows), (name, cascade, splits, parts)
             warps += warp
             got = to_dev(np.full(q.shape, np.nan, dtype=spec.np_dtype), pool.backend)
