@@ -67,5 +67,10 @@ def test_windowed_family_compiled_and_captured_matches_transformers(family):
     """The decode step compiled by torch.compile (inductor) and captured: the
     windows and Gemma-2's soft cap reach the kernels through the custom op."""
     pytest.importorskip("triton")
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # compiled afresh: no earlier test's graphs, no recompile limit reached
+    graphs = counters["stats"]["unique_graphs"]
     outs, want = run_family(family, cuda_graphs=True, compile=True)
+    assert counters["stats"]["unique_graphs"] > graphs  # the step did compile
     assert outs == want
