@@ -73,13 +73,19 @@ def test_the_op_needs_a_current_batch():
         pass
 
 
-def test_compile_needs_cuda_graphs_and_triton(monkeypatch):
+def test_compile_needs_cuda_graphs_torch_2_4_and_triton(monkeypatch):
     import importlib.util
+
+    import kvpager.hf.compiled
 
     model = make_model("llama")
     pool = KVPool(spec_for_model(model, num_blocks=16, block_size=8))
     with pytest.raises(ValueError, match="cuda_graphs"):
         PagedGeneration(model, pool, [prompt(5, seed=1)], max_new_tokens=2, compile=True)
+    monkeypatch.setattr(kvpager.hf.compiled, "HAS_OP", False)  # as on torch < 2.4
+    with pytest.raises(ValueError, match="torch >= 2.4"):
+        PagedGeneration(model, pool, [prompt(5, seed=1)], max_new_tokens=2, cuda_graphs=True, compile=True)
+    monkeypatch.undo()
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
     with pytest.raises(ValueError, match="triton"):

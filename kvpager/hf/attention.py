@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
-from kvpager.hf.compiled import running
+from kvpager.hf.compiled import HAS_OP, is_compiling, running
 from kvpager.hf.compiled import write_attend as _write_attend_op
 from kvpager.hf.model import ABSENT, IGNORED, check_call
 
@@ -99,7 +99,7 @@ def kvpager_attention(
             or (sliding_window is not ABSENT and sliding_window != window) \
             or key.shape != value.shape or key.shape[2] != query.shape[2] or key.shape[3] != query.shape[3]:
         check_call(layer, query, key, value, dropout, sliding_window, window, kwargs)
-    if torch.compiler.is_compiling():  # one opaque op for the compiler (`kvpager.hf.compiled`)
+    if HAS_OP and is_compiling():  # one opaque op for the compiler (`kvpager.hf.compiled`)
         return _write_attend_op(query, key, value, layer, None if scaling is None else float(scaling),
                                 None if window is None else int(window),
                                 None if softcap is None else float(softcap)), None
@@ -118,7 +118,7 @@ def paged_forward(model: Any, batch: PagedBatch, input_ids: torch.Tensor, positi
     for the device, so a CUDA graph can capture it. A model compiled by its user
     (``torch.compile(model)``) works too: its attention layers call the
     ``kvpager::write_attend`` op, which reaches ``batch`` through `running`."""
-    if torch.compiler.is_compiling():  # traced by `compiled_forward`, which made ``batch`` current
+    if is_compiling():  # traced by `compiled_forward`, which made ``batch`` current
         return _forward(model, batch, input_ids, position_ids, logits_to_keep)
     with running(batch):
         return _forward(model, batch, input_ids, position_ids, logits_to_keep)

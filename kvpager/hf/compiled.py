@@ -27,6 +27,14 @@ from typing import Any
 
 import torch
 
+try:
+    from torch.compiler import is_compiling
+except ImportError:  # torch < 2.3 has no public check; nothing kvpager runs is compiled there
+    def is_compiling() -> bool:
+        return False
+
+#: torch.library.custom_op came with torch 2.4: before it there is no op (and no ``compile=True``)
+HAS_OP = hasattr(torch.library, "custom_op")
 _current = threading.local()
 
 
@@ -42,7 +50,6 @@ def running(batch: Any) -> Iterator[None]:
         _current.batch = previous
 
 
-@torch.library.custom_op("kvpager::write_attend", mutates_args=())
 def write_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float | None,
                  window: int | None, softcap: float | None) -> torch.Tensor:
     """One layer's `StepPlan.write_attend` on the current batch's plan (`running`):
@@ -62,10 +69,14 @@ def write_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, 
     return out
 
 
-@write_attend.register_fake
 def _write_attend_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float | None,
                        window: int | None, softcap: float | None) -> torch.Tensor:
     return q.new_empty((1, q.shape[2], q.shape[1], q.shape[3]))
+
+
+if HAS_OP:
+    write_attend = torch.library.custom_op("kvpager::write_attend", mutates_args=())(write_attend)
+    write_attend.register_fake(_write_attend_fake)
 
 
 _compiled: dict[tuple[str, bool], Callable[..., torch.Tensor]] = {}

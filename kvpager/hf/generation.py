@@ -131,6 +131,10 @@ class PagedGeneration(DecodePasses):
         if self.compile:
             if not self.cuda_graphs:
                 raise ValueError("compile=True compiles the captured decode step: it needs cuda_graphs=True")
+            from kvpager.hf.compiled import HAS_OP
+
+            if not HAS_OP:
+                raise ValueError(f"compile=True needs torch >= 2.4 (torch.library.custom_op), got {torch.__version__}")
             if importlib.util.find_spec("triton") is None:  # say so now, not at the first capture
                 raise ValueError("compile=True needs triton, torch.compile's GPU code generator: pip install triton")
         if self.cuda_graphs:
