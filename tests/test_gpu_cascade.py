@@ -51,15 +51,21 @@ def shared_pool(dtype, d, bs, rng):
     return pool, ids
 
 
+def decode_case(dtype, d, bs, group, tag):
+    """`shared_pool`'s step with random queries: (pool, ids, tables, lengths,
+    K/V on the host, query heads, q on the host)."""
+    rng = np.random.default_rng(seed(dtype, d, bs, group, tag))
+    pool, ids = shared_pool(dtype, d, bs, rng)
+    tables, lens = pool.tables(ids)
+    hq = pool.spec.num_kv_heads * group
+    q = rng.standard_normal((len(ids), hq, d), dtype=np.float32).astype(pool.spec.np_dtype)
+    return pool, ids, tables, lens, to_host(pool.backend.kv, pool.spec), hq, q
+
+
 @pytest.mark.parametrize("dtype,d,bs,group", CASES)
 def test_cascade_matches_numpy_and_plain_plan(dtype, d, bs, group):
-    rng = np.random.default_rng(seed(dtype, d, bs, group, "cascade"))
-    pool, ids = shared_pool(dtype, d, bs, rng)
+    pool, ids, tables, lens, kv, hq, q = decode_case(dtype, d, bs, group, "cascade")
     spec = pool.spec
-    tables, lens = pool.tables(ids)
-    kv = to_host(pool.backend.kv, spec)
-    hq = spec.num_kv_heads * group
-    q = rng.standard_normal((len(ids), hq, d), dtype=np.float32).astype(spec.np_dtype)
     ones = np.ones(len(ids), np.int32)
     for splits in (None, 3):
         plan = pool.plan(ids, cascade=True, num_splits=splits, num_q_heads=hq)
@@ -199,14 +205,9 @@ def test_warp_and_cta_merges_agree(dtype, d, bs, group):
     of 32 always merge a CTA per row)."""
     from kvpager.kernel_config import DEFAULT
 
-    rng = np.random.default_rng(seed(dtype, d, bs, group, "merge"))
-    pool, ids = shared_pool(dtype, d, bs, rng)
+    pool, ids, tables, lens, kv, hq, q = decode_case(dtype, d, bs, group, "merge")
     spec = pool.spec
-    tables, lens = pool.tables(ids)
-    kv = to_host(pool.backend.kv, spec)
-    hq = spec.num_kv_heads * group
     rows = len(ids) * hq
-    q = rng.standard_normal((len(ids), hq, d), dtype=np.float32).astype(spec.np_dtype)
     ref = paged_attention(kv, 0, q, tables, lens, np.ones(len(ids), np.int32), d**-0.5)
     configs = {"warp": DEFAULT.replace(merge_warp_max_parts=8, merge_warp_min_rows=0),
                "cta": DEFAULT.replace(merge_warp_max_parts=0)}
