@@ -108,3 +108,35 @@ def test_a_model_its_user_compiled_generates_the_same_tokens():
     assert generate(torch.compile(model, backend="aot_eager"), p, prompts, max_new_tokens=5) == want
     p.check_integrity()
     assert p.stats().num_sequences == 0
+
+
+def test_threads_each_reach_their_own_batch():
+    """Two threads generating at once with one user-compiled model, each on its
+    own pool: the op finds each thread's current batch (`running` is per thread)."""
+    import threading
+
+    model = make_model("llama")
+    compiled = torch.compile(model, backend="aot_eager")
+    jobs = [[prompt(n, seed=90 + n) for n in (3, 14)], [prompt(n, seed=95 + n) for n in (9, 6, 17)]]
+
+    def pool():
+        return KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+
+    want = [generate(model, pool(), ps, max_new_tokens=6) for ps in jobs]
+    got: list = [None, None]
+    errors: list = []
+
+    def run(k):
+        try:
+            for _ in range(3):  # several passes each, interleaved with the other thread's
+                got[k] = generate(compiled, pool(), jobs[k], max_new_tokens=6)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert got == want

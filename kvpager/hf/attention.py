@@ -118,14 +118,16 @@ def paged_forward(model: Any, batch: PagedBatch, input_ids: torch.Tensor, positi
     for the device, so a CUDA graph can capture it. A model compiled by its user
     (``torch.compile(model)``) works too: its attention layers call the
     ``kvpager::write_attend`` op, which reaches ``batch`` through `running`."""
-    if is_compiling():  # traced by `compiled_forward`, which made ``batch`` current
-        return _forward(model, batch, input_ids, position_ids, logits_to_keep)
     with running(batch):
-        return _forward(model, batch, input_ids, position_ids, logits_to_keep)
+        return forward_pass(model, batch, input_ids, position_ids, logits_to_keep)
 
 
-def _forward(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,
-             logits_to_keep: Any) -> torch.Tensor:
+def forward_pass(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 logits_to_keep: Any = 0) -> torch.Tensor:
+    """`paged_forward` without making ``batch`` current: what `compiled_forward`
+    compiles (it makes the batch current around the compiled call; checking
+    whether a trace is under way instead would not be safe across threads,
+    where torch's flag is global)."""
     # A 4-D mask is taken as given: transformers builds none (no work, no host sync).
     mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=input_ids.device)
     out = model(

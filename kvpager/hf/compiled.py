@@ -10,10 +10,11 @@ kvpager's layer call (`StepPlan.write_attend`) is opaque to the compiler, so
 inside a compiled region the attention function calls it through the custom
 op ``kvpager::write_attend``: the compiler sees one op with a known output
 shape, and the graph has no break at any layer. The op reaches the step's plan
-through the batch made current by `running` (per thread), which the caller
-sets around every call of the compiled forward: a CUDA graph captured from it
-replays its launches without running any Python, so `running` is needed only
-where Python runs (the warm-up that compiles, and the capture).
+through the batch made current by `running` (per thread), which
+`paged_forward` and `compiled_forward` set around every pass: a CUDA graph
+captured from it replays its launches without running any Python, so
+`running` is needed only where Python runs (the warm-up that compiles, the
+capture, and eager passes of a model its user compiled).
 
 `kvpager.hf.graphs.DecodeGraphs` with ``compile=True`` uses it (`compiled_forward`).
 """
@@ -60,8 +61,9 @@ def write_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, 
 
     batch = getattr(_current, "batch", None)
     if batch is None:
-        raise RuntimeError("kvpager::write_attend ran outside kvpager.hf.compiled.running(batch): "
-                           "call the compiled forward through compiled_forward")
+        raise RuntimeError("kvpager::write_attend ran outside kvpager.hf.compiled.running(batch): run the "
+                           "model through kvpager.hf.paged_forward (or compiled_forward), which make the step's "
+                           "batch current, or call it inside running(batch)")
     out = batch.plan.write_attend(layer, _to_pool(q, batch), _to_pool(k, batch), _to_pool(v, batch),
                                   scale, window=window, softcap=softcap)
     if out.dtype is not q.dtype or out.device != q.device:
@@ -91,10 +93,10 @@ def compiled_forward(model: Any, batch: Any, input_ids: torch.Tensor, position_i
     of seconds for an 8B model); a second batch size makes the compiled graph
     take any size, so later buckets reuse it. The model must be switched to
     kvpager attention (`paged_attention`)."""
-    from kvpager.hf.attention import paged_forward
+    from kvpager.hf.attention import forward_pass
 
     fn = _compiled.get((backend, fullgraph))
     if fn is None:
-        fn = _compiled[backend, fullgraph] = torch.compile(paged_forward, backend=backend, fullgraph=fullgraph)
+        fn = _compiled[backend, fullgraph] = torch.compile(forward_pass, backend=backend, fullgraph=fullgraph)
     with running(batch):
         return fn(model, batch, input_ids, position_ids, logits_to_keep)
