@@ -121,12 +121,13 @@ class HFLoop(Timed):
 def generate_ms(model, ids: torch.Tensor, steps: int, cache: str | None = None) -> float:
     """ms per decode step of transformers' ``generate``: the time of ``steps`` + 1 new tokens
     less that of 1 (the prefill's share cancels out); ``cache="static"``: its StaticCache,
-    with which transformers compiles the decode step: an untimed call of ``steps`` + 1
-    tokens first compiles it (the cache keeps that length for the calls after it)."""
+    with which transformers compiles the decode step: two untimed calls of ``steps`` + 1
+    tokens first compile it and let any CUDA graphs of the compiled step be recorded (the
+    cache keeps that length for the calls after them)."""
     kw = dict(do_sample=False, cache_implementation=cache) if cache else dict(do_sample=False)
     times = []
     with torch.inference_mode():
-        if cache:
+        for _ in range(2 if cache else 0):
             model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, **kw)
         for n in (1, steps + 1):
             torch.cuda.synchronize()
