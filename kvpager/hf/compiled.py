@@ -2,8 +2,8 @@
 
 A captured decode step of a transformers model is, once the host has left it,
 the sum of its kernels' times; at batch 64 on an 8B shape about a quarter of
-them are the model's own small kernels (RMSNorm, rotary, SiLU, residual
-adds, casts: a few microseconds each, dozens a layer). Compiled, as serving
+that time goes to the model's own small kernels (RMSNorm, rotary, SiLU,
+residual adds, casts: a few microseconds each, dozens a layer). Compiled, as serving
 engines compile before they capture, those fuse into a few kernels a layer.
 
 kvpager's layer call (`StepPlan.write_attend`) is opaque to the compiler, so
