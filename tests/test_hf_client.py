@@ -327,3 +327,34 @@ def test_two_processes_share_a_prompt_prefix_through_the_daemon():
         with Client(server.endpoint) as obs:
             assert obs.stats().num_sequences == 0
             obs.check_integrity()
+
+
+def test_threads_in_one_model_keep_it_switched_until_the_last_leaves(model):
+    """The switch to kvpager attention lives in the model's shared config: a
+    thread that leaves `paged_attention` while another is inside must not
+    switch the model back under it (the other's forward would then run another
+    attention). The last to leave restores what the model had."""
+    import threading
+
+    from kvpager.hf import paged_attention
+
+    before = model.config._attn_implementation
+    assert before != "kvpager"
+    inside, first_left = threading.Event(), threading.Event()
+    seen: list[str] = []
+
+    def second():
+        with paged_attention(model):
+            inside.set()
+            assert first_left.wait(30)
+            seen.append(model.config._attn_implementation)  # after the first thread left
+
+    t = threading.Thread(target=second)
+    with paged_attention(model):
+        t.start()
+        assert inside.wait(30)
+    first_left.set()
+    t.join(30)
+    assert not t.is_alive()
+    assert seen == ["kvpager"]
+    assert model.config._attn_implementation == before

@@ -22,6 +22,7 @@ passes to the attention function is honoured or refused by name (see
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -159,18 +160,35 @@ def register() -> None:
 register()
 
 
+#: models switched to kvpager attention now, by id of their config: [blocks inside, the name to restore]
+_switched: dict[int, list[Any]] = {}
+_switch_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def paged_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Switch ``model`` to kvpager attention for the duration of the block."""
-    previous = model.config._attn_implementation
-    if previous == ATTN_IMPLEMENTATION:
-        yield
-        return
-    _set_attn(model, ATTN_IMPLEMENTATION)
+    """Switch ``model`` to kvpager attention for the duration of the block. The
+    switch lives in the model's (shared) config, so it is counted: threads
+    generating with one model at once keep it switched until the last of them
+    leaves, which restores the attention it had before the first came in. (While
+    any is inside, the model runs kvpager attention for every caller.)"""
+    config = model.config
+    with _switch_lock:
+        entry = _switched.get(id(config))
+        if entry is None and config._attn_implementation != ATTN_IMPLEMENTATION:
+            entry = _switched[id(config)] = [0, config._attn_implementation]
+            _set_attn(model, ATTN_IMPLEMENTATION)
+        if entry is not None:
+            entry[0] += 1
     try:
         yield
     finally:
-        _set_attn(model, previous)
+        if entry is not None:
+            with _switch_lock:
+                entry[0] -= 1
+                if not entry[0]:
+                    del _switched[id(config)]
+                    _set_attn(model, entry[1])
 
 
 def _set_attn(model: torch.nn.Module, name: str) -> None:
