@@ -34,7 +34,9 @@ if TYPE_CHECKING:
 
 
 class KVPool(PoolSequences, PoolBatch, PoolControl, PoolKV, PoolInspection):
-    """A paged KV cache in this process.
+    """A paged KV cache in this process. One thread at a time, as a daemon
+    `Client` is: threads that share a pool serialize their calls on it (a lock
+    of their own), or each talk to the daemon, which serializes them itself.
 
     >>> pool = KVPool(PoolSpec(num_layers=2, num_kv_heads=2, head_dim=64, num_blocks=64))
     >>> [a] = pool.allocate([[1, 2, 3]])
