@@ -104,12 +104,20 @@ def kvpager_attention(
         return _write_attend_op(query, key, value, layer, None if scaling is None else float(scaling),
                                 None if window is None else int(window),
                                 None if softcap is None else float(softcap)), None
+    return write_attend(batch, layer, query, key, value, scaling, window, softcap), None
+
+
+def write_attend(batch: PagedBatch, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 scale: float | None, window: int | None, softcap: float | None) -> torch.Tensor:
+    """One layer through ``batch``'s plan (`StepPlan.write_attend`), the tensors
+    crossed into the pool's dtype and device and the output back into the
+    query's; what the attention function and the ``kvpager::write_attend`` op run."""
     # [1, H, T, D] views of the projections' token-major memory: the plan launches on their pointers
     out = batch.plan.write_attend(layer, _to_pool(query, batch), _to_pool(key, batch), _to_pool(value, batch),
-                                  scaling, window=window, softcap=softcap)
+                                  scale, window=window, softcap=softcap)
     if out.dtype is not query.dtype or out.is_cuda != query.is_cuda:
         out = out.to(device=query.device, dtype=query.dtype)
-    return out, None
+    return out
 
 
 def paged_forward(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,

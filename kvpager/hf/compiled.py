@@ -57,18 +57,14 @@ def write_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, 
     q [1, Hq, T, D], k / v [1, Hkv, T, D]; returns [1, T, Hq, D] of ``q``'s dtype and device.
     Writes the layer's K/V into the pool: not a pure function, but its output is
     always used (the layer's attention), so a compiler never drops or repeats it."""
-    from kvpager.hf.attention import _to_pool
+    from kvpager.hf import attention
 
     batch = getattr(_current, "batch", None)
     if batch is None:
         raise RuntimeError("kvpager::write_attend ran outside kvpager.hf.compiled.running(batch): run the "
                            "model through kvpager.hf.paged_forward (or compiled_forward), which make the step's "
                            "batch current, or call it inside running(batch)")
-    out = batch.plan.write_attend(layer, _to_pool(q, batch), _to_pool(k, batch), _to_pool(v, batch),
-                                  scale, window=window, softcap=softcap)
-    if out.dtype is not q.dtype or out.device != q.device:
-        out = out.to(device=q.device, dtype=q.dtype)
-    return out
+    return attention.write_attend(batch, layer, q, k, v, scale, window, softcap)
 
 
 def _write_attend_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float | None,

@@ -56,7 +56,6 @@ class DecodeGraphs:
         from kvpager.hf.compiled import compiled_forward
 
         self.model, self.pool, self.make_batch, self.cascade = model, pool, make_batch, cascade
-        self.compile = compile
         self._forward = compiled_forward if compile else paged_forward
         self.width = max(int(width), 1)
         self.num_q_heads = model.config.num_attention_heads
