@@ -74,10 +74,9 @@ class KernelConfig:
     copy_unroll: int = 16
     #: merges of at most this many partial slots a row run a warp per row (merge_splits_warp:
     #: a decode cascade's parts, a few splits), over at least `merge_warp_min_rows` rows;
-    #: others a CTA per row (merge_splits); 0: always a CTA per row. Off until the whole GPU
-    #: suite has passed with it on (H200, 2026-11-30, 8 as the limit: 1.04-1.26x on captured
-    #: decode cascades, `bench_cascade.py --captured`; docs/gpu-notes.md v15)
-    merge_warp_max_parts: int = 0
+    #: others a CTA per row (merge_splits); 0: always a CTA per row (H200: 1.04-1.26x on
+    #: captured decode cascades at 8, `bench_cascade.py --captured`; docs/gpu-notes.md v15)
+    merge_warp_max_parts: int = 8
     #: fewer rows than this merge a CTA per row (a long context split many ways)
     merge_warp_min_rows: int = 256
 

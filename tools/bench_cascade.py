@@ -107,13 +107,14 @@ def captured(batch: int, prefix: int, own: int, groups: int, calls: int = 20) ->
     """A decode step's attention as a model's captured step runs it: ``calls`` calls in
     one CUDA graph, per-call time of a replay (CUDA events), the cascade with its own
     and shared parts side by side (`KernelConfig.decode_cascade_fork`), one after the
-    other, side by side with a warp per merged row (`KernelConfig.merge_warp_max_parts` 8),
-    and plain; the first two cascades' outputs must be the same bits, the others close."""
+    other, side by side with a CTA per merged row (`KernelConfig.merge_warp_max_parts` 0; the
+    default merges a warp per row where it may), and plain; the first two cascades' outputs
+    must be the same bits, the others close."""
     be, tables, lens, qlens, q = setup(batch, prefix, own, groups)
     row = dict(batch=batch, prefix=prefix, own=own, groups=groups)
     outs = {}
     variants = (("fork", True, DEFAULT), ("serial", True, DEFAULT.replace(decode_cascade_fork=False)),
-                ("warp_merge", True, DEFAULT.replace(merge_warp_max_parts=8)), ("plain", False, DEFAULT))
+                ("cta_merge", True, DEFAULT.replace(merge_warp_max_parts=0)), ("plain", False, DEFAULT))
     for label, cascade, config in variants:
         plan = make_plan(be, tables, lens, qlens, num_q_heads=HQ, cascade=cascade, config=config)
         out = cupy.empty_like(q)
@@ -126,7 +127,7 @@ def captured(batch: int, prefix: int, own: int, groups: int, calls: int = 20) ->
         row[f"{label}_us"] = median_ms(graph.replay) * 1e3 / calls
         outs[label] = cupy.asnumpy(out)
     assert np.array_equal(outs["fork"].view(np.uint16), outs["serial"].view(np.uint16)), "fork != serial"
-    for other in ("plain", "warp_merge"):
+    for other in ("plain", "cta_merge"):
         row[f"rel_err_{other}"] = rel_err(tview(cupy.asarray(outs["fork"])), tview(cupy.asarray(outs[other])))
         assert row[f"rel_err_{other}"] < 1e-2, other
     be.close()
@@ -160,12 +161,12 @@ def main() -> None:
         print(f"{name}, {datetime.date.today()}; bf16, {HQ} q / {HKV} kv heads, head dim {D}, block size {BS}; "
               "per call of a captured graph")
         print("| sequences x (shared + own) | cascade, parts side by side us | one after the other us | "
-              "side by side, a warp per merged row us | plain us | side by side gain | warp-per-row merge gain |")
+              "side by side, a CTA per merged row us | plain us | side by side gain | warp-per-row merge gain |")
         print("|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['batch']} x ({r['prefix']} + {r['own']}) | {r['fork_us']:.1f} | {r['serial_us']:.1f} | "
-                  f"{r['warp_merge_us']:.1f} | {r['plain_us']:.1f} | {r['serial_us'] / r['fork_us']:.2f}x | "
-                  f"{r['fork_us'] / r['warp_merge_us']:.2f}x |")
+                  f"{r['cta_merge_us']:.1f} | {r['plain_us']:.1f} | {r['serial_us'] / r['fork_us']:.2f}x | "
+                  f"{r['cta_merge_us'] / r['fork_us']:.2f}x |")
         return
     rows = [run(256, 8192, 256, 1, peak, sdpa=True)]
     if args.mma:
