@@ -40,23 +40,6 @@ def heartbeat_timeout_s() -> float:
     return _seconds("HEARTBEAT_TIMEOUT", 5.0)
 
 
-def busy_poll_us() -> float:
-    """KVPAGER_BUSY_POLL_US: microseconds the daemon polls for the next request after
-    each reply before it sleeps (0, the default: it sleeps at once)."""
-    raw = os.environ.get("KVPAGER_BUSY_POLL_US")
-    if raw is None or raw.strip() == "":
-        return 0.0
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        from kvpager.errors import InvalidArgument
-
-        raise InvalidArgument(f"KVPAGER_BUSY_POLL_US={raw!r} must be a number of microseconds >= 0")
-    return value
-
-
 def metrics_port() -> int | None:
     """KVPAGER_METRICS_PORT: the daemon serves Prometheus metrics at
     http://127.0.0.1:PORT/metrics (0: any free port; unset: no metrics)."""

@@ -196,10 +196,6 @@ def serve_devices(opts: dict[str, Any], default_device: Any) -> list[str] | None
 @click.option("--endpoint", default=None, help="ipc://PATH or tcp://HOST:PORT (default: private ipc socket).")
 @click.option("--heartbeat-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds of silence before a session's sequences are freed (KVPAGER_HEARTBEAT_TIMEOUT).")
-@click.option("--busy-poll-us", type=click.FloatRange(0, 10_000), default=None,
-              help="Microseconds the daemon polls for the next request after each reply before it sleeps "
-                   "(KVPAGER_BUSY_POLL_US; default 0). Requests that follow within it (a worker's step, "
-                   "several workers) meet a loop that never slept, for up to that much CPU per reply.")
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
               help="A file holding the secret clients must send in hello (KVPAGER_TOKEN / KVPAGER_TOKEN_FILE); "
                    "required for a TCP endpoint beyond loopback.")
@@ -274,8 +270,7 @@ def serve(**opts: Any) -> None:
                                max_pinned_blocks=opts["max_pinned_blocks"],
                                remote=remote, heartbeat_timeout=opts["heartbeat_timeout"], limits=limits,
                                token=token, control_token=control, metrics_port=metrics_port,
-                               metrics_host=opts["metrics_host"], events=events,
-                               busy_poll_us=opts["busy_poll_us"])
+                               metrics_host=opts["metrics_host"], events=events)
         for salt, blocks in quotas:
             server.pool.set_quota(salt, blocks)
     except KVPagerError as e:

@@ -29,7 +29,6 @@ In-process use (tests)::
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import threading
 import time
@@ -61,9 +60,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvpager.server")
 
-#: the longest busy poll `Server` takes (10 ms): beyond it the loop sleeps in recv
-MAX_BUSY_POLL_US = 10_000
-
 
 class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
     """A daemon serving ``pool`` at ``endpoint`` (default: the private ipc:// socket).
@@ -90,7 +86,6 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
         events: EventsConfig | None = None,
-        busy_poll_us: float | None = None,
     ):
         self.pool = pool
         self.endpoint = check_endpoint(endpoint or default_endpoint(), bind=True)
@@ -113,11 +108,6 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
         self.sessions = SessionTable(hb, self.epoch, self.gpu, self.limits,
                                      [b.index for b in ranks] if self.gpu is not None and len(ranks) > 1 else None)
         self.max_message_bytes = max_message_bytes or env.max_message_bytes()
-        bp = env.busy_poll_us() if busy_poll_us is None else busy_poll_us
-        if isinstance(bp, bool) or not isinstance(bp, (int, float)) or not 0 <= bp <= MAX_BUSY_POLL_US:
-            raise InvalidArgument(f"busy poll must be 0 to {MAX_BUSY_POLL_US} microseconds, got {bp!r}")
-        #: seconds the loop polls for the next request after a reply before it sleeps in recv
-        self.busy_poll = float(bp) * 1e-6
         self.owns_pool = owns_pool
         self.requests = 0
         self._stop = threading.Event()
@@ -201,8 +191,6 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
                     sock.send_multipart(frames, zmq.NOBLOCK)
                 except zmq.ZMQError as e:  # peer gone or its queue full: its problem, not ours
                     log.debug("reply dropped: %s", e)
-                if self.busy_poll:
-                    self._spin(self.busy_poll)
                 if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     self._idle = time.monotonic()  # nothing else queued: read up to now
             now = time.monotonic()
@@ -213,18 +201,3 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
                 self.expire()
                 if self.request_metrics is not None:
                     self.request_metrics.window(now)
-
-    def _spin(self, seconds: float) -> bool:
-        """Poll for the next request for up to ``seconds`` (the busy poll), yielding the
-        CPU between polls; whether one is queued. A request that arrives within the
-        poll meets a loop that never slept: its core stays out of idle states and its
-        caches warm, where one woken from recv pays for both (on a 16-core host, a
-        256-sequence append measured 27 us over the bare echo with the poll, 30-63 us
-        without)."""
-        sock, stop, clock = self._sock, self._stop, time.perf_counter
-        end = clock() + seconds
-        while not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            if clock() >= end or stop.is_set():
-                return False
-            os.sched_yield()
-        return True

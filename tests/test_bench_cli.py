@@ -40,8 +40,7 @@ def test_bench_lists_peers_and_says_what_it_needs():
 
 def test_bench_rpc_measures_every_row_it_names():
     """`tools/bench_rpc.py` at a tiny size: the daemon round trips of both
-    transports (packed and list ids in the paired rows, and packed ids to a
-    daemon busy-polling 200 us beside them; the synchronized and
+    transports (packed and list ids in the paired rows, the synchronized and
     the staggered decode steps), the in-process figures and the daemon's share,
     each a finite p50 <= p99."""
     import math
@@ -51,13 +50,13 @@ def test_bench_rpc_measures_every_row_it_names():
 
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, str(root / "tools" / "bench_rpc.py"), "--iters", "200", "--batch", "32",
-                          "--clients", "1", "--seconds", "0.2", "--busy-poll-us", "200", "--json"],
+                          "--clients", "1", "--seconds", "0.2", "--json"],
                          capture_output=True, text=True, timeout=240, cwd=str(root), check=True)
     data = json.loads(out.stdout)
     steps = ["step x32: append, record_tokens, commit", "step x32, staggered lengths: three calls"]
     rows = ["append x1", "append x32", "append_flat x32", *steps, "step x32: the same as one batch",
             "step x32, staggered lengths: one batch", "heartbeat", "raw append x1", "raw append x32",
-            "paired: bare echo"] + [f"paired: raw append x32, {form}{diff}" for form in ("packed ids", "list ids", "packed ids, daemon busy-polling 200 us")
+            "paired: bare echo"] + [f"paired: raw append x32, {form}{diff}" for form in ("packed ids", "list ids")
                                     for diff in ("", " - echo, per pair")]
     figures = [data["daemon_handle"][k] for k in ("append x1", "append x32 (packed ids)", "append x32 (list ids)")]
     figures += [data["in_process"][k] for k in ("append x1", "append x32", *steps)]

@@ -17,11 +17,10 @@ What is timed (each op checked for correctness first):
   socket with msgpack, as the echo is timed (no `Client`: its own work, such
   as following its sequences' tables, stays out); the x256 ids packed (one
   int64 array), as a `Client` sends a batch;
-- paired: the bare echo, the raw append x256 with packed ids, the same with a
-  list of ids and the same with packed ids to a second daemon that busy-polls
-  (`--busy-poll-us`, as `kvpager serve --busy-poll-us`), in turns, one round
-  trip of each at a time (all see the machine in the same state), with the
-  per-turn differences: the daemon's cost of a decode step over the transport's;
+- paired: the bare echo, the raw append x256 with packed ids and the same with
+  a list of ids, in turns, one round trip of each at a time (all see the
+  machine in the same state), with the per-turn differences: the daemon's
+  cost of a decode step over the transport's;
 - daemon share: `Server.handle` of the same append requests in this process,
   no socket (decode, ownership check, allocator, encode): what the daemon
   adds to a round trip besides transport and the client's own work.
@@ -83,16 +82,7 @@ def measure(args: argparse.Namespace, tmp: str) -> tuple[list, dict]:
                 c.heartbeat()
             lat = latencies(c, args.iters, args.batch)
         lat.update(raw(ep, args.iters, args.batch))
-        busy = None
-        if args.busy_poll_us:
-            busy_proc, busy_ep = spawn(run_daemon, endpoint if name == "tcp" else f"ipc://{tmp}/busy.sock",
-                                       None, args.busy_poll_us)
-            busy = (busy_ep, args.busy_poll_us)
-        lat.update(paired(ep, endpoint if name == "tcp" else f"ipc://{tmp}/echo2.sock", args.iters, args.batch,
-                          busy))
-        if busy is not None:
-            busy_proc.terminate()
-            busy_proc.join(10)
+        lat.update(paired(ep, endpoint if name == "tcp" else f"ipc://{tmp}/echo2.sock", args.iters, args.batch))
         tput = {n: throughput(ep, n, args.seconds) for n in counts}
         proc.terminate()
         proc.join(10)
@@ -113,8 +103,6 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
     ap.add_argument("--clients", default="1,4,16")
-    ap.add_argument("--busy-poll-us", type=float, default=1000,
-                    help="the paired rows' second daemon busy-polls this long after each reply (0: no second daemon)")
     ap.add_argument("--observability", action="store_true",
                     help="only compare the daemon without and with metrics + KV events")
     ap.add_argument("--rounds", type=int, default=5, help="alternations of that comparison")

@@ -17,14 +17,13 @@ PROMPT = list(range(100))  # 7 blocks
 CUT_EVERY = 256  # steps between (untimed) truncations back to the prompt
 
 
-def run_daemon(endpoint: str, ready, observe: str | None = None, busy_poll_us: float = 0) -> None:
-    """A daemon; with ``observe`` (a directory) also metrics and KV events there;
-    ``busy_poll_us``: as `kvpager serve --busy-poll-us`."""
+def run_daemon(endpoint: str, ready, observe: str | None = None) -> None:
+    """A daemon; with ``observe`` (a directory) also metrics and KV events there."""
     from kvpager.events_pub import EventsConfig
     from kvpager.server import Server
 
     extra = dict(metrics_port=0, events=EventsConfig(f"ipc://{observe}/events.sock")) if observe else {}
-    server = Server.create(SPEC, endpoint, heartbeat_timeout=60, busy_poll_us=busy_poll_us, **extra)
+    server = Server.create(SPEC, endpoint, heartbeat_timeout=60, **extra)
     server.bind()
     ready.put((server.endpoint, server.metrics_port, server.events and server.events.endpoint) if observe
               else server.endpoint)

@@ -119,17 +119,15 @@ def raw(endpoint: str, iters: int, batch: int) -> dict[str, tuple[float, float]]
     return out
 
 
-def paired(endpoint: str, echo_endpoint: str, iters: int, batch: int,
-           busy: tuple[str, float] | None = None) -> dict[str, tuple[float, float]]:
+def paired(endpoint: str, echo_endpoint: str, iters: int, batch: int) -> dict[str, tuple[float, float]]:
     """The bare echo and the daemon's raw append of ``batch`` sequences, timed in
     pairs (one echo round trip, then one append, over and over), so both see the
     machine in the same state: on a shared or busy host, an echo timed minutes
     before the appends is not their floor. The pairs take turns between the
-    append with packed ids (as a `Client` sends a batch), with a list of ids and,
-    with ``busy`` ((endpoint, microseconds) of a daemon that busy-polls), with
-    packed ids to that daemon; each append follows its own echo (a daemon
-    request right after another one runs warm, and would look cheaper). Also the
-    per-pair differences (append - echo), the daemon's cost over the transport."""
+    append with packed ids (as a `Client` sends a batch) and with a list of ids;
+    each append follows its own echo (a daemon request right after another one
+    runs warm, and would look cheaper). Also the per-pair differences (append -
+    echo), the daemon's cost over the transport."""
     import msgpack
     import zmq
 
@@ -138,38 +136,31 @@ def paired(endpoint: str, echo_endpoint: str, iters: int, batch: int,
     echo.setsockopt(zmq.LINGER, 0)
     echo.connect(ep)
     daemon = RawSession(endpoint, "bench-paired")
-    sessions = [daemon]
-    forms = {"packed ids": (daemon, *daemon.decode_steps(batch, iters, packed=True)),
-             "list ids": (daemon, *daemon.decode_steps(batch, iters, packed=False))}
-    if busy is not None:
-        polled = RawSession(busy[0], "bench-paired-busy")
-        sessions.append(polled)
-        forms[f"packed ids, daemon busy-polling {busy[1]:g} us"] = (polled, *polled.decode_steps(batch, iters,
-                                                                                                  packed=True))
+    forms = {"packed ids": daemon.decode_steps(batch, iters, packed=True),
+             "list ids": daemon.decode_steps(batch, iters, packed=False)}
     ping = msgpack.packb([1, 7, "0123456789abcdef", "append", {"seq_ids": [5]}])
     clock = time.perf_counter
     bare: dict[str, list[float]] = {name: [] for name in forms}
     appends: dict[str, list[float]] = {name: [] for name in forms}
     for i in range(iters):
         if i % CUT_EVERY == CUT_EVERY - 1:
-            for session, _, cuts in forms.values():
-                session.call(None, None, next(cuts))
-        for name, (session, steps, _) in forms.items():
+            for _, cuts in forms.values():
+                daemon.call(None, None, next(cuts))
+        for name, (steps, _) in forms.items():
             t0 = clock()
             echo.send(ping)
             msgpack.unpackb(echo.recv())
             t1 = clock()
-            session.call(None, None, next(steps))
+            daemon.call(None, None, next(steps))
             t2 = clock()
             bare[name].append(t1 - t0)
             appends[name].append(t2 - t1)
     echo.send(msgpack.packb([1, 0, None, "stop", {}]))
     echo.recv()
     echo.close()
-    for session in sessions:
-        session.sock.close()
+    daemon.sock.close()
     proc.join(10)
-    out = {"paired: bare echo": percentiles([x for lat in bare.values() for x in lat])}
+    out = {"paired: bare echo": percentiles(bare["packed ids"] + bare["list ids"])}
     for name, lat in appends.items():
         out[f"paired: raw append x{batch}, {name}"] = percentiles(lat)
         out[f"paired: raw append x{batch}, {name} - echo, per pair"] = percentiles(
