@@ -23,10 +23,22 @@ values = st.recursive(
     scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)),
     max_leaves=12,
 )
-# Plausible argument values: small ids, token lists, slots, and junk.
+# Packed arrays (EXT_NDARRAY, as clients send ids and token rows) of every wire dtype,
+# byte order and rank, holding small ids, negatives or values past int32 / int64.
+def _array(dtype: str, shape: tuple[int, ...], seed: int, high: int) -> np.ndarray:
+    with np.errstate(over="ignore"):  # 2**40 as float16 is inf: that is the point
+        return np.random.default_rng(seed).integers(-3, high, size=shape).astype(dtype)
+
+
+arrays = st.builds(
+    _array,
+    st.sampled_from(["<i8", ">i8", "<i4", "<u8", "<u4", "<i2", "|u1", "|i1", "|b1", "<f2", "<f4", "<f8"]),
+    st.lists(st.integers(0, 4), max_size=3).map(tuple), st.integers(0, 2**32), st.sampled_from([4, 40, 2**40]),
+)
+# Plausible argument values: small ids, token lists, slots, packed arrays, and junk.
 arg_values = st.one_of(
     values, st.integers(-2, 40), st.lists(st.integers(-2, 40), max_size=5),
-    st.lists(st.lists(st.integers(0, 50), max_size=40), max_size=3),
+    st.lists(st.lists(st.integers(0, 50), max_size=40), max_size=3), arrays, st.lists(arrays, max_size=3),
 )
 
 
@@ -84,6 +96,14 @@ def test_random_batches(ops, rid):
 @given(msg=values)
 def test_random_msgpack_values(msg):
     check_reply(SERVER.handle(msgpack.packb(msg, use_bin_type=True)), None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(code=st.integers(0, 127), payload=st.binary(max_size=48), op=st.sampled_from(["append", "commit", "allocate"]))
+def test_random_ext_payloads(code, payload, op):
+    """An ext value of any type code and bytes where an argument goes: a typed error, not internal."""
+    body = msgpack.packb([VERSION, 9, SESSION, op, {"seq_ids": msgpack.ExtType(code, payload)}], use_bin_type=True)
+    check_reply(SERVER.handle(body), 9)
 
 
 @settings(max_examples=200, deadline=None)
