@@ -55,6 +55,9 @@ FAMILIES = {
     "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", dict(sliding_window=WINDOW, layer_types=ALTERNATING),
                 [WINDOW, None, WINDOW, None]),
     # its attention modules all keep sliding_window, full layers too: the layer types decide
+    # their decoder layers do not pass keyword arguments on to attention: the current batch serves them
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", {}, [None] * 4),
+    "nemotron": ("NemotronConfig", "NemotronForCausalLM", {}, [None] * 4),
     "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", dict(sliding_window=WINDOW, layer_types=ALTERNATING),
                 [WINDOW, None, WINDOW, None]),
 }
@@ -208,6 +211,30 @@ def test_attention_sinks_are_refused():
     model = transformers.GptOssForCausalLM(config).eval()
     with pytest.raises(ValueError, match="s_aux"):
         generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2, eos_token_id=None)
+
+
+# Families whose attention modules compute attention themselves, not through transformers'
+# attention interface: Falcon and MPT (ALiBi) never call kvpager's (their own attention over
+# the new tokens alone, nothing cached, generated wrong tokens without a word); Bloom and XGLM
+# fail in their own code first.
+OWN_ATTENTION = {
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)),
+    "mpt": ("MptConfig", "MptForCausalLM", dict(d_model=64, n_layers=2, n_heads=4)),
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=64, n_layer=2, n_head=4)),
+    "xglm": ("XGLMConfig", "XGLMForCausalLM", dict(d_model=64, num_layers=2, attention_heads=4, ffn_dim=128)),
+}
+
+
+@pytest.mark.parametrize("family", list(OWN_ATTENTION))
+def test_families_that_attend_by_themselves_are_refused(family):
+    config_cls, model_cls, extra = OWN_ATTENTION[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(vocab_size=VOCAB, **extra)).eval()
+    pool = KVPool(spec_for_model(model, num_blocks=32, block_size=8))
+    with pytest.raises(ValueError, match=f"{model_cls}.*attention interface"):
+        generate(model, pool, [prompt(11, 1), prompt(4, 2)], 3, eos_token_id=None)
+    assert pool.stats().num_sequences == 0 and pool.stats().used_blocks == 0  # nothing left behind
+    pool.check_integrity()
 
 
 def test_dropout_in_training_mode_is_refused():

@@ -24,13 +24,14 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import AttentionInterface
 
-from kvpager.hf.compiled import HAS_OP, is_compiling, running
+from kvpager.errors import KVPagerError
+from kvpager.hf.compiled import HAS_OP, current, is_compiling, running
 from kvpager.hf.compiled import write_attend as _write_attend_op
 from kvpager.hf.model import ABSENT, IGNORED, check_call
 
@@ -47,6 +48,9 @@ class PagedBatch:
     dtype: torch.dtype  # the pool's dtype
     device: torch.device  # where the pool's tensors live (cpu, or its GPU)
     windows: Sequence[int | None] | None = None  # per layer (`layer_windows`); None: as transformers passes them
+    #: layer calls run through this batch (`write_attend`): `paged_forward` checks that a
+    #: pass ran every layer through kvpager
+    layers_run: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.on_cpu = self.device.type == "cpu"
@@ -83,10 +87,14 @@ def kvpager_attention(
     soft-capped by ``softcap`` if given. Any other argument that would change
     the result is refused (`kvpager.hf.model.check_call`)."""
     if kvpager is None:
-        raise RuntimeError(
-            f"attn_implementation={ATTN_IMPLEMENTATION!r} needs the kvpager=PagedBatch(...) "
-            "keyword in the forward call; use kvpager.hf.generate"
-        )
+        # Some families' decoder layers do not pass their keyword arguments on to
+        # attention (StableLM, Nemotron): the pass's batch is still the current one.
+        kvpager = current()
+        if kvpager is None:
+            raise RuntimeError(
+                f"attn_implementation={ATTN_IMPLEMENTATION!r} needs the kvpager=PagedBatch(...) "
+                "keyword in the forward call; use kvpager.hf.generate"
+            )
     if query.shape[0] != 1:
         raise ValueError(f"kvpager attention takes one packed row, got batch size {query.shape[0]}")
     batch = kvpager
@@ -112,6 +120,7 @@ def write_attend(batch: PagedBatch, layer: int, query: torch.Tensor, key: torch.
     """One layer through ``batch``'s plan (`StepPlan.write_attend`), the tensors
     crossed into the pool's dtype and device and the output back into the
     query's; what the attention function and the ``kvpager::write_attend`` op run."""
+    batch.layers_run += 1
     # [1, H, T, D] views of the projections' token-major memory: the plan launches on their pointers
     out = batch.plan.write_attend(layer, _to_pool(query, batch), _to_pool(key, batch), _to_pool(value, batch),
                                   scale, window=window, softcap=softcap)
@@ -127,8 +136,42 @@ def paged_forward(model: Any, batch: PagedBatch, input_ids: torch.Tensor, positi
     for the device, so a CUDA graph can capture it. A model compiled by its user
     (``torch.compile(model)``) works too: its attention layers call the
     ``kvpager::write_attend`` op, which reaches ``batch`` through `running`."""
+    return run_pass(model, batch, forward_pass, input_ids, position_ids, logits_to_keep)
+
+
+def run_pass(model: Any, batch: PagedBatch, fn: Any, *args: Any) -> torch.Tensor:
+    """``fn(model, batch, *args)`` (`forward_pass`, or it compiled) with ``batch``
+    current, then `check_layers_ran`. A model whose class says its attention does
+    not go through transformers' attention interface and that fails inside its
+    own code gets that said, with its error as the cause."""
     with running(batch):
-        return forward_pass(model, batch, input_ids, position_ids, logits_to_keep)
+        start = batch.layers_run
+        try:
+            out = fn(model, batch, *args)
+        except Exception as e:
+            if isinstance(e, KVPagerError) or getattr(type(model), "_supports_attention_backend", True):
+                raise
+            raise ValueError(f"{type(model).__name__} failed under kvpager attention ({type(e).__name__}: {e}); "
+                             + _NOT_SERVED) from e
+    check_layers_ran(model, batch, start)
+    return out
+
+
+_NOT_SERVED = ("its attention does not run through transformers' attention interface (attn_implementation), "
+               "so kvpager cannot serve it: run this model with its own cache")
+
+
+def check_layers_ran(model: Any, batch: PagedBatch, start: int) -> None:
+    """ValueError unless the pass that left ``batch.layers_run`` at ``start`` ran
+    every layer of ``model`` through kvpager: a family whose attention does not go
+    through transformers' attention interface (Falcon, MPT: their modules
+    compute it themselves) would otherwise run its own attention over the new
+    tokens alone, with nothing cached, and generate wrong tokens without a word."""
+    ran, layers = batch.layers_run - start, model.config.num_hidden_layers
+    if ran != layers:
+        raise ValueError(
+            f"{type(model).__name__}: {ran} of its {layers} layers attended through kvpager in this pass; "
+            + _NOT_SERVED)
 
 
 def forward_pass(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,

@@ -51,6 +51,11 @@ def running(batch: Any) -> Iterator[None]:
         _current.batch = previous
 
 
+def current() -> Any:
+    """The batch `running` made current in this thread, or None."""
+    return getattr(_current, "batch", None)
+
+
 def write_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float | None,
                  window: int | None, softcap: float | None) -> torch.Tensor:
     """One layer's `StepPlan.write_attend` on the current batch's plan (`running`):
@@ -89,10 +94,9 @@ def compiled_forward(model: Any, batch: Any, input_ids: torch.Tensor, position_i
     of seconds for an 8B model); a second batch size makes the compiled graph
     take any size, so later buckets reuse it. The model must be switched to
     kvpager attention (`paged_attention`)."""
-    from kvpager.hf.attention import forward_pass
+    from kvpager.hf.attention import forward_pass, run_pass
 
     fn = _compiled.get((backend, fullgraph))
     if fn is None:
         fn = _compiled[backend, fullgraph] = torch.compile(forward_pass, backend=backend, fullgraph=fullgraph)
-    with running(batch):
-        return fn(model, batch, input_ids, position_ids, logits_to_keep)
+    return run_pass(model, batch, fn, input_ids, position_ids, logits_to_keep)
