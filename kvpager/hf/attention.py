@@ -163,11 +163,18 @@ _NOT_SERVED = ("its attention does not run through transformers' attention inter
 
 def check_layers_ran(model: Any, batch: PagedBatch, start: int) -> None:
     """ValueError unless the pass that left ``batch.layers_run`` at ``start`` ran
-    every layer of ``model`` through kvpager: a family whose attention does not go
-    through transformers' attention interface (Falcon, MPT: their modules
+    every layer of ``model`` through kvpager, once: a family whose attention does
+    not go through transformers' attention interface (Falcon, MPT: their modules
     compute it themselves) would otherwise run its own attention over the new
-    tokens alone, with nothing cached, and generate wrong tokens without a word."""
+    tokens alone, with nothing cached, and one that attends twice a layer
+    (DiffLlama, Dory's recurrent loops) would overwrite a layer's K/V with its
+    second call's: both generate wrong tokens without a word."""
     ran, layers = batch.layers_run - start, model.config.num_hidden_layers
+    if ran > layers:  # a layer attended twice: its second K/V would overwrite the first's
+        raise ValueError(
+            f"{type(model).__name__}: {ran} attention calls in one pass over its {layers} layers; it attends "
+            "more than once a layer (recurrent loops over its layers, differential attention), and kvpager "
+            "holds one K/V per layer and token: run this model with its own cache")
     if ran != layers:
         raise ValueError(
             f"{type(model).__name__}: {ran} of its {layers} layers attended through kvpager in this pass; "
