@@ -202,6 +202,21 @@ def test_other_layer_kinds_are_refused():
         generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
 
 
+def test_layers_of_other_geometry_or_borrowed_kv_are_refused():
+    """Gemma-4's full layers have another head dim than its sliding ones; Gemma-3n's
+    (and Gemma-4's, configurably) last layers reuse earlier layers' K/V."""
+    if hasattr(transformers, "Gemma4TextConfig"):
+        torch.manual_seed(0)
+        config = transformers.Gemma4TextConfig(**{**COMMON, "num_hidden_layers": 6}, vocab_size_per_layer_input=VOCAB,
+                                               hidden_size_per_layer_input=8)
+        with pytest.raises(ValueError, match="differ in their attention geometry"):
+            spec_for_model(transformers.Gemma4ForCausalLM(config), num_blocks=16)
+    model = make_model("llama")
+    model.config.num_kv_shared_layers = 2
+    with pytest.raises(ValueError, match="num_kv_shared_layers"):
+        generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
+
+
 def test_attention_sinks_are_refused():
     """GPT-OSS passes its learned sinks as ``s_aux``."""
     torch.manual_seed(0)

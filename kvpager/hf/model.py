@@ -50,6 +50,10 @@ def layer_windows(model: Any) -> list[int | None]:
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError("kvpager attends for decoder-only models; this one is encoder-decoder (cross-attention)")
     n = config.num_hidden_layers
+    shared = getattr(config, "num_kv_shared_layers", 0)
+    if isinstance(shared, int) and shared > 0:
+        raise ValueError(f"the model's last {shared} layers reuse earlier layers' K/V (num_kv_shared_layers); "
+                         "kvpager holds and attends over each layer's own")
     window = getattr(config, "sliding_window", None)
     if getattr(config, "use_sliding_window", True) is False:
         window = None
@@ -181,13 +185,21 @@ def _cache_key(named: list[tuple[str, torch.Tensor]], config: bytes) -> tuple[An
 
 
 def model_geometry(config: Any) -> dict[str, int]:
-    """Layers, KV heads and head dim of a transformers config, as `PoolSpec` names them."""
-    heads = config.num_attention_heads
-    return dict(
-        num_layers=config.num_hidden_layers,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-    )
+    """Layers, KV heads and head dim of a transformers config, as `PoolSpec` names
+    them. ValueError for a model whose layers differ in them (one pool holds one
+    geometry for every layer)."""
+    try:
+        heads = config.num_attention_heads
+        return dict(
+            num_layers=config.num_hidden_layers,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        )
+    except RuntimeError as e:  # transformers' per-layer configs (Gemma-4: head_dim 512 on its full layers)
+        if type(e).__name__ != "AmbiguousGlobalPerLayerAttributeError":
+            raise
+        raise ValueError(f"the model's layers differ in their attention geometry ({e}); a kvpager pool holds "
+                         "one geometry for every layer") from e
 
 
 def spec_for_model(
