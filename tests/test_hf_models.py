@@ -242,18 +242,22 @@ OWN_ATTENTION = {
 
 # Families that attend more than once a layer in a pass: DiffLlama (differential attention,
 # two calls a layer) generated wrong tokens, its second call's K/V over the first's; Dory
-# loops over its layers (its transformers cache keeps a copy of a layer per loop).
-TWICE = {"diffllama": ("DiffLlamaConfig", "DiffLlamaForCausalLM"), "dory": ("DoryConfig", "DoryForCausalLM")}
+# loops over its layers (its transformers cache keeps a copy of a layer per loop); HRM-text
+# cycles over two layers and counts the cycles as layers (as many calls as it has "layers"),
+# and generated wrong tokens.
+MHA = {k: v for k, v in COMMON.items() if k != "num_key_value_heads"}
+TWICE = {"diffllama": ("DiffLlamaConfig", "DiffLlamaForCausalLM", {**COMMON, "num_hidden_layers": 2}),
+         "dory": ("DoryConfig", "DoryForCausalLM", {**COMMON, "num_hidden_layers": 2}),
+         "hrm_text": ("HrmTextConfig", "HrmTextForCausalLM", {**MHA, "num_hidden_layers": 2})}
 
 
 @pytest.mark.parametrize("family", list(TWICE))
 def test_families_that_attend_twice_a_layer_are_refused(family):
-    config_cls, model_cls = TWICE[family]
+    config_cls, model_cls, extra = TWICE[family]
     if not hasattr(transformers, config_cls):
         pytest.skip(f"this transformers has no {model_cls}")
     torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(
-        getattr(transformers, config_cls)(**{**COMMON, "num_hidden_layers": 2})).eval()
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**extra)).eval()
     pool = KVPool(spec_for_model(model, num_blocks=32, block_size=8))
     with pytest.raises(ValueError, match=f"{model_cls}.*more than once a layer"):
         generate(model, pool, [prompt(11, 1)], 3, eos_token_id=None)

@@ -48,9 +48,10 @@ class PagedBatch:
     dtype: torch.dtype  # the pool's dtype
     device: torch.device  # where the pool's tensors live (cpu, or its GPU)
     windows: Sequence[int | None] | None = None  # per layer (`layer_windows`); None: as transformers passes them
-    #: layer calls run through this batch (`write_attend`): `paged_forward` checks that a
-    #: pass ran every layer through kvpager
+    #: layer calls run through this batch (`write_attend`), and a bit per layer called in
+    #: the current pass: `paged_forward` checks that a pass ran each layer through kvpager once
     layers_run: int = field(default=0, init=False, repr=False)
+    layers_seen: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.on_cpu = self.device.type == "cpu"
@@ -121,6 +122,7 @@ def write_attend(batch: PagedBatch, layer: int, query: torch.Tensor, key: torch.
     crossed into the pool's dtype and device and the output back into the
     query's; what the attention function and the ``kvpager::write_attend`` op run."""
     batch.layers_run += 1
+    batch.layers_seen |= 1 << layer
     # [1, H, T, D] views of the projections' token-major memory: the plan launches on their pointers
     out = batch.plan.write_attend(layer, _to_pool(query, batch), _to_pool(key, batch), _to_pool(value, batch),
                                   scale, window=window, softcap=softcap)
@@ -145,7 +147,7 @@ def run_pass(model: Any, batch: PagedBatch, fn: Any, *args: Any) -> torch.Tensor
     not go through transformers' attention interface and that fails inside its
     own code gets that said, with its error as the cause."""
     with running(batch):
-        start = batch.layers_run
+        start, batch.layers_seen = batch.layers_run, 0
         try:
             out = fn(model, batch, *args)
         except Exception as e:
@@ -168,13 +170,17 @@ def check_layers_ran(model: Any, batch: PagedBatch, start: int) -> None:
     compute it themselves) would otherwise run its own attention over the new
     tokens alone, with nothing cached, and one that attends twice a layer
     (DiffLlama, Dory's recurrent loops) would overwrite a layer's K/V with its
-    second call's: both generate wrong tokens without a word."""
+    second call's (HRM-text counts its cycles as layers: as many calls as
+    layers, over two of them): all generate wrong tokens without a word."""
     ran, layers = batch.layers_run - start, model.config.num_hidden_layers
-    if ran > layers:  # a layer attended twice: its second K/V would overwrite the first's
+    if ran == layers and batch.layers_seen == (1 << layers) - 1:
+        return
+    distinct = bin(batch.layers_seen).count("1")
+    if ran > distinct:  # a layer attended twice: its second K/V would overwrite the first's
         raise ValueError(
-            f"{type(model).__name__}: {ran} attention calls in one pass over its {layers} layers; it attends "
-            "more than once a layer (recurrent loops over its layers, differential attention), and kvpager "
-            "holds one K/V per layer and token: run this model with its own cache")
+            f"{type(model).__name__}: {ran} attention calls in one pass over {distinct} of its {layers} layers; "
+            "it attends more than once a layer (recurrent loops over its layers, differential attention), and "
+            "kvpager holds one K/V per layer and token: run this model with its own cache")
     if ran != layers:
         raise ValueError(
             f"{type(model).__name__}: {ran} of its {layers} layers attended through kvpager in this pass; "
