@@ -145,13 +145,16 @@ def run_pass(model: Any, batch: PagedBatch, fn: Any, *args: Any) -> torch.Tensor
     """``fn(model, batch, *args)`` (`forward_pass`, or it compiled) with ``batch``
     current, then `check_layers_ran`. A model whose class says its attention does
     not go through transformers' attention interface and that fails inside its
-    own code gets that said, with its error as the cause."""
+    own code before any layer reached kvpager gets that said, with its error as
+    the cause."""
     with running(batch):
         start, batch.layers_seen = batch.layers_run, 0
         try:
             out = fn(model, batch, *args)
         except Exception as e:
-            if isinstance(e, KVPagerError) or getattr(type(model), "_supports_attention_backend", True):
+            # only where no layer reached kvpager (Bloom, XGLM fail in their own code before)
+            if (isinstance(e, (KVPagerError, MemoryError, torch.cuda.OutOfMemoryError)) or batch.layers_run != start
+                    or getattr(type(model), "_supports_attention_backend", True)):
                 raise
             raise ValueError(f"{type(model).__name__} failed under kvpager attention ({type(e).__name__}: {e}); "
                              + _NOT_SERVED) from e
