@@ -1,0 +1,134 @@
+"""Every causal-LM model type of the installed transformers through kvpager.hf, against transformers.
+
+    python3 tools/hf_families.py                    # every registered type (a table)
+    python3 tools/hf_families.py llama falcon ...   # only these
+    python3 tools/hf_families.py --json
+
+Each model type transformers registers for causal LM (`AutoModelForCausalLM`)
+is built as a tiny random float32 model from its config (64 hidden, 2
+layers, 4 heads, a 128-token vocabulary; once with 2 K/V heads, once
+without setting them), and `kvpager.hf.generate` (a CPU pool) is compared
+with transformers' greedy ``generate`` on the same prompts (21 and 9
+tokens, 8 new ones each). Each type runs in a process of its own, under a
+time limit. Outcomes:
+
+- ``match``: transformers' tokens;
+- ``MISMATCH``: other tokens and no error (a defect: kvpager must refuse what
+  it cannot reproduce);
+- ``refused``: kvpager refused it, with the error shown;
+- ``not built`` / ``no reference``: transformers itself could not build or
+  run the model at these sizes (the type needs its own config);
+- ``killed``: the process died (memory) or ran past the limit.
+
+The exit status is 1 if any type mismatched. Not a test: a sweep for when
+transformers changes (new families, changed attention code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+VOCAB = 128
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, initializer_range=0.1,
+              bos_token_id=1, eos_token_id=None, pad_token_id=0)
+VARIANTS = ("gqa", "mha")  # with 2 K/V heads, and without setting num_key_value_heads
+
+
+def one(model_type: str, variant: str) -> dict:
+    """Build, generate both ways, compare (in this process)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from kvpager import KVPool
+    from kvpager.hf import generate, spec_for_model
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    row = {"type": model_type, "variant": variant}
+    common = dict(COMMON)
+    if variant == "mha":
+        common.pop("num_key_value_heads")
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **common)).eval()
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = 0
+    except Exception as e:  # noqa: BLE001 - transformers' own failure at these sizes
+        return {**row, "outcome": "not built", "detail": f"{type(e).__name__}: {e}"}
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (21, 9)]
+    try:
+        with torch.no_grad():
+            ref = [model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, num_beams=1)[0, len(p):]
+                   .tolist() for p in prompts]
+    except Exception as e:  # noqa: BLE001
+        return {**row, "outcome": "no reference", "detail": f"{type(e).__name__}: {e}"}
+    try:
+        pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+        out = generate(model, pool, prompts, 8, eos_token_id=None)
+    except Exception as e:  # noqa: BLE001 - a refusal: what it says is the detail
+        return {**row, "outcome": "refused", "detail": f"{type(e).__name__}: {e}"}
+    return {**row, "outcome": "match" if out == ref else "MISMATCH",
+            "detail": "" if out == ref else f"kvpager {out} transformers {ref}"}
+
+
+def run(model_type: str, variant: str, timeout: float) -> dict:
+    """`one` in a fresh process (a family that takes the memory or hangs takes only its own)."""
+    try:
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", model_type, variant],
+                           capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"type": model_type, "variant": variant, "outcome": "killed", "detail": f"over {timeout:g} s"}
+    for line in reversed(r.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"type": model_type, "variant": variant, "outcome": "killed",
+            "detail": f"exit {r.returncode}: {r.stderr.strip().splitlines()[-1:] or ''}"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("types", nargs="*", help="model types (default: every causal-LM type registered)")
+    ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per type and variant")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--one", nargs=2, metavar=("TYPE", "VARIANT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(*args.one)))
+        return
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    types = args.types or list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    jobs = [(t, v) for t in types for v in VARIANTS]
+    with ThreadPoolExecutor(args.jobs) as ex:
+        rows = list(ex.map(lambda tv: run(*tv, args.timeout), jobs))
+    if args.json:
+        print(json.dumps({"transformers": transformers.__version__, "rows": rows}, indent=1))
+    else:
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+        print(f"transformers {transformers.__version__}; {len(types)} model types x {len(VARIANTS)} variants: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        print("| type | variant | outcome | detail |")
+        print("|---|---|---|---|")
+        for r in rows:
+            detail = r["detail"].replace("|", "/").replace("\n", " ")[:140]
+            print(f"| {r['type']} | {r['variant']} | {r['outcome']} | {detail} |")
+    sys.exit(1 if any(r["outcome"] == "MISMATCH" for r in rows) else 0)
+
+
+if __name__ == "__main__":
+    main()
