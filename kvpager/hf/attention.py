@@ -121,11 +121,11 @@ def write_attend(batch: PagedBatch, layer: int, query: torch.Tensor, key: torch.
     """One layer through ``batch``'s plan (`StepPlan.write_attend`), the tensors
     crossed into the pool's dtype and device and the output back into the
     query's; what the attention function and the ``kvpager::write_attend`` op run."""
-    batch.layers_run += 1
-    batch.layers_seen |= 1 << layer
     # [1, H, T, D] views of the projections' token-major memory: the plan launches on their pointers
     out = batch.plan.write_attend(layer, _to_pool(query, batch), _to_pool(key, batch), _to_pool(value, batch),
                                   scale, window=window, softcap=softcap)
+    batch.layers_run += 1  # (the plan has checked the layer)
+    batch.layers_seen |= 1 << layer
     if out.dtype is not query.dtype or out.is_cuda != query.is_cuda:
         out = out.to(device=query.device, dtype=query.dtype)
     return out
@@ -184,10 +184,9 @@ def check_layers_ran(model: Any, batch: PagedBatch, start: int) -> None:
             f"{type(model).__name__}: {ran} attention calls in one pass over {distinct} of its {layers} layers; "
             "it attends more than once a layer (recurrent loops over its layers, differential attention), and "
             "kvpager holds one K/V per layer and token: run this model with its own cache")
-    if ran != layers:
-        raise ValueError(
-            f"{type(model).__name__}: {ran} of its {layers} layers attended through kvpager in this pass; "
-            + _NOT_SERVED)
+    raise ValueError(
+        f"{type(model).__name__}: {distinct} of its {layers} layers attended through kvpager in this pass; "
+        + _NOT_SERVED)
 
 
 def forward_pass(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,
