@@ -48,8 +48,8 @@ class PagedBatch:
     dtype: torch.dtype  # the pool's dtype
     device: torch.device  # where the pool's tensors live (cpu, or its GPU)
     windows: Sequence[int | None] | None = None  # per layer (`layer_windows`); None: as transformers passes them
-    #: layer calls run through this batch (`write_attend`), and a bit per layer called in
-    #: the current pass: `paged_forward` checks that a pass ran each layer through kvpager once
+    #: the current pass's layer calls (`write_attend`) and a bit per layer called: `run_pass`
+    #: zeroes them before a pass and checks after it that each layer ran through kvpager once
     layers_run: int = field(default=0, init=False, repr=False)
     layers_seen: int = field(default=0, init=False, repr=False)
 
@@ -148,17 +148,17 @@ def run_pass(model: Any, batch: PagedBatch, fn: Any, *args: Any) -> torch.Tensor
     own code before any layer reached kvpager gets that said, with its error as
     the cause."""
     with running(batch):
-        start, batch.layers_seen = batch.layers_run, 0
+        batch.layers_run = batch.layers_seen = 0
         try:
             out = fn(model, batch, *args)
         except Exception as e:
             # only where no layer reached kvpager (Bloom, XGLM fail in their own code before)
-            if (isinstance(e, (KVPagerError, MemoryError, torch.cuda.OutOfMemoryError)) or batch.layers_run != start
+            if (isinstance(e, (KVPagerError, MemoryError, torch.cuda.OutOfMemoryError)) or batch.layers_run
                     or getattr(type(model), "_supports_attention_backend", True)):
                 raise
             raise ValueError(f"{type(model).__name__} failed under kvpager attention ({type(e).__name__}: {e}); "
                              + _NOT_SERVED) from e
-    check_layers_ran(model, batch, start)
+    check_layers_ran(model, batch)
     return out
 
 
@@ -166,16 +166,16 @@ _NOT_SERVED = ("its attention does not run through transformers' attention inter
                "so kvpager cannot serve it: run this model with its own cache")
 
 
-def check_layers_ran(model: Any, batch: PagedBatch, start: int) -> None:
-    """ValueError unless the pass that left ``batch.layers_run`` at ``start`` ran
-    every layer of ``model`` through kvpager, once: a family whose attention does
-    not go through transformers' attention interface (Falcon, MPT: their modules
-    compute it themselves) would otherwise run its own attention over the new
-    tokens alone, with nothing cached, and one that attends twice a layer
+def check_layers_ran(model: Any, batch: PagedBatch) -> None:
+    """ValueError unless ``batch``'s pass ran every layer of ``model`` through
+    kvpager, once: a family whose attention does not go through transformers'
+    attention interface (Falcon, MPT: their modules compute it themselves) would
+    otherwise run its own attention over the new tokens alone, with nothing
+    cached, and one that attends twice a layer
     (DiffLlama, Dory's recurrent loops) would overwrite a layer's K/V with its
     second call's (HRM-text counts its cycles as layers: as many calls as
     layers, over two of them): all generate wrong tokens without a word."""
-    ran, layers = batch.layers_run - start, model.config.num_hidden_layers
+    ran, layers = batch.layers_run, model.config.num_hidden_layers
     if ran == layers and batch.layers_seen == (1 << layers) - 1:
         return
     distinct = bin(batch.layers_seen).count("1")

@@ -64,7 +64,7 @@ def write_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, 
     always used (the layer's attention), so a compiler never drops or repeats it."""
     from kvpager.hf import attention
 
-    batch = getattr(_current, "batch", None)
+    batch = current()
     if batch is None:
         raise RuntimeError("kvpager::write_attend ran outside kvpager.hf.compiled.running(batch): run the "
                            "model through kvpager.hf.paged_forward (or compiled_forward), which make the step's "
