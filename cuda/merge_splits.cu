@@ -11,6 +11,10 @@
 // bit level of level_mask[row / num_q_heads] is set (the row's item is a
 // member of a segment of that level): the decode kernel never marks the
 // others, so the two may run at the same time.
+// sinks (optional, float32 [num_q_heads], natural-log units of the scaled scores;
+// null: none): an attention sink per query head (GPT-OSS's ``sinks``): a logit that
+// joins every row's softmax denominator and adds no value, so the output is
+// sum_s w_s part_o[s] / (sum_s w_s + e^sink). Row r's head is r % num_q_heads.
 // merge_splits: grid x = row (item * num_q_heads + head); 256 threads: the
 // weights are computed in parallel, then each thread sums float4 columns of
 // its share of the splits (MERGE_THREADS / (HEAD_DIM / 4) split lanes,
@@ -32,6 +36,7 @@
 #endif
 
 #define MERGE_THREADS 256
+constexpr float LOG2E_F = 1.4426950408889634f;  // a sink's natural-log units to the partials' log2 units
 constexpr int D = HEAD_DIM;
 constexpr int MV = D / 4;                  // float4 columns per row
 constexpr int MSL = MERGE_THREADS / MV;    // split lanes
@@ -58,7 +63,8 @@ extern "C" __global__ void __launch_bounds__(MERGE_THREADS) merge_splits(
     kv_t* __restrict__ out,              // [num_rows, HEAD_DIM]
     int num_splits,
     const int* __restrict__ level_mask,  // [num_rows / num_q_heads] or null
-    int own_parts, int chunks, int num_q_heads)
+    int own_parts, int chunks, int num_q_heads,
+    const float* __restrict__ sinks)         // [num_q_heads] or null
 {
     const long long row = blockIdx.x;
     const int tid = threadIdx.x;
@@ -73,6 +79,8 @@ extern "C" __global__ void __launch_bounds__(MERGE_THREADS) merge_splits(
         mx = fmaxf(mx, w[s]);
     }
     mx = block_reduce(mx, true, red);
+    const float sink = sinks ? sinks[row % num_q_heads] * LOG2E_F : NEG_INF;
+    mx = fmaxf(mx, sink);
     float t = 0.f;
     for (int s = tid; s < num_splits; s += MERGE_THREADS) {
         const float x = w[s] == NEG_INF ? 0.f : exp2f(w[s] - mx);
@@ -80,6 +88,7 @@ extern "C" __global__ void __launch_bounds__(MERGE_THREADS) merge_splits(
         t += x;
     }
     t = block_reduce(t, false, red);  // its barriers also publish w
+    if (sinks) t += exp2f(sink - mx);
     const float inv_total = t > 0.f ? 1.f / t : 0.f;
     const int v = tid % MV, sl = tid / MV;
     if (sl < MSL) {
@@ -113,7 +122,8 @@ extern "C" __global__ void __launch_bounds__(256) merge_splits_warp(
     kv_t* __restrict__ out,              // [num_rows, HEAD_DIM]
     int num_splits,
     const int* __restrict__ level_mask,  // [num_rows / num_q_heads] or null
-    int own_parts, int chunks, int num_q_heads, int num_rows)
+    int own_parts, int chunks, int num_q_heads, int num_rows,
+    const float* __restrict__ sinks)         // [num_q_heads] or null
 {
     const long long row = (long long)blockIdx.x * 8 + (threadIdx.x >> 5);
     if (row >= num_rows) return;
@@ -125,10 +135,12 @@ extern "C" __global__ void __launch_bounds__(256) merge_splits_warp(
         if (s < own_parts || (levels >> ((s - own_parts) / chunks)) & 1) mx = fmaxf(mx, lse[s]);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    const float sink = sinks ? sinks[row % num_q_heads] * LOG2E_F : NEG_INF;
+    mx = fmaxf(mx, sink);
     float acc[WC];
 #pragma unroll
     for (int c = 0; c < WC; ++c) acc[c] = 0.f;
-    float t = 0.f;
+    float t = sinks ? exp2f(sink - mx) : 0.f;
     const float* po = part_o + row * num_splits * D + lane * WC;
 #pragma unroll 4
     for (int s = 0; s < num_splits; ++s) {

@@ -101,6 +101,23 @@ def check_window(window: Any) -> int | None:
     return int(window)
 
 
+def check_sinks(sinks: Any, num_q_heads: int) -> np.ndarray | None:
+    """Attention sinks as float32 [num_q_heads] on the host: None, or floats of
+    that shape (a NumPy array or a CPU torch tensor)."""
+    if sinks is None:
+        return None
+    shape = tuple(getattr(sinks, "shape", ()))
+    kind = str(getattr(sinks, "dtype", type(sinks).__name__)).removeprefix("torch.")
+    if shape != (num_q_heads,) or not kind.startswith(("float", "bfloat")):
+        raise InvalidArgument(f"sinks must be floats of shape ({num_q_heads},), one per query head; got "
+                              f"shape {shape}, dtype {kind}")
+    if type(sinks).__module__.startswith("torch"):
+        if sinks.device.type != "cpu":
+            raise InvalidArgument(f"sinks are on {sinks.device}; this pool is on the CPU")
+        return sinks.detach().float().numpy()
+    return np.asarray(sinks, dtype=np.float32)
+
+
 def check_softcap(softcap: Any) -> float | None:
     """An attention-logit soft cap: None or a positive finite number."""
     if softcap is None:
@@ -140,18 +157,22 @@ class StepPlan(ABC):
 
     @abstractmethod
     def attend(self, layer: int, q: Any, scale: float | None = None, out: Any = None, *,
-               window: int | None = None, softcap: float | None = None) -> Any:
+               window: int | None = None, softcap: float | None = None, sinks: Any = None) -> Any:
         """Paged attention of q ([num_tokens, num_q_heads, head_dim], pool dtype)
         over ``layer``; each sequence's query tokens are its last ``query_lens``
         tokens and attend causally. ``scale`` defaults to 1/sqrt(head_dim).
         ``window``: sliding-window attention, the query at position i sees keys
         j with i - window < j <= i (transformers' ``sliding_window``);
         ``softcap``: scaled scores s become softcap * tanh(s / softcap) before
-        the softmax (transformers' ``softcap``, Gemma-2's attn_logit_softcapping).
-        Both are per call, so layers of one plan may differ."""
+        the softmax (transformers' ``softcap``, Gemma-2's attn_logit_softcapping);
+        ``sinks``: an attention sink per query head (float [num_q_heads], in the
+        units of the scaled scores; GPT-OSS's ``sinks``, transformers' ``s_aux``):
+        a logit that joins each query's softmax denominator and attends to no
+        value, so the output is scaled by sum(e^s) / (sum(e^s) + e^sink). All are
+        per call, so layers of one plan may differ."""
 
     def write_attend(self, layer: int, q: Any, k: Any, v: Any, scale: float | None = None, *,
-                     window: int | None = None, softcap: float | None = None) -> Any:
+                     window: int | None = None, softcap: float | None = None, sinks: Any = None) -> Any:
         """One layer of a model that keeps heads first (transformers' layout): ``k`` /
         ``v`` [1, num_kv_heads, num_tokens, head_dim] and ``q`` [1, num_q_heads,
         num_tokens, head_dim]; `write` k and v, then `attend` q. Returns [1,
@@ -173,7 +194,7 @@ class StepPlan(ABC):
         else:
             check_window(window)
         self.write(layer, k[0].swapaxes(0, 1), v[0].swapaxes(0, 1))
-        return self.attend(layer, qt, scale, window=window, softcap=softcap)[None]
+        return self.attend(layer, qt, scale, window=window, softcap=softcap, sinks=sinks)[None]
 
     def update(self, tables: Any, seq_lens: Any, query_lens: Any = None, slots: Any = None) -> None:
         """Refill the plan in place with another step of the same shape (see the backend's plan)."""

@@ -10,7 +10,14 @@ import numpy as np
 
 from kvpager import validate
 from kvpager.errors import InvalidArgument
-from kvpager.plan import StepPlan, check_q_shape, check_scale, check_softcap, check_window
+from kvpager.plan import (
+    StepPlan,
+    check_q_shape,
+    check_scale,
+    check_sinks,
+    check_softcap,
+    check_window,
+)
 
 
 def to_numpy(x: Any, name: str, dtype: np.dtype) -> tuple[np.ndarray, bool]:
@@ -66,18 +73,19 @@ class NumpyPlan(StepPlan):
         self.backend.write(layer, self.slots, k, v)
 
     def attend(self, layer: int, q: Any, scale: float | None = None, out: Any = None, *,
-               window: int | None = None, softcap: float | None = None) -> Any:
+               window: int | None = None, softcap: float | None = None, sinks: Any = None) -> Any:
         from kvpager.backends.numpy_backend import paged_attention
 
         spec = self.spec
         layer = validate.layer(layer, spec)
         qn, from_torch = to_numpy(q, "q", spec.np_dtype)
-        check_q_shape(qn.shape, self.num_tokens, spec)
+        heads = check_q_shape(qn.shape, self.num_tokens, spec)
+        sinks = check_sinks(sinks, heads)
         if self.floor is not None:
             self.check_floor(window)
         res = paged_attention(self.backend.kv, layer, qn, self.tables, self.seq_lens, self.query_lens,
                               check_scale(scale, spec.head_dim), window=check_window(window),
-                              softcap=check_softcap(softcap), kv_scales=self.backend.scales)
+                              softcap=check_softcap(softcap), kv_scales=self.backend.scales, sinks=sinks)
         if out is not None:
             to_numpy(out, "out", spec.np_dtype)[0][...] = res
             return out

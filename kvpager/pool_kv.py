@@ -46,14 +46,16 @@ class PoolKV:
         *,
         window: int | None = None,
         softcap: float | None = None,
+        sinks: Any = None,
     ) -> Any:
         """Paged attention of ``q`` over the sequences' K/V in ``layer``.
 
         q: [sum(query_lens), num_q_heads, head_dim] in the pool dtype, the
         sequences' query tokens back to back; they are each sequence's last
         ``query_lens[i]`` tokens (default 1: decode) and attend causally.
-        ``scale`` defaults to 1/sqrt(head_dim). ``window`` / ``softcap``: sliding
-        window and logit soft cap, as `kvpager.plan.StepPlan.attend`. Returns q's shape."""
+        ``scale`` defaults to 1/sqrt(head_dim). ``window`` / ``softcap`` / ``sinks``:
+        sliding window, logit soft cap and attention sinks, as
+        `kvpager.plan.StepPlan.attend`. Returns q's shape."""
         if self.ranks > 1:
             raise self.backend._per_rank("attend")
         spec = self.spec
@@ -79,7 +81,7 @@ class PoolKV:
         self.pending = True
         return self.backend.attend(
             int(layer), q, tables, seq_lens, np.asarray(qlens, dtype=np.int32), float(scale),
-            window=check_window(window), softcap=check_softcap(softcap),
+            window=check_window(window), softcap=check_softcap(softcap), sinks=sinks,
         )
 
     def tables(self, seq_ids: int | Seq[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -9,13 +9,15 @@ import numpy as np
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window: int | None = None,
-              softcap: float | None = None) -> np.ndarray:
+              softcap: float | None = None, sinks: np.ndarray | None = None) -> np.ndarray:
     """Causal attention for the last ``len(q)`` positions of one sequence.
 
     q: [ql, Hq, D]; k, v: [n, H, D] dense (position order). Float64 throughout,
     one query head at a time, GQA by integer division of the head index.
     ``window``: position p sees positions p - window + 1 .. p (transformers'
-    sliding window); ``softcap``: scaled scores s become softcap * tanh(s / softcap)."""
+    sliding window); ``softcap``: scaled scores s become softcap * tanh(s / softcap);
+    ``sinks`` [Hq]: one more logit per head in the softmax (no value: the sink's
+    probability is dropped, as GPT-OSS does)."""
     ql, num_q, _ = q.shape
     n, num_kv, _ = k.shape
     group = num_q // num_kv
@@ -29,8 +31,11 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window:
             s = kh @ q[j, h].astype(np.float64) * scale
             if softcap is not None:
                 s = softcap * np.tanh(s / softcap)
+            if sinks is not None:
+                s = np.append(s, float(sinks[h]))
             p = np.exp(s - s.max())
-            out[j, h] = (p / p.sum()) @ vh
+            p /= p.sum()
+            out[j, h] = p[: len(vh)] @ vh
     return out
 
 

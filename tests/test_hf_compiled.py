@@ -53,7 +53,7 @@ def two_passes(model, forward) -> tuple[list[list[int]], bytes]:
     return [first, second], pool.backend.kv.tobytes()
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2-sliding", "stablelm"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2-sliding", "stablelm", "gpt_oss"])
 def test_compiled_pass_gives_the_eager_tokens_and_kv(family):
     model = make_model(family)
     eager = two_passes(model, paged_forward)

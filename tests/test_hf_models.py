@@ -60,6 +60,10 @@ FAMILIES = {
     "nemotron": ("NemotronConfig", "NemotronForCausalLM", {}, [None] * 4),
     "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", dict(sliding_window=WINDOW, layer_types=ALTERNATING),
                 [WINDOW, None, WINDOW, None]),
+    # learned attention sinks (s_aux: a logit per query head in the softmax denominator)
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(head_dim=16, sliding_window=WINDOW, layer_types=ALTERNATING, num_local_experts=4,
+                     num_experts_per_tok=2), [WINDOW, None, WINDOW, None]),
 }
 
 
@@ -217,15 +221,28 @@ def test_layers_of_other_geometry_or_borrowed_kv_are_refused():
         generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
 
 
-def test_attention_sinks_are_refused():
-    """GPT-OSS passes its learned sinks as ``s_aux``."""
-    torch.manual_seed(0)
-    config = transformers.GptOssConfig(**{**COMMON, "num_hidden_layers": 2}, head_dim=16, num_local_experts=4,
-                                       num_experts_per_tok=2, sliding_window=WINDOW,
-                                       layer_types=[SLIDING, FULL])
-    model = transformers.GptOssForCausalLM(config).eval()
-    with pytest.raises(ValueError, match="s_aux"):
-        generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2, eos_token_id=None)
+def test_attention_sinks_change_the_tokens():
+    """GPT-OSS's sinks (``s_aux``) are applied, not ignored: with the sinks made
+    large (they take most of each softmax), transformers' tokens change, and
+    kvpager's follow them (the families test checks the model as initialised)."""
+    model = make_model("gpt_oss")
+    prompts = [prompt(11, 1), prompt(5, 2)]
+    plain = _hf_tokens(model, prompts, 6)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.copy_(torch.linspace(-1.0, 4.0, layer.self_attn.sinks.numel()))
+    sunk = _hf_tokens(model, prompts, 6)
+    assert sunk != plain, "the sinks should change transformers' tokens"
+    assert generate(model, KVPool(spec_for_model(model, num_blocks=64)), prompts, 6, eos_token_id=None) == sunk
+
+
+def _hf_tokens(model, prompts, n):
+    out = []
+    for p in prompts:
+        ids = model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+        out.append(ids[0, len(p):].tolist())
+    return out
 
 
 # Families whose attention modules compute attention themselves, not through transformers'
@@ -295,7 +312,7 @@ def _call(q_len=3, k_len=3, d=16, dv=16, **kwargs):
     return kvpager_attention(_Layer(), q, k, v, None, kvpager=batch, **kwargs)
 
 
-@pytest.mark.parametrize("name,value", [("s_aux", torch.zeros(4)), ("sinks", torch.zeros(4)),
+@pytest.mark.parametrize("name,value", [("sinks", torch.zeros(4)),
                                         ("head_mask", torch.ones(4)), ("position_bias", torch.zeros(1)),
                                         ("output_attentions", True), ("is_causal", False),
                                         ("cu_seq_lens_q", torch.zeros(2))])

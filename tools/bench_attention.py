@@ -15,6 +15,10 @@ Each decode case also runs on an FP8 copy of the pool (--fp8, default e4m3: the 
 quantised with one scale, 1 byte per value), checked against SDPA over the dequantised
 K/V, and timed against the bf16 pool in the same run: the "vs bf16" column is the
 bf16 time over the FP8 time.
+--sinks: each decode case (and the multi-token one) also with attention sinks (one
+logit per query head in the softmax denominator, as GPT-OSS): checked against
+the same attention in float32 torch with the sink appended, timed beside the
+call without sinks on the same plan ("with sinks" rows).
 """
 
 from __future__ import annotations
@@ -124,8 +128,35 @@ def card() -> tuple[str, float | None]:
     return name, peak
 
 
+def sinks_reference(q4: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    sinks: torch.Tensor) -> torch.Tensor:
+    """Decode attention [B, HQ, D] in float32 with each head's sink as one more logit
+    (dropped after the softmax), GQA by repeating the kv heads."""
+    rep = HQ // HKV
+    kf = k.float().repeat_interleave(rep, dim=1)
+    vf = v.float().repeat_interleave(rep, dim=1)
+    s = torch.einsum("bhqd,bhkd->bhqk", q4.float(), kf) * scale
+    s = torch.cat([s, sinks.view(1, HQ, 1, 1).expand(s.shape[0], HQ, s.shape[2], 1)], dim=-1)
+    p = torch.softmax(s, dim=-1)[..., :-1]
+    return torch.einsum("bhqk,bhkd->bhqd", p, vf).squeeze(2)
+
+
+def bench_sinks(batch: int, ctx: int, be, plan, q_cp, q4, kv, scale: float, out, plain_ms: float) -> dict:
+    """The same decode plan with sinks: checked, timed (the call with sinks through the merge)."""
+    sinks = torch.linspace(-2.0, 6.0, HQ, device="cuda")
+    ref = sinks_reference(q4, kv[0], kv[1], scale, sinks)
+    out[...] = cupy.nan if out.dtype != cupy.uint16 else 0x7FC0
+    plan.attend(0, q_cp, scale, out, sinks=sinks)
+    err = rel_err(tview(out), ref)
+    assert err < 1e-2, f"decode {batch}x{ctx} with sinks: relative error {err}"
+    ms = median_ms(lambda: plan.attend(0, q_cp, scale, out, sinks=sinks))
+    return dict(case=f"decode {batch}x{ctx}", sinks_ms=ms, plain_ms=plain_ms, rel_err=err,
+                sinks_cost=ms / plain_ms)
+
+
 def bench_decode(batch: int, ctx: int, peak: float | None,
-                 variants: list[tuple[str, KernelConfig, int | None]] | None = None) -> list[dict]:
+                 variants: list[tuple[str, KernelConfig, int | None]] | None = None,
+                 sinks: bool = False) -> list[dict]:
     """Decode of `batch` x `ctx` for each variant (label, kernel config, num_splits), one SDPA baseline."""
     spec, be, tables, q_cp, kv = setup(batch, ctx, 1)
     scale = D**-0.5
@@ -153,6 +184,8 @@ def bench_decode(batch: int, ctx: int, peak: float | None,
         rows.append(dict(case=case, splits=plan.splits, rel_err=err, ms=ours, tbs=nbytes / ours / 1e9,
                          pct_peak=(nbytes / ours / 1e9 / peak * 100) if peak else None,
                          sdpa_ms=base, sdpa_tbs=nbytes / base / 1e9, ratio=base / ours))
+        if sinks and not label:
+            rows.append(bench_sinks(batch, ctx, be, plan, q_cp, q4, kv, scale, out, ours))
     be.close()
     return rows
 
@@ -303,6 +336,7 @@ def main() -> None:
     ap.add_argument("--no-prefill", action="store_true", help="skip the multi-token case")
     ap.add_argument("--fp8", choices=["e4m3", "e5m2", "off"], default="e4m3",
                     help="FP8 storage of each decode case against bf16, in the same run (default e4m3)")
+    ap.add_argument("--sinks", action="store_true", help="each decode case also with attention sinks")
     ap.add_argument("--layouts", action="store_true",
                     help="decode CTA layouts (kv heads per CTA, warps per head) against the "
                          "planner's choice, instead of --sweep's variants")
@@ -323,7 +357,7 @@ def main() -> None:
                 variants = sweep_variants(batch, ctx)
             else:
                 variants = [("", KernelConfig(), None)]
-            rows += bench_decode(batch, ctx, peak, variants)
+            rows += bench_decode(batch, ctx, peak, variants, args.sinks)
             if args.fp8 != "off":
                 rows.append(bench_fp8(batch, ctx, args.fp8, peak))
             torch.cuda.empty_cache()
@@ -355,6 +389,15 @@ def main() -> None:
                 print(f"| {r['case']} | {r['splits']} | {r['ms']:.3f} | {r['tbs']:.2f} | {pct} | "
                       f"{r['bf16_ms']:.3f} | {r['speedup']:.2f}x | {r['memory_ratio']:.2f} | "
                       f"{r['rel_err']:.1e} | {r['rel_err_vs_bf16']:.1e} |")
+    if any("sinks_ms" in r for r in rows):
+        print()
+        print("With attention sinks (the same plan; the sinks apply in the split merge, which then always runs)")
+        print("| case | without sinks ms | with sinks ms | with / without | rel. err vs float32 torch |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            if "sinks_ms" in r:
+                print(f"| {r['case']} | {r['plain_ms']:.4f} | {r['sinks_ms']:.4f} | {r['sinks_cost']:.3f}x | "
+                      f"{r['rel_err']:.1e} |")
     print()
     print("| case | kvpager ms | TFLOP/s | SDPA ms | SDPA TFLOP/s | SDPA time / kvpager time |")
     print("|---|---|---|---|---|---|")

@@ -69,6 +69,7 @@ class Backend(ABC):
         *,
         window: int | None = None,
         softcap: float | None = None,
+        sinks: Any = None,
     ) -> Any:
         """Paged attention of one layer.
 
@@ -82,7 +83,9 @@ class Backend(ABC):
         ``window`` (sliding-window attention, transformers' semantics): the
         query at position i sees only keys j with i - window < j <= i.
         ``softcap``: scaled scores s become softcap * tanh(s / softcap)
-        before the softmax (Gemma-2).
+        before the softmax (Gemma-2). ``sinks``: float [num_q_heads], an
+        attention sink per query head, joining each softmax denominator as
+        e^sink (GPT-OSS).
         Returns [sum(query_lens), num_q_heads, head_dim] in the pool dtype."""
 
     @abstractmethod

@@ -225,7 +225,7 @@ class CupyBackend(Backend):
     def attend(self, layer: int, q: Any, block_tables: np.ndarray, seq_lens: np.ndarray,
                query_lens: np.ndarray, scale: float, out: Any = None,
                num_splits: int | None = None, *, window: int | None = None,
-               softcap: float | None = None, config: KernelConfig | None = None) -> Any:
+               softcap: float | None = None, config: KernelConfig | None = None, sinks: Any = None) -> Any:
         """See `Backend.attend`: a one-layer plan. ``out`` (optional) receives the
         result; ``num_splits`` overrides the decode split-K planner and ``config``
         the backend's kernel config (tests, benchmarks)."""
@@ -237,7 +237,7 @@ class CupyBackend(Backend):
         step = check_step(self.spec, block_tables, seq_lens, query_lens)
         with cupy.cuda.Device(self.index):  # this pool's GPU, whichever is current (a rank of several)
             plan = self.plan(*step, num_splits=num_splits, config=config)
-            return plan.attend(int(layer), q, scale, out, window=window, softcap=softcap)
+            return plan.attend(int(layer), q, scale, out, window=window, softcap=softcap, sinks=sinks)
 
     def synchronize(self) -> None:
         with cupy.cuda.Device(self.index):

@@ -196,18 +196,19 @@ def decode_launch(plan: Any, shape: DecodeShape, fn: Any, splits: int, group: in
     return Launch(fn, (shape.ctas, splits), shape.threads, shape.smem, args, plan.device)
 
 
-def merge_launch(plan: Any, rows: int, part_o: Any, part_lse: Any, out: Any, parts: int,
-                 level_mask: int = 0, own_parts: int | None = None, chunks: int = 1, num_q_heads: int = 1
-                 ) -> Launch:
-    """merge_splits over ``parts`` partial slots of each of ``rows`` rows into ``out``;
-    with a ``level_mask`` (a decode cascade's, per item), slot ``own_parts + level *
-    chunks + c`` counts only for the members of a segment of that level. Many rows
-    of few slots merge a warp per row (merge_splits_warp: `KernelConfig.merge_warp_max_parts`)."""
+def merge_launch(plan: Any, rows: int, part_o: Any, part_lse: Any, out: Any, parts: int, num_q_heads: int,
+                 sinks: Any, level_mask: int = 0, own_parts: int | None = None, chunks: int = 1) -> Launch:
+    """merge_splits over ``parts`` partial slots of each of ``rows`` rows (item *
+    ``num_q_heads`` + head) into ``out``; ``sinks``: the cell of the attention sinks'
+    pointer (float32 per query head, 0: none), set per call. With a ``level_mask`` (a
+    decode cascade's, per item), slot ``own_parts + level * chunks + c`` counts only for
+    the members of a segment of that level. Many rows of few slots merge a warp per row
+    (merge_splits_warp: `KernelConfig.merge_warp_max_parts`)."""
     config = plan.config
     args = [part_o, part_lse, out, i32(parts), ptr(level_mask), i32(parts if own_parts is None else own_parts),
             i32(chunks), i32(num_q_heads)]
     if parts <= config.merge_warp_max_parts and rows >= config.merge_warp_min_rows and plan.spec.head_dim % 32 == 0:
         fn = kernels.get_kernel("merge_splits.cu", "merge_splits_warp", merge_defines(plan.spec), plan.device)
-        return Launch(fn, (-(-rows // 8),), 256, 0, [*args, i32(rows)], plan.device)
+        return Launch(fn, (-(-rows // 8),), 256, 0, [*args, i32(rows), sinks], plan.device)
     fn = kernels.get_kernel("merge_splits.cu", "merge_splits", merge_defines(plan.spec), plan.device)
-    return Launch(fn, (rows,), 256, 0, args, plan.device)
+    return Launch(fn, (rows,), 256, 0, [*args, sinks], plan.device)

@@ -22,8 +22,8 @@ from kvpager.errors import InvalidArgument
 from kvpager.launch import Launch, current_stream, f32, i32, ptr, torch_stream
 
 
-def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
-                       ) -> tuple[list[Launch], int, list[Any], bool]:
+def attention_launches(plan: Any, num_q_heads: int, shared: Any = None, merged: bool = False
+                       ) -> tuple[list[Launch], int, list[Any], bool, Any]:
     """(launches, split count, buffers to keep alive, whether the kernel's scores
     are raw q . k products) of ``plan`` for ``num_q_heads``, tuned by
     ``plan.config`` (`kvpager.KernelConfig`). Cells shared by the launches:
@@ -34,7 +34,9 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
     tensor-core step): the decode or multi-token kernel reads each sequence's
     own positions, `CascadeLaunch` the shared ones once per segment, and the
     merge combines them (a cascade takes no sliding window: the plan keeps a
-    plain set of launches for windowed calls)."""
+    plain set of launches for windowed calls). ``merged``: end with the merge even
+    where one partial state a row would do without it (where the attention sinks
+    apply: the merge's last cell, returned last, 0 where there is no merge)."""
     import cupy
 
     keep: list[Any] = []
@@ -45,10 +47,10 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
                  item_seq=ptr(p["item_seq"]), item_len=ptr(p["item_len"]), out=ptr(),
                  common=[i32(0), i32(spec.num_layers), i32(spec.num_kv_heads)],  # layer set per call
                  scales=ptr(plan.backend.scales.data.ptr if spec.is_fp8 else 0),  # FP8: [layers, 2, kv heads]
-                 window=i32(), softcap=f32(), scale=f32())
+                 window=i32(), softcap=f32(), scale=f32(), sinks=ptr())
     with cupy.cuda.Device(dev):
         if not plan.decode:
-            return _multi_token(plan, group, num_q_heads, cells, shared, config)
+            return _multi_token(plan, group, num_q_heads, cells, shared, config, merged)
         max_len = plan.max_len
         if shared is not None:  # the decode kernel reads only each sequence's own positions
             max_len = int((plan.seq_lens - shared.own_start).max())
@@ -58,7 +60,7 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
         if shared is not None and shape.tc:
             cascade = CascadeLaunch(plan, shared, group, splits, kernels.num_sms(dev), plan.cascade_slack)
             keep += [*cascade.keep, cascade]  # the plan keeps it, and so its upload buffer, alive
-        parts = cascade.parts if cascade else (splits if splits > 1 else 0)
+        parts = cascade.parts if cascade else (splits if splits > 1 or merged else 0)
         if parts:
             part_o_buf = cupy.empty(rows * parts * spec.head_dim, dtype=cupy.float32)
             part_lse_buf = cupy.empty(rows * parts, dtype=cupy.float32)
@@ -73,38 +75,47 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None
                                            cells["common"], plan.width, cells["scales"], cells["softcap"],
                                            cells["scale"]))
         if parts and cascade is not None:  # the shared slots count for each level's members only
-            launches.append(merge_launch(plan, rows, part_o, part_lse, cells["out"], parts, cascade.level_mask,
-                                         splits, cascade.chunks, num_q_heads))
+            launches.append(merge_launch(plan, rows, part_o, part_lse, cells["out"], parts, num_q_heads,
+                                         cells["sinks"], cascade.level_mask, splits, cascade.chunks))
         elif parts:
-            launches.append(merge_launch(plan, rows, part_o, part_lse, cells["out"], parts))
-    return launches, splits, keep, shape.tc
+            launches.append(merge_launch(plan, rows, part_o, part_lse, cells["out"], parts, num_q_heads,
+                                         cells["sinks"]))
+    return launches, splits, keep, shape.tc, cells["sinks"] if parts else None
 
 
 
 def _multi_token(plan: Any, group: int, num_q_heads: int, cells: dict[str, Any], shared: Any,
-                 config: Any) -> tuple[list[Launch], int, list[Any], bool]:
+                 config: Any, merged: bool) -> tuple[list[Launch], int, list[Any], bool, Any]:
     """The multi-token launches: the kernel alone, or (over ``shared``) the kernel
     over each sequence's own positions into partial slot 0, the shared part into
-    the others, and the merge."""
+    the others, and the merge; ``merged`` without ``shared``: the kernel into one
+    partial slot and the merge (the attention sinks)."""
     import cupy
 
-    if shared is None:
+    if shared is None and not merged:
         launch, keep = prefill_launch(plan, group, cells, config)
-        return [launch], 1, keep, True
+        return [launch], 1, keep, True, None
     spec = plan.spec
-    cascade = CascadeLaunch(plan, shared, group, 1, kernels.num_sms(plan.device))
     rows = plan.num_tokens * num_q_heads
-    part_o_buf = cupy.empty(rows * cascade.parts * spec.head_dim, dtype=cupy.float32)
-    part_lse_buf = cupy.empty(rows * cascade.parts, dtype=cupy.float32)
+    cascade = None if shared is None else CascadeLaunch(plan, shared, group, 1, kernels.num_sms(plan.device))
+    parts = 1 if cascade is None else cascade.parts
+    part_o_buf = cupy.empty(rows * parts * spec.head_dim, dtype=cupy.float32)
+    part_lse_buf = cupy.empty(rows * parts, dtype=cupy.float32)
     part_o, part_lse = ptr(part_o_buf.data.ptr), ptr(part_lse_buf.data.ptr)
-    launch, keep = prefill_launch(plan, group, cells, config, own=shared.own_start,
-                                  own_start=ptr(cascade.own_start), part_o=part_o, part_lse=part_lse,
-                                  parts=cascade.parts)
-    launches = [launch, cascade.launch(cells["q"], cells["pool"], cells["tables"], part_o, part_lse,
-                                       cells["common"], plan.width, cells["scales"], cells["softcap"],
-                                       cells["scale"]),
-                merge_launch(plan, rows, part_o, part_lse, cells["out"], cascade.parts)]
-    return launches, 1, [*keep, *cascade.keep, cascade, part_o_buf, part_lse_buf], True
+    keep: list[Any] = [part_o_buf, part_lse_buf]
+    if cascade is None:
+        launch, more = prefill_launch(plan, group, cells, config, part_o=part_o, part_lse=part_lse, parts=1)
+        launches = [launch]
+    else:
+        launch, more = prefill_launch(plan, group, cells, config, own=shared.own_start,
+                                      own_start=ptr(cascade.own_start), part_o=part_o, part_lse=part_lse,
+                                      parts=parts)
+        launches = [launch, cascade.launch(cells["q"], cells["pool"], cells["tables"], part_o, part_lse,
+                                           cells["common"], plan.width, cells["scales"], cells["softcap"],
+                                           cells["scale"])]
+        keep += [*cascade.keep, cascade]
+    launches.append(merge_launch(plan, rows, part_o, part_lse, cells["out"], parts, num_q_heads, cells["sinks"]))
+    return launches, 1, [*more, *keep], True, cells["sinks"]
 
 
 def torch_kinds(dtype: str) -> tuple[Any, Any, Any]:

@@ -90,7 +90,10 @@ class CupyPlan(StepPlan):
         self.cascade_slack = 2 if num_rows is not None or width is not None else 1
         self._shared: Any = None  # kvpager.cascade.SharedPrefixes of the step, found at the first attend
         self._cascades: list[CascadeLaunch] = []  # refilled in place by update()
-        self._plain: dict[int, list[Launch]] = {}  # launches without a cascade, for windowed calls
+        # other launch sets, built at their first call: (heads, without the cascade, ending with
+        # the merge) -> (launches, the merge's sinks cell or None); the sinks need the merge
+        self._variants: dict[tuple[int, bool, bool], tuple[list[Launch], Any]] = {}
+        self._sink_cells: dict[int, Any] = {}  # per query-head count: the default launches' sinks cell
         # per query-head count: a decode cascade's launches (own parts, shared part, merge), whose
         # first two run side by side in a captured graph (`kvpager.launch.ForkJoin`)
         self._forked: dict[int, bool] = {}
@@ -103,6 +106,7 @@ class CupyPlan(StepPlan):
         self._last_scale: Any = None
         self._scale_given = self._scale
         self._torch_type, self._torch_dtype, self._stream = torch_kinds(spec.dtype)
+        self._torch_f32 = torch_kinds("float32")[1]
         buffer.fill(self, tables, seq_lens, query_lens, slots)
         if num_q_heads is not None:
             self._prepare(int(num_q_heads))
@@ -134,24 +138,30 @@ class CupyPlan(StepPlan):
         if self._cascade_ok and self._shared is None:
             self._shared = choose_cascade(self, num_q_heads, bool(self._cascade), self.host_bound)
             self._cascade_ok = self._shared is not None
-        launches, self.splits, keep, self._raw[num_q_heads] = attention_launches(self, num_q_heads, self._shared)
+        launches, self.splits, keep, self._raw[num_q_heads], sink_cell = attention_launches(
+            self, num_q_heads, self._shared)
         self._keep += keep
+        self._sink_cells[num_q_heads] = sink_cell
         self._cascades += [x for x in keep if isinstance(x, CascadeLaunch)]
         self._attn[num_q_heads] = launches
-        if self._shared is None:
-            self._plain[num_q_heads] = launches
         self._forked[num_q_heads] = (self.config.decode_cascade_fork and self.decode and self._shared is not None
                                      and len(launches) == 3)
         return launches
 
-    def _windowed(self, num_q_heads: int) -> list[Launch]:
-        """Launches without the cascade (which applies no window), built at the first windowed call."""
-        launches = self._plain.get(num_q_heads)
-        if launches is None:
-            launches, _, keep, _ = attention_launches(self, num_q_heads)
+    def _variant(self, num_q_heads: int, plain: bool, merged: bool) -> tuple[list[Launch], Any]:
+        """(launches, sinks cell) without the cascade (``plain``: it applies no window)
+        and/or ending with the merge (``merged``: where the attention sinks apply),
+        built at the first such call; the default launches where they already do."""
+        key = (num_q_heads, plain and self._shared is not None, merged)
+        if not key[1] and (not merged or self._sink_cells[num_q_heads] is not None):
+            return self._attn[num_q_heads], self._sink_cells[num_q_heads]
+        variant = self._variants.get(key)
+        if variant is None:
+            launches, _, keep, _, cell = attention_launches(self, num_q_heads, None if key[1] else self._shared,
+                                                            merged)
             self._keep += keep
-            self._plain[num_q_heads] = launches
-        return launches
+            variant = self._variants[key] = (launches, cell)
+        return variant
 
     def write(self, layer: int, k: Any, v: Any) -> None:
         spec = self.spec
@@ -189,7 +199,7 @@ class CupyPlan(StepPlan):
         launch(stream)
 
     def write_attend(self, layer: int, q: Any, k: Any, v: Any, scale: float | None = None, *,
-                     window: int | None = None, softcap: float | None = None) -> Any:
+                     window: int | None = None, softcap: float | None = None, sinks: Any = None) -> Any:
         """See `StepPlan.write_attend`. The hot path of a model's layer: torch
         tensors of the pool's dtype on its GPU, token-major, after the plan's
         launches for their query heads are built: two launches from their
@@ -204,14 +214,14 @@ class CupyPlan(StepPlan):
             vp = kp and self._heads_first_ptr(v, hkv)
             qp = vp and self._heads_first_ptr(q, heads)
             if qp:
-                options = self._options(launches, heads, scale, window, softcap)  # a refusal writes nothing
+                options = self._options(launches, heads, scale, window, softcap, sinks)  # a refusal writes nothing
                 out = q.new_empty((1, self._tokens, heads, spec.head_dim))
                 if self._tokens:
                     stream = self._stream(self.device)
                     self._launch_write(layer, kp, vp, stream)
                     self._launch_attend(layer, qp, out.data_ptr(), options, stream)
                 return out
-        return super().write_attend(layer, q, k, v, scale, window=window, softcap=softcap)
+        return super().write_attend(layer, q, k, v, scale, window=window, softcap=softcap, sinks=sinks)
 
     def _heads_first_ptr(self, x: Any, heads: int) -> int:
         """The pointer of a torch CUDA tensor [1, heads, num_tokens, head_dim] of the
@@ -242,7 +252,7 @@ class CupyPlan(StepPlan):
         return p
 
     def attend(self, layer: int, q: Any, scale: float | None = None, out: Any = None, *,
-               window: int | None = None, softcap: float | None = None) -> Any:
+               window: int | None = None, softcap: float | None = None, sinks: Any = None) -> Any:
         """See `StepPlan.attend`."""
         spec = self.spec
         if type(layer) is not int or not 0 <= layer < spec.num_layers:
@@ -267,19 +277,21 @@ class CupyPlan(StepPlan):
             op, out = device_tensor(out, "out", tuple(shape), self.backend, self.device, writable=True)
             launches = self._attn.get(num_q) or self._prepare(num_q)
             stream = current_stream(self.device)
-        options = self._options(launches, shape[1], scale, window, softcap)
+        options = self._options(launches, shape[1], scale, window, softcap, sinks)
         if not shape[0]:
             return out
         self._launch_attend(layer, qp, op, options, stream)
         return out
 
-    def _options(self, launches: list[Launch], heads: int, scale: Any, window: Any,
-                 softcap: Any) -> tuple[list[Launch], bool, float, int, float]:
-        """An attend's ``scale``, ``window`` and ``softcap`` checked (InvalidArgument,
-        before anything is launched; the window against released blocks too) and
-        turned into what `_launch_attend` sets: (launches, forked, scale in log2
-        units, window or 0, soft cap in the kernel's score units or 0). ``launches``:
-        those of ``heads`` query heads; a windowed call runs them without the cascade."""
+    def _options(self, launches: list[Launch], heads: int, scale: Any, window: Any, softcap: Any,
+                 sinks: Any = None) -> tuple[list[Launch], bool, float, int, float, Any, int]:
+        """An attend's ``scale``, ``window``, ``softcap`` and ``sinks`` checked
+        (InvalidArgument, before anything is launched; the window against released
+        blocks too) and turned into what `_launch_attend` sets: (launches, forked, scale
+        in log2 units, window or 0, soft cap in the kernel's score units or 0, the
+        merge's sinks cell or None, the sinks' pointer or 0). ``launches``: those of
+        ``heads`` query heads; a windowed call runs them without the cascade, a call
+        with sinks through the merge."""
         if self.floor is not None:
             self.check_floor(window)
         if scale is None:
@@ -295,19 +307,47 @@ class CupyPlan(StepPlan):
             cap = check_softcap(softcap)
             # in the kernel's score units: raw q . k (cap / scale), or log2 units (cap * log2 e)
             cap_units = 0.0 if cap is None else (cap * _LOG2E / s if self._raw[heads] else cap * _LOG2E)
-        if window is not None and self._cascades:
-            return self._windowed(heads), False, s, win, cap_units
-        return launches, self._forked[heads], s, win, cap_units
+        sp = 0 if sinks is None else self._sinks_ptr(sinks, heads)
+        plain = window is not None and self._shared is not None
+        if plain or sp:
+            launches, cell = self._variant(heads, plain, bool(sp))
+            return launches, self._forked[heads] and not plain, s, win, cap_units, cell, sp
+        return launches, self._forked[heads], s, win, cap_units, self._sink_cells[heads], 0
+
+    def _sinks_ptr(self, sinks: Any, heads: int) -> int:
+        """The device pointer of ``sinks`` as float32 [heads] on the pool's GPU: a
+        dense torch float32 tensor of that shape there as it is, any other float
+        array or tensor of that shape copied (kept until the next copy)."""
+        if (type(sinks) is self._torch_type and sinks.dtype is self._torch_f32 and sinks.shape == (heads,)
+                and sinks.is_cuda and sinks.get_device() == self.device and sinks.is_contiguous()):
+            return sinks.data_ptr()
+        import cupy
+
+        shape = tuple(getattr(sinks, "shape", ()))
+        kind = str(getattr(sinks, "dtype", type(sinks).__name__)).removeprefix("torch.")
+        if shape != (heads,) or not kind.startswith(("float", "bfloat")):
+            raise InvalidArgument(f"sinks must be floats of shape ({heads},), one per query head; got "
+                                  f"shape {shape}, dtype {kind}")
+        if type(sinks).__module__.startswith("torch"):
+            if sinks.is_cuda and sinks.get_device() != self.device:
+                raise InvalidArgument(f"sinks are on {sinks.device}; the pool is on cuda:{self.device}")
+            sinks = sinks.detach().float().cpu().numpy() if not sinks.is_cuda else sinks.detach().float()
+        with cupy.cuda.Device(self.device):
+            keep = sinks.contiguous() if hasattr(sinks, "contiguous") else cupy.asarray(sinks, dtype=cupy.float32)
+        self._sinks_keep = keep
+        return keep.data_ptr() if hasattr(keep, "data_ptr") else keep.data.ptr
 
     def _launch_attend(self, layer: int, qp: int, op: int,
-                       options: tuple[list[Launch], bool, float, int, float], stream: int) -> None:
+                       options: tuple[list[Launch], bool, float, int, float, Any, int], stream: int) -> None:
         """The attention of ``layer`` from checked pointers with checked `_options`."""
-        launches, forked, s, win, cap_units = options
+        launches, forked, s, win, cap_units, sink_cell, sp = options
         # Cells shared by the launches (the merge reads the decode's out cell).
         first = launches[0].args
         first[0].value, first[5 if self.decode else 7].value = qp, op
         first[8].value, first[-1].value = layer, s
         first[-3].value, first[-2].value = win, cap_units
+        if sink_cell is not None:
+            sink_cell.value = sp
         if forked:  # own parts and the shared part side by side under a capture, then the merge
             self._fork_join(stream, launches[0], launches[1])
             launches[2](stream)

@@ -104,9 +104,13 @@ class NumpyBackend(Backend):
         *,
         window: int | None = None,
         softcap: float | None = None,
+        sinks: Any = None,
     ) -> np.ndarray:
+        from kvpager.plan import check_sinks
+
         return paged_attention(self.kv, layer, q, block_tables, seq_lens, query_lens, scale,
-                               window=window, softcap=softcap, kv_scales=self.scales)
+                               window=window, softcap=softcap, kv_scales=self.scales,
+                               sinks=check_sinks(sinks, q.shape[1]))
 
 
 def paged_attention(
@@ -121,6 +125,7 @@ def paged_attention(
     window: int | None = None,
     softcap: float | None = None,
     kv_scales: np.ndarray | None = None,
+    sinks: np.ndarray | None = None,
 ) -> np.ndarray:
     """Paged attention over a block-major pool, float32 accumulation.
 
@@ -129,12 +134,15 @@ def paged_attention(
     i - window < j <= i (only the blocks that can hold such keys are read);
     ``softcap``: scores become softcap * tanh(scores / softcap) after scaling.
     ``kv_scales`` (FP8 pools: float32 [layers, 2, kv heads]): K and V are
-    dequantised (stored * scale, float32) before the math. The result has q's dtype."""
+    dequantised (stored * scale, float32) before the math. ``sinks`` (float32
+    [num_q_heads]): each head's attention sink joins the softmax denominator as
+    e^sink (a logit that attends to no value). The result has q's dtype."""
     num_kv_heads, block_size, head_dim = kv.shape[3], kv.shape[4], kv.shape[5]
     num_q_heads = q.shape[1]
     group = num_q_heads // num_kv_heads
     out = np.empty(q.shape, dtype=q.dtype)
     deq = None if kv_scales is None else np.asarray(kv_scales, np.float32)[layer][None, :, :, None, None]
+    sink = None if sinks is None else np.asarray(sinks, np.float32).reshape(num_kv_heads, group, 1, 1)
     start = 0
     for b in range(len(seq_lens)):
         n, ql = int(seq_lens[b]), int(query_lens[b])
@@ -158,9 +166,15 @@ def paged_attention(
         if ql > 1 or window is not None:
             seen = kpos <= pos if window is None else (kpos <= pos) & (kpos > pos - window)
             scores = np.where(seen, scores, -np.inf)
-        scores -= scores.max(axis=-1, keepdims=True)
+        top = scores.max(axis=-1, keepdims=True)
+        if sink is not None:
+            top = np.maximum(top, sink)
+        scores -= top
         np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
+        total = scores.sum(axis=-1, keepdims=True)
+        if sink is not None:
+            total += np.exp(sink - top)
+        scores /= total
         o = np.einsum("hgqk,hkd->hgqd", scores, values)  # [H, G, ql, D]
         out[start : start + ql] = o.transpose(2, 0, 1, 3).reshape(ql, num_q_heads, head_dim)
         start += ql

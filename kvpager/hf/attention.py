@@ -67,6 +67,11 @@ def _to_pool(x: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
     return x
 
 
+def _to_pool_device(x: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+    """``x`` on the pool's device (a no-op where it is there)."""
+    return x if x.is_cuda != batch.on_cpu else x.to(batch.device)
+
+
 def kvpager_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -78,6 +83,7 @@ def kvpager_attention(
     kvpager: PagedBatch | None = None,
     sliding_window: Any = ABSENT,
     softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """An ``AttentionInterface`` function: store this layer's K/V in the pool and
@@ -85,8 +91,10 @@ def kvpager_attention(
     key/value [1, Hkv, T, D] (the packed row); returns [1, T, Hq, D]. The
     attention mask is not used: the plan knows each sequence's extent and
     attends causally, within the layer's sliding window if it has one, scores
-    soft-capped by ``softcap`` if given. Any other argument that would change
-    the result is refused (`kvpager.hf.model.check_call`)."""
+    soft-capped by ``softcap`` if given, with the attention sinks ``s_aux`` (a
+    logit per query head in the softmax denominator: GPT-OSS) if given. Any
+    other argument that would change the result is refused
+    (`kvpager.hf.model.check_call`)."""
     if kvpager is None:
         # Some families' decoder layers do not pass their keyword arguments on to
         # attention (StableLM, Nemotron): the pass's batch is still the current one.
@@ -109,21 +117,25 @@ def kvpager_attention(
             or (sliding_window is not ABSENT and sliding_window != window) \
             or key.shape != value.shape or key.shape[2] != query.shape[2] or key.shape[3] != query.shape[3]:
         check_call(layer, query, key, value, dropout, sliding_window, window, kwargs)
+    if s_aux is not None and s_aux.dtype is not torch.float32:
+        s_aux = s_aux.float()  # the kernels read float32 sinks
     if HAS_OP and is_compiling():  # one opaque op for the compiler (`kvpager.hf.compiled`)
         return _write_attend_op(query, key, value, layer, None if scaling is None else float(scaling),
                                 None if window is None else int(window),
-                                None if softcap is None else float(softcap)), None
-    return write_attend(batch, layer, query, key, value, scaling, window, softcap), None
+                                None if softcap is None else float(softcap), s_aux), None
+    return write_attend(batch, layer, query, key, value, scaling, window, softcap, s_aux), None
 
 
 def write_attend(batch: PagedBatch, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 scale: float | None, window: int | None, softcap: float | None) -> torch.Tensor:
+                 scale: float | None, window: int | None, softcap: float | None,
+                 sinks: torch.Tensor | None = None) -> torch.Tensor:
     """One layer through ``batch``'s plan (`StepPlan.write_attend`), the tensors
     crossed into the pool's dtype and device and the output back into the
     query's; what the attention function and the ``kvpager::write_attend`` op run."""
     # [1, H, T, D] views of the projections' token-major memory: the plan launches on their pointers
     out = batch.plan.write_attend(layer, _to_pool(query, batch), _to_pool(key, batch), _to_pool(value, batch),
-                                  scale, window=window, softcap=softcap)
+                                  scale, window=window, softcap=softcap,
+                                  sinks=None if sinks is None else _to_pool_device(sinks, batch))
     batch.layers_run += 1  # (the plan has checked the layer)
     batch.layers_seen |= 1 << layer
     if out.dtype is not query.dtype or out.is_cuda != query.is_cuda:

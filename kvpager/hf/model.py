@@ -82,8 +82,8 @@ def layer_windows(model: Any) -> list[int | None]:
 def check_call(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
                sliding_window: Any, window: Any, kwargs: dict[str, Any]) -> None:
     """Refuse, by name, what kvpager's attention would not reproduce: any
-    keyword argument it does not honour (an attention sink ``s_aux``,
-    ``head_mask``, ``dropout`` > 0, ...), cross-attention, K/V of another head
+    keyword argument it does not honour (``head_mask``, ``position_bias``,
+    ``dropout`` > 0, ...), cross-attention, K/V of another head
     dim than q (MLA-style), or a ``sliding_window`` transformers passes that
     differs from the window planned for the layer."""
     for name, val in kwargs.items():
