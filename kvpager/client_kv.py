@@ -19,7 +19,7 @@ from kvpager import cuda_ipc
 from kvpager.backends.numpy_backend import paged_attention
 from kvpager.client_tables import id_list
 from kvpager.errors import InvalidArgument, SessionLost
-from kvpager.plan import StepPlan, check_scale, check_softcap, check_window, make_plan
+from kvpager.plan import StepPlan, check_scale, check_sinks, check_softcap, check_window, make_plan
 from kvpager.shm import map_pool
 
 
@@ -36,13 +36,15 @@ class KVAccess:
             self.remote_write(layer, slots, k, v)
 
     def attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None,
-               *, window: int | None = None, softcap: float | None = None) -> Any:
-        """As `KVPool.attend` (``window`` / ``softcap`` included): computed here over
+               *, window: int | None = None, softcap: float | None = None, sinks: Any = None) -> Any:
+        """As `KVPool.attend` (``window`` / ``softcap`` / ``sinks`` included): computed here over
         the mapped pool when there is one (block tables from this client's mirror,
         no round trip), else by the daemon."""
         if self.map_pool:
-            return self.local_attend(layer, seq_ids, q, query_lens, scale, window=window, softcap=softcap)
-        return self.remote_attend(layer, seq_ids, q, query_lens, scale, window=window, softcap=softcap)
+            return self.local_attend(layer, seq_ids, q, query_lens, scale, window=window, softcap=softcap,
+                                     sinks=sinks)
+        return self.remote_attend(layer, seq_ids, q, query_lens, scale, window=window, softcap=softcap,
+                                  sinks=sinks)
 
     def plan(self, seq_ids: Any, query_lens: Any = None, slots: Any = None, **options: Any) -> StepPlan:
         """As `KVPool.plan`: a step plan over the mapped pool, built here from this
@@ -108,7 +110,7 @@ class KVAccess:
         pool.write(int(layer), slots, self._check_tensor(k, "k", shape), self._check_tensor(v, "v", shape))
 
     def local_attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None,
-                     *, window: int | None = None, softcap: float | None = None) -> Any:
+                     *, window: int | None = None, softcap: float | None = None, sinks: Any = None) -> Any:
         """Paged attention here, over the mapped pool (the CUDA kernels on a GPU
         pool: the result is a CuPy array). Block tables come from `tables`: this
         client's mirror for its own sequences, so a layer costs no round trip."""
@@ -128,9 +130,9 @@ class KVAccess:
         window, softcap = check_window(window), check_softcap(softcap)
         if self.gpu:
             return pool.attend(int(layer), q, tables, lens, np.ascontiguousarray(qlens), scale,
-                               window=window, softcap=softcap)
+                               window=window, softcap=softcap, sinks=sinks)
         return paged_attention(pool.kv, int(layer), q, tables, lens, qlens, scale, window=window, softcap=softcap,
-                               kv_scales=pool.scales)
+                               kv_scales=pool.scales, sinks=check_sinks(sinks, q.shape[1]))
 
     def _pool(self) -> Any:
         if self._mapped is None:

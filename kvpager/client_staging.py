@@ -9,6 +9,7 @@ from typing import Any
 
 from kvpager import cuda_ipc
 from kvpager.client_kv import on_host
+from kvpager.plan import check_sinks
 from kvpager.shm import Segment
 
 _ALIGN = 64
@@ -30,10 +31,12 @@ class ClientStaging:
                              "k": [0, list(k.shape)], "v": [voff, list(v.shape)]})
 
     def remote_attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None,
-                      *, window: int | None = None, softcap: float | None = None) -> Any:
+                      *, window: int | None = None, softcap: float | None = None, sinks: Any = None) -> Any:
         """Paged attention computed by the daemon; q and the output cross through
         staging. Returns a NumPy array (CPU pool) or a CuPy array (GPU pool)."""
         q = self._as_array(q, "q")
+        if sinks is not None:  # checked here, sent as one float32 array
+            sinks = check_sinks(sinks, q.shape[1] if q.ndim == 3 else -1, any_device=True)
         out = _aligned(q.nbytes)
         stage = self._stage(out + q.nbytes)
         stage.array(q.shape, q.dtype, 0)[...] = q
@@ -47,6 +50,8 @@ class ClientStaging:
             args["window"] = window
         if softcap is not None:
             args["softcap"] = softcap
+        if sinks is not None:
+            args["sinks"] = sinks
         offset, shape = self._call("attend", args)
         # The daemon answers once its output is complete (it synchronizes first).
         return stage.array(tuple(shape), q.dtype, offset).copy()

@@ -101,9 +101,10 @@ def check_window(window: Any) -> int | None:
     return int(window)
 
 
-def check_sinks(sinks: Any, num_q_heads: int) -> np.ndarray | None:
+def check_sinks(sinks: Any, num_q_heads: int, any_device: bool = False) -> np.ndarray | None:
     """Attention sinks as float32 [num_q_heads] on the host: None, or floats of
-    that shape (a NumPy array or a CPU torch tensor)."""
+    that shape (a NumPy array or a CPU torch tensor; ``any_device``: a GPU torch
+    tensor or CuPy array too, copied to the host)."""
     if sinks is None:
         return None
     shape = tuple(getattr(sinks, "shape", ()))
@@ -112,9 +113,11 @@ def check_sinks(sinks: Any, num_q_heads: int) -> np.ndarray | None:
         raise InvalidArgument(f"sinks must be floats of shape ({num_q_heads},), one per query head; got "
                               f"shape {shape}, dtype {kind}")
     if type(sinks).__module__.startswith("torch"):
-        if sinks.device.type != "cpu":
+        if sinks.device.type != "cpu" and not any_device:
             raise InvalidArgument(f"sinks are on {sinks.device}; this pool is on the CPU")
-        return sinks.detach().float().numpy()
+        return sinks.detach().float().cpu().numpy()
+    if any_device and type(sinks).__module__.startswith("cupy"):
+        sinks = sinks.get()
     return np.asarray(sinks, dtype=np.float32)
 
 

@@ -78,7 +78,15 @@ class StagingOps:
         with on_rank_device(self, s):
             out = session_kv(self, s, "attend").attend(a["layer"], wire_ids(a["seq_ids"]), q, a.get("query_lens"),
                                                        a.get("scale"), window=a.get("window"),
-                                                       softcap=a.get("softcap"))
+                                                       softcap=a.get("softcap"), sinks=_wire_sinks(a.get("sinks")))
             offset = wire_int(a["out"], "out")
             s.staging.array(out.shape, out.dtype, offset)[...] = out  # a device copy on a GPU
         return [offset, list(out.shape)]
+
+
+def _wire_sinks(sinks: Any) -> Any:
+    """An attend's ``sinks`` as sent: a packed float array (what a `Client` sends), or
+    a list of numbers made one; anything else goes on for the pool to refuse by name."""
+    if isinstance(sinks, list) and sinks and all(type(x) in (int, float) for x in sinks):
+        return np.asarray(sinks, dtype=np.float32)
+    return sinks
