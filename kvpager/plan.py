@@ -101,17 +101,22 @@ def check_window(window: Any) -> int | None:
     return int(window)
 
 
+def check_sinks_shape(sinks: Any, num_q_heads: int) -> None:
+    """InvalidArgument unless ``sinks`` is an array or tensor of floats of shape [num_q_heads]."""
+    shape = tuple(getattr(sinks, "shape", ()))
+    kind = str(getattr(sinks, "dtype", type(sinks).__name__)).removeprefix("torch.")
+    if shape != (num_q_heads,) or not kind.startswith(("float", "bfloat")):
+        raise InvalidArgument(f"sinks must be floats of shape ({num_q_heads},), one per query head; got "
+                              f"shape {shape}, dtype {kind}")
+
+
 def check_sinks(sinks: Any, num_q_heads: int, any_device: bool = False) -> np.ndarray | None:
     """Attention sinks as float32 [num_q_heads] on the host: None, or floats of
     that shape (a NumPy array or a CPU torch tensor; ``any_device``: a GPU torch
     tensor or CuPy array too, copied to the host)."""
     if sinks is None:
         return None
-    shape = tuple(getattr(sinks, "shape", ()))
-    kind = str(getattr(sinks, "dtype", type(sinks).__name__)).removeprefix("torch.")
-    if shape != (num_q_heads,) or not kind.startswith(("float", "bfloat")):
-        raise InvalidArgument(f"sinks must be floats of shape ({num_q_heads},), one per query head; got "
-                              f"shape {shape}, dtype {kind}")
+    check_sinks_shape(sinks, num_q_heads)
     if type(sinks).__module__.startswith("torch"):
         if sinks.device.type != "cpu" and not any_device:
             raise InvalidArgument(f"sinks are on {sinks.device}; this pool is on the CPU")

@@ -1,4 +1,5 @@
-"""The launches of a `CupyPlan`, and the tensor checks of its hot path.
+"""The launches of a `CupyPlan`, and the tensor checks of its hot path (pointers of
+tensors that need no copy, attention sinks as a float32 device pointer).
 
 `attention_launches` puts a step's attention together: decode
 (`cupy_decode`: tensor cores, or CUDA cores for float32) with its split-K
@@ -20,6 +21,7 @@ from kvpager.backends.cupy_decode import decode_kernel, decode_launch, merge_lau
 from kvpager.backends.cupy_prefill import prefill_launch
 from kvpager.errors import InvalidArgument
 from kvpager.launch import Launch, current_stream, f32, i32, ptr, torch_stream
+from kvpager.plan import check_sinks_shape
 
 
 def attention_launches(plan: Any, num_q_heads: int, shared: Any = None, merged: bool = False
@@ -167,3 +169,53 @@ def device_tensor(x: Any, name: str, shape: tuple[int, ...], backend: Any, devic
             raise InvalidArgument(f"{name} must be a contiguous, 16-byte aligned array")
         x = x.copy()
     return x.data.ptr, x
+
+
+def heads_first_ptr(plan: Any, x: Any, heads: int) -> int:
+    """The pointer of a torch CUDA tensor [1, heads, num_tokens, head_dim] of the
+    pool's dtype on its GPU whose memory is [num_tokens, heads, head_dim] dense and
+    16-byte aligned (a model's projection viewed heads first); 0 for anything else."""
+    if type(x) is not plan._torch_type or x.dtype is not plan._torch_dtype:
+        return 0
+    t, d = plan._tokens, plan.spec.head_dim
+    if x.shape != (1, heads, t, d):
+        return 0
+    st = x.stride()
+    if st[3] != 1 or (heads > 1 and st[1] != d) or (t > 1 and st[2] != heads * d):
+        return 0
+    p = x.data_ptr()
+    if p % 16 or not x.is_cuda or x.get_device() != plan.device:
+        return 0
+    return p
+
+
+def fast_ptr(plan: Any, x: Any, shape: tuple[int, ...]) -> int:
+    """The pointer of a torch CUDA tensor that passes every check (right
+    device, dtype, shape, dense, 16-byte aligned) at the cost of a few
+    attribute reads; 0 for anything else (then the full checks run)."""
+    if type(x) is not plan._torch_type or x.dtype is not plan._torch_dtype or x.shape != shape:
+        return 0
+    p = x.data_ptr()
+    if p % 16 or not x.is_cuda or x.get_device() != plan.device or not x.is_contiguous():
+        return 0
+    return p
+
+
+def sinks_ptr(plan: Any, sinks: Any, heads: int) -> int:
+    """The device pointer of ``sinks`` as float32 [heads] on the pool's GPU: a
+    dense torch float32 tensor of that shape there as it is, any other float
+    array or tensor of that shape copied (kept until the next copy)."""
+    if (type(sinks) is plan._torch_type and sinks.dtype is plan._torch_f32 and sinks.shape == (heads,)
+            and sinks.is_cuda and sinks.get_device() == plan.device and sinks.is_contiguous()):
+        return sinks.data_ptr()
+    import cupy
+
+    check_sinks_shape(sinks, heads)
+    if type(sinks).__module__.startswith("torch"):
+        if sinks.is_cuda and sinks.get_device() != plan.device:
+            raise InvalidArgument(f"sinks are on {sinks.device}; the pool is on cuda:{plan.device}")
+        sinks = sinks.detach().float().cpu().numpy() if not sinks.is_cuda else sinks.detach().float()
+    with cupy.cuda.Device(plan.device):
+        keep = sinks.contiguous() if hasattr(sinks, "contiguous") else cupy.asarray(sinks, dtype=cupy.float32)
+    plan._sinks_keep = keep
+    return keep.data_ptr() if hasattr(keep, "data_ptr") else keep.data.ptr

@@ -29,6 +29,9 @@ from kvpager.backends.cupy_launches import (
     attention_launches,
     cupy_empty_like,
     device_tensor,
+    fast_ptr,
+    heads_first_ptr,
+    sinks_ptr,
     torch_kinds,
 )
 from kvpager.block_moves import write_kernel
@@ -160,6 +163,7 @@ class CupyPlan(StepPlan):
             launches, _, keep, _, cell = attention_launches(self, num_q_heads, None if key[1] else self._shared,
                                                             merged)
             self._keep += keep
+            self._cascades += [x for x in keep if isinstance(x, CascadeLaunch)]  # refilled by update()
             variant = self._variants[key] = (launches, cell)
         return variant
 
@@ -170,7 +174,7 @@ class CupyPlan(StepPlan):
         if type(layer) is not int or not 0 <= layer < spec.num_layers:
             layer = validate.layer(layer, spec)
         shape = self._kv_shape
-        kp, vp = self._fast_ptr(k, shape), self._fast_ptr(v, shape)
+        kp, vp = fast_ptr(self, k, shape), fast_ptr(self, v, shape)
         if kp and vp:
             stream = self._stream(self.device)
         else:
@@ -210,9 +214,9 @@ class CupyPlan(StepPlan):
         launches = self._attn.get(heads)
         if launches and self.has_slots and type(layer) is int and 0 <= layer < spec.num_layers:
             hkv = spec.num_kv_heads
-            kp = self._heads_first_ptr(k, hkv)
-            vp = kp and self._heads_first_ptr(v, hkv)
-            qp = vp and self._heads_first_ptr(q, heads)
+            kp = heads_first_ptr(self, k, hkv)
+            vp = kp and heads_first_ptr(self, v, hkv)
+            qp = vp and heads_first_ptr(self, q, heads)
             if qp:
                 options = self._options(launches, heads, scale, window, softcap, sinks)  # a refusal writes nothing
                 out = q.new_empty((1, self._tokens, heads, spec.head_dim))
@@ -223,34 +227,6 @@ class CupyPlan(StepPlan):
                 return out
         return super().write_attend(layer, q, k, v, scale, window=window, softcap=softcap, sinks=sinks)
 
-    def _heads_first_ptr(self, x: Any, heads: int) -> int:
-        """The pointer of a torch CUDA tensor [1, heads, num_tokens, head_dim] of the
-        pool's dtype on its GPU whose memory is [num_tokens, heads, head_dim] dense and
-        16-byte aligned (a model's projection viewed heads first); 0 for anything else."""
-        if type(x) is not self._torch_type or x.dtype is not self._torch_dtype:
-            return 0
-        t, d = self._tokens, self.spec.head_dim
-        if x.shape != (1, heads, t, d):
-            return 0
-        st = x.stride()
-        if st[3] != 1 or (heads > 1 and st[1] != d) or (t > 1 and st[2] != heads * d):
-            return 0
-        p = x.data_ptr()
-        if p % 16 or not x.is_cuda or x.get_device() != self.device:
-            return 0
-        return p
-
-    def _fast_ptr(self, x: Any, shape: tuple[int, ...]) -> int:
-        """The pointer of a torch CUDA tensor that passes every check (right
-        device, dtype, shape, dense, 16-byte aligned) at the cost of a few
-        attribute reads; 0 for anything else (then the full checks run)."""
-        if type(x) is not self._torch_type or x.dtype is not self._torch_dtype or x.shape != shape:
-            return 0
-        p = x.data_ptr()
-        if p % 16 or not x.is_cuda or x.get_device() != self.device or not x.is_contiguous():
-            return 0
-        return p
-
     def attend(self, layer: int, q: Any, scale: float | None = None, out: Any = None, *,
                window: int | None = None, softcap: float | None = None, sinks: Any = None) -> Any:
         """See `StepPlan.attend`."""
@@ -259,13 +235,13 @@ class CupyPlan(StepPlan):
             layer = validate.layer(layer, spec)
         shape = q.shape if hasattr(q, "shape") else ()
         launches = self._attn.get(shape[1]) if len(shape) == 3 else None
-        qp = self._fast_ptr(q, shape) if launches else 0
+        qp = fast_ptr(self, q, shape) if launches else 0
         if qp:  # a dense torch tensor of the right kind: the hot path
             if shape[0] != self._tokens:
                 check_q_shape(tuple(shape), self._tokens, spec)
             if out is None:
                 out = q.new_empty(shape)
-            op = self._fast_ptr(out, shape)
+            op = fast_ptr(self, out, shape)
             if not op:
                 op, out = device_tensor(out, "out", tuple(shape), self.backend, self.device, writable=True)
             stream = self._stream(self.device)
@@ -307,35 +283,12 @@ class CupyPlan(StepPlan):
             cap = check_softcap(softcap)
             # in the kernel's score units: raw q . k (cap / scale), or log2 units (cap * log2 e)
             cap_units = 0.0 if cap is None else (cap * _LOG2E / s if self._raw[heads] else cap * _LOG2E)
-        sp = 0 if sinks is None else self._sinks_ptr(sinks, heads)
+        sp = 0 if sinks is None else sinks_ptr(self, sinks, heads)
         plain = window is not None and self._shared is not None
         if plain or sp:
             launches, cell = self._variant(heads, plain, bool(sp))
             return launches, self._forked[heads] and not plain, s, win, cap_units, cell, sp
         return launches, self._forked[heads], s, win, cap_units, self._sink_cells[heads], 0
-
-    def _sinks_ptr(self, sinks: Any, heads: int) -> int:
-        """The device pointer of ``sinks`` as float32 [heads] on the pool's GPU: a
-        dense torch float32 tensor of that shape there as it is, any other float
-        array or tensor of that shape copied (kept until the next copy)."""
-        if (type(sinks) is self._torch_type and sinks.dtype is self._torch_f32 and sinks.shape == (heads,)
-                and sinks.is_cuda and sinks.get_device() == self.device and sinks.is_contiguous()):
-            return sinks.data_ptr()
-        import cupy
-
-        shape = tuple(getattr(sinks, "shape", ()))
-        kind = str(getattr(sinks, "dtype", type(sinks).__name__)).removeprefix("torch.")
-        if shape != (heads,) or not kind.startswith(("float", "bfloat")):
-            raise InvalidArgument(f"sinks must be floats of shape ({heads},), one per query head; got "
-                                  f"shape {shape}, dtype {kind}")
-        if type(sinks).__module__.startswith("torch"):
-            if sinks.is_cuda and sinks.get_device() != self.device:
-                raise InvalidArgument(f"sinks are on {sinks.device}; the pool is on cuda:{self.device}")
-            sinks = sinks.detach().float().cpu().numpy() if not sinks.is_cuda else sinks.detach().float()
-        with cupy.cuda.Device(self.device):
-            keep = sinks.contiguous() if hasattr(sinks, "contiguous") else cupy.asarray(sinks, dtype=cupy.float32)
-        self._sinks_keep = keep
-        return keep.data_ptr() if hasattr(keep, "data_ptr") else keep.data.ptr
 
     def _launch_attend(self, layer: int, qp: int, op: int,
                        options: tuple[list[Launch], bool, float, int, float, Any, int], stream: int) -> None:
