@@ -111,19 +111,22 @@ def check_sinks_shape(sinks: Any, num_q_heads: int) -> None:
 
 
 def check_sinks(sinks: Any, num_q_heads: int, any_device: bool = False) -> np.ndarray | None:
-    """Attention sinks as float32 [num_q_heads] on the host: None, or floats of
-    that shape (a NumPy array or a CPU torch tensor; ``any_device``: a GPU torch
-    tensor or CuPy array too, copied to the host)."""
+    """Attention sinks as float32 [num_q_heads] on the host: None, or finite floats
+    of that shape (a NumPy array or a CPU torch tensor; ``any_device``: a GPU
+    torch tensor or CuPy array too, copied to the host)."""
     if sinks is None:
         return None
     check_sinks_shape(sinks, num_q_heads)
     if type(sinks).__module__.startswith("torch"):
         if sinks.device.type != "cpu" and not any_device:
             raise InvalidArgument(f"sinks are on {sinks.device}; this pool is on the CPU")
-        return sinks.detach().float().cpu().numpy()
-    if any_device and type(sinks).__module__.startswith("cupy"):
-        sinks = sinks.get()
-    return np.asarray(sinks, dtype=np.float32)
+        out = sinks.detach().float().cpu().numpy()
+    else:
+        out = np.asarray(sinks.get() if any_device and type(sinks).__module__.startswith("cupy") else sinks,
+                         dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise InvalidArgument(f"sinks must be finite, got {out[~np.isfinite(out)][0]}")
+    return out
 
 
 def check_softcap(softcap: Any) -> float | None:

@@ -86,7 +86,10 @@ class StagingOps:
 
 def _wire_sinks(sinks: Any) -> Any:
     """An attend's ``sinks`` as sent: a packed float array (what a `Client` sends), or
-    a list of numbers made one; anything else goes on for the pool to refuse by name."""
+    a list of numbers made one; non-finite values refused here, whatever the pool;
+    anything else goes on for the pool to refuse by name."""
     if isinstance(sinks, list) and sinks and all(type(x) in (int, float) for x in sinks):
-        return np.asarray(sinks, dtype=np.float32)
+        sinks = np.asarray(sinks, dtype=np.float64)
+    if isinstance(sinks, np.ndarray) and sinks.dtype.kind == "f" and not np.isfinite(sinks).all():
+        raise InvalidArgument("attend: sinks must be finite")
     return sinks

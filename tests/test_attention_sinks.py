@@ -72,7 +72,7 @@ def test_sinks_through_torch_and_write_attend():
 
 
 @pytest.mark.parametrize("bad", [np.zeros(3, np.float32), np.zeros((8, 1), np.float32), np.zeros(8, np.int32),
-                                 "sinks", 1.0])
+                                 "sinks", 1.0, np.full(8, np.nan, np.float32), np.array([np.inf] + [0.0] * 7)])
 def test_bad_sinks_are_refused(bad):
     rng = np.random.default_rng(0)
     spec = PoolSpec(1, 2, 16, num_blocks=32, block_size=8, dtype="float32")

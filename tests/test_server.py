@@ -103,6 +103,10 @@ def test_wrong_argument_types(client):
         lambda: client._call("staging", {"nbytes": "lots"}),
         lambda: client._call("write", {"layer": 0, "slots": [16], "k": "x", "v": [0, [1]]}),
         lambda: client._call("attend", {"layer": "0", "seq_ids": [a.seq_id], "q": [0, [1, 2, 16]], "out": 0}),
+        # attention sinks: the wrong count, non-finite (as a list and packed), not numbers
+        *(lambda sinks=sinks: client._call("attend", {"layer": 0, "seq_ids": [a.seq_id], "q": [0, [1, 2, 16]],
+                                                       "out": 256, "sinks": sinks})
+          for sinks in ([0.5], [0.5, float("nan")], np.array([np.inf, 0.0], np.float32), ["a", "b"], {"x": 1})),
         lambda: client.remote_write(0, a.slots, np.zeros((3, 2, 16)), np.zeros((3, 2, 16))),  # float64
         lambda: client._call("write", {"layer": 0, "slots": a.slots, "k": [1 << 40, [3, 2, 16]],
                                        "v": [0, [3, 2, 16]]}),
