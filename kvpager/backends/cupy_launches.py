@@ -27,7 +27,8 @@ from kvpager.plan import check_sinks_shape
 def attention_launches(plan: Any, num_q_heads: int, shared: Any = None, merged: bool = False
                        ) -> tuple[list[Launch], int, list[Any], bool, Any]:
     """(launches, split count, buffers to keep alive, whether the kernel's scores
-    are raw q . k products) of ``plan`` for ``num_q_heads``, tuned by
+    are raw q . k products, the merge's sinks cell or None where nothing merges)
+    of ``plan`` for ``num_q_heads``, tuned by
     ``plan.config`` (`kvpager.KernelConfig`). Cells shared by the launches:
     q (0), out (5 in decode, 7 multi-token), layer (8), window (-3),
     soft cap (-2, in the kernel's score units: raw products, or scaled log2
@@ -37,8 +38,8 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None, merged: 
     own positions, `CascadeLaunch` the shared ones once per segment, and the
     merge combines them (a cascade takes no sliding window: the plan keeps a
     plain set of launches for windowed calls). ``merged``: end with the merge even
-    where one partial state a row would do without it (where the attention sinks
-    apply: the merge's last cell, returned last, 0 where there is no merge)."""
+    where one partial state a row would do without it: the attention sinks apply
+    there (the sinks cell holds their pointer, 0 for none, set per call)."""
     import cupy
 
     keep: list[Any] = []
