@@ -65,7 +65,7 @@ def check_reply(raw: bytes, rid) -> None:
        args=st.dictionaries(st.sampled_from(["seq_ids", "prompts", "salt", "num_tokens", "token_ids", "upto",
                                              "n", "lengths", "layer", "slots", "k", "v", "q", "out",
                                              "query_lens", "scale", "nbytes", "share_in_batch", "owner", "after",
-                                             "limit", "token", "client", "x"]),
+                                             "limit", "token", "client", "window", "softcap", "sinks", "x"]),
                             arg_values, max_size=5),
        rid=st.integers(0, 2**31))
 def test_random_arguments_for_every_op(op, args, rid):
