@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvpager.errors import InvalidArgument, NotOwner, SequenceSwapped
+from kvpager.plan import check_sinks
 from kvpager.server_ranks import on_rank_device, session_kv
 from kvpager.wire_args import wire_ids, wire_int
 
@@ -78,18 +79,18 @@ class StagingOps:
         with on_rank_device(self, s):
             out = session_kv(self, s, "attend").attend(a["layer"], wire_ids(a["seq_ids"]), q, a.get("query_lens"),
                                                        a.get("scale"), window=a.get("window"),
-                                                       softcap=a.get("softcap"), sinks=_wire_sinks(a.get("sinks")))
+                                                       softcap=a.get("softcap"), sinks=_wire_sinks(a.get("sinks"), q))
             offset = wire_int(a["out"], "out")
             s.staging.array(out.shape, out.dtype, offset)[...] = out  # a device copy on a GPU
         return [offset, list(out.shape)]
 
 
-def _wire_sinks(sinks: Any) -> Any:
-    """An attend's ``sinks`` as sent: a packed float array (what a `Client` sends), or
-    a list of numbers made one; non-finite values refused here, whatever the pool;
-    anything else goes on for the pool to refuse by name."""
+def _wire_sinks(sinks: Any, q: Any) -> Any:
+    """An attend's ``sinks`` as sent (a packed float array, as a `Client` sends them,
+    or a list of numbers) checked on the host by `plan.check_sinks` (one per query
+    head of ``q``, finite), whatever the pool: a GPU pool reads them as they are."""
+    if sinks is None or getattr(q, "ndim", 0) != 3:
+        return sinks  # (a malformed q is the pool's to refuse, by its own name)
     if isinstance(sinks, list) and sinks and all(type(x) in (int, float) for x in sinks):
         sinks = np.asarray(sinks, dtype=np.float64)
-    if isinstance(sinks, np.ndarray) and sinks.dtype.kind == "f" and not np.isfinite(sinks).all():
-        raise InvalidArgument("attend: sinks must be finite")
-    return sinks
+    return check_sinks(sinks, q.shape[1])
