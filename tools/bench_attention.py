@@ -15,8 +15,8 @@ Each decode case also runs on an FP8 copy of the pool (--fp8, default e4m3: the 
 quantised with one scale, 1 byte per value), checked against SDPA over the dequantised
 K/V, and timed against the bf16 pool in the same run: the "vs bf16" column is the
 bf16 time over the FP8 time.
---sinks: each decode case (and the multi-token one) also with attention sinks (one
-logit per query head in the softmax denominator, as GPT-OSS): checked against
+--sinks: each decode case also with attention sinks (one logit per query head
+in the softmax denominator, as GPT-OSS): checked against
 the same attention in float32 torch with the sink appended, timed beside the
 call without sinks on the same plan ("with sinks" rows).
 """
