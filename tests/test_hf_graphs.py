@@ -65,6 +65,26 @@ def test_graphs_need_a_gpu_model_and_pool():
         generate(model, p, [prompt(5, seed=1)], max_new_tokens=2, cuda_graphs=True)
 
 
+def test_a_forward_that_syncs_during_capture_gets_a_typed_error_and_leaves_the_pool_whole():
+    """A model whose forward reads a device value on the host (as some mixture-of-experts
+    fallbacks do) runs eagerly but cannot be captured: UnsupportedConfiguration that says
+    to pass cuda_graphs=False, every sequence freed, and the pool and GPU still serve."""
+    from kvpager.errors import UnsupportedConfiguration
+
+    model = make_model(hidden=256).cuda()
+    prompts = [prompt(n, seed=600 + n) for n in (4, 11)]
+    p = KVPool(spec_for_model(model, num_blocks=128, block_size=8), device="cuda:0")
+    hook = model.model.layers[0].register_forward_hook(lambda mod, args, out: out[0].sum().tolist())
+    try:
+        with pytest.raises(UnsupportedConfiguration, match="cuda_graphs=False"):
+            generate(model, p, prompts, max_new_tokens=4, cuda_graphs=True)
+        p.check_integrity()
+        assert p.stats().num_sequences == 0
+        assert generate(model, p, prompts, max_new_tokens=4) == [reference(model, q, 4) for q in prompts]
+    finally:
+        hook.remove()
+
+
 def test_eager_decode_steps_refill_one_plan_while_the_batch_keeps_its_sequences():
     model = make_model(hidden=256).cuda()
     system = prompt(40, seed=500)  # a shared prefix: the plans cascade over it

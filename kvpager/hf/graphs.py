@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvpager.errors import UnsupportedConfiguration
+
 
 def bucket_for(n: int) -> int:
     """The batch-size bucket that holds ``n`` sequences."""
@@ -118,8 +120,16 @@ class DecodeGraphs:
             self._forward(self.model, batch, ids, pos)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.mempool):
-            next_tokens = self._forward(self.model, batch, ids, pos)
+        try:
+            with torch.cuda.graph(graph, pool=self.mempool):
+                next_tokens = self._forward(self.model, batch, ids, pos)
+        except RuntimeError as e:
+            # The eager pass above ran: what failed is the capture itself, so say what that means.
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UnsupportedConfiguration(
+                f"{type(self.model).__name__}'s decode step cannot be captured in a CUDA graph: its forward "
+                f"waits for the GPU or reads a device value on the host while capturing (torch: {first}); "
+                "pass cuda_graphs=False to decode it without graphs") from e
         self.captures += 1
         return _Graph(graph, plan, ids, pos, next_tokens)
 
