@@ -86,8 +86,8 @@ extern "C" __global__ void __launch_bounds__(NT, 1) cascade_prefix_sm90(
     }
     // K/V tile t -> stage: the segment's positions (TMA where a tile is all in the segment;
     // else cp.async, the rest zero-filled).
-    auto load = [&](int t, int stage, int me, int n, int what) -> bool {
-        return wg_load_tile(sm, stage, pool, kv_map, table, block_stride, k_off, v_off, t, kv_start, kv_end, me, n, what);
+    auto load = [&](int t, int stage, int me, int n) -> bool {
+        return wg_load_tile(sm, stage, pool, kv_map, table, block_stride, k_off, v_off, t, kv_start, kv_end, me, n);
     };
     if (wg_start(load, tid, t_begin, num_tiles)) return;  // the producer's work is done
 

@@ -42,14 +42,8 @@
 #ifndef TMA
 #define TMA 0  // 1 (with WS): tiles whose every position is visible come by TMA, one box per block piece
 #endif
-#ifndef KVSPLIT
-#define KVSPLIT 0  // 1 (with WS, without OVERLAP): K and V of a stage land and are given back apart
-#endif
 #if TMA && !WS
 #error "TMA loads are the producer warpgroup's (WS)"
-#endif
-#if KVSPLIT && (!WS || OVERLAP)
-#error "KVSPLIT is the producer warpgroup's loop without OVERLAP"
 #endif
 
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL) && !defined(__CUDACC_RTC__)
@@ -95,21 +89,12 @@ __device__ __forceinline__ WgSmem wg_smem(unsigned char* raw) {
     return sm;
 }
 
-// What a load copies of a K/V tile: its K rows, its V rows, or both.
-constexpr int LOAD_K = 1, LOAD_V = 2, LOAD_KV = 3;
-
 #if WS
-// The stages' mbarriers (WS): full[s] = [s], empty[s] = [STAGES + s]; with KVSPLIT those are
-// K's, and V's full[s] = [2 * STAGES + s], empty[s] = [3 * STAGES + s]. One array per CTA
+// The stages' mbarriers (WS): full[s] = [s], empty[s] = [STAGES + s]. One array per CTA
 // (a __shared__ variable of a function is static): every call returns the same.
-constexpr int NUM_BARS = (KVSPLIT ? 4 : 2) * STAGES;
 __device__ __forceinline__ unsigned long long* wg_barriers() {
-    __shared__ __align__(8) unsigned long long bars[NUM_BARS];
+    __shared__ __align__(8) unsigned long long bars[2 * STAGES];
     return bars;
-}
-// The full barrier a load of ``what`` of stage ``stage`` arrives at.
-__device__ __forceinline__ unsigned wg_full_bar(int stage, int what) {
-    return smem_addr(&wg_barriers()[(KVSPLIT && what == LOAD_V ? 2 * STAGES : 0) + stage]);
 }
 #endif
 
@@ -123,11 +108,11 @@ __device__ __forceinline__ void wg_init(float* o, float* m, float* l) {
 
 // K/V tile t (positions t * BN ...) of ``table``'s sequence -> the stage at ks / vs: the
 // positions in [lo, hi), the rest zero-filled; copied by ``n`` threads of which this is
-// number ``me`` (``n`` is a constant at every call, after inlining); ``what``: K, V or both.
+// number ``me`` (``n`` is a constant at every call, after inlining).
 __device__ __forceinline__ void wg_load_kv(unsigned char* ks, unsigned char* vs, const st_t* __restrict__ pool,
                                            const int* __restrict__ table, long long block_stride,
                                            long long k_off, long long v_off, int t, int lo, int hi,
-                                           int me, int n, int what) {
+                                           int me, int n) {
 #pragma unroll 4
     for (int c = me; c < BN * CPR; c += n) {
         const int r = c / CPR, ch = c % CPR;
@@ -136,8 +121,8 @@ __device__ __forceinline__ void wg_load_kv(unsigned char* ks, unsigned char* vs,
         long long row = 0;
         if (ok) row = (long long)table[pos / BLOCK_SIZE] * block_stride + (pos % BLOCK_SIZE) * D + ch * 8;
         const int off = sw128_offset(BN, r, ch);
-        if (what & LOAD_K) cp_async16(ks + off, pool + (ok ? row + k_off : 0), ok);
-        if (what & LOAD_V) cp_async16(vs + off, pool + (ok ? row + v_off : 0), ok);
+        cp_async16(ks + off, pool + (ok ? row + k_off : 0), ok);
+        cp_async16(vs + off, pool + (ok ? row + v_off : 0), ok);
     }
 }
 
@@ -151,16 +136,15 @@ static_assert(TMA_ROWS % 8 == 0, "TMA boxes are whole 8-row atoms of the SW128 l
 // ``map``: the pool as [rows of HEAD_DIM values] (a row: one position of one kv head of one
 // layer's K or V); block b's K rows of this layer and head start at b * block_rows + k_row, its
 // V rows at b * block_rows + v_row. Producer thread ``me`` 0 asks for the tile's bytes on the
-// stage's full barrier ``bar`` and issues one box per (piece of a block, K or V as ``what``
-// says, 64-value region); the others arrive (the barrier counts every producer thread).
+// stage's full barrier ``bar`` and issues one box per (piece of a block, K or V, 64-value
+// region); the others arrive (the barrier counts every producer thread).
 __device__ __forceinline__ void wg_tma_kv(unsigned ks, unsigned vs, const void* map, const int* __restrict__ table,
-                                          int block_rows, int k_row, int v_row, int t, unsigned bar, int me,
-                                          int what) {
+                                          int block_rows, int k_row, int v_row, int t, unsigned bar, int me) {
     if (me != 0) {
         mbar_arrive(bar);
         return;
     }
-    mbar_arrive_expect_tx(bar, (what == LOAD_KV ? 2 : 1) * KV_TILE);
+    mbar_arrive_expect_tx(bar, 2 * KV_TILE);
 #pragma unroll
     for (int j = 0; j < BN / TMA_ROWS; ++j) {
         const int pos = t * BN + j * TMA_ROWS;
@@ -168,30 +152,29 @@ __device__ __forceinline__ void wg_tma_kv(unsigned ks, unsigned vs, const void* 
 #pragma unroll
         for (int reg = 0; reg < D / 64; ++reg) {
             const unsigned off = reg * BN * 128 + j * TMA_ROWS * 128;
-            if (what & LOAD_K) tma_load_2d(ks + off, map, reg * 64, row + k_row, bar);
-            if (what & LOAD_V) tma_load_2d(vs + off, map, reg * 64, row + v_row, bar);
+            tma_load_2d(ks + off, map, reg * 64, row + k_row, bar);
+            tma_load_2d(vs + off, map, reg * 64, row + v_row, bar);
         }
     }
 }
 #endif
 
-// K/V tile t of the positions [lo, hi) of ``table``'s sequence -> stage ``stage`` (``what``:
-// its K, its V or both): with TMA, a tile whose every position is in range comes by TMA
-// (wg_tma_kv; returns true: the load arrived on its full barrier itself); else cp.async, the
-// rest zero-filled (false).
+// K/V tile t of the positions [lo, hi) of ``table``'s sequence -> stage ``stage``: with TMA,
+// a tile whose every position is in range comes by TMA (wg_tma_kv; returns true: the load
+// arrived on the stage's full barrier itself); else cp.async, the rest zero-filled (false).
 __device__ __forceinline__ bool wg_load_tile(const WgSmem& sm, int stage, const st_t* __restrict__ pool,
                                              const void* map, const int* __restrict__ table,
                                              long long block_stride, long long k_off, long long v_off, int t,
-                                             int lo, int hi, int me, int n, int what) {
+                                             int lo, int hi, int me, int n) {
 #if TMA
     if (t * BN >= lo && (t + 1) * BN <= hi) {
         wg_tma_kv(sm.k_addr + stage * KV_TILE, sm.v_addr + stage * KV_TILE, map, table, (int)(block_stride / D),
-                  (int)(k_off / D), (int)(v_off / D), t, wg_full_bar(stage, what), me, what);
+                  (int)(k_off / D), (int)(v_off / D), t, smem_addr(&wg_barriers()[stage]), me);
         return true;
     }
 #endif
     wg_load_kv(sm.k + stage * KV_TILE, sm.v + stage * KV_TILE, pool, table, block_stride, k_off, v_off, t, lo, hi,
-               me, n, what);
+               me, n);
     return false;
 }
 
@@ -323,34 +306,28 @@ __device__ __forceinline__ bool wg_start(Load& load, int tid, int t_begin, int n
 #if !WS
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (t_begin + s < num_tiles) load(t_begin + s, s, tid, NT, LOAD_KV);
+        if (t_begin + s < num_tiles) load(t_begin + s, s, tid, NT);
         cp_commit();
     }
     return false;
 #else
-    unsigned long long* bars = wg_barriers();
+    unsigned long long* full_bar = wg_barriers();
+    unsigned long long* empty_bar = full_bar + STAGES;
     if (tid == 0) {
-        for (int s = 0; s < NUM_BARS; s += STAGES)  // full (and V's full with KVSPLIT), then empty
-            for (int k = 0; k < STAGES; ++k) mbar_init(smem_addr(&bars[s + k]), (s / STAGES) % 2 ? NC : NT - NC);
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(smem_addr(&full_bar[s]), NT - NC);
+            mbar_init(smem_addr(&empty_bar[s]), NC);
+        }
     }
     __syncthreads();
     if (tid >= NC) {  // the producer warpgroup
         setmaxnreg_dec<PRODUCER_REGS>();
-        unsigned long long* empty_bar = bars + STAGES;
         int i = 0;
         for (int t = t_begin; t < num_tiles; ++t, ++i) {
             const int stage = i % STAGES;
-            const unsigned phase = ((i / STAGES) - 1) & 1;
-            if (i >= STAGES) mbar_wait(smem_addr(&empty_bar[stage]), phase);
+            if (i >= STAGES) mbar_wait(smem_addr(&empty_bar[stage]), ((i / STAGES) - 1) & 1);
             // true: the load arrived itself (TMA); else once this thread's cp.async copies have landed
-#if KVSPLIT
-            // K as soon as its stage's K is given back (S done), V once V is (P V done)
-            if (!load(t, stage, tid - NC, NT - NC, LOAD_K)) cp_async_mbar_arrive(wg_full_bar(stage, LOAD_K));
-            if (i >= STAGES) mbar_wait(smem_addr(&empty_bar[2 * STAGES + stage]), phase);
-            if (!load(t, stage, tid - NC, NT - NC, LOAD_V)) cp_async_mbar_arrive(wg_full_bar(stage, LOAD_V));
-#else
-            if (!load(t, stage, tid - NC, NT - NC, LOAD_KV)) cp_async_mbar_arrive(wg_full_bar(stage, LOAD_KV));
-#endif
+            if (!load(t, stage, tid - NC, NT - NC)) cp_async_mbar_arrive(smem_addr(&full_bar[stage]));
         }
         cp_commit();
         cp_wait<0>();  // every copy of this thread landed before it leaves
@@ -445,32 +422,6 @@ __device__ __forceinline__ void wg_attend(float* o, float* m, float* l, unsigned
 #if PINGPONG
     if (wg == 0) named_barrier_sync(2, NC);  // warpgroup 1's first hand-over, left over
 #endif
-#elif WS && KVSPLIT
-    // K and V of a stage apart: S waits for K alone and gives it back once done, so the
-    // producer refills K while this tile's softmax and P V run; P V waits for V.
-    for (int t = t_begin, i = 0; t < num_tiles; ++t, ++i) {
-        const unsigned phase = (i / STAGES) & 1;
-        mbar_wait(smem_addr(&full_bar[st]), phase);
-        fence_proxy_async();
-        float s[BN / 2];
-        wg_issue_s(s, q_wg, k_addr + st * KV_TILE);
-        wgmma_wait<0>();
-        fence_regs<BN / 2>(s);
-        mbar_arrive(smem_addr(&empty_bar[st]));
-        wg_scores(s, t, softcap, mask);
-        float c[2], u[2];
-        unsigned pa[BN / 16][4];
-        wg_softmax_max(s, m, l, c, u, scale_log2);
-        wg_rescale(o, c);
-        wg_softmax_exp<true>(s, l, u, scale_log2, pa);
-        mbar_wait(smem_addr(&full_bar[2 * STAGES + st]), phase);
-        fence_proxy_async();
-        wg_issue_pv(o, pa, v_addr + st * KV_TILE);
-        wgmma_wait<0>();
-        fence_regs<D / 2>(o);
-        mbar_arrive(smem_addr(&empty_bar[2 * STAGES + st]));
-        st = st + 1 == STAGES ? 0 : st + 1;
-    }
 #elif WS
     for (int t = t_begin, i = 0; t < num_tiles; ++t, ++i) {
         mbar_wait(smem_addr(&full_bar[st]), (i / STAGES) & 1);
@@ -502,7 +453,7 @@ __device__ __forceinline__ void wg_attend(float* o, float* m, float* l, unsigned
         cp_wait<STAGES - 3>();  // tile t + 1 landed
         fence_proxy_async();
         __syncthreads();        // ... for every thread; and tile t - 1's stage is read by no one
-        if (t + STAGES - 1 < num_tiles) load(t + STAGES - 1, st == 0 ? STAGES - 1 : st - 1, tid, NT, LOAD_KV);
+        if (t + STAGES - 1 < num_tiles) load(t + STAGES - 1, st == 0 ? STAGES - 1 : st - 1, tid, NT);
         cp_commit();
         const bool more = t + 1 < num_tiles;
         if (more) wg_issue_s(sn, q_wg, k_addr + nst * KV_TILE);
@@ -518,7 +469,7 @@ __device__ __forceinline__ void wg_attend(float* o, float* m, float* l, unsigned
     }
 #else
     for (int t = t_begin; t < num_tiles; ++t) {
-        if (t + STAGES - 1 < num_tiles) load(t + STAGES - 1, st == 0 ? STAGES - 1 : st - 1, tid, NT, LOAD_KV);
+        if (t + STAGES - 1 < num_tiles) load(t + STAGES - 1, st == 0 ? STAGES - 1 : st - 1, tid, NT);
         cp_commit();
         cp_wait<STAGES - 1>();
         fence_proxy_async();  // this thread's landed copies -> visible to wgmma

@@ -111,8 +111,8 @@ extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(
     }
     // K/V tile t -> stage: the visible positions [first_vis, kv_end) (TMA where a tile is all
     // visible; else cp.async, the rest zero-filled).
-    auto load = [&](int t, int stage, int me, int n, int what) -> bool {
-        return wg_load_tile(sm, stage, pool, kv_map, table, block_stride, k_off, v_off, t, first_vis, kv_end, me, n, what);
+    auto load = [&](int t, int stage, int me, int n) -> bool {
+        return wg_load_tile(sm, stage, pool, kv_map, table, block_stride, k_off, v_off, t, first_vis, kv_end, me, n);
     };
     if (wg_start(load, tid, t_begin, num_tiles)) return;  // the producer's work is done
 

@@ -67,9 +67,6 @@ class KernelConfig:
     #: with the producer: K/V tiles whose every position is visible come by TMA, one box per
     #: block (`kvpager.backends.cupy_tma`; TMA), where the pool allows it; else all by cp.async
     prefill_wgmma_tma: bool = True
-    #: with the producer and without overlap: each stage's K and V land and are given back
-    #: apart (S waits for K alone, and its stage's K is refilled while P V still reads V; KVSPLIT)
-    prefill_wgmma_kv_split: bool = False
     #: in a captured CUDA graph, a decode cascade's own parts and shared part run side by
     #: side (the graph forks and joins; `kvpager.launch.ForkJoin`), else one after the other
     decode_cascade_fork: bool = True
@@ -98,7 +95,7 @@ class KernelConfig:
         _int_in(self, "prefill_wgmma_bn", (64, 128), optional=True)
         _int_in(self, "prefill_wgmma_stages", range(2, 5), optional=True)
         for name in ("prefill_wgmma_overlap", "prefill_wgmma_producer", "prefill_wgmma_pingpong",
-                     "prefill_wgmma_tma", "prefill_wgmma_kv_split", "decode_cascade_fork", "decode_l2_evict_first"):
+                     "prefill_wgmma_tma", "decode_cascade_fork", "decode_l2_evict_first"):
             value = getattr(self, name)
             if type(value) is not bool and not (value is None and name == "prefill_wgmma_producer"):
                 raise InvalidArgument(f"KernelConfig.{name} must be a bool"

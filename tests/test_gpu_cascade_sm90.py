@@ -54,8 +54,6 @@ CASES = [  # (dtype, head dim, block size, GQA group, knobs beyond prefill_kerne
     ("bfloat16", 128, 8, 8, {"prefill_wgmma_warpgroups": 1}),
     ("float16", 64, 64, 16, {"prefill_wgmma_warpgroups": 1, "prefill_wgmma_bn": 64, "prefill_wgmma_stages": 4}),
     ("bfloat16", 128, 16, 1, {"prefill_wgmma_bn": 128}),
-    ("bfloat16", 128, 16, 4, {"prefill_wgmma_kv_split": True}),
-    ("float16", 64, 32, 8, {"prefill_wgmma_kv_split": True, "prefill_wgmma_tma": False}),
 ]
 
 

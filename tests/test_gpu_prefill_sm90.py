@@ -76,13 +76,6 @@ CASES = [  # (dtype, head dim, block size, GQA group, knobs beyond prefill_kerne
     ("bfloat16", 128, 16, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_tma": False}),
     ("float16", 128, 8, 8, {"prefill_wgmma_producer": True, "prefill_wgmma_bn": 128, "prefill_wgmma_stages": 3}),
     ("bfloat16", 64, 32, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_tma": False}),
-    # each stage's K and V apart (KVSPLIT): with TMA and with cp.async alone
-    ("bfloat16", 128, 16, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_kv_split": True}),
-    ("float16", 64, 8, 8, {"prefill_wgmma_producer": True, "prefill_wgmma_kv_split": True}),
-    ("bfloat16", 128, 32, 2, {"prefill_wgmma_producer": True, "prefill_wgmma_kv_split": True,
-                              "prefill_wgmma_tma": False}),
-    ("float16", 128, 64, 16, {"prefill_wgmma_producer": True, "prefill_wgmma_kv_split": True,
-                              "prefill_wgmma_bn": 64, "prefill_wgmma_stages": 2}),
 ]
 
 

@@ -74,7 +74,10 @@ def test_a_forward_that_syncs_during_capture_gets_a_typed_error_and_leaves_the_p
     model = make_model(hidden=256).cuda()
     prompts = [prompt(n, seed=600 + n) for n in (4, 11)]
     p = KVPool(spec_for_model(model, num_blocks=128, block_size=8), device="cuda:0")
-    hook = model.model.layers[0].register_forward_hook(lambda mod, args, out: out[0].sum().tolist())
+    def read_back(module, args, out):  # a host read of a device value: fine eagerly, refused in a capture
+        (out[0] if isinstance(out, tuple) else out).sum().tolist()
+
+    hook = model.model.layers[0].register_forward_hook(read_back)
     try:
         with pytest.raises(UnsupportedConfiguration, match="cuda_graphs=False"):
             generate(model, p, prompts, max_new_tokens=4, cuda_graphs=True)

@@ -304,16 +304,3 @@ def test_a_launch_gets_the_tma_kernel_with_its_map_or_the_cp_async_one(monkeypat
         k, _, kv_map = cupy_prefill.plan_function(plan, 4, DEFAULT.replace(prefill_wgmma_tma=False), choose)
         assert "TMA" not in k.defines and kv_map is None
     assert asked == [16, 16]  # 16-row boxes (a block), asked only where the kernel loads by TMA
-
-
-def test_kv_split_is_the_producers_loop_without_overlap():
-    """K and V apart (KVSPLIT) is a define of the producer's loop and of the cascade's twin on
-    wgmma; the overlapped loop and the kernel without a producer never get it (their sources
-    refuse it)."""
-    spec = spec_of("bfloat16", None, 128, 16, 8)
-    split = DEFAULT.replace(prefill_wgmma_kv_split=True)
-    assert prefill_kernel(spec, 4, split, (9, 0)).defines["KVSPLIT"] == 1
-    assert cascade_kernel(spec, 4, split, (9, 0)).defines["KVSPLIT"] == 1
-    assert "KVSPLIT" not in prefill_kernel(spec, 4, split.replace(prefill_wgmma_overlap=True), (9, 0)).defines
-    assert "KVSPLIT" not in prefill_kernel(spec, 4, WG.replace(prefill_wgmma_kv_split=True), (9, 0)).defines
-    assert "KVSPLIT" not in prefill_kernel(spec, 4, split, (8, 0)).defines  # the mma kernel

@@ -145,8 +145,6 @@ def prefill_kernel(spec: Any, group: int, config: KernelConfig, cc: tuple[int, i
             defs["PINGPONG"] = 0
         if config.prefill_wgmma_tma and tma_unsupported(spec, t.bn) is None:
             defs["TMA"] = 1
-        if config.prefill_wgmma_kv_split and not config.prefill_wgmma_overlap:
-            defs["KVSPLIT"] = 1
     threads = 2 * t.bm + (128 if ws else 0)
     return PrefillKernel("paged_prefill_sm90.cu", "paged_prefill_sm90", "sm_90a", t, defs, smem, threads)
 
