@@ -53,7 +53,8 @@ def two_passes(model, forward) -> tuple[list[list[int]], bytes]:
     return [first, second], pool.backend.kv.tobytes()
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2-sliding", "stablelm", "gpt_oss"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2-sliding", "stablelm", "gpt_oss", "deepseek_v3",
+                                    "deepseek_v3-wide-v"])
 def test_compiled_pass_gives_the_eager_tokens_and_kv(family):
     torch._dynamo.reset()  # each family compiles afresh: the families together pass dynamo's recompile limit
     model = make_model(family)

@@ -32,6 +32,10 @@ COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_at
 SLIDING, FULL = "sliding_attention", "full_attention"
 ALTERNATING = [SLIDING, FULL, SLIDING, FULL]
 
+MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
+           n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=32,
+           first_k_dense_replace=1)
+
 # family: (config class, model class, extra config, the per-layer windows it must get)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}, [None] * 4),
@@ -64,6 +68,13 @@ FAMILIES = {
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
                 dict(head_dim=16, sliding_window=WINDOW, layer_types=ALTERNATING, num_local_experts=4,
                      num_experts_per_tok=2), [WINDOW, None, WINDOW, None]),
+    # multi-head latent attention: q and k of 16 + 16 dims, v of 16 (the pool's 32, v zero-padded;
+    # K/V expanded to every query head, as transformers attends)
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(MLA, v_head_dim=16), [None] * 4),
+    # ... and v wider than q and k (8 + 8 dims against 32: q and k zero-padded)
+    "deepseek_v3-wide-v": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                           dict(MLA, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=32, q_lora_rank=None),
+                           [None] * 4),
 }
 
 
@@ -304,10 +315,10 @@ class _Layer(torch.nn.Module):
     layer_idx = 0
 
 
-def _call(q_len=3, k_len=3, d=16, dv=16, **kwargs):
+def _call(q_len=3, k_len=3, d=16, dv=16, dk=None, v_heads=2, **kwargs):
     q = torch.zeros(1, 4, q_len, d)
-    k = torch.zeros(1, 2, k_len, d)
-    v = torch.zeros(1, 2, k_len, dv)
+    k = torch.zeros(1, 2, k_len, dk or d)
+    v = torch.zeros(1, v_heads, k_len, dv)
     batch = PagedBatch(None, torch.float32, torch.device("cpu"), [None])
     return kvpager_attention(_Layer(), q, k, v, None, kvpager=batch, **kwargs)
 
@@ -321,11 +332,15 @@ def test_unhonoured_attention_arguments_are_refused_by_name(name, value):
         _call(**{name: value})
 
 
-def test_cross_attention_mla_and_foreign_windows_are_refused():
+def test_cross_attention_mismatched_heads_and_foreign_windows_are_refused():
+    """v may differ from q and k in head dim (latent attention: padded, the families above),
+    q and k may not, nor k and v in heads."""
     with pytest.raises(ValueError, match="cross-attention"):
         _call(k_len=5)
-    with pytest.raises(ValueError, match="MLA"):
-        _call(dv=8)
+    with pytest.raises(ValueError, match="q and k of one head dim"):
+        _call(dk=8)
+    with pytest.raises(ValueError, match="q and k of one head dim"):
+        _call(v_heads=4)
     with pytest.raises(ValueError, match="sliding_window=4"):
         _call(sliding_window=4)  # the layer's planned window is None
 
@@ -367,3 +382,23 @@ def test_salt_follows_edits_after_caching():
     assert default_salt(model, refresh=True) != after  # ... that refresh recomputes
     model.load_state_dict(make_model("llama").state_dict())
     assert default_salt(model) == before
+
+
+@pytest.mark.parametrize("model_type,geometry", [
+    ("llama", dict(num_kv_heads=32, head_dim=128)),
+    # latent attention: q and k 128 + 64, v 128, K/V expanded to all 128 query heads
+    ("deepseek_v3", dict(num_kv_heads=128, head_dim=192)),
+    ("minicpm3", dict(num_kv_heads=40, head_dim=96)),  # q and k 64 + 32, v 64
+    ("glm4_moe_lite", dict(num_kv_heads=20, head_dim=256)),
+    ("mimo_v2_flash", dict(num_kv_heads=4, head_dim=192)),  # grouped heads, q and k 192, v 128
+])
+def test_geometry_of_released_configs(model_type, geometry):
+    """The pool's KV geometry read from a model type's default config: the wider of the
+    q/k and v head dims, and every query head's own K/V under latent attention."""
+    from transformers import AutoConfig
+
+    from kvpager.hf.model import model_geometry
+
+    config = AutoConfig.for_model(model_type)
+    got = model_geometry(config)
+    assert {k: got[k] for k in geometry} == geometry

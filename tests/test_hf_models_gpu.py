@@ -1,5 +1,6 @@
-"""Windowed, soft-capped and sink-attending model families on a GPU pool (the
-CUDA kernels' sliding windows, soft caps and attention sinks), float32, tokens identical to transformers'
+"""Windowed, soft-capped, sink-attending and latent-attention model families on a
+GPU pool (the CUDA kernels' sliding windows, soft caps and attention sinks; v of
+another head dim than q and k), float32, tokens identical to transformers'
 greedy ``generate`` of the same model on the same GPU. Skips without CUDA."""
 
 from __future__ import annotations
@@ -33,11 +34,19 @@ FAMILIES = {
 }
 
 
+# multi-head latent attention (no windows): q and k of 16 + 16 dims and v of 16 (v padded to
+# the pool's 32), and v of 32 against q and k of 8 + 8 (q and k padded): the pool's head dim is 32
+LATENT = ("deepseek_v3", "deepseek_v3-wide-v")
+
+
 def run_family(family: str, **options):
     """The family's model on a GPU pool (``options`` to `PagedGeneration`): its
     outputs and transformers' greedy ``generate``'s, prompt by prompt."""
-    model = make_model(family, **GPU_SIZES, **FAMILIES[family]).cuda()
-    assert WINDOW in layer_windows(model)
+    if family in LATENT:
+        model = make_model(family).cuda()
+    else:
+        model = make_model(family, **GPU_SIZES, **FAMILIES[family]).cuda()
+        assert WINDOW in layer_windows(model)
     pool = KVPool(spec_for_model(model, num_blocks=96, block_size=16), device="cuda:0")
     system = prompt(35, seed=1)
     prompts = [system + prompt(5, seed=2), prompt(9, seed=3), system + prompt(13, seed=4), prompt(1, seed=5)]
@@ -59,6 +68,12 @@ def run_family(family: str, **options):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_windowed_family_matches_transformers_on_the_gpu(family):
+    outs, want = run_family(family)
+    assert outs == want
+
+
+@pytest.mark.parametrize("family", list(LATENT))
+def test_latent_attention_family_matches_transformers_on_the_gpu(family):
     outs, want = run_family(family)
     assert outs == want
 

@@ -92,9 +92,10 @@ def kvpager_attention(
     attention mask is not used: the plan knows each sequence's extent and
     attends causally, within the layer's sliding window if it has one, scores
     soft-capped by ``softcap`` if given, with the attention sinks ``s_aux`` (a
-    logit per query head in the softmax denominator: GPT-OSS) if given. Any
-    other argument that would change the result is refused
-    (`kvpager.hf.model.check_call`)."""
+    logit per query head in the softmax denominator: GPT-OSS) if given. A value
+    head dim other than the query's (latent attention) is zero-padded to the
+    pool's, and the output cut back to it. Any other argument that would change
+    the result is refused (`kvpager.hf.model.check_call`)."""
     if kvpager is None:
         # Some families' decoder layers do not pass their keyword arguments on to
         # attention (StableLM, Nemotron): the pass's batch is still the current one.
@@ -119,11 +120,24 @@ def kvpager_attention(
         check_call(layer, query, key, value, dropout, sliding_window, window, kwargs)
     if s_aux is not None and s_aux.dtype is not torch.float32:
         s_aux = s_aux.float()  # the kernels read float32 sinks
+    dv = value.shape[3]
+    if dv != key.shape[3]:
+        # v of another head dim than q and k (latent attention: 192 for q and k, 128 for v):
+        # the pool holds the wider; zeros added to v add nothing to the output, which is cut
+        # back to v's width, and zeros added to q and k nothing to their scores.
+        if dv < key.shape[3]:
+            value = torch.nn.functional.pad(value, (0, key.shape[3] - dv))
+        else:
+            scaling = key.shape[3] ** -0.5 if scaling is None else scaling
+            query = torch.nn.functional.pad(query, (0, dv - key.shape[3]))
+            key = torch.nn.functional.pad(key, (0, dv - key.shape[3]))
     if HAS_OP and is_compiling():  # one opaque op for the compiler (`kvpager.hf.compiled`)
-        return _write_attend_op(query, key, value, layer, None if scaling is None else float(scaling),
-                                None if window is None else int(window),
-                                None if softcap is None else float(softcap), s_aux), None
-    return write_attend(batch, layer, query, key, value, scaling, window, softcap, s_aux), None
+        out = _write_attend_op(query, key, value, layer, None if scaling is None else float(scaling),
+                               None if window is None else int(window),
+                               None if softcap is None else float(softcap), s_aux)
+    else:
+        out = write_attend(batch, layer, query, key, value, scaling, window, softcap, s_aux)
+    return (out if out.shape[3] == dv else out[..., :dv]), None
 
 
 def write_attend(batch: PagedBatch, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

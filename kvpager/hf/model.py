@@ -83,8 +83,8 @@ def check_call(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.
                sliding_window: Any, window: Any, kwargs: dict[str, Any]) -> None:
     """Refuse, by name, what kvpager's attention would not reproduce: any
     keyword argument it does not honour (``head_mask``, ``position_bias``,
-    ``dropout`` > 0, ...), cross-attention, K/V of another head
-    dim than q (MLA-style), or a ``sliding_window`` transformers passes that
+    ``dropout`` > 0, ...), cross-attention, k of another head dim than q (v
+    may differ: `kvpager.hf.attention` pads), or a ``sliding_window`` transformers passes that
     differs from the window planned for the layer."""
     for name, val in kwargs.items():
         if val is None or name in IGNORED:
@@ -99,9 +99,10 @@ def check_call(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.
     if key.shape[2] != query.shape[2]:
         raise ValueError(f"kvpager attention is self-attention over the new tokens: {query.shape[2]} queries "
                          f"but {key.shape[2]} keys (cross-attention?) at layer {layer}")
-    if not query.shape[3] == key.shape[3] == value.shape[3]:
-        raise ValueError(f"kvpager attention needs one head dim for q, k and v, got {query.shape[3]}, "
-                         f"{key.shape[3]}, {value.shape[3]} at layer {layer} (MLA-style attention)")
+    if query.shape[3] != key.shape[3] or key.shape[:3] != value.shape[:3]:
+        raise ValueError(f"kvpager attention needs q and k of one head dim and k and v of the same heads and "
+                         f"tokens, got q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)} "
+                         f"at layer {layer}")
     if sliding_window is not ABSENT and sliding_window != window:
         raise ValueError(f"transformers passes sliding_window={sliding_window} to layer {layer}, whose "
                          f"config gives {window}; refusing rather than guessing")
@@ -184,16 +185,35 @@ def _cache_key(named: list[tuple[str, torch.Tensor]], config: bytes) -> tuple[An
     return meta, config, sample
 
 
+def attention_dims(config: Any) -> tuple[int, int]:
+    """(q/k head dim, v head dim) of the tensors a transformers config's attention
+    passes to its attention function. Multi-head latent attention (DeepSeek-V2/V3,
+    MiniCPM3, ...: ``qk_nope_head_dim`` + ``qk_rope_head_dim`` for q and k,
+    ``v_head_dim`` for v) and models with a narrower v (``v_head_dim``) differ."""
+    heads = config.num_attention_heads
+    qk = getattr(config, "qk_head_dim", None)
+    if not isinstance(qk, int):
+        nope, rope = getattr(config, "qk_nope_head_dim", None), getattr(config, "qk_rope_head_dim", None)
+        qk = nope + rope if isinstance(nope, int) and isinstance(rope, int) and getattr(config, "kv_lora_rank", None) \
+            else getattr(config, "head_dim", None) or config.hidden_size // heads
+    v = getattr(config, "v_head_dim", None)
+    return qk, v if isinstance(v, int) and v > 0 else qk
+
+
 def model_geometry(config: Any) -> dict[str, int]:
     """Layers, KV heads and head dim of a transformers config, as `PoolSpec` names
     them. ValueError for a model whose layers differ in them (one pool holds one
-    geometry for every layer)."""
+    geometry for every layer). Where v's head dim differs from q's and k's
+    (`attention_dims`), the pool holds the wider, the narrower side zero-padded
+    (`kvpager.hf.attention`); latent attention (``kv_lora_rank``) attends with
+    K/V expanded to every query head, as transformers' does."""
     try:
         heads = config.num_attention_heads
+        latent = isinstance(getattr(config, "kv_lora_rank", None), int)
         return dict(
             num_layers=config.num_hidden_layers,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            num_kv_heads=heads if latent else getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=max(attention_dims(config)),
         )
     except RuntimeError as e:  # transformers' per-layer configs (Gemma-4: head_dim 512 on its full layers)
         if type(e).__name__ != "AmbiguousGlobalPerLayerAttributeError":
