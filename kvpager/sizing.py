@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 from kvpager.errors import BackendUnavailable, InvalidArgument, UnsupportedConfiguration
@@ -43,15 +44,31 @@ def read_config(path: str) -> dict[str, Any]:
     return config
 
 
+def attention_dims(get: Callable[[str], Any]) -> tuple[Any, Any, bool]:
+    """(q and k head dim, v head dim, latent) of the tensors a transformers
+    config's attention passes to its attention function, its fields read by
+    ``get(name)`` (None where unset). q/k: ``qk_head_dim``, else under latent
+    attention (``kv_lora_rank``: DeepSeek-V2/V3, MiniCPM3, ...)
+    ``qk_nope_head_dim + qk_rope_head_dim``, else ``head_dim`` (None: the
+    caller's ``hidden_size / num_attention_heads``); v: ``v_head_dim`` as
+    given, None where unset (it is q's). Latent attention attends with K/V decompressed for every
+    query head (as transformers' does), so its pool has a K/V head per query head."""
+    rank = get("kv_lora_rank")
+    latent = type(rank) is int and rank > 0
+    qk = get("qk_head_dim")
+    if type(qk) is not int:
+        nope, rope = get("qk_nope_head_dim"), get("qk_rope_head_dim")
+        qk = nope + rope if latent and type(nope) is int and type(rope) is int else get("head_dim")
+    return qk, get("v_head_dim"), latent
+
+
 def config_geometry(config: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
     """`PoolSpec` fields (num_layers, num_kv_heads, head_dim, and dtype when the
-    config names one) from a transformers config dict."""
+    config names one) from a transformers config dict. Where v's head dim differs
+    from q's and k's (`attention_dims`), the pool holds the wider (the client pads
+    the other: `kvpager.hf.attention`)."""
     text = config.get("text_config")
     cfg = {**config, **text} if isinstance(text, dict) and "num_hidden_layers" not in config else config
-    if cfg.get("kv_lora_rank"):
-        raise UnsupportedConfiguration(
-            f"{where}: multi-head latent attention (kv_lora_rank) stores one latent per token, not K/V per "
-            "head; kvpager pools hold per-head K and V")
 
     def positive(name: str, value: Any) -> int:
         if type(value) is not int or value < 1:
@@ -63,15 +80,18 @@ def config_geometry(config: dict[str, Any], where: str = "config.json") -> dict[
                               "transformers causal LM config?)")
     layers = positive("num_hidden_layers", cfg["num_hidden_layers"])
     heads = positive("num_attention_heads", cfg["num_attention_heads"])
-    kv_heads = positive("num_key_value_heads", cfg.get("num_key_value_heads") or heads)
-    if cfg.get("head_dim"):
-        head_dim = positive("head_dim", cfg["head_dim"])
+    qk, v, latent = attention_dims(cfg.get)
+    kv_heads = heads if latent else positive("num_key_value_heads", cfg.get("num_key_value_heads") or heads)
+    if qk:
+        head_dim = positive("head_dim", qk)
     else:
         hidden = positive("hidden_size", cfg.get("hidden_size"))
         if hidden % heads:
             raise InvalidArgument(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads "
                                   f"{heads}, and there is no head_dim")
         head_dim = hidden // heads
+    if v is not None:
+        head_dim = max(head_dim, positive("v_head_dim", v))
     out: dict[str, Any] = dict(num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim)
     dtype = cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or config.get("dtype")
     if dtype is not None:

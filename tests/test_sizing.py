@@ -44,6 +44,21 @@ def opts(**kw):
       "text_config": {"hidden_size": 2560, "num_attention_heads": 8, "num_hidden_layers": 34,
                       "num_key_value_heads": 4, "head_dim": 256}},
      dict(num_layers=34, num_kv_heads=4, head_dim=256, dtype="float16")),
+    # multi-head latent attention (DeepSeek-V3's numbers): q and k 128 + 64, v 128, decompressed
+    # for every query head: a K/V head per query head of the wider dim
+    ({"hidden_size": 7168, "num_attention_heads": 128, "num_hidden_layers": 61, "num_key_value_heads": 128,
+      "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+      "v_head_dim": 128, "torch_dtype": "bfloat16"},
+     dict(num_layers=61, num_kv_heads=128, head_dim=192, dtype="bfloat16")),
+    # ... whatever num_key_value_heads says (MiniCPM3's configs leave the default)
+    ({**LLAMA, "kv_lora_rank": 256, "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64},
+     dict(num_layers=32, num_kv_heads=32, head_dim=96, dtype="bfloat16")),
+    # grouped heads with a narrower v (MiMo-V2-Flash): the wider, heads as given
+    ({**LLAMA, "head_dim": 192, "v_head_dim": 128}, dict(num_layers=32, num_kv_heads=8, head_dim=192,
+                                                         dtype="bfloat16")),
+    # v wider than q and k
+    ({**LLAMA, "head_dim": 64, "v_head_dim": 128}, dict(num_layers=32, num_kv_heads=8, head_dim=128,
+                                                        dtype="bfloat16")),
 ])
 def test_geometry_from_config(tmp_path, config, want):
     assert sizing.model_geometry(write(tmp_path, config)) == want
@@ -51,7 +66,8 @@ def test_geometry_from_config(tmp_path, config, want):
 
 
 @pytest.mark.parametrize("config, error, match", [
-    ({**LLAMA, "kv_lora_rank": 512}, UnsupportedConfiguration, "latent"),
+    ({**LLAMA, "v_head_dim": "128"}, InvalidArgument, "v_head_dim"),
+    ({**LLAMA, "kv_lora_rank": 512, "v_head_dim": 0}, InvalidArgument, "v_head_dim"),
     ({**LLAMA, "torch_dtype": "float64"}, UnsupportedConfiguration, "float64"),
     ({**LLAMA, "num_hidden_layers": 0}, InvalidArgument, "num_hidden_layers"),
     ({**LLAMA, "num_key_value_heads": "8"}, InvalidArgument, "num_key_value_heads"),
@@ -135,8 +151,8 @@ def test_serve_with_a_model_folder_and_a_fraction(tmp_path):
 
 def test_serve_refuses_a_bad_model_clearly(tmp_path):
     endpoint, _ = ipc_endpoint()
-    write(tmp_path, {**LLAMA, "kv_lora_rank": 8})
-    for model, match in ((tmp_path, "latent"), (tmp_path / "nope", "no such preset")):
+    write(tmp_path, {**LLAMA, "torch_dtype": "float64"})
+    for model, match in ((tmp_path, "float64"), (tmp_path / "nope", "no such preset")):
         with pytest.raises(RuntimeError, match=match), daemon_process(["--model", str(model), "--blocks", "8"],
                                                                        endpoint):
             pass

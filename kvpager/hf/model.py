@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from kvpager.sizing import attention_dims as sizing_dims
 from kvpager.spec import PoolSpec, dtype_name
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -187,17 +188,12 @@ def _cache_key(named: list[tuple[str, torch.Tensor]], config: bytes) -> tuple[An
 
 def attention_dims(config: Any) -> tuple[int, int]:
     """(q/k head dim, v head dim) of the tensors a transformers config's attention
-    passes to its attention function. Multi-head latent attention (DeepSeek-V2/V3,
-    MiniCPM3, ...: ``qk_nope_head_dim`` + ``qk_rope_head_dim`` for q and k,
-    ``v_head_dim`` for v) and models with a narrower v (``v_head_dim``) differ."""
-    heads = config.num_attention_heads
-    qk = getattr(config, "qk_head_dim", None)
-    if not isinstance(qk, int):
-        nope, rope = getattr(config, "qk_nope_head_dim", None), getattr(config, "qk_rope_head_dim", None)
-        qk = nope + rope if isinstance(nope, int) and isinstance(rope, int) and getattr(config, "kv_lora_rank", None) \
-            else getattr(config, "head_dim", None) or config.hidden_size // heads
-    v = getattr(config, "v_head_dim", None)
-    return qk, v if isinstance(v, int) and v > 0 else qk
+    passes to its attention function (`kvpager.sizing.attention_dims`'s rule):
+    multi-head latent attention (DeepSeek-V2/V3, MiniCPM3, ...) and models with
+    a narrower v (``v_head_dim``) differ."""
+    qk, v, _ = sizing_dims(lambda name: getattr(config, name, None))
+    qk = qk or config.hidden_size // config.num_attention_heads
+    return qk, v if type(v) is int and v > 0 else qk
 
 
 def model_geometry(config: Any) -> dict[str, int]:
@@ -209,7 +205,7 @@ def model_geometry(config: Any) -> dict[str, int]:
     K/V expanded to every query head, as transformers' does."""
     try:
         heads = config.num_attention_heads
-        latent = isinstance(getattr(config, "kv_lora_rank", None), int)
+        latent = sizing_dims(lambda name: getattr(config, name, None))[2]
         return dict(
             num_layers=config.num_hidden_layers,
             num_kv_heads=heads if latent else getattr(config, "num_key_value_heads", None) or heads,
