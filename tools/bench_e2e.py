@@ -1,7 +1,9 @@
 """A model on kvpager against the same model on transformers' own cache, in one process (GPU).
 
 Random-weight Llama-shaped models (Llama-3.2-1B: 16 layers, 32 q / 8 kv heads,
-head dim 64; Llama-3-8B: 32 layers, head dim 128), bf16, greedy decoding of
+head dim 64; Llama-3-8B: 32 layers, head dim 128) and ``mla``, a DeepSeek-V3
+model with DeepSeek-V2-Lite's latent attention (27 layers, 16 heads, q and k
+of 192 dims, v of 128; a dense MLP in every layer), bf16, greedy decoding of
 prompts that share a system prompt. Paths, on the same model and prompts:
 
 - ``hf loop``: the model's forward with a DynamicCache in a plain decode loop
@@ -37,7 +39,7 @@ kvpager stores the shared prompt once), and the tokens/s each reaches: one
 whole generation each (prefill included), timed after a 2-token warm-up of
 the same batch.
 
-    python tools/bench_e2e.py [--shapes 1b,8b] [--batches 64,256] [--json out.json]
+    python tools/bench_e2e.py [--shapes 1b,8b,mla] [--batches 64,256] [--json out.json]
 """
 
 from __future__ import annotations
@@ -70,16 +72,25 @@ SHAPES = {
                num_key_value_heads=8, head_dim=64, vocab_size=128256),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, head_dim=128, vocab_size=128256),
+    # multi-head latent attention, DeepSeek-V2-Lite's attention (27 layers, 16 heads, a 512-value
+    # latent, q and k of 128 + 64 dims, v of 128) with a dense MLP in every layer (its routed
+    # experts left out: transformers' expert loop would dominate both sides' steps)
+    "mla": dict(family="DeepseekV3", hidden_size=2048, intermediate_size=10944, num_hidden_layers=27,
+                num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=None,
+                qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, first_k_dense_replace=27,
+                vocab_size=102400),
 }
 
 
 def make_model(shape: str) -> torch.nn.Module:
-    config = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rope_theta=500000.0,
-                                      initializer_range=0.02, bos_token_id=1, eos_token_id=None,
-                                      attn_implementation="sdpa")
+    fields = dict(SHAPES[shape])
+    family = fields.pop("family", "Llama")
+    config = getattr(transformers, f"{family}Config")(
+        **fields, max_position_embeddings=8192, rope_theta=500000.0, initializer_range=0.02, bos_token_id=1,
+        eos_token_id=None, attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+        model = getattr(transformers, f"{family}ForCausalLM")(config).to(torch.bfloat16).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
