@@ -167,6 +167,28 @@ def test_windows_and_softcap_through_a_daemon_client():
         assert generate(model, pool, prompts, 10) == [reference(model, p, 10) for p in prompts]
 
 
+def test_latent_attention_through_a_daemon_sized_from_the_config(tmp_path):
+    """A daemon sized from a latent-attention model's config.json (`kvpager serve
+    --model`'s rule) holds what the worker's padded K/V need, and the worker's tokens
+    are transformers'."""
+    pytest.importorskip("zmq")
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+    from kvpager.sizing import model_geometry
+
+    model = make_model("deepseek_v3")
+    model.config.to_json_file(str(tmp_path / "config.json"))
+    geometry = model_geometry(str(tmp_path))
+    spec = spec_for_model(model, num_blocks=64, block_size=8)
+    assert {k: getattr(spec, k) for k in ("num_layers", "num_kv_heads", "head_dim")} == \
+        {k: geometry[k] for k in ("num_layers", "num_kv_heads", "head_dim")} == \
+        dict(num_layers=4, num_kv_heads=4, head_dim=32)
+    prompts = [prompt(30, seed=14), prompt(17, seed=15)]
+    with running_server(spec) as server, Client(server.endpoint) as pool:
+        assert generate(model, pool, prompts, 10) == [reference(model, p, 10) for p in prompts]
+
+
 @pytest.mark.parametrize("through_daemon", [False, True])
 def test_windowed_model_holds_about_one_window_of_blocks(through_daemon):
     """Every layer windowed (Mistral-style): each step gives back the blocks no
