@@ -33,7 +33,7 @@ next's, the steady rate of a loop of steps), host ms/step (from the step's
 start until its last kernel is queued: the forward call's return, or the graph
 replay's), tokens/s of the decode steps, KV bytes held at the end, and the
 first decode tokens' agreement with the hf loop. Then the fixed-memory case:
-an 8 GiB KV budget, the largest batch each side fits (transformers pads a
+an 8 GiB KV budget (the 8b shape, or ``--budget-shape``), the largest batch each side fits (transformers pads a
 batch to its longest prompt and keeps every request's cache contiguous;
 kvpager stores the shared prompt once), and the tokens/s each reaches: one
 whole generation each (prefill included), timed after a 2-token warm-up of
@@ -62,7 +62,7 @@ import transformers  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from e2e_paths import HFLoop, HostClock, Paged, generate_ms, summarize  # noqa: E402
+from e2e_paths import HFLoop, HostClock, Paged, cache_argument, generate_ms, summarize  # noqa: E402
 
 import kvpager.hf.generation as khf  # noqa: E402
 from kvpager import KVPool  # noqa: E402
@@ -176,12 +176,24 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
     return rows
 
 
+def hf_bytes_per_token(model, tokens: int = 16) -> int:
+    """Bytes a token takes in transformers' DynamicCache for ``model``: a prefill of
+    ``tokens`` tokens, its cache's tensors summed (K and V a head for the Llama shapes,
+    as kvpager's pool; the compressed latent for latent attention)."""
+    cache = transformers.DynamicCache()
+    with torch.inference_mode():
+        model(input_ids=torch.full((1, tokens), 5, device="cuda"), **cache_argument(model, cache), use_cache=True,
+              logits_to_keep=1)
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return held // tokens
+
+
 def budget_case(model, budget: int, shared: int, own: tuple[int, int], new: int, clock: HostClock,
                 compiled: bool = False) -> list[dict]:
-    """Largest batch within ``budget`` KV bytes on each side, and the tokens/s it reaches."""
+    """Largest batch within ``budget`` KV bytes on each side, and the tokens/s it reaches
+    (transformers' bytes a token as its own cache holds them: `hf_bytes_per_token`)."""
     spec = khf.spec_for_model(model, num_blocks=2)
-    per_token = spec.bytes_per_token
-    hf_batch = budget // (per_token * (shared + own[1] + new))  # padded to the longest prompt
+    hf_batch = budget // (hf_bytes_per_token(model) * (shared + own[1] + new))  # padded to the longest prompt
     shared_blocks = -(-shared // spec.block_size)
     worst = -(-(own[1] + new) // spec.block_size) + 1  # own tokens, new tokens, a copy of the shared tail
     num_blocks = budget // spec.bytes_per_block
@@ -232,7 +244,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="timed decode steps per round")
     ap.add_argument("--rounds", type=int, default=5,
                     help="alternating rounds of generate and the kvpager paths (ratios: median of the rounds')")
-    ap.add_argument("--budget-gib", type=float, default=8.0, help="fixed-memory case (8b shape); 0 skips it")
+    ap.add_argument("--budget-gib", type=float, default=8.0, help="fixed-memory case; 0 skips it")
+    ap.add_argument("--budget-shape", default="8b", help="the shape the fixed-memory case runs")
     ap.add_argument("--sync", action="store_true",
                     help="also run the kvpager eager and graph paths without pipelined steps")
     ap.add_argument("--compiled", action="store_true",
@@ -255,7 +268,7 @@ def main() -> None:
     rows, budget_rows = [], []
     for shape in args.shapes.split(","):
         model = make_model(shape)
-        for batch in map(int, args.batches.split(",")):
+        for batch in [int(b) for b in args.batches.split(",") if b]:  # none: the fixed-memory case alone
             for r in run_case(model, shape, batch, args.shared, args.own, args.steps, clock, args.static,
                               args.rounds, args.sync, args.compiled):
                 rows.append(r)
@@ -264,7 +277,7 @@ def main() -> None:
                       f"{r['tok_s']:9.0f} tok/s  {r['ratio']:5.2f}x  KV "
                       f"{(r['kv_bytes'] or 0) / 2**30:6.2f} GiB  agree {r['agree']}", flush=True)
             torch.cuda.empty_cache()
-        if shape == "8b" and args.budget_gib:
+        if shape == args.budget_shape and args.budget_gib:
             budget_rows = budget_case(model, int(args.budget_gib * 2**30), args.shared, (64, 256), 128, clock,
                                       args.compiled)
             for r in budget_rows:
