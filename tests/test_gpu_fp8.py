@@ -258,3 +258,19 @@ def test_transformers_on_a_gpu_fp8_pool_matches_the_cpu_twin(kv_dtype):
     for g, w in zip(got, want):
         assert np.abs(g - w).max() <= 0.01 * float(w.max() - w.min())
     gpu_pool.close()
+
+
+def test_calibration_of_a_gpu_model_matches_the_cpu_twin():
+    """Scales calibrated on a GPU model (its pass over a temporary GPU pool) match those of
+    the same float32 model on the CPU (latent attention: K/V only the attention function
+    sees)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from test_hf_fp8 import latent_model, tokens
+
+    from kvpager.hf import calibrate_kv_scales
+
+    cpu_model = latent_model()
+    want = calibrate_kv_scales(cpu_model, tokens(40, 5))
+    got = calibrate_kv_scales(cpu_model.to("cuda"), tokens(40, 5))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-3)

@@ -91,12 +91,30 @@ def test_fp8_logits_within_budget_of_the_spread(model, kv_dtype, budget, calibra
     assert max(np.abs(g - w).max() for g, w in zip(got, want)) > 0  # FP8 did round something
 
 
-def test_calibration_fits_what_the_pool_stores(model):
+def latent_model():
+    """A small random-weight model of multi-head latent attention (DeepSeek-V3's code):
+    transformers' cache holds its compressed latent, the pool its K/V per head."""
+    torch.manual_seed(0)
+    config = transformers.DeepseekV3Config(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=16,
+        v_head_dim=16, first_k_dense_replace=2, vocab_size=VOCAB, max_position_embeddings=512,
+        initializer_range=0.02, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+    return transformers.DeepseekV3ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "latent"])
+def test_calibration_fits_what_the_pool_stores(model, family):
     """The prompt calibrated on, written through kvpager, peaks at fmax / margin per
-    (layer, K|V, head): nothing saturates and the range is used."""
+    (layer, K|V, head): nothing saturates and the range is used (latent attention
+    too, whose K/V exist only as the attention function receives them)."""
+    if family == "latent":
+        model = latent_model()
     prompt = tokens(48, 4)
     margin = 1.25
     scales = calibrate_kv_scales(model, prompt, "float8_e4m3", margin=margin)
+    spec = spec_for_model(model, 64, 8)
+    assert np.asarray(scales).shape == (spec.num_layers, 2, spec.num_kv_heads)
     pool = KVPool(spec_for_model(model, 64, 8, dtype=torch.bfloat16,
                                  kv_dtype="float8_e4m3", kv_scales=scales))
     run(model, pool, prompt, [])

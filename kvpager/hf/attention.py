@@ -48,6 +48,9 @@ class PagedBatch:
     dtype: torch.dtype  # the pool's dtype
     device: torch.device  # where the pool's tensors live (cpu, or its GPU)
     windows: Sequence[int | None] | None = None  # per layer (`layer_windows`); None: as transformers passes them
+    #: called as ``observe(layer, key, value)`` with what each layer stores, padded as the pool holds it
+    #: (eager passes only: `kvpager.hf.fp8.calibrate_kv_scales`)
+    observe: Any = None
     #: the current pass's layer calls (`write_attend`) and a bit per layer called: `run_pass`
     #: zeroes them before a pass and checks after it that each layer ran through kvpager once
     layers_run: int = field(default=0, init=False, repr=False)
@@ -131,6 +134,8 @@ def kvpager_attention(
             scaling = key.shape[3] ** -0.5 if scaling is None else scaling
             query = torch.nn.functional.pad(query, (0, dv - key.shape[3]))
             key = torch.nn.functional.pad(key, (0, dv - key.shape[3]))
+    if batch.observe is not None:
+        batch.observe(layer, key, value)
     if HAS_OP and is_compiling():  # one opaque op for the compiler (`kvpager.hf.compiled`)
         out = _write_attend_op(query, key, value, layer, None if scaling is None else float(scaling),
                                None if window is None else int(window),

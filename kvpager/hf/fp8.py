@@ -3,12 +3,14 @@
 An FP8 pool stores ``x / scale`` per (layer, K or V, kv head) and its scales
 are given (`PoolSpec.kv_scales`; all 1.0 when none are, as vLLM assumes for
 checkpoints without scales). `calibrate_kv_scales` finds scales for a model:
-it runs the model once on a sample prompt with transformers' own cache and
-takes, per layer and kv head, the largest magnitude of K and of V (after the
-rotary embedding: what the pool stores) over the prompt, times ``margin``,
-divided by the FP8 format's largest finite value (448 for e4m3, 57344 for
-e5m2). `spec_for_model(..., kv_dtype="float8_e4m3", kv_scales=scales)` puts
-them in the pool's spec.
+it runs the model once on a sample prompt through kvpager's own attention
+over a temporary pool of the model's dtype, and takes, per layer and kv head,
+the largest magnitude of the K and of the V each layer stores (after the
+rotary embedding; for latent attention the K/V expanded per head, as the pool
+holds them, not transformers' compressed cache), times ``margin``, divided by
+the FP8 format's largest finite value (448 for e4m3, 57344 for e5m2).
+`spec_for_model(..., kv_dtype="float8_e4m3", kv_scales=scales)` puts them in
+the pool's spec.
 """
 
 from __future__ import annotations
@@ -22,22 +24,6 @@ from kvpager.errors import InvalidArgument
 from kvpager.spec import FP8_DTYPES, kv_dtype_name
 
 __all__ = ["calibrate_kv_scales"]
-
-
-def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) per layer of a transformers cache, each [batch, kv heads, tokens, head_dim]."""
-    if hasattr(cache, "layers"):  # transformers >= 4.56
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    if hasattr(cache, "key_cache"):
-        return list(zip(cache.key_cache, cache.value_cache))
-    return [(k, v) for k, v in cache]  # the legacy tuple of tuples
-
-
-def _output_cache(out: Any) -> Any:
-    """The cache a forward returned: ``out.cache`` where transformers names it so
-    (5.x, which deprecates the ``past_key_values`` alias), else ``out.past_key_values``."""
-    cache = getattr(out, "cache", None)
-    return out.past_key_values if cache is None else cache
 
 
 def calibrate_kv_scales(model: Any, input_ids: Any, kv_dtype: str = "float8_e4m3",
@@ -58,15 +44,44 @@ def calibrate_kv_scales(model: Any, input_ids: Any, kv_dtype: str = "float8_e4m3
     if ids.ndim != 2 or ids.shape[1] < 1:
         raise InvalidArgument(f"input_ids must be a non-empty token list or a [batch, tokens] tensor, "
                               f"got shape {tuple(ids.shape)}")
-    with torch.inference_mode():
-        out = model(input_ids=ids, use_cache=True)
     fmax = FP8_DTYPES[name][1]
-    scales = []
-    for keys, values in _cache_layers(_output_cache(out)):
-        per_kv = []
-        for x in (keys, values):
-            amax = x.detach().abs().float().amax(dim=(0, 2, 3)).cpu().numpy()  # [kv heads]
-            s = np.where(amax > 0, amax.astype(np.float64) * margin / fmax, 1.0)
-            per_kv.append([float(v) for v in s])
-        scales.append(per_kv)
-    return scales
+    peaks = _stored_peaks(model, ids)
+    return [[[float(p) * margin / fmax if p > 0 else 1.0 for p in peak.tolist()] for peak in layer]
+            for layer in peaks]
+
+
+def _stored_peaks(model: Any, ids: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Per layer, (amax |K|, amax |V|) per kv head of what a kvpager pool stores for
+    the rows of ``ids``: one pass over a temporary pool of the model's dtype."""
+    from kvpager import KVPool
+    from kvpager.hf.attention import PagedBatch, paged_attention, paged_forward
+    from kvpager.hf.model import layer_windows, spec_for_model
+
+    device = ids.device
+    dtype = next(model.parameters()).dtype
+    rows = ids.tolist()
+    block = 16
+    spec = spec_for_model(model, num_blocks=sum(-(-len(r) // block) for r in rows) + 1, block_size=block,
+                          dtype=dtype)
+    pool = KVPool(spec, device="cpu" if device.type == "cpu" else f"cuda:{device.index or 0}")
+    peaks: list[list[torch.Tensor | None]] = [[None, None] for _ in range(spec.num_layers)]
+
+    def observe(layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        for i, x in enumerate((key, value)):  # [1, kv heads, tokens, head dim]
+            amax = x.detach().abs().amax(dim=(0, 2, 3)).float()
+            old = peaks[layer][i]
+            peaks[layer][i] = amax if old is None else torch.maximum(old, amax)
+
+    try:
+        allocs = pool.allocate(rows)
+        lens = [len(r) for r in rows]
+        slots = np.concatenate([np.asarray(a.slots, dtype=np.int64) for a in allocs])
+        plan = pool.plan([a.seq_id for a in allocs], lens, slots, num_q_heads=model.config.num_attention_heads)
+        batch = PagedBatch(plan, dtype, device, layer_windows(model), observe=observe)
+        flat = ids.reshape(1, -1)
+        pos = torch.arange(ids.shape[1], device=device).repeat(ids.shape[0])[None]
+        with torch.inference_mode(), paged_attention(model):
+            paged_forward(model, batch, flat, pos, 1)
+    finally:
+        pool.close()
+    return [[p.cpu() for p in layer] for layer in peaks]  # type: ignore[union-attr]
