@@ -87,6 +87,15 @@ def test_gpt_oss_captured_with_batched_experts_matches_transformers():
     assert outs == want
 
 
+def test_gpt_oss_in_float32_with_its_default_experts_is_refused_with_the_way_out():
+    """Its default experts read the routing back in float32: the capture fails with
+    kvpager's typed error, which names both ways out."""
+    from kvpager.errors import UnsupportedConfiguration
+
+    with pytest.raises(UnsupportedConfiguration, match="cuda_graphs=False.*batched_mm"):
+        run_family("gpt_oss", cuda_graphs=True)
+
+
 def test_gpt_oss_in_bfloat16_captures_with_its_default_experts():
     """In bfloat16 the experts' grouped matmul runs on the GPU (no host read): the decode
     step is captured and replayed (its tokens are bfloat16's: the prefill's first token is
