@@ -44,21 +44,30 @@ def read_config(path: str) -> dict[str, Any]:
     return config
 
 
+#: model types whose attention function receives K/V tiled to every query head (JetMoE's
+#: mixture of attention heads: its 16 K/V heads repeated for each of its 2 experts a token)
+KV_PER_QUERY_HEAD = frozenset({"jetmoe"})
+
+
 def attention_dims(get: Callable[[str], Any]) -> tuple[Any, Any, bool]:
-    """(q and k head dim, v head dim, latent) of the tensors a transformers
-    config's attention passes to its attention function, its fields read by
-    ``get(name)`` (None where unset). q/k: ``qk_head_dim``, else under latent
-    attention (``kv_lora_rank``: DeepSeek-V2/V3, MiniCPM3, ...)
-    ``qk_nope_head_dim + qk_rope_head_dim``, else ``head_dim`` (None: the
+    """(q and k head dim, v head dim, a K/V head per query head) of the tensors a
+    transformers config's attention passes to its attention function, its fields
+    read by ``get(name)`` (None where unset). q/k: ``qk_head_dim``, else under
+    latent attention (``kv_lora_rank``: DeepSeek-V2/V3, MiniCPM3, ...)
+    ``qk_nope_head_dim + qk_rope_head_dim``, else ``head_dim``, else
+    ``kv_channels`` (Megatron-style configs: JetMoE, ChatGLM) (None: the
     caller's ``hidden_size / num_attention_heads``); v: ``v_head_dim`` as
-    given, None where unset (it is q's). Latent attention attends with K/V decompressed for every
-    query head (as transformers' does), so its pool has a K/V head per query head."""
+    given, None where unset (it is q's). Latent attention attends with K/V
+    decompressed for every query head (as transformers' does), and the types of
+    `KV_PER_QUERY_HEAD` with K/V tiled to them, so their pools have a K/V head
+    per query head."""
     rank = get("kv_lora_rank")
-    latent = type(rank) is int and rank > 0
+    latent = type(rank) is int and rank > 0 or get("model_type") in KV_PER_QUERY_HEAD
     qk = get("qk_head_dim")
     if type(qk) is not int:
         nope, rope = get("qk_nope_head_dim"), get("qk_rope_head_dim")
-        qk = nope + rope if latent and type(nope) is int and type(rope) is int else get("head_dim")
+        qk = nope + rope if type(rank) is int and rank > 0 and type(nope) is int and type(rope) is int \
+            else get("head_dim") or get("kv_channels")
     return qk, get("v_head_dim"), latent
 
 
@@ -80,8 +89,8 @@ def config_geometry(config: dict[str, Any], where: str = "config.json") -> dict[
                               "transformers causal LM config?)")
     layers = positive("num_hidden_layers", cfg["num_hidden_layers"])
     heads = positive("num_attention_heads", cfg["num_attention_heads"])
-    qk, v, latent = attention_dims(cfg.get)
-    kv_heads = heads if latent else positive("num_key_value_heads", cfg.get("num_key_value_heads") or heads)
+    qk, v, per_query_head = attention_dims(cfg.get)
+    kv_heads = heads if per_query_head else positive("num_key_value_heads", cfg.get("num_key_value_heads") or heads)
     if qk:
         head_dim = positive("head_dim", qk)
     else:

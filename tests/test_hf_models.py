@@ -71,6 +71,9 @@ FAMILIES = {
     # multi-head latent attention: q and k of 16 + 16 dims, v of 16 (the pool's 32, v zero-padded;
     # K/V expanded to every query head, as transformers attends)
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(MLA, v_head_dim=16), [None] * 4),
+    # mixture of attention heads: its 2 K/V heads tiled for each of 2 experts a token (4 K/V heads)
+    "jetmoe": ("JetMoeConfig", "JetMoeForCausalLM", dict(kv_channels=16, num_local_experts=4, num_experts_per_tok=2),
+               [None] * 4),
     # ... and v wider than q and k (8 + 8 dims against 32: q and k zero-padded)
     "deepseek_v3-wide-v": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
                            dict(MLA, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=32, q_lora_rank=None),
@@ -413,6 +416,7 @@ def test_salt_follows_edits_after_caching():
     ("minicpm3", dict(num_kv_heads=40, head_dim=96)),  # q and k 64 + 32, v 64
     ("glm4_moe_lite", dict(num_kv_heads=20, head_dim=256)),
     ("mimo_v2_flash", dict(num_kv_heads=4, head_dim=192)),  # grouped heads, q and k 192, v 128
+    ("jetmoe", dict(num_kv_heads=32, head_dim=128)),  # 16 K/V heads tiled for 2 experts a token
 ])
 def test_geometry_of_released_configs(model_type, geometry):
     """The pool's KV geometry read from a model type's default config: the wider of the

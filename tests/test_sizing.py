@@ -59,6 +59,10 @@ def opts(**kw):
     # v wider than q and k
     ({**LLAMA, "head_dim": 64, "v_head_dim": 128}, dict(num_layers=32, num_kv_heads=8, head_dim=128,
                                                         dtype="bfloat16")),
+    # JetMoE-8B: 16 K/V heads tiled for its 2 experts a token, as its attention receives them
+    ({"model_type": "jetmoe", "hidden_size": 2048, "num_attention_heads": 32, "num_hidden_layers": 24,
+      "num_key_value_heads": 16, "kv_channels": 128, "num_experts_per_tok": 2, "torch_dtype": "bfloat16"},
+     dict(num_layers=24, num_kv_heads=32, head_dim=128, dtype="bfloat16")),
 ])
 def test_geometry_from_config(tmp_path, config, want):
     assert sizing.model_geometry(write(tmp_path, config)) == want

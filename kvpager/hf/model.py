@@ -202,13 +202,14 @@ def model_geometry(config: Any) -> dict[str, int]:
     geometry for every layer). Where v's head dim differs from q's and k's
     (`attention_dims`), the pool holds the wider, the narrower side zero-padded
     (`kvpager.hf.attention`); latent attention (``kv_lora_rank``) attends with
-    K/V expanded to every query head, as transformers' does."""
+    K/V expanded to every query head, as transformers' does, and JetMoE with K/V
+    tiled to them (`kvpager.sizing.KV_PER_QUERY_HEAD`)."""
     try:
         heads = config.num_attention_heads
-        latent = sizing_dims(lambda name: getattr(config, name, None))[2]
+        per_query_head = sizing_dims(lambda name: getattr(config, name, None))[2]
         return dict(
             num_layers=config.num_hidden_layers,
-            num_kv_heads=heads if latent else getattr(config, "num_key_value_heads", None) or heads,
+            num_kv_heads=heads if per_query_head else getattr(config, "num_key_value_heads", None) or heads,
             head_dim=max(attention_dims(config)),
         )
     except RuntimeError as e:  # transformers' per-layer configs (Gemma-4: head_dim 512 on its full layers)
