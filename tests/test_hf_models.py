@@ -428,3 +428,52 @@ def test_geometry_of_released_configs(model_type, geometry):
     config = AutoConfig.for_model(model_type)
     got = model_geometry(config)
     assert {k: got[k] for k in geometry} == geometry
+
+
+# Multimodal wrappers, tiny vision towers: text generation runs their language model's layers
+_TEXT = {k: v for k, v in COMMON.items() if k not in ("bos_token_id", "eos_token_id", "pad_token_id")}
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+               patch_size=14)
+WRAPPERS = {
+    # windows in the text config's layer types (the wrapper's own config has none)
+    "gemma3": lambda: transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=dict(_TEXT, head_dim=16, sliding_window=WINDOW, layer_types=ALTERNATING),
+        vision_config=_VISION, mm_tokens_per_image=4)),
+    "mistral3": lambda: transformers.Mistral3ForConditionalGeneration(transformers.Mistral3Config(
+        text_config=dict(_TEXT, model_type="mistral", sliding_window=WINDOW), vision_config=dict(_VISION, head_dim=16))),
+    # multimodal rotary positions (three sections), the same for text tokens
+    "qwen2_5_vl": lambda: transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
+        text_config=dict(_TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(hidden_size=32, intermediate_size=64, depth=1, num_heads=2, out_hidden_size=64))),
+    "llava": lambda: transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        text_config=dict(_TEXT, model_type="llama"), vision_config=_VISION)),
+}
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_multimodal_wrapper_generates_text_as_its_language_model(wrapper):
+    """A multimodal model asked for text (Gemma-3 4B and up, Mistral-3, Qwen2.5-VL,
+    LLaVA): geometry and windows from its text config, the bidirectional vision
+    tower left alone, transformers' tokens with prefix sharing and cache reuse."""
+    from kvpager.hf.model import text_config
+
+    torch.manual_seed(0)
+    model = WRAPPERS[wrapper]().eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    assert text_config(model) is not model.config  # a wrapper: the language model's numbers are elsewhere
+    windows = {"gemma3": [WINDOW, None] * 2, "mistral3": [WINDOW] * 4}.get(wrapper, [None] * 4)
+    assert layer_windows(model) == windows
+    pool = KVPool(spec_for_model(model, num_blocks=96, block_size=8))
+    assert (pool.spec.num_layers, pool.spec.num_kv_heads) == (4, 2)
+    system = prompt(35, seed=21)
+    prompts = [system + prompt(5, seed=22), prompt(9, seed=23), system + prompt(13, seed=24)]
+    with PagedGeneration(model, pool, prompts, max_new_tokens=10) as gen:
+        assert gen.num_cached_tokens == [0, 0, 32]
+        while not gen.done:
+            gen.step()
+        outs = gen.outputs
+    assert outs == [reference(model, p, 10) for p in prompts]
+    follow = prompts[2] + outs[2] + prompt(4, seed=25)
+    assert generate(model, pool, [follow], 6) == [reference(model, follow, 6)]
+    pool.check_integrity()

@@ -33,7 +33,7 @@ from transformers import AttentionInterface
 from kvpager.errors import KVPagerError
 from kvpager.hf.compiled import HAS_OP, current, is_compiling, running
 from kvpager.hf.compiled import write_attend as _write_attend_op
-from kvpager.hf.model import ABSENT, IGNORED, check_call
+from kvpager.hf.model import ABSENT, IGNORED, check_call, text_config
 
 ATTN_IMPLEMENTATION = "kvpager"
 
@@ -206,7 +206,7 @@ def check_layers_ran(model: Any, batch: PagedBatch) -> None:
     (DiffLlama, Dory's recurrent loops) would overwrite a layer's K/V with its
     second call's (HRM-text counts its cycles as layers: as many calls as
     layers, over two of them): all generate wrong tokens without a word."""
-    ran, layers = batch.layers_run, model.config.num_hidden_layers
+    ran, layers = batch.layers_run, text_config(model).num_hidden_layers
     if ran == layers and batch.layers_seen == (1 << layers) - 1:
         return
     distinct = bin(batch.layers_seen).count("1")

@@ -55,7 +55,7 @@ def _stored_peaks(model: Any, ids: torch.Tensor) -> list[list[torch.Tensor]]:
     the rows of ``ids``: one pass over a temporary pool of the model's dtype."""
     from kvpager import KVPool
     from kvpager.hf.attention import PagedBatch, paged_attention, paged_forward
-    from kvpager.hf.model import layer_windows, spec_for_model
+    from kvpager.hf.model import layer_windows, spec_for_model, text_config
 
     device = ids.device
     dtype = next(model.parameters()).dtype
@@ -76,7 +76,7 @@ def _stored_peaks(model: Any, ids: torch.Tensor) -> list[list[torch.Tensor]]:
         allocs = pool.allocate(rows)
         lens = [len(r) for r in rows]
         slots = np.concatenate([np.asarray(a.slots, dtype=np.int64) for a in allocs])
-        plan = pool.plan([a.seq_id for a in allocs], lens, slots, num_q_heads=model.config.num_attention_heads)
+        plan = pool.plan([a.seq_id for a in allocs], lens, slots, num_q_heads=text_config(model).num_attention_heads)
         batch = PagedBatch(plan, dtype, device, layer_windows(model), observe=observe)
         flat = ids.reshape(1, -1)
         pos = torch.arange(ids.shape[1], device=device).repeat(ids.shape[0])[None]

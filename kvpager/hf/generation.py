@@ -49,6 +49,7 @@ from kvpager.hf.model import (  # noqa: F401
     layer_windows,
     model_geometry,
     spec_for_model,
+    text_config,
 )
 from kvpager.hf.pipeline import DecodePasses, HostBuffers, Pass
 from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
@@ -220,7 +221,7 @@ class PagedGeneration(DecodePasses):
         ``host_bound``: where the cascade is left to the planner, an eager decode
         step cascades only where it spares enough reading to pace the device
         (`kvpager.cascade.HOST_BOUND_MIN_SAVED`)."""
-        heads = self.model.config.num_attention_heads
+        heads = text_config(self.model).num_attention_heads
         decode = max(lens) == 1
         # the model's Python paces an eager step: a decode cascade only where it would pace the device
         if not (self._reuse_plans and decode):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from kvpager.errors import UnsupportedConfiguration
+from kvpager.hf.model import text_config
 
 
 def bucket_for(n: int) -> int:
@@ -60,7 +61,7 @@ class DecodeGraphs:
         self.model, self.pool, self.make_batch, self.cascade = model, pool, make_batch, cascade
         self._forward = compiled_forward if compile else paged_forward
         self.width = max(int(width), 1)
-        self.num_q_heads = model.config.num_attention_heads
+        self.num_q_heads = text_config(model).num_attention_heads
         self.graphs: dict[int, _Graph] = {}
         self.mempool = torch.cuda.graph_pool_handle()
         self.captures = 0

@@ -34,6 +34,26 @@ IGNORED = frozenset({"position_ids", "cache_position", "use_cache", "past_key_va
                      "output_router_logits", "output_hidden_states", "return_dict"})
 
 
+def text_config(model: Any) -> Any:
+    """The config of ``model``'s language model: its own config, or a multimodal
+    wrapper's text sub-config (Gemma-3 4B+, ...: `get_text_config`), where the
+    layers, heads, head dims and windows kvpager attends with are."""
+    config = model.config
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _decoder(model: Any) -> Any:
+    """The module that holds ``model``'s language layers (`get_decoder`; the whole
+    model where it has none): a multimodal wrapper's vision tower is not kvpager's."""
+    get = getattr(model, "get_decoder", None)
+    try:
+        decoder = get() if callable(get) else None
+    except Exception:  # noqa: BLE001 - a model without one says so its own way
+        decoder = None
+    return decoder if isinstance(decoder, torch.nn.Module) else model
+
+
 def layer_windows(model: Any) -> list[int | None]:
     """Each layer's sliding window (None: full attention), as transformers'
     masks apply it: ``config.sliding_window`` on the ``sliding_attention``
@@ -46,8 +66,11 @@ def layer_windows(model: Any) -> list[int | None]:
     some families set on every layer (Exaone4) whatever the layer's type. At
     call time, the ``sliding_window`` transformers passes to the attention
     function (what its flash-attention path applies) must equal this, or the
-    call is refused (`check_call`)."""
-    config = model.config
+    call is refused (`check_call`). A multimodal wrapper's text config and
+    language layers are read (`text_config`)."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError("kvpager attends for decoder-only models; this one is encoder-decoder (cross-attention)")
+    config = text_config(model)
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError("kvpager attends for decoder-only models; this one is encoder-decoder (cross-attention)")
     n = config.num_hidden_layers
@@ -68,7 +91,7 @@ def layer_windows(model: Any) -> list[int | None]:
         windows = [window if kind == SLIDING else None for kind in kinds]
     else:
         windows = [window] * n
-    for module in model.modules():
+    for module in _decoder(model).modules():
         idx = getattr(module, "layer_idx", None)
         if not isinstance(idx, int) or not hasattr(module, "is_causal"):
             continue  # not an attention module
@@ -226,11 +249,10 @@ def spec_for_model(
     """A `PoolSpec` matching ``model``'s KV geometry (dtype: the model's unless given).
     ``kv_dtype`` "float8_e4m3" / "float8_e5m2": an FP8 pool, its ``kv_scales`` given
     (e.g. from `kvpager.hf.calibrate_kv_scales`) or all 1.0."""
-    config = model.config
     if dtype is None:
         dtype = next(model.parameters()).dtype
     return PoolSpec(
-        **model_geometry(config),
+        **model_geometry(text_config(model)),
         num_blocks=num_blocks,
         block_size=block_size,
         dtype=dtype_name(dtype),
@@ -244,7 +266,7 @@ def check_model(model: Any, pool: Any) -> list[int | None]:
     """The model's per-layer sliding windows (`layer_windows`), after checking
     that kvpager can attend for it and that ``pool`` has its KV geometry."""
     windows = layer_windows(model)
-    want = model_geometry(model.config)
+    want = model_geometry(text_config(model))
     spec = pool.spec
     have = {k: getattr(spec, k) for k in want}
     if have != want:
