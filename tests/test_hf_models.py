@@ -477,3 +477,14 @@ def test_multimodal_wrapper_generates_text_as_its_language_model(wrapper):
     follow = prompts[2] + outs[2] + prompt(4, seed=25)
     assert generate(model, pool, [follow], 6) == [reference(model, follow, 6)]
     pool.check_integrity()
+
+
+def test_arguments_that_change_no_attention_pass():
+    """What some families pass down to attention without effect on it (which logits
+    the LM head keeps: GOT-OCR2's wrapper) is not refused."""
+    from kvpager.hf.model import ABSENT, check_call
+
+    q, kv = torch.zeros(1, 4, 3, 16), torch.zeros(1, 2, 3, 16)
+    check_call(0, q, kv, kv, 0.0, ABSENT, None, {"logits_to_keep": torch.tensor([0, 2]), "use_cache": False})
+    with pytest.raises(ValueError, match="head_mask"):
+        check_call(0, q, kv, kv, 0.0, ABSENT, None, {"logits_to_keep": 1, "head_mask": torch.ones(4)})

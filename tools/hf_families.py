@@ -38,6 +38,25 @@ COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_at
               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, initializer_range=0.1,
               bos_token_id=1, eos_token_id=None, pad_token_id=0)
 VARIANTS = ("gqa", "mha")  # with 2 K/V heads, and without setting num_key_value_heads
+#: the other sub-configs of a multimodal model (vision, audio, ...), shrunk where they take these
+#: names: text generation never runs them, but at their full default sizes they only cost time
+TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, depth=1, num_attention_heads=2,
+                  num_heads=2, num_key_value_heads=2, head_dim=16, image_size=28, patch_size=14, out_hidden_size=64)
+
+
+def tiny_config(model_type: str, common: dict):
+    """The type's config at the sweep's sizes: ``common`` on the config itself, or, for a
+    multimodal model (one with a text sub-config), on its text config, the other
+    sub-configs shrunk (`TINY_TOWER`)."""
+    from transformers import AutoConfig
+
+    default = AutoConfig.for_model(model_type)
+    subs = dict(getattr(default, "sub_configs", None) or {})
+    if "text_config" not in subs:
+        return AutoConfig.for_model(model_type, **common)
+    text = {k: v for k, v in common.items() if k not in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    towers = {name: dict(TINY_TOWER) for name in subs if name != "text_config"}
+    return AutoConfig.for_model(model_type, text_config=text, **towers)
 
 
 def one(model_type: str, variant: str) -> dict:
@@ -46,7 +65,7 @@ def one(model_type: str, variant: str) -> dict:
 
     warnings.filterwarnings("ignore")
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from kvpager import KVPool
@@ -60,7 +79,7 @@ def one(model_type: str, variant: str) -> dict:
         common.pop("num_key_value_heads")
     try:
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **common)).eval()
+        model = AutoModelForCausalLM.from_config(tiny_config(model_type, common)).eval()
         model.generation_config.eos_token_id = None
         model.generation_config.pad_token_id = 0
     except Exception as e:  # noqa: BLE001 - transformers' own failure at these sizes

@@ -29,9 +29,10 @@ ABSENT: Any = object()  # an attention argument transformers did not pass
 
 # Keyword arguments of transformers' attention call that change nothing here:
 # positions come from the plan (the rotary embedding is already applied to q
-# and k), the cache is kvpager's, and router outputs are the MoE block's business.
+# and k), the cache is kvpager's, router outputs are the MoE block's business,
+# and which logits to keep the LM head's (some multimodal wrappers pass it down).
 IGNORED = frozenset({"position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value",
-                     "output_router_logits", "output_hidden_states", "return_dict"})
+                     "output_router_logits", "output_hidden_states", "return_dict", "logits_to_keep"})
 
 
 def text_config(model: Any) -> Any:
