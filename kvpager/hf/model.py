@@ -69,10 +69,8 @@ def layer_windows(model: Any) -> list[int | None]:
     function (what its flash-attention path applies) must equal this, or the
     call is refused (`check_call`). A multimodal wrapper's text config and
     language layers are read (`text_config`)."""
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise ValueError("kvpager attends for decoder-only models; this one is encoder-decoder (cross-attention)")
     config = text_config(model)
-    if getattr(config, "is_encoder_decoder", False):
+    if any(getattr(c, "is_encoder_decoder", False) for c in (model.config, config)):
         raise ValueError("kvpager attends for decoder-only models; this one is encoder-decoder (cross-attention)")
     n = config.num_hidden_layers
     shared = getattr(config, "num_kv_shared_layers", 0)
