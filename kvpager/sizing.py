@@ -62,13 +62,13 @@ def attention_dims(get: Callable[[str], Any]) -> tuple[Any, Any, bool]:
     `KV_PER_QUERY_HEAD` with K/V tiled to them, so their pools have a K/V head
     per query head."""
     rank = get("kv_lora_rank")
-    latent = type(rank) is int and rank > 0 or get("model_type") in KV_PER_QUERY_HEAD
+    latent = type(rank) is int and rank > 0
     qk = get("qk_head_dim")
     if type(qk) is not int:
         nope, rope = get("qk_nope_head_dim"), get("qk_rope_head_dim")
-        qk = nope + rope if type(rank) is int and rank > 0 and type(nope) is int and type(rope) is int \
+        qk = nope + rope if latent and type(nope) is int and type(rope) is int \
             else get("head_dim") or get("kv_channels")
-    return qk, get("v_head_dim"), latent
+    return qk, get("v_head_dim"), latent or get("model_type") in KV_PER_QUERY_HEAD
 
 
 def config_geometry(config: dict[str, Any], where: str = "config.json") -> dict[str, Any]:

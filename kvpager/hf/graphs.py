@@ -127,11 +127,12 @@ class DecodeGraphs:
         except RuntimeError as e:
             # The eager pass above ran: what failed is the capture itself, so say what that means.
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            # transformers' grouped-mm experts fall back to a loop over a host copy of the routing
-            # where torch has no grouped matmul for the dtype (float32)
-            hint = (" (its experts run as 'grouped_mm': built with experts_implementation='batched_mm' they "
-                    "read nothing back)") if getattr(self.model.config, "_experts_implementation", None) \
-                == "grouped_mm" else ""
+            hint = ""
+            if getattr(self.model.config, "_experts_implementation", None) == "grouped_mm":
+                # transformers' grouped-mm experts fall back to a loop over a host copy of the
+                # routing where torch has no grouped matmul for the dtype (float32)
+                hint = (" (its experts run as 'grouped_mm': built with experts_implementation='batched_mm' "
+                        "they read nothing back)")
             raise UnsupportedConfiguration(
                 f"{type(self.model).__name__}'s decode step cannot be captured in a CUDA graph: its forward "
                 f"waits for the GPU or reads a device value on the host while capturing (torch: {first}); "

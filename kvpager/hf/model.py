@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from kvpager.sizing import attention_dims as sizing_dims
+from kvpager.sizing import attention_dims
 from kvpager.spec import PoolSpec, dtype_name
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -208,31 +208,23 @@ def _cache_key(named: list[tuple[str, torch.Tensor]], config: bytes) -> tuple[An
     return meta, config, sample
 
 
-def attention_dims(config: Any) -> tuple[int, int]:
-    """(q/k head dim, v head dim) of the tensors a transformers config's attention
-    passes to its attention function (`kvpager.sizing.attention_dims`'s rule):
-    multi-head latent attention (DeepSeek-V2/V3, MiniCPM3, ...) and models with
-    a narrower v (``v_head_dim``) differ."""
-    qk, v, _ = sizing_dims(lambda name: getattr(config, name, None))
-    qk = qk or config.hidden_size // config.num_attention_heads
-    return qk, v if type(v) is int and v > 0 else qk
-
-
 def model_geometry(config: Any) -> dict[str, int]:
     """Layers, KV heads and head dim of a transformers config, as `PoolSpec` names
     them. ValueError for a model whose layers differ in them (one pool holds one
     geometry for every layer). Where v's head dim differs from q's and k's
-    (`attention_dims`), the pool holds the wider, the narrower side zero-padded
+    (`kvpager.sizing.attention_dims`, the rule `kvpager serve --model` sizes by
+    too), the pool holds the wider, the narrower side zero-padded
     (`kvpager.hf.attention`); latent attention (``kv_lora_rank``) attends with
     K/V expanded to every query head, as transformers' does, and JetMoE with K/V
     tiled to them (`kvpager.sizing.KV_PER_QUERY_HEAD`)."""
     try:
         heads = config.num_attention_heads
-        per_query_head = sizing_dims(lambda name: getattr(config, name, None))[2]
+        qk, v, per_query_head = attention_dims(lambda name: getattr(config, name, None))
+        qk = qk or config.hidden_size // heads
         return dict(
             num_layers=config.num_hidden_layers,
             num_kv_heads=heads if per_query_head else getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=max(attention_dims(config)),
+            head_dim=max(qk, v) if type(v) is int and v > 0 else qk,
         )
     except RuntimeError as e:  # transformers' per-layer configs (Gemma-4: head_dim 512 on its full layers)
         if type(e).__name__ != "AmbiguousGlobalPerLayerAttributeError":
