@@ -42,8 +42,14 @@
 #ifndef TMA
 #define TMA 0  // 1 (with WS): tiles whose every position is visible come by TMA, one box per block piece
 #endif
+#ifndef PERSIST
+#define PERSIST 0  // 1 (with WS, no OVERLAP): a CTA an SM walks many work items (the kernel's own loop)
+#endif
 #if TMA && !WS
 #error "TMA loads are the producer warpgroup's (WS)"
+#endif
+#if PERSIST && (!WS || OVERLAP)
+#error "PERSIST runs the producer warpgroup's plain loop (WS, no OVERLAP)"
 #endif
 
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL) && !defined(__CUDACC_RTC__)
@@ -90,11 +96,48 @@ __device__ __forceinline__ WgSmem wg_smem(unsigned char* raw) {
 }
 
 #if WS
-// The stages' mbarriers (WS): full[s] = [s], empty[s] = [STAGES + s]. One array per CTA
-// (a __shared__ variable of a function is static): every call returns the same.
+// The stages' mbarriers (WS): full[s] = [s], empty[s] = [STAGES + s]; with PERSIST also the
+// Q tile's, full at [2 * STAGES] and empty at [2 * STAGES + 1]. One array per CTA (a
+// __shared__ variable of a function is static): every call returns the same.
 __device__ __forceinline__ unsigned long long* wg_barriers() {
-    __shared__ __align__(8) unsigned long long bars[2 * STAGES];
+    __shared__ __align__(8) unsigned long long bars[2 * STAGES + (PERSIST ? 2 : 0)];
     return bars;
+}
+
+// Thread 0 sets up the mbarriers: full (128 producer arrivals: each producer thread's copies
+// of the tile landed, signalled by cp.async itself, so the producer never waits for its
+// copies; each consumer fences for the async proxy once it has waited), empty (NC consumer
+// arrivals: its last reader's MMAs done), and with PERSIST the Q tile's alike (full: the
+// producer's Q copies landed; empty: both MMA warpgroups issued their last S on it). Then
+// the CTA syncs.
+__device__ __forceinline__ void wg_barriers_init(int tid) {
+    unsigned long long* bars = wg_barriers();
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(smem_addr(&bars[s]), NT - NC);
+            mbar_init(smem_addr(&bars[STAGES + s]), NC);
+        }
+#if PERSIST
+        mbar_init(smem_addr(&bars[2 * STAGES]), NT - NC);
+        mbar_init(smem_addr(&bars[2 * STAGES + 1]), NC);
+#endif
+    }
+    __syncthreads();
+}
+
+// The producer's copies of the K/V tiles [t_begin, num_tiles) of a run, ``g`` counting the
+// CTA's tiles on (tile g of the CTA goes to stage g % STAGES, once its last reader gave it
+// back). ``me``: this thread's number among the producer's.
+template <class Load>
+__device__ __forceinline__ void wg_produce(Load& load, int me, int t_begin, int num_tiles, int& g) {
+    unsigned long long* full_bar = wg_barriers();
+    unsigned long long* empty_bar = full_bar + STAGES;
+    for (int t = t_begin; t < num_tiles; ++t, ++g) {
+        const int stage = g % STAGES;
+        if (g >= STAGES) mbar_wait(smem_addr(&empty_bar[stage]), ((g / STAGES) - 1) & 1);
+        // true: the load arrived itself (TMA); else once this thread's cp.async copies have landed
+        if (!load(t, stage, me, NT - NC)) cp_async_mbar_arrive(smem_addr(&full_bar[stage]));
+    }
 }
 #endif
 
@@ -295,12 +338,10 @@ __device__ __forceinline__ void wg_tile(float* s, int t, unsigned v_st, float* o
 // Before the MMAs, after the consumer threads issued their Q tile's copies: without WS,
 // every thread issues the copies of the run's first STAGES - 1 tiles (load(t, stage, me, n),
 // which returns true where it arrived on the stage's full barrier itself: TMA, WS only;
-// the first group also holds the Q tile). With WS, thread 0 sets up the stages' mbarriers,
-// full (128 producer arrivals: each producer thread's copies of the tile landed, signalled
-// by cp.async itself, so the producer never waits for its copies; each consumer fences for
-// the async proxy once it has waited) and empty (NC consumer arrivals: its last reader's MMAs done); the producer
-// warpgroup then copies every tile of the run and this returns true (its work is done:
-// the caller returns), the consumers take its registers and wait for the Q tile.
+// the first group also holds the Q tile). With WS the mbarriers are set up
+// (wg_barriers_init), the producer warpgroup copies every tile of the run (wg_produce) and
+// this returns true (its work is done: the caller returns), the consumers take its
+// registers and wait for the Q tile.
 template <class Load>
 __device__ __forceinline__ bool wg_start(Load& load, int tid, int t_begin, int num_tiles) {
 #if !WS
@@ -311,24 +352,11 @@ __device__ __forceinline__ bool wg_start(Load& load, int tid, int t_begin, int n
     }
     return false;
 #else
-    unsigned long long* full_bar = wg_barriers();
-    unsigned long long* empty_bar = full_bar + STAGES;
-    if (tid == 0) {
-        for (int s = 0; s < STAGES; ++s) {
-            mbar_init(smem_addr(&full_bar[s]), NT - NC);
-            mbar_init(smem_addr(&empty_bar[s]), NC);
-        }
-    }
-    __syncthreads();
+    wg_barriers_init(tid);
     if (tid >= NC) {  // the producer warpgroup
         setmaxnreg_dec<PRODUCER_REGS>();
-        int i = 0;
-        for (int t = t_begin; t < num_tiles; ++t, ++i) {
-            const int stage = i % STAGES;
-            if (i >= STAGES) mbar_wait(smem_addr(&empty_bar[stage]), ((i / STAGES) - 1) & 1);
-            // true: the load arrived itself (TMA); else once this thread's cp.async copies have landed
-            if (!load(t, stage, tid - NC, NT - NC)) cp_async_mbar_arrive(smem_addr(&full_bar[stage]));
-        }
+        int g = 0;
+        wg_produce(load, tid - NC, t_begin, num_tiles, g);
         cp_commit();
         cp_wait<0>();  // every copy of this thread landed before it leaves
         return true;
@@ -345,11 +373,13 @@ __device__ __forceinline__ bool wg_start(Load& load, int tid, int t_begin, int n
 // The consumers' loop over K/V tiles [t_begin, num_tiles) (stage i % STAGES holds the run's
 // tile i; K tiles at k_addr, V tiles at v_addr, KV_TILE bytes apart): S = Q K^T, wg_tile,
 // each tile's MMAs waited for before its stage is given back. Without WS every thread also
-// issues the copies STAGES - 1 tiles ahead (load), with CTA barriers between them.
+// issues the copies STAGES - 1 tiles ahead (load), with CTA barriers between them. With
+// PERSIST the run's tile i is the CTA's tile base + i (wg_produce's count), and once S of
+// the run's last tile is done the Q tile is given back (its empty mbarrier).
 template <class Load, class Mask>
 __device__ __forceinline__ void wg_attend(float* o, float* m, float* l, unsigned q_wg, unsigned k_addr,
                                           unsigned v_addr, int t_begin, int num_tiles, float softcap,
-                                          float scale_log2, Load& load, Mask& mask, int tid) {
+                                          float scale_log2, Load& load, Mask& mask, int tid, int base = 0) {
     int st = 0;  // the stage of tile t
 #if WS
     unsigned long long* full_bar = wg_barriers();
@@ -423,13 +453,17 @@ __device__ __forceinline__ void wg_attend(float* o, float* m, float* l, unsigned
     if (wg == 0) named_barrier_sync(2, NC);  // warpgroup 1's first hand-over, left over
 #endif
 #elif WS
-    for (int t = t_begin, i = 0; t < num_tiles; ++t, ++i) {
+    st = base % STAGES;
+    for (int t = t_begin, i = base; t < num_tiles; ++t, ++i) {
         mbar_wait(smem_addr(&full_bar[st]), (i / STAGES) & 1);
         fence_proxy_async();
         float s[BN / 2];
         wg_issue_s(s, q_wg, k_addr + st * KV_TILE);
         wgmma_wait<0>();
         fence_regs<BN / 2>(s);
+#if PERSIST
+        if (t + 1 == num_tiles) mbar_arrive(smem_addr(&full_bar[2 * STAGES + 1]));  // Q read for the last time
+#endif
         wg_tile(s, t, v_addr + st * KV_TILE, o, m, l, softcap, scale_log2, mask);
         wgmma_wait<0>();
         fence_regs<D / 2>(o);

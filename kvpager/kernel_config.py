@@ -67,6 +67,12 @@ class KernelConfig:
     #: with the producer: K/V tiles whose every position is visible come by TMA, one box per
     #: block (`kvpager.backends.cupy_tma`; TMA), where the pool allows it; else all by cp.async
     prefill_wgmma_tma: bool = True
+    #: with the producer and no overlap: a persistent grid (PERSIST), about one CTA an SM
+    #: walking the step's (query tile, kv head) items longest first, each item's Q and K/V
+    #: copies running under the last tiles of the one before
+    prefill_wgmma_persistent: bool = True
+    #: CTAs of that persistent grid; None: the device's SM count (the kernel fits one an SM)
+    prefill_wgmma_ctas: int | None = None
     #: in a captured CUDA graph, a decode cascade's own parts and shared part run side by
     #: side (the graph forks and joins; `kvpager.launch.ForkJoin`), else one after the other
     decode_cascade_fork: bool = True
@@ -94,8 +100,10 @@ class KernelConfig:
         _int_in(self, "prefill_wgmma_warpgroups", (1, 2), optional=True)
         _int_in(self, "prefill_wgmma_bn", (64, 128), optional=True)
         _int_in(self, "prefill_wgmma_stages", range(2, 5), optional=True)
+        _int_in(self, "prefill_wgmma_ctas", range(1, 2**16), optional=True)
         for name in ("prefill_wgmma_overlap", "prefill_wgmma_producer", "prefill_wgmma_pingpong",
-                     "prefill_wgmma_tma", "decode_cascade_fork", "decode_l2_evict_first"):
+                     "prefill_wgmma_tma", "prefill_wgmma_persistent", "decode_cascade_fork",
+                     "decode_l2_evict_first"):
             value = getattr(self, name)
             if type(value) is not bool and not (value is None and name == "prefill_wgmma_producer"):
                 raise InvalidArgument(f"KernelConfig.{name} must be a bool"

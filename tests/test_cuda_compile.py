@@ -78,6 +78,9 @@ SM90A = {
         ["-DWS=1", "-DBN=128", "-DSTAGES=3", "-DTMA=1"], ["-DWS=1", "-DTMA=1", "-DBLOCK_SIZE=8", "-DGROUP=8"],
         ["-DWS=1", "-DTMA=1", "-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DBN=128", "-DSTAGES=2", "-DBLOCK_SIZE=256"],
         ["-DWS=1", "-DOVERLAP=1", "-DBN=128", "-DTMA=1", "-DBLOCK_SIZE=32", "-DGROUP=2"],
+        ["-DWS=1", "-DBN=128", "-DSTAGES=3", "-DTMA=1", "-DPERSIST=1"],
+        ["-DWS=1", "-DPERSIST=1", "-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DBN=128", "-DSTAGES=2", "-DGROUP=16"],
+        ["-DWS=1", "-DPERSIST=1", "-DTMA=1", "-DBLOCK_SIZE=8", "-DGROUP=1"],
     ],
     "cascade_prefix_sm90.cu": [
         ["-DKV_DTYPE=0"], ["-DHEAD_DIM=64", "-DGROUP=1"], ["-DGROUP=16", "-DBLOCK_SIZE=8", "-DWG=1"],

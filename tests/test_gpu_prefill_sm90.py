@@ -6,7 +6,8 @@ every tiling knob, ragged query and sequence lengths (query length 1, lengths
 off every tile size, a query tile shorter than a block), sliding windows, soft
 caps, a cascade's own parts (own_start and partial states) and a long step;
 each variant of the kernel (overlap, producer warpgroup, its TMA loads of whole
-blocks or its cp.async copies alone) among them. With TMA the positions past
+blocks or its cp.async copies alone, its persistent grid with a few CTAs walking
+many items, or a CTA a tile) among them. With TMA the positions past
 each sequence's length in its last block are NaN too.
 Skips without CuPy, a GPU, or on a GPU other than compute capability 9.0."""
 
@@ -76,6 +77,15 @@ CASES = [  # (dtype, head dim, block size, GQA group, knobs beyond prefill_kerne
     ("bfloat16", 128, 16, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_tma": False}),
     ("float16", 128, 8, 8, {"prefill_wgmma_producer": True, "prefill_wgmma_bn": 128, "prefill_wgmma_stages": 3}),
     ("bfloat16", 64, 32, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_tma": False}),
+    # the producer's persistent grid (the default with it): few CTAs, so each walks many items
+    # (query tiles of both kv heads, windows and all), with TMA and with cp.async alone; and off
+    ("bfloat16", 128, 16, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_ctas": 3}),
+    ("float16", 64, 8, 16, {"prefill_wgmma_producer": True, "prefill_wgmma_ctas": 1}),
+    ("bfloat16", 128, 32, 1, {"prefill_wgmma_producer": True, "prefill_wgmma_ctas": 5, "prefill_wgmma_tma": False}),
+    ("float16", 128, 64, 8, {"prefill_wgmma_producer": True, "prefill_wgmma_ctas": 2, "prefill_wgmma_bn": 64}),
+    ("bfloat16", 128, 16, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_persistent": False}),
+    ("float16", 64, 16, 2, {"prefill_wgmma_producer": True, "prefill_wgmma_persistent": False,
+                            "prefill_wgmma_tma": False}),
 ]
 
 
@@ -123,6 +133,8 @@ def test_wgmma_matches_twin_and_mma(dtype, d, bs, group, knobs):
     ("bfloat16", 128, 16, 4, {}), ("float16", 64, 64, 8, {}), ("bfloat16", 128, 16, 4, {"prefill_wgmma_overlap": True}),
     ("bfloat16", 128, 16, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_overlap": True}),
     ("bfloat16", 128, 16, 4, {"prefill_wgmma_producer": True}),
+    ("bfloat16", 128, 16, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_ctas": 7}),
+    ("bfloat16", 128, 16, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_persistent": False}),
 ])
 def test_wgmma_long_step(dtype, d, bs, group, knobs):
     """Two sequences of 512 new tokens on 1,024 and 1,536 cached, 8 kv heads (the benchmark's shape, smaller)."""
@@ -153,7 +165,8 @@ def test_wgmma_cascade_own_parts(kv_dtype, dtype, d, bs, group):
     q = rng.standard_normal((int(qlens.sum()), hq, d), dtype=np.float32).astype(spec.np_dtype)
     old = make_plan(gpu, tables, seq_lens, qlens, cascade=True, num_q_heads=hq, config=MMA)
     for config in (WGMMA, WGMMA.replace(prefill_wgmma_overlap=True),
-                   WGMMA.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True)):
+                   WGMMA.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True),
+                   WGMMA.replace(prefill_wgmma_producer=True, prefill_wgmma_ctas=3)):
         new = make_plan(gpu, tables, seq_lens, qlens, cascade=True, num_q_heads=hq, config=config)
         assert new.shared_prefixes is not None and new.shared_prefixes.levels == 2
         for layer, softcap in ((0, None), (1, 3.0)):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from kernel_plan_helpers import H200, NSM, PINS, spec_of
 
-from kvpager import KernelConfig, UnsupportedConfiguration
+from kvpager import InvalidArgument, KernelConfig, UnsupportedConfiguration
 from kvpager.backends.cupy_cascade import cascade_chunks, cascade_kernel, cascade_tiling
 from kvpager.backends.cupy_prefill import prefill_function, prefill_kernel, prefill_tiles
 from kvpager.kernel_config import DEFAULT
@@ -49,7 +49,7 @@ def test_cascade_kernel_choices_are_the_pinned_ones(case):
 
 def test_the_cascade_runs_the_multi_token_kernels_twin():
     """cascade_prefix_sm90.cu exactly where the multi-token kernel is paged_prefill_sm90.cu, with
-    its knobs, tiling, defines (TMA among them), shared memory and threads; else cascade_prefix.cu on the tiling
+    its knobs, tiling, defines (TMA among them; not the persistent grid), shared memory and threads; else cascade_prefix.cu on the tiling
     it had (`cascade_tiling`), 128 threads; "wgmma" where it cannot run: the same typed error."""
     for dtype, kv_dtype, d in [("bfloat16", None, 128), ("float16", None, 64), ("bfloat16", "float8_e4m3", 128),
                                ("float16", None, 256), ("bfloat16", None, 96)]:
@@ -66,8 +66,9 @@ def test_the_cascade_runs_the_multi_token_kernels_twin():
                 c = cascade_kernel(spec, 4, config, cc)
                 if p.file == "paged_prefill_sm90.cu":
                     assert (c.file, c.func) == ("cascade_prefix_sm90.cu", "cascade_prefix_sm90")
+                    own = {name: v for name, v in p.defines.items() if name != "PERSIST"}  # a CTA a tile
                     assert (c.arch, c.tiling, c.defines, c.smem, c.threads) == (
-                        p.arch, p.tiling, p.defines, p.smem, p.threads)
+                        p.arch, p.tiling, own, p.smem, p.threads)
                 else:
                     t, smem, _ = cascade_tiling(spec, 4, config)
                     assert (c.file, c.func, c.arch, c.tiling, c.smem, c.threads) == (
@@ -106,6 +107,58 @@ def test_the_default_is_wgmma_with_a_producer_on_hopper_and_mma_elsewhere():
     # one MMA warpgroup or overlap: no producer unless asked for
     assert "WS" not in prefill_kernel(spec, 4, DEFAULT.replace(prefill_wgmma_warpgroups=1), (9, 0)).defines
     assert "WS" not in prefill_kernel(spec, 4, DEFAULT.replace(prefill_wgmma_overlap=True), (9, 0)).defines
+
+
+def test_the_producers_plain_loop_runs_a_persistent_grid(monkeypatch):
+    """PERSIST with the producer and no overlap (the default on Hopper), not with overlap, not
+    asked for, or without the producer; the grid: one CTA an SM, or the knob's count, never
+    more than the step's (query tile, kv head) items."""
+    from kvpager import kernels
+    from kvpager.backends.cupy_prefill import persistent_ctas
+
+    spec = spec_of("bfloat16", None, 128, 16, 8)
+    assert prefill_kernel(spec, 4, DEFAULT, (9, 0)).defines["PERSIST"] == 1
+    for config in (DEFAULT.replace(prefill_wgmma_persistent=False), DEFAULT.replace(prefill_wgmma_overlap=True),
+                   WG.replace(prefill_wgmma_overlap=True, prefill_wgmma_producer=True), WG):
+        assert "PERSIST" not in prefill_kernel(spec, 4, config, (9, 0)).defines
+    monkeypatch.setattr(kernels, "num_sms", lambda device: 132)
+    assert [persistent_ctas(w, DEFAULT, 0) for w in (1, 131, 132, 133, 2048)] == [1, 131, 132, 132, 132]
+    assert [persistent_ctas(w, DEFAULT.replace(prefill_wgmma_ctas=3), 0) for w in (1, 3, 2048)] == [1, 3, 3]
+    assert persistent_ctas(0, DEFAULT, 0) == 1  # an empty step's grid is still a grid
+    with pytest.raises(InvalidArgument, match="prefill_wgmma_ctas"):
+        DEFAULT.replace(prefill_wgmma_ctas=0)
+    with pytest.raises(InvalidArgument, match="prefill_wgmma_persistent"):
+        DEFAULT.replace(prefill_wgmma_persistent=1)
+
+
+@pytest.mark.parametrize("heads", [1, 2, 8])
+def test_persistent_items_keep_each_kv_stream_together(heads):
+    """`prefill_items`: every (query tile, kv head) once; the items of a sequence's kv head side
+    by side, in `prefill_tiles`' order (longest first); sequences in the order of their first
+    (longest) tile, kv heads in turn within a sequence."""
+    from kvpager.backends.cupy_prefill import prefill_items
+
+    rng = np.random.default_rng(heads)
+    for _ in range(20):
+        n = int(rng.integers(1, 12))
+        ql = rng.integers(1, 300, n).astype(np.int32)
+        sl = (ql + rng.integers(0, 2000, n)).astype(np.int32)
+        own = rng.integers(0, 50, n).astype(np.int32) if rng.random() < 0.3 else None
+        tiles = prefill_tiles(ql, sl, 32, own)
+        items = prefill_items(ql, sl, 32, heads, own)
+        assert items.dtype == np.int32 and items.shape == (len(tiles) * heads, 3)
+        want = sorted((int(b), int(j), h) for b, j in tiles for h in range(heads))
+        assert sorted(map(tuple, items.tolist())) == want
+        streams = [(int(b), int(h)) for b, _, h in items]
+        runs = [streams[0]] + [x for x, y in zip(streams[1:], streams[:-1]) if x != y]
+        assert len(runs) == len(set(runs))  # each stream's items contiguous
+        seqs = list(dict.fromkeys(b for b, _ in runs))
+        assert seqs == list(dict.fromkeys(int(b) for b in tiles[:, 0]))
+        assert runs == [(b, h) for b in seqs for h in range(heads)]
+        for b, h in runs:
+            mine = [int(j) for bb, j, hh in items if (bb, hh) == (b, h)]
+            assert mine == [int(j) for bb, j in tiles if bb == b]
+    assert prefill_items(np.zeros(0, np.int32), np.zeros(0, np.int32), 32, heads).shape == (0, 3)
 
 
 @pytest.mark.parametrize("dtype,kv_dtype,d,cc,why", [

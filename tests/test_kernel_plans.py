@@ -20,6 +20,9 @@ the multi-token kernel chosen by compute capability, pool and knobs; its
 ``cascade_kernel`` cases (recorded when cascade_prefix_sm90.cu came) the
 shared-prefix kernel, its tiling, member rows per CTA and chunks. The
 ``cascade`` cases (cascade_prefix.cu's tiling) are c3af6b9's, unchanged.
+One deliberate change to the ``prefill_kernel`` cases since: the producer's
+plain loop runs a persistent grid (PERSIST=1, `KernelConfig.prefill_wgmma_persistent`,
+measured on an H200), so those cases' defines gained it.
 """
 
 from __future__ import annotations

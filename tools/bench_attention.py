@@ -274,6 +274,8 @@ def prefill_variants(sweep: bool) -> list[tuple[str, KernelConfig]]:
         variants += [("mma", c.replace(prefill_kernel="mma")),
                      ("wgmma", wg), ("wgmma, overlap", wg.replace(prefill_wgmma_overlap=True)),
                      ("wgmma, producer warpgroup", wg.replace(prefill_wgmma_producer=True)),
+                     ("wgmma, producer warpgroup, a CTA a tile (no persistent grid)",
+                      wg.replace(prefill_wgmma_producer=True, prefill_wgmma_persistent=False)),
                      ("wgmma, producer warpgroup, cp.async only (no TMA)",
                       wg.replace(prefill_wgmma_producer=True, prefill_wgmma_tma=False)),
                      ("wgmma, producer warpgroup, FlashAttention-3 loop",

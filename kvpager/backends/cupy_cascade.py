@@ -52,8 +52,9 @@ def cascade_kernel(spec: Any, group: int, config: KernelConfig, cc: tuple[int, i
     its twin on wgmma), else cascade_prefix.cu on `cascade_tiling` (128 threads).
     Member rows per CTA: ``max(1, tiling.bm // group)``."""
     k = prefill_kernel(spec, group, config, cc)
-    if k.arch is not None:
-        return replace(k, file="cascade_prefix_sm90.cu", func="cascade_prefix_sm90")
+    if k.arch is not None:  # one CTA a tile: the persistent grid is paged_prefill_sm90.cu's alone
+        defs = {name: v for name, v in k.defines.items() if name != "PERSIST"}
+        return replace(k, file="cascade_prefix_sm90.cu", func="cascade_prefix_sm90", defines=defs)
     t, smem, _ = cascade_tiling(spec, group, config)
     defs = {**kernels.storage_defines(spec), "HEAD_DIM": spec.head_dim, "BLOCK_SIZE": spec.block_size,
             "GROUP": group, "MT": t.mt}

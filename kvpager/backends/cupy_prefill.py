@@ -145,6 +145,8 @@ def prefill_kernel(spec: Any, group: int, config: KernelConfig, cc: tuple[int, i
             defs["PINGPONG"] = 0
         if config.prefill_wgmma_tma and tma_unsupported(spec, t.bn) is None:
             defs["TMA"] = 1
+        if config.prefill_wgmma_persistent and not config.prefill_wgmma_overlap:
+            defs["PERSIST"] = 1
     threads = 2 * t.bm + (128 if ws else 0)
     return PrefillKernel("paged_prefill_sm90.cu", "paged_prefill_sm90", "sm_90a", t, defs, smem, threads)
 
@@ -209,6 +211,34 @@ def prefill_tiles(query_lens: np.ndarray, seq_lens: np.ndarray, rows: int, own: 
     return np.ascontiguousarray(np.stack([seq[order], j0[order]], axis=1), dtype=np.int32)
 
 
+def prefill_items(query_lens: np.ndarray, seq_lens: np.ndarray, rows: int, heads: int, own: Any = None
+                  ) -> np.ndarray:
+    """int32 [tiles * heads, 3]: (sequence, first query, kv head), the work items of
+    paged_prefill_sm90.cu's persistent grid: `prefill_tiles`' tiles for each kv head, the
+    items of one K/V stream (a sequence's kv head) side by side and longest first, so that
+    the CTAs running at once read a few streams, each from L2 once (all of them at once
+    would not fit it); the sequences whose longest tile sees the most K/V first."""
+    tiles = prefill_tiles(query_lens, seq_lens, rows, own)
+    seq = tiles[:, 0]
+    # the tiles of a sequence together, in the order their sequences' first tiles come
+    first = np.full(len(query_lens), len(tiles), dtype=np.int64)
+    np.minimum.at(first, seq, np.arange(len(tiles)))
+    tiles = tiles[np.argsort(first[seq], kind="stable")]
+    seq = tiles[:, 0]
+    n = len(tiles)
+    start = np.flatnonzero(np.r_[True, seq[1:] != seq[:-1]]) if n else np.zeros(0, np.int64)
+    length = np.diff(np.r_[start, n])
+    run_start = np.repeat(start, length)        # each tile's sequence run: its start and length
+    run_len = np.repeat(length, length)
+    h = np.arange(heads)
+    # tile k of a run at [s, s + m), kv head h -> item s * heads + h * m + (k - s)
+    at = (run_start * heads)[:, None] + h[None, :] * run_len[:, None] + (np.arange(n) - run_start)[:, None]
+    items = np.empty((n * heads, 3), dtype=np.int32)
+    items[at.ravel(), :2] = np.repeat(tiles, heads, axis=0)
+    items[at.ravel(), 2] = np.tile(h, n)
+    return items
+
+
 def prefill_launch(plan: Any, group: int, cells: dict[str, Any], config: KernelConfig, *, own: Any = None,
                    own_start: Any = None, part_o: Any = None, part_lse: Any = None, parts: int = 0
                    ) -> tuple[Launch, list[Any]]:
@@ -224,7 +254,10 @@ def prefill_launch(plan: Any, group: int, cells: dict[str, Any], config: KernelC
     smem = k.smem
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
-    tiles = prefill_tiles(plan.query_lens, plan.seq_lens, k.tiling.bm // group, own)
+    rows = k.tiling.bm // group
+    persist = bool(k.defines.get("PERSIST"))
+    tiles = (prefill_items(plan.query_lens, plan.seq_lens, rows, spec.num_kv_heads, own) if persist
+             else prefill_tiles(plan.query_lens, plan.seq_lens, rows, own))
     tiles_dev = cupy.empty(tiles.shape, dtype=cupy.int32)
     runtime.memcpyAsync(tiles_dev.data.ptr, tiles.ctypes.data, tiles.nbytes, runtime.memcpyHostToDevice,
                         current_stream(dev))
@@ -234,5 +267,16 @@ def prefill_launch(plan: Any, group: int, cells: dict[str, Any], config: KernelC
             ptr(0) if own_start is None else own_start, ptr(0) if part_o is None else part_o,
             ptr(0) if part_lse is None else part_lse, i32(parts), c["scales"],
             ptr(0 if kv_map is None else kv_map.data.ptr), c["window"], c["softcap"], c["scale"]]
+    grid = (len(tiles), spec.num_kv_heads)
+    if k.arch is not None:  # paged_prefill_sm90.cu: its work items, for the persistent grid
+        args.insert(-3, i32(len(tiles)))  # before window, soft cap and scale (the plan's cells, last)
+        if persist:
+            grid = (persistent_ctas(len(tiles), config, dev), 1)
     # the host copy stays alive until the upload has run
-    return Launch(fn, (len(tiles), spec.num_kv_heads), k.threads, smem, args, dev), [tiles_dev, tiles]
+    return Launch(fn, grid, k.threads, smem, args, dev), [tiles_dev, tiles]
+
+
+def persistent_ctas(work: int, config: KernelConfig, device: int) -> int:
+    """CTAs of paged_prefill_sm90.cu's persistent grid for ``work`` items: one an SM (its
+    shared memory fits one), or ``config.prefill_wgmma_ctas``; never more than the items."""
+    return max(1, min(work, config.prefill_wgmma_ctas or kernels.num_sms(device)))
