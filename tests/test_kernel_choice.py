@@ -15,7 +15,8 @@ from kernel_plan_helpers import H200, NSM, PINS, spec_of
 
 from kvpager import InvalidArgument, KernelConfig, UnsupportedConfiguration
 from kvpager.backends.cupy_cascade import cascade_chunks, cascade_kernel, cascade_tiling
-from kvpager.backends.cupy_prefill import prefill_function, prefill_kernel, prefill_tiles
+from kvpager.backends.cupy_prefill import prefill_function, prefill_kernel
+from kvpager.backends.prefill_work import prefill_tiles
 from kvpager.kernel_config import DEFAULT
 from kvpager.kernel_smem import check_fits, prefill_sm90_smem, resident
 
@@ -136,7 +137,7 @@ def test_persistent_items_keep_each_kv_stream_together(heads):
     """`prefill_items`: every (query tile, kv head) once; the items of a sequence's kv head side
     by side, in `prefill_tiles`' order (longest first); sequences in the order of their first
     (longest) tile, kv heads in turn within a sequence."""
-    from kvpager.backends.cupy_prefill import prefill_items
+    from kvpager.backends.prefill_work import prefill_items
 
     rng = np.random.default_rng(heads)
     for _ in range(20):

@@ -36,10 +36,8 @@ from kernel_plan_helpers import H200, NSM, PINS, spec_of
 from kvpager import InvalidArgument, KernelConfig, KVPool, PoolSpec, UnsupportedConfiguration
 from kvpager.backends.cupy_cascade import cascade_chunks, cascade_tiling
 from kvpager.backends.cupy_decode import decode_shape, merge_defines, plan_splits
-from kvpager.backends.cupy_prefill import (
-    prefill_tiles,
-    prefill_tiling,
-)
+from kvpager.backends.cupy_prefill import prefill_tiling
+from kvpager.backends.prefill_work import prefill_tiles
 from kvpager.block_moves import COPY_THREADS, copy_grid
 from kvpager.kernel_config import DEFAULT, check_config
 from kvpager.kernel_smem import check_fits, resident

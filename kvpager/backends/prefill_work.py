@@ -1,0 +1,52 @@
+"""The multi-token kernels' work lists, pure arithmetic (tested on the CPU):
+`prefill_tiles`, a step's query tiles longest K/V first (a CTA each, with a
+grid row per kv head), and `prefill_items`, the (query tile, kv head) items of
+paged_prefill_sm90.cu's persistent grid, each K/V stream's items side by side."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def prefill_tiles(query_lens: np.ndarray, seq_lens: np.ndarray, rows: int, own: Any = None) -> np.ndarray:
+    """int32 [tiles, 2]: (sequence, first query) of every tile of ``rows`` queries, the
+    tiles that see the most K/V first (so the long ones do not trail the launch);
+    ``own``: each sequence's first position read (a cascade's own parts), else 0."""
+    ql, sl = query_lens, seq_lens
+    counts = -(-ql // rows)
+    seq = np.repeat(np.arange(len(ql), dtype=np.int32), counts)
+    first = np.cumsum(counts) - counts
+    j0 = ((np.arange(len(seq)) - np.repeat(first, counts)) * rows).astype(np.int32)
+    start = own[seq] if own is not None else 0
+    order = np.argsort(-(sl[seq] - start - ql[seq] + j0), kind="stable")
+    return np.ascontiguousarray(np.stack([seq[order], j0[order]], axis=1), dtype=np.int32)
+
+
+def prefill_items(query_lens: np.ndarray, seq_lens: np.ndarray, rows: int, heads: int, own: Any = None
+                  ) -> np.ndarray:
+    """int32 [tiles * heads, 3]: (sequence, first query, kv head), the work items of
+    paged_prefill_sm90.cu's persistent grid: `prefill_tiles`' tiles for each kv head, the
+    items of one K/V stream (a sequence's kv head) side by side and longest first, so that
+    the CTAs running at once read a few streams, each from L2 once (all of them at once
+    would not fit it); the sequences whose longest tile sees the most K/V first."""
+    tiles = prefill_tiles(query_lens, seq_lens, rows, own)
+    seq = tiles[:, 0]
+    # the tiles of a sequence together, in the order their sequences' first tiles come
+    first = np.full(len(query_lens), len(tiles), dtype=np.int64)
+    np.minimum.at(first, seq, np.arange(len(tiles)))
+    tiles = tiles[np.argsort(first[seq], kind="stable")]
+    seq = tiles[:, 0]
+    n = len(tiles)
+    start = np.flatnonzero(np.r_[True, seq[1:] != seq[:-1]]) if n else np.zeros(0, np.int64)
+    length = np.diff(np.r_[start, n])
+    run_start = np.repeat(start, length)        # each tile's sequence run: its start and length
+    run_len = np.repeat(length, length)
+    h = np.arange(heads)
+    # tile k of a run at [s, s + m), kv head h -> item s * heads + h * m + (k - s)
+    at = (run_start * heads)[:, None] + h[None, :] * run_len[:, None] + (np.arange(n) - run_start)[:, None]
+    items = np.empty((n * heads, 3), dtype=np.int32)
+    items[at.ravel(), :2] = np.repeat(tiles, heads, axis=0)
+    items[at.ravel(), 2] = np.tile(h, n)
+    return items
