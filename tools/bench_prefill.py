@@ -1,0 +1,177 @@
+"""Time to first token: a model's prefill on kvpager against the same model on transformers' own cache, in one process.
+
+`bench_e2e.py`'s random-weight models (the Llama-3-8B shape by default, bf16), each
+case a batch of prompts prefilled in one forward pass up to its first new tokens:
+
+- ``cold``: B distinct prompts of L tokens, nothing cached. kvpager: a
+  `kvpager.hf.PagedGeneration` of one new token (allocation, step plan, the
+  model's forward on kvpager's attention, the first tokens on the host);
+  transformers: the model's forward on a new DynamicCache (SDPA), logits of
+  the last position only, the first tokens on the host.
+- ``warm``: B requests of one S-token system prompt and Q tokens of their own,
+  the system prompt already cached. kvpager: its prefix cache holds the system
+  prompt (a generation before the rounds published it), so the pass computes
+  the Q own tokens, attending over the cached S (the multi-token kernel on a
+  cached prefix); transformers: a DynamicCache of the system prompt prefilled
+  once, copied for the batch in the timed region (`batch_repeat_interleave`),
+  then the Q own tokens (``hf, prefix reused``), and the whole prompt computed
+  again (``hf, recomputed``: what `generate` does).
+
+Paths take turns in ``--rounds`` rounds (this kind of host's speed drifts); a
+path's time is the median of its rounds, its ratio the median of the rounds'
+ratios (above 1.0x: kvpager is faster). Each round's requests are new (other
+own tokens, another salt for the cold prompts), so nothing of a round is cached
+for the next. Tokens/s counts the tokens each pass computes; the first tokens
+of kvpager and transformers are compared.
+
+    python tools/bench_prefill.py [--shape 8b] [--rounds 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_e2e import make_model  # noqa: E402
+from e2e_paths import cache_argument  # noqa: E402
+
+import kvpager.hf.generation as khf  # noqa: E402
+from kvpager import KVPool  # noqa: E402
+
+#: (case, batch, cached system prompt tokens, new tokens per request)
+CASES = [("cold", 1, 0, 8192), ("cold", 8, 0, 2048), ("cold", 32, 0, 512),
+         ("warm", 32, 4096, 256), ("warm", 8, 8192, 1024)]
+# bench_e2e's models take positions up to 8,192 + its rope; the warm 8 x (8,192 + 1,024) runs past
+# that, as a long system prompt does: the rotary embedding is computed for any position
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, 32000, n).tolist()
+
+
+def timed(fn, *args) -> tuple[float, list[int]]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    first = fn(*args)
+    return time.perf_counter() - t0, first  # the first tokens are on the host: the pass is done
+
+
+def hf_first(model, ids: list[list[int]], cache=None) -> list[int]:
+    """The first new tokens of transformers' forward over ``ids`` (on ``cache``: a new DynamicCache)."""
+    x = torch.tensor(ids, dtype=torch.long, device=next(model.parameters()).device)
+    cache = transformers.DynamicCache() if cache is None else cache
+    with torch.inference_mode():
+        out = model(input_ids=x, use_cache=True, logits_to_keep=1, **cache_argument(model, cache))
+        return out.logits[:, -1].argmax(-1).tolist()
+
+
+def hf_reused(model, system_cache, own: list[list[int]]) -> list[int]:
+    """transformers with its prefix reused: the system prompt's DynamicCache copied for each
+    request, then the first new tokens of the requests' own tokens on it."""
+    cache = copy.deepcopy(system_cache)
+    cache.batch_repeat_interleave(len(own))
+    return hf_first(model, own, cache)
+
+
+def kv_first(model, pool, prompts: list[list[int]], salt: str, cached: list[int] | None = None) -> list[int]:
+    """The first new tokens of a kvpager generation of ``prompts`` (then freed: its full blocks
+    stay cached); each prompt's tokens found in the prefix cache appended to ``cached``."""
+    with khf.PagedGeneration(model, pool, prompts, 1, salt=salt) as gen:
+        if cached is not None:
+            cached += gen.num_cached_tokens
+        return [o[0] for o in gen.outputs]
+
+
+def run_case(model, pool, case: str, batch: int, system: int, own: int, rounds: int) -> list[dict]:
+    sys_ids = tokens(system, 1)
+    hf_sys = None
+    if case == "warm":
+        kv_first(model, pool, [sys_ids], "warm")  # the system prompt in kvpager's prefix cache
+        hf_sys = transformers.DynamicCache()
+        hf_first(model, [sys_ids], hf_sys)        # ... and in a DynamicCache of transformers' to copy
+    times: dict[str, list[float]] = {}
+    agree: list[float] = []
+    cached: list[int] = []  # kvpager's prefix-cache hits per request, timed rounds
+    for r in range(rounds + 1):  # round 0 warms every path up (kernels built, allocator grown), untimed
+        reqs = [sys_ids + tokens(own, 1000 * r + i + 2) for i in range(batch)]
+        hits = cached if r else None
+        runs = {}
+        if case == "cold":
+            # a salt of the case's own: another case's prompts of the same seeds begin with these tokens
+            runs["kvpager"] = timed(kv_first, model, pool, reqs, f"cold {batch} x {own}, round {r}", hits)
+            runs["hf"] = timed(hf_first, model, reqs)
+        else:
+            runs["kvpager, system prompt cached"] = timed(kv_first, model, pool, reqs, "warm", hits)
+            runs["hf, prefix reused"] = timed(hf_reused, model, hf_sys, [q[system:] for q in reqs])
+            runs["hf, recomputed"] = timed(hf_first, model, reqs)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if r == 0:
+            continue
+        for path, (t, _) in runs.items():
+            times.setdefault(path, []).append(t)
+        first = list(runs.values())
+        agree.append(float(np.mean(np.array(first[0][1]) == np.array(first[1][1]))))
+    kv_path = next(iter(times))
+    rows = []
+    for path, ts in times.items():
+        ms = float(np.median(ts)) * 1e3
+        computed = batch * (own if path != "hf, recomputed" and case == "warm" else own + system)
+        ratio = float(np.median(np.array(ts) / np.array(times[kv_path])))
+        rows.append(dict(case=case, batch=batch, system=system, own=own, path=path, ms=ms,
+                         tok_s=computed / ms * 1e3, ratio=ratio, agree=float(np.mean(agree)),
+                         kv_cached=float(np.mean(cached))))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="8b", help="bench_e2e.py's shape: 1b or 8b")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--cases", default="", help="indices into CASES (comma-separated); empty: all")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args()
+    torch.backends.cuda.enable_cudnn_sdp(False)  # as bench_e2e.py: cuDNN plans a new shape on first use
+    model = make_model(args.shape)
+    picked = [CASES[int(i)] for i in args.cases.split(",")] if args.cases else CASES
+    longest = max(b * (s + o) for _, b, s, o in picked)
+    spec = khf.spec_for_model(model, num_blocks=2 * longest // 16 + 4096)
+    pool = KVPool(spec, device="cuda:0")
+    rows = []
+    try:
+        for case, batch, system, own in picked:
+            for row in run_case(model, pool, case, batch, system, own, args.rounds):
+                rows.append(row)
+                print(f"{case} {batch} x ({system} + {own}) {row['path']:<32} {row['ms']:9.2f} ms "
+                      f"{row['tok_s']:9.0f} tok/s  {row['ratio']:5.2f}x  first tokens agree {row['agree']:.2f}  "
+                      f"kvpager's cache hits {row['kv_cached']:.0f} a request", flush=True)
+    finally:
+        pool.close()
+    card = torch.cuda.get_device_name()
+    print(f"\n{card}, {datetime.date.today()}, shape {args.shape}, transformers {transformers.__version__}, "
+          f"torch {torch.__version__}; {args.rounds} rounds; ratio: the path's time / kvpager's (median of rounds)")
+    print("| case | batch x (system + own) | path | ms | tokens/s computed | time / kvpager's | first tokens agree |"
+          " kvpager's cache hits a request |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['case']} | {r['batch']} x ({r['system']:,} + {r['own']:,}) | {r['path']} | {r['ms']:.2f} | "
+              f"{r['tok_s']:,.0f} | {r['ratio']:.2f}x | {r['agree']:.2f} | {r['kv_cached']:,.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(card=card, shape=args.shape, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
