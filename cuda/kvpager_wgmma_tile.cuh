@@ -28,7 +28,7 @@
 #define STAGES 3
 #endif
 #ifndef VN
-#define VN HEAD_DIM  // N of one O += P V instruction: HEAD_DIM (one), or 64 (one per 64 dims)
+#define VN HEAD_DIM  // N of one O += P V instruction: HEAD_DIM (one), or 64 (one per 64 dims; head dim 256)
 #endif
 #ifndef OVERLAP
 #define OVERLAP 0  // 1: S of the next K/V tile runs during this tile's softmax (STAGES >= 3)
@@ -67,7 +67,7 @@ constexpr int PRODUCER_REGS = 56, CONSUMER_REGS = 224;
 #endif
 constexpr int CPR = D / 8;              // 16-byte chunks per row
 constexpr int KV_TILE = BN * D * 2;     // bytes of one K or V tile
-static_assert(D == 64 || D == 128, "the wgmma kernels take head dims 64 and 128");
+static_assert(D == 64 || D == 128 || D == 256, "the wgmma kernels take head dims 64, 128 and 256");
 static_assert(BN == 64 || BN == 128, "BN is 64 or 128");
 static_assert(WG == 1 || WG == 2, "WG is 1 or 2");
 static_assert(VN == D || VN == 64, "VN is HEAD_DIM or 64");
@@ -307,7 +307,7 @@ __device__ __forceinline__ void wg_issue_pv(float* o, unsigned (*pa)[4], unsigne
     for (int kk = 0; kk < BN / 16; ++kk)
 #pragma unroll
         for (int c = 0; c < D / VN; ++c)
-            wgmma_rs<VN>(o + c * (VN / 2), pa[kk], sw128_desc(v_st + c * BN * 128 + kk * 2048, BN * 128, 1024));
+            wgmma_rs<VN>(o + c * (VN / 2), pa[kk], sw128_desc(v_st + c * (VN / 64) * BN * 128 + kk * 2048, BN * 128, 1024));
     wgmma_commit();
 }
 

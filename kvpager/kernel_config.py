@@ -41,7 +41,7 @@ class KernelConfig:
     #: 16-row m-tiles per warp in paged_prefill.cu and cascade_prefix.cu; None: 2 up to head dim 128, else 1
     prefill_mt: int | None = None
     #: the multi-token kernel: "mma" (paged_prefill.cu, every GPU), "wgmma" (paged_prefill_sm90.cu:
-    #: compute capability 9.0, 16-bit pools, head dims 64 / 128; else UnsupportedConfiguration),
+    #: compute capability 9.0, 16-bit pools, head dims 64 / 128 / 256; else UnsupportedConfiguration),
     #: "auto" (wgmma where it applies, else mma); the cascade's shared part follows it
     #: (cascade_prefix_sm90.cu with the wgmma knobs below, else cascade_prefix.cu)
     prefill_kernel: str = "auto"

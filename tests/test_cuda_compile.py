@@ -81,6 +81,9 @@ SM90A = {
         ["-DWS=1", "-DBN=128", "-DSTAGES=3", "-DTMA=1", "-DPERSIST=1"],
         ["-DWS=1", "-DPERSIST=1", "-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DBN=128", "-DSTAGES=2", "-DGROUP=16"],
         ["-DWS=1", "-DPERSIST=1", "-DTMA=1", "-DBLOCK_SIZE=8", "-DGROUP=1"],
+        ["-DHEAD_DIM=256", "-DVN=64", "-DBN=64", "-DSTAGES=2", "-DWS=1", "-DTMA=1", "-DPERSIST=1"],
+        ["-DHEAD_DIM=256", "-DVN=64", "-DBN=64", "-DSTAGES=2", "-DKV_DTYPE=0", "-DGROUP=16", "-DBLOCK_SIZE=8"],
+        ["-DHEAD_DIM=256", "-DVN=64", "-DBN=64", "-DSTAGES=2", "-DWG=1", "-DGROUP=1", "-DBLOCK_SIZE=64"],
     ],
     "cascade_prefix_sm90.cu": [
         ["-DKV_DTYPE=0"], ["-DHEAD_DIM=64", "-DGROUP=1"], ["-DGROUP=16", "-DBLOCK_SIZE=8", "-DWG=1"],
@@ -93,6 +96,8 @@ SM90A = {
         ["-DWS=1", "-DBN=128", "-DSTAGES=3", "-DTMA=1"],
         ["-DWS=1", "-DTMA=1", "-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DBN=128", "-DSTAGES=2", "-DBLOCK_SIZE=64",
          "-DGROUP=16"],
+        ["-DHEAD_DIM=256", "-DVN=64", "-DBN=64", "-DSTAGES=2", "-DWS=1", "-DTMA=1", "-DGROUP=2"],
+        ["-DHEAD_DIM=256", "-DVN=64", "-DBN=64", "-DSTAGES=2", "-DKV_DTYPE=0", "-DGROUP=8", "-DBLOCK_SIZE=32"],
     ],
 }
 

@@ -54,6 +54,9 @@ CASES = [  # (dtype, head dim, block size, GQA group, knobs beyond prefill_kerne
     ("bfloat16", 128, 8, 8, {"prefill_wgmma_warpgroups": 1}),
     ("float16", 64, 64, 16, {"prefill_wgmma_warpgroups": 1, "prefill_wgmma_bn": 64, "prefill_wgmma_stages": 4}),
     ("bfloat16", 128, 16, 1, {"prefill_wgmma_bn": 128}),
+    # head dim 256: 64-position tiles in 2 stages, O += P V as four m64n64 products
+    ("bfloat16", 256, 16, 2, {}),
+    ("float16", 256, 32, 8, {"prefill_wgmma_producer": False}),
 ]
 
 
@@ -108,7 +111,7 @@ def test_decode_cascade_on_wgmma(dtype, d, bs, group, knobs):
     check(dtype, d, bs, group, knobs, np.ones(20, np.int32), 2, 37 * bs, rng, splits=(None, 3))
 
 
-@pytest.mark.parametrize("dtype,d,bs,group,knobs", [CASES[0], CASES[1], CASES[4], CASES[6], CASES[8]])
+@pytest.mark.parametrize("dtype,d,bs,group,knobs", [CASES[0], CASES[1], CASES[4], CASES[6], CASES[8], CASES[10]])
 def test_long_prefix_in_chunks_on_wgmma(dtype, d, bs, group, knobs):
     """One level of 2,048 + 3 blocks shared positions: chunks (slots of their own), the last one ragged."""
     rng = np.random.default_rng(seed(dtype, d, bs, group, sorted(knobs.items()), "sm90 cascade chunks"))
@@ -116,10 +119,10 @@ def test_long_prefix_in_chunks_on_wgmma(dtype, d, bs, group, knobs):
 
 
 @pytest.mark.parametrize("kv_dtype,d,want", [(None, 128, SM90), (None, 64, SM90), ("float8_e4m3", 128, OLD),
-                                             (None, 256, OLD), (None, 96, OLD)])
+                                             (None, 256, SM90), (None, 96, OLD)])
 def test_the_planner_runs_wgmma_where_it_applies(kv_dtype, d, want):
     """The production config on this GPU: cascade_prefix_sm90.cu for 16-bit pools of head
-    dim 64 / 128, cascade_prefix.cu for FP8 pools and other head dims; both right."""
+    dim 64 / 128 / 256, cascade_prefix.cu for FP8 pools and other head dims; both right."""
     rng = np.random.default_rng(seed(kv_dtype, d, "sm90 cascade choice"))
     qlens = np.ones(10, np.int32)
     groups, seq_lens = layout(rng, 16, qlens, 2, 37 * 16)

@@ -1,7 +1,7 @@
 """paged_prefill_sm90.cu (wgmma, sm_90a) against the NumPy twin and against
 paged_prefill.cu (mma.sync) on the same step: shuffled block tables, outputs
 and every block no table reads (the null block 0 included) poisoned with NaN,
-GQA groups 1-16, block sizes 8-64, head dims 64 and 128, float16 / bfloat16,
+GQA groups 1-16, block sizes 8-64, head dims 64, 128 and 256, float16 / bfloat16,
 every tiling knob, ragged query and sequence lengths (query length 1, lengths
 off every tile size, a query tile shorter than a block), sliding windows, soft
 caps, a cascade's own parts (own_start and partial states) and a long step;
@@ -86,6 +86,14 @@ CASES = [  # (dtype, head dim, block size, GQA group, knobs beyond prefill_kerne
     ("bfloat16", 128, 16, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_persistent": False}),
     ("float16", 64, 16, 2, {"prefill_wgmma_producer": True, "prefill_wgmma_persistent": False,
                             "prefill_wgmma_tma": False}),
+    # head dim 256 (64-position tiles, 2 stages, O += P V as four m64n64 products): without and
+    # with the producer (TMA, persistent grid of a few CTAs, cp.async alone), one warpgroup
+    ("bfloat16", 256, 16, 2, {}),
+    ("float16", 256, 8, 8, {"prefill_wgmma_producer": True}),
+    ("bfloat16", 256, 32, 1, {"prefill_wgmma_producer": True, "prefill_wgmma_ctas": 3}),
+    ("bfloat16", 256, 16, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_tma": False}),
+    ("float16", 256, 64, 16, {"prefill_wgmma_warpgroups": 1}),
+    ("bfloat16", 256, 16, 2, {"prefill_wgmma_producer": True, "prefill_wgmma_persistent": False}),
 ]
 
 
@@ -135,6 +143,7 @@ def test_wgmma_matches_twin_and_mma(dtype, d, bs, group, knobs):
     ("bfloat16", 128, 16, 4, {"prefill_wgmma_producer": True}),
     ("bfloat16", 128, 16, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_ctas": 7}),
     ("bfloat16", 128, 16, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_persistent": False}),
+    ("bfloat16", 256, 16, 2, {"prefill_wgmma_producer": True}),
 ])
 def test_wgmma_long_step(dtype, d, bs, group, knobs):
     """Two sequences of 512 new tokens on 1,024 and 1,536 cached, 8 kv heads (the benchmark's shape, smaller)."""
@@ -145,7 +154,7 @@ def test_wgmma_long_step(dtype, d, bs, group, knobs):
 
 @pytest.mark.parametrize("kv_dtype,dtype,d,bs,group", [
     (None, "bfloat16", 128, 16, 4), (None, "float16", 64, 8, 1), (None, "bfloat16", 128, 64, 16),
-    (None, "float16", 128, 32, 8),
+    (None, "float16", 128, 32, 8), (None, "bfloat16", 256, 16, 2),
 ])
 def test_wgmma_cascade_own_parts(kv_dtype, dtype, d, bs, group):
     """Over shared prefixes the kernel reads each sequence's own positions (own_start) into
@@ -164,9 +173,12 @@ def test_wgmma_cascade_own_parts(kv_dtype, dtype, d, bs, group):
     hq = spec.num_kv_heads * group
     q = rng.standard_normal((int(qlens.sum()), hq, d), dtype=np.float32).astype(spec.np_dtype)
     old = make_plan(gpu, tables, seq_lens, qlens, cascade=True, num_q_heads=hq, config=MMA)
-    for config in (WGMMA, WGMMA.replace(prefill_wgmma_overlap=True),
-                   WGMMA.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True),
-                   WGMMA.replace(prefill_wgmma_producer=True, prefill_wgmma_ctas=3)):
+    configs = [WGMMA, WGMMA.replace(prefill_wgmma_overlap=True),
+               WGMMA.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True),
+               WGMMA.replace(prefill_wgmma_producer=True, prefill_wgmma_ctas=3)]
+    if d == 256:  # overlap's 3 stages of 64-position tiles do not fit a CTA's shared memory there
+        configs = [c for c in configs if not c.prefill_wgmma_overlap]
+    for config in configs:
         new = make_plan(gpu, tables, seq_lens, qlens, cascade=True, num_q_heads=hq, config=config)
         assert new.shared_prefixes is not None and new.shared_prefixes.levels == 2
         for layer, softcap in ((0, None), (1, 3.0)):

@@ -110,6 +110,23 @@ def test_the_default_is_wgmma_with_a_producer_on_hopper_and_mma_elsewhere():
     assert "WS" not in prefill_kernel(spec, 4, DEFAULT.replace(prefill_wgmma_overlap=True), (9, 0)).defines
 
 
+def test_head_dim_256_on_wgmma():
+    """Head dim 256 on Hopper: 64-position tiles in 2 stages (3 exceed a CTA's shared memory),
+    O += P V as four m64n64 products (VN 64), the producer, TMA and the persistent grid as at
+    128; overlap is refused there (a typed error)."""
+    spec = spec_of("bfloat16", None, 256, 16, 8)
+    k = prefill_kernel(spec, 4, DEFAULT, (9, 0))
+    assert (k.file, k.tiling.bn, k.tiling.stages, k.threads) == ("paged_prefill_sm90.cu", 64, 2, 384)
+    assert {n: k.defines[n] for n in ("VN", "WS", "TMA", "PERSIST")} == {"VN": 64, "WS": 1, "TMA": 1, "PERSIST": 1}
+    check_fits(k.smem, H200, k.file)
+    assert prefill_kernel(spec, 4, WG, (9, 0)).tiling.stages == 2
+    for knobs in ({}, {"prefill_wgmma_warpgroups": 1}, {"prefill_wgmma_producer": True}):
+        with pytest.raises(UnsupportedConfiguration, match="overlap is not run at head dim 256"):
+            prefill_kernel(spec, 4, WG.replace(prefill_wgmma_overlap=True, **knobs), (9, 0))
+    assert prefill_kernel(spec, 4, WG.replace(prefill_wgmma_warpgroups=1), (9, 0)).tiling.bm == 64
+    assert prefill_kernel(spec_of("bfloat16", None, 128, 16, 8), 4, DEFAULT, (9, 0)).defines.get("VN") is None
+
+
 def test_the_producers_plain_loop_runs_a_persistent_grid(monkeypatch):
     """PERSIST with the producer and no overlap (the default on Hopper), not with overlap, not
     asked for, or without the producer; the grid: one CTA an SM, or the knob's count, never
@@ -169,7 +186,7 @@ def test_persistent_items_keep_each_kv_stream_together(heads):
     ("bfloat16", "float8_e4m3", 128, (9, 0), "FP8"),
     ("float16", "float8_e5m2", 64, (9, 0), "FP8"),
     ("bfloat16", None, 96, (9, 0), "head_dim 96"),
-    ("float16", None, 256, (9, 0), "head_dim 256"),
+    ("float16", None, 80, (9, 0), "head_dim 80"),
     ("float32", None, 128, (9, 0), "float32"),
 ])
 def test_wgmma_where_it_does_not_apply(dtype, kv_dtype, d, cc, why):

@@ -22,7 +22,10 @@ shared-prefix kernel, its tiling, member rows per CTA and chunks. The
 ``cascade`` cases (cascade_prefix.cu's tiling) are c3af6b9's, unchanged.
 One deliberate change to the ``prefill_kernel`` cases since: the producer's
 plain loop runs a persistent grid (PERSIST=1, `KernelConfig.prefill_wgmma_persistent`,
-measured on an H200), so those cases' defines gained it.
+measured on an H200), so those cases' defines gained it; and 16-bit pools of head dim
+256 on compute capability 9.0 run the wgmma kernels (measured on an H200), so that
+case of ``prefill_kernel`` and of ``cascade_kernel`` (its ``regs``: the wgmma kernel's
+168) were recorded again.
 """
 
 from __future__ import annotations

@@ -342,7 +342,10 @@ def main() -> None:
     ap.add_argument("--layouts", action="store_true",
                     help="decode CTA layouts (kv heads per CTA, warps per head) against the "
                          "planner's choice, instead of --sweep's variants")
+    ap.add_argument("--head-dim", type=int, default=128, help="head dim of every case (default 128)")
     args = ap.parse_args()
+    global D
+    D = args.head_dim
     cases = DECODE_CASES
     if args.cases:
         cases = [] if args.cases == "none" else [tuple(map(int, c.split("x"))) for c in args.cases.split(",")]

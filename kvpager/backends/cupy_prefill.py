@@ -1,7 +1,7 @@
 """Multi-token attention (prefill, chunked prefill): the planner and the launch.
 
 `prefill_kernel` chooses the kernel: paged_prefill.cu (mma.sync, every GPU)
-or, on compute capability 9.0 for 16-bit pools of head dim 64 / 128,
+or, on compute capability 9.0 for 16-bit pools of head dim 64, 128 or 256,
 paged_prefill_sm90.cu (wgmma, built for sm_90a) as `KernelConfig.prefill_kernel`
 says. `prefill_tiling` picks paged_prefill.cu's tiling (query rows per warp,
 the K/V tile, pipeline stages, shared memory) from the head dim and a
@@ -27,7 +27,7 @@ from kvpager.kernel_smem import check_fits, prefill_sm90_smem, prefill_smem
 from kvpager.launch import Launch, current_stream, i32, ptr
 
 #: head dims paged_prefill_sm90.cu is built for (others: paged_prefill.cu)
-WGMMA_HEAD_DIMS = (64, 128)
+WGMMA_HEAD_DIMS = (64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ def producer(config: KernelConfig) -> bool:
 def wgmma_tiling(head_dim: int, config: KernelConfig) -> Tiling:
     """paged_prefill_sm90.cu's tiling: 2 warpgroups (128 rows; each warp its 16 rows, mt 1),
     128-position K/V tiles in 2 stages at head dim 64 and with the producer at 128 in 3,
-    else 64-position tiles in 3 stages (3 with overlap, which keeps two tiles resident);
-    each knob overrides.
+    64-position tiles in 2 stages at 256 (no overlap there), else 64-position tiles in 3
+    stages (3 with overlap, which keeps two tiles resident); each knob overrides.
     The producer warpgroup (WS; by default with 2 MMA warpgroups and no overlap: `producer`)
     needs 2 MMA warpgroups; with it, overlap is FlashAttention-3's loop (S of a tile issued
     with P V of the one before)."""
@@ -108,8 +108,13 @@ def wgmma_tiling(head_dim: int, config: KernelConfig) -> Tiling:
     # H200: 373 TFLOP/s against 345 with 64-position tiles, 272 with 2 stages)
     wide = ws and head_dim == 128 and not config.prefill_wgmma_overlap
     bn = config.prefill_wgmma_bn or (128 if head_dim == 64 or wide else 64)
-    stages = config.prefill_wgmma_stages or (2 if bn == 128 and not config.prefill_wgmma_overlap and not wide
-                                             else 3)
+    # head dim 256: 2 stages of 64-position tiles (3 exceed a CTA's shared memory)
+    stages = config.prefill_wgmma_stages or (
+        2 if not config.prefill_wgmma_overlap and (head_dim == 256 or bn == 128 and not wide) else 3)
+    if config.prefill_wgmma_overlap and head_dim == 256:
+        # its 3 stages of 64-position tiles fit only one MMA warpgroup's CTA, with S twice and O of
+        # 256 values a row in registers: not a variant this kernel is tested in
+        raise UnsupportedConfiguration("prefill_wgmma_overlap is not run at head dim 256")
     if config.prefill_wgmma_overlap and stages < 3:
         # two tiles resident; and a producer signals a tile once the next is under way
         raise UnsupportedConfiguration(f"prefill_wgmma_overlap needs 3 or more stages, not {stages}")
@@ -135,6 +140,8 @@ def prefill_kernel(spec: Any, group: int, config: KernelConfig, cc: tuple[int, i
     check_fits(smem, {}, f"paged_prefill_sm90.cu ({t.bm} rows, {t.bn}-position tiles, {t.stages} stages)")
     defs = {**kernels.storage_defines(spec), "HEAD_DIM": spec.head_dim, "BLOCK_SIZE": spec.block_size,
             "GROUP": group, "WG": t.bm // 64, "BN": t.bn, "STAGES": t.stages}
+    if spec.head_dim == 256:
+        defs["VN"] = 64  # O += P V as four m64n64 products a k-step (no m64n256 form is built)
     if config.prefill_wgmma_overlap:
         defs["OVERLAP"] = 1
     ws = producer(config)
