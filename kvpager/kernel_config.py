@@ -71,7 +71,8 @@ class KernelConfig:
     #: walking the step's (query tile, kv head) items longest first, each item's Q and K/V
     #: copies running under the last tiles of the one before
     prefill_wgmma_persistent: bool = True
-    #: CTAs of that persistent grid; None: the device's SM count (the kernel fits one an SM)
+    #: CTAs of that persistent grid (at most the device's SM count: the kernel fits one an SM);
+    #: None: the SM count
     prefill_wgmma_ctas: int | None = None
     #: in a captured CUDA graph, a decode cascade's own parts and shared part run side by
     #: side (the graph forks and joins; `kvpager.launch.ForkJoin`), else one after the other

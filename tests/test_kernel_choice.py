@@ -142,6 +142,7 @@ def test_the_producers_plain_loop_runs_a_persistent_grid(monkeypatch):
     monkeypatch.setattr(kernels, "num_sms", lambda device: 132)
     assert [persistent_ctas(w, DEFAULT, 0) for w in (1, 131, 132, 133, 2048)] == [1, 131, 132, 132, 132]
     assert [persistent_ctas(w, DEFAULT.replace(prefill_wgmma_ctas=3), 0) for w in (1, 3, 2048)] == [1, 3, 3]
+    assert persistent_ctas(2048, DEFAULT.replace(prefill_wgmma_ctas=500), 0) == 132  # never a second wave
     assert persistent_ctas(0, DEFAULT, 0) == 1  # an empty step's grid is still a grid
     with pytest.raises(InvalidArgument, match="prefill_wgmma_ctas"):
         DEFAULT.replace(prefill_wgmma_ctas=0)

@@ -242,5 +242,8 @@ def prefill_launch(plan: Any, group: int, cells: dict[str, Any], config: KernelC
 
 def persistent_ctas(work: int, config: KernelConfig, device: int) -> int:
     """CTAs of paged_prefill_sm90.cu's persistent grid for ``work`` items: one an SM (its
-    shared memory fits one), or ``config.prefill_wgmma_ctas``; never more than the items."""
-    return max(1, min(work, config.prefill_wgmma_ctas or kernels.num_sms(device)))
+    shared memory fits one), or fewer where ``config.prefill_wgmma_ctas`` says (more could
+    not run at once: a second wave would start only once the first had walked all its
+    items); never more than the items."""
+    sms = kernels.num_sms(device)
+    return max(1, min(work, sms, config.prefill_wgmma_ctas or sms))
