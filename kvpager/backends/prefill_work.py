@@ -32,21 +32,11 @@ def prefill_items(query_lens: np.ndarray, seq_lens: np.ndarray, rows: int, heads
     the CTAs running at once read a few streams, each from L2 once (all of them at once
     would not fit it); the sequences whose longest tile sees the most K/V first."""
     tiles = prefill_tiles(query_lens, seq_lens, rows, own)
-    seq = tiles[:, 0]
-    # the tiles of a sequence together, in the order their sequences' first tiles come
-    first = np.full(len(query_lens), len(tiles), dtype=np.int64)
-    np.minimum.at(first, seq, np.arange(len(tiles)))
-    tiles = tiles[np.argsort(first[seq], kind="stable")]
-    seq = tiles[:, 0]
     n = len(tiles)
-    start = np.flatnonzero(np.r_[True, seq[1:] != seq[:-1]]) if n else np.zeros(0, np.int64)
-    length = np.diff(np.r_[start, n])
-    run_start = np.repeat(start, length)        # each tile's sequence run: its start and length
-    run_len = np.repeat(length, length)
-    h = np.arange(heads)
-    # tile k of a run at [s, s + m), kv head h -> item s * heads + h * m + (k - s)
-    at = (run_start * heads)[:, None] + h[None, :] * run_len[:, None] + (np.arange(n) - run_start)[:, None]
-    items = np.empty((n * heads, 3), dtype=np.int32)
-    items[at.ravel(), :2] = np.repeat(tiles, heads, axis=0)
-    items[at.ravel(), 2] = np.tile(h, n)
-    return items
+    # each sequence ranked by where its first (longest) tile comes
+    rank = np.full(len(query_lens), n, dtype=np.int64)
+    np.minimum.at(rank, tiles[:, 0], np.arange(n))
+    k = np.repeat(np.arange(n), heads)  # item (tile k, kv head h), ordered by sequence, head, tile
+    h = np.tile(np.arange(heads, dtype=np.int32), n)
+    order = np.lexsort((k, h, rank[tiles[k, 0]]))
+    return np.ascontiguousarray(np.column_stack([tiles[k[order]], h[order]]), dtype=np.int32)
