@@ -20,6 +20,7 @@ import numpy as np
 
 from kvpager.block_table import BlockTable
 from kvpager.errors import SequenceSwapped
+from kvpager.recent_batches import RecentBatches
 from kvpager.validate import all_type, one_id_each
 
 #: A batch of at least this many ids (or a decode step's token ids for that many
@@ -89,11 +90,9 @@ class TableMirror:
         self.table = BlockTable(columns=("released",))  # leading blocks released (null entries)
         self.rows: dict[int, int] = {}  # seq_id -> row of `table`
         self.swapped: set[int] = set()
-        # The last batch that was wholly mirrored (ids, frees so far, rows): a decode
-        # loop follows the same ids step after step, and a row changes only when its
-        # sequence is freed or forgotten.
-        self._last: tuple[list[int], int, np.ndarray] | None = None
-        self._frees = 0
+        # Batches lately found wholly mirrored: a decode loop follows the same ids
+        # step after step, and a row changes only when its sequence is freed or forgotten.
+        self._recent = RecentBatches()
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -115,15 +114,12 @@ class TableMirror:
 
     def _known(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Rows of the mirrored ``ids`` and where they are in ``ids``."""
-        last = self._last
-        if last is not None and last[1] == self._frees and last[0] == ids:
-            return last[2], np.arange(len(ids))
+        found = self._recent.find(ids)
+        if found is not None:
+            return found, np.arange(len(ids))
         rows = list(map(self.rows.get, ids))
         if None not in rows:
-            found = np.array(rows, dtype=np.int64)
-            found.flags.writeable = False  # shared with the next call that sends these ids
-            self._last = (list(ids), self._frees, found)
-            return found, np.arange(len(ids))
+            return self._recent.put(ids, None, np.array(rows, dtype=np.int64)), np.arange(len(ids))
         at = [k for k, r in enumerate(rows) if r is not None]
         return np.array([rows[k] for k in at], dtype=np.int64), np.array(at, dtype=np.int64)
 
@@ -196,7 +192,7 @@ class TableMirror:
 
     def freed(self, ids: list[int]) -> None:
         rows = [r for r in map(self.rows.pop, ids, [None] * len(ids)) if r is not None]
-        self._frees += 1
+        self._recent.clear()
         self.table.release_rows(rows)
         self.swapped.difference_update(ids)
 
@@ -263,4 +259,4 @@ class TableMirror:
         self.table = BlockTable(columns=("released",))  # leading blocks released (null entries)
         self.rows.clear()
         self.swapped.clear()
-        self._frees += 1
+        self._recent.clear()

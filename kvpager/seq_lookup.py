@@ -4,8 +4,8 @@ out), and the padded tables of resident sequences.
 
 `SequenceLookup` is mixed into `SequenceManager`, which supplies ``rows``
 (id -> row), ``table`` (the `BlockTable`), ``owners``, ``block_size`` and the
-counters read here (``num_swapped``, ``num_released``, ``_frees``,
-``_last_batch``). The per-row columns are named here too (`COLUMNS`), with
+counters read here (``num_swapped``, ``num_released``) and ``recent``, the
+batches checked lately (`RecentBatches`). The per-row columns are named here too (`COLUMNS`), with
 the positions of the ones the scalar paths read in a row's `row_data`.
 """
 
@@ -57,14 +57,12 @@ class SequenceLookup:
         """Rows of a batch of distinct, known ids (a list, or packed: an int64
         array); resident ones if ``op`` needs them; ``owner``'s only if one is
         given (UnknownSequence / NotOwner before anything else, as the daemon
-        checks a session's ids). The last batch's rows are kept: a decode loop
-        sends the same ids step after step, and finds them by one comparison
-        (of the bytes, for packed ids)."""
-        last = self._last_batch
+        checks a session's ids). Recent batches' rows are kept: a decode loop
+        sends the same ids step after step, and finds them by a comparison (of
+        the bytes, for packed ids)."""
         key = seq_ids.tobytes() if isinstance(seq_ids, np.ndarray) else seq_ids
-        if last is not None and last[2] == self._frees and last[1] == owner and last[0] == key:
-            rows = last[3]
-        else:
+        rows = self.recent.get(key, owner)
+        if rows is None:
             if isinstance(seq_ids, np.ndarray):
                 seq_ids = seq_ids.tolist()
             try:
@@ -77,8 +75,7 @@ class SequenceLookup:
                 self._check_rows_owner(seq_ids, rows, owner)
             if not self.table.distinct(rows):
                 raise self._duplicates(op)
-            rows.flags.writeable = False  # shared with the next call that sends these ids
-            self._last_batch = (key if isinstance(key, bytes) else list(key), owner, self._frees, rows)
+            self.recent.put(key, owner, rows)  # read-only from now: shared with later calls
         if op is not None and self.num_swapped:
             swapped = self.table.swapped[rows]
             if np.count_nonzero(swapped):
@@ -100,10 +97,8 @@ class SequenceLookup:
 
     def tables(self, seq_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Padded int32 block tables and int32 lengths of resident sequences."""
-        last = self._last_batch
-        if last is not None and last[2] == self._frees and last[0] == seq_ids:
-            rows = last[3]  # the ids the step's append just took: no lookup
-        else:
+        rows = self.recent.find(seq_ids)  # the ids the step's append just took: no lookup
+        if rows is None:
             rows = self.lookup(seq_ids)
         if self.num_swapped:
             swapped = self.table.swapped[rows]

@@ -236,7 +236,7 @@ def free(m: SequenceManager, seq_id: int) -> None:
     row = rows.get(seq_id) if type(seq_id) is int else None
     if row is None:
         row = row_of(m, seq_id)
-    m._frees += 1  # rows are given back: no remembered batch holds any more
+    m.recent.clear()  # rows are given back: no remembered batch holds any more
     d = bt.row_data[row]  # [num_blocks, num_tokens, columns...]
     nb = d.item(0)
     src = bt.table[row]

@@ -33,6 +33,7 @@ from kvpager.errors import InvalidArgument
 from kvpager.history import History, writable
 from kvpager.owners import OwnerIndex
 from kvpager.pins import PinTable
+from kvpager.recent_batches import RecentBatches
 from kvpager.seq_lookup import ANY_OWNER, COLUMNS, SequenceLookup
 from kvpager.types import SequenceInfo
 from kvpager.validate import is_int
@@ -62,11 +63,10 @@ class SequenceManager(SequenceLookup):
         self._ids = itertools.count(1)
         self.num_swapped = 0
         self.num_released = 0  # rows with released leading blocks
-        # The last checked batch (ids, owner, frees so far, rows): a decode loop
-        # sends the same ids step after step, and while no sequence was freed
-        # (rows move only then) they need no new lookup or checks.
-        self._last_batch: tuple[list[int] | bytes, Any, int, np.ndarray] | None = None
-        self._frees = 0
+        # Recently checked batches: a decode loop sends the same ids step after step,
+        # and while no sequence is freed (rows move only then) they need no new
+        # lookup or checks. Every free forgets them.
+        self.recent = RecentBatches()
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
         #: Batches of one take `seq_one`'s scalar paths (False: the batch paths; tests compare both).
@@ -181,7 +181,7 @@ class SequenceManager(SequenceLookup):
         if len(seq_ids) == 1 and self.scalar:
             return seq_one.free(self, seq_ids[0])
         rows = self.batch(seq_ids, None)
-        self._frees += 1  # rows are given back: no remembered batch holds any more
+        self.recent.clear()  # rows are given back: no remembered batch holds any more
         bt = self.table
         blocks = bt.row_blocks(rows, reverse=True)
         if self.num_released:
