@@ -162,7 +162,9 @@ def _decode(
         if np.count_nonzero(c):
             copies = np.stack([last[cow], new[c]], axis=1)
     if len(pool.cache):
-        _unpublish(m, last[~needs])  # partly filled and not copied
+        published = pool.cache.cached[last]  # mostly none: one gather decides
+        if published.any():
+            _unpublish(m, last[published & ~needs])  # partly filled, not copied, published (a truncate)
     slots = (blocks << shift) | off
     if ids_list is not None:
         _record(m, seq_ids, rows, nt, ids_list, 1)
