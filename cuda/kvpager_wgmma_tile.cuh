@@ -108,7 +108,8 @@ __device__ __forceinline__ unsigned long long* wg_barriers() {
 // of the tile landed, signalled by cp.async itself, so the producer never waits for its
 // copies; each consumer fences for the async proxy once it has waited), empty (NC consumer
 // arrivals: its last reader's MMAs done), and with PERSIST the Q tile's alike (full: the
-// producer's Q copies landed; empty: both MMA warpgroups issued their last S on it). Then
+// producer's Q copies landed and its thread 0 stored the item's number, one arrival more;
+// empty: both MMA warpgroups issued their last S on it). Then
 // the CTA syncs.
 __device__ __forceinline__ void wg_barriers_init(int tid) {
     unsigned long long* bars = wg_barriers();
@@ -118,7 +119,7 @@ __device__ __forceinline__ void wg_barriers_init(int tid) {
             mbar_init(smem_addr(&bars[STAGES + s]), NC);
         }
 #if PERSIST
-        mbar_init(smem_addr(&bars[2 * STAGES]), NT - NC);
+        mbar_init(smem_addr(&bars[2 * STAGES]), NT - NC + 1);  // + the producer thread 0's hand-over
         mbar_init(smem_addr(&bars[2 * STAGES + 1]), NC);
 #endif
     }

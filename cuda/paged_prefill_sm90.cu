@@ -30,8 +30,9 @@
 // in the same swizzled layout; one producer thread issues them, with the tile's
 // byte count on the stage's full barrier. Boundary tiles keep cp.async's zero fill.
 // PERSIST=1 (with WS, no OVERLAP): a grid of about one CTA an SM, each walking work
-// items (query tile, kv head) blockIdx.x, + gridDim.x, ... of num_work (the planner's
-// order: a K/V stream's items side by side, longest first);
+// items (query tile, kv head) of num_work (the planner's order: a K/V stream's items side
+// by side, longest first), its first blockIdx.x, each next from a counter in global memory
+// (work_counter, zero between launches), so CTAs that start late take fewer items;
 // the producer also copies each item's Q tile (its own full and empty mbarriers), so
 // the next item's Q and K/V tiles load under this item's last tiles and its output.
 // The gather, the MMAs, the softmax and each form of the loop are
@@ -39,7 +40,7 @@
 // masks (causal, own start, window) and the output are this kernel's.
 //
 // Grid: x = query tile, y = kv head (PERSIST: x = CTAs, y = 1); NT = 128 * WG threads
-// (+ 128 with WS). The signature is paged_prefill.cu's with num_work after kv_map.
+// (+ 128 with WS). The signature is paged_prefill.cu's with num_work and work_counter after kv_map.
 // Dynamic shared memory: (BM + 2 * STAGES * BN) * HEAD_DIM * 2 + 1024 bytes (the
 // 1024: the layout's regions start on 1024-byte boundaries).
 #include "kvpager_common.cuh"
@@ -124,6 +125,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(
     const float* __restrict__ kv_scales,    // unused (16-bit pools only; the signature is paged_prefill's)
     const void* __restrict__ kv_map,        // TMA: the pool's tensor map (cupy_tma.py), else unused
     int num_work,                           // PERSIST: work items (num_tiles * num_kv_heads), else unused
+    int* __restrict__ work_counter,         // PERSIST: 2 ints, 0 before the launch and after it, else unused
     int window, float softcap, float scale_log2)
 {
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -226,41 +228,73 @@ extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(
 #if PERSIST
     // Work item w: row w of the tiles list, here (sequence, first query, kv head): the items
     // of one K/V stream (a sequence's kv head) side by side, so that the CTAs running at once
-    // read few streams (each from L2 once); this CTA takes w = blockIdx.x, + gridDim.x, ...
-    // The producer copies each item's Q tile (once both MMA warpgroups issued their last S on
-    // the one before) and K/V tiles through the stages without a pause between items, so the
-    // next item's copies run under this one's last tiles and its output.
+    // read few streams (each from L2 once). CTA c starts with item c; each next item comes from
+    // the counter (work_counter[0] + gridDim.x), taken when the CTA starts its item before:
+    // CTAs that run late (SMs busy with other work) take fewer items instead of holding a
+    // fixed share back. The producer copies each item's Q tile (once both MMA warpgroups
+    // issued their last S on the one before) and K/V tiles through the stages without a pause
+    // between items, so the next item's copies run under this one's last tiles and its output;
+    // its thread 0 hands the item's number to the MMA warpgroups with the Q tile (an arrival
+    // on q_full after the number is stored; -1: none left). The CTA that finishes last sets
+    // both counters back to 0 for the next launch.
     const unsigned q_full = smem_addr(&wg_barriers()[2 * STAGES]), q_empty = q_full + 8;
+    __shared__ int handed, fetched[2];
     wg_barriers_init(tid);
     if (tid >= NC) {  // the producer warpgroup
         setmaxnreg_dec<PRODUCER_REGS>();
         const int me = tid - NC;
         int g = 0, n = 0;
-        for (int w = blockIdx.x; w < num_work; w += gridDim.x, ++n) {
-            const Item it = item(tiles[3 * w], tiles[3 * w + 1], tiles[3 * w + 2]);
+        for (int w = blockIdx.x;; ++n) {
+            // the next item, asked for now and stored once this one's copies are issued (the
+            // atomic's round trip is not waited for here)
+            const int next = me == 0 && w < num_work ? atomicAdd(work_counter, 1) + (int)gridDim.x : 0;
             if (n > 0) mbar_wait(q_empty, (n - 1) & 1);
+            if (w >= num_work) {  // none left: the MMA warpgroups are told so, and the producer is done
+                if (me == 0) handed = -1;
+                mbar_arrive(q_full);
+                if (me == 0) mbar_arrive(q_full);
+                break;
+            }
+            const Item it = item(tiles[3 * w], tiles[3 * w + 1], tiles[3 * w + 2]);
             load_q(sm, q, it, num_q_heads, me, NT - NC);
             cp_async_mbar_arrive(q_full);
+            if (me == 0) {
+                handed = w;
+                mbar_arrive(q_full);  // after the store (release): the MMA warpgroups read it after their wait
+            }
             const long long k_off = k_off_of(it.h);
             auto copy = [&](int t, int stage, int who, int count) -> bool {
                 return wg_load_tile(sm, stage, pool, kv_map, it.table, block_stride, k_off, k_off + v_step, t,
                                     it.first_vis, it.kv_end, who, count);
             };
             wg_produce(copy, me, it.t_begin, it.num_tiles, g);
+            if (me == 0) fetched[n & 1] = next;
+            named_barrier_sync(4, NT - NC);  // two slots: one is read while the next is stored
+            w = fetched[n & 1];
         }
         cp_commit();
         cp_wait<0>();  // every copy of this thread landed before it leaves
         return;
     }
     setmaxnreg_inc<CONSUMER_REGS>();
-    int g = 0, n = 0;
-    for (int w = blockIdx.x; w < num_work; w += gridDim.x, ++n) {
-        const Item it = item(tiles[3 * w], tiles[3 * w + 1], tiles[3 * w + 2]);
+    int g = 0;
+    for (int n = 0;; ++n) {
         mbar_wait(q_full, n & 1);
+        const int w = handed;  // stored before the arrival that completed the phase; rewritten only after q_empty
+        if (w < 0) break;
+        const Item it = item(tiles[3 * w], tiles[3 * w + 1], tiles[3 * w + 2]);
         fence_proxy_async();  // the producer's Q copies (generic proxy) -> visible to wgmma
         if (it.t_begin >= it.num_tiles) mbar_arrive(q_empty);  // no K/V tile: Q is not read
         attend(it, g);
         g += max(0, it.num_tiles - it.t_begin);
+    }
+    named_barrier_sync(1, NC);
+    if (tid == 0) {  // every item of this CTA is done, its counter fetches too
+        __threadfence();
+        if (atomicAdd(work_counter + 1, 1) == gridDim.x - 1) {
+            work_counter[0] = 0;  // the last CTA: nobody fetches any more in this launch
+            work_counter[1] = 0;
+        }
     }
 #else
     if (tid < NC) load_q(sm, q, it0, num_q_heads, tid, NC);  // Q tile -> smem, by the consumer threads

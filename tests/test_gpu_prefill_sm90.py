@@ -214,3 +214,42 @@ def test_the_sm90a_cubin_is_built_by_nvrtc_once_then_read_from_disk(tmp_path, mo
     assert kernel_build.compile_cubin(src, "paged_prefill_sm90.cu", opts, "sm_90a") == path
     fn = cupy.RawModule(path=path).get_function("paged_prefill_sm90")
     assert 0 < fn.num_regs <= 255 and fn.local_size_bytes == 0  # no spills
+
+
+def test_persistent_grid_with_most_sms_held_takes_what_is_left_and_resets_its_counter():
+    """The persistent grid takes each next item from a counter: with all but two SMs held
+    by another stream's kernel when it starts (`tools/bench_busy.py`'s holder), its
+    late CTAs take what is left; the counter is back at 0 after every launch, so the
+    same plan called again and again, held and free in turns, always equals the twin."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    sys.path.insert(0, str(tools))  # bench_busy imports bench_attention beside it
+    try:
+        mod_spec = importlib.util.spec_from_file_location("kvpager_tools_bench_busy", tools / "bench_busy.py")
+        tool = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(tool)
+    finally:
+        sys.path.remove(str(tools))
+    hold, _ = tool.holder()
+    rng = np.random.default_rng(seed("sm90 held"))
+    seq_lens = np.array([1536, 2048, 700, 129], dtype=np.int32)
+    qlens = np.array([512, 512, 300, 129], dtype=np.int32)
+    spec = geometry("bfloat16", 128, 16, int((-(-seq_lens // 16)).sum() * 16), kv_heads=8)
+    gpu, cpu = make_pair(spec, rng)
+    tables = random_tables(rng, spec, seq_lens)
+    poison_unread(gpu, spec, tables)
+    poison_tails(gpu, spec, tables, seq_lens)
+    config = KernelConfig(prefill_kernel="wgmma")
+    assert prefill_kernel(spec, 4, config, (9, 0)).defines.get("PERSIST") == 1
+    q = rng.standard_normal((int(qlens.sum()), 32, 128), dtype=np.float32).astype(spec.np_dtype)
+    plan = make_plan(gpu, tables, seq_lens, qlens, config=config, cascade=False)
+    held = kernels.num_sms(0) - 2
+    for call in range(6):
+        layer, kw = call % 2, ({"window": 300} if call == 3 else {})
+        hold(held if call % 2 == 0 else 0, 2000.0)
+        ref = paged_attention(cpu.kv, layer, q, tables, seq_lens, qlens, 128**-0.5, **kw)
+        assert rel_err(run(plan, gpu, q, layer, **kw), ref) < TOL["bfloat16"], call
+    gpu.close()

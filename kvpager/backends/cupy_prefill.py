@@ -232,12 +232,15 @@ def prefill_launch(plan: Any, group: int, cells: dict[str, Any], config: KernelC
             ptr(0) if part_lse is None else part_lse, i32(parts), c["scales"],
             ptr(0 if kv_map is None else kv_map.data.ptr), c["window"], c["softcap"], c["scale"]]
     grid = (len(tiles), spec.num_kv_heads)
-    if k.arch is not None:  # paged_prefill_sm90.cu: its work items, for the persistent grid
-        args.insert(-3, i32(len(tiles)))  # before window, soft cap and scale (the plan's cells, last)
+    keep = [tiles_dev, tiles]  # the host copy stays alive until the upload has run
+    if k.arch is not None:  # paged_prefill_sm90.cu: its work items and their counter, for the persistent grid
+        counter = cupy.zeros(2, dtype=cupy.int32) if persist else None  # 0 between launches: the kernel resets it
+        # before window, soft cap and scale (the plan's cells, last)
+        args[-3:-3] = [i32(len(tiles)), ptr(0 if counter is None else counter.data.ptr)]
         if persist:
             grid = (persistent_ctas(len(tiles), config, dev), 1)
-    # the host copy stays alive until the upload has run
-    return Launch(fn, grid, k.threads, smem, args, dev), [tiles_dev, tiles]
+            keep.append(counter)
+    return Launch(fn, grid, k.threads, smem, args, dev), keep
 
 
 def persistent_ctas(work: int, config: KernelConfig, device: int) -> int:
