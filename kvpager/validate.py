@@ -78,7 +78,7 @@ def batch_ids(value: Any) -> list[int] | np.ndarray:
     """The ``seq_ids`` of a decode step's op (append, record_tokens, commit):
     as `seq_ids`, but packed ids (a 1-D int64 array, as the wire carries a
     batch) stay that array. The step's lookup compares their bytes with the
-    last batch's, and no id becomes a Python int unless it must."""
+    recent batches' (`RecentBatches`), and no id becomes a Python int unless it must."""
     if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype == np.int64:
         return value
     return seq_ids(value)
