@@ -48,6 +48,30 @@ def test_a_slow_request_does_not_expire_healthy_sessions(monkeypatch):
                 c.close()
 
 
+def test_a_silent_session_is_expired_while_another_keeps_the_loop_busy():
+    """The loop marks when everything queued was read at most every 10 ms under
+    steady load (not after every request): with one client sending request after
+    request without a pause, the mark still moves on, a client that went silent
+    is expired within the timeout (its sequences freed), and the busy one is not."""
+    with running_server(SMALL, heartbeat_timeout=0.5) as server, \
+            Client(server.endpoint, timeout=20) as busy:
+        silent = Client(server.endpoint, heartbeat=False)
+        try:
+            busy.allocate([[7, 8, 9]])
+            t0 = time.monotonic()  # the silent session's last message is sent after this
+            silent.allocate([[1, 2, 3], [4, 5, 6]])
+            gone = False
+            while time.monotonic() - t0 < 5.0:  # requests back to back, never a pause
+                if busy.stats().num_sequences == 1:  # the daemon's count, read on its loop
+                    gone = True
+                    break
+            assert gone, "the silent session was never expired under steady load"
+            assert 0.5 <= time.monotonic() - t0 < 3.0  # not before its timeout, and not long after
+            assert busy.stats().num_sequences == 1  # the busy client's session is alive
+        finally:
+            silent.close()
+
+
 def test_requests_and_sessions_are_bounded(server):
     """D4, D5, D9: caps on sequences per session, ids and tokens per request,
     the client name; typed errors that name the setting; nothing changed."""
