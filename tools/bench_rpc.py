@@ -5,7 +5,9 @@ same calls on an in-process `KVPool`, beside a bare ZeroMQ + msgpack echo.
     python3 tools/bench_rpc.py --json     # one JSON object
 
 What is timed (each op checked for correctness first):
-- bare: a DEALER -> ROUTER echo of a request-sized msgpack message (the floor);
+- bare: a DEALER -> ROUTER echo of a msgpack request the size of an append of
+  one sequence, answered with a small reply (the floor; a 2 KiB request and a
+  2 KiB reply, an append of 256's sizes, took 1.4-2.5 us more on a 2-core VM);
 - heartbeat: a full daemon round trip that does no pool work;
 - append x1: `append([seq])`, one decode step of one sequence;
 - append x256: one batched decode step of 256 sequences (a list of 256 slot
