@@ -15,7 +15,11 @@ tensors' shapes and dtypes) and launch; on a GPU they run on the caller's
 current stream (torch's where torch drives the GPU, else CuPy's), never
 synchronize and allocate nothing but the output (pass ``out`` to avoid that),
 so a decode step can be captured in a CUDA graph. `StepPlan.update` refills a
-plan's buffers in place (same addresses) before a graph replay.
+plan's buffers in place (same addresses) before a graph replay. A plan's
+launches share its device scratch (split and cascade partial states, the
+persistent multi-token grid's item counter), so one plan's layers run one
+after another on one stream, as a model runs them; two streams at once need
+two plans.
 
 Tensors may be NumPy / CuPy arrays or torch tensors (CPU tensors for the
 NumPy backend, CUDA tensors on the pool's GPU for the CuPy backend); the
