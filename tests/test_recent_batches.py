@@ -100,6 +100,66 @@ def test_interleaved_batches_equal_a_pool_that_remembers_none(data):
         p.check_integrity()
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_batches_of_two_owners_in_turn_never_pass_another_owners_sequences(data):
+    """Property: two owners' decode steps (append, record_tokens, commit, packed or
+    listed) in any order, with batches that may mix their sequences, frees and new
+    sequences between: an op passes exactly when every sequence of its batch is
+    the caller's (the owners kept here, independently), refuses with NotOwner
+    otherwise, and gives what a pool that remembers no batch gives."""
+    pools = [KVPool(SPEC), KVPool(SPEC)]
+    pools[1].manager.recent = RecentBatches(size=0)
+    owner_of: dict[int, str] = {}
+
+    def allocate(owner: str, n: int) -> None:
+        got = [[a.seq_id for a in p.allocate([[3, int(owner == "a"), k] for k in range(n)], owner=owner)] for p in pools]
+        assert got[0] == got[1]
+        owner_of.update(dict.fromkeys(got[0], owner))
+
+    allocate("a", data.draw(st.integers(1, 6)))
+    allocate("b", data.draw(st.integers(1, 6)))
+    batches = [data.draw(st.lists(st.sampled_from(sorted(owner_of)), min_size=1, max_size=6, unique=True))
+               for _ in range(4)]
+    for _ in range(data.draw(st.integers(1, 30), label="steps")):
+        op = data.draw(st.sampled_from(["append", "append", "record", "commit", "free", "allocate"]))
+        caller = data.draw(st.sampled_from(["a", "b"]))
+        if op == "allocate":
+            allocate(caller, 1)
+            continue
+        sub = data.draw(st.sampled_from(batches))
+        ids = np.array(sub, np.int64) if data.draw(st.booleans()) else list(sub)
+        outs = []
+        for pool in pools:
+            try:
+                if op == "append":
+                    outs.append(pool.append_flat(ids, owner=caller).tolist())
+                elif op == "record":
+                    pool.record_tokens(ids, [[9]] * len(sub), owner=caller)
+                    outs.append(None)
+                elif op == "commit":
+                    outs.append(pool.commit(ids, owner=caller))
+                else:
+                    pool.free(sub[:1])
+                    outs.append(None)
+            except (NotOwner, UnknownSequence, InvalidArgument) as e:
+                outs.append(("refused", type(e).__name__))
+        assert outs[0] == outs[1], op
+        assert state(pools[0]) == state(pools[1]), op
+        live = all(s in owner_of for s in sub)
+        if op == "free":
+            assert (outs[0] is None) == (sub[0] in owner_of)
+            owner_of.pop(sub[0], None)
+        elif not live:
+            assert outs[0] == ("refused", "UnknownSequence"), (op, outs[0])
+        elif any(owner_of[s] != caller for s in sub):
+            assert outs[0] == ("refused", "NotOwner"), (op, caller, sub)
+        elif op in ("append", "commit"):
+            assert outs[0][0] != "refused", (op, outs[0])
+    for p in pools:
+        p.check_integrity()
+
+
 def test_a_freed_row_taken_by_a_new_sequence_is_not_reached_through_an_older_batch():
     """Batches A and B remembered; a sequence of A is freed and its row goes to a
     new sequence. A's ids are then unknown (not the new sequence's row), and B's
