@@ -114,7 +114,7 @@ class TableMirror:
 
     def _known(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Rows of the mirrored ``ids`` and where they are in ``ids``."""
-        found = self._recent.find(ids)
+        found = self._recent.get(ids)
         if found is not None:
             return found, np.arange(len(ids))
         rows = list(map(self.rows.get, ids))

@@ -22,6 +22,8 @@ import numpy as np
 #: Batches remembered: enough for a daemon's workers each stepping one batch,
 #: or pipelined micro-batches, without a scan that costs more than a lookup.
 RECENT_BATCHES = 8
+#: `RecentBatches.get`'s owner for a caller that checks no owner (the rows alone).
+WHOEVER = object()
 
 
 class RecentBatches:
@@ -37,22 +39,15 @@ class RecentBatches:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: bytes | list[int], owner: Any = None) -> np.ndarray | None:
-        """The rows kept for ``key`` checked for ``owner``, or None."""
+    def get(self, key: bytes | list[int], owner: Any = WHOEVER) -> np.ndarray | None:
+        """The rows kept for ``key`` checked for ``owner`` (`WHOEVER`: for any
+        owner, the rows being the same for all), or None."""
         entries = self._entries
         for i in range(len(entries) - 1, -1, -1):
             k, o, rows = entries[i]
-            if o == owner and k == key:
+            if (owner is WHOEVER or o == owner) and k == key:
                 if i != len(entries) - 1:
                     entries.append(entries.pop(i))
-                return rows
-        return None
-
-    def find(self, key: bytes | list[int]) -> np.ndarray | None:
-        """The rows kept for ``key`` whatever owner it was checked for (rows are
-        the same for all), or None."""
-        for k, _, rows in reversed(self._entries):
-            if k == key:
                 return rows
         return None
 

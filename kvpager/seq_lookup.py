@@ -97,7 +97,7 @@ class SequenceLookup:
 
     def tables(self, seq_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Padded int32 block tables and int32 lengths of resident sequences."""
-        rows = self.recent.find(seq_ids)  # the ids the step's append just took: no lookup
+        rows = self.recent.get(seq_ids)  # the ids the step's append just took: no lookup
         if rows is None:
             rows = self.lookup(seq_ids)
         if self.num_swapped:

@@ -33,11 +33,11 @@ def test_recent_batches_keep_the_newest_per_owner_and_forget_on_clear():
     assert r.get([10, 11], "s1") is a
     assert r.get([10, 11], "s2") is None  # checked for another owner: not this one's
     assert r.get(np.array([10, 11], np.int64).tobytes(), "s1") is None  # packed is another key
-    assert r.find([10, 11]) is a  # rows are the same whoever asks
+    assert r.get([10, 11]) is a  # rows are the same whoever asks
     r.put([12], "s1", c)  # the least recently used ([8 x 1] bytes) goes
     assert r.get(b"\x01" * 8, "s1") is None and r.get([10, 11], "s1") is a and r.get([12], "s1") is c
     r.clear()
-    assert len(r) == 0 and r.find([10, 11]) is None
+    assert len(r) == 0 and r.get([10, 11]) is None
 
 
 def test_a_size_of_zero_remembers_nothing():
