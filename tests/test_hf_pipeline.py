@@ -118,6 +118,45 @@ def test_closing_with_a_pass_in_flight_completes_it_and_frees_everything(model):
     pool.check_integrity()
 
 
+def test_steady_steps_tell_the_pool_a_block_of_ids_at_a_time_and_close_settles(model):
+    """Steady pipelined steps owe the pool their ids and commits (`Owed`) until a
+    block's worth of passes: one `record_tokens` of a column per pass, then one
+    `commit`. After every step each sequence's prompt + outputs finds cached all
+    but at most a block's worth of passes (and the pass in flight); a generation
+    closed while passes are owed leaves the pool as the unpipelined loop that
+    ends on the same tokens, having published each generated block."""
+    bs = 8
+    prompts = [prompt(n, seed=300 + n) for n in (5, 11, 20)]
+    pool = KVPool(spec_for_model(model, num_blocks=160, block_size=bs))
+    salt = default_salt(model)
+    told, record = [], pool.record_tokens
+
+    def recorded(ids, tokens, *a, **k):
+        told.append(tokens.shape)
+        return record(ids, tokens, *a, **k)
+
+    pool.record_tokens = recorded
+    gen = PagedGeneration(model, pool, prompts, 40, eos_token_id=None)
+    for _ in range(21):  # 20 passes completed: two blocks' worth told, 4 passes owed
+        gen.step()
+        for p, o in zip(prompts, gen.outputs):
+            whole = p + o  # K/V written through its last token but the one in flight
+            found = pool.cached_tokens([whole + [0]], salt)[0]
+            assert (len(whole) - 1 - (bs - 1)) // bs * bs <= found <= (len(whole) - 1) // bs * bs
+    assert told == [(3, bs), (3, bs)] and gen._owed is not None and gen._owed.count == 4
+    gen.close()  # completes the pass in flight and settles
+    assert told[2:] == [(3, 4)]  # (the tokens of the pass in flight were never fed: no ids to tell)
+    outs = gen.outputs
+    assert len(outs[0]) == 22 and outs == [reference(model, p, 22) for p in prompts]
+    plain, plain_pool = run(model, prompts, 22, pipeline=False)
+    assert plain == outs
+    for p, o in zip(prompts, outs):
+        whole = p + o
+        assert cached(pool, model, whole + [0]) == cached(plain_pool, model, whole + [0]) == (len(whole) - 1) // bs * bs
+    assert pool.stats().cached_blocks == plain_pool.stats().cached_blocks and pool.stats().num_sequences == 0
+    pool.check_integrity()
+
+
 def test_a_pool_without_record_tokens_runs_unpipelined(model):
     class Plain:
         """A pool with `KVPool`'s methods but `record_tokens`."""

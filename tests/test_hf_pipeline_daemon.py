@@ -53,10 +53,11 @@ def test_through_a_daemon_pipelined_only_where_it_answers_record_tokens(model, d
 @pytest.mark.parametrize("has_batch", [True, False])
 def test_through_a_daemon_a_pipelined_step_is_one_round_trip(model, has_batch, monkeypatch):
     """Where the daemon answers `batch`, each pipelined decode step is one request:
-    the next pass's append carries the last pass's `record_tokens`, the commit of
-    the pass before and any free (the last step flushes them alone). A daemon
-    without it gets them one by one. The same tokens as transformers either way,
-    every sequence freed, the generated blocks matchable."""
+    a steady step's append alone, and a block's worth of steps later the append
+    carrying the `record_tokens` and the `commit` they owed (`Owed`: one of each);
+    the last step sends what is left alone. A daemon without it gets them one by
+    one. The same tokens as transformers either way, every sequence freed, the
+    generated blocks matchable."""
     from daemon_helpers import running_server
 
     from kvpager import protocol, server_dispatch
@@ -68,7 +69,7 @@ def test_through_a_daemon_a_pipelined_step_is_one_round_trip(model, has_batch, m
 
     def counted(data, limit):
         req = protocol.decode_request(data, limit)
-        seen.append(req.op)
+        seen.append(req.op if req.op != "batch" else "batch:" + ",".join(op for op, _ in req.args["ops"]))
         return req
 
     with running_server(spec, heartbeat_timeout=60) as server:
@@ -78,7 +79,7 @@ def test_through_a_daemon_a_pipelined_step_is_one_round_trip(model, has_batch, m
                 **hello(s, a), "ops": [o for o in hello(s, a)["ops"] if o != "batch"]})
         with Client(server.endpoint) as c:
             steps = []
-            with PagedGeneration(model, c, prompts, 9, eos_token_id=None) as gen:
+            with PagedGeneration(model, c, prompts, 12, eos_token_id=None) as gen:
                 assert gen._pipelined and gen._batched == has_batch
                 monkeypatch.setattr(server_dispatch, "decode_request", counted)
                 while not gen.done:
@@ -86,17 +87,22 @@ def test_through_a_daemon_a_pipelined_step_is_one_round_trip(model, has_batch, m
                     gen.step()
                     steps.append([op for op in seen[n:] if op != "heartbeat"])
                 monkeypatch.setattr(server_dispatch, "decode_request", protocol.decode_request)
-                assert gen.outputs == [reference(model, p, 9) for p in prompts]
+                assert gen.outputs == [reference(model, p, 12) for p in prompts]
             assert c.stats().num_sequences == 0
             c.check_integrity()
             salt = default_salt(model)
             assert c.cached_tokens([p + o for p, o in zip(prompts, gen.outputs)], salt) == [
-                (len(p) + 8) // 8 * 8 for p in prompts]
+                (len(p) + 11) // 8 * 8 for p in prompts]
+    # 11 decode passes (12 tokens, the prefill gave the first), blocks of 8 tokens: the 9th step
+    # completes the 8th pass, whose ids and commit the 10th step's append carries with the 7
+    # passes' before; the last step completes the 11th pass and says what the 9th and 10th owe
     if has_batch:
-        assert all(len(ops) == 1 for ops in steps) and {op for ops in steps[2:] for op in ops} == {"batch"}, steps
+        assert steps == [["append"]] * 9 + [["batch:record_tokens,commit,append"], ["append"],
+                                                            ["batch:record_tokens,commit,commit,free"]], steps
     else:
-        assert "batch" not in {op for ops in steps for op in ops}
-        assert all(len(ops) >= 3 for ops in steps[2:-1]), steps
+        # (each call made as the step completes its pass, after the step's append)
+        assert steps == [["append"]] * 8 + [["append", "record_tokens", "commit"], ["append"], ["append"],
+                                            ["record_tokens", "commit", "commit", "free"]], steps
 
 
 def test_a_daemon_whose_limits_refuse_a_step_together_gets_its_calls_one_by_one(model, monkeypatch):

@@ -51,7 +51,7 @@ from kvpager.hf.model import (  # noqa: F401
     spec_for_model,
     text_config,
 )
-from kvpager.hf.pipeline import DecodePasses, HostBuffers, Pass
+from kvpager.hf.pipeline import DecodePasses, HostBuffers, Owed, Pass
 from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
 
 __all__ = ["PagedBatch", "PagedGeneration", "default_salt", "generate", "layer_windows", "spec_for_model"]
@@ -126,6 +126,10 @@ class PagedGeneration(DecodePasses):
         # a daemon that batches takes a pipelined step's calls in one round trip (`DecodePasses._later`)
         self._batched = self._pipelined and ops is not None and "batch" in ops
         self._deferred: list[tuple[Any, ...]] = []
+        # steady passes' ids and commits told the pool a block's worth at a time (`DecodePasses._owe`);
+        # not where every step releases windows' blocks (a block would go before it was published)
+        self._may_owe = self._pipelined and not self._releases_windows()
+        self._owed: Owed | None = None
         self._host_tokens = HostBuffers(self._device)
         longest = max(map(len, self.prompts)) + self.max_new_tokens
         self._width = -(-longest // self.pool.spec.block_size)  # blocks a sequence can reach
@@ -251,9 +255,12 @@ class PagedGeneration(DecodePasses):
             if prev is not None:
                 self._complete(prev)
         finally:
-            self._free(self.seq_ids)
-            self._last_plan = None
-            self._flush()
+            try:
+                self._settle()  # what steady passes owe, before their sequences go
+            finally:
+                self._free(self.seq_ids)
+                self._last_plan = None
+                self._flush()
 
     def __enter__(self) -> PagedGeneration:
         return self
