@@ -85,21 +85,26 @@ class Owed:
 
 
 class HostBuffers:
-    """Pinned host buffers for passes' tokens, two of them taking turns (a pass's
-    buffer is read before the pass two later is launched), grown as needed."""
+    """Pinned host buffers for passes' tokens and the events recorded after their
+    copies, two of each taking turns (a pass's buffer is read, its event waited
+    for, before the pass two later is launched), grown as needed. Events are
+    made once: a new one costs a driver call a pass (11-13 us on an H200's host)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.bufs: list[torch.Tensor] = []
+        self.events: list[Any] = []
         self.turn = 0
 
-    def take(self, n: int) -> torch.Tensor:
+    def take(self, n: int) -> tuple[torch.Tensor, Any]:
+        """This turn's buffer of at least ``n`` and its event (None on the CPU)."""
         self.turn ^= 1
         if len(self.bufs) < 2:
             self.bufs = [self._new(n), self._new(n)]
+            self.events = [torch.cuda.Event() for _ in range(2)] if self.device.type == "cuda" else [None, None]
         if self.bufs[self.turn].numel() < n:
             self.bufs[self.turn] = self._new(max(n, 2 * self.bufs[self.turn].numel()))
-        return self.bufs[self.turn]
+        return self.bufs[self.turn], self.events[self.turn]
 
     def _new(self, n: int) -> torch.Tensor:
         return torch.empty(n, dtype=torch.long, pin_memory=self.device.type == "cuda")
@@ -132,9 +137,8 @@ def queue_copy(tokens: torch.Tensor, buffers: HostBuffers) -> tuple[torch.Tensor
     """Queue the copy of a pass's ``tokens`` to a host buffer; (buffer, event)."""
     if tokens.device.type != "cuda":
         return tokens, None
-    host = buffers.take(tokens.numel())
+    host, event = buffers.take(tokens.numel())
     host[: tokens.numel()].copy_(tokens, non_blocking=True)  # on the current stream of the tokens' GPU
-    event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(tokens.device))  # that GPU's, whichever is current
     return host, event
 
