@@ -127,6 +127,39 @@ def test_a_daemon_whose_limits_refuse_a_step_together_gets_its_calls_one_by_one(
         c.check_integrity()
 
 
+@pytest.mark.parametrize("has_batch", [True, False])
+def test_owed_ids_over_a_small_tokens_limit_go_a_pass_at_a_time(model, has_batch, monkeypatch):
+    """A daemon whose tokens limit (12) holds one pass's ids for the batch (3) but
+    not a block's worth of passes' (3 x 8) in one `record_tokens`: the refused
+    call is made again a pass's ids a call, owing stops, and the generation ends
+    with transformers' tokens, its blocks published, nothing leaked; with or
+    without the `batch` op."""
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+    from kvpager.limits import Limits
+
+    prompts = [prompt(n, seed=190 + n) for n in (2, 3, 4)]  # 9 tokens: the allocate fits too
+    spec = spec_for_model(model, num_blocks=128, block_size=8)
+    with running_server(spec, heartbeat_timeout=60, limits=Limits(tokens=12)) as server:
+        if not has_batch:
+            hello = server._handlers["hello"]
+            monkeypatch.setitem(server._handlers, "hello", lambda s, a: {
+                **hello(s, a), "ops": [o for o in hello(s, a)["ops"] if o != "batch"]})
+        with Client(server.endpoint) as c:
+            with PagedGeneration(model, c, prompts, 20, eos_token_id=None) as gen:
+                assert gen._pipelined and gen._batched == has_batch and gen._may_owe
+                while not gen.done:
+                    gen.step()
+                assert not gen._may_owe
+                assert gen.outputs == [reference(model, p, 20) for p in prompts]
+            assert c.stats().num_sequences == 0
+            c.check_integrity()
+            # (asked of the daemon's pool: the question itself is over the limit)
+            assert server.pool.cached_tokens([p + o for p, o in zip(prompts, gen.outputs)], default_salt(model)) == [
+                (len(p) + 19) // 8 * 8 for p in prompts]
+
+
 def test_a_failed_batch_leaves_the_sequences_it_did_not_free_to_close(model, monkeypatch):
     """The daemon refuses a commit in the last step's batch, before the free of
     every finished sequence: the step raises that typed error, the free did not

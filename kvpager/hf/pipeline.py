@@ -248,8 +248,23 @@ class DecodePasses:
         trip); made at once elsewhere."""
         if self._batched:
             self._deferred.append((method, *args, kwargs) if kwargs else (method, *args))
-        else:
+            return
+        try:
             getattr(self.pool, method)(*args, **kwargs)
+        except LimitExceeded as e:
+            if not self._owed_ids_refused((method, *args), e):
+                raise
+            self._may_owe = False  # a pass's ids a call from now on
+            seq_ids, tokens = args
+            for j in range(tokens.shape[1]):
+                self.pool.record_tokens(seq_ids, np.ascontiguousarray(tokens[:, j : j + 1]))
+
+    @staticmethod
+    def _owed_ids_refused(call: tuple[Any, ...], error: KVPagerError) -> bool:
+        """Whether ``error`` is a daemon's tokens limit refusing the ids of several
+        owed passes in one `record_tokens` (``call``), where each pass's alone may fit."""
+        return (call[0] == "record_tokens" and getattr(error, "limit", None) == "tokens"
+                and isinstance(call[2], np.ndarray) and call[2].ndim == 2 and call[2].shape[1] > 1)
 
     def _flush(self) -> None:
         """Make the calls `_later` kept, in one batch."""
@@ -278,6 +293,15 @@ class DecodePasses:
                 self._batched = False
                 return one_by_one(self.pool, calls)
         except KVPagerError as e:  # typed: the daemon says which ran (its ``results``)
+            k = getattr(e, "index", None)
+            if k is not None and self._owed_ids_refused(calls[k], e):
+                # Owed passes' ids over the daemon's tokens limit together (a small limit, a big
+                # batch): the calls before ran; that one goes a pass's ids a call, and owing stops.
+                self._may_owe = False
+                _, seq_ids, tokens = calls[k]
+                split = [("record_tokens", seq_ids, np.ascontiguousarray(tokens[:, j : j + 1])) for j in range(tokens.shape[1])]
+                rest = self._send([*split, *calls[k + 1 :]])
+                return [*e.results, None, *rest[len(split) :]]
             ran = len(getattr(e, "results", None) or ())
             self._held.update(s for method, *args in calls[ran:] if method == "free" for s in args[0])
             raise
