@@ -129,6 +129,15 @@ class BlockPool(BlockRefs):
         self.tenants.published(block_id, tenant)
         return True
 
+    def publish_new(self, blocks: list[int], keys: list[bytes], tenants: np.ndarray) -> bool:
+        """`publish` of every block under its key, for its tenant (codes, int32),
+        at once where all keys and blocks are new and distinct (True); False and
+        nothing changed otherwise (`PrefixCache.publish_new`)."""
+        if not self.cache.publish_new(blocks, keys):
+            return False
+        self.tenants.published_many(np.asarray(blocks, dtype=np.int64), tenants)
+        return True
+
     def unpublish(self, block_id: int) -> None:
         """Forget a block about to be written again (its K/V will change); an
         evictable block then goes to the free list."""

@@ -165,6 +165,19 @@ class PrefixCache:
         self.cached[block_id] = True
         return True
 
+    def publish_new(self, blocks: list[int], keys: list[bytes]) -> bool:
+        """`publish` of each (block, key) pair at once where every key and every
+        block is new and none repeats (a decode step's blocks, one a sequence):
+        True. False, and nothing changed, otherwise: publish them one by one."""
+        k2b, b2k, n = self.key_to_block, self.block_key, len(keys)
+        if not (k2b.keys().isdisjoint(keys) and b2k.keys().isdisjoint(blocks)
+                and len(set(keys)) == n and len(set(blocks)) == n):
+            return False
+        k2b.update(zip(keys, blocks))
+        b2k.update(zip(blocks, keys))
+        self.cached[blocks] = True
+        return True
+
     def remove(self, block_id: int) -> bytes | None:
         """Forget ``block_id``'s entry; returns its key, or None if it had none."""
         key = self.block_key.pop(block_id, None)

@@ -180,8 +180,12 @@ def commit(m: SequenceManager, seq_ids: list[int] | np.ndarray, upto: Seq[int | 
     starts = np.maximum(bt.published[trows], bt.released[trows])  # released entries hold nothing
     ks = todo.tolist()
     ids = seq_ids[todo].tolist() if isinstance(seq_ids, np.ndarray) else [seq_ids[k] for k in ks]
-    # A decode step completes one block per sequence at most: those blocks in one read.
+    # A decode step completes one block per sequence at most: those blocks in one read,
+    # published together where all are new.
     one = bt.table[trows, starts].tolist() if bool((tfull - starts == 1).all()) else None
+    if one is not None and _publish_one_each(m, ids, one, starts.tolist(), ks, published, fresh):
+        bt.published[trows] = tfull
+        return published
     for i, (k, row, f, start) in enumerate(zip(ks, trows.tolist(), tfull.tolist(), starts.tolist())):
         h = history[ids[i]]
         keys = h.key_blocks(f, bs)
@@ -195,6 +199,30 @@ def commit(m: SequenceManager, seq_ids: list[int] | np.ndarray, upto: Seq[int | 
             fresh += [(b, h.root, key) for b, key, new in zip(blocks, keys[start:f], done) if new]
     bt.published[trows] = tfull
     return published
+
+
+def _publish_one_each(m: SequenceManager, ids: list[int], blocks: list[int], starts: list[int], ks: list[int],
+                      published: list[int], fresh: list[tuple[int, bytes, bytes]] | None) -> bool:
+    """`commit`'s publishing where each sequence of ``ids`` completed one block,
+    ``blocks[i]`` at table entry ``starts[i]``: every key hashed, then all
+    published at once if every key and block is new (True: ``published[ks[i]]``
+    set, events reported, ``fresh`` extended). False, nothing published, for the
+    block-by-block way (a key already cached, as forks that generate alike have)."""
+    bs, pool, history = m.block_size, m.pool, m.history
+    hs = [history[s] for s in ids]
+    keys = [h.key_blocks(start + 1, bs)[start] for h, start in zip(hs, starts)]
+    code = pool.tenants.code
+    codes = np.fromiter((code(h.root, h.salt) for h in hs), np.int32, len(hs))
+    if not pool.publish_new(blocks, keys, codes):
+        return False
+    for k in ks:
+        published[k] = 1
+    if pool.events is not None:
+        for h, start in zip(hs, starts):
+            report_stored(m, h, [start], [True])
+    if fresh is not None:
+        fresh += [(b, h.root, key) for b, h, key in zip(blocks, hs, keys)]
+    return True
 
 
 def report_stored(m: SequenceManager, history: History, index: list[int], done: list[bool]) -> None:

@@ -83,6 +83,11 @@ class Tenants:
         self.of_block[block] = code
         self.usage[code] += 1
 
+    def published_many(self, blocks: np.ndarray, codes: np.ndarray) -> None:
+        """`published` of each block with its code."""
+        self.of_block[blocks] = codes
+        np.add.at(self.usage, codes, 1)
+
     def removed(self, blocks: np.ndarray) -> None:
         """Blocks gone from the prefix cache (evicted or un-published)."""
         codes = self.of_block[blocks]
