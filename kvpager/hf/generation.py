@@ -51,7 +51,8 @@ from kvpager.hf.model import (  # noqa: F401
     spec_for_model,
     text_config,
 )
-from kvpager.hf.pipeline import DecodePasses, HostBuffers, Owed, Pass
+from kvpager.hf.passes import HostBuffers, Owed, Pass
+from kvpager.hf.pipeline import DecodePasses
 from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
 
 __all__ = ["PagedBatch", "PagedGeneration", "default_salt", "generate", "layer_windows", "spec_for_model"]

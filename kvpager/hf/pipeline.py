@@ -38,109 +38,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from kvpager.batch_calls import one_by_one
 from kvpager.errors import KVPagerError, LimitExceeded
-
-
-@dataclass
-class Pass:
-    """A decode pass launched and not yet completed."""
-
-    rows: list[int]  # indices of the generation's sequences, in the pass's order
-    seq_ids: list[int]
-    positions: list[int]  # the position each row's fed token sits at
-    position_ids: torch.Tensor  # [1, n] ``positions``, on the model's device
-    tokens: torch.Tensor  # [n] the pass's greedy tokens, on the model's device
-    host: torch.Tensor  # [>= n] where they are copied to (pinned on a GPU)
-    event: Any  # a torch.cuda.Event recorded after that copy; None on the CPU
-    #: what the pass's kernels read (its plan, or its captured graph and plan): kept alive
-    #: until the pass completes, whatever the generation plans or captures meanwhile
-    reads: Any = None
-    free_after: list[int] = field(default_factory=list)  # sequences to free once this pass completes
-
-    def read(self) -> list[int]:
-        """The pass's tokens (waits for their copy)."""
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host[: len(self.rows)].tolist()
-
-
-@dataclass
-class Owed:
-    """What steady pipelined passes owe the pool (`DecodePasses._owe`): the ids of
-    the slots each next pass took, a column a pass, and the commit of the last
-    completed pass's writes."""
-
-    rows: list[int]
-    seq_ids: list[int]
-    tokens: np.ndarray  # int64 [len(rows), capacity]; columns [0, count) filled
-    upto: list[int] = field(default_factory=list)  # each row's tokens whose K/V is written
-    count: int = 0
-
-
-class HostBuffers:
-    """Pinned host buffers for passes' tokens and the events recorded after their
-    copies, two of each taking turns (a pass's buffer is read, its event waited
-    for, before the pass two later is launched), grown as needed. Events are
-    made once: a new one costs a driver call a pass (11-13 us on an H200's host)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.bufs: list[torch.Tensor] = []
-        self.events: list[Any] = []
-        self.turn = 0
-
-    def take(self, n: int) -> tuple[torch.Tensor, Any]:
-        """This turn's buffer of at least ``n`` and its event (None on the CPU)."""
-        self.turn ^= 1
-        if len(self.bufs) < 2:
-            self.bufs = [self._new(n), self._new(n)]
-            self.events = [torch.cuda.Event() for _ in range(2)] if self.device.type == "cuda" else [None, None]
-        if self.bufs[self.turn].numel() < n:
-            self.bufs[self.turn] = self._new(max(n, 2 * self.bufs[self.turn].numel()))
-        return self.bufs[self.turn], self.events[self.turn]
-
-    def _new(self, n: int) -> torch.Tensor:
-        return torch.empty(n, dtype=torch.long, pin_memory=self.device.type == "cuda")
-
-
-def to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """[1, n] int64 on ``device`` without waiting for it: a pinned staging tensor
-    and an asynchronous copy (torch's host allocator keeps the staging memory
-    until the copy ran). The staging tensor is taken pinned and filled, not
-    built and then pinned (a second tensor and a copy: 14-17 against 18-20 us a
-    call on an H200's host)."""
-    if device.type != "cuda":
-        return torch.tensor([values], dtype=torch.long)
-    t = torch.empty((1, len(values)), dtype=torch.long, pin_memory=True)
-    t.numpy()[0] = values
-    return t.to(device, non_blocking=True)
-
-
-def fed_tokens(prev: Pass, rows: list[int]) -> torch.Tensor:
-    """[1, n] input ids of the next pass over ``rows`` (a subsequence of ``prev``'s):
-    ``prev``'s tokens for them, gathered on the device."""
-    if rows == prev.rows:
-        return prev.tokens.view(1, -1)
-    where = {r: k for k, r in enumerate(prev.rows)}
-    index = to_device([where[r] for r in rows], prev.tokens.device)[0]
-    return prev.tokens.index_select(0, index).view(1, -1)
-
-
-def queue_copy(tokens: torch.Tensor, buffers: HostBuffers) -> tuple[torch.Tensor, Any]:
-    """Queue the copy of a pass's ``tokens`` to a host buffer; (buffer, event)."""
-    if tokens.device.type != "cuda":
-        return tokens, None
-    host, event = buffers.take(tokens.numel())
-    host[: tokens.numel()].copy_(tokens, non_blocking=True)  # on the current stream of the tokens' GPU
-    event.record(torch.cuda.current_stream(tokens.device))  # that GPU's, whichever is current
-    return host, event
+from kvpager.hf.passes import Owed, Pass, fed_tokens, queue_copy, to_device
 
 
 class DecodePasses:
