@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+from collections.abc import Callable
 
 import cupy
 import numpy as np
@@ -46,7 +47,7 @@ extern "C" __global__ void wait_started(const volatile int* started, int count) 
 _HOLD_SMEM = 200 * 1024
 
 
-def holder() -> tuple[callable, cupy.cuda.Stream]:
+def holder() -> tuple[Callable[[int, float], None], cupy.cuda.Stream]:
     """``hold(n, us)``: ``n`` CTAs, one an SM, spinning ``us`` microseconds on a side
     stream; returns once the main stream waits for all of them to have started."""
     mod = cupy.RawModule(code=_HOLD_SRC)
@@ -116,6 +117,7 @@ def main() -> None:
               "case": f"{batch} x {new} new tokens on {cached} cached, causal"}
     if args.json:
         print(json.dumps(result, indent=2))
+        be.close()
         return
     print(f"{name}, {result['date']}: {result['case']}; median of {args.rounds} rounds")
     labels = [label for label, _, _ in plans]
