@@ -19,8 +19,8 @@ overlaps the device's for pass t, and no step waits for the device to drain.
 In steady steps (the same sequences pass after pass, none ending, no window
 releasing blocks) the pool is told the ids and commits of up to a block's
 worth of passes at once (`Owed`): one `record_tokens` of a column per pass and
-one `commit`, where each pass would cost both calls' fixed work (about a
-third of an eager step's host time outside the model at batch 64). Each
+one `commit`, where each pass would cost both calls' fixed work (more than
+a quarter of an eager step's host time outside the model at batch 64). Each
 sequence then publishes the block its ids completed up to that many passes
 later, always before it is freed; a step where anything changes (a sequence
 ends, a pass carries fewer rows), `close` and the last pass settle at once.
@@ -203,7 +203,8 @@ class DecodePasses:
                 # batch): the calls before ran; that one goes a pass's ids a call, and owing stops.
                 self._may_owe = False
                 _, seq_ids, tokens = calls[k]
-                split = [("record_tokens", seq_ids, np.ascontiguousarray(tokens[:, j : j + 1])) for j in range(tokens.shape[1])]
+                split = [("record_tokens", seq_ids, np.ascontiguousarray(tokens[:, j : j + 1]))
+                         for j in range(tokens.shape[1])]
                 rest = self._send([*split, *calls[k + 1 :]])
                 return [*e.results, None, *rest[len(split) :]]
             ran = len(getattr(e, "results", None) or ())
