@@ -157,6 +157,26 @@ def test_steady_steps_tell_the_pool_a_block_of_ids_at_a_time_and_close_settles(m
     pool.check_integrity()
 
 
+def test_owed_passes_stay_within_a_default_daemons_tokens_limit(model, monkeypatch):
+    """Owed ids are capped at `OWED_TOKENS` a call (a default daemon's tokens limit):
+    a batch so large that a block's worth of passes would pass it owes fewer passes
+    (here a cap of 7 ids over 3 sequences: 2 passes a call)."""
+    import kvpager.hf.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "OWED_TOKENS", 7)
+    prompts = [prompt(n, seed=320 + n) for n in (5, 11, 20)]
+    pool = KVPool(spec_for_model(model, num_blocks=160, block_size=8))
+    told, record = [], pool.record_tokens
+    pool.record_tokens = lambda ids, tokens, *a, **k: told.append(tokens.shape) or record(ids, tokens, *a, **k)
+    with PagedGeneration(model, pool, prompts, 10, eos_token_id=None) as gen:
+        while not gen.done:
+            gen.step()
+        outs = gen.outputs
+    assert outs == [reference(model, p, 10) for p in prompts]
+    assert told == [(3, 2)] * 4  # 8 passes fed ids (9 decode passes, the last one's never fed)
+    pool.check_integrity()
+
+
 def test_a_pool_without_record_tokens_runs_unpipelined(model):
     class Plain:
         """A pool with `KVPool`'s methods but `record_tokens`."""

@@ -47,6 +47,11 @@ from kvpager.errors import KVPagerError, LimitExceeded
 from kvpager.hf.passes import Owed, Pass, fed_tokens, queue_copy, to_device
 
 
+#: The most token ids owed at once (`Owed`): a daemon's default tokens limit for one
+#: request (`kvpager.limits.Limits.tokens`), so a default daemon never refuses them.
+OWED_TOKENS = 1 << 20
+
+
 class DecodePasses:
     """What `PagedGeneration` does around its forward passes (mixed into it): the
     `_launch` of a decode pass and its `_complete` (pipelined: one pass later),
@@ -130,7 +135,8 @@ class DecodePasses:
             self._settle()
             owed = None
         if owed is None:
-            cap = self.pool.spec.block_size
+            # a block's worth of passes, within a default daemon's tokens limit for a call
+            cap = min(self.pool.spec.block_size, max(1, OWED_TOKENS // len(done.rows)))
             owed = self._owed = Owed(done.rows, done.seq_ids, np.empty((len(done.rows), cap), np.int64))
         owed.tokens[:, owed.count] = tokens
         owed.count += 1
