@@ -46,7 +46,6 @@ from kvpager.batch_calls import one_by_one
 from kvpager.errors import KVPagerError, LimitExceeded
 from kvpager.hf.passes import Owed, Pass, fed_tokens, queue_copy, to_device
 
-
 #: The most token ids owed at once (`Owed`): a daemon's default tokens limit for one
 #: request (`kvpager.limits.Limits.tokens`), so a default daemon never refuses them.
 OWED_TOKENS = 1 << 20
