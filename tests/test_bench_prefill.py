@@ -5,28 +5,18 @@ equal to transformers'."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
+from tool_helpers import tool_module  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tool():
-    sys.path.insert(0, str(ROOT / "tools"))  # it imports bench_e2e and e2e_paths beside it
-    try:
-        spec = importlib.util.spec_from_file_location("kvpager_tools_bench_prefill", ROOT / "tools" / "bench_prefill.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with tool_module("bench_prefill") as module:
         yield module
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
 
 
 @pytest.fixture(scope="module")

@@ -5,28 +5,18 @@ holds them all, the pool's calls are the owed ones (a block's worth of passes a
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
+from tool_helpers import tool_module  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tool():
-    sys.path.insert(0, str(ROOT / "tools"))  # it imports bench_e2e beside it
-    try:
-        spec = importlib.util.spec_from_file_location("kvpager_tools_bench_step_host", ROOT / "tools" / "bench_step_host.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with tool_module("bench_step_host") as module:
         yield module
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
 
 
 def test_parts_nest_and_the_wrappers_go(tool):

@@ -32,6 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import bench_e2e  # noqa: E402
+
 import kvpager.hf.attention as attention  # noqa: E402
 import kvpager.hf.pipeline as pipeline  # noqa: E402
 from kvpager import KVPool  # noqa: E402
@@ -66,8 +68,6 @@ def tiny_model() -> Any:
 
 def measure(model: Any, device: str, batch: int, steps: int, warmup: int) -> dict[str, float]:
     """Microseconds a step for each part, "step" and "outside the forward"."""
-    import bench_e2e
-
     vocab = model.config.vocab_size
     prompts = [[t % vocab for t in p] for p in bench_e2e.prompts(batch, 1024, (8, 40))]
     pool = KVPool(spec_for_model(model, num_blocks=batch * 80 + 4096), device=device)
@@ -120,14 +120,9 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="default: cuda:0 where there is a GPU, else cpu")
     args = ap.parse_args()
     device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
-    if args.shape == "tiny":
-        model = tiny_model().to(device)
-    else:
-        import bench_e2e
-
-        if not device.startswith("cuda"):
-            raise SystemExit(f"--shape {args.shape} needs a GPU; --shape tiny runs on a CPU")
-        model = bench_e2e.make_model(args.shape)
+    if args.shape != "tiny" and not device.startswith("cuda"):
+        raise SystemExit(f"--shape {args.shape} needs a GPU; --shape tiny runs on a CPU")
+    model = tiny_model().to(device) if args.shape == "tiny" else bench_e2e.make_model(args.shape)
     batches = [int(b) for b in args.batches.split(",")]
     rows = {b: measure(model, device, b, args.steps, args.warmup) for b in batches}
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
