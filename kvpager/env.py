@@ -30,6 +30,11 @@ def _seconds(name: str, default: float) -> float:
     return value
 
 
+def native() -> bool:
+    """KVPAGER_NATIVE: 0 turns the compiled decode step off (kvpager.native); anything else, or unset, leaves it on."""
+    return _get("NATIVE", "1").strip() != "0"
+
+
 def timeout_s() -> float:
     """KVPAGER_TIMEOUT: seconds a client waits for a reply before TimeoutError."""
     return _seconds("TIMEOUT", 10.0)

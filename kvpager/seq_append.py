@@ -20,12 +20,15 @@ import numpy as np
 from kvpager.errors import InvalidArgument, OutOfBlocks
 from kvpager.history import writable
 from kvpager.prefix_cache import token_array
+from kvpager.seq_lookup import COLUMNS
 from kvpager.validate import TOKEN_LIMIT, all_type, one_id_each
 
 if TYPE_CHECKING:
     from kvpager.sequences import SequenceManager
 
 _NO_COPIES = np.zeros((0, 2), dtype=np.int64)
+#: The last-block column of `BlockTable.row_data` (the compiled decode step's argument).
+_LAST = 2 + COLUMNS.index("last")
 
 
 def _token_list(ids: object) -> list[int]:
@@ -134,6 +137,10 @@ def _decode(
         return _decode_one(m, int(seq_ids[0]), int(rows[0]), None if ids_list is None else ids_list[0])
     if not len(rows):
         return np.zeros(0, np.int64), _NO_COPIES
+    if m.native is not None and rows.dtype == np.int64 and rows.flags.c_contiguous:
+        done = _native_decode(m, seq_ids, rows, ids_list)
+        if done is not None:
+            return done
     bt, pool, shift = m.table, m.pool, m.shift
     nt = bt.num_tokens[rows]
     off = nt & (m.block_size - 1)
@@ -169,6 +176,40 @@ def _decode(
     if ids_list is not None:
         _record(m, seq_ids, rows, nt, ids_list, 1)
     bt.num_tokens[rows] = nt + 1
+    # Sources are released only now: no block freed here is reused in this batch.
+    if len(copies):
+        pool.free_blocks(copies[:, 0])
+    return slots, copies
+
+
+def _native_decode(
+    m: SequenceManager, seq_ids: list[int] | np.ndarray, rows: np.ndarray, ids_list: list[Any] | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """`_decode` by the compiled step (`kvpager.native`): one call when no row
+    needs a block, two around taking them when some do; None (nothing changed)
+    where a row would write into a published last block, which the NumPy path
+    un-publishes first."""
+    bt, pool, native = m.table, m.pool, m.native
+    slots = np.empty(len(rows), np.int64)
+    nt = None if ids_list is None else np.empty(len(rows), np.int64)
+    cached = pool.cache.cached if len(pool.cache) else None
+    k, widest = native.scan(rows, bt.row_data, _LAST, pool.ref_cnt, cached, m.shift, slots, nt)
+    if k < 0:
+        return None
+    copies = _NO_COPIES
+    if k:
+        available = pool.get_num_free_blocks()
+        if k > available:
+            raise OutOfBlocks(k, available)
+        new = pool.get_new_blocks(k, top_first=True)
+        if widest >= bt.width:
+            bt.reserve_width(widest + 1)
+        out = np.empty((k, 2), np.int64)
+        made = native.place(rows, bt.row_data, _LAST, pool.ref_cnt, bt.table, m.shift, new, slots, out)
+        if made:
+            copies = out[:made]
+    if ids_list is not None:
+        _record(m, seq_ids, rows, nt, ids_list, 1)
     # Sources are released only now: no block freed here is reused in this batch.
     if len(copies):
         pool.free_blocks(copies[:, 0])

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from kvpager import seq_append, seq_check, seq_one, seq_prefix, seq_release, seq_swap
+from kvpager import native, seq_append, seq_check, seq_one, seq_prefix, seq_release, seq_swap
 from kvpager.block_pool import BlockPool
 from kvpager.block_table import BlockTable
 from kvpager.errors import InvalidArgument
@@ -71,6 +71,8 @@ class SequenceManager(SequenceLookup):
         self.prefix_hit_tokens = 0
         #: Batches of one take `seq_one`'s scalar paths (False: the batch paths; tests compare both).
         self.scalar = True
+        #: The compiled decode step (`kvpager.native`; None: NumPy's, its reference; tests compare both).
+        self.native = native.DECODE
         #: The objects those paths use, never rebound (the arrays that grow are
         #: read through ``table``), so a call takes them in one step.
         self.one_refs = (self.rows, self.history, self.owners.by_code, self._ids, self.pool.ref_cnt, self.table,

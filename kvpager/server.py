@@ -45,6 +45,7 @@ from kvpager.limits import Limits
 from kvpager.metrics import RequestMetrics
 from kvpager.pool import KVPool
 from kvpager.protocol import OPS
+from kvpager.request_memo import RequestMemo
 from kvpager.server_bind import Binding
 from kvpager.server_dispatch import Dispatch
 from kvpager.server_ops import ServerOps
@@ -119,6 +120,7 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._handlers = {name: getattr(self, f"_op_{name}") for name in OPS}
+        self._memo = RequestMemo()  # decode steps' requests, decoded and checked once
         # When the loop last found nothing queued: every message sent before then
         # has been read, so a session silent since long before it is really gone.
         self._idle = time.monotonic()

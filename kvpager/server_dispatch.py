@@ -1,6 +1,7 @@
 """The daemon's request dispatch: one request in, one reply out. A request is
-decoded and checked (envelope, session or token, per-request limits), its
-handler (`kvpager.server_ops`) runs, a GPU pool's work is waited for where a
+decoded and checked (envelope, session or token, per-request limits; a repeat
+of a decode step's request is found by its bytes instead: `kvpager.request_memo`),
+its handler (`kvpager.server_ops`) runs, a GPU pool's work is waited for where a
 reply must not race it, and any error becomes a typed error reply. Replies of
 `RETRIED_OPS` are kept per session, so a retry with the same id and bytes
 gets the first execution's reply instead of running twice. A `batch` runs
@@ -35,6 +36,7 @@ from kvpager.protocol import (
     encode_batch,
     encode_reply,
 )
+from kvpager.request_memo import MEMO_OPS, split_id
 from kvpager.validate import all_type
 
 if TYPE_CHECKING:
@@ -65,7 +67,7 @@ def _sized(v: Any) -> bool:
 class Dispatch:
     """Mixed into `Server`, which supplies ``pool``, ``sessions``, ``limits``,
     ``token``, ``gpu``, ``max_message_bytes``, ``requests``, ``request_metrics``,
-    ``events``, ``_sink``, ``_handlers``, ``_op`` and ``_result``."""
+    ``events``, ``_sink``, ``_handlers``, ``_memo``, ``_op`` and ``_result``."""
 
     def handle(self, body: bytes) -> bytes:
         """One request in, one reply out (counted, timed and its KV events
@@ -91,14 +93,25 @@ class Dispatch:
         self._op, self._result = "", "ok"
         rid, op, session, digest = None, "?", None, None
         try:
-            req = decode_request(body, self.max_message_bytes)
-            rid, op = req.id, req.op
-            self._op = op
-            if OPS[op].session or (req.session is not None and op != "hello"):
-                session = self.sessions.get(req.session)
+            head = split_id(body) if type(body) is bytes and len(body) <= self.max_message_bytes else None
+            kept_req = self._memo.get(head[1]) if head is not None else None
+            if kept_req is not None:  # a repeat of a request decoded and checked before
+                rid, (_, name, op, args) = head[0], kept_req
+                self._op = op
+                session = self.sessions.get(name)
                 session.ops += 1
-            elif self.token is not None and op != "hello":
-                raise Unauthorized(f"{op}: this daemon has a token: open a session (hello with the token) first")
+            else:
+                req = decode_request(body, self.max_message_bytes)
+                rid, op, args = req.id, req.op, req.args
+                self._op = op
+                if OPS[op].session or (req.session is not None and op != "hello"):
+                    session = self.sessions.get(req.session)
+                    session.ops += 1
+                elif self.token is not None and op != "hello":
+                    raise Unauthorized(f"{op}: this daemon has a token: open a session (hello with the token) first")
+                self._bound(op, args)
+                if head is not None and op in MEMO_OPS:
+                    self._memo.put(head[1], req.session, op, args)
             if op in RETRIED_OPS:
                 # A retry after a timeout (same id, same bytes) gets the first reply.
                 digest = body if type(body) is bytes and 16 < len(body) <= _MATCH_BYTES \
@@ -112,7 +125,7 @@ class Dispatch:
                             f"(over {self.limits.kept} bytes: KVPAGER_MAX_KEPT, kvpager serve --max-kept)",
                             "kept", self.limits.kept + 1, self.limits.kept)
                     return kept[1]
-            reply = self._reply(rid, op, session, req.args)
+            reply = self._reply(rid, op, session, args)
         except Exception as e:
             return self._error_reply(rid, op, e)
         if digest is not None:
@@ -136,7 +149,6 @@ class Dispatch:
 
     def _reply(self, rid: int, op: str, session: Session | None, args: dict[str, Any]) -> bytes:
         try:
-            self._bound(op, args)
             result = self._handlers[op](session, args)
             if self.gpu is not None and op in _DEVICE_OPS and self.pool.pending:
                 self.pool.synchronize()

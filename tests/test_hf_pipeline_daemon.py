@@ -60,17 +60,12 @@ def test_through_a_daemon_a_pipelined_step_is_one_round_trip(model, has_batch, m
     generated blocks matchable."""
     from daemon_helpers import running_server
 
-    from kvpager import protocol, server_dispatch
+    from kvpager import protocol
     from kvpager.client import Client
 
     prompts = [prompt(n, seed=140 + n) for n in (5, 17, 30)]
     spec = spec_for_model(model, num_blocks=128, block_size=8)
     seen: list[str] = []
-
-    def counted(data, limit):
-        req = protocol.decode_request(data, limit)
-        seen.append(req.op if req.op != "batch" else "batch:" + ",".join(op for op, _ in req.args["ops"]))
-        return req
 
     with running_server(spec, heartbeat_timeout=60) as server:
         if not has_batch:  # as a daemon that predates the op
@@ -81,12 +76,19 @@ def test_through_a_daemon_a_pipelined_step_is_one_round_trip(model, has_batch, m
             steps = []
             with PagedGeneration(model, c, prompts, 12, eos_token_id=None) as gen:
                 assert gen._pipelined and gen._batched == has_batch
-                monkeypatch.setattr(server_dispatch, "decode_request", counted)
+                handle = server.handle
+
+                def counted(body):  # every request the loop takes (a repeat is not decoded again)
+                    req = protocol.decode_request(body, server.max_message_bytes)
+                    seen.append(req.op if req.op != "batch" else "batch:" + ",".join(op for op, _ in req.args["ops"]))
+                    return handle(body)
+
+                server.handle = counted
                 while not gen.done:
                     n = len(seen)
                     gen.step()
                     steps.append([op for op in seen[n:] if op != "heartbeat"])
-                monkeypatch.setattr(server_dispatch, "decode_request", protocol.decode_request)
+                server.handle = handle
                 assert gen.outputs == [reference(model, p, 12) for p in prompts]
             assert c.stats().num_sequences == 0
             c.check_integrity()

@@ -1,0 +1,276 @@
+/* kvpager._native: the allocator's decode step (one token for each sequence of
+ * a batch) as two loops over the batch's rows, for `kvpager.seq_append`.
+ *
+ * The NumPy path in seq_append._decode is the reference; this module computes
+ * exactly the same state change, in one call for a step where no row crosses
+ * a block boundary (15 of 16 steps of a synchronised batch) and two where
+ * some do (the caller takes the blocks in between). It exists because a
+ * daemon's decode step is a dozen NumPy calls on a few hundred rows, each
+ * costing a microsecond or more of fixed overhead: one C call replaces them.
+ *
+ * Arrays arrive through the buffer protocol (no NumPy headers): every one is
+ * checked for its item size and C-contiguity, and every index it reads is
+ * bounds-checked, so a wrong call raises instead of touching memory it must
+ * not. State is written only after every check of a call has passed.
+ *
+ * row_data: int64 [rows, columns]; column 0 the number of blocks, column 1 the
+ * token count, column `c_last` the row's last block id (seq_lookup.COLUMNS).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    Py_buffer view;
+    int held;
+} Buf;
+
+static void release(Buf *b) {
+    if (b->held) {
+        PyBuffer_Release(&b->view);
+        b->held = 0;
+    }
+}
+
+/* ``obj``'s buffer: C-contiguous, ``ndim`` dimensions, items of ``itemsize``
+ * bytes; writable if asked. */
+static int get(PyObject *obj, Buf *b, int ndim, Py_ssize_t itemsize, int writable, const char *name) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, &b->view, flags) < 0) {
+        return -1;
+    }
+    b->held = 1;
+    if (b->view.ndim != ndim || b->view.itemsize != itemsize) {
+        PyErr_Format(PyExc_TypeError, "%s: expected %d-d items of %zd bytes, got %d-d of %zd", name, ndim,
+                     itemsize, b->view.ndim, b->view.itemsize);
+        release(b);
+        return -1;
+    }
+    return 0;
+}
+
+#define ROWS(b) ((b).view.ndim ? (b).view.shape[0] : 0)
+
+/* Shared argument checks of both calls: ``rows`` index ``row_data`` and a
+ * row's last block and token count are in range. */
+static int check_rows(const int64_t *rows, Py_ssize_t n, const int64_t *data, Py_ssize_t nrows,
+                      Py_ssize_t ncols, Py_ssize_t c_last, Py_ssize_t nblocks) {
+    if (c_last < 2 || c_last >= ncols) {
+        PyErr_SetString(PyExc_IndexError, "decode step: last-block column out of range");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t r = rows[i];
+        if (r < 0 || r >= nrows) {
+            PyErr_Format(PyExc_IndexError, "decode step: row %lld out of range", (long long)r);
+            return -1;
+        }
+        const int64_t *d = data + r * ncols;
+        if (d[c_last] < 0 || d[c_last] >= nblocks || d[1] < 0) {
+            PyErr_Format(PyExc_IndexError, "decode step: row %lld has last block %lld, %lld tokens",
+                         (long long)r, (long long)d[c_last], (long long)d[1]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* scan(rows, row_data, c_last, ref_cnt, cached, shift, slots, old_tokens)
+ *   -> (needs, widest)
+ *
+ * needs: how many rows need a block (at a block boundary, or a copy of a
+ * shared, partly filled last block); -1 if some row writes in place into a
+ * last block that is still published (the caller takes the NumPy path,
+ * which un-publishes it). widest: the largest block column a needing row
+ * writes (-1 if none).
+ *
+ * When needs is 0 the step is done here: ``slots`` (int64 [n]) holds each
+ * row's slot and every row's token count went up by one. Otherwise nothing
+ * changed. ``old_tokens`` (int64 [n] or None) receives the counts before the
+ * step in both cases. ``cached`` (bool [blocks]) or None when nothing is
+ * published. */
+static PyObject *scan(PyObject *self, PyObject *args) {
+    PyObject *o_rows, *o_data, *o_ref, *o_cached, *o_slots, *o_old;
+    Py_ssize_t c_last;
+    int shift;
+    if (!PyArg_ParseTuple(args, "OOnOOiOO", &o_rows, &o_data, &c_last, &o_ref, &o_cached, &shift, &o_slots,
+                          &o_old)) {
+        return NULL;
+    }
+    Buf rows = {0}, data = {0}, ref = {0}, cached = {0}, slots = {0}, old = {0};
+    PyObject *result = NULL;
+    if (shift < 0 || shift > 30) {
+        PyErr_SetString(PyExc_ValueError, "decode step: shift out of range");
+        return NULL;
+    }
+    if (get(o_rows, &rows, 1, 8, 0, "rows") < 0 || get(o_data, &data, 2, 8, 1, "row_data") < 0 ||
+        get(o_ref, &ref, 1, 4, 0, "ref_cnt") < 0 || get(o_slots, &slots, 1, 8, 1, "slots") < 0) {
+        goto done;
+    }
+    if (o_cached != Py_None && get(o_cached, &cached, 1, 1, 0, "cached") < 0) {
+        goto done;
+    }
+    if (o_old != Py_None && get(o_old, &old, 1, 8, 1, "old_tokens") < 0) {
+        goto done;
+    }
+    Py_ssize_t n = ROWS(rows), ncols = data.view.shape[1], nblocks = ROWS(ref);
+    if (ROWS(slots) != n || (old.held && ROWS(old) != n) || (cached.held && ROWS(cached) != nblocks)) {
+        PyErr_SetString(PyExc_ValueError, "decode step: array lengths disagree");
+        goto done;
+    }
+    const int64_t *r = rows.view.buf;
+    int64_t *d = data.view.buf;
+    const int32_t *rc = ref.view.buf;
+    const uint8_t *pub = cached.held ? cached.view.buf : NULL;
+    int64_t *out = slots.view.buf, *prev = old.held ? old.view.buf : NULL;
+    if (check_rows(r, n, d, data.view.shape[0], ncols, c_last, nblocks) < 0) {
+        goto done;
+    }
+    const int64_t mask = ((int64_t)1 << shift) - 1;
+    Py_ssize_t needs = 0;
+    int64_t widest = -1;
+    int published = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const int64_t *row = d + r[i] * ncols;
+        int64_t nt = row[1], last = row[c_last];
+        if (prev) {
+            prev[i] = nt;
+        }
+        if ((nt & mask) == 0 || rc[last] > 1) {
+            needs++;
+            if ((nt >> shift) > widest) {
+                widest = nt >> shift;
+            }
+        } else if (pub && pub[last]) {
+            published = 1;
+        }
+    }
+    if (published) {
+        result = Py_BuildValue("(nL)", (Py_ssize_t)-1, (long long)widest);
+        goto done;
+    }
+    if (needs == 0) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int64_t *row = d + r[i] * ncols;
+            out[i] = (row[c_last] << shift) | (row[1] & mask);
+            row[1] += 1;
+        }
+    }
+    result = Py_BuildValue("(nL)", needs, (long long)widest);
+done:
+    release(&rows);
+    release(&data);
+    release(&ref);
+    release(&cached);
+    release(&slots);
+    release(&old);
+    return result;
+}
+
+/* place(rows, row_data, c_last, ref_cnt, table, shift, new, slots, copies) -> copies made
+ *
+ * The rest of a step whose scan found needing rows: the i-th needing row (in
+ * batch order) gets block new[i] at column tokens >> shift of its table row
+ * (which the caller made wide enough), its block count and last block follow,
+ * and a row whose last block was shared and partly filled records the copy
+ * (source, new) in ``copies`` (int64 [>= needs, 2]). Every row's slot goes to
+ * ``slots`` and its token count up by one. ``new`` must hold exactly as many
+ * blocks as rows need them. */
+static PyObject *place(PyObject *self, PyObject *args) {
+    PyObject *o_rows, *o_data, *o_ref, *o_table, *o_new, *o_slots, *o_copies;
+    Py_ssize_t c_last;
+    int shift;
+    if (!PyArg_ParseTuple(args, "OOnOOiOOO", &o_rows, &o_data, &c_last, &o_ref, &o_table, &shift, &o_new,
+                          &o_slots, &o_copies)) {
+        return NULL;
+    }
+    Buf rows = {0}, data = {0}, ref = {0}, table = {0}, fresh = {0}, slots = {0}, copies = {0};
+    PyObject *result = NULL;
+    if (shift < 0 || shift > 30) {
+        PyErr_SetString(PyExc_ValueError, "decode step: shift out of range");
+        return NULL;
+    }
+    if (get(o_rows, &rows, 1, 8, 0, "rows") < 0 || get(o_data, &data, 2, 8, 1, "row_data") < 0 ||
+        get(o_ref, &ref, 1, 4, 0, "ref_cnt") < 0 || get(o_table, &table, 2, 4, 1, "table") < 0 ||
+        get(o_new, &fresh, 1, 8, 0, "new") < 0 || get(o_slots, &slots, 1, 8, 1, "slots") < 0 ||
+        get(o_copies, &copies, 2, 8, 1, "copies") < 0) {
+        goto done;
+    }
+    Py_ssize_t n = ROWS(rows), ncols = data.view.shape[1], nblocks = ROWS(ref);
+    Py_ssize_t width = table.view.shape[1], k = ROWS(fresh);
+    if (ROWS(slots) != n || copies.view.shape[1] != 2 || ROWS(copies) < k ||
+        table.view.shape[0] != data.view.shape[0]) {
+        PyErr_SetString(PyExc_ValueError, "decode step: array shapes disagree");
+        goto done;
+    }
+    const int64_t *r = rows.view.buf, *nb = fresh.view.buf;
+    int64_t *d = data.view.buf, *out = slots.view.buf, *cp = copies.view.buf;
+    const int32_t *rc = ref.view.buf;
+    int32_t *tab = table.view.buf;
+    if (check_rows(r, n, d, data.view.shape[0], ncols, c_last, nblocks) < 0) {
+        goto done;
+    }
+    const int64_t mask = ((int64_t)1 << shift) - 1;
+    Py_ssize_t needs = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {  /* every check before any write */
+        const int64_t *row = d + r[i] * ncols;
+        if ((row[1] & mask) == 0 || rc[row[c_last]] > 1) {
+            if ((row[1] >> shift) >= width) {
+                PyErr_SetString(PyExc_IndexError, "decode step: block table too narrow");
+                goto done;
+            }
+            needs++;
+        }
+    }
+    if (needs != k) {
+        PyErr_Format(PyExc_ValueError, "decode step: %zd rows need a block, %zd given", needs, k);
+        goto done;
+    }
+    for (Py_ssize_t j = 0; j < k; j++) {
+        if (nb[j] <= 0 || nb[j] >= nblocks || nb[j] > INT32_MAX) {
+            PyErr_Format(PyExc_IndexError, "decode step: new block %lld out of range", (long long)nb[j]);
+            goto done;
+        }
+    }
+    Py_ssize_t j = 0, made = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t *row = d + r[i] * ncols;
+        int64_t nt = row[1], off = nt & mask, last = row[c_last];
+        if (off == 0 || rc[last] > 1) {
+            int64_t b = nb[j++], col = nt >> shift;
+            tab[r[i] * width + col] = (int32_t)b;
+            row[0] = col + 1;
+            row[c_last] = b;
+            if (off != 0) {
+                cp[2 * made] = last;
+                cp[2 * made + 1] = b;
+                made++;
+            }
+            last = b;
+        }
+        out[i] = (last << shift) | off;
+        row[1] = nt + 1;
+    }
+    result = PyLong_FromSsize_t(made);
+done:
+    release(&rows);
+    release(&data);
+    release(&ref);
+    release(&table);
+    release(&fresh);
+    release(&slots);
+    release(&copies);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"scan", scan, METH_VARARGS, "A decode step's first pass (see native/decode_step.c)."},
+    {"place", place, METH_VARARGS, "A decode step's second pass, with the new blocks (see native/decode_step.c)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvpager._native",
+                                    "The allocator's decode step in C (kvpager.seq_append).", -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
