@@ -164,9 +164,8 @@ class DecodePasses:
             if not self._owed_ids_refused((method, *args), e):
                 raise
             self._may_owe = False  # a pass's ids a call from now on
-            seq_ids, tokens = args
-            for j in range(tokens.shape[1]):
-                self.pool.record_tokens(seq_ids, np.ascontiguousarray(tokens[:, j : j + 1]))
+            for _, *call in self._one_pass_each(*args):
+                self.pool.record_tokens(*call)
 
     @staticmethod
     def _owed_ids_refused(call: tuple[Any, ...], error: KVPagerError) -> bool:
@@ -174,6 +173,11 @@ class DecodePasses:
         owed passes in one `record_tokens` (``call``), where each pass's alone may fit."""
         return (call[0] == "record_tokens" and getattr(error, "limit", None) == "tokens"
                 and isinstance(call[2], np.ndarray) and call[2].ndim == 2 and call[2].shape[1] > 1)
+
+    @staticmethod
+    def _one_pass_each(seq_ids: list[int], tokens: np.ndarray) -> list[tuple[Any, ...]]:
+        """Owed passes' ids (``tokens``, a column a pass) as a `record_tokens` call a pass."""
+        return [("record_tokens", seq_ids, np.ascontiguousarray(tokens[:, j : j + 1])) for j in range(tokens.shape[1])]
 
     def _flush(self) -> None:
         """Make the calls `_later` kept, in one batch."""
@@ -207,9 +211,7 @@ class DecodePasses:
                 # Owed passes' ids over the daemon's tokens limit together (a small limit, a big
                 # batch): the calls before ran; that one goes a pass's ids a call, and owing stops.
                 self._may_owe = False
-                _, seq_ids, tokens = calls[k]
-                split = [("record_tokens", seq_ids, np.ascontiguousarray(tokens[:, j : j + 1]))
-                         for j in range(tokens.shape[1])]
+                split = self._one_pass_each(*calls[k][1:])
                 rest = self._send([*split, *calls[k + 1 :]])
                 return [*e.results, None, *rest[len(split) :]]
             ran = len(getattr(e, "results", None) or ())
