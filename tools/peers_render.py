@@ -50,9 +50,15 @@ def _failed_row(first: list[str], r: dict, width: int) -> list[str]:
     return first + ["skipped" if "skipped" in r else "failed"] + ["-"] * (width - len(first) - 1)
 
 
+def floor_cell(res: dict | None, amount: float) -> str:
+    """The read floor's time and rate (`peers_cases.read_floor`; older reports have none)."""
+    return f"{res['ms']:.3f} ({rate(res, amount, 1e9)})" if res and "ms" in res else "-"
+
+
 def decode_table(rows: list[dict]) -> list[str]:
     head = ["batch x context"] + [f"{t} ms" for t, _ in DECODE] + [
-        "kvpager TB/s", "FlashInfer / kvpager", "SDPA / kvpager", "rel. error kvpager / FlashInfer"]
+        "kvpager TB/s", "read floor ms (TB/s)", "kvpager / read floor", "FlashInfer / kvpager", "SDPA / kvpager",
+        "rel. error kvpager / FlashInfer"]
     out = []
     for r in rows:
         if "results" not in r:
@@ -61,6 +67,7 @@ def decode_table(rows: list[dict]) -> list[str]:
         res = r["results"]
         out.append([r["case"], *(ms(res.get(k)) for _, k in DECODE),
                     rate(res.get("kvpager"), r["bytes"], 1e9),
+                    floor_cell(res.get("read floor"), r["bytes"]), ratio(res.get("read floor"), res.get("kvpager")),
                     ratio(res.get("flashinfer"), res.get("kvpager")), ratio(res.get("sdpa"), res.get("kvpager")),
                     errors(res, ["kvpager", "flashinfer"])])
     return table(head, out)
