@@ -205,7 +205,11 @@ def _native_decode(
         if widest >= bt.width:
             bt.reserve_width(widest + 1)
         out = np.empty((k, 2), np.int64)
-        made = native.place(rows, bt.row_data, _LAST, pool.ref_cnt, bt.table, m.shift, new, slots, out)
+        try:  # its checks fail only on state the scan did not see: nothing written, the blocks go back
+            made = native.place(rows, bt.row_data, _LAST, pool.ref_cnt, bt.table, m.shift, new, slots, out)
+        except BaseException:
+            pool.free_blocks(new[::-1], distinct=True)  # the free list as it was, its top last
+            raise
         if made:
             copies = out[:made]
     if ids_list is not None:

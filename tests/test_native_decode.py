@@ -185,3 +185,27 @@ def test_turned_off_by_the_environment(monkeypatch):
     assert native.load() is None
     monkeypatch.setenv("KVPAGER_NATIVE", "1")
     assert native.load() is native.DECODE
+
+
+def test_a_failed_second_call_gives_its_blocks_back():
+    """A `place` that refuses (an inconsistency its checks catch) leaves the pool as it
+    was: the blocks taken for it are free again and the step changed nothing."""
+    pool = KVPool(SPEC)
+    ids = [a.seq_id for a in pool.allocate([list(range(8)), list(range(100, 108))])]
+    m = pool.manager
+    before = state(pool)
+
+    class Refusing:
+        scan = staticmethod(native.DECODE.scan)
+
+        @staticmethod
+        def place(*a):
+            raise IndexError("decode step: block table too narrow")
+
+    m.native = Refusing()
+    with pytest.raises(IndexError):
+        pool.append_flat(ids, 1)
+    assert state(pool) == before
+    pool.check_integrity()
+    m.native = native.DECODE
+    assert len(pool.append_flat(ids, 1)) == 2
