@@ -26,43 +26,57 @@ RECENT_BATCHES = 8
 WHOEVER = object()
 
 
-class RecentBatches:
-    """Up to ``size`` (key, owner, rows) entries, least recently used dropped
-    first (``size`` 0 keeps none: every batch is looked up)."""
+class RecentItems:
+    """Up to ``size`` (key, owner, value) entries, least recently used dropped
+    first (``size`` 0 keeps none), found by a scan newest first: for a few
+    entries whose keys differ early, cheaper than hashing one key. Also the
+    daemon's memo of decode-step requests (`kvpager.request_memo`)."""
 
     __slots__ = ("_entries", "size")
 
     def __init__(self, size: int = RECENT_BATCHES):
-        self._entries: list[tuple[bytes | list[int], Any, np.ndarray]] = []
+        self._entries: list[tuple[Any, Any, Any]] = []
         self.size = size
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: bytes | list[int], owner: Any = WHOEVER) -> np.ndarray | None:
-        """The rows kept for ``key`` checked for ``owner`` (`WHOEVER`: for any
-        owner, the rows being the same for all), or None."""
+    def get(self, key: Any, owner: Any = WHOEVER) -> Any:
+        """The value kept for ``key`` and ``owner`` (`WHOEVER`: any owner's), or None."""
         entries = self._entries
         for i in range(len(entries) - 1, -1, -1):
-            k, o, rows = entries[i]
+            k, o, value = entries[i]
             if (owner is WHOEVER or o == owner) and k == key:
                 if i != len(entries) - 1:
                     entries.append(entries.pop(i))
-                return rows
+                return value
         return None
 
-    def put(self, key: bytes | list[int], owner: Any, rows: np.ndarray) -> np.ndarray:
-        """Keep ``rows`` (made read-only: every later call with ``key`` shares
-        them) for ``key`` as checked for ``owner``; returns them."""
-        rows.flags.writeable = False
+    def put(self, key: Any, owner: Any, value: Any) -> Any:
+        """Keep ``value`` for ``key`` and ``owner``; returns it."""
         entries = self._entries
         if len(entries) >= self.size:
             if not self.size:
-                return rows
+                return value
             del entries[0]
-        entries.append((key if isinstance(key, bytes) else list(key), owner, rows))
-        return rows
+        entries.append((key, owner, value))
+        return value
 
     def clear(self) -> None:
-        """Forget every batch: rows were given back, and may be reused."""
+        """Forget every entry."""
         self._entries.clear()
+
+
+class RecentBatches(RecentItems):
+    """Batches' rows (``value``): keys are the ids as sent, an owner is the one
+    the rows were checked for (`WHOEVER` in `get`: the rows being the same for
+    all). ``size`` 0: every batch is looked up."""
+
+    __slots__ = ()
+
+    def put(self, key: bytes | list[int], owner: Any, rows: np.ndarray) -> np.ndarray:
+        """Keep ``rows`` (made read-only: every later call with ``key`` shares
+        them) for ``key`` as checked for ``owner``; returns them. Call `clear`
+        when rows are given back (they may be reused)."""
+        rows.flags.writeable = False
+        return super().put(key if isinstance(key, bytes) else list(key), owner, rows)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvpager.protocol import VERSION
+from kvpager.recent_batches import RecentItems
 
 #: Ops whose requests are kept: a decode loop repeats them byte for byte but for the id.
 MEMO_OPS = frozenset({"append"})
@@ -47,36 +48,16 @@ def split_id(body: bytes) -> tuple[int, bytes] | None:
     return int.from_bytes(body[3 : 3 + n], "big"), body[3 + n :]
 
 
-class RequestMemo:
-    """Up to ``size`` (tail, session, op, args) entries, least recently used
-    dropped first. ``args`` are shared by every repeat: handlers read them and
-    never change them (a packed array arrives read-only)."""
+class RequestMemo(RecentItems):
+    """Up to ``size`` requests (the bytes after the id -> session, op, args), least
+    recently used dropped first. ``args`` are shared by every repeat: handlers
+    read them and never change them (a packed array arrives read-only)."""
 
-    __slots__ = ("_entries", "size")
+    __slots__ = ()
 
     def __init__(self, size: int = MEMO_ENTRIES):
-        self._entries: list[tuple[bytes, str, str, dict[str, Any]]] = []
-        self.size = size
+        super().__init__(size)
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, tail: bytes) -> tuple[bytes, str, str, dict[str, Any]] | None:
-        """The entry kept for ``tail`` (a request's bytes after its id), or None."""
-        entries = self._entries
-        for i in range(len(entries) - 1, -1, -1):
-            entry = entries[i]
-            if entry[0] == tail:
-                if i != len(entries) - 1:
-                    entries.append(entries.pop(i))
-                return entry
-        return None
-
-    def put(self, tail: bytes, session: str, op: str, args: dict[str, Any]) -> None:
+    def put(self, tail: bytes, session: str, op: str, args: dict[str, Any]) -> None:  # type: ignore[override]
         """Keep a request that decoded and passed its checks."""
-        entries = self._entries
-        if len(entries) >= self.size:
-            if not self.size:
-                return
-            del entries[0]
-        entries.append((tail, session, op, args))
+        super().put(tail, None, (session, op, args))

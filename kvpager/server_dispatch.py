@@ -96,7 +96,7 @@ class Dispatch:
             head = split_id(body) if type(body) is bytes and len(body) <= self.max_message_bytes else None
             kept_req = self._memo.get(head[1]) if head is not None else None
             if kept_req is not None:  # a repeat of a request decoded and checked before
-                rid, (_, name, op, args) = head[0], kept_req
+                rid, (name, op, args) = head[0], kept_req
                 self._op = op
                 session = self.sessions.get(name)
                 session.ops += 1

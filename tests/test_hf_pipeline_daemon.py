@@ -16,6 +16,13 @@ from kvpager.hf import PagedGeneration, default_salt, spec_for_model  # noqa: E4
 from tests.test_hf_client import make_model, prompt, reference  # noqa: E402
 
 
+def without_batch(server, monkeypatch) -> None:
+    """``server`` as a daemon that predates the `batch` op: hello's ``ops`` lack it."""
+    hello = server._handlers["hello"]
+    monkeypatch.setitem(server._handlers, "hello", lambda s, a: {
+        **hello(s, a), "ops": [o for o in hello(s, a)["ops"] if o != "batch"]})
+
+
 @pytest.fixture(scope="module")
 def model():
     return make_model(seed=5)
@@ -69,9 +76,7 @@ def test_through_a_daemon_a_pipelined_step_is_one_round_trip(model, has_batch, m
 
     with running_server(spec, heartbeat_timeout=60) as server:
         if not has_batch:  # as a daemon that predates the op
-            hello = server._handlers["hello"]
-            monkeypatch.setitem(server._handlers, "hello", lambda s, a: {
-                **hello(s, a), "ops": [o for o in hello(s, a)["ops"] if o != "batch"]})
+            without_batch(server, monkeypatch)
         with Client(server.endpoint) as c:
             steps = []
             with PagedGeneration(model, c, prompts, 12, eos_token_id=None) as gen:
@@ -145,9 +150,7 @@ def test_owed_ids_over_a_small_tokens_limit_go_a_pass_at_a_time(model, has_batch
     spec = spec_for_model(model, num_blocks=128, block_size=8)
     with running_server(spec, heartbeat_timeout=60, limits=Limits(tokens=12)) as server:
         if not has_batch:
-            hello = server._handlers["hello"]
-            monkeypatch.setitem(server._handlers, "hello", lambda s, a: {
-                **hello(s, a), "ops": [o for o in hello(s, a)["ops"] if o != "batch"]})
+            without_batch(server, monkeypatch)
         with Client(server.endpoint) as c:
             with PagedGeneration(model, c, prompts, 20, eos_token_id=None) as gen:
                 assert gen._pipelined and gen._batched == has_batch and gen._may_owe

@@ -49,7 +49,7 @@ def test_the_memo_keeps_the_newest_few():
     memo = RequestMemo(size=2)
     for t in (b"a", b"b", b"c"):
         memo.put(t, "s", "append", {"t": t})
-    assert memo.get(b"a") is None and memo.get(b"b")[3] == {"t": b"b"} and len(memo) == 2
+    assert memo.get(b"a") is None and memo.get(b"b")[2] == {"t": b"b"} and len(memo) == 2
     memo.put(b"d", "s", "append", {})  # b was used last: c goes
     assert memo.get(b"c") is None and memo.get(b"b") is not None
     off = RequestMemo(size=0)
