@@ -20,15 +20,13 @@ import numpy as np
 from kvpager.errors import InvalidArgument, OutOfBlocks
 from kvpager.history import writable
 from kvpager.prefix_cache import token_array
-from kvpager.seq_lookup import COLUMNS
+from kvpager.seq_lookup import LAST
 from kvpager.validate import TOKEN_LIMIT, all_type, one_id_each
 
 if TYPE_CHECKING:
     from kvpager.sequences import SequenceManager
 
 _NO_COPIES = np.zeros((0, 2), dtype=np.int64)
-#: The last-block column of `BlockTable.row_data` (the compiled decode step's argument).
-_LAST = 2 + COLUMNS.index("last")
 
 
 def _token_list(ids: object) -> list[int]:
@@ -193,7 +191,7 @@ def _native_decode(
     slots = np.empty(len(rows), np.int64)
     nt = None if ids_list is None else np.empty(len(rows), np.int64)
     cached = pool.cache.cached if len(pool.cache) else None
-    k, widest = native.scan(rows, bt.row_data, _LAST, pool.ref_cnt, cached, m.shift, slots, nt)
+    k, widest = native.scan(rows, bt.row_data, LAST, pool.ref_cnt, cached, m.shift, slots, nt)
     if k < 0:
         return None
     copies = _NO_COPIES
@@ -206,7 +204,7 @@ def _native_decode(
             bt.reserve_width(widest + 1)
         out = np.empty((k, 2), np.int64)
         try:  # its checks fail only on state the scan did not see: nothing written, the blocks go back
-            made = native.place(rows, bt.row_data, _LAST, pool.ref_cnt, bt.table, m.shift, new, slots, out)
+            made = native.place(rows, bt.row_data, LAST, pool.ref_cnt, bt.table, m.shift, new, slots, out)
         except BaseException:
             pool.free_blocks(new[::-1], distinct=True)  # the free list as it was, its top last
             raise

@@ -26,7 +26,7 @@ from kvpager.errors import InvalidArgument, NotOwner, SequenceSwapped, UnknownSe
 COLUMNS = ("seq_id", "owner", "committed", "published", "known", "swapped", "last", "released")
 
 #: Positions in a row of `BlockTable.row_data` ([num_blocks, num_tokens, *COLUMNS]).
-OWNER, SWAPPED, RELEASED = (2 + COLUMNS.index(c) for c in ("owner", "swapped", "released"))
+OWNER, SWAPPED, RELEASED, LAST = (2 + COLUMNS.index(c) for c in ("owner", "swapped", "released", "last"))
 
 ANY_OWNER = object()  # `batch` without an ownership check (None is an owner: the embedded one)
 

@@ -52,6 +52,12 @@ static int get(PyObject *obj, Buf *b, int ndim, Py_ssize_t itemsize, int writabl
 
 #define ROWS(b) ((b).view.ndim ? (b).view.shape[0] : 0)
 
+/* Whether a row of ``tokens`` whose last block is ``last`` needs a block for its next
+ * token: at a block boundary, or a copy of its shared, partly filled last block. */
+static inline int needs_block(int64_t tokens, int64_t mask, int64_t last, const int32_t *ref_cnt) {
+    return (tokens & mask) == 0 || ref_cnt[last] > 1;
+}
+
 /* Shared argument checks of both calls: ``rows`` index ``row_data`` and a
  * row's last block and token count are in range. */
 static int check_rows(const int64_t *rows, Py_ssize_t n, const int64_t *data, Py_ssize_t nrows,
@@ -137,7 +143,7 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         if (prev) {
             prev[i] = nt;
         }
-        if ((nt & mask) == 0 || rc[last] > 1) {
+        if (needs_block(nt, mask, last, rc)) {
             needs++;
             if ((nt >> shift) > widest) {
                 widest = nt >> shift;
@@ -215,7 +221,7 @@ static PyObject *place(PyObject *self, PyObject *args) {
     Py_ssize_t needs = 0;
     for (Py_ssize_t i = 0; i < n; i++) {  /* every check before any write */
         const int64_t *row = d + r[i] * ncols;
-        if ((row[1] & mask) == 0 || rc[row[c_last]] > 1) {
+        if (needs_block(row[1], mask, row[c_last], rc)) {
             if ((row[1] >> shift) >= width) {
                 PyErr_SetString(PyExc_IndexError, "decode step: block table too narrow");
                 goto done;
@@ -237,7 +243,7 @@ static PyObject *place(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < n; i++) {
         int64_t *row = d + r[i] * ncols;
         int64_t nt = row[1], off = nt & mask, last = row[c_last];
-        if (off == 0 || rc[last] > 1) {
+        if (needs_block(nt, mask, last, rc)) {
             int64_t b = nb[j++], col = nt >> shift;
             tab[r[i] * width + col] = (int32_t)b;
             row[0] = col + 1;

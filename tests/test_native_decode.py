@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from kvpager import KVPool, PoolSpec, native
 from kvpager.errors import OutOfBlocks
-from kvpager.seq_append import _LAST
+from kvpager.seq_lookup import LAST
 
 pytestmark = pytest.mark.skipif(native.DECODE is None, reason="kvpager._native was not built")
 
@@ -144,34 +144,34 @@ def test_bad_arguments_raise_and_change_nothing():
         np.testing.assert_array_equal(bt.table, before[1])
 
     bad_scans = [
-        ((rows.astype(np.int32), bt.row_data, _LAST, bp.ref_cnt, None, 3, slots, None), TypeError),
-        ((rows, bt.row_data, _LAST, bp.ref_cnt.astype(np.int64), None, 3, slots, None), TypeError),
-        ((np.array([0, 5000], np.int64), bt.row_data, _LAST, bp.ref_cnt, None, 3, slots, None), IndexError),
-        ((np.array([-1, 0], np.int64), bt.row_data, _LAST, bp.ref_cnt, None, 3, slots, None), IndexError),
+        ((rows.astype(np.int32), bt.row_data, LAST, bp.ref_cnt, None, 3, slots, None), TypeError),
+        ((rows, bt.row_data, LAST, bp.ref_cnt.astype(np.int64), None, 3, slots, None), TypeError),
+        ((np.array([0, 5000], np.int64), bt.row_data, LAST, bp.ref_cnt, None, 3, slots, None), IndexError),
+        ((np.array([-1, 0], np.int64), bt.row_data, LAST, bp.ref_cnt, None, 3, slots, None), IndexError),
         ((rows, bt.row_data, 99, bp.ref_cnt, None, 3, slots, None), IndexError),
-        ((rows, bt.row_data, _LAST, bp.ref_cnt, None, 2, np.zeros(3, np.int64), None), ValueError),
-        ((rows, bt.row_data, _LAST, bp.ref_cnt, np.zeros(3, bool), 3, slots, None), ValueError),
-        ((rows, bt.row_data, _LAST, bp.ref_cnt, None, 40, slots, None), ValueError),
-        ((rows, bt.row_data[:, ::2], _LAST, bp.ref_cnt, None, 3, slots, None), (BufferError, ValueError)),
-        ((rows, read_only, _LAST, bp.ref_cnt, None, 3, slots, None), (BufferError, ValueError)),
+        ((rows, bt.row_data, LAST, bp.ref_cnt, None, 2, np.zeros(3, np.int64), None), ValueError),
+        ((rows, bt.row_data, LAST, bp.ref_cnt, np.zeros(3, bool), 3, slots, None), ValueError),
+        ((rows, bt.row_data, LAST, bp.ref_cnt, None, 40, slots, None), ValueError),
+        ((rows, bt.row_data[:, ::2], LAST, bp.ref_cnt, None, 3, slots, None), (BufferError, ValueError)),
+        ((rows, read_only, LAST, bp.ref_cnt, None, 3, slots, None), (BufferError, ValueError)),
     ]
     for args, err in bad_scans:
         with pytest.raises(err):
             c.scan(*args)
         unchanged()
     # Row 0 (8 tokens) is at a block boundary and needs a block in column 1; row 1 (2 tokens) does not.
-    k, widest = c.scan(rows, bt.row_data, _LAST, bp.ref_cnt, None, 3, slots, None)
+    k, widest = c.scan(rows, bt.row_data, LAST, bp.ref_cnt, None, 3, slots, None)
     assert (k, widest) == (1, 1)
     unchanged()
     out = np.zeros((1, 2), np.int64)
     bad_places = [
-        ((rows, bt.row_data, _LAST, bp.ref_cnt, bt.table, 3, np.zeros(0, np.int64), slots, out), ValueError),
-        ((rows, bt.row_data, _LAST, bp.ref_cnt, bt.table, 3, np.array([7, 8], np.int64), slots, out), ValueError),
-        ((rows, bt.row_data, _LAST, bp.ref_cnt, bt.table, 3, np.array([0], np.int64), slots, out), IndexError),
-        ((rows, bt.row_data, _LAST, bp.ref_cnt, bt.table, 3, np.array([10**6], np.int64), slots, out), IndexError),
-        ((rows, bt.row_data, _LAST, bp.ref_cnt, bt.table[:, :1].copy(), 3, np.array([7], np.int64), slots, out),
+        ((rows, bt.row_data, LAST, bp.ref_cnt, bt.table, 3, np.zeros(0, np.int64), slots, out), ValueError),
+        ((rows, bt.row_data, LAST, bp.ref_cnt, bt.table, 3, np.array([7, 8], np.int64), slots, out), ValueError),
+        ((rows, bt.row_data, LAST, bp.ref_cnt, bt.table, 3, np.array([0], np.int64), slots, out), IndexError),
+        ((rows, bt.row_data, LAST, bp.ref_cnt, bt.table, 3, np.array([10**6], np.int64), slots, out), IndexError),
+        ((rows, bt.row_data, LAST, bp.ref_cnt, bt.table[:, :1].copy(), 3, np.array([7], np.int64), slots, out),
          (IndexError, ValueError)),
-        ((rows, bt.row_data, _LAST, bp.ref_cnt, bt.table, 3, np.array([7], np.int64), slots,
+        ((rows, bt.row_data, LAST, bp.ref_cnt, bt.table, 3, np.array([7], np.int64), slots,
           np.zeros((1, 3), np.int64)), ValueError),
     ]
     for args, err in bad_places:
