@@ -17,8 +17,6 @@ from kvpager.errors import InvalidArgument
 
 #: the multi-token kernels `KernelConfig.prefill_kernel` names
 PREFILL_KERNELS = ("auto", "mma", "wgmma")
-#: the decode kernels of 16-bit pools `KernelConfig.decode_kernel` names
-DECODE_KERNELS = ("auto", "mma", "bulk")
 
 
 @dataclass(frozen=True)
@@ -27,13 +25,6 @@ class KernelConfig:
 
     #: K/V rows per lane group and iteration in the CUDA-core decode (paged_decode.cu's CH)
     decode_rows: int = 4
-    #: the decode kernel of float16 / bfloat16 pools: "mma" (paged_decode_tc.cu, every GPU),
-    #: "bulk" (paged_decode_bulk.cu: compute capability 9.0, GQA groups up to 4, an even number
-    #: of kv heads, block sizes of whole 8 positions; else UnsupportedConfiguration), "auto"
-    #: (bulk where it applies and the longest context is at least `decode_bulk_min_context`)
-    decode_kernel: str = "auto"
-    #: "auto" takes paged_decode_bulk.cu for contexts at least this long
-    decode_bulk_min_context: int = 4096
     #: cp.async stages per warp in paged_decode_tc.cu; None: as many as fit (2 to 4)
     decode_stages: int | None = None
     #: L2 prefetch-size hint (0: none, 128 or 256 bytes) on paged_decode_tc.cu's copies
@@ -98,10 +89,6 @@ class KernelConfig:
 
     def __post_init__(self) -> None:
         _int_in(self, "decode_rows", (1, 2, 4, 8))
-        if self.decode_kernel not in DECODE_KERNELS:
-            raise InvalidArgument(f"KernelConfig.decode_kernel must be one of {DECODE_KERNELS}, "
-                                  f"got {self.decode_kernel!r}")
-        _int_in(self, "decode_bulk_min_context", range(0, 2**31))
         _int_in(self, "decode_stages", range(2, 9), optional=True)
         _int_in(self, "decode_l2_prefetch", (0, 128, 256))
         _int_in(self, "decode_heads_per_cta", range(1, 17), optional=True)

@@ -39,18 +39,6 @@ def decode_tc_smem(head_dim: int, itemsize: int, warps: int, stages: int, group:
                warps * group * head_dim * 4)
 
 
-def decode_bulk_stage(head_dim: int, hpc: int) -> int:
-    """paged_decode_bulk.cu: one stage, 16 rows of K and of V of ``hpc`` kv heads (16-bit)."""
-    return 2 * hpc * 16 * head_dim * 2
-
-
-def decode_bulk_smem(head_dim: int, hpc: int, wpp: int, stages: int) -> int:
-    """paged_decode_bulk.cu: its stages and 128 bytes to align them, and at least the float32
-    state of its consumer warps' 8 columns for the final merge (which reuses them)."""
-    warps = hpc // 2 * wpp
-    return max(stages * decode_bulk_stage(head_dim, hpc), warps * 8 * (head_dim + 2) * 4) + 128
-
-
 def prefill_smem(head_dim: int, mt: int, bn: int, stages: int, fp8: bool) -> int:
     """paged_prefill.cu: the query tile (64 * mt rows) and ``stages`` K and V tiles of
     ``bn`` rows, 16-bit rows padded by 8 elements; FP8: one converted K and V tile,

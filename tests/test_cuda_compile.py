@@ -101,25 +101,10 @@ SM90A = {
     ],
 }
 
-# Kernels on Hopper's bulk copies (sm_90 and later, not wgmma): built for the arches of
-# compute capability 9.0 or more; sm_80 stops at their #error.
-SM90 = {
-    "paged_decode_bulk.cu": [
-        ["-DKV_DTYPE=0"], ["-DCP_EVICT_FIRST=1"], ["-DHEAD_DIM=64", "-DBLOCK_SIZE=8", "-DGROUP=1", "-DHPC=2"],
-        ["-DHEAD_DIM=256", "-DHPC=4", "-DSTAGES=3", "-DGROUP=2", "-DBLOCK_SIZE=32"],
-        ["-DHEAD_DIM=96", "-DHPC=6", "-DWPP=1", "-DSTAGES=4", "-DBLOCK_SIZE=64", "-DKV_DTYPE=0"],
-        ["-DHEAD_DIM=256", "-DWPP=1", "-DHPC=2", "-DSTAGES=2", "-DGROUP=3"],
-    ],
-}
-
-
-def _arch_number(arch: str) -> int:
-    digits = "".join(ch for ch in arch if ch.isdigit())
-    return int(digits) if digits else 0
-
 
 def _fp8_arch(arch: str) -> bool:
-    return _arch_number(arch) >= 89
+    digits = "".join(ch for ch in arch if ch.isdigit())
+    return bool(digits) and int(digits) >= 89
 
 
 def _jobs() -> list[tuple[str, str, list[str]]]:
@@ -127,10 +112,6 @@ def _jobs() -> list[tuple[str, str, list[str]]]:
     for src in sorted(CUDA_DIR.glob("*.cu")):
         if src.name in SM90A:
             jobs += [(src.name, "sm_90a", defines) for defines in [[], *SM90A[src.name]]]
-            continue
-        if src.name in SM90:
-            jobs += [(src.name, arch, defines) for arch in ARCHES if _arch_number(arch) >= 90
-                     for defines in [[], *SM90[src.name]]]
             continue
         for arch in ARCHES:
             fp8 = FP8_EXTRA.get(src.name, []) if _fp8_arch(arch) else []
@@ -158,7 +139,7 @@ def test_every_kernel_file_compiles():
     assert any("-DKV_FP8=2" in j[2] for j in jobs)  # sm_90 is always built
     assert {j[0] for j in jobs} >= {"paged_decode.cu", "paged_decode_tc.cu", "paged_prefill.cu", "merge_splits.cu",
                                     "cascade_prefix.cu", "kv_write.cu", "block_copy.cu", "swap.cu",
-                                    "paged_prefill_sm90.cu", "cascade_prefix_sm90.cu", "paged_decode_bulk.cu"}
+                                    "paged_prefill_sm90.cu", "cascade_prefix_sm90.cu"}
     assert {j[1] for j in jobs if j[0] in SM90A} == {"sm_90a"}
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(os.cpu_count() or 2) as ex:
         results = list(ex.map(lambda j: _build(j, tmp), jobs))
@@ -173,15 +154,6 @@ def test_wgmma_kernels_refuse_other_targets(name):
     with tempfile.TemporaryDirectory() as tmp:
         _, rc, log = _build((name, "sm_90", []), tmp)
     assert rc != 0 and "need the sm_90a target" in log
-
-
-@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
-@pytest.mark.parametrize("name", sorted(SM90))
-def test_bulk_copy_kernels_refuse_sm80(name):
-    """Built for sm_80 (no bulk copies) a Hopper kernel stops at its #error, not in ptxas."""
-    with tempfile.TemporaryDirectory() as tmp:
-        _, rc, log = _build((name, "sm_80", []), tmp)
-    assert rc != 0 and "needs sm_90" in log
 
 
 def test_every_source_opens_with_a_description():

@@ -17,8 +17,7 @@ from typing import Any
 
 from kvpager import kernels
 from kvpager.kernel_config import KernelConfig
-from kvpager.errors import UnsupportedConfiguration
-from kvpager.kernel_smem import check_fits, decode_bulk_smem, decode_bulk_stage, decode_row_bytes, decode_tc_smem
+from kvpager.kernel_smem import check_fits, decode_row_bytes, decode_tc_smem
 from kvpager.launch import Launch, i32, ptr
 
 #: shared memory the decode planner sizes its stages and layouts to, per SM (an H100 / H200 has 227 KiB)
@@ -92,58 +91,11 @@ def decode_stages(head_dim: int, itemsize: int, warps: int, config: KernelConfig
     return int(max(2, min(most, budget // per_stage)))
 
 
-#: consumer warps per head pair in paged_decode_bulk.cu (each takes 8 of a stage's 16 positions)
-BULK_WARPS_PER_PAIR = 2
-
-
-def bulk_refusal(spec: Any, group: int, cc: tuple[int, int] | None) -> str | None:
-    """Why paged_decode_bulk.cu cannot take this pool and group on a device of compute
-    capability ``cc`` (None: not known, as on the CPU), or None where it can."""
-    if cc is None or cc[0] != 9:
-        return f"it needs compute capability 9.0 (bulk copies), this device has {cc}"
-    if spec.dtype == "float32" or spec.is_fp8:
-        return "it reads float16 / bfloat16 pools"
-    if group > 4:
-        return f"a head pair's query heads are an MMA's 8 columns: GQA groups up to 4, not {group}"
-    if spec.num_kv_heads % 2:
-        return f"its MMA tiles pair kv heads: {spec.num_kv_heads} kv heads"
-    if spec.block_size % 8 or spec.head_dim % 32 or spec.head_dim > 256:
-        return (f"block sizes of whole 8 positions and head dims of whole 32 values up to 256: "
-                f"block size {spec.block_size}, head dim {spec.head_dim}")
-    return None
-
-
-def bulk_layout(num_kv_heads: int, head_dim: int) -> tuple[int, int]:
-    """(kv heads per CTA, stages) of paged_decode_bulk.cu: the most heads (an even divisor of
-    the kv heads, at most 8: a stage of 16 positions of 8 heads of head dim 128 is 65 KiB)
-    whose three stages fit the budget, and as many stages as fit (2 to 4)."""
-    hpc = 2
-    for h in range(2, min(8, num_kv_heads) + 1, 2):
-        if num_kv_heads % h == 0 and 3 * decode_bulk_stage(head_dim, h) + 128 <= SMEM_BUDGET:
-            hpc = h
-    stages = max(2, min(4, (SMEM_BUDGET - 128) // decode_bulk_stage(head_dim, hpc)))
-    return hpc, int(stages)
-
-
 def decode_shape(spec: Any, group: int, items: int, max_len: int, num_sms: int,
-                 config: KernelConfig, cc: tuple[int, int] | None = None) -> DecodeShape:
+                 config: KernelConfig) -> DecodeShape:
     """The decode kernel of ``items`` work items of at most ``max_len`` positions (GQA
-    ``group`` query heads per kv head) over the pool ``spec`` on ``num_sms`` SMs of
-    compute capability ``cc`` (None: unknown; paged_decode_bulk.cu needs 9.0)."""
+    ``group`` query heads per kv head) over the pool ``spec`` on ``num_sms`` SMs."""
     base = {**kernels.storage_defines(spec), "HEAD_DIM": spec.head_dim, "BLOCK_SIZE": spec.block_size}
-    if spec.dtype != "float32" and config.decode_kernel != "mma":
-        why = bulk_refusal(spec, group, cc)
-        if why is not None and config.decode_kernel == "bulk":
-            raise UnsupportedConfiguration(f"KernelConfig.decode_kernel 'bulk' (paged_decode_bulk.cu): {why}")
-        if why is None and (config.decode_kernel == "bulk" or max_len >= config.decode_bulk_min_context):
-            hpc, stages = bulk_layout(spec.num_kv_heads, spec.head_dim)
-            wpp = BULK_WARPS_PER_PAIR
-            defs = {**base, "GROUP": group, "STAGES": stages, "HPC": hpc, "WPP": wpp}
-            if config.decode_l2_evict_first:
-                defs["CP_EVICT_FIRST"] = 1
-            return DecodeShape("paged_decode_bulk.cu", "paged_decode_bulk", defs,
-                               items * (spec.num_kv_heads // hpc), 32 * (hpc // 2 * wpp + 1),
-                               decode_bulk_smem(spec.head_dim, hpc, wpp, stages), True)
     if spec.dtype == "float32":
         gs = decode_subgroup(spec.dtype, spec.head_dim, group)
         defs = {**base, "SUBGROUP": gs, "CH": config.decode_rows}
@@ -206,10 +158,10 @@ def decode_kernel(plan: Any, group: int, max_len: int, config: KernelConfig) -> 
     """(shape, compiled kernel, split count) of ``plan``'s decode; ``plan.num_splits`` overrides."""
     dev = plan.device
     nsm = kernels.num_sms(dev)
-    shape = decode_shape(plan.spec, group, plan.items, max_len, nsm, config, kernels.compute_capability(dev))
+    shape = decode_shape(plan.spec, group, plan.items, max_len, nsm, config)
     if shape.tc:
         check_fits(shape.smem, kernels.device_attributes(dev),
-                   f"{shape.file} with these decode_stages / decode_heads_per_cta / decode_warps_per_head")
+                   "paged_decode_tc.cu with these decode_stages / decode_heads_per_cta / decode_warps_per_head")
     fn = kernels.get_kernel(shape.file, shape.kernel, shape.defines, dev)
     resident = 0
     if shape.tc:
