@@ -43,6 +43,22 @@ typedef kv_t st_t;
 
 #define NEG_INF (-__int_as_float(0x7f800000))
 
+// Programmatic dependent launch (compute capability 9.0 and later; nothing elsewhere, and
+// nothing for kernels launched plainly): pdl_launch_dependents lets the next kernel of the
+// stream, launched programmatically (kvpager.launch.Launch), start before this one ends;
+// pdl_wait, in that next kernel, waits until the kernel before it has finished and its
+// writes are visible.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float to_float(kv_t x) {
 #if KV_DTYPE == 2
     return x;

@@ -17,9 +17,10 @@
 // sum_s w_s part_o[s] / (sum_s w_s + e^sink). Row r's head is r % num_q_heads.
 // merge_splits: grid x = row (item * num_q_heads + head); 256 threads: the
 // weights are computed in parallel, then each thread sums float4 columns of
-// its share of the splits (MERGE_THREADS / (HEAD_DIM / 4) split lanes,
-// several loads in flight each) and the lanes are added up through shared
-// memory. For rows of many slots (a long context split many ways).
+// its share of the splits (MERGE_THREADS / (HEAD_DIM / 4) split lanes; the
+// first PF slots of each loaded at the start, beside the weights' loads) and
+// the lanes are added up through shared memory. For rows of many slots (a
+// long context split many ways).
 // merge_splits_warp: a warp per row (8 rows a CTA), each lane HEAD_DIM / 32
 // columns over every slot in turn: for many rows of few slots (a decode
 // cascade's own and shared parts, a few splits), where a CTA a row would
@@ -40,6 +41,7 @@ constexpr float LOG2E_F = 1.4426950408889634f;  // a sink's natural-log units to
 constexpr int D = HEAD_DIM;
 constexpr int MV = D / 4;                  // float4 columns per row
 constexpr int MSL = MERGE_THREADS / MV;    // split lanes
+constexpr int PF = 16;                     // slots a split lane loads at the start
 
 __device__ __forceinline__ float block_reduce(float x, bool is_max, float* red) {
 #pragma unroll
@@ -66,10 +68,21 @@ extern "C" __global__ void __launch_bounds__(MERGE_THREADS) merge_splits(
     int own_parts, int chunks, int num_q_heads,
     const float* __restrict__ sinks)         // [num_q_heads] or null
 {
+    pdl_wait();  // launched programmatically: the partials are complete past this point
     const long long row = blockIdx.x;
     const int tid = threadIdx.x;
     const float* lse = part_lse + row * num_splits;
     const int levels = level_mask ? level_mask[row / num_q_heads] : -1;
+    // This thread's first PF slots' columns, loaded before the weights are known (their loads
+    // and the weights' run at once; a row of many slots then costs one round of loads).
+    const int v = tid % MV, sl = tid / MV;
+    const float4* po = reinterpret_cast<const float4*>(part_o + row * num_splits * D) + v;
+    float4 pre[PF];
+#pragma unroll
+    for (int i = 0; i < PF; ++i) {
+        const int s = sl + i * MSL;
+        pre[i] = sl < MSL && s < num_splits ? po[(long long)s * MV] : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
     __shared__ float w[1024];
     __shared__ float red[MERGE_THREADS / 32];
     __shared__ float4 lanes[MSL][MV];
@@ -90,12 +103,18 @@ extern "C" __global__ void __launch_bounds__(MERGE_THREADS) merge_splits(
     t = block_reduce(t, false, red);  // its barriers also publish w
     if (sinks) t += exp2f(sink - mx);
     const float inv_total = t > 0.f ? 1.f / t : 0.f;
-    const int v = tid % MV, sl = tid / MV;
     if (sl < MSL) {
-        const float4* po = reinterpret_cast<const float4*>(part_o + row * num_splits * D) + v;
         float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int i = 0; i < PF; ++i) {
+            const int s = sl + i * MSL;
+            const float ws = s < num_splits ? w[s] : 0.f;
+            if (ws != 0.f) {  // a select: an empty slot's columns may hold anything
+                a.x += ws * pre[i].x; a.y += ws * pre[i].y; a.z += ws * pre[i].z; a.w += ws * pre[i].w;
+            }
+        }
 #pragma unroll 4
-        for (int s = sl; s < num_splits; s += MSL) {
+        for (int s = sl + PF * MSL; s < num_splits; s += MSL) {
             const float ws = w[s];
             if (ws == 0.f) continue;
             const float4 p = po[(long long)s * MV];
@@ -125,6 +144,7 @@ extern "C" __global__ void __launch_bounds__(256) merge_splits_warp(
     int own_parts, int chunks, int num_q_heads, int num_rows,
     const float* __restrict__ sinks)         // [num_q_heads] or null
 {
+    pdl_wait();  // launched programmatically: the partials are complete past this point
     const long long row = (long long)blockIdx.x * 8 + (threadIdx.x >> 5);
     if (row >= num_rows) return;
     const int lane = threadIdx.x & 31;

@@ -116,6 +116,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode(
     int num_splits, const int* __restrict__ item_start, int parts, int window, float softcap,
     float scale_log2)
 {
+    pdl_launch_dependents();  // a programmatic merge launch may start now: it waits for the partials itself
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int rg = lane / LPR, li = lane % LPR;
     const int nsub = group / GS;

@@ -110,6 +110,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     const float* __restrict__ kv_scales,    // [num_layers, 2, num_kv_heads] (KV_FP8; else unused)
     int window, float softcap, float scale_log2)
 {
+    pdl_launch_dependents();  // a programmatic merge launch may start now: it waits for the partials itself
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gid = lane >> 2, tig = lane & 3, mi = lane >> 3;

@@ -38,6 +38,10 @@ class KernelConfig:
     decode_warps_per_head: int | None = None
     #: contexts up to this long (with CTAs to spare) get 4 kv heads per CTA, one warp each
     decode_short_context: int = 512
+    #: on compute capability 9.0 and later, a split decode's merge is launched programmatically
+    #: (`kvpager.launch.Launch`): it starts while the decode kernel runs and waits there for its
+    #: partials, so no launch gap separates the two
+    decode_merge_pdl: bool = True
     #: 16-row m-tiles per warp in paged_prefill.cu and cascade_prefix.cu; None: 2 up to head dim 128, else 1
     prefill_mt: int | None = None
     #: the multi-token kernel: "mma" (paged_prefill.cu, every GPU), "wgmma" (paged_prefill_sm90.cu:
@@ -104,7 +108,7 @@ class KernelConfig:
         _int_in(self, "prefill_wgmma_ctas", range(1, 2**16), optional=True)
         for name in ("prefill_wgmma_overlap", "prefill_wgmma_producer", "prefill_wgmma_pingpong",
                      "prefill_wgmma_tma", "prefill_wgmma_persistent", "decode_cascade_fork",
-                     "decode_l2_evict_first"):
+                     "decode_l2_evict_first", "decode_merge_pdl"):
             value = getattr(self, name)
             if type(value) is not bool and not (value is None and name == "prefill_wgmma_producer"):
                 raise InvalidArgument(f"KernelConfig.{name} must be a bool"

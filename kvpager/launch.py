@@ -18,7 +18,23 @@ from typing import Any
 from kvpager.errors import InternalError
 
 _CUDA_ERROR_INVALID_CONTEXT = 201
+_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 _libcuda: Any = None
+
+
+class _LaunchAttribute(ctypes.Structure):
+    """CUlaunchAttribute: an attribute id, then its 64-byte value union at offset 8."""
+
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig (cuLaunchKernelEx)."""
+
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)),
+                ("num_attrs", ctypes.c_uint)]
 
 
 def _driver() -> Any:
@@ -29,6 +45,7 @@ def _driver() -> Any:
         # ints, stream, params, extra), which ctypes hands over as they are; with
         # argtypes each call converts eleven arguments again (~0.8 us a launch).
         lib.cuLaunchKernel.restype = ctypes.c_int
+        lib.cuLaunchKernelEx.restype = ctypes.c_int
         _libcuda = lib
     return _libcuda
 
@@ -53,28 +70,53 @@ class Launch:
     """One kernel with a fixed grid, block and shared memory, and argument cells.
 
     ``args`` are ctypes cells in the kernel's parameter order; keep references
-    to the ones to change and set their ``.value`` before calling."""
+    to the ones to change and set their ``.value`` before calling.
+    ``programmatic`` (compute capability 9.0 and later): launched with
+    programmatic stream serialization, so it may start while the kernel before
+    it in the stream still runs (once that one's CTAs have all called
+    ``griddepcontrol.launch_dependents``); it must itself wait for that
+    kernel's results (``griddepcontrol.wait``, `pdl_wait` in
+    kvpager_common.cuh) before it reads them. A CUDA graph capture keeps the
+    dependency as a programmatic edge."""
 
     def __init__(self, fn: Any, grid: tuple[int, ...], block: int, smem: int, args: list[Any],
-                 device: int):
+                 device: int, programmatic: bool = False):
         self.func = fn.kernel.ptr  # the CUfunction of the compiled RawKernel
         self.grid = (tuple(int(g) for g in grid) + (1, 1))[:3]
         self.block, self.smem, self.device = int(block), int(smem), device
         self.args = args
         self.params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+        self.programmatic = bool(programmatic)
+        if self.programmatic:
+            self._attr = _LaunchAttribute(id=_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+            self._config = _LaunchConfig((ctypes.c_uint * 3)(*self.grid), (ctypes.c_uint * 3)(self.block, 1, 1),
+                                         self.smem, None, ctypes.pointer(self._attr), 1)
+            self._config_ref = ctypes.byref(self._config)
+            self._launch_ex = _driver().cuLaunchKernelEx
+            self._func = ctypes.c_void_p(self.func)
         self._launch = _driver().cuLaunchKernel
         self._head = (ctypes.c_void_p(self.func), *map(ctypes.c_uint, (*self.grid, self.block, 1, 1, self.smem)))
 
+    def _run(self, stream: int) -> int:
+        if self.programmatic:
+            self._config.stream = stream
+            return self._launch_ex(self._config_ref, self._func, self.params, None)
+        return self._launch(*self._head, ctypes.c_void_p(stream), self.params, None)
+
     def __call__(self, stream: int) -> None:
-        rc = self._launch(*self._head, ctypes.c_void_p(stream), self.params, None)
+        if self.programmatic:
+            rc = self._run(stream)
+        else:  # the common case inline: a launch is on every layer's host path
+            rc = self._launch(*self._head, ctypes.c_void_p(stream), self.params, None)
         if rc:
             if rc == _CUDA_ERROR_INVALID_CONTEXT:  # a thread that never touched this GPU
                 from cupy.cuda import runtime
 
                 runtime.setDevice(self.device)
-                rc = self._launch(*self._head, ctypes.c_void_p(stream), self.params, None)
+                rc = self._run(stream)
             if rc:
-                raise InternalError(f"cuLaunchKernel failed with CUDA error {rc} (grid {self.grid}, "
+                raise InternalError(f"cuLaunchKernel{'Ex' if self.programmatic else ''} failed with CUDA error "
+                                    f"{rc} (grid {self.grid}, "
                                     f"block {self.block}, shared memory {self.smem})")
 
 

@@ -122,3 +122,50 @@ def test_copy_launch_shapes_match_reference(unroll):
     gpu.copy_blocks(pairs)
     assert same_bits(to_host(gpu.kv, spec), cpu.kv)
     gpu.close()
+
+
+@pytest.mark.parametrize("pdl", [True, False])
+def test_split_decode_merge_launched_programmatically(pdl):
+    """A split decode's merge launch, programmatic on compute capability 9.0 and later
+    (`KernelConfig.decode_merge_pdl`), against the NumPy twin: eager, then captured in a
+    CUDA graph and replayed with new queries (the graph keeps the programmatic edge)."""
+    torch = pytest.importorskip("torch")
+    from kvpager import kernels
+    from kvpager.plan import make_plan
+
+    rng = np.random.default_rng(seed("pdl", pdl))
+    seq_lens = np.array([3000, 1, 2049], dtype=np.int32)
+    spec = geometry("bfloat16", 128, 16, int((-(-seq_lens // 16)).sum() * 16), kv_heads=8)
+    gpu, cpu = make_pair(spec, rng)
+    tables = random_tables(rng, spec, seq_lens)
+    qlens = np.ones(len(seq_lens), dtype=np.int32)
+    plan = make_plan(gpu, tables, seq_lens, qlens, num_q_heads=32, num_splits=7,
+                     config=KernelConfig(decode_merge_pdl=pdl))
+    q = torch.zeros(3, 32, 128, dtype=torch.bfloat16, device="cuda")
+    out = torch.full_like(q, float("nan"))
+
+    def check():
+        ref = paged_attention(cpu.kv, 1, q.float().cpu().numpy().astype(spec.np_dtype), tables, seq_lens,
+                              qlens, 128**-0.5)
+        assert rel_err(out.float().cpu().numpy(), ref) < TOL["bfloat16"]
+
+    q.copy_(torch.randn(3, 32, 128, device="cuda"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        plan.attend(1, q, out=out)  # eager (and the launches built)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    check()
+    merge = plan._attn[32][-1]
+    assert merge.programmatic == (pdl and kernels.compute_capability(0) >= (9, 0))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        plan.attend(1, q, out=out)
+    for _ in range(3):
+        q.copy_(torch.randn(3, 32, 128, device="cuda"))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        check()
+    gpu.close()

@@ -197,18 +197,21 @@ def decode_launch(plan: Any, shape: DecodeShape, fn: Any, splits: int, group: in
 
 
 def merge_launch(plan: Any, rows: int, part_o: Any, part_lse: Any, out: Any, parts: int, num_q_heads: int,
-                 sinks: Any, level_mask: int = 0, own_parts: int | None = None, chunks: int = 1) -> Launch:
+                 sinks: Any, level_mask: int = 0, own_parts: int | None = None, chunks: int = 1,
+                 programmatic: bool = False) -> Launch:
     """merge_splits over ``parts`` partial slots of each of ``rows`` rows (item *
     ``num_q_heads`` + head) into ``out``; ``sinks``: the cell of the attention sinks'
     pointer (float32 per query head, 0: none), set per call. With a ``level_mask`` (a
     decode cascade's, per item), slot ``own_parts + level * chunks + c`` counts only for
     the members of a segment of that level. Many rows of few slots merge a warp per row
-    (merge_splits_warp: `KernelConfig.merge_warp_max_parts`)."""
+    (merge_splits_warp: `KernelConfig.merge_warp_max_parts`). ``programmatic``: launched to
+    start under the kernel before it in the stream (`kvpager.launch.Launch`), which must be the
+    one writing the partials (compute capability 9.0 and later)."""
     config = plan.config
     args = [part_o, part_lse, out, i32(parts), ptr(level_mask), i32(parts if own_parts is None else own_parts),
             i32(chunks), i32(num_q_heads)]
     if parts <= config.merge_warp_max_parts and rows >= config.merge_warp_min_rows and plan.spec.head_dim % 32 == 0:
         fn = kernels.get_kernel("merge_splits.cu", "merge_splits_warp", merge_defines(plan.spec), plan.device)
-        return Launch(fn, (-(-rows // 8),), 256, 0, [*args, i32(rows), sinks], plan.device)
+        return Launch(fn, (-(-rows // 8),), 256, 0, [*args, i32(rows), sinks], plan.device, programmatic)
     fn = kernels.get_kernel("merge_splits.cu", "merge_splits", merge_defines(plan.spec), plan.device)
-    return Launch(fn, (rows,), 256, 0, [*args, sinks], plan.device)
+    return Launch(fn, (rows,), 256, 0, [*args, sinks], plan.device, programmatic)

@@ -80,9 +80,10 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None, merged: 
         if parts and cascade is not None:  # the shared slots count for each level's members only
             launches.append(merge_launch(plan, rows, part_o, part_lse, cells["out"], parts, num_q_heads,
                                          cells["sinks"], cascade.level_mask, splits, cascade.chunks))
-        elif parts:
+        elif parts:  # right after the decode kernel that writes its partials
+            pdl = config.decode_merge_pdl and kernels.compute_capability(dev) >= (9, 0)
             launches.append(merge_launch(plan, rows, part_o, part_lse, cells["out"], parts, num_q_heads,
-                                         cells["sinks"]))
+                                         cells["sinks"], programmatic=pdl))
     return launches, splits, keep, shape.tc, cells["sinks"] if parts else None
 
 
