@@ -115,7 +115,8 @@ def _report() -> dict:
         "geometry": {"dtype": "bfloat16", "q_heads": 32, "kv_heads": 8, "head_dim": 128, "block_size": 16,
                      "tolerance": 1e-2},
         "decode": [{"case": "64 x 4096", "bytes": 2 << 30, "results": {
-            "kvpager": ok, "flashinfer": {"absent": "absent (test)"}, "sdpa": {"ms": 0.3, "rel_err": 0.0}}}],
+            "kvpager": ok, "flashinfer": {"absent": "absent (test)"}, "sdpa": {"ms": 0.3, "rel_err": 0.0},
+            "read floor": {"ms": 0.19, "how": "bulk copies"}}}],
         "shared": [
             {"case": "256 x (8192 + 256)", "groups": 1, "distinct_bytes": 4.8e8, "results": {
                 "kvpager cascade": ok, "kvpager plain": {"error": "relative error 5.00e-01 against SDPA"},
@@ -149,6 +150,10 @@ def test_tables_show_times_ratios_and_why_a_cell_is_empty():
     assert row["FlashInfer ms"] == "absent" and row["FlashInfer / kvpager"] == "-"
     assert row["SDPA / kvpager"] == f"{0.3 / 0.2:.2f}x"
     assert row["kvpager TB/s"] == f"{(2 << 30) / 0.2 / 1e9:.2f}"
+    assert row["kvpager % of datasheet"] == f"{(2 << 30) / 0.2 / 1e9 / 4.8 * 100:.1f}%"
+    floor = f"{(2 << 30) / 0.19 / 1e9:.2f}, {(2 << 30) / 0.19 / 1e9 / 4.8 * 100:.1f}%"
+    assert row["read floor ms (TB/s, % of datasheet)"] == f"0.190 ({floor})"
+    assert row["kvpager / read floor"] == f"{0.19 / 0.2:.2f}x"
     row = dict(zip(shared[0], shared[2]))
     assert row["kvpager plain ms"] == "failed" and row["SDPA ms"] == "skipped"
     assert row["FI cascade / kvpager cascade"] == f"{0.5 / 0.2:.2f}x"

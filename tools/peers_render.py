@@ -50,15 +50,24 @@ def _failed_row(first: list[str], r: dict, width: int) -> list[str]:
     return first + ["skipped" if "skipped" in r else "failed"] + ["-"] * (width - len(first) - 1)
 
 
-def floor_cell(res: dict | None, amount: float) -> str:
-    """The read floor's time and rate (`peers_cases.read_floor`; older reports have none)."""
-    return f"{res['ms']:.3f} ({rate(res, amount, 1e9)})" if res and "ms" in res else "-"
+def share(res: dict | None, amount: float, peak_tbs: float | None) -> str:
+    """A read's rate as a percentage of the card's datasheet bandwidth (none without one)."""
+    return f"{amount / res['ms'] / 1e9 / peak_tbs * 100:.1f}%" if res and "ms" in res and peak_tbs else "-"
 
 
-def decode_table(rows: list[dict]) -> list[str]:
+def floor_cell(res: dict | None, amount: float, peak_tbs: float | None = None) -> str:
+    """The read floor's time and rate, and its share of the datasheet's where the card
+    has one (`peers_cases.read_floor`; older reports have none)."""
+    if not (res and "ms" in res):
+        return "-"
+    pct = share(res, amount, peak_tbs)
+    return f"{res['ms']:.3f} ({rate(res, amount, 1e9)}{', ' + pct if pct != '-' else ''})"
+
+
+def decode_table(rows: list[dict], peak_tbs: float | None = None) -> list[str]:
     head = ["batch x context"] + [f"{t} ms" for t, _ in DECODE] + [
-        "kvpager TB/s", "read floor ms (TB/s)", "kvpager / read floor", "FlashInfer / kvpager", "SDPA / kvpager",
-        "rel. error kvpager / FlashInfer"]
+        "kvpager TB/s", "kvpager % of datasheet", "read floor ms (TB/s, % of datasheet)", "kvpager / read floor",
+        "FlashInfer / kvpager", "SDPA / kvpager", "rel. error kvpager / FlashInfer"]
     out = []
     for r in rows:
         if "results" not in r:
@@ -66,8 +75,9 @@ def decode_table(rows: list[dict]) -> list[str]:
             continue
         res = r["results"]
         out.append([r["case"], *(ms(res.get(k)) for _, k in DECODE),
-                    rate(res.get("kvpager"), r["bytes"], 1e9),
-                    floor_cell(res.get("read floor"), r["bytes"]), ratio(res.get("read floor"), res.get("kvpager")),
+                    rate(res.get("kvpager"), r["bytes"], 1e9), share(res.get("kvpager"), r["bytes"], peak_tbs),
+                    floor_cell(res.get("read floor"), r["bytes"], peak_tbs),
+                    ratio(res.get("read floor"), res.get("kvpager")),
                     ratio(res.get("flashinfer"), res.get("kvpager")), ratio(res.get("sdpa"), res.get("kvpager")),
                     errors(res, ["kvpager", "flashinfer"])])
     return table(head, out)
@@ -132,7 +142,8 @@ def markdown(report: dict) -> str:
              f"{g['dtype']}, {g['q_heads']} q / {g['kv_heads']} kv heads, head dim {g['head_dim']}, block size "
              f"{g['block_size']}, block tables shuffled; every time checked against SDPA first (relative error "
              f"< {g['tolerance']:g}); ratios are peer time / kvpager time (above 1.0x: kvpager is faster)", ""]
-    lines += ["Paged decode (one query per sequence):", ""] + decode_table(report["decode"]) + [""]
+    lines += ["Paged decode (one query per sequence):", ""]
+    lines += decode_table(report["decode"], report.get("datasheet_tbs")) + [""]
     lines += ["Shared-prefix decode (groups of sequences sharing a prefix, then their own tokens):", ""]
     lines += shared_table(report["shared"], report.get("datasheet_tbs")) + [""]
     lines += ["Multi-token attention (new tokens on cached ones, causal):", ""] + prefill_table(report["prefill"])
