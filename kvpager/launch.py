@@ -45,7 +45,9 @@ def _driver() -> Any:
         # ints, stream, params, extra), which ctypes hands over as they are; with
         # argtypes each call converts eleven arguments again (~0.8 us a launch).
         lib.cuLaunchKernel.restype = ctypes.c_int
-        lib.cuLaunchKernelEx.restype = ctypes.c_int
+        ex = getattr(lib, "cuLaunchKernelEx", None)  # CUDA 11.8 and later
+        if ex is not None:
+            ex.restype = ctypes.c_int
         _libcuda = lib
     return _libcuda
 
@@ -86,7 +88,9 @@ class Launch:
         self.block, self.smem, self.device = int(block), int(smem), device
         self.args = args
         self.params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
-        self.programmatic = bool(programmatic)
+        # Without cuLaunchKernelEx (a driver before CUDA 11.8) a plain launch: a kernel's
+        # griddepcontrol.wait returns at once when nothing was launched programmatically.
+        self.programmatic = bool(programmatic) and getattr(_driver(), "cuLaunchKernelEx", None) is not None
         if self.programmatic:
             self._attr = _LaunchAttribute(id=_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
             self._config = _LaunchConfig((ctypes.c_uint * 3)(*self.grid), (ctypes.c_uint * 3)(self.block, 1, 1),
