@@ -20,7 +20,9 @@
 // between the two products as in the multi-token kernel. At the end the warps merge through shared memory;
 // with parts == 0 the CTA writes the normalised output, else a float32
 // partial output and its log2-sum-exp into slot ``split`` of ``parts`` for
-// merge_splits (merge_splits.cu). item_start: the first position each item reads (cascade);
+// merge_splits (merge_splits.cu), or (merge_ctr given: a split decode without
+// cascade or sinks) for the last of the item's split CTAs of its kv heads to
+// finish, which merges them itself (merge_slots). item_start: the first position each item reads (cascade);
 // a cascade's slots past num_splits are left to cascade_prefix and the merge's level mask.
 //
 // window > 0 (sliding window): the item sees only positions
@@ -93,8 +95,60 @@ constexpr int ROW_BYTES = (D + 8) * ST_BYTES;  // padded by 16 bytes
 #endif
 constexpr int STAGE_BYTES = 2 * T * ROW_BYTES;  // K rows then V rows
 constexpr int V_OFF = T * ROW_BYTES;            // V rows' offset in a stage
+constexpr int R = HPC * GROUP;  // output rows of a CTA
 static_assert(GROUP <= 16, "GQA groups up to 16");
 static_assert(NWARPS <= 16, "at most 16 warps per CTA");
+
+// The merge of the last split CTA (see the end of paged_decode_tc): out rows row0 .. row0 + R - 1
+// from their num_splits partial slots, as merge_splits does. Not inlined: its registers are
+// not the decode loop's.
+__device__ __noinline__ void merge_slots(const float* __restrict__ part_o, const float* __restrict__ part_lse,
+                                         kv_t* __restrict__ out, long long row0, int parts, int num_splits,
+                                         unsigned char* smem_raw)
+{
+    const int tid = threadIdx.x;
+    __threadfence();  // the other CTAs' partials, counted before, are read after
+    constexpr int C4 = D / 4;  // float4 columns of a row
+    // The slots' partials of the CTA's R rows come into the (free) stages at once: [slot][row][D],
+    // then their log2-sum-exps [row][slot]; where they do not fit, each thread loads its own.
+    float* const ms = reinterpret_cast<float*>(smem_raw);
+    float* const ml = ms + (long long)num_splits * R * D;
+    const bool staged = (long long)num_splits * R * (D + 1) * 4 <= (long long)NWARPS * STAGES * STAGE_BYTES;
+    if (staged) {
+        for (int i = tid; i < num_splits * R * C4; i += NT) {
+            const int sp = i / (R * C4), r = i / C4 % R, c = i % C4;
+            cp_async16(ms + ((long long)sp * R + r) * D + c * 4, part_o + ((row0 + r) * parts + sp) * D + c * 4, true);
+        }
+        cp_commit();
+        for (int i = tid; i < R * num_splits; i += NT) ml[i] = __ldcg(part_lse + (row0 + i / num_splits) * parts + i % num_splits);
+        cp_wait<0>();
+        __syncthreads();
+    }
+    for (int idx = tid; idx < R * C4; idx += NT) {
+        const int r = idx / C4, c = idx % C4;
+        const long long row = row0 + r;
+        const float* pl = staged ? ml + r * num_splits : part_lse + row * parts;
+        float m = NEG_INF;  // the slots' weights: 2^(lse - max)
+        for (int sp = 0; sp < num_splits; ++sp) m = fmaxf(m, staged ? pl[sp] : __ldcg(pl + sp));
+        float l = 0.f;
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+        for (int sp = 0; sp < num_splits; ++sp) {
+            const float ls = staged ? pl[sp] : __ldcg(pl + sp);
+            const float4 v = staged ? *reinterpret_cast<const float4*>(ms + ((long long)sp * R + r) * D + c * 4)
+                                    : __ldcg(reinterpret_cast<const float4*>(part_o + (row * parts + sp) * D) + c);
+            const bool empty = ls == NEG_INF;  // its columns may hold anything: a select, not a product
+            const float w = empty ? 0.f : exp2f(ls - m);
+            l += w;
+            acc.x += empty ? 0.f : w * v.x; acc.y += empty ? 0.f : w * v.y;
+            acc.z += empty ? 0.f : w * v.z; acc.w += empty ? 0.f : w * v.w;
+        }
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        kv_t* o = out + row * D + c * 4;
+        o[0] = from_float(acc.x * inv); o[1] = from_float(acc.y * inv);
+        o[2] = from_float(acc.z * inv); o[3] = from_float(acc.w * inv);
+    }
+}
 
 extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     const kv_t* __restrict__ q,             // [num_items, num_q_heads, HEAD_DIM]
@@ -108,6 +162,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     int layer, int num_layers, int num_kv_heads, int max_blocks, int num_splits,
     const int* __restrict__ item_start, int parts,
     const float* __restrict__ kv_scales,    // [num_layers, 2, num_kv_heads] (KV_FP8; else unused)
+    int* __restrict__ merge_ctr,            // [num_items * num_kv_heads / HPC], zero between launches, or null
     int window, float softcap, float scale_log2)
 {
     pdl_launch_dependents();  // a programmatic merge launch may start now: it waits for the partials itself
@@ -412,7 +467,6 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     }
 #undef OCOL
     __syncthreads();
-    constexpr int R = HPC * GROUP;  // output rows of this CTA: row0 .. row0 + R - 1
     const long long row0 = (long long)item * num_q_heads + hc * R;
     for (int idx = tid; idx < R * D; idx += NT) {
         const int r = idx / D, d = idx % D;
@@ -446,4 +500,18 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
             // its level mask says it is a member
         }
     }
+    if (merge_ctr == nullptr) return;
+    // The merge, here: the last of the item's num_splits CTAs for these heads to finish (the
+    // count merge_ctr[blockIdx.x] says which, and is set back to zero) merges their partial
+    // slots into out, as merge_splits would (no cascade, no sinks).
+    __shared__ int last;
+    __threadfence();  // this thread's partials are visible before the CTA is counted
+    __syncthreads();
+    if (tid == 0) {
+        last = atomicAdd(merge_ctr + blockIdx.x, 1) == num_splits - 1;
+        if (last) atomicExch(merge_ctr + blockIdx.x, 0);
+    }
+    __syncthreads();
+    if (!last) return;
+    merge_slots(part_o, part_lse, out, row0, parts, num_splits, smem_raw);
 }

@@ -42,6 +42,12 @@ class KernelConfig:
     #: (`kvpager.launch.Launch`): it starts while the decode kernel runs and waits there for its
     #: partials, so no launch gap separates the two
     decode_merge_pdl: bool = True
+    #: a split decode of at most this many splits (16-bit or FP8 pool on tensor cores, no cascade,
+    #: no attention sinks) merges its partials in the kernel: the last of an item's split CTAs for
+    #: a kv head to finish merges them (a count per CTA column says which), and no merge launch
+    #: follows; 0: always the merge launch (H200, two runs: 16 x 16,384 in 4 splits 1.0-1.4 us
+    #: faster, 8 x 8,192 in 8 0.5-1.0; 1 x 131,072 in 33 1.6-2.0 us slower, 4 x 32,768 in 16 1.8-3.0)
+    decode_merge_fused_splits: int = 8
     #: 16-row m-tiles per warp in paged_prefill.cu and cascade_prefix.cu; None: 2 up to head dim 128, else 1
     prefill_mt: int | None = None
     #: the multi-token kernel: "mma" (paged_prefill.cu, every GPU), "wgmma" (paged_prefill_sm90.cu:
@@ -115,6 +121,7 @@ class KernelConfig:
                                       f"{' or None' if name == 'prefill_wgmma_producer' else ''}, got {value!r}")
         _int_in(self, "copy_unroll", (1, 2, 4, 8, 16, 32))
         _int_in(self, "merge_warp_max_parts", range(0, 1025))
+        _int_in(self, "decode_merge_fused_splits", range(0, 1025))
         _int_in(self, "merge_warp_min_rows", range(0, 2**31))
 
     def replace(self, **changes: Any) -> KernelConfig:

@@ -97,14 +97,13 @@ class Launch:
                                          self.smem, None, ctypes.pointer(self._attr), 1)
             self._config_ref = ctypes.byref(self._config)
             self._launch_ex = _driver().cuLaunchKernelEx
-            self._func = ctypes.c_void_p(self.func)
         self._launch = _driver().cuLaunchKernel
         self._head = (ctypes.c_void_p(self.func), *map(ctypes.c_uint, (*self.grid, self.block, 1, 1, self.smem)))
 
     def _run(self, stream: int) -> int:
         if self.programmatic:
             self._config.stream = stream
-            return self._launch_ex(self._config_ref, self._func, self.params, None)
+            return self._launch_ex(self._config_ref, self._head[0], self.params, None)
         return self._launch(*self._head, ctypes.c_void_p(stream), self.params, None)
 
     def __call__(self, stream: int) -> None:

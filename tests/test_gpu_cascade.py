@@ -209,8 +209,9 @@ def test_warp_and_cta_merges_agree(dtype, d, bs, group):
     spec = pool.spec
     rows = len(ids) * hq
     ref = paged_attention(kv, 0, q, tables, lens, np.ones(len(ids), np.int32), d**-0.5)
-    configs = {"warp": DEFAULT.replace(merge_warp_max_parts=8, merge_warp_min_rows=0),
-               "cta": DEFAULT.replace(merge_warp_max_parts=0)}
+    unfused = DEFAULT.replace(decode_merge_fused_splits=0)  # a split decode ends with the merge launch
+    configs = {"warp": unfused.replace(merge_warp_max_parts=8, merge_warp_min_rows=0),
+               "cta": unfused.replace(merge_warp_max_parts=0)}
     warps = 0
     for cascade, splits in ((True, None), (True, 3), (False, 3), (False, 8)):
         outs = {}

@@ -124,6 +124,69 @@ def test_copy_launch_shapes_match_reference(unroll):
     gpu.close()
 
 
+@pytest.mark.parametrize("dtype,d,bs,group,splits,window", [
+    ("bfloat16", 128, 16, 4, 7, None),
+    ("bfloat16", 128, 16, 8, 40, None),   # more splits than some items have tiles
+    ("float16", 64, 8, 16, 3, None),      # two blocks a tile, a full m tile of heads
+    ("bfloat16", 96, 32, 1, 5, 700),      # padded rows, no GQA, a sliding window
+    ("float16", 256, 64, 2, 9, None),
+])
+def test_split_decode_merges_in_its_last_cta(dtype, d, bs, group, splits, window):
+    """A split decode that merges its partials in the kernel (`KernelConfig.decode_merge_fused_splits`:
+    one launch, no merge kernel) against the NumPy twin on ragged contexts, three calls in a
+    row on one plan (each call's count is back at zero after it, else the next call's CTAs
+    would never find their last, and its output would stay poisoned); the same plan with the
+    merge kernel agrees."""
+    from kvpager.plan import make_plan
+
+    rng = np.random.default_rng(seed("fused", dtype, d, bs, group, splits, window))
+    seq_lens = np.array([1, 17, 640, 2500, 5003, 48, 4096], dtype=np.int32)
+    spec = geometry(dtype, d, bs, int((-(-seq_lens // bs)).sum() * bs), kv_heads=4)
+    gpu, cpu = make_pair(spec, rng)
+    tables = random_tables(rng, spec, seq_lens)
+    qlens = np.ones(len(seq_lens), dtype=np.int32)
+    nq = 4 * group
+    for fused in (True, False):
+        plan = make_plan(gpu, tables, seq_lens, qlens, num_q_heads=nq, num_splits=splits,
+                         config=KernelConfig(decode_merge_fused_splits=1024 if fused else 0))
+        for _ in range(3):
+            q = rng.standard_normal((len(seq_lens), nq, d), dtype=np.float32).astype(spec.np_dtype)
+            ref = paged_attention(cpu.kv, 1, q, tables, seq_lens, qlens, d**-0.5, window=window)
+            out = to_dev(np.full(q.shape, np.nan, dtype=spec.np_dtype), gpu)
+            plan.attend(1, to_dev(q, gpu), d**-0.5, out, window=window)
+            assert rel_err(to_host(out, spec), ref) < TOL[dtype], fused
+        assert len(plan._attn[nq]) == (1 if fused else 2)
+        counts = [a for a in plan._keep if isinstance(a, cupy.ndarray) and a.dtype == cupy.int32
+                  and a.size == len(seq_lens) * spec.num_kv_heads]
+        assert len(counts) == (1 if fused else 0)
+        if fused:
+            assert not counts[0].any()
+    gpu.close()
+
+
+def test_the_planner_merges_few_splits_in_the_kernel():
+    """By default a split decode of up to `KernelConfig.decode_merge_fused_splits` splits is
+    one launch, and one of more splits is followed by the merge launch; both match the twin."""
+    from kvpager.plan import make_plan
+
+    rng = np.random.default_rng(seed("fused-planner"))
+    seq_lens = np.array([3000, 1, 2049], dtype=np.int32)
+    spec = geometry("bfloat16", 128, 16, int((-(-seq_lens // 16)).sum() * 16), kv_heads=8)
+    gpu, cpu = make_pair(spec, rng)
+    tables = random_tables(rng, spec, seq_lens)
+    qlens = np.ones(len(seq_lens), dtype=np.int32)
+    limit = KernelConfig().decode_merge_fused_splits
+    for splits, launches in ((limit, 1), (limit + 1, 2)):
+        plan = make_plan(gpu, tables, seq_lens, qlens, num_q_heads=32, num_splits=splits)
+        q = rng.standard_normal((3, 32, 128), dtype=np.float32).astype(spec.np_dtype)
+        out = to_dev(np.full(q.shape, np.nan, dtype=spec.np_dtype), gpu)
+        plan.attend(1, to_dev(q, gpu), 128**-0.5, out)
+        ref = paged_attention(cpu.kv, 1, q, tables, seq_lens, qlens, 128**-0.5)
+        assert rel_err(to_host(out, spec), ref) < TOL["bfloat16"]
+        assert plan.splits == splits and len(plan._attn[32]) == launches
+    gpu.close()
+
+
 @pytest.mark.parametrize("pdl", [True, False])
 def test_split_decode_merge_launched_programmatically(pdl):
     """A split decode's merge launch, programmatic on compute capability 9.0 and later
@@ -140,7 +203,7 @@ def test_split_decode_merge_launched_programmatically(pdl):
     tables = random_tables(rng, spec, seq_lens)
     qlens = np.ones(len(seq_lens), dtype=np.int32)
     plan = make_plan(gpu, tables, seq_lens, qlens, num_q_heads=32, num_splits=7,
-                     config=KernelConfig(decode_merge_pdl=pdl))
+                     config=KernelConfig(decode_merge_pdl=pdl, decode_merge_fused_splits=0))
     q = torch.zeros(3, 32, 128, dtype=torch.bfloat16, device="cuda")
     out = torch.full_like(q, float("nan"))
 

@@ -201,7 +201,8 @@ def test_copy_grid_is_one_cta_per_chunk():
     ("prefill_wgmma_stages", 2.0), ("prefill_wgmma_overlap", 1), ("prefill_wgmma_overlap", None),
     ("prefill_wgmma_producer", "yes"), ("prefill_wgmma_producer", 0), ("decode_cascade_fork", 1),
     ("decode_cascade_fork", None), ("decode_l2_evict_first", 1), ("decode_l2_evict_first", None),
-    ("decode_merge_pdl", 1), ("decode_merge_pdl", None),
+    ("decode_merge_pdl", 1), ("decode_merge_pdl", None), ("decode_merge_fused_splits", -1),
+    ("decode_merge_fused_splits", 1025), ("decode_merge_fused_splits", True),
 ])
 def test_bad_knobs_are_refused_by_name(knob, value):
     with pytest.raises(InvalidArgument, match=f"KernelConfig.{knob}"):

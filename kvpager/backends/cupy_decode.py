@@ -181,9 +181,11 @@ def decode_kernel(plan: Any, group: int, max_len: int, config: KernelConfig) -> 
 
 
 def decode_launch(plan: Any, shape: DecodeShape, fn: Any, splits: int, group: int, cells: dict[str, Any],
-                  part_o: Any, part_lse: Any, own_start: Any, parts: int) -> Launch:
+                  part_o: Any, part_lse: Any, own_start: Any, parts: int, merge_ctr: Any = None) -> Launch:
     """The decode launch; ``cells``: q, pool, tables, item_seq, item_len, out, common
-    (layer, layers, kv heads), scales, window, softcap, scale (`attention_launches`)."""
+    (layer, layers, kv heads), scales, window, softcap, scale (`attention_launches`);
+    ``merge_ctr``: a split decode that merges its own partials (paged_decode_tc.cu): one
+    int32 per CTA column, zero between launches."""
     c = cells
     args = [c["q"], c["pool"], c["tables"], c["item_seq"], c["item_len"], c["out"], part_o, part_lse,
             *c["common"]]
@@ -191,7 +193,7 @@ def decode_launch(plan: Any, shape: DecodeShape, fn: Any, splits: int, group: in
         args.append(i32(group))
     args += [i32(plan.width), i32(splits), own_start, i32(parts)]
     if shape.tc:
-        args.append(c["scales"])
+        args += [c["scales"], merge_ctr if merge_ctr is not None else ptr(0)]
     args += [c["window"], c["softcap"], c["scale"]]
     return Launch(fn, (shape.ctas, splits), shape.threads, shape.smem, args, plan.device)
 

@@ -37,7 +37,8 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None, merged: 
     tensor-core step): the decode or multi-token kernel reads each sequence's
     own positions, `CascadeLaunch` the shared ones once per segment, and the
     merge combines them (a cascade takes no sliding window: the plan keeps a
-    plain set of launches for windowed calls). ``merged``: end with the merge even
+    plain set of launches for windowed calls). A split decode otherwise merges in its
+    own kernel up to `KernelConfig.decode_merge_fused_splits` splits. ``merged``: end with the merge even
     where one partial state a row would do without it: the attention sinks apply
     there (the sinks cell holds their pointer, 0 for none, set per call)."""
     import cupy
@@ -72,7 +73,15 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None, merged: 
         else:
             part_o = part_lse = ptr(0)
         own_start = ptr(cascade.own_start if cascade else 0)
-        launches = [decode_launch(plan, shape, fn, splits, group, cells, part_o, part_lse, own_start, parts)]
+        fused = (bool(parts) and cascade is None and not merged and shape.tc
+                 and splits <= config.decode_merge_fused_splits)
+        merge_ctr = None
+        if fused:  # the last CTA of each column merges: a count per column, zero now and after each launch
+            ctr_buf = cupy.zeros(shape.ctas, dtype=cupy.int32)
+            merge_ctr = ptr(ctr_buf.data.ptr)
+            keep.append(ctr_buf)
+        launches = [decode_launch(plan, shape, fn, splits, group, cells, part_o, part_lse, own_start, parts,
+                                  merge_ctr)]
         if cascade is not None:
             launches.append(cascade.launch(cells["q"], cells["pool"], cells["tables"], part_o, part_lse,
                                            cells["common"], plan.width, cells["scales"], cells["softcap"],
@@ -80,11 +89,11 @@ def attention_launches(plan: Any, num_q_heads: int, shared: Any = None, merged: 
         if parts and cascade is not None:  # the shared slots count for each level's members only
             launches.append(merge_launch(plan, rows, part_o, part_lse, cells["out"], parts, num_q_heads,
                                          cells["sinks"], cascade.level_mask, splits, cascade.chunks))
-        elif parts:  # right after the decode kernel that writes its partials
+        elif parts and not fused:  # right after the decode kernel that writes its partials
             pdl = config.decode_merge_pdl and kernels.compute_capability(dev) >= (9, 0)
             launches.append(merge_launch(plan, rows, part_o, part_lse, cells["out"], parts, num_q_heads,
                                          cells["sinks"], programmatic=pdl))
-    return launches, splits, keep, shape.tc, cells["sinks"] if parts else None
+    return launches, splits, keep, shape.tc, cells["sinks"] if parts and not fused else None
 
 
 
