@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import ctypes
 
-from kvpager.launch import _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, _LaunchAttribute, _LaunchConfig
+from kvpager.launch import (
+    _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+    _LaunchAttribute,
+    _LaunchConfig,
+)
 
 
 def test_launch_config_layout_matches_the_driver():
