@@ -49,6 +49,51 @@ def read_config(path: str) -> dict[str, Any]:
 KV_PER_QUERY_HEAD = frozenset({"jetmoe"})
 
 
+def kv_sources(get: Callable[[str], Any], layers: int) -> list[int]:
+    """For each of ``layers`` layers, the layer whose K/V it attends over: itself, or,
+    for a layer that reuses an earlier layer's K/V, that layer. Gemma-3n's last
+    ``num_kv_shared_layers`` layers each reuse the last layer of their
+    ``layer_types`` kind before them (transformers' ``kv_sharing_modes``: that
+    layer "store"s, they "reuse"); a config may name the sources instead
+    (``kv_source_layers``). Such a model stores K/V for its source layers only: a
+    kvpager pool holds those (`pool_layers`). ``get``: the config's attribute or
+    key getter. InvalidArgument for sharing kvpager cannot follow (modes other than
+    "store" and "reuse", a source that reuses in turn, or one after its layer)."""
+    shared = get("num_kv_shared_layers") or 0
+    named = get("kv_source_layers")
+    kinds = get("layer_types")
+    if named is not None:
+        sources = list(named)
+    elif shared:
+        if type(shared) is not int or not 0 < shared < layers or not kinds or len(kinds) != layers:
+            raise InvalidArgument(f"num_kv_shared_layers={shared!r} with {layers} layers of types {kinds!r}: "
+                                  "kvpager follows the last shared layers reusing an earlier layer of their type")
+        first = layers - shared
+        producer = {kinds[j]: j for j in range(first)}  # the last of each kind before the shared layers
+        sources = list(range(first)) + [producer.get(kinds[i], -1) for i in range(first, layers)]
+    else:
+        sources = list(range(layers))
+    if len(sources) != layers or any(type(s) is not int or not (s == i or 0 <= s < i and sources[s] == s)
+                                     for i, s in enumerate(sources)):
+        raise InvalidArgument(f"layers reuse K/V of layers {sources}: each must reuse an earlier layer that "
+                              "stores its own")
+    modes = get("kv_sharing_modes")  # transformers' configs compute it; a config.json has none
+    if modes is not None:
+        other = sorted({str(m) for m in modes} - {"None", "store", "reuse"})
+        if other:
+            raise InvalidArgument(f"kvpager serves layers that store or reuse K/V; kv_sharing_modes here: {other}")
+        if [m == "reuse" for m in modes] != [s != i for i, s in enumerate(sources)]:
+            raise InvalidArgument(f"kv_sharing_modes {list(modes)} do not match the layers' sources {sources}")
+    return sources
+
+
+def pool_layers(sources: list[int]) -> list[int]:
+    """For each layer (`kv_sources`), the pool layer that holds the K/V it attends over
+    (the pool holds the layers that store K/V, in order)."""
+    own = {layer: i for i, layer in enumerate(s for j, s in enumerate(sources) if s == j)}
+    return [own[s] for s in sources]
+
+
 def attention_dims(get: Callable[[str], Any]) -> tuple[Any, Any, bool]:
     """(q and k head dim, v head dim, a K/V head per query head) of the tensors a
     transformers config's attention passes to its attention function, its fields
@@ -101,7 +146,8 @@ def config_geometry(config: dict[str, Any], where: str = "config.json") -> dict[
         head_dim = hidden // heads
     if v is not None:
         head_dim = max(head_dim, positive("v_head_dim", v))
-    out: dict[str, Any] = dict(num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim)
+    stored = len(set(kv_sources(cfg.get, layers)))  # layers that reuse another's K/V store none
+    out: dict[str, Any] = dict(num_layers=stored, num_kv_heads=kv_heads, head_dim=head_dim)
     dtype = cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or config.get("dtype")
     if dtype is not None:
         name = _DTYPES.get(str(dtype).removeprefix("torch."))

@@ -19,6 +19,7 @@ from kvpager.hf import (  # noqa: E402
     PagedBatch,
     PagedGeneration,
     generate,
+    layer_map,
     layer_windows,
     paged_attention,
     paged_forward,
@@ -34,13 +35,13 @@ def two_passes(model, forward) -> tuple[list[list[int]], bytes]:
     prompts = [prompt(n, seed=40 + n) for n in (5, 13, 21)]
     allocs = pool.allocate(prompts, "compiled")
     ids = [a.seq_id for a in allocs]
-    windows = layer_windows(model)
+    windows, layers = layer_windows(model), layer_map(model)
     heads = model.config.num_attention_heads
     with torch.inference_mode(), paged_attention(model):
         lens = [len(p) for p in prompts]
         slots = np.concatenate([np.asarray(a.slots, dtype=np.int64) for a in allocs])
         batch = PagedBatch(pool.plan(ids, lens, slots, num_q_heads=heads), torch.float32, torch.device("cpu"),
-                           windows)
+                           windows, layers=layers)
         flat = torch.tensor([[t for p in prompts for t in p]])
         pos = torch.tensor([[i for n in lens for i in range(n)]])
         ends = torch.as_tensor(np.cumsum(lens) - 1)
@@ -48,13 +49,13 @@ def two_passes(model, forward) -> tuple[list[list[int]], bytes]:
         pool.commit(ids)
         slots = np.asarray(pool.append_flat(ids, 1, [[t] for t in first]), dtype=np.int64)
         batch = PagedBatch(pool.plan(ids, [1] * 3, slots, num_q_heads=heads), torch.float32, torch.device("cpu"),
-                           windows)
+                           windows, layers=layers)
         second = forward(model, batch, torch.tensor([first]), torch.tensor([lens])).tolist()
     return [first, second], pool.backend.kv.tobytes()
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2-sliding", "stablelm", "gpt_oss", "deepseek_v3",
-                                    "deepseek_v3-wide-v"])
+                                    "deepseek_v3-wide-v", "gemma3n"])
 def test_compiled_pass_gives_the_eager_tokens_and_kv(family):
     torch._dynamo.reset()  # each family compiles afresh: the families together pass dynamo's recompile limit
     model = make_model(family)

@@ -19,6 +19,7 @@ from kvpager.hf import (  # noqa: E402
     default_salt,
     generate,
     kvpager_attention,
+    layer_map,
     layer_windows,
     spec_for_model,
 )
@@ -35,6 +36,9 @@ ALTERNATING = [SLIDING, FULL, SLIDING, FULL]
 MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
            n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=32,
            first_k_dense_replace=1)
+
+GEMMA3N = dict(head_dim=16, sliding_window=WINDOW, num_hidden_layers=6, vocab_size_per_layer_input=VOCAB,
+               hidden_size_per_layer_input=16, activation_sparsity_pattern=[0.0] * 6, laurel_rank=8)
 
 # family: (config class, model class, extra config, the per-layer windows it must get)
 FAMILIES = {
@@ -74,6 +78,11 @@ FAMILIES = {
     # mixture of attention heads: its 2 K/V heads tiled for each of 2 experts a token (4 K/V heads)
     "jetmoe": ("JetMoeConfig", "JetMoeForCausalLM", dict(kv_channels=16, num_local_experts=4, num_experts_per_tok=2),
                [None] * 4),
+    # its last 3 layers reuse the K/V of the last earlier layer of their type (1: full, 2: sliding):
+    # they write nothing and attend over those layers' pool K/V; the pool holds 3 layers, not 6
+    "gemma3n": ("Gemma3nTextConfig", "Gemma3nForCausalLM",
+                dict(GEMMA3N, num_kv_shared_layers=3, layer_types=[SLIDING, FULL, SLIDING, SLIDING, FULL, SLIDING]),
+                [WINDOW, None, WINDOW, WINDOW, None, WINDOW]),
     # ... and v wider than q and k (8 + 8 dims against 32: q and k zero-padded)
     "deepseek_v3-wide-v": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
                            dict(MLA, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=32, q_lora_rank=None),
@@ -120,6 +129,9 @@ def test_family_matches_transformers(family, block_size):
     if family == "gemma2":
         assert model.config.attn_logit_softcapping == 1.0  # reaches the attention as softcap
     pool = KVPool(spec_for_model(model, num_blocks=96, block_size=block_size))
+    if family == "gemma3n":  # the layers that store K/V, and which each layer attends over
+        assert pool.spec.num_layers == 3
+        assert layer_map(model) == [(0, True), (1, True), (2, True), (2, False), (1, False), (2, False)]
     system = prompt(35, seed=1)  # shared by two prompts of the batch: 2 blocks of 16, 4 of 8
     prompts = [system + prompt(5, seed=2), prompt(9, seed=3), system + prompt(13, seed=4), prompt(1, seed=5)]
     new = 12
@@ -167,6 +179,22 @@ def test_windows_and_softcap_through_a_daemon_client():
     prompts = [prompt(30, seed=10), prompt(17, seed=11)]
     with running_server(spec_for_model(model, num_blocks=64, block_size=8)) as server, \
             Client(server.endpoint) as pool:
+        assert generate(model, pool, prompts, 10) == [reference(model, p, 10) for p in prompts]
+
+
+def test_shared_kv_layers_through_a_daemon_client():
+    """Gemma-3n's layers that reuse earlier layers' K/V attend over the mapped pool's
+    layers too; the daemon's pool holds only the layers that store."""
+    pytest.importorskip("zmq")
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+
+    model = make_model("gemma3n")
+    prompts = [prompt(30, seed=10), prompt(17, seed=11)]
+    spec = spec_for_model(model, num_blocks=64, block_size=8)
+    assert spec.num_layers == 3
+    with running_server(spec) as server, Client(server.endpoint) as pool:
         assert generate(model, pool, prompts, 10) == [reference(model, p, 10) for p in prompts]
 
 
@@ -220,9 +248,10 @@ def test_other_layer_kinds_are_refused():
         generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
 
 
-def test_layers_of_other_geometry_or_borrowed_kv_are_refused():
-    """Gemma-4's full layers have another head dim than its sliding ones; Gemma-3n's
-    (and Gemma-4's, configurably) last layers reuse earlier layers' K/V."""
+def test_layers_of_other_geometry_or_unknown_kv_sharing_are_refused():
+    """Gemma-4's full layers have another head dim than its sliding ones; layers said
+    to reuse earlier layers' K/V without the layer types that say which (Gemma-3n's
+    sharing, served, needs them), or in a chain."""
     if hasattr(transformers, "Gemma4TextConfig"):
         torch.manual_seed(0)
         config = transformers.Gemma4TextConfig(**{**COMMON, "num_hidden_layers": 6}, vocab_size_per_layer_input=VOCAB,
@@ -233,6 +262,10 @@ def test_layers_of_other_geometry_or_borrowed_kv_are_refused():
     model.config.num_kv_shared_layers = 2
     with pytest.raises(ValueError, match="num_kv_shared_layers"):
         generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
+    model = make_model("gemma3n")
+    model.config.kv_source_layers = [0, 1, 2, 3, 1, 4]  # layer 5 would reuse layer 4, which reuses
+    with pytest.raises(ValueError, match="reuse an earlier layer that stores"):
+        layer_map(model)
 
 
 def test_attention_sinks_change_the_tokens():

@@ -31,6 +31,7 @@ FAMILIES = {
     "gemma3": dict(head_dim=32),
     "cohere2": {},
     "gpt_oss": dict(head_dim=32),  # attention sinks too
+    "gemma3n": dict(head_dim=32),  # layers that reuse earlier layers' K/V: an attend with no write
 }
 
 

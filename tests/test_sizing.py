@@ -63,6 +63,15 @@ def opts(**kw):
     ({"model_type": "jetmoe", "hidden_size": 2048, "num_attention_heads": 32, "num_hidden_layers": 24,
       "num_key_value_heads": 16, "kv_channels": 128, "num_experts_per_tok": 2, "torch_dtype": "bfloat16"},
      dict(num_layers=24, num_kv_heads=32, head_dim=128, dtype="bfloat16")),
+    # Gemma-3n E2B's text model: its last 10 of 30 layers reuse earlier layers' K/V and store none
+    ({"model_type": "gemma3n", "torch_dtype": "bfloat16",
+      "text_config": {"hidden_size": 2048, "num_attention_heads": 8, "num_hidden_layers": 30,
+                      "num_key_value_heads": 2, "head_dim": 256, "num_kv_shared_layers": 10,
+                      "layer_types": (["sliding_attention"] * 4 + ["full_attention"]) * 6}},
+     dict(num_layers=20, num_kv_heads=2, head_dim=256, dtype="bfloat16")),
+    # sources named: layers 2 and 3 reuse layers 0 and 1
+    ({**LLAMA, "num_hidden_layers": 4, "kv_source_layers": [0, 1, 0, 1]},
+     dict(num_layers=2, num_kv_heads=8, head_dim=128, dtype="bfloat16")),
 ])
 def test_geometry_from_config(tmp_path, config, want):
     assert sizing.model_geometry(write(tmp_path, config)) == want
@@ -78,10 +87,30 @@ def test_geometry_from_config(tmp_path, config, want):
     ({**LLAMA, "hidden_size": 4001}, InvalidArgument, "not a multiple"),
     ({"vocab_size": 3}, InvalidArgument, "num_hidden_layers and num_attention_heads"),
     ([1, 2], InvalidArgument, "not a JSON object"),
+    ({**LLAMA, "num_kv_shared_layers": 32, "layer_types": ["full_attention"] * 32}, InvalidArgument,
+     "num_kv_shared_layers"),
+    ({**LLAMA, "num_kv_shared_layers": 2}, InvalidArgument, "num_kv_shared_layers"),  # no layer types
+    ({**LLAMA, "num_hidden_layers": 3, "kv_source_layers": [0, 2, 2]}, InvalidArgument, "reuse an earlier"),
+    ({**LLAMA, "num_hidden_layers": 3, "kv_source_layers": [0, 0, 1]}, InvalidArgument, "reuse an earlier"),
+    ({**LLAMA, "num_hidden_layers": 3, "kv_source_layers": [0, 1]}, InvalidArgument, "reuse an earlier"),
 ])
 def test_bad_configs_are_named(tmp_path, config, error, match):
     with pytest.raises(error, match=match):
         sizing.model_geometry(write(tmp_path, config))
+
+
+def test_kv_sharing_modes_are_checked_against_the_sources():
+    """transformers' configs compute ``kv_sharing_modes``: layers that reuse must be the
+    ones the sources say, and no other mode (an indexer's) is followed."""
+    base = {"num_kv_shared_layers": 2, "layer_types": ["sliding_attention", "full_attention"] * 2}
+    modes = [None, None, "reuse", "reuse"]
+    assert sizing.kv_sources({**base, "kv_sharing_modes": modes}.get, 4) == [0, 1, 0, 1]
+    assert sizing.pool_layers([0, 1, 0, 1]) == [0, 1, 0, 1]
+    assert sizing.pool_layers([0, 1, 2, 1, 4, 2]) == [0, 1, 2, 1, 3, 2]
+    with pytest.raises(InvalidArgument, match="do not match"):
+        sizing.kv_sources({**base, "kv_sharing_modes": [None, "reuse", None, "reuse"]}.get, 4)
+    with pytest.raises(InvalidArgument, match="reuse_but_indexer"):
+        sizing.kv_sources({**base, "kv_sharing_modes": [None, None, "reuse_but_indexer", "reuse"]}.get, 4)
 
 
 def test_missing_or_broken_config(tmp_path):

@@ -48,6 +48,9 @@ class PagedBatch:
     dtype: torch.dtype  # the pool's dtype
     device: torch.device  # where the pool's tensors live (cpu, or its GPU)
     windows: Sequence[int | None] | None = None  # per layer (`layer_windows`); None: as transformers passes them
+    #: per layer, (the pool layer it attends over, whether it stores its K/V there) where some layers
+    #: reuse an earlier layer's K/V (`kvpager.hf.model.layer_map`); None: each layer its own
+    layers: Sequence[tuple[int, bool]] | None = None
     #: called as ``observe(layer, key, value)`` with what each layer stores, padded as the pool holds it
     #: (eager passes only: `kvpager.hf.fp8.calibrate_kv_scales`)
     observe: Any = None
@@ -134,8 +137,8 @@ def kvpager_attention(
             scaling = key.shape[3] ** -0.5 if scaling is None else scaling
             query = torch.nn.functional.pad(query, (0, dv - key.shape[3]))
             key = torch.nn.functional.pad(key, (0, dv - key.shape[3]))
-    if batch.observe is not None:
-        batch.observe(layer, key, value)
+    if batch.observe is not None and (batch.layers is None or batch.layers[layer][1]):
+        batch.observe(layer if batch.layers is None else batch.layers[layer][0], key, value)
     if HAS_OP and is_compiling():  # one opaque op for the compiler (`kvpager.hf.compiled`)
         out = _write_attend_op(query, key, value, layer, None if scaling is None else float(scaling),
                                None if window is None else int(window),
@@ -150,11 +153,19 @@ def write_attend(batch: PagedBatch, layer: int, query: torch.Tensor, key: torch.
                  sinks: torch.Tensor | None = None) -> torch.Tensor:
     """One layer through ``batch``'s plan (`StepPlan.write_attend`), the tensors
     crossed into the pool's dtype and device and the output back into the
-    query's; what the attention function and the ``kvpager::write_attend`` op run."""
-    # [1, H, T, D] views of the projections' token-major memory: the plan launches on their pointers
-    out = batch.plan.write_attend(layer, _to_pool(query, batch), _to_pool(key, batch), _to_pool(value, batch),
-                                  scale, window=window, softcap=softcap,
-                                  sinks=None if sinks is None else _to_pool_device(sinks, batch))
+    query's; what the attention function and the ``kvpager::write_attend`` op run.
+    A layer that reuses an earlier layer's K/V (`PagedBatch.layers`) writes
+    nothing: ``key`` and ``value`` are its source's, already stored, and it
+    attends over that pool layer (`StepPlan.attend`)."""
+    sinks = None if sinks is None else _to_pool_device(sinks, batch)
+    pool_layer, stores = (layer, True) if batch.layers is None else batch.layers[layer]
+    if stores:
+        # [1, H, T, D] views of the projections' token-major memory: the plan launches on their pointers
+        out = batch.plan.write_attend(pool_layer, _to_pool(query, batch), _to_pool(key, batch),
+                                      _to_pool(value, batch), scale, window=window, softcap=softcap, sinks=sinks)
+    else:
+        q = _to_pool(query, batch)[0].transpose(0, 1).contiguous()  # [T, H, D]: a view where q is token-major
+        out = batch.plan.attend(pool_layer, q, scale, window=window, softcap=softcap, sinks=sinks).unsqueeze(0)
     batch.layers_run += 1  # (the plan has checked the layer)
     batch.layers_seen |= 1 << layer
     if out.dtype is not query.dtype or out.is_cuda != query.is_cuda:

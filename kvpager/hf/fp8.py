@@ -28,7 +28,7 @@ __all__ = ["calibrate_kv_scales"]
 
 def calibrate_kv_scales(model: Any, input_ids: Any, kv_dtype: str = "float8_e4m3",
                         margin: float = 1.25) -> list[list[list[float]]]:
-    """Scales [num_layers][2 (K, V)][num_kv_heads] for an FP8 pool of ``model``:
+    """Scales [num_layers (the pool's: layers that store K/V)][2 (K, V)][num_kv_heads] for an FP8 pool of ``model``:
     per (layer, kv head), amax(|K|) and amax(|V|) over ``input_ids`` (a list of
     token ids or a [batch, tokens] tensor) times ``margin``, over the format's
     largest finite value; a head whose values are all zero gets 1.0."""
@@ -55,7 +55,7 @@ def _stored_peaks(model: Any, ids: torch.Tensor) -> list[list[torch.Tensor]]:
     the rows of ``ids``: one pass over a temporary pool of the model's dtype."""
     from kvpager import KVPool
     from kvpager.hf.attention import PagedBatch, paged_attention, paged_forward
-    from kvpager.hf.model import layer_windows, spec_for_model, text_config
+    from kvpager.hf.model import layer_map, layer_windows, spec_for_model, text_config
 
     device = ids.device
     dtype = next(model.parameters()).dtype
@@ -77,7 +77,7 @@ def _stored_peaks(model: Any, ids: torch.Tensor) -> list[list[torch.Tensor]]:
         lens = [len(r) for r in rows]
         slots = np.concatenate([np.asarray(a.slots, dtype=np.int64) for a in allocs])
         plan = pool.plan([a.seq_id for a in allocs], lens, slots, num_q_heads=text_config(model).num_attention_heads)
-        batch = PagedBatch(plan, dtype, device, layer_windows(model), observe=observe)
+        batch = PagedBatch(plan, dtype, device, layer_windows(model), observe=observe, layers=layer_map(model))
         flat = ids.reshape(1, -1)
         pos = torch.arange(ids.shape[1], device=device).repeat(ids.shape[0])[None]
         with torch.inference_mode(), paged_attention(model):

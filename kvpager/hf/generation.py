@@ -46,6 +46,7 @@ from kvpager.hf.model import (  # noqa: F401
     check_call,
     check_model,
     default_salt,
+    layer_map,
     layer_windows,
     model_geometry,
     spec_for_model,
@@ -104,6 +105,7 @@ class PagedGeneration(DecodePasses):
         if not self.prompts or any(not p for p in self.prompts):
             raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
         self._windows = check_model(self.model, self.pool)
+        self._layers = layer_map(self.model)  # layers that reuse an earlier layer's K/V (Gemma-3n)
         eos = self.eos_token_id
         self._eos = (
             set() if eos is None else {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
@@ -243,7 +245,7 @@ class PagedGeneration(DecodePasses):
         return plan
 
     def _batch(self, plan: Any) -> PagedBatch:
-        return PagedBatch(plan, self._pool_dtype, self._pool_device, self._windows)
+        return PagedBatch(plan, self._pool_dtype, self._pool_device, self._windows, layers=self._layers)
 
     def close(self) -> None:
         """Free the sequences still held (their committed full blocks stay matchable)

@@ -8,7 +8,9 @@
 - `default_salt`: a prefix-cache salt derived from every weight, so
   different weights never share cached K/V;
 - `model_geometry`, `spec_for_model`, `check_model`: the model's KV geometry
-  as a `PoolSpec`, and a pool checked against it.
+  as a `PoolSpec`, and a pool checked against it;
+- `layer_map`: which pool layer each layer attends over, and whether it stores
+  its K/V there (layers that reuse an earlier layer's K/V: Gemma-3n).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Any
 
 import torch
 
-from kvpager.sizing import attention_dims
+from kvpager.errors import InvalidArgument
+from kvpager.sizing import attention_dims, kv_sources, pool_layers
 from kvpager.spec import PoolSpec, dtype_name
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -73,10 +76,6 @@ def layer_windows(model: Any) -> list[int | None]:
     if any(getattr(c, "is_encoder_decoder", False) for c in (model.config, config)):
         raise ValueError("kvpager attends for decoder-only models; this one is encoder-decoder (cross-attention)")
     n = config.num_hidden_layers
-    shared = getattr(config, "num_kv_shared_layers", 0)
-    if isinstance(shared, int) and shared > 0:
-        raise ValueError(f"the model's last {shared} layers reuse earlier layers' K/V (num_kv_shared_layers); "
-                         "kvpager holds and attends over each layer's own")
     window = getattr(config, "sliding_window", None)
     if getattr(config, "use_sliding_window", True) is False:
         window = None
@@ -100,6 +99,27 @@ def layer_windows(model: Any) -> list[int | None]:
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
             raise ValueError(f"layer {i} has sliding window {w!r}; kvpager needs a positive int")
     return windows
+
+
+def layer_map(model: Any) -> list[tuple[int, bool]] | None:
+    """For each layer of ``model``, (the pool layer it attends over, whether it stores
+    its K/V there), where some layers reuse an earlier layer's K/V (Gemma-3n:
+    `kvpager.sizing.kv_sources`): such a layer writes nothing and attends over
+    the K/V its source stored, as transformers' shared layers do, and the pool
+    holds only the layers that store. None where every layer stores its own
+    (pool layer = layer). ValueError for sharing kvpager cannot follow."""
+    config = text_config(model)
+    try:
+        sources = kv_sources(_getter(config), config.num_hidden_layers)
+    except InvalidArgument as e:
+        raise ValueError(str(e)) from e
+    if sources == list(range(len(sources))):
+        return None
+    return [(p, s == i) for i, (s, p) in enumerate(zip(sources, pool_layers(sources)))]
+
+
+def _getter(config: Any) -> Any:
+    return lambda name: getattr(config, name, None)
 
 
 def check_call(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
@@ -216,13 +236,18 @@ def model_geometry(config: Any) -> dict[str, int]:
     too), the pool holds the wider, the narrower side zero-padded
     (`kvpager.hf.attention`); latent attention (``kv_lora_rank``) attends with
     K/V expanded to every query head, as transformers' does, and JetMoE with K/V
-    tiled to them (`kvpager.sizing.KV_PER_QUERY_HEAD`)."""
+    tiled to them (`kvpager.sizing.KV_PER_QUERY_HEAD`). The layers are those that
+    store K/V (`layer_map`: Gemma-3n's shared layers store none)."""
     try:
         heads = config.num_attention_heads
-        qk, v, per_query_head = attention_dims(lambda name: getattr(config, name, None))
+        qk, v, per_query_head = attention_dims(_getter(config))
         qk = qk or config.hidden_size // heads
+        try:
+            stored = len(set(kv_sources(_getter(config), config.num_hidden_layers)))  # `layer_map`
+        except InvalidArgument as e:
+            raise ValueError(str(e)) from e
         return dict(
-            num_layers=config.num_hidden_layers,
+            num_layers=stored,
             num_kv_heads=heads if per_query_head else getattr(config, "num_key_value_heads", None) or heads,
             head_dim=max(qk, v) if type(v) is int and v > 0 else qk,
         )
