@@ -117,8 +117,9 @@ def attention_dims(get: Callable[[str], Any]) -> tuple[Any, Any, bool]:
 
 
 def config_geometry(config: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
-    """`PoolSpec` fields (num_layers, num_kv_heads, head_dim, and dtype when the
-    config names one) from a transformers config dict. Where v's head dim differs
+    """`PoolSpec` fields (num_layers: the layers that store K/V, `kv_sources`;
+    num_kv_heads, head_dim, and dtype when the config names one) from a
+    transformers config dict. Where v's head dim differs
     from q's and k's (`attention_dims`), the pool holds the wider (the client pads
     the other: `kvpager.hf.attention`)."""
     text = config.get("text_config")
