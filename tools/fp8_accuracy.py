@@ -38,6 +38,7 @@ from kvpager import KVPool
 from kvpager.hf import (
     PagedBatch,
     calibrate_kv_scales,
+    layer_map,
     layer_windows,
     paged_attention,
     spec_for_model,
@@ -101,7 +102,7 @@ def logits(model, pool, prompt: list[int], feed: list[int], dtype: torch.dtype) 
     """The last position's logits after the prefill, then after each decode step fed ``feed``."""
     device = torch.device(str(pool.device))
     a = pool.allocate([prompt])[0]
-    windows, out = layer_windows(model), []
+    windows, layers, out = layer_windows(model), layer_map(model), []
 
     def forward(ids: list[int], start: int, slots) -> np.ndarray:
         plan = pool.plan([a.seq_id], [len(ids)], slots, num_q_heads=model.config.num_attention_heads)
@@ -109,7 +110,7 @@ def logits(model, pool, prompt: list[int], feed: list[int], dtype: torch.dtype) 
             res = model(input_ids=torch.tensor([ids], device=device),
                         position_ids=torch.arange(start, start + len(ids), device=device)[None],
                         attention_mask=torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device),
-                        use_cache=False, kvpager=PagedBatch(plan, dtype, device, windows))
+                        use_cache=False, kvpager=PagedBatch(plan, dtype, device, windows, layers=layers))
         return res.logits[0, -1].float().cpu().numpy()
 
     out.append(forward(prompt, 0, a.slots))
