@@ -62,6 +62,12 @@ def kv_sources(get: Callable[[str], Any], layers: int) -> list[int]:
     shared = get("num_kv_shared_layers") or 0
     named = get("kv_source_layers")
     kinds = get("layer_types")
+    modes = get("kv_sharing_modes")  # transformers' configs compute it; a config.json has none
+    for name, value in (("kv_source_layers", named), ("layer_types", kinds), ("kv_sharing_modes", modes)):
+        if value is not None and not isinstance(value, (list, tuple)):
+            raise InvalidArgument(f"{name} must be a list, one entry a layer, got {value!r:.60}")
+    if kinds is not None and not all(isinstance(k, str) for k in kinds):
+        raise InvalidArgument(f"layer_types must name each layer's kind, got {list(kinds)!r:.60}")
     if named is not None:
         sources = list(named)
     elif shared:
@@ -77,7 +83,6 @@ def kv_sources(get: Callable[[str], Any], layers: int) -> list[int]:
                                      for i, s in enumerate(sources)):
         raise InvalidArgument(f"layers reuse K/V of layers {sources}: each must reuse an earlier layer that "
                               "stores its own")
-    modes = get("kv_sharing_modes")  # transformers' configs compute it; a config.json has none
     if modes is not None:
         other = sorted({str(m) for m in modes} - {"None", "store", "reuse"})
         if other:

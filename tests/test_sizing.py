@@ -113,6 +113,23 @@ def test_kv_sharing_modes_are_checked_against_the_sources():
         sizing.kv_sources({**base, "kv_sharing_modes": [None, None, "reuse_but_indexer", "reuse"]}.get, 4)
 
 
+@pytest.mark.parametrize("config, match", [
+    ({"kv_source_layers": 5}, "kv_source_layers must be a list"),
+    ({"kv_source_layers": "ab"}, "kv_source_layers must be a list"),
+    ({"kv_source_layers": [0, "0"]}, "reuse an earlier"),
+    ({"num_kv_shared_layers": 1, "layer_types": {"a": 1, "b": 2}}, "layer_types must be a list"),
+    ({"num_kv_shared_layers": 1, "layer_types": [["a"], ["a"]]}, "layer_types must name"),
+    ({"num_kv_shared_layers": 1, "layer_types": ["a", "b"]}, "reuse an earlier"),  # no earlier "b"
+    ({"kv_sharing_modes": 3}, "kv_sharing_modes must be a list"),
+    ({"num_kv_shared_layers": 1.5}, "num_kv_shared_layers"),
+    ({"num_kv_shared_layers": True, "layer_types": ["a", "a"]}, "num_kv_shared_layers"),
+])
+def test_junk_sharing_fields_are_typed_errors(config, match):
+    """What a config.json says of shared K/V, whatever its types: a typed error naming it."""
+    with pytest.raises(InvalidArgument, match=match):
+        sizing.kv_sources(config.get, 2)
+
+
 def test_missing_or_broken_config(tmp_path):
     with pytest.raises(InvalidArgument, match="no such preset"):
         sizing.model_geometry(str(tmp_path / "nowhere"))
