@@ -62,6 +62,10 @@ class PagedBatch:
     def __post_init__(self) -> None:
         self.on_cpu = self.device.type == "cpu"
 
+    def pool_layer(self, layer: int) -> tuple[int, bool]:
+        """(the pool layer ``layer`` attends over, whether it stores its K/V there)."""
+        return (layer, True) if self.layers is None else self.layers[layer]
+
 
 def _to_pool(x: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
     """[T, heads, head_dim] in the pool's dtype and on its device (a no-op for
@@ -137,8 +141,10 @@ def kvpager_attention(
             scaling = key.shape[3] ** -0.5 if scaling is None else scaling
             query = torch.nn.functional.pad(query, (0, dv - key.shape[3]))
             key = torch.nn.functional.pad(key, (0, dv - key.shape[3]))
-    if batch.observe is not None and (batch.layers is None or batch.layers[layer][1]):
-        batch.observe(layer if batch.layers is None else batch.layers[layer][0], key, value)
+    if batch.observe is not None:
+        pool_layer, stores = batch.pool_layer(layer)
+        if stores:
+            batch.observe(pool_layer, key, value)
     if HAS_OP and is_compiling():  # one opaque op for the compiler (`kvpager.hf.compiled`)
         out = _write_attend_op(query, key, value, layer, None if scaling is None else float(scaling),
                                None if window is None else int(window),
@@ -158,7 +164,7 @@ def write_attend(batch: PagedBatch, layer: int, query: torch.Tensor, key: torch.
     nothing: ``key`` and ``value`` are its source's, already stored, and it
     attends over that pool layer (`StepPlan.attend`)."""
     sinks = None if sinks is None else _to_pool_device(sinks, batch)
-    pool_layer, stores = (layer, True) if batch.layers is None else batch.layers[layer]
+    pool_layer, stores = batch.pool_layer(layer)
     if stores:
         # [1, H, T, D] views of the projections' token-major memory: the plan launches on their pointers
         out = batch.plan.write_attend(pool_layer, _to_pool(query, batch), _to_pool(key, batch),

@@ -108,11 +108,7 @@ def layer_map(model: Any) -> list[tuple[int, bool]] | None:
     the K/V its source stored, as transformers' shared layers do, and the pool
     holds only the layers that store. None where every layer stores its own
     (pool layer = layer). ValueError for sharing kvpager cannot follow."""
-    config = text_config(model)
-    try:
-        sources = kv_sources(_getter(config), config.num_hidden_layers)
-    except InvalidArgument as e:
-        raise ValueError(str(e)) from e
+    sources = _kv_sources(text_config(model))
     if sources == list(range(len(sources))):
         return None
     return [(p, s == i) for i, (s, p) in enumerate(zip(sources, pool_layers(sources)))]
@@ -120,6 +116,14 @@ def layer_map(model: Any) -> list[tuple[int, bool]] | None:
 
 def _getter(config: Any) -> Any:
     return lambda name: getattr(config, name, None)
+
+
+def _kv_sources(config: Any) -> list[int]:
+    """`kvpager.sizing.kv_sources` of a transformers config, its refusal a ValueError as the others here."""
+    try:
+        return kv_sources(_getter(config), config.num_hidden_layers)
+    except InvalidArgument as e:
+        raise ValueError(str(e)) from e
 
 
 def check_call(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
@@ -242,10 +246,7 @@ def model_geometry(config: Any) -> dict[str, int]:
         heads = config.num_attention_heads
         qk, v, per_query_head = attention_dims(_getter(config))
         qk = qk or config.hidden_size // heads
-        try:
-            stored = len(set(kv_sources(_getter(config), config.num_hidden_layers)))  # `layer_map`
-        except InvalidArgument as e:
-            raise ValueError(str(e)) from e
+        stored = len(set(_kv_sources(config)))  # `layer_map`
         return dict(
             num_layers=stored,
             num_kv_heads=heads if per_query_head else getattr(config, "num_key_value_heads", None) or heads,
