@@ -14,11 +14,9 @@ transformers = pytest.importorskip("transformers")
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.hf import (  # noqa: E402
-    PagedBatch,
     PagedGeneration,
     default_salt,
     generate,
-    kvpager_attention,
     layer_map,
     layer_windows,
     spec_for_model,
@@ -234,40 +232,6 @@ def test_windowed_model_holds_about_one_window_of_blocks(through_daemon):
             pool.check_integrity()
 
 
-# -- refusals -----------------------------------------------------------------------------
-def test_bidirectional_layers_are_refused():
-    model = make_model("gemma3", use_bidirectional_attention=True)
-    with pytest.raises(ValueError, match="bidirectional"):
-        generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
-
-
-def test_other_layer_kinds_are_refused():
-    model = make_model("qwen2")
-    model.config.layer_types = [FULL, "chunked_attention", FULL, FULL]
-    with pytest.raises(ValueError, match="chunked_attention"):
-        generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
-
-
-def test_layers_of_other_geometry_or_unknown_kv_sharing_are_refused():
-    """Gemma-4's full layers have another head dim than its sliding ones; layers said
-    to reuse earlier layers' K/V without the layer types that say which (Gemma-3n's
-    sharing, served, needs them), or in a chain."""
-    if hasattr(transformers, "Gemma4TextConfig"):
-        torch.manual_seed(0)
-        config = transformers.Gemma4TextConfig(**{**COMMON, "num_hidden_layers": 6}, vocab_size_per_layer_input=VOCAB,
-                                               hidden_size_per_layer_input=8)
-        with pytest.raises(ValueError, match="differ in their attention geometry"):
-            spec_for_model(transformers.Gemma4ForCausalLM(config), num_blocks=16)
-    model = make_model("llama")
-    model.config.num_kv_shared_layers = 2
-    with pytest.raises(ValueError, match="num_kv_shared_layers"):
-        generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
-    model = make_model("gemma3n")
-    model.config.kv_source_layers = [0, 1, 2, 3, 1, 4]  # layer 5 would reuse layer 4, which reuses
-    with pytest.raises(ValueError, match="reuse an earlier layer that stores"):
-        layer_map(model)
-
-
 def test_attention_sinks_change_the_tokens():
     """GPT-OSS's sinks (``s_aux``) are applied, not ignored: with the sinks made
     large (they take most of each softmax), transformers' tokens change, and
@@ -290,106 +254,6 @@ def _hf_tokens(model, prompts, n):
                              pad_token_id=0)
         out.append(ids[0, len(p):].tolist())
     return out
-
-
-# Families whose attention modules compute attention themselves, not through transformers'
-# attention interface: Falcon and MPT (ALiBi) never call kvpager's (their own attention over
-# the new tokens alone, nothing cached, generated wrong tokens without a word); Bloom and XGLM
-# fail in their own code first.
-OWN_ATTENTION = {
-    "falcon": ("FalconConfig", "FalconForCausalLM", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)),
-    "mpt": ("MptConfig", "MptForCausalLM", dict(d_model=64, n_layers=2, n_heads=4)),
-    "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=64, n_layer=2, n_head=4)),
-    "xglm": ("XGLMConfig", "XGLMForCausalLM", dict(d_model=64, num_layers=2, attention_heads=4, ffn_dim=128)),
-}
-
-
-# Families that attend more than once a layer in a pass: DiffLlama (differential attention,
-# two calls a layer) generated wrong tokens, its second call's K/V over the first's; Dory
-# loops over its layers (its transformers cache keeps a copy of a layer per loop); HRM-text
-# cycles over two layers and counts the cycles as layers (as many calls as it has "layers"),
-# and generated wrong tokens.
-MHA = {k: v for k, v in COMMON.items() if k != "num_key_value_heads"}
-TWICE = {"diffllama": ("DiffLlamaConfig", "DiffLlamaForCausalLM", {**COMMON, "num_hidden_layers": 2}),
-         "dory": ("DoryConfig", "DoryForCausalLM", {**COMMON, "num_hidden_layers": 2}),
-         "hrm_text": ("HrmTextConfig", "HrmTextForCausalLM", {**MHA, "num_hidden_layers": 2})}
-
-
-@pytest.mark.parametrize("family", list(TWICE))
-def test_families_that_attend_twice_a_layer_are_refused(family):
-    config_cls, model_cls, extra = TWICE[family]
-    if not hasattr(transformers, config_cls):
-        pytest.skip(f"this transformers has no {model_cls}")
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**extra)).eval()
-    pool = KVPool(spec_for_model(model, num_blocks=32, block_size=8))
-    with pytest.raises(ValueError, match=f"{model_cls}.*more than once a layer"):
-        generate(model, pool, [prompt(11, 1)], 3, eos_token_id=None)
-    assert pool.stats().num_sequences == 0 and pool.stats().used_blocks == 0
-    pool.check_integrity()
-
-
-@pytest.mark.parametrize("family", list(OWN_ATTENTION))
-def test_families_that_attend_by_themselves_are_refused(family):
-    config_cls, model_cls, extra = OWN_ATTENTION[family]
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(vocab_size=VOCAB, **extra)).eval()
-    pool = KVPool(spec_for_model(model, num_blocks=32, block_size=8))
-    with pytest.raises(ValueError, match=f"{model_cls}.*attention interface"):
-        generate(model, pool, [prompt(11, 1), prompt(4, 2)], 3, eos_token_id=None)
-    assert pool.stats().num_sequences == 0 and pool.stats().used_blocks == 0  # nothing left behind
-    pool.check_integrity()
-
-
-def test_dropout_in_training_mode_is_refused():
-    model = make_model("llama", attention_dropout=0.1).train()
-    with pytest.raises(ValueError, match="dropout"):
-        generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
-
-
-class _Layer(torch.nn.Module):
-    layer_idx = 0
-
-
-def _call(q_len=3, k_len=3, d=16, dv=16, dk=None, v_heads=2, **kwargs):
-    q = torch.zeros(1, 4, q_len, d)
-    k = torch.zeros(1, 2, k_len, dk or d)
-    v = torch.zeros(1, v_heads, k_len, dv)
-    batch = PagedBatch(None, torch.float32, torch.device("cpu"), [None])
-    return kvpager_attention(_Layer(), q, k, v, None, kvpager=batch, **kwargs)
-
-
-@pytest.mark.parametrize("name,value", [("sinks", torch.zeros(4)),
-                                        ("head_mask", torch.ones(4)), ("position_bias", torch.zeros(1)),
-                                        ("output_attentions", True), ("is_causal", False),
-                                        ("cu_seq_lens_q", torch.zeros(2))])
-def test_unhonoured_attention_arguments_are_refused_by_name(name, value):
-    with pytest.raises(ValueError, match=name):
-        _call(**{name: value})
-
-
-def test_cross_attention_mismatched_heads_and_foreign_windows_are_refused():
-    """v may differ from q and k in head dim (latent attention: padded, the families above),
-    q and k may not, nor k and v in heads."""
-    with pytest.raises(ValueError, match="cross-attention"):
-        _call(k_len=5)
-    with pytest.raises(ValueError, match="q and k of one head dim"):
-        _call(dk=8)
-    with pytest.raises(ValueError, match="q and k of one head dim"):
-        _call(v_heads=4)
-    with pytest.raises(ValueError, match="sliding_window=4"):
-        _call(sliding_window=4)  # the layer's planned window is None
-
-
-def test_arguments_that_change_no_attention_pass():
-    """What some families pass down to attention without effect on it (which logits
-    the LM head keeps: GOT-OCR2's wrapper) is not refused."""
-    from kvpager.hf.model import ABSENT, check_call
-
-    q, kv = torch.zeros(1, 4, 3, 16), torch.zeros(1, 2, 3, 16)
-    check_call(0, q, kv, kv, 0.0, ABSENT, None, {"logits_to_keep": torch.tensor([0, 2]), "use_cache": False})
-    with pytest.raises(ValueError, match="head_mask"):
-        check_call(0, q, kv, kv, 0.0, ABSENT, None, {"logits_to_keep": 1, "head_mask": torch.ones(4)})
 
 
 # -- the default salt ---------------------------------------------------------------------
