@@ -107,7 +107,7 @@ __device__ __noinline__ void merge_slots(const float* __restrict__ part_o, const
                                          unsigned char* smem_raw)
 {
     const int tid = threadIdx.x;
-    __threadfence();  // the other CTAs' partials, counted before, are read after
+    __threadfence();  // each thread's reads of the other CTAs' partials come after the count
     constexpr int C4 = D / 4;  // float4 columns of a row
     // The slots' partials of the CTA's R rows come into the (free) stages at once: [slot][row][D],
     // then their log2-sum-exps [row][slot]; where they do not fit, each thread loads its own.
@@ -509,7 +509,10 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     __syncthreads();
     if (tid == 0) {
         last = atomicAdd(merge_ctr + blockIdx.x, 1) == num_splits - 1;
-        if (last) atomicExch(merge_ctr + blockIdx.x, 0);
+        if (last) {
+            __threadfence();  // acquire: the counted CTAs' partials are read after their count
+            atomicExch(merge_ctr + blockIdx.x, 0);
+        }
     }
     __syncthreads();
     if (!last) return;

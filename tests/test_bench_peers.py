@@ -115,8 +115,13 @@ def _report() -> dict:
         "geometry": {"dtype": "bfloat16", "q_heads": 32, "kv_heads": 8, "head_dim": 128, "block_size": 16,
                      "tolerance": 1e-2},
         "decode": [{"case": "64 x 4096", "bytes": 2 << 30, "results": {
-            "kvpager": ok, "flashinfer": {"absent": "absent (test)"}, "sdpa": {"ms": 0.3, "rel_err": 0.0},
-            "read floor": {"ms": 0.19, "how": "bulk copies"}}}],
+            "kvpager": {**ok, "graph_ms": 0.18}, "flashinfer": {"absent": "absent (test)"},
+            "sdpa": {"ms": 0.3, "rel_err": 0.0, "graph_error": "RuntimeError: not capturable"},
+            "read floor": {"ms": 0.19, "how": "bulk copies"}}},
+            {"case": "1 x 131072", "bytes": 1 << 29, "results": {
+                "kvpager": {"ms": 0.13, "rel_err": 2e-3, "graph_ms": 0.125},
+                "flashinfer": {"absent": "absent (test)"},
+                "sdpa": {"ms": 0.128, "rel_err": 0.0, "graph_ms": 0.1245}}}],
         "shared": [
             {"case": "256 x (8192 + 256)", "groups": 1, "distinct_bytes": 4.8e8, "results": {
                 "kvpager cascade": ok, "kvpager plain": {"error": "relative error 5.00e-01 against SDPA"},
@@ -143,8 +148,8 @@ def _tables(text: str) -> list[list[list[str]]]:
 def test_tables_show_times_ratios_and_why_a_cell_is_empty():
     report = _report()
     text = render.markdown(report)
-    decode, shared, prefill = _tables(text)
-    for t in (decode, shared, prefill):
+    decode, graph, shared, prefill = _tables(text)
+    for t in (decode, graph, shared, prefill):
         assert len({len(r) for r in t}) == 1  # every row as wide as the header
     row = dict(zip(decode[0], decode[2]))
     assert row["FlashInfer ms"] == "absent" and row["FlashInfer / kvpager"] == "-"
@@ -154,6 +159,14 @@ def test_tables_show_times_ratios_and_why_a_cell_is_empty():
     floor = f"{(2 << 30) / 0.19 / 1e9:.2f}, {(2 << 30) / 0.19 / 1e9 / 4.8 * 100:.1f}%"
     assert row["read floor ms (TB/s, % of datasheet)"] == f"0.190 ({floor})"
     assert row["kvpager / read floor"] == f"{0.19 / 0.2:.2f}x"
+    assert [r[0] for r in graph[2:]] == ["64 x 4096", "1 x 131072"]
+    row = dict(zip(graph[0], graph[2]))
+    assert row["kvpager ms"] == "0.180" and row["SDPA ms"] == "-" and row["SDPA / kvpager"] == "-"
+    assert row["kvpager % of datasheet"] == f"{(2 << 30) / 0.18 / 1e9 / 4.8 * 100:.1f}%"
+    row = dict(zip(graph[0], graph[3]))
+    assert row["SDPA / kvpager"] == f"{0.1245 / 0.125:.2f}x" and row["FlashInfer ms"] == "-"
+    assert row["SDPA % of datasheet"] == f"{(1 << 29) / 0.1245 / 1e9 / 4.8 * 100:.1f}%"
+    assert "sdpa: failed in a graph: RuntimeError: not capturable" in text
     row = dict(zip(shared[0], shared[2]))
     assert row["kvpager plain ms"] == "failed" and row["SDPA ms"] == "skipped"
     assert row["FI cascade / kvpager cascade"] == f"{0.5 / 0.2:.2f}x"
@@ -205,5 +218,8 @@ def test_each_case_checks_and_times_kvpager_and_sdpa_on_a_gpu(case, monkeypatch)
     for name in kvpager + ["sdpa"]:
         assert "error" not in res[name], (name, res[name])
         assert res[name]["ms"] > 0 and res[name]["rel_err"] < pc.TOL
+    if case == "decode":  # also timed in a captured graph, its replays' output checked
+        for name in ("kvpager", "sdpa"):
+            assert "graph_error" not in res[name] and res[name]["graph_ms"] > 0, (name, res[name])
     if case == "shared":
         assert res["kvpager cascade"]["cascades"] is True  # the plan found the two groups' prefixes

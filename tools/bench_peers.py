@@ -8,6 +8,8 @@ plans, FlashInfer reads the same layer (``pool[:, 0]``, its HND paged layout)
 through a torch view, SDPA a contiguous copy gathered from it. Every result is
 checked against SDPA's first (relative error < 1e-2, printed), then timed with
 CUDA events after warm-up: the median of 20-50 calls queued behind a GPU sleep.
+The decode cases are also timed as a model's captured step runs them: 20 calls
+in one CUDA graph, a replay timed (no event record between calls).
 Cases: paged decode 64x4k, 16x16k, 1x128k, 256x1k, 64x256; 256 sequences
 sharing an 8,192-token prefix + 256 own tokens (kvpager plain and cascade,
 FlashInfer plain paged and its MultiLevelCascadeAttentionWrapper); 8 x 1,024

@@ -18,7 +18,7 @@ import numpy as np
 import peers_flashinfer as pf
 import torch
 import torch.nn.functional as F
-from bench_attention import BS, HKV, HQ, D, causal_sdpa, dense_kv, median_ms, rel_err, setup, tview
+from bench_attention import BS, HKV, HQ, D, causal_sdpa, dense_kv, graph_ms, median_ms, rel_err, setup, tview
 from bench_cascade import setup as shared_setup
 
 from kvpager import KernelConfig
@@ -31,8 +31,9 @@ KV_BYTES_PER_TOKEN = HKV * D * 2 * 2  # K and V, bf16
 Make = Callable[[], tuple[Callable[[], Any], Callable[[Any], torch.Tensor]]]
 
 
-def measure(make: Make, ref: torch.Tensor, iters: int) -> dict:
-    """``make()`` -> (call, view): check ``view(call())`` against ``ref``, then time ``call``."""
+def measure(make: Make, ref: torch.Tensor, iters: int, graph: bool = False) -> dict:
+    """``make()`` -> (call, view): check ``view(call())`` against ``ref``, then time
+    ``call``; with ``graph``, also in a captured graph (`captured`)."""
     try:
         call, view = make()
         try:
@@ -41,14 +42,33 @@ def measure(make: Make, ref: torch.Tensor, iters: int) -> dict:
             return {"error": "the output holds NaN or inf (parts never written?)"}
         if not err < TOL:
             return {"error": f"relative error {err:.2e} against SDPA (limit {TOL:g})", "rel_err": err}
-        return {"ms": median_ms(call, iters=iters), "rel_err": err}
+        res = {"ms": median_ms(call, iters=iters), "rel_err": err}
+        return captured(call, view, ref, res) if graph else res
     except Exception as e:  # a failing contender is reported; the others still run
         first = (str(e).strip().splitlines() or [""])[0][:200]
         return {"error": f"{type(e).__name__}: {first}"}
 
 
-def peer(fi: Any, absent: str, make: Make, ref: torch.Tensor, iters: int) -> dict:
-    return {"absent": absent} if fi is None else measure(make, ref, iters)
+def captured(call: Callable[[], Any], view: Callable[[Any], torch.Tensor], ref: torch.Tensor, res: dict) -> dict:
+    """``res`` with ``graph_ms``: ``call``'s time in a captured CUDA graph, as a
+    model's step runs attention (`bench_attention.graph_ms`), its output poisoned
+    with NaN before the replays and checked against ``ref`` after them; or
+    ``graph_error`` where it cannot be captured or its replays' output is wrong."""
+    try:
+        ms, out = graph_ms(call, before=lambda out: view(out).fill_(float("nan")))
+        err = rel_err(view(out), ref)  # asserts every value finite
+        if not err < TOL:
+            raise AssertionError(f"relative error {err:.2e} against SDPA after the replays")
+        res["graph_ms"] = ms
+    except Exception as e:
+        torch.cuda.synchronize()
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        res["graph_error"] = f"{type(e).__name__}: {first}"
+    return res
+
+
+def peer(fi: Any, absent: str, make: Make, ref: torch.Tensor, iters: int, graph: bool = False) -> dict:
+    return {"absent": absent} if fi is None else measure(make, ref, iters, graph)
 
 
 def kvpager(be: Any, tables: np.ndarray, lens: np.ndarray, qlens: np.ndarray, q_cp: Any,
@@ -184,10 +204,10 @@ def decode(batch: int, ctx: int, fi: Any, absent: str) -> dict:
     ref = sdpa().squeeze(2)
     lens, ones = np.full(batch, ctx, np.int32), np.ones(batch, np.int32)
     res = {
-        "kvpager": measure(kvpager(be, tables, lens, ones, q_cp), ref, 50),
+        "kvpager": measure(kvpager(be, tables, lens, ones, q_cp), ref, 50, graph=True),
         "flashinfer": peer(fi, absent, lambda: (pf.decode(fi, layer(be), tables, lens, q, HKV, BS, SCALE),
-                                                same), ref, 50),
-        "sdpa": {"ms": median_ms(sdpa), "rel_err": 0.0},
+                                                same), ref, 50, graph=True),
+        "sdpa": captured(sdpa, lambda out: out.squeeze(2), ref, {"ms": median_ms(sdpa), "rel_err": 0.0}),
         "read floor": read_floor(kv),
     }
     be.close()

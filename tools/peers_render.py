@@ -83,6 +83,27 @@ def decode_table(rows: list[dict], peak_tbs: float | None = None) -> list[str]:
     return table(head, out)
 
 
+def graphed(res: dict | None) -> dict | None:
+    """A contender's time in a captured graph as a cell's result (`ms`), or None."""
+    return {"ms": res["graph_ms"]} if res and "graph_ms" in res else None
+
+
+def graph_table(rows: list[dict], peak_tbs: float | None = None) -> list[str]:
+    """The decode cases timed in a captured graph (reports from before it have none)."""
+    head = ["batch x context"] + [f"{t} ms" for t, _ in DECODE] + [
+        "kvpager % of datasheet", "FlashInfer % of datasheet", "SDPA % of datasheet",
+        "FlashInfer / kvpager", "SDPA / kvpager"]
+    out = []
+    for r in rows:
+        res = r.get("results", {})
+        cells = [graphed(res.get(k)) for _, k in DECODE]
+        if not any(cells):
+            continue
+        out.append([r["case"], *(ms(c) for c in cells), *(share(c, r["bytes"], peak_tbs) for c in cells),
+                    ratio(cells[1], cells[0]), ratio(cells[2], cells[0])])
+    return table(head, out) if out else []
+
+
 def shared_table(rows: list[dict], peak_tbs: float | None) -> list[str]:
     head = ["sequences x (shared + own)", "groups"] + [f"{t} ms" for t, _ in SHARED] + [
         "floor ms", "FI cascade / kvpager cascade", "FI paged / kvpager plain", "SDPA / kvpager cascade",
@@ -126,9 +147,9 @@ def notes(report: dict) -> list[str]:
                 if key in r:
                     lines.append(f"- {kind} {r['case']}: {'failed' if key == 'error' else 'skipped'}: {r[key]}")
             for who, res in r.get("results", {}).items():
-                for key in ("error", "skipped"):
+                for key in ("error", "skipped", "graph_error"):
                     if key in res:
-                        word = "failed" if key == "error" else "skipped"
+                        word = {"error": "failed", "skipped": "skipped", "graph_error": "failed in a graph"}[key]
                         lines.append(f"- {kind} {r['case']}, {who}: {word}: {res[key]}")
     if report["versions"]["flashinfer"].startswith("absent"):
         lines.append(f"- FlashInfer: {report['versions']['flashinfer']}")
@@ -144,6 +165,10 @@ def markdown(report: dict) -> str:
              f"< {g['tolerance']:g}); ratios are peer time / kvpager time (above 1.0x: kvpager is faster)", ""]
     lines += ["Paged decode (one query per sequence):", ""]
     lines += decode_table(report["decode"], report.get("datasheet_tbs")) + [""]
+    graph = graph_table(report["decode"], report.get("datasheet_tbs"))
+    if graph:
+        lines += ["The same, timed as a model's captured step runs them (20 calls in one CUDA graph, no event "
+                  "between calls; the output poisoned before the replays and checked after):", ""] + graph + [""]
     lines += ["Shared-prefix decode (groups of sequences sharing a prefix, then their own tokens):", ""]
     lines += shared_table(report["shared"], report.get("datasheet_tbs")) + [""]
     lines += ["Multi-token attention (new tokens on cached ones, causal):", ""] + prefill_table(report["prefill"])
