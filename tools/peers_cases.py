@@ -18,7 +18,19 @@ import numpy as np
 import peers_flashinfer as pf
 import torch
 import torch.nn.functional as F
-from bench_attention import BS, HKV, HQ, D, causal_sdpa, dense_kv, graph_ms, median_ms, rel_err, setup, tview
+from bench_attention import (
+    BS,
+    HKV,
+    HQ,
+    D,
+    causal_sdpa,
+    dense_kv,
+    graph_ms,
+    median_ms,
+    rel_err,
+    setup,
+    tview,
+)
 from bench_cascade import setup as shared_setup
 
 from kvpager import KernelConfig
