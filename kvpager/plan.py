@@ -105,6 +105,49 @@ def check_window(window: Any) -> int | None:
     return int(window)
 
 
+def check_chunk(chunk: Any) -> int:
+    """A chunked-attention chunk size: a positive int."""
+    if not isinstance(chunk, (int, np.integer)) or isinstance(chunk, bool) or chunk < 1:
+        raise InvalidArgument(f"chunk must be a positive int, got {chunk!r}")
+    return int(chunk)
+
+
+def chunk_step(tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray, chunk: int,
+               block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A step as chunked attention sees it (Llama-4's ``attention_chunk_size``):
+    the query at position p attends to positions [p - p % chunk, p]. Each
+    sequence's queries are cut where a chunk starts; each piece becomes a row
+    whose table starts at its chunk's first block and whose length ends at its
+    last query, so it attends causally as any row does. Rows keep the order of
+    the step's query tokens: a plan of the result answers the step's q rows.
+    Returns (tables as wide as the step's, seq_lens, query_lens); the step's own
+    arrays where no query is past the first chunk. InvalidArgument where a
+    piece's chunk starts inside a block (a block size that does not divide
+    ``chunk``)."""
+    lens = seq_lens.astype(np.int64)
+    first = lens - query_lens  # each sequence's first query position
+    k0, k1 = first // chunk, (lens - 1) // chunk  # the chunks its queries fall in
+    if not k1.any():
+        return tables, seq_lens, query_lens
+    pieces = k1 - k0 + 1
+    rows = np.repeat(np.arange(len(lens)), pieces)
+    k = np.repeat(k0, pieces) + np.arange(len(rows)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    starts = k * chunk
+    ends = np.minimum(starts + chunk, lens[rows])
+    qlens = ends - np.maximum(starts, first[rows])
+    bad = np.flatnonzero(starts % block_size)
+    if len(bad):
+        i = int(bad[0])
+        raise InvalidArgument(
+            f"chunked attention over chunks of {chunk} tokens: sequence {int(rows[i])} of the step reaches "
+            f"position {int(ends[i]) - 1}, past a chunk start ({int(starts[i])}) inside a block of "
+            f"{block_size}; chunked layers need a block size that divides the chunk size")
+    width = tables.shape[1]
+    cols = (starts // block_size)[:, None] + np.arange(width)
+    out = np.where(cols < width, tables[rows[:, None], np.minimum(cols, width - 1)], 0).astype(np.int32)
+    return out, (ends - starts).astype(np.int32), qlens.astype(np.int32)
+
+
 def check_sinks_shape(sinks: Any, num_q_heads: int) -> None:
     """InvalidArgument unless ``sinks`` is an array or tensor of floats of shape [num_q_heads]."""
     shape = tuple(getattr(sinks, "shape", ()))
@@ -155,6 +198,8 @@ class StepPlan(ABC):
     slots: np.ndarray | None  # int64 [num_tokens]
     #: each sequence's first position still held, where some released blocks (`KVPool.release_before`)
     floor: np.ndarray | None = None
+    #: whether `update` may refill this plan in place (its chunked views are then plans of their own)
+    refillable: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -186,15 +231,50 @@ class StepPlan(ABC):
         value, so the output is scaled by sum(e^s) / (sum(e^s) + e^sink). All are
         per call, so layers of one plan may differ."""
 
+    def chunked(self, chunk: int) -> StepPlan:
+        """This step as a layer of chunked attention sees it (Llama-4's
+        ``attention_chunk_size``: the query at position p attends to positions
+        [p - p % chunk, p]), for `attend` over layers this plan wrote: a plan of
+        the rows `chunk_step` makes, built at the first call for ``chunk`` and
+        kept (refilled by this plan's `update`). This plan itself where no query
+        is past the first chunk and it cannot be refilled. InvalidArgument where
+        a chunk would start inside a block."""
+        chunk = check_chunk(chunk)
+        views = self.__dict__.setdefault("_chunk_views", {})
+        view = views.get(chunk)
+        if view is None:
+            tables, lens, qlens = chunk_step(self.tables, self.seq_lens, self.query_lens, chunk,
+                                             self.spec.block_size)
+            if tables is self.tables and not self.refillable:
+                view = self
+            else:
+                view = self.backend.plan(tables, lens, qlens, None, **self.view_options())
+                view.floor = table_floor(tables, self.spec.block_size)
+            views[chunk] = view
+        return view
+
+    def view_options(self) -> dict[str, Any]:
+        """The backend planner's options a chunked view of this plan is built with."""
+        return {}
+
+    def refill_views(self) -> None:
+        """Refill the chunked views (`chunked`) with this plan's step, after `update`."""
+        for chunk, view in self.__dict__.get("_chunk_views", {}).items():
+            tables, lens, qlens = chunk_step(self.tables, self.seq_lens, self.query_lens, chunk,
+                                             self.spec.block_size)
+            view.update(tables, lens, qlens)
+
     def write_attend(self, layer: int, q: Any, k: Any, v: Any, scale: float | None = None, *,
-                     window: int | None = None, softcap: float | None = None, sinks: Any = None) -> Any:
+                     window: int | None = None, softcap: float | None = None, sinks: Any = None,
+                     chunk: int | None = None) -> Any:
         """One layer of a model that keeps heads first (transformers' layout): ``k`` /
         ``v`` [1, num_kv_heads, num_tokens, head_dim] and ``q`` [1, num_q_heads,
-        num_tokens, head_dim]; `write` k and v, then `attend` q. Returns [1,
-        num_tokens, num_q_heads, head_dim], of the kind of ``q``. Where the three
-        are views of token-major memory (a model's projections reshaped), the
-        GPU plan launches on their pointers without making a view. Checked
-        whole before anything is written: a refused call changes nothing."""
+        num_tokens, head_dim]; `write` k and v, then `attend` q (through the
+        `chunked` view of the plan for a layer of chunked attention: ``chunk``).
+        Returns [1, num_tokens, num_q_heads, head_dim], of the kind of ``q``.
+        Where the three are views of token-major memory (a model's projections
+        reshaped), the GPU plan launches on their pointers without making a view.
+        Checked whole before anything is written: a refused call changes nothing."""
         for name, x in (("q", q), ("k", k), ("v", v)):
             shape = tuple(getattr(x, "shape", ()))
             if len(shape) != 4 or shape[0] != 1:
@@ -204,12 +284,13 @@ class StepPlan(ABC):
         check_q_shape(tuple(qt.shape), self.num_tokens, self.spec)
         check_scale(scale, self.spec.head_dim)
         check_softcap(softcap)
-        if self.floor is not None:
-            self.check_floor(window)
+        target = self if chunk is None else self.chunked(chunk)
+        if target.floor is not None:
+            target.check_floor(window)
         else:
             check_window(window)
         self.write(layer, k[0].swapaxes(0, 1), v[0].swapaxes(0, 1))
-        return self.attend(layer, qt, scale, window=window, softcap=softcap, sinks=sinks)[None]
+        return target.attend(layer, qt, scale, window=window, softcap=softcap, sinks=sinks)[None]
 
     def update(self, tables: Any, seq_lens: Any, query_lens: Any = None, slots: Any = None) -> None:
         """Refill the plan in place with another step of the same shape (see the backend's plan)."""

@@ -55,7 +55,7 @@ def two_passes(model, forward) -> tuple[list[list[int]], bytes]:
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2-sliding", "stablelm", "gpt_oss", "deepseek_v3",
-                                    "deepseek_v3-wide-v", "gemma3n"])
+                                    "deepseek_v3-wide-v", "gemma3n", "llama4"])
 def test_compiled_pass_gives_the_eager_tokens_and_kv(family):
     torch._dynamo.reset()  # each family compiles afresh: the families together pass dynamo's recompile limit
     model = make_model(family)

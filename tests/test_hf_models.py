@@ -17,6 +17,7 @@ from kvpager.hf import (  # noqa: E402
     PagedGeneration,
     default_salt,
     generate,
+    layer_chunks,
     layer_map,
     layer_windows,
     spec_for_model,
@@ -37,6 +38,11 @@ MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=32, qk_nope_head_
 
 GEMMA3N = dict(head_dim=16, sliding_window=WINDOW, num_hidden_layers=6, vocab_size_per_layer_input=VOCAB,
                hidden_size_per_layer_input=16, activation_sparsity_pattern=[0.0] * 6, laurel_rank=8)
+
+# chunked attention on layers 0 and 2 (chunks of 16: the prompts below cross them), queries scaled
+# by position on the NoPE layers 1 and 3 from position 15 on (floor_scale 16); a mixture of experts
+LLAMA4 = dict(head_dim=16, intermediate_size_mlp=128, num_local_experts=4, num_experts_per_tok=1,
+              attention_chunk_size=16, floor_scale=16, attn_scale=0.5, no_rope_layer_interval=2)
 
 # family: (config class, model class, extra config, the per-layer windows it must get)
 FAMILIES = {
@@ -81,6 +87,7 @@ FAMILIES = {
     "gemma3n": ("Gemma3nTextConfig", "Gemma3nForCausalLM",
                 dict(GEMMA3N, num_kv_shared_layers=3, layer_types=[SLIDING, FULL, SLIDING, SLIDING, FULL, SLIDING]),
                 [WINDOW, None, WINDOW, WINDOW, None, WINDOW]),
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", LLAMA4, [None] * 4),
     # ... and v wider than q and k (8 + 8 dims against 32: q and k zero-padded)
     "deepseek_v3-wide-v": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
                            dict(MLA, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=32, q_lora_rank=None),
@@ -130,6 +137,8 @@ def test_family_matches_transformers(family, block_size):
     if family == "gemma3n":  # the layers that store K/V, and which each layer attends over
         assert pool.spec.num_layers == 3
         assert layer_map(model) == [(0, True), (1, True), (2, True), (2, False), (1, False), (2, False)]
+    assert layer_chunks(model) == ([16, None, 16, None] if family == "llama4"
+                                   else [None] * model.config.num_hidden_layers)
     system = prompt(35, seed=1)  # shared by two prompts of the batch: 2 blocks of 16, 4 of 8
     prompts = [system + prompt(5, seed=2), prompt(9, seed=3), system + prompt(13, seed=4), prompt(1, seed=5)]
     new = 12
@@ -165,6 +174,30 @@ def test_softcap_matters_here():
     assert reference(capped, tokens, 12) != reference(make_model("gemma2", attn_logit_softcapping=None), tokens, 12)
 
 
+def test_chunks_and_position_scaling_matter_here():
+    """Llama-4's chunked layers and its NoPE layers' query scaling by position
+    each change these tokens (the same weights without either generate others),
+    and kvpager gives transformers' tokens with both."""
+    tokens = prompt(40, seed=9)
+    model = make_model("llama4")
+    want = reference(model, tokens, 12)
+    assert want != reference(make_model("llama4", attention_chunk_size=4096), tokens, 12)
+    assert want != reference(make_model("llama4", attn_temperature_tuning=False), tokens, 12)
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    # with a prompt of another sequence packed before it: the packed row's positions are not its
+    assert generate(model, pool, [prompt(30, seed=10), tokens], 12)[1] == want
+    assert model.model.layers[1].self_attn.attn_temperature_tuning is True  # switched back after
+
+
+def test_a_chunk_the_block_size_does_not_divide_is_refused():
+    model = make_model("llama4", attention_chunk_size=24)
+    with pytest.raises(ValueError, match="block size that divides"):
+        generate(model, KVPool(spec_for_model(model, num_blocks=16, block_size=16)), [prompt(4, 1)], 2)
+    tokens = prompt(40, 1)  # past two chunk starts, neither on a 16-token block's boundary
+    assert generate(model, KVPool(spec_for_model(model, num_blocks=16, block_size=8)), [tokens], 12) == \
+        [reference(model, tokens, 12)]
+
+
 def test_windows_and_softcap_through_a_daemon_client():
     """A worker of the daemon plans from its own mirror over the mapped pool:
     windows and the soft cap apply there too."""
@@ -193,6 +226,20 @@ def test_shared_kv_layers_through_a_daemon_client():
     spec = spec_for_model(model, num_blocks=64, block_size=8)
     assert spec.num_layers == 3
     with running_server(spec) as server, Client(server.endpoint) as pool:
+        assert generate(model, pool, prompts, 10) == [reference(model, p, 10) for p in prompts]
+
+
+def test_chunked_layers_through_a_daemon_client():
+    """A worker's plans over the mapped pool make their chunked views too."""
+    pytest.importorskip("zmq")
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+
+    model = make_model("llama4")
+    prompts = [prompt(30, seed=10), prompt(17, seed=11)]
+    with running_server(spec_for_model(model, num_blocks=64, block_size=8)) as server, \
+            Client(server.endpoint) as pool:
         assert generate(model, pool, prompts, 10) == [reference(model, p, 10) for p in prompts]
 
 

@@ -1,7 +1,8 @@
-"""Windowed, soft-capped, sink-attending and latent-attention model families on a
-GPU pool (the CUDA kernels' sliding windows, soft caps and attention sinks; v of
-another head dim than q and k), float32, tokens identical to transformers'
-greedy ``generate`` of the same model on the same GPU. Skips without CUDA."""
+"""Windowed, soft-capped, sink-attending, chunked and latent-attention model
+families on a GPU pool (the CUDA kernels' sliding windows, soft caps and
+attention sinks; chunked views of a plan; v of another head dim than q and k),
+float32, tokens identical to transformers' greedy ``generate`` of the same
+model on the same GPU. Skips without CUDA."""
 
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ def run_family(family: str, config: dict | None = None, **options):
     prompt by prompt."""
     if family in LATENT:
         model = make_model(family, **(config or {})).cuda()
+    elif family == "llama4":  # chunked layers, queries scaled by position: no window
+        model = make_model(family, **GPU_SIZES, head_dim=32, **(config or {})).cuda()
     else:
         model = make_model(family, **GPU_SIZES, **FAMILIES[family], **(config or {})).cuda()
         assert WINDOW in layer_windows(model)
@@ -77,6 +80,16 @@ def test_windowed_family_matches_transformers_on_the_gpu(family):
 @pytest.mark.parametrize("family", list(LATENT))
 def test_latent_attention_family_matches_transformers_on_the_gpu(family):
     outs, want = run_family(family)
+    assert outs == want
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_chunked_family_matches_transformers_on_the_gpu(graphs):
+    """Llama-4: chunked layers (the prompts and answers cross chunk starts; in a
+    captured step the chunked view is refilled with the plan) and NoPE layers whose
+    queries are scaled by position."""
+    outs, want = run_family("llama4", dict(experts_implementation="batched_mm") if graphs else None,
+                            cuda_graphs=graphs)
     assert outs == want
 
 

@@ -25,9 +25,25 @@ def test_bidirectional_layers_are_refused():
 
 def test_other_layer_kinds_are_refused():
     model = make_model("qwen2")
-    model.config.layer_types = [FULL, "chunked_attention", FULL, FULL]
-    with pytest.raises(ValueError, match="chunked_attention"):
+    model.config.layer_types = [FULL, "linear_attention", FULL, FULL]
+    with pytest.raises(ValueError, match="linear_attention"):
         generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
+    model.config.layer_types = [FULL, "chunked_attention", FULL, FULL]  # and no attention_chunk_size
+    with pytest.raises(ValueError, match="attention_chunk_size is None"):
+        generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
+
+
+def test_position_scaling_outside_kvpager_hf_is_refused():
+    """A Llama-4 switched to kvpager attention by hand (not through paged_attention)
+    would scale its NoPE layers' queries by the packed row's positions: refused."""
+    model = make_model("llama4")
+    pool = KVPool(spec_for_model(model, num_blocks=16))
+    (alloc,) = pool.allocate([prompt(4, 1)], "by-hand")
+    batch = PagedBatch(pool.plan([alloc.seq_id], [4], alloc.slots), torch.float32, torch.device("cpu"))
+    model.config._attn_implementation = "kvpager"
+    with pytest.raises(ValueError, match="scales its queries by positions"), torch.no_grad():
+        model(input_ids=torch.tensor([prompt(4, 1)]), position_ids=torch.arange(4)[None], use_cache=False,
+              kvpager=batch)
 
 
 def test_layers_of_other_geometry_or_unknown_kv_sharing_are_refused():

@@ -123,10 +123,25 @@ class CupyPlan(StepPlan):
         cascade's shape: the new step's shared prefixes are found again and
         refilled into it when they fit (else the step attends without them)."""
         buffer.update(self, tables, seq_lens, query_lens, slots)
+        self.refill_views()
 
     @property
     def num_tokens(self) -> int:
         return self._tokens
+
+    @property
+    def refillable(self) -> bool:  # type: ignore[override]
+        """A decode plan of one item a row: `update` may refill it."""
+        return self.decode and self.items == self.rows
+
+    def view_options(self) -> dict[str, Any]:
+        """A chunked view plans as this plan does; with this plan's capacities
+        where this plan can be refilled (a decode step's view has its rows)."""
+        options: dict[str, Any] = dict(num_splits=self.num_splits, cascade=self._cascade, config=self.config,
+                                       host_bound=self.host_bound)
+        if self.refillable:
+            options.update(num_rows=self.rows, width=self.width)
+        return options
 
     @property
     def shared_prefixes(self) -> Any:
@@ -203,12 +218,17 @@ class CupyPlan(StepPlan):
         launch(stream)
 
     def write_attend(self, layer: int, q: Any, k: Any, v: Any, scale: float | None = None, *,
-                     window: int | None = None, softcap: float | None = None, sinks: Any = None) -> Any:
+                     window: int | None = None, softcap: float | None = None, sinks: Any = None,
+                     chunk: int | None = None) -> Any:
         """See `StepPlan.write_attend`. The hot path of a model's layer: torch
         tensors of the pool's dtype on its GPU, token-major, after the plan's
         launches for their query heads are built: two launches from their
-        pointers (no view made, nothing checked twice). Anything else goes the
+        pointers (no view made, nothing checked twice). Anything else, and a
+        layer of chunked attention whose view is a plan of its own, goes the
         checked way (`write`, `attend`)."""
+        if chunk is not None and self.chunked(chunk) is not self:
+            return super().write_attend(layer, q, k, v, scale, window=window, softcap=softcap, sinks=sinks,
+                                        chunk=chunk)
         spec = self.spec
         heads = q.shape[1] if type(q) is self._torch_type and q.dim() == 4 else 0
         launches = self._attn.get(heads)

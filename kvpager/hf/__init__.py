@@ -37,7 +37,7 @@ from kvpager.hf.generation import (
     spec_for_model,
 )
 from kvpager.hf.graphs import DecodeGraphs, bucket_for
-from kvpager.hf.model import check_call, default_salt, layer_map, layer_windows
+from kvpager.hf.model import check_call, default_salt, layer_chunks, layer_map, layer_windows
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -51,6 +51,7 @@ __all__ = [
     "default_salt",
     "generate",
     "kvpager_attention",
+    "layer_chunks",
     "layer_map",
     "layer_windows",
     "model_geometry",

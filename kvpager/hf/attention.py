@@ -33,7 +33,14 @@ from transformers import AttentionInterface
 from kvpager.errors import KVPagerError
 from kvpager.hf.compiled import HAS_OP, current, is_compiling, running
 from kvpager.hf.compiled import write_attend as _write_attend_op
-from kvpager.hf.model import ABSENT, IGNORED, check_call, text_config
+from kvpager.hf.model import (
+    ABSENT,
+    IGNORED,
+    check_call,
+    layer_chunk,
+    temperature_tuned,
+    text_config,
+)
 
 ATTN_IMPLEMENTATION = "kvpager"
 
@@ -48,6 +55,8 @@ class PagedBatch:
     dtype: torch.dtype  # the pool's dtype
     device: torch.device  # where the pool's tensors live (cpu, or its GPU)
     windows: Sequence[int | None] | None = None  # per layer (`layer_windows`); None: as transformers passes them
+    #: per layer, its attention chunk or None (`layer_chunks`); None: read from each layer's config at call time
+    chunks: Sequence[int | None] | None = None
     #: per layer, (the pool layer it attends over, whether it stores its K/V there) where some layers
     #: reuse an earlier layer's K/V (`kvpager.hf.model.layer_map`); None: each layer its own
     layers: Sequence[tuple[int, bool]] | None = None
@@ -58,6 +67,8 @@ class PagedBatch:
     #: zeroes them before a pass and checks after it that each layer ran through kvpager once
     layers_run: int = field(default=0, init=False, repr=False)
     layers_seen: int = field(default=0, init=False, repr=False)
+    #: the current pass's position ids ([1, T], the packed row's): `run_pass` sets them
+    positions: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.on_cpu = self.device.type == "cpu"
@@ -100,9 +111,12 @@ def kvpager_attention(
     attend over the pool, through the step's plan. query [1, Hq, T, D],
     key/value [1, Hkv, T, D] (the packed row); returns [1, T, Hq, D]. The
     attention mask is not used: the plan knows each sequence's extent and
-    attends causally, within the layer's sliding window if it has one, scores
-    soft-capped by ``softcap`` if given, with the attention sinks ``s_aux`` (a
-    logit per query head in the softmax denominator: GPT-OSS) if given. A value
+    attends causally, within the layer's sliding window if it has one (or its
+    attention chunk: Llama-4's chunked layers, `kvpager.hf.model.layer_chunk`),
+    scores soft-capped by ``softcap`` if given, with the attention sinks ``s_aux`` (a
+    logit per query head in the softmax denominator: GPT-OSS) if given. Queries
+    of a layer whose module tunes their temperature by position (Llama-4's NoPE
+    layers) are scaled here, by the packed row's positions. A value
     head dim other than the query's (latent attention) is zero-padded to the
     pool's, and the output cut back to it. Any other argument that would change
     the result is refused (`kvpager.hf.model.check_call`)."""
@@ -130,6 +144,13 @@ def kvpager_attention(
         check_call(layer, query, key, value, dropout, sliding_window, window, kwargs)
     if s_aux is not None and s_aux.dtype is not torch.float32:
         s_aux = s_aux.float()  # the kernels read float32 sinks
+    chunk = batch.chunks[layer] if batch.chunks is not None else layer_chunk(module, layer)
+    own = module.__dict__  # (a plain dict's lookups: an nn.Module's getattr of a missing name costs ~1 us)
+    tuning = own.get("_kvpager_tuning")
+    if tuning is None and own.get("attn_temperature_tuning") and temperature_tuned(module):
+        raise ValueError(f"layer {layer} scales its queries by positions it counts from its own cache, which "
+                         "kvpager's packed row does not have; run the model through kvpager.hf (generate, "
+                         "paged_attention), which has kvpager apply that scaling")
     dv = value.shape[3]
     if dv != key.shape[3]:
         # v of another head dim than q and k (latent attention: 192 for q and k, 128 for v):
@@ -148,35 +169,58 @@ def kvpager_attention(
     if HAS_OP and is_compiling():  # one opaque op for the compiler (`kvpager.hf.compiled`)
         out = _write_attend_op(query, key, value, layer, None if scaling is None else float(scaling),
                                None if window is None else int(window),
-                               None if softcap is None else float(softcap), s_aux)
+                               None if softcap is None else float(softcap), s_aux, chunk,
+                               *((None, None) if tuning is None else tuning))
     else:
-        out = write_attend(batch, layer, query, key, value, scaling, window, softcap, s_aux)
+        out = write_attend(batch, layer, query, key, value, scaling, window, softcap, s_aux, chunk, tuning)
     return (out if out.shape[3] == dv else out[..., :dv]), None
 
 
 def write_attend(batch: PagedBatch, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  scale: float | None, window: int | None, softcap: float | None,
-                 sinks: torch.Tensor | None = None) -> torch.Tensor:
+                 sinks: torch.Tensor | None = None, chunk: int | None = None,
+                 tuning: tuple[float, float] | None = None) -> torch.Tensor:
     """One layer through ``batch``'s plan (`StepPlan.write_attend`), the tensors
     crossed into the pool's dtype and device and the output back into the
     query's; what the attention function and the ``kvpager::write_attend`` op run.
     A layer that reuses an earlier layer's K/V (`PagedBatch.layers`) writes
     nothing: ``key`` and ``value`` are its source's, already stored, and it
-    attends over that pool layer (`StepPlan.attend`)."""
+    attends over that pool layer (`StepPlan.attend`). ``chunk``: a layer of
+    chunked attention (`StepPlan.chunked`). ``tuning`` (attn_scale, floor_scale):
+    the queries are first scaled by 1 + attn_scale * log1p(floor((p + 1) /
+    floor_scale)) at their positions p, as Llama-4's NoPE layers scale them
+    (`tuned_queries`)."""
     sinks = None if sinks is None else _to_pool_device(sinks, batch)
+    if tuning is not None:
+        query = tuned_queries(query, batch.positions, *tuning)
     pool_layer, stores = batch.pool_layer(layer)
     if stores:
         # [1, H, T, D] views of the projections' token-major memory: the plan launches on their pointers
         out = batch.plan.write_attend(pool_layer, _to_pool(query, batch), _to_pool(key, batch),
-                                      _to_pool(value, batch), scale, window=window, softcap=softcap, sinks=sinks)
+                                      _to_pool(value, batch), scale, window=window, softcap=softcap, sinks=sinks,
+                                      chunk=chunk)
     else:
+        plan = batch.plan if chunk is None else batch.plan.chunked(chunk)
         q = _to_pool(query, batch)[0].transpose(0, 1).contiguous()  # [T, H, D]: a view where q is token-major
-        out = batch.plan.attend(pool_layer, q, scale, window=window, softcap=softcap, sinks=sinks).unsqueeze(0)
+        out = plan.attend(pool_layer, q, scale, window=window, softcap=softcap, sinks=sinks).unsqueeze(0)
     batch.layers_run += 1  # (the plan has checked the layer)
     batch.layers_seen |= 1 << layer
     if out.dtype is not query.dtype or out.is_cuda != query.is_cuda:
         out = out.to(device=query.device, dtype=query.dtype)
     return out
+
+
+def tuned_queries(query: torch.Tensor, positions: torch.Tensor | None, attn_scale: float,
+                  floor_scale: float) -> torch.Tensor:
+    """``query`` [1, H, T, D] scaled at each token's position as Llama-4's NoPE
+    layers scale it (with the same operations, in the same order and precision,
+    so the values are those transformers computes), by the pass's ``positions``
+    [1, T] rather than the count a cache would give; a view of token-major memory."""
+    if positions is None:
+        raise RuntimeError("this layer scales its queries by position, but the pass has no position ids: run "
+                           "it through kvpager.hf.paged_forward (or compiled_forward)")
+    scales = torch.log1p(torch.floor((positions[0].to(query.device).float() + 1.0) / floor_scale)) * attn_scale + 1.0
+    return (query.transpose(1, 2) * scales.view(1, -1, 1, 1)).to(query.dtype).transpose(1, 2)
 
 
 def paged_forward(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -189,16 +233,19 @@ def paged_forward(model: Any, batch: PagedBatch, input_ids: torch.Tensor, positi
     return run_pass(model, batch, forward_pass, input_ids, position_ids, logits_to_keep)
 
 
-def run_pass(model: Any, batch: PagedBatch, fn: Any, *args: Any) -> torch.Tensor:
-    """``fn(model, batch, *args)`` (`forward_pass`, or it compiled) with ``batch``
-    current, then `check_layers_ran`. A model whose class says its attention does
-    not go through transformers' attention interface and that fails inside its
-    own code before any layer reached kvpager gets that said, with its error as
-    the cause."""
+def run_pass(model: Any, batch: PagedBatch, fn: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
+             logits_to_keep: Any = 0) -> torch.Tensor:
+    """``fn(model, batch, input_ids, position_ids, logits_to_keep)`` (`forward_pass`,
+    or it compiled) with ``batch`` current and its positions set, then
+    `check_layers_ran`. A model whose class says its attention does not go
+    through transformers' attention interface and that fails inside its own
+    code before any layer reached kvpager gets that said, with its error as the
+    cause."""
     with running(batch):
         batch.layers_run = batch.layers_seen = 0
+        batch.positions = position_ids
         try:
-            out = fn(model, batch, *args)
+            out = fn(model, batch, input_ids, position_ids, logits_to_keep)
         except Exception as e:
             # only where no layer reached kvpager (Bloom, XGLM fail in their own code before)
             if (isinstance(e, (KVPagerError, MemoryError, torch.cuda.OutOfMemoryError)) or batch.layers_run
@@ -274,7 +321,8 @@ def register() -> None:
 register()
 
 
-#: models switched to kvpager attention now, by id of their config: [blocks inside, the name to restore]
+#: models switched to kvpager attention now, by id of their config: [blocks inside, the name to restore,
+#: the modules whose own query scaling by position is off meanwhile (`_untune`)]
 _switched: dict[int, list[Any]] = {}
 _switch_lock = threading.Lock()
 
@@ -289,20 +337,44 @@ def paged_attention(model: torch.nn.Module) -> Iterator[None]:
     config = model.config
     with _switch_lock:
         entry = _switched.get(id(config))
-        if entry is None and config._attn_implementation != ATTN_IMPLEMENTATION:
-            entry = _switched[id(config)] = [0, config._attn_implementation]
-            _set_attn(model, ATTN_IMPLEMENTATION)
-        if entry is not None:
-            entry[0] += 1
+        if entry is None:
+            entry = _switched[id(config)] = [0, config._attn_implementation, _untune(model)]
+            if entry[1] != ATTN_IMPLEMENTATION:
+                _set_attn(model, ATTN_IMPLEMENTATION)
+        entry[0] += 1
     try:
         yield
     finally:
-        if entry is not None:
-            with _switch_lock:
-                entry[0] -= 1
-                if not entry[0]:
-                    del _switched[id(config)]
+        with _switch_lock:
+            entry[0] -= 1
+            if not entry[0]:
+                del _switched[id(config)]
+                if entry[1] != ATTN_IMPLEMENTATION:
                     _set_attn(model, entry[1])
+                _retune(entry[2])
+
+
+def _untune(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Switch off the attention modules' own query scaling by position
+    (`kvpager.hf.model.temperature_tuned`), which would count positions from
+    a cache kvpager's packed row does not have; each remembers its (attn_scale,
+    floor_scale) for kvpager to apply (`write_attend`). Returns the modules
+    (found at the model's first switch, then kept on it: a walk over an 8B
+    model's modules would cost each pass a tenth of a millisecond)."""
+    tuned = model.__dict__.get("_kvpager_tuned")
+    if tuned is None:
+        tuned = model.__dict__["_kvpager_tuned"] = [m for m in model.modules() if temperature_tuned(m)]
+    for m in tuned:
+        m.attn_temperature_tuning = False
+        m._kvpager_tuning = (float(m.attn_scale), float(m.floor_scale))
+    return tuned
+
+
+def _retune(modules: list[torch.nn.Module]) -> None:
+    """Undo `_untune`."""
+    for m in modules:
+        m.attn_temperature_tuning = True
+        del m._kvpager_tuning
 
 
 def _set_attn(model: torch.nn.Module, name: str) -> None:

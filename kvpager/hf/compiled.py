@@ -57,7 +57,9 @@ def current() -> Any:
 
 
 def write_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float | None,
-                 window: int | None, softcap: float | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                 window: int | None, softcap: float | None, sinks: torch.Tensor | None = None,
+                 chunk: int | None = None, attn_scale: float | None = None,
+                 floor_scale: float | None = None) -> torch.Tensor:
     """One layer's `StepPlan.write_attend` on the current batch's plan (`running`):
     q [1, Hq, T, D], k / v [1, Hkv, T, D]; returns [1, T, Hq, D] of ``q``'s dtype and device.
     Writes the layer's K/V into the pool: not a pure function, but its output is
@@ -69,11 +71,14 @@ def write_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, 
         raise RuntimeError("kvpager::write_attend ran outside kvpager.hf.compiled.running(batch): run the "
                            "model through kvpager.hf.paged_forward (or compiled_forward), which make the step's "
                            "batch current, or call it inside running(batch)")
-    return attention.write_attend(batch, layer, q, k, v, scale, window, softcap, sinks)
+    tuning = None if attn_scale is None or floor_scale is None else (attn_scale, floor_scale)
+    return attention.write_attend(batch, layer, q, k, v, scale, window, softcap, sinks, chunk, tuning)
 
 
 def _write_attend_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float | None,
-                       window: int | None, softcap: float | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                       window: int | None, softcap: float | None, sinks: torch.Tensor | None = None,
+                       chunk: int | None = None, attn_scale: float | None = None,
+                       floor_scale: float | None = None) -> torch.Tensor:
     return q.new_empty((1, q.shape[2], q.shape[1], q.shape[3]))
 
 

@@ -46,6 +46,7 @@ from kvpager.hf.model import (  # noqa: F401
     check_call,
     check_model,
     default_salt,
+    layer_chunks,
     layer_map,
     layer_windows,
     model_geometry,
@@ -106,6 +107,7 @@ class PagedGeneration(DecodePasses):
             raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
         self._windows = check_model(self.model, self.pool)
         self._layers = layer_map(self.model)  # layers that reuse an earlier layer's K/V (Gemma-3n)
+        self._chunks = layer_chunks(self.model, self.pool.spec.block_size)  # chunked layers (Llama-4)
         eos = self.eos_token_id
         self._eos = (
             set() if eos is None else {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
@@ -245,7 +247,8 @@ class PagedGeneration(DecodePasses):
         return plan
 
     def _batch(self, plan: Any) -> PagedBatch:
-        return PagedBatch(plan, self._pool_dtype, self._pool_device, self._windows, layers=self._layers)
+        return PagedBatch(plan, self._pool_dtype, self._pool_device, self._windows, layers=self._layers,
+                          chunks=self._chunks)
 
     def close(self) -> None:
         """Free the sequences still held (their committed full blocks stay matchable)

@@ -27,7 +27,7 @@ from kvpager.errors import InvalidArgument
 from kvpager.sizing import attention_dims, kv_sources, pool_layers
 from kvpager.spec import PoolSpec, dtype_name
 
-FULL, SLIDING = "full_attention", "sliding_attention"
+FULL, SLIDING, CHUNKED = "full_attention", "sliding_attention", "chunked_attention"
 ABSENT: Any = object()  # an attention argument transformers did not pass
 
 # Keyword arguments of transformers' attention call that change nothing here:
@@ -81,9 +81,10 @@ def layer_windows(model: Any) -> list[int | None]:
         window = None
     kinds = getattr(config, "layer_types", None)
     if kinds:
-        other = sorted(set(kinds) - {FULL, SLIDING})
+        other = sorted(set(kinds) - {FULL, SLIDING, CHUNKED})
         if other:
-            raise ValueError(f"kvpager attends full and sliding-window layers only; layer_types here: {other}")
+            raise ValueError(f"kvpager attends full, sliding-window and chunked layers only; layer_types here: "
+                             f"{other}")
         if SLIDING in kinds and window is None:
             raise ValueError("layer_types has sliding_attention layers but config.sliding_window is not set")
         windows = [window if kind == SLIDING else None for kind in kinds]
@@ -99,6 +100,44 @@ def layer_windows(model: Any) -> list[int | None]:
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
             raise ValueError(f"layer {i} has sliding window {w!r}; kvpager needs a positive int")
     return windows
+
+
+def layer_chunks(model: Any, block_size: int | None = None) -> list[int | None]:
+    """Each layer's attention chunk (None: not chunked): ``config.attention_chunk_size``
+    on the ``chunked_attention`` layers of ``config.layer_types`` (Llama-4: the
+    query at position p attends to positions [p - p % chunk, p]). ValueError
+    for a chunk size that is not a positive int, or (``block_size`` given) one
+    that the pool's block size does not divide."""
+    config = text_config(model)
+    kinds = getattr(config, "layer_types", None) or []
+    if CHUNKED not in kinds:
+        return [None] * config.num_hidden_layers
+    chunk = getattr(config, "attention_chunk_size", None)
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise ValueError(f"layer_types has chunked_attention layers but attention_chunk_size is {chunk!r}; "
+                         "kvpager needs a positive int")
+    if block_size is not None and chunk % block_size:
+        raise ValueError(f"chunked attention over {chunk}-token chunks needs a pool block size that divides "
+                         f"{chunk}; this pool's is {block_size}")
+    return [chunk if kind == CHUNKED else None for kind in kinds]
+
+
+def layer_chunk(module: Any, layer: int) -> int | None:
+    """The attention chunk of ``module`` (layer ``layer``) as its config gives it
+    (`layer_chunks`), read at call time: None for a layer not chunked."""
+    config = getattr(module, "config", None)
+    kinds = getattr(config, "layer_types", None)
+    if kinds is None or layer >= len(kinds) or kinds[layer] != CHUNKED:
+        return None
+    return config.attention_chunk_size
+
+
+def temperature_tuned(module: Any) -> bool:
+    """Whether ``module`` scales its queries by their positions itself (Llama-4's
+    NoPE layers: ``attn_temperature_tuning``), from positions it counts from its
+    cache, which are wrong in kvpager's packed row (`paged_attention` switches
+    it off and kvpager applies it: `kvpager.hf.attention.write_attend`)."""
+    return bool(getattr(module, "attn_temperature_tuning", False)) and not getattr(module, "use_rope", True)
 
 
 def layer_map(model: Any) -> list[tuple[int, bool]] | None:
@@ -281,8 +320,11 @@ def spec_for_model(
 
 def check_model(model: Any, pool: Any) -> list[int | None]:
     """The model's per-layer sliding windows (`layer_windows`), after checking
-    that kvpager can attend for it and that ``pool`` has its KV geometry."""
+    that kvpager can attend for it and that ``pool`` has its KV geometry (and a
+    block size that divides its attention chunk, if it has chunked layers:
+    `layer_chunks`)."""
     windows = layer_windows(model)
+    layer_chunks(model, pool.spec.block_size)
     want = model_geometry(text_config(model))
     spec = pool.spec
     have = {k: getattr(spec, k) for k in want}

@@ -1,0 +1,117 @@
+"""Chunked attention (`StepPlan.chunked`) on the GPU against a dense softmax over
+each query's chunk: a multi-token step whose sequences cross chunk starts (rows
+cut there), and a decode step captured in a CUDA graph whose chunked view is
+refilled by the plan's `update` as the sequences cross into their next chunk.
+Skips without CuPy, torch or a GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gpu_helpers import cupy_torch_or_skip
+
+cupy, torch = cupy_torch_or_skip()
+
+from test_plan_chunked import dense_chunked  # noqa: E402
+
+from kvpager import KVPool  # noqa: E402
+from kvpager.spec import PoolSpec  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+TOL = {"bfloat16": 1e-2, "float32": 1e-5}
+HQ = 8
+
+
+def make(dtype: str, block_size: int) -> KVPool:
+    spec = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=64, num_blocks=256, block_size=block_size, dtype=dtype)
+    return KVPool(spec, device="cuda:0")
+
+
+def rand(g: torch.Generator, *shape: int, dtype: str) -> torch.Tensor:
+    return torch.randn(*shape, generator=g).to(getattr(torch, dtype)).cuda()
+
+
+def host_kv(pool: KVPool) -> np.ndarray:
+    return cupy.asnumpy(pool.backend.kv).view(pool.spec.np_dtype).astype(np.float32)
+
+
+def rel_err(out: torch.Tensor, ref: np.ndarray) -> float:
+    o = out.double().cpu().numpy()
+    assert np.isfinite(o).all()
+    return float(np.linalg.norm(o - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("block_size,chunk", [(16, 32), (8, 24), (64, 64)])
+def test_a_multi_token_step_across_chunk_starts(dtype, block_size, chunk):
+    g = torch.Generator().manual_seed(block_size + chunk)
+    pool = make(dtype, block_size)
+    hkv, d = pool.spec.num_kv_heads, pool.spec.head_dim
+    lens = [150, 9, 70, 33, 129]
+    allocs = pool.allocate([list(range(7 + i, 7 + i + n)) for i, n in enumerate(lens)])
+    ids = [a.seq_id for a in allocs]
+    plan = pool.plan(ids, lens, np.concatenate([a.slots for a in allocs]))
+    tables, _ = pool.tables(ids)
+    for layer in range(2):
+        q = rand(g, sum(lens), HQ, d, dtype=dtype)
+        k, v = (rand(g, 1, hkv, sum(lens), d, dtype=dtype) for _ in range(2))
+        out = plan.write_attend(layer, q.transpose(0, 1)[None], k, v, chunk=chunk)[0]
+        ref = dense_chunked(host_kv(pool), layer, q.float().cpu().numpy(), tables, lens, lens, chunk)
+        assert rel_err(out, ref) < TOL[dtype]
+    pool.check_integrity()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_captured_decode_step_follows_its_sequences_into_their_next_chunks(dtype):
+    g = torch.Generator().manual_seed(5)
+    pool = make(dtype, 16)
+    hkv, d = pool.spec.num_kv_heads, pool.spec.head_dim
+    chunk = 32
+    lens = [30, 31, 5, 63, 95]  # cross a chunk start at different steps
+    allocs = pool.allocate([list(range(100 + i, 100 + i + n)) for i, n in enumerate(lens)])
+    ids = [a.seq_id for a in allocs]
+    prefill = pool.plan(ids, lens, np.concatenate([a.slots for a in allocs]))
+    for layer in range(2):
+        prefill.write(layer, rand(g, sum(lens), hkv, d, dtype=dtype), rand(g, sum(lens), hkv, d, dtype=dtype))
+    bucket, width = 8, 10
+    k, v = (torch.zeros(2, bucket, hkv, d, dtype=getattr(torch, dtype), device="cuda") for _ in range(2))
+    q = torch.zeros(2, bucket, HQ, d, dtype=getattr(torch, dtype), device="cuda")
+
+    def fill(n: int) -> None:
+        for t in (k, v, q):
+            t.zero_()
+            t[:, :n] = rand(g, 2, n, t.shape[2], d, dtype=dtype)
+
+    def step(plan):  # layer 0 chunked, layer 1 full
+        return [plan.write_attend(layer, q[layer].transpose(0, 1)[None], k[layer].transpose(0, 1)[None],
+                                  v[layer].transpose(0, 1)[None], chunk=chunk if layer == 0 else None)[0]
+                for layer in range(2)]
+
+    fill(len(ids))
+    plan = pool.plan(ids, None, pool.append_flat(ids, 1), num_rows=bucket, width=width, num_q_heads=HQ)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(plan)  # warm-up: the chunked view built, kernels compiled
+    torch.cuda.current_stream().wait_stream(side)
+    assert plan.chunked(chunk) is not plan  # a plan that can be refilled keeps a view of its own
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step(plan)
+    for n_live in (5, 5, 5, 4, 4, 3):
+        ids = ids[:n_live]
+        slots = pool.append_flat(ids, 1)
+        tables, seq_lens = pool.tables(ids)
+        plan.update(tables, seq_lens, None, slots)
+        fill(n_live)
+        graph.replay()
+        torch.cuda.synchronize()
+        kv = host_kv(pool)
+        ones = [1] * n_live
+        for layer in range(2):
+            ref = dense_chunked(kv, layer, q[layer, :n_live].float().cpu().numpy(), tables, seq_lens, ones,
+                                chunk if layer == 0 else 1 << 20)
+            assert rel_err(outs[layer][:n_live], ref) < TOL[dtype]
+            assert not outs[layer][n_live:].any()  # padding rows read nothing
+    pool.check_integrity()

@@ -1,0 +1,144 @@
+"""Chunked attention through a step plan (Llama-4's ``attention_chunk_size``):
+`kvpager.plan.chunk_step` gives each query exactly the positions of its chunk
+up to itself, and a plan's `chunked` view attends as a dense softmax over those
+positions does. CPU, NumPy backend (the GPU plans: test_gpu_chunked.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvpager import KVPool
+from kvpager.errors import InvalidArgument
+from kvpager.plan import chunk_step
+from kvpager.spec import PoolSpec
+
+
+def seen(tables, lens, qlens, block_size: int) -> list[list[tuple[int, int]]]:
+    """(block, offset) of each position each query token of a step attends to, in
+    the step's query order (causal: a row's queries are its last ``qlens``)."""
+    out = []
+    for table, n, q in zip(tables, lens, qlens):
+        for p in range(n - q, n):
+            out.append([(int(table[j // block_size]), j % block_size) for j in range(p + 1)])
+    return out
+
+
+@st.composite
+def steps(draw):
+    block_size = draw(st.sampled_from([8, 16]))
+    chunk = block_size * draw(st.integers(1, 4))
+    lens = draw(st.lists(st.integers(1, 150), min_size=1, max_size=5))
+    qlens = [draw(st.integers(1, n)) for n in lens]
+    width = max(-(-n // block_size) for n in lens) + draw(st.integers(0, 2))
+    ids = np.random.default_rng(draw(st.integers(0, 2**16))).permutation(len(lens) * width) + 1
+    tables = ids.reshape(len(lens), width).astype(np.int32)
+    return tables, np.array(lens, np.int32), np.array(qlens, np.int32), chunk, block_size
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps())
+def test_each_query_sees_its_chunk_up_to_itself(step):
+    tables, lens, qlens, chunk, bs = step
+    t, n, q = chunk_step(tables, lens, qlens, chunk, bs)
+    assert t.shape[1] == tables.shape[1] and t.dtype == n.dtype == q.dtype == np.int32
+    assert q.sum() == qlens.sum() and (q >= 1).all() and (q <= n).all() and (n <= chunk).all()
+    want = [[(int(table[j // bs]), j % bs) for j in range(p - p % chunk, p + 1)]
+            for table, length, ql in zip(tables, lens, qlens) for p in range(length - ql, length)]
+    assert seen(t, n, q, bs) == want
+
+
+def test_a_step_in_its_first_chunk_is_its_own_view():
+    tables = np.arange(1, 9, dtype=np.int32).reshape(2, 4)
+    lens, qlens = np.array([32, 17], np.int32), np.array([5, 17], np.int32)
+    assert all(a is b for a, b in zip(chunk_step(tables, lens, qlens, 32, 8), (tables, lens, qlens)))
+
+
+def test_a_chunk_start_inside_a_block_is_refused():
+    tables = np.arange(1, 9, dtype=np.int32).reshape(2, 4)
+    qlens = np.array([1, 1], np.int32)
+    lens = np.array([20, 24], np.int32)  # every query in the first chunk of 24: nothing to cut
+    assert chunk_step(tables, lens, qlens, 24, 16)[1] is lens
+    with pytest.raises(InvalidArgument, match=r"sequence 0 .* chunk start \(24\) inside a block of 16"):
+        chunk_step(tables, np.array([30, 20], np.int32), qlens, 24, 16)
+
+
+def make_pool(block_size: int = 8) -> KVPool:
+    return KVPool(PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=128, block_size=block_size,
+                           dtype="float32"))
+
+
+def dense_chunked(kv: np.ndarray, layer: int, q: np.ndarray, tables, lens, qlens, chunk: int) -> np.ndarray:
+    """Softmax attention in float64 over each query's chunk, K/V read from the pool's
+    ``kv`` ([blocks, layers, 2, kv heads, block size, head dim]) by table."""
+    bs, hkv, d = kv.shape[4], kv.shape[3], kv.shape[5]
+    group = q.shape[1] // hkv
+    out, row = np.empty(q.shape, np.float64), 0
+    for table, n, ql in zip(tables, lens, qlens):
+        for p in range(n - ql, n):
+            pos = np.arange(p - p % chunk, p + 1)
+            k = kv[table[pos // bs], layer, 0, :, pos % bs].astype(np.float64)  # [T, kv heads, D]
+            v = kv[table[pos // bs], layer, 1, :, pos % bs].astype(np.float64)
+            for h in range(q.shape[1]):
+                s = k[:, h // group] @ q[row, h].astype(np.float64) * d**-0.5
+                w = np.exp(s - s.max())
+                out[row, h] = w @ v[:, h // group] / w.sum()
+            row += 1
+    return out
+
+
+def test_a_chunked_view_attends_as_a_dense_softmax_over_each_chunk():
+    rng = np.random.default_rng(3)
+    pool = make_pool()
+    lens = [70, 9, 33, 48]
+    allocs = pool.allocate([[int(t) for t in rng.integers(3, 100, n)] for n in lens])
+    ids = [a.seq_id for a in allocs]
+    hkv, d = pool.spec.num_kv_heads, pool.spec.head_dim
+    plan = pool.plan(ids, lens, np.concatenate([a.slots for a in allocs]))
+    total = sum(lens)
+    for layer in range(2):
+        plan.write(layer, rng.standard_normal((total, hkv, d), np.float32),
+                   rng.standard_normal((total, hkv, d), np.float32))
+    tables, _ = pool.tables(ids)
+    q = rng.standard_normal((total, 4, d), np.float32)
+    for chunk in (16, 24, 64):
+        view = plan.chunked(chunk)
+        assert view is not plan and plan.chunked(chunk) is view  # built once
+        out = view.attend(1, q)
+        ref = dense_chunked(pool.backend.kv, 1, q, tables, lens, lens, chunk)
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    assert plan.chunked(128) is plan  # no sequence past its first chunk
+    # a decode step of the same sequences, through write_attend with the chunk
+    pool.commit(ids)
+    slots = np.asarray(pool.append_flat(ids, 1, [[5]] * len(ids)), np.int64)
+    step = pool.plan(ids, None, slots)
+    k, v = (rng.standard_normal((1, hkv, len(ids), d), np.float32) for _ in range(2))
+    qd = rng.standard_normal((1, 4, len(ids), d), np.float32)
+    out = step.write_attend(0, qd, k, v, chunk=16)[0]
+    ref = dense_chunked(pool.backend.kv, 0, qd[0].swapaxes(0, 1), pool.tables(ids)[0], [n + 1 for n in lens], [1] * 4, 16)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, -16, True, 16.0, "16"])
+def test_a_bad_chunk_is_refused_and_writes_nothing(chunk):
+    pool = make_pool()
+    (alloc,) = pool.allocate([list(range(3, 43))])
+    plan = pool.plan([alloc.seq_id], [40], alloc.slots)
+    k = np.ones((1, 2, 40, 16), np.float32)
+    before = pool.backend.kv.copy()
+    with pytest.raises(InvalidArgument, match="chunk must be a positive int"):
+        plan.write_attend(0, np.ones((1, 4, 40, 16), np.float32), k, k, chunk=chunk)
+    assert (pool.backend.kv == before).all()
+
+
+def test_a_chunk_inside_a_block_is_refused_by_write_attend_before_writing():
+    pool = make_pool(block_size=16)
+    (alloc,) = pool.allocate([list(range(3, 43))])
+    plan = pool.plan([alloc.seq_id], [40], alloc.slots)
+    k = np.ones((1, 2, 40, 16), np.float32)
+    before = pool.backend.kv.copy()
+    with pytest.raises(InvalidArgument, match="block size that divides the chunk size"):
+        plan.write_attend(0, np.ones((1, 4, 40, 16), np.float32), k, k, chunk=24)
+    assert (pool.backend.kv == before).all()
