@@ -69,6 +69,13 @@ def opts(**kw):
                       "num_key_value_heads": 2, "head_dim": 256, "num_kv_shared_layers": 10,
                       "layer_types": (["sliding_attention"] * 4 + ["full_attention"]) * 6}},
      dict(num_layers=20, num_kv_heads=2, head_dim=256, dtype="bfloat16")),
+    # Llama-4 Scout: chunked and full layers alike store K/V of one geometry
+    ({"model_type": "llama4", "text_config": {"model_type": "llama4_text", "hidden_size": 5120,
+                                             "num_attention_heads": 40, "num_hidden_layers": 48,
+                                             "num_key_value_heads": 8, "head_dim": 128, "torch_dtype": "bfloat16",
+                                             "attention_chunk_size": 8192,
+                                             "layer_types": (["chunked_attention"] * 3 + ["full_attention"]) * 12}},
+     dict(num_layers=48, num_kv_heads=8, head_dim=128, dtype="bfloat16")),
     # sources named: layers 2 and 3 reuse layers 0 and 1
     ({**LLAMA, "num_hidden_layers": 4, "kv_source_layers": [0, 1, 0, 1]},
      dict(num_layers=2, num_kv_heads=8, head_dim=128, dtype="bfloat16")),
