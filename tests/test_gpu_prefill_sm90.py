@@ -226,7 +226,7 @@ def test_persistent_grid_with_most_sms_held_takes_what_is_left_and_resets_its_co
     from pathlib import Path
 
     tools = Path(__file__).resolve().parents[1] / "tools"
-    sys.path.insert(0, str(tools))  # bench_busy imports bench_attention beside it
+    sys.path.insert(0, str(tools))  # bench_busy imports attention_common beside it
     try:
         mod_spec = importlib.util.spec_from_file_location("kvpager_tools_bench_busy", tools / "bench_busy.py")
         tool = importlib.util.module_from_spec(mod_spec)

@@ -31,141 +31,27 @@ import cupy
 import numpy as np
 import torch
 import torch.nn.functional as F
+from attention_common import (
+    BS,
+    DECODE_CASES,
+    HKV,
+    HQ,
+    card,
+    causal_sdpa,
+    median_ms,
+    rel_err,
+    setup,
+    tview,
+)
 
 from kvpager import KernelConfig
 from kvpager.backends.cupy_backend import CupyBackend
 from kvpager.plan import make_plan
-from kvpager.spec import PoolSpec
-
-HQ, HKV, D, BS = 32, 8, 128, 16
-DECODE_CASES = [(64, 4096), (16, 16384), (1, 131072), (256, 1024), (64, 256)]
-DATASHEET_TBS = {"H100": 3.35, "H200": 4.8}
-SMS = 132  # set from the device in main()
-
-
-def tview(a: cupy.ndarray) -> torch.Tensor:
-    t = torch.from_dlpack(a)
-    return t.view(torch.bfloat16) if t.dtype == torch.uint16 else t
-
-
-def median_ms(fn, iters: int = 50, warmup: int = 5) -> float:
-    """Median per-call GPU time; calls are queued behind a 20 ms GPU sleep."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
-    torch.cuda._sleep(40_000_000)
-    ev[0].record()
-    for i in range(iters):
-        fn()
-        ev[i + 1].record()
-    torch.cuda.synchronize()
-    return float(np.median([ev[i].elapsed_time(ev[i + 1]) for i in range(iters)]))
-
-
-def graph_ms(fn, calls: int = 20, reps: int = 7, before=None) -> tuple[float, object]:
-    """Median per-call GPU time as a model's captured step pays it: ``calls``
-    calls captured in one CUDA graph, each replay timed (queued behind a GPU
-    sleep), divided by ``calls``. No event between calls, so none of their
-    record cost (about 3 us a call on an H200) enters the time. Returns it and
-    the last captured call's output (as the replays left it); ``before(out)``
-    runs on that output between the capture and the first replay (to poison it)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture, as torch asks
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            last = fn()
-    if before is not None:
-        before(last)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(20_000_000)
-        a.record()
-        graph.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / calls)
-    del graph
-    return float(np.median(times)), last
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all()
-    return float((a - b).norm() / b.norm())
-
-
-def setup(batch: int, ctx: int, new: int):
-    """A pool holding `batch` sequences of `ctx` tokens in shuffled blocks; q for the last `new`."""
-    nb = ctx // BS
-    spec = PoolSpec(num_layers=1, num_kv_heads=HKV, head_dim=D, num_blocks=batch * nb + 1,
-                    block_size=BS, dtype="bfloat16")
-    be = CupyBackend(spec, 0)
-    pool = tview(be.kv)
-    pool.normal_()
-    tables = (torch.randperm(batch * nb, device="cuda") + 1).view(batch, nb).to(torch.int32).cpu().numpy()
-    q_cp = cupy.empty((batch * new, HQ, D), dtype=be.dtype)
-    tview(q_cp).normal_()
-    return spec, be, tables, q_cp, dense_kv(pool, tables, ctx)
-
-
-def dense_kv(pool: torch.Tensor, tables: np.ndarray, length: int, layer: int = 0,
-             chunk_bytes: int = 1 << 30) -> torch.Tensor:
-    """The first ``length`` positions of each table's K/V in ``pool`` (torch view of
-    the slab) copied into contiguous [2, B, kv heads, length, head dim], gathered
-    a few sequences at a time (no second full-size temporary)."""
-    batch, nb = len(tables), -(-length // BS)
-    kv = torch.empty((2, batch, HKV, length, D), dtype=pool.dtype, device=pool.device)
-    step = max(1, chunk_bytes // (nb * pool[0, layer].numel() * pool.element_size()))
-    for s in range(0, batch, step):
-        rows = torch.from_numpy(np.ascontiguousarray(tables[s : s + step, :nb])).long().to(pool.device)
-        blocks = pool[rows, layer]  # [b, nb, 2, H, BS, D]
-        kv[:, s : s + step] = blocks.permute(2, 0, 3, 1, 4, 5).reshape(2, len(rows), HKV, nb * BS, D)[..., :length, :]
-    return kv
-
-
-def causal_sdpa(q4: torch.Tensor, kv: torch.Tensor, scale: float):
-    """A call of SDPA for multi-token queries q4 [B, q heads, new, D] over kv [2, B,
-    kv heads, ctx, D], causal with the mask at the bottom right (the queries are the
-    last positions); GQA in SDPA where a fused kernel takes this mask, else K/V with
-    the heads repeated."""
-    from torch.nn.attention.bias import causal_lower_right
-
-    mask = causal_lower_right(q4.shape[2], kv.shape[3])
-
-    def sdpa():
-        return F.scaled_dot_product_attention(q4, kv[0], kv[1], attn_mask=mask, scale=scale,
-                                              enable_gqa=True)
-
-    try:
-        sdpa()
-    except RuntimeError:  # no fused kernel for this mask with GQA: give SDPA repeated heads
-        k_rep, v_rep = (t.repeat_interleave(q4.shape[1] // kv.shape[2], dim=1) for t in (kv[0], kv[1]))
-
-        def sdpa():
-            return F.scaled_dot_product_attention(q4, k_rep, v_rep, attn_mask=mask, scale=scale)
-
-    return sdpa
-
-
-def card() -> tuple[str, float | None]:
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in DATASHEET_TBS.items() if k in name), None)
-    return name, peak
 
 
 def sinks_reference(q4: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                     sinks: torch.Tensor) -> torch.Tensor:
-    """Decode attention [B, HQ, D] in float32 with each head's sink as one more logit
+    """Decode attention [B, HQ, head dim] in float32 with each head's sink as one more logit
     (dropped after the softmax), GQA by repeating the kv heads."""
     rep = HQ // HKV
     kf = k.float().repeat_interleave(rep, dim=1)
@@ -191,14 +77,14 @@ def bench_sinks(batch: int, ctx: int, be, plan, q_cp, q4, kv, scale: float, out,
 
 def bench_decode(batch: int, ctx: int, peak: float | None,
                  variants: list[tuple[str, KernelConfig, int | None]] | None = None,
-                 sinks: bool = False) -> list[dict]:
+                 sinks: bool = False, head_dim: int = 128) -> list[dict]:
     """Decode of `batch` x `ctx` for each variant (label, kernel config, num_splits), one SDPA baseline."""
-    spec, be, tables, q_cp, kv = setup(batch, ctx, 1)
-    scale = D**-0.5
-    q4 = tview(q_cp).unsqueeze(2)  # [B, HQ, 1, D]
+    spec, be, tables, q_cp, kv = setup(batch, ctx, 1, head_dim)
+    scale = head_dim**-0.5
+    q4 = tview(q_cp).unsqueeze(2)  # [B, HQ, 1, head dim]
     ref = F.scaled_dot_product_attention(q4, kv[0], kv[1], scale=scale, enable_gqa=True)
     base = median_ms(lambda: F.scaled_dot_product_attention(q4, kv[0], kv[1], scale=scale, enable_gqa=True))
-    nbytes = batch * ctx * HKV * D * 2 * 2
+    nbytes = batch * ctx * HKV * head_dim * 2 * 2
     rows = []
     for label, config, splits in variants or [("", KernelConfig(), None)]:
         try:
@@ -226,16 +112,16 @@ def bench_decode(batch: int, ctx: int, peak: float | None,
 
 
 def bench_prefill(batch: int = 8, new: int = 1024, cached: int = 4096,
-                  variants: list[tuple[str, KernelConfig]] | None = None) -> list[dict]:
+                  variants: list[tuple[str, KernelConfig]] | None = None, head_dim: int = 128) -> list[dict]:
     ctx = cached + new
-    spec, be, tables, q_cp, kv = setup(batch, ctx, new)
-    scale = D**-0.5
-    q4 = tview(q_cp).view(batch, new, HQ, D).transpose(1, 2)
+    spec, be, tables, q_cp, kv = setup(batch, ctx, new, head_dim)
+    scale = head_dim**-0.5
+    q4 = tview(q_cp).view(batch, new, HQ, head_dim).transpose(1, 2)
     sdpa = causal_sdpa(q4, kv, scale)
     ref = sdpa()
     base = median_ms(sdpa, iters=20)
     pairs = batch * (new * cached + new * (new + 1) // 2)
-    flops = 4 * D * HQ * pairs
+    flops = 4 * head_dim * HQ * pairs
     rows = []
     for label, config in variants or [("", KernelConfig())]:
         try:
@@ -244,7 +130,7 @@ def bench_prefill(batch: int = 8, new: int = 1024, cached: int = 4096,
             out = cupy.empty_like(q_cp)
             out[...] = cupy.nan if out.dtype != cupy.uint16 else 0x7FC0
             plan.attend(0, q_cp, scale, out)
-            err = rel_err(tview(out), ref.transpose(1, 2).reshape(batch * new, HQ, D))
+            err = rel_err(tview(out), ref.transpose(1, 2).reshape(batch * new, HQ, head_dim))
             assert err < 1e-2, f"prefill {label}: relative error {err}"
         except Exception as e:  # a broken variant is reported, the others still run
             if not label:
@@ -259,9 +145,9 @@ def bench_prefill(batch: int = 8, new: int = 1024, cached: int = 4096,
     return rows
 
 
-def bench_fp8(batch: int, ctx: int, kv_dtype: str, peak: float | None) -> dict:
+def bench_fp8(batch: int, ctx: int, kv_dtype: str, peak: float | None, head_dim: int = 128) -> dict:
     """Decode of `batch` x `ctx` on a bf16 pool and on its FP8 copy, timed alternately."""
-    spec, be, tables, q_cp, kv = setup(batch, ctx, 1)
+    spec, be, tables, q_cp, kv = setup(batch, ctx, 1, head_dim)
     fmt, top = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}[kv_dtype]
     scale_kv = 8.0 / top  # the normal(0, 1) values stay below 8
     spec8 = spec.replace(kv_dtype=f"float8_{kv_dtype}", kv_scales=[scale_kv] * (2 * HKV))
@@ -270,8 +156,8 @@ def bench_fp8(batch: int, ctx: int, kv_dtype: str, peak: float | None) -> dict:
     torch.from_dlpack(be8.kv).copy_(stored.view(torch.uint8))
     deq = (stored.float() * scale_kv).to(torch.bfloat16)[torch.from_numpy(tables).long().cuda(), 0]
     nb = ctx // BS
-    kv8 = deq.permute(2, 0, 3, 1, 4, 5).reshape(2, batch, HKV, nb * BS, D)
-    scale = D**-0.5
+    kv8 = deq.permute(2, 0, 3, 1, 4, 5).reshape(2, batch, HKV, nb * BS, head_dim)
+    scale = head_dim**-0.5
     q4 = tview(q_cp).unsqueeze(2)
     ref8 = F.scaled_dot_product_attention(q4, kv8[0], kv8[1], scale=scale, enable_gqa=True).squeeze(2)
     ref = F.scaled_dot_product_attention(q4, kv[0], kv[1], scale=scale, enable_gqa=True).squeeze(2)
@@ -288,7 +174,7 @@ def bench_fp8(batch: int, ctx: int, kv_dtype: str, peak: float | None) -> dict:
         for i, (plan, out) in enumerate(zip(plans, outs)):
             times[i].append(median_ms(lambda plan=plan, out=out: plan.attend(0, q_cp, scale, out)))
     bf16_ms, fp8_ms = (float(np.median(t)) for t in times)
-    nbytes = batch * ctx * HKV * D * 2  # one byte per value
+    nbytes = batch * ctx * HKV * head_dim * 2  # one byte per value
     be.close()
     be8.close()
     return dict(case=f"decode {batch}x{ctx} fp8 {kv_dtype}", splits=plans[1].splits, rel_err=err8,
@@ -379,14 +265,11 @@ def main() -> None:
                          "planner's choice, instead of --sweep's variants")
     ap.add_argument("--head-dim", type=int, default=128, help="head dim of every case (default 128)")
     args = ap.parse_args()
-    global D
-    D = args.head_dim
+    d = args.head_dim
     cases = DECODE_CASES
     if args.cases:
         cases = [] if args.cases == "none" else [tuple(map(int, c.split("x"))) for c in args.cases.split(",")]
     name, peak = card()
-    global SMS
-    SMS = torch.cuda.get_device_properties(0).multi_processor_count
     stream = torch.cuda.Stream()
     rows = []
     with torch.cuda.stream(stream), cupy.cuda.ExternalStream(stream.cuda_stream):
@@ -397,19 +280,19 @@ def main() -> None:
                 variants = sweep_variants(batch, ctx)
             else:
                 variants = [("", KernelConfig(), None)]
-            rows += bench_decode(batch, ctx, peak, variants, args.sinks)
+            rows += bench_decode(batch, ctx, peak, variants, args.sinks, d)
             if args.fp8 != "off":
-                rows.append(bench_fp8(batch, ctx, args.fp8, peak))
+                rows.append(bench_fp8(batch, ctx, args.fp8, peak, d))
             torch.cuda.empty_cache()
             cupy.get_default_memory_pool().free_all_blocks()
         pf = prefill_variants(args.sweep)
         if not args.no_prefill:
-            rows += bench_prefill(variants=pf)
+            rows += bench_prefill(variants=pf, head_dim=d)
     date = datetime.date.today().isoformat()
     if args.json:
         print(json.dumps(dict(card=name, date=date, rows=rows), indent=1))
         return
-    print(f"{name}, {date}; bf16, {HQ} q / {HKV} kv heads, head dim {D}, block size {BS}")
+    print(f"{name}, {date}; bf16, {HQ} q / {HKV} kv heads, head dim {d}, block size {BS}")
     print("| case | splits | kvpager ms | TB/s | % of datasheet | SDPA ms | SDPA TB/s | SDPA time / kvpager time |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import cupy
 import numpy as np
 import torch
-from bench_attention import HQ, card, causal_sdpa, rel_err, setup, tview
+from attention_common import HQ, card, causal_sdpa, rel_err, setup, tview
 
 from kvpager import KernelConfig
 from kvpager.plan import make_plan

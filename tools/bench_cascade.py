@@ -35,7 +35,7 @@ import cupy
 import numpy as np
 import torch
 import torch.nn.functional as F
-from bench_attention import BS, DATASHEET_TBS, HKV, HQ, D, dense_kv, median_ms, rel_err, tview
+from attention_common import BS, DATASHEET_TBS, HKV, HQ, D, dense_kv, median_ms, rel_err, tview
 
 from kvpager.backends.cupy_backend import CupyBackend
 from kvpager.kernel_config import DEFAULT, KernelConfig

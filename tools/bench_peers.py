@@ -30,7 +30,7 @@ import json
 import os
 import sys
 
-DECODE = [(64, 4096), (16, 16384), (1, 131072), (256, 1024), (64, 256)]  # bench_attention's cases
+DECODE = [(64, 4096), (16, 16384), (1, 131072), (256, 1024), (64, 256)]  # attention_common.DECODE_CASES
 SHARED = (256, 8192, 256, 1)  # sequences, shared prefix, own tokens, groups
 PREFILL = (8, 1024, 4096)  # sequences, new tokens, cached tokens
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import peers_flashinfer as pf
     import peers_render
-    from bench_attention import BS, HKV, HQ, D, card
+    from attention_common import BS, HKV, HQ, D, card
     from peers_cases import CONFIG, TOL
 
     # Keep stdout for the tables / JSON alone: whatever a JIT build prints goes to stderr.

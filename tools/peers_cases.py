@@ -18,7 +18,7 @@ import numpy as np
 import peers_flashinfer as pf
 import torch
 import torch.nn.functional as F
-from bench_attention import (
+from attention_common import (
     BS,
     HKV,
     HQ,
@@ -63,7 +63,7 @@ def measure(make: Make, ref: torch.Tensor, iters: int, graph: bool = False) -> d
 
 def captured(call: Callable[[], Any], view: Callable[[Any], torch.Tensor], ref: torch.Tensor, res: dict) -> dict:
     """``res`` with ``graph_ms``: ``call``'s time in a captured CUDA graph, as a
-    model's step runs attention (`bench_attention.graph_ms`), its output poisoned
+    model's step runs attention (`attention_common.graph_ms`), its output poisoned
     with NaN before the replays and checked against ``ref`` after them; or
     ``graph_error`` where it cannot be captured or its replays' output is wrong."""
     try:
