@@ -257,12 +257,19 @@ class StepPlan(ABC):
         """The backend planner's options a chunked view of this plan is built with."""
         return {}
 
-    def refill_views(self) -> None:
-        """Refill the chunked views (`chunked`) with this plan's step, after `update`."""
-        for chunk, view in self.__dict__.get("_chunk_views", {}).items():
-            tables, lens, qlens = chunk_step(self.tables, self.seq_lens, self.query_lens, chunk,
-                                             self.spec.block_size)
-            view.update(tables, lens, qlens)
+    def view_steps(self, tables: Any, seq_lens: Any, query_lens: Any, slots: Any) -> tuple[Any, ...]:
+        """For `update`: the step checked (`check_step`) and what each chunked view
+        (`chunked`) is to be refilled with, computed before anything is refilled,
+        so a step a view refuses changes nothing. Returns (tables, seq_lens,
+        query_lens, slots, [(view, its step), ...]); the step unchecked where the
+        plan has no views (the refill checks it)."""
+        views = self.__dict__.get("_chunk_views")
+        if not views:
+            return tables, seq_lens, query_lens, slots, []
+        tables, seq_lens, query_lens, slots = check_step(self.spec, tables, seq_lens, query_lens, slots)
+        bs = self.spec.block_size
+        return tables, seq_lens, query_lens, slots, [
+            (view, chunk_step(tables, seq_lens, query_lens, chunk, bs)) for chunk, view in views.items()]
 
     def write_attend(self, layer: int, q: Any, k: Any, v: Any, scale: float | None = None, *,
                      window: int | None = None, softcap: float | None = None, sinks: Any = None,

@@ -115,3 +115,23 @@ def test_a_captured_decode_step_follows_its_sequences_into_their_next_chunks(dty
             assert rel_err(outs[layer][:n_live], ref) < TOL[dtype]
             assert not outs[layer][n_live:].any()  # padding rows read nothing
     pool.check_integrity()
+
+
+def test_an_update_a_chunked_view_refuses_refills_nothing():
+    """A refillable plan's view, made while every query is in its first chunk, meets a
+    step whose chunk starts inside a block (chunks of 24 on blocks of 16): the update
+    is refused before the plan or its view changes."""
+    from kvpager.errors import InvalidArgument
+
+    pool = make("bfloat16", 16)
+    lens = [20, 9]
+    allocs = pool.allocate([list(range(3, 3 + n)) for n in lens])
+    ids = [a.seq_id for a in allocs]
+    plan = pool.plan(ids, None, pool.append_flat(ids, 1), num_rows=4, width=4, num_q_heads=HQ)
+    view = plan.chunked(24)
+    assert view is not plan and view.seq_lens.tolist() == [21, 10]
+    tables, seq_lens = pool.tables(ids)
+    with pytest.raises(InvalidArgument, match="chunk start \\(24\\) inside a block of 16"):
+        plan.update(tables, seq_lens + np.array([10, 0], np.int32), None, np.full(2, -1, np.int64))
+    assert plan.seq_lens.tolist() == [21, 10] and view.seq_lens.tolist() == [21, 10]
+    pool.check_integrity()

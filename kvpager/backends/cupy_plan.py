@@ -121,9 +121,12 @@ class CupyPlan(StepPlan):
         their grids, so a CUDA graph captured over this plan replays the new step.
         The split count chosen at the first ``attend`` stays, and so does the
         cascade's shape: the new step's shared prefixes are found again and
-        refilled into it when they fit (else the step attends without them)."""
+        refilled into it when they fit (else the step attends without them).
+        Its chunked views (`chunked`) are refilled with it."""
+        tables, seq_lens, query_lens, slots, views = self.view_steps(tables, seq_lens, query_lens, slots)
         buffer.update(self, tables, seq_lens, query_lens, slots)
-        self.refill_views()
+        for view, step in views:  # (views share this plan's capacities: what fits it fits them)
+            view.update(*step)
 
     @property
     def num_tokens(self) -> int:
