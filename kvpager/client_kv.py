@@ -19,7 +19,16 @@ from kvpager import cuda_ipc
 from kvpager.backends.numpy_backend import paged_attention
 from kvpager.client_tables import id_list
 from kvpager.errors import InvalidArgument, SessionLost
-from kvpager.plan import StepPlan, check_scale, check_sinks, check_softcap, check_window, make_plan
+from kvpager.plan import (
+    StepPlan,
+    check_chunk,
+    check_scale,
+    check_sinks,
+    check_softcap,
+    check_window,
+    chunk_step,
+    make_plan,
+)
 from kvpager.shm import map_pool
 
 
@@ -36,15 +45,16 @@ class KVAccess:
             self.remote_write(layer, slots, k, v)
 
     def attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None,
-               *, window: int | None = None, softcap: float | None = None, sinks: Any = None) -> Any:
-        """As `KVPool.attend` (``window`` / ``softcap`` / ``sinks`` included): computed here over
-        the mapped pool when there is one (block tables from this client's mirror,
+               *, window: int | None = None, softcap: float | None = None, sinks: Any = None,
+               chunk: int | None = None) -> Any:
+        """As `KVPool.attend` (``window`` / ``softcap`` / ``sinks`` / ``chunk`` included): computed
+        here over the mapped pool when there is one (block tables from this client's mirror,
         no round trip), else by the daemon."""
         if self.map_pool:
             return self.local_attend(layer, seq_ids, q, query_lens, scale, window=window, softcap=softcap,
-                                     sinks=sinks)
+                                     sinks=sinks, chunk=chunk)
         return self.remote_attend(layer, seq_ids, q, query_lens, scale, window=window, softcap=softcap,
-                                  sinks=sinks)
+                                  sinks=sinks, chunk=chunk)
 
     def plan(self, seq_ids: Any, query_lens: Any = None, slots: Any = None, **options: Any) -> StepPlan:
         """As `KVPool.plan`: a step plan over the mapped pool, built here from this
@@ -110,7 +120,8 @@ class KVAccess:
         pool.write(int(layer), slots, self._check_tensor(k, "k", shape), self._check_tensor(v, "v", shape))
 
     def local_attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None,
-                     *, window: int | None = None, softcap: float | None = None, sinks: Any = None) -> Any:
+                     *, window: int | None = None, softcap: float | None = None, sinks: Any = None,
+                     chunk: int | None = None) -> Any:
         """Paged attention here, over the mapped pool (the CUDA kernels on a GPU
         pool: the result is a CuPy array). Block tables come from `tables`: this
         client's mirror for its own sequences, so a layer costs no round trip."""
@@ -128,6 +139,9 @@ class KVAccess:
         q = self._check_q(q, int(qlens.sum()))
         scale = check_scale(scale, self.spec.head_dim)
         window, softcap = check_window(window), check_softcap(softcap)
+        if chunk is not None:  # rows of one chunk each (`kvpager.plan.chunk_step`)
+            tables, lens, qlens = chunk_step(tables, lens, np.asarray(qlens, np.int32), check_chunk(chunk),
+                                             self.spec.block_size)
         if self.gpu:
             return pool.attend(int(layer), q, tables, lens, np.ascontiguousarray(qlens), scale,
                                window=window, softcap=softcap, sinks=sinks)

@@ -31,7 +31,8 @@ class ClientStaging:
                              "k": [0, list(k.shape)], "v": [voff, list(v.shape)]})
 
     def remote_attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None,
-                      *, window: int | None = None, softcap: float | None = None, sinks: Any = None) -> Any:
+                      *, window: int | None = None, softcap: float | None = None, sinks: Any = None,
+                      chunk: int | None = None) -> Any:
         """Paged attention computed by the daemon; q and the output cross through
         staging. Returns a NumPy array (CPU pool) or a CuPy array (GPU pool)."""
         q = self._as_array(q, "q")
@@ -52,6 +53,8 @@ class ClientStaging:
             args["softcap"] = softcap
         if sinks is not None:
             args["sinks"] = sinks
+        if chunk is not None:
+            args["chunk"] = chunk
         offset, shape = self._call("attend", args)
         # The daemon answers once its output is complete (it synchronizes first).
         return stage.array(tuple(shape), q.dtype, offset).copy()

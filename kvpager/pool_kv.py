@@ -12,7 +12,16 @@ import numpy as np
 
 from kvpager import validate
 from kvpager.errors import InvalidArgument
-from kvpager.plan import StepPlan, check_floor, check_queries, check_softcap, check_window
+from kvpager.plan import (
+    StepPlan,
+    check_chunk,
+    check_floor,
+    check_queries,
+    check_softcap,
+    check_window,
+    chunk_step,
+    table_floor,
+)
 
 if TYPE_CHECKING:
     from kvpager.pool_rank import PoolRank
@@ -47,6 +56,7 @@ class PoolKV:
         window: int | None = None,
         softcap: float | None = None,
         sinks: Any = None,
+        chunk: int | None = None,
     ) -> Any:
         """Paged attention of ``q`` over the sequences' K/V in ``layer``.
 
@@ -55,7 +65,9 @@ class PoolKV:
         ``query_lens[i]`` tokens (default 1: decode) and attend causally.
         ``scale`` defaults to 1/sqrt(head_dim). ``window`` / ``softcap`` / ``sinks``:
         sliding window, logit soft cap and attention sinks, as
-        `kvpager.plan.StepPlan.attend`. Returns q's shape."""
+        `kvpager.plan.StepPlan.attend`; ``chunk``: chunked attention (the query
+        at position p attends to positions [p - p % chunk, p]: Llama-4's
+        chunked layers; `kvpager.plan.chunk_step`). Returns q's shape."""
         if self.ranks > 1:
             raise self.backend._per_rank("attend")
         spec = self.spec
@@ -73,14 +85,19 @@ class PoolKV:
                 f"num_kv_heads={spec.num_kv_heads}, got shape {getattr(q, 'shape', None)}"
             )
         q = validate.tensor(q, "q", (int(sum(qlens)), num_q, spec.head_dim), spec, self.backend.xp)
-        check_floor(self.manager.floors(ids), seq_lens, np.asarray(qlens, np.int64), window)
+        qlens = np.asarray(qlens, dtype=np.int32)
+        if chunk is None:
+            check_floor(self.manager.floors(ids), seq_lens, qlens, window)
+        else:  # rows of one chunk each, their tables from their chunk's first block
+            tables, seq_lens, qlens = chunk_step(tables, seq_lens, qlens, check_chunk(chunk), spec.block_size)
+            check_floor(table_floor(tables, spec.block_size), seq_lens, qlens, window)
         if scale is None:
             scale = 1.0 / math.sqrt(spec.head_dim)
         elif not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise InvalidArgument(f"scale must be a positive finite number, got {scale!r}")
         self.pending = True
         return self.backend.attend(
-            int(layer), q, tables, seq_lens, np.asarray(qlens, dtype=np.int32), float(scale),
+            int(layer), q, tables, seq_lens, qlens, float(scale),
             window=check_window(window), softcap=check_softcap(softcap), sinks=sinks,
         )
 

@@ -79,7 +79,8 @@ class StagingOps:
         with on_rank_device(self, s):
             out = session_kv(self, s, "attend").attend(a["layer"], wire_ids(a["seq_ids"]), q, a.get("query_lens"),
                                                        a.get("scale"), window=a.get("window"),
-                                                       softcap=a.get("softcap"), sinks=_wire_sinks(a.get("sinks"), q))
+                                                       softcap=a.get("softcap"), sinks=_wire_sinks(a.get("sinks"), q),
+                                                       chunk=a.get("chunk"))
             offset = wire_int(a["out"], "out")
             s.staging.array(out.shape, out.dtype, offset)[...] = out  # a device copy on a GPU
         return [offset, list(out.shape)]

@@ -134,3 +134,27 @@ def test_released_blocks_through_a_worker(server, client):
     with pytest.raises(InvalidArgument, match="released"):
         client.remote_attend(0, [a.seq_id], q)
     client.free([a.seq_id])
+
+
+def test_chunked_attention_here_and_by_the_daemon(server, client):
+    """``chunk`` reaches the daemon's attend as the mapped pool's: both equal a dense
+    softmax over each query's chunk; a bad chunk is a typed error and changes nothing."""
+    from test_plan_chunked import dense_chunked
+
+    rng = np.random.default_rng(11)
+    lens = [37, 9, 20]
+    seqs = client.allocate([list(range(50 + i, 50 + i + n)) for i, n in enumerate(lens)])
+    ids = [s.seq_id for s in seqs]
+    write_random(client, np.concatenate([s.slots for s in seqs]), rng)
+    qlens = [30, 1, 4]
+    q = rng.standard_normal((sum(qlens), 4, SPEC.head_dim)).astype(np.float32)
+    local = client.local_attend(1, ids, q, qlens, chunk=16)
+    np.testing.assert_array_equal(local, client.remote_attend(1, ids, q, qlens, chunk=16))
+    ref = dense_chunked(client.device_array(), 1, q, client.tables(ids)[0], lens, qlens, 16)
+    np.testing.assert_allclose(local, ref, rtol=1e-4, atol=1e-5)
+    for bad in (12, 0, "16", True):
+        with pytest.raises(InvalidArgument):
+            client.remote_attend(1, ids, q, qlens, chunk=bad)
+    client.free(ids)
+    client.check_integrity()
+

@@ -142,3 +142,25 @@ def test_a_chunk_inside_a_block_is_refused_by_write_attend_before_writing():
     with pytest.raises(InvalidArgument, match="block size that divides the chunk size"):
         plan.write_attend(0, np.ones((1, 4, 40, 16), np.float32), k, k, chunk=24)
     assert (pool.backend.kv == before).all()
+
+
+def test_pool_attend_takes_a_chunk_too():
+    """`KVPool.attend(..., chunk=)`: the one-shot attention answers as the plan's view,
+    and a chunk starting inside a block is refused."""
+    rng = np.random.default_rng(4)
+    pool = make_pool()
+    lens = [45, 12, 30]
+    allocs = pool.allocate([[int(t) for t in rng.integers(3, 100, n)] for n in lens])
+    ids = [a.seq_id for a in allocs]
+    slots = np.concatenate([a.slots for a in allocs])
+    shape = (len(slots), pool.spec.num_kv_heads, pool.spec.head_dim)
+    pool.write(0, slots, rng.standard_normal(shape, np.float32), rng.standard_normal(shape, np.float32))
+    qlens = [20, 1, 30]
+    q = rng.standard_normal((sum(qlens), 4, pool.spec.head_dim), np.float32)
+    out = pool.attend(0, ids, q, qlens, chunk=16)
+    ref = dense_chunked(pool.backend.kv, 0, q, pool.tables(ids)[0], lens, qlens, 16)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(InvalidArgument, match="inside a block of 8"):
+        pool.attend(0, ids, q, qlens, chunk=12)
+    with pytest.raises(InvalidArgument, match="chunk must be a positive int"):
+        pool.attend(0, ids, q, qlens, chunk=0)
