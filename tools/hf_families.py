@@ -44,6 +44,14 @@ TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, dep
                   num_heads=2, num_key_value_heads=2, head_dim=16, image_size=28, patch_size=14, out_hidden_size=64)
 
 
+#: per type, more fields on its (text) config: what transformers needs to build it at these
+#: sizes, or what makes its own kind of attention act within the sweep's prompts
+SHARED_KV = dict(num_hidden_layers=4, num_kv_shared_layers=2, activation_sparsity_pattern=[0.0] * 4,
+                 layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=8)
+CHUNKED = dict(attention_chunk_size=16, floor_scale=16)  # chunks and query scaling from position 15
+OVERRIDES = {"gemma3n": SHARED_KV, "gemma3n_text": SHARED_KV, "llama4": CHUNKED, "llama4_text": CHUNKED}
+
+
 def tiny_config(model_type: str, common: dict):
     """The type's config at the sweep's sizes: ``common`` on the config itself, or, for a
     multimodal model (one with a text sub-config), on its text config, the other
@@ -74,7 +82,7 @@ def one(model_type: str, variant: str) -> dict:
     hf_logging.set_verbosity_error()
     torch.set_num_threads(1)
     row = {"type": model_type, "variant": variant}
-    common = dict(COMMON)
+    common = {**COMMON, **OVERRIDES.get(model_type, {})}
     if variant == "mha":
         common.pop("num_key_value_heads")
     try:
