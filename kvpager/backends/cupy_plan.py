@@ -226,29 +226,30 @@ class CupyPlan(StepPlan):
         """See `StepPlan.write_attend`. The hot path of a model's layer: torch
         tensors of the pool's dtype on its GPU, token-major, after the plan's
         launches for their query heads are built: two launches from their
-        pointers (no view made, nothing checked twice). Anything else, and a
-        layer of chunked attention whose view is a plan of its own, goes the
-        checked way (`write`, `attend`)."""
-        if chunk is not None and self.chunked(chunk) is not self:
-            return super().write_attend(layer, q, k, v, scale, window=window, softcap=softcap, sinks=sinks,
-                                        chunk=chunk)
+        pointers (no view made, nothing checked twice); a layer of chunked
+        attention writes through this plan and attends through its view
+        (`chunked`) the same way. Anything else goes the checked way (`write`,
+        `attend`)."""
+        target = self if chunk is None else self.chunked(chunk)
         spec = self.spec
         heads = q.shape[1] if type(q) is self._torch_type and q.dim() == 4 else 0
-        launches = self._attn.get(heads)
-        if launches and self.has_slots and type(layer) is int and 0 <= layer < spec.num_layers:
+        launches = target._attn.get(heads)
+        if launches and self.has_slots and type(layer) is int and 0 <= layer < spec.num_layers \
+                and target._tokens == self._tokens:
             hkv = spec.num_kv_heads
             kp = heads_first_ptr(self, k, hkv)
             vp = kp and heads_first_ptr(self, v, hkv)
             qp = vp and heads_first_ptr(self, q, heads)
             if qp:
-                options = self._options(launches, heads, scale, window, softcap, sinks)  # a refusal writes nothing
+                options = target._options(launches, heads, scale, window, softcap, sinks)  # a refusal writes nothing
                 out = q.new_empty((1, self._tokens, heads, spec.head_dim))
                 if self._tokens:
                     stream = self._stream(self.device)
                     self._launch_write(layer, kp, vp, stream)
-                    self._launch_attend(layer, qp, out.data_ptr(), options, stream)
+                    target._launch_attend(layer, qp, out.data_ptr(), options, stream)
                 return out
-        return super().write_attend(layer, q, k, v, scale, window=window, softcap=softcap, sinks=sinks)
+        return super().write_attend(layer, q, k, v, scale, window=window, softcap=softcap, sinks=sinks,
+                                    chunk=chunk)
 
     def attend(self, layer: int, q: Any, scale: float | None = None, out: Any = None, *,
                window: int | None = None, softcap: float | None = None, sinks: Any = None) -> Any:
