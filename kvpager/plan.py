@@ -96,20 +96,27 @@ def check_scale(scale: Any, head_dim: int) -> float:
     return float(scale)
 
 
+#: past every position a pool holds (lengths are int32): a window or chunk this long cuts nothing,
+#: and the kernels take it as an int32
+POSITIONS = (1 << 31) - 1
+
+
 def check_window(window: Any) -> int | None:
-    """A sliding window: None (full attention) or a positive int."""
+    """A sliding window: None (full attention) or a positive int; one longer than
+    any sequence can be (`POSITIONS`) is that long, which cuts nothing either."""
     if window is None:
         return None
     if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1:
         raise InvalidArgument(f"window must be None or a positive int, got {window!r}")
-    return int(window)
+    return min(int(window), POSITIONS)
 
 
 def check_chunk(chunk: Any) -> int:
-    """A chunked-attention chunk size: a positive int."""
+    """A chunked-attention chunk size: a positive int (capped at `POSITIONS`, past
+    which a chunk cuts nothing)."""
     if not isinstance(chunk, (int, np.integer)) or isinstance(chunk, bool) or chunk < 1:
         raise InvalidArgument(f"chunk must be a positive int, got {chunk!r}")
-    return int(chunk)
+    return min(int(chunk), POSITIONS)
 
 
 def chunk_step(tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray, chunk: int,

@@ -162,3 +162,28 @@ def test_plan_layers_with_and_without_windows_and_an_updated_plan():
                           np.ones(3, np.int32), 64**-0.5, window=32)
     assert rel_err(out.float().cpu().numpy(), ref) < TOL["bfloat16"]
     pool.check_integrity()
+
+
+@pytest.mark.parametrize("window", [(1 << 32) + 5, (1 << 64) - 1])
+def test_a_window_past_every_position_is_full_attention(window):
+    """The kernels take the window as an int32: one of 2**32 + 5 reached them as 5
+    (a short window, silently) before windows were capped at the longest possible
+    sequence, which cuts nothing."""
+    torch = pytest.importorskip("torch")
+    from kvpager.spec import PoolSpec
+
+    spec = PoolSpec(num_layers=1, num_kv_heads=2, head_dim=64, num_blocks=64, block_size=16, dtype="float32")
+    pool = KVPool(spec, device="cuda:0")
+    allocs = pool.allocate([list(range(3, 3 + n)) for n in (90, 33)])
+    g = torch.Generator().manual_seed(5)
+    for a in allocs:
+        k, v = (torch.randn(len(a.slots), 2, 64, generator=g).cuda() for _ in range(2))
+        pool.write(0, a.slots, k, v)
+    ids = [a.seq_id for a in allocs]
+    plan = pool.plan(ids, [90, 33])
+    q = torch.randn(123, 8, 64, generator=g).cuda()
+    full = plan.attend(0, q)
+    assert torch.equal(plan.attend(0, q, window=window), full)
+    assert not torch.equal(plan.attend(0, q, window=5), full)
+    step = pool.plan(ids)  # decode, split or not
+    assert torch.equal(step.attend(0, q[:2], window=window), step.attend(0, q[:2]))

@@ -164,3 +164,23 @@ def test_pool_attend_takes_a_chunk_too():
         pool.attend(0, ids, q, qlens, chunk=12)
     with pytest.raises(InvalidArgument, match="chunk must be a positive int"):
         pool.attend(0, ids, q, qlens, chunk=0)
+
+
+def test_a_window_or_chunk_past_every_position_cuts_nothing():
+    """Capped at the longest sequence a pool can hold (int32 lengths): as long as no
+    window or chunk at all, and no overflow on the way (a chunk of 2**63 raised
+    OverflowError, not a typed error, before the cap)."""
+    from kvpager.plan import POSITIONS, check_chunk, check_window
+
+    assert check_window((1 << 64) - 1) == check_chunk(1 << 70) == POSITIONS == (1 << 31) - 1
+    rng = np.random.default_rng(8)
+    pool = make_pool()
+    (alloc,) = pool.allocate([[int(t) for t in rng.integers(3, 100, 50)]])
+    shape = (50, pool.spec.num_kv_heads, pool.spec.head_dim)
+    pool.write(0, alloc.slots, rng.standard_normal(shape, np.float32), rng.standard_normal(shape, np.float32))
+    q = rng.standard_normal((50, 4, pool.spec.head_dim), np.float32)
+    full = pool.attend(0, [alloc.seq_id], q, 50)
+    for big in (1 << 63, (1 << 64) + 5):
+        np.testing.assert_array_equal(pool.attend(0, [alloc.seq_id], q, 50, chunk=big), full)
+        np.testing.assert_array_equal(pool.attend(0, [alloc.seq_id], q, 50, window=big), full)
+
