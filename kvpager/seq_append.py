@@ -70,7 +70,12 @@ def append(
     if not len(rows):
         return np.zeros(0, np.int64), _NO_COPIES
     bs, bt, pool = m.block_size, m.table, m.pool
-    n = np.fromiter(map(int, counts), np.int64, len(rows))
+    try:
+        n = np.fromiter(map(int, counts), np.int64, len(rows))
+    except OverflowError:  # past int64: no pool holds that many tokens
+        k = next(i for i, c in enumerate(counts) if int(c) >= 1 << 63)
+        raise InvalidArgument(f"append: count for sequence {seq_ids[k]} is past any pool's size, got "
+                              f"{counts[k]!r}") from None
     nt = bt.num_tokens[rows]
     nb = bt.num_blocks[rows].astype(np.int64)
     last = bt.last[rows]  # the null block where a row is empty

@@ -154,16 +154,21 @@ def commit(m: SequenceManager, seq_ids: list[int] | np.ndarray, upto: Seq[int | 
     bs, bt = m.block_size, m.table
     rows = m.batch(seq_ids, "commit", owner)
     nt = bt.num_tokens[rows]
+    ups = None
     if upto.count(None) == len(upto):  # `per_seq` gives a list
         ups = nt
     elif upto and all_type(upto, int):  # a pipelined decode step's: checked at C speed
-        ups = np.fromiter(upto, np.int64, len(upto))
-        bad = np.flatnonzero((ups < 0) | (ups > nt))
-        if len(bad):
-            k = int(bad[0])
-            raise InvalidArgument(f"commit: upto for sequence {seq_ids[k]} must be in [0, {int(nt[k])}], "
-                                  f"got {upto[k]!r}")
-    else:
+        try:
+            ups = np.fromiter(upto, np.int64, len(upto))
+        except OverflowError:  # past int64: the checks below say so, one by one
+            pass
+        else:
+            bad = np.flatnonzero((ups < 0) | (ups > nt))
+            if len(bad):
+                k = int(bad[0])
+                raise InvalidArgument(f"commit: upto for sequence {seq_ids[k]} must be in [0, {int(nt[k])}], "
+                                      f"got {upto[k]!r}")
+    if ups is None:
         for s, u, n in zip(seq_ids, upto, nt.tolist()):
             if u is not None and (not is_int(u) or not 0 <= u <= n):
                 raise InvalidArgument(f"commit: upto for sequence {s} must be in [0, {n}], got {u!r}")

@@ -127,6 +127,11 @@ _ZERO_D_REFUSED += _COUNTS_REFUSED
 _ZERO_D_REFUSED_EMBEDDED = [
     pytest.param(lambda p, s: p.allocate([[1]], salt=np.array("m")), "salt", id="salt str"),
     pytest.param(lambda p, s: p.release_before(s["a"], np.array("x")), "positions", id="release str"),
+    # ints past int64 (the daemon's own checks catch them first): OverflowError before
+    pytest.param(lambda p, s: p.append_flat([s["c"]], 1 << 63), "past any pool's size", id="append 2**63"),
+    pytest.param(lambda p, s: p.append([s["b"], s["c"]], [1, (1 << 64) + 3]), "past any pool's size",
+                 id="append list 2**64"),
+    pytest.param(lambda p, s: p.commit([s["a"], s["b"]], upto=[1, 1 << 63]), "upto for sequence", id="commit 2**63"),
 ]
 
 # A 0-d integer array is the scalar it holds: the same call with the int does the same.
