@@ -44,6 +44,8 @@ def _consume(it: Iterator[Any]) -> None:
     deque(it, maxlen=0)
 
 
+_MAX_REFS = (1 << 31) - 1  # a block's reference count is an int32
+
 class SequenceManager(SequenceLookup):
     """Allocator state: block pool (with the prefix cache) + host blocks + sequences."""
 
@@ -160,6 +162,9 @@ class SequenceManager(SequenceLookup):
             if not is_int(n) or n < 1:
                 raise InvalidArgument(f"fork: n must be an integer >= 1, got {n!r}")
             n = int(n)
+        if n * len(seq_ids) > _MAX_REFS:
+            raise InvalidArgument(f"fork: {n} children of {len(seq_ids)} sequence(s) would pass a block's "
+                                  f"reference count (int32, at most {_MAX_REFS})")
         if len(seq_ids) == 1 and self.scalar:
             return seq_one.fork(self, seq_ids[0], n)
         rows = self.batch(seq_ids, "fork")

@@ -132,6 +132,9 @@ _ZERO_D_REFUSED_EMBEDDED = [
     pytest.param(lambda p, s: p.append([s["b"], s["c"]], [1, (1 << 64) + 3]), "past any pool's size",
                  id="append list 2**64"),
     pytest.param(lambda p, s: p.commit([s["a"], s["b"]], upto=[1, 1 << 63]), "upto for sequence", id="commit 2**63"),
+    # past a block's int32 reference count: ValueError (2**63) or a 128 GiB allocation (2**31) before
+    pytest.param(lambda p, s: p.fork([s["a"]], 1 << 31), "reference count", id="fork 2**31"),
+    pytest.param(lambda p, s: p.fork([s["a"], s["b"]], 1 << 63), "reference count", id="fork 2**63"),
 ]
 
 # A 0-d integer array is the scalar it holds: the same call with the int does the same.
