@@ -211,7 +211,7 @@ class PoolSequences:
     def fork(self, seq_ids: int | Seq[int], n: int = 1) -> list[list[int]]:
         """``n`` children per sequence, sharing all of its blocks; returns their ids."""
         m = self.manager
-        if type(seq_ids) is list and len(seq_ids) == 1 and type(seq_ids[0]) is int and n == 1 and type(n) is int \
+        if type(seq_ids) is list and len(seq_ids) == 1 and type(seq_ids[0]) is int and type(n) is int and n == 1 \
                 and m.scalar:
             return seq_one.fork_one(m, seq_ids[0])  # one child of one sequence: straight to its path
         return m.fork(validate.seq_ids(seq_ids), n)

@@ -36,7 +36,7 @@ from kvpager.pins import PinTable
 from kvpager.recent_batches import RecentBatches
 from kvpager.seq_lookup import ANY_OWNER, COLUMNS, SequenceLookup
 from kvpager.types import SequenceInfo
-from kvpager.validate import is_int
+from kvpager.validate import is_int, zero_d
 
 
 def _consume(it: Iterator[Any]) -> None:
@@ -82,8 +82,12 @@ class SequenceManager(SequenceLookup):
 
     # -- lookup (the rest: `SequenceLookup`) -----------------------------------------
     def owned(self, owner: Any) -> list[int]:
-        """Ids of ``owner``'s live sequences, in id order."""
-        return self.owners.ids(owner)
+        """Ids of ``owner``'s live sequences, in id order (InvalidArgument for an
+        owner that cannot be one: unhashable)."""
+        try:
+            return self.owners.ids(owner)
+        except TypeError:
+            raise InvalidArgument(f"owner must be a hashable name, got {type(owner).__name__}") from None
 
     @property
     def num_sequences(self) -> int:
@@ -158,10 +162,14 @@ class SequenceManager(SequenceLookup):
     def fork(self, seq_ids: list[int], n: int) -> list[list[int]]:
         """``n`` children of each sequence, sharing every block (ref counts +1 each);
         returns their ids."""
-        if type(n) is not int or n < 1:
-            if not is_int(n) or n < 1:
+        if type(n) is not int:
+            if isinstance(n, np.ndarray) and n.ndim == 0:
+                n = zero_d(n, "fork: n")
+            elif not is_int(n):
                 raise InvalidArgument(f"fork: n must be an integer >= 1, got {n!r}")
             n = int(n)
+        if n < 1:
+            raise InvalidArgument(f"fork: n must be an integer >= 1, got {n!r}")
         if n * len(seq_ids) > _MAX_REFS:
             raise InvalidArgument(f"fork: {n} children of {len(seq_ids)} sequence(s) would pass a block's "
                                   f"reference count (int32, at most {_MAX_REFS})")

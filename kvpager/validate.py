@@ -136,7 +136,7 @@ def prompts(value: Any) -> None:
     """A list of token-id lists (not one flat list)."""
     if type(value) is list and len(value) == 1 and type(value[0]) in (list, np.ndarray):  # one prompt
         return
-    if isinstance(value, (str, bytes, np.ndarray)) or not hasattr(value, "__len__"):
+    if isinstance(value, (str, bytes, np.ndarray, dict, set, frozenset)) or not hasattr(value, "__len__"):
         raise InvalidArgument("prompts must be a list of token-id lists")
     if len(value) and isinstance(value[0], (int, np.integer)):
         raise InvalidArgument("prompts must be a list of token-id lists: pass [tokens] for one prompt")
@@ -158,7 +158,7 @@ def int_array(a: Any, name: str, ndim: int, dtype: type) -> np.ndarray:
 
 def slots(value: Any, spec: PoolSpec) -> np.ndarray:
     """Slot ids as int64: each a slot of a real block, or -1 (padding)."""
-    arr = np.asarray(value.get() if hasattr(value, "get") and not isinstance(value, np.ndarray) else value)
+    arr = np.asarray(value.get() if type(value).__module__.startswith("cupy") else value)  # a CuPy array: to host
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise InvalidArgument(f"slots must be a 1-D integer array, got dtype {arr.dtype} shape {arr.shape}")
     arr = arr.astype(np.int64, copy=False)

@@ -132,6 +132,15 @@ _ZERO_D_REFUSED_EMBEDDED = [
     pytest.param(lambda p, s: p.append([s["b"], s["c"]], [1, (1 << 64) + 3]), "past any pool's size",
                  id="append list 2**64"),
     pytest.param(lambda p, s: p.commit([s["a"], s["b"]], upto=[1, 1 << 63]), "upto for sequence", id="commit 2**63"),
+    # containers of the wrong kind: KeyError, TypeError or ValueError from inside before
+    pytest.param(lambda p, s: p.allocate({"a": 1}), "prompts", id="allocate a dict"),
+    pytest.param(lambda p, s: p.cached_tokens({"a": 1}), "prompts", id="cached_tokens a dict"),
+    pytest.param(lambda p, s: p.pin({"a": 1}), "prompts", id="pin a dict"),
+    pytest.param(lambda p, s: p.fork([s["a"]], np.array([], np.int64)), "fork: n", id="fork n empty array"),
+    pytest.param(lambda p, s: p.sequences([]), "owner", id="sequences of a list owner"),
+    pytest.param(lambda p, s: p.write(0, {"a": 1}, np.zeros((1, 2, p.spec.head_dim), np.float32),
+                                      np.zeros((1, 2, p.spec.head_dim), np.float32)), "slots", id="write dict slots"),
+    pytest.param(lambda p, s: p.plan([s["a"]], 1, {"a": 1}), "slots", id="plan dict slots"),
     # past a block's int32 reference count: ValueError (2**63) or a 128 GiB allocation (2**31) before
     pytest.param(lambda p, s: p.fork([s["a"]], 1 << 31), "reference count", id="fork 2**31"),
     pytest.param(lambda p, s: p.fork([s["a"], s["b"]], 1 << 63), "reference count", id="fork 2**63"),
@@ -151,6 +160,7 @@ _ZERO_D_TAKEN = [
     pytest.param(lambda p, s, z: [x.tolist() for x in p.append([s["c"], s["b"]], z(1), [[7], [8]])], id="decode"),
     pytest.param(lambda p, s, z: p.append_flat(z(s["c"]), z(2)).tolist(), id="append_flat"),
     pytest.param(lambda p, s, z: p.fork(z(s["a"])) and None, id="fork"),
+    pytest.param(lambda p, s, z: p.fork([s["a"]], z(2)), id="fork n"),
     pytest.param(lambda p, s, z: p.tables(z(s["a"]))[0].tolist(), id="tables"),
     pytest.param(lambda p, s, z: np.asarray(p.attend(0, [s["a"], s["c"]], np.ones((4, 2, p.spec.head_dim), np.float32),
                                                      z(2))).tolist(), id="attend query_lens"),
