@@ -133,6 +133,8 @@ class KVAccess:
         if qlens.dtype.kind not in "iu" and qlens.size or isinstance(query_lens, (list, tuple)) \
                 and {bool, np.bool_} & set(map(type, query_lens)):
             raise InvalidArgument(f"query_lens must be integers, got {query_lens!r}")
+        if qlens.ndim > 1 or qlens.ndim == 1 and len(qlens) != len(lens):
+            raise InvalidArgument(f"query_lens has {qlens.size} entries for {len(lens)} sequences")
         qlens = np.broadcast_to(qlens.astype(np.int32, copy=False), lens.shape)
         if len(lens) and (qlens.min() < 1 or (qlens > lens).any()):
             raise InvalidArgument(f"query_lens must be in [1, sequence length], got {qlens.tolist()}")

@@ -127,7 +127,8 @@ def counts(value: Any) -> int | np.integer | list[Any]:
         return value
     if isinstance(value, np.ndarray) and value.ndim == 0:
         return zero_d(value, "append: count")
-    if isinstance(value, (bool, np.bool_)) or not hasattr(value, "__iter__"):
+    if isinstance(value, (bool, np.bool_, str, bytes, dict, set, frozenset)) or not hasattr(value, "__iter__"):
+        # (bytes iterate as ints: b"y" would have been a count of 121)
         raise InvalidArgument(f"append: count must be an integer >= 0 or a list of them, got {value!r}")
     return list(value)
 

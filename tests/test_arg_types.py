@@ -96,6 +96,9 @@ _ZERO_D_REFUSED = [
     pytest.param(lambda p, s: p.allocate([np.array(5)]), r"prompts\[0\]", id="allocate 0-d prompt"),
     pytest.param(lambda p, s: p.allocate([[1], np.array(5)]), r"prompts\[1\]", id="allocate batch 0-d prompt"),
     pytest.param(lambda p, s: p.cached_tokens([np.array(5)]), r"prompts\[0\]", id="cached_tokens 0-d prompt"),
+    # bytes iterate as ints: b"y" was taken as a list of one count, 121 (the daemon appended 121 slots)
+    pytest.param(lambda p, s: p.append([s["c"]], b"y"), "count", id="append a bytes count"),
+    pytest.param(lambda p, s: p.append([s["c"]], "1"), "count", id="append a str count"),
 ]
 # A bool or a float among sequence ids (True == 1 and 2.0 == 2 name live sequences to a
 # dict or an equality test) is refused, whatever the op; the decode step's fast checks too.

@@ -155,6 +155,9 @@ def test_chunked_attention_here_and_by_the_daemon(server, client):
     for bad in (12, 0, "16", True):
         with pytest.raises(InvalidArgument):
             client.remote_attend(1, ids, q, qlens, chunk=bad)
+    for bad_qlens in ([], [1, 2], [[30, 1, 4]]):  # a ValueError from NumPy's broadcast before
+        with pytest.raises(InvalidArgument, match="query_lens has"):
+            client.local_attend(1, ids, q, bad_qlens)
     client.free(ids)
     client.check_integrity()
 
