@@ -72,7 +72,7 @@ def check_queries(spec: PoolSpec, seq_lens: np.ndarray, query_lens: Any = None,
         query_lens = np.ones(nseq, dtype=np.int32)
         total = nseq
     else:
-        if np.ndim(query_lens) == 0:
+        if isinstance(query_lens, (int, np.integer)) or isinstance(query_lens, np.ndarray) and query_lens.ndim == 0:
             query_lens = np.broadcast_to(np.asarray(query_lens), (nseq,))
         query_lens = int_array(query_lens, "query_lens", 1, np.int32)
         if len(query_lens) != nseq:

@@ -127,7 +127,7 @@ class PoolKV:
         ids = validate.seq_ids(seq_ids)
         tables, seq_lens = self.manager.tables(ids)  # the pool's own: only the step's part needs checks
         if query_lens is not None:
-            query_lens = np.asarray(validate.per_seq(query_lens, len(ids), "query_lens"))
+            query_lens = validate.per_seq(query_lens, len(ids), "query_lens")  # (check_queries makes the array)
         query_lens, slots = check_queries(self.spec, seq_lens, query_lens, slots)
         self.pending = True
         plan = self.backend.plan(tables, seq_lens, query_lens, slots, **options)

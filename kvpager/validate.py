@@ -150,10 +150,20 @@ def layer(value: Any, spec: PoolSpec) -> int:
 
 
 def int_array(a: Any, name: str, ndim: int, dtype: type) -> np.ndarray:
-    """``a`` as a contiguous ``ndim``-D integer array of ``dtype``."""
-    arr = np.asarray(a)
+    """``a`` as a contiguous ``ndim``-D integer array of ``dtype``; InvalidArgument for
+    anything else, values past ``dtype``'s range included (a cast would wrap them:
+    a block id of 2**32 + 5 would read block 5)."""
+    try:
+        arr = np.asarray(a)
+    except (ValueError, TypeError, OverflowError):  # ragged nesting, or ints past int64 and uint64
+        raise InvalidArgument(f"{name} must be a {ndim}-D integer array, got {type(a).__name__}") from None
     if arr.ndim != ndim or (arr.size and arr.dtype.kind not in "iu"):
         raise InvalidArgument(f"{name} must be a {ndim}-D integer array, got {arr.dtype} {arr.shape}")
+    if arr.dtype != dtype and arr.size and not np.can_cast(arr.dtype, dtype):
+        info = np.iinfo(dtype)
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < info.min or hi > info.max:
+            raise InvalidArgument(f"{name} holds {lo if lo < info.min else hi}, past {np.dtype(dtype).name}")
     return np.ascontiguousarray(arr, dtype=dtype)
 
 

@@ -15,6 +15,7 @@ from pool_helpers import make_pool, snapshot
 
 from kvpager import InvalidArgument, KVPool
 from kvpager.client import Client
+from kvpager.plan import make_plan
 
 server = server_fixture(SMALL, scope="module", heartbeat_timeout=30)
 BS = SMALL.block_size
@@ -144,6 +145,11 @@ _ZERO_D_REFUSED_EMBEDDED = [
     pytest.param(lambda p, s: p.write(0, {"a": 1}, np.zeros((1, 2, p.spec.head_dim), np.float32),
                                       np.zeros((1, 2, p.spec.head_dim), np.float32)), "slots", id="write dict slots"),
     pytest.param(lambda p, s: p.plan([s["a"]], 1, {"a": 1}), "slots", id="plan dict slots"),
+    # ints past a plan's int32 fields were cast, and wrapped: block 2**32 + 5 read block 5
+    pytest.param(lambda p, s: p.plan([s["a"]], [(1 << 32) + 1]), "past int32", id="plan query_lens 2**32 + 1"),
+    pytest.param(lambda p, s: make_plan(p.backend, [[(1 << 32) + 5]], [3]), "past int32",
+                 id="make_plan block 2**32 + 5"),
+    pytest.param(lambda p, s: p.plan([s["a"], s["b"]], [[1, 2], [3]]), "query_lens", id="plan ragged query_lens"),
     # past a block's int32 reference count: ValueError (2**63) or a 128 GiB allocation (2**31) before
     pytest.param(lambda p, s: p.fork([s["a"]], 1 << 31), "reference count", id="fork 2**31"),
     pytest.param(lambda p, s: p.fork([s["a"], s["b"]], 1 << 63), "reference count", id="fork 2**63"),
