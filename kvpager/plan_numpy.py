@@ -83,10 +83,15 @@ class NumpyPlan(StepPlan):
         sinks = check_sinks(sinks, heads)
         if self.floor is not None:
             self.check_floor(window)
+        if out is not None and type(out).__module__.startswith("torch") and not out.is_contiguous():
+            raise InvalidArgument("out must be a contiguous tensor (the result is written into its memory)")
+        dest = None if out is None else to_numpy(out, "out", spec.np_dtype)[0]
+        if dest is not None and dest.shape != qn.shape:
+            raise InvalidArgument(f"out must have q's shape {qn.shape}, got {dest.shape}")
         res = paged_attention(self.backend.kv, layer, qn, self.tables, self.seq_lens, self.query_lens,
                               check_scale(scale, spec.head_dim), window=check_window(window),
                               softcap=check_softcap(softcap), kv_scales=self.backend.scales, sinks=sinks)
-        if out is not None:
-            to_numpy(out, "out", spec.np_dtype)[0][...] = res
+        if dest is not None:
+            dest[...] = res
             return out
         return from_numpy(res) if from_torch else res

@@ -150,6 +150,10 @@ _ZERO_D_REFUSED_EMBEDDED = [
     pytest.param(lambda p, s: make_plan(p.backend, [[(1 << 32) + 5]], [3]), "past int32",
                  id="make_plan block 2**32 + 5"),
     pytest.param(lambda p, s: p.plan([s["a"], s["b"]], [[1, 2], [3]]), "query_lens", id="plan ragged query_lens"),
+    # an out of another shape: NumPy's broadcast ValueError before
+    pytest.param(lambda p, s: p.plan([s["a"]], 1).attend(0, np.ones((1, 2, p.spec.head_dim), np.float32),
+                                                         out=np.zeros((1, 2, p.spec.head_dim // 2), np.float32)),
+                 "out must have q's shape", id="plan attend out of another shape"),
     # past a block's int32 reference count: ValueError (2**63) or a 128 GiB allocation (2**31) before
     pytest.param(lambda p, s: p.fork([s["a"]], 1 << 31), "reference count", id="fork 2**31"),
     pytest.param(lambda p, s: p.fork([s["a"], s["b"]], 1 << 63), "reference count", id="fork 2**63"),
@@ -266,3 +270,19 @@ def test_an_empty_decode_step_with_token_ids_does_nothing(server):
         c.record_tokens([], [])
         assert snapshot(server.pool) == before
         c.check_integrity()
+
+
+def test_a_plan_refuses_an_out_it_could_not_write_in_place():
+    """A non-contiguous torch ``out`` on the CPU pool: the result went into a
+    contiguous copy of it and the caller's tensor kept its old values."""
+    torch = pytest.importorskip("torch")
+    pool = make_pool()
+    s = _setup(pool)
+    plan = pool.plan([s["a"]], 1)
+    q = torch.ones(1, 2, pool.spec.head_dim)
+    out = torch.zeros(1, pool.spec.head_dim, 2).transpose(1, 2)
+    with pytest.raises(InvalidArgument, match="contiguous"):
+        plan.attend(0, q, out=out)
+    good = torch.full((1, 2, pool.spec.head_dim), float("nan"))
+    assert plan.attend(0, q, out=good) is good and not good.isnan().any()
+
