@@ -164,3 +164,31 @@ def test_arguments_that_change_no_attention_pass():
     check_call(0, q, kv, kv, 0.0, ABSENT, None, {"logits_to_keep": torch.tensor([0, 2]), "use_cache": False})
     with pytest.raises(ValueError, match="head_mask"):
         check_call(0, q, kv, kv, 0.0, ABSENT, None, {"logits_to_keep": 1, "head_mask": torch.ones(4)})
+
+
+@pytest.mark.parametrize("args, needle", [
+    (([[1.5, 2.0]], 2), "token ids must be ints"),  # was truncated into ids 1 and 2
+    (([[3, True]], 2), "token ids must be ints"),
+    (([[VOCAB + 5]], 2), "outside the model's vocabulary"),  # was an IndexError in the embedding
+    (([[-1, 4]], 2), "outside the model's vocabulary"),
+    ((["abc"], 2), "must be a list of token ids"),
+    (([[3, 4]], 1.5), "max_new_tokens must be an int"),  # was taken: two tokens generated
+    (([[3, 4]], True), "max_new_tokens must be an int"),
+])
+def test_careless_generate_arguments_are_refused_before_anything_is_allocated(args, needle):
+    model = make_model("llama")
+    pool = KVPool(spec_for_model(model, num_blocks=16))
+    before = pool.stats()
+    with pytest.raises(ValueError, match=needle):
+        generate(model, pool, *args)
+    assert pool.stats() == before
+    pool.check_integrity()
+
+
+def test_an_eos_that_is_no_token_id_is_refused_by_name():
+    model = make_model("llama")
+    pool = KVPool(spec_for_model(model, num_blocks=16))
+    with pytest.raises(ValueError, match="eos_token_id must be"):
+        generate(model, pool, [prompt(4, 1)], 2, eos_token_id="x")
+    assert generate(model, pool, [prompt(4, 1)], 2, eos_token_id=[VOCAB - 1, VOCAB - 2]) == \
+        generate(model, pool, [prompt(4, 1)], 2)  # a list of ids is taken

@@ -62,6 +62,41 @@ __all__ = ["PagedBatch", "PagedGeneration", "default_salt", "generate", "layer_w
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+def _is_int(v: Any) -> bool:
+    """An int (a NumPy integer too), not a bool."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _token_lists(prompts: Any, model: Any) -> list[list[int]]:
+    """``prompts`` as lists of ints, each an id of ``model``'s input embeddings
+    (ValueError for anything else: a float is not truncated into an id, and an
+    id past the vocabulary is refused here rather than by an index error deep in
+    the model's embedding, after the prompts were allocated)."""
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
+        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)) or not hasattr(p, "__iter__"):
+            raise ValueError(f"prompts[{i}] must be a list of token ids, got {type(p).__name__}")
+        ids = list(p.tolist() if isinstance(p, (np.ndarray, torch.Tensor)) else p)
+        if not all(_is_int(t) for t in ids):
+            bad = next(t for t in ids if not _is_int(t))
+            raise ValueError(f"prompts[{i}] holds {bad!r}: token ids must be ints")
+        out.append([int(t) for t in ids])
+    if not out or any(not p for p in out):
+        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    try:
+        vocab = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    except (AttributeError, NotImplementedError):  # a model without one: its own error, if any, stands
+        vocab = None
+    if isinstance(vocab, int):
+        for i, p in enumerate(out):
+            if min(p) < 0 or max(p) >= vocab:
+                bad = min(p) if min(p) < 0 else max(p)
+                raise ValueError(f"prompts[{i}] holds token id {bad}, outside the model's vocabulary [0, {vocab})")
+    return out
+
+
 @dataclass
 class PagedGeneration(DecodePasses):
     """Greedy generation of one batch of prompts with its KV in ``pool``.
@@ -100,18 +135,18 @@ class PagedGeneration(DecodePasses):
     finished: list[bool] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        self.prompts = [[int(t) for t in p] for p in self.prompts]
-        if not self.prompts or any(not p for p in self.prompts):
-            raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        self.prompts = _token_lists(self.prompts, self.model)
         self._windows = check_model(self.model, self.pool)
         self._layers = layer_map(self.model)  # layers that reuse an earlier layer's K/V (Gemma-3n)
         self._chunks = layer_chunks(self.model, self.pool.spec.block_size)  # chunked layers (Llama-4)
         eos = self.eos_token_id
-        self._eos = (
-            set() if eos is None else {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
-        )
+        many = eos is not None and not _is_int(eos)
+        if many and (isinstance(eos, (str, bytes)) or not hasattr(eos, "__iter__")
+                     or not all(_is_int(e) for e in eos)):
+            raise ValueError(f"eos_token_id must be None, a token id or a list of them, got {eos!r}")
+        self._eos = set() if eos is None else {int(e) for e in eos} if many else {int(eos)}
         if self.salt is None:
             self.salt = default_salt(self.model)
         self._device = next(self.model.parameters()).device
