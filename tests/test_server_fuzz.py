@@ -112,6 +112,44 @@ def test_random_bytes(raw):
     check_reply(SERVER.handle(raw), None)
 
 
+def _same_state(x, y) -> bool:
+    (s1, b1, q1), (s2, b2, q2) = x, y
+    return s1 == s2 and np.array_equal(b1.state, b2.state) and np.array_equal(b1.ref_cnt, b2.ref_cnt) and \
+        [(i, list(t), n) for i, t, n in q1] == [(i, list(t), n) for i, t, n in q2]
+
+
+def _seeded() -> tuple[Server, str]:
+    """A server whose session holds a few sequences (ids 1-4, one sharing a block)."""
+    server, session = make_server()
+    for prompts in ([list(range(1, 11))], [list(range(1, 9)) + [11, 12, 13]], [[20] * 17, [21] * 3]):
+        assert decode_reply(server.handle(pack([VERSION, 1, session, "allocate", {"prompts": prompts}]))).error is None
+    return server, session
+
+
+SEEDED, SEEDED_SESSION = _seeded()
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(op=st.sampled_from(sorted(set(OPS) - {"bye", "hello", "batch"})),
+       args=st.dictionaries(st.sampled_from(["seq_ids", "prompts", "salt", "num_tokens", "token_ids", "upto",
+                                             "n", "lengths", "positions", "layer", "slots", "k", "v", "q", "out",
+                                             "query_lens", "scale", "nbytes", "share_in_batch", "window", "softcap",
+                                             "sinks", "chunk"]),
+                            arg_values, max_size=5),
+       rid=st.integers(0, 2**31))
+def test_an_error_reply_changes_nothing(op, args, rid):
+    """Over a session holding sequences: a request answered with an error leaves
+    every sequence, block and count as it was (from pool_helpers.snapshot)."""
+    from pool_helpers import snapshot
+
+    before = snapshot(SEEDED.pool)
+    reply = decode_reply(SEEDED.handle(pack([VERSION, rid, SEEDED_SESSION, op, args])))
+    if reply.error is not None:
+        assert reply.error.code in ERRORS_BY_CODE and reply.error.code != "internal", reply.error
+        assert _same_state(before, snapshot(SEEDED.pool)), (op, args, reply.error)
+    SEEDED.pool.check_integrity()
+
+
 def test_the_pool_still_serves_after_fuzzing():
     reply = decode_reply(SERVER.handle(pack([VERSION, 7, SESSION, "allocate", {"prompts": [[1, 2, 3]]}])))
     assert reply.error is None and reply.result[0][2] == 0
