@@ -87,12 +87,18 @@ def check_queries(spec: PoolSpec, seq_lens: np.ndarray, query_lens: Any = None,
     return query_lens, slots
 
 
+#: the largest float32: the kernels and the NumPy twin score in float32
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: a soft cap past this changes no float32 score (cap * tanh(s / cap) rounds to s): none is applied
+SOFTCAP_NONE = 1e30
+
+
 def check_scale(scale: Any, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if not isinstance(scale, (int, float, np.floating)) or isinstance(scale, bool) \
-            or not math.isfinite(scale) or scale <= 0:
-        raise InvalidArgument(f"scale must be a positive finite number, got {scale!r}")
+            or not math.isfinite(scale) or scale <= 0 or scale > FLOAT32_MAX:
+        raise InvalidArgument(f"scale must be a positive finite number a float32 holds, got {scale!r}")
     return float(scale)
 
 
@@ -184,13 +190,15 @@ def check_sinks(sinks: Any, num_q_heads: int, any_device: bool = False) -> np.nd
 
 
 def check_softcap(softcap: Any) -> float | None:
-    """An attention-logit soft cap: None or a positive finite number."""
+    """An attention-logit soft cap: None or a positive finite number; one past
+    `SOFTCAP_NONE` caps no float32 score, and is taken as none (in float32 a cap
+    past 3.4e38 would be infinite, and its scores NaN)."""
     if softcap is None:
         return None
     if not isinstance(softcap, (int, float, np.floating)) or isinstance(softcap, bool) \
             or not math.isfinite(softcap) or softcap <= 0:
         raise InvalidArgument(f"softcap must be None or a positive finite number, got {softcap!r}")
-    return float(softcap)
+    return None if softcap > SOFTCAP_NONE else float(softcap)
 
 
 

@@ -4,7 +4,6 @@ per-rank ops of a tensor-parallel pool (`kvpager.pool_rank`)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ from kvpager.plan import (
     check_chunk,
     check_floor,
     check_queries,
+    check_scale,
     check_softcap,
     check_window,
     chunk_step,
@@ -91,10 +91,7 @@ class PoolKV:
         else:  # rows of one chunk each, their tables from their chunk's first block
             tables, seq_lens, qlens = chunk_step(tables, seq_lens, qlens, check_chunk(chunk), spec.block_size)
             check_floor(table_floor(tables, spec.block_size), seq_lens, qlens, window)
-        if scale is None:
-            scale = 1.0 / math.sqrt(spec.head_dim)
-        elif not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-            raise InvalidArgument(f"scale must be a positive finite number, got {scale!r}")
+        scale = check_scale(scale, spec.head_dim)
         self.pending = True
         return self.backend.attend(
             int(layer), q, tables, seq_lens, qlens, float(scale),

@@ -162,3 +162,23 @@ def test_released_blocks_are_freed_and_attention_must_keep_within_the_window():
     pool.free([kid, *seqs])
     pool.check_integrity()
     assert pool.stats().free_blocks + pool.stats().evictable_blocks == spec.num_blocks - 1
+
+
+def test_a_soft_cap_or_scale_past_float32_is_no_nan():
+    """Scores are float32: a soft cap past 3.4e38 was infinite there and every output
+    NaN; one that large caps nothing and is taken as none, and a scale past float32's
+    range is refused by name."""
+    spec = PoolSpec(num_layers=1, num_kv_heads=2, head_dim=16, num_blocks=32, block_size=8, dtype="float32")
+    pool = KVPool(spec)
+    rng = np.random.default_rng(9)
+    (a,) = pool.allocate([list(range(20))])
+    pool.write(0, a.slots, rng.standard_normal((20, 2, 16), np.float32), rng.standard_normal((20, 2, 16), np.float32))
+    q = rng.standard_normal((1, 4, 16), np.float32)
+    full = pool.attend(0, [a.seq_id], q)
+    for cap in (1e31, 1e39, 1e300):
+        np.testing.assert_array_equal(pool.attend(0, [a.seq_id], q, softcap=cap), full)
+        plan = pool.plan([a.seq_id], None)
+        np.testing.assert_array_equal(plan.attend(0, q, softcap=cap), full)
+    assert not np.array_equal(pool.attend(0, [a.seq_id], q, softcap=0.5), full)
+    with pytest.raises(InvalidArgument, match="a float32 holds"):
+        pool.attend(0, [a.seq_id], q, scale=1e39)
