@@ -135,9 +135,10 @@ class KVAccess:
             raise InvalidArgument(f"query_lens must be integers, got {query_lens!r}")
         if qlens.ndim > 1 or qlens.ndim == 1 and len(qlens) != len(lens):
             raise InvalidArgument(f"query_lens has {qlens.size} entries for {len(lens)} sequences")
-        qlens = np.broadcast_to(qlens.astype(np.int32, copy=False), lens.shape)
-        if len(lens) and (qlens.min() < 1 or (qlens > lens).any()):
+        qlens = np.broadcast_to(qlens, lens.shape)
+        if len(lens) and (qlens.min() < 1 or (qlens > lens).any()):  # (checked before the int32 cast wraps)
             raise InvalidArgument(f"query_lens must be in [1, sequence length], got {qlens.tolist()}")
+        qlens = qlens.astype(np.int32, copy=False)
         q = self._check_q(q, int(qlens.sum()))
         scale = check_scale(scale, self.spec.head_dim)
         window, softcap = check_window(window), check_softcap(softcap)

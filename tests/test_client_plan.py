@@ -158,6 +158,10 @@ def test_chunked_attention_here_and_by_the_daemon(server, client):
     for bad_qlens in ([], [1, 2], [[30, 1, 4]]):  # a ValueError from NumPy's broadcast before
         with pytest.raises(InvalidArgument, match="query_lens has"):
             client.local_attend(1, ids, q, bad_qlens)
+    # past int32: the local cast wrapped it into 1 (taken), where the daemon refuses it
+    for attend in (client.local_attend, client.remote_attend):
+        with pytest.raises(InvalidArgument, match="query_lens"):
+            attend(1, ids, q, [(1 << 32) + 30, 1, 4])
     client.free(ids)
     client.check_integrity()
 
