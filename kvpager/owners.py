@@ -17,8 +17,14 @@ from typing import Any
 
 import numpy as np
 
+from kvpager.errors import InvalidArgument
+
 #: The code of an owner nobody has: a check against it fails for every row.
 NO_CODE = -1
+
+
+def unhashable(owner: Any) -> InvalidArgument:
+    return InvalidArgument(f"owner must be a hashable name, got {type(owner).__name__}")
 
 
 class OwnerIndex:
@@ -32,8 +38,12 @@ class OwnerIndex:
         self._next = itertools.count(1)
 
     def code(self, owner: Any) -> int:
-        """The code of ``owner``, NO_CODE if it owns nothing."""
-        return self._codes.get(owner, NO_CODE)
+        """The code of ``owner``, NO_CODE if it owns nothing (InvalidArgument for an
+        owner that cannot be one: unhashable)."""
+        try:
+            return self._codes.get(owner, NO_CODE)
+        except TypeError:
+            raise unhashable(owner) from None
 
     def owner(self, code: int) -> Any:
         return self._owners[code]
@@ -44,7 +54,10 @@ class OwnerIndex:
 
     def ids(self, owner: Any) -> list[int]:
         """``owner``'s live sequence ids, in id order."""
-        return list(self.owned.get(owner, ()))
+        try:
+            return list(self.owned.get(owner, ()))
+        except TypeError:
+            raise unhashable(owner) from None
 
     def add(self, owner: Any, ids: Seq[int]) -> int:
         """``ids`` (new, increasing) now belong to ``owner``; returns its code."""

@@ -84,10 +84,7 @@ class SequenceManager(SequenceLookup):
     def owned(self, owner: Any) -> list[int]:
         """Ids of ``owner``'s live sequences, in id order (InvalidArgument for an
         owner that cannot be one: unhashable)."""
-        try:
-            return self.owners.ids(owner)
-        except TypeError:
-            raise InvalidArgument(f"owner must be a hashable name, got {type(owner).__name__}") from None
+        return self.owners.ids(owner)
 
     @property
     def num_sequences(self) -> int:

@@ -142,6 +142,7 @@ _ZERO_D_REFUSED_EMBEDDED = [
     pytest.param(lambda p, s: p.pin({"a": 1}), "prompts", id="pin a dict"),
     pytest.param(lambda p, s: p.fork([s["a"]], np.array([], np.int64)), "fork: n", id="fork n empty array"),
     pytest.param(lambda p, s: p.sequences([]), "owner", id="sequences of a list owner"),
+    pytest.param(lambda p, s: p.check_owner([s["a"]], np.array([1.0, 2.0])), "owner", id="check_owner an array"),
     pytest.param(lambda p, s: p.write(0, {"a": 1}, np.zeros((1, 2, p.spec.head_dim), np.float32),
                                       np.zeros((1, 2, p.spec.head_dim), np.float32)), "slots", id="write dict slots"),
     pytest.param(lambda p, s: p.plan([s["a"]], 1, {"a": 1}), "slots", id="plan dict slots"),
