@@ -157,7 +157,14 @@ class Dispatch:
             return self._error_reply(rid, op, e)
 
     def _error_reply(self, rid: int | None, op: str, e: Exception) -> bytes:
-        return encode_reply(getattr(e, "request_id", rid), None, self._error_info(op, e))
+        info = self._error_info(op, e)
+        rid = getattr(e, "request_id", rid)
+        try:
+            return encode_reply(rid, None, info)
+        except Exception:  # details (or an id) the wire cannot carry: the error still goes back, without them
+            log.warning("%s: error details not encodable; replied without them", op)
+            return encode_reply(rid if type(rid) is int and 0 <= rid < 1 << 64 else None, None,
+                                ErrorInfo(info.code, info.message))
 
     def _error_info(self, op: str, e: Exception) -> ErrorInfo:
         """The typed error of ``op``'s failure (counted as the request's result)."""

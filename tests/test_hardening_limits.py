@@ -254,3 +254,20 @@ def test_lists_of_id_lists_are_counted_whatever_they_hold():
         assert c.stats() == before
         c._call("record_tokens", {"seq_ids": ids, "token_ids": [[7] * 16, [8] * 16]})  # 32: within it
         c.check_integrity()
+
+
+@pytest.mark.parametrize("call", [
+    lambda c, ids: c.append(ids, 1 << 63),  # 2 x 2**63 token slots: a count past uint64 in the limit's details
+    lambda c, ids: c.fork(ids, 1 << 63),
+])
+def test_a_limit_counting_past_uint64_is_answered_and_the_daemon_lives(call):
+    """A limit's error carried the count it measured in its details; 2 x 2**63 is past
+    what msgpack can carry, encoding the error reply raised, and the daemon's loop died
+    with it. The reply now carries that count as text, and the daemon keeps serving."""
+    with running_server(SMALL) as server, Client(server.endpoint, timeout=10) as c:
+        ids = [s.seq_id for s in c.allocate([[1, 2, 3], [4, 5]])]
+        with pytest.raises(LimitExceeded) as raised:
+            call(c, ids)
+        assert str(1 << 64) in str(raised.value)
+        assert c.stats().num_sequences == 2  # still serving, nothing changed
+        server.pool.check_integrity()
