@@ -44,7 +44,7 @@ from kvpager.events_pub import EventPublisher, EventsConfig
 from kvpager.limits import Limits
 from kvpager.metrics import RequestMetrics
 from kvpager.pool import KVPool
-from kvpager.protocol import OPS
+from kvpager.protocol import OPS, ErrorInfo, encode_reply
 from kvpager.request_memo import RequestMemo
 from kvpager.server_bind import Binding
 from kvpager.server_dispatch import Dispatch
@@ -191,7 +191,11 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
                 now = self._idle = time.monotonic()  # the queue is empty: everything sent is read
             else:
                 # [routing id, (empty delimiter from REQ), body]: answer on the same envelope.
-                frames[-1] = self.handle(frames[-1])
+                try:
+                    frames[-1] = self.handle(frames[-1])
+                except Exception as e:  # handle never raises: a bug in it must not end the daemon
+                    log.error("a request's handling raised; answered as an internal error", exc_info=e)
+                    frames[-1] = encode_reply(None, None, ErrorInfo("internal", f"internal error: {type(e).__name__}"))
                 try:
                     sock.send_multipart(frames, zmq.NOBLOCK)
                 except zmq.ZMQError as e:  # peer gone or its queue full: its problem, not ours

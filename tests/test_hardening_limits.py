@@ -271,3 +271,24 @@ def test_a_limit_counting_past_uint64_is_answered_and_the_daemon_lives(call):
         assert str(1 << 64) in str(raised.value)
         assert c.stats().num_sequences == 2  # still serving, nothing changed
         server.pool.check_integrity()
+
+
+def test_a_request_whose_handling_raises_is_answered_and_the_daemon_lives(monkeypatch):
+    """`Server.handle` never raises; if a bug made it, the loop answers that request
+    with an internal error and serves the next, rather than ending the daemon."""
+    from kvpager.errors import InternalError
+
+    with running_server(SMALL) as server, Client(server.endpoint, timeout=10) as c:
+        real = server.handle
+        calls = []
+
+        def broken(body):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("a bug")
+            return real(body)
+
+        monkeypatch.setattr(server, "handle", broken)
+        with pytest.raises(InternalError):
+            c.stats()
+        assert c.stats().num_sequences == 0
