@@ -39,6 +39,8 @@ import socket
 import threading
 from typing import Any
 
+import numpy as np
+
 from kvpager import env
 from kvpager.backends.ranked import rank_spec
 from kvpager.channel import Channel
@@ -84,6 +86,9 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self.endpoint = check_endpoint(endpoint or default_endpoint())
         if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
             raise InvalidArgument(f"rank must be an int >= 0 (this worker's tensor-parallel rank), got {rank!r}")
+        if timeout is not None and (not isinstance(timeout, (int, float, np.integer, np.floating))
+                                    or isinstance(timeout, bool)):
+            raise InvalidArgument(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.timeout = env.timeout_s() if timeout is None else float(timeout)
         if not 0 < self.timeout < float("inf"):
             raise InvalidArgument(f"timeout must be a positive number of seconds, got {timeout!r}")

@@ -287,3 +287,10 @@ def test_a_plan_refuses_an_out_it_could_not_write_in_place():
     good = torch.full((1, 2, pool.spec.head_dim), float("nan"))
     assert plan.attend(0, q, out=good) is good and not good.isnan().any()
 
+
+
+@pytest.mark.parametrize("timeout", ["x", True, [1], float("nan"), -1.0, 0])
+def test_a_client_refuses_a_timeout_that_is_no_number_of_seconds(timeout):
+    """Checked before any connection (a str was a ValueError from float())."""
+    with pytest.raises(InvalidArgument, match="timeout must be"):
+        Client("ipc:///nonexistent/kvpager.sock", timeout=timeout)
