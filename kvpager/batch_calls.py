@@ -46,7 +46,7 @@ def parse_calls(calls: Sequence[Any]) -> list[tuple[str, dict[str, Any], dict[st
             raise InvalidArgument(f"batch: {method} takes {', '.join(params)}; got {len(args)} positional "
                                   f"and {sorted(kwargs)}")
         named = {**dict(zip(params, args)), **kwargs}
-        if "seq_ids" not in named:
+        if named.get("seq_ids") is None:
             raise InvalidArgument(f"batch: {method} needs seq_ids")
         out.append((method, named, extra))
     return out

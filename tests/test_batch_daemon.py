@@ -179,6 +179,17 @@ def test_malformed_batches_are_refused_before_anything_runs(server, ops, error):
         assert c.sequence(a.seq_id).num_tokens == 20  # the daemon serves on
 
 
+@pytest.mark.parametrize("calls", [[("free", None)], [("truncate", None, 3)], [("commit", None)]])
+def test_a_client_batch_without_ids_is_refused_before_anything_runs(server, calls):
+    """seq_ids given as None (a KeyError inside the client before)."""
+    with Client(server.endpoint) as c:
+        [a] = c.allocate([list(range(20))])
+        before = pool_state(server.pool)
+        with pytest.raises(InvalidArgument, match="needs seq_ids"):
+            c.batch([("append_flat", [a.seq_id], 1), *calls])
+        assert pool_state(server.pool) == before
+
+
 def test_limits_apply_to_every_op_and_token_ids_to_the_whole_batch():
     with running_server(SMALL, limits=Limits(ids=4)) as srv, Client(srv.endpoint) as c:
         allocs = c.allocate([[i, i + 1] for i in range(4)])
