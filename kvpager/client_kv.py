@@ -21,7 +21,6 @@ from kvpager.client_tables import id_list
 from kvpager.errors import InvalidArgument, SessionLost
 from kvpager.plan import (
     StepPlan,
-    check_chunk,
     check_scale,
     check_sinks,
     check_softcap,
@@ -143,8 +142,7 @@ class KVAccess:
         scale = check_scale(scale, self.spec.head_dim)
         window, softcap = check_window(window), check_softcap(softcap)
         if chunk is not None:  # rows of one chunk each (`kvpager.plan.chunk_step`)
-            tables, lens, qlens = chunk_step(tables, lens, np.asarray(qlens, np.int32), check_chunk(chunk),
-                                             self.spec.block_size)
+            tables, lens, qlens = chunk_step(tables, lens, qlens, chunk, self.spec.block_size)
         if self.gpu:
             return pool.attend(int(layer), q, tables, lens, np.ascontiguousarray(qlens), scale,
                                window=window, softcap=softcap, sinks=sinks)

@@ -136,7 +136,8 @@ def chunk_step(tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
     Returns (tables as wide as the step's, seq_lens, query_lens); the step's own
     arrays where no query is past the first chunk. InvalidArgument where a
     piece's chunk starts inside a block (a block size that does not divide
-    ``chunk``)."""
+    ``chunk``, or a chunk that is no positive int: `check_chunk`)."""
+    chunk = check_chunk(chunk)
     lens = seq_lens.astype(np.int64)
     first = lens - query_lens  # each sequence's first query position
     k0, k1 = first // chunk, (lens - 1) // chunk  # the chunks its queries fall in

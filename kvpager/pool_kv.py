@@ -13,7 +13,6 @@ from kvpager import validate
 from kvpager.errors import InvalidArgument
 from kvpager.plan import (
     StepPlan,
-    check_chunk,
     check_floor,
     check_queries,
     check_scale,
@@ -89,7 +88,7 @@ class PoolKV:
         if chunk is None:
             check_floor(self.manager.floors(ids), seq_lens, qlens, window)
         else:  # rows of one chunk each, their tables from their chunk's first block
-            tables, seq_lens, qlens = chunk_step(tables, seq_lens, qlens, check_chunk(chunk), spec.block_size)
+            tables, seq_lens, qlens = chunk_step(tables, seq_lens, qlens, chunk, spec.block_size)
             check_floor(table_floor(tables, spec.block_size), seq_lens, qlens, window)
         scale = check_scale(scale, spec.head_dim)
         self.pending = True

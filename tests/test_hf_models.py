@@ -198,48 +198,27 @@ def test_a_chunk_the_block_size_does_not_divide_is_refused():
         [reference(model, tokens, 12)]
 
 
-def test_windows_and_softcap_through_a_daemon_client():
-    """A worker of the daemon plans from its own mirror over the mapped pool:
-    windows and the soft cap apply there too."""
+# A worker of the daemon plans from its own mirror over the mapped pool: what each family
+# needs of a plan holds there too (family: what it checks, the pool layers the daemon holds).
+THROUGH_DAEMON = {
+    "gemma2": 4,  # windows and the soft cap
+    "gemma3n": 3,  # layers that reuse earlier layers' K/V: the daemon's pool holds only those that store
+    "llama4": 4,  # chunked layers: the plans' chunked views; queries scaled by position
+}
+
+
+@pytest.mark.parametrize("family", list(THROUGH_DAEMON))
+def test_family_through_a_daemon_client(family):
     pytest.importorskip("zmq")
     from daemon_helpers import running_server
 
     from kvpager.client import Client
 
-    model = make_model("gemma2")
-    prompts = [prompt(30, seed=10), prompt(17, seed=11)]
-    with running_server(spec_for_model(model, num_blocks=64, block_size=8)) as server, \
-            Client(server.endpoint) as pool:
-        assert generate(model, pool, prompts, 10) == [reference(model, p, 10) for p in prompts]
-
-
-def test_shared_kv_layers_through_a_daemon_client():
-    """Gemma-3n's layers that reuse earlier layers' K/V attend over the mapped pool's
-    layers too; the daemon's pool holds only the layers that store."""
-    pytest.importorskip("zmq")
-    from daemon_helpers import running_server
-
-    from kvpager.client import Client
-
-    model = make_model("gemma3n")
+    model = make_model(family)
     prompts = [prompt(30, seed=10), prompt(17, seed=11)]
     spec = spec_for_model(model, num_blocks=64, block_size=8)
-    assert spec.num_layers == 3
+    assert spec.num_layers == THROUGH_DAEMON[family]
     with running_server(spec) as server, Client(server.endpoint) as pool:
-        assert generate(model, pool, prompts, 10) == [reference(model, p, 10) for p in prompts]
-
-
-def test_chunked_layers_through_a_daemon_client():
-    """A worker's plans over the mapped pool make their chunked views too."""
-    pytest.importorskip("zmq")
-    from daemon_helpers import running_server
-
-    from kvpager.client import Client
-
-    model = make_model("llama4")
-    prompts = [prompt(30, seed=10), prompt(17, seed=11)]
-    with running_server(spec_for_model(model, num_blocks=64, block_size=8)) as server, \
-            Client(server.endpoint) as pool:
         assert generate(model, pool, prompts, 10) == [reference(model, p, 10) for p in prompts]
 
 

@@ -56,15 +56,11 @@ from kvpager.hf.model import (  # noqa: F401
 from kvpager.hf.passes import HostBuffers, Owed, Pass
 from kvpager.hf.pipeline import DecodePasses
 from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
+from kvpager.validate import is_int
 
 __all__ = ["PagedBatch", "PagedGeneration", "default_salt", "generate", "layer_windows", "spec_for_model"]
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def _is_int(v: Any) -> bool:
-    """An int (a NumPy integer too), not a bool."""
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def _token_lists(prompts: Any, model: Any) -> list[list[int]]:
@@ -79,8 +75,8 @@ def _token_lists(prompts: Any, model: Any) -> list[list[int]]:
         if isinstance(p, (str, bytes)) or not hasattr(p, "__iter__"):
             raise ValueError(f"prompts[{i}] must be a list of token ids, got {type(p).__name__}")
         ids = list(p.tolist() if isinstance(p, (np.ndarray, torch.Tensor)) else p)
-        if not all(_is_int(t) for t in ids):
-            bad = next(t for t in ids if not _is_int(t))
+        if not all(is_int(t) for t in ids):
+            bad = next(t for t in ids if not is_int(t))
             raise ValueError(f"prompts[{i}] holds {bad!r}: token ids must be ints")
         out.append([int(t) for t in ids])
     if not out or any(not p for p in out):
@@ -135,16 +131,16 @@ class PagedGeneration(DecodePasses):
     finished: list[bool] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         self.prompts = _token_lists(self.prompts, self.model)
         self._windows = check_model(self.model, self.pool)
         self._layers = layer_map(self.model)  # layers that reuse an earlier layer's K/V (Gemma-3n)
         self._chunks = layer_chunks(self.model, self.pool.spec.block_size)  # chunked layers (Llama-4)
         eos = self.eos_token_id
-        many = eos is not None and not _is_int(eos)
+        many = eos is not None and not is_int(eos)
         if many and (isinstance(eos, (str, bytes)) or not hasattr(eos, "__iter__")
-                     or not all(_is_int(e) for e in eos)):
+                     or not all(is_int(e) for e in eos)):
             raise ValueError(f"eos_token_id must be None, a token id or a list of them, got {eos!r}")
         self._eos = set() if eos is None else {int(e) for e in eos} if many else {int(eos)}
         if self.salt is None:
