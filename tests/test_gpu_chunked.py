@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gpu_helpers import cupy_torch_or_skip
+from gpu_helpers import CapturedDecode, cupy_torch_or_skip
 
 cupy, torch = cupy_torch_or_skip()
 
@@ -64,47 +64,24 @@ def test_a_multi_token_step_across_chunk_starts(dtype, block_size, chunk):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_a_captured_decode_step_follows_its_sequences_into_their_next_chunks(dtype):
-    g = torch.Generator().manual_seed(5)
     pool = make(dtype, 16)
-    hkv, d = pool.spec.num_kv_heads, pool.spec.head_dim
     chunk = 32
-    lens = [30, 31, 5, 63, 95]  # cross a chunk start at different steps
-    allocs = pool.allocate([list(range(100 + i, 100 + i + n)) for i, n in enumerate(lens)])
-    ids = [a.seq_id for a in allocs]
-    prefill = pool.plan(ids, lens, np.concatenate([a.slots for a in allocs]))
-    for layer in range(2):
-        prefill.write(layer, rand(g, sum(lens), hkv, d, dtype=dtype), rand(g, sum(lens), hkv, d, dtype=dtype))
-    bucket, width = 8, 10
-    k, v = (torch.zeros(2, bucket, hkv, d, dtype=getattr(torch, dtype), device="cuda") for _ in range(2))
-    q = torch.zeros(2, bucket, HQ, d, dtype=getattr(torch, dtype), device="cuda")
 
-    def fill(n: int) -> None:
-        for t in (k, v, q):
-            t.zero_()
-            t[:, :n] = rand(g, 2, n, t.shape[2], d, dtype=dtype)
-
-    def step(plan):  # layer 0 chunked, layer 1 full
+    def step(plan, q, k, v):  # layer 0 chunked, layer 1 full
         return [plan.write_attend(layer, q[layer].transpose(0, 1)[None], k[layer].transpose(0, 1)[None],
                                   v[layer].transpose(0, 1)[None], chunk=chunk if layer == 0 else None)[0]
                 for layer in range(2)]
 
-    fill(len(ids))
-    plan = pool.plan(ids, None, pool.append_flat(ids, 1), num_rows=bucket, width=width, num_q_heads=HQ)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step(plan)  # warm-up: the chunked view built, kernels compiled
-    torch.cuda.current_stream().wait_stream(side)
+    # lengths that cross a chunk start at different steps
+    cap = CapturedDecode(pool, [30, 31, 5, 63, 95], bucket=8, width=10, num_q_heads=HQ, step=step, seed=5)
+    ids, q, plan, graph, outs = cap.ids, cap.q, cap.plan, cap.graph, cap.outs
     assert plan.chunked(chunk) is not plan  # a plan that can be refilled keeps a view of its own
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step(plan)
     for n_live in (5, 5, 5, 4, 4, 3):
         ids = ids[:n_live]
         slots = pool.append_flat(ids, 1)
         tables, seq_lens = pool.tables(ids)
         plan.update(tables, seq_lens, None, slots)
-        fill(n_live)
+        cap.fill(n_live)
         graph.replay()
         torch.cuda.synchronize()
         kv = host_kv(pool)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gpu_helpers import cupy_torch_or_skip
+from gpu_helpers import CapturedDecode, cupy_torch_or_skip
 
 cupy, torch = cupy_torch_or_skip()
 
@@ -187,43 +187,21 @@ def test_plan_checks_tensors_before_launching():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_captured_decode_step_replays_new_tables_like_the_eager_step(dtype):
-    g = torch.Generator().manual_seed(2)
     pool = make(dtype)
-    hkv, d = pool.spec.num_kv_heads, pool.spec.head_dim
-    lens = [15, 16, 33, 50, 7]  # appends cross block boundaries at different steps
-    allocs = pool.allocate([list(range(100 + i, 100 + i + n)) for i, n in enumerate(lens)])
-    ids = [a.seq_id for a in allocs]
-    prefill = pool.plan(ids, lens, np.concatenate([a.slots for a in allocs]))
-    for layer in range(2):
-        prefill.write(layer, rand(g, sum(lens), hkv, d, dtype=dtype), rand(g, sum(lens), hkv, d, dtype=dtype))
-    bucket, width = 8, 8
-    k, v = (torch.zeros(2, bucket, hkv, d, dtype=getattr(torch, dtype), device="cuda") for _ in range(2))
-    q = torch.zeros(2, bucket, HQ, d, dtype=getattr(torch, dtype), device="cuda")
 
-    def fill(n: int) -> None:
-        for t in (k, v, q):
-            t.zero_()
-            t[:, :n] = rand(g, 2, n, t.shape[2], d, dtype=dtype)
-
-    def step(plan):
+    def step(plan, q, k, v):
         return [(plan.write(layer, k[layer], v[layer]), plan.attend(layer, q[layer]))[1] for layer in range(2)]
 
-    fill(len(ids))
-    plan = pool.plan(ids, None, pool.append_flat(ids, 1), num_rows=bucket, width=width, num_q_heads=HQ)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step(plan)  # warm-up: kernels compiled, launches packed
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step(plan)
+    # appends cross block boundaries at different steps
+    width = 8
+    cap = CapturedDecode(pool, [15, 16, 33, 50, 7], bucket=8, width=width, num_q_heads=HQ, step=step, seed=2)
+    ids, q, k, plan, graph, outs = cap.ids, cap.q, cap.k, cap.plan, cap.graph, cap.outs
     for n_live in (5, 5, 4, 3):  # new tables and lengths each time, then fewer sequences
         ids = ids[:n_live]
         slots = pool.append_flat(ids, 1)
         tables, seq_lens = pool.tables(ids)
         plan.update(tables, seq_lens, None, slots)
-        fill(n_live)
+        cap.fill(n_live)
         graph.replay()
         torch.cuda.synchronize()
         eager = pool.plan(ids, None, slots)
