@@ -304,7 +304,7 @@ class StepPlan(ABC):
                 raise InvalidArgument(f"write_attend: {name} must be [1, heads, num_tokens, head_dim], "
                                       f"got shape {shape}")
         qt = q[0].swapaxes(0, 1)
-        check_q_shape(tuple(qt.shape), self.num_tokens, self.spec)
+        self.check_query(qt, check_q_shape(tuple(qt.shape), self.num_tokens, self.spec), sinks)
         check_scale(scale, self.spec.head_dim)
         check_softcap(softcap)
         target = self if chunk is None else self.chunked(chunk)
@@ -314,6 +314,13 @@ class StepPlan(ABC):
             check_window(window)
         self.write(layer, k[0].swapaxes(0, 1), v[0].swapaxes(0, 1))
         return target.attend(layer, qt, scale, window=window, softcap=softcap, sinks=sinks)[None]
+
+    def check_query(self, q: Any, heads: int, sinks: Any) -> None:
+        """For `write_attend`, before its write: InvalidArgument for what `attend`
+        would refuse in ``q`` ([num_tokens, heads, head_dim], shape checked) and
+        ``sinks``. Here the sinks' shape; a backend's plan checks q's kind too."""
+        if sinks is not None:
+            check_sinks_shape(sinks, heads)
 
     def update(self, tables: Any, seq_lens: Any, query_lens: Any = None, slots: Any = None) -> None:
         """Refill the plan in place with another step of the same shape (see the backend's plan)."""

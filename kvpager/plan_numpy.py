@@ -20,26 +20,33 @@ from kvpager.plan import (
 )
 
 
-def to_numpy(x: Any, name: str, dtype: np.dtype) -> tuple[np.ndarray, bool]:
-    """A NumPy view of ``x`` in ``dtype`` (NumPy array or CPU torch tensor) and
-    whether it came from torch."""
+def check_kind(x: Any, name: str, dtype: np.dtype) -> bool:
+    """InvalidArgument unless ``x`` is a NumPy array or a CPU torch tensor of
+    ``dtype``; whether it is a torch tensor."""
     if isinstance(x, np.ndarray):
         if x.dtype != dtype:
             raise InvalidArgument(f"{name} must have dtype {dtype}, got {x.dtype}")
-        return x, False
+        return False
     if type(x).__module__.startswith("torch"):
         if x.device.type != "cpu":
             raise InvalidArgument(f"{name} is on {x.device}; this pool is on the CPU")
-        want = str(dtype)
-        if str(x.dtype).removeprefix("torch.") != want:
-            raise InvalidArgument(f"{name} must have dtype {want}, got {x.dtype}")
-        x = x.detach().contiguous()
-        if want == "bfloat16":  # NumPy has no bfloat16: cross as raw bits
-            import torch
-
-            return x.view(torch.int16).numpy().view(dtype), True
-        return x.numpy(), True
+        if str(x.dtype).removeprefix("torch.") != str(dtype):
+            raise InvalidArgument(f"{name} must have dtype {dtype}, got {x.dtype}")
+        return True
     raise InvalidArgument(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+
+
+def to_numpy(x: Any, name: str, dtype: np.dtype) -> tuple[np.ndarray, bool]:
+    """A NumPy view of ``x`` in ``dtype`` (NumPy array or CPU torch tensor) and
+    whether it came from torch."""
+    if not check_kind(x, name, dtype):
+        return x, False
+    x = x.detach().contiguous()
+    if str(dtype) == "bfloat16":  # NumPy has no bfloat16: cross as raw bits
+        import torch
+
+        return x.view(torch.int16).numpy().view(dtype), True
+    return x.numpy(), True
 
 
 def from_numpy(out: np.ndarray) -> Any:
@@ -72,6 +79,11 @@ class NumpyPlan(StepPlan):
                 raise InvalidArgument(f"{name} must have shape {shape}, got {x.shape}")
         self.backend.write(layer, self.slots, k, v)
 
+    def check_query(self, q: Any, heads: int, sinks: Any) -> None:
+        """See `StepPlan.check_query`: q's kind and dtype and the sinks, as `attend` checks them."""
+        check_kind(q, "q", self.spec.np_dtype)
+        check_sinks(sinks, heads)
+
     def attend(self, layer: int, q: Any, scale: float | None = None, out: Any = None, *,
                window: int | None = None, softcap: float | None = None, sinks: Any = None) -> Any:
         from kvpager.backends.numpy_backend import paged_attention
@@ -88,6 +100,8 @@ class NumpyPlan(StepPlan):
         dest = None if out is None else to_numpy(out, "out", spec.np_dtype)[0]
         if dest is not None and dest.shape != qn.shape:
             raise InvalidArgument(f"out must have q's shape {qn.shape}, got {dest.shape}")
+        if dest is not None and not dest.flags.writeable:
+            raise InvalidArgument("out must be writable (the result is written into its memory)")
         res = paged_attention(self.backend.kv, layer, qn, self.tables, self.seq_lens, self.query_lens,
                               check_scale(scale, spec.head_dim), window=check_window(window),
                               softcap=check_softcap(softcap), kv_scales=self.backend.scales, sinks=sinks)

@@ -23,6 +23,7 @@ class PoolControl:
         a prefix again counts: each `unpin` drops one. LimitExceeded (nothing
         changes) past ``max_pinned_blocks``. ``owner``: whose pin (a daemon's session)."""
         validate.prompts(prompts)
+        validate.owner(owner)
         salts = validate.per_seq(salt, len(prompts), "salt")
         m = self.manager
         return m.pins.pin(m.pool, self.spec.block_size, prompts, salts, owner)
@@ -33,6 +34,7 @@ class PoolControl:
         returns the tokens it held. NotPinned (nothing changes) for a prompt
         ``owner`` holds no pin of. Unpinned blocks become evictable, still cached."""
         validate.prompts(prompts)
+        validate.owner(owner)
         salts = validate.per_seq(salt, len(prompts), "salt")
         m = self.manager
         return m.pins.unpin(m.pool, self.spec.block_size, prompts, salts, owner)
@@ -40,12 +42,12 @@ class PoolControl:
     def release_pins(self, owner: Any) -> int:
         """Drop every pin of ``owner`` (the daemon: a session that ended); returns how many."""
         m = self.manager
-        return m.pins.release(m.pool, owner)
+        return m.pins.release(m.pool, validate.owner(owner))
 
     def pins(self, owner: Any = EVERY) -> list[PinInfo]:
         """Every pin, or ``owner``'s."""
         pins, bs = self.manager.pins, self.spec.block_size
-        return pins.infos(bs) if owner is EVERY else pins.infos(bs, owner)
+        return pins.infos(bs) if owner is EVERY else pins.infos(bs, validate.owner(owner))
 
     def set_quota(self, salt: str | bytes | None, blocks: int | None) -> None:
         """A soft quota on the cached blocks of ``salt``'s tenant (None: none):

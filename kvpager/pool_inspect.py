@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from kvpager import validate
 from kvpager.errors import InvalidArgument
 from kvpager.events import EventSink
 from kvpager.pool_control import EVERY
@@ -18,6 +19,15 @@ class PoolInspection:
     ``remote``, the copy counters and ``owned``."""
 
     def sequence(self, seq_id: int) -> SequenceInfo:
+        """One live sequence's `SequenceInfo` (else UnknownSequence). ``seq_id``: an
+        int (a NumPy integer or a 0-d integer array: the int it holds); a bool, a
+        float or a list is InvalidArgument, as in every other op."""
+        if type(seq_id) is not int:
+            if isinstance(seq_id, np.ndarray) and seq_id.ndim == 0:
+                seq_id = validate.zero_d(seq_id, "seq_id")
+            elif not validate.is_int(seq_id):
+                raise InvalidArgument(f"seq_id must be an int, got {seq_id!r}")
+            seq_id = int(seq_id)
         [info] = self.manager.infos([seq_id])
         return info
 

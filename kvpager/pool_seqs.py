@@ -59,6 +59,8 @@ class PoolSequences:
         the store (one batch) and restored into device blocks; they count in
         ``num_cached_tokens`` and in ``num_remote_tokens``."""
         m = self.manager
+        if owner is not None:
+            validate.owner(owner)
         if type(prompts) is list and len(prompts) == 1 and type(salt) in _ONE_SALT and type(share_in_batch) is bool \
                 and type(prompts[0]) in _ONE_PROMPT and self.remote is None and m.scalar:
             # One prompt, checked as `validate.prompts` / `per_seq` would: straight to its path.

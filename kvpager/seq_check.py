@@ -10,7 +10,7 @@ rows' known-token counts.
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -67,6 +67,12 @@ def infos(m: SequenceManager, seq_ids: list[int]) -> list[SequenceInfo]:
     ]
 
 
+def _other(a: Any, b: Any) -> bool:
+    """Whether owners ``a`` and ``b`` differ (an owner is itself even where it is
+    unequal to itself: a float NaN)."""
+    return a is not b and a != b
+
+
 def check_integrity(m: SequenceManager) -> None:
     """See `SequenceManager.check_integrity`."""
     bs, bt, pool = m.block_size, m.table, m.pool
@@ -119,7 +125,7 @@ def check_integrity(m: SequenceManager) -> None:
             problems.append("a token history held by several sequences is not marked shared")
     owners = Counter(bt.owner[rows].tolist())
     indexed = m.owners.counts()
-    if owners != Counter(indexed) or any(m.rows.get(s) is None or m.owner_of(m.rows[s]) != o
+    if owners != Counter(indexed) or any(m.rows.get(s) is None or _other(m.owner_of(m.rows[s]), o)
                                          for o, mine in m.owners.owned.items() for s in mine):
         problems.append(f"owner index ({sum(indexed.values())} sequences of {len(indexed)} owners) "
                         f"disagrees with the rows ({len(rows)} of {len(owners)})")

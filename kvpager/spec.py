@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -234,15 +235,25 @@ class PoolSpec:
     ) -> PoolSpec:
         """Size a pool to fit a memory budget: as many whole blocks as fit in
         ``device_bytes`` (and ``host_bytes`` for the swap pool)."""
+        device_bytes, host_bytes = _bytes(device_bytes, "device_bytes"), _bytes(host_bytes, "host_bytes")
         probe = cls(num_layers, num_kv_heads, head_dim, 2, block_size, dtype, kv_dtype=kv_dtype,
                     kv_scales=kv_scales)  # type: ignore[arg-type]
         per_block = probe.bytes_per_block
-        num_blocks = int(device_bytes) // per_block
+        num_blocks = device_bytes // per_block
         if num_blocks < 2:
             raise InvalidArgument(
                 f"device_bytes={device_bytes} holds {num_blocks} blocks of {per_block} bytes; need at least 2"
             )
-        return probe.replace(num_blocks=num_blocks, num_host_blocks=int(host_bytes) // per_block)
+        return probe.replace(num_blocks=num_blocks, num_host_blocks=host_bytes // per_block)
+
+
+def _bytes(value: object, name: str) -> int:
+    """A memory budget as whole bytes: a number >= 0 (a float's fraction of a byte
+    dropped); InvalidArgument for anything else (a str, a bool, NaN, infinity)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or isinstance(value, (float, np.floating)) and not math.isfinite(value) or value < 0:
+        raise InvalidArgument(f"{name} must be a number of bytes >= 0, got {value!r}")
+    return int(value)
 
 
 # Geometry of a few well-known models (per-layer K/V shape), for `--model` presets.

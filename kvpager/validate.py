@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from kvpager.errors import InvalidArgument
+from kvpager.owners import unhashable
 from kvpager.spec import PoolSpec
 
 
@@ -72,6 +73,16 @@ def seq_ids(value: int | Seq[int], what: str = "seq_ids") -> list[int]:
         if not isinstance(s, (int, np.integer)) or isinstance(s, bool):
             raise InvalidArgument(f"{what} must hold ints, got {s!r}")
     return [int(s) for s in out]
+
+
+def owner(value: Any) -> Any:
+    """An owner (a daemon's session; None on an embedded pool): anything hashable,
+    else InvalidArgument, before an op takes blocks or pins for it."""
+    try:
+        hash(value)
+    except TypeError:
+        raise unhashable(value) from None
+    return value
 
 
 def batch_ids(value: Any) -> list[int] | np.ndarray:
@@ -172,8 +183,11 @@ def slots(value: Any, spec: PoolSpec) -> np.ndarray:
     arr = np.asarray(value.get() if type(value).__module__.startswith("cupy") else value)  # a CuPy array: to host
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise InvalidArgument(f"slots must be a 1-D integer array, got dtype {arr.dtype} shape {arr.shape}")
-    arr = arr.astype(np.int64, copy=False)
     limit = spec.num_blocks * spec.block_size
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) >> 63:  # the cast would wrap it (2**64 - 1 to -1)
+        raise InvalidArgument(f"slot {int(arr.max())} is outside [{spec.block_size}, {limit}) "
+                              "(block 0 is the null block; -1 marks padding)")
+    arr = arr.astype(np.int64, copy=False)
     if not arr.size or (arr.min() >= spec.block_size and arr.max() < limit):  # no padding: the common case
         return arr
     bad = (arr < -1) | (arr >= limit) | ((arr >= 0) & (arr < spec.block_size))

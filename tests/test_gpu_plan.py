@@ -153,6 +153,27 @@ def test_write_attend_on_pointers_is_write_then_attend(dtype):
     assert cupy.array_equal(pools[0].backend.kv, before)
 
 
+def test_write_attend_refused_for_its_query_or_sinks_writes_nothing():
+    """Regression: the checked way of write_attend (any q the fast path does not take)
+    wrote the K/V and only then had its attend refuse a q of another dtype or device,
+    or sinks on another device or of another shape; a refused call changes nothing."""
+    pool = make("bfloat16")
+    [a] = pool.allocate([list(range(20))])
+    plan = pool.plan([a.seq_id], 20, a.slots, num_q_heads=HQ)
+    g = torch.Generator().manual_seed(9)
+    k, v = (rand(g, 1, 2, 20, 64, dtype="bfloat16") for _ in range(2))
+    q = rand(g, 1, HQ, 20, 64, dtype="bfloat16")
+    before = pool.backend.kv.copy()
+    for bad_q, sinks, needle in ((q.float(), None, "dtype"), (q.cpu(), None, "is on cpu"),
+                                 (q, torch.zeros(HQ + 1), "sinks"), (q, torch.zeros(HQ, dtype=torch.int32), "sinks")):
+        with pytest.raises(InvalidArgument, match=needle):
+            plan.write_attend(0, bad_q, k, v, sinks=sinks)
+        assert cupy.array_equal(pool.backend.kv, before)
+    out = plan.write_attend(0, q, k, v)  # the good call still runs
+    ref = reference(pool, 0, q[0].transpose(0, 1), *pool.tables([a.seq_id]), [20])
+    assert rel_err(out[0], ref) < TOL["bfloat16"]
+
+
 def test_a_refused_scale_is_not_remembered():
     """Regression: a plan remembered a refused scale as its last one, so the
     same bad scale given again was taken, with the last good one's value."""

@@ -151,11 +151,7 @@ def device_tensor(x: Any, name: str, shape: tuple[int, ...], backend: Any, devic
     """(device pointer, tensor) of a CuPy array or torch CUDA tensor on the pool's
     GPU in the pool dtype and ``shape``; a strided or misaligned input is copied
     (an output must already be dense)."""
-    if type(x).__module__.startswith("torch"):
-        if not x.is_cuda or x.get_device() != device:
-            raise InvalidArgument(f"{name} is on {x.device}; the pool is on cuda:{device}")
-        if str(x.dtype)[6:] != backend.spec.dtype:
-            raise InvalidArgument(f"{name} must have dtype {backend.spec.dtype}, got {x.dtype}")
+    if check_device_kind(x, name, backend, device):
         if tuple(x.shape) != shape:
             raise InvalidArgument(f"{name} must have shape {shape}, got {tuple(x.shape)}")
         p = x.data_ptr()
@@ -165,6 +161,24 @@ def device_tensor(x: Any, name: str, shape: tuple[int, ...], backend: Any, devic
             x = x.contiguous() if p % 16 == 0 else x.clone()
             p = x.data_ptr()
         return p, x
+    if tuple(x.shape) != shape:
+        raise InvalidArgument(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    if not x.flags.c_contiguous or x.data.ptr % 16:
+        if writable:
+            raise InvalidArgument(f"{name} must be a contiguous, 16-byte aligned array")
+        x = x.copy()
+    return x.data.ptr, x
+
+
+def check_device_kind(x: Any, name: str, backend: Any, device: int) -> bool:
+    """InvalidArgument unless ``x`` is a CuPy array or a torch CUDA tensor on the
+    pool's GPU in the pool dtype; whether it is a torch tensor."""
+    if type(x).__module__.startswith("torch"):
+        if not x.is_cuda or x.get_device() != device:
+            raise InvalidArgument(f"{name} is on {x.device}; the pool is on cuda:{device}")
+        if str(x.dtype)[6:] != backend.spec.dtype:
+            raise InvalidArgument(f"{name} must have dtype {backend.spec.dtype}, got {x.dtype}")
+        return True
     import cupy
 
     if not isinstance(x, cupy.ndarray):
@@ -173,13 +187,7 @@ def device_tensor(x: Any, name: str, shape: tuple[int, ...], backend: Any, devic
         raise InvalidArgument(f"{name} must have dtype {backend.spec.dtype}, got {x.dtype}")
     if x.device.id != device:
         raise InvalidArgument(f"{name} is on cuda:{x.device.id}, the pool on cuda:{device}")
-    if tuple(x.shape) != shape:
-        raise InvalidArgument(f"{name} must have shape {shape}, got {tuple(x.shape)}")
-    if not x.flags.c_contiguous or x.data.ptr % 16:
-        if writable:
-            raise InvalidArgument(f"{name} must be a contiguous, 16-byte aligned array")
-        x = x.copy()
-    return x.data.ptr, x
+    return False
 
 
 def heads_first_ptr(plan: Any, x: Any, heads: int) -> int:
@@ -212,6 +220,14 @@ def fast_ptr(plan: Any, x: Any, shape: tuple[int, ...]) -> int:
     return p
 
 
+def check_sinks_kind(sinks: Any, heads: int, device: int) -> None:
+    """InvalidArgument unless ``sinks`` are floats of shape [heads] on the host or
+    on the pool's GPU (what `sinks_ptr` takes)."""
+    check_sinks_shape(sinks, heads)
+    if type(sinks).__module__.startswith("torch") and sinks.is_cuda and sinks.get_device() != device:
+        raise InvalidArgument(f"sinks are on {sinks.device}; the pool is on cuda:{device}")
+
+
 def sinks_ptr(plan: Any, sinks: Any, heads: int) -> int:
     """The device pointer of ``sinks`` as float32 [heads] on the pool's GPU: a
     dense torch float32 tensor of that shape there as it is, any other float
@@ -221,10 +237,8 @@ def sinks_ptr(plan: Any, sinks: Any, heads: int) -> int:
         return sinks.data_ptr()
     import cupy
 
-    check_sinks_shape(sinks, heads)
+    check_sinks_kind(sinks, heads, plan.device)
     if type(sinks).__module__.startswith("torch"):
-        if sinks.is_cuda and sinks.get_device() != plan.device:
-            raise InvalidArgument(f"sinks are on {sinks.device}; the pool is on cuda:{plan.device}")
         sinks = sinks.detach().float().cpu().numpy() if not sinks.is_cuda else sinks.detach().float()
     with cupy.cuda.Device(plan.device):
         keep = sinks.contiguous() if hasattr(sinks, "contiguous") else cupy.asarray(sinks, dtype=cupy.float32)

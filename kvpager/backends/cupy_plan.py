@@ -27,6 +27,8 @@ from kvpager.backends import cupy_plan_buffer as buffer
 from kvpager.backends.cupy_cascade import CascadeLaunch, cascade_applies, choose_cascade
 from kvpager.backends.cupy_launches import (
     attention_launches,
+    check_device_kind,
+    check_sinks_kind,
     cupy_empty_like,
     device_tensor,
     fast_ptr,
@@ -250,6 +252,13 @@ class CupyPlan(StepPlan):
                 return out
         return super().write_attend(layer, q, k, v, scale, window=window, softcap=softcap, sinks=sinks,
                                     chunk=chunk)
+
+    def check_query(self, q: Any, heads: int, sinks: Any) -> None:
+        """See `StepPlan.check_query`: q's kind, device and dtype, and the sinks', as
+        `attend` checks them (their values are read on the device, unchecked)."""
+        check_device_kind(q, "q", self.backend, self.device)
+        if sinks is not None:
+            check_sinks_kind(sinks, heads, self.device)
 
     def attend(self, layer: int, q: Any, scale: float | None = None, out: Any = None, *,
                window: int | None = None, softcap: float | None = None, sinks: Any = None) -> Any:

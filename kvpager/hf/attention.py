@@ -53,7 +53,7 @@ class PagedBatch:
 
     plan: Any  # kvpager.plan.StepPlan
     dtype: torch.dtype  # the pool's dtype
-    device: torch.device  # where the pool's tensors live (cpu, or its GPU)
+    device: torch.device  # where the pool's tensors live (cpu, or its GPU; a name is taken)
     windows: Sequence[int | None] | None = None  # per layer (`layer_windows`); None: as transformers passes them
     #: per layer, its attention chunk or None (`layer_chunks`); None: read from each layer's config at call time
     chunks: Sequence[int | None] | None = None
@@ -71,6 +71,10 @@ class PagedBatch:
     positions: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.dtype, torch.dtype):
+            raise TypeError(f"PagedBatch: dtype must be the pool's torch.dtype, got {self.dtype!r}")
+        if not isinstance(self.device, torch.device):
+            self.device = torch.device(self.device)  # a name: "cpu", "cuda:0"
         self.on_cpu = self.device.type == "cpu"
 
     def pool_layer(self, layer: int) -> tuple[int, bool]:

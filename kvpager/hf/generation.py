@@ -74,6 +74,9 @@ def _token_lists(prompts: Any, model: Any) -> list[list[int]]:
     for i, p in enumerate(prompts):
         if isinstance(p, (str, bytes)) or not hasattr(p, "__iter__"):
             raise ValueError(f"prompts[{i}] must be a list of token ids, got {type(p).__name__}")
+        if isinstance(p, (np.ndarray, torch.Tensor)) and p.ndim != 1:  # a 0-d one: one flat tensor's id
+            raise ValueError(f"prompts[{i}] must be a list of token ids, got a {p.ndim}-D {type(p).__name__} "
+                             "(pass [ids] for one prompt)")
         ids = list(p.tolist() if isinstance(p, (np.ndarray, torch.Tensor)) else p)
         if not all(is_int(t) for t in ids):
             bad = next(t for t in ids if not is_int(t))
@@ -139,7 +142,7 @@ class PagedGeneration(DecodePasses):
         self._chunks = layer_chunks(self.model, self.pool.spec.block_size)  # chunked layers (Llama-4)
         eos = self.eos_token_id
         many = eos is not None and not is_int(eos)
-        if many and (isinstance(eos, (str, bytes)) or not hasattr(eos, "__iter__")
+        if many and (isinstance(eos, (str, bytes)) or not hasattr(eos, "__iter__") or getattr(eos, "ndim", 1) != 1
                      or not all(is_int(e) for e in eos)):
             raise ValueError(f"eos_token_id must be None, a token id or a list of them, got {eos!r}")
         self._eos = set() if eos is None else {int(e) for e in eos} if many else {int(eos)}

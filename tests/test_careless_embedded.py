@@ -1,0 +1,238 @@
+"""Careless callers of the embedded API: an owner that cannot be one, a plan's
+write_attend refused after its write, uint64 slots past int64, one sequence
+looked up by a bool or a 0-d array, a read-only ``out``, a flat tensor as the
+prompts of ``generate``, a memory budget that is no number of bytes, a NaN
+owner. Each was answered wrongly before (blocks leaked, K/V written by a
+refused call, a write skipped as padding, another error type, a false
+integrity failure); each is now a typed error with nothing changed, or the
+right answer. NumPy backend, small pools."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pool_helpers import BS, fill, make_pool, snapshot
+
+from kvpager import InvalidArgument, PoolSpec
+from kvpager.plan import make_plan
+
+
+def _setup(p):
+    a, b = p.allocate([list(range(BS + 4)), list(range(100, 105))])
+    p.commit(a.seq_id)
+    fill(p, np.concatenate([a.slots, b.slots]), 1)
+    return a.seq_id, b.seq_id
+
+
+# -- owners that cannot be owners --------------------------------------------------------
+_UNHASHABLE = [
+    pytest.param(lambda p: p.allocate([[1, 2, 3]], owner=[1]), id="allocate one prompt"),
+    pytest.param(lambda p: p.allocate([list(range(3 * BS))], owner={}), id="allocate one long prompt"),
+    pytest.param(lambda p: p.allocate([[1], [2]], owner=np.array([1])), id="allocate batch"),
+    pytest.param(lambda p: p.allocate([list(range(BS + 4)), [2]], owner=[1], share_in_batch=True),
+                 id="allocate share_in_batch with a hit"),
+    pytest.param(lambda p: p.pin([list(range(BS + 4))], owner=[1]), id="pin"),
+    pytest.param(lambda p: p.unpin([list(range(BS + 4))], owner=[1]), id="unpin"),
+    pytest.param(lambda p: p.pins([1]), id="pins"),
+    pytest.param(lambda p: p.release_pins({}), id="release_pins"),
+]
+
+
+@pytest.mark.parametrize("call", _UNHASHABLE)
+def test_an_unhashable_owner_is_refused_before_anything_is_taken(call):
+    """A list or an array as ``owner``: allocate took the blocks, then failed to
+    index the owner (TypeError) and left them held by no sequence; pin counted its
+    references and recorded no pin (the integrity check failed after either)."""
+    pool = make_pool()
+    _setup(pool)
+    pool.pin([list(range(BS + 4))])
+    before = snapshot(pool), pool.pins()
+    with pytest.raises(InvalidArgument, match="owner must be a hashable name"):
+        call(pool)
+    assert (snapshot(pool), pool.pins()) == before
+    pool.check_integrity()
+
+
+def test_a_nan_owner_passes_the_integrity_check():
+    """A float NaN is hashable and was taken as an owner, but the integrity check
+    compared owners with ``!=`` (NaN != NaN) and reported a pool that was sound."""
+    pool = make_pool()
+    nan = float("nan")
+    [a] = pool.allocate([[1, 2, 3]], owner=nan)
+    assert pool.owned(nan) == [a.seq_id]
+    pool.check_integrity()
+    pool.free(a.seq_id)
+    pool.check_integrity()
+
+
+# -- write_attend: checked whole before the write ------------------------------------------
+def _write_attend_refusals():
+    torch = pytest.importorskip("torch")
+    return [
+        (lambda q: dict(q=q.double()), "dtype"),
+        (lambda q: dict(q=q.to("meta")), "meta"),
+        (lambda q: dict(sinks=torch.zeros(5)), "sinks"),
+        (lambda q: dict(sinks=torch.tensor([float("nan"), 0.0])), "sinks must be finite"),
+        (lambda q: dict(sinks=torch.zeros(2, dtype=torch.int64)), "sinks"),
+    ]
+
+
+@pytest.mark.parametrize("k", range(5))
+def test_write_attend_refused_for_its_query_or_sinks_writes_nothing(k):
+    """StepPlan.write_attend says a refused call changes nothing; a q of another dtype
+    or device, or bad sinks, were refused by the attend after the K/V were written."""
+    torch = pytest.importorskip("torch")
+    make, needle = _write_attend_refusals()[k]
+    pool = make_pool()
+    [c] = pool.allocate([[1, 2, 3]])
+    plan = pool.plan(c.seq_id, 3, c.slots)
+    q = torch.randn(1, 2, 3, 64)
+    kv = torch.randn(1, 2, 3, 64)
+    args = make(q)
+    before = pool.backend.kv.copy()
+    with pytest.raises(InvalidArgument, match=needle):
+        plan.write_attend(0, args.pop("q", q), kv, kv, **args)
+    assert np.array_equal(pool.backend.kv, before)
+    out = plan.write_attend(0, q, kv, kv)  # the good call still runs
+    ref = plan.attend(0, q[0].transpose(0, 1))
+    assert torch.equal(out[0], ref)
+
+
+# -- slots ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [(1 << 64) - 1, (1 << 63) + BS])
+def test_uint64_slots_past_int64_are_refused(bad):
+    """A uint64 slot of 2**64 - 1 became -1 in the cast to int64, and its write was
+    skipped as padding without a word; plans took it the same way."""
+    pool = make_pool()
+    a, _ = _setup(pool)
+    kv = pool.backend.kv.copy()
+    slots = np.array([BS + 1, bad], np.uint64)
+    k = np.ones((2, 2, 64), np.float32)
+    with pytest.raises(InvalidArgument, match="slot"):
+        pool.write(0, slots, k, k)
+    with pytest.raises(InvalidArgument, match="slot"):
+        pool.plan([a, a], 1, slots)
+    with pytest.raises(InvalidArgument, match="slot"):
+        make_plan(pool.backend, [[1, 2]], [BS + 4], None, slots[1:])
+    assert np.array_equal(pool.backend.kv, kv)
+    pool.write(0, np.array([BS + 1, 2 * BS], np.uint64), k, k)  # uint64 slots in range are taken
+    assert np.array_equal(pool.backend.kv[2, 0, 0, :, 0], k[1])
+
+
+# -- one sequence's info ---------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [True, np.bool_(True), 1.0, np.float64(1.0), "1", [1], None, np.array(1.0)])
+def test_sequence_refuses_what_is_no_sequence_id(bad):
+    """sequence(True) and sequence(1.0) answered for sequence 1 (with ``seq_id=True``),
+    where every other op refuses a bool or a float as an id."""
+    pool = make_pool()
+    _setup(pool)
+    with pytest.raises(InvalidArgument, match="seq_id"):
+        pool.sequence(bad)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint16, np.uint64])
+def test_sequence_takes_a_numpy_integer_as_its_int(dtype):
+    """A 0-d integer array was UnknownSequence, a NumPy integer came back as the info's id."""
+    pool = make_pool()
+    a, _ = _setup(pool)
+    want = pool.sequence(a)
+    for form in (dtype(a), np.array(a, dtype)):
+        got = pool.sequence(form)
+        assert got == want and type(got.seq_id) is int
+
+
+# -- out ---------------------------------------------------------------------------------------
+def test_a_plan_refuses_a_read_only_out():
+    """A read-only NumPy ``out`` raised NumPy's ValueError after the attention ran."""
+    pool = make_pool()
+    a, b = _setup(pool)
+    plan = pool.plan([a, b], 1)
+    q = np.ones((2, 2, 64), np.float32)
+    out = np.zeros((2, 2, 64), np.float32)
+    out.flags.writeable = False
+    with pytest.raises(InvalidArgument, match="writable"):
+        plan.attend(0, q, out=out)
+    good = np.full((2, 2, 64), np.nan, np.float32)
+    assert plan.attend(0, q, out=good) is good and np.array_equal(good, plan.attend(0, q))
+
+
+# -- sizing a pool ------------------------------------------------------------------------------
+@pytest.mark.parametrize("device_bytes, host_bytes", [
+    ("1e9", 0), (float("nan"), 0), (float("inf"), 0), (True, 0), (None, 0), (-(1 << 30), 0),
+    (1 << 30, "x"), (1 << 30, -1), (1 << 30, float("nan")), (1 << 30, False),
+])
+def test_a_memory_budget_that_is_no_number_of_bytes_is_refused(device_bytes, host_bytes):
+    """A str, NaN or infinity raised ValueError / OverflowError from int()."""
+    with pytest.raises(InvalidArgument, match="bytes"):
+        PoolSpec.for_memory(device_bytes, num_layers=2, num_kv_heads=2, head_dim=64, host_bytes=host_bytes)
+
+
+def test_a_memory_budget_of_numbers_is_taken():
+    kw = dict(num_layers=2, num_kv_heads=2, head_dim=64, dtype="float32")
+    per = PoolSpec(2, 2, 64, 2, dtype="float32").bytes_per_block
+    for device_bytes in (10 * per, 10.5 * per, np.int64(10 * per), np.uint64(10 * per)):
+        assert PoolSpec.for_memory(device_bytes, host_bytes=3 * per, **kw).num_blocks == 10
+
+
+# -- kvpager.hf -----------------------------------------------------------------------------------
+def _tiny():
+    pytest.importorskip("transformers")
+    from test_hf_models import make_model, prompt
+
+    from kvpager import KVPool
+    from kvpager.hf import spec_for_model
+
+    model = make_model("llama")
+    return model, KVPool(spec_for_model(model, num_blocks=16)), prompt
+
+
+def test_generate_refuses_one_flat_tensor_as_the_prompts_by_name():
+    """A 1-D tensor (one prompt's ids, not a list of prompts) raised TypeError
+    "'int' object is not iterable"; a 1-D array was refused by name already."""
+    torch = pytest.importorskip("torch")
+    from kvpager.hf import generate
+
+    model, pool, prompt = _tiny()
+    ids = prompt(5, 1)
+    before = pool.stats()
+    for flat in (torch.tensor(ids), np.array(ids)):
+        with pytest.raises(ValueError, match=r"prompts\[0\] must be a list of token ids"):
+            generate(model, pool, flat, 2)
+    assert pool.stats() == before
+    assert generate(model, pool, torch.tensor([ids]), 2) == generate(model, pool, [ids], 2)
+
+
+def test_generate_refuses_a_0d_tensor_as_eos_by_name():
+    """A 0-d tensor as eos_token_id raised TypeError "iteration over a 0-d tensor"."""
+    torch = pytest.importorskip("torch")
+    from kvpager.hf import generate
+
+    model, pool, prompt = _tiny()
+    before = pool.stats()
+    with pytest.raises(ValueError, match="eos_token_id must be"):
+        generate(model, pool, [prompt(4, 1)], 2, eos_token_id=torch.tensor(3))
+    assert pool.stats() == before
+    pool.check_integrity()
+
+
+def test_paged_batch_takes_a_device_name_and_refuses_a_dtype_name():
+    """PagedBatch(plan, torch.float32, "cpu") raised AttributeError ('str' object has
+    no attribute 'type'); a dtype given as a name got as far as the first layer,
+    where torch read it as a device string (RuntimeError)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from kvpager.hf import PagedBatch
+    from kvpager.hf.attention import write_attend
+
+    outs = []
+    for device in ("cpu", torch.device("cpu")):
+        pool = make_pool()
+        [c] = pool.allocate([[1, 2, 3]])
+        batch = PagedBatch(pool.plan(c.seq_id, 3, c.slots), torch.float32, device)
+        assert batch.device == torch.device("cpu") and batch.on_cpu
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 2, 3, 64, generator=g) for _ in range(3))
+        outs.append(write_attend(batch, 0, q, k, v, None, None, None))
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(TypeError, match="dtype"):
+        PagedBatch(None, "float32", "cpu")
