@@ -26,6 +26,7 @@ class Limits:
     client_name: int = field(default=256, metadata={"help": "characters of hello's client name"})
     sessions: int = field(default=1024, metadata={"help": "sessions open at once"})
     kept: int = field(default=4 << 20, metadata={"help": "bytes of replies one session's retries may replay"})
+    salt: int = field(default=4096, metadata={"help": "characters (or bytes) of one salt"})
 
     @classmethod
     def from_env(cls, **overrides: int | None) -> Limits:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvpager.errors import LimitExceeded, NotPinned
+from kvpager.errors import InvalidArgument, LimitExceeded, NotPinned
 from kvpager.prefix_cache import chain_keys, root_key, token_array
 from kvpager.types import PinInfo
 
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from kvpager.block_pool import BlockPool
 
 EVERY = object()  # `infos`: every owner's pins (None is an owner: the pool's own)
+_MAX_REFS = (1 << 31) - 1  # a block's reference count is an int32 (`BlockPool.ref_cnt`)
 
 
 @dataclass(eq=False)
@@ -70,6 +71,10 @@ class PinTable:
                 "(kvpager serve --max-pinned-blocks, KVPool(max_pinned_blocks=...))",
                 "pinned_blocks", self.num_pinned + fresh, self.limit)
         if len(every):
+            ids, times = np.unique(every, return_counts=True)
+            if int((pool.ref_cnt[ids] + times).max()) > _MAX_REFS:  # pins are counted without bound
+                raise InvalidArgument(f"pin: these pins would pass a block's reference count (int32, at most "
+                                      f"{_MAX_REFS}); unpin some first")
             pool.touch(every)  # a reference each: an evictable block is taken back into use
             np.add.at(self.refs, every, 1)
             self.num_pinned += fresh
@@ -119,10 +124,13 @@ class PinTable:
         return len(pins)
 
     def _release(self, pool: BlockPool, blocks: np.ndarray, times: int) -> None:
-        ids = np.tile(blocks[::-1], times)  # last block first: a prefix's tail is evicted first
-        np.subtract.at(self.refs, ids, 1)
-        self.num_pinned -= int(np.count_nonzero(self.refs[np.unique(blocks)] == 0))
-        pool.free_blocks(ids, distinct=times == 1)
+        """Drop ``times`` references from each of a pin's (distinct) blocks at once:
+        memory and time as its blocks, whatever the count."""
+        self.refs[blocks] -= np.int32(times)
+        self.num_pinned -= int(np.count_nonzero(self.refs[blocks] == 0))
+        if times > 1:  # all but the last leave every block in use
+            pool.ref_cnt[blocks] -= np.int32(times - 1)
+        pool.free_blocks(blocks[::-1], distinct=True)  # last block first: a prefix's tail is evicted first
 
     # -- inspection ----------------------------------------------------------------------
     def infos(self, block_size: int, owner: Any = EVERY) -> list[PinInfo]:

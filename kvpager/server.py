@@ -65,6 +65,19 @@ log = logging.getLogger("kvpager.server")
 _IDLE_EVERY_S = 0.01
 
 
+def _recv(sock: zmq.Socket) -> list[bytes]:
+    """One message's frames: [routing id, (a REQ socket's empty delimiter), body]
+    when well formed. Of a message of more frames, frames past the third are read
+    without a copy and dropped (one stays, uncopied, to say there were more): what
+    a client sends past a request's frames is neither kept nor sent back."""
+    frames = [sock.recv()]
+    while sock.getsockopt(zmq.RCVMORE):
+        part = sock.recv(copy=len(frames) < 3)
+        if len(frames) < 4:
+            frames.append(part)
+    return frames
+
+
 class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
     """A daemon serving ``pool`` at ``endpoint`` (default: the private ipc:// socket).
 
@@ -186,13 +199,18 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
         next_expiry = time.monotonic() + self._expiry_interval()
         while not stop.is_set():
             try:
-                frames = sock.recv_multipart()  # blocks for at most _POLL_MS (RCVTIMEO)
+                frames = _recv(sock)  # blocks for at most _POLL_MS (RCVTIMEO)
             except zmq.Again:
                 now = self._idle = time.monotonic()  # the queue is empty: everything sent is read
             else:
                 # [routing id, (empty delimiter from REQ), body]: answer on the same envelope.
                 try:
-                    frames[-1] = self.handle(frames[-1])
+                    if len(frames) == 2 or len(frames) == 3 and frames[1] == b"":
+                        frames[-1] = self.handle(frames[-1])
+                    else:  # nothing runs, and only the routing id goes back with the error
+                        frames = [frames[0], encode_reply(None, None, ErrorInfo(
+                            "protocol_error", "a request is one frame (after a REQ socket's empty delimiter); "
+                            f"this message had {'more than 2' if len(frames) > 3 else len(frames) - 1}"))]
                 except Exception as e:  # handle never raises: a bug in it must not end the daemon
                     log.error("a request's handling raised; answered as an internal error", exc_info=e)
                     frames[-1] = encode_reply(None, None, ErrorInfo("internal", f"internal error: {type(e).__name__}"))

@@ -176,6 +176,11 @@ class Dispatch:
             # caller's malformed input, not a reason to die.
             self._result = "invalid_argument"
             return ErrorInfo("invalid_argument", f"{op}: bad arguments: {type(e).__name__}: {e}")
+        if isinstance(e, RecursionError):
+            # msgpack decodes lists nested ~1000 deep; describing one (a check's message
+            # shows the value) goes past Python's recursion limit: the caller's input too.
+            self._result = "invalid_argument"
+            return ErrorInfo("invalid_argument", f"{op}: bad arguments: a value nested too deeply to check")
         self._result = "internal"
         log.error("internal error in %s", op, exc_info=e)  # a bug: keep serving, say so loudly
         return ErrorInfo.from_exception(InternalError(f"{op}: {e!r}"))
@@ -221,6 +226,12 @@ class Dispatch:
         for name, v in a.items():  # the request's own arguments (a decode step's append: seq_ids alone)
             if name in _ID_LISTS and _sized(v) and len(v) > lim.ids:
                 lim.check("ids", len(v), f"{op}: {name}")
+        salt = a.get("salt")
+        if salt is not None:  # a tenant's name: kept as given (its stats row, the root keys' memo)
+            longest = len(salt) if isinstance(salt, (str, bytes)) else max(
+                (len(x) for x in salt if isinstance(x, (str, bytes))), default=0) if isinstance(salt, list) else 0
+            if longest > lim.salt:
+                lim.check("salt", longest, f"{op}: salt")
         tokens = 0
         for name in ("prompts", "token_ids"):
             v = a.get(name)

@@ -31,12 +31,21 @@ from kvpager.errors import (
 from kvpager.protocol import SEQUENCES_PAGE
 from kvpager.server_control import ControlOps
 from kvpager.server_ranks import hello_memory, hello_rank, rank_backends
+from kvpager.validate import zero_d
 from kvpager.wire_args import check_token_ids, wire_ids, wire_int
 
 if TYPE_CHECKING:
     from kvpager.sessions import Session
 
 log = logging.getLogger("kvpager.server")
+
+
+def _flag(a: dict[str, Any], name: str, op: str) -> bool:
+    """An optional bool argument (false when absent)."""
+    value = a.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{op}: {name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 class ServerOps(ControlOps):
@@ -91,12 +100,13 @@ class ServerOps(ControlOps):
         prompts = a["prompts"]
         if not isinstance(prompts, list):
             raise InvalidArgument("prompts must be a list of token-id lists")
+        remote_tokens = _flag(a, "remote_tokens", "allocate")
         self.limits.check("sequences", s.num_seqs + len(prompts), "allocate: sequences of this session")
         self._check_capacity(prompts)
         share = a.get("share_in_batch", False)
         allocs = self.pool.allocate(prompts, a.get("salt"), owner=s.name, share_in_batch=share)
         s.num_seqs += len(allocs)
-        return protocol.encode_allocations(allocs, a.get("remote_tokens") is True)
+        return protocol.encode_allocations(allocs, remote_tokens)
 
     def _check_capacity(self, prompts: list[Any]) -> None:
         """OutOfBlocks before any hashing when the prompts cannot fit even if
@@ -115,9 +125,10 @@ class ServerOps(ControlOps):
         prompts = a["prompts"]
         if not isinstance(prompts, list):
             raise InvalidArgument("prompts must be a list of token-id lists")
+        remote_tokens = _flag(a, "remote_tokens", "cached_tokens")
         # with a remote tier, what an allocate would restore counts unless remote is false
         probes = self.pool.probe_cache(prompts, a.get("salt"), remote=a.get("remote"))
-        return protocol.encode_probes(probes, a.get("remote_tokens") is True)
+        return protocol.encode_probes(probes, remote_tokens)
 
     def _op_append(self, s: Session, a: dict[str, Any]) -> bytes:
         # The decode hot path: KVPool checks the ids' types, and ownership rides on
@@ -137,6 +148,8 @@ class ServerOps(ControlOps):
 
     def _op_fork(self, s: Session, a: dict[str, Any]) -> list[list[int]]:
         ids, n = self._owned(s, a["seq_ids"]), a.get("n", 1)
+        if isinstance(n, np.ndarray) and n.ndim == 0:
+            n = zero_d(n, "fork: n")  # the int it holds, held to the limits as one
         if isinstance(n, int) and not isinstance(n, bool):
             self.limits.check("ids", len(ids) * n, "fork: children in one request")
             self.limits.check("sequences", s.num_seqs + len(ids) * n, "fork: sequences of this session")

@@ -27,7 +27,11 @@ class SessionEnds:
         t0 = time.perf_counter()
         ended = self.sessions.expired(self._idle)
         for s in ended:
-            self._end(s, "missed heartbeats")
+            try:
+                self._end(s, "missed heartbeats")
+            except Exception as e:  # a bug: it must not end the daemon, nor be met again every second
+                log.error("ending session %s raised; the session is closed", s.name, exc_info=e)
+                self.sessions.close(s)
         if self.request_metrics is not None:
             self.request_metrics.session_expiries += len(ended)
             self.request_metrics.busy += time.perf_counter() - t0

@@ -292,3 +292,29 @@ def test_a_request_whose_handling_raises_is_answered_and_the_daemon_lives(monkey
         with pytest.raises(InternalError):
             c.stats()
         assert c.stats().num_sequences == 0
+
+
+def test_a_session_whose_end_raises_in_expiry_is_closed_and_the_daemon_lives(monkeypatch):
+    """Expiry ran outside the loop's guard: had ending a silent session raised (a
+    bug), the loop's thread would have ended with it, and every healthy client with
+    it. Now that session is closed, logged, and the daemon keeps serving."""
+    with running_server(SMALL, heartbeat_timeout=0.5) as server, \
+            Client(server.endpoint, timeout=10) as healthy:
+        silent = Client(server.endpoint, heartbeat=False)
+        try:
+            silent.allocate([[1, 2, 3]])
+            name = silent.session_name
+            real = server.pool.release_pins
+
+            def broken(owner):
+                if owner == name:
+                    raise RuntimeError("a bug")
+                return real(owner)
+
+            monkeypatch.setattr(server.pool, "release_pins", broken)
+            assert wait_until(lambda: name not in server.sessions.by_name, timeout=10)
+            assert server._thread.is_alive()
+            [a] = healthy.allocate([[4, 5, 6]])  # still serving
+            assert healthy.sequence(a.seq_id).num_tokens == 3
+        finally:
+            silent.close()
