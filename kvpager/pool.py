@@ -59,6 +59,11 @@ class KVPool(PoolSequences, PoolBatch, PoolControl, PoolKV, PoolInspection):
         `kvpager.backends.ranked`)."""
         if not isinstance(spec, PoolSpec):
             raise InvalidArgument(f"spec must be a PoolSpec, got {type(spec).__name__}")
+        if backend is not None and not isinstance(backend, Backend):
+            raise InvalidArgument(f"backend must be a kvpager Backend, got {type(backend).__name__} (to choose "
+                                  "one by name, give device: 'cpu' or 'cuda:N')")
+        if backend is not None and backend.spec != spec:
+            raise InvalidArgument(f"backend holds a pool of {backend.spec}, not of this spec {spec}")
         ranks = len(getattr(backend, "ranks", ())) or 1
         if devices is not None:
             from kvpager.backends.ranked import check_devices, rank_spec

@@ -76,6 +76,9 @@ def token_array(tokens: object, what: str = "tokens") -> np.ndarray:
         raise InvalidArgument(f"{what} must be a list of integers: {e}") from None
     if arr.size == 0:
         return np.zeros(0, dtype="<i8")
+    if arr.ndim == 1 and arr.dtype.kind in "fO" and type(tokens) in (list, tuple) and set(map(type, tokens)) <= _INT:
+        # ints, one of them past int64 (NumPy made them floats or objects)
+        raise InvalidArgument(f"{what} has an id outside int64: {next(t for t in tokens if not -2**63 <= t < 2**63)}")
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
         raise InvalidArgument(f"{what} must be a flat list of integers, got dtype {arr.dtype} shape {arr.shape}")
     if not isinstance(tokens, np.ndarray) and not hasattr(tokens, "__array__") \

@@ -114,10 +114,17 @@ def attention_dims(get: Callable[[str], Any]) -> tuple[Any, Any, bool]:
     rank = get("kv_lora_rank")
     latent = type(rank) is int and rank > 0
     qk = get("qk_head_dim")
-    if type(qk) is not int:
+    if qk is None:
         nope, rope = get("qk_nope_head_dim"), get("qk_rope_head_dim")
-        qk = nope + rope if latent and type(nope) is int and type(rope) is int \
-            else get("head_dim") or get("kv_channels")
+        if latent and (nope is not None or rope is not None):
+            if type(nope) is not int or type(rope) is not int:  # a typo here must not size another head dim
+                raise InvalidArgument(f"latent attention needs integer qk_nope_head_dim and qk_rope_head_dim, "
+                                      f"got {nope!r} and {rope!r}")
+            qk = nope + rope
+        else:
+            qk = get("head_dim")
+            if qk is None:
+                qk = get("kv_channels")
     return qk, get("v_head_dim"), latent or get("model_type") in KV_PER_QUERY_HEAD
 
 
@@ -127,6 +134,8 @@ def config_geometry(config: dict[str, Any], where: str = "config.json") -> dict[
     transformers config dict. Where v's head dim differs
     from q's and k's (`attention_dims`), the pool holds the wider (the client pads
     the other: `kvpager.hf.attention`)."""
+    if not isinstance(config, dict):
+        raise InvalidArgument(f"{where}: a config is a dict (a JSON object), got {type(config).__name__}")
     text = config.get("text_config")
     cfg = {**config, **text} if isinstance(text, dict) and "num_hidden_layers" not in config else config
 
@@ -141,8 +150,12 @@ def config_geometry(config: dict[str, Any], where: str = "config.json") -> dict[
     layers = positive("num_hidden_layers", cfg["num_hidden_layers"])
     heads = positive("num_attention_heads", cfg["num_attention_heads"])
     qk, v, per_query_head = attention_dims(cfg.get)
-    kv_heads = heads if per_query_head else positive("num_key_value_heads", cfg.get("num_key_value_heads") or heads)
-    if qk:
+    kv = cfg.get("num_key_value_heads")
+    kv_heads = heads if per_query_head or kv is None else positive("num_key_value_heads", kv)
+    if heads % kv_heads:
+        raise InvalidArgument(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                              f"{kv_heads}")
+    if qk is not None:
         head_dim = positive("head_dim", qk)
     else:
         hidden = positive("hidden_size", cfg.get("hidden_size"))

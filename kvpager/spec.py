@@ -118,9 +118,12 @@ class PoolSpec:
             raise InvalidArgument("kv_scales are for an FP8 pool: give kv_dtype too")
         want = self.num_layers * 2 * self.num_kv_heads
         try:
-            arr = np.asarray(scales, dtype=np.float64)
+            arr = np.asarray(scales)
         except (TypeError, ValueError):
             raise InvalidArgument(f"kv_scales must be numbers, got {type(scales).__name__}") from None
+        if arr.dtype.kind not in "iuf":  # bools, strings, ragged or mixed nesting
+            raise InvalidArgument(f"kv_scales must be numbers, got {type(scales).__name__} of {arr.dtype}")
+        arr = arr.astype(np.float64)
         if arr.size != want or arr.ndim not in (1, 3) or (arr.ndim == 3 and arr.shape != (
                 self.num_layers, 2, self.num_kv_heads)):
             raise InvalidArgument(f"kv_scales must hold [num_layers={self.num_layers}, 2, num_kv_heads="

@@ -236,3 +236,67 @@ def test_paged_batch_takes_a_device_name_and_refuses_a_dtype_name():
     assert torch.equal(outs[0], outs[1])
     with pytest.raises(TypeError, match="dtype"):
         PagedBatch(None, "float32", "cpu")
+
+
+# -- sizing from a config, token ids, FP8 scales, backends ---------------------------------
+_CONFIG = {"num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 256}
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer"),
+    ({"head_dim": 0}, "head_dim must be a positive integer"),
+    ({"kv_lora_rank": 16, "qk_nope_head_dim": "64", "qk_rope_head_dim": 16}, "qk_nope_head_dim"),
+    ({"qk_head_dim": "64"}, "head_dim must be a positive integer"),
+])
+def test_a_config_that_cannot_be_a_models_is_refused(change, needle):
+    """A pool sized from a config with 3 kv heads for 8 query heads, or 0 kv heads
+    (taken as 8), or head_dim 0 (taken as hidden / heads), or a latent config whose
+    head dims were not ints (taken as hidden / heads: another head dim), was sized
+    anyway; the model's first step, or nothing, said otherwise."""
+    from kvpager.sizing import config_geometry
+
+    assert config_geometry(_CONFIG) == dict(num_layers=2, num_kv_heads=2, head_dim=32)
+    with pytest.raises(InvalidArgument, match=needle):
+        config_geometry({**_CONFIG, **change})
+
+
+def test_a_config_that_is_no_dict_is_refused():
+    from kvpager.sizing import config_geometry
+
+    for bad in ([1, 2], "config.json", None):
+        with pytest.raises(InvalidArgument, match="a config is a dict"):
+            config_geometry(bad)
+
+
+@pytest.mark.parametrize("big", [2**63, -2**63 - 1, 2**70])
+def test_token_ids_past_int64_are_named(big):
+    """``[3, 2**63]`` was refused as 'a flat list of integers, got dtype float64'."""
+    pool = make_pool()
+    before = snapshot(pool)
+    with pytest.raises(InvalidArgument, match=f"outside int64: {big}"):
+        pool.allocate([[3, big]])
+    assert snapshot(pool) == before
+
+
+@pytest.mark.parametrize("scales", [[True] * 8, ["1.5"] * 8, [[[1.0, 1.0], [1.0, "x"]]] * 2])
+def test_fp8_scales_are_numbers(scales):
+    """Bools were taken as 1.0 and strings of digits as their numbers."""
+    with pytest.raises(InvalidArgument, match="kv_scales must be numbers"):
+        PoolSpec(2, 2, 64, 32, kv_dtype="float8_e4m3", kv_scales=scales)
+    assert PoolSpec(2, 2, 64, 32, kv_dtype="float8_e4m3", kv_scales=[2] * 8).kv_scales == (2.0,) * 8
+
+
+def test_a_pool_refuses_a_backend_it_cannot_use():
+    """backend='numpy' raised AttributeError; a backend made for another spec was
+    taken, its K/V of another geometry."""
+    from kvpager import KVPool
+    from kvpager.backends import make_backend
+
+    spec = PoolSpec(2, 2, 64, 32)
+    with pytest.raises(InvalidArgument, match="backend must be a kvpager Backend"):
+        KVPool(spec, backend="numpy")
+    with pytest.raises(InvalidArgument, match="backend holds a pool of"):
+        KVPool(spec, backend=make_backend(spec.replace(head_dim=128), "cpu"))
+    pool = KVPool(spec, backend=make_backend(spec, "cpu"))
+    assert pool.allocate([[1, 2, 3]])[0].slots.tolist() == [BS, BS + 1, BS + 2]
