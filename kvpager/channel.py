@@ -14,6 +14,14 @@ from kvpager.endpoints import probe
 from kvpager.errors import DaemonUnavailable, RequestTimeout
 from kvpager.protocol import Reply, decode_reply
 
+#: ZeroMQ's RCVTIMEO is a C int of milliseconds: a longer wait is cut to it (about 24.8 days).
+MAX_RCVTIMEO = 2**31 - 1
+
+
+def _ms(seconds: float) -> int:
+    """A wait as RCVTIMEO: at least 1 ms, at most `MAX_RCVTIMEO` (a huge timeout overflowed it)."""
+    return max(1, math.ceil(min(seconds * 1000, MAX_RCVTIMEO)))
+
 
 class Channel:
     """One DEALER socket and its request/reply loop with a deadline."""
@@ -43,7 +51,7 @@ class Channel:
         sock = self.sock
         # A blocking recv bounded by RCVTIMEO costs one call per reply; the
         # option is set again only when the timeout changes.
-        ms = max(1, math.ceil(timeout * 1000))
+        ms = _ms(timeout)
         if ms != self.rcvtimeo:
             sock.setsockopt(zmq.RCVTIMEO, ms)
             self.rcvtimeo = ms
@@ -57,7 +65,7 @@ class Channel:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                self.rcvtimeo = max(1, math.ceil(remaining * 1000))
+                self.rcvtimeo = _ms(remaining)
                 sock.setsockopt(zmq.RCVTIMEO, self.rcvtimeo)
         except zmq.Again:
             pass

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from kvpager.batch_calls import BATCHED, parse_calls, stopped
+from kvpager.client_seqs import one_shot_counts
 from kvpager.client_tables import packed, packed_rows, read_ids, scalar
 from kvpager.errors import UnsupportedConfiguration
 from kvpager.protocol import decode_batch, decode_slots
@@ -27,7 +28,7 @@ def wire_args(method: str, named: dict[str, Any]) -> dict[str, Any]:
     """The daemon op's arguments of a call of ``method`` with arguments ``named``."""
     wire = {k: v for k, v in named.items() if v is not None}
     if method == "append_flat" and "num_tokens" in wire:
-        n = wire["num_tokens"] if type(wire["num_tokens"]) is int else scalar(wire["num_tokens"])
+        n = wire["num_tokens"] if type(wire["num_tokens"]) is int else scalar(one_shot_counts(wire["num_tokens"]))
         if type(n) is int and n == 1:
             del wire["num_tokens"]  # as a single append sends it
         else:

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from kvpager import cuda_ipc
+from kvpager import cuda_ipc, validate
 from kvpager.backends.numpy_backend import paged_attention
-from kvpager.client_tables import id_list
+from kvpager.client_tables import as_ids, id_list
 from kvpager.errors import InvalidArgument, SessionLost
 from kvpager.plan import (
     StepPlan,
@@ -60,6 +60,7 @@ class KVAccess:
         client's mirror of its block tables (no round trip for its own sequences),
         then ``plan.write(layer, k, v)`` and ``plan.attend(layer, q)`` per layer run
         here too. A snapshot: make a new one after the sequences change."""
+        seq_ids = as_ids(seq_ids)
         tables, seq_lens = self.tables(seq_ids)
         plan = make_plan(self._pool(), tables, seq_lens, query_lens, slots, **options)
         ids = id_list(seq_ids)
@@ -127,7 +128,10 @@ class KVAccess:
         self._check_layer(layer)
         pool = self._pool()
         tables, lens = self.tables(seq_ids)
-        qlens = np.asarray(1 if query_lens is None else query_lens)
+        try:
+            qlens = np.asarray(1 if query_lens is None else query_lens)
+        except (ValueError, TypeError, OverflowError):  # ragged nesting, ints past uint64
+            raise InvalidArgument(f"query_lens must be integers, got {query_lens!r:.80}") from None
         # as KVPool: integers; a float or a bool refused, not cast (NumPy takes [1, True] as [1, 1])
         if qlens.dtype.kind not in "iu" and qlens.size or isinstance(query_lens, (list, tuple)) \
                 and {bool, np.bool_} & set(map(type, query_lens)):
@@ -199,17 +203,8 @@ class KVAccess:
             raise InvalidArgument(f"layer must be an int in [0, {self.spec.num_layers}), got {layer!r}")
 
     def _check_slots(self, slots: Any) -> np.ndarray:
-        arr = on_host(slots)
-        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-            raise InvalidArgument(f"slots must be a 1-D integer array, got dtype {arr.dtype} shape {arr.shape}")
-        arr = arr.astype(np.int64, copy=False)
-        bs, limit = self.spec.block_size, self.spec.num_blocks * self.spec.block_size
-        bad = (arr < -1) | (arr >= limit) | ((arr >= 0) & (arr < bs))
-        if bad.any():
-            raise InvalidArgument(
-                f"slot {int(arr[bad][0])} is outside [{bs}, {limit}) (block 0 is the null block; -1 marks padding)"
-            )
-        return arr
+        """Slot ids as int64, checked as `KVPool.write` checks them (uint64 past int64 included)."""
+        return validate.slots(slots, self.spec)
 
     def _check_tensor(self, x: Any, name: str, shape: tuple[int, ...]) -> Any:
         if not self.gpu and not isinstance(x, np.ndarray):
@@ -227,10 +222,3 @@ class KVAccess:
                 f"num_kv_heads={hkv}, got shape {getattr(q, 'shape', None)}"
             )
         return self._check_tensor(q, "q", (tokens, hq, d))
-
-
-def on_host(x: Any) -> np.ndarray:
-    """An index array here in host memory (slots may come as a CuPy array)."""
-    if not isinstance(x, np.ndarray) and type(x).__module__.startswith("cupy"):
-        x = x.get()
-    return np.asarray(x)

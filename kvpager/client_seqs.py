@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from kvpager.client_tables import id_list, packed, packed_rows, read_ids, scalar
+from kvpager.client_tables import as_ids, id_list, packed, packed_rows, read_ids, scalar
 from kvpager.errors import InternalError, InvalidArgument, RequestTimeout
 from kvpager.protocol import (
     SEQUENCES_PAGE,
@@ -28,6 +28,7 @@ from kvpager.protocol import (
     decode_tables,
 )
 from kvpager.types import Allocation, BlockMap, CacheProbe, PoolStats, RemoteStats, SequenceInfo
+from kvpager.validate import counts, zero_d
 
 
 class ClientSequences:
@@ -77,15 +78,18 @@ class ClientSequences:
 
     def append(self, seq_ids: Any, num_tokens: Any = 1, token_ids: Any = None) -> list[np.ndarray]:
         """As `KVPool.append`: the new tokens' slot ids per sequence."""
+        seq_ids, num_tokens = as_ids(seq_ids), one_shot_counts(num_tokens)
         if type(num_tokens) is not int:
             num_tokens = scalar(num_tokens)
         flat = self._append(seq_ids, num_tokens, token_ids)
         one = isinstance(seq_ids, (int, np.integer)) or isinstance(seq_ids, np.ndarray) and seq_ids.ndim == 0
+        if not one and not len(seq_ids):
+            return []  # no sequences: no arrays (as `KVPool.append`)
         return decode_slots(flat, 1 if one else len(seq_ids), num_tokens)
 
     def append_flat(self, seq_ids: Any, num_tokens: Any = 1, token_ids: Any = None) -> np.ndarray:
         """As `KVPool.append_flat`: every sequence's new slots in one int64 array."""
-        return decode_slots(self._append(seq_ids, num_tokens, token_ids), 1, None)[0]
+        return decode_slots(self._append(seq_ids, one_shot_counts(num_tokens), token_ids), 1, None)[0]
 
     def _append(self, seq_ids: Any, num_tokens: Any, token_ids: Any) -> bytes:
         ids, sent = read_ids(seq_ids)
@@ -110,7 +114,7 @@ class ClientSequences:
         on commit exactly as if the ids had come with the append. No block
         table changes, so the mirror has nothing to follow; a retry after a
         timeout gets the first execution's reply (the ids are recorded once)."""
-        self._call("record_tokens", {"seq_ids": packed(seq_ids), "token_ids": packed_rows(token_ids)})
+        self._call("record_tokens", {"seq_ids": packed(as_ids(seq_ids)), "token_ids": packed_rows(token_ids)})
 
     def commit(self, seq_ids: Any, upto: Any = None, *, synchronize: bool = True) -> list[int]:
         """As `KVPool.commit`. On a GPU pool mapped in this process, it first waits
@@ -120,26 +124,31 @@ class ClientSequences:
         does while its next pass is running)."""
         if synchronize:
             self.synchronize()
-        args = {"seq_ids": packed(seq_ids)} if upto is None else {"seq_ids": packed(seq_ids), "upto": packed(upto)}
+        seq_ids = packed(as_ids(seq_ids))
+        args = {"seq_ids": seq_ids} if upto is None else {"seq_ids": seq_ids, "upto": packed(upto)}
         return self._call("commit", args)
 
     def fork(self, seq_ids: Any, n: int = 1) -> list[list[int]]:
+        seq_ids = as_ids(seq_ids)
         children = self._call("fork", {"seq_ids": seq_ids, "n": n})
         self._mirror.forked(id_list(seq_ids), children)
         return children
 
     def free(self, seq_ids: Any) -> None:
+        seq_ids = as_ids(seq_ids)
         ids = id_list(seq_ids)
         self._mutate("free", {"seq_ids": seq_ids}, ids)
         self._mirror.freed(ids)
 
     def truncate(self, seq_ids: Any, lengths: Any) -> None:
+        seq_ids = as_ids(seq_ids)
         ids = id_list(seq_ids)
         self._mutate("truncate", {"seq_ids": seq_ids, "lengths": lengths}, ids)
         self._mirror.truncated(ids, lengths)
 
     def release_before(self, seq_ids: Any, positions: Any) -> list[int]:
         """As `KVPool.release_before`; this worker's mirror follows (null entries)."""
+        seq_ids = as_ids(seq_ids)
         ids = id_list(seq_ids)
         counts = self._mutate("release", {"seq_ids": seq_ids, "positions": positions}, ids)
         if ids is not None:
@@ -147,11 +156,13 @@ class ClientSequences:
         return counts
 
     def swap_out(self, seq_ids: Any) -> None:
+        seq_ids = as_ids(seq_ids)
         ids = id_list(seq_ids)
         self._mutate("swap_out", {"seq_ids": seq_ids}, ids)
         self._mirror.swapped_out(ids)
 
     def swap_in(self, seq_ids: Any) -> None:
+        seq_ids = as_ids(seq_ids)
         ids = id_list(seq_ids)
         got = self._mutate("swap_in", {"seq_ids": seq_ids}, ids)
         try:
@@ -179,6 +190,7 @@ class ClientSequences:
     def tables(self, seq_ids: Any) -> tuple[np.ndarray, np.ndarray]:
         """Padded int32 block tables [B, max_blocks] and lengths [B], as `KVPool.block_tables`:
         from this client's mirror when it owns every sequence, else from the daemon."""
+        seq_ids = as_ids(seq_ids)
         if not self._lost:
             ids = id_list(seq_ids)
             if ids is not None:
@@ -188,6 +200,8 @@ class ClientSequences:
         return decode_tables(self._call("tables", {"seq_ids": seq_ids}))
 
     def sequence(self, seq_id: int) -> SequenceInfo:
+        if isinstance(seq_id, np.ndarray) and seq_id.ndim == 0:
+            seq_id = zero_d(seq_id, "seq_id")  # the int it holds, as `KVPool.sequence`
         return decode_info(self._call("sequences", {"seq_ids": [seq_id]})[0])
 
     def sequences(self) -> list[SequenceInfo]:
@@ -215,3 +229,13 @@ class ClientSequences:
     def check_integrity(self) -> None:
         """The daemon's `KVPool.check_integrity`, plus: every sequence has an open session."""
         self._call("check", {})
+
+
+def one_shot_counts(value: Any) -> Any:
+    """`append`'s ``num_tokens`` given as another iterable than a list, a tuple or
+    an array (a generator, a range) read once into a list, as `KVPool` reads it;
+    what `KVPool` refuses (a str, bytes, a dict, a set, a float...) refused the same
+    way before anything is sent; None, an int, a list or an array as given."""
+    if value is None or isinstance(value, (int, np.integer, np.ndarray, list, tuple)):
+        return value
+    return counts(value)

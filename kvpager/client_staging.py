@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvpager import cuda_ipc
-from kvpager.client_kv import on_host
+from kvpager.client_tables import as_ids
 from kvpager.plan import check_sinks
 from kvpager.shm import Segment
 
@@ -17,17 +17,18 @@ _ALIGN = 64
 
 class ClientStaging:
     """Mixed into `Client`, which supplies ``gpu``, ``_staging``, ``_call``,
-    ``_device``, ``_same_process`` and ``_as_array``."""
+    ``_device``, ``_same_process``, ``_as_array`` and ``_check_slots``."""
 
     def remote_write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
         """Send K/V to the daemon through this session's staging buffer."""
+        slots = self._check_slots(slots)  # before anything is staged, as the mapped path checks them
         k, v = self._as_array(k, "k"), self._as_array(v, "v")
         voff = _aligned(k.nbytes)
         stage = self._stage(voff + v.nbytes)
         stage.array(k.shape, k.dtype, 0)[...] = k
         stage.array(v.shape, v.dtype, voff)[...] = v
         self._staged_ready()
-        self._call("write", {"layer": layer, "slots": on_host(slots),
+        self._call("write", {"layer": layer, "slots": slots,
                              "k": [0, list(k.shape)], "v": [voff, list(v.shape)]})
 
     def remote_attend(self, layer: int, seq_ids: Any, q: Any, query_lens: Any = None, scale: float | None = None,
@@ -42,7 +43,7 @@ class ClientStaging:
         stage = self._stage(out + q.nbytes)
         stage.array(q.shape, q.dtype, 0)[...] = q
         self._staged_ready()
-        args: dict[str, Any] = {"layer": layer, "seq_ids": seq_ids, "q": [0, list(q.shape)], "out": out}
+        args: dict[str, Any] = {"layer": layer, "seq_ids": as_ids(seq_ids), "q": [0, list(q.shape)], "out": out}
         if query_lens is not None:
             args["query_lens"] = query_lens
         if scale is not None:

@@ -21,13 +21,24 @@ import numpy as np
 from kvpager.block_table import BlockTable
 from kvpager.errors import SequenceSwapped
 from kvpager.recent_batches import RecentBatches
-from kvpager.validate import all_type, one_id_each
+from kvpager.validate import all_type, check_ordered, one_id_each
 
 #: A batch of at least this many ids (or a decode step's token ids for that many
 #: sequences) goes on the wire packed, as one int64 array (docs/protocol.md): the
 #: daemon reads it without making an int of each id, and finds a decode loop's
 #: repeated batch by comparing bytes. Smaller ones go as lists.
 PACK_AT = 16
+
+
+def as_ids(value: Any) -> Any:
+    """Sequence ids given as another iterable than a list, a tuple or an array (a
+    generator, a range) read once into a list, as `KVPool` reads them, before the
+    client reads or sends them; ids in no order (a set, a dict) refused as `KVPool`
+    refuses them; anything else as given."""
+    if isinstance(value, (list, tuple, np.ndarray, str, bytes)) or not hasattr(value, "__iter__"):
+        return value
+    check_ordered(value)
+    return list(value)
 
 
 def id_list(value: Any) -> list[int] | None:
@@ -71,6 +82,7 @@ def packed_rows(value: Any) -> Any:
 def read_ids(value: Any) -> tuple[list[int] | None, Any]:
     """A batch of sequence ids read once: (`id_list`'s reading, what the request
     carries: a batch of `PACK_AT` or more packed, anything else as given)."""
+    value = as_ids(value)
     ids = id_list(value)
     return ids, value if ids is None else packed(ids, checked=True)
 

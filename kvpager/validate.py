@@ -66,6 +66,7 @@ def seq_ids(value: int | Seq[int], what: str = "seq_ids") -> list[int]:
             return [zero_d(value, what)]
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise InvalidArgument(f"{what} must be an int or a list of ints, got {type(value).__name__}")
+    check_ordered(value, what)
     out = value if type(value) is list else list(value)
     if all_type(out, int):  # the common case, checked at C speed
         return out
@@ -73,6 +74,14 @@ def seq_ids(value: int | Seq[int], what: str = "seq_ids") -> list[int]:
         if not isinstance(s, (int, np.integer)) or isinstance(s, bool):
             raise InvalidArgument(f"{what} must hold ints, got {s!r}")
     return [int(s) for s in out]
+
+
+def check_ordered(value: Any, what: str = "seq_ids") -> None:
+    """InvalidArgument for ids given in no order (a set; a dict, whose keys a caller
+    may take for the ids or not): an op's results come back in its ids' order."""
+    if isinstance(value, (set, frozenset, dict)):
+        raise InvalidArgument(f"{what} must come in an order (an int, a list, a tuple, an array or another "
+                              f"iterable), got a {type(value).__name__}: results follow the ids' order")
 
 
 def owner(value: Any) -> Any:
@@ -180,7 +189,10 @@ def int_array(a: Any, name: str, ndim: int, dtype: type) -> np.ndarray:
 
 def slots(value: Any, spec: PoolSpec) -> np.ndarray:
     """Slot ids as int64: each a slot of a real block, or -1 (padding)."""
-    arr = np.asarray(value.get() if type(value).__module__.startswith("cupy") else value)  # a CuPy array: to host
+    try:
+        arr = np.asarray(value.get() if type(value).__module__.startswith("cupy") else value)  # a CuPy array: to host
+    except (ValueError, TypeError, OverflowError):  # ragged nesting, or ints past int64 and uint64
+        raise InvalidArgument(f"slots must be a 1-D integer array, got {type(value).__name__}") from None
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise InvalidArgument(f"slots must be a 1-D integer array, got dtype {arr.dtype} shape {arr.shape}")
     limit = spec.num_blocks * spec.block_size

@@ -248,3 +248,17 @@ def test_a_salt_is_bounded(op, args, long):
         assert _same(before, _state(small))
         c._call(op, args(long[:4096]))  # at the limit: taken
         c.check_integrity()
+
+
+@pytest.mark.parametrize("op", ["free", "append", "commit", "fork", "tables"])
+def test_ids_in_a_map_are_refused(server, op):
+    """A map as ``seq_ids`` was taken as its keys by the ops the pool checks (append,
+    commit, free; a client may have meant its values): results follow the ids'
+    order, and a map has none a client can count on. The others refused it already."""
+    with Client(server.endpoint, timeout=10) as c:
+        a, b = c.allocate([[1, 2, 3], [4, 5]])
+        before = _state(server)
+        with pytest.raises(InvalidArgument, match="in an order|an int or a list of ints"):
+            c._call(op, {"seq_ids": {a.seq_id: b.seq_id, b.seq_id: a.seq_id}})
+        assert _same(before, _state(server))
+        c.check_integrity()

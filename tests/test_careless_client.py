@@ -1,0 +1,159 @@
+"""Careless callers of the client library and the CLI: a `Client` given what
+`KVPool` takes (sequence ids as a generator or a range; counts as a generator;
+a 0-d array as a sequence id) does what the embedded pool
+does and its table mirror follows; what the pool refuses (slots past int64,
+ragged slots or query lengths) it refuses with the same typed error and
+nothing changed; a timeout past ZeroMQ's range is a timeout, not a traceback.
+Each test once failed; bounded waits, free endpoints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from daemon_helpers import SMALL, running_server, server_fixture, subprocess_env
+from pool_helpers import snapshot
+
+from kvpager import InvalidArgument, KVPool
+from kvpager.client import Client
+
+server = server_fixture(SMALL, heartbeat_timeout=30)
+BS = SMALL.block_size
+
+
+def _setup(p):
+    """Three sequences (one with a committed full block), two with 2 slots appended."""
+    a, b, c = p.allocate([list(range(BS + 4)), list(range(100, 105)), list(range(200, 203))])
+    p.commit(a.seq_id)
+    p.append([a.seq_id, b.seq_id], 2)
+    return {"a": a.seq_id, "b": b.seq_id, "c": c.seq_id}
+
+
+def _plain(x):
+    """A result as plain values (arrays as lists), to compare the pool's with the client's."""
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _mirror_exact(c, srv):
+    """The client's mirror of its live sequences equals the daemon's tables."""
+    live = [i.seq_id for i in srv.pool.sequences() if not i.swapped]
+    mirrored = c._mirror.gather(live)
+    assert mirrored is not None, "a live sequence is missing from the mirror"
+    assert _plain(mirrored) == _plain(srv.pool.tables(live))
+
+
+def _gen(values):
+    return (v for v in values)
+
+
+# Sequence ids (and append's counts) in any ordered iterable `KVPool` reads: a generator
+# can be consumed once. The client refused some ("cannot send a generator over the wire").
+_ITERABLES = [
+    pytest.param(lambda p, s: p.append(_gen([s["a"], s["b"]]), 1), id="append generator"),
+    pytest.param(lambda p, s: p.append([s["a"], s["b"]], _gen([1, 2])), id="append counts generator"),
+    pytest.param(lambda p, s: p.append([s["a"], s["b"]], range(1, 3)), id="append counts range"),
+    pytest.param(lambda p, s: p.append_flat(range(s["a"], s["a"] + 2), 2), id="append_flat range"),
+    pytest.param(lambda p, s: p.record_tokens(_gen([s["a"]]), [[5, 6]]), id="record_tokens generator"),
+    pytest.param(lambda p, s: p.commit(_gen([s["a"], s["b"]])), id="commit generator"),
+    pytest.param(lambda p, s: p.fork(_gen([s["a"]]), 2), id="fork generator"),
+    pytest.param(lambda p, s: p.free(_gen([s["a"], s["c"]])), id="free generator"),
+    pytest.param(lambda p, s: p.truncate(_gen([s["a"]]), 3), id="truncate generator"),
+    pytest.param(lambda p, s: p.release_before(_gen([s["a"]]), BS + 1), id="release_before generator"),
+    pytest.param(lambda p, s: p.swap_out(_gen([s["c"]])), id="swap_out generator"),
+    pytest.param(lambda p, s: (p.swap_out([s["c"]]), p.swap_in(_gen([s["c"]]))), id="swap_in generator"),
+    pytest.param(lambda p, s: p.tables(_gen([s["a"], s["b"]])), id="tables generator"),
+    pytest.param(lambda p, s: p.plan(_gen([s["a"]])).seq_lens, id="plan generator"),
+    pytest.param(lambda p, s: p.attend(0, _gen([s["a"]]), np.zeros((1, 2, p.spec.head_dim), np.float32)).shape,
+                 id="attend generator"),
+    pytest.param(lambda p, s: p.batch([("append_flat", range(s["b"], s["b"] + 1), 1), ("commit", _gen([s["a"]]))]),
+                 id="batch range and generator"),
+    pytest.param(lambda p, s: p.batch([("append_flat", [s["a"], s["b"]], _gen([2, 1]))]),
+                 id="batch counts generator"),
+    # no sequences and a list of counts: no arrays (the client once answered [array([])])
+    pytest.param(lambda p, s: p.append([], []), id="append nothing"),
+    # a 0-d integer array is the id it holds (the client sent it inside a list, refused)
+    pytest.param(lambda p, s: p.sequence(np.array(s["b"], np.int32)).num_tokens, id="sequence 0-d"),
+]
+
+
+@pytest.mark.parametrize("transport", ["mapped", "remote"])
+@pytest.mark.parametrize("call", _ITERABLES)
+def test_a_client_takes_what_the_embedded_pool_takes_and_its_mirror_follows(call, transport):
+    pool = KVPool(SMALL)
+    want = _plain(call(pool, _setup(pool)))
+    with running_server(SMALL, heartbeat_timeout=30) as srv, \
+            Client(srv.endpoint, timeout=10, map_pool=transport == "mapped") as c:
+        got = _plain(call(c, _setup(c)))
+        assert got == want
+        assert snapshot(srv.pool) == snapshot(pool)
+        _mirror_exact(c, srv)
+        c.check_integrity()
+
+
+# What the pool refuses, a client refuses the same typed way, before anything is sent.
+_REFUSED = [
+    # the mapped write cast 2**64 - 1 to -1 (padding) and wrote nothing, without a word
+    pytest.param(lambda p, s, kv: p.write(0, np.array([2**64 - 1], np.uint64), *kv(1)), "slot", id="write uint64"),
+    pytest.param(lambda p, s, kv: p.write(0, [[BS], [BS, BS + 1]], *kv(1)), "slots", id="write ragged slots"),
+    # a generator of slots reached the daemon as an object array: ProtocolError
+    pytest.param(lambda p, s, kv: p.write(0, _gen([BS * 5]), *kv(1)), "slots", id="write generator slots"),
+    # ids in no order: the pool read a dict's keys and a set in its own order, results in
+    # that order; the client's mirror did not follow a dict's (its tables went stale)
+    pytest.param(lambda p, s, kv: p.append({s["a"]: 1, s["b"]: 1}, 1), "in an order", id="append dict"),
+    pytest.param(lambda p, s, kv: p.append({s["c"], s["a"]}, 3), "in an order", id="append set"),
+    pytest.param(lambda p, s, kv: p.fork(frozenset([s["b"]])), "in an order", id="fork frozenset"),
+    pytest.param(lambda p, s, kv: p.free({s["b"]: None}), "in an order", id="free dict"),
+    pytest.param(lambda p, s, kv: p.batch([("append_flat", {s["b"]: 0}, 1)]), "in an order", id="batch dict"),
+    # NumPy's ValueError from the mapped attend
+    pytest.param(lambda p, s, kv: p.attend(0, [s["a"], s["b"]], kv(2)[0], [[1], [1, 2]]), "query_lens",
+                 id="attend ragged query_lens"),
+]
+
+
+@pytest.mark.parametrize("call, needle", _REFUSED)
+def test_what_the_embedded_pool_refuses_a_client_refuses_the_same_way(server, call, needle):
+    def kv(n):
+        x = np.ones((n, SMALL.num_kv_heads, SMALL.head_dim), np.float32)
+        return x, x.copy()
+
+    pool = KVPool(SMALL)
+    s = _setup(pool)
+    before = (snapshot(pool), pool.backend.device_array().copy())
+    with pytest.raises(InvalidArgument, match=needle):
+        call(pool, s, kv)
+    assert snapshot(pool) == before[0]
+    np.testing.assert_array_equal(pool.backend.device_array(), before[1])
+    for map_pool in (True, False):
+        with Client(server.endpoint, timeout=10, map_pool=map_pool) as c:
+            s = _setup(c)
+            before = (snapshot(server.pool), server.pool.backend.device_array().copy())
+            with pytest.raises(InvalidArgument, match=needle):
+                call(c, s, kv)
+            assert snapshot(server.pool) == before[0]
+            np.testing.assert_array_equal(server.pool.backend.device_array(), before[1])
+            _mirror_exact(c, server)
+            c.check_integrity()
+
+
+@pytest.mark.parametrize("timeout", [3e6, 1e12, 1e308])
+def test_a_timeout_past_zeromqs_range_is_a_long_timeout(server, timeout):
+    """RCVTIMEO is a C int of milliseconds: a timeout past 24.8 days raised
+    OverflowError from inside the socket (a traceback from `kvpager stats --timeout 1e308`)."""
+    with Client(server.endpoint, timeout=timeout) as c:
+        [a] = c.allocate([[1, 2, 3]])
+        assert c.stats().num_sequences == 1 and c.sequence(a.seq_id).num_tokens == 3
+
+
+def test_the_cli_takes_a_huge_timeout_from_its_option_and_the_environment(server):
+    env = dict(subprocess_env(), KVPAGER_TIMEOUT="1e300")
+    for extra in (["--timeout", "1e308"], []):
+        out = subprocess.run([sys.executable, "-m", "kvpager", "stats", "--json", "--endpoint", server.endpoint,
+                              *extra], env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "Traceback" not in out.stderr and '"num_sequences": 0' in out.stdout
