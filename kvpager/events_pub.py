@@ -17,7 +17,12 @@ Wire format (docs/protocol.md, "KV events"), as vLLM's `ZmqEventPublisher`:
   delimiter frame first); the answer is one message per kept batch from
   there on, ``[topic, seq, payload]`` (``[seq, payload]`` in the "array"
   format, as earlier vLLM), then the end marker ``[b"", seq -1, b""]``
-  (``[seq -1, b""]``).
+  (``[seq -1, b""]``). Answers go out a few hundred batches a turn, between
+  the live batches, never waiting for a peer: one whose queue is full
+  (``SNDHWM``) gets the rest when it has read some; one that read nothing
+  for `REPLAY_STALL` seconds, or is gone, gets nothing more. At most
+  `REPLAY_PEERS` answers are under way at once (a request past them is
+  dropped; a peer's new request replaces its answer under way).
 """
 
 from __future__ import annotations
@@ -49,6 +54,11 @@ REPLAY_BYTES = 64 << 20
 #: Batches PUB queues per subscriber before it drops (vLLM's default).
 SEND_HWM = 100_000
 _WAKE_S = 0.05  # how often the idle thread looks at the replay socket
+#: Replay answers under way at once, and batches sent to them per turn (in all).
+REPLAY_PEERS = 64
+REPLAY_TURN = 256
+#: Seconds a replay answer waits for its peer to read before it is dropped.
+REPLAY_STALL = 10.0
 
 
 def replay_endpoint_for(endpoint: str) -> str:
@@ -103,6 +113,8 @@ class EventPublisher:
         self._thread: threading.Thread | None = None
         self._kept: collections.deque[tuple[int, bytes]] = collections.deque()
         self._kept_bytes = 0
+        # replay answers under way: envelope -> (next seq, end seq, last progress)
+        self._replays: dict[tuple[bytes, ...], tuple[int, int, float]] = {}
         self.published = 0  # batches sent (the next sequence number)
 
     def bind(self) -> None:
@@ -112,8 +124,10 @@ class EventPublisher:
         try:
             self._pub = self._bind(zmq.PUB, self.endpoint, {zmq.SNDHWM: SEND_HWM})
             self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
-            # A request is 8 bytes: a much bigger one drops its sender's connection.
-            self._replay = self._bind(zmq.ROUTER, self.replay_endpoint, {zmq.MAXMSGSIZE: 64})
+            # A request is 8 bytes: a much bigger one drops its sender's connection. Mandatory:
+            # a send to a full or gone peer fails at once (not dropped unseen, the end marker too).
+            self._replay = self._bind(zmq.ROUTER, self.replay_endpoint,
+                                      {zmq.MAXMSGSIZE: 64, zmq.ROUTER_MANDATORY: 1})
             self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
         except BaseException:
             self._close_sockets()
@@ -181,22 +195,30 @@ class EventPublisher:
     # -- the thread --------------------------------------------------------------------------
     def _run(self) -> None:
         get, replay = self._queue.get, self._replay
+        wait = _WAKE_S
         while not replay.closed:  # closed under it only if close() gave up waiting
             try:
-                while replay.poll(0):
-                    self._answer(replay.recv_multipart())
+                item = get(timeout=wait)
+                while True:  # this batch and every one queued behind it
+                    if item is None:
+                        return
+                    try:
+                        self._send(*item)
+                    except Exception:
+                        log.exception("KV events: a batch could not be sent")
+                    item = get(block=False)
+            except queue.Empty:
+                pass
+            moved = False
+            try:
+                for _ in range(REPLAY_PEERS):  # a flood of requests waits in the socket, not here
+                    if not replay.poll(0):
+                        break
+                    self._request(replay.recv_multipart())
+                moved = self._answer(time.monotonic())
             except Exception:  # a bug: keep the stream going, say so
                 log.exception("KV events: replay failed")
-            try:
-                item = get(timeout=_WAKE_S)
-            except queue.Empty:
-                continue
-            if item is None:
-                return
-            try:
-                self._send(*item)
-            except Exception:
-                log.exception("KV events: a batch could not be sent")
+            wait = 0.001 if moved else _WAKE_S  # answers under way go on after a pause for the GIL
 
     def _send(self, ts: float, items: list[Any]) -> None:
         seq = self.published
@@ -211,18 +233,55 @@ class EventPublisher:
         while len(kept) > REPLAY_BATCHES or (self._kept_bytes > REPLAY_BYTES and len(kept) > 1):
             self._kept_bytes -= len(kept.popleft()[1])
 
-    def _answer(self, frames: list[bytes]) -> None:
-        """A replay request: ``[identity, (b""), start seq]``; answered on the same envelope."""
+    def _request(self, frames: list[bytes]) -> None:
+        """A replay request: ``[identity, (b""), start seq]``; its answer starts
+        (the batches kept from there on, up to the last one published now)."""
         if len(frames) not in (2, 3) or (len(frames) == 3 and frames[1]):
             log.debug("KV events: malformed replay request of %d frames", len(frames))
             return
-        envelope, start_bytes = frames[:-1], frames[-1]
-        send = self._replay.send_multipart
+        envelope, start_bytes = tuple(frames[:-1]), frames[-1]
+        if envelope not in self._replays and len(self._replays) >= REPLAY_PEERS:
+            log.debug("KV events: %d replays under way, a request dropped", len(self._replays))
+            return
+        start = int.from_bytes(start_bytes, "big") if len(start_bytes) == 8 else self.published
+        self._replays[envelope] = (start, self.published, time.monotonic())
+
+    def _answer(self, now: float) -> bool:
+        """Send the answers under way their next batches (`REPLAY_TURN` in all)
+        and each finished one its end marker, without waiting for any peer;
+        True if any moved."""
+        kept, send = self._kept, self._replay.send_multipart
+        first = kept[0][0] if kept else self.published  # batches before it are no longer kept
         head = [self._topic] if self.config.format == "map" else []
-        if len(start_bytes) == 8:
-            start = int.from_bytes(start_bytes, "big")
-            for seq, payload in list(self._kept):
-                if seq >= start:
-                    send([*envelope, *head, seq.to_bytes(8, "big"), payload])
         end = [b""] if head else []
-        send([*envelope, *end, END_SEQ, b""])
+        budget, moved = REPLAY_TURN, False
+        for envelope, (seq, stop, since) in list(self._replays.items()):
+            if not budget:
+                break
+            seq, sent = max(seq, first), 0
+            try:
+                while seq < stop and budget:
+                    send([*envelope, *head, seq.to_bytes(8, "big"), kept[seq - first][1]], zmq.NOBLOCK)
+                    seq += 1
+                    sent += 1
+                    budget -= 1
+                if seq >= stop:
+                    send([*envelope, *end, END_SEQ, b""], zmq.NOBLOCK)
+                    del self._replays[envelope]
+                    moved = True
+                    continue
+            except zmq.Again:  # the peer's queue is full: the rest when it has read some
+                pass
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EHOSTUNREACH:
+                    raise
+                del self._replays[envelope]  # the peer is gone
+                continue
+            if sent:
+                del self._replays[envelope]  # to the back: the next turn serves the others first
+                self._replays[envelope] = (seq, stop, now)
+                moved = True
+            elif now - since > REPLAY_STALL:
+                log.debug("KV events: a replay peer read nothing for %.0f s, its answer dropped", REPLAY_STALL)
+                del self._replays[envelope]
+        return moved

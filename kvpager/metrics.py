@@ -261,10 +261,20 @@ def serve_metrics(requests: RequestMetrics, pool: Any, sessions: Callable[[], in
     return snapshots, httpd, port
 
 
+#: Scrape connections served at once; one more is closed unanswered, so
+#: clients that connect and stall hold no more threads and descriptors.
+HTTP_CONNECTIONS = 16
+#: Seconds a scrape connection may wait for the client's next bytes (or for
+#: it to take the answer's) before it is closed.
+HTTP_TIMEOUT = 5.0
+
+
 def serve_http(collector: Collector, host: str, port: int) -> tuple[Any, int]:
     """Serve ``collector`` at http://HOST:PORT/metrics from a thread; returns
-    the server (``shutdown()`` / ``server_close()``) and the bound port."""
-    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+    the server (``shutdown()`` / ``server_close()``) and the bound port. At
+    most `HTTP_CONNECTIONS` connections at once, each closed after
+    `HTTP_TIMEOUT` seconds without progress."""
+    from prometheus_client import CollectorRegistry, ProcessCollector
 
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise InvalidArgument(f"metrics port must be an integer in [0, 65535], got {port!r}")
@@ -272,8 +282,52 @@ def serve_http(collector: Collector, host: str, port: int) -> tuple[Any, int]:
     registry.register(collector)
     ProcessCollector(registry=registry)  # process_cpu_seconds_total, resident memory, open fds
     try:
-        httpd, _ = start_http_server(port, addr=host, registry=registry)
+        httpd = _http_server(host, port, registry)
     except OSError as e:
         raise InvalidArgument(f"cannot serve metrics on {host}:{port}: {e.strerror or e} "
                               "(choose another --metrics-port / KVPAGER_METRICS_PORT, or --metrics-host)") from None
+    threading.Thread(target=httpd.serve_forever, name="kvpager-metrics", daemon=True).start()
     return httpd, httpd.server_address[1]
+
+
+def _http_server(host: str, port: int, registry: Any) -> Any:
+    """prometheus_client's WSGI app behind a thread-per-connection server with
+    a cap on connections and a timeout on each (its own server has neither)."""
+    import socket
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from prometheus_client import make_wsgi_app
+
+    class Handler(WSGIRequestHandler):
+        timeout = HTTP_TIMEOUT  # per read and write of the connection's socket
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        slots = threading.BoundedSemaphore(HTTP_CONNECTIONS)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self.slots.acquire(blocking=False):
+                self.shutdown_request(request)  # all slots taken: closed at once, unanswered
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self.slots.release()
+                raise
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            log.debug("metrics: a connection from %s failed", client_address, exc_info=True)  # a timeout, a reset
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    Server.address_family = family
+    return make_server(sockaddr[0], port, make_wsgi_app(registry), Server, handler_class=Handler)

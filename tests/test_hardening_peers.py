@@ -1,0 +1,207 @@
+"""Hostile and careless peers of the daemon's side doors: HTTP clients of
+the metrics endpoint (stalled connections, garbage) and subscribers of the
+KV-event replay socket (far-back replays read late, floods, garbage). Each
+test is an attack that once worked against a CPU daemon; bounded waits, free
+endpoints, every daemon stopped."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import zmq
+from daemon_helpers import SMALL, ipc_endpoint, running_server, wait_until
+
+from kvpager import metrics
+from kvpager.client import Client
+from kvpager.events import EventSink
+from kvpager.events_pub import END_SEQ, EventsConfig
+
+
+def metrics_text(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200
+        return r.read().decode()
+
+
+def closed_by_peer(s: socket.socket, timeout: float) -> bool:
+    """True if the other end closes ``s`` within ``timeout`` seconds."""
+    s.settimeout(timeout)
+    try:
+        while s.recv(4096):
+            pass
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_stalled_metrics_connections_are_capped_and_closed(monkeypatch):
+    """Connections that never send a byte each held a thread and a descriptor
+    of the daemon for ever (prometheus_client's server has no timeout and no
+    cap): 200 of them made 200 threads. Now at most HTTP_CONNECTIONS are
+    served at once (the rest closed at once), each closed after HTTP_TIMEOUT;
+    scrapes work afterwards and no session expired meanwhile."""
+    monkeypatch.setattr(metrics, "HTTP_TIMEOUT", 1.0)
+    with running_server(SMALL, metrics_port=0, heartbeat_timeout=1.0) as server, \
+            Client(server.endpoint) as c:
+        c.allocate([[1, 2, 3]])
+        before = threading.active_count()
+        idle = [socket.create_connection(("127.0.0.1", server.metrics_port), timeout=10) for _ in range(200)]
+        try:
+            time.sleep(0.5)  # every connection accepted by now
+            assert threading.active_count() <= before + metrics.HTTP_CONNECTIONS
+            for s in idle:
+                assert closed_by_peer(s, 10), "a stalled metrics connection was never closed"
+        finally:
+            for s in idle:
+                s.close()
+        assert wait_until(lambda: threading.active_count() <= before, 10)
+        text = metrics_text(server.metrics_port)
+        assert "kvpager_sequences 1.0" in text and "kvpager_session_expiries_total 0.0" in text
+        assert c.stats().num_sequences == 1  # the session lived throughout
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"\x00\xff\xfe garbage\r\n\r\n", b"400"),
+    (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", b"414"),
+    (b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 70_000 + b"\r\n\r\n", b"431"),
+    (b"GET /metrics HTTP/1.1\r\n" + b"X: a\r\n" * 200 + b"\r\n", b"431"),
+    (b"HEAD /metrics HTTP/1.1\r\n\r\n", b"405"),
+    (b"POST /metrics HTTP/1.1\r\nContent-Length: 1000000000\r\n\r\nxx", b"405"),
+    (b"GET /nothing-here?name[]=x HTTP/1.1\r\n\r\n", b"200"),
+])
+def test_malformed_http_is_answered_and_the_daemon_lives(request_bytes, status):
+    with running_server(SMALL, metrics_port=0) as server, Client(server.endpoint) as c:
+        with socket.create_connection(("127.0.0.1", server.metrics_port), timeout=10) as s:
+            s.sendall(request_bytes)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        assert status in answer[:200]
+        assert "kvpager_blocks_total" in metrics_text(server.metrics_port)
+        c.allocate([[1, 2, 3]])
+        assert c.stats().num_sequences == 1
+
+
+def one_batch(i: int) -> list:
+    sink = EventSink()
+    sink.stored([i.to_bytes(16, "big")], None, np.arange(SMALL.block_size))
+    return sink.take()
+
+
+@pytest.fixture
+def events_server():
+    endpoint, d = ipc_endpoint()
+    with running_server(endpoint=endpoint, events=EventsConfig(f"ipc://{d}/ev.sock")) as server:
+        yield server
+
+
+def publish(server, n: int) -> None:
+    """``n`` batches through the publisher (the loop's one call), waited for."""
+    ev = server.events
+    want = ev.published + n
+    for i in range(n):
+        ev.publish(time.time(), one_batch(want + i))
+    assert wait_until(lambda: ev.published >= want, 30)
+
+
+def dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    return s
+
+
+def read_answer(s: zmq.Socket, timeout_ms: int = 5000) -> tuple[list[int], bool]:
+    """The sequence numbers of one replay answer, and whether its end marker came."""
+    seqs = []
+    while s.poll(timeout_ms):
+        frames = s.recv_multipart()
+        if frames[-2] == END_SEQ:
+            return seqs, True
+        seqs.append(int.from_bytes(frames[-2], "big"))
+    return seqs, False
+
+
+def test_a_replay_from_far_back_read_late_arrives_whole_with_its_end(events_server):
+    """A replay of 5,001 kept batches to a subscriber that reads only after
+    asking: the daemon sent it all at once, the socket dropped what passed its
+    high-water mark (1,000 messages a side) and the end marker with it, so the
+    subscriber got 2,000 batches and waited for the end for ever."""
+    publish(events_server, 5000)
+    ctx = zmq.Context()
+    try:
+        s = dealer(ctx, events_server.events.replay_endpoint)
+        s.send_multipart([b"", (0).to_bytes(8, "big")])
+        time.sleep(2.0)  # not reading yet
+        seqs, ended = read_answer(s)
+        assert ended, f"no end marker after {len(seqs)} batches"
+        assert seqs == list(range(5001))
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_flood_of_replay_requests_does_not_hold_the_live_stream(events_server):
+    """A peer sending replay requests without pause kept the publisher's thread
+    answering them: no live batch went out (queued without bound) while the
+    flood lasted. Now answers share the thread with the live stream."""
+    publish(events_server, 3000)
+    ev = events_server.events
+    ctx = zmq.Context()
+    stop = threading.Event()
+    flooder = dealer(ctx, ev.replay_endpoint)
+    flooder.setsockopt(zmq.SNDHWM, 0)
+
+    def flood():
+        while not stop.is_set():
+            try:
+                flooder.send_multipart([b"", (0).to_bytes(8, "big")], zmq.NOBLOCK)
+            except zmq.Again:
+                time.sleep(0.001)
+
+    t = threading.Thread(target=flood)
+    t.start()
+    try:
+        time.sleep(1.0)  # the flood is under way
+        start = ev.published
+        for i in range(200):
+            ev.publish(time.time(), one_batch(10**6 + i))
+        assert wait_until(lambda: ev.published >= start + 200, 20), \
+            f"{ev.published - start} of 200 live batches sent during the flood"
+    finally:
+        stop.set()
+        t.join(10)
+        ctx.destroy(linger=0)
+
+
+def test_malformed_replay_requests_are_ignored_or_answered_empty(events_server):
+    """Wrong frame counts and garbage get nothing; a start of another length,
+    past the end, or negative (read unsigned: past the end) gets just the end
+    marker; the publisher answers a good request afterwards and goes on."""
+    publish(events_server, 10)
+    ev = events_server.events
+    ctx = zmq.Context()
+    try:
+        s = dealer(ctx, ev.replay_endpoint)
+        for frames in ([b"x", b"y", b"z"], [b"", b"", (0).to_bytes(8, "big")], [b"a", (0).to_bytes(8, "big")]):
+            s.send_multipart(frames)
+        assert not s.poll(300)
+        for start in (b"", b"\x01", b"x" * 9, (2**64 - 1).to_bytes(8, "big"), (-5).to_bytes(8, "big", signed=True),
+                      (10**6).to_bytes(8, "big")):
+            s.send_multipart([b"", start])
+            assert read_answer(s) == ([], True)
+        s.send_multipart([b"", (8).to_bytes(8, "big")])
+        assert read_answer(s) == ([8, 9, 10], True)
+        big = dealer(ctx, ev.replay_endpoint)
+        big.send_multipart([b"", b"x" * 1000])  # past MAXMSGSIZE: the connection is dropped
+        publish(events_server, 1)
+        s.send_multipart([b"", (11).to_bytes(8, "big")])
+        assert read_answer(s) == ([11], True)
+    finally:
+        ctx.destroy(linger=0)
