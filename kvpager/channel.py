@@ -18,8 +18,9 @@ from kvpager.protocol import Reply, decode_reply
 MAX_RCVTIMEO = 2**31 - 1
 
 
-def _ms(seconds: float) -> int:
-    """A wait as RCVTIMEO: at least 1 ms, at most `MAX_RCVTIMEO` (a huge timeout overflowed it)."""
+def wait_ms(seconds: float) -> int:
+    """A wait as ZeroMQ takes one (RCVTIMEO, a poll's timeout): at least 1 ms, at most
+    `MAX_RCVTIMEO` (a C int of milliseconds: a huge timeout overflowed it)."""
     return max(1, math.ceil(min(seconds * 1000, MAX_RCVTIMEO)))
 
 
@@ -51,7 +52,7 @@ class Channel:
         sock = self.sock
         # A blocking recv bounded by RCVTIMEO costs one call per reply; the
         # option is set again only when the timeout changes.
-        ms = _ms(timeout)
+        ms = wait_ms(timeout)
         if ms != self.rcvtimeo:
             sock.setsockopt(zmq.RCVTIMEO, ms)
             self.rcvtimeo = ms
@@ -65,7 +66,7 @@ class Channel:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                self.rcvtimeo = _ms(remaining)
+                self.rcvtimeo = wait_ms(remaining)
                 sock.setsockopt(zmq.RCVTIMEO, self.rcvtimeo)
         except zmq.Again:
             pass

@@ -20,6 +20,7 @@ import msgpack
 import zmq
 
 from kvpager import env
+from kvpager.channel import wait_ms
 from kvpager.endpoints import check_endpoint, probe
 from kvpager.errors import InvalidArgument
 from kvpager.events import parse_batch
@@ -84,7 +85,7 @@ class Subscription:
         if self._catch_up:
             yield from self.replay(self.last + 1)
         while True:
-            if not self._sub.poll(None if idle is None else int(idle * 1000)):
+            if not self._sub.poll(None if idle is None else wait_ms(idle)):
                 return
             frames = self._sub.recv_multipart()
             if len(frames) != 3 or len(frames[1]) != 8:
@@ -104,7 +105,7 @@ class Subscription:
         if self._replay is None:
             return
         self._replay.send_multipart([b"", start.to_bytes(8, "big")])
-        while self._replay.poll(int(timeout * 1000)):
+        while self._replay.poll(wait_ms(timeout)):
             frames = self._replay.recv_multipart()[1:]  # the empty delimiter first
             if len(frames) < 2 or not frames[-1]:
                 return  # the end marker: [(topic,) seq -1, b""]

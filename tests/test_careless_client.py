@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -157,3 +158,33 @@ def test_the_cli_takes_a_huge_timeout_from_its_option_and_the_environment(server
                               *extra], env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert "Traceback" not in out.stderr and '"num_sequences": 0' in out.stdout
+
+
+def test_an_events_tail_takes_an_idle_wait_past_zeromqs_range(tmp_path):
+    """`kvpager events --idle 1e300` (and `Subscription.batches(idle=...)`) passed
+    the wait to ZeroMQ's poll as milliseconds: OverflowError before any live batch."""
+    import threading
+
+    from kvpager.events_cli import Subscription
+    from kvpager.events_pub import EventsConfig
+
+    endpoint = f"ipc://{tmp_path}/kv.sock"
+    with running_server(SMALL, endpoint=endpoint, events=EventsConfig(f"ipc://{tmp_path}/ev.sock")) as srv, \
+            Client(endpoint, timeout=10) as c, \
+            Subscription(srv.events.endpoint, srv.events.replay_endpoint) as sub:
+        got: list = []
+
+        def tail():
+            try:
+                got.append(next(sub.batches(idle=1e300)))  # the live stream: a poll with that wait
+            except Exception as e:
+                got.append(e)
+
+        t = threading.Thread(target=tail, daemon=True)
+        t.start()
+        time.sleep(0.5)  # subscribed, polling
+        [a] = c.allocate([list(range(BS))])
+        c.commit(a.seq_id)  # one stored block: a live batch
+        t.join(20)
+        assert len(got) == 1 and not isinstance(got[0], Exception), got
+        assert got[0].events[0]["type"] == "BlockStored"
