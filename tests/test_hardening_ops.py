@@ -253,7 +253,7 @@ def test_a_salt_is_bounded(op, args, long):
 @pytest.mark.parametrize("op", ["free", "append", "commit", "fork", "tables"])
 def test_ids_in_a_map_are_refused(server, op):
     """A map as ``seq_ids`` was taken as its keys by the ops the pool checks (append,
-    commit, free; a client may have meant its values): results follow the ids'
+    commit; a client may have meant its values): results follow the ids'
     order, and a map has none a client can count on. The others refused it already."""
     with Client(server.endpoint, timeout=10) as c:
         a, b = c.allocate([[1, 2, 3], [4, 5]])
