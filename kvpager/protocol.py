@@ -93,6 +93,19 @@ class Request(NamedTuple):
         return pack([self.version, self.id, self.session, self.op, self.args])
 
 
+#: Characters an error reply's message (and each text detail) keeps: one that quotes a
+#: client's huge value is cut to this, its length said.
+MAX_ERROR_TEXT = 4096
+
+
+def _cut(text: str) -> str:
+    """``text`` cut to `MAX_ERROR_TEXT` characters and its length said (a text cut
+    already, by the daemon, is left as it is where a client decodes it)."""
+    if len(text) <= MAX_ERROR_TEXT + 64:
+        return text
+    return f"{text[:MAX_ERROR_TEXT]}... ({len(text)} characters in all)"
+
+
 @dataclass(frozen=True)
 class ErrorInfo:
     """The error half of a reply: a stable code, a message, optional details."""
@@ -100,6 +113,14 @@ class ErrorInfo:
     code: str
     message: str
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # A message that quotes a client's value (a 3M-item list: 9 MB) is cut: a reply
+        # is never much bigger than the errors it reports.
+        if len(self.message) > MAX_ERROR_TEXT + 64:
+            object.__setattr__(self, "message", _cut(self.message))
+        if any(type(v) is str and len(v) > MAX_ERROR_TEXT + 64 for v in self.details.values()):
+            object.__setattr__(self, "details", {k: _cut(v) if type(v) is str else v for k, v in self.details.items()})
 
     @classmethod
     def from_exception(cls, e: KVPagerError) -> ErrorInfo:

@@ -262,3 +262,20 @@ def test_ids_in_a_map_are_refused(server, op):
             c._call(op, {"seq_ids": {a.seq_id: b.seq_id, b.seq_id: a.seq_id}})
         assert _same(before, _state(server))
         c.check_integrity()
+
+
+def test_an_error_quoting_a_huge_value_is_cut(server):
+    """An error message quotes the value it refuses: a 1 MB string among the ids came
+    back as a 1 MB error (a 3M-item list as 9 MB). Messages are now cut to
+    MAX_ERROR_TEXT characters, their length said; the error keeps its class."""
+    from kvpager.protocol import MAX_ERROR_TEXT
+
+    with Client(server.endpoint, timeout=10) as c:
+        [a] = c.allocate([[1, 2, 3]])
+        before = _state(server)
+        with pytest.raises(InvalidArgument, match=r"must hold ints, got 'xxx.*\(1000\d+ characters in all\)") as e:
+            c._call("commit", {"seq_ids": [a.seq_id, "x" * 1_000_000]})
+        assert len(str(e.value)) < MAX_ERROR_TEXT + 100
+        assert _same(before, _state(server))
+        with pytest.raises(InvalidArgument, match="must hold ints, got 'y'$"):  # a short one whole
+            c._call("commit", {"seq_ids": [a.seq_id, "y"]})
