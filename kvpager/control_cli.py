@@ -116,7 +116,7 @@ def pins(client: Any, as_json: bool) -> None:
 def tenants(client: Any, as_json: bool) -> None:
     """Cached blocks per tenant (salt), with quotas."""
     st = client.stats()
-    emit(as_json, [t.to_dict() for t in st.tenants], render.tenants_text(st.tenants))
+    emit(as_json, [t.to_dict() for t in st.tenants], render.tenants_text(st.tenants, st.num_tenants))
 
 
 @daemon_command

@@ -11,7 +11,15 @@ from kvpager import validate
 from kvpager.errors import InvalidArgument
 from kvpager.events import EventSink
 from kvpager.pool_control import EVERY
-from kvpager.types import BlockMap, PoolCounters, PoolStats, RemoteStats, SequenceInfo, TenantUsage
+from kvpager.types import (
+    MAX_TENANTS_LISTED,
+    BlockMap,
+    PoolCounters,
+    PoolStats,
+    RemoteStats,
+    SequenceInfo,
+    TenantUsage,
+)
 
 
 class PoolInspection:
@@ -46,6 +54,7 @@ class PoolInspection:
         m, spec = self.manager, self.spec
         pool, bs = m.pool, spec.block_size
         used = pool.num_used
+        tenants, num_tenants = self._tenants()
         return PoolStats(
             total_blocks=pool.num_usable,
             free_blocks=pool.num_free,
@@ -65,8 +74,9 @@ class PoolInspection:
             bytes_per_block=spec.bytes_per_block,
             pinned_blocks=m.pins.num_pinned,
             max_pinned_blocks=m.pins.limit,
-            tenants=self._tenants(),
+            tenants=tenants,
             ranks=self.ranks,
+            num_tenants=num_tenants,
         )
 
     def counters(self) -> PoolCounters:
@@ -91,13 +101,20 @@ class PoolInspection:
             raise InvalidArgument(f"sink must be an EventSink or None, got {type(sink).__name__}")
         self.manager.pool.events = sink
 
-    def _tenants(self) -> tuple[TenantUsage, ...]:
+    def _tenants(self) -> tuple[tuple[TenantUsage, ...], int]:
+        """The tenants `PoolStats` lists (every one with a quota, then the largest
+        others: `MAX_TENANTS_LISTED` in all, most cached first), and how many there are."""
         pool = self.manager.pool
         evictable = np.zeros(pool.num_blocks, dtype=bool)
         if pool.evictable:
             evictable[np.fromiter(pool.evictable, dtype=np.int64, count=len(pool.evictable))] = True
         rows = pool.tenants.rows(pool.cache.cached, evictable, self.manager.pins.refs > 0)
-        return tuple(TenantUsage(*r) for r in rows)
+        total = len(rows)
+        if total > MAX_TENANTS_LISTED:
+            with_quota = [r for r in rows if r[4] is not None]
+            others = [r for r in rows if r[4] is None][:max(0, MAX_TENANTS_LISTED - len(with_quota))]
+            rows = sorted(with_quota + others, key=lambda r: -r[1])
+        return tuple(TenantUsage(*r) for r in rows), total
 
     def remote_stats(self) -> RemoteStats | None:
         """The remote tier's counters, or None without one."""

@@ -107,12 +107,16 @@ def salt_label(salt: str | bytes | None, width: int = 32) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def tenants_text(tenants: Sequence[TenantUsage]) -> str:
+def tenants_text(tenants: Sequence[TenantUsage], total: int | None = None) -> str:
+    """The tenants listed; ``total``: how many there are (more than listed: said)."""
     if not tenants:
         return "no cached blocks and no quotas"
     rows = [(salt_label(t.salt), t.cached_blocks, t.evictable_blocks, t.pinned_blocks,
              "-" if t.quota is None else t.quota, "over" if t.over_quota else "") for t in tenants]
-    return table(("tenant (salt)", "cached", "evictable", "pinned", "quota", ""), rows)
+    text = table(("tenant (salt)", "cached", "evictable", "pinned", "quota", ""), rows)
+    if total is not None and total > len(tenants):
+        text += f"\n(the {len(tenants)} listed: those with a quota and the largest; {total} tenants in all)"
+    return text
 
 
 def pins_text(pins: Sequence[PinInfo]) -> str:

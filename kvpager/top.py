@@ -122,7 +122,7 @@ def lines(snap: Snapshot, r: Rates | None, endpoint: str, width: int, height: in
     out.append(f"seqs {st.num_sequences} ({st.swapped_sequences} swapped){tokens}"
                f"  slots used {100 * st.slot_utilization:.1f}%  host {st.host_free_blocks}/{st.host_total_blocks} free")
     over = sum(t.over_quota for t in st.tenants)
-    out.append(f"tenants {len(st.tenants)} ({over} over quota)  sessions {len(snap.sessions)}"
+    out.append(f"tenants {max(st.num_tenants, len(st.tenants))} ({over} over quota)  sessions {len(snap.sessions)}"
                f"  {'hit' if narrow else 'all-time prefix hit'} {100 * st.prefix_hit_rate:.1f}%"
                + (" all-time" if narrow else ""))
     room = height - len(out) - 2  # a blank line and the sessions' header

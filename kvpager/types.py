@@ -138,6 +138,10 @@ class SessionInfo:
     control: bool  # opened with the daemon's control token
 
 
+#: The most tenants `PoolStats.tenants` lists.
+MAX_TENANTS_LISTED = 1000
+
+
 @dataclass(frozen=True)
 class PoolStats:
     """The pool at a glance. Block counts exclude the reserved null block."""
@@ -160,8 +164,12 @@ class PoolStats:
     bytes_per_block: int
     pinned_blocks: int = 0  # distinct blocks held by pins (in use; never evicted)
     max_pinned_blocks: int = 0  # the cap on pinned_blocks
-    tenants: tuple[TenantUsage, ...] = ()  # every tenant with cached blocks or a quota
+    #: tenants with cached blocks or a quota, most cached first: every one with a quota,
+    #: then the largest others, `MAX_TENANTS_LISTED` in all (a daemon's clients may name
+    #: any number of tenants: every salt is one)
+    tenants: tuple[TenantUsage, ...] = ()
     ranks: int = 1  # tensor-parallel ranks: each holds bytes_per_block / ranks of every block
+    num_tenants: int = 0  # every tenant with cached blocks or a quota, listed in `tenants` or not
 
     @property
     def prefix_hit_rate(self) -> float:

@@ -279,3 +279,30 @@ def test_an_error_quoting_a_huge_value_is_cut(server):
         assert _same(before, _state(server))
         with pytest.raises(InvalidArgument, match="must hold ints, got 'y'$"):  # a short one whole
             c._call("commit", {"seq_ids": [a.seq_id, "y"]})
+
+
+def test_stats_lists_at_most_max_tenants_the_quotas_and_the_largest(server):
+    """Every salt names a tenant, and `stats` listed every tenant with cached blocks:
+    a client committing a block under each of 100,000 salts made every `stats` reply
+    (and `kvpager top`'s) carry 100,000 rows. Now it lists `MAX_TENANTS_LISTED`:
+    every tenant with a quota, then the largest others; `num_tenants` counts all."""
+    from kvpager import KVPool, PoolSpec
+    from kvpager.render import tenants_text
+    from kvpager.types import MAX_TENANTS_LISTED
+
+    n = MAX_TENANTS_LISTED + 100
+    pool = KVPool(PoolSpec(1, 1, 8, n + 16, block_size=8, dtype="float32"))
+    allocs = pool.allocate([[i] * 8 for i in range(n)], [f"t{i}" for i in range(n)])
+    [big] = pool.allocate([list(range(24))], "big")
+    pool.commit([a.seq_id for a in allocs] + [big.seq_id])
+    pool.set_quota(f"t{n - 1}", 5)  # a tenant the size of most: listed for its quota
+    st = pool.stats()
+    assert st.num_tenants == n + 1 and len(st.tenants) == MAX_TENANTS_LISTED
+    assert st.tenants[0].salt == "big" and st.tenants[0].cached_blocks == 3
+    assert f"t{n - 1}" in {t.salt for t in st.tenants}
+    assert f"{n + 1} tenants in all" in tenants_text(st.tenants, st.num_tenants)
+    with Client(server.endpoint, timeout=10) as c:  # the count crosses the wire
+        [a] = c.allocate([list(range(SMALL.block_size))], "one")
+        c.commit(a.seq_id)
+        st = c.stats()
+        assert st.num_tenants == len(st.tenants) == 1 and st.tenants[0].salt == "one"
