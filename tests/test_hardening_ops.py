@@ -283,8 +283,8 @@ def test_an_error_quoting_a_huge_value_is_cut(server):
 
 def test_stats_lists_at_most_max_tenants_the_quotas_and_the_largest(server):
     """Every salt names a tenant, and `stats` listed every tenant with cached blocks:
-    a client committing a block under each of 100,000 salts made every `stats` reply
-    (and `kvpager top`'s) carry 100,000 rows. Now it lists `MAX_TENANTS_LISTED`:
+    a client committing a block under each of many salts (up to the pool's blocks)
+    made every `stats` reply (and `kvpager top`'s) carry a row for each. Now it lists `MAX_TENANTS_LISTED`:
     every tenant with a quota, then the largest others; `num_tenants` counts all."""
     from kvpager import KVPool, PoolSpec
     from kvpager.render import tenants_text
