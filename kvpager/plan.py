@@ -96,10 +96,14 @@ SOFTCAP_NONE = 1e30
 def check_scale(scale: Any, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if not isinstance(scale, (int, float, np.floating)) or isinstance(scale, bool) \
-            or not math.isfinite(scale) or scale <= 0 or scale > FLOAT32_MAX:
+    try:  # a NumPy number as the Python one it holds (compared in float64: no float16 overflow)
+        value = float(scale) if isinstance(scale, (int, float, np.integer, np.floating)) \
+            and not isinstance(scale, (bool, np.bool_)) else math.nan
+    except OverflowError:  # an int past float64
+        value = math.inf
+    if not math.isfinite(value) or value <= 0 or value > FLOAT32_MAX:
         raise InvalidArgument(f"scale must be a positive finite number a float32 holds, got {scale!r}")
-    return float(scale)
+    return value
 
 
 #: past every position a pool holds (lengths are int32): a window or chunk this long cuts nothing,

@@ -300,3 +300,22 @@ def test_a_pool_refuses_a_backend_it_cannot_use():
         KVPool(spec, backend=make_backend(spec.replace(head_dim=128), "cpu"))
     pool = KVPool(spec, backend=make_backend(spec, "cpu"))
     assert pool.allocate([[1, 2, 3]])[0].slots.tolist() == [BS, BS + 1, BS + 2]
+
+
+def test_a_scale_is_any_real_number_numpy_or_not():
+    """``scale=np.int64(1)`` was refused where ``1`` is taken, and an ``np.float16``
+    scale was compared with float32's maximum in float16 (an overflow warning)."""
+    import warnings
+
+    pool = make_pool()
+    a, b = _setup(pool)
+    plan = pool.plan([a, b], 1)
+    q = np.random.default_rng(0).standard_normal((2, 2, 64)).astype(np.float32)
+    want = plan.attend(0, q, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for scale in (np.int64(1), np.int32(1), np.float16(1.0), np.float32(1.0)):
+            assert np.array_equal(plan.attend(0, q, scale), want)
+    for bad in (np.bool_(True), True, 10**400, -np.int64(1), np.float16("inf"), "1"):
+        with pytest.raises(InvalidArgument, match="scale must be"):
+            plan.attend(0, q, bad)
