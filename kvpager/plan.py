@@ -363,6 +363,20 @@ def check_floor(floor: np.ndarray | None, seq_lens: np.ndarray, query_lens: np.n
             + ": attend with the sliding window those blocks were released for")
 
 
+#: What a backend's planner takes (`make_plan`); the NumPy backend ignores all but
+#: ``config`` and ``num_rows``, so code written for either runs on both.
+PLAN_OPTIONS = frozenset({"num_rows", "width", "num_splits", "num_q_heads", "cascade", "host_bound", "config"})
+
+
+def check_plan_options(options: dict[str, Any]) -> None:
+    """InvalidArgument for a planner option no backend takes (a misspelled one, or
+    an attend's such as ``window``), which one backend ignored and the other refused."""
+    unknown = sorted(set(options) - PLAN_OPTIONS)
+    if unknown:
+        raise InvalidArgument(f"no plan option {', '.join(unknown)}; a plan takes {', '.join(sorted(PLAN_OPTIONS))} "
+                              "(window, softcap, sinks and chunk are attend's)")
+
+
 def make_plan(backend: Any, tables: Any, seq_lens: Any, query_lens: Any = None, slots: Any = None,
               **options: Any) -> StepPlan:
     """A step plan on ``backend`` (validated here once). ``options`` go to the

@@ -319,3 +319,21 @@ def test_a_scale_is_any_real_number_numpy_or_not():
     for bad in (np.bool_(True), True, 10**400, -np.int64(1), np.float16("inf"), "1"):
         with pytest.raises(InvalidArgument, match="scale must be"):
             plan.attend(0, q, bad)
+
+
+@pytest.mark.parametrize("option", [dict(window=3), dict(num_split=4), dict(softcap=30.0), dict(chunk=16)])
+def test_a_plan_option_no_backend_takes_is_refused(option):
+    """The NumPy backend's planner ignored every option it had no use for, a misspelled
+    one or an attend's (``plan(..., window=3)``: full attention, silently) included;
+    the GPU's raised a TypeError. Both now refuse it by name; the GPU's options are
+    still taken, and ignored, on the CPU."""
+    pool = make_pool()
+    a, b = _setup(pool)
+    before = snapshot(pool)
+    with pytest.raises(InvalidArgument, match=f"no plan option {next(iter(option))}"):
+        pool.plan([a, b], 1, **option)
+    with pytest.raises(InvalidArgument, match="no plan option"):
+        make_plan(pool.backend, *pool.tables([a, b]), None, None, **option)
+    assert snapshot(pool) == before
+    plan = pool.plan([a, b], 1, num_splits=4, num_q_heads=2, cascade=False, host_bound=True, width=8)
+    assert plan.seq_lens.tolist() == pool.tables([a, b])[1].tolist()

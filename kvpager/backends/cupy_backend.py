@@ -217,7 +217,9 @@ class CupyBackend(Backend):
         CTA for every SM),
         ``config`` (`kvpager.KernelConfig`; default: this backend's)."""
         from kvpager.backends.cupy_plan import CupyPlan
+        from kvpager.plan import check_plan_options
 
+        check_plan_options(options)
         self._check_open()
         with cupy.cuda.Device(self.index):
             return CupyPlan(self, tables, seq_lens, query_lens, slots, **options)

@@ -84,10 +84,13 @@ class NumpyBackend(Backend):
              slots: np.ndarray | None, *, num_rows: int | None = None, config: Any = None,
              **ignored: Any) -> Any:
         """A `NumpyPlan` (capacity and kernel options mean nothing here, but a ``config``
-        must be a `kvpager.KernelConfig` as on the GPU; padding rows are refused)."""
+        must be a `kvpager.KernelConfig` as on the GPU, an option's name one the GPU's
+        planner takes, and padding rows are refused)."""
         from kvpager.kernel_config import check_config
+        from kvpager.plan import check_plan_options
         from kvpager.plan_numpy import NumpyPlan
 
+        check_plan_options(ignored)
         check_config(config)
         if num_rows is not None and num_rows != len(seq_lens):
             raise InvalidArgument("padding rows (num_rows) are for in-place updates on the GPU backend")
