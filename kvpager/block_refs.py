@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from kvpager.tenants import Tenants
 
 _ONE = np.int32(1)
+#: The most references a block holds: its count is an int32 (`ref_cnt`); forks and pins
+#: that would pass it are refused.
+MAX_REFS = (1 << 31) - 1
 
 
 def _as_ids(ids: Iterable[int] | np.ndarray) -> np.ndarray:

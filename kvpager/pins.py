@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kvpager.block_refs import MAX_REFS
 from kvpager.errors import InvalidArgument, LimitExceeded, NotPinned
 from kvpager.prefix_cache import chain_keys, root_key, token_array
 from kvpager.types import PinInfo
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from kvpager.block_pool import BlockPool
 
 EVERY = object()  # `infos`: every owner's pins (None is an owner: the pool's own)
-_MAX_REFS = (1 << 31) - 1  # a block's reference count is an int32 (`BlockPool.ref_cnt`)
 
 
 @dataclass(eq=False)
@@ -72,9 +72,9 @@ class PinTable:
                 "pinned_blocks", self.num_pinned + fresh, self.limit)
         if len(every):
             ids, times = np.unique(every, return_counts=True)
-            if int((pool.ref_cnt[ids] + times).max()) > _MAX_REFS:  # pins are counted without bound
+            if int((pool.ref_cnt[ids] + times).max()) > MAX_REFS:  # pins are counted without bound
                 raise InvalidArgument(f"pin: these pins would pass a block's reference count (int32, at most "
-                                      f"{_MAX_REFS}); unpin some first")
+                                      f"{MAX_REFS}); unpin some first")
             pool.touch(every)  # a reference each: an evictable block is taken back into use
             np.add.at(self.refs, every, 1)
             self.num_pinned += fresh

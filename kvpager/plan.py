@@ -93,14 +93,22 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 SOFTCAP_NONE = 1e30
 
 
+def _real(x: Any) -> float:
+    """A real number (NumPy's too) as a Python float, compared in float64 (an
+    ``np.float16`` compared with float32's maximum would overflow); NaN for
+    anything else (a bool, a str), infinity for an int past float64."""
+    if not isinstance(x, (int, float, np.integer, np.floating)) or isinstance(x, (bool, np.bool_)):
+        return math.nan
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf
+
+
 def check_scale(scale: Any, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    try:  # a NumPy number as the Python one it holds (compared in float64: no float16 overflow)
-        value = float(scale) if isinstance(scale, (int, float, np.integer, np.floating)) \
-            and not isinstance(scale, (bool, np.bool_)) else math.nan
-    except OverflowError:  # an int past float64
-        value = math.inf
+    value = _real(scale)
     if not math.isfinite(value) or value <= 0 or value > FLOAT32_MAX:
         raise InvalidArgument(f"scale must be a positive finite number a float32 holds, got {scale!r}")
     return value
@@ -200,10 +208,10 @@ def check_softcap(softcap: Any) -> float | None:
     past 3.4e38 would be infinite, and its scores NaN)."""
     if softcap is None:
         return None
-    if not isinstance(softcap, (int, float, np.floating)) or isinstance(softcap, bool) \
-            or not math.isfinite(softcap) or softcap <= 0:
+    value = _real(softcap)
+    if not math.isfinite(value) or value <= 0:
         raise InvalidArgument(f"softcap must be None or a positive finite number, got {softcap!r}")
-    return None if softcap > SOFTCAP_NONE else float(softcap)
+    return None if value > SOFTCAP_NONE else value
 
 
 

@@ -93,7 +93,7 @@ class PoolKV:
         scale = check_scale(scale, spec.head_dim)
         self.pending = True
         return self.backend.attend(
-            int(layer), q, tables, seq_lens, qlens, float(scale),
+            int(layer), q, tables, seq_lens, qlens, scale,
             window=check_window(window), softcap=check_softcap(softcap), sinks=sinks,
         )
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from kvpager import native, seq_append, seq_check, seq_one, seq_prefix, seq_release, seq_swap
 from kvpager.block_pool import BlockPool
+from kvpager.block_refs import MAX_REFS
 from kvpager.block_table import BlockTable
 from kvpager.errors import InvalidArgument
 from kvpager.history import History, writable
@@ -43,8 +44,6 @@ def _consume(it: Iterator[Any]) -> None:
     """Run a ``map`` for its effect, in C."""
     deque(it, maxlen=0)
 
-
-_MAX_REFS = (1 << 31) - 1  # a block's reference count is an int32
 
 class SequenceManager(SequenceLookup):
     """Allocator state: block pool (with the prefix cache) + host blocks + sequences."""
@@ -167,9 +166,9 @@ class SequenceManager(SequenceLookup):
             n = int(n)
         if n < 1:
             raise InvalidArgument(f"fork: n must be an integer >= 1, got {n!r}")
-        if n * len(seq_ids) > _MAX_REFS:
+        if n * len(seq_ids) > MAX_REFS:
             raise InvalidArgument(f"fork: {n} children of {len(seq_ids)} sequence(s) would pass a block's "
-                                  f"reference count (int32, at most {_MAX_REFS})")
+                                  f"reference count (int32, at most {MAX_REFS})")
         if len(seq_ids) == 1 and self.scalar:
             return seq_one.fork(self, seq_ids[0], n)
         rows = self.batch(seq_ids, "fork")

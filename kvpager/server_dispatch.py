@@ -228,8 +228,8 @@ class Dispatch:
                 lim.check("ids", len(v), f"{op}: {name}")
         salt = a.get("salt")
         if salt is not None:  # a tenant's name: kept as given (its stats row, the root keys' memo)
-            longest = len(salt) if isinstance(salt, (str, bytes)) else max(
-                (len(x) for x in salt if isinstance(x, (str, bytes))), default=0) if isinstance(salt, list) else 0
+            salts = (salt,) if isinstance(salt, (str, bytes)) else salt if isinstance(salt, list) else ()
+            longest = max((len(x) for x in salts if isinstance(x, (str, bytes))), default=0)
             if longest > lim.salt:
                 lim.check("salt", longest, f"{op}: salt")
         tokens = 0
