@@ -112,7 +112,7 @@ class PoolSequences:
         anything: for cache-aware admission.
 
         With a remote tier (and ``remote`` not False) that includes the blocks
-        the allocate would restore from the store: one pipelined ``EXISTS``
+        the allocate would restore from the store: one pipelined ``TYPE``
         round trip for the batch (no value read), under the tier's timeout and
         circuit breaker (a store that is down answers 0 blocks, never an
         error). ``remote=False``: this pool's prefix cache only, no store

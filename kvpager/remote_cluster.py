@@ -1,10 +1,12 @@
 """A Redis Cluster store for the remote prefix tier (``redis+cluster://``;
 see `kvpager.remote_store` for the interface and the URLs).
 
-Lookups are redis-py cluster pipelines of ``GET`` (probes: of ``EXISTS``) (a cluster's ``MGET``
-needs every key in one slot, and blocks spread over all slots), copied into
-the caller's buffer by `Store.get_into`'s default; redis-py follows the
-cluster's redirections and slot-map changes.
+Lookups are redis-py cluster pipelines of ``GET`` (probes: of ``TYPE``;
+writes: of ``SET NX``, then ``STRLEN`` and ``SET`` where a key held something
+else, `put_checked`) (a cluster's ``MGET`` needs every key in one slot, and
+blocks spread over all slots), copied into the caller's buffer by
+`Store.get_into`'s default; redis-py follows the cluster's redirections and
+slot-map changes.
 """
 
 from __future__ import annotations
@@ -16,7 +18,18 @@ from typing import Any
 
 import numpy as np
 
-from kvpager.remote_store import Store, StoreError, _nodes, _options, _redis, redact
+from kvpager.remote_store import (
+    KEY_ABSENT,
+    KEY_OTHER,
+    KEY_STRING,
+    Store,
+    StoreError,
+    _nodes,
+    _options,
+    _redis,
+    put_checked,
+    redact,
+)
 
 
 class RedisClusterStore(Store):
@@ -67,22 +80,19 @@ class RedisClusterStore(Store):
         return self._call(0, run)
 
     def exists_many(self, keys: Seq[str]) -> np.ndarray:
-        def run(rc: Any) -> list[int]:
+        def run(rc: Any) -> list[Any]:
             pipe = rc.pipeline()
             for key in keys:
-                pipe.exists(key)
+                pipe.type(key)
             return pipe.execute()
 
-        return np.asarray(self._call(0, run) if len(keys) else [], dtype=np.int64) > 0
+        codes = {"none": KEY_ABSENT, "string": KEY_STRING}
+        types = self._call(0, run) if len(keys) else []
+        return np.fromiter((codes.get(t.decode() if isinstance(t, bytes) else t, KEY_OTHER) for t in types),
+                           dtype=np.int8, count=len(types))
 
-    def put_many(self, items: Seq[tuple[str, Any]], ttl: int) -> int:
-        def run(rc: Any) -> int:
-            pipe = rc.pipeline()
-            for key, value in items:
-                pipe.set(key, value, nx=True, ex=ttl or None)
-            return sum(1 for r in pipe.execute() if r)
-
-        return self._call(1, run)
+    def put_many(self, items: Seq[tuple[str, Any]], ttl: int) -> tuple[int, int]:
+        return self._call(1, lambda rc: put_checked(rc.pipeline, items, ttl))
 
     def delete(self, keys: Seq[str]) -> None:
         self._call(1, lambda rc: rc.delete(*keys))

@@ -4,15 +4,17 @@
 It runs the restore's own steps (`kvpager.remote_restore`: the missing
 chain keys in the order a lookup asks for them, under the same
 ``max_restore_bytes`` cap; the runs after each prompt's local hits; the
-capacity rule) with the store's answer to "which of these keys do you
-hold" (`RemoteTier.exists`: pipelined ``EXISTS``, no value read) in place of
+capacity rule) with the store's answer to "which of these keys hold a
+string" (`RemoteTier.exists`: pipelined ``TYPE``, no value read) in place of
 the fetched values. Nothing is taken, held, touched, published or reported:
 the block pool, the prefix cache, the tenants and the event sink are only
 read. A store that is down, slow or skipped by the breaker holds nothing.
+(A key of another Redis type, which no lookup could restore, does not count
+and is deleted from the store, as a lookup deletes a value it refuses.)
 
 So the answer equals what an allocate of the same batch (without
 ``share_in_batch``) reports, unless the pool or the store changes between
-the two, or a value the store holds is refused when fetched (a bad checksum
+the two, or a string the store holds is refused when fetched (a bad checksum
 or length: the probe reads no value).
 """
 

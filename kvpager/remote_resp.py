@@ -1,6 +1,6 @@
 """Lookups read straight into a staging buffer: ``MGET`` replies parsed by a
 minimal RESP2 reader on a redis-py connection's socket, several connections
-at once; and the probe's pipelined ``EXISTS`` (`exists`), read the same way.
+at once; and the probe's pipelined ``TYPE`` (`key_types`), read the same way.
 
 redis-py's parser copies every value into a new ``bytes`` object (and
 hiredis first into its own buffer); for 2 MiB values that copying, on the
@@ -137,30 +137,65 @@ def read_mget(reader: Reader, rows: memoryview, width: int, sizes: np.ndarray, l
             raise FetchError("malformed reply: a value longer than its length")
 
 
-def exists(sock: Any, keys: Seq[str]) -> np.ndarray:
-    """Which of ``keys`` the store holds (bool per key): one ``EXISTS`` per key,
-    all sent before any reply is read (one round trip). ``EXISTS`` reads no
-    value and does not touch a key's LRU / LFU clock (``STRLEN`` would). Each
-    reply is ``:0`` or ``:1`` (4 bytes) and any other reply is longer, so
-    exactly 4 bytes a key are read; anything else fails (`FetchError`) and the
-    connection must be dropped."""
+#: what `key_types` says a key holds
+KEY_ABSENT, KEY_STRING, KEY_OTHER = 0, 1, 2
+_STRING = np.frombuffer(b"+string\r\n", dtype=np.uint8)
+_NONE = np.frombuffer(b"+none\r\n", dtype=np.uint8)
+
+
+def key_types(sock: Any, keys: Seq[str]) -> np.ndarray:
+    """What the store holds under each of ``keys`` (int8 per key):
+    `KEY_ABSENT`, `KEY_STRING` (a string of any length: a value a lookup may
+    restore, once its length and checksum pass) or `KEY_OTHER` (a hash, list,
+    set, sorted set, stream or a module's type: ``MGET`` answers nil for it,
+    so no lookup would ever see it). One ``TYPE`` per key, all sent before any
+    reply is read (one round trip). ``TYPE``, like ``EXISTS``, reads no value
+    and does not touch a key's LRU / LFU clock (``STRLEN`` would).
+
+    Each reply is one status line (``+string``, ``+none``, ``+hash``, ...), so
+    the replies are read until ``len(keys)`` line ends have come, then split
+    and classified with NumPy. An error reply (an ACL's ``NOPERM``), a reply of
+    another form, or bytes past the last reply fail the call (`FetchError`)
+    and the connection must be dropped."""
     n = len(keys)
+    if not n:
+        return np.zeros(0, dtype=np.int8)
     encoded = [k.encode() for k in keys]
-    sock.sendall(b"".join(b"*2\r\n$6\r\nEXISTS\r\n$%d\r\n%s\r\n" % (len(k), k) for k in encoded))
-    buf = bytearray(4 * n)
-    view, got = memoryview(buf), 0
-    while got < len(buf):
-        r = sock.recv_into(view[got:])
+    sock.sendall(b"".join(b"*2\r\n$4\r\nTYPE\r\n$%d\r\n%s\r\n" % (len(k), k) for k in encoded))
+    buf = bytearray(9 * n)  # room for n replies of "+string\r\n", the longest of Redis's own types
+    got = lines = 0
+    while lines < n:
+        if got == len(buf):
+            if got >= _MAX_LINE * n:
+                raise FetchError(f"malformed reply: {got} bytes without {n} reply lines to TYPE")
+            buf.extend(bytes(len(buf)))  # an error or a module's type name: longer lines
+        with memoryview(buf) as view:
+            r = sock.recv_into(view[got:])
         if not r:
             raise FetchError("the store closed the connection mid-reply")
+        lines += buf.count(b"\n", got, got + r)
         got += r
-    rows = np.frombuffer(buf, dtype=np.uint8).reshape(n, 4)
-    ok = (rows[:, 0] == ord(":")) & (rows[:, 2] == ord("\r")) & (rows[:, 3] == ord("\n")) \
-        & ((rows[:, 1] == ord("0")) | (rows[:, 1] == ord("1")))
-    if not ok.all():
-        at = 4 * int(np.argmin(ok))
-        raise FetchError(f"the store answered {bytes(buf[at : at + 200])!r} to EXISTS")
-    return rows[:, 1] == ord("1")
+    arr = np.frombuffer(buf, dtype=np.uint8, count=got)
+    ends = np.flatnonzero(arr == ord("\n"))
+    if len(ends) != n or ends[-1] != got - 1:
+        raise FetchError("malformed reply: bytes after the replies to TYPE")
+    starts = np.empty(n, dtype=np.int64)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    wrong = (arr[starts] != ord("+")) | (ends - starts < 3) | (arr[ends - 1] != ord("\r"))
+    if wrong.any():
+        at = int(np.argmax(wrong))
+        line = bytes(buf[starts[at] : min(ends[at] + 1, starts[at] + 200)])
+        raise FetchError(f"the store answered {line!r} to TYPE" if line[:1] == b"-"
+                         else f"malformed reply: {line!r} to TYPE")
+    out = np.full(n, KEY_OTHER, dtype=np.int8)
+    size = ends - starts + 1
+    for code, pattern in ((KEY_STRING, _STRING), (KEY_ABSENT, _NONE)):
+        at = np.flatnonzero(size == len(pattern))
+        if len(at):
+            same = (arr[starts[at, None] + np.arange(len(pattern))] == pattern).all(axis=1)
+            out[at[same]] = code
+    return out
 
 
 class ChunkedFetch:

@@ -18,7 +18,7 @@ every later one) finds them locally:
    before this returns) and each is published under its key.
 
 Steps 1-3 only read (`missing`, `runs`, `fits`): the read-only probe
-(`kvpager.remote_probe`) runs them too, with the store's ``EXISTS``
+(`kvpager.remote_probe`) runs them too, with the store's ``TYPE``
 answers in place of fetched values, so it counts what this restores.
 
 The caller drops the temporary references (`Restore.release`) once the

@@ -30,7 +30,10 @@ from typing import Any
 import numpy as np
 
 from kvpager.errors import InvalidArgument
-from kvpager.remote_resp import ChunkedFetch, FetchError, exists
+from kvpager.remote_resp import KEY_ABSENT as KEY_ABSENT  # what exists_many says, re-exported
+from kvpager.remote_resp import KEY_OTHER as KEY_OTHER
+from kvpager.remote_resp import KEY_STRING as KEY_STRING
+from kvpager.remote_resp import ChunkedFetch, FetchError, key_types
 
 _STANDALONE = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss", "unix": "unix"}
 _CLUSTER = {"redis+cluster": "redis", "rediss+cluster": "rediss", "valkey+cluster": "redis",
@@ -82,16 +85,23 @@ class Store(ABC):
 
     @abstractmethod
     def exists_many(self, keys: Seq[str]) -> np.ndarray:
-        """Which of ``keys`` the store holds (a bool per key), in one pipelined
-        round trip (one per node of a cluster) that reads no value and leaves
-        the keys' LRU / LFU clocks as they were. Loop thread; bounded by the
-        lookup timeout."""
+        """What the store holds under each of ``keys`` (int8 per key):
+        `KEY_ABSENT`, `KEY_STRING` (a string of any length: the value is not
+        read) or `KEY_OTHER` (another Redis type: a hash, list, set, ...,
+        which no lookup can restore, since ``MGET`` / ``GET`` answer nil or an
+        error for it). One pipelined round trip (one per node of a cluster)
+        that reads no value and leaves the keys' LRU / LFU clocks as they were.
+        Loop thread; bounded by the lookup timeout."""
 
     @abstractmethod
-    def put_many(self, items: Seq[tuple[str, Any]], ttl: int) -> int:
-        """Store each (key, bytes-like value) unless the key exists already,
-        expiring after ``ttl`` seconds (0: never), in one pipelined batch.
-        Returns how many were new. Writer thread."""
+    def put_many(self, items: Seq[tuple[str, Any]], ttl: int) -> tuple[int, int]:
+        """Store each (key, bytes-like value), expiring after ``ttl`` seconds
+        (0: never), in one pipelined batch, unless the key holds a string of
+        the value's length already (the same block, maybe computed elsewhere:
+        left as it is). A key that holds anything else (another Redis type, a
+        string of another length) is written over: ``SET NX`` alone would leave
+        it there for good. Returns (keys that were new, keys written over).
+        Writer thread."""
 
     @abstractmethod
     def delete(self, keys: Seq[str]) -> None:
@@ -160,6 +170,42 @@ def open_store(url: str, timeout: float = 0.1, write_timeout: float = 2.0, *,
     raise InvalidArgument(f"remote store URL {redact(url)!r}: unknown scheme {scheme!r} (known: {known})")
 
 
+def put_checked(pipeline: Callable[[], Any], items: Seq[tuple[str, Any]], ttl: int) -> tuple[int, int]:
+    """`Store.put_many` through redis-py pipelines made by ``pipeline()``:
+    ``SET key value NX EX ttl`` for every item; where a key existed, its
+    ``STRLEN`` (a ``WRONGTYPE`` error for another type); where that is not the
+    value's length, ``SET key value EX ttl`` over it. One round trip when every
+    key is new, at most three. Racing another writer of the same key is
+    harmless: a key is only written over when it holds no value of this
+    length, and both writers' values are valid for it."""
+    ex = ttl or None
+    pipe = pipeline()
+    for key, value in items:
+        pipe.set(key, value, nx=True, ex=ex)
+    taken = [item for item, r in zip(items, pipe.execute()) if not r]
+    if not taken:
+        return len(items), 0
+    pipe = pipeline()
+    for key, _ in taken:
+        pipe.strlen(key)
+    over: list[tuple[str, Any, str]] = []  # (key, value, what it held)
+    for (key, value), n in zip(taken, pipe.execute(raise_on_error=False)):
+        if isinstance(n, Exception):
+            if "WRONGTYPE" not in str(n):
+                raise n  # NOPERM and the like: the call fails as any other would
+            over.append((key, value, "another Redis type"))
+        elif n != memoryview(value).nbytes:  # 0: an empty string, or gone since (counted the same)
+            over.append((key, value, f"a string of {n} bytes"))
+    if over:
+        pipe = pipeline()
+        for key, value, _ in over:
+            pipe.set(key, value, ex=ex)
+        pipe.execute()
+        for key, _, what in over:
+            log.warning("remote key %s held %s, no value of this pool: written over", key, what)
+    return len(items) - len(taken), len(over)
+
+
 def _redis() -> Any:
     try:
         import redis
@@ -179,8 +225,8 @@ def _options(redis: Any, timeout: float) -> dict[str, Any]:
 class RedisStore(Store):
     """A standalone Redis or Valkey server: lookups as chunked ``MGET``s over
     ``connections`` connections, read straight into the caller's buffer
-    (`kvpager.remote_resp`); probes as pipelined ``EXISTS`` on one of them;
-    pipelined ``SET NX EX`` for writes. The lookup
+    (`kvpager.remote_resp`); probes as pipelined ``TYPE`` on one of them;
+    pipelined ``SET NX EX`` for writes (`put_checked`). The lookup
     connections and the writer's are separate pools."""
 
     kind = "redis"
@@ -230,14 +276,14 @@ class RedisStore(Store):
 
     def exists_many(self, keys: Seq[str]) -> np.ndarray:
         if not len(keys):
-            return np.zeros(0, dtype=bool)
+            return np.zeros(0, dtype=np.int8)
         try:
             conn, sock = self._acquire()
         except self._errors as e:
             raise StoreError(f"{type(e).__name__}: {e}") from None
         broken = True
         try:
-            out = exists(sock, keys)
+            out = key_types(sock, keys)
             broken = False
             return out
         except FetchError as e:
@@ -271,12 +317,9 @@ class RedisStore(Store):
     def _send(conn: Any, keys: Seq[str]) -> None:
         conn.send_packed_command(conn.pack_command("MGET", *keys), check_health=False)
 
-    def put_many(self, items: Seq[tuple[str, Any]], ttl: int) -> int:
+    def put_many(self, items: Seq[tuple[str, Any]], ttl: int) -> tuple[int, int]:
         try:
-            pipe = self._writer.pipeline(transaction=False)
-            for key, value in items:
-                pipe.set(key, value, nx=True, ex=ttl or None)
-            return sum(1 for r in pipe.execute() if r)
+            return put_checked(lambda: self._writer.pipeline(transaction=False), items, ttl)
         except self._errors as e:
             raise StoreError(f"{type(e).__name__}: {e}") from None
 

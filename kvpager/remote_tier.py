@@ -9,10 +9,12 @@ so a daemon on another host restores them instead of its worker recomputing.
 - Writes never block the caller: committed blocks' bytes are copied into a
   bounded queue (``queue_bytes``; a block that does not fit is dropped and
   counted) and a writer thread seals (header, checksum) and sends them,
-  pipelined ``SET NX`` with an expiry. The writer never touches pool state.
-- Probes (`exists`, for `KVPool.cached_tokens`) ask which keys the store
-  holds, one pipelined ``EXISTS`` batch behind the same breaker and timeout,
-  reading no value.
+  pipelined ``SET NX`` with an expiry, written over a key that holds
+  anything but a string of a value's length. The writer never touches pool
+  state.
+- Probes (`exists`, for `KVPool.cached_tokens`) ask which keys hold a string,
+  one pipelined ``TYPE`` batch behind the same breaker and timeout, reading
+  no value; a key of another Redis type is counted and deleted.
 - Values are checked before they are restored (`kvpager.remote_format`); a
   bad one is counted, deleted from the store and treated as a miss.
 
@@ -34,7 +36,15 @@ import numpy as np
 from kvpager.errors import InvalidArgument
 from kvpager.remote_breaker import MAX_PAUSE, Breaker
 from kvpager.remote_format import HEADER_BYTES, BadValue, Codec, block_key, key_prefix
-from kvpager.remote_store import CHUNK_BYTES, CONNECTIONS, Store, StoreError, open_store
+from kvpager.remote_store import (
+    CHUNK_BYTES,
+    CONNECTIONS,
+    KEY_OTHER,
+    KEY_STRING,
+    Store,
+    StoreError,
+    open_store,
+)
 from kvpager.remote_writes import RemoteWrites
 from kvpager.spec import PoolSpec
 from kvpager.types import RemoteStats
@@ -76,7 +86,7 @@ class RemoteTier(RemoteWrites):
         self._restored = self._lookup_errors = self._corrupt = self._dropped_full = 0
         self._probes = self._probe_blocks = self._probe_hits = self._skipped_probes = 0
         # writer-thread counters
-        self._written = self._write_errors = self._dropped_failed = 0
+        self._written = self._write_errors = self._dropped_failed = self._replaced = 0
         # the queue: (rows [n, value_bytes] uint8, names, block keys); deletes: names
         self._queue: collections.deque[tuple[np.ndarray, list[str], list[bytes]]] = collections.deque()
         self._deletes: list[str] = []
@@ -162,18 +172,24 @@ class RemoteTier(RemoteWrites):
             return {}
         self.breaker.success()
         found = {key: p for (_, key), p in zip(wants, payloads) if p is not None}
-        bad = [name for name, why in zip(names, refused) if why is not None]
-        for name, why in zip(names, refused):
-            if why is not None:
-                log.warning("remote block %s refused: %s; deleting it", name, why)
-        if bad:
-            self._corrupt += len(bad)
-            with self._cond:
-                self._deletes += bad
-                self._start()
-                self._cond.notify()
+        self._condemn([(name, why) for name, why in zip(names, refused) if why is not None])
         self._hits += len(found)
         return found
+
+    def _condemn(self, bad: list[tuple[str, str]]) -> None:
+        """Keys found holding no value this pool could restore, (name, why):
+        counted (``corrupt_blocks``), logged, and queued for the writer to
+        delete, so the next commit of that block stores it (the namespace is
+        kvpager's). Loop thread."""
+        if not bad:
+            return
+        for name, why in bad:
+            log.warning("remote block %s refused: %s; deleting it", name, why)
+        self._corrupt += len(bad)
+        with self._cond:
+            self._deletes += [name for name, _ in bad]
+            self._start()
+            self._cond.notify()
 
     def most_blocks(self) -> int:
         """Most blocks one allocate may restore: ``max_restore_bytes`` of values
@@ -181,13 +197,16 @@ class RemoteTier(RemoteWrites):
         return max(1, self.max_restore_bytes // self.codec.value_bytes)
 
     def exists(self, wants: Seq[tuple[bytes, bytes]]) -> set[bytes]:
-        """The block keys of ``wants`` = [(root key, block key)] that the store
-        holds, among the first `most_blocks` (as `fetch` would ask for them):
-        one pipelined ``EXISTS`` round trip, no value read, no key's LRU clock
-        touched in the store, nothing changed here but the probe counters. A
-        value held but refused by `fetch` (checksum, length) counts here. Never
-        raises: a failure (counted, as in `fetch`, and opening the breaker) or
-        an open breaker is an empty answer."""
+        """The block keys of ``wants`` = [(root key, block key)] under which the
+        store holds a string, among the first `most_blocks` (as `fetch` would
+        ask for them): one pipelined ``TYPE`` round trip, no value read, no
+        key's LRU clock touched in the store, nothing changed here but the
+        probe counters, except that a key of another Redis type (which
+        ``MGET`` answers nil for) does not count and is counted and deleted as
+        `fetch` deletes a refused value. A string refused by `fetch`
+        (checksum, length) counts here: the probe reads no value. Never raises: a failure (counted, as
+        in `fetch`, and opening the breaker) or an open breaker is an empty
+        answer."""
         if not wants:
             return set()
         if not self.breaker.allow():
@@ -196,8 +215,9 @@ class RemoteTier(RemoteWrites):
         wants = wants[: self.most_blocks()]
         self._probes += 1
         self._probe_blocks += len(wants)
+        names = [block_key(self._prefix, root, key) for root, key in wants]
         try:
-            held = self.store.exists_many([block_key(self._prefix, root, key) for root, key in wants])
+            held = self.store.exists_many(names)
         except StoreError as e:
             self._lookup_errors += 1
             self.breaker.failure("probe", e)
@@ -208,7 +228,9 @@ class RemoteTier(RemoteWrites):
             log.error("unexpected error from the remote store", exc_info=e)
             return set()
         self.breaker.success()
-        found = {key for (_, key), h in zip(wants, held.tolist()) if h}
+        codes = held.tolist()
+        found = {key for (_, key), c in zip(wants, codes) if c == KEY_STRING}
+        self._condemn([(name, "another Redis type") for name, c in zip(names, codes) if c == KEY_OTHER])
         self._probe_hits += len(found)
         return found
 
@@ -233,7 +255,7 @@ class RemoteTier(RemoteWrites):
             store=self.store.url, available=not self.breaker.is_open(), lookups=self._lookups,
             lookup_blocks=self._lookup_blocks, hit_blocks=self._hits, restored_blocks=self._restored,
             restored_bytes=self._restored * (size - HEADER_BYTES), skipped_lookups=self._skipped,
-            errors=self._lookup_errors + self._write_errors, corrupt_blocks=self._corrupt,
+            errors=self._lookup_errors + self._write_errors, corrupt_blocks=self._corrupt + self._replaced,
             queued_blocks=queued_blocks, queued_bytes=queued_bytes, written_blocks=self._written,
             written_bytes=self._written * size, dropped_blocks=self._dropped_full + self._dropped_failed,
             probes=self._probes, probe_blocks=self._probe_blocks, probe_hit_blocks=self._probe_hits,

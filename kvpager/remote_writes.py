@@ -1,8 +1,10 @@
 """`RemoteTier`'s writes: committed blocks' bytes copied into a bounded queue
 on the caller's thread (a block that does not fit, or comes while the store
 is unavailable, is dropped and counted), and the writer thread that seals
-them (header, checksum) and sends them, pipelined ``SET NX`` with an expiry,
-with the deletes of values found corrupt. The writer never touches pool state."""
+them (header, checksum) and sends them, pipelined ``SET NX`` with an expiry
+(written over a key that holds anything but a string of a value's length:
+`Store.put_many`), with the deletes of values found corrupt or of another
+Redis type. The writer never touches pool state."""
 
 from __future__ import annotations
 
@@ -117,8 +119,9 @@ class RemoteWrites:
                     self.codec.seal(view, key)
                     items.append((name, view))
             if items:
-                new = self.store.put_many(items, self.ttl)
-                self._written += new
+                new, replaced = self.store.put_many(items, self.ttl)
+                self._written += new + replaced
+                self._replaced += replaced
         except StoreError as e:
             self._write_errors += 1
             self._dropped_failed += count

@@ -145,7 +145,7 @@ def test_cluster_of_three_masters():
         assert a.remote.flush(WAIT) and a.remote_stats().written_blocks == 12
         per_node = [int(n.cli("dbsize").strip()) for n in nodes]
         assert sum(per_node) == 12 and sum(1 for n in per_node if n) >= 2, per_node  # spread by slot
-        # the probe: a cluster pipeline of EXISTS over the masters
+        # the probe: a cluster pipeline of TYPE over the masters
         short = prompt[: 5 * BS] + [7]  # blocks 0-4 held, then one nobody has
         probes = b.probe_cache([prompt, short, prompt], ["m", "m", "x"])
         assert [(p.num_cached_tokens, p.num_remote_tokens) for p in probes] == [(12 * BS,) * 2, (5 * BS,) * 2, (0, 0)]

@@ -117,8 +117,9 @@ def test_probe_equals_the_following_allocate_and_changes_nothing():
 
 
 def test_the_store_is_only_read_keys_lru_and_lfu_untouched():
-    """EXISTS reads no value and leaves the keys' access clocks (STRLEN or a GET
-    would move them): under allkeys-lfu, probes leave every key's frequency."""
+    """TYPE (the probe's command) reads no value and leaves the keys' access
+    clocks (STRLEN or a GET would move them): under allkeys-lfu, probes leave
+    every key's frequency."""
     with redis_server("--maxmemory-policy", "allkeys-lfu") as store:
         r = redis.Redis(port=store.port)
         a, b = pool(store.url), pool(store.url)
@@ -294,10 +295,11 @@ def test_a_value_the_fetch_refuses_is_counted_by_the_probe_until_deleted():
 
 
 def test_exists_many_against_redis_py_and_an_error_reply():
-    """The store's pipelined EXISTS vs redis-py's EXISTS of each key; a key an
-    ACL user may not read fails the call (StoreError), and the next call on
-    a fresh connection answers right."""
-    from kvpager.remote_store import StoreError, open_store
+    """The store's pipelined TYPE vs redis-py's EXISTS of each key (strings
+    only here; other types: test_remote_foreign); a key an ACL user may not
+    read fails the call (StoreError), and the next call on a fresh connection
+    answers right."""
+    from kvpager.remote_store import KEY_ABSENT, KEY_STRING, StoreError, open_store
 
     with redis_server() as server:
         r = redis.Redis(port=server.port)
@@ -307,9 +309,9 @@ def test_exists_many_against_redis_py_and_an_error_reply():
             if rng.random() < 0.3:
                 r.set(name, b"x" * int(rng.integers(1, 100)))
         r.set("secret", b"x")
-        want = np.array([bool(r.exists(n)) for n in names])
+        want = np.array([KEY_STRING if r.exists(n) else KEY_ABSENT for n in names])
         store = open_store(server.url, timeout=2.0)
-        assert np.array_equal(store.exists_many(names), want) and 0 < want.sum() < len(names)
+        assert np.array_equal(store.exists_many(names), want) and 0 < (want == KEY_STRING).sum() < len(names)
         assert store.exists_many([]).shape == (0,)
         store.close()
         server.cli("ACL", "SETUSER", "reader", "on", ">pw", "~kvpager:*", "+@all")

@@ -10,10 +10,12 @@ written and deleted). Half of the N keys hold a value of ``--value-kib``.
 
 Checked first: every way gives the same answer for every key. Then timed
 (median of 15, after one warm-up call), in ms per batch of N keys:
-- the tier's probe: one ``EXISTS`` per key, all sent before any reply is
-  read, the replies (4 bytes each) parsed with NumPy (`remote_resp.exists`);
-- the same ``EXISTS`` pipeline through redis-py (its parser, a Python object
-  per reply);
+- the tier's probe: one ``TYPE`` per key (a string, nothing, or another
+  Redis type, which no lookup could restore), all sent before any reply is
+  read, the reply lines split and classified with NumPy
+  (`remote_resp.key_types`);
+- an ``EXISTS`` pipeline through redis-py (its parser, a Python object per
+  reply): the probe before it told strings from other types;
 - a redis-py pipeline of ``STRLEN`` (would also check lengths, but moves the
   keys' LRU / LFU clocks: a probe must not make a block look used);
 - one ``EVAL`` of a Lua loop of ``STRLEN`` (one command; scripting may be
@@ -40,7 +42,7 @@ import numpy as np
 from bench_remote import local_redis, redis_version
 
 from kvpager import KVPool, PoolSpec
-from kvpager.remote_store import RedisStore, open_store
+from kvpager.remote_store import KEY_STRING, RedisStore, open_store
 from kvpager.remote_tier import RemoteTier
 
 LUA = "local r = {} for i, k in ipairs(KEYS) do r[i] = redis.call('STRLEN', k) end return r"
@@ -83,7 +85,7 @@ def ways(url: str, n: int, value_kib: int) -> dict:
     rows = np.empty((n, value_kib << 10), dtype=np.uint8)
     sizes = np.empty(n, dtype=np.int64)
     answers = {
-        "tier probe (raw EXISTS pipeline)": (lambda: store.exists_many(names), lambda a: np.asarray(a)),
+        "tier probe (raw TYPE pipeline)": (lambda: store.exists_many(names), lambda a: np.asarray(a) == KEY_STRING),
         "redis-py EXISTS pipeline": (pipelined("EXISTS"), lambda a: np.asarray(a) > 0),
         "redis-py STRLEN pipeline": (pipelined("STRLEN"), lambda a: np.asarray(a) > 0),
         "EVAL Lua STRLEN loop": (lambda: script(keys=names), lambda a: np.asarray(a) > 0),
