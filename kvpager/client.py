@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from kvpager import env
+from kvpager import env, validate
 from kvpager.backends.ranked import rank_spec
 from kvpager.channel import Channel
 from kvpager.client_batch import ClientBatch
@@ -67,6 +67,8 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
     the daemon's control token, for quotas and kept pins (default
     KVPAGER_CONTROL_TOKEN, else the file KVPAGER_CONTROL_TOKEN_FILE). Raises
     DaemonUnavailable if nothing listens, Unauthorized without the right token.
+    ``name``: this session's client name in the daemon's session list (default
+    ``host:pid``; the daemon bounds its length, KVPAGER_MAX_CLIENT_NAME).
     ``rank``: on a tensor-parallel daemon (``kvpager serve --devices``), the rank
     this worker serves: it maps that rank's storage only, and `spec`, `kv`,
     `write`, `attend` and `plan` are over that rank's kv heads."""
@@ -83,8 +85,11 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         control_token: str | None = None,
         rank: int | None = None,
     ):
-        self.endpoint = check_endpoint(endpoint or default_endpoint())
-        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
+        self.endpoint = check_endpoint(default_endpoint() if endpoint is None else endpoint)
+        for arg, value in (("name", name), ("token", token), ("control_token", control_token)):
+            if value is not None and not isinstance(value, str):  # not silently the default when falsy
+                raise InvalidArgument(f"{arg} must be a str or None, got {type(value).__name__}")
+        if rank is not None and (not validate.is_int(rank) or rank < 0):
             raise InvalidArgument(f"rank must be an int >= 0 (this worker's tensor-parallel rank), got {rank!r}")
         if timeout is not None and (not isinstance(timeout, (int, float, np.integer, np.floating))
                                     or isinstance(timeout, bool)):
@@ -112,8 +117,8 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         # True once the session is known lost or closed: the mirror is not read
         # again (set by the heartbeat thread too, which never touches the mirror).
         self._lost = False
-        self._hello_args: dict[str, Any] = {"client": name or f"{socket.gethostname()}:{os.getpid()}",
-                                            "pid": os.getpid(), "host": socket.gethostname()}
+        client = f"{socket.gethostname()}:{os.getpid()}" if name is None else name
+        self._hello_args: dict[str, Any] = {"client": client, "pid": os.getpid(), "host": socket.gethostname()}
         token = token if token is not None else env.token()
         if token:
             self._hello_args["token"] = token  # a daemon with a token asks for it (docs/protocol.md, "Trust")
@@ -121,7 +126,7 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         if control_token:
             self._hello_args["control_token"] = control_token
         if rank is not None:
-            self._hello_args["rank"] = rank  # maps that rank's storage (docs/protocol.md, "Ranks")
+            self._hello_args["rank"] = int(rank)  # maps that rank's storage (docs/protocol.md, "Ranks")
         self._want_map, self._want_heartbeat = map_pool, heartbeat
         self._hb_stop = threading.Event()
         self._hb: threading.Thread | None = None

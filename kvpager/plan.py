@@ -216,6 +216,12 @@ def check_softcap(softcap: Any) -> float | None:
 
 
 
+
+def closed_pool() -> InvalidArgument:
+    """What a plan's call raises once its pool is closed (`Backend.closed`): its
+    storage is released, and a GPU plan's launches would write freed memory."""
+    return InvalidArgument("this plan's pool is closed: its storage is released (make plans of an open pool)")
+
 class StepPlan(ABC):
     """One step's block tables, lengths and slots, checked and uploaded once."""
 

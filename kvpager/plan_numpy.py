@@ -17,6 +17,7 @@ from kvpager.plan import (
     check_sinks,
     check_softcap,
     check_window,
+    closed_pool,
 )
 
 
@@ -68,6 +69,8 @@ class NumpyPlan(StepPlan):
 
     def write(self, layer: int, k: Any, v: Any) -> None:
         spec = self.spec
+        if self.backend.closed:
+            raise closed_pool()
         layer = validate.layer(layer, spec)
         if self.slots is None:
             raise InvalidArgument("this plan has no slots: pass slots to plan() to write through it")
@@ -89,6 +92,8 @@ class NumpyPlan(StepPlan):
         from kvpager.backends.numpy_backend import paged_attention
 
         spec = self.spec
+        if self.backend.closed:
+            raise closed_pool()
         layer = validate.layer(layer, spec)
         qn, from_torch = to_numpy(q, "q", spec.np_dtype)
         heads = check_q_shape(qn.shape, self.num_tokens, spec)

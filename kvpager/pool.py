@@ -13,7 +13,8 @@ module builds the pool and owns its lifetime.
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -31,6 +32,28 @@ from kvpager.spec import PoolSpec
 if TYPE_CHECKING:
     from kvpager.pool_rank import PoolRank
     from kvpager.remote_tier import RemoteTier
+
+
+#: What a closed pool refuses (`KVPool.close`): every op on its sequences, pins,
+#: quotas or K/V. Inspection (`stats`, `sequences`, `blocks`, `counters`, `pins`,
+#: `owned`, `check_integrity`, ...) still answers from its bookkeeping.
+CLOSED_OPS = ("allocate", "cached_tokens", "probe_cache", "append", "append_flat", "record_tokens", "commit",
+              "fork", "free", "truncate", "swap_out", "swap_in", "release_before", "batch", "pin", "unpin",
+              "release_pins", "set_quota", "write", "attend", "tables", "plan", "kv", "rank")
+#: What a rank view (`KVPool.rank`) made before the close refuses.
+CLOSED_RANK_OPS = ("write", "attend", "tables", "plan", "kv")
+
+
+def _closed(op: str, *args: Any, **kwargs: Any) -> NoReturn:
+    raise InvalidArgument(f"{op}: this KVPool is closed")
+
+
+def _refuse(obj: object, ops: tuple[str, ...]) -> None:
+    """Hide ``obj``'s methods ``ops`` behind instance attributes that raise
+    InvalidArgument: one place refuses them all, and an open pool's calls pay
+    for no check."""
+    for op in ops:
+        setattr(obj, op, partial(_closed, op))
 
 
 class KVPool(PoolSequences, PoolBatch, PoolControl, PoolKV, PoolInspection):
@@ -101,6 +124,8 @@ class KVPool(PoolSequences, PoolBatch, PoolControl, PoolKV, PoolInspection):
         self.pending = False
         # Blocks copied by copy-on-write and by swaps, ever (see `counters`).
         self._cow_blocks = self._swap_out_blocks = self._swap_in_blocks = 0
+        #: True once `close` ran
+        self.closed = False
 
     def synchronize(self) -> None:
         """Wait until every copy and kernel this pool issued has completed."""
@@ -108,6 +133,18 @@ class KVPool(PoolSequences, PoolBatch, PoolControl, PoolKV, PoolInspection):
         self.pending = False
 
     def close(self) -> None:
+        """Release the storage and close the remote tier. From then on every op
+        on sequences, pins, quotas or K/V (`CLOSED_OPS`; a rank view's too)
+        raises InvalidArgument and changes nothing, on any backend: a GPU pool's
+        storage is freed, and a CPU pool's refuses the same. Inspection (`stats`,
+        `sequences`, `blocks`, `counters`, `check_integrity`, ...) still answers;
+        `synchronize` and a second `close` are harmless."""
+        if self.closed:
+            return
+        self.closed = True
+        _refuse(self, CLOSED_OPS)
+        for view in self._rank_views or ():
+            _refuse(view, CLOSED_RANK_OPS)
         if self.remote is not None:
             self.remote.close()
         self.backend.close()

@@ -21,9 +21,34 @@ from kvpager.plan import (
     chunk_step,
     table_floor,
 )
+from kvpager.plan_numpy import from_numpy, to_numpy
 
 if TYPE_CHECKING:
     from kvpager.pool_rank import PoolRank
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _tensor(x: Any, name: str, shape: tuple[int, ...], spec: Any, xp: Any) -> Any:
+    """``x`` as an ``xp`` array of ``shape`` in the pool dtype (`validate.tensor`).
+    On the NumPy backend a CPU torch tensor crosses as a step plan's does
+    (`kvpager.plan_numpy.to_numpy`): bfloat16 too, which DLPack cannot carry
+    into NumPy."""
+    if xp is np and _is_torch(x):
+        x = to_numpy(x, name, spec.np_dtype)[0]
+    return validate.tensor(x, name, shape, spec, xp)
+
+
+def _as_torch(out: Any, xp: Any) -> Any:
+    """``attend``'s result for a torch q: a torch tensor over the same memory, as
+    step plans answer torch with torch (`kvpager.plan`)."""
+    if xp is np:
+        return from_numpy(out)
+    import torch
+
+    return torch.from_dlpack(out)
 
 
 class PoolKV:
@@ -32,15 +57,16 @@ class PoolKV:
 
     def write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
         """Store one layer's K/V for the tokens at ``slots`` (-1 = padding, skipped).
-        ``k`` and ``v`` are [len(slots), num_kv_heads, head_dim] in the pool dtype."""
+        ``k`` and ``v`` are [len(slots), num_kv_heads, head_dim] in the pool dtype:
+        arrays of the backend (NumPy / CuPy) or torch tensors on its device."""
         if self.ranks > 1:
             raise self.backend._per_rank("write")
         spec = self.spec
         validate.layer(layer, spec)
         slots = validate.slots(slots, spec)
         shape = (len(slots), spec.num_kv_heads, spec.head_dim)
-        k = validate.tensor(k, "k", shape, spec, self.backend.xp)
-        v = validate.tensor(v, "v", shape, spec, self.backend.xp)
+        k = _tensor(k, "k", shape, spec, self.backend.xp)
+        v = _tensor(v, "v", shape, spec, self.backend.xp)
         self.backend.write(int(layer), slots, k, v)
         self.pending = True
 
@@ -66,7 +92,8 @@ class PoolKV:
         sliding window, logit soft cap and attention sinks, as
         `kvpager.plan.StepPlan.attend`; ``chunk``: chunked attention (the query
         at position p attends to positions [p - p % chunk, p]: Llama-4's
-        chunked layers; `kvpager.plan.chunk_step`). Returns q's shape."""
+        chunked layers; `kvpager.plan.chunk_step`). Returns q's shape, of q's kind
+        (a torch tensor for a torch q, as a step plan's ``attend``)."""
         if self.ranks > 1:
             raise self.backend._per_rank("attend")
         spec = self.spec
@@ -83,7 +110,8 @@ class PoolKV:
                 f"q must be [tokens, num_q_heads, {spec.head_dim}] with num_q_heads a multiple of "
                 f"num_kv_heads={spec.num_kv_heads}, got shape {getattr(q, 'shape', None)}"
             )
-        q = validate.tensor(q, "q", (int(sum(qlens)), num_q, spec.head_dim), spec, self.backend.xp)
+        torch_q = _is_torch(q)
+        q = _tensor(q, "q", (int(sum(qlens)), num_q, spec.head_dim), spec, self.backend.xp)
         qlens = np.asarray(qlens, dtype=np.int32)
         if chunk is None:
             check_floor(self.manager.floors(ids), seq_lens, qlens, window)
@@ -92,10 +120,11 @@ class PoolKV:
             check_floor(table_floor(tables, spec.block_size), seq_lens, qlens, window)
         scale = check_scale(scale, spec.head_dim)
         self.pending = True
-        return self.backend.attend(
+        out = self.backend.attend(
             int(layer), q, tables, seq_lens, qlens, scale,
             window=check_window(window), softcap=check_softcap(softcap), sinks=sinks,
         )
+        return _as_torch(out, self.backend.xp) if torch_q else out
 
     def tables(self, seq_ids: int | Seq[int]) -> tuple[np.ndarray, np.ndarray]:
         """Padded int32 block tables [B, max_blocks] (null-block padding) and

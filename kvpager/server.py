@@ -105,7 +105,7 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
         events: EventsConfig | None = None,
     ):
         self.pool = pool
-        self.endpoint = check_endpoint(endpoint or default_endpoint(), bind=True)
+        self.endpoint = check_endpoint(default_endpoint() if endpoint is None else endpoint, bind=True)
         self.memory = memory
         #: a tensor-parallel CPU pool: each rank's shared memory (`kvpager.server_ranks`)
         self.rank_memory = rank_memory
@@ -153,7 +153,7 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
         """A server with its own pool; on the CPU the pool lives in shared memory
         that clients map. ``max_pinned_blocks``, ``remote``, ``devices`` (tensor-
         parallel ranks, one per device): as `KVPool`'s."""
-        check_endpoint(endpoint or default_endpoint(), bind=True)  # before any memory is taken
+        check_endpoint(default_endpoint() if endpoint is None else endpoint, bind=True)  # before any memory is taken
         epoch = secrets.token_hex(8)
         pool, memory, rank_memory = create_pool(spec, device, devices, epoch,
                                                 max_pinned_blocks=max_pinned_blocks, remote=remote)

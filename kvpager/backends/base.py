@@ -123,5 +123,9 @@ class Backend(ABC):
         kv = self.device_array()
         return kv[:, layer, 0], kv[:, layer, 1]
 
+    #: True once `close` ran: plans made over this backend refuse their calls (`kvpager.plan.check_open`)
+    closed = False
+
     def close(self) -> None:
         """Release memory. The backend is unusable afterwards."""
+        self.closed = True

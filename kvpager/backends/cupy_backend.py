@@ -246,6 +246,7 @@ class CupyBackend(Backend):
             cupy.cuda.Device(self.index).synchronize()
 
     def close(self) -> None:
+        self.closed = True  # this pool's plans refuse their calls from now on: the slab is freed below
         if self._dev_ptr:
             self.synchronize()
             self.staging.free()

@@ -46,6 +46,7 @@ from kvpager.plan import (
     check_scale,
     check_softcap,
     check_window,
+    closed_pool,
 )
 
 _LOG2E = 1.4426950408889634
@@ -125,6 +126,8 @@ class CupyPlan(StepPlan):
         cascade's shape: the new step's shared prefixes are found again and
         refilled into it when they fit (else the step attends without them).
         Its chunked views (`chunked`) are refilled with it."""
+        if self.backend.closed:
+            raise closed_pool()
         tables, seq_lens, query_lens, slots, views = self.view_steps(tables, seq_lens, query_lens, slots)
         buffer.update(self, tables, seq_lens, query_lens, slots)
         for view, step in views:  # (views share this plan's capacities: what fits it fits them)
@@ -189,6 +192,8 @@ class CupyPlan(StepPlan):
 
     def write(self, layer: int, k: Any, v: Any) -> None:
         spec = self.spec
+        if self.backend.closed:
+            raise closed_pool()
         if not self.has_slots:
             raise InvalidArgument("this plan has no slots: pass slots to plan() to write through it")
         if type(layer) is not int or not 0 <= layer < spec.num_layers:
@@ -232,6 +237,8 @@ class CupyPlan(StepPlan):
         attention writes through this plan and attends through its view
         (`chunked`) the same way. Anything else goes the checked way (`write`,
         `attend`)."""
+        if self.backend.closed:
+            raise closed_pool()
         target = self if chunk is None else self.chunked(chunk)
         spec = self.spec
         heads = q.shape[1] if type(q) is self._torch_type and q.dim() == 4 else 0
@@ -264,6 +271,8 @@ class CupyPlan(StepPlan):
                window: int | None = None, softcap: float | None = None, sinks: Any = None) -> Any:
         """See `StepPlan.attend`."""
         spec = self.spec
+        if self.backend.closed:
+            raise closed_pool()
         if type(layer) is not int or not 0 <= layer < spec.num_layers:
             layer = validate.layer(layer, spec)
         shape = q.shape if hasattr(q, "shape") else ()

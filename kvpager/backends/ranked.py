@@ -116,6 +116,7 @@ class RankedBackend(Backend):
             b.synchronize()
 
     def close(self) -> None:
+        self.closed = True
         for b in self.ranks:
             b.close()
 
