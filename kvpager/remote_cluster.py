@@ -1,23 +1,52 @@
 """A Redis Cluster store for the remote prefix tier (``redis+cluster://``;
 see `kvpager.remote_store` for the interface and the URLs).
 
-Lookups are redis-py cluster pipelines of ``GET`` (probes: of ``TYPE``;
-writes: of ``SET NX``, then ``STRLEN`` and ``SET`` where a key held something
-else, `put_checked`) (a cluster's ``MGET`` needs every key in one slot, and
-blocks spread over all slots), copied into the caller's buffer by
-`Store.get_into`'s default; redis-py follows the cluster's redirections and
-slot-map changes.
+redis-py's cluster client (``RedisCluster``) keeps the slot map and one
+``redis.Redis`` (with its connection pool) per node; the calls do not go
+through its cluster pipelines. Those, after a failed node, send each of that
+node's commands again on its own, each waiting a full timeout: a master that
+hangs (SIGSTOP: its socket accepts, it never answers) held a lookup of 50 keys
+for 1.4-2.2 s at a 0.1 s timeout, on the daemon's loop thread. Here a call
+groups its keys by master (the cached slot map), and each master gets one
+plain pipeline (no transaction) on a connection of its own pool, all masters
+at once (a thread per master, the caller's among them), each bounded by the
+socket timeout, nothing sent again after a failure: a call costs about one
+timeout whatever the keys, and any failed master fails the whole call
+(`StoreError`; the tier counts a miss and opens its breaker). Answering the
+other masters' keys instead would give the tier a success (its breaker would
+stay closed, so every lookup would wait for the hung master again) and save
+little: blocks spread over all slots, so a prompt's run of restorable blocks
+ends at its first block on the hung master.
+
+- Lookups (`get_into`): pipelined ``GET``s read straight into the caller's
+  rows (`kvpager.remote_resp.Reader`, as the standalone store reads ``MGET``),
+  each row reported to ``done`` as it arrives; a cluster's ``MGET`` needs all
+  its keys in one slot, and blocks spread over all slots. A key of another
+  Redis type (``GET`` answers ``WRONGTYPE``) is a miss, as ``MGET`` makes it.
+- Probes: ``TYPE``; writes: ``SET NX`` then ``STRLEN`` and ``SET`` where a key
+  held something else (`put_checked`); deletes: ``DEL`` per key; `ping`: every
+  master. Through the node's redis-py pipeline.
+- Redirections: a key answered ``ASK`` (its slot migrating) is asked again of
+  the node named, after ``ASKING``; ``MOVED`` (the slot has moved: a stale
+  map) first refreshes the slot map, then the key is asked of the node named.
+  One round of that per call: a key redirected again fails the call.
+- After a failed call the next one refreshes the slot map first (a master
+  that failed over is found), asking the nodes that failed last.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import urllib.parse
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from kvpager.remote_resp import FetchError, Reader
 from kvpager.remote_store import (
     KEY_ABSENT,
     KEY_OTHER,
@@ -31,12 +60,61 @@ from kvpager.remote_store import (
     redact,
 )
 
+_THREADS = 64  # most masters one call talks to at once (past that, some wait for a thread)
+
+#: a node's part of a call: [(index of the key in the call, send ASKING first)]
+Plan = list[tuple[int, bool]]
+#: a node's work: (its redis.Redis, its plan) -> the keys it redirected, [(index, AskError / MovedError)]
+Job = Callable[[Any, Plan], list[tuple[int, Any]]]
+
+
+class _Side:
+    """One RedisCluster client (the reader's or the writer's: calls of the loop
+    thread and of the writer thread may overlap), its threads, and the nodes
+    that failed since the slot map was last read."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.rc: Any = None
+        self.pool: ThreadPoolExecutor | None = None
+        self.stale = False  # a call failed: read the slot map before the next one
+        self.failed: dict[str, None] = {}  # nodes that failed, in order
+
+    def run(self, jobs: list[Callable[[], Any]]) -> list[Any]:
+        """Run ``jobs`` at once (the caller's thread takes the first) and wait for
+        all of them: each one's result or the exception it raised."""
+        def guard(job: Callable[[], Any]) -> Any:
+            try:
+                return job()
+            except Exception as e:
+                return e
+
+        if len(jobs) == 1:
+            return [guard(jobs[0])]
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="kvpager-cluster")
+        futures = [self.pool.submit(guard, job) for job in jobs[1:]]
+        try:
+            first = guard(jobs[0])
+        finally:  # no thread may still write into a caller's buffer once this returns
+            rest = [f.result() for f in futures]
+        return [first, *rest]
+
+    def close(self) -> None:
+        if self.rc is not None:
+            with contextlib.suppress(Exception):
+                self.rc.close()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        self.rc, self.pool, self.stale = None, None, False
+        self.failed.clear()
+
 
 class RedisClusterStore(Store):
     """A Redis Cluster: keys spread over the masters by hash slot (no hash
-    tags, so one salt's blocks spread too); a lookup is one pipeline, sent to
-    every master that holds a slot of its keys before any reply is read. The
-    cluster client is made on first use (it asks a node for the slot map)."""
+    tags, so one salt's blocks spread too); a call asks every master that
+    holds a slot of its keys at once (see the module docstring). The cluster
+    client is made on first use (it asks a node for the slot map)."""
 
     kind = "redis-cluster"
 
@@ -47,62 +125,271 @@ class RedisClusterStore(Store):
         self._startup = _nodes(url.split("://", 1)[1].split("/", 1)[0], url)
         self._auth = dict(username=parts.username or None, password=parts.password,
                           ssl=scheme == "rediss")
-        self._timeouts = (timeout, write_timeout)
-        self._clients: list[Any] = [None, None]  # reader, writer
-        self._errors = (self._redis.RedisError, self._redis.exceptions.RedisClusterException, OSError)
+        self._sides = (_Side(timeout), _Side(write_timeout))  # reader, writer
+        exc = self._redis.exceptions
+        self._errors = (self._redis.RedisError, exc.RedisClusterException, OSError, FetchError)
+        self._ask, self._moved = exc.AskError, exc.MovedError
+        # Raw reads need the socket of a redis-py connection (a private attribute, there
+        # from 5.3 on); without it a lookup copies what redis-py's GET returns (slower).
+        self.raw_reads = "_sock" in vars(self._redis.connection.Connection())
 
-    def _client(self, which: int) -> Any:
-        client = self._clients[which]
-        if client is None:
+    # -- the cluster client and its slot map ------------------------------------------------
+    def _client(self, side: _Side) -> Any:
+        if side.rc is None:
             from redis.cluster import ClusterNode, RedisCluster
 
             nodes = [ClusterNode(h, p) for h, p in self._startup]
-            options = _options(self._redis, self._timeouts[which])
+            options = _options(self._redis, side.timeout)
             retry = options.pop("retry")
-            client = RedisCluster(startup_nodes=nodes, retry=retry, require_full_coverage=False,
-                                  **options, **self._auth)
-            self._clients[which] = client
-        return client
+            side.rc = RedisCluster(startup_nodes=nodes, retry=retry, require_full_coverage=False,
+                                   **options, **self._auth)
+            side.stale = False
+            side.failed.clear()
+        elif side.stale:
+            self._refresh(side)
+        return side.rc
 
-    def _call(self, which: int, fn: Any) -> Any:
+    def _refresh(self, side: _Side) -> None:
+        """Read the slot map again, asking the nodes that failed last."""
+        manager = side.rc.nodes_manager
+        startup = manager.startup_nodes
+        for name in side.failed:
+            if name in startup and len(startup) > 1:
+                startup[name] = startup.pop(name)
+        defer = {}
+        if side.failed and "last_failed_node_name" in inspect.signature(manager.initialize).parameters:
+            defer = {"last_failed_node_name": next(iter(side.failed))}  # redis-py >= 7: shuffles the rest
+        manager.initialize(**defer)
+        side.stale = False
+        side.failed.clear()
+
+    def _call(self, which: int, fn: Callable[[_Side, Any], Any]) -> Any:
+        side = self._sides[which]
         try:
-            return fn(self._client(which))
+            return fn(side, self._client(side))
+        except StoreError:
+            side.stale = True
+            raise
         except self._errors as e:
+            side.stale = True
             raise StoreError(f"{type(e).__name__}: {e}") from None
 
-    def get_many(self, keys: Seq[str]) -> list[bytes | None]:
-        def run(rc: Any) -> list[bytes | None]:
-            pipe = rc.pipeline()
-            for key in keys:
-                pipe.get(key)
-            return pipe.execute()
+    def _spread(self, side: _Side, rc: Any, keys: Seq[str], job: Job) -> None:
+        """Run ``job`` on every master that holds a slot of ``keys`` at once, then
+        once more for the keys redirected (``ASK``, ``MOVED``) on the nodes named."""
+        plans: dict[str, tuple[Any, Plan]] = {}
+        for i, key in enumerate(keys):
+            node = rc.get_node_from_key(key)
+            plans.setdefault(node.name, (node, []))[1].append((i, False))
+        redirected = self._fan(side, rc, plans, job)
+        if not redirected:
+            return
+        if any(isinstance(e, self._moved) for _, e in redirected):
+            self._refresh(side)
+        plans = {}
+        for i, e in redirected:
+            node = rc.get_node(host=e.host, port=e.port)
+            if node is None:
+                raise StoreError(f"key {keys[i]!r} redirected to {e.host}:{e.port}, not a node of the cluster")
+            plans.setdefault(node.name, (node, []))[1].append((i, not isinstance(e, self._moved)))
+        again = self._fan(side, rc, plans, job)
+        if again:
+            i, e = again[0]
+            raise StoreError(f"key {keys[i]!r} redirected twice (its slot moves): {e}")
 
-        return self._call(0, run)
+    def _fan(self, side: _Side, rc: Any, plans: dict[str, tuple[Any, Plan]], job: Job) -> list[tuple[int, Any]]:
+        items = list(plans.values())
+        results = side.run([lambda node=node, plan=plan: job(rc.get_redis_connection(node), plan)
+                            for node, plan in items])
+        failed = [(node, r) for (node, _), r in zip(items, results) if isinstance(r, Exception)]
+        if failed:
+            for node, _ in failed:
+                side.failed[node.name] = None
+            node, e = failed[0]
+            raise StoreError(f"{node.name}: {type(e).__name__}: {e}")
+        return [x for r in results for x in r]
+
+    def _commands(self, side: _Side, rc: Any, calls: Seq[tuple[str, tuple, dict]]) -> list[Any]:
+        """The results of redis-py commands ``(method, args, kwargs)`` whose first
+        argument is their key, one node pipeline per master (error replies in
+        place, as ``execute(raise_on_error=False)`` gives them)."""
+        out: list[Any] = [None] * len(calls)
+
+        def job(client: Any, plan: Plan) -> list[tuple[int, Any]]:
+            pipe = client.pipeline(transaction=False)
+            for i, ask in plan:
+                if ask:
+                    pipe.execute_command("ASKING")
+                name, args, kwargs = calls[i]
+                getattr(pipe, name)(*args, **kwargs)
+            replies = iter(pipe.execute(raise_on_error=False))
+            redirected = []
+            for i, ask in plan:
+                if ask and isinstance(asking := next(replies), Exception):
+                    raise asking
+                reply = next(replies)
+                if isinstance(reply, self._ask):  # MovedError is an AskError
+                    redirected.append((i, reply))
+                else:
+                    out[i] = reply
+            return redirected
+
+        self._spread(side, rc, [args[0] for _, args, _ in calls], job)
+        return out
+
+    # -- the Store interface ---------------------------------------------------------------
+    def get_many(self, keys: Seq[str]) -> list[bytes | None]:
+        def run(side: _Side, rc: Any) -> list[bytes | None]:
+            values = self._commands(side, rc, [("get", (k,), {}) for k in keys])
+            for i, v in enumerate(values):
+                if isinstance(v, Exception):
+                    if "WRONGTYPE" not in str(v):
+                        raise v
+                    values[i] = None  # another Redis type: a miss, as MGET makes it
+            return values
+
+        return self._call(0, run) if len(keys) else []
+
+    def get_into(self, keys: Seq[str], out: np.ndarray, sizes: np.ndarray,
+                 done: Callable[[int, int], None] | None = None) -> None:
+        if not self.raw_reads:
+            return super().get_into(keys, out, sizes, done)
+        sizes[:] = -1
+        if not len(keys):
+            return
+        width = out.shape[1]
+        rows = memoryview(out).cast("B")
+
+        def job(client: Any, plan: Plan) -> list[tuple[int, Any]]:
+            pool = client.connection_pool
+            conn = pool.get_connection()
+            broken = True
+            try:
+                if conn._sock is None:
+                    conn.connect()
+                commands = []
+                for i, ask in plan:
+                    if ask:
+                        commands.append(("ASKING",))
+                    commands.append(("GET", keys[i]))
+                conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                redirected = self._read_gets(Reader(conn._sock), plan, rows, width, sizes, done)
+                broken = False
+                return redirected
+            finally:  # a connection left with part of a reply in it is dropped
+                if broken:
+                    with contextlib.suppress(Exception):
+                        conn.disconnect()
+                pool.release(conn)
+
+        self._call(0, lambda side, rc: self._spread(side, rc, keys, job))
+
+    def _read_gets(self, reader: Reader, plan: Plan, rows: memoryview, width: int, sizes: np.ndarray,
+                   done: Callable[[int, int], None] | None) -> list[tuple[int, Any]]:
+        """The replies to a node's pipelined ``GET``s (``ASKING`` first where the
+        plan says): each value of ``width`` bytes into its row, its length into
+        ``sizes`` (-1: absent, or another Redis type); the keys redirected."""
+        redirected = []
+        for i, ask in plan:
+            if ask and (line := reader.line()) != b"+OK":
+                raise FetchError(f"the store answered {line[:200]!r} to ASKING")
+            head = reader.line()
+            kind = head[:1]
+            if kind == b"$":
+                try:
+                    n = int(head[1:])
+                except ValueError:
+                    raise FetchError(f"malformed reply: {head[:40]!r} for a value") from None
+                sizes[i] = max(n, -1)
+                if n == width:
+                    reader.into(rows[i * width : (i + 1) * width])
+                elif n > 0:
+                    reader.skip(n)
+                if n >= 0 and reader.line() != b"":
+                    raise FetchError("malformed reply: a value longer than its length")
+            elif kind == b"-":
+                error = head[1:].decode(errors="replace")
+                if error.startswith(("MOVED ", "ASK ")):
+                    word, rest = error.split(" ", 1)
+                    try:
+                        redirected.append((i, (self._moved if word == "MOVED" else self._ask)(rest)))
+                    except ValueError:
+                        raise FetchError(f"malformed reply: {head[:200]!r}") from None
+                    continue
+                if not error.startswith("WRONGTYPE"):  # another type: a miss, as MGET makes it
+                    raise FetchError(f"the store answered {error[:200]!r}")
+            elif kind != b"_":  # RESP3's null
+                raise FetchError(f"malformed reply: {head[:40]!r} for a value")
+            if done is not None:
+                done(i, i + 1)
+        if not reader.idle():
+            raise FetchError("malformed reply: bytes after the replies to GET")
+        return redirected
 
     def exists_many(self, keys: Seq[str]) -> np.ndarray:
-        def run(rc: Any) -> list[Any]:
-            pipe = rc.pipeline()
-            for key in keys:
-                pipe.type(key)
-            return pipe.execute()
+        if not len(keys):
+            return np.zeros(0, dtype=np.int8)
+
+        def run(side: _Side, rc: Any) -> list[Any]:
+            types = self._commands(side, rc, [("type", (k,), {}) for k in keys])
+            for t in types:
+                if isinstance(t, Exception):  # NOPERM and the like: the call fails
+                    raise t
+            return types
 
         codes = {"none": KEY_ABSENT, "string": KEY_STRING}
-        types = self._call(0, run) if len(keys) else []
+        types = self._call(0, run)
         return np.fromiter((codes.get(t.decode() if isinstance(t, bytes) else t, KEY_OTHER) for t in types),
                            dtype=np.int8, count=len(types))
 
     def put_many(self, items: Seq[tuple[str, Any]], ttl: int) -> tuple[int, int]:
-        return self._call(1, lambda rc: put_checked(rc.pipeline, items, ttl))
+        def run(side: _Side, rc: Any) -> tuple[int, int]:
+            return put_checked(lambda: _Pipeline(self, side, rc), items, ttl)
+
+        return self._call(1, run) if len(items) else (0, 0)
 
     def delete(self, keys: Seq[str]) -> None:
-        self._call(1, lambda rc: rc.delete(*keys))
+        def run(side: _Side, rc: Any) -> None:
+            for r in self._commands(side, rc, [("delete", (k,), {}) for k in keys]):
+                if isinstance(r, Exception):
+                    raise r
+
+        if len(keys):
+            self._call(1, run)
 
     def ping(self) -> None:
-        self._call(0, lambda rc: rc.ping())
+        def job(client: Any, plan: Plan) -> list[tuple[int, Any]]:
+            client.ping()
+            return []
+
+        def run(side: _Side, rc: Any) -> None:
+            self._fan(side, rc, {node.name: (node, []) for node in rc.get_primaries()}, job)
+
+        self._call(0, run)
 
     def close(self) -> None:
-        for client in self._clients:
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    client.close()
-        self._clients = [None, None]
+        for side in self._sides:
+            side.close()
+
+
+class _Pipeline:
+    """What `put_checked` needs of a pipeline (``set``, ``strlen``, ``execute``),
+    sent as `RedisClusterStore._commands`: a node pipeline per master, at once."""
+
+    def __init__(self, store: RedisClusterStore, side: _Side, rc: Any):
+        self.store, self.side, self.rc = store, side, rc
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def set(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append(("set", args, kwargs))
+
+    def strlen(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append(("strlen", args, kwargs))
+
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        out = self.store._commands(self.side, self.rc, self.calls)
+        if raise_on_error:
+            for r in out:
+                if isinstance(r, Exception):
+                    raise r
+        return out

@@ -116,15 +116,17 @@ def redis_server(*extra: str) -> Iterator[RedisServer]:
 
 
 @contextlib.contextmanager
-def redis_cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
+def redis_cluster(masters: int = 3, node_timeout_ms: int = 2000) -> Iterator[list[RedisServer]]:
     """``masters`` cluster-enabled servers joined by ``redis-cli --cluster create``,
-    waited for until every node says ``cluster_state:ok``."""
+    waited for until every node says ``cluster_state:ok``. ``node_timeout_ms``:
+    how long a node may not answer before the others mark it failed (then,
+    with no replicas, the whole cluster refuses: ``CLUSTERDOWN``)."""
     need_cli()
     servers = []
     try:
         for _ in range(masters):
             servers.append(RedisServer(free_cluster_port(), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                       "--cluster-node-timeout", "2000").start())
+                                       "--cluster-node-timeout", str(node_timeout_ms)).start())
         nodes = [f"127.0.0.1:{s.port}" for s in servers]
         subprocess.run(["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
                        capture_output=True, text=True, timeout=60, check=True)
