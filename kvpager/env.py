@@ -64,6 +64,22 @@ def events_endpoint() -> str | None:
     return os.environ.get("KVPAGER_EVENTS_ENDPOINT") or None
 
 
+def events_replay_rate() -> int | None:
+    """KVPAGER_EVENTS_REPLAY_RATE: bytes a second the daemon's KV-event replay
+    answers may send, all subscribers together (e.g. 64M); unset: the built-in
+    default (`kvpager.events_pub.REPLAY_RATE`)."""
+    raw = os.environ.get("KVPAGER_EVENTS_REPLAY_RATE")
+    if raw is None or raw.strip() == "":
+        return None
+    value = _number("EVENTS_REPLAY_RATE", 0)
+    if value <= 0:
+        from kvpager.errors import InvalidArgument
+
+        raise InvalidArgument(f"KVPAGER_EVENTS_REPLAY_RATE={raw!r} must be a positive number of bytes a second "
+                              "(e.g. 64M); unset it or fix it")
+    return value
+
+
 def runtime_dir() -> str:
     """KVPAGER_RUNTIME_DIR: directory (mode 0700) for the default ipc:// socket;
     default ``$XDG_RUNTIME_DIR/kvpager``, else ``/tmp/kvpager-<uid>``."""

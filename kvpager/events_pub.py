@@ -23,6 +23,16 @@ Wire format (docs/protocol.md, "KV events"), as vLLM's `ZmqEventPublisher`:
   for `REPLAY_STALL` seconds, or is gone, gets nothing more. At most
   `REPLAY_PEERS` answers are under way at once (a request past them is
   dropped; a peer's new request replaces its answer under way).
+
+Replay work is bounded in time, whatever the readers do: answers share a
+budget of ``EventsConfig.replay_rate`` bytes a second (`TokenBucket`; each
+message counts at least `REPLAY_MIN_CHARGE` bytes, a message's fixed cost),
+requests are read at most `REPLAY_REQUESTS` a second, and the thread sleeps
+while either is spent (live batches still wake it and go out at once: they
+never wait for the budget, nor count against it). Without the budget, readers
+re-requesting replays in a loop kept the thread sending and took the GIL (and
+a CPU) from the daemon's loop: with four, its ``stats`` slowed at the median
+and several-fold at the 90th percentile (docs/protocol.md, "KV events").
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -59,6 +70,18 @@ REPLAY_PEERS = 64
 REPLAY_TURN = 256
 #: Seconds a replay answer waits for its peer to read before it is dropped.
 REPLAY_STALL = 10.0
+#: Bytes of replay answers a second, shared by all peers (`EventsConfig.replay_rate`):
+#: the kept history (at most 10,000 batches, 64 MiB) in a few seconds.
+REPLAY_RATE = 64 << 20
+#: What one replay message counts against that budget at least, in bytes: sending a
+#: message costs as much as copying ~16 KiB (about 8 us), so small batches count so.
+REPLAY_MIN_CHARGE = 16 << 10
+#: Seconds of budget saved while idle (a short catch-up goes out at once).
+REPLAY_BURST_S = 0.1
+#: Replay requests read a second (and at most this many at once: `REPLAY_PEERS`).
+REPLAY_REQUESTS = 1000
+#: The least the thread sleeps once a budget is spent (its work comes in slices).
+REPLAY_PAUSE_S = 0.01
 
 
 def replay_endpoint_for(endpoint: str) -> str:
@@ -73,6 +96,30 @@ def replay_endpoint_for(endpoint: str) -> str:
     return endpoint + ".replay"
 
 
+class TokenBucket:
+    """``rate`` units a second, up to ``burst`` of them saved. A spend may run
+    into debt (one message bigger than the bucket still goes), repaid before
+    the next; the caller passes the time (`time.monotonic` or a test's)."""
+
+    def __init__(self, rate: float, burst: float, now: float):
+        self.rate, self.burst = float(rate), float(burst)
+        self.tokens, self._last = self.burst, now
+
+    def refill(self, now: float) -> float:
+        """The tokens at ``now``."""
+        if now > self._last:
+            self.tokens = min(self.burst, self.tokens + (now - self._last) * self.rate)
+            self._last = now
+        return self.tokens
+
+    def take(self, n: float) -> None:
+        self.tokens -= n
+
+    def wait(self, want: float = 0.0) -> float:
+        """Seconds until the bucket holds ``want`` (0 if it does)."""
+        return max(0.0, want - self.tokens) / self.rate
+
+
 @dataclasses.dataclass(frozen=True)
 class EventsConfig:
     """Where and how the daemon publishes KV events."""
@@ -81,6 +128,7 @@ class EventsConfig:
     replay_endpoint: str | None = None  # default: `replay_endpoint_for(endpoint)`
     topic: str = ""
     format: str = "map"
+    replay_rate: int = REPLAY_RATE  # bytes of replay answers a second, all peers together
 
     def __post_init__(self) -> None:
         check_endpoint(self.endpoint, bind=True)
@@ -93,6 +141,9 @@ class EventsConfig:
             raise InvalidArgument(f"events format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if not isinstance(self.topic, str):
             raise InvalidArgument(f"events topic must be a string, got {type(self.topic).__name__}")
+        if type(self.replay_rate) is not int or self.replay_rate <= 0:
+            raise InvalidArgument(f"events replay rate must be a positive number of bytes a second, "
+                                  f"got {self.replay_rate!r}")
 
 
 class EventPublisher:
@@ -100,7 +151,7 @@ class EventPublisher:
     loop makes. `bind` opens both sockets (released again if either fails);
     `close` publishes ``AllBlocksCleared`` and stops the thread."""
 
-    def __init__(self, config: EventsConfig, block_size: int):
+    def __init__(self, config: EventsConfig, block_size: int, clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.block_size = block_size
         self.endpoint = config.endpoint
@@ -116,6 +167,10 @@ class EventPublisher:
         # replay answers under way: envelope -> (next seq, end seq, last progress)
         self._replays: dict[tuple[bytes, ...], tuple[int, int, float]] = {}
         self.published = 0  # batches sent (the next sequence number)
+        self._clock = clock  # replay budgets and stalls (a test's own clock drives them)
+        now = clock()
+        self._budget = TokenBucket(config.replay_rate, config.replay_rate * REPLAY_BURST_S, now)
+        self._requests = TokenBucket(REPLAY_REQUESTS, REPLAY_PEERS, now)
 
     def bind(self) -> None:
         """Bind PUB and replay sockets and start the thread; InvalidArgument
@@ -142,8 +197,8 @@ class EventPublisher:
         self.publish(time.time(), sink.take())
         self._thread = threading.Thread(target=self._run, name="kvpager-events", daemon=True)
         self._thread.start()
-        log.info("KV events on %s (replay %s, topic %r, %s format)", self.endpoint, self.replay_endpoint,
-                 self.config.topic, self.config.format)
+        log.info("KV events on %s (replay %s at most %d bytes/s, topic %r, %s format)", self.endpoint,
+                 self.replay_endpoint, self.config.replay_rate, self.config.topic, self.config.format)
 
     def _bind(self, kind: int, endpoint: str, options: dict[int, int]) -> zmq.Socket:
         prepare_ipc_bind(endpoint)
@@ -194,7 +249,7 @@ class EventPublisher:
 
     # -- the thread --------------------------------------------------------------------------
     def _run(self) -> None:
-        get, replay = self._queue.get, self._replay
+        get, replay, clock = self._queue.get, self._replay, self._clock
         wait = _WAKE_S
         while not replay.closed:  # closed under it only if close() gave up waiting
             try:
@@ -209,16 +264,28 @@ class EventPublisher:
                     item = get(block=False)
             except queue.Empty:
                 pass
-            moved = False
             try:
-                for _ in range(REPLAY_PEERS):  # a flood of requests waits in the socket, not here
-                    if not replay.poll(0):
-                        break
-                    self._request(replay.recv_multipart())
-                moved = self._answer(time.monotonic())
+                wait = self._replay_turn(clock())
             except Exception:  # a bug: keep the stream going, say so
                 log.exception("KV events: replay failed")
-            wait = 0.001 if moved else _WAKE_S  # answers under way go on after a pause for the GIL
+                wait = _WAKE_S
+
+    def _replay_turn(self, now: float) -> float:
+        """Read the requests waiting (as the request budget allows), send the
+        answers under way their next batches (as the byte budget allows); the
+        seconds to wait before the next turn (live batches wake it sooner)."""
+        replay, requests = self._replay, self._requests
+        requests.refill(now)
+        while requests.tokens >= 1 and replay.poll(0):  # a flood of requests waits in the socket
+            requests.take(1)
+            self._request(replay.recv_multipart(), now)
+        moved = self._answer(now)
+        wait = 0.001 if moved else _WAKE_S  # answers under way go on after a pause for the GIL
+        if self._replays and self._budget.tokens <= 0:  # over budget: sleep, not spin
+            wait = max(REPLAY_PAUSE_S, self._budget.wait())
+        if requests.tokens < 1:  # requests may be waiting
+            wait = min(wait, max(REPLAY_PAUSE_S, requests.wait(1.0)))
+        return min(wait, _WAKE_S)
 
     def _send(self, ts: float, items: list[Any]) -> None:
         seq = self.published
@@ -233,7 +300,7 @@ class EventPublisher:
         while len(kept) > REPLAY_BATCHES or (self._kept_bytes > REPLAY_BYTES and len(kept) > 1):
             self._kept_bytes -= len(kept.popleft()[1])
 
-    def _request(self, frames: list[bytes]) -> None:
+    def _request(self, frames: list[bytes], now: float) -> None:
         """A replay request: ``[identity, (b""), start seq]``; its answer starts
         (the batches kept from there on, up to the last one published now)."""
         if len(frames) not in (2, 3) or (len(frames) == 3 and frames[1]):
@@ -244,29 +311,35 @@ class EventPublisher:
             log.debug("KV events: %d replays under way, a request dropped", len(self._replays))
             return
         start = int.from_bytes(start_bytes, "big") if len(start_bytes) == 8 else self.published
-        self._replays[envelope] = (start, self.published, time.monotonic())
+        self._replays[envelope] = (start, self.published, now)
 
     def _answer(self, now: float) -> bool:
-        """Send the answers under way their next batches (`REPLAY_TURN` in all)
-        and each finished one its end marker, without waiting for any peer;
-        True if any moved."""
-        kept, send = self._kept, self._replay.send_multipart
+        """Send the answers under way their next batches (`REPLAY_TURN` in all,
+        and while the byte budget holds any: each message costs its payload,
+        at least `REPLAY_MIN_CHARGE`) and each finished one its end marker,
+        without waiting for any peer; True if any moved. Peers take turns:
+        one that got some goes to the back."""
+        kept, send, bucket = self._kept, self._replay.send_multipart, self._budget
         first = kept[0][0] if kept else self.published  # batches before it are no longer kept
         head = [self._topic] if self.config.format == "map" else []
         end = [b""] if head else []
-        budget, moved = REPLAY_TURN, False
+        turn, moved = REPLAY_TURN, False
+        bucket.refill(now)
         for envelope, (seq, stop, since) in list(self._replays.items()):
-            if not budget:
+            if not turn or bucket.tokens <= 0:
                 break
             seq, sent = max(seq, first), 0
             try:
-                while seq < stop and budget:
-                    send([*envelope, *head, seq.to_bytes(8, "big"), kept[seq - first][1]], zmq.NOBLOCK)
+                while seq < stop and turn and bucket.tokens > 0:
+                    payload = kept[seq - first][1]
+                    send([*envelope, *head, seq.to_bytes(8, "big"), payload], zmq.NOBLOCK)
+                    bucket.take(max(len(payload), REPLAY_MIN_CHARGE))
                     seq += 1
                     sent += 1
-                    budget -= 1
-                if seq >= stop:
+                    turn -= 1
+                if seq >= stop and bucket.tokens > 0:
                     send([*envelope, *end, END_SEQ, b""], zmq.NOBLOCK)
+                    bucket.take(REPLAY_MIN_CHARGE)
                     del self._replays[envelope]
                     moved = True
                     continue
@@ -281,7 +354,7 @@ class EventPublisher:
                 del self._replays[envelope]  # to the back: the next turn serves the others first
                 self._replays[envelope] = (seq, stop, now)
                 moved = True
-            elif now - since > REPLAY_STALL:
+            elif now - since > REPLAY_STALL:  # offered a batch (the budget held one) and took none
                 log.debug("KV events: a replay peer read nothing for %.0f s, its answer dropped", REPLAY_STALL)
                 del self._replays[envelope]
         return moved

@@ -230,6 +230,9 @@ def serve_devices(opts: dict[str, Any], default_device: Any) -> list[str] | None
                    "tcp://127.0.0.1:5557 (KVPAGER_EVENTS_ENDPOINT).")
 @click.option("--events-replay-endpoint", default=None,
               help="Replay socket for missed batches (default: the next TCP port, or the ipc path + .replay).")
+@click.option("--events-replay-rate", type=Size(), default=None, metavar="BYTES",
+              help="Bytes a second replay answers may send, all subscribers together, e.g. 64M "
+                   "(KVPAGER_EVENTS_REPLAY_RATE; default 64M: the kept history in a few seconds).")
 @click.option("--events-topic", default="", help="Topic of every event message (default: none, as vLLM).")
 @click.option("--events-format", type=click.Choice(FORMATS), default="map", show_default=True,
               help="map: events as tagged maps (vLLM since mid-2026); array: tagged arrays (earlier vLLM).")
@@ -261,10 +264,14 @@ def serve(**opts: Any) -> None:
         if events_endpoint:
             from kvpager.events_pub import EventsConfig
 
+            rate = opts["events_replay_rate"]
+            rate = rate if rate is not None else env.events_replay_rate()
             events = EventsConfig(events_endpoint, opts["events_replay_endpoint"], opts["events_topic"],
-                                  opts["events_format"])
+                                  opts["events_format"], **({"replay_rate": rate} if rate is not None else {}))
         elif opts["events_replay_endpoint"]:
             raise click.UsageError("--events-replay-endpoint needs --events-endpoint (or KVPAGER_EVENTS_ENDPOINT)")
+        elif opts["events_replay_rate"] is not None:
+            raise click.UsageError("--events-replay-rate needs --events-endpoint (or KVPAGER_EVENTS_ENDPOINT)")
         remote = remote_tier(opts) if opts["remote"] else None
         server = Server.create(spec, opts["endpoint"], device, devices=devices,
                                max_pinned_blocks=opts["max_pinned_blocks"],

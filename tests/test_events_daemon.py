@@ -315,9 +315,10 @@ def test_serve_cli_events_flags(tmp_ipc):
     endpoint, d = tmp_ipc
     args = ["--layers", "1", "--kv-heads", "1", "--head-dim", "8", "--blocks", "16", "--dtype", "float32",
             "--events-endpoint", f"ipc://{d}/ev.sock", "--events-format", "array"]
-    with daemon_process(args, endpoint) as proc:
+    with daemon_process([*args, "--events-replay-rate", "8M"], endpoint) as proc:
         line = next(x for x in proc.log if "kvpager events on" in x)
         assert f"ipc://{d}/ev.sock" in line and f"ipc://{d}/ev.sock.replay" in line
+        assert any(f"at most {8 << 20} bytes/s" in x for x in proc.log)
     bad = subprocess.run([sys.executable, "-m", "kvpager", "serve", *args[:10], "--endpoint", endpoint,
                           "--events-endpoint", "udp://x"], env=subprocess_env(), capture_output=True,
                          text=True, timeout=60)
@@ -326,3 +327,11 @@ def test_serve_cli_events_flags(tmp_ipc):
                           "--events-replay-endpoint", f"ipc://{d}/r"], env=subprocess_env(),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "needs --events-endpoint" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "kvpager", "serve", *args[:10], "--endpoint", endpoint,
+                          "--events-replay-rate", "8M"], env=subprocess_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "--events-replay-rate needs --events-endpoint" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "kvpager", "serve", *args, "--endpoint", endpoint,
+                          "--events-replay-rate", "0"], env=subprocess_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 1 and "replay rate must be a positive" in bad.stderr
