@@ -96,6 +96,18 @@ def _token_lists(prompts: Any, model: Any) -> list[list[int]]:
     return out
 
 
+def _check_model_and_pool(model: Any, pool: Any) -> None:
+    """TypeError, naming the argument, for a ``model`` that is no torch module or a
+    ``pool`` without a pool's methods (a `PoolSpec` given where ``KVPool(spec)`` was
+    meant, the two arguments swapped): before, an AttributeError from deep inside
+    ('PoolSpec' object has no attribute 'spec')."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a transformers causal LM (a torch.nn.Module), got {type(model).__name__}")
+    if not (callable(getattr(pool, "allocate", None)) and isinstance(getattr(pool, "spec", None), PoolSpec)):
+        hint = ": pass KVPool(spec)" if isinstance(pool, PoolSpec) else ""
+        raise TypeError(f"pool must be a kvpager pool (KVPool, or a daemon Client), got {type(pool).__name__}{hint}")
+
+
 @dataclass
 class PagedGeneration(DecodePasses):
     """Greedy generation of one batch of prompts with its KV in ``pool``.
@@ -134,6 +146,8 @@ class PagedGeneration(DecodePasses):
     finished: list[bool] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
+        self._closed = False
+        _check_model_and_pool(self.model, self.pool)
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         self.prompts = _token_lists(self.prompts, self.model)
@@ -170,8 +184,13 @@ class PagedGeneration(DecodePasses):
         self._may_owe = self._pipelined and not self._releases_windows()
         self._owed: Owed | None = None
         self._host_tokens = HostBuffers(self._device)
+        # Blocks a sequence can reach: the width of a reused decode plan's tables (`_plan`) and of
+        # captured steps' (`DecodeGraphs`), at most the pool's blocks. A max_new_tokens past what the
+        # pool holds ends in OutOfBlocks, not in tables sized for it (on a GPU, 10**9 tokens took 477
+        # MiB of tables for two sequences and 40 s; 10**12 ran out of device memory). A sequence whose
+        # windows gave blocks back may outgrow it: its plans grow then, as a graph's do.
         longest = max(map(len, self.prompts)) + self.max_new_tokens
-        self._width = -(-longest // self.pool.spec.block_size)  # blocks a sequence can reach
+        self._width = min(-(-longest // self.pool.spec.block_size), self.pool.spec.num_blocks)
         if self.compile:
             if not self.cuda_graphs:
                 raise ValueError("compile=True compiles the captured decode step: it needs cuda_graphs=True")
@@ -214,7 +233,11 @@ class PagedGeneration(DecodePasses):
         """One decode pass: feed each unfinished sequence its last new token.
         Pipelined, launch the next pass, then complete the one before it (its
         tokens reach `outputs`); the last call only completes. Unpipelined, the
-        same pass is launched and completed at once."""
+        same pass is launched and completed at once. ValueError once `close`d
+        (its sequences are freed; before, the pool's UnknownSequence said only
+        that an id was unknown)."""
+        if self._closed:
+            raise ValueError("step: this PagedGeneration is closed (its sequences were freed); make a new one")
         if self._pipelined:
             prev, self._inflight = self._inflight, self._launch()
         else:
@@ -298,6 +321,7 @@ class PagedGeneration(DecodePasses):
             try:
                 self._settle()  # what steady passes owe, before their sequences go
             finally:
+                self._closed = True
                 self._free(self.seq_ids)
                 self._last_plan = None
                 self._flush()

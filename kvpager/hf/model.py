@@ -320,9 +320,12 @@ def spec_for_model(
 
 def check_model(model: Any, pool: Any) -> list[int | None]:
     """The model's per-layer sliding windows (`layer_windows`), after checking
-    that kvpager can attend for it and that ``pool`` has its KV geometry (and a
-    block size that divides its attention chunk, if it has chunked layers:
-    `layer_chunks`)."""
+    that it is a language model with its head (`check_head`), in eval mode
+    where dropout would apply (`check_eval_mode`), that kvpager can attend for
+    it, and that ``pool`` has its KV geometry (and a block size that divides
+    its attention chunk, if it has chunked layers: `layer_chunks`)."""
+    check_head(model)
+    check_eval_mode(model)
     windows = layer_windows(model)
     layer_chunks(model, pool.spec.block_size)
     want = model_geometry(text_config(model))
@@ -331,3 +334,38 @@ def check_model(model: Any, pool: Any) -> list[int | None]:
     if have != want:
         raise ValueError(f"pool geometry {have} does not match the model's {want}")
     return windows
+
+
+def check_head(model: Any) -> None:
+    """ValueError for a model without a language-model head (``AutoModel`` where
+    ``AutoModelForCausalLM`` was meant: `LlamaModel`), which transformers'
+    ``generate`` refuses too: it has no logits, and its first pass failed with an
+    AttributeError after the prompts were allocated. A model that says it cannot
+    generate (`can_generate`) and has no output embeddings is refused; one with
+    either (remote code that does not inherit ``GenerationMixin``) is taken."""
+    can = getattr(model, "can_generate", None)
+    heads = getattr(model, "get_output_embeddings", None)
+    if callable(can) and not can() and callable(heads) and heads() is None:
+        raise ValueError(f"model: {type(model).__name__} has no language-model head, so no next-token logits; "
+                         "load it with AutoModelForCausalLM (or its ...ForCausalLM class), not AutoModel")
+
+
+def check_eval_mode(model: Any) -> None:
+    """ValueError for a model in training mode (``model.train()``) where dropout
+    would apply: a dropout module with p > 0, or a config field of a dropout
+    probability above 0 (Starcoder2 drops out functionally, ``training=self.training``).
+    Its tokens would be random, and the K/V it stores would be published to the
+    prefix cache under the same default salt as the model in eval mode: before,
+    a later eval-mode generation of the same prompt, from any caller, started
+    from those blocks and gave other tokens than transformers'. Training mode
+    without dropout gives eval mode's tokens and is taken."""
+    if not any(m.training for m in model.modules()):
+        return
+    drops = [f"{name}.p={m.p}" for name, m in model.named_modules()
+             if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
+    drops += [f"config.{k}={v}" for k, v in sorted(text_config(model).to_dict().items())
+              if ("dropout" in k or "pdrop" in k) and type(v) in (int, float) and v > 0]
+    if drops:
+        raise ValueError(f"model is in training mode with dropout ({', '.join(drops[:3])}"
+                         f"{', ...' if len(drops) > 3 else ''}): its tokens would be random and the K/V it "
+                         "stores, shared through the prefix cache, wrong for every caller; call model.eval() first")
