@@ -3,11 +3,13 @@
     python3 tools/hf_families.py                    # every registered type (a table)
     python3 tools/hf_families.py llama falcon ...   # only these
     python3 tools/hf_families.py --json
+    python3 tools/hf_families.py --variants mha4 qwen2 ...  # a K/V head per query head
 
 Each model type transformers registers for causal LM (`AutoModelForCausalLM`)
 is built as a tiny random float32 model from its config (64 hidden, 2
 layers, 4 heads, a 128-token vocabulary; once with 2 K/V heads, once
-without setting them), and `kvpager.hf.generate` (a CPU pool) is compared
+without setting them; ``--variants mha4``: with 4, a K/V head per query
+head), and `kvpager.hf.generate` (a CPU pool) is compared
 with transformers' greedy ``generate`` on the same prompts (21 and 9
 tokens, 8 new ones each). Each type runs in a process of its own, under a
 time limit. Outcomes:
@@ -37,7 +39,10 @@ VOCAB = 128
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, initializer_range=0.1,
               bos_token_id=1, eos_token_id=None, pad_token_id=0)
-VARIANTS = ("gqa", "mha")  # with 2 K/V heads, and without setting num_key_value_heads
+#: with 2 K/V heads, without setting num_key_value_heads (the config's default), and with a K/V
+#: head per query head set (a config whose default K/V heads do not divide 4 query heads runs too)
+VARIANTS = ("gqa", "mha", "mha4")
+DEFAULT_VARIANTS = ("gqa", "mha")
 #: the other sub-configs of a multimodal model (vision, audio, ...), shrunk where they take these
 #: names: text generation never runs them, but at their full default sizes they only cost time
 TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, depth=1, num_attention_heads=2,
@@ -96,6 +101,8 @@ def one(model_type: str, variant: str) -> dict:
     common = {**COMMON, **OVERRIDES.get(model_type, {})}
     if variant == "mha":
         common.pop("num_key_value_heads")
+    elif variant == "mha4":
+        common["num_key_value_heads"] = common["num_attention_heads"]
     try:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(tiny_config(model_type, common)).eval()
@@ -139,6 +146,8 @@ def main() -> None:
     ap.add_argument("types", nargs="*", help="model types (default: every causal-LM type registered)")
     ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per type and variant")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help=f"comma-separated, of {', '.join(VARIANTS)} (default: %(default)s)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--one", nargs=2, metavar=("TYPE", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -149,7 +158,10 @@ def main() -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     types = args.types or list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    jobs = [(t, v) for t in types for v in VARIANTS]
+    variants = args.variants.split(",")
+    if not variants or set(variants) - set(VARIANTS):
+        ap.error(f"--variants: each of {', '.join(VARIANTS)}, got {args.variants!r}")
+    jobs = [(t, v) for t in types for v in variants]
     with ThreadPoolExecutor(args.jobs) as ex:
         rows = list(ex.map(lambda tv: run(*tv, args.timeout), jobs))
     if args.json:
@@ -158,7 +170,7 @@ def main() -> None:
         counts: dict[str, int] = {}
         for r in rows:
             counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
-        print(f"transformers {transformers.__version__}; {len(types)} model types x {len(VARIANTS)} variants: "
+        print(f"transformers {transformers.__version__}; {len(types)} model types x {len(variants)} variants: "
               + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         print("| type | variant | outcome | detail |")
         print("|---|---|---|---|")
