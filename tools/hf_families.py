@@ -57,12 +57,13 @@ CHUNKED = dict(attention_chunk_size=16, floor_scale=16)  # chunks and query scal
 HEAD_DIM = dict(head_dim=16)  # configs whose head_dim defaults to None and is not derived
 OVERRIDES = {
     "gemma3n": SHARED_KV, "gemma3n_text": SHARED_KV, "llama4": CHUNKED, "llama4_text": CHUNKED,
-    "ministral": HEAD_DIM, "hunyuan_v1_dense": HEAD_DIM, "hunyuan_v1_moe": HEAD_DIM, "nemotron": HEAD_DIM,
+    "ministral": HEAD_DIM, "helium": HEAD_DIM, "hunyuan_v1_dense": HEAD_DIM, "hunyuan_v1_moe": HEAD_DIM, "nemotron": HEAD_DIM,
     "dbrx": dict(d_model=64, n_heads=4, n_layers=2, attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
                  ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=1)),
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]], num_layers=2, num_heads=4, window_size=8),
     "dots1": dict(head_dim=16, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
                   n_shared_experts=1, first_k_dense_replace=1),
+    "codegen": dict(rotary_dim=8), "gptj": dict(rotary_dim=8),  # rotary dims within the 16-dim heads
     "cohere_compass_text": dict(head_dim=16, rope_parameters={"full_attention": {"rope_type": "default",
                                                                                   "rope_theta": 10000.0}}),
 }
