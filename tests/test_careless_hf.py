@@ -1,8 +1,8 @@
 """Careless users of kvpager.hf: what a real user plausibly gets wrong with
-`generate` / `PagedGeneration` and the pool under them. Each but the last was
+`generate` / `PagedGeneration` and the pool under them. Each but one was
 answered wrongly before (see each test); each is now a typed error naming
 what is wrong, raised before anything is allocated, or the right tokens. The
-last guards what docs/hf.md says of a pool running out mid-generation.
+one guards what docs/hf.md says of a pool running out mid-generation.
 Float32 on the CPU backend, the tiny models of test_hf_models.py; a GPU pool
 where marked."""
 
@@ -131,4 +131,23 @@ def test_a_pool_that_runs_out_mid_generation_can_be_stepped_again(pipeline):
         gen.step()
     assert gen.outputs == [reference(model, p, 12) for p in prompts]
     gen.close()
+    _empty(pool)
+
+
+def test_a_1d_tensor_of_end_tokens_is_taken_as_their_list():
+    """eos_token_id as a 1-D torch tensor (as a tokenizer or a generation config
+    may hold the ids) was refused ("must be None, a token id or a list of them"),
+    where the same ids as a list or a NumPy array were taken: each id of the
+    tensor was a 0-d tensor, no int. Now it ends the generation as the list does."""
+    model = make_model("llama")
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    p = prompt(11, 3)
+    [full] = generate(model, pool, [p], 8, eos_token_id=None)
+    stop = full[3]  # ends the generation at its first appearance, at most 4 tokens in
+    [by_list] = generate(model, pool, [p], 8, eos_token_id=[stop, 10**6])
+    assert by_list == full[: full.index(stop) + 1]
+    for ids in (torch.tensor([stop, 10**6]), torch.tensor([stop], dtype=torch.int32)):
+        assert generate(model, pool, [p], 8, eos_token_id=ids) == [by_list]
+    with pytest.raises(ValueError, match="eos_token_id must be"):  # float ids stay refused
+        generate(model, pool, [p], 8, eos_token_id=torch.tensor([float(stop)]))
     _empty(pool)

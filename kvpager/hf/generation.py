@@ -155,6 +155,8 @@ class PagedGeneration(DecodePasses):
         self._layers = layer_map(self.model)  # layers that reuse an earlier layer's K/V (Gemma-3n)
         self._chunks = layer_chunks(self.model, self.pool.spec.block_size)  # chunked layers (Llama-4)
         eos = self.eos_token_id
+        if getattr(eos, "ndim", None) == 1 and hasattr(eos, "tolist"):
+            eos = eos.tolist()  # a 1-D tensor or array of ids, as a list (a torch one gave 0-d tensors: refused)
         many = eos is not None and not is_int(eos)
         if many and (isinstance(eos, (str, bytes)) or not hasattr(eos, "__iter__") or getattr(eos, "ndim", 1) != 1
                      or not all(is_int(e) for e in eos)):
