@@ -117,21 +117,32 @@ def probe(endpoint: str, timeout: float = 1.0) -> str | None:
     return None
 
 
+def check_ipc_bind(endpoint: str) -> str | None:
+    """The refusals of `prepare_ipc_bind`, removing nothing: InvalidArgument if a
+    daemon already listens at an ipc:// ``endpoint``, or if its path is anything but
+    a socket (or the default runtime directory is not private); returns the
+    path of a stale socket file to remove (None: none)."""
+    path = ipc_path(endpoint)
+    if path is None:
+        return None
+    if path == os.path.join(env.runtime_dir(), SOCKET_NAME):
+        ensure_runtime_dir(os.path.dirname(path))
+    if not os.path.lexists(path):
+        return None
+    if not is_socket(path):
+        raise InvalidArgument(f"{path} exists and is not a socket; refusing to remove it: "
+                              "choose another --endpoint")
+    if probe(endpoint) is None:
+        raise InvalidArgument(f"another daemon already listens at {endpoint}")
+    return path
+
+
 def prepare_ipc_bind(endpoint: str) -> None:
     """Before binding an ipc:// endpoint: refuse if a daemon already listens
     there, or if the path is anything but a socket; remove a stale socket file
     left by one that died."""
-    path = ipc_path(endpoint)
-    if path is None:
-        return
-    if path == os.path.join(env.runtime_dir(), SOCKET_NAME):
-        ensure_runtime_dir(os.path.dirname(path))
-    if os.path.lexists(path):
-        if not is_socket(path):
-            raise InvalidArgument(f"{path} exists and is not a socket; refusing to remove it: "
-                                  "choose another --endpoint")
-        if probe(endpoint) is None:
-            raise InvalidArgument(f"another daemon already listens at {endpoint}")
+    path = check_ipc_bind(endpoint)
+    if path is not None:
         try:
             os.unlink(path)
         except OSError as e:

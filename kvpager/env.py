@@ -111,15 +111,20 @@ def _number(name: str, default: int, parse: type = int) -> int:
     if value is None or value < 0:
         from kvpager.errors import InvalidArgument
 
-        raise InvalidArgument(f"KVPAGER_{name}={raw!r} is not a non-negative number; unset it or fix it")
+        raise InvalidArgument(f"KVPAGER_{name}={raw!r} is not a non-negative whole number or a size "
+                              "like 64M; unset it or fix it")
     return value
 
 
 def parse_size(text: str) -> int:
-    """A count or a size: ``123``, ``64K``, ``512M``, ``4G``, ``1.5GiB`` (binary units)."""
+    """A count or a size: ``123``, ``64K``, ``512M``, ``4G``, ``1.5GiB`` (binary units).
+    A fraction needs a unit (``1.5G``): ``1.5`` alone is no count, and was once
+    cut to 1 without a word (``--max-sequences 1.5``)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
     if not m:
         raise ValueError(f"{text!r} is not a number or a size like 4096, 512M or 4G")
+    if "." in m.group(1) and not m.group(2) and float(m.group(1)) != int(float(m.group(1))):
+        raise ValueError(f"{text!r} is not a whole number: give a count, or a size with a unit (e.g. 1.5G)")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
@@ -131,28 +136,45 @@ def limit(name: str, default: int) -> int:
     return _number(f"MAX_{name}", default)
 
 
-def token() -> str | None:
+#: the shortest token a daemon takes (from a file or the environment alike)
+MIN_TOKEN = 16
+
+
+def token(daemon: bool = False) -> str | None:
     """KVPAGER_TOKEN, else the contents of the file KVPAGER_TOKEN_FILE: the
-    secret a daemon with a token asks for in hello (see docs/protocol.md, "Trust")."""
-    value = os.environ.get("KVPAGER_TOKEN")
-    if value:
-        return value.strip()
-    path = os.environ.get("KVPAGER_TOKEN_FILE")
-    return read_token_file(path) if path else None
+    secret a daemon with a token asks for in hello (see docs/protocol.md, "Trust").
+    ``daemon``: the daemon's own, held to the token file's rule (`check_token`):
+    a short or blank KVPAGER_TOKEN once served as given, or as no token at all."""
+    return _secret("TOKEN", daemon)
 
 
-def control_token() -> str | None:
+def control_token(daemon: bool = False) -> str | None:
     """KVPAGER_CONTROL_TOKEN, else the contents of the file KVPAGER_CONTROL_TOKEN_FILE:
     the secret a session sends in hello to be let set quotas and keep pins
-    (see docs/protocol.md, "Control")."""
-    value = os.environ.get("KVPAGER_CONTROL_TOKEN")
+    (see docs/protocol.md, "Control"). ``daemon``: as `token`'s."""
+    return _secret("CONTROL_TOKEN", daemon)
+
+
+def _secret(name: str, daemon: bool) -> str | None:
+    value = os.environ.get(f"KVPAGER_{name}")
     if value:
-        return value.strip()
-    path = os.environ.get("KVPAGER_CONTROL_TOKEN_FILE")
+        return check_token(value.strip(), f"KVPAGER_{name}") if daemon else value.strip()
+    path = os.environ.get(f"KVPAGER_{name}_FILE")
     return read_token_file(path) if path else None
+
+
+def check_token(value: str, where: str) -> str:
+    """``value`` if it is long enough to be a secret, else InvalidArgument naming ``where``."""
+    if len(value) < MIN_TOKEN:
+        from kvpager.errors import InvalidArgument
+
+        raise InvalidArgument(f"the token in {where} is {len(value)} characters; use at least {MIN_TOKEN} "
+                              "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE`)")
+    return value
 
 
 def read_token_file(path: str) -> str:
+    """The token in the file ``path`` (`check_token`'s rule)."""
     from kvpager.errors import InvalidArgument
 
     try:
@@ -160,7 +182,19 @@ def read_token_file(path: str) -> str:
             value = f.read().strip()
     except OSError as e:
         raise InvalidArgument(f"cannot read the token file {path}: {e.strerror or e}") from None
-    if len(value) < 16:
-        raise InvalidArgument(f"the token in {path} is {len(value)} characters; use at least 16 "
-                              "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE`)")
-    return value
+    return check_token(value, path)
+
+
+def loose_token_file(path: str) -> str | None:
+    """A warning if the token file ``path`` may be read by other users (group or
+    other permission bits), else None. A warning, not a refusal: a file made
+    with the usual umask (644) in a private directory is safe, and the daemon
+    cannot judge every directory above it."""
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except OSError:
+        return None
+    if not mode & 0o077:
+        return None
+    return (f"the token file {path} has mode {mode:o}: other users may read the token; "
+            f"chmod 600 {path}")

@@ -22,6 +22,7 @@ from kvpager.errors import (
     DaemonUnavailable,
     IntegrityError,
     KVPagerError,
+    ProtocolError,
     RequestTimeout,
     SessionLost,
     Unauthorized,
@@ -33,6 +34,9 @@ HINTS: list[tuple[type[BaseException], int, str]] = [
     (RequestTimeout, 4, "the daemon is busy or stuck: retry with a larger --timeout (KVPAGER_TIMEOUT)"),
     (Unauthorized, 6, "the daemon has a token: set KVPAGER_TOKEN, or KVPAGER_TOKEN_FILE to its file"),
     (SessionLost, 5, "the daemon restarted or dropped this session: run the command again"),
+    # a reply that is no kvpager reply: another program listens there (once only "see kvpager --help")
+    (ProtocolError, 2, "is a kvpager daemon listening there? check --endpoint / KVPAGER_ENDPOINT "
+                       "(another program, or a daemon of another kvpager version, answers)"),
     (IntegrityError, 1, "a kvpager bug: save `kvpager blocks --json` and `kvpager seqs --json` for the report"),
     (KVPagerError, 2, "see `kvpager --help`"),
 ]

@@ -13,26 +13,38 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from kvpager import env
-from kvpager.errors import LimitExceeded
+from kvpager.errors import InvalidArgument, LimitExceeded
 
 
 @dataclass(frozen=True)
 class Limits:
-    sequences: int = field(default=1 << 16, metadata={"help": "live sequences of one session"})
-    ids: int = field(default=1 << 16, metadata={"help": "ids in one request (seq_ids, prompts, fork children)"})
-    tokens: int = field(default=1 << 20, metadata={"help": "token ids in one request (prompts, appended tokens)"})
+    sequences: int = field(default=1 << 16, metadata={"least": 1, "help": "live sequences of one session"})
+    ids: int = field(default=1 << 16, metadata={"least": 1, "help": "ids in one request (seq_ids, prompts, fork children)"})
+    tokens: int = field(default=1 << 20, metadata={"least": 1, "help": "token ids in one request (prompts, appended tokens)"})
     staging: int = field(default=1 << 30, metadata={"help": "bytes of one session's staging buffer"})
     staging_total: int = field(default=4 << 30, metadata={"help": "bytes of all staging buffers together"})
-    client_name: int = field(default=256, metadata={"help": "characters of hello's client name"})
-    sessions: int = field(default=1024, metadata={"help": "sessions open at once"})
+    client_name: int = field(default=256, metadata={"least": 1, "help": "characters of hello's client name"})
+    sessions: int = field(default=1024, metadata={"least": 1, "help": "sessions open at once"})
     kept: int = field(default=4 << 20, metadata={"help": "bytes of replies one session's retries may replay"})
     salt: int = field(default=4096, metadata={"help": "characters (or bytes) of one salt"})
 
     @classmethod
     def from_env(cls, **overrides: int | None) -> Limits:
-        """Defaults, then ``KVPAGER_MAX_*``, then the ``overrides`` that are not None."""
+        """Defaults, then ``KVPAGER_MAX_*``, then the ``overrides`` (``kvpager serve
+        --max-*``) that are not None. InvalidArgument, naming the variable or the
+        flag, for a limit under its field's ``least``: 0 is no "unlimited" here, and
+        ``--max-sessions 0`` (or 0 sequences, ids, tokens, client name characters)
+        once started a daemon that refused every client, `kvpager stats` included."""
         values = {f.name: env.limit(f.name.upper(), f.default) for f in dataclasses.fields(cls)}
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        values.update(given)
+        for f in dataclasses.fields(cls):
+            least = f.metadata.get("least", 0)
+            if values[f.name] < least:
+                where = (f"--max-{f.name.replace('_', '-')}" if f.name in given
+                         else f"KVPAGER_MAX_{f.name.upper()}")
+                raise InvalidArgument(f"{where} {values[f.name]}: the limit on {f.metadata['help']} must be "
+                                      f"at least {least} (0 is not unlimited; leave it out for the default)")
         return cls(**values)
 
     def check(self, name: str, value: int, what: str) -> None:

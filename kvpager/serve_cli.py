@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -242,8 +243,53 @@ def serve(**opts: Any) -> None:
     """Run the kvpager daemon in the foreground (logs to stderr)."""
     logging.basicConfig(level=opts["log_level"], stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("kvpager.server")
+    # SIGTERM / SIGINT are ours from the start: during start-up they end it through
+    # the code that releases what is made (the pool's shared memory, a bound socket);
+    # once they came before this and the default action left the segments in /dev/shm.
+    made: list[Any] = []  # the Server, once made: a signal then stops it (run() closes it)
+    stopping: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("signal %d: shutting down", signum)
+        if made:
+            made[0].stop()
+        elif not stopping:
+            stopping.append(signum)
+            raise _Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            server = _start(opts, made)
+        except _Interrupted:
+            return  # what was made is released on the way out; nothing served
+        if server.metrics_port is not None:
+            click.echo(f"kvpager metrics on http://{server.metrics_host}:{server.metrics_port}/metrics", err=True)
+        if server.events is not None:
+            click.echo(f"kvpager events on {server.events.endpoint} (replay {server.events.replay_endpoint})",
+                       err=True)
+        # The line scripts wait for: the endpoint is bound and serving.
+        click.echo(f"kvpager serving on {server.endpoint}", err=True)
+        server.run()
+    finally:  # serve called in-process (tests, CliRunner) leaves the caller's handlers as they were
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _Interrupted(BaseException):
+    """SIGTERM / SIGINT before the daemon serves: unwinds start-up (a BaseException,
+    so no ``except Exception`` on the way swallows it, and every ``except
+    BaseException`` that releases a segment or a socket runs)."""
+
+
+def _start(opts: dict[str, Any], made: list[Any]) -> Any:
+    """The bound `Server` of ``kvpager serve``'s options, also put in ``made`` as
+    soon as it exists. Every check that needs no memory comes first (tokens,
+    limits, the endpoint), so a mistake there allocates nothing."""
     from kvpager.backends import default_device
     from kvpager.server import Server
+    from kvpager.server_bind import check_before_allocating
 
     devices = serve_devices(opts, default_device)
     device = devices[0] if devices else (opts["device"] or default_device())
@@ -252,13 +298,20 @@ def serve(**opts: Any) -> None:
             "--device cuda needs CuPy: pip install 'kvpager[cuda]' (CUDA 13 drivers) or 'kvpager[cuda12]' "
             "(CUDA 12); or serve with --device cpu")
     quotas = parse_quotas(opts["quotas"])
+    log = logging.getLogger("kvpager.server")
     try:
-        spec = build_spec(opts, device, devices)
-        token = env.read_token_file(opts["token_file"]) if opts["token_file"] else env.token()
+        token = env.read_token_file(opts["token_file"]) if opts["token_file"] else env.token(daemon=True)
         control = (env.read_token_file(opts["control_token_file"]) if opts["control_token_file"]
-                   else env.control_token())
+                   else env.control_token(daemon=True))
+        for path in (opts["token_file"] or os.environ.get("KVPAGER_TOKEN_FILE"),
+                     opts["control_token_file"] or os.environ.get("KVPAGER_CONTROL_TOKEN_FILE")):
+            why = env.loose_token_file(path) if path else None
+            if why:
+                log.warning("%s", why)
         limits = Limits.from_env(**{f.name: opts[f"max_{f.name}"] for f in dataclasses.fields(Limits)})
         metrics_port = opts["metrics_port"] if opts["metrics_port"] is not None else env.metrics_port()
+        check_before_allocating(opts["endpoint"], token)
+        spec = build_spec(opts, device, devices)
         events = None
         events_endpoint = opts["events_endpoint"] or env.events_endpoint()
         if events_endpoint:
@@ -278,25 +331,17 @@ def serve(**opts: Any) -> None:
                                remote=remote, heartbeat_timeout=opts["heartbeat_timeout"], limits=limits,
                                token=token, control_token=control, metrics_port=metrics_port,
                                metrics_host=opts["metrics_host"], events=events)
+        made.append(server)
+    except KVPagerError as e:
+        raise click.ClickException(str(e)) from None
+    try:
         for salt, blocks in quotas:
             server.pool.set_quota(salt, blocks)
     except KVPagerError as e:
+        server.close()  # the pool's memory goes too
         raise click.ClickException(str(e)) from None
-
-    def on_signal(signum: int, frame: Any) -> None:
-        logging.getLogger("kvpager.server").info("signal %d: shutting down", signum)
-        server.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
         server.bind()  # releases everything itself if it fails
     except KVPagerError as e:
         raise click.ClickException(str(e)) from None
-    if server.metrics_port is not None:
-        click.echo(f"kvpager metrics on http://{server.metrics_host}:{server.metrics_port}/metrics", err=True)
-    if server.events is not None:
-        click.echo(f"kvpager events on {server.events.endpoint} (replay {server.events.replay_endpoint})", err=True)
-    # The line scripts wait for: the endpoint is bound and serving.
-    click.echo(f"kvpager serving on {server.endpoint}", err=True)
-    server.run()
+    return server

@@ -12,7 +12,15 @@ import os
 import zmq
 
 from kvpager import protocol
-from kvpager.endpoints import ipc_path, is_local, is_socket, prepare_ipc_bind
+from kvpager.endpoints import (
+    check_endpoint,
+    check_ipc_bind,
+    default_endpoint,
+    ipc_path,
+    is_local,
+    is_socket,
+    prepare_ipc_bind,
+)
 from kvpager.errors import InvalidArgument
 from kvpager.metrics import serve_metrics
 from kvpager.render import human_bytes
@@ -20,6 +28,27 @@ from kvpager.render import human_bytes
 log = logging.getLogger("kvpager.server")
 
 _POLL_MS = 50  # how soon stop() and heartbeat expiry are noticed when idle
+
+
+def check_before_allocating(endpoint: str | None, token: str | None) -> str:
+    """The refusals of `Binding.bind` that need no socket, for `kvpager serve` to
+    say before it allocates the pool: a malformed endpoint, TCP beyond loopback
+    without a token, an ipc:// path that is no socket or where a daemon listens
+    (`check_ipc_bind`). Once they came only after the pool was allocated (a
+    GPU's memory, or /dev/shm, taken and given back for nothing). Returns the
+    endpoint (``None``: the default)."""
+    endpoint = check_endpoint(default_endpoint() if endpoint is None else endpoint, bind=True)
+    refuse_open_tcp(endpoint, token)
+    check_ipc_bind(endpoint)
+    return endpoint
+
+
+def refuse_open_tcp(endpoint: str, token: str | None) -> None:
+    """InvalidArgument if ``endpoint`` is reachable beyond this host and there is no token."""
+    if token is None and not is_local(endpoint):
+        raise InvalidArgument(
+            f"{endpoint} is reachable beyond this host: give the daemon a token "
+            "(kvpager serve --token-file FILE, or KVPAGER_TOKEN) that clients send in hello")
 
 
 class Binding:
@@ -39,10 +68,7 @@ class Binding:
             raise
 
     def _bind(self) -> str:
-        if self.token is None and not is_local(self.endpoint):
-            raise InvalidArgument(
-                f"{self.endpoint} is reachable beyond this host: give the daemon a token "
-                "(kvpager serve --token-file FILE, or KVPAGER_TOKEN) that clients send in hello")
+        refuse_open_tcp(self.endpoint, self.token)
         prepare_ipc_bind(self.endpoint)
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.ROUTER)

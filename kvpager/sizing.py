@@ -13,7 +13,8 @@
   since the weights live in other processes). On a GPU: free device memory
   (``cudaMemGetInfo``). On the CPU backend the pool lives in POSIX shared
   memory, so: the smaller of available RAM (``MemAvailable``) and free space
-  in ``/dev/shm``, less the host (swap) pool, which lives there too.
+  in ``/dev/shm``, less the host (swap) pool, which lives there too, after the
+  segments of dead daemons are swept (`kvpager.shm.sweep_stale`).
 """
 
 from __future__ import annotations
@@ -244,6 +245,12 @@ def memory_budget(text: str, device: str, host_bytes: int = 0) -> tuple[int, str
     if device.startswith("cuda"):
         free, what = gpu_free_bytes(device), f"free memory of {device}"
     else:
+        from kvpager.shm import sweep_stale
+
+        # A daemon killed by SIGKILL (or the OOM killer) left its segments: they hold
+        # /dev/shm and RAM until the next daemon sweeps them, so sweep before
+        # measuring (once they were counted, and a restarted 90% daemon got 9%).
+        sweep_stale()
         free, what = cpu_available_bytes()
         free -= host_bytes  # the host pool lives in shared memory too
         what += " less the host pool" if host_bytes else ""

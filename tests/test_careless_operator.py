@@ -1,0 +1,195 @@
+"""Careless operators of the daemon, the people who start and inspect it: a
+limit of 0 taken for "unlimited", a count written as a fraction, a short
+token in the environment, a world-readable token file, a daemon restarted
+after SIGKILL with ``--memory 90%``, a refusal that came only after the pool
+was allocated, a signal during start-up, `kvpager stats` pointed at another
+program. Each is refused by name (or warned about) with nothing left behind,
+and each test once failed; bounded waits, free endpoints."""
+
+from __future__ import annotations
+
+import _posixshmem
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from daemon_helpers import daemon_process, ipc_endpoint, subprocess_env, wait_until
+
+WAIT = 60
+GEOMETRY = ["--model", "tiny", "--device", "cpu"]
+TOKEN = "a-test-token-of-enough-length-0123"
+
+
+class _Ran:
+    def __init__(self, exit_code, output):
+        self.exit_code, self.output = exit_code, output
+
+
+def _invoke(args, env=None):
+    """``kvpager ARGS`` in a process of its own, bounded: a daemon that starts
+    where it should have refused is killed (exit code None)."""
+    full = {**subprocess_env(), **(env or {})}
+    try:
+        r = subprocess.run([sys.executable, "-m", "kvpager", *args], env=full, capture_output=True,
+                           text=True, timeout=20)
+    except subprocess.TimeoutExpired as e:
+        return _Ran(None, str(e.stderr or ""))
+    assert "Traceback" not in r.stderr, r.stderr
+    return _Ran(r.returncode, r.stdout + r.stderr)
+
+
+@pytest.mark.parametrize("args, env, named", [
+    (["--max-sessions", "0"], {}, "--max-sessions"),
+    (["--max-sequences", "0"], {}, "--max-sequences"),
+    (["--max-client-name", "0"], {}, "--max-client-name"),
+    ([], {"KVPAGER_MAX_IDS": "0"}, "KVPAGER_MAX_IDS"),
+    ([], {"KVPAGER_MAX_TOKENS": "0"}, "KVPAGER_MAX_TOKENS"),
+])
+def test_a_limit_of_zero_is_not_unlimited(args, env, named, tmp_path):
+    """`serve --max-sessions 0` started a daemon that refused every hello, even
+    `kvpager stats`'s; now refused by name before anything is allocated."""
+    endpoint = f"ipc://{tmp_path}/kv.sock"
+    r = _invoke(["serve", *GEOMETRY, "--blocks", "8", "--endpoint", endpoint, *args], env)
+    assert r.exit_code not in (0, None) and named in r.output and "at least 1" in r.output, r.output
+    assert not os.path.exists(f"{tmp_path}/kv.sock")
+
+
+@pytest.mark.parametrize("args, env, named", [
+    (["--max-sequences", "1.5"], {}, "--max-sequences"),
+    ([], {"KVPAGER_MAX_KEPT": "2.5"}, "KVPAGER_MAX_KEPT"),
+])
+def test_a_count_with_a_fraction_is_refused(args, env, named, tmp_path):
+    """`--max-sequences 1.5` was cut to 1 without a word."""
+    r = _invoke(["serve", *GEOMETRY, "--blocks", "8", "--endpoint", f"ipc://{tmp_path}/kv.sock", *args], env)
+    assert r.exit_code not in (0, None) and named in r.output and "whole number" in r.output, r.output
+    from kvpager.env import parse_size
+
+    assert parse_size("1.5K") == 1536 and parse_size("2.0") == 2  # a unit, or a whole number: as before
+
+
+@pytest.mark.parametrize("var", ["KVPAGER_TOKEN", "KVPAGER_CONTROL_TOKEN"])
+@pytest.mark.parametrize("value", ["short", "   "])
+def test_a_short_or_blank_token_in_the_environment_is_refused(var, value, tmp_path):
+    """A token file of 5 characters was refused, KVPAGER_TOKEN=short taken (and a
+    blank one served with no token at all)."""
+    r = _invoke(["serve", *GEOMETRY, "--blocks", "8", "--endpoint", f"ipc://{tmp_path}/kv.sock"], {var: value})
+    assert r.exit_code not in (0, None) and var in r.output and "at least 16" in r.output, r.output
+
+
+def test_a_world_readable_token_file_is_warned_about(tmp_path):
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    os.chmod(token, 0o644)
+    endpoint, _ = ipc_endpoint()
+    with daemon_process([*GEOMETRY, "--blocks", "8", "--token-file", str(token)], endpoint, WAIT) as proc:
+        assert any("mode 644" in line and f"chmod 600 {token}" in line for line in proc.log), proc.log
+    os.chmod(token, 0o600)
+    endpoint, _ = ipc_endpoint()
+    with daemon_process([*GEOMETRY, "--blocks", "8", "--token-file", str(token)], endpoint, WAIT) as proc:
+        assert not any("mode" in line for line in proc.log)
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait(WAIT)
+    return p.pid
+
+
+def test_memory_fraction_is_measured_after_a_killed_daemons_segments_are_swept():
+    """A daemon killed by SIGKILL leaves its segments in /dev/shm; a new daemon
+    measured free memory with them still there (and swept them after), so a
+    restart with --memory 90% got 90% of what the dead one left."""
+    from kvpager.sizing import memory_budget
+
+    name = f"kvp{_dead_pid()}_deadbeef_dev"
+    fd = _posixshmem.shm_open("/" + name, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode=0o600)
+    try:
+        os.ftruncate(fd, 1 << 20)
+        os.posix_fallocate(fd, 0, 1 << 20)
+    finally:
+        os.close(fd)
+    try:
+        memory_budget("50%", "cpu")
+        assert not os.path.exists(f"/dev/shm/{name}")
+    finally:
+        if os.path.exists(f"/dev/shm/{name}"):
+            _posixshmem.shm_unlink("/" + name)
+
+
+def test_a_refusal_of_the_endpoint_comes_before_the_pool_is_allocated():
+    """Beyond loopback without a token: once refused only after the pool was
+    made, here after a pool /dev/shm cannot hold was asked for (and refused first)."""
+    r = _invoke(["serve", *GEOMETRY, "--blocks", "99999999999", "--endpoint", "tcp://0.0.0.0:0"],
+                {"KVPAGER_TOKEN": "", "KVPAGER_TOKEN_FILE": ""})
+    assert r.exit_code not in (0, None) and "token" in r.output and "shared memory" not in r.output, r.output
+
+
+def _segments(pid: int) -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"kvp{pid}_")]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_start_up_leaves_nothing(sig, tmp_path):
+    """SIGTERM before the handlers were installed (while the pool's memory was
+    being reserved) killed the daemon with its segments left in /dev/shm."""
+    sock = tmp_path / "kv.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "kvpager", "serve", *GEOMETRY, "--memory", "1G",
+                             "--host-memory", "64M", "--endpoint", f"ipc://{sock}"],
+                            env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        # the pool's segment exists: start-up is under way
+        assert wait_until(lambda: _segments(proc.pid) or proc.poll() is not None, WAIT), lines
+        proc.send_signal(sig)
+        rc = proc.wait(WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+        reader.join(WAIT)
+    assert rc == 0, lines
+    assert not any("Traceback" in line for line in lines), lines
+    assert not _segments(proc.pid) and not sock.exists()
+
+
+def test_stats_against_another_program_says_so():
+    """A program that answers garbage: the hint was "see `kvpager --help`"."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    stop = threading.Event()
+
+    def answer():
+        srv.settimeout(0.2)
+        conns = []
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                continue
+            conns.append(c)
+            c.sendall(b"HTTP/1.0 200 OK\r\n\r\nnot a daemon" * 10)
+        for c in conns:
+            c.close()
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    try:
+        start = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "kvpager", "stats", "--endpoint", f"tcp://127.0.0.1:{port}",
+                            "--timeout", "5"], env=subprocess_env(), capture_output=True, text=True, timeout=WAIT)
+        assert time.monotonic() - start < 30
+    finally:
+        stop.set()
+        t.join(WAIT)
+        srv.close()
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "is a kvpager daemon listening there" in r.stderr, r.stderr
