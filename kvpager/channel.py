@@ -10,7 +10,7 @@ import time
 
 import zmq
 
-from kvpager.endpoints import probe
+from kvpager.endpoints import open_socket, probe
 from kvpager.errors import DaemonUnavailable, RequestTimeout
 from kvpager.protocol import Reply, decode_reply
 
@@ -33,8 +33,7 @@ class Channel:
         self.sock = self._open()
 
     def _open(self) -> zmq.Socket:
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = open_socket(zmq.Context.instance(), zmq.DEALER, self.endpoint)
         sock.connect(self.endpoint)
         self.rcvtimeo = -1
         return sock

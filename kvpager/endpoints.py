@@ -58,10 +58,15 @@ def ipc_path(endpoint: str) -> str | None:
 
 def check_endpoint(endpoint: Any, bind: bool = False) -> str:
     """``endpoint`` if it is one kvpager uses: ``ipc://PATH``, ``tcp://HOST:PORT``
-    (``*`` / port 0 only to bind) or ``inproc://NAME``; else InvalidArgument."""
+    (``*`` / port 0 only to bind) or ``inproc://NAME``; else InvalidArgument.
+    To bind, a relative ipc:// path is made absolute (``ipc://kv.sock`` bound in
+    the daemon's directory, and its "serving on" line named it so, where clients
+    started elsewhere could not find it)."""
     if not isinstance(endpoint, str) or "://" not in endpoint:
         raise InvalidArgument(f"endpoint {endpoint!r} must look like ipc:///PATH or tcp://HOST:PORT")
     scheme, rest = endpoint.split("://", 1)
+    if scheme == "ipc" and rest and bind and not rest.startswith(("/", "@")):  # @: Linux's abstract names
+        return "ipc://" + os.path.abspath(rest)
     if scheme in ("ipc", "inproc") and rest:
         return endpoint
     if scheme == "tcp":
@@ -72,6 +77,19 @@ def check_endpoint(endpoint: Any, bind: bool = False) -> str:
         raise InvalidArgument(f"endpoint {endpoint!r}: tcp endpoints are tcp://HOST:PORT with a port in "
                               f"[{0 if bind else 1}, 65535]")
     raise InvalidArgument(f"endpoint {endpoint!r} must look like ipc:///PATH or tcp://HOST:PORT")
+
+
+def open_socket(ctx: Any, kind: int, endpoint: str) -> Any:
+    """A ZeroMQ socket of ``kind`` for ``endpoint``, with linger 0 and, for an
+    IPv6 address (``tcp://[::1]:PORT``), IPv6 on: ZeroMQ sockets speak IPv4 only
+    unless told, and such an endpoint failed with "No such device"."""
+    import zmq
+
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    if endpoint.startswith("tcp://["):
+        sock.setsockopt(zmq.IPV6, 1)
+    return sock
 
 
 def is_local(endpoint: str) -> bool:

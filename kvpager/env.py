@@ -94,10 +94,23 @@ def cuda_arch_list() -> list[str]:
     return [a for a in raw.split(",") if a]
 
 
+#: the least KVPAGER_MAX_MESSAGE a daemon takes: a batch of a few prompts must fit
+MIN_MESSAGE = 64 << 10
+
+
 def max_message_bytes() -> int:
     """KVPAGER_MAX_MESSAGE: largest wire message in bytes (default 16 MiB); tensors
-    go through shared memory, so only very large prompt batches come near it."""
-    return _number("MAX_MESSAGE", 16 << 20) or 16 << 20
+    go through shared memory, so only very large prompt batches come near it.
+    InvalidArgument under `MIN_MESSAGE` (0 once meant the default without a word,
+    and 10 started a daemon that refused every request, ``hello`` included)."""
+    value = _number("MAX_MESSAGE", 16 << 20)
+    if value < MIN_MESSAGE:
+        from kvpager.errors import InvalidArgument
+
+        raise InvalidArgument(f"KVPAGER_MAX_MESSAGE={os.environ.get('KVPAGER_MAX_MESSAGE')!r} is under "
+                              f"{MIN_MESSAGE} bytes (64K): no request but the smallest would fit; unset it "
+                              "or give a size such as 16M")
+    return value
 
 
 def _number(name: str, default: int, parse: type = int) -> int:

@@ -21,7 +21,7 @@ import zmq
 
 from kvpager import env
 from kvpager.channel import wait_ms
-from kvpager.endpoints import check_endpoint, probe
+from kvpager.endpoints import check_endpoint, open_socket, probe
 from kvpager.errors import InvalidArgument
 from kvpager.events import parse_batch
 from kvpager.events_pub import replay_endpoint_for
@@ -56,14 +56,12 @@ class Subscription:
         self.endpoint = check_endpoint(endpoint)
         self.replay_endpoint = check_endpoint(replay) if replay else None
         self._ctx = zmq.Context()
-        self._sub = self._ctx.socket(zmq.SUB)
-        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub = open_socket(self._ctx, zmq.SUB, self.endpoint)
         self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self._sub.connect(self.endpoint)
         self._replay: zmq.Socket | None = None
         if self.replay_endpoint:
-            self._replay = self._ctx.socket(zmq.DEALER)
-            self._replay.setsockopt(zmq.LINGER, 0)
+            self._replay = open_socket(self._ctx, zmq.DEALER, self.replay_endpoint)
             self._replay.connect(self.replay_endpoint)
         self.last = -1 if start is None else start - 1  # the last sequence number yielded
         self._catch_up = start is not None

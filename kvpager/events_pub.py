@@ -51,7 +51,14 @@ from typing import Any
 import msgpack
 import zmq
 
-from kvpager.endpoints import check_endpoint, ipc_path, is_local, is_socket, prepare_ipc_bind
+from kvpager.endpoints import (
+    check_endpoint,
+    ipc_path,
+    is_local,
+    is_socket,
+    open_socket,
+    prepare_ipc_bind,
+)
 from kvpager.errors import InvalidArgument
 from kvpager.events import FORMATS, EventSink, batch_value, to_dicts
 
@@ -202,8 +209,7 @@ class EventPublisher:
 
     def _bind(self, kind: int, endpoint: str, options: dict[int, int]) -> zmq.Socket:
         prepare_ipc_bind(endpoint)
-        sock = self._ctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = open_socket(self._ctx, kind, endpoint)
         for option, value in options.items():  # before bind: a listener keeps the options it had then
             sock.setsockopt(option, value)
         try:

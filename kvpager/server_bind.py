@@ -19,6 +19,7 @@ from kvpager.endpoints import (
     ipc_path,
     is_local,
     is_socket,
+    open_socket,
     prepare_ipc_bind,
 )
 from kvpager.errors import InvalidArgument
@@ -71,8 +72,7 @@ class Binding:
         refuse_open_tcp(self.endpoint, self.token)
         prepare_ipc_bind(self.endpoint)
         self._ctx = zmq.Context()
-        sock = self._ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = open_socket(self._ctx, zmq.ROUTER, self.endpoint)
         # A blocking recv that gives up every _POLL_MS: one call per message
         # when busy, and a regular chance to expire sessions and see stop().
         sock.setsockopt(zmq.RCVTIMEO, _POLL_MS)

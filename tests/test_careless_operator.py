@@ -3,7 +3,8 @@ limit of 0 taken for "unlimited", a count written as a fraction, a short
 token in the environment, a world-readable token file, a daemon restarted
 after SIGKILL with ``--memory 90%``, a refusal that came only after the pool
 was allocated, a signal during start-up, `kvpager stats` pointed at another
-program. Each is refused by name (or warned about) with nothing left behind,
+program, a message limit no request fits, an IPv6 endpoint, a relative ipc://
+path. Each is refused by name (or served) (or warned about) with nothing left behind,
 and each test once failed; bounded waits, free endpoints."""
 
 from __future__ import annotations
@@ -193,3 +194,76 @@ def test_stats_against_another_program_says_so():
         srv.close()
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert "is a kvpager daemon listening there" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "10", "60K"])
+def test_a_message_limit_no_request_fits_is_refused(value):
+    """KVPAGER_MAX_MESSAGE=0 meant the default without a word; 10 started a
+    daemon that refused every request, hello included."""
+    r = _invoke(["serve", *GEOMETRY, "--blocks", "8", "--endpoint", ipc_endpoint()[0]], {"KVPAGER_MAX_MESSAGE": value})
+    assert r.exit_code not in (0, None) and "KVPAGER_MAX_MESSAGE" in r.output, r.output
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this host has no IPv6 loopback")
+def test_an_ipv6_endpoint_serves():
+    """tcp://[::1]:PORT failed to bind with ZeroMQ's "No such device" (its sockets
+    speak IPv4 unless told): the daemon, its clients and its KV events."""
+    from kvpager import PoolSpec
+    from kvpager.client import Client
+    from kvpager.events_cli import Subscription
+    from kvpager.events_pub import EventsConfig
+    from kvpager.server import Server
+
+    ports = []
+    for _ in range(2):
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+            ports.append(s.getsockname()[1])
+    server = Server.create(PoolSpec(2, 2, 16, 64, 8, "float32"), endpoint="tcp://[::1]:0",
+                           events=EventsConfig(f"tcp://[::1]:{ports[0]}", replay_endpoint=f"tcp://[::1]:{ports[1]}"))
+    server.start()
+    try:
+        assert server.endpoint.startswith("tcp://[::1]:")
+        with Client(server.endpoint, timeout=WAIT) as c:
+            [a] = c.allocate([list(range(20))])
+            c.commit(a.seq_id)
+            assert c.stats().num_sequences == 1
+        sub = Subscription(server.events.endpoint, server.events.replay_endpoint, start=0)
+        try:
+            assert next(sub.batches(idle=WAIT)) is not None  # the replay from 0 answers over IPv6
+        finally:
+            sub.close()
+    finally:
+        server.stop()
+
+
+def test_a_relative_ipc_path_is_bound_and_named_absolute(tmp_path):
+    """ipc://kv.sock was bound in the daemon's directory and its "serving on" line
+    said ipc://kv.sock, which a client started elsewhere resolves elsewhere."""
+    proc = subprocess.Popen([sys.executable, "-m", "kvpager", "serve", *GEOMETRY, "--blocks", "8",
+                             "--endpoint", "ipc://kv.sock"], env=subprocess_env(), cwd=tmp_path,
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        assert wait_until(lambda: any("kvpager serving on" in x for x in lines) or proc.poll() is not None, WAIT)
+        assert any(f"kvpager serving on ipc://{tmp_path}/kv.sock" in x for x in lines), lines
+        from kvpager.client import Client
+
+        with Client(f"ipc://{tmp_path}/kv.sock", timeout=WAIT) as c:  # from this test's directory
+            assert c.stats().num_sequences == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(WAIT)
+        reader.join(WAIT)
+    assert not (tmp_path / "kv.sock").exists()
