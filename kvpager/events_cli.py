@@ -171,6 +171,11 @@ def events_command(endpoint: str | None, replay_endpoint: str | None, topic: str
         sub.close()
         raise click.ClickException(f"no KV event publisher at {endpoint} ({why}): start the daemon with "
                                    "--events-endpoint, or pass the one it uses")
+    replay_why = probe(sub.replay_endpoint) if sub.replay_endpoint else None
+    if replay_why is not None:  # a publisher has both: the daemon's request endpoint, say, has none
+        click.echo(f"warning: nothing listens at the replay endpoint {sub.replay_endpoint} ({replay_why}): is "
+                   f"{endpoint} the daemon's --events-endpoint (not its request endpoint)? Else pass "
+                   "--replay-endpoint", err=True)
     seen = 0
     try:
         with sub:

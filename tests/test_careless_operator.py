@@ -267,3 +267,22 @@ def test_a_relative_ipc_path_is_bound_and_named_absolute(tmp_path):
         proc.wait(WAIT)
         reader.join(WAIT)
     assert not (tmp_path / "kv.sock").exists()
+
+
+def test_events_pointed_at_the_request_endpoint_says_so(tmp_path):
+    """`kvpager events --endpoint` given the daemon's request endpoint (a ROUTER,
+    which ZeroMQ's SUB cannot talk to) waited in silence: now a warning says the
+    publisher's replay socket is missing and what may be wrong."""
+    from click.testing import CliRunner
+
+    from kvpager import PoolSpec
+    from kvpager.cli import main
+    from kvpager.server import Server
+
+    server = Server.create(PoolSpec(2, 2, 16, 64, 8, "float32"), endpoint=f"ipc://{tmp_path}/kv.sock")
+    server.start()
+    try:
+        r = CliRunner().invoke(main, ["events", "--endpoint", server.endpoint, "--idle", "0.5"])
+    finally:
+        server.stop()
+    assert "nothing listens at the replay endpoint" in r.output and "--events-endpoint" in r.output, r.output
