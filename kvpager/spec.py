@@ -128,12 +128,12 @@ class PoolSpec:
                 self.num_layers, 2, self.num_kv_heads)):
             raise InvalidArgument(f"kv_scales must hold [num_layers={self.num_layers}, 2, num_kv_heads="
                                   f"{self.num_kv_heads}] values (nested or flat), got shape {arr.shape}")
-        f32 = arr.astype(np.float32)
-        bad = ~np.isfinite(f32) | (f32 <= 0) | (f32 < np.finfo(np.float32).tiny)
+        info = np.finfo(np.float32)  # judged in float64: a cast of 1e300 warned of its overflow first
+        bad = ~np.isfinite(arr) | (arr < info.tiny) | (arr > info.max)
         if bad.any():
             raise InvalidArgument(f"kv_scales must be positive, finite float32 normals, "
                                   f"got {float(arr.ravel()[bad.ravel()][0])!r}")
-        return tuple(float(x) for x in f32.ravel())
+        return tuple(float(x) for x in arr.astype(np.float32).ravel())
 
     @property
     def storage_dtype(self) -> str:

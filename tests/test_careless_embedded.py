@@ -337,3 +337,17 @@ def test_a_plan_option_no_backend_takes_is_refused(option):
     assert snapshot(pool) == before
     plan = pool.plan([a, b], 1, num_splits=4, num_q_heads=2, cascade=False, host_bound=True, width=8)
     assert plan.seq_lens.tolist() == pool.tables([a, b])[1].tolist()
+
+
+def test_fp8_scales_past_float32_are_refused_without_an_overflow_warning():
+    """A scale past float32's range (1e300, from a file of scales) was refused only
+    after NumPy warned of an overflow in its cast to float32."""
+    import warnings
+
+
+    for value in (1e300, 3.5e38):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(InvalidArgument, match="finite float32 normals"):
+                PoolSpec(1, 1, 16, 8, 8, "float16", kv_dtype="float8_e4m3", kv_scales=[value, 1.0])
+    assert PoolSpec(1, 1, 16, 8, 8, "float16", kv_dtype="float8_e4m3", kv_scales=[3e38, 1.0]).scales.max() > 1e38
