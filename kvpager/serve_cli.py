@@ -119,9 +119,12 @@ def read_scales(path: str) -> Any:
 
     try:
         with open(path) as f:
-            return json.load(f)
+            scales = json.load(f)
     except (OSError, ValueError) as e:
         raise click.BadParameter(f"{path}: {e}", param_hint="--kv-scales") from None
+    if scales is None:  # the spec's "no scales": a file given for scales meant some (it meant all 1.0)
+        raise click.BadParameter(f"{path} holds null, not the scales", param_hint="--kv-scales")
+    return scales
 
 
 def remote_tier(opts: dict[str, Any]) -> Any:

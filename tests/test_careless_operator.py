@@ -286,3 +286,14 @@ def test_events_pointed_at_the_request_endpoint_says_so(tmp_path):
     finally:
         server.stop()
     assert "nothing listens at the replay endpoint" in r.output and "--events-endpoint" in r.output, r.output
+
+
+def test_a_scales_file_of_null_is_refused(tmp_path):
+    """--kv-scales naming a file that holds `null` served an FP8 pool with every
+    scale 1.0: a file given for the scales meant some."""
+    path = tmp_path / "scales.json"
+    path.write_text("null\n")
+    r = _invoke(["serve", "--layers", "2", "--kv-heads", "2", "--head-dim", "32", "--dtype", "float16",
+                 "--kv-dtype", "fp8", "--kv-scales", str(path), "--blocks", "8", "--device", "cpu",
+                 "--endpoint", ipc_endpoint()[0]])
+    assert r.exit_code == 2 and "holds null" in r.output, r.output
