@@ -51,7 +51,7 @@ from kvpager.client_seqs import ClientSequences
 from kvpager.client_staging import ClientStaging
 from kvpager.client_tables import TableMirror
 from kvpager.client_wire import ClientWire
-from kvpager.endpoints import check_endpoint, default_endpoint, probe
+from kvpager.endpoints import endpoint_or_default, probe
 from kvpager.errors import DaemonUnavailable, InvalidArgument, RequestTimeout, SessionLost
 from kvpager.protocol import OPS
 from kvpager.spec import PoolSpec
@@ -85,7 +85,7 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         control_token: str | None = None,
         rank: int | None = None,
     ):
-        self.endpoint = check_endpoint(default_endpoint() if endpoint is None else endpoint)
+        self.endpoint = endpoint_or_default(endpoint)
         for arg, value in (("name", name), ("token", token), ("control_token", control_token)):
             if value is not None and not isinstance(value, str):  # not silently the default when falsy
                 raise InvalidArgument(f"{arg} must be a str or None, got {type(value).__name__}")

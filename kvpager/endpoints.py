@@ -51,6 +51,12 @@ def default_endpoint() -> str:
     return env.endpoint() or f"ipc://{os.path.join(env.runtime_dir(), SOCKET_NAME)}"
 
 
+def endpoint_or_default(endpoint: Any, bind: bool = False) -> str:
+    """`check_endpoint` of ``endpoint``, `default_endpoint` where it is None (only
+    None: an empty or falsy endpoint is refused, not taken for the default)."""
+    return check_endpoint(default_endpoint() if endpoint is None else endpoint, bind=bind)
+
+
 def ipc_path(endpoint: str) -> str | None:
     """The socket file of an ``ipc://`` endpoint, else None."""
     return endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else None

@@ -19,6 +19,8 @@ from kvpager.limits import Limits
 from kvpager.sizing import memory_budget, model_geometry
 from kvpager.spec import MODEL_PRESETS, PoolSpec
 
+log = logging.getLogger("kvpager.server")
+
 
 def parse_size(text: str) -> int:
     """Bytes from ``123``, ``512M``, ``4G``, ``1.5GiB`` (binary units)."""
@@ -103,7 +105,7 @@ def build_spec(opts: dict[str, Any], device: str = "cpu", devices: list[str] | N
         else:
             budget, how = memory_budget(opts["memory"], device, host)
         spec = PoolSpec.for_memory(budget, host_bytes=host, **geo)
-        logging.getLogger("kvpager.server").info("device pool: %d blocks from %s", spec.num_blocks, how)
+        log.info("device pool: %d blocks from %s", spec.num_blocks, how)
     else:
         spec = PoolSpec(num_blocks=opts["blocks"], **geo)
         if opts["host_memory"]:
@@ -139,12 +141,12 @@ def remote_tier(opts: dict[str, Any]) -> Any:
     except ImportError as e:  # a dependency of the tier is missing; the message says which
         raise click.ClickException(str(e)) from None
     why = tier.check()
-    log = logging.getLogger("kvpager.remote")
+    remote_log = logging.getLogger("kvpager.remote")
     if why is None:
-        log.info("remote tier: %s (%s), ttl %ss", tier.store.url, tier.store.kind, tier.ttl)
+        remote_log.info("remote tier: %s (%s), ttl %ss", tier.store.url, tier.store.kind, tier.ttl)
     else:
-        log.warning("remote store %s does not answer (%s): serving without it until it does",
-                    tier.store.url, why)
+        remote_log.warning("remote store %s does not answer (%s): serving without it until it does",
+                           tier.store.url, why)
     return tier
 
 
@@ -246,7 +248,6 @@ def serve(**opts: Any) -> None:
     """Run the kvpager daemon in the foreground (logs to stderr)."""
     logging.basicConfig(level=opts["log_level"], stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log = logging.getLogger("kvpager.server")
     # SIGTERM / SIGINT are ours from the start: during start-up they end it through
     # the code that releases what is made (the pool's shared memory, a bound socket);
     # once they came before this and the default action left the segments in /dev/shm.
@@ -301,7 +302,6 @@ def _start(opts: dict[str, Any], made: list[Any]) -> Any:
             "--device cuda needs CuPy: pip install 'kvpager[cuda]' (CUDA 13 drivers) or 'kvpager[cuda12]' "
             "(CUDA 12); or serve with --device cpu")
     quotas = parse_quotas(opts["quotas"])
-    log = logging.getLogger("kvpager.server")
     try:
         token = env.read_token_file(opts["token_file"]) if opts["token_file"] else env.token(daemon=True)
         control = (env.read_token_file(opts["control_token_file"]) if opts["control_token_file"]

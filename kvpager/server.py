@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from kvpager import env
-from kvpager.endpoints import check_endpoint, default_endpoint
+from kvpager.endpoints import endpoint_or_default
 from kvpager.errors import InvalidArgument
 from kvpager.events import EventSink
 from kvpager.events_pub import EventPublisher, EventsConfig
@@ -105,7 +105,7 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
         events: EventsConfig | None = None,
     ):
         self.pool = pool
-        self.endpoint = check_endpoint(default_endpoint() if endpoint is None else endpoint, bind=True)
+        self.endpoint = endpoint_or_default(endpoint, bind=True)
         self.memory = memory
         #: a tensor-parallel CPU pool: each rank's shared memory (`kvpager.server_ranks`)
         self.rank_memory = rank_memory
@@ -153,7 +153,7 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
         """A server with its own pool; on the CPU the pool lives in shared memory
         that clients map. ``max_pinned_blocks``, ``remote``, ``devices`` (tensor-
         parallel ranks, one per device): as `KVPool`'s."""
-        check_endpoint(default_endpoint() if endpoint is None else endpoint, bind=True)  # before any memory is taken
+        endpoint_or_default(endpoint, bind=True)  # before any memory is taken
         epoch = secrets.token_hex(8)
         pool, memory, rank_memory = create_pool(spec, device, devices, epoch,
                                                 max_pinned_blocks=max_pinned_blocks, remote=remote)

@@ -13,9 +13,8 @@ import zmq
 
 from kvpager import protocol
 from kvpager.endpoints import (
-    check_endpoint,
     check_ipc_bind,
-    default_endpoint,
+    endpoint_or_default,
     ipc_path,
     is_local,
     is_socket,
@@ -38,7 +37,7 @@ def check_before_allocating(endpoint: str | None, token: str | None) -> str:
     (`check_ipc_bind`). Once they came only after the pool was allocated (a
     GPU's memory, or /dev/shm, taken and given back for nothing). Returns the
     endpoint (``None``: the default)."""
-    endpoint = check_endpoint(default_endpoint() if endpoint is None else endpoint, bind=True)
+    endpoint = endpoint_or_default(endpoint, bind=True)
     refuse_open_tcp(endpoint, token)
     check_ipc_bind(endpoint)
     return endpoint

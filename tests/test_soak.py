@@ -4,7 +4,6 @@ and replaced. No internal error, a consistent allocator, nothing leaked."""
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import subprocess
@@ -14,6 +13,7 @@ from collections import Counter
 
 import pytest
 from daemon_helpers import daemon_process, ipc_endpoint, subprocess_env, wait_until
+from soak_helpers import Crew
 
 from kvpager.client import Client
 
@@ -26,33 +26,21 @@ DAEMON = ["--layers", "2", "--kv-heads", "2", "--head-dim", "16", "--dtype", "fl
           "--host-blocks", "64", "--device", "cpu", "--heartbeat-timeout", str(HEARTBEAT)]
 
 
-def _worker(endpoint: str, seed: int, seconds: float) -> subprocess.Popen:
-    code = f"import soak_workers; soak_workers.main({endpoint!r}, {seed}, {seconds})"
-    return subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-
-
 def test_soak_with_kills_and_restarts():
     endpoint, _ = ipc_endpoint()
     rng = random.Random(11)
     start = time.monotonic()
     end = start + SECONDS
-    workers = [_worker(endpoint, k, SECONDS) for k in range(WORKERS)]
-    killed = 0
+    crew = Crew(endpoint, WORKERS, SECONDS)
     try:
         for phase, stop in enumerate((signal.SIGTERM, signal.SIGKILL, None)):
             with daemon_process(DAEMON, endpoint) as daemon:
                 phase_end = min(end, start + (phase + 1) * SECONDS / 3)
                 while time.monotonic() < phase_end:
                     time.sleep(min(3.0, max(0.0, phase_end - time.monotonic())))
-                    victim = rng.randrange(len(workers))
-                    if workers[victim].poll() is None and time.monotonic() < end - 5:
-                        workers[victim].kill()
-                        workers[victim].wait(10)
-                        killed += 1
-                        workers[victim] = _worker(endpoint, 1000 + killed, end - time.monotonic())
+                    crew.replace_one(rng)
                 if stop is None:
-                    results = [json.loads(w.communicate(timeout=60)[0].strip().splitlines()[-1]) for w in workers]
+                    results = crew.results(timeout=60)
                     with Client(endpoint, timeout=30) as obs:
                         obs.check_integrity()
                         # the workers said bye; the killed ones' sessions time out
@@ -63,10 +51,8 @@ def test_soak_with_kills_and_restarts():
                     daemon.send_signal(stop)
                     daemon.wait(30)
     finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.wait(10)
+        crew.close()
+    killed = crew.killed
     totals = sum((Counter(r["counts"]) for r in results), Counter())
     print(f"soak: {killed} workers killed, 2 daemon restarts; ops {dict(totals)}")
     bugs = [b for r in results for b in r["bugs"]]

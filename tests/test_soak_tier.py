@@ -8,20 +8,18 @@ consistent allocator, every session drained, the readers answered."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 
 import pytest
 import zmq
-from daemon_helpers import daemon_process, ipc_endpoint, subprocess_env, wait_until
+from daemon_helpers import daemon_process, ipc_endpoint, wait_until
 from redis_helpers import redis_cluster
+from soak_helpers import Crew
 
 from kvpager.client import Client
 
@@ -32,12 +30,6 @@ WORKERS = 16
 HEARTBEAT = 2.0
 PAUSE = 6.0  # seconds one master is paused, in the second phase
 END = (-1).to_bytes(8, "big", signed=True)
-
-
-def _worker(endpoint: str, seed: int, seconds: float) -> subprocess.Popen:
-    code = f"import soak_workers; soak_workers.main({endpoint!r}, {seed}, {seconds})"
-    return subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
 
 
 def _reader(replay: str, stop: threading.Event, counts: Counter) -> None:
@@ -72,12 +64,14 @@ def test_soak_with_the_tier_and_events():
                        "--events-endpoint", events]
         start = time.monotonic()
         end = start + SECONDS
-        workers = [_worker(endpoint, k, SECONDS) for k in range(WORKERS)]
+        crew = Crew(endpoint, WORKERS, SECONDS)
         stop, counts = threading.Event(), Counter()
         readers = [threading.Thread(target=_reader, args=(events + ".replay", stop, counts), daemon=True)
                    for _ in range(4)]
-        paused = None  # when the master was paused
-        killed, results, remote = 0, [], None
+        master = nodes[1].proc.pid
+        paused_at: float | None = None  # while the master is paused
+        paused_once = False
+        results, remote = [], None
         try:
             for phase, sig in enumerate((signal.SIGTERM, signal.SIGKILL, None)):
                 with daemon_process(daemon_args, endpoint) as daemon:
@@ -87,21 +81,15 @@ def test_soak_with_the_tier_and_events():
                     phase_end = min(end, start + (phase + 1) * SECONDS / 3)
                     while time.monotonic() < phase_end:
                         time.sleep(min(2.0, max(0.0, phase_end - time.monotonic())))
-                        if phase == 1 and paused is None:
-                            os.kill(nodes[1].proc.pid, signal.SIGSTOP)
-                            paused = time.monotonic()
-                        if paused is not None and paused > 0 and time.monotonic() - paused > PAUSE:
-                            os.kill(nodes[1].proc.pid, signal.SIGCONT)
-                            paused = 0.0
-                        victim = rng.randrange(len(workers))
-                        if workers[victim].poll() is None and time.monotonic() < end - 5:
-                            workers[victim].kill()
-                            workers[victim].wait(10)
-                            killed += 1
-                            workers[victim] = _worker(endpoint, 1000 + killed, end - time.monotonic())
+                        if phase == 1 and not paused_once:
+                            os.kill(master, signal.SIGSTOP)
+                            paused_at, paused_once = time.monotonic(), True
+                        if paused_at is not None and time.monotonic() - paused_at > PAUSE:
+                            os.kill(master, signal.SIGCONT)
+                            paused_at = None
+                        crew.replace_one(rng)
                     if sig is None:
-                        results = [json.loads(w.communicate(timeout=90)[0].strip().splitlines()[-1])
-                                   for w in workers]
+                        results = crew.results(timeout=90)
                         with Client(endpoint, timeout=30) as obs:
                             obs.check_integrity()
                             assert wait_until(lambda: obs.stats().num_sequences == 0, timeout=HEARTBEAT + 10)
@@ -113,19 +101,16 @@ def test_soak_with_the_tier_and_events():
                         daemon.send_signal(sig)
                         daemon.wait(30)
         finally:
-            if paused:
-                os.kill(nodes[1].proc.pid, signal.SIGCONT)
+            if paused_at is not None:
+                os.kill(master, signal.SIGCONT)
             stop.set()
             for r in readers:
                 if r.is_alive():
                     r.join(10)
-            for w in workers:
-                if w.poll() is None:
-                    w.kill()
-                    w.wait(10)
+            crew.close()
     bugs = [b for r in results for b in r["bugs"]]
     assert not bugs, bugs[:10]
     ok = sum(r["counts"].get("ok", 0) for r in results)
-    assert killed >= 5 and ok > 500, (killed, ok)
+    assert crew.killed >= 5 and ok > 500, (crew.killed, ok)
     assert counts["answers"] > 0 and counts["messages"] > counts["answers"], counts
     assert remote is not None and remote.written_blocks > 0, remote
