@@ -56,6 +56,11 @@ def follow(mirror: Any, method: str, wire: dict[str, Any], ids: list[int] | None
         return slots
     if method == "free":
         mirror.freed(ids)
+    elif method == "commit":
+        if ids is not None:
+            mirror.committed(ids, wire.get("upto"))
+        else:
+            mirror.moves.bump()
     elif method == "truncate":
         mirror.truncated(ids, wire["lengths"])
     elif method == "release_before" and ids is not None:

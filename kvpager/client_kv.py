@@ -16,18 +16,12 @@ from typing import Any
 import numpy as np
 
 from kvpager import cuda_ipc, validate
+from kvpager.attend_options import check_scale, check_sinks, check_softcap, check_window, chunk_step
 from kvpager.backends.numpy_backend import paged_attention
 from kvpager.client_tables import as_ids, id_list
 from kvpager.errors import InvalidArgument, SessionLost
-from kvpager.plan import (
-    StepPlan,
-    check_scale,
-    check_sinks,
-    check_softcap,
-    check_window,
-    chunk_step,
-    make_plan,
-)
+from kvpager.plan import StepPlan, make_plan
+from kvpager.plan_guard import sequence_guard
 from kvpager.shm import map_pool
 
 
@@ -63,10 +57,35 @@ class KVAccess:
         seq_ids = as_ids(seq_ids)
         tables, seq_lens = self.tables(seq_ids)
         plan = make_plan(self._pool(), tables, seq_lens, query_lens, slots, **options)
-        ids = id_list(seq_ids)
-        if ids is not None and not self._lost:
-            plan.floor = self._mirror.floors(ids)
+        self._tie(plan, id_list(seq_ids))
         return plan
+
+    def refill(self, plan: StepPlan, seq_ids: Any, query_lens: Any = None, slots: Any = None) -> None:
+        """As `KVPool.refill`: `StepPlan.update` from this client's tables of
+        ``seq_ids``, the plan staying tied to them (it refuses its calls once they
+        change under it: `kvpager.plan_guard`)."""
+        if not isinstance(plan, StepPlan) or plan.backend is not self._pool():
+            raise InvalidArgument(f"refill: {type(plan).__name__} is no step plan of this client's mapped pool")
+        seq_ids = as_ids(seq_ids)
+        tables, seq_lens = self.tables(seq_ids)
+        plan.update(tables, seq_lens, query_lens, slots)
+        self._tie(plan, id_list(seq_ids))
+
+    def _tie(self, plan: StepPlan, ids: list[int] | None) -> None:
+        """Tie ``plan`` to the sequences ``ids`` (its floor, and its guard)."""
+        if ids is None:
+            return
+        plan.floor = None if self._lost else self._mirror.floors(ids)
+        plan.guard_with(sequence_guard(ids, self._rows_now))
+
+    def _rows_now(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The tables, lengths and committed token counts of ``ids`` now: a step
+        plan's guard's (`kvpager.plan_guard`); from the mirror, else the daemon."""
+        got = None if self._lost else self._mirror.rows_now(ids)
+        if got is not None:
+            return got
+        tables, lens = self.tables(ids)
+        return tables, lens, np.array([self.sequence(i).num_committed for i in ids], np.int64)
 
     def synchronize(self) -> None:
         """As `KVPool.synchronize`: wait for this process's writes into the mapped
@@ -145,7 +164,7 @@ class KVAccess:
         q = self._check_q(q, int(qlens.sum()))
         scale = check_scale(scale, self.spec.head_dim)
         window, softcap = check_window(window), check_softcap(softcap)
-        if chunk is not None:  # rows of one chunk each (`kvpager.plan.chunk_step`)
+        if chunk is not None:  # rows of one chunk each (`kvpager.attend_options.chunk_step`)
             tables, lens, qlens = chunk_step(tables, lens, qlens, chunk, self.spec.block_size)
         if self.gpu:
             return pool.attend(int(layer), q, tables, lens, np.ascontiguousarray(qlens), scale,
@@ -171,6 +190,8 @@ class KVAccess:
                 self._mapped = map_pool(self.spec, self.memory)
             else:
                 self._mapped = cuda_ipc.map_pool(self.spec, self.memory, self._same_process())
+            # the mirror's changes move the count the plans over this mapping follow
+            self._mirror.moves = self._mapped.moves
         return self._mapped
 
     def _same_process(self) -> bool:

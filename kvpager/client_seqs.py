@@ -124,9 +124,20 @@ class ClientSequences:
         does while its next pass is running)."""
         if synchronize:
             self.synchronize()
-        seq_ids = packed(as_ids(seq_ids))
+        seq_ids = as_ids(seq_ids)
+        ids = id_list(seq_ids)
+        seq_ids = packed(seq_ids)
         args = {"seq_ids": seq_ids} if upto is None else {"seq_ids": seq_ids, "upto": packed(upto)}
-        return self._call("commit", args)
+        try:
+            published = self._call("commit", args)
+        except BaseException:  # (one without a clear outcome may have run: step plans recheck)
+            self._mirror.moves.bump()
+            raise
+        if ids is not None:
+            self._mirror.committed(ids, upto)
+        else:
+            self._mirror.moves.bump()
+        return published
 
     def fork(self, seq_ids: Any, n: int = 1) -> list[list[int]]:
         seq_ids = as_ids(seq_ids)

@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from kvpager import cuda_ipc
+from kvpager.attend_options import check_sinks
 from kvpager.client_tables import as_ids
-from kvpager.plan import check_sinks
 from kvpager.shm import Segment
 
 _ALIGN = 64

@@ -20,6 +20,7 @@ import numpy as np
 
 from kvpager.block_table import BlockTable
 from kvpager.errors import SequenceSwapped
+from kvpager.plan_guard import Moves
 from kvpager.recent_batches import RecentBatches
 from kvpager.validate import all_type, check_ordered, one_id_each
 
@@ -99,7 +100,11 @@ class TableMirror:
 
     def __init__(self, block_size: int):
         self.block_size = block_size
-        self.table = BlockTable(columns=("released",))  # leading blocks released (null entries)
+        # leading blocks released (null entries); tokens committed (by this client's commits)
+        self.table = BlockTable(columns=("released", "committed"))
+        #: moved by every change that can make a step plan of these sequences stale
+        #: (`kvpager.plan_guard`): the mapped pool's count once the pool is mapped
+        self.moves = Moves()
         self.rows: dict[int, int] = {}  # seq_id -> row of `table`
         self.swapped: set[int] = set()
         # Batches lately found wholly mirrored: a decode loop follows the same ids
@@ -124,6 +129,14 @@ class TableMirror:
             raise SequenceSwapped(next(i for i in ids if i in self.swapped), "attend")
         return self.table.gather(rows)
 
+    def rows_now(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """`gather` and the committed token counts of ``ids`` (what a step plan's
+        guard checks, `kvpager.plan_guard`), or None unless every id is mirrored."""
+        got = self.gather(ids)
+        if got is None:
+            return None
+        return got[0], got[1], self.table.committed[[self.rows[i] for i in ids]]
+
     def _known(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Rows of the mirrored ``ids`` and where they are in ``ids``."""
         found = self._recent.get(ids)
@@ -138,8 +151,10 @@ class TableMirror:
     # -- updates from ok replies ----------------------------------------------------------
     def allocated(self, allocations: Any) -> None:
         """`allocate`'s sequences: their tables; length = cached tokens + new slots."""
+        bt = self.table
         for a in allocations:
-            self.rows[a.seq_id] = self.table.add_row(a.block_table, a.num_cached_tokens + len(a.slots))
+            row = self.rows[a.seq_id] = bt.add_row(a.block_table, a.num_cached_tokens + len(a.slots))
+            bt.committed[row] = a.num_cached_tokens  # a prefix hit is committed K/V
 
     def appended(self, ids: list[int], num_tokens: Any, slots: np.ndarray) -> None:
         """``num_tokens`` (an int, or one per sequence) new tokens per sequence
@@ -202,7 +217,24 @@ class TableMirror:
             if row is not None and kids:
                 self.rows.update(zip(kids, self.table.copy_row(row, len(kids))))
 
+    def committed(self, ids: list[int], upto: Any) -> None:
+        """`commit`'s: tokens ``[0, upto)`` of each sequence declared written (``upto``
+        None: all; else an int or None per sequence). Step plans writing them are done."""
+        self.moves.bump()
+        rows, at = self._known(ids)
+        if not len(rows):
+            return
+        bt = self.table
+        lens = bt.num_tokens[rows]
+        ups = [None] * len(ids) if upto is None else list(np.asarray(upto, dtype=object).reshape(-1))
+        if len(ups) == 1 and len(ids) > 1:
+            ups = ups * len(ids)
+        new = np.array([int(lens[k]) if ups[j] is None else int(ups[j]) for k, j in enumerate(at.tolist())],
+                       np.int64)
+        bt.committed[rows] = np.maximum(bt.committed[rows], np.minimum(new, lens))
+
     def freed(self, ids: list[int]) -> None:
+        self.moves.bump()
         rows = [r for r in map(self.rows.pop, ids, [None] * len(ids)) if r is not None]
         self._recent.clear()
         self.table.release_rows(rows)
@@ -212,6 +244,7 @@ class TableMirror:
 
     def truncated(self, ids: list[int], lengths: Any) -> None:
         """Sequences cut to ``lengths`` tokens (an int, or one per sequence)."""
+        self.moves.bump()
         rows, at = self._known(ids)
         if not len(rows):
             return
@@ -226,9 +259,11 @@ class TableMirror:
             bt.set_blocks(rep, cols, np.zeros(len(rep), np.int32))
         bt.num_blocks[rows] = np.minimum(old, keep)
         bt.num_tokens[rows] = lengths
+        bt.committed[rows] = np.minimum(bt.committed[rows], lengths)
 
     def released(self, ids: list[int], counts: list[int]) -> None:
         """`release`'s reply: each sequence's next ``counts[i]`` leading blocks became null entries."""
+        self.moves.bump()
         rows, at = self._known(ids)
         bt = self.table
         for row, n in zip(rows.tolist(), np.asarray(counts, np.int64)[at].tolist()):
@@ -247,6 +282,7 @@ class TableMirror:
 
     def swapped_out(self, ids: list[int]) -> None:
         """Swapped rows keep their stale tables but are never read until swapped in."""
+        self.moves.bump()
         self.swapped.update(i for i in ids if i in self.rows)
 
     def swapped_in(self, ids: list[int], tables: np.ndarray, lens: np.ndarray) -> None:
@@ -268,7 +304,8 @@ class TableMirror:
 
     def clear(self) -> None:
         """Forget everything (the session is lost or closed)."""
-        self.table = BlockTable(columns=("released",))  # leading blocks released (null entries)
+        self.moves.bump()
+        self.table = BlockTable(columns=("released", "committed"))
         self.rows.clear()
         self.swapped.clear()
         self._recent.clear()

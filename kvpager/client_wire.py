@@ -115,6 +115,7 @@ class ClientWire:
                 if reply.error is not None and reply.error.code == "session_lost":
                     log.warning("heartbeat: %s", reply.error.message)
                     self._lost = True  # the mirror is stale; the next call learns why
+                    self._mirror.moves.bump()  # and step plans of its sequences recheck (and refuse)
                     return
         finally:
             chan.close()

@@ -54,6 +54,15 @@ class LimitExceeded(InvalidArgument):
         return (type(self), (str(self), self.limit, self.value, self.maximum))
 
 
+class StalePlan(InvalidArgument):
+    """A step plan used after its sequences changed under it: one freed,
+    truncated, swapped out or released blocks the plan reads, or the step it
+    writes was committed (`kvpager.plan_guard`). Make a new plan, or refill
+    this one (`KVPool.refill`); nothing was written or read."""
+
+    code = "stale_plan"
+
+
 class Unauthorized(KVPagerError):
     """hello without the daemon's token (or with a wrong one); see docs/protocol.md, "Trust"."""
 
@@ -190,6 +199,7 @@ ERRORS_BY_CODE: dict[str, type[KVPagerError]] = {
         OutOfBlocks,
         InvalidArgument,
         LimitExceeded,
+        StalePlan,
         Unauthorized,
         UnknownSequence,
         SequenceSwapped,

@@ -9,16 +9,9 @@ from typing import Any
 import numpy as np
 
 from kvpager import validate
+from kvpager.attend_options import check_scale, check_sinks, check_softcap, check_window
 from kvpager.errors import InvalidArgument
-from kvpager.plan import (
-    StepPlan,
-    check_q_shape,
-    check_scale,
-    check_sinks,
-    check_softcap,
-    check_window,
-    closed_pool,
-)
+from kvpager.plan import StepPlan, check_q_shape
 
 
 def check_kind(x: Any, name: str, dtype: np.dtype) -> bool:
@@ -65,12 +58,13 @@ class NumpyPlan(StepPlan):
     def __init__(self, backend: Any, tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
                  slots: np.ndarray | None):
         self.backend, self.spec = backend, backend.spec
+        self.watch(backend)
         self.tables, self.seq_lens, self.query_lens, self.slots = tables, seq_lens, query_lens, slots
 
     def write(self, layer: int, k: Any, v: Any) -> None:
         spec = self.spec
-        if self.backend.closed:
-            raise closed_pool()
+        if self._seen != self._moves.count:
+            self.recheck()
         layer = validate.layer(layer, spec)
         if self.slots is None:
             raise InvalidArgument("this plan has no slots: pass slots to plan() to write through it")
@@ -92,8 +86,8 @@ class NumpyPlan(StepPlan):
         from kvpager.backends.numpy_backend import paged_attention
 
         spec = self.spec
-        if self.backend.closed:
-            raise closed_pool()
+        if self._seen != self._moves.count:
+            self.recheck()
         layer = validate.layer(layer, spec)
         qn, from_torch = to_numpy(q, "q", spec.np_dtype)
         heads = check_q_shape(qn.shape, self.num_tokens, spec)

@@ -10,17 +10,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvpager import validate
+from kvpager.attend_options import check_scale, check_softcap, check_window, chunk_step
 from kvpager.errors import InvalidArgument
-from kvpager.plan import (
-    StepPlan,
-    check_floor,
-    check_queries,
-    check_scale,
-    check_softcap,
-    check_window,
-    chunk_step,
-    table_floor,
-)
+from kvpager.plan import StepPlan, check_floor, check_queries, table_floor
+from kvpager.plan_guard import sequence_guard
 from kvpager.plan_numpy import from_numpy, to_numpy
 
 if TYPE_CHECKING:
@@ -92,7 +85,7 @@ class PoolKV:
         sliding window, logit soft cap and attention sinks, as
         `kvpager.plan.StepPlan.attend`; ``chunk``: chunked attention (the query
         at position p attends to positions [p - p % chunk, p]: Llama-4's
-        chunked layers; `kvpager.plan.chunk_step`). Returns q's shape, of q's kind
+        chunked layers; `kvpager.attend_options.chunk_step`). Returns q's shape, of q's kind
         (a torch tensor for a torch q, as a step plan's ``attend``)."""
         if self.ranks > 1:
             raise self.backend._per_rank("attend")
@@ -157,7 +150,27 @@ class PoolKV:
         self.pending = True
         plan = self.backend.plan(tables, seq_lens, query_lens, slots, **options)
         plan.floor = self.manager.floors(ids)
+        plan.guard_with(sequence_guard(ids, self.manager.rows_now))
         return plan
+
+    def refill(self, plan: StepPlan, seq_ids: int | Seq[int], query_lens: int | Seq[int] | None = None,
+               slots: Any = None) -> None:
+        """`StepPlan.update` from this pool's block tables of ``seq_ids``: the
+        plan keeps its buffers (a captured CUDA graph replays the new step) and
+        stays tied to these sequences, so it refuses its calls once they change
+        under it (`kvpager.plan_guard`), as a plan from `plan` does. ``query_lens``
+        and ``slots`` as `plan` takes them."""
+        if self.ranks > 1:
+            raise self.backend._per_rank("refill")
+        if not isinstance(plan, StepPlan) or plan.backend is not self.backend:
+            raise InvalidArgument(f"refill: {type(plan).__name__} is no step plan of this pool")
+        ids = validate.seq_ids(seq_ids)
+        tables, seq_lens = self.manager.tables(ids)
+        if query_lens is not None:
+            query_lens = validate.per_seq(query_lens, len(ids), "query_lens")
+        plan.update(tables, seq_lens, query_lens, slots)
+        plan.floor = self.manager.floors(ids)
+        plan.guard_with(sequence_guard(ids, self.manager.rows_now))
 
     def kv(self, layer: int) -> tuple[Any, Any]:
         """Views of one layer's K and V: each [num_blocks, num_kv_heads, block_size, head_dim]."""

@@ -49,6 +49,7 @@ class PoolRank:
         return range(self.rank * n, (self.rank + 1) * n)
 
     plan = KVPool.plan
+    refill = KVPool.refill
     tables = KVPool.tables
     kv = KVPool.kv
 

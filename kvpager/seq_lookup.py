@@ -106,6 +106,12 @@ class SequenceLookup:
                 raise SequenceSwapped(seq_ids[int(np.argmax(swapped))], "attend")
         return self.table.gather(rows)
 
+    def rows_now(self, seq_ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`tables` and the committed token counts of resident sequences: what a
+        step plan's guard checks it against (`kvpager.plan_guard`)."""
+        tables, lens = self.tables(seq_ids)
+        return tables, lens, self.table.committed[self.lookup(seq_ids)]
+
     def floors(self, seq_ids: list[int]) -> np.ndarray | None:
         """Each sequence's first position still held (int64), or None when none of
         them released any blocks."""

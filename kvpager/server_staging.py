@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kvpager.attend_options import check_sinks
 from kvpager.errors import InvalidArgument, NotOwner, SequenceSwapped
-from kvpager.plan import check_sinks
 from kvpager.server_ranks import on_rank_device, session_kv
 from kvpager.wire_args import wire_ids, wire_int
 
@@ -88,7 +88,7 @@ class StagingOps:
 
 def _wire_sinks(sinks: Any, q: Any) -> Any:
     """An attend's ``sinks`` as sent (a packed float array, as a `Client` sends them,
-    or a list of numbers) checked on the host by `plan.check_sinks` (one per query
+    or a list of numbers) checked on the host by `attend_options.check_sinks` (one per query
     head of ``q``, finite), whatever the pool: a GPU pool reads them as they are."""
     if sinks is None or getattr(q, "ndim", 0) != 3:
         return sinks  # (a malformed q is the pool's to refuse, by its own name)

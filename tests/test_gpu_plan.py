@@ -270,3 +270,52 @@ def test_plans_built_and_updated_while_the_gpu_is_busy_read_their_own_tables():
     torch.cuda.synchronize()
     for out, layer, q, tables, lens in steps:
         assert rel_err(out, reference(pool, layer, q, tables, lens, [1] * 4)) < TOL["float16"]
+
+
+def test_a_refilled_plan_stays_checked_and_a_stale_one_writes_nothing():
+    """`KVPool.refill` refills a decode plan in place from sequence ids and keeps
+    it tied to them: after one is freed and its blocks taken by another sequence,
+    the plan's write, attend and write_attend refuse (`StalePlan`) and the other
+    sequence's K/V is untouched; refilled again, it matches the NumPy twin."""
+    from kvpager.errors import StalePlan
+
+    g = torch.Generator().manual_seed(5)
+    pool = make("bfloat16")
+    spec = pool.spec
+    seqs = pool.allocate([list(range(n)) for n in (40, 70, 33)])
+    ids = [s.seq_id for s in seqs]
+    for s in seqs:
+        for layer in range(spec.num_layers):
+            pool.write(layer, s.slots, rand(g, len(s.slots), 2, spec.head_dim, dtype="bfloat16"),
+                       rand(g, len(s.slots), 2, spec.head_dim, dtype="bfloat16"))
+    slots = np.ravel(pool.append(ids))
+    plan = pool.plan(ids, None, slots, num_rows=4, width=16, num_q_heads=HQ)
+    kv = rand(g, 3, 2, spec.head_dim, dtype="bfloat16")
+    plan.write(0, kv, kv)
+    slots = np.ravel(pool.append(ids))
+    pool.refill(plan, ids, None, slots)
+    plan.write(0, kv, kv)
+    pool.free([ids[1]])
+    other = pool.allocate([list(range(500, 570))])[0]
+    assert set(other.block_table) & set(seqs[1].block_table)
+    pool.write(0, other.slots, rand(g, 70, 2, spec.head_dim, dtype="bfloat16"),
+               rand(g, 70, 2, spec.head_dim, dtype="bfloat16"))
+    torch.cuda.synchronize()
+    before = cupy.asnumpy(pool.backend.kv).copy()
+    q = rand(g, 3, HQ, spec.head_dim, dtype="bfloat16")
+    with pytest.raises(StalePlan):
+        plan.write(0, torch.full_like(kv, 7.0), torch.full_like(kv, 7.0))
+    with pytest.raises(StalePlan):
+        plan.attend(0, q)
+    with pytest.raises(StalePlan):
+        plan.write_attend(0, q.transpose(0, 1)[None], kv.transpose(0, 1)[None], kv.transpose(0, 1)[None])
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(cupy.asnumpy(pool.backend.kv), before)
+    keep = [ids[0], ids[2]]  # refilled over the sequences left: checked again, and right
+    slots = np.ravel(pool.append(keep))
+    pool.refill(plan, keep, None, slots)
+    plan.write(0, kv[:2], kv[:2])
+    out = plan.attend(0, q[:2])
+    tables, lens = pool.tables(keep)
+    torch.cuda.synchronize()
+    assert rel_err(out, reference(pool, 0, q[:2], tables, lens, [1, 1])) < TOL["bfloat16"]

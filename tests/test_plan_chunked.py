@@ -1,5 +1,5 @@
 """Chunked attention through a step plan (Llama-4's ``attention_chunk_size``):
-`kvpager.plan.chunk_step` gives each query exactly the positions of its chunk
+`kvpager.attend_options.chunk_step` gives each query exactly the positions of its chunk
 up to itself, and a plan's `chunked` view attends as a dense softmax over those
 positions does. CPU, NumPy backend (the GPU plans: test_gpu_chunked.py)."""
 
@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpager import KVPool
+from kvpager.attend_options import chunk_step
 from kvpager.errors import InvalidArgument
-from kvpager.plan import chunk_step
 from kvpager.spec import PoolSpec
 
 
@@ -170,7 +170,7 @@ def test_a_window_or_chunk_past_every_position_cuts_nothing():
     """Capped at the longest sequence a pool can hold (int32 lengths): as long as no
     window or chunk at all, and no overflow on the way (a chunk of 2**63 raised
     OverflowError, not a typed error, before the cap)."""
-    from kvpager.plan import POSITIONS, check_chunk, check_window
+    from kvpager.attend_options import POSITIONS, check_chunk, check_window
 
     assert check_window((1 << 64) - 1) == check_chunk(1 << 70) == POSITIONS == (1 << 31) - 1
     rng = np.random.default_rng(8)

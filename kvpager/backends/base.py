@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from kvpager.errors import UnsupportedConfiguration
+from kvpager.plan_guard import Moves
 from kvpager.spec import PoolSpec
 
 
@@ -123,9 +124,20 @@ class Backend(ABC):
         kv = self.device_array()
         return kv[:, layer, 0], kv[:, layer, 1]
 
-    #: True once `close` ran: plans made over this backend refuse their calls (`kvpager.plan.check_open`)
+    #: True once `close` ran: plans made over this backend refuse their calls (`kvpager.plan.closed_pool`)
     closed = False
+
+    @property
+    def moves(self) -> Moves:
+        """The count of changes that can make this pool's step plans stale
+        (`kvpager.plan_guard`): moved by the pool or client that changes its
+        sequences, and by `close`."""
+        moves = self.__dict__.get("_moves")
+        if moves is None:
+            moves = self.__dict__["_moves"] = Moves()
+        return moves
 
     def close(self) -> None:
         """Release memory. The backend is unusable afterwards."""
         self.closed = True
+        self.moves.bump()

@@ -247,6 +247,7 @@ class CupyBackend(Backend):
 
     def close(self) -> None:
         self.closed = True  # this pool's plans refuse their calls from now on: the slab is freed below
+        self.moves.bump()
         if self._dev_ptr:
             self.synchronize()
             self.staging.free()

@@ -16,12 +16,12 @@ import sys
 from typing import Any
 
 from kvpager import kernels
+from kvpager.attend_options import check_sinks_shape
 from kvpager.backends.cupy_cascade import CascadeLaunch
 from kvpager.backends.cupy_decode import decode_kernel, decode_launch, merge_launch
 from kvpager.backends.cupy_prefill import prefill_launch
 from kvpager.errors import InvalidArgument
 from kvpager.launch import Launch, current_stream, f32, i32, ptr, torch_stream
-from kvpager.plan import check_sinks_shape
 
 
 def attention_launches(plan: Any, num_q_heads: int, shared: Any = None, merged: bool = False

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from kvpager import kernels, validate
+from kvpager.attend_options import check_scale, check_softcap, check_window
 from kvpager.backends import cupy_plan_buffer as buffer
 from kvpager.backends.cupy_cascade import CascadeLaunch, cascade_applies, choose_cascade
 from kvpager.backends.cupy_launches import (
@@ -40,14 +41,8 @@ from kvpager.block_moves import write_kernel
 from kvpager.errors import InvalidArgument
 from kvpager.kernel_config import KernelConfig, check_config
 from kvpager.launch import ForkJoin, Launch, current_stream, i32, ptr
-from kvpager.plan import (
-    StepPlan,
-    check_q_shape,
-    check_scale,
-    check_softcap,
-    check_window,
-    closed_pool,
-)
+from kvpager.plan import StepPlan, check_q_shape, closed_pool
+from kvpager.plan_guard import view_guard
 
 _LOG2E = 1.4426950408889634
 
@@ -63,6 +58,7 @@ class CupyPlan(StepPlan):
         # The kernels' tuning knobs (kvpager.kernel_config); None: the backend's (production) config.
         self.config = backend.config if config is None else check_config(config)
         self.backend, self.device = backend, backend.index
+        self.watch(backend)
         nseq = len(seq_lens)
         self.rows = int(num_rows or nseq)
         self.width = int(max(width or 0, tables.shape[1], 1))
@@ -125,13 +121,17 @@ class CupyPlan(StepPlan):
         The split count chosen at the first ``attend`` stays, and so does the
         cascade's shape: the new step's shared prefixes are found again and
         refilled into it when they fit (else the step attends without them).
-        Its chunked views (`chunked`) are refilled with it."""
+        Its chunked views (`chunked`) are refilled with it. Refilled from block
+        tables alone, the plan no longer knows its sequences (`kvpager.plan_guard`):
+        `KVPool.refill` refills it from sequence ids and keeps it checked."""
         if self.backend.closed:
             raise closed_pool()
         tables, seq_lens, query_lens, slots, views = self.view_steps(tables, seq_lens, query_lens, slots)
         buffer.update(self, tables, seq_lens, query_lens, slots)
         for view, step in views:  # (views share this plan's capacities: what fits it fits them)
             view.update(*step)
+            view.guard_with(view_guard(self))
+        self.guard_with(None)  # bare tables: `KVPool.refill` ties the plan to sequences again
 
     @property
     def num_tokens(self) -> int:
@@ -192,8 +192,8 @@ class CupyPlan(StepPlan):
 
     def write(self, layer: int, k: Any, v: Any) -> None:
         spec = self.spec
-        if self.backend.closed:
-            raise closed_pool()
+        if self._seen != self._moves.count:
+            self.recheck()
         if not self.has_slots:
             raise InvalidArgument("this plan has no slots: pass slots to plan() to write through it")
         if type(layer) is not int or not 0 <= layer < spec.num_layers:
@@ -237,8 +237,8 @@ class CupyPlan(StepPlan):
         attention writes through this plan and attends through its view
         (`chunked`) the same way. Anything else goes the checked way (`write`,
         `attend`)."""
-        if self.backend.closed:
-            raise closed_pool()
+        if self._seen != self._moves.count:
+            self.recheck()
         target = self if chunk is None else self.chunked(chunk)
         spec = self.spec
         heads = q.shape[1] if type(q) is self._torch_type and q.dim() == 4 else 0
@@ -271,8 +271,8 @@ class CupyPlan(StepPlan):
                window: int | None = None, softcap: float | None = None, sinks: Any = None) -> Any:
         """See `StepPlan.attend`."""
         spec = self.spec
-        if self.backend.closed:
-            raise closed_pool()
+        if self._seen != self._moves.count:
+            self.recheck()
         if type(layer) is not int or not 0 <= layer < spec.num_layers:
             layer = validate.layer(layer, spec)
         shape = q.shape if hasattr(q, "shape") else ()

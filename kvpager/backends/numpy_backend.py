@@ -109,7 +109,7 @@ class NumpyBackend(Backend):
         softcap: float | None = None,
         sinks: Any = None,
     ) -> np.ndarray:
-        from kvpager.plan import check_sinks
+        from kvpager.attend_options import check_sinks
 
         return paged_attention(self.kv, layer, q, block_tables, seq_lens, query_lens, scale,
                                window=window, softcap=softcap, kv_scales=self.scales,

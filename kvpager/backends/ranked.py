@@ -74,6 +74,8 @@ class RankedBackend(Backend):
                 raise InvalidArgument(f"rank {r}'s backend has geometry {b.spec}, expected "
                                       f"{rank_spec(spec, len(ranks), r)}")
         self.ranks: list[Backend] = list(ranks)
+        for b in self.ranks:  # one count of changes: the pool's sequences are every rank's
+            b.__dict__["_moves"] = self.moves
         self.rank_spec = per
         self.name = ranks[0].name
         self.xp = ranks[0].xp
@@ -117,6 +119,7 @@ class RankedBackend(Backend):
 
     def close(self) -> None:
         self.closed = True
+        self.moves.bump()
         for b in self.ranks:
             b.close()
 

@@ -1,0 +1,133 @@
+"""What keeps a step plan from writing or reading blocks its sequences no longer hold.
+
+A step plan (`kvpager.plan`) is a snapshot of its sequences' block tables and
+of the slots its step writes. Once a sequence is freed, truncated, swapped
+out or releases leading blocks, those blocks can go to another sequence (of
+another worker, on a daemon); once its step is committed, the blocks its
+slots fill may be published in the prefix cache, read by every sequence that
+shares the prefix. A plan used past such a change would write into, or read
+from, blocks that are no longer its sequences'.
+
+So the pool (or a daemon `Client`, for the plans it makes over the mapped
+pool) counts those changes on a `Moves` counter of its backend, and a plan
+keeps the count it last saw: one comparison a call. When the count has
+moved, the plan rechecks itself once (`check_rows`): every sequence it was
+made of still resident, at least as long, with the same blocks where the
+plan reads, and every slot it writes a position of its own sequence that is
+not committed yet. A plan that passes goes on (the change was another
+sequence's); one that fails raises `StalePlan` on every call until it is
+refilled. A closed pool moves the count too, and its plans refuse.
+
+Plans made from block tables alone (`kvpager.plan.make_plan` over a backend,
+or a plan refilled by `StepPlan.update` from tables) know no sequences: they
+check only that their pool is open. `KVPool.refill` / `Client.refill` refill
+a plan from sequence ids and keep it checked.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from kvpager.errors import SequenceSwapped, StalePlan, UnknownSequence
+
+
+class Moves:
+    """A count of the changes that can make a step plan stale (blocks released
+    or committed, the pool closed); shared by a backend and whoever changes its
+    sequences."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def bump(self) -> None:
+        self.count += 1
+
+
+#: A plan's check against its sequences: raises StalePlan when the plan no longer matches them.
+Guard = Callable[[Any], None]
+
+
+def sequence_guard(ids: Sequence[int], rows_now: Callable[[list[int]], tuple[np.ndarray, np.ndarray, np.ndarray]],
+                   ) -> Guard:
+    """The guard of a plan made of sequences ``ids``: ``rows_now(ids)`` gives
+    their block tables, lengths and committed token counts as they are now
+    (UnknownSequence / SequenceSwapped for one no longer resident)."""
+    ids = list(ids)
+
+    def guard(plan: Any) -> None:
+        try:
+            tables, lens, committed = rows_now(ids)
+        except UnknownSequence as e:
+            raise StalePlan(f"this step plan is stale: sequence {e.seq_id} was freed "
+                            f"since it was made; {REMEDY}") from None
+        except SequenceSwapped as e:
+            raise StalePlan(f"this step plan is stale: sequence {e.seq_id} was swapped out since it was made; "
+                            f"{REMEDY}") from None
+        check_rows(plan, ids, tables, lens, committed)
+
+    return guard
+
+
+def view_guard(parent: Any) -> Guard:
+    """The guard of a plan derived from ``parent`` (a chunked view): the parent's check."""
+    ref = weakref.ref(parent)
+
+    def guard(_view: Any) -> None:
+        p = ref()
+        if p is not None:
+            p.recheck()
+
+    return guard
+
+
+REMEDY = "make a new plan (KVPool.plan) or refill this one (KVPool.refill) after the sequences change"
+
+
+def check_rows(plan: Any, ids: list[int], tables: np.ndarray, lens: np.ndarray, committed: np.ndarray) -> None:
+    """StalePlan unless ``plan`` (host copies ``tables``, ``seq_lens``,
+    ``query_lens``, ``slots``) still matches its sequences ``ids`` as they are
+    now (``tables``, ``lens``, ``committed``): each at least as long as the plan
+    saw it, with the same blocks wherever the plan reads, and each slot the
+    plan writes a position of its own sequence not committed yet."""
+    bs = plan.spec.block_size
+    old, old_lens = plan.tables, plan.seq_lens.astype(np.int64)
+    lens = np.asarray(lens, np.int64)
+    short = np.flatnonzero(lens < old_lens)
+    if len(short):
+        i = int(short[0])
+        raise StalePlan(f"this step plan is stale: sequence {ids[i]} was cut to {int(lens[i])} tokens since the "
+                        f"plan was made over {int(old_lens[i])}; {REMEDY}")
+    width = old.shape[1]
+    read = np.arange(width)[None, :] < (-(-old_lens // bs))[:, None]  # the entries the plan reads
+    now = tables[:, :width]
+    if now.shape[1] < width:
+        now = np.pad(now, ((0, 0), (0, width - now.shape[1])))
+    moved = np.argwhere(read & (now != old))
+    if len(moved):
+        i, col = map(int, moved[0])
+        raise StalePlan(f"this step plan is stale: block {col} of sequence {ids[i]} was {int(old[i, col])} when "
+                        f"it was made and is {int(now[i, col])} now (released, truncated or swapped out: another "
+                        f"sequence may hold it); {REMEDY}")
+    slots = plan.slots
+    if slots is None or not len(slots):
+        return
+    row = np.repeat(np.arange(len(ids)), plan.query_lens)
+    live = slots >= 0
+    row, s = row[live], slots[live]
+    hit = (old[row] == (s // bs)[:, None]) & read[row]
+    found = hit.any(axis=1)
+    pos = hit.argmax(axis=1) * bs + s % bs
+    bad = np.flatnonzero(~found | (pos < np.asarray(committed, np.int64)[row]))
+    if len(bad):
+        k = int(bad[0])
+        i = int(row[k])
+        what = (f"is committed (sequence {ids[i]} has {int(committed[i])} tokens committed)" if found[k]
+                else f"is no position of sequence {ids[i]}")
+        raise StalePlan(f"this step plan is stale: the slot {int(s[k])} it writes {what}; its step is done or "
+                        f"its slots are not its sequences'; {REMEDY}")
