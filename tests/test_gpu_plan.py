@@ -290,7 +290,7 @@ def test_a_refilled_plan_stays_checked_and_a_stale_one_writes_nothing():
                        rand(g, len(s.slots), 2, spec.head_dim, dtype="bfloat16"))
     slots = np.ravel(pool.append(ids))
     plan = pool.plan(ids, None, slots, num_rows=4, width=16, num_q_heads=HQ)
-    kv = rand(g, 3, 2, spec.head_dim, dtype="bfloat16")
+    kv = rand(g, 4, 2, spec.head_dim, dtype="bfloat16")  # a row a padding row: the plan's capacity
     plan.write(0, kv, kv)
     slots = np.ravel(pool.append(ids))
     pool.refill(plan, ids, None, slots)
@@ -302,7 +302,7 @@ def test_a_refilled_plan_stays_checked_and_a_stale_one_writes_nothing():
                rand(g, 70, 2, spec.head_dim, dtype="bfloat16"))
     torch.cuda.synchronize()
     before = cupy.asnumpy(pool.backend.kv).copy()
-    q = rand(g, 3, HQ, spec.head_dim, dtype="bfloat16")
+    q = rand(g, 4, HQ, spec.head_dim, dtype="bfloat16")
     with pytest.raises(StalePlan):
         plan.write(0, torch.full_like(kv, 7.0), torch.full_like(kv, 7.0))
     with pytest.raises(StalePlan):
@@ -314,8 +314,8 @@ def test_a_refilled_plan_stays_checked_and_a_stale_one_writes_nothing():
     keep = [ids[0], ids[2]]  # refilled over the sequences left: checked again, and right
     slots = np.ravel(pool.append(keep))
     pool.refill(plan, keep, None, slots)
-    plan.write(0, kv[:2], kv[:2])
-    out = plan.attend(0, q[:2])
+    plan.write(0, kv, kv)
+    out = plan.attend(0, q)[:2]
     tables, lens = pool.tables(keep)
     torch.cuda.synchronize()
     assert rel_err(out, reference(pool, 0, q[:2], tables, lens, [1, 1])) < TOL["bfloat16"]
