@@ -21,8 +21,10 @@ Wire format (docs/protocol.md, "KV events"), as vLLM's `ZmqEventPublisher`:
   the live batches, never waiting for a peer: one whose queue is full
   (``SNDHWM``) gets the rest when it has read some; one that read nothing
   for `REPLAY_STALL` seconds, or is gone, gets nothing more. At most
-  `REPLAY_PEERS` answers are under way at once (a request past them is
-  dropped; a peer's new request replaces its answer under way).
+  `REPLAY_PEERS` answers are under way at once: a request past them gets the
+  end marker alone, at once (as a request past the last batch does), so its
+  reader stops waiting and may ask again; a peer's new request replaces its
+  answer under way.
 
 Replay work is bounded in time, whatever the readers do: answers share a
 budget of ``EventsConfig.replay_rate`` bytes a second (`TokenBucket`; each
@@ -314,10 +316,20 @@ class EventPublisher:
             return
         envelope, start_bytes = tuple(frames[:-1]), frames[-1]
         if envelope not in self._replays and len(self._replays) >= REPLAY_PEERS:
-            log.debug("KV events: %d replays under way, a request dropped", len(self._replays))
+            # Busy: the end marker at once (a few bytes, for an 8-byte request read at
+            # most REPLAY_REQUESTS a second; not charged to the byte budget, so the
+            # answers under way keep all of it), never waiting for the peer.
+            log.debug("KV events: %d replays under way, a request answered with the end", len(self._replays))
+            with contextlib.suppress(zmq.ZMQError):  # its queue full, or gone: nothing more to do
+                self._replay.send_multipart(self._end_message(envelope), zmq.NOBLOCK)
             return
         start = int.from_bytes(start_bytes, "big") if len(start_bytes) == 8 else self.published
         self._replays[envelope] = (start, self.published, now)
+
+    def _end_message(self, envelope: tuple[bytes, ...]) -> list[bytes]:
+        """A replay answer's end marker on ``envelope``: ``[b"", seq -1, b""]``
+        (``[seq -1, b""]`` in the "array" format)."""
+        return [*envelope, *([b""] if self.config.format == "map" else []), END_SEQ, b""]
 
     def _answer(self, now: float) -> bool:
         """Send the answers under way their next batches (`REPLAY_TURN` in all,
@@ -328,7 +340,6 @@ class EventPublisher:
         kept, send, bucket = self._kept, self._replay.send_multipart, self._budget
         first = kept[0][0] if kept else self.published  # batches before it are no longer kept
         head = [self._topic] if self.config.format == "map" else []
-        end = [b""] if head else []
         turn, moved = REPLAY_TURN, False
         bucket.refill(now)
         for envelope, (seq, stop, since) in list(self._replays.items()):
@@ -344,7 +355,7 @@ class EventPublisher:
                     sent += 1
                     turn -= 1
                 if seq >= stop and bucket.tokens > 0:
-                    send([*envelope, *end, END_SEQ, b""], zmq.NOBLOCK)
+                    send(self._end_message(envelope), zmq.NOBLOCK)
                     bucket.take(REPLAY_MIN_CHARGE)
                     del self._replays[envelope]
                     moved = True

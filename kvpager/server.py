@@ -29,6 +29,7 @@ In-process use (tests)::
 from __future__ import annotations
 
 import logging
+import numbers
 import secrets
 import threading
 import time
@@ -78,6 +79,23 @@ def _recv(sock: zmq.Socket) -> list[bytes]:
     return frames
 
 
+def message_limit(max_message_bytes: int | None) -> int:
+    """The daemon's message limit: ``max_message_bytes``, or KVPAGER_MAX_MESSAGE
+    (`env.max_message_bytes`) when None. InvalidArgument for a size under
+    `env.MIN_MESSAGE`, as for the variable: 0 once meant the default without a
+    word, and a small size started a daemon that refused every request."""
+    if max_message_bytes is None:
+        return env.max_message_bytes()
+    if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, numbers.Integral):
+        raise InvalidArgument(f"max_message_bytes must be a whole number of bytes (at least {env.MIN_MESSAGE}), "
+                              f"got {type(max_message_bytes).__name__}")
+    if max_message_bytes < env.MIN_MESSAGE:
+        raise InvalidArgument(f"max_message_bytes={max_message_bytes!r} is under {env.MIN_MESSAGE} bytes (64K): "
+                              "no request but the smallest would fit; give None (KVPAGER_MAX_MESSAGE, "
+                              "default 16 MiB) or a size such as 16 << 20")
+    return int(max_message_bytes)
+
+
 class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
     """A daemon serving ``pool`` at ``endpoint`` (default: the private ipc:// socket).
 
@@ -104,6 +122,7 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
         metrics_host: str = "127.0.0.1",
         events: EventsConfig | None = None,
     ):
+        self.max_message_bytes = message_limit(max_message_bytes)  # before anything else is made
         self.pool = pool
         self.endpoint = endpoint_or_default(endpoint, bind=True)
         self.memory = memory
@@ -124,7 +143,6 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
         self.control_token = control_token or None
         self.sessions = SessionTable(hb, self.epoch, self.gpu, self.limits,
                                      [b.index for b in ranks] if self.gpu is not None and len(ranks) > 1 else None)
-        self.max_message_bytes = max_message_bytes or env.max_message_bytes()
         self.owns_pool = owns_pool
         self.requests = 0
         self._stop = threading.Event()
@@ -154,6 +172,7 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
         that clients map. ``max_pinned_blocks``, ``remote``, ``devices`` (tensor-
         parallel ranks, one per device): as `KVPool`'s."""
         endpoint_or_default(endpoint, bind=True)  # before any memory is taken
+        kwargs["max_message_bytes"] = message_limit(kwargs.get("max_message_bytes"))  # likewise
         epoch = secrets.token_hex(8)
         pool, memory, rank_memory = create_pool(spec, device, devices, epoch,
                                                 max_pinned_blocks=max_pinned_blocks, remote=remote)

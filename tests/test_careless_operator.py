@@ -3,7 +3,8 @@ limit of 0 taken for "unlimited", a count written as a fraction, a short
 token in the environment, a world-readable token file, a daemon restarted
 after SIGKILL with ``--memory 90%``, a refusal that came only after the pool
 was allocated, a signal during start-up, `kvpager stats` pointed at another
-program, a message limit no request fits, an IPv6 endpoint, a relative ipc://
+program, a message limit no request fits (in the environment, or given to
+`Server`), an IPv6 endpoint, a relative ipc://
 path. Each is refused by name (or served) (or warned about) with nothing left behind,
 and each test once failed; bounded waits, free endpoints."""
 
@@ -18,8 +19,15 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
-from daemon_helpers import daemon_process, ipc_endpoint, subprocess_env, wait_until
+from daemon_helpers import daemon_process, ipc_endpoint, running_server, subprocess_env, wait_until
+
+from kvpager import KVPool, PoolSpec, server
+from kvpager.client import Client
+from kvpager.env import MIN_MESSAGE
+from kvpager.errors import InvalidArgument
+from kvpager.server import Server
 
 WAIT = 60
 GEOMETRY = ["--model", "tiny", "--device", "cpu"]
@@ -202,6 +210,46 @@ def test_a_message_limit_no_request_fits_is_refused(value):
     daemon that refused every request, hello included."""
     r = _invoke(["serve", *GEOMETRY, "--blocks", "8", "--endpoint", ipc_endpoint()[0]], {"KVPAGER_MAX_MESSAGE": value})
     assert r.exit_code not in (0, None) and "KVPAGER_MAX_MESSAGE" in r.output, r.output
+
+
+@pytest.mark.parametrize("size", [4096, 0, -1, MIN_MESSAGE - 1, True, 1.5, 65536.0, "16M"])
+def test_a_message_limit_no_request_fits_is_refused_by_the_constructor(size, monkeypatch):
+    """`Server(max_message_bytes=4096)` started a daemon that refused every
+    request, hello included (0 meant the default). Now refused by name, with
+    the floor, as KVPAGER_MAX_MESSAGE is: by `Server` before anything is bound,
+    by `Server.create` before the pool is allocated."""
+    endpoint, d = ipc_endpoint()
+    pool = KVPool(PoolSpec(num_layers=1, num_kv_heads=1, head_dim=4, num_blocks=8, block_size=8, dtype="float32"))
+    try:
+        with pytest.raises(InvalidArgument, match=f"max_message_bytes.*{MIN_MESSAGE}"):
+            Server(pool, endpoint, max_message_bytes=size)
+        assert os.listdir(d) == []
+
+        class Allocated(Exception):
+            pass
+
+        def create_pool(*args, **kwargs):
+            raise Allocated
+
+        monkeypatch.setattr(server, "create_pool", create_pool)
+        with pytest.raises(InvalidArgument, match=f"max_message_bytes.*{MIN_MESSAGE}"):
+            Server.create(pool.spec, endpoint, max_message_bytes=size)
+        with pytest.raises(Allocated):  # the floor itself is taken
+            Server.create(pool.spec, endpoint, max_message_bytes=MIN_MESSAGE)
+        assert os.listdir(d) == []
+    finally:
+        pool.close()
+        os.rmdir(d)
+
+
+def test_the_least_message_limit_serves(monkeypatch):
+    """The floor, given as a number of any integer type, serves; None still means KVPAGER_MAX_MESSAGE."""
+    monkeypatch.setenv("KVPAGER_MAX_MESSAGE", "128K")
+    spec = PoolSpec(num_layers=1, num_kv_heads=1, head_dim=4, num_blocks=8, block_size=8, dtype="float32")
+    for size, want in ((np.int64(MIN_MESSAGE), MIN_MESSAGE), (None, 128 << 10)):
+        with running_server(spec, max_message_bytes=size) as srv, Client(srv.endpoint) as c:
+            assert type(srv.max_message_bytes) is int and c.max_message_bytes == want
+            assert c.allocate([[1, 2, 3]])
 
 
 def _ipv6_loopback() -> bool:

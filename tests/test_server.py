@@ -23,7 +23,7 @@ from daemon_helpers import (
     wait_until,
 )
 
-from kvpager import protocol
+from kvpager import env, protocol
 from kvpager.client import Client
 from kvpager.endpoints import ensure_runtime_dir
 from kvpager.errors import (
@@ -214,17 +214,20 @@ def test_malformed_frames_get_typed_replies(server, client):
 
 
 def test_message_over_the_limit(tmp_path):
-    with running_server(SMALL, max_message_bytes=4096) as server, Client(server.endpoint) as client:
+    """At the least limit a daemon takes (`env.MIN_MESSAGE`, 64 KiB): a prompt of
+    30,000 tokens (~90 KB) is refused by the daemon, and by the client before sending."""
+    with running_server(SMALL, max_message_bytes=env.MIN_MESSAGE) as server, Client(server.endpoint) as client:
+        assert client.max_message_bytes == env.MIN_MESSAGE
         raw = Raw(server.endpoint)
         try:
-            body = _req(21, "allocate", {"prompts": [list(range(5000))]}, session=client.session)
-            assert len(body) > 4096
+            body = _req(21, "allocate", {"prompts": [list(range(30_000))]}, session=client.session)
+            assert len(body) > env.MIN_MESSAGE
             reply = raw.send(body)
             assert reply[0] == 21 and reply[2]["code"] == "message_too_large"
         finally:
             raw.close()
         with pytest.raises(MessageTooLarge, match="KVPAGER_MAX_MESSAGE"):
-            client.allocate([list(range(5000))])  # refused before sending
+            client.allocate([list(range(30_000))])  # refused before sending
         assert client.stats().num_sequences == 0
         client.check_integrity()
 
