@@ -22,6 +22,7 @@ from kvpager.client_tables import as_ids, id_list
 from kvpager.errors import InvalidArgument, SessionLost
 from kvpager.plan import StepPlan, make_plan
 from kvpager.plan_guard import sequence_guard
+from kvpager.protocol import decode_info
 from kvpager.shm import map_pool
 
 
@@ -85,7 +86,8 @@ class KVAccess:
         if got is not None:
             return got
         tables, lens = self.tables(ids)
-        return tables, lens, np.array([self.sequence(i).num_committed for i in ids], np.int64)
+        infos = self._call("sequences", {"seq_ids": ids})  # one round trip for them all
+        return tables, lens, np.array([decode_info(d).num_committed for d in infos], np.int64)
 
     def synchronize(self) -> None:
         """As `KVPool.synchronize`: wait for this process's writes into the mapped

@@ -18,6 +18,11 @@ not committed yet. A plan that passes goes on (the change was another
 sequence's); one that fails raises `StalePlan` on every call until it is
 refilled. A closed pool moves the count too, and its plans refuse.
 
+A worker's count moves with its own session's changes only: its plan over
+another session's sequences (read through the daemon's tables) is rechecked,
+through the daemon, when this worker's sequences change, not when the other
+session's do.
+
 Plans made from block tables alone (`kvpager.plan.make_plan` over a backend,
 or a plan refilled by `StepPlan.update` from tables) know no sequences: they
 check only that their pool is open. `KVPool.refill` / `Client.refill` refill

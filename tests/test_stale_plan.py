@@ -319,3 +319,23 @@ def test_a_workers_plan_refuses_once_its_client_is_closed(server):
     with pytest.raises(Exception) as e:
         plan.write(0, kv(9, SPEC), kv(9, SPEC))
     assert type(e.value).__name__ in {"SessionLost", "StalePlan"}
+
+
+def test_a_workers_plan_over_another_sessions_sequence_rechecks_through_the_daemon(server, client):
+    """A plan over sequences this worker does not mirror (another session's, read
+    through the daemon's tables) rechecks them through the daemon when this
+    worker's own sequences change."""
+    with Client(server.endpoint, timeout=WAIT, heartbeat=False) as other:
+        (theirs,) = other.allocate([list(range(3_000, 3_020))])
+        for layer in range(SPEC.num_layers):
+            other.write(layer, theirs.slots, kv(20, SPEC), kv(20, SPEC))
+        plan = client.plan([theirs.seq_id], None, None)  # attend only
+        plan.attend(0, q(1, SPEC))
+        (mine,) = client.allocate([list(range(4_000, 4_005))])
+        client.free([mine.seq_id])  # this worker's change: the plan rechecks, theirs unchanged
+        plan.attend(0, q(1, SPEC))
+        other.free([theirs.seq_id])
+        (mine,) = client.allocate([list(range(4_100, 4_105))])
+        client.free([mine.seq_id])
+        with pytest.raises(StalePlan, match="freed"):
+            plan.attend(0, q(1, SPEC))
