@@ -19,7 +19,7 @@ from kvpager import cuda_ipc, validate
 from kvpager.attend_options import check_scale, check_sinks, check_softcap, check_window, chunk_step
 from kvpager.backends.numpy_backend import paged_attention
 from kvpager.client_tables import as_ids, id_list
-from kvpager.errors import InvalidArgument, SessionLost
+from kvpager.errors import InvalidArgument, NotOwner, SessionLost
 from kvpager.plan import StepPlan, make_plan
 from kvpager.plan_guard import sequence_guard
 from kvpager.protocol import decode_info
@@ -137,6 +137,7 @@ class KVAccess:
         self._check_layer(layer)
         pool = self._pool()
         slots = self._check_slots(slots)
+        self._check_own_slots(slots)
         shape = (len(slots), self.spec.num_kv_heads, self.spec.head_dim)
         pool.write(int(layer), slots, self._check_tensor(k, "k", shape), self._check_tensor(v, "v", shape))
 
@@ -224,6 +225,36 @@ class KVAccess:
     def _check_layer(self, layer: Any) -> None:
         if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool) or not 0 <= layer < self.spec.num_layers:
             raise InvalidArgument(f"layer must be an int in [0, {self.spec.num_layers}), got {layer!r}")
+
+    def _check_own_slots(self, slots: np.ndarray) -> None:
+        """NotOwner unless every slot (but -1, padding) lies in a block of one of this
+        session's resident sequences, as the daemon checks a staged write: slots kept
+        from before a free, truncate or swap-out would write into blocks that may be
+        another worker's now. Checked against the mirror once per slot array and
+        change of the session's sequences (a model's layers write the same slots:
+        the first layer pays the check, ~0.3 us the others); a mirror that lost
+        sequences (an op without an outcome) is completed from the daemon first."""
+        if self._lost:
+            raise SessionLost("this session is lost: its sequences (and their blocks) are the daemon's again")
+        mirror = self._mirror
+        key = (mirror.moves.count, slots.tobytes())
+        if self._own_slots == key:
+            return
+        blocks = np.unique(slots[slots >= 0] >> (self.spec.block_size.bit_length() - 1))
+        foreign = mirror.foreign_blocks(blocks)
+        if len(foreign) and mirror.incomplete:  # the daemon's own tables, all of them (slow, rare)
+            mine = [b for s in self.sequences() if s.owner == self.session_name and not s.swapped
+                    for b in s.block_table]
+            foreign = foreign[~np.isin(foreign, np.asarray(mine, np.int64))]
+        if len(foreign):
+            b = int(foreign[0])
+            raise NotOwner(f"write: block {b} (slots {b * self.spec.block_size}...) is held by no resident sequence "
+                           "of this session: slots kept from before a free, truncate or swap-out (take them from "
+                           "the latest allocate / append)")
+        self._own_slots = key
+
+    #: the (count of changes, slot bytes) last found all this session's (`_check_own_slots`)
+    _own_slots: tuple[int, bytes] | None = None
 
     def _check_slots(self, slots: Any) -> np.ndarray:
         """Slot ids as int64, checked as `KVPool.write` checks them (uint64 past int64 included)."""

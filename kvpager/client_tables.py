@@ -129,6 +129,13 @@ class TableMirror:
             raise SequenceSwapped(next(i for i in ids if i in self.swapped), "attend")
         return self.table.gather(rows)
 
+    def foreign_blocks(self, blocks: np.ndarray) -> np.ndarray:
+        """Those of ``blocks`` that no resident mirrored sequence holds (a swapped-out
+        one's table is stale: its blocks went back to the pool)."""
+        rows = [r for i, r in self.rows.items() if i not in self.swapped] if self.swapped else list(self.rows.values())
+        held = self.table.row_blocks(np.asarray(rows, np.int64)) if rows else np.zeros(0, np.int64)
+        return blocks[~np.isin(blocks, held)]
+
     def rows_now(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """`gather` and the committed token counts of ``ids`` (what a step plan's
         guard checks, `kvpager.plan_guard`), or None unless every id is mirrored."""
@@ -240,7 +247,15 @@ class TableMirror:
         self.table.release_rows(rows)
         self.swapped.difference_update(ids)
 
-    forget = freed  # an op without a clear outcome: the daemon's tables are the truth
+    def forget(self, ids: list[int]) -> None:
+        """Sequences whose op had no clear outcome: dropped from the mirror (the
+        daemon's tables are the truth), which from now on may lack some of this
+        session's sequences (``incomplete``)."""
+        self.freed(ids)
+        self.incomplete = True
+
+    #: whether a sequence of this session may be missing here (forgotten after an op without an outcome)
+    incomplete = False
 
     def truncated(self, ids: list[int], lengths: Any) -> None:
         """Sequences cut to ``lengths`` tokens (an int, or one per sequence)."""

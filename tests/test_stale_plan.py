@@ -339,3 +339,46 @@ def test_a_workers_plan_over_another_sessions_sequence_rechecks_through_the_daem
         client.free([mine.seq_id])
         with pytest.raises(StalePlan, match="freed"):
             plan.attend(0, q(1, SPEC))
+
+
+# -- a worker's writes without a plan ------------------------------------------------------------
+def test_a_workers_write_with_slots_kept_from_before_a_free_is_refused(server, client):
+    """`Client.write` into the mapped pool takes only slots of this session's
+    resident sequences, as the daemon's staged write does: slots kept from before
+    a free (or a swap-out) would land in another worker's blocks."""
+    from kvpager.errors import NotOwner
+
+    with Client(server.endpoint, timeout=WAIT, heartbeat=False) as other:
+        (a,) = client.allocate([list(range(5_000, 5_016))])
+        client.write(0, a.slots, kv(16, SPEC), kv(16, SPEC))  # its own: taken
+        client.free([a.seq_id])
+        theirs = []
+        while not theirs or not set(theirs[-1].block_table) & set(a.block_table):
+            theirs += other.allocate([[8_000 + 100 * len(theirs) + i for i in range(16)]])
+            assert len(theirs) < 40
+        mine = theirs[-1]
+        other.write(0, mine.slots, kv(16, SPEC), kv(16, SPEC))
+        k, v = other.kv(0)
+        before = (np.array(k[list(mine.block_table)]), np.array(v[list(mine.block_table)]))
+        with pytest.raises(NotOwner, match="no resident sequence of this session"):
+            client.write(0, a.slots, kv(16, SPEC, 7.0), kv(16, SPEC, 7.0))
+        np.testing.assert_array_equal(k[list(mine.block_table)], before[0])
+        np.testing.assert_array_equal(v[list(mine.block_table)], before[1])
+        (b,) = client.allocate([list(range(5_100, 5_110))])  # swapped out: its blocks are not its own
+        client.write(0, b.slots, kv(10, SPEC), kv(10, SPEC))
+        client.swap_out([b.seq_id])
+        with pytest.raises(NotOwner):
+            client.write(0, b.slots, kv(10, SPEC), kv(10, SPEC))
+        client.swap_in([b.seq_id])
+        client.free([b.seq_id])
+        other.free([x.seq_id for x in theirs])
+
+
+def test_a_worker_whose_mirror_lost_a_sequence_still_writes_its_slots(server, client):
+    """A sequence forgotten by the mirror (its op had no clear outcome) is still
+    the session's: its slots are found in the daemon's tables."""
+    (a,) = client.allocate([list(range(6_000, 6_020))])
+    client._mirror.forget([a.seq_id])
+    client.write(0, a.slots, kv(20, SPEC), kv(20, SPEC))
+    client.write(1, a.slots, kv(20, SPEC), kv(20, SPEC))
+    client.free([a.seq_id])
