@@ -27,11 +27,14 @@ __all__ = ["calibrate_kv_scales"]
 
 
 def calibrate_kv_scales(model: Any, input_ids: Any, kv_dtype: str = "float8_e4m3",
-                        margin: float = 1.25) -> list[list[list[float]]]:
+                        margin: float = 1.25, *, attention_mask: Any = None) -> list[list[list[float]]]:
     """Scales [num_layers (the pool's: layers that store K/V)][2 (K, V)][num_kv_heads] for an FP8 pool of ``model``:
     per (layer, kv head), amax(|K|) and amax(|V|) over ``input_ids`` (a list of
     token ids or a [batch, tokens] tensor) times ``margin``, over the format's
-    largest finite value; a head whose values are all zero gets 1.0."""
+    largest finite value; a head whose values are all zero gets 1.0. A padded
+    batch (a tokenizer's output: ``calibrate_kv_scales(model, **enc)``) is
+    calibrated on each row's tokens where ``attention_mask`` is 1, its padding
+    stripped (`kvpager.hf.padding.strip_padding`)."""
     name = kv_dtype_name(kv_dtype)
     if name not in FP8_DTYPES:
         raise InvalidArgument(f"kv_dtype must be one of {sorted(FP8_DTYPES)}, got {kv_dtype!r}")
@@ -39,27 +42,42 @@ def calibrate_kv_scales(model: Any, input_ids: Any, kv_dtype: str = "float8_e4m3
         raise InvalidArgument(f"margin must be a finite number >= 1, got {margin!r}")
     device = next(model.parameters()).device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
-    if ids.ndim == 1:
+    one = ids.ndim == 1
+    if one:
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[1] < 1:
         raise InvalidArgument(f"input_ids must be a non-empty token list or a [batch, tokens] tensor, "
                               f"got shape {tuple(ids.shape)}")
+    rows = ids.tolist()
+    if attention_mask is not None:
+        from kvpager.hf.padding import strip_padding
+
+        # one prompt's flat mask for a flat token list; a [1, tokens] one is taken too
+        flat = one and _ndim(attention_mask) == 1
+        rows = strip_padding(rows, ids, [attention_mask] if flat else attention_mask)
     fmax = FP8_DTYPES[name][1]
-    peaks = _stored_peaks(model, ids)
+    peaks = _stored_peaks(model, rows, device)
     return [[[float(p) * margin / fmax if p > 0 else 1.0 for p in peak.tolist()] for peak in layer]
             for layer in peaks]
 
 
-def _stored_peaks(model: Any, ids: torch.Tensor) -> list[list[torch.Tensor]]:
+def _ndim(x: Any) -> int | None:
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        return x.ndim
+    try:
+        return np.ndim(x)
+    except (ValueError, TypeError):  # ragged
+        return None
+
+
+def _stored_peaks(model: Any, rows: list[list[int]], device: torch.device) -> list[list[torch.Tensor]]:
     """Per layer, (amax |K|, amax |V|) per kv head of what a kvpager pool stores for
-    the rows of ``ids``: one pass over a temporary pool of the model's dtype."""
+    ``rows`` (token-id lists): one pass over a temporary pool of the model's dtype."""
     from kvpager import KVPool
     from kvpager.hf.attention import PagedBatch, paged_attention, paged_forward
     from kvpager.hf.model import layer_map, layer_windows, spec_for_model, text_config
 
-    device = ids.device
     dtype = next(model.parameters()).dtype
-    rows = ids.tolist()
     block = 16
     spec = spec_for_model(model, num_blocks=sum(-(-len(r) // block) for r in rows) + 1, block_size=block,
                           dtype=dtype)
@@ -78,8 +96,8 @@ def _stored_peaks(model: Any, ids: torch.Tensor) -> list[list[torch.Tensor]]:
         slots = np.concatenate([np.asarray(a.slots, dtype=np.int64) for a in allocs])
         plan = pool.plan([a.seq_id for a in allocs], lens, slots, num_q_heads=text_config(model).num_attention_heads)
         batch = PagedBatch(plan, dtype, device, layer_windows(model), observe=observe, layers=layer_map(model))
-        flat = ids.reshape(1, -1)
-        pos = torch.arange(ids.shape[1], device=device).repeat(ids.shape[0])[None]
+        flat = torch.tensor([[t for r in rows for t in r]], dtype=torch.long, device=device)
+        pos = torch.tensor([[p for r in rows for p in range(len(r))]], dtype=torch.long, device=device)
         with torch.inference_mode(), paged_attention(model):
             paged_forward(model, batch, flat, pos, 1)
     finally:

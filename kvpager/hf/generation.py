@@ -22,8 +22,8 @@ Gemma-2's logit soft cap, greedy decoding. This module also gives the names of
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,7 @@ from kvpager.hf.model import (  # noqa: F401
     spec_for_model,
     text_config,
 )
+from kvpager.hf.padding import strip_padding, warn_if_padded
 from kvpager.hf.passes import HostBuffers, Owed, Pass
 from kvpager.hf.pipeline import DecodePasses
 from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
@@ -63,11 +64,20 @@ __all__ = ["PagedBatch", "PagedGeneration", "default_salt", "generate", "layer_w
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def _token_lists(prompts: Any, model: Any) -> list[list[int]]:
+def _token_lists(prompts: Any, model: Any, attention_mask: Any = None) -> list[list[int]]:
     """``prompts`` as lists of ints, each an id of ``model``'s input embeddings
     (ValueError for anything else: a float is not truncated into an id, and an
     id past the vocabulary is refused here rather than by an index error deep in
-    the model's embedding, after the prompts were allocated)."""
+    the model's embedding, after the prompts were allocated). With an
+    ``attention_mask`` of the prompts' shape (a tokenizer's, for a padded batch),
+    each prompt is its tokens where the mask is 1 (`kvpager.hf.padding.strip_padding`:
+    left or right padding; a mask that is not padding is refused); without one, a
+    batch that looks padded warns (`warn_if_padded`). The vocabulary is checked
+    after the padding is stripped: a pad id past the model's embeddings is no token."""
+    if isinstance(prompts, Mapping) and "input_ids" in prompts:
+        raise ValueError("prompts is a tokenizer's output (a mapping with input_ids): pass it as keywords, "
+                         "generate(model, pool, **enc, max_new_tokens=n), or enc['input_ids'] with "
+                         "attention_mask=enc['attention_mask']")
     if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
         raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
     out = []
@@ -82,6 +92,10 @@ def _token_lists(prompts: Any, model: Any) -> list[list[int]]:
             bad = next(t for t in ids if not is_int(t))
             raise ValueError(f"prompts[{i}] holds {bad!r}: token ids must be ints")
         out.append([int(t) for t in ids])
+    if attention_mask is not None:
+        out = strip_padding(out, prompts, attention_mask)
+    else:
+        warn_if_padded(out, model)
     if not out or any(not p for p in out):
         raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
     try:
@@ -120,8 +134,10 @@ class PagedGeneration(DecodePasses):
 
     model: Any
     pool: Any
-    prompts: list[list[int]]
-    max_new_tokens: int
+    #: the prompts' token ids (lists, 1-D tensors or a 2-D tensor); after construction, lists of each
+    #: prompt's own tokens (its padding stripped where an ``attention_mask`` was given)
+    prompts: Any = None
+    max_new_tokens: int = None  # type: ignore[assignment] - required: None is refused by name
     salt: str | bytes | None = None
     eos_token_id: int | Sequence[int] | None = None
     cuda_graphs: bool = False
@@ -140,17 +156,31 @@ class PagedGeneration(DecodePasses):
     #: with ``cuda_graphs``: capture the decode step compiled by ``torch.compile`` (`kvpager.hf.compiled`:
     #: the model's small kernels fused; compiling an 8B model takes tens of seconds, once per process)
     compile: bool = False
+    _: KW_ONLY
+    #: the prompts under a tokenizer's name (``PagedGeneration(model, pool, **enc, max_new_tokens=n)``);
+    #: give them as ``prompts`` or as ``input_ids``, not both
+    input_ids: InitVar[Any] = None
+    #: 1 for a prompt's tokens, 0 for padding, of the prompts' shape (a tokenizer's ``attention_mask``):
+    #: each prompt becomes the run of its tokens where the mask is 1 (left or right padding stripped)
+    attention_mask: InitVar[Any] = None
     seq_ids: list[int] = field(init=False, default_factory=list)
     num_cached_tokens: list[int] = field(init=False, default_factory=list)
     outputs: list[list[int]] = field(init=False, default_factory=list)
     finished: list[bool] = field(init=False, default_factory=list)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, input_ids: Any = None, attention_mask: Any = None) -> None:
         self._closed = False
         _check_model_and_pool(self.model, self.pool)
+        if input_ids is not None:
+            if self.prompts is not None:
+                raise ValueError("prompts and input_ids were both given: they are two names for the prompts, "
+                                 "give one")
+            self.prompts = input_ids
+        elif self.prompts is None:
+            raise ValueError("no prompts: give them as prompts (the third argument) or input_ids=")
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        self.prompts = _token_lists(self.prompts, self.model)
+        self.prompts = _token_lists(self.prompts, self.model, attention_mask)
         self._windows = check_model(self.model, self.pool)
         self._layers = layer_map(self.model)  # layers that reuse an earlier layer's K/V (Gemma-3n)
         self._chunks = layer_chunks(self.model, self.pool.spec.block_size)  # chunked layers (Llama-4)
@@ -338,13 +368,16 @@ class PagedGeneration(DecodePasses):
 def generate(
     model: Any,
     pool: Any,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
+    prompts: Sequence[Sequence[int]] | None = None,
+    max_new_tokens: int = None,  # type: ignore[assignment] - required: None is refused by name
     salt: str | bytes | None = None,
     eos_token_id: Any = "model",
     cuda_graphs: bool = False,
     pipeline: bool = True,
     compile: bool = False,
+    *,
+    input_ids: Any = None,
+    attention_mask: Any = None,
 ) -> list[list[int]]:
     """Greedy generation with the KV cache in ``pool``. Returns the new token ids
     of each prompt: ``max_new_tokens`` of them, or fewer where an end-of-sequence
@@ -353,11 +386,15 @@ def generate(
     ``pipeline``: launch each decode pass before the last one's tokens reach the
     host (`PagedGeneration.pipeline`; the same tokens). ``compile`` (with
     ``cuda_graphs``): capture the step compiled by ``torch.compile``
-    (`PagedGeneration.compile`)."""
+    (`PagedGeneration.compile`). A padded batch: ``attention_mask`` (1 for a
+    prompt's tokens, 0 for padding; the prompts' shape) strips each prompt's
+    padding, left or right; ``input_ids`` is another name for ``prompts``, so a
+    tokenizer's output passes as it is: ``generate(model, pool, **enc, max_new_tokens=n)``."""
     if isinstance(eos_token_id, str) and eos_token_id == "model":
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     with PagedGeneration(model, pool, prompts, max_new_tokens, salt, eos_token_id, cuda_graphs,
-                         pipeline=pipeline, compile=compile) as gen:
+                         pipeline=pipeline, compile=compile, input_ids=input_ids,
+                         attention_mask=attention_mask) as gen:
         while not gen.done:
             gen.step()
         return gen.outputs
