@@ -18,8 +18,22 @@ from typing import Any
 import click
 
 from kvpager import env, render
-from kvpager.errors import KVPagerError
+from kvpager.errors import KVPagerError, Unauthorized
 from kvpager.inspect_cli import daemon_command, emit, fail
+
+CONTROL_HINT = ("pass the daemon's control token: --control-token-file FILE, or KVPAGER_CONTROL_TOKEN / "
+                "KVPAGER_CONTROL_TOKEN_FILE (the daemon's own: kvpager serve --control-token-file)")
+
+
+def control_fail(e: KVPagerError, opened: bool) -> None:
+    """`fail`, with the control token's hint where the control token was refused: a
+    control op's Unauthorized once the session is open (its token was taken), or
+    hello's refusal of the control token (not the session token's hint)."""
+    if isinstance(e, Unauthorized) and (opened or "control token" in str(e)):
+        click.echo(f"error: {e}", err=True)
+        click.echo(f"next: {CONTROL_HINT}", err=True)
+        sys.exit(6)
+    fail(e)
 
 
 def control_command(fn: Callable[..., None]) -> click.Command:
@@ -39,11 +53,11 @@ def control_command(fn: Callable[..., None]) -> click.Command:
             client = Client(endpoint, timeout=timeout, heartbeat=False, map_pool=False, name="kvpager-cli",
                             control_token=token)
         except KVPagerError as e:
-            fail(e)
+            control_fail(e, opened=False)
         try:
             fn(client, **kwargs)
         except KVPagerError as e:
-            fail(e)
+            control_fail(e, opened=True)
         finally:
             client.close()
 
@@ -97,7 +111,7 @@ def quota(client: Any, salt: str, blocks: str) -> None:
     '' is the default tenant). Eviction takes from tenants over quota first."""
     if blocks.lower() == "none":
         value = None
-    elif blocks.isdigit():
+    elif blocks.isascii() and blocks.isdigit():  # str.isdigit alone takes '²', which int() refuses
         value = int(blocks)
     else:
         raise click.BadParameter(f"BLOCKS must be a number of blocks or 'none', got {blocks!r}")

@@ -27,6 +27,9 @@ class Limits:
     sessions: int = field(default=1024, metadata={"least": 1, "help": "sessions open at once"})
     kept: int = field(default=4 << 20, metadata={"help": "bytes of replies one session's retries may replay"})
     salt: int = field(default=4096, metadata={"help": "characters (or bytes) of one salt"})
+    pin_blocks: int = field(default=1 << 16, metadata={
+        "help": "blocks listed by one session's pins (each distinct pin its own: nested pins of one prompt each "
+                "count theirs)"})
 
     @classmethod
     def from_env(cls, **overrides: int | None) -> Limits:

@@ -55,14 +55,27 @@ class PinTable:
         self.limit = limit
         self.pins: dict[Any, dict[bytes, Pin]] = {}  # owner -> last key -> pin
 
-    def pin(self, pool: BlockPool, block_size: int, prompts: Seq[Any], salts: Seq[Any], owner: Any) -> list[int]:
+    def pin(self, pool: BlockPool, block_size: int, prompts: Seq[Any], salts: Seq[Any], owner: Any,
+            max_listed: int | None = None) -> list[int]:
         """Pin the longest cached prefix of full blocks of each prompt; returns
-        the tokens pinned per prompt (0: nothing of it is cached)."""
+        the tokens pinned per prompt (0: nothing of it is cached). ``max_listed``:
+        the most blocks ``owner``'s pins may list (`listed`)."""
         plans = []
         for i, prompt in enumerate(prompts):
             tokens = token_array(prompt, f"prompts[{i}]")
             keys, hits = pool.match(root_key(salts[i]), tokens, block_size, len(tokens) // block_size)
             plans.append((salts[i], keys, np.array(hits, dtype=np.int64)))
+        if max_listed is not None:
+            mine, new = self.pins.get(owner, {}), {}
+            for _, keys, blocks in plans:
+                if len(blocks) and keys[-1] not in mine:
+                    new[keys[-1]] = len(blocks)
+            listed = self.listed(owner) + sum(new.values())
+            if listed > max_listed:
+                raise LimitExceeded(
+                    f"pin: {listed} blocks listed by this session's pins would be over the limit of {max_listed} "
+                    "(each distinct pin lists its blocks; KVPAGER_MAX_PIN_BLOCKS, kvpager serve --max-pin-blocks)",
+                    "pin_blocks", listed, max_listed)
         every = np.concatenate([p[2] for p in plans]) if plans else np.zeros(0, np.int64)
         fresh = len(np.unique(every[self.refs[every] == 0]))
         if self.num_pinned + fresh > self.limit:
@@ -115,6 +128,11 @@ class PinTable:
         if owner in self.pins and not mine:
             del self.pins[owner]
         return [len(p.blocks) * block_size for p in chosen]
+
+    def listed(self, owner: Any) -> int:
+        """Blocks listed by ``owner``'s pins, each distinct pin its own (what a
+        daemon bounds per session: memory, and the ``pins`` reply)."""
+        return sum(len(p.blocks) for p in self.pins.get(owner, {}).values())
 
     def release(self, pool: BlockPool, owner: Any) -> int:
         """Drop every pin of ``owner`` (a session that ended); returns how many."""

@@ -16,17 +16,19 @@ class PoolControl:
     """Mixed into `KVPool`, which supplies ``spec`` and ``manager``."""
 
     def pin(self, prompts: Seq[Seq[int]], salt: str | bytes | None | Seq[str | bytes | None] = None, *,
-            owner: Any = None) -> list[int]:
+            owner: Any = None, max_listed: int | None = None) -> list[int]:
         """Pin the longest cached prefix of full blocks of each prompt: its blocks
         stay in the prefix cache, never evicted, until unpinned. Returns the tokens
         pinned per prompt (0: none of it is cached; nothing is waited for). Pinning
         a prefix again counts: each `unpin` drops one. LimitExceeded (nothing
-        changes) past ``max_pinned_blocks``. ``owner``: whose pin (a daemon's session)."""
+        changes) past ``max_pinned_blocks``, or where ``owner``'s pins would list
+        more than ``max_listed`` blocks (each distinct pin its own: a daemon's
+        per-session bound). ``owner``: whose pin (a daemon's session)."""
         validate.prompts(prompts)
         validate.owner(owner)
         salts = validate.per_seq(salt, len(prompts), "salt")
         m = self.manager
-        return m.pins.pin(m.pool, self.spec.block_size, prompts, salts, owner)
+        return m.pins.pin(m.pool, self.spec.block_size, prompts, salts, owner, max_listed)
 
     def unpin(self, prompts: Seq[Seq[int]], salt: str | bytes | None | Seq[str | bytes | None] = None, *,
               owner: Any = None) -> list[int]:
@@ -50,9 +52,10 @@ class PoolControl:
         return pins.infos(bs) if owner is EVERY else pins.infos(bs, validate.owner(owner))
 
     def set_quota(self, salt: str | bytes | None, blocks: int | None) -> None:
-        """A soft quota on the cached blocks of ``salt``'s tenant (None: none):
-        when the pool must evict, it takes from tenants over their quota first
-        (least recently used among them), then the global LRU (`kvpager.tenants`)."""
+        """A soft quota on the cached blocks of ``salt``'s tenant (None: none; else
+        an integer, a NumPy one too, in [0, 2**63)): when the pool must evict, it
+        takes from tenants over their quota first (least recently used among
+        them), then the global LRU (`kvpager.tenants`)."""
         self.manager.pool.set_quota(salt, blocks)
 
     # -- ownership (the daemon's sessions) ----------------------------------------------

@@ -49,7 +49,11 @@ def _root_key(salt: str | bytes | None) -> bytes:
     if salt is None:
         salt = b""
     elif isinstance(salt, str):
-        salt = salt.encode()
+        try:
+            salt = salt.encode()
+        except UnicodeEncodeError:  # lone surrogates (an undecodable argv or file name): no UTF-8 text
+            raise InvalidArgument(f"salt must be str (UTF-8 text), bytes or None: {salt[:64]!r} holds a "
+                                  "character UTF-8 cannot encode (a lone surrogate); pass bytes") from None
     elif not isinstance(salt, bytes):
         raise InvalidArgument(f"salt must be str, bytes or None, got {type(salt).__name__}")
     return hashlib.blake2b(b"kvpager-root\0" + salt, digest_size=KEY_BYTES).digest()

@@ -82,6 +82,9 @@ def _default(obj: Any) -> Any:
         return bool(obj)
     if isinstance(obj, tuple):
         return list(obj)
+    if isinstance(obj, int):  # msgpack calls here with an int only when it is out of its range
+        raise TypeError(f"cannot send the integer {obj} over the wire: msgpack carries integers in "
+                        "[-2**63, 2**64)")
     raise TypeError(f"cannot send a {type(obj).__name__} over the wire")
 
 
@@ -105,6 +108,9 @@ def pack(value: Any) -> bytes:
         return packer.pack(value)
     except TypeError as e:
         raise InvalidArgument(str(e)) from None
+    except UnicodeEncodeError as e:  # a str with lone surrogates (an undecodable argv or file name)
+        raise InvalidArgument(f"cannot send a str over the wire that UTF-8 cannot encode ({e.reason}: "
+                              f"{e.object[:64]!r}); pass bytes") from None
 
 
 def unpack(data: bytes) -> Any:

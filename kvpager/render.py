@@ -101,9 +101,20 @@ def sequences_text(seqs: Sequence[SequenceInfo], max_table: int = 12) -> str:
     return table(("seq", "session", "pid", "tokens", "blocks", "shared", "state", "block table"), rows)
 
 
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable escaped (``\\n``, ``\\x1b``,
+    ``\\x00``, ...): a salt or client name is any session's to choose, and must not
+    move the operator's cursor, forge rows or stop curses (which refuses NUL)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
+
+
 def salt_label(salt: str | bytes | None, width: int = 32) -> str:
-    """A salt for a table cell: ``-`` for the default (None or empty), bytes as hex, cut to ``width``."""
-    text = "-" if not salt else salt if isinstance(salt, str) else "0x" + salt.hex()
+    """A salt for a table cell: ``-`` for the default (None or empty), bytes as hex, a str's
+    unprintable characters escaped (`printable`), cut to ``width``."""
+    text = "-" if not salt else printable(salt) if isinstance(salt, str) else "0x" + salt.hex()
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
@@ -129,7 +140,7 @@ def pins_text(pins: Sequence[PinInfo]) -> str:
 def sessions_text(sessions: Sequence[SessionInfo]) -> str:
     if not sessions:
         return "no sessions"
-    rows = [(s.name, "-" if s.pid is None else s.pid, s.client[:40], s.sequences, s.pins, s.requests,
+    rows = [(s.name, "-" if s.pid is None else s.pid, printable(s.client)[:40], s.sequences, s.pins, s.requests,
              f"{s.age_s:.0f}s", "yes" if s.control else "") for s in sessions]
     return table(("session", "pid", "client", "seqs", "pins", "requests", "age", "control"), rows)
 

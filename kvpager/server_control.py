@@ -69,7 +69,10 @@ class ControlOps:
 
     def _op_pin(self, s: Session, a: dict[str, Any]) -> list[int]:
         prompts = _prompts(a, "pin")
-        return self.pool.pin(prompts, a.get("salt"), owner=self._pin_owner(s, a, "pin"))
+        owner = self._pin_owner(s, a, "pin")
+        # a session's pins list at most `Limits.pin_blocks` blocks (memory, and the `pins` reply)
+        listed = None if owner is None else self.limits.pin_blocks
+        return self.pool.pin(prompts, a.get("salt"), owner=owner, max_listed=listed)
 
     def _op_unpin(self, s: Session, a: dict[str, Any]) -> list[int]:
         prompts = _prompts(a, "unpin")

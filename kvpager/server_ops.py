@@ -29,6 +29,7 @@ from kvpager.errors import (
     Unauthorized,
 )
 from kvpager.protocol import SEQUENCES_PAGE
+from kvpager.render import printable
 from kvpager.server_control import ControlOps
 from kvpager.server_ranks import hello_memory, hello_rank, rank_backends
 from kvpager.validate import zero_d
@@ -69,7 +70,8 @@ class ServerOps(ControlOps):
         rank = hello_rank(self.pool, a.get("rank"))
         s = self.sessions.open(client, pid if isinstance(pid, int) and not isinstance(pid, bool) else None)
         s.control, s.rank = control, rank
-        log.info("session %s opened by %s (pid %s)%s", s.name, s.client, s.pid, " with control" if control else "")
+        log.info("session %s opened by %s (pid %s)%s", s.name, printable(s.client), s.pid,  # a line of its own
+                 " with control" if control else "")
         memory = hello_memory(self, rank)
         return {
             "session": s.id,  # the secret: this reply is the only one that carries it

@@ -8,6 +8,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from kvpager.render import printable
 from kvpager.wire_args import wire_ids
 
 if TYPE_CHECKING:
@@ -53,5 +54,5 @@ class SessionEnds:
         pins = self.pool.release_pins(session.name)
         self.sessions.close(session)
         log.info("session %s (%s, pid %s) ended: %s; freed %d sequences, released %d pins",
-                 session.name, session.client, session.pid, why, len(ids), pins)
+                 session.name, printable(session.client), session.pid, why, len(ids), pins)
         return len(ids)

@@ -135,8 +135,12 @@ class Tenants:
     def set_quota(self, salt: str | bytes | None, blocks: int | None, evictable: OrderedDict[int, None]) -> None:
         """Bound ``salt``'s cached blocks softly by ``blocks`` (None: no quota)."""
         root = root_key(salt)  # InvalidArgument for a salt of the wrong type
-        if blocks is not None and (type(blocks) is not int or blocks < 0):
-            raise InvalidArgument(f"quota must be a number of blocks >= 0 or None, got {blocks!r}")
+        if blocks is not None:
+            # an int or a NumPy integer (as a Client sends it), not a bool; within int64, as
+            # `stats` carries it (a larger one made every stats reply unencodable)
+            if isinstance(blocks, bool) or not isinstance(blocks, (int, np.integer)) or not 0 <= blocks < 1 << 63:
+                raise InvalidArgument(f"quota must be a number of blocks in [0, 2**63) or None, got {blocks!r}")
+            blocks = int(blocks)
         if blocks is None:
             c = self._codes.get(root)
             if c is not None and self.quotas.pop(c, None) is not None:

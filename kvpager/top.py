@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvpager.errors import UnknownOp
-from kvpager.render import human_bytes, salt_label
+from kvpager.render import human_bytes, printable, salt_label
 from kvpager.types import PoolStats, SessionInfo
 
 
@@ -145,7 +145,7 @@ def lines(snap: Snapshot, r: Rates | None, endpoint: str, width: int, height: in
     for s in shown:
         rate = "-" if r is None or s.name not in r.session_requests_per_s else _n(r.session_requests_per_s[s.name])
         pid = "-" if s.pid is None else str(s.pid)
-        out.append(f"{s.name:<8} {pid:>8} {_fit(s.client, name_w):<{name_w}} {s.sequences:>6} {s.pins:>5} {rate:>8}")
+        out.append(f"{s.name:<8} {pid:>8} {_fit(printable(s.client), name_w):<{name_w}} {s.sequences:>6} {s.pins:>5} {rate:>8}")
     if len(shown) < len(sessions):
         out.append(f"... {len(sessions) - len(shown)} more sessions")
     return [_fit(x, w) for x in out[:height]]

@@ -318,3 +318,30 @@ def test_a_session_whose_end_raises_in_expiry_is_closed_and_the_daemon_lives(mon
             assert healthy.sequence(a.seq_id).num_tokens == 3
         finally:
             silent.close()
+
+
+def test_the_blocks_a_sessions_pins_list_are_bounded():
+    """Nested pins of one long cached prompt (each prefix length a distinct pin)
+    once grew without bound: every pin keeps its keys and block list, and the
+    ``pins`` reply lists them all (3,000 took 316 MB and a 1.2 s reply). A
+    session's pins list at most `Limits.pin_blocks` blocks; a pin past it is
+    refused and changes nothing; re-pinning a pinned prefix adds no blocks; the
+    pool's own (kept) pins and other sessions are not held to one session's count."""
+    bs = SMALL.block_size
+    prompt = list(range(10 * bs))
+    with running_server(SMALL, limits=Limits(pin_blocks=20)) as server, \
+            Client(server.endpoint) as c, Client(server.endpoint) as other:
+        (a,) = c.allocate([prompt])
+        c.commit([a.seq_id])
+        assert c.pin([prompt[: 4 * bs], prompt[: 6 * bs]]) == [4 * bs, 6 * bs]  # 10 listed
+        assert c.pin([prompt[: 4 * bs]] * 3) == [4 * bs] * 3  # the same pin counted: nothing new listed
+        before = c.pins()
+        with pytest.raises(LimitExceeded, match="pin_blocks|listed by this session's pins") as e:
+            c.pin([prompt[: 5 * bs], prompt[: 7 * bs]])  # 12 more: 22 > 20
+        assert e.value.limit == "pin_blocks" and e.value.value == 22 and e.value.maximum == 20
+        assert c.pins() == before  # nothing changed
+        assert c.pin([prompt[: 10 * bs]]) == [10 * bs]  # exactly 20
+        assert other.pin([prompt[: 9 * bs], prompt[: 8 * bs]]) == [9 * bs, 8 * bs]  # its own count
+        c.unpin([prompt[: 10 * bs]])
+        assert c.pin([prompt[: 9 * bs]]) == [9 * bs]  # room again: 19
+        c.check_integrity()
