@@ -130,7 +130,11 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self._want_map, self._want_heartbeat = map_pool, heartbeat
         self._hb_stop = threading.Event()
         self._hb: threading.Thread | None = None
-        self._hello()
+        try:
+            self._hello()
+        except BaseException:  # a refused hello: no session, and no socket left to the garbage collector
+            self._chan.close()
+            raise
 
     def _hello(self) -> None:
         """Open a session: its secret, the pool's geometry and memory, heartbeats."""

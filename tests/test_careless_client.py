@@ -188,3 +188,32 @@ def test_an_events_tail_takes_an_idle_wait_past_zeromqs_range(tmp_path):
         t.join(20)
         assert len(got) == 1 and not isinstance(got[0], Exception), got
         assert got[0].events[0]["type"] == "BlockStored"
+
+
+def test_refused_hellos_leave_no_socket_open():
+    """A client whose hello the daemon refuses (a wrong token, here) has no
+    session; its socket used to stay open for as long as the error was kept
+    (a retry loop that logs its errors held one a try)."""
+    import os
+
+    from kvpager.errors import Unauthorized
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with running_server(SMALL, token="t" * 16) as server:
+        kept = []
+        for _ in range(3):  # the context's first sockets, made once
+            try:
+                Client(server.endpoint, token="wrong" * 4, heartbeat=False)
+            except Unauthorized as e:
+                kept.append(e)
+        before = open_fds()
+        for _ in range(40):
+            try:
+                Client(server.endpoint, token="wrong" * 4, heartbeat=False)
+            except Unauthorized as e:
+                kept.append(e)
+        assert open_fds() - before < 5
+        with Client(server.endpoint, token="t" * 16, heartbeat=False) as c:  # the daemon serves on
+            assert c.stats().num_sequences == 0

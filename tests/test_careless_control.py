@@ -275,3 +275,19 @@ def test_pins_uncached_twice_across_salts_and_session_ends(server):
         assert p.owner is None and p.count == 1
         assert ctl.unpin([PROMPT], "t", keep=True) == [3 * BS] and ctl.pins() == []
         ctl.check_integrity()
+
+
+def test_a_ranked_pool_releases_every_rank_when_one_fails_to_close():
+    """Closing a pool of ranks stopped at the first rank whose close raised,
+    leaving the others' memory held."""
+    spec = PoolSpec(num_layers=2, num_kv_heads=4, head_dim=8, num_blocks=16, block_size=16, dtype="float32")
+    pool = KVPool(spec, devices=["cpu", "cpu"])
+    first, second = pool.backend.ranks
+
+    def broken() -> None:
+        raise RuntimeError("rank 0 failed to close")
+
+    first.close = broken
+    with pytest.raises(RuntimeError, match="rank 0"):
+        pool.close()
+    assert second.closed

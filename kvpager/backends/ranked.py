@@ -120,8 +120,14 @@ class RankedBackend(Backend):
     def close(self) -> None:
         self.closed = True
         self.moves.bump()
-        for b in self.ranks:
-            b.close()
+        failed: BaseException | None = None
+        for b in self.ranks:  # every rank's memory is released, whichever fails
+            try:
+                b.close()
+            except BaseException as e:
+                failed = failed or e
+        if failed is not None:
+            raise failed
 
     # -- per layer: one rank's ----------------------------------------------------
     def _per_rank(self, what: str) -> InvalidArgument:
