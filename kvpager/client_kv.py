@@ -137,7 +137,8 @@ class KVAccess:
         self._check_layer(layer)
         pool = self._pool()
         slots = self._check_slots(slots)
-        self._check_own_slots(slots)
+        if self.ranks == 1:  # (a rank's worker writes its heads into the driver's sequences: see "Ranks")
+            self._check_own_slots(slots)
         shape = (len(slots), self.spec.num_kv_heads, self.spec.head_dim)
         pool.write(int(layer), slots, self._check_tensor(k, "k", shape), self._check_tensor(v, "v", shape))
 
@@ -228,7 +229,8 @@ class KVAccess:
 
     def _check_own_slots(self, slots: np.ndarray) -> None:
         """NotOwner unless every slot (but -1, padding) lies in a block of one of this
-        session's resident sequences, as the daemon checks a staged write: slots kept
+        session's resident sequences, as the daemon checks a staged write (a pool of
+        one rank; a rank's worker writes into the sequences its driver holds): slots kept
         from before a free, truncate or swap-out would write into blocks that may be
         another worker's now. Checked against the mirror once per slot array and
         change of the session's sequences (a model's layers write the same slots:
