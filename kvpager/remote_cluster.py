@@ -18,11 +18,12 @@ stay closed, so every lookup would wait for the hung master again) and save
 little: blocks spread over all slots, so a prompt's run of restorable blocks
 ends at its first block on the hung master.
 
-- Lookups (`get_into`): pipelined ``GET``s read straight into the caller's
-  rows (`kvpager.remote_resp.Reader`, as the standalone store reads ``MGET``),
-  each row reported to ``done`` as it arrives; a cluster's ``MGET`` needs all
-  its keys in one slot, and blocks spread over all slots. A key of another
-  Redis type (``GET`` answers ``WRONGTYPE``) is a miss, as ``MGET`` makes it.
+- Lookups (`get_into`): pipelined ``GETRANGE key 0 W``s (at most W + 1 bytes
+  of a value, W a value's length: `kvpager.remote_resp.read_range`) read
+  straight into the caller's rows, as the standalone store reads them, each
+  row reported to ``done`` as it arrives; a multi-key command needs all its
+  keys in one slot, and blocks spread over all slots. A key of another Redis
+  type (``WRONGTYPE``) is a miss.
 - Probes: ``TYPE``; writes: ``SET NX`` then ``STRLEN`` and ``SET`` where a key
   held something else (`put_checked`); deletes: ``DEL`` per key; `ping`: every
   master. Through the node's redis-py pipeline.
@@ -46,18 +47,28 @@ from typing import Any
 
 import numpy as np
 
-from kvpager.remote_resp import FetchError, Reader
+from kvpager.remote_resp import FetchError, Reader, ReplyError, read_range, reply_error
 from kvpager.remote_store import (
+    _NEEDS_CLUSTER,
+    CHECK_KEY,
     KEY_ABSENT,
     KEY_OTHER,
     KEY_STRING,
     Store,
     StoreError,
+    StoreMisconfigured,
+    StoreRefused,
+    _check_limits,
+    _connect_refusal,
+    _judge,
     _nodes,
     _options,
+    _plain_redis,
+    _ranges,
     _redis,
     put_checked,
     redact,
+    store_error,
 )
 
 _THREADS = 64  # most masters one call talks to at once (past that, some wait for a thread)
@@ -121,8 +132,9 @@ class RedisClusterStore(Store):
     def __init__(self, url: str, scheme: str, timeout: float, write_timeout: float):
         self._redis = _redis()
         self.url = redact(url)
+        self._scheme, self._timeout = scheme, timeout
         parts = urllib.parse.urlsplit(scheme + url[url.index("://") :].split(",", 1)[0])
-        self._startup = _nodes(url.split("://", 1)[1].split("/", 1)[0], url)
+        self._startup = _nodes(urllib.parse.urlsplit(url).netloc, url)
         self._auth = dict(username=parts.username or None, password=parts.password,
                           ssl=scheme == "rediss")
         self._sides = (_Side(timeout), _Side(write_timeout))  # reader, writer
@@ -167,12 +179,11 @@ class RedisClusterStore(Store):
         side = self._sides[which]
         try:
             return fn(side, self._client(side))
-        except StoreError:
-            side.stale = True
-            raise
-        except self._errors as e:
-            side.stale = True
-            raise StoreError(f"{type(e).__name__}: {e}") from None
+        except (StoreError, *self._errors) as e:
+            error = store_error(e)
+            if not isinstance(error, StoreRefused):  # a refused call says nothing of the slot map
+                side.stale = True
+            raise error from None
 
     def _spread(self, side: _Side, rc: Any, keys: Seq[str], job: Job) -> None:
         """Run ``job`` on every master that holds a slot of ``keys`` at once, then
@@ -203,10 +214,14 @@ class RedisClusterStore(Store):
                             for node, plan in items])
         failed = [(node, r) for (node, _), r in zip(items, results) if isinstance(r, Exception)]
         if failed:
-            for node, _ in failed:
-                side.failed[node.name] = None
-            node, e = failed[0]
-            raise StoreError(f"{node.name}: {type(e).__name__}: {e}")
+            errors = [store_error(e) for _, e in failed]
+            for (node, _), error in zip(failed, errors):
+                if not isinstance(error, StoreRefused):
+                    side.failed[node.name] = None
+            # refused only if every failed master refused (a master that did not answer is an outage)
+            refused = all(isinstance(error, StoreRefused) for error in errors)
+            node, error = failed[0][0], errors[0]
+            raise (StoreRefused if refused else StoreError)(f"{node.name}: {error}")
         return [x for r in results for x in r]
 
     def _commands(self, side: _Side, rc: Any, calls: Seq[tuple[str, tuple, dict]]) -> list[Any]:
@@ -238,8 +253,10 @@ class RedisClusterStore(Store):
         return out
 
     # -- the Store interface ---------------------------------------------------------------
-    def get_many(self, keys: Seq[str]) -> list[bytes | None]:
+    def get_many(self, keys: Seq[str], limit: int | None = None) -> list[bytes | None]:
         def run(side: _Side, rc: Any) -> list[bytes | None]:
+            if limit is not None:
+                return _ranges(self._commands(side, rc, [("getrange", (k, 0, limit), {}) for k in keys]))
             values = self._commands(side, rc, [("get", (k,), {}) for k in keys])
             for i, v in enumerate(values):
                 if isinstance(v, Exception):
@@ -271,7 +288,7 @@ class RedisClusterStore(Store):
                 for i, ask in plan:
                     if ask:
                         commands.append(("ASKING",))
-                    commands.append(("GET", keys[i]))
+                    commands.append(("GETRANGE", keys[i], 0, width))
                 conn.send_packed_command(conn.pack_commands(commands), check_health=False)
                 redirected = self._read_gets(Reader(conn._sock), plan, rows, width, sizes, done)
                 broken = False
@@ -286,44 +303,31 @@ class RedisClusterStore(Store):
 
     def _read_gets(self, reader: Reader, plan: Plan, rows: memoryview, width: int, sizes: np.ndarray,
                    done: Callable[[int, int], None] | None) -> list[tuple[int, Any]]:
-        """The replies to a node's pipelined ``GET``s (``ASKING`` first where the
-        plan says): each value of ``width`` bytes into its row, its length into
-        ``sizes`` (-1: absent, or another Redis type); the keys redirected."""
+        """The replies to a node's pipelined ``GETRANGE``s (``ASKING`` first where
+        the plan says): each value of ``width`` bytes into its row, its length
+        into ``sizes`` (`kvpager.remote_resp.read_range`: -1 absent, empty or
+        another Redis type, ``width + 1`` longer); the keys redirected."""
         redirected = []
         for i, ask in plan:
             if ask and (line := reader.line()) != b"+OK":
-                raise FetchError(f"the store answered {line[:200]!r} to ASKING")
-            head = reader.line()
-            kind = head[:1]
-            if kind == b"$":
+                if line[:1] == b"-":
+                    raise reply_error(line, " to ASKING")
+                raise FetchError(f"malformed reply: {line[:200]!r} to ASKING")
+            try:
+                read_range(reader, rows, width, sizes, i)
+            except ReplyError as e:
+                if not e.reply.startswith(("MOVED ", "ASK ")):
+                    raise
+                word, rest = e.reply.split(" ", 1)
                 try:
-                    n = int(head[1:])
+                    redirected.append((i, (self._moved if word == "MOVED" else self._ask)(rest)))
                 except ValueError:
-                    raise FetchError(f"malformed reply: {head[:40]!r} for a value") from None
-                sizes[i] = max(n, -1)
-                if n == width:
-                    reader.into(rows[i * width : (i + 1) * width])
-                elif n > 0:
-                    reader.skip(n)
-                if n >= 0 and reader.line() != b"":
-                    raise FetchError("malformed reply: a value longer than its length")
-            elif kind == b"-":
-                error = head[1:].decode(errors="replace")
-                if error.startswith(("MOVED ", "ASK ")):
-                    word, rest = error.split(" ", 1)
-                    try:
-                        redirected.append((i, (self._moved if word == "MOVED" else self._ask)(rest)))
-                    except ValueError:
-                        raise FetchError(f"malformed reply: {head[:200]!r}") from None
-                    continue
-                if not error.startswith("WRONGTYPE"):  # another type: a miss, as MGET makes it
-                    raise FetchError(f"the store answered {error[:200]!r}")
-            elif kind != b"_":  # RESP3's null
-                raise FetchError(f"malformed reply: {head[:40]!r} for a value")
+                    raise FetchError(f"malformed reply: {e.reply[:200]!r}") from None
+                continue
             if done is not None:
                 done(i, i + 1)
         if not reader.idle():
-            raise FetchError("malformed reply: bytes after the replies to GET")
+            raise FetchError("malformed reply: bytes after the replies to GETRANGE")
         return redirected
 
     def exists_many(self, keys: Seq[str]) -> np.ndarray:
@@ -366,6 +370,73 @@ class RedisClusterStore(Store):
             self._fan(side, rc, {node.name: (node, []) for node in rc.get_primaries()}, job)
 
         self._call(0, run)
+
+    def verify(self, prefix: str, value_bytes: int | None = None) -> list[str]:
+        redis = self._redis
+        side = self._sides[0]
+        try:
+            rc = self._client(side)
+        except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as e:
+            raise StoreMisconfigured(f"remote store {self.url}: {_connect_refusal(e, _NEEDS_CLUSTER)}") from None
+        except self._errors as e:
+            side.stale = True
+            self._diagnose(e)
+            raise store_error(e) from None
+        key = prefix + CHECK_KEY
+        # what the tier sends, about a key no block has (SET XX of an absent key stores nothing),
+        # on its master; ASKING then PING on every master
+        names = ["GETRANGE", "TYPE", "STRLEN", "SET", "DEL"]
+        calls = [("getrange", (key, 0, 0), {}), ("type", (key,), {}), ("strlen", (key,), {}),
+                 ("set", (key, b""), {"xx": True}), ("delete", (key,), {})]
+        masters: list[list[Any]] = []  # each master's replies (appended by its thread)
+
+        def job(client: Any, plan: Plan) -> list[tuple[int, Any]]:
+            pipe = client.pipeline(transaction=False)
+            pipe.execute_command("ASKING")
+            pipe.execute_command("PING")
+            masters.append(pipe.execute(raise_on_error=False))
+            return []
+
+        def run(side: _Side, rc: Any) -> list[Any]:
+            replies = self._commands(side, rc, calls)
+            self._fan(side, rc, {node.name: (node, []) for node in rc.get_primaries()}, job)
+            return replies
+
+        replies = self._call(0, run)
+        for asking_ping in masters:
+            names += ["ASKING", "PING"]
+            replies += asking_ping
+        warnings = _judge(self.url, names, replies, _NEEDS_CLUSTER)
+        if value_bytes is not None:
+            _check_limits(self.url, rc.get_redis_connection(rc.get_node_from_key(key)), value_bytes)
+        return warnings
+
+    def _diagnose(self, error: BaseException) -> None:
+        """The cluster client could not be made (``error``): `StoreMisconfigured`
+        where a node of the URL answers but refuses (credentials, CLUSTER SLOTS
+        refused or no cluster there at all, no TLS); else nothing."""
+        redis = self._redis
+        for host, port in self._startup:
+            client = redis.Redis(host=host, port=port, **_options(redis, self._timeout), **self._auth)
+            try:
+                client.execute_command("CLUSTER", "SLOTS")
+            except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as e:
+                raise StoreMisconfigured(f"remote store {self.url}: {host}:{port}: "
+                                         f"{_connect_refusal(e, _NEEDS_CLUSTER)}") from None
+            except redis.ResponseError as e:
+                if "cluster support disabled" in str(e):
+                    raise StoreMisconfigured(f"remote store {self.url}: {host}:{port} is no Redis Cluster node "
+                                             f"(CLUSTER SLOTS: {e}); use redis://HOST:PORT") from None
+                if isinstance(store_error(e), StoreRefused):
+                    raise StoreMisconfigured(f"remote store {self.url}: {host}:{port} refuses CLUSTER SLOTS "
+                                             f"({type(e).__name__}: {e})") from None
+            except (redis.RedisError, OSError):
+                if self._scheme == "rediss" and _plain_redis(host, port, self._timeout):
+                    raise StoreMisconfigured(f"remote store {self.url}: {host}:{port} answers without TLS; use "
+                                             "redis+cluster:// (or enable TLS on the servers)") from None
+            finally:
+                with contextlib.suppress(Exception):
+                    client.close()
 
     def close(self) -> None:
         for side in self._sides:

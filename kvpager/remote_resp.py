@@ -1,6 +1,7 @@
-"""Lookups read straight into a staging buffer: ``MGET`` replies parsed by a
-minimal RESP2 reader on a redis-py connection's socket, several connections
-at once; and the probe's pipelined ``TYPE`` (`key_types`), read the same way.
+"""Lookups read straight into a staging buffer: pipelined ``GETRANGE`` replies
+parsed by a minimal RESP reader on a redis-py connection's socket, several
+connections at once; and the probe's pipelined ``TYPE`` (`key_types`), read
+the same way.
 
 redis-py's parser copies every value into a new ``bytes`` object (and
 hiredis first into its own buffer); for 2 MiB values that copying, on the
@@ -11,7 +12,15 @@ read-ahead buffer. Everything else (connecting, AUTH, TLS, SELECT, the
 client name, timeouts) is redis-py's connection, taken from and returned to
 its pool.
 
-A lookup is split into chunks of about ``chunk_bytes`` (one ``MGET`` each:
+Each key is asked as ``GETRANGE key 0 W`` (W: a value's length), not ``GET``
+or ``MGET``: at most W + 1 bytes of it come back, so a key holding a value of
+hundreds of megabytes (another program, a hostile writer) costs a lookup W + 1
+bytes, not the store building and sending the whole value (which held a
+lookup past its timeout, every time, so the tier never restored again); a
+reply announcing more than W + 1 bytes is malformed and fails the lookup at
+once.
+
+A lookup is split into chunks of about ``chunk_bytes`` (one pipeline each:
 Redis builds a reply of 8 MiB far faster than one of 256 MiB, whose reply
 buffers no longer fit in a cache) and ``connections`` threads fetch chunks
 in turn, the caller's thread being one of them; socket reads and the
@@ -19,7 +28,8 @@ checksums of ``done`` release the GIL, so the checks of one chunk overlap the
 transfer of the next. Any failure (timeout, reset, closed connection, an
 error reply, a malformed reply) fails the whole lookup: the connection it
 happened on is dropped (never reused half-read), the other threads stop
-after their current chunk, and the caller gets `FetchError`.
+after their current chunk, and the caller gets `FetchError` (`ReplyError`
+for an error reply).
 """
 
 from __future__ import annotations
@@ -34,11 +44,24 @@ import numpy as np
 
 _AHEAD = 64 << 10  # the read-ahead buffer for reply lines
 _LINE_READ = 256  # most bytes read ahead for a line: a value's bytes should go to their row
-_MAX_LINE = 4 << 10  # a longer line is not a reply to MGET
+_MAX_LINE = 4 << 10  # a longer line is not a reply to GETRANGE or TYPE
 
 
 class FetchError(Exception):
     """A chunked lookup failed; the message says where and why."""
+
+
+class ReplyError(FetchError):
+    """The store answered an error (``reply``: its text, e.g. ``NOPERM ...``)."""
+
+    def __init__(self, reply: str, what: str = ""):
+        self.reply = reply
+        super().__init__(f"the store answered {reply[:200]!r}{what}")
+
+
+def reply_error(line: bytes, what: str = "") -> ReplyError:
+    """The `ReplyError` of an error line (``-...``)."""
+    return ReplyError(line[1:].decode(errors="replace").rstrip("\r\n"), what)
 
 
 class Reader:
@@ -108,33 +131,51 @@ def _int(line: bytes, what: str) -> int:
         raise FetchError(f"malformed reply: {what} {line[:40]!r}") from None
 
 
-def read_mget(reader: Reader, rows: memoryview, width: int, sizes: np.ndarray, lo: int, hi: int) -> None:
-    """The reply to ``MGET`` of keys ``lo..hi``: each value of ``width`` bytes into
-    its row of ``rows`` (flat, ``width`` bytes a row); ``sizes[i]``: its length,
-    -1 where absent. A value of another length is read past, not copied."""
+def pack_ranges(keys: Seq[str], width: int) -> bytes:
+    """``GETRANGE key 0 width`` for each of ``keys``, packed: at most ``width + 1``
+    bytes of each value come back (``width`` of a value of that length)."""
+    end = b"%d" % width
+    tail = b"\r\n$1\r\n0\r\n$%d\r\n%s\r\n" % (len(end), end)
+    return b"".join(b"*4\r\n$8\r\nGETRANGE\r\n$%d\r\n%s%s" % (len(k), k, tail) for k in (k.encode() for k in keys))
+
+
+def read_range(reader: Reader, rows: memoryview, width: int, sizes: np.ndarray, i: int) -> None:
+    """One reply to ``GETRANGE key 0 width``: a value of ``width`` bytes into row
+    ``i`` of ``rows`` (flat, ``width`` bytes a row); ``sizes[i]``: its length
+    (``width + 1``: longer), -1 where the key is absent or empty (``GETRANGE``
+    answers an empty string for both) or holds another Redis type
+    (``WRONGTYPE``: a miss, as ``MGET``'s nil made it). Another error reply is
+    `ReplyError`; a value announced longer than ``width + 1`` is malformed."""
     head = reader.line()
-    if head[:1] == b"-":
-        raise FetchError(f"the store answered {head[1:200].decode(errors='replace')!r}")
-    if head[:1] != b"*" or _int(head, "array header") != hi - lo:
-        raise FetchError(f"malformed reply: {head[:40]!r} to an MGET of {hi - lo} keys")
-    for i in range(lo, hi):
-        head = reader.line()
-        kind = head[:1]
-        if kind == b"_":  # RESP3 null
+    kind = head[:1]
+    if kind == b"-":
+        if head.startswith(b"-WRONGTYPE"):
             sizes[i] = -1
-            continue
-        if kind != b"$":
-            raise FetchError(f"malformed reply: {head[:40]!r} for a value")
-        n = _int(head, "bulk length")
-        sizes[i] = max(n, -1)
-        if n < 0:
-            continue
-        if n == width:
-            reader.into(rows[i * width : (i + 1) * width])
-        else:
-            reader.skip(n)
-        if reader.line() != b"":
-            raise FetchError("malformed reply: a value longer than its length")
+            return
+        raise reply_error(head)
+    if kind == b"_":  # RESP3 null
+        sizes[i] = -1
+        return
+    if kind != b"$":
+        raise FetchError(f"malformed reply: {head[:40]!r} for a value")
+    n = _int(head, "bulk length")
+    if n > width + 1:
+        raise FetchError(f"malformed reply: {n} bytes to a GETRANGE of at most {width + 1}")
+    sizes[i] = n if n > 0 else -1
+    if n < 0:
+        return
+    if n == width:
+        reader.into(rows[i * width : (i + 1) * width])
+    else:
+        reader.skip(n)
+    if reader.line() != b"":
+        raise FetchError("malformed reply: a value longer than its length")
+
+
+def read_ranges(reader: Reader, rows: memoryview, width: int, sizes: np.ndarray, lo: int, hi: int) -> None:
+    """The replies to `pack_ranges` of keys ``lo..hi`` (see `read_range`)."""
+    for i in range(lo, hi):
+        read_range(reader, rows, width, sizes, i)
 
 
 #: what `key_types` says a key holds
@@ -147,16 +188,17 @@ def key_types(sock: Any, keys: Seq[str]) -> np.ndarray:
     """What the store holds under each of ``keys`` (int8 per key):
     `KEY_ABSENT`, `KEY_STRING` (a string of any length: a value a lookup may
     restore, once its length and checksum pass) or `KEY_OTHER` (a hash, list,
-    set, sorted set, stream or a module's type: ``MGET`` answers nil for it,
-    so no lookup would ever see it). One ``TYPE`` per key, all sent before any
-    reply is read (one round trip). ``TYPE``, like ``EXISTS``, reads no value
+    set, sorted set, stream or a module's type: a lookup's ``GETRANGE``
+    answers ``WRONGTYPE`` for it, a miss, so no lookup would ever restore
+    it). One ``TYPE`` per key, all sent before any reply is read (one round
+    trip). ``TYPE``, like ``EXISTS``, reads no value
     and does not touch a key's LRU / LFU clock (``STRLEN`` would).
 
     Each reply is one status line (``+string``, ``+none``, ``+hash``, ...), so
     the replies are read until ``len(keys)`` line ends have come, then split
     and classified with NumPy. An error reply (an ACL's ``NOPERM``), a reply of
-    another form, or bytes past the last reply fail the call (`FetchError`)
-    and the connection must be dropped."""
+    another form, or bytes past the last reply fail the call (`FetchError`;
+    `ReplyError` for an error reply) and the connection must be dropped."""
     n = len(keys)
     if not n:
         return np.zeros(0, dtype=np.int8)
@@ -186,8 +228,9 @@ def key_types(sock: Any, keys: Seq[str]) -> np.ndarray:
     if wrong.any():
         at = int(np.argmax(wrong))
         line = bytes(buf[starts[at] : min(ends[at] + 1, starts[at] + 200)])
-        raise FetchError(f"the store answered {line!r} to TYPE" if line[:1] == b"-"
-                         else f"malformed reply: {line!r} to TYPE")
+        if line[:1] == b"-":
+            raise reply_error(line, " to TYPE")
+        raise FetchError(f"malformed reply: {line!r} to TYPE")
     out = np.full(n, KEY_OTHER, dtype=np.int8)
     size = ends - starts + 1
     for code, pattern in ((KEY_STRING, _STRING), (KEY_ABSENT, _NONE)):
@@ -199,12 +242,13 @@ def key_types(sock: Any, keys: Seq[str]) -> np.ndarray:
 
 
 class ChunkedFetch:
-    """Parallel chunked ``MGET`` over connections handed out by ``acquire`` /
-    ``release`` (see the module docstring). ``acquire() -> (conn, sock)``;
-    ``release(conn, broken)``: ``broken`` connections must be dropped."""
+    """Parallel chunked ``GETRANGE`` pipelines over connections handed out by
+    ``acquire`` / ``release`` (see the module docstring). ``acquire() -> (conn,
+    sock)``; ``release(conn, broken)``: ``broken`` connections must be dropped;
+    ``send(conn, data)``: send packed commands on ``conn``."""
 
     def __init__(self, acquire: Callable[[], tuple[Any, Any]], release: Callable[[Any, bool], None],
-                 send: Callable[[Any, Seq[str]], None], connections: int, chunk_bytes: int):
+                 send: Callable[[Any, bytes], None], connections: int, chunk_bytes: int):
         self.acquire, self.release, self.send = acquire, release, send
         self.connections, self.chunk_bytes = connections, chunk_bytes
         self._pool: ThreadPoolExecutor | None = None
@@ -212,8 +256,9 @@ class ChunkedFetch:
     def run(self, keys: Seq[str], out: np.ndarray, sizes: np.ndarray,
             done: Callable[[int, int], None] | None = None) -> None:
         """Values of ``keys`` into the rows of ``out`` ([len(keys), width] uint8,
-        C-contiguous), their lengths into ``sizes`` (-1: absent; a row is filled
-        only where the length is ``width``). ``done(lo, hi)`` runs on the
+        C-contiguous), their lengths into ``sizes`` (-1: absent, empty or another
+        Redis type; ``width + 1``: longer; a row is filled only where the length
+        is ``width``). ``done(lo, hi)`` runs on the
         fetching thread as soon as rows ``lo..hi`` are in. FetchError if any
         chunk failed."""
         n, width = len(keys), out.shape[1]
@@ -241,10 +286,10 @@ class ChunkedFetch:
                     if lo is None:
                         break
                     hi = min(lo + per, n)
-                    self.send(conn, keys[lo:hi])
-                    read_mget(reader, rows, width, sizes, lo, hi)
+                    self.send(conn, pack_ranges(keys[lo:hi], width))
+                    read_ranges(reader, rows, width, sizes, lo, hi)
                     if not reader.idle():
-                        raise FetchError("malformed reply: bytes after the MGET reply")
+                        raise FetchError("malformed reply: bytes after the GETRANGE replies")
                     if done is not None:
                         done(lo, hi)
                 broken = False
@@ -262,7 +307,9 @@ class ChunkedFetch:
                 f.result()
         if failed:
             e = failed[0]
-            raise FetchError(str(e) if isinstance(e, FetchError) else f"{type(e).__name__}: {e}")
+            if isinstance(e, FetchError):
+                raise e
+            raise FetchError(f"{type(e).__name__}: {e}")
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:

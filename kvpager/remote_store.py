@@ -15,12 +15,20 @@ URLs (``--remote``):
   ``unix:///PATH.sock[?db=N]``; ``valkey://`` and ``valkeys://`` are the same;
 - ``redis+cluster://HOST:PORT[,HOST:PORT...]`` (``rediss+cluster://``,
   ``valkey+cluster://``): a Redis Cluster, found from any of those nodes.
+A URL that does not parse, or that redis-py would read as another place (a
+DB that is no number, a Unix URL with a host part, a cluster URL with a DB
+or options), is `InvalidArgument`; a password (in the credentials or a
+``password=`` option) is never shown (`redact`). `Store.verify` checks, at
+start, that the store takes what the tier sends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
+import socket
+import sys
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -33,7 +41,7 @@ from kvpager.errors import InvalidArgument
 from kvpager.remote_resp import KEY_ABSENT as KEY_ABSENT  # what exists_many says, re-exported
 from kvpager.remote_resp import KEY_OTHER as KEY_OTHER
 from kvpager.remote_resp import KEY_STRING as KEY_STRING
-from kvpager.remote_resp import ChunkedFetch, FetchError, key_types
+from kvpager.remote_resp import ChunkedFetch, FetchError, ReplyError, key_types
 
 _STANDALONE = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss", "unix": "unix"}
 _CLUSTER = {"redis+cluster": "redis", "rediss+cluster": "rediss", "valkey+cluster": "redis",
@@ -43,11 +51,53 @@ log = logging.getLogger("kvpager.remote")
 
 
 CONNECTIONS = 2  # a lookup's connections (docs/remote.md: measured)
-CHUNK_BYTES = 4 << 20  # about the bytes of one MGET of a lookup (docs/remote.md: measured)
+CHUNK_BYTES = 4 << 20  # about the bytes of one GETRANGE pipeline of a lookup (docs/remote.md: measured)
+CHECK_KEY = "access-check"  # after the tier's key prefix: the key `Store.verify` asks about (no block's name)
 
 
 class StoreError(Exception):
-    """A store call failed (connection, timeout, cluster or protocol error)."""
+    """A store call failed (connection, timeout, cluster or protocol error).
+    ``written``: keys a failed `Store.put_many` stored before it failed."""
+
+    written = 0
+
+
+class StoreRefused(StoreError):
+    """The store answered, with an error reply about the call itself: an ACL's
+    ``NOPERM``, ``OOM`` (full, ``noeviction``), ``READONLY`` (a replica),
+    ``MISCONF``, an unknown (renamed or disabled) command. The store is up but
+    declines this kind of call; the tier pauses that kind only (`RemoteTier`)."""
+
+
+class StoreMisconfigured(InvalidArgument):
+    """`Store.verify`: the store answers, but the tier could never work with it
+    as given: credentials refused, a DB index out of range, commands the ACL
+    user may not run, a Redis Cluster node given as a standalone store or a
+    standalone one as a cluster, TLS asked of a server without it, values too
+    long for the store. The message names what is wrong; ``kvpager serve``
+    exits with it."""
+
+
+_TRANSIENT = ("LOADING", "BUSY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN")  # error replies that pass by themselves
+
+
+def store_error(e: BaseException) -> StoreError:
+    """``e`` (a redis-py error, `FetchError`, `OSError`, ...) as the tier's error:
+    `StoreRefused` for an error reply that refuses the call (not a state that
+    passes by itself: ``LOADING``, ``BUSY``, ``CLUSTERDOWN``, ``TRYAGAIN``,
+    ``MASTERDOWN``; nor a cluster redirection), `StoreError` for the rest."""
+    if isinstance(e, StoreError):
+        return e
+    if isinstance(e, ReplyError):
+        return (StoreError if e.reply.startswith(_TRANSIENT) else StoreRefused)(str(e))
+    text = f"{type(e).__name__}: {e}"
+    redis = sys.modules.get("redis")
+    if redis is not None and isinstance(e, redis.exceptions.ResponseError):
+        exc = redis.exceptions
+        passing = isinstance(e, (exc.ClusterError, exc.AskError, exc.TryAgainError, exc.ClusterCrossSlotError))
+        if not passing and not str(e).startswith(_TRANSIENT):
+            return StoreRefused(text)
+    return StoreError(text)
 
 
 class Store(ABC):
@@ -61,21 +111,25 @@ class Store(ABC):
     url: str = ""
 
     @abstractmethod
-    def get_many(self, keys: Seq[str]) -> list[bytes | None]:
-        """The values of ``keys`` (None where absent) in one round trip (one per
-        node of a cluster). Loop thread; bounded by the lookup timeout."""
+    def get_many(self, keys: Seq[str], limit: int | None = None) -> list[bytes | None]:
+        """The values of ``keys`` (None where absent or of another Redis type) in
+        one round trip (one per node of a cluster). With ``limit``, at most
+        ``limit + 1`` bytes of each (``GETRANGE``: a longer value is cut there;
+        an empty one is None). Loop thread; bounded by the lookup timeout."""
 
     def get_into(self, keys: Seq[str], out: np.ndarray, sizes: np.ndarray,
                  done: Callable[[int, int], None] | None = None) -> None:
         """The values of ``keys`` into the rows of ``out`` ([len(keys), width]
         uint8, C-contiguous), their lengths into ``sizes`` (int64, -1 where
-        absent; a row holds its value only where the length is ``width``).
-        ``done(lo, hi)`` may run on another thread as soon as rows ``lo..hi``
-        are in (here: once, at the end). Loop thread; bounded by the lookup
-        timeout. This default copies what `get_many` returns."""
+        absent, empty or of another Redis type, ``width + 1`` where longer: at
+        most that many bytes of a value are read; a row holds its value only
+        where the length is ``width``). ``done(lo, hi)`` may run on another
+        thread as soon as rows ``lo..hi`` are in (here: once, at the end). Loop
+        thread; bounded by the lookup timeout. This default copies what
+        `get_many` returns."""
         sizes[:] = -1
         width = out.shape[1]
-        for i, value in enumerate(self.get_many(keys)):
+        for i, value in enumerate(self.get_many(keys, width)):
             if value is not None:
                 sizes[i] = len(value)
                 if len(value) == width:
@@ -111,18 +165,46 @@ class Store(ABC):
     def ping(self) -> None:
         """Raise StoreError unless the store answers now."""
 
+    def verify(self, prefix: str, value_bytes: int | None = None) -> list[str]:
+        """Check, at start, that the store answers and takes every command the
+        tier sends, asking about the key ``prefix`` + `CHECK_KEY` (no block's):
+        StoreError if it does not answer (a warning: the daemon serves without
+        it until it does), `StoreMisconfigured` naming what is wrong if it
+        answers but the tier could never work with it (``value_bytes``: a
+        value's length, checked against the store's limit where it tells);
+        returns warnings (a read-only replica, a full store: writes refused
+        for now). This default only pings."""
+        self.ping()
+        return []
+
     def close(self) -> None:
         """Drop the connections."""
 
 
+_SECRET_QUERY = re.compile(r"(?i)((?:^|[?&;])password=)[^&;#]*")
+
+
 def redact(url: str) -> str:
-    """``url`` without a password (``redis://:***@host:6379``)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """``url`` without a password (``redis://:***@host:6379``; a ``password=``
+    query parameter as ``password=***``), also for a URL that does not parse."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return _hide(url)
+    if password is not None:
+        user = parts.username or ""
+        host = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{user}:***@{host}")
+    if parts.query:
+        parts = parts._replace(query=_SECRET_QUERY.sub(r"\1***", parts.query))
+    return urllib.parse.urlunsplit(parts)
+
+
+def _hide(text: str) -> str:
+    """What might be a password in a string that is no URL (``:SECRET@``,
+    ``password=SECRET``) as ``***``: for the message that refuses it."""
+    return _SECRET_QUERY.sub(r"\1***", re.sub(r":[^:@/]*@", ":***@", text))
 
 
 def _nodes(netloc: str, url: str) -> list[tuple[str, int]]:
@@ -135,24 +217,52 @@ def _nodes(netloc: str, url: str) -> list[tuple[str, int]]:
         host, sep, port = item.rpartition(":")
         if not sep or host.endswith("[") or (item.startswith("[") and not host.endswith("]")):
             host, port = item, "6379"
-        host = host.strip("[]")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        bracketed = host.startswith("[") and host.endswith("]")
+        host = host[1:-1] if bracketed else host
+        if not host or not port.isdigit() or not 0 < int(port) < 65536 or "[" in host or "]" in host \
+                or any(c.isspace() or not c.isprintable() for c in host) or (":" in host and not bracketed):
             raise InvalidArgument(f"remote store URL {redact(url)!r}: {item!r} is not HOST:PORT")
         out.append((host, int(port)))
     return out
 
 
+def _check_url(url: str, scheme: str, cluster: bool) -> None:
+    """InvalidArgument for a URL that does not parse, or would connect somewhere
+    other than it says: redis-py reads a DB path that is no number (``/kv``)
+    as DB 0 and ``/0/1`` as DB 1, and drops a Unix URL's host part
+    (``unix://run/redis.sock`` is ``/redis.sock``); a cluster has only DB 0
+    and takes no query options (they were ignored)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.username  # noqa: B018 (raises for a netloc that does not parse)
+    except ValueError as e:
+        raise InvalidArgument(f"remote store URL {redact(url)!r}: {e}") from None
+    if scheme == "unix":
+        if parts.netloc.rsplit("@", 1)[-1] or not parts.path.startswith("/") or parts.path == "/":
+            raise InvalidArgument(f"remote store URL {redact(url)!r}: a Unix socket is unix:///ABSOLUTE/PATH.sock")
+        return
+    _nodes(parts.netloc, url)
+    path = parts.path.strip("/") if parts.path.count("/") <= 1 else parts.path
+    if cluster:
+        if path not in ("", "0") or parts.query or parts.fragment:
+            raise InvalidArgument(f"remote store URL {redact(url)!r}: a Redis Cluster has only DB 0 and takes no "
+                                  "options after its nodes")
+    elif not (path == "" or path.isdigit()):
+        raise InvalidArgument(f"remote store URL {redact(url)!r}: {parts.path!r} is not /DB (a number)")
+
+
 def open_store(url: str, timeout: float = 0.1, write_timeout: float = 2.0, *,
                connections: int = CONNECTIONS, chunk_bytes: int = CHUNK_BYTES) -> Store:
     """The store at ``url`` (see the module docstring). Nothing is contacted
-    yet: an unreachable store is found by the first call (`Store.ping`).
-    ``timeout``: seconds a lookup may wait for the store (connect and each
-    read); ``write_timeout``: the same for the writer thread;
-    ``connections``: connections (and threads) one lookup fetches over;
-    ``chunk_bytes``: about how many bytes one ``MGET`` of a lookup asks for.
-    InvalidArgument for a URL of no known form or a bad setting."""
+    yet: an unreachable store is found by the first call (`Store.ping`,
+    `Store.verify`). ``timeout``: seconds a lookup may wait for the store
+    (connect and each read); ``write_timeout``: the same for the writer
+    thread; ``connections``: connections (and threads) one lookup fetches
+    over; ``chunk_bytes``: about how many bytes one pipeline of a lookup asks
+    for. InvalidArgument for a URL of no known form or a bad setting."""
     if not isinstance(url, str) or "://" not in url:
-        raise InvalidArgument(f"remote store URL must look like redis://HOST:PORT, got {url!r}")
+        shown = _hide(url) if isinstance(url, str) else url
+        raise InvalidArgument(f"remote store URL must look like redis://HOST:PORT, got {shown!r}")
     for name, value in (("timeout", timeout), ("write_timeout", write_timeout)):
         if not isinstance(value, (int, float)) or not 0 < value < 3600:
             raise InvalidArgument(f"remote store {name} must be a positive number of seconds, got {value!r}")
@@ -161,10 +271,12 @@ def open_store(url: str, timeout: float = 0.1, write_timeout: float = 2.0, *,
             raise InvalidArgument(f"remote store {name} must be an integer in [1, {top}], got {value!r}")
     scheme = url.split("://", 1)[0].lower()
     if scheme in _STANDALONE:
+        _check_url(url, _STANDALONE[scheme], False)
         return RedisStore(url, _STANDALONE[scheme], timeout, write_timeout, connections, chunk_bytes)
     if scheme in _CLUSTER:
         from kvpager.remote_cluster import RedisClusterStore
 
+        _check_url(url, _CLUSTER[scheme], True)
         return RedisClusterStore(url, _CLUSTER[scheme], timeout, write_timeout)
     known = ", ".join(f"{s}://" for s in [*_STANDALONE, *_CLUSTER])
     raise InvalidArgument(f"remote store URL {redact(url)!r}: unknown scheme {scheme!r} (known: {known})")
@@ -177,22 +289,27 @@ def put_checked(pipeline: Callable[[], Any], items: Seq[tuple[str, Any]], ttl: i
     value's length, ``SET key value EX ttl`` over it. One round trip when every
     key is new, at most three. Racing another writer of the same key is
     harmless: a key is only written over when it holds no value of this
-    length, and both writers' values are valid for it."""
+    length, and both writers' values are valid for it. An error reply
+    (``OOM``, ``READONLY``, ``NOPERM``, ...) is raised as `store_error` makes it,
+    its ``written`` the keys stored before it (a full store takes some)."""
     ex = ttl or None
     pipe = pipeline()
     for key, value in items:
         pipe.set(key, value, nx=True, ex=ex)
-    taken = [item for item, r in zip(items, pipe.execute()) if not r]
+    results = pipe.execute(raise_on_error=False)
+    _raise_first(results, sum(r is True for r in results))
+    taken = [item for item, r in zip(items, results) if not r]
     if not taken:
         return len(items), 0
+    new = len(items) - len(taken)
     pipe = pipeline()
     for key, _ in taken:
         pipe.strlen(key)
     over: list[tuple[str, Any, str]] = []  # (key, value, what it held)
-    for (key, value), n in zip(taken, pipe.execute(raise_on_error=False)):
+    lengths = pipe.execute(raise_on_error=False)
+    _raise_first([n for n in lengths if not (isinstance(n, Exception) and "WRONGTYPE" in str(n))], new)
+    for (key, value), n in zip(taken, lengths):
         if isinstance(n, Exception):
-            if "WRONGTYPE" not in str(n):
-                raise n  # NOPERM and the like: the call fails as any other would
             over.append((key, value, "another Redis type"))
         elif n != memoryview(value).nbytes:  # 0: an empty string, or gone since (counted the same)
             over.append((key, value, f"a string of {n} bytes"))
@@ -200,10 +317,120 @@ def put_checked(pipeline: Callable[[], Any], items: Seq[tuple[str, Any]], ttl: i
         pipe = pipeline()
         for key, value, _ in over:
             pipe.set(key, value, ex=ex)
-        pipe.execute()
+        results = pipe.execute(raise_on_error=False)
+        _raise_first(results, new + sum(r is True for r in results))
         for key, _, what in over:
             log.warning("remote key %s held %s, no value of this pool: written over", key, what)
-    return len(items) - len(taken), len(over)
+    return new, len(over)
+
+
+def _raise_first(replies: Seq[Any], written: int) -> None:
+    """Raise the first error reply of ``replies`` as `store_error` makes it, with
+    ``written`` (keys stored meanwhile)."""
+    for r in replies:
+        if isinstance(r, Exception):
+            e = store_error(r)
+            e.written = written
+            raise e
+
+
+def _ranges(replies: Seq[Any]) -> list[bytes | None]:
+    """Pipelined ``GETRANGE`` replies as `Store.get_many` answers: an empty string
+    (an absent key, or an empty value) or another Redis type (``WRONGTYPE``)
+    is None; another error reply is raised."""
+    out: list[bytes | None] = []
+    for r in replies:
+        if isinstance(r, Exception):
+            if "WRONGTYPE" not in str(r):
+                raise r
+            r = None
+        out.append(r or None)
+    return out
+
+
+def _slot(key: str) -> int:
+    from redis.crc import key_slot
+
+    return key_slot(key.encode())
+
+
+#: what each command the tier sends is for (`Store.verify` names them)
+_USES = {"GETRANGE": "lookups", "TYPE": "probes", "SET": "writes", "STRLEN": "writes",
+         "DEL": "deleting refused values", "ASKING": "lookups while a slot migrates", "PING": "checking a master"}
+_NEEDS = ("+getrange +type +set +strlen +del and +client|setname (+select for a DB other than 0) on keys "
+          "kvpager:*")
+_NEEDS_CLUSTER = "+getrange +type +set +strlen +del +asking +ping +client|setname +cluster|slots +command on keys kvpager:*"
+
+
+def _connect_refusal(e: BaseException, needs: str = _NEEDS) -> str:
+    """Why a store refused to let the tier connect (`Store.verify`)."""
+    redis = _redis()
+    if isinstance(e, redis.AuthenticationError):
+        return (f"the credentials were refused ({type(e).__name__}: {e}); give the store's password "
+                "(redis://:PASSWORD@HOST:PORT) or an ACL user's (redis://USER:PASSWORD@HOST:PORT)")
+    if isinstance(e, redis.exceptions.NoPermissionError):
+        return f"the ACL user may not connect as the tier does ({e}); it needs {needs}"
+    return f"connecting was refused ({type(e).__name__}: {e})"
+
+
+def _judge(url: str, names: Seq[str], replies: Seq[Any], needs: str = _NEEDS) -> list[str]:
+    """The replies of `Store.verify`'s commands (``names``): a
+    command refused (NOPERM, an unknown or renamed command) is
+    `StoreMisconfigured` naming it; a replica's ``READONLY``, a full store's
+    ``OOM`` or another refused write are warnings; a state that passes
+    (``BUSY``, ``LOADING``, ...) is StoreError."""
+    redis = _redis()
+    exc = redis.exceptions
+    missing: dict[str, None] = {}  # once each (a cluster asks every master)
+    warnings: dict[str, str] = {}
+    for name, r in zip(names, replies):
+        use = _USES[name]
+        if not isinstance(r, Exception) or "WRONGTYPE" in str(r):
+            continue
+        e = store_error(r)
+        if not isinstance(e, StoreRefused):
+            raise e
+        if isinstance(r, exc.ReadOnlyError):
+            warnings["readonly"] = (f"a read-only replica ({name}: {r}): blocks are restored from it, none is "
+                                    "written; give the master's address")
+        elif isinstance(r, exc.OutOfMemoryError):
+            warnings["oom"] = (f"full ({name}: {r}): writes are refused until keys expire; set maxmemory-policy "
+                               "allkeys-lru (docs/remote.md)")
+        elif use in ("writes", "deleting refused values") and not isinstance(r, exc.NoPermissionError) \
+                and "unknown command" not in str(r):
+            warnings[name] = f"refuses {use} ({name}: {r})"
+        else:
+            missing[f"{name} for {use} ({r})"] = None
+    if missing:
+        raise StoreMisconfigured(f"remote store {url} refuses commands the tier sends: {'; '.join(missing)}. "
+                                 f"An ACL user needs {needs}")
+    return list(warnings.values())
+
+
+def _check_limits(url: str, client: Any, value_bytes: int) -> None:
+    """`StoreMisconfigured` where the store's ``proto-max-bulk-len`` is below a
+    value of the pool (it would drop the connection of every write of one);
+    not checked where ``CONFIG GET`` is refused."""
+    redis = _redis()
+    try:
+        limit = int(client.config_get("proto-max-bulk-len").get("proto-max-bulk-len", 0))
+    except (redis.RedisError, OSError, ValueError, AttributeError):
+        return
+    if 0 < limit < value_bytes:
+        raise StoreMisconfigured(f"remote store {url}: its proto-max-bulk-len is {limit} bytes, a value of this "
+                                 f"pool {value_bytes}: no block could be written; raise it (CONFIG SET "
+                                 "proto-max-bulk-len)")
+
+
+def _plain_redis(host: str, port: int, timeout: float) -> bool:
+    """True if a Redis answers plain text (no TLS) at host:port: ``PING``
+    answered ``+PONG`` or an error (``-NOAUTH ...``)."""
+    try:
+        with socket.create_connection((host, port), timeout=max(timeout, 1.0)) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16)[:1] in (b"+", b"-")
+    except OSError:
+        return False
 
 
 def _redis() -> Any:
@@ -223,10 +450,10 @@ def _options(redis: Any, timeout: float) -> dict[str, Any]:
 
 
 class RedisStore(Store):
-    """A standalone Redis or Valkey server: lookups as chunked ``MGET``s over
-    ``connections`` connections, read straight into the caller's buffer
-    (`kvpager.remote_resp`); probes as pipelined ``TYPE`` on one of them;
-    pipelined ``SET NX EX`` for writes (`put_checked`). The lookup
+    """A standalone Redis or Valkey server: lookups as chunked ``GETRANGE``
+    pipelines over ``connections`` connections, read straight into the
+    caller's buffer (`kvpager.remote_resp`); probes as pipelined ``TYPE`` on one
+    of them; pipelined ``SET NX EX`` for writes (`put_checked`). The lookup
     connections and the writer's are separate pools."""
 
     kind = "redis"
@@ -235,10 +462,9 @@ class RedisStore(Store):
                  connections: int = CONNECTIONS, chunk_bytes: int = CHUNK_BYTES):
         redis = _redis()
         self.url = redact(url)
+        self._scheme, self._timeout = scheme, timeout
         real = scheme + url[url.index("://") :]
-        if scheme != "unix":
-            parts = urllib.parse.urlsplit(real)
-            _nodes(parts.netloc, url)
+        self._node = None if scheme == "unix" else _nodes(urllib.parse.urlsplit(real).netloc, url)[0]
         unix = {"socket_keepalive"} if scheme == "unix" else set()  # a Unix socket takes no keepalive
 
         def options(seconds: float) -> dict[str, Any]:
@@ -247,23 +473,31 @@ class RedisStore(Store):
         try:
             self._reader = redis.Redis.from_url(real, **options(timeout))
             self._writer = redis.Redis.from_url(real, **options(write_timeout))
+            # Raw reads need the socket of a redis-py connection (a private attribute, there
+            # from 5.3 on); a release without it gets redis-py's own replies, copied (slower).
+            # Making one also refuses a query option of the URL that no connection takes.
+            pool = self._reader.connection_pool
+            self.raw_reads = "_sock" in vars(pool.connection_class(**pool.connection_kwargs))
         except (ValueError, TypeError) as e:
             raise InvalidArgument(f"remote store URL {self.url!r}: {e}") from None
         self._errors = (redis.RedisError, OSError)
         self._fetch = ChunkedFetch(self._acquire, self._release, self._send, connections, chunk_bytes)
-        # Raw reads need the socket of a redis-py connection (a private attribute, there
-        # from 5.3 on); a release without it gets redis-py's own MGET, copied (slower).
-        pool = self._reader.connection_pool
-        self.raw_reads = "_sock" in vars(pool.connection_class(**pool.connection_kwargs))
         if not self.raw_reads:
             log.warning("this redis-py (%s) keeps no socket where kvpager reads it: lookups go through "
-                        "redis-py's MGET (slower restores)", getattr(redis, "__version__", "?"))
+                        "redis-py's replies (slower restores)", getattr(redis, "__version__", "?"))
 
-    def get_many(self, keys: Seq[str]) -> list[bytes | None]:
+    def get_many(self, keys: Seq[str], limit: int | None = None) -> list[bytes | None]:
+        if not len(keys):
+            return []
         try:
-            return self._reader.mget(keys)
+            if limit is None:
+                return self._reader.mget(keys)
+            pipe = self._reader.pipeline(transaction=False)
+            for k in keys:
+                pipe.getrange(k, 0, limit)
+            return _ranges(pipe.execute(raise_on_error=False))
         except self._errors as e:
-            raise StoreError(f"{type(e).__name__}: {e}") from None
+            raise store_error(e) from None
 
     def get_into(self, keys: Seq[str], out: np.ndarray, sizes: np.ndarray,
                  done: Callable[[int, int], None] | None = None) -> None:
@@ -272,7 +506,7 @@ class RedisStore(Store):
         try:
             self._fetch.run(keys, out, sizes, done)
         except FetchError as e:
-            raise StoreError(str(e)) from None
+            raise store_error(e) from None
 
     def exists_many(self, keys: Seq[str]) -> np.ndarray:
         if not len(keys):
@@ -280,16 +514,14 @@ class RedisStore(Store):
         try:
             conn, sock = self._acquire()
         except self._errors as e:
-            raise StoreError(f"{type(e).__name__}: {e}") from None
+            raise store_error(e) from None
         broken = True
         try:
             out = key_types(sock, keys)
             broken = False
             return out
-        except FetchError as e:
-            raise StoreError(str(e)) from None
-        except self._errors as e:
-            raise StoreError(f"{type(e).__name__}: {e}") from None
+        except (FetchError, *self._errors) as e:
+            raise store_error(e) from None
         finally:
             self._release(conn, broken)
 
@@ -314,26 +546,57 @@ class RedisStore(Store):
         self._reader.connection_pool.release(conn)
 
     @staticmethod
-    def _send(conn: Any, keys: Seq[str]) -> None:
-        conn.send_packed_command(conn.pack_command("MGET", *keys), check_health=False)
+    def _send(conn: Any, data: bytes) -> None:
+        conn.send_packed_command([data], check_health=False)
 
     def put_many(self, items: Seq[tuple[str, Any]], ttl: int) -> tuple[int, int]:
         try:
             return put_checked(lambda: self._writer.pipeline(transaction=False), items, ttl)
         except self._errors as e:
-            raise StoreError(f"{type(e).__name__}: {e}") from None
+            raise store_error(e) from None
 
     def delete(self, keys: Seq[str]) -> None:
         try:
             self._writer.delete(*keys)
         except self._errors as e:
-            raise StoreError(f"{type(e).__name__}: {e}") from None
+            raise store_error(e) from None
 
     def ping(self) -> None:
         try:
             self._reader.ping()
         except self._errors as e:
-            raise StoreError(f"{type(e).__name__}: {e}") from None
+            raise store_error(e) from None
+
+    def verify(self, prefix: str, value_bytes: int | None = None) -> list[str]:
+        redis = _redis()
+        key = prefix + CHECK_KEY
+        other = next(f"{key}:{i}" for i in range(64) if _slot(f"{key}:{i}") != _slot(key))
+        # what the tier sends, about a key no block has (SET XX of an absent key stores
+        # nothing); DEL of two keys in two slots: a node of a cluster answers CROSSSLOT
+        asked = [("GETRANGE", key, 0, 0), ("TYPE", key), ("STRLEN", key), ("SET", key, b"", "XX"),
+                 ("DEL", key, other)]
+        pipe = self._reader.pipeline(transaction=False)
+        for command in asked:
+            pipe.execute_command(*command)
+        try:
+            replies = pipe.execute(raise_on_error=False)
+        except self._errors as e:  # connecting (AUTH, CLIENT SETNAME, SELECT) or sending
+            refused = isinstance(e, redis.AuthenticationError) or isinstance(store_error(e), StoreRefused)
+            if refused:
+                raise StoreMisconfigured(f"remote store {self.url}: {_connect_refusal(e)}") from None
+            if self._scheme == "rediss" and self._node is not None and _plain_redis(*self._node, self._timeout):
+                raise StoreMisconfigured(f"remote store {self.url}: {self._node[0]}:{self._node[1]} answers "
+                                         "without TLS; use redis:// (or enable TLS on the server)") from None
+            raise store_error(e) from None
+        exc = redis.exceptions
+        for command, r in zip(asked, replies):
+            if isinstance(r, (exc.ClusterCrossSlotError, exc.AskError)):
+                raise StoreMisconfigured(f"remote store {self.url} is a node of a Redis Cluster ({command[0]} "
+                                         f"answered {type(r).__name__}: {r}); use redis+cluster://")
+        warnings = _judge(self.url, [command[0] for command in asked], replies)
+        if value_bytes is not None:
+            _check_limits(self.url, self._reader, value_bytes)
+        return warnings
 
     def close(self) -> None:
         self._fetch.close()

@@ -6,6 +6,11 @@ so a daemon on another host restores them instead of its worker recomputing.
   it is counted, logged once per outage, and opens a circuit breaker so the
   next lookups skip the store (no timeout added to every allocate) until a
   retry after a growing pause (``retry_after`` doubling up to 30 s) succeeds.
+  A call the store answers but refuses (`StoreRefused`: ``NOPERM``, ``OOM``,
+  ``READONLY``, ...) pauses only its kind (lookups, probes or writes: a
+  breaker each), so a full store or a replica still serves lookups.
+- `check` (at start): the store answers and takes every command the tier
+  sends, or `StoreMisconfigured` says what is wrong.
 - Writes never block the caller: committed blocks' bytes are copied into a
   bounded queue (``queue_bytes``; a block that does not fit is dropped and
   counted) and a writer thread seals (header, checksum) and sends them,
@@ -35,7 +40,14 @@ import numpy as np
 
 from kvpager.errors import InvalidArgument
 from kvpager.remote_breaker import MAX_PAUSE, Breaker
-from kvpager.remote_format import HEADER_BYTES, BadValue, Codec, block_key, key_prefix
+from kvpager.remote_format import (
+    FORMAT_VERSION,
+    HEADER_BYTES,
+    BadValue,
+    Codec,
+    block_key,
+    key_prefix,
+)
 from kvpager.remote_store import (
     CHUNK_BYTES,
     CONNECTIONS,
@@ -43,6 +55,7 @@ from kvpager.remote_store import (
     KEY_STRING,
     Store,
     StoreError,
+    StoreRefused,
     open_store,
 )
 from kvpager.remote_writes import RemoteWrites
@@ -76,7 +89,9 @@ class RemoteTier(RemoteWrites):
         self.store = open_store(store, timeout, connections=connections, chunk_bytes=chunk_bytes) \
             if isinstance(store, str) else store
         self.ttl, self.queue_bytes, self.max_restore_bytes = ttl, queue_bytes, max_restore_bytes
-        self.breaker = Breaker(float(retry_after))
+        self.breaker = Breaker(float(retry_after))  # the store does not answer: every call skips it
+        # the store answers but refuses one kind of call: that kind skips it
+        self.refusals = {kind: Breaker(float(retry_after), kind) for kind in ("lookups", "probes", "writes")}
         self.codec: Codec | None = None
         self._prefix = ""
         self._ranks = 1
@@ -113,15 +128,48 @@ class RemoteTier(RemoteWrites):
         ``remote_tokens``."""
         return {"kind": self.store.kind, "url": self.store.url, "ttl": self.ttl, "probe": True}
 
-    def check(self) -> str | None:
-        """None if the store answers now, else why not (for a warning at start)."""
+    def check(self, spec: PoolSpec | None = None) -> str | None:
+        """At start: None if the store answers now and takes every command the
+        tier sends (`Store.verify`, about a key no block has), else why it does
+        not answer (for a warning: the daemon serves without it until it
+        does). `kvpager.remote_store.StoreMisconfigured` (an InvalidArgument)
+        where it answers but the tier could never work with it: credentials
+        refused, a DB past the server's, commands an ACL user may not run, a
+        cluster node given as a standalone store or the other way, TLS asked
+        of a server without it, a value longer than the store takes
+        (``spec``: the pool's, where the tier is not attached yet). A store
+        that takes no writes for now (a read-only replica, full) is logged."""
+        spec = self.codec.spec if self.codec is not None else spec
+        prefix = self._prefix or (key_prefix(spec) if spec is not None else f"kvpager:v{FORMAT_VERSION}:")
         try:
-            self.store.ping()
+            warnings = self.store.verify(prefix, Codec(spec).value_bytes if spec is not None else None)
         except StoreError as e:
             self._lookup_errors += 1
             self.breaker.failure("ping", e)
             return str(e)
+        for warning in warnings:
+            log.warning("remote store %s: %s", self.store.url, warning)
         return None
+
+    def _allow(self, kind: str) -> bool:
+        """May a call of ``kind`` go to the store now (taking a retry when due)."""
+        refusal = self.refusals[kind]
+        if refusal.is_open() or not self.breaker.allow():
+            return False
+        return refusal.allow()
+
+    def _failed(self, kind: str, what: str, e: Exception) -> None:
+        """A call of ``kind`` failed: a refusal pauses that kind (the store
+        answered), anything else every call."""
+        if isinstance(e, StoreRefused):
+            self.breaker.success()
+            self.refusals[kind].failure(what, e)
+        else:
+            self.breaker.failure(what, e)
+
+    def _answered(self, kind: str) -> None:
+        self.breaker.success()
+        self.refusals[kind].success()
 
     def key(self, root: bytes, key: bytes) -> str:
         """The store key of block ``key`` under the salt whose root key is ``root``."""
@@ -134,7 +182,7 @@ class RemoteTier(RemoteWrites):
         until the next fetch. Never raises: a failure is an empty answer."""
         if not wants:
             return {}
-        if not self.breaker.allow():
+        if not self._allow("lookups"):
             self._skipped += 1
             return {}
         codec = self.codec
@@ -155,6 +203,8 @@ class RemoteTier(RemoteWrites):
                         payloads[i] = codec.open(flat[i * width : (i + 1) * width], wants[i][1])
                     except BadValue as e:
                         refused[i] = str(e)
+                elif sizes[i] > width:
+                    refused[i] = f"longer than {width} bytes"
                 elif sizes[i] >= 0:
                     refused[i] = f"{sizes[i]} bytes, expected {width}"
 
@@ -163,14 +213,14 @@ class RemoteTier(RemoteWrites):
             self.store.get_into(names, rows, sizes, check)
         except StoreError as e:
             self._lookup_errors += 1
-            self.breaker.failure("lookup", e)
+            self._failed("lookups", "lookup", e)
             return {}
         except Exception as e:  # a client bug must not fail the allocate either
             self._lookup_errors += 1
             self.breaker.failure("lookup", e)
             log.error("unexpected error from the remote store", exc_info=e)
             return {}
-        self.breaker.success()
+        self._answered("lookups")
         found = {key: p for (_, key), p in zip(wants, payloads) if p is not None}
         self._condemn([(name, why) for name, why in zip(names, refused) if why is not None])
         self._hits += len(found)
@@ -209,7 +259,7 @@ class RemoteTier(RemoteWrites):
         answer."""
         if not wants:
             return set()
-        if not self.breaker.allow():
+        if not self._allow("probes"):
             self._skipped_probes += 1
             return set()
         wants = wants[: self.most_blocks()]
@@ -220,14 +270,14 @@ class RemoteTier(RemoteWrites):
             held = self.store.exists_many(names)
         except StoreError as e:
             self._lookup_errors += 1
-            self.breaker.failure("probe", e)
+            self._failed("probes", "probe", e)
             return set()
         except Exception as e:  # a client bug must not fail the probe either
             self._lookup_errors += 1
             self.breaker.failure("probe", e)
             log.error("unexpected error from the remote store", exc_info=e)
             return set()
-        self.breaker.success()
+        self._answered("probes")
         codes = held.tolist()
         found = {key for (_, key), c in zip(wants, codes) if c == KEY_STRING}
         self._condemn([(name, "another Redis type") for name, c in zip(names, codes) if c == KEY_OTHER])
@@ -251,8 +301,9 @@ class RemoteTier(RemoteWrites):
         size = self.codec.value_bytes if self.codec is not None else 0
         with self._cond:
             queued_blocks, queued_bytes = self._queued_blocks, self._queued_bytes
+        available = not (self.breaker.is_open() or self.refusals["lookups"].is_open())
         return RemoteStats(
-            store=self.store.url, available=not self.breaker.is_open(), lookups=self._lookups,
+            store=self.store.url, available=available, lookups=self._lookups,
             lookup_blocks=self._lookup_blocks, hit_blocks=self._hits, restored_blocks=self._restored,
             restored_bytes=self._restored * (size - HEADER_BYTES), skipped_lookups=self._skipped,
             errors=self._lookup_errors + self._write_errors, corrupt_blocks=self._corrupt + self._replaced,

@@ -4,7 +4,11 @@ is unavailable, is dropped and counted), and the writer thread that seals
 them (header, checksum) and sends them, pipelined ``SET NX`` with an expiry
 (written over a key that holds anything but a string of a value's length:
 `Store.put_many`), with the deletes of values found corrupt or of another
-Redis type. The writer never touches pool state."""
+Redis type. The writer never touches pool state. A store that refuses
+writes (full under ``noeviction``, a read-only replica, an ACL without
+``SET``) pauses the writes only (``refusals["writes"]``): lookups go on,
+blocks offered meanwhile are dropped before they are copied (counted), and
+the refusal is logged once, not once a batch."""
 
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ _BATCH_BYTES = 64 << 20  # most bytes the writer sends in one pipeline
 
 class RemoteWrites:
     """Mixed into `RemoteTier`, which supplies ``store``, ``codec``, ``breaker``,
-    ``ttl``, ``queue_bytes``, ``_prefix``, the queue (``_queue``, ``_deletes``,
+    ``refusals``, ``_allow``, ``_failed``, ``_answered``, ``ttl``,
+    ``queue_bytes``, ``_prefix``, the queue (``_queue``, ``_deletes``,
     ``_queued_bytes``, ``_queued_blocks``, ``_busy``, ``_cond``, ``_closed``,
     ``_thread``) and the writer's counters."""
 
@@ -38,7 +43,7 @@ class RemoteWrites:
         if not fresh:
             return
         size = self.codec.value_bytes
-        if self.breaker.is_open():
+        if self.breaker.is_open() or self.refusals["writes"].is_open():
             self._dropped_full += len(fresh)
             return
         with self._cond:
@@ -106,7 +111,7 @@ class RemoteWrites:
 
     def _send(self, batch: list[tuple[np.ndarray, list[str], list[bytes]]], deletes: list[str]) -> None:
         count = sum(len(names) for _, names, _ in batch)
-        if not self.breaker.allow():
+        if not self._allow("writes"):
             self._dropped_failed += count
             return
         try:
@@ -124,7 +129,8 @@ class RemoteWrites:
                 self._replaced += replaced
         except StoreError as e:
             self._write_errors += 1
-            self._dropped_failed += count
-            self.breaker.failure("write", e)
+            self._written += e.written
+            self._dropped_failed += count - e.written
+            self._failed("writes", "write", e)
             return
-        self.breaker.success()
+        self._answered("writes")

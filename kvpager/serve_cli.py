@@ -58,7 +58,8 @@ def parse_quotas(items: tuple[str, ...]) -> list[tuple[str | None, int]]:
     out = []
     for item in items:
         salt, sep, blocks = item.rpartition("=")
-        if not sep or not blocks.strip().isdigit():
+        blocks = blocks.strip()
+        if not sep or not (blocks.isascii() and blocks.isdigit()):  # isdigit alone takes '²', which int() refuses
             raise click.BadParameter(f"{item!r} is not SALT=BLOCKS (e.g. --quota tenant-a=1024)",
                                      param_hint="--quota")
         out.append((salt or None, int(blocks)))
@@ -129,9 +130,12 @@ def read_scales(path: str) -> Any:
     return scales
 
 
-def remote_tier(opts: dict[str, Any]) -> Any:
-    """The `RemoteTier` of ``--remote``; an unreachable store is a warning (the
-    daemon serves without it until it answers), a malformed URL an error."""
+def remote_tier(opts: dict[str, Any], spec: Any = None) -> Any:
+    """The `RemoteTier` of ``--remote`` for pools of ``spec``; an unreachable
+    store is a warning (the daemon serves without it until it answers), a
+    malformed URL an error, and so is a store that answers but refuses what
+    the tier needs (`RemoteTier.check`: credentials, ACL commands, a cluster
+    node given as a standalone store or the other way, TLS, value size)."""
     from kvpager.remote_tier import RemoteTier
 
     try:
@@ -140,7 +144,11 @@ def remote_tier(opts: dict[str, Any]) -> Any:
                           connections=opts["remote_connections"])
     except ImportError as e:  # a dependency of the tier is missing; the message says which
         raise click.ClickException(str(e)) from None
-    why = tier.check()
+    try:
+        why = tier.check(spec)
+    except BaseException:  # StoreMisconfigured (a KVPagerError: the caller exits with it)
+        tier.close()
+        raise
     remote_log = logging.getLogger("kvpager.remote")
     if why is None:
         remote_log.info("remote tier: %s (%s), ttl %ss", tier.store.url, tier.store.kind, tier.ttl)
@@ -328,7 +336,7 @@ def _start(opts: dict[str, Any], made: list[Any]) -> Any:
             raise click.UsageError("--events-replay-endpoint needs --events-endpoint (or KVPAGER_EVENTS_ENDPOINT)")
         elif opts["events_replay_rate"] is not None:
             raise click.UsageError("--events-replay-rate needs --events-endpoint (or KVPAGER_EVENTS_ENDPOINT)")
-        remote = remote_tier(opts) if opts["remote"] else None
+        remote = remote_tier(opts, spec) if opts["remote"] else None
         server = Server.create(spec, opts["endpoint"], device, devices=devices,
                                max_pinned_blocks=opts["max_pinned_blocks"],
                                remote=remote, heartbeat_timeout=opts["heartbeat_timeout"], limits=limits,

@@ -5,8 +5,8 @@ lookup, a probe, a write, a delete and a ping each cost about one timeout
 command sent again on its own) and fail with `StoreError`; the tier counts a
 miss, opens its breaker and restores everything once the node answers again.
 Redirections still work: ``ASK`` while a slot migrates, ``MOVED`` once it has
-(the store's slot map stale). A key of another Redis type is a miss, as
-``MGET`` makes it on a standalone store.
+(the store's slot map stale). A key of another Redis type is a miss, as on a
+standalone store.
 
 Every pause is undone (SIGCONT) in a ``finally``; every wait is bounded."""
 
@@ -244,9 +244,9 @@ def test_ask_while_a_slot_migrates_and_moved_after(nodes):
 
 @pytest.mark.parametrize("raw", [True, False])
 def test_a_key_of_another_type_is_a_miss(nodes, raw):
-    """``GET`` answers ``WRONGTYPE`` for a hash, where a standalone store's
-    ``MGET`` answers nil: the lookup treats it as a miss (the probe finds and
-    deletes it), it does not fail the call. Read raw into the rows, and
+    """A lookup's ``GETRANGE`` (and ``GET``) answers ``WRONGTYPE`` for a hash:
+    the lookup treats it as a miss (the probe finds and deletes it), it does
+    not fail the call. Read raw into the rows, and
     through redis-py (a release without the socket where the raw reader
     reads it)."""
     url = url_of(nodes)

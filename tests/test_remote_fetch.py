@@ -1,7 +1,8 @@
 """Chunked lookups read straight into a staging buffer (`kvpager.remote_resp`
 behind `RedisStore.get_into`) against a real redis-server: every value and
-length compared with what redis-py's own GET returns; absent keys, values
-shorter and longer than a row; a chunk refused by the server; the server
+length compared with what redis-py's own GET returns (as a lookup's
+``GETRANGE key 0 W`` reads them: no more than W + 1 bytes); absent keys,
+values shorter and longer than a row; a chunk refused by the server; the server
 killed or paused mid-lookup (its connections never reused half-read); a
 Unix socket; TLS; and the tier on top (nothing restored from a failed lookup,
 byte-identical restores once the store is back)."""
@@ -46,11 +47,13 @@ def reference(url: str, keys: list[str]) -> list[bytes | None]:
 
 
 def check_against(url: str, keys: list[str], out: np.ndarray, sizes: np.ndarray) -> None:
+    """Each length as a lookup reads it (``GETRANGE key 0 WIDTH``): -1 where
+    absent or empty, WIDTH + 1 where longer (no more of it is read)."""
     for i, value in enumerate(reference(url, keys)):
-        if value is None:
+        if not value:
             assert sizes[i] == -1, i
         else:
-            assert sizes[i] == len(value), i
+            assert sizes[i] == min(len(value), WIDTH + 1), i
             if len(value) == WIDTH:
                 assert out[i].tobytes() == value, i
 
@@ -104,7 +107,7 @@ def test_chunked_values_and_lengths_equal_redis_py(connections, chunk_bytes):
 
 def test_without_raw_reads_lookups_go_through_redis_py_with_the_same_answers():
     """A redis-py that keeps no socket where the raw reader reads it: get_into falls
-    back to redis-py's MGET and answers as the raw path does."""
+    back to redis-py's pipelined GETRANGE and answers as the raw path does."""
     rng = np.random.default_rng(17)
     with redis_server() as server:
         keys, values = mixed(rng, 40)
@@ -229,10 +232,11 @@ SPEC = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=64, block_
 
 
 def test_tier_restores_nothing_from_a_failed_parallel_lookup_then_restores_byte_identical():
-    """Pool B's tier reads over 3 connections, 2 blocks per MGET; its ACL user
+    """Pool B's tier reads over 3 connections, 2 blocks per chunk; its ACL user
     may not read one block in the middle of the chain: the lookup fails as a
-    whole (counted, breaker open), the allocate computes everything; with the
-    key allowed, the chain is restored byte for byte."""
+    whole (counted; refused, so the lookups pause: the tier is not available),
+    the allocate computes everything; with the key allowed, the chain is
+    restored byte for byte."""
     with redis_server() as server:
         a = KVPool(SPEC, remote=RemoteTier(server.url, retry_after=0.2))
         prompt = list(range(500, 500 + 12 * 16 + 5))
@@ -254,6 +258,7 @@ def test_tier_restores_nothing_from_a_failed_parallel_lookup_then_restores_byte_
         assert (y.num_cached_tokens, y.num_remote_tokens) == (0, 0)
         st = b.remote_stats()
         assert (st.errors, st.hit_blocks, st.restored_blocks, st.available) == (1, 0, 0, False)
+        assert b.remote.refusals["lookups"].is_open()
         b.free(y.seq_id)
         b.check_integrity()
         server.cli("ACL", "SETUSER", "reader", f"~{hidden}")
@@ -268,7 +273,7 @@ def test_tier_restores_nothing_from_a_failed_parallel_lookup_then_restores_byte_
 
 
 def test_tier_refuses_longer_and_shorter_values_mid_batch_and_reads_on():
-    """One lookup of two 8-block prompts over 3 connections, 2 blocks per MGET:
+    """One lookup of two 8-block prompts over 3 connections, 2 blocks per chunk:
     one value made longer, one shorter. Each is refused, counted and deleted,
     its chain stops there, and every other block is restored byte for byte."""
     with redis_server() as server:

@@ -1,7 +1,7 @@
 """Values kvpager cannot restore from under the remote tier's keys: another
 Redis type (a hash, list, set, ... of another program or a stale tool) or a
-string of another length. ``MGET`` answers nil for another type, so a lookup
-misses it without refusing (or deleting) it; the probe must not count it
+string of another length. A lookup's ``GETRANGE`` answers ``WRONGTYPE`` for
+another type, so a lookup misses it without refusing (or deleting) it; the probe must not count it
 either, and must have it deleted; and since the writer's ``SET NX`` never
 replaces an existing key, a commit's write replaces it, or that block could
 never be shared through the store again. Standalone and Redis Cluster, each
@@ -123,8 +123,8 @@ def test_the_probe_counts_no_foreign_type_and_has_it_deleted(store):
 def test_a_commit_replaces_a_foreign_value_under_its_key(store, kind):
     """No probe: block 1 is gone from the store, a host misses it and computes
     it, and before its commit's write another program puts a value under the
-    key. ``SET NX`` alone would leave that value there for good (a lookup's
-    ``MGET`` misses another type without deleting it); the write replaces it."""
+    key. ``SET NX`` alone would leave that value there for good (a lookup
+    misses another type without deleting it); the write replaces it."""
     url, r = store
     a, b, c = pool(url, ttl=600), pool(url, ttl=600), pool(url)
     compute(a)

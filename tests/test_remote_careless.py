@@ -1,0 +1,463 @@
+"""The remote tier against careless operators and hostile or broken Redis
+servers (real redis-server processes, nothing mocked):
+- a store the tier could never use (credentials refused, a DB past the
+  server's, an ACL user without a command the tier sends, a cluster node given
+  as a standalone store and a standalone one as a cluster, TLS asked of a
+  plain server): `RemoteTier.check` and ``kvpager serve`` refuse it at start,
+  naming what is wrong (they warned "does not answer", or said nothing, and
+  ran with every lookup failing);
+- a store that answers but refuses writes (full under ``noeviction``, a
+  read-only replica, an ACL without ``SET``) or probes (an ACL without
+  ``TYPE``): only that kind of call pauses, logged once; lookups go on
+  restoring (each refused write closed and reopened the breaker every call
+  (two warnings a call) and made the lookups skip the store);
+- a huge value under a block's key: a lookup reads at most a value's length
+  of it (it timed out at every lookup, so nothing was restored again, and the
+  store built a reply of the whole value each time); a server announcing a
+  huge value and sending it slowly fails the lookup at once (it held the
+  daemon's loop for as long as it sent);
+- store URLs that did not parse into typed errors, or connected somewhere
+  other than they said; a password in a query string shown in the URL."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from daemon_helpers import ipc_endpoint
+from redis_helpers import RedisServer, free_port, need_cli, need_redis, redis_cluster, redis_server
+
+need_redis()
+redis = pytest.importorskip("redis")
+
+from kvpager import InvalidArgument, KVPool, PoolSpec  # noqa: E402
+from kvpager.prefix_cache import root_key  # noqa: E402
+from kvpager.remote_store import StoreMisconfigured, open_store  # noqa: E402
+from kvpager.remote_tier import RemoteTier  # noqa: E402
+
+SPEC = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=48, block_size=16, dtype="float32")
+BS = SPEC.block_size
+WAIT = 20.0
+SERVE = ["--layers", "2", "--kv-heads", "2", "--head-dim", "16", "--dtype", "float32", "--blocks", "48",
+         "--device", "cpu", "--heartbeat-timeout", "30"]
+TIER = ["+getrange", "+type", "+set", "+strlen", "+del", "+client|setname"]  # what docs/remote.md lists
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with redis_cluster(3) as nodes:
+        yield nodes
+
+
+def acl_user(server: RedisServer, name: str, *rules: str) -> str:
+    """A URL of ``server`` as ACL user ``name`` (password pw) with ``rules``."""
+    server.cli("ACL", "SETUSER", name, "reset", "on", ">pw", *rules)
+    return f"redis://{name}:pw@127.0.0.1:{server.port}"
+
+
+def prefill(p: KVPool, prompt: list[int], seed: int) -> np.ndarray:
+    """Allocate, write random K/V, commit, free: the full blocks' K/V."""
+    [a] = p.allocate([prompt], salt="m")
+    blocks = np.asarray(a.block_table[: len(prompt) // BS])
+    kv = p.backend.device_array()
+    kv[blocks] = np.random.default_rng(seed).standard_normal(kv[blocks].shape)
+    p.commit(a.seq_id)
+    out = kv[blocks].copy()
+    p.free(a.seq_id)
+    return out
+
+
+def restore(p: KVPool, prompt: list[int]) -> tuple[int, np.ndarray]:
+    """Allocate ``prompt`` and free it: the tokens restored from the store and
+    the K/V of its full blocks."""
+    [a] = p.allocate([prompt], salt="m")
+    out = p.backend.device_array()[np.asarray(a.block_table[: len(prompt) // BS])].copy()
+    p.free(a.seq_id)
+    return a.num_remote_tokens, out
+
+
+def prompts(n: int, base: int) -> list[list[int]]:
+    return [list(range(base + 1000 * i, base + 1000 * i + 3 * BS + 1)) for i in range(n)]
+
+
+def remote_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "kvpager.remote" and r.levelno >= logging.WARNING]
+
+
+# -- at start: what the tier could never use ---------------------------------------------------------
+def test_check_refuses_credentials_db_and_commands_an_acl_user_lacks():
+    need_cli()
+    with redis_server() as server:
+        good = acl_user(server, "tier", "~kvpager:*", *TIER)
+        cases = {  # URL -> what the refusal names
+            f"redis://tier:wrong@127.0.0.1:{server.port}": "credentials were refused",
+            f"redis://nobody:pw@127.0.0.1:{server.port}": "credentials were refused",
+            f"redis://127.0.0.1:{server.port}/99": "DB index is out of range",
+            acl_user(server, "nosetname", "~kvpager:*", *TIER, "-client|setname"): "client|setname",
+            acl_user(server, "nokeys", "~other:*", *TIER): "GETRANGE for lookups (this user has no permissions to access one of the keys",
+        }
+        for command in ("getrange", "type", "set", "strlen", "del"):
+            url = acl_user(server, f"no{command}", "~kvpager:*", *TIER, f"-{command}")
+            cases[url] = f"{command.upper()} for "
+        for url, why in cases.items():
+            t = RemoteTier(url)
+            with pytest.raises(StoreMisconfigured, match=re.escape(why)) as e:
+                t.check(SPEC)
+            assert isinstance(e.value, InvalidArgument) and "pw" not in str(e.value).replace("pw@", "")
+            t.close()
+        t = RemoteTier(good)
+        assert t.check(SPEC) is None  # exactly the documented commands: enough (PING was needed, not listed)
+        t.close()
+        # a password the default user needs and the URL lacks
+        server.cli("CONFIG", "SET", "requirepass", "secret")
+        t = RemoteTier(f"redis://127.0.0.1:{server.port}")
+        with pytest.raises(StoreMisconfigured, match="credentials were refused"):
+            t.check(SPEC)
+        t.close()
+    # a store that does not answer stays a warning: it may come up later
+    t = RemoteTier(f"redis://127.0.0.1:{free_port()}")
+    assert "Connection refused" in t.check(SPEC) and not t.stats().available
+    t.close()
+
+
+def test_check_refuses_a_store_that_cannot_take_one_value():
+    with redis_server() as server:
+        server.cli("CONFIG", "SET", "proto-max-bulk-len", str(1 << 20))
+        big = SPEC.replace(num_layers=64, head_dim=128)  # 2 MiB blocks
+        t = RemoteTier(server.url)
+        assert t.check(SPEC) is None
+        with pytest.raises(StoreMisconfigured, match="proto-max-bulk-len is 1048576 bytes"):
+            t.check(big)
+        t.close()
+
+
+def test_check_refuses_a_cluster_node_as_a_standalone_store_and_the_other_way(cluster):
+    with redis_server() as server:
+        t = RemoteTier(cluster[0].url)
+        with pytest.raises(StoreMisconfigured, match="node of a Redis Cluster.*use redis\\+cluster://"):
+            t.check(SPEC)
+        t.close()
+        t = RemoteTier(f"redis+cluster://127.0.0.1:{server.port}")
+        with pytest.raises(StoreMisconfigured, match="no Redis Cluster node.*use redis://"):
+            t.check(SPEC)
+        t.close()
+    t = RemoteTier(f"redis+cluster://127.0.0.1:{cluster[0].port}")
+    assert t.check(SPEC) is None
+    t.close()
+    for node in cluster:
+        node.cli("ACL", "SETUSER", "notype", "reset", "on", ">pw", "~*", "+@all", "-type")
+    t = RemoteTier(f"redis+cluster://notype:pw@127.0.0.1:{cluster[0].port}")
+    with pytest.raises(StoreMisconfigured, match="TYPE for probes"):
+        t.check(SPEC)
+    t.close()
+
+
+def test_check_refuses_tls_asked_of_a_plain_server():
+    with redis_server() as server:
+        t = RemoteTier(f"rediss://127.0.0.1:{server.port}")
+        with pytest.raises(StoreMisconfigured, match="answers without TLS; use redis://"):
+            t.check(SPEC)
+        t.close()
+
+
+def test_serve_exits_naming_what_the_store_refuses():
+    """``kvpager serve`` processes (all at once; killed 30 s on: one that
+    serves did not refuse) exit 1 with the reason and no traceback."""
+    need_cli()
+    with redis_server() as server:
+        url = acl_user(server, "notype", "~kvpager:*", *TIER, "-type")
+        cases = ((url, "TYPE for probes"),
+                 (f"redis://notype:wrong@127.0.0.1:{server.port}", "credentials were refused"),
+                 ("redis://[::1", "remote store URL 'redis://[::1'"),
+                 (f"redis://127.0.0.1:{server.port}/kv", "is not /DB"))
+        endpoints = [ipc_endpoint() for _ in cases]
+        try:
+            procs = [subprocess.Popen([sys.executable, "-m", "kvpager", "serve", *SERVE, "--endpoint", endpoint,
+                                       "--remote", remote], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                     for (remote, _), (endpoint, _) in zip(cases, endpoints)]
+            deadline = time.monotonic() + 30
+            for proc, (remote, why) in zip(procs, cases):
+                try:
+                    out, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    out, _ = proc.communicate()
+                assert proc.returncode == 1 and why in out and "Traceback" not in out, (remote, proc.returncode, out)
+        finally:
+            for _, d in endpoints:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+# -- at run time: a store that answers but refuses one kind of call ----------------------------------
+@contextlib.contextmanager
+def refusing_writes(kind: str, server: RedisServer):
+    """The URL of a store (all of ``server``'s blocks readable) that refuses
+    writes: full under noeviction, a read-only replica, an ACL without SET."""
+    if kind == "full":
+        server.cli("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        server.cli("CONFIG", "SET", "maxmemory", "1")
+        yield server.url
+    elif kind == "replica":
+        server.cli("CONFIG", "SET", "repl-diskless-sync-delay", "0")  # not 5 s for more replicas
+        replica = RedisServer(None, "--replicaof", "127.0.0.1", str(server.port)).start()
+        try:
+            want = int(server.cli("DBSIZE"))
+            deadline = time.monotonic() + WAIT
+            while "master_link_status:up" not in replica.cli("INFO", "replication") \
+                    or int(replica.cli("DBSIZE")) < want:
+                assert time.monotonic() < deadline, "the replica did not sync"
+                time.sleep(0.05)
+            yield replica.url
+        finally:
+            replica.close()
+    else:
+        yield acl_user(server, "noset", "~kvpager:*", *TIER, "-set")
+
+
+@pytest.mark.parametrize("kind", ["full", "replica", "no SET"])
+def test_refused_writes_pause_the_writes_only_logged_once(kind, caplog):
+    need_cli()
+    caplog.set_level(logging.DEBUG, logger="kvpager.remote")
+    with redis_server() as server:
+        a = KVPool(SPEC, remote=RemoteTier(server.url, retry_after=0.05))
+        shared = prompts(8, 100)
+        kvs = [prefill(a, p, seed=i) for i, p in enumerate(shared)]
+        assert a.remote.flush(WAIT) and a.remote_stats().written_blocks == 3 * len(shared)
+        with refusing_writes(kind, server) as url:
+            b = KVPool(SPEC, remote=RemoteTier(url, retry_after=0.05))
+            caplog.clear()
+            for i, (p, kv) in enumerate(zip(shared, kvs)):
+                prefill(b, prompts(1, 50_000 + 1000 * i)[0], seed=100 + i)  # its write is refused
+                assert b.remote.flush(WAIT)
+                time.sleep(0.06)  # past the pause: the writer tries again (and is refused again)
+                assert b.cached_tokens([p], "m") == [3 * BS]
+                assert restore(b, p) == (3 * BS, pytest.approx(kv))  # every lookup restores
+            st = b.remote_stats()
+            assert st.skipped_lookups == 0 and st.skipped_probes == 0 and st.restored_blocks == 3 * len(shared)
+            assert st.available and st.written_blocks == 0 and st.dropped_blocks >= 3 * len(shared)
+            assert st.errors >= 2  # refused again at each try, counted
+            warned = remote_warnings(caplog)
+            assert len(warned) == 1 and "remote store refuses writes" in warned[0], warned
+            b.check_integrity()
+            if kind == "full":  # room again: the next try writes, logged once
+                server.cli("CONFIG", "SET", "maxmemory", "0")
+                deadline = time.monotonic() + WAIT
+                while b.remote_stats().written_blocks == 0:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+                    prefill(b, prompts(1, 90_000 + int(time.monotonic() * 1000) % 10_000)[0], seed=7)
+                    b.remote.flush(WAIT)
+                assert "remote store takes writes again" in remote_warnings(caplog)[-1]
+            b.close()
+        a.close()
+
+
+def test_refused_probes_do_not_stop_the_lookups(caplog):
+    """An ACL user whose TYPE is taken away while the daemon runs: the probe
+    counts local blocks only; the allocate still restores."""
+    need_cli()
+    caplog.set_level(logging.DEBUG, logger="kvpager.remote")
+    with redis_server() as server:
+        a = KVPool(SPEC, remote=RemoteTier(server.url, retry_after=0.05))
+        shared = prompts(6, 100)
+        kvs = [prefill(a, p, seed=i) for i, p in enumerate(shared)]
+        assert a.remote.flush(WAIT)
+        url = acl_user(server, "reader", "~kvpager:*", *TIER)
+        b = KVPool(SPEC, remote=RemoteTier(url, retry_after=0.05))
+        server.cli("ACL", "SETUSER", "reader", "-type")
+        caplog.clear()
+        for p, kv in zip(shared, kvs):
+            assert b.cached_tokens([p], "m") == [0]  # refused: nothing from the store counts
+            assert restore(b, p) == (3 * BS, pytest.approx(kv))
+            time.sleep(0.06)
+        st = b.remote_stats()
+        assert st.skipped_lookups == 0 and st.restored_blocks == 3 * len(shared) and st.available
+        warned = remote_warnings(caplog)
+        assert len(warned) == 1 and "remote store refuses probes" in warned[0], warned
+        b.check_integrity()
+        a.close(), b.close()
+
+
+# -- a hostile writer: a huge value under a block's key ----------------------------------------------
+def sent_bytes(nodes: list[RedisServer]) -> int:
+    total = 0
+    for node in nodes:
+        info = redis.Redis(port=node.port).info("stats")
+        total += info["total_net_output_bytes"]
+    return total
+
+
+@pytest.mark.parametrize("where", ["standalone", "cluster"])
+def test_a_huge_value_under_a_block_key_costs_a_lookup_one_value(where, request):
+    with contextlib.ExitStack() as stack:
+        if where == "cluster":
+            nodes = request.getfixturevalue("cluster")
+            url = f"redis+cluster://127.0.0.1:{nodes[0].port}"
+            client = redis.RedisCluster(host="127.0.0.1", port=nodes[0].port)
+        else:
+            nodes = [stack.enter_context(redis_server())]
+            url = nodes[0].url
+            client = redis.Redis(port=nodes[0].port)
+        a = KVPool(SPEC, remote=RemoteTier(url, retry_after=0.05))
+        prompt = list(range(7000, 7000 + 4 * BS + 1))
+        [x] = a.allocate([prompt], salt="m")
+        blocks = np.asarray(x.block_table[:4])
+        kv = a.backend.device_array()
+        kv[blocks] = np.random.default_rng(3).standard_normal(kv[blocks].shape)
+        kv = kv[blocks].copy()
+        a.commit(x.seq_id)
+        keys = a.manager.history[x.seq_id].keys[:4]
+        a.free(x.seq_id)
+        assert a.remote.flush(WAIT) and a.remote_stats().written_blocks == 4
+        hostile = a.remote.key(root_key("m"), keys[1])
+        client.set(hostile, bytes(48 << 20))  # 48 MiB under block 1's key
+        b = KVPool(SPEC, remote=RemoteTier(url, retry_after=0.05))  # the default 0.1 s timeout
+        before = sent_bytes(nodes)
+        t0 = time.monotonic()
+        got, restored = restore(b, prompt)
+        took = time.monotonic() - t0
+        sent = sent_bytes(nodes) - before
+        assert got == BS and np.array_equal(restored[:1], kv[:1])  # block 0; the chain stops at block 1
+        assert sent < 4 << 20, sent  # not the 48 MiB (a cluster client's first call reads COMMAND: ~100 KiB)
+        assert took < 1.0
+        st = b.remote_stats()
+        assert (st.errors, st.corrupt_blocks, st.available) == (0, 1, True)
+        assert b.remote.flush(WAIT) and not client.exists(hostile)  # deleted as a refused value
+        b.check_integrity()
+        a.close(), b.close()
+        client.close()
+
+
+class TricklingServer:
+    """A hostile or broken "Redis" on a free port: a RESP3 HELLO, +OK to every
+    other command but reads, which it answers with a value of 1 GB announced
+    (``*N`` first for ``MGET``), then sends 64 KiB every 10 ms for ``seconds``,
+    then hangs up."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.threads: list[threading.Thread] = []
+        self.done = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.done.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    @staticmethod
+    def _commands(buf: bytearray) -> list[list[bytes]]:
+        """Whole commands (arrays of bulk strings) taken off the front of ``buf``."""
+        out = []
+        while True:
+            try:
+                lines = bytes(buf).split(b"\r\n")
+                n, at, args = int(lines[0][1:]), 1, []
+                for _ in range(n):
+                    args.append(lines[at + 1])
+                    at += 2
+                if at >= len(lines):
+                    return out
+            except (ValueError, IndexError):
+                return out
+            used = sum(len(x) + 2 for x in lines[:at])
+            del buf[:used]
+            out.append(args)
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = bytearray()
+        with conn:
+            while not self.done.is_set():
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+                for args in self._commands(buf):
+                    name = args[0].upper()
+                    if name == b"HELLO":  # redis-py asks for RESP3
+                        conn.sendall(b"%2\r\n$6\r\nserver\r\n$5\r\nredis\r\n$5\r\nproto\r\n:3\r\n")
+                        continue
+                    if name not in (b"MGET", b"GET", b"GETRANGE"):
+                        conn.sendall(b"+OK\r\n")
+                        continue
+                    head = b"*%d\r\n" % (len(args) - 1) if name == b"MGET" else b""
+                    conn.sendall(head + b"$1000000000\r\n")
+                    deadline = time.monotonic() + self.seconds
+                    with contextlib.suppress(OSError):
+                        while time.monotonic() < deadline and not self.done.is_set():
+                            conn.sendall(bytes(64 << 10))
+                            time.sleep(0.01)
+                    return  # hang up
+
+    def close(self) -> None:
+        self.done.set()
+        self.sock.close()
+        for t in self.threads:
+            t.join(10)
+
+
+def test_a_server_announcing_a_huge_value_fails_the_lookup_at_once():
+    """The lookup's timeout bounds each read, not a reply that keeps coming:
+    a server announcing 1 GB and sending it slowly held the lookup (on the
+    daemon's loop) for as long as it sent (here 3 s). GETRANGE asks for at
+    most a value and one byte, so a longer announcement is malformed at once."""
+    server = TricklingServer(seconds=3.0)
+    try:
+        p = KVPool(SPEC, remote=RemoteTier(f"redis://127.0.0.1:{server.port}", retry_after=30))
+        t0 = time.monotonic()
+        [x] = p.allocate([list(range(3 * BS + 1))], salt="m")
+        took = time.monotonic() - t0
+        assert x.num_cached_tokens == 0 and took < 1.0, took
+        st = p.remote_stats()
+        assert st.errors == 1 and not st.available
+        p.free(x.seq_id)
+        p.check_integrity()
+        p.close()
+    finally:
+        server.close()
+
+
+# -- URLs ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("url, why", [
+    ("redis://[::1", "Invalid IPv6 URL"),
+    ("redis://127.0.0.1:6379?no_such_option=1", "no_such_option"),
+    ("redis://127.0.0.1:6379/kv", "is not /DB"),  # redis-py: DB 0
+    ("redis://127.0.0.1:6379/0/1", "is not /DB"),  # redis-py: DB 1
+    ("redis://127.0.0.1:6379/-1", "is not /DB"),
+    ("redis://host name:6379", "is not HOST:PORT"),
+    ("unix://run/redis.sock", "unix:///ABSOLUTE/PATH.sock"),  # redis-py: /redis.sock
+    ("unix://", "unix:///ABSOLUTE/PATH.sock"),
+    ("redis+cluster://127.0.0.1:7000/3", "only DB 0"),
+    ("redis+cluster://127.0.0.1:7000/?readonly=1", "only DB 0"),
+])
+def test_a_malformed_url_is_a_typed_error(url, why):
+    with pytest.raises(InvalidArgument, match=re.escape(why)):
+        open_store(url)
+
+
+def test_passwords_stay_out_of_urls_and_messages():
+    store = open_store("redis://127.0.0.1:6379/2?password=hunter2&socket_timeout=1")
+    assert "hunter2" not in store.url and "password=***" in store.url
+    store.close()
+    with pytest.raises(InvalidArgument) as e:
+        open_store("redis:/:hunter2@127.0.0.1:6379")
+    assert "hunter2" not in str(e.value)
+    for url in ("redis://127.0.0.1", "redis://127.0.0.1:1/15", "redis://[::1]:6379/0", "unix:///tmp/r.sock?db=1",
+                "rediss://u:p@h:1?ssl_cert_reqs=none", "redis+cluster://a:1,b:2", "redis+cluster://[::1]:1,[::1]:2/0"):
+        open_store(url).close()  # still taken
