@@ -1,11 +1,16 @@
 """What the remote prefix tier stores: the key of a block and its value.
 
-Key: ``kvpager:v1:<format>:<salt>:<block key>`` where
+Key: ``kvpager:v1:<format>:[ns<namespace>:]<salt>:<block key>`` where
 - ``v1`` is `FORMAT_VERSION`;
 - ``<format>`` is 12 hex digits of a digest of everything that decides how
   a block's bytes are laid out (layers, kv heads, head dim, block size,
   dtype, the block-major layout): a daemon of another geometry or dtype
   looks under other keys and never reads foreign bytes;
+- ``ns<namespace>``, where the tier has a namespace (`namespace_part`: 16 hex
+  digits of its digest): the model the blocks belong to. Two models of one
+  geometry (a model and its fine-tune, two presets of one shape) compute
+  different K/V for the same tokens; without a namespace, or a salt per
+  model, daemons of both that share a store would restore each other's;
 - ``<salt>`` is 16 hex digits of the salt's root key (so one model's or
   adapter's blocks can be found, or deleted, by pattern);
 - ``<block key>`` is the block's chained BLAKE2b key (32 hex digits), which
@@ -26,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import struct
 
+from kvpager.errors import InvalidArgument
 from kvpager.spec import PoolSpec
 
 try:
@@ -62,9 +68,31 @@ def format_id(spec: PoolSpec, ranks: int = 1) -> str:
     return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
-def key_prefix(spec: PoolSpec, ranks: int = 1) -> str:
-    """``kvpager:v1:<format>:``: every key of this geometry (and rank count) starts with it."""
-    return f"kvpager:v{FORMAT_VERSION}:{format_id(spec, ranks)}:"
+#: the longest namespace (characters)
+MAX_NAMESPACE = 256
+
+
+def check_namespace(namespace: object) -> str | None:
+    """A tier's namespace: None (none), or printable text of 1 to `MAX_NAMESPACE`
+    characters (a model's name: ``meta-llama/Llama-3.1-8B-Instruct``)."""
+    if namespace is None:
+        return None
+    if not isinstance(namespace, str) or not 0 < len(namespace) <= MAX_NAMESPACE or not namespace.isprintable():
+        raise InvalidArgument(f"the remote namespace must be printable text of 1 to {MAX_NAMESPACE} characters "
+                              f"(the model's name), got {namespace!r:.80}")
+    return namespace
+
+
+def namespace_part(namespace: str) -> str:
+    """``ns`` and 16 hex digits of a digest of ``namespace``: the key part of one."""
+    return "ns" + hashlib.blake2b(namespace.encode(), digest_size=8).hexdigest()
+
+
+def key_prefix(spec: PoolSpec, ranks: int = 1, namespace: str | None = None) -> str:
+    """``kvpager:v1:<format>:`` (then ``ns<namespace>:`` where one is given):
+    every key of this geometry (and rank count, and namespace) starts with it."""
+    prefix = f"kvpager:v{FORMAT_VERSION}:{format_id(spec, ranks)}:"
+    return prefix if namespace is None else f"{prefix}{namespace_part(namespace)}:"
 
 
 def block_key(prefix: str, root: bytes, key: bytes) -> str:

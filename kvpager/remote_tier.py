@@ -46,6 +46,7 @@ from kvpager.remote_format import (
     BadValue,
     Codec,
     block_key,
+    check_namespace,
     key_prefix,
 )
 from kvpager.remote_store import (
@@ -75,17 +76,22 @@ class RemoteTier(RemoteWrites):
     ``max_restore_bytes``: most bytes one allocate may restore (the lookup and
     the restore run on the caller's thread: the daemon's loop waits for them);
     ``connections`` and ``chunk_bytes``: how a URL's store splits a lookup
-    (`open_store`)."""
+    (`open_store`); ``namespace``: the model the blocks belong to, in every key
+    (`kvpager.remote_format`): daemons of two models of one geometry (a model
+    and its fine-tune) that share a store find each other's blocks only under
+    one namespace (or salt), and would restore each other's K/V without."""
 
     def __init__(self, store: Store | str, *, timeout: float = 0.1, ttl: int = 86400,
                  queue_bytes: int = 256 << 20, retry_after: float = 1.0,
                  max_restore_bytes: int = 256 << 20, connections: int = CONNECTIONS,
-                 chunk_bytes: int = CHUNK_BYTES):
+                 chunk_bytes: int = CHUNK_BYTES, namespace: str | None = None):
         for name, value in (("ttl", ttl), ("queue_bytes", queue_bytes), ("max_restore_bytes", max_restore_bytes)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidArgument(f"remote {name} must be a non-negative integer, got {value!r}")
         if not isinstance(retry_after, (int, float)) or not 0 < retry_after <= MAX_PAUSE:
             raise InvalidArgument(f"remote retry_after must be in (0, {MAX_PAUSE}] seconds, got {retry_after!r}")
+        #: the model these blocks belong to (`kvpager.remote_format.check_namespace`), in every key
+        self.namespace = check_namespace(namespace)
         self.store = open_store(store, timeout, connections=connections, chunk_bytes=chunk_bytes) \
             if isinstance(store, str) else store
         self.ttl, self.queue_bytes, self.max_restore_bytes = ttl, queue_bytes, max_restore_bytes
@@ -119,14 +125,15 @@ class RemoteTier(RemoteWrites):
         if key_prefix(old) != key_prefix(spec) or (self.codec is not None and self._ranks != ranks):
             raise InvalidArgument("this RemoteTier already serves a pool of another geometry")
         self.codec = Codec(spec)
-        self._prefix = key_prefix(spec, ranks)
+        self._prefix = key_prefix(spec, ranks, self.namespace)
         self._ranks = ranks
 
     def describe(self) -> dict[str, Any]:
         """What hello tells clients: the store's kind and URL (no password);
         ``probe``: ``cached_tokens`` counts the tier and takes ``remote`` and
         ``remote_tokens``."""
-        return {"kind": self.store.kind, "url": self.store.url, "ttl": self.ttl, "probe": True}
+        return {"kind": self.store.kind, "url": self.store.url, "ttl": self.ttl, "probe": True,
+                "namespace": self.namespace}
 
     def check(self, spec: PoolSpec | None = None) -> str | None:
         """At start: None if the store answers now and takes every command the
@@ -140,7 +147,8 @@ class RemoteTier(RemoteWrites):
         (``spec``: the pool's, where the tier is not attached yet). A store
         that takes no writes for now (a read-only replica, full) is logged."""
         spec = self.codec.spec if self.codec is not None else spec
-        prefix = self._prefix or (key_prefix(spec) if spec is not None else f"kvpager:v{FORMAT_VERSION}:")
+        prefix = self._prefix or (key_prefix(spec, 1, self.namespace) if spec is not None
+                                  else f"kvpager:v{FORMAT_VERSION}:")
         try:
             warnings = self.store.verify(prefix, Codec(spec).value_bytes if spec is not None else None)
         except StoreError as e:

@@ -141,7 +141,7 @@ def remote_tier(opts: dict[str, Any], spec: Any = None) -> Any:
     try:
         tier = RemoteTier(opts["remote"], timeout=opts["remote_timeout"], ttl=opts["remote_ttl"],
                           queue_bytes=opts["remote_queue"], max_restore_bytes=opts["remote_max_restore"],
-                          connections=opts["remote_connections"])
+                          connections=opts["remote_connections"], namespace=opts["remote_namespace"])
     except ImportError as e:  # a dependency of the tier is missing; the message says which
         raise click.ClickException(str(e)) from None
     try:
@@ -150,8 +150,16 @@ def remote_tier(opts: dict[str, Any], spec: Any = None) -> Any:
         tier.close()
         raise
     remote_log = logging.getLogger("kvpager.remote")
+    if tier.namespace is None:
+        remote_log.warning(
+            "remote store %s: no --remote-namespace: every daemon of this geometry that shares the store "
+            "(another model of the same shape, a fine-tune of this one) finds these blocks, and restores "
+            "them for the same tokens under the same salt; name the model (--remote-namespace, "
+            "KVPAGER_REMOTE_NAMESPACE) unless every client salts by model (kvpager.hf's default salt does)",
+            tier.store.url)
     if why is None:
-        remote_log.info("remote tier: %s (%s), ttl %ss", tier.store.url, tier.store.kind, tier.ttl)
+        remote_log.info("remote tier: %s (%s), ttl %ss%s", tier.store.url, tier.store.kind, tier.ttl,
+                        "" if tier.namespace is None else f", namespace {tier.namespace!r}")
     else:
         remote_log.warning("remote store %s does not answer (%s): serving without it until it does",
                            tier.store.url, why)
@@ -216,6 +224,10 @@ def serve_devices(opts: dict[str, Any], default_device: Any) -> list[str] | None
 @click.option("--remote", default=None, metavar="URL",
               help="Share committed prefix blocks across hosts through a store: redis://HOST:PORT, "
                    "rediss://, unix:///PATH, or a Redis Cluster: redis+cluster://HOST:PORT[,HOST:PORT].")
+@click.option("--remote-namespace", default=None, envvar="KVPAGER_REMOTE_NAMESPACE", metavar="NAME",
+              help="The model the stored blocks belong to (its name), part of every key: daemons of other "
+                   "models of the same shape sharing the store never restore these blocks "
+                   "(KVPAGER_REMOTE_NAMESPACE; see docs/remote.md).")
 @click.option("--remote-timeout", type=click.FloatRange(min=0, min_open=True, max=60), default=0.1,
               show_default=True, help="Seconds an allocate waits for the store before it counts as a miss.")
 @click.option("--remote-ttl", type=click.IntRange(min=0), default=86400, show_default=True,
@@ -336,6 +348,10 @@ def _start(opts: dict[str, Any], made: list[Any]) -> Any:
             raise click.UsageError("--events-replay-endpoint needs --events-endpoint (or KVPAGER_EVENTS_ENDPOINT)")
         elif opts["events_replay_rate"] is not None:
             raise click.UsageError("--events-replay-rate needs --events-endpoint (or KVPAGER_EVENTS_ENDPOINT)")
+        if opts["remote_namespace"] is not None and not opts["remote"] and \
+                click.get_current_context().get_parameter_source("remote_namespace") \
+                == click.core.ParameterSource.COMMANDLINE:  # (KVPAGER_REMOTE_NAMESPACE alone waits for --remote)
+            raise click.UsageError("--remote-namespace needs --remote")
         remote = remote_tier(opts, spec) if opts["remote"] else None
         server = Server.create(spec, opts["endpoint"], device, devices=devices,
                                max_pinned_blocks=opts["max_pinned_blocks"],
