@@ -22,7 +22,7 @@ Checked first: every way gives the same answer for every key. Then timed
   disabled, and a cluster needs every key in one slot);
 - one ``EXISTS k1 .. kN``: a count, not which keys; the floor of the
   store's own work;
-- the values themselves (the tier's chunked ``MGET`` into staging): what a
+- the values themselves (the tier's chunked ``GETRANGE`` reads into staging): what a
   lookup reads, and what the probe must not.
 End to end: `cached_tokens` of a prompt whose N blocks another pool wrote
 (1 KiB values), with the tier (``remote=True``) and without (``remote=False``).
@@ -89,7 +89,7 @@ def ways(url: str, n: int, value_kib: int) -> dict:
         "redis-py EXISTS pipeline": (pipelined("EXISTS"), lambda a: np.asarray(a) > 0),
         "redis-py STRLEN pipeline": (pipelined("STRLEN"), lambda a: np.asarray(a) > 0),
         "EVAL Lua STRLEN loop": (lambda: script(keys=names), lambda a: np.asarray(a) > 0),
-        "values: chunked MGET": (lambda: store.get_into(names, rows, sizes), lambda a: sizes >= 0),
+        "values: chunked GETRANGE": (lambda: store.get_into(names, rows, sizes), lambda a: sizes >= 0),
     }
     out: dict = {"keys": n}
     try:

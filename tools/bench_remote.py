@@ -21,11 +21,12 @@ from ``io-threads`` threads; one connection is always one thread's):
 
 Restore: pool A commits 256 MiB (``--total-mib``) of blocks (the tier writes
 them), pool B allocates the same prompt and restores every block (chunked
-MGETs over ``--connections`` connections read straight into staging,
+pipelined ``GETRANGE``s, at most a value each, over ``--connections``
+connections read straight into staging,
 checksums, copies into its pool). Checked byte for byte first, then timed
 (median of 5, B's cache emptied between runs). GB/s = restored K/V bytes /
 allocate time. Beside it: the tier's fetch alone (the same lookups and
-checks, no pool), the chunked MGETs alone (no checks), redis-py's MGET of
+checks, no pool), the chunked reads alone (no checks), redis-py's MGET of
 every key at once (the path before chunking), the same single MGET read by a
 bare socket into one buffer, and a swap-in of the same blocks from B's host
 pool.
@@ -307,7 +308,7 @@ def main() -> None:
                     help="block sizes to restore, KiB, multiples of 64 (a 64 KiB layer: 8 kv heads x 16 x 128 bf16)")
     ap.add_argument("--total-mib", type=int, default=TOTAL >> 20, help="bytes restored per allocate (MiB)")
     ap.add_argument("--connections", type=int, default=CONNECTIONS, help="connections one lookup fetches over")
-    ap.add_argument("--chunk-mib", type=float, default=CHUNK_BYTES / 2**20, help="about the MiB of one MGET (rounded to whole values)")
+    ap.add_argument("--chunk-mib", type=float, default=CHUNK_BYTES / 2**20, help="about the MiB of one chunk of reads (rounded to whole values)")
     ap.add_argument("--io-threads", type=int, default=1, help="the started redis-server's io-threads")
     ap.add_argument("--redis-arg", action="append", default=[], metavar="ARG",
                     help="more arguments for the started redis-server (repeat: --redis-arg=--io-threads-do-reads "
@@ -343,8 +344,8 @@ def main() -> None:
     print(f"{result['date']}; {result['cpus']} CPUs ({result['machine']}), load average "
           f"{result['load_before'][0]:.2f} before, {result['load_after'][0]:.2f} after; Python {result['python']}")
     print(f"store: {result['redis']} {' '.join(result['redis_args'])}; lookups over {args.connections} "
-          f"connections, {args.chunk_mib:g} MiB per MGET; CPU backend; recompute at an assumed {args.tflops:g} TFLOP/s")
-    print("| block | blocks | restore ms | restore GB/s | tier fetch GB/s | chunked MGETs, no checks GB/s | "
+          f"connections, {args.chunk_mib:g} MiB per chunk; CPU backend; recompute at an assumed {args.tflops:g} TFLOP/s")
+    print("| block | blocks | restore ms | restore GB/s | tier fetch GB/s | chunked reads, no checks GB/s | "
           "redis-py one MGET GB/s | "
           "bare socket one MGET GB/s | host swap-in GB/s | recompute GFLOP/token | recompute ms | recompute GB/s | "
           "commit copy GB/s |")
