@@ -105,6 +105,10 @@ class TableMirror:
         #: moved by every change that can make a step plan of these sequences stale
         #: (`kvpager.plan_guard`): the mapped pool's count once the pool is mapped
         self.moves = Moves()
+        # blocks that allocate / append replies gave these sequences since the last change that
+        # releases blocks (`_moved`): a write's slots found here need no search of every table
+        self._issued = np.zeros(0, dtype=bool)
+        self._shift = block_size.bit_length() - 1
         self.rows: dict[int, int] = {}  # seq_id -> row of `table`
         self.swapped: set[int] = set()
         # Batches lately found wholly mirrored: a decode loop follows the same ids
@@ -129,9 +133,32 @@ class TableMirror:
             raise SequenceSwapped(next(i for i in ids if i in self.swapped), "attend")
         return self.table.gather(rows)
 
+    def _moved(self) -> None:
+        """A change that may release blocks (or ends a step): plans recheck, and
+        the blocks issued so far are no longer known to be held."""
+        self.moves.bump()
+        self._issued[:] = False
+
+    def _issue(self, slots: np.ndarray) -> None:
+        """The blocks of ``slots`` (an allocate's or append's) are these sequences'."""
+        if not len(slots):
+            return
+        blocks = np.asarray(slots, np.int64) >> self._shift
+        top = int(blocks.max()) + 1
+        if top > len(self._issued):
+            grown = np.zeros(max(top, 2 * len(self._issued)), dtype=bool)
+            grown[: len(self._issued)] = self._issued
+            self._issued = grown
+        self._issued[blocks[blocks >= 0]] = True
+
     def foreign_blocks(self, blocks: np.ndarray) -> np.ndarray:
         """Those of ``blocks`` that no resident mirrored sequence holds (a swapped-out
-        one's table is stale: its blocks went back to the pool)."""
+        one's table is stale: its blocks went back to the pool). Blocks an allocate
+        or append gave since the last release are found at once; others by a
+        search of every table."""
+        issued = self._issued
+        if len(blocks) and int(blocks.max()) < len(issued) and issued[blocks].all():
+            return blocks[:0]
         rows = [r for i, r in self.rows.items() if i not in self.swapped] if self.swapped else list(self.rows.values())
         held = self.table.row_blocks(np.asarray(rows, np.int64)) if rows else np.zeros(0, np.int64)
         return blocks[~np.isin(blocks, held)]
@@ -162,6 +189,7 @@ class TableMirror:
         for a in allocations:
             row = self.rows[a.seq_id] = bt.add_row(a.block_table, a.num_cached_tokens + len(a.slots))
             bt.committed[row] = a.num_cached_tokens  # a prefix hit is committed K/V
+            self._issue(a.slots)
 
     def appended(self, ids: list[int], num_tokens: Any, slots: np.ndarray) -> None:
         """``num_tokens`` (an int, or one per sequence) new tokens per sequence
@@ -171,6 +199,7 @@ class TableMirror:
         of the last block alike."""
         if not ids:
             return
+        self._issue(slots)
         bs, bt = self.block_size, self.table
         if type(num_tokens) is int and num_tokens == 1:  # a decode step: one slot per sequence
             if len(ids) == 1:  # plain ints: no array operation pays off for one row
@@ -227,7 +256,7 @@ class TableMirror:
     def committed(self, ids: list[int], upto: Any) -> None:
         """`commit`'s: tokens ``[0, upto)`` of each sequence declared written (``upto``
         None: all; else an int or None per sequence). Step plans writing them are done."""
-        self.moves.bump()
+        self._moved()
         rows, at = self._known(ids)
         if not len(rows):
             return
@@ -241,7 +270,7 @@ class TableMirror:
         bt.committed[rows] = np.maximum(bt.committed[rows], np.minimum(new, lens))
 
     def freed(self, ids: list[int]) -> None:
-        self.moves.bump()
+        self._moved()
         rows = [r for r in map(self.rows.pop, ids, [None] * len(ids)) if r is not None]
         self._recent.clear()
         self.table.release_rows(rows)
@@ -259,7 +288,7 @@ class TableMirror:
 
     def truncated(self, ids: list[int], lengths: Any) -> None:
         """Sequences cut to ``lengths`` tokens (an int, or one per sequence)."""
-        self.moves.bump()
+        self._moved()
         rows, at = self._known(ids)
         if not len(rows):
             return
@@ -278,7 +307,7 @@ class TableMirror:
 
     def released(self, ids: list[int], counts: list[int]) -> None:
         """`release`'s reply: each sequence's next ``counts[i]`` leading blocks became null entries."""
-        self.moves.bump()
+        self._moved()
         rows, at = self._known(ids)
         bt = self.table
         for row, n in zip(rows.tolist(), np.asarray(counts, np.int64)[at].tolist()):
@@ -297,7 +326,7 @@ class TableMirror:
 
     def swapped_out(self, ids: list[int]) -> None:
         """Swapped rows keep their stale tables but are never read until swapped in."""
-        self.moves.bump()
+        self._moved()
         self.swapped.update(i for i in ids if i in self.rows)
 
     def swapped_in(self, ids: list[int], tables: np.ndarray, lens: np.ndarray) -> None:
@@ -319,7 +348,7 @@ class TableMirror:
 
     def clear(self) -> None:
         """Forget everything (the session is lost or closed)."""
-        self.moves.bump()
+        self._moved()
         self.table = BlockTable(columns=("released", "committed"))
         self.rows.clear()
         self.swapped.clear()

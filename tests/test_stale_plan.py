@@ -378,6 +378,9 @@ def test_a_worker_whose_mirror_lost_a_sequence_still_writes_its_slots(server, cl
     """A sequence forgotten by the mirror (its op had no clear outcome) is still
     the session's: its slots are found in the daemon's tables."""
     (a,) = client.allocate([list(range(6_000, 6_020))])
+    (b,) = client.allocate([list(range(6_100, 6_110))])
+    client.free([b.seq_id])  # a release: a's slots are no longer known at once, found in its table
+    client.write(0, a.slots, kv(20, SPEC), kv(20, SPEC))
     client._mirror.forget([a.seq_id])
     client.write(0, a.slots, kv(20, SPEC), kv(20, SPEC))
     client.write(1, a.slots, kv(20, SPEC), kv(20, SPEC))
