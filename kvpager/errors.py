@@ -56,9 +56,10 @@ class LimitExceeded(InvalidArgument):
 
 class StalePlan(InvalidArgument):
     """A step plan used after its sequences changed under it: one freed,
-    truncated, swapped out or released blocks the plan reads, or the step it
-    writes was committed (`kvpager.plan_guard`). Make a new plan, or refill
-    this one (`KVPool.refill`); nothing was written or read."""
+    truncated, swapped out or released blocks the plan reads (every call is
+    refused), or the step it writes was committed (its writes are refused)
+    (`kvpager.plan_guard`). Make a new plan, or refill this one
+    (`KVPool.refill`); nothing was written or read."""
 
     code = "stale_plan"
 

@@ -42,7 +42,7 @@ from kvpager.attend_options import (
     check_window,
     chunk_step,
 )
-from kvpager.errors import InvalidArgument
+from kvpager.errors import InvalidArgument, StalePlan
 from kvpager.plan_guard import Guard, Moves, view_guard
 from kvpager.spec import PoolSpec
 from kvpager.validate import int_array
@@ -125,16 +125,22 @@ class StepPlan(ABC):
         self._moves = backend.moves
         self._seen = self._moves.count
 
-    def recheck(self) -> None:
+    def recheck(self, write: bool = True) -> None:
         """After the pool's sequences changed (its count moved): refuse if the pool
-        is closed (`closed_pool`) or if this plan no longer matches its sequences
-        (`StalePlan`, by its `guard`); else go on from the count now. A plan
-        calls it first thing on each call whose count has moved."""
+        is closed (`closed_pool`), if this plan no longer reads its sequences'
+        blocks (`StalePlan`, by its `guard`), or, for a ``write``, if its slots are
+        no longer open positions of its sequences; else go on from the count now
+        (a plan whose writes are refused rechecks at each call). A plan calls it
+        first thing on each call whose count has moved."""
         if self.backend.closed:
             raise closed_pool()
         count = self._moves.count
         if self.guard is not None:
-            self.guard(self)
+            refusal = self.guard(self)
+            if refusal is not None:
+                if write:
+                    raise StalePlan(refusal)
+                return
         self._seen = count
 
     def guard_with(self, guard: Guard | None) -> None:

@@ -15,8 +15,10 @@ moved, the plan rechecks itself once (`check_rows`): every sequence it was
 made of still resident, at least as long, with the same blocks where the
 plan reads, and every slot it writes a position of its own sequence that is
 not committed yet. A plan that passes goes on (the change was another
-sequence's); one that fails raises `StalePlan` on every call until it is
-refilled. A closed pool moves the count too, and its plans refuse.
+sequence's); one whose blocks changed raises `StalePlan` on every call until
+it is refilled, and one whose slots are committed (its step is done) on
+every write (its attends read what they read before). A closed pool moves
+the count too, and its plans refuse.
 
 A worker's count moves with its own session's changes only: its plan over
 another session's sequences (read through the daemon's tables) is rechecked,
@@ -54,8 +56,9 @@ class Moves:
         self.count += 1
 
 
-#: A plan's check against its sequences: raises StalePlan when the plan no longer matches them.
-Guard = Callable[[Any], None]
+#: A plan's check against its sequences: raises StalePlan where the plan no longer reads its
+#: sequences' blocks; returns why its writes are refused (its slots), or None.
+Guard = Callable[[Any], "str | None"]
 
 
 def sequence_guard(ids: Sequence[int], rows_now: Callable[[list[int]], tuple[np.ndarray, np.ndarray, np.ndarray]],
@@ -65,7 +68,7 @@ def sequence_guard(ids: Sequence[int], rows_now: Callable[[list[int]], tuple[np.
     (UnknownSequence / SequenceSwapped for one no longer resident)."""
     ids = list(ids)
 
-    def guard(plan: Any) -> None:
+    def guard(plan: Any) -> str | None:
         try:
             tables, lens, committed = rows_now(ids)
         except UnknownSequence as e:
@@ -74,7 +77,7 @@ def sequence_guard(ids: Sequence[int], rows_now: Callable[[list[int]], tuple[np.
         except SequenceSwapped as e:
             raise StalePlan(f"this step plan is stale: sequence {e.seq_id} was swapped out since it was made; "
                             f"{REMEDY}") from None
-        check_rows(plan, ids, tables, lens, committed)
+        return check_rows(plan, ids, tables, lens, committed)
 
     return guard
 
@@ -83,10 +86,11 @@ def view_guard(parent: Any) -> Guard:
     """The guard of a plan derived from ``parent`` (a chunked view): the parent's check."""
     ref = weakref.ref(parent)
 
-    def guard(_view: Any) -> None:
+    def guard(_view: Any) -> str | None:
         p = ref()
         if p is not None:
-            p.recheck()
+            p.recheck(write=False)  # a view only attends
+        return None
 
     return guard
 
@@ -94,12 +98,14 @@ def view_guard(parent: Any) -> Guard:
 REMEDY = "make a new plan (KVPool.plan) or refill this one (KVPool.refill) after the sequences change"
 
 
-def check_rows(plan: Any, ids: list[int], tables: np.ndarray, lens: np.ndarray, committed: np.ndarray) -> None:
+def check_rows(plan: Any, ids: list[int], tables: np.ndarray, lens: np.ndarray,
+               committed: np.ndarray) -> str | None:
     """StalePlan unless ``plan`` (host copies ``tables``, ``seq_lens``,
-    ``query_lens``, ``slots``) still matches its sequences ``ids`` as they are
-    now (``tables``, ``lens``, ``committed``): each at least as long as the plan
-    saw it, with the same blocks wherever the plan reads, and each slot the
-    plan writes a position of its own sequence not committed yet."""
+    ``query_lens``, ``slots``) still reads its sequences ``ids`` as they are now
+    (``tables``, ``lens``, ``committed``): each at least as long as the plan saw
+    it, with the same blocks wherever the plan reads. Returns why its writes are
+    refused (a slot that is no position of its own sequence, or one committed
+    since: its step is done), or None."""
     bs = plan.spec.block_size
     old, old_lens = plan.tables, plan.seq_lens.astype(np.int64)
     lens = np.asarray(lens, np.int64)
@@ -121,7 +127,7 @@ def check_rows(plan: Any, ids: list[int], tables: np.ndarray, lens: np.ndarray, 
                         f"sequence may hold it); {REMEDY}")
     slots = plan.slots
     if slots is None or not len(slots):
-        return
+        return None
     row = np.repeat(np.arange(len(ids)), plan.query_lens)
     live = slots >= 0
     row, s = row[live], slots[live]
@@ -134,5 +140,6 @@ def check_rows(plan: Any, ids: list[int], tables: np.ndarray, lens: np.ndarray, 
         i = int(row[k])
         what = (f"is committed (sequence {ids[i]} has {int(committed[i])} tokens committed)" if found[k]
                 else f"is no position of sequence {ids[i]}")
-        raise StalePlan(f"this step plan is stale: the slot {int(s[k])} it writes {what}; its step is done or "
-                        f"its slots are not its sequences'; {REMEDY}")
+        return (f"this step plan's writes are stale: the slot {int(s[k])} it writes {what}; its step is done "
+                f"or its slots are not its sequences' (it still attends); {REMEDY}")
+    return None

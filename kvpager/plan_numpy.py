@@ -87,7 +87,7 @@ class NumpyPlan(StepPlan):
 
         spec = self.spec
         if self._seen != self._moves.count:
-            self.recheck()
+            self.recheck(write=False)
         layer = validate.layer(layer, spec)
         qn, from_torch = to_numpy(q, "q", spec.np_dtype)
         heads = check_q_shape(qn.shape, self.num_tokens, spec)

@@ -139,7 +139,12 @@ def test_a_committed_step_is_not_written_again():
     before = pool.backend.kv.copy()
     with pytest.raises(StalePlan, match="committed"):
         plan.write(0, kv(17, value=7.0), kv(17, value=7.0))
+    with pytest.raises(StalePlan, match="committed"):  # every write, not just the first
+        plan.write_attend(0, q(17)[None].swapaxes(1, 2), kv(17, value=7.0)[None].swapaxes(1, 2),
+                          kv(17, value=7.0)[None].swapaxes(1, 2))
     np.testing.assert_array_equal(pool.backend.kv, before)
+    qq = q(17)  # its attends read what they read before
+    np.testing.assert_array_equal(plan.attend(1, qq), pool.plan([a.seq_id], [17]).attend(1, qq))
     (hit,) = pool.allocate([prompt + [99]])
     assert hit.num_cached_tokens == 16
 

@@ -272,7 +272,7 @@ class CupyPlan(StepPlan):
         """See `StepPlan.attend`."""
         spec = self.spec
         if self._seen != self._moves.count:
-            self.recheck()
+            self.recheck(write=False)
         if type(layer) is not int or not 0 <= layer < spec.num_layers:
             layer = validate.layer(layer, spec)
         shape = q.shape if hasattr(q, "shape") else ()
