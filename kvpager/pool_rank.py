@@ -50,6 +50,10 @@ class PoolRank:
 
     plan = KVPool.plan
     refill = KVPool.refill
+
+    def close(self) -> None:
+        """A rank is a view of its pool: the pool is closed whole."""
+        raise InvalidArgument("close the pool (pool.close()), not one of its ranks: its sequences are every rank's")
     tables = KVPool.tables
     kv = KVPool.kv
 

@@ -291,3 +291,15 @@ def test_a_ranked_pool_releases_every_rank_when_one_fails_to_close():
     with pytest.raises(RuntimeError, match="rank 0"):
         pool.close()
     assert second.closed
+
+
+def test_a_rank_is_not_closed_alone():
+    """`pool.rank(r).close()` was an AttributeError; it now says to close the pool,
+    and the pool and its ranks go on."""
+    spec = PoolSpec(num_layers=2, num_kv_heads=4, head_dim=8, num_blocks=16, block_size=16, dtype="float32")
+    pool = KVPool(spec, devices=["cpu", "cpu"])
+    with pytest.raises(InvalidArgument, match=r"pool.close\(\)"):
+        pool.rank(1).close()
+    [a] = pool.allocate([list(range(10))])
+    pool.rank(1).write(0, a.slots, np.ones((10, 2, 8), np.float32), np.ones((10, 2, 8), np.float32))
+    pool.close()
