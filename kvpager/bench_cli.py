@@ -17,6 +17,8 @@ from pathlib import Path
 
 import click
 
+from kvpager.inspect_cli import Seconds
+
 #: Where the scripts are: beside the package in a checkout, else where pip put them.
 TOOLS_DIRS = (Path(__file__).resolve().parents[1] / "tools", Path(__file__).resolve().parent / "_tools")
 # (name, script, needs a GPU, Python modules it imports beyond kvpager's own dependencies)
@@ -49,7 +51,7 @@ def missing(needs_gpu: bool, modules: tuple[str, ...], gpu: bool) -> str | None:
 @click.command()
 @click.argument("names", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: {benchmark: its --json output}.")
-@click.option("--timeout", type=float, default=900, show_default=True, help="Seconds allowed per benchmark.")
+@click.option("--timeout", type=Seconds(open_low=True), default=900, show_default=True, help="Seconds allowed per benchmark.")
 def bench(names: tuple[str, ...], as_json: bool, timeout: float) -> None:
     """Run the benchmarks (all that this machine can run, or NAMES: allocator, rpc,
     attention, copy, swap, peers) and print their tables."""

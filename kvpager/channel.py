@@ -30,6 +30,7 @@ class Channel:
     def __init__(self, endpoint: str):
         self.endpoint = endpoint
         self.rcvtimeo = -1
+        self.gone = False  # the last request found nothing listening (DaemonUnavailable)
         self.sock = self._open()
 
     def _open(self) -> zmq.Socket:
@@ -72,6 +73,7 @@ class Channel:
         self.reset()
         why = probe(self.endpoint)
         if why is not None:
+            self.gone = True
             raise DaemonUnavailable(f"the kvpager daemon at {self.endpoint} is gone ({why})")
         raise RequestTimeout(
             f"no reply from the kvpager daemon at {self.endpoint} to {op!r} within {timeout:g}s; "

@@ -207,10 +207,13 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
             self._staging = None
         self._forget_session()
         self._unsettled = None  # bye frees whatever it created
-        try:
-            self._call("bye", {})
-        except Exception as e:
-            log.debug("bye failed: %s", e)
+        # No bye to a daemon found gone (and still gone): it would wait out the
+        # whole timeout for nothing (`kvpager top` hung 10 s after its error line).
+        if not (self._chan.gone and probe(self.endpoint) is not None):
+            try:
+                self._call("bye", {})
+            except Exception as e:
+                log.debug("bye failed: %s", e)
         self._closed = True
         self._chan.close()
 

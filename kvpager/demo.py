@@ -19,15 +19,22 @@ import multiprocessing as mp
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from kvpager.demo_worker import run_worker
 from kvpager.spec import PoolSpec
+
+
+class DemoFailed(RuntimeError):
+    """The demo could not run to its end (its daemon did not start, a worker died):
+    `kvpager demo` prints it as one line."""
 
 
 @dataclass(frozen=True)
@@ -110,8 +117,10 @@ def daemon(cfg: DemoConfig) -> Iterator[str]:
             except DaemonUnavailable:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
-                    raise RuntimeError(
-                        f"the demo daemon did not start (exit code {proc.poll()}):\n{log.read()}") from None
+                    # its last line says why (serve's "Error: ..." or a traceback's last line)
+                    last = ([x.strip() for x in log.read().splitlines() if x.strip()] or ["(no output)"])[-1]
+                    raise DemoFailed(f"the demo daemon did not start (exit code {proc.poll()}): "
+                                     f"{last.removeprefix('Error: ')}") from None
                 time.sleep(0.05)
         yield endpoint
     finally:
@@ -141,14 +150,44 @@ def _wait(poll: Callable[[], object], procs: list, what: str, timeout: float = 1
             return got
         dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
         if dead:
-            raise RuntimeError(f"worker {dead[0][0]} exited with code {dead[0][1]} while waiting for {what}")
+            raise DemoFailed(f"worker {dead[0][0]} exited with code {dead[0][1]} while waiting for {what}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"gave up after {timeout:.0f} s waiting for {what}")
+            raise DemoFailed(f"gave up after {timeout:.0f} s waiting for {what}")
+
+
+class Stopped(SystemExit):
+    """SIGTERM / SIGHUP while the demo runs (`timeout 60 kvpager demo`, a closed
+    terminal): raised in the main thread so that its daemon and workers are
+    stopped and its folder removed, as after Ctrl-C, not left running."""
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set in the main thread
+        return
+
+    def on_signal(signum: int, frame: object) -> None:
+        raise Stopped(128 + signum)
+
+    sigs = (signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, on_signal) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> DemoReport:
     """Run the demo end to end and return what the daemon accounted at the peak.
-    ``progress`` gets a line as each phase starts or ends."""
+    ``progress`` gets a line as each phase starts or ends. SIGTERM or SIGHUP
+    raises `Stopped` once the daemon and the workers are stopped."""
+    with stop_on_signals():
+        return _run_demo(cfg, progress)
+
+
+def _run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None) -> DemoReport:
     from kvpager.client import Client
 
     t0 = time.monotonic()
@@ -165,8 +204,16 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> 
         results = ctx.Queue()
         procs = [ctx.Process(target=run_worker, args=(i, endpoint, cfg, prompt_ready, at_peak, release, results),
                              daemon=True) for i in range(cfg.workers)]
-        for p in procs:
-            p.start()
+        # Ctrl-C is this process's: the workers are started ignoring SIGINT (kept
+        # across exec), so one still importing when it comes prints no traceback.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
         try:
             _wait(lambda: prompt_ready.wait(0.2), procs, "worker 0 to prefill the system prompt")
             say(f"worker 0 wrote the {cfg.system_prompt_tokens}-token system prompt's K/V and committed it; "

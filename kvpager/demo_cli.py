@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from kvpager.demo import DemoConfig, DemoReport, run_demo
+from kvpager.demo import DemoConfig, DemoFailed, DemoReport, run_demo
 
 
 def report_text(r: DemoReport, cfg: DemoConfig) -> str:
@@ -56,10 +56,15 @@ def demo_command():
     @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
     def demo(workers, requests, system_prompt, new_tokens, max_model_len, device, as_json, quiet):
         """Start a daemon and worker processes that share a system prompt; show the KV memory they use."""
-        if device is None:
-            from kvpager.backends import default_device
+        from kvpager.backends import default_device, parse_device
+        from kvpager.errors import InvalidArgument, KVPagerError
 
+        if not device:  # unset (or --device ''): as serve's default
             device = default_device()
+        try:
+            parse_device(device)
+        except InvalidArgument as e:  # said here, not after a daemon failed to start
+            raise click.BadParameter(str(e), param_hint="'--device'") from None
         if min(workers, requests, system_prompt, new_tokens) < 1:
             raise click.BadParameter("--workers, --requests, --system-prompt and --new-tokens must be >= 1")
         longest = system_prompt + DemoConfig.user_tokens[1] + new_tokens
@@ -68,7 +73,11 @@ def demo_command():
         # Size the pool for the workload: prompt blocks once, the rest per request, plus slack.
         per_request = -(-(DemoConfig.user_tokens[1] + new_tokens) // cfg.block_size) + 2
         cfg = dataclasses.replace(cfg, num_blocks=system_prompt // cfg.block_size + workers * requests * per_request + 64)
-        report = run_demo(cfg, None if quiet else lambda line: click.echo(line, err=True))
+        try:
+            report = run_demo(cfg, None if quiet else lambda line: click.echo(line, err=True))
+        except (DemoFailed, KVPagerError) as e:  # its daemon did not start, or it or a worker died
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
         click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report_text(report, cfg))
         if not report.check_ok:
             sys.exit(1)

@@ -44,6 +44,22 @@ class StandInModel:
 
 
 def run_worker(index: int, endpoint: str, cfg: DemoConfig, prompt_ready, at_peak, release, results) -> None:
+    """The worker process: Ctrl-C is the parent's (it stops the workers), and an
+    error (the daemon gone) is one line on stderr and exit code 1, not a traceback."""
+    import signal
+    import sys
+
+    from kvpager.errors import KVPagerError
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _work(index, endpoint, cfg, prompt_ready, at_peak, release, results)
+    except KVPagerError as e:
+        print(f"error: demo worker {index}: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def _work(index: int, endpoint: str, cfg: DemoConfig, prompt_ready, at_peak, release, results) -> None:
     from kvpager.client import Client
 
     rng = np.random.default_rng([cfg.seed, index])

@@ -195,6 +195,8 @@ def read_token_file(path: str) -> str:
             value = f.read().strip()
     except OSError as e:
         raise InvalidArgument(f"cannot read the token file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:  # a token is text: a binary file was once a traceback
+        raise InvalidArgument(f"the token file {path} is not UTF-8 text: is it the token file?") from None
     return check_token(value, path)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import shutil
 import sys
 import time
@@ -40,6 +41,27 @@ HINTS: list[tuple[type[BaseException], int, str]] = [
     (IntegrityError, 1, "a kvpager bug: save `kvpager blocks --json` and `kvpager seqs --json` for the report"),
     (KVPagerError, 2, "see `kvpager --help`"),
 ]
+
+
+class Seconds(click.ParamType):
+    """A finite number of seconds in [``low``, ``high``] (``low`` itself refused where
+    ``open_low``): click's FloatRange lets nan and inf through, and ``time.sleep`` or
+    ``subprocess.run`` then fail with a traceback."""
+
+    name = "seconds"
+
+    def __init__(self, low: float = 0.0, high: float = 7 * 86400, open_low: bool = False):
+        self.low, self.high, self.open_low = low, high, open_low
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not (math.isfinite(x) and (x > self.low if self.open_low else x >= self.low) and x <= self.high):
+            lo = f"more than {self.low:g}" if self.open_low else f"at least {self.low:g}"
+            self.fail(f"{value!r} is not a number of seconds {lo} and at most {self.high:g}", param, ctx)
+        return x
 
 
 def fail(e: BaseException) -> None:
@@ -123,7 +145,7 @@ def check(client: Any, as_json: bool) -> None:
 
 
 @daemon_command
-@click.option("--interval", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--interval", type=Seconds(), default=1.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--iterations", type=click.IntRange(min=0), default=0, help="Stop after this many refreshes (0: until q or Ctrl-C).")
 def top(client: Any, as_json: bool, interval: float, iterations: int) -> None:
     """A live view: usage, rates over each interval, tenants, sessions (q quits).

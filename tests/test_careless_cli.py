@@ -1,0 +1,197 @@
+"""Careless users of `kvpager demo | bench | top` and the inspection commands:
+bad flag values and environment variables get one line naming them (click's
+usage errors exit 2), a daemon gone or a signal mid-run leaves no traceback and
+nothing running behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+from daemon_helpers import running_server, subprocess_env, wait_until
+
+from kvpager.cli import main
+from kvpager.client import Client
+from kvpager.errors import DaemonUnavailable
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server() as s:
+        yield s
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e400", "-1"])
+def test_top_interval_must_be_finite(server, value):
+    code, out = invoke("top", "--endpoint", server.endpoint, "--json", "--iterations", "2", "--interval", value)
+    assert code == 2 and "--interval" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_bench_timeout_must_be_positive_and_finite(value):
+    code, out = invoke("bench", "allocator", "--timeout", value)
+    assert code == 2 and "--timeout" in out and "FAILED" not in out
+
+
+def test_token_file_not_text(server, tmp_path):
+    path = tmp_path / "token"
+    path.write_bytes(b"\xff\xfe\x80" + b"x" * 32)
+    code, out = invoke("stats", "--endpoint", server.endpoint, env={"KVPAGER_TOKEN_FILE": str(path)})
+    assert code == 2 and f"the token file {path} is not UTF-8 text" in out
+
+
+def test_no_bye_to_a_daemon_found_gone():
+    """A command whose daemon went away says so once, then exits: closing its
+    client does not wait out a whole timeout more on a bye nobody can answer."""
+    with running_server() as s:
+        client = Client(s.endpoint, timeout=1.5, heartbeat=False, map_pool=False)
+    with pytest.raises(DaemonUnavailable):
+        client.stats()
+    t = time.monotonic()
+    client.close()
+    assert time.monotonic() - t < 0.75
+
+
+def test_demo_bad_device_is_a_usage_error():
+    code, out = invoke("demo", "--device", "garbage", "--workers", "1", "--requests", "1", "--quiet")
+    assert code == 2 and "'--device'" in out and "garbage" in out
+
+
+def test_demo_daemon_that_cannot_start_is_one_line():
+    out = subprocess.run([sys.executable, "-m", "kvpager", "demo", "--device", "cpu", "--workers", "1",
+                          "--requests", "1", "--quiet"], capture_output=True, text=True, timeout=60,
+                         env={**subprocess_env(), "KVPAGER_MAX_MESSAGE": "garbage"})
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "error: the demo daemon did not start (exit code 1): KVPAGER_MAX_MESSAGE='garbage' is not a "
+        "non-negative whole number or a size like 64M; unset it or fix it"]
+
+
+def _live(pgid: int) -> list[int]:
+    """Processes of the group ``pgid`` that are not zombies."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                pids.append(int(name))
+    return pids
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class Demo:
+    """`kvpager demo` in its own process group, its stderr read as it comes."""
+
+    def __init__(self, env: dict[str, str] | None = None):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kvpager", "demo", "--device", "cpu", "--workers", "2", "--requests", "2",
+             "--new-tokens", "2000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=True, env={**subprocess_env(), **(env or {})})
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
+        self.reader.start()
+
+    def wait_for(self, text: str, timeout: float = 30) -> None:
+        assert wait_until(lambda: any(text in x for x in self.lines), timeout), "".join(self.lines)
+
+    @property
+    def folder(self) -> str:
+        return re.search(r"ipc://(/tmp/kvpager-demo-[^/]+)/", "".join(self.lines)).group(1)
+
+    def finish(self, timeout: float = 30) -> tuple[int, str]:
+        self.proc.wait(timeout)
+        self.reader.join(10)
+        return self.proc.returncode, "".join(self.lines)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):  # gone already, as it should be
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+def _demo_test(act, env: dict[str, str] | None = None, when: str = "worker 0 wrote") -> tuple[int, str, Demo]:
+    demo = Demo(env)
+    try:
+        demo.wait_for(when)
+        act(demo)
+        code, err = demo.finish()
+        assert wait_until(lambda: not _live(demo.proc.pid), 15), [_cmdline(p) for p in _live(demo.proc.pid)]
+        assert not os.path.exists(demo.folder)
+        return code, err, demo
+    finally:
+        demo.kill()
+
+
+def test_demo_sigterm_stops_its_daemon_and_workers():
+    """`timeout 60 kvpager demo` or `kill PID`: the daemon and workers go with it."""
+    code, err, _ = _demo_test(lambda d: d.proc.send_signal(signal.SIGTERM))
+    assert code == 128 + signal.SIGTERM and "Traceback" not in err
+
+
+def test_demo_ctrl_c_no_traceback():
+    """Ctrl-C reaches every process of the group, the workers possibly first."""
+
+    def ctrl_c(d: Demo) -> None:
+        for pid in _children(d.proc.pid):
+            if "multiprocessing.spawn" in _cmdline(pid):
+                os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        os.killpg(d.proc.pid, signal.SIGINT)
+
+    code, err, _ = _demo_test(ctrl_c)
+    assert code == 1 and "Traceback" not in err and err.rstrip().endswith("Aborted!"), err
+
+
+def test_demo_ctrl_c_while_workers_start():
+    """Ctrl-C while the workers are still starting (importing NumPy and kvpager)."""
+
+    def ctrl_c(d: Demo) -> None:
+        workers: list[int] = []
+        assert wait_until(lambda: workers.extend(p for p in _children(d.proc.pid) if p not in workers
+                                                 and "multiprocessing.spawn" in _cmdline(p)) or len(workers) == 2, 10)
+        for pid in workers:
+            os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        os.killpg(d.proc.pid, signal.SIGINT)
+
+    code, err, _ = _demo_test(ctrl_c, when="worker processes")
+    assert code == 1 and "Traceback" not in err and err.rstrip().endswith("Aborted!"), err
+
+
+def test_demo_daemon_gone_mid_run():
+    def stop_daemon(d: Demo) -> None:
+        [pid] = [p for p in _children(d.proc.pid) if " serve " in _cmdline(p)]
+        os.kill(pid, signal.SIGTERM)
+
+    code, err, demo = _demo_test(stop_daemon, env={"KVPAGER_TIMEOUT": "2"})
+    assert code == 1 and "Traceback" not in err
+    assert "error: worker " in err and "error: demo worker " in err
