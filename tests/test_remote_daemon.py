@@ -63,7 +63,7 @@ def test_two_daemons_share_prefixes_and_survive_the_store_dying():
         (ep_a, dir_a), (ep_b, dir_b) = ipc_endpoint(), ipc_endpoint()
         with daemon_process(args, ep_a) as daemon_a, daemon_process(args, ep_b) as daemon_b, \
                 Client(ep_a) as wa, Client(ep_b) as wb:
-            assert wa.remote == {"kind": "redis", "url": store.url, "ttl": 86400, "probe": True}
+            assert wa.remote == {"kind": "redis", "url": store.url, "ttl": 86400, "probe": True, "namespace": None}
             prompt = list(range(2000, 2000 + 4 * BS + 5))
             seq_a, cached, remote = write_prompt(wa, prompt, seed=11)
             assert (cached, remote) == (0, 0)
@@ -165,7 +165,7 @@ def test_old_clients_get_four_fields_and_stats_show_the_tier():
         raw = Raw(server.endpoint)
         try:
             hello = raw.send(req(1, "hello", {}))[2]
-            assert hello["remote"] == {"kind": "redis", "url": store.url, "ttl": 86400, "probe": True}
+            assert hello["remote"] == {"kind": "redis", "url": store.url, "ttl": 86400, "probe": True, "namespace": None}
             old = raw.send(req(2, "allocate", {"prompts": [list(range(40))]}, hello["session"]))
             assert old[1] == 0 and len(old[2][0]) == 4  # a client that predates the tier
             new = raw.send(req(3, "allocate", {"prompts": [list(range(40))], "remote_tokens": True},
