@@ -24,6 +24,10 @@ def wait_ms(seconds: float) -> int:
     return max(1, math.ceil(min(seconds * 1000, MAX_RCVTIMEO)))
 
 
+#: seconds a request waits before it asks whether the daemon is still there (`Channel.request`)
+LOOK_AFTER = 0.25
+
+
 class Channel:
     """One DEALER socket and its request/reply loop with a deadline."""
 
@@ -51,21 +55,34 @@ class Channel:
         deadline = time.monotonic() + timeout
         sock = self.sock
         # A blocking recv bounded by RCVTIMEO costs one call per reply; the
-        # option is set again only when the timeout changes.
-        ms = wait_ms(timeout)
+        # option is set again only when the wait changes. The first wait is at
+        # most `LOOK_AFTER`: a reply that has not come by then asks whether the
+        # daemon is still there (a gone one is said at once, not after the whole
+        # timeout), then the rest of the timeout is waited out.
+        looked = False
+        ms = wait_ms(min(timeout, LOOK_AFTER))
         if ms != self.rcvtimeo:
             sock.setsockopt(zmq.RCVTIMEO, ms)
             self.rcvtimeo = ms
         try:
             sock.send(body, zmq.NOBLOCK)
             while True:
-                reply = decode_reply(sock.recv())
-                if reply.id == rid or reply.id is None:
-                    return reply
-                # A late reply to an earlier request: drop it, wait out the rest.
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
+                try:
+                    reply = decode_reply(sock.recv())
+                except zmq.Again:
+                    remaining = deadline - time.monotonic()
+                    if looked or remaining <= 0:
+                        raise
+                    looked = True
+                    if probe(self.endpoint) is not None:
+                        break  # gone: said below
+                else:
+                    if reply.id == rid or reply.id is None:
+                        return reply
+                    # A late reply to an earlier request: drop it, wait out the rest.
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
                 self.rcvtimeo = wait_ms(remaining)
                 sock.setsockopt(zmq.RCVTIMEO, self.rcvtimeo)
         except zmq.Again:

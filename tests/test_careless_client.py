@@ -217,3 +217,30 @@ def test_refused_hellos_leave_no_socket_open():
         assert open_fds() - before < 5
         with Client(server.endpoint, token="t" * 16, heartbeat=False) as c:  # the daemon serves on
             assert c.stats().num_sequences == 0
+
+
+def test_a_request_to_a_daemon_gone_says_so_at_once():
+    """A request found no reply for the whole timeout (10 s by default) before it
+    said the daemon was gone, even with its socket file removed; it now asks after
+    a quarter second and says so then. A live daemon that is slow to answer still
+    gets the whole timeout."""
+    import time as clock
+
+    from kvpager.errors import DaemonUnavailable
+
+    with running_server(SMALL) as server:
+        c = Client(server.endpoint, timeout=10, heartbeat=False)
+        real = server._handlers["stats"]
+
+        def slow(s, a):
+            clock.sleep(0.8)  # past the first look: the daemon is there, the reply comes
+            return real(s, a)
+
+        server._handlers["stats"] = slow
+        assert c.stats().num_sequences == 0
+        server._handlers["stats"] = real
+    start = clock.monotonic()
+    with pytest.raises(DaemonUnavailable, match="gone"):
+        c.stats()
+    assert clock.monotonic() - start < 2.5
+    c.close()
