@@ -57,10 +57,7 @@ def follow(mirror: Any, method: str, wire: dict[str, Any], ids: list[int] | None
     if method == "free":
         mirror.freed(ids)
     elif method == "commit":
-        if ids is not None:
-            mirror.committed(ids, wire.get("upto"))
-        else:
-            mirror.moves.bump()
+        mirror.committed(ids, wire.get("upto"))
     elif method == "truncate":
         mirror.truncated(ids, wire["lengths"])
     elif method == "release_before" and ids is not None:

@@ -131,12 +131,9 @@ class ClientSequences:
         try:
             published = self._call("commit", args)
         except BaseException:  # (one without a clear outcome may have run: step plans recheck)
-            self._mirror.moves.bump()
+            self._mirror.committed(None, None)
             raise
-        if ids is not None:
-            self._mirror.committed(ids, upto)
-        else:
-            self._mirror.moves.bump()
+        self._mirror.committed(ids, upto)
         return published
 
     def fork(self, seq_ids: Any, n: int = 1) -> list[list[int]]:

@@ -253,10 +253,14 @@ class TableMirror:
             if row is not None and kids:
                 self.rows.update(zip(kids, self.table.copy_row(row, len(kids))))
 
-    def committed(self, ids: list[int], upto: Any) -> None:
+    def committed(self, ids: list[int] | None, upto: Any) -> None:
         """`commit`'s: tokens ``[0, upto)`` of each sequence declared written (``upto``
-        None: all; else an int or None per sequence). Step plans writing them are done."""
-        self._moved()
+        None: all; else an int or None per sequence). Step plans writing them are
+        done; no block is released. ``ids`` None: a commit whose ids or outcome
+        are not known here (the plans recheck; nothing is recorded)."""
+        self.moves.bump()
+        if ids is None:
+            return
         rows, at = self._known(ids)
         if not len(rows):
             return

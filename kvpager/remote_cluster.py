@@ -61,15 +61,14 @@ from kvpager.remote_store import (
     _check_limits,
     _connect_refusal,
     _judge,
-    _nodes,
     _options,
     _plain_redis,
     _ranges,
     _redis,
     put_checked,
-    redact,
     store_error,
 )
+from kvpager.remote_url import nodes, redact
 
 _THREADS = 64  # most masters one call talks to at once (past that, some wait for a thread)
 
@@ -134,7 +133,7 @@ class RedisClusterStore(Store):
         self.url = redact(url)
         self._scheme, self._timeout = scheme, timeout
         parts = urllib.parse.urlsplit(scheme + url[url.index("://") :].split(",", 1)[0])
-        self._startup = _nodes(urllib.parse.urlsplit(url).netloc, url)
+        self._startup = nodes(urllib.parse.urlsplit(url).netloc, url)
         self._auth = dict(username=parts.username or None, password=parts.password,
                           ssl=scheme == "rediss")
         self._sides = (_Side(timeout), _Side(write_timeout))  # reader, writer

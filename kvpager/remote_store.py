@@ -9,24 +9,14 @@ the call as a miss. Nothing here retries: the tier's circuit breaker
 decides when to try again, so an outage never adds a timeout to every
 allocate.
 
-URLs (``--remote``):
-- ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`` (port 6379 if none; an IPv6
-  address in brackets), ``rediss://...`` (TLS),
-  ``unix:///PATH.sock[?db=N]``; ``valkey://`` and ``valkeys://`` are the same;
-- ``redis+cluster://HOST:PORT[,HOST:PORT...]`` (``rediss+cluster://``,
-  ``valkey+cluster://``): a Redis Cluster, found from any of those nodes.
-A URL that does not parse, or that redis-py would read as another place (a
-DB that is no number, a Unix URL with a host part, a cluster URL with a DB
-or options), is `InvalidArgument`; a password (in the credentials or a
-``password=`` option) is never shown (`redact`). `Store.verify` checks, at
-start, that the store takes what the tier sends.
+URLs (``--remote``) and their checks: `kvpager.remote_url`. `Store.verify`
+checks, at start, that the store takes what the tier sends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import socket
 import sys
 import urllib.parse
@@ -42,10 +32,7 @@ from kvpager.remote_resp import KEY_ABSENT as KEY_ABSENT  # what exists_many say
 from kvpager.remote_resp import KEY_OTHER as KEY_OTHER
 from kvpager.remote_resp import KEY_STRING as KEY_STRING
 from kvpager.remote_resp import ChunkedFetch, FetchError, ReplyError, key_types
-
-_STANDALONE = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss", "unix": "unix"}
-_CLUSTER = {"redis+cluster": "redis", "rediss+cluster": "rediss", "valkey+cluster": "redis",
-            "valkeys+cluster": "rediss"}
+from kvpager.remote_url import CLUSTER, STANDALONE, check_url, hide, nodes, redact
 
 log = logging.getLogger("kvpager.remote")
 
@@ -181,76 +168,6 @@ class Store(ABC):
         """Drop the connections."""
 
 
-_SECRET_QUERY = re.compile(r"(?i)((?:^|[?&;])password=)[^&;#]*")
-
-
-def redact(url: str) -> str:
-    """``url`` without a password (``redis://:***@host:6379``; a ``password=``
-    query parameter as ``password=***``), also for a URL that does not parse."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return _hide(url)
-    if password is not None:
-        user = parts.username or ""
-        host = parts.netloc.rsplit("@", 1)[1]
-        parts = parts._replace(netloc=f"{user}:***@{host}")
-    if parts.query:
-        parts = parts._replace(query=_SECRET_QUERY.sub(r"\1***", parts.query))
-    return urllib.parse.urlunsplit(parts)
-
-
-def _hide(text: str) -> str:
-    """What might be a password in a string that is no URL (``:SECRET@``,
-    ``password=SECRET``) as ``***``: for the message that refuses it."""
-    return _SECRET_QUERY.sub(r"\1***", re.sub(r":[^:@/]*@", ":***@", text))
-
-
-def _nodes(netloc: str, url: str) -> list[tuple[str, int]]:
-    """HOST[:PORT][,HOST[:PORT]...] after any credentials, each checked (port
-    6379 if none; an IPv6 address in brackets)."""
-    hosts = netloc.rsplit("@", 1)[-1]
-    out = []
-    for item in hosts.split(","):
-        item = item.strip()
-        host, sep, port = item.rpartition(":")
-        if not sep or host.endswith("[") or (item.startswith("[") and not host.endswith("]")):
-            host, port = item, "6379"
-        bracketed = host.startswith("[") and host.endswith("]")
-        host = host[1:-1] if bracketed else host
-        if not host or not port.isdigit() or not 0 < int(port) < 65536 or "[" in host or "]" in host \
-                or any(c.isspace() or not c.isprintable() for c in host) or (":" in host and not bracketed):
-            raise InvalidArgument(f"remote store URL {redact(url)!r}: {item!r} is not HOST:PORT")
-        out.append((host, int(port)))
-    return out
-
-
-def _check_url(url: str, scheme: str, cluster: bool) -> None:
-    """InvalidArgument for a URL that does not parse, or would connect somewhere
-    other than it says: redis-py reads a DB path that is no number (``/kv``)
-    as DB 0 and ``/0/1`` as DB 1, and drops a Unix URL's host part
-    (``unix://run/redis.sock`` is ``/redis.sock``); a cluster has only DB 0
-    and takes no query options (they were ignored)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.username  # noqa: B018 (raises for a netloc that does not parse)
-    except ValueError as e:
-        raise InvalidArgument(f"remote store URL {redact(url)!r}: {e}") from None
-    if scheme == "unix":
-        if parts.netloc.rsplit("@", 1)[-1] or not parts.path.startswith("/") or parts.path == "/":
-            raise InvalidArgument(f"remote store URL {redact(url)!r}: a Unix socket is unix:///ABSOLUTE/PATH.sock")
-        return
-    _nodes(parts.netloc, url)
-    path = parts.path.strip("/") if parts.path.count("/") <= 1 else parts.path
-    if cluster:
-        if path not in ("", "0") or parts.query or parts.fragment:
-            raise InvalidArgument(f"remote store URL {redact(url)!r}: a Redis Cluster has only DB 0 and takes no "
-                                  "options after its nodes")
-    elif not (path == "" or path.isdigit()):
-        raise InvalidArgument(f"remote store URL {redact(url)!r}: {parts.path!r} is not /DB (a number)")
-
-
 def open_store(url: str, timeout: float = 0.1, write_timeout: float = 2.0, *,
                connections: int = CONNECTIONS, chunk_bytes: int = CHUNK_BYTES) -> Store:
     """The store at ``url`` (see the module docstring). Nothing is contacted
@@ -261,7 +178,7 @@ def open_store(url: str, timeout: float = 0.1, write_timeout: float = 2.0, *,
     over; ``chunk_bytes``: about how many bytes one pipeline of a lookup asks
     for. InvalidArgument for a URL of no known form or a bad setting."""
     if not isinstance(url, str) or "://" not in url:
-        shown = _hide(url) if isinstance(url, str) else url
+        shown = hide(url) if isinstance(url, str) else url
         raise InvalidArgument(f"remote store URL must look like redis://HOST:PORT, got {shown!r}")
     for name, value in (("timeout", timeout), ("write_timeout", write_timeout)):
         if not isinstance(value, (int, float)) or not 0 < value < 3600:
@@ -270,15 +187,15 @@ def open_store(url: str, timeout: float = 0.1, write_timeout: float = 2.0, *,
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
             raise InvalidArgument(f"remote store {name} must be an integer in [1, {top}], got {value!r}")
     scheme = url.split("://", 1)[0].lower()
-    if scheme in _STANDALONE:
-        _check_url(url, _STANDALONE[scheme], False)
-        return RedisStore(url, _STANDALONE[scheme], timeout, write_timeout, connections, chunk_bytes)
-    if scheme in _CLUSTER:
+    if scheme in STANDALONE:
+        check_url(url, STANDALONE[scheme], False)
+        return RedisStore(url, STANDALONE[scheme], timeout, write_timeout, connections, chunk_bytes)
+    if scheme in CLUSTER:
         from kvpager.remote_cluster import RedisClusterStore
 
-        _check_url(url, _CLUSTER[scheme], True)
-        return RedisClusterStore(url, _CLUSTER[scheme], timeout, write_timeout)
-    known = ", ".join(f"{s}://" for s in [*_STANDALONE, *_CLUSTER])
+        check_url(url, CLUSTER[scheme], True)
+        return RedisClusterStore(url, CLUSTER[scheme], timeout, write_timeout)
+    known = ", ".join(f"{s}://" for s in [*STANDALONE, *CLUSTER])
     raise InvalidArgument(f"remote store URL {redact(url)!r}: unknown scheme {scheme!r} (known: {known})")
 
 
@@ -464,7 +381,7 @@ class RedisStore(Store):
         self.url = redact(url)
         self._scheme, self._timeout = scheme, timeout
         real = scheme + url[url.index("://") :]
-        self._node = None if scheme == "unix" else _nodes(urllib.parse.urlsplit(real).netloc, url)[0]
+        self._node = None if scheme == "unix" else nodes(urllib.parse.urlsplit(real).netloc, url)[0]
         unix = {"socket_keepalive"} if scheme == "unix" else set()  # a Unix socket takes no keepalive
 
         def options(seconds: float) -> dict[str, Any]:

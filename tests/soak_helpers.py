@@ -11,7 +11,9 @@ import sys
 import time
 from typing import Any
 
-from daemon_helpers import subprocess_env
+from daemon_helpers import subprocess_env, wait_until
+
+from kvpager.client import Client
 
 
 def spawn(endpoint: str, seed: int, seconds: float) -> subprocess.Popen:
@@ -48,3 +50,17 @@ class Crew:
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
+
+
+def drained(endpoint: str, within: float, log: list[str]) -> Any:
+    """After a soak's workers are done: the allocator consistent, every session
+    drained within ``within`` seconds (the killed workers' time out), consistent
+    again, and no traceback in the daemon's ``log``. Returns the daemon's remote
+    tier counters (None without a tier)."""
+    with Client(endpoint, timeout=30) as obs:
+        obs.check_integrity()
+        assert wait_until(lambda: obs.stats().num_sequences == 0, timeout=within)
+        obs.check_integrity()
+        remote = obs.remote_stats()
+    assert not any("Traceback" in line for line in log), "".join(log)
+    return remote

@@ -85,6 +85,16 @@ def restore(p: KVPool, prompt: list[int]) -> tuple[int, np.ndarray]:
     return a.num_remote_tokens, out
 
 
+def stored(url: str, n: int) -> tuple[KVPool, list[list[int]], list[np.ndarray]]:
+    """A pool over the store at ``url`` that wrote ``n`` prompts' blocks to it:
+    (the pool, the prompts, their full blocks' K/V)."""
+    a = KVPool(SPEC, remote=RemoteTier(url, retry_after=0.05))
+    shared = prompts(n, 100)
+    kvs = [prefill(a, p, seed=i) for i, p in enumerate(shared)]
+    assert a.remote.flush(WAIT) and a.remote_stats().written_blocks == 3 * len(shared)
+    return a, shared, kvs
+
+
 def prompts(n: int, base: int) -> list[list[int]]:
     return [list(range(base + 1000 * i, base + 1000 * i + 3 * BS + 1)) for i in range(n)]
 
@@ -228,10 +238,7 @@ def test_refused_writes_pause_the_writes_only_logged_once(kind, caplog):
     need_cli()
     caplog.set_level(logging.DEBUG, logger="kvpager.remote")
     with redis_server() as server:
-        a = KVPool(SPEC, remote=RemoteTier(server.url, retry_after=0.05))
-        shared = prompts(8, 100)
-        kvs = [prefill(a, p, seed=i) for i, p in enumerate(shared)]
-        assert a.remote.flush(WAIT) and a.remote_stats().written_blocks == 3 * len(shared)
+        a, shared, kvs = stored(server.url, 8)
         with refusing_writes(kind, server) as url:
             b = KVPool(SPEC, remote=RemoteTier(url, retry_after=0.05))
             caplog.clear()
@@ -267,10 +274,7 @@ def test_refused_probes_do_not_stop_the_lookups(caplog):
     need_cli()
     caplog.set_level(logging.DEBUG, logger="kvpager.remote")
     with redis_server() as server:
-        a = KVPool(SPEC, remote=RemoteTier(server.url, retry_after=0.05))
-        shared = prompts(6, 100)
-        kvs = [prefill(a, p, seed=i) for i, p in enumerate(shared)]
-        assert a.remote.flush(WAIT)
+        a, shared, kvs = stored(server.url, 6)
         url = acl_user(server, "reader", "~kvpager:*", *TIER)
         b = KVPool(SPEC, remote=RemoteTier(url, retry_after=0.05))
         server.cli("ACL", "SETUSER", "reader", "-type")

@@ -10,7 +10,8 @@ import pytest
 from kvpager.errors import InvalidArgument
 from kvpager.prefix_cache import chain_keys, root_key
 from kvpager.remote_format import HEADER_BYTES, BadValue, Codec, block_key, key_prefix
-from kvpager.remote_store import open_store, redact
+from kvpager.remote_store import open_store
+from kvpager.remote_url import redact
 from kvpager.spec import PoolSpec
 
 SPEC = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=8, block_size=16, dtype="float32")

@@ -52,7 +52,9 @@ def prefill_plan(pool, allocs):
 
 
 def taken_by_another(pool, freed_blocks, tokens: int):
-    """Allocate prompts (and write them) until one holds a block of ``freed_blocks``."""
+    """Allocate prompts (and write them) until one holds a block of ``freed_blocks``
+    (``pool``: a `KVPool` or a worker's `Client` of the same K/V shape); returns
+    that allocation and every one made."""
     got = []
     for n in range(40):
         a = pool.allocate([[10_000 + 97 * n + i for i in range(tokens)]])[0]
@@ -276,13 +278,7 @@ def test_a_workers_stale_plan_does_not_write_into_another_workers_blocks(server,
         plan = client.plan([a.seq_id], [16], a.slots)
         plan.write(0, kv(16, SPEC), kv(16, SPEC))
         client.free([a.seq_id])
-        theirs = []
-        while not theirs or not set(theirs[-1].block_table) & set(a.block_table):
-            theirs += other.allocate([[7_000 + 100 * len(theirs) + i for i in range(16)]])
-            assert len(theirs) < 40
-        mine = theirs[-1]
-        for layer in range(SPEC.num_layers):
-            other.write(layer, mine.slots, kv(16, SPEC), kv(16, SPEC))
+        mine, theirs = taken_by_another(other, a.block_table, 16)
         k, v = other.kv(0)
         before = (np.array(k[list(mine.block_table)]), np.array(v[list(mine.block_table)]))
         with pytest.raises(StalePlan):
@@ -357,12 +353,7 @@ def test_a_workers_write_with_slots_kept_from_before_a_free_is_refused(server, c
         (a,) = client.allocate([list(range(5_000, 5_016))])
         client.write(0, a.slots, kv(16, SPEC), kv(16, SPEC))  # its own: taken
         client.free([a.seq_id])
-        theirs = []
-        while not theirs or not set(theirs[-1].block_table) & set(a.block_table):
-            theirs += other.allocate([[8_000 + 100 * len(theirs) + i for i in range(16)]])
-            assert len(theirs) < 40
-        mine = theirs[-1]
-        other.write(0, mine.slots, kv(16, SPEC), kv(16, SPEC))
+        mine, theirs = taken_by_another(other, a.block_table, 16)
         k, v = other.kv(0)
         before = (np.array(k[list(mine.block_table)]), np.array(v[list(mine.block_table)]))
         with pytest.raises(NotOwner, match="no resident sequence of this session"):

@@ -1,0 +1,94 @@
+"""Remote store URLs (``--remote``): their forms, checked, and shown without a password.
+
+- ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`` (port 6379 if none; an IPv6
+  address in brackets), ``rediss://...`` (TLS),
+  ``unix:///PATH.sock[?db=N]``; ``valkey://`` and ``valkeys://`` are the same;
+- ``redis+cluster://HOST:PORT[,HOST:PORT...]`` (``rediss+cluster://``,
+  ``valkey+cluster://``): a Redis Cluster, found from any of those nodes.
+
+A URL that does not parse, or that redis-py would read as another place (a
+DB that is no number, a Unix URL with a host part, a cluster URL with a DB
+or options), is `InvalidArgument` (`check_url`); a password (in the
+credentials or a ``password=`` option) is never shown (`redact`).
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+
+from kvpager.errors import InvalidArgument
+
+#: scheme -> redis-py's scheme, for a standalone store and for a cluster
+STANDALONE = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss", "unix": "unix"}
+CLUSTER = {"redis+cluster": "redis", "rediss+cluster": "rediss", "valkey+cluster": "redis",
+           "valkeys+cluster": "rediss"}
+#: a ``password=`` query option (its value is never shown)
+SECRET_QUERY = re.compile(r"(?i)((?:^|[?&;])password=)[^&;#]*")
+
+
+def redact(url: str) -> str:
+    """``url`` without a password (``redis://:***@host:6379``; a ``password=``
+    query parameter as ``password=***``), also for a URL that does not parse."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return hide(url)
+    if password is not None:
+        user = parts.username or ""
+        host = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{user}:***@{host}")
+    if parts.query:
+        parts = parts._replace(query=SECRET_QUERY.sub(r"\1***", parts.query))
+    return urllib.parse.urlunsplit(parts)
+
+
+def hide(text: str) -> str:
+    """What might be a password in a string that is no URL (``:SECRET@``,
+    ``password=SECRET``) as ``***``: for the message that refuses it."""
+    return SECRET_QUERY.sub(r"\1***", re.sub(r":[^:@/]*@", ":***@", text))
+
+
+def nodes(netloc: str, url: str) -> list[tuple[str, int]]:
+    """HOST[:PORT][,HOST[:PORT]...] after any credentials, each checked (port
+    6379 if none; an IPv6 address in brackets)."""
+    hosts = netloc.rsplit("@", 1)[-1]
+    out = []
+    for item in hosts.split(","):
+        item = item.strip()
+        host, sep, port = item.rpartition(":")
+        if not sep or host.endswith("[") or (item.startswith("[") and not host.endswith("]")):
+            host, port = item, "6379"
+        bracketed = host.startswith("[") and host.endswith("]")
+        host = host[1:-1] if bracketed else host
+        if not host or not port.isdigit() or not 0 < int(port) < 65536 or "[" in host or "]" in host \
+                or any(c.isspace() or not c.isprintable() for c in host) or (":" in host and not bracketed):
+            raise InvalidArgument(f"remote store URL {redact(url)!r}: {item!r} is not HOST:PORT")
+        out.append((host, int(port)))
+    return out
+
+
+def check_url(url: str, scheme: str, cluster: bool) -> None:
+    """InvalidArgument for a URL that does not parse, or would connect somewhere
+    other than it says: redis-py reads a DB path that is no number (``/kv``)
+    as DB 0 and ``/0/1`` as DB 1, and drops a Unix URL's host part
+    (``unix://run/redis.sock`` is ``/redis.sock``); a cluster has only DB 0
+    and takes no query options (they were ignored)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.username  # noqa: B018 (raises for a netloc that does not parse)
+    except ValueError as e:
+        raise InvalidArgument(f"remote store URL {redact(url)!r}: {e}") from None
+    if scheme == "unix":
+        if parts.netloc.rsplit("@", 1)[-1] or not parts.path.startswith("/") or parts.path == "/":
+            raise InvalidArgument(f"remote store URL {redact(url)!r}: a Unix socket is unix:///ABSOLUTE/PATH.sock")
+        return
+    nodes(parts.netloc, url)
+    path = parts.path.strip("/") if parts.path.count("/") <= 1 else parts.path
+    if cluster:
+        if path not in ("", "0") or parts.query or parts.fragment:
+            raise InvalidArgument(f"remote store URL {redact(url)!r}: a Redis Cluster has only DB 0 and takes no "
+                                  "options after its nodes")
+    elif not (path == "" or path.isdigit()):
+        raise InvalidArgument(f"remote store URL {redact(url)!r}: {parts.path!r} is not /DB (a number)")
