@@ -205,8 +205,8 @@ def test_local_hits_count_and_remote_false_asks_nothing():
         a, b = pool(store.url), pool(store.url)
         prompt = list(range(4 * BS + 1))
         prefill(a, prompt, seed=6)
+        assert written(a, 4)  # before b's block 0 reaches the store: the first write of a key counts
         prefill(b, prompt[: BS + 1], seed=6)  # b holds block 0 itself
-        assert written(a, 4)
         assert split(b.probe_cache([prompt], "m")) == [(4 * BS, 3 * BS)]
         assert b.probe_cache([prompt], "m")[0].num_local_tokens == BS
         assert split(b.probe_cache([prompt], "m", remote=False)) == [(BS, 0)]
@@ -228,8 +228,9 @@ def test_a_killed_store_answers_nothing_remote_quickly_and_counts():
         a, b = pool(store.url), pool(store.url, timeout=0.5, retry_after=30)
         prompt = list(range(3 * BS + 1))
         prefill(a, prompt, seed=9)
+        assert written(a, 3)  # before b's block 0 reaches the store: the first write of a key counts
         prefill(b, prompt[: BS + 1], seed=9)
-        assert written(a, 3) and b.remote.flush(WAIT)  # no write of b's in flight: only the probe fails
+        assert b.remote.flush(WAIT)  # no write of b's in flight: only the probe fails
         assert split(b.probe_cache([prompt], "m")) == [(3 * BS, 2 * BS)]
         store.stop()
         t0 = time.monotonic()
