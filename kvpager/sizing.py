@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kvpager.errors import BackendUnavailable, InvalidArgument, UnsupportedConfiguration
+from kvpager.layer_geometry import fit, layer_getters
 
 _DTYPES = {"float16": "float16", "half": "float16", "bfloat16": "bfloat16", "float32": "float32", "float": "float32"}
 
@@ -134,39 +135,26 @@ def config_geometry(config: dict[str, Any], where: str = "config.json") -> dict[
     num_kv_heads, head_dim, and dtype when the config names one) from a
     transformers config dict. Where v's head dim differs
     from q's and k's (`attention_dims`), the pool holds the wider (the client pads
-    the other: `kvpager.hf.attention`)."""
+    the other: `kvpager.hf.attention`); where layers differ in geometry, a pool
+    fitted to all (`kvpager.layer_geometry`)."""
     if not isinstance(config, dict):
         raise InvalidArgument(f"{where}: a config is a dict (a JSON object), got {type(config).__name__}")
     text = config.get("text_config")
     cfg = {**config, **text} if isinstance(text, dict) and "num_hidden_layers" not in config else config
 
-    def positive(name: str, value: Any) -> int:
-        if type(value) is not int or value < 1:
-            raise InvalidArgument(f"{where}: {name} must be a positive integer, got {value!r}")
-        return value
-
     if "num_hidden_layers" not in cfg or "num_attention_heads" not in cfg:
         raise InvalidArgument(f"{where}: needs num_hidden_layers and num_attention_heads (is it a "
                               "transformers causal LM config?)")
-    layers = positive("num_hidden_layers", cfg["num_hidden_layers"])
-    heads = positive("num_attention_heads", cfg["num_attention_heads"])
-    qk, v, per_query_head = attention_dims(cfg.get)
-    kv = cfg.get("num_key_value_heads")
-    kv_heads = heads if per_query_head or kv is None else positive("num_key_value_heads", kv)
-    if heads % kv_heads:
-        raise InvalidArgument(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
-                              f"{kv_heads}")
-    if qk is not None:
-        head_dim = positive("head_dim", qk)
-    else:
-        hidden = positive("hidden_size", cfg.get("hidden_size"))
-        if hidden % heads:
-            raise InvalidArgument(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads "
-                                  f"{heads}, and there is no head_dim")
-        head_dim = hidden // heads
-    if v is not None:
-        head_dim = max(head_dim, positive("v_head_dim", v))
-    stored = len(set(kv_sources(cfg.get, layers)))  # layers that reuse another's K/V store none
+    layers = _positive(where, "num_hidden_layers", cfg["num_hidden_layers"])
+    heads = _positive(where, "num_attention_heads", cfg["num_attention_heads"])
+    sources = kv_sources(cfg.get, layers)
+    getters = layer_getters(cfg, cfg.get, layers)
+    if getters is None:
+        kv_heads, head_dim = _layer_dims(cfg.get, heads, where)
+    else:  # layers of other geometry (Gemma-4's full layers): one pool fitted to all
+        dims = [_layer_dims(getters[i], heads, f"{where}: layer {i}") for i, s in enumerate(sources) if s == i]
+        kv_heads, head_dim = fit(dims, heads, where)
+    stored = len(set(sources))  # layers that reuse another's K/V store none
     out: dict[str, Any] = dict(num_layers=stored, num_kv_heads=kv_heads, head_dim=head_dim)
     dtype = cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or config.get("dtype")
     if dtype is not None:
@@ -176,6 +164,34 @@ def config_geometry(config: dict[str, Any], where: str = "config.json") -> dict[
                                            f"({', '.join(sorted(set(_DTYPES.values())))}); pass --dtype")
         out["dtype"] = name
     return out
+
+
+def _positive(where: str, name: str, value: Any) -> int:
+    if type(value) is not int or value < 1:
+        raise InvalidArgument(f"{where}: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _layer_dims(get: Callable[[str], Any], heads: int, where: str) -> tuple[int, int]:
+    """(K/V heads, head dim) of the attention a config's fields describe (``get``:
+    the config's, or one layer's: `kvpager.layer_geometry`)."""
+    qk, v, per_query_head = attention_dims(get)
+    kv = get("num_key_value_heads")
+    kv_heads = heads if per_query_head or kv is None else _positive(where, "num_key_value_heads", kv)
+    if heads % kv_heads:
+        raise InvalidArgument(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                              f"{kv_heads}")
+    if qk is not None:
+        head_dim = _positive(where, "head_dim", qk)
+    else:
+        hidden = _positive(where, "hidden_size", get("hidden_size"))
+        if hidden % heads:
+            raise InvalidArgument(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads "
+                                  f"{heads}, and there is no head_dim")
+        head_dim = hidden // heads
+    if v is not None:
+        head_dim = max(head_dim, _positive(where, "v_head_dim", v))
+    return kv_heads, head_dim
 
 
 def model_geometry(path: str) -> dict[str, Any]:

@@ -44,6 +44,13 @@ GEMMA3N = dict(head_dim=16, sliding_window=WINDOW, num_hidden_layers=6, vocab_si
 LLAMA4 = dict(head_dim=16, intermediate_size_mlp=128, num_local_experts=4, num_experts_per_tok=1,
               attention_chunk_size=16, floor_scale=16, attn_scale=0.5, no_rope_layer_interval=2)
 
+# layers of two geometries (transformers' per-layer configs): the full layers have head dim 32 and 2 K/V
+# heads (keys as values), the sliding ones 16 and 4; one pool of 4 heads of 32 holds both, the full
+# layers' heads repeated, every layer's q, k and v zero-padded
+GEMMA4 = dict(head_dim=16, global_head_dim=32, num_attention_heads=8, num_key_value_heads=4,
+              num_global_key_value_heads=2, attention_k_eq_v=True, sliding_window=WINDOW,
+              vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8)
+
 # family: (config class, model class, extra config, the per-layer windows it must get)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}, [None] * 4),
@@ -88,6 +95,12 @@ FAMILIES = {
                 dict(GEMMA3N, num_kv_shared_layers=3, layer_types=[SLIDING, FULL, SLIDING, SLIDING, FULL, SLIDING]),
                 [WINDOW, None, WINDOW, WINDOW, None, WINDOW]),
     "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", LLAMA4, [None] * 4),
+    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM", dict(GEMMA4, layer_types=ALTERNATING),
+               [WINDOW, None, WINDOW, None]),
+    # ... and its last 2 layers reuse the K/V of the last earlier layer of their kind (the pool holds 4)
+    "gemma4-kv-shared": ("Gemma4TextConfig", "Gemma4ForCausalLM",
+                         dict(GEMMA4, num_hidden_layers=6, num_kv_shared_layers=2, layer_types=ALTERNATING + [SLIDING, FULL]),
+                         [WINDOW, None, WINDOW, None, WINDOW, None]),
     # ... and v wider than q and k (8 + 8 dims against 32: q and k zero-padded)
     "deepseek_v3-wide-v": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
                            dict(MLA, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=32, q_lora_rank=None),
@@ -107,6 +120,8 @@ def one_thread():
 
 def make_model(family: str, seed: int = 0, **overrides):
     config_cls, model_cls, extra, _ = FAMILIES[family]
+    if not hasattr(transformers, config_cls):
+        pytest.skip(f"transformers {transformers.__version__} has no {config_cls}")
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
     model = getattr(transformers, model_cls)(config).eval()
@@ -137,6 +152,11 @@ def test_family_matches_transformers(family, block_size):
     if family == "gemma3n":  # the layers that store K/V, and which each layer attends over
         assert pool.spec.num_layers == 3
         assert layer_map(model) == [(0, True), (1, True), (2, True), (2, False), (1, False), (2, False)]
+    if family.startswith("gemma4"):  # one pool for both geometries
+        assert (pool.spec.num_kv_heads, pool.spec.head_dim) == (4, 32)
+        assert pool.spec.num_layers == 4
+        if family == "gemma4-kv-shared":
+            assert layer_map(model) == [(0, True), (1, True), (2, True), (3, True), (2, False), (3, False)]
     assert layer_chunks(model) == ([16, None, 16, None] if family == "llama4"
                                    else [None] * model.config.num_hidden_layers)
     system = prompt(35, seed=1)  # shared by two prompts of the batch: 2 blocks of 16, 4 of 8
@@ -204,6 +224,7 @@ THROUGH_DAEMON = {
     "gemma2": 4,  # windows and the soft cap
     "gemma3n": 3,  # layers that reuse earlier layers' K/V: the daemon's pool holds only those that store
     "llama4": 4,  # chunked layers: the plans' chunked views; queries scaled by position
+    "gemma4": 4,  # layers of two geometries in one pool (the daemon's, sized by the client's spec)
 }
 
 

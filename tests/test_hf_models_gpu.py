@@ -1,6 +1,7 @@
 """Windowed, soft-capped, sink-attending, chunked and latent-attention model
 families on a GPU pool (the CUDA kernels' sliding windows, soft caps and
-attention sinks; chunked views of a plan; v of another head dim than q and k),
+attention sinks; chunked views of a plan; v of another head dim than q and k;
+layers of two geometries in one pool),
 float32, tokens identical to transformers' greedy ``generate`` of the same
 model on the same GPU. Skips without CUDA."""
 
@@ -36,6 +37,10 @@ FAMILIES = {
 }
 
 
+GEMMA4_GPU = dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=4, num_global_key_value_heads=2,
+                  head_dim=32, global_head_dim=64)
+
+
 # multi-head latent attention (no windows): q and k of 16 + 16 dims and v of 16 (v padded to
 # the pool's 32), and v of 32 against q and k of 8 + 8 (q and k padded): the pool's head dim is 32
 LATENT = ("deepseek_v3", "deepseek_v3-wide-v")
@@ -49,6 +54,8 @@ def run_family(family: str, config: dict | None = None, **options):
         model = make_model(family, **(config or {})).cuda()
     elif family == "llama4":  # chunked layers, queries scaled by position: no window
         model = make_model(family, **GPU_SIZES, head_dim=32, **(config or {})).cuda()
+    elif family == "gemma4":  # head dims 32 and 64, 4 and 2 K/V heads: a pool of 4 heads of 64
+        model = make_model(family, **GEMMA4_GPU, **(config or {})).cuda()
     else:
         model = make_model(family, **GPU_SIZES, **FAMILIES[family], **(config or {})).cuda()
         assert WINDOW in layer_windows(model)
@@ -90,6 +97,15 @@ def test_chunked_family_matches_transformers_on_the_gpu(graphs):
     queries are scaled by position."""
     outs, want = run_family("llama4", dict(experts_implementation="batched_mm") if graphs else None,
                             cuda_graphs=graphs)
+    assert outs == want
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_layers_of_two_geometries_match_transformers_on_the_gpu(graphs):
+    """Gemma-4: full layers of head dim 64 and 2 K/V heads, sliding ones of 32 and 4,
+    in one pool of 4 heads of 64 (the full layers' heads repeated, the sliding
+    layers' q, k and v zero-padded), eager and with captured decode steps."""
+    outs, want = run_family("gemma4", cuda_graphs=graphs)
     assert outs == want
 
 

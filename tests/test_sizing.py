@@ -19,6 +19,13 @@ LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "num_attent
          "num_hidden_layers": 32, "num_key_value_heads": 8, "torch_dtype": "bfloat16"}
 
 
+GEMMA4 = {"model_type": "gemma4", "torch_dtype": "bfloat16",
+          "text_config": {"model_type": "gemma4_text", "hidden_size": 5376, "num_attention_heads": 32,
+                          "num_hidden_layers": 60, "num_key_value_heads": 16, "head_dim": 256,
+                          "global_head_dim": 512, "num_global_key_value_heads": 4, "attention_k_eq_v": True,
+                          "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 10}}
+
+
 def write(tmp_path, config, name="config.json"):
     path = tmp_path / name
     path.write_text(json.dumps(config))
@@ -79,6 +86,20 @@ def opts(**kw):
     # sources named: layers 2 and 3 reuse layers 0 and 1
     ({**LLAMA, "num_hidden_layers": 4, "kv_source_layers": [0, 1, 0, 1]},
      dict(num_layers=2, num_kv_heads=8, head_dim=128, dtype="bfloat16")),
+    # Gemma-4 as its hub configs write it: full layers of head dim 512 and, keys as values, 4 K/V
+    # heads; sliding ones of 256 and 16: one pool of 16 heads of 512 (kvpager.layer_geometry)
+    (GEMMA4, dict(num_layers=60, num_kv_heads=16, head_dim=512, dtype="bfloat16")),
+    # ... without attention_k_eq_v its full layers keep the 16 K/V heads; without global_head_dim
+    # transformers gives them 512
+    ({**GEMMA4, "text_config": {**GEMMA4["text_config"], "attention_k_eq_v": False, "num_key_value_heads": 8}},
+     dict(num_layers=60, num_kv_heads=8, head_dim=512, dtype="bfloat16")),
+    ({**GEMMA4, "text_config": {k: v for k, v in GEMMA4["text_config"].items() if k != "global_head_dim"}},
+     dict(num_layers=60, num_kv_heads=16, head_dim=512, dtype="bfloat16")),
+    # as transformers saves per-layer configs: the layers' fields that differ, by index
+    ({**LLAMA, "num_hidden_layers": 4, "per_layer_config": {"1": {"head_dim": 256, "num_key_value_heads": 2},
+                                                             "3": {"num_key_value_heads": 32}}},
+     dict(num_layers=4, num_kv_heads=32, head_dim=256, dtype="bfloat16")),
+    ({**LLAMA, "per_layer_config": {}}, dict(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")),
 ])
 def test_geometry_from_config(tmp_path, config, want):
     assert sizing.model_geometry(write(tmp_path, config)) == want
@@ -100,10 +121,44 @@ def test_geometry_from_config(tmp_path, config, want):
     ({**LLAMA, "num_hidden_layers": 3, "kv_source_layers": [0, 2, 2]}, InvalidArgument, "reuse an earlier"),
     ({**LLAMA, "num_hidden_layers": 3, "kv_source_layers": [0, 0, 1]}, InvalidArgument, "reuse an earlier"),
     ({**LLAMA, "num_hidden_layers": 3, "kv_source_layers": [0, 1]}, InvalidArgument, "reuse an earlier"),
+    ({**LLAMA, "per_layer_config": {"x": {"head_dim": 64}}}, InvalidArgument, "per_layer_config"),
+    ({**LLAMA, "per_layer_config": {"32": {"head_dim": 64}}}, InvalidArgument, "per_layer_config"),
+    ({**LLAMA, "per_layer_config": {"1": 64}}, InvalidArgument, "per_layer_config"),
+    ({**LLAMA, "per_layer_config": [{"head_dim": 64}]}, InvalidArgument, "per_layer_config"),
+    ({**LLAMA, "per_layer_config": {"1": {"head_dim": "64"}}}, InvalidArgument, "layer 1: head_dim"),
+    ({**LLAMA, "per_layer_config": {"1": {"num_key_value_heads": 5}}}, InvalidArgument, "layer 1: .*multiple"),
+    ({**LLAMA, "global_head_dim": 512}, InvalidArgument, "global_head_dim"),  # no layer types
 ])
 def test_bad_configs_are_named(tmp_path, config, error, match):
     with pytest.raises(error, match=match):
         sizing.model_geometry(write(tmp_path, config))
+
+
+@pytest.mark.parametrize("fields", [
+    {},
+    {"attention_k_eq_v": False},
+    {"global_head_dim": 32},  # full and sliding layers alike
+    {"num_kv_shared_layers": 2, "layer_types": ["sliding_attention", "full_attention"] * 3},
+])
+def test_gemma4_geometry_is_transformers(fields):
+    """A Gemma-4 config.json in its hub form (global_head_dim, num_global_key_value_heads)
+    sizes the pool that transformers' own reading of it (its per-layer configs)
+    does, and so does the config transformers saves from it."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Gemma4TextConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma-4")
+    from kvpager.hf.model import model_geometry
+
+    hub = {"model_type": "gemma4_text", "hidden_size": 64, "num_attention_heads": 8, "num_hidden_layers": 6,
+           "num_key_value_heads": 4, "head_dim": 16, "global_head_dim": 64, "num_global_key_value_heads": 2,
+           "attention_k_eq_v": True, **fields}
+    config = transformers.Gemma4TextConfig(**{k: v for k, v in hub.items() if k != "model_type"})
+    want = model_geometry(config)
+    assert sizing.config_geometry(hub) == want
+    assert sizing.config_geometry(config.to_dict()) == want
+    kv = {config.per_layer_config[i].num_key_value_heads for i in range(6)}
+    dims = {config.per_layer_config[i].head_dim for i in range(6)}
+    assert want["num_kv_heads"] == max(kv) and want["head_dim"] == max(dims)
 
 
 def test_kv_sharing_modes_are_checked_against_the_sources():

@@ -38,6 +38,7 @@ from kvpager import KVPool
 from kvpager.hf import (
     PagedBatch,
     calibrate_kv_scales,
+    layer_fit,
     layer_map,
     layer_windows,
     paged_attention,
@@ -110,7 +111,8 @@ def logits(model, pool, prompt: list[int], feed: list[int], dtype: torch.dtype) 
             res = model(input_ids=torch.tensor([ids], device=device),
                         position_ids=torch.arange(start, start + len(ids), device=device)[None],
                         attention_mask=torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device),
-                        use_cache=False, kvpager=PagedBatch(plan, dtype, device, windows, layers=layers))
+                        use_cache=False, kvpager=PagedBatch(plan, dtype, device, windows, layers=layers,
+                                                           fit=layer_fit(model)))
         return res.logits[0, -1].float().cpu().numpy()
 
     out.append(forward(prompt, 0, a.slots))

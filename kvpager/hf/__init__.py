@@ -38,7 +38,14 @@ from kvpager.hf.generation import (
     spec_for_model,
 )
 from kvpager.hf.graphs import DecodeGraphs, bucket_for
-from kvpager.hf.model import check_call, default_salt, layer_chunks, layer_map, layer_windows
+from kvpager.hf.model import (
+    check_call,
+    default_salt,
+    layer_chunks,
+    layer_fit,
+    layer_map,
+    layer_windows,
+)
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -53,6 +60,7 @@ __all__ = [
     "generate",
     "kvpager_attention",
     "layer_chunks",
+    "layer_fit",
     "layer_map",
     "layer_windows",
     "model_geometry",

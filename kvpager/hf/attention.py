@@ -33,6 +33,7 @@ from transformers import AttentionInterface
 from kvpager.errors import KVPagerError
 from kvpager.hf.compiled import HAS_OP, current, is_compiling, running
 from kvpager.hf.compiled import write_attend as _write_attend_op
+from kvpager.hf.fitting import fit_layer
 from kvpager.hf.model import (
     ABSENT,
     IGNORED,
@@ -63,6 +64,9 @@ class PagedBatch:
     #: called as ``observe(layer, key, value)`` with what each layer stores, padded as the pool holds it
     #: (eager passes only: `kvpager.hf.fp8.calibrate_kv_scales`)
     observe: Any = None
+    #: (the pool's K/V heads, head dim) where the model's layers differ in geometry (`kvpager.hf.model.layer_fit`):
+    #: each layer's tensors are fitted to them (`kvpager.hf.fitting`); None: every layer has the pool's
+    fit: tuple[int, int] | None = None
     #: the current pass's layer calls (`write_attend`) and a bit per layer called: `run_pass`
     #: zeroes them before a pass and checks after it that each layer ran through kvpager once
     layers_run: int = field(default=0, init=False, repr=False)
@@ -156,7 +160,9 @@ def kvpager_attention(
                          "kvpager's packed row does not have; run the model through kvpager.hf (generate, "
                          "paged_attention), which has kvpager apply that scaling")
     dv = value.shape[3]
-    if dv != key.shape[3]:
+    if batch.fit is not None:  # layers of other geometry than the pool's (Gemma-4)
+        query, key, value, scaling = fit_layer(query, key, value, scaling, *batch.fit)
+    if value.shape[3] != key.shape[3]:
         # v of another head dim than q and k (latent attention: 192 for q and k, 128 for v):
         # the pool holds the wider; zeros added to v add nothing to the output, which is cut
         # back to v's width, and zeros added to q and k nothing to their scores.

@@ -75,7 +75,7 @@ def _stored_peaks(model: Any, rows: list[list[int]], device: torch.device) -> li
     ``rows`` (token-id lists): one pass over a temporary pool of the model's dtype."""
     from kvpager import KVPool
     from kvpager.hf.attention import PagedBatch, paged_attention, paged_forward
-    from kvpager.hf.model import layer_map, layer_windows, spec_for_model, text_config
+    from kvpager.hf.model import layer_fit, layer_map, layer_windows, spec_for_model, text_config
 
     dtype = next(model.parameters()).dtype
     block = 16
@@ -95,7 +95,8 @@ def _stored_peaks(model: Any, rows: list[list[int]], device: torch.device) -> li
         lens = [len(r) for r in rows]
         slots = np.concatenate([np.asarray(a.slots, dtype=np.int64) for a in allocs])
         plan = pool.plan([a.seq_id for a in allocs], lens, slots, num_q_heads=text_config(model).num_attention_heads)
-        batch = PagedBatch(plan, dtype, device, layer_windows(model), observe=observe, layers=layer_map(model))
+        batch = PagedBatch(plan, dtype, device, layer_windows(model), observe=observe, layers=layer_map(model),
+                           fit=layer_fit(model))
         flat = torch.tensor([[t for r in rows for t in r]], dtype=torch.long, device=device)
         pos = torch.tensor([[p for r in rows for p in range(len(r))]], dtype=torch.long, device=device)
         with torch.inference_mode(), paged_attention(model):

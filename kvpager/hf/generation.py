@@ -47,6 +47,7 @@ from kvpager.hf.model import (  # noqa: F401
     check_model,
     default_salt,
     layer_chunks,
+    layer_fit,
     layer_map,
     layer_windows,
     model_geometry,
@@ -184,6 +185,7 @@ class PagedGeneration(DecodePasses):
         self._windows = check_model(self.model, self.pool)
         self._layers = layer_map(self.model)  # layers that reuse an earlier layer's K/V (Gemma-3n)
         self._chunks = layer_chunks(self.model, self.pool.spec.block_size)  # chunked layers (Llama-4)
+        self._fit = layer_fit(self.model)  # layers of other geometry than the pool's (Gemma-4)
         eos = self.eos_token_id
         if getattr(eos, "ndim", None) == 1 and hasattr(eos, "tolist"):
             eos = eos.tolist()  # a 1-D tensor or array of ids, as a list (a torch one gave 0-d tensors: refused)
@@ -337,7 +339,7 @@ class PagedGeneration(DecodePasses):
 
     def _batch(self, plan: Any) -> PagedBatch:
         return PagedBatch(plan, self._pool_dtype, self._pool_device, self._windows, layers=self._layers,
-                          chunks=self._chunks)
+                          chunks=self._chunks, fit=self._fit)
 
     def close(self) -> None:
         """Free the sequences still held (their committed full blocks stay matchable)

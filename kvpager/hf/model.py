@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from kvpager.errors import InvalidArgument
+from kvpager.layer_geometry import fit, layer_getters
 from kvpager.sizing import attention_dims, kv_sources, pool_layers
 from kvpager.spec import PoolSpec, dtype_name
 
@@ -273,29 +274,45 @@ def _cache_key(named: list[tuple[str, torch.Tensor]], config: bytes) -> tuple[An
 
 def model_geometry(config: Any) -> dict[str, int]:
     """Layers, KV heads and head dim of a transformers config, as `PoolSpec` names
-    them. ValueError for a model whose layers differ in them (one pool holds one
-    geometry for every layer). Where v's head dim differs from q's and k's
+    them. Where v's head dim differs from q's and k's
     (`kvpager.sizing.attention_dims`, the rule `kvpager serve --model` sizes by
     too), the pool holds the wider, the narrower side zero-padded
     (`kvpager.hf.attention`); latent attention (``kv_lora_rank``) attends with
     K/V expanded to every query head, as transformers' does, and JetMoE with K/V
-    tiled to them (`kvpager.sizing.KV_PER_QUERY_HEAD`). The layers are those that
-    store K/V (`layer_map`: Gemma-3n's shared layers store none)."""
-    try:
-        heads = config.num_attention_heads
-        qk, v, per_query_head = attention_dims(_getter(config))
-        qk = qk or config.hidden_size // heads
-        stored = len(set(_kv_sources(config)))  # `layer_map`
-        return dict(
-            num_layers=stored,
-            num_kv_heads=heads if per_query_head else getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=max(qk, v) if type(v) is int and v > 0 else qk,
-        )
-    except RuntimeError as e:  # transformers' per-layer configs (Gemma-4: head_dim 512 on its full layers)
-        if type(e).__name__ != "AmbiguousGlobalPerLayerAttributeError":
-            raise
-        raise ValueError(f"the model's layers differ in their attention geometry ({e}); a kvpager pool holds "
-                         "one geometry for every layer") from e
+    tiled to them (`kvpager.sizing.KV_PER_QUERY_HEAD`). Where layers differ in
+    geometry (transformers' per-layer configs: Gemma-4), one pool fitted to all
+    (`kvpager.layer_geometry`). The layers are those that store K/V
+    (`layer_map`: Gemma-3n's shared layers store none)."""
+    sources = _kv_sources(config)
+    getters = layer_getters(config, _getter(config), config.num_hidden_layers)
+    if getters is None:
+        kv_heads, head_dim = _layer_dims(config, _getter(config))
+    else:
+        dims = [_layer_dims(config, getters[i]) for i, s in enumerate(sources) if s == i]
+        try:
+            kv_heads, head_dim = fit(dims, config.num_attention_heads, type(config).__name__)
+        except InvalidArgument as e:
+            raise ValueError(str(e)) from e
+    return dict(num_layers=len(set(sources)), num_kv_heads=kv_heads, head_dim=head_dim)
+
+
+def layer_fit(model: Any) -> tuple[int, int] | None:
+    """(K/V heads, head dim) of the pool every layer of ``model`` is fitted to where
+    its layers differ in geometry (`PagedBatch.fit`); None where they do not."""
+    config = text_config(model)
+    if layer_getters(config, _getter(config), config.num_hidden_layers) is None:
+        return None
+    geometry = model_geometry(config)
+    return geometry["num_kv_heads"], geometry["head_dim"]
+
+
+def _layer_dims(config: Any, get: Any) -> tuple[int, int]:
+    """(K/V heads, head dim) of a layer whose fields ``get`` reads."""
+    heads = config.num_attention_heads
+    qk, v, per_query_head = attention_dims(get)
+    qk = qk or get("hidden_size") // heads
+    kv_heads = heads if per_query_head else get("num_key_value_heads") or heads
+    return kv_heads, max(qk, v) if type(v) is int and v > 0 else qk
 
 
 def spec_for_model(
