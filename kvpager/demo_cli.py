@@ -10,6 +10,9 @@ import numpy as np
 
 from kvpager.demo import DemoConfig, DemoFailed, DemoReport, run_demo
 
+#: most worker processes `kvpager demo` starts (each is a process with its own client)
+MAX_WORKERS = 256
+
 
 def report_text(r: DemoReport, cfg: DemoConfig) -> str:
     from kvpager.render import human_bytes, table
@@ -42,7 +45,8 @@ def demo_command():
     import click
 
     @click.command()
-    @click.option("--workers", type=int, default=DemoConfig.workers, show_default=True, help="Worker processes.")
+    @click.option("--workers", type=int, default=DemoConfig.workers, show_default=True,
+                  help=f"Worker processes (at most {MAX_WORKERS}).")
     @click.option("--requests", type=int, default=DemoConfig.requests_per_worker, show_default=True,
                   help="Requests per worker.")
     @click.option("--system-prompt", type=int, default=DemoConfig.system_prompt_tokens, show_default=True,
@@ -67,6 +71,9 @@ def demo_command():
             raise click.BadParameter(str(e), param_hint="'--device'") from None
         if min(workers, requests, system_prompt, new_tokens) < 1:
             raise click.BadParameter("--workers, --requests, --system-prompt and --new-tokens must be >= 1")
+        if workers > MAX_WORKERS:  # a process each: a typo must not fork thousands
+            raise click.BadParameter(f"at most {MAX_WORKERS} worker processes, not {workers}",
+                                     param_hint="'--workers'")
         longest = system_prompt + DemoConfig.user_tokens[1] + new_tokens
         cfg = DemoConfig(workers=workers, requests_per_worker=requests, system_prompt_tokens=system_prompt,
                          new_tokens=new_tokens, max_model_len=max(max_model_len, longest), device=device)

@@ -81,11 +81,21 @@ def events_replay_rate() -> int | None:
 
 
 def runtime_dir() -> str:
-    """KVPAGER_RUNTIME_DIR: directory (mode 0700) for the default ipc:// socket;
-    default ``$XDG_RUNTIME_DIR/kvpager``, else ``/tmp/kvpager-<uid>``."""
+    """KVPAGER_RUNTIME_DIR: directory (mode 0700) for the default ipc:// socket, an
+    absolute path (unset or empty: ``$XDG_RUNTIME_DIR/kvpager`` where that is an
+    absolute path, else ``/tmp/kvpager-<uid>``)."""
     xdg = os.environ.get("XDG_RUNTIME_DIR")
-    default = os.path.join(xdg, "kvpager") if xdg else f"/tmp/kvpager-{os.getuid()}"
-    return _get("RUNTIME_DIR", default)
+    # the XDG spec: a relative (or empty) XDG_RUNTIME_DIR is invalid and ignored
+    default = os.path.join(xdg, "kvpager") if xdg and os.path.isabs(xdg) else f"/tmp/kvpager-{os.getuid()}"
+    raw = os.environ.get("KVPAGER_RUNTIME_DIR")
+    if not raw:  # unset, or set empty: the default (an empty path was the current directory)
+        return default
+    if not os.path.isabs(raw):
+        from kvpager.errors import InvalidArgument
+
+        # a daemon and its clients started in other directories would look for other sockets
+        raise InvalidArgument(f"KVPAGER_RUNTIME_DIR={raw!r} must be an absolute path; unset it or fix it")
+    return raw
 
 
 def cuda_arch_list() -> list[str]:

@@ -70,6 +70,33 @@ def test_demo_bad_device_is_a_usage_error():
     assert code == 2 and "'--device'" in out and "garbage" in out
 
 
+def test_demo_worker_count_is_bounded():
+    """A typo of --workers (10000) forked that many processes; now a usage error,
+    before any daemon starts."""
+    from kvpager.demo_cli import MAX_WORKERS
+
+    code, out = invoke("demo", "--device", "cpu", "--workers", str(MAX_WORKERS + 1), "--requests", "1", "--quiet")
+    assert code == 2 and "'--workers'" in out and f"at most {MAX_WORKERS}" in out
+
+
+def test_runtime_dir_empty_is_unset_and_relative_is_refused(monkeypatch, tmp_path):
+    """KVPAGER_RUNTIME_DIR= (empty) meant the current directory, and a relative one a
+    socket a daemon and its clients started elsewhere would not agree on."""
+    from kvpager import env
+    from kvpager.errors import InvalidArgument
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setenv("KVPAGER_RUNTIME_DIR", "")
+    assert env.runtime_dir() == os.path.join(str(tmp_path), "kvpager")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "relative")  # invalid by the XDG spec: ignored
+    assert env.runtime_dir() == f"/tmp/kvpager-{os.getuid()}"
+    monkeypatch.setenv("KVPAGER_RUNTIME_DIR", "rt")
+    with pytest.raises(InvalidArgument, match="KVPAGER_RUNTIME_DIR='rt' must be an absolute path"):
+        env.runtime_dir()
+    monkeypatch.setenv("KVPAGER_RUNTIME_DIR", str(tmp_path / "rt"))
+    assert env.runtime_dir() == str(tmp_path / "rt")
+
+
 def test_demo_daemon_that_cannot_start_is_one_line():
     out = subprocess.run([sys.executable, "-m", "kvpager", "demo", "--device", "cpu", "--workers", "1",
                           "--requests", "1", "--quiet"], capture_output=True, text=True, timeout=60,
