@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from kvpager.protocol import decode_pin, decode_session, decode_stats
+from kvpager.protocol import PINS_PAGE, decode_pin, decode_session, decode_stats
 from kvpager.types import PinInfo, PoolStats, SessionInfo
 
 
@@ -52,8 +52,15 @@ class ControlMethods:
         return self._call("unpin", _args(prompts, salt, keep))
 
     def pins(self) -> list[PinInfo]:
-        """Every pin: each session's (``owner`` its name) and the daemon's (``owner`` None)."""
-        return [decode_pin(d) for d in self._call("pins", {})]
+        """Every pin: each session's (``owner`` its name) and the daemon's (``owner`` None),
+        in the order they were made (asked a page at a time, so the daemon never
+        spends long on one request)."""
+        out: list[PinInfo] = []
+        while True:
+            page = self._call("pins", {"after": out[-1].pin_id if out else -1, "limit": PINS_PAGE})
+            out.extend(decode_pin(d) for d in page)
+            if not page:
+                return out
 
     def set_quota(self, salt: str | bytes | None, blocks: int | None) -> None:
         """As `KVPool.set_quota` (needs the control token)."""

@@ -20,6 +20,7 @@ the cap is `LimitExceeded` and changes nothing.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,11 @@ class Pin:
     keys: list[bytes]  # of its blocks, first to last
     blocks: np.ndarray  # int64, the blocks published under ``keys``
     count: int
+    pin_id: int  # in the order pins were made: what `PinTable.page` lists by
+
+    def info(self, block_size: int) -> PinInfo:
+        return PinInfo(self.owner, self.salt, len(self.blocks) * block_size, self.count,
+                       tuple(self.blocks.tolist()), self.pin_id)
 
 
 class PinTable:
@@ -54,6 +60,11 @@ class PinTable:
         self.num_pinned = 0  # blocks with refs > 0
         self.limit = limit
         self.pins: dict[Any, dict[bytes, Pin]] = {}  # owner -> last key -> pin
+        # every live pin by id, and the ids made, ascending (ids of dropped pins too, until
+        # they outnumber the live ones): a page of pins starts with a bisection
+        self.by_id: dict[int, Pin] = {}
+        self.ids: list[int] = []
+        self.next_id = 0
 
     def pin(self, pool: BlockPool, block_size: int, prompts: Seq[Any], salts: Seq[Any], owner: Any,
             max_listed: int | None = None) -> list[int]:
@@ -96,7 +107,9 @@ class PinTable:
             if len(blocks):
                 pin = mine.get(keys[-1])
                 if pin is None:
-                    mine[keys[-1]] = Pin(owner, salt, keys, blocks, 1)
+                    pin = mine[keys[-1]] = self.by_id[self.next_id] = Pin(owner, salt, keys, blocks, 1, self.next_id)
+                    self.ids.append(self.next_id)
+                    self.next_id += 1
                 else:  # the same prefix: the same blocks, held since it was pinned
                     pin.count += 1
         if not mine:
@@ -124,6 +137,7 @@ class PinTable:
             pin.count -= 1
             if not pin.count:
                 del mine[pin.keys[-1]]
+                self._forget(pin)
             self._release(pool, pin.blocks, 1)
         if owner in self.pins and not mine:
             del self.pins[owner]
@@ -138,8 +152,16 @@ class PinTable:
         """Drop every pin of ``owner`` (a session that ended); returns how many."""
         pins = self.pins.pop(owner, {})
         for pin in pins.values():
+            self._forget(pin)
             self._release(pool, pin.blocks, pin.count)
         return len(pins)
+
+    def _forget(self, pin: Pin) -> None:
+        """Drop ``pin`` from the listing by id; its id stays in ``ids`` until the
+        dropped ones outnumber the live ones (then they go, in one pass)."""
+        del self.by_id[pin.pin_id]
+        if len(self.ids) > 2 * len(self.by_id) + 64:
+            self.ids = [i for i in self.ids if i in self.by_id]
 
     def _release(self, pool: BlockPool, blocks: np.ndarray, times: int) -> None:
         """Drop ``times`` references from each of a pin's (distinct) blocks at once:
@@ -152,9 +174,33 @@ class PinTable:
 
     # -- inspection ----------------------------------------------------------------------
     def infos(self, block_size: int, owner: Any = EVERY) -> list[PinInfo]:
-        owners = list(self.pins) if owner is EVERY else [owner]
-        return [PinInfo(p.owner, p.salt, len(p.blocks) * block_size, p.count, tuple(p.blocks.tolist()))
-                for o in owners for p in self.pins.get(o, {}).values()]
+        """Every pin (or ``owner``'s), in the order they were made."""
+        pins = self.by_id.values() if owner is EVERY else sorted(self.pins.get(owner, {}).values(),
+                                                                 key=lambda p: p.pin_id)
+        return [p.info(block_size) for p in pins]
+
+    def page(self, block_size: int, after: int, limit: int, max_blocks: int) -> list[PinInfo]:
+        """The pins made after pin ``after``, in that order: at most ``limit`` of
+        them, and no more once they list ``max_blocks`` blocks (a longer pin is
+        listed alone). Time and memory as the page, whatever the pins."""
+        out: list[PinInfo] = []
+        listed = 0
+        ids, by_id = self.ids, self.by_id
+        for i in range(bisect.bisect_right(ids, after), len(ids)):
+            pin = by_id.get(ids[i])
+            if pin is None:
+                continue
+            if out and listed + len(pin.blocks) > max_blocks:
+                break
+            out.append(pin.info(block_size))
+            listed += len(pin.blocks)
+            if len(out) == limit:
+                break
+        return out
+
+    def counts(self) -> dict[Any, int]:
+        """Pins per owner."""
+        return {owner: len(mine) for owner, mine in self.pins.items()}
 
     def references(self, num_blocks: int) -> np.ndarray:
         """Pin references per block, counted from the pins themselves."""
@@ -185,4 +231,10 @@ class PinTable:
                     break
         if any(not mine for mine in self.pins.values()):
             out.append("an owner with an empty pin table")
+        live = {p.pin_id: p for mine in self.pins.values() for p in mine.values()}
+        if live.keys() != self.by_id.keys() or any(self.by_id[i] is not p for i, p in live.items()) \
+                or self.ids != sorted(set(self.ids)) or not live.keys() <= set(self.ids) \
+                or any(i >= self.next_id for i in self.ids):
+            out.append(f"the pins by id ({len(self.by_id)}, {len(self.ids)} ids) disagree with the pins by owner "
+                       f"({len(live)})")
         return out

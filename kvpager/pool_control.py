@@ -47,9 +47,19 @@ class PoolControl:
         return m.pins.release(m.pool, validate.owner(owner))
 
     def pins(self, owner: Any = EVERY) -> list[PinInfo]:
-        """Every pin, or ``owner``'s."""
+        """Every pin, or ``owner``'s, in the order they were made (`PinInfo.pin_id`)."""
         pins, bs = self.manager.pins, self.spec.block_size
         return pins.infos(bs) if owner is EVERY else pins.infos(bs, validate.owner(owner))
+
+    def pins_page(self, after: int = -1, limit: int = 4096, max_blocks: int = 1 << 16) -> list[PinInfo]:
+        """The pins made after pin ``after`` (a `PinInfo.pin_id`; -1: from the first),
+        in that order: at most ``limit``, and no more once they list ``max_blocks``
+        blocks (a longer pin alone). A daemon's `pins` request answers one page."""
+        return self.manager.pins.page(self.spec.block_size, after, limit, max_blocks)
+
+    def pin_counts(self) -> dict[Any, int]:
+        """Pins held per owner (the owners that hold any)."""
+        return self.manager.pins.counts()
 
     def set_quota(self, salt: str | bytes | None, blocks: int | None) -> None:
         """A soft quota on the cached blocks of ``salt``'s tenant (None: none; else

@@ -46,6 +46,8 @@ from kvpager.protocol_ops import (  # noqa: F401 (re-exported)
     KEPT_REPLIES,
     OP_ARGS,
     OPS,
+    PINS_PAGE,
+    PINS_PAGE_BLOCKS,
     RETRIED_OPS,
     SEQUENCES_PAGE,
     Op,

@@ -56,7 +56,7 @@ OPS: dict[str, Op] = {
         Op("check", (), (), session=False),
         Op("pin", ("prompts",), ("salt", "keep")),
         Op("unpin", ("prompts",), ("salt", "keep")),
-        Op("pins", (), (), session=False),
+        Op("pins", (), ("after", "limit"), session=False),
         Op("set_quota", ("salt", "blocks")),
         Op("sessions", (), (), session=False),
         Op("heartbeat"),
@@ -74,6 +74,10 @@ BATCH_OPS = ("append", "record_tokens", "commit", "free", "truncate", "release")
 BATCH_MAX_OPS = 64
 #: Most sequences one `sequences` request lists (a page; see docs/protocol.md).
 SEQUENCES_PAGE = 4096
+#: Most pins one `pins` request lists, and the most blocks their tables list together
+#: (a pin longer than that is listed alone; a session's pins list at most `Limits.pin_blocks`).
+PINS_PAGE = 4096
+PINS_PAGE_BLOCKS = 1 << 16
 #: How many such replies the daemon keeps per session (a client has one request in flight).
 KEPT_REPLIES = 4
 

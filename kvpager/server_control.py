@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvpager import protocol
 from kvpager.errors import InvalidArgument, Unauthorized
+from kvpager.wire_args import wire_int
 
 if TYPE_CHECKING:
     from kvpager.sessions import Session
@@ -79,7 +80,13 @@ class ControlOps:
         return self.pool.unpin(prompts, a.get("salt"), owner=self._pin_owner(s, a, "unpin"))
 
     def _op_pins(self, s: Session | None, a: dict[str, Any]) -> list[dict[str, Any]]:
-        return [protocol.encode_pin(p) for p in self.pool.pins()]
+        # A page at a time (`PINS_PAGE` pins, `PINS_PAGE_BLOCKS` blocks listed): every
+        # session's pins at once stalled the loop for as long as they listed blocks.
+        limit = wire_int(a.get("limit", protocol.PINS_PAGE), "limit")
+        if not 1 <= limit <= protocol.PINS_PAGE:
+            raise InvalidArgument(f"pins: limit must be in [1, {protocol.PINS_PAGE}], got {limit}")
+        after = wire_int(a.get("after", -1), "after")
+        return [protocol.encode_pin(p) for p in self.pool.pins_page(after, limit, protocol.PINS_PAGE_BLOCKS)]
 
     def _op_set_quota(self, s: Session, a: dict[str, Any]) -> None:
         self._control(s, "set_quota")
@@ -87,9 +94,7 @@ class ControlOps:
 
     def _op_sessions(self, s: Session | None, a: dict[str, Any]) -> list[dict[str, Any]]:
         now, wall = time.monotonic(), time.time()
-        pins: dict[Any, int] = {}
-        for p in self.pool.pins():
-            pins[p.owner] = pins.get(p.owner, 0) + 1
+        pins = self.pool.pin_counts()
         return [dict(name=x.name, client=x.client, pid=x.pid, sequences=x.num_seqs, pins=pins.get(x.name, 0),
                      requests=x.ops, age_s=round(wall - x.opened, 3), idle_s=round(now - x.last_seen, 3),
                      control=x.control)

@@ -230,9 +230,11 @@ class ServerOps(ControlOps):
         orphans = [i for o in self.pool.owners() if o not in open_ids for i in self.pool.owned(o)]
         if orphans:
             raise IntegrityError(f"{len(orphans)} sequences belong to no open session, e.g. {orphans[:5]}")
-        stray = [p.owner for p in self.pool.pins() if p.owner is not None and p.owner not in open_ids]
+        counts = self.pool.pin_counts()
+        stray = [o for o in counts if o is not None and o not in open_ids]
         if stray:
-            raise IntegrityError(f"{len(stray)} pins belong to no open session, e.g. of {stray[0]!r}")
+            raise IntegrityError(f"{sum(counts[o] for o in stray)} pins belong to no open session, "
+                                 f"e.g. of {stray[0]!r}")
         for s in open_ids.values():
             if s.num_seqs != len(self.pool.owned(s.name)):
                 raise IntegrityError(f"session {s.name} counts {s.num_seqs} sequences but owns "

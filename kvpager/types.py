@@ -115,6 +115,7 @@ class PinInfo:
     num_tokens: int  # full blocks pinned x block size
     count: int  # times pinned by this owner: each unpin drops one
     block_table: tuple[int, ...]
+    pin_id: int = -1  # the pool's number for it, in the order pins were made (`pins` pages by it)
 
     def to_dict(self) -> dict[str, object]:
         d = dataclasses.asdict(self)

@@ -60,7 +60,7 @@ def test_pin_unpin_through_the_cli(daemon, tmp_path):
     assert (p.owner, p.salt, p.num_tokens) == (None, "tenant-a", 32)
     code, out, _ = run("pins", "--json", "--endpoint", endpoint)
     assert json.loads(out) == [dict(owner=None, salt="tenant-a", num_tokens=32, count=1,
-                                    block_table=list(p.block_table))]
+                                    block_table=list(p.block_table), pin_id=p.pin_id)]
     code, out, _ = run("pins", "--endpoint", endpoint)
     assert "daemon" in out and "tenant-a" in out
     code, out, _ = run("unpin", "--salt", "tenant-a", "-", "--endpoint", endpoint,
