@@ -47,7 +47,14 @@ from typing import Any
 
 import numpy as np
 
-from kvpager.remote_resp import FetchError, Reader, ReplyError, read_range, reply_error
+from kvpager.remote_resp import (
+    FetchError,
+    Reader,
+    ReplyError,
+    lookup_deadline,
+    read_range,
+    reply_error,
+)
 from kvpager.remote_store import (
     _NEEDS_CLUSTER,
     CHECK_KEY,
@@ -275,6 +282,7 @@ class RedisClusterStore(Store):
             return
         width = out.shape[1]
         rows = memoryview(out).cast("B")
+        deadline = lookup_deadline(self._timeout, len(keys) * width)  # the nodes' replies together
 
         def job(client: Any, plan: Plan) -> list[tuple[int, Any]]:
             pool = client.connection_pool
@@ -289,7 +297,9 @@ class RedisClusterStore(Store):
                         commands.append(("ASKING",))
                     commands.append(("GETRANGE", keys[i], 0, width))
                 conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-                redirected = self._read_gets(Reader(conn._sock), plan, rows, width, sizes, done)
+                reader = Reader(conn._sock, deadline)
+                redirected = self._read_gets(reader, plan, rows, width, sizes, done)
+                reader.restore()
                 broken = False
                 return redirected
             finally:  # a connection left with part of a reply in it is dropped

@@ -25,8 +25,14 @@ Redis builds a reply of 8 MiB far faster than one of 256 MiB, whose reply
 buffers no longer fit in a cache) and ``connections`` threads fetch chunks
 in turn, the caller's thread being one of them; socket reads and the
 checksums of ``done`` release the GIL, so the checks of one chunk overlap the
-transfer of the next. Any failure (timeout, reset, closed connection, an
-error reply, a malformed reply) fails the whole lookup: the connection it
+transfer of the next. A lookup's replies must come within its own time
+(`lookup_deadline`: the lookup timeout for each of a connection's round trips
+and one more, at least a second, plus its bytes at `MIN_RATE`), not only
+each read within the timeout: a reply of the right length sent a few bytes at
+a time (a broken link, a hostile store) held the lookup, on the daemon's
+loop, for as long as it kept coming. Any failure (timeout, the lookup's time
+up, reset, closed connection, an error reply, a malformed reply) fails the
+whole lookup: the connection it
 happened on is dropped (never reused half-read), the other threads stop
 after their current chunk, and the caller gets `FetchError` (`ReplyError`
 for an error reply).
@@ -35,6 +41,7 @@ for an error reply).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +52,34 @@ import numpy as np
 _AHEAD = 64 << 10  # the read-ahead buffer for reply lines
 _LINE_READ = 256  # most bytes read ahead for a line: a value's bytes should go to their row
 _MAX_LINE = 4 << 10  # a longer line is not a reply to GETRANGE or TYPE
+#: the slowest a lookup's replies may come, on top of the lookup timeout: a loaded
+#: gigabit link reads faster; a store that sends slower fails the lookup
+MIN_RATE = 64 << 20  # bytes a second
+
+
+#: the least time a lookup is given, whatever its timeout: a loaded host (its threads, the
+#: GIL) stretches a healthy lookup well past a 0.1 s timeout's round trips, and a second is
+#: still well inside the heartbeats that keep the daemon's clients (5 s by default)
+LOOKUP_FLOOR = 1.0
+
+
+def lookup_deadline(timeout: float, nbytes: int, round_trips: int = 1) -> float:
+    """When a lookup of about ``nbytes`` bytes in ``round_trips`` pipelines one after
+    another must have its replies (monotonic time): the lookup timeout for each
+    round trip and one more (at least `LOOKUP_FLOOR`), plus its bytes at `MIN_RATE`."""
+    return time.monotonic() + max(LOOKUP_FLOOR, (round_trips + 1) * timeout) + nbytes / MIN_RATE
+
+
+def recv_into(sock: Any, view: memoryview, n: int, deadline: float | None, per_read: float | None) -> int:
+    """``sock.recv_into(view, n)``, waiting at most ``per_read`` (the socket's own
+    timeout) and never past ``deadline``; FetchError once it has passed."""
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise FetchError(f"the store's replies came slower than {MIN_RATE >> 20} MiB/s: the lookup's "
+                             "time is up")
+        sock.settimeout(left if per_read is None else min(per_read, left))
+    return sock.recv_into(view, n)
 
 
 class FetchError(Exception):
@@ -66,10 +101,13 @@ def reply_error(line: bytes, what: str = "") -> ReplyError:
 
 class Reader:
     """A RESP2 reply reader over one socket: lines through a small read-ahead
-    buffer, bulk payloads ``recv_into`` their destination."""
+    buffer, bulk payloads ``recv_into`` their destination; every read by
+    ``deadline`` (`lookup_deadline`; None: each read within the socket's own
+    timeout only). `restore` gives the socket its own timeout back."""
 
-    def __init__(self, sock: Any):
-        self.sock = sock
+    def __init__(self, sock: Any, deadline: float | None = None):
+        self.sock, self.deadline = sock, deadline
+        self.per_read = sock.gettimeout() if deadline is not None else None
         self.buf = bytearray(_AHEAD)
         self.view = memoryview(self.buf)
         self.lo = self.hi = 0
@@ -81,7 +119,8 @@ class Reader:
             n = self.hi - self.lo
             self.buf[:n] = self.buf[self.lo : self.hi]
             self.lo, self.hi = 0, n
-        n = self.sock.recv_into(self.view[self.hi :], min(most, len(self.buf) - self.hi))
+        n = recv_into(self.sock, self.view[self.hi :], min(most, len(self.buf) - self.hi), self.deadline,
+                      self.per_read)
         if not n:
             raise FetchError("the store closed the connection mid-reply")
         self.hi += n
@@ -105,7 +144,7 @@ class Reader:
         self.lo += have
         got, want = have, len(dest)
         while got < want:
-            n = self.sock.recv_into(dest[got:])
+            n = recv_into(self.sock, dest[got:], 0, self.deadline, self.per_read)
             if not n:
                 raise FetchError("the store closed the connection mid-reply")
             got += n
@@ -122,6 +161,11 @@ class Reader:
     def idle(self) -> bool:
         """True if nothing read ahead is left over (the reply was all of it)."""
         return self.lo == self.hi
+
+    def restore(self) -> None:
+        """The socket's own timeout back (before its connection is reused)."""
+        if self.deadline is not None:
+            self.sock.settimeout(self.per_read)
 
 
 def _int(line: bytes, what: str) -> int:
@@ -184,7 +228,7 @@ _STRING = np.frombuffer(b"+string\r\n", dtype=np.uint8)
 _NONE = np.frombuffer(b"+none\r\n", dtype=np.uint8)
 
 
-def key_types(sock: Any, keys: Seq[str]) -> np.ndarray:
+def key_types(sock: Any, keys: Seq[str], deadline: float | None = None) -> np.ndarray:
     """What the store holds under each of ``keys`` (int8 per key):
     `KEY_ABSENT`, `KEY_STRING` (a string of any length: a value a lookup may
     restore, once its length and checksum pass) or `KEY_OTHER` (a hash, list,
@@ -198,7 +242,9 @@ def key_types(sock: Any, keys: Seq[str]) -> np.ndarray:
     the replies are read until ``len(keys)`` line ends have come, then split
     and classified with NumPy. An error reply (an ACL's ``NOPERM``), a reply of
     another form, or bytes past the last reply fail the call (`FetchError`;
-    `ReplyError` for an error reply) and the connection must be dropped."""
+    `ReplyError` for an error reply) and the connection must be dropped. The
+    replies must have come by ``deadline`` (`lookup_deadline`); the socket's own
+    timeout is given back after."""
     n = len(keys)
     if not n:
         return np.zeros(0, dtype=np.int8)
@@ -206,17 +252,20 @@ def key_types(sock: Any, keys: Seq[str]) -> np.ndarray:
     sock.sendall(b"".join(b"*2\r\n$4\r\nTYPE\r\n$%d\r\n%s\r\n" % (len(k), k) for k in encoded))
     buf = bytearray(9 * n)  # room for n replies of "+string\r\n", the longest of Redis's own types
     got = lines = 0
+    per_read = sock.gettimeout() if deadline is not None else None
     while lines < n:
         if got == len(buf):
             if got >= _MAX_LINE * n:
                 raise FetchError(f"malformed reply: {got} bytes without {n} reply lines to TYPE")
             buf.extend(bytes(len(buf)))  # an error or a module's type name: longer lines
         with memoryview(buf) as view:
-            r = sock.recv_into(view[got:])
+            r = recv_into(sock, view[got:], 0, deadline, per_read)
         if not r:
             raise FetchError("the store closed the connection mid-reply")
         lines += buf.count(b"\n", got, got + r)
         got += r
+    if deadline is not None:
+        sock.settimeout(per_read)
     arr = np.frombuffer(buf, dtype=np.uint8, count=got)
     ends = np.flatnonzero(arr == ord("\n"))
     if len(ends) != n or ends[-1] != got - 1:
@@ -248,9 +297,9 @@ class ChunkedFetch:
     ``send(conn, data)``: send packed commands on ``conn``."""
 
     def __init__(self, acquire: Callable[[], tuple[Any, Any]], release: Callable[[Any, bool], None],
-                 send: Callable[[Any, bytes], None], connections: int, chunk_bytes: int):
+                 send: Callable[[Any, bytes], None], connections: int, chunk_bytes: int, timeout: float):
         self.acquire, self.release, self.send = acquire, release, send
-        self.connections, self.chunk_bytes = connections, chunk_bytes
+        self.connections, self.chunk_bytes, self.timeout = connections, chunk_bytes, timeout
         self._pool: ThreadPoolExecutor | None = None
 
     def run(self, keys: Seq[str], out: np.ndarray, sizes: np.ndarray,
@@ -267,7 +316,9 @@ class ChunkedFetch:
             return
         rows = memoryview(out).cast("B")
         per = max(1, round(self.chunk_bytes / width))
-        chunks = iter(range(0, n, per))
+        chunks = -(-n // per)
+        deadline = lookup_deadline(self.timeout, n * width, -(-chunks // min(self.connections, chunks)))
+        starts = iter(range(0, n, per))
         lock = threading.Lock()
         failed: list[BaseException] = []
 
@@ -279,10 +330,10 @@ class ChunkedFetch:
                 return
             broken = True
             try:
-                reader = Reader(sock)
+                reader = Reader(sock, deadline)
                 while not failed:
                     with lock:
-                        lo = next(chunks, None)
+                        lo = next(starts, None)
                     if lo is None:
                         break
                     hi = min(lo + per, n)
@@ -292,13 +343,14 @@ class ChunkedFetch:
                         raise FetchError("malformed reply: bytes after the GETRANGE replies")
                     if done is not None:
                         done(lo, hi)
+                reader.restore()
                 broken = False
             except Exception as e:
                 failed.append(e)
             finally:
                 self.release(conn, broken)
 
-        helpers = min(self.connections, -(-n // per)) - 1
+        helpers = min(self.connections, chunks) - 1
         futures = [self._executor().submit(work) for _ in range(helpers)]
         try:
             work()

@@ -31,7 +31,7 @@ from kvpager.errors import InvalidArgument
 from kvpager.remote_resp import KEY_ABSENT as KEY_ABSENT  # what exists_many says, re-exported
 from kvpager.remote_resp import KEY_OTHER as KEY_OTHER
 from kvpager.remote_resp import KEY_STRING as KEY_STRING
-from kvpager.remote_resp import ChunkedFetch, FetchError, ReplyError, key_types
+from kvpager.remote_resp import ChunkedFetch, FetchError, ReplyError, key_types, lookup_deadline
 from kvpager.remote_url import CLUSTER, STANDALONE, check_url, hide, nodes, redact
 
 log = logging.getLogger("kvpager.remote")
@@ -398,7 +398,7 @@ class RedisStore(Store):
         except (ValueError, TypeError) as e:
             raise InvalidArgument(f"remote store URL {self.url!r}: {e}") from None
         self._errors = (redis.RedisError, OSError)
-        self._fetch = ChunkedFetch(self._acquire, self._release, self._send, connections, chunk_bytes)
+        self._fetch = ChunkedFetch(self._acquire, self._release, self._send, connections, chunk_bytes, timeout)
         if not self.raw_reads:
             log.warning("this redis-py (%s) keeps no socket where kvpager reads it: lookups go through "
                         "redis-py's replies (slower restores)", getattr(redis, "__version__", "?"))
@@ -434,7 +434,7 @@ class RedisStore(Store):
             raise store_error(e) from None
         broken = True
         try:
-            out = key_types(sock, keys)
+            out = key_types(sock, keys, lookup_deadline(self._timeout, 16 * len(keys)))
             broken = False
             return out
         except (FetchError, *self._errors) as e:

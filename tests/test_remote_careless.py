@@ -13,9 +13,8 @@ servers (real redis-server processes, nothing mocked):
   (two warnings a call) and made the lookups skip the store);
 - a huge value under a block's key: a lookup reads at most a value's length
   of it (it timed out at every lookup, so nothing was restored again, and the
-  store built a reply of the whole value each time); a server announcing a
-  huge value and sending it slowly fails the lookup at once (it held the
-  daemon's loop for as long as it sent);
+  store built a reply of the whole value each time) (slow stores:
+  test_remote_slow.py);
 - store URLs that did not parse into typed errors, or connected somewhere
   other than they said; a password in a query string shown in the URL."""
 
@@ -25,10 +24,8 @@ import contextlib
 import logging
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -339,102 +336,6 @@ def test_a_huge_value_under_a_block_key_costs_a_lookup_one_value(where, request)
         b.check_integrity()
         a.close(), b.close()
         client.close()
-
-
-class TricklingServer:
-    """A hostile or broken "Redis" on a free port: a RESP3 HELLO, +OK to every
-    other command but reads, which it answers with a value of 1 GB announced
-    (``*N`` first for ``MGET``), then sends 64 KiB every 10 ms for ``seconds``,
-    then hangs up."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.threads: list[threading.Thread] = []
-        self.done = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.done.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            t.start()
-            self.threads.append(t)
-
-    @staticmethod
-    def _commands(buf: bytearray) -> list[list[bytes]]:
-        """Whole commands (arrays of bulk strings) taken off the front of ``buf``."""
-        out = []
-        while True:
-            try:
-                lines = bytes(buf).split(b"\r\n")
-                n, at, args = int(lines[0][1:]), 1, []
-                for _ in range(n):
-                    args.append(lines[at + 1])
-                    at += 2
-                if at >= len(lines):
-                    return out
-            except (ValueError, IndexError):
-                return out
-            used = sum(len(x) + 2 for x in lines[:at])
-            del buf[:used]
-            out.append(args)
-
-    def _serve(self, conn: socket.socket) -> None:
-        buf = bytearray()
-        with conn:
-            while not self.done.is_set():
-                data = conn.recv(65536)
-                if not data:
-                    return
-                buf += data
-                for args in self._commands(buf):
-                    name = args[0].upper()
-                    if name == b"HELLO":  # redis-py asks for RESP3
-                        conn.sendall(b"%2\r\n$6\r\nserver\r\n$5\r\nredis\r\n$5\r\nproto\r\n:3\r\n")
-                        continue
-                    if name not in (b"MGET", b"GET", b"GETRANGE"):
-                        conn.sendall(b"+OK\r\n")
-                        continue
-                    head = b"*%d\r\n" % (len(args) - 1) if name == b"MGET" else b""
-                    conn.sendall(head + b"$1000000000\r\n")
-                    deadline = time.monotonic() + self.seconds
-                    with contextlib.suppress(OSError):
-                        while time.monotonic() < deadline and not self.done.is_set():
-                            conn.sendall(bytes(64 << 10))
-                            time.sleep(0.01)
-                    return  # hang up
-
-    def close(self) -> None:
-        self.done.set()
-        self.sock.close()
-        for t in self.threads:
-            t.join(10)
-
-
-def test_a_server_announcing_a_huge_value_fails_the_lookup_at_once():
-    """The lookup's timeout bounds each read, not a reply that keeps coming:
-    a server announcing 1 GB and sending it slowly held the lookup (on the
-    daemon's loop) for as long as it sent (here 3 s). GETRANGE asks for at
-    most a value and one byte, so a longer announcement is malformed at once."""
-    server = TricklingServer(seconds=3.0)
-    try:
-        p = KVPool(SPEC, remote=RemoteTier(f"redis://127.0.0.1:{server.port}", retry_after=30))
-        t0 = time.monotonic()
-        [x] = p.allocate([list(range(3 * BS + 1))], salt="m")
-        took = time.monotonic() - t0
-        assert x.num_cached_tokens == 0 and took < 1.0, took
-        st = p.remote_stats()
-        assert st.errors == 1 and not st.available
-        p.free(x.seq_id)
-        p.check_integrity()
-        p.close()
-    finally:
-        server.close()
 
 
 # -- URLs ----------------------------------------------------------------------------------------
