@@ -32,7 +32,10 @@ from kvpager.validate import int_array
 DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
 #: KV_FP8 codes of the FP8 storage dtypes (kvpager_common.cuh)
 FP8_CODES = {"float8_e4m3": 1, "float8_e5m2": 2}
-HEAD_DIMS = tuple(range(32, 257, 16))  # every multiple of 16 from 32 to 256
+HEAD_DIMS = tuple(range(32, 513, 16))  # every multiple of 16 from 32 to 512
+#: the widest head dim of the tensor-core kernels; wider heads (Gemma-4's 512) attend on CUDA cores
+#: (paged_decode.cu, a work item per query token: `wide_heads`)
+TC_HEAD_DIM = 256
 BLOCK_SIZES = (8, 16, 32, 64)
 GROUP_SIZES = (1, 2, 4, 8, 16)
 NVRTC_OPTIONS = ("-std=c++17", "--use_fast_math")
@@ -96,13 +99,17 @@ def num_sms(device: int) -> int:
     return int(device_attributes(device)["MultiProcessorCount"])
 
 
-def check_geometry(dtype: str, head_dim: int, block_size: int) -> None:
+def check_geometry(dtype: str, head_dim: int, block_size: int, kv_dtype: str | None = None) -> None:
     """Raise UnsupportedConfiguration for a pool the kernels are not built for."""
     if dtype not in DTYPE_CODES:
         raise UnsupportedConfiguration(f"the CUDA kernels support dtypes {sorted(DTYPE_CODES)}, not {dtype!r}")
     if head_dim not in HEAD_DIMS:
         raise UnsupportedConfiguration(f"the CUDA kernels support every head_dim that is a multiple of 16 "
-                                       f"from 32 to 256, not {head_dim}")
+                                       f"from 32 to 512, not {head_dim}")
+    if kv_dtype is not None and head_dim > TC_HEAD_DIM:
+        raise UnsupportedConfiguration(f"an FP8 pool ({kv_dtype}) attends on the tensor-core kernels, whose head "
+                                       f"dims stop at {TC_HEAD_DIM}, not {head_dim}; store this model's K/V in "
+                                       "its own dtype")
     if block_size not in BLOCK_SIZES:
         raise UnsupportedConfiguration(f"the CUDA kernels support block_size in {BLOCK_SIZES}, not {block_size}")
 
@@ -125,6 +132,12 @@ def check_fp8(spec: Any, device: int) -> None:
         raise UnsupportedConfiguration(
             f"kv_dtype={spec.kv_dtype} needs a GPU of compute capability 8.9 or later (FP8 conversions); "
             f"cuda:{device} is {cc[0]}.{cc[1]}")
+
+
+def wide_heads(spec: Any) -> bool:
+    """Whether ``spec``'s attention runs on CUDA cores (paged_decode.cu, a work item
+    per query token): float32 pools, and heads wider than the tensor-core kernels'."""
+    return spec.dtype == "float32" or spec.head_dim > TC_HEAD_DIM
 
 
 def storage_defines(spec: Any) -> dict[str, int]:

@@ -55,7 +55,7 @@ def run_family(family: str, config: dict | None = None, **options):
     elif family == "llama4":  # chunked layers, queries scaled by position: no window
         model = make_model(family, **GPU_SIZES, head_dim=32, **(config or {})).cuda()
     elif family == "gemma4":  # head dims 32 and 64, 4 and 2 K/V heads: a pool of 4 heads of 64
-        model = make_model(family, **GEMMA4_GPU, **(config or {})).cuda()
+        model = make_model(family, **{**GEMMA4_GPU, **(config or {})}).cuda()
     else:
         model = make_model(family, **GPU_SIZES, **FAMILIES[family], **(config or {})).cuda()
         assert WINDOW in layer_windows(model)
@@ -106,6 +106,16 @@ def test_layers_of_two_geometries_match_transformers_on_the_gpu(graphs):
     in one pool of 4 heads of 64 (the full layers' heads repeated, the sliding
     layers' q, k and v zero-padded), eager and with captured decode steps."""
     outs, want = run_family("gemma4", cuda_graphs=graphs)
+    assert outs == want
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_gemma4_at_its_own_head_dims_on_the_gpu(graphs):
+    """Gemma-4's head dims as its checkpoints have them (256 on the sliding layers,
+    512 on the full ones): a pool of head dim 512, attended on CUDA cores
+    (bfloat16 pools of such heads: tests/test_gpu_wide_heads.py), eager and with
+    captured decode steps."""
+    outs, want = run_family("gemma4", dict(head_dim=256, global_head_dim=512), cuda_graphs=graphs)
     assert outs == want
 
 

@@ -231,3 +231,42 @@ def test_a_plan_takes_a_config_and_refuses_anything_else():
     assert plan.num_tokens == 1
     with pytest.raises(InvalidArgument, match="KernelConfig"):
         pool.plan([a.seq_id], None, None, config={"decode_stages": 2})
+
+
+@pytest.mark.parametrize("dtype, d, group, subgroup, rows", [
+    ("bfloat16", 512, 2, 2, 2),  # Gemma-4's full layers: two 16-byte vectors a lane, two rows in flight
+    ("float16", 512, 8, 2, 2),
+    ("bfloat16", 272, 4, 2, 2),  # 34 vectors a row: two a lane, as at 512
+    ("float32", 512, 2, 2, 1),  # four vectors a lane: one row in flight
+    ("float32", 256, 4, 4, 4),  # float32 at the tensor-core kernels' widths: as before
+])
+def test_heads_wider_than_the_tensor_cores_decode_on_cuda_cores(dtype, d, group, subgroup, rows):
+    """Heads wider than 256 (and float32 pools) attend on paged_decode.cu, a work
+    item per query token, with its K/V row buffers kept within 64 registers a lane,
+    and never cascade (the cascade's kernels are the tensor-core ones)."""
+    from kvpager.backends.cupy_cascade import cascade_applies
+    from kvpager.kernels import wide_heads
+
+    _, shape, _ = decode(dtype, None, d, 16, 2, group, 64, 4096, 128)
+    assert (shape.file, shape.kernel, shape.tc) == ("paged_decode.cu", "paged_decode", False)
+    assert (shape.defines["SUBGROUP"], shape.defines["CH"]) == (subgroup, rows)
+    assert shape.ctas == 64 * 2 * (group // subgroup) and shape.threads == 128
+    spec = spec_of(dtype, None, d, 16, 2)
+    assert wide_heads(spec)
+
+    class Plan:  # what cascade_applies reads of a plan: a decode step, one item a row
+        decode, rows, items = True, 64, 64
+
+    assert not cascade_applies(Plan(), spec, 64)
+    _, tc, _ = decode("bfloat16", None, 256, 16, 2, group, 64, 4096, 128)
+    assert tc.file == "paged_decode_tc.cu" and cascade_applies(Plan(), spec_of("bfloat16", None, 256, 16, 2), 64)
+
+
+def test_an_fp8_pool_of_wide_heads_is_refused_before_any_gpu_is_asked():
+    from kvpager.kernels import check_geometry
+
+    check_geometry("bfloat16", 512, 16)
+    with pytest.raises(UnsupportedConfiguration, match="head dims stop at 256"):
+        check_geometry("bfloat16", 512, 16, "float8_e4m3")
+    with pytest.raises(UnsupportedConfiguration, match="from 32 to 512"):
+        check_geometry("bfloat16", 528, 16)

@@ -74,7 +74,7 @@ class CupyBackend(Backend):
     def __init__(self, spec: PoolSpec, device_index: int = 0, config: KernelConfig | None = None):
         super().__init__(spec)
         self.config = check_config(config)
-        kernels.check_geometry(spec.dtype, spec.head_dim, spec.block_size)
+        kernels.check_geometry(spec.dtype, spec.head_dim, spec.block_size, spec.kv_dtype)
         try:
             count = runtime.getDeviceCount()
         except Exception as e:
@@ -118,7 +118,7 @@ class CupyBackend(Backend):
         (e.g. another process's slab opened with cudaIpcOpenMemHandle). It frees
         nothing (``owner`` keeps the memory alive: its views reference it) and has
         no host pool: write, copy_blocks and attend work, swaps are the owner's."""
-        kernels.check_geometry(spec.dtype, spec.head_dim, spec.block_size)
+        kernels.check_geometry(spec.dtype, spec.head_dim, spec.block_size, spec.kv_dtype)
         self = cls.__new__(cls)
         Backend.__init__(self, spec)
         self.config = check_config(config)

@@ -195,8 +195,9 @@ class CascadeLaunch:
 def cascade_applies(plan: Any, spec: Any, nseq: int) -> bool:
     """Whether ``plan``'s step can cascade at all: a decode step on the tensor-core
     kernel with one item a row, or a multi-token step (the tensor-core multi-token
-    kernel) without padding rows."""
-    if spec.dtype == "float32":
+    kernel) without padding rows: not where attention runs on CUDA cores (float32
+    pools, heads wider than the tensor-core kernels')."""
+    if kernels.wide_heads(spec):
         return False
     if plan.decode:
         return plan.rows == plan.items

@@ -3,7 +3,8 @@
 The planner is pure arithmetic over the pool's geometry, the step's shape,
 the device's SM count and a `KernelConfig`, so it is tested on the CPU:
 `decode_shape` picks the kernel (paged_decode_tc.cu on tensor cores for
-16-bit and FP8 pools, paged_decode.cu on CUDA cores for float32), its CTA
+16-bit and FP8 pools, paged_decode.cu on CUDA cores for float32 and for heads
+wider than 256), its CTA
 layout, pipeline stages, defines, grid and shared memory; `plan_splits` the
 split-K count once the compiled kernel's occupancy is known. `decode_launch`
 and `merge_launch` pack the launches (`kvpager.launch.Launch`).
@@ -51,6 +52,17 @@ def decode_subgroup(dtype: str, head_dim: int, group: int) -> int:
     return min(group, max(1, 32 // per_head))
 
 
+def cuda_core_rows(spec: Any, config: KernelConfig) -> int:
+    """K/V rows per lane group and iteration of paged_decode.cu (its CH): the config's,
+    for heads wider than the tensor-core kernels' as many as keep the four K/V row
+    buffers (two in flight, two in use) within 64 registers a lane."""
+    if spec.head_dim <= kernels.TC_HEAD_DIM:
+        return int(config.decode_rows)
+    nv = spec.head_dim * spec.itemsize // 16
+    per_row = 4 * -(-nv // 32) * 4  # 4 buffers x vectors a lane x 4 registers
+    return int(max(1, min(config.decode_rows, 64 // per_row)))
+
+
 def decode_layout(num_kv_heads: int, head_dim: int, itemsize: int, items: int, max_len: int,
                   num_sms: int, config: KernelConfig) -> tuple[int, int]:
     """(kv heads per CTA, warps per head) for paged_decode_tc.cu. By default one head per CTA
@@ -96,9 +108,9 @@ def decode_shape(spec: Any, group: int, items: int, max_len: int, num_sms: int,
     """The decode kernel of ``items`` work items of at most ``max_len`` positions (GQA
     ``group`` query heads per kv head) over the pool ``spec`` on ``num_sms`` SMs."""
     base = {**kernels.storage_defines(spec), "HEAD_DIM": spec.head_dim, "BLOCK_SIZE": spec.block_size}
-    if spec.dtype == "float32":
+    if kernels.wide_heads(spec):
         gs = decode_subgroup(spec.dtype, spec.head_dim, group)
-        defs = {**base, "SUBGROUP": gs, "CH": config.decode_rows}
+        defs = {**base, "SUBGROUP": gs, "CH": cuda_core_rows(spec, config)}
         return DecodeShape("paged_decode.cu", "paged_decode", defs, items * spec.num_kv_heads * (group // gs),
                            128, 0, False)
     hpc, wph = decode_layout(spec.num_kv_heads, spec.head_dim, spec.itemsize, items, max_len, num_sms, config)
