@@ -47,6 +47,16 @@ from typing import Any
 
 import numpy as np
 
+from kvpager.remote_access import (
+    NEEDS_CLUSTER,
+    check_limits,
+    connect_refusal,
+    connection_options,
+    judge,
+    plain_redis,
+    redis_module,
+)
+from kvpager.remote_errors import StoreError, StoreMisconfigured, StoreRefused, store_error
 from kvpager.remote_resp import (
     FetchError,
     Reader,
@@ -56,24 +66,13 @@ from kvpager.remote_resp import (
     reply_error,
 )
 from kvpager.remote_store import (
-    _NEEDS_CLUSTER,
     CHECK_KEY,
     KEY_ABSENT,
     KEY_OTHER,
     KEY_STRING,
     Store,
-    StoreError,
-    StoreMisconfigured,
-    StoreRefused,
-    _check_limits,
-    _connect_refusal,
-    _judge,
-    _options,
-    _plain_redis,
     _ranges,
-    _redis,
     put_checked,
-    store_error,
 )
 from kvpager.remote_url import nodes, redact
 
@@ -136,7 +135,7 @@ class RedisClusterStore(Store):
     kind = "redis-cluster"
 
     def __init__(self, url: str, scheme: str, timeout: float, write_timeout: float):
-        self._redis = _redis()
+        self._redis = redis_module()
         self.url = redact(url)
         self._scheme, self._timeout = scheme, timeout
         parts = urllib.parse.urlsplit(scheme + url[url.index("://") :].split(",", 1)[0])
@@ -157,7 +156,7 @@ class RedisClusterStore(Store):
             from redis.cluster import ClusterNode, RedisCluster
 
             nodes = [ClusterNode(h, p) for h, p in self._startup]
-            options = _options(self._redis, side.timeout)
+            options = connection_options(self._redis, side.timeout)
             retry = options.pop("retry")
             side.rc = RedisCluster(startup_nodes=nodes, retry=retry, require_full_coverage=False,
                                    **options, **self._auth)
@@ -386,7 +385,7 @@ class RedisClusterStore(Store):
         try:
             rc = self._client(side)
         except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as e:
-            raise StoreMisconfigured(f"remote store {self.url}: {_connect_refusal(e, _NEEDS_CLUSTER)}") from None
+            raise StoreMisconfigured(f"remote store {self.url}: {connect_refusal(e, NEEDS_CLUSTER)}") from None
         except self._errors as e:
             side.stale = True
             self._diagnose(e)
@@ -415,9 +414,9 @@ class RedisClusterStore(Store):
         for asking_ping in masters:
             names += ["ASKING", "PING"]
             replies += asking_ping
-        warnings = _judge(self.url, names, replies, _NEEDS_CLUSTER)
+        warnings = judge(self.url, names, replies, NEEDS_CLUSTER)
         if value_bytes is not None:
-            _check_limits(self.url, rc.get_redis_connection(rc.get_node_from_key(key)), value_bytes)
+            check_limits(self.url, rc.get_redis_connection(rc.get_node_from_key(key)), value_bytes)
         return warnings
 
     def _diagnose(self, error: BaseException) -> None:
@@ -426,12 +425,12 @@ class RedisClusterStore(Store):
         refused or no cluster there at all, no TLS); else nothing."""
         redis = self._redis
         for host, port in self._startup:
-            client = redis.Redis(host=host, port=port, **_options(redis, self._timeout), **self._auth)
+            client = redis.Redis(host=host, port=port, **connection_options(redis, self._timeout), **self._auth)
             try:
                 client.execute_command("CLUSTER", "SLOTS")
             except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as e:
                 raise StoreMisconfigured(f"remote store {self.url}: {host}:{port}: "
-                                         f"{_connect_refusal(e, _NEEDS_CLUSTER)}") from None
+                                         f"{connect_refusal(e, NEEDS_CLUSTER)}") from None
             except redis.ResponseError as e:
                 if "cluster support disabled" in str(e):
                     raise StoreMisconfigured(f"remote store {self.url}: {host}:{port} is no Redis Cluster node "
@@ -440,7 +439,7 @@ class RedisClusterStore(Store):
                     raise StoreMisconfigured(f"remote store {self.url}: {host}:{port} refuses CLUSTER SLOTS "
                                              f"({type(e).__name__}: {e})") from None
             except (redis.RedisError, OSError):
-                if self._scheme == "rediss" and _plain_redis(host, port, self._timeout):
+                if self._scheme == "rediss" and plain_redis(host, port, self._timeout):
                     raise StoreMisconfigured(f"remote store {self.url}: {host}:{port} answers without TLS; use "
                                              "redis+cluster:// (or enable TLS on the servers)") from None
             finally:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
-import sys
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -28,10 +26,22 @@ from typing import Any
 import numpy as np
 
 from kvpager.errors import InvalidArgument
+from kvpager.remote_access import (
+    check_limits,
+    connect_refusal,
+    connection_options,
+    judge,
+    plain_redis,
+    redis_module,
+)
+from kvpager.remote_errors import StoreError as StoreError  # re-exported: the tier's errors
+from kvpager.remote_errors import StoreMisconfigured as StoreMisconfigured
+from kvpager.remote_errors import StoreRefused as StoreRefused
+from kvpager.remote_errors import store_error as store_error
 from kvpager.remote_resp import KEY_ABSENT as KEY_ABSENT  # what exists_many says, re-exported
 from kvpager.remote_resp import KEY_OTHER as KEY_OTHER
 from kvpager.remote_resp import KEY_STRING as KEY_STRING
-from kvpager.remote_resp import ChunkedFetch, FetchError, ReplyError, key_types, lookup_deadline
+from kvpager.remote_resp import ChunkedFetch, FetchError, key_types, lookup_deadline
 from kvpager.remote_url import CLUSTER, STANDALONE, check_url, hide, nodes, redact
 
 log = logging.getLogger("kvpager.remote")
@@ -40,51 +50,6 @@ log = logging.getLogger("kvpager.remote")
 CONNECTIONS = 2  # a lookup's connections (docs/remote.md: measured)
 CHUNK_BYTES = 4 << 20  # about the bytes of one GETRANGE pipeline of a lookup (docs/remote.md: measured)
 CHECK_KEY = "access-check"  # after the tier's key prefix: the key `Store.verify` asks about (no block's name)
-
-
-class StoreError(Exception):
-    """A store call failed (connection, timeout, cluster or protocol error).
-    ``written``: keys a failed `Store.put_many` stored before it failed."""
-
-    written = 0
-
-
-class StoreRefused(StoreError):
-    """The store answered, with an error reply about the call itself: an ACL's
-    ``NOPERM``, ``OOM`` (full, ``noeviction``), ``READONLY`` (a replica),
-    ``MISCONF``, an unknown (renamed or disabled) command. The store is up but
-    declines this kind of call; the tier pauses that kind only (`RemoteTier`)."""
-
-
-class StoreMisconfigured(InvalidArgument):
-    """`Store.verify`: the store answers, but the tier could never work with it
-    as given: credentials refused, a DB index out of range, commands the ACL
-    user may not run, a Redis Cluster node given as a standalone store or a
-    standalone one as a cluster, TLS asked of a server without it, values too
-    long for the store. The message names what is wrong; ``kvpager serve``
-    exits with it."""
-
-
-_TRANSIENT = ("LOADING", "BUSY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN")  # error replies that pass by themselves
-
-
-def store_error(e: BaseException) -> StoreError:
-    """``e`` (a redis-py error, `FetchError`, `OSError`, ...) as the tier's error:
-    `StoreRefused` for an error reply that refuses the call (not a state that
-    passes by itself: ``LOADING``, ``BUSY``, ``CLUSTERDOWN``, ``TRYAGAIN``,
-    ``MASTERDOWN``; nor a cluster redirection), `StoreError` for the rest."""
-    if isinstance(e, StoreError):
-        return e
-    if isinstance(e, ReplyError):
-        return (StoreError if e.reply.startswith(_TRANSIENT) else StoreRefused)(str(e))
-    text = f"{type(e).__name__}: {e}"
-    redis = sys.modules.get("redis")
-    if redis is not None and isinstance(e, redis.exceptions.ResponseError):
-        exc = redis.exceptions
-        passing = isinstance(e, (exc.ClusterError, exc.AskError, exc.TryAgainError, exc.ClusterCrossSlotError))
-        if not passing and not str(e).startswith(_TRANSIENT):
-            return StoreRefused(text)
-    return StoreError(text)
 
 
 class Store(ABC):
@@ -271,101 +236,6 @@ def _slot(key: str) -> int:
     return key_slot(key.encode())
 
 
-#: what each command the tier sends is for (`Store.verify` names them)
-_USES = {"GETRANGE": "lookups", "TYPE": "probes", "SET": "writes", "STRLEN": "writes",
-         "DEL": "deleting refused values", "ASKING": "lookups while a slot migrates", "PING": "checking a master"}
-_NEEDS = ("+getrange +type +set +strlen +del and +client|setname (+select for a DB other than 0) on keys "
-          "kvpager:*")
-_NEEDS_CLUSTER = "+getrange +type +set +strlen +del +asking +ping +client|setname +cluster|slots +command on keys kvpager:*"
-
-
-def _connect_refusal(e: BaseException, needs: str = _NEEDS) -> str:
-    """Why a store refused to let the tier connect (`Store.verify`)."""
-    redis = _redis()
-    if isinstance(e, redis.AuthenticationError):
-        return (f"the credentials were refused ({type(e).__name__}: {e}); give the store's password "
-                "(redis://:PASSWORD@HOST:PORT) or an ACL user's (redis://USER:PASSWORD@HOST:PORT)")
-    if isinstance(e, redis.exceptions.NoPermissionError):
-        return f"the ACL user may not connect as the tier does ({e}); it needs {needs}"
-    return f"connecting was refused ({type(e).__name__}: {e})"
-
-
-def _judge(url: str, names: Seq[str], replies: Seq[Any], needs: str = _NEEDS) -> list[str]:
-    """The replies of `Store.verify`'s commands (``names``): a
-    command refused (NOPERM, an unknown or renamed command) is
-    `StoreMisconfigured` naming it; a replica's ``READONLY``, a full store's
-    ``OOM`` or another refused write are warnings; a state that passes
-    (``BUSY``, ``LOADING``, ...) is StoreError."""
-    redis = _redis()
-    exc = redis.exceptions
-    missing: dict[str, None] = {}  # once each (a cluster asks every master)
-    warnings: dict[str, str] = {}
-    for name, r in zip(names, replies):
-        use = _USES[name]
-        if not isinstance(r, Exception) or "WRONGTYPE" in str(r):
-            continue
-        e = store_error(r)
-        if not isinstance(e, StoreRefused):
-            raise e
-        if isinstance(r, exc.ReadOnlyError):
-            warnings["readonly"] = (f"a read-only replica ({name}: {r}): blocks are restored from it, none is "
-                                    "written; give the master's address")
-        elif isinstance(r, exc.OutOfMemoryError):
-            warnings["oom"] = (f"full ({name}: {r}): writes are refused until keys expire; set maxmemory-policy "
-                               "allkeys-lru (docs/remote.md)")
-        elif use in ("writes", "deleting refused values") and not isinstance(r, exc.NoPermissionError) \
-                and "unknown command" not in str(r):
-            warnings[name] = f"refuses {use} ({name}: {r})"
-        else:
-            missing[f"{name} for {use} ({r})"] = None
-    if missing:
-        raise StoreMisconfigured(f"remote store {url} refuses commands the tier sends: {'; '.join(missing)}. "
-                                 f"An ACL user needs {needs}")
-    return list(warnings.values())
-
-
-def _check_limits(url: str, client: Any, value_bytes: int) -> None:
-    """`StoreMisconfigured` where the store's ``proto-max-bulk-len`` is below a
-    value of the pool (it would drop the connection of every write of one);
-    not checked where ``CONFIG GET`` is refused."""
-    redis = _redis()
-    try:
-        limit = int(client.config_get("proto-max-bulk-len").get("proto-max-bulk-len", 0))
-    except (redis.RedisError, OSError, ValueError, AttributeError):
-        return
-    if 0 < limit < value_bytes:
-        raise StoreMisconfigured(f"remote store {url}: its proto-max-bulk-len is {limit} bytes, a value of this "
-                                 f"pool {value_bytes}: no block could be written; raise it (CONFIG SET "
-                                 "proto-max-bulk-len)")
-
-
-def _plain_redis(host: str, port: int, timeout: float) -> bool:
-    """True if a Redis answers plain text (no TLS) at host:port: ``PING``
-    answered ``+PONG`` or an error (``-NOAUTH ...``)."""
-    try:
-        with socket.create_connection((host, port), timeout=max(timeout, 1.0)) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16)[:1] in (b"+", b"-")
-    except OSError:
-        return False
-
-
-def _redis() -> Any:
-    try:
-        import redis
-    except ImportError as e:
-        raise ImportError(f"the remote tier needs the redis client: pip install 'kvpager[remote]' ({e})") from None
-    return redis
-
-
-def _options(redis: Any, timeout: float) -> dict[str, Any]:
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    return dict(socket_timeout=timeout, socket_connect_timeout=timeout, socket_keepalive=True,
-                retry=Retry(NoBackoff(), 0), health_check_interval=0, client_name="kvpager")
-
-
 class RedisStore(Store):
     """A standalone Redis or Valkey server: lookups as chunked ``GETRANGE``
     pipelines over ``connections`` connections, read straight into the
@@ -377,7 +247,7 @@ class RedisStore(Store):
 
     def __init__(self, url: str, scheme: str, timeout: float, write_timeout: float,
                  connections: int = CONNECTIONS, chunk_bytes: int = CHUNK_BYTES):
-        redis = _redis()
+        redis = redis_module()
         self.url = redact(url)
         self._scheme, self._timeout = scheme, timeout
         real = scheme + url[url.index("://") :]
@@ -385,7 +255,7 @@ class RedisStore(Store):
         unix = {"socket_keepalive"} if scheme == "unix" else set()  # a Unix socket takes no keepalive
 
         def options(seconds: float) -> dict[str, Any]:
-            return {k: v for k, v in _options(redis, seconds).items() if k not in unix}
+            return {k: v for k, v in connection_options(redis, seconds).items() if k not in unix}
 
         try:
             self._reader = redis.Redis.from_url(real, **options(timeout))
@@ -485,7 +355,7 @@ class RedisStore(Store):
             raise store_error(e) from None
 
     def verify(self, prefix: str, value_bytes: int | None = None) -> list[str]:
-        redis = _redis()
+        redis = redis_module()
         key = prefix + CHECK_KEY
         other = next(f"{key}:{i}" for i in range(64) if _slot(f"{key}:{i}") != _slot(key))
         # what the tier sends, about a key no block has (SET XX of an absent key stores
@@ -500,8 +370,8 @@ class RedisStore(Store):
         except self._errors as e:  # connecting (AUTH, CLIENT SETNAME, SELECT) or sending
             refused = isinstance(e, redis.AuthenticationError) or isinstance(store_error(e), StoreRefused)
             if refused:
-                raise StoreMisconfigured(f"remote store {self.url}: {_connect_refusal(e)}") from None
-            if self._scheme == "rediss" and self._node is not None and _plain_redis(*self._node, self._timeout):
+                raise StoreMisconfigured(f"remote store {self.url}: {connect_refusal(e)}") from None
+            if self._scheme == "rediss" and self._node is not None and plain_redis(*self._node, self._timeout):
                 raise StoreMisconfigured(f"remote store {self.url}: {self._node[0]}:{self._node[1]} answers "
                                          "without TLS; use redis:// (or enable TLS on the server)") from None
             raise store_error(e) from None
@@ -510,9 +380,9 @@ class RedisStore(Store):
             if isinstance(r, (exc.ClusterCrossSlotError, exc.AskError)):
                 raise StoreMisconfigured(f"remote store {self.url} is a node of a Redis Cluster ({command[0]} "
                                          f"answered {type(r).__name__}: {r}); use redis+cluster://")
-        warnings = _judge(self.url, [command[0] for command in asked], replies)
+        warnings = judge(self.url, [command[0] for command in asked], replies)
         if value_bytes is not None:
-            _check_limits(self.url, self._reader, value_bytes)
+            check_limits(self.url, self._reader, value_bytes)
         return warnings
 
     def close(self) -> None:

@@ -1,0 +1,107 @@
+"""What the remote tier asks of a store before it uses it (`Store.verify`,
+at start): the commands it sends and what each is for, why a store refused
+the tier's connection or commands (`connect_refusal`, `judge`), a value
+limit too low (`check_limits`), a plain server asked for TLS
+(`plain_redis`); and the redis-py connection options every store uses."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from kvpager.remote_errors import StoreMisconfigured, StoreRefused, store_error
+
+#: what each command the tier sends is for (`Store.verify` names them)
+_USES = {"GETRANGE": "lookups", "TYPE": "probes", "SET": "writes", "STRLEN": "writes",
+         "DEL": "deleting refused values", "ASKING": "lookups while a slot migrates", "PING": "checking a master"}
+NEEDS = ("+getrange +type +set +strlen +del and +client|setname (+select for a DB other than 0) on keys "
+          "kvpager:*")
+NEEDS_CLUSTER = "+getrange +type +set +strlen +del +asking +ping +client|setname +cluster|slots +command on keys kvpager:*"
+
+
+def connect_refusal(e: BaseException, needs: str = NEEDS) -> str:
+    """Why a store refused to let the tier connect (`Store.verify`)."""
+    redis = redis_module()
+    if isinstance(e, redis.AuthenticationError):
+        return (f"the credentials were refused ({type(e).__name__}: {e}); give the store's password "
+                "(redis://:PASSWORD@HOST:PORT) or an ACL user's (redis://USER:PASSWORD@HOST:PORT)")
+    if isinstance(e, redis.exceptions.NoPermissionError):
+        return f"the ACL user may not connect as the tier does ({e}); it needs {needs}"
+    return f"connecting was refused ({type(e).__name__}: {e})"
+
+
+def judge(url: str, names: Seq[str], replies: Seq[Any], needs: str = NEEDS) -> list[str]:
+    """The replies of `Store.verify`'s commands (``names``): a
+    command refused (NOPERM, an unknown or renamed command) is
+    `StoreMisconfigured` naming it; a replica's ``READONLY``, a full store's
+    ``OOM`` or another refused write are warnings; a state that passes
+    (``BUSY``, ``LOADING``, ...) is StoreError."""
+    redis = redis_module()
+    exc = redis.exceptions
+    missing: dict[str, None] = {}  # once each (a cluster asks every master)
+    warnings: dict[str, str] = {}
+    for name, r in zip(names, replies):
+        use = _USES[name]
+        if not isinstance(r, Exception) or "WRONGTYPE" in str(r):
+            continue
+        e = store_error(r)
+        if not isinstance(e, StoreRefused):
+            raise e
+        if isinstance(r, exc.ReadOnlyError):
+            warnings["readonly"] = (f"a read-only replica ({name}: {r}): blocks are restored from it, none is "
+                                    "written; give the master's address")
+        elif isinstance(r, exc.OutOfMemoryError):
+            warnings["oom"] = (f"full ({name}: {r}): writes are refused until keys expire; set maxmemory-policy "
+                               "allkeys-lru (docs/remote.md)")
+        elif use in ("writes", "deleting refused values") and not isinstance(r, exc.NoPermissionError) \
+                and "unknown command" not in str(r):
+            warnings[name] = f"refuses {use} ({name}: {r})"
+        else:
+            missing[f"{name} for {use} ({r})"] = None
+    if missing:
+        raise StoreMisconfigured(f"remote store {url} refuses commands the tier sends: {'; '.join(missing)}. "
+                                 f"An ACL user needs {needs}")
+    return list(warnings.values())
+
+
+def check_limits(url: str, client: Any, value_bytes: int) -> None:
+    """`StoreMisconfigured` where the store's ``proto-max-bulk-len`` is below a
+    value of the pool (it would drop the connection of every write of one);
+    not checked where ``CONFIG GET`` is refused."""
+    redis = redis_module()
+    try:
+        limit = int(client.config_get("proto-max-bulk-len").get("proto-max-bulk-len", 0))
+    except (redis.RedisError, OSError, ValueError, AttributeError):
+        return
+    if 0 < limit < value_bytes:
+        raise StoreMisconfigured(f"remote store {url}: its proto-max-bulk-len is {limit} bytes, a value of this "
+                                 f"pool {value_bytes}: no block could be written; raise it (CONFIG SET "
+                                 "proto-max-bulk-len)")
+
+
+def plain_redis(host: str, port: int, timeout: float) -> bool:
+    """True if a Redis answers plain text (no TLS) at host:port: ``PING``
+    answered ``+PONG`` or an error (``-NOAUTH ...``)."""
+    try:
+        with socket.create_connection((host, port), timeout=max(timeout, 1.0)) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16)[:1] in (b"+", b"-")
+    except OSError:
+        return False
+
+
+def redis_module() -> Any:
+    try:
+        import redis
+    except ImportError as e:
+        raise ImportError(f"the remote tier needs the redis client: pip install 'kvpager[remote]' ({e})") from None
+    return redis
+
+
+def connection_options(redis: Any, timeout: float) -> dict[str, Any]:
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return dict(socket_timeout=timeout, socket_connect_timeout=timeout, socket_keepalive=True,
+                retry=Retry(NoBackoff(), 0), health_check_interval=0, client_name="kvpager")
