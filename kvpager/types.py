@@ -81,8 +81,14 @@ class SequenceInfo:
 
 
 def salt_text(salt: str | bytes | None) -> str | None:
-    """A salt for JSON: a str as it is, bytes as ``hex:`` + their hex digits."""
-    return "hex:" + salt.hex() if isinstance(salt, bytes) else salt
+    """A salt for JSON, told apart from every other: bytes as ``hex:`` + their hex
+    digits; a str as it is, unless it begins with ``hex:`` or ``str:`` (then
+    ``str:`` + it: the str ``"hex:61"`` read as the bytes ``b"a"`` before)."""
+    if isinstance(salt, bytes):
+        return "hex:" + salt.hex()
+    if isinstance(salt, str) and salt.startswith(("hex:", "str:")):
+        return "str:" + salt
+    return salt
 
 
 @dataclass(frozen=True)

@@ -239,3 +239,13 @@ def test_stats_tenants_and_json():
         dict(salt="hex:01ff", cached_blocks=2, evictable_blocks=0, pinned_blocks=2, quota=None),
     ]
     assert np.array_equal(pool.blocks().ref_cnt[1:3], [1, 1])
+
+
+def test_json_salts_are_told_apart():
+    """The str "hex:61" read as the bytes b"a" in JSON output: a str that begins
+    with "hex:" or "str:" is written "str:" + it."""
+    from kvpager.types import salt_text
+
+    texts = [salt_text(s) for s in (b"a", "hex:61", "str:x", "x", "", None, b"", "hex:")]
+    assert texts == ["hex:61", "str:hex:61", "str:str:x", "x", "", None, "hex:", "str:hex:"]
+    assert len(set(texts)) == len(texts)
