@@ -3,26 +3,31 @@
 A kvpager pool holds one geometry (K/V heads, head dim) for every layer.
 Gemma-4's full-attention layers have another head dim than its sliding ones
 (512 against 256), and fewer K/V heads (4 against 16 on the 31B model). Such a
-model is served by a pool of
+model is served by one pool whose head dim is the widest of its layers', each
+layer's tensors fitted to it as they come (`kvpager.hf.fitting`):
 
-- the widest head dim of its layers: a narrower layer stores its q, k and v
-  zero-padded to it (zeros add nothing to a score nor to an output, which is
-  cut back to the layer's width), its scores scaled by its own head dim;
-- the least common multiple of its layers' K/V head counts: a layer of fewer
-  K/V heads stores each of them repeated (pool head j holds the layer's head
-  j // r, r = pool heads / layer heads), so that every query head attends over
-  its own group's K/V head, as it does in the model. The multiple must divide
-  the query heads.
+- a narrower layer stores ``p`` of its K/V heads side by side in one pool
+  head (`pack`: the most that divide its head count and fit the width; Gemma-4
+  31B's sliding layers two heads of 256 in one of 512), and a query head's
+  values go to its own K/V head's place in it, zeros elsewhere: its scores are
+  its own head's (zeros add nothing), and its output is its own head's place
+  of the pool head's; what is left of the width is zero-padded;
+- the pool's K/V heads are the least common multiple of the layers' packed
+  head counts: a layer of fewer stores each of them repeated (pool head j
+  holds the layer's packed head j // r), so that every query head attends over
+  its own group's K/V head, as it does in the model (pool head q // G of query
+  head q holds its K/V head q // g: G r = g p). The multiple divides the query
+  heads, as every packed count does.
 
-The price is memory: a layer stores pool heads x pool head dim values a token
-whatever it needs (Gemma-4 31B: 2x on its sliding layers, 4x on its full
-ones). The layers' geometry comes from transformers' per-layer configs
+The price is memory only where a layer is repeated or padded: Gemma-4 31B's
+pool is 8 heads of 512, exact on its sliding layers, twice its full layers'
+4 heads of 512 (1.17x what the model stores, where 16 heads of 512 were
+2.33x). The layers' geometry comes from transformers' per-layer configs
 (``per_layer_config``: a transformers config's view, or a ``config.json``'s
 sparse ``{"5": {"head_dim": 512}}``) or, in a Gemma-4 ``config.json`` saved
 without them, from ``global_head_dim`` and ``num_global_key_value_heads`` on its
 ``full_attention`` layers, as transformers reads them.
 """
-
 from __future__ import annotations
 
 import math
@@ -103,13 +108,22 @@ def _attributes(config: Any) -> Getter:
     return lambda name: getattr(config, name, None)
 
 
+def pack(kv_heads: int, head_dim: int, width: int) -> int:
+    """How many of a layer's ``kv_heads`` K/V heads of ``head_dim`` values one pool
+    head of ``width`` values holds side by side: the most that divide its head
+    count and fit the width (1 where one head fills it)."""
+    return max(p for p in range(1, max(1, width // head_dim) + 1) if kv_heads % p == 0)
+
+
 def fit(dims: list[tuple[int, int]], heads: int, where: str = "the model") -> tuple[int, int]:
     """(K/V heads, head dim) of the pool that holds layers of (K/V heads, head dim)
-    ``dims`` (module docstring). InvalidArgument where the least common multiple of
-    their K/V heads does not divide the ``heads`` query heads."""
-    kv = math.lcm(*(k for k, _ in dims))
+    ``dims`` (module docstring): the widest head dim, and the least common
+    multiple of the layers' packed head counts. InvalidArgument where that does
+    not divide the ``heads`` query heads (a layer whose K/V heads do not)."""
+    width = max(d for _, d in dims)
+    kv = math.lcm(*(k // pack(k, d, width) for k, d in dims))
     if heads % kv:
         counts = sorted({k for k, _ in dims})
-        raise InvalidArgument(f"{where}: its layers have {counts} K/V heads; one pool holds them as {kv} "
-                              f"(their least common multiple), which does not divide its {heads} query heads")
-    return kv, max(d for _, d in dims)
+        raise InvalidArgument(f"{where}: its layers have {counts} K/V heads; one pool holds them as {kv}, "
+                              f"which does not divide its {heads} query heads")
+    return kv, width

@@ -45,8 +45,8 @@ LLAMA4 = dict(head_dim=16, intermediate_size_mlp=128, num_local_experts=4, num_e
               attention_chunk_size=16, floor_scale=16, attn_scale=0.5, no_rope_layer_interval=2)
 
 # layers of two geometries (transformers' per-layer configs): the full layers have head dim 32 and 2 K/V
-# heads (keys as values), the sliding ones 16 and 4; one pool of 4 heads of 32 holds both, the full
-# layers' heads repeated, every layer's q, k and v zero-padded
+# heads (keys as values), the sliding ones 16 and 4; one pool of 2 heads of 32 holds both, the sliding
+# layers' K/V heads two by two side by side, each query head at its own head's place
 GEMMA4 = dict(head_dim=16, global_head_dim=32, num_attention_heads=8, num_key_value_heads=4,
               num_global_key_value_heads=2, attention_k_eq_v=True, sliding_window=WINDOW,
               vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8)
@@ -153,7 +153,7 @@ def test_family_matches_transformers(family, block_size):
         assert pool.spec.num_layers == 3
         assert layer_map(model) == [(0, True), (1, True), (2, True), (2, False), (1, False), (2, False)]
     if family.startswith("gemma4"):  # one pool for both geometries
-        assert (pool.spec.num_kv_heads, pool.spec.head_dim) == (4, 32)
+        assert (pool.spec.num_kv_heads, pool.spec.head_dim) == (2, 32)
         assert pool.spec.num_layers == 4
         if family == "gemma4-kv-shared":
             assert layer_map(model) == [(0, True), (1, True), (2, True), (3, True), (2, False), (3, False)]

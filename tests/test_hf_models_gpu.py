@@ -54,7 +54,7 @@ def run_family(family: str, config: dict | None = None, **options):
         model = make_model(family, **(config or {})).cuda()
     elif family == "llama4":  # chunked layers, queries scaled by position: no window
         model = make_model(family, **GPU_SIZES, head_dim=32, **(config or {})).cuda()
-    elif family == "gemma4":  # head dims 32 and 64, 4 and 2 K/V heads: a pool of 4 heads of 64
+    elif family == "gemma4":  # head dims 32 and 64, 4 and 2 K/V heads: a pool of 2 heads of 64
         model = make_model(family, **{**GEMMA4_GPU, **(config or {})}).cuda()
     else:
         model = make_model(family, **GPU_SIZES, **FAMILIES[family], **(config or {})).cuda()
@@ -103,8 +103,9 @@ def test_chunked_family_matches_transformers_on_the_gpu(graphs):
 @pytest.mark.parametrize("graphs", [False, True])
 def test_layers_of_two_geometries_match_transformers_on_the_gpu(graphs):
     """Gemma-4: full layers of head dim 64 and 2 K/V heads, sliding ones of 32 and 4,
-    in one pool of 4 heads of 64 (the full layers' heads repeated, the sliding
-    layers' q, k and v zero-padded), eager and with captured decode steps."""
+    in one pool of 2 heads of 64 (the sliding layers' K/V heads two to a pool
+    head, each query head at its own head's place), eager and with captured
+    decode steps."""
     outs, want = run_family("gemma4", cuda_graphs=graphs)
     assert outs == want
 

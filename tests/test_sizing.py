@@ -87,18 +87,20 @@ def opts(**kw):
     ({**LLAMA, "num_hidden_layers": 4, "kv_source_layers": [0, 1, 0, 1]},
      dict(num_layers=2, num_kv_heads=8, head_dim=128, dtype="bfloat16")),
     # Gemma-4 as its hub configs write it: full layers of head dim 512 and, keys as values, 4 K/V
-    # heads; sliding ones of 256 and 16: one pool of 16 heads of 512 (kvpager.layer_geometry)
-    (GEMMA4, dict(num_layers=60, num_kv_heads=16, head_dim=512, dtype="bfloat16")),
-    # ... without attention_k_eq_v its full layers keep the 16 K/V heads; without global_head_dim
-    # transformers gives them 512
+    # heads; sliding ones of 256 and 16, two by two in a head of 512: one pool of 8 heads of 512
+    # (kvpager.layer_geometry)
+    (GEMMA4, dict(num_layers=60, num_kv_heads=8, head_dim=512, dtype="bfloat16")),
+    # ... without attention_k_eq_v its full layers keep the sliding ones' 8 K/V heads; without
+    # global_head_dim transformers gives them 512
     ({**GEMMA4, "text_config": {**GEMMA4["text_config"], "attention_k_eq_v": False, "num_key_value_heads": 8}},
      dict(num_layers=60, num_kv_heads=8, head_dim=512, dtype="bfloat16")),
     ({**GEMMA4, "text_config": {k: v for k, v in GEMMA4["text_config"].items() if k != "global_head_dim"}},
-     dict(num_layers=60, num_kv_heads=16, head_dim=512, dtype="bfloat16")),
-    # as transformers saves per-layer configs: the layers' fields that differ, by index
+     dict(num_layers=60, num_kv_heads=8, head_dim=512, dtype="bfloat16")),
+    # as transformers saves per-layer configs: the layers' fields that differ, by index (layers of 8 and
+    # of 32 heads of 128, two by two: 4 and 16; one of 2 heads of 256: the pool's 16 heads of 256)
     ({**LLAMA, "num_hidden_layers": 4, "per_layer_config": {"1": {"head_dim": 256, "num_key_value_heads": 2},
                                                              "3": {"num_key_value_heads": 32}}},
-     dict(num_layers=4, num_kv_heads=32, head_dim=256, dtype="bfloat16")),
+     dict(num_layers=4, num_kv_heads=16, head_dim=256, dtype="bfloat16")),
     ({**LLAMA, "per_layer_config": {}}, dict(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")),
 ])
 def test_geometry_from_config(tmp_path, config, want):
@@ -156,9 +158,13 @@ def test_gemma4_geometry_is_transformers(fields):
     want = model_geometry(config)
     assert sizing.config_geometry(hub) == want
     assert sizing.config_geometry(config.to_dict()) == want
-    kv = {config.per_layer_config[i].num_key_value_heads for i in range(6)}
-    dims = {config.per_layer_config[i].head_dim for i in range(6)}
-    assert want["num_kv_heads"] == max(kv) and want["head_dim"] == max(dims)
+    layers = [(config.per_layer_config[i].num_key_value_heads, config.per_layer_config[i].head_dim)
+              for i in range(6)]
+    pool_heads, width = want["num_kv_heads"], want["head_dim"]
+    assert width == max(d for _, d in layers) and 8 % pool_heads == 0
+    for kv, d in layers:  # each layer fits a pool head's width, its K/V heads packed and repeated whole
+        packed = min(kv, width // d)
+        assert kv * d <= pool_heads * width and pool_heads % (kv // packed) == 0
 
 
 def test_kv_sharing_modes_are_checked_against_the_sources():

@@ -160,8 +160,10 @@ def kvpager_attention(
                          "kvpager's packed row does not have; run the model through kvpager.hf (generate, "
                          "paged_attention), which has kvpager apply that scaling")
     dv = value.shape[3]
+    fitted = None
     if batch.fit is not None:  # layers of other geometry than the pool's (Gemma-4)
-        query, key, value, scaling = fit_layer(query, key, value, scaling, *batch.fit)
+        fitted = fit_layer(query, key, value, scaling, *batch.fit)
+        query, key, value, scaling = fitted.query, fitted.key, fitted.value, fitted.scaling
     if value.shape[3] != key.shape[3]:
         # v of another head dim than q and k (latent attention: 192 for q and k, 128 for v):
         # the pool holds the wider; zeros added to v add nothing to the output, which is cut
@@ -183,6 +185,8 @@ def kvpager_attention(
                                *((None, None) if tuning is None else tuning))
     else:
         out = write_attend(batch, layer, query, key, value, scaling, window, softcap, s_aux, chunk, tuning)
+    if fitted is not None:
+        return fitted.output(out), None
     return (out if out.shape[3] == dv else out[..., :dv]), None
 
 
