@@ -112,7 +112,7 @@ def pack(kv_heads: int, head_dim: int, width: int) -> int:
     """How many of a layer's ``kv_heads`` K/V heads of ``head_dim`` values one pool
     head of ``width`` values holds side by side: the most that divide its head
     count and fit the width (1 where one head fills it)."""
-    return max(p for p in range(1, max(1, width // head_dim) + 1) if kv_heads % p == 0)
+    return max(p for p in range(1, max(1, min(kv_heads, width // head_dim)) + 1) if kv_heads % p == 0)
 
 
 def fit(dims: list[tuple[int, int]], heads: int, where: str = "the model") -> tuple[int, int]:
