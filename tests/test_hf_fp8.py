@@ -126,6 +126,19 @@ def test_calibration_fits_what_the_pool_stores(model, family):
     assert (peak <= top / margin * 1.07).all() and (peak >= top / margin * 0.93).all(), peak
 
 
+def test_calibration_takes_prompts_of_any_lengths(model):
+    """Prompts of other lengths, as `generate` takes them (a TypeError or ValueError
+    from torch before: only a flat list or a rectangular batch was taken): the
+    largest of each prompt's own scales; an id past the vocabulary refused by name."""
+    prompts = [tokens(20, 1), tokens(37, 2), tokens(5, 3)]
+    own = np.max([np.asarray(calibrate_kv_scales(model, p)) for p in prompts], axis=0)
+    np.testing.assert_allclose(np.asarray(calibrate_kv_scales(model, prompts)), own, rtol=1e-5)
+    with pytest.raises(InvalidArgument, match="vocabulary"):
+        calibrate_kv_scales(model, [tokens(5, 1), [1, VOCAB]])
+    with pytest.raises(InvalidArgument, match="non-empty"):
+        calibrate_kv_scales(model, [tokens(5, 1), []])
+
+
 def test_bad_calibration_arguments(model):
     with pytest.raises(InvalidArgument):
         calibrate_kv_scales(model, [1, 2, 3], "bfloat16")

@@ -30,7 +30,8 @@ def calibrate_kv_scales(model: Any, input_ids: Any, kv_dtype: str = "float8_e4m3
                         margin: float = 1.25, *, attention_mask: Any = None) -> list[list[list[float]]]:
     """Scales [num_layers (the pool's: layers that store K/V)][2 (K, V)][num_kv_heads] for an FP8 pool of ``model``:
     per (layer, kv head), amax(|K|) and amax(|V|) over ``input_ids`` (a list of
-    token ids or a [batch, tokens] tensor) times ``margin``, over the format's
+    token ids, a [batch, tokens] tensor, or prompts of any lengths as `generate`
+    takes them) times ``margin``, over the format's
     largest finite value; a head whose values are all zero gets 1.0. A padded
     batch (a tokenizer's output: ``calibrate_kv_scales(model, **enc)``) is
     calibrated on each row's tokens where ``attention_mask`` is 1, its padding
@@ -41,24 +42,32 @@ def calibrate_kv_scales(model: Any, input_ids: Any, kv_dtype: str = "float8_e4m3
     if not isinstance(margin, (int, float)) or not np.isfinite(margin) or margin < 1:
         raise InvalidArgument(f"margin must be a finite number >= 1, got {margin!r}")
     device = next(model.parameters()).device
-    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
-    one = ids.ndim == 1
-    if one:
-        ids = ids[None]
-    if ids.ndim != 2 or ids.shape[1] < 1:
-        raise InvalidArgument(f"input_ids must be a non-empty token list or a [batch, tokens] tensor, "
-                              f"got shape {tuple(ids.shape)}")
-    rows = ids.tolist()
-    if attention_mask is not None:
-        from kvpager.hf.padding import strip_padding
-
-        # one prompt's flat mask for a flat token list; a [1, tokens] one is taken too
-        flat = one and _ndim(attention_mask) == 1
-        rows = strip_padding(rows, ids, [attention_mask] if flat else attention_mask)
+    rows = _rows(model, input_ids, attention_mask)
     fmax = FP8_DTYPES[name][1]
     peaks = _stored_peaks(model, rows, device)
     return [[[float(p) * margin / fmax if p > 0 else 1.0 for p in peak.tolist()] for peak in layer]
             for layer in peaks]
+
+
+def _rows(model: Any, input_ids: Any, attention_mask: Any) -> list[list[int]]:
+    """``input_ids`` as token lists: one flat prompt (a list of ids or a 1-D tensor,
+    with a flat mask if any), or prompts of any lengths as `generate` takes them
+    (a [batch, tokens] tensor, lists of lists: a tokenizer's unpadded output
+    too), each cut to its tokens where ``attention_mask`` is 1."""
+    from kvpager.hf.generation import _token_lists
+
+    if _ndim(input_ids) == 1 and not isinstance(input_ids, (str, bytes)):
+        flat = attention_mask is not None and _ndim(attention_mask) == 1
+        try:
+            return _token_lists([input_ids], model, [attention_mask] if flat else attention_mask)
+        except ValueError as e:
+            raise InvalidArgument(str(e).replace("prompts[0]", "input_ids")) from None
+    try:
+        return _token_lists(input_ids, model, attention_mask)
+    except InvalidArgument:
+        raise
+    except ValueError as e:
+        raise InvalidArgument(f"input_ids: {e}") from None
 
 
 def _ndim(x: Any) -> int | None:
