@@ -2,11 +2,13 @@
 at start): the commands it sends and what each is for, why a store refused
 the tier's connection or commands (`connect_refusal`, `judge`), a value
 limit too low (`check_limits`), a plain server asked for TLS
-(`plain_redis`); and the redis-py connection options every store uses."""
+(`plain_redis`) and a TLS server asked for plain text (`tls_only`); and the
+redis-py connection options every store uses."""
 
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -87,6 +89,25 @@ def plain_redis(host: str, port: int, timeout: float) -> bool:
         with socket.create_connection((host, port), timeout=max(timeout, 1.0)) as sock:
             sock.sendall(b"PING\r\n")
             return sock.recv(16)[:1] in (b"+", b"-")
+    except OSError:
+        return False
+
+
+def tls_only(host: str, port: int, timeout: float) -> bool:
+    """True if the server at host:port speaks TLS: a TLS handshake completes, or
+    the server answers it with a TLS alert (it wants a client certificate). A
+    plain Redis answers a handshake with a text error line: False, as for no
+    answer at all. Nothing is verified: this only names the scheme to use."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=max(timeout, 1.0)) as sock, \
+                context.wrap_socket(sock, do_handshake_on_connect=False) as tls:
+            tls.do_handshake()
+            return True
+    except ssl.SSLError as e:
+        return "ALERT" in str(e.reason or "").upper()
     except OSError:
         return False
 

@@ -33,6 +33,7 @@ from kvpager.remote_access import (
     judge,
     plain_redis,
     redis_module,
+    tls_only,
 )
 from kvpager.remote_errors import StoreError as StoreError  # re-exported: the tier's errors
 from kvpager.remote_errors import StoreMisconfigured as StoreMisconfigured
@@ -374,6 +375,9 @@ class RedisStore(Store):
             if self._scheme == "rediss" and self._node is not None and plain_redis(*self._node, self._timeout):
                 raise StoreMisconfigured(f"remote store {self.url}: {self._node[0]}:{self._node[1]} answers "
                                          "without TLS; use redis:// (or enable TLS on the server)") from None
+            if self._scheme == "redis" and self._node is not None and tls_only(*self._node, self._timeout):
+                raise StoreMisconfigured(f"remote store {self.url}: {self._node[0]}:{self._node[1]} answers only "
+                                         "TLS; use rediss:// (with ssl_ca_certs=PATH for a private CA)") from None
             raise store_error(e) from None
         exc = redis.exceptions
         for command, r in zip(asked, replies):

@@ -6,12 +6,14 @@ not installed (CI installs it: .ci/run)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -113,6 +115,23 @@ def redis_server(*extra: str) -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+@contextlib.contextmanager
+def tls_redis_server(folder: Any) -> Iterator[tuple[RedisServer, int, str]]:
+    """A redis-server with a TLS port beside its plain one, on a self-signed
+    certificate for 127.0.0.1 made in ``folder``: (the server, its TLS port, the
+    certificate's path). Skips where openssl is not installed."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    tls_port = free_port()
+    with redis_server("--tls-port", str(tls_port), "--tls-cert-file", cert, "--tls-key-file", key,
+                      "--tls-auth-clients", "no") as server:
+        yield server, tls_port, cert
 
 
 @contextlib.contextmanager

@@ -31,7 +31,15 @@ import time
 import numpy as np
 import pytest
 from daemon_helpers import ipc_endpoint
-from redis_helpers import RedisServer, free_port, need_cli, need_redis, redis_cluster, redis_server
+from redis_helpers import (
+    RedisServer,
+    free_port,
+    need_cli,
+    need_redis,
+    redis_cluster,
+    redis_server,
+    tls_redis_server,
+)
 
 need_redis()
 redis = pytest.importorskip("redis")
@@ -174,6 +182,20 @@ def test_check_refuses_tls_asked_of_a_plain_server():
         with pytest.raises(StoreMisconfigured, match="answers without TLS; use redis://"):
             t.check(SPEC)
         t.close()
+
+
+def test_check_refuses_plain_text_asked_of_a_tls_server(tmp_path):
+    """redis:// at a port that speaks only TLS: named, with the scheme to use (it read
+    "does not answer", and the daemon served without the store for ever)."""
+    with tls_redis_server(str(tmp_path)) as (_, tls_port, _cert):
+        t = RemoteTier(f"redis://127.0.0.1:{tls_port}")
+        with pytest.raises(StoreMisconfigured, match="answers only TLS; use rediss://"):
+            t.check(SPEC)
+        t.close()
+    with redis_server() as server:  # a plain server that does not answer the command is no TLS server
+        from kvpager.remote_access import tls_only
+
+        assert not tls_only("127.0.0.1", server.port, 1.0) and not tls_only("127.0.0.1", free_port(), 0.5)
 
 
 def test_serve_exits_naming_what_the_store_refuses():

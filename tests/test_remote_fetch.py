@@ -10,15 +10,13 @@ byte-identical restores once the store is back)."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
 import threading
 import time
 
 import numpy as np
 import pytest
-from redis_helpers import free_port, need_redis, redis_server
+from redis_helpers import need_redis, redis_server, tls_redis_server
 
 need_redis()
 redis = pytest.importorskip("redis")
@@ -312,16 +310,8 @@ def test_tier_refuses_longer_and_shorter_values_mid_batch_and_reads_on():
 
 def test_tls_store(tmp_path):
     """rediss://: the values come through redis-py's TLS socket."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
-    tls_port = free_port()
     rng = np.random.default_rng(11)
-    with redis_server("--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
-                      "--tls-auth-clients", "no") as server:
+    with tls_redis_server(str(tmp_path)) as (server, tls_port, cert):
         keys, values = mixed(rng, 40)
         fill(server.url, values)
         store = open_store(f"rediss://127.0.0.1:{tls_port}?ssl_ca_certs={cert}", timeout=2.0, connections=2,
