@@ -7,6 +7,7 @@ redis-py connection options every store uses."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 from collections.abc import Sequence as Seq
@@ -126,3 +127,32 @@ def connection_options(redis: Any, timeout: float) -> dict[str, Any]:
 
     return dict(socket_timeout=timeout, socket_connect_timeout=timeout, socket_keepalive=True,
                 retry=Retry(NoBackoff(), 0), health_check_interval=0, client_name="kvpager")
+
+
+def diagnose_cluster(url: str, scheme: str, startup: Seq[tuple[str, int]], timeout: float,
+                     auth: dict[str, Any]) -> None:
+    """A cluster client could not be made: `StoreMisconfigured` where a node of the
+    URL (``startup``) answers but refuses (credentials, CLUSTER SLOTS refused or
+    no cluster there at all, no TLS); else nothing (the caller's error stands)."""
+    redis = redis_module()
+    for host, port in startup:
+        client = redis.Redis(host=host, port=port, **connection_options(redis, timeout), **auth)
+        try:
+            client.execute_command("CLUSTER", "SLOTS")
+        except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as e:
+            raise StoreMisconfigured(f"remote store {url}: {host}:{port}: "
+                                     f"{connect_refusal(e, NEEDS_CLUSTER)}") from None
+        except redis.ResponseError as e:
+            if "cluster support disabled" in str(e):
+                raise StoreMisconfigured(f"remote store {url}: {host}:{port} is no Redis Cluster node "
+                                         f"(CLUSTER SLOTS: {e}); use redis://HOST:PORT") from None
+            if isinstance(store_error(e), StoreRefused):
+                raise StoreMisconfigured(f"remote store {url}: {host}:{port} refuses CLUSTER SLOTS "
+                                         f"({type(e).__name__}: {e})") from None
+        except (redis.RedisError, OSError):
+            if scheme == "rediss" and plain_redis(host, port, timeout):
+                raise StoreMisconfigured(f"remote store {url}: {host}:{port} answers without TLS; use "
+                                         "redis+cluster:// (or enable TLS on the servers)") from None
+        finally:
+            with contextlib.suppress(Exception):
+                client.close()

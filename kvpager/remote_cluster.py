@@ -52,8 +52,8 @@ from kvpager.remote_access import (
     check_limits,
     connect_refusal,
     connection_options,
+    diagnose_cluster,
     judge,
-    plain_redis,
     redis_module,
 )
 from kvpager.remote_errors import StoreError, StoreMisconfigured, StoreRefused, store_error
@@ -388,7 +388,7 @@ class RedisClusterStore(Store):
             raise StoreMisconfigured(f"remote store {self.url}: {connect_refusal(e, NEEDS_CLUSTER)}") from None
         except self._errors as e:
             side.stale = True
-            self._diagnose(e)
+            diagnose_cluster(self.url, self._scheme, self._startup, self._timeout, self._auth)
             raise store_error(e) from None
         key = prefix + CHECK_KEY
         # what the tier sends, about a key no block has (SET XX of an absent key stores nothing),
@@ -418,33 +418,6 @@ class RedisClusterStore(Store):
         if value_bytes is not None:
             check_limits(self.url, rc.get_redis_connection(rc.get_node_from_key(key)), value_bytes)
         return warnings
-
-    def _diagnose(self, error: BaseException) -> None:
-        """The cluster client could not be made (``error``): `StoreMisconfigured`
-        where a node of the URL answers but refuses (credentials, CLUSTER SLOTS
-        refused or no cluster there at all, no TLS); else nothing."""
-        redis = self._redis
-        for host, port in self._startup:
-            client = redis.Redis(host=host, port=port, **connection_options(redis, self._timeout), **self._auth)
-            try:
-                client.execute_command("CLUSTER", "SLOTS")
-            except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as e:
-                raise StoreMisconfigured(f"remote store {self.url}: {host}:{port}: "
-                                         f"{connect_refusal(e, NEEDS_CLUSTER)}") from None
-            except redis.ResponseError as e:
-                if "cluster support disabled" in str(e):
-                    raise StoreMisconfigured(f"remote store {self.url}: {host}:{port} is no Redis Cluster node "
-                                             f"(CLUSTER SLOTS: {e}); use redis://HOST:PORT") from None
-                if isinstance(store_error(e), StoreRefused):
-                    raise StoreMisconfigured(f"remote store {self.url}: {host}:{port} refuses CLUSTER SLOTS "
-                                             f"({type(e).__name__}: {e})") from None
-            except (redis.RedisError, OSError):
-                if self._scheme == "rediss" and plain_redis(host, port, self._timeout):
-                    raise StoreMisconfigured(f"remote store {self.url}: {host}:{port} answers without TLS; use "
-                                             "redis+cluster:// (or enable TLS on the servers)") from None
-            finally:
-                with contextlib.suppress(Exception):
-                    client.close()
 
     def close(self) -> None:
         for side in self._sides:
