@@ -2,13 +2,13 @@
 
 A kvpager pool holds one geometry (K/V heads, head dim) for every layer.
 Gemma-4's full-attention layers have another head dim than its sliding ones
-(512 against 256), and fewer K/V heads (4 against 16 on the 31B model). Such a
+(512 against 256), and may have fewer K/V heads (say 4 against 16). Such a
 model is served by one pool whose head dim is the widest of its layers', each
 layer's tensors fitted to it as they come (`kvpager.hf.fitting`):
 
 - a narrower layer stores ``p`` of its K/V heads side by side in one pool
   head (`pack`: the most that divide its head count and fit the width; Gemma-4
-  31B's sliding layers two heads of 256 in one of 512), and a query head's
+  sliding layers two heads of 256 in one of 512), and a query head's
   values go to its own K/V head's place in it, zeros elsewhere: its scores are
   its own head's (zeros add nothing), and its output is its own head's place
   of the pool head's; what is left of the width is zero-padded;
@@ -19,9 +19,10 @@ layer's tensors fitted to it as they come (`kvpager.hf.fitting`):
   head q holds its K/V head q // g: G r = g p). The multiple divides the query
   heads, as every packed count does.
 
-The price is memory only where a layer is repeated or padded: Gemma-4 31B's
-pool is 8 heads of 512, exact on its sliding layers, twice its full layers'
-4 heads of 512 (1.17x what the model stores, where 16 heads of 512 were
+The price is memory only where a layer is repeated or padded: a Gemma-4
+shape of 16 K/V heads of 256 on its sliding layers (5 in 6) and 4 of 512 on
+its full ones gets a pool of 8 heads of 512, exact on the sliding layers,
+twice the full ones (1.17x what the model stores, where 16 heads of 512 were
 2.33x). The layers' geometry comes from transformers' per-layer configs
 (``per_layer_config``: a transformers config's view, or a ``config.json``'s
 sparse ``{"5": {"head_dim": 512}}``) or, in a Gemma-4 ``config.json`` saved

@@ -1,7 +1,7 @@
 """A layer's q, k and v fitted to a pool of another geometry (`kvpager.layer_geometry`).
 
 A model whose layers differ in K/V geometry (Gemma-4: head dim 512 and 4 K/V
-heads on its full layers, 256 and 16 on its sliding ones on the 31B model) is
+heads on its full layers, 256 and 16 on its sliding ones, say) is
 served by one pool of the widest head dim and the least common multiple of
 the layers' packed K/V head counts. Each layer's tensors are fitted to it as
 they come: ``p`` of its K/V heads side by side in one pool head
