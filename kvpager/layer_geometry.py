@@ -22,8 +22,8 @@ layer's tensors fitted to it as they come (`kvpager.hf.fitting`):
 The price is memory only where a layer is repeated or padded: a Gemma-4
 shape of 16 K/V heads of 256 on its sliding layers (5 in 6) and 4 of 512 on
 its full ones gets a pool of 8 heads of 512, exact on the sliding layers,
-twice the full ones (1.17x what the model stores, where 16 heads of 512 were
-2.33x). The layers' geometry comes from transformers' per-layer configs
+twice the full ones (1.09x what the model stores, where 16 heads of 512 were
+2.18x). The layers' geometry comes from transformers' per-layer configs
 (``per_layer_config``: a transformers config's view, or a ``config.json``'s
 sparse ``{"5": {"head_dim": 512}}``) or, in a Gemma-4 ``config.json`` saved
 without them, from ``global_head_dim`` and ``num_global_key_value_heads`` on its
