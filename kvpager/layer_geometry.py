@@ -58,7 +58,7 @@ def layer_getters(config: Any, get: Getter, layers: int) -> list[Getter] | None:
         return _global_layers(get, layers, GLOBAL_HEAD_DIM if get("model_type") in GLOBAL_LAYER_TYPES else None)
     view = getattr(config, "per_layer_config", None)
     if view is not None:  # transformers' per-layer configs: the layers' own where they differ
-        return [_attributes(view[i]) for i in range(layers)] if getattr(config, "is_heterogeneous", 0) is True \
+        return [attribute_getter(view[i]) for i in range(layers)] if getattr(config, "is_heterogeneous", 0) is True \
             else None
     return _global_layers(get, layers, None)
 
@@ -105,7 +105,8 @@ def _over(fields: dict[str, Any], get: Getter) -> Getter:
     return lambda name: fields[name] if name in fields else get(name)
 
 
-def _attributes(config: Any) -> Getter:
+def attribute_getter(config: Any) -> Getter:
+    """A getter of ``config``'s attributes (None where unset): a transformers config's fields."""
     return lambda name: getattr(config, name, None)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from kvpager.errors import InvalidArgument
-from kvpager.layer_geometry import fit, layer_getters
+from kvpager.layer_geometry import attribute_getter, fit, layer_getters
 from kvpager.sizing import attention_dims, kv_sources, pool_layers
 from kvpager.spec import PoolSpec, dtype_name
 
@@ -154,14 +154,10 @@ def layer_map(model: Any) -> list[tuple[int, bool]] | None:
     return [(p, s == i) for i, (s, p) in enumerate(zip(sources, pool_layers(sources)))]
 
 
-def _getter(config: Any) -> Any:
-    return lambda name: getattr(config, name, None)
-
-
 def _kv_sources(config: Any) -> list[int]:
     """`kvpager.sizing.kv_sources` of a transformers config, its refusal a ValueError as the others here."""
     try:
-        return kv_sources(_getter(config), config.num_hidden_layers)
+        return kv_sources(attribute_getter(config), config.num_hidden_layers)
     except InvalidArgument as e:
         raise ValueError(str(e)) from e
 
@@ -284,9 +280,9 @@ def model_geometry(config: Any) -> dict[str, int]:
     (`kvpager.layer_geometry`). The layers are those that store K/V
     (`layer_map`: Gemma-3n's shared layers store none)."""
     sources = _kv_sources(config)
-    getters = layer_getters(config, _getter(config), config.num_hidden_layers)
+    getters = layer_getters(config, attribute_getter(config), config.num_hidden_layers)
     if getters is None:
-        kv_heads, head_dim = _layer_dims(config, _getter(config))
+        kv_heads, head_dim = _layer_dims(config, attribute_getter(config))
     else:
         dims = [_layer_dims(config, getters[i]) for i, s in enumerate(sources) if s == i]
         try:
@@ -300,7 +296,7 @@ def layer_fit(model: Any) -> tuple[int, int] | None:
     """(K/V heads, head dim) of the pool every layer of ``model`` is fitted to where
     its layers differ in geometry (`PagedBatch.fit`); None where they do not."""
     config = text_config(model)
-    if layer_getters(config, _getter(config), config.num_hidden_layers) is None:
+    if layer_getters(config, attribute_getter(config), config.num_hidden_layers) is None:
         return None
     geometry = model_geometry(config)
     return geometry["num_kv_heads"], geometry["head_dim"]
