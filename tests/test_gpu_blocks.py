@@ -101,7 +101,7 @@ def test_bad_arguments_never_launch():
     with pytest.raises(InvalidArgument):
         gpu.swap_out(np.array([[1, 4]], dtype=np.int64))
     gpu.close()
-    for bad in (dict(head_dim=72), dict(head_dim=272), dict(block_size=128)):
+    for bad in (dict(head_dim=72), dict(head_dim=528), dict(block_size=128)):
         with pytest.raises(UnsupportedConfiguration):
             CupyBackend(spec.replace(**bad), 0)
 

@@ -88,6 +88,49 @@ def test_a_forward_that_syncs_during_capture_gets_a_typed_error_and_leaves_the_p
         hook.remove()
 
 
+def test_a_failed_capture_leaves_nothing_for_a_later_capture_to_collect():
+    """A failed capture's graph and the forward's tensors, kept in reference cycles by the
+    error's traceback, are released before the error reaches the caller: collected later,
+    during another capture, they invalidated it (an UnsupportedConfiguration for a model
+    that captures, or an abort)."""
+    import gc
+
+    from kvpager.errors import UnsupportedConfiguration
+
+    model = make_model(hidden=256).cuda()
+    prompts = [prompt(n, seed=620 + n) for n in (5, 12)]
+
+    def graphs_alive():
+        return sum(isinstance(o, torch.cuda.CUDAGraph) for o in gc.get_objects())
+
+    def read_back(module, args, out):
+        (out[0] if isinstance(out, tuple) else out).sum().tolist()
+
+    def collect(module, args, out):  # what the interpreter may do at any allocation
+        if torch.cuda.is_current_stream_capturing():
+            gc.collect()
+
+    gc.collect()
+    gc.disable()  # only what reference counts free goes before the check
+    try:
+        before = graphs_alive()
+        hook = model.model.layers[0].register_forward_hook(read_back)
+        p = KVPool(spec_for_model(model, num_blocks=128, block_size=8), device="cuda:0")
+        with pytest.raises(UnsupportedConfiguration) as failed:
+            generate(model, p, prompts, max_new_tokens=4, cuda_graphs=True)
+        hook.remove()
+        assert graphs_alive() == before
+        hook = model.model.layers[1].register_forward_hook(collect)
+        try:
+            assert generate(model, p, prompts, max_new_tokens=6, cuda_graphs=True) == [
+                reference(model, q, 6) for q in prompts]
+        finally:
+            hook.remove()
+        assert failed.value.__cause__ is not None  # the error still names its cause
+    finally:
+        gc.enable()
+
+
 def test_eager_decode_steps_refill_one_plan_while_the_batch_keeps_its_sequences():
     model = make_model(hidden=256).cuda()
     system = prompt(40, seed=500)  # a shared prefix: the plans cascade over it

@@ -17,6 +17,8 @@ the model compiled by ``torch.compile`` (`kvpager.hf.compiled`).
 
 from __future__ import annotations
 
+import gc
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -133,12 +135,27 @@ class DecodeGraphs:
                 # routing where torch has no grouped matmul for the dtype (float32)
                 hint = (" (its experts run as 'grouped_mm': built with experts_implementation='batched_mm' "
                         "they read nothing back)")
+            # What the failed capture made (its graph, the tensors of the forward's frames, which
+            # the traceback keeps in reference cycles) goes now, outside any capture: collected
+            # later, during another capture in this process, its release invalidates that one.
+            del graph
+            _clear_frames(e)
+            gc.collect()
             raise UnsupportedConfiguration(
                 f"{type(self.model).__name__}'s decode step cannot be captured in a CUDA graph: its forward "
                 f"waits for the GPU or reads a device value on the host while capturing (torch: {first}); "
                 f"pass cuda_graphs=False to decode it without graphs{hint}") from e
         self.captures += 1
         return _Graph(graph, plan, ids, pos, next_tokens)
+
+
+def _clear_frames(error: BaseException) -> None:
+    """Drop the locals of the finished frames of ``error``'s traceback and of the errors it chains."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
 
 
 def _fill(static: torch.Tensor, values: torch.Tensor) -> None:
