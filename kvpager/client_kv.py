@@ -21,9 +21,9 @@ from kvpager.backends.numpy_backend import paged_attention
 from kvpager.client_tables import as_ids, id_list
 from kvpager.errors import InvalidArgument, NotOwner, SessionLost
 from kvpager.plan import StepPlan, make_plan
-from kvpager.plan_guard import sequence_guard
+from kvpager.plan_guard import Foreign, Moves, sequence_guard
 from kvpager.protocol import decode_info
-from kvpager.shm import map_pool
+from kvpager.shm import map_pool, map_release_count
 
 
 class KVAccess:
@@ -76,8 +76,12 @@ class KVAccess:
         """Tie ``plan`` to the sequences ``ids`` (its floor, and its guard)."""
         if ids is None:
             return
-        plan.floor = None if self._lost else self._mirror.floors(ids)
-        plan.guard_with(sequence_guard(ids, self._rows_now))
+        mirror = self._mirror
+        plan.floor = None if self._lost else mirror.floors(ids)
+        moves: Moves | Foreign = mirror.moves
+        if self._releases is not None and not all(i in mirror.rows for i in ids):
+            moves = Foreign(mirror.moves, self._releases)  # other sessions' sequences: their releases too
+        plan.guard_with(sequence_guard(ids, self._rows_now), moves)
 
     def _rows_now(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The tables, lengths and committed token counts of ``ids`` now: a step
@@ -196,6 +200,7 @@ class KVAccess:
                 self._mapped = cuda_ipc.map_pool(self.spec, self.memory, self._same_process())
             # the mirror's changes move the count the plans over this mapping follow
             self._mirror.moves = self._mapped.moves
+            self._releases = map_release_count(self.memory.get("releases"))
         return self._mapped
 
     def _same_process(self) -> bool:
@@ -257,6 +262,8 @@ class KVAccess:
 
     #: the (count of changes, slot bytes) last found all this session's (`_check_own_slots`)
     _own_slots: tuple[int, bytes] | None = None
+    #: the daemon's count of releases, mapped with its pool (`kvpager.shm.ReleaseCount`; None: not named)
+    _releases: np.ndarray | None = None
 
     def _check_slots(self, slots: Any) -> np.ndarray:
         """Slot ids as int64, checked as `KVPool.write` checks them (uint64 past int64 included)."""

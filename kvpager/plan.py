@@ -43,7 +43,7 @@ from kvpager.attend_options import (
     chunk_step,
 )
 from kvpager.errors import InvalidArgument, StalePlan
-from kvpager.plan_guard import Guard, Moves, view_guard
+from kvpager.plan_guard import Foreign, Guard, Moves, view_guard
 from kvpager.spec import PoolSpec
 from kvpager.validate import int_array
 
@@ -116,7 +116,7 @@ class StepPlan(ABC):
     #: the check against the sequences the plan was made of (`kvpager.plan_guard`); None: bare tables
     guard: Guard | None = None
     #: the backend's count of changes that can make a plan stale, and the count this plan last checked at
-    _moves: Moves
+    _moves: Moves | Foreign
     _seen: int
 
     def watch(self, backend: Any) -> None:
@@ -143,9 +143,12 @@ class StepPlan(ABC):
                 return
         self._seen = count
 
-    def guard_with(self, guard: Guard | None) -> None:
-        """Tie this plan (and its chunked views) to ``guard`` from the count now."""
+    def guard_with(self, guard: Guard | None, moves: Moves | Foreign | None = None) -> None:
+        """Tie this plan (and its chunked views) to ``guard`` from the count now;
+        ``moves``: the count it follows from now on (default: the one it follows)."""
         self.guard = guard
+        if moves is not None:
+            self._moves = moves
         self._seen = self._moves.count
 
     @property
@@ -197,7 +200,7 @@ class StepPlan(ABC):
             else:
                 view = self.backend.plan(tables, lens, qlens, None, **self.view_options())
                 view.floor = table_floor(tables, self.spec.block_size)
-                view.guard_with(view_guard(self))  # stale with this plan: its check is this plan's
+                view.guard_with(view_guard(self), self._moves)  # stale with this plan: its check is this plan's
             views[chunk] = view
         return view
 

@@ -20,10 +20,12 @@ it is refilled, and one whose slots are committed (its step is done) on
 every write (its attends read what they read before). A closed pool moves
 the count too, and its plans refuse.
 
-A worker's count moves with its own session's changes only: its plan over
-another session's sequences (read through the daemon's tables) is rechecked,
-through the daemon, when this worker's sequences change, not when the other
-session's do.
+A worker's count moves with its own session's changes. Its plan over
+another session's sequences (read through the daemon's tables, attend only)
+follows the daemon's count of releases too (`Foreign`): the daemon moves it,
+in a shared-memory word every mapped worker reads, whenever any session's
+blocks may go to another sequence (a free, truncate, swap-out or release,
+a session ended); the plan then rechecks through the daemon.
 
 Plans made from block tables alone (`kvpager.plan.make_plan` over a backend,
 or a plan refilled by `StepPlan.update` from tables) know no sequences: they
@@ -45,15 +47,40 @@ from kvpager.errors import SequenceSwapped, StalePlan, UnknownSequence
 class Moves:
     """A count of the changes that can make a step plan stale (blocks released
     or committed, the pool closed); shared by a backend and whoever changes its
-    sequences."""
+    sequences. A daemon's pool also moves ``shared`` (a one-word uint64 array in
+    shared memory, `kvpager.shm.ReleaseCount`) at each release: the count that
+    mapped workers' plans over other sessions' sequences follow."""
 
-    __slots__ = ("count",)
+    __slots__ = ("count", "shared")
 
     def __init__(self) -> None:
         self.count = 0
+        self.shared: np.ndarray | None = None
 
     def bump(self) -> None:
         self.count += 1
+
+    def released(self) -> None:
+        """Blocks of some sequence may go to another: `bump`, and the shared count."""
+        self.count += 1
+        if self.shared is not None:
+            self.shared[0] += 1
+
+
+class Foreign:
+    """What a worker's plan over sequences of other sessions follows: its own
+    session's count (``own``, a `Moves`) plus the daemon's shared count of
+    releases (``releases``, the mapped word). Both only grow, so their sum moves
+    whenever either does."""
+
+    __slots__ = ("own", "releases")
+
+    def __init__(self, own: Moves, releases: np.ndarray):
+        self.own, self.releases = own, releases
+
+    @property
+    def count(self) -> int:
+        return self.own.count + int(self.releases[0])
 
 
 #: A plan's check against its sequences: raises StalePlan where the plan no longer reads its

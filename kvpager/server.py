@@ -50,7 +50,7 @@ from kvpager.request_memo import RequestMemo
 from kvpager.server_bind import Binding
 from kvpager.server_dispatch import Dispatch
 from kvpager.server_ops import ServerOps
-from kvpager.server_ranks import create_pool, rank_backends
+from kvpager.server_ranks import create_pool, rank_backends, release_count
 from kvpager.server_sessions import SessionEnds
 from kvpager.server_staging import StagingOps
 from kvpager.sessions import SessionTable
@@ -163,6 +163,8 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
         self.events = EventPublisher(events, pool.spec.block_size) if events is not None else None
         self._sink = EventSink() if events is not None else None
         self._op, self._result = "", "ok"  # the request being handled, for the metrics
+        #: the count of releases mapped workers follow (`kvpager.server_ranks.release_count`)
+        self.releases = release_count(self)
 
     @classmethod
     def create(cls, spec: PoolSpec, endpoint: str | None = None, device: str = "cpu", *,

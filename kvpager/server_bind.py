@@ -24,6 +24,7 @@ from kvpager.endpoints import (
 from kvpager.errors import InvalidArgument
 from kvpager.metrics import serve_metrics
 from kvpager.render import human_bytes
+from kvpager.server_ranks import close_release_count
 
 log = logging.getLogger("kvpager.server")
 
@@ -135,6 +136,7 @@ class Binding:
             if path and is_socket(path):  # never anything else found there
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+        close_release_count(self)
         for m in [self.memory, *(self.rank_memory or ())]:
             if m is not None:
                 m.close()

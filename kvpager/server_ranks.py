@@ -20,7 +20,7 @@ from kvpager.backends import make_backend
 from kvpager.backends.ranked import RankedBackend, check_devices, make_ranked_backend, rank_spec
 from kvpager.errors import InvalidArgument
 from kvpager.pool import KVPool
-from kvpager.shm import PoolMemory, create_ranks, sweep_stale
+from kvpager.shm import PoolMemory, ReleaseCount, create_ranks, sweep_stale
 from kvpager.spec import PoolSpec
 
 if TYPE_CHECKING:
@@ -80,20 +80,44 @@ def hello_rank(pool: KVPool, value: Any) -> int | None:
 
 
 def hello_memory(server: Any, rank: int | None) -> dict[str, Any]:
-    """The hello reply's ``memory`` for a session of ``rank``."""
+    """The hello reply's ``memory`` for a session of ``rank``: what to map, and
+    (``releases``) the daemon's count of releases, which a mapped worker's plans
+    over other sessions' sequences follow (`kvpager.plan_guard.Foreign`)."""
     pool = server.pool
     if pool.ranks > 1 and rank is None:
         return {"kind": "ranks", "ranks": pool.ranks}  # nothing to map without a rank
     r = rank or 0
     if server.rank_memory is not None:
-        return server.rank_memory[r].handles()
-    if server.memory is not None:
-        return server.memory.handles()
-    if server.gpu is not None:
+        memory = server.rank_memory[r].handles()
+    elif server.memory is not None:
+        memory = server.memory.handles()
+    elif server.gpu is not None:
         if r not in server._exported:
             server._exported[r] = cuda_ipc.pool_handles(rank_backends(pool)[r], server.epoch)
-        return server._exported[r]
-    return {"kind": "none"}
+        memory = dict(server._exported[r])
+    else:
+        return {"kind": "none"}
+    if server.releases is not None:
+        memory["releases"] = server.releases.handle()
+    return memory
+
+
+def release_count(server: Any) -> ReleaseCount | None:
+    """The daemon's count of releases, in shared memory, where workers map its pool
+    (None where none can): the pool's `Moves` moves it from now on."""
+    if server.memory is None and server.rank_memory is None and server.gpu is None:
+        return None
+    count = ReleaseCount(server.epoch)
+    server.pool.backend.moves.shared = count.array
+    return count
+
+
+def close_release_count(server: Any) -> None:
+    """The pool stops moving the count (it may outlive the daemon), then the count goes."""
+    if server.releases is not None:
+        server.pool.backend.moves.shared = None
+        server.releases.close()
+        server.releases = None
 
 
 def session_kv(server: Any, s: Session, op: str) -> KVPool | PoolRank:

@@ -43,8 +43,8 @@ _SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory; used only to swe
 class Segment:
     """One mapped shared-memory segment. ``buf`` is a writable memoryview."""
 
-    def __init__(self, name: str, size: int, create: bool):
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+    def __init__(self, name: str, size: int, create: bool, readonly: bool = False):
+        flags = (os.O_RDONLY if readonly and not create else os.O_RDWR) | (os.O_CREAT | os.O_EXCL if create else 0)
         try:
             fd = _posixshmem.shm_open("/" + name, flags, mode=0o600)
         except FileNotFoundError:
@@ -62,7 +62,7 @@ class Segment:
                 actual = os.fstat(fd).st_size
                 if actual < size:
                     raise InvalidArgument(f"shared memory segment {name!r} has {actual} bytes, expected {size}")
-            self._mmap = mmap.mmap(fd, size)
+            self._mmap = mmap.mmap(fd, size, prot=mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException as e:
             if create:
                 _posixshmem.shm_unlink("/" + name)
@@ -85,8 +85,8 @@ class Segment:
         return cls(name, size, create=True)
 
     @classmethod
-    def attach(cls, name: str, size: int) -> Segment:
-        return cls(name, size, create=False)
+    def attach(cls, name: str, size: int, readonly: bool = False) -> Segment:
+        return cls(name, size, create=False, readonly=readonly)
 
     def handles(self) -> dict[str, Any]:
         """The daemon's staging reply for this segment."""
@@ -230,6 +230,44 @@ def map_segment(handle: dict[str, Any]) -> Segment:
     if seg is None:
         seg = _mapped[handle["name"]] = Segment.attach(handle["name"], int(handle["offset"]) + int(handle["size"]))
     return seg
+
+
+class ReleaseCount:
+    """The daemon's count of releases (`kvpager.plan_guard.Moves.released`): one
+    uint64 in a segment of its own, which every mapped worker reads (attached
+    read-only) to learn that some session's blocks may have gone to another
+    sequence. Its name is random (`random_tag`), as the staging buffers'."""
+
+    SIZE = 8
+
+    def __init__(self, epoch: str):
+        self.segment = Segment.create(segment_name(epoch, random_tag("m")), self.SIZE)
+        self.array = self.segment.array((1,), np.uint64)
+
+    def handle(self) -> dict[str, Any]:
+        """The hello reply's ``memory["releases"]``."""
+        return {"name": self.segment.name, "offset": 0, "size": self.SIZE}
+
+    def close(self) -> None:
+        self.array = None
+        self.segment.close()
+
+
+# The release counts mapped by clients, read-only, one per segment per process.
+_counts: dict[str, np.ndarray] = {}
+
+
+def map_release_count(handle: Any) -> np.ndarray | None:
+    """Client side: the daemon's count of releases named in a hello reply's
+    ``memory["releases"]`` (a read-only one-word view), once per process; None
+    where the reply names none (a daemon from before it)."""
+    if not isinstance(handle, dict) or not isinstance(handle.get("name"), str):
+        return None
+    name = handle["name"]
+    got = _counts.get(name)
+    if got is None:
+        got = _counts[name] = Segment.attach(name, ReleaseCount.SIZE, readonly=True).array((1,), np.uint64)
+    return got
 
 
 def map_pool(spec: PoolSpec, memory: dict[str, Any]) -> NumpyBackend:

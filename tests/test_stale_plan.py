@@ -342,6 +342,45 @@ def test_a_workers_plan_over_another_sessions_sequence_rechecks_through_the_daem
             plan.attend(0, q(1, SPEC))
 
 
+def test_a_workers_plan_over_another_sessions_sequence_refuses_once_that_session_frees_it(server, client):
+    """With no change of this worker's own: the daemon's count of releases, mapped
+    read-only by its workers, moves at the other session's free, and the plan
+    rechecks through the daemon. Before, it read the blocks' next holder's K/V."""
+    with Client(server.endpoint, timeout=WAIT, heartbeat=False) as other:
+        (theirs,) = other.allocate([list(range(3_200, 3_220))])
+        for layer in range(SPEC.num_layers):
+            other.write(layer, theirs.slots, kv(20, SPEC), kv(20, SPEC))
+        plan = client.plan([theirs.seq_id], None, None)  # attend only
+        query = q(1, SPEC)
+        want = plan.attend(0, query)
+        other.commit([theirs.seq_id])  # a commit releases nothing: no recheck needed
+        (gone,) = other.allocate([list(range(3_300, 3_310))])
+        other.free([gone.seq_id])  # a release of another sequence: the plan rechecks, and goes on
+        np.testing.assert_array_equal(plan.attend(0, query), want)
+        np.testing.assert_array_equal(plan.chunked(8).attend(0, query),
+                                      client.plan([theirs.seq_id], None, None).chunked(8).attend(0, query))
+        other.free([theirs.seq_id])
+        _, taken = taken_by_another(other, theirs.block_table, 20)
+        with pytest.raises(StalePlan, match="freed"):
+            plan.attend(0, query)
+        with pytest.raises(StalePlan, match="freed"):
+            plan.chunked(8).attend(0, query)  # its chunked view follows the same counts
+        other.free([x.seq_id for x in taken])
+
+
+def test_the_daemons_count_of_releases_is_mapped_read_only(server, client):
+    from kvpager.shm import map_release_count
+
+    handle = client.memory["releases"]
+    count = map_release_count(handle)
+    before = int(count[0])
+    (a,) = client.allocate([list(range(3_400, 3_405))])
+    client.free([a.seq_id])
+    assert int(count[0]) > before
+    with pytest.raises(ValueError, match="read-only"):
+        count[0] = 0
+
+
 # -- a worker's writes without a plan ------------------------------------------------------------
 def test_a_workers_write_with_slots_kept_from_before_a_free_is_refused(server, client):
     """`Client.write` into the mapped pool takes only slots of this session's
