@@ -2,7 +2,7 @@
 write_attend refused after its write, uint64 slots past int64, one sequence
 looked up by a bool or a 0-d array, a read-only ``out``, a flat tensor as the
 prompts of ``generate``, a memory budget that is no number of bytes, a NaN
-owner. Each was answered wrongly before (blocks leaked, K/V written by a
+owner, a pool too large for the host. Each was answered wrongly before (blocks leaked, K/V written by a
 refused call, a write skipped as padding, another error type, a false
 integrity failure); each is now a typed error with nothing changed, or the
 right answer. NumPy backend, small pools."""
@@ -351,3 +351,15 @@ def test_fp8_scales_past_float32_are_refused_without_an_overflow_warning():
             with pytest.raises(InvalidArgument, match="finite float32 normals"):
                 PoolSpec(1, 1, 16, 8, 8, "float16", kv_dtype="float8_e4m3", kv_scales=[value, 1.0])
     assert PoolSpec(1, 1, 16, 8, 8, "float16", kv_dtype="float8_e4m3", kv_scales=[3e38, 1.0]).scales.max() > 1e38
+
+
+@pytest.mark.parametrize("where", [dict(head_dim=10**13), dict(num_host_blocks=10**13)])
+def test_a_pool_larger_than_the_host_can_hold_is_a_typed_error(where):
+    """A pool of more bytes than any host maps (a head dim or a host-block count
+    typed with too many zeros) was numpy's MemoryError; it is BackendUnavailable
+    naming the bytes and what to make smaller."""
+    from kvpager import BackendUnavailable, KVPool
+
+    spec = PoolSpec(**{**dict(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=2, block_size=8), **where})
+    with pytest.raises(BackendUnavailable, match="make the pool smaller"):
+        KVPool(spec)

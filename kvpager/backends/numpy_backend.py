@@ -8,8 +8,23 @@ from typing import Any
 import numpy as np
 
 from kvpager.backends.base import Backend
-from kvpager.errors import InvalidArgument
+from kvpager.errors import BackendUnavailable, InvalidArgument
 from kvpager.spec import PoolSpec
+
+
+def _pool_array(shape: tuple[int, ...], dtype: Any, buffer: Any, which: str) -> np.ndarray:
+    """A pool's array over ``buffer``, or zeroed memory of its own; BackendUnavailable,
+    naming the bytes, where the host cannot give that much."""
+    if buffer is not None:
+        return np.ndarray(shape, dtype, buffer=buffer)
+    try:
+        return np.zeros(shape, dtype)
+    except MemoryError:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        raise BackendUnavailable(
+            f"no room in host memory for the {which} pool's {nbytes:,} bytes ({shape[0]} blocks of "
+            f"{nbytes // max(shape[0], 1):,}): make the pool smaller (fewer blocks or host blocks, "
+            "a smaller head dim or fewer layers / kv heads)") from None
 
 
 class NumpyBackend(Backend):
@@ -25,14 +40,8 @@ class NumpyBackend(Backend):
         host_shape = (spec.num_host_blocks, *spec.block_shape)
         dt = spec.kv_np_dtype
         self.scales = spec.scales if spec.is_fp8 else None  # float32 [layers, 2, kv heads]
-        if device_buffer is None:
-            self.kv = np.zeros(shape, dt)
-        else:
-            self.kv = np.ndarray(shape, dt, buffer=device_buffer)
-        if host_buffer is None:
-            self.host_kv = np.zeros(host_shape, dt)
-        else:
-            self.host_kv = np.ndarray(host_shape, dt, buffer=host_buffer)
+        self.kv = _pool_array(shape, dt, device_buffer, "device")
+        self.host_kv = _pool_array(host_shape, dt, host_buffer, "host")
 
     def device_array(self) -> np.ndarray:
         return self.kv
