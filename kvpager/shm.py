@@ -260,13 +260,20 @@ _counts: dict[str, np.ndarray] = {}
 def map_release_count(handle: Any) -> np.ndarray | None:
     """Client side: the daemon's count of releases named in a hello reply's
     ``memory["releases"]`` (a read-only one-word view), once per process; None
-    where the reply names none (a daemon from before it)."""
+    where the reply names none (a daemon from before it) or it cannot be
+    attached here (a CUDA IPC pool mapped across /dev/shm namespaces), with a warning."""
     if not isinstance(handle, dict) or not isinstance(handle.get("name"), str):
         return None
     name = handle["name"]
     got = _counts.get(name)
     if got is None:
-        got = _counts[name] = Segment.attach(name, ReleaseCount.SIZE, readonly=True).array((1,), np.uint64)
+        try:
+            segment = Segment.attach(name, ReleaseCount.SIZE, readonly=True)
+        except (InvalidArgument, OSError) as e:  # a GPU pool mapped from another /dev/shm (a container)
+            log.warning("the daemon's count of releases (%s) cannot be mapped here (%s): plans over other "
+                        "sessions' sequences recheck only when this worker's own sequences change", name, e)
+            return None
+        got = _counts[name] = segment.array((1,), np.uint64)
     return got
 
 

@@ -420,3 +420,15 @@ def test_a_worker_whose_mirror_lost_a_sequence_still_writes_its_slots(server, cl
     client.write(0, a.slots, kv(20, SPEC), kv(20, SPEC))
     client.write(1, a.slots, kv(20, SPEC), kv(20, SPEC))
     client.free([a.seq_id])
+
+
+def test_a_count_of_releases_that_cannot_be_mapped_leaves_the_worker_serving(caplog):
+    """A hello that names a count no segment here holds (a GPU pool mapped from a
+    container of another /dev/shm) maps nothing, says so, and plans follow the
+    worker's own count as before."""
+    from kvpager.shm import map_release_count
+
+    with caplog.at_level("WARNING", logger="kvpager.shm"):
+        assert map_release_count({"name": "kvp1_00000000_mnotthere", "offset": 0, "size": 8}) is None
+    assert "cannot be mapped here" in caplog.text
+    assert map_release_count(None) is None and map_release_count({"name": 5}) is None
