@@ -170,7 +170,10 @@ def paged_attention(
         keys, values = kvs[0, :, : n - lo], kvs[1, :, : n - lo]
         qs = q[start : start + ql].astype(np.float32)  # [ql, Hq, D]
         qs = qs.reshape(ql, num_kv_heads, group, head_dim).transpose(1, 2, 0, 3)  # [H, G, ql, D]
-        scores = np.einsum("hgqd,hkd->hgqk", qs, keys) * np.float32(scale)
+        # one matrix product per kv head (BLAS), its group's query rows stacked: [H, G*ql, D] x [H, D, k]
+        scores = np.matmul(qs.reshape(num_kv_heads, group * ql, head_dim), keys.transpose(0, 2, 1))
+        scores = scores.reshape(num_kv_heads, group, ql, -1)
+        scores *= np.float32(scale)
         if softcap is not None:
             scores = np.float32(softcap) * np.tanh(scores / np.float32(softcap))
         pos = np.arange(n - ql, n)[:, None]  # [ql, 1]
@@ -187,7 +190,8 @@ def paged_attention(
         if sink is not None:
             total += np.exp(sink - top)
         scores /= total
-        o = np.einsum("hgqk,hkd->hgqd", scores, values)  # [H, G, ql, D]
+        o = np.matmul(scores.reshape(num_kv_heads, group * ql, -1), values)  # [H, G*ql, D]
+        o = o.reshape(num_kv_heads, group, ql, head_dim)
         out[start : start + ql] = o.transpose(2, 0, 1, 3).reshape(ql, num_q_heads, head_dim)
         start += ql
     return out
