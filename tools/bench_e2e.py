@@ -1,4 +1,4 @@
-"""A model on kvpager against the same model on transformers' own cache, in one process (GPU).
+"""A model on kvpager against the same model on transformers' own cache, in one process (GPU; or the CPU).
 
 Random-weight Llama-shaped models (Llama-3.2-1B: 16 layers, 32 q / 8 kv heads,
 head dim 64; Llama-3-8B: 32 layers, head dim 128) and ``mla``, a DeepSeek-V3
@@ -39,7 +39,12 @@ kvpager stores the shared prompt once), and the tokens/s each reaches: one
 whole generation each (prefill included), timed after a 2-token warm-up of
 the same batch.
 
+On the CPU (``--device cpu``: the model in float32, kvpager's pools on its
+NumPy backend, the default where no GPU exists) the eager paths run, on the
+``s`` shape (8 layers of width 512) or any other.
+
     python tools/bench_e2e.py [--shapes 1b,8b,mla] [--batches 64,256] [--json out.json]
+    python tools/bench_e2e.py --device cpu --shapes s --batches 8,32 --shared 256 --own 32 --budget-gib 0
 """
 
 from __future__ import annotations
@@ -62,12 +67,25 @@ import transformers  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from e2e_paths import HFLoop, HostClock, Paged, cache_argument, generate_ms, summarize  # noqa: E402
+import e2e_paths  # noqa: E402
+from e2e_paths import (  # noqa: E402
+    HFLoop,
+    HostClock,
+    Paged,
+    cache_argument,
+    free_cache,
+    generate_ms,
+    summarize,
+    sync,
+)
 
 import kvpager.hf.generation as khf  # noqa: E402
 from kvpager import KVPool  # noqa: E402
 
 SHAPES = {
+    # a small model for the CPU backend (`--device cpu`): 8 layers, 8 q / 2 kv heads of 64
+    "s": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+              num_key_value_heads=2, head_dim=64, vocab_size=32000),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, head_dim=64, vocab_size=128256),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -89,8 +107,10 @@ def make_model(shape: str) -> torch.nn.Module:
         **fields, max_position_embeddings=8192, rope_theta=500000.0, initializer_range=0.02, bos_token_id=1,
         eos_token_id=None, attn_implementation="sdpa")
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = getattr(transformers, f"{family}ForCausalLM")(config).to(torch.bfloat16).eval()
+    # bf16 on a GPU; float32 on the CPU, where bf16 matmuls are slow and the NumPy pools compute in float32
+    dtype = torch.bfloat16 if e2e_paths.DEVICE == "cuda" else torch.float32
+    with torch.device(e2e_paths.DEVICE):
+        model = getattr(transformers, f"{family}ForCausalLM")(config).to(dtype).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
@@ -120,16 +140,17 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
     is the median of its rounds, its ratios to the loop and to ``generate`` the medians
     of the rounds' ratios."""
     ps = prompts(batch, shared, own)
-    ids = torch.tensor(ps, device="cuda")
+    ids = torch.tensor(ps, device=e2e_paths.DEVICE)
     bs, warm = 16, 2
     total = warm + 1 + rounds * (steps + 1) + 2
     blocks = batch * (-(-(own + total) // bs) + 1) + -(-shared // bs) + 64
     loop = HFLoop(model, ps)
-    kinds = [(False, None, True, False), (True, None, True, False), (True, False, True, False)]
-    if compiled:
+    gpu = e2e_paths.DEVICE == "cuda"  # graphs (and the compiled step) need one
+    kinds = [(False, None, True, False)] + ([(True, None, True, False), (True, False, True, False)] if gpu else [])
+    if compiled and gpu:
         kinds.append((True, None, True, True))
     if sync:  # the same without pipelined steps
-        kinds += [(False, None, False, False), (True, None, False, False)]
+        kinds += [(False, None, False, False)] + ([(True, None, False, False)] if gpu else [])
     paths = [Paged(model, ps, total, graphs, clock, blocks, cascade, pipeline, compile)
              for graphs, cascade, pipeline, compile in kinds]
     try:
@@ -140,7 +161,7 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
         gen_rounds = []
         for _ in range(rounds):
             gen_rounds.append(generate_ms(model, ids, steps))
-            torch.cuda.empty_cache()
+            free_cache()
             loop.run(steps + 1)
             for p in paths:
                 p.run(steps)
@@ -153,7 +174,7 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
                 rows.append(summarize("hf generate static", [], [], batch, None, None, [ms]))
             except Exception as e:  # reported, not fatal: the static cache is optional in transformers
                 print(f"hf generate static: {type(e).__name__}: {e}", flush=True)
-            torch.cuda.empty_cache()
+            free_cache()
         paged_rows = [p.row() for p in paths]
     finally:
         loop.close()
@@ -182,7 +203,7 @@ def hf_bytes_per_token(model, tokens: int = 16) -> int:
     as kvpager's pool; the compressed latent for latent attention)."""
     cache = transformers.DynamicCache()
     with torch.inference_mode():
-        model(input_ids=torch.full((1, tokens), 5, device="cuda"), **cache_argument(model, cache), use_cache=True,
+        model(input_ids=torch.full((1, tokens), 5, device=e2e_paths.DEVICE), **cache_argument(model, cache), use_cache=True,
               logits_to_keep=1)
     held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     return held // tokens
@@ -201,30 +222,31 @@ def budget_case(model, budget: int, shared: int, own: tuple[int, int], new: int,
     out = []
     ps = prompts(hf_batch, shared, own, seed=7)
     ids_list = [[0] * (max(map(len, ps)) - len(p)) + p for p in ps]  # left padding
-    ids = torch.tensor(ids_list, device="cuda")
-    mask = (torch.tensor([[0] * (len(ids_list[0]) - len(p)) + [1] * len(p) for p in ps], device="cuda"))
+    ids = torch.tensor(ids_list, device=e2e_paths.DEVICE)
+    mask = (torch.tensor([[0] * (len(ids_list[0]) - len(p)) + [1] * len(p) for p in ps], device=e2e_paths.DEVICE))
     with torch.inference_mode():
         for n in (2, new):  # warm-up at this batch's shapes first, as for every path below
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            torch.cuda.synchronize()
+            sync()
             dt = time.perf_counter() - t0
     out.append(dict(path="hf generate", batch=int(hf_batch), tok_s=hf_batch * new / dt, seconds=dt))
-    torch.cuda.empty_cache()
+    free_cache()
     ps = prompts(kv_batch, shared, own, seed=7)
-    kinds = [(False, False), (True, False)] + ([(True, True)] if compiled else [])
+    gpu = e2e_paths.DEVICE == "cuda"
+    kinds = [(False, False)] + ([(True, False)] if gpu else []) + ([(True, True)] if compiled and gpu else [])
     for graphs, compile in kinds:
         # a warm-up of 2 new tokens first (kernels built; the compiled path compiles for this
         # batch's shapes, as a server does at start): the timed run still plans, prefills and captures
         for n in (2, new):
-            pool = KVPool(spec.replace(num_blocks=num_blocks), device="cuda:0")
+            pool = KVPool(spec.replace(num_blocks=num_blocks), device=e2e_paths.pool_device())
             try:
-                torch.cuda.synchronize()
+                sync()
                 t0 = time.perf_counter()
                 khf.generate(model, pool, ps, n, salt=f"budget{graphs}{compile}", eos_token_id=None,
                              cuda_graphs=graphs, compile=compile)
-                torch.cuda.synchronize()
+                sync()
                 dt = time.perf_counter() - t0
             finally:
                 pool.close()
@@ -254,9 +276,13 @@ def main() -> None:
                     help="also generate with transformers' StaticCache (it compiles the model first, untimed)")
     ap.add_argument("--cudnn-sdp", action="store_true",
                     help="leave torch's cuDNN attention on for transformers (it builds a plan per new length)")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: the model in float32 on the CPU and kvpager's NumPy pools, eager paths only "
+                         "(with --shapes s --budget-gib 0, say)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
-    if not args.cudnn_sdp:
+    e2e_paths.DEVICE = args.device
+    if args.device == "cuda" and not args.cudnn_sdp:
         # torch's cuDNN SDPA builds an execution plan the first time it meets a shape: on an
         # H200 (torch 2.11) transformers' generate took 64-65 ms a step at lengths it had not
         # seen and 10-11 at lengths it had (1b x64), 15-16 with cuDNN attention off.
@@ -264,7 +290,8 @@ def main() -> None:
         # ones, so with it on the two baselines would not be comparable.
         torch.backends.cuda.enable_cudnn_sdp(False)
     clock = HostClock()
-    card = torch.cuda.get_device_name()
+    card = (torch.cuda.get_device_name() if args.device == "cuda"
+            else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
     rows, budget_rows = [], []
     for shape in args.shapes.split(","):
         model = make_model(shape)
@@ -276,7 +303,7 @@ def main() -> None:
                       f"{r['host_ms'] if r['host_ms'] is not None else float('nan'):7.2f} ms  "
                       f"{r['tok_s']:9.0f} tok/s  {r['ratio']:5.2f}x  KV "
                       f"{(r['kv_bytes'] or 0) / 2**30:6.2f} GiB  agree {r['agree']}", flush=True)
-            torch.cuda.empty_cache()
+            free_cache()
         if shape == args.budget_shape and args.budget_gib:
             budget_rows = budget_case(model, int(args.budget_gib * 2**30), args.shared, (64, 256), 128, clock,
                                       args.compiled)
@@ -284,7 +311,7 @@ def main() -> None:
                 print(f"budget {args.budget_gib:g} GiB {r['path']:<15} batch {r['batch']:4d} "
                       f"{r['tok_s']:9.0f} tok/s  {r['ratio']:5.2f}x", flush=True)
         del model
-        torch.cuda.empty_cache()
+        free_cache()
     print(f"\n{card}, {datetime.date.today()}, transformers {transformers.__version__}, torch {torch.__version__}")
     print(f"{'shape':<5} {'batch':>5} {'path':<20} {'ms/step':>8} {'host ms':>8} {'tok/s':>8} {'vs loop':>8} "
           f"{'(rounds)':>12} {'vs generate':>11} {'(rounds)':>12} {'KV GiB':>7}")

@@ -16,6 +16,26 @@ import transformers
 import kvpager.hf.generation as khf
 from kvpager import KVPool
 
+#: where the models, inputs and pools live: "cuda" (the default), or "cpu" (`bench_e2e.py --device cpu`:
+#: the NumPy backend's pools, eager paths only)
+DEVICE = "cuda"
+
+
+def sync() -> None:
+    """Wait for the device's queued work (nothing to wait for on the CPU)."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def free_cache() -> None:
+    """Give the device's cached free memory back (the CUDA caching allocator's; none on the CPU)."""
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def pool_device() -> str:
+    return "cuda:0" if DEVICE == "cuda" else "cpu"
+
 
 class HostClock:
     """Marks when a step's last kernel is queued: wraps the forward of the paged
@@ -23,7 +43,7 @@ class HostClock:
 
     def __init__(self) -> None:
         self.mark = 0.0
-        fwd, replay = khf.paged_forward, torch.cuda.CUDAGraph.replay
+        fwd, replay = khf.paged_forward, getattr(getattr(torch.cuda, "CUDAGraph", None), "replay", None)
 
         def timed_forward(*a, **k):
             r = fwd(*a, **k)
@@ -35,7 +55,8 @@ class HostClock:
             self.mark = time.perf_counter()
 
         khf.paged_forward = timed_forward  # DecodeGraphs imports it from there at capture
-        torch.cuda.CUDAGraph.replay = timed_replay
+        if replay is not None:
+            torch.cuda.CUDAGraph.replay = timed_replay
 
 
 def cache_argument(model, cache) -> dict:
@@ -80,7 +101,7 @@ class HFLoop(Timed):
     def __init__(self, model, ps: list[list[int]]) -> None:
         super().__init__()
         self.model, self.batch = model, len(ps)
-        ids = torch.tensor(ps, device="cuda")
+        ids = torch.tensor(ps, device=DEVICE)
         self.cache = transformers.DynamicCache()
         self.kv = cache_argument(model, self.cache)
         self.mask = torch.ones_like(ids)
@@ -96,8 +117,8 @@ class HFLoop(Timed):
         wall, host = [], []
         with torch.inference_mode():
             for _ in range(steps):
-                pos = torch.tensor([self.length], device="cuda")
-                torch.cuda.synchronize()
+                pos = torch.tensor([self.length], device=DEVICE)
+                sync()
                 t0 = time.perf_counter()
                 self.mask = torch.cat([self.mask, self.column], dim=1)
                 out = self.model(input_ids=self.nxt, attention_mask=self.mask, **self.kv, use_cache=True,
@@ -130,10 +151,10 @@ def generate_ms(model, ids: torch.Tensor, steps: int, cache: str | None = None) 
         for _ in range(2 if cache else 0):
             model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, **kw)
         for n in (1, steps + 1):
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
-            torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - t0)
     return (times[1] - times[0]) / steps * 1e3
 
@@ -145,7 +166,7 @@ class Paged(Timed):
                  num_blocks: int, cascade: bool | None = None, pipeline: bool = True, compile: bool = False) -> None:
         super().__init__()
         self.spec = khf.spec_for_model(model, num_blocks=num_blocks)
-        self.pool = KVPool(self.spec, device="cuda:0")
+        self.pool = KVPool(self.spec, device=pool_device())
         self.gen = khf.PagedGeneration(model, self.pool, ps, total_steps, salt="bench", cuda_graphs=graphs,
                                        cascade=cascade, pipeline=pipeline, compile=compile)
         self.clock, self.batch = clock, len(ps)
