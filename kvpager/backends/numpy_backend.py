@@ -163,7 +163,7 @@ def paged_attention(
         blocks = block_tables[b, first:nb]
         lo = first * block_size  # position of the first key read
         # [nb', 2, H, bs, D] -> [2, H, nb'*bs, D], cut to the keys before n
-        tiles = kv[blocks, layer].astype(np.float32)
+        tiles = kv[blocks, layer].astype(np.float32, copy=False)  # (a float32 pool: the gather's copy alone)
         if deq is not None:
             tiles *= deq  # [nb', 2, H, bs, D] * [1, 2, H, 1, 1]
         kvs = tiles.transpose(1, 2, 0, 3, 4).reshape(2, num_kv_heads, len(blocks) * block_size, head_dim)
