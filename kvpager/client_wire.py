@@ -14,6 +14,7 @@ from kvpager.channel import Channel
 from kvpager.client_control import undo_pin
 from kvpager.errors import MessageTooLarge, RequestTimeout, SessionLost
 from kvpager.protocol import RETRIED_OPS, VERSION, Reply, pack, unpack
+from kvpager.shm import forget_release_count
 
 log = logging.getLogger("kvpager.client")
 
@@ -99,6 +100,8 @@ class ClientWire:
         self._mapped = self._staging = None
         if self.gpu:
             cuda_ipc.forget_pool(self.memory)
+        forget_release_count(self.memory.get("releases"))
+        self._releases = None
 
     def _heartbeat_loop(self) -> None:
         chan, ids = Channel(self.endpoint), itertools.count(-1, -1)  # ids apart from the calls

@@ -277,6 +277,13 @@ def map_release_count(handle: Any) -> np.ndarray | None:
     return got
 
 
+def forget_release_count(handle: Any) -> None:
+    """Drop this process's mapping of a gone daemon's count of releases (unmapped once
+    no plan holds a view of it)."""
+    if isinstance(handle, dict) and isinstance(handle.get("name"), str):
+        _counts.pop(handle["name"], None)
+
+
 def map_pool(spec: PoolSpec, memory: dict[str, Any]) -> NumpyBackend:
     """A NumPy backend over the daemon's pools as mapped in this process: its
     ``kv``/``host_kv`` are zero-copy views, its write/attend run here."""

@@ -231,6 +231,13 @@ def test_clients_of_a_restarted_daemon_reconnect_to_a_fresh_pool():
             c.write(0, b.slots, *_kv(len(b.slots), 3.0))
             k, _ = second.pool.kv(0)
             assert (k[list(b.block_table[:2])] == 3.0).all()  # the new pool, mapped anew
+            # and the new daemon's count of releases, the old one's mapping dropped
+            assert c.memory["releases"] != old_memory["releases"]
+            assert old_memory["releases"]["name"] not in shm._counts
+            before = int(c._releases[0])
+            c.free([b.seq_id])
+            assert int(c._releases[0]) == before + 1
+            [b] = c.allocate([prompt])
             assert [s.seq_id for s in c.sequences()] == [b.seq_id]
             c.check_integrity()
         finally:
