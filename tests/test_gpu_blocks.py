@@ -106,6 +106,23 @@ def test_bad_arguments_never_launch():
             CupyBackend(spec.replace(**bad), 0)
 
 
+def test_a_pool_larger_than_the_gpu_or_pinned_memory_is_a_typed_error():
+    """A pool of more bytes than the card (or the host's pinned memory) holds was
+    CuPy's CUDARuntimeError (cudaErrorMemoryAllocation); it is BackendUnavailable
+    naming the bytes, and a device pool made before a host pool that failed is freed."""
+    from kvpager import BackendUnavailable
+
+    spec = PoolSpec(num_layers=32, num_kv_heads=8, head_dim=128, num_blocks=8, block_size=16, dtype="float16")
+    with pytest.raises(BackendUnavailable, match="no room in cuda:0 .* bytes free"):
+        CupyBackend(spec.replace(num_blocks=10**7), 0)  # 20 TB
+    free = cupy.cuda.runtime.memGetInfo()[0]
+    with pytest.raises(BackendUnavailable, match="no room in pinned host memory"):
+        CupyBackend(spec.replace(num_blocks=4096, num_host_blocks=10**7), 0)  # 8 GiB, then 20 TB pinned
+    cupy.cuda.runtime.deviceSynchronize()
+    assert cupy.cuda.runtime.memGetInfo()[0] >= free - (64 << 20)  # its 8 GiB device pool given back
+    CupyBackend(spec, 0).close()  # and the card still serves
+
+
 def test_ipc_handle_and_identity():
     spec = PoolSpec(num_layers=1, num_kv_heads=1, head_dim=64, num_blocks=4, block_size=8)
     gpu = CupyBackend(spec, 0)

@@ -55,6 +55,31 @@ def _storage(backend: CupyBackend, spec: PoolSpec) -> None:
     backend.scales = cupy.asarray(spec.scales) if spec.is_fp8 else None
 
 
+#: cudaErrorMemoryAllocation: what cudaMalloc / cudaHostAlloc answer where there is no room
+_NO_MEMORY = 2
+
+
+def _allocate(alloc: Any, nbytes: int, what: str, device: int) -> int:
+    """``alloc(nbytes)``; BackendUnavailable naming the bytes (and, for the device,
+    what is free) where the GPU, or the host's pinned memory, has no room for them."""
+    try:
+        return alloc(nbytes)
+    except runtime.CUDARuntimeError as e:
+        if getattr(e, "status", None) != _NO_MEMORY:
+            raise
+    free = ""
+    if what == "device":
+        try:
+            free_bytes, total = runtime.memGetInfo()
+            free = f" ({free_bytes:,} of its {total:,} bytes free)"
+        except Exception:
+            pass
+    where = f"cuda:{device}" if what == "device" else "pinned host memory"
+    raise BackendUnavailable(
+        f"no room in {where}{free} for the {what} pool's {nbytes:,} bytes: make the pool smaller (fewer "
+        "blocks or host blocks: kvpager serve --blocks / --memory / --host-blocks)") from None
+
+
 def _release(device: int, dev_ptr: int, host_ptr: int) -> None:
     with cupy.cuda.Device(device):
         if dev_ptr:
@@ -93,13 +118,18 @@ class CupyBackend(Backend):
             _storage(self, spec)
             self.num_sms = cupy.cuda.Device(self.index).attributes["MultiProcessorCount"]
             cuda_release.flush()  # what finalizers kept during a capture, before taking more
-            self._dev_ptr = runtime.malloc(spec.device_bytes)
+            self._dev_ptr = _allocate(runtime.malloc, spec.device_bytes, "device", self.index)
             self._finalizer = weakref.finalize(self, cuda_release.release, _release, self.index, self._dev_ptr, 0)
             runtime.memset(self._dev_ptr, 0, spec.device_bytes)
             mem = cupy.cuda.UnownedMemory(self._dev_ptr, spec.device_bytes, self, device_id=self.index)
             self.kv = cupy.ndarray(shape, dtype=self.kv_dtype, memptr=cupy.cuda.MemoryPointer(mem, 0))
             if spec.host_bytes:
-                self._host_ptr = runtime.hostAlloc(spec.host_bytes, HOST_ALLOC_MAPPED | HOST_ALLOC_PORTABLE)
+                try:
+                    self._host_ptr = _allocate(lambda n: runtime.hostAlloc(n, HOST_ALLOC_MAPPED | HOST_ALLOC_PORTABLE),
+                                               spec.host_bytes, "host (swap)", self.index)
+                except BackendUnavailable:
+                    self._finalizer()  # the device pool goes now, not at the next collection
+                    raise
                 self._finalizer.detach()
                 self._finalizer = weakref.finalize(
                     self, cuda_release.release, _release, self.index, self._dev_ptr, self._host_ptr)
