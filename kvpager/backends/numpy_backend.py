@@ -180,7 +180,7 @@ def paged_attention(
         kpos = np.arange(lo, n)[None, :]
         if ql > 1 or window is not None:
             seen = kpos <= pos if window is None else (kpos <= pos) & (kpos > pos - window)
-            scores = np.where(seen, scores, -np.inf)
+            np.copyto(scores, -np.inf, where=~seen)  # in place: [H, G, ql, k] masked by [ql, k]
         top = scores.max(axis=-1, keepdims=True)
         if sink is not None:
             top = np.maximum(top, sink)
@@ -189,9 +189,10 @@ def paged_attention(
         total = scores.sum(axis=-1, keepdims=True)
         if sink is not None:
             total += np.exp(sink - top)
-        scores /= total
+        # the weights' sums divide the output rows, not every weight (what the kernels do too)
         o = np.matmul(scores.reshape(num_kv_heads, group * ql, -1), values)  # [H, G*ql, D]
         o = o.reshape(num_kv_heads, group, ql, head_dim)
+        o /= total
         out[start : start + ql] = o.transpose(2, 0, 1, 3).reshape(ql, num_q_heads, head_dim)
         start += ql
     return out
