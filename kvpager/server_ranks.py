@@ -13,12 +13,13 @@ attend: it is told to name a rank (see docs/protocol.md, "Ranks").
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from kvpager import cuda_ipc
 from kvpager.backends import make_backend
 from kvpager.backends.ranked import RankedBackend, check_devices, make_ranked_backend, rank_spec
-from kvpager.errors import InvalidArgument
+from kvpager.errors import InvalidArgument, KVPagerError
 from kvpager.pool import KVPool
 from kvpager.shm import PoolMemory, ReleaseCount, create_ranks, sweep_stale
 from kvpager.spec import PoolSpec
@@ -26,6 +27,9 @@ from kvpager.spec import PoolSpec
 if TYPE_CHECKING:
     from kvpager.pool_rank import PoolRank
     from kvpager.sessions import Session
+
+
+log = logging.getLogger("kvpager.server")
 
 
 def create_pool(spec: PoolSpec, device: str, devices: Any, epoch: str, **pool_args: Any
@@ -107,7 +111,12 @@ def release_count(server: Any) -> ReleaseCount | None:
     (None where none can): the pool's `Moves` moves it from now on."""
     if server.memory is None and server.rank_memory is None and server.gpu is None:
         return None
-    count = ReleaseCount(server.epoch)
+    try:
+        count = ReleaseCount(server.epoch)
+    except (OSError, KVPagerError) as e:  # a GPU daemon needs no /dev/shm otherwise: it still serves
+        log.warning("no count of releases for workers (%s): their step plans over other sessions' "
+                    "sequences recheck only when their own sequences change", e)
+        return None
     server.pool.backend.moves.shared = count.array
     return count
 

@@ -434,3 +434,31 @@ def test_a_count_of_releases_that_cannot_be_mapped_leaves_the_worker_serving(cap
         assert map_release_count({"name": "kvp1_00000000_mnotthere", "offset": 0, "size": 8}) is None
     assert "cannot be mapped here" in caplog.text
     assert map_release_count(None) is None and map_release_count({"name": 5}) is None
+
+
+def test_a_daemon_that_cannot_make_its_count_of_releases_still_serves(monkeypatch, caplog):
+    """A daemon whose count of releases cannot be made (no room or no /dev/shm: a GPU
+    daemon needs none otherwise) says so and serves; its workers' plans over other
+    sessions' sequences follow their own counts, as before the count."""
+    import errno
+
+    from daemon_helpers import running_server
+
+    import kvpager.server_ranks as server_ranks
+
+    def no_room(epoch):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(server_ranks, "ReleaseCount", no_room)
+    with caplog.at_level("WARNING", logger="kvpager.server"), running_server(SPEC) as daemon:
+        assert "no count of releases" in caplog.text
+        with Client(daemon.endpoint, timeout=WAIT, heartbeat=False) as a, \
+                Client(daemon.endpoint, timeout=WAIT, heartbeat=False) as b:
+            assert "releases" not in a.memory
+            (s,) = a.allocate([list(range(3_500, 3_510))])
+            for layer in range(SPEC.num_layers):
+                a.write(layer, s.slots, kv(10, SPEC), kv(10, SPEC))
+            plan = b.plan([s.seq_id], None, None)
+            assert np.isfinite(plan.attend(0, q(1, SPEC))).all()
+            assert daemon.releases is None and daemon.pool.backend.moves.shared is None
+            a.free([s.seq_id])  # the pool's releases move its own count alone
