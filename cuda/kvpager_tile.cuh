@@ -52,6 +52,19 @@ __device__ __forceinline__ void tile_kv_to_f16(const st_t* raw, kv_t* Ks, kv_t* 
 }
 #endif
 
+// Raw scores s (q . k) -> softcap * tanh(s / softcap) where ``softcap`` > 0 (the host passes cap / scale).
+__device__ __forceinline__ void tile_softcap(float (&s)[MT][BN / 8][4], float softcap) {
+    if (softcap > 0.f) {
+        const float inv = 1.f / softcap;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][n][e] = softcap * tanhf(s[mt][n][e] * inv);
+    }
+}
+
 // S = Q K^T of the warp's MT m-tiles against the BN rows of ``ks`` ([BN][LD]),
 // raw q . k (no scale), then times ``k_scale`` (an FP8 pool's K scale; 1
 // otherwise) and soft-capped when ``softcap`` > 0 (the host passes cap / scale).
@@ -87,15 +100,7 @@ __device__ __forceinline__ void tile_scores(float (&s)[MT][BN / 8][4], const kv_
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[mt][n][e] *= k_scale;  // q . k of the dequantised K
 #endif
-    if (softcap > 0.f) {
-        const float inv = 1.f / softcap;
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int n = 0; n < BN / 8; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) s[mt][n][e] = softcap * tanhf(s[mt][n][e] * inv);
-    }
+    tile_softcap(s, softcap);
 }
 
 // The online softmax over the masked scores ``s`` (NEG_INF: masked), in exp2

@@ -32,6 +32,17 @@
 // Dynamic shared memory: (BM + 2 * STAGES * BN) * (HEAD_DIM + 8) * 2 bytes
 // (rows padded by 16 bytes so ldmatrix rows fall in different banks).
 //
+// Heads wider than 256 (Gemma-4's 512; DSPLIT = 2): a row's 16 * MT rows of O
+// are too many registers for one warp, so two warps share them, each the MMAs
+// of half the head dim (DP / 2 columns, DP the head dim rounded up to 32, the
+// pad columns of every tile zero), with 8 warps a CTA. S = Q K^T comes as two
+// partial sums, one a warp over its half of q . k: each warp writes its own
+// into shared memory and adds its partner's (the same float sum in both), so
+// both hold the whole S and run the same softmax; each then adds P V of its
+// half of V's columns. Dynamic shared memory: (BM + 2 * STAGES * BN) * (DP + 8)
+// * 2 bytes and the partial scores, 8 * MT * BN * 64 bytes. No FP8 (refused at
+// pool creation for such heads).
+//
 // KV_FP8 (an FP8 pool): cp.async stages the FP8 bytes as stored (STAGES deep, rows
 // of HEAD_DIM bytes); each iteration the CTA converts its tile (exactly) into one
 // K and one V tile of the compute type, from which the MMAs read as above. Scores
@@ -63,15 +74,19 @@
 #error "paged_prefill.cu is for float16 / bfloat16; float32 uses paged_decode.cu per query token"
 #endif
 
-constexpr int D = HEAD_DIM;
+constexpr int HD = HEAD_DIM;                 // the pool's head dim: rows of q, K, V and out
+constexpr int DSPLIT = HD > 256 ? 2 : 1;    // warps that share a row, each its part of the head dim
+constexpr int DP = (HD + 16 * DSPLIT - 1) / (16 * DSPLIT) * (16 * DSPLIT);  // padded: whole k-steps a part
+constexpr int D = DP / DSPLIT;              // the head dims one warp's MMAs cover (kvpager_tile.cuh's D)
 constexpr int BM = 64 * MT;
 constexpr int BN = (MT == 2 || D > 128) ? 32 : 64;
-constexpr int LD = D + 8;           // padded smem row, in elements
+constexpr int LD = DP + 8;          // padded smem row, in elements
 constexpr int QT = BM / GROUP;      // query tokens per tile
-constexpr int NT = 128;
+constexpr int NT = 128 * DSPLIT;
 constexpr int WR = 16 * MT;         // rows per warp
 #include "kvpager_tile.cuh"
 static_assert(MT == 1 || D <= 128, "two m-tiles per warp only up to head dim 128 (registers)");
+static_assert(DSPLIT == 1 || !KV_FP8, "FP8 pools of heads wider than 256 are not built");
 
 extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
     const kv_t* __restrict__ q,             // [total_query_tokens, num_q_heads, HEAD_DIM]
@@ -109,9 +124,12 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
     st_t* Rs = Ks;
     st_t* Rv = Vs;
 #endif
+    // DSPLIT > 1: each warp's partial scores, [warps][MT][BN / 2][32 lanes] (after the stages)
+    float* Xs = reinterpret_cast<float*>(smem_raw + (BM + 2 * STAGES * BN) * LD * sizeof(kv_t));
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gid = lane >> 2, tig = lane & 3;
+    const int rw = warp / DSPLIT, part = warp % DSPLIT;  // the warp's rows, and its part of the head dim
     const int b = tiles[2 * blockIdx.x], j0 = tiles[2 * blockIdx.x + 1];
     const int h = blockIdx.y;
     const int num_q_heads = num_kv_heads * GROUP;
@@ -130,18 +148,24 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
     const int win_edge = window > 0 ? last_pos - window : -1;
 
     const int* table = block_tables + (long long)b * max_blocks;
-    const long long block_stride = (long long)num_layers * 2 * num_kv_heads * BLOCK_SIZE * D;
-    const long long k_off = ((long long)layer * 2 * num_kv_heads + h) * BLOCK_SIZE * D;
-    const long long v_off = k_off + (long long)num_kv_heads * BLOCK_SIZE * D;
-    constexpr int CPR = D / 8;  // 16-byte chunks per row of q
-    constexpr int SCPR = D / ST_VEC;  // 16-byte chunks per stored K/V row
+    const long long block_stride = (long long)num_layers * 2 * num_kv_heads * BLOCK_SIZE * HD;
+    const long long k_off = ((long long)layer * 2 * num_kv_heads + h) * BLOCK_SIZE * HD;
+    const long long v_off = k_off + (long long)num_kv_heads * BLOCK_SIZE * HD;
+    constexpr int CPR = HD / 8;  // 16-byte chunks per row of q
+    constexpr int SCPR = HD / ST_VEC;  // 16-byte chunks per stored K/V row
+
+    if constexpr (DP > HD) {  // the pad columns of the Q tile and every stage: zero (no load writes them)
+        constexpr int PC = DP > HD ? (DP - HD) / 8 : 1;  // (1: this branch is not taken)
+        for (int c = tid; c < (BM + 2 * STAGES * BN) * PC; c += NT)
+            *reinterpret_cast<uint4*>(Qs + (c / PC) * LD + HD + (c % PC) * 8) = make_uint4(0, 0, 0, 0);
+    }
 
     // Q tile -> smem (rows past the sequence's queries zero-filled).
     for (int c = tid; c < BM * CPR; c += NT) {
         const int r = c / CPR, col = (c % CPR) * 8;
         const int tok = j0 + r / GROUP;
         const bool ok = tok < qlen;
-        const kv_t* src = ok ? q + ((qrow0 + tok) * num_q_heads + h * GROUP + r % GROUP) * D + col : q;
+        const kv_t* src = ok ? q + ((qrow0 + tok) * num_q_heads + h * GROUP + r % GROUP) * HD + col : q;
         cp_async16(Qs + r * LD + col, src, ok);
     }
     auto load_kv = [&](int t, int stage) {
@@ -153,7 +177,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
             const int pos = t * BN + r;
             const bool ok = pos < kv_end && pos >= first_vis;  // zero-filled outside
             long long row = 0;
-            if (ok) row = (long long)table[pos / BLOCK_SIZE] * block_stride + (pos % BLOCK_SIZE) * D + col;
+            if (ok) row = (long long)table[pos / BLOCK_SIZE] * block_stride + (pos % BLOCK_SIZE) * HD + col;
             cp_async16(ks + r * SLD + col, pool + (ok ? row + k_off : 0), ok);
             cp_async16(vs + r * SLD + col, pool + (ok ? row + v_off : 0), ok);
         }
@@ -175,7 +199,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
         for (int hf = 0; hf < 2; ++hf) {
             m[mt][hf] = NEG_INF;
             l[mt][hf] = 0.f;
-            const int tok = j0 + (warp * WR + mt * 16 + gid + 8 * hf) / GROUP;
+            const int tok = j0 + (rw * WR + mt * 16 + gid + 8 * hf) / GROUP;
             p[mt][hf] = tok < qlen ? qpos0 + tok : -1;
         }
     }
@@ -210,7 +234,27 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
         constexpr float k_scale = 1.f;
 #endif
         float s[MT][BN / 8][4];
-        tile_scores(s, Qs, ks, warp, lane, k_scale, softcap);
+        if constexpr (DSPLIT == 1) {
+            tile_scores(s, Qs, ks, rw, lane, k_scale, softcap);
+        } else {  // this warp's part of q . k, then its partner's added: the whole S in both
+            tile_scores(s, Qs + part * D, ks + part * D, rw, lane, k_scale, 0.f);
+            float* mine = Xs + warp * (MT * BN / 2) * 32 + lane;
+            const float* theirs = Xs + (warp ^ 1) * (MT * BN / 2) * 32 + lane;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) mine[((mt * BN / 8 + n) * 4 + e) * 32] = s[mt][n][e];
+            __syncthreads();  // (the last reads of Xs were before the previous iteration's barrier)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) s[mt][n][e] += theirs[((mt * BN / 8 + n) * 4 + e) * 32];
+            tile_softcap(s, softcap);
+        }
         // Causal and padding mask, only on tiles that reach past the tile's first query;
         // the window's, only on tiles that reach below the last query's window.
         if ((t + 1) * BN - 1 > first_pos) {
@@ -248,7 +292,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
                         if (kp <= p[mt][1] - window) s[mt][n][2 + e] = NEG_INF;
                     }
         }
-        tile_softmax_pv(s, o, m, l, vs, scale_log2, lane);
+        tile_softmax_pv(s, o, m, l, vs + part * D, scale_log2, lane);
         __syncthreads();  // this stage is refilled STAGES - 1 iterations later
         st = st + 1 == STAGES ? 0 : st + 1;
         ist = ist + 1 == STAGES ? 0 : ist + 1;
@@ -264,23 +308,25 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
             lt += __shfl_xor_sync(0xffffffffu, lt, 2);
             const float inv = lt > 0.f ? v_scale / lt : 0.f;
             if (p[mt][hf] < 0) continue;
-            const int r = warp * WR + mt * 16 + gid + 8 * hf;
+            const int r = rw * WR + mt * 16 + gid + 8 * hf;
             const long long orow = (qrow0 + j0 + r / GROUP) * num_q_heads + h * GROUP + r % GROUP;
+            constexpr int NO = (HD - (DSPLIT - 1) * D) / 8;  // the last part's n-tiles within the head dim
+            const int nout = part == DSPLIT - 1 ? NO : D / 8;
             if (parts > 0) {  // a cascade's own part: slot 0, the segments' slots empty until filled
-                float2* dst = reinterpret_cast<float2*>(part_o + orow * parts * D) + tig;
+                float2* dst = reinterpret_cast<float2*>(part_o + orow * parts * HD + part * D) + tig;
 #pragma unroll
                 for (int n = 0; n < D / 8; ++n)
-                    dst[n * 4] = make_float2(o[mt][n][2 * hf] * inv, o[mt][n][2 * hf + 1] * inv);
-                if (tig == 0) {
+                    if (n < nout) dst[n * 4] = make_float2(o[mt][n][2 * hf] * inv, o[mt][n][2 * hf + 1] * inv);
+                if (tig == 0 && part == 0) {
                     part_lse[orow * parts] = lt > 0.f ? m[mt][hf] * scale_log2 + __log2f(lt) : NEG_INF;
                     for (int sl = 1; sl < parts; ++sl) part_lse[orow * parts + sl] = NEG_INF;
                 }
                 continue;
             }
-            unsigned* dst = reinterpret_cast<unsigned*>(out + orow * D);
+            unsigned* dst = reinterpret_cast<unsigned*>(out + orow * HD + part * D);
 #pragma unroll
             for (int n = 0; n < D / 8; ++n)
-                dst[n * 4 + tig] = pack2(o[mt][n][2 * hf] * inv, o[mt][n][2 * hf + 1] * inv);
+                if (n < nout) dst[n * 4 + tig] = pack2(o[mt][n][2 * hf] * inv, o[mt][n][2 * hf + 1] * inv);
         }
     }
 }

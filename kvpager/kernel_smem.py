@@ -39,13 +39,26 @@ def decode_tc_smem(head_dim: int, itemsize: int, warps: int, stages: int, group:
                warps * group * head_dim * 4)
 
 
+def prefill_head_split(head_dim: int) -> int:
+    """paged_prefill.cu's DSPLIT: the warps that share a query row, each the MMAs of its
+    part of the head dim (2 for heads wider than 256, whose row of O would not fit one
+    warp's registers; a CTA then runs 8 warps)."""
+    return 2 if head_dim > 256 else 1
+
+
 def prefill_smem(head_dim: int, mt: int, bn: int, stages: int, fp8: bool) -> int:
     """paged_prefill.cu: the query tile (64 * mt rows) and ``stages`` K and V tiles of
     ``bn`` rows, 16-bit rows padded by 8 elements; FP8: one converted K and V tile,
-    the stages as stored (one byte an element, unpadded)."""
+    the stages as stored (one byte an element, unpadded). Heads wider than 256
+    (`prefill_head_split`): rows of the head dim rounded up to 32, and each of the 8
+    warps' partial scores (float32, ``mt`` x 16 rows x ``bn``)."""
     if fp8:
         return (64 * mt + 2 * bn) * (head_dim + 8) * 2 + 2 * stages * bn * head_dim
-    return (64 * mt + 2 * stages * bn) * (head_dim + 8) * 2
+    split = prefill_head_split(head_dim)
+    if split == 1:
+        return (64 * mt + 2 * stages * bn) * (head_dim + 8) * 2
+    padded = -(-head_dim // (16 * split)) * 16 * split
+    return (64 * mt + 2 * stages * bn) * (padded + 8) * 2 + 4 * split * mt * 16 * bn * 4
 
 
 def prefill_sm90_smem(head_dim: int, warpgroups: int, bn: int, stages: int) -> int:

@@ -41,7 +41,11 @@ EXTRA = {
                           ["-DHEAD_DIM=256", "-DGROUP=16", "-DBLOCK_SIZE=8"], ["-DHEAD_DIM=80", "-DMT=1"]],
     "paged_prefill.cu": [["-DKV_DTYPE=0", "-DHEAD_DIM=96", "-DGROUP=1"],
                          ["-DHEAD_DIM=256", "-DGROUP=16", "-DBLOCK_SIZE=8"], ["-DMT=1"],
-                         ["-DHEAD_DIM=80", "-DGROUP=4"], ["-DHEAD_DIM=240", "-DGROUP=2"]],
+                         ["-DHEAD_DIM=80", "-DGROUP=4"], ["-DHEAD_DIM=240", "-DGROUP=2"],
+                         # heads wider than 256: two warps a query row (DSPLIT), pad columns at 272 and 400
+                         ["-DHEAD_DIM=512", "-DGROUP=2", "-DMT=1"], ["-DKV_DTYPE=0", "-DHEAD_DIM=272", "-DMT=1",
+                                                                   "-DGROUP=16", "-DBLOCK_SIZE=8"],
+                         ["-DHEAD_DIM=400", "-DMT=1", "-DGROUP=1", "-DBLOCK_SIZE=64"]],
 }
 # FP8 pools (KV_FP8 1: e4m3, 2: e5m2): the conversions need sm_89 or later, so these
 # build only for such arches (kvpager refuses FP8 pools on older GPUs).

@@ -1,10 +1,12 @@
-"""Heads wider than the tensor-core kernels' 256 (Gemma-4's full layers: 512;
-a fitted pool holds its sliding layers at 512 too) attend on CUDA cores
-(paged_decode.cu, a work item per query token), in float16, bfloat16 and
-float32, against the NumPy twin on copies of the same data: decode with and
-without split-K, multi-token steps, sliding windows, soft caps, attention
-sinks, sequences that share leading blocks (no cascade is taken), and a
-step plan's write and attend. Outputs are poisoned (NaN) before each launch.
+"""Heads wider than the tensor-core decode's 256 (Gemma-4's full layers: 512;
+a fitted pool holds its sliding layers at 512 too) decode on CUDA cores
+(paged_decode.cu, a work item per query token; float32 pools' multi-token
+steps too) and run 16-bit multi-token steps on paged_prefill.cu (two warps a
+query row, each half the head dim), in float16, bfloat16 and float32, against
+the NumPy twin on copies of the same data: decode with and without split-K,
+multi-token steps, sliding windows, soft caps, attention sinks, sequences
+that share leading blocks (no cascade is taken), and a step plan's write and
+attend. Outputs are poisoned (NaN) before each launch.
 An FP8 pool of such heads is refused at creation. Skips without CuPy or a GPU."""
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from gpu_helpers import cupy_or_skip
 
 cupy = cupy_or_skip()
 
+from gpu_cascade_helpers import poison_tails, poison_unread  # noqa: E402
 from gpu_kernel_helpers import (  # noqa: E402
     TOL,
     geometry,
@@ -82,11 +85,41 @@ def test_multi_token_matches_numpy(dtype, d, bs, group):
     hq = spec.num_kv_heads * group
     q = (2 * rng.standard_normal((int(qlens.sum()), hq, d), dtype=np.float32)).astype(spec.np_dtype)
     scale = 0.7 * d**-0.5
-    for window, softcap in ((None, None), (64, None), (None, 2.0)):
-        ref = paged_attention(cpu.kv, 0, q, tables, seq_lens, qlens, scale, window=window, softcap=softcap)
+    sinks = np.linspace(-2.0, 1.5, hq, dtype=np.float32)
+    for window, softcap, sink in ((None, None, None), (64, None, None), (None, 2.0, None), (None, None, sinks),
+                                  (100, 1.5, sinks)):
+        ref = paged_attention(cpu.kv, 0, q, tables, seq_lens, qlens, scale, window=window, softcap=softcap,
+                              sinks=sink)
         out = nan_out(q.shape, spec, gpu)
-        gpu.attend(0, to_dev(q, gpu), tables, seq_lens, qlens, scale, out=out, window=window, softcap=softcap)
-        assert rel_err(to_host(out, spec), ref) < TOL[dtype], (window, softcap)
+        gpu.attend(0, to_dev(q, gpu), tables, seq_lens, qlens, scale, out=out, window=window, softcap=softcap,
+                   sinks=None if sink is None else cupy.asarray(sink))
+        assert rel_err(to_host(out, spec), ref) < TOL[dtype], (window, softcap, sink is not None)
+    gpu.close()
+
+
+@pytest.mark.parametrize("dtype,d,group", [("bfloat16", 512, 2), ("float16", 272, 16), ("bfloat16", 400, 1)])
+def test_long_prompts_of_wide_heads_match_numpy_on_tensor_cores(dtype, d, group):
+    """Prompts of many 64-row query tiles over many 32-position K/V tiles (a chunk on
+    a cached prefix, a whole prompt, a short one), every block no table names and every
+    position past a sequence's length in its last block NaN: the plan runs
+    paged_prefill.cu (not a decode item per query token)."""
+    rng = np.random.default_rng(seed(dtype, d, group, "wide-long"))
+    seq_lens = np.array([1500, 611, 9], dtype=np.int32)
+    qlens = np.array([900, 611, 9], dtype=np.int32)
+    spec = geometry(dtype, d, 16, int((-(-seq_lens // 16)).sum() * 16) + 64)
+    gpu, cpu = make_pair(spec, rng)
+    tables = random_tables(rng, spec, seq_lens)
+    poison_unread(gpu, spec, tables)
+    poison_tails(gpu, spec, tables, seq_lens)
+    hq = spec.num_kv_heads * group
+    q = (2 * rng.standard_normal((int(qlens.sum()), hq, d), dtype=np.float32)).astype(spec.np_dtype)
+    plan = gpu.plan(tables, seq_lens, qlens, None)
+    assert not plan.decode
+    for window in (None, 256):
+        ref = paged_attention(cpu.kv, 1, q, tables, seq_lens, qlens, d**-0.5, window=window)
+        out = nan_out(q.shape, spec, gpu)
+        gpu.attend(1, to_dev(q, gpu), tables, seq_lens, qlens, d**-0.5, out=out, window=window)
+        assert rel_err(to_host(out, spec), ref) < TOL[dtype], window
     gpu.close()
 
 

@@ -262,6 +262,34 @@ def test_heads_wider_than_the_tensor_cores_decode_on_cuda_cores(dtype, d, group,
     assert tc.file == "paged_decode_tc.cu" and cascade_applies(Plan(), spec_of("bfloat16", None, 256, 16, 2), 64)
 
 
+@pytest.mark.parametrize("dtype, d, group, padded", [
+    ("bfloat16", 512, 2, 512),  # Gemma-4's full layers
+    ("float16", 512, 16, 512),
+    ("bfloat16", 272, 4, 288),  # two parts of 144 columns: the row padded to 288
+    ("bfloat16", 400, 8, 416),
+])
+def test_multi_token_steps_of_wide_heads_run_on_tensor_cores(dtype, d, group, padded):
+    """A multi-token step of a 16-bit pool of heads wider than 256 runs paged_prefill.cu
+    with two warps a query row (8 warps a CTA), not a decode item per query token; its
+    shared memory is the query tile and two stages of 32-position K and V tiles in rows
+    of the padded head dim plus 8, and each warp's float32 partial scores (16 x 32)."""
+    from kvpager.backends.cupy_prefill import prefill_kernel
+    from kvpager.kernels import cuda_core_steps
+
+    spec = spec_of(dtype, None, d, 16, 2)
+    for cc in ((9, 0), (8, 0)):
+        k = prefill_kernel(spec, group, DEFAULT, cc)
+        assert (k.file, k.func, k.arch, k.threads) == ("paged_prefill.cu", "paged_prefill", None, 256)
+        assert (k.tiling.mt, k.tiling.bm, k.tiling.bn, k.tiling.stages) == (1, 64, 32, 2)
+        assert k.defines == {"KV_DTYPE": {"float16": 0, "bfloat16": 1}[dtype], "HEAD_DIM": d,
+                             "BLOCK_SIZE": 16, "GROUP": group, "MT": 1}
+        assert k.smem == (64 + 2 * 2 * 32) * (padded + 8) * 2 + 8 * 16 * 32 * 4
+        check_fits(k.smem, H200, "paged_prefill.cu")
+    assert not cuda_core_steps(spec) and cuda_core_steps(spec_of("float32", None, d, 16, 2))
+    with pytest.raises(UnsupportedConfiguration, match="head_dim"):
+        prefill_kernel(spec, group, KernelConfig(prefill_kernel="wgmma"), (9, 0))
+
+
 def test_an_fp8_pool_of_wide_heads_is_refused_before_any_gpu_is_asked():
     from kvpager.kernels import check_geometry
 

@@ -46,6 +46,7 @@ from attention_common import (
 
 from kvpager import KernelConfig
 from kvpager.backends.cupy_backend import CupyBackend
+from kvpager.backends.cupy_prefill import WGMMA_HEAD_DIMS
 from kvpager.plan import make_plan
 
 
@@ -183,15 +184,16 @@ def bench_fp8(batch: int, ctx: int, kv_dtype: str, peak: float | None, head_dim:
                 speedup=bf16_ms / fp8_ms, memory_ratio=spec8.bytes_per_block / spec.bytes_per_block)
 
 
-def prefill_variants(sweep: bool) -> list[tuple[str, KernelConfig]]:
+def prefill_variants(sweep: bool, head_dim: int = 128) -> list[tuple[str, KernelConfig]]:
     """The multi-token case's variants: the production config (on compute capability 9.0
     the wgmma kernel, paged_prefill_sm90.cu, with its producer warpgroup), and there the
-    mma kernel and the wgmma kernel's other variants beside it; --sweep adds one m-tile
-    per warp and the wgmma kernel's tilings (warpgroups, K/V tile, stages)."""
+    mma kernel and the wgmma kernel's other variants beside it (where it is built for
+    ``head_dim``); --sweep adds one m-tile per warp and the wgmma kernel's tilings
+    (warpgroups, K/V tile, stages)."""
     c = KernelConfig()
     variants = [("", c)]
     wg = c.replace(prefill_kernel="wgmma", prefill_wgmma_producer=False)
-    if torch.cuda.get_device_capability() == (9, 0):
+    if torch.cuda.get_device_capability() == (9, 0) and head_dim in WGMMA_HEAD_DIMS:
         variants += [("mma", c.replace(prefill_kernel="mma")),
                      ("wgmma", wg), ("wgmma, overlap", wg.replace(prefill_wgmma_overlap=True)),
                      ("wgmma, producer warpgroup", wg.replace(prefill_wgmma_producer=True)),
@@ -205,8 +207,9 @@ def prefill_variants(sweep: bool) -> list[tuple[str, KernelConfig]]:
                       wg.replace(prefill_wgmma_producer=True, prefill_wgmma_overlap=True, prefill_wgmma_bn=128,
                                  prefill_wgmma_tma=False))]
     if sweep:
-        variants.append(("1 m-tile per warp", c.replace(prefill_kernel="mma", prefill_mt=1)))
-        if torch.cuda.get_device_capability() == (9, 0):
+        if head_dim <= 128:  # (one m-tile is the rule past 128)
+            variants.append(("1 m-tile per warp", c.replace(prefill_kernel="mma", prefill_mt=1)))
+        if torch.cuda.get_device_capability() == (9, 0) and head_dim in WGMMA_HEAD_DIMS:
             for wgs, bn, st, ov in ((2, 64, 2, False), (2, 128, 2, False), (1, 64, 3, False), (1, 64, 4, False),
                                     (1, 128, 2, False), (1, 128, 3, False), (2, 64, 3, True), (2, 64, 4, True),
                                     (2, 128, 3, True), (1, 64, 3, True), (1, 128, 3, True)):
@@ -285,7 +288,7 @@ def main() -> None:
                 rows.append(bench_fp8(batch, ctx, args.fp8, peak, d))
             torch.cuda.empty_cache()
             cupy.get_default_memory_pool().free_all_blocks()
-        pf = prefill_variants(args.sweep)
+        pf = prefill_variants(args.sweep, args.head_dim)
         if not args.no_prefill:
             rows += bench_prefill(variants=pf, head_dim=d)
     date = datetime.date.today().isoformat()

@@ -66,7 +66,7 @@ class CupyPlan(StepPlan):
             raise InvalidArgument(f"num_rows={num_rows} is less than the step's {nseq} sequences")
         queries = int(query_lens.sum())
         one_each = queries == nseq  # (query lengths are at least 1)
-        self.decode = one_each or kernels.wide_heads(spec)  # CUDA cores: a work item per query token
+        self.decode = one_each or kernels.cuda_core_steps(spec)  # decode kernels: a work item per query token
         if self.rows > nseq and not one_each:
             raise InvalidArgument("padding rows (num_rows) need a decode step: one query token per sequence")
         self.num_splits = num_splits
