@@ -90,6 +90,10 @@ SHAPES = {
                num_key_value_heads=8, head_dim=64, vocab_size=128256),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, head_dim=128, vocab_size=128256),
+    # heads 512 wide, as Gemma-4's full-attention layers' (a Llama of the 1b shape's size
+    # otherwise): kvpager decodes them on CUDA cores and prefills them with two warps a query row
+    "w512": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
+                 num_key_value_heads=4, head_dim=512, vocab_size=128256),
     # multi-head latent attention, DeepSeek-V2-Lite's attention (27 layers, 16 heads, a 512-value
     # latent, q and k of 128 + 64 dims, v of 128) with a dense MLP in every layer (its routed
     # experts left out: transformers' expert loop would dominate both sides' steps)

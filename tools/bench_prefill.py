@@ -139,7 +139,7 @@ def run_case(model, pool, case: str, batch: int, system: int, own: int, rounds: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", default="8b", help="bench_e2e.py's shape: 1b or 8b")
+    ap.add_argument("--shape", default="8b", help="bench_e2e.py's shape: 1b, 8b or w512 (heads 512 wide)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--cases", default="", help="indices into CASES (comma-separated); empty: all")
     ap.add_argument("--json", help="write the rows here")
