@@ -2,6 +2,17 @@
 // float16 / bfloat16 on tensor cores, over the block-major pool, with
 // split-K over long contexts. float32 pools use paged_decode.cu.
 //
+// Heads wider than 256 (Gemma-4's 512; DSPLIT = 2): a warp's O of the full
+// head dim would take 256 accumulators a lane, so two warps share each tile,
+// each reading, multiplying and accumulating its half of the head dim (DP / 2
+// columns of every K and V row, DP the head dim rounded up to 32; columns past
+// the head dim zero-filled), each with its own stages. Their partial scores
+// (q . k over a half) are summed through shared memory (a double buffer, and
+// a named barrier for the pair per tile): both warps then hold the whole S,
+// run the same softmax and add P V of their own half of V's columns. In what
+// follows a "warp" of the layout (HPC, WPH) is such a pair; the CTA runs
+// HPC * WPH * DSPLIT warps. No FP8 (refused at pool creation for such heads).
+//
 // Work item i has query row i (q[i]), reads the K/V of sequence item_seq[i]
 // up to item_len[i] tokens, and attends with every query head of its kv
 // head's GQA group. The group (up to 16 heads) is the M dimension of
@@ -75,15 +86,21 @@
 #error "paged_decode_tc.cu is for float16 / bfloat16; float32 uses paged_decode.cu"
 #endif
 
-constexpr int D = HEAD_DIM;
+constexpr int HD = HEAD_DIM;           // the pool's head dim: rows of q, K, V and out
+constexpr int DSPLIT = HD > 256 ? 2 : 1;  // warps that share a tile, each its part of the head dim
+constexpr int DP = (HD + 16 * DSPLIT - 1) / (16 * DSPLIT) * (16 * DSPLIT);  // padded: whole k-steps a part
+constexpr int D = DP / DSPLIT;          // the head dims one warp reads and multiplies
 constexpr int T = 16;                 // tokens per warp tile
-constexpr int NWARPS = HPC * WPH;
+constexpr int NPW = HPC * WPH;        // warp pairs (DSPLIT 2) or warps: the layout's warps
+constexpr int NWARPS = NPW * DSPLIT;
 constexpr int NT = NWARPS * 32;
 constexpr int CPR = D / ST_VEC;       // 16-byte chunks per row
 constexpr int NCP = (T * CPR + 31) / 32;  // chunks per lane per tile, for K and for V each
 constexpr int KSTEPS = D / 16;
 constexpr bool TWO = GROUP > 8;       // rows 8..15 of the M tile hold heads too
-#if (HEAD_DIM * ST_BYTES) % 128 == 0
+// a warp's part of the head dim, for the preprocessor (D above)
+#define DPART (HEAD_DIM > 256 ? (HEAD_DIM + 31) / 32 * 16 : HEAD_DIM)
+#if (DPART * ST_BYTES) % 128 == 0
 #define SW 1
 constexpr int ROW_BYTES = D * ST_BYTES;  // unpadded, swizzled
 #elif KV_FP8
@@ -98,6 +115,7 @@ constexpr int V_OFF = T * ROW_BYTES;            // V rows' offset in a stage
 constexpr int R = HPC * GROUP;  // output rows of a CTA
 static_assert(GROUP <= 16, "GQA groups up to 16");
 static_assert(NWARPS <= 16, "at most 16 warps per CTA");
+static_assert(DSPLIT == 1 || !KV_FP8, "FP8 pools of heads wider than 256 are not built");
 
 // The merge of the last split CTA (see the end of paged_decode_tc): out rows row0 .. row0 + R - 1
 // from their num_splits partial slots, as merge_splits does. Not inlined: its registers are
@@ -108,16 +126,16 @@ __device__ __noinline__ void merge_slots(const float* __restrict__ part_o, const
 {
     const int tid = threadIdx.x;
     __threadfence();  // each thread's reads of the other CTAs' partials come after the count
-    constexpr int C4 = D / 4;  // float4 columns of a row
-    // The slots' partials of the CTA's R rows come into the (free) stages at once: [slot][row][D],
+    constexpr int C4 = HD / 4;  // float4 columns of a row
+    // The slots' partials of the CTA's R rows come into the (free) stages at once: [slot][row][HD],
     // then their log2-sum-exps [row][slot]; where they do not fit, each thread loads its own.
     float* const ms = reinterpret_cast<float*>(smem_raw);
-    float* const ml = ms + (long long)num_splits * R * D;
-    const bool staged = (long long)num_splits * R * (D + 1) * 4 <= (long long)NWARPS * STAGES * STAGE_BYTES;
+    float* const ml = ms + (long long)num_splits * R * HD;
+    const bool staged = (long long)num_splits * R * (HD + 1) * 4 <= (long long)NWARPS * STAGES * STAGE_BYTES;
     if (staged) {
         for (int i = tid; i < num_splits * R * C4; i += NT) {
             const int sp = i / (R * C4), r = i / C4 % R, c = i % C4;
-            cp_async16(ms + ((long long)sp * R + r) * D + c * 4, part_o + ((row0 + r) * parts + sp) * D + c * 4, true);
+            cp_async16(ms + ((long long)sp * R + r) * HD + c * 4, part_o + ((row0 + r) * parts + sp) * HD + c * 4, true);
         }
         cp_commit();
         for (int i = tid; i < R * num_splits; i += NT) ml[i] = __ldcg(part_lse + (row0 + i / num_splits) * parts + i % num_splits);
@@ -135,8 +153,8 @@ __device__ __noinline__ void merge_slots(const float* __restrict__ part_o, const
 #pragma unroll 4
         for (int sp = 0; sp < num_splits; ++sp) {
             const float ls = staged ? pl[sp] : __ldcg(pl + sp);
-            const float4 v = staged ? *reinterpret_cast<const float4*>(ms + ((long long)sp * R + r) * D + c * 4)
-                                    : __ldcg(reinterpret_cast<const float4*>(part_o + (row * parts + sp) * D) + c);
+            const float4 v = staged ? *reinterpret_cast<const float4*>(ms + ((long long)sp * R + r) * HD + c * 4)
+                                    : __ldcg(reinterpret_cast<const float4*>(part_o + (row * parts + sp) * HD) + c);
             const bool empty = ls == NEG_INF;  // its columns may hold anything: a select, not a product
             const float w = empty ? 0.f : exp2f(ls - m);
             l += w;
@@ -144,7 +162,7 @@ __device__ __noinline__ void merge_slots(const float* __restrict__ part_o, const
             acc.z += empty ? 0.f : w * v.z; acc.w += empty ? 0.f : w * v.w;
         }
         const float inv = l > 0.f ? 1.f / l : 0.f;
-        kv_t* o = out + row * D + c * 4;
+        kv_t* o = out + row * HD + c * 4;
         o[0] = from_float(acc.x * inv); o[1] = from_float(acc.y * inv);
         o[2] = from_float(acc.z * inv); o[3] = from_float(acc.w * inv);
     }
@@ -174,6 +192,8 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
 #else
     unsigned char* const wsm = smem_raw + warp * STAGES * STAGE_BYTES;
 #endif
+    // DSPLIT > 1: each warp's partial scores, two tiles' worth ([warps][2][8][32 lanes]), after the stages
+    float* const xs = reinterpret_cast<float*>(smem_raw + (SW ? 128 : 0) + NWARPS * STAGES * STAGE_BYTES);
     // Where 16-byte chunk c of row r of stage st's K tile (V: + V_OFF) sits.
     auto at = [&](int st, int r, int c) -> unsigned char* {
 #if SW
@@ -186,7 +206,8 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     const int nhc = num_kv_heads / HPC;
     const int hc = blockIdx.x % nhc;
     const int item = blockIdx.x / nhc;
-    const int hh = warp / WPH, wi = warp % WPH;  // this warp's head in the chunk, its place among WPH
+    const int pw = warp / DSPLIT, part = warp % DSPLIT;  // the layout's warp (a pair), this warp's part of it
+    const int hh = pw / WPH, wi = pw % WPH;  // its head in the chunk, its place among WPH
     const int h = hc * HPC + hh;
     const int split = blockIdx.y;
     const int num_q_heads = num_kv_heads * GROUP;
@@ -207,7 +228,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     unsigned qa[KSTEPS][4];
     {
         const unsigned* qw = reinterpret_cast<const unsigned*>(
-            q + ((long long)item * num_q_heads + head0) * D);
+            q + ((long long)item * num_q_heads + head0) * HD + part * D);
 #pragma unroll
         for (int kk = 0; kk < KSTEPS; ++kk) {
 #if KV_FP8
@@ -215,17 +236,19 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
 #else
             const int c = kk * 16 + 2 * tig, c2 = c + 8;
 #endif
-            qa[kk][0] = gid < GROUP ? qw[(gid * D + c) / 2] : 0u;
-            qa[kk][2] = gid < GROUP ? qw[(gid * D + c2) / 2] : 0u;
-            qa[kk][1] = TWO ? qw[((gid + 8) * D + c) / 2] : 0u;
-            qa[kk][3] = TWO ? qw[((gid + 8) * D + c2) / 2] : 0u;
+            // (a wide head's pad columns: 0)
+            const bool in = DP == HD || part * D + c < HD, in2 = DP == HD || part * D + c2 < HD;
+            qa[kk][0] = gid < GROUP && in ? qw[(gid * HD + c) / 2] : 0u;
+            qa[kk][2] = gid < GROUP && in2 ? qw[(gid * HD + c2) / 2] : 0u;
+            qa[kk][1] = TWO && in ? qw[((gid + 8) * HD + c) / 2] : 0u;
+            qa[kk][3] = TWO && in2 ? qw[((gid + 8) * HD + c2) / 2] : 0u;
         }
     }
 
     const int* table = block_tables + (long long)item_seq[item] * max_blocks;
-    const long long block_stride = (long long)num_layers * 2 * num_kv_heads * BLOCK_SIZE * D;
-    const long long k_off = ((long long)layer * 2 * num_kv_heads + h) * BLOCK_SIZE * D;
-    const long long vk = (long long)num_kv_heads * BLOCK_SIZE * D;  // V rows sit this far after K
+    const long long block_stride = (long long)num_layers * 2 * num_kv_heads * BLOCK_SIZE * HD;
+    const long long k_off = ((long long)layer * 2 * num_kv_heads + h) * BLOCK_SIZE * HD + part * D;
+    const long long vk = (long long)num_kv_heads * BLOCK_SIZE * HD;  // V rows sit this far after K
 
     // Block ids of tile k of this warp (two when a block holds fewer than T tokens; the first
     // is not read when the window starts past it).
@@ -238,15 +261,16 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     auto issue = [&](int k, int st, int x0, int x1) {
         const int t0 = start + (wi + WPH * k) * T;
         const st_t* p0 = pool + (long long)x0 * block_stride + k_off
-                         + (BLOCK_SIZE >= T ? (t0 % BLOCK_SIZE) * D : 0);
+                         + (BLOCK_SIZE >= T ? (t0 % BLOCK_SIZE) * HD : 0);
         const st_t* p1 = pool + (long long)x1 * block_stride + k_off;
 #pragma unroll
         for (int i = 0; i < NCP; ++i) {
             const int c = lane + 32 * i, row = c / CPR, col = (c % CPR) * ST_VEC;
             if ((T * CPR) % 32 != 0 && c >= T * CPR) break;  // FP8 rows of an odd chunk count
-            const bool ok = t0 + row < end && t0 + row >= lo;  // zero-filled outside [lo, end)
-            const st_t* src = ((BLOCK_SIZE < T && row >= BLOCK_SIZE) ? p1 + (row - BLOCK_SIZE) * D
-                                                                     : p0 + row * D) + col;
+            // zero-filled outside [lo, end), and in a wide head's pad columns
+            const bool ok = t0 + row < end && t0 + row >= lo && (DP == HD || part * D + col < HD);
+            const st_t* src = ((BLOCK_SIZE < T && row >= BLOCK_SIZE) ? p1 + (row - BLOCK_SIZE) * HD
+                                                                     : p0 + row * HD) + col;
             unsigned char* dst = at(st, row, c % CPR);
             cp_async16(dst, ok ? src : pool, ok);
             cp_async16(dst + V_OFF, ok ? src + vk : pool, ok);
@@ -336,6 +360,20 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
         for (int j = 0; j < 2; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[j][e] += s2[j][e];
+        if constexpr (DSPLIT > 1) {  // this warp's half of q . k, and its partner's added: the whole S in both
+            float* mine = xs + ((warp * 2 + (k & 1)) * 8) * 32 + lane;
+            const float* theirs = xs + (((warp ^ 1) * 2 + (k & 1)) * 8) * 32 + lane;
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) mine[(j * 4 + e) * 32] = s[j][e];
+            // the pair only; a buffer is written again two tiles on, after the partner's next arrival
+            asm volatile("bar.sync %0, %1;" ::"r"(1 + pw), "n"(32 * DSPLIT) : "memory");
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[j][e] += theirs[(j * 4 + e) * 32];
+        }
 #if KV_FP8
 #pragma unroll
         for (int j = 0; j < 2; ++j)
@@ -443,9 +481,11 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     m1 = m1 == NEG_INF ? NEG_INF : m1 * scale_log2;
 
     // Merge the warps of each head through shared memory (the stages are free now).
-    __shared__ float sm_m[NWARPS][16], sm_l[NWARPS][16];
+    __shared__ float sm_m[NPW][16], sm_l[NPW][16];
     __syncthreads();
-    float* sm_o = reinterpret_cast<float*>(smem_raw);  // [NWARPS][GROUP][D]
+    float* sm_o = reinterpret_cast<float*>(smem_raw);  // [NPW][GROUP][HD]
+    constexpr int NO = (HD - (DSPLIT - 1) * D) / 8;  // the last part's n-tiles within the head dim
+    const int nout = part == DSPLIT - 1 ? NO : D / 8;
     // Where accumulator column e (0, 1) of n-tile n sits in the row: FP8's P V leaves dims
     // 4 tig + (0, 2) of chunk n / 2 in the even n-tiles and 4 tig + (1, 3) in the odd ones.
 #if KV_FP8
@@ -453,23 +493,26 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
 #else
 #define OCOL(n, e) ((n) * 8 + 2 * tig + (e))
 #endif
+    // (the two warps of a pair hold the same m and l; each its own columns of o)
     if (gid < GROUP) {
-        if (tig == 0) { sm_m[warp][gid] = m0; sm_l[warp][gid] = l0; }
-        float* r = sm_o + (warp * GROUP + gid) * D;
+        if (tig == 0 && part == 0) { sm_m[pw][gid] = m0; sm_l[pw][gid] = l0; }
+        float* r = sm_o + (pw * GROUP + gid) * HD + part * D;
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) { r[OCOL(n, 0)] = o[n][0]; r[OCOL(n, 1)] = o[n][1]; }
+        for (int n = 0; n < D / 8; ++n)
+            if (n < nout) { r[OCOL(n, 0)] = o[n][0]; r[OCOL(n, 1)] = o[n][1]; }
     }
     if (TWO) {
-        if (tig == 0) { sm_m[warp][gid + 8] = m1; sm_l[warp][gid + 8] = l1; }
-        float* r = sm_o + (warp * GROUP + gid + 8) * D;
+        if (tig == 0 && part == 0) { sm_m[pw][gid + 8] = m1; sm_l[pw][gid + 8] = l1; }
+        float* r = sm_o + (pw * GROUP + gid + 8) * HD + part * D;
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) { r[OCOL(n, 0)] = o[n][2]; r[OCOL(n, 1)] = o[n][3]; }
+        for (int n = 0; n < D / 8; ++n)
+            if (n < nout) { r[OCOL(n, 0)] = o[n][2]; r[OCOL(n, 1)] = o[n][3]; }
     }
 #undef OCOL
     __syncthreads();
     const long long row0 = (long long)item * num_q_heads + hc * R;
-    for (int idx = tid; idx < R * D; idx += NT) {
-        const int r = idx / D, d = idx % D;
+    for (int idx = tid; idx < R * HD; idx += NT) {
+        const int r = idx / HD, d = idx % HD;
         const int g = r % GROUP, w0 = (r / GROUP) * WPH;  // the head's warps: w0 .. w0 + WPH - 1
         float mx = NEG_INF;
 #pragma unroll
@@ -480,7 +523,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
             for (int w = 0; w < WPH; ++w) {
                 const float a = exp2f(sm_m[w0 + w][g] - mx);
                 lsum += sm_l[w0 + w][g] * a;
-                acc += sm_o[((w0 + w) * GROUP + g) * D + d] * a;
+                acc += sm_o[((w0 + w) * GROUP + g) * HD + d] * a;
             }
         }
         const long long row = row0 + r;
@@ -491,9 +534,9 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
 #endif
         const float res = lsum > 0.f ? acc / lsum * v_scale : 0.f;
         if (parts == 0) {
-            out[row * D + d] = from_float(res);
+            out[row * HD + d] = from_float(res);
         } else {
-            part_o[(row * parts + split) * D + d] = res;
+            part_o[(row * parts + split) * HD + d] = res;
             if (d == 0) part_lse[row * parts + split] = lsum > 0.f ? mx + __log2f(lsum) : NEG_INF;
             // slots num_splits.. are the cascade's (cascade_prefix fills its members', maybe
             // at the same time): never written here; merge_splits reads a row's only where

@@ -33,9 +33,9 @@ DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
 #: KV_FP8 codes of the FP8 storage dtypes (kvpager_common.cuh)
 FP8_CODES = {"float8_e4m3": 1, "float8_e5m2": 2}
 HEAD_DIMS = tuple(range(32, 513, 16))  # every multiple of 16 from 32 to 512
-#: the widest head dim of the tensor-core decode and cascade kernels; wider heads (Gemma-4's 512) decode
-#: on CUDA cores (paged_decode.cu, a work item per query token: `wide_heads`), and their multi-token
-#: steps run on paged_prefill.cu with two warps a query row
+#: the widest head dim one warp of the tensor-core kernels covers; wider heads (Gemma-4's 512) run
+#: paged_decode_tc.cu and paged_prefill.cu with two warps a row, each half the head dim, and never
+#: cascade (`wide_heads`); FP8 pools of them are refused
 TC_HEAD_DIM = 256
 BLOCK_SIZES = (8, 16, 32, 64)
 GROUP_SIZES = (1, 2, 4, 8, 16)
@@ -136,10 +136,9 @@ def check_fp8(spec: Any, device: int) -> None:
 
 
 def wide_heads(spec: Any) -> bool:
-    """Whether ``spec``'s decode runs on CUDA cores (paged_decode.cu, a work item per
-    query token), and its steps never cascade: float32 pools, and heads wider than
-    the tensor-core decode's. (Multi-token steps of 16-bit pools of such heads run
-    on paged_prefill.cu, two warps a query row: `cuda_core_steps`.)"""
+    """Whether ``spec``'s steps never cascade (the cascade's kernels are the tensor-core
+    ones of one warp a row): float32 pools (`cuda_core_steps`), and heads wider than
+    `TC_HEAD_DIM`, whose decode and multi-token kernels split the head dim across two warps."""
     return spec.dtype == "float32" or spec.head_dim > TC_HEAD_DIM
 
 

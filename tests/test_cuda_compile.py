@@ -36,7 +36,11 @@ EXTRA = {
                            ["-DHPC=8", "-DWPH=1"], ["-DKV_DTYPE=0", "-DHPC=2", "-DWPH=4", "-DGROUP=16"],
                            ["-DHPC=4", "-DWPH=1", "-DBLOCK_SIZE=8", "-DHEAD_DIM=64"],
                            ["-DHEAD_DIM=80", "-DGROUP=8"], ["-DHEAD_DIM=32", "-DHPC=4", "-DWPH=1"],
-                           ["-DCP_EVICT_FIRST=1", "-DCP_L2_PREFETCH=128"], ["-DCP_EVICT_FIRST=1", "-DKV_DTYPE=0"]],
+                           ["-DCP_EVICT_FIRST=1", "-DCP_L2_PREFETCH=128"], ["-DCP_EVICT_FIRST=1", "-DKV_DTYPE=0"],
+                           # heads wider than 256: two warps a tile (DSPLIT), pad columns at 272
+                           ["-DHEAD_DIM=512", "-DWPH=2", "-DSTAGES=2"],
+                           ["-DKV_DTYPE=0", "-DHEAD_DIM=272", "-DGROUP=16", "-DWPH=2", "-DBLOCK_SIZE=8"],
+                           ["-DHEAD_DIM=448", "-DGROUP=1", "-DHPC=2", "-DWPH=1", "-DSTAGES=2", "-DBLOCK_SIZE=64"]],
     "cascade_prefix.cu": [["-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DGROUP=1"],
                           ["-DHEAD_DIM=256", "-DGROUP=16", "-DBLOCK_SIZE=8"], ["-DHEAD_DIM=80", "-DMT=1"]],
     "paged_prefill.cu": [["-DKV_DTYPE=0", "-DHEAD_DIM=96", "-DGROUP=1"],

@@ -1,8 +1,8 @@
-"""Heads wider than the tensor-core decode's 256 (Gemma-4's full layers: 512;
-a fitted pool holds its sliding layers at 512 too) decode on CUDA cores
-(paged_decode.cu, a work item per query token; float32 pools' multi-token
-steps too) and run 16-bit multi-token steps on paged_prefill.cu (two warps a
-query row, each half the head dim), in float16, bfloat16 and float32, against
+"""Heads wider than one warp of the tensor-core kernels covers (256; Gemma-4's full
+layers: 512, and a fitted pool holds its sliding layers at 512 too) attend on
+paged_decode_tc.cu and paged_prefill.cu with two warps a tile or query row, each
+half the head dim (float32 pools on CUDA cores: paged_decode.cu, a work item per
+query token), in float16, bfloat16 and float32, against
 the NumPy twin on copies of the same data: decode with and without split-K,
 multi-token steps, sliding windows, soft caps, attention sinks, sequences
 that share leading blocks (no cascade is taken), and a step plan's write and
@@ -42,6 +42,7 @@ CASES = [
     ("bfloat16", 272, 8, 4),
     ("float32", 512, 16, 2),
     ("bfloat16", 384, 32, 8),
+    ("bfloat16", 448, 16, 16),  # a GQA group of 16: both halves of the MMAs' rows hold heads
 ]
 
 

@@ -234,25 +234,23 @@ def test_a_plan_takes_a_config_and_refuses_anything_else():
 
 
 @pytest.mark.parametrize("dtype, d, group, subgroup, rows", [
-    ("bfloat16", 512, 2, 2, 2),  # Gemma-4's full layers: two 16-byte vectors a lane, two rows in flight
-    ("float16", 512, 8, 2, 2),
-    ("bfloat16", 272, 4, 2, 2),  # 34 vectors a row: two a lane, as at 512
     ("float32", 512, 2, 2, 1),  # four vectors a lane: one row in flight
+    ("float32", 272, 4, 2, 1),  # three vectors a lane: one row
     ("float32", 256, 4, 4, 4),  # float32 at the tensor-core kernels' widths: as before
 ])
-def test_heads_wider_than_the_tensor_cores_decode_on_cuda_cores(dtype, d, group, subgroup, rows):
-    """Heads wider than 256 (and float32 pools) attend on paged_decode.cu, a work
-    item per query token, with its K/V row buffers kept within 64 registers a lane,
-    and never cascade (the cascade's kernels are the tensor-core ones)."""
+def test_float32_pools_decode_on_cuda_cores(dtype, d, group, subgroup, rows):
+    """float32 pools attend on paged_decode.cu, a work item per query token, with its
+    K/V row buffers kept within 64 registers a lane, and never cascade (the cascade's
+    kernels are the tensor-core ones)."""
     from kvpager.backends.cupy_cascade import cascade_applies
-    from kvpager.kernels import wide_heads
+    from kvpager.kernels import cuda_core_steps, wide_heads
 
     _, shape, _ = decode(dtype, None, d, 16, 2, group, 64, 4096, 128)
     assert (shape.file, shape.kernel, shape.tc) == ("paged_decode.cu", "paged_decode", False)
     assert (shape.defines["SUBGROUP"], shape.defines["CH"]) == (subgroup, rows)
     assert shape.ctas == 64 * 2 * (group // subgroup) and shape.threads == 128
     spec = spec_of(dtype, None, d, 16, 2)
-    assert wide_heads(spec)
+    assert wide_heads(spec) and cuda_core_steps(spec)
 
     class Plan:  # what cascade_applies reads of a plan: a decode step, one item a row
         decode, rows, items = True, 64, 64
@@ -260,6 +258,41 @@ def test_heads_wider_than_the_tensor_cores_decode_on_cuda_cores(dtype, d, group,
     assert not cascade_applies(Plan(), spec, 64)
     _, tc, _ = decode("bfloat16", None, 256, 16, 2, group, 64, 4096, 128)
     assert tc.file == "paged_decode_tc.cu" and cascade_applies(Plan(), spec_of("bfloat16", None, 256, 16, 2), 64)
+
+
+@pytest.mark.parametrize("dtype, d, group, items, max_len, layout, stages, smem", [
+    # Gemma-4's full layers: a kv head's tiles taken by 2 pairs of warps (4 warps), two 16-row stages of
+    # the half rows (256 values: 512 bytes, swizzled, + 128 to align), and the partial scores (2 KiB a warp)
+    ("bfloat16", 512, 2, 64, 4096, (1, 2), 2, 4 * 2 * 2 * 16 * 512 + 128 + 4 * 2048),
+    ("float16", 512, 16, 16, 16384, (1, 2), 2, 4 * 2 * 2 * 16 * 512 + 128 + 4 * 2048),
+    # 272: parts of 144 values (rows padded by 16 bytes: 304 bytes, unswizzled)
+    ("bfloat16", 272, 4, 64, 4096, (1, 2), 2, 4 * 2 * 2 * 16 * 304 + 4 * 2048),
+    # short contexts: 4 heads a CTA would not fit; 2 heads, one pair each
+    ("bfloat16", 512, 4, 256, 256, (2, 1), 2, 4 * 2 * 2 * 16 * 512 + 128 + 4 * 2048),
+])
+def test_heads_wider_than_256_decode_on_tensor_cores_two_warps_a_tile(dtype, d, group, items, max_len, layout,
+                                                                        stages, smem):
+    """16-bit pools of heads wider than 256 decode on paged_decode_tc.cu, each layout
+    warp two warps (8 at most a CTA here), each with stages of half of every row; the
+    shared memory is what the kernel lays out, and fits an H200's CTA; no cascade."""
+    from kvpager.backends.cupy_cascade import cascade_applies
+    from kvpager.kernels import cuda_core_steps
+
+    _, shape, splits = decode(dtype, None, d, 16, 2, group, items, max_len, 255)
+    assert (shape.file, shape.kernel, shape.tc) == ("paged_decode_tc.cu", "paged_decode_tc", True)
+    hpc, wph = layout
+    assert (shape.defines["HPC"], shape.defines["WPH"], shape.defines["STAGES"]) == (hpc, wph, stages)
+    assert shape.defines["GROUP"] == group and "SUBGROUP" not in shape.defines
+    assert shape.threads == 32 * hpc * wph * 2 and shape.ctas == items * 2 // hpc
+    assert shape.smem == smem
+    check_fits(shape.smem, H200, "paged_decode_tc.cu")
+    spec = spec_of(dtype, None, d, 16, 2)
+    assert not cuda_core_steps(spec)
+
+    class Plan:
+        decode, rows, items = True, 64, 64
+
+    assert not cascade_applies(Plan(), spec, 64)
 
 
 @pytest.mark.parametrize("dtype, d, group, padded", [

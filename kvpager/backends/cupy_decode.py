@@ -3,8 +3,8 @@
 The planner is pure arithmetic over the pool's geometry, the step's shape,
 the device's SM count and a `KernelConfig`, so it is tested on the CPU:
 `decode_shape` picks the kernel (paged_decode_tc.cu on tensor cores for
-16-bit and FP8 pools, paged_decode.cu on CUDA cores for float32 and for heads
-wider than 256), its CTA
+16-bit and FP8 pools, two warps a tile for heads wider than 256;
+paged_decode.cu on CUDA cores for float32), its CTA
 layout, pipeline stages, defines, grid and shared memory; `plan_splits` the
 split-K count once the compiled kernel's occupancy is known. `decode_launch`
 and `merge_launch` pack the launches (`kvpager.launch.Launch`).
@@ -18,7 +18,7 @@ from typing import Any
 
 from kvpager import kernels
 from kvpager.kernel_config import KernelConfig
-from kvpager.kernel_smem import check_fits, decode_row_bytes, decode_tc_smem
+from kvpager.kernel_smem import check_fits, decode_row_bytes, decode_tc_smem, head_split
 from kvpager.launch import Launch, i32, ptr
 
 #: shared memory the decode planner sizes its stages and layouts to, per SM (an H100 / H200 has 227 KiB)
@@ -71,15 +71,18 @@ def decode_layout(num_kv_heads: int, head_dim: int, itemsize: int, items: int, m
     in a quarter of the CTAs, each with 4x the tiles: 64 x 256 tokens measured 0.025 ms against
     0.027 on an H200, three runs). The config's ``decode_heads_per_cta`` /
     ``decode_warps_per_head`` override; the heads per CTA are cut to a divisor of the kv heads
-    whose two stages fit the shared-memory budget."""
+    whose two stages fit the shared-memory budget. Heads wider than 256 (`head_split`):
+    each of these warps is two, each reading half of every row, so by default 2 warps
+    (pairs) per head (the same 4 warps a CTA)."""
+    split = head_split(head_dim)
     hpc = config.decode_heads_per_cta
     if hpc is None:
         short = max_len <= config.decode_short_context and items * num_kv_heads >= 2 * num_sms
         hpc = 4 if short else 1
     hpc = math.gcd(int(hpc), num_kv_heads)
-    wph = int(config.decode_warps_per_head or (4 if hpc == 1 else 1))
-    per_warp = 2 * 16 * decode_row_bytes(head_dim, itemsize)
-    while hpc > 1 and (hpc * wph > 16 or hpc * wph * 2 * per_warp > SMEM_BUDGET):
+    wph = int(config.decode_warps_per_head or ((4 if hpc == 1 else 1) if split == 1 else (2 if hpc == 1 else 1)))
+    per_warp = 2 * 16 * decode_row_bytes(head_dim, itemsize) * split
+    while hpc > 1 and (hpc * wph * split > 16 or hpc * wph * 2 * per_warp > SMEM_BUDGET):
         hpc //= 2
     return hpc, wph
 
@@ -108,13 +111,14 @@ def decode_shape(spec: Any, group: int, items: int, max_len: int, num_sms: int,
     """The decode kernel of ``items`` work items of at most ``max_len`` positions (GQA
     ``group`` query heads per kv head) over the pool ``spec`` on ``num_sms`` SMs."""
     base = {**kernels.storage_defines(spec), "HEAD_DIM": spec.head_dim, "BLOCK_SIZE": spec.block_size}
-    if kernels.wide_heads(spec):
+    if kernels.cuda_core_steps(spec):
         gs = decode_subgroup(spec.dtype, spec.head_dim, group)
         defs = {**base, "SUBGROUP": gs, "CH": cuda_core_rows(spec, config)}
         return DecodeShape("paged_decode.cu", "paged_decode", defs, items * spec.num_kv_heads * (group // gs),
                            128, 0, False)
     hpc, wph = decode_layout(spec.num_kv_heads, spec.head_dim, spec.itemsize, items, max_len, num_sms, config)
-    stages = decode_stages(spec.head_dim, spec.itemsize, hpc * wph, config, max_len)
+    split = head_split(spec.head_dim)
+    stages = decode_stages(spec.head_dim, spec.itemsize, hpc * wph * split, config, max_len)
     defs = {**base, "GROUP": group, "STAGES": stages, "HPC": hpc, "WPH": wph}
     if config.decode_l2_prefetch:
         defs["CP_L2_PREFETCH"] = config.decode_l2_prefetch
@@ -122,7 +126,7 @@ def decode_shape(spec: Any, group: int, items: int, max_len: int, num_sms: int,
         defs["CP_EVICT_FIRST"] = 1
     smem = decode_tc_smem(spec.head_dim, spec.itemsize, hpc * wph, stages, group)
     return DecodeShape("paged_decode_tc.cu", "paged_decode_tc", defs, items * (spec.num_kv_heads // hpc),
-                       32 * hpc * wph, smem, True)
+                       32 * hpc * wph * split, smem, True)
 
 
 def plan_splits(base_ctas: int, max_len: int, num_sms: int, resident: int = 0, fill: bool = True) -> int:

@@ -24,7 +24,7 @@ from kvpager.backends.cupy_tma import box_rows, pool_map, tma_unsupported
 from kvpager.backends.prefill_work import prefill_items, prefill_tiles
 from kvpager.errors import UnsupportedConfiguration
 from kvpager.kernel_config import KernelConfig
-from kvpager.kernel_smem import check_fits, prefill_head_split, prefill_sm90_smem, prefill_smem
+from kvpager.kernel_smem import check_fits, head_split, prefill_sm90_smem, prefill_smem
 from kvpager.launch import Launch, current_stream, i32, ptr
 
 #: head dims paged_prefill_sm90.cu is built for (others: paged_prefill.cu)
@@ -136,7 +136,7 @@ def prefill_kernel(spec: Any, group: int, config: KernelConfig, cc: tuple[int, i
     if why:
         t, defs, smem = prefill_tiling(spec, group, config)
         return PrefillKernel("paged_prefill.cu", "paged_prefill", None, t, defs, smem,
-                             128 * prefill_head_split(spec.head_dim))
+                             128 * head_split(spec.head_dim))
     t = wgmma_tiling(spec.head_dim, config)
     smem = prefill_sm90_smem(spec.head_dim, t.bm // 64, t.bn, t.stages)
     check_fits(smem, {}, f"paged_prefill_sm90.cu ({t.bm} rows, {t.bn}-position tiles, {t.stages} stages)")
