@@ -1,10 +1,10 @@
 // paged_decode.cu: paged attention on CUDA cores, one query token per work
 // item (decode, and multi-token as one item per query token), over the
-// block-major pool, with split-K over long contexts: float32 pools, and
-// float16 / bfloat16 pools of heads wider than the tensor-core kernels' 256
-// (Gemma-4's 512). Other float16 / bfloat16 (and FP8) pools attend on tensor
-// cores in paged_decode_tc.cu and the multi-token kernels; this kernel's 16-bit
-// build measured 0.78-0.84x of paged_decode_tc.cu at head dim 128 (docs/gpu-notes.md, v1).
+// block-major pool, with split-K over long contexts: float32 pools. float16 /
+// bfloat16 (and FP8) pools attend on tensor cores in paged_decode_tc.cu and the
+// multi-token kernels: this kernel's 16-bit build measured 0.78-0.84x of
+// paged_decode_tc.cu at head dim 128 (docs/gpu-notes.md, v1), and at head dim 512
+// 64-66% of 4.8 TB/s against the tensor cores' 91-94% (v27, v29).
 //
 // Work item i has query row i (q[i]), reads the K/V of sequence item_seq[i]
 // up to item_len[i] tokens (positions [0, item_len[i])), and attends with
@@ -37,12 +37,16 @@
 // scores s (log2 units) become softcap * tanh(s / softcap), so the host passes
 // the cap times log2(e).
 #ifndef KV_DTYPE
-#define KV_DTYPE 2  // float32; 0 / 1: float16 / bfloat16 pools of wide heads
+#define KV_DTYPE 2  // float32
 #endif
 #include "kvpager_common.cuh"
 
+#if KV_DTYPE != 2
+#error "paged_decode.cu is for float32 pools; float16 / bfloat16 pools decode in paged_decode_tc.cu"
+#endif
+
 #if KV_FP8
-#error "paged_decode.cu reads float32, float16 and bfloat16 pools; FP8 pools decode in paged_decode_tc.cu"
+#error "paged_decode.cu reads float32 pools; FP8 pools decode in paged_decode_tc.cu"
 #endif
 
 #ifndef HEAD_DIM

@@ -24,9 +24,8 @@ NVCC = shutil.which("nvcc")
 ARCHES = ["sm_80", "sm_90", *env.cuda_arch_list()]
 EXTRA = {
     "paged_decode.cu": [["-DSUBGROUP=8"], ["-DHEAD_DIM=48", "-DCH=8"], ["-DHEAD_DIM=208", "-DSUBGROUP=1"],
-                        ["-DCH=1", "-DBLOCK_SIZE=64"], ["-DKV_DTYPE=1", "-DHEAD_DIM=512", "-DSUBGROUP=2", "-DCH=2"],
-                        ["-DKV_DTYPE=0", "-DHEAD_DIM=272", "-DSUBGROUP=1", "-DCH=2"],
-                        ["-DHEAD_DIM=512", "-DSUBGROUP=1", "-DCH=1"]],
+                        ["-DCH=1", "-DBLOCK_SIZE=64"], ["-DHEAD_DIM=512", "-DSUBGROUP=2", "-DCH=1"],
+                        ["-DHEAD_DIM=272", "-DSUBGROUP=2", "-DCH=1"], ["-DHEAD_DIM=512", "-DSUBGROUP=1", "-DCH=1"]],
     "merge_splits.cu": [["-DKV_DTYPE=0", "-DHEAD_DIM=64"], ["-DKV_DTYPE=2", "-DHEAD_DIM=256"],
                         ["-DKV_DTYPE=1", "-DHEAD_DIM=512"], ["-DKV_DTYPE=0", "-DHEAD_DIM=272"],
                         ["-DHEAD_DIM=80"], ["-DHEAD_DIM=32"], ["-DHEAD_DIM=96"]],

@@ -53,9 +53,9 @@ def decode_subgroup(dtype: str, head_dim: int, group: int) -> int:
 
 
 def cuda_core_rows(spec: Any, config: KernelConfig) -> int:
-    """K/V rows per lane group and iteration of paged_decode.cu (its CH): the config's,
-    for heads wider than the tensor-core kernels' as many as keep the four K/V row
-    buffers (two in flight, two in use) within 64 registers a lane."""
+    """K/V rows per lane group and iteration of paged_decode.cu (its CH; float32 pools):
+    the config's, for heads wider than 256 as many as keep the four K/V row buffers
+    (two in flight, two in use) within 64 registers a lane."""
     if spec.head_dim <= kernels.TC_HEAD_DIM:
         return int(config.decode_rows)
     nv = spec.head_dim * spec.itemsize // 16
