@@ -51,9 +51,16 @@ def read_config(path: str) -> dict[str, Any]:
 KV_PER_QUERY_HEAD = frozenset({"jetmoe"})
 
 
+#: ``layer_types`` kinds of layers that hold no K/V: recurrent mixers (linear attention, and the
+#: state-space / Mamba layers transformers names so: Qwen3.5, Qwen3-Next, Jamba, Bamba, ...; LFM2's
+#: short convolutions, "conv") and layers of a feed-forward block alone (Nemotron-H's "mlp", "moe")
+NO_KV_KINDS = frozenset({"linear_attention", "conv", "mlp", "moe"})
+
+
 def kv_sources(get: Callable[[str], Any], layers: int) -> list[int]:
     """For each of ``layers`` layers, the layer whose K/V it attends over: itself, or,
-    for a layer that reuses an earlier layer's K/V, that layer. Gemma-3n's last
+    for a layer that reuses an earlier layer's K/V, that layer; -1 for a layer that
+    attends over none (a ``layer_types`` kind of `NO_KV_KINDS`). Gemma-3n's last
     ``num_kv_shared_layers`` layers each reuse the last layer of their
     ``layer_types`` kind before them (transformers' ``kv_sharing_modes``: that
     layer "store"s, they "reuse"); a config may name the sources instead
@@ -81,6 +88,13 @@ def kv_sources(get: Callable[[str], Any], layers: int) -> list[int]:
         sources = list(range(first)) + [producer.get(kinds[i], -1) for i in range(first, layers)]
     else:
         sources = list(range(layers))
+    if kinds is not None and NO_KV_KINDS & set(kinds):
+        if named is not None or shared:
+            raise InvalidArgument("layers that reuse another's K/V beside layers without K/V "
+                                  f"({sorted(NO_KV_KINDS & set(kinds))}): not a layout kvpager follows")
+        if len(kinds) != layers:
+            raise InvalidArgument(f"layer_types names {len(kinds)} layers, the config has {layers}")
+        return [-1 if k in NO_KV_KINDS else i for i, k in enumerate(kinds)]
     if len(sources) != layers or any(type(s) is not int or not (s == i or 0 <= s < i and sources[s] == s)
                                      for i, s in enumerate(sources)):
         raise InvalidArgument(f"layers reuse K/V of layers {sources}: each must reuse an earlier layer that "
@@ -96,9 +110,9 @@ def kv_sources(get: Callable[[str], Any], layers: int) -> list[int]:
 
 def pool_layers(sources: list[int]) -> list[int]:
     """For each layer (`kv_sources`), the pool layer that holds the K/V it attends over
-    (the pool holds the layers that store K/V, in order)."""
+    (the pool holds the layers that store K/V, in order); -1 for a layer without K/V."""
     own = {layer: i for i, layer in enumerate(s for j, s in enumerate(sources) if s == j)}
-    return [own[s] for s in sources]
+    return [own[s] if s >= 0 else -1 for s in sources]
 
 
 def attention_dims(get: Callable[[str], Any]) -> tuple[Any, Any, bool]:
@@ -154,7 +168,10 @@ def config_geometry(config: dict[str, Any], where: str = "config.json") -> dict[
     else:  # layers of other geometry (Gemma-4's full layers): one pool fitted to all
         dims = [_layer_dims(getters[i], heads, f"{where}: layer {i}") for i, s in enumerate(sources) if s == i]
         kv_heads, head_dim = fit(dims, heads, where)
-    stored = len(set(sources))  # layers that reuse another's K/V store none
+    stored = len({s for s in sources if s >= 0})  # layers that reuse another's K/V, or hold none, store none
+    if not stored:
+        raise InvalidArgument(f"{where}: no layer attends (layer_types {sorted(set(cfg['layer_types']))}); "
+                              "a model without attention layers has no K/V for kvpager to hold")
     out: dict[str, Any] = dict(num_layers=stored, num_kv_heads=kv_heads, head_dim=head_dim)
     dtype = cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or config.get("dtype")
     if dtype is not None:

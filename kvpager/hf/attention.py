@@ -137,8 +137,12 @@ def kvpager_attention(
                 f"attn_implementation={ATTN_IMPLEMENTATION!r} needs the kvpager=PagedBatch(...) "
                 "keyword in the forward call; use kvpager.hf.generate"
             )
-    if query.shape[0] != 1:
-        raise ValueError(f"kvpager attention takes one packed row, got batch size {query.shape[0]}")
+    rows = query.shape[0]
+    if rows != 1:  # a decode step of one token a row (`kvpager.hf.recurrent`): as one packed row
+        if query.shape[2] != 1 or key.shape[0] != rows or value.shape[0] != rows:
+            raise ValueError(f"kvpager attention takes one packed row, or rows of one token each (a decode "
+                             f"step), got q {tuple(query.shape)}")
+        query, key, value = query.transpose(0, 2), key.transpose(0, 2), value.transpose(0, 2)
     batch = kvpager
     layer = module.layer_idx
     if batch.windows is not None:
@@ -186,8 +190,10 @@ def kvpager_attention(
     else:
         out = write_attend(batch, layer, query, key, value, scaling, window, softcap, s_aux, chunk, tuning)
     if fitted is not None:
-        return fitted.output(out), None
-    return (out if out.shape[3] == dv else out[..., :dv]), None
+        out = fitted.output(out)
+    elif out.shape[3] != dv:
+        out = out[..., :dv]
+    return (out if rows == 1 else out.transpose(0, 1)), None
 
 
 def write_attend(batch: PagedBatch, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -285,7 +291,13 @@ def check_layers_ran(model: Any, batch: PagedBatch) -> None:
     second call's (HRM-text counts its cycles as layers: as many calls as
     layers, over two of them): all generate wrong tokens without a word."""
     ran, layers = batch.layers_run, text_config(model).num_hidden_layers
-    if ran == layers and batch.layers_seen == (1 << layers) - 1:
+    want, attending = (1 << layers) - 1, layers
+    if batch.layers is not None:  # layers without attention (pool layer -1: `kvpager.hf.model.layer_map`)
+        for i, (p, _) in enumerate(batch.layers):
+            if p < 0:
+                want &= ~(1 << i)
+                attending -= 1
+    if ran == attending and batch.layers_seen == want:
         return
     distinct = bin(batch.layers_seen).count("1")
     if ran > distinct:  # a layer attended twice: its second K/V would overwrite the first's
@@ -294,8 +306,8 @@ def check_layers_ran(model: Any, batch: PagedBatch) -> None:
             "it attends more than once a layer (recurrent loops over its layers, differential attention), and "
             "kvpager holds one K/V per layer and token: run this model with its own cache")
     raise ValueError(
-        f"{type(model).__name__}: {distinct} of its {layers} layers attended through kvpager in this pass; "
-        + _NOT_SERVED)
+        f"{type(model).__name__}: {distinct} of its {attending} attention layers attended through kvpager in this "
+        "pass; " + _NOT_SERVED)
 
 
 def forward_pass(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,

@@ -54,16 +54,16 @@ def _rows(model: Any, input_ids: Any, attention_mask: Any) -> list[list[int]]:
     with a flat mask if any), or prompts of any lengths as `generate` takes them
     (a [batch, tokens] tensor, lists of lists: a tokenizer's unpadded output
     too), each cut to its tokens where ``attention_mask`` is 1."""
-    from kvpager.hf.generation import _token_lists
+    from kvpager.hf.padding import token_lists
 
     if _ndim(input_ids) == 1 and not isinstance(input_ids, (str, bytes)):
         flat = attention_mask is not None and _ndim(attention_mask) == 1
         try:
-            return _token_lists([input_ids], model, [attention_mask] if flat else attention_mask)
+            return token_lists([input_ids], model, [attention_mask] if flat else attention_mask)
         except ValueError as e:
             raise InvalidArgument(str(e).replace("prompts[0]", "input_ids")) from None
     try:
-        return _token_lists(input_ids, model, attention_mask)
+        return token_lists(input_ids, model, attention_mask)
     except InvalidArgument:
         raise
     except ValueError as e:

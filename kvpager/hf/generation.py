@@ -22,7 +22,8 @@ Gemma-2's logit soft cap, greedy decoding. This module also gives the names of
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Sequence
 from dataclasses import KW_ONLY, InitVar, dataclass, field
 from typing import Any
 
@@ -54,61 +55,16 @@ from kvpager.hf.model import (  # noqa: F401
     spec_for_model,
     text_config,
 )
-from kvpager.hf.padding import strip_padding, warn_if_padded
+from kvpager.hf.padding import token_lists
 from kvpager.hf.passes import HostBuffers, Owed, Pass
 from kvpager.hf.pipeline import DecodePasses
+from kvpager.hf.recurrent import Recurrent, has_recurrent_layers
 from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
 from kvpager.validate import is_int
 
 __all__ = ["PagedBatch", "PagedGeneration", "default_salt", "generate", "layer_windows", "spec_for_model"]
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def _token_lists(prompts: Any, model: Any, attention_mask: Any = None) -> list[list[int]]:
-    """``prompts`` as lists of ints, each an id of ``model``'s input embeddings
-    (ValueError for anything else: a float is not truncated into an id, and an
-    id past the vocabulary is refused here rather than by an index error deep in
-    the model's embedding, after the prompts were allocated). With an
-    ``attention_mask`` of the prompts' shape (a tokenizer's, for a padded batch),
-    each prompt is its tokens where the mask is 1 (`kvpager.hf.padding.strip_padding`:
-    left or right padding; a mask that is not padding is refused); without one, a
-    batch that looks padded warns (`warn_if_padded`). The vocabulary is checked
-    after the padding is stripped: a pad id past the model's embeddings is no token."""
-    if isinstance(prompts, Mapping) and "input_ids" in prompts:
-        raise ValueError("prompts is a tokenizer's output (a mapping with input_ids): pass it as keywords, "
-                         "generate(model, pool, **enc, max_new_tokens=n), or enc['input_ids'] with "
-                         "attention_mask=enc['attention_mask']")
-    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
-        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
-    out = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, (str, bytes)) or not hasattr(p, "__iter__"):
-            raise ValueError(f"prompts[{i}] must be a list of token ids, got {type(p).__name__}")
-        if isinstance(p, (np.ndarray, torch.Tensor)) and p.ndim != 1:  # a 0-d one: one flat tensor's id
-            raise ValueError(f"prompts[{i}] must be a list of token ids, got a {p.ndim}-D {type(p).__name__} "
-                             "(pass [ids] for one prompt)")
-        ids = list(p.tolist() if isinstance(p, (np.ndarray, torch.Tensor)) else p)
-        if not all(is_int(t) for t in ids):
-            bad = next(t for t in ids if not is_int(t))
-            raise ValueError(f"prompts[{i}] holds {bad!r}: token ids must be ints")
-        out.append([int(t) for t in ids])
-    if attention_mask is not None:
-        out = strip_padding(out, prompts, attention_mask)
-    else:
-        warn_if_padded(out, model)
-    if not out or any(not p for p in out):
-        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
-    try:
-        vocab = getattr(model.get_input_embeddings(), "num_embeddings", None)
-    except (AttributeError, NotImplementedError):  # a model without one: its own error, if any, stands
-        vocab = None
-    if isinstance(vocab, int):
-        for i, p in enumerate(out):
-            if min(p) < 0 or max(p) >= vocab:
-                bad = min(p) if min(p) < 0 else max(p)
-                raise ValueError(f"prompts[{i}] holds token id {bad}, outside the model's vocabulary [0, {vocab})")
-    return out
 
 
 def _check_model_and_pool(model: Any, pool: Any) -> None:
@@ -181,7 +137,7 @@ class PagedGeneration(DecodePasses):
             raise ValueError("no prompts: give them as prompts (the third argument) or input_ids=")
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        self.prompts = _token_lists(self.prompts, self.model, attention_mask)
+        self.prompts = token_lists(self.prompts, self.model, attention_mask)
         self._windows = check_model(self.model, self.pool)
         self._layers = layer_map(self.model)  # layers that reuse an earlier layer's K/V (Gemma-3n)
         self._chunks = layer_chunks(self.model, self.pool.spec.block_size)  # chunked layers (Llama-4)
@@ -196,6 +152,14 @@ class PagedGeneration(DecodePasses):
         self._eos = set() if eos is None else {int(e) for e in eos} if many else {int(eos)}
         if self.salt is None:
             self.salt = default_salt(self.model)
+        self._recurrent = None  # a model with recurrent layers: their states (`kvpager.hf.recurrent`)
+        if has_recurrent_layers(self.model):
+            if self.cuda_graphs:
+                raise ValueError("cuda_graphs: a model with recurrent layers (linear attention, state-space "
+                                 "mixers) runs eager passes through kvpager")
+            self._recurrent = Recurrent(self.model, self._batch)
+            # no prompt may start from cached blocks: they carry no recurrent state
+            self.salt = f"{self.salt}|recurrent|{os.urandom(16).hex()}"
         self._device = next(self.model.parameters()).device
         self._pool_dtype = _TORCH_DTYPES[dtype_name(self.pool.spec.dtype)]
         pool_device = str(getattr(self.pool, "device", "cpu"))
@@ -207,7 +171,7 @@ class PagedGeneration(DecodePasses):
         self._last_plan: tuple[Any, list[int]] | None = None
         # a daemon client pipelines only where its daemon answers `record_tokens` (`Client.ops`)
         ops = getattr(self.pool, "ops", None)
-        self._pipelined = (self.pipeline and hasattr(self.pool, "record_tokens")
+        self._pipelined = (self.pipeline and hasattr(self.pool, "record_tokens") and self._recurrent is None
                            and (ops is None or "record_tokens" in ops))
         self._inflight: Pass | None = None  # the decode pass launched and not yet completed
         # a daemon that batches takes a pipelined step's calls in one round trip (`DecodePasses._later`)
@@ -243,7 +207,7 @@ class PagedGeneration(DecodePasses):
                                        compile=self.compile)
         # One forward pass writes every layer's K/V for the whole batch before it
         # attends, so prompts of the batch may share the blocks an earlier one fills.
-        allocs = self.pool.allocate(self.prompts, self.salt, share_in_batch=True)
+        allocs = self.pool.allocate(self.prompts, self.salt, share_in_batch=self._recurrent is None)
         self.seq_ids = [a.seq_id for a in allocs]
         self.num_cached_tokens = [a.num_cached_tokens for a in allocs]
         self.outputs = [[] for _ in allocs]
@@ -299,6 +263,8 @@ class PagedGeneration(DecodePasses):
             [[p for ps in positions for p in ps]], dtype=torch.long, device=self._device
         )
         ids = [self.seq_ids[i] for i in rows]
+        if self._recurrent is not None:  # each prompt a row of its own
+            return self._recurrent.prefill(self.pool, rows, ids, tokens, positions, slots, self._device)
         if self._graphs is not None and max(lens) == 1:
             next_tokens = self._graphs.step(ids, input_ids, position_ids, slots)
         else:

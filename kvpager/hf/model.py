@@ -25,7 +25,7 @@ import torch
 
 from kvpager.errors import InvalidArgument
 from kvpager.layer_geometry import attribute_getter, fit, layer_getters
-from kvpager.sizing import attention_dims, kv_sources, pool_layers
+from kvpager.sizing import NO_KV_KINDS, attention_dims, kv_sources, pool_layers
 from kvpager.spec import PoolSpec, dtype_name
 
 FULL, SLIDING, CHUNKED = "full_attention", "sliding_attention", "chunked_attention"
@@ -82,10 +82,10 @@ def layer_windows(model: Any) -> list[int | None]:
         window = None
     kinds = getattr(config, "layer_types", None)
     if kinds:
-        other = sorted(set(kinds) - {FULL, SLIDING, CHUNKED})
+        other = sorted(set(kinds) - {FULL, SLIDING, CHUNKED} - NO_KV_KINDS)
         if other:
-            raise ValueError(f"kvpager attends full, sliding-window and chunked layers only; layer_types here: "
-                             f"{other}")
+            raise ValueError(f"kvpager attends full, sliding-window and chunked layers (beside layers without "
+                             f"attention: {sorted(NO_KV_KINDS)}) only; layer_types here: {other}")
         if SLIDING in kinds and window is None:
             raise ValueError("layer_types has sliding_attention layers but config.sliding_window is not set")
         windows = [window if kind == SLIDING else None for kind in kinds]
@@ -97,6 +97,9 @@ def layer_windows(model: Any) -> list[int | None]:
             continue  # not an attention module
         if module.is_causal is False:
             raise ValueError(f"layer {idx} attends bidirectionally (is_causal=False); kvpager attends causally")
+        if kinds and idx < len(kinds) and kinds[idx] in NO_KV_KINDS:
+            raise ValueError(f"layer {idx} has an attention module ({type(module).__name__}) but layer_types "
+                             f"says it is {kinds[idx]!r}, a layer without K/V; refusing rather than guessing")
     for i, w in enumerate(windows):
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
             raise ValueError(f"layer {i} has sliding window {w!r}; kvpager needs a positive int")
@@ -146,8 +149,10 @@ def layer_map(model: Any) -> list[tuple[int, bool]] | None:
     its K/V there), where some layers reuse an earlier layer's K/V (Gemma-3n:
     `kvpager.sizing.kv_sources`): such a layer writes nothing and attends over
     the K/V its source stored, as transformers' shared layers do, and the pool
-    holds only the layers that store. None where every layer stores its own
-    (pool layer = layer). ValueError for sharing kvpager cannot follow."""
+    holds only the layers that store; (-1, False) for a layer without attention
+    (`kvpager.sizing.NO_KV_KINDS`: the recurrent layers of Qwen3.5, Jamba, ...).
+    None where every layer stores its own (pool layer = layer). ValueError for
+    sharing kvpager cannot follow."""
     sources = _kv_sources(text_config(model))
     if sources == list(range(len(sources))):
         return None
@@ -289,7 +294,10 @@ def model_geometry(config: Any) -> dict[str, int]:
             kv_heads, head_dim = fit(dims, config.num_attention_heads, type(config).__name__)
         except InvalidArgument as e:
             raise ValueError(str(e)) from e
-    return dict(num_layers=len(set(sources)), num_kv_heads=kv_heads, head_dim=head_dim)
+    stored = len({s for s in sources if s >= 0})
+    if not stored:
+        raise ValueError(f"{type(config).__name__}: no layer attends; kvpager holds attention layers' K/V")
+    return dict(num_layers=stored, num_kv_heads=kv_heads, head_dim=head_dim)
 
 
 def layer_fit(model: Any) -> tuple[int, int] | None:

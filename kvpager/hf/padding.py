@@ -8,12 +8,14 @@ each row to the run where its mask is 1. Only padding is stripped: a mask whose
 1s are not one run in a row (a 0 between them), a row of 0s, a mask of another
 shape than the prompts or values other than 0 and 1 are refused by name.
 `warn_if_padded` warns where a batch without a mask looks padded.
+`token_lists` turns what a caller passes as prompts into lists of token ids.
 """
 
 from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -22,7 +24,7 @@ import torch
 from kvpager.errors import InvalidArgument
 from kvpager.validate import is_int
 
-__all__ = ["pad_token_ids", "strip_padding", "warn_if_padded"]
+__all__ = ["pad_token_ids", "strip_padding", "token_lists", "warn_if_padded"]
 
 _MASK_KINDS = "biuf"  # bool, int, unsigned, float dtypes: their values are checked to be 0 or 1
 
@@ -159,3 +161,49 @@ def warn_if_padded(rows: list[list[int]], model: Any) -> bool:
                 UserWarning, stacklevel=_outside_kvpager_hf())
             return True
     return False
+
+
+def token_lists(prompts: Any, model: Any, attention_mask: Any = None) -> list[list[int]]:
+    """``prompts`` as lists of ints, each an id of ``model``'s input embeddings
+    (ValueError for anything else: a float is not truncated into an id, and an
+    id past the vocabulary is refused here rather than by an index error deep in
+    the model's embedding, after the prompts were allocated). With an
+    ``attention_mask`` of the prompts' shape (a tokenizer's, for a padded batch),
+    each prompt is its tokens where the mask is 1 (`kvpager.hf.padding.strip_padding`:
+    left or right padding; a mask that is not padding is refused); without one, a
+    batch that looks padded warns (`warn_if_padded`). The vocabulary is checked
+    after the padding is stripped: a pad id past the model's embeddings is no token."""
+    if isinstance(prompts, Mapping) and "input_ids" in prompts:
+        raise ValueError("prompts is a tokenizer's output (a mapping with input_ids): pass it as keywords, "
+                         "generate(model, pool, **enc, max_new_tokens=n), or enc['input_ids'] with "
+                         "attention_mask=enc['attention_mask']")
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
+        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)) or not hasattr(p, "__iter__"):
+            raise ValueError(f"prompts[{i}] must be a list of token ids, got {type(p).__name__}")
+        if isinstance(p, (np.ndarray, torch.Tensor)) and p.ndim != 1:  # a 0-d one: one flat tensor's id
+            raise ValueError(f"prompts[{i}] must be a list of token ids, got a {p.ndim}-D {type(p).__name__} "
+                             "(pass [ids] for one prompt)")
+        ids = list(p.tolist() if isinstance(p, (np.ndarray, torch.Tensor)) else p)
+        if not all(is_int(t) for t in ids):
+            bad = next(t for t in ids if not is_int(t))
+            raise ValueError(f"prompts[{i}] holds {bad!r}: token ids must be ints")
+        out.append([int(t) for t in ids])
+    if attention_mask is not None:
+        out = strip_padding(out, prompts, attention_mask)
+    else:
+        warn_if_padded(out, model)
+    if not out or any(not p for p in out):
+        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    try:
+        vocab = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    except (AttributeError, NotImplementedError):  # a model without one: its own error, if any, stands
+        vocab = None
+    if isinstance(vocab, int):
+        for i, p in enumerate(out):
+            if min(p) < 0 or max(p) >= vocab:
+                bad = min(p) if min(p) < 0 else max(p)
+                raise ValueError(f"prompts[{i}] holds token id {bad}, outside the model's vocabulary [0, {vocab})")
+    return out

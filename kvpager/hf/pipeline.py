@@ -84,6 +84,9 @@ class DecodePasses:
             if self._graphs is not None:
                 tokens = self._graphs.launch(ids, input_ids, position_ids, slots)
                 reads = self._graphs.last
+            elif self._recurrent is not None:  # rows of a token each, with their recurrent states
+                reads = self._plan(ids, [1] * len(ids), slots)
+                tokens = self._recurrent.decode(reads, rows, input_ids, position_ids)
             else:
                 reads = self._plan(ids, [1] * len(ids), slots)
                 tokens = self._forward(reads, input_ids, position_ids)
@@ -115,7 +118,8 @@ class DecodePasses:
                 ids = nxt.seq_ids if rows is nxt.rows else [self.seq_ids[i] for i in rows]
                 self._later("record_tokens", ids, np.fromiter(of, np.int64, len(rows)).reshape(-1, 1))
         # ``done``'s writes have landed (its event): no wait for the pass in flight
-        self._later("commit", done.seq_ids, [p + 1 for p in done.positions], synchronize=False)
+        if self._recurrent is None:  # (a recurrent model's blocks are never published: `_record`)
+            self._later("commit", done.seq_ids, [p + 1 for p in done.positions], synchronize=False)
         fed = set(nxt.rows) if nxt is not None else ()
         # a row the next pass was fed to keeps its blocks until that pass has written them
         if nxt is not None:
@@ -233,7 +237,10 @@ class DecodePasses:
         """The prefill's tokens: commit, outputs, finished sequences freed, windows' blocks released."""
         if hasattr(self.pool, "synchronize"):
             self.pool.synchronize()
-        self.pool.commit(ids)
+        # A model with recurrent layers publishes nothing: a prompt that found its blocks would
+        # lack the recurrent state at their end (`kvpager.hf.recurrent`).
+        if self._recurrent is None:
+            self.pool.commit(ids)
         ended = self._update(rows, next_tokens)
         self._free([self.seq_ids[i] for i in ended])  # a finished sequence's blocks go back at once
         self._release([i for i in rows if not self.finished[i]])

@@ -1,0 +1,181 @@
+"""Models with recurrent layers beside their attention layers (`kvpager.hf.recurrent`):
+linear attention (Qwen3.5, Qwen3.5-MoE, Qwen3-Next, OLMo-hybrid), state-space
+mixers (Jamba, Bamba, Granite-4.0-H, Nemotron-H) and short convolutions (LFM2),
+tiny random models in float32 on the CPU backend. kvpager's greedy tokens
+against transformers' own generate of each prompt alone; sequences ending at
+different steps (their states dropped from the batch); the pool holding the
+attention layers alone, nothing published, nothing left; what is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers.cache_utils", reason="needs transformers' cache layers")
+if not hasattr(__import__("transformers.cache_utils").cache_utils, "LinearAttentionCacheLayerMixin"):
+    pytest.skip("transformers without linear-attention cache layers", allow_module_level=True)
+
+from kvpager import InvalidArgument, KVPool  # noqa: E402
+from kvpager.hf import generate, spec_for_model  # noqa: E402
+from kvpager.hf.recurrent import has_recurrent_layers  # noqa: E402
+from kvpager.sizing import config_geometry  # noqa: E402
+
+VOCAB = 128
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, pad_token_id=0)
+LINEAR = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+              mamba_chunk_size=16)
+THREE_ONE = ["linear_attention"] * 3 + ["full_attention"]
+
+# family: (config class prefix, model class, config fields)
+FAMILIES = {
+    "qwen3_5": ("Qwen3_5Text", "Qwen3_5ForCausalLM", dict(num_hidden_layers=4, layer_types=THREE_ONE, **LINEAR)),
+    "qwen3_5_moe": ("Qwen3_5MoeText", "Qwen3_5MoeForCausalLM",
+                    dict(num_hidden_layers=4, layer_types=THREE_ONE, **LINEAR, **MOE)),
+    "qwen3_next": ("Qwen3Next", "Qwen3NextForCausalLM", dict(num_hidden_layers=4, layer_types=THREE_ONE, **LINEAR,
+                                                             **MOE)),
+    "olmo_hybrid": ("OlmoHybrid", "OlmoHybridForCausalLM", dict(num_hidden_layers=4)),
+    "jamba": ("Jamba", "JambaForCausalLM", dict(num_hidden_layers=4, attn_layer_period=4, attn_layer_offset=3,
+                                                expert_layer_period=2, expert_layer_offset=1, num_experts=2,
+                                                mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8,
+                                                use_mamba_kernels=False)),
+    "bamba": ("Bamba", "BambaForCausalLM", dict(num_hidden_layers=4, attn_layer_indices=[3], **MAMBA2)),
+    "granitemoehybrid": ("GraniteMoeHybrid", "GraniteMoeHybridForCausalLM",
+                         dict(num_hidden_layers=4, layer_types=["mamba", "mamba", "mamba", "attention"],
+                              num_local_experts=2, num_experts_per_tok=1, shared_intermediate_size=32, **MAMBA2)),
+    "nemotron_h": ("NemotronH", "NemotronHForCausalLM", dict(num_hidden_layers=4)),
+    "lfm2": ("Lfm2", "Lfm2ForCausalLM", dict(num_hidden_layers=4, full_attn_idxs=[2])),
+}
+
+
+def make(family: str, **fields):
+    prefix, model_class, own = FAMILIES[family]
+    config_class = getattr(transformers, prefix + "Config")
+    base = config_class()
+    config = config_class(**{**{k: v for k, v in SMALL.items() if hasattr(base, k)}, **own, **fields})
+    torch.manual_seed(0)
+    return getattr(transformers, model_class)(config).eval()
+
+
+def prompts(*lengths: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def reference(model, ps: list[list[int]], n: int, eos=None) -> list[list[int]]:
+    """transformers' greedy tokens for each prompt alone (no padding)."""
+    out = []
+    for p in ps:
+        ids = model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0)
+        out.append(ids[0, len(p):].tolist())
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tokens_equal_transformers(family):
+    """Prompts of 1 to 40 tokens (some over several blocks), five new tokens each:
+    kvpager's tokens are transformers'; the pool holds the attention layers alone,
+    and nothing is left in it or published."""
+    model = make(family)
+    assert has_recurrent_layers(model)
+    kinds = model.config.layer_types
+    attending = [k for k in kinds if k in ("full_attention", "sliding_attention", "attention")]
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    assert 0 < pool.spec.num_layers == len(attending) < len(kinds)
+    ps = prompts(9, 7, 40, 1, 16)
+    with torch.inference_mode():
+        want = reference(model, ps, 5)
+    assert generate(model, pool, ps, max_new_tokens=5, eos_token_id=None) == want
+    stats = pool.stats()
+    assert stats.num_sequences == 0 and stats.cached_blocks == 0 and stats.free_blocks == stats.total_blocks
+    pool.check_integrity()
+
+
+def test_sequences_that_end_early_leave_the_others_states_in_place():
+    """An end token that one sequence meets at its second step and another at its
+    fourth: the rows left keep their own recurrent states (gathered as the batch
+    shrinks), so every sequence's tokens stay transformers'."""
+    model = make("qwen3_5")
+    ps = prompts(5, 12, 3, 20, seed=7)
+    with torch.inference_mode():
+        free = reference(model, ps, 6)
+    eos = [free[0][1], free[2][3]]
+    with torch.inference_mode():
+        want = reference(model, ps, 6, eos=eos)
+    assert any(len(w) < 6 for w in want) and any(len(w) == 6 for w in want)
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    assert generate(model, pool, ps, max_new_tokens=6, eos_token_id=eos) == want
+    assert pool.stats().num_sequences == 0
+
+
+def test_a_prompt_generated_twice_starts_from_nothing_cached():
+    """The same prompts twice over one pool: the second generation finds nothing in the
+    prefix cache (a recurrent model publishes no blocks: they would lack the state at
+    their end) and gives the same tokens."""
+    model = make("jamba")
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    ps = prompts(24, 17)
+    first = generate(model, pool, ps, max_new_tokens=3, eos_token_id=None)
+    second = generate(model, pool, ps, max_new_tokens=3, eos_token_id=None, salt="a salt of my own")
+    assert first == second
+    assert pool.stats().prefix_hit_tokens == 0
+
+
+def test_cuda_graphs_are_refused_by_name():
+    model = make("lfm2")
+    pool = KVPool(spec_for_model(model, num_blocks=16, block_size=8))
+    with pytest.raises(ValueError, match="recurrent layers"):
+        generate(model, pool, prompts(4), max_new_tokens=2, cuda_graphs=True)
+    assert pool.stats().num_sequences == 0
+
+
+def test_layers_that_mix_attention_and_state_are_refused():
+    """A layer kind that both attends and keeps a state ("hybrid": Falcon-H1, Zamba)
+    is not one kvpager serves yet: refused by name, before anything is allocated."""
+    model = make("qwen3_5")
+    pool = KVPool(spec_for_model(model, num_blocks=16, block_size=8))
+    model.config.layer_types = ["linear_attention", "hybrid", "linear_attention", "full_attention"]
+    with pytest.raises(ValueError, match="hybrid"):
+        generate(model, pool, prompts(4), max_new_tokens=2)
+    assert pool.stats().num_sequences == 0
+
+
+def test_a_config_json_sizes_the_attention_layers_alone():
+    """`kvpager serve --model`'s sizing of a config.json counts the layers that attend
+    (as the worker's model does), and refuses a config without any."""
+    config = dict(num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                  hidden_size=512, layer_types=["linear_attention", "linear_attention", "full_attention"] * 2,
+                  torch_dtype="bfloat16")
+    assert config_geometry(config) == dict(num_layers=2, num_kv_heads=2, head_dim=64, dtype="bfloat16")
+    model = make("qwen3_5")
+    assert spec_for_model(model, num_blocks=8).num_layers == 1
+    with pytest.raises(InvalidArgument, match="no layer attends"):
+        config_geometry({**config, "layer_types": ["linear_attention"] * 6})
+
+
+def test_through_a_daemon_client():
+    """A daemon `Client` as the pool: transformers' tokens, unpipelined (each pass's
+    rows carry their states), nothing published or left in the daemon."""
+    pytest.importorskip("zmq")
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+    from kvpager.hf import PagedGeneration
+
+    model = make("qwen3_next")
+    ps = prompts(11, 30, 2, seed=3)
+    with torch.inference_mode():
+        want = reference(model, ps, 4)
+    with running_server(spec_for_model(model, num_blocks=64, block_size=8), heartbeat_timeout=60) as server:
+        with Client(server.endpoint) as c:
+            with PagedGeneration(model, c, ps, 4, eos_token_id=None) as gen:
+                assert not gen._pipelined
+                while not gen.done:
+                    gen.step()
+                assert gen.outputs == want
+            stats = c.stats()
+            assert stats.num_sequences == 0 and stats.cached_blocks == 0
+            c.check_integrity()
