@@ -169,13 +169,34 @@ def test_through_a_daemon_client():
     ps = prompts(11, 30, 2, seed=3)
     with torch.inference_mode():
         want = reference(model, ps, 4)
-    with running_server(spec_for_model(model, num_blocks=64, block_size=8), heartbeat_timeout=60) as server:
-        with Client(server.endpoint) as c:
-            with PagedGeneration(model, c, ps, 4, eos_token_id=None) as gen:
-                assert not gen._pipelined
-                while not gen.done:
-                    gen.step()
-                assert gen.outputs == want
-            stats = c.stats()
-            assert stats.num_sequences == 0 and stats.cached_blocks == 0
-            c.check_integrity()
+    spec = spec_for_model(model, num_blocks=64, block_size=8)
+    with running_server(spec, heartbeat_timeout=60) as server, Client(server.endpoint) as c:
+        with PagedGeneration(model, c, ps, 4, eos_token_id=None) as gen:
+            assert not gen._pipelined
+            while not gen.done:
+                gen.step()
+            assert gen.outputs == want
+        stats = c.stats()
+        assert stats.num_sequences == 0 and stats.cached_blocks == 0
+        c.check_integrity()
+
+
+def test_a_packed_row_is_refused():
+    """`paged_forward` (one packed row of every sequence's tokens) would run the
+    sequences through the recurrent layers as one, without their states: refused by
+    name, as is a batch of rows of several tokens at the attention function."""
+    from kvpager.hf import PagedBatch, paged_attention, paged_forward
+    from kvpager.hf.attention import kvpager_attention
+
+    model = make("bamba")
+    pool = KVPool(spec_for_model(model, num_blocks=16, block_size=8))
+    a, b = pool.allocate(prompts(4, 5), "packed")
+    slots = torch.cat([torch.as_tensor(a.slots), torch.as_tensor(b.slots)]).numpy()
+    batch = PagedBatch(pool.plan([a.seq_id, b.seq_id], [4, 5], slots), torch.float32, torch.device("cpu"))
+    ids = torch.tensor([prompts(4, 5)[0] + prompts(4, 5)[1]])
+    with paged_attention(model), torch.inference_mode(), pytest.raises(ValueError, match="recurrent layers"):
+        paged_forward(model, batch, ids, torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]]))
+    q = torch.zeros(2, 4, 3, 16)
+    with pytest.raises(ValueError, match="one token each"):
+        kvpager_attention(model.model.layers[3].self_attn, q, q[:, :2], q[:, :2], None, kvpager=batch)
+    pool.free([a.seq_id, b.seq_id])

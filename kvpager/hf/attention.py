@@ -38,6 +38,7 @@ from kvpager.hf.model import (
     ABSENT,
     IGNORED,
     check_call,
+    has_recurrent_layers,
     layer_chunk,
     temperature_tuned,
     text_config,
@@ -249,8 +250,21 @@ def paged_forward(model: Any, batch: PagedBatch, input_ids: torch.Tensor, positi
     row; returns the greedy next token of each kept position. Nothing here waits
     for the device, so a CUDA graph can capture it. A model compiled by its user
     (``torch.compile(model)``) works too: its attention layers call the
-    ``kvpager::write_attend`` op, which reaches ``batch`` through `running`."""
+    ``kvpager::write_attend`` op, which reaches ``batch`` through `running`.
+    ValueError for a model with recurrent layers, whose layers would mix the
+    packed row's sequences (`check_packable`)."""
+    check_packable(model)
     return run_pass(model, batch, forward_pass, input_ids, position_ids, logits_to_keep)
+
+
+def check_packable(model: Any) -> None:
+    """ValueError for a model with recurrent layers (`kvpager.hf.recurrent`): a packed
+    row's sequences would run through its recurrent layers as one sequence, without
+    their states, and give wrong tokens without a word."""
+    if has_recurrent_layers(model):
+        raise ValueError(f"{type(model).__name__} has recurrent layers (layer_types "
+                         f"{sorted(set(text_config(model).layer_types))}): one packed row cannot carry its "
+                         "sequences; run it through kvpager.hf.generate / PagedGeneration (kvpager.hf.recurrent)")
 
 
 def run_pass(model: Any, batch: PagedBatch, fn: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,

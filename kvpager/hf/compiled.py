@@ -99,8 +99,9 @@ def compiled_forward(model: Any, batch: Any, input_ids: torch.Tensor, position_i
     of seconds for an 8B model); a second batch size makes the compiled graph
     take any size, so later buckets reuse it. The model must be switched to
     kvpager attention (`paged_attention`)."""
-    from kvpager.hf.attention import forward_pass, run_pass
+    from kvpager.hf.attention import check_packable, forward_pass, run_pass
 
+    check_packable(model)
     fn = _compiled.get((backend, fullgraph))
     if fn is None:
         fn = _compiled[backend, fullgraph] = torch.compile(forward_pass, backend=backend, fullgraph=fullgraph)

@@ -29,6 +29,8 @@ from kvpager.sizing import NO_KV_KINDS, attention_dims, kv_sources, pool_layers
 from kvpager.spec import PoolSpec, dtype_name
 
 FULL, SLIDING, CHUNKED = "full_attention", "sliding_attention", "chunked_attention"
+#: ``layer_types`` kinds whose layers keep a recurrent state a sequence (`kvpager.hf.recurrent`)
+RECURRENT_KINDS = frozenset({"linear_attention", "conv"})
 ABSENT: Any = object()  # an attention argument transformers did not pass
 
 # Keyword arguments of transformers' attention call that change nothing here:
@@ -104,6 +106,13 @@ def layer_windows(model: Any) -> list[int | None]:
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
             raise ValueError(f"layer {i} has sliding window {w!r}; kvpager needs a positive int")
     return windows
+
+
+def has_recurrent_layers(model: Any) -> bool:
+    """Whether ``model``'s ``layer_types`` name layers that keep a recurrent state
+    (linear attention, state-space mixers, short convolutions: `kvpager.hf.recurrent`)."""
+    kinds = getattr(text_config(model), "layer_types", None) or ()
+    return not RECURRENT_KINDS.isdisjoint(kinds)
 
 
 def layer_chunks(model: Any, block_size: int | None = None) -> list[int | None]:

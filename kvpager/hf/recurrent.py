@@ -37,17 +37,10 @@ import numpy as np
 import torch
 
 from kvpager.hf.attention import PagedBatch, paged_attention, run_pass
-from kvpager.hf.model import text_config
+from kvpager.hf.model import RECURRENT_KINDS, has_recurrent_layers, text_config
 from kvpager.sizing import NO_KV_KINDS
 
-#: ``layer_types`` kinds whose layers keep a recurrent state a sequence
-RECURRENT_KINDS = frozenset({"linear_attention", "conv"})
-
-
-def has_recurrent_layers(model: Any) -> bool:
-    """Whether ``model``'s ``layer_types`` name layers that keep a recurrent state."""
-    kinds = getattr(text_config(model), "layer_types", None) or ()
-    return bool(RECURRENT_KINDS & set(kinds))
+__all__ = ["Recurrent", "has_recurrent_layers", "join", "new_cache"]
 
 
 def _cache_classes() -> tuple[Any, Any, Any]:
