@@ -1,5 +1,6 @@
 """Models with recurrent layers beside their attention layers (`kvpager.hf.recurrent`):
-linear attention (Qwen3.5, Qwen3.5-MoE, Qwen3-Next, OLMo-hybrid), state-space
+linear attention (Qwen3.5, Qwen3.5-MoE, Qwen3-Next, OLMo-hybrid; Kimi-Linear and
+Bailing-hybrid with latent attention in their attention layers), state-space
 mixers (Jamba, Bamba, Granite-4.0-H, Nemotron-H) and short convolutions (LFM2),
 tiny random models in float32 on the CPU backend. kvpager's greedy tokens
 against transformers' own generate of each prompt alone; sequences ending at
@@ -29,6 +30,10 @@ MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, share
 MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
               mamba_chunk_size=16)
 THREE_ONE = ["linear_attention"] * 3 + ["full_attention"]
+# multi-head latent attention in the attention layers, Kimi Delta Attention in the others
+MLA_KDA = dict(num_hidden_layers=4, layer_types=THREE_ONE, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8,
+               qk_nope_head_dim=8, v_head_dim=16, linear_head_dim=16, linear_num_heads=4, num_experts=4,
+               num_experts_per_token=2, moe_intermediate_size=32, num_key_value_heads=4)
 
 # family: (config class prefix, model class, config fields)
 FAMILIES = {
@@ -48,6 +53,9 @@ FAMILIES = {
                               num_local_experts=2, num_experts_per_tok=1, shared_intermediate_size=32, **MAMBA2)),
     "nemotron_h": ("NemotronH", "NemotronHForCausalLM", dict(num_hidden_layers=4)),
     "lfm2": ("Lfm2", "Lfm2ForCausalLM", dict(num_hidden_layers=4, full_attn_idxs=[2])),
+    "kimi_linear": ("KimiLinear", "KimiLinearForCausalLM", MLA_KDA),
+    "bailing_hybrid": ("BailingHybrid", "BailingHybridForCausalLM",
+                       dict(MLA_KDA, first_k_dense_replace=1, num_expert_group=1, topk_group=1, layer_group_size=4)),
 }
 
 
