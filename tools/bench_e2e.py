@@ -94,6 +94,14 @@ SHAPES = {
     # otherwise): kvpager decodes them on CUDA cores and prefills them with two warps a query row
     "w512": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
                  num_key_value_heads=4, head_dim=512, vocab_size=128256),
+    # recurrent layers beside attention (`kvpager.hf.recurrent`): Qwen3.5's layout, three layers of
+    # linear attention (Gated DeltaNet) to one of full attention, small enough for the CPU backend
+    # (`--device cpu --shapes q35s`); eager paths only (no CUDA graphs for such models)
+    "q35s": dict(family="Qwen3_5Text", model="Qwen3_5ForCausalLM", hidden_size=512, intermediate_size=1376,
+                 num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                 linear_num_value_heads=8, linear_num_key_heads=4, linear_key_head_dim=64,
+                 linear_value_head_dim=64, layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 2,
+                 vocab_size=32000),
     # multi-head latent attention, DeepSeek-V2-Lite's attention (27 layers, 16 heads, a 512-value
     # latent, q and k of 128 + 64 dims, v of 128) with a dense MLP in every layer (its routed
     # experts left out: transformers' expert loop would dominate both sides' steps)
@@ -107,6 +115,7 @@ SHAPES = {
 def make_model(shape: str) -> torch.nn.Module:
     fields = dict(SHAPES[shape])
     family = fields.pop("family", "Llama")
+    model_class = fields.pop("model", f"{family}ForCausalLM")
     config = getattr(transformers, f"{family}Config")(
         **fields, max_position_embeddings=8192, rope_theta=500000.0, initializer_range=0.02, bos_token_id=1,
         eos_token_id=None, attn_implementation="sdpa")
@@ -114,7 +123,7 @@ def make_model(shape: str) -> torch.nn.Module:
     # bf16 on a GPU; float32 on the CPU, where bf16 matmuls are slow and the NumPy pools compute in float32
     dtype = torch.bfloat16 if e2e_paths.DEVICE == "cuda" else torch.float32
     with torch.device(e2e_paths.DEVICE):
-        model = getattr(transformers, f"{family}ForCausalLM")(config).to(dtype).eval()
+        model = getattr(transformers, model_class)(config).to(dtype).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
@@ -148,8 +157,11 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
     bs, warm = 16, 2
     total = warm + 1 + rounds * (steps + 1) + 2
     blocks = batch * (-(-(own + total) // bs) + 1) + -(-shared // bs) + 64
+    if khf.has_recurrent_layers(model):  # no prefix sharing: each sequence holds its system prompt
+        blocks += batch * -(-shared // bs)
     loop = HFLoop(model, ps)
-    gpu = e2e_paths.DEVICE == "cuda"  # graphs (and the compiled step) need one
+    # graphs (and the compiled step) need a GPU, and a model without recurrent layers
+    gpu = e2e_paths.DEVICE == "cuda" and not khf.has_recurrent_layers(model)
     kinds = [(False, None, True, False)] + ([(True, None, True, False), (True, False, True, False)] if gpu else [])
     if compiled and gpu:
         kinds.append((True, None, True, True))

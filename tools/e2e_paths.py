@@ -15,6 +15,7 @@ import transformers
 
 import kvpager.hf.generation as khf
 from kvpager import KVPool
+from kvpager.hf.recurrent import Recurrent
 
 #: where the models, inputs and pools live: "cuda" (the default), or "cpu" (`bench_e2e.py --device cpu`:
 #: the NumPy backend's pools, eager paths only)
@@ -55,6 +56,14 @@ class HostClock:
             self.mark = time.perf_counter()
 
         khf.paged_forward = timed_forward  # DecodeGraphs imports it from there at capture
+        decode = Recurrent.decode  # a model with recurrent layers: its decode passes
+
+        def timed_decode(rec, *a, **k):
+            r = decode(rec, *a, **k)
+            self.mark = time.perf_counter()
+            return r
+
+        Recurrent.decode = timed_decode
         if replay is not None:
             torch.cuda.CUDAGraph.replay = timed_replay
 
@@ -102,7 +111,7 @@ class HFLoop(Timed):
         super().__init__()
         self.model, self.batch = model, len(ps)
         ids = torch.tensor(ps, device=DEVICE)
-        self.cache = transformers.DynamicCache()
+        self.cache = transformers.DynamicCache(config=model.config)  # (recurrent layers: their own kind)
         self.kv = cache_argument(model, self.cache)
         self.mask = torch.ones_like(ids)
         self.column = torch.ones_like(ids[:, :1])
@@ -132,7 +141,8 @@ class HFLoop(Timed):
         self.keep(wall, host, timed)
 
     def row(self) -> dict:
-        kv = sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
+        kv = sum(t.numel() * t.element_size() for layer in self.cache.layers
+                 for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
         return self.summary("hf loop", kv)
 
     def close(self) -> None:
