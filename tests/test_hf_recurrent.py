@@ -208,3 +208,21 @@ def test_a_packed_row_is_refused():
     with pytest.raises(ValueError, match="one token each"):
         kvpager_attention(model.model.layers[3].self_attn, q, q[:, :2], q[:, :2], None, kvpager=batch)
     pool.free([a.seq_id, b.seq_id])
+
+
+def test_the_multimodal_qwen3_5_asked_for_text():
+    """Qwen3.5 as its checkpoints load it (`Qwen3_5ForConditionalGeneration`, a tiny
+    vision tower that never runs): the text config's layers and the wrapper's forward
+    (its cache argument, its rope over text positions) give transformers' tokens."""
+    text = dict(SMALL, num_hidden_layers=4, layer_types=THREE_ONE, **LINEAR)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                  num_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.Qwen3_5ForConditionalGeneration(
+        transformers.Qwen3_5Config(text_config=text, vision_config=vision)).eval()
+    ps = prompts(9, 7, 21)
+    with torch.inference_mode():
+        want = reference(model, ps, 5)
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    assert pool.spec.num_layers == 1
+    assert generate(model, pool, ps, max_new_tokens=5, eos_token_id=None) == want
