@@ -119,6 +119,30 @@ def test_sequences_that_end_early_leave_the_others_states_in_place():
     assert pool.stats().num_sequences == 0
 
 
+def test_prompts_of_one_length_prefill_in_one_pass(monkeypatch):
+    """Prompts of equal length prefill together (rows of as many tokens, the attention
+    layers' tokens packed through one plan): a forward pass per length, here three
+    for six prompts, and transformers' tokens for each, the rows' states put back in
+    the prompts' order for the decode steps."""
+    from kvpager.hf.recurrent import Recurrent
+
+    model = make("qwen3_next")
+    ps = prompts(9, 9, 7, 9, 7, 1, seed=11)
+    with torch.inference_mode():
+        want = reference(model, ps, 4)
+    passes = []
+    run = Recurrent._pass
+
+    def counted(self, plan, input_ids, position_ids, cache):
+        passes.append(tuple(input_ids.shape))
+        return run(self, plan, input_ids, position_ids, cache)
+
+    monkeypatch.setattr(Recurrent, "_pass", counted)
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    assert generate(model, pool, ps, max_new_tokens=4, eos_token_id=None) == want
+    assert passes[:3] == [(3, 9), (2, 7), (1, 1)] and passes[3:] == [(6, 1)] * 3
+
+
 def test_a_prompt_generated_twice_starts_from_nothing_cached():
     """The same prompts twice over one pool: the second generation finds nothing in the
     prefix cache (a recurrent model publishes no blocks: they would lack the state at
@@ -192,7 +216,8 @@ def test_through_a_daemon_client():
 def test_a_packed_row_is_refused():
     """`paged_forward` (one packed row of every sequence's tokens) would run the
     sequences through the recurrent layers as one, without their states: refused by
-    name, as is a batch of rows of several tokens at the attention function."""
+    name; rows whose K/V are not as many rows of as many tokens as the queries' are
+    refused at the attention function."""
     from kvpager.hf import PagedBatch, paged_attention, paged_forward
     from kvpager.hf.attention import kvpager_attention
 
@@ -205,8 +230,9 @@ def test_a_packed_row_is_refused():
     with paged_attention(model), torch.inference_mode(), pytest.raises(ValueError, match="recurrent layers"):
         paged_forward(model, batch, ids, torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]]))
     q = torch.zeros(2, 4, 3, 16)
-    with pytest.raises(ValueError, match="one token each"):
-        kvpager_attention(model.model.layers[3].self_attn, q, q[:, :2], q[:, :2], None, kvpager=batch)
+    for k in (q[:1, :2], q[:, :2, :2]):
+        with pytest.raises(ValueError, match="as many new tokens each"):
+            kvpager_attention(model.model.layers[3].self_attn, q, k, k, None, kvpager=batch)
     pool.free([a.seq_id, b.seq_id])
 
 

@@ -138,12 +138,13 @@ def kvpager_attention(
                 f"attn_implementation={ATTN_IMPLEMENTATION!r} needs the kvpager=PagedBatch(...) "
                 "keyword in the forward call; use kvpager.hf.generate"
             )
-    rows = query.shape[0]
-    if rows != 1:  # a decode step of one token a row (`kvpager.hf.recurrent`): as one packed row
-        if query.shape[2] != 1 or key.shape[0] != rows or value.shape[0] != rows:
-            raise ValueError(f"kvpager attention takes one packed row, or rows of one token each (a decode "
-                             f"step), got q {tuple(query.shape)}")
-        query, key, value = query.transpose(0, 2), key.transpose(0, 2), value.transpose(0, 2)
+    rows, tokens = query.shape[0], query.shape[2]
+    if rows != 1:  # rows of equal length, each a sequence's new tokens (`kvpager.hf.recurrent`): packed
+        if key.shape[0] != rows or value.shape[0] != rows or key.shape[2] != tokens or value.shape[2] != tokens:
+            raise ValueError(f"kvpager attention takes one packed row, or rows of as many new tokens each, got "
+                             f"q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)}")
+        query, key, value = (x.transpose(1, 2).reshape(1, rows * tokens, x.shape[1], x.shape[3]).transpose(1, 2)
+                             for x in (query, key, value))
     batch = kvpager
     layer = module.layer_idx
     if batch.windows is not None:
@@ -194,7 +195,7 @@ def kvpager_attention(
         out = fitted.output(out)
     elif out.shape[3] != dv:
         out = out[..., :dv]
-    return (out if rows == 1 else out.transpose(0, 1)), None
+    return (out if rows == 1 else out.reshape(rows, tokens, out.shape[2], out.shape[3])), None
 
 
 def write_attend(batch: PagedBatch, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -13,8 +13,9 @@ A recurrent layer mixes every token of its row in order, so the packed row of
 `kvpager.hf.attention` (all sequences' new tokens in one row) cannot carry such
 a model. `Recurrent` runs
 
-- each prompt's prefill as a row of its own (a forward pass per prompt, its
-  states into a cache of one row), then joins the rows' states into one cache
+- the prefill as rows of the prompts of one length (a forward pass per
+  length, no padding; rows of as many tokens each, which the attention
+  function packs as one row), then joins the passes' states into one cache
   (`join`), and
 - each decode step as rows of one token each ([B, 1]), the attention layers
   attending through one step plan as a packed row would
@@ -91,8 +92,8 @@ def new_cache(model: Any) -> Any:
 
 
 def join(caches: Sequence[Any], model: Any) -> Any:
-    """One cache whose rows are ``caches``' (each of one row) in order: each recurrent
-    layer's states concatenated along the batch."""
+    """One cache whose rows are ``caches``' rows in order: each recurrent layer's
+    states concatenated along the batch."""
     _, _, linear = _cache_classes()
     out = new_cache(model)
     for i, layer in enumerate(out.layers):
@@ -134,18 +135,26 @@ class Recurrent:
 
     def prefill(self, pool: Any, rows: list[int], seq_ids: list[int], tokens: list[Sequence[int]],
                 positions: list[range], slots: np.ndarray, device: torch.device) -> list[int]:
-        """Each row's prompt through its own forward pass; the first new token of each."""
-        caches, out, start = [], [], 0
-        for sid, toks, pos in zip(seq_ids, tokens, positions):
-            n = len(toks)
-            plan = pool.plan([sid], [n], slots[start : start + n], num_q_heads=text_config(self.model).num_attention_heads)
-            start += n
+        """The rows' prompts, those of one length together (a forward pass of rows of
+        that many tokens: no padding), each other length a pass of its own; the first
+        new token of each row."""
+        starts = np.concatenate([[0], np.cumsum([len(t) for t in tokens])])
+        by_length: dict[int, list[int]] = {}
+        for k, toks in enumerate(tokens):
+            by_length.setdefault(len(toks), []).append(k)
+        heads = text_config(self.model).num_attention_heads
+        caches, order, out = [], [], [0] * len(rows)
+        for n, group in by_length.items():
+            cut = np.concatenate([slots[starts[k] : starts[k + 1]] for k in group])
+            plan = pool.plan([seq_ids[k] for k in group], [n] * len(group), cut, num_q_heads=heads)
             cache = new_cache(self.model)
-            ids = torch.tensor([list(toks)], dtype=torch.long, device=device)
-            where = torch.tensor([list(pos)], dtype=torch.long, device=device)
-            out.append(int(self._pass(plan, ids, where, cache)[-1]))
+            ids = torch.tensor([list(tokens[k]) for k in group], dtype=torch.long, device=device)
+            where = torch.tensor([list(positions[k]) for k in group], dtype=torch.long, device=device)
+            for k, t in zip(group, self._pass(plan, ids, where, cache).tolist()):
+                out[k] = t
             caches.append(cache)
-        self.cache, self.rows = join(caches, self.model), list(rows)
+            order += [rows[k] for k in group]
+        self.cache, self.rows = join(caches, self.model), order
         return out
 
     def decode(self, plan: Any, rows: list[int], input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
