@@ -123,7 +123,7 @@ def _cache_argument(model: Any) -> str:
 
 class Recurrent:
     """The recurrent layers' states of one generation's sequences (see the module
-    docstring): `prefill` a prompt at a time, then `decode` steps over rows."""
+    docstring): `prefill` a pass per prompt length, then `decode` steps over rows."""
 
     def __init__(self, model: Any, make_batch: Any):
         self.model = model
