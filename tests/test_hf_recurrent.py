@@ -1,7 +1,8 @@
 """Models with recurrent layers beside their attention layers (`kvpager.hf.recurrent`):
 linear attention (Qwen3.5, Qwen3.5-MoE, Qwen3-Next, OLMo-hybrid; Kimi-Linear and
 Bailing-hybrid with latent attention in their attention layers), state-space
-mixers (Jamba, Bamba, Granite-4.0-H, Nemotron-H) and short convolutions (LFM2),
+mixers (Jamba, Bamba, Granite-4.0-H, Nemotron-H; beside attention in every layer:
+Falcon-H1) and short convolutions (LFM2),
 tiny random models in float32 on the CPU backend. kvpager's greedy tokens
 against transformers' own generate of each prompt alone; sequences ending at
 different steps (their states dropped from the batch); the pool holding the
@@ -20,7 +21,7 @@ if not hasattr(__import__("transformers.cache_utils").cache_utils, "LinearAttent
 from kvpager import InvalidArgument, KVPool  # noqa: E402
 from kvpager.hf import generate, spec_for_model  # noqa: E402
 from kvpager.hf.recurrent import has_recurrent_layers  # noqa: E402
-from kvpager.sizing import config_geometry  # noqa: E402
+from kvpager.sizing import NO_KV_KINDS, config_geometry  # noqa: E402
 
 VOCAB = 128
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
@@ -53,6 +54,9 @@ FAMILIES = {
                               num_local_experts=2, num_experts_per_tok=1, shared_intermediate_size=32, **MAMBA2)),
     "nemotron_h": ("NemotronH", "NemotronHForCausalLM", dict(num_hidden_layers=4)),
     "lfm2": ("Lfm2", "Lfm2ForCausalLM", dict(num_hidden_layers=4, full_attn_idxs=[2])),
+    # attention and a Mamba mixer side by side in every layer ("hybrid")
+    "falcon_h1": ("FalconH1", "FalconH1ForCausalLM", dict(num_hidden_layers=3, mamba_d_ssm=64, mamba_n_heads=8,
+                                                          mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=16)),
     "kimi_linear": ("KimiLinear", "KimiLinearForCausalLM", MLA_KDA),
     "bailing_hybrid": ("BailingHybrid", "BailingHybridForCausalLM",
                        dict(MLA_KDA, first_k_dense_replace=1, num_expert_group=1, topk_group=1, layer_group_size=4)),
@@ -90,9 +94,9 @@ def test_tokens_equal_transformers(family):
     model = make(family)
     assert has_recurrent_layers(model)
     kinds = model.config.layer_types
-    attending = [k for k in kinds if k in ("full_attention", "sliding_attention", "attention")]
+    attending = [k for k in kinds if k not in NO_KV_KINDS]
     pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
-    assert 0 < pool.spec.num_layers == len(attending) < len(kinds)
+    assert 0 < pool.spec.num_layers == len(attending) and (len(attending) < len(kinds) or family == "falcon_h1")
     ps = prompts(9, 7, 40, 1, 16)
     with torch.inference_mode():
         want = reference(model, ps, 5)
@@ -164,13 +168,18 @@ def test_cuda_graphs_are_refused_by_name():
     assert pool.stats().num_sequences == 0
 
 
-def test_layers_that_mix_attention_and_state_are_refused():
-    """A layer kind that both attends and keeps a state ("hybrid": Falcon-H1, Zamba)
-    is not one kvpager serves yet: refused by name, before anything is allocated."""
-    model = make("qwen3_5")
+def test_attention_shared_across_layers_is_refused():
+    """Zamba2's attention block is one module shared by its hybrid layers (its
+    ``layer_idx`` -1, the layer told at call time): kvpager holds K/V by layer
+    index, so it is refused by name, before anything is allocated."""
+    config = transformers.Zamba2Config(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+        layers_block_type=["linear_attention", "hybrid", "linear_attention", "hybrid"], mamba_d_state=8,
+        n_mamba_heads=2, mamba_headdim=64, attention_head_dim=32, attention_hidden_size=128, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.Zamba2ForCausalLM(config).eval()
     pool = KVPool(spec_for_model(model, num_blocks=16, block_size=8))
-    model.config.layer_types = ["linear_attention", "hybrid", "linear_attention", "full_attention"]
-    with pytest.raises(ValueError, match="hybrid"):
+    with pytest.raises(ValueError, match="shared across layers"):
         generate(model, pool, prompts(4), max_new_tokens=2)
     assert pool.stats().num_sequences == 0
 

@@ -30,7 +30,9 @@ from kvpager.spec import PoolSpec, dtype_name
 
 FULL, SLIDING, CHUNKED = "full_attention", "sliding_attention", "chunked_attention"
 #: ``layer_types`` kinds whose layers keep a recurrent state a sequence (`kvpager.hf.recurrent`)
-RECURRENT_KINDS = frozenset({"linear_attention", "conv"})
+#: (``hybrid``: a layer that attends and keeps a state, side by side: Falcon-H1)
+HYBRID = "hybrid"
+RECURRENT_KINDS = frozenset({"linear_attention", "conv", HYBRID})
 ABSENT: Any = object()  # an attention argument transformers did not pass
 
 # Keyword arguments of transformers' attention call that change nothing here:
@@ -84,7 +86,7 @@ def layer_windows(model: Any) -> list[int | None]:
         window = None
     kinds = getattr(config, "layer_types", None)
     if kinds:
-        other = sorted(set(kinds) - {FULL, SLIDING, CHUNKED} - NO_KV_KINDS)
+        other = sorted(set(kinds) - {FULL, SLIDING, CHUNKED, HYBRID} - NO_KV_KINDS)
         if other:
             raise ValueError(f"kvpager attends full, sliding-window and chunked layers (beside layers without "
                              f"attention: {sorted(NO_KV_KINDS)}) only; layer_types here: {other}")
@@ -97,6 +99,10 @@ def layer_windows(model: Any) -> list[int | None]:
         idx = getattr(module, "layer_idx", None)
         if not isinstance(idx, int) or not hasattr(module, "is_causal"):
             continue  # not an attention module
+        if not 0 <= idx < n:
+            raise ValueError(f"an attention module ({type(module).__name__}) has layer_idx {idx}, not one of the "
+                             f"model's {n} layers (attention shared across layers: Zamba); kvpager holds a "
+                             "layer's K/V by its index")
         if module.is_causal is False:
             raise ValueError(f"layer {idx} attends bidirectionally (is_causal=False); kvpager attends causally")
         if kinds and idx < len(kinds) and kinds[idx] in NO_KV_KINDS:

@@ -1,8 +1,9 @@
 """Models with recurrent layers beside their attention layers (Qwen3.5, Qwen3-Next, Jamba, Bamba, ...).
 
 Such a model's ``layer_types`` names layers of linear attention or of a
-state-space (Mamba) mixer (``linear_attention``, `kvpager.sizing.NO_KV_KINDS`)
-beside its full-attention layers. Those layers keep a fixed-size state a
+state-space (Mamba) mixer (``linear_attention``; LFM2's ``conv``:
+`kvpager.sizing.NO_KV_KINDS`) beside its full-attention layers, or layers that
+do both side by side (``hybrid``: Falcon-H1, whose K/V go to the pool too). Those layers keep a fixed-size state a
 sequence (a convolution window and a recurrent state), not K/V: the pool holds
 the attention layers alone (`kvpager.hf.model.layer_map`: pool layer -1 for the
 others), and the states live in transformers' own cache layers for them
@@ -83,7 +84,8 @@ def new_cache(model: Any) -> Any:
     kinds = text_config(model).layer_types
     for i, layer in enumerate(cache.layers):
         recurrent, attends = kinds[i] in RECURRENT_KINDS, kinds[i] not in NO_KV_KINDS
-        if isinstance(layer, linear) != recurrent or (attends and isinstance(layer, linear)):
+        # (a hybrid layer's, both: transformers' LinearAttentionAndFullAttentionLayer)
+        if isinstance(layer, linear) != recurrent or (attends and not isinstance(layer, dynamic_layer)):
             raise ValueError(f"{type(model).__name__}: layer {i} ({kinds[i]}) has a cache layer of kind "
                              f"{type(layer).__name__}; kvpager cannot tell where its state lives")
         if isinstance(layer, dynamic_layer):
