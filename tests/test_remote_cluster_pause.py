@@ -76,6 +76,19 @@ def owner(servers, key: str):
     return next(s for s in servers if s.port == port)
 
 
+def warm(fn, tries: int = 3):
+    """``fn()`` (setup, not what a test measures) until it succeeds, at most ``tries``
+    times: on a loaded 2-core host a store of the timed tests' 0.1 s timeout can miss
+    it while its first connections and the slot map are made (seen twice with a
+    second test run sharing the cores)."""
+    for k in range(tries):
+        try:
+            return fn()
+        except StoreError:
+            if k == tries - 1:
+                raise
+
+
 def timed(fn):
     t0 = time.monotonic()
     with pytest.raises(StoreError):
@@ -95,7 +108,7 @@ def test_a_paused_master_costs_one_timeout_per_call_not_one_per_key(nodes):
     on_victim = sum(owner(nodes, k) is victim for k in keys)
     assert 5 <= on_victim <= N - 5
     out, sizes = np.zeros((N, VALUE), np.uint8), np.zeros(N, np.int64)
-    s.get_into(keys, out, sizes)  # warm: a connection to every master
+    warm(lambda: s.get_into(keys, out, sizes))  # a connection to every master
     assert (sizes == VALUE).all() and np.array_equal(out, values)
     cold = open_store(url, timeout=TIMEOUT)  # no slot map, no connection yet
     times = {}
@@ -131,7 +144,10 @@ def test_the_tier_misses_once_skips_then_restores_after_the_pause(nodes):
     once the node answers again and the breaker lets a call through, the
     blocks are restored byte for byte."""
     url = url_of(nodes)
-    a = pool(url)
+    # the writer is setup, not what is measured: a timeout a loaded host does not miss (with the
+    # default 0.1 s its cold first lookup could, its breaker then skipping the writes: seen twice
+    # with a second test run sharing the cores)
+    a = pool(url, timeout=2.0)
     b = pool(url, timeout=TIMEOUT, retry_after=0.3)
     prompt = list(range(5000, 5000 + 20 * BS + 1))  # 20 full blocks an allocate may share
     _, kv_a = prefill(a, prompt, seed=3)
