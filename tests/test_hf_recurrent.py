@@ -261,3 +261,40 @@ def test_the_multimodal_qwen3_5_asked_for_text():
     pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
     assert pool.spec.num_layers == 1
     assert generate(model, pool, ps, max_new_tokens=5, eos_token_id=None) == want
+
+
+def test_fp8_scales_are_calibrated_a_prompt_at_a_time():
+    """`calibrate_kv_scales` runs each prompt through its own pass (a packed row would
+    run them through the recurrent layers as one sequence): the scales of two prompts
+    are the larger of each prompt's own, head by head, and an FP8 pool of the model
+    with them generates."""
+    from kvpager.hf import calibrate_kv_scales
+
+    model = make("jamba")
+    one, two = prompts(12, 23, seed=5)
+    a, b = calibrate_kv_scales(model, [one]), calibrate_kv_scales(model, [two])
+    both = calibrate_kv_scales(model, [one, two])
+    assert both == [[[max(x, y) for x, y in zip(ha, hb)] for ha, hb in zip(la, lb)] for la, lb in zip(a, b)]
+    pool = KVPool(spec_for_model(model, num_blocks=32, block_size=8, dtype=torch.bfloat16, kv_dtype="float8_e4m3",
+                                 kv_scales=both))
+    out = generate(model, pool, [one, two], max_new_tokens=3, eos_token_id=None)
+    assert [len(o) for o in out] == [3, 3] and pool.stats().num_sequences == 0
+
+
+def test_one_whole_prompt_may_pass_as_a_packed_row():
+    """A packed row of one whole prompt (every token of its sequence new) is what a
+    fresh prefill is: `paged_forward` takes it, and its next token is transformers'."""
+    from kvpager.hf import PagedBatch, layer_map, paged_attention, paged_forward
+
+    model = make("qwen3_5")
+    [p] = prompts(13, seed=9)
+    with torch.inference_mode():
+        [want] = reference(model, [p], 1)
+    pool = KVPool(spec_for_model(model, num_blocks=16, block_size=8))
+    [a] = pool.allocate([p], "one")
+    batch = PagedBatch(pool.plan([a.seq_id], [len(p)], a.slots), torch.float32, torch.device("cpu"),
+                       layers=layer_map(model))
+    with paged_attention(model), torch.inference_mode():
+        out = paged_forward(model, batch, torch.tensor([p]), torch.arange(len(p))[None], 1)
+    assert out.tolist() == want
+    pool.free([a.seq_id])

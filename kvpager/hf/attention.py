@@ -254,15 +254,19 @@ def paged_forward(model: Any, batch: PagedBatch, input_ids: torch.Tensor, positi
     ``kvpager::write_attend`` op, which reaches ``batch`` through `running`.
     ValueError for a model with recurrent layers, whose layers would mix the
     packed row's sequences (`check_packable`)."""
-    check_packable(model)
+    check_packable(model, batch)
     return run_pass(model, batch, forward_pass, input_ids, position_ids, logits_to_keep)
 
 
-def check_packable(model: Any) -> None:
-    """ValueError for a model with recurrent layers (`kvpager.hf.recurrent`): a packed
-    row's sequences would run through its recurrent layers as one sequence, without
-    their states, and give wrong tokens without a word."""
-    if has_recurrent_layers(model):
+def check_packable(model: Any, batch: PagedBatch) -> None:
+    """ValueError for a model with recurrent layers (`kvpager.hf.recurrent`) unless
+    ``batch``'s row is one whole prompt (one sequence, every token of it new: its
+    recurrent layers start from no state, as transformers' do): a packed row's
+    sequences would run through those layers as one sequence, and a continued
+    one without its state, giving wrong tokens without a word."""
+    plan = batch.plan
+    if has_recurrent_layers(model) and not (plan.num_seqs == 1
+                                            and int(plan.query_lens[0]) == int(plan.seq_lens[0])):
         raise ValueError(f"{type(model).__name__} has recurrent layers (layer_types "
                          f"{sorted(set(text_config(model).layer_types))}): one packed row cannot carry its "
                          "sequences; run it through kvpager.hf.generate / PagedGeneration (kvpager.hf.recurrent)")

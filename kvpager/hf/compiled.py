@@ -101,7 +101,7 @@ def compiled_forward(model: Any, batch: Any, input_ids: torch.Tensor, position_i
     kvpager attention (`paged_attention`)."""
     from kvpager.hf.attention import check_packable, forward_pass, run_pass
 
-    check_packable(model)
+    check_packable(model, batch)
     fn = _compiled.get((backend, fullgraph))
     if fn is None:
         fn = _compiled[backend, fullgraph] = torch.compile(forward_pass, backend=backend, fullgraph=fullgraph)

@@ -84,7 +84,14 @@ def _stored_peaks(model: Any, rows: list[list[int]], device: torch.device) -> li
     ``rows`` (token-id lists): one pass over a temporary pool of the model's dtype."""
     from kvpager import KVPool
     from kvpager.hf.attention import PagedBatch, paged_attention, paged_forward
-    from kvpager.hf.model import layer_fit, layer_map, layer_windows, spec_for_model, text_config
+    from kvpager.hf.model import (
+        has_recurrent_layers,
+        layer_fit,
+        layer_map,
+        layer_windows,
+        spec_for_model,
+        text_config,
+    )
 
     dtype = next(model.parameters()).dtype
     block = 16
@@ -99,17 +106,23 @@ def _stored_peaks(model: Any, rows: list[list[int]], device: torch.device) -> li
             old = peaks[layer][i]
             peaks[layer][i] = amax if old is None else torch.maximum(old, amax)
 
+    # one packed row; a pass per prompt for a model with recurrent layers (`kvpager.hf.recurrent`:
+    # one packed row would run its prompts through those layers as one sequence)
+    passes = [[r] for r in rows] if has_recurrent_layers(model) else [rows]
     try:
-        allocs = pool.allocate(rows)
-        lens = [len(r) for r in rows]
-        slots = np.concatenate([np.asarray(a.slots, dtype=np.int64) for a in allocs])
-        plan = pool.plan([a.seq_id for a in allocs], lens, slots, num_q_heads=text_config(model).num_attention_heads)
-        batch = PagedBatch(plan, dtype, device, layer_windows(model), observe=observe, layers=layer_map(model),
-                           fit=layer_fit(model))
-        flat = torch.tensor([[t for r in rows for t in r]], dtype=torch.long, device=device)
-        pos = torch.tensor([[p for r in rows for p in range(len(r))]], dtype=torch.long, device=device)
-        with torch.inference_mode(), paged_attention(model):
-            paged_forward(model, batch, flat, pos, 1)
+        for part in passes:
+            allocs = pool.allocate(part)  # (nothing is committed, so nothing is shared between passes)
+            lens = [len(r) for r in part]
+            slots = np.concatenate([np.asarray(a.slots, dtype=np.int64) for a in allocs])
+            plan = pool.plan([a.seq_id for a in allocs], lens, slots,
+                             num_q_heads=text_config(model).num_attention_heads)
+            batch = PagedBatch(plan, dtype, device, layer_windows(model), observe=observe, layers=layer_map(model),
+                               fit=layer_fit(model))
+            flat = torch.tensor([[t for r in part for t in r]], dtype=torch.long, device=device)
+            pos = torch.tensor([[p for r in part for p in range(len(r))]], dtype=torch.long, device=device)
+            with torch.inference_mode(), paged_attention(model):
+                paged_forward(model, batch, flat, pos, 1)
+            pool.free([a.seq_id for a in allocs])
     finally:
         pool.close()
     return [[p.cpu() for p in layer] for layer in peaks]  # type: ignore[union-attr]
