@@ -92,10 +92,11 @@ def warm(fn, tries: int = 3):
 def cold_lookup(cold, url: str, keys, out, sizes, tries: int = 3) -> float:
     """Seconds of a lookup through a store with no slot map yet (``cold``), the fastest
     of up to ``tries`` such stores (each new one made the same way) where the first
-    passes the bound. Which node redis-py asks first for the slot map and for its
-    command table is random: one clean-clone run met the paused one on that path
-    and took 1.64 s. A lookup that paid a timeout per key (1.4-2.2 s before the
-    bound, whichever nodes it asked) would fail every try."""
+    passes the bound. One clean-clone run's cold lookup took 1.64 s, and the next
+    runs 0.12-0.23 s: not explained yet; likely redis-py's random choice of the
+    node it asks for the slot map or its command table meeting the paused one
+    more than once. A lookup that paid a timeout per key (1.4-2.2 s before the
+    bound) would fail every try."""
     best = timed(lambda: cold.get_into(keys, out, sizes))
     for _ in range(tries - 1):
         if best < BOUND:
