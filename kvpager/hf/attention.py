@@ -13,7 +13,7 @@ heads-first views as they come (inside ``torch.compile``, through the custom
 op ``kvpager::write_attend``: `kvpager.hf.compiled`).
 
 `register` makes ``attn_implementation="kvpager"`` known to transformers (done
-on import); `paged_attention` switches a model to it for a block; `paged_forward`
+on import); `paged_attention` (`kvpager.hf.switching`) switches a model to it for a block; `paged_forward`
 runs one pass with the step's `PagedBatch`. Every keyword argument transformers
 passes to the attention function is honoured or refused by name (see
 `kvpager.hf.model`). `kvpager.hf.generation` drives it.
@@ -21,9 +21,7 @@ passes to the attention function is honoured or refused by name (see
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +42,8 @@ from kvpager.hf.model import (
     text_config,
 )
 
-ATTN_IMPLEMENTATION = "kvpager"
+# the switch (`paged_attention`) and the name it switches to, re-exported from their home
+from kvpager.hf.switching import ATTN_IMPLEMENTATION, _set_attn, paged_attention  # noqa: F401
 
 
 @dataclass
@@ -364,67 +363,3 @@ def register() -> None:
 
 
 register()
-
-
-#: models switched to kvpager attention now, by id of their config: [blocks inside, the name to restore,
-#: the modules whose own query scaling by position is off meanwhile (`_untune`)]
-_switched: dict[int, list[Any]] = {}
-_switch_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def paged_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Switch ``model`` to kvpager attention for the duration of the block. The
-    switch lives in the model's (shared) config, so it is counted: threads
-    generating with one model at once keep it switched until the last of them
-    leaves, which restores the attention it had before the first came in. (While
-    any is inside, the model runs kvpager attention for every caller.)"""
-    config = model.config
-    with _switch_lock:
-        entry = _switched.get(id(config))
-        if entry is None:
-            entry = _switched[id(config)] = [0, config._attn_implementation, _untune(model)]
-            if entry[1] != ATTN_IMPLEMENTATION:
-                _set_attn(model, ATTN_IMPLEMENTATION)
-        entry[0] += 1
-    try:
-        yield
-    finally:
-        with _switch_lock:
-            entry[0] -= 1
-            if not entry[0]:
-                del _switched[id(config)]
-                if entry[1] != ATTN_IMPLEMENTATION:
-                    _set_attn(model, entry[1])
-                _retune(entry[2])
-
-
-def _untune(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Switch off the attention modules' own query scaling by position
-    (`kvpager.hf.model.temperature_tuned`), which would count positions from
-    a cache kvpager's packed row does not have; each remembers its (attn_scale,
-    floor_scale) for kvpager to apply (`write_attend`). Returns the modules
-    (found at the model's first switch, then kept on it: a walk over an 8B
-    model's modules would cost each pass a tenth of a millisecond)."""
-    tuned = model.__dict__.get("_kvpager_tuned")
-    if tuned is None:
-        tuned = model.__dict__["_kvpager_tuned"] = [m for m in model.modules() if temperature_tuned(m)]
-    for m in tuned:
-        m.attn_temperature_tuning = False
-        m._kvpager_tuning = (float(m.attn_scale), float(m.floor_scale))
-    return tuned
-
-
-def _retune(modules: list[torch.nn.Module]) -> None:
-    """Undo `_untune`."""
-    for m in modules:
-        m.attn_temperature_tuning = True
-        del m._kvpager_tuning
-
-
-def _set_attn(model: torch.nn.Module, name: str) -> None:
-    """Switch the attention function. The attention modules read it from the
-    (shared) config at call time, so the config's setter, which also reaches
-    sub-configs, is enough: ``set_attn_implementation`` walks every module and
-    costs about a millisecond a switch, twice per forward pass."""
-    model.config._attn_implementation = name
