@@ -160,12 +160,103 @@ def test_a_prompt_generated_twice_starts_from_nothing_cached():
     assert pool.stats().prefix_hit_tokens == 0
 
 
-def test_cuda_graphs_are_refused_by_name():
+def test_compile_is_refused_by_name():
+    """A captured step of such a model runs uncompiled: ``compile=True`` is refused
+    by name, before anything is allocated."""
     model = make("lfm2")
     pool = KVPool(spec_for_model(model, num_blocks=16, block_size=8))
-    with pytest.raises(ValueError, match="recurrent layers"):
-        generate(model, pool, prompts(4), max_new_tokens=2, cuda_graphs=True)
+    with pytest.raises(ValueError, match="recurrent layers.*uncompiled"):
+        generate(model, pool, prompts(4), max_new_tokens=2, cuda_graphs=True, compile=True)
     assert pool.stats().num_sequences == 0
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_decode_steps_pipeline_as_other_models_do(pipeline):
+    """Pipelined (each pass launched before the last one's tokens reach the host)
+    or not, the same tokens as transformers', with sequences ending at different
+    steps; nothing published, nothing left."""
+    from kvpager.hf import PagedGeneration
+
+    model = make("qwen3_next")
+    ps = prompts(6, 17, 2, 9, seed=11)
+    with torch.inference_mode():
+        free = reference(model, ps, 7)
+    eos = [free[1][1], free[3][4]]
+    with torch.inference_mode():
+        want = reference(model, ps, 7, eos=eos)
+    assert any(len(w) < 7 for w in want)
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    with PagedGeneration(model, pool, ps, 7, eos_token_id=eos, pipeline=pipeline) as gen:
+        assert gen._pipelined == pipeline
+        while not gen.done:
+            gen.step()
+        assert gen.outputs == want
+    stats = pool.stats()
+    assert stats.num_sequences == 0 and stats.cached_blocks == 0
+    pool.check_integrity()
+
+
+def test_states_keep_the_rows_left_in_place():
+    """`States.keep`: the rows left, in their new order, in the first rows of the
+    same tensors (their addresses unchanged, as a captured graph reads them); a
+    cache of n rows sees the first n."""
+    from kvpager.hf import PagedGeneration
+    from kvpager.hf.recurrent import States
+
+    model = make("qwen3_5")
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    with PagedGeneration(model, pool, prompts(5, 12, 3, 20, seed=7), 3, eos_token_id=None, pipeline=False) as gen:
+        held = gen._recurrent.states
+        states = States(model, held.cache(held.n), held.rows, 8)
+        assert len(states.tensors) > 0 and all(t.shape[0] == 8 for t in states.tensors)
+        before = [t.clone() for t in states.tensors]
+        ptrs = [t.data_ptr() for t in states.tensors]
+        order = list(states.rows)
+        keep = [order[3], order[0], order[2]]
+        states.keep(keep)
+        assert states.rows == keep and states.n == 3
+        assert [t.data_ptr() for t in states.tensors] == ptrs
+        for t, b in zip(states.tensors, before):
+            assert torch.equal(t[:3], b[[3, 0, 2]])
+        cache = states.cache(4)
+        for i, _ in states.layers:
+            layer = cache.layers[i]
+            for k in range(layer.number_of_states):
+                for kind in ("conv", "recurrent"):
+                    if getattr(layer, f"is_{kind}_states_initialized")[k]:
+                        t = getattr(layer, f"{kind}_states")[k]
+                        assert t.shape[0] == 4 and any(t.data_ptr() == p for p in ptrs)
+        assert states.cache(4) is cache
+
+
+def test_a_captured_steps_warm_up_leaves_the_states_as_it_found_them():
+    """`Recurrent.graph_pass` run outside a capture (the eager run before one; here
+    over the states' first 3 of 4 rows: the CPU backend plans no padding rows,
+    which the GPU tests cover) gives the eager decode pass's tokens and leaves
+    every state as it was; the eager pass then advances them."""
+    from kvpager.hf import PagedGeneration, paged_attention
+    from kvpager.hf.recurrent import States
+
+    model = make("qwen3_5")
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    with PagedGeneration(model, pool, prompts(5, 12, 3, seed=5), 3, eos_token_id=None, pipeline=False) as gen:
+        rec = gen._recurrent
+        rows = [0, 1, 2]
+        rec.keep(rows)
+        rec.states = States(model, rec.states.cache(3), rows, 4)
+        ids = [gen.seq_ids[i] for i in rows]
+        slots = pool.append_flat(ids, 1, [[gen.outputs[i][-1]] for i in rows])
+        heads = model.config.num_attention_heads
+        tokens = torch.tensor([[gen.outputs[i][-1] for i in rows]])
+        positions = torch.tensor([[gen.position(i) for i in rows]])
+        plan = pool.plan(ids, [1, 1, 1], slots, num_q_heads=heads)
+        before = rec.states.snapshot()
+        with torch.inference_mode(), paged_attention(model):
+            warm = rec.graph_pass(model, gen._batch(plan), tokens, positions)
+        assert all(torch.equal(t, b) for t, b in zip(rec.states.tensors, before))
+        eager = rec.decode(plan, tokens, positions)
+        assert warm.tolist() == eager.tolist()
+        assert not all(torch.equal(t[:3], b[:3]) for t, b in zip(rec.states.tensors, before))
 
 
 def test_attention_shared_across_layers_is_refused():
@@ -198,8 +289,8 @@ def test_a_config_json_sizes_the_attention_layers_alone():
 
 
 def test_through_a_daemon_client():
-    """A daemon `Client` as the pool: transformers' tokens, unpipelined (each pass's
-    rows carry their states), nothing published or left in the daemon."""
+    """A daemon `Client` as the pool: transformers' tokens, pipelined, nothing
+    published or left in the daemon."""
     pytest.importorskip("zmq")
     from daemon_helpers import running_server
 
@@ -213,7 +304,7 @@ def test_through_a_daemon_client():
     spec = spec_for_model(model, num_blocks=64, block_size=8)
     with running_server(spec, heartbeat_timeout=60) as server, Client(server.endpoint) as c:
         with PagedGeneration(model, c, ps, 4, eos_token_id=None) as gen:
-            assert not gen._pipelined
+            assert gen._pipelined
             while not gen.done:
                 gen.step()
             assert gen.outputs == want

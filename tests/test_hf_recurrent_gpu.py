@@ -1,8 +1,9 @@
 """Models with recurrent layers (`kvpager.hf.recurrent`) on a GPU pool: float32,
 head dim 32 (the smallest the CUDA kernels take), tokens identical to
 transformers' greedy ``generate`` of the same model on the same GPU, sequences
-ending at different steps; eager decode steps refill one plan in place while
-their rows stay. Skips without CUDA."""
+ending at different steps; eager decode steps, and decode steps captured in CUDA
+graphs (pipelined or not) over batch buckets that shrink as sequences end, their
+recurrent states read and written in place. Skips without CUDA."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ if not torch.cuda.is_available():
 from test_hf_recurrent import make, prompts, reference  # noqa: E402
 
 from kvpager import KVPool  # noqa: E402
-from kvpager.hf import generate, spec_for_model  # noqa: E402
+from kvpager.hf import PagedGeneration, generate, spec_for_model  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -33,6 +34,53 @@ def test_tokens_equal_transformers_on_a_gpu_pool(family):
         want = reference(model, ps, 6, eos=eos)
     pool = KVPool(spec_for_model(model, num_blocks=64, block_size=16), device="cuda:0")
     assert generate(model, pool, ps, max_new_tokens=6, eos_token_id=eos) == want
+    assert pool.stats().num_sequences == 0
+    pool.check_integrity()
+    pool.close()
+
+
+def _ending_early(free: list[list[int]], n: int) -> tuple[list[int], list[list[int]]]:
+    """One or two end tokens that no sequence gives first, that end at least two
+    sequences by their ``n - 3``-th token and leave at least one to run all ``n``
+    (so the batch's graph bucket shrinks mid-way, pipelined or not), and each
+    sequence's tokens with them: greedy tokens stop at the first end token."""
+    def cut(ends: set[int]) -> list[list[int]]:
+        return [f[: next((k for k, t in enumerate(f) if t in ends), len(f) - 1) + 1] for f in free]
+
+    seen = sorted({t for f in free for t in f})
+    for ends in [{t} for t in seen] + [{a, b} for a in seen for b in seen if a < b]:
+        want = cut(ends)
+        if (all(len(w) >= 2 for w in want) and sum(len(w) <= n - 3 for w in want) >= 2
+                and any(len(w) == n for w in want)):
+            return sorted(ends), want
+    raise AssertionError(f"no end tokens end some sequences early and leave another: {free}")
+
+
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "unpipelined"])
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next", "jamba", "bamba", "lfm2", "nemotron_h", "falcon_h1"])
+def test_captured_decode_steps_give_transformers_tokens(family, pipeline):
+    """``cuda_graphs=True``: 9 sequences run in the bucket of 16 (7 padding rows,
+    whose states are unused rows), then, once some have ended, in the bucket of 8
+    (a second capture over the same state tensors, the rows left moved up in
+    place); every token is transformers', nothing is left in the pool."""
+    # (Bamba's Mamba heads are sized to twice the default hidden size; LFM2's weights drawn wider,
+    # or its greedy tokens repeat each sequence's first, so no token ends some sequences early)
+    own = {"bamba": {}, "lfm2": dict(hidden_size=128, initializer_range=0.1)}
+    model = make(family, head_dim=32, **own.get(family, dict(hidden_size=128))).cuda()
+    ps = prompts(9, 40, 1, 17, 5, 23, 3, 11, 30, seed=4)
+    n = 8
+    with torch.inference_mode():
+        free = reference(model, ps, n)
+    eos, want = _ending_early(free, n)
+    pool = KVPool(spec_for_model(model, num_blocks=128, block_size=16), device="cuda:0")
+    with PagedGeneration(model, pool, ps, n, eos_token_id=eos, cuda_graphs=True, pipeline=pipeline) as gen:
+        assert gen._pipelined == pipeline
+        while not gen.done:
+            gen.step()
+        outputs = gen.outputs
+        buckets = sorted(gen._graphs.graphs)
+    assert outputs == want
+    assert 16 in buckets and min(buckets) < 16  # the batch shrank into a smaller bucket: captured again
     assert pool.stats().num_sequences == 0
     pool.check_integrity()
     pool.close()

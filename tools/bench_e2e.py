@@ -96,12 +96,20 @@ SHAPES = {
                  num_key_value_heads=4, head_dim=512, vocab_size=128256),
     # recurrent layers beside attention (`kvpager.hf.recurrent`): Qwen3.5's layout, three layers of
     # linear attention (Gated DeltaNet) to one of full attention, small enough for the CPU backend
-    # (`--device cpu --shapes q35s`); eager paths only (no CUDA graphs for such models)
+    # (`--device cpu --shapes q35s`); on a GPU without the compiled path (such models are captured
+    # uncompiled)
     "q35s": dict(family="Qwen3_5Text", model="Qwen3_5ForCausalLM", hidden_size=512, intermediate_size=1376,
                  num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
                  linear_num_value_heads=8, linear_num_key_heads=4, linear_key_head_dim=64,
                  linear_value_head_dim=64, layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 2,
                  vocab_size=32000),
+    # the same layout at about 2B parameters (24 layers: 18 of Gated DeltaNet, 6 of full attention
+    # with 16 query heads, 2 K/V heads of 256 dims), for a GPU
+    "q35": dict(family="Qwen3_5Text", model="Qwen3_5ForCausalLM", hidden_size=2048, intermediate_size=6144,
+                num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+                linear_num_value_heads=32, linear_num_key_heads=16, linear_key_head_dim=128,
+                linear_value_head_dim=128, layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 6,
+                vocab_size=151936),
     # multi-head latent attention, DeepSeek-V2-Lite's attention (27 layers, 16 heads, a 512-value
     # latent, q and k of 128 + 64 dims, v of 128) with a dense MLP in every layer (its routed
     # experts left out: transformers' expert loop would dominate both sides' steps)
@@ -160,10 +168,14 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
     if khf.has_recurrent_layers(model):  # no prefix sharing: each sequence holds its system prompt
         blocks += batch * -(-shared // bs)
     loop = HFLoop(model, ps)
-    # graphs (and the compiled step) need a GPU, and a model without recurrent layers
-    gpu = e2e_paths.DEVICE == "cuda" and not khf.has_recurrent_layers(model)
-    kinds = [(False, None, True, False)] + ([(True, None, True, False), (True, False, True, False)] if gpu else [])
-    if compiled and gpu:
+    # graphs (and the compiled step) need a GPU; a model with recurrent layers shares no prefix
+    # (no cascade to leave out) and is captured uncompiled
+    gpu = e2e_paths.DEVICE == "cuda"
+    recurrent = khf.has_recurrent_layers(model)
+    kinds = [(False, None, True, False)]
+    if gpu:
+        kinds += [(True, None, True, False)] + ([] if recurrent else [(True, False, True, False)])
+    if compiled and gpu and not recurrent:
         kinds.append((True, None, True, True))
     if sync:  # the same without pipelined steps
         kinds += [(False, None, False, False)] + ([(True, None, False, False)] if gpu else [])

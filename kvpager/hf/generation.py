@@ -42,6 +42,7 @@ from kvpager.hf.attention import (  # noqa: F401
     paged_forward,
     register,
 )
+from kvpager.hf.graphs import bucket_for
 from kvpager.hf.model import (  # noqa: F401
     ABSENT,
     check_call,
@@ -154,10 +155,11 @@ class PagedGeneration(DecodePasses):
             self.salt = default_salt(self.model)
         self._recurrent = None  # a model with recurrent layers: their states (`kvpager.hf.recurrent`)
         if has_recurrent_layers(self.model):
-            if self.cuda_graphs:
-                raise ValueError("cuda_graphs: a model with recurrent layers (linear attention, state-space "
-                                 "mixers) runs eager passes through kvpager")
-            self._recurrent = Recurrent(self.model, self._batch)
+            if self.compile:
+                raise ValueError("compile: a model with recurrent layers (linear attention, state-space mixers) "
+                                 "is captured uncompiled; pass cuda_graphs=True without compile")
+            # captured steps read the states of a bucket's rows (`kvpager.hf.graphs.bucket_for`)
+            self._recurrent = Recurrent(self.model, self._batch, capacity=bucket_for if self.cuda_graphs else None)
             # no prompt may start from cached blocks: they carry no recurrent state
             self.salt = f"{self.salt}|recurrent|{os.urandom(16).hex()}"
         self._device = next(self.model.parameters()).device
@@ -171,7 +173,7 @@ class PagedGeneration(DecodePasses):
         self._last_plan: tuple[Any, list[int]] | None = None
         # a daemon client pipelines only where its daemon answers `record_tokens` (`Client.ops`)
         ops = getattr(self.pool, "ops", None)
-        self._pipelined = (self.pipeline and hasattr(self.pool, "record_tokens") and self._recurrent is None
+        self._pipelined = (self.pipeline and hasattr(self.pool, "record_tokens")
                            and (ops is None or "record_tokens" in ops))
         self._inflight: Pass | None = None  # the decode pass launched and not yet completed
         # a daemon that batches takes a pipelined step's calls in one round trip (`DecodePasses._later`)
@@ -204,7 +206,8 @@ class PagedGeneration(DecodePasses):
             from kvpager.hf.graphs import DecodeGraphs
 
             self._graphs = DecodeGraphs(self.model, self.pool, self._batch, self._width, cascade=self.cascade,
-                                       compile=self.compile)
+                                       compile=self.compile,
+                                       forward=self._recurrent.graph_pass if self._recurrent is not None else None)
         # One forward pass writes every layer's K/V for the whole batch before it
         # attends, so prompts of the batch may share the blocks an earlier one fills.
         allocs = self.pool.allocate(self.prompts, self.salt, share_in_batch=self._recurrent is None)

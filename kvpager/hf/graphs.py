@@ -12,7 +12,9 @@ What a replay needs is updated in place first: the token ids and positions
 (`kvpager.plan.StepPlan.update`: same buffers, same grid). A plan holds
 tables of a fixed width (blocks per sequence); a step that outgrows it
 recaptures with twice the width. With ``compile=True`` the step captured is
-the model compiled by ``torch.compile`` (`kvpager.hf.compiled`).
+the model compiled by ``torch.compile`` (`kvpager.hf.compiled`). A model with
+recurrent layers captures its own step (`kvpager.hf.recurrent.Recurrent.graph_pass`:
+rows of a token each, its states read and written in place).
 """
 
 from __future__ import annotations
@@ -53,15 +55,17 @@ class DecodeGraphs:
     (a captured step keeps its cascade's shape; `StepPlan.update` refills it);
     ``compile``: capture the step compiled by ``torch.compile``
     (`kvpager.hf.compiled`: the model's small kernels fused; the first capture
-    of a model compiles it, tens of seconds for an 8B model)."""
+    of a model compiles it, tens of seconds for an 8B model). ``forward``: the
+    step to capture instead, ``forward(model, batch, input_ids, position_ids)``
+    with ``input_ids`` [1, bucket], giving the bucket's next tokens."""
 
     def __init__(self, model: Any, pool: Any, make_batch: Callable[[Any], Any], width: int,
-                 cascade: bool | None = None, compile: bool = False):
+                 cascade: bool | None = None, compile: bool = False, forward: Callable[..., Any] | None = None):
         from kvpager.hf.attention import paged_forward
         from kvpager.hf.compiled import compiled_forward
 
         self.model, self.pool, self.make_batch, self.cascade = model, pool, make_batch, cascade
-        self._forward = compiled_forward if compile else paged_forward
+        self._forward = forward or (compiled_forward if compile else paged_forward)
         self.width = max(int(width), 1)
         self.num_q_heads = text_config(model).num_attention_heads
         self.graphs: dict[int, _Graph] = {}

@@ -81,12 +81,14 @@ class DecodePasses:
             input_ids = fed_tokens(prev, rows) if prev is not None else to_device([t for [t] in last], self._device)
             # (the device adds one where the host would build and copy the same row)
             position_ids = prev.position_ids + 1 if same else to_device(positions, self._device)
+            if self._recurrent is not None:  # the states of the rows that ended go
+                self._recurrent.keep(rows)
             if self._graphs is not None:
                 tokens = self._graphs.launch(ids, input_ids, position_ids, slots)
                 reads = self._graphs.last
             elif self._recurrent is not None:  # rows of a token each, with their recurrent states
                 reads = self._plan(ids, [1] * len(ids), slots)
-                tokens = self._recurrent.decode(reads, rows, input_ids, position_ids)
+                tokens = self._recurrent.decode(reads, input_ids, position_ids)
             else:
                 reads = self._plan(ids, [1] * len(ids), slots)
                 tokens = self._forward(reads, input_ids, position_ids)
@@ -153,7 +155,8 @@ class DecodePasses:
         owed, self._owed = self._owed, None
         if owed is not None and owed.count:
             self._later("record_tokens", owed.seq_ids, np.ascontiguousarray(owed.tokens[:, : owed.count]))
-            self._later("commit", owed.seq_ids, [p + 1 for p in owed.upto], synchronize=False)
+            if self._recurrent is None:  # (a recurrent model's blocks are never published: `_record`)
+                self._later("commit", owed.seq_ids, [p + 1 for p in owed.upto], synchronize=False)
 
     def _later(self, method: str, *args: Any, **kwargs: Any) -> None:
         """A call on the pool that the next pass's append carries where the pool

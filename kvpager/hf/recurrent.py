@@ -23,16 +23,23 @@ a model. `Recurrent` runs
   (`kvpager.hf.attention.kvpager_attention` takes such rows), the states
   gathered to the step's rows when sequences have ended.
 
+The states live at fixed addresses (`States`: a tensor per state, rows for
+as many sequences as the batch's graph bucket), so a decode step captured in a
+CUDA graph (`kvpager.hf.graphs`, ``cuda_graphs=True``) reads and writes them in
+place at each replay; when sequences end, the rows left are moved up in place
+(`States.keep`). The decode steps pipeline as other models' do
+(`kvpager.hf.pipeline`).
+
 Nothing of a prompt can come from the prefix cache (its blocks carry K/V, not
 the recurrent states at their end), so such generations allocate under a salt
-of their own. They run eager passes, unpipelined; CUDA graphs are refused.
-transformers' linear-attention cache layers (5.24 and later) are required.
+of their own. transformers' linear-attention cache layers (5.24 and later) are
+required.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,7 +49,7 @@ from kvpager.hf.attention import PagedBatch, paged_attention, run_pass
 from kvpager.hf.model import RECURRENT_KINDS, has_recurrent_layers, text_config
 from kvpager.sizing import NO_KV_KINDS
 
-__all__ = ["Recurrent", "has_recurrent_layers", "join", "new_cache"]
+__all__ = ["Recurrent", "States", "has_recurrent_layers", "join", "new_cache"]
 
 
 def _cache_classes() -> tuple[Any, Any, Any]:
@@ -123,17 +130,89 @@ def _cache_argument(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+class States:
+    """The recurrent states of a batch's rows at fixed addresses: for each state of
+    each recurrent layer, one tensor of ``capacity`` rows (the joined prefill's
+    rows first), which caches made by `cache` see as views of their first rows.
+    A CUDA graph captured over such a cache reads and writes those rows at every
+    replay; `keep` moves the rows left up in place when sequences end."""
+
+    def __init__(self, model: Any, joined: Any, rows: list[int], capacity: int):
+        _, _, linear = _cache_classes()
+        self.model, self.rows, self.n = model, list(rows), len(rows)
+        self.layers: list[tuple[int, Any]] = []  # (layer index, the joined cache's layer: flags and kernel sizes)
+        self.tensors: list[torch.Tensor] = []  # each state's rows, ``capacity`` of them
+        self._where: list[tuple[int, str, int]] = []  # (layer index, "conv" / "recurrent", state index)
+        for i, layer in enumerate(joined.layers):
+            if not isinstance(layer, linear):
+                continue
+            self.layers.append((i, layer))
+            for kind in ("conv", "recurrent"):
+                states = getattr(layer, f"{kind}_states")
+                for k in range(layer.number_of_states):
+                    if not getattr(layer, f"is_{kind}_states_initialized")[k]:
+                        continue
+                    t = states[k]
+                    full = torch.zeros((capacity, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                    full[: self.n].copy_(t)
+                    self.tensors.append(full)
+                    self._where.append((i, kind, k))
+        self._caches: dict[int, Any] = {}
+
+    def cache(self, rows: int) -> Any:
+        """A transformers cache over the first ``rows`` rows of the states (kept, so a
+        captured graph's cache stays the one it was captured with)."""
+        cache = self._caches.get(rows)
+        if cache is None:
+            cache = self._caches[rows] = new_cache(self.model)
+            for i, src in self.layers:
+                dst = cache.layers[i]
+                for k in range(src.number_of_states):
+                    dst.is_conv_states_initialized[k] = src.is_conv_states_initialized[k]
+                    dst.is_recurrent_states_initialized[k] = src.is_recurrent_states_initialized[k]
+                    dst.conv_kernel_size[k] = src.conv_kernel_size[k]
+                    dst.has_previous_state[k] = src.has_previous_state[k]
+                dst.device, dst.dtype = src.device, src.dtype
+            for (i, kind, k), full in zip(self._where, self.tensors):
+                getattr(cache.layers[i], f"{kind}_states")[k] = full[:rows]
+        return cache
+
+    def keep(self, rows: list[int]) -> None:
+        """The states of ``rows`` (a subsequence of the rows held) in the first
+        ``len(rows)`` rows, in that order, in place."""
+        if rows is self.rows or rows == self.rows:
+            return
+        where = {r: k for k, r in enumerate(self.rows)}
+        index = torch.tensor([where[r] for r in rows], dtype=torch.long)
+        if self.tensors:
+            index = index.to(self.tensors[0].device, non_blocking=True)
+        m = len(rows)
+        for full in self.tensors:
+            full[:m] = full[index]  # (the gather makes a copy first: rows may move onto rows read)
+        self.rows, self.n = list(rows), m
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [t.clone() for t in self.tensors]
+
+    def restore(self, saved: list[torch.Tensor]) -> None:
+        for t, s in zip(self.tensors, saved):
+            t.copy_(s)
+
+
 class Recurrent:
     """The recurrent layers' states of one generation's sequences (see the module
-    docstring): `prefill` a pass per prompt length, then `decode` steps over rows."""
+    docstring): `prefill` a pass per prompt length, then `decode` steps over rows
+    (or `graph_pass`, the step a CUDA graph captures). ``capacity(n)``: the rows
+    the states keep for ``n`` sequences (default ``n``; the graph bucket of ``n``
+    where steps are captured)."""
 
-    def __init__(self, model: Any, make_batch: Any):
+    def __init__(self, model: Any, make_batch: Any, capacity: Callable[[int], int] | None = None):
         self.model = model
         self.make_batch = make_batch  # plan -> PagedBatch
+        self.capacity = capacity or (lambda n: n)
         self.arg = _cache_argument(model)
         new_cache(model)  # the model's cache layers are what kvpager can follow (ValueError)
-        self.cache: Any = None
-        self.rows: list[int] = []  # the generation's rows the cache holds, in its order
+        self.states: States | None = None
 
     def prefill(self, pool: Any, rows: list[int], seq_ids: list[int], tokens: list[Sequence[int]],
                 positions: list[range], slots: np.ndarray, device: torch.device) -> list[int]:
@@ -156,23 +235,44 @@ class Recurrent:
                 out[k] = t
             caches.append(cache)
             order += [rows[k] for k in group]
-        self.cache, self.rows = join(caches, self.model), order
+        self.states = States(self.model, join(caches, self.model), order, self.capacity(len(order)))
         return out
 
-    def decode(self, plan: Any, rows: list[int], input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """One decode pass over ``rows`` (a token each: ``input_ids`` / ``position_ids``
-        [1, n] as a packed row would take them); each row's greedy next token."""
-        if rows != self.rows:  # sequences ended: their states go
-            where = {r: k for k, r in enumerate(self.rows)}
-            index = torch.tensor([where[r] for r in rows], dtype=torch.long)
-            self.cache.reorder_cache(index)
-            self.rows = list(rows)
-        return self._pass(plan, input_ids.view(-1, 1), position_ids.view(-1, 1), self.cache)
+    def keep(self, rows: list[int]) -> None:
+        """The next pass is over ``rows``: the states of sequences that ended go."""
+        self.states.keep(rows)
+
+    def decode(self, plan: Any, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """One eager decode pass over the rows `keep` left (a token each: ``input_ids``
+        / ``position_ids`` [1, n] as a packed row would take them); each row's greedy
+        next token."""
+        n = self.states.n
+        return self._pass(plan, input_ids.view(-1, 1), position_ids.view(-1, 1), self.states.cache(n))
+
+    def graph_pass(self, model: Any, batch: PagedBatch, input_ids: torch.Tensor,
+                   position_ids: torch.Tensor) -> torch.Tensor:
+        """The decode step `kvpager.hf.graphs.DecodeGraphs` captures: a token for each of
+        the bucket's rows (``input_ids`` [1, bucket]; rows past the live ones are
+        padding, whose states are the unused rows'), over the first ``bucket`` rows of
+        the states. Run outside a capture (the warm-up before one), it leaves the
+        states as it found them, so the replay that follows advances them once."""
+        rows = input_ids.shape[1]
+        cache = self.states.cache(rows)
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        saved = None if capturing else self.states.snapshot()
+        try:
+            return self._run(batch, input_ids.view(-1, 1), position_ids.view(-1, 1), cache)
+        finally:
+            if saved is not None:
+                self.states.restore(saved)
 
     def _pass(self, plan: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any) -> torch.Tensor:
         """A forward pass of rows over ``plan`` with the recurrent states in ``cache``;
         the greedy next token at each row's last position."""
-        batch: PagedBatch = self.make_batch(plan)
+        with torch.inference_mode(), paged_attention(self.model):
+            return self._run(self.make_batch(plan), input_ids, position_ids, cache)
+
+    def _run(self, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any) -> torch.Tensor:
         arg = self.arg
 
         def forward(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -184,5 +284,4 @@ class Recurrent:
                         logits_to_keep=1, kvpager=batch, **{arg: cache})
             return out.logits[:, -1].argmax(dim=-1)
 
-        with torch.inference_mode(), paged_attention(self.model):
-            return run_pass(self.model, batch, forward, input_ids, position_ids)
+        return run_pass(self.model, batch, forward, input_ids, position_ids)
