@@ -65,8 +65,11 @@ def test_captured_decode_steps_give_transformers_tokens(family, pipeline):
     place); every token is transformers', nothing is left in the pool."""
     # (Bamba's Mamba heads are sized to twice the default hidden size; LFM2's weights drawn wider,
     # or its greedy tokens repeat each sequence's first, so no token ends some sequences early)
+    # The experts of Qwen3-Next, Jamba and Nemotron-H as batched matmuls: in float32 their default
+    # (grouped-mm) loop reads the routing to the host, which a capture refuses (test below).
     own = {"bamba": {}, "lfm2": dict(hidden_size=128, initializer_range=0.1)}
-    model = make(family, head_dim=32, **own.get(family, dict(hidden_size=128))).cuda()
+    model = make(family, head_dim=32, experts_implementation="batched_mm",
+                 **own.get(family, dict(hidden_size=128))).cuda()
     ps = prompts(9, 40, 1, 17, 5, 23, 3, 11, 30, seed=4)
     n = 8
     with torch.inference_mode():
@@ -81,6 +84,21 @@ def test_captured_decode_steps_give_transformers_tokens(family, pipeline):
         buckets = sorted(gen._graphs.graphs)
     assert outputs == want
     assert 16 in buckets and min(buckets) < 16  # the batch shrank into a smaller bucket: captured again
+    assert pool.stats().num_sequences == 0
+    pool.check_integrity()
+    pool.close()
+
+
+def test_a_step_that_reads_back_during_capture_is_refused_with_the_way_out():
+    """Qwen3-Next in float32 with its default experts, whose loop reads the routing
+    to the host: the eager pass runs, the capture fails, and kvpager's typed error
+    names both ways out (no graphs, or batched experts); nothing is left held."""
+    from kvpager.errors import UnsupportedConfiguration
+
+    model = make("qwen3_next", head_dim=32, hidden_size=128).cuda()
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=16), device="cuda:0")
+    with pytest.raises(UnsupportedConfiguration, match="cuda_graphs=False.*batched_mm"):
+        generate(model, pool, prompts(9, 5, seed=2), max_new_tokens=4, eos_token_id=None, cuda_graphs=True)
     assert pool.stats().num_sequences == 0
     pool.check_integrity()
     pool.close()

@@ -285,14 +285,20 @@ def run_pass(model: Any, batch: PagedBatch, fn: Any, input_ids: torch.Tensor, po
         try:
             out = fn(model, batch, input_ids, position_ids, logits_to_keep)
         except Exception as e:
-            # only where no layer reached kvpager (Bloom, XGLM fail in their own code before)
+            # only where no layer reached kvpager (Bloom, XGLM fail in their own code before), and
+            # not in a CUDA graph capture, whose failures `kvpager.hf.graphs` explains (the eager
+            # pass before it ran)
             if (isinstance(e, (KVPagerError, MemoryError, torch.cuda.OutOfMemoryError)) or batch.layers_run
-                    or getattr(type(model), "_supports_attention_backend", True)):
+                    or getattr(type(model), "_supports_attention_backend", True) or capturing()):
                 raise
             raise ValueError(f"{type(model).__name__} failed under kvpager attention ({type(e).__name__}: {e}); "
                              + _NOT_SERVED) from e
     check_layers_ran(model, batch)
     return out
+
+
+def capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 _NOT_SERVED = ("its attention does not run through transformers' attention interface (attn_implementation), "

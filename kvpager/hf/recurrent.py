@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvpager.hf.attention import PagedBatch, paged_attention, run_pass
+from kvpager.hf.attention import PagedBatch, capturing, paged_attention, run_pass
 from kvpager.hf.model import RECURRENT_KINDS, has_recurrent_layers, text_config
 from kvpager.sizing import NO_KV_KINDS
 
@@ -258,8 +258,7 @@ class Recurrent:
         states as it found them, so the replay that follows advances them once."""
         rows = input_ids.shape[1]
         cache = self.states.cache(rows)
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        saved = None if capturing else self.states.snapshot()
+        saved = None if capturing() else self.states.snapshot()
         try:
             return self._run(batch, input_ids.view(-1, 1), position_ids.view(-1, 1), cache)
         finally:
