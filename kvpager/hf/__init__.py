@@ -40,12 +40,12 @@ from kvpager.hf.generation import (
 from kvpager.hf.graphs import DecodeGraphs, bucket_for
 from kvpager.hf.model import (
     check_call,
-    default_salt,
     layer_chunks,
     layer_fit,
     layer_map,
     layer_windows,
 )
+from kvpager.hf.salt import default_salt
 
 __all__ = [
     "ATTN_IMPLEMENTATION",

@@ -47,7 +47,6 @@ from kvpager.hf.model import (  # noqa: F401
     ABSENT,
     check_call,
     check_model,
-    default_salt,
     layer_chunks,
     layer_fit,
     layer_map,
@@ -60,6 +59,7 @@ from kvpager.hf.padding import token_lists
 from kvpager.hf.passes import HostBuffers, Owed, Pass
 from kvpager.hf.pipeline import DecodePasses
 from kvpager.hf.recurrent import Recurrent, has_recurrent_layers
+from kvpager.hf.salt import default_salt
 from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
 from kvpager.validate import is_int
 

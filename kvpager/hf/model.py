@@ -5,8 +5,6 @@
   layers, layer kinds other than full and sliding attention);
 - `check_call`: the keyword arguments transformers passes to an attention
   function, each honoured or refused by name: nothing is dropped silently;
-- `default_salt`: a prefix-cache salt derived from every weight, so
-  different weights never share cached K/V;
 - `model_geometry`, `spec_for_model`, `check_model`: the model's KV geometry
   as a `PoolSpec`, and a pool checked against it;
 - `layer_map`: which pool layer each layer attends over, and whether it stores
@@ -15,10 +13,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -213,79 +207,6 @@ def check_call(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.
 
 def _show(val: Any) -> str:
     return f"<tensor {tuple(val.shape)}>" if isinstance(val, torch.Tensor) else repr(val)[:40]
-
-
-# -- the default prefix-cache salt ------------------------------------------------------
-_CACHE_ATTR = "_kvpager_salt"  # on the model: (cache key, salt)
-_NOT_KV = frozenset({"transformers_version", "architectures", "name_or_path", "use_cache", "output_attentions",
-                     "output_hidden_states", "return_dict", "dtype", "torch_dtype"})
-SAMPLES = 64  # entries per tensor in the cache key
-
-
-def default_salt(model: Any, refresh: bool = False) -> str:
-    """Prefix-cache salt: blocks may be shared only between workers running the
-    same weights, so K/V computed by one model is never matched by another.
-
-    The model's class and dtype and a SHA-256 over its config (minus fields that
-    do not change K/V) and every parameter: name, dtype, shape and all bytes.
-    Workers that load the same checkpoint get the same salt, whatever its path;
-    a model with one layer changed (a merged adapter) gets another.
-
-    Cost: hashing reads every weight once (tensors hashed in parallel threads):
-    on a busy 2-core CPU, 4.6 s for a 1.1B-parameter Llama in float32 (4.4 GB),
-    3.2 s in bfloat16. The salt is cached on the model and reused while every
-    parameter keeps its storage, version counter and a strided sample of its
-    values (3-7 ms to check on that model): an edit made through ``param.data``
-    that changes none of the sampled entries is not seen; pass ``refresh=True``
-    after such an edit, or pass your own salt to `generate`."""
-    named = list(model.named_parameters())  # tied weights once
-    config = _config_bytes(model.config)
-    key = _cache_key(named, config)
-    cached = model.__dict__.get(_CACHE_ATTR)
-    if not refresh and key is not None and cached is not None and cached[0] == key:
-        return cached[1]
-    digest = hashlib.sha256(config)
-    workers = min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL on large buffers
-        for (name, p), d in zip(named, pool.map(lambda np_: _tensor_digest(np_[1]), named)):
-            digest.update(f"{name}|{str(p.dtype)}|{tuple(p.shape)}|".encode() + d)
-    dtype = named[0][1].dtype if named else None
-    salt = f"{type(model).__name__}|{dtype}|{digest.hexdigest()[:32]}"
-    if key is not None:
-        model.__dict__[_CACHE_ATTR] = (key, salt)
-    return salt
-
-
-def _config_bytes(config: Any) -> bytes:
-    d = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in _NOT_KV}
-    return json.dumps(d, sort_keys=True, default=str).encode()
-
-
-def _tensor_digest(p: torch.Tensor) -> bytes:
-    t = p.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous().reshape(-1)
-    if t.dtype.is_floating_point or t.dtype.is_complex:  # NumPy lacks bfloat16: hash the raw bits
-        t = t.view(torch.uint8)
-    return hashlib.sha256(memoryview(t.numpy()).cast("B")).digest()
-
-
-def _cache_key(named: list[tuple[str, torch.Tensor]], config: bytes) -> tuple[Any, ...] | None:
-    """What must be unchanged for a cached salt to hold: each parameter's
-    storage, version counter and a strided sample of its values. None where
-    parameters have no version counter (made in inference mode): no caching."""
-    try:
-        meta = tuple((n, p.data_ptr(), p._version, p.dtype, tuple(p.shape)) for n, p in named)
-    except RuntimeError:
-        return None
-    with torch.no_grad():
-        samples = [p.detach().reshape(-1)[:: max(1, p.numel() // SAMPLES)][:SAMPLES] for _, p in named]
-        by_kind: dict[Any, list[torch.Tensor]] = {}
-        for s in samples:
-            by_kind.setdefault((s.device, s.dtype), []).append(s)
-        sample = b"".join(_tensor_digest(torch.cat(v)) for v in by_kind.values())
-    return meta, config, sample
 
 
 def model_geometry(config: Any) -> dict[str, int]:
