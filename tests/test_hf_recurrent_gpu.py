@@ -8,13 +8,10 @@ recurrent states read and written in place. Skips without CUDA."""
 from __future__ import annotations
 
 import pytest
-from gpu_helpers import cupy_or_skip
+from gpu_helpers import cupy_torch_or_skip
 
-torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
-cupy_or_skip()
-if not torch.cuda.is_available():
-    pytest.skip("torch has no CUDA here", allow_module_level=True)
+_, torch = cupy_torch_or_skip()
 
 from test_hf_recurrent import make, prompts, reference  # noqa: E402
 
