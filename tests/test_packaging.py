@@ -50,6 +50,11 @@ def test_the_old_clients_names_are_the_new_modules():
 
     assert clients.kvpager_hf is kvpager.hf.generation and clients.kvpager_graphs is kvpager.hf.graphs
     assert clients.kvpager_hf_model is kvpager.hf.model
+    # what code written against them imported from there still resolves (the salt has a module of its own now)
+    from clients.kvpager_hf import PagedGeneration, default_salt, spec_for_model  # noqa: F401
+    from clients.kvpager_hf_model import check_call, default_salt, layer_windows, spec_for_model  # noqa: F401, F811
+
+    assert default_salt is kvpager.hf.default_salt
     assert kvpager.hf.generate is kvpager.hf.generation.generate and set(kvpager.hf.__all__) <= set(dir(kvpager.hf))
 
 

@@ -10,8 +10,9 @@ Install with ``pip install 'kvpager[torch]'`` (torch and transformers), then::
 
 Modules: `kvpager.hf.generation` (step plans, `PagedGeneration`,
 `generate`), `kvpager.hf.attention` (the attention function, the packed forward
-pass), `kvpager.hf.model` (windows, attention arguments, the default salt, the
-KV geometry), `kvpager.hf.fp8` (FP8 scales calibrated from a sample prompt),
+pass), `kvpager.hf.model` (windows, attention arguments, the KV geometry),
+`kvpager.hf.salt` (the default salt), `kvpager.hf.recurrent` (models with
+recurrent layers), `kvpager.hf.fp8` (FP8 scales calibrated from a sample prompt),
 `kvpager.hf.graphs` (CUDA graphs of the decode step), `kvpager.hf.padding` (a
 tokenizer's ``attention_mask`` applied to padded prompts). ``import kvpager``
 never imports this package (nor torch).

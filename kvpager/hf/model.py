@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from kvpager.errors import InvalidArgument
+from kvpager.hf.salt import default_salt  # noqa: F401 (its home before kvpager.hf.salt: old imports still work)
 from kvpager.layer_geometry import attribute_getter, fit, layer_getters
 from kvpager.sizing import NO_KV_KINDS, attention_dims, kv_sources, pool_layers
 from kvpager.spec import PoolSpec, dtype_name
