@@ -119,10 +119,10 @@ class NumpyBackend(Backend):
         sinks: Any = None,
     ) -> np.ndarray:
         from kvpager.attend_options import check_sinks
-        from kvpager.backends.numpy_decode import attend
 
-        return attend(self.kv, layer, q, block_tables, seq_lens, query_lens, scale, window=window,
-                      softcap=softcap, kv_scales=self.scales, sinks=check_sinks(sinks, q.shape[1]))
+        return paged_attention(self.kv, layer, q, block_tables, seq_lens, query_lens, scale,
+                               window=window, softcap=softcap, kv_scales=self.scales,
+                               sinks=check_sinks(sinks, q.shape[1]))
 
 
 def paged_attention(
