@@ -49,11 +49,19 @@ def on_wire(wire: dict[str, Any], ids: Any) -> dict[str, Any]:
 
 def follow(mirror: Any, method: str, wire: dict[str, Any], ids: list[int] | None, result: Any) -> Any:
     """Update ``mirror`` from an op that ran (on ``ids``, its ``seq_ids`` as
-    `id_list` reads them); the method's return value."""
+    `id_list` reads them; None where it could not read them, though the daemon
+    took them: the mirror then loses track, `TableMirror.lost_track`); the
+    method's return value."""
     if method == "append_flat":
         slots = decode_slots(result, 1, None)[0]
-        mirror.appended(ids, wire.get("num_tokens", 1), slots)
+        if ids is None:
+            mirror.lost_track()
+        else:
+            mirror.appended(ids, wire.get("num_tokens", 1), slots)
         return slots
+    if ids is None and method in ("free", "truncate", "release_before"):
+        mirror.lost_track()
+        return result
     if method == "free":
         mirror.freed(ids)
     elif method == "commit":

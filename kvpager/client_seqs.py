@@ -101,7 +101,8 @@ class ClientSequences:
         if token_ids is not None:
             args["token_ids"] = packed_rows(token_ids)
         raw = self._mutate("append", args, ids)
-        self._mirror.appended(ids, num_tokens, decode_slots(raw, 1, None)[0])
+        if ids is not None:
+            self._mirror.appended(ids, num_tokens, decode_slots(raw, 1, None)[0])
         return raw
 
     def record_tokens(self, seq_ids: Any, token_ids: Any) -> None:
@@ -138,21 +139,25 @@ class ClientSequences:
 
     def fork(self, seq_ids: Any, n: int = 1) -> list[list[int]]:
         seq_ids = as_ids(seq_ids)
-        children = self._call("fork", {"seq_ids": seq_ids, "n": n})
-        self._mirror.forked(id_list(seq_ids), children)
+        ids = id_list(seq_ids)
+        children = self._mutate("fork", {"seq_ids": seq_ids, "n": n}, ids)
+        if ids is not None:
+            self._mirror.forked(ids, children)
         return children
 
     def free(self, seq_ids: Any) -> None:
         seq_ids = as_ids(seq_ids)
         ids = id_list(seq_ids)
         self._mutate("free", {"seq_ids": seq_ids}, ids)
-        self._mirror.freed(ids)
+        if ids is not None:
+            self._mirror.freed(ids)
 
     def truncate(self, seq_ids: Any, lengths: Any) -> None:
         seq_ids = as_ids(seq_ids)
         ids = id_list(seq_ids)
         self._mutate("truncate", {"seq_ids": seq_ids, "lengths": lengths}, ids)
-        self._mirror.truncated(ids, lengths)
+        if ids is not None:
+            self._mirror.truncated(ids, lengths)
 
     def release_before(self, seq_ids: Any, positions: Any) -> list[int]:
         """As `KVPool.release_before`; this worker's mirror follows (null entries)."""
@@ -167,12 +172,15 @@ class ClientSequences:
         seq_ids = as_ids(seq_ids)
         ids = id_list(seq_ids)
         self._mutate("swap_out", {"seq_ids": seq_ids}, ids)
-        self._mirror.swapped_out(ids)
+        if ids is not None:
+            self._mirror.swapped_out(ids)
 
     def swap_in(self, seq_ids: Any) -> None:
         seq_ids = as_ids(seq_ids)
         ids = id_list(seq_ids)
         got = self._mutate("swap_in", {"seq_ids": seq_ids}, ids)
+        if ids is None:  # (the mirror lost track: the daemon's tables are the truth)
+            return
         try:
             if got is None:  # a daemon from before swap_in answered with the tables
                 got = self._call("tables", {"seq_ids": ids})
@@ -188,12 +196,15 @@ class ClientSequences:
         may have been applied: the mirror forgets ``ids``, whose tables then come
         from the daemon."""
         try:
-            return self._call(op, args)
+            got = self._call(op, args)
         except (RequestTimeout, InternalError):
             forget = list(ids or ())
             if forget:
                 self._mirror.forget(forget)
             raise
+        if ids is None:  # the daemon took ids this mirror cannot read: it cannot follow the op
+            self._mirror.lost_track()
+        return got
 
     def tables(self, seq_ids: Any) -> tuple[np.ndarray, np.ndarray]:
         """Padded int32 block tables [B, max_blocks] and lengths [B], as `KVPool.block_tables`:

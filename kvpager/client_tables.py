@@ -55,7 +55,8 @@ def id_list(value: Any) -> list[int] | None:
     if isinstance(value, (list, tuple)):
         if all_type(value, int):  # bools excluded: type(True) is bool
             return list(value)
-        if all(isinstance(v, np.integer) for v in value):
+        # NumPy integers, int subclasses, or a mix with ints: the wire carries each as an int
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in value):
             return [int(v) for v in value]
     return None
 
@@ -289,6 +290,13 @@ class TableMirror:
 
     #: whether a sequence of this session may be missing here (forgotten after an op without an outcome)
     incomplete = False
+
+    def lost_track(self) -> None:
+        """An op changed sequences whose ids this mirror could not read (the daemon
+        took them): everything is dropped and the daemon's tables are the truth from
+        now on (``incomplete``), rather than tables that no longer hold."""
+        self.clear()
+        self.incomplete = True
 
     def truncated(self, ids: list[int], lengths: Any) -> None:
         """Sequences cut to ``lengths`` tokens (an int, or one per sequence)."""

@@ -16,6 +16,7 @@ pool (the CLI, a scheduler) needs no CUDA here.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import weakref
@@ -103,7 +104,7 @@ class DeviceBuffer:
         """A CuPy view (no copy); InvalidArgument if it does not fit."""
         cupy = _cupy()
         dt = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        nbytes = math.prod(int(d) for d in shape) * dt.itemsize  # (Python ints: a huge shape cannot wrap)
         if offset < 0 or offset % max(dt.itemsize, 16) or offset + nbytes > self.size or min(shape, default=1) < 0:
             raise InvalidArgument(
                 f"staging range offset={offset} shape={tuple(shape)} ({nbytes} bytes of {dt}) does not fit "

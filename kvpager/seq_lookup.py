@@ -53,7 +53,8 @@ class SequenceLookup:
                     raise UnknownSequence(s) from None
             raise
 
-    def batch(self, seq_ids: list[int] | np.ndarray, op: str | None, owner: Any = ANY_OWNER) -> np.ndarray:
+    def batch(self, seq_ids: list[int] | np.ndarray, op: str | None, owner: Any = ANY_OWNER,
+              name: str | None = None) -> np.ndarray:
         """Rows of a batch of distinct, known ids (a list, or packed: an int64
         array); resident ones if ``op`` needs them; ``owner``'s only if one is
         given (UnknownSequence / NotOwner before anything else, as the daemon
@@ -69,12 +70,12 @@ class SequenceLookup:
                 rows = self.lookup(seq_ids)
             except UnknownSequence:
                 if owner is ANY_OWNER and len(set(seq_ids)) != len(seq_ids):
-                    raise self._duplicates(op) from None
+                    raise self._duplicates(name or op) from None
                 raise
             if owner is not ANY_OWNER:
                 self._check_rows_owner(seq_ids, rows, owner)
             if not self.table.distinct(rows):
-                raise self._duplicates(op)
+                raise self._duplicates(name or op)
             self.recent.put(key, owner, rows)  # read-only from now: shared with later calls
         if op is not None and self.num_swapped:
             swapped = self.table.swapped[rows]

@@ -85,7 +85,7 @@ def swap_out(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
 
 def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     """`SequenceManager.swap_in`: the (host, device) copies, int64 [k, 2]."""
-    rows = m.batch(seq_ids, None)
+    rows = m.batch(seq_ids, None, name="swap_in")
     bt, pool, host = m.table, m.pool, m.host
     swapped = bt.swapped[rows] != 0
     if not swapped.all():

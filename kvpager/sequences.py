@@ -166,7 +166,7 @@ class SequenceManager(SequenceLookup):
             n = int(n)
         if n < 1:
             raise InvalidArgument(f"fork: n must be an integer >= 1, got {n!r}")
-        if n * len(seq_ids) > MAX_REFS:
+        if max(n, n * len(seq_ids)) > MAX_REFS:
             raise InvalidArgument(f"fork: {n} children of {len(seq_ids)} sequence(s) would pass a block's "
                                   f"reference count (int32, at most {MAX_REFS})")
         if len(seq_ids) == 1 and self.scalar:
@@ -191,7 +191,7 @@ class SequenceManager(SequenceLookup):
         last entry first, so its tail is evicted first)."""
         if len(seq_ids) == 1 and self.scalar:
             return seq_one.free(self, seq_ids[0])
-        rows = self.batch(seq_ids, None)
+        rows = self.batch(seq_ids, None, name="free")
         self.recent.clear()  # rows are given back: no remembered batch holds any more
         bt = self.table
         blocks = bt.row_blocks(rows, reverse=True)

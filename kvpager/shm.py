@@ -20,6 +20,7 @@ import _posixshmem
 import contextlib
 import errno
 import logging
+import math
 import mmap
 import os
 import re
@@ -95,7 +96,7 @@ class Segment:
     def array(self, shape: tuple[int, ...], dtype: Any, offset: int = 0) -> np.ndarray:
         """A view of the segment (no copy); InvalidArgument if it does not fit."""
         dt = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        nbytes = math.prod(int(d) for d in shape) * dt.itemsize  # (Python ints: a huge shape cannot wrap)
         if offset < 0 or offset % dt.itemsize or offset + nbytes > self.size or min(shape, default=1) < 0:
             raise InvalidArgument(
                 f"staging range offset={offset} shape={tuple(shape)} ({nbytes} bytes of {dt}) does not fit "

@@ -47,8 +47,8 @@ def check_token_ids(token_ids: Any) -> None:
         if (isinstance(ids, list) or isinstance(ids, np.ndarray) and ids.ndim) and len(ids):  # 0-d: KVPool says why
             try:
                 hi = max(ids)
-                big = hi >= TOKEN_LIMIT
-            except TypeError:
-                continue  # not numbers: KVPool says why
+                big = bool(hi >= TOKEN_LIMIT)
+            except (TypeError, ValueError):
+                continue  # not numbers (or rows of arrays): KVPool says why
             if big:
                 raise InvalidArgument(f"append: token id {hi} is out of range (token ids are below 2**63)")

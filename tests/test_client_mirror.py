@@ -25,6 +25,7 @@ from daemon_helpers import client_fixture, ipc_endpoint, running_server, server_
 from kvpager.client import Client
 from kvpager.errors import (
     InvalidArgument,
+    NotOwner,
     NotSwapped,
     OutOfBlocks,
     ProtocolError,
@@ -223,3 +224,55 @@ def test_expired_session_fails_the_next_op_and_clears_the_mirror():
         with pytest.raises(SessionLost):
             c.tables([a.seq_id])
         c.close()
+
+
+# -- ids the daemon takes in any form the client reads ------------------------------------------
+def test_ids_mixing_ints_and_numpy_integers_keep_the_mirror_exact(server):
+    """A list mixing ints and NumPy integers (the wire carries both as ints) is read
+    as the daemon reads it, in every op and in a batch: the mirror follows (it once
+    stayed behind, and after a free a write into the freed block, since another
+    session's, was taken locally and changed that session's K/V)."""
+    with Client(server.endpoint, timeout=WAIT) as c, Client(server.endpoint, timeout=WAIT) as other:
+        a, b = (x.seq_id for x in c.allocate([list(range(16)), list(range(100, 116))]))
+        c.append([a, np.int64(b)], 3)
+        assert_mirrors_daemon(c)
+        c.append_flat((np.int32(a), b), 1)
+        [[kid]] = c.fork([np.uint16(a)], 1)
+        c.truncate([kid, np.int64(b)], [5, 17])
+        assert_mirrors_daemon(c)
+        c.swap_out([np.int64(kid), b])
+        c.swap_in([b, np.int64(kid)])
+        assert_mirrors_daemon(c)
+        c.batch([("append_flat", [a, np.int64(kid)]), ("release_before", [np.int64(a)], [16]),
+                 ("free", [np.int64(kid)])])
+        assert_mirrors_daemon(c)
+        c.free([a, np.int64(b)])
+        assert_mirrors_daemon(c)
+        mine = other.allocate([list(range(500, 516))])[0]
+        k = np.full((16, SPEC.num_kv_heads, SPEC.head_dim), -1.0, np.float32)
+        freed = np.arange(16) + int(mine.block_table[0]) * BS
+        with pytest.raises(NotOwner):  # a block of another session's sequence now
+            c.write(0, freed, k, k)
+        assert not (other.kv(0)[0][mine.block_table[0]] == -1.0).any()
+        other.free([mine.seq_id])
+
+
+def test_ids_the_mirror_cannot_read_make_it_lose_track(client, monkeypatch):
+    """Where the daemon takes ids that the client cannot read (none known today:
+    simulated), the mirror drops everything rather than keep tables that no longer
+    hold: the daemon's answer from then on, nothing raised after the op ran."""
+    import kvpager.client_seqs as seqs
+
+    c = client
+    a, b = (x.seq_id for x in c.allocate([list(range(20)), list(range(40))]))
+    monkeypatch.setattr(seqs, "read_ids", lambda v: (None, v))
+    monkeypatch.setattr(seqs, "id_list", lambda v: None)
+    c.append([a, b], 2)
+    assert c._mirror.incomplete and not c._mirror.rows
+    np.testing.assert_array_equal(c.tables([a, b])[1], [22, 42])
+    c.free([a])
+    monkeypatch.undo()
+    np.testing.assert_array_equal(c.tables([b])[1], [42])
+    with pytest.raises(UnknownSequence):
+        c.tables([a])
+    c.free([b])

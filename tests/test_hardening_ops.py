@@ -306,3 +306,49 @@ def test_stats_lists_at_most_max_tenants_the_quotas_and_the_largest(server):
         c.commit(a.seq_id)
         st = c.stats()
         assert st.num_tenants == len(st.tenants) == 1 and st.tenants[0].salt == "one"
+
+
+@pytest.mark.parametrize("op, args, needle", [
+    # a row of token ids that is itself 2-D
+    ("append", {"num_tokens": 4, "token_ids": [np.zeros((2, 2), np.int64)]}, "flat list"),
+    # a child count no block's reference count can hold, with no parent to fork
+    ("fork_empty", {"seq_ids": [], "n": 2**62}, "reference count"),
+    ("free_twice", {}, "free: duplicate"),
+])
+def test_odd_arguments_get_messages_of_their_own(server, op, args, needle):
+    """Refused with a typed error that names what was wrong (these once answered
+    with a NumPy exception's text: "truth value ... ambiguous", "out of bounds for
+    int32", "operation: duplicate"), nothing changed, the daemon serving on."""
+    with Client(server.endpoint, timeout=10) as c:
+        [a] = c.allocate([list(range(5))])
+        before = _state(server)
+        if op == "append":
+            call = ("append", {"seq_ids": [a.seq_id], **args})
+        elif op == "fork_empty":
+            call = ("fork", args)
+        else:
+            call = ("free", {"seq_ids": [a.seq_id, a.seq_id]})
+        with pytest.raises(InvalidArgument) as e:
+            c._call(*call)
+        assert needle in str(e.value) and "ambiguous" not in str(e.value) and "out of bounds" not in str(e.value)
+        assert _same(before, _state(server))
+        c.free([a.seq_id])
+
+
+def test_a_staging_shape_too_large_to_count_is_refused_by_kvpager():
+    """A shape whose element count passes 2**63 (it wrapped to a small number in
+    the fit check, and only NumPy's own refusal stopped it) is refused by the
+    staging check, naming the range."""
+    import os
+
+    from kvpager.shm import Segment
+
+    seg = Segment.create(f"kvpager-test-{os.getpid()}-{os.urandom(4).hex()}", 4096)
+    try:
+        with pytest.raises(InvalidArgument, match="does not fit"):
+            seg.array((1, 2**60, 16), np.float32)
+        with pytest.raises(InvalidArgument, match="does not fit"):
+            seg.array((2**62, 2**62), np.uint8)
+        assert seg.array((4, 16), np.float32).shape == (4, 16)
+    finally:
+        seg.close()
