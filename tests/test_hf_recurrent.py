@@ -102,7 +102,8 @@ def test_tokens_equal_transformers(family):
         want = reference(model, ps, 5)
     assert generate(model, pool, ps, max_new_tokens=5, eos_token_id=None) == want
     stats = pool.stats()
-    assert stats.num_sequences == 0 and stats.cached_blocks == 0 and stats.free_blocks == stats.total_blocks
+    assert stats.num_sequences == 0 and stats.used_blocks == 0
+    assert stats.free_blocks + stats.evictable_blocks == stats.total_blocks
     pool.check_integrity()
 
 
@@ -147,17 +148,129 @@ def test_prompts_of_one_length_prefill_in_one_pass(monkeypatch):
     assert passes[:3] == [(3, 9), (2, 7), (1, 1)] and passes[3:] == [(6, 1)] * 3
 
 
-def test_a_prompt_generated_twice_starts_from_nothing_cached():
-    """The same prompts twice over one pool: the second generation finds nothing in the
-    prefix cache (a recurrent model publishes no blocks: they would lack the state at
-    their end) and gives the same tokens."""
-    model = make("jamba")
-    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
-    ps = prompts(24, 17)
-    first = generate(model, pool, ps, max_new_tokens=3, eos_token_id=None)
-    second = generate(model, pool, ps, max_new_tokens=3, eos_token_id=None, salt="a salt of my own")
-    assert first == second
-    assert pool.stats().prefix_hit_tokens == 0
+def _computed(monkeypatch) -> list[int]:
+    """The tokens each forward pass of `Recurrent` runs (rows x tokens), as they come."""
+    from kvpager.hf.recurrent import Recurrent
+
+    seen: list[int] = []
+    real = Recurrent._pass
+
+    def spy(self, plan, input_ids, position_ids, cache):
+        seen.append(input_ids.numel())
+        return real(self, plan, input_ids, position_ids, cache)
+
+    monkeypatch.setattr(Recurrent, "_pass", spy)
+    return seen
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "jamba", "lfm2", "falcon_h1"])
+def test_a_prompt_seen_before_resumes_from_its_held_state(family, monkeypatch):
+    """The same prompts three times over one pool. The first run publishes their
+    blocks; the second finds them cached but no state there: it runs each prompt up
+    to its cached tokens, holds the state at that block boundary, then the rest;
+    the third resumes from the held states and runs only the tokens after them.
+    Every run gives transformers' tokens, nothing is left held."""
+    from kvpager.hf.recurrent_states import StateCache
+
+    model = make(family)
+    pool = KVPool(spec_for_model(model, num_blocks=96, block_size=8))
+    ps = prompts(24, 17, 5)
+    with torch.inference_mode():
+        want = reference(model, ps, 3)
+    store = StateCache.of(model)
+    store.clear()
+    seen = _computed(monkeypatch)
+    assert generate(model, pool, ps, max_new_tokens=3, eos_token_id=None) == want
+    first = list(seen)
+    seen.clear()
+    assert generate(model, pool, ps, max_new_tokens=3, eos_token_id=None) == want
+    assert store.stores == 2 and store.hits == 0  # 24 -> held at 16, 17 -> at 16 (5: no whole block)
+    second = list(seen)
+    seen.clear()
+    assert generate(model, pool, ps, max_new_tokens=3, eos_token_id=None) == want
+    third = list(seen)
+    assert store.hits == 2
+    # the prefills: 24 + 17 + 5 tokens each time before; the third from the held states: 8 + 1 + 5
+    assert sum(first[: len(first) - 2]) == 46 and sum(second[: len(second) - 2]) == 46
+    assert sum(third[: len(third) - 2]) == 8 + 1 + 5
+    stats = pool.stats()
+    assert stats.num_sequences == 0 and stats.used_blocks == 0 and stats.prefix_hit_tokens > 0
+    pool.check_integrity()
+
+
+def test_a_shared_system_prompt_is_run_once_for_the_requests_after_the_second(monkeypatch):
+    """Requests that share a 40-token system prompt, one generation each: the first
+    publishes its blocks, the second holds the state where they end (40 tokens), and
+    every later one resumes there, running its own tokens only. A follow-up turn
+    (the first request, its answer and more) resumes from the system prompt's
+    state and holds one where its cached blocks end (past the first answer), from
+    which it resumes when sent again. Each gives transformers' tokens."""
+    from kvpager.hf.recurrent_states import StateCache
+
+    model = make("qwen3_next")
+    pool = KVPool(spec_for_model(model, num_blocks=128, block_size=8))
+    StateCache.of(model).clear()
+    [system] = prompts(40, seed=21)
+    users = [system + u for u in prompts(6, 11, 3, 9, seed=22)]
+    seen = _computed(monkeypatch)
+    for i, p in enumerate(users):
+        seen.clear()
+        with torch.inference_mode():
+            [want] = reference(model, [p], 3)
+        assert generate(model, pool, [p], max_new_tokens=3, eos_token_id=None) == [want]
+        prefill = seen[0] if i != 1 else seen[0] + seen[1]
+        assert prefill == (len(p) if i < 2 else len(p) - 40), (i, seen)
+    first = users[0]
+    with torch.inference_mode():
+        [answer] = reference(model, [first], 3)
+    # its blocks through the answer's second token (fed, so written and published): 48 tokens
+    turn = first + answer[:2] + prompts(7, seed=23)[0]
+    with torch.inference_mode():
+        [want2] = reference(model, [turn], 3)
+    for held in (40, 48):  # the system prompt's state, then the one held at the turn's cached blocks
+        seen.clear()
+        assert generate(model, pool, [turn], max_new_tokens=3, eos_token_id=None) == [want2]
+        assert sum(seen[: len(seen) - 2]) == len(turn) - held, seen
+    assert pool.stats().num_sequences == 0
+    pool.check_integrity()
+
+
+def test_no_states_held_with_a_state_cache_of_no_bytes():
+    """``max_bytes`` 0: nothing held, no prompt split; blocks still shared, tokens
+    still transformers'."""
+    from kvpager.hf.recurrent_states import StateCache
+
+    model = make("qwen3_5")
+    store = StateCache.of(model)
+    store.clear()
+    store.max_bytes = 0
+    try:
+        pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+        ps = prompts(24, 17)
+        with torch.inference_mode():
+            want = reference(model, ps, 3)
+        for _ in range(3):
+            assert generate(model, pool, ps, max_new_tokens=3, eos_token_id=None) == want
+        assert store.stores == 0 and not store.entries and pool.stats().prefix_hit_tokens > 0
+    finally:
+        store.max_bytes = 1 << 30
+
+
+def test_the_state_cache_drops_the_least_recently_used_past_its_bytes():
+    from kvpager.hf.recurrent_states import StateCache
+
+    store = StateCache(max_bytes=3 * 64)
+    row = (torch.zeros(1, 4), torch.zeros(1, 12))  # 64 bytes
+    for key in (b"a", b"b", b"c"):
+        store.put(key, (), row)
+    assert store.best([b"a"], 8, 8)[0] == 8  # "a" used: "b" is now the oldest
+    store.put(b"d", (), row)
+    assert list(store.entries) == [b"c", b"a", b"d"] and store.nbytes == 3 * 64
+    store.put(b"big", (), (torch.zeros(1, 100),))  # more than the whole budget alone: not held
+    assert b"big" not in store.entries
+    held = store.entries[b"d"][1][0]
+    row[0][0, 0] = 5.0
+    assert held[0, 0] == 0  # a copy, not the caller's tensor
 
 
 def test_compile_is_refused_by_name():
@@ -192,7 +305,7 @@ def test_decode_steps_pipeline_as_other_models_do(pipeline):
             gen.step()
         assert gen.outputs == want
     stats = pool.stats()
-    assert stats.num_sequences == 0 and stats.cached_blocks == 0
+    assert stats.num_sequences == 0 and stats.used_blocks == 0
     pool.check_integrity()
 
 
@@ -202,12 +315,13 @@ def test_states_keep_the_rows_left_in_place():
     cache of n rows sees the first n."""
     from kvpager.hf import PagedGeneration
     from kvpager.hf.recurrent import States
+    from kvpager.hf.recurrent_states import rows_of
 
     model = make("qwen3_5")
     pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
     with PagedGeneration(model, pool, prompts(5, 12, 3, 20, seed=7), 3, eos_token_id=None, pipeline=False) as gen:
         held = gen._recurrent.states
-        states = States(model, held.cache(held.n), held.rows, 8)
+        states = States(model, held.layout, rows_of(held.cache(held.n), held.layout), held.rows, 8)
         assert len(states.tensors) > 0 and all(t.shape[0] == 8 for t in states.tensors)
         before = [t.clone() for t in states.tensors]
         ptrs = [t.data_ptr() for t in states.tensors]
@@ -219,13 +333,10 @@ def test_states_keep_the_rows_left_in_place():
         for t, b in zip(states.tensors, before):
             assert torch.equal(t[:3], b[[3, 0, 2]])
         cache = states.cache(4)
-        for i, _ in states.layers:
-            layer = cache.layers[i]
-            for k in range(layer.number_of_states):
-                for kind in ("conv", "recurrent"):
-                    if getattr(layer, f"is_{kind}_states_initialized")[k]:
-                        t = getattr(layer, f"{kind}_states")[k]
-                        assert t.shape[0] == 4 and any(t.data_ptr() == p for p in ptrs)
+        for (i, kind, k, _), p in zip(states.layout, ptrs):
+            t = getattr(cache.layers[i], f"{kind}_states")[k]
+            assert t.shape[0] == 4 and t.data_ptr() == p
+            assert getattr(cache.layers[i], f"is_{kind}_states_initialized")[k]
         assert states.cache(4) is cache
 
 
@@ -236,6 +347,7 @@ def test_a_captured_steps_warm_up_leaves_the_states_as_it_found_them():
     every state as it was; the eager pass then advances them."""
     from kvpager.hf import PagedGeneration, paged_attention
     from kvpager.hf.recurrent import States
+    from kvpager.hf.recurrent_states import rows_of
 
     model = make("qwen3_5")
     pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
@@ -243,7 +355,8 @@ def test_a_captured_steps_warm_up_leaves_the_states_as_it_found_them():
         rec = gen._recurrent
         rows = [0, 1, 2]
         rec.keep(rows)
-        rec.states = States(model, rec.states.cache(3), rows, 4)
+        held = rec.states
+        rec.states = States(model, held.layout, rows_of(held.cache(3), held.layout), rows, 4)
         ids = [gen.seq_ids[i] for i in rows]
         slots = pool.append_flat(ids, 1, [[gen.outputs[i][-1]] for i in rows])
         heads = model.config.num_attention_heads
@@ -309,7 +422,7 @@ def test_through_a_daemon_client():
                 gen.step()
             assert gen.outputs == want
         stats = c.stats()
-        assert stats.num_sequences == 0 and stats.cached_blocks == 0
+        assert stats.num_sequences == 0 and stats.used_blocks == 0
         c.check_integrity()
 
 

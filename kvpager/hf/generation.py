@@ -22,7 +22,6 @@ Gemma-2's logit soft cap, greedy decoding. This module also gives the names of
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Sequence
 from dataclasses import KW_ONLY, InitVar, dataclass, field
 from typing import Any
@@ -160,8 +159,8 @@ class PagedGeneration(DecodePasses):
                                  "is captured uncompiled; pass cuda_graphs=True without compile")
             # captured steps read the states of a bucket's rows (`kvpager.hf.graphs.bucket_for`)
             self._recurrent = Recurrent(self.model, self._batch, capacity=bucket_for if self.cuda_graphs else None)
-            # no prompt may start from cached blocks: they carry no recurrent state
-            self.salt = f"{self.salt}|recurrent|{os.urandom(16).hex()}"
+            # (their blocks are matched only by generations that also hold or remake the states)
+            self.salt = f"{self.salt}|recurrent"
         self._device = next(self.model.parameters()).device
         self._pool_dtype = _TORCH_DTYPES[dtype_name(self.pool.spec.dtype)]
         pool_device = str(getattr(self.pool, "device", "cpu"))
@@ -210,7 +209,10 @@ class PagedGeneration(DecodePasses):
                                        forward=self._recurrent.graph_pass if self._recurrent is not None else None)
         # One forward pass writes every layer's K/V for the whole batch before it
         # attends, so prompts of the batch may share the blocks an earlier one fills.
-        allocs = self.pool.allocate(self.prompts, self.salt, share_in_batch=self._recurrent is None)
+        if self._recurrent is not None:
+            allocs = self._recurrent.allocate(self.pool, self.prompts, self.salt)
+        else:
+            allocs = self.pool.allocate(self.prompts, self.salt, share_in_batch=True)
         self.seq_ids = [a.seq_id for a in allocs]
         self.num_cached_tokens = [a.num_cached_tokens for a in allocs]
         self.outputs = [[] for _ in allocs]
@@ -218,6 +220,9 @@ class PagedGeneration(DecodePasses):
         self._held = set(self.seq_ids)  # not freed yet
         try:
             rows = list(range(len(allocs)))
+            if self._recurrent is not None:  # passes of rows, resumed where states are held
+                self._record(rows, self.seq_ids, self._recurrent.prefill(self.pool, self.prompts, allocs, self._device))
+                return
             tokens = [p[a.num_cached_tokens :] for p, a in zip(self.prompts, allocs)]
             positions = [range(a.num_cached_tokens, len(p)) for p, a in zip(self.prompts, allocs)]
             slots = np.concatenate([np.asarray(a.slots, dtype=np.int64) for a in allocs])
@@ -266,8 +271,6 @@ class PagedGeneration(DecodePasses):
             [[p for ps in positions for p in ps]], dtype=torch.long, device=self._device
         )
         ids = [self.seq_ids[i] for i in rows]
-        if self._recurrent is not None:  # each prompt a row of its own
-            return self._recurrent.prefill(self.pool, rows, ids, tokens, positions, slots, self._device)
         if self._graphs is not None and max(lens) == 1:
             next_tokens = self._graphs.step(ids, input_ids, position_ids, slots)
         else:

@@ -120,8 +120,7 @@ class DecodePasses:
                 ids = nxt.seq_ids if rows is nxt.rows else [self.seq_ids[i] for i in rows]
                 self._later("record_tokens", ids, np.fromiter(of, np.int64, len(rows)).reshape(-1, 1))
         # ``done``'s writes have landed (its event): no wait for the pass in flight
-        if self._recurrent is None:  # (a recurrent model's blocks are never published: `_record`)
-            self._later("commit", done.seq_ids, [p + 1 for p in done.positions], synchronize=False)
+        self._later("commit", done.seq_ids, [p + 1 for p in done.positions], synchronize=False)
         fed = set(nxt.rows) if nxt is not None else ()
         # a row the next pass was fed to keeps its blocks until that pass has written them
         if nxt is not None:
@@ -155,8 +154,7 @@ class DecodePasses:
         owed, self._owed = self._owed, None
         if owed is not None and owed.count:
             self._later("record_tokens", owed.seq_ids, np.ascontiguousarray(owed.tokens[:, : owed.count]))
-            if self._recurrent is None:  # (a recurrent model's blocks are never published: `_record`)
-                self._later("commit", owed.seq_ids, [p + 1 for p in owed.upto], synchronize=False)
+            self._later("commit", owed.seq_ids, [p + 1 for p in owed.upto], synchronize=False)
 
     def _later(self, method: str, *args: Any, **kwargs: Any) -> None:
         """A call on the pool that the next pass's append carries where the pool
@@ -240,10 +238,7 @@ class DecodePasses:
         """The prefill's tokens: commit, outputs, finished sequences freed, windows' blocks released."""
         if hasattr(self.pool, "synchronize"):
             self.pool.synchronize()
-        # A model with recurrent layers publishes nothing: a prompt that found its blocks would
-        # lack the recurrent state at their end (`kvpager.hf.recurrent`).
-        if self._recurrent is None:
-            self.pool.commit(ids)
+        self.pool.commit(ids)
         ended = self._update(rows, next_tokens)
         self._free([self.seq_ids[i] for i in ended])  # a finished sequence's blocks go back at once
         self._release([i for i in rows if not self.finished[i]])

@@ -14,10 +14,10 @@ A recurrent layer mixes every token of its row in order, so the packed row of
 `kvpager.hf.attention` (all sequences' new tokens in one row) cannot carry such
 a model. `Recurrent` runs
 
-- the prefill as rows of the prompts of one length (a forward pass per
-  length, no padding; rows of as many tokens each, which the attention
-  function packs as one row), then joins the passes' states into one cache
-  (`join`), and
+- the prefill as rows of the prompts of one length and start (a forward pass
+  per group, no padding; rows of as many tokens each, which the attention
+  function packs as one row), the passes' states then taken row by row into
+  one batch (`kvpager.hf.recurrent_states`), and
 - each decode step as rows of one token each ([B, 1]), the attention layers
   attending through one step plan as a packed row would
   (`kvpager.hf.attention.kvpager_attention` takes such rows), the states
@@ -30,97 +30,44 @@ place at each replay; when sequences end, the rows left are moved up in place
 (`States.keep`). The decode steps pipeline as other models' do
 (`kvpager.hf.pipeline`).
 
-Nothing of a prompt can come from the prefix cache (its blocks carry K/V, not
-the recurrent states at their end), so such generations allocate under a salt
-of their own. transformers' linear-attention cache layers (5.24 and later) are
-required.
+Prefix reuse. A cached block holds K/V, not the recurrent state at its end,
+so a prompt can start after its cached blocks only where that state is held
+too (`StateCache`, one a model: states at block boundaries, by the tokens
+before them). A prompt finds the longest such prefix within its cached tokens
+and runs from there: its attention layers over the cached K/V (nothing
+written where blocks were cached), its recurrent layers from the held state.
+A prompt whose cached blocks reach past the longest held state is allocated up
+to them, run there, its state held, then the rest appended and run: the next
+prompt that finds those blocks (the same system prompt, the next turn of a
+conversation) resumes at their end. Blocks are published as every model's.
+transformers' linear-attention cache layers (5.24 and later) are required.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
 from kvpager.hf.attention import PagedBatch, capturing, paged_attention, run_pass
-from kvpager.hf.model import RECURRENT_KINDS, has_recurrent_layers, text_config
-from kvpager.sizing import NO_KV_KINDS
+from kvpager.hf.model import has_recurrent_layers, text_config
+from kvpager.hf.recurrent_states import (
+    Layout,
+    Rows,
+    StateCache,
+    States,
+    cache_over,
+    layout_of,
+    new_cache,
+    prefix_keys,
+    rows_of,
+    stacked,
+)
 
-__all__ = ["Recurrent", "States", "has_recurrent_layers", "join", "new_cache"]
-
-
-def _cache_classes() -> tuple[Any, Any, Any]:
-    """transformers' (DynamicCache, DynamicLayer, LinearAttentionCacheLayerMixin); ValueError
-    where it has no linear-attention cache layers."""
-    try:
-        from transformers.cache_utils import (
-            DynamicCache,
-            DynamicLayer,
-            LinearAttentionCacheLayerMixin,
-        )
-    except ImportError:
-        import transformers
-
-        raise ValueError(f"models with recurrent layers (layer_types {sorted(RECURRENT_KINDS)}) need "
-                         f"transformers' linear-attention cache layers (transformers 5.24 or later); this is "
-                         f"transformers {transformers.__version__}") from None
-    return DynamicCache, DynamicLayer, LinearAttentionCacheLayerMixin
-
-
-def _pass_through(layer: Any) -> Any:
-    """``layer`` (an attention cache layer) made to keep nothing: its ``update`` gives
-    back the step's K/V as they came (kvpager's attention stores and reads them)."""
-
-    def update(key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        return key_states, value_states
-
-    layer.update = update
-    layer.reorder_cache = lambda *args, **kwargs: None
-    layer.batch_select_indices = lambda *args, **kwargs: None
-    return layer
-
-
-def new_cache(model: Any) -> Any:
-    """A transformers cache for ``model`` whose recurrent layers keep their states and
-    whose attention layers keep nothing."""
-    dynamic_cache, dynamic_layer, linear = _cache_classes()
-    cache = dynamic_cache(config=text_config(model))
-    kinds = text_config(model).layer_types
-    for i, layer in enumerate(cache.layers):
-        recurrent, attends = kinds[i] in RECURRENT_KINDS, kinds[i] not in NO_KV_KINDS
-        # (a hybrid layer's, both: transformers' LinearAttentionAndFullAttentionLayer)
-        if isinstance(layer, linear) != recurrent or (attends and not isinstance(layer, dynamic_layer)):
-            raise ValueError(f"{type(model).__name__}: layer {i} ({kinds[i]}) has a cache layer of kind "
-                             f"{type(layer).__name__}; kvpager cannot tell where its state lives")
-        if isinstance(layer, dynamic_layer):
-            _pass_through(layer)
-    return cache
-
-
-def join(caches: Sequence[Any], model: Any) -> Any:
-    """One cache whose rows are ``caches``' rows in order: each recurrent layer's
-    states concatenated along the batch."""
-    _, _, linear = _cache_classes()
-    out = new_cache(model)
-    for i, layer in enumerate(out.layers):
-        if not isinstance(layer, linear):
-            continue
-        rows = [c.layers[i] for c in caches]
-        first = rows[0]
-        for k in range(layer.number_of_states):
-            if first.is_conv_states_initialized[k]:
-                layer.conv_states[k] = torch.cat([r.conv_states[k] for r in rows])
-                layer.is_conv_states_initialized[k] = True
-                layer.conv_kernel_size[k] = first.conv_kernel_size[k]
-            if first.is_recurrent_states_initialized[k]:
-                layer.recurrent_states[k] = torch.cat([r.recurrent_states[k] for r in rows])
-                layer.is_recurrent_states_initialized[k] = True
-            layer.has_previous_state[k] = first.has_previous_state[k]
-        layer.device, layer.dtype = first.device, first.dtype
-    return out
+__all__ = ["Recurrent", "StateCache", "States", "has_recurrent_layers", "new_cache"]
 
 
 def _cache_argument(model: Any) -> str:
@@ -130,80 +77,12 @@ def _cache_argument(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-class States:
-    """The recurrent states of a batch's rows at fixed addresses: for each state of
-    each recurrent layer, one tensor of ``capacity`` rows (the joined prefill's
-    rows first), which caches made by `cache` see as views of their first rows.
-    A CUDA graph captured over such a cache reads and writes those rows at every
-    replay; `keep` moves the rows left up in place when sequences end."""
-
-    def __init__(self, model: Any, joined: Any, rows: list[int], capacity: int):
-        _, _, linear = _cache_classes()
-        self.model, self.rows, self.n = model, list(rows), len(rows)
-        self.layers: list[tuple[int, Any]] = []  # (layer index, the joined cache's layer: flags and kernel sizes)
-        self.tensors: list[torch.Tensor] = []  # each state's rows, ``capacity`` of them
-        self._where: list[tuple[int, str, int]] = []  # (layer index, "conv" / "recurrent", state index)
-        for i, layer in enumerate(joined.layers):
-            if not isinstance(layer, linear):
-                continue
-            self.layers.append((i, layer))
-            for kind in ("conv", "recurrent"):
-                states = getattr(layer, f"{kind}_states")
-                for k in range(layer.number_of_states):
-                    if not getattr(layer, f"is_{kind}_states_initialized")[k]:
-                        continue
-                    t = states[k]
-                    full = torch.zeros((capacity, *t.shape[1:]), dtype=t.dtype, device=t.device)
-                    full[: self.n].copy_(t)
-                    self.tensors.append(full)
-                    self._where.append((i, kind, k))
-        self._caches: dict[int, Any] = {}
-
-    def cache(self, rows: int) -> Any:
-        """A transformers cache over the first ``rows`` rows of the states (kept, so a
-        captured graph's cache stays the one it was captured with)."""
-        cache = self._caches.get(rows)
-        if cache is None:
-            cache = self._caches[rows] = new_cache(self.model)
-            for i, src in self.layers:
-                dst = cache.layers[i]
-                for k in range(src.number_of_states):
-                    dst.is_conv_states_initialized[k] = src.is_conv_states_initialized[k]
-                    dst.is_recurrent_states_initialized[k] = src.is_recurrent_states_initialized[k]
-                    dst.conv_kernel_size[k] = src.conv_kernel_size[k]
-                    dst.has_previous_state[k] = src.has_previous_state[k]
-                dst.device, dst.dtype = src.device, src.dtype
-            for (i, kind, k), full in zip(self._where, self.tensors):
-                getattr(cache.layers[i], f"{kind}_states")[k] = full[:rows]
-        return cache
-
-    def keep(self, rows: list[int]) -> None:
-        """The states of ``rows`` (a subsequence of the rows held) in the first
-        ``len(rows)`` rows, in that order, in place."""
-        if rows is self.rows or rows == self.rows:
-            return
-        where = {r: k for k, r in enumerate(self.rows)}
-        index = torch.tensor([where[r] for r in rows], dtype=torch.long)
-        if self.tensors:
-            index = index.to(self.tensors[0].device, non_blocking=True)
-        m = len(rows)
-        for full in self.tensors:
-            full[:m] = full[index]  # (the gather makes a copy first: rows may move onto rows read)
-        self.rows, self.n = list(rows), m
-
-    def snapshot(self) -> list[torch.Tensor]:
-        return [t.clone() for t in self.tensors]
-
-    def restore(self, saved: list[torch.Tensor]) -> None:
-        for t, s in zip(self.tensors, saved):
-            t.copy_(s)
-
-
 class Recurrent:
     """The recurrent layers' states of one generation's sequences (see the module
-    docstring): `prefill` a pass per prompt length, then `decode` steps over rows
-    (or `graph_pass`, the step a CUDA graph captures). ``capacity(n)``: the rows
-    the states keep for ``n`` sequences (default ``n``; the graph bucket of ``n``
+    docstring): `allocate` and `prefill` the prompts (resuming from held states
+    where their leading blocks are cached), then `decode` steps over rows (or
+    `graph_pass`, the step a CUDA graph captures). ``capacity(n)``: the rows the
+    states keep for ``n`` sequences (default ``n``; the graph bucket of ``n``
     where steps are captured)."""
 
     def __init__(self, model: Any, make_batch: Any, capacity: Callable[[int], int] | None = None):
@@ -212,31 +91,88 @@ class Recurrent:
         self.capacity = capacity or (lambda n: n)
         self.arg = _cache_argument(model)
         new_cache(model)  # the model's cache layers are what kvpager can follow (ValueError)
+        self.store = StateCache.of(model)
         self.states: States | None = None
+        self._split: list[int | None] = []  # per prompt: where its allocation ends short of it
+        self._keys: list[list[bytes]] = []  # per prompt: its whole-block prefixes' keys
 
-    def prefill(self, pool: Any, rows: list[int], seq_ids: list[int], tokens: list[Sequence[int]],
-                positions: list[range], slots: np.ndarray, device: torch.device) -> list[int]:
-        """The rows' prompts, those of one length together (a forward pass of rows of
-        that many tokens: no padding), each other length a pass of its own; the first
-        new token of each row."""
-        starts = np.concatenate([[0], np.cumsum([len(t) for t in tokens])])
-        by_length: dict[int, list[int]] = {}
-        for k, toks in enumerate(tokens):
-            by_length.setdefault(len(toks), []).append(k)
-        heads = text_config(self.model).num_attention_heads
-        caches, order, out = [], [], [0] * len(rows)
-        for n, group in by_length.items():
-            cut = np.concatenate([slots[starts[k] : starts[k + 1]] for k in group])
-            plan = pool.plan([seq_ids[k] for k in group], [n] * len(group), cut, num_q_heads=heads)
-            cache = new_cache(self.model)
-            ids = torch.tensor([list(tokens[k]) for k in group], dtype=torch.long, device=device)
-            where = torch.tensor([list(positions[k]) for k in group], dtype=torch.long, device=device)
-            for k, t in zip(group, self._pass(plan, ids, where, cache).tolist()):
-                out[k] = t
-            caches.append(cache)
-            order += [rows[k] for k in group]
-        self.states = States(self.model, join(caches, self.model), order, self.capacity(len(order)))
+    def allocate(self, pool: Any, prompts: list[list[int]], salt: Any) -> list[Any]:
+        """Allocate the prompts (no sharing within the batch: its passes are several).
+        A prompt whose leading blocks are cached past the longest prefix whose state
+        is held is allocated up to its cached tokens only: `prefill` runs it there,
+        holds the state, and appends the rest (so the next prompt with those blocks
+        resumes there)."""
+        bs = pool.spec.block_size
+        self._keys = [prefix_keys(salt, p, bs, len(p) - 1) for p in prompts]
+        self._split = [None] * len(prompts)
+        if self.store.max_bytes:
+            for k, c in enumerate(pool.cached_tokens(prompts, salt)):
+                if c > self.store.longest(self._keys[k], c, bs):
+                    self._split[k] = c
+        return pool.allocate([p if s is None else p[:s] for p, s in zip(prompts, self._split)], salt,
+                             share_in_batch=False)
+
+    def prefill(self, pool: Any, prompts: list[list[int]], allocs: list[Any], device: torch.device) -> list[int]:
+        """The prompts `allocate` allocated, as passes of rows: each prompt from the
+        longest prefix of its cached tokens whose state is held (from its first token
+        where none is), prompts of one length and start together; a prompt allocated
+        short runs to its cached tokens first, its state is held, and the rest is
+        appended and run from there. The first new token of each prompt."""
+        bs = pool.spec.block_size
+        n = len(prompts)
+        ids = [a.seq_id for a in allocs]
+        ends = [len(p) if s is None else s for p, s in zip(prompts, self._split)]
+        starts, rows_in = [0] * n, [None] * n  # where each prompt's first pass starts, and the states there
+        layout: Layout | None = None
+        for k, a in enumerate(allocs):
+            cached = min(a.num_cached_tokens, ends[k] - 1)
+            starts[k], held_layout, rows_in[k] = self.store.best(self._keys[k], cached, bs)
+            layout = layout or held_layout
+        # each prompt's slots from its first pass's start: none (-1) where its blocks were cached
+        first = [np.concatenate([np.full(a.num_cached_tokens - b, -1, np.int64), np.asarray(a.slots, np.int64)])
+                 for a, b in zip(allocs, starts)]
+        out, final = [0] * n, [None] * n
+        layout = self._passes(pool, ids, prompts, starts, ends, first, rows_in, out, final, layout, device)
+        split = [k for k in range(n) if self._split[k] is not None]
+        if split:
+            for k in split:  # their states at the blocks they found cached, for the prompts after them
+                self.store.put(self._keys[k][ends[k] // bs - 1], layout, final[k])
+            tails = pool.append([ids[k] for k in split], [len(prompts[k]) - ends[k] for k in split],
+                                [prompts[k][ends[k]:] for k in split])
+            more = [None] * n
+            for k, t in zip(split, tails):
+                more[k] = np.asarray(t, np.int64)
+            layout = self._passes(pool, ids, prompts, ends, [len(p) for p in prompts], more, final, out, final,
+                                     layout, device, only=split)
+        self.states = States(self.model, layout, final, list(range(n)), self.capacity(n))
         return out
+
+    def _passes(self, pool: Any, ids: list[int], prompts: list[list[int]], starts: list[int], ends: list[int],
+                slots: list[Any], rows_in: list[Rows | None], out: list[int], final: list[Rows | None],
+                layout: Layout | None, device: torch.device, only: list[int] | None = None) -> Layout:
+        """One pass per group of prompts (of ``only``, default all) with as many tokens
+        ``[starts[k], ends[k])`` and the same kind of start (from nothing, or from the
+        states ``rows_in[k]``): each one's next token into ``out``, its states after
+        into ``final``. Returns the layout of the states."""
+        heads = text_config(self.model).num_attention_heads
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for k in range(len(prompts)) if only is None else only:
+            groups.setdefault((ends[k] - starts[k], rows_in[k] is not None), []).append(k)
+        for (length, resumed), group in groups.items():
+            plan = pool.plan([ids[k] for k in group], [length] * len(group),
+                             np.concatenate([slots[k] for k in group]), num_q_heads=heads)
+            if resumed:
+                cache = cache_over(self.model, layout, stacked(layout, [rows_in[k] for k in group]))
+            else:
+                cache = new_cache(self.model)
+            tokens = torch.tensor([prompts[k][starts[k] : ends[k]] for k in group], dtype=torch.long, device=device)
+            where = torch.tensor([list(range(starts[k], ends[k])) for k in group], dtype=torch.long, device=device)
+            for k, t in zip(group, self._pass(plan, tokens, where, cache).tolist()):
+                out[k] = t
+            layout = layout or layout_of(cache)
+            for k, r in zip(group, rows_of(cache, layout)):
+                final[k] = r
+        return layout
 
     def keep(self, rows: list[int]) -> None:
         """The next pass is over ``rows``: the states of sequences that ended go."""

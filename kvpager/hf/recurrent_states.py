@@ -1,0 +1,254 @@
+"""Where the recurrent layers' states of a kvpager generation live (`kvpager.hf.recurrent`).
+
+transformers keeps them in its linear-attention cache layers, a tensor per
+state (a convolution window, a recurrent state) with a row per sequence.
+Here they are handled as
+
+- a `Layout`: which states a model's cache holds (layer, kind, index) and
+  each convolution's kernel size, read off a cache a pass has filled;
+- rows: one sequence's states, a tensor of one row per state, taken out of a
+  cache (`rows_of`) and put back together into one (`cache_over`), so passes
+  over different groups of prompts (a pass per prompt length, and a pass that
+  resumes from a cached state) join into one batch;
+- `States`: the batch's rows at fixed addresses for the decode steps (a CUDA
+  graph reads and writes them in place);
+- `StateCache`: states at block boundaries of prompts seen before, by their
+  tokens, so a prompt whose leading blocks are cached resumes there instead of
+  running its recurrent layers from its first token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvpager.hf.model import RECURRENT_KINDS, text_config
+from kvpager.sizing import NO_KV_KINDS
+
+#: what a state cache may hold by default, in bytes (`StateCache.max_bytes`)
+STATE_CACHE_BYTES = 1 << 30
+
+# (layer index, "conv" or "recurrent", state index, the convolution's kernel size or None)
+Layout = tuple[tuple[int, str, int, Any], ...]
+Rows = tuple[torch.Tensor, ...]  # one sequence's states, in its layout's order, a row each
+
+
+def cache_classes() -> tuple[Any, Any, Any]:
+    """transformers' (DynamicCache, DynamicLayer, LinearAttentionCacheLayerMixin); ValueError
+    where it has no linear-attention cache layers."""
+    try:
+        from transformers.cache_utils import (
+            DynamicCache,
+            DynamicLayer,
+            LinearAttentionCacheLayerMixin,
+        )
+    except ImportError:
+        import transformers
+
+        raise ValueError(f"models with recurrent layers (layer_types {sorted(RECURRENT_KINDS)}) need "
+                         f"transformers' linear-attention cache layers (transformers 5.24 or later); this is "
+                         f"transformers {transformers.__version__}") from None
+    return DynamicCache, DynamicLayer, LinearAttentionCacheLayerMixin
+
+
+def _pass_through(layer: Any) -> Any:
+    """``layer`` (an attention cache layer) made to keep nothing: its ``update`` gives
+    back the step's K/V as they came (kvpager's attention stores and reads them)."""
+
+    def update(key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return key_states, value_states
+
+    layer.update = update
+    layer.reorder_cache = lambda *args, **kwargs: None
+    layer.batch_select_indices = lambda *args, **kwargs: None
+    return layer
+
+
+def new_cache(model: Any) -> Any:
+    """A transformers cache for ``model`` whose recurrent layers keep their states and
+    whose attention layers keep nothing."""
+    dynamic_cache, dynamic_layer, linear = cache_classes()
+    cache = dynamic_cache(config=text_config(model))
+    kinds = text_config(model).layer_types
+    for i, layer in enumerate(cache.layers):
+        recurrent, attends = kinds[i] in RECURRENT_KINDS, kinds[i] not in NO_KV_KINDS
+        # (a hybrid layer's, both: transformers' LinearAttentionAndFullAttentionLayer)
+        if isinstance(layer, linear) != recurrent or (attends and not isinstance(layer, dynamic_layer)):
+            raise ValueError(f"{type(model).__name__}: layer {i} ({kinds[i]}) has a cache layer of kind "
+                             f"{type(layer).__name__}; kvpager cannot tell where its state lives")
+        if isinstance(layer, dynamic_layer):
+            _pass_through(layer)
+    return cache
+
+
+def layout_of(cache: Any) -> Layout:
+    """The states a pass left in ``cache``."""
+    _, _, linear = cache_classes()
+    out = []
+    for i, layer in enumerate(cache.layers):
+        if not isinstance(layer, linear):
+            continue
+        for kind in ("conv", "recurrent"):
+            for k in range(layer.number_of_states):
+                if getattr(layer, f"is_{kind}_states_initialized")[k]:
+                    out.append((i, kind, k, layer.conv_kernel_size[k] if kind == "conv" else None))
+    return tuple(out)
+
+
+def rows_of(cache: Any, layout: Layout) -> list[Rows]:
+    """Each row's states in ``cache`` (views: the cache must not run again)."""
+    tensors = [getattr(cache.layers[i], f"{kind}_states")[k] for i, kind, k, _ in layout]
+    n = tensors[0].shape[0] if tensors else 0
+    return [tuple(t[r : r + 1] for t in tensors) for r in range(n)]
+
+
+def cache_over(model: Any, layout: Layout, tensors: Sequence[torch.Tensor]) -> Any:
+    """A cache whose states are ``tensors`` (in ``layout``'s order, used as they are)
+    and that has seen tokens before: the next pass continues from them."""
+    cache = new_cache(model)
+    for (i, kind, k, kernel), t in zip(layout, tensors):
+        layer = cache.layers[i]
+        getattr(layer, f"{kind}_states")[k] = t
+        getattr(layer, f"is_{kind}_states_initialized")[k] = True
+        if kind == "conv":
+            layer.conv_kernel_size[k] = kernel
+        layer.has_previous_state[k] = True
+        layer.device, layer.dtype = t.device, t.dtype
+    return cache
+
+
+def stacked(layout: Layout, rows: Sequence[Rows], capacity: int | None = None) -> list[torch.Tensor]:
+    """``rows`` as one tensor per state (rows past theirs, up to ``capacity``, zero)."""
+    out = []
+    for j in range(len(layout)):
+        parts = [r[j] for r in rows]
+        pad = (capacity or len(rows)) - len(rows)
+        if pad > 0:
+            parts.append(parts[0].new_zeros((pad, *parts[0].shape[1:])))
+        out.append(torch.cat(parts))
+    return out
+
+
+class States:
+    """The recurrent states of a batch's rows at fixed addresses: for each state of
+    each recurrent layer, one tensor of ``capacity`` rows (``rows``' first), which
+    caches made by `cache` see as views of their first rows. A CUDA graph captured
+    over such a cache reads and writes those rows at every replay; `keep` moves the
+    rows left up in place when sequences end."""
+
+    def __init__(self, model: Any, layout: Layout, states: Sequence[Rows], rows: list[int], capacity: int):
+        self.model, self.layout, self.rows, self.n = model, layout, list(rows), len(rows)
+        self.tensors = stacked(layout, states, capacity)  # each state's rows, ``capacity`` of them
+        self._caches: dict[int, Any] = {}
+
+    def cache(self, rows: int) -> Any:
+        """A transformers cache over the first ``rows`` rows of the states (kept, so a
+        captured graph's cache stays the one it was captured with)."""
+        cache = self._caches.get(rows)
+        if cache is None:
+            cache = self._caches[rows] = cache_over(self.model, self.layout, [t[:rows] for t in self.tensors])
+        return cache
+
+    def keep(self, rows: list[int]) -> None:
+        """The states of ``rows`` (a subsequence of the rows held) in the first
+        ``len(rows)`` rows, in that order, in place."""
+        if rows is self.rows or rows == self.rows:
+            return
+        where = {r: k for k, r in enumerate(self.rows)}
+        index = torch.tensor([where[r] for r in rows], dtype=torch.long)
+        if self.tensors:
+            index = index.to(self.tensors[0].device, non_blocking=True)
+        m = len(rows)
+        for full in self.tensors:
+            full[:m] = full[index]  # (the gather makes a copy first: rows may move onto rows read)
+        self.rows, self.n = list(rows), m
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [t.clone() for t in self.tensors]
+
+    def restore(self, saved: list[torch.Tensor]) -> None:
+        for t, s in zip(self.tensors, saved):
+            t.copy_(s)
+
+
+def prefix_keys(salt: Any, tokens: Sequence[int], block_size: int, upto: int) -> list[bytes]:
+    """The keys of ``tokens``' prefixes of 1, 2, ... whole blocks, up to ``upto`` tokens:
+    SHA-256 over the salt and the ids, extended a block at a time."""
+    h = hashlib.sha256(salt if isinstance(salt, bytes) else str(salt).encode())
+    ids = np.asarray(tokens[:upto], dtype=np.int64)
+    out = []
+    for start in range(0, upto - upto % block_size, block_size):
+        h.update(ids[start : start + block_size].tobytes())
+        out.append(h.copy().digest())
+    return out
+
+
+class StateCache:
+    """Recurrent states at block boundaries of prompts seen before, each under the
+    key of the tokens before it (`prefix_keys`), least recently used dropped past
+    ``max_bytes`` (0 keeps none). One a model (`of`), shared by its generations:
+    a state depends only on the weights (in the salt) and the tokens before it,
+    not on the pool its K/V went to. Threads generating with one model share it
+    (a lock)."""
+
+    def __init__(self, max_bytes: int = STATE_CACHE_BYTES):
+        self.max_bytes = int(max_bytes)
+        self.entries: OrderedDict[bytes, tuple[Layout, Rows, int]] = OrderedDict()
+        self.nbytes = 0
+        self.hits = self.stores = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, model: Any) -> StateCache:
+        """``model``'s state cache (made at its first use, `STATE_CACHE_BYTES`)."""
+        return model.__dict__.setdefault("_kvpager_states", cls())
+
+    def longest(self, keys: list[bytes], upto: int, block_size: int) -> int:
+        """The longest prefix of at most ``upto`` tokens whose state is held (0: none);
+        a look that counts nothing."""
+        with self._lock:
+            for n in range(min(upto // block_size, len(keys)), 0, -1):
+                if keys[n - 1] in self.entries:
+                    return n * block_size
+        return 0
+
+    def best(self, keys: list[bytes], upto: int, block_size: int) -> tuple[int, Layout | None, Rows | None]:
+        """The longest prefix of at most ``upto`` tokens whose state is held: (its
+        length, its layout, its states), or (0, None, None)."""
+        with self._lock:
+            for n in range(min(upto // block_size, len(keys)), 0, -1):
+                got = self.entries.get(keys[n - 1])
+                if got is not None:
+                    self.entries.move_to_end(keys[n - 1])
+                    self.hits += 1
+                    return n * block_size, got[0], got[1]
+        return 0, None, None
+
+    def put(self, key: bytes, layout: Layout, rows: Rows) -> None:
+        """Hold a copy of one sequence's states under ``key`` (nothing where they
+        alone pass ``max_bytes``)."""
+        size = sum(t.numel() * t.element_size() for t in rows)
+        if size > self.max_bytes or key in self.entries:
+            return
+        copy = tuple(t.clone() for t in rows)
+        with self._lock:
+            if key in self.entries:
+                return
+            self.entries[key] = (layout, copy, size)
+            self.nbytes += size
+            self.stores += 1
+            while self.nbytes > self.max_bytes:
+                _, (_, _, gone) = self.entries.popitem(last=False)
+                self.nbytes -= gone
+
+    def clear(self) -> None:
+        with self._lock:
+            self.entries.clear()
+            self.nbytes = 0
+            self.hits = self.stores = 0
