@@ -15,7 +15,14 @@ case a batch of prompts prefilled in one forward pass up to its first new tokens
   cached prefix); transformers: a DynamicCache of the system prompt prefilled
   once, copied for the batch in the timed region (`batch_repeat_interleave`),
   then the Q own tokens (``hf, prefix reused``), and the whole prompt computed
-  again (``hf, recomputed``: what `generate` does).
+  again (``hf, recomputed``: what `generate` does). A model with recurrent
+  layers (``--shape q35s``): kvpager resumes from the state it holds where the
+  system prompt's blocks end (its first request publishes them, its second,
+  the untimed round, holds the state), transformers' copy carries the
+  recurrent layers' states at the system prompt's end as well.
+
+``--device cpu`` runs the NumPy backend's pools (float32 models) on smaller
+cases (`CPU_CASES`).
 
 Paths take turns in ``--rounds`` rounds (this kind of host's speed drifts); a
 path's time is the median of its rounds, its ratio the median of the rounds'
@@ -33,6 +40,7 @@ import argparse
 import copy
 import datetime
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +52,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import e2e_paths  # noqa: E402
 from bench_e2e import make_model  # noqa: E402
 from e2e_paths import cache_argument  # noqa: E402
 
@@ -53,6 +62,7 @@ from kvpager import KVPool  # noqa: E402
 #: (case, batch, cached system prompt tokens, new tokens per request)
 CASES = [("cold", 1, 0, 8192), ("cold", 8, 0, 2048), ("cold", 32, 0, 512),
          ("warm", 32, 4096, 256), ("warm", 8, 8192, 1024)]
+CPU_CASES = [("cold", 4, 0, 256), ("warm", 4, 512, 64)]
 # bench_e2e's models take positions up to 8,192 + its rope; the warm 8 x (8,192 + 1,024) runs past
 # that, as a long system prompt does: the rotary embedding is computed for any position
 
@@ -72,7 +82,7 @@ def timed(fn, *args) -> tuple[float, list[int]]:
 def hf_first(model, ids: list[list[int]], cache=None) -> list[int]:
     """The first new tokens of transformers' forward over ``ids`` (on ``cache``: a new DynamicCache)."""
     x = torch.tensor(ids, dtype=torch.long, device=next(model.parameters()).device)
-    cache = transformers.DynamicCache() if cache is None else cache
+    cache = transformers.DynamicCache(config=model.config) if cache is None else cache
     with torch.inference_mode():
         out = model(input_ids=x, use_cache=True, logits_to_keep=1, **cache_argument(model, cache))
         return out.logits[:, -1].argmax(-1).tolist()
@@ -81,8 +91,14 @@ def hf_first(model, ids: list[list[int]], cache=None) -> list[int]:
 def hf_reused(model, system_cache, own: list[list[int]]) -> list[int]:
     """transformers with its prefix reused: the system prompt's DynamicCache copied for each
     request, then the first new tokens of the requests' own tokens on it."""
+    from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
+
     cache = copy.deepcopy(system_cache)
-    cache.batch_repeat_interleave(len(own))
+    for layer in cache.layers:  # (recurrent layers' states have no batch_repeat_interleave: row 0, n times)
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            LinearAttentionCacheLayerMixin.reorder_cache(layer, torch.zeros(len(own), dtype=torch.long))
+        if isinstance(layer, DynamicLayer):
+            DynamicLayer.batch_repeat_interleave(layer, len(own))
     return hf_first(model, own, cache)
 
 
@@ -100,7 +116,7 @@ def run_case(model, pool, case: str, batch: int, system: int, own: int, rounds: 
     hf_sys = None
     if case == "warm":
         kv_first(model, pool, [sys_ids], "warm")  # the system prompt in kvpager's prefix cache
-        hf_sys = transformers.DynamicCache()
+        hf_sys = transformers.DynamicCache(config=model.config)
         hf_first(model, [sys_ids], hf_sys)        # ... and in a DynamicCache of transformers' to copy
     times: dict[str, list[float]] = {}
     agree: list[float] = []
@@ -143,13 +159,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--cases", default="", help="indices into CASES (comma-separated); empty: all")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: the NumPy backend's pools, float32 models, CPU_CASES")
     args = ap.parse_args()
+    e2e_paths.DEVICE = args.device
     torch.backends.cuda.enable_cudnn_sdp(False)  # as bench_e2e.py: cuDNN plans a new shape on first use
     model = make_model(args.shape)
-    picked = [CASES[int(i)] for i in args.cases.split(",")] if args.cases else CASES
+    cases = CASES if args.device == "cuda" else CPU_CASES
+    picked = [cases[int(i)] for i in args.cases.split(",")] if args.cases else cases
     longest = max(b * (s + o) for _, b, s, o in picked)
     spec = khf.spec_for_model(model, num_blocks=2 * longest // 16 + 4096)
-    pool = KVPool(spec, device="cuda:0")
+    pool = KVPool(spec, device="cuda:0" if args.device == "cuda" else "cpu")
     rows = []
     try:
         for case, batch, system, own in picked:
@@ -160,7 +180,7 @@ def main() -> None:
                       f"kvpager's cache hits {row['kv_cached']:.0f} a request", flush=True)
     finally:
         pool.close()
-    card = torch.cuda.get_device_name()
+    card = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"\n{card}, {datetime.date.today()}, shape {args.shape}, transformers {transformers.__version__}, "
           f"torch {torch.__version__}; {args.rounds} rounds; ratio: the path's time / kvpager's (median of rounds)")
     print("| case | batch x (system + own) | path | ms | tokens/s computed | time / kvpager's | first tokens agree |"
