@@ -6,7 +6,8 @@ Falcon-H1) and short convolutions (LFM2),
 tiny random models in float32 on the CPU backend. kvpager's greedy tokens
 against transformers' own generate of each prompt alone; sequences ending at
 different steps (their states dropped from the batch); the pool holding the
-attention layers alone, nothing published, nothing left; what is refused."""
+attention layers alone, nothing left held; prompts seen before resuming from
+held states; what is refused."""
 
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def reference(model, ps: list[list[int]], n: int, eos=None) -> list[list[int]]:
 def test_tokens_equal_transformers(family):
     """Prompts of 1 to 40 tokens (some over several blocks), five new tokens each:
     kvpager's tokens are transformers'; the pool holds the attention layers alone,
-    and nothing is left in it or published."""
+    and nothing is left held in it (its blocks published, evictable)."""
     model = make(family)
     assert has_recurrent_layers(model)
     kinds = model.config.layer_types
@@ -287,7 +288,7 @@ def test_compile_is_refused_by_name():
 def test_decode_steps_pipeline_as_other_models_do(pipeline):
     """Pipelined (each pass launched before the last one's tokens reach the host)
     or not, the same tokens as transformers', with sequences ending at different
-    steps; nothing published, nothing left."""
+    steps; nothing left held."""
     from kvpager.hf import PagedGeneration
 
     model = make("qwen3_next")
@@ -403,7 +404,7 @@ def test_a_config_json_sizes_the_attention_layers_alone():
 
 def test_through_a_daemon_client():
     """A daemon `Client` as the pool: transformers' tokens, pipelined, nothing
-    published or left in the daemon."""
+    left held in the daemon."""
     pytest.importorskip("zmq")
     from daemon_helpers import running_server
 

@@ -99,3 +99,34 @@ def test_a_step_that_reads_back_during_capture_is_refused_with_the_way_out():
     assert pool.stats().num_sequences == 0
     pool.check_integrity()
     pool.close()
+
+
+def test_a_shared_system_prompt_resumes_from_its_held_state_on_a_gpu_pool():
+    """Prefix reuse on a GPU pool (the CPU tests count the tokens each pass runs):
+    requests sharing a 40-token system prompt, one generation each, then the first
+    one's follow-up turn twice. The third request on resumes from the state held
+    where the system prompt's whole blocks end (32 tokens), its attention reading the cached K/V (nothing
+    written there); every run gives transformers' tokens on the same GPU."""
+    from kvpager.hf.recurrent_states import StateCache
+
+    model = make("qwen3_next", head_dim=32, hidden_size=128, experts_implementation="batched_mm").cuda()
+    store = StateCache.of(model)
+    store.clear()
+    pool = KVPool(spec_for_model(model, num_blocks=128, block_size=16), device="cuda:0")
+    [system] = prompts(40, seed=21)
+    users = [system + u for u in prompts(6, 11, 3, 9, seed=22)]
+    answers = []
+    for p in users:
+        with torch.inference_mode():
+            [want] = reference(model, [p], 3)
+        assert generate(model, pool, [p], max_new_tokens=3, eos_token_id=None) == [want]
+        answers.append(want)
+    assert store.stores >= 1 and store.hits >= 2
+    turn = users[0] + answers[0][:2] + prompts(7, seed=23)[0]
+    with torch.inference_mode():
+        [want2] = reference(model, [turn], 3)
+    for _ in range(2):
+        assert generate(model, pool, [turn], max_new_tokens=3, eos_token_id=None) == [want2]
+    assert pool.stats().num_sequences == 0
+    pool.check_integrity()
+    pool.close()

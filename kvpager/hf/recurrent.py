@@ -126,7 +126,9 @@ class Recurrent:
         layout: Layout | None = None
         for k, a in enumerate(allocs):
             cached = min(a.num_cached_tokens, ends[k] - 1)
-            starts[k], held_layout, rows_in[k] = self.store.best(self._keys[k], cached, bs)
+            starts[k], held_layout, held = self.store.best(self._keys[k], cached, bs)
+            if held is not None:  # (held where the model was then: it may have moved since)
+                rows_in[k] = tuple(t.to(device) for t in held)
             layout = layout or held_layout
         # each prompt's slots from its first pass's start: none (-1) where its blocks were cached
         first = [np.concatenate([np.full(a.num_cached_tokens - b, -1, np.int64), np.asarray(a.slots, np.int64)])
