@@ -503,3 +503,26 @@ def test_one_whole_prompt_may_pass_as_a_packed_row():
         out = paged_forward(model, batch, torch.tensor([p]), torch.arange(len(p))[None], 1)
     assert out.tolist() == want
     pool.free([a.seq_id])
+
+
+def test_blocks_evicted_between_the_probe_and_the_allocation(monkeypatch):
+    """The probe said more was cached than the allocation then found (another
+    worker's allocations evicted the blocks between the two calls; simulated:
+    the probe counts 16 tokens of a prompt nothing of which is cached). The
+    prompt is allocated up to where the probe said, runs from its first token,
+    holds the state there and runs the rest: transformers' tokens, nothing left."""
+    from kvpager.hf.recurrent_states import StateCache
+
+    model = make("qwen3_5")
+    StateCache.of(model).clear()
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    ps = prompts(21, 9, seed=31)
+    with torch.inference_mode():
+        want = reference(model, ps, 3)
+    monkeypatch.setattr(pool, "cached_tokens", lambda prompts, salt=None: [16, 8])
+    seen = _computed(monkeypatch)
+    assert generate(model, pool, ps, max_new_tokens=3, eos_token_id=None) == want
+    assert sum(seen[:-2]) == 21 + 9 and StateCache.of(model).stores == 2
+    stats = pool.stats()
+    assert stats.num_sequences == 0 and stats.used_blocks == 0
+    pool.check_integrity()
