@@ -526,3 +526,106 @@ def test_blocks_evicted_between_the_probe_and_the_allocation(monkeypatch):
     stats = pool.stats()
     assert stats.num_sequences == 0 and stats.used_blocks == 0
     pool.check_integrity()
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_failed_decode_pass_ends_the_generation_instead_of_giving_other_tokens(pipeline):
+    """A decode pass that fails part-way (the LM head raising, as a device out of
+    memory would) has already advanced the recurrent states in place: fed the same
+    tokens again they would advance twice, and gave other tokens. The next step is
+    refused by name; `close` frees everything; a new generation is right."""
+    from kvpager.hf import PagedGeneration
+
+    model = make("qwen3_5")
+    pool = KVPool(spec_for_model(model, num_blocks=32, block_size=8))
+    ps = prompts(9, 14, seed=3)
+    with torch.inference_mode():
+        want = reference(model, ps, 6)
+    gen = PagedGeneration(model, pool, ps, 6, eos_token_id=None, pipeline=pipeline)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of device memory")
+
+    model.lm_head.forward = fail
+    try:
+        with pytest.raises(RuntimeError, match="out of device memory"):
+            gen.step()
+    finally:
+        del model.lm_head.forward
+    with pytest.raises(ValueError, match="cannot go on"):
+        gen.step()
+    gen.close()
+    stats = pool.stats()
+    assert stats.num_sequences == 0 and stats.used_blocks == 0
+    pool.check_integrity()
+    assert generate(model, pool, ps, max_new_tokens=6, eos_token_id=None) == want
+
+
+def test_held_states_serve_only_weights_of_their_dtype():
+    """States held for a float32 model, under a salt given by the caller (which does
+    not change with the dtype): after the model moves to bfloat16 they are not
+    taken (they were, and the pass failed on the mixed dtypes, reported as a model
+    kvpager cannot serve); the bfloat16 model's tokens are transformers'."""
+    from kvpager.hf.recurrent_states import StateCache
+
+    model = make("qwen3_5")
+    StateCache.of(model).clear()
+    [p] = prompts(43, seed=3)
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    for _ in range(2):
+        generate(model, pool, [p], max_new_tokens=3, eos_token_id=None, salt="s")
+    assert StateCache.of(model).stores == 1
+    model.to(torch.bfloat16)
+    with torch.inference_mode():
+        [want] = reference(model, [p], 3)
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    for _ in range(3):
+        assert generate(model, pool, [p], max_new_tokens=3, eos_token_id=None, salt="s") == [want]
+    assert pool.stats().num_sequences == 0
+
+
+def test_an_error_in_a_recurrent_layer_is_not_called_unserved():
+    """Qwen3.5's first layers are recurrent: an error there came before any
+    attention layer reached kvpager, and was reported as a model whose attention
+    kvpager cannot serve. It now surfaces as itself."""
+    model = make("qwen3_5")
+    pool = KVPool(spec_for_model(model, num_blocks=32, block_size=8))
+    layer = model.model.layers[0].linear_attn
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("a fault in the recurrent layer")
+
+    layer.forward = fail
+    try:
+        with pytest.raises(RuntimeError, match="a fault in the recurrent layer"):
+            generate(model, pool, prompts(9), max_new_tokens=2, eos_token_id=None)
+    finally:
+        del layer.forward
+    assert pool.stats().num_sequences == 0
+
+
+def test_a_lower_budget_drops_held_states_at_once():
+    """`max_bytes` lowered (to 0 included) drops the least recently used states past
+    it at once, so none of them is served afterwards; a negative or non-int budget
+    is refused."""
+    from kvpager.hf.recurrent_states import StateCache
+
+    model = make("qwen3_5")
+    store = StateCache.of(model)
+    store.clear()
+    try:
+        pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+        [p] = prompts(41, seed=3)
+        for _ in range(2):
+            generate(model, pool, [p], max_new_tokens=2, eos_token_id=None)
+        assert len(store.entries) == 1 and store.nbytes > 0
+        store.max_bytes = store.nbytes - 1
+        assert not store.entries and store.nbytes == 0
+        store.max_bytes = 0
+        generate(model, pool, [p], max_new_tokens=2, eos_token_id=None)
+        assert store.hits == 0 and not store.entries
+        for bad in (-1, 1.5, True, "1"):
+            with pytest.raises(ValueError, match="max_bytes"):
+                store.max_bytes = bad
+    finally:
+        store.max_bytes = 1 << 30

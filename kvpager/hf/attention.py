@@ -285,11 +285,13 @@ def run_pass(model: Any, batch: PagedBatch, fn: Any, input_ids: torch.Tensor, po
         try:
             out = fn(model, batch, input_ids, position_ids, logits_to_keep)
         except Exception as e:
-            # only where no layer reached kvpager (Bloom, XGLM fail in their own code before), and
+            # only where no layer reached kvpager (Bloom, XGLM fail in their own code before;
+            # recurrent layers running before the first attention layer are served code), and
             # not in a CUDA graph capture, whose failures `kvpager.hf.graphs` explains (the eager
             # pass before it ran)
             if (isinstance(e, (KVPagerError, MemoryError, torch.cuda.OutOfMemoryError)) or batch.layers_run
-                    or getattr(type(model), "_supports_attention_backend", True) or capturing()):
+                    or getattr(type(model), "_supports_attention_backend", True) or capturing()
+                    or has_recurrent_layers(model)):  # (a served model: its recurrent layers run first)
                 raise
             raise ValueError(f"{type(model).__name__} failed under kvpager attention ({type(e).__name__}: {e}); "
                              + _NOT_SERVED) from e

@@ -244,6 +244,10 @@ class PagedGeneration(DecodePasses):
         that an id was unknown)."""
         if self._closed:
             raise ValueError("step: this PagedGeneration is closed (its sequences were freed); make a new one")
+        if self._recurrent is not None and self._recurrent.broken:
+            raise ValueError("step: a decode pass of this model failed part-way through its recurrent layers, "
+                             "which had already advanced their states in place; the generation cannot go on "
+                             "(close it and generate again)")
         if self._pipelined:
             prev, self._inflight = self._inflight, self._launch()
         else:

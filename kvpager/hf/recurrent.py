@@ -93,6 +93,8 @@ class Recurrent:
         new_cache(model)  # the model's cache layers are what kvpager can follow (ValueError)
         self.store = StateCache.of(model)
         self.states: States | None = None
+        #: a decode pass failed part-way: transformers had advanced some states in place already
+        self.broken = False
         self._split: list[int | None] = []  # per prompt: where its allocation ends short of it
         self._keys: list[list[bytes]] = []  # per prompt: its whole-block prefixes' keys
 
@@ -103,7 +105,9 @@ class Recurrent:
         holds the state, and appends the rest (so the next prompt with those blocks
         resumes there)."""
         bs = pool.spec.block_size
-        self._keys = [prefix_keys(salt, p, bs, len(p) - 1) for p in prompts]
+        # (the weights' dtype too: a salt given by the caller need not change when the model's does)
+        held_as = f"{salt}|{next(self.model.parameters()).dtype}"
+        self._keys = [prefix_keys(held_as, p, bs, len(p) - 1) for p in prompts]
         self._split = [None] * len(prompts)
         if self.store.max_bytes:
             for k, c in enumerate(pool.cached_tokens(prompts, salt)):
@@ -183,9 +187,15 @@ class Recurrent:
     def decode(self, plan: Any, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """One eager decode pass over the rows `keep` left (a token each: ``input_ids``
         / ``position_ids`` [1, n] as a packed row would take them); each row's greedy
-        next token."""
+        next token. A pass that fails leaves this `broken`: the recurrent layers it
+        ran had updated their states in place, so the same tokens fed again would
+        advance them twice."""
         n = self.states.n
-        return self._pass(plan, input_ids.view(-1, 1), position_ids.view(-1, 1), self.states.cache(n))
+        try:
+            return self._pass(plan, input_ids.view(-1, 1), position_ids.view(-1, 1), self.states.cache(n))
+        except BaseException:
+            self.broken = True  # the layers before the failure wrote their new states in place
+            raise
 
     def graph_pass(self, model: Any, batch: PagedBatch, input_ids: torch.Tensor,
                    position_ids: torch.Tensor) -> torch.Tensor:

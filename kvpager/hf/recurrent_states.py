@@ -198,11 +198,30 @@ class StateCache:
     (a lock)."""
 
     def __init__(self, max_bytes: int = STATE_CACHE_BYTES):
-        self.max_bytes = int(max_bytes)
         self.entries: OrderedDict[bytes, tuple[Layout, Rows, int]] = OrderedDict()
         self.nbytes = 0
         self.hits = self.stores = 0
         self._lock = threading.Lock()
+        self.max_bytes = max_bytes
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, value: int) -> None:
+        """A new budget: the least recently used states go until the rest fit
+        (ValueError for anything but an int >= 0)."""
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"StateCache.max_bytes must be an int >= 0, got {value!r}")
+        with self._lock:
+            self._max_bytes = int(value)
+            self._evict()
+
+    def _evict(self) -> None:
+        while self.nbytes > self._max_bytes:
+            _, (_, _, gone) = self.entries.popitem(last=False)
+            self.nbytes -= gone
 
     @classmethod
     def of(cls, model: Any) -> StateCache:
@@ -243,9 +262,7 @@ class StateCache:
             self.entries[key] = (layout, copy, size)
             self.nbytes += size
             self.stores += 1
-            while self.nbytes > self.max_bytes:
-                _, (_, _, gone) = self.entries.popitem(last=False)
-                self.nbytes -= gone
+            self._evict()
 
     def clear(self) -> None:
         with self._lock:
