@@ -1,0 +1,279 @@
+"""The recurrent states of models with recurrent layers (`kvpager.hf.recurrent_states`):
+where they live during decode (`States`: rows kept in place as sequences end, a
+captured step's warm-up putting them back) and the prefix reuse they allow
+(`StateCache`: states held at block boundaries; a prompt resumes from the
+longest held one within its cached tokens, a prompt whose cached blocks reach
+past it holds one there; the tokens each pass runs counted). Tiny random models
+in float32 on the CPU backend, tokens against transformers' own generate."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+if not hasattr(__import__("transformers.cache_utils").cache_utils, "LinearAttentionCacheLayerMixin"):
+    pytest.skip("transformers without linear-attention cache layers", allow_module_level=True)
+
+from test_hf_recurrent import assert_nothing_held, make, prompts, reference  # noqa: E402
+
+from kvpager import KVPool  # noqa: E402
+from kvpager.hf import generate, spec_for_model  # noqa: E402
+
+
+def _computed(monkeypatch) -> list[int]:
+    """The tokens each forward pass of `Recurrent` runs (rows x tokens), as they come."""
+    from kvpager.hf.recurrent import Recurrent
+
+    seen: list[int] = []
+    real = Recurrent._pass
+
+    def spy(self, plan, input_ids, position_ids, cache):
+        seen.append(input_ids.numel())
+        return real(self, plan, input_ids, position_ids, cache)
+
+    monkeypatch.setattr(Recurrent, "_pass", spy)
+    return seen
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "jamba", "lfm2", "falcon_h1"])
+def test_a_prompt_seen_before_resumes_from_its_held_state(family, monkeypatch):
+    """The same prompts three times over one pool. The first run publishes their
+    blocks; the second finds them cached but no state there: it runs each prompt up
+    to its cached tokens, holds the state at that block boundary, then the rest;
+    the third resumes from the held states and runs only the tokens after them.
+    Every run gives transformers' tokens, nothing is left held."""
+    from kvpager.hf.recurrent_states import StateCache
+
+    model = make(family)
+    pool = KVPool(spec_for_model(model, num_blocks=96, block_size=8))
+    ps = prompts(24, 17, 5)
+    with torch.inference_mode():
+        want = reference(model, ps, 3)
+    store = StateCache.of(model)
+    store.clear()
+    seen = _computed(monkeypatch)
+    assert generate(model, pool, ps, max_new_tokens=3, eos_token_id=None) == want
+    first = list(seen)
+    seen.clear()
+    assert generate(model, pool, ps, max_new_tokens=3, eos_token_id=None) == want
+    assert store.stores == 2 and store.hits == 0  # 24 -> held at 16, 17 -> at 16 (5: no whole block)
+    second = list(seen)
+    seen.clear()
+    assert generate(model, pool, ps, max_new_tokens=3, eos_token_id=None) == want
+    third = list(seen)
+    assert store.hits == 2
+    # the prefills: 24 + 17 + 5 tokens each time before; the third from the held states: 8 + 1 + 5
+    assert sum(first[: len(first) - 2]) == 46 and sum(second[: len(second) - 2]) == 46
+    assert sum(third[: len(third) - 2]) == 8 + 1 + 5
+    assert pool.stats().prefix_hit_tokens > 0
+    assert_nothing_held(pool)
+
+
+def test_a_shared_system_prompt_is_run_once_for_the_requests_after_the_second(monkeypatch):
+    """Requests that share a 40-token system prompt, one generation each: the first
+    publishes its blocks, the second holds the state where they end (40 tokens), and
+    every later one resumes there, running its own tokens only. A follow-up turn
+    (the first request, its answer and more) resumes from the system prompt's
+    state and holds one where its cached blocks end (past the first answer), from
+    which it resumes when sent again. Each gives transformers' tokens."""
+    from kvpager.hf.recurrent_states import StateCache
+
+    model = make("qwen3_next")
+    pool = KVPool(spec_for_model(model, num_blocks=128, block_size=8))
+    StateCache.of(model).clear()
+    [system] = prompts(40, seed=21)
+    users = [system + u for u in prompts(6, 11, 3, 9, seed=22)]
+    seen = _computed(monkeypatch)
+    for i, p in enumerate(users):
+        seen.clear()
+        with torch.inference_mode():
+            [want] = reference(model, [p], 3)
+        assert generate(model, pool, [p], max_new_tokens=3, eos_token_id=None) == [want]
+        prefill = seen[0] if i != 1 else seen[0] + seen[1]
+        assert prefill == (len(p) if i < 2 else len(p) - 40), (i, seen)
+    first = users[0]
+    with torch.inference_mode():
+        [answer] = reference(model, [first], 3)
+    # its blocks through the answer's second token (fed, so written and published): 48 tokens
+    turn = first + answer[:2] + prompts(7, seed=23)[0]
+    with torch.inference_mode():
+        [want2] = reference(model, [turn], 3)
+    for held in (40, 48):  # the system prompt's state, then the one held at the turn's cached blocks
+        seen.clear()
+        assert generate(model, pool, [turn], max_new_tokens=3, eos_token_id=None) == [want2]
+        assert sum(seen[: len(seen) - 2]) == len(turn) - held, seen
+    assert pool.stats().num_sequences == 0
+    pool.check_integrity()
+
+
+def test_no_states_held_with_a_state_cache_of_no_bytes():
+    """``max_bytes`` 0: nothing held, no prompt split; blocks still shared, tokens
+    still transformers'."""
+    from kvpager.hf.recurrent_states import StateCache
+
+    model = make("qwen3_5")
+    store = StateCache.of(model)
+    store.clear()
+    store.max_bytes = 0
+    try:
+        pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+        ps = prompts(24, 17)
+        with torch.inference_mode():
+            want = reference(model, ps, 3)
+        for _ in range(3):
+            assert generate(model, pool, ps, max_new_tokens=3, eos_token_id=None) == want
+        assert store.stores == 0 and not store.entries and pool.stats().prefix_hit_tokens > 0
+    finally:
+        store.max_bytes = 1 << 30
+
+
+def test_the_state_cache_drops_the_least_recently_used_past_its_bytes():
+    from kvpager.hf.recurrent_states import StateCache
+
+    store = StateCache(max_bytes=3 * 64)
+    row = (torch.zeros(1, 4), torch.zeros(1, 12))  # 64 bytes
+    for key in (b"a", b"b", b"c"):
+        store.put(key, (), row)
+    assert store.best([b"a"], 8, 8)[0] == 8  # "a" used: "b" is now the oldest
+    store.put(b"d", (), row)
+    assert list(store.entries) == [b"c", b"a", b"d"] and store.nbytes == 3 * 64
+    store.put(b"big", (), (torch.zeros(1, 100),))  # more than the whole budget alone: not held
+    assert b"big" not in store.entries
+    held = store.entries[b"d"][1][0]
+    row[0][0, 0] = 5.0
+    assert held[0, 0] == 0  # a copy, not the caller's tensor
+
+
+def test_states_keep_the_rows_left_in_place():
+    """`States.keep`: the rows left, in their new order, in the first rows of the
+    same tensors (their addresses unchanged, as a captured graph reads them); a
+    cache of n rows sees the first n."""
+    from kvpager.hf import PagedGeneration
+    from kvpager.hf.recurrent import States
+    from kvpager.hf.recurrent_states import rows_of
+
+    model = make("qwen3_5")
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    with PagedGeneration(model, pool, prompts(5, 12, 3, 20, seed=7), 3, eos_token_id=None, pipeline=False) as gen:
+        held = gen._recurrent.states
+        states = States(model, held.layout, rows_of(held.cache(held.n), held.layout), held.rows, 8)
+        assert len(states.tensors) > 0 and all(t.shape[0] == 8 for t in states.tensors)
+        before = [t.clone() for t in states.tensors]
+        ptrs = [t.data_ptr() for t in states.tensors]
+        order = list(states.rows)
+        keep = [order[3], order[0], order[2]]
+        states.keep(keep)
+        assert states.rows == keep and states.n == 3
+        assert [t.data_ptr() for t in states.tensors] == ptrs
+        for t, b in zip(states.tensors, before):
+            assert torch.equal(t[:3], b[[3, 0, 2]])
+        cache = states.cache(4)
+        for (i, kind, k, _), p in zip(states.layout, ptrs):
+            t = getattr(cache.layers[i], f"{kind}_states")[k]
+            assert t.shape[0] == 4 and t.data_ptr() == p
+            assert getattr(cache.layers[i], f"is_{kind}_states_initialized")[k]
+        assert states.cache(4) is cache
+
+
+def test_a_captured_steps_warm_up_leaves_the_states_as_it_found_them():
+    """`Recurrent.graph_pass` run outside a capture (the eager run before one; here
+    over the states' first 3 of 4 rows: the CPU backend plans no padding rows,
+    which the GPU tests cover) gives the eager decode pass's tokens and leaves
+    every state as it was; the eager pass then advances them."""
+    from kvpager.hf import PagedGeneration, paged_attention
+    from kvpager.hf.recurrent import States
+    from kvpager.hf.recurrent_states import rows_of
+
+    model = make("qwen3_5")
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    with PagedGeneration(model, pool, prompts(5, 12, 3, seed=5), 3, eos_token_id=None, pipeline=False) as gen:
+        rec = gen._recurrent
+        rows = [0, 1, 2]
+        rec.keep(rows)
+        held = rec.states
+        rec.states = States(model, held.layout, rows_of(held.cache(3), held.layout), rows, 4)
+        ids = [gen.seq_ids[i] for i in rows]
+        slots = pool.append_flat(ids, 1, [[gen.outputs[i][-1]] for i in rows])
+        heads = model.config.num_attention_heads
+        tokens = torch.tensor([[gen.outputs[i][-1] for i in rows]])
+        positions = torch.tensor([[gen.position(i) for i in rows]])
+        plan = pool.plan(ids, [1, 1, 1], slots, num_q_heads=heads)
+        before = rec.states.snapshot()
+        with torch.inference_mode(), paged_attention(model):
+            warm = rec.graph_pass(model, gen._batch(plan), tokens, positions)
+        assert all(torch.equal(t, b) for t, b in zip(rec.states.tensors, before))
+        eager = rec.decode(plan, tokens, positions)
+        assert warm.tolist() == eager.tolist()
+        assert not all(torch.equal(t[:3], b[:3]) for t, b in zip(rec.states.tensors, before))
+
+
+def test_blocks_evicted_between_the_probe_and_the_allocation(monkeypatch):
+    """The probe said more was cached than the allocation then found (another
+    worker's allocations evicted the blocks between the two calls; simulated:
+    the probe counts 16 tokens of a prompt nothing of which is cached). The
+    prompt is allocated up to where the probe said, runs from its first token,
+    holds the state there and runs the rest: transformers' tokens, nothing left."""
+    from kvpager.hf.recurrent_states import StateCache
+
+    model = make("qwen3_5")
+    StateCache.of(model).clear()
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    ps = prompts(21, 9, seed=31)
+    with torch.inference_mode():
+        want = reference(model, ps, 3)
+    monkeypatch.setattr(pool, "cached_tokens", lambda prompts, salt=None: [16, 8])
+    seen = _computed(monkeypatch)
+    assert generate(model, pool, ps, max_new_tokens=3, eos_token_id=None) == want
+    assert sum(seen[:-2]) == 21 + 9 and StateCache.of(model).stores == 2
+    assert_nothing_held(pool)
+
+
+def test_held_states_serve_only_weights_of_their_dtype():
+    """States held for a float32 model, under a salt given by the caller (which does
+    not change with the dtype): after the model moves to bfloat16 they are not
+    taken (they were, and the pass failed on the mixed dtypes, reported as a model
+    kvpager cannot serve); the bfloat16 model's tokens are transformers'."""
+    from kvpager.hf.recurrent_states import StateCache
+
+    model = make("qwen3_5")
+    StateCache.of(model).clear()
+    [p] = prompts(43, seed=3)
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    for _ in range(2):
+        generate(model, pool, [p], max_new_tokens=3, eos_token_id=None, salt="s")
+    assert StateCache.of(model).stores == 1
+    model.to(torch.bfloat16)
+    with torch.inference_mode():
+        [want] = reference(model, [p], 3)
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    for _ in range(3):
+        assert generate(model, pool, [p], max_new_tokens=3, eos_token_id=None, salt="s") == [want]
+    assert pool.stats().num_sequences == 0
+
+
+def test_a_lower_budget_drops_held_states_at_once():
+    """`max_bytes` lowered (to 0 included) drops the least recently used states past
+    it at once, so none of them is served afterwards; a negative or non-int budget
+    is refused."""
+    from kvpager.hf.recurrent_states import StateCache
+
+    model = make("qwen3_5")
+    store = StateCache.of(model)
+    store.clear()
+    try:
+        pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+        [p] = prompts(41, seed=3)
+        for _ in range(2):
+            generate(model, pool, [p], max_new_tokens=2, eos_token_id=None)
+        assert len(store.entries) == 1 and store.nbytes > 0
+        store.max_bytes = store.nbytes - 1
+        assert not store.entries and store.nbytes == 0
+        store.max_bytes = 0
+        generate(model, pool, [p], max_new_tokens=2, eos_token_id=None)
+        assert store.hits == 0 and not store.entries
+        for bad in (-1, 1.5, True, "1"):
+            with pytest.raises(ValueError, match="max_bytes"):
+                store.max_bytes = bad
+    finally:
+        store.max_bytes = 1 << 30
