@@ -55,8 +55,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import e2e_paths  # noqa: E402
 from bench_e2e import make_model  # noqa: E402
 from e2e_paths import cache_argument  # noqa: E402
+from transformers.cache_utils import DynamicLayer  # noqa: E402
 
 import kvpager.hf.generation as khf  # noqa: E402
+
+try:  # (transformers before 5.24 has no recurrent layers' cache: no such models to run)
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin as LinearAttention  # noqa: E402
+except ImportError:
+    LinearAttention = None
 from kvpager import KVPool  # noqa: E402
 
 #: (case, batch, cached system prompt tokens, new tokens per request)
@@ -91,12 +97,10 @@ def hf_first(model, ids: list[list[int]], cache=None) -> list[int]:
 def hf_reused(model, system_cache, own: list[list[int]]) -> list[int]:
     """transformers with its prefix reused: the system prompt's DynamicCache copied for each
     request, then the first new tokens of the requests' own tokens on it."""
-    from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
-
     cache = copy.deepcopy(system_cache)
     for layer in cache.layers:  # (recurrent layers' states have no batch_repeat_interleave: row 0, n times)
-        if isinstance(layer, LinearAttentionCacheLayerMixin):
-            LinearAttentionCacheLayerMixin.reorder_cache(layer, torch.zeros(len(own), dtype=torch.long))
+        if LinearAttention is not None and isinstance(layer, LinearAttention):
+            LinearAttention.reorder_cache(layer, torch.zeros(len(own), dtype=torch.long))
         if isinstance(layer, DynamicLayer):
             DynamicLayer.batch_repeat_interleave(layer, len(own))
     return hf_first(model, own, cache)

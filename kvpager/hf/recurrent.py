@@ -69,6 +69,9 @@ from kvpager.hf.recurrent_states import (
 
 __all__ = ["Recurrent", "StateCache", "States", "has_recurrent_layers", "new_cache"]
 
+#: one pass's share of a prompt: (first token, end, its slots (-1: cached), the states it starts from or None)
+Segment = tuple[int, int, np.ndarray, Rows | None]
+
 
 def _cache_argument(model: Any) -> str:
     """The name under which ``model``'s forward takes its cache (``cache`` since
@@ -97,6 +100,7 @@ class Recurrent:
         self.broken = False
         self._split: list[int | None] = []  # per prompt: where its allocation ends short of it
         self._keys: list[list[bytes]] = []  # per prompt: its whole-block prefixes' keys
+        self._layout: Layout | None = None  # the states' layout, once a pass or a held state shows it
 
     def allocate(self, pool: Any, prompts: list[list[int]], salt: Any) -> list[Any]:
         """Allocate the prompts (no sharing within the batch: its passes are several).
@@ -105,11 +109,12 @@ class Recurrent:
         holds the state, and appends the rest (so the next prompt with those blocks
         resumes there)."""
         bs = pool.spec.block_size
-        # (the weights' dtype too: a salt given by the caller need not change when the model's does)
-        held_as = f"{salt}|{next(self.model.parameters()).dtype}"
-        self._keys = [prefix_keys(held_as, p, bs, len(p) - 1) for p in prompts]
         self._split = [None] * len(prompts)
+        self._keys = [[] for _ in prompts]  # (none without a state cache: nothing is held or looked up)
         if self.store.max_bytes:
+            # (the weights' dtype too: a salt given by the caller need not change when the model's does)
+            held_as = f"{salt}|{next(self.model.parameters()).dtype}"
+            self._keys = [prefix_keys(held_as, p, bs, len(p) - 1) for p in prompts]
             for k, c in enumerate(pool.cached_tokens(prompts, salt)):
                 if c > self.store.longest(self._keys[k], c, bs):
                     self._split[k] = c
@@ -125,60 +130,56 @@ class Recurrent:
         bs = pool.spec.block_size
         n = len(prompts)
         ids = [a.seq_id for a in allocs]
-        ends = [len(p) if s is None else s for p, s in zip(prompts, self._split)]
-        starts, rows_in = [0] * n, [None] * n  # where each prompt's first pass starts, and the states there
-        layout: Layout | None = None
+        self._layout = None
+        first: dict[int, Segment] = {}
         for k, a in enumerate(allocs):
-            cached = min(a.num_cached_tokens, ends[k] - 1)
-            starts[k], held_layout, held = self.store.best(self._keys[k], cached, bs)
-            if held is not None:  # (held where the model was then: it may have moved since)
-                rows_in[k] = tuple(t.to(device) for t in held)
-            layout = layout or held_layout
-        # each prompt's slots from its first pass's start: none (-1) where its blocks were cached
-        first = [np.concatenate([np.full(a.num_cached_tokens - b, -1, np.int64), np.asarray(a.slots, np.int64)])
-                 for a, b in zip(allocs, starts)]
-        out, final = [0] * n, [None] * n
-        layout = self._passes(pool, ids, prompts, starts, ends, first, rows_in, out, final, layout, device)
+            end = len(prompts[k]) if self._split[k] is None else self._split[k]
+            start, layout, held = self.store.best(self._keys[k], min(a.num_cached_tokens, end - 1), bs)
+            self._layout = self._layout or layout
+            # slots from the start: none (-1) where its blocks were cached
+            slots = np.concatenate([np.full(a.num_cached_tokens - start, -1, np.int64), np.asarray(a.slots, np.int64)])
+            # (a state held where the model was then: it may have moved since)
+            first[k] = (start, end, slots, None if held is None else tuple(t.to(device) for t in held))
+        out: list[int] = [0] * n
+        final: list[Rows | None] = [None] * n
+        self._passes(pool, ids, prompts, first, out, final, device)
         split = [k for k in range(n) if self._split[k] is not None]
         if split:
             for k in split:  # their states at the blocks they found cached, for the prompts after them
-                self.store.put(self._keys[k][ends[k] // bs - 1], layout, final[k])
-            tails = pool.append([ids[k] for k in split], [len(prompts[k]) - ends[k] for k in split],
-                                [prompts[k][ends[k]:] for k in split])
-            more = [None] * n
-            for k, t in zip(split, tails):
-                more[k] = np.asarray(t, np.int64)
-            layout = self._passes(pool, ids, prompts, ends, [len(p) for p in prompts], more, final, out, final,
-                                     layout, device, only=split)
-        self.states = States(self.model, layout, final, list(range(n)), self.capacity(n))
+                self.store.put(self._keys[k][self._split[k] // bs - 1], self._layout, final[k])
+            tails = pool.append([ids[k] for k in split], [len(prompts[k]) - self._split[k] for k in split],
+                                [prompts[k][self._split[k] :] for k in split])
+            rest = {k: (self._split[k], len(prompts[k]), np.asarray(t, np.int64), final[k]) for k, t in zip(split, tails)}
+            self._passes(pool, ids, prompts, rest, out, final, device)
+        self.states = States(self.model, self._layout, final, list(range(n)), self.capacity(n))
         return out
 
-    def _passes(self, pool: Any, ids: list[int], prompts: list[list[int]], starts: list[int], ends: list[int],
-                slots: list[Any], rows_in: list[Rows | None], out: list[int], final: list[Rows | None],
-                layout: Layout | None, device: torch.device, only: list[int] | None = None) -> Layout:
-        """One pass per group of prompts (of ``only``, default all) with as many tokens
-        ``[starts[k], ends[k])`` and the same kind of start (from nothing, or from the
-        states ``rows_in[k]``): each one's next token into ``out``, its states after
-        into ``final``. Returns the layout of the states."""
+    def _passes(self, pool: Any, ids: list[int], prompts: list[list[int]], segments: dict[int, Segment],
+                out: list[int], final: list[Rows | None], device: torch.device) -> None:
+        """One pass per group of prompts whose segments (tokens ``[start, end)`` at
+        ``slots``, from nothing or from the states held there) have as many tokens and
+        the same kind of start: each prompt's next token into ``out``, its states
+        after into ``final`` (the layout of states into ``_layout``, once known)."""
         heads = text_config(self.model).num_attention_heads
         groups: dict[tuple[int, bool], list[int]] = {}
-        for k in range(len(prompts)) if only is None else only:
-            groups.setdefault((ends[k] - starts[k], rows_in[k] is not None), []).append(k)
+        for k, (start, end, _, held) in segments.items():
+            groups.setdefault((end - start, held is not None), []).append(k)
         for (length, resumed), group in groups.items():
-            plan = pool.plan([ids[k] for k in group], [length] * len(group),
-                             np.concatenate([slots[k] for k in group]), num_q_heads=heads)
+            segs = [segments[k] for k in group]
+            plan = pool.plan([ids[k] for k in group], [length] * len(group), np.concatenate([g[2] for g in segs]),
+                             num_q_heads=heads)
             if resumed:
-                cache = cache_over(self.model, layout, stacked(layout, [rows_in[k] for k in group]))
+                cache = cache_over(self.model, self._layout, stacked(self._layout, [g[3] for g in segs]))
             else:
                 cache = new_cache(self.model)
-            tokens = torch.tensor([prompts[k][starts[k] : ends[k]] for k in group], dtype=torch.long, device=device)
-            where = torch.tensor([list(range(starts[k], ends[k])) for k in group], dtype=torch.long, device=device)
+            tokens = torch.tensor([prompts[k][a:b] for k, (a, b, _, _) in zip(group, segs)], dtype=torch.long,
+                                  device=device)
+            where = torch.tensor([list(range(a, b)) for a, b, _, _ in segs], dtype=torch.long, device=device)
             for k, t in zip(group, self._pass(plan, tokens, where, cache).tolist()):
                 out[k] = t
-            layout = layout or layout_of(cache)
-            for k, r in zip(group, rows_of(cache, layout)):
+            self._layout = self._layout or layout_of(cache)
+            for k, r in zip(group, rows_of(cache, self._layout)):
                 final[k] = r
-        return layout
 
     def keep(self, rows: list[int]) -> None:
         """The next pass is over ``rows``: the states of sequences that ended go."""
