@@ -1,9 +1,13 @@
-"""The one compiled part: the allocator's decode step (native/decode_step.c),
-an optional extension. Without a C compiler the install skips it and the
-NumPy step runs instead (`kvpager.native`). Everything else is in
+"""The compiled parts, both optional extensions: the allocator's decode step
+(native/decode_step.c; `kvpager.native`) and paged attention on the CPU
+(native/cpu_attention.c; `kvpager.cpu_attention`). Without a C compiler the
+install skips them and their NumPy twins run instead. Everything else is in
 pyproject.toml."""
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("kvpager._native", ["native/decode_step.c"], optional=True,
-                             extra_compile_args=["-O2", "-std=c99"])])
+setup(ext_modules=[
+    Extension("kvpager._native", ["native/decode_step.c"], optional=True, extra_compile_args=["-O2", "-std=c99"]),
+    Extension("kvpager._cpu_attention", ["native/cpu_attention.c"], optional=True,
+              extra_compile_args=["-O3", "-std=c11", "-ffp-contract=fast", "-Wno-psabi"]),
+])

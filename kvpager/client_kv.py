@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from kvpager import cuda_ipc, validate
+from kvpager import cpu_attention, cuda_ipc, validate
 from kvpager.attend_options import check_scale, check_sinks, check_softcap, check_window, chunk_step
-from kvpager.backends.numpy_backend import paged_attention
 from kvpager.client_tables import as_ids, id_list
 from kvpager.errors import InvalidArgument, NotOwner, SessionLost
 from kvpager.plan import StepPlan, make_plan
@@ -177,8 +176,8 @@ class KVAccess:
         if self.gpu:
             return pool.attend(int(layer), q, tables, lens, np.ascontiguousarray(qlens), scale,
                                window=window, softcap=softcap, sinks=sinks)
-        return paged_attention(pool.kv, int(layer), q, tables, lens, qlens, scale, window=window, softcap=softcap,
-                               kv_scales=pool.scales, sinks=check_sinks(sinks, q.shape[1]))
+        return cpu_attention.attend(pool.kv, int(layer), q, tables, lens, qlens, scale, window=window,
+                                    softcap=softcap, kv_scales=pool.scales, sinks=check_sinks(sinks, q.shape[1]))
 
     def _pool(self) -> Any:
         if self._mapped is None:

@@ -31,8 +31,22 @@ def _seconds(name: str, default: float) -> float:
 
 
 def native() -> bool:
-    """KVPAGER_NATIVE: 0 turns the compiled decode step off (kvpager.native); anything else, or unset, leaves it on."""
+    """KVPAGER_NATIVE: 0 turns the compiled parts off (the decode step, kvpager.native; the CPU
+    attention kernel, kvpager.cpu_attention); anything else, or unset, leaves them on."""
     return _get("NATIVE", "1").strip() != "0"
+
+
+def cpu_threads() -> int | None:
+    """KVPAGER_CPU_THREADS: the most threads the CPU attention kernel uses
+    (kvpager.cpu_attention); unset: the CPUs this process may run on."""
+    raw = os.environ.get("KVPAGER_CPU_THREADS")
+    if raw is None or raw.strip() == "":
+        return None
+    if not raw.strip().isdigit() or int(raw) < 1:
+        from kvpager.errors import InvalidArgument
+
+        raise InvalidArgument(f"KVPAGER_CPU_THREADS={raw!r} must be a whole number of threads, at least 1")
+    return int(raw)
 
 
 def timeout_s() -> float:

@@ -83,7 +83,7 @@ class NumpyPlan(StepPlan):
 
     def attend(self, layer: int, q: Any, scale: float | None = None, out: Any = None, *,
                window: int | None = None, softcap: float | None = None, sinks: Any = None) -> Any:
-        from kvpager.backends.numpy_backend import paged_attention
+        from kvpager import cpu_attention
 
         spec = self.spec
         if self._seen != self._moves.count:
@@ -101,9 +101,9 @@ class NumpyPlan(StepPlan):
             raise InvalidArgument(f"out must have q's shape {qn.shape}, got {dest.shape}")
         if dest is not None and not dest.flags.writeable:
             raise InvalidArgument("out must be writable (the result is written into its memory)")
-        res = paged_attention(self.backend.kv, layer, qn, self.tables, self.seq_lens, self.query_lens,
-                              check_scale(scale, spec.head_dim), window=check_window(window),
-                              softcap=check_softcap(softcap), kv_scales=self.backend.scales, sinks=sinks)
+        res = cpu_attention.attend(self.backend.kv, layer, qn, self.tables, self.seq_lens, self.query_lens,
+                                   check_scale(scale, spec.head_dim), window=check_window(window),
+                                   softcap=check_softcap(softcap), kv_scales=self.backend.scales, sinks=sinks)
         if dest is not None:
             dest[...] = res
             return out

@@ -101,7 +101,8 @@ def test_blocks_before_the_window_are_not_read(block_size):
     assert rel_err(out, attention(q, k, v, 1 / math.sqrt(32), window)) < 1e-5
     tables, lens = pool.tables(seqs)
     direct = paged_attention(kv, 0, q, tables, lens, np.array([ql], np.int32), 1 / math.sqrt(32), window=window)
-    assert np.array_equal(direct, out)
+    assert np.isfinite(direct).all()  # the twin skips those blocks too (the plan may run the CPU kernel)
+    assert rel_err(out, direct.astype(np.float64)) < 1e-5
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 2.5, "8"])

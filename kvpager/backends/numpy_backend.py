@@ -118,11 +118,12 @@ class NumpyBackend(Backend):
         softcap: float | None = None,
         sinks: Any = None,
     ) -> np.ndarray:
+        from kvpager import cpu_attention
         from kvpager.attend_options import check_sinks
 
-        return paged_attention(self.kv, layer, q, block_tables, seq_lens, query_lens, scale,
-                               window=window, softcap=softcap, kv_scales=self.scales,
-                               sinks=check_sinks(sinks, q.shape[1]))
+        return cpu_attention.attend(self.kv, layer, q, block_tables, seq_lens, query_lens, scale,
+                                    window=window, softcap=softcap, kv_scales=self.scales,
+                                    sinks=check_sinks(sinks, q.shape[1]))
 
 
 def paged_attention(
@@ -141,7 +142,8 @@ def paged_attention(
 ) -> np.ndarray:
     """Paged attention over a block-major pool, float32 accumulation.
 
-    This is the NumPy twin of the CUDA kernels; see `Backend.attend` for the
+    This is the NumPy twin of the CUDA kernels and of the CPU kernel
+    (`kvpager.cpu_attention`, which the backend runs where it was built); see `Backend.attend` for the
     contract. ``window``: the query at position i sees keys j with
     i - window < j <= i (only the blocks that can hold such keys are read);
     ``softcap``: scores become softcap * tanh(scores / softcap) after scaling.

@@ -1,0 +1,124 @@
+"""Paged attention on the CPU: the compiled kernel (``kvpager._cpu_attention``,
+built from ``native/cpu_attention.c`` at install) where it takes the pool,
+else the NumPy twin (`kvpager.backends.numpy_backend.paged_attention`).
+
+The twin stays the reference: tests compare the kernel with it, as the GPU
+kernels are compared. The kernel reads the pool's blocks where they lie and
+runs on several threads; it takes float32, bfloat16, float16 and FP8 pools
+whose head_dim is a multiple of 16. Anything else, an install without a C
+compiler, or ``KVPAGER_NATIVE=0``, runs the twin. ``KVPAGER_CPU_THREADS``
+caps the kernel's threads (default: the CPUs this process may run on).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from types import ModuleType
+
+import numpy as np
+
+from kvpager import env
+from kvpager.backends.numpy_backend import paged_attention as twin
+
+#: K/V bytes a thread is given at least (a thread costs tens of microseconds to start)
+BYTES_PER_THREAD = 4 << 20
+
+
+def load() -> ModuleType | None:
+    """The compiled module, or None (not built, or turned off by KVPAGER_NATIVE=0)."""
+    if not env.native():
+        return None
+    try:
+        from kvpager import _cpu_attention
+    except ImportError:
+        return None
+    return _cpu_attention
+
+
+#: This process's compiled kernel (None: the twin only).
+KERNEL = load()
+
+_LUTS: dict[np.dtype, np.ndarray] = {}
+
+
+def storage(dtype: np.dtype) -> tuple[int, np.dtype, np.ndarray | None] | None:
+    """How the kernel reads a pool of ``dtype``: (kind, the dtype it views the
+    pool as, its float32 lookup table or None); None where it cannot."""
+    if dtype == np.float32:
+        return 0, np.dtype(np.float32), None
+    if dtype.name == "bfloat16":
+        return 1, np.dtype(np.uint16), None
+    if dtype.itemsize not in (1, 2) or dtype.kind not in "fV":  # float16, ml_dtypes' FP8 (kind 'V')
+        return None
+    if dtype not in _LUTS:
+        bits = np.arange(256 ** dtype.itemsize, dtype=np.uint8 if dtype.itemsize == 1 else np.uint16)
+        _LUTS[dtype] = np.ascontiguousarray(bits.view(dtype).astype(np.float32))
+    view = np.dtype(np.uint8 if dtype.itemsize == 1 else np.uint16)
+    return (3 if dtype.itemsize == 1 else 2), view, _LUTS[dtype]
+
+
+@functools.lru_cache(maxsize=1)
+def _affinity() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpus() -> int:
+    """The threads the kernel may use: KVPAGER_CPU_THREADS; else one where torch
+    is loaded (its OpenMP threads spin for a while after each op, and a
+    second thread of ours, racing them for the cores, made an attention call
+    slower when it followed a torch op: `tools/bench_cpu_attention.py`, docs/benchmarks.md);
+    else the CPUs this process may run on."""
+    cap = env.cpu_threads()
+    if cap is not None:
+        return cap
+    return 1 if "torch" in sys.modules else _affinity()
+
+
+def fits_int32(tables: np.ndarray) -> bool:
+    """Whether integer ``tables`` of another dtype cast to int32 unchanged."""
+    info = np.iinfo(np.int32)
+    return tables.dtype.kind in "iu" and (not tables.size or info.min <= tables.min() and tables.max() <= info.max)
+
+
+def attend(
+    kv: np.ndarray,
+    layer: int,
+    q: np.ndarray,
+    block_tables: np.ndarray,
+    seq_lens: np.ndarray,
+    query_lens: np.ndarray,
+    scale: float,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
+    kv_scales: np.ndarray | None = None,
+    sinks: np.ndarray | None = None,
+) -> np.ndarray:
+    """`paged_attention`'s contract (a block-major pool [blocks, layers, 2,
+    kv heads, block_size, head_dim]; the result in q's dtype), on the kernel
+    where it takes the call, else on the twin."""
+    how = None if KERNEL is None else storage(kv.dtype)
+    tables = np.asarray(block_tables)
+    if (how is None or kv.ndim != 6 or kv.shape[5] % 16 or not kv.flags.c_contiguous or tables.ndim != 2
+            or tables.dtype != np.int32 and not fits_int32(tables)):
+        return twin(kv, layer, q, block_tables, seq_lens, query_lens, scale, window=window, softcap=softcap,
+                    kv_scales=kv_scales, sinks=sinks)
+    kind, view, lut = how
+    lens = np.ascontiguousarray(seq_lens, np.int64)
+    qlens = np.ascontiguousarray(query_lens, np.int64)
+    q32 = np.ascontiguousarray(q, np.float32)
+    out = np.empty(q32.shape, np.float32)
+    scales = None if kv_scales is None else np.ascontiguousarray(kv_scales, np.float32)
+    sink = None if sinks is None else np.ascontiguousarray(sinks, np.float32).reshape(-1)
+    head_bytes = kv.shape[4] * kv.shape[5] * kv.dtype.itemsize
+    work = int(lens.sum()) * kv.shape[3] * 2 * head_bytes // kv.shape[4]
+    threads = max(1, min(cpus(), work // BYTES_PER_THREAD))
+    KERNEL.attend(kv.view(view), kind, lut, int(layer), q32, np.ascontiguousarray(tables, np.int32), lens, qlens,
+                  out, float(scale), 0 if window is None else int(window), 0.0 if softcap is None else float(softcap),
+                  scales, sink, threads)
+    return out if q.dtype == np.float32 else out.astype(q.dtype)
