@@ -22,7 +22,8 @@ import numpy as np
 from kvpager import env
 from kvpager.backends.numpy_backend import paged_attention as twin
 
-#: K/V bytes a thread is given at least (a thread costs tens of microseconds to start)
+#: K/V bytes (times the query tokens reading them) a thread is given at least: a thread
+#: costs tens of microseconds to start
 BYTES_PER_THREAD = 4 << 20
 
 
@@ -115,8 +116,8 @@ def attend(
     out = np.empty(q32.shape, np.float32)
     scales = None if kv_scales is None else np.ascontiguousarray(kv_scales, np.float32)
     sink = None if sinks is None else np.ascontiguousarray(sinks, np.float32).reshape(-1)
-    head_bytes = kv.shape[4] * kv.shape[5] * kv.dtype.itemsize
-    work = int(lens.sum()) * kv.shape[3] * 2 * head_bytes // kv.shape[4]
+    # K/V bytes read, times the query tokens reading them
+    work = int(lens @ qlens) * kv.shape[3] * 2 * kv.shape[5] * kv.dtype.itemsize
     threads = max(1, min(cpus(), work // BYTES_PER_THREAD))
     KERNEL.attend(kv.view(view), kind, lut, int(layer), q32, np.ascontiguousarray(tables, np.int32), lens, qlens,
                   out, float(scale), 0 if window is None else int(window), 0.0 if softcap is None else float(softcap),

@@ -232,3 +232,26 @@ def test_threads_default_to_one_beside_torch(with_torch):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     got, cpus = map(int, res.stdout.split())
     assert got == (1 if with_torch else cpus), res.stderr
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "base"])
+def test_every_build_the_cpu_runs_is_the_twin(isa):
+    """Each instruction-set build of the task (the import picks the widest),
+    over windows, soft caps, sinks, multi-token rows and bfloat16."""
+    kernel = cpu_attention.KERNEL
+    try:
+        kernel.use(isa)
+    except ValueError:
+        pytest.skip(f"this CPU has no {isa} build")
+    try:
+        rng = np.random.default_rng(17)
+        for dtype, d, group, kw in [(np.float32, 64, 4, {}), (ml_dtypes.bfloat16, 128, 8, {"window": 40}),
+                                    (np.float32, 80, 1, {"softcap": 20.0}), (np.float16, 32, 2, {})]:
+            lengths, qlens = [3, 150, 64, 290], [1, 9, 2, 1]
+            kv, tables = random_pool(rng, lengths, 2, d, 16, dtype)
+            q = queries(rng, qlens, 2 * group, d)
+            out, ref = both(kv, 0, q, tables, lengths, qlens, 0.1, **kw)
+            assert np.isfinite(out).all()
+            assert rel_err(out, ref.astype(np.float64)) < 1e-5, (dtype, d, kw)
+    finally:
+        kernel.use(kernel.ISA)

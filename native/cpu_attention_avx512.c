@@ -1,0 +1,13 @@
+/* The CPU attention task built for AVX-512 (F, BW, DQ, VL) (native/cpu_attention_task.h);
+ * native/cpu_attention.c runs it where the CPU has it. Off x86-64, or with a
+ * compiler that takes neither pragma, this is one more baseline build. */
+#if defined(__x86_64__) && defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"))), apply_to = function)
+#elif defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
+#endif
+#define TASK kvpager_task_avx512
+#include "cpu_attention_task.h"
+#if defined(__x86_64__) && defined(__clang__)
+#pragma clang attribute pop
+#endif
