@@ -4,6 +4,7 @@ NumPy arrays and back (bfloat16 as its bits)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,13 @@ from kvpager import validate
 from kvpager.attend_options import check_scale, check_sinks, check_softcap, check_window
 from kvpager.errors import InvalidArgument
 from kvpager.plan import StepPlan, check_q_shape
+
+
+@functools.lru_cache(maxsize=64)
+def _name(dtype: Any) -> str:
+    """A NumPy or torch dtype's name ("bfloat16"), once per dtype (a NumPy
+    dtype's str runs Python code, and this is asked four times a layer)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def check_kind(x: Any, name: str, dtype: np.dtype) -> bool:
@@ -24,7 +32,7 @@ def check_kind(x: Any, name: str, dtype: np.dtype) -> bool:
     if type(x).__module__.startswith("torch"):
         if x.device.type != "cpu":
             raise InvalidArgument(f"{name} is on {x.device}; this pool is on the CPU")
-        if str(x.dtype).removeprefix("torch.") != str(dtype):
+        if _name(x.dtype) != _name(dtype):
             raise InvalidArgument(f"{name} must have dtype {dtype}, got {x.dtype}")
         return True
     raise InvalidArgument(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
@@ -36,7 +44,7 @@ def to_numpy(x: Any, name: str, dtype: np.dtype) -> tuple[np.ndarray, bool]:
     if not check_kind(x, name, dtype):
         return x, False
     x = x.detach().contiguous()
-    if str(dtype) == "bfloat16":  # NumPy has no bfloat16: cross as raw bits
+    if _name(dtype) == "bfloat16":  # NumPy has no bfloat16: cross as raw bits
         import torch
 
         return x.view(torch.int16).numpy().view(dtype), True
