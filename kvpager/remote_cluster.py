@@ -42,7 +42,6 @@ import inspect
 import urllib.parse
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -56,6 +55,7 @@ from kvpager.remote_access import (
     judge,
     redis_module,
 )
+from kvpager.remote_cluster_calls import Pipeline, Side
 from kvpager.remote_errors import StoreError, StoreMisconfigured, StoreRefused, store_error
 from kvpager.remote_resp import (
     FetchError,
@@ -76,54 +76,10 @@ from kvpager.remote_store import (
 )
 from kvpager.remote_url import nodes, redact
 
-_THREADS = 64  # most masters one call talks to at once (past that, some wait for a thread)
-
 #: a node's part of a call: [(index of the key in the call, send ASKING first)]
 Plan = list[tuple[int, bool]]
 #: a node's work: (its redis.Redis, its plan) -> the keys it redirected, [(index, AskError / MovedError)]
 Job = Callable[[Any, Plan], list[tuple[int, Any]]]
-
-
-class _Side:
-    """One RedisCluster client (the reader's or the writer's: calls of the loop
-    thread and of the writer thread may overlap), its threads, and the nodes
-    that failed since the slot map was last read."""
-
-    def __init__(self, timeout: float):
-        self.timeout = timeout
-        self.rc: Any = None
-        self.pool: ThreadPoolExecutor | None = None
-        self.stale = False  # a call failed: read the slot map before the next one
-        self.failed: dict[str, None] = {}  # nodes that failed, in order
-
-    def run(self, jobs: list[Callable[[], Any]]) -> list[Any]:
-        """Run ``jobs`` at once (the caller's thread takes the first) and wait for
-        all of them: each one's result or the exception it raised."""
-        def guard(job: Callable[[], Any]) -> Any:
-            try:
-                return job()
-            except Exception as e:
-                return e
-
-        if len(jobs) == 1:
-            return [guard(jobs[0])]
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="kvpager-cluster")
-        futures = [self.pool.submit(guard, job) for job in jobs[1:]]
-        try:
-            first = guard(jobs[0])
-        finally:  # no thread may still write into a caller's buffer once this returns
-            rest = [f.result() for f in futures]
-        return [first, *rest]
-
-    def close(self) -> None:
-        if self.rc is not None:
-            with contextlib.suppress(Exception):
-                self.rc.close()
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
-        self.rc, self.pool, self.stale = None, None, False
-        self.failed.clear()
 
 
 class RedisClusterStore(Store):
@@ -142,7 +98,7 @@ class RedisClusterStore(Store):
         self._startup = nodes(urllib.parse.urlsplit(url).netloc, url)
         self._auth = dict(username=parts.username or None, password=parts.password,
                           ssl=scheme == "rediss")
-        self._sides = (_Side(timeout), _Side(write_timeout))  # reader, writer
+        self._sides = (Side(timeout), Side(write_timeout))  # reader, writer
         exc = self._redis.exceptions
         self._errors = (self._redis.RedisError, exc.RedisClusterException, OSError, FetchError)
         self._ask, self._moved = exc.AskError, exc.MovedError
@@ -151,7 +107,7 @@ class RedisClusterStore(Store):
         self.raw_reads = "_sock" in vars(self._redis.connection.Connection())
 
     # -- the cluster client and its slot map ------------------------------------------------
-    def _client(self, side: _Side) -> Any:
+    def _client(self, side: Side) -> Any:
         if side.rc is None:
             from redis.cluster import ClusterNode, RedisCluster
 
@@ -166,7 +122,7 @@ class RedisClusterStore(Store):
             self._refresh(side)
         return side.rc
 
-    def _refresh(self, side: _Side) -> None:
+    def _refresh(self, side: Side) -> None:
         """Read the slot map again, asking the nodes that failed last."""
         manager = side.rc.nodes_manager
         startup = manager.startup_nodes
@@ -180,7 +136,7 @@ class RedisClusterStore(Store):
         side.stale = False
         side.failed.clear()
 
-    def _call(self, which: int, fn: Callable[[_Side, Any], Any]) -> Any:
+    def _call(self, which: int, fn: Callable[[Side, Any], Any]) -> Any:
         side = self._sides[which]
         try:
             return fn(side, self._client(side))
@@ -190,7 +146,7 @@ class RedisClusterStore(Store):
                 side.stale = True
             raise error from None
 
-    def _spread(self, side: _Side, rc: Any, keys: Seq[str], job: Job) -> None:
+    def _spread(self, side: Side, rc: Any, keys: Seq[str], job: Job) -> None:
         """Run ``job`` on every master that holds a slot of ``keys`` at once, then
         once more for the keys redirected (``ASK``, ``MOVED``) on the nodes named."""
         plans: dict[str, tuple[Any, Plan]] = {}
@@ -213,7 +169,7 @@ class RedisClusterStore(Store):
             i, e = again[0]
             raise StoreError(f"key {keys[i]!r} redirected twice (its slot moves): {e}")
 
-    def _fan(self, side: _Side, rc: Any, plans: dict[str, tuple[Any, Plan]], job: Job) -> list[tuple[int, Any]]:
+    def _fan(self, side: Side, rc: Any, plans: dict[str, tuple[Any, Plan]], job: Job) -> list[tuple[int, Any]]:
         items = list(plans.values())
         results = side.run([lambda node=node, plan=plan: job(rc.get_redis_connection(node), plan)
                             for node, plan in items])
@@ -229,7 +185,7 @@ class RedisClusterStore(Store):
             raise (StoreRefused if refused else StoreError)(f"{node.name}: {error}")
         return [x for r in results for x in r]
 
-    def _commands(self, side: _Side, rc: Any, calls: Seq[tuple[str, tuple, dict]]) -> list[Any]:
+    def _commands(self, side: Side, rc: Any, calls: Seq[tuple[str, tuple, dict]]) -> list[Any]:
         """The results of redis-py commands ``(method, args, kwargs)`` whose first
         argument is their key, one node pipeline per master (error replies in
         place, as ``execute(raise_on_error=False)`` gives them)."""
@@ -259,7 +215,7 @@ class RedisClusterStore(Store):
 
     # -- the Store interface ---------------------------------------------------------------
     def get_many(self, keys: Seq[str], limit: int | None = None) -> list[bytes | None]:
-        def run(side: _Side, rc: Any) -> list[bytes | None]:
+        def run(side: Side, rc: Any) -> list[bytes | None]:
             if limit is not None:
                 return _ranges(self._commands(side, rc, [("getrange", (k, 0, limit), {}) for k in keys]))
             values = self._commands(side, rc, [("get", (k,), {}) for k in keys])
@@ -342,7 +298,7 @@ class RedisClusterStore(Store):
         if not len(keys):
             return np.zeros(0, dtype=np.int8)
 
-        def run(side: _Side, rc: Any) -> list[Any]:
+        def run(side: Side, rc: Any) -> list[Any]:
             types = self._commands(side, rc, [("type", (k,), {}) for k in keys])
             for t in types:
                 if isinstance(t, Exception):  # NOPERM and the like: the call fails
@@ -355,13 +311,13 @@ class RedisClusterStore(Store):
                            dtype=np.int8, count=len(types))
 
     def put_many(self, items: Seq[tuple[str, Any]], ttl: int) -> tuple[int, int]:
-        def run(side: _Side, rc: Any) -> tuple[int, int]:
-            return put_checked(lambda: _Pipeline(self, side, rc), items, ttl)
+        def run(side: Side, rc: Any) -> tuple[int, int]:
+            return put_checked(lambda: Pipeline(self, side, rc), items, ttl)
 
         return self._call(1, run) if len(items) else (0, 0)
 
     def delete(self, keys: Seq[str]) -> None:
-        def run(side: _Side, rc: Any) -> None:
+        def run(side: Side, rc: Any) -> None:
             for r in self._commands(side, rc, [("delete", (k,), {}) for k in keys]):
                 if isinstance(r, Exception):
                     raise r
@@ -374,7 +330,7 @@ class RedisClusterStore(Store):
             client.ping()
             return []
 
-        def run(side: _Side, rc: Any) -> None:
+        def run(side: Side, rc: Any) -> None:
             self._fan(side, rc, {node.name: (node, []) for node in rc.get_primaries()}, job)
 
         self._call(0, run)
@@ -405,7 +361,7 @@ class RedisClusterStore(Store):
             masters.append(pipe.execute(raise_on_error=False))
             return []
 
-        def run(side: _Side, rc: Any) -> list[Any]:
+        def run(side: Side, rc: Any) -> list[Any]:
             replies = self._commands(side, rc, calls)
             self._fan(side, rc, {node.name: (node, []) for node in rc.get_primaries()}, job)
             return replies
@@ -422,26 +378,3 @@ class RedisClusterStore(Store):
     def close(self) -> None:
         for side in self._sides:
             side.close()
-
-
-class _Pipeline:
-    """What `put_checked` needs of a pipeline (``set``, ``strlen``, ``execute``),
-    sent as `RedisClusterStore._commands`: a node pipeline per master, at once."""
-
-    def __init__(self, store: RedisClusterStore, side: _Side, rc: Any):
-        self.store, self.side, self.rc = store, side, rc
-        self.calls: list[tuple[str, tuple, dict]] = []
-
-    def set(self, *args: Any, **kwargs: Any) -> None:
-        self.calls.append(("set", args, kwargs))
-
-    def strlen(self, *args: Any, **kwargs: Any) -> None:
-        self.calls.append(("strlen", args, kwargs))
-
-    def execute(self, raise_on_error: bool = True) -> list[Any]:
-        out = self.store._commands(self.side, self.rc, self.calls)
-        if raise_on_error:
-            for r in out:
-                if isinstance(r, Exception):
-                    raise r
-        return out

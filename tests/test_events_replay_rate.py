@@ -12,112 +12,39 @@ by slowness."""
 
 from __future__ import annotations
 
-import logging
 import os
-import shutil
-import tempfile
 import time
 
-import numpy as np
 import pytest
 import zmq
 from daemon_helpers import wait_until
+from replay_helpers import (
+    QUIET,
+    WAIT,
+    C,
+    Clock,
+    ask,
+    dealer,
+    nothing_more,
+    publish,
+    started,
+    take,
+    thread_cpu_s,
+)
 
 from kvpager import env
 from kvpager.errors import InvalidArgument
-from kvpager.events import EventSink
-from kvpager.events_cli import Subscription
 from kvpager.events_pub import (
-    END_SEQ,
     REPLAY_BATCHES,
     REPLAY_BURST_S,
     REPLAY_BYTES,
-    REPLAY_MIN_CHARGE,
     REPLAY_PAUSE_S,
     REPLAY_PEERS,
     REPLAY_RATE,
     REPLAY_REQUESTS,
-    EventPublisher,
     EventsConfig,
     TokenBucket,
 )
-
-C = REPLAY_MIN_CHARGE
-WAIT = 5.0  # seconds a message may take to come, at most
-QUIET = 0.3  # seconds without a message that say none is coming
-
-
-class Clock:
-    """A monotonic clock that moves only when the test says (binary fractions: exact sums)."""
-
-    def __init__(self) -> None:
-        self.t = 1024.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def tmpdir_ipc():
-    d = tempfile.mkdtemp(prefix="kvr", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
-
-
-def started(d: str, rate: int, clock: Clock) -> EventPublisher:
-    ev = EventPublisher(EventsConfig(f"ipc://{d}/ev.sock", replay_rate=rate), block_size=4, clock=clock)
-    ev.bind()
-    return ev
-
-
-def publish(ev: EventPublisher, n: int) -> None:
-    """``n`` small batches (far under `REPLAY_MIN_CHARGE` each), waited for."""
-    want = ev.published + n
-    for i in range(n):
-        sink = EventSink()
-        sink.stored([(ev.published + i).to_bytes(16, "big")], None, np.arange(4))
-        ev.publish(time.time(), sink.take())
-    assert wait_until(lambda: ev.published >= want, 30, interval=0.002)
-    assert all(len(p) < C for _, p in ev._kept)
-
-
-def dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(endpoint)
-    return s
-
-
-def ask(s: zmq.Socket, start: int) -> None:
-    s.send_multipart([b"", start.to_bytes(8, "big")])
-
-
-def take(s: zmq.Socket, n: int) -> list[int]:
-    """The next ``n`` messages' sequence numbers (-1: the end marker), each waited for."""
-    out = []
-    for _ in range(n):
-        assert s.poll(int(WAIT * 1000)), f"{len(out)} of {n} replay messages came"
-        frames = s.recv_multipart()
-        out.append(-1 if frames[-2] == END_SEQ else int.from_bytes(frames[-2], "big"))
-    return out
-
-
-def nothing_more(s: zmq.Socket) -> bool:
-    return not s.poll(int(QUIET * 1000))
-
-
-def thread_cpu_s(ev: EventPublisher) -> float:
-    """CPU seconds the publisher's thread has used (Linux /proc)."""
-    with open(f"/proc/self/task/{ev._thread.native_id}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_a_replay_goes_out_at_the_budget_in_order_and_the_thread_sleeps_over_it(tmpdir_ipc, ctx):
@@ -248,132 +175,6 @@ def test_requests_are_read_at_most_their_rate(tmpdir_ipc, ctx):
         assert answered() == REPLAY_PEERS + 15
         clock.t += 1.0
         assert wait_until(lambda: answered() >= 100, WAIT)
-    finally:
-        ev.close()
-
-
-PROMPT = 1.0  # seconds a busy answer may take at most (the thread looks every 0.05 s)
-
-
-def full_house(ev: EventPublisher, ctx: zmq.Context, start: int) -> list[zmq.Socket]:
-    """`REPLAY_PEERS` dealers whose answers (from ``start``) are under way and
-    stay so while the clock stands: the first request spends the saved budget."""
-    peers = [dealer(ctx, ev.replay_endpoint) for _ in range(REPLAY_PEERS)]
-    ask(peers[0], start)
-    assert peers[0].poll(int(WAIT * 1000))  # served alone: the budget is spent (in debt) after it
-    for s in peers[1:]:
-        ask(s, start)
-    assert wait_until(lambda: len(ev._replays) == REPLAY_PEERS, WAIT)
-    return peers
-
-
-@pytest.mark.parametrize("fmt", ["map", "array"])
-def test_a_request_past_the_answers_under_way_gets_the_end_at_once(tmpdir_ipc, ctx, fmt):
-    """With `REPLAY_PEERS` answers under way, one request more got no answer at
-    all: a REQ reader waited out its own timeout, and `kvpager events` its 2 s.
-    Now it gets the end marker alone at once (framed as any answer's end), the
-    answers under way lose nothing and arrive whole and in order, and the
-    reader asking again later gets a whole answer."""
-    clock = Clock()
-    ev = EventPublisher(EventsConfig(f"ipc://{tmpdir_ipc}/ev.sock", format=fmt, replay_rate=64 * C),
-                        block_size=4, clock=clock)
-    ev.bind()
-    sub = None
-    try:
-        publish(ev, 9)  # batches 0..9
-        peers = full_house(ev, ctx, 0)
-        first = peers[0]
-        got = {s: [] for s in peers}
-        got[first] = take(first, 7)  # the saved budget: 6.4 messages, the last into debt
-        assert got[first] == list(range(7)) and nothing_more(first)
-        end = [b"", END_SEQ, b""] if fmt == "map" else [END_SEQ, b""]
-
-        clock.t += 1 / 512  # ~2 requests read (all 64 tokens went at once); the budget stays in debt
-        req = ctx.socket(zmq.REQ)
-        req.setsockopt(zmq.LINGER, 0)
-        req.connect(ev.replay_endpoint)
-        t0 = time.monotonic()
-        req.send((0).to_bytes(8, "big"))
-        assert req.poll(int(WAIT * 1000)), "a request past the answers under way got no answer"
-        assert time.monotonic() - t0 < PROMPT
-        assert req.recv_multipart() == end
-
-        clock.t += 1 / 512
-        sub = Subscription(ev.endpoint, ev.replay_endpoint)  # `kvpager events`'s reader
-        t0 = time.monotonic()
-        assert list(sub.replay(0, timeout=WAIT)) == []
-        assert time.monotonic() - t0 < PROMPT
-        assert len(ev._replays) == REPLAY_PEERS and all(nothing_more(s) for s in peers[:2])
-
-        poller = zmq.Poller()
-        for s in peers:
-            poller.register(s, zmq.POLLIN)
-        done: set[zmq.Socket] = set()
-        deadline = time.monotonic() + 60
-        while len(done) < len(peers):  # each second of the clock lets ~7 messages go
-            assert time.monotonic() < deadline, f"{len(done)} of {len(peers)} answers ended"
-            clock.t += 1.0
-            for s, _ in poller.poll(100):
-                while s.poll(0):
-                    [seq] = take(s, 1)
-                    assert s not in done
-                    if seq == -1:
-                        done.add(s)
-                    else:
-                        got[s].append(seq)
-        assert got[first] == list(range(10)) and all(got[s] == list(range(10)) for s in peers[1:])
-        clock.t += 1.0  # room again: the reader turned away asks again and gets it all
-        again = dealer(ctx, ev.replay_endpoint)
-        ask(again, 5)
-        assert take(again, 6) == [*range(5, 10), -1]
-    finally:
-        if sub is not None:
-            sub.close()
-        ev.close()
-
-
-def test_busy_answers_to_peers_that_never_read_or_are_gone_cost_nothing_more(tmpdir_ipc, ctx, caplog):
-    """Requests past the answers under way from peers gone before their
-    answer (its send fails at once: `ROUTER_MANDATORY`), and a flood of them
-    from a peer that reads none: each gets a few bytes at most, never waited
-    for, and nothing fails; the thread goes on (a live batch still goes out,
-    another reader still gets its end at once) and the answers under way stay.
-    (A byte budget of 1 byte/s stays in debt whatever the clock does.)"""
-    caplog.set_level(logging.DEBUG, logger="kvpager.events")
-    clock = Clock()
-    ev = started(tmpdir_ipc, 1, clock)
-    try:
-        peers = full_house(ev, ctx, 0)
-        gone = [dealer(ctx, ev.replay_endpoint) for _ in range(5)]
-        for s in gone:
-            ask(s, 0)
-        flood = ctx.socket(zmq.DEALER)
-        flood.setsockopt(zmq.LINGER, 0)
-        flood.setsockopt(zmq.SNDHWM, 0)
-        flood.setsockopt(zmq.RCVHWM, 1)
-        flood.connect(ev.replay_endpoint)
-        n = 3000
-        for _ in range(n):
-            ask(flood, 0)
-        time.sleep(QUIET)  # the requests are in (no request budget: none is read yet)
-        for s in gone:
-            s.close()
-        requests = ev._requests
-        for _ in range(n // REPLAY_PEERS - 2):  # each step of the clock lets 62.5 requests be read
-            clock.t += 1 / 16
-            assert wait_until(lambda: requests._last == clock.t and requests.tokens < 1, WAIT, interval=0.002)
-        assert ev._thread.is_alive() and len(ev._replays) == REPLAY_PEERS
-        publish(ev, 1)  # the thread is not stuck
-        clock.t += 1 / 16
-        other = dealer(ctx, ev.replay_endpoint)
-        t0 = time.monotonic()
-        ask(other, 0)
-        assert take(other, 1) == [-1] and time.monotonic() - t0 < PROMPT
-        assert len(ev._replays) == REPLAY_PEERS and take(peers[0], 1) == [0]
-        while flood.poll(0):
-            assert flood.recv_multipart()[-2:] == [END_SEQ, b""]
-        assert sum("answered with the end" in r.getMessage() for r in caplog.records) >= 64 * 40
-        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     finally:
         ev.close()
 
