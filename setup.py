@@ -7,9 +7,10 @@ pyproject.toml."""
 from setuptools import Extension, setup
 
 setup(ext_modules=[
-    Extension("kvpager._native", ["native/decode_step.c"], optional=True, extra_compile_args=["-O2", "-std=c99"]),
+    Extension("kvpager._native", ["native/decode_step.c"], depends=["native/buffers.h"], optional=True,
+              extra_compile_args=["-O2", "-std=c99"]),
     Extension("kvpager._cpu_attention", ["native/cpu_attention.c", "native/cpu_attention_avx512.c",
                                          "native/cpu_attention_avx2.c", "native/cpu_attention_base.c"],
-              depends=["native/cpu_attention.h", "native/cpu_attention_task.h"], optional=True,
+              depends=["native/buffers.h", "native/cpu_attention.h", "native/cpu_attention_task.h"], optional=True,
               extra_compile_args=["-O3", "-std=c11", "-ffp-contract=fast", "-Wno-psabi"]),
 ])

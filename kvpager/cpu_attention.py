@@ -19,7 +19,7 @@ from types import ModuleType
 
 import numpy as np
 
-from kvpager import env
+from kvpager import env, native
 from kvpager.backends.numpy_backend import paged_attention as twin
 
 #: K/V bytes (times the query tokens reading them) a thread is given at least: a thread
@@ -28,14 +28,8 @@ BYTES_PER_THREAD = 4 << 20
 
 
 def load() -> ModuleType | None:
-    """The compiled module, or None (not built, or turned off by KVPAGER_NATIVE=0)."""
-    if not env.native():
-        return None
-    try:
-        from kvpager import _cpu_attention
-    except ImportError:
-        return None
-    return _cpu_attention
+    """The compiled kernel, or None (not built, or turned off by KVPAGER_NATIVE=0)."""
+    return native.load("_cpu_attention")
 
 
 #: This process's compiled kernel (None: the twin only).

@@ -10,20 +10,22 @@ everything runs on NumPy as before.
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 
 from kvpager import env
 
 
-def load() -> ModuleType | None:
-    """The compiled module, or None (not built, or turned off by KVPAGER_NATIVE=0)."""
+def load(name: str = "_native") -> ModuleType | None:
+    """The compiled module ``kvpager.<name>`` (the decode step by default; the
+    CPU attention kernel is ``_cpu_attention``), or None (not built, or turned
+    off by KVPAGER_NATIVE=0)."""
     if not env.native():
         return None
     try:
-        from kvpager import _native
+        return importlib.import_module(f"kvpager.{name}")
     except ImportError:
         return None
-    return _native
 
 
 #: This process's compiled decode step (None: NumPy only).

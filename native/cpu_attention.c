@@ -35,38 +35,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef struct {
-    Py_buffer view;
-    int held;
-} Buf;
+#include "buffers.h"
 
-static void release(Buf *b) {
-    if (b->held) {
-        PyBuffer_Release(&b->view);
-        b->held = 0;
-    }
-}
-
-/* ``obj``'s buffer (None: not held, if ``optional``): C-contiguous, ``ndim``
- * dimensions, items of ``itemsize`` bytes (0: any); writable if asked. */
-static int get(PyObject *obj, Buf *b, int ndim, Py_ssize_t itemsize, int writable, int optional,
-               const char *name) {
+/* ``obj``'s buffer as `get` takes it, or nothing held where ``optional`` and it is None. */
+static int get_opt(PyObject *obj, Buf *b, int ndim, Py_ssize_t itemsize, int writable, int optional,
+                   const char *name) {
     b->held = 0;
     if (optional && obj == Py_None) {
         return 0;
     }
-    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
-    if (PyObject_GetBuffer(obj, &b->view, flags) < 0) {
-        return -1;
-    }
-    b->held = 1;
-    if (b->view.ndim != ndim || (itemsize && b->view.itemsize != itemsize)) {
-        PyErr_Format(PyExc_TypeError, "cpu attention: %s: expected %d-d items of %zd bytes, got %d-d of %zd",
-                     name, ndim, itemsize, b->view.ndim, b->view.itemsize);
-        release(b);
-        return -1;
-    }
-    return 0;
+    return get(obj, b, ndim, itemsize, writable, name);
 }
 
 static float *aligned(size_t n) {
@@ -173,11 +151,11 @@ static PyObject *attend(PyObject *self, PyObject *args) {
     Buf kv = {0}, lut = {0}, q = {0}, tab = {0}, sl = {0}, ql = {0}, out = {0}, sc = {0}, sk = {0};
     PyObject *result = NULL;
     int64_t *starts = NULL;
-    if (get(kv_o, &kv, 6, items[kind], 0, 0, "kv") < 0 || get(lut_o, &lut, 1, 4, 0, kind < 2, "lut") < 0 ||
-        get(q_o, &q, 3, 4, 0, 0, "q") < 0 || get(tab_o, &tab, 2, 4, 0, 0, "tables") < 0 ||
-        get(sl_o, &sl, 1, 8, 0, 0, "seq_lens") < 0 || get(ql_o, &ql, 1, 8, 0, 0, "query_lens") < 0 ||
-        get(out_o, &out, 3, 4, 1, 0, "out") < 0 || get(sc_o, &sc, 3, 4, 0, 1, "scales") < 0 ||
-        get(sk_o, &sk, 1, 4, 0, 1, "sinks") < 0) {
+    if (get(kv_o, &kv, 6, items[kind], 0, "kv") < 0 || get_opt(lut_o, &lut, 1, 4, 0, kind < 2, "lut") < 0 ||
+        get(q_o, &q, 3, 4, 0, "q") < 0 || get(tab_o, &tab, 2, 4, 0, "tables") < 0 ||
+        get(sl_o, &sl, 1, 8, 0, "seq_lens") < 0 || get(ql_o, &ql, 1, 8, 0, "query_lens") < 0 ||
+        get(out_o, &out, 3, 4, 1, "out") < 0 || get_opt(sc_o, &sc, 3, 4, 0, 1, "scales") < 0 ||
+        get_opt(sk_o, &sk, 1, 4, 0, 1, "sinks") < 0) {
         goto done;
     }
     Call c = {0};
