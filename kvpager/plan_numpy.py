@@ -55,7 +55,7 @@ def from_numpy(out: np.ndarray) -> Any:
     """A NumPy result as a torch tensor (bfloat16 through its bits)."""
     import torch
 
-    if out.dtype.name == "bfloat16":
+    if _name(out.dtype) == "bfloat16":
         return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(out)
 
