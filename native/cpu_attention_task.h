@@ -65,132 +65,133 @@ static inline __attribute__((always_inline)) vf load(int bf16, const uint8_t *p)
     if (bf16) {
         f = (vf)(__builtin_convertvector(*(const vhu *)p, vi) << 16);
     } else {
-        f = *(const vfu *)p;
-    }
-    return f;
-}
-
-/* Points kp / vp at the K and V of head h for the chunk's blocks, keys
- * [k0, k0 + cnt) of sequence b; kinds 2 and 3 are converted to float32 first. */
-static void locate(const Call *c, Scratch *w, Py_ssize_t b, Py_ssize_t h, int64_t k0, Py_ssize_t cnt) {
-    const Py_ssize_t bs = c->block_size, d = c->head_dim;
-    const Py_ssize_t head_stride = bs * d * c->item;
-    const Py_ssize_t block_stride = c->layers * 2 * c->heads * head_stride;
-    const Py_ssize_t layer_off = c->layer * 2 * c->heads * head_stride;
-    for (Py_ssize_t t = 0, j = 0; t < cnt; t += bs, j++) {
-        const uint8_t *base = c->kv + c->tables[b * c->width + (k0 + t) / bs] * block_stride + layer_off;
-        w->kp[j] = base + h * head_stride;
-        w->vp[j] = base + (c->heads + h) * head_stride;
-        if (c->kind >= 2) {
-            const Py_ssize_t n = (cnt - t < bs ? cnt - t : bs) * d;
-            float *kf = w->conv + t * d, *vf_ = w->conv + (w->chunk + t) * d;
-            if (c->kind == 2) {
-                const uint16_t *ks = (const uint16_t *)w->kp[j], *vs = (const uint16_t *)w->vp[j];
-                for (Py_ssize_t x = 0; x < n; x++) kf[x] = c->lut[ks[x]];
-                for (Py_ssize_t x = 0; x < n; x++) vf_[x] = c->lut[vs[x]];
-            } else {
-                for (Py_ssize_t x = 0; x < n; x++) kf[x] = c->lut[w->kp[j][x]];
-                for (Py_ssize_t x = 0; x < n; x++) vf_[x] = c->lut[w->vp[j][x]];
-            }
-            w->kp[j] = (const uint8_t *)kf;
-            w->vp[j] = (const uint8_t *)vf_;
+            f = *(const vfu *)p;
         }
+        return f;
     }
-}
 
-/* The located chunk's K, ``cnt`` keys, transposed into kt [d][cpad] as
- * float32 (padding keys zero). */
-static inline __attribute__((always_inline)) void transpose_k(const Call *c, Scratch *w, Py_ssize_t cnt, int bf16) {
-    const Py_ssize_t d = c->head_dim, bs = c->block_size, cp = w->cpad;
-    for (Py_ssize_t t = 0; t < cnt; t += bs) {
-        const Py_ssize_t n = cnt - t < bs ? cnt - t : bs;
-        if (bf16) {
-            const uint16_t *k = (const uint16_t *)w->kp[t / bs];
-            for (Py_ssize_t x = 0; x < d; x++)
-                for (Py_ssize_t u = 0; u < n; u++) {
-                    const uint32_t bits = (uint32_t)k[u * d + x] << 16;
-                    memcpy(w->kt + x * cp + t + u, &bits, 4);
+    /* Points kp / vp at the K and V of head h for the chunk's blocks, keys
+     * [k0, k0 + cnt) of sequence b; kinds 2 and 3 are converted to float32 first. */
+    static void locate(const Call *c, Scratch *w, Py_ssize_t b, Py_ssize_t h, int64_t k0, Py_ssize_t cnt) {
+        const Py_ssize_t bs = c->block_size, d = c->head_dim;
+        const Py_ssize_t head_stride = bs * d * c->item;
+        const Py_ssize_t block_stride = c->layers * 2 * c->heads * head_stride;
+        const Py_ssize_t layer_off = c->layer * 2 * c->heads * head_stride;
+        for (Py_ssize_t t = 0, j = 0; t < cnt; t += bs, j++) {
+            const uint8_t *base = c->kv + c->tables[b * c->width + (k0 + t) / bs] * block_stride + layer_off;
+            w->kp[j] = base + h * head_stride;
+            w->vp[j] = base + (c->heads + h) * head_stride;
+            if (c->kind >= 2) {
+                const Py_ssize_t n = (cnt - t < bs ? cnt - t : bs) * d;
+                float *kf = w->conv + t * d, *vf_ = w->conv + (w->chunk + t) * d;
+                if (c->kind == 2) {
+                    const uint16_t *ks = (const uint16_t *)w->kp[j], *vs = (const uint16_t *)w->vp[j];
+                    for (Py_ssize_t x = 0; x < n; x++) kf[x] = c->lut[ks[x]];
+                    for (Py_ssize_t x = 0; x < n; x++) vf_[x] = c->lut[vs[x]];
+                } else {
+                    for (Py_ssize_t x = 0; x < n; x++) kf[x] = c->lut[w->kp[j][x]];
+                    for (Py_ssize_t x = 0; x < n; x++) vf_[x] = c->lut[w->vp[j][x]];
                 }
-        } else {
-            const float *k = (const float *)w->kp[t / bs];
-            for (Py_ssize_t x = 0; x < d; x++)
-                for (Py_ssize_t u = 0; u < n; u++) w->kt[x * cp + t + u] = k[u * d + x];
-        }
-    }
-    for (Py_ssize_t x = 0; x < d; x++)
-        for (Py_ssize_t t = cnt; t < cp; t++) w->kt[x * cp + t] = 0.0f;
-}
-
-/* Rows [r0, r0 + nr) of a task against the chunk of keys [k0, k0 + cnt)
- * (``locate`` done). ``bf16``: the blocks hold bfloat16, else float32 (the
- * item size ``item`` is 2 or 4). K's scale is in the queries, V's is applied
- * at the end. */
-static inline __attribute__((always_inline)) void rows_chunk(const Call *c, Scratch *w, Py_ssize_t b,
-                                                              Py_ssize_t h, Py_ssize_t r0, int nr, int64_t k0,
-                                                              Py_ssize_t cnt, int bf16, int tr) {
-    const Py_ssize_t d = c->head_dim, g = c->group, bs = c->block_size, item = bf16 ? 2 : 4;
-    const int64_t first_pos = c->seq_lens[b] - c->query_lens[b];
-    const float kmul = c->scales ? c->scales[(c->layer * 2 + 0) * c->heads + h] : 1.0f;
-    Py_ssize_t ta[RB], te[RB], t0 = cnt, t1 = 0;
-    for (int i = 0; i < nr; i++) {
-        const int64_t pos = first_pos + (r0 + i) / g;
-        int64_t a = k0, e = k0 + cnt;
-        if (e > pos + 1) e = pos + 1;
-        if (c->window > 0 && a < pos - c->window + 1) a = pos - c->window + 1;
-        ta[i] = (Py_ssize_t)(a - k0);
-        te[i] = (Py_ssize_t)(e - k0);
-        if (ta[i] < te[i]) {
-            t0 = ta[i] < t0 ? ta[i] : t0;
-            t1 = te[i] > t1 ? te[i] : t1;
-        }
-        const float *qr = c->q + (c->starts[b] + (r0 + i) / g) * c->q_heads * d + (h * g + (r0 + i) % g) * d;
-        for (Py_ssize_t x = 0; x < d; x++) w->q[i * d + x] = qr[x] * (c->scale * kmul);
-    }
-    if (t0 >= t1) return;
-    const Py_ssize_t cs = w->cpad;
-    const float *q0 = w->q, *q1 = w->q + d, *q2 = w->q + 2 * d, *q3 = w->q + 3 * d;
-    float *s0 = w->s, *s1 = w->s + cs, *s2 = w->s + 2 * cs, *s3 = w->s + 3 * cs;
-    if (tr) {
-        /* scores from K transposed: W keys of a row are d products of a
-         * broadcast query value and a vector of K */
-        for (Py_ssize_t t = t0 / W * W; t < t1; t += W) {
-            vf a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
-            for (Py_ssize_t x = 0; x < d; x++) {
-                const vf kv = *(const vf *)(w->kt + x * cs + t);
-                a0 += splat(q0[x]) * kv;
-                if (nr > 1) a1 += splat(q1[x]) * kv;
-                if (nr > 2) a2 += splat(q2[x]) * kv;
-                if (nr > 3) a3 += splat(q3[x]) * kv;
+                w->kp[j] = (const uint8_t *)kf;
+                w->vp[j] = (const uint8_t *)vf_;
             }
-            *(vf *)(s0 + t) = a0;
-            if (nr > 1) *(vf *)(s1 + t) = a1;
-            if (nr > 2) *(vf *)(s2 + t) = a2;
-            if (nr > 3) *(vf *)(s3 + t) = a3;
         }
     }
-    /* scores: each key's row of K read once for the nr rows (named
-     * accumulators: an array of them went to the stack); the next block's K
-     * is prefetched, blocks lying anywhere in the pool */
-    const Py_ssize_t row_bytes = d * item;
-    for (Py_ssize_t t = t0; t < t1 && !tr; t++) {
-        if (t % bs == 0 || t == t0) {
-            const Py_ssize_t next = t / bs + 1;
-            if (next * bs < t1)
-                for (Py_ssize_t off = 0; off < bs * row_bytes; off += 64) __builtin_prefetch(w->kp[next] + off);
+
+    /* The located chunk's K, ``cnt`` keys, transposed into kt [d][cpad] as
+     * float32 (padding keys zero). */
+    static inline __attribute__((always_inline)) void transpose_k(const Call *c, Scratch *w, Py_ssize_t cnt, int bf16) {
+        const Py_ssize_t d = c->head_dim, bs = c->block_size, cp = w->cpad;
+        for (Py_ssize_t t = 0; t < cnt; t += bs) {
+            const Py_ssize_t n = cnt - t < bs ? cnt - t : bs;
+            if (bf16) {
+                const uint16_t *k = (const uint16_t *)w->kp[t / bs];
+                for (Py_ssize_t x = 0; x < d; x++)
+                    for (Py_ssize_t u = 0; u < n; u++) {
+                        const uint32_t bits = (uint32_t)k[u * d + x] << 16;
+                        memcpy(w->kt + x * cp + t + u, &bits, 4);
+                    }
+            } else {
+                const float *k = (const float *)w->kp[t / bs];
+                for (Py_ssize_t x = 0; x < d; x++)
+                    for (Py_ssize_t u = 0; u < n; u++) w->kt[x * cp + t + u] = k[u * d + x];
+            }
         }
-        const uint8_t *k = w->kp[t / bs] + (t % bs) * row_bytes;
-        vf a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
-        for (Py_ssize_t x = 0; x < d; x += W) {
-            const vf kv = load(bf16, k + x * item);
-            a0 += *(const vfu *)(q0 + x) * kv;
-            if (nr > 1) a1 += *(const vfu *)(q1 + x) * kv;
-            if (nr > 2) a2 += *(const vfu *)(q2 + x) * kv;
-            if (nr > 3) a3 += *(const vfu *)(q3 + x) * kv;
+        for (Py_ssize_t x = 0; x < d; x++)
+            for (Py_ssize_t t = cnt; t < cp; t++) w->kt[x * cp + t] = 0.0f;
+    }
+
+    /* Rows [r0, r0 + nr) of a task against the chunk of keys [k0, k0 + cnt)
+     * (``locate`` done). ``bf16``: the blocks hold bfloat16, else float32 (the
+     * item size ``item`` is 2 or 4). K's scale is in the queries, V's is applied
+     * at the end. */
+    static inline __attribute__((always_inline)) void rows_chunk(const Call *c, Scratch *w, Py_ssize_t b,
+                                                                  Py_ssize_t h, Py_ssize_t r0, int nr, int64_t k0,
+                                                                  Py_ssize_t cnt, int bf16, int tr) {
+        const Py_ssize_t d = c->head_dim, g = c->group, bs = c->block_size, item = bf16 ? 2 : 4;
+        const int64_t first_pos = c->seq_lens[b] - c->query_lens[b];
+        const float kmul = c->scales ? c->scales[(c->layer * 2 + 0) * c->heads + h] : 1.0f;
+        Py_ssize_t ta[RB], te[RB], t0 = cnt, t1 = 0;
+        for (int i = 0; i < nr; i++) {
+            const int64_t pos = first_pos + (r0 + i) / g;
+            int64_t a = k0, e = k0 + cnt;
+            if (e > pos + 1) e = pos + 1;
+            if (c->window > 0 && a < pos - c->window + 1) a = pos - c->window + 1;
+            ta[i] = (Py_ssize_t)(a - k0);
+            te[i] = (Py_ssize_t)(e - k0);
+            if (ta[i] < te[i]) {
+                t0 = ta[i] < t0 ? ta[i] : t0;
+                t1 = te[i] > t1 ? te[i] : t1;
+            }
+            const float *qr = c->q + (c->starts[b] + (r0 + i) / g) * c->q_heads * d + (h * g + (r0 + i) % g) * d;
+            for (Py_ssize_t x = 0; x < d; x++) w->q[i * d + x] = qr[x] * (c->scale * kmul);
         }
-        s0[t] = hsum(a0);
-        if (nr > 1) s1[t] = hsum(a1);
-        if (nr > 2) s2[t] = hsum(a2);
-        if (nr > 3) s3[t] = hsum(a3);
+        if (t0 >= t1) return;
+        const Py_ssize_t cs = w->cpad;
+        const float *q0 = w->q, *q1 = w->q + d, *q2 = w->q + 2 * d, *q3 = w->q + 3 * d;
+        float *s0 = w->s, *s1 = w->s + cs, *s2 = w->s + 2 * cs, *s3 = w->s + 3 * cs;
+        if (tr) {
+            /* scores from K transposed: W keys of a row are d products of a
+             * broadcast query value and a vector of K */
+            for (Py_ssize_t t = t0 / W * W; t < t1; t += W) {
+                vf a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
+                for (Py_ssize_t x = 0; x < d; x++) {
+                    const vf kv = *(const vf *)(w->kt + x * cs + t);
+                    a0 += splat(q0[x]) * kv;
+                    if (nr > 1) a1 += splat(q1[x]) * kv;
+                    if (nr > 2) a2 += splat(q2[x]) * kv;
+                    if (nr > 3) a3 += splat(q3[x]) * kv;
+                }
+                *(vf *)(s0 + t) = a0;
+                if (nr > 1) *(vf *)(s1 + t) = a1;
+                if (nr > 2) *(vf *)(s2 + t) = a2;
+                if (nr > 3) *(vf *)(s3 + t) = a3;
+            }
+        } else {
+        /* scores: each key's row of K read once for the nr rows (named
+         * accumulators: an array of them went to the stack); the next block's K
+         * is prefetched, blocks lying anywhere in the pool */
+        const Py_ssize_t row_bytes = d * item;
+        for (Py_ssize_t t = t0; t < t1; t++) {
+            if (t % bs == 0 || t == t0) {
+                const Py_ssize_t next = t / bs + 1;
+                if (next * bs < t1)
+                    for (Py_ssize_t off = 0; off < bs * row_bytes; off += 64) __builtin_prefetch(w->kp[next] + off);
+            }
+            const uint8_t *k = w->kp[t / bs] + (t % bs) * row_bytes;
+            vf a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
+            for (Py_ssize_t x = 0; x < d; x += W) {
+                const vf kv = load(bf16, k + x * item);
+                a0 += *(const vfu *)(q0 + x) * kv;
+                if (nr > 1) a1 += *(const vfu *)(q1 + x) * kv;
+                if (nr > 2) a2 += *(const vfu *)(q2 + x) * kv;
+                if (nr > 3) a3 += *(const vfu *)(q3 + x) * kv;
+            }
+            s0[t] = hsum(a0);
+            if (nr > 1) s1[t] = hsum(a1);
+            if (nr > 2) s2[t] = hsum(a2);
+            if (nr > 3) s3[t] = hsum(a3);
+        }
     }
     float alpha[RB];
     for (int i = 0; i < nr; i++) {
