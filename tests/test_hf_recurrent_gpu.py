@@ -130,3 +130,43 @@ def test_a_shared_system_prompt_resumes_from_its_held_state_on_a_gpu_pool():
     assert pool.stats().num_sequences == 0
     pool.check_integrity()
     pool.close()
+
+
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "unpipelined"])
+def test_a_next_turn_resumes_where_captured_steps_ended(pipeline, monkeypatch):
+    """``cuda_graphs=True``, sequences ending at different steps: the states each
+    held at its last block boundary (marked after the graph replays that reached
+    one, moved up with the rows as the batch shrank) let each sequence's next turn
+    run only what follows that boundary (the tokens each prefill pass runs
+    counted); every token is transformers' on the same GPU."""
+    from kvpager.hf.recurrent import Recurrent
+    from kvpager.hf.recurrent_states import StateCache
+
+    model = make("qwen3_5", head_dim=32, hidden_size=128).cuda()
+    StateCache.of(model).clear()
+    bs, n = 16, 24
+    ps = prompts(9, 40, 1, 17, 5, 23, 3, 11, 30, seed=4)
+    with torch.inference_mode():
+        free = reference(model, ps, n)
+    eos, want = _ending_early(free, n)
+    pool = KVPool(spec_for_model(model, num_blocks=256, block_size=bs), device="cuda:0")
+    assert generate(model, pool, ps, max_new_tokens=n, eos_token_id=eos, cuda_graphs=True, pipeline=pipeline) == want
+    seen: list[int] = []
+    real = Recurrent._pass
+    monkeypatch.setattr(Recurrent, "_pass", lambda self, plan, ids, *a: seen.append(ids.numel()) or real(
+        self, plan, ids, *a))
+    resumed = 0
+    for p, answer, more in zip(ps, want, prompts(*[5] * len(ps), seed=6)):
+        turn = p + answer + more
+        ran = len(p) + len(answer) - 1
+        held = ran - ran % bs if ran - ran % bs >= len(p) else 0
+        resumed += held > len(p)
+        with torch.inference_mode():
+            [want2] = reference(model, [turn], 3)
+        seen.clear()
+        assert generate(model, pool, [turn], max_new_tokens=3, eos_token_id=None) == [want2]
+        assert sum(seen[:-2]) == len(turn) - held, (held, seen)
+    assert resumed >= 2
+    assert pool.stats().num_sequences == 0
+    pool.check_integrity()
+    pool.close()

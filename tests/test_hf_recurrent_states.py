@@ -54,10 +54,13 @@ def test_a_prompt_seen_before_resumes_from_its_held_state(family, monkeypatch):
     store.clear()
     seen = _computed(monkeypatch)
     assert generate(model, pool, ps, max_new_tokens=3, eos_token_id=None) == want
+    assert store.stores == 1
     first = list(seen)
     seen.clear()
     assert generate(model, pool, ps, max_new_tokens=3, eos_token_id=None) == want
-    assert store.stores == 2 and store.hits == 0  # 24 -> held at 16, 17 -> at 16 (5: no whole block)
+    # the first run held the 24-token prompt's state where it ended (at 24: its prompt
+    # filled 3 blocks, its answer none); the second 24 -> at 16, 17 -> at 16 (5: no whole block)
+    assert store.stores == 1 + 2 and store.hits == 0
     second = list(seen)
     seen.clear()
     assert generate(model, pool, ps, max_new_tokens=3, eos_token_id=None) == want
@@ -74,9 +77,9 @@ def test_a_shared_system_prompt_is_run_once_for_the_requests_after_the_second(mo
     """Requests that share a 40-token system prompt, one generation each: the first
     publishes its blocks, the second holds the state where they end (40 tokens), and
     every later one resumes there, running its own tokens only. A follow-up turn
-    (the first request, its answer and more) resumes from the system prompt's
-    state and holds one where its cached blocks end (past the first answer), from
-    which it resumes when sent again. Each gives transformers' tokens."""
+    (the first request, its answer and more) resumes where the first request's
+    generation ended (its state held there, past the answer's first tokens), and
+    so does the same turn sent again. Each gives transformers' tokens."""
     from kvpager.hf.recurrent_states import StateCache
 
     model = make("qwen3_next")
@@ -99,7 +102,7 @@ def test_a_shared_system_prompt_is_run_once_for_the_requests_after_the_second(mo
     turn = first + answer[:2] + prompts(7, seed=23)[0]
     with torch.inference_mode():
         [want2] = reference(model, [turn], 3)
-    for held in (40, 48):  # the system prompt's state, then the one held at the turn's cached blocks
+    for held in (48, 48):  # the state where the first request's generation ended
         seen.clear()
         assert generate(model, pool, [turn], max_new_tokens=3, eos_token_id=None) == [want2]
         assert sum(seen[: len(seen) - 2]) == len(turn) - held, seen
@@ -277,3 +280,101 @@ def test_a_lower_budget_drops_held_states_at_once():
                 store.max_bytes = bad
     finally:
         store.max_bytes = 1 << 30
+
+
+@pytest.mark.parametrize("family,pipeline", [("qwen3_5", True), ("qwen3_5", False), ("jamba", True),
+                                             ("falcon_h1", True)])
+def test_a_conversations_next_turn_resumes_after_the_answer(family, pipeline, monkeypatch):
+    """Three prompts answered in one batch, two of them ending on end tokens at
+    different steps (their rows leave the batch while the third goes on). Each
+    sequence's states at the last block boundary its prompt and answer ran are
+    held when it ends, so each one's next turn (prompt, answer, 7 new tokens)
+    runs only what follows that boundary: the answer is not run again. Tokens are
+    transformers' for the batch and for every turn; nothing is left held."""
+    from kvpager.hf.recurrent_states import StateCache
+
+    model = make(family)
+    store = StateCache.of(model)
+    store.clear()
+    bs = 8
+    pool = KVPool(spec_for_model(model, num_blocks=128, block_size=bs))
+    ps = prompts(21, 13, 30, seed=41)
+    with torch.inference_mode():
+        free = reference(model, ps, 24)
+    eos = [free[0][15], free[2][10]]
+    with torch.inference_mode():
+        want = reference(model, ps, 24, eos=eos)
+    assert len({len(w) for w in want}) > 1 and max(map(len, want)) == 24
+    assert generate(model, pool, ps, max_new_tokens=24, eos_token_id=eos, pipeline=pipeline) == want
+    assert_nothing_held(pool)
+    seen = _computed(monkeypatch)
+    resumed = 0
+    for p, answer, more in zip(ps, want, prompts(7, 7, 7, seed=43)):
+        turn = p + answer + more
+        ran = len(p) + len(answer) - 1  # the answer's last token was never fed
+        # held where it ended: its last block boundary, where it had one at or past its prompt's end
+        # (none else: the turn then runs from its first token, holding a state on its way)
+        held = ran - ran % bs if ran - ran % bs >= len(p) else 0
+        resumed += held > len(p)
+        with torch.inference_mode():
+            [want2] = reference(model, [turn], 3)
+        seen.clear()
+        assert generate(model, pool, [turn], max_new_tokens=3, eos_token_id=None, pipeline=pipeline) == [want2]
+        assert sum(seen[:-2]) == len(turn) - held, (held, seen)
+    assert resumed >= 2  # (past their answers' first tokens)
+    assert_nothing_held(pool)
+
+
+def test_no_states_held_where_generations_end_with_hold_ends_off(monkeypatch):
+    """``hold_ends=False``: a generation keeps no second copy of its states and holds
+    none where its sequences end; the next turn finds none past its first block
+    boundaries, so it runs its cached tokens again (and holds the state there). Tokens
+    still transformers'."""
+    from kvpager.hf.recurrent_states import StateCache
+
+    model = make("qwen3_5")
+    store = StateCache.of(model)
+    store.clear()
+    store.hold_ends = False
+    try:
+        pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+        [p] = prompts(21, seed=43)
+        with torch.inference_mode():
+            [answer] = reference(model, [p], 12)
+        assert generate(model, pool, [p], max_new_tokens=12, eos_token_id=None) == [answer]
+        assert store.stores == 0 and not store.entries
+        turn = p + answer + prompts(5, seed=44)[0]
+        with torch.inference_mode():
+            [want] = reference(model, [turn], 3)
+        seen = _computed(monkeypatch)
+        assert generate(model, pool, [turn], max_new_tokens=3, eos_token_id=None) == [want]
+        assert sum(seen[:-2]) == len(turn) and store.stores == 1
+    finally:
+        store.hold_ends = True
+
+
+def test_marks_follow_their_rows_as_the_states_keep_them():
+    """`States.mark` copies rows' states as they are (later steps leave the marks as
+    they were), and `keep` moves each row's mark, and the tokens it was taken at,
+    with the row."""
+    from kvpager.hf import PagedGeneration
+    from kvpager.hf.recurrent import States
+    from kvpager.hf.recurrent_states import rows_of
+
+    model = make("qwen3_5")
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    with PagedGeneration(model, pool, prompts(5, 12, 3, 20, seed=7), 3, eos_token_id=None, pipeline=False) as gen:
+        held = gen._recurrent.states
+        states = States(model, held.layout, rows_of(held.cache(held.n), held.layout), held.rows, 6)
+        before = [t.clone() for t in states.tensors]
+        states.mark([1, 3], [16, 24])
+        for t in states.tensors:
+            t.add_(1.0)  # a step
+        assert states.marked == [0, 16, 0, 24]
+        for k in (1, 3):
+            assert all(torch.equal(m[0], b[k]) for m, b in zip(states.marked_rows(k), before))
+        order = list(states.rows)
+        states.keep([order[3], order[2], order[1]])
+        assert states.marked == [24, 0, 16]
+        assert all(torch.equal(m[0], b[3]) for m, b in zip(states.marked_rows(0), before))
+        assert all(torch.equal(m[0], b[1]) for m, b in zip(states.marked_rows(2), before))

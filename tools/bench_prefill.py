@@ -20,6 +20,16 @@ case a batch of prompts prefilled in one forward pass up to its first new tokens
   system prompt's blocks end (its first request publishes them, its second,
   the untimed round, holds the state), transformers' copy carries the
   recurrent layers' states at the system prompt's end as well.
+- ``turn``: a conversation's next turn. B first turns of S tokens each were
+  answered with Q tokens (untimed, before each round); the next turn is the
+  first, its answer and Q new tokens. kvpager: its prefix cache holds the first
+  turn and its answer; a model with recurrent layers resumes from the state it
+  held where the answer ended (its last block boundary), and ``kvpager, end
+  states not held`` (`StateCache.hold_ends` off for its first turns) shows the
+  path before that: the answer run again from the state held at the first
+  turn's cached blocks. transformers: the cache its first turn left (a copy,
+  made untimed), continued with the answer's last token and the new ones
+  (``hf, cache continued``), and the whole turn computed again.
 
 ``--device cpu`` runs the NumPy backend's pools (float32 models) on smaller
 cases (`CPU_CASES`).
@@ -58,6 +68,7 @@ from e2e_paths import cache_argument  # noqa: E402
 from transformers.cache_utils import DynamicLayer  # noqa: E402
 
 import kvpager.hf.generation as khf  # noqa: E402
+from kvpager.hf.recurrent_states import StateCache  # noqa: E402
 
 try:  # (transformers before 5.24 has no recurrent layers' cache: no such models to run)
     from transformers.cache_utils import LinearAttentionCacheLayerMixin as LinearAttention  # noqa: E402
@@ -67,8 +78,8 @@ from kvpager import KVPool  # noqa: E402
 
 #: (case, batch, cached system prompt tokens, new tokens per request)
 CASES = [("cold", 1, 0, 8192), ("cold", 8, 0, 2048), ("cold", 32, 0, 512),
-         ("warm", 32, 4096, 256), ("warm", 8, 8192, 1024)]
-CPU_CASES = [("cold", 4, 0, 256), ("warm", 4, 512, 64)]
+         ("warm", 32, 4096, 256), ("warm", 8, 8192, 1024), ("turn", 8, 2048, 256)]
+CPU_CASES = [("cold", 4, 0, 256), ("warm", 4, 512, 64), ("turn", 4, 256, 64)]
 # bench_e2e's models take positions up to 8,192 + its rope; the warm 8 x (8,192 + 1,024) runs past
 # that, as a long system prompt does: the rotary embedding is computed for any position
 
@@ -115,7 +126,30 @@ def kv_first(model, pool, prompts: list[list[int]], salt: str, cached: list[int]
         return [o[0] for o in gen.outputs]
 
 
+def first_turns(model, pool, firsts: list[list[int]], answer: int, salt: str, hold_ends: bool = True) -> list[list[int]]:
+    """Each first turn with its answer (``answer`` greedy tokens of kvpager's), its blocks
+    left in ``pool``'s prefix cache, and with recurrent layers its states held where its
+    answer ended (none with ``hold_ends`` False)."""
+    store = StateCache.of(model)
+    store.hold_ends = hold_ends
+    try:
+        answers = khf.generate(model, pool, firsts, answer, salt=salt, eos_token_id=None)
+    finally:
+        store.hold_ends = True
+    return [f + a for f, a in zip(firsts, answers)]
+
+
+def hf_turn_cache(model, answered: list[list[int]]):
+    """transformers' cache after a first turn and its answer (the answer's last token not yet
+    fed, as after its ``generate``)."""
+    cache = transformers.DynamicCache(config=model.config)
+    hf_first(model, [a[:-1] for a in answered], cache)
+    return cache
+
+
 def run_case(model, pool, case: str, batch: int, system: int, own: int, rounds: int) -> list[dict]:
+    if case == "turn":
+        return run_turns(model, pool, batch, system, own, rounds)
     sys_ids = tokens(system, 1)
     hf_sys = None
     if case == "warm":
@@ -145,11 +179,54 @@ def run_case(model, pool, case: str, batch: int, system: int, own: int, rounds: 
             times.setdefault(path, []).append(t)
         first = list(runs.values())
         agree.append(float(np.mean(np.array(first[0][1]) == np.array(first[1][1]))))
+    return summary(case, batch, system, own, times, agree, cached)
+
+
+def run_turns(model, pool, batch: int, first: int, own: int, rounds: int) -> list[dict]:
+    """The ``turn`` case (module docstring): B first turns of ``first`` tokens answered with
+    ``own``, then their next turns of ``own`` more, timed."""
+    recurrent = khf.has_recurrent_layers(model)
+    times: dict[str, list[float]] = {}
+    agree: list[float] = []
+    cached: list[int] = []
+    for r in range(rounds + 1):
+        firsts = [tokens(first, 5000 * r + i + 7) for i in range(batch)]
+        more = [tokens(own, 5000 * r + i + 2007) for i in range(batch)]
+        answered = first_turns(model, pool, firsts, own, "turn")
+        turns = [a + m for a, m in zip(answered, more)]
+        runs = {"kvpager": timed(kv_first, model, pool, turns, "turn", cached if r else None)}
+        if recurrent:  # the same conversations answered without their end states held
+            again = first_turns(model, pool, firsts, own, "turn, ends not held", hold_ends=False)
+            runs["kvpager, end states not held"] = timed(kv_first, model, pool, [a + m for a, m in zip(again, more)],
+                                                         "turn, ends not held")
+        hf_cache = hf_turn_cache(model, answered)
+        runs["hf, cache continued"] = timed(hf_first, model, [[a[-1], *m] for a, m in zip(answered, more)], hf_cache)
+        runs["hf, recomputed"] = timed(hf_first, model, turns)
+        del hf_cache
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if r == 0:
+            continue
+        for path, (t, _) in runs.items():
+            times.setdefault(path, []).append(t)
+        agree.append(float(np.mean(np.array(runs["kvpager"][1]) == np.array(runs["hf, cache continued"][1]))))
+    # the tokens each path computes: the new ones; the answers again where their end states are not held
+    computed = {path: batch * (2 * own if "not held" in path else own + first + own if "recomputed" in path else own)
+                for path in times}
+    return summary("turn", batch, first + own, own, times, agree, cached, computed)
+
+
+def summary(case: str, batch: int, system: int, own: int, times: dict[str, list[float]], agree: list[float],
+            cached: list[int], computed_by: dict[str, int] | None = None) -> list[dict]:
+    """A case's rows: each path's median time, its tokens/s computed (``computed_by`` the
+    path, else the case's rule) and its ratio to kvpager's (the first path's), the first
+    tokens' agreement and kvpager's cache hits."""
     kv_path = next(iter(times))
     rows = []
     for path, ts in times.items():
         ms = float(np.median(ts)) * 1e3
-        computed = batch * (own if path != "hf, recomputed" and case == "warm" else own + system)
+        computed = (computed_by or {}).get(path) or batch * (
+            own + system if path == "hf, recomputed" or case == "cold" else own)
         ratio = float(np.median(np.array(ts) / np.array(times[kv_path])))
         rows.append(dict(case=case, batch=batch, system=system, own=own, path=path, ms=ms,
                          tok_s=computed / ms * 1e3, ratio=ratio, agree=float(np.mean(agree)),

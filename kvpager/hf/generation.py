@@ -158,7 +158,9 @@ class PagedGeneration(DecodePasses):
                 raise ValueError("compile: a model with recurrent layers (linear attention, state-space mixers) "
                                  "is captured uncompiled; pass cuda_graphs=True without compile")
             # captured steps read the states of a bucket's rows (`kvpager.hf.graphs.bucket_for`)
-            self._recurrent = Recurrent(self.model, self._batch, capacity=bucket_for if self.cuda_graphs else None)
+            # (each sequence's states where it ends held, keyed by its prompt and tokens so far)
+            self._recurrent = Recurrent(self.model, self._batch, capacity=bucket_for if self.cuda_graphs else None,
+                                        history=lambda i: self.prompts[i] + self.outputs[i])
             # (their blocks are matched only by generations that also hold or remake the states)
             self.salt = f"{self.salt}|recurrent"
         self._device = next(self.model.parameters()).device
@@ -329,6 +331,8 @@ class PagedGeneration(DecodePasses):
                 self._complete(prev)
         finally:
             try:
+                if self._recurrent is not None:
+                    self._recurrent.close()  # the states where its sequences end, held
                 self._settle()  # what steady passes owe, before their sequences go
             finally:
                 self._closed = True

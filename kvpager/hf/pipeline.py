@@ -92,6 +92,8 @@ class DecodePasses:
             else:
                 reads = self._plan(ids, [1] * len(ids), slots)
                 tokens = self._forward(reads, input_ids, position_ids)
+            if self._recurrent is not None:  # rows whose last block the pass filled: their states marked
+                self._recurrent.stepped(positions)
         host, event = queue_copy(tokens, self._host_tokens)
         return Pass(rows, ids, positions, position_ids, tokens, host, event, reads)
 

@@ -46,7 +46,7 @@ transformers' linear-attention cache layers (5.24 and later) are required.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -86,12 +86,16 @@ class Recurrent:
     where their leading blocks are cached), then `decode` steps over rows (or
     `graph_pass`, the step a CUDA graph captures). ``capacity(n)``: the rows the
     states keep for ``n`` sequences (default ``n``; the graph bucket of ``n``
-    where steps are captured)."""
+    where steps are captured). ``history(i)``: prompt ``i``'s tokens and those
+    generated for it so far, which key the states held where its sequence ends
+    (none held without it)."""
 
-    def __init__(self, model: Any, make_batch: Any, capacity: Callable[[int], int] | None = None):
+    def __init__(self, model: Any, make_batch: Any, capacity: Callable[[int], int] | None = None,
+                 history: Callable[[int], list[int]] | None = None):
         self.model = model
         self.make_batch = make_batch  # plan -> PagedBatch
         self.capacity = capacity or (lambda n: n)
+        self.history = history
         self.arg = _cache_argument(model)
         new_cache(model)  # the model's cache layers are what kvpager can follow (ValueError)
         self.store = StateCache.of(model)
@@ -101,6 +105,9 @@ class Recurrent:
         self._split: list[int | None] = []  # per prompt: where its allocation ends short of it
         self._keys: list[list[bytes]] = []  # per prompt: its whole-block prefixes' keys
         self._layout: Layout | None = None  # the states' layout, once a pass or a held state shows it
+        self._held_as: str | None = None  # what keys this generation's held states: the salt and the dtype
+        self._block_size = 0
+        self._ends = False  # whether the states where sequences end are held (`stepped`, `keep`, `close`)
 
     def allocate(self, pool: Any, prompts: list[list[int]], salt: Any) -> list[Any]:
         """Allocate the prompts (no sharing within the batch: its passes are several).
@@ -108,12 +115,13 @@ class Recurrent:
         is held is allocated up to its cached tokens only: `prefill` runs it there,
         holds the state, and appends the rest (so the next prompt with those blocks
         resumes there)."""
-        bs = pool.spec.block_size
+        bs = self._block_size = pool.spec.block_size
         self._split = [None] * len(prompts)
         self._keys = [[] for _ in prompts]  # (none without a state cache: nothing is held or looked up)
+        self._ends = bool(self.store.max_bytes and self.store.hold_ends and self.history is not None)
         if self.store.max_bytes:
             # (the weights' dtype too: a salt given by the caller need not change when the model's does)
-            held_as = f"{salt}|{next(self.model.parameters()).dtype}"
+            held_as = self._held_as = f"{salt}|{next(self.model.parameters()).dtype}"
             self._keys = [prefix_keys(held_as, p, bs, len(p) - 1) for p in prompts]
             for k, c in enumerate(pool.cached_tokens(prompts, salt)):
                 if c > self.store.longest(self._keys[k], c, bs):
@@ -152,6 +160,7 @@ class Recurrent:
             rest = {k: (self._split[k], len(prompts[k]), np.asarray(t, np.int64), final[k]) for k, t in zip(split, tails)}
             self._passes(pool, ids, prompts, rest, out, final, device)
         self.states = States(self.model, self._layout, final, list(range(n)), self.capacity(n))
+        self.stepped([len(p) - 1 for p in prompts])  # a prompt of whole blocks: its state is its end's
         return out
 
     def _passes(self, pool: Any, ids: list[int], prompts: list[list[int]], segments: dict[int, Segment],
@@ -181,9 +190,45 @@ class Recurrent:
             for k, r in zip(group, rows_of(cache, self._layout)):
                 final[k] = r
 
+    def stepped(self, positions: Sequence[int]) -> None:
+        """A pass was queued that ran the token at ``positions`` of each row held (in
+        order): the rows whose tokens now fill their last block are marked
+        (`States.mark`), so their states there can be held when they end."""
+        if self._ends:
+            bs = self._block_size
+            rows = [k for k, p in enumerate(positions) if (p + 1) % bs == 0]
+            self.states.mark(rows, [positions[k] + 1 for k in rows])
+
     def keep(self, rows: list[int]) -> None:
-        """The next pass is over ``rows``: the states of sequences that ended go."""
+        """The next pass is over ``rows``: the states of sequences that ended go
+        (where they were marked, held first: `close`)."""
+        if self._ends and rows != self.states.rows:
+            kept = set(rows)
+            self._hold([k for k, r in enumerate(self.states.rows) if r not in kept])
         self.states.keep(rows)
+
+    def close(self) -> None:
+        """The generation ends: the states of its sequences' last block boundaries
+        are held (those marked), under the keys of their tokens up to there, so a
+        prompt that continues one of them (a conversation's next turn) resumes
+        there. Nothing after a decode pass failed (`broken`)."""
+        if self._ends and self.states is not None:
+            self._hold(range(self.states.n))
+            self._ends = False
+
+    def _hold(self, rows: Iterable[int]) -> None:
+        if self.broken:
+            return
+        states = self.states
+        for k in rows:
+            at = states.marked[k]
+            tokens = self.history(states.rows[k]) if at else ()
+            # Its tokens to the mark known here, and its mark not at its last token: that one
+            # is an end token that a pipelined pass ran all the same, and the block it filled is
+            # never published (`kvpager.hf.pipeline`), so no prompt would find a state held there.
+            if at and len(tokens) > at:
+                key = prefix_keys(self._held_as, tokens, self._block_size, at)[-1]
+                self.store.put(key, self._layout, states.marked_rows(k))
 
     def decode(self, plan: Any, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """One eager decode pass over the rows `keep` left (a token each: ``input_ids``

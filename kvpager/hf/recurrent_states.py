@@ -140,12 +140,39 @@ class States:
     each recurrent layer, one tensor of ``capacity`` rows (``rows``' first), which
     caches made by `cache` see as views of their first rows. A CUDA graph captured
     over such a cache reads and writes those rows at every replay; `keep` moves the
-    rows left up in place when sequences end."""
+    rows left up in place when sequences end.
+
+    Marks: a row's states as they were at one moment (its last block boundary,
+    `kvpager.hf.recurrent.Recurrent.stepped`), copied by `mark` into a second set of
+    tensors made at the first mark, moved with the rows by `keep`; ``marked[k]``:
+    the tokens row k had run at its mark (0: none)."""
 
     def __init__(self, model: Any, layout: Layout, states: Sequence[Rows], rows: list[int], capacity: int):
         self.model, self.layout, self.rows, self.n = model, layout, list(rows), len(rows)
         self.tensors = stacked(layout, states, capacity)  # each state's rows, ``capacity`` of them
         self._caches: dict[int, Any] = {}
+        self.marks: list[torch.Tensor] | None = None
+        self.marked = [0] * self.n
+        self._row_views: tuple[list[tuple[torch.Tensor, ...]], list[tuple[torch.Tensor, ...]]] | None = None
+
+    def mark(self, rows: Sequence[int], at: Sequence[int]) -> None:
+        """Copy the states of rows ``rows`` (indices into the rows held) as their marks,
+        taken when each had run ``at`` tokens; queued on the current stream, so after
+        the passes queued before it."""
+        if not rows or not self.tensors:
+            return
+        if self._row_views is None:
+            self.marks = [torch.zeros_like(t) for t in self.tensors]
+            # (every row's view made once: a step's copies are then one multi-tensor copy)
+            self._row_views = ([t.unbind(0) for t in self.tensors], [m.unbind(0) for m in self.marks])
+        src, dst = self._row_views
+        torch._foreach_copy_([d[r] for d in dst for r in rows], [s[r] for s in src for r in rows])
+        for r, a in zip(rows, at):
+            self.marked[r] = a
+
+    def marked_rows(self, k: int) -> Rows:
+        """Row ``k``'s marked states (views: copy them before the row moves)."""
+        return tuple(m[k : k + 1] for m in self.marks)
 
     def cache(self, rows: int) -> Any:
         """A transformers cache over the first ``rows`` rows of the states (kept, so a
@@ -165,8 +192,9 @@ class States:
         if self.tensors:
             index = index.to(self.tensors[0].device, non_blocking=True)
         m = len(rows)
-        for full in self.tensors:
+        for full in self.tensors + (self.marks or []):
             full[:m] = full[index]  # (the gather makes a copy first: rows may move onto rows read)
+        self.marked = [self.marked[where[r]] for r in rows]
         self.rows, self.n = list(rows), m
 
     def snapshot(self) -> list[torch.Tensor]:
@@ -195,14 +223,21 @@ class StateCache:
     ``max_bytes`` (0 keeps none). One a model (`of`), shared by its generations:
     a state depends only on the weights (in the salt) and the tokens before it,
     not on the pool its K/V went to. Threads generating with one model share it
-    (a lock)."""
+    (a lock).
 
-    def __init__(self, max_bytes: int = STATE_CACHE_BYTES):
+    ``hold_ends`` (default True): a generation also holds each sequence's states at
+    the last block boundary it ran, prompt and answer (`kvpager.hf.recurrent`), so a
+    conversation's next turn resumes after the answer instead of running it again.
+    It keeps a second copy of the batch's states while the batch decodes (`States`
+    marks); False spares that memory."""
+
+    def __init__(self, max_bytes: int = STATE_CACHE_BYTES, hold_ends: bool = True):
         self.entries: OrderedDict[bytes, tuple[Layout, Rows, int]] = OrderedDict()
         self.nbytes = 0
         self.hits = self.stores = 0
         self._lock = threading.Lock()
         self.max_bytes = max_bytes
+        self.hold_ends = hold_ends
 
     @property
     def max_bytes(self) -> int:
