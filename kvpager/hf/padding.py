@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from kvpager.errors import InvalidArgument
-from kvpager.validate import is_int
+from kvpager.validate import all_type, is_int
 
 __all__ = ["pad_token_ids", "strip_padding", "token_lists", "warn_if_padded"]
 
@@ -187,6 +187,9 @@ def token_lists(prompts: Any, model: Any, attention_mask: Any = None) -> list[li
             raise ValueError(f"prompts[{i}] must be a list of token ids, got a {p.ndim}-D {type(p).__name__} "
                              "(pass [ids] for one prompt)")
         ids = list(p.tolist() if isinstance(p, (np.ndarray, torch.Tensor)) else p)
+        if all_type(ids, int):  # (plain ints, as most prompts are: checked at C speed, kept as they are)
+            out.append(ids)
+            continue
         if not all(is_int(t) for t in ids):
             bad = next(t for t in ids if not is_int(t))
             raise ValueError(f"prompts[{i}] holds {bad!r}: token ids must be ints")

@@ -122,8 +122,9 @@ class Recurrent:
         if self.store.max_bytes:
             # (the weights' dtype too: a salt given by the caller need not change when the model's does)
             held_as = self._held_as = f"{salt}|{next(self.model.parameters()).dtype}"
-            self._keys = [prefix_keys(held_as, p, bs, len(p) - 1) for p in prompts]
             for k, c in enumerate(pool.cached_tokens(prompts, salt)):
+                # (keys as far as its cached blocks: no state past them can serve it)
+                self._keys[k] = prefix_keys(held_as, prompts[k], bs, min(c, len(prompts[k]) - 1))
                 if c > self.store.longest(self._keys[k], c, bs):
                     self._split[k] = c
         return pool.allocate([p if s is None else p[:s] for p, s in zip(prompts, self._split)], salt,

@@ -209,10 +209,11 @@ def prefix_keys(salt: Any, tokens: Sequence[int], block_size: int, upto: int) ->
     """The keys of ``tokens``' prefixes of 1, 2, ... whole blocks, up to ``upto`` tokens:
     SHA-256 over the salt and the ids, extended a block at a time."""
     h = hashlib.sha256(salt if isinstance(salt, bytes) else str(salt).encode())
-    ids = np.asarray(tokens[:upto], dtype=np.int64)
+    ids = memoryview(np.asarray(tokens[:upto], dtype=np.int64).tobytes())
+    step = 8 * block_size
     out = []
-    for start in range(0, upto - upto % block_size, block_size):
-        h.update(ids[start : start + block_size].tobytes())
+    for start in range(0, (upto - upto % block_size) * 8, step):
+        h.update(ids[start : start + step])
         out.append(h.copy().digest())
     return out
 
