@@ -378,3 +378,33 @@ def test_marks_follow_their_rows_as_the_states_keep_them():
         assert states.marked == [24, 0, 16]
         assert all(torch.equal(m[0], b[3]) for m, b in zip(states.marked_rows(0), before))
         assert all(torch.equal(m[0], b[1]) for m, b in zip(states.marked_rows(2), before))
+
+
+def test_an_end_token_that_fills_a_block_leaves_the_mark_before_it(monkeypatch):
+    """Pipelined, a sequence's end token is run by the pass after it all the same; where
+    that token fills a block (never published: its id is not recorded), the states
+    held are those of the boundary before it, whose block is cached, so the next
+    turn still resumes after most of the answer (before, the mark moved onto the
+    unpublished block and the next turn ran everything again)."""
+    from kvpager.hf.recurrent_states import StateCache
+
+    model = make("qwen3_5")
+    StateCache.of(model).clear()
+    bs = 8
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=bs))
+    [p] = prompts(21, seed=51)
+    with torch.inference_mode():
+        [free] = reference(model, [p], 30)
+    # an end token first met where it fills a block: at position len(p) + j, (len(p) + j + 1) % bs == 0
+    j = next(j for j in range(bs, 30) if (len(p) + j + 1) % bs == 0 and free[j] not in free[:j])
+    answer = free[: j + 1]
+    assert generate(model, pool, [p], max_new_tokens=30, eos_token_id=free[j], pipeline=True) == [answer]
+    turn = p + answer + prompts(5, seed=52)[0]
+    held = len(p) + j + 1 - bs  # the boundary before the end token's block
+    assert held > len(p)
+    with torch.inference_mode():
+        [want] = reference(model, [turn], 3)
+    seen = _computed(monkeypatch)
+    assert generate(model, pool, [turn], max_new_tokens=3, eos_token_id=None) == [want]
+    assert sum(seen[:-2]) == len(turn) - held, seen
+    assert_nothing_held(pool)

@@ -92,8 +92,8 @@ class DecodePasses:
             else:
                 reads = self._plan(ids, [1] * len(ids), slots)
                 tokens = self._forward(reads, input_ids, position_ids)
-            if self._recurrent is not None:  # rows whose last block the pass filled: their states marked
-                self._recurrent.stepped(positions)
+            if self._recurrent is not None and not ahead:  # rows whose last block the pass filled, marked
+                self._recurrent.stepped(positions)  # (a pass ahead: once the pass before it completes)
         host, event = queue_copy(tokens, self._host_tokens)
         return Pass(rows, ids, positions, position_ids, tokens, host, event, reads)
 
@@ -105,6 +105,11 @@ class DecodePasses:
         tokens = done.read()
         nxt = self._inflight
         ended = self._update(done.rows, tokens)
+        if self._recurrent is not None and nxt is not None:
+            # The pass in flight filled some rows' last blocks: marked now, queued before the
+            # pass after it, except rows that it ran past their end token (ended now).
+            stop = set(ended)
+            self._recurrent.stepped(nxt.positions, [k for k, i in enumerate(nxt.rows) if i in stop] if stop else ())
         if nxt is not None and not ended and not done.free_after and self._may_owe and (
                 nxt.rows is done.rows or nxt.rows == done.rows):
             self._owe(done, tokens)

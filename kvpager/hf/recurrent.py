@@ -46,7 +46,7 @@ transformers' linear-attention cache layers (5.24 and later) are required.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -191,13 +191,16 @@ class Recurrent:
             for k, r in zip(group, rows_of(cache, self._layout)):
                 final[k] = r
 
-    def stepped(self, positions: Sequence[int]) -> None:
+    def stepped(self, positions: Sequence[int], past_end: Container[int] = ()) -> None:
         """A pass was queued that ran the token at ``positions`` of each row held (in
-        order): the rows whose tokens now fill their last block are marked
-        (`States.mark`), so their states there can be held when they end."""
+        order), and no pass after it yet: the rows whose tokens now fill their last
+        block are marked (`States.mark`), so their states there can be held when
+        they end; not the rows ``past_end`` (indices), whose token there was an end
+        token a pipelined pass ran all the same (the block it filled is never
+        published, so the mark before it stays)."""
         if self._ends:
             bs = self._block_size
-            rows = [k for k, p in enumerate(positions) if (p + 1) % bs == 0]
+            rows = [k for k, p in enumerate(positions) if (p + 1) % bs == 0 and k not in past_end]
             self.states.mark(rows, [positions[k] + 1 for k in rows])
 
     def keep(self, rows: list[int]) -> None:
@@ -224,10 +227,7 @@ class Recurrent:
         for k in rows:
             at = states.marked[k]
             tokens = self.history(states.rows[k]) if at else ()
-            # Its tokens to the mark known here, and its mark not at its last token: that one
-            # is an end token that a pipelined pass ran all the same, and the block it filled is
-            # never published (`kvpager.hf.pipeline`), so no prompt would find a state held there.
-            if at and len(tokens) > at:
+            if at and len(tokens) > at:  # (every token to its mark known here)
                 key = prefix_keys(self._held_as, tokens, self._block_size, at)[-1]
                 self.store.put(key, self._layout, states.marked_rows(k))
 
