@@ -138,14 +138,39 @@ def test_the_state_cache_drops_the_least_recently_used_past_its_bytes():
     row = (torch.zeros(1, 4), torch.zeros(1, 12))  # 64 bytes
     for key in (b"a", b"b", b"c"):
         store.put(key, (), row)
-    assert store.best([b"a"], 8, 8)[0] == 8  # "a" used: "b" is now the oldest
+    assert store.best([b"a"], 8, 8)[0] == 8  # "a" served: "b" is now the oldest on probation
     store.put(b"d", (), row)
-    assert list(store.entries) == [b"c", b"a", b"d"] and store.nbytes == 3 * 64
+    assert list(store.entries) == [b"c", b"d", b"a"] and store.nbytes == 3 * 64
     store.put(b"big", (), (torch.zeros(1, 100),))  # more than the whole budget alone: not held
     assert b"big" not in store.entries
     held = store.entries[b"d"][1][0]
     row[0][0, 0] = 5.0
     assert held[0, 0] == 0  # a copy, not the caller's tensor
+
+
+def test_states_prompts_resume_from_outlast_a_flood_of_new_ones():
+    """A segmented LRU: a state a prompt resumed from (a shared system prompt's)
+    stays while many states come in and are never asked for (a large batch's end
+    states), which push out each other instead; states served keep at most
+    `USED_SHARE` of the budget, the least recently served going back on probation."""
+    from kvpager.hf.recurrent_states import StateCache
+
+    row = (torch.zeros(1, 16),)  # 64 bytes
+    store = StateCache(max_bytes=10 * 64)
+    store.put(b"system", (), row)
+    assert store.best([b"system"], 8, 8)[0] == 8
+    for k in range(40):
+        store.put(b"end%d" % k, (), row)
+    held = store.entries
+    assert b"system" in held and store.nbytes == 10 * 64
+    assert [k for k in held if k != b"system"] == [b"end%d" % k for k in range(31, 40)]  # the newest 9
+    for k in range(31, 40):  # all served: 7 of 64 bytes fit in 75% of 640, the others back on probation
+        assert store.best([b"end%d" % k], 8, 8)[0] == 8
+    assert len(store.used) == 7 and store.nbytes == 10 * 64
+    assert list(store.used) == [b"end%d" % k for k in range(33, 40)]
+    assert list(store.fresh) == [b"system", b"end31", b"end32"]
+    store.max_bytes = 4 * 64  # 3 served fit in 75%: the rest go, probation first
+    assert list(store.entries) == [b"end36", b"end37", b"end38", b"end39"]
 
 
 def test_states_keep_the_rows_left_in_place():

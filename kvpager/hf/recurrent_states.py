@@ -220,25 +220,42 @@ def prefix_keys(salt: Any, tokens: Sequence[int], block_size: int, upto: int) ->
 
 class StateCache:
     """Recurrent states at block boundaries of prompts seen before, each under the
-    key of the tokens before it (`prefix_keys`), least recently used dropped past
-    ``max_bytes`` (0 keeps none). One a model (`of`), shared by its generations:
-    a state depends only on the weights (in the salt) and the tokens before it,
-    not on the pool its K/V went to. Threads generating with one model share it
-    (a lock).
+    key of the tokens before it (`prefix_keys`), dropped past ``max_bytes`` (0 keeps
+    none). One a model (`of`), shared by its generations: a state depends only on
+    the weights (in the salt) and the tokens before it, not on the pool its K/V went
+    to. Threads generating with one model share it (a lock).
 
     ``hold_ends`` (default True): a generation also holds each sequence's states at
     the last block boundary it ran, prompt and answer (`kvpager.hf.recurrent`), so a
     conversation's next turn resumes after the answer instead of running it again.
     It keeps a second copy of the batch's states while the batch decodes (`States`
-    marks); False spares that memory."""
+    marks); False spares that memory.
+
+    What goes first: a segmented LRU. A state comes in on probation (``fresh``) and
+    moves to ``used`` the first time a prompt resumes from it; past ``max_bytes`` the
+    least recently used state on probation goes first, so a large batch's end states
+    (most of which no next turn will ask for) cannot push out the states prompts keep
+    resuming from (a shared system prompt's). ``used`` keeps at most `USED_SHARE` of
+    the budget; beyond it its least recently used go back on probation."""
+
+    #: the share of ``max_bytes`` that states served at least once may keep
+    USED_SHARE = 0.75
 
     def __init__(self, max_bytes: int = STATE_CACHE_BYTES, hold_ends: bool = True):
-        self.entries: OrderedDict[bytes, tuple[Layout, Rows, int]] = OrderedDict()
-        self.nbytes = 0
+        # key -> (layout, rows, bytes), least recently used first
+        self.fresh: OrderedDict[bytes, tuple[Layout, Rows, int]] = OrderedDict()
+        self.used: OrderedDict[bytes, tuple[Layout, Rows, int]] = OrderedDict()
+        self.nbytes = self._used_bytes = 0
         self.hits = self.stores = 0
         self._lock = threading.Lock()
         self.max_bytes = max_bytes
         self.hold_ends = hold_ends
+
+    @property
+    def entries(self) -> dict[bytes, tuple[Layout, Rows, int]]:
+        """Every state held (a copy of the index), in the order they would go."""
+        with self._lock:
+            return {**self.fresh, **self.used}
 
     @property
     def max_bytes(self) -> int:
@@ -246,8 +263,8 @@ class StateCache:
 
     @max_bytes.setter
     def max_bytes(self, value: int) -> None:
-        """A new budget: the least recently used states go until the rest fit
-        (ValueError for anything but an int >= 0)."""
+        """A new budget: states go (in their order) until the rest fit (ValueError for
+        anything but an int >= 0)."""
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"StateCache.max_bytes must be an int >= 0, got {value!r}")
         with self._lock:
@@ -255,8 +272,12 @@ class StateCache:
             self._evict()
 
     def _evict(self) -> None:
+        while self._used_bytes > self.USED_SHARE * self._max_bytes and self.used:
+            key, entry = self.used.popitem(last=False)  # back on probation, as its most recent
+            self._used_bytes -= entry[2]
+            self.fresh[key] = entry
         while self.nbytes > self._max_bytes:
-            _, (_, _, gone) = self.entries.popitem(last=False)
+            _, (_, _, gone) = self.fresh.popitem(last=False)
             self.nbytes -= gone
 
     @classmethod
@@ -269,39 +290,49 @@ class StateCache:
         a look that counts nothing."""
         with self._lock:
             for n in range(min(upto // block_size, len(keys)), 0, -1):
-                if keys[n - 1] in self.entries:
+                if keys[n - 1] in self.used or keys[n - 1] in self.fresh:
                     return n * block_size
         return 0
 
     def best(self, keys: list[bytes], upto: int, block_size: int) -> tuple[int, Layout | None, Rows | None]:
         """The longest prefix of at most ``upto`` tokens whose state is held: (its
-        length, its layout, its states), or (0, None, None)."""
+        length, its layout, its states), or (0, None, None). The state found is
+        used now: the most recently used of ``used``."""
         with self._lock:
             for n in range(min(upto // block_size, len(keys)), 0, -1):
-                got = self.entries.get(keys[n - 1])
+                key = keys[n - 1]
+                got = self.used.get(key)
                 if got is not None:
-                    self.entries.move_to_end(keys[n - 1])
-                    self.hits += 1
-                    return n * block_size, got[0], got[1]
+                    self.used.move_to_end(key)
+                else:
+                    got = self.fresh.pop(key, None)
+                    if got is None:
+                        continue
+                    self.used[key] = got
+                    self._used_bytes += got[2]
+                    self._evict()
+                self.hits += 1
+                return n * block_size, got[0], got[1]
         return 0, None, None
 
     def put(self, key: bytes, layout: Layout, rows: Rows) -> None:
-        """Hold a copy of one sequence's states under ``key`` (nothing where they
-        alone pass ``max_bytes``)."""
+        """Hold a copy of one sequence's states under ``key``, on probation (nothing
+        where they alone pass ``max_bytes``)."""
         size = sum(t.numel() * t.element_size() for t in rows)
-        if size > self.max_bytes or key in self.entries:
+        if size > self.max_bytes or key in self.fresh or key in self.used:
             return
         copy = tuple(t.clone() for t in rows)
         with self._lock:
-            if key in self.entries:
+            if key in self.fresh or key in self.used:
                 return
-            self.entries[key] = (layout, copy, size)
+            self.fresh[key] = (layout, copy, size)
             self.nbytes += size
             self.stores += 1
             self._evict()
 
     def clear(self) -> None:
         with self._lock:
-            self.entries.clear()
-            self.nbytes = 0
+            self.fresh.clear()
+            self.used.clear()
+            self.nbytes = self._used_bytes = 0
             self.hits = self.stores = 0
