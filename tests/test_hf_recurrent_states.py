@@ -433,3 +433,17 @@ def test_an_end_token_that_fills_a_block_leaves_the_mark_before_it(monkeypatch):
     assert generate(model, pool, [turn], max_new_tokens=3, eos_token_id=None) == [want]
     assert sum(seen[:-2]) == len(turn) - held, seen
     assert_nothing_held(pool)
+
+
+def test_a_prefix_key_is_the_last_of_the_prefix_keys():
+    """`prefix_key` (one pass, the key an ended sequence's states are held under) is
+    the key `prefix_keys` chains a block at a time (what prompts look up)."""
+    from kvpager.hf.recurrent_states import prefix_key, prefix_keys
+
+    ids = list(range(100, 200))
+    for salt in ("s|torch.float32", b"raw"):
+        keys = prefix_keys(salt, ids, 8, 99)
+        assert len(keys) == 12 and len(set(keys)) == 12
+        for n in (8, 48, 96):
+            assert prefix_key(salt, ids, n) == keys[n // 8 - 1]
+    assert prefix_key("a", ids, 8) != prefix_key("b", ids, 8)

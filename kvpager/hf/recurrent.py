@@ -62,6 +62,7 @@ from kvpager.hf.recurrent_states import (
     cache_over,
     layout_of,
     new_cache,
+    prefix_key,
     prefix_keys,
     rows_of,
     stacked,
@@ -228,7 +229,7 @@ class Recurrent:
             at = states.marked[k]
             tokens = self.history(states.rows[k]) if at else ()
             if at and len(tokens) > at:  # (every token to its mark known here)
-                key = prefix_keys(self._held_as, tokens, self._block_size, at)[-1]
+                key = prefix_key(self._held_as, tokens, at)
                 self.store.put(key, self._layout, states.marked_rows(k))
 
     def decode(self, plan: Any, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
