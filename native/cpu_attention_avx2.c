@@ -7,6 +7,13 @@
 #pragma GCC target("avx2,fma,f16c")
 #endif
 #define TASK kvpager_task_avx2
+#if defined(__x86_64__) && (defined(__clang__) || defined(__GNUC__))
+#define VW 8  /* one ymm register */
+#define VXB 2 /* 4 x 2 accumulators, 4 broadcasts and V: 13 of the 16 registers */
+#else
+#define VW 4
+#define VXB 2
+#endif
 #include "cpu_attention_task.h"
 #if defined(__x86_64__) && defined(__clang__)
 #pragma clang attribute pop

@@ -7,6 +7,10 @@
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
 #endif
 #define TASK kvpager_task_avx512
+#if !(defined(__x86_64__) && (defined(__clang__) || defined(__GNUC__)))
+#define VW 4 /* (a baseline build: its registers' width) */
+#define VXB 2
+#endif
 #include "cpu_attention_task.h"
 #if defined(__x86_64__) && defined(__clang__)
 #pragma clang attribute pop

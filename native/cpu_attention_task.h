@@ -8,12 +8,23 @@
 
 #include "cpu_attention.h"
 
-/* 16 floats: one AVX-512 register, two AVX ones, four SSE ones (GCC and Clang
- * vector extensions; the build's target picks the instructions). */
-typedef float vf __attribute__((vector_size(64), aligned(64)));
-typedef int32_t vi __attribute__((vector_size(64), aligned(64)));
+/* VW floats, one register of the build's target (GCC and Clang vector
+ * extensions): 16 for AVX-512, 8 for AVX2, 4 for the baseline (SSE2, NEON).
+ * Vectors wider than the target's registers were lowered through the stack
+ * (an AVX2 build of 16-float vectors ran no faster than SSE2 and 3x slower
+ * than AVX-512). VXB: vectors of head dims one pass over V accumulates for
+ * RB rows, RB x VXB of them held in registers (AVX-512 has 32, AVX2 and SSE 16).
+ * W (cpu_attention.h) stays the scratch's padding, a multiple of every VW. */
+#ifndef VW
+#define VW 16
+#endif
+#ifndef VXB
+#define VXB XB
+#endif
+typedef float vf __attribute__((vector_size(4 * VW), aligned(4 * VW)));
+typedef int32_t vi __attribute__((vector_size(4 * VW), aligned(4 * VW)));
 /* the same, at any float's address */
-typedef float vfu __attribute__((vector_size(64), aligned(4), may_alias));
+typedef float vfu __attribute__((vector_size(4 * VW), aligned(4), may_alias));
 
 static inline __attribute__((always_inline)) vf splat(float x) { return x - (vf){0}; }
 
@@ -49,16 +60,27 @@ static inline __attribute__((always_inline)) vf vexp(vf x) {
 #define SHUFFLE(v, ...) __builtin_shuffle(v, (vi){__VA_ARGS__})
 #endif
 static inline __attribute__((always_inline)) float hsum(vf v) {
+#if VW == 16
     v += SHUFFLE(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
     v += SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
     v += SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
     v += SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+#elif VW == 8
+    v += SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3);
+    v += SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5);
+    v += SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6);
+#elif VW == 4
+    v += SHUFFLE(v, 2, 3, 0, 1);
+    v += SHUFFLE(v, 1, 0, 3, 2);
+#else
+#error "VW must be 4, 8 or 16"
+#endif
     return v[0];
 }
 
-typedef uint16_t vhu __attribute__((vector_size(32), aligned(2), may_alias));
+typedef uint16_t vhu __attribute__((vector_size(2 * VW), aligned(2), may_alias));
 
-/* W stored values at ``p`` as float32: float32 as is, bfloat16 as the high
+/* VW stored values at ``p`` as float32: float32 as is, bfloat16 as the high
  * half of a float32 (kinds 2 and 3 were converted to float32 before). */
 static inline __attribute__((always_inline)) vf load(int bf16, const uint8_t *p) {
     vf f;
@@ -151,9 +173,9 @@ static inline __attribute__((always_inline)) vf load(int bf16, const uint8_t *p)
         const float *q0 = w->q, *q1 = w->q + d, *q2 = w->q + 2 * d, *q3 = w->q + 3 * d;
         float *s0 = w->s, *s1 = w->s + cs, *s2 = w->s + 2 * cs, *s3 = w->s + 3 * cs;
         if (tr) {
-            /* scores from K transposed: W keys of a row are d products of a
+            /* scores from K transposed: VW keys of a row are d products of a
              * broadcast query value and a vector of K */
-            for (Py_ssize_t t = t0 / W * W; t < t1; t += W) {
+            for (Py_ssize_t t = t0 / VW * VW; t < t1; t += VW) {
                 vf a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
                 for (Py_ssize_t x = 0; x < d; x++) {
                     const vf kv = *(const vf *)(w->kt + x * cs + t);
@@ -180,7 +202,7 @@ static inline __attribute__((always_inline)) vf load(int bf16, const uint8_t *p)
             }
             const uint8_t *k = w->kp[t / bs] + (t % bs) * row_bytes;
             vf a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
-            for (Py_ssize_t x = 0; x < d; x += W) {
+            for (Py_ssize_t x = 0; x < d; x += VW) {
                 const vf kv = load(bf16, k + x * item);
                 a0 += *(const vfu *)(q0 + x) * kv;
                 if (nr > 1) a1 += *(const vfu *)(q1 + x) * kv;
@@ -208,15 +230,15 @@ static inline __attribute__((always_inline)) vf load(int bf16, const uint8_t *p)
         /* max and sum with vector accumulators (a float chain waits on each add) */
         vf vtop = splat(w->m[r]);
         Py_ssize_t t = ta[i];
-        for (; t + W <= te[i]; t += W) {
+        for (; t + VW <= te[i]; t += VW) {
             const vf y = *(const vfu *)(s + t);
             vtop = pick(y > vtop, y, vtop);
         }
         float top = vtop[0];
-        for (int u = 1; u < W; u++) top = vtop[u] > top ? vtop[u] : top;
+        for (int u = 1; u < VW; u++) top = vtop[u] > top ? vtop[u] : top;
         for (; t < te[i]; t++) top = s[t] > top ? s[t] : top;
         vf vsum = splat(0.0f);
-        for (t = ta[i]; t + W <= te[i]; t += W) {
+        for (t = ta[i]; t + VW <= te[i]; t += VW) {
             const vf y = vexp(*(const vfu *)(s + t) - splat(top));
             *(vfu *)(s + t) = y;
             vsum += y;
@@ -230,14 +252,14 @@ static inline __attribute__((always_inline)) vf load(int bf16, const uint8_t *p)
         w->l[r] = w->l[r] * alpha[i] + sum;
         w->m[r] = top;
     }
-    /* outputs: each key's row of V read once for the nr rows, XB vectors of
-     * dims at a time (RB x XB accumulators stay in registers) */
-    for (Py_ssize_t x0 = 0; x0 < d; x0 += XB * W) {
-        const int xb = d - x0 >= XB * W ? XB : (int)((d - x0) / W);
-        vf o[RB][XB];
+    /* outputs: each key's row of V read once for the nr rows, VXB vectors of
+     * dims at a time (RB x VXB accumulators stay in registers) */
+    for (Py_ssize_t x0 = 0; x0 < d; x0 += VXB * VW) {
+        const int xb = d - x0 >= VXB * VW ? VXB : (int)((d - x0) / VW);
+        vf o[RB][VXB];
         for (int i = 0; i < nr; i++) {
             for (int u = 0; u < xb; u++) {
-                o[i][u] = *(const vfu *)(w->acc + (r0 + i) * d + x0 + u * W) * splat(alpha[i]);
+                o[i][u] = *(const vfu *)(w->acc + (r0 + i) * d + x0 + u * VW) * splat(alpha[i]);
             }
         }
         for (Py_ssize_t t = t0; t < t1; t++) {
@@ -250,12 +272,12 @@ static inline __attribute__((always_inline)) vf load(int bf16, const uint8_t *p)
             vf p[RB];
             for (int i = 0; i < nr; i++) p[i] = splat(w->s[i * cs + t]);
             for (int u = 0; u < xb; u++) {
-                const vf v = load(bf16, vrow + u * W * item);
+                const vf v = load(bf16, vrow + u * VW * item);
                 for (int i = 0; i < nr; i++) o[i][u] += p[i] * v;
             }
         }
         for (int i = 0; i < nr; i++)
-            for (int u = 0; u < xb; u++) *(vfu *)(w->acc + (r0 + i) * d + x0 + u * W) = o[i][u];
+            for (int u = 0; u < xb; u++) *(vfu *)(w->acc + (r0 + i) * d + x0 + u * VW) = o[i][u];
     }
 }
 
