@@ -147,6 +147,18 @@ def hf_turn_cache(model, answered: list[list[int]]):
     return cache
 
 
+def keep_round(times: dict[str, list[float]], runs: dict[str, tuple[float, list[int]]], r: int) -> bool:
+    """After round ``r``: its device memory cached by torch given back, and its paths' times
+    kept, unless it is round 0 (every path warmed up, untimed). Whether they were kept."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if r == 0:
+        return False
+    for path, (t, _) in runs.items():
+        times.setdefault(path, []).append(t)
+    return True
+
+
 def run_case(model, pool, case: str, batch: int, system: int, own: int, rounds: int) -> list[dict]:
     if case == "turn":
         return run_turns(model, pool, batch, system, own, rounds)
@@ -171,12 +183,8 @@ def run_case(model, pool, case: str, batch: int, system: int, own: int, rounds: 
             runs["kvpager, system prompt cached"] = timed(kv_first, model, pool, reqs, "warm", hits)
             runs["hf, prefix reused"] = timed(hf_reused, model, hf_sys, [q[system:] for q in reqs])
             runs["hf, recomputed"] = timed(hf_first, model, reqs)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if r == 0:
+        if not keep_round(times, runs, r):
             continue
-        for path, (t, _) in runs.items():
-            times.setdefault(path, []).append(t)
         first = list(runs.values())
         agree.append(float(np.mean(np.array(first[0][1]) == np.array(first[1][1]))))
     return summary(case, batch, system, own, times, agree, cached)
@@ -203,12 +211,8 @@ def run_turns(model, pool, batch: int, first: int, own: int, rounds: int) -> lis
         runs["hf, cache continued"] = timed(hf_first, model, [[a[-1], *m] for a, m in zip(answered, more)], hf_cache)
         runs["hf, recomputed"] = timed(hf_first, model, turns)
         del hf_cache
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if r == 0:
+        if not keep_round(times, runs, r):
             continue
-        for path, (t, _) in runs.items():
-            times.setdefault(path, []).append(t)
         agree.append(float(np.mean(np.array(runs["kvpager"][1]) == np.array(runs["hf, cache continued"][1]))))
     # the tokens each path computes: the new ones; the answers again where their end states are not held
     computed = {path: batch * (2 * own if "not held" in path else own + first + own if "recomputed" in path else own)
