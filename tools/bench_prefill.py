@@ -30,6 +30,12 @@ case a batch of prompts prefilled in one forward pass up to its first new tokens
   turn's cached blocks. transformers: the cache its first turn left (a copy,
   made untimed), continued with the answer's last token and the new ones
   (``hf, cache continued``), and the whole turn computed again.
+- ``mixed``: B distinct prompts of B different lengths, evenly from L/2 to
+  3L/2 (L the case's own tokens), nothing cached. kvpager: one generation of
+  one new token, as ``cold``; transformers: the batch left-padded to the
+  longest with its attention mask (what its ``generate`` does with a
+  tokenizer's padded batch), one forward. A model with recurrent layers
+  prefills a pass per distinct length on kvpager (`kvpager.hf.recurrent`).
 
 ``--device cpu`` runs the NumPy backend's pools (float32 models) on smaller
 cases (`CPU_CASES`).
@@ -78,8 +84,8 @@ from kvpager import KVPool  # noqa: E402
 
 #: (case, batch, cached system prompt tokens, new tokens per request)
 CASES = [("cold", 1, 0, 8192), ("cold", 8, 0, 2048), ("cold", 32, 0, 512),
-         ("warm", 32, 4096, 256), ("warm", 8, 8192, 1024), ("turn", 8, 2048, 256)]
-CPU_CASES = [("cold", 4, 0, 256), ("warm", 4, 512, 64), ("turn", 4, 256, 64)]
+         ("warm", 32, 4096, 256), ("warm", 8, 8192, 1024), ("turn", 8, 2048, 256), ("mixed", 32, 0, 512)]
+CPU_CASES = [("cold", 4, 0, 256), ("warm", 4, 512, 64), ("turn", 4, 256, 64), ("mixed", 8, 0, 256)]
 # bench_e2e's models take positions up to 8,192 + its rope; the warm 8 x (8,192 + 1,024) runs past
 # that, as a long system prompt does: the rotary embedding is computed for any position
 
@@ -102,6 +108,21 @@ def hf_first(model, ids: list[list[int]], cache=None) -> list[int]:
     cache = transformers.DynamicCache(config=model.config) if cache is None else cache
     with torch.inference_mode():
         out = model(input_ids=x, use_cache=True, logits_to_keep=1, **cache_argument(model, cache))
+        return out.logits[:, -1].argmax(-1).tolist()
+
+
+def hf_padded(model, ids: list[list[int]]) -> list[int]:
+    """The first new tokens of transformers' forward over ``ids`` left-padded to the longest,
+    with their attention mask and the positions it gives (as its ``generate`` runs a padded batch)."""
+    device = next(model.parameters()).device
+    n = max(map(len, ids))
+    x = torch.tensor([[0] * (n - len(p)) + p for p in ids], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in ids], dtype=torch.long, device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = transformers.DynamicCache(config=model.config)
+    with torch.inference_mode():
+        out = model(input_ids=x, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **cache_argument(model, cache))
         return out.logits[:, -1].argmax(-1).tolist()
 
 
@@ -172,10 +193,17 @@ def run_case(model, pool, case: str, batch: int, system: int, own: int, rounds: 
     agree: list[float] = []
     cached: list[int] = []  # kvpager's prefix-cache hits per request, timed rounds
     for r in range(rounds + 1):  # round 0 warms every path up (kernels built, allocator grown), untimed
-        reqs = [sys_ids + tokens(own, 1000 * r + i + 2) for i in range(batch)]
+        if case == "mixed":  # lengths evenly from own / 2 to 3 own / 2
+            lens = [own // 2 + (own * i) // max(batch - 1, 1) for i in range(batch)]
+            reqs = [tokens(n, 1000 * r + i + 2) for i, n in enumerate(lens)]
+        else:
+            reqs = [sys_ids + tokens(own, 1000 * r + i + 2) for i in range(batch)]
         hits = cached if r else None
         runs = {}
-        if case == "cold":
+        if case == "mixed":
+            runs["kvpager"] = timed(kv_first, model, pool, reqs, f"mixed {batch} x {own}, round {r}", hits)
+            runs["hf, left-padded"] = timed(hf_padded, model, reqs)
+        elif case == "cold":
             # a salt of the case's own: another case's prompts of the same seeds begin with these tokens
             runs["kvpager"] = timed(kv_first, model, pool, reqs, f"cold {batch} x {own}, round {r}", hits)
             runs["hf"] = timed(hf_first, model, reqs)
@@ -230,7 +258,7 @@ def summary(case: str, batch: int, system: int, own: int, times: dict[str, list[
     for path, ts in times.items():
         ms = float(np.median(ts)) * 1e3
         computed = (computed_by or {}).get(path) or batch * (
-            own + system if path == "hf, recomputed" or case == "cold" else own)
+            own + system if path == "hf, recomputed" or case in ("cold", "mixed") else own)
         ratio = float(np.median(np.array(ts) / np.array(times[kv_path])))
         rows.append(dict(case=case, batch=batch, system=system, own=own, path=path, ms=ms,
                          tok_s=computed / ms * 1e3, ratio=ratio, agree=float(np.mean(agree)),
