@@ -131,11 +131,14 @@ def test_sequences_that_end_early_leave_the_others_states_in_place():
     assert pool.stats().num_sequences == 0
 
 
-def test_prompts_of_one_length_prefill_in_one_pass(monkeypatch):
-    """Prompts of equal length prefill together (rows of as many tokens, the attention
-    layers' tokens packed through one plan): a forward pass per length, here three
-    for six prompts, and transformers' tokens for each, the rows' states put back in
-    the prompts' order for the decode steps."""
+@pytest.mark.parametrize("pad", [True, False], ids=["padded", "by-length"])
+def test_prompts_from_no_state_prefill_in_one_pass(pad, monkeypatch):
+    """Prompts that start from no state prefill in one pass, left-padded to the
+    longest (`Recurrent.pad_prompts`: the recurrent layers zero the padding's inputs,
+    the attention layers' plan holds the tokens alone): here one pass for six
+    prompts of three lengths, 42 tokens in rows of 9. With it off, a pass per
+    length (rows of as many tokens): three. transformers' tokens either way, the
+    rows' states put back in the prompts' order for the decode steps."""
     from kvpager.hf.recurrent import Recurrent
 
     model = make("qwen3_next")
@@ -145,14 +148,19 @@ def test_prompts_of_one_length_prefill_in_one_pass(monkeypatch):
     passes = []
     run = Recurrent._pass
 
-    def counted(self, plan, input_ids, position_ids, cache):
-        passes.append(tuple(input_ids.shape))
-        return run(self, plan, input_ids, position_ids, cache)
+    def counted(self, plan, input_ids, *args):
+        passes.append((tuple(input_ids.shape), plan.num_tokens))
+        return run(self, plan, input_ids, *args)
 
     monkeypatch.setattr(Recurrent, "_pass", counted)
+    monkeypatch.setattr(Recurrent, "pad_prompts", pad)
     pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
     assert generate(model, pool, ps, max_new_tokens=4, eos_token_id=None) == want
-    assert passes[:3] == [(3, 9), (2, 7), (1, 1)] and passes[3:] == [(6, 1)] * 3
+    if pad:
+        assert passes[:1] == [((6, 9), 42)] and passes[1:] == [((6, 1), 6)] * 3
+    else:
+        assert passes[:3] == [((3, 9), 27), ((2, 7), 14), ((1, 1), 1)] and passes[3:] == [((6, 1), 6)] * 3
+    assert_nothing_held(pool)
 
 
 def test_compile_is_refused_by_name():

@@ -91,6 +91,11 @@ class Recurrent:
     generated for it so far, which key the states held where its sequence ends
     (none held without it)."""
 
+    #: prompts that start from no state prefill in one pass, left-padded to the longest (their
+    #: recurrent layers zero the padding's inputs, as in transformers' padded batches); False: a
+    #: pass per distinct length
+    pad_prompts = True
+
     def __init__(self, model: Any, make_batch: Any, capacity: Callable[[int], int] | None = None,
                  history: Callable[[int], list[int]] | None = None):
         self.model = model
@@ -174,19 +179,29 @@ class Recurrent:
         heads = text_config(self.model).num_attention_heads
         groups: dict[tuple[int, bool], list[int]] = {}
         for k, (start, end, _, held) in segments.items():
-            groups.setdefault((end - start, held is not None), []).append(k)
-        for (length, resumed), group in groups.items():
+            # (segments from no state: one pass, left-padded to the longest; `pad_prompts`)
+            fresh = held is None and self.pad_prompts
+            groups.setdefault((0 if fresh else end - start, held is not None), []).append(k)
+        for (_, resumed), group in groups.items():
             segs = [segments[k] for k in group]
-            plan = pool.plan([ids[k] for k in group], [length] * len(group), np.concatenate([g[2] for g in segs]),
-                             num_q_heads=heads)
+            lens = [b - a for a, b, _, _ in segs]
+            plan = pool.plan([ids[k] for k in group], lens, np.concatenate([g[2] for g in segs]), num_q_heads=heads)
             if resumed:
                 cache = cache_over(self.model, self._layout, stacked(self._layout, [g[3] for g in segs]))
             else:
                 cache = new_cache(self.model)
-            tokens = torch.tensor([prompts[k][a:b] for k, (a, b, _, _) in zip(group, segs)], dtype=torch.long,
-                                  device=device)
-            where = torch.tensor([list(range(a, b)) for a, b, _, _ in segs], dtype=torch.long, device=device)
-            for k, t in zip(group, self._pass(plan, tokens, where, cache).tolist()):
+            n = max(lens)
+            pads = [n - m for m in lens]
+            tokens = torch.tensor([[0] * z + prompts[k][a:b] for k, z, (a, b, _, _) in zip(group, pads, segs)],
+                                  dtype=torch.long, device=device)
+            where = torch.tensor([[0] * z + list(range(a, b)) for z, (a, b, _, _) in zip(pads, segs)],
+                                 dtype=torch.long, device=device)
+            mask = real = None
+            if any(pads):
+                mask = torch.tensor([[0] * z + [1] * m for z, m in zip(pads, lens)], dtype=torch.long, device=device)
+                real = torch.tensor([r * n + z + i for r, (z, m) in enumerate(zip(pads, lens)) for i in range(m)],
+                                    dtype=torch.long, device=device)
+            for k, t in zip(group, self._pass(plan, tokens, where, cache, mask, real).tolist()):
                 out[k] = t
             self._layout = self._layout or layout_of(cache)
             for k, r in zip(group, rows_of(cache, self._layout)):
@@ -261,20 +276,29 @@ class Recurrent:
             if saved is not None:
                 self.states.restore(saved)
 
-    def _pass(self, plan: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any) -> torch.Tensor:
+    def _pass(self, plan: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any,
+              mask: torch.Tensor | None = None, real: torch.Tensor | None = None) -> torch.Tensor:
         """A forward pass of rows over ``plan`` with the recurrent states in ``cache``;
-        the greedy next token at each row's last position."""
+        the greedy next token at each row's last position. Rows left-padded to one
+        length: ``mask`` [rows, tokens] (1 for a token, 0 for padding) and ``real``,
+        the flat indices of their tokens (`PagedBatch.real`)."""
         with torch.inference_mode(), paged_attention(self.model):
-            return self._run(self.make_batch(plan), input_ids, position_ids, cache)
+            batch = self.make_batch(plan)
+            batch.real = real
+            return self._run(batch, input_ids, position_ids, cache, mask)
 
-    def _run(self, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any) -> torch.Tensor:
+    def _run(self, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any,
+             padding: torch.Tensor | None = None) -> torch.Tensor:
         arg = self.arg
 
         def forward(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,
                     logits_to_keep: Any) -> torch.Tensor:
-            # A 4-D mask is taken as given (no mask is built for the attention layers), and
-            # the recurrent layers take none: no row holds padding.
-            mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=input_ids.device)
+            # Without padding, a 4-D mask is taken as given (no mask is built for the attention
+            # layers), and the recurrent layers take none. Rows left-padded: the 2-D mask, with
+            # which the recurrent layers zero the padding's inputs, so states from nothing stay
+            # nothing through it (the attention layers' plan holds the tokens alone).
+            mask = padding if padding is not None else torch.ones((1, 1, 1, 1), dtype=torch.bool,
+                                                                   device=input_ids.device)
             out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
                         logits_to_keep=1, kvpager=batch, **{arg: cache})
             return out.logits[:, -1].argmax(dim=-1)
