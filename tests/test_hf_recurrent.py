@@ -96,11 +96,16 @@ def assert_nothing_held(pool) -> None:
     pool.check_integrity()
 
 
+@pytest.mark.parametrize("pad", [None, True], ids=["default", "padded"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_tokens_equal_transformers(family):
+def test_tokens_equal_transformers(family, pad, monkeypatch):
     """Prompts of 1 to 40 tokens (some over several blocks), five new tokens each:
     kvpager's tokens are transformers'; the pool holds the attention layers alone,
-    and nothing is left held in it (its blocks published, evictable)."""
+    and nothing is left held in it (its blocks published, evictable). Prefilled a
+    pass per length (the CPU's default), and left-padded in one pass (a GPU's)."""
+    from kvpager.hf.recurrent import Recurrent
+
+    monkeypatch.setattr(Recurrent, "pad_prompts", pad)
     model = make(family)
     assert has_recurrent_layers(model)
     kinds = model.config.layer_types
