@@ -447,3 +447,28 @@ def test_a_prefix_key_is_the_last_of_the_prefix_keys():
         for n in (8, 48, 96):
             assert prefix_key(salt, ids, n) == keys[n // 8 - 1]
     assert prefix_key("a", ids, 8) != prefix_key("b", ids, 8)
+
+
+def test_no_memory_for_the_marks_leaves_the_generation_going(monkeypatch):
+    """Where the second copy of the batch's states cannot be allocated (the device
+    full), the generation warns and goes on with transformers' tokens, holding no
+    end states; nothing is left held in the pool."""
+    from kvpager.hf.recurrent_states import StateCache
+
+    model = make("qwen3_5")
+    store = StateCache.of(model)
+    store.clear()
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    ps = prompts(21, 13, seed=61)
+    with torch.inference_mode():
+        want = reference(model, ps, 12)
+    import kvpager.hf.recurrent_states as rs
+
+    def full(tensors):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(rs, "zeros_like_each", full)
+    with pytest.warns(ResourceWarning, match="not held"):
+        assert generate(model, pool, ps, max_new_tokens=12, eos_token_id=None) == want
+    assert store.stores == 0 and not store.entries
+    assert_nothing_held(pool)

@@ -46,6 +46,7 @@ transformers' linear-attention cache layers (5.24 and later) are required.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any
 
@@ -220,7 +221,12 @@ class Recurrent:
         if self._ends:
             bs = self._block_size
             rows = [k for k, p in enumerate(positions) if (p + 1) % bs == 0 and k not in past_end]
-            self.states.mark(rows, [positions[k] + 1 for k in rows])
+            try:
+                self.states.mark(rows, [positions[k] + 1 for k in rows])
+            except MemoryError as e:  # the generation goes on, holding no end states
+                self._ends = False
+                warnings.warn(f"kvpager: {e}; the states where this generation's sequences end are not held "
+                              "(StateCache.hold_ends = False keeps from trying)", ResourceWarning, stacklevel=2)
 
     def keep(self, rows: list[int]) -> None:
         """The next pass is over ``rows``: the states of sequences that ended go

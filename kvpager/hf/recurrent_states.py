@@ -135,6 +135,10 @@ def stacked(layout: Layout, rows: Sequence[Rows], capacity: int | None = None) -
     return out
 
 
+def zeros_like_each(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.zeros_like(t) for t in tensors]
+
+
 class States:
     """The recurrent states of a batch's rows at fixed addresses: for each state of
     each recurrent layer, one tensor of ``capacity`` rows (``rows``' first), which
@@ -162,7 +166,12 @@ class States:
         if not rows or not self.tensors:
             return
         if self._row_views is None:
-            self.marks = [torch.zeros_like(t) for t in self.tensors]
+            # (MemoryError where there is no room for them: nothing is marked then)
+            try:
+                marks = zeros_like_each(self.tensors)
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as e:  # (the CPU allocator's is a RuntimeError)
+                raise MemoryError(f"no memory for a second copy of the batch's recurrent states: {e}") from e
+            self.marks = marks
             # (every row's view made once: a step's copies are then one multi-tensor copy)
             self._row_views = ([t.unbind(0) for t in self.tensors], [m.unbind(0) for m in self.marks])
         src, dst = self._row_views
