@@ -14,10 +14,13 @@ A recurrent layer mixes every token of its row in order, so the packed row of
 `kvpager.hf.attention` (all sequences' new tokens in one row) cannot carry such
 a model. `Recurrent` runs
 
-- the prefill as rows of the prompts of one length and start (a forward pass
-  per group, no padding; rows of as many tokens each, which the attention
-  function packs as one row), the passes' states then taken row by row into
-  one batch (`kvpager.hf.recurrent_states`), and
+- the prefill as rows: on a GPU the prompts that start from no state in one
+  pass, left-padded to the longest (the recurrent layers take the 2-D mask and
+  zero the padding's inputs; the attention function takes the tokens alone,
+  `PagedBatch.real`), else the prompts of one length and start as a pass of
+  rows of as many tokens (`Recurrent.pad_prompts`); the attention function
+  packs a pass's tokens as one row, and the passes' states are then taken row
+  by row into one batch (`kvpager.hf.recurrent_states`), and
 - each decode step as rows of one token each ([B, 1]), the attention layers
   attending through one step plan as a packed row would
   (`kvpager.hf.attention.kvpager_attention` takes such rows), the states
@@ -40,6 +43,9 @@ A prompt whose cached blocks reach past the longest held state is allocated up
 to them, run there, its state held, then the rest appended and run: the next
 prompt that finds those blocks (the same system prompt, the next turn of a
 conversation) resumes at their end. Blocks are published as every model's.
+Where a sequence ends, its states at the last block boundary it ran are held
+too (marked as its passes fill blocks: `stepped`), so a conversation's next
+turn resumes after the answer.
 transformers' linear-attention cache layers (5.24 and later) are required.
 """
 
