@@ -136,6 +136,8 @@ def stacked(layout: Layout, rows: Sequence[Rows], capacity: int | None = None) -
 
 
 def zeros_like_each(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """A zeroed tensor like each of ``tensors`` (`States.mark`'s second copy: where a
+    test makes the allocation fail)."""
     return [torch.zeros_like(t) for t in tensors]
 
 
@@ -217,7 +219,7 @@ class States:
 def prefix_keys(salt: Any, tokens: Sequence[int], block_size: int, upto: int) -> list[bytes]:
     """The keys of ``tokens``' prefixes of 1, 2, ... whole blocks, up to ``upto`` tokens:
     SHA-256 over the salt and the ids, extended a block at a time."""
-    h = hashlib.sha256(salt if isinstance(salt, bytes) else str(salt).encode())
+    h = _salted(salt)
     ids = memoryview(np.asarray(tokens[:upto], dtype=np.int64).tobytes())
     step = 8 * block_size
     out = []
@@ -230,9 +232,14 @@ def prefix_keys(salt: Any, tokens: Sequence[int], block_size: int, upto: int) ->
 def prefix_key(salt: Any, tokens: Sequence[int], upto: int) -> bytes:
     """The key of ``tokens``' first ``upto`` tokens (whole blocks): `prefix_keys`' last,
     in one pass over the ids."""
-    h = hashlib.sha256(salt if isinstance(salt, bytes) else str(salt).encode())
+    h = _salted(salt)
     h.update(np.asarray(tokens[:upto], dtype=np.int64).tobytes())
     return h.digest()
+
+
+def _salted(salt: Any) -> Any:
+    """SHA-256 begun with ``salt`` (bytes as they are, anything else as its str)."""
+    return hashlib.sha256(salt if isinstance(salt, bytes) else str(salt).encode())
 
 
 class StateCache:
