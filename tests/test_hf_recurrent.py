@@ -87,6 +87,21 @@ def reference(model, ps: list[list[int]], n: int, eos=None) -> list[list[int]]:
     return out
 
 
+def computed_tokens(monkeypatch) -> list[int]:
+    """The tokens each forward pass of `Recurrent` runs, as they come (its plan's: left padding not counted)."""
+    from kvpager.hf.recurrent import Recurrent
+
+    seen: list[int] = []
+    real = Recurrent._pass
+
+    def spy(self, plan, *args):
+        seen.append(plan.num_tokens)  # (tokens, not the padding of left-padded rows)
+        return real(self, plan, *args)
+
+    monkeypatch.setattr(Recurrent, "_pass", spy)
+    return seen
+
+
 def assert_nothing_held(pool) -> None:
     """No sequence and no block in use left (the published ones evictable), the pool
     (an embedded one or a daemon's) consistent."""
