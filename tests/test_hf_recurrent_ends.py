@@ -119,6 +119,45 @@ def test_marks_follow_their_rows_as_the_states_keep_them():
         assert all(torch.equal(m[0], b[1]) for m, b in zip(states.marked_rows(2), before))
 
 
+def test_marks_of_states_of_mixed_dtypes_copy_each_dtype_at_once(monkeypatch):
+    """A model whose states differ in dtype (Qwen3.5's float32 recurrent states beside
+    bf16 convolution states on a GPU): each multi-tensor copy of a mark holds tensors
+    of one dtype (torch copies a mixed list tensor by tensor), a run of consecutive
+    rows is one slice, and every row marked, and no other, holds its states."""
+    from kvpager.hf import PagedGeneration
+    from kvpager.hf.recurrent import States
+    from kvpager.hf.recurrent_states import _runs, rows_of
+
+    assert _runs([0, 1, 2, 5, 7, 8]) == [(0, 3), (5, 6), (7, 9)]
+    assert _runs([4]) == [(4, 5)]
+    model = make("qwen3_5")
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    with PagedGeneration(model, pool, prompts(5, 12, 3, 20, 9, 14, seed=7), 3, eos_token_id=None,
+                         pipeline=False) as gen:
+        held = gen._recurrent.states
+        states = States(model, held.layout, rows_of(held.cache(held.n), held.layout), held.rows, 8)
+        states.tensors = [t.double() if i % 2 else t for i, t in enumerate(states.tensors)]
+        assert len({t.dtype for t in states.tensors}) == 2
+        before = [t.clone() for t in states.tensors]
+        calls = []
+        copy = torch._foreach_copy_
+
+        def spy(dst, src):
+            calls.append(({t.dtype for t in dst + src}, [t.shape[0] for t in dst]))
+            return copy(dst, src)
+
+        monkeypatch.setattr(torch, "_foreach_copy_", spy)
+        states.mark([0, 1, 2, 4], [8, 16, 16, 24])
+        assert [len(dtypes) for dtypes, _ in calls] == [1, 1]
+        assert all(sizes == [3, 1] * (len(sizes) // 2) for _, sizes in calls)  # two runs a tensor
+        for t in states.tensors:
+            t.add_(1.0)
+        assert states.marked == [8, 16, 16, 0, 24, 0]
+        for k in (0, 1, 2, 4):
+            assert all(torch.equal(m[0], b[k]) for m, b in zip(states.marked_rows(k), before))
+        assert all(not m[0].any() for k in (3, 5) for m in states.marked_rows(k))
+
+
 def test_an_end_token_that_fills_a_block_leaves_the_mark_before_it(monkeypatch):
     """Pipelined, a sequence's end token is run by the pass after it all the same; where
     that token fills a block (never published: its id is not recorded), the states

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import sys
@@ -331,6 +332,10 @@ def main() -> None:
                       f"{r['host_ms'] if r['host_ms'] is not None else float('nan'):7.2f} ms  "
                       f"{r['tok_s']:9.0f} tok/s  {r['ratio']:5.2f}x  KV "
                       f"{(r['kv_bytes'] or 0) / 2**30:6.2f} GiB  agree {r['agree']}", flush=True)
+            # the closed paths' graphs and states sit in reference cycles: collected here, not at
+            # the next case's largest allocation (transformers' prefill of q35 x256 ran out of
+            # memory beside batch 64's)
+            gc.collect()
             free_cache()
         if shape == args.budget_shape and args.budget_gib:
             budget_rows = budget_case(model, int(args.budget_gib * 2**30), args.shared, (64, 256), 128, clock,
@@ -339,6 +344,7 @@ def main() -> None:
                 print(f"budget {args.budget_gib:g} GiB {r['path']:<15} batch {r['batch']:4d} "
                       f"{r['tok_s']:9.0f} tok/s  {r['ratio']:5.2f}x", flush=True)
         del model
+        gc.collect()
         free_cache()
     print(f"\n{card}, {datetime.date.today()}, transformers {transformers.__version__}, torch {torch.__version__}")
     print(f"{'shape':<5} {'batch':>5} {'path':<20} {'ms/step':>8} {'host ms':>8} {'tok/s':>8} {'vs loop':>8} "
