@@ -23,6 +23,25 @@ def test_bidirectional_layers_are_refused():
         generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
 
 
+def test_the_model_checks_walk_every_module_as_modules_does():
+    """`modules_of` (the model checks' walk) is ``modules()``: root first, depth first
+    in registration order, a module shared at two places once, a child set to None
+    skipped; and a dropout module deep in a model is still found in training mode."""
+    from kvpager.hf.model import modules_of
+
+    shared = torch.nn.Linear(2, 2)
+    inner = torch.nn.Sequential(torch.nn.ReLU(), shared, torch.nn.Sequential(torch.nn.Tanh(), shared))
+    root = torch.nn.ModuleDict({"a": inner, "b": torch.nn.Identity(), "c": shared})
+    root.register_module("gone", None)
+    assert modules_of(root) == list(root.modules())
+    model = make_model("llama")
+    assert modules_of(model) == list(model.modules())
+    model.model.layers[1].mlp.register_module("drop", torch.nn.Dropout(0.1))
+    model.train()
+    with pytest.raises(ValueError, match="dropout"):
+        generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
+
+
 def test_other_layer_kinds_are_refused():
     model = make_model("qwen2")
     model.config.layer_types = [FULL, "linear_attention", FULL, FULL]
