@@ -10,6 +10,8 @@ own generate."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -135,6 +137,29 @@ def test_the_state_cache_drops_the_least_recently_used_past_its_bytes():
     assert held[0, 0] == 0  # a copy, not the caller's tensor
 
 
+def test_states_held_together_are_copies_each_under_its_key():
+    """`StateCache.put_many` (a generation's ended sequences at once): states of
+    mixed dtypes copied, each entry under its own key, a key given twice or held
+    already kept once, an entry past the whole budget left out, the budget kept."""
+    from kvpager.hf.recurrent_states import StateCache
+
+    store = StateCache(max_bytes=3 * 96)
+    rows = [(torch.full((1, 4), float(i)), torch.full((1, 8), i, dtype=torch.float64)) for i in range(5)]  # 80 bytes
+    store.put(b"old", (), rows[4])
+    store.put_many([(b"a", (), rows[0]), (b"b", (), rows[1]), (b"a", (), rows[2]), (b"old", (), rows[3]),
+                    (b"big", (), (torch.zeros(1, 100),))])
+    assert list(store.entries) == [b"old", b"a", b"b"] and store.nbytes == 3 * 80 and store.stores == 3
+    for r in rows:
+        r[0].add_(10.0)
+        r[1].add_(10.0)
+    for key, i in ((b"old", 4), (b"a", 0), (b"b", 1)):
+        first, second = store.entries[key][1]
+        assert torch.equal(first, torch.full((1, 4), float(i))) and second.dtype == torch.float64
+        assert torch.equal(second, torch.full((1, 8), i, dtype=torch.float64))
+    store.put_many([(b"c", (), rows[0]), (b"d", (), rows[1])])  # past the budget: the oldest go
+    assert list(store.entries) == [b"b", b"c", b"d"]
+
+
 def test_states_prompts_resume_from_outlast_a_flood_of_new_ones():
     """A segmented LRU: a state a prompt resumed from (a shared system prompt's)
     stays while many states come in and are never asked for (a large batch's end
@@ -223,12 +248,13 @@ def test_a_captured_steps_warm_up_leaves_the_states_as_it_found_them():
         assert not all(torch.equal(t[:3], b[:3]) for t, b in zip(rec.states.tensors, before))
 
 
-def test_blocks_evicted_between_the_probe_and_the_allocation(monkeypatch):
-    """The probe said more was cached than the allocation then found (another
-    worker's allocations evicted the blocks between the two calls; simulated:
-    the probe counts 16 tokens of a prompt nothing of which is cached). The
-    prompt is allocated up to where the probe said, runs from its first token,
-    holds the state there and runs the rest: transformers' tokens, nothing left."""
+def test_blocks_evicted_between_the_allocation_and_the_short_one(monkeypatch):
+    """The whole prompts' allocation found more cached than the short allocation
+    after it then found (another worker's allocations evicted the blocks between the
+    two calls; simulated: the first allocation says 16 and 8 tokens of prompts
+    nothing of which is cached). Each prompt is allocated again up to there, runs
+    from its first token, holds the state there and runs the rest: transformers'
+    tokens, the first allocation freed, nothing left."""
     from kvpager.hf.recurrent_states import StateCache
 
     model = make("qwen3_5")
@@ -237,10 +263,61 @@ def test_blocks_evicted_between_the_probe_and_the_allocation(monkeypatch):
     ps = prompts(21, 9, seed=31)
     with torch.inference_mode():
         want = reference(model, ps, 3)
-    monkeypatch.setattr(pool, "cached_tokens", lambda prompts, salt=None: [16, 8])
+    real, asked = pool.allocate, []
+
+    def allocate(prompts, salt=None, **kw):
+        out = real(prompts, salt, **kw)
+        asked.append([len(p) for p in prompts])
+        if len(asked) == 1:
+            out = [dataclasses.replace(a, num_cached_tokens=c) for a, c in zip(out, (16, 8))]
+        return out
+
+    monkeypatch.setattr(pool, "allocate", allocate)
     seen = computed_tokens(monkeypatch)
     assert generate(model, pool, ps, max_new_tokens=3, eos_token_id=None) == want
+    assert asked == [[21, 9], [16, 8]]
     assert sum(seen[:-2]) == 21 + 9 and StateCache.of(model).stores == 2
+    assert_nothing_held(pool)
+
+
+def test_a_prompt_resumed_from_its_held_state_is_allocated_once(monkeypatch):
+    """Where the state is held as far as the blocks are cached, the prompts are
+    allocated once, whole, with no probe of the cache before; where the short
+    allocation after it fails, the batch's allocations are all freed and the error
+    is the caller's."""
+    from kvpager import OutOfBlocks
+    from kvpager.hf.recurrent_states import StateCache
+
+    model = make("qwen3_5")
+    StateCache.of(model).clear()
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    system = prompts(16, seed=41)[0]
+    generate(model, pool, [system + [5, 6]], max_new_tokens=2, eos_token_id=None)  # blocks cached, no state
+    generate(model, pool, [system + [7, 8]], max_new_tokens=2, eos_token_id=None)  # the state held at 16
+    real, asked = pool.allocate, []
+    monkeypatch.setattr(pool, "allocate", lambda ps, salt=None, **kw: asked.append(len(ps)) or real(ps, salt, **kw))
+    monkeypatch.setattr(pool, "cached_tokens", lambda *a, **k: pytest.fail("probed"))
+    seen = computed_tokens(monkeypatch)
+    with torch.inference_mode():
+        want = reference(model, [system + [9, 10, 11]], 2)
+    assert generate(model, pool, [system + [9, 10, 11]], max_new_tokens=2, eos_token_id=None) == want
+    assert asked == [1] and seen[0] == 3
+    assert_nothing_held(pool)
+
+    other = prompts(16, seed=43)[0]
+    generate(model, pool, [other + [5]], max_new_tokens=1, eos_token_id=None)  # blocks cached, no state
+    calls = []
+
+    def failing(ps, salt=None, **kw):
+        calls.append(len(ps))
+        if len(calls) == 2:
+            raise OutOfBlocks(2, 0)  # simulated: the short allocation found no room
+        return real(ps, salt, **kw)
+
+    monkeypatch.setattr(pool, "allocate", failing)
+    with pytest.raises(OutOfBlocks):
+        generate(model, pool, [other + [6, 7], system + [12]], max_new_tokens=2, eos_token_id=None)
+    assert calls == [2, 1]
     assert_nothing_held(pool)
 
 

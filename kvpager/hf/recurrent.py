@@ -129,21 +129,42 @@ class Recurrent:
         A prompt whose leading blocks are cached past the longest prefix whose state
         is held is allocated up to its cached tokens only: `prefill` runs it there,
         holds the state, and appends the rest (so the next prompt with those blocks
-        resumes there)."""
+        resumes there).
+
+        The whole prompts are allocated first: their cached tokens are what that
+        allocation found (no probe before it: the pool hashed each prompt once, and
+        a daemon answered once). Only the prompts allocated short are freed and
+        allocated again, up to their cached tokens; the first resume from a
+        prompt's blocks is the one that pays that."""
         bs = self._block_size = pool.spec.block_size
         self._split = [None] * len(prompts)
         self._keys = [[] for _ in prompts]  # (none without a state cache: nothing is held or looked up)
         self._ends = bool(self.store.max_bytes and self.store.hold_ends and self.history is not None)
-        if self.store.max_bytes:
-            # (the weights' dtype too: a salt given by the caller need not change when the model's does)
-            held_as = self._held_as = f"{salt}|{next(self.model.parameters()).dtype}"
-            for k, c in enumerate(pool.cached_tokens(prompts, salt)):
-                # (keys as far as its cached blocks: no state past them can serve it)
-                self._keys[k] = prefix_keys(held_as, prompts[k], bs, min(c, len(prompts[k]) - 1))
-                if c > self.store.longest(self._keys[k], c, bs):
-                    self._split[k] = c
-        return pool.allocate([p if s is None else p[:s] for p, s in zip(prompts, self._split)], salt,
-                             share_in_batch=False)
+        allocs = pool.allocate(prompts, salt, share_in_batch=False)
+        if not self.store.max_bytes:
+            return allocs
+        # (the weights' dtype too: a salt given by the caller need not change when the model's does)
+        held_as = self._held_as = f"{salt}|{next(self.model.parameters()).dtype}"
+        short = []
+        for k, a in enumerate(allocs):
+            c = a.num_cached_tokens
+            # (keys as far as its cached blocks: no state past them can serve it)
+            self._keys[k] = prefix_keys(held_as, prompts[k], bs, min(c, len(prompts[k]) - 1))
+            if c > self.store.longest(self._keys[k], c, bs):
+                self._split[k] = c
+                short.append(k)
+        if short:
+            try:
+                pool.free([allocs[k].seq_id for k in short])
+                # (blocks evicted in between by another worker are found missing here: the prompt
+                # then runs from its first token up to the split, as `prefill` takes it)
+                again = pool.allocate([prompts[k][: self._split[k]] for k in short], salt, share_in_batch=False)
+            except BaseException:
+                pool.free([a.seq_id for k, a in enumerate(allocs) if self._split[k] is None])
+                raise
+            for k, a in zip(short, again):
+                allocs[k] = a
+        return allocs
 
     def prefill(self, pool: Any, prompts: list[list[int]], allocs: list[Any], device: torch.device) -> list[int]:
         """The prompts `allocate` allocated, as passes of rows: each prompt from the
@@ -255,12 +276,13 @@ class Recurrent:
         if self.broken:
             return
         states = self.states
+        held = []
         for k in rows:
             at = states.marked[k]
             tokens = self.history(states.rows[k]) if at else ()
             if at and len(tokens) > at:  # (every token to its mark known here)
-                key = prefix_key(self._held_as, tokens, at)
-                self.store.put(key, self._layout, states.marked_rows(k))
+                held.append((prefix_key(self._held_as, tokens, at), self._layout, states.marked_rows(k)))
+        self.store.put_many(held)
 
     def decode(self, plan: Any, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """One eager decode pass over the rows `keep` left (a token each: ``input_ids``
