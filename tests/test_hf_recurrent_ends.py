@@ -119,6 +119,55 @@ def test_marks_follow_their_rows_as_the_states_keep_them():
         assert all(torch.equal(m[0], b[1]) for m, b in zip(states.marked_rows(2), before))
 
 
+def test_marks_take_no_more_than_the_state_cache_could_hold():
+    """The marks' second copy of a batch's states holds as many rows as ``mark_bytes``
+    (the state cache's budget) has room for: rows past them are not marked, a row
+    that moves up into them from past them has no mark until its next, and the
+    marks of rows within them move with their rows. A generation under a budget of
+    two rows' states gives transformers' tokens and holds at most those."""
+    from kvpager.hf import PagedGeneration
+    from kvpager.hf.recurrent import States
+    from kvpager.hf.recurrent_states import StateCache, rows_of
+
+    model = make("qwen3_5")
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    ps = prompts(5, 12, 3, 20, 9, 14, seed=7)
+    with PagedGeneration(model, pool, ps, 3, eos_token_id=None, pipeline=False) as gen:
+        held = gen._recurrent.states
+        row = sum(t[0].numel() * t.element_size() for t in held.tensors)
+        states = States(model, held.layout, rows_of(held.cache(held.n), held.layout), held.rows, 8,
+                        mark_bytes=3 * row - 1)
+        assert states.mark_rows == 2
+        before = [t.clone() for t in states.tensors]
+        states.mark([0, 1, 4], [8, 16, 24])
+        assert states.marked == [8, 16, 0, 0, 0, 0] and all(m.shape[0] == 2 for m in states.marks)
+        order = list(states.rows)
+        states.keep([order[4], order[1], order[2]])  # row 4 (unmarked) moves onto row 0's place
+        assert states.marked == [0, 16, 0]
+        assert all(torch.equal(m[0], b[1]) for m, b in zip(states.marked_rows(1), before))
+        states.mark([0, 2], [32, 40])
+        assert states.marked == [32, 16, 0]
+        assert all(torch.equal(m[0], b[4]) for m, b in zip(states.marked_rows(0), before))
+
+    store = StateCache.of(model)
+    store.clear()
+    budget = store.max_bytes
+    store.max_bytes = 2 * row
+    try:
+        with torch.inference_mode():
+            want = reference(model, ps, 12)
+        with PagedGeneration(model, pool, ps, 12, eos_token_id=None) as gen:
+            while not gen.done:
+                gen.step()
+            assert all(m.shape[0] == 2 for m in gen._recurrent.states.marks)
+            outputs = gen.outputs
+        assert outputs == want
+        assert 0 < len(store.entries) <= 2 and store.nbytes <= 2 * row
+        assert_nothing_held(pool)
+    finally:
+        store.max_bytes = budget
+
+
 def test_marks_of_states_of_mixed_dtypes_copy_each_dtype_at_once(monkeypatch):
     """A model whose states differ in dtype (Qwen3.5's float32 recurrent states beside
     bf16 convolution states on a GPU): each multi-tensor copy of a mark holds tensors
@@ -217,7 +266,7 @@ def test_no_memory_for_the_marks_leaves_the_generation_going(monkeypatch):
         want = reference(model, ps, 12)
     import kvpager.hf.recurrent_states as rs
 
-    def full(tensors):
+    def full(tensors, rows):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(rs, "zeros_like_each", full)

@@ -196,7 +196,9 @@ class Recurrent:
                                 [prompts[k][self._split[k] :] for k in split])
             rest = {k: (self._split[k], len(prompts[k]), np.asarray(t, np.int64), final[k]) for k, t in zip(split, tails)}
             self._passes(pool, ids, prompts, rest, out, final, device)
-        self.states = States(self.model, self._layout, final, list(range(n)), self.capacity(n))
+        # (the marks' copy of the states within what the state cache could hold of them)
+        self.states = States(self.model, self._layout, final, list(range(n)), self.capacity(n),
+                             mark_bytes=self.store.max_bytes)
         self.stepped([len(p) - 1 for p in prompts])  # a prompt of whole blocks: its state is its end's
         return out
 

@@ -135,10 +135,10 @@ def stacked(layout: Layout, rows: Sequence[Rows], capacity: int | None = None) -
     return out
 
 
-def zeros_like_each(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """A zeroed tensor like each of ``tensors`` (`States.mark`'s second copy: where a
-    test makes the allocation fail)."""
-    return [torch.zeros_like(t) for t in tensors]
+def zeros_like_each(tensors: Sequence[torch.Tensor], rows: int) -> list[torch.Tensor]:
+    """A zeroed tensor like each of ``tensors``, of ``rows`` rows (`States.mark`'s second
+    copy: where a test makes the allocation fail)."""
+    return [t.new_zeros((rows, *t.shape[1:])) for t in tensors]
 
 
 def _runs(rows: Sequence[int]) -> list[tuple[int, int]]:
@@ -166,12 +166,17 @@ class States:
     tensors made at the first mark, moved with the rows by `keep`; ``marked[k]``:
     the tokens row k had run at its mark (0: none)."""
 
-    def __init__(self, model: Any, layout: Layout, states: Sequence[Rows], rows: list[int], capacity: int):
+    def __init__(self, model: Any, layout: Layout, states: Sequence[Rows], rows: list[int], capacity: int,
+                 mark_bytes: int | None = None):
         self.model, self.layout, self.rows, self.n = model, layout, list(rows), len(rows)
         self.tensors = stacked(layout, states, capacity)  # each state's rows, ``capacity`` of them
         self._caches: dict[int, Any] = {}
         self.marks: list[torch.Tensor] | None = None
         self.marked = [0] * self.n
+        # Rows the marks hold: the first ``mark_rows`` (all without ``mark_bytes``), so the
+        # second copy takes at most ``mark_bytes`` (what a state cache could hold of them)
+        row_bytes = sum(t[0].numel() * t.element_size() for t in self.tensors)
+        self.mark_rows = capacity if mark_bytes is None or not row_bytes else min(capacity, mark_bytes // row_bytes)
         # (src, dst) state tensors by dtype: `mark`'s copies, one multi-tensor copy a dtype
         self._pairs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
 
@@ -179,12 +184,15 @@ class States:
         """Copy the states of rows ``rows`` (indices into the rows held) as their marks,
         taken when each had run ``at`` tokens; queued on the current stream, so after
         the passes queued before it."""
+        if rows and rows[-1] >= self.mark_rows:  # (rows past the marks' hold none)
+            at = [a for r, a in zip(rows, at) if r < self.mark_rows]
+            rows = [r for r in rows if r < self.mark_rows]
         if not rows or not self.tensors:
             return
         if self._pairs is None:
             # (MemoryError where there is no room for them: nothing is marked then)
             try:
-                marks = zeros_like_each(self.tensors)
+                marks = zeros_like_each(self.tensors, self.mark_rows)
             except (torch.cuda.OutOfMemoryError, RuntimeError) as e:  # (the CPU allocator's is a RuntimeError)
                 raise MemoryError(f"no memory for a second copy of the batch's recurrent states: {e}") from e
             self.marks = marks
@@ -226,9 +234,16 @@ class States:
         if self.tensors:
             index = index.to(self.tensors[0].device, non_blocking=True)
         m = len(rows)
-        for full in self.tensors + (self.marks or []):
+        for full in self.tensors:
             full[:m] = full[index]  # (the gather makes a copy first: rows may move onto rows read)
-        self.marked = [self.marked[where[r]] for r in rows]
+        # the marks of the rows that land within the marks' rows (a row from past them has none:
+        # what its place holds is left unread, as its ``marked`` is 0)
+        k = min(m, self.mark_rows)
+        if self.marks and k:
+            held = index[:k] if self.mark_rows >= len(self.marked) else index[:k].clamp(max=self.mark_rows - 1)
+            for full in self.marks:
+                full[:k] = full[held]
+        self.marked = [self.marked[where[r]] if j < self.mark_rows else 0 for j, r in enumerate(rows)]
         self.rows, self.n = list(rows), m
 
     def snapshot(self) -> list[torch.Tensor]:
@@ -276,7 +291,8 @@ class StateCache:
     the last block boundary it ran, prompt and answer (`kvpager.hf.recurrent`), so a
     conversation's next turn resumes after the answer instead of running it again.
     It keeps a second copy of the batch's states while the batch decodes (`States`
-    marks); False spares that memory.
+    marks), of at most ``max_bytes`` (the rows past those are not marked); False
+    spares that memory.
 
     What goes first: a segmented LRU. A state comes in on probation (``fresh``) and
     moves to ``used`` the first time a prompt resumes from it; past ``max_bytes`` the
