@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -18,7 +19,15 @@ _FP8_ALIASES = {"fp8": "float8_e4m3", "fp8_e4m3": "float8_e4m3", "float8_e4m3fn"
 
 
 def numpy_dtype(name: str) -> np.dtype:
-    """The NumPy dtype for a kvpager dtype name (bfloat16 through ml_dtypes)."""
+    """The NumPy dtype for a kvpager dtype name (bfloat16 through ml_dtypes); made once
+    per name (`PoolSpec.np_dtype` asks it four times a layer on the CPU backend)."""
+    if not isinstance(name, str):
+        raise InvalidArgument(f"dtype must be one of {sorted(DTYPE_SIZES)}, got {name!r}")
+    return _numpy_dtype(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _numpy_dtype(name: str) -> np.dtype:
     if name == "bfloat16":
         import ml_dtypes
 

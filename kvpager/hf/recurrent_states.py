@@ -181,9 +181,10 @@ class States:
         self._pairs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
 
     def mark(self, rows: Sequence[int], at: Sequence[int]) -> None:
-        """Copy the states of rows ``rows`` (indices into the rows held) as their marks,
-        taken when each had run ``at`` tokens; queued on the current stream, so after
-        the passes queued before it."""
+        """Copy the states of rows ``rows`` (ascending indices into the rows held) as
+        their marks, taken when each had run ``at`` tokens; queued on the current
+        stream, so after the passes queued before it. Rows past `mark_rows` are not
+        marked."""
         if rows and rows[-1] >= self.mark_rows:  # (rows past the marks' hold none)
             at = [a for r, a in zip(rows, at) if r < self.mark_rows]
             rows = [r for r in rows if r < self.mark_rows]
