@@ -26,7 +26,7 @@ def numpy_dtype(name: str) -> np.dtype:
     return _numpy_dtype(name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _numpy_dtype(name: str) -> np.dtype:
     if name == "bfloat16":
         import ml_dtypes

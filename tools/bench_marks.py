@@ -33,7 +33,7 @@ def states(batch: int, layers: int, device: str) -> States:
     for _ in range(layers):
         s.tensors.append(torch.randn(batch, 32, 128, 128, device=device))
         s.tensors.append(torch.randn(batch, 8192, 4, device=device).to(torch.bfloat16))
-    s.marks, s.marked, s._pairs = None, [0] * batch, None
+    s.marks, s.marked, s._pairs, s.mark_rows = None, [0] * batch, None, batch
     return s
 
 

@@ -61,9 +61,9 @@ def _decoder(model: Any) -> Any:
 def modules_of(root: torch.nn.Module) -> list[torch.nn.Module]:
     """Every module under ``root``, ``root`` first, each once, in ``root.modules()``'s
     order: a walk over the modules' own dicts, without the nested generators
-    ``modules()`` resumes at every level of nesting for every module (the two walks of
-    a generation's model checks: 4.2 ms for a 386-module model on a 2-core VM, 0.4 ms
-    this way)."""
+    ``modules()`` resumes at every level of nesting for every module (a generation's
+    model checks, two walks and a look at each module: 4.2 ms for a 386-module model
+    on a 2-core VM, 1.3-1.6 ms with this walk)."""
     out, seen, stack = [], set(), [root]
     while stack:
         m = stack.pop()
