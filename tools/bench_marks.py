@@ -74,8 +74,8 @@ def main() -> None:
     step = max(args.batch // 4, 1)
     for label, rows in ((f"all {args.batch}", list(range(args.batch))),
                         ("4 scattered", list(range(1, args.batch, step))[:4])):
-        before = timed(lambda: mixed_copy(s, rows, views), args.reps, sync)
-        after = timed(lambda: s.mark(rows, [16] * len(rows)), args.reps, sync)
+        before = timed(lambda rows=rows: mixed_copy(s, rows, views), args.reps, sync)
+        after = timed(lambda rows=rows: s.mark(rows, [16] * len(rows)), args.reps, sync)
         for path, (h, d) in (("before: one mixed copy", before), ("States.mark", after)):
             print(f"{label:<22} {path:<28} {h:8.2f} {d:10.2f} {before[0] / h:14.2f}x")
         for t, m in zip(s.tensors, s.marks):  # the marks hold the rows' states
