@@ -251,6 +251,28 @@ def test_a_prefix_key_is_the_last_of_the_prefix_keys():
     assert prefix_key("a", ids, 8) != prefix_key("b", ids, 8)
 
 
+def test_prefix_keys_made_when_asked_are_the_prefix_keys():
+    """`PrefixKeys` (what a prompt's held states are looked up by): the longest
+    prefix's key alone at first, then every key, each the one `prefix_keys` gives."""
+    from kvpager.hf.recurrent_states import PrefixKeys, StateCache, prefix_keys
+
+    ids = list(range(100, 200))
+    want = prefix_keys("s", ids, 8, 99)
+    keys = PrefixKeys("s", ids, 8, 99)
+    assert len(keys) == 12 and keys[11] == keys[-1] == want[-1] and keys._all is None  # (one pass so far)
+    assert [keys[i] for i in range(12)] == want and keys._all is not None
+    with pytest.raises(IndexError):
+        keys[12]
+    assert len(PrefixKeys("s", ids, 8, 7)) == 0
+    store = StateCache(max_bytes=1 << 20)
+    row = (torch.zeros(1, 4),)
+    store.put(want[5], (), row)
+    assert store.longest(PrefixKeys("s", ids, 8, 99), 99, 8) == 48
+    store.put(want[11], (), row)
+    fresh = PrefixKeys("s", ids, 8, 99)
+    assert store.best(fresh, 99, 8)[0] == 96 and fresh._all is None
+
+
 def test_no_memory_for_the_marks_leaves_the_generation_going(monkeypatch):
     """Where the second copy of the batch's states cannot be allocated (the device
     full), the generation warns and goes on with transformers' tokens, holding no

@@ -63,6 +63,7 @@ from kvpager.hf.attention import PagedBatch, capturing, paged_attention, run_pas
 from kvpager.hf.model import has_recurrent_layers, text_config
 from kvpager.hf.recurrent_states import (
     Layout,
+    PrefixKeys,
     Rows,
     StateCache,
     States,
@@ -70,7 +71,6 @@ from kvpager.hf.recurrent_states import (
     layout_of,
     new_cache,
     prefix_key,
-    prefix_keys,
     rows_of,
     stacked,
 )
@@ -118,7 +118,7 @@ class Recurrent:
         #: a decode pass failed part-way: transformers had advanced some states in place already
         self.broken = False
         self._split: list[int | None] = []  # per prompt: where its allocation ends short of it
-        self._keys: list[list[bytes]] = []  # per prompt: its whole-block prefixes' keys
+        self._keys: list[Sequence[bytes]] = []  # per prompt: its whole-block prefixes' keys (`PrefixKeys`)
         self._layout: Layout | None = None  # the states' layout, once a pass or a held state shows it
         self._held_as: str | None = None  # what keys this generation's held states: the salt and the dtype
         self._block_size = 0
@@ -149,7 +149,7 @@ class Recurrent:
         for k, a in enumerate(allocs):
             c = a.num_cached_tokens
             # (keys as far as its cached blocks: no state past them can serve it)
-            self._keys[k] = prefix_keys(held_as, prompts[k], bs, min(c, len(prompts[k]) - 1))
+            self._keys[k] = PrefixKeys(held_as, prompts[k], bs, min(c, len(prompts[k]) - 1))
             if c > self.store.longest(self._keys[k], c, bs):
                 self._split[k] = c
                 short.append(k)

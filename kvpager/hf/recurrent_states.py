@@ -283,6 +283,37 @@ def prefix_key(salt: Any, tokens: Sequence[int], upto: int) -> bytes:
     return h.digest()
 
 
+class PrefixKeys:
+    """`prefix_keys`, made when asked: the longest prefix's key alone first (one pass
+    over the ids, what a prompt resumed where its cached blocks end asks for: a
+    conversation's next turn), every key at the first ask for a shorter one. A
+    sequence of ``upto // block_size`` keys, as `StateCache.longest` and `best`
+    read them (8 prompts of 2,304 cached tokens: 1,152 digests before, 8 now)."""
+
+    def __init__(self, salt: Any, tokens: Sequence[int], block_size: int, upto: int):
+        self._args = (salt, tokens, block_size, upto)
+        self._n = upto // block_size
+        self._last: bytes | None = None
+        self._all: list[bytes] | None = None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> bytes:
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(f"prefix key {i} of {self._n}")
+        if self._all is None:
+            salt, tokens, block_size, _ = self._args
+            if i == self._n - 1:
+                if self._last is None:
+                    self._last = prefix_key(salt, tokens, self._n * block_size)
+                return self._last
+            self._all = prefix_keys(*self._args)
+        return self._all[i]
+
+
 def _salted(salt: Any) -> Any:
     """SHA-256 begun with ``salt`` (bytes as they are, anything else as its str)."""
     return hashlib.sha256(salt if isinstance(salt, bytes) else str(salt).encode())
@@ -356,7 +387,7 @@ class StateCache:
         """``model``'s state cache (made at its first use, `STATE_CACHE_BYTES`)."""
         return model.__dict__.setdefault("_kvpager_states", cls())
 
-    def longest(self, keys: list[bytes], upto: int, block_size: int) -> int:
+    def longest(self, keys: Sequence[bytes], upto: int, block_size: int) -> int:
         """The longest prefix of at most ``upto`` tokens whose state is held (0: none);
         a look that counts nothing."""
         with self._lock:
@@ -365,7 +396,7 @@ class StateCache:
                     return n * block_size
         return 0
 
-    def best(self, keys: list[bytes], upto: int, block_size: int) -> tuple[int, Layout | None, Rows | None]:
+    def best(self, keys: Sequence[bytes], upto: int, block_size: int) -> tuple[int, Layout | None, Rows | None]:
         """The longest prefix of at most ``upto`` tokens whose state is held: (its
         length, its layout, its states), or (0, None, None). The state found is
         used now: the most recently used of ``used``."""
