@@ -21,7 +21,7 @@ _FP8_ALIASES = {"fp8": "float8_e4m3", "fp8_e4m3": "float8_e4m3", "float8_e4m3fn"
 def numpy_dtype(name: str) -> np.dtype:
     """The NumPy dtype for a kvpager dtype name (bfloat16 through ml_dtypes); made once
     per name (`PoolSpec.np_dtype` asks it four times a layer on the CPU backend)."""
-    if not isinstance(name, str):
+    if not isinstance(name, str) or name not in DTYPE_SIZES:
         raise InvalidArgument(f"dtype must be one of {sorted(DTYPE_SIZES)}, got {name!r}")
     return _numpy_dtype(name)
 
@@ -32,8 +32,6 @@ def _numpy_dtype(name: str) -> np.dtype:
         import ml_dtypes
 
         return np.dtype(ml_dtypes.bfloat16)
-    if name not in DTYPE_SIZES:
-        raise InvalidArgument(f"dtype must be one of {sorted(DTYPE_SIZES)}, got {name!r}")
     return np.dtype(name)
 
 

@@ -110,11 +110,7 @@ def layer_windows(model: Any) -> list[int | None]:
     else:
         windows = [window] * n
     for module in modules_of(_decoder(model)):
-        # (an instance's attribute, as transformers sets it, read from its dict: a name it lacks
-        # costs an nn.Module's __getattr__ an exception, and most of a model's modules lack it)
-        idx = module.__dict__.get("layer_idx")
-        if idx is None and hasattr(type(module), "layer_idx"):  # a class attribute or a property
-            idx = getattr(module, "layer_idx", None)
+        idx = getattr(module, "layer_idx", None)
         if not isinstance(idx, int) or not hasattr(module, "is_causal"):
             continue  # not an attention module
         if not 0 <= idx < n:
