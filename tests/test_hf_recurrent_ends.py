@@ -30,7 +30,7 @@ def test_a_conversations_next_turn_resumes_after_the_answer(family, pipeline, mo
     held when it ends, so each one's next turn (prompt, answer, 7 new tokens)
     runs only what follows that boundary: the answer is not run again. Tokens are
     transformers' for the batch and for every turn; nothing is left held."""
-    from kvpager.hf.recurrent_states import StateCache
+    from kvpager.hf.state_cache import StateCache
 
     model = make(family)
     store = StateCache.of(model)
@@ -69,7 +69,7 @@ def test_no_states_held_where_generations_end_with_hold_ends_off(monkeypatch):
     none where its sequences end; the next turn finds none past its first block
     boundaries, so it runs its cached tokens again (and holds the state there). Tokens
     still transformers'."""
-    from kvpager.hf.recurrent_states import StateCache
+    from kvpager.hf.state_cache import StateCache
 
     model = make("qwen3_5")
     store = StateCache.of(model)
@@ -127,7 +127,8 @@ def test_marks_take_no_more_than_the_state_cache_could_hold():
     two rows' states gives transformers' tokens and holds at most those."""
     from kvpager.hf import PagedGeneration
     from kvpager.hf.recurrent import States
-    from kvpager.hf.recurrent_states import StateCache, rows_of
+    from kvpager.hf.recurrent_states import rows_of
+    from kvpager.hf.state_cache import StateCache
 
     model = make("qwen3_5")
     pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
@@ -213,7 +214,7 @@ def test_an_end_token_that_fills_a_block_leaves_the_mark_before_it(monkeypatch):
     held are those of the boundary before it, whose block is cached, so the next
     turn still resumes after most of the answer (before, the mark moved onto the
     unpublished block and the next turn ran everything again)."""
-    from kvpager.hf.recurrent_states import StateCache
+    from kvpager.hf.state_cache import StateCache
 
     model = make("qwen3_5")
     StateCache.of(model).clear()
@@ -240,7 +241,7 @@ def test_an_end_token_that_fills_a_block_leaves_the_mark_before_it(monkeypatch):
 def test_a_prefix_key_is_the_last_of_the_prefix_keys():
     """`prefix_key` (one pass, the key an ended sequence's states are held under) is
     the key `prefix_keys` chains a block at a time (what prompts look up)."""
-    from kvpager.hf.recurrent_states import prefix_key, prefix_keys
+    from kvpager.hf.state_cache import prefix_key, prefix_keys
 
     ids = list(range(100, 200))
     for salt in ("s|torch.float32", b"raw"):
@@ -254,7 +255,7 @@ def test_a_prefix_key_is_the_last_of_the_prefix_keys():
 def test_prefix_keys_made_when_asked_are_the_prefix_keys():
     """`PrefixKeys` (what a prompt's held states are looked up by): the longest
     prefix's key alone at first, then every key, each the one `prefix_keys` gives."""
-    from kvpager.hf.recurrent_states import PrefixKeys, StateCache, prefix_keys
+    from kvpager.hf.state_cache import PrefixKeys, StateCache, prefix_keys
 
     ids = list(range(100, 200))
     want = prefix_keys("s", ids, 8, 99)
@@ -277,7 +278,7 @@ def test_no_memory_for_the_marks_leaves_the_generation_going(monkeypatch):
     """Where the second copy of the batch's states cannot be allocated (the device
     full), the generation warns and goes on with transformers' tokens, holding no
     end states; nothing is left held in the pool."""
-    from kvpager.hf.recurrent_states import StateCache
+    from kvpager.hf.state_cache import StateCache
 
     model = make("qwen3_5")
     store = StateCache.of(model)

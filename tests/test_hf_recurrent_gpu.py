@@ -107,7 +107,7 @@ def test_a_shared_system_prompt_resumes_from_its_held_state_on_a_gpu_pool():
     one's follow-up turn twice. The third request on resumes from the state held
     where the system prompt's whole blocks end (32 tokens), its attention reading the cached K/V (nothing
     written there); every run gives transformers' tokens on the same GPU."""
-    from kvpager.hf.recurrent_states import StateCache
+    from kvpager.hf.state_cache import StateCache
 
     model = make("qwen3_next", head_dim=32, hidden_size=128, experts_implementation="batched_mm").cuda()
     store = StateCache.of(model)
@@ -140,7 +140,7 @@ def test_a_next_turn_resumes_where_captured_steps_ended(pipeline, monkeypatch):
     run only what follows that boundary (the tokens each prefill pass runs
     counted); every token is transformers' on the same GPU."""
     from kvpager.hf.recurrent import Recurrent
-    from kvpager.hf.recurrent_states import StateCache
+    from kvpager.hf.state_cache import StateCache
 
     model = make("qwen3_5", head_dim=32, hidden_size=128).cuda()
     StateCache.of(model).clear()

@@ -1,4 +1,4 @@
-"""The recurrent states of models with recurrent layers (`kvpager.hf.recurrent_states`):
+"""The recurrent states of models with recurrent layers (`kvpager.hf.recurrent_states`, `kvpager.hf.state_cache`):
 where they live during decode (`States`: rows kept in place as sequences end, a
 captured step's warm-up putting them back) and the prefix reuse they allow
 (`StateCache`: states held at block boundaries; a prompt resumes from the
@@ -32,7 +32,7 @@ def test_a_prompt_seen_before_resumes_from_its_held_state(family, monkeypatch):
     to its cached tokens, holds the state at that block boundary, then the rest;
     the third resumes from the held states and runs only the tokens after them.
     Every run gives transformers' tokens, nothing is left held."""
-    from kvpager.hf.recurrent_states import StateCache
+    from kvpager.hf.state_cache import StateCache
 
     model = make(family)
     pool = KVPool(spec_for_model(model, num_blocks=96, block_size=8))
@@ -69,7 +69,7 @@ def test_a_shared_system_prompt_is_run_once_for_the_requests_after_the_second(mo
     (the first request, its answer and more) resumes where the first request's
     generation ended (its state held there, past the answer's first tokens), and
     so does the same turn sent again. Each gives transformers' tokens."""
-    from kvpager.hf.recurrent_states import StateCache
+    from kvpager.hf.state_cache import StateCache
 
     model = make("qwen3_next")
     pool = KVPool(spec_for_model(model, num_blocks=128, block_size=8))
@@ -102,7 +102,7 @@ def test_a_shared_system_prompt_is_run_once_for_the_requests_after_the_second(mo
 def test_no_states_held_with_a_state_cache_of_no_bytes():
     """``max_bytes`` 0: nothing held, no prompt split; blocks still shared, tokens
     still transformers'."""
-    from kvpager.hf.recurrent_states import StateCache
+    from kvpager.hf.state_cache import StateCache
 
     model = make("qwen3_5")
     store = StateCache.of(model)
@@ -121,7 +121,7 @@ def test_no_states_held_with_a_state_cache_of_no_bytes():
 
 
 def test_the_state_cache_drops_the_least_recently_used_past_its_bytes():
-    from kvpager.hf.recurrent_states import StateCache
+    from kvpager.hf.state_cache import StateCache
 
     store = StateCache(max_bytes=3 * 64)
     row = (torch.zeros(1, 4), torch.zeros(1, 12))  # 64 bytes
@@ -141,7 +141,7 @@ def test_states_held_together_are_copies_each_under_its_key():
     """`StateCache.put_many` (a generation's ended sequences at once): states of
     mixed dtypes copied, each entry under its own key, a key given twice or held
     already kept once, an entry past the whole budget left out, the budget kept."""
-    from kvpager.hf.recurrent_states import StateCache
+    from kvpager.hf.state_cache import StateCache
 
     store = StateCache(max_bytes=3 * 96)
     rows = [(torch.full((1, 4), float(i)), torch.full((1, 8), i, dtype=torch.float64)) for i in range(5)]  # 80 bytes
@@ -165,7 +165,7 @@ def test_states_prompts_resume_from_outlast_a_flood_of_new_ones():
     stays while many states come in and are never asked for (a large batch's end
     states), which push out each other instead; states served keep at most
     `USED_SHARE` of the budget, the least recently served going back on probation."""
-    from kvpager.hf.recurrent_states import StateCache
+    from kvpager.hf.state_cache import StateCache
 
     row = (torch.zeros(1, 16),)  # 64 bytes
     store = StateCache(max_bytes=10 * 64)
@@ -255,7 +255,7 @@ def test_blocks_evicted_between_the_allocation_and_the_short_one(monkeypatch):
     nothing of which is cached). Each prompt is allocated again up to there, runs
     from its first token, holds the state there and runs the rest: transformers'
     tokens, the first allocation freed, nothing left."""
-    from kvpager.hf.recurrent_states import StateCache
+    from kvpager.hf.state_cache import StateCache
 
     model = make("qwen3_5")
     StateCache.of(model).clear()
@@ -286,7 +286,7 @@ def test_a_prompt_resumed_from_its_held_state_is_allocated_once(monkeypatch):
     allocation after it fails, the batch's allocations are all freed and the error
     is the caller's."""
     from kvpager import OutOfBlocks
-    from kvpager.hf.recurrent_states import StateCache
+    from kvpager.hf.state_cache import StateCache
 
     model = make("qwen3_5")
     StateCache.of(model).clear()
@@ -326,7 +326,7 @@ def test_held_states_serve_only_weights_of_their_dtype():
     not change with the dtype): after the model moves to bfloat16 they are not
     taken (they were, and the pass failed on the mixed dtypes, reported as a model
     kvpager cannot serve); the bfloat16 model's tokens are transformers'."""
-    from kvpager.hf.recurrent_states import StateCache
+    from kvpager.hf.state_cache import StateCache
 
     model = make("qwen3_5")
     StateCache.of(model).clear()
@@ -348,7 +348,7 @@ def test_a_lower_budget_drops_held_states_at_once():
     """`max_bytes` lowered (to 0 included) drops the least recently used states past
     it at once, so none of them is served afterwards; a negative or non-int budget
     is refused."""
-    from kvpager.hf.recurrent_states import StateCache
+    from kvpager.hf.state_cache import StateCache
 
     model = make("qwen3_5")
     store = StateCache.of(model)

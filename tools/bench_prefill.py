@@ -74,7 +74,7 @@ from e2e_paths import cache_argument  # noqa: E402
 from transformers.cache_utils import DynamicLayer  # noqa: E402
 
 import kvpager.hf.generation as khf  # noqa: E402
-from kvpager.hf.recurrent_states import StateCache  # noqa: E402
+from kvpager.hf.state_cache import StateCache  # noqa: E402
 
 try:  # (transformers before 5.24 has no recurrent layers' cache: no such models to run)
     from transformers.cache_utils import LinearAttentionCacheLayerMixin as LinearAttention  # noqa: E402

@@ -63,17 +63,15 @@ from kvpager.hf.attention import PagedBatch, capturing, paged_attention, run_pas
 from kvpager.hf.model import has_recurrent_layers, text_config
 from kvpager.hf.recurrent_states import (
     Layout,
-    PrefixKeys,
     Rows,
-    StateCache,
     States,
     cache_over,
     layout_of,
     new_cache,
-    prefix_key,
     rows_of,
     stacked,
 )
+from kvpager.hf.state_cache import PrefixKeys, StateCache, prefix_key
 
 __all__ = ["Recurrent", "StateCache", "States", "has_recurrent_layers", "new_cache"]
 

@@ -11,28 +11,22 @@ Here they are handled as
   over different groups of prompts (a pass per prompt length, and a pass that
   resumes from a cached state) join into one batch;
 - `States`: the batch's rows at fixed addresses for the decode steps (a CUDA
-  graph reads and writes them in place);
-- `StateCache`: states at block boundaries of prompts seen before, by their
-  tokens, so a prompt whose leading blocks are cached resumes there instead of
-  running its recurrent layers from its first token.
+  graph reads and writes them in place), and their marks (each row's states at
+  its last block boundary, held where its sequence ends).
+
+The states held across generations, by the tokens before them, are
+`kvpager.hf.state_cache`'s.
 """
 
 from __future__ import annotations
 
-import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from kvpager.hf.model import RECURRENT_KINDS, text_config
 from kvpager.sizing import NO_KV_KINDS
-
-#: what a state cache may hold by default, in bytes (`StateCache.max_bytes`)
-STATE_CACHE_BYTES = 1 << 30
 
 # (layer index, "conv" or "recurrent", state index, the convolution's kernel size or None)
 Layout = tuple[tuple[int, str, int, Any], ...]
@@ -260,196 +254,3 @@ class States:
     def restore(self, saved: list[torch.Tensor]) -> None:
         for t, s in zip(self.tensors, saved):
             t.copy_(s)
-
-
-def prefix_keys(salt: Any, tokens: Sequence[int], block_size: int, upto: int) -> list[bytes]:
-    """The keys of ``tokens``' prefixes of 1, 2, ... whole blocks, up to ``upto`` tokens:
-    SHA-256 over the salt and the ids, extended a block at a time."""
-    h = _salted(salt)
-    ids = memoryview(np.asarray(tokens[:upto], dtype=np.int64).tobytes())
-    step = 8 * block_size
-    out = []
-    for start in range(0, (upto - upto % block_size) * 8, step):
-        h.update(ids[start : start + step])
-        out.append(h.copy().digest())
-    return out
-
-
-def prefix_key(salt: Any, tokens: Sequence[int], upto: int) -> bytes:
-    """The key of ``tokens``' first ``upto`` tokens (whole blocks): `prefix_keys`' last,
-    in one pass over the ids."""
-    h = _salted(salt)
-    h.update(np.asarray(tokens[:upto], dtype=np.int64).tobytes())
-    return h.digest()
-
-
-class PrefixKeys:
-    """`prefix_keys`, made when asked: the longest prefix's key alone first (one pass
-    over the ids, what a prompt resumed where its cached blocks end asks for: a
-    conversation's next turn), every key at the first ask for a shorter one. A
-    sequence of ``upto // block_size`` keys, as `StateCache.longest` and `best`
-    read them (8 prompts of 2,304 cached tokens: 1,152 digests before, 8 now)."""
-
-    def __init__(self, salt: Any, tokens: Sequence[int], block_size: int, upto: int):
-        self._args = (salt, tokens, block_size, upto)
-        self._n = upto // block_size
-        self._last: bytes | None = None
-        self._all: list[bytes] | None = None
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __getitem__(self, i: int) -> bytes:
-        if i < 0:
-            i += self._n
-        if not 0 <= i < self._n:
-            raise IndexError(f"prefix key {i} of {self._n}")
-        if self._all is None:
-            salt, tokens, block_size, _ = self._args
-            if i == self._n - 1:
-                if self._last is None:
-                    self._last = prefix_key(salt, tokens, self._n * block_size)
-                return self._last
-            self._all = prefix_keys(*self._args)
-        return self._all[i]
-
-
-def _salted(salt: Any) -> Any:
-    """SHA-256 begun with ``salt`` (bytes as they are, anything else as its str)."""
-    return hashlib.sha256(salt if isinstance(salt, bytes) else str(salt).encode())
-
-
-class StateCache:
-    """Recurrent states at block boundaries of prompts seen before, each under the
-    key of the tokens before it (`prefix_keys`), dropped past ``max_bytes`` (0 keeps
-    none). One a model (`of`), shared by its generations: a state depends only on
-    the weights (in the salt) and the tokens before it, not on the pool its K/V went
-    to. Threads generating with one model share it (a lock).
-
-    ``hold_ends`` (default True): a generation also holds each sequence's states at
-    the last block boundary it ran, prompt and answer (`kvpager.hf.recurrent`), so a
-    conversation's next turn resumes after the answer instead of running it again.
-    It keeps a second copy of the batch's states while the batch decodes (`States`
-    marks), of at most ``max_bytes`` (the rows past those are not marked); False
-    spares that memory.
-
-    What goes first: a segmented LRU. A state comes in on probation (``fresh``) and
-    moves to ``used`` the first time a prompt resumes from it; past ``max_bytes`` the
-    least recently used state on probation goes first, so a large batch's end states
-    (most of which no next turn will ask for) cannot push out the states prompts keep
-    resuming from (a shared system prompt's). ``used`` keeps at most `USED_SHARE` of
-    the budget; beyond it its least recently used go back on probation."""
-
-    #: the share of ``max_bytes`` that states served at least once may keep
-    USED_SHARE = 0.75
-
-    def __init__(self, max_bytes: int = STATE_CACHE_BYTES, hold_ends: bool = True):
-        # key -> (layout, rows, bytes), least recently used first
-        self.fresh: OrderedDict[bytes, tuple[Layout, Rows, int]] = OrderedDict()
-        self.used: OrderedDict[bytes, tuple[Layout, Rows, int]] = OrderedDict()
-        self.nbytes = self._used_bytes = 0
-        self.hits = self.stores = 0
-        self._lock = threading.Lock()
-        self.max_bytes = max_bytes
-        self.hold_ends = hold_ends
-
-    @property
-    def entries(self) -> dict[bytes, tuple[Layout, Rows, int]]:
-        """Every state held (a copy of the index), in the order they would go."""
-        with self._lock:
-            return {**self.fresh, **self.used}
-
-    @property
-    def max_bytes(self) -> int:
-        return self._max_bytes
-
-    @max_bytes.setter
-    def max_bytes(self, value: int) -> None:
-        """A new budget: states go (in their order) until the rest fit (ValueError for
-        anything but an int >= 0)."""
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"StateCache.max_bytes must be an int >= 0, got {value!r}")
-        with self._lock:
-            self._max_bytes = int(value)
-            self._evict()
-
-    def _evict(self) -> None:
-        while self._used_bytes > self.USED_SHARE * self._max_bytes and self.used:
-            key, entry = self.used.popitem(last=False)  # back on probation, as its most recent
-            self._used_bytes -= entry[2]
-            self.fresh[key] = entry
-        while self.nbytes > self._max_bytes:
-            _, (_, _, gone) = self.fresh.popitem(last=False)
-            self.nbytes -= gone
-
-    @classmethod
-    def of(cls, model: Any) -> StateCache:
-        """``model``'s state cache (made at its first use, `STATE_CACHE_BYTES`)."""
-        return model.__dict__.setdefault("_kvpager_states", cls())
-
-    def longest(self, keys: Sequence[bytes], upto: int, block_size: int) -> int:
-        """The longest prefix of at most ``upto`` tokens whose state is held (0: none);
-        a look that counts nothing."""
-        with self._lock:
-            for n in range(min(upto // block_size, len(keys)), 0, -1):
-                if keys[n - 1] in self.used or keys[n - 1] in self.fresh:
-                    return n * block_size
-        return 0
-
-    def best(self, keys: Sequence[bytes], upto: int, block_size: int) -> tuple[int, Layout | None, Rows | None]:
-        """The longest prefix of at most ``upto`` tokens whose state is held: (its
-        length, its layout, its states), or (0, None, None). The state found is
-        used now: the most recently used of ``used``."""
-        with self._lock:
-            for n in range(min(upto // block_size, len(keys)), 0, -1):
-                key = keys[n - 1]
-                got = self.used.get(key)
-                if got is not None:
-                    self.used.move_to_end(key)
-                else:
-                    got = self.fresh.pop(key, None)
-                    if got is None:
-                        continue
-                    self.used[key] = got
-                    self._used_bytes += got[2]
-                    self._evict()
-                self.hits += 1
-                return n * block_size, got[0], got[1]
-        return 0, None, None
-
-    def put(self, key: bytes, layout: Layout, rows: Rows) -> None:
-        """Hold a copy of one sequence's states under ``key``, on probation (nothing
-        where they alone pass ``max_bytes``)."""
-        self.put_many([(key, layout, rows)])
-
-    def put_many(self, entries: Sequence[tuple[bytes, Layout, Rows]]) -> None:
-        """`put` for several sequences' states, their copies made by one multi-tensor
-        copy a dtype (a generation's ended sequences: 8 of Qwen3.5's layout were 288
-        copies, one launch each on a GPU)."""
-        todo, seen = [], set()
-        for key, layout, rows in entries:
-            size = sum(t.numel() * t.element_size() for t in rows)
-            if size > self.max_bytes or key in self.fresh or key in self.used or key in seen:
-                continue
-            seen.add(key)
-            todo.append((key, layout, rows, size))
-        if not todo:
-            return
-        copies = [tuple(torch.empty_like(t) for t in rows) for _, _, rows, _ in todo]
-        for src, dst in by_dtype([t for _, _, rows, _ in todo for t in rows], [c for copy in copies for c in copy]):
-            torch._foreach_copy_(dst, src)
-        with self._lock:
-            for (key, layout, _, size), copy in zip(todo, copies):
-                if key in self.fresh or key in self.used:
-                    continue
-                self.fresh[key] = (layout, copy, size)
-                self.nbytes += size
-                self.stores += 1
-            self._evict()
-
-    def clear(self) -> None:
-        with self._lock:
-            self.fresh.clear()
-            self.used.clear()
-            self.nbytes = self._used_bytes = 0
-            self.hits = self.stores = 0
