@@ -53,13 +53,14 @@ def _ending_early(free: list[list[int]], n: int) -> tuple[list[int], list[list[i
     raise AssertionError(f"no end tokens end some sequences early and leave another: {free}")
 
 
-@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "unpipelined"])
-@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next", "jamba", "bamba", "lfm2", "nemotron_h", "falcon_h1"])
-def test_captured_decode_steps_give_transformers_tokens(family, pipeline):
-    """``cuda_graphs=True``: 9 sequences run in the bucket of 16 (7 padding rows,
-    whose states are unused rows), then, once some have ended, in the bucket of 8
-    (a second capture over the same state tensors, the rows left moved up in
-    place); every token is transformers', nothing is left in the pool."""
+FAMILIES = ["qwen3_5", "qwen3_next", "jamba", "bamba", "lfm2", "nemotron_h", "falcon_h1"]
+
+
+def captured_steps_give_transformers_tokens(family: str, **options) -> None:
+    """9 sequences run in the bucket of 16 (7 padding rows, whose states are unused
+    rows), then, once some have ended, in the bucket of 8 (a second capture over the
+    same state tensors, the rows left moved up in place); every token is
+    transformers', nothing is left in the pool. ``options``: `PagedGeneration`'s."""
     # (Bamba's Mamba heads are sized to twice the default hidden size; LFM2's weights drawn wider,
     # or its greedy tokens repeat each sequence's first, so no token ends some sequences early)
     # The experts of Qwen3-Next, Jamba and Nemotron-H as batched matmuls: in float32 their default
@@ -73,8 +74,8 @@ def test_captured_decode_steps_give_transformers_tokens(family, pipeline):
         free = reference(model, ps, n)
     eos, want = _ending_early(free, n)
     pool = KVPool(spec_for_model(model, num_blocks=128, block_size=16), device="cuda:0")
-    with PagedGeneration(model, pool, ps, n, eos_token_id=eos, cuda_graphs=True, pipeline=pipeline) as gen:
-        assert gen._pipelined == pipeline
+    with PagedGeneration(model, pool, ps, n, eos_token_id=eos, cuda_graphs=True, **options) as gen:
+        assert gen._pipelined == options.get("pipeline", True)
         while not gen.done:
             gen.step()
         outputs = gen.outputs
@@ -84,6 +85,29 @@ def test_captured_decode_steps_give_transformers_tokens(family, pipeline):
     assert pool.stats().num_sequences == 0
     pool.check_integrity()
     pool.close()
+
+
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "unpipelined"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captured_decode_steps_give_transformers_tokens(family, pipeline):
+    """``cuda_graphs=True``, pipelined or not (`captured_steps_give_transformers_tokens`)."""
+    captured_steps_give_transformers_tokens(family, pipeline=pipeline)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_captured_steps_give_transformers_tokens(family, monkeypatch):
+    """``compile=True``: the captured steps are the decode pass compiled by inductor
+    (the recurrent layers' code fused with the rest, kvpager's attention one opaque
+    op), captured over the same state tensors in both buckets: transformers' tokens,
+    and the step did run compiled."""
+    pytest.importorskip("triton")  # torch.compile's inductor backend
+    import kvpager.hf.compiled as compiled
+    from kvpager.hf.recurrent import forward_rows
+
+    torch._dynamo.reset()  # the families together would pass dynamo's recompile limit
+    monkeypatch.setattr(compiled, "_compiled", {})
+    captured_steps_give_transformers_tokens(family, compile=True)
+    assert list(compiled._compiled) == [(forward_rows, "inductor", False)]
 
 
 def test_a_step_that_reads_back_during_capture_is_refused_with_the_way_out():

@@ -97,8 +97,7 @@ SHAPES = {
                  num_key_value_heads=4, head_dim=512, vocab_size=128256),
     # recurrent layers beside attention (`kvpager.hf.recurrent`): Qwen3.5's layout, three layers of
     # linear attention (Gated DeltaNet) to one of full attention, small enough for the CPU backend
-    # (`--device cpu --shapes q35s`); on a GPU without the compiled path (such models are captured
-    # uncompiled)
+    # (`--device cpu --shapes q35s`)
     "q35s": dict(family="Qwen3_5Text", model="Qwen3_5ForCausalLM", hidden_size=512, intermediate_size=1376,
                  num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
                  linear_num_value_heads=8, linear_num_key_heads=4, linear_key_head_dim=64,
@@ -170,13 +169,13 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
         blocks += batch * -(-shared // bs)
     loop = HFLoop(model, ps)
     # graphs (and the compiled step) need a GPU; a model with recurrent layers shares no prefix
-    # (no cascade to leave out) and is captured uncompiled
+    # (no cascade to leave out)
     gpu = e2e_paths.DEVICE == "cuda"
     recurrent = khf.has_recurrent_layers(model)
     kinds = [(False, None, True, False)]
     if gpu:
         kinds += [(True, None, True, False)] + ([] if recurrent else [(True, False, True, False)])
-    if compiled and gpu and not recurrent:
+    if compiled and gpu:
         kinds.append((True, None, True, True))
     if sync:  # the same without pipelined steps
         kinds += [(False, None, False, False)] + ([(True, None, False, False)] if gpu else [])

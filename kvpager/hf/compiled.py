@@ -87,7 +87,16 @@ if HAS_OP:
     write_attend.register_fake(_write_attend_fake)
 
 
-_compiled: dict[tuple[str, bool], Callable[..., torch.Tensor]] = {}
+_compiled: dict[tuple[Callable[..., Any], str, bool], Callable[..., Any]] = {}
+
+
+def compiled_fn(fn: Callable[..., Any], backend: str = "inductor", fullgraph: bool = False) -> Callable[..., Any]:
+    """``torch.compile(fn, backend=backend, fullgraph=fullgraph)``, made once (its
+    compiled graphs are kept by the function it gives, per model and shape)."""
+    out = _compiled.get((fn, backend, fullgraph))
+    if out is None:
+        out = _compiled[fn, backend, fullgraph] = torch.compile(fn, backend=backend, fullgraph=fullgraph)
+    return out
 
 
 def compiled_forward(model: Any, batch: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -102,7 +111,5 @@ def compiled_forward(model: Any, batch: Any, input_ids: torch.Tensor, position_i
     from kvpager.hf.attention import check_packable, forward_pass, run_pass
 
     check_packable(model, batch)
-    fn = _compiled.get((backend, fullgraph))
-    if fn is None:
-        fn = _compiled[backend, fullgraph] = torch.compile(forward_pass, backend=backend, fullgraph=fullgraph)
-    return run_pass(model, batch, fn, input_ids, position_ids, logits_to_keep)
+    return run_pass(model, batch, compiled_fn(forward_pass, backend, fullgraph), input_ids, position_ids,
+                    logits_to_keep)

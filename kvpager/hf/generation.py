@@ -154,13 +154,12 @@ class PagedGeneration(DecodePasses):
             self.salt = default_salt(self.model)
         self._recurrent = None  # a model with recurrent layers: their states (`kvpager.hf.recurrent`)
         if has_recurrent_layers(self.model):
-            if self.compile:
-                raise ValueError("compile: a model with recurrent layers (linear attention, state-space mixers) "
-                                 "is captured uncompiled; pass cuda_graphs=True without compile")
             # captured steps read the states of a bucket's rows (`kvpager.hf.graphs.bucket_for`)
             # (each sequence's states where it ends held, keyed by its prompt and tokens so far)
             self._recurrent = Recurrent(self.model, self._batch, capacity=bucket_for if self.cuda_graphs else None,
                                         history=lambda i: self.prompts[i] + self.outputs[i])
+            if self.compile:  # (captured steps compiled: the recurrent layers' code fused, as the rest)
+                self._recurrent.compile = "inductor"
             # (their blocks are matched only by generations that also hold or remake the states)
             self.salt = f"{self.salt}|recurrent"
         self._device = next(self.model.parameters()).device

@@ -51,6 +51,7 @@ transformers' linear-attention cache layers (5.24 and later) are required.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Callable, Container, Iterable, Sequence
@@ -60,6 +61,7 @@ import numpy as np
 import torch
 
 from kvpager.hf.attention import PagedBatch, capturing, paged_attention, run_pass
+from kvpager.hf.compiled import compiled_fn
 from kvpager.hf.model import has_recurrent_layers, text_config
 from kvpager.hf.recurrent_states import (
     Layout,
@@ -102,6 +104,11 @@ class Recurrent:
     #: (32 prompts of 256-768 tokens: 4.1x sooner), by length on the CPU, where the padding's tokens
     #: cost as much as any (the same 8 prompts of 128-384 tokens: 1.23x sooner by length)
     pad_prompts: bool | None = None
+    #: the decode passes (`decode`, `graph_pass`) compiled by ``torch.compile`` with this backend
+    #: (`kvpager.hf.compiled`: the recurrent layers' and the model's small kernels fused), or not
+    #: (None); ``fullgraph``: refuse a graph break instead of running the rest eagerly
+    compile: str | None = None
+    fullgraph: bool = False
 
     def __init__(self, model: Any, make_batch: Any, capacity: Callable[[int], int] | None = None,
                  history: Callable[[int], list[int]] | None = None):
@@ -292,7 +299,8 @@ class Recurrent:
         advance them twice."""
         n = self.states.n
         try:
-            return self._pass(plan, input_ids.view(-1, 1), position_ids.view(-1, 1), self.states.cache(n))
+            return self._pass(plan, input_ids.view(-1, 1), position_ids.view(-1, 1), self.states.cache(n),
+                              compiled=True)
         except BaseException:
             self.broken = True  # the layers before the failure wrote their new states in place
             raise
@@ -308,13 +316,14 @@ class Recurrent:
         cache = self.states.cache(rows)
         saved = None if capturing() else self.states.snapshot()
         try:
-            return self._run(batch, input_ids.view(-1, 1), position_ids.view(-1, 1), cache)
+            return self._run(batch, input_ids.view(-1, 1), position_ids.view(-1, 1), cache, compiled=True)
         finally:
             if saved is not None:
                 self.states.restore(saved)
 
     def _pass(self, plan: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any,
-              mask: torch.Tensor | None = None, real: torch.Tensor | None = None) -> torch.Tensor:
+              mask: torch.Tensor | None = None, real: torch.Tensor | None = None,
+              compiled: bool = False) -> torch.Tensor:
         """A forward pass of rows over ``plan`` with the recurrent states in ``cache``;
         the greedy next token at each row's last position. Rows left-padded to one
         length: ``mask`` [rows, tokens] (1 for a token, 0 for padding) and ``real``,
@@ -322,22 +331,27 @@ class Recurrent:
         with torch.inference_mode(), paged_attention(self.model):
             batch = self.make_batch(plan)
             batch.real = real
-            return self._run(batch, input_ids, position_ids, cache, mask)
+            return self._run(batch, input_ids, position_ids, cache, mask, compiled)
 
     def _run(self, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any,
-             padding: torch.Tensor | None = None) -> torch.Tensor:
-        arg = self.arg
+             padding: torch.Tensor | None = None, compiled: bool = False) -> torch.Tensor:
+        """`forward_rows` through `run_pass` (compiled by ``torch.compile`` where
+        ``compiled`` and `compile` is set: `kvpager.hf.compiled.compiled`)."""
+        fn = forward_rows if not (compiled and self.compile) else compiled_fn(forward_rows, self.compile,
+                                                                                self.fullgraph)
+        return run_pass(self.model, batch, functools.partial(fn, cache=cache, arg=self.arg, padding=padding),
+                        input_ids, position_ids)
 
-        def forward(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                    logits_to_keep: Any) -> torch.Tensor:
-            # Without padding, a 4-D mask is taken as given (no mask is built for the attention
-            # layers), and the recurrent layers take none. Rows left-padded: the 2-D mask, with
-            # which the recurrent layers zero the padding's inputs, so states from nothing stay
-            # nothing through it (the attention layers' plan holds the tokens alone).
-            mask = padding if padding is not None else torch.ones((1, 1, 1, 1), dtype=torch.bool,
-                                                                   device=input_ids.device)
-            out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
-                        logits_to_keep=1, kvpager=batch, **{arg: cache})
-            return out.logits[:, -1].argmax(dim=-1)
 
-        return run_pass(self.model, batch, forward, input_ids, position_ids)
+def forward_rows(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 logits_to_keep: Any, *, cache: Any, arg: str, padding: torch.Tensor | None) -> torch.Tensor:
+    """A pass of rows over the recurrent states in ``cache`` (the model's cache argument
+    ``arg``): each row's greedy next token. Without padding, a 4-D mask is taken as given
+    (no mask is built for the attention layers), and the recurrent layers take none. Rows
+    left-padded: the 2-D mask, with which the recurrent layers zero the padding's inputs,
+    so states from nothing stay nothing through it (the attention layers' plan holds the
+    tokens alone)."""
+    mask = padding if padding is not None else torch.ones((1, 1, 1, 1), dtype=torch.bool, device=input_ids.device)
+    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
+                logits_to_keep=1, kvpager=batch, **{arg: cache})
+    return out.logits[:, -1].argmax(dim=-1)
