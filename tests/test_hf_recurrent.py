@@ -94,9 +94,9 @@ def computed_tokens(monkeypatch) -> list[int]:
     seen: list[int] = []
     real = Recurrent._pass
 
-    def spy(self, plan, *args):
+    def spy(self, plan, *args, **kwargs):
         seen.append(plan.num_tokens)  # (tokens, not the padding of left-padded rows)
-        return real(self, plan, *args)
+        return real(self, plan, *args, **kwargs)
 
     monkeypatch.setattr(Recurrent, "_pass", spy)
     return seen
@@ -168,9 +168,9 @@ def test_prompts_from_no_state_prefill_in_one_pass(pad, monkeypatch):
     passes = []
     run = Recurrent._pass
 
-    def counted(self, plan, input_ids, *args):
+    def counted(self, plan, input_ids, *args, **kwargs):
         passes.append((tuple(input_ids.shape), plan.num_tokens))
-        return run(self, plan, input_ids, *args)
+        return run(self, plan, input_ids, *args, **kwargs)
 
     monkeypatch.setattr(Recurrent, "_pass", counted)
     monkeypatch.setattr(Recurrent, "pad_prompts", pad)

@@ -177,8 +177,8 @@ def test_a_next_turn_resumes_where_captured_steps_ended(pipeline, monkeypatch):
     assert generate(model, pool, ps, max_new_tokens=n, eos_token_id=eos, cuda_graphs=True, pipeline=pipeline) == want
     seen: list[int] = []
     real = Recurrent._pass
-    monkeypatch.setattr(Recurrent, "_pass", lambda self, plan, *a: seen.append(plan.num_tokens) or real(
-        self, plan, *a))
+    monkeypatch.setattr(Recurrent, "_pass", lambda self, plan, *a, **kw: seen.append(plan.num_tokens) or real(
+        self, plan, *a, **kw))
     resumed = 0
     for p, answer, more in zip(ps, want, prompts(*[5] * len(ps), seed=6)):
         turn = p + answer + more
