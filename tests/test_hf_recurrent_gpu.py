@@ -2,8 +2,9 @@
 head dim 32 (the smallest the CUDA kernels take), tokens identical to
 transformers' greedy ``generate`` of the same model on the same GPU, sequences
 ending at different steps; eager decode steps, and decode steps captured in CUDA
-graphs (pipelined or not) over batch buckets that shrink as sequences end, their
-recurrent states read and written in place. Skips without CUDA."""
+graphs (pipelined or not, and compiled by inductor) over batch buckets that
+shrink as sequences end, their recurrent states read and written in place. Skips
+without CUDA."""
 
 from __future__ import annotations
 
