@@ -58,6 +58,17 @@ FAMILIES = {
     # attention and a Mamba mixer side by side in every layer ("hybrid")
     "falcon_h1": ("FalconH1", "FalconH1ForCausalLM", dict(num_hidden_layers=3, mamba_d_ssm=64, mamba_n_heads=8,
                                                           mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=16)),
+    # one attention block shared by the hybrid layers (Zamba2: two, with per-layer adapters), told its
+    # layer at each call
+    "zamba": ("Zamba", "ZambaForCausalLM", dict(num_hidden_layers=6, attn_layer_period=3, attn_layer_offset=1,
+                                              attention_hidden_size=128, attention_head_dim=32, mamba_d_state=8,
+                                              mamba_dt_rank=8, n_mamba_heads=2, use_mamba_kernels=False)),
+    "zamba2": ("Zamba2", "Zamba2ForCausalLM",
+               dict(num_hidden_layers=6, layers_block_type=["linear_attention", "hybrid", "linear_attention",
+                                                            "hybrid", "hybrid", "linear_attention"],
+                    mamba_d_state=8, n_mamba_heads=2, mamba_headdim=64, attention_head_dim=32,
+                    attention_hidden_size=128, num_mem_blocks=2, use_shared_attention_adapter=True, adapter_rank=8,
+                    use_mem_rope=True, num_key_value_heads=4)),  # (its adapters assume as many K/V heads as q)
     "kimi_linear": ("KimiLinear", "KimiLinearForCausalLM", MLA_KDA),
     "bailing_hybrid": ("BailingHybrid", "BailingHybridForCausalLM",
                        dict(MLA_KDA, first_k_dense_replace=1, num_expert_group=1, topk_group=1, layer_group_size=4)),
@@ -237,20 +248,51 @@ def test_decode_steps_pipeline_as_other_models_do(pipeline):
     assert_nothing_held(pool)
 
 
-def test_attention_shared_across_layers_is_refused():
-    """Zamba2's attention block is one module shared by its hybrid layers (its
-    ``layer_idx`` -1, the layer told at call time): kvpager holds K/V by layer
-    index, so it is refused by name, before anything is allocated."""
-    config = transformers.Zamba2Config(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-        layers_block_type=["linear_attention", "hybrid", "linear_attention", "hybrid"], mamba_d_state=8,
-        n_mamba_heads=2, mamba_headdim=64, attention_head_dim=32, attention_hidden_size=128, pad_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.Zamba2ForCausalLM(config).eval()
-    pool = KVPool(spec_for_model(model, num_blocks=16, block_size=8))
-    with pytest.raises(ValueError, match="shared across layers"):
-        generate(model, pool, prompts(4), max_new_tokens=2)
-    assert pool.stats().num_sequences == 0
+@pytest.mark.parametrize("family", ["zamba", "zamba2"])
+def test_attention_shared_across_layers_is_told_its_layer(family, monkeypatch):
+    """Zamba's and Zamba2's attention block is one module shared by their hybrid
+    layers (``layer_idx`` None / -1: transformers tells it the layer at each call).
+    Under kvpager each call passes its layer on (`kvpager.hf.switching`), so each
+    layer's K/V go to its own pool layer: transformers' tokens (above, and here with
+    sequences ending early, compiled with ``fullgraph``, and a next generation
+    compiling nothing again); the module is as it was after. Called without its layer (the model switched by hand, not through
+    `paged_attention`), the attention function refuses by name."""
+    from torch._dynamo.utils import counters
+
+    import kvpager.hf.compiled as compiled
+    from kvpager.hf import PagedBatch, layer_map, paged_forward
+    from kvpager.hf.recurrent import Recurrent
+    from kvpager.hf.switching import _set_attn
+
+    model = make(family)
+    shared = {id(m): m for m in model.modules() if getattr(m, "layer_idx", 0) in (None, -1) and hasattr(m, "is_causal")}
+    assert shared and all("forward" not in m.__dict__ for m in shared.values())
+    ps = prompts(6, 17, 2, 9, seed=13)
+    with torch.inference_mode():
+        free = reference(model, ps, 6)
+    eos = [free[1][1], free[3][3]]
+    with torch.inference_mode():
+        want = reference(model, ps, 6, eos=eos)
+    torch._dynamo.reset()
+    monkeypatch.setattr(compiled, "_compiled", {})
+    monkeypatch.setattr(Recurrent, "compile", "aot_eager")
+    monkeypatch.setattr(Recurrent, "fullgraph", True)
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    assert pool.spec.num_layers == model.config.layers_block_type.count("hybrid") < model.config.num_hidden_layers
+    assert generate(model, pool, ps, max_new_tokens=6, eos_token_id=eos) == want
+    assert compiled._compiled  # (the decode passes ran compiled)
+    graphs = counters["stats"]["unique_graphs"]
+    assert generate(model, pool, ps, max_new_tokens=6, eos_token_id=eos) == want
+    assert counters["stats"]["unique_graphs"] == graphs  # the same generation again compiled nothing
+    assert_nothing_held(pool)
+    assert all("forward" not in m.__dict__ for m in shared.values())  # told only while switched
+    [p] = prompts(5, seed=3)
+    [a] = pool.allocate([p], "by hand")
+    batch = PagedBatch(pool.plan([a.seq_id], [5], a.slots), torch.float32, torch.device("cpu"), layers=layer_map(model))
+    _set_attn(model, "kvpager")
+    with torch.inference_mode(), pytest.raises(ValueError, match="did not say which layer"):
+        paged_forward(model, batch, torch.tensor([p]), torch.arange(5)[None])
+    pool.free([a.seq_id])
 
 
 def test_a_config_json_sizes_the_attention_layers_alone():

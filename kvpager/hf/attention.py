@@ -116,6 +116,7 @@ def kvpager_attention(
     sliding_window: Any = ABSENT,
     softcap: float | None = None,
     s_aux: torch.Tensor | None = None,
+    kvpager_layer: int | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """An ``AttentionInterface`` function: store this layer's K/V in the pool and
@@ -150,7 +151,12 @@ def kvpager_attention(
         if kvpager.real is not None:  # left-padded rows: their tokens alone (padding is neither stored nor read)
             query, key, value = (x.index_select(2, kvpager.real) for x in (query, key, value))
     batch = kvpager
-    layer = module.layer_idx
+    # (a module shared by several layers is told its layer at each call: `kvpager.hf.switching`)
+    layer = module.layer_idx if kvpager_layer is None else kvpager_layer
+    if layer is None or layer < 0:
+        raise ValueError(f"{type(module).__name__} is shared by several layers (layer_idx {layer}), and this call "
+                         "did not say which layer it attends for: run the model through kvpager.hf (generate, "
+                         "paged_attention), which has each call pass its layer on")
     if batch.windows is not None:
         window = batch.windows[layer]
     else:

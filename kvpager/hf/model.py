@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -111,12 +112,15 @@ def layer_windows(model: Any) -> list[int | None]:
         windows = [window] * n
     for module in modules_of(_decoder(model)):
         idx = getattr(module, "layer_idx", None)
+        if (idx is None or idx == -1) and module.__dict__.get("is_causal", getattr(type(module), "is_causal", None)) \
+                is True and shared_attention(module) is not None:
+            continue  # a causal module shared by layers, told its layer at each call (`kvpager.hf.switching`)
         if not isinstance(idx, int) or not hasattr(module, "is_causal"):
             continue  # not an attention module
         if not 0 <= idx < n:
             raise ValueError(f"an attention module ({type(module).__name__}) has layer_idx {idx}, not one of the "
-                             f"model's {n} layers (attention shared across layers: Zamba); kvpager holds a "
-                             "layer's K/V by its index")
+                             f"model's {n} layers, and its forward is not told a layer at each call as a module shared "
+                             "across layers is (Zamba's); kvpager holds a layer's K/V by its index")
         if module.is_causal is False:
             raise ValueError(f"layer {idx} attends bidirectionally (is_causal=False); kvpager attends causally")
         if kinds and idx < len(kinds) and kinds[idx] in NO_KV_KINDS:
@@ -163,6 +167,18 @@ def layer_chunk(module: Any, layer: int) -> int | None:
     if kinds is None or layer >= len(kinds) or kinds[layer] != CHUNKED:
         return None
     return config.attention_chunk_size
+
+
+def shared_attention(module: Any) -> int | None:
+    """Where ``module`` is an attention module shared by several layers, which is told
+    its layer at each call (Zamba's and Zamba2's: ``layer_idx`` None or -1, its
+    ``forward`` taking ``layer_idx``), the position of that argument in ``forward``'s signature; None
+    for any other module. `kvpager.hf.switching.paged_attention` has each such call
+    pass its layer on to kvpager's attention (``kvpager_layer``)."""
+    if getattr(module, "layer_idx", 0) not in (-1, None) or not hasattr(module, "is_causal"):
+        return None
+    names = list(inspect.signature(type(module).forward).parameters)
+    return names.index("layer_idx") - 1 if "layer_idx" in names else None  # (less self)
 
 
 def temperature_tuned(module: Any) -> bool:

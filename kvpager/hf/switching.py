@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kvpager.hf.model import temperature_tuned
+from kvpager.hf.model import shared_attention, temperature_tuned
 
 ATTN_IMPLEMENTATION = "kvpager"
 
@@ -37,7 +37,7 @@ def paged_attention(model: torch.nn.Module) -> Iterator[None]:
     with _switch_lock:
         entry = _switched.get(id(config))
         if entry is None:
-            entry = _switched[id(config)] = [0, config._attn_implementation, _untune(model)]
+            entry = _switched[id(config)] = [0, config._attn_implementation, _untune(model), _tell_layers(model)]
             if entry[1] != ATTN_IMPLEMENTATION:
                 _set_attn(model, ATTN_IMPLEMENTATION)
         entry[0] += 1
@@ -51,6 +51,7 @@ def paged_attention(model: torch.nn.Module) -> Iterator[None]:
                 if entry[1] != ATTN_IMPLEMENTATION:
                     _set_attn(model, entry[1])
                 _retune(entry[2])
+                _untell(entry[3])
 
 
 def _untune(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -74,6 +75,39 @@ def _retune(modules: list[torch.nn.Module]) -> None:
     for m in modules:
         m.attn_temperature_tuning = True
         del m._kvpager_tuning
+
+
+def _tell_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Have each attention module shared by several layers (Zamba's and Zamba2's:
+    `kvpager.hf.model.shared_attention`), which transformers tells its layer at
+    each call, pass that layer on to kvpager's attention (the keyword
+    ``kvpager_layer``, which its forward hands to the attention function with its
+    other keywords). Returns the modules (found at the model's first switch, then
+    kept on it)."""
+    shared = model.__dict__.get("_kvpager_shared")
+    if shared is None:
+        shared = model.__dict__["_kvpager_shared"] = [
+            (m, _telling(m.forward, at)) for m in model.modules() if (at := shared_attention(m)) is not None]
+    for m, told in shared:
+        m.forward = told
+    return [m for m, _ in shared]
+
+
+def _telling(forward: Any, at: int) -> Any:
+    """``forward`` (a shared attention module's, its layer the argument at ``at`` or
+    the keyword ``layer_idx``) passing that layer on as ``kvpager_layer``."""
+
+    def told(*args: Any, **kwargs: Any) -> Any:
+        layer = kwargs["layer_idx"] if "layer_idx" in kwargs else args[at]
+        return forward(*args, kvpager_layer=layer, **kwargs)
+
+    return told
+
+
+def _untell(modules: list[torch.nn.Module]) -> None:
+    """Undo `_tell_layers`."""
+    for m in modules:
+        del m.forward
 
 
 def _set_attn(model: torch.nn.Module, name: str) -> None:
