@@ -54,7 +54,7 @@ def _ending_early(free: list[list[int]], n: int) -> tuple[list[int], list[list[i
     raise AssertionError(f"no end tokens end some sequences early and leave another: {free}")
 
 
-FAMILIES = ["qwen3_5", "qwen3_next", "jamba", "bamba", "lfm2", "nemotron_h", "falcon_h1"]
+FAMILIES = ["qwen3_5", "qwen3_next", "jamba", "bamba", "lfm2", "nemotron_h", "falcon_h1", "zamba", "zamba2"]
 
 
 def captured_steps_give_transformers_tokens(family: str, **options) -> None:
@@ -66,7 +66,10 @@ def captured_steps_give_transformers_tokens(family: str, **options) -> None:
     # or its greedy tokens repeat each sequence's first, so no token ends some sequences early)
     # The experts of Qwen3-Next, Jamba and Nemotron-H as batched matmuls: in float32 their default
     # (grouped-mm) loop reads the routing to the host, which a capture refuses (test below).
-    own = {"bamba": {}, "lfm2": dict(hidden_size=128, initializer_range=0.1)}
+    # (Zamba's attention takes twice the hidden size, as its tests' configs give it: their weights drawn
+    # wider too)
+    own = {"bamba": {}, "lfm2": dict(hidden_size=128, initializer_range=0.1),
+           **{f: dict(hidden_size=64, initializer_range=0.2) for f in ("zamba", "zamba2")}}
     model = make(family, head_dim=32, experts_implementation="batched_mm",
                  **own.get(family, dict(hidden_size=128))).cuda()
     ps = prompts(9, 40, 1, 17, 5, 23, 3, 11, 30, seed=4)
