@@ -144,6 +144,63 @@ def attention_dims(get: Callable[[str], Any]) -> tuple[Any, Any, bool]:
     return qk, get("v_head_dim"), latent or get("model_type") in KV_PER_QUERY_HEAD
 
 
+#: older names of ``layer_types`` kinds, as transformers remaps them when it loads a config
+LEGACY_KINDS = {"mamba": "linear_attention", "attention": "full_attention"}
+#: transformers' defaults of (attn_layer_period, attn_layer_offset) by model type
+_PERIODS = {"jamba": (8, 4), "zamba": (6, 4)}
+#: Nemotron-H's ``hybrid_override_pattern``, a character a layer
+PATTERN_KINDS = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
+
+
+def layer_fields(cfg: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
+    """``cfg`` with ``layer_types``, ``num_hidden_layers`` and ``head_dim`` as
+    transformers' config classes resolve them from the other names a
+    ``config.json`` may give them under: ``layers_block_type`` (Zamba, Nemotron-H,
+    ...), Nemotron-H's ``hybrid_override_pattern``, Jamba's
+    ``attn_layer_period`` / ``attn_layer_offset`` (Zamba's after its first three
+    layers; transformers' defaults where a config of those types gives none),
+    Bamba's ``attn_layer_indices``, LFM2's ``full_attn_idxs``; older kind names (``mamba``,
+    ``attention``: `LEGACY_KINDS`); Zamba's ``attention_head_dim`` (twice the
+    hidden size a head where unset). A dict that names none is returned as it is."""
+    out = dict(cfg)
+    kinds = out.get("layer_types", out.get("layers_block_type"))
+    n, model_type = out.get("num_hidden_layers"), out.get("model_type")
+    pattern = out.get("hybrid_override_pattern")
+    if kinds is None and isinstance(pattern, str):
+        if set(pattern) - PATTERN_KINDS.keys():
+            raise InvalidArgument(f"{where}: hybrid_override_pattern {pattern!r} has characters other than "
+                                  f"{''.join(PATTERN_KINDS)}")
+        kinds = [PATTERN_KINDS[c] for c in pattern]
+    elif kinds is None and type(n) is int and isinstance(out.get("attn_layer_indices"), list):  # Bamba
+        attends = set(out["attn_layer_indices"])
+        kinds = ["full_attention" if i in attends else "linear_attention" for i in range(n)]
+    elif kinds is None and type(n) is int and isinstance(out.get("full_attn_idxs"), list):  # LFM2
+        attends = set(out["full_attn_idxs"])
+        kinds = ["full_attention" if i in attends else "conv" for i in range(n)]
+    elif kinds is None and type(n) is int and ("attn_layer_period" in out or model_type in _PERIODS):
+        period, offset = (out.get(k, d) for k, d in zip(("attn_layer_period", "attn_layer_offset"),
+                                                           _PERIODS.get(model_type, (None, 0))))
+        if type(period) is not int or period < 1 or type(offset) is not int:
+            raise InvalidArgument(f"{where}: attn_layer_period / attn_layer_offset must be ints (a period >= 1), "
+                                  f"got {period!r} / {offset!r}")
+        if model_type == "zamba":  # (its first three layers fixed, the period counted after them)
+            kinds = ["linear_attention"] * 2 + ["hybrid"] + [
+                "hybrid" if i % period == offset else "linear_attention" for i in range(n - 3)]
+        else:  # Jamba's
+            kinds = ["full_attention" if i % period == offset else "linear_attention" for i in range(n)]
+    if isinstance(kinds, (list, tuple)):
+        out["layer_types"] = [LEGACY_KINDS.get(k, k) if isinstance(k, str) else k for k in kinds]
+        if n is None:  # (Nemotron-H's count is its layer types')
+            out["num_hidden_layers"] = len(kinds)
+    if out.get("head_dim") is None:
+        if out.get("attention_head_dim") is not None:
+            out["head_dim"] = out["attention_head_dim"]
+        elif model_type in ("zamba", "zamba2") and type(out.get("hidden_size")) is int \
+                and type(out.get("num_attention_heads")) is int and out["num_attention_heads"] > 0:
+            out["head_dim"] = 2 * out["hidden_size"] // out["num_attention_heads"]
+    return out
+
+
 def config_geometry(config: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
     """`PoolSpec` fields (num_layers: the layers that store K/V, `kv_sources`;
     num_kv_heads, head_dim, and dtype when the config names one) from a
@@ -155,6 +212,7 @@ def config_geometry(config: dict[str, Any], where: str = "config.json") -> dict[
         raise InvalidArgument(f"{where}: a config is a dict (a JSON object), got {type(config).__name__}")
     text = config.get("text_config")
     cfg = {**config, **text} if isinstance(text, dict) and "num_hidden_layers" not in config else config
+    cfg = layer_fields(cfg, where)
 
     if "num_hidden_layers" not in cfg or "num_attention_heads" not in cfg:
         raise InvalidArgument(f"{where}: needs num_hidden_layers and num_attention_heads (is it a "
