@@ -98,6 +98,33 @@ def reference(model, ps: list[list[int]], n: int, eos=None) -> list[list[int]]:
     return out
 
 
+def ending_early(model, ps: list[list[int]], n: int, at: list[tuple[int, int]]) -> tuple[list[int], list[list[int]]]:
+    """End tokens (the token transformers gives prompt i at step j, for each (i, j) of
+    ``at``) that end some sequences before ``n`` tokens and leave another to run all
+    ``n``, and transformers' greedy tokens of each prompt with them."""
+    with torch.inference_mode():
+        free = reference(model, ps, n)
+        eos = [free[i][j] for i, j in at]
+        want = reference(model, ps, n, eos=eos)
+    assert any(len(w) < n for w in want) and any(len(w) == n for w in want)
+    return eos, want
+
+
+def compiled_decode_passes(monkeypatch) -> dict:
+    """From here on, the decode passes compiled with ``aot_eager`` and ``fullgraph`` (a
+    graph break fails the pass; dynamo reset first: many models compiled in one
+    process pass its recompile limit); returns the compiled functions made since."""
+    import kvpager.hf.compiled as compiled
+    from kvpager.hf.recurrent import Recurrent
+
+    torch._dynamo.reset()
+    made: dict = {}
+    monkeypatch.setattr(compiled, "_compiled", made)
+    monkeypatch.setattr(Recurrent, "compile", "aot_eager")
+    monkeypatch.setattr(Recurrent, "fullgraph", True)
+    return made
+
+
 def computed_tokens(monkeypatch) -> list[int]:
     """The tokens each forward pass of `Recurrent` runs, as they come (its plan's: left padding not counted)."""
     from kvpager.hf.recurrent import Recurrent
@@ -151,12 +178,7 @@ def test_sequences_that_end_early_leave_the_others_states_in_place():
     shrinks), so every sequence's tokens stay transformers'."""
     model = make("qwen3_5")
     ps = prompts(5, 12, 3, 20, seed=7)
-    with torch.inference_mode():
-        free = reference(model, ps, 6)
-    eos = [free[0][1], free[2][3]]
-    with torch.inference_mode():
-        want = reference(model, ps, 6, eos=eos)
-    assert any(len(w) < 6 for w in want) and any(len(w) == 6 for w in want)
+    eos, want = ending_early(model, ps, 6, [(0, 1), (2, 3)])
     pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
     assert generate(model, pool, ps, max_new_tokens=6, eos_token_id=eos) == want
     assert pool.stats().num_sequences == 0
@@ -203,24 +225,15 @@ def test_compiled_decode_passes_give_transformers_tokens(family, monkeypatch):
     rows left, fewer, compile again): transformers' tokens, and the passes did run
     compiled; nothing left held. (Each family compiles for tens of seconds on a
     small CPU: the GPU test takes the other families, with inductor.)"""
-    import kvpager.hf.compiled as compiled
-    from kvpager.hf.recurrent import Recurrent, forward_rows
+    from kvpager.hf.recurrent import forward_rows
 
-    torch._dynamo.reset()  # the families together would pass dynamo's recompile limit
-    monkeypatch.setattr(compiled, "_compiled", {})
-    monkeypatch.setattr(Recurrent, "compile", "aot_eager")
-    monkeypatch.setattr(Recurrent, "fullgraph", True)
     model = make(family)
     ps = prompts(6, 17, 2, 9, seed=13)
-    with torch.inference_mode():
-        free = reference(model, ps, 6)
-    eos = [free[1][1], free[3][3]]
-    with torch.inference_mode():
-        want = reference(model, ps, 6, eos=eos)
-    assert any(len(w) < 6 for w in want) and any(len(w) == 6 for w in want)
+    eos, want = ending_early(model, ps, 6, [(1, 1), (3, 3)])
+    made = compiled_decode_passes(monkeypatch)
     pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
     assert generate(model, pool, ps, max_new_tokens=6, eos_token_id=eos) == want
-    assert list(compiled._compiled) == [(forward_rows, "aot_eager", True)]
+    assert list(made) == [(forward_rows, "aot_eager", True)]
     assert_nothing_held(pool)
 
 
@@ -259,28 +272,19 @@ def test_attention_shared_across_layers_is_told_its_layer(family, monkeypatch):
     `paged_attention`), the attention function refuses by name."""
     from torch._dynamo.utils import counters
 
-    import kvpager.hf.compiled as compiled
     from kvpager.hf import PagedBatch, layer_map, paged_forward
-    from kvpager.hf.recurrent import Recurrent
     from kvpager.hf.switching import _set_attn
 
     model = make(family)
     shared = {id(m): m for m in model.modules() if getattr(m, "layer_idx", 0) in (None, -1) and hasattr(m, "is_causal")}
     assert shared and all("forward" not in m.__dict__ for m in shared.values())
     ps = prompts(6, 17, 2, 9, seed=13)
-    with torch.inference_mode():
-        free = reference(model, ps, 6)
-    eos = [free[1][1], free[3][3]]
-    with torch.inference_mode():
-        want = reference(model, ps, 6, eos=eos)
-    torch._dynamo.reset()
-    monkeypatch.setattr(compiled, "_compiled", {})
-    monkeypatch.setattr(Recurrent, "compile", "aot_eager")
-    monkeypatch.setattr(Recurrent, "fullgraph", True)
+    eos, want = ending_early(model, ps, 6, [(1, 1), (3, 3)])
+    made = compiled_decode_passes(monkeypatch)
     pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
     assert pool.spec.num_layers == model.config.layers_block_type.count("hybrid") < model.config.num_hidden_layers
     assert generate(model, pool, ps, max_new_tokens=6, eos_token_id=eos) == want
-    assert compiled._compiled  # (the decode passes ran compiled)
+    assert made  # (the decode passes ran compiled)
     graphs = counters["stats"]["unique_graphs"]
     assert generate(model, pool, ps, max_new_tokens=6, eos_token_id=eos) == want
     assert counters["stats"]["unique_graphs"] == graphs  # the same generation again compiled nothing

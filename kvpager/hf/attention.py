@@ -130,8 +130,10 @@ def kvpager_attention(
     of a layer whose module tunes their temperature by position (Llama-4's NoPE
     layers) are scaled here, by the packed row's positions. A value
     head dim other than the query's (latent attention) is zero-padded to the
-    pool's, and the output cut back to it. Any other argument that would change
-    the result is refused (`kvpager.hf.model.check_call`)."""
+    pool's, and the output cut back to it. A module shared by several layers
+    (Zamba's) attends for the layer its call passes as ``kvpager_layer``
+    (`kvpager.hf.switching`). Any other argument that would change the result is
+    refused (`kvpager.hf.model.check_call`)."""
     if kvpager is None:
         # Some families' decoder layers do not pass their keyword arguments on to
         # attention (StableLM, Nemotron): the pass's batch is still the current one.

@@ -336,7 +336,7 @@ class Recurrent:
     def _run(self, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any,
              padding: torch.Tensor | None = None, compiled: bool = False) -> torch.Tensor:
         """`forward_rows` through `run_pass` (compiled by ``torch.compile`` where
-        ``compiled`` and `compile` is set: `kvpager.hf.compiled.compiled`)."""
+        ``compiled`` and `compile` is set: `kvpager.hf.compiled.compiled_fn`)."""
         fn = forward_rows if not (compiled and self.compile) else compiled_fn(forward_rows, self.compile,
                                                                                 self.fullgraph)
         return run_pass(self.model, batch, functools.partial(fn, cache=cache, arg=self.arg, padding=padding),
