@@ -19,10 +19,10 @@ pytest.importorskip("transformers.cache_utils", reason="needs transformers' cach
 if not hasattr(__import__("transformers.cache_utils").cache_utils, "LinearAttentionCacheLayerMixin"):
     pytest.skip("transformers without linear-attention cache layers", allow_module_level=True)
 
-from kvpager import InvalidArgument, KVPool  # noqa: E402
+from kvpager import KVPool  # noqa: E402
 from kvpager.hf import generate, spec_for_model  # noqa: E402
 from kvpager.hf.recurrent import has_recurrent_layers  # noqa: E402
-from kvpager.sizing import NO_KV_KINDS, config_geometry  # noqa: E402
+from kvpager.sizing import NO_KV_KINDS  # noqa: E402
 
 VOCAB = 128
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
@@ -297,64 +297,6 @@ def test_attention_shared_across_layers_is_told_its_layer(family, monkeypatch):
     with torch.inference_mode(), pytest.raises(ValueError, match="did not say which layer"):
         paged_forward(model, batch, torch.tensor([p]), torch.arange(5)[None])
     pool.free([a.seq_id])
-
-
-def test_a_config_json_sizes_the_attention_layers_alone():
-    """`kvpager serve --model`'s sizing of a config.json counts the layers that attend
-    (as the worker's model does), and refuses a config without any."""
-    config = dict(num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-                  hidden_size=512, layer_types=["linear_attention", "linear_attention", "full_attention"] * 2,
-                  torch_dtype="bfloat16")
-    assert config_geometry(config) == dict(num_layers=2, num_kv_heads=2, head_dim=64, dtype="bfloat16")
-    model = make("qwen3_5")
-    assert spec_for_model(model, num_blocks=8).num_layers == 1
-    with pytest.raises(InvalidArgument, match="no layer attends"):
-        config_geometry({**config, "layer_types": ["linear_attention"] * 6})
-
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_each_familys_config_json_sizes_the_pool_its_model_needs(family):
-    """`kvpager serve --model`'s sizing of each family's config.json (as transformers
-    saves it) is the pool its model needs (`spec_for_model`). Jamba, Bamba and the
-    Zambas had been sized for every layer, Zamba2 at half its head dim, and
-    Nemotron-H refused (its config counts its layers by their types alone)."""
-    import json
-
-    model = make(family)
-    spec = spec_for_model(model, num_blocks=8)
-    got = config_geometry(json.loads(model.config.to_json_string()))
-    assert (got["num_layers"], got["num_kv_heads"], got["head_dim"]) == (spec.num_layers, spec.num_kv_heads,
-                                                                          spec.head_dim)
-
-
-SMALL_ATTENTION = dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=64)
-
-
-@pytest.mark.parametrize("config", [
-    dict(model_type="nemotron_h", hybrid_override_pattern="M-M*-ME*", head_dim=16),
-    dict(model_type="granitemoehybrid", num_hidden_layers=4, layer_types=["mamba", "mamba", "attention", "mamba"]),
-    dict(model_type="zamba2", num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "hybrid"]),
-    dict(model_type="zamba", num_hidden_layers=9, attn_layer_period=3, attn_layer_offset=1),
-    dict(model_type="zamba", num_hidden_layers=12),
-    dict(model_type="jamba", num_hidden_layers=8, attn_layer_period=4, attn_layer_offset=1),
-    dict(model_type="jamba", num_hidden_layers=16),
-    dict(model_type="bamba", num_hidden_layers=6, attn_layer_indices=[2, 5]),
-    dict(model_type="lfm2", num_hidden_layers=6, full_attn_idxs=[1, 4]),
-], ids=lambda c: f"{c['model_type']}-{'-'.join(k for k in c if k not in ('model_type', 'num_hidden_layers'))}")
-def test_a_hub_config_json_in_its_own_names_sizes_as_transformers_reads_it(config):
-    """config.json files as checkpoints carry them, in the names their families use
-    (a pattern string, older kind names, a period and offset, attention indices,
-    a head dim for twice the hidden size): sized as transformers' own config class
-    resolves them (`kvpager.hf.model.model_geometry` of the config it loads)."""
-    from kvpager.hf.model import model_geometry
-
-    raw = {**SMALL_ATTENTION, **config}
-    fields = {k: v for k, v in raw.items() if k != "model_type"}
-    want = model_geometry(transformers.AutoConfig.for_model(raw["model_type"], **fields))
-    got = config_geometry(raw)
-    assert (got["num_layers"], got["num_kv_heads"], got["head_dim"]) == (want["num_layers"], want["num_kv_heads"],
-                                                                          want["head_dim"])
-    assert got["num_layers"] < transformers.AutoConfig.for_model(raw["model_type"], **fields).num_hidden_layers
 
 
 def test_through_a_daemon_client():
