@@ -129,7 +129,7 @@ def test_the_state_cache_drops_the_least_recently_used_past_its_bytes():
         store.put(key, (), row)
     assert store.best([b"a"], 8, 8)[0] == 8  # "a" served: "b" is now the oldest on probation
     store.put(b"d", (), row)
-    assert list(store.entries) == [b"c", b"d", b"a"] and store.nbytes == 3 * 64
+    assert list(store.entries) == [b"c", b"a", b"d"] and store.nbytes == 3 * 64 and not store.used
     store.put(b"big", (), (torch.zeros(1, 100),))  # more than the whole budget alone: not held
     assert b"big" not in store.entries
     held = store.entries[b"d"][1][0]
@@ -164,25 +164,49 @@ def test_states_prompts_resume_from_outlast_a_flood_of_new_ones():
     """A segmented LRU: a state a prompt resumed from (a shared system prompt's)
     stays while many states come in and are never asked for (a large batch's end
     states), which push out each other instead; states served keep at most
-    `USED_SHARE` of the budget, the least recently served going back on probation."""
+    `USED_SHARE` of the budget, the least recently served going back on probation.
+    A state is kept apart from the flood from its second serve on."""
     from kvpager.hf.state_cache import StateCache
 
     row = (torch.zeros(1, 16),)  # 64 bytes
     store = StateCache(max_bytes=10 * 64)
     store.put(b"system", (), row)
-    assert store.best([b"system"], 8, 8)[0] == 8
+    for _ in range(2):
+        assert store.best([b"system"], 8, 8)[0] == 8
     for k in range(40):
         store.put(b"end%d" % k, (), row)
     held = store.entries
     assert b"system" in held and store.nbytes == 10 * 64
     assert [k for k in held if k != b"system"] == [b"end%d" % k for k in range(31, 40)]  # the newest 9
-    for k in range(31, 40):  # all served: 7 of 64 bytes fit in 75% of 640, the others back on probation
-        assert store.best([b"end%d" % k], 8, 8)[0] == 8
+    for _ in range(2):
+        for k in range(31, 40):  # all served twice: 7 of 64 bytes fit in 75% of 640, the others back on probation
+            assert store.best([b"end%d" % k], 8, 8)[0] == 8
     assert len(store.used) == 7 and store.nbytes == 10 * 64
     assert list(store.used) == [b"end%d" % k for k in range(33, 40)]
     assert list(store.fresh) == [b"system", b"end31", b"end32"]
     store.max_bytes = 4 * 64  # 3 served fit in 75%: the rest go, probation first
     assert list(store.entries) == [b"end36", b"end37", b"end38", b"end39"]
+    assert store.best([b"end36"], 8, 8)[0] == 8  # served before: back at once, end37 out in its place
+    assert list(store.used) == [b"end38", b"end39", b"end36"] and list(store.fresh) == [b"end37"]
+
+
+def test_conversations_resumed_once_a_turn_keep_their_next_turns_states():
+    """A batch of conversations, turn after turn: each turn holds its end states and
+    the next turn resumes from them once. States served once stay on probation (as
+    its most recent), so they do not fill the served segment and leave probation
+    too small for one batch's new end states. Before, with room for 28 states, the
+    served segment held 21 and, from the fourth turn on, one conversation of 8 found
+    its state gone every turn (its answer run again)."""
+    from kvpager.hf.state_cache import StateCache
+
+    row = (torch.zeros(1, 16),)  # 64 bytes
+    store = StateCache(max_bytes=28 * 64)
+    for turn in range(12):
+        ends = [b"turn %d conversation %d" % (turn, c) for c in range(8)]
+        store.put_many([(key, (), row) for key in ends])  # where the last turn's answers ended
+        assert [store.best([key], 8, 8)[0] for key in ends] == [8] * 8, turn  # the next turn resumes
+        store.put_many([(b"turn %d other %d" % (turn, c), (), row) for c in range(8)])  # states never asked for
+    assert not store.used and store.nbytes == 28 * 64
 
 
 def test_states_keep_the_rows_left_in_place():

@@ -95,12 +95,21 @@ class StateCache:
     marks), of at most ``max_bytes`` (the rows past those are not marked); False
     spares that memory.
 
-    What goes first: a segmented LRU. A state comes in on probation (``fresh``) and
-    moves to ``used`` the first time a prompt resumes from it; past ``max_bytes`` the
-    least recently used state on probation goes first, so a large batch's end states
-    (most of which no next turn will ask for) cannot push out the states prompts keep
-    resuming from (a shared system prompt's). ``used`` keeps at most `USED_SHARE` of
-    the budget; beyond it its least recently used go back on probation."""
+    What goes first: a segmented LRU. A state comes in on probation (``fresh``); the
+    first time a prompt resumes from it, it becomes the most recent there, and the
+    second time it moves to ``used``. Past ``max_bytes`` the least recently used
+    state on probation goes first, so a large batch's end states (most of which no
+    next turn will ask for) cannot push out the states prompts keep resuming from (a
+    shared system prompt's). ``used`` keeps at most `USED_SHARE` of the budget;
+    beyond it its least recently used go back on probation.
+
+    A conversation's turn resumes from the state its last turn ended at once and
+    holds its own end: states served once are such checkpoints, which the next turn
+    supersedes. Moved to ``used`` at their first serve (as before), they filled it
+    in a few turns of a batch of conversations and left probation too small for one
+    batch's new end states (a budget of 28 states, 21 of them in ``used``: of 8
+    conversations' end states, one went before its next turn asked for it, which
+    then ran its answer again, in a pass of its own)."""
 
     #: the share of ``max_bytes`` that states served at least once may keep
     USED_SHARE = 0.75
@@ -108,6 +117,7 @@ class StateCache:
     def __init__(self, max_bytes: int = STATE_CACHE_BYTES, hold_ends: bool = True):
         # key -> (layout, rows, bytes), least recently used first
         self.fresh: OrderedDict[bytes, tuple[Layout, Rows, int]] = OrderedDict()
+        self._served: set[bytes] = set()  # the keys on probation served once
         self.used: OrderedDict[bytes, tuple[Layout, Rows, int]] = OrderedDict()
         self.nbytes = self._used_bytes = 0
         self.hits = self.stores = 0
@@ -140,8 +150,10 @@ class StateCache:
             key, entry = self.used.popitem(last=False)  # back on probation, as its most recent
             self._used_bytes -= entry[2]
             self.fresh[key] = entry
+            self._served.add(key)  # (served before: its next serve takes it back)
         while self.nbytes > self._max_bytes:
-            _, (_, _, gone) = self.fresh.popitem(last=False)
+            key, (_, _, gone) = self.fresh.popitem(last=False)
+            self._served.discard(key)
             self.nbytes -= gone
 
     @classmethod
@@ -161,7 +173,7 @@ class StateCache:
     def best(self, keys: Sequence[bytes], upto: int, block_size: int) -> tuple[int, Layout | None, Rows | None]:
         """The longest prefix of at most ``upto`` tokens whose state is held: (its
         length, its layout, its states), or (0, None, None). The state found is
-        used now: the most recently used of ``used``."""
+        used now: the most recently used on probation the first time, of ``used`` after."""
         with self._lock:
             for n in range(min(upto // block_size, len(keys)), 0, -1):
                 key = keys[n - 1]
@@ -169,12 +181,18 @@ class StateCache:
                 if got is not None:
                     self.used.move_to_end(key)
                 else:
-                    got = self.fresh.pop(key, None)
+                    got = self.fresh.get(key)
                     if got is None:
                         continue
-                    self.used[key] = got
-                    self._used_bytes += got[2]
-                    self._evict()
+                    if key not in self._served:  # served once: the most recent on probation
+                        self._served.add(key)
+                        self.fresh.move_to_end(key)
+                    else:  # twice: kept apart from probation's flood
+                        self._served.discard(key)
+                        del self.fresh[key]
+                        self.used[key] = got
+                        self._used_bytes += got[2]
+                        self._evict()
                 self.hits += 1
                 return n * block_size, got[0], got[1]
         return 0, None, None
@@ -212,6 +230,7 @@ class StateCache:
     def clear(self) -> None:
         with self._lock:
             self.fresh.clear()
+            self._served.clear()
             self.used.clear()
             self.nbytes = self._used_bytes = 0
             self.hits = self.stores = 0
