@@ -19,7 +19,7 @@ from kvpager import cpu_attention, cuda_ipc, validate
 from kvpager.attend_options import check_scale, check_sinks, check_softcap, check_window, chunk_step
 from kvpager.client_tables import as_ids, id_list
 from kvpager.errors import InvalidArgument, NotOwner, SessionLost
-from kvpager.plan import StepPlan, make_plan
+from kvpager.plan import StepPlan, context_of, make_plan
 from kvpager.plan_guard import Foreign, Moves, sequence_guard
 from kvpager.protocol import decode_info
 from kvpager.shm import map_pool, map_release_count
@@ -49,18 +49,21 @@ class KVAccess:
         return self.remote_attend(layer, seq_ids, q, query_lens, scale, window=window, softcap=softcap,
                                   sinks=sinks, chunk=chunk)
 
-    def plan(self, seq_ids: Any, query_lens: Any = None, slots: Any = None, **options: Any) -> StepPlan:
-        """As `KVPool.plan`: a step plan over the mapped pool, built here from this
-        client's mirror of its block tables (no round trip for its own sequences),
-        then ``plan.write(layer, k, v)`` and ``plan.attend(layer, q)`` per layer run
-        here too. A snapshot: make a new one after the sequences change."""
+    def plan(self, seq_ids: Any, query_lens: Any = None, slots: Any = None, *, context_lens: Any = None,
+             **options: Any) -> StepPlan:
+        """As `KVPool.plan` (``context_lens`` included): a step plan over the mapped pool,
+        built here from this client's mirror of its block tables (no round trip for its
+        own sequences), then ``plan.write(layer, k, v)`` and ``plan.attend(layer, q)`` per
+        layer run here too. A snapshot: make a new one after the sequences change."""
         seq_ids = as_ids(seq_ids)
         tables, seq_lens = self.tables(seq_ids)
+        seq_lens = context_of(np.asarray(seq_lens), context_lens)
         plan = make_plan(self._pool(), tables, seq_lens, query_lens, slots, **options)
         self._tie(plan, id_list(seq_ids))
         return plan
 
-    def refill(self, plan: StepPlan, seq_ids: Any, query_lens: Any = None, slots: Any = None) -> None:
+    def refill(self, plan: StepPlan, seq_ids: Any, query_lens: Any = None, slots: Any = None, *,
+               context_lens: Any = None) -> None:
         """As `KVPool.refill`: `StepPlan.update` from this client's tables of
         ``seq_ids``, the plan staying tied to them (it refuses its calls once they
         change under it: `kvpager.plan_guard`)."""
@@ -68,6 +71,7 @@ class KVAccess:
             raise InvalidArgument(f"refill: {type(plan).__name__} is no step plan of this client's mapped pool")
         seq_ids = as_ids(seq_ids)
         tables, seq_lens = self.tables(seq_ids)
+        seq_lens = context_of(np.asarray(seq_lens), context_lens)
         plan.update(tables, seq_lens, query_lens, slots)
         self._tie(plan, id_list(seq_ids))
 

@@ -70,6 +70,22 @@ def check_step(
     return (tables, seq_lens, *check_queries(spec, seq_lens, query_lens, slots))
 
 
+def context_of(seq_lens: np.ndarray, context_lens: Any) -> np.ndarray:
+    """The lengths a step attends over where it runs over each sequence's first
+    ``context_lens`` tokens (None: all ``seq_lens`` it holds; an int: the same for
+    each): a prompt allocated whole and run in parts (chunked prefill, or a model's
+    recurrent layers resumed in passes), each part's tokens the last of its context.
+    InvalidArgument unless each is an int in [1, its sequence's length]."""
+    if context_lens is None:
+        return seq_lens
+    lens = int_array(validate.per_seq(context_lens, len(seq_lens), "context_lens"), "context_lens", 1, np.int64)
+    if len(lens) and (lens.min() < 1 or (lens > seq_lens).any()):
+        bad = int(np.flatnonzero((lens < 1) | (lens > seq_lens))[0])
+        raise InvalidArgument(f"context_lens must be in [1, the sequence's length]: sequence {bad} holds "
+                              f"{int(seq_lens[bad])} tokens, context_lens {int(lens[bad])}")
+    return lens.astype(np.int32)
+
+
 def check_queries(spec: PoolSpec, seq_lens: np.ndarray, query_lens: Any = None,
                   slots: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The query lengths (int32 [B], default 1; each in [1, seq_lens]) and slots

@@ -12,7 +12,7 @@ import numpy as np
 from kvpager import validate
 from kvpager.attend_options import check_scale, check_softcap, check_window, chunk_step
 from kvpager.errors import InvalidArgument
-from kvpager.plan import StepPlan, check_floor, check_queries, table_floor
+from kvpager.plan import StepPlan, check_floor, check_queries, context_of, table_floor
 from kvpager.plan_guard import sequence_guard
 from kvpager.plan_numpy import from_numpy, to_numpy
 
@@ -130,20 +130,26 @@ class PoolKV:
         seq_ids: int | Seq[int],
         query_lens: int | Seq[int] | None = None,
         slots: Any = None,
+        *,
+        context_lens: int | Seq[int] | None = None,
         **options: Any,
     ) -> StepPlan:
         """A step plan for one forward pass over ``seq_ids``: their block tables,
         lengths and the step's ``slots`` (where its new tokens' K/V go, as
         `append` / `allocate` returned them) checked and uploaded once; then per
         layer ``plan.write(layer, k, v)`` and ``plan.attend(layer, q, scale)``
-        (see `kvpager.plan`). ``query_lens``: new tokens per sequence (default 1).
-        The plan is a snapshot: make a new one (or `StepPlan.update` it) after
-        the sequences change. ``options`` go to the backend's planner (see
-        `kvpager.plan.make_plan`; ``config=KernelConfig(...)`` for other kernel knobs)."""
+        (see `kvpager.plan`). ``query_lens``: new tokens per sequence (default 1),
+        the last of each sequence's tokens, or of its first ``context_lens``
+        (default: all it holds; a prompt allocated whole and run in parts,
+        `kvpager.plan.context_of`). The plan is a snapshot: make a new one (or
+        `StepPlan.update` it) after the sequences change. ``options`` go to the
+        backend's planner (see `kvpager.plan.make_plan`; ``config=KernelConfig(...)``
+        for other kernel knobs)."""
         if self.ranks > 1:
             raise self.backend._per_rank("plan")
         ids = validate.seq_ids(seq_ids)
         tables, seq_lens = self.manager.tables(ids)  # the pool's own: only the step's part needs checks
+        seq_lens = context_of(seq_lens, context_lens)
         if query_lens is not None:
             query_lens = validate.per_seq(query_lens, len(ids), "query_lens")  # (check_queries makes the array)
         query_lens, slots = check_queries(self.spec, seq_lens, query_lens, slots)
@@ -154,18 +160,19 @@ class PoolKV:
         return plan
 
     def refill(self, plan: StepPlan, seq_ids: int | Seq[int], query_lens: int | Seq[int] | None = None,
-               slots: Any = None) -> None:
+               slots: Any = None, *, context_lens: int | Seq[int] | None = None) -> None:
         """`StepPlan.update` from this pool's block tables of ``seq_ids``: the
         plan keeps its buffers (a captured CUDA graph replays the new step) and
         stays tied to these sequences, so it refuses its calls once they change
-        under it (`kvpager.plan_guard`), as a plan from `plan` does. ``query_lens``
-        and ``slots`` as `plan` takes them."""
+        under it (`kvpager.plan_guard`), as a plan from `plan` does. ``query_lens``,
+        ``slots`` and ``context_lens`` as `plan` takes them."""
         if self.ranks > 1:
             raise self.backend._per_rank("refill")
         if not isinstance(plan, StepPlan) or plan.backend is not self.backend:
             raise InvalidArgument(f"refill: {type(plan).__name__} is no step plan of this pool")
         ids = validate.seq_ids(seq_ids)
         tables, seq_lens = self.manager.tables(ids)
+        seq_lens = context_of(seq_lens, context_lens)
         if query_lens is not None:
             query_lens = validate.per_seq(query_lens, len(ids), "query_lens")
         plan.update(tables, seq_lens, query_lens, slots)

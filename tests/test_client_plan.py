@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from client_plan_helpers import BS, SPEC, WAIT, assert_mirrors_daemon, write_random
+from client_plan_helpers import (
+    BS,
+    SPEC,
+    WAIT,
+    assert_mirrors_daemon,
+    assert_unchanged,
+    snapshot,
+    write_random,
+)
 from daemon_helpers import client_fixture, running_server, server_fixture
 
 from kvpager.client import Client
@@ -165,3 +173,29 @@ def test_chunked_attention_here_and_by_the_daemon(server, client):
     client.free(ids)
     client.check_integrity()
 
+
+
+def test_a_plan_over_the_first_tokens_of_prompts_allocated_whole(server, client):
+    """``context_lens`` in a worker's plan as in `KVPool.plan`: each part's queries attend
+    over their context up to themselves (a dense causal softmax); a bad one is a typed
+    error and changes nothing."""
+    from test_plan_chunked import dense_chunked
+
+    rng = np.random.default_rng(12)
+    lens = [37, 9, 20]
+    seqs = client.allocate([list(range(80 + i, 80 + i + n)) for i, n in enumerate(lens)])
+    ids = [s.seq_id for s in seqs]
+    write_random(client, np.concatenate([s.slots for s in seqs]), rng)
+    context, qlens = [21, 9, 4], [5, 2, 4]
+    plan = client.plan(ids, qlens, context_lens=context)
+    np.testing.assert_array_equal(plan.seq_lens, context)
+    q = rng.standard_normal((sum(qlens), 4, SPEC.head_dim)).astype(np.float32)
+    ref = dense_chunked(client.device_array(), 0, q, client.tables(ids)[0], context, qlens, 1 << 20)
+    np.testing.assert_allclose(plan.attend(0, q), ref, rtol=1e-4, atol=1e-5)
+    before = snapshot(client)
+    for bad in ([38, 9, 20], [0, 9, 20], [21, 9]):
+        with pytest.raises(InvalidArgument, match="context_lens"):
+            client.plan(ids, None, context_lens=bad)
+    assert_unchanged(before, client)
+    client.free(ids)
+    client.check_integrity()

@@ -72,6 +72,35 @@ def test_plan_prefill_then_decode_matches_numpy(dtype):
         assert rel_err(out, reference(pool, layer, q, tables, seq_lens, [1] * len(ids))) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_plan_over_the_first_tokens_of_prompts_allocated_whole(dtype):
+    """``context_lens``: each part's queries attend over their context up to themselves
+    (prefill parts, multi-token and decode-shaped), as the NumPy twin does over those
+    lengths; a refilled plan takes them too, and refuses bad ones."""
+    g = torch.Generator().manual_seed(2)
+    pool = make(dtype)
+    lens = [160, 31, 90, 64]
+    allocs = pool.allocate([list(range(3, 3 + n)) for n in lens])
+    ids = [a.seq_id for a in allocs]
+    hkv, d = pool.spec.num_kv_heads, pool.spec.head_dim
+    plan = pool.plan(ids, lens, np.concatenate([a.slots for a in allocs]))
+    for layer in range(2):
+        plan.write(layer, rand(g, sum(lens), hkv, d, dtype=dtype), rand(g, sum(lens), hkv, d, dtype=dtype))
+    tables, _ = pool.tables(ids)
+    for context, qlens in (([100, 31, 17, 64], [40, 31, 1, 3]), ([129, 2, 90, 1], [1, 1, 1, 1])):
+        plan = pool.plan(ids, qlens, context_lens=context)
+        q = rand(g, sum(qlens), HQ, d, dtype=dtype)
+        assert rel_err(plan.attend(1, q), reference(pool, 1, q, tables, context, qlens)) < TOL[dtype]
+    plan = pool.plan(ids, [1, 1, 1, 1])
+    pool.refill(plan, ids, [8, 1, 2, 4], context_lens=[8, 30, 60, 50])
+    q = rand(g, 15, HQ, d, dtype=dtype)
+    assert rel_err(plan.attend(0, q), reference(pool, 0, q, tables, [8, 30, 60, 50], [8, 1, 2, 4])) < TOL[dtype]
+    with pytest.raises(InvalidArgument, match="context_lens"):
+        pool.refill(plan, ids, [8, 1, 2, 4], context_lens=[8, 32, 60, 50])
+    with pytest.raises(InvalidArgument, match="query_lens"):
+        pool.plan(ids, [9, 1, 2, 4], context_lens=[8, 30, 60, 50])
+
+
 def test_a_host_bound_decode_step_splits_only_where_its_ctas_miss_sms():
     """An eager (host-bound) decode step whose unsplit CTAs reach every SM runs
     unsplit (no merge launch a layer) and gives the split step's output; a step

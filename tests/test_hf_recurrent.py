@@ -154,8 +154,9 @@ def assert_nothing_held(pool) -> None:
 def test_tokens_equal_transformers(family, pad, monkeypatch):
     """Prompts of 1 to 40 tokens (some over several blocks), five new tokens each:
     kvpager's tokens are transformers'; the pool holds the attention layers alone,
-    and nothing is left held in it (its blocks published, evictable). Prefilled a
-    pass per length (the CPU's default), and left-padded in one pass (a GPU's)."""
+    and nothing is left held in it (its blocks published, evictable). Prefilled in
+    parts of lengths the rows share (the CPU's default), and left-padded in one pass
+    (a GPU's)."""
     from kvpager.hf.recurrent import Recurrent
 
     monkeypatch.setattr(Recurrent, "pad_prompts", pad)
@@ -189,9 +190,11 @@ def test_prompts_from_no_state_prefill_in_one_pass(pad, monkeypatch):
     """Prompts that start from no state prefill in one pass, left-padded to the
     longest (`Recurrent.pad_prompts`: the recurrent layers zero the padding's inputs,
     the attention layers' plan holds the tokens alone): here one pass for six
-    prompts of three lengths, 42 tokens in rows of 9. With it off, a pass per
-    length (rows of as many tokens): three. transformers' tokens either way, the
-    rows' states put back in the prompts' order for the decode steps."""
+    prompts of three lengths, 42 tokens in rows of 9. With it off, in parts of
+    lengths the rows share (`kvpager.hf.pass_schedule`): the first token of all six,
+    the next 6 of the five longer, the last 2 of the three longest. transformers'
+    tokens either way, the rows' states put back in the prompts' order for the
+    decode steps."""
     from kvpager.hf.recurrent import Recurrent
 
     model = make("qwen3_next")
@@ -212,7 +215,7 @@ def test_prompts_from_no_state_prefill_in_one_pass(pad, monkeypatch):
     if pad:
         assert passes[:1] == [((6, 9), 42)] and passes[1:] == [((6, 1), 6)] * 3
     else:
-        assert passes[:3] == [((3, 9), 27), ((2, 7), 14), ((1, 1), 1)] and passes[3:] == [((6, 1), 6)] * 3
+        assert passes[:3] == [((6, 1), 6), ((5, 6), 30), ((3, 2), 6)] and passes[3:] == [((6, 1), 6)] * 3
     assert_nothing_held(pool)
 
 

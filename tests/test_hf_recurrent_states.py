@@ -10,8 +10,6 @@ own generate."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -272,44 +270,12 @@ def test_a_captured_steps_warm_up_leaves_the_states_as_it_found_them():
         assert not all(torch.equal(t[:3], b[:3]) for t, b in zip(rec.states.tensors, before))
 
 
-def test_blocks_evicted_between_the_allocation_and_the_short_one(monkeypatch):
-    """The whole prompts' allocation found more cached than the short allocation
-    after it then found (another worker's allocations evicted the blocks between the
-    two calls; simulated: the first allocation says 16 and 8 tokens of prompts
-    nothing of which is cached). Each prompt is allocated again up to there, runs
-    from its first token, holds the state there and runs the rest: transformers'
-    tokens, the first allocation freed, nothing left."""
-    from kvpager.hf.state_cache import StateCache
-
-    model = make("qwen3_5")
-    StateCache.of(model).clear()
-    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
-    ps = prompts(21, 9, seed=31)
-    with torch.inference_mode():
-        want = reference(model, ps, 3)
-    real, asked = pool.allocate, []
-
-    def allocate(prompts, salt=None, **kw):
-        out = real(prompts, salt, **kw)
-        asked.append([len(p) for p in prompts])
-        if len(asked) == 1:
-            out = [dataclasses.replace(a, num_cached_tokens=c) for a, c in zip(out, (16, 8))]
-        return out
-
-    monkeypatch.setattr(pool, "allocate", allocate)
-    seen = computed_tokens(monkeypatch)
-    assert generate(model, pool, ps, max_new_tokens=3, eos_token_id=None) == want
-    assert asked == [[21, 9], [16, 8]]
-    assert sum(seen[:-2]) == 21 + 9 and StateCache.of(model).stores == 2
-    assert_nothing_held(pool)
-
-
-def test_a_prompt_resumed_from_its_held_state_is_allocated_once(monkeypatch):
-    """Where the state is held as far as the blocks are cached, the prompts are
-    allocated once, whole, with no probe of the cache before; where the short
-    allocation after it fails, the batch's allocations are all freed and the error
-    is the caller's."""
-    from kvpager import OutOfBlocks
+def test_a_prompt_cached_past_its_held_state_runs_in_parts_of_one_allocation(monkeypatch):
+    """Prompts are allocated once, whole, with no probe of the cache before. One
+    whose state is held as far as its blocks are cached resumes there; one whose
+    cached blocks reach past its held state runs to them first (its plans over that
+    much of it: ``context_lens``), its state is held there, then the rest runs:
+    transformers' tokens, the next prompt of those blocks resuming there."""
     from kvpager.hf.state_cache import StateCache
 
     model = make("qwen3_5")
@@ -318,30 +284,34 @@ def test_a_prompt_resumed_from_its_held_state_is_allocated_once(monkeypatch):
     system = prompts(16, seed=41)[0]
     generate(model, pool, [system + [5, 6]], max_new_tokens=2, eos_token_id=None)  # blocks cached, no state
     generate(model, pool, [system + [7, 8]], max_new_tokens=2, eos_token_id=None)  # the state held at 16
+    other = prompts(16, seed=43)[0]
+    generate(model, pool, [other + [5]], max_new_tokens=1, eos_token_id=None)  # blocks cached, no state
     real, asked = pool.allocate, []
     monkeypatch.setattr(pool, "allocate", lambda ps, salt=None, **kw: asked.append(len(ps)) or real(ps, salt, **kw))
     monkeypatch.setattr(pool, "cached_tokens", lambda *a, **k: pytest.fail("probed"))
+    real_plan, contexts = pool.plan, []
+    def plan(ids, *args, context_lens=None, **kw):
+        if context_lens is not None:  # (a prefill pass's: its sequences' tokens, the context it runs over)
+            contexts.append(([pool.sequence(i).num_tokens for i in ids], list(context_lens)))
+        return real_plan(ids, *args, context_lens=context_lens, **kw)
+
+    monkeypatch.setattr(pool, "plan", plan)
     seen = computed_tokens(monkeypatch)
+    batch = [other + [6, 7], system + [9, 10, 11]]
     with torch.inference_mode():
-        want = reference(model, [system + [9, 10, 11]], 2)
-    assert generate(model, pool, [system + [9, 10, 11]], max_new_tokens=2, eos_token_id=None) == want
-    assert asked == [1] and seen[0] == 3
+        want = reference(model, batch, 2)
+    stores = StateCache.of(model).stores
+    assert generate(model, pool, batch, max_new_tokens=2, eos_token_id=None) == want
+    assert asked == [2]  # one allocation, whole
+    # other: its 16 cached tokens from no state, then its 2 after; system: its 3 from the state at 16
+    assert seen[:3] == [16, 3, 2] and contexts == [([18], [16]), ([19], [19]), ([18], [18])]
+    assert StateCache.of(model).stores >= stores + 1
     assert_nothing_held(pool)
-
-    other = prompts(16, seed=43)[0]
-    generate(model, pool, [other + [5]], max_new_tokens=1, eos_token_id=None)  # blocks cached, no state
-    calls = []
-
-    def failing(ps, salt=None, **kw):
-        calls.append(len(ps))
-        if len(calls) == 2:
-            raise OutOfBlocks(2, 0)  # simulated: the short allocation found no room
-        return real(ps, salt, **kw)
-
-    monkeypatch.setattr(pool, "allocate", failing)
-    with pytest.raises(OutOfBlocks):
-        generate(model, pool, [other + [6, 7], system + [12]], max_new_tokens=2, eos_token_id=None)
-    assert calls == [2, 1]
+    with torch.inference_mode():
+        want = reference(model, [other + [8, 9]], 2)
+    seen.clear()
+    assert generate(model, pool, [other + [8, 9]], max_new_tokens=2, eos_token_id=None) == want
+    assert seen[0] == 2  # resumed at 16
     assert_nothing_held(pool)
 
 

@@ -30,12 +30,23 @@ case a batch of prompts prefilled in one forward pass up to its first new tokens
   turn's cached blocks. transformers: the cache its first turn left (a copy,
   made untimed), continued with the answer's last token and the new ones
   (``hf, cache continued``), and the whole turn computed again.
+- ``turns``: as ``turn``, each next turn with a new message of its own length
+  (B lengths evenly from Q/2 to 3Q/2), the first turns answered with 32 tokens.
+  kvpager resumes the batch as ``turn`` does; a model with recurrent layers runs
+  it in parts of lengths its rows share (`kvpager.hf.pass_schedule`), and
+  ``kvpager, a pass per length`` is the way before it (the same code with a
+  pass per distinct length). transformers cannot continue a batch of caches
+  with new tokens of distinct lengths in one forward (its padding would sit
+  between the cache and the new tokens): ``hf, caches continued one at a
+  time`` runs a forward per conversation on its own cache, ``hf, recomputed``
+  the whole turns left-padded.
 - ``mixed``: B distinct prompts of B different lengths, evenly from L/2 to
   3L/2 (L the case's own tokens), nothing cached. kvpager: one generation of
   one new token, as ``cold``; transformers: the batch left-padded to the
   longest with its attention mask (what its ``generate`` does with a
   tokenizer's padded batch), one forward. A model with recurrent layers
-  prefills a pass per distinct length on kvpager (`kvpager.hf.recurrent`).
+  prefills them left-padded in one pass on a GPU, in parts on the CPU
+  (`kvpager.hf.recurrent`).
 
 ``--device cpu`` runs the NumPy backend's pools (float32 models) on smaller
 cases (`CPU_CASES`).
@@ -84,8 +95,12 @@ from kvpager import KVPool  # noqa: E402
 
 #: (case, batch, cached system prompt tokens, new tokens per request)
 CASES = [("cold", 1, 0, 8192), ("cold", 8, 0, 2048), ("cold", 32, 0, 512),
-         ("warm", 32, 4096, 256), ("warm", 8, 8192, 1024), ("turn", 8, 2048, 256), ("mixed", 32, 0, 512)]
-CPU_CASES = [("cold", 4, 0, 256), ("warm", 4, 512, 64), ("turn", 4, 256, 64), ("mixed", 8, 0, 256)]
+         ("warm", 32, 4096, 256), ("warm", 8, 8192, 1024), ("turn", 8, 2048, 256), ("mixed", 32, 0, 512),
+         ("turns", 32, 1024, 192)]
+CPU_CASES = [("cold", 4, 0, 256), ("warm", 4, 512, 64), ("turn", 4, 256, 64), ("mixed", 8, 0, 256),
+             ("turns", 8, 256, 48)]
+#: the ``turns`` case's answers (tokens)
+TURNS_ANSWER = 32
 # bench_e2e's models take positions up to 8,192 + its rope; the warm 8 x (8,192 + 1,024) runs past
 # that, as a long system prompt does: the rotary embedding is computed for any position
 
@@ -183,6 +198,8 @@ def keep_round(times: dict[str, list[float]], runs: dict[str, tuple[float, list[
 def run_case(model, pool, case: str, batch: int, system: int, own: int, rounds: int) -> list[dict]:
     if case == "turn":
         return run_turns(model, pool, batch, system, own, rounds)
+    if case == "turns":
+        return run_distinct_turns(model, pool, batch, system, own, rounds)
     sys_ids = tokens(system, 1)
     hf_sys = None
     if case == "warm":
@@ -246,6 +263,53 @@ def run_turns(model, pool, batch: int, first: int, own: int, rounds: int) -> lis
     computed = {path: batch * (2 * own if "not held" in path else own + first + own if "recomputed" in path else own)
                 for path in times}
     return summary("turn", batch, first + own, own, times, agree, cached, computed)
+
+
+def by_length(lens, first_whole=False):
+    """A pass per distinct length: the prefill's way before `kvpager.hf.pass_schedule`."""
+    return [(n, [i for i, m in enumerate(lens) if m == n]) for n in sorted(set(lens))]
+
+
+def hf_one_at_a_time(model, answered: list[list[int]], more: list[list[int]], caches: list) -> list[int]:
+    """Each conversation's first new token, its own cache continued by a forward of its own."""
+    return [hf_first(model, [[a[-1], *m]], c)[0] for a, m, c in zip(answered, more, caches)]
+
+
+def run_distinct_turns(model, pool, batch: int, first: int, own: int, rounds: int) -> list[dict]:
+    """The ``turns`` case (module docstring): B first turns of ``first`` tokens answered
+    with `TURNS_ANSWER`, then their next turns with new messages of B lengths from
+    ``own`` / 2 to 3 ``own`` / 2, timed."""
+    import kvpager.hf.recurrent as recurrent
+
+    recurrent_model = khf.has_recurrent_layers(model)
+    lens = [own // 2 + (own * i) // max(batch - 1, 1) for i in range(batch)]
+    times: dict[str, list[float]] = {}
+    agree: list[float] = []
+    cached: list[int] = []
+    for r in range(rounds + 1):
+        firsts = [tokens(first, 7000 * r + i + 7) for i in range(batch)]
+        more = [tokens(n, 7000 * r + i + 3007) for i, n in enumerate(lens)]
+        answered = first_turns(model, pool, firsts, TURNS_ANSWER, "turns")
+        runs = {"kvpager": timed(kv_first, model, pool, [a + m for a, m in zip(answered, more)], "turns",
+                                 cached if r else None)}
+        if recurrent_model:  # the same conversations (under a salt of their own), a pass per length
+            again = first_turns(model, pool, firsts, TURNS_ANSWER, "turns, by length")
+            schedule, recurrent.schedule = recurrent.schedule, by_length
+            try:
+                runs["kvpager, a pass per length"] = timed(kv_first, model, pool, [a + m for a, m in zip(again, more)],
+                                                           "turns, by length")
+            finally:
+                recurrent.schedule = schedule
+        caches = [hf_turn_cache(model, [a]) for a in answered]
+        runs["hf, caches continued one at a time"] = timed(hf_one_at_a_time, model, answered, more, caches)
+        runs["hf, recomputed"] = timed(hf_padded, model, [a + m for a, m in zip(answered, more)])
+        del caches
+        if not keep_round(times, runs, r):
+            continue
+        agree.append(float(np.mean(np.array(runs["kvpager"][1]) == np.array(runs["hf, caches continued one at a time"][1]))))
+    computed = {path: (sum(lens) + batch * (first + TURNS_ANSWER) if "recomputed" in path else sum(lens))
+                for path in times}
+    return summary("turns", batch, first + TURNS_ANSWER, own, times, agree, cached, computed)
 
 
 def summary(case: str, batch: int, system: int, own: int, times: dict[str, list[float]], agree: list[float],

@@ -17,10 +17,13 @@ a model. `Recurrent` runs
 - the prefill as rows: on a GPU the prompts that start from no state in one
   pass, left-padded to the longest (the recurrent layers take the 2-D mask and
   zero the padding's inputs; the attention function takes the tokens alone,
-  `PagedBatch.real`), else the prompts of one length and start as a pass of
-  rows of as many tokens (`Recurrent.pad_prompts`); the attention function
-  packs a pass's tokens as one row, and the passes' states are then taken row
-  by row into one batch (`kvpager.hf.recurrent_states`), and
+  `PagedBatch.real`); the prompts resumed from held states (and on the CPU
+  those from no state: `Recurrent.pad_prompts`) in parts, each pass a length its
+  rows share (`kvpager.hf.pass_schedule`: a batch of next turns of distinct
+  lengths in a few passes, no padding, each over its prompts' first tokens:
+  ``context_lens``); the attention function packs a pass's tokens as one row,
+  and the passes' states are then taken row by row into one batch
+  (`kvpager.hf.recurrent_states`), and
 - each decode step as rows of one token each ([B, 1]), the attention layers
   attending through one step plan as a packed row would
   (`kvpager.hf.attention.kvpager_attention` takes such rows), the states
@@ -39,10 +42,11 @@ too (`StateCache`, one a model: states at block boundaries, by the tokens
 before them). A prompt finds the longest such prefix within its cached tokens
 and runs from there: its attention layers over the cached K/V (nothing
 written where blocks were cached), its recurrent layers from the held state.
-A prompt whose cached blocks reach past the longest held state is allocated up
-to them, run there, its state held, then the rest appended and run: the next
-prompt that finds those blocks (the same system prompt, the next turn of a
-conversation) resumes at their end. Blocks are published as every model's.
+A prompt whose cached blocks reach past the longest held state runs to them
+first, its state is held there, then the rest runs (one allocation, the
+passes' plans over as much of it as they reach): the next prompt that finds
+those blocks (the same system prompt, the next turn of a conversation) resumes
+at their end. Blocks are published as every model's.
 Where a sequence ends, its states at the last block boundary it ran are held
 too (marked as its passes fill blocks: `stepped`), so a conversation's next
 turn resumes after the answer.
@@ -63,6 +67,7 @@ import torch
 from kvpager.hf.attention import PagedBatch, capturing, paged_attention, run_pass
 from kvpager.hf.compiled import compiled_fn
 from kvpager.hf.model import has_recurrent_layers, text_config
+from kvpager.hf.pass_schedule import schedule
 from kvpager.hf.recurrent_states import (
     Layout,
     Rows,
@@ -99,10 +104,11 @@ class Recurrent:
     (none held without it)."""
 
     #: prompts that start from no state prefill in one pass, left-padded to the longest (their
-    #: recurrent layers zero the padding's inputs, as in transformers' padded batches), or in a pass
-    #: per distinct length (False). None: padded on a GPU, whose passes of a few rows leave it idle
-    #: (32 prompts of 256-768 tokens: 4.1x sooner), by length on the CPU, where the padding's tokens
-    #: cost as much as any (the same 8 prompts of 128-384 tokens: 1.23x sooner by length)
+    #: recurrent layers zero the padding's inputs, as in transformers' padded batches), or in parts of
+    #: lengths their rows share (False; `kvpager.hf.pass_schedule`). None: padded on a GPU, whose passes
+    #: of a few rows leave it idle (32 prompts of 256-768 tokens: 4.1x sooner than a pass per length),
+    #: in parts on the CPU, where the padding's tokens cost as much as any (the same 8 prompts of
+    #: 128-384 tokens: 1.23x sooner a pass per length than padded)
     pad_prompts: bool | None = None
     #: the decode passes (`decode`, `graph_pass`) compiled by ``torch.compile`` with this backend
     #: (`kvpager.hf.compiled`: the recurrent layers' and the model's small kernels fused), or not
@@ -130,17 +136,12 @@ class Recurrent:
         self._ends = False  # whether the states where sequences end are held (`stepped`, `keep`, `close`)
 
     def allocate(self, pool: Any, prompts: list[list[int]], salt: Any) -> list[Any]:
-        """Allocate the prompts (no sharing within the batch: its passes are several).
-        A prompt whose leading blocks are cached past the longest prefix whose state
-        is held is allocated up to its cached tokens only: `prefill` runs it there,
-        holds the state, and appends the rest (so the next prompt with those blocks
-        resumes there).
-
-        The whole prompts are allocated first: their cached tokens are what that
-        allocation found (no probe before it: the pool hashed each prompt once, and
-        a daemon answered once). Only the prompts allocated short are freed and
-        allocated again, up to their cached tokens; the first resume from a
-        prompt's blocks is the one that pays that."""
+        """Allocate the prompts whole (no sharing within the batch: its passes are
+        several; the pool hashes each prompt once, a daemon answers once). A prompt
+        whose leading blocks are cached past the longest prefix whose state is held
+        is marked split there: `prefill` runs it to its cached tokens first (its
+        plans over that much of it: ``context_lens``), holds the state, then runs
+        the rest, so the next prompt with those blocks resumes there."""
         bs = self._block_size = pool.spec.block_size
         self._split = [None] * len(prompts)
         self._keys = [[] for _ in prompts]  # (none without a state cache: nothing is held or looked up)
@@ -150,57 +151,44 @@ class Recurrent:
             return allocs
         # (the weights' dtype too: a salt given by the caller need not change when the model's does)
         held_as = self._held_as = f"{salt}|{next(self.model.parameters()).dtype}"
-        short = []
         for k, a in enumerate(allocs):
             c = a.num_cached_tokens
             # (keys as far as its cached blocks: no state past them can serve it)
             self._keys[k] = PrefixKeys(held_as, prompts[k], bs, min(c, len(prompts[k]) - 1))
             if c > self.store.longest(self._keys[k], c, bs):
                 self._split[k] = c
-                short.append(k)
-        if short:
-            try:
-                pool.free([allocs[k].seq_id for k in short])
-                # (blocks evicted in between by another worker are found missing here: the prompt
-                # then runs from its first token up to the split, as `prefill` takes it)
-                again = pool.allocate([prompts[k][: self._split[k]] for k in short], salt, share_in_batch=False)
-            except BaseException:
-                pool.free([a.seq_id for k, a in enumerate(allocs) if self._split[k] is None])
-                raise
-            for k, a in zip(short, again):
-                allocs[k] = a
         return allocs
 
     def prefill(self, pool: Any, prompts: list[list[int]], allocs: list[Any], device: torch.device) -> list[int]:
         """The prompts `allocate` allocated, as passes of rows: each prompt from the
         longest prefix of its cached tokens whose state is held (from its first token
-        where none is), prompts of one length and start together; a prompt allocated
-        short runs to its cached tokens first, its state is held, and the rest is
-        appended and run from there. The first new token of each prompt."""
+        where none is); a prompt split at its cached tokens runs to them first, its
+        state is held, and the rest runs from there (`_passes`). The first new token
+        of each prompt."""
         bs = pool.spec.block_size
         n = len(prompts)
         ids = [a.seq_id for a in allocs]
         self._layout = None
         first: dict[int, Segment] = {}
+        rest: dict[int, Segment] = {}
         for k, a in enumerate(allocs):
-            end = len(prompts[k]) if self._split[k] is None else self._split[k]
+            split = self._split[k]
+            end = len(prompts[k]) if split is None else split
             start, layout, held = self.store.best(self._keys[k], min(a.num_cached_tokens, end - 1), bs)
             self._layout = self._layout or layout
             # slots from the start: none (-1) where its blocks were cached
             slots = np.concatenate([np.full(a.num_cached_tokens - start, -1, np.int64), np.asarray(a.slots, np.int64)])
             # (a state held where the model was then: it may have moved since)
-            first[k] = (start, end, slots, None if held is None else tuple(t.to(device) for t in held))
+            first[k] = (start, end, slots[: end - start], None if held is None else tuple(t.to(device) for t in held))
+            if split is not None:
+                rest[k] = (split, len(prompts[k]), slots[split - start :], None)
         out: list[int] = [0] * n
         final: list[Rows | None] = [None] * n
         self._passes(pool, ids, prompts, first, out, final, device)
-        split = [k for k in range(n) if self._split[k] is not None]
-        if split:
-            for k in split:  # their states at the blocks they found cached, for the prompts after them
-                self.store.put(self._keys[k][self._split[k] // bs - 1], self._layout, final[k])
-            tails = pool.append([ids[k] for k in split], [len(prompts[k]) - self._split[k] for k in split],
-                                [prompts[k][self._split[k] :] for k in split])
-            rest = {k: (self._split[k], len(prompts[k]), np.asarray(t, np.int64), final[k]) for k, t in zip(split, tails)}
-            self._passes(pool, ids, prompts, rest, out, final, device)
+        for k in rest:  # their states at the blocks they found cached, for the prompts after them
+            self.store.put(self._keys[k][self._split[k] // bs - 1], self._layout, final[k])
+        if rest:
+            self._passes(pool, ids, prompts, {k: (*seg[:3], final[k]) for k, seg in rest.items()}, out, final, device)
         # (the marks' copy of the states within what the state cache could hold of them)
         self.states = States(self.model, self._layout, final, list(range(n)), self.capacity(n),
                              mark_bytes=self.store.max_bytes)
@@ -209,41 +197,79 @@ class Recurrent:
 
     def _passes(self, pool: Any, ids: list[int], prompts: list[list[int]], segments: dict[int, Segment],
                 out: list[int], final: list[Rows | None], device: torch.device) -> None:
-        """One pass per group of prompts whose segments (tokens ``[start, end)`` at
-        ``slots``, from nothing or from the states held there) have as many tokens and
-        the same kind of start: each prompt's next token into ``out``, its states
-        after into ``final`` (the layout of states into ``_layout``, once known)."""
-        heads = text_config(self.model).num_attention_heads
+        """The segments (tokens ``[start, end)`` at ``slots``, from nothing or from the
+        states held there) as passes: on a GPU those from no state in one pass,
+        left-padded to the longest (`pad_prompts`); the others in parts, each pass a
+        length its rows share (`kvpager.hf.pass_schedule`: 32 resumed segments of
+        distinct lengths in 6 to 10 passes, not 32). Each prompt's next token into
+        ``out``, its states after into ``final`` (the layout of states into
+        ``_layout``, once known)."""
         pad = self.pad_prompts if self.pad_prompts is not None else device.type == "cuda"
-        groups: dict[tuple[int, bool], list[int]] = {}
-        for k, (start, end, _, held) in segments.items():
-            # (segments from no state: one pass, left-padded to the longest; `pad_prompts`)
-            fresh = held is None and pad
-            groups.setdefault((0 if fresh else end - start, held is not None), []).append(k)
-        for (_, resumed), group in groups.items():
-            segs = [segments[k] for k in group]
-            lens = [b - a for a, b, _, _ in segs]
-            plan = pool.plan([ids[k] for k in group], lens, np.concatenate([g[2] for g in segs]), num_q_heads=heads)
-            if resumed:
-                cache = cache_over(self.model, self._layout, stacked(self._layout, [g[3] for g in segs]))
-            else:
-                cache = new_cache(self.model)
-            n = max(lens)
-            pads = [n - m for m in lens]
-            tokens = torch.tensor([[0] * z + prompts[k][a:b] for k, z, (a, b, _, _) in zip(group, pads, segs)],
-                                  dtype=torch.long, device=device)
-            where = torch.tensor([[0] * z + list(range(a, b)) for z, (a, b, _, _) in zip(pads, segs)],
-                                 dtype=torch.long, device=device)
-            mask = real = None
-            if any(pads):
-                mask = torch.tensor([[0] * z + [1] * m for z, m in zip(pads, lens)], dtype=torch.long, device=device)
-                real = torch.tensor([r * n + z + i for r, (z, m) in enumerate(zip(pads, lens)) for i in range(m)],
-                                    dtype=torch.long, device=device)
-            for k, t in zip(group, self._pass(plan, tokens, where, cache, mask, real).tolist()):
-                out[k] = t
-            self._layout = self._layout or layout_of(cache)
-            for k, r in zip(group, rows_of(cache, self._layout)):
-                final[k] = r
+        groups: dict[str, list[int]] = {}
+        for k, (_, _, _, held) in segments.items():
+            groups.setdefault("resumed" if held is not None else "padded" if pad else "fresh", []).append(k)
+        for kind, group in groups.items():
+            if kind == "padded":  # (segments from no state: one pass, left-padded to the longest)
+                self._padded_pass(pool, ids, prompts, group, segments, out, final, device)
+                continue
+            at = {k: segments[k][0] for k in group}
+            states = {k: segments[k][3] for k in group}
+            for length, members in schedule([segments[k][1] - segments[k][0] for k in group],
+                                            first_whole=kind == "fresh"):
+                rows = [group[i] for i in members]
+                parts = [(at[k], at[k] + length) for k in rows]
+                slots = np.concatenate([segments[k][2][a - segments[k][0] : b - segments[k][0]]
+                                        for k, (a, b) in zip(rows, parts)])
+                tokens = torch.tensor([prompts[k][a:b] for k, (a, b) in zip(rows, parts)], dtype=torch.long,
+                                      device=device)
+                where = torch.tensor([list(range(a, b)) for a, b in parts], dtype=torch.long, device=device)
+                plan = self._plan(pool, [ids[k] for k in rows], [length] * len(rows), slots, [b for _, b in parts])
+                if states[rows[0]] is None:  # (a first pass from no state: every row of it is)
+                    cache = new_cache(self.model)
+                else:
+                    cache = cache_over(self.model, self._layout, stacked(self._layout, [states[k] for k in rows]))
+                self._collect(rows, self._pass(plan, tokens, where, cache), cache, out, final)
+                for k, (_, b) in zip(rows, parts):
+                    at[k], states[k] = b, final[k]
+
+    def _padded_pass(self, pool: Any, ids: list[int], prompts: list[list[int]], group: list[int],
+                     segments: dict[int, Segment], out: list[int], final: list[Rows | None],
+                     device: torch.device) -> None:
+        """Segments from no state in one pass, left-padded to the longest: the
+        recurrent layers take the 2-D mask and zero the padding's inputs, the
+        attention function the tokens alone (`PagedBatch.real`)."""
+        segs = [segments[k] for k in group]
+        lens = [b - a for a, b, _, _ in segs]
+        plan = self._plan(pool, [ids[k] for k in group], lens, np.concatenate([g[2] for g in segs]),
+                          [b for _, b, _, _ in segs])
+        n = max(lens)
+        pads = [n - m for m in lens]
+        tokens = torch.tensor([[0] * z + prompts[k][a:b] for k, z, (a, b, _, _) in zip(group, pads, segs)],
+                              dtype=torch.long, device=device)
+        where = torch.tensor([[0] * z + list(range(a, b)) for z, (a, b, _, _) in zip(pads, segs)],
+                             dtype=torch.long, device=device)
+        mask = real = None
+        if any(pads):
+            mask = torch.tensor([[0] * z + [1] * m for z, m in zip(pads, lens)], dtype=torch.long, device=device)
+            real = torch.tensor([r * n + z + i for r, (z, m) in enumerate(zip(pads, lens)) for i in range(m)],
+                                dtype=torch.long, device=device)
+        cache = new_cache(self.model)
+        self._collect(group, self._pass(plan, tokens, where, cache, mask, real), cache, out, final)
+
+    def _plan(self, pool: Any, ids: list[int], lens: list[int], slots: np.ndarray, ends: list[int]) -> Any:
+        """A pass's step plan: ``lens`` tokens of each sequence, the last of its first
+        ``ends`` (its prompt is allocated whole)."""
+        heads = text_config(self.model).num_attention_heads
+        return pool.plan(ids, lens, slots, context_lens=ends, num_q_heads=heads)
+
+    def _collect(self, rows: list[int], tokens: torch.Tensor, cache: Any, out: list[int],
+                 final: list[Rows | None]) -> None:
+        """A pass's next tokens into ``out`` and its rows' states into ``final``."""
+        for k, t in zip(rows, tokens.tolist()):
+            out[k] = t
+        self._layout = self._layout or layout_of(cache)
+        for k, r in zip(rows, rows_of(cache, self._layout)):
+            final[k] = r
 
     def stepped(self, positions: Sequence[int], past_end: Container[int] = ()) -> None:
         """A pass was queued that ran the token at ``positions`` of each row held (in
