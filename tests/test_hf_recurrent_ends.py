@@ -206,7 +206,7 @@ def test_marks_of_states_of_mixed_dtypes_copy_each_dtype_at_once(monkeypatch):
         assert states.marked == [8, 16, 16, 0, 24, 0]
         for k in (0, 1, 2, 4):
             assert all(torch.equal(m[0], b[k]) for m, b in zip(states.marked_rows(k), before))
-        assert all(not m[0].any() for k in (3, 5) for m in states.marked_rows(k))
+        # (rows 3 and 5, unmarked, are never read: their marks' rows are left as allocated)
 
 
 def test_an_end_token_that_fills_a_block_leaves_the_mark_before_it(monkeypatch):
@@ -293,7 +293,7 @@ def test_no_memory_for_the_marks_leaves_the_generation_going(monkeypatch):
     def full(tensors, rows):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(rs, "zeros_like_each", full)
+    monkeypatch.setattr(rs, "empty_like_each", full)
     with pytest.warns(ResourceWarning, match="not held"):
         assert generate(model, pool, ps, max_new_tokens=12, eos_token_id=None) == want
     assert store.stores == 0 and not store.entries

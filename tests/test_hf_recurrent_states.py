@@ -363,3 +363,38 @@ def test_a_lower_budget_drops_held_states_at_once():
                 store.max_bytes = bad
     finally:
         store.max_bytes = 1 << 30
+
+
+@pytest.mark.parametrize("lens", [(9, 9, 9), (9, 5, 9)], ids=["one-pass", "parts"])
+def test_one_prefill_pass_over_every_row_leaves_its_states_in_place(lens, monkeypatch):
+    """Where the prefill is one pass over every row (in order, as many rows as the
+    states keep), the batch's states are that pass's cache's tensors, not a copy;
+    after several passes they are stacked from the rows. Tokens are transformers'
+    either way."""
+    from kvpager.hf import PagedGeneration
+    from kvpager.hf.recurrent import Recurrent
+    from kvpager.hf.recurrent_states import layout_of, tensors_of
+
+    model = make("qwen3_5")
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    ps = prompts(*lens, seed=71)
+    with torch.inference_mode():
+        want = reference(model, ps, 3)
+    caches = []
+    real = Recurrent._collect
+
+    def collect(self, rows, tokens, cache, out, final):
+        caches.append(tensors_of(cache, layout_of(cache)))
+        return real(self, rows, tokens, cache, out, final)
+
+    monkeypatch.setattr(Recurrent, "_collect", collect)
+    with PagedGeneration(model, pool, ps, 3, eos_token_id=None, pipeline=False) as gen:
+        ptrs = [t.data_ptr() for t in gen._recurrent.states.tensors]
+        assert len(caches) == (1 if len(set(lens)) == 1 else 2)
+        adopted = [t.data_ptr() for t in caches[0]] == ptrs
+        assert adopted == (len(caches) == 1)
+        while not gen.done:
+            gen.step()
+        outputs = [list(o) for o in gen.outputs]
+    assert outputs == want
+    assert_nothing_held(pool)

@@ -77,6 +77,7 @@ from kvpager.hf.recurrent_states import (
     new_cache,
     rows_of,
     stacked,
+    tensors_of,
 )
 from kvpager.hf.state_cache import PrefixKeys, StateCache, prefix_key
 
@@ -133,6 +134,7 @@ class Recurrent:
         self._layout: Layout | None = None  # the states' layout, once a pass or a held state shows it
         self._held_as: str | None = None  # what keys this generation's held states: the salt and the dtype
         self._block_size = 0
+        self._ran: list[tuple[list[int], Any]] = []  # the prefill's passes: (their rows, their caches)
         self._ends = False  # whether the states where sequences end are held (`stepped`, `keep`, `close`)
 
     def allocate(self, pool: Any, prompts: list[list[int]], salt: Any) -> list[Any]:
@@ -184,14 +186,19 @@ class Recurrent:
                 rest[k] = (split, len(prompts[k]), slots[split - start :], None)
         out: list[int] = [0] * n
         final: list[Rows | None] = [None] * n
+        self._ran = []
         self._passes(pool, ids, prompts, first, out, final, device)
         for k in rest:  # their states at the blocks they found cached, for the prompts after them
             self.store.put(self._keys[k][self._split[k] // bs - 1], self._layout, final[k])
         if rest:
             self._passes(pool, ids, prompts, {k: (*seg[:3], final[k]) for k, seg in rest.items()}, out, final, device)
-        # (the marks' copy of the states within what the state cache could hold of them)
-        self.states = States(self.model, self._layout, final, list(range(n)), self.capacity(n),
-                             mark_bytes=self.store.max_bytes)
+        # (the marks' copy of the states within what the state cache could hold of them; one pass
+        # over every row in order, as many as the states keep: its cache's tensors, not copied)
+        whole = len(self._ran) == 1 and self._ran[0][0] == list(range(n)) and self.capacity(n) == n
+        self.states = States(self.model, self._layout, None if whole else final, list(range(n)), self.capacity(n),
+                             mark_bytes=self.store.max_bytes,
+                             tensors=tensors_of(self._ran[0][1], self._layout) if whole else None)
+        self._ran = []
         self.stepped([len(p) - 1 for p in prompts])  # a prompt of whole blocks: its state is its end's
         return out
 
@@ -265,6 +272,7 @@ class Recurrent:
     def _collect(self, rows: list[int], tokens: torch.Tensor, cache: Any, out: list[int],
                  final: list[Rows | None]) -> None:
         """A pass's next tokens into ``out`` and its rows' states into ``final``."""
+        self._ran.append((rows, cache))
         for k, t in zip(rows, tokens.tolist()):
             out[k] = t
         self._layout = self._layout or layout_of(cache)

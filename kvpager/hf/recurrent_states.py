@@ -95,9 +95,14 @@ def layout_of(cache: Any) -> Layout:
     return tuple(out)
 
 
+def tensors_of(cache: Any, layout: Layout) -> list[torch.Tensor]:
+    """The state tensors of ``cache``, in ``layout``'s order."""
+    return [getattr(cache.layers[i], f"{kind}_states")[k] for i, kind, k, _ in layout]
+
+
 def rows_of(cache: Any, layout: Layout) -> list[Rows]:
     """Each row's states in ``cache`` (views: the cache must not run again)."""
-    tensors = [getattr(cache.layers[i], f"{kind}_states")[k] for i, kind, k, _ in layout]
+    tensors = tensors_of(cache, layout)
     n = tensors[0].shape[0] if tensors else 0
     return [tuple(t[r : r + 1] for t in tensors) for r in range(n)]
 
@@ -129,10 +134,11 @@ def stacked(layout: Layout, rows: Sequence[Rows], capacity: int | None = None) -
     return out
 
 
-def zeros_like_each(tensors: Sequence[torch.Tensor], rows: int) -> list[torch.Tensor]:
-    """A zeroed tensor like each of ``tensors``, of ``rows`` rows (`States.mark`'s second
-    copy: where a test makes the allocation fail)."""
-    return [t.new_zeros((rows, *t.shape[1:])) for t in tensors]
+def empty_like_each(tensors: Sequence[torch.Tensor], rows: int) -> list[torch.Tensor]:
+    """An uninitialised tensor like each of ``tensors``, of ``rows`` rows (`States.mark`'s
+    second copy, whose rows are read only once marked: where a test makes the
+    allocation fail)."""
+    return [t.new_empty((rows, *t.shape[1:])) for t in tensors]
 
 
 def by_dtype(src: Sequence[torch.Tensor], dst: Sequence[torch.Tensor]
@@ -173,10 +179,14 @@ class States:
     tensors made at the first mark, moved with the rows by `keep`; ``marked[k]``:
     the tokens row k had run at its mark (0: none)."""
 
-    def __init__(self, model: Any, layout: Layout, states: Sequence[Rows], rows: list[int], capacity: int,
-                 mark_bytes: int | None = None):
+    def __init__(self, model: Any, layout: Layout, states: Sequence[Rows] | None, rows: list[int], capacity: int,
+                 mark_bytes: int | None = None, tensors: list[torch.Tensor] | None = None):
+        """``states``: each row's (stacked into new tensors), or None and ``tensors``:
+        the states' tensors of ``capacity`` rows, the rows' in order, taken as they are
+        (a prefill's one pass over every row: its cache's, not copied)."""
         self.model, self.layout, self.rows, self.n = model, layout, list(rows), len(rows)
-        self.tensors = stacked(layout, states, capacity)  # each state's rows, ``capacity`` of them
+        # each state's rows, ``capacity`` of them
+        self.tensors = stacked(layout, states, capacity) if tensors is None else list(tensors)
         self._caches: dict[int, Any] = {}
         self.marks: list[torch.Tensor] | None = None
         self.marked = [0] * self.n
@@ -200,7 +210,7 @@ class States:
         if self._pairs is None:
             # (MemoryError where there is no room for them: nothing is marked then)
             try:
-                marks = zeros_like_each(self.tensors, self.mark_rows)
+                marks = empty_like_each(self.tensors, self.mark_rows)
             except (torch.cuda.OutOfMemoryError, RuntimeError) as e:  # (the CPU allocator's is a RuntimeError)
                 raise MemoryError(f"no memory for a second copy of the batch's recurrent states: {e}") from e
             self.marks = marks
