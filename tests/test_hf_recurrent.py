@@ -173,12 +173,16 @@ def test_tokens_equal_transformers(family, pad, monkeypatch):
     assert_nothing_held(pool)
 
 
-def test_sequences_that_end_early_leave_the_others_states_in_place():
+@pytest.mark.parametrize("lens", [(5, 12, 3, 20), (9, 9, 9, 9)], ids=["parts", "one-pass"])
+def test_sequences_that_end_early_leave_the_others_states_in_place(lens):
     """An end token that one sequence meets at its second step and another at its
     fourth: the rows left keep their own recurrent states (gathered as the batch
-    shrinks), so every sequence's tokens stay transformers'."""
+    shrinks), so every sequence's tokens stay transformers'. Prompts of one length
+    prefill in one pass, whose states (made in inference mode) the batch keeps as
+    they are: moved up in place all the same (they were refused as inference
+    tensors updated outside inference mode)."""
     model = make("qwen3_5")
-    ps = prompts(5, 12, 3, 20, seed=7)
+    ps = prompts(*lens, seed=7)
     eos, want = ending_early(model, ps, 6, [(0, 1), (2, 3)])
     pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
     assert generate(model, pool, ps, max_new_tokens=6, eos_token_id=eos) == want

@@ -246,6 +246,12 @@ class States:
         if self.tensors:
             index = index.to(self.tensors[0].device, non_blocking=True)
         m = len(rows)
+        with torch.inference_mode():  # (the states may be a pass's own, made in inference mode)
+            self._move(index, m)
+        self.marked = [self.marked[where[r]] if j < self.mark_rows else 0 for j, r in enumerate(rows)]
+        self.rows, self.n = list(rows), m
+
+    def _move(self, index: torch.Tensor, m: int) -> None:
         for full in self.tensors:
             full[:m] = full[index]  # (the gather makes a copy first: rows may move onto rows read)
         # the marks of the rows that land within the marks' rows (a row from past them has none:
@@ -255,12 +261,11 @@ class States:
             held = index[:k] if self.mark_rows >= len(self.marked) else index[:k].clamp(max=self.mark_rows - 1)
             for full in self.marks:
                 full[:k] = full[held]
-        self.marked = [self.marked[where[r]] if j < self.mark_rows else 0 for j, r in enumerate(rows)]
-        self.rows, self.n = list(rows), m
 
     def snapshot(self) -> list[torch.Tensor]:
         return [t.clone() for t in self.tensors]
 
     def restore(self, saved: list[torch.Tensor]) -> None:
-        for t, s in zip(self.tensors, saved):
-            t.copy_(s)
+        with torch.inference_mode():
+            for t, s in zip(self.tensors, saved):
+                t.copy_(s)
