@@ -66,6 +66,16 @@ OVERRIDES = {
     "codegen": dict(rotary_dim=8), "gptj": dict(rotary_dim=8),  # rotary dims within the 16-dim heads
     "cohere_compass_text": dict(head_dim=16, rope_parameters={"full_attention": {"rope_type": "default",
                                                                                   "rope_theta": 10000.0}}),
+    # hybrid layers calling one shared attention block: layer kinds for 6 layers (their defaults
+    # list more), attention on some of them
+    "zamba": dict(num_hidden_layers=6, attn_layer_period=3, attn_layer_offset=1, attention_hidden_size=128,
+                  attention_head_dim=32, mamba_d_state=8, mamba_dt_rank=8, n_mamba_heads=2, use_mamba_kernels=False),
+    "zamba2": dict(num_hidden_layers=6,
+                   layers_block_type=["linear_attention", "hybrid", "linear_attention", "hybrid", "hybrid",
+                                      "linear_attention"],
+                   mamba_d_state=8, n_mamba_heads=2, mamba_headdim=64, attention_head_dim=32,
+                   attention_hidden_size=128, num_mem_blocks=2, use_shared_attention_adapter=True, adapter_rank=8,
+                   use_mem_rope=True),
 }
 
 
