@@ -160,7 +160,7 @@ def open_store(url: str, timeout: float = 0.1, write_timeout: float = 2.0, *,
         from kvpager.remote_cluster import RedisClusterStore
 
         check_url(url, CLUSTER[scheme], True)
-        return RedisClusterStore(url, CLUSTER[scheme], timeout, write_timeout)
+        return RedisClusterStore(url, CLUSTER[scheme], timeout, write_timeout, chunk_bytes)
     known = ", ".join(f"{s}://" for s in [*STANDALONE, *CLUSTER])
     raise InvalidArgument(f"remote store URL {redact(url)!r}: unknown scheme {scheme!r} (known: {known})")
 

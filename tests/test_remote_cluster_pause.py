@@ -226,7 +226,7 @@ def test_ask_while_a_slot_migrates_and_moved_after(nodes):
     key asked of the new node). Lookups, probes and writes all get the right
     answers."""
     url = url_of(nodes)
-    s = open_store(url, timeout=2.0, write_timeout=2.0)
+    s = open_store(url, timeout=2.0, write_timeout=2.0, chunk_bytes=2 * VALUE)  # (redirects among chunks)
     rng = np.random.default_rng(5)
     keys = [f"kvpager:v1:test:moving:{i}" for i in range(N)]
     values = rng.integers(0, 256, (N, VALUE), dtype=np.uint8)
@@ -275,6 +275,39 @@ def test_ask_while_a_slot_migrates_and_moved_after(nodes):
     assert s.put_many([(fresh, memoryview(blob)), (other, memoryview(blob))], ttl=600) == (1, 0)
     s.delete([other])
     check(True)
+    s.close()
+
+
+@pytest.mark.parametrize("chunk_bytes", [VALUE, 3 * VALUE + 100, 4 << 20])
+def test_a_masters_keys_go_in_pipelines_of_chunk_bytes(nodes, chunk_bytes, monkeypatch):
+    """A lookup sends each master its keys as pipelines of about ``chunk_bytes`` of
+    values, one after another on its connection (before, one pipeline of all of
+    them, whose reply the node built whole): every value and length right, every
+    row reported once, a second lookup in another order read right after."""
+    url = url_of(nodes)
+    s = open_store(url, timeout=2.0, chunk_bytes=chunk_bytes)
+    rng = np.random.default_rng(9)
+    keys = [f"kvpager:v1:test:chunks:{chunk_bytes}:{i}" for i in range(N)]
+    values = rng.integers(0, 256, (N, VALUE), dtype=np.uint8)
+    assert s.put_many([(k, memoryview(v)) for k, v in zip(keys[:-3], values)], ttl=600) == (N - 3, 0)
+    sent = []
+    pack = redis.connection.Connection.pack_commands
+    monkeypatch.setattr(redis.connection.Connection, "pack_commands",
+                        lambda self, commands: sent.append(len(commands)) or pack(self, commands))
+    for order in (keys, keys[::-1]):
+        sent.clear()
+        out, sizes, done = np.zeros((N, VALUE), np.uint8), np.zeros(N, np.int64), []
+        s.get_into(order, out, sizes, lambda lo, hi, done=done: done.extend(range(lo, hi)))
+        assert sorted(done) == list(range(N))
+        want = {k: v for k, v in zip(keys[:-3], values)}
+        for k, row, size in zip(order, out, sizes):
+            if k in want:
+                assert size == VALUE and np.array_equal(row, want[k])
+            else:
+                assert size == -1  # (the three never written)
+        per = max(1, round(chunk_bytes / VALUE))
+        assert sum(sent) == N and max(sent) <= per
+        assert len(sent) >= max(len(nodes), -(-N // per))  # (every master asked, each in its chunks)
     s.close()
 
 
