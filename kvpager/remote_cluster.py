@@ -243,9 +243,8 @@ class RedisClusterStore(Store):
             return
         width = out.shape[1]
         rows = memoryview(out).cast("B")
-        deadline = lookup_deadline(self._timeout, len(keys) * width)  # the nodes' replies together
-
         per = max(1, round(self._chunk_bytes / width))  # a master's keys a pipeline (as a standalone store's)
+        deadline = 0.0
 
         def job(client: Any, plan: Plan) -> list[tuple[int, Any]]:
             pool = client.connection_pool
@@ -274,7 +273,15 @@ class RedisClusterStore(Store):
                         conn.disconnect()
                 pool.release(conn)
 
-        self._call(0, lambda side, rc: self._spread(side, rc, keys, job))
+        def run(side: Side, rc: Any) -> None:
+            nonlocal deadline
+            # the nodes' replies together, in as many chunks one after another as a master could
+            # have; from here, once the client has its slot map (a first lookup reads it: on a
+            # loaded host that took the lookup's whole time, and the lookup failed)
+            deadline = lookup_deadline(self._timeout, len(keys) * width, -(-len(keys) // per))
+            self._spread(side, rc, keys, job)
+
+        self._call(0, run)
 
     def _read_gets(self, reader: Reader, plan: Plan, rows: memoryview, width: int, sizes: np.ndarray,
                    done: Callable[[int, int], None] | None) -> list[tuple[int, Any]]:

@@ -311,6 +311,34 @@ def test_a_masters_keys_go_in_pipelines_of_chunk_bytes(nodes, chunk_bytes, monke
     s.close()
 
 
+def test_a_first_lookup_is_not_charged_for_reading_the_slot_map(nodes, monkeypatch):
+    """A store's first lookup reads the cluster's slot map before it asks for
+    anything. The lookup's time (its timeout's round trips, at least a second, and
+    its bytes at the least rate) runs from when the map is there: a slot map read
+    slowly (simulated: 1.3 s, a loaded host) no longer leaves the lookup's replies
+    no time, which failed it (``the lookup's time is up``) and opened the breaker."""
+    from redis.cluster import NodesManager
+
+    url = url_of(nodes)
+    s = open_store(url, timeout=2.0)
+    keys = [f"kvpager:v1:test:cold:{i}" for i in range(6)]
+    values = np.random.default_rng(12).integers(0, 256, (6, VALUE), dtype=np.uint8)
+    assert s.put_many([(k, memoryview(v)) for k, v in zip(keys, values)], ttl=600) == (6, 0)
+    s.close()
+    init = NodesManager.initialize
+
+    def slow(self, *args, **kwargs):
+        time.sleep(1.3)
+        return init(self, *args, **kwargs)
+
+    monkeypatch.setattr(NodesManager, "initialize", slow)
+    cold = open_store(url, timeout=0.1)  # no slot map, no connection yet
+    out, sizes = np.zeros((6, VALUE), np.uint8), np.zeros(6, np.int64)
+    cold.get_into(keys, out, sizes)
+    assert (sizes == VALUE).all() and np.array_equal(out, values)
+    cold.close()
+
+
 @pytest.mark.parametrize("raw", [True, False])
 def test_a_key_of_another_type_is_a_miss(nodes, raw):
     """A lookup's ``GETRANGE`` (and ``GET``) answers ``WRONGTYPE`` for a hash:
