@@ -85,6 +85,8 @@ __all__ = ["Recurrent", "StateCache", "States", "has_recurrent_layers", "new_cac
 
 #: one pass's share of a prompt: (first token, end, its slots (-1: cached), the states it starts from or None)
 Segment = tuple[int, int, np.ndarray, Rows | None]
+#: a prefill pass run: (the prompts it ran, as rows in order; its cache, holding their states after)
+Ran = tuple[list[int], Any]
 
 
 def _cache_argument(model: Any) -> str:
@@ -134,7 +136,6 @@ class Recurrent:
         self._layout: Layout | None = None  # the states' layout, once a pass or a held state shows it
         self._held_as: str | None = None  # what keys this generation's held states: the salt and the dtype
         self._block_size = 0
-        self._ran: list[tuple[list[int], Any]] = []  # the prefill's passes: (their rows, their caches)
         self._ends = False  # whether the states where sequences end are held (`stepped`, `keep`, `close`)
 
     def allocate(self, pool: Any, prompts: list[list[int]], salt: Any) -> list[Any]:
@@ -186,38 +187,38 @@ class Recurrent:
                 rest[k] = (split, len(prompts[k]), slots[split - start :], None)
         out: list[int] = [0] * n
         final: list[Rows | None] = [None] * n
-        self._ran = []
-        self._passes(pool, ids, prompts, first, out, final, device)
+        ran = self._passes(pool, ids, prompts, first, out, final, device)
         for k in rest:  # their states at the blocks they found cached, for the prompts after them
             self.store.put(self._keys[k][self._split[k] // bs - 1], self._layout, final[k])
         if rest:
-            self._passes(pool, ids, prompts, {k: (*seg[:3], final[k]) for k, seg in rest.items()}, out, final, device)
+            ran += self._passes(pool, ids, prompts, {k: (*seg[:3], final[k]) for k, seg in rest.items()}, out,
+                                final, device)
         # (the marks' copy of the states within what the state cache could hold of them; one pass
         # over every row in order, as many as the states keep: its cache's tensors, not copied)
-        whole = len(self._ran) == 1 and self._ran[0][0] == list(range(n)) and self.capacity(n) == n
+        whole = len(ran) == 1 and ran[0][0] == list(range(n)) and self.capacity(n) == n
         self.states = States(self.model, self._layout, None if whole else final, list(range(n)), self.capacity(n),
                              mark_bytes=self.store.max_bytes,
-                             tensors=tensors_of(self._ran[0][1], self._layout) if whole else None)
-        self._ran = []
+                             tensors=tensors_of(ran[0][1], self._layout) if whole else None)
         self.stepped([len(p) - 1 for p in prompts])  # a prompt of whole blocks: its state is its end's
         return out
 
     def _passes(self, pool: Any, ids: list[int], prompts: list[list[int]], segments: dict[int, Segment],
-                out: list[int], final: list[Rows | None], device: torch.device) -> None:
+                out: list[int], final: list[Rows | None], device: torch.device) -> list[Ran]:
         """The segments (tokens ``[start, end)`` at ``slots``, from nothing or from the
         states held there) as passes: on a GPU those from no state in one pass,
         left-padded to the longest (`pad_prompts`); the others in parts, each pass a
         length its rows share (`kvpager.hf.pass_schedule`: 32 resumed segments of
         distinct lengths in 6 to 10 passes, not 32). Each prompt's next token into
         ``out``, its states after into ``final`` (the layout of states into
-        ``_layout``, once known)."""
+        ``_layout``, once known). The passes run: their rows and caches."""
         pad = self.pad_prompts if self.pad_prompts is not None else device.type == "cuda"
         groups: dict[str, list[int]] = {}
         for k, (_, _, _, held) in segments.items():
             groups.setdefault("resumed" if held is not None else "padded" if pad else "fresh", []).append(k)
+        ran: list[Ran] = []
         for kind, group in groups.items():
             if kind == "padded":  # (segments from no state: one pass, left-padded to the longest)
-                self._padded_pass(pool, ids, prompts, group, segments, out, final, device)
+                ran.append(self._padded_pass(pool, ids, prompts, group, segments, out, final, device))
                 continue
             at = {k: segments[k][0] for k in group}
             states = {k: segments[k][3] for k in group}
@@ -235,13 +236,14 @@ class Recurrent:
                     cache = new_cache(self.model)
                 else:
                     cache = cache_over(self.model, self._layout, stacked(self._layout, [states[k] for k in rows]))
-                self._collect(rows, self._pass(plan, tokens, where, cache), cache, out, final)
+                ran.append(self._collect(rows, self._pass(plan, tokens, where, cache), cache, out, final))
                 for k, (_, b) in zip(rows, parts):
                     at[k], states[k] = b, final[k]
+        return ran
 
     def _padded_pass(self, pool: Any, ids: list[int], prompts: list[list[int]], group: list[int],
                      segments: dict[int, Segment], out: list[int], final: list[Rows | None],
-                     device: torch.device) -> None:
+                     device: torch.device) -> Ran:
         """Segments from no state in one pass, left-padded to the longest: the
         recurrent layers take the 2-D mask and zero the padding's inputs, the
         attention function the tokens alone (`PagedBatch.real`)."""
@@ -261,7 +263,7 @@ class Recurrent:
             real = torch.tensor([r * n + z + i for r, (z, m) in enumerate(zip(pads, lens)) for i in range(m)],
                                 dtype=torch.long, device=device)
         cache = new_cache(self.model)
-        self._collect(group, self._pass(plan, tokens, where, cache, mask, real), cache, out, final)
+        return self._collect(group, self._pass(plan, tokens, where, cache, mask, real), cache, out, final)
 
     def _plan(self, pool: Any, ids: list[int], lens: list[int], slots: np.ndarray, ends: list[int]) -> Any:
         """A pass's step plan: ``lens`` tokens of each sequence, the last of its first
@@ -270,14 +272,14 @@ class Recurrent:
         return pool.plan(ids, lens, slots, context_lens=ends, num_q_heads=heads)
 
     def _collect(self, rows: list[int], tokens: torch.Tensor, cache: Any, out: list[int],
-                 final: list[Rows | None]) -> None:
-        """A pass's next tokens into ``out`` and its rows' states into ``final``."""
-        self._ran.append((rows, cache))
+                 final: list[Rows | None]) -> Ran:
+        """A pass's next tokens into ``out`` and its rows' states into ``final``; the pass."""
         for k, t in zip(rows, tokens.tolist()):
             out[k] = t
         self._layout = self._layout or layout_of(cache)
         for k, r in zip(rows, rows_of(cache, self._layout)):
             final[k] = r
+        return rows, cache
 
     def stepped(self, positions: Sequence[int], past_end: Container[int] = ()) -> None:
         """A pass was queued that ran the token at ``positions`` of each row held (in
