@@ -173,101 +173,6 @@ def test_tokens_equal_transformers(family, pad, monkeypatch):
     assert_nothing_held(pool)
 
 
-@pytest.mark.parametrize("lens", [(5, 12, 3, 20), (9, 9, 9, 9)], ids=["parts", "one-pass"])
-def test_sequences_that_end_early_leave_the_others_states_in_place(lens):
-    """An end token that one sequence meets at its second step and another at its
-    fourth: the rows left keep their own recurrent states (gathered as the batch
-    shrinks), so every sequence's tokens stay transformers'. Prompts of one length
-    prefill in one pass, whose states (made in inference mode) the batch keeps as
-    they are: moved up in place all the same (they were refused as inference
-    tensors updated outside inference mode)."""
-    model = make("qwen3_5")
-    ps = prompts(*lens, seed=7)
-    eos, want = ending_early(model, ps, 6, [(0, 1), (2, 3)])
-    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
-    assert generate(model, pool, ps, max_new_tokens=6, eos_token_id=eos) == want
-    assert pool.stats().num_sequences == 0
-
-
-@pytest.mark.parametrize("pad", [True, False], ids=["padded", "by-length"])
-def test_prompts_from_no_state_prefill_in_one_pass(pad, monkeypatch):
-    """Prompts that start from no state prefill in one pass, left-padded to the
-    longest (`Recurrent.pad_prompts`: the recurrent layers zero the padding's inputs,
-    the attention layers' plan holds the tokens alone): here one pass for six
-    prompts of three lengths, 42 tokens in rows of 9. With it off, in parts of
-    lengths the rows share (`kvpager.hf.pass_schedule`): the first token of all six,
-    the next 6 of the five longer, the last 2 of the three longest. transformers'
-    tokens either way, the rows' states put back in the prompts' order for the
-    decode steps."""
-    from kvpager.hf.recurrent import Recurrent
-
-    model = make("qwen3_next")
-    ps = prompts(9, 9, 7, 9, 7, 1, seed=11)
-    with torch.inference_mode():
-        want = reference(model, ps, 4)
-    passes = []
-    run = Recurrent._pass
-
-    def counted(self, plan, input_ids, *args, **kwargs):
-        passes.append((tuple(input_ids.shape), plan.num_tokens))
-        return run(self, plan, input_ids, *args, **kwargs)
-
-    monkeypatch.setattr(Recurrent, "_pass", counted)
-    monkeypatch.setattr(Recurrent, "pad_prompts", pad)
-    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
-    assert generate(model, pool, ps, max_new_tokens=4, eos_token_id=None) == want
-    if pad:
-        assert passes[:1] == [((6, 9), 42)] and passes[1:] == [((6, 1), 6)] * 3
-    else:
-        assert passes[:3] == [((6, 1), 6), ((5, 6), 30), ((3, 2), 6)] and passes[3:] == [((6, 1), 6)] * 3
-    assert_nothing_held(pool)
-
-
-@pytest.mark.parametrize("family", ["qwen3_5", "bamba", "lfm2"])
-def test_compiled_decode_passes_give_transformers_tokens(family, monkeypatch):
-    """The decode passes compiled by ``torch.compile`` (`Recurrent.compile`: what
-    ``compile=True`` sets for captured steps on a GPU; here ``aot_eager`` with
-    ``fullgraph``, so a graph break fails the pass) through linear attention, a
-    Mamba-2 mixer and a short convolution, sequences ending at different steps (the
-    rows left, fewer, compile again): transformers' tokens, and the passes did run
-    compiled; nothing left held. (Each family compiles for tens of seconds on a
-    small CPU: the GPU test takes the other families, with inductor.)"""
-    from kvpager.hf.recurrent import forward_rows
-
-    model = make(family)
-    ps = prompts(6, 17, 2, 9, seed=13)
-    eos, want = ending_early(model, ps, 6, [(1, 1), (3, 3)])
-    made = compiled_decode_passes(monkeypatch)
-    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
-    assert generate(model, pool, ps, max_new_tokens=6, eos_token_id=eos) == want
-    assert list(made) == [(forward_rows, "aot_eager", True)]
-    assert_nothing_held(pool)
-
-
-@pytest.mark.parametrize("pipeline", [True, False])
-def test_decode_steps_pipeline_as_other_models_do(pipeline):
-    """Pipelined (each pass launched before the last one's tokens reach the host)
-    or not, the same tokens as transformers', with sequences ending at different
-    steps; nothing left held."""
-    from kvpager.hf import PagedGeneration
-
-    model = make("qwen3_next")
-    ps = prompts(6, 17, 2, 9, seed=11)
-    with torch.inference_mode():
-        free = reference(model, ps, 7)
-    eos = [free[1][1], free[3][4]]
-    with torch.inference_mode():
-        want = reference(model, ps, 7, eos=eos)
-    assert any(len(w) < 7 for w in want)
-    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
-    with PagedGeneration(model, pool, ps, 7, eos_token_id=eos, pipeline=pipeline) as gen:
-        assert gen._pipelined == pipeline
-        while not gen.done:
-            gen.step()
-        assert gen.outputs == want
-    assert_nothing_held(pool)
-
-
 @pytest.mark.parametrize("family", ["zamba", "zamba2"])
 def test_attention_shared_across_layers_is_told_its_layer(family, monkeypatch):
     """Zamba's and Zamba2's attention block is one module shared by their hybrid
@@ -405,37 +310,6 @@ def test_one_whole_prompt_may_pass_as_a_packed_row():
         out = paged_forward(model, batch, torch.tensor([p]), torch.arange(len(p))[None], 1)
     assert out.tolist() == want
     pool.free([a.seq_id])
-
-
-@pytest.mark.parametrize("pipeline", [True, False])
-def test_a_failed_decode_pass_ends_the_generation_instead_of_giving_other_tokens(pipeline):
-    """A decode pass that fails part-way (the LM head raising, as a device out of
-    memory would) has already advanced the recurrent states in place: fed the same
-    tokens again they would advance twice, and gave other tokens. The next step is
-    refused by name; `close` frees everything; a new generation is right."""
-    from kvpager.hf import PagedGeneration
-
-    model = make("qwen3_5")
-    pool = KVPool(spec_for_model(model, num_blocks=32, block_size=8))
-    ps = prompts(9, 14, seed=3)
-    with torch.inference_mode():
-        want = reference(model, ps, 6)
-    gen = PagedGeneration(model, pool, ps, 6, eos_token_id=None, pipeline=pipeline)
-
-    def fail(*args, **kwargs):
-        raise RuntimeError("out of device memory")
-
-    model.lm_head.forward = fail
-    try:
-        with pytest.raises(RuntimeError, match="out of device memory"):
-            gen.step()
-    finally:
-        del model.lm_head.forward
-    with pytest.raises(ValueError, match="cannot go on"):
-        gen.step()
-    gen.close()
-    assert_nothing_held(pool)
-    assert generate(model, pool, ps, max_new_tokens=6, eos_token_id=None) == want
 
 
 def test_an_error_in_a_recurrent_layer_is_not_called_unserved():

@@ -19,7 +19,6 @@ from test_hf_recurrent import assert_nothing_held, computed_tokens, make, prompt
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.hf import generate, spec_for_model  # noqa: E402
-from kvpager.hf.recurrent import Recurrent  # noqa: E402
 
 
 @pytest.mark.parametrize("family,pipeline", [("qwen3_5", True), ("qwen3_5", False), ("jamba", True),
@@ -297,43 +296,4 @@ def test_no_memory_for_the_marks_leaves_the_generation_going(monkeypatch):
     with pytest.warns(ResourceWarning, match="not held"):
         assert generate(model, pool, ps, max_new_tokens=12, eos_token_id=None) == want
     assert store.stores == 0 and not store.entries
-    assert_nothing_held(pool)
-
-
-@pytest.mark.parametrize("family", ["qwen3_5", "bamba", "lfm2"])
-def test_next_turns_of_distinct_lengths_resume_together_in_parts(family, monkeypatch):
-    """Seven conversations answered in one batch, then their next turns in one batch,
-    a new message of 7 to 22 tokens each: each resumes from the
-    state held where its answer ended, and the batch runs in parts of lengths its rows
-    share (`kvpager.hf.pass_schedule`): 4 passes for 7 distinct lengths, every new token
-    run once. Tokens are transformers' for each turn."""
-    from kvpager.hf.pass_schedule import schedule
-    from kvpager.hf.state_cache import StateCache
-
-    model = make(family)
-    StateCache.of(model).clear()
-    bs = 8
-    pool = KVPool(spec_for_model(model, num_blocks=256, block_size=bs))
-    ps = prompts(12, 21, 29, 14, 22, 30, 13, seed=61)  # a block boundary in each answer
-    answers = generate(model, pool, ps, max_new_tokens=5, eos_token_id=None)
-    news = [7, 7, 8, 8, 13, 14, 22]
-    turns = [p + a + m for p, a, m in zip(ps, answers, prompts(*news, seed=65))]
-    held = [(len(p) + 4) // bs * bs for p in ps]  # (the answers' last tokens never fed)
-    assert all(h >= len(p) for h, p in zip(held, ps))
-    with torch.inference_mode():
-        want = reference(model, turns, 3)
-    passes = []
-    real = Recurrent._pass
-
-    def counted(self, plan, input_ids, *args, **kwargs):
-        passes.append(tuple(input_ids.shape))
-        return real(self, plan, input_ids, *args, **kwargs)
-
-    monkeypatch.setattr(Recurrent, "_pass", counted)
-    assert generate(model, pool, turns, max_new_tokens=3, eos_token_id=None) == want
-    own = [len(t) - h for t, h in zip(turns, held)]
-    assert len(set(own)) == 7
-    prefill = passes[:-2]
-    assert prefill == [(len(members), n) for n, members in schedule(own)] and len(prefill) == 4
-    assert sum(r * n for r, n in prefill) == sum(own)
     assert_nothing_held(pool)

@@ -270,51 +270,6 @@ def test_a_captured_steps_warm_up_leaves_the_states_as_it_found_them():
         assert not all(torch.equal(t[:3], b[:3]) for t, b in zip(rec.states.tensors, before))
 
 
-def test_a_prompt_cached_past_its_held_state_runs_in_parts_of_one_allocation(monkeypatch):
-    """Prompts are allocated once, whole, with no probe of the cache before. One
-    whose state is held as far as its blocks are cached resumes there; one whose
-    cached blocks reach past its held state runs to them first (its plans over that
-    much of it: ``context_lens``), its state is held there, then the rest runs:
-    transformers' tokens, the next prompt of those blocks resuming there."""
-    from kvpager.hf.state_cache import StateCache
-
-    model = make("qwen3_5")
-    StateCache.of(model).clear()
-    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
-    system = prompts(16, seed=41)[0]
-    generate(model, pool, [system + [5, 6]], max_new_tokens=2, eos_token_id=None)  # blocks cached, no state
-    generate(model, pool, [system + [7, 8]], max_new_tokens=2, eos_token_id=None)  # the state held at 16
-    other = prompts(16, seed=43)[0]
-    generate(model, pool, [other + [5]], max_new_tokens=1, eos_token_id=None)  # blocks cached, no state
-    real, asked = pool.allocate, []
-    monkeypatch.setattr(pool, "allocate", lambda ps, salt=None, **kw: asked.append(len(ps)) or real(ps, salt, **kw))
-    monkeypatch.setattr(pool, "cached_tokens", lambda *a, **k: pytest.fail("probed"))
-    real_plan, contexts = pool.plan, []
-    def plan(ids, *args, context_lens=None, **kw):
-        if context_lens is not None:  # (a prefill pass's: its sequences' tokens, the context it runs over)
-            contexts.append(([pool.sequence(i).num_tokens for i in ids], list(context_lens)))
-        return real_plan(ids, *args, context_lens=context_lens, **kw)
-
-    monkeypatch.setattr(pool, "plan", plan)
-    seen = computed_tokens(monkeypatch)
-    batch = [other + [6, 7], system + [9, 10, 11]]
-    with torch.inference_mode():
-        want = reference(model, batch, 2)
-    stores = StateCache.of(model).stores
-    assert generate(model, pool, batch, max_new_tokens=2, eos_token_id=None) == want
-    assert asked == [2]  # one allocation, whole
-    # other: its 16 cached tokens from no state, then its 2 after; system: its 3 from the state at 16
-    assert seen[:3] == [16, 3, 2] and contexts == [([18], [16]), ([19], [19]), ([18], [18])]
-    assert StateCache.of(model).stores >= stores + 1
-    assert_nothing_held(pool)
-    with torch.inference_mode():
-        want = reference(model, [other + [8, 9]], 2)
-    seen.clear()
-    assert generate(model, pool, [other + [8, 9]], max_new_tokens=2, eos_token_id=None) == want
-    assert seen[0] == 2  # resumed at 16
-    assert_nothing_held(pool)
-
-
 def test_held_states_serve_only_weights_of_their_dtype():
     """States held for a float32 model, under a salt given by the caller (which does
     not change with the dtype): after the model moves to bfloat16 they are not
@@ -363,38 +318,3 @@ def test_a_lower_budget_drops_held_states_at_once():
                 store.max_bytes = bad
     finally:
         store.max_bytes = 1 << 30
-
-
-@pytest.mark.parametrize("lens", [(9, 9, 9), (9, 5, 9)], ids=["one-pass", "parts"])
-def test_one_prefill_pass_over_every_row_leaves_its_states_in_place(lens, monkeypatch):
-    """Where the prefill is one pass over every row (in order, as many rows as the
-    states keep), the batch's states are that pass's cache's tensors, not a copy;
-    after several passes they are stacked from the rows. Tokens are transformers'
-    either way."""
-    from kvpager.hf import PagedGeneration
-    from kvpager.hf.recurrent import Recurrent
-    from kvpager.hf.recurrent_states import layout_of, tensors_of
-
-    model = make("qwen3_5")
-    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
-    ps = prompts(*lens, seed=71)
-    with torch.inference_mode():
-        want = reference(model, ps, 3)
-    caches = []
-    real = Recurrent._collect
-
-    def collect(self, rows, tokens, cache, out, final):
-        caches.append(tensors_of(cache, layout_of(cache)))
-        return real(self, rows, tokens, cache, out, final)
-
-    monkeypatch.setattr(Recurrent, "_collect", collect)
-    with PagedGeneration(model, pool, ps, 3, eos_token_id=None, pipeline=False) as gen:
-        ptrs = [t.data_ptr() for t in gen._recurrent.states.tensors]
-        assert len(caches) == (1 if len(set(lens)) == 1 else 2)
-        adopted = [t.data_ptr() for t in caches[0]] == ptrs
-        assert adopted == (len(caches) == 1)
-        while not gen.done:
-            gen.step()
-        outputs = [list(o) for o in gen.outputs]
-    assert outputs == want
-    assert_nothing_held(pool)
