@@ -148,6 +148,10 @@ def attention_dims(get: Callable[[str], Any]) -> tuple[Any, Any, bool]:
 LEGACY_KINDS = {"mamba": "linear_attention", "attention": "full_attention"}
 #: transformers' defaults of (attn_layer_period, attn_layer_offset) by model type
 _PERIODS = {"jamba": (8, 4), "zamba": (6, 4)}
+#: RecurrentGemma's ``block_types``, repeated over its layers (its attention blocks attend locally,
+#: in a window), and transformers' default of them
+_RECURRENT_GEMMA_KINDS = {"recurrent": "linear_attention", "attention": "sliding_attention"}
+_RECURRENT_GEMMA_BLOCKS = ("recurrent", "recurrent", "attention")
 #: Nemotron-H's ``hybrid_override_pattern``, a character a layer
 PATTERN_KINDS = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
 
@@ -159,7 +163,8 @@ def layer_fields(cfg: dict[str, Any], where: str = "config.json") -> dict[str, A
     ...), Nemotron-H's ``hybrid_override_pattern``, Jamba's
     ``attn_layer_period`` / ``attn_layer_offset`` (Zamba's after its first three
     layers; transformers' defaults where a config of those types gives none),
-    Bamba's ``attn_layer_indices``, LFM2's ``full_attn_idxs``; older kind names (``mamba``,
+    Bamba's ``attn_layer_indices``, LFM2's ``full_attn_idxs``, RecurrentGemma's
+    ``block_types`` (a cycle of blocks); older kind names (``mamba``,
     ``attention``: `LEGACY_KINDS`); Zamba's ``attention_head_dim`` (twice the
     hidden size a head where unset). A dict that names none is returned as it is."""
     out = dict(cfg)
@@ -177,6 +182,14 @@ def layer_fields(cfg: dict[str, Any], where: str = "config.json") -> dict[str, A
     elif kinds is None and type(n) is int and isinstance(out.get("full_attn_idxs"), list):  # LFM2
         attends = set(out["full_attn_idxs"])
         kinds = ["full_attention" if i in attends else "conv" for i in range(n)]
+    elif kinds is None and type(n) is int and (isinstance(out.get("block_types"), list)
+                                               or model_type == "recurrent_gemma"):  # RecurrentGemma
+        cycle = out.get("block_types", list(_RECURRENT_GEMMA_BLOCKS))
+        if not isinstance(cycle, list) or not cycle or not all(isinstance(b, str) and b in _RECURRENT_GEMMA_KINDS
+                                                               for b in cycle):
+            raise InvalidArgument(f"{where}: block_types must list {' / '.join(_RECURRENT_GEMMA_KINDS)} blocks, "
+                                  f"got {cycle!r:.60}")
+        kinds = [_RECURRENT_GEMMA_KINDS[cycle[i % len(cycle)]] for i in range(n)]
     elif kinds is None and type(n) is int and ("attn_layer_period" in out or model_type in _PERIODS):
         period, offset = (out.get(k, d) for k, d in zip(("attn_layer_period", "attn_layer_offset"),
                                                            _PERIODS.get(model_type, (None, 0))))

@@ -27,6 +27,9 @@ from kvpager.sizing import NO_KV_KINDS  # noqa: E402
 VOCAB = 128
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
              head_dim=16, pad_token_id=0)
+#: weights drawn wider for the families whose tiny random models, at their default initializer
+#: range, give each prompt one token repeated (a test of their decode steps could not fail there)
+WIDE = dict(initializer_range=0.2)
 LINEAR = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
 MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
@@ -54,21 +57,34 @@ FAMILIES = {
                          dict(num_hidden_layers=4, layer_types=["mamba", "mamba", "mamba", "attention"],
                               num_local_experts=2, num_experts_per_tok=1, shared_intermediate_size=32, **MAMBA2)),
     "nemotron_h": ("NemotronH", "NemotronHForCausalLM", dict(num_hidden_layers=4)),
-    "lfm2": ("Lfm2", "Lfm2ForCausalLM", dict(num_hidden_layers=4, full_attn_idxs=[2])),
+    "lfm2": ("Lfm2", "Lfm2ForCausalLM", dict(num_hidden_layers=4, full_attn_idxs=[2], **WIDE)),
     # attention and a Mamba mixer side by side in every layer ("hybrid")
     "falcon_h1": ("FalconH1", "FalconH1ForCausalLM", dict(num_hidden_layers=3, mamba_d_ssm=64, mamba_n_heads=8,
-                                                          mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=16)),
+                                                          mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=16, **WIDE)),
     # one attention block shared by the hybrid layers (Zamba2: two, with per-layer adapters), told its
     # layer at each call
     "zamba": ("Zamba", "ZambaForCausalLM", dict(num_hidden_layers=6, attn_layer_period=3, attn_layer_offset=1,
                                               attention_hidden_size=128, attention_head_dim=32, mamba_d_state=8,
-                                              mamba_dt_rank=8, n_mamba_heads=2, use_mamba_kernels=False)),
+                                              mamba_dt_rank=8, n_mamba_heads=2, use_mamba_kernels=False, **WIDE)),
     "zamba2": ("Zamba2", "Zamba2ForCausalLM",
                dict(num_hidden_layers=6, layers_block_type=["linear_attention", "hybrid", "linear_attention",
                                                             "hybrid", "hybrid", "linear_attention"],
                     mamba_d_state=8, n_mamba_heads=2, mamba_headdim=64, attention_head_dim=32,
                     attention_hidden_size=128, num_mem_blocks=2, use_shared_attention_adapter=True, adapter_rank=8,
-                    use_mem_rope=True, num_key_value_heads=4)),  # (its adapters assume as many K/V heads as q)
+                    use_mem_rope=True, num_key_value_heads=4, **WIDE)),  # (its adapters assume as many K/V heads as q)
+    # sliding-window attention layers beside the full ones and the recurrent ones
+    "lara_mini": ("LaraMini", "LaraMiniForCausalLM",
+                  dict(num_hidden_layers=4, layer_types=["linear_attention", "sliding_attention", "linear_attention",
+                                                         "full_attention"], sliding_window=8, **LINEAR, **WIDE)),
+    "lfm3": ("Lfm3", "Lfm3ForCausalLM", dict(num_hidden_layers=6, sliding_window=8,
+                                             layer_types=["conv", "conv", "full_attention", "conv",
+                                                          "sliding_attention", "conv"])),
+    "lfm2_moe": ("Lfm2Moe", "Lfm2MoeForCausalLM", dict(num_hidden_layers=4, layer_types=["conv", "conv", "full_attention", "conv"],
+                                                       num_dense_layers=1,
+                                                       num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, **WIDE)),
+    # attention in every layer, its queries and keys through a short convolution and half of each
+    # value from the previous token (both held as states, "hybrid")
+    "zaya": ("Zaya", "ZayaForCausalLM", dict(num_hidden_layers=4, layer_types=["hybrid"] * 4, **WIDE)),
     "kimi_linear": ("KimiLinear", "KimiLinearForCausalLM", MLA_KDA),
     "bailing_hybrid": ("BailingHybrid", "BailingHybridForCausalLM",
                        dict(MLA_KDA, first_k_dense_replace=1, num_expert_group=1, topk_group=1, layer_group_size=4)),
@@ -165,7 +181,7 @@ def test_tokens_equal_transformers(family, pad, monkeypatch):
     kinds = model.config.layer_types
     attending = [k for k in kinds if k not in NO_KV_KINDS]
     pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
-    assert 0 < pool.spec.num_layers == len(attending) and (len(attending) < len(kinds) or family == "falcon_h1")
+    assert 0 < pool.spec.num_layers == len(attending) and (len(attending) < len(kinds) or family in ("falcon_h1", "zaya"))
     ps = prompts(9, 7, 40, 1, 16)
     with torch.inference_mode():
         want = reference(model, ps, 5)
@@ -330,3 +346,28 @@ def test_an_error_in_a_recurrent_layer_is_not_called_unserved():
     finally:
         del layer.forward
     assert pool.stats().num_sequences == 0
+
+
+def test_recurrent_layers_that_keep_their_states_in_their_modules_are_refused():
+    """RecurrentGemma's recurrent blocks keep their states in their own modules, not in
+    transformers' cache, where kvpager gathers a batch's rows as sequences end and
+    holds them for later prompts: it generated other tokens than transformers' (here
+    with sequences ending early), without an error. Refused at the first pass by what
+    its cache holds, nothing left held; its config still sizes a pool (its local
+    attention blocks alone), as `kvpager serve --model` reads it."""
+    import json
+
+    from kvpager.sizing import config_geometry
+
+    config = transformers.RecurrentGemmaConfig(**SMALL, num_hidden_layers=3, attention_window_size=16, lru_width=64,
+                                               w_init_variance_scale=1.0)  # (tokens of a random model that vary)
+    torch.manual_seed(0)
+    model = transformers.RecurrentGemmaForCausalLM(config).eval()
+    assert has_recurrent_layers(model)
+    ps = prompts(6, 17, 2, 9, seed=13)
+    eos, _ = ending_early(model, ps, 6, [(1, 1), (3, 3)])
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    assert pool.spec.num_layers == 1 == config_geometry(json.loads(config.to_json_string()))["num_layers"]
+    with pytest.raises(ValueError, match="keep their states outside transformers' cache"):
+        generate(model, pool, ps, max_new_tokens=6, eos_token_id=eos)
+    assert_nothing_held(pool)

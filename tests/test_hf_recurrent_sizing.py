@@ -60,6 +60,10 @@ SMALL_ATTENTION = dict(num_attention_heads=4, num_key_value_heads=2, hidden_size
     dict(model_type="jamba", num_hidden_layers=16),
     dict(model_type="bamba", num_hidden_layers=6, attn_layer_indices=[2, 5]),
     dict(model_type="lfm2", num_hidden_layers=6, full_attn_idxs=[1, 4]),
+    # RecurrentGemma's cycle of blocks, repeated over its layers
+    dict(model_type="recurrent_gemma", num_hidden_layers=26, block_types=["recurrent", "recurrent", "attention"]),
+    dict(model_type="recurrent_gemma", num_hidden_layers=7, block_types=["attention", "recurrent"]),
+    dict(model_type="recurrent_gemma", num_hidden_layers=5),
 ], ids=lambda c: f"{c['model_type']}-{'-'.join(k for k in c if k not in ('model_type', 'num_hidden_layers'))}")
 def test_a_hub_config_json_in_its_own_names_sizes_as_transformers_reads_it(config):
     """config.json files as checkpoints carry them, in the names their families use

@@ -17,19 +17,28 @@ pytest.importorskip("transformers")
 if not hasattr(__import__("transformers.cache_utils").cache_utils, "LinearAttentionCacheLayerMixin"):
     pytest.skip("transformers without linear-attention cache layers", allow_module_level=True)
 
-from test_hf_recurrent import assert_nothing_held, computed_tokens, make, prompts, reference  # noqa: E402
+from test_hf_recurrent import (  # noqa: E402
+    FAMILIES,
+    assert_nothing_held,
+    computed_tokens,
+    make,
+    prompts,
+    reference,
+)
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.hf import generate, spec_for_model  # noqa: E402
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "jamba", "lfm2", "falcon_h1"])
+@pytest.mark.parametrize("family", [f for f in sorted(FAMILIES) if f != "zamba"])
 def test_a_prompt_seen_before_resumes_from_its_held_state(family, monkeypatch):
     """The same prompts three times over one pool. The first run publishes their
     blocks; the second finds them cached but no state there: it runs each prompt up
     to its cached tokens, holds the state at that block boundary, then the rest;
     the third resumes from the held states and runs only the tokens after them.
-    Every run gives transformers' tokens, nothing is left held."""
+    Every run gives transformers' tokens, nothing is left held. Every family whose
+    recurrent layers continue a pass from held states (`CONTINUING`: all tested but
+    Zamba, below)."""
     from kvpager.hf.state_cache import StateCache
 
     model = make(family)
@@ -318,3 +327,46 @@ def test_a_lower_budget_drops_held_states_at_once():
                 store.max_bytes = bad
     finally:
         store.max_bytes = 1 << 30
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_families_that_continue_from_held_states_are_known(family):
+    """`kvpager.hf.recurrent.CONTINUING` names every tested family but Zamba, whose
+    Mamba layers scan a pass of several tokens from a zero state (below); a model
+    of a type it does not name is taken as one that does not continue."""
+    from kvpager.hf.recurrent import continues
+
+    model = make(family)
+    assert continues(model) == (family != "zamba")
+    model.config.model_type = "a_new_hybrid"
+    assert not continues(model)
+
+
+@pytest.mark.parametrize("pad", [None, False], ids=["default", "in-parts"])
+def test_a_model_whose_recurrent_layers_do_not_continue_runs_each_prompt_whole(pad, monkeypatch):
+    """Zamba's Mamba layers scan every pass of more than one token from a zero state,
+    whatever its cache holds: its prompts of distinct lengths run in parts, and its
+    prompts resumed from held states, gave other tokens than transformers' (without
+    an error). Its prompts now run whole from their first tokens, in one left-padded
+    pass even where parts are asked for, and no state is held or looked up for them:
+    transformers' tokens, run after run over one pool (whose K/V blocks are found
+    cached all the same)."""
+    from kvpager.hf.recurrent import Recurrent
+    from kvpager.hf.state_cache import StateCache
+
+    monkeypatch.setattr(Recurrent, "pad_prompts", pad)
+    model = make("zamba")
+    store = StateCache.of(model)
+    store.clear()
+    pool = KVPool(spec_for_model(model, num_blocks=128, block_size=8))
+    ps = prompts(9, 7, 40, 1, 16, 24)
+    with torch.inference_mode():
+        want = reference(model, ps, 5)
+    seen = computed_tokens(monkeypatch)
+    for _ in range(3):
+        seen.clear()
+        assert generate(model, pool, ps, max_new_tokens=5, eos_token_id=None) == want
+        assert seen[0] == sum(len(p) for p in ps) and len(seen) == 1 + 4  # (one prefill pass, 4 decode passes)
+    assert store.stores == store.hits == 0
+    assert pool.stats().prefix_hit_tokens > 0
+    assert_nothing_held(pool)

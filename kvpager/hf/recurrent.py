@@ -73,6 +73,7 @@ from kvpager.hf.recurrent_states import (
     Rows,
     States,
     cache_over,
+    check_layout,
     layout_of,
     new_cache,
     rows_of,
@@ -87,6 +88,29 @@ __all__ = ["Recurrent", "StateCache", "States", "has_recurrent_layers", "new_cac
 Segment = tuple[int, int, np.ndarray, Rows | None]
 #: a prefill pass run: (the prompts it ran, as rows in order; its cache, holding their states after)
 Ran = tuple[list[int], Any]
+
+
+#: model types whose recurrent layers continue a pass of several tokens from the states a pass
+#: left, as transformers runs them (each checked against transformers' tokens, prefilled in parts
+#: and resumed from held states: tests/test_hf_recurrent.py). Zamba's Mamba layers do not: a pass of
+#: more than one token scans from a zero state whatever its cache holds (its prompts run in parts,
+#: or resumed, gave other tokens than transformers'). A model of a type not listed (`continues`)
+#: runs each prompt from its first token in one pass (left-padded) and holds no states for later
+#: prompts: its tokens are right, its prompts' recurrent layers recomputed.
+CONTINUING = frozenset({
+    "bailing_hybrid", "bamba", "falcon_h1", "granitemoehybrid", "jamba", "kimi_linear", "lara_mini", "lfm2",
+    "lfm2_moe", "lfm2_vl", "lfm3", "nemotron_h", "olmo_hybrid", "qwen3_5", "qwen3_5_text", "qwen3_5_moe",
+    "qwen3_5_moe_text", "qwen3_next", "zamba2", "zaya",
+})
+
+
+def continues(model: Any) -> bool:
+    """Whether ``model``'s recurrent layers continue a pass of several tokens from held
+    states (`CONTINUING`, by its model type or its text config's;
+    `Recurrent.continues` overrides it)."""
+    types = {getattr(getattr(model, "config", None), "model_type", None),
+             getattr(text_config(model), "model_type", None)}
+    return bool(types & CONTINUING)
 
 
 def _cache_argument(model: Any) -> str:
@@ -118,6 +142,10 @@ class Recurrent:
     #: (None); ``fullgraph``: refuse a graph break instead of running the rest eagerly
     compile: str | None = None
     fullgraph: bool = False
+    #: whether the model's recurrent layers continue a pass of several tokens from held states (its
+    #: prompts then run in parts and resume from states held for them); None: by its model type
+    #: (`CONTINUING`). False runs each prompt whole from no state, one pass left-padded, and holds none
+    continues: bool | None = None
 
     def __init__(self, model: Any, make_batch: Any, capacity: Callable[[int], int] | None = None,
                  history: Callable[[int], list[int]] | None = None):
@@ -128,6 +156,7 @@ class Recurrent:
         self.arg = _cache_argument(model)
         new_cache(model)  # the model's cache layers are what kvpager can follow (ValueError)
         self.store = StateCache.of(model)
+        self._continues = continues(model) if self.continues is None else bool(self.continues)
         self.states: States | None = None
         #: a decode pass failed part-way: transformers had advanced some states in place already
         self.broken = False
@@ -148,9 +177,10 @@ class Recurrent:
         bs = self._block_size = pool.spec.block_size
         self._split = [None] * len(prompts)
         self._keys = [[] for _ in prompts]  # (none without a state cache: nothing is held or looked up)
-        self._ends = bool(self.store.max_bytes and self.store.hold_ends and self.history is not None)
+        held = self._continues and self.store.max_bytes  # (states held and looked up)
+        self._ends = bool(held and self.store.hold_ends and self.history is not None)
         allocs = pool.allocate(prompts, salt, share_in_batch=False)
-        if not self.store.max_bytes:
+        if not held:
             return allocs
         # (the weights' dtype too: a salt given by the caller need not change when the model's does)
         held_as = self._held_as = f"{salt}|{next(self.model.parameters()).dtype}"
@@ -211,7 +241,7 @@ class Recurrent:
         distinct lengths in 6 to 10 passes, not 32). Each prompt's next token into
         ``out``, its states after into ``final`` (the layout of states into
         ``_layout``, once known). The passes run: their rows and caches."""
-        pad = self.pad_prompts if self.pad_prompts is not None else device.type == "cuda"
+        pad = not self._continues or (self.pad_prompts if self.pad_prompts is not None else device.type == "cuda")
         groups: dict[str, list[int]] = {}
         for k, (_, _, _, held) in segments.items():
             groups.setdefault("resumed" if held is not None else "padded" if pad else "fresh", []).append(k)
@@ -276,7 +306,7 @@ class Recurrent:
         """A pass's next tokens into ``out`` and its rows' states into ``final``; the pass."""
         for k, t in zip(rows, tokens.tolist()):
             out[k] = t
-        self._layout = self._layout or layout_of(cache)
+        self._layout = self._layout or check_layout(self.model, layout_of(cache))
         for k, r in zip(rows, rows_of(cache, self._layout)):
             final[k] = r
         return rows, cache

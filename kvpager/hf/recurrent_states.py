@@ -95,6 +95,22 @@ def layout_of(cache: Any) -> Layout:
     return tuple(out)
 
 
+def check_layout(model: Any, layout: Layout) -> Layout:
+    """``layout`` (`layout_of` a pass's cache), or ValueError where a recurrent layer of
+    ``model`` left no state in the cache: it keeps its states elsewhere (RecurrentGemma,
+    in its modules), where kvpager can neither gather a batch's rows as sequences end
+    nor hold them for a later prompt. Served, such a model generated other tokens than
+    transformers' without an error."""
+    kinds = text_config(model).layer_types
+    held = {i for i, _, _, _ in layout}
+    missing = [i for i, kind in enumerate(kinds) if kind in RECURRENT_KINDS and i not in held]
+    if missing:
+        raise ValueError(f"{type(model).__name__}: its recurrent layers {missing[:8]} keep their states outside "
+                         "transformers' cache (in their modules); kvpager moves each sequence's states through the "
+                         "cache's linear-attention layers, so it cannot serve this model")
+    return layout
+
+
 def tensors_of(cache: Any, layout: Layout) -> list[torch.Tensor]:
     """The state tensors of ``cache``, in ``layout``'s order."""
     return [getattr(cache.layers[i], f"{kind}_states")[k] for i, kind, k, _ in layout]
