@@ -29,6 +29,10 @@ WINDOW = 6  # shorter than a block of 8 or 16 and than every prompt below
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, initializer_range=0.1,
               bos_token_id=1, eos_token_id=None, pad_token_id=0)
+#: for the families whose tiny random models otherwise repeat a prompt's last token (Gemma's scaled
+#: embeddings tied to the head: the residual stream, mostly the input embedding, scores its own
+#: token highest), where a wrong window or softcap would still give transformers' tokens
+VARIED = dict(tie_word_embeddings=False, initializer_range=0.3)
 SLIDING, FULL = "sliding_attention", "full_attention"
 ALTERNATING = [SLIDING, FULL, SLIDING, FULL]
 
@@ -57,7 +61,7 @@ FAMILIES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW), [WINDOW] * 4),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
                 dict(sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2), [WINDOW] * 4),
-    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(sliding_window=WINDOW), [WINDOW] * 4),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(sliding_window=WINDOW, **VARIED), [WINDOW] * 4),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=WINDOW), [WINDOW] * 4),
     # Qwen2 configs carry sliding_window=4096 with use_sliding_window=False: full attention
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(sliding_window=WINDOW), [None] * 4),
@@ -67,15 +71,16 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16), [None] * 4),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
                dict(head_dim=16, sliding_window=WINDOW, attn_logit_softcapping=1.0, query_pre_attn_scalar=16,
-                    layer_types=ALTERNATING),
+                    layer_types=ALTERNATING, **VARIED),
                [WINDOW, None, WINDOW, None]),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-               dict(head_dim=16, sliding_window=WINDOW, layer_types=ALTERNATING), [WINDOW, None, WINDOW, None]),
-    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", dict(sliding_window=WINDOW, layer_types=ALTERNATING),
+               dict(head_dim=16, sliding_window=WINDOW, layer_types=ALTERNATING, **VARIED),
+               [WINDOW, None, WINDOW, None]),
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", dict(sliding_window=WINDOW, layer_types=ALTERNATING, **VARIED),
                 [WINDOW, None, WINDOW, None]),
     # its attention modules all keep sliding_window, full layers too: the layer types decide
     # their decoder layers do not pass keyword arguments on to attention: the current batch serves them
-    "stablelm": ("StableLmConfig", "StableLmForCausalLM", {}, [None] * 4),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", VARIED, [None] * 4),
     "nemotron": ("NemotronConfig", "NemotronForCausalLM", {}, [None] * 4),
     "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", dict(sliding_window=WINDOW, layer_types=ALTERNATING),
                 [WINDOW, None, WINDOW, None]),
@@ -95,11 +100,12 @@ FAMILIES = {
                 dict(GEMMA3N, num_kv_shared_layers=3, layer_types=[SLIDING, FULL, SLIDING, SLIDING, FULL, SLIDING]),
                 [WINDOW, None, WINDOW, WINDOW, None, WINDOW]),
     "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", LLAMA4, [None] * 4),
-    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM", dict(GEMMA4, layer_types=ALTERNATING),
+    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM", dict(GEMMA4, layer_types=ALTERNATING, **VARIED),
                [WINDOW, None, WINDOW, None]),
     # ... and its last 2 layers reuse the K/V of the last earlier layer of their kind (the pool holds 4)
     "gemma4-kv-shared": ("Gemma4TextConfig", "Gemma4ForCausalLM",
-                         dict(GEMMA4, num_hidden_layers=6, num_kv_shared_layers=2, layer_types=ALTERNATING + [SLIDING, FULL]),
+                         dict(GEMMA4, num_hidden_layers=6, num_kv_shared_layers=2, layer_types=ALTERNATING + [SLIDING, FULL],
+                              **VARIED),
                          [WINDOW, None, WINDOW, None, WINDOW, None]),
     # ... and v wider than q and k (8 + 8 dims against 32: q and k zero-padded)
     "deepseek_v3-wide-v": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
