@@ -96,6 +96,8 @@ OVERRIDES = {
 }
 #: the kinds of recurrent layers (`kvpager.hf.model.RECURRENT_KINDS`)
 RECURRENT = {"linear_attention", "conv", "hybrid"}
+#: the kinds of layers without K/V (`kvpager.sizing.NO_KV_KINDS`)
+NO_KV = {"linear_attention", "conv", "mlp", "moe"}
 
 
 def hybrid_layers(default) -> dict:
@@ -104,7 +106,7 @@ def hybrid_layers(default) -> dict:
     size has its attention layers too (its first 2 alone are often all recurrent, and
     transformers' own run then fails)."""
     kinds = list(getattr(default, "layer_types", None) or [])
-    if not RECURRENT & set(kinds):
+    if not RECURRENT & set(kinds) or not set(kinds) - NO_KV:  # (no attention at all: Mamba's, refused)
         return {}
     want = set(kinds)
     n = next(i for i in range(1, len(kinds) + 1) if set(kinds[:i]) == want)
