@@ -332,14 +332,23 @@ def test_a_lower_budget_drops_held_states_at_once():
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_the_families_that_continue_from_held_states_are_known(family):
     """`kvpager.hf.recurrent.CONTINUING` names every tested family but Zamba, whose
-    Mamba layers scan a pass of several tokens from a zero state (below); a model
-    of a type it does not name is taken as one that does not continue."""
-    from kvpager.hf.recurrent import continues
+    Mamba layers scan a pass of several tokens from a zero state (below), taken so
+    without a word; a model of a type neither list names is taken as one that does
+    not continue, with a warning, once a process."""
+    import warnings
+
+    from kvpager.hf import recurrent
 
     model = make(family)
-    assert continues(model) == (family != "zamba")
-    model.config.model_type = "a_new_hybrid"
-    assert not continues(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert recurrent.continues(model) == (family != "zamba")
+    model.config.model_type = f"a_new_hybrid_{family}"
+    with pytest.warns(UserWarning, match="not among the types whose recurrent layers are known to continue"):
+        assert not recurrent.continues(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not recurrent.continues(model)  # (once)
 
 
 @pytest.mark.parametrize("pad", [None, False], ids=["default", "in-parts"])

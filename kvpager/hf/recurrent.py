@@ -104,13 +104,29 @@ CONTINUING = frozenset({
 })
 
 
+#: model types known not to continue (`CONTINUING`): taken so without a warning
+NOT_CONTINUING = frozenset({"zamba"})
+_warned: set[Any] = set()  # the unknown types warned about, once a process each
+
+
 def continues(model: Any) -> bool:
     """Whether ``model``'s recurrent layers continue a pass of several tokens from held
     states (`CONTINUING`, by its model type or its text config's;
-    `Recurrent.continues` overrides it)."""
+    `Recurrent.continues` overrides it). A type in neither list warns, once a
+    process: its prompts run whole, no states held for later prompts."""
     types = {getattr(getattr(model, "config", None), "model_type", None),
              getattr(text_config(model), "model_type", None)}
-    return bool(types & CONTINUING)
+    if types & CONTINUING:
+        return True
+    name = tuple(sorted(str(t) for t in types))
+    if not types & NOT_CONTINUING and name not in _warned:
+        _warned.add(name)
+        warnings.warn(f"kvpager: {type(model).__name__} (model type {' / '.join(name)}) is not among the types whose "
+                      "recurrent layers are known to continue a pass from held states "
+                      "(kvpager.hf.recurrent.CONTINUING): its prompts run whole from their first tokens and no "
+                      "states are held for later prompts (its tokens are right). Recurrent.continues = True takes "
+                      "it as one that continues, once checked against transformers' tokens", stacklevel=3)
+    return False
 
 
 def _cache_argument(model: Any) -> str:
