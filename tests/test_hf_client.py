@@ -51,10 +51,12 @@ def prompt(n: int, seed: int) -> list[int]:
 
 
 def reference(model, tokens: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' own greedy generation of one prompt (no padding)."""
+    """transformers' own greedy generation of one prompt (no padding: the mask is given, or
+    ``generate`` takes a pad token id among the tokens, a generated one, for padding)."""
     with torch.no_grad():
         out = model.generate(
             torch.tensor([tokens], device=model.device),
+            attention_mask=torch.ones(1, len(tokens), dtype=torch.long, device=model.device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,

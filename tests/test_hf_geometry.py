@@ -14,7 +14,9 @@ transformers = pytest.importorskip("transformers")
 from test_hf_models import (  # noqa: E402
     ALTERNATING,
     COMMON,
+    VARIED,
     WINDOW,
+    assert_tokens_vary,
     make_model,
     one_thread,  # noqa: F401 (autouse: these small models run fastest on one thread)
     prompt,
@@ -68,23 +70,28 @@ def test_latent_attention_through_a_daemon_sized_from_the_config(tmp_path):
         assert generate(model, pool, prompts, 10) == [reference(model, p, 10) for p in prompts]
 
 
-# Multimodal wrappers, tiny vision towers: text generation runs their language model's layers
-_TEXT = {k: v for k, v in COMMON.items() if k not in ("bos_token_id", "eos_token_id", "pad_token_id")}
+# Multimodal wrappers, tiny vision towers: text generation runs their language model's layers (drawn
+# wide, the head untied, wrapper and text config alike: tied, Gemma-3's and Qwen2.5-VL's tiny models
+# repeat one token a prompt, which a wrong window or position would give too)
+_TEXT = {k: v for k, v in COMMON.items() if k not in ("bos_token_id", "eos_token_id", "pad_token_id")} | VARIED
 _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
                patch_size=14)
 WRAPPERS = {
     # windows in the text config's layer types (the wrapper's own config has none)
     "gemma3": lambda: transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        tie_word_embeddings=False,
         text_config=dict(_TEXT, head_dim=16, sliding_window=WINDOW, layer_types=ALTERNATING),
         vision_config=_VISION, mm_tokens_per_image=4)),
     "mistral3": lambda: transformers.Mistral3ForConditionalGeneration(transformers.Mistral3Config(
-        text_config=dict(_TEXT, model_type="mistral", sliding_window=WINDOW), vision_config=dict(_VISION, head_dim=16))),
+        tie_word_embeddings=False, text_config=dict(_TEXT, model_type="mistral", sliding_window=WINDOW),
+        vision_config=dict(_VISION, head_dim=16))),
     # multimodal rotary positions (three sections), the same for text tokens
     "qwen2_5_vl": lambda: transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
+        tie_word_embeddings=False,
         text_config=dict(_TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
         vision_config=dict(hidden_size=32, intermediate_size=64, depth=1, num_heads=2, out_hidden_size=64))),
     "llava": lambda: transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
-        text_config=dict(_TEXT, model_type="llama"), vision_config=_VISION)),
+        tie_word_embeddings=False, text_config=dict(_TEXT, model_type="llama"), vision_config=_VISION)),
 }
 
 
@@ -111,7 +118,9 @@ def test_multimodal_wrapper_generates_text_as_its_language_model(wrapper):
         while not gen.done:
             gen.step()
         outs = gen.outputs
-    assert outs == [reference(model, p, 10) for p in prompts]
+    want = [reference(model, p, 10) for p in prompts]
+    assert_tokens_vary(want, wrapper)
+    assert outs == want
     follow = prompts[2] + outs[2] + prompt(4, seed=25)
     assert generate(model, pool, [follow], 6) == [reference(model, follow, 6)]
     pool.check_integrity()

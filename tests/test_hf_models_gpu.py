@@ -68,6 +68,7 @@ def run_family(family: str, config: dict | None = None, **options):
     for p in prompts:
         with torch.no_grad():
             out = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=new, do_sample=False,
+                                 attention_mask=torch.ones(1, len(p), dtype=torch.long, device="cuda"),
                                  num_beams=1)
         want.append(out[0, len(p):].tolist())
     pool.check_integrity()

@@ -17,7 +17,7 @@ from tests.test_hf_client import make_model, prompt, reference  # noqa: E402
 
 @pytest.fixture(scope="module")
 def model():
-    return make_model(seed=5)
+    return make_model(seed=4)  # its tokens vary (seed 5 repeats one a prompt)
 
 
 def run(model, prompts, max_new_tokens, pipeline, eos=None, pool=None, steps_seen=None):
@@ -57,7 +57,9 @@ def test_pipelined_tokens_and_published_blocks_equal_the_unpipelined_loop(model)
 def test_a_sequence_ending_on_an_end_token_is_fed_once_more_and_freed_after(model):
     prompts = [prompt(n, seed=70 + n) for n in (6, 13, 22)]
     plain = [reference(model, p, 16) for p in prompts]
-    eos = plain[1][4]  # the second prompt ends after 5 tokens (others maybe too)
+    # the end token: the second prompt's first token from its 3rd on that no output has earlier (so
+    # the second prompt ends first, others maybe with it)
+    eos = next(t for j, t in enumerate(plain[1]) if j >= 2 and all(t not in o[:j] for o in plain))
     want = [o[: o.index(eos) + 1] if eos in o else o for o in plain]
     assert len({len(o) for o in want}) > 1
     pool = KVPool(spec_for_model(model, num_blocks=160, block_size=8))

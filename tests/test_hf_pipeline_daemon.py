@@ -25,7 +25,7 @@ def without_batch(server, monkeypatch) -> None:
 
 @pytest.fixture(scope="module")
 def model():
-    return make_model(seed=5)
+    return make_model(seed=4)  # its tokens vary (seed 5 repeats one a prompt)
 
 
 @pytest.mark.parametrize("daemon_has_it", [True, False])

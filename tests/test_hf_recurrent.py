@@ -19,6 +19,8 @@ pytest.importorskip("transformers.cache_utils", reason="needs transformers' cach
 if not hasattr(__import__("transformers.cache_utils").cache_utils, "LinearAttentionCacheLayerMixin"):
     pytest.skip("transformers without linear-attention cache layers", allow_module_level=True)
 
+from test_hf_models import assert_tokens_vary  # noqa: E402
+
 from kvpager import KVPool  # noqa: E402
 from kvpager.hf import generate, spec_for_model  # noqa: E402
 from kvpager.hf.recurrent import has_recurrent_layers  # noqa: E402
@@ -109,7 +111,8 @@ def reference(model, ps: list[list[int]], n: int, eos=None) -> list[list[int]]:
     """transformers' greedy tokens for each prompt alone (no padding)."""
     out = []
     for p in ps:
-        ids = model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0)
+        ids = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0)
         out.append(ids[0, len(p):].tolist())
     return out
 
@@ -185,6 +188,7 @@ def test_tokens_equal_transformers(family, pad, monkeypatch):
     ps = prompts(9, 7, 40, 1, 16)
     with torch.inference_mode():
         want = reference(model, ps, 5)
+    assert_tokens_vary(want, family)
     assert generate(model, pool, ps, max_new_tokens=5, eos_token_id=None) == want
     assert_nothing_held(pool)
 
