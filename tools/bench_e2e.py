@@ -3,7 +3,8 @@
 Random-weight Llama-shaped models (Llama-3.2-1B: 16 layers, 32 q / 8 kv heads,
 head dim 64; Llama-3-8B: 32 layers, head dim 128) and ``mla``, a DeepSeek-V3
 model with DeepSeek-V2-Lite's latent attention (27 layers, 16 heads, q and k
-of 192 dims, v of 128; a dense MLP in every layer), bf16, greedy decoding of
+of 192 dims, v of 128; a dense MLP in every layer), bf16, greedy decoding (or,
+with ``--sample``, sampled: each side's own warpers and draw in its step) of
 prompts that share a system prompt. Paths, on the same model and prompts:
 
 - ``hf loop``: the model's forward with a DynamicCache in a plain decode loop
@@ -221,7 +222,8 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
             r["vs_generate"], r["vs_generate_range"] = gen_row["ms_step"] / r["ms_step"], None
             r["ratio"], r["ratio_range"] = rows[0]["ms_step"] / r["ms_step"], None
         toks = r.pop("tokens", None)
-        r["agree"] = agreement(base_tokens, toks) if toks else None
+        # (sampled: each side draws its own tokens, and only the prefill's first could agree)
+        r["agree"] = agreement(base_tokens, toks) if toks and not e2e_paths.SAMPLING else None
     return rows
 
 
@@ -256,7 +258,8 @@ def budget_case(model, budget: int, shared: int, own: tuple[int, int], new: int,
         for n in (2, new):  # warm-up at this batch's shapes first, as for every path below
             sync()
             t0 = time.perf_counter()
-            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                           **e2e_paths.hf_sample_kwargs())
             sync()
             dt = time.perf_counter() - t0
     out.append(dict(path="hf generate", batch=int(hf_batch), tok_s=hf_batch * new / dt, seconds=dt))
@@ -273,7 +276,7 @@ def budget_case(model, budget: int, shared: int, own: tuple[int, int], new: int,
                 sync()
                 t0 = time.perf_counter()
                 khf.generate(model, pool, ps, n, salt=f"budget{graphs}{compile}", eos_token_id=None,
-                             cuda_graphs=graphs, compile=compile)
+                             cuda_graphs=graphs, compile=compile, sampling=e2e_paths.kvpager_sampling())
                 sync()
                 dt = time.perf_counter() - t0
             finally:
@@ -307,9 +310,17 @@ def main() -> None:
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                     help="cpu: the model in float32 on the CPU and kvpager's NumPy pools, eager paths only "
                          "(with --shapes s --budget-gib 0, say)")
+    ap.add_argument("--sample", metavar="temperature=0.7,top_p=0.9,...",
+                    help="sampled decoding on every path (temperature, top_k, top_p, min_p); default greedy")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     e2e_paths.DEVICE = args.device
+    if args.sample:
+        kinds = dict(temperature=float, top_k=int, top_p=float, min_p=float)
+        pairs = [kv.split("=", 1) for kv in args.sample.split(",") if kv]
+        if any(len(kv) != 2 or kv[0] not in kinds for kv in pairs):
+            ap.error(f"--sample takes name=value pairs of {', '.join(kinds)}, got {args.sample!r}")
+        e2e_paths.SAMPLING = {k: kinds[k](v) for k, v in pairs}
     if args.device == "cuda" and not args.cudnn_sdp:
         # torch's cuDNN SDPA builds an execution plan the first time it meets a shape: on an
         # H200 (torch 2.11) transformers' generate took 64-65 ms a step at lengths it had not

@@ -20,6 +20,41 @@ from kvpager.hf.recurrent import Recurrent
 #: where the models, inputs and pools live: "cuda" (the default), or "cpu" (`bench_e2e.py --device cpu`:
 #: the NumPy backend's pools, eager paths only)
 DEVICE = "cuda"
+#: sampled decoding on every path (`bench_e2e.py --sample`: temperature, top_k, top_p, min_p), or
+#: None: greedy. transformers' paths apply its own warpers and draw with ``torch.multinomial``, as
+#: its ``generate`` does with ``do_sample=True``; kvpager's take it as a `kvpager.hf.Sampling`
+SAMPLING: dict | None = None
+
+
+def hf_sample_kwargs() -> dict:
+    """``generate``'s keyword arguments for `SAMPLING` (greedy: ``do_sample=False``)."""
+    return dict(do_sample=True, **SAMPLING) if SAMPLING else dict(do_sample=False)
+
+
+def hf_next(logits: torch.Tensor) -> torch.Tensor:
+    """transformers' next tokens [batch, 1] from a pass's last logits [batch, vocab]: greedy, or
+    its warpers in its ``generate``'s order and a multinomial draw (`SAMPLING`)."""
+    if not SAMPLING:
+        return logits.argmax(-1, keepdim=True)
+    from transformers.generation import logits_process as lp
+
+    s = SAMPLING
+    warpers = [lp.TemperatureLogitsWarper(s.get("temperature", 1.0))]
+    if s.get("top_k"):
+        warpers.append(lp.TopKLogitsWarper(s["top_k"]))
+    if s.get("top_p", 1.0) < 1.0:
+        warpers.append(lp.TopPLogitsWarper(s["top_p"]))
+    if s.get("min_p"):
+        warpers.append(lp.MinPLogitsWarper(s["min_p"]))
+    scores = lp.LogitsProcessorList(warpers)(None, logits.float())
+    return torch.multinomial(scores.softmax(-1), num_samples=1)
+
+
+def kvpager_sampling():
+    """`SAMPLING` as kvpager takes it (None: greedy)."""
+    from kvpager.hf import Sampling
+
+    return Sampling(**SAMPLING) if SAMPLING else None
 
 
 def sync() -> None:
@@ -118,7 +153,7 @@ class HFLoop(Timed):
         self.length = ids.shape[1]
         with torch.inference_mode():
             out = model(input_ids=ids, attention_mask=self.mask, **self.kv, use_cache=True, logits_to_keep=1)
-        self.nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        self.nxt = hf_next(out.logits[:, -1])
         self.tokens = [self.nxt[:, 0].tolist()]
 
     def run(self, steps: int, timed: bool = True) -> None:
@@ -133,7 +168,7 @@ class HFLoop(Timed):
                 out = self.model(input_ids=self.nxt, attention_mask=self.mask, **self.kv, use_cache=True,
                                  cache_position=pos, position_ids=pos.expand(self.batch, 1))
                 t1 = time.perf_counter()
-                self.nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                self.nxt = hf_next(out.logits[:, -1])
                 self.tokens.append(self.nxt[:, 0].tolist())
                 wall.append(time.perf_counter() - t0)
                 host.append(t1 - t0)
@@ -155,7 +190,7 @@ def generate_ms(model, ids: torch.Tensor, steps: int, cache: str | None = None) 
     with which transformers compiles the decode step: two untimed calls of ``steps`` + 1
     tokens first compile it and let any CUDA graphs of the compiled step be recorded (the
     cache keeps that length for the calls after them)."""
-    kw = dict(do_sample=False, cache_implementation=cache) if cache else dict(do_sample=False)
+    kw = dict(hf_sample_kwargs(), cache_implementation=cache) if cache else hf_sample_kwargs()
     times = []
     with torch.inference_mode():
         for _ in range(2 if cache else 0):
@@ -178,7 +213,8 @@ class Paged(Timed):
         self.spec = khf.spec_for_model(model, num_blocks=num_blocks)
         self.pool = KVPool(self.spec, device=pool_device())
         self.gen = khf.PagedGeneration(model, self.pool, ps, total_steps, salt="bench", cuda_graphs=graphs,
-                                       cascade=cascade, pipeline=pipeline, compile=compile)
+                                       cascade=cascade, pipeline=pipeline, compile=compile,
+                                       sampling=kvpager_sampling())
         self.clock, self.batch = clock, len(ps)
         self.label = (("kvpager graphs" if graphs else "kvpager eager") + (" plain" if cascade is False else "")
                       + ("" if pipeline else " sync") + (" compiled" if compile else ""))

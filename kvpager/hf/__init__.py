@@ -14,7 +14,8 @@ pass), `kvpager.hf.model` (windows, attention arguments, the KV geometry),
 `kvpager.hf.salt` (the default salt), `kvpager.hf.recurrent` (models with
 recurrent layers), `kvpager.hf.fp8` (FP8 scales calibrated from a sample prompt),
 `kvpager.hf.graphs` (CUDA graphs of the decode step), `kvpager.hf.padding` (a
-tokenizer's ``attention_mask`` applied to padded prompts). ``import kvpager``
+tokenizer's ``attention_mask`` applied to padded prompts), `kvpager.hf.sampling`
+(sampled decoding: `Sampling`). ``import kvpager``
 never imports this package (nor torch).
 """
 
@@ -47,12 +48,14 @@ from kvpager.hf.model import (
     layer_windows,
 )
 from kvpager.hf.salt import default_salt
+from kvpager.hf.sampling import Sampling
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "DecodeGraphs",
     "PagedBatch",
     "PagedGeneration",
+    "Sampling",
     "bucket_for",
     "calibrate_kv_scales",
     "check_call",

@@ -76,6 +76,9 @@ class PagedBatch:
     #: rows of a model with recurrent layers left-padded to one length (`kvpager.hf.recurrent`): the
     #: flat indices (into rows x tokens) of their tokens, in the plan's order; None: no padding
     real: torch.Tensor | None = field(default=None, repr=False)
+    #: the pass gives its kept positions' logits [positions, vocab], not their greedy tokens (a
+    #: sampled generation draws its tokens from them: `kvpager.hf.sampling`)
+    logits: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.dtype, torch.dtype):
@@ -264,7 +267,8 @@ def tuned_queries(query: torch.Tensor, positions: torch.Tensor | None, attn_scal
 def paged_forward(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,
                   logits_to_keep: Any = 0) -> torch.Tensor:
     """One forward pass of ``model`` (switched to kvpager attention) over a packed
-    row; returns the greedy next token of each kept position. Nothing here waits
+    row; returns the greedy next token of each kept position (their logits where
+    ``batch.logits``). Nothing here waits
     for the device, so a CUDA graph can capture it. A model compiled by its user
     (``torch.compile(model)``) works too: its attention layers call the
     ``kvpager::write_attend`` op, which reaches ``batch`` through `running`.
@@ -369,7 +373,7 @@ def forward_pass(model: Any, batch: PagedBatch, input_ids: torch.Tensor, positio
         logits_to_keep=logits_to_keep,
         kvpager=batch,
     )
-    return out.logits[0].argmax(dim=-1)
+    return out.logits[0] if batch.logits else out.logits[0].argmax(dim=-1)
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:

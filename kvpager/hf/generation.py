@@ -1,4 +1,4 @@
-"""Hugging Face transformers on kvpager: greedy generation of a causal LM whose KV cache lives in a kvpager pool.
+"""Hugging Face transformers on kvpager: generation (greedy or sampled) of a causal LM whose KV cache lives in a kvpager pool.
 
 The pool is any object with `KVPool`'s methods: an embedded `kvpager.KVPool`
 or a daemon client. Sequences are allocated with their prompt ids, so a
@@ -15,7 +15,7 @@ Usage::
 Supported: decoder-only models whose attention modules go through
 transformers' ``AttentionInterface`` (Llama, Mistral, Mixtral, Qwen2, Qwen3,
 Gemma-2, Gemma-3, Phi-3, Starcoder2, ...): full and sliding-window layers,
-Gemma-2's logit soft cap, greedy decoding. This module also gives the names of
+Gemma-2's logit soft cap, greedy or sampled decoding (`kvpager.hf.sampling`). This module also gives the names of
 `kvpager.hf.attention` and the model helpers of `kvpager.hf.model` (their old home).
 """
 
@@ -59,6 +59,7 @@ from kvpager.hf.passes import HostBuffers, Owed, Pass
 from kvpager.hf.pipeline import DecodePasses
 from kvpager.hf.recurrent import Recurrent, has_recurrent_layers
 from kvpager.hf.salt import default_salt
+from kvpager.hf.sampling import Sampler, Sampling
 from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
 from kvpager.validate import is_int
 
@@ -81,7 +82,7 @@ def _check_model_and_pool(model: Any, pool: Any) -> None:
 
 @dataclass
 class PagedGeneration(DecodePasses):
-    """Greedy generation of one batch of prompts with its KV in ``pool``.
+    """Generation of one batch of prompts with its KV in ``pool``, greedy or sampled (``sampling``).
 
     Construction allocates the prompts (sharing any cached prefix) and runs the
     prefill, which yields each sequence's first new token; each `step` runs one
@@ -114,6 +115,9 @@ class PagedGeneration(DecodePasses):
     #: the model's small kernels fused; compiling an 8B model takes tens of seconds, once per process)
     compile: bool = False
     _: KW_ONLY
+    #: how each prompt's tokens are drawn (`kvpager.hf.sampling.Sampling`: temperature, top-k, top-p,
+    #: min-p, a seed), one for all or a list of one per prompt (None there: greedy); None: greedy
+    sampling: Any = None
     #: the prompts under a tokenizer's name (``PagedGeneration(model, pool, **enc, max_new_tokens=n)``);
     #: give them as ``prompts`` or as ``input_ids``, not both
     input_ids: InitVar[Any] = None
@@ -138,6 +142,8 @@ class PagedGeneration(DecodePasses):
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         self.prompts = token_lists(self.prompts, self.model, attention_mask)
+        self._sampler = Sampler(self.sampling, len(self.prompts))
+        self._logits = not self._sampler.all_greedy  # passes give logits, tokens drawn from them
         self._windows = check_model(self.model, self.pool)
         self._layers = layer_map(self.model)  # layers that reuse an earlier layer's K/V (Gemma-3n)
         self._chunks = layer_chunks(self.model, self.pool.spec.block_size)  # chunked layers (Llama-4)
@@ -158,6 +164,8 @@ class PagedGeneration(DecodePasses):
             # (each sequence's states where it ends held, keyed by its prompt and tokens so far)
             self._recurrent = Recurrent(self.model, self._batch, capacity=bucket_for if self.cuda_graphs else None,
                                         history=lambda i: self.prompts[i] + self.outputs[i])
+            if self._logits:  # (the prefill's tokens: each prompt's first draw)
+                self._recurrent.choose = lambda logits, rows: self._sampler.choose(logits, rows, [0] * len(rows))
             if self.compile:  # (captured steps compiled: the recurrent layers' code fused, as the rest)
                 self._recurrent.compile = "inductor"
             # (their blocks are matched only by generations that also hold or remake the states)
@@ -277,15 +285,21 @@ class PagedGeneration(DecodePasses):
         )
         ids = [self.seq_ids[i] for i in rows]
         if self._graphs is not None and max(lens) == 1:
-            next_tokens = self._graphs.step(ids, input_ids, position_ids, slots)
+            out = self._graphs.launch(ids, input_ids, position_ids, slots)
         else:
             ends = torch.as_tensor(np.cumsum(lens) - 1, device=self._device)
-            next_tokens = self._forward(self._plan(ids, lens, slots), input_ids, position_ids, ends).tolist()
-        return next_tokens
+            out = self._forward(self._plan(ids, lens, slots), input_ids, position_ids, ends)
+        return self._choose(out, rows, [len(self.outputs[i]) for i in rows]).tolist()
+
+    def _choose(self, out: torch.Tensor, rows: list[int], draws: list[int]) -> torch.Tensor:
+        """A pass's tokens for ``rows``: its output where greedy, else drawn from its
+        logits (`kvpager.hf.sampling`), each row its new token number ``draws``."""
+        return self._sampler.choose(out, rows, draws) if self._logits else out
 
     def _forward(self, plan: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  logits_to_keep: Any = 0) -> torch.Tensor:
-        """One eager forward pass over ``plan``: each kept position's greedy next token, on the device."""
+        """One eager forward pass over ``plan``: each kept position's greedy next token (its
+        logits, sampled), on the device."""
         with torch.inference_mode(), paged_attention(self.model):
             return paged_forward(self.model, self._batch(plan), input_ids, position_ids, logits_to_keep)
 
@@ -316,7 +330,7 @@ class PagedGeneration(DecodePasses):
 
     def _batch(self, plan: Any) -> PagedBatch:
         return PagedBatch(plan, self._pool_dtype, self._pool_device, self._windows, layers=self._layers,
-                          chunks=self._chunks, fit=self._fit)
+                          chunks=self._chunks, fit=self._fit, logits=self._logits)
 
     def close(self) -> None:
         """Free the sequences still held (their committed full blocks stay matchable)
@@ -359,8 +373,12 @@ def generate(
     *,
     input_ids: Any = None,
     attention_mask: Any = None,
+    sampling: Any = None,
 ) -> list[list[int]]:
-    """Greedy generation with the KV cache in ``pool``. Returns the new token ids
+    """Generation with the KV cache in ``pool``, greedy unless ``sampling`` (a
+    `kvpager.hf.Sampling` for every prompt, a list of one per prompt, or "model":
+    what the model's generation config asks of transformers' ``generate``,
+    `Sampling.from_model`). Returns the new token ids
     of each prompt: ``max_new_tokens`` of them, or fewer where an end-of-sequence
     token came (included, as transformers' ``generate`` does). ``eos_token_id``
     defaults to the model's generation config ("model"); None never stops early.
@@ -373,9 +391,11 @@ def generate(
     tokenizer's output passes as it is: ``generate(model, pool, **enc, max_new_tokens=n)``."""
     if isinstance(eos_token_id, str) and eos_token_id == "model":
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(sampling, str) and sampling == "model":
+        sampling = Sampling.from_model(model)
     with PagedGeneration(model, pool, prompts, max_new_tokens, salt, eos_token_id, cuda_graphs,
                          pipeline=pipeline, compile=compile, input_ids=input_ids,
-                         attention_mask=attention_mask) as gen:
+                         attention_mask=attention_mask, sampling=sampling) as gen:
         while not gen.done:
             gen.step()
         return gen.outputs

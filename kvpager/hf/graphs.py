@@ -45,7 +45,7 @@ class _Graph:
     plan: Any  # kvpager.plan.StepPlan, updated before each replay
     input_ids: torch.Tensor  # [1, bucket]
     position_ids: torch.Tensor  # [1, bucket]
-    next_tokens: torch.Tensor  # [bucket]: the graph's output
+    next_tokens: torch.Tensor  # [bucket] (or [bucket, vocab] logits, where the batch asks): the graph's output
 
 
 class DecodeGraphs:
@@ -82,8 +82,9 @@ class DecodeGraphs:
     def launch(self, seq_ids: list[int], input_ids: torch.Tensor, position_ids: torch.Tensor,
                slots: np.ndarray) -> torch.Tensor:
         """Queue one decode step (as `step`) without waiting for it: each sequence's
-        greedy next token, [B] on the device (the graph's output: read or copy it
-        before the next replay of the same bucket)."""
+        greedy next token, [B] on the device, or its logits [B, vocab] where the
+        batch asks for them (`PagedBatch.logits`): the graph's output, read or copy
+        it before the next replay of the same bucket."""
         from kvpager.hf.generation import paged_attention
 
         tables, lens = self.pool.tables(seq_ids)

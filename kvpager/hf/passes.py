@@ -21,7 +21,7 @@ class Pass:
     seq_ids: list[int]
     positions: list[int]  # the position each row's fed token sits at
     position_ids: torch.Tensor  # [1, n] ``positions``, on the model's device
-    tokens: torch.Tensor  # [n] the pass's greedy tokens, on the model's device
+    tokens: torch.Tensor  # [n] the pass's tokens (greedy or drawn), on the model's device
     host: torch.Tensor  # [>= n] where they are copied to (pinned on a GPU)
     event: Any  # a torch.cuda.Event recorded after that copy; None on the CPU
     #: what the pass's kernels read (its plan, or its captured graph and plan): kept alive

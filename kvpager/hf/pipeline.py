@@ -92,6 +92,8 @@ class DecodePasses:
             else:
                 reads = self._plan(ids, [1] * len(ids), slots)
                 tokens = self._forward(reads, input_ids, position_ids)
+            # (sampled: the pass gave logits; each row draws its next new token)
+            tokens = self._choose(tokens, rows, [len(self.outputs[i]) + ahead for i in rows])
             if self._recurrent is not None and not ahead:  # rows whose last block the pass filled, marked
                 self._recurrent.stepped(positions)  # (a pass ahead: once the pass before it completes)
         host, event = queue_copy(tokens, self._host_tokens)

@@ -162,6 +162,9 @@ class Recurrent:
     #: prompts then run in parts and resume from states held for them); None: by its model type
     #: (`CONTINUING`). False runs each prompt whole from no state, one pass left-padded, and holds none
     continues: bool | None = None
+    #: ``choose(logits, rows)``: the prefill's first new tokens of prompts ``rows`` from their logits,
+    #: where the passes give logits (`PagedBatch.logits`: a sampled generation); None: greedy tokens
+    choose: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None
 
     def __init__(self, model: Any, make_batch: Any, capacity: Callable[[int], int] | None = None,
                  history: Callable[[int], list[int]] | None = None):
@@ -320,6 +323,8 @@ class Recurrent:
     def _collect(self, rows: list[int], tokens: torch.Tensor, cache: Any, out: list[int],
                  final: list[Rows | None]) -> Ran:
         """A pass's next tokens into ``out`` and its rows' states into ``final``; the pass."""
+        if self.choose is not None:  # (logits: a sampled generation's)
+            tokens = self.choose(tokens, rows)
         for k, t in zip(rows, tokens.tolist()):
             out[k] = t
         self._layout = self._layout or check_layout(self.model, layout_of(cache))
@@ -436,4 +441,4 @@ def forward_rows(model: Any, batch: PagedBatch, input_ids: torch.Tensor, positio
     mask = padding if padding is not None else torch.ones((1, 1, 1, 1), dtype=torch.bool, device=input_ids.device)
     out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
                 logits_to_keep=1, kvpager=batch, **{arg: cache})
-    return out.logits[:, -1].argmax(dim=-1)
+    return out.logits[:, -1] if batch.logits else out.logits[:, -1].argmax(dim=-1)

@@ -1,0 +1,223 @@
+"""Sampled decoding: temperature, top-k, top-p and min-p, each prompt from its own seed.
+
+`Sampling` is what a prompt is sampled with; `PagedGeneration` / `generate`
+take one for every prompt or a list of one per prompt (None: that prompt
+greedy). A pass's logits are filtered as transformers' warpers filter them
+(``do_sample=True`` with the same ``temperature``, ``top_k``, ``top_p``,
+``min_p``, in that order), then a token is drawn from what is left.
+
+The draw is the inverse of the distribution function at one uniform number per
+row, and that number is a hash of the prompt's seed and the index of the token
+drawn (its first new token, its second, ...). So a prompt's tokens depend on
+its seed, its tokens and the model alone: the same in a batch of any other
+prompts as alone, pipelined or not, eager or in a captured CUDA graph, and
+prefilled in one pass or in parts. (transformers' ``generate`` draws from one
+generator for the whole batch, so its samples change with the batch; the
+distributions are the same.) All of it runs on the device: no pass waits
+for the host.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvpager.validate import is_int
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one prompt's new tokens are drawn.
+
+    ``temperature``: the logits are divided by it (0: greedy, the most likely
+    token); ``top_k``: only the k most likely tokens are drawn from (0: all);
+    ``top_p``: only the most likely tokens whose probabilities add up to at
+    least p (1.0: all); ``min_p``: only tokens at least this fraction as likely
+    as the most likely one (0.0: all); ``seed``: the prompt's draws (an int in
+    [0, 2**64)); None takes one from torch's default generator when the
+    generation starts, so ``torch.manual_seed`` makes a run repeatable."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {t!r}")
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0: no limit), got {self.top_k!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
+            raise ValueError(f"top_p must be a number in (0, 1] (1: no limit), got {p!r}")
+        m = self.min_p
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m <= 1.0:
+            raise ValueError(f"min_p must be a number in [0, 1] (0: no limit), got {m!r}")
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed <= _MASK64):
+            raise ValueError(f"seed must be None or an int in [0, 2**64), got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        """Whether this draws the most likely token always (temperature 0, or top-k 1)."""
+        return self.temperature == 0 or self.top_k == 1
+
+    @classmethod
+    def from_model(cls, model: Any, seed: int | None = None) -> Sampling | None:
+        """What ``model``'s generation config asks of transformers' ``generate``: a
+        `Sampling` of its temperature, top-k, top-p and min-p where it samples
+        (``do_sample``), None where it is greedy. Other settings that change the
+        distribution (a repetition penalty, typical, epsilon or eta sampling,
+        beams) are refused by name, not left out."""
+        config = getattr(model, "generation_config", None)
+        if config is None or not getattr(config, "do_sample", False):
+            return None
+        for name, neutral in (("repetition_penalty", 1.0), ("typical_p", 1.0), ("epsilon_cutoff", 0.0), ("top_h", None),
+                              ("eta_cutoff", 0.0), ("num_beams", 1), ("no_repeat_ngram_size", 0)):
+            value = getattr(config, name, None)
+            if value is not None and value != neutral:
+                raise ValueError(f"the model's generation config sets {name}={value!r}, which kvpager's sampling "
+                                 "does not apply (it applies temperature, top_k, top_p and min_p): pass a Sampling "
+                                 "of your own to take the others alone")
+        def get(name: str, default: Any) -> Any:
+            value = getattr(config, name, None)
+            return default if value is None else value
+
+        # (transformers' values for those its config leaves unset: top-k 50)
+        return cls(temperature=float(get("temperature", 1.0)), top_k=int(get("top_k", 50)),
+                   top_p=float(get("top_p", 1.0)), min_p=float(get("min_p", 0.0)), seed=seed)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function of uint64 ``x`` (a bijection that mixes every bit)."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(_GOLDEN)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def uniforms(seeds: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """float64 in [0, 1), one per row: a hash of the row's seed and its draw index."""
+    with np.errstate(over="ignore"):
+        x = splitmix64(splitmix64(seeds.astype(np.uint64)) ^ (draws.astype(np.uint64) * np.uint64(_GOLDEN)))
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def filtered_scores(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                    min_p: torch.Tensor, use: tuple[int, bool, bool] | None = None) -> torch.Tensor:
+    """float32 [n, vocab] scores of ``logits`` [n, vocab] after the warpers of
+    transformers' sampling, row by row (each parameter [n]): divided by the
+    temperature (rows of temperature 0 are taken as 1: they are greedy), then
+    -inf outside the top-k, outside the top-p and under min-p; a row's most
+    likely token is always kept. ``use``: (the largest top-k, whether any top-p
+    is under 1, whether any min-p is over 0), known on the host; None reads them
+    from the parameters (a wait for the device)."""
+    if use is None:
+        use = (int(top_k.max()), bool((top_p < 1).any()), bool((min_p > 0).any()))
+    largest_k, any_p, any_min = use
+    scores = logits.float() / torch.where(temperature > 0, temperature, 1.0).unsqueeze(1)
+    vocab = scores.shape[1]
+    ninf = torch.tensor(float("-inf"), device=scores.device)
+    if largest_k > 0:
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+        kth = scores.topk(min(largest_k, vocab), dim=1).values
+        kth = torch.cat([kth, scores.amin(dim=1, keepdim=True)], dim=1).gather(
+            1, torch.where(k <= largest_k, k - 1, kth.shape[1]).unsqueeze(1))
+        scores = torch.where(scores < kth, ninf, scores)
+    if any_p:
+        # in transformers' order: ascending, a token goes where the probabilities of it and of every
+        # less likely one add up to at most 1 - p (the most likely is kept; rows of p = 1 keep all)
+        ascending, order = scores.sort(dim=1)
+        below = ascending.softmax(dim=1).cumsum(dim=1) <= (1 - top_p).unsqueeze(1)
+        below &= (top_p < 1).unsqueeze(1)
+        below[:, -1] = False
+        scores = scores.masked_fill(below.scatter(1, order, below), float("-inf"))
+    if any_min:
+        probs = scores.softmax(dim=1)
+        scores = torch.where(probs < min_p.unsqueeze(1) * probs.amax(dim=1, keepdim=True), ninf, scores)
+    return scores
+
+
+def draw(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """int64 [n]: each row's token at the inverse of its distribution function
+    (``scores``' softmax, summed in float64 in vocabulary order) at ``u`` [n] in
+    [0, 1); never a token of probability 0."""
+    probs = scores.double().softmax(dim=1)
+    cdf = probs.cumsum(dim=1)
+    at = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)
+    token = torch.searchsorted(cdf, at, right=True).squeeze(1)
+    # (u * total rounded up to the total: the last token of positive probability)
+    vocab = probs.shape[1]
+    last = vocab - 1 - (probs > 0).flip(1).to(torch.uint8).argmax(dim=1)
+    return torch.minimum(token, last)
+
+
+class Sampler:
+    """The sampling of one generation's prompts: a `Sampling` (or None: greedy) per
+    prompt, seeds drawn where None, and the parameters kept on the host to be sent
+    with each pass's rows."""
+
+    def __init__(self, sampling: Sampling | Sequence[Sampling | None] | None, n: int):
+        if isinstance(sampling, Sampling) or sampling is None:
+            per = [sampling] * n
+        elif isinstance(sampling, (str, bytes)) or not isinstance(sampling, Sequence):
+            raise ValueError(f"sampling must be a kvpager.hf.Sampling, None or a list of them (one a prompt), "
+                             f"got {type(sampling).__name__}")
+        else:
+            per = list(sampling)
+            if len(per) != n or not all(s is None or isinstance(s, Sampling) for s in per):
+                raise ValueError(f"sampling as a list must hold a Sampling or None for each of the {n} prompts, "
+                                 f"got {len(per)} items ({sorted({type(s).__name__ for s in per})})")
+        self.greedy = np.array([s is None or s.greedy for s in per])
+        self.all_greedy = bool(self.greedy.all())
+        unseeded = [i for i, s in enumerate(per) if s is not None and s.seed is None]
+        drawn = torch.randint(0, 1 << 62, (len(unseeded),), dtype=torch.int64).tolist() if unseeded else []
+        seeds = np.zeros(n, dtype=np.uint64)
+        for i, s in enumerate(per):
+            if s is not None and s.seed is not None:
+                seeds[i] = s.seed
+        seeds[unseeded] = drawn
+        self.seeds = seeds
+        on = [s if s is not None else Sampling(temperature=0) for s in per]
+        self.params = np.array([(s.temperature, s.top_k, s.top_p, s.min_p) for s in on], dtype=np.float64)
+
+    def choose(self, logits: torch.Tensor, rows: Sequence[int], draws: Sequence[int]) -> torch.Tensor:
+        """int64 [n] tokens of a pass's ``logits`` [>= n, vocab] (its first n rows:
+        the prompts ``rows``, each drawing its token number ``draws``), on the
+        logits' device; greedy rows get their most likely token."""
+        n = len(rows)
+        logits = logits[:n]
+        greedy = logits.argmax(dim=1)
+        if self.all_greedy:
+            return greedy
+        index = np.asarray(rows, dtype=np.int64)
+        host = np.empty((n, 6), dtype=np.float64)
+        host[:, :4] = self.params[index]
+        host[:, 4] = uniforms(self.seeds[index], np.asarray(draws, dtype=np.int64))
+        host[:, 5] = self.greedy[index]
+        params = _to_device(host, logits.device)
+        temperature, top_k, top_p, min_p, u, is_greedy = params.unbind(1)
+        sampled = host[:, 5] == 0  # (what greedy rows ask for filters nothing they take)
+        use = (int(host[sampled, 1].max(initial=0)), bool((host[sampled, 2] < 1).any()),
+               bool((host[sampled, 3] > 0).any()))
+        scores = filtered_scores(logits, temperature.float(), top_k.long(), top_p.float(), min_p.float(), use)
+        return torch.where(is_greedy > 0, greedy, draw(scores, u))
+
+
+def _to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``host`` on ``device`` without waiting for it (pinned staging, an asynchronous copy)."""
+    if device.type != "cuda":
+        return torch.from_numpy(host)
+    staging = torch.empty(host.shape, dtype=torch.float64, pin_memory=True)
+    staging.numpy()[...] = host
+    return staging.to(device, non_blocking=True)

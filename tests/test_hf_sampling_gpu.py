@@ -1,0 +1,85 @@
+"""Sampled generation on a GPU pool: the same tokens from the same seeds eager,
+pipelined, in captured CUDA graphs (and compiled), and as the CPU backend draws
+them; the draws follow transformers' warped distribution of its own logits on
+the GPU. Skips without CUDA."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+from gpu_helpers import cupy_torch_or_skip
+
+pytest.importorskip("transformers")
+_, torch = cupy_torch_or_skip()
+
+from test_hf_models import make_model, prompt  # noqa: E402
+from test_hf_sampling import warped, within  # noqa: E402
+
+from kvpager import KVPool  # noqa: E402
+from kvpager.hf import Sampling, generate, spec_for_model  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+GPU_SIZES = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2)  # head dim 32
+
+
+def _pool(model, device, num_blocks=160):
+    return KVPool(spec_for_model(model, num_blocks=num_blocks, block_size=16), device=device)
+
+
+def test_the_same_seeds_give_the_same_tokens_on_every_path():
+    model = make_model("llama", **GPU_SIZES)
+    ps = [prompt(n, seed=60 + n) for n in (5, 17, 30, 9, 44)]  # 5 rows: a graph bucket of 8
+    ss = [Sampling(temperature=1.2, top_k=40, top_p=0.9, seed=200 + i) for i in range(5)]
+    cpu = generate(model, _pool(model, "cpu"), ps, 16, sampling=ss, eos_token_id=None)
+    model = model.cuda()
+    paths = dict(eager=dict(pipeline=False), pipelined={}, graphs=dict(cuda_graphs=True))
+    if importlib.util.find_spec("triton") is not None:
+        paths["compiled"] = dict(cuda_graphs=True, compile=True)
+    for name, options in paths.items():
+        got = generate(model, _pool(model, "cuda:0"), ps, 16, sampling=ss, eos_token_id=None, **options)
+        assert got == cpu, name
+    alone = [generate(model, _pool(model, "cuda:0"), [p], 16, sampling=[s], eos_token_id=None,
+                      cuda_graphs=True)[0] for p, s in zip(ps, ss)]
+    assert alone == cpu
+    assert len({tuple(c) for c in cpu}) == 5
+
+
+def test_gpu_draws_follow_transformers_distribution():
+    model = make_model("llama", **GPU_SIZES).cuda()
+    s = Sampling(temperature=1.5, top_k=20, min_p=0.01)
+    p = prompt(21, seed=3)
+    n = 4000
+    pool = _pool(model, "cuda:0", num_blocks=n + 64)
+    outs = generate(model, pool, [p] * n, 2, eos_token_id=None, cuda_graphs=True,
+                    sampling=[Sampling(s.temperature, s.top_k, min_p=s.min_p, seed=i) for i in range(n)])
+
+    def reference_probs(tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([tokens], device="cuda")).logits[:, -1]
+        return warped(logits, s).softmax(-1)[0].double().cpu().numpy()
+
+    first = np.array([o[0] for o in outs])
+    want = reference_probs(p)
+    assert (want > 0).sum() >= 5
+    within(np.bincount(first, minlength=len(want)), want)
+    top = np.bincount(first).argmax()
+    second = np.array([o[1] for o in outs if o[0] == top])
+    assert len(second) > 500
+    within(np.bincount(second, minlength=len(want)), reference_probs(p + [int(top)]))
+    pool.check_integrity()
+
+
+def test_a_recurrent_model_samples_the_same_captured_and_eager():
+    pytest.importorskip("transformers.cache_utils")
+    from test_hf_recurrent import make, prompts
+
+    model = make("qwen3_5", head_dim=32, hidden_size=128).cuda()  # head dim 32: the kernels' smallest
+    ps = prompts(9, 7, 40, 16)
+    ss = [Sampling(temperature=1.3, top_k=30, seed=i) for i in range(4)]
+    eager = generate(model, _pool(model, "cuda:0", 64), ps, 8, sampling=ss, eos_token_id=None)
+    captured = generate(model, _pool(model, "cuda:0", 64), ps, 8, sampling=ss, eos_token_id=None, cuda_graphs=True)
+    assert captured == eager
+    assert len({tuple(e) for e in eager}) == 4
