@@ -21,7 +21,7 @@ from transformers.generation.logits_process import (  # noqa: E402
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.hf import PagedGeneration, Sampling, generate, spec_for_model  # noqa: E402
-from kvpager.hf.sampling import draw, filtered_scores, uniforms  # noqa: E402
+from kvpager.hf.sampling import candidate_tokens, draw, filtered_scores, uniforms  # noqa: E402
 
 
 def warped(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
@@ -62,6 +62,24 @@ def test_filters_keep_what_transformers_warpers_keep(seed):
         assert torch.equal(torch.isinf(got[i]), torch.isinf(warped(logits[i : i + 1], s)[0])), s
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_rows_that_all_have_a_top_k_draw_from_their_candidates_as_from_the_vocabulary(seed):
+    """`candidate_tokens` (every row a top-k: the rest on its candidates alone) gives
+    the tokens of the whole vocabulary's filters and draw, for the same uniforms."""
+    g = torch.Generator().manual_seed(seed)
+    n, vocab = 64, 500
+    logits = torch.randn(n, vocab, generator=g) * (1 + seed)
+    logits[:8, :40] = logits[:8, :1]  # ties at and past the k-th
+    temperature = torch.rand(n, generator=g) * 1.5 + 0.3
+    top_k = torch.randint(1, 60, (n,), generator=g)
+    top_p = torch.where(torch.rand(n, generator=g) < 0.5, torch.rand(n, generator=g) * 0.9 + 0.05, 1.0)
+    min_p = torch.where(torch.rand(n, generator=g) < 0.5, torch.rand(n, generator=g) * 0.2, 0.0)
+    for rep in range(20):
+        u = torch.from_numpy(uniforms(np.arange(n, dtype=np.uint64) + 1000 * seed, np.full(n, rep)))
+        whole = draw(filtered_scores(logits, temperature, top_k, top_p, min_p), u)
+        assert torch.equal(candidate_tokens(logits, temperature, top_k, top_p, min_p, u, int(top_k.max())), whole)
+
+
 def within(counts: np.ndarray, probs: np.ndarray) -> None:
     """Each token's count within 5 standard deviations of its expectation (fixed seeds:
     deterministic), and no token of probability 0 drawn."""
@@ -84,18 +102,20 @@ def test_draws_follow_the_distribution():
     assert u.min() >= 0 and u.max() < 1
 
 
-def test_sampled_first_and_second_tokens_follow_transformers_distribution():
+@pytest.mark.parametrize("s", [Sampling(temperature=1.5, top_k=20, top_p=0.95),  # on candidates
+                               Sampling(temperature=1.2, top_p=0.9, min_p=0.02)],  # the whole vocabulary
+                         ids=["top-k", "no-top-k"])
+def test_sampled_first_and_second_tokens_follow_transformers_distribution(s):
     """4,000 prompts alike, each its own seed (one forward pass: they share their
     blocks): the first tokens drawn follow transformers' warped softmax of its own
     logits, and the second tokens after the most common first one (a decode step)
     follow its distribution after that token."""
     model = make_model("llama")
-    s = Sampling(temperature=1.5, top_k=20, top_p=0.95)
     p = prompt(21, seed=3)
     n = 4000
     pool = KVPool(spec_for_model(model, num_blocks=n + 64, block_size=8))
     outs = generate(model, pool, [p] * n, 2, eos_token_id=None,
-                    sampling=[Sampling(s.temperature, s.top_k, s.top_p, seed=i) for i in range(n)])
+                    sampling=[Sampling(s.temperature, s.top_k, s.top_p, s.min_p, seed=i) for i in range(n)])
 
     def reference_probs(tokens: list[int]) -> np.ndarray:
         with torch.no_grad():
@@ -126,6 +146,11 @@ def test_a_prompts_tokens_depend_on_its_seed_alone():
     assert generate(model, pool, ps[::-1], 12, sampling=ss[::-1]) == alone[::-1]
     other = generate(model, pool, ps, 12, sampling=[Sampling(temperature=1.2, top_p=0.9, seed=7)] * 4)
     assert other != alone
+    # rows that all have a top-k draw on their candidates alone; beside a row without one, on the
+    # whole vocabulary: the same tokens
+    topk = [Sampling(temperature=1.2, top_k=30, top_p=0.9, seed=300 + i) for i in range(3)]
+    alone_k = [generate(model, pool, [p], 12, sampling=[s])[0] for p, s in zip(ps, topk)]
+    assert generate(model, pool, ps, 12, sampling=topk + [ss[3]]) == alone_k + [alone[3]]
     assert len({tuple(o) for o in alone}) == 4
     pool.check_integrity()
 

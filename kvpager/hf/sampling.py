@@ -113,6 +113,14 @@ def uniforms(seeds: np.ndarray, draws: np.ndarray) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+#: a pass whose sampled rows all have a top-k of at most this works on each row's top-k candidates
+#: alone (`candidate_tokens`): no pass over the whole vocabulary after the top-k
+CANDIDATES = 1024
+#: candidates taken past the largest top-k, so that tokens tied with a row's k-th are kept, as
+#: transformers' top-k keeps every token at least as likely as the k-th
+TIES = 16
+
+
 def filtered_scores(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                     min_p: torch.Tensor, use: tuple[int, bool, bool] | None = None) -> torch.Tensor:
     """float32 [n, vocab] scores of ``logits`` [n, vocab] after the warpers of
@@ -149,17 +157,41 @@ def filtered_scores(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
 
 
 def draw(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """int64 [n]: each row's token at the inverse of its distribution function
-    (``scores``' softmax, summed in float64 in vocabulary order) at ``u`` [n] in
-    [0, 1); never a token of probability 0."""
-    probs = scores.double().softmax(dim=1)
-    cdf = probs.cumsum(dim=1)
-    at = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)
-    token = torch.searchsorted(cdf, at, right=True).squeeze(1)
-    # (u * total rounded up to the total: the last token of positive probability)
-    vocab = probs.shape[1]
-    last = vocab - 1 - (probs > 0).flip(1).to(torch.uint8).argmax(dim=1)
-    return torch.minimum(token, last)
+    """int64 [n]: each row's index at the inverse of its distribution function
+    (``scores``' softmax, summed in float64 in their order) at ``u`` [n] in
+    [0, 1); never one of probability 0 (a score of -inf)."""
+    weights = (scores.double() - scores.amax(dim=1, keepdim=True).double()).exp_()
+    cdf = weights.cumsum_(dim=1)
+    total = cdf[:, -1:]
+    # below the total (u * total may round up to it): the first partial sum past it is a token's
+    at = torch.minimum(u.to(cdf.dtype).unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, at, right=True).squeeze(1)
+
+
+def candidate_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                     min_p: torch.Tensor, u: torch.Tensor, largest_k: int) -> torch.Tensor:
+    """`filtered_scores` then `draw`, for rows that all have a top-k (at most
+    ``largest_k``), on each row's candidates alone: its ``largest_k`` (and `TIES`)
+    most likely tokens. The same filters and the same tokens (the draw is over
+    the candidates in vocabulary order, as the whole vocabulary's is), with one
+    top-k over the vocabulary and the rest on [n, candidates]."""
+    vocab = logits.shape[1]
+    width = min(largest_k + TIES, vocab)
+    values, ids = logits.topk(width, dim=1)  # descending
+    scores = values.float() / torch.where(temperature > 0, temperature, 1.0).unsqueeze(1)
+    kth = scores.gather(1, (top_k.clamp(1, width) - 1).unsqueeze(1))
+    ninf = torch.tensor(float("-inf"), device=scores.device)
+    scores = torch.where(scores < kth, ninf, scores)  # (ties with the k-th kept)
+    probs = scores.softmax(dim=1)  # every other token is out: these are the whole distribution's
+    # top-p, descending: a token stays where the tokens more likely than it hold less than p
+    before = probs.cumsum(dim=1) - probs
+    out = (before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
+    out[:, 0] = False
+    scores = scores.masked_fill(out, float("-inf"))
+    probs = scores.softmax(dim=1)
+    scores = torch.where(probs < min_p.unsqueeze(1) * probs[:, :1], ninf, scores)
+    by_id, order = ids.sort(dim=1)
+    return by_id.gather(1, draw(scores.gather(1, order), u).unsqueeze(1)).squeeze(1)
 
 
 class Sampler:
@@ -197,21 +229,30 @@ class Sampler:
         logits' device; greedy rows get their most likely token."""
         n = len(rows)
         logits = logits[:n]
-        greedy = logits.argmax(dim=1)
         if self.all_greedy:
-            return greedy
+            return logits.argmax(dim=1)
         index = np.asarray(rows, dtype=np.int64)
         host = np.empty((n, 6), dtype=np.float64)
         host[:, :4] = self.params[index]
         host[:, 4] = uniforms(self.seeds[index], np.asarray(draws, dtype=np.int64))
         host[:, 5] = self.greedy[index]
+        sampled = host[:, 5] == 0  # (what greedy rows ask for filters nothing they take)
+        if not sampled.any():
+            return logits.argmax(dim=1)
+        ks = host[sampled, 1]
+        if (ks > 0).all() and ks.max() <= CANDIDATES:  # every sampled row a top-k: candidates alone
+            host[~sampled, 1] = ks.max()
         params = _to_device(host, logits.device)
         temperature, top_k, top_p, min_p, u, is_greedy = params.unbind(1)
-        sampled = host[:, 5] == 0  # (what greedy rows ask for filters nothing they take)
-        use = (int(host[sampled, 1].max(initial=0)), bool((host[sampled, 2] < 1).any()),
-               bool((host[sampled, 3] > 0).any()))
-        scores = filtered_scores(logits, temperature.float(), top_k.long(), top_p.float(), min_p.float(), use)
-        return torch.where(is_greedy > 0, greedy, draw(scores, u))
+        temperature, top_k, top_p, min_p = temperature.float(), top_k.long(), top_p.float(), min_p.float()
+        if (ks > 0).all() and ks.max() <= CANDIDATES:
+            tokens = candidate_tokens(logits, temperature, top_k, top_p, min_p, u, int(ks.max()))
+        else:
+            use = (int(ks.max()), bool((host[sampled, 2] < 1).any()), bool((host[sampled, 3] > 0).any()))
+            tokens = draw(filtered_scores(logits, temperature, top_k, top_p, min_p, use), u)
+        if sampled.all():
+            return tokens
+        return torch.where(is_greedy > 0, logits.argmax(dim=1), tokens)
 
 
 def _to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
