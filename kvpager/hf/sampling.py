@@ -107,10 +107,11 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def uniforms(seeds: np.ndarray, draws: np.ndarray) -> np.ndarray:
-    """float64 in [0, 1), one per row: a hash of the row's seed and its draw index."""
+    """float64 in [0, 1 - 2**-52], one per row: a hash of the row's seed and its draw
+    index (52 bits: ``u * total`` stays below ``total`` in float64, `draw`)."""
     with np.errstate(over="ignore"):
         x = splitmix64(splitmix64(seeds.astype(np.uint64)) ^ (draws.astype(np.uint64) * np.uint64(_GOLDEN)))
-    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    return (x >> np.uint64(12)).astype(np.float64) * (1.0 / (1 << 52))
 
 
 #: a pass whose sampled rows all have a top-k of at most this works on each row's top-k candidates
@@ -133,7 +134,7 @@ def filtered_scores(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
     if use is None:
         use = (int(top_k.max()), bool((top_p < 1).any()), bool((min_p > 0).any()))
     largest_k, any_p, any_min = use
-    scores = logits.float() / torch.where(temperature > 0, temperature, 1.0).unsqueeze(1)
+    scores = torch.div(logits, _nonzero(temperature).unsqueeze(1))  # (float32, a new tensor)
     vocab = scores.shape[1]
     ninf = torch.tensor(float("-inf"), device=scores.device)
     if largest_k > 0:
@@ -158,14 +159,18 @@ def filtered_scores(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
 
 def draw(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """int64 [n]: each row's index at the inverse of its distribution function
-    (``scores``' softmax, summed in float64 in their order) at ``u`` [n] in
-    [0, 1); never one of probability 0 (a score of -inf)."""
-    weights = (scores.double() - scores.amax(dim=1, keepdim=True).double()).exp_()
-    cdf = weights.cumsum_(dim=1)
-    total = cdf[:, -1:]
-    # below the total (u * total may round up to it): the first partial sum past it is a token's
-    at = torch.minimum(u.to(cdf.dtype).unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    (``scores``' softmax: its weights summed in float64, in their order) at ``u``
+    [n] in [0, 1 - 2**-52] (`uniforms`: ``u`` times the total stays below it, so
+    the first partial sum past it is that of a weight above 0); never one of
+    probability 0 (a score of -inf)."""
+    cdf = (scores - scores.amax(dim=1, keepdim=True)).exp_().cumsum(dim=1, dtype=torch.float64)
+    at = u.to(torch.float64).unsqueeze(1) * cdf[:, -1:]
     return torch.searchsorted(cdf, at, right=True).squeeze(1)
+
+
+def _nonzero(temperature: torch.Tensor) -> torch.Tensor:
+    """Temperatures with 0 (greedy rows: their tokens are taken otherwise) as 1."""
+    return torch.where(temperature > 0, temperature, 1.0)
 
 
 def candidate_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -178,7 +183,7 @@ def candidate_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: tor
     vocab = logits.shape[1]
     width = min(largest_k + TIES, vocab)
     values, ids = logits.topk(width, dim=1)  # descending
-    scores = values.float() / torch.where(temperature > 0, temperature, 1.0).unsqueeze(1)
+    scores = torch.div(values, _nonzero(temperature).unsqueeze(1))
     kth = scores.gather(1, (top_k.clamp(1, width) - 1).unsqueeze(1))
     ninf = torch.tensor(float("-inf"), device=scores.device)
     scores = torch.where(scores < kth, ninf, scores)  # (ties with the k-th kept)
@@ -236,6 +241,7 @@ class Sampler:
         host[:, :4] = self.params[index]
         host[:, 4] = uniforms(self.seeds[index], np.asarray(draws, dtype=np.int64))
         host[:, 5] = self.greedy[index]
+        host[host[:, 0] == 0, 0] = 1.0  # (greedy rows: any temperature divides, their token is the argmax)
         sampled = host[:, 5] == 0  # (what greedy rows ask for filters nothing they take)
         if not sampled.any():
             return logits.argmax(dim=1)
