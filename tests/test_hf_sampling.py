@@ -245,3 +245,22 @@ def test_a_recurrent_models_sampled_tokens_depend_on_its_seed_alone(monkeypatch)
         assert generate(model, pool, ps, 6, sampling=ss, eos_token_id=None) == alone
     assert len({tuple(a) for a in alone}) == 4
     pool.check_integrity()
+
+
+def test_through_a_daemon_client_the_same_tokens_as_embedded():
+    """A worker on a daemon `Client` (its decode pipelined, its calls batched) draws the
+    tokens an embedded pool's generation draws from the same seeds."""
+    pytest.importorskip("zmq")
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+
+    model = make_model("llama")
+    ps = [prompt(30, seed=10), prompt(17, seed=11), prompt(3, seed=12)]
+    ss = [Sampling(temperature=1.1, top_k=40, seed=21), Sampling(top_p=0.8, seed=22), None]
+    spec = spec_for_model(model, num_blocks=64, block_size=8)
+    want = generate(model, KVPool(spec), ps, 10, sampling=ss)
+    with running_server(spec) as server, Client(server.endpoint) as pool:
+        assert generate(model, pool, ps, 10, sampling=ss) == want
+        assert pool.stats().num_sequences == 0
+    assert want[2] == reference(model, ps[2], 10)  # the greedy row
