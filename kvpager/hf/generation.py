@@ -142,8 +142,8 @@ class PagedGeneration(DecodePasses):
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         self.prompts = token_lists(self.prompts, self.model, attention_mask)
-        self._sampler = Sampler(self.sampling, len(self.prompts))
-        self._logits = not self._sampler.all_greedy  # passes give logits, tokens drawn from them
+        self._sampler = Sampler(self.sampling, len(self.prompts), self.prompts)
+        self._logits = not self._sampler.plain  # passes give logits, tokens drawn from them
         self._windows = check_model(self.model, self.pool)
         self._layers = layer_map(self.model)  # layers that reuse an earlier layer's K/V (Gemma-3n)
         self._chunks = layer_chunks(self.model, self.pool.spec.block_size)  # chunked layers (Llama-4)
@@ -165,7 +165,8 @@ class PagedGeneration(DecodePasses):
             self._recurrent = Recurrent(self.model, self._batch, capacity=bucket_for if self.cuda_graphs else None,
                                         history=lambda i: self.prompts[i] + self.outputs[i])
             if self._logits:  # (the prefill's tokens: each prompt's first draw)
-                self._recurrent.choose = lambda logits, rows: self._sampler.choose(logits, rows, [0] * len(rows))
+                self._recurrent.choose = lambda logits, rows: self._sampler.choose(logits, rows, [0] * len(rows),
+                                                                                   record=False)
             if self.compile:  # (captured steps compiled: the recurrent layers' code fused, as the rest)
                 self._recurrent.compile = "inductor"
             # (their blocks are matched only by generations that also hold or remake the states)
@@ -230,12 +231,14 @@ class PagedGeneration(DecodePasses):
         try:
             rows = list(range(len(allocs)))
             if self._recurrent is not None:  # passes of rows, resumed where states are held
-                self._record(rows, self.seq_ids, self._recurrent.prefill(self.pool, self.prompts, allocs, self._device))
-                return
-            tokens = [p[a.num_cached_tokens :] for p, a in zip(self.prompts, allocs)]
-            positions = [range(a.num_cached_tokens, len(p)) for p, a in zip(self.prompts, allocs)]
-            slots = np.concatenate([np.asarray(a.slots, dtype=np.int64) for a in allocs])
-            self._record(rows, self.seq_ids, self._run(rows, tokens, positions, slots))
+                first = self._recurrent.prefill(self.pool, self.prompts, allocs, self._device)
+            else:
+                tokens = [p[a.num_cached_tokens :] for p, a in zip(self.prompts, allocs)]
+                positions = [range(a.num_cached_tokens, len(p)) for p, a in zip(self.prompts, allocs)]
+                slots = np.concatenate([np.asarray(a.slots, dtype=np.int64) for a in allocs])
+                first = self._run(rows, tokens, positions, slots)
+            self._sampler.note(rows, first, self._device)  # (penalties count each prompt's first token)
+            self._record(rows, self.seq_ids, first)
         except BaseException:
             self.close()
             raise
@@ -289,12 +292,13 @@ class PagedGeneration(DecodePasses):
         else:
             ends = torch.as_tensor(np.cumsum(lens) - 1, device=self._device)
             out = self._forward(self._plan(ids, lens, slots), input_ids, position_ids, ends)
-        return self._choose(out, rows, [len(self.outputs[i]) for i in rows]).tolist()
+        return self._choose(out, rows, [len(self.outputs[i]) for i in rows], record=False).tolist()
 
-    def _choose(self, out: torch.Tensor, rows: list[int], draws: list[int]) -> torch.Tensor:
+    def _choose(self, out: torch.Tensor, rows: list[int], draws: list[int], record: bool = True) -> torch.Tensor:
         """A pass's tokens for ``rows``: its output where greedy, else drawn from its
-        logits (`kvpager.hf.sampling`), each row its new token number ``draws``."""
-        return self._sampler.choose(out, rows, draws) if self._logits else out
+        logits (`kvpager.hf.sampling`), each row its new token number ``draws``
+        (``record``: a decode pass's, counted by the penalties at once)."""
+        return self._sampler.choose(out, rows, draws, record) if self._logits else out
 
     def _forward(self, plan: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  logits_to_keep: Any = 0) -> torch.Tensor:

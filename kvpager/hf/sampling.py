@@ -43,13 +43,23 @@ class Sampling:
     least p (1.0: all); ``min_p``: only tokens at least this fraction as likely
     as the most likely one (0.0: all); ``seed``: the prompt's draws (an int in
     [0, 2**64)); None takes one from torch's default generator when the
-    generation starts, so ``torch.manual_seed`` makes a run repeatable."""
+    generation starts, so ``torch.manual_seed`` makes a run repeatable.
+
+    Penalties, applied to the logits first (greedy rows too, as transformers'
+    processors are): ``repetition_penalty`` (transformers' and CTRL's: the
+    logit of every token of the prompt or generated so far divided by it where
+    positive, multiplied where negative; 1.0: none), ``presence_penalty`` and
+    ``frequency_penalty`` (OpenAI's: subtracted from the logit of each token
+    generated so far, once, and once for each time it was; 0.0: none)."""
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
     seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         t = self.temperature
@@ -65,36 +75,54 @@ class Sampling:
             raise ValueError(f"min_p must be a number in [0, 1] (0: no limit), got {m!r}")
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed <= _MASK64):
             raise ValueError(f"seed must be None or an int in [0, 2**64), got {self.seed!r}")
+        r = self.repetition_penalty
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1: none), got {r!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number (0: none), got {v!r}")
 
     @property
     def greedy(self) -> bool:
-        """Whether this draws the most likely token always (temperature 0, or top-k 1)."""
+        """Whether this takes the most likely token always (temperature 0, or top-k 1),
+        after any penalty."""
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @classmethod
     def from_model(cls, model: Any, seed: int | None = None) -> Sampling | None:
         """What ``model``'s generation config asks of transformers' ``generate``: a
-        `Sampling` of its temperature, top-k, top-p and min-p where it samples
-        (``do_sample``), None where it is greedy. Other settings that change the
-        distribution (a repetition penalty, typical, epsilon or eta sampling,
-        beams) are refused by name, not left out."""
+        `Sampling` of its temperature, top-k, top-p, min-p and repetition penalty
+        where it samples (``do_sample``); where it is greedy, None, or a greedy
+        `Sampling` of its repetition penalty. Other settings that change the
+        distribution (typical, epsilon, eta or top-h sampling, beams, n-gram
+        bans) are refused by name, not left out."""
         config = getattr(model, "generation_config", None)
-        if config is None or not getattr(config, "do_sample", False):
+        if config is None:
             return None
-        for name, neutral in (("repetition_penalty", 1.0), ("typical_p", 1.0), ("epsilon_cutoff", 0.0), ("top_h", None),
+        penalty = getattr(config, "repetition_penalty", None)
+        penalty = 1.0 if penalty is None else float(penalty)
+        if not getattr(config, "do_sample", False):
+            return None if penalty == 1.0 else cls(temperature=0, repetition_penalty=penalty, seed=seed)
+        for name, neutral in (("typical_p", 1.0), ("epsilon_cutoff", 0.0), ("top_h", None),
                               ("eta_cutoff", 0.0), ("num_beams", 1), ("no_repeat_ngram_size", 0)):
             value = getattr(config, name, None)
             if value is not None and value != neutral:
                 raise ValueError(f"the model's generation config sets {name}={value!r}, which kvpager's sampling "
-                                 "does not apply (it applies temperature, top_k, top_p and min_p): pass a Sampling "
-                                 "of your own to take the others alone")
+                                 "does not apply (it applies temperature, top_k, top_p, min_p and penalties): pass "
+                                 "a Sampling of your own to take the others alone")
         def get(name: str, default: Any) -> Any:
             value = getattr(config, name, None)
             return default if value is None else value
 
         # (transformers' values for those its config leaves unset: top-k 50)
         return cls(temperature=float(get("temperature", 1.0)), top_k=int(get("top_k", 50)),
-                   top_p=float(get("top_p", 1.0)), min_p=float(get("min_p", 0.0)), seed=seed)
+                   top_p=float(get("top_p", 1.0)), min_p=float(get("min_p", 0.0)), seed=seed,
+                   repetition_penalty=penalty)
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
@@ -201,10 +229,15 @@ def candidate_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: tor
 
 class Sampler:
     """The sampling of one generation's prompts: a `Sampling` (or None: greedy) per
-    prompt, seeds drawn where None, and the parameters kept on the host to be sent
-    with each pass's rows."""
+    prompt, seeds drawn where None, the parameters kept on the host to be sent
+    with each pass's rows; where any prompt is penalized, what each prompt has
+    seen (its tokens, and how often it generated each) on the device, updated
+    by each decode pass's draw there (`choose`) and by the prefill's first
+    tokens (`note`). ``plain``: every prompt greedy and none penalized (passes
+    give their greedy tokens, not logits)."""
 
-    def __init__(self, sampling: Sampling | Sequence[Sampling | None] | None, n: int):
+    def __init__(self, sampling: Sampling | Sequence[Sampling | None] | None, n: int,
+                 prompts: Sequence[Sequence[int]] | None = None):
         if isinstance(sampling, Sampling) or sampling is None:
             per = [sampling] * n
         elif isinstance(sampling, (str, bytes)) or not isinstance(sampling, Sequence):
@@ -216,7 +249,16 @@ class Sampler:
                 raise ValueError(f"sampling as a list must hold a Sampling or None for each of the {n} prompts, "
                                  f"got {len(per)} items ({sorted({type(s).__name__ for s in per})})")
         self.greedy = np.array([s is None or s.greedy for s in per])
-        self.all_greedy = bool(self.greedy.all())
+        on = [s if s is not None else Sampling(temperature=0) for s in per]
+        # temperature, top-k, top-p, min-p, repetition, presence and frequency penalties
+        self.params = np.array([(s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty,
+                                 s.presence_penalty, s.frequency_penalty) for s in on], dtype=np.float64)
+        self.repeats = bool((self.params[:, 4] != 1).any())  # prompt and output tokens seen, per prompt
+        self.counts = bool((self.params[:, 5:7] != 0).any())  # output tokens counted, per prompt
+        self.plain = bool(self.greedy.all()) and not (self.repeats or self.counts)
+        if self.repeats and prompts is None:
+            raise ValueError("a repetition penalty needs the prompts (Sampler(..., prompts=))")
+        self.prompts = prompts
         unseeded = [i for i, s in enumerate(per) if s is not None and s.seed is None]
         drawn = torch.randint(0, 1 << 62, (len(unseeded),), dtype=torch.int64).tolist() if unseeded else []
         seeds = np.zeros(n, dtype=np.uint64)
@@ -225,40 +267,86 @@ class Sampler:
                 seeds[i] = s.seed
         seeds[unseeded] = drawn
         self.seeds = seeds
-        on = [s if s is not None else Sampling(temperature=0) for s in per]
-        self.params = np.array([(s.temperature, s.top_k, s.top_p, s.min_p) for s in on], dtype=np.float64)
+        self._seen: torch.Tensor | None = None  # bool [prompts, vocab]
+        self._generated: torch.Tensor | None = None  # int32 [prompts, vocab]
 
-    def choose(self, logits: torch.Tensor, rows: Sequence[int], draws: Sequence[int]) -> torch.Tensor:
+    def choose(self, logits: torch.Tensor, rows: Sequence[int], draws: Sequence[int],
+               record: bool = True) -> torch.Tensor:
         """int64 [n] tokens of a pass's ``logits`` [>= n, vocab] (its first n rows:
         the prompts ``rows``, each drawing its token number ``draws``), on the
-        logits' device; greedy rows get their most likely token."""
+        logits' device; greedy rows get their most likely token (after any
+        penalty). ``record``: the tokens are the rows' next outputs (a decode
+        pass's), which the penalties then count; a prefill's are told by `note`."""
         n = len(rows)
         logits = logits[:n]
-        if self.all_greedy:
+        if self.plain:
             return logits.argmax(dim=1)
         index = np.asarray(rows, dtype=np.int64)
-        host = np.empty((n, 6), dtype=np.float64)
-        host[:, :4] = self.params[index]
+        host = np.empty((n, 10), dtype=np.float64)
+        host[:, :4] = self.params[index, :4]
         host[:, 4] = uniforms(self.seeds[index], np.asarray(draws, dtype=np.int64))
         host[:, 5] = self.greedy[index]
         host[host[:, 0] == 0, 0] = 1.0  # (greedy rows: any temperature divides, their token is the argmax)
+        host[:, 6:9] = self.params[index, 4:7]
+        host[:, 9] = index
         sampled = host[:, 5] == 0  # (what greedy rows ask for filters nothing they take)
-        if not sampled.any():
-            return logits.argmax(dim=1)
         ks = host[sampled, 1]
-        if (ks > 0).all() and ks.max() <= CANDIDATES:  # every sampled row a top-k: candidates alone
+        candidates = sampled.any() and (ks > 0).all() and ks.max() <= CANDIDATES
+        if candidates:  # every sampled row a top-k: candidates alone
             host[~sampled, 1] = ks.max()
         params = _to_device(host, logits.device)
-        temperature, top_k, top_p, min_p, u, is_greedy = params.unbind(1)
+        temperature, top_k, top_p, min_p, u, is_greedy, repetition, presence, frequency, at = params.unbind(1)
+        at = at.long()
+        if self.repeats or self.counts:
+            logits = self._penalized(logits, at, repetition.float(), presence.float(), frequency.float())
         temperature, top_k, top_p, min_p = temperature.float(), top_k.long(), top_p.float(), min_p.float()
-        if (ks > 0).all() and ks.max() <= CANDIDATES:
-            tokens = candidate_tokens(logits, temperature, top_k, top_p, min_p, u, int(ks.max()))
+        if not sampled.any():
+            tokens = logits.argmax(dim=1)
         else:
-            use = (int(ks.max()), bool((host[sampled, 2] < 1).any()), bool((host[sampled, 3] > 0).any()))
-            tokens = draw(filtered_scores(logits, temperature, top_k, top_p, min_p, use), u)
-        if sampled.all():
-            return tokens
-        return torch.where(is_greedy > 0, logits.argmax(dim=1), tokens)
+            if candidates:
+                tokens = candidate_tokens(logits, temperature, top_k, top_p, min_p, u, int(ks.max()))
+            else:
+                use = (int(ks.max()), bool((host[sampled, 2] < 1).any()), bool((host[sampled, 3] > 0).any()))
+                tokens = draw(filtered_scores(logits, temperature, top_k, top_p, min_p, use), u)
+            if not sampled.all():
+                tokens = torch.where(is_greedy > 0, logits.argmax(dim=1), tokens)
+        if record:
+            self._record(at, tokens)
+        return tokens
+
+    def note(self, rows: Sequence[int], tokens: Sequence[int], device: torch.device) -> None:
+        """The prefill's first new tokens of prompts ``rows``, for the penalties."""
+        if self._seen is not None or self._generated is not None:
+            at = torch.tensor(list(rows), dtype=torch.long).to(device, non_blocking=True)
+            self._record(at, torch.tensor(list(tokens), dtype=torch.long).to(device, non_blocking=True))
+
+    def _record(self, at: torch.Tensor, tokens: torch.Tensor) -> None:
+        if self._seen is not None:
+            self._seen[at, tokens] = True
+        if self._generated is not None:
+            self._generated.index_put_((at, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
+
+    def _penalized(self, logits: torch.Tensor, at: torch.Tensor, repetition: torch.Tensor, presence: torch.Tensor,
+                   frequency: torch.Tensor) -> torch.Tensor:
+        """float32 logits of the rows ``at`` after their penalties (a new tensor);
+        what the prompts have seen is made at the first pass, on its device."""
+        n, vocab = logits.shape
+        if self._seen is None and self.repeats:
+            seen = torch.zeros((len(self.seeds), vocab), dtype=torch.bool)
+            lens = [len(p) for p in self.prompts]
+            seen[torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens)),
+                 torch.tensor([t for p in self.prompts for t in p], dtype=torch.long)] = True
+            self._seen = seen.to(logits.device)
+        if self._generated is None and self.counts:
+            self._generated = torch.zeros((len(self.seeds), vocab), dtype=torch.int32, device=logits.device)
+        out = logits.float()
+        if self._seen is not None:
+            rp = repetition.unsqueeze(1)
+            out = torch.where(self._seen[at], torch.where(out < 0, out * rp, out / rp), out)
+        if self._generated is not None:
+            count = self._generated[at].float()
+            out = out - frequency.unsqueeze(1) * count - presence.unsqueeze(1) * (count > 0)
+        return out
 
 
 def _to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
