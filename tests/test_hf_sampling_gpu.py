@@ -1,7 +1,8 @@
 """Sampled generation on a GPU pool: the same tokens from the same seeds eager,
 pipelined, in captured CUDA graphs (and compiled), and as the CPU backend draws
-them; the draws follow transformers' warped distribution of its own logits on
-the GPU. Skips without CUDA."""
+them, penalties too; the draws follow transformers' warped distribution of its
+own logits on the GPU; greedy under a repetition penalty gives transformers'
+tokens. Skips without CUDA."""
 
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ def _pool(model, device, num_blocks=160):
 def test_the_same_seeds_give_the_same_tokens_on_every_path():
     model = make_model("llama", **GPU_SIZES)
     ps = [prompt(n, seed=60 + n) for n in (5, 17, 30, 9, 44)]  # 5 rows: a graph bucket of 8
-    ss = [Sampling(temperature=1.2, top_k=40, top_p=0.9, seed=200 + i) for i in range(5)]
+    # (penalties on some rows: their seen and generated tokens kept on the device)
+    ss = [Sampling(temperature=1.2, top_k=40, top_p=0.9, seed=200 + i, repetition_penalty=1.3 if i % 2 else 1.0,
+                   frequency_penalty=0.3 if i == 2 else 0.0) for i in range(5)]
     cpu = generate(model, _pool(model, "cpu"), ps, 16, sampling=ss, eos_token_id=None)
     model = model.cuda()
     paths = dict(eager=dict(pipeline=False), pipelined={}, graphs=dict(cuda_graphs=True))
@@ -83,3 +86,18 @@ def test_a_recurrent_model_samples_the_same_captured_and_eager():
     captured = generate(model, _pool(model, "cuda:0", 64), ps, 8, sampling=ss, eos_token_id=None, cuda_graphs=True)
     assert captured == eager
     assert len({tuple(e) for e in eager}) == 4
+
+
+def test_greedy_with_a_repetition_penalty_gives_transformers_tokens_captured():
+    model = make_model("llama", **GPU_SIZES).cuda()
+    ps = [prompt(20, seed=1), prompt(9, seed=2), prompt(33, seed=3)]
+    want = []
+    for p in ps:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=16, do_sample=False,
+                                 attention_mask=torch.ones(1, len(p), dtype=torch.long, device="cuda"),
+                                 repetition_penalty=1.8)
+        want.append(out[0, len(p):].tolist())
+    s = Sampling(temperature=0, repetition_penalty=1.8)
+    for options in (dict(pipeline=False), dict(cuda_graphs=True)):
+        assert generate(model, _pool(model, "cuda:0"), ps, 16, sampling=s, eos_token_id=None, **options) == want
