@@ -11,6 +11,11 @@ together (timed after a warm-up, the device drained before and after):
 - ``kvpager``: `kvpager.hf.sampling.Sampler.choose` for the same settings
   (every row its own seed; rows that all have a top-k on their candidates).
 
+With a repetition penalty each row has seen 1,024 tokens: transformers' processor
+gathers and scatters them from its ``input_ids`` [batch, 1,024] first; kvpager
+keeps them as a [batch, vocab] mask on the device (a decode pass's draw marks
+its token).
+
     python tools/bench_sampling.py [--batches 64,256] [--vocab 128256] [--device cuda]
 """
 
@@ -39,7 +44,10 @@ SETTINGS = {
     "top-k 50, top-p 0.9 (t 0.6)": dict(temperature=0.6, top_k=50, top_p=0.9),
     "top-p 0.9 (t 0.7)": dict(temperature=0.7, top_p=0.9),
     "min-p 0.05 (t 0.7)": dict(temperature=0.7, min_p=0.05),
+    "repetition 1.1, top-k 50, top-p 0.9": dict(temperature=0.6, top_k=50, top_p=0.9, repetition_penalty=1.1),
 }
+#: tokens each row has seen (prompt and output), for the repetition penalty
+SEEN = 1024
 
 
 def timed_ms(fn, device: str, calls: int) -> float:
@@ -75,21 +83,35 @@ def main() -> None:
         logits = (torch.randn(batch, args.vocab, generator=g, device=args.device) * 2.5).to(dtype)
         base = timed_ms(functools.partial(torch.argmax, logits, dim=1), args.device, args.calls)
         rows.append((batch, "greedy", "argmax", base, None))
+        seen = torch.randint(0, args.vocab, (batch, SEEN), generator=g, device=args.device)
         for name, setting in SETTINGS.items():
+            setting = dict(setting)
+            penalty = setting.pop("repetition_penalty", None)
             e2e_paths.SAMPLING = setting
-            hf = timed_ms(functools.partial(e2e_paths.hf_next, logits), args.device, args.calls)
-            sampler = Sampler([Sampling(**setting, seed=i) for i in range(batch)], batch)
+            hf_fn = functools.partial(e2e_paths.hf_next, logits)
+            if penalty is not None:
+                from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+                processor = RepetitionPenaltyLogitsProcessor(penalty)
+
+                def hf_fn(logits=logits, processor=processor, seen=seen):
+                    return e2e_paths.hf_next(processor(seen, logits.float()))
+            hf = timed_ms(hf_fn, args.device, args.calls)
+            sampler = Sampler([Sampling(**setting, seed=i, repetition_penalty=penalty or 1.0) for i in range(batch)],
+                              batch, prompts=seen.tolist())
             ids, draws = list(range(batch)), [0] * batch
-            kv = timed_ms(functools.partial(sampler.choose, logits, ids, draws), args.device, args.calls)
+            # (record=False: the timed calls leave the rows' seen tokens as they were)
+            kv = timed_ms(functools.partial(sampler.choose, logits, ids, draws, record=False), args.device,
+                          args.calls)
             rows.append((batch, name, "transformers", hf, 1.0))
             rows.append((batch, name, "kvpager", kv, hf / kv))
     card = (torch.cuda.get_device_name() if args.device == "cuda"
             else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
     print(f"{card}, {datetime.date.today()}, torch {torch.__version__}, vocab {args.vocab}, {dtype}")
-    print(f"{'batch':>5} {'setting':<30} {'path':<13} {'ms':>8} {'vs transformers':>16}")
+    print(f"{'batch':>5} {'setting':<38} {'path':<13} {'ms':>8} {'vs transformers':>16}")
     for batch, name, path, ms, ratio in rows:
         r = f"{ratio:.2f}x" if ratio is not None else "-"
-        print(f"{batch:>5} {name:<30} {path:<13} {ms:8.3f} {r:>16}")
+        print(f"{batch:>5} {name:<38} {path:<13} {ms:8.3f} {r:>16}")
 
 
 if __name__ == "__main__":
