@@ -193,7 +193,9 @@ def draw(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     probability 0 (a score of -inf)."""
     cdf = (scores - scores.amax(dim=1, keepdim=True)).exp_().cumsum(dim=1, dtype=torch.float64)
     at = u.to(torch.float64).unsqueeze(1) * cdf[:, -1:]
-    return torch.searchsorted(cdf, at, right=True).squeeze(1)
+    # (clamped: logits of NaN, a broken model's, leave no partial sum past u; the next pass's
+    # input must still be a token of the vocabulary)
+    return torch.searchsorted(cdf, at, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
 
 
 def _nonzero(temperature: torch.Tensor) -> torch.Tensor:
