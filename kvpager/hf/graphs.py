@@ -128,6 +128,12 @@ class DecodeGraphs:
             self._forward(self.model, batch, ids, pos)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        # No garbage collection while capturing: a cycle collected then (an earlier generation's
+        # graphs, or a compiled step's) frees its graph or device memory inside the capture, which
+        # invalidates it ("operation failed due to a previous error during capture"): a sampled
+        # generation captured after a compiled one failed so on an H200. It waits for the next.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             with torch.cuda.graph(graph, pool=self.mempool):
                 next_tokens = self._forward(self.model, batch, ids, pos)
@@ -150,6 +156,9 @@ class DecodeGraphs:
                 f"{type(self.model).__name__}'s decode step cannot be captured in a CUDA graph: its forward "
                 f"waits for the GPU or reads a device value on the host while capturing (torch: {first}); "
                 f"pass cuda_graphs=False to decode it without graphs{hint}") from e
+        finally:
+            if collecting:
+                gc.enable()
         self.captures += 1
         return _Graph(graph, plan, ids, pos, next_tokens)
 

@@ -204,12 +204,18 @@ def _nonzero(temperature: torch.Tensor) -> torch.Tensor:
 
 
 def candidate_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                     min_p: torch.Tensor, u: torch.Tensor, largest_k: int) -> torch.Tensor:
+                     min_p: torch.Tensor, u: torch.Tensor, largest_k: int,
+                     use: tuple[bool, bool] | None = None) -> torch.Tensor:
     """`filtered_scores` then `draw`, for rows that all have a top-k (at most
     ``largest_k``), on each row's candidates alone: its ``largest_k`` (and `TIES`)
     most likely tokens. The same filters and the same tokens (the draw is over
     the candidates in vocabulary order, as the whole vocabulary's is), with one
-    top-k over the vocabulary and the rest on [n, candidates]."""
+    top-k over the vocabulary and the rest on [n, candidates]. ``use``: whether
+    any top-p is under 1 and any min-p over 0, known on the host (None: read
+    from the parameters)."""
+    if use is None:
+        use = (bool((top_p < 1).any()), bool((min_p > 0).any()))
+    any_p, any_min = use
     vocab = logits.shape[1]
     width = min(largest_k + TIES, vocab)
     values, ids = logits.topk(width, dim=1)  # descending
@@ -217,14 +223,16 @@ def candidate_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: tor
     kth = scores.gather(1, (top_k.clamp(1, width) - 1).unsqueeze(1))
     ninf = torch.tensor(float("-inf"), device=scores.device)
     scores = torch.where(scores < kth, ninf, scores)  # (ties with the k-th kept)
-    probs = scores.softmax(dim=1)  # every other token is out: these are the whole distribution's
-    # top-p, descending: a token stays where the tokens more likely than it hold less than p
-    before = probs.cumsum(dim=1) - probs
-    out = (before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
-    out[:, 0] = False
-    scores = scores.masked_fill(out, float("-inf"))
-    probs = scores.softmax(dim=1)
-    scores = torch.where(probs < min_p.unsqueeze(1) * probs[:, :1], ninf, scores)
+    if any_p:
+        probs = scores.softmax(dim=1)  # every other token is out: these are the whole distribution's
+        # top-p, descending: a token stays where the tokens more likely than it hold less than p
+        before = probs.cumsum(dim=1) - probs
+        out = (before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
+        out[:, 0] = False
+        scores = scores.masked_fill(out, float("-inf"))
+    if any_min:
+        probs = scores.softmax(dim=1)
+        scores = torch.where(probs < min_p.unsqueeze(1) * probs[:, :1], ninf, scores)
     by_id, order = ids.sort(dim=1)
     return by_id.gather(1, draw(scores.gather(1, order), u).unsqueeze(1)).squeeze(1)
 
@@ -284,31 +292,33 @@ class Sampler:
         if self.plain:
             return logits.argmax(dim=1)
         index = np.asarray(rows, dtype=np.int64)
-        host = np.empty((n, 10), dtype=np.float64)
-        host[:, :4] = self.params[index, :4]
-        host[:, 4] = uniforms(self.seeds[index], np.asarray(draws, dtype=np.int64))
-        host[:, 5] = self.greedy[index]
-        host[host[:, 0] == 0, 0] = 1.0  # (greedy rows: any temperature divides, their token is the argmax)
-        host[:, 6:9] = self.params[index, 4:7]
-        host[:, 9] = index
-        sampled = host[:, 5] == 0  # (what greedy rows ask for filters nothing they take)
-        ks = host[sampled, 1]
+        temperature = self.params[index, 0]
+        temperature = np.where(temperature > 0, temperature, 1.0)  # (greedy rows: their token is the argmax)
+        greedy = self.greedy[index]
+        sampled = ~greedy  # (what greedy rows ask for filters nothing they take)
+        ks = self.params[index, 1][sampled]
         candidates = sampled.any() and (ks > 0).all() and ks.max() <= CANDIDATES
-        if candidates:  # every sampled row a top-k: candidates alone
-            host[~sampled, 1] = ks.max()
-        params = _to_device(host, logits.device)
-        temperature, top_k, top_p, min_p, u, is_greedy, repetition, presence, frequency, at = params.unbind(1)
-        at = at.long()
+        # three asynchronous copies, each of its dtype: no casts on the device
+        floats = np.stack([temperature, self.params[index, 2], self.params[index, 3], greedy,
+                           *self.params[index, 4:7].T], axis=1).astype(np.float32)
+        ints = np.stack([np.where(greedy, ks.max() if candidates else 0, self.params[index, 1]), index],
+                        axis=1).astype(np.int64)
+        u = uniforms(self.seeds[index], np.asarray(draws, dtype=np.int64))
+        device = logits.device
+        temperature, top_p, min_p, is_greedy, repetition, presence, frequency = _to_device(floats, device).unbind(1)
+        top_k, at = _to_device(ints, device).unbind(1)
+        u = _to_device(u, device)
         if self.repeats or self.counts:
-            logits = self._penalized(logits, at, repetition.float(), presence.float(), frequency.float())
-        temperature, top_k, top_p, min_p = temperature.float(), top_k.long(), top_p.float(), min_p.float()
+            logits = self._penalized(logits, at, repetition, presence, frequency)
+        host_p, host_min = self.params[index, 2][sampled], self.params[index, 3][sampled]
         if not sampled.any():
             tokens = logits.argmax(dim=1)
         else:
             if candidates:
-                tokens = candidate_tokens(logits, temperature, top_k, top_p, min_p, u, int(ks.max()))
+                use = (bool((host_p < 1).any()), bool((host_min > 0).any()))
+                tokens = candidate_tokens(logits, temperature, top_k, top_p, min_p, u, int(ks.max()), use)
             else:
-                use = (int(ks.max()), bool((host[sampled, 2] < 1).any()), bool((host[sampled, 3] > 0).any()))
+                use = (int(ks.max()), bool((host_p < 1).any()), bool((host_min > 0).any()))
                 tokens = draw(filtered_scores(logits, temperature, top_k, top_p, min_p, use), u)
             if not sampled.all():
                 tokens = torch.where(is_greedy > 0, logits.argmax(dim=1), tokens)
@@ -355,6 +365,6 @@ def _to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
     """``host`` on ``device`` without waiting for it (pinned staging, an asynchronous copy)."""
     if device.type != "cuda":
         return torch.from_numpy(host)
-    staging = torch.empty(host.shape, dtype=torch.float64, pin_memory=True)
+    staging = torch.empty(host.shape, dtype=torch.from_numpy(host[:0]).dtype, pin_memory=True)
     staging.numpy()[...] = host
     return staging.to(device, non_blocking=True)
