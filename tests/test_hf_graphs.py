@@ -131,35 +131,6 @@ def test_a_failed_capture_leaves_nothing_for_a_later_capture_to_collect():
         gc.enable()
 
 
-def test_garbage_collected_during_a_capture_does_not_invalidate_it():
-    """An earlier generation's captured graphs left in a reference cycle, and the
-    interpreter's collector run at nearly every allocation: none runs inside a
-    capture (collected there, the old graph's release invalidated the new capture:
-    an UnsupportedConfiguration, as a sampled generation captured after a compiled
-    one met on an H200)."""
-    import gc
-
-    model = make_model(hidden=256).cuda()
-    prompts = [prompt(n, seed=640 + n) for n in (5, 12, 20)]
-    old = PagedGeneration(model, KVPool(spec_for_model(model, num_blocks=64, block_size=8), device="cuda:0"),
-                          prompts[:1], 4, cuda_graphs=True)
-    while not old.done:
-        old.step()
-    old.close()
-    assert old._graphs.graphs  # captured, and kept by the cycle below
-    cycle = [old]
-    cycle.append(cycle)
-    del old, cycle
-    thresholds = gc.get_threshold()
-    gc.set_threshold(1, 1, 1)
-    try:
-        pool = KVPool(spec_for_model(model, num_blocks=128, block_size=8), device="cuda:0")
-        assert generate(model, pool, prompts, 6, cuda_graphs=True) == [reference(model, q, 6) for q in prompts]
-    finally:
-        gc.set_threshold(*thresholds)
-    assert gc.isenabled()
-
-
 def test_eager_decode_steps_refill_one_plan_while_the_batch_keeps_its_sequences():
     model = make_model(hidden=256).cuda()
     system = prompt(40, seed=500)  # a shared prefix: the plans cascade over it
