@@ -164,13 +164,12 @@ def filtered_scores(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
     largest_k, any_p, any_min = use
     scores = torch.div(logits, _nonzero(temperature).unsqueeze(1))  # (float32, a new tensor)
     vocab = scores.shape[1]
-    ninf = torch.tensor(float("-inf"), device=scores.device)
     if largest_k > 0:
         k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
         kth = scores.topk(min(largest_k, vocab), dim=1).values
         kth = torch.cat([kth, scores.amin(dim=1, keepdim=True)], dim=1).gather(
             1, torch.where(k <= largest_k, k - 1, kth.shape[1]).unsqueeze(1))
-        scores = torch.where(scores < kth, ninf, scores)
+        scores = scores.masked_fill(scores < kth, float("-inf"))
     if any_p:
         # in transformers' order: ascending, a token goes where the probabilities of it and of every
         # less likely one add up to at most 1 - p (the most likely is kept; rows of p = 1 keep all)
@@ -181,7 +180,7 @@ def filtered_scores(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
         scores = scores.masked_fill(below.scatter(1, order, below), float("-inf"))
     if any_min:
         probs = scores.softmax(dim=1)
-        scores = torch.where(probs < min_p.unsqueeze(1) * probs.amax(dim=1, keepdim=True), ninf, scores)
+        scores = scores.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(dim=1, keepdim=True), float("-inf"))
     return scores
 
 
@@ -221,8 +220,9 @@ def candidate_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: tor
     values, ids = logits.topk(width, dim=1)  # descending
     scores = torch.div(values, _nonzero(temperature).unsqueeze(1))
     kth = scores.gather(1, (top_k.clamp(1, width) - 1).unsqueeze(1))
-    ninf = torch.tensor(float("-inf"), device=scores.device)
-    scores = torch.where(scores < kth, ninf, scores)  # (ties with the k-th kept)
+    # (ties with the k-th kept; -inf as a scalar: a tensor of it made here is a copy from the host
+    # that waits for the device, which would hold every pipelined pass to the one before it)
+    scores = scores.masked_fill(scores < kth, float("-inf"))
     if any_p:
         probs = scores.softmax(dim=1)  # every other token is out: these are the whole distribution's
         # top-p, descending: a token stays where the tokens more likely than it hold less than p
@@ -232,7 +232,7 @@ def candidate_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: tor
         scores = scores.masked_fill(out, float("-inf"))
     if any_min:
         probs = scores.softmax(dim=1)
-        scores = torch.where(probs < min_p.unsqueeze(1) * probs[:, :1], ninf, scores)
+        scores = scores.masked_fill(probs < min_p.unsqueeze(1) * probs[:, :1], float("-inf"))
     by_id, order = ids.sort(dim=1)
     return by_id.gather(1, draw(scores.gather(1, order), u).unsqueeze(1)).squeeze(1)
 
