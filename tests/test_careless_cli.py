@@ -139,10 +139,17 @@ class Demo:
     """`kvpager demo` in its own process group, its stderr read as it comes."""
 
     def __init__(self, env: dict[str, str] | None = None):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvpager", "demo", "--device", "cpu", "--workers", "2", "--requests", "2",
-             "--new-tokens", "2000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            start_new_session=True, env={**subprocess_env(), **(env or {})})
+        # Started with Ctrl-C at its default, as from a terminal: a shell's background job (the
+        # test run launched with `&`) starts with SIGINT ignored, which stays ignored across exec,
+        # and then no Ctrl-C below would reach the demo (a signal handled here is reset at exec).
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kvpager", "demo", "--device", "cpu", "--workers", "2", "--requests", "2",
+                 "--new-tokens", "2000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                start_new_session=True, env={**subprocess_env(), **(env or {})})
+        finally:
+            signal.signal(signal.SIGINT, previous)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
         self.reader.start()
