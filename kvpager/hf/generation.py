@@ -143,7 +143,6 @@ class PagedGeneration(DecodePasses):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         self.prompts = token_lists(self.prompts, self.model, attention_mask)
         self._sampler = Sampler(self.sampling, len(self.prompts), self.prompts)
-        self._logits = not self._sampler.plain  # passes give logits, tokens drawn from them
         self._windows = check_model(self.model, self.pool)
         self._layers = layer_map(self.model)  # layers that reuse an earlier layer's K/V (Gemma-3n)
         self._chunks = layer_chunks(self.model, self.pool.spec.block_size)  # chunked layers (Llama-4)
@@ -164,7 +163,7 @@ class PagedGeneration(DecodePasses):
             # (each sequence's states where it ends held, keyed by its prompt and tokens so far)
             self._recurrent = Recurrent(self.model, self._batch, capacity=bucket_for if self.cuda_graphs else None,
                                         history=lambda i: self.prompts[i] + self.outputs[i])
-            if self._logits:  # (the prefill's tokens: each prompt's first draw)
+            if not self._sampler.plain:  # (the prefill's tokens: each prompt's first draw)
                 self._recurrent.choose = lambda logits, rows: self._sampler.choose(logits, rows, [0] * len(rows),
                                                                                    record=False)
             if self.compile:  # (captured steps compiled: the recurrent layers' code fused, as the rest)
@@ -298,7 +297,7 @@ class PagedGeneration(DecodePasses):
         """A pass's tokens for ``rows``: its output where greedy, else drawn from its
         logits (`kvpager.hf.sampling`), each row its new token number ``draws``
         (``record``: a decode pass's, counted by the penalties at once)."""
-        return self._sampler.choose(out, rows, draws, record) if self._logits else out
+        return out if self._sampler.plain else self._sampler.choose(out, rows, draws, record)
 
     def _forward(self, plan: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  logits_to_keep: Any = 0) -> torch.Tensor:
@@ -334,7 +333,7 @@ class PagedGeneration(DecodePasses):
 
     def _batch(self, plan: Any) -> PagedBatch:
         return PagedBatch(plan, self._pool_dtype, self._pool_device, self._windows, layers=self._layers,
-                          chunks=self._chunks, fit=self._fit, logits=self._logits)
+                          chunks=self._chunks, fit=self._fit, logits=not self._sampler.plain)
 
     def close(self) -> None:
         """Free the sequences still held (their committed full blocks stay matchable)

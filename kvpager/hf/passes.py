@@ -76,15 +76,20 @@ class HostBuffers:
 
 
 def to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """[1, n] int64 on ``device`` without waiting for it: a pinned staging tensor
-    and an asynchronous copy (torch's host allocator keeps the staging memory
-    until the copy ran). The staging tensor is taken pinned and filled, not
-    built and then pinned (a second tensor and a copy: 14-17 against 18-20 us a
-    call on an H200's host)."""
+    """[1, n] int64 on ``device`` without waiting for it (`array_to_device`)."""
+    return array_to_device(np.asarray([values], dtype=np.int64), device)
+
+
+def array_to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``host`` (a new array: on the CPU its memory is taken as it is) on ``device``
+    without waiting for it: a pinned staging tensor and an asynchronous copy
+    (torch's host allocator keeps the staging memory until the copy ran). The
+    staging tensor is taken pinned and filled, not built and then pinned (a
+    second tensor and a copy: 14-17 against 18-20 us a call on an H200's host)."""
     if device.type != "cuda":
-        return torch.tensor([values], dtype=torch.long)
-    t = torch.empty((1, len(values)), dtype=torch.long, pin_memory=True)
-    t.numpy()[0] = values
+        return torch.from_numpy(host)
+    t = torch.empty(host.shape, dtype=torch.from_numpy(host[:0]).dtype, pin_memory=True)
+    t.numpy()[...] = host
     return t.to(device, non_blocking=True)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvpager.hf.passes import array_to_device, to_device
 from kvpager.validate import is_int
 
 _MASK64 = (1 << 64) - 1
@@ -305,20 +306,23 @@ class Sampler:
                         axis=1).astype(np.int64)
         u = uniforms(self.seeds[index], np.asarray(draws, dtype=np.int64))
         device = logits.device
-        temperature, top_p, min_p, is_greedy, repetition, presence, frequency = _to_device(floats, device).unbind(1)
-        top_k, at = _to_device(ints, device).unbind(1)
-        u = _to_device(u, device)
+        temperature, top_p, min_p, is_greedy, repetition, presence, frequency = \
+            array_to_device(floats, device).unbind(1)
+        top_k, at = array_to_device(ints, device).unbind(1)
+        u = array_to_device(u, device)
         if self.repeats or self.counts:
             logits = self._penalized(logits, at, repetition, presence, frequency)
-        host_p, host_min = self.params[index, 2][sampled], self.params[index, 3][sampled]
+        # (which filters any sampled row asks for, known here: no read back from the device)
+        any_p = bool((self.params[index, 2][sampled] < 1).any())
+        any_min = bool((self.params[index, 3][sampled] > 0).any())
         if not sampled.any():
             tokens = logits.argmax(dim=1)
         else:
             if candidates:
-                use = (bool((host_p < 1).any()), bool((host_min > 0).any()))
-                tokens = candidate_tokens(logits, temperature, top_k, top_p, min_p, u, int(ks.max()), use)
+                tokens = candidate_tokens(logits, temperature, top_k, top_p, min_p, u, int(ks.max()),
+                                          (any_p, any_min))
             else:
-                use = (int(ks.max()), bool((host_p < 1).any()), bool((host_min > 0).any()))
+                use = (int(ks.max()), any_p, any_min)
                 tokens = draw(filtered_scores(logits, temperature, top_k, top_p, min_p, use), u)
             if not sampled.all():
                 tokens = torch.where(is_greedy > 0, logits.argmax(dim=1), tokens)
@@ -329,8 +333,7 @@ class Sampler:
     def note(self, rows: Sequence[int], tokens: Sequence[int], device: torch.device) -> None:
         """The prefill's first new tokens of prompts ``rows``, for the penalties."""
         if self._seen is not None or self._generated is not None:
-            at = torch.tensor(list(rows), dtype=torch.long).to(device, non_blocking=True)
-            self._record(at, torch.tensor(list(tokens), dtype=torch.long).to(device, non_blocking=True))
+            self._record(to_device(list(rows), device)[0], to_device(list(tokens), device)[0])
 
     def _record(self, at: torch.Tensor, tokens: torch.Tensor) -> None:
         if self._seen is not None:
@@ -361,10 +364,3 @@ class Sampler:
         return out
 
 
-def _to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``host`` on ``device`` without waiting for it (pinned staging, an asynchronous copy)."""
-    if device.type != "cuda":
-        return torch.from_numpy(host)
-    staging = torch.empty(host.shape, dtype=torch.from_numpy(host[:0]).dtype, pin_memory=True)
-    staging.numpy()[...] = host
-    return staging.to(device, non_blocking=True)
