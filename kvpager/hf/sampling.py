@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvpager.hf.passes import array_to_device, to_device
+from kvpager.hf import draw_kernel
+from kvpager.hf.draws import penalize, sample
+from kvpager.hf.passes import to_device
 from kvpager.validate import is_int
 
 _MASK64 = (1 << 64) - 1
@@ -143,101 +145,6 @@ def uniforms(seeds: np.ndarray, draws: np.ndarray) -> np.ndarray:
     return (x >> np.uint64(12)).astype(np.float64) * (1.0 / (1 << 52))
 
 
-#: a pass whose sampled rows all have a top-k of at most this works on each row's top-k candidates
-#: alone (`candidate_tokens`): no pass over the whole vocabulary after the top-k
-CANDIDATES = 1024
-#: candidates taken past the largest top-k, so that tokens tied with a row's k-th are kept, as
-#: transformers' top-k keeps every token at least as likely as the k-th
-TIES = 16
-
-
-def filtered_scores(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                    min_p: torch.Tensor, use: tuple[int, bool, bool] | None = None) -> torch.Tensor:
-    """float32 [n, vocab] scores of ``logits`` [n, vocab] after the warpers of
-    transformers' sampling, row by row (each parameter [n]): divided by the
-    temperature (rows of temperature 0 are taken as 1: they are greedy), then
-    -inf outside the top-k, outside the top-p and under min-p; a row's most
-    likely token is always kept. ``use``: (the largest top-k, whether any top-p
-    is under 1, whether any min-p is over 0), known on the host; None reads them
-    from the parameters (a wait for the device)."""
-    if use is None:
-        use = (int(top_k.max()), bool((top_p < 1).any()), bool((min_p > 0).any()))
-    largest_k, any_p, any_min = use
-    scores = torch.div(logits, _nonzero(temperature).unsqueeze(1))  # (float32, a new tensor)
-    vocab = scores.shape[1]
-    if largest_k > 0:
-        k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
-        kth = scores.topk(min(largest_k, vocab), dim=1).values
-        kth = torch.cat([kth, scores.amin(dim=1, keepdim=True)], dim=1).gather(
-            1, torch.where(k <= largest_k, k - 1, kth.shape[1]).unsqueeze(1))
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if any_p:
-        # in transformers' order: ascending, a token goes where the probabilities of it and of every
-        # less likely one add up to at most 1 - p (the most likely is kept; rows of p = 1 keep all)
-        ascending, order = scores.sort(dim=1)
-        below = ascending.softmax(dim=1).cumsum(dim=1) <= (1 - top_p).unsqueeze(1)
-        below &= (top_p < 1).unsqueeze(1)
-        below[:, -1] = False
-        scores = scores.masked_fill(below.scatter(1, order, below), float("-inf"))
-    if any_min:
-        probs = scores.softmax(dim=1)
-        scores = scores.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(dim=1, keepdim=True), float("-inf"))
-    return scores
-
-
-def draw(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """int64 [n]: each row's index at the inverse of its distribution function
-    (``scores``' softmax: its weights summed in float64, in their order) at ``u``
-    [n] in [0, 1 - 2**-52] (`uniforms`: ``u`` times the total stays below it, so
-    the first partial sum past it is that of a weight above 0); never one of
-    probability 0 (a score of -inf)."""
-    cdf = (scores - scores.amax(dim=1, keepdim=True)).exp_().cumsum(dim=1, dtype=torch.float64)
-    at = u.to(torch.float64).unsqueeze(1) * cdf[:, -1:]
-    # (clamped: logits of NaN, a broken model's, leave no partial sum past u; the next pass's
-    # input must still be a token of the vocabulary)
-    return torch.searchsorted(cdf, at, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
-
-
-def _nonzero(temperature: torch.Tensor) -> torch.Tensor:
-    """Temperatures with 0 (greedy rows: their tokens are taken otherwise) as 1."""
-    return torch.where(temperature > 0, temperature, 1.0)
-
-
-def candidate_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                     min_p: torch.Tensor, u: torch.Tensor, largest_k: int,
-                     use: tuple[bool, bool] | None = None) -> torch.Tensor:
-    """`filtered_scores` then `draw`, for rows that all have a top-k (at most
-    ``largest_k``), on each row's candidates alone: its ``largest_k`` (and `TIES`)
-    most likely tokens. The same filters and the same tokens (the draw is over
-    the candidates in vocabulary order, as the whole vocabulary's is), with one
-    top-k over the vocabulary and the rest on [n, candidates]. ``use``: whether
-    any top-p is under 1 and any min-p over 0, known on the host (None: read
-    from the parameters)."""
-    if use is None:
-        use = (bool((top_p < 1).any()), bool((min_p > 0).any()))
-    any_p, any_min = use
-    vocab = logits.shape[1]
-    width = min(largest_k + TIES, vocab)
-    values, ids = logits.topk(width, dim=1)  # descending
-    scores = torch.div(values, _nonzero(temperature).unsqueeze(1))
-    kth = scores.gather(1, (top_k.clamp(1, width) - 1).unsqueeze(1))
-    # (ties with the k-th kept; -inf as a scalar: a tensor of it made here is a copy from the host
-    # that waits for the device, which would hold every pipelined pass to the one before it)
-    scores = scores.masked_fill(scores < kth, float("-inf"))
-    if any_p:
-        probs = scores.softmax(dim=1)  # every other token is out: these are the whole distribution's
-        # top-p, descending: a token stays where the tokens more likely than it hold less than p
-        before = probs.cumsum(dim=1) - probs
-        out = (before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
-        out[:, 0] = False
-        scores = scores.masked_fill(out, float("-inf"))
-    if any_min:
-        probs = scores.softmax(dim=1)
-        scores = scores.masked_fill(probs < min_p.unsqueeze(1) * probs[:, :1], float("-inf"))
-    by_id, order = ids.sort(dim=1)
-    return by_id.gather(1, draw(scores.gather(1, order), u).unsqueeze(1)).squeeze(1)
-
-
 class Sampler:
     """The sampling of one generation's prompts: a `Sampling` (or None: greedy) per
     prompt, seeds drawn where None, the parameters kept on the host to be sent
@@ -280,6 +187,7 @@ class Sampler:
         self.seeds = seeds
         self._seen: torch.Tensor | None = None  # bool [prompts, vocab]
         self._generated: torch.Tensor | None = None  # int32 [prompts, vocab]
+        self._kernel: draw_kernel.RowSampler | None = None
 
     def choose(self, logits: torch.Tensor, rows: Sequence[int], draws: Sequence[int],
                record: bool = True) -> torch.Tensor:
@@ -287,47 +195,35 @@ class Sampler:
         the prompts ``rows``, each drawing its token number ``draws``), on the
         logits' device; greedy rows get their most likely token (after any
         penalty). ``record``: the tokens are the rows' next outputs (a decode
-        pass's), which the penalties then count; a prefill's are told by `note`."""
+        pass's), which the penalties then count; a prefill's are told by `note`.
+        On a GPU one kernel does it all, without waiting for the device
+        (`kvpager.hf.draw_kernel`); on the CPU its twin (`kvpager.hf.draws`)."""
         n = len(rows)
         logits = logits[:n]
         if self.plain:
             return logits.argmax(dim=1)
         index = np.asarray(rows, dtype=np.int64)
-        temperature = self.params[index, 0]
-        temperature = np.where(temperature > 0, temperature, 1.0)  # (greedy rows: their token is the argmax)
+        params = self.params[index]
         greedy = self.greedy[index]
-        sampled = ~greedy  # (what greedy rows ask for filters nothing they take)
-        ks = self.params[index, 1][sampled]
-        candidates = sampled.any() and (ks > 0).all() and ks.max() <= CANDIDATES
-        # three asynchronous copies, each of its dtype: no casts on the device
-        floats = np.stack([temperature, self.params[index, 2], self.params[index, 3], greedy,
-                           *self.params[index, 4:7].T], axis=1).astype(np.float32)
-        ints = np.stack([np.where(greedy, ks.max() if candidates else 0, self.params[index, 1]), index],
-                        axis=1).astype(np.int64)
+        temperature = np.where(greedy | (params[:, 0] <= 0), 1.0, params[:, 0])
+        floats = np.stack([temperature, params[:, 2], params[:, 3], greedy, *params[:, 4:7].T],
+                          axis=1).astype(np.float32)
+        ints = np.stack([params[:, 1], index], axis=1).astype(np.int64)
         u = uniforms(self.seeds[index], np.asarray(draws, dtype=np.int64))
-        device = logits.device
-        temperature, top_p, min_p, is_greedy, repetition, presence, frequency = \
-            array_to_device(floats, device).unbind(1)
-        top_k, at = array_to_device(ints, device).unbind(1)
-        u = array_to_device(u, device)
-        if self.repeats or self.counts:
-            logits = self._penalized(logits, at, repetition, presence, frequency)
-        # (which filters any sampled row asks for, known here: no read back from the device)
-        any_p = bool((self.params[index, 2][sampled] < 1).any())
-        any_min = bool((self.params[index, 3][sampled] > 0).any())
-        if not sampled.any():
-            tokens = logits.argmax(dim=1)
-        else:
-            if candidates:
-                tokens = candidate_tokens(logits, temperature, top_k, top_p, min_p, u, int(ks.max()),
-                                          (any_p, any_min))
-            else:
-                use = (int(ks.max()), any_p, any_min)
-                tokens = draw(filtered_scores(logits, temperature, top_k, top_p, min_p, use), u)
-            if not sampled.all():
-                tokens = torch.where(is_greedy > 0, logits.argmax(dim=1), tokens)
+        seen, counts = self._tables(logits)
+        if draw_kernel.usable(logits):
+            if self._kernel is None:
+                self._kernel = draw_kernel.RowSampler(logits.device)
+            return self._kernel(logits, u, ints, floats, seen, counts, record)
+        at = torch.from_numpy(index)
+        y = penalize(logits.detach().float().cpu().numpy(),
+                           None if seen is None else seen[at.to(seen.device)].cpu().numpy(),
+                           None if counts is None else counts[at.to(counts.device)].cpu().numpy(),
+                           floats[:, 4], floats[:, 5], floats[:, 6])
+        tokens = torch.from_numpy(sample(y, floats[:, 0], ints[:, 0], floats[:, 1], floats[:, 2], greedy, u))
+        tokens = tokens.to(logits.device)
         if record:
-            self._record(at, tokens)
+            self._record(at.to(logits.device), tokens)
         return tokens
 
     def note(self, rows: Sequence[int], tokens: Sequence[int], device: torch.device) -> None:
@@ -341,11 +237,12 @@ class Sampler:
         if self._generated is not None:
             self._generated.index_put_((at, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
 
-    def _penalized(self, logits: torch.Tensor, at: torch.Tensor, repetition: torch.Tensor, presence: torch.Tensor,
-                   frequency: torch.Tensor) -> torch.Tensor:
-        """float32 logits of the rows ``at`` after their penalties (a new tensor);
-        what the prompts have seen is made at the first pass, on its device."""
-        n, vocab = logits.shape
+    def _tables(self, logits: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What the prompts have seen (bool [prompts, vocab]: their tokens and those
+        generated, where any has a repetition penalty) and how often each token was
+        generated (int32, where any has a presence or frequency penalty), made at
+        the first pass on its device."""
+        vocab = logits.shape[1]
         if self._seen is None and self.repeats:
             seen = torch.zeros((len(self.seeds), vocab), dtype=torch.bool)
             lens = [len(p) for p in self.prompts]
@@ -354,13 +251,4 @@ class Sampler:
             self._seen = seen.to(logits.device)
         if self._generated is None and self.counts:
             self._generated = torch.zeros((len(self.seeds), vocab), dtype=torch.int32, device=logits.device)
-        out = logits.float()
-        if self._seen is not None:
-            rp = repetition.unsqueeze(1)
-            out = torch.where(self._seen[at], torch.where(out < 0, out * rp, out / rp), out)
-        if self._generated is not None:
-            count = self._generated[at].float()
-            out = out - frequency.unsqueeze(1) * count - presence.unsqueeze(1) * (count > 0)
-        return out
-
-
+        return self._seen, self._generated
