@@ -397,7 +397,8 @@ sample_rows(const void* logits, long long row_stride, int vocab, const float* fl
                     if (t == 0) {
                         u64 before = 0;
                         int tile = 0;
-                        while (before + sh.tile_ties[tile] < keep) before += sh.tile_ties[tile++];
+                        const int last = (vocab - 1) / TILE;
+                        while (tile < last && before + sh.tile_ties[tile] < keep) before += sh.tile_ties[tile++];
                         sh.picked[0] = tile;
                         sh.picked[1] = keep - before - 1;  // the last kept tie's rank in this tile
                     }
