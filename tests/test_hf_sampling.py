@@ -38,10 +38,16 @@ def warped(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
 
 
 def kept(logits: torch.Tensor, temperature, top_k, top_p, min_p) -> torch.Tensor:
-    """bool [n, V]: what kvpager's filters keep of ``logits`` (each parameter [n])."""
+    """bool [n, V]: what kvpager's filters keep of ``logits`` (each parameter [n]),
+    and the tokens that weigh 0 (a probability under 2**-S of the most likely
+    one's, never drawn) as transformers' filters take them."""
     s = draws.scores(logits.numpy(), np.asarray(temperature, np.float32))
-    return torch.from_numpy(draws.kept(s, np.asarray(top_k), np.asarray(top_p, np.float32),
-                                       np.asarray(min_p, np.float32))[0])
+    keep = draws.kept(s, np.asarray(top_k), np.asarray(top_p, np.float32), np.asarray(min_p, np.float32))[0]
+    nothing = draws.exp_weights(s - s.max(axis=1, keepdims=True), draws.scale_bits(s.shape[1]))[1] == 0
+    want = torch.isfinite(torch.stack([warped(logits[i : i + 1], Sampling(float(temperature[i]), int(top_k[i]),
+                                                                             float(top_p[i]), float(min_p[i])))[0]
+                                       for i in range(len(logits))])).numpy()
+    return torch.from_numpy(np.where(nothing, want, keep))
 
 
 def rows(s: Sampling, n: int) -> tuple[np.ndarray, ...]:

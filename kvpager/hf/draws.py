@@ -56,16 +56,25 @@ def exp_weights(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     by ln 2, a degree-7 polynomial, an exact power of 2), ``W = floor(w * 2**bits)``;
     both 0 where ``x < CUT`` or NaN."""
     x = np.asarray(x, dtype=_F)
-    live = x >= CUT
+    with np.errstate(invalid="ignore"):
+        live = x >= CUT
     xs = np.where(live, x, _F(0))
     n = np.rint(xs * LOG2E)
-    r = (xs - n * LN2_HI) - n * LN2_LO
-    p = np.full_like(r, POLY[0])
+    r = n * LN2_HI
+    np.subtract(xs, r, out=r)
+    r -= n * LN2_LO
+    p = np.full_like(r, POLY[0])  # (in place: one rounding an operation, as a new array's)
     for c in POLY[1:]:
-        p = p * r + c
-    two_n = ((n.astype(np.int32) + 127) << 23).view(_F)
-    w = np.where(live, p * two_n, _F(0))
-    return w, np.floor(w * _F(2.0**bits)).astype(np.int64)
+        p *= r
+        p += c
+    two_n = n.astype(np.int32)
+    two_n += 127
+    two_n <<= 23
+    p *= two_n.view(_F)
+    p[~live] = 0
+    big = p * _F(2.0**bits)
+    np.floor(big, out=big)
+    return p, big.astype(np.int64)
 
 
 def scores(logits: np.ndarray, temperature: np.ndarray) -> np.ndarray:
@@ -92,57 +101,80 @@ def penalize(logits: np.ndarray, seen: np.ndarray | None, counts: np.ndarray | N
     return y.astype(_F, copy=False)
 
 
+def _row(s: np.ndarray, k: int, p: np.float32, m: np.float32, bits: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(token ids in vocabulary order, their integer weights, all > 0) of the tokens
+    one row's filters keep (module docstring); None where its best score is not
+    finite. Weights are evaluated only for what top-k keeps within `zero_below`
+    of the best: the others weigh 0."""
+    vocab = len(s)
+    best = s.max() if vocab else _F(-np.inf)
+    if not np.isfinite(best):
+        return None
+    x = s - best
+    live = x >= zero_below(bits)
+    if 0 < k < vocab:
+        live &= s >= np.partition(s, vocab - k)[vocab - k]  # every token tied with the k-th
+    ids = np.flatnonzero(live)
+    w, big = exp_weights(x[ids], bits)
+    out = big > 0
+    if p < 1:
+        out &= _nucleus(s[ids], big, math.ceil(float(p) * float(big.sum())))
+    if m > 0:
+        out &= w >= m
+    return ids[out], big[out]
+
+
+def zero_below(bits: int) -> np.float32:
+    """A score this far under the best, or farther, weighs 0 (exp(x) * 2**bits < 1,
+    with `exp_weights`' error well inside the margin)."""
+    return _F(-bits * math.log(2) - 0.01)
+
+
+def _nucleus(s: np.ndarray, big: np.ndarray, bound: int) -> np.ndarray:
+    """bool: top-p over tokens of scores ``s`` and integer weights ``big``: in order of
+    score, ties by id (``s`` is in id order), those whose weights before them sum
+    under ``bound``. Only a prefix in that order is sorted: the most likely
+    few thousand (and every token tied with the last of them), more while
+    they weigh less than ``bound``."""
+    n = len(s)
+    take = 4096
+    while True:
+        if take >= n:
+            head = np.arange(n)
+        else:
+            head = np.flatnonzero(s >= np.partition(s, n - take)[n - take])
+        order = head[np.lexsort((head, -s[head]))]
+        run = np.cumsum(big[order])
+        if len(head) == n or run[-1] >= bound:
+            break
+        take *= 4
+    out = np.zeros(n, dtype=bool)
+    out[order[run - big[order] < bound]] = True
+    return out
+
+
 def kept(s: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray,
          bits: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(bool [n, V] the tokens each row's filters keep, int64 [n, V] integer weights)
-    of scores ``s`` (`scores`); ``top_k`` 0 or >= V: none, ``top_p`` 1: none,
-    ``min_p`` 0: none. Where a row's best score is not finite its weights are all 0."""
+    """(bool [n, V] the tokens of nonzero weight each row's filters keep, int64 [n, V]
+    their integer weights, 0 elsewhere) of scores ``s`` (`scores`); ``top_k`` 0 or
+    >= V: none, ``top_p`` 1: none, ``min_p`` 0: none. A row whose best score is not
+    finite keeps none."""
     n, vocab = s.shape
     bits = scale_bits(vocab) if bits is None else bits
-    best = s.max(axis=1, initial=-np.inf, keepdims=True) if vocab else np.zeros((n, 1), _F)
-    with np.errstate(invalid="ignore"):
-        w, big = exp_weights(s - best, bits)
-    keep = np.ones((n, vocab), dtype=bool)
-    top_k = np.asarray(top_k, dtype=np.int64)
-    top_p = np.asarray(top_p, dtype=_F)
-    min_p = np.asarray(min_p, dtype=_F)
+    keep = np.zeros((n, vocab), dtype=bool)
+    big = np.zeros((n, vocab), dtype=np.int64)
     for i in range(n):
-        if 0 < top_k[i] < vocab:
-            kth = np.partition(s[i], vocab - top_k[i])[vocab - top_k[i]]
-            keep[i] &= s[i] >= kth
-        if top_p[i] < 1:
-            keep[i] &= _nucleus(s[i], big[i], keep[i], top_p[i])
-        if min_p[i] > 0:
-            keep[i] &= w[i] >= min_p[i]
+        got = _row(s[i], int(top_k[i]), _F(top_p[i]), _F(min_p[i]), bits)
+        if got is not None:
+            keep[i, got[0]] = True
+            big[i, got[0]] = got[1]
     return keep, big
 
 
-def _nucleus(s: np.ndarray, big: np.ndarray, keep: np.ndarray, p: np.float32) -> np.ndarray:
-    """Top-p over the tokens ``keep`` holds (module docstring): only those of nonzero
-    weight are ordered (the others add nothing to any sum, and are never drawn)."""
-    total = int(big[keep].sum())
-    bound = math.ceil(float(p) * float(total))
-    ids = np.flatnonzero(keep & (big > 0))
-    order = ids[np.lexsort((ids, -s[ids]))]  # score descending, then id ascending
-    before = np.cumsum(big[order]) - big[order]
-    out = np.zeros_like(keep)
-    out[order[before < bound]] = True
-    return out
-
-
-def draw(keep: np.ndarray, big: np.ndarray, u: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """int64 [n]: each row's token at uniform ``u`` [n] in [0, 1 - 2**-52]
-    among its ``keep`` tokens of integer weights ``big`` (module docstring, 4)."""
-    cdf = np.cumsum(np.where(keep, big, 0), axis=1)
-    out = np.empty(len(u), dtype=np.int64)
-    for i in range(len(u)):
-        total = int(cdf[i, -1]) if cdf.shape[1] else 0
-        if total == 0:
-            out[i] = int(np.argmax(s[i])) if s.shape[1] else 0
-            continue
-        t = math.floor(float(u[i]) * float(total))
-        out[i] = int(np.searchsorted(cdf[i], t, side="right"))
-    return out
+def _draw(ids: np.ndarray, big: np.ndarray, u: float) -> int:
+    """The token at uniform ``u`` among ``ids`` of weights ``big`` (module docstring, 4)."""
+    run = np.cumsum(big)
+    return int(ids[np.searchsorted(run, math.floor(float(u) * float(run[-1])), side="right")])
 
 
 def greedy_tokens(y: np.ndarray) -> np.ndarray:
@@ -159,6 +191,8 @@ def sample(y: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.
     rows = np.flatnonzero(~greedy)
     if len(rows):
         s = scores(y[rows], np.asarray(temperature, dtype=_F)[rows])
-        keep, big = kept(s, np.asarray(top_k)[rows], np.asarray(top_p)[rows], np.asarray(min_p)[rows])
-        out[rows] = draw(keep, big, np.asarray(u, dtype=np.float64)[rows], s)
+        bits = scale_bits(s.shape[1])
+        for j, i in enumerate(rows):
+            got = _row(s[j], int(top_k[i]), _F(top_p[i]), _F(min_p[i]), bits)
+            out[i] = _draw(*got, u[i]) if got is not None else int(np.argmax(s[j]))
     return out
