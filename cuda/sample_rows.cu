@@ -29,12 +29,17 @@
 #define LOGIT_DTYPE 1  // 0 float16, 1 bfloat16, 2 float32
 #endif
 
+#ifndef THREADS
 #define THREADS 512
+#endif
 #define WARPS (THREADS / 32)
 #define PER 8
 #define TILE (THREADS * PER)
 #define MAX_TILES 256  // vocabularies up to 1,048,576 tokens
 #define BINS 1024
+#if BINS % THREADS != 0 || THREADS < 256
+#error "THREADS must divide BINS and be at least 256 (a digit a thread)"
+#endif
 #define SPAN 40.0f
 #define FULL 0xffffffffu
 
@@ -226,21 +231,24 @@ __device__ unsigned select(const Row& row, Shared& sh, unsigned floor_key, bool 
         }
     }
     __syncthreads();
-    // bins in order (descending score), two a thread
-    const u64 w0 = by_mass ? sh.mass[2 * t] : sh.count[2 * t];
-    const u64 w1 = by_mass ? sh.mass[2 * t + 1] : sh.count[2 * t + 1];
+    // bins in order (descending score), BINS / THREADS consecutive ones a thread
+    constexpr int per_thread = BINS / THREADS;
+    u64 own = 0;
+    for (int k = 0; k < per_thread; ++k) own += by_mass ? sh.mass[per_thread * t + k] : sh.count[per_thread * t + k];
     u64 total;
-    const u64 before = block_exclusive(w0 + w1, sh, &total);
+    u64 before = block_exclusive(own, sh, &total);
     if (fraction >= 0.0f) need = static_cast<u64>(ceil(__dmul_rn(static_cast<double>(fraction),
                                                                  static_cast<double>(total))));
     if (need > total) need = total;  // (never: need <= total by construction)
     if (need == 0) need = 1;
-    if (before < need && before + w0 >= need) {
-        sh.picked[0] = 2 * t;
-        sh.picked[1] = before;
-    } else if (before + w0 < need && before + w0 + w1 >= need) {
-        sh.picked[0] = 2 * t + 1;
-        sh.picked[1] = before + w0;
+    for (int k = 0; k < per_thread; ++k) {
+        const int b = per_thread * t + k;
+        const u64 w = by_mass ? sh.mass[b] : sh.count[b];
+        if (before < need && before + w >= need) {
+            sh.picked[0] = b;
+            sh.picked[1] = before;
+        }
+        before += w;
     }
     __syncthreads();
     const int bin = static_cast<int>(sh.picked[0]);

@@ -24,7 +24,7 @@ DEVICE = torch.device("cuda:0")
 
 
 def kernel_and_twin(r: dict, dtype: torch.dtype, penalties: bool, rng: np.random.Generator,
-                    record: bool = True, stride: int = 0) -> tuple[np.ndarray, np.ndarray, tuple]:
+                    record: bool = True, stride: int = 0, threads: int = 512) -> tuple[np.ndarray, np.ndarray, tuple]:
     n, vocab = r["y"].shape
     logits = torch.from_numpy(r["y"]).to(dtype)
     y = logits.float().numpy()  # what the kernel reads, as float32
@@ -51,7 +51,7 @@ def kernel_and_twin(r: dict, dtype: torch.dtype, penalties: bool, rng: np.random
     ints = np.stack([r["top_k"], at], axis=1).astype(np.int64)
     seen_d = torch.from_numpy(seen).to(DEVICE) if seen is not None else None
     counts_d = torch.from_numpy(counts).to(DEVICE) if counts is not None else None
-    got = RowSampler(DEVICE)(on_device, r["u"], ints, floats, seen_d, counts_d, record).cpu().numpy()
+    got = RowSampler(DEVICE, threads)(on_device, r["u"], ints, floats, seen_d, counts_d, record).cpu().numpy()
     yp = draws.penalize(y, None if seen is None else seen[at], None if counts is None else counts[at],
                         floats[:, 4], floats[:, 5], floats[:, 6])
     want = draws.sample(yp, floats[:, 0], ints[:, 0], floats[:, 1], floats[:, 2], greedy, r["u"])
@@ -115,3 +115,11 @@ def test_broken_rows_give_the_twins_tokens():
                  greedy=greedy, u=np.full(n, 0.5))
         got, want, _ = kernel_and_twin(r, torch.float32, False, rng)
         assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("threads", [256, 1024])
+def test_other_block_sizes_draw_the_same(threads):
+    rng = np.random.default_rng(threads)
+    r = random_rows(rng, 32, 9000, ties=True)
+    got, want, _ = kernel_and_twin(r, torch.bfloat16, True, rng, threads=threads)
+    assert got.tolist() == want.tolist()

@@ -21,8 +21,8 @@ from kvpager.hf.passes import array_to_device
 
 DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 THREADS = 512
-#: MAX_TILES tiles of THREADS * PER tokens (sample_rows.cu)
-MAX_VOCAB = 256 * THREADS * 8
+#: MAX_TILES tiles of THREADS * PER tokens (sample_rows.cu), at the fewest threads it builds with (256)
+MAX_VOCAB = 256 * 256 * 8
 FLOATS = 7  # temperature, top-p, min-p, greedy, repetition, presence, frequency
 
 
@@ -45,8 +45,8 @@ def usable(logits: torch.Tensor) -> bool:
 class RowSampler:
     """The kernel on one GPU, its launches kept by (logits dtype, rows)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, threads: int = THREADS):
+        self.device, self.threads = device, threads
         self.index = device.index if device.index is not None else torch.cuda.current_device()
         self._launches: dict[tuple[int, int], tuple[launch.Launch, list[Any]]] = {}
 
@@ -74,8 +74,9 @@ class RowSampler:
         key = (dtype, n)
         got = self._launches.get(key)
         if got is None:
-            fn = kernels.get_kernel("sample_rows.cu", "sample_rows", {"LOGIT_DTYPE": dtype}, self.index)
+            fn = kernels.get_kernel("sample_rows.cu", "sample_rows", {"LOGIT_DTYPE": dtype, "THREADS": self.threads},
+                                    self.index)
             cells = [launch.ptr(), launch.i64(), launch.i32(), launch.ptr(), launch.ptr(), launch.ptr(),
                      launch.ptr(), launch.ptr(), launch.i32(), ctypes.c_float(), launch.ptr(), launch.ptr()]
-            got = self._launches[key] = (launch.Launch(fn, (n,), THREADS, 0, cells, self.index), cells)
+            got = self._launches[key] = (launch.Launch(fn, (n,), self.threads, 0, cells, self.index), cells)
         return got
