@@ -22,8 +22,7 @@
 // shared-memory atomics rarely collide), then the key range of the chosen
 // bin (keys: the scores' order-preserving uint32), then 8-bit digits of the
 // keys within it until one key is left.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+// No CUDA headers (as kvpager_common.cuh): 16-bit logits are read as raw bits.
 
 #ifndef LOGIT_DTYPE
 #define LOGIT_DTYPE 1  // 0 float16, 1 bfloat16, 2 float32
@@ -51,11 +50,16 @@ typedef unsigned long long u64;
 #define LN2_LO 0x1.7f7d1cp-20f
 #define CUT (-40.0f)
 
+#define POS_INF __int_as_float(0x7f800000)
+#define NEG_INF (-POS_INF)
+
 __device__ __forceinline__ float logit_at(const void* row, long long i) {
 #if LOGIT_DTYPE == 0
-    return __half2float(static_cast<const __half*>(row)[i]);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(static_cast<const unsigned short*>(row)[i]));
+    return f;
 #elif LOGIT_DTYPE == 1
-    return __bfloat162float(static_cast<const __nv_bfloat16*>(row)[i]);
+    return __uint_as_float(static_cast<unsigned>(static_cast<const unsigned short*>(row)[i]) << 16);
 #else
     return static_cast<const float*>(row)[i];
 #endif
@@ -361,7 +365,7 @@ sample_rows(const void* logits, long long row_stride, int vocab, const float* fl
     float* s_row = scratch + static_cast<long long>(r) * vocab;
 
     // A: penalties, scores, the best of each
-    float best_y = -INFINITY, best_s = -INFINITY;
+    float best_y = NEG_INF, best_s = NEG_INF;
     int arg_y = vocab, arg_s = vocab;
     for (int i = t; i < vocab; i += THREADS) {
         float y = logit_at(row_logits, i);
@@ -370,11 +374,11 @@ sample_rows(const void* logits, long long row_stride, int vocab, const float* fl
             const float c = static_cast<float>(row_counts[i]);
             y = __fsub_rn(__fsub_rn(y, __fmul_rn(frequency, c)), __fmul_rn(presence, c > 0.0f ? 1.0f : 0.0f));
         }
-        const float yn = y != y ? -INFINITY : y;
+        const float yn = y != y ? NEG_INF : y;
         better(best_y, arg_y, yn, i);
         if (!greedy) {
             float s = __fdiv_rn(y, temperature);
-            if (s != s) s = -INFINITY;
+            if (s != s) s = NEG_INF;
             s_row[i] = s;
             better(best_s, arg_s, s, i);
         }
@@ -385,7 +389,7 @@ sample_rows(const void* logits, long long row_stride, int vocab, const float* fl
         block_best(best_s, arg_s, sh);
         token = arg_s < vocab ? arg_s : 0;
         __syncthreads();  // (the scores written above, read by every thread below)
-        if (best_s > -INFINITY && best_s < INFINITY) {
+        if (best_s > NEG_INF && best_s < POS_INF) {
             const Row row{s_row, vocab, best_s, scale};
             Filters fl{0u, 0u, vocab, min_p};
             if (top_k > 0 && top_k < vocab) fl.kth = select(row, sh, 0u, false, static_cast<u64>(top_k), -1.0f);
