@@ -20,7 +20,9 @@ from kvpager.hf.draws import scale_bits
 from kvpager.hf.passes import array_to_device
 
 DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
-THREADS = 512
+#: a CTA's threads: 1024 took 0.58-0.64x the time of 512 at 64 rows of a 128k vocabulary, 0.90-1.05x at
+#: 256 (H200; docs/benchmarks.md "Latest: session 39")
+THREADS = 1024
 #: MAX_TILES tiles of THREADS * PER tokens (sample_rows.cu), at the fewest threads it builds with (256)
 MAX_VOCAB = 256 * 256 * 8
 FLOATS = 7  # temperature, top-p, min-p, greedy, repetition, presence, frequency
