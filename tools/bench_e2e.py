@@ -311,12 +311,13 @@ def main() -> None:
                     help="cpu: the model in float32 on the CPU and kvpager's NumPy pools, eager paths only "
                          "(with --shapes s --budget-gib 0, say)")
     ap.add_argument("--sample", metavar="temperature=0.7,top_p=0.9,...",
-                    help="sampled decoding on every path (temperature, top_k, top_p, min_p); default greedy")
+                    help="sampled decoding on every path (temperature, top_k, top_p, min_p, repetition_penalty); "
+                         "default greedy")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     e2e_paths.DEVICE = args.device
     if args.sample:
-        kinds = dict(temperature=float, top_k=int, top_p=float, min_p=float)
+        kinds = dict(temperature=float, top_k=int, top_p=float, min_p=float, repetition_penalty=float)
         pairs = [kv.split("=", 1) for kv in args.sample.split(",") if kv]
         if any(len(kv) != 2 or kv[0] not in kinds for kv in pairs):
             ap.error(f"--sample takes name=value pairs of {', '.join(kinds)}, got {args.sample!r}")

@@ -85,19 +85,10 @@ def main() -> None:
         rows.append((batch, "greedy", "argmax", base, None))
         seen = torch.randint(0, args.vocab, (batch, SEEN), generator=g, device=args.device)
         for name, setting in SETTINGS.items():
-            setting = dict(setting)
-            penalty = setting.pop("repetition_penalty", None)
-            e2e_paths.SAMPLING = setting
-            hf_fn = functools.partial(e2e_paths.hf_next, logits)
-            if penalty is not None:
-                from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
-
-                processor = RepetitionPenaltyLogitsProcessor(penalty)
-
-                def hf_fn(logits=logits, processor=processor, seen=seen):
-                    return e2e_paths.hf_next(processor(seen, logits.float()))
+            e2e_paths.SAMPLING = dict(setting)  # (a repetition penalty: its processor over `seen` first)
+            hf_fn = functools.partial(e2e_paths.hf_next, logits, seen)
             hf = timed_ms(hf_fn, args.device, args.calls)
-            sampler = Sampler([Sampling(**setting, seed=i, repetition_penalty=penalty or 1.0) for i in range(batch)],
+            sampler = Sampler([Sampling(**setting, seed=i) for i in range(batch)],
                               batch, prompts=seen.tolist())
             ids, draws = list(range(batch)), [0] * batch
             # (record=False: the timed calls leave the rows' seen tokens as they were)

@@ -20,7 +20,8 @@ from kvpager.hf.recurrent import Recurrent
 #: where the models, inputs and pools live: "cuda" (the default), or "cpu" (`bench_e2e.py --device cpu`:
 #: the NumPy backend's pools, eager paths only)
 DEVICE = "cuda"
-#: sampled decoding on every path (`bench_e2e.py --sample`: temperature, top_k, top_p, min_p), or
+#: sampled decoding on every path (`bench_e2e.py --sample`: temperature, top_k, top_p, min_p,
+#: repetition_penalty), or
 #: None: greedy. transformers' paths apply its own warpers and draw with ``torch.multinomial``, as
 #: its ``generate`` does with ``do_sample=True``; kvpager's take it as a `kvpager.hf.Sampling`
 SAMPLING: dict | None = None
@@ -31,14 +32,18 @@ def hf_sample_kwargs() -> dict:
     return dict(do_sample=True, **SAMPLING) if SAMPLING else dict(do_sample=False)
 
 
-def hf_next(logits: torch.Tensor) -> torch.Tensor:
+def hf_next(logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
     """transformers' next tokens [batch, 1] from a pass's last logits [batch, vocab]: greedy, or
-    its warpers in its ``generate``'s order and a multinomial draw (`SAMPLING`)."""
-    if not SAMPLING:
-        return logits.argmax(-1, keepdim=True)
+    its warpers in its ``generate``'s order and a multinomial draw (`SAMPLING`); a
+    ``repetition_penalty`` there applies its processor first over ``seen`` [batch, tokens so far]."""
     from transformers.generation import logits_process as lp
 
-    s = SAMPLING
+    s = SAMPLING or {}
+    scores = logits
+    if s.get("repetition_penalty", 1.0) != 1.0:
+        scores = lp.RepetitionPenaltyLogitsProcessor(s["repetition_penalty"])(seen, logits.float())
+    if not s.get("temperature", 1.0) or s.get("top_k") == 1 or not SAMPLING:
+        return scores.argmax(-1, keepdim=True)
     warpers = [lp.TemperatureLogitsWarper(s.get("temperature", 1.0))]
     if s.get("top_k"):
         warpers.append(lp.TopKLogitsWarper(s["top_k"]))
@@ -46,7 +51,7 @@ def hf_next(logits: torch.Tensor) -> torch.Tensor:
         warpers.append(lp.TopPLogitsWarper(s["top_p"]))
     if s.get("min_p"):
         warpers.append(lp.MinPLogitsWarper(s["min_p"]))
-    scores = lp.LogitsProcessorList(warpers)(None, logits.float())
+    scores = lp.LogitsProcessorList(warpers)(None, scores.float())
     return torch.multinomial(scores.softmax(-1), num_samples=1)
 
 
@@ -153,7 +158,9 @@ class HFLoop(Timed):
         self.length = ids.shape[1]
         with torch.inference_mode():
             out = model(input_ids=ids, attention_mask=self.mask, **self.kv, use_cache=True, logits_to_keep=1)
-        self.nxt = hf_next(out.logits[:, -1])
+        self.seen = ids  # every token so far (a repetition penalty's)
+        self.nxt = hf_next(out.logits[:, -1], self.seen)
+        self.seen = torch.cat([self.seen, self.nxt], dim=1)
         self.tokens = [self.nxt[:, 0].tolist()]
 
     def run(self, steps: int, timed: bool = True) -> None:
@@ -168,7 +175,8 @@ class HFLoop(Timed):
                 out = self.model(input_ids=self.nxt, attention_mask=self.mask, **self.kv, use_cache=True,
                                  cache_position=pos, position_ids=pos.expand(self.batch, 1))
                 t1 = time.perf_counter()
-                self.nxt = hf_next(out.logits[:, -1])
+                self.nxt = hf_next(out.logits[:, -1], self.seen)
+                self.seen = torch.cat([self.seen, self.nxt], dim=1)
                 self.tokens.append(self.nxt[:, 0].tolist())
                 wall.append(time.perf_counter() - t0)
                 host.append(t1 - t0)
