@@ -187,7 +187,9 @@ def sample(y: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.
     """int64 [n] tokens of penalized logits ``y`` [n, V] (float32), each row by its
     parameters (greedy rows: `greedy_tokens`; their other parameters unread)."""
     greedy = np.asarray(greedy, dtype=bool)
-    out = greedy_tokens(y)
+    out = np.zeros(len(y), dtype=np.int64)
+    if greedy.any():
+        out[greedy] = greedy_tokens(y[greedy])
     rows = np.flatnonzero(~greedy)
     if len(rows):
         s = scores(y[rows], np.asarray(temperature, dtype=_F)[rows])
