@@ -136,3 +136,9 @@ def test_penalties():
     counts = np.array([[0, 3, 1, 0]], np.int32)
     got = draws.penalize(y, seen, counts, np.float32([2.0]), np.float32([0.5]), np.float32([0.25]))
     assert got.tolist() == [[1.0, -4.0 - 0.75 - 0.5, 1.0 - 0.25 - 0.5, 0.5]]
+
+
+def test_no_rows():
+    empty = np.zeros((0, 50), np.float32)
+    got = draws.sample(empty, np.ones(0), np.zeros(0, int), np.ones(0), np.zeros(0), np.zeros(0, bool), np.ones(0))
+    assert got.shape == (0,) and got.dtype == np.int64

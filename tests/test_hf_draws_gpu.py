@@ -123,3 +123,10 @@ def test_other_block_sizes_draw_the_same(threads):
     r = random_rows(rng, 32, 9000, ties=True)
     got, want, _ = kernel_and_twin(r, torch.bfloat16, True, rng, threads=threads)
     assert got.tolist() == want.tolist()
+
+
+def test_no_rows_launch_nothing():
+    logits = torch.zeros((0, 100), dtype=torch.bfloat16, device=DEVICE)
+    got = RowSampler(DEVICE)(logits, np.zeros(0), np.zeros((0, 2), np.int64), np.zeros((0, 7), np.float32),
+                             None, None, False)
+    assert got.shape == (0,) and got.device == logits.device

@@ -57,6 +57,8 @@ class RowSampler:
         """int64 [n] tokens of ``logits`` [n, V] (`usable`); ``seen`` (bool) and
         ``counts`` (int32) [prompts, V] or None, ``ints[:, 1]`` indexing them."""
         n, vocab = logits.shape
+        if n == 0:  # (a grid of no CTAs is a launch error)
+            return torch.empty(0, dtype=torch.int64, device=self.device)
         if logits.stride(1) != 1:
             logits = logits.contiguous()
         params = array_to_device(pack(u, ints, floats), self.device)
