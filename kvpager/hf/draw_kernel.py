@@ -25,7 +25,6 @@ DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 THREADS = 1024
 #: MAX_TILES tiles of THREADS * PER tokens (sample_rows.cu), at the fewest threads it builds with (256)
 MAX_VOCAB = 256 * 256 * 8
-FLOATS = 7  # temperature, top-p, min-p, greedy, repetition, presence, frequency
 
 
 def pack(u: np.ndarray, ints: np.ndarray, floats: np.ndarray) -> np.ndarray:

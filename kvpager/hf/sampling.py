@@ -217,9 +217,9 @@ class Sampler:
             return self._kernel(logits, u, ints, floats, seen, counts, record)
         at = torch.from_numpy(index)
         y = penalize(logits.detach().float().cpu().numpy(),
-                           None if seen is None else seen[at.to(seen.device)].cpu().numpy(),
-                           None if counts is None else counts[at.to(counts.device)].cpu().numpy(),
-                           floats[:, 4], floats[:, 5], floats[:, 6])
+                     None if seen is None else seen[at.to(seen.device)].cpu().numpy(),
+                     None if counts is None else counts[at.to(counts.device)].cpu().numpy(),
+                     floats[:, 4], floats[:, 5], floats[:, 6])
         tokens = torch.from_numpy(sample(y, floats[:, 0], ints[:, 0], floats[:, 1], floats[:, 2], greedy, u))
         tokens = tokens.to(logits.device)
         if record:
