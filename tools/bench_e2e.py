@@ -5,7 +5,9 @@ head dim 64; Llama-3-8B: 32 layers, head dim 128) and ``mla``, a DeepSeek-V3
 model with DeepSeek-V2-Lite's latent attention (27 layers, 16 heads, q and k
 of 192 dims, v of 128; a dense MLP in every layer), bf16, greedy decoding (or,
 with ``--sample``, sampled: each side's own warpers and draw in its step) of
-prompts that share a system prompt. Paths, on the same model and prompts:
+prompts that share a system prompt; with ``--logprobs K``, every path also keeps
+each token's log-probability and the K most likely tokens' (the hf loop
+computing them from its logits as kvpager does). Paths, on the same model and prompts:
 
 - ``hf loop``: the model's forward with a DynamicCache in a plain decode loop
   (with the attention mask `generate` passes), warmed up and timed in the
@@ -313,9 +315,13 @@ def main() -> None:
     ap.add_argument("--sample", metavar="temperature=0.7,top_p=0.9,...",
                     help="sampled decoding on every path (temperature, top_k, top_p, min_p, repetition_penalty); "
                          "default greedy")
+    ap.add_argument("--logprobs", type=int, metavar="K",
+                    help="every path keeps each token's log-probability and the K most likely tokens' "
+                         "(0: the token's alone); default none")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     e2e_paths.DEVICE = args.device
+    e2e_paths.LOGPROBS = args.logprobs
     if args.sample:
         kinds = dict(temperature=float, top_k=int, top_p=float, min_p=float, repetition_penalty=float)
         pairs = [kv.split("=", 1) for kv in args.sample.split(",") if kv]

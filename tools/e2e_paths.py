@@ -25,6 +25,10 @@ DEVICE = "cuda"
 #: None: greedy. transformers' paths apply its own warpers and draw with ``torch.multinomial``, as
 #: its ``generate`` does with ``do_sample=True``; kvpager's take it as a `kvpager.hf.Sampling`
 SAMPLING: dict | None = None
+#: keep each token's log-probability and this many top ones at its position on every path
+#: (`bench_e2e.py --logprobs`), or None: none. The hf loop computes them as kvpager does (the
+#: log-softmax of the pass's logits in float32, a gather and a top-k), copied to the host each step
+LOGPROBS: int | None = None
 
 
 def hf_sample_kwargs() -> dict:
@@ -53,6 +57,19 @@ def hf_next(logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Ten
         warpers.append(lp.MinPLogitsWarper(s["min_p"]))
     scores = lp.LogitsProcessorList(warpers)(None, scores.float())
     return torch.multinomial(scores.softmax(-1), num_samples=1)
+
+
+def hf_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> list | None:
+    """The hf loop's log-probabilities of ``tokens`` [batch, 1] under ``logits`` [batch, vocab]
+    (and the `LOGPROBS` top ones), on the host; None where `LOGPROBS` is None."""
+    if LOGPROBS is None:
+        return None
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, tokens)
+    if not LOGPROBS:
+        return chosen.tolist()
+    best, ids = torch.topk(lp, LOGPROBS, dim=-1)
+    return torch.cat([chosen.double(), best.double(), ids.double()], dim=1).tolist()
 
 
 def kvpager_sampling():
@@ -162,6 +179,7 @@ class HFLoop(Timed):
         self.nxt = hf_next(out.logits[:, -1], self.seen)
         self.seen = torch.cat([self.seen, self.nxt], dim=1)
         self.tokens = [self.nxt[:, 0].tolist()]
+        self.logprobs = [hf_logprobs(out.logits[:, -1], self.nxt)]
 
     def run(self, steps: int, timed: bool = True) -> None:
         """``steps`` decode steps, each timed from its start to its tokens on the host."""
@@ -178,6 +196,7 @@ class HFLoop(Timed):
                 self.nxt = hf_next(out.logits[:, -1], self.seen)
                 self.seen = torch.cat([self.seen, self.nxt], dim=1)
                 self.tokens.append(self.nxt[:, 0].tolist())
+                self.logprobs.append(hf_logprobs(out.logits[:, -1], self.nxt))
                 wall.append(time.perf_counter() - t0)
                 host.append(t1 - t0)
                 self.length += 1
@@ -222,7 +241,7 @@ class Paged(Timed):
         self.pool = KVPool(self.spec, device=pool_device())
         self.gen = khf.PagedGeneration(model, self.pool, ps, total_steps, salt="bench", cuda_graphs=graphs,
                                        cascade=cascade, pipeline=pipeline, compile=compile,
-                                       sampling=kvpager_sampling())
+                                       sampling=kvpager_sampling(), logprobs=LOGPROBS)
         self.clock, self.batch = clock, len(ps)
         self.label = (("kvpager graphs" if graphs else "kvpager eager") + (" plain" if cascade is False else "")
                       + ("" if pipeline else " sync") + (" compiled" if compile else ""))

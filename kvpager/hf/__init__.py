@@ -40,6 +40,7 @@ from kvpager.hf.generation import (
     spec_for_model,
 )
 from kvpager.hf.graphs import DecodeGraphs, bucket_for
+from kvpager.hf.logprobs import Completion
 from kvpager.hf.model import (
     check_call,
     layer_chunks,
@@ -52,6 +53,7 @@ from kvpager.hf.sampling import Sampling
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "Completion",
     "DecodeGraphs",
     "PagedBatch",
     "PagedGeneration",

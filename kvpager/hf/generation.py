@@ -42,6 +42,7 @@ from kvpager.hf.attention import (  # noqa: F401
     register,
 )
 from kvpager.hf.graphs import bucket_for
+from kvpager.hf.logprobs import Completion, TokenLogprobs, check_logprobs
 from kvpager.hf.model import (  # noqa: F401
     ABSENT,
     check_call,
@@ -63,7 +64,7 @@ from kvpager.hf.sampling import Sampler, Sampling
 from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
 from kvpager.validate import is_int
 
-__all__ = ["PagedBatch", "PagedGeneration", "default_salt", "generate", "layer_windows", "spec_for_model"]
+__all__ = ["Completion", "PagedBatch", "PagedGeneration", "default_salt", "generate", "layer_windows", "spec_for_model"]
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -118,6 +119,10 @@ class PagedGeneration(DecodePasses):
     #: how each prompt's tokens are drawn (`kvpager.hf.sampling.Sampling`: temperature, top-k, top-p,
     #: min-p, a seed), one for all or a list of one per prompt (None there: greedy); None: greedy
     sampling: Any = None
+    #: keep each new token's log-probability (`kvpager.hf.logprobs`: under the model's raw logits) and,
+    #: where > 0, that many most likely tokens' at each position (`token_logprobs`, `top_logprobs`,
+    #: `completions`); None: none kept
+    logprobs: int | None = None
     #: the prompts under a tokenizer's name (``PagedGeneration(model, pool, **enc, max_new_tokens=n)``);
     #: give them as ``prompts`` or as ``input_ids``, not both
     input_ids: InitVar[Any] = None
@@ -143,6 +148,11 @@ class PagedGeneration(DecodePasses):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         self.prompts = token_lists(self.prompts, self.model, attention_mask)
         self._sampler = Sampler(self.sampling, len(self.prompts), self.prompts)
+        self.logprobs = check_logprobs(self.logprobs, getattr(text_config(self.model), "vocab_size", None))
+        self._lp = None if self.logprobs is None else TokenLogprobs(self.logprobs, len(self.prompts))
+        # passes give logits (not greedy tokens) where a row draws, is penalized, or logprobs are kept
+        self._logits = not self._sampler.plain or self._lp is not None
+        self._first_lp = None if self._lp is None else np.zeros((len(self.prompts), self._lp.width))
         self._windows = check_model(self.model, self.pool)
         self._layers = layer_map(self.model)  # layers that reuse an earlier layer's K/V (Gemma-3n)
         self._chunks = layer_chunks(self.model, self.pool.spec.block_size)  # chunked layers (Llama-4)
@@ -163,9 +173,8 @@ class PagedGeneration(DecodePasses):
             # (each sequence's states where it ends held, keyed by its prompt and tokens so far)
             self._recurrent = Recurrent(self.model, self._batch, capacity=bucket_for if self.cuda_graphs else None,
                                         history=lambda i: self.prompts[i] + self.outputs[i])
-            if not self._sampler.plain:  # (the prefill's tokens: each prompt's first draw)
-                self._recurrent.choose = lambda logits, rows: self._sampler.choose(logits, rows, [0] * len(rows),
-                                                                                   record=False)
+            if self._logits:  # (the prefill's tokens: each prompt's first draw)
+                self._recurrent.choose = self._first_tokens
             if self.compile:  # (captured steps compiled: the recurrent layers' code fused, as the rest)
                 self._recurrent.compile = "inductor"
             # (their blocks are matched only by generations that also hold or remake the states)
@@ -192,6 +201,7 @@ class PagedGeneration(DecodePasses):
         self._may_owe = self._pipelined and not self._releases_windows()
         self._owed: Owed | None = None
         self._host_tokens = HostBuffers(self._device)
+        self._host_logprobs = HostBuffers(self._device, torch.float64)
         # Blocks a sequence can reach: the width of a reused decode plan's tables (`_plan`) and of
         # captured steps' (`DecodeGraphs`), at most the pool's blocks. A max_new_tokens past what the
         # pool holds ends in OutOfBlocks, not in tables sized for it (on a GPU, 10**9 tokens took 477
@@ -237,7 +247,7 @@ class PagedGeneration(DecodePasses):
                 slots = np.concatenate([np.asarray(a.slots, dtype=np.int64) for a in allocs])
                 first = self._run(rows, tokens, positions, slots)
             self._sampler.note(rows, first, self._device)  # (penalties count each prompt's first token)
-            self._record(rows, self.seq_ids, first)
+            self._record(rows, self.seq_ids, first, self._first_lp)
         except BaseException:
             self.close()
             raise
@@ -291,13 +301,22 @@ class PagedGeneration(DecodePasses):
         else:
             ends = torch.as_tensor(np.cumsum(lens) - 1, device=self._device)
             out = self._forward(self._plan(ids, lens, slots), input_ids, position_ids, ends)
-        return self._choose(out, rows, [len(self.outputs[i]) for i in rows], record=False).tolist()
+        return self._first_tokens(out, rows).tolist()
+
+    def _first_tokens(self, out: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """A prefill pass's first new tokens of prompts ``rows`` (their log-probabilities
+        kept for `_record`, where asked)."""
+        tokens = self._choose(out, rows, [0] * len(rows), record=False)
+        if self._lp is not None:
+            self._first_lp[rows] = self._lp.of(out, tokens).cpu().numpy()
+        return tokens
 
     def _choose(self, out: torch.Tensor, rows: list[int], draws: list[int], record: bool = True) -> torch.Tensor:
-        """A pass's tokens for ``rows``: its output where greedy, else drawn from its
-        logits (`kvpager.hf.sampling`), each row its new token number ``draws``
-        (``record``: a decode pass's, counted by the penalties at once)."""
-        return out if self._sampler.plain else self._sampler.choose(out, rows, draws, record)
+        """A pass's tokens for ``rows``: its output where it gave greedy tokens, else
+        chosen from its logits (`kvpager.hf.sampling`: drawn, or the most likely),
+        each row its new token number ``draws`` (``record``: a decode pass's, counted
+        by the penalties at once)."""
+        return self._sampler.choose(out, rows, draws, record) if self._logits else out
 
     def _forward(self, plan: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  logits_to_keep: Any = 0) -> torch.Tensor:
@@ -333,7 +352,7 @@ class PagedGeneration(DecodePasses):
 
     def _batch(self, plan: Any) -> PagedBatch:
         return PagedBatch(plan, self._pool_dtype, self._pool_device, self._windows, layers=self._layers,
-                          chunks=self._chunks, fit=self._fit, logits=not self._sampler.plain)
+                          chunks=self._chunks, fit=self._fit, logits=self._logits)
 
     def close(self) -> None:
         """Free the sequences still held (their committed full blocks stay matchable)
@@ -356,6 +375,23 @@ class PagedGeneration(DecodePasses):
                 self._last_plan = None
                 self._flush()
 
+    @property
+    def token_logprobs(self) -> list[list[float]] | None:
+        """Per prompt, each new token's log-probability (``logprobs`` set; else None)."""
+        return None if self._lp is None else self._lp.values
+
+    @property
+    def top_logprobs(self) -> list[list[dict[int, float]]] | None:
+        """Per prompt, at each new token's position, the ``logprobs`` most likely tokens'
+        log-probabilities, ``{token id: log-probability}`` (``logprobs`` > 0; else None)."""
+        return None if self._lp is None else self._lp.top
+
+    def completions(self) -> list[Completion]:
+        """Each prompt's `Completion`: its tokens and their log-probabilities (``logprobs`` set)."""
+        if self._lp is None:
+            raise ValueError("completions: this generation keeps no log-probabilities (give logprobs=)")
+        return self._lp.completions(self.outputs)
+
     def __enter__(self) -> PagedGeneration:
         return self
 
@@ -377,7 +413,8 @@ def generate(
     input_ids: Any = None,
     attention_mask: Any = None,
     sampling: Any = None,
-) -> list[list[int]]:
+    logprobs: int | None = None,
+) -> list[list[int]] | list[Completion]:
     """Generation with the KV cache in ``pool``, greedy unless ``sampling`` (a
     `kvpager.hf.Sampling` for every prompt, a list of one per prompt, or "model":
     what the model's generation config asks of transformers' ``generate``,
@@ -391,14 +428,17 @@ def generate(
     (`PagedGeneration.compile`). A padded batch: ``attention_mask`` (1 for a
     prompt's tokens, 0 for padding; the prompts' shape) strips each prompt's
     padding, left or right; ``input_ids`` is another name for ``prompts``, so a
-    tokenizer's output passes as it is: ``generate(model, pool, **enc, max_new_tokens=n)``."""
+    tokenizer's output passes as it is: ``generate(model, pool, **enc, max_new_tokens=n)``.
+    ``logprobs`` (an int k): a `Completion` per prompt instead, its tokens with
+    their log-probabilities under the model and, k > 0, the k most likely tokens'
+    at each position (`kvpager.hf.logprobs`)."""
     if isinstance(eos_token_id, str) and eos_token_id == "model":
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(sampling, str) and sampling == "model":
         sampling = Sampling.from_model(model)
     with PagedGeneration(model, pool, prompts, max_new_tokens, salt, eos_token_id, cuda_graphs,
                          pipeline=pipeline, compile=compile, input_ids=input_ids,
-                         attention_mask=attention_mask, sampling=sampling) as gen:
+                         attention_mask=attention_mask, sampling=sampling, logprobs=logprobs) as gen:
         while not gen.done:
             gen.step()
-        return gen.outputs
+        return gen.outputs if logprobs is None else gen.completions()

@@ -1,7 +1,7 @@
 """What one decode pass carries and the device-side helpers of the pipelined loop
 (`kvpager.hf.pipeline`): the pass in flight (`Pass`), what steady passes owe the
 pool (`Owed`), the pinned buffers and events its tokens are copied through
-(`HostBuffers`, `queue_copy`), and input ids made on the device (`to_device`,
+(`HostBuffers`, `queue_copy`; its log-probabilities' too, where kept), and input ids made on the device (`to_device`,
 `fed_tokens`)."""
 
 from __future__ import annotations
@@ -28,12 +28,19 @@ class Pass:
     #: until the pass completes, whatever the generation plans or captures meanwhile
     reads: Any = None
     free_after: list[int] = field(default_factory=list)  # sequences to free once this pass completes
+    #: [n, width] its tokens' packed log-probabilities (`kvpager.hf.logprobs`), where the generation
+    #: keeps them: on the host, copied before ``event``
+    logprobs: Any = None
 
     def read(self) -> list[int]:
         """The pass's tokens (waits for their copy)."""
         if self.event is not None:
             self.event.synchronize()
         return self.host[: len(self.rows)].tolist()
+
+    def read_logprobs(self) -> np.ndarray | None:
+        """The pass's packed log-probabilities (after `read`), None where not kept."""
+        return None if self.logprobs is None else self.logprobs.numpy()
 
 
 @dataclass
@@ -50,13 +57,14 @@ class Owed:
 
 
 class HostBuffers:
-    """Pinned host buffers for passes' tokens and the events recorded after their
+    """Pinned host buffers (of ``dtype``) for passes' tokens and the events recorded after their
     copies, two of each taking turns (a pass's buffer is read, its event waited
     for, before the pass two later is launched), grown as needed. Events are
     made once: a new one costs a driver call a pass (11-13 us on an H200's host)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, dtype: torch.dtype = torch.long):
         self.device = device
+        self.dtype = dtype
         self.bufs: list[torch.Tensor] = []
         self.events: list[Any] = []
         self.turn = 0
@@ -72,7 +80,7 @@ class HostBuffers:
         return self.bufs[self.turn], self.events[self.turn]
 
     def _new(self, n: int) -> torch.Tensor:
-        return torch.empty(n, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        return torch.empty(n, dtype=self.dtype, pin_memory=self.device.type == "cuda")
 
 
 def to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -103,11 +111,17 @@ def fed_tokens(prev: Pass, rows: list[int]) -> torch.Tensor:
     return prev.tokens.index_select(0, index).view(1, -1)
 
 
-def queue_copy(tokens: torch.Tensor, buffers: HostBuffers) -> tuple[torch.Tensor, Any]:
-    """Queue the copy of a pass's ``tokens`` to a host buffer; (buffer, event)."""
-    if tokens.device.type != "cuda":
-        return tokens, None
-    host, event = buffers.take(tokens.numel())
-    host[: tokens.numel()].copy_(tokens, non_blocking=True)  # on the current stream of the tokens' GPU
-    event.record(torch.cuda.current_stream(tokens.device))  # that GPU's, whichever is current
+def queue_copy(values: torch.Tensor, buffers: HostBuffers, record: bool = True) -> tuple[torch.Tensor, Any]:
+    """Queue the copy of a pass's ``values`` (its tokens, or their packed
+    log-probabilities) to a host buffer; (its view of ``values``' shape, the event
+    recorded after the copy: None where not ``record``, or on the CPU, where
+    ``values`` are their own host copy)."""
+    if values.device.type != "cuda":
+        return values, None
+    host, event = buffers.take(values.numel())
+    host = host[: values.numel()].view(values.shape)
+    host.copy_(values, non_blocking=True)  # on the current stream of the values' GPU
+    if not record:
+        return host, None
+    event.record(torch.cuda.current_stream(values.device))  # that GPU's, whichever is current
     return host, event

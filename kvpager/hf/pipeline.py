@@ -84,20 +84,23 @@ class DecodePasses:
             if self._recurrent is not None:  # the states of the rows that ended go
                 self._recurrent.keep(rows)
             if self._graphs is not None:
-                tokens = self._graphs.launch(ids, input_ids, position_ids, slots)
+                out = self._graphs.launch(ids, input_ids, position_ids, slots)
                 reads = self._graphs.last
             elif self._recurrent is not None:  # rows of a token each, with their recurrent states
                 reads = self._plan(ids, [1] * len(ids), slots)
-                tokens = self._recurrent.decode(reads, input_ids, position_ids)
+                out = self._recurrent.decode(reads, input_ids, position_ids)
             else:
                 reads = self._plan(ids, [1] * len(ids), slots)
-                tokens = self._forward(reads, input_ids, position_ids)
-            # (sampled: the pass gave logits; each row draws its next new token)
-            tokens = self._choose(tokens, rows, [len(self.outputs[i]) + ahead for i in rows])
+                out = self._forward(reads, input_ids, position_ids)
+            # (the pass gave logits where sampled or logprobs are kept: each row chooses its next new token)
+            tokens = self._choose(out, rows, [len(self.outputs[i]) + ahead for i in rows])
+            # (copied before the tokens: their event covers both)
+            logprobs = None if self._lp is None else queue_copy(self._lp.of(out, tokens), self._host_logprobs,
+                                                                 record=False)[0]
             if self._recurrent is not None and not ahead:  # rows whose last block the pass filled, marked
                 self._recurrent.stepped(positions)  # (a pass ahead: once the pass before it completes)
         host, event = queue_copy(tokens, self._host_tokens)
-        return Pass(rows, ids, positions, position_ids, tokens, host, event, reads)
+        return Pass(rows, ids, positions, position_ids, tokens, host, event, reads, logprobs=logprobs)
 
     def _complete(self, done: Pass) -> None:
         """Complete ``done`` (pipelined: the pass before the one in flight, whose slots
@@ -106,7 +109,7 @@ class DecodePasses:
         are owed (`_owe`) until a block's worth of them, or a step that is not steady."""
         tokens = done.read()
         nxt = self._inflight
-        ended = self._update(done.rows, tokens)
+        ended = self._update(done.rows, tokens, done.read_logprobs())
         if self._recurrent is not None and nxt is not None:
             # The pass in flight filled some rows' last blocks: marked now, queued before the
             # pass after it, except rows that it ran past their end token (ended now).
@@ -243,25 +246,30 @@ class DecodePasses:
             self.pool.truncate(ids, lengths)
             raise
 
-    def _record(self, rows: list[int], ids: list[int], next_tokens: list[int]) -> None:
-        """The prefill's tokens: commit, outputs, finished sequences freed, windows' blocks released."""
+    def _record(self, rows: list[int], ids: list[int], next_tokens: list[int],
+                logprobs: np.ndarray | None = None) -> None:
+        """The prefill's tokens (and their packed log-probabilities, where kept):
+        commit, outputs, finished sequences freed, windows' blocks released."""
         if hasattr(self.pool, "synchronize"):
             self.pool.synchronize()
         self.pool.commit(ids)
-        ended = self._update(rows, next_tokens)
+        ended = self._update(rows, next_tokens, logprobs)
         self._free([self.seq_ids[i] for i in ended])  # a finished sequence's blocks go back at once
         self._release([i for i in rows if not self.finished[i]])
         self._flush()
 
-    def _update(self, rows: list[int], next_tokens: list[int]) -> list[int]:
-        """Append each unfinished row's next token to its outputs; the rows that end now."""
+    def _update(self, rows: list[int], next_tokens: list[int], logprobs: np.ndarray | None = None) -> list[int]:
+        """Append each unfinished row's next token to its outputs (and its packed
+        log-probabilities, a row of ``logprobs`` each, to what is kept); the rows that end now."""
         ended = []
         finished, outputs, most, eos = self.finished, self.outputs, self.max_new_tokens, self._eos
-        for i, t in zip(rows, next_tokens):
+        for k, (i, t) in enumerate(zip(rows, next_tokens)):
             if finished[i]:  # ended on an end token the pass before: this token is past it
                 continue
             out = outputs[i]
             out.append(int(t))
+            if logprobs is not None:
+                self._lp.add(i, logprobs[k])
             if len(out) >= most or t in eos:
                 finished[i] = True
                 ended.append(i)

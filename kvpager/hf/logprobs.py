@@ -1,0 +1,100 @@
+"""Log-probabilities of generated tokens (``logprobs=`` of `PagedGeneration` / `generate`).
+
+Each new token's log-probability under the model's own distribution at its
+position: the log-softmax of the raw logits of the pass that chose it, in
+float32, before any penalty, temperature or filter (what OpenAI's and vLLM's
+``logprobs`` report by default). With ``logprobs=k > 0``, also the ``k`` most
+likely tokens there and theirs (OpenAI's ``top_logprobs``), most likely first;
+tokens tied in their logits come in an unspecified order among themselves.
+
+All of it is computed on the device, right after the pass's logits: one
+log-sum-exp over each row, a gather and a top-k, packed into one small float64
+tensor [rows, 1 + 2k] (token ids are exact in float64) that is copied to the
+host with the pass's tokens. A decode pass therefore still never waits for the
+device; what it adds is those kernels and a copy of ``rows * (1 + 2k)``
+numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvpager.validate import is_int
+
+__all__ = ["Completion", "TokenLogprobs", "check_logprobs"]
+
+
+@dataclass
+class Completion:
+    """One prompt's generation with the log-probabilities of its tokens
+    (`generate(..., logprobs=k)`): ``tokens`` as `generate` returns them;
+    ``logprobs[j]``: the log-probability of ``tokens[j]``; ``top_logprobs[j]``:
+    the ``k`` most likely tokens at that position, ``{token id: log-probability}``
+    most likely first (None where ``k`` is 0)."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    top_logprobs: list[dict[int, float]] | None = None
+
+
+def check_logprobs(k: Any, vocab: int | None) -> int | None:
+    """``k`` as an int (None stays None): ValueError for anything but None or an
+    int from 0 to the model's vocabulary size."""
+    if k is None:
+        return None
+    if not is_int(k) or k < 0:
+        raise ValueError(f"logprobs must be None or an int >= 0 (the most likely tokens to report at each "
+                         f"position besides the chosen one), got {k!r}")
+    if vocab is not None and k > vocab:
+        raise ValueError(f"logprobs={k} asks for more tokens than the model's vocabulary holds ({vocab})")
+    return int(k)
+
+
+@dataclass
+class TokenLogprobs:
+    """What a generation keeps of its tokens' log-probabilities: ``k`` (the top
+    tokens reported at each position) and, per row, the values so far."""
+
+    k: int
+    rows: int
+    values: list[list[float]] = field(init=False)
+    top: list[list[dict[int, float]]] | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.values = [[] for _ in range(self.rows)]
+        self.top = [[] for _ in range(self.rows)] if self.k else None
+
+    @property
+    def width(self) -> int:
+        """Numbers per row of a packed pass (`of`)."""
+        return 1 + 2 * self.k
+
+    def of(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """float64 [n, 1 + 2k] on the logits' device, for the ``n`` rows of ``tokens``
+        (their logits the first ``n`` rows of ``logits`` [>= n, vocab]): each row's
+        token's log-probability, then the ``k`` top log-probabilities, then their
+        token ids. Queued; nothing waits for the device."""
+        n = tokens.shape[0]
+        logits = logits[:n]
+        total = torch.logsumexp(logits.float(), dim=-1, keepdim=True)  # [n, 1]
+        chosen = logits.gather(1, tokens.view(n, 1).long()).float() - total
+        if not self.k:
+            return chosen.double()
+        best, ids = torch.topk(logits, self.k, dim=-1)
+        return torch.cat([chosen.double(), (best.float() - total).double(), ids.double()], dim=1)
+
+    def add(self, row: int, packed: np.ndarray) -> None:
+        """Row ``row``'s next token's entry (a row of `of`'s result, on the host)."""
+        self.values[row].append(float(packed[0]))
+        if self.top is not None:
+            k = self.k
+            self.top[row].append({int(t): float(v) for v, t in zip(packed[1 : 1 + k], packed[1 + k :])})
+
+    def completions(self, outputs: list[list[int]]) -> list[Completion]:
+        """Each row's `Completion` (its tokens ``outputs[row]``)."""
+        return [Completion(list(out), self.values[i], None if self.top is None else self.top[i])
+                for i, out in enumerate(outputs)]
