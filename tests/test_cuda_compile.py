@@ -31,6 +31,7 @@ EXTRA = {
                         ["-DHEAD_DIM=80"], ["-DHEAD_DIM=32"], ["-DHEAD_DIM=96"]],
     "block_copy.cu": [["-DUNROLL=1"], ["-DUNROLL=32"]],
     "sample_rows.cu": [["-DLOGIT_DTYPE=0"], ["-DLOGIT_DTYPE=2"]],
+    "token_logprobs.cu": [["-DTOP=0", "-DLOGIT_DTYPE=0"], ["-DTOP=32", "-DLOGIT_DTYPE=2", "-DTHREADS=256"]],
     "paged_decode_tc.cu": [["-DKV_DTYPE=0", "-DHEAD_DIM=96", "-DGROUP=16", "-DBLOCK_SIZE=8",
                             "-DSTAGES=4"], ["-DHEAD_DIM=256", "-DGROUP=1", "-DSTAGES=2"],
                            ["-DHPC=8", "-DWPH=1"], ["-DKV_DTYPE=0", "-DHPC=2", "-DWPH=4", "-DGROUP=16"],

@@ -1,7 +1,10 @@
-"""Log-probabilities of generated tokens on a GPU pool: eager, pipelined, in
-captured CUDA graphs and compiled, against the model's own plain forward pass on
-the GPU and against the CPU backend's (the same tokens, the same values within
-float32 rounding). Skips without CUDA."""
+"""Log-probabilities of generated tokens on a GPU: the kernel
+(`cuda/token_logprobs.cu`) against its reference (torch's float32 log-softmax,
+its top by lowest id among ties) over dtypes, vocabularies, k, ties, -inf and
+NaN rows and a row stride; generations eager, pipelined, in captured CUDA graphs
+and compiled, against the model's own plain forward pass on the GPU and the CPU
+backend's (the same tokens, the same values within float32 rounding). Skips
+without CUDA."""
 
 from __future__ import annotations
 
@@ -18,11 +21,85 @@ from test_hf_logprobs import check, full_forward  # noqa: E402
 from test_hf_models import make_model, prompt  # noqa: E402
 
 from kvpager import KVPool  # noqa: E402
-from kvpager.hf import Sampling, generate, spec_for_model  # noqa: E402
+from kvpager.hf import Sampling, generate, logprob_kernel, spec_for_model  # noqa: E402
+from kvpager.hf.logprobs import TokenLogprobs, torch_logprobs  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
 GPU_SIZES = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2)  # head dim 32
+
+
+def reference(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> np.ndarray:
+    """The kernel's output by torch's log-softmax, its top ordered by logit, then
+    lowest id (a stable sort: the kernel's tie rule)."""
+    lp = torch.log_softmax(logits.float(), dim=-1).cpu().double().numpy()
+    n = len(tokens)
+    chosen = lp[np.arange(n), tokens.cpu().numpy()]
+    order = np.argsort(-lp, axis=1, kind="stable")[:, :k]
+    best = np.take_along_axis(lp, order, axis=1)
+    return np.concatenate([chosen[:, None], best, order.astype(np.float64)], axis=1)
+
+
+def check_kernel(logits: torch.Tensor, tokens: torch.Tensor, k: int, tol: float = 2e-5) -> None:
+    assert logprob_kernel.usable(logits, k)
+    got = TokenLogprobs(k, len(tokens)).of(logits, tokens).cpu().numpy()
+    want = reference(logits[: len(tokens)], tokens, k)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got[:, 1 + k :], want[:, 1 + k :])  # the ids
+    np.testing.assert_allclose(got[:, : 1 + k], want[:, : 1 + k], rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("vocab", [1, 5, 1000, 32001, 128256, 262144])
+def test_kernel_against_its_reference(dtype, vocab):
+    g = torch.Generator(device="cuda").manual_seed(vocab)
+    for n, k in ((1, 0), (7, 1), (64, 5), (3, 20), (9, 32)):
+        k = min(k, vocab)
+        # 16-bit logits of a narrow range: many ties, the top's order among them by lowest id
+        logits = (torch.randn((n + 2, vocab), generator=g, device="cuda") * 3).to(dtype)
+        tokens = torch.randint(0, vocab, (n,), generator=g, device="cuda")
+        check_kernel(logits, tokens, k)
+        tokens[:] = logits[:n].float().argmax(dim=1)
+        check_kernel(logits, tokens, k)
+
+
+def test_kernel_ties_masks_and_strides():
+    g = torch.Generator(device="cuda").manual_seed(7)
+    vocab = 50000
+    wide = torch.randn((6, vocab + 40), generator=g, device="cuda").to(torch.bfloat16)
+    logits = wide[:, 7 : 7 + vocab]  # a row stride of vocab + 40, rows not 16-byte aligned
+    logits[0] = 1.0  # every token tied: the top is ids 0, 1, 2, ...
+    logits[1, ::2] = float("-inf")  # half masked
+    logits[2, :] = float("-inf")
+    logits[2, 12345] = 0.5  # one token left: probability 1
+    logits[3, 100:140] = 9.0  # 40 tied at the top
+    tokens = torch.tensor([3, 2, 12345, 139, 0, 5], device="cuda")
+    for k in (0, 1, 4, 16, 32):
+        check_kernel(logits, tokens, k)
+    got = TokenLogprobs(4, 6).of(logits, tokens).cpu().numpy()
+    np.testing.assert_array_equal(got[0, 5:], [0, 1, 2, 3])
+    assert got[2, 0] == 0.0 and got[2, 5] == 12345
+    assert got[1, 0] == float("-inf")  # a masked token
+    np.testing.assert_array_equal(got[3, 5:], [100, 101, 102, 103])
+
+
+def test_kernel_nan_and_all_masked_rows_and_no_rows():
+    logits = torch.randn((3, 1000), device="cuda")
+    logits[0, 17] = float("nan")
+    logits[1] = float("-inf")
+    got = TokenLogprobs(3, 3).of(logits, torch.tensor([1, 2, 3], device="cuda")).cpu().numpy()
+    assert np.isnan(got[0, :4]).all() and np.isnan(got[1, :4]).all()
+    assert np.isfinite(got[2]).all() and 17 not in got[0, 4:]
+    empty = TokenLogprobs(2, 0).of(logits, torch.empty(0, dtype=torch.int64, device="cuda"))
+    assert empty.shape == (0, 5)
+
+
+def test_a_k_past_the_kernels_goes_through_torch():
+    logits = torch.randn((4, 3000), device="cuda").to(torch.bfloat16)
+    tokens = logits.float().argmax(dim=1)
+    assert not logprob_kernel.usable(logits, 40)
+    got = TokenLogprobs(40, 4).of(logits, tokens)
+    torch.testing.assert_close(got, torch_logprobs(logits, tokens, 40))
 
 
 def _pool(model, device):

@@ -7,12 +7,13 @@ float32, before any penalty, temperature or filter (what OpenAI's and vLLM's
 likely tokens there and theirs (OpenAI's ``top_logprobs``), most likely first;
 tokens tied in their logits come in an unspecified order among themselves.
 
-All of it is computed on the device, right after the pass's logits: one
-log-sum-exp over each row, a gather and a top-k, packed into one small float64
-tensor [rows, 1 + 2k] (token ids are exact in float64) that is copied to the
-host with the pass's tokens. A decode pass therefore still never waits for the
-device; what it adds is those kernels and a copy of ``rows * (1 + 2k)``
-numbers.
+All of it is computed on the device, right after the pass's logits, into one
+small float64 tensor [rows, 1 + 2k] (token ids are exact in float64) that is
+copied to the host with the pass's tokens: on a GPU one kernel (a CTA a row, one
+read of it: `kvpager.hf.logprob_kernel`, for k up to 32; ties in the top by
+lowest id), elsewhere torch's float32 log-softmax, a gather and a top-k
+(`torch_logprobs`, the kernel's reference). A decode pass therefore still never waits for the
+device.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvpager.hf import logprob_kernel
 from kvpager.validate import is_int
 
-__all__ = ["Completion", "TokenLogprobs", "check_logprobs"]
+__all__ = ["Completion", "TokenLogprobs", "check_logprobs", "torch_logprobs"]
 
 
 @dataclass
@@ -54,6 +56,20 @@ def check_logprobs(k: Any, vocab: int | None) -> int | None:
     return int(k)
 
 
+def torch_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """float64 [n, 1 + 2k] for the ``n`` rows of ``tokens`` (their logits the first
+    ``n`` rows of ``logits`` [>= n, vocab]): each row's token's log-probability, then
+    the ``k`` top log-probabilities, then their token ids; by torch's operations (as a
+    caller of transformers computes them from a step's logits)."""
+    n = tokens.shape[0]
+    lp = torch.log_softmax(logits[:n].float(), dim=-1)
+    chosen = lp.gather(1, tokens.view(n, 1).long())
+    if not k:
+        return chosen.double()
+    best, ids = torch.topk(lp, k, dim=-1)
+    return torch.cat([chosen.double(), best.double(), ids.double()], dim=1)
+
+
 @dataclass
 class TokenLogprobs:
     """What a generation keeps of its tokens' log-probabilities: ``k`` (the top
@@ -67,6 +83,7 @@ class TokenLogprobs:
     def __post_init__(self) -> None:
         self.values = [[] for _ in range(self.rows)]
         self.top = [[] for _ in range(self.rows)] if self.k else None
+        self._kernel: logprob_kernel.LogprobKernel | None = None
 
     @property
     def width(self) -> int:
@@ -78,14 +95,12 @@ class TokenLogprobs:
         (their logits the first ``n`` rows of ``logits`` [>= n, vocab]): each row's
         token's log-probability, then the ``k`` top log-probabilities, then their
         token ids. Queued; nothing waits for the device."""
-        n = tokens.shape[0]
-        logits = logits[:n]
-        total = torch.logsumexp(logits.float(), dim=-1, keepdim=True)  # [n, 1]
-        chosen = logits.gather(1, tokens.view(n, 1).long()).float() - total
-        if not self.k:
-            return chosen.double()
-        best, ids = torch.topk(logits, self.k, dim=-1)
-        return torch.cat([chosen.double(), (best.float() - total).double(), ids.double()], dim=1)
+        rows = logits[: tokens.shape[0]]
+        if logprob_kernel.usable(rows, self.k):
+            if self._kernel is None:
+                self._kernel = logprob_kernel.LogprobKernel(rows.device)
+            return self._kernel(rows, tokens, self.k)
+        return torch_logprobs(logits, tokens, self.k)
 
     def add(self, row: int, packed: np.ndarray) -> None:
         """Row ``row``'s next token's entry (a row of `of`'s result, on the host)."""
