@@ -67,7 +67,8 @@ def main() -> None:
                       flush=True)
     card = (torch.cuda.get_device_name() if args.device == "cuda"
             else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
-    threads = f"; kernel CTAs of {logprob_kernel.THREADS} threads" if args.device == "cuda" else ""
+    threads = (f"; kernel CTAs of {logprob_kernel.THREADS or '1,024 (k <= 16) or 512'} threads"
+               if args.device == "cuda" else "")
     print(f"\n{card}, {datetime.date.today()}, torch {torch.__version__}; us a call (host and device){threads}")
     print(f"{'vocab':>7} {'batch':>5} {'k':>3} {'torch':>8} {'kvpager':>8} {'vs torch':>8} {'logits MB':>9} "
           f"{'max err':>8}")

@@ -16,9 +16,11 @@ import torch
 from kvpager import kernels, launch
 
 DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
-#: the top sizes built: a thread's list, in registers (32: 89 registers, none spilled, at sm_90)
+#: the top sizes built: a thread's list, in registers (sm_90, none spilled: 61 registers up to 16 at
+#: 1,024 threads, 108 for 32 at 512)
 TOPS = (0, 1, 2, 4, 8, 16, 32)
-THREADS = 512
+#: a CTA's threads, by top size: 1,024 up to 16 (64 registers a thread at most), 512 for 32; None: those
+THREADS: int | None = None
 
 
 def usable(logits: torch.Tensor, k: int) -> bool:
@@ -57,8 +59,9 @@ class LogprobKernel:
         key = (dtype, top, n)
         got = self._launches.get(key)
         if got is None:
+            threads = self.threads or (1024 if top <= 16 else 512)
             fn = kernels.get_kernel("token_logprobs.cu", "token_logprobs",
-                                    {"LOGIT_DTYPE": dtype, "TOP": top, "THREADS": self.threads}, self.index)
+                                    {"LOGIT_DTYPE": dtype, "TOP": top, "THREADS": threads}, self.index)
             cells = [launch.ptr(), launch.i64(), launch.i32(), launch.ptr(), launch.i32(), launch.ptr()]
-            got = self._launches[key] = (launch.Launch(fn, (n,), self.threads, 0, cells, self.index), cells)
+            got = self._launches[key] = (launch.Launch(fn, (n,), threads, 0, cells, self.index), cells)
         return got
