@@ -127,6 +127,30 @@ def test_families_that_attend_by_themselves_are_refused(family):
     pool.check_integrity()
 
 
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+def test_attention_that_does_not_follow_the_pools_config_is_named(family):
+    """A config field the family ignores: GPT-2's and GPT-NeoX's attention makes a K/V
+    head per query head whatever ``num_key_value_heads`` says, so a pool sized from
+    it holds fewer K/V heads than the attention makes. Refused at the first pass by
+    an error that says so (before: the plan's "k must have shape ..."), nothing
+    left allocated. (A pool of another geometry than the config's is refused
+    before anything is allocated: `check_model`.)"""
+    cls = {"gpt2": ("GPT2Config", "GPT2LMHeadModel"), "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM")}
+    config = getattr(transformers, cls[family][0])(
+        vocab_size=VOCAB, hidden_size=64, n_embd=64, num_hidden_layers=2, n_layer=2, num_attention_heads=4,
+        n_head=4, intermediate_size=128, bos_token_id=1, eos_token_id=2)
+    config.num_key_value_heads = 2  # read by spec_for_model, not by the attention
+    torch.manual_seed(0)
+    model = getattr(transformers, cls[family][1])(config).eval()
+    pool = KVPool(spec_for_model(model, num_blocks=32, block_size=8))
+    assert pool.spec.num_kv_heads == 2
+    with pytest.raises(ValueError, match=r"layer 0's attention makes K/V of 4 heads x \d+ dims, where the pool "
+                                         r"holds \d heads.*does not follow.*\(here 4 K/V heads\)"):
+        generate(model, pool, [prompt(11, 1), prompt(4, 2)], 3, eos_token_id=None)
+    assert pool.stats().num_sequences == 0 and pool.stats().used_blocks == 0
+    pool.check_integrity()
+
+
 def test_dropout_in_training_mode_is_refused():
     model = make_model("llama", attention_dropout=0.1).train()
     with pytest.raises(ValueError, match="dropout"):

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
-from kvpager.errors import KVPagerError
+from kvpager.errors import InvalidArgument, KVPagerError
 from kvpager.hf.compiled import HAS_OP, current, is_compiling, running
 from kvpager.hf.compiled import write_attend as _write_attend_op
-from kvpager.hf.fitting import fit_layer
+from kvpager.hf.fitting import fit_layer, pool_mismatch
 from kvpager.hf.model import (
     ABSENT,
     IGNORED,
@@ -237,9 +237,14 @@ def write_attend(batch: PagedBatch, layer: int, query: torch.Tensor, key: torch.
     pool_layer, stores = batch.pool_layer(layer)
     if stores:
         # [1, H, T, D] views of the projections' token-major memory: the plan launches on their pointers
-        out = batch.plan.write_attend(pool_layer, _to_pool(query, batch), _to_pool(key, batch),
-                                      _to_pool(value, batch), scale, window=window, softcap=softcap, sinks=sinks,
-                                      chunk=chunk)
+        try:
+            out = batch.plan.write_attend(pool_layer, _to_pool(query, batch), _to_pool(key, batch),
+                                          _to_pool(value, batch), scale, window=window, softcap=softcap,
+                                          sinks=sinks, chunk=chunk)
+        except InvalidArgument as e:
+            if (wrong := pool_mismatch(batch.plan.spec, layer, key, value)) is None:
+                raise
+            raise InvalidArgument(wrong) from e
     else:
         plan = batch.plan if chunk is None else batch.plan.chunked(chunk)
         q = _to_pool(query, batch)[0].transpose(0, 1).contiguous()  # [T, H, D]: a view where q is token-major

@@ -9,7 +9,9 @@ they come: ``p`` of its K/V heads side by side in one pool head
 head's place in it and zeros elsewhere, the packed heads repeated (pool head j
 holds packed head j // r), what is left of the width zero-padded, its scores
 scaled by its own head dim; `Fitted.output` takes each query head's own place
-of the output back.
+of the output back. A layer whose K/V fit no pool geometry it was given (the
+pool sized from a config the attention does not follow) is named by
+`pool_mismatch`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch.nn.functional import pad
 
 from kvpager.layer_geometry import pack
+from kvpager.spec import PoolSpec
 
 
 @dataclass
@@ -78,3 +81,19 @@ def fit_layer(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scali
     if value.shape[3] < head_dim:
         value = pad(value, (0, head_dim - value.shape[3]))
     return Fitted(query, key, value, scaling, width, p, place)
+
+
+def pool_mismatch(spec: PoolSpec, layer: int, key: torch.Tensor, value: torch.Tensor) -> str | None:
+    """What is wrong where layer ``layer``'s K/V ([1, heads, tokens, dims]) are not of
+    the pool's geometry (None where they are): the pool was sized from the model's
+    config, which its attention does not follow."""
+    heads, dims = key.shape[1], (key.shape[-1], value.shape[-1])
+    if heads == spec.num_kv_heads and max(dims) <= spec.head_dim:
+        return None
+    shown = f"{dims[0]}" if dims[0] == dims[1] else f"{dims[0]} (k) / {dims[1]} (v)"
+    return (f"layer {layer}'s attention makes K/V of {heads} heads x {shown} dims, where the pool holds "
+            f"{spec.num_kv_heads} heads x {spec.head_dim} a layer: the pool was sized from the model's config "
+            f"(spec_for_model: num_key_value_heads, head_dim), which this model's attention does not follow (a "
+            f"family that ignores num_key_value_heads, as GPT-2, OPT and GPT-NeoX attend with a K/V head per "
+            f"query head; or a config changed after the pool was made): make the pool from a config the "
+            f"attention follows (here {heads} K/V heads)")

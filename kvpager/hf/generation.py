@@ -12,11 +12,10 @@ Usage::
     pool = KVPool(spec_for_model(model, num_blocks=4096))
     outputs = generate(model, pool, [prompt_ids, ...], max_new_tokens=64)
 
-Supported: decoder-only models whose attention modules go through
-transformers' ``AttentionInterface`` (Llama, Mistral, Mixtral, Qwen2, Qwen3,
-Gemma-2, Gemma-3, Phi-3, Starcoder2, ...): full and sliding-window layers,
-Gemma-2's logit soft cap, greedy or sampled decoding (`kvpager.hf.sampling`). This module also gives the names of
-`kvpager.hf.attention` and the model helpers of `kvpager.hf.model` (their old home).
+Supported: decoder-only models whose attention goes through transformers'
+``AttentionInterface`` (docs/hf.md lists the families), greedy or sampled
+(`kvpager.hf.sampling`), with log-probabilities (`kvpager.hf.logprobs`). This
+module also gives the names of `kvpager.hf.attention` and `kvpager.hf.model`.
 """
 
 from __future__ import annotations
@@ -47,6 +46,8 @@ from kvpager.hf.model import (  # noqa: F401
     ABSENT,
     check_call,
     check_model,
+    check_model_and_pool,
+    end_tokens,
     layer_chunks,
     layer_fit,
     layer_map,
@@ -55,30 +56,17 @@ from kvpager.hf.model import (  # noqa: F401
     spec_for_model,
     text_config,
 )
-from kvpager.hf.padding import token_lists
+from kvpager.hf.padding import new_token_limits, token_lists
 from kvpager.hf.passes import HostBuffers, Owed, Pass
 from kvpager.hf.pipeline import DecodePasses
 from kvpager.hf.recurrent import Recurrent, has_recurrent_layers
 from kvpager.hf.salt import default_salt
 from kvpager.hf.sampling import Sampler, Sampling
 from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
-from kvpager.validate import is_int
 
 __all__ = ["Completion", "PagedBatch", "PagedGeneration", "default_salt", "generate", "layer_windows", "spec_for_model"]
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def _check_model_and_pool(model: Any, pool: Any) -> None:
-    """TypeError, naming the argument, for a ``model`` that is no torch module or a
-    ``pool`` without a pool's methods (a `PoolSpec` given where ``KVPool(spec)`` was
-    meant, the two arguments swapped): before, an AttributeError from deep inside
-    ('PoolSpec' object has no attribute 'spec')."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a transformers causal LM (a torch.nn.Module), got {type(model).__name__}")
-    if not (callable(getattr(pool, "allocate", None)) and isinstance(getattr(pool, "spec", None), PoolSpec)):
-        hint = ": pass KVPool(spec)" if isinstance(pool, PoolSpec) else ""
-        raise TypeError(f"pool must be a kvpager pool (KVPool, or a daemon Client), got {type(pool).__name__}{hint}")
 
 
 @dataclass
@@ -96,7 +84,8 @@ class PagedGeneration(DecodePasses):
     #: the prompts' token ids (lists, 1-D tensors or a 2-D tensor); after construction, lists of each
     #: prompt's own tokens (its padding stripped where an ``attention_mask`` was given)
     prompts: Any = None
-    max_new_tokens: int = None  # type: ignore[assignment] - required: None is refused by name
+    #: the most new tokens of every prompt, or a list of one a prompt
+    max_new_tokens: int | Sequence[int] = None  # type: ignore[assignment] - required: None is refused by name
     salt: str | bytes | None = None
     eos_token_id: int | Sequence[int] | None = None
     cuda_graphs: bool = False
@@ -136,7 +125,7 @@ class PagedGeneration(DecodePasses):
 
     def __post_init__(self, input_ids: Any = None, attention_mask: Any = None) -> None:
         self._closed = False
-        _check_model_and_pool(self.model, self.pool)
+        check_model_and_pool(self.model, self.pool)
         if input_ids is not None:
             if self.prompts is not None:
                 raise ValueError("prompts and input_ids were both given: they are two names for the prompts, "
@@ -144,27 +133,18 @@ class PagedGeneration(DecodePasses):
             self.prompts = input_ids
         elif self.prompts is None:
             raise ValueError("no prompts: give them as prompts (the third argument) or input_ids=")
-        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         self.prompts = token_lists(self.prompts, self.model, attention_mask)
+        self._most = new_token_limits(self.max_new_tokens, len(self.prompts))  # each prompt's
         self._sampler = Sampler(self.sampling, len(self.prompts), self.prompts)
         self.logprobs = check_logprobs(self.logprobs, getattr(text_config(self.model), "vocab_size", None))
         self._lp = None if self.logprobs is None else TokenLogprobs(self.logprobs, len(self.prompts))
         # passes give logits (not greedy tokens) where a row draws, is penalized, or logprobs are kept
         self._logits = not self._sampler.plain or self._lp is not None
-        self._first_lp = None if self._lp is None else np.zeros((len(self.prompts), self._lp.width))
         self._windows = check_model(self.model, self.pool)
         self._layers = layer_map(self.model)  # layers that reuse an earlier layer's K/V (Gemma-3n)
         self._chunks = layer_chunks(self.model, self.pool.spec.block_size)  # chunked layers (Llama-4)
         self._fit = layer_fit(self.model)  # layers of other geometry than the pool's (Gemma-4)
-        eos = self.eos_token_id
-        if getattr(eos, "ndim", None) == 1 and hasattr(eos, "tolist"):
-            eos = eos.tolist()  # a 1-D tensor or array of ids, as a list (a torch one gave 0-d tensors: refused)
-        many = eos is not None and not is_int(eos)
-        if many and (isinstance(eos, (str, bytes)) or not hasattr(eos, "__iter__") or getattr(eos, "ndim", 1) != 1
-                     or not all(is_int(e) for e in eos)):
-            raise ValueError(f"eos_token_id must be None, a token id or a list of them, got {eos!r}")
-        self._eos = set() if eos is None else {int(e) for e in eos} if many else {int(eos)}
+        self._eos = end_tokens(self.eos_token_id)
         if self.salt is None:
             self.salt = default_salt(self.model)
         self._recurrent = None  # a model with recurrent layers: their states (`kvpager.hf.recurrent`)
@@ -207,7 +187,7 @@ class PagedGeneration(DecodePasses):
         # pool holds ends in OutOfBlocks, not in tables sized for it (on a GPU, 10**9 tokens took 477
         # MiB of tables for two sequences and 40 s; 10**12 ran out of device memory). A sequence whose
         # windows gave blocks back may outgrow it: its plans grow then, as a graph's do.
-        longest = max(map(len, self.prompts)) + self.max_new_tokens
+        longest = max(len(p) + m for p, m in zip(self.prompts, self._most))
         self._width = min(-(-longest // self.pool.spec.block_size), self.pool.spec.num_blocks)
         if self.compile:
             if not self.cuda_graphs:
@@ -247,7 +227,7 @@ class PagedGeneration(DecodePasses):
                 slots = np.concatenate([np.asarray(a.slots, dtype=np.int64) for a in allocs])
                 first = self._run(rows, tokens, positions, slots)
             self._sampler.note(rows, first, self._device)  # (penalties count each prompt's first token)
-            self._record(rows, self.seq_ids, first, self._first_lp)
+            self._record(rows, self.seq_ids, first, None if self._lp is None else self._lp.first)
         except BaseException:
             self.close()
             raise
@@ -308,7 +288,7 @@ class PagedGeneration(DecodePasses):
         kept for `_record`, where asked)."""
         tokens = self._choose(out, rows, [0] * len(rows), record=False)
         if self._lp is not None:
-            self._first_lp[rows] = self._lp.of(out, tokens).cpu().numpy()
+            self._lp.first[rows] = self._lp.of(out, tokens).cpu().numpy()
         return tokens
 
     def _choose(self, out: torch.Tensor, rows: list[int], draws: list[int], record: bool = True) -> torch.Tensor:
@@ -324,31 +304,6 @@ class PagedGeneration(DecodePasses):
         logits, sampled), on the device."""
         with torch.inference_mode(), paged_attention(self.model):
             return paged_forward(self.model, self._batch(plan), input_ids, position_ids, logits_to_keep)
-
-    def _plan(self, ids: list[int], lens: list[int], slots: np.ndarray) -> Any:
-        """The step plan of an eager pass. A decode step of the same sequences as the
-        last one refills that step's plan in place (`StepPlan.update`: no new device
-        buffers, kernel launches or cascade planning), as a captured step does; any
-        other step gets a new plan, with capacity for the generation's longest
-        sequence when it is a decode step that later ones can reuse. Plans say
-        ``host_bound``: where the cascade is left to the planner, an eager decode
-        step cascades only where it spares enough reading to pace the device
-        (`kvpager.cascade.HOST_BOUND_MIN_SAVED`)."""
-        heads = text_config(self.model).num_attention_heads
-        decode = max(lens) == 1
-        # the model's Python paces an eager step: a decode cascade only where it would pace the device
-        if not (self._reuse_plans and decode):
-            return self.pool.plan(ids, lens, slots, num_q_heads=heads, cascade=self.cascade, host_bound=True)
-        last = self._last_plan
-        if last is not None and last[1] == ids:
-            tables, seq_lens = self.pool.tables(ids)
-            if tables.shape[1] <= last[0].width:
-                last[0].update(tables, seq_lens, None, slots)
-                return last[0]
-        plan = self.pool.plan(ids, None, slots, num_rows=len(ids), width=self._width, num_q_heads=heads,
-                              cascade=self.cascade, host_bound=True)
-        self._last_plan = (plan, list(ids))
-        return plan
 
     def _batch(self, plan: Any) -> PagedBatch:
         return PagedBatch(plan, self._pool_dtype, self._pool_device, self._windows, layers=self._layers,
@@ -403,7 +358,7 @@ def generate(
     model: Any,
     pool: Any,
     prompts: Sequence[Sequence[int]] | None = None,
-    max_new_tokens: int = None,  # type: ignore[assignment] - required: None is refused by name
+    max_new_tokens: int | Sequence[int] = None,  # type: ignore[assignment] - required: None is refused by name
     salt: str | bytes | None = None,
     eos_token_id: Any = "model",
     cuda_graphs: bool = False,
@@ -419,7 +374,8 @@ def generate(
     `kvpager.hf.Sampling` for every prompt, a list of one per prompt, or "model":
     what the model's generation config asks of transformers' ``generate``,
     `Sampling.from_model`). Returns the new token ids
-    of each prompt: ``max_new_tokens`` of them, or fewer where an end-of-sequence
+    of each prompt: ``max_new_tokens`` of them (an int, or a list of one a
+    prompt), or fewer where an end-of-sequence
     token came (included, as transformers' ``generate`` does). ``eos_token_id``
     defaults to the model's generation config ("model"); None never stops early.
     ``pipeline``: launch each decode pass before the last one's tokens reach the

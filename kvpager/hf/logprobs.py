@@ -79,10 +79,12 @@ class TokenLogprobs:
     rows: int
     values: list[list[float]] = field(init=False)
     top: list[list[dict[int, float]]] | None = field(init=False)
+    first: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.values = [[] for _ in range(self.rows)]
         self.top = [[] for _ in range(self.rows)] if self.k else None
+        self.first = np.zeros((self.rows, self.width))  # the prefill's rows (`of`, on the host), as its passes run
         self._kernel: logprob_kernel.LogprobKernel | None = None
 
     @property

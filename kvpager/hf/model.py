@@ -23,6 +23,7 @@ from kvpager.hf.salt import default_salt  # noqa: F401 (its home before kvpager.
 from kvpager.layer_geometry import attribute_getter, fit, layer_getters
 from kvpager.sizing import NO_KV_KINDS, attention_dims, kv_sources, pool_layers
 from kvpager.spec import PoolSpec, dtype_name
+from kvpager.validate import is_int
 
 FULL, SLIDING, CHUNKED = "full_attention", "sliding_attention", "chunked_attention"
 #: ``layer_types`` kinds whose layers keep a recurrent state a sequence (`kvpager.hf.recurrent`)
@@ -362,3 +363,27 @@ def check_eval_mode(model: Any) -> None:
         raise ValueError(f"model is in training mode with dropout ({', '.join(drops[:3])}"
                          f"{', ...' if len(drops) > 3 else ''}): its tokens would be random and the K/V it "
                          "stores, shared through the prefix cache, wrong for every caller; call model.eval() first")
+
+
+def check_model_and_pool(model: Any, pool: Any) -> None:
+    """TypeError, naming the argument, for a ``model`` that is no torch module or a
+    ``pool`` without a pool's methods (a `PoolSpec` given where ``KVPool(spec)`` was
+    meant, the two arguments swapped): before, an AttributeError from deep inside
+    ('PoolSpec' object has no attribute 'spec')."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a transformers causal LM (a torch.nn.Module), got {type(model).__name__}")
+    if not (callable(getattr(pool, "allocate", None)) and isinstance(getattr(pool, "spec", None), PoolSpec)):
+        hint = ": pass KVPool(spec)" if isinstance(pool, PoolSpec) else ""
+        raise TypeError(f"pool must be a kvpager pool (KVPool, or a daemon Client), got {type(pool).__name__}{hint}")
+
+
+def end_tokens(eos: Any) -> set[int]:
+    """The end-of-sequence ids of ``eos`` (None, a token id, or a list, 1-D array or
+    tensor of them); ValueError for anything else."""
+    if getattr(eos, "ndim", None) == 1 and hasattr(eos, "tolist"):
+        eos = eos.tolist()  # a 1-D tensor or array of ids, as a list (a torch one gave 0-d tensors: refused)
+    many = eos is not None and not is_int(eos)
+    if many and (isinstance(eos, (str, bytes)) or not hasattr(eos, "__iter__") or getattr(eos, "ndim", 1) != 1
+                 or not all(is_int(e) for e in eos)):
+        raise ValueError(f"eos_token_id must be None, a token id or a list of them, got {eos!r}")
+    return set() if eos is None else {int(e) for e in eos} if many else {int(eos)}

@@ -8,7 +8,8 @@ each row to the run where its mask is 1. Only padding is stripped: a mask whose
 1s are not one run in a row (a 0 between them), a row of 0s, a mask of another
 shape than the prompts or values other than 0 and 1 are refused by name.
 `warn_if_padded` warns where a batch without a mask looks padded.
-`token_lists` turns what a caller passes as prompts into lists of token ids.
+`token_lists` turns what a caller passes as prompts into lists of token ids,
+`new_token_limits` its ``max_new_tokens`` into one a prompt.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from kvpager.errors import InvalidArgument
 from kvpager.validate import all_type, is_int
 
-__all__ = ["pad_token_ids", "strip_padding", "token_lists", "warn_if_padded"]
+__all__ = ["new_token_limits", "pad_token_ids", "strip_padding", "token_lists", "warn_if_padded"]
 
 _MASK_KINDS = "biuf"  # bool, int, unsigned, float dtypes: their values are checked to be 0 or 1
 
@@ -210,3 +211,19 @@ def token_lists(prompts: Any, model: Any, attention_mask: Any = None) -> list[li
                 bad = min(p) if min(p) < 0 else max(p)
                 raise ValueError(f"prompts[{i}] holds token id {bad}, outside the model's vocabulary [0, {vocab})")
     return out
+
+
+def new_token_limits(most: Any, n: int) -> list[int]:
+    """The most new tokens of each of ``n`` prompts: ``most`` an int >= 1 for all of
+    them, or a list (a 1-D array or tensor) of one a prompt; ValueError naming
+    what is wrong."""
+    if is_int(most):
+        if most >= 1:
+            return [int(most)] * n
+    elif hasattr(most, "__len__") and getattr(most, "ndim", 1) == 1 and not isinstance(most, (str, bytes, Mapping)):
+        values = most.tolist() if hasattr(most, "tolist") else list(most)
+        if len(values) != n or not all(is_int(v) and v >= 1 for v in values):
+            raise ValueError(f"max_new_tokens as a list must hold an int >= 1 for each of the {n} prompts, "
+                             f"got {most!r}")
+        return [int(v) for v in values]
+    raise ValueError(f"max_new_tokens must be an int >= 1, got {most!r} (or a list of one a prompt)")

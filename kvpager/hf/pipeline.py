@@ -44,6 +44,7 @@ import numpy as np
 
 from kvpager.batch_calls import one_by_one
 from kvpager.errors import KVPagerError, LimitExceeded
+from kvpager.hf.model import text_config
 from kvpager.hf.passes import Owed, Pass, fed_tokens, queue_copy, to_device
 
 #: The most token ids owed at once (`Owed`): a daemon's default tokens limit for one
@@ -64,7 +65,7 @@ class DecodePasses:
         prev = self._inflight
         ahead = prev is not None  # each row's newest token is still on the device
         rows = [i for i in (prev.rows if ahead else range(len(self.finished)))
-                if not self.finished[i] and len(self.outputs[i]) + ahead < self.max_new_tokens]
+                if not self.finished[i] and len(self.outputs[i]) + ahead < self._most[i]]
         if not rows:
             return None
         same = ahead and rows == prev.rows  # a steady step: the last pass's rows, a position further
@@ -101,6 +102,31 @@ class DecodePasses:
                 self._recurrent.stepped(positions)  # (a pass ahead: once the pass before it completes)
         host, event = queue_copy(tokens, self._host_tokens)
         return Pass(rows, ids, positions, position_ids, tokens, host, event, reads, logprobs=logprobs)
+
+    def _plan(self, ids: list[int], lens: list[int], slots: np.ndarray) -> Any:
+        """The step plan of an eager pass. A decode step of the same sequences as the
+        last one refills that step's plan in place (`StepPlan.update`: no new device
+        buffers, kernel launches or cascade planning), as a captured step does; any
+        other step gets a new plan, with capacity for the generation's longest
+        sequence when it is a decode step that later ones can reuse. Plans say
+        ``host_bound``: where the cascade is left to the planner, an eager decode
+        step cascades only where it spares enough reading to pace the device
+        (`kvpager.cascade.HOST_BOUND_MIN_SAVED`)."""
+        heads = text_config(self.model).num_attention_heads
+        decode = max(lens) == 1
+        # the model's Python paces an eager step: a decode cascade only where it would pace the device
+        if not (self._reuse_plans and decode):
+            return self.pool.plan(ids, lens, slots, num_q_heads=heads, cascade=self.cascade, host_bound=True)
+        last = self._last_plan
+        if last is not None and last[1] == ids:
+            tables, seq_lens = self.pool.tables(ids)
+            if tables.shape[1] <= last[0].width:
+                last[0].update(tables, seq_lens, None, slots)
+                return last[0]
+        plan = self.pool.plan(ids, None, slots, num_rows=len(ids), width=self._width, num_q_heads=heads,
+                              cascade=self.cascade, host_bound=True)
+        self._last_plan = (plan, list(ids))
+        return plan
 
     def _complete(self, done: Pass) -> None:
         """Complete ``done`` (pipelined: the pass before the one in flight, whose slots
@@ -262,7 +288,7 @@ class DecodePasses:
         """Append each unfinished row's next token to its outputs (and its packed
         log-probabilities, a row of ``logprobs`` each, to what is kept); the rows that end now."""
         ended = []
-        finished, outputs, most, eos = self.finished, self.outputs, self.max_new_tokens, self._eos
+        finished, outputs, most, eos = self.finished, self.outputs, self._most, self._eos
         for k, (i, t) in enumerate(zip(rows, next_tokens)):
             if finished[i]:  # ended on an end token the pass before: this token is past it
                 continue
@@ -270,7 +296,7 @@ class DecodePasses:
             out.append(int(t))
             if logprobs is not None:
                 self._lp.add(i, logprobs[k])
-            if len(out) >= most or t in eos:
+            if len(out) >= most[i] or t in eos:
                 finished[i] = True
                 ended.append(i)
         return ended

@@ -56,7 +56,6 @@ transformers' linear-attention cache layers (5.24 and later) are required.
 from __future__ import annotations
 
 import functools
-import inspect
 import warnings
 from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any
@@ -68,12 +67,17 @@ from kvpager.hf.attention import PagedBatch, capturing, paged_attention, run_pas
 from kvpager.hf.compiled import compiled_fn
 from kvpager.hf.model import has_recurrent_layers, text_config
 from kvpager.hf.pass_schedule import schedule
-from kvpager.hf.recurrent_states import (
+from kvpager.hf.recurrent_states import (  # noqa: F401 - CONTINUING, NOT_CONTINUING re-exported
+    CONTINUING,
+    NOT_CONTINUING,
     Layout,
     Rows,
     States,
+    cache_argument,
     cache_over,
     check_layout,
+    continues,
+    forward_rows,
     layout_of,
     new_cache,
     rows_of,
@@ -88,52 +92,6 @@ __all__ = ["Recurrent", "StateCache", "States", "has_recurrent_layers", "new_cac
 Segment = tuple[int, int, np.ndarray, Rows | None]
 #: a prefill pass run: (the prompts it ran, as rows in order; its cache, holding their states after)
 Ran = tuple[list[int], Any]
-
-
-#: model types whose recurrent layers continue a pass of several tokens from the states a pass
-#: left, as transformers runs them (each checked against transformers' tokens, prefilled in parts
-#: and resumed from held states: tests/test_hf_recurrent.py). Zamba's Mamba layers do not: a pass of
-#: more than one token scans from a zero state whatever its cache holds (its prompts run in parts,
-#: or resumed, gave other tokens than transformers'). A model of a type not listed (`continues`)
-#: runs each prompt from its first token in one pass (left-padded) and holds no states for later
-#: prompts: its tokens are right, its prompts' recurrent layers recomputed.
-CONTINUING = frozenset({
-    "bailing_hybrid", "bamba", "falcon_h1", "granitemoehybrid", "jamba", "kimi_linear", "lara_mini", "lfm2",
-    "lfm2_moe", "lfm2_vl", "lfm3", "nemotron_h", "olmo_hybrid", "qwen3_5", "qwen3_5_text", "qwen3_5_moe",
-    "qwen3_5_moe_text", "qwen3_next", "zamba2", "zaya",
-})
-
-
-#: model types known not to continue (`CONTINUING`): taken so without a warning
-NOT_CONTINUING = frozenset({"zamba"})
-_warned: set[Any] = set()  # the unknown types warned about, once a process each
-
-
-def continues(model: Any) -> bool:
-    """Whether ``model``'s recurrent layers continue a pass of several tokens from held
-    states (`CONTINUING`, by its model type or its text config's;
-    `Recurrent.continues` overrides it). A type in neither list warns, once a
-    process: its prompts run whole, no states held for later prompts."""
-    types = {getattr(getattr(model, "config", None), "model_type", None),
-             getattr(text_config(model), "model_type", None)}
-    if types & CONTINUING:
-        return True
-    name = tuple(sorted(str(t) for t in types))
-    if not types & NOT_CONTINUING and name not in _warned:
-        _warned.add(name)
-        warnings.warn(f"kvpager: {type(model).__name__} (model type {' / '.join(name)}) is not among the types whose "
-                      "recurrent layers are known to continue a pass from held states "
-                      "(kvpager.hf.recurrent.CONTINUING): its prompts run whole from their first tokens and no "
-                      "states are held for later prompts (its tokens are right). Recurrent.continues = True takes "
-                      "it as one that continues, once checked against transformers' tokens", stacklevel=3)
-    return False
-
-
-def _cache_argument(model: Any) -> str:
-    """The name under which ``model``'s forward takes its cache (``cache`` since
-    transformers 5.24's deprecations, ``past_key_values`` before)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 class Recurrent:
@@ -172,7 +130,7 @@ class Recurrent:
         self.make_batch = make_batch  # plan -> PagedBatch
         self.capacity = capacity or (lambda n: n)
         self.history = history
-        self.arg = _cache_argument(model)
+        self.arg = cache_argument(model)
         new_cache(model)  # the model's cache layers are what kvpager can follow (ValueError)
         self.store = StateCache.of(model)
         self._continues = continues(model) if self.continues is None else bool(self.continues)
@@ -429,16 +387,3 @@ class Recurrent:
         return run_pass(self.model, batch, functools.partial(fn, cache=cache, arg=self.arg, padding=padding),
                         input_ids, position_ids)
 
-
-def forward_rows(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                 logits_to_keep: Any, *, cache: Any, arg: str, padding: torch.Tensor | None) -> torch.Tensor:
-    """A pass of rows over the recurrent states in ``cache`` (the model's cache argument
-    ``arg``): each row's greedy next token. Without padding, a 4-D mask is taken as given
-    (no mask is built for the attention layers), and the recurrent layers take none. Rows
-    left-padded: the 2-D mask, with which the recurrent layers zero the padding's inputs,
-    so states from nothing stay nothing through it (the attention layers' plan holds the
-    tokens alone)."""
-    mask = padding if padding is not None else torch.ones((1, 1, 1, 1), dtype=torch.bool, device=input_ids.device)
-    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
-                logits_to_keep=1, kvpager=batch, **{arg: cache})
-    return out.logits[:, -1] if batch.logits else out.logits[:, -1].argmax(dim=-1)
