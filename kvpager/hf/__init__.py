@@ -50,6 +50,7 @@ from kvpager.hf.model import (
 )
 from kvpager.hf.salt import default_salt
 from kvpager.hf.sampling import Sampling
+from kvpager.hf.scoring import score
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -73,5 +74,6 @@ __all__ = [
     "paged_attention",
     "paged_forward",
     "register",
+    "score",
     "spec_for_model",
 ]

@@ -56,7 +56,7 @@ from kvpager.hf.model import (  # noqa: F401
     spec_for_model,
     text_config,
 )
-from kvpager.hf.padding import new_token_limits, token_lists
+from kvpager.hf.padding import new_token_limits, prompts_given, token_lists
 from kvpager.hf.passes import HostBuffers, Owed, Pass
 from kvpager.hf.pipeline import DecodePasses
 from kvpager.hf.recurrent import Recurrent, has_recurrent_layers
@@ -126,14 +126,7 @@ class PagedGeneration(DecodePasses):
     def __post_init__(self, input_ids: Any = None, attention_mask: Any = None) -> None:
         self._closed = False
         check_model_and_pool(self.model, self.pool)
-        if input_ids is not None:
-            if self.prompts is not None:
-                raise ValueError("prompts and input_ids were both given: they are two names for the prompts, "
-                                 "give one")
-            self.prompts = input_ids
-        elif self.prompts is None:
-            raise ValueError("no prompts: give them as prompts (the third argument) or input_ids=")
-        self.prompts = token_lists(self.prompts, self.model, attention_mask)
+        self.prompts = token_lists(prompts_given(self.prompts, input_ids), self.model, attention_mask)
         self._most = new_token_limits(self.max_new_tokens, len(self.prompts))  # each prompt's
         self._sampler = Sampler(self.sampling, len(self.prompts), self.prompts)
         self.logprobs = check_logprobs(self.logprobs, getattr(text_config(self.model), "vocab_size", None))

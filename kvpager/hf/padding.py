@@ -9,7 +9,8 @@ each row to the run where its mask is 1. Only padding is stripped: a mask whose
 shape than the prompts or values other than 0 and 1 are refused by name.
 `warn_if_padded` warns where a batch without a mask looks padded.
 `token_lists` turns what a caller passes as prompts into lists of token ids,
-`new_token_limits` its ``max_new_tokens`` into one a prompt.
+`new_token_limits` its ``max_new_tokens`` into one a prompt; `prompts_given`
+takes them under either of their names.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from kvpager.errors import InvalidArgument
 from kvpager.validate import all_type, is_int
 
-__all__ = ["new_token_limits", "pad_token_ids", "strip_padding", "token_lists", "warn_if_padded"]
+__all__ = ["new_token_limits", "pad_token_ids", "prompts_given", "strip_padding", "token_lists", "warn_if_padded"]
 
 _MASK_KINDS = "biuf"  # bool, int, unsigned, float dtypes: their values are checked to be 0 or 1
 
@@ -227,3 +228,15 @@ def new_token_limits(most: Any, n: int) -> list[int]:
                              f"got {most!r}")
         return [int(v) for v in values]
     raise ValueError(f"max_new_tokens must be an int >= 1, got {most!r} (or a list of one a prompt)")
+
+
+def prompts_given(prompts: Any, input_ids: Any) -> Any:
+    """The prompts, given as ``prompts`` or under a tokenizer's name, ``input_ids``;
+    ValueError where both or neither are."""
+    if input_ids is None:
+        if prompts is None:
+            raise ValueError("no prompts: give them as prompts (the third argument) or input_ids=")
+        return prompts
+    if prompts is not None:
+        raise ValueError("prompts and input_ids were both given: they are two names for the prompts, give one")
+    return input_ids

@@ -1,0 +1,183 @@
+"""Scoring prompts: the log-probability of each of their tokens given the tokens before it.
+
+``score(model, pool, prompts, start)`` gives, for each prompt, the model's
+log-probability of every token from ``start`` on (the first has no tokens
+before it, so ``start`` >= 1): what an evaluation's log-likelihood, a
+perplexity, or a reference model's log-probabilities of sampled answers need.
+The values are the log-softmax (float32) of the model's raw logits at the
+position before each token (`kvpager.hf.logprobs`: one kernel a pass on a GPU).
+
+The KV cache does the work it does for generation. A prompt shares the longest
+committed prefix of full blocks in the cache under its salt, as far as the
+position before its ``start`` (the positions whose logits are needed run
+through the model), and prompts of one pass share the blocks an earlier one
+fills: the context of a multiple-choice question, scored with each of its
+answers (``start`` = the context's length), runs once. Blocks are committed as
+a generation's are, so later calls and generations find them.
+
+Passes are bounded by ``tokens_per_pass`` (tokens run and logits kept): prompts
+go in groups whose tokens fit one pass, one pass a group (the blocks a group
+shares are then written in its own pass); a prompt longer than that runs
+alone, in parts, each over the K/V of the parts before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvpager.hf.attention import PagedBatch, paged_attention, paged_forward
+from kvpager.hf.logprobs import TokenLogprobs
+from kvpager.hf.model import (
+    check_model,
+    check_model_and_pool,
+    has_recurrent_layers,
+    layer_chunks,
+    layer_fit,
+    layer_map,
+    text_config,
+)
+from kvpager.hf.padding import prompts_given, token_lists
+from kvpager.hf.salt import default_salt
+from kvpager.spec import dtype_name
+from kvpager.validate import is_int
+
+__all__ = ["score"]
+
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def score(model: Any, pool: Any, prompts: Any = None, start: int | Sequence[int] = 1,
+          salt: str | bytes | None = None, *, input_ids: Any = None, attention_mask: Any = None,
+          tokens_per_pass: int = 2048) -> list[np.ndarray]:
+    """Each prompt's tokens from ``start`` on (an int for all, or one a prompt; 1 to
+    the prompt's length), scored: a float64 array of each one's log-probability
+    under ``model`` given the tokens before it (empty where ``start`` is the
+    prompt's length). ``prompts`` as `generate` takes them (lists, tensors, a
+    tokenizer's output with ``attention_mask``, or ``input_ids=``); ``salt``: the
+    prefix cache's (default: the model's, as `generate`'s); ``tokens_per_pass``:
+    the most tokens a forward pass runs (module docstring). Sequences are freed
+    before it returns; what it wrote stays cached for later calls."""
+    check_model_and_pool(model, pool)
+    prompts = token_lists(prompts_given(prompts, input_ids), model, attention_mask)
+    if has_recurrent_layers(model):
+        raise ValueError(f"score: {type(model).__name__} has recurrent layers, whose states kvpager.hf keeps only "
+                         "for generation (kvpager.hf.recurrent); score its prompts with generate's model loop or "
+                         "transformers")
+    starts = _starts(start, prompts)
+    if not is_int(tokens_per_pass) or tokens_per_pass < 1:
+        raise ValueError(f"tokens_per_pass must be an int >= 1, got {tokens_per_pass!r}")
+    scorer = _Scorer(model, pool, default_salt(model) if salt is None else salt, int(tokens_per_pass))
+    out = [np.zeros(len(p) - s) for p, s in zip(prompts, starts)]
+    for group in _groups([len(p) for p in prompts], tokens_per_pass):
+        scorer.run([prompts[i] for i in group], [starts[i] for i in group], [out[i] for i in group])
+    return out
+
+
+def _starts(start: Any, prompts: list[list[int]]) -> list[int]:
+    """Each prompt's first scored token: ValueError naming the prompt where it is no
+    int from 1 to the prompt's length."""
+    n = len(prompts)
+    if is_int(start):
+        starts = [int(start)] * n
+    elif hasattr(start, "__len__") and getattr(start, "ndim", 1) == 1 and not isinstance(start, (str, bytes, dict)):
+        starts = start.tolist() if hasattr(start, "tolist") else list(start)
+        if len(starts) != n:
+            raise ValueError(f"start as a list must hold one int a prompt ({n}), got {len(starts)}")
+    else:
+        raise ValueError(f"start must be an int >= 1 or a list of one a prompt, got {start!r}")
+    for i, (s, p) in enumerate(zip(starts, prompts)):
+        if not is_int(s) or not 1 <= s <= len(p):
+            raise ValueError(f"start of prompt {i} must be an int from 1 (its first token has nothing before it "
+                             f"to score it by) to its length {len(p)}, got {s!r}")
+    return [int(s) for s in starts]
+
+
+def _groups(lens: list[int], budget: int) -> list[list[int]]:
+    """Consecutive prompts whose tokens fit ``budget`` together; a longer one alone."""
+    groups: list[list[int]] = []
+    total = budget + 1
+    for i, n in enumerate(lens):
+        if total + n > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += n
+    return groups
+
+
+class _Scorer:
+    """The passes of one `score` call over its pool."""
+
+    def __init__(self, model: Any, pool: Any, salt: Any, budget: int):
+        self.model, self.pool, self.salt, self.budget = model, pool, salt, budget
+        self.windows = check_model(model, pool)
+        self.layers = layer_map(model)
+        self.chunks = layer_chunks(model, pool.spec.block_size)
+        self.fit = layer_fit(model)
+        self.heads = text_config(model).num_attention_heads
+        self.device = next(model.parameters()).device
+        self.pool_dtype = _TORCH_DTYPES[dtype_name(pool.spec.dtype)]
+        self.pool_device = torch.device(str(getattr(pool, "device", "cpu")))
+        self.lp = TokenLogprobs(0, 0)  # (its kernel, kept across passes)
+
+    def run(self, prompts: list[list[int]], starts: list[int], out: list[np.ndarray]) -> None:
+        """One group: allocated up to the position before each start (what the cache
+        may give), the rest appended, run (one pass, or a lone prompt's parts),
+        committed and freed."""
+        cuts = [max(1, s - 1) for s in starts]
+        allocs = self.pool.allocate([p[:c] for p, c in zip(prompts, cuts)], self.salt, share_in_batch=True)
+        ids = [a.seq_id for a in allocs]
+        try:
+            rest = [len(p) - c for p, c in zip(prompts, cuts)]
+            more = (self.pool.append_flat(ids, rest, [p[c:] for p, c in zip(prompts, cuts)]) if any(rest)
+                    else np.zeros(0, np.int64))
+            ends = np.cumsum(rest)
+            slots = [np.concatenate([np.asarray(a.slots, np.int64), more[e - r : e]])
+                     for a, r, e in zip(allocs, rest, ends)]
+            firsts = [a.num_cached_tokens for a in allocs]
+            if len(prompts) == 1:  # alone: in parts of at most the budget
+                p, a = prompts[0], firsts[0]
+                for b in range(a, len(p), self.budget):
+                    e = min(b + self.budget, len(p))
+                    self._pass(ids, [p], [starts[0]], [(b, e)], [slots[0][b - a : e - a]], out)
+            else:
+                self._pass(ids, prompts, starts, [(a, len(p)) for a, p in zip(firsts, prompts)], slots, out)
+            if hasattr(self.pool, "synchronize"):
+                self.pool.synchronize()
+            self.pool.commit(ids)
+        finally:
+            self.pool.free(ids)
+
+    def _pass(self, ids: list[int], prompts: list[list[int]], starts: list[int], spans: list[tuple[int, int]],
+              slots: list[np.ndarray], out: list[np.ndarray]) -> None:
+        """One forward pass over tokens [a, b) of each prompt (over the K/V of those
+        before them), its logits kept where they score a token (positions
+        start - 1 .. len - 2) and those tokens' log-probabilities put in ``out``."""
+        keep, targets, where = [], [], []
+        offset = 0
+        for k, ((a, b), p, s) in enumerate(zip(spans, prompts, starts)):
+            for q in range(max(a, s - 1), min(b, len(p) - 1)):
+                keep.append(offset + q - a)
+                targets.append(p[q + 1])
+                where.append((k, q + 1 - s))
+            offset += b - a
+        flat = [t for (a, b), p in zip(spans, prompts) for t in p[a:b]]
+        pos = [q for a, b in spans for q in range(a, b)]
+        input_ids = torch.tensor([flat], dtype=torch.long, device=self.device)
+        position_ids = torch.tensor([pos], dtype=torch.long, device=self.device)
+        plan = self.pool.plan(ids, [b - a for a, b in spans], np.concatenate(slots),
+                              context_lens=[b for _, b in spans], num_q_heads=self.heads)
+        batch = PagedBatch(plan, self.pool_dtype, self.pool_device, self.windows, layers=self.layers,
+                           chunks=self.chunks, fit=self.fit, logits=True)
+        kept = torch.tensor(keep or [0], dtype=torch.long, device=self.device)
+        with torch.inference_mode(), paged_attention(self.model):
+            logits = paged_forward(self.model, batch, input_ids, position_ids, kept)
+            if not keep:  # (a part with no token to score: its K/V written, nothing kept)
+                return
+            values = self.lp.of(logits, torch.tensor(targets, dtype=torch.long, device=logits.device))
+        for (k, j), v in zip(where, values[:, 0].cpu().numpy()):
+            out[k][j] = v

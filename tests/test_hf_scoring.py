@@ -1,0 +1,170 @@
+"""Scoring prompts (`kvpager.hf.score`): each token's log-probability given the
+tokens before it, against the log-softmax of one plain forward pass of the same
+model (transformers' own attention, no cache); in one pass, in groups and in
+parts; a shared context run once and found again by a later call; sliding
+windows and a soft cap; a padded batch; a daemon client; bad arguments refused
+before anything is allocated."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from test_hf_models import make_model, one_thread, prompt  # noqa: E402, F401
+
+from kvpager import KVPool  # noqa: E402
+from kvpager.hf import score, scoring, spec_for_model  # noqa: E402
+
+PROMPTS = [prompt(21, seed=1), prompt(5, seed=2), prompt(1, seed=3), prompt(40, seed=4), prompt(16, seed=5)]
+
+
+def reference(model, p: list[int], start: int = 1) -> np.ndarray:
+    """log P(p[j] | p[:j]) for j >= start, from one plain forward pass."""
+    ids = torch.tensor([p])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids, attention_mask=torch.ones_like(ids)).logits[0].double(), dim=-1)
+    j = torch.arange(start, len(p), dtype=torch.long)
+    return lp[j - 1, torch.tensor(p, dtype=torch.long)[j]].numpy()
+
+
+def _pool(model, blocks=96):
+    return KVPool(spec_for_model(model, num_blocks=blocks, block_size=8))
+
+
+class Counted:
+    """The tokens each forward pass of `score` runs."""
+
+    def __init__(self, monkeypatch):
+        self.passes: list[int] = []
+        real = scoring.paged_forward
+
+        def counted(model, batch, input_ids, *args):
+            self.passes.append(input_ids.shape[1])
+            return real(model, batch, input_ids, *args)
+
+        monkeypatch.setattr(scoring, "paged_forward", counted)
+
+
+@pytest.mark.parametrize("budget", [3, 16, 4096])
+def test_every_token_against_a_plain_forward_pass(budget, monkeypatch):
+    """One pass (4096), groups of prompts (16) and prompts run in parts of 3 tokens."""
+    model = make_model("llama")
+    pool = _pool(model)
+    counted = Counted(monkeypatch)
+    got = score(model, pool, PROMPTS, tokens_per_pass=budget)
+    for p, g in zip(PROMPTS, got):
+        assert g.shape == (len(p) - 1,)
+        np.testing.assert_allclose(g, reference(model, p), rtol=0, atol=2e-5)
+    # 16: 21 alone in parts (16 + 5), 5 and 1 together, 40 alone (16 + 16 + 8), 16 alone
+    want = {4096: [sum(map(len, PROMPTS))], 16: [16, 5, 6, 16, 16, 8, 16], 3: [len(range(b, min(b + 3, len(p))))
+                                                          for p in PROMPTS for b in range(0, len(p), 3)]}
+    assert counted.passes == want[budget]
+    assert pool.stats().num_sequences == 0
+    pool.check_integrity()
+
+
+def test_a_shared_context_runs_once_and_is_found_again(monkeypatch):
+    """A multiple-choice question: a 30-token context scored with each of four
+    answers (start: the context's length). Its three full blocks run once in the
+    pass; a second call finds them (and the answers' blocks) committed."""
+    model = make_model("llama")
+    pool = _pool(model)
+    context = prompt(30, seed=7)
+    answers = [prompt(n, seed=20 + n) for n in (3, 6, 4, 5)]
+    ps = [context + a for a in answers]
+    counted = Counted(monkeypatch)
+    got = score(model, pool, ps, len(context))
+    for p, a, g in zip(ps, answers, got):
+        assert g.shape == (len(a),)
+        np.testing.assert_allclose(g, reference(model, p, len(context)), rtol=0, atol=2e-5)
+    # the first prompt whole; the others from the context's last full block on (24 of its 30 tokens shared)
+    assert counted.passes == [len(ps[0]) + sum(len(p) - 24 for p in ps[1:])]
+    again = score(model, pool, ps, len(context))
+    assert all(np.array_equal(a, b) for a, b in zip(again, got))
+    # (each prompt allocated to the position before its start: 29 tokens, 3 full blocks cached)
+    assert counted.passes[1] == sum(len(p) - 24 for p in ps)
+    pool.check_integrity()
+
+
+def test_starts_a_prompt_and_nothing_to_score():
+    model = make_model("llama")
+    pool = _pool(model)
+    starts = [21, 2, 1, 17, 9]  # the first: its length, nothing scored
+    got = score(model, pool, PROMPTS, np.array(starts), tokens_per_pass=12)
+    assert got[0].shape == (0,) and got[2].shape == (0,)
+    for p, s, g in zip(PROMPTS, starts, got):
+        np.testing.assert_allclose(g, reference(model, p, s), rtol=0, atol=2e-5)
+    pool.check_integrity()
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_windows_and_soft_caps(family):
+    """Sliding windows shorter than the prompts (and Gemma-2's soft cap), in parts
+    and in one pass."""
+    model = make_model(family)
+    pool = _pool(model)
+    for budget in (7, 4096):
+        got = score(model, pool, PROMPTS, tokens_per_pass=budget)
+        for p, g in zip(PROMPTS, got):
+            np.testing.assert_allclose(g, reference(model, p), rtol=0, atol=2e-5)
+    pool.check_integrity()
+
+
+def test_a_padded_batch_scores_each_prompts_own_tokens():
+    model = make_model("llama")
+    pool = _pool(model)
+    ps = PROMPTS[:2]
+    width = max(map(len, ps))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in ps])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps])
+    got = score(model, pool, input_ids=ids, attention_mask=mask)
+    want = score(model, pool, ps)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
+def test_through_a_daemon_client_the_embedded_scores():
+    pytest.importorskip("zmq")
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+
+    model = make_model("llama")
+    spec = spec_for_model(model, num_blocks=96, block_size=8)
+    want = score(model, KVPool(spec), PROMPTS, tokens_per_pass=16)
+    with running_server(spec) as server, Client(server.endpoint) as pool:
+        got = score(model, pool, PROMPTS, tokens_per_pass=16)
+        assert pool.stats().num_sequences == 0
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(start=0), "start of prompt 0 must be an int from 1"),
+    (dict(start=[1, 2, 1, 41, 1]), "start of prompt 3 .* its length 40, got 41"),
+    (dict(start=[1, 2]), "one int a prompt"),
+    (dict(start=1.5), "start must be an int"),
+    (dict(start=[1, 1, 1, True, 1]), "start of prompt 3"),
+    (dict(tokens_per_pass=0), "tokens_per_pass must be an int >= 1"),
+    (dict(tokens_per_pass=2.0), "tokens_per_pass must be an int >= 1"),
+])
+def test_bad_arguments_are_refused_before_anything_is_allocated(kwargs, needle):
+    model = make_model("llama")
+    pool = _pool(model)
+    before = pool.stats()
+    with pytest.raises(ValueError, match=needle):
+        score(model, pool, PROMPTS, **kwargs)
+    assert pool.stats() == before
+
+
+def test_a_model_with_recurrent_layers_is_refused_by_name():
+    pytest.importorskip("transformers.cache_utils")
+    from test_hf_recurrent import make, prompts
+
+    model = make("qwen3_5")
+    pool = _pool(model)
+    with pytest.raises(ValueError, match="recurrent layers"):
+        score(model, pool, prompts(9, 7))
+    assert pool.stats().num_sequences == 0 and pool.stats().used_blocks == 0
