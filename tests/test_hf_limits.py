@@ -1,7 +1,8 @@
-"""A limit of new tokens a prompt (``max_new_tokens`` as a list): each prompt's
-tokens are those it gets alone with its own limit, pipelined or not, greedy or
-sampled, with log-probabilities and for a model with recurrent layers; bad
-limits are refused before anything is allocated."""
+"""Where a prompt's generation ends: a limit of new tokens a prompt
+(``max_new_tokens`` as a list: each prompt's tokens those it gets alone with its
+own limit, pipelined or not, greedy or sampled, with log-probabilities and for a
+model with recurrent layers) and stop sequences (the new tokens end with one);
+bad limits and stop sequences are refused before anything is allocated."""
 
 from __future__ import annotations
 
@@ -88,3 +89,44 @@ def test_bad_limits_are_refused_before_anything_is_allocated(bad, needle):
         generate(model, pool, PROMPTS, bad)
     assert pool.stats() == before
     pool.check_integrity()
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_stop_sequences_end_a_prompt_where_its_tokens_end_with_one(pipeline):
+    """Two-token stop sequences taken from the free run's tokens: each row ends at
+    the first place its new tokens end with any of them (the sequence included), as
+    a plain scan of the free run says; the others run to their limit."""
+    model = make_model("llama")
+    pool = _pool(model)
+    free = generate(model, pool, PROMPTS, 12, eos_token_id=None, pipeline=pipeline)
+    stops = [free[0][3:5], free[2][6:8], [free[1][0]] * 5]  # the last: five of one token, unlikely to come
+
+    def cut(out):
+        for n in range(1, len(out) + 1):
+            if any(n >= len(s) and out[n - len(s) : n] == s for s in stops):
+                return out[:n]
+        return out
+
+    got = generate(model, pool, PROMPTS, 12, eos_token_id=None, stop_sequences=stops, pipeline=pipeline)
+    assert got == [cut(f) for f in free]
+    assert len(got[0]) <= 5 and len(got[2]) <= 8
+    assert generate(model, pool, PROMPTS, 12, eos_token_id=None, stop_sequences=[]) == free
+    assert pool.stats().num_sequences == 0
+    pool.check_integrity()
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ("12", "must be a list of token-id lists"),
+    ([3, 4], r"stop_sequences\[0\] must be a list of token ids"),
+    ([[3, 4], []], r"stop_sequences\[1\] must be a non-empty list"),
+    ([[3, 1.5]], r"stop_sequences\[0\] must be a non-empty list"),
+    ([[3, -1]], r"stop_sequences\[0\] must be a non-empty list"),
+    ([[True]], r"stop_sequences\[0\] must be a non-empty list"),
+])
+def test_bad_stop_sequences_are_refused_before_anything_is_allocated(bad, needle):
+    model = make_model("llama")
+    pool = _pool(model)
+    before = pool.stats()
+    with pytest.raises(ValueError, match=needle):
+        generate(model, pool, PROMPTS, 4, stop_sequences=bad)
+    assert pool.stats() == before

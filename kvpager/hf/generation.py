@@ -56,7 +56,7 @@ from kvpager.hf.model import (  # noqa: F401
     spec_for_model,
     text_config,
 )
-from kvpager.hf.padding import new_token_limits, prompts_given, token_lists
+from kvpager.hf.padding import new_token_limits, prompts_given, stop_sequences, token_lists
 from kvpager.hf.passes import HostBuffers, Owed, Pass
 from kvpager.hf.pipeline import DecodePasses
 from kvpager.hf.recurrent import Recurrent, has_recurrent_layers
@@ -108,6 +108,9 @@ class PagedGeneration(DecodePasses):
     #: how each prompt's tokens are drawn (`kvpager.hf.sampling.Sampling`: temperature, top-k, top-p,
     #: min-p, a seed), one for all or a list of one per prompt (None there: greedy); None: greedy
     sampling: Any = None
+    #: token-id sequences that end a prompt's generation where its new tokens end with one
+    #: (included, as an end token is); None: none
+    stop_sequences: Sequence[Sequence[int]] | None = None
     #: keep each new token's log-probability (`kvpager.hf.logprobs`: under the model's raw logits) and,
     #: where > 0, that many most likely tokens' at each position (`token_logprobs`, `top_logprobs`,
     #: `completions`); None: none kept
@@ -138,6 +141,7 @@ class PagedGeneration(DecodePasses):
         self._chunks = layer_chunks(self.model, self.pool.spec.block_size)  # chunked layers (Llama-4)
         self._fit = layer_fit(self.model)  # layers of other geometry than the pool's (Gemma-4)
         self._eos = end_tokens(self.eos_token_id)
+        self._stops = stop_sequences(self.stop_sequences)  # by last token
         if self.salt is None:
             self.salt = default_salt(self.model)
         self._recurrent = None  # a model with recurrent layers: their states (`kvpager.hf.recurrent`)
@@ -362,6 +366,7 @@ def generate(
     attention_mask: Any = None,
     sampling: Any = None,
     logprobs: int | None = None,
+    stop_sequences: Sequence[Sequence[int]] | None = None,
 ) -> list[list[int]] | list[Completion]:
     """Generation with the KV cache in ``pool``, greedy unless ``sampling`` (a
     `kvpager.hf.Sampling` for every prompt, a list of one per prompt, or "model":
@@ -369,7 +374,8 @@ def generate(
     `Sampling.from_model`). Returns the new token ids
     of each prompt: ``max_new_tokens`` of them (an int, or a list of one a
     prompt), or fewer where an end-of-sequence
-    token came (included, as transformers' ``generate`` does). ``eos_token_id``
+    token came (included, as transformers' ``generate`` does), or the new tokens
+    ended with one of ``stop_sequences`` (token-id lists; included). ``eos_token_id``
     defaults to the model's generation config ("model"); None never stops early.
     ``pipeline``: launch each decode pass before the last one's tokens reach the
     host (`PagedGeneration.pipeline`; the same tokens). ``compile`` (with
@@ -387,7 +393,8 @@ def generate(
         sampling = Sampling.from_model(model)
     with PagedGeneration(model, pool, prompts, max_new_tokens, salt, eos_token_id, cuda_graphs,
                          pipeline=pipeline, compile=compile, input_ids=input_ids,
-                         attention_mask=attention_mask, sampling=sampling, logprobs=logprobs) as gen:
+                         attention_mask=attention_mask, sampling=sampling, logprobs=logprobs,
+                         stop_sequences=stop_sequences) as gen:
         while not gen.done:
             gen.step()
         return gen.outputs if logprobs is None else gen.completions()

@@ -9,8 +9,9 @@ each row to the run where its mask is 1. Only padding is stripped: a mask whose
 shape than the prompts or values other than 0 and 1 are refused by name.
 `warn_if_padded` warns where a batch without a mask looks padded.
 `token_lists` turns what a caller passes as prompts into lists of token ids,
-`new_token_limits` its ``max_new_tokens`` into one a prompt; `prompts_given`
-takes them under either of their names.
+`new_token_limits` its ``max_new_tokens`` into one a prompt, `stop_sequences`
+its stop sequences by their last token; `prompts_given` takes the prompts under
+either of their names.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import torch
 from kvpager.errors import InvalidArgument
 from kvpager.validate import all_type, is_int
 
-__all__ = ["new_token_limits", "pad_token_ids", "prompts_given", "strip_padding", "token_lists", "warn_if_padded"]
+__all__ = ["new_token_limits", "pad_token_ids", "prompts_given", "stop_sequences", "strip_padding", "token_lists",
+           "warn_if_padded"]
 
 _MASK_KINDS = "biuf"  # bool, int, unsigned, float dtypes: their values are checked to be 0 or 1
 
@@ -240,3 +242,23 @@ def prompts_given(prompts: Any, input_ids: Any) -> Any:
     if prompts is not None:
         raise ValueError("prompts and input_ids were both given: they are two names for the prompts, give one")
     return input_ids
+
+
+def stop_sequences(stops: Any) -> dict[int, list[tuple[int, ...]]]:
+    """``stops`` (None, or a list of non-empty token-id lists) by their last token;
+    ValueError naming what is wrong."""
+    if stops is None:
+        return {}
+    if isinstance(stops, (str, bytes, Mapping)) or not hasattr(stops, "__iter__"):
+        raise ValueError(f"stop_sequences must be a list of token-id lists, got {stops!r}")
+    out: dict[int, list[tuple[int, ...]]] = {}
+    for k, seq in enumerate(stops):
+        if hasattr(seq, "tolist"):
+            seq = seq.tolist()
+        if isinstance(seq, (str, bytes, Mapping)) or not hasattr(seq, "__iter__"):
+            raise ValueError(f"stop_sequences[{k}] must be a list of token ids, got {seq!r}")
+        seq = list(seq)
+        if not seq or not all(is_int(t) and t >= 0 for t in seq):
+            raise ValueError(f"stop_sequences[{k}] must be a non-empty list of token ids (ints >= 0), got {seq!r}")
+        out.setdefault(int(seq[-1]), []).append(tuple(int(t) for t in seq))
+    return out

@@ -288,7 +288,7 @@ class DecodePasses:
         """Append each unfinished row's next token to its outputs (and its packed
         log-probabilities, a row of ``logprobs`` each, to what is kept); the rows that end now."""
         ended = []
-        finished, outputs, most, eos = self.finished, self.outputs, self._most, self._eos
+        finished, outputs, most, eos, stops = self.finished, self.outputs, self._most, self._eos, self._stops
         for k, (i, t) in enumerate(zip(rows, next_tokens)):
             if finished[i]:  # ended on an end token the pass before: this token is past it
                 continue
@@ -296,7 +296,8 @@ class DecodePasses:
             out.append(int(t))
             if logprobs is not None:
                 self._lp.add(i, logprobs[k])
-            if len(out) >= most[i] or t in eos:
+            if len(out) >= most[i] or t in eos or (t in stops and any(
+                    len(out) >= len(s) and tuple(out[-len(s):]) == s for s in stops[t])):
                 finished[i] = True
                 ended.append(i)
         return ended
