@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from test_hf_models import make_model, one_thread, prompt  # noqa: E402, F401
 
 from kvpager import KVPool  # noqa: E402
-from kvpager.hf import score, scoring, spec_for_model  # noqa: E402
+from kvpager.hf import Scores, generate, score, scoring, spec_for_model  # noqa: E402
 
 PROMPTS = [prompt(21, seed=1), prompt(5, seed=2), prompt(1, seed=3), prompt(40, seed=4), prompt(16, seed=5)]
 
@@ -89,6 +89,28 @@ def test_a_shared_context_runs_once_and_is_found_again(monkeypatch):
     pool.check_integrity()
 
 
+def test_the_top_tokens_and_is_greedy():
+    """``top=k``: each position's k most likely tokens and theirs (the plain forward
+    pass's top-k), most likely first; ``top_ids[:, 0] == tokens`` is an evaluation's
+    "is greedy", true for tokens that are the model's own greedy continuation."""
+    model = make_model("llama")
+    pool = _pool(model)
+    greedy = generate(model, pool, [PROMPTS[0]], 6, eos_token_id=None)[0]
+    ps = [PROMPTS[0] + greedy, PROMPTS[3]]
+    got = score(model, pool, ps, [len(PROMPTS[0]), 1], top=3, tokens_per_pass=11)
+    for p, s, g in zip(ps, [len(PROMPTS[0]), 1], got):
+        assert isinstance(g, Scores) and g.top_ids.shape == g.top_logprobs.shape == (len(p) - s, 3)
+        np.testing.assert_allclose(g.logprobs, reference(model, p, s), rtol=0, atol=2e-5)
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids).logits[0, s - 1 : len(p) - 1].double(), dim=-1)
+        best, which = torch.topk(lp, 3, dim=-1)
+        np.testing.assert_array_equal(g.top_ids, which.numpy())
+        np.testing.assert_allclose(g.top_logprobs, best.numpy(), rtol=0, atol=2e-5)
+    assert (got[0].top_ids[:, 0] == greedy).all()  # the greedy continuation: greedy everywhere
+    assert not (got[1].top_ids[:, 0] == PROMPTS[3][1:]).all()  # random tokens are not
+
+
 def test_starts_a_prompt_and_nothing_to_score():
     model = make_model("llama")
     pool = _pool(model)
@@ -149,6 +171,9 @@ def test_through_a_daemon_client_the_embedded_scores():
     (dict(start=[1, 1, 1, True, 1]), "start of prompt 3"),
     (dict(tokens_per_pass=0), "tokens_per_pass must be an int >= 1"),
     (dict(tokens_per_pass=2.0), "tokens_per_pass must be an int >= 1"),
+    (dict(top=-1), "top must be an int from 0"),
+    (dict(top=True), "top must be an int from 0"),
+    (dict(top=10**6), "top must be an int from 0 to the model's vocabulary size"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_allocated(kwargs, needle):
     model = make_model("llama")

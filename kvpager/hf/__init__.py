@@ -50,7 +50,7 @@ from kvpager.hf.model import (
 )
 from kvpager.hf.salt import default_salt
 from kvpager.hf.sampling import Sampling
-from kvpager.hf.scoring import score
+from kvpager.hf.scoring import Scores, score
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -59,6 +59,7 @@ __all__ = [
     "PagedBatch",
     "PagedGeneration",
     "Sampling",
+    "Scores",
     "bucket_for",
     "calibrate_kv_scales",
     "check_call",

@@ -15,6 +15,10 @@ fills: the context of a multiple-choice question, scored with each of its
 answers (``start`` = the context's length), runs once. Blocks are committed as
 a generation's are, so later calls and generations find them.
 
+With ``top=k``, each position's k most likely tokens come too (`Scores`):
+``top_ids[:, 0] == tokens`` says where a token was the model's greedy choice
+(an evaluation's "is greedy").
+
 Passes are bounded by ``tokens_per_pass`` (tokens run and logits kept): prompts
 go in groups whose tokens fit one pass, one pass a group (the blocks a group
 shares are then written in its own pass); a prompt longer than that runs
@@ -24,6 +28,7 @@ alone, in parts, each over the K/V of the parts before it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,22 +50,34 @@ from kvpager.hf.salt import default_salt
 from kvpager.spec import dtype_name
 from kvpager.validate import is_int
 
-__all__ = ["score"]
+__all__ = ["Scores", "score"]
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+@dataclass
+class Scores:
+    """One prompt's scored tokens with the most likely at each position (`score`
+    with ``top``): ``logprobs`` [n] float64, as `score` gives them alone;
+    ``top_ids`` [n, k] int64 and ``top_logprobs`` [n, k] float64, most likely first."""
+
+    logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+
+
 def score(model: Any, pool: Any, prompts: Any = None, start: int | Sequence[int] = 1,
           salt: str | bytes | None = None, *, input_ids: Any = None, attention_mask: Any = None,
-          tokens_per_pass: int = 2048) -> list[np.ndarray]:
+          top: int = 0, tokens_per_pass: int = 2048) -> list[np.ndarray] | list[Scores]:
     """Each prompt's tokens from ``start`` on (an int for all, or one a prompt; 1 to
     the prompt's length), scored: a float64 array of each one's log-probability
     under ``model`` given the tokens before it (empty where ``start`` is the
     prompt's length). ``prompts`` as `generate` takes them (lists, tensors, a
     tokenizer's output with ``attention_mask``, or ``input_ids=``); ``salt``: the
     prefix cache's (default: the model's, as `generate`'s); ``tokens_per_pass``:
-    the most tokens a forward pass runs (module docstring). Sequences are freed
-    before it returns; what it wrote stays cached for later calls."""
+    the most tokens a forward pass runs (module docstring); ``top`` > 0: a `Scores`
+    a prompt instead, with each position's ``top`` most likely tokens. Sequences are
+    freed before it returns; what it wrote stays cached for later calls."""
     check_model_and_pool(model, pool)
     prompts = token_lists(prompts_given(prompts, input_ids), model, attention_mask)
     if has_recurrent_layers(model):
@@ -70,11 +87,17 @@ def score(model: Any, pool: Any, prompts: Any = None, start: int | Sequence[int]
     starts = _starts(start, prompts)
     if not is_int(tokens_per_pass) or tokens_per_pass < 1:
         raise ValueError(f"tokens_per_pass must be an int >= 1, got {tokens_per_pass!r}")
-    scorer = _Scorer(model, pool, default_salt(model) if salt is None else salt, int(tokens_per_pass))
-    out = [np.zeros(len(p) - s) for p, s in zip(prompts, starts)]
+    vocab = getattr(text_config(model), "vocab_size", None)
+    if not is_int(top) or not 0 <= top <= (vocab if is_int(vocab) else top):
+        raise ValueError(f"top must be an int from 0 to the model's vocabulary size ({vocab}), got {top!r}")
+    k = int(top)
+    scorer = _Scorer(model, pool, default_salt(model) if salt is None else salt, int(tokens_per_pass), k)
+    out = [np.zeros((len(p) - s, 1 + 2 * k)) for p, s in zip(prompts, starts)]  # (`TokenLogprobs.of` rows)
     for group in _groups([len(p) for p in prompts], tokens_per_pass):
         scorer.run([prompts[i] for i in group], [starts[i] for i in group], [out[i] for i in group])
-    return out
+    if not k:
+        return [o[:, 0].copy() for o in out]
+    return [Scores(o[:, 0].copy(), o[:, 1 + k :].astype(np.int64), o[:, 1 : 1 + k].copy()) for o in out]
 
 
 def _starts(start: Any, prompts: list[list[int]]) -> list[int]:
@@ -112,7 +135,7 @@ def _groups(lens: list[int], budget: int) -> list[list[int]]:
 class _Scorer:
     """The passes of one `score` call over its pool."""
 
-    def __init__(self, model: Any, pool: Any, salt: Any, budget: int):
+    def __init__(self, model: Any, pool: Any, salt: Any, budget: int, top: int):
         self.model, self.pool, self.salt, self.budget = model, pool, salt, budget
         self.windows = check_model(model, pool)
         self.layers = layer_map(model)
@@ -122,7 +145,7 @@ class _Scorer:
         self.device = next(model.parameters()).device
         self.pool_dtype = _TORCH_DTYPES[dtype_name(pool.spec.dtype)]
         self.pool_device = torch.device(str(getattr(pool, "device", "cpu")))
-        self.lp = TokenLogprobs(0, 0)  # (its kernel, kept across passes)
+        self.lp = TokenLogprobs(top, 0)  # (its kernel, kept across passes)
 
     def run(self, prompts: list[list[int]], starts: list[int], out: list[np.ndarray]) -> None:
         """One group: allocated up to the position before each start (what the cache
@@ -179,5 +202,5 @@ class _Scorer:
             if not keep:  # (a part with no token to score: its K/V written, nothing kept)
                 return
             values = self.lp.of(logits, torch.tensor(targets, dtype=torch.long, device=logits.device))
-        for (k, j), v in zip(where, values[:, 0].cpu().numpy()):
+        for (k, j), v in zip(where, values.cpu().numpy()):
             out[k][j] = v
