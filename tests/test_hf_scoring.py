@@ -184,6 +184,21 @@ def test_bad_arguments_are_refused_before_anything_is_allocated(kwargs, needle):
     assert pool.stats() == before
 
 
+def test_a_pool_too_small_leaves_nothing_behind():
+    """A group that needs more blocks than the pool holds: its allocation (or append)
+    fails with the pool's typed error, and what the groups before it held is back."""
+    from kvpager.errors import OutOfBlocks
+
+    model = make_model("llama")
+    pool = _pool(model, blocks=4)  # 32 tokens: the 40-token prompt cannot be held
+    with pytest.raises(OutOfBlocks):
+        score(model, pool, PROMPTS, tokens_per_pass=16)
+    assert pool.stats().num_sequences == 0
+    pool.check_integrity()
+    got = score(model, pool, PROMPTS[:3], tokens_per_pass=16)  # the pool still serves
+    np.testing.assert_allclose(got[0], reference(model, PROMPTS[0]), rtol=0, atol=2e-5)
+
+
 def test_a_model_with_recurrent_layers_is_refused_by_name():
     pytest.importorskip("transformers.cache_utils")
     from test_hf_recurrent import make, prompts
