@@ -122,10 +122,12 @@ def test_starts_a_prompt_and_nothing_to_score():
     pool.check_integrity()
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2"])
-def test_windows_and_soft_caps(family):
-    """Sliding windows shorter than the prompts (and Gemma-2's soft cap), in parts
-    and in one pass."""
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gpt_oss", "deepseek_v3", "gemma3n", "llama4"])
+def test_families_attention_arguments(family):
+    """Sliding windows shorter than the prompts (Mistral), with Gemma-2's soft cap and
+    GPT-OSS's sinks; DeepSeek-V3's latent attention (v narrower than q and k);
+    Gemma-3n's layers that attend over an earlier layer's K/V; Llama-4's chunked
+    layers and queries scaled by position: in parts and in one pass."""
     model = make_model(family)
     pool = _pool(model)
     for budget in (7, 4096):
