@@ -97,3 +97,18 @@ def test_greedy_with_a_repetition_penalty_gives_transformers_tokens_captured():
     s = Sampling(temperature=0, repetition_penalty=1.8)
     for options in (dict(pipeline=False), dict(cuda_graphs=True)):
         assert generate(model, _pool(model, "cuda:0"), ps, 16, sampling=s, eos_token_id=None, **options) == want
+
+
+def test_bias_and_min_tokens_give_the_cpu_tokens_on_every_path():
+    """`Sampling.logit_bias` and `min_tokens` (the logits changed on the device before
+    the kernel): the CPU backend's tokens eager, pipelined and captured."""
+    model = make_model("llama", **GPU_SIZES)
+    ps = [prompt(n, seed=70 + n) for n in (5, 17, 30)]
+    free = generate(model, _pool(model, "cpu"), ps, 1, eos_token_id=None)
+    eos = free[0][0]
+    ss = [Sampling(temperature=0, logit_bias={7: 2.0, 11: float("-inf")}, min_tokens=3),
+          Sampling(temperature=1.3, seed=5, logit_bias={eos: 1.0}, min_tokens=2), None]
+    cpu = generate(model, _pool(model, "cpu"), ps, 10, sampling=ss, eos_token_id=eos)
+    model = model.cuda()
+    for options in (dict(pipeline=False), {}, dict(cuda_graphs=True)):
+        assert generate(model, _pool(model, "cuda:0"), ps, 10, sampling=ss, eos_token_id=eos, **options) == cpu

@@ -131,7 +131,8 @@ class PagedGeneration(DecodePasses):
         check_model_and_pool(self.model, self.pool)
         self.prompts = token_lists(prompts_given(self.prompts, input_ids), self.model, attention_mask)
         self._most = new_token_limits(self.max_new_tokens, len(self.prompts))  # each prompt's
-        self._sampler = Sampler(self.sampling, len(self.prompts), self.prompts)
+        self._eos = end_tokens(self.eos_token_id)
+        self._sampler = Sampler(self.sampling, len(self.prompts), self.prompts, self._eos)
         self.logprobs = check_logprobs(self.logprobs, getattr(text_config(self.model), "vocab_size", None))
         self._lp = None if self.logprobs is None else TokenLogprobs(self.logprobs, len(self.prompts))
         # passes give logits (not greedy tokens) where a row draws, is penalized, or logprobs are kept
@@ -140,7 +141,6 @@ class PagedGeneration(DecodePasses):
         self._layers = layer_map(self.model)  # layers that reuse an earlier layer's K/V (Gemma-3n)
         self._chunks = layer_chunks(self.model, self.pool.spec.block_size)  # chunked layers (Llama-4)
         self._fit = layer_fit(self.model)  # layers of other geometry than the pool's (Gemma-4)
-        self._eos = end_tokens(self.eos_token_id)
         self._stops = stop_sequences(self.stop_sequences)  # by last token
         if self.salt is None:
             self.salt = default_salt(self.model)

@@ -20,7 +20,7 @@ for the host.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,11 +29,35 @@ import torch
 
 from kvpager.hf import draw_kernel
 from kvpager.hf.draws import penalize, sample
-from kvpager.hf.passes import to_device
+from kvpager.hf.passes import array_to_device, to_device
 from kvpager.validate import is_int
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` ({id: bias}, (id, bias) pairs or None) as sorted pairs, one a
+    token; ValueError naming what is wrong."""
+    if bias is None:
+        return ()
+    try:
+        items = list(bias.items()) if isinstance(bias, Mapping) else [tuple(p) for p in bias]
+    except TypeError:
+        items = None
+    if items is None or isinstance(bias, (str, bytes)) or any(len(p) != 2 for p in items):
+        raise ValueError(f"logit_bias must be a {{token id: bias}} dict or (id, bias) pairs, got {bias!r}")
+    out: dict[int, float] = {}
+    for t, b in items:
+        if not is_int(t) or t < 0:
+            raise ValueError(f"logit_bias: token ids must be ints >= 0, got {t!r}")
+        if isinstance(b, bool) or not isinstance(b, (int, float, np.floating, np.integer)) or math.isnan(b) \
+                or b == math.inf:
+            raise ValueError(f"logit_bias of token {t} must be a number (-inf: never chosen), got {b!r}")
+        if int(t) in out:
+            raise ValueError(f"logit_bias names token {t} twice")
+        out[int(t)] = float(b)
+    return tuple(sorted(out.items()))
 
 
 @dataclass(frozen=True)
@@ -53,7 +77,13 @@ class Sampling:
     logit of every token of the prompt or generated so far divided by it where
     positive, multiplied where negative; 1.0: none), ``presence_penalty`` and
     ``frequency_penalty`` (OpenAI's: subtracted from the logit of each token
-    generated so far, once, and once for each time it was; 0.0: none)."""
+    generated so far, once, and once for each time it was; 0.0: none).
+
+    Before them, as transformers' processors come: ``logit_bias`` ({token id:
+    bias}, or (id, bias) pairs; OpenAI's, transformers' ``sequence_bias`` of
+    single tokens): added to those tokens' logits (-inf: never chosen);
+    ``min_tokens`` (transformers' ``min_new_tokens``, vLLM's): no end token
+    (the generation's ``eos_token_id``) among the first that many new tokens."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -63,8 +93,14 @@ class Sampling:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    #: kept as ((id, bias), ...) sorted by id, so a Sampling stays hashable
+    logit_bias: Any = None
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+        if not is_int(self.min_tokens) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an int >= 0 (0: none), got {self.min_tokens!r}")
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {t!r}")
@@ -96,21 +132,32 @@ class Sampling:
     def penalized(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
+    @property
+    def adjusts(self) -> bool:
+        """Whether the logits are changed before the penalties (a bias, or end tokens held off)."""
+        return bool(self.logit_bias) or self.min_tokens > 0
+
     @classmethod
     def from_model(cls, model: Any, seed: int | None = None) -> Sampling | None:
         """What ``model``'s generation config asks of transformers' ``generate``: a
         `Sampling` of its temperature, top-k, top-p, min-p and repetition penalty
         where it samples (``do_sample``); where it is greedy, None, or a greedy
-        `Sampling` of its repetition penalty. Other settings that change the
-        distribution (typical, epsilon, eta or top-h sampling, beams, n-gram
-        bans) are refused by name, not left out."""
+        `Sampling` of its repetition penalty; both with its single tokens' biases
+        (``sequence_bias``, ``suppress_tokens``, ``bad_words_ids``: -inf) and
+        ``min_new_tokens``. Other settings that change the distribution (typical,
+        epsilon, eta or top-h sampling, beams, n-gram bans, biases or bans of
+        sequences of several tokens, ``min_length``, forced or begin-suppressed
+        tokens, a length penalty's decay) are refused by name, not left out."""
         config = getattr(model, "generation_config", None)
         if config is None:
             return None
         penalty = getattr(config, "repetition_penalty", None)
         penalty = 1.0 if penalty is None else float(penalty)
+        bias, least = _config_adjustments(config)
         if not getattr(config, "do_sample", False):
-            return None if penalty == 1.0 else cls(temperature=0, repetition_penalty=penalty, seed=seed)
+            if penalty == 1.0 and not bias and not least:
+                return None
+            return cls(temperature=0, repetition_penalty=penalty, logit_bias=bias, min_tokens=least, seed=seed)
         for name, neutral in (("typical_p", 1.0), ("epsilon_cutoff", 0.0), ("top_h", None),
                               ("eta_cutoff", 0.0), ("num_beams", 1), ("no_repeat_ngram_size", 0)):
             value = getattr(config, name, None)
@@ -125,7 +172,36 @@ class Sampling:
         # (transformers' values for those its config leaves unset: top-k 50)
         return cls(temperature=float(get("temperature", 1.0)), top_k=int(get("top_k", 50)),
                    top_p=float(get("top_p", 1.0)), min_p=float(get("min_p", 0.0)), seed=seed,
-                   repetition_penalty=penalty)
+                   repetition_penalty=penalty, logit_bias=bias, min_tokens=least)
+
+
+def _config_adjustments(config: Any) -> tuple[dict[int, float], int]:
+    """A generation config's single-token biases ({id: bias}: ``sequence_bias``,
+    ``suppress_tokens`` and ``bad_words_ids`` as -inf) and ``min_new_tokens``;
+    ValueError naming a setting kvpager does not apply."""
+    for name, neutral in (("min_length", 0), ("begin_suppress_tokens", None), ("forced_bos_token_id", None),
+                          ("forced_eos_token_id", None), ("exponential_decay_length_penalty", None)):
+        value = getattr(config, name, None)
+        if value is not None and value != neutral:
+            raise ValueError(f"the model's generation config sets {name}={value!r}, which kvpager's sampling does "
+                             "not apply: pass a Sampling of your own (min_tokens counts new tokens)")
+    bias: dict[int, float] = {}
+    sequence_bias = getattr(config, "sequence_bias", None) or {}
+    # (a dict of id tuples, or its JSON form: [[ids, bias], ...])
+    for key, value in sequence_bias.items() if isinstance(sequence_bias, Mapping) else sequence_bias:
+        ids = list(key) if isinstance(key, (list, tuple)) else [key]
+        if len(ids) != 1:
+            raise ValueError(f"the model's generation config biases the sequence {key!r}: kvpager biases single "
+                             "tokens alone (Sampling.logit_bias)")
+        bias[int(ids[0])] = bias.get(int(ids[0]), 0.0) + float(value)
+    for t in getattr(config, "suppress_tokens", None) or ():
+        bias[int(t)] = float("-inf")
+    for words in getattr(config, "bad_words_ids", None) or ():
+        if len(words) != 1:
+            raise ValueError(f"the model's generation config bans the sequence {words!r}: kvpager bans single "
+                             "tokens alone (Sampling.logit_bias of -inf)")
+        bias[int(words[0])] = float("-inf")
+    return bias, int(getattr(config, "min_new_tokens", None) or 0)
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
@@ -155,7 +231,7 @@ class Sampler:
     give their greedy tokens, not logits)."""
 
     def __init__(self, sampling: Sampling | Sequence[Sampling | None] | None, n: int,
-                 prompts: Sequence[Sequence[int]] | None = None):
+                 prompts: Sequence[Sequence[int]] | None = None, eos: set[int] | None = None):
         if isinstance(sampling, Sampling) or sampling is None:
             per = [sampling] * n
         elif isinstance(sampling, (str, bytes)) or not isinstance(sampling, Sequence):
@@ -173,7 +249,14 @@ class Sampler:
                                  s.presence_penalty, s.frequency_penalty) for s in on], dtype=np.float64)
         self.repeats = bool((self.params[:, 4] != 1).any())  # prompt and output tokens seen, per prompt
         self.counts = bool((self.params[:, 5:7] != 0).any())  # output tokens counted, per prompt
-        self.plain = bool(self.greedy.all()) and not (self.repeats or self.counts)
+        # logits changed first (`_adjusted`): each row's bias entries, flat; its end tokens held off
+        self.bias = [(i, t, b) for i, s in enumerate(on) for t, b in s.logit_bias]
+        self.min_tokens = np.array([s.min_tokens for s in on], dtype=np.int64)
+        self.eos = np.array(sorted(eos or ()), dtype=np.int64)
+        if not len(self.eos):
+            self.min_tokens[:] = 0  # (no end token to hold off)
+        self.plain = bool(self.greedy.all()) and not (self.repeats or self.counts or self.bias
+                                                      or self.min_tokens.any())
         if self.repeats and prompts is None:
             raise ValueError("a repetition penalty needs the prompts (Sampler(..., prompts=))")
         self.prompts = prompts
@@ -203,6 +286,7 @@ class Sampler:
         if self.plain:
             return logits.argmax(dim=1)
         index = np.asarray(rows, dtype=np.int64)
+        logits = self._adjusted(logits, index, np.asarray(draws, dtype=np.int64))
         params = self.params[index]
         greedy = self.greedy[index]
         temperature = np.where(greedy | (params[:, 0] <= 0), 1.0, params[:, 0])
@@ -225,6 +309,29 @@ class Sampler:
         if record:
             self._record(at.to(logits.device), tokens)
         return tokens
+
+    def _adjusted(self, logits: torch.Tensor, index: np.ndarray, draws: np.ndarray) -> torch.Tensor:
+        """``logits`` of the rows ``index`` (each drawing its token number ``draws``)
+        with their biases added and their end tokens at -inf where they are held off
+        (``min_tokens``): a float32 copy, where any row of the pass has either; else
+        ``logits`` themselves (the pass's raw logits stay as they are)."""
+        held = np.flatnonzero(draws < self.min_tokens[index]) if self.min_tokens.any() else ()
+        at = {r: k for k, r in enumerate(index.tolist())} if self.bias else {}
+        bias = [(at[i], t, b) for i, t, b in self.bias if i in at and t < logits.shape[1]]
+        if not bias and not len(held):
+            return logits
+        out = logits.float().clone() if logits.dtype == torch.float32 else logits.float()
+        if bias:
+            rows, ids, values = zip(*bias)
+            where = to_device(list(rows) + list(ids), out.device)[0].view(2, -1)
+            vals = array_to_device(np.asarray(values, dtype=np.float32), out.device)
+            out.index_put_((where[0], where[1]), vals, accumulate=True)
+        if len(held):
+            eos = self.eos[self.eos < logits.shape[1]]
+            cells = to_device(np.repeat(held, len(eos)).tolist() + np.tile(eos, len(held)).tolist(), out.device)
+            cells = cells[0].view(2, -1)
+            out[cells[0], cells[1]] = float("-inf")
+        return out
 
     def note(self, rows: Sequence[int], tokens: Sequence[int], device: torch.device) -> None:
         """The prefill's first new tokens of prompts ``rows``, for the penalties."""
