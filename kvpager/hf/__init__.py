@@ -25,6 +25,7 @@ try:
 except ImportError as e:  # say what to install, not only what is missing
     raise ImportError(f"kvpager.hf needs torch and transformers: pip install 'kvpager[torch]' ({e})") from e
 
+from kvpager.hf.beams import Beams, beam_search
 from kvpager.hf.fp8 import calibrate_kv_scales
 from kvpager.hf.generation import (
     ATTN_IMPLEMENTATION,
@@ -54,12 +55,14 @@ from kvpager.hf.scoring import Scores, score
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "Beams",
     "Completion",
     "DecodeGraphs",
     "PagedBatch",
     "PagedGeneration",
     "Sampling",
     "Scores",
+    "beam_search",
     "bucket_for",
     "calibrate_kv_scales",
     "check_call",

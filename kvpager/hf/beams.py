@@ -1,0 +1,256 @@
+"""Beam search with the KV cache in a kvpager pool: each beam a sequence, forked from its parent.
+
+``beam_search(model, pool, prompts, max_new_tokens, num_beams)`` keeps
+``num_beams`` running beams a prompt, as transformers' ``generate(num_beams=...,
+do_sample=False)`` does, and gives each prompt's best finished hypotheses with
+their scores, the same tokens as transformers' (`tests/test_hf_beams.py`).
+
+Where transformers keeps a cache row per beam and reorders every layer's K/V
+after each step (a copy of each beam's whole cache), a beam here is a kvpager
+sequence: a beam continued by several new beams is forked (`KVPool.fork`: its
+blocks shared, nothing copied), the last block copied only when a child
+appends to it (copy on write), and a beam continued by none is freed. The
+prompt is prefilled once, not once a beam. So a step's KV work is one token a
+beam, and KV memory grows with what the beams do not share.
+
+Each step (all prompts' beams in one forward pass, a token each):
+1. the log-softmax (float32) of each beam's logits plus its running score;
+   the ``2 * num_beams`` best continuations of each prompt (``(1 + end tokens)
+   * num_beams`` where there are several end tokens) over all its beams;
+2. a continuation that ends (an end token, or ``max_new_tokens`` reached)
+   among the ``num_beams`` best becomes a finished hypothesis, scored by its
+   sum of log-probabilities over ``new tokens ** length_penalty``; the finished
+   keep the ``num_beams`` best;
+3. the ``num_beams`` best continuations that do not end run on;
+4. a prompt is done once no running beam can beat its worst finished
+   hypothesis (``early_stopping=False``: judged at the current length;
+   ``"never"``: at ``max_new_tokens``), or, with ``early_stopping=True``, once
+   it has ``num_beams`` finished. The search stops when every prompt is done,
+   or no continuation can go on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvpager.hf.attention import PagedBatch, paged_attention, paged_forward
+from kvpager.hf.model import (
+    check_model,
+    check_model_and_pool,
+    end_tokens,
+    has_recurrent_layers,
+    layer_chunks,
+    layer_fit,
+    layer_map,
+    text_config,
+)
+from kvpager.hf.padding import prompts_given, token_lists
+from kvpager.hf.salt import default_salt
+from kvpager.spec import dtype_name
+from kvpager.validate import is_int
+
+__all__ = ["Beams", "beam_search"]
+
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_FAR = -1.0e9  # a score no candidate can win with (transformers' own)
+
+
+@dataclass
+class Beams:
+    """One prompt's best finished hypotheses, best first: each one's new tokens
+    (an end token included where it ended on one) and its score (its tokens'
+    summed log-probabilities over their count ** ``length_penalty``)."""
+
+    tokens: list[list[int]]
+    scores: list[float]
+
+
+def beam_search(model: Any, pool: Any, prompts: Any = None, max_new_tokens: int = None,  # type: ignore[assignment]
+                num_beams: int = 4, num_return_sequences: int = 1, length_penalty: float = 1.0,
+                early_stopping: bool | str = False, eos_token_id: Any = "model", salt: str | bytes | None = None,
+                *, input_ids: Any = None, attention_mask: Any = None) -> list[Beams]:
+    """Beam search of each prompt (the module docstring), ``num_beams`` beams a
+    prompt; its ``num_return_sequences`` best hypotheses (`Beams`). ``prompts`` as
+    `generate` takes them; ``eos_token_id`` defaults to the model's generation
+    config ("model"); ``early_stopping``: False, True or "never", as transformers'.
+    Sequences are freed before it returns; the prompts' blocks stay cached."""
+    check_model_and_pool(model, pool)
+    prompts = token_lists(prompts_given(prompts, input_ids), model, attention_mask)
+    if has_recurrent_layers(model):
+        raise ValueError(f"beam_search: {type(model).__name__} has recurrent layers, whose states kvpager.hf does "
+                         "not fork")
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not is_int(num_beams) or num_beams < 1:
+        raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+    if not is_int(num_return_sequences) or not 1 <= num_return_sequences <= num_beams:
+        raise ValueError(f"num_return_sequences must be an int from 1 to num_beams ({num_beams}), "
+                         f"got {num_return_sequences!r}")
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
+            or not np.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
+    if early_stopping not in (False, True, "never") or early_stopping is None:
+        raise ValueError(f"early_stopping must be False, True or 'never', got {early_stopping!r}")
+    if isinstance(eos_token_id, str) and eos_token_id == "model":
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    search = _Search(model, pool, prompts, int(max_new_tokens), int(num_beams), float(length_penalty),
+                     early_stopping, end_tokens(eos_token_id), default_salt(model) if salt is None else salt)
+    try:
+        search.run()
+    finally:
+        search.close()
+    return [Beams([list(t) for t in toks[:num_return_sequences]], [float(s) for s in scores[:num_return_sequences]])
+            for toks, scores in search.results()]
+
+
+class _Search:
+    """The state of one `beam_search`: per prompt its running beams (a sequence,
+    tokens and score each) and its finished hypotheses, as tensors [B, K] where
+    the step's selection needs them."""
+
+    def __init__(self, model: Any, pool: Any, prompts: list[list[int]], most: int, beams: int, penalty: float,
+                 early: bool | str, eos: set[int], salt: Any):
+        self.model, self.pool, self.prompts, self.most, self.k = model, pool, prompts, most, beams
+        self.penalty, self.early, self.salt = penalty, early, salt
+        self.eos = torch.tensor(sorted(eos), dtype=torch.long)
+        self.keep = max(2, 1 + len(eos)) * beams  # continuations weighed a step
+        self.windows = check_model(model, pool)
+        self.layers, self.chunks, self.fit = layer_map(model), layer_chunks(model, pool.spec.block_size), \
+            layer_fit(model)
+        self.heads = text_config(model).num_attention_heads
+        self.device = next(model.parameters()).device
+        self.pool_dtype = _TORCH_DTYPES[dtype_name(pool.spec.dtype)]
+        self.pool_device = torch.device(str(getattr(pool, "device", "cpu")))
+        b = len(prompts)
+        self.seqs: list[list[int | None]] = [[None] * beams for _ in range(b)]  # running beams' sequences
+        self.tokens: list[list[list[int]]] = [[[] for _ in range(beams)] for _ in range(b)]
+        self.scores = torch.zeros((b, beams))
+        self.scores[:, 1:] = _FAR  # (the first step: every beam is the prompt; only the first counts)
+        self.done_tokens: list[list[list[int]]] = [[[] for _ in range(beams)] for _ in range(b)]
+        self.done_scores = torch.full((b, beams), _FAR)
+        self.finished = torch.zeros((b, beams), dtype=torch.bool)
+        self.open = torch.ones((b, 1), dtype=torch.bool)  # a running beam may still beat the worst finished
+        self.held: set[int] = set()
+
+    def run(self) -> None:
+        logits = self._prefill()  # [B, V]: every beam of a prompt is the prompt itself
+        logits = logits.repeat_interleave(self.k, dim=0)
+        new = 0  # new tokens so far
+        while True:
+            parents, next_tokens, go_on = self._select(logits, new)
+            new += 1
+            if not go_on:
+                return
+            logits = self._step(parents, next_tokens, new)
+
+    def _prefill(self) -> torch.Tensor:
+        allocs = self.pool.allocate(self.prompts, self.salt, share_in_batch=True)
+        for b, a in enumerate(allocs):
+            self.seqs[b][0] = a.seq_id
+            self.held.add(a.seq_id)
+        tokens = [p[a.num_cached_tokens :] for p, a in zip(self.prompts, allocs)]
+        positions = [range(a.num_cached_tokens, len(p)) for p, a in zip(self.prompts, allocs)]
+        slots = np.concatenate([np.asarray(a.slots, dtype=np.int64) for a in allocs])
+        lens = [len(t) for t in tokens]
+        ends = torch.as_tensor(np.cumsum(lens) - 1, device=self.device)
+        logits = self._forward([a.seq_id for a in allocs], lens, tokens, positions, slots, ends)
+        self._commit([a.seq_id for a in allocs])
+        return logits
+
+    def _select(self, logits: torch.Tensor, new: int) -> tuple[list[list[int]], list[list[int]], bool]:
+        """One step's choice from the running beams' ``logits`` [B * K, V] (``new``
+        tokens generated before it): the finished hypotheses updated, each running
+        beam's parent and token; whether the search goes on."""
+        b, k = len(self.prompts), self.k
+        lp = torch.log_softmax(logits.float(), dim=-1).cpu().view(b, k, -1)
+        vocab = lp.shape[-1]
+        total = (lp + self.scores[:, :, None]).view(b, -1)
+        top, index = torch.topk(total, self.keep)  # [B, keep]
+        parent, token = index // vocab, index % vocab
+        ends = torch.isin(token, self.eos) | (new + 1 >= self.most)
+        # the running beams: the best continuations that do not end
+        ranked = top + ends.float() * _FAR
+        run_at = torch.topk(ranked, k)[1]
+        # the finished: the best of those that end, among the k best, with what was finished
+        scored = top / ((new + 1) ** self.penalty)
+        full = self.finished.all(dim=-1, keepdim=True) & (self.early is True)
+        just = ends & (torch.arange(self.keep) < k)[None, :]
+        scored = scored + full.float() * _FAR + (~self.open).float() * _FAR + (~just).float() * _FAR
+        merged = torch.cat([self.done_scores, scored], dim=1)
+        keep_at = torch.topk(merged, k)[1]
+        was_finished = torch.cat([self.finished, just], dim=1)
+        for i in range(b):
+            cand = [self.tokens[i][p] + [t] for p, t in zip(parent[i].tolist(), token[i].tolist())]
+            pool = self.done_tokens[i] + cand
+            self.done_tokens[i] = [pool[j] for j in keep_at[i].tolist()]
+        self.done_scores = merged.gather(1, keep_at)
+        self.finished = was_finished.gather(1, keep_at)
+        self.scores = ranked.gather(1, run_at)
+        parents = parent.gather(1, run_at).tolist()
+        next_tokens = token.gather(1, run_at).tolist()
+        for i in range(b):
+            self.tokens[i] = [self.tokens[i][p] + [t] for p, t in zip(parents[i], next_tokens[i])]
+        # can a running beam still beat the worst finished hypothesis?
+        length = self.most if self.early == "never" and self.penalty > 0 else new + 1
+        best = self.scores[:, :1] / (length ** self.penalty)
+        worst = torch.where(self.finished, self.done_scores.min(dim=1, keepdim=True)[0], torch.tensor(_FAR))
+        self.open = self.open & (best > worst).any(dim=-1, keepdim=True)
+        go_on = bool(self.open.any()) and not (bool(self.finished.all()) and self.early is True) \
+            and not bool(ends.all())
+        return parents, next_tokens, go_on
+
+    def _step(self, parents: list[list[int]], next_tokens: list[list[int]], new: int) -> torch.Tensor:
+        """The running beams' sequences for this step (a parent continued by several
+        beams forked, one continued by none freed), each fed its token: the pass's
+        logits [B * K, V]."""
+        seqs: list[list[int]] = []
+        for b, ps in enumerate(parents):
+            old = self.seqs[b]
+            counts = {p: ps.count(p) for p in set(ps)}
+            # a parent's first child is its own sequence, the others its forks (its blocks shared)
+            spare = {p: self.pool.fork([old[p]], c - 1)[0] for p, c in counts.items() if c > 1}
+            for kids in spare.values():
+                self.held.update(kids)
+            row = [spare[p].pop() if p in spare and (ps[:j].count(p) > 0) else old[p] for j, p in enumerate(ps)]
+            self._free([old[p] for p in range(self.k) if p not in counts and old[p] is not None])
+            self.seqs[b] = list(row)
+            seqs.append(row)
+        ids = [s for row in seqs for s in row]
+        fed = [t for row in next_tokens for t in row]
+        slots = self.pool.append_flat(ids, 1, [[t] for t in fed])
+        positions = [[len(self.prompts[b]) + new - 1] for b in range(len(seqs)) for _ in range(self.k)]
+        logits = self._forward(ids, [1] * len(ids), [[t] for t in fed], positions, slots, 0)
+        self._commit(ids)
+        return logits
+
+    def _forward(self, ids: list[int], lens: list[int], tokens: list[Any], positions: list[Any], slots: np.ndarray,
+                 keep: Any) -> torch.Tensor:
+        input_ids = torch.tensor([[t for ts in tokens for t in ts]], dtype=torch.long, device=self.device)
+        position_ids = torch.tensor([[q for qs in positions for q in qs]], dtype=torch.long, device=self.device)
+        plan = self.pool.plan(ids, lens, slots, num_q_heads=self.heads)
+        batch = PagedBatch(plan, self.pool_dtype, self.pool_device, self.windows, layers=self.layers,
+                           chunks=self.chunks, fit=self.fit, logits=True)
+        with torch.inference_mode(), paged_attention(self.model):
+            return paged_forward(self.model, batch, input_ids, position_ids, keep)
+
+    def _commit(self, ids: list[int]) -> None:
+        if hasattr(self.pool, "synchronize"):
+            self.pool.synchronize()
+        self.pool.commit(ids)
+
+    def _free(self, ids: list[int]) -> None:
+        ids = [s for s in ids if s in self.held]
+        if ids:
+            self.pool.free(ids)
+            self.held.difference_update(ids)
+
+    def close(self) -> None:
+        self._free(sorted(self.held))
+
+    def results(self) -> list[tuple[list[list[int]], list[float]]]:
+        """Each prompt's finished hypotheses and scores, best first."""
+        return [(self.done_tokens[b], self.done_scores[b].tolist()) for b in range(len(self.prompts))]

@@ -1,0 +1,138 @@
+"""Beam search on kvpager (`kvpager.hf.beam_search`): the hypotheses and scores of
+transformers' ``generate(num_beams=..., do_sample=False)``, with and without end
+tokens, every ``early_stopping`` and several length penalties; a batch the same as
+each prompt alone; beams forked (their blocks shared, the last one copied on
+write), nothing left held; bad arguments refused before anything is allocated."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from test_hf_models import make_model, one_thread, prompt  # noqa: E402, F401
+
+from kvpager import KVPool  # noqa: E402
+from kvpager.hf import Beams, beam_search, spec_for_model  # noqa: E402
+
+PROMPTS = [prompt(21, seed=1), prompt(5, seed=2), prompt(16, seed=3), prompt(30, seed=4)]
+SETTINGS = [dict(num_beams=4), dict(num_beams=3, length_penalty=0.5), dict(num_beams=4, early_stopping=True),
+            dict(num_beams=2, early_stopping="never", length_penalty=2.0), dict(num_beams=1)]
+
+
+def transformers_beams(model, p: list[int], n: int, returned: int, eos, **settings) -> tuple[list, list]:
+    """transformers' hypotheses (cut after their end token: the rest is padding) and scores."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False, num_return_sequences=returned, pad_token_id=0,
+                             eos_token_id=eos, output_scores=True, return_dict_in_generate=True, **settings)
+    ends = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+    tokens = []
+    for row in out.sequences[:, len(p) :].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in ends), len(row))
+        tokens.append(row[:cut])
+    scores = getattr(out, "sequences_scores", None)  # (none from num_beams=1: greedy search)
+    scores = None if scores is None else scores.tolist()
+    return tokens, scores
+
+
+def _pool(model):
+    return KVPool(spec_for_model(model, num_blocks=256, block_size=8))
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_transformers_hypotheses_and_scores(settings):
+    model = make_model("llama")
+    pool = _pool(model)
+    free = beam_search(model, pool, PROMPTS[:1], 10, eos_token_id=None, num_beams=4)[0]
+    ends = [None, free.tokens[0][2], [free.tokens[0][5], PROMPTS[3][0]]]  # none, one, two end tokens
+    returned = min(2, settings["num_beams"])
+    ended = 0
+    for eos in ends:
+        batch = beam_search(model, pool, PROMPTS, 10, eos_token_id=eos, num_return_sequences=returned, **settings)
+        for p, got in zip(PROMPTS, batch):
+            assert isinstance(got, Beams) and len(got.tokens) == len(got.scores) == returned
+            want, scores = transformers_beams(model, p, 10, returned, eos, **settings)
+            assert got.tokens == want
+            if scores is not None:
+                assert got.scores == pytest.approx(scores, abs=1e-5)
+            alone = beam_search(model, pool, [p], 10, eos_token_id=eos, num_return_sequences=returned, **settings)[0]
+            assert got.tokens == alone.tokens and got.scores == pytest.approx(alone.scores, abs=1e-5)
+            ended += sum(len(t) < 10 for t in got.tokens)
+    if settings["num_beams"] > 1 and settings.get("length_penalty", 1.0) <= 1.0:
+        assert ended  # some hypotheses ended on an end token (a length penalty of 2 favours the longest)
+    assert pool.stats().num_sequences == 0
+    pool.check_integrity()
+
+
+def test_beams_share_their_blocks():
+    """Beams are forks: the prompt's blocks held once, a beam's last block copied when
+    a second child appends to it; the pool holds less than a copy a beam would."""
+    model = make_model("llama")
+    pool = _pool(model)
+    forks, peak = [], []
+    real_fork, real_append = pool.fork, pool.append_flat
+
+    def fork(ids, n=1):
+        forks.append(n)
+        return real_fork(ids, n)
+
+    def append_flat(*a, **k):
+        out = real_append(*a, **k)
+        peak.append(pool.stats().used_blocks)
+        return out
+
+    pool.fork, pool.append_flat = fork, append_flat
+    p = prompt(64, seed=9)  # 8 blocks of 8
+    beam_search(model, pool, [p], 12, eos_token_id=None, num_beams=4)
+    assert forks and sum(forks) >= 3  # the first step's children at least
+    assert pool.counters().cow_blocks > 0
+    assert max(peak) < 4 * (8 + 2)  # a copy a beam would hold 4 x (8 prompt blocks + 2 of new tokens)
+    assert pool.stats().num_sequences == 0
+    pool.check_integrity()
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
+    (dict(num_beams=0), "num_beams must be an int >= 1"),
+    (dict(num_beams=2, num_return_sequences=3), "num_return_sequences must be an int from 1 to num_beams"),
+    (dict(length_penalty=float("nan")), "length_penalty must be a finite number"),
+    (dict(early_stopping="sometimes"), "early_stopping must be False, True or 'never'"),
+    (dict(early_stopping=None), "early_stopping must be False, True or 'never'"),
+])
+def test_bad_arguments_are_refused_before_anything_is_allocated(kwargs, needle):
+    model = make_model("llama")
+    pool = _pool(model)
+    before = pool.stats()
+    with pytest.raises(ValueError, match=needle):
+        beam_search(model, pool, PROMPTS, **{"max_new_tokens": 4, **kwargs})
+    assert pool.stats() == before
+
+
+def test_through_a_daemon_client_the_embedded_beams():
+    pytest.importorskip("zmq")
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+
+    model = make_model("llama")
+    spec = spec_for_model(model, num_blocks=256, block_size=8)
+    want = beam_search(model, KVPool(spec), PROMPTS, 8, eos_token_id=None, num_beams=3, num_return_sequences=3)
+    with running_server(spec) as server, Client(server.endpoint) as pool:
+        got = beam_search(model, pool, PROMPTS, 8, eos_token_id=None, num_beams=3, num_return_sequences=3)
+        assert pool.stats().num_sequences == 0
+    for g, w in zip(got, want):
+        assert g.tokens == w.tokens and g.scores == pytest.approx(w.scores, abs=1e-5)
+
+
+def test_a_pool_too_small_leaves_nothing_behind():
+    """Beams outgrow the pool part-way: the pool's typed error, every beam freed."""
+    from kvpager.errors import OutOfBlocks
+
+    model = make_model("llama")
+    pool = KVPool(spec_for_model(model, num_blocks=12, block_size=8))
+    with pytest.raises(OutOfBlocks):
+        beam_search(model, pool, [prompt(60, seed=3)], 30, eos_token_id=None, num_beams=4)
+    assert pool.stats().num_sequences == 0
+    pool.check_integrity()
