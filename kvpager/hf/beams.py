@@ -166,10 +166,10 @@ class _Search:
         tokens generated before it): the finished hypotheses updated, each running
         beam's parent and token; whether the search goes on."""
         b, k = len(self.prompts), self.k
-        lp = torch.log_softmax(logits.float(), dim=-1).cpu().view(b, k, -1)
+        lp = torch.log_softmax(logits.float(), dim=-1).view(b, k, -1)
         vocab = lp.shape[-1]
-        total = (lp + self.scores[:, :, None]).view(b, -1)
-        top, index = torch.topk(total, self.keep)  # [B, keep]
+        total = (lp + self.scores.to(lp.device)[:, :, None]).view(b, -1)
+        top, index = (t.cpu() for t in torch.topk(total, self.keep))  # [B, keep], chosen on the logits' device
         parent, token = index // vocab, index % vocab
         ends = torch.isin(token, self.eos) | (new + 1 >= self.most)
         # the running beams: the best continuations that do not end
