@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from test_hf_models import make_model, one_thread, prompt  # noqa: E402, F401
 
 from kvpager import KVPool  # noqa: E402
-from kvpager.hf import Scores, generate, score, scoring, spec_for_model  # noqa: E402
+from kvpager.hf import Scores, eager, generate, score, spec_for_model  # noqa: E402
 
 PROMPTS = [prompt(21, seed=1), prompt(5, seed=2), prompt(1, seed=3), prompt(40, seed=4), prompt(16, seed=5)]
 
@@ -35,17 +35,17 @@ def _pool(model, blocks=96):
 
 
 class Counted:
-    """The tokens each forward pass of `score` runs."""
+    """The tokens each forward pass of `score` runs (`kvpager.hf.eager`)."""
 
     def __init__(self, monkeypatch):
         self.passes: list[int] = []
-        real = scoring.paged_forward
+        real = eager.paged_forward
 
         def counted(model, batch, input_ids, *args):
             self.passes.append(input_ids.shape[1])
             return real(model, batch, input_ids, *args)
 
-        monkeypatch.setattr(scoring, "paged_forward", counted)
+        monkeypatch.setattr(eager, "paged_forward", counted)
 
 
 @pytest.mark.parametrize("budget", [3, 16, 4096])

@@ -40,7 +40,7 @@ import e2e_paths  # noqa: E402
 from bench_e2e import make_model  # noqa: E402
 
 from kvpager import KVPool  # noqa: E402
-from kvpager.hf import scoring, spec_for_model  # noqa: E402
+from kvpager.hf import eager, scoring, spec_for_model  # noqa: E402
 
 
 def workload(args) -> tuple[list[list[int]], list[int]]:
@@ -95,13 +95,13 @@ def main() -> None:
     blocks = sum(-(-len(p) // 16) + 1 for p in prompts) + 64
     pool = KVPool(spec_for_model(model, num_blocks=blocks), device=e2e_paths.pool_device())
     ran: list[int] = []
-    real = scoring.paged_forward
+    real = eager.paged_forward
 
     def counted(model, batch, input_ids, *a):
         ran.append(input_ids.shape[1])
         return real(model, batch, input_ids, *a)
 
-    scoring.paged_forward = counted
+    eager.paged_forward = counted
     times: dict[str, list[float]] = {"transformers": [], "kvpager": []}
     for r in range(args.rounds + 1):  # the first untimed: kernels compiled, shapes seen
         e2e_paths.sync()

@@ -37,25 +37,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvpager.hf.attention import PagedBatch, paged_attention, paged_forward
-from kvpager.hf.model import (
-    check_model,
-    check_model_and_pool,
-    end_tokens,
-    has_recurrent_layers,
-    layer_chunks,
-    layer_fit,
-    layer_map,
-    text_config,
-)
+from kvpager.hf.eager import EagerPasses
+from kvpager.hf.model import check_model_and_pool, end_tokens, has_recurrent_layers
 from kvpager.hf.padding import prompts_given, token_lists
 from kvpager.hf.salt import default_salt
-from kvpager.spec import dtype_name
 from kvpager.validate import is_int
 
 __all__ = ["Beams", "beam_search"]
 
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _FAR = -1.0e9  # a score no candidate can win with (transformers' own)
 
 
@@ -118,13 +107,7 @@ class _Search:
         self.penalty, self.early, self.salt = penalty, early, salt
         self.eos = torch.tensor(sorted(eos), dtype=torch.long)
         self.keep = max(2, 1 + len(eos)) * beams  # continuations weighed a step
-        self.windows = check_model(model, pool)
-        self.layers, self.chunks, self.fit = layer_map(model), layer_chunks(model, pool.spec.block_size), \
-            layer_fit(model)
-        self.heads = text_config(model).num_attention_heads
-        self.device = next(model.parameters()).device
-        self.pool_dtype = _TORCH_DTYPES[dtype_name(pool.spec.dtype)]
-        self.pool_device = torch.device(str(getattr(pool, "device", "cpu")))
+        self.passes = EagerPasses(model, pool)
         b = len(prompts)
         self.seqs: list[list[int | None]] = [[None] * beams for _ in range(b)]  # running beams' sequences
         self.tokens: list[list[list[int]]] = [[[] for _ in range(beams)] for _ in range(b)]
@@ -156,9 +139,11 @@ class _Search:
         positions = [range(a.num_cached_tokens, len(p)) for p, a in zip(self.prompts, allocs)]
         slots = np.concatenate([np.asarray(a.slots, dtype=np.int64) for a in allocs])
         lens = [len(t) for t in tokens]
-        ends = torch.as_tensor(np.cumsum(lens) - 1, device=self.device)
-        logits = self._forward([a.seq_id for a in allocs], lens, tokens, positions, slots, ends)
-        self._commit([a.seq_id for a in allocs])
+        ends = torch.as_tensor(np.cumsum(lens) - 1, device=self.passes.device)
+        ids = [a.seq_id for a in allocs]
+        logits = self.passes.forward(ids, lens, [t for ts in tokens for t in ts], [q for qs in positions for q in qs],
+                                     slots, ends)
+        self.passes.commit(ids)
         return logits
 
     def _select(self, logits: torch.Tensor, new: int) -> tuple[list[list[int]], list[list[int]], bool]:
@@ -222,25 +207,10 @@ class _Search:
         ids = [s for row in seqs for s in row]
         fed = [t for row in next_tokens for t in row]
         slots = self.pool.append_flat(ids, 1, [[t] for t in fed])
-        positions = [[len(self.prompts[b]) + new - 1] for b in range(len(seqs)) for _ in range(self.k)]
-        logits = self._forward(ids, [1] * len(ids), [[t] for t in fed], positions, slots, 0)
-        self._commit(ids)
+        positions = [len(self.prompts[b]) + new - 1 for b in range(len(seqs)) for _ in range(self.k)]
+        logits = self.passes.forward(ids, [1] * len(ids), fed, positions, slots, 0)
+        self.passes.commit(ids)
         return logits
-
-    def _forward(self, ids: list[int], lens: list[int], tokens: list[Any], positions: list[Any], slots: np.ndarray,
-                 keep: Any) -> torch.Tensor:
-        input_ids = torch.tensor([[t for ts in tokens for t in ts]], dtype=torch.long, device=self.device)
-        position_ids = torch.tensor([[q for qs in positions for q in qs]], dtype=torch.long, device=self.device)
-        plan = self.pool.plan(ids, lens, slots, num_q_heads=self.heads)
-        batch = PagedBatch(plan, self.pool_dtype, self.pool_device, self.windows, layers=self.layers,
-                           chunks=self.chunks, fit=self.fit, logits=True)
-        with torch.inference_mode(), paged_attention(self.model):
-            return paged_forward(self.model, batch, input_ids, position_ids, keep)
-
-    def _commit(self, ids: list[int]) -> None:
-        if hasattr(self.pool, "synchronize"):
-            self.pool.synchronize()
-        self.pool.commit(ids)
 
     def _free(self, ids: list[int]) -> None:
         ids = [s for s in ids if s in self.held]

@@ -34,25 +34,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvpager.hf.attention import PagedBatch, paged_attention, paged_forward
+from kvpager.hf.eager import EagerPasses
 from kvpager.hf.logprobs import TokenLogprobs
-from kvpager.hf.model import (
-    check_model,
-    check_model_and_pool,
-    has_recurrent_layers,
-    layer_chunks,
-    layer_fit,
-    layer_map,
-    text_config,
-)
+from kvpager.hf.model import check_model_and_pool, has_recurrent_layers, text_config
 from kvpager.hf.padding import prompts_given, token_lists
 from kvpager.hf.salt import default_salt
-from kvpager.spec import dtype_name
 from kvpager.validate import is_int
 
 __all__ = ["Scores", "score"]
 
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -136,15 +126,8 @@ class _Scorer:
     """The passes of one `score` call over its pool."""
 
     def __init__(self, model: Any, pool: Any, salt: Any, budget: int, top: int):
-        self.model, self.pool, self.salt, self.budget = model, pool, salt, budget
-        self.windows = check_model(model, pool)
-        self.layers = layer_map(model)
-        self.chunks = layer_chunks(model, pool.spec.block_size)
-        self.fit = layer_fit(model)
-        self.heads = text_config(model).num_attention_heads
-        self.device = next(model.parameters()).device
-        self.pool_dtype = _TORCH_DTYPES[dtype_name(pool.spec.dtype)]
-        self.pool_device = torch.device(str(getattr(pool, "device", "cpu")))
+        self.pool, self.salt, self.budget = pool, salt, budget
+        self.passes = EagerPasses(model, pool)
         self.lp = TokenLogprobs(top, 0)  # (its kernel, kept across passes)
 
     def run(self, prompts: list[list[int]], starts: list[int], out: list[np.ndarray]) -> None:
@@ -169,9 +152,7 @@ class _Scorer:
                     self._pass(ids, [p], [starts[0]], [(b, e)], [slots[0][b - a : e - a]], out)
             else:
                 self._pass(ids, prompts, starts, [(a, len(p)) for a, p in zip(firsts, prompts)], slots, out)
-            if hasattr(self.pool, "synchronize"):
-                self.pool.synchronize()
-            self.pool.commit(ids)
+            self.passes.commit(ids)
         finally:
             self.pool.free(ids)
 
@@ -190,17 +171,12 @@ class _Scorer:
             offset += b - a
         flat = [t for (a, b), p in zip(spans, prompts) for t in p[a:b]]
         pos = [q for a, b in spans for q in range(a, b)]
-        input_ids = torch.tensor([flat], dtype=torch.long, device=self.device)
-        position_ids = torch.tensor([pos], dtype=torch.long, device=self.device)
-        plan = self.pool.plan(ids, [b - a for a, b in spans], np.concatenate(slots),
-                              context_lens=[b for _, b in spans], num_q_heads=self.heads)
-        batch = PagedBatch(plan, self.pool_dtype, self.pool_device, self.windows, layers=self.layers,
-                           chunks=self.chunks, fit=self.fit, logits=True)
-        kept = torch.tensor(keep or [0], dtype=torch.long, device=self.device)
-        with torch.inference_mode(), paged_attention(self.model):
-            logits = paged_forward(self.model, batch, input_ids, position_ids, kept)
-            if not keep:  # (a part with no token to score: its K/V written, nothing kept)
-                return
+        kept = torch.tensor(keep or [0], dtype=torch.long, device=self.passes.device)
+        logits = self.passes.forward(ids, [b - a for a, b in spans], flat, pos, np.concatenate(slots), kept,
+                                     context_lens=[b for _, b in spans])
+        if not keep:  # (a part with no token to score: its K/V written, nothing kept)
+            return
+        with torch.inference_mode():
             values = self.lp.of(logits, torch.tensor(targets, dtype=torch.long, device=logits.device))
         for (k, j), v in zip(where, values.cpu().numpy()):
             out[k][j] = v
