@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from test_hf_models import make_model, one_thread, prompt  # noqa: E402, F401
 
 from kvpager import KVPool  # noqa: E402
-from kvpager.hf import Beams, beam_search, spec_for_model  # noqa: E402
+from kvpager.hf import Beams, Sampling, beam_search, generate, spec_for_model  # noqa: E402
 
 PROMPTS = [prompt(21, seed=1), prompt(5, seed=2), prompt(16, seed=3), prompt(30, seed=4)]
 SETTINGS = [dict(num_beams=4), dict(num_beams=3, length_penalty=0.5), dict(num_beams=4, early_stopping=True),
@@ -136,3 +136,21 @@ def test_a_pool_too_small_leaves_nothing_behind():
         beam_search(model, pool, [prompt(60, seed=3)], 30, eos_token_id=None, num_beams=4)
     assert pool.stats().num_sequences == 0
     pool.check_integrity()
+
+
+def test_generate_with_num_beams_gives_the_best_hypothesis():
+    model = make_model("llama")
+    pool = _pool(model)
+    eos = PROMPTS[3][0]
+    got = generate(model, pool, PROMPTS, 9, num_beams=3, length_penalty=0.8, eos_token_id=eos)
+    for p, g in zip(PROMPTS, got):
+        want, _ = transformers_beams(model, p, 9, 1, eos, num_beams=3, length_penalty=0.8)
+        assert g == want[0]
+    assert got == [b.tokens[0] for b in beam_search(model, pool, PROMPTS, 9, num_beams=3, length_penalty=0.8,
+                                                    eos_token_id=eos)]
+    for bad, needle in ((dict(sampling=Sampling(temperature=0.7)), "takes no sampling"),
+                        (dict(logprobs=1), "takes no logprobs"), (dict(stop_sequences=[[3]]), "stop_sequences"),
+                        (dict(num_beams=0), "num_beams must be an int >= 1")):
+        with pytest.raises(ValueError, match=needle):
+            generate(model, pool, PROMPTS, 4, **{"num_beams": 2, **bad})
+    assert pool.stats().num_sequences == 0

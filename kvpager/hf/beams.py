@@ -43,7 +43,7 @@ from kvpager.hf.padding import prompts_given, token_lists
 from kvpager.hf.salt import default_salt
 from kvpager.validate import is_int
 
-__all__ = ["Beams", "beam_search"]
+__all__ = ["Beams", "beam_search", "beams_for_generate"]
 
 _FAR = -1.0e9  # a score no candidate can win with (transformers' own)
 
@@ -94,6 +94,21 @@ def beam_search(model: Any, pool: Any, prompts: Any = None, max_new_tokens: int 
         search.close()
     return [Beams([list(t) for t in toks[:num_return_sequences]], [float(s) for s in scores[:num_return_sequences]])
             for toks, scores in search.results()]
+
+
+def beams_for_generate(model: Any, pool: Any, prompts: Any, max_new_tokens: Any, num_beams: Any, salt: Any,
+                       eos_token_id: Any, *, input_ids: Any, attention_mask: Any, refused: dict[str, Any],
+                       length_penalty: float = 1.0, early_stopping: bool | str = False) -> list[list[int]]:
+    """`kvpager.hf.generate` with ``num_beams``: each prompt's best hypothesis. What a
+    beam search does not take (a sampling, log-probabilities, stop sequences,
+    ``refused``) is refused by name."""
+    given = sorted(name for name, value in refused.items() if value is not None)
+    if given:
+        raise ValueError(f"generate with num_beams={num_beams!r} takes no {', '.join(given)}: beam search here "
+                         "is greedy, without log-probabilities or stop sequences (kvpager.hf.beam_search)")
+    found = beam_search(model, pool, prompts, max_new_tokens, num_beams, 1, length_penalty, early_stopping,
+                        eos_token_id, salt, input_ids=input_ids, attention_mask=attention_mask)
+    return [b.tokens[0] for b in found]
 
 
 class _Search:

@@ -40,8 +40,9 @@ from kvpager.hf.attention import (  # noqa: F401
     paged_forward,
     register,
 )
+from kvpager.hf.beams import beams_for_generate
 from kvpager.hf.graphs import bucket_for
-from kvpager.hf.logprobs import Completion, TokenLogprobs, check_logprobs
+from kvpager.hf.logprobs import Completion, KeptLogprobs, TokenLogprobs, check_logprobs
 from kvpager.hf.model import (  # noqa: F401
     ABSENT,
     check_call,
@@ -70,7 +71,7 @@ _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 
 
 @dataclass
-class PagedGeneration(DecodePasses):
+class PagedGeneration(DecodePasses, KeptLogprobs):
     """Generation of one batch of prompts with its KV in ``pool``, greedy or sampled (``sampling``).
 
     Construction allocates the prompts (sharing any cached prefix) and runs the
@@ -327,23 +328,6 @@ class PagedGeneration(DecodePasses):
                 self._last_plan = None
                 self._flush()
 
-    @property
-    def token_logprobs(self) -> list[list[float]] | None:
-        """Per prompt, each new token's log-probability (``logprobs`` set; else None)."""
-        return None if self._lp is None else self._lp.values
-
-    @property
-    def top_logprobs(self) -> list[list[dict[int, float]]] | None:
-        """Per prompt, at each new token's position, the ``logprobs`` most likely tokens'
-        log-probabilities, ``{token id: log-probability}`` (``logprobs`` > 0; else None)."""
-        return None if self._lp is None else self._lp.top
-
-    def completions(self) -> list[Completion]:
-        """Each prompt's `Completion`: its tokens and their log-probabilities (``logprobs`` set)."""
-        if self._lp is None:
-            raise ValueError("completions: this generation keeps no log-probabilities (give logprobs=)")
-        return self._lp.completions(self.outputs)
-
     def __enter__(self) -> PagedGeneration:
         return self
 
@@ -367,6 +351,8 @@ def generate(
     sampling: Any = None,
     logprobs: int | None = None,
     stop_sequences: Sequence[Sequence[int]] | None = None,
+    num_beams: int = 1,
+    **beam_options: Any,
 ) -> list[list[int]] | list[Completion]:
     """Generation with the KV cache in ``pool``, greedy unless ``sampling`` (a
     `kvpager.hf.Sampling` for every prompt, a list of one per prompt, or "model":
@@ -386,7 +372,14 @@ def generate(
     tokenizer's output passes as it is: ``generate(model, pool, **enc, max_new_tokens=n)``.
     ``logprobs`` (an int k): a `Completion` per prompt instead, its tokens with
     their log-probabilities under the model and, k > 0, the k most likely tokens'
-    at each position (`kvpager.hf.logprobs`)."""
+    at each position (`kvpager.hf.logprobs`). ``num_beams`` > 1: each prompt's best
+    hypothesis of a beam search (`kvpager.hf.beams.beam_search`, which takes
+    ``length_penalty`` and ``early_stopping`` too)."""
+    if num_beams != 1 or beam_options:
+        return beams_for_generate(model, pool, prompts, max_new_tokens, num_beams, salt, eos_token_id,
+                                  input_ids=input_ids, attention_mask=attention_mask, refused=dict(
+                                      sampling=sampling, logprobs=logprobs, stop_sequences=stop_sequences),
+                                  **beam_options)
     if isinstance(eos_token_id, str) and eos_token_id == "model":
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(sampling, str) and sampling == "model":

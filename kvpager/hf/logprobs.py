@@ -27,7 +27,7 @@ import torch
 from kvpager.hf import logprob_kernel
 from kvpager.validate import is_int
 
-__all__ = ["Completion", "TokenLogprobs", "check_logprobs", "torch_logprobs"]
+__all__ = ["Completion", "KeptLogprobs", "TokenLogprobs", "check_logprobs", "torch_logprobs"]
 
 
 @dataclass
@@ -115,3 +115,29 @@ class TokenLogprobs:
         """Each row's `Completion` (its tokens ``outputs[row]``)."""
         return [Completion(list(out), self.values[i], None if self.top is None else self.top[i])
                 for i, out in enumerate(outputs)]
+
+
+class KeptLogprobs:
+    """What a generation keeps of its tokens' log-probabilities, as its attributes
+    (mixed into `PagedGeneration`: its ``_lp``, a `TokenLogprobs` or None, and its
+    ``outputs``)."""
+
+    _lp: TokenLogprobs | None
+    outputs: list[list[int]]
+
+    @property
+    def token_logprobs(self) -> list[list[float]] | None:
+        """Per prompt, each new token's log-probability (``logprobs`` set; else None)."""
+        return None if self._lp is None else self._lp.values
+
+    @property
+    def top_logprobs(self) -> list[list[dict[int, float]]] | None:
+        """Per prompt, at each new token's position, the ``logprobs`` most likely tokens'
+        log-probabilities, ``{token id: log-probability}`` (``logprobs`` > 0; else None)."""
+        return None if self._lp is None else self._lp.top
+
+    def completions(self) -> list[Completion]:
+        """Each prompt's `Completion`: its tokens and their log-probabilities (``logprobs`` set)."""
+        if self._lp is None:
+            raise ValueError("completions: this generation keeps no log-probabilities (give logprobs=)")
+        return self._lp.completions(self.outputs)
