@@ -154,3 +154,25 @@ def test_generate_with_num_beams_gives_the_best_hypothesis():
         with pytest.raises(ValueError, match=needle):
             generate(model, pool, PROMPTS, 4, **{"num_beams": 2, **bad})
     assert pool.stats().num_sequences == 0
+
+
+def test_a_generation_config_that_asks_for_beams():
+    """``generate(sampling="model")`` of a model whose generation config asks for a beam
+    search (num_beams > 1, no sampling) gives transformers' ``generate()`` tokens:
+    before, its greedy tokens, without a word. With a processor besides (a repetition
+    penalty), refused by name."""
+    model = make_model("llama")
+    pool = _pool(model)
+    c = model.generation_config
+    c.num_beams, c.length_penalty, c.early_stopping, c.do_sample = 3, 0.7, True, False
+    got = generate(model, pool, PROMPTS, 8, sampling="model", eos_token_id=None)
+    for p, g in zip(PROMPTS, got):
+        with torch.no_grad():
+            out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 max_new_tokens=8, eos_token_id=None)
+        assert g == out[0, len(p) :].tolist()
+    assert got != generate(model, pool, PROMPTS, 8, eos_token_id=None)  # (greedy differs here)
+    c.repetition_penalty = 1.3
+    with pytest.raises(ValueError, match="num_beams=3.*processors"):
+        generate(model, pool, PROMPTS, 8, sampling="model", eos_token_id=None)
+    assert pool.stats().num_sequences == 0

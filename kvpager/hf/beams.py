@@ -43,7 +43,7 @@ from kvpager.hf.padding import prompts_given, token_lists
 from kvpager.hf.salt import default_salt
 from kvpager.validate import is_int
 
-__all__ = ["Beams", "beam_search", "beams_for_generate"]
+__all__ = ["Beams", "beam_search", "beams_for_generate", "config_beams"]
 
 _FAR = -1.0e9  # a score no candidate can win with (transformers' own)
 
@@ -109,6 +109,26 @@ def beams_for_generate(model: Any, pool: Any, prompts: Any, max_new_tokens: Any,
     found = beam_search(model, pool, prompts, max_new_tokens, num_beams, 1, length_penalty, early_stopping,
                         eos_token_id, salt, input_ids=input_ids, attention_mask=attention_mask)
     return [b.tokens[0] for b in found]
+
+
+def config_beams(model: Any) -> tuple[int, dict[str, Any]]:
+    """A generation config's beam search (``num_beams`` > 1 without sampling): its beams
+    and their ``length_penalty`` and ``early_stopping``; (1, {}) where it asks for none.
+    ValueError where it also asks for what the beams here do not apply (a
+    processor: a penalty, a bias, ``min_new_tokens``; sampled beams)."""
+    from kvpager.hf.sampling import Sampling
+
+    config = getattr(model, "generation_config", None)
+    beams = getattr(config, "num_beams", None) or 1
+    if beams == 1 or getattr(config, "do_sample", False):
+        return 1, {}  # (sampled beams: Sampling.from_model refuses them by name)
+    if Sampling.from_model(model) is not None:
+        raise ValueError(f"the model's generation config asks for a beam search (num_beams={beams}) with logits "
+                         "processors (penalties, biases, min_new_tokens), which kvpager's beam search does not "
+                         "apply: call kvpager.hf.beam_search for the beams alone")
+    penalty = getattr(config, "length_penalty", None)
+    return int(beams), dict(length_penalty=1.0 if penalty is None else float(penalty),
+                            early_stopping=getattr(config, "early_stopping", False) or False)
 
 
 class _Search:

@@ -40,7 +40,7 @@ from kvpager.hf.attention import (  # noqa: F401
     paged_forward,
     register,
 )
-from kvpager.hf.beams import beams_for_generate
+from kvpager.hf.beams import beams_for_generate, config_beams
 from kvpager.hf.graphs import bucket_for
 from kvpager.hf.logprobs import Completion, KeptLogprobs, TokenLogprobs, check_logprobs
 from kvpager.hf.model import (  # noqa: F401
@@ -375,6 +375,9 @@ def generate(
     at each position (`kvpager.hf.logprobs`). ``num_beams`` > 1: each prompt's best
     hypothesis of a beam search (`kvpager.hf.beams.beam_search`, which takes
     ``length_penalty`` and ``early_stopping`` too)."""
+    if isinstance(sampling, str) and sampling == "model" and num_beams == 1 and not beam_options:
+        num_beams, beam_options = config_beams(model)  # (a config's beam search: its best hypothesis)
+        sampling = sampling if num_beams == 1 else None
     if num_beams != 1 or beam_options:
         return beams_for_generate(model, pool, prompts, max_new_tokens, num_beams, salt, eos_token_id,
                                   input_ids=input_ids, attention_mask=attention_mask, refused=dict(
