@@ -235,7 +235,10 @@ class _Search:
             spare = {p: self.pool.fork([old[p]], c - 1)[0] for p, c in counts.items() if c > 1}
             for kids in spare.values():
                 self.held.update(kids)
-            row = [spare[p].pop() if p in spare and (ps[:j].count(p) > 0) else old[p] for j, p in enumerate(ps)]
+            row, seen = [], set()
+            for p in ps:
+                row.append(spare[p].pop() if p in seen else old[p])
+                seen.add(p)
             self._free([old[p] for p in range(self.k) if p not in counts and old[p] is not None])
             self.seqs[b] = list(row)
             seqs.append(row)

@@ -41,6 +41,7 @@ from kvpager.hf.attention import (  # noqa: F401
     register,
 )
 from kvpager.hf.beams import beams_for_generate, config_beams
+from kvpager.hf.eager import TORCH_DTYPES
 from kvpager.hf.graphs import bucket_for
 from kvpager.hf.logprobs import Completion, KeptLogprobs, TokenLogprobs, check_logprobs
 from kvpager.hf.model import (  # noqa: F401
@@ -67,7 +68,6 @@ from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
 
 __all__ = ["Completion", "PagedBatch", "PagedGeneration", "default_salt", "generate", "layer_windows", "spec_for_model"]
 
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -158,7 +158,7 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
             # (their blocks are matched only by generations that also hold or remake the states)
             self.salt = f"{self.salt}|recurrent"
         self._device = next(self.model.parameters()).device
-        self._pool_dtype = _TORCH_DTYPES[dtype_name(self.pool.spec.dtype)]
+        self._pool_dtype = TORCH_DTYPES[dtype_name(self.pool.spec.dtype)]
         pool_device = str(getattr(self.pool, "device", "cpu"))
         self._pool_device = torch.device(pool_device)
         self._graphs = None
@@ -352,7 +352,8 @@ def generate(
     logprobs: int | None = None,
     stop_sequences: Sequence[Sequence[int]] | None = None,
     num_beams: int = 1,
-    **beam_options: Any,
+    length_penalty: float | None = None,
+    early_stopping: bool | str | None = None,
 ) -> list[list[int]] | list[Completion]:
     """Generation with the KV cache in ``pool``, greedy unless ``sampling`` (a
     `kvpager.hf.Sampling` for every prompt, a list of one per prompt, or "model":
@@ -373,8 +374,10 @@ def generate(
     ``logprobs`` (an int k): a `Completion` per prompt instead, its tokens with
     their log-probabilities under the model and, k > 0, the k most likely tokens'
     at each position (`kvpager.hf.logprobs`). ``num_beams`` > 1: each prompt's best
-    hypothesis of a beam search (`kvpager.hf.beams.beam_search`, which takes
-    ``length_penalty`` and ``early_stopping`` too)."""
+    hypothesis of a beam search (`kvpager.hf.beams.beam_search`, with
+    ``length_penalty`` and ``early_stopping``; given alone, a search of one beam)."""
+    beam_options = {k: v for k, v in (("length_penalty", length_penalty), ("early_stopping", early_stopping))
+                    if v is not None}
     if isinstance(sampling, str) and sampling == "model" and num_beams == 1 and not beam_options:
         num_beams, beam_options = config_beams(model)  # (a config's beam search: its best hypothesis)
         sampling = sampling if num_beams == 1 else None

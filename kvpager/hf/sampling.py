@@ -132,11 +132,6 @@ class Sampling:
     def penalized(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
-    @property
-    def adjusts(self) -> bool:
-        """Whether the logits are changed before the penalties (a bias, or end tokens held off)."""
-        return bool(self.logit_bias) or self.min_tokens > 0
-
     @classmethod
     def from_model(cls, model: Any, seed: int | None = None) -> Sampling | None:
         """What ``model``'s generation config asks of transformers' ``generate``: a
@@ -320,7 +315,7 @@ class Sampler:
         bias = [(at[i], t, b) for i, t, b in self.bias if i in at and t < logits.shape[1]]
         if not bias and not len(held):
             return logits
-        out = logits.float().clone() if logits.dtype == torch.float32 else logits.float()
+        out = logits.to(torch.float32, copy=True)
         if bias:
             rows, ids, values = zip(*bias)
             where = to_device(list(rows) + list(ids), out.device)[0].view(2, -1)
