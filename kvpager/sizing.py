@@ -51,6 +51,21 @@ def read_config(path: str) -> dict[str, Any]:
 KV_PER_QUERY_HEAD = frozenset({"jetmoe"})
 
 
+def kv_heads_field(get: Callable[[str], Any]) -> Any:
+    """The K/V heads a config's attention makes, as its fields give them (None where
+    unset: one a query head): ``num_key_value_heads``, but for Falcon its
+    attention's own rule (transformers' ``FalconAttention``), whatever
+    ``num_key_value_heads`` says (set by hand, or absent from older configs):
+    ``num_kv_heads`` under ``new_decoder_architecture`` (Falcon-40B/180B) or
+    without ``multi_query`` (Falcon-RW), else one (multi-query: Falcon-7B, the
+    default)."""
+    if get("model_type") == "falcon":
+        if get("new_decoder_architecture") or get("multi_query") is False:
+            return get("num_kv_heads")
+        return 1
+    return get("num_key_value_heads")
+
+
 #: ``layer_types`` kinds of layers that hold no K/V: recurrent mixers (linear attention, and the
 #: state-space / Mamba layers transformers names so: Qwen3.5, Qwen3-Next, Jamba, Bamba, ...; LFM2's
 #: short convolutions, "conv") and layers of a feed-forward block alone (Nemotron-H's "mlp", "moe")
@@ -264,7 +279,7 @@ def _layer_dims(get: Callable[[str], Any], heads: int, where: str) -> tuple[int,
     """(K/V heads, head dim) of the attention a config's fields describe (``get``:
     the config's, or one layer's: `kvpager.layer_geometry`)."""
     qk, v, per_query_head = attention_dims(get)
-    kv = get("num_key_value_heads")
+    kv = kv_heads_field(get)
     kv_heads = heads if per_query_head or kv is None else _positive(where, "num_key_value_heads", kv)
     if heads % kv_heads:
         raise InvalidArgument(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads "

@@ -71,7 +71,7 @@ def test_bench_rpc_measures_every_row_it_names():
 
 def test_hf_families_sweep_reports_matches_and_refusals():
     """`tools/hf_families.py` on two types: Llama gives transformers' tokens in both
-    variants, Falcon (attention outside the interface) is refused, nothing mismatches."""
+    variants, MPT (attention outside the interface) is refused, nothing mismatches."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     import subprocess
@@ -79,10 +79,10 @@ def test_hf_families_sweep_reports_matches_and_refusals():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "tools" / "hf_families.py"), "llama", "falcon", "--json",
+    out = subprocess.run([sys.executable, str(root / "tools" / "hf_families.py"), "llama", "mpt", "--json",
                           "--jobs", "2"], capture_output=True, text=True, timeout=600, cwd=str(root), check=True)
     rows = {(r["type"], r["variant"]): r for r in json.loads(out.stdout)["rows"]}
     assert {k: r["outcome"] for k, r in rows.items()} == {
         ("llama", "gqa"): "match", ("llama", "mha"): "match",
-        ("falcon", "gqa"): "refused", ("falcon", "mha"): "refused"}
-    assert all("attention interface" in rows["falcon", v]["detail"] for v in ("gqa", "mha"))
+        ("mpt", "gqa"): "refused", ("mpt", "mha"): "refused"}
+    assert all("attention interface" in rows["mpt", v]["detail"] for v in ("gqa", "mha"))

@@ -109,6 +109,15 @@ FAMILIES = {
                          dict(GEMMA4, num_hidden_layers=6, num_kv_shared_layers=2, layer_types=ALTERNATING + [SLIDING, FULL],
                               **VARIED),
                          [WINDOW, None, WINDOW, None, WINDOW, None]),
+    # Falcon (its attention through transformers' interface since transformers 5.25; refused before:
+    # tests/test_hf_refusals.py): multi-query (one K/V head, Falcon-7B), multi-head with sequential
+    # attention and MLP, and grouped (new_decoder_architecture: Falcon-40B/180B); the pool's K/V heads
+    # by Falcon's rule, whatever num_key_value_heads (COMMON's 2) says
+    "falcon": ("FalconConfig", "FalconForCausalLM", LIVELY, [None] * 4),
+    "falcon-mha": ("FalconConfig", "FalconForCausalLM", dict(multi_query=False, parallel_attn=False, **LIVELY),
+                   [None] * 4),
+    "falcon-grouped": ("FalconConfig", "FalconForCausalLM",
+                       dict(new_decoder_architecture=True, num_kv_heads=2, **LIVELY), [None] * 4),
     # ... and v wider than q and k (8 + 8 dims against 32: q and k zero-padded)
     "deepseek_v3-wide-v": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
                            dict(MLA, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=32, q_lora_rank=None),
@@ -126,10 +135,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def falcon_attends_through_the_interface() -> bool:
+    """Whether this transformers' Falcon attends through its attention interface (5.25 on)."""
+    from transformers.models.falcon import modeling_falcon
+
+    return hasattr(modeling_falcon, "ALL_ATTENTION_FUNCTIONS")
+
+
 def make_model(family: str, seed: int = 0, **overrides):
     config_cls, model_cls, extra, _ = FAMILIES[family]
     if not hasattr(transformers, config_cls):
         pytest.skip(f"transformers {transformers.__version__} has no {config_cls}")
+    if family.startswith("falcon") and not falcon_attends_through_the_interface():
+        pytest.skip(f"transformers {transformers.__version__}'s Falcon attends by itself (refused)")
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
     model = getattr(transformers, model_cls)(config).eval()

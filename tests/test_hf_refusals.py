@@ -11,10 +11,26 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from test_hf_models import COMMON, FULL, VOCAB, make_model, one_thread, prompt  # noqa: E402, F401
+from test_hf_models import (  # noqa: E402, F401
+    COMMON,
+    FULL,
+    VOCAB,
+    falcon_attends_through_the_interface,
+    make_model,
+    one_thread,
+    prompt,
+)
 
 from kvpager import KVPool  # noqa: E402
-from kvpager.hf import PagedBatch, generate, kvpager_attention, layer_map, spec_for_model  # noqa: E402
+from kvpager.hf import (  # noqa: E402
+    PagedBatch,
+    generate,
+    kvpager_attention,
+    layer_map,
+    paged_attention,
+    paged_forward,
+    spec_for_model,
+)
 
 
 def test_bidirectional_layers_are_refused():
@@ -79,9 +95,9 @@ def test_unknown_kv_sharing_is_refused():
 
 
 # Families whose attention modules compute attention themselves, not through transformers'
-# attention interface: Falcon and MPT (ALiBi) never call kvpager's (their own attention over
-# the new tokens alone, nothing cached, generated wrong tokens without a word); Bloom and XGLM
-# fail in their own code first.
+# attention interface: Falcon (before transformers 5.25) and MPT (ALiBi) never call kvpager's
+# (their own attention over the new tokens alone, nothing cached, generated wrong tokens without
+# a word); Bloom and XGLM fail in their own code first.
 OWN_ATTENTION = {
     "falcon": ("FalconConfig", "FalconForCausalLM", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)),
     "mpt": ("MptConfig", "MptForCausalLM", dict(d_model=64, n_layers=2, n_heads=4)),
@@ -118,12 +134,39 @@ def test_families_that_attend_twice_a_layer_are_refused(family):
 @pytest.mark.parametrize("family", list(OWN_ATTENTION))
 def test_families_that_attend_by_themselves_are_refused(family):
     config_cls, model_cls, extra = OWN_ATTENTION[family]
+    if family == "falcon" and falcon_attends_through_the_interface():
+        pytest.skip(f"transformers {transformers.__version__}'s Falcon attends through the interface (served: "
+                    "test_hf_models)")
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(vocab_size=VOCAB, **extra)).eval()
     pool = KVPool(spec_for_model(model, num_blocks=32, block_size=8))
     with pytest.raises(ValueError, match=f"{model_cls}.*attention interface"):
         generate(model, pool, [prompt(11, 1), prompt(4, 2)], 3, eos_token_id=None)
     assert pool.stats().num_sequences == 0 and pool.stats().used_blocks == 0  # nothing left behind
+    pool.check_integrity()
+
+
+@pytest.mark.parametrize("multi_query", [True, False])
+def test_alibi_is_refused_by_name(multi_query):
+    """Falcon with ALiBi (Falcon-RW): transformers adds the biases to the attention
+    mask, which kvpager's attention does not read. Refused before anything is
+    allocated, in every transformers (before: its own code failed on the absent
+    mask, explained as attention outside the interface)."""
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       alibi=True, multi_query=multi_query)
+    model = transformers.FalconForCausalLM(config).eval()
+    pool = KVPool(spec_for_model(model, num_blocks=32, block_size=8))
+    with pytest.raises(ValueError, match=r"FalconForCausalLM adds ALiBi position biases .*config.alibi=True"):
+        generate(model, pool, [prompt(11, 1), prompt(4, 2)], 3, eos_token_id=None)
+    assert pool.stats().num_sequences == 0 and pool.stats().used_blocks == 0
+    # straight through paged_forward (no check_model): the same reason, not another
+    p = prompt(5, 1)
+    [a] = pool.allocate([p], "by hand")
+    batch = PagedBatch(pool.plan([a.seq_id], [5], a.slots), torch.float32, torch.device("cpu"))
+    with paged_attention(model), torch.inference_mode(), pytest.raises(ValueError, match="ALiBi position biases"):
+        paged_forward(model, batch, torch.tensor([p]), torch.arange(5)[None])
+    pool.free([a.seq_id])
     pool.check_integrity()
 
 

@@ -26,6 +26,11 @@ GEMMA4 = {"model_type": "gemma4", "torch_dtype": "bfloat16",
                           "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 10}}
 
 
+FALCON = {"model_type": "falcon", "hidden_size": 4544, "num_attention_heads": 71, "num_hidden_layers": 32,
+          "multi_query": True, "new_decoder_architecture": False, "alibi": False, "parallel_attn": True,
+          "torch_dtype": "bfloat16"}
+
+
 def write(tmp_path, config, name="config.json"):
     path = tmp_path / name
     path.write_text(json.dumps(config))
@@ -102,6 +107,17 @@ def opts(**kw):
                                                              "3": {"num_key_value_heads": 32}}},
      dict(num_layers=4, num_kv_heads=16, head_dim=256, dtype="bfloat16")),
     ({**LLAMA, "per_layer_config": {}}, dict(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")),
+    # Falcon: the K/V heads its attention makes, by its own rule: one where multi-query (Falcon-7B;
+    # the default, as its config.json gives no num_key_value_heads), num_kv_heads under the new
+    # decoder architecture (Falcon-40B), one a query head without multi-query (Falcon-RW)
+    (FALCON, dict(num_layers=32, num_kv_heads=1, head_dim=64, dtype="bfloat16")),
+    ({**{k: v for k, v in FALCON.items() if k != "multi_query"}, "num_key_value_heads": 71},
+     dict(num_layers=32, num_kv_heads=1, head_dim=64, dtype="bfloat16")),
+    ({**FALCON, "hidden_size": 8192, "num_attention_heads": 128, "num_hidden_layers": 60,
+      "new_decoder_architecture": True, "num_kv_heads": 8},
+     dict(num_layers=60, num_kv_heads=8, head_dim=64, dtype="bfloat16")),
+    ({**FALCON, "hidden_size": 2048, "num_attention_heads": 32, "num_hidden_layers": 24, "multi_query": False,
+      "alibi": True}, dict(num_layers=24, num_kv_heads=32, head_dim=64, dtype="bfloat16")),
 ])
 def test_geometry_from_config(tmp_path, config, want):
     assert sizing.model_geometry(write(tmp_path, config)) == want

@@ -36,6 +36,7 @@ from kvpager.hf.model import (
     ABSENT,
     IGNORED,
     check_call,
+    check_position_bias,
     has_recurrent_layers,
     layer_chunk,
     temperature_tuned,
@@ -319,6 +320,7 @@ def run_pass(model: Any, batch: PagedBatch, fn: Any, input_ids: torch.Tensor, po
                     or getattr(type(model), "_supports_attention_backend", True) or capturing()
                     or has_recurrent_layers(model)):  # (a served model: its recurrent layers run first)
                 raise
+            check_position_bias(model)  # (its reason first, where it is the one: ALiBi Falcon)
             raise ValueError(f"{type(model).__name__} failed under kvpager attention ({type(e).__name__}: {e}); "
                              + _NOT_SERVED) from e
     check_layers_ran(model, batch)

@@ -21,7 +21,7 @@ import torch
 from kvpager.errors import InvalidArgument
 from kvpager.hf.salt import default_salt  # noqa: F401 (its home before kvpager.hf.salt: old imports still work)
 from kvpager.layer_geometry import attribute_getter, fit, layer_getters
-from kvpager.sizing import NO_KV_KINDS, attention_dims, kv_sources, pool_layers
+from kvpager.sizing import NO_KV_KINDS, attention_dims, kv_heads_field, kv_sources, pool_layers
 from kvpager.spec import PoolSpec, dtype_name
 from kvpager.validate import is_int
 
@@ -288,7 +288,7 @@ def _layer_dims(config: Any, get: Any) -> tuple[int, int]:
     heads = config.num_attention_heads
     qk, v, per_query_head = attention_dims(get)
     qk = qk or get("hidden_size") // heads
-    kv_heads = heads if per_query_head else get("num_key_value_heads") or heads
+    kv_heads = heads if per_query_head else kv_heads_field(get) or heads
     return kv_heads, max(qk, v) if type(v) is int and v > 0 else qk
 
 
@@ -320,6 +320,7 @@ def check_model(model: Any, pool: Any) -> list[int | None]:
     its attention chunk, if it has chunked layers: `layer_chunks`)."""
     check_head(model)
     check_eval_mode(model)
+    check_position_bias(model)
     windows = layer_windows(model)
     layer_chunks(model, pool.spec.block_size)
     want = model_geometry(text_config(model))
@@ -342,6 +343,19 @@ def check_head(model: Any) -> None:
     if callable(can) and not can() and callable(heads) and heads() is None:
         raise ValueError(f"model: {type(model).__name__} has no language-model head, so no next-token logits; "
                          "load it with AutoModelForCausalLM (or its ...ForCausalLM class), not AutoModel")
+
+
+def check_position_bias(model: Any) -> None:
+    """ValueError for a model whose attention adds ALiBi position biases
+    (``config.alibi``: Falcon-RW, and Falcon of any kind where so configured):
+    transformers adds them to the attention mask, which kvpager's attention
+    neither builds nor reads (it attends causally over the pool by the plan's
+    extents), so its scores would miss them. Before: Falcon's own code failed
+    on the absent mask, explained as attention outside the interface."""
+    if getattr(text_config(model), "alibi", False) is True:
+        raise ValueError(f"{type(model).__name__} adds ALiBi position biases to its attention scores (config.alibi="
+                         "True), through the attention mask, which kvpager's attention does not read: run this "
+                         "model with its own cache")
 
 
 def check_eval_mode(model: Any) -> None:
