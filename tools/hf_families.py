@@ -92,6 +92,12 @@ OVERRIDES = {
     "lfm2_moe": dict(num_hidden_layers=3, num_dense_layers=1, layer_types=["conv", "full_attention", "conv"],
                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
     "recurrent_gemma": dict(num_hidden_layers=3, attention_window_size=8, lru_width=64),
+    # indexed-attention layers (refused by name) at 5 layers, its first indexer's; an indexer scores
+    # with the query heads of one K/V head (2 here)
+    "kolibri1_1": dict(num_hidden_layers=5, index_num_heads=2, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=32, shared_expert_intermediate_size=32, mlp_only_intermediate_size=128,
+                       sliding_window=8, index_topk=8, index_pool_size=16, index_compression=4,
+                       index_num_local_tokens=4, index_num_sink_tokens=2),
     "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=16),
 }
 #: the kinds of recurrent layers (`kvpager.hf.model.RECURRENT_KINDS`)
