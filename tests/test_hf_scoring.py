@@ -199,14 +199,3 @@ def test_a_pool_too_small_leaves_nothing_behind():
     pool.check_integrity()
     got = score(model, pool, PROMPTS[:3], tokens_per_pass=16)  # the pool still serves
     np.testing.assert_allclose(got[0], reference(model, PROMPTS[0]), rtol=0, atol=2e-5)
-
-
-def test_a_model_with_recurrent_layers_is_refused_by_name():
-    pytest.importorskip("transformers.cache_utils")
-    from test_hf_recurrent import make, prompts
-
-    model = make("qwen3_5")
-    pool = _pool(model)
-    with pytest.raises(ValueError, match="recurrent layers"):
-        score(model, pool, prompts(9, 7))
-    assert pool.stats().num_sequences == 0 and pool.stats().used_blocks == 0

@@ -41,13 +41,17 @@ class EagerPasses:
         input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
         position_ids = torch.tensor([list(positions)], dtype=torch.long, device=self.device)
         plan = self.pool.plan(ids, lens, slots, context_lens=context_lens, num_q_heads=self.heads)
-        batch = PagedBatch(plan, self.pool_dtype, self.pool_device, self.windows, layers=self.layers,
-                           chunks=self.chunks, fit=self.fit, logits=True)
         with torch.inference_mode(), paged_attention(self.model):
-            return paged_forward(self.model, batch, input_ids, position_ids, keep)
+            return paged_forward(self.model, self.batch(plan), input_ids, position_ids, keep)
 
-    def commit(self, ids: list[int]) -> None:
-        """What the passes over ``ids`` wrote, committed (its writes landed first)."""
+    def batch(self, plan: Any) -> PagedBatch:
+        """A pass's `PagedBatch` over ``plan``, its logits kept."""
+        return PagedBatch(plan, self.pool_dtype, self.pool_device, self.windows, layers=self.layers,
+                          chunks=self.chunks, fit=self.fit, logits=True)
+
+    def commit(self, ids: list[int], upto: list[int] | None = None) -> None:
+        """What the passes over ``ids`` wrote (each to ``upto`` where given), committed
+        (its writes landed first)."""
         if hasattr(self.pool, "synchronize"):
             self.pool.synchronize()
-        self.pool.commit(ids)
+        self.pool.commit(ids, upto)

@@ -39,6 +39,7 @@ from kvpager.hf.logprobs import TokenLogprobs
 from kvpager.hf.model import check_model_and_pool, has_recurrent_layers, text_config
 from kvpager.hf.padding import prompts_given, token_lists
 from kvpager.hf.salt import default_salt
+from kvpager.hf.scoring_rows import RowScorer
 from kvpager.validate import is_int
 
 __all__ = ["Scores", "score"]
@@ -70,10 +71,6 @@ def score(model: Any, pool: Any, prompts: Any = None, start: int | Sequence[int]
     freed before it returns; what it wrote stays cached for later calls."""
     check_model_and_pool(model, pool)
     prompts = token_lists(prompts_given(prompts, input_ids), model, attention_mask)
-    if has_recurrent_layers(model):
-        raise ValueError(f"score: {type(model).__name__} has recurrent layers, whose states kvpager.hf keeps only "
-                         "for generation (kvpager.hf.recurrent); score its prompts with generate's model loop or "
-                         "transformers")
     starts = _starts(start, prompts)
     if not is_int(tokens_per_pass) or tokens_per_pass < 1:
         raise ValueError(f"tokens_per_pass must be an int >= 1, got {tokens_per_pass!r}")
@@ -81,7 +78,9 @@ def score(model: Any, pool: Any, prompts: Any = None, start: int | Sequence[int]
     if not is_int(top) or not 0 <= top <= (vocab if is_int(vocab) else top):
         raise ValueError(f"top must be an int from 0 to the model's vocabulary size ({vocab}), got {top!r}")
     k = int(top)
-    scorer = _Scorer(model, pool, default_salt(model) if salt is None else salt, int(tokens_per_pass), k)
+    # (a model with recurrent layers: its prompts as rows, from held states: `kvpager.hf.scoring_rows`)
+    kind = RowScorer if has_recurrent_layers(model) else _Scorer
+    scorer = kind(model, pool, default_salt(model) if salt is None else salt, int(tokens_per_pass), k)
     out = [np.zeros((len(p) - s, 1 + 2 * k)) for p, s in zip(prompts, starts)]  # (`TokenLogprobs.of` rows)
     for group in _groups([len(p) for p in prompts], tokens_per_pass):
         scorer.run([prompts[i] for i in group], [starts[i] for i in group], [out[i] for i in group])

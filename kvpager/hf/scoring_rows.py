@@ -1,0 +1,210 @@
+"""Scoring the prompts of a model with recurrent layers (`kvpager.hf.score`).
+
+A recurrent layer mixes the tokens of its row in order, so such a model's
+prompts cannot share one packed row: they run as rows, a pass a length the rows
+share (`kvpager.hf.pass_schedule`, no padding), their attention layers over the
+pool as `kvpager.hf.recurrent`'s prefill runs them, their logits kept where
+they score a token.
+
+A prompt starts from the longest prefix of its cached blocks whose recurrent
+state is held (`kvpager.hf.state_cache.StateCache`, the model's, as generation
+holds and finds them), up to the position before its ``start``; from its first
+token where none is (its attention layers then read the cached K/V and write
+nothing there). A prompt whose cached blocks reach past the longest held state
+runs to them first and its state there is held, so the next prompt with those
+blocks (the next answer to the same multiple-choice context, in a later pass
+or call) runs from there. A model whose recurrent layers cannot continue a pass
+from held states (`kvpager.hf.recurrent_states.continues`: Zamba) runs each
+prompt whole, from its first token, in one pass (``tokens_per_pass`` does not
+cut it).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvpager.hf.attention import paged_attention, run_pass
+from kvpager.hf.eager import EagerPasses
+from kvpager.hf.logprobs import TokenLogprobs
+from kvpager.hf.pass_schedule import schedule
+from kvpager.hf.recurrent_states import (
+    Layout,
+    Rows,
+    cache_argument,
+    cache_over,
+    check_layout,
+    continues,
+    layout_of,
+    new_cache,
+    rows_of,
+    stacked,
+)
+from kvpager.hf.state_cache import PrefixKeys, StateCache
+
+#: one prompt's share of the passes: (its index in the group, first token, end, its slots from
+#: the first token (-1: cached), the states it starts from or None)
+Segment = tuple[int, int, int, np.ndarray, Rows | None]
+
+
+def logits_rows(model: Any, batch: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: int,
+                *, cache: Any, arg: str) -> torch.Tensor:
+    """A pass of rows over the recurrent states in ``cache`` (the model's cache argument
+    ``arg``): the logits of each row's last ``logits_to_keep`` positions [rows, keep,
+    vocab]. A 4-D mask is taken as given (none is built; the recurrent layers take none)."""
+    mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=input_ids.device)
+    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
+                logits_to_keep=logits_to_keep, kvpager=batch, **{arg: cache})
+    return out.logits
+
+
+class RowScorer:
+    """The passes of one `score` call over a model with recurrent layers (the module
+    docstring); `run` as `kvpager.hf.scoring`'s scorer's."""
+
+    def __init__(self, model: Any, pool: Any, salt: Any, budget: int, top: int):
+        self.model, self.pool, self.salt, self.budget = model, pool, salt, budget
+        self.lp = TokenLogprobs(top, 0)  # (its kernel, kept across passes)
+        self.passes = EagerPasses(model, pool)
+        self.arg = cache_argument(model)
+        new_cache(model)  # the model's cache layers are what kvpager can follow (ValueError)
+        self.store = StateCache.of(model)
+        self.continues = continues(model)
+        self.held = bool(self.continues and self.store.max_bytes)
+        # (held under the weights' dtype too, as generation's: `kvpager.hf.recurrent.Recurrent.allocate`)
+        self.held_as = f"{salt}|{next(model.parameters()).dtype}"
+        self.layout: Layout | None = None
+
+    def run(self, prompts: list[list[int]], starts: list[int], out: list[np.ndarray]) -> None:
+        """One group (the module docstring): the prompts that lead a context (the
+        first with their tokens to the last block boundary before their start) run
+        to that boundary, where their states are held and their blocks committed;
+        the others with the same context are then allocated over those blocks and
+        resume from those states beside the leaders' rest. Committed and freed."""
+        bs = self.pool.spec.block_size
+        # each prompt's hold point: the last block boundary before the position its scoring starts at
+        hold = [(s - 1) // bs * bs if self.held else 0 for s in starts]
+        keys = [PrefixKeys(self.held_as, p, bs, h) for p, h in zip(prompts, hold)]
+        leaders: list[int] = []
+        followers: list[int] = []
+        seen: set[bytes] = set()
+        for k, h in enumerate(hold):
+            key = keys[k][h // bs - 1] if h else None
+            (followers if key is not None and key in seen else leaders).append(k)
+            seen.add(key)
+        ids: dict[int, int] = {}
+        try:
+            first: list[Segment] = []
+            rest: list[Segment] = []
+            for k, slots, c in self._allocate(prompts, leaders, ids):
+                at, states = self._held(k, keys[k], min(c, hold[k]))
+                if hold[k] > at:  # to its hold point first, its state held there, then on
+                    first.append((k, at, hold[k], slots[at : hold[k]], states))
+                    rest.append((k, hold[k], len(prompts[k]), slots[hold[k] :], None))
+                else:
+                    first.append((k, at, len(prompts[k]), slots[at:], states))
+            final: dict[int, Rows] = {}
+            self._passes(ids, prompts, starts, first, out, final)
+            for k, *_ in rest:
+                self.store.put(keys[k][hold[k] // bs - 1], self.layout, final[k])
+            rest = [(k, a, b, sl, final[k]) for k, a, b, sl, _ in rest]
+            if followers:  # (the leaders' blocks to their hold points published for them)
+                self.passes.commit([ids[k] for k in leaders], [hold[k] for k in leaders])
+                for k, slots, c in self._allocate(prompts, followers, ids):
+                    at, states = self._held(k, keys[k], min(c, hold[k]))
+                    rest.append((k, at, len(prompts[k]), slots[at:], states))
+            self._passes(ids, prompts, starts, rest, out, final)
+            self.passes.commit(list(ids.values()))
+        finally:
+            if ids:
+                self.pool.free(list(ids.values()))
+
+    def _allocate(self, prompts: list[list[int]], which: list[int], ids: dict[int, int]) -> list[Any]:
+        """Prompts ``which`` allocated whole (no sharing among them: they run side by
+        side), their ids into ``ids``: (index, slots from the first token (-1 where
+        cached), cached tokens) each."""
+        allocs = self.pool.allocate([prompts[k] for k in which], self.salt, share_in_batch=False)
+        out = []
+        for k, a in zip(which, allocs):
+            ids[k] = a.seq_id
+            c = a.num_cached_tokens
+            out.append((k, np.concatenate([np.full(c, -1, np.int64), np.asarray(a.slots, np.int64)]), c))
+        return out
+
+    def _held(self, k: int, keys: PrefixKeys, upto: int) -> tuple[int, Rows | None]:
+        """Where prompt ``k`` starts: after the longest prefix of at most ``upto``
+        tokens whose state is held, with that state on the model's device; (0,
+        None) where none is."""
+        if not self.held or upto < self.pool.spec.block_size:
+            return 0, None
+        at, layout, held = self.store.best(keys, upto, self.pool.spec.block_size)
+        self.layout = self.layout or layout
+        return at, None if held is None else tuple(t.to(self.passes.device) for t in held)
+
+    def _passes(self, ids: list[int], prompts: list[list[int]], starts: list[int], segments: list[Segment],
+                out: list[np.ndarray], final: dict[int, Rows]) -> None:
+        """The segments as passes of rows: those from no state together first, then
+        those resumed, each a length its rows share; a segment's states after its last
+        part into ``final``."""
+        for resumed in (False, True):
+            group = [g for g in segments if (g[4] is not None) == resumed]
+            if not group:
+                continue
+            at = {g[0]: g[1] for g in group}
+            states = {g[0]: g[4] for g in group}
+            for length, members in self._schedule([b - a for _, a, b, _, _ in group], fresh=not resumed):
+                rows = [group[i] for i in members]
+                parts = [(at[g[0]], at[g[0]] + length) for g in rows]
+                if states[rows[0][0]] is None:  # (a first pass from no state: every row of it is)
+                    cache = new_cache(self.model)
+                else:
+                    cache = cache_over(self.model, self.layout, stacked(self.layout, [states[g[0]] for g in rows]))
+                self._pass(ids, prompts, starts, rows, parts, cache, out)
+                self.layout = self.layout or check_layout(self.model, layout_of(cache))
+                for g, r, (_, b) in zip(rows, rows_of(cache, self.layout), parts):
+                    at[g[0]], states[g[0]] = b, r
+                    final[g[0]] = r
+
+    def _schedule(self, lens: list[int], fresh: bool) -> list[tuple[int, list[int]]]:
+        """`schedule`'s passes (every segment in the first where they start from no
+        state), a lone segment's cut to the budget where the model continues."""
+        if len(lens) == 1 and self.continues:
+            n = lens[0]
+            return [(min(self.budget, n - b), [0]) for b in range(0, n, self.budget)]
+        if not self.continues:  # (each whole, from its first token: one pass a length)
+            return [(n, [i for i, m in enumerate(lens) if m == n]) for n in sorted(set(lens))]
+        return schedule(lens, first_whole=fresh)
+
+    def _pass(self, ids: list[int], prompts: list[list[int]], starts: list[int], rows: list[Segment],
+              parts: list[tuple[int, int]], cache: Any, out: list[np.ndarray]) -> None:
+        """One pass over tokens [a, b) of each row's prompt, its logits kept from the
+        first position any row scores by, those rows' tokens scored into ``out``."""
+        length = parts[0][1] - parts[0][0]
+        slots = np.concatenate([g[3][a - g[1] : b - g[1]] for g, (a, b) in zip(rows, parts)])
+        plan = self.pool.plan([ids[g[0]] for g in rows], [length] * len(rows), slots,
+                              context_lens=[b for _, b in parts], num_q_heads=self.passes.heads)
+        wanted = [(max(a, starts[g[0]] - 1), min(b, len(prompts[g[0]]) - 1)) for g, (a, b) in zip(rows, parts)]
+        first = min((q0 - a for (q0, q1), (a, _) in zip(wanted, parts) if q0 < q1), default=length - 1)
+        device = self.passes.device
+        tokens = torch.tensor([prompts[g[0]][a:b] for g, (a, b) in zip(rows, parts)], dtype=torch.long, device=device)
+        where = torch.tensor([list(range(a, b)) for a, b in parts], dtype=torch.long, device=device)
+        fn = functools.partial(logits_rows, cache=cache, arg=self.arg)
+        with torch.inference_mode(), paged_attention(self.model):
+            logits = run_pass(self.model, self.passes.batch(plan), fn, tokens, where, length - first)
+            picks, targets, put = [], [], []
+            for r, (g, (q0, q1), (a, _)) in enumerate(zip(rows, wanted, parts)):
+                p, s = prompts[g[0]], starts[g[0]]
+                for q in range(q0, q1):
+                    picks.append((r, q - a - first))
+                    targets.append(p[q + 1])
+                    put.append((g[0], q + 1 - s))
+            if not picks:
+                return
+            at = torch.tensor(picks, dtype=torch.long, device=logits.device)
+            values = self.lp.of(logits[at[:, 0], at[:, 1]], torch.tensor(targets, dtype=torch.long,
+                                                                           device=logits.device))
+        for (k, j), v in zip(put, values.cpu().numpy()):
+            out[k][j] = v
