@@ -45,13 +45,13 @@ class Counted:
 
     def __init__(self, monkeypatch):
         self.passes: list[int] = []
-        real = rows_module.RowScorer._pass
+        real = rows_module.RowPasses._pass
 
-        def counted(scorer, ids, prompts, starts, rows, parts, *args):
+        def counted(runner, ids, prompts, rows, parts, *args):
             self.passes.append(sum(b - a for a, b in parts))
-            return real(scorer, ids, prompts, starts, rows, parts, *args)
+            return real(runner, ids, prompts, rows, parts, *args)
 
-        monkeypatch.setattr(rows_module.RowScorer, "_pass", counted)
+        monkeypatch.setattr(rows_module.RowPasses, "_pass", counted)
 
 
 def _pool(model, blocks=64):
@@ -145,7 +145,7 @@ def test_a_failing_pass_leaves_nothing_behind(monkeypatch):
     the call is freed, and the pool serves the next call."""
     model = make("qwen3_5")
     pool = _pool(model)
-    real = rows_module.RowScorer._pass
+    real = rows_module.RowPasses._pass
     calls = []
 
     def failing(scorer, *args):
@@ -154,11 +154,11 @@ def test_a_failing_pass_leaves_nothing_behind(monkeypatch):
             raise RuntimeError("a pass failed")
         return real(scorer, *args)
 
-    monkeypatch.setattr(rows_module.RowScorer, "_pass", failing)
+    monkeypatch.setattr(rows_module.RowPasses, "_pass", failing)
     with pytest.raises(RuntimeError, match="a pass failed"):
         score(model, pool, PROMPTS[:3], STARTS[:3])
     assert_nothing_held(pool)
-    monkeypatch.setattr(rows_module.RowScorer, "_pass", real)
+    monkeypatch.setattr(rows_module.RowPasses, "_pass", real)
     assert_scores(model, score(model, pool, PROMPTS, STARTS))
 
 

@@ -4,7 +4,9 @@ An evaluation's log-likelihood requests: ``--questions`` questions, each a
 few-shot preamble shared by all (``--shared`` tokens), its own context
 (``--context``) and ``--answers`` answers of 4 to ``--answer-len`` tokens;
 each answer's tokens are scored given everything before them. Random-weight
-Llama-shaped models of `bench_e2e.py` (bf16 on a GPU, float32 on the CPU).
+Llama-shaped models of `bench_e2e.py` (bf16 on a GPU, float32 on the CPU), or
+its Qwen3.5 layouts (``--shape q35s`` / ``q35``: linear-attention layers, scored
+as rows from held states, `kvpager.hf.scoring_rows`).
 
 - ``transformers``: what an evaluation harness does with a model alone: the
   prompts in right-padded batches of ``--hf-batch``, one forward pass each (no
@@ -19,6 +21,7 @@ tokens each ran, and the largest difference between their scores.
 
     python tools/bench_scoring.py [--device cuda] [--shape 1b] [--questions 32]
     python tools/bench_scoring.py --device cpu --shape s --questions 8 --shared 128 --context 64
+    python tools/bench_scoring.py --device cpu --shape q35s --questions 8 --shared 128 --context 64
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import e2e_paths  # noqa: E402
 from bench_e2e import make_model  # noqa: E402
 
 from kvpager import KVPool  # noqa: E402
-from kvpager.hf import eager, scoring, spec_for_model  # noqa: E402
+from kvpager.hf import eager, scoring, scoring_rows, spec_for_model  # noqa: E402
 
 
 def workload(args) -> tuple[list[list[int]], list[int]]:
@@ -102,6 +105,13 @@ def main() -> None:
         return real(model, batch, input_ids, *a)
 
     eager.paged_forward = counted
+    real_rows = scoring_rows.RowPasses._pass
+
+    def counted_rows(runner, ids, ps, rows, parts, *a):  # (a model with recurrent layers: rows)
+        ran.append(sum(b - e for e, b in parts))
+        return real_rows(runner, ids, ps, rows, parts, *a)
+
+    scoring_rows.RowPasses._pass = counted_rows
     times: dict[str, list[float]] = {"transformers": [], "kvpager": []}
     for r in range(args.rounds + 1):  # the first untimed: kernels compiled, shapes seen
         e2e_paths.sync()

@@ -22,6 +22,7 @@ cut it).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,11 @@ from kvpager.hf.state_cache import PrefixKeys, StateCache
 #: one prompt's share of the passes: (its index in the group, first token, end, its slots from
 #: the first token (-1: cached), the states it starts from or None)
 Segment = tuple[int, int, int, np.ndarray, Rows | None]
+#: ``wanted(k, a, b)``: the positions ``[q0, q1)`` of prompt ``k`` whose logits a pass over its tokens
+#: ``[a, b)`` keeps (empty where q0 >= q1)
+Wanted = Callable[[int, int, int], tuple[int, int]]
+#: ``take(picks, logits)``: the kept logits [len(picks), vocab] of positions ``picks`` ((prompt, position))
+Take = Callable[[list[tuple[int, int]], torch.Tensor], None]
 
 
 def logits_rows(model: Any, batch: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: int,
@@ -61,13 +67,14 @@ def logits_rows(model: Any, batch: Any, input_ids: torch.Tensor, position_ids: t
     return out.logits
 
 
-class RowScorer:
-    """The passes of one `score` call over a model with recurrent layers (the module
-    docstring); `run` as `kvpager.hf.scoring`'s scorer's."""
+class RowPasses:
+    """Passes of rows of a model with recurrent layers over a pool (the module
+    docstring): segments of prompts from no state or from held states, each pass a
+    length its rows share, the logits of the positions a caller wants handed to it;
+    what `RowScorer` and `kvpager.hf.beams`' prefill run."""
 
-    def __init__(self, model: Any, pool: Any, salt: Any, budget: int, top: int):
+    def __init__(self, model: Any, pool: Any, salt: Any, budget: int):
         self.model, self.pool, self.salt, self.budget = model, pool, salt, budget
-        self.lp = TokenLogprobs(top, 0)  # (its kernel, kept across passes)
         self.passes = EagerPasses(model, pool)
         self.arg = cache_argument(model)
         new_cache(model)  # the model's cache layers are what kvpager can follow (ValueError)
@@ -77,6 +84,94 @@ class RowScorer:
         # (held under the weights' dtype too, as generation's: `kvpager.hf.recurrent.Recurrent.allocate`)
         self.held_as = f"{salt}|{next(model.parameters()).dtype}"
         self.layout: Layout | None = None
+
+    def allocate(self, prompts: list[list[int]], which: list[int], ids: dict[int, int]) -> list[Any]:
+        """Prompts ``which`` allocated whole (no sharing among them: they run side by
+        side), their ids into ``ids``: (index, slots from the first token (-1 where
+        cached), cached tokens) each."""
+        allocs = self.pool.allocate([prompts[k] for k in which], self.salt, share_in_batch=False)
+        out = []
+        for k, a in zip(which, allocs):
+            ids[k] = a.seq_id
+            c = a.num_cached_tokens
+            out.append((k, np.concatenate([np.full(c, -1, np.int64), np.asarray(a.slots, np.int64)]), c))
+        return out
+
+    def resume_at(self, keys: PrefixKeys, upto: int) -> tuple[int, Rows | None]:
+        """Where a prompt whose prefix keys are ``keys`` starts: after the longest
+        prefix of at most ``upto`` tokens whose state is held, with that state on the
+        model's device; (0, None) where none is."""
+        if not self.held or upto < self.pool.spec.block_size:
+            return 0, None
+        at, layout, held = self.store.best(keys, upto, self.pool.spec.block_size)
+        self.layout = self.layout or layout
+        return at, None if held is None else tuple(t.to(self.passes.device) for t in held)
+
+    def run_segments(self, ids: dict[int, int], prompts: list[list[int]], segments: list[Segment],
+                     wanted: Wanted, take: Take, final: dict[int, Rows]) -> None:
+        """The segments as passes of rows: those from no state together first, then
+        those resumed, each a length its rows share; the logits of the positions
+        ``wanted(k, a, b)`` names (``[q0, q1)`` of prompt ``k``'s tokens ``[a, b)`` in a
+        pass) to ``take``; a segment's states after its last part into ``final``."""
+        for resumed in (False, True):
+            group = [g for g in segments if (g[4] is not None) == resumed]
+            if not group:
+                continue
+            at = {g[0]: g[1] for g in group}
+            states = {g[0]: g[4] for g in group}
+            for length, members in self._schedule([b - a for _, a, b, _, _ in group], fresh=not resumed):
+                rows = [group[i] for i in members]
+                parts = [(at[g[0]], at[g[0]] + length) for g in rows]
+                if states[rows[0][0]] is None:  # (a first pass from no state: every row of it is)
+                    cache = new_cache(self.model)
+                else:
+                    cache = cache_over(self.model, self.layout, stacked(self.layout, [states[g[0]] for g in rows]))
+                self._pass(ids, prompts, rows, parts, cache, wanted, take)
+                self.layout = self.layout or check_layout(self.model, layout_of(cache))
+                for g, r, (_, b) in zip(rows, rows_of(cache, self.layout), parts):
+                    at[g[0]], states[g[0]] = b, r
+                    final[g[0]] = r
+
+    def _schedule(self, lens: list[int], fresh: bool) -> list[tuple[int, list[int]]]:
+        """`schedule`'s passes (every segment in the first where they start from no
+        state), a lone segment's cut to the budget where the model continues."""
+        if len(lens) == 1 and self.continues:
+            n = lens[0]
+            return [(min(self.budget, n - b), [0]) for b in range(0, n, self.budget)]
+        if not self.continues:  # (each whole, from its first token: one pass a length)
+            return [(n, [i for i, m in enumerate(lens) if m == n]) for n in sorted(set(lens))]
+        return schedule(lens, first_whole=fresh)
+
+    def _pass(self, ids: dict[int, int], prompts: list[list[int]], rows: list[Segment], parts: list[tuple[int, int]],
+              cache: Any, wanted: Wanted, take: Take) -> None:
+        """One pass over tokens [a, b) of each row's prompt, its logits kept from the
+        first position any row wants, those wanted to ``take``."""
+        length = parts[0][1] - parts[0][0]
+        slots = np.concatenate([g[3][a - g[1] : b - g[1]] for g, (a, b) in zip(rows, parts)])
+        plan = self.pool.plan([ids[g[0]] for g in rows], [length] * len(rows), slots,
+                              context_lens=[b for _, b in parts], num_q_heads=self.passes.heads)
+        spans = [wanted(g[0], a, b) for g, (a, b) in zip(rows, parts)]
+        first = min((q0 - a for (q0, q1), (a, _) in zip(spans, parts) if q0 < q1), default=length - 1)
+        device = self.passes.device
+        tokens = torch.tensor([prompts[g[0]][a:b] for g, (a, b) in zip(rows, parts)], dtype=torch.long, device=device)
+        where = torch.tensor([list(range(a, b)) for a, b in parts], dtype=torch.long, device=device)
+        fn = functools.partial(logits_rows, cache=cache, arg=self.arg)
+        with torch.inference_mode(), paged_attention(self.model):
+            logits = run_pass(self.model, self.passes.batch(plan), fn, tokens, where, length - first)
+            picks = [(r, g[0], q) for r, (g, (q0, q1)) in enumerate(zip(rows, spans)) for q in range(q0, q1)]
+            if picks:
+                at = torch.tensor([(r, q - a - first) for (r, _, q), (a, _) in
+                                   zip(picks, [parts[r] for r, _, _ in picks])], dtype=torch.long, device=logits.device)
+                take([(k, q) for _, k, q in picks], logits[at[:, 0], at[:, 1]])
+
+
+class RowScorer(RowPasses):
+    """The passes of one `score` call over a model with recurrent layers; `run` as
+    `kvpager.hf.scoring`'s scorer's."""
+
+    def __init__(self, model: Any, pool: Any, salt: Any, budget: int, top: int):
+        super().__init__(model, pool, salt, budget)
+        self.lp = TokenLogprobs(top, 0)  # (its kernel, kept across passes)
 
     def run(self, prompts: list[list[int]], starts: list[int], out: list[np.ndarray]) -> None:
         """One group (the module docstring): the prompts that lead a context (the
@@ -95,116 +190,38 @@ class RowScorer:
             key = keys[k][h // bs - 1] if h else None
             (followers if key is not None and key in seen else leaders).append(k)
             seen.add(key)
+
+        def wanted(k: int, a: int, b: int) -> tuple[int, int]:  # (the positions that score a token)
+            return max(a, starts[k] - 1), min(b, len(prompts[k]) - 1)
+
+        def take(picks: list[tuple[int, int]], logits: torch.Tensor) -> None:
+            targets = torch.tensor([prompts[k][q + 1] for k, q in picks], dtype=torch.long, device=logits.device)
+            for (k, q), v in zip(picks, self.lp.of(logits, targets).cpu().numpy()):
+                out[k][q + 1 - starts[k]] = v
+
         ids: dict[int, int] = {}
         try:
             first: list[Segment] = []
             rest: list[Segment] = []
-            for k, slots, c in self._allocate(prompts, leaders, ids):
-                at, states = self._held(k, keys[k], min(c, hold[k]))
+            for k, slots, c in self.allocate(prompts, leaders, ids):
+                at, states = self.resume_at(keys[k], min(c, hold[k]))
                 if hold[k] > at:  # to its hold point first, its state held there, then on
                     first.append((k, at, hold[k], slots[at : hold[k]], states))
                     rest.append((k, hold[k], len(prompts[k]), slots[hold[k] :], None))
                 else:
                     first.append((k, at, len(prompts[k]), slots[at:], states))
             final: dict[int, Rows] = {}
-            self._passes(ids, prompts, starts, first, out, final)
+            self.run_segments(ids, prompts, first, wanted, take, final)
             for k, *_ in rest:
                 self.store.put(keys[k][hold[k] // bs - 1], self.layout, final[k])
             rest = [(k, a, b, sl, final[k]) for k, a, b, sl, _ in rest]
             if followers:  # (the leaders' blocks to their hold points published for them)
                 self.passes.commit([ids[k] for k in leaders], [hold[k] for k in leaders])
-                for k, slots, c in self._allocate(prompts, followers, ids):
-                    at, states = self._held(k, keys[k], min(c, hold[k]))
+                for k, slots, c in self.allocate(prompts, followers, ids):
+                    at, states = self.resume_at(keys[k], min(c, hold[k]))
                     rest.append((k, at, len(prompts[k]), slots[at:], states))
-            self._passes(ids, prompts, starts, rest, out, final)
+            self.run_segments(ids, prompts, rest, wanted, take, final)
             self.passes.commit(list(ids.values()))
         finally:
             if ids:
                 self.pool.free(list(ids.values()))
-
-    def _allocate(self, prompts: list[list[int]], which: list[int], ids: dict[int, int]) -> list[Any]:
-        """Prompts ``which`` allocated whole (no sharing among them: they run side by
-        side), their ids into ``ids``: (index, slots from the first token (-1 where
-        cached), cached tokens) each."""
-        allocs = self.pool.allocate([prompts[k] for k in which], self.salt, share_in_batch=False)
-        out = []
-        for k, a in zip(which, allocs):
-            ids[k] = a.seq_id
-            c = a.num_cached_tokens
-            out.append((k, np.concatenate([np.full(c, -1, np.int64), np.asarray(a.slots, np.int64)]), c))
-        return out
-
-    def _held(self, k: int, keys: PrefixKeys, upto: int) -> tuple[int, Rows | None]:
-        """Where prompt ``k`` starts: after the longest prefix of at most ``upto``
-        tokens whose state is held, with that state on the model's device; (0,
-        None) where none is."""
-        if not self.held or upto < self.pool.spec.block_size:
-            return 0, None
-        at, layout, held = self.store.best(keys, upto, self.pool.spec.block_size)
-        self.layout = self.layout or layout
-        return at, None if held is None else tuple(t.to(self.passes.device) for t in held)
-
-    def _passes(self, ids: list[int], prompts: list[list[int]], starts: list[int], segments: list[Segment],
-                out: list[np.ndarray], final: dict[int, Rows]) -> None:
-        """The segments as passes of rows: those from no state together first, then
-        those resumed, each a length its rows share; a segment's states after its last
-        part into ``final``."""
-        for resumed in (False, True):
-            group = [g for g in segments if (g[4] is not None) == resumed]
-            if not group:
-                continue
-            at = {g[0]: g[1] for g in group}
-            states = {g[0]: g[4] for g in group}
-            for length, members in self._schedule([b - a for _, a, b, _, _ in group], fresh=not resumed):
-                rows = [group[i] for i in members]
-                parts = [(at[g[0]], at[g[0]] + length) for g in rows]
-                if states[rows[0][0]] is None:  # (a first pass from no state: every row of it is)
-                    cache = new_cache(self.model)
-                else:
-                    cache = cache_over(self.model, self.layout, stacked(self.layout, [states[g[0]] for g in rows]))
-                self._pass(ids, prompts, starts, rows, parts, cache, out)
-                self.layout = self.layout or check_layout(self.model, layout_of(cache))
-                for g, r, (_, b) in zip(rows, rows_of(cache, self.layout), parts):
-                    at[g[0]], states[g[0]] = b, r
-                    final[g[0]] = r
-
-    def _schedule(self, lens: list[int], fresh: bool) -> list[tuple[int, list[int]]]:
-        """`schedule`'s passes (every segment in the first where they start from no
-        state), a lone segment's cut to the budget where the model continues."""
-        if len(lens) == 1 and self.continues:
-            n = lens[0]
-            return [(min(self.budget, n - b), [0]) for b in range(0, n, self.budget)]
-        if not self.continues:  # (each whole, from its first token: one pass a length)
-            return [(n, [i for i, m in enumerate(lens) if m == n]) for n in sorted(set(lens))]
-        return schedule(lens, first_whole=fresh)
-
-    def _pass(self, ids: list[int], prompts: list[list[int]], starts: list[int], rows: list[Segment],
-              parts: list[tuple[int, int]], cache: Any, out: list[np.ndarray]) -> None:
-        """One pass over tokens [a, b) of each row's prompt, its logits kept from the
-        first position any row scores by, those rows' tokens scored into ``out``."""
-        length = parts[0][1] - parts[0][0]
-        slots = np.concatenate([g[3][a - g[1] : b - g[1]] for g, (a, b) in zip(rows, parts)])
-        plan = self.pool.plan([ids[g[0]] for g in rows], [length] * len(rows), slots,
-                              context_lens=[b for _, b in parts], num_q_heads=self.passes.heads)
-        wanted = [(max(a, starts[g[0]] - 1), min(b, len(prompts[g[0]]) - 1)) for g, (a, b) in zip(rows, parts)]
-        first = min((q0 - a for (q0, q1), (a, _) in zip(wanted, parts) if q0 < q1), default=length - 1)
-        device = self.passes.device
-        tokens = torch.tensor([prompts[g[0]][a:b] for g, (a, b) in zip(rows, parts)], dtype=torch.long, device=device)
-        where = torch.tensor([list(range(a, b)) for a, b in parts], dtype=torch.long, device=device)
-        fn = functools.partial(logits_rows, cache=cache, arg=self.arg)
-        with torch.inference_mode(), paged_attention(self.model):
-            logits = run_pass(self.model, self.passes.batch(plan), fn, tokens, where, length - first)
-            picks, targets, put = [], [], []
-            for r, (g, (q0, q1), (a, _)) in enumerate(zip(rows, wanted, parts)):
-                p, s = prompts[g[0]], starts[g[0]]
-                for q in range(q0, q1):
-                    picks.append((r, q - a - first))
-                    targets.append(p[q + 1])
-                    put.append((g[0], q + 1 - s))
-            if not picks:
-                return
-            at = torch.tensor(picks, dtype=torch.long, device=logits.device)
-            values = self.lp.of(logits[at[:, 0], at[:, 1]], torch.tensor(targets, dtype=torch.long,
-                                                                           device=logits.device))
-        for (k, j), v in zip(put, values.cpu().numpy()):
-            out[k][j] = v
