@@ -190,3 +190,28 @@ def test_through_a_daemon_client_the_embedded_scores():
             for a, b in zip(got, want):
                 np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
         assert_nothing_held(pool)
+
+
+def test_a_generations_answer_is_scored_over_its_blocks(monkeypatch):
+    """A reference model's log-probabilities of generated answers: scoring finds the
+    generation's blocks (the same salt), runs the prompt to its last block boundary
+    before the answer (its logits from there on are needed) and holds the state
+    there, so the next answer to the same prompt runs only from there."""
+    from kvpager.hf import generate
+
+    model = make("qwen3_5")
+    pool = _pool(model)
+    [answer] = generate(model, pool, [CONTEXT], 9, eos_token_id=None)  # (36 tokens: 4 blocks cached)
+    hit = pool.stats().prefix_hit_tokens
+    store = StateCache.of(model)
+    counted = Counted(monkeypatch)
+    p = CONTEXT + answer
+    assert_scores(model, score(model, pool, [p], len(CONTEXT)), [p], [len(CONTEXT)])
+    assert pool.stats().prefix_hit_tokens == hit + 32  # the generation's blocks found
+    assert sum(counted.passes) == len(p)  # (no state held before the answer: from the first token, read only)
+    hits = store.hits
+    counted.passes.clear()
+    other = CONTEXT + answer[:2] + prompts(5, seed=21)[0]
+    assert_scores(model, score(model, pool, [other], len(CONTEXT)), [other], [len(CONTEXT)])
+    assert store.hits == hits + 1 and sum(counted.passes) == len(other) - 24
+    assert_nothing_held(pool)

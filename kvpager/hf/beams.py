@@ -31,16 +31,21 @@ Each step (all prompts' beams in one forward pass, a token each):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from kvpager.hf.attention import paged_attention, run_pass
 from kvpager.hf.eager import EagerPasses
 from kvpager.hf.model import check_model_and_pool, end_tokens, has_recurrent_layers
 from kvpager.hf.padding import prompts_given, token_lists
+from kvpager.hf.recurrent_states import cache_over, stacked, tensors_of
 from kvpager.hf.salt import default_salt
+from kvpager.hf.scoring_rows import RowPasses, logits_rows
+from kvpager.hf.state_cache import PrefixKeys
 from kvpager.validate import is_int
 
 __all__ = ["Beams", "beam_search", "beams_for_generate", "config_beams"]
@@ -69,9 +74,6 @@ def beam_search(model: Any, pool: Any, prompts: Any = None, max_new_tokens: int 
     Sequences are freed before it returns; the prompts' blocks stay cached."""
     check_model_and_pool(model, pool)
     prompts = token_lists(prompts_given(prompts, input_ids), model, attention_mask)
-    if has_recurrent_layers(model):
-        raise ValueError(f"beam_search: {type(model).__name__} has recurrent layers, whose states kvpager.hf does "
-                         "not fork")
     if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if not is_int(num_beams) or num_beams < 1:
@@ -142,7 +144,10 @@ class _Search:
         self.penalty, self.early, self.salt = penalty, early, salt
         self.eos = torch.tensor(sorted(eos), dtype=torch.long)
         self.keep = max(2, 1 + len(eos)) * beams  # continuations weighed a step
-        self.passes = EagerPasses(model, pool)
+        # (a model with recurrent layers: its prompts as rows, its beams' states gathered to their parents'
+        # each step: `_RecurrentBeams`)
+        self.rows = _RecurrentBeams(model, pool, salt, prompts, beams) if has_recurrent_layers(model) else None
+        self.passes = self.rows.passes if self.rows is not None else EagerPasses(model, pool)
         b = len(prompts)
         self.seqs: list[list[int | None]] = [[None] * beams for _ in range(b)]  # running beams' sequences
         self.tokens: list[list[list[int]]] = [[[] for _ in range(beams)] for _ in range(b)]
@@ -166,6 +171,8 @@ class _Search:
             logits = self._step(parents, next_tokens, new)
 
     def _prefill(self) -> torch.Tensor:
+        if self.rows is not None:
+            return self.rows.prefill(self._took)
         allocs = self.pool.allocate(self.prompts, self.salt, share_in_batch=True)
         for b, a in enumerate(allocs):
             self.seqs[b][0] = a.seq_id
@@ -246,9 +253,18 @@ class _Search:
         fed = [t for row in next_tokens for t in row]
         slots = self.pool.append_flat(ids, 1, [[t] for t in fed])
         positions = [len(self.prompts[b]) + new - 1 for b in range(len(seqs)) for _ in range(self.k)]
-        logits = self.passes.forward(ids, [1] * len(ids), fed, positions, slots, 0)
+        if self.rows is not None:
+            logits = self.rows.step(ids, [b * self.k + p for b, ps in enumerate(parents) for p in ps], fed,
+                                    positions, slots)
+        else:
+            logits = self.passes.forward(ids, [1] * len(ids), fed, positions, slots, 0)
         self.passes.commit(ids)
         return logits
+
+    def _took(self, b: int, seq_id: int) -> None:
+        """Prompt ``b``'s sequence, allocated (freed by `close` whatever follows)."""
+        self.seqs[b][0] = seq_id
+        self.held.add(seq_id)
 
     def _free(self, ids: list[int]) -> None:
         ids = [s for s in ids if s in self.held]
@@ -262,3 +278,67 @@ class _Search:
     def results(self) -> list[tuple[list[list[int]], list[float]]]:
         """Each prompt's finished hypotheses and scores, best first."""
         return [(self.done_tokens[b], self.done_scores[b].tolist()) for b in range(len(self.prompts))]
+
+
+class _RecurrentBeams:
+    """The recurrent layers' states of a beam search's beams: the prompts prefilled
+    as rows (from held states where their cached blocks have them:
+    `kvpager.hf.scoring_rows.RowPasses`), each prompt's state repeated for its
+    beams, and at each step every beam's state gathered from its parent's (a
+    parent continued by several copied to each, transformers' cache reorder) and
+    run a token further with the beams' K/V in the pool."""
+
+    def __init__(self, model: Any, pool: Any, salt: Any, prompts: list[list[int]], beams: int):
+        self.prompts, self.k = prompts, beams
+        self.runner = RowPasses(model, pool, salt, max(map(len, prompts), default=1))
+        self.passes = self.runner.passes
+        self.states: list[torch.Tensor] = []
+
+    def prefill(self, took: Any) -> torch.Tensor:
+        """The prompts allocated (``took(b, seq_id)`` each) and run: their last
+        positions' logits [B, V]; each prompt's states repeated for its beams."""
+        run, prompts = self.runner, self.prompts
+        bs = run.pool.spec.block_size
+        ids: dict[int, int] = {}
+        segments = []
+        allocated = run.allocate(prompts, list(range(len(prompts))), ids)
+        for k, seq_id in ids.items():
+            took(k, seq_id)
+        for k, slots, c in allocated:
+            upto = min(c, len(prompts[k]) - 1)
+            at, states = run.resume_at(PrefixKeys(run.held_as, prompts[k], bs, upto), upto)
+            segments.append((k, at, len(prompts[k]), slots[at:], states))
+        last: dict[int, torch.Tensor] = {}
+
+        def wanted(k: int, a: int, b: int) -> tuple[int, int]:  # (each prompt's last position)
+            n = len(prompts[k])
+            return (n - 1, n) if b == n else (0, 0)
+
+        def take(picks: list[tuple[int, int]], logits: torch.Tensor) -> None:
+            for (k, _), row in zip(picks, logits):
+                last[k] = row
+
+        final: dict[int, Any] = {}
+        run.run_segments(ids, prompts, segments, wanted, take, final)
+        run.passes.commit(list(ids.values()))
+        self.states = [t.repeat_interleave(self.k, dim=0)
+                       for t in stacked(run.layout, [final[k] for k in range(len(prompts))])]
+        return torch.stack([last[k] for k in range(len(prompts))])
+
+    def step(self, ids: list[int], parents: list[int], fed: list[int], positions: list[int],
+             slots: np.ndarray) -> torch.Tensor:
+        """One token a beam (``fed`` at ``positions``, K/V to ``slots``), each beam from
+        its parent's states (``parents``: rows of the last step): the logits [B * K, V]."""
+        run = self.runner
+        device = run.passes.device
+        at = torch.tensor(parents, dtype=torch.long, device=device)
+        self.states = [t.index_select(0, at) for t in self.states]
+        cache = cache_over(run.model, run.layout, self.states)
+        plan = run.pool.plan(ids, [1] * len(ids), slots, num_q_heads=run.passes.heads)
+        tokens = torch.tensor(fed, dtype=torch.long, device=device).view(-1, 1)
+        where = torch.tensor(positions, dtype=torch.long, device=device).view(-1, 1)
+        with torch.inference_mode(), paged_attention(run.model):
+            logits = run_pass(run.model, run.passes.batch(plan), functools.partial(logits_rows, cache=cache,
+                                                                                  arg=run.arg), tokens, where, 1)
+        self.states = tensors_of(cache, run.layout)
+        return logits[:, -1]

@@ -61,7 +61,7 @@ from kvpager.hf.model import (  # noqa: F401
 from kvpager.hf.padding import new_token_limits, prompts_given, stop_sequences, token_lists
 from kvpager.hf.passes import HostBuffers, Owed, Pass
 from kvpager.hf.pipeline import DecodePasses
-from kvpager.hf.recurrent import Recurrent, has_recurrent_layers
+from kvpager.hf.recurrent import Recurrent, has_recurrent_layers, recurrent_salt
 from kvpager.hf.salt import default_salt
 from kvpager.hf.sampling import Sampler, Sampling
 from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
@@ -156,7 +156,7 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
             if self.compile:  # (captured steps compiled: the recurrent layers' code fused, as the rest)
                 self._recurrent.compile = "inductor"
             # (their blocks are matched only by generations that also hold or remake the states)
-            self.salt = f"{self.salt}|recurrent"
+            self.salt = recurrent_salt(self.salt)
         self._device = next(self.model.parameters()).device
         self._pool_dtype = TORCH_DTYPES[dtype_name(self.pool.spec.dtype)]
         pool_device = str(getattr(self.pool, "device", "cpu"))

@@ -86,7 +86,15 @@ from kvpager.hf.recurrent_states import (  # noqa: F401 - CONTINUING, NOT_CONTIN
 )
 from kvpager.hf.state_cache import PrefixKeys, StateCache, prefix_key
 
-__all__ = ["Recurrent", "StateCache", "States", "has_recurrent_layers", "new_cache"]
+__all__ = ["Recurrent", "StateCache", "States", "has_recurrent_layers", "new_cache", "recurrent_salt"]
+
+
+def recurrent_salt(salt: Any) -> str:
+    """The prefix-cache salt of a model with recurrent layers under ``salt``: its
+    blocks are matched only by the passes that hold or remake their recurrent
+    states too (generation, `kvpager.hf.score`, `kvpager.hf.beam_search`), not by a
+    packed pass of the same salt, which would take cached K/V without them."""
+    return f"{salt}|recurrent"
 
 #: one pass's share of a prompt: (first token, end, its slots (-1: cached), the states it starts from or None)
 Segment = tuple[int, int, np.ndarray, Rows | None]

@@ -32,6 +32,7 @@ from kvpager.hf.attention import paged_attention, run_pass
 from kvpager.hf.eager import EagerPasses
 from kvpager.hf.logprobs import TokenLogprobs
 from kvpager.hf.pass_schedule import schedule
+from kvpager.hf.recurrent import recurrent_salt
 from kvpager.hf.recurrent_states import (
     Layout,
     Rows,
@@ -74,7 +75,8 @@ class RowPasses:
     what `RowScorer` and `kvpager.hf.beams`' prefill run."""
 
     def __init__(self, model: Any, pool: Any, salt: Any, budget: int):
-        self.model, self.pool, self.salt, self.budget = model, pool, salt, budget
+        # (generation's salt for such a model: they find each other's blocks and states)
+        self.model, self.pool, self.salt, self.budget = model, pool, recurrent_salt(salt), budget
         self.passes = EagerPasses(model, pool)
         self.arg = cache_argument(model)
         new_cache(model)  # the model's cache layers are what kvpager can follow (ValueError)
@@ -82,7 +84,7 @@ class RowPasses:
         self.continues = continues(model)
         self.held = bool(self.continues and self.store.max_bytes)
         # (held under the weights' dtype too, as generation's: `kvpager.hf.recurrent.Recurrent.allocate`)
-        self.held_as = f"{salt}|{next(model.parameters()).dtype}"
+        self.held_as = f"{self.salt}|{next(model.parameters()).dtype}"
         self.layout: Layout | None = None
 
     def allocate(self, prompts: list[list[int]], which: list[int], ids: dict[int, int]) -> list[Any]:
