@@ -99,6 +99,24 @@ def test_a_multiple_choice_context_runs_once_and_is_found_again(monkeypatch):
     assert_nothing_held(pool)
 
 
+def test_a_preamble_shared_by_several_contexts_runs_once(monkeypatch):
+    """Two levels: a 16-token preamble shared by two questions, each with an 11-token
+    context and two answers. The preamble runs once (the first prompt stops where the
+    second question parts from it), each question's context once to its hold point
+    (24), each answer from there: waves of the call, each prompt allocated over the
+    blocks of the one it resumes from."""
+    model = make("jamba")
+    pool = _pool(model)
+    counted = Counted(monkeypatch)
+    pre = prompts(16, seed=31)[0]
+    ps = [pre + c + a for c in prompts(11, 11, seed=32) for a in prompts(4, 7, seed=33)]
+    starts = [27] * 4
+    assert_scores(model, score(model, pool, ps, starts), ps, starts)
+    assert sum(counted.passes) == 16 + 2 * 8 + sum(len(p) - 24 for p in ps)
+    assert pool.stats().prefix_hit_tokens == 16 + 2 * 24  # (allocated over the blocks of those before)
+    assert_nothing_held(pool)
+
+
 def test_without_held_states_every_prompt_runs_whole(monkeypatch):
     """A state cache of no bytes holds nothing: each prompt runs from its first token
     (its cached blocks read, not written), the scores the same."""

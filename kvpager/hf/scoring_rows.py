@@ -8,12 +8,17 @@ they score a token.
 
 A prompt starts from the longest prefix of its cached blocks whose recurrent
 state is held (`kvpager.hf.state_cache.StateCache`, the model's, as generation
-holds and finds them), up to the position before its ``start``; from its first
-token where none is (its attention layers then read the cached K/V and write
-nothing there). A prompt whose cached blocks reach past the longest held state
-runs to them first and its state there is held, so the next prompt with those
-blocks (the next answer to the same multiple-choice context, in a later pass
-or call) runs from there. A model whose recurrent layers cannot continue a pass
+holds and finds them), up to its hold point: the last block boundary before the
+position its scoring starts at (from there on its logits are needed); from its
+first token where none is (its attention layers then read the cached K/V and
+write nothing there). A call runs in waves: a prompt that shares whole blocks
+with an earlier one waits until that one has run to where they part, its state
+held and its blocks committed there, and is then allocated over those blocks and
+resumes from that state; each wave runs every allocated prompt to its next stop
+(where a later prompt parts from it, its hold point, its end). So a few-shot
+preamble shared by many questions runs once, each question's context once, and
+each answer from its question's hold point; the states at the hold points stay
+held for later calls. A model whose recurrent layers cannot continue a pass
 from held states (`kvpager.hf.recurrent_states.continues`: Zamba) runs each
 prompt whole, from its first token, in one pass (``tokens_per_pass`` does not
 cut it).
@@ -176,22 +181,23 @@ class RowScorer(RowPasses):
         self.lp = TokenLogprobs(top, 0)  # (its kernel, kept across passes)
 
     def run(self, prompts: list[list[int]], starts: list[int], out: list[np.ndarray]) -> None:
-        """One group (the module docstring): the prompts that lead a context (the
-        first with their tokens to the last block boundary before their start) run
-        to that boundary, where their states are held and their blocks committed;
-        the others with the same context are then allocated over those blocks and
-        resume from those states beside the leaders' rest. Committed and freed."""
+        """One group, in waves (the module docstring): a prompt that shares whole
+        blocks with an earlier one (to neither's hold point: the last block boundary
+        before its start) waits until that one has run to where they part, its
+        state held and its blocks committed there; it is then allocated over those
+        blocks and resumes from that state. Each wave runs every allocated prompt
+        to its next stop (where a later prompt parts from it, its hold point, or
+        its end). Committed and freed."""
         bs = self.pool.spec.block_size
-        # each prompt's hold point: the last block boundary before the position its scoring starts at
+        n = len(prompts)
         hold = [(s - 1) // bs * bs if self.held else 0 for s in starts]
         keys = [PrefixKeys(self.held_as, p, bs, h) for p, h in zip(prompts, hold)]
-        leaders: list[int] = []
-        followers: list[int] = []
-        seen: set[bytes] = set()
-        for k, h in enumerate(hold):
-            key = keys[k][h // bs - 1] if h else None
-            (followers if key is not None and key in seen else leaders).append(k)
-            seen.add(key)
+        need, source = _sources(keys, hold, bs)
+        # a prompt stops where a later one parts from it (that one resumes there) and at its hold point
+        stops = [{h} - {0} for h in hold]
+        for k in range(n):
+            if source[k] is not None:
+                stops[source[k]].add(need[k])
 
         def wanted(k: int, a: int, b: int) -> tuple[int, int]:  # (the positions that score a token)
             return max(a, starts[k] - 1), min(b, len(prompts[k]) - 1)
@@ -202,28 +208,49 @@ class RowScorer(RowPasses):
                 out[k][q + 1 - starts[k]] = v
 
         ids: dict[int, int] = {}
+        slots: dict[int, np.ndarray] = {}
+        at: dict[int, int] = {}  # an allocated prompt's next token
+        final: dict[int, Rows | None] = {}
+        waiting = list(range(n))
         try:
-            first: list[Segment] = []
-            rest: list[Segment] = []
-            for k, slots, c in self.allocate(prompts, leaders, ids):
-                at, states = self.resume_at(keys[k], min(c, hold[k]))
-                if hold[k] > at:  # to its hold point first, its state held there, then on
-                    first.append((k, at, hold[k], slots[at : hold[k]], states))
-                    rest.append((k, hold[k], len(prompts[k]), slots[hold[k] :], None))
-                else:
-                    first.append((k, at, len(prompts[k]), slots[at:], states))
-            final: dict[int, Rows] = {}
-            self.run_segments(ids, prompts, first, wanted, take, final)
-            for k, *_ in rest:
-                self.store.put(keys[k][hold[k] // bs - 1], self.layout, final[k])
-            rest = [(k, a, b, sl, final[k]) for k, a, b, sl, _ in rest]
-            if followers:  # (the leaders' blocks to their hold points published for them)
-                self.passes.commit([ids[k] for k in leaders], [hold[k] for k in leaders])
-                for k, slots, c in self.allocate(prompts, followers, ids):
-                    at, states = self.resume_at(keys[k], min(c, hold[k]))
-                    rest.append((k, at, len(prompts[k]), slots[at:], states))
-            self.run_segments(ids, prompts, rest, wanted, take, final)
+            while waiting or any(at[k] < len(prompts[k]) for k in at):
+                ready = [k for k in waiting if source[k] is None or at.get(source[k], 0) >= need[k]]
+                waiting = [k for k in waiting if k not in set(ready)]
+                for k, sl, c in self.allocate(prompts, ready, ids) if ready else ():
+                    slots[k] = sl
+                    at[k], final[k] = self.resume_at(keys[k], min(c, hold[k]))
+                segments: list[Segment] = []
+                for k in sorted(at):
+                    if at[k] < len(prompts[k]):
+                        stop = min((b for b in stops[k] if b > at[k]), default=len(prompts[k]))
+                        segments.append((k, at[k], stop, slots[k][at[k] : stop], final[k]))
+                self.run_segments(ids, prompts, segments, wanted, take, final)
+                for k, _, stop, _, _ in segments:
+                    at[k] = stop
+                    if stop < len(prompts[k]):  # (a stop: its state held for the prompts that resume there)
+                        self.store.put(keys[k][stop // bs - 1], self.layout, final[k])
+                if waiting:  # (what the waves wrote, published for the prompts allocated next)
+                    self.passes.commit([ids[k] for k in sorted(at)], [at[k] for k in sorted(at)])
             self.passes.commit(list(ids.values()))
         finally:
             if ids:
                 self.pool.free(list(ids.values()))
+
+
+def _sources(keys: list[PrefixKeys], hold: list[int], bs: int) -> tuple[list[int], list[int | None]]:
+    """For each prompt, the longest prefix of whole blocks, to its hold point, that it
+    shares with an earlier prompt (to that one's hold point), and the first prompt
+    with that prefix: where it resumes, and whose run it waits for (0 and None: it
+    shares none)."""
+    first: dict[bytes, int] = {}
+    need: list[int] = [0] * len(keys)
+    source: list[int | None] = [None] * len(keys)
+    for k, h in enumerate(hold):
+        for b in range(bs, h + 1, bs):
+            j = first.get(keys[k][b // bs - 1])
+            if j is None:
+                break
+            need[k], source[k] = b, j
+        for b in range(bs, h + 1, bs):
+            first.setdefault(keys[k][b // bs - 1], k)
+    return need, source
