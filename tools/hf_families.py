@@ -11,14 +11,18 @@ layers, 4 heads, a 128-token vocabulary; once with 2 K/V heads, once
 without setting them; ``--variants mha4``: with 4, a K/V head per query
 head), and `kvpager.hf.generate` (a CPU pool) is compared
 with transformers' greedy ``generate`` on the same prompts (21 and 9
-tokens, 8 new ones each). Each type runs in a process of its own, under a
-time limit. Outcomes:
+tokens, 8 new ones each). Where they match, `kvpager.hf.score` is compared
+with the log-softmax of one plain forward pass (every token from the second,
+within 1e-3) and `kvpager.hf.beam_search` with transformers' beams (2 beams,
+5 new tokens; where transformers' own beam search runs for the type). Each
+type runs in a process of its own, under a time limit. Outcomes:
 
-- ``match``: transformers' tokens;
+- ``match``: transformers' tokens, scores and beams (the detail says what was
+  refused or not compared);
 - ``weak match``: transformers' tokens, but they repeat one token a prompt (a model
   this small and random can: a wrong window or state could give them too);
-- ``MISMATCH``: other tokens and no error (a defect: kvpager must refuse what
-  it cannot reproduce);
+- ``MISMATCH``: other tokens, scores or beams and no error (a defect: kvpager
+  must refuse what it cannot reproduce);
 - ``refused``: kvpager refused it, with the error shown;
 - ``not built`` / ``no reference``: transformers itself could not build or
   run the model at these sizes (the type needs its own config);
@@ -84,8 +88,11 @@ OVERRIDES = {
                    use_mem_rope=True),
     # hybrid layer layouts their configs derive from other fields (others: `hybrid_layers`)
     "bamba": dict(num_hidden_layers=2, attn_layer_indices=[1], **MAMBA2),
+    # (weights of the model's own range: at the sweep's 0.1 transformers' own Jamba, run in two parts from its
+    # cache, differs from its whole pass by up to 1.15 in a logit, 2e-4 at 0.02: its scan's rounding, through
+    # the experts' routing; kvpager's passes of rows run prompts in parts)
     "jamba": dict(num_hidden_layers=2, attn_layer_period=2, attn_layer_offset=1, num_experts=2, mamba_d_state=8,
-                  mamba_dt_rank=8, use_mamba_kernels=False),
+                  mamba_dt_rank=8, use_mamba_kernels=False, initializer_range=0.02),
     "granitemoehybrid": dict(num_hidden_layers=2, layer_types=["mamba", "attention"], num_local_experts=2,
                              num_experts_per_tok=1, shared_intermediate_size=32, **MAMBA2),
     "lfm2": dict(num_hidden_layers=2, layer_types=["conv", "full_attention"]),
@@ -179,9 +186,52 @@ def one(model_type: str, variant: str) -> dict:
         return {**row, "outcome": "refused", "detail": f"{type(e).__name__}: {e}"}
     if out != ref:
         return {**row, "outcome": "MISMATCH", "detail": f"kvpager {out} transformers {ref}"}
+    wrong, refused = also_served(model, pool, prompts)
+    if wrong:
+        return {**row, "outcome": "MISMATCH", "detail": wrong}
     if all(len(set(r)) == 1 for r in ref):  # (a wrong window, softcap or state could give these too)
         return {**row, "outcome": "weak match", "detail": f"transformers' tokens repeat one token a prompt: {ref}"}
-    return {**row, "outcome": "match", "detail": ""}
+    return {**row, "outcome": "match", "detail": refused}
+
+
+def also_served(model, pool, prompts: list[list[int]]) -> tuple[str, str]:
+    """A type whose generation matched: `score` against the log-softmax of one plain
+    forward pass (every token from the second), and `beam_search` (2 beams, 5 new
+    tokens) against transformers' beams where transformers runs them. (What differs,
+    what was refused or not compared), each "" where nothing."""
+    import numpy as np
+    import torch
+
+    from kvpager.hf import beam_search, score
+
+    wrong, notes = [], []
+    try:
+        got = score(model, pool, prompts)
+    except Exception as e:  # noqa: BLE001 - a refusal: said, not a mismatch
+        notes.append(f"score refused: {type(e).__name__}: {e}")
+    else:
+        for p, g in zip(prompts, got):
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([p])).logits[0].double(), dim=-1)
+            want = lp[torch.arange(len(p) - 1), torch.tensor(p[1:])].numpy()
+            diff = float(np.abs(g - want).max())
+            if diff > 1e-3:
+                wrong.append(f"score differs from a plain forward pass by {diff:.3g}")
+    try:
+        with torch.no_grad():
+            want_beams = [model.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False, num_beams=2)[0, len(p):]
+                          .tolist() for p in prompts]
+    except Exception as e:  # noqa: BLE001 - transformers' own beam search fails for this type
+        notes.append(f"beams not compared: transformers: {type(e).__name__}: {e}")
+    else:
+        try:
+            beams = [b.tokens[0] for b in beam_search(model, pool, prompts, 5, num_beams=2, eos_token_id=None)]
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"beam_search refused: {type(e).__name__}: {e}")
+        else:
+            if beams != want_beams:
+                wrong.append(f"beams: kvpager {beams} transformers {want_beams}")
+    return "; ".join(wrong), "; ".join(notes)
 
 
 def run(model_type: str, variant: str, timeout: float) -> dict:
