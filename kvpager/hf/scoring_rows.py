@@ -215,7 +215,8 @@ class RowScorer(RowPasses):
         try:
             while waiting or any(at[k] < len(prompts[k]) for k in at):
                 ready = [k for k in waiting if source[k] is None or at.get(source[k], 0) >= need[k]]
-                waiting = [k for k in waiting if k not in set(ready)]
+                chosen = set(ready)
+                waiting = [k for k in waiting if k not in chosen]
                 for k, sl, c in self.allocate(prompts, ready, ids) if ready else ():
                     slots[k] = sl
                     at[k], final[k] = self.resume_at(keys[k], min(c, hold[k]))
