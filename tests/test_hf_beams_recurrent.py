@@ -15,6 +15,7 @@ if not hasattr(__import__("transformers.cache_utils").cache_utils, "LinearAttent
     pytest.skip("transformers without linear-attention cache layers", allow_module_level=True)
 
 from test_hf_beams import transformers_beams  # noqa: E402
+from test_hf_models import one_thread  # noqa: E402, F401 (its autouse fixture: one torch thread)
 from test_hf_recurrent import assert_nothing_held, make, prompts  # noqa: E402
 
 from kvpager import KVPool  # noqa: E402
@@ -23,14 +24,6 @@ from kvpager.hf.state_cache import StateCache  # noqa: E402
 
 PROMPTS = prompts(13, 5, 22, 1, seed=2)
 FAMILIES = ["qwen3_5", "jamba", "bamba", "lfm2", "falcon_h1", "zamba", "lara_mini"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _pool(model):

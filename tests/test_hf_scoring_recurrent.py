@@ -16,6 +16,7 @@ pytest.importorskip("transformers.cache_utils", reason="needs transformers' cach
 if not hasattr(__import__("transformers.cache_utils").cache_utils, "LinearAttentionCacheLayerMixin"):
     pytest.skip("transformers without linear-attention cache layers", allow_module_level=True)
 
+from test_hf_models import one_thread  # noqa: E402, F401 (its autouse fixture: one torch thread)
 from test_hf_recurrent import SMALL, assert_nothing_held, make, prompts  # noqa: E402
 from test_hf_scoring import reference  # noqa: E402
 
@@ -30,14 +31,6 @@ CONTEXT = prompts(27, seed=3)[0]
 #: three answers to one context (starting at the context's end), and two prompts scored whole
 PROMPTS = [CONTEXT + a for a in prompts(5, 3, 9, seed=4)] + prompts(40, 1, seed=5)
 STARTS = [len(CONTEXT)] * 3 + [1, 1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Counted:
