@@ -124,3 +124,19 @@ def test_through_a_daemon_client_the_embedded_beams():
         assert_nothing_held(pool)
     for g, w in zip(got, want):
         assert g.tokens == w.tokens and g.scores == pytest.approx(w.scores, abs=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "falcon_h1"])
+def test_a_padded_prefill_gives_transformers_beams(family, monkeypatch):
+    """The prompts prefilled in one left-padded pass (a GPU's default) as in parts
+    (the CPU's): transformers' hypotheses and scores."""
+    from kvpager.hf import scoring_rows
+
+    monkeypatch.setattr(scoring_rows.RowPasses, "pad", True)
+    model = make(family)
+    pool = _pool(model)
+    batch = beam_search(model, pool, PROMPTS, 7, num_beams=3, num_return_sequences=3, eos_token_id=None)
+    for p, got in zip(PROMPTS, batch):
+        want, scores = transformers_beams(model, p, 7, 3, None, num_beams=3)
+        assert got.tokens == want and got.scores == pytest.approx(scores, abs=1e-4)
+    assert_nothing_held(pool)

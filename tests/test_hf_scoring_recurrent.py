@@ -58,13 +58,16 @@ def assert_scores(model, got, ps=PROMPTS, starts=STARTS):
         np.testing.assert_allclose(g, reference(model, p, s), rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("pad", [None, True], ids=["default", "padded"])
 @pytest.mark.parametrize("budget", [8, 2048])
 @pytest.mark.parametrize("family", ["qwen3_5", "jamba", "bamba", "lfm2", "falcon_h1", "zamba", "lara_mini"])
-def test_every_token_against_a_plain_forward_pass(family, budget):
+def test_every_token_against_a_plain_forward_pass(family, budget, pad, monkeypatch):
     """Every family kind (linear attention, Mamba, short convolutions, attention beside
     a mixer, a shared attention block, sliding layers), in one group and a prompt a group
-    (the 40-token prompt in parts of 8, where the model continues); twice (the second
-    call from the states the first held); nothing left held."""
+    (the 40-token prompt in parts of 8, where the model continues); the prompts from no
+    state in parts (the CPU's default) and left-padded in one pass (a GPU's); twice (the
+    second call from the states the first held); nothing left held."""
+    monkeypatch.setattr(rows_module.RowPasses, "pad", pad)
     model = make(family)
     pool = _pool(model)
     for _ in range(2):

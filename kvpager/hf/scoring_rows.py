@@ -63,11 +63,13 @@ Take = Callable[[list[tuple[int, int]], torch.Tensor], None]
 
 
 def logits_rows(model: Any, batch: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: int,
-                *, cache: Any, arg: str) -> torch.Tensor:
+                *, cache: Any, arg: str, padding: torch.Tensor | None = None) -> torch.Tensor:
     """A pass of rows over the recurrent states in ``cache`` (the model's cache argument
     ``arg``): the logits of each row's last ``logits_to_keep`` positions [rows, keep,
-    vocab]. A 4-D mask is taken as given (none is built; the recurrent layers take none)."""
-    mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=input_ids.device)
+    vocab]. Without ``padding`` a 4-D mask is taken as given (none is built; the
+    recurrent layers take none); rows left-padded: the 2-D mask (as
+    `kvpager.hf.recurrent_states.forward_rows`)."""
+    mask = padding if padding is not None else torch.ones((1, 1, 1, 1), dtype=torch.bool, device=input_ids.device)
     out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
                 logits_to_keep=logits_to_keep, kvpager=batch, **{arg: cache})
     return out.logits
@@ -78,6 +80,12 @@ class RowPasses:
     docstring): segments of prompts from no state or from held states, each pass a
     length its rows share, the logits of the positions a caller wants handed to it;
     what `RowScorer` and `kvpager.hf.beams`' prefill run."""
+
+    #: segments from no state in one pass, left-padded to the longest (as generation's prefill,
+    #: `kvpager.hf.recurrent.Recurrent.pad_prompts`), or in parts of lengths their rows share (False).
+    #: None: padded on a GPU, in parts on the CPU. A model that does not continue from held states
+    #: always runs its prompts whole, padded.
+    pad: bool | None = None
 
     def __init__(self, model: Any, pool: Any, salt: Any, budget: int):
         # (generation's salt for such a model: they find each other's blocks and states)
@@ -128,7 +136,8 @@ class RowPasses:
             states = {g[0]: g[4] for g in group}
             for length, members in self._schedule([b - a for _, a, b, _, _ in group], fresh=not resumed):
                 rows = [group[i] for i in members]
-                parts = [(at[g[0]], at[g[0]] + length) for g in rows]
+                # (a length its rows share, or each row's segment whole: left-padded to the longest)
+                parts = [(at[g[0]], at[g[0]] + length if length else g[2]) for g in rows]
                 if states[rows[0][0]] is None:  # (a first pass from no state: every row of it is)
                     cache = new_cache(self.model)
                 else:
@@ -140,35 +149,53 @@ class RowPasses:
                     final[g[0]] = r
 
     def _schedule(self, lens: list[int], fresh: bool) -> list[tuple[int, list[int]]]:
-        """`schedule`'s passes (every segment in the first where they start from no
-        state), a lone segment's cut to the budget where the model continues."""
+        """The passes of segments of ``lens`` tokens: (a length the rows share, the
+        rows), or (0, the rows) for one pass of each row's segment whole, left-padded
+        (segments from no state where `pad` says, or where the model does not
+        continue); `schedule`'s otherwise (every segment in the first where they start
+        from no state), a lone segment's cut to the budget where the model continues."""
         if len(lens) == 1 and self.continues:
             n = lens[0]
             return [(min(self.budget, n - b), [0]) for b in range(0, n, self.budget)]
-        if not self.continues:  # (each whole, from its first token: one pass a length)
-            return [(n, [i for i, m in enumerate(lens) if m == n]) for n in sorted(set(lens))]
+        pad = self.pad if self.pad is not None else self.passes.device.type == "cuda"
+        if not self.continues or (fresh and pad):
+            return [(0, list(range(len(lens))))]
         return schedule(lens, first_whole=fresh)
 
     def _pass(self, ids: dict[int, int], prompts: list[list[int]], rows: list[Segment], parts: list[tuple[int, int]],
               cache: Any, wanted: Wanted, take: Take) -> None:
-        """One pass over tokens [a, b) of each row's prompt, its logits kept from the
-        first position any row wants, those wanted to ``take``."""
-        length = parts[0][1] - parts[0][0]
+        """One pass over tokens [a, b) of each row's prompt (rows of other lengths
+        left-padded to the longest: the recurrent layers take the 2-D mask and zero
+        the padding's inputs, the attention layers the tokens alone,
+        `PagedBatch.real`), its logits kept from the first position any row wants,
+        those wanted to ``take``."""
+        lens = [b - a for a, b in parts]
+        n = max(lens)
+        pads = [n - m for m in lens]
         slots = np.concatenate([g[3][a - g[1] : b - g[1]] for g, (a, b) in zip(rows, parts)])
-        plan = self.pool.plan([ids[g[0]] for g in rows], [length] * len(rows), slots,
-                              context_lens=[b for _, b in parts], num_q_heads=self.passes.heads)
+        plan = self.pool.plan([ids[g[0]] for g in rows], lens, slots, context_lens=[b for _, b in parts],
+                              num_q_heads=self.passes.heads)
         spans = [wanted(g[0], a, b) for g, (a, b) in zip(rows, parts)]
-        first = min((q0 - a for (q0, q1), (a, _) in zip(spans, parts) if q0 < q1), default=length - 1)
+        # (a row's position q is column z + q - a of the padded rows)
+        first = min((z + q0 - a for (q0, q1), (a, _), z in zip(spans, parts, pads) if q0 < q1), default=n - 1)
         device = self.passes.device
-        tokens = torch.tensor([prompts[g[0]][a:b] for g, (a, b) in zip(rows, parts)], dtype=torch.long, device=device)
-        where = torch.tensor([list(range(a, b)) for a, b in parts], dtype=torch.long, device=device)
-        fn = functools.partial(logits_rows, cache=cache, arg=self.arg)
+        tokens = torch.tensor([[0] * z + prompts[g[0]][a:b] for g, (a, b), z in zip(rows, parts, pads)],
+                              dtype=torch.long, device=device)
+        where = torch.tensor([[0] * z + list(range(a, b)) for (a, b), z in zip(parts, pads)], dtype=torch.long,
+                             device=device)
+        batch = self.passes.batch(plan)
+        mask = None
+        if any(pads):
+            mask = torch.tensor([[0] * z + [1] * m for z, m in zip(pads, lens)], dtype=torch.long, device=device)
+            batch.real = torch.tensor([r * n + z + i for r, (z, m) in enumerate(zip(pads, lens)) for i in range(m)],
+                                      dtype=torch.long, device=device)
+        fn = functools.partial(logits_rows, cache=cache, arg=self.arg, padding=mask)
         with torch.inference_mode(), paged_attention(self.model):
-            logits = run_pass(self.model, self.passes.batch(plan), fn, tokens, where, length - first)
+            logits = run_pass(self.model, batch, fn, tokens, where, n - first)
             picks = [(r, g[0], q) for r, (g, (q0, q1)) in enumerate(zip(rows, spans)) for q in range(q0, q1)]
             if picks:
-                at = torch.tensor([(r, q - a - first) for (r, _, q), (a, _) in
-                                   zip(picks, [parts[r] for r, _, _ in picks])], dtype=torch.long, device=logits.device)
+                at = torch.tensor([(r, pads[r] + q - parts[r][0] - first) for r, _, q in picks], dtype=torch.long,
+                                  device=logits.device)
                 take([(k, q) for _, k, q in picks], logits[at[:, 0], at[:, 1]])
 
 
