@@ -229,3 +229,20 @@ def test_a_generations_answer_is_scored_over_its_blocks(monkeypatch):
     assert_scores(model, score(model, pool, [other], len(CONTEXT)), [other], [len(CONTEXT)])
     assert store.hits == hits + 1 and sum(counted.passes) == len(other) - 24
     assert_nothing_held(pool)
+
+
+def test_a_pool_too_small_for_the_later_waves_leaves_nothing_behind():
+    """The first answer of a context fits the pool; the others, allocated after it ran
+    to the context's hold point, do not: the pool's typed error, every sequence of the
+    call freed (the first's too), and the pool serves the next call."""
+    from kvpager.errors import OutOfBlocks
+
+    model = make("qwen3_5")
+    pool = _pool(model, blocks=8)  # 64 tokens: one 36-token prompt, not two more beside it
+    ctx = prompts(30, seed=41)[0]
+    ps = [ctx + a for a in prompts(6, 9, 12, seed=42)]
+    with pytest.raises(OutOfBlocks):
+        score(model, pool, ps, len(ctx))
+    assert_nothing_held(pool)
+    assert_scores(model, score(model, pool, ps[:1], len(ctx)), ps[:1], [len(ctx)])
+    assert_nothing_held(pool)
