@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import e2e_paths  # noqa: E402
-from bench_e2e import make_model  # noqa: E402
+from bench_e2e import add_model_arguments, model_from  # noqa: E402
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.hf import beam_search, spec_for_model  # noqa: E402
@@ -48,17 +47,14 @@ def hf_beams(model, prompts: list[list[int]], args) -> tuple[list[list[int]], in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--shape", default=None, help="a bench_e2e.py shape (default 1b on a GPU, s on the CPU)")
+    add_model_arguments(ap)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--beams", type=int, default=4)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    e2e_paths.DEVICE = args.device
-    shape = args.shape or ("1b" if args.device == "cuda" else "s")
-    model = make_model(shape)
+    shape, model = model_from(args)
     g = np.random.default_rng(0)
     prompts = [g.integers(3, 32000, args.prompt).tolist() for _ in range(args.batch)]
     spec = spec_for_model(model, num_blocks=args.batch * args.beams * (-(-(args.prompt + args.new) // 16) + 2))
@@ -87,8 +83,7 @@ def main() -> None:
             times["transformers"].append(t1 - t0)
             times["kvpager"].append(t2 - t1)
     agree = sum(b.tokens[0] == w for b, w in zip(got, want)) / len(want)
-    card = (torch.cuda.get_device_name() if args.device == "cuda"
-            else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
+    card = e2e_paths.card(args.device)
     print(f"\n{card}, {datetime.date.today()}, shape {shape}, {args.batch} prompts of {args.prompt} tokens, "
           f"{args.beams} beams, {args.new} new tokens, {args.rounds} rounds")
     hf_ms, kv_ms = (float(np.median(times[k])) * 1e3 for k in ("transformers", "kvpager"))

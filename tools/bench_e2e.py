@@ -60,6 +60,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 # The hf loop's DynamicCache grows beside generate's and the pools: fragmentation
 # ran the 8b x256 case out of memory (24 GiB reserved but unallocated).
@@ -121,6 +122,20 @@ SHAPES = {
                 qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, first_k_dense_replace=27,
                 vocab_size=102400),
 }
+
+
+def add_model_arguments(ap: Any) -> None:
+    """``--device`` and ``--shape``, as the benchmarks of one model take them."""
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shape", default=None, help="a bench_e2e.py shape (default 1b on a GPU, s on the CPU)")
+
+
+def model_from(args: Any) -> tuple[str, torch.nn.Module]:
+    """The shape ``args`` name (1b on a GPU, s on the CPU where none) and its model, on
+    ``args.device`` (`e2e_paths.DEVICE` set to it)."""
+    e2e_paths.DEVICE = args.device
+    shape = args.shape or ("1b" if args.device == "cuda" else "s")
+    return shape, make_model(shape)
 
 
 def make_model(shape: str) -> torch.nn.Module:
@@ -336,8 +351,7 @@ def main() -> None:
         # ones, so with it on the two baselines would not be comparable.
         torch.backends.cuda.enable_cudnn_sdp(False)
     clock = HostClock()
-    card = (torch.cuda.get_device_name() if args.device == "cuda"
-            else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
+    card = e2e_paths.card(args.device)
     rows, budget_rows = [], []
     for shape in args.shapes.split(","):
         model = make_model(shape)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import os
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import e2e_paths  # noqa: E402
 from bench_sampling import timed_ms  # noqa: E402
 
 from kvpager.hf import logprob_kernel  # noqa: E402
@@ -65,8 +65,7 @@ def main() -> None:
                 rows.append((vocab, batch, k, times, err, logits.numel() * logits.element_size()))
                 print(vocab, batch, k, {n: round(t * 1e3, 1) for n, t in times.items()}, f"err {err:.1e}",
                       flush=True)
-    card = (torch.cuda.get_device_name() if args.device == "cuda"
-            else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
+    card = e2e_paths.card(args.device)
     threads = (f"; kernel CTAs of {logprob_kernel.THREADS or '1,024 (k <= 16) or 512'} threads"
                if args.device == "cuda" else "")
     print(f"\n{card}, {datetime.date.today()}, torch {torch.__version__}; us a call (host and device){threads}")

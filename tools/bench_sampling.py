@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import os
 import sys
 import time
 from pathlib import Path
@@ -96,8 +95,7 @@ def main() -> None:
                           args.calls)
             rows.append((batch, name, "transformers", hf, 1.0))
             rows.append((batch, name, "kvpager", kv, hf / kv))
-    card = (torch.cuda.get_device_name() if args.device == "cuda"
-            else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
+    card = e2e_paths.card(args.device)
     print(f"{card}, {datetime.date.today()}, torch {torch.__version__}, vocab {args.vocab}, {dtype}")
     print(f"{'batch':>5} {'setting':<38} {'path':<13} {'ms':>8} {'vs transformers':>16}")
     for batch, name, path, ms, ratio in rows:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import e2e_paths  # noqa: E402
-from bench_e2e import make_model  # noqa: E402
+from bench_e2e import add_model_arguments, model_from  # noqa: E402
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.hf import eager, scoring, scoring_rows, spec_for_model  # noqa: E402
@@ -80,8 +79,7 @@ def hf_scores(model, prompts: list[list[int]], starts: list[int], batch: int) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--shape", default=None, help="a bench_e2e.py shape (default 1b on a GPU, s on the CPU)")
+    add_model_arguments(ap)
     ap.add_argument("--questions", type=int, default=32)
     ap.add_argument("--shared", type=int, default=512, help="few-shot preamble tokens, shared by every question")
     ap.add_argument("--context", type=int, default=256, help="each question's own tokens")
@@ -91,9 +89,7 @@ def main() -> None:
     ap.add_argument("--tokens-per-pass", type=int, default=8192)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    e2e_paths.DEVICE = args.device
-    shape = args.shape or ("1b" if args.device == "cuda" else "s")
-    model = make_model(shape)
+    shape, model = model_from(args)
     prompts, starts = workload(args)
     blocks = sum(-(-len(p) // 16) + 1 for p in prompts) + 64
     pool = KVPool(spec_for_model(model, num_blocks=blocks), device=e2e_paths.pool_device())
@@ -127,8 +123,7 @@ def main() -> None:
             times["transformers"].append(t1 - t0)
             times["kvpager"].append(t2 - t1)
     err = max(float(np.abs(a - b).max()) for a, b in zip(got, want))
-    card = (torch.cuda.get_device_name() if args.device == "cuda"
-            else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
+    card = e2e_paths.card(args.device)
     print(f"\n{card}, {datetime.date.today()}, shape {shape}, {len(prompts)} prompts of "
           f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens ({args.questions} questions x {args.answers} "
           f"answers; preamble {args.shared}, context {args.context}), {args.rounds} rounds")

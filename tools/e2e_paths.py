@@ -7,6 +7,7 @@ queued kernel (`HostClock`)."""
 from __future__ import annotations
 
 import inspect
+import os
 import time
 
 import numpy as np
@@ -77,6 +78,13 @@ def kvpager_sampling():
     from kvpager.hf import Sampling
 
     return Sampling(**SAMPLING) if SAMPLING else None
+
+
+def card(device: str) -> str:
+    """The machine a table's figures come from: the GPU's name, or the CPU's cores and torch threads."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def sync() -> None:
