@@ -110,20 +110,30 @@ def test_bad_arguments_are_refused_before_anything_is_allocated(kwargs, needle):
     assert pool.stats() == before
 
 
-def test_through_a_daemon_client_the_embedded_beams():
+def assert_a_daemon_gives_the_embedded_beams(model, spec, prompts: list[list[int]], new: int, check_pool) -> None:
+    """3 beams of ``new`` tokens, all returned, through a daemon `Client` over ``spec``:
+    the embedded pool's hypotheses and scores; ``check_pool(client)`` after the search."""
     pytest.importorskip("zmq")
     from daemon_helpers import running_server
 
     from kvpager.client import Client
 
-    model = make_model("llama")
-    spec = spec_for_model(model, num_blocks=256, block_size=8)
-    want = beam_search(model, KVPool(spec), PROMPTS, 8, eos_token_id=None, num_beams=3, num_return_sequences=3)
+    want = beam_search(model, KVPool(spec), prompts, new, eos_token_id=None, num_beams=3, num_return_sequences=3)
     with running_server(spec) as server, Client(server.endpoint) as pool:
-        got = beam_search(model, pool, PROMPTS, 8, eos_token_id=None, num_beams=3, num_return_sequences=3)
-        assert pool.stats().num_sequences == 0
+        got = beam_search(model, pool, prompts, new, eos_token_id=None, num_beams=3, num_return_sequences=3)
+        check_pool(pool)
     for g, w in zip(got, want):
         assert g.tokens == w.tokens and g.scores == pytest.approx(w.scores, abs=1e-5)
+
+
+def test_through_a_daemon_client_the_embedded_beams():
+    model = make_model("llama")
+
+    def no_sequences(pool):
+        assert pool.stats().num_sequences == 0
+
+    assert_a_daemon_gives_the_embedded_beams(model, spec_for_model(model, num_blocks=256, block_size=8), PROMPTS,
+                                             8, no_sequences)
 
 
 def test_a_pool_too_small_leaves_nothing_behind():

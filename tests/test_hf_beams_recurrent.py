@@ -14,7 +14,7 @@ pytest.importorskip("transformers.cache_utils", reason="needs transformers' cach
 if not hasattr(__import__("transformers.cache_utils").cache_utils, "LinearAttentionCacheLayerMixin"):
     pytest.skip("transformers without linear-attention cache layers", allow_module_level=True)
 
-from test_hf_beams import transformers_beams  # noqa: E402
+from test_hf_beams import assert_a_daemon_gives_the_embedded_beams, transformers_beams  # noqa: E402
 from test_hf_models import one_thread  # noqa: E402, F401 (its autouse fixture: one torch thread)
 from test_hf_recurrent import assert_nothing_held, make, prompts  # noqa: E402
 
@@ -111,19 +111,9 @@ def test_a_pool_too_small_leaves_nothing_behind():
 
 
 def test_through_a_daemon_client_the_embedded_beams():
-    pytest.importorskip("zmq")
-    from daemon_helpers import running_server
-
-    from kvpager.client import Client
-
     model = make("qwen3_5")
-    spec = spec_for_model(model, num_blocks=128, block_size=8)
-    want = beam_search(model, KVPool(spec), PROMPTS, 6, eos_token_id=None, num_beams=3, num_return_sequences=3)
-    with running_server(spec) as server, Client(server.endpoint) as pool:
-        got = beam_search(model, pool, PROMPTS, 6, eos_token_id=None, num_beams=3, num_return_sequences=3)
-        assert_nothing_held(pool)
-    for g, w in zip(got, want):
-        assert g.tokens == w.tokens and g.scores == pytest.approx(w.scores, abs=1e-5)
+    assert_a_daemon_gives_the_embedded_beams(model, spec_for_model(model, num_blocks=128, block_size=8), PROMPTS, 6,
+                                             assert_nothing_held)
 
 
 @pytest.mark.parametrize("family", ["qwen3_5", "falcon_h1"])
