@@ -72,6 +72,7 @@ constexpr int CPR = D / 8;          // 16-byte chunks per row
 #include "kvpager_tile.cuh"
 static_assert(MT == 1 || D <= 128, "two m-tiles per warp only up to head dim 128 (registers)");
 static_assert(GROUP <= BM, "a tile holds at least one member");
+constexpr int QR = BM / GROUP * GROUP;  // rows that hold a query head (a group not dividing BM: the rest pad)
 
 extern "C" __global__ void __launch_bounds__(NT) cascade_prefix(
     const kv_t* __restrict__ q,             // [num_items, num_q_heads, HEAD_DIM]
@@ -129,7 +130,7 @@ extern "C" __global__ void __launch_bounds__(NT) cascade_prefix(
     for (int c = tid; c < BM * CPR; c += NT) {
         const int r = c / CPR, col = (c % CPR) * 8;
         const int m = j0 + r / GROUP;
-        const bool ok = m < count;
+        const bool ok = r < QR && m < count;
         const kv_t* src = ok ? q + ((long long)mem[m] * num_q_heads + h * GROUP + r % GROUP) * D + col : q;
         cp_async16(Qs + r * LD + col, src, ok);
     }
@@ -226,7 +227,7 @@ extern "C" __global__ void __launch_bounds__(NT) cascade_prefix(
             lt += __shfl_xor_sync(0xffffffffu, lt, 2);
             const int r = warp * WR + mt * 16 + gid + 8 * hf;
             const int mb = j0 + r / GROUP;
-            if (mb >= count) continue;
+            if (r >= QR || mb >= count) continue;
             const long long prow = ((long long)mem[mb] * num_q_heads + h * GROUP + r % GROUP) * parts + slot;
             const float inv = lt > 0.f ? v_scale / lt : 0.f;
             float2* dst = reinterpret_cast<float2*>(part_o + prow * D) + tig;

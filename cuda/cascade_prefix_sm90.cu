@@ -38,6 +38,7 @@
 #endif
 // kvpager_wgmma_tile.cuh: the knobs (WG, BN, STAGES, VN, OVERLAP, WS), constants and shared steps
 #include "kvpager_wgmma_tile.cuh"
+constexpr int QR = BM / GROUP * GROUP;  // rows that hold a query head (a group not dividing BM: the rest pad)
 
 extern "C" __global__ void __launch_bounds__(NT, 1) cascade_prefix_sm90(
     const kv_t* __restrict__ q,             // [num_items, num_q_heads, HEAD_DIM]
@@ -80,7 +81,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) cascade_prefix_sm90(
     if (tid < NC) for (int c = tid; c < BM * CPR; c += NC) {
         const int r = c / CPR, ch = c % CPR;
         const int mb = j0 + r / GROUP;
-        const bool ok = mb < count;
+        const bool ok = r < QR && mb < count;
         const kv_t* src = ok ? q + ((long long)mem[mb] * num_q_heads + h * GROUP + r % GROUP) * D + ch * 8 : q;
         cp_async16(sm.q + sw128_offset(BM, r, ch), src, ok);
     }
@@ -114,7 +115,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) cascade_prefix_sm90(
         const float lt = wg_row_sum(l[hf]);
         const int r = wg * 64 + wwarp * 16 + gid + 8 * hf;
         const int mb = j0 + r / GROUP;
-        if (mb >= count) continue;
+        if (r >= QR || mb >= count) continue;
         const long long prow = ((long long)mem[mb] * num_q_heads + h * GROUP + r % GROUP) * parts + slot;
         wg_store_f32(part_o + prow * D, o, hf, lt > 0.f ? 1.f / lt : 0.f, tig);
         if (tig == 0) part_lse[prow] = lt > 0.f ? m[hf] * scale_log2 + __log2f(lt) : NEG_INF;

@@ -73,7 +73,7 @@ static_assert(WG == 1 || WG == 2, "WG is 1 or 2");
 static_assert(VN == D || VN == 64, "VN is HEAD_DIM or 64");
 static_assert(!OVERLAP || STAGES >= 3, "OVERLAP keeps two tiles resident, and the copies run ahead: STAGES >= 3");
 static_assert(!WS || WG == 2, "WS: two consumer warpgroups and a producer warpgroup");
-static_assert(BM % GROUP == 0, "a tile holds whole query tokens (members)");
+static_assert(GROUP <= BM, "a tile holds at least one query token (member)");
 
 // The dynamic shared memory of a CTA: the Q tile (BM rows), then STAGES K tiles and STAGES
 // V tiles of BN rows, each in the SW128 layout, from the first 1024-byte boundary (the

@@ -15,7 +15,7 @@
 //
 // Work item i has query row i (q[i]), reads the K/V of sequence item_seq[i]
 // up to item_len[i] tokens, and attends with every query head of its kv
-// head's GQA group. The group (up to 16 heads) is the M dimension of
+// head's GQA group. The group (up to 16 heads, any count) is the M dimension of
 // mma.sync m16n8k16 (rows past the group are zero): S = Q K^T and O += P V
 // for 16 tokens are 2 * HEAD_DIM / 16 MMAs each, so the K/V bytes, read once,
 // are the whole cost.
@@ -240,8 +240,8 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
             const bool in = DP == HD || part * D + c < HD, in2 = DP == HD || part * D + c2 < HD;
             qa[kk][0] = gid < GROUP && in ? qw[(gid * HD + c) / 2] : 0u;
             qa[kk][2] = gid < GROUP && in2 ? qw[(gid * HD + c2) / 2] : 0u;
-            qa[kk][1] = TWO && in ? qw[((gid + 8) * HD + c) / 2] : 0u;
-            qa[kk][3] = TWO && in2 ? qw[((gid + 8) * HD + c2) / 2] : 0u;
+            qa[kk][1] = TWO && gid + 8 < GROUP && in ? qw[((gid + 8) * HD + c) / 2] : 0u;
+            qa[kk][3] = TWO && gid + 8 < GROUP && in2 ? qw[((gid + 8) * HD + c2) / 2] : 0u;
         }
     }
 
@@ -501,7 +501,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
         for (int n = 0; n < D / 8; ++n)
             if (n < nout) { r[OCOL(n, 0)] = o[n][0]; r[OCOL(n, 1)] = o[n][1]; }
     }
-    if (TWO) {
+    if (TWO && gid + 8 < GROUP) {
         if (tig == 0 && part == 0) { sm_m[pw][gid + 8] = m1; sm_l[pw][gid + 8] = l1; }
         float* r = sm_o + (pw * GROUP + gid + 8) * HD + part * D;
 #pragma unroll

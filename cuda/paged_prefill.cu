@@ -82,9 +82,11 @@ constexpr int BM = 64 * MT;
 constexpr int BN = (MT == 2 || D > 128) ? 32 : 64;
 constexpr int LD = DP + 8;          // padded smem row, in elements
 constexpr int QT = BM / GROUP;      // query tokens per tile
+constexpr int QR = QT * GROUP;      // rows that hold a query head (a group not dividing BM: the rest pad)
 constexpr int NT = 128 * DSPLIT;
 constexpr int WR = 16 * MT;         // rows per warp
 #include "kvpager_tile.cuh"
+static_assert(GROUP <= BM, "a tile holds at least one query token");
 static_assert(MT == 1 || D <= 128, "two m-tiles per warp only up to head dim 128 (registers)");
 static_assert(DSPLIT == 1 || !KV_FP8, "FP8 pools of heads wider than 256 are not built");
 
@@ -164,7 +166,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
     for (int c = tid; c < BM * CPR; c += NT) {
         const int r = c / CPR, col = (c % CPR) * 8;
         const int tok = j0 + r / GROUP;
-        const bool ok = tok < qlen;
+        const bool ok = r < QR && tok < qlen;
         const kv_t* src = ok ? q + ((qrow0 + tok) * num_q_heads + h * GROUP + r % GROUP) * HD + col : q;
         cp_async16(Qs + r * LD + col, src, ok);
     }
@@ -199,8 +201,8 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
         for (int hf = 0; hf < 2; ++hf) {
             m[mt][hf] = NEG_INF;
             l[mt][hf] = 0.f;
-            const int tok = j0 + (rw * WR + mt * 16 + gid + 8 * hf) / GROUP;
-            p[mt][hf] = tok < qlen ? qpos0 + tok : -1;
+            const int r = rw * WR + mt * 16 + gid + 8 * hf;
+            p[mt][hf] = r < QR && j0 + r / GROUP < qlen ? qpos0 + j0 + r / GROUP : -1;
         }
     }
 

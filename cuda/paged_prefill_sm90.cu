@@ -62,6 +62,7 @@
 // kvpager_wgmma_tile.cuh: the knobs (WG, BN, STAGES, VN, OVERLAP, WS), constants and shared steps
 #include "kvpager_wgmma_tile.cuh"
 constexpr int QT = BM / GROUP;     // query tokens per tile
+constexpr int QR = QT * GROUP;     // rows that hold a query head (a group not dividing BM: the rest pad)
 
 // One work item: the query tile of sequence ``b`` from query ``j0``, kv head ``h``; what its
 // producer and its consumers both derive from the step's tables.
@@ -101,7 +102,7 @@ __device__ __forceinline__ void load_q(const WgSmem& sm, const kv_t* __restrict_
     for (int c = me; c < BM * CPR; c += n) {
         const int r = c / CPR, ch = c % CPR;
         const int tok = it.j0 + r / GROUP;
-        const bool ok = tok < it.qlen;
+        const bool ok = r < QR && tok < it.qlen;
         const kv_t* src = ok ? q + ((it.qrow0 + tok) * num_q_heads + it.h * GROUP + r % GROUP) * D + ch * 8 : q;
         cp_async16(sm.q + sw128_offset(BM, r, ch), src, ok);
     }
@@ -163,8 +164,8 @@ extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(
         int p[2];         // query position of this thread's two rows (-1: padding row)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-            const int tok = it.j0 + (wg * 64 + wwarp * 16 + gid + 8 * hf) / GROUP;
-            p[hf] = tok < it.qlen ? it.qpos0 + tok : -1;
+            const int r = wg * 64 + wwarp * 16 + gid + 8 * hf;
+            p[hf] = r < QR && it.j0 + r / GROUP < it.qlen ? it.qpos0 + it.j0 + r / GROUP : -1;
         }
         // Causal and padding mask, only on tiles that reach past the tile's first query;
         // the own part's start and the window's edge, only on the tiles that hold them.

@@ -33,7 +33,10 @@ from gpu_kernel_helpers import (  # noqa: E402
     to_host,
 )
 
+from kvpager import KernelConfig  # noqa: E402
+from kvpager.backends.cupy_backend import CupyBackend  # noqa: E402
 from kvpager.backends.numpy_backend import paged_attention  # noqa: E402
+from kvpager.errors import UnsupportedConfiguration  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -108,3 +111,60 @@ def test_grid_sample_covers_every_value():
         assert {c[axis] for c in GRID} == set(values)
     assert len(set(GRID)) == len(GRID)
     assert len(list(itertools.product(DTYPES, HEAD_DIMS, BLOCK_SIZES, GROUPS))) == 240
+
+
+# GQA groups that are not powers of two (Llama-3.2-3B's 3, Qwen2.5's 5, 6 and 7, StarCoder2's 9
+# and 12): the decode kernels' M tile rows past the group, the multi-token tiles' rows past their
+# whole query tokens, and the CUDA-core decode's equal subgroups.
+ODD_GROUPS = [  # (dtype, head dim, block size, group, kv heads)
+    ("bfloat16", 128, 16, 7, 2), ("float16", 64, 8, 3, 4), ("float32", 128, 16, 7, 2),
+    ("float32", 256, 32, 6, 2), ("bfloat16", 256, 64, 12, 2), ("float16", 96, 16, 5, 8),
+    ("bfloat16", 64, 32, 14, 2), ("float16", 128, 16, 9, 8), ("float32", 64, 8, 10, 2),
+]
+
+
+@pytest.mark.parametrize("dtype,d,bs,group,kv_heads", ODD_GROUPS)
+def test_groups_not_a_power_of_two_match_reference(dtype, d, bs, group, kv_heads):
+    rng = np.random.default_rng(seed(dtype, d, bs, group, kv_heads, "odd group"))
+    seq_lens = np.array([1, bs + 1, 3 * bs + 5, 300, 1200, 77], dtype=np.int32)
+    qlens = np.array([1, 3, 2 * bs, 70, 1, 19], dtype=np.int32)
+    spec = geometry(dtype, d, bs, int((-(-seq_lens // bs)).sum() * bs), kv_heads=kv_heads)
+    gpu, cpu = make_pair(spec, rng)
+    tables = random_tables(rng, spec, seq_lens)
+    hq = kv_heads * group
+    ones = np.ones(len(seq_lens), np.int32)
+    calls = [(ones, None, {}), (ones, 3, {}), (ones, None, {"window": 2 * bs + 3, "softcap": 20.0}),
+             (qlens, None, {}), (qlens, None, {"window": 37, "softcap": 15.0})]
+    for ql, splits, kw in calls:
+        q = rng.standard_normal((int(ql.sum()), hq, d), dtype=np.float32).astype(spec.np_dtype)
+        ref = paged_attention(cpu.kv, 1, q, tables, seq_lens, ql, d**-0.5, **kw)
+        out = to_dev(np.full(q.shape, np.nan, dtype=spec.np_dtype), gpu)
+        gpu.attend(1, to_dev(q, gpu), tables, seq_lens, ql, d**-0.5, out=out, num_splits=splits, **kw)
+        assert rel_err(to_host(out, spec), ref) < TOL[dtype], (ql.tolist(), splits, kw)
+    gpu.close()
+
+
+@pytest.mark.parametrize("hpc,wph,group", [(4, 1, 7), (2, 1, 3), (8, 1, 5), (2, 4, 12)])
+def test_odd_groups_in_every_decode_layout(hpc, wph, group):
+    """Several kv heads a CTA (short contexts): their output rows follow each other by the group."""
+    rng = np.random.default_rng(seed(hpc, wph, group, "odd layouts"))
+    seq_lens = np.array([1, 17, 300, 1700, 2049], dtype=np.int32)
+    spec = geometry("bfloat16", 128, 16, int((-(-seq_lens // 16)).sum() * 16), kv_heads=8)
+    gpu, cpu = make_pair(spec, rng, KernelConfig(decode_heads_per_cta=hpc, decode_warps_per_head=wph))
+    ones = np.ones(5, np.int32)
+    q = rng.standard_normal((5, 8 * group, 128), dtype=np.float32).astype(spec.np_dtype)
+    ref = paged_attention(cpu.kv, 0, q, tables := random_tables(rng, spec, seq_lens), seq_lens, ones, 128**-0.5)
+    for splits in (None, 1, 3):
+        out = to_dev(np.full(q.shape, np.nan, dtype=spec.np_dtype), gpu)
+        gpu.attend(0, to_dev(q, gpu), tables, seq_lens, ones, 128**-0.5, out=out, num_splits=splits)
+        assert rel_err(to_host(out, spec), ref) < TOL["bfloat16"], splits
+    gpu.close()
+
+
+def test_groups_past_sixteen_are_refused_by_name():
+    spec = geometry("bfloat16", 128, 16, 256)
+    gpu = CupyBackend(spec, 0)
+    q = to_dev(np.zeros((1, 2 * 17, 128), dtype=spec.np_dtype), gpu)
+    with pytest.raises(UnsupportedConfiguration, match="1 to 16 query heads per kv head"):
+        gpu.attend(0, q, np.array([[1]], np.int32), np.array([3], np.int32), np.ones(1, np.int32), 0.1)
+    gpu.close()

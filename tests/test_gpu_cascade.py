@@ -26,6 +26,8 @@ CASES = [  # (dtype, head dim, block size, GQA group)
     ("bfloat16", 256, 32, 16),
     ("float16", 96, 64, 8),
     ("bfloat16", 80, 16, 2),
+    ("float16", 128, 16, 7),  # groups not a power of two (Qwen2.5-7B's 7, StarCoder2's 12)
+    ("bfloat16", 64, 32, 12),
 ]
 
 

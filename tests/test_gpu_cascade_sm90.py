@@ -57,6 +57,10 @@ CASES = [  # (dtype, head dim, block size, GQA group, knobs beyond prefill_kerne
     # head dim 256: 64-position tiles in 2 stages, O += P V as four m64n64 products
     ("bfloat16", 256, 16, 2, {}),
     ("float16", 256, 32, 8, {"prefill_wgmma_producer": False}),
+    # groups not a power of two: the tile's last rows past its whole members pad
+    ("bfloat16", 128, 16, 7, {}),
+    ("float16", 64, 16, 12, {"prefill_wgmma_warpgroups": 1}),
+    ("bfloat16", 128, 32, 6, {"prefill_wgmma_producer": False, "prefill_wgmma_overlap": True}),
 ]
 
 

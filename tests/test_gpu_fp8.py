@@ -31,7 +31,8 @@ KV = ("float8_e4m3", "float8_e5m2")
 # (kv dtype, compute dtype, head dim, block size, group): each axis value several times
 GRID = [(KV[i % 2], ("bfloat16", "float16")[(i // 2) % 2], d, bs, g)
         for i, (d, bs, g) in enumerate([(128, 16, 4), (128, 32, 8), (64, 8, 16), (256, 64, 1), (96, 16, 2),
-                                        (80, 8, 4), (48, 64, 8), (128, 16, 16), (256, 8, 2), (112, 32, 1)])]
+                                        (80, 8, 4), (48, 64, 8), (128, 16, 16), (256, 8, 2), (112, 32, 1),
+                                        (128, 16, 7), (64, 32, 12)])]
 
 
 def seed(*key: object) -> int:

@@ -94,6 +94,12 @@ CASES = [  # (dtype, head dim, block size, GQA group, knobs beyond prefill_kerne
     ("bfloat16", 256, 16, 4, {"prefill_wgmma_producer": True, "prefill_wgmma_tma": False}),
     ("float16", 256, 64, 16, {"prefill_wgmma_warpgroups": 1}),
     ("bfloat16", 256, 16, 2, {"prefill_wgmma_producer": True, "prefill_wgmma_persistent": False}),
+    # groups not a power of two: the tile's last rows past its whole query tokens pad
+    ("bfloat16", 128, 16, 7, {"prefill_wgmma_producer": True}),
+    ("float16", 64, 8, 12, {"prefill_wgmma_warpgroups": 1}),
+    ("bfloat16", 128, 32, 3, {"prefill_wgmma_producer": True, "prefill_wgmma_overlap": True}),
+    ("float16", 256, 16, 5, {}),
+    ("bfloat16", 128, 64, 14, {"prefill_wgmma_producer": True, "prefill_wgmma_ctas": 3}),
 ]
 
 

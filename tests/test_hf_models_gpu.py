@@ -56,6 +56,12 @@ def run_family(family: str, config: dict | None = None, **options):
     else:
         model = make_model(family, **GPU_SIZES, **FAMILIES[family], **(config or {})).cuda()
         assert WINDOW in layer_windows(model)
+    return generate_both(model, **options)
+
+
+def generate_both(model, **options):
+    """``model``'s greedy tokens on a GPU pool (``options`` to `PagedGeneration`) and
+    transformers' ``generate``'s, prompt by prompt."""
     pool = KVPool(spec_for_model(model, num_blocks=96, block_size=16), device="cuda:0")
     system = prompt(35, seed=1)
     prompts = [system + prompt(5, seed=2), prompt(9, seed=3), system + prompt(13, seed=4), prompt(1, seed=5)]
@@ -79,6 +85,16 @@ def run_family(family: str, config: dict | None = None, **options):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_windowed_family_matches_transformers_on_the_gpu(family):
     outs, want = run_family(family)
+    assert outs == want
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(14, 2), (6, 2), (12, 1), (10, 2)])
+def test_groups_not_a_power_of_two_match_transformers_on_the_gpu(heads, kv_heads):
+    """Qwen2.5-0.5B's 14 query heads over 2 K/V heads (7 a group), Llama-3.2-3B's 3, a
+    multi-query 12 and Qwen2.5-14B's 5: the kernels' groups of any count up to 16."""
+    model = make_model("llama", hidden_size=32 * heads, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       head_dim=32).cuda()
+    outs, want = generate_both(model)
     assert outs == want
 
 

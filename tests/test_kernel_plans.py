@@ -237,6 +237,10 @@ def test_a_plan_takes_a_config_and_refuses_anything_else():
     ("float32", 512, 2, 2, 1),  # four vectors a lane: one row in flight
     ("float32", 272, 4, 2, 1),  # three vectors a lane: one row
     ("float32", 256, 4, 4, 4),  # float32 at the tensor-core kernels' widths: as before
+    # groups not a power of two: the largest equal subgroup that fits (paged_decode.cu's subgroups
+    # split the group evenly)
+    ("float32", 256, 6, 3, 4), ("float32", 256, 7, 1, 4), ("float32", 128, 7, 7, 4),
+    ("float32", 128, 12, 6, 4), ("float32", 512, 3, 1, 1),
 ])
 def test_float32_pools_decode_on_cuda_cores(dtype, d, group, subgroup, rows):
     """float32 pools attend on paged_decode.cu, a work item per query token, with its
@@ -331,3 +335,30 @@ def test_an_fp8_pool_of_wide_heads_is_refused_before_any_gpu_is_asked():
         check_geometry("bfloat16", 512, 16, "float8_e4m3")
     with pytest.raises(UnsupportedConfiguration, match="from 32 to 512"):
         check_geometry("bfloat16", 528, 16)
+
+
+@pytest.mark.parametrize("group", [3, 5, 6, 7, 9, 12, 14, 16])
+def test_groups_up_to_sixteen_plan_on_every_kernel(group):
+    """A group of any count up to 16 query heads a kv head: the decode kernel's M tile holds
+    it (GROUP), and the multi-token and cascade tiles hold its whole query tokens (rows past
+    them pad: bm // group tokens a tile)."""
+    from kvpager.kernels import check_group
+
+    assert check_group(4 * group, 4) == group
+    _, shape, _ = decode("bfloat16", None, 128, 16, 4, group, 64, 4096, 128)
+    assert shape.tc and shape.defines["GROUP"] == group
+    spec = spec_of("bfloat16", None, 128, 16, 4)
+    t, defs, _ = prefill_tiling(spec, group, DEFAULT)
+    assert defs["GROUP"] == group and t.bm // group >= 1
+    ct, _, members = cascade_tiling(spec, group, DEFAULT)
+    assert members == ct.bm // group and members * group <= ct.bm
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(34, 2), (71, 1), (232, 8), (10, 4)])
+def test_groups_the_kernels_do_not_hold_are_refused_by_name(heads, kv_heads):
+    """Past 16 query heads a kv head (Falcon-7B's 71, Falcon-180B's 29) or heads not a multiple
+    of the kv heads: a typed error naming the counts, before any GPU is asked."""
+    from kvpager.kernels import check_group
+
+    with pytest.raises(UnsupportedConfiguration, match=f"got {heads} query heads over {kv_heads} kv heads"):
+        check_group(heads, kv_heads)

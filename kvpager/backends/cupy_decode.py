@@ -44,12 +44,14 @@ class DecodeShape:
 
 def decode_subgroup(dtype: str, head_dim: int, group: int) -> int:
     """Query heads per CUDA-core decode CTA: the whole group while q and the
-    accumulator of the lane's dims fit in 64 registers, else a power-of-two part of it."""
+    accumulator of the lane's dims fit in 64 registers, else the largest part of it that
+    divides it (paged_decode.cu cuts the group into equal subgroups)."""
     itemsize = 4 if dtype == "float32" else 2
     nv = head_dim * itemsize // 16
     lpr = 4 if nv <= 4 else 8 if nv <= 8 else 16 if nv <= 16 else 32
     per_head = -(-nv // lpr) * (16 // itemsize)
-    return min(group, max(1, 32 // per_head))
+    cap = max(1, 32 // per_head)
+    return max(d for d in range(1, min(group, cap) + 1) if group % d == 0)
 
 
 def cuda_core_rows(spec: Any, config: KernelConfig) -> int:
