@@ -15,12 +15,14 @@
 //
 // Work item i has query row i (q[i]), reads the K/V of sequence item_seq[i]
 // up to item_len[i] tokens, and attends with every query head of its kv
-// head's GQA group. The group (up to 16 heads, any count) is the M dimension of
-// mma.sync m16n8k16 (rows past the group are zero): S = Q K^T and O += P V
+// head's GQA group. The group (any count up to 16 heads) is the M dimension of
+// mma.sync m16n8k16 (rows past the group are zero); a larger group (Falcon-7B's 71
+// heads over one kv head) is cut into QCH chunks of 16, a CTA each, that read the same
+// K/V (through L2): S = Q K^T and O += P V
 // for 16 tokens are 2 * HEAD_DIM / 16 MMAs each, so the K/V bytes, read once,
 // are the whole cost.
 //
-// Grid: x = (item, chunk of HPC kv heads), y = split. A CTA (HPC * WPH
+// Grid: x = (item, chunk of HPC kv heads, chunk of the group), y = split. A CTA (HPC * WPH
 // warps) owns one split's token range for HPC kv heads; the WPH warps of a
 // head take its 16-token tiles w, w + WPH, w + 2 WPH, ... and each warp runs
 // its own STAGES-deep cp.async pipeline (16-byte copies, zero-filled past the
@@ -50,7 +52,7 @@
 // 64 x 4,096 on an H200, copies alone 4.27 against 4.50 TB/s). Other 16-bit head dims: rows
 // of HEAD_DIM + 8 elements. Dynamic shared memory: HPC * WPH * STAGES * 2 * 16 * row
 // bytes (SW: + 128 to align the stages to 128 bytes), and at least
-// HPC * WPH * GROUP * HEAD_DIM * 4 for the final merge.
+// HPC * WPH * min(GROUP, 16) * HEAD_DIM * 4 for the final merge.
 //
 // KV_FP8 (an FP8 pool): the stages hold the FP8 bytes as stored (16 per cp.async,
 // half the bytes of a 16-bit pool), rows of HEAD_DIM bytes swizzled as above, or (head
@@ -97,7 +99,9 @@ constexpr int NT = NWARPS * 32;
 constexpr int CPR = D / ST_VEC;       // 16-byte chunks per row
 constexpr int NCP = (T * CPR + 31) / 32;  // chunks per lane per tile, for K and for V each
 constexpr int KSTEPS = D / 16;
-constexpr bool TWO = GROUP > 8;       // rows 8..15 of the M tile hold heads too
+constexpr int GT = GROUP < 16 ? GROUP : 16;  // query heads a CTA takes of a kv head's group: the M tile's rows
+constexpr int QCH = (GROUP + GT - 1) / GT;   // CTAs a group of more than 16 heads is cut into
+constexpr bool TWO = GT > 8;         // rows 8..15 of the M tile hold heads too
 // a warp's part of the head dim, for the preprocessor (D above)
 #define DPART (HEAD_DIM > 256 ? (HEAD_DIM + 31) / 32 * 16 : HEAD_DIM)
 #if (DPART * ST_BYTES) % 128 == 0
@@ -112,37 +116,37 @@ constexpr int ROW_BYTES = (D + 8) * ST_BYTES;  // padded by 16 bytes
 #endif
 constexpr int STAGE_BYTES = 2 * T * ROW_BYTES;  // K rows then V rows
 constexpr int V_OFF = T * ROW_BYTES;            // V rows' offset in a stage
-constexpr int R = HPC * GROUP;  // output rows of a CTA
-static_assert(GROUP <= 16, "GQA groups up to 16");
+constexpr int R = HPC * GT;  // output rows of a CTA (its last chunk of a group past 16 heads: fewer)
+static_assert(QCH == 1 || HPC == 1, "a group of more than 16 heads: one kv head a CTA");
 static_assert(NWARPS <= 16, "at most 16 warps per CTA");
 static_assert(DSPLIT == 1 || !KV_FP8, "FP8 pools of heads wider than 256 are not built");
 
-// The merge of the last split CTA (see the end of paged_decode_tc): out rows row0 .. row0 + R - 1
+// The merge of the last split CTA (see the end of paged_decode_tc): out rows row0 .. row0 + nr - 1
 // from their num_splits partial slots, as merge_splits does. Not inlined: its registers are
 // not the decode loop's.
 __device__ __noinline__ void merge_slots(const float* __restrict__ part_o, const float* __restrict__ part_lse,
-                                         kv_t* __restrict__ out, long long row0, int parts, int num_splits,
-                                         unsigned char* smem_raw)
+                                         kv_t* __restrict__ out, long long row0, int nr, int parts,
+                                         int num_splits, unsigned char* smem_raw)
 {
     const int tid = threadIdx.x;
     __threadfence();  // each thread's reads of the other CTAs' partials come after the count
     constexpr int C4 = HD / 4;  // float4 columns of a row
-    // The slots' partials of the CTA's R rows come into the (free) stages at once: [slot][row][HD],
+    // The slots' partials of the CTA's nr rows come into the (free) stages at once: [slot][row][HD],
     // then their log2-sum-exps [row][slot]; where they do not fit, each thread loads its own.
     float* const ms = reinterpret_cast<float*>(smem_raw);
-    float* const ml = ms + (long long)num_splits * R * HD;
-    const bool staged = (long long)num_splits * R * (HD + 1) * 4 <= (long long)NWARPS * STAGES * STAGE_BYTES;
+    float* const ml = ms + (long long)num_splits * nr * HD;
+    const bool staged = (long long)num_splits * nr * (HD + 1) * 4 <= (long long)NWARPS * STAGES * STAGE_BYTES;
     if (staged) {
-        for (int i = tid; i < num_splits * R * C4; i += NT) {
-            const int sp = i / (R * C4), r = i / C4 % R, c = i % C4;
-            cp_async16(ms + ((long long)sp * R + r) * HD + c * 4, part_o + ((row0 + r) * parts + sp) * HD + c * 4, true);
+        for (int i = tid; i < num_splits * nr * C4; i += NT) {
+            const int sp = i / (nr * C4), r = i / C4 % nr, c = i % C4;
+            cp_async16(ms + ((long long)sp * nr + r) * HD + c * 4, part_o + ((row0 + r) * parts + sp) * HD + c * 4, true);
         }
         cp_commit();
-        for (int i = tid; i < R * num_splits; i += NT) ml[i] = __ldcg(part_lse + (row0 + i / num_splits) * parts + i % num_splits);
+        for (int i = tid; i < nr * num_splits; i += NT) ml[i] = __ldcg(part_lse + (row0 + i / num_splits) * parts + i % num_splits);
         cp_wait<0>();
         __syncthreads();
     }
-    for (int idx = tid; idx < R * C4; idx += NT) {
+    for (int idx = tid; idx < nr * C4; idx += NT) {
         const int r = idx / C4, c = idx % C4;
         const long long row = row0 + r;
         const float* pl = staged ? ml + r * num_splits : part_lse + row * parts;
@@ -153,7 +157,7 @@ __device__ __noinline__ void merge_slots(const float* __restrict__ part_o, const
 #pragma unroll 4
         for (int sp = 0; sp < num_splits; ++sp) {
             const float ls = staged ? pl[sp] : __ldcg(pl + sp);
-            const float4 v = staged ? *reinterpret_cast<const float4*>(ms + ((long long)sp * R + r) * HD + c * 4)
+            const float4 v = staged ? *reinterpret_cast<const float4*>(ms + ((long long)sp * nr + r) * HD + c * 4)
                                     : __ldcg(reinterpret_cast<const float4*>(part_o + (row * parts + sp) * HD) + c);
             const bool empty = ls == NEG_INF;  // its columns may hold anything: a select, not a product
             const float w = empty ? 0.f : exp2f(ls - m);
@@ -180,7 +184,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     int layer, int num_layers, int num_kv_heads, int max_blocks, int num_splits,
     const int* __restrict__ item_start, int parts,
     const float* __restrict__ kv_scales,    // [num_layers, 2, num_kv_heads] (KV_FP8; else unused)
-    int* __restrict__ merge_ctr,            // [num_items * num_kv_heads / HPC], zero between launches, or null
+    int* __restrict__ merge_ctr,            // [num_items * num_kv_heads / HPC * QCH], zero between launches, or null
     int window, float softcap, float scale_log2)
 {
     pdl_launch_dependents();  // a programmatic merge launch may start now: it waits for the partials itself
@@ -204,14 +208,16 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     };
 
     const int nhc = num_kv_heads / HPC;
-    const int hc = blockIdx.x % nhc;
-    const int item = blockIdx.x / nhc;
+    const int unit = blockIdx.x % (nhc * QCH);  // (chunk of HPC kv heads, chunk of a group past 16 heads)
+    const int hc = unit / QCH, qc = unit % QCH;
+    const int item = blockIdx.x / (nhc * QCH);
+    const int nrows = QCH == 1 ? GT : min(GT, GROUP - qc * GT);  // query heads of this CTA's M tile
     const int pw = warp / DSPLIT, part = warp % DSPLIT;  // the layout's warp (a pair), this warp's part of it
     const int hh = pw / WPH, wi = pw % WPH;  // its head in the chunk, its place among WPH
     const int h = hc * HPC + hh;
     const int split = blockIdx.y;
     const int num_q_heads = num_kv_heads * GROUP;
-    const int head0 = h * GROUP;
+    const int head0 = h * GROUP + qc * GT;
 
     const int len = item_len[item];
     int lo = window > 0 ? max(0, len - window) : 0;  // the first position seen
@@ -238,10 +244,10 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
 #endif
             // (a wide head's pad columns: 0)
             const bool in = DP == HD || part * D + c < HD, in2 = DP == HD || part * D + c2 < HD;
-            qa[kk][0] = gid < GROUP && in ? qw[(gid * HD + c) / 2] : 0u;
-            qa[kk][2] = gid < GROUP && in2 ? qw[(gid * HD + c2) / 2] : 0u;
-            qa[kk][1] = TWO && gid + 8 < GROUP && in ? qw[((gid + 8) * HD + c) / 2] : 0u;
-            qa[kk][3] = TWO && gid + 8 < GROUP && in2 ? qw[((gid + 8) * HD + c2) / 2] : 0u;
+            qa[kk][0] = gid < nrows && in ? qw[(gid * HD + c) / 2] : 0u;
+            qa[kk][2] = gid < nrows && in2 ? qw[(gid * HD + c2) / 2] : 0u;
+            qa[kk][1] = TWO && gid + 8 < nrows && in ? qw[((gid + 8) * HD + c) / 2] : 0u;
+            qa[kk][3] = TWO && gid + 8 < nrows && in2 ? qw[((gid + 8) * HD + c2) / 2] : 0u;
         }
     }
 
@@ -483,7 +489,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     // Merge the warps of each head through shared memory (the stages are free now).
     __shared__ float sm_m[NPW][16], sm_l[NPW][16];
     __syncthreads();
-    float* sm_o = reinterpret_cast<float*>(smem_raw);  // [NPW][GROUP][HD]
+    float* sm_o = reinterpret_cast<float*>(smem_raw);  // [NPW][GT][HD]
     constexpr int NO = (HD - (DSPLIT - 1) * D) / 8;  // the last part's n-tiles within the head dim
     const int nout = part == DSPLIT - 1 ? NO : D / 8;
     // Where accumulator column e (0, 1) of n-tile n sits in the row: FP8's P V leaves dims
@@ -494,26 +500,27 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
 #define OCOL(n, e) ((n) * 8 + 2 * tig + (e))
 #endif
     // (the two warps of a pair hold the same m and l; each its own columns of o)
-    if (gid < GROUP) {
+    if (gid < nrows) {
         if (tig == 0 && part == 0) { sm_m[pw][gid] = m0; sm_l[pw][gid] = l0; }
-        float* r = sm_o + (pw * GROUP + gid) * HD + part * D;
+        float* r = sm_o + (pw * GT + gid) * HD + part * D;
 #pragma unroll
         for (int n = 0; n < D / 8; ++n)
             if (n < nout) { r[OCOL(n, 0)] = o[n][0]; r[OCOL(n, 1)] = o[n][1]; }
     }
-    if (TWO && gid + 8 < GROUP) {
+    if (TWO && gid + 8 < nrows) {
         if (tig == 0 && part == 0) { sm_m[pw][gid + 8] = m1; sm_l[pw][gid + 8] = l1; }
-        float* r = sm_o + (pw * GROUP + gid + 8) * HD + part * D;
+        float* r = sm_o + (pw * GT + gid + 8) * HD + part * D;
 #pragma unroll
         for (int n = 0; n < D / 8; ++n)
             if (n < nout) { r[OCOL(n, 0)] = o[n][2]; r[OCOL(n, 1)] = o[n][3]; }
     }
 #undef OCOL
     __syncthreads();
-    const long long row0 = (long long)item * num_q_heads + hc * R;
-    for (int idx = tid; idx < R * HD; idx += NT) {
+    const long long row0 = (long long)item * num_q_heads + (long long)hc * HPC * GROUP + qc * GT;
+    const int nr = QCH == 1 ? R : nrows;  // output rows (HPC is 1 where QCH > 1)
+    for (int idx = tid; idx < nr * HD; idx += NT) {
         const int r = idx / HD, d = idx % HD;
-        const int g = r % GROUP, w0 = (r / GROUP) * WPH;  // the head's warps: w0 .. w0 + WPH - 1
+        const int g = r % GT, w0 = (r / GT) * WPH;  // the head's warps: w0 .. w0 + WPH - 1
         float mx = NEG_INF;
 #pragma unroll
         for (int w = 0; w < WPH; ++w) mx = fmaxf(mx, sm_m[w0 + w][g]);
@@ -523,12 +530,12 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
             for (int w = 0; w < WPH; ++w) {
                 const float a = exp2f(sm_m[w0 + w][g] - mx);
                 lsum += sm_l[w0 + w][g] * a;
-                acc += sm_o[((w0 + w) * GROUP + g) * HD + d] * a;
+                acc += sm_o[((w0 + w) * GT + g) * HD + d] * a;
             }
         }
         const long long row = row0 + r;
 #if KV_FP8
-        const float v_scale = kv_scales[(layer * 2 + 1) * num_kv_heads + hc * HPC + r / GROUP];
+        const float v_scale = kv_scales[(layer * 2 + 1) * num_kv_heads + hc * HPC + r / GT];
 #else
         const float v_scale = 1.f;
 #endif
@@ -559,5 +566,5 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode_tc(
     }
     __syncthreads();
     if (!last) return;
-    merge_slots(part_o, part_lse, out, row0, parts, num_splits, smem_raw);
+    merge_slots(part_o, part_lse, out, row0, nr, parts, num_splits, smem_raw);
 }

@@ -63,6 +63,9 @@
 #include "kvpager_wgmma_tile.cuh"
 constexpr int QT = BM / GROUP;     // query tokens per tile
 constexpr int QR = QT * GROUP;     // rows that hold a query head (a group not dividing BM: the rest pad)
+// Row r's query token in the tile and its head in the group (a tile of one token: no division)
+__device__ __forceinline__ int row_tok(int r) { return QT == 1 ? 0 : r / GROUP; }
+__device__ __forceinline__ int row_head(int r) { return QT == 1 ? r : r % GROUP; }
 
 // One work item: the query tile of sequence ``b`` from query ``j0``, kv head ``h``; what its
 // producer and its consumers both derive from the step's tables.
@@ -101,9 +104,9 @@ __device__ __forceinline__ void load_q(const WgSmem& sm, const kv_t* __restrict_
                                        int num_q_heads, int me, int n) {
     for (int c = me; c < BM * CPR; c += n) {
         const int r = c / CPR, ch = c % CPR;
-        const int tok = it.j0 + r / GROUP;
+        const int tok = it.j0 + row_tok(r);
         const bool ok = r < QR && tok < it.qlen;
-        const kv_t* src = ok ? q + ((it.qrow0 + tok) * num_q_heads + it.h * GROUP + r % GROUP) * D + ch * 8 : q;
+        const kv_t* src = ok ? q + ((it.qrow0 + tok) * num_q_heads + it.h * GROUP + row_head(r)) * D + ch * 8 : q;
         cp_async16(sm.q + sw128_offset(BM, r, ch), src, ok);
     }
 }
@@ -165,7 +168,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
             const int r = wg * 64 + wwarp * 16 + gid + 8 * hf;
-            p[hf] = r < QR && it.j0 + r / GROUP < it.qlen ? it.qpos0 + it.j0 + r / GROUP : -1;
+            p[hf] = r < QR && it.j0 + row_tok(r) < it.qlen ? it.qpos0 + it.j0 + row_tok(r) : -1;
         }
         // Causal and padding mask, only on tiles that reach past the tile's first query;
         // the own part's start and the window's edge, only on the tiles that hold them.
@@ -210,7 +213,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(
             const float inv = lt > 0.f ? 1.f / lt : 0.f;
             if (p[hf] < 0) continue;
             const int r = wg * 64 + wwarp * 16 + gid + 8 * hf;
-            const long long orow = (it.qrow0 + it.j0 + r / GROUP) * num_q_heads + it.h * GROUP + r % GROUP;
+            const long long orow = (it.qrow0 + it.j0 + row_tok(r)) * num_q_heads + it.h * GROUP + row_head(r);
             if (parts > 0) {  // a cascade's own part: slot 0, the segments' slots empty until filled
                 wg_store_f32(part_o + orow * parts * D, o, hf, inv, tig);
                 if (tig == 0) {

@@ -38,8 +38,12 @@ HEAD_DIMS = tuple(range(32, 513, 16))  # every multiple of 16 from 32 to 512
 #: cascade (`wide_heads`); FP8 pools of them are refused
 TC_HEAD_DIM = 256
 BLOCK_SIZES = (8, 16, 32, 64)
-#: query heads per kv head: any count up to the 16 rows of a tensor-core M tile
-GROUP_SIZES = tuple(range(1, 17))
+#: query heads of one kv head that the decode kernel's tensor-core M tile holds (any count up
+#: to it); a larger group decodes in chunks of it, a CTA each
+TC_GROUP = 16
+#: the largest GQA group the CUDA kernels take: a multi-token tile holds whole query tokens, each
+#: with its group's heads, in its 64 or 128 rows (Falcon-7B: 71 query heads over one kv head)
+MAX_GROUP = 128
 NVRTC_OPTIONS = ("-std=c++17", "--use_fast_math")
 _HEADER = re.compile(r'^#include "([\w.]+)"\s*$', re.M)
 _lock = threading.Lock()
@@ -159,9 +163,9 @@ def storage_defines(spec: Any) -> dict[str, int]:
 
 
 def check_group(num_q_heads: int, num_kv_heads: int) -> int:
-    if num_q_heads % num_kv_heads or num_q_heads // num_kv_heads not in GROUP_SIZES:
+    if num_q_heads % num_kv_heads or not 1 <= num_q_heads // num_kv_heads <= MAX_GROUP:
         raise UnsupportedConfiguration(
-            f"the CUDA kernels support GQA groups of 1 to {GROUP_SIZES[-1]} query heads per kv head; "
+            f"the CUDA kernels support GQA groups of 1 to {MAX_GROUP} query heads per kv head; "
             f"got {num_q_heads} query heads over {num_kv_heads} kv heads"
         )
     return num_q_heads // num_kv_heads

@@ -44,10 +44,13 @@ EXTRA = {
                            ["-DKV_DTYPE=0", "-DHEAD_DIM=272", "-DGROUP=16", "-DWPH=2", "-DBLOCK_SIZE=8"],
                            ["-DHEAD_DIM=448", "-DGROUP=1", "-DHPC=2", "-DWPH=1", "-DSTAGES=2", "-DBLOCK_SIZE=64"],
                            # groups of any count up to 16 (Qwen2.5's 7, Llama-3.2-3B's 3, StarCoder2's 12)
-                           ["-DGROUP=7"], ["-DGROUP=12", "-DHPC=4", "-DWPH=1"], ["-DKV_DTYPE=0", "-DGROUP=3"]],
+                           ["-DGROUP=7"], ["-DGROUP=12", "-DHPC=4", "-DWPH=1"], ["-DKV_DTYPE=0", "-DGROUP=3"],
+                           # past 16: chunks of 16 heads, a CTA each (Falcon-7B's 71)
+                           ["-DGROUP=71", "-DHEAD_DIM=64"], ["-DKV_DTYPE=0", "-DGROUP=29", "-DWPH=2"],
+                           ["-DHEAD_DIM=512", "-DGROUP=20", "-DWPH=2", "-DSTAGES=2"]],
     "cascade_prefix.cu": [["-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DGROUP=1"],
                           ["-DHEAD_DIM=256", "-DGROUP=16", "-DBLOCK_SIZE=8"], ["-DHEAD_DIM=80", "-DMT=1"],
-                          ["-DGROUP=7"], ["-DHEAD_DIM=64", "-DGROUP=12", "-DMT=1"]],
+                          ["-DGROUP=7"], ["-DHEAD_DIM=64", "-DGROUP=12", "-DMT=1"], ["-DHEAD_DIM=64", "-DGROUP=71"]],
     "paged_prefill.cu": [["-DKV_DTYPE=0", "-DHEAD_DIM=96", "-DGROUP=1"],
                          ["-DHEAD_DIM=256", "-DGROUP=16", "-DBLOCK_SIZE=8"], ["-DMT=1"],
                          ["-DHEAD_DIM=80", "-DGROUP=4"], ["-DHEAD_DIM=240", "-DGROUP=2"],
@@ -55,7 +58,8 @@ EXTRA = {
                          ["-DHEAD_DIM=512", "-DGROUP=2", "-DMT=1"], ["-DKV_DTYPE=0", "-DHEAD_DIM=272", "-DMT=1",
                                                                    "-DGROUP=16", "-DBLOCK_SIZE=8"],
                          ["-DHEAD_DIM=400", "-DMT=1", "-DGROUP=1", "-DBLOCK_SIZE=64"],
-                         ["-DGROUP=7"], ["-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DGROUP=3", "-DMT=1"], ["-DGROUP=12"]],
+                         ["-DGROUP=7"], ["-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DGROUP=3", "-DMT=1"], ["-DGROUP=12"],
+                         ["-DHEAD_DIM=64", "-DGROUP=71"], ["-DHEAD_DIM=256", "-DGROUP=48", "-DMT=1"]],
 }
 # FP8 pools (KV_FP8 1: e4m3, 2: e5m2): the conversions need sm_89 or later, so these
 # build only for such arches (kvpager refuses FP8 pools on older GPUs).
@@ -102,9 +106,10 @@ SM90A = {
         ["-DHEAD_DIM=256", "-DVN=64", "-DBN=64", "-DSTAGES=2", "-DKV_DTYPE=0", "-DGROUP=16", "-DBLOCK_SIZE=8"],
         ["-DHEAD_DIM=256", "-DVN=64", "-DBN=64", "-DSTAGES=2", "-DWG=1", "-DGROUP=1", "-DBLOCK_SIZE=64"],
         ["-DWS=1", "-DOVERLAP=1", "-DBN=128", "-DGROUP=7"], ["-DWG=1", "-DGROUP=6"], ["-DWS=1", "-DGROUP=12", "-DTMA=1"],
+        ["-DWS=1", "-DHEAD_DIM=64", "-DGROUP=71", "-DTMA=1", "-DPERSIST=1"], ["-DGROUP=48", "-DOVERLAP=1"],
     ],
     "cascade_prefix_sm90.cu": [
-        ["-DGROUP=7"], ["-DWS=1", "-DGROUP=12", "-DWG=2"], ["-DKV_DTYPE=0"], ["-DHEAD_DIM=64", "-DGROUP=1"], ["-DGROUP=16", "-DBLOCK_SIZE=8", "-DWG=1"],
+        ["-DGROUP=7"], ["-DWS=1", "-DGROUP=12", "-DWG=2"], ["-DWS=1", "-DHEAD_DIM=64", "-DGROUP=71"], ["-DKV_DTYPE=0"], ["-DHEAD_DIM=64", "-DGROUP=1"], ["-DGROUP=16", "-DBLOCK_SIZE=8", "-DWG=1"],
         ["-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DBN=128", "-DSTAGES=2", "-DGROUP=8", "-DBLOCK_SIZE=64"],
         ["-DOVERLAP=1"], ["-DOVERLAP=1", "-DWG=1", "-DBN=128", "-DBLOCK_SIZE=32", "-DGROUP=2"],
         ["-DWS=1"], ["-DWS=1", "-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DBN=128", "-DSTAGES=2", "-DGROUP=16"],

@@ -61,6 +61,7 @@ CASES = [  # (dtype, head dim, block size, GQA group, knobs beyond prefill_kerne
     ("bfloat16", 128, 16, 7, {}),
     ("float16", 64, 16, 12, {"prefill_wgmma_warpgroups": 1}),
     ("bfloat16", 128, 32, 6, {"prefill_wgmma_producer": False, "prefill_wgmma_overlap": True}),
+    ("float16", 64, 16, 71, {}),
 ]
 
 

@@ -100,6 +100,8 @@ CASES = [  # (dtype, head dim, block size, GQA group, knobs beyond prefill_kerne
     ("bfloat16", 128, 32, 3, {"prefill_wgmma_producer": True, "prefill_wgmma_overlap": True}),
     ("float16", 256, 16, 5, {}),
     ("bfloat16", 128, 64, 14, {"prefill_wgmma_producer": True, "prefill_wgmma_ctas": 3}),
+    ("bfloat16", 64, 16, 71, {"prefill_wgmma_producer": True}),
+    ("float16", 128, 8, 48, {"prefill_wgmma_overlap": True}),
 ]
 
 

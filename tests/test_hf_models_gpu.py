@@ -88,10 +88,11 @@ def test_windowed_family_matches_transformers_on_the_gpu(family):
     assert outs == want
 
 
-@pytest.mark.parametrize("heads, kv_heads", [(14, 2), (6, 2), (12, 1), (10, 2)])
+@pytest.mark.parametrize("heads, kv_heads", [(14, 2), (6, 2), (12, 1), (10, 2), (71, 1), (34, 2)])
 def test_groups_not_a_power_of_two_match_transformers_on_the_gpu(heads, kv_heads):
     """Qwen2.5-0.5B's 14 query heads over 2 K/V heads (7 a group), Llama-3.2-3B's 3, a
-    multi-query 12 and Qwen2.5-14B's 5: the kernels' groups of any count up to 16."""
+    multi-query 12, Qwen2.5-14B's 5, Falcon-7B's 71 over one and 17: the kernels' groups
+    of any count (past 16 the decode kernel takes them 16 at a time)."""
     model = make_model("llama", hidden_size=32 * heads, num_attention_heads=heads, num_key_value_heads=kv_heads,
                        head_dim=32).cuda()
     outs, want = generate_both(model)

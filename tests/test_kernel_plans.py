@@ -354,10 +354,39 @@ def test_groups_up_to_sixteen_plan_on_every_kernel(group):
     assert members == ct.bm // group and members * group <= ct.bm
 
 
-@pytest.mark.parametrize("heads, kv_heads", [(34, 2), (71, 1), (232, 8), (10, 4)])
+@pytest.mark.parametrize("group, kv_heads, head_dim, chunks", [(71, 1, 64, 5), (29, 8, 64, 2), (48, 1, 128, 3),
+                                                                (17, 2, 256, 2)])
+def test_groups_past_sixteen_decode_in_chunks_of_sixteen(group, kv_heads, head_dim, chunks):
+    """Falcon-7B's 71 query heads over one kv head, Falcon-180B's 29, StarCoder's 48: the
+    decode kernel's M tile takes 16 of them, so each kv head's group is cut into CTAs of 16
+    heads (one kv head a CTA, whatever the short-context layout or the config asks); the
+    multi-token tiles hold whole query tokens of the group."""
+    spec = spec_of("bfloat16", None, head_dim, 16, kv_heads)
+    for max_len, config in ((4096, DEFAULT), (256, DEFAULT), (4096, KernelConfig(decode_heads_per_cta=4))):
+        shape = decode_shape(spec, group, 64, max_len, NSM, config)
+        assert shape.tc and shape.defines["GROUP"] == group and shape.defines["HPC"] == 1
+        assert shape.ctas == 64 * kv_heads * chunks
+    t, defs, _ = prefill_tiling(spec, group, DEFAULT)
+    assert defs["GROUP"] == group and t.bm // group >= 1
+
+
+def test_groups_past_the_multi_token_tiles_are_refused_by_name():
+    """A group larger than the multi-token kernel's tiles (64 rows at head dims past 128 on
+    mma.sync) is refused with the counts, before any GPU is asked."""
+    from kvpager.backends.cupy_prefill import prefill_kernel
+
+    spec = spec_of("bfloat16", None, 192, 16, 1)
+    with pytest.raises(UnsupportedConfiguration, match="group of 71 query heads exceeds .* 64-row tiles"):
+        prefill_kernel(spec, 71, DEFAULT, (8, 0))
+    assert prefill_kernel(spec, 64, DEFAULT, (8, 0)).defines["GROUP"] == 64
+    # on Hopper the wgmma kernel's 128 rows hold it
+    assert prefill_kernel(spec_of("bfloat16", None, 128, 16, 1), 71, DEFAULT, (9, 0)).file == "paged_prefill_sm90.cu"
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(258, 2), (129, 1), (10, 4), (7, 2)])
 def test_groups_the_kernels_do_not_hold_are_refused_by_name(heads, kv_heads):
-    """Past 16 query heads a kv head (Falcon-7B's 71, Falcon-180B's 29) or heads not a multiple
-    of the kv heads: a typed error naming the counts, before any GPU is asked."""
+    """Past 128 query heads a kv head, or query heads not a multiple of the kv heads: a
+    typed error naming the counts, before any GPU is asked."""
     from kvpager.kernels import check_group
 
     with pytest.raises(UnsupportedConfiguration, match=f"got {heads} query heads over {kv_heads} kv heads"):

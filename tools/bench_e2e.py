@@ -95,6 +95,10 @@ SHAPES = {
                num_key_value_heads=8, head_dim=64, vocab_size=128256),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, head_dim=128, vocab_size=128256),
+    # Qwen2.5-1.5B's layout: 28 layers, 12 query heads over 2 K/V heads of 128 (a GQA group of 6,
+    # not a power of two), q / k / v biases, a 151,936-token vocabulary
+    "q15": dict(family="Qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
     # heads 512 wide, as Gemma-4's full-attention layers' (a Llama of the 1b shape's size
     # otherwise): kvpager decodes them on CUDA cores and prefills them with two warps a query row
     "w512": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,

@@ -66,7 +66,7 @@ def cuda_core_rows(spec: Any, config: KernelConfig) -> int:
 
 
 def decode_layout(num_kv_heads: int, head_dim: int, itemsize: int, items: int, max_len: int,
-                  num_sms: int, config: KernelConfig) -> tuple[int, int]:
+                  num_sms: int, config: KernelConfig, group: int = 1) -> tuple[int, int]:
     """(kv heads per CTA, warps per head) for paged_decode_tc.cu. By default one head per CTA
     and 4 warps sharing its tiles; for short contexts (``config.decode_short_context``) whose
     one-head CTAs would fill every SM twice, 4 heads per CTA with one warp each (the same warps
@@ -75,9 +75,10 @@ def decode_layout(num_kv_heads: int, head_dim: int, itemsize: int, items: int, m
     ``decode_warps_per_head`` override; the heads per CTA are cut to a divisor of the kv heads
     whose two stages fit the shared-memory budget. Heads wider than 256 (`head_split`):
     each of these warps is two, each reading half of every row, so by default 2 warps
-    (pairs) per head (the same 4 warps a CTA)."""
+    (pairs) per head (the same 4 warps a CTA). A ``group`` of more than 16 query heads runs
+    in chunks of 16, a CTA each (`kernels.TC_GROUP`): one kv head a CTA."""
     split = head_split(head_dim)
-    hpc = config.decode_heads_per_cta
+    hpc = 1 if group > kernels.TC_GROUP else config.decode_heads_per_cta
     if hpc is None:
         short = max_len <= config.decode_short_context and items * num_kv_heads >= 2 * num_sms
         hpc = 4 if short else 1
@@ -118,7 +119,9 @@ def decode_shape(spec: Any, group: int, items: int, max_len: int, num_sms: int,
         defs = {**base, "SUBGROUP": gs, "CH": cuda_core_rows(spec, config)}
         return DecodeShape("paged_decode.cu", "paged_decode", defs, items * spec.num_kv_heads * (group // gs),
                            128, 0, False)
-    hpc, wph = decode_layout(spec.num_kv_heads, spec.head_dim, spec.itemsize, items, max_len, num_sms, config)
+    hpc, wph = decode_layout(spec.num_kv_heads, spec.head_dim, spec.itemsize, items, max_len, num_sms, config,
+                             group)
+    chunks = -(-group // kernels.TC_GROUP)  # CTAs a kv head's group is cut into
     split = head_split(spec.head_dim)
     stages = decode_stages(spec.head_dim, spec.itemsize, hpc * wph * split, config, max_len)
     defs = {**base, "GROUP": group, "STAGES": stages, "HPC": hpc, "WPH": wph}
@@ -126,8 +129,8 @@ def decode_shape(spec: Any, group: int, items: int, max_len: int, num_sms: int,
         defs["CP_L2_PREFETCH"] = config.decode_l2_prefetch
     if config.decode_l2_evict_first:
         defs["CP_EVICT_FIRST"] = 1
-    smem = decode_tc_smem(spec.head_dim, spec.itemsize, hpc * wph, stages, group)
-    return DecodeShape("paged_decode_tc.cu", "paged_decode_tc", defs, items * (spec.num_kv_heads // hpc),
+    smem = decode_tc_smem(spec.head_dim, spec.itemsize, hpc * wph, stages, min(group, kernels.TC_GROUP))
+    return DecodeShape("paged_decode_tc.cu", "paged_decode_tc", defs, items * (spec.num_kv_heads // hpc) * chunks,
                        32 * hpc * wph * split, smem, True)
 
 

@@ -131,10 +131,16 @@ def prefill_kernel(spec: Any, group: int, config: KernelConfig, cc: tuple[int, i
     "auto" and it applies; paged_prefill.cu otherwise."""
     choice = config.prefill_kernel
     why = wgmma_unsupported(spec, cc) if choice != "mma" else "not asked for"
+    if not why and group > wgmma_tiling(spec.head_dim, config).bm:
+        why = f"a group of {group} query heads exceeds its {wgmma_tiling(spec.head_dim, config).bm}-row tiles"
     if choice == "wgmma" and why:
         raise UnsupportedConfiguration(f"prefill_kernel='wgmma': {why}")
     if why:
         t, defs, smem = prefill_tiling(spec, group, config)
+        if group > t.bm:  # a tile holds whole query tokens
+            raise UnsupportedConfiguration(
+                f"a GQA group of {group} query heads exceeds the multi-token kernel's {t.bm}-row tiles "
+                f"at head dim {spec.head_dim}")
         return PrefillKernel("paged_prefill.cu", "paged_prefill", None, t, defs, smem,
                              128 * head_split(spec.head_dim))
     t = wgmma_tiling(spec.head_dim, config)
