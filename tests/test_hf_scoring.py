@@ -89,6 +89,26 @@ def test_a_shared_context_runs_once_and_is_found_again(monkeypatch):
     pool.check_integrity()
 
 
+def test_answers_to_a_shared_context_fit_a_pass_by_the_tokens_they_run(monkeypatch):
+    """The budget counts the tokens a prompt runs, not its length: four answers to a
+    30-token context, 66 tokens to run (its 24 shared tokens once), fit a budget of
+    70 in one pass though their lengths sum to 138; a second context's answers in the
+    next. Before, a group was cut by lengths: a pass a prompt."""
+    model = make_model("llama")
+    pool = _pool(model)
+    contexts = [prompt(30, seed=7), prompt(30, seed=8)]
+    answers = [prompt(n, seed=20 + n) for n in (3, 6, 4, 5)]
+    ps = [c + a for c in contexts for a in answers]
+    counted = Counted(monkeypatch)
+    got = score(model, pool, ps, 30, tokens_per_pass=70)
+    for p, g in zip(ps, got):
+        np.testing.assert_allclose(g, reference(model, p, 30), rtol=0, atol=2e-5)
+    per_context = len(ps[0]) + sum(len(p) - 24 for p in ps[1:4])
+    assert per_context <= 70 < sum(map(len, ps[:4]))
+    assert counted.passes == [per_context, per_context]
+    pool.check_integrity()
+
+
 def test_the_top_tokens_and_is_greedy():
     """``top=k``: each position's k most likely tokens and theirs (the plain forward
     pass's top-k), most likely first; ``top_ids[:, 0] == tokens`` is an evaluation's

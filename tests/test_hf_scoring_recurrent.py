@@ -95,6 +95,27 @@ def test_a_multiple_choice_context_runs_once_and_is_found_again(monkeypatch):
     assert_nothing_held(pool)
 
 
+def test_answers_to_a_context_share_passes_within_the_budget(monkeypatch):
+    """The budget counts the tokens a prompt runs: three answers to the 27-token
+    context run 32 + 6 + 12 = 50 tokens (lengths 98), so a budget of 60 takes them in
+    one call's waves, the answers' rows side by side in the same passes. Before, each
+    went alone (lengths over the budget), a row a pass."""
+    model = make("qwen3_5")
+    pool = _pool(model)
+    rows: list[int] = []
+    real = rows_module.RowPasses._pass
+
+    def counted(runner, ids, prompts, group, parts, *args):
+        rows.append(len(group))
+        return real(runner, ids, prompts, group, parts, *args)
+
+    monkeypatch.setattr(rows_module.RowPasses, "_pass", counted)
+    ps, starts = PROMPTS[:3], STARTS[:3]
+    assert_scores(model, score(model, pool, ps, starts, tokens_per_pass=60), ps, starts)
+    assert max(rows) == 3
+    assert_nothing_held(pool)
+
+
 def test_a_preamble_shared_by_several_contexts_runs_once(monkeypatch):
     """Two levels: a 16-token preamble shared by two questions, each with an 11-token
     context and two answers. The preamble runs once (the first prompt stops where the

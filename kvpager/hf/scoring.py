@@ -20,9 +20,12 @@ With ``top=k``, each position's k most likely tokens come too (`Scores`):
 (an evaluation's "is greedy").
 
 Passes are bounded by ``tokens_per_pass`` (tokens run and logits kept): prompts
-go in groups whose tokens fit one pass, one pass a group (the blocks a group
-shares are then written in its own pass); a prompt longer than that runs
-alone, in parts, each over the K/V of the parts before it.
+go in groups whose tokens to run fit one pass, one pass a group (the blocks a
+group shares are then written in its own pass); a prompt longer than that runs
+alone, in parts, each over the K/V of the parts before it. A prompt's tokens to
+run leave out the whole blocks, to the block boundary before its start, that an
+earlier prompt of the call begins with too (`_run_lengths`): those run once, with
+the first, so a call of many answers to a few long contexts goes in few passes.
 """
 
 from __future__ import annotations
@@ -82,7 +85,10 @@ def score(model: Any, pool: Any, prompts: Any = None, start: int | Sequence[int]
     kind = RowScorer if has_recurrent_layers(model) else _Scorer
     scorer = kind(model, pool, default_salt(model) if salt is None else salt, int(tokens_per_pass), k)
     out = [np.zeros((len(p) - s, 1 + 2 * k)) for p, s in zip(prompts, starts)]  # (`TokenLogprobs.of` rows)
-    for group in _groups([len(p) for p in prompts], tokens_per_pass):
+    # (a model that runs every prompt whole, holding no states: each prompt's every token)
+    shares = getattr(scorer, "held", True)
+    lens = _run_lengths(prompts, starts, pool.spec.block_size) if shares else [len(p) for p in prompts]
+    for group in _groups(lens, tokens_per_pass):
         scorer.run([prompts[i] for i in group], [starts[i] for i in group], [out[i] for i in group])
     if not k:
         return [o[:, 0].copy() for o in out]
@@ -106,6 +112,26 @@ def _starts(start: Any, prompts: list[list[int]]) -> list[int]:
             raise ValueError(f"start of prompt {i} must be an int from 1 (its first token has nothing before it "
                              f"to score it by) to its length {len(p)}, got {s!r}")
     return [int(s) for s in starts]
+
+
+def _run_lengths(prompts: list[list[int]], starts: list[int], bs: int) -> list[int]:
+    """The tokens each prompt runs at most: all but the whole blocks, up to the block
+    boundary before its start, that an earlier prompt begins with too (up to that
+    one's boundary): they run once, with the first (or come from the cache)."""
+    seen: set[int] = set()
+    out = []
+    for p, s in zip(prompts, starts):
+        hold = (s - 1) // bs * bs
+        key, shared, matching = 0, 0, True
+        for b in range(0, hold, bs):
+            key = hash((key, tuple(p[b : b + bs])))
+            if matching and key in seen:
+                shared = b + bs
+            else:
+                matching = False
+            seen.add(key)
+        out.append(len(p) - shared)
+    return out
 
 
 def _groups(lens: list[int], budget: int) -> list[list[int]]:
