@@ -381,6 +381,11 @@ def test_groups_past_the_multi_token_tiles_are_refused_by_name():
     assert prefill_kernel(spec, 64, DEFAULT, (8, 0)).defines["GROUP"] == 64
     # on Hopper the wgmma kernel's 128 rows hold it
     assert prefill_kernel(spec_of("bfloat16", None, 128, 16, 1), 71, DEFAULT, (9, 0)).file == "paged_prefill_sm90.cu"
+    # a decode step of such a group does not cascade (its own kernel takes any group)
+    from kvpager.backends.cupy_cascade import cascade_holds
+
+    assert not cascade_holds(spec, 71, DEFAULT, (8, 0)) and cascade_holds(spec, 64, DEFAULT, (8, 0))
+    assert cascade_holds(spec_of("bfloat16", None, 128, 16, 1), 71, DEFAULT, (9, 0))
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(258, 2), (129, 1), (10, 4), (7, 2)])

@@ -33,6 +33,7 @@ from kvpager.cascade import (
     query_rows,
     worth_it,
 )
+from kvpager.errors import UnsupportedConfiguration
 from kvpager.kernel_config import KernelConfig
 from kvpager.kernel_smem import cascade_smem
 from kvpager.launch import Launch, current_stream, i32, ptr
@@ -204,13 +205,26 @@ def cascade_applies(plan: Any, spec: Any, nseq: int) -> bool:
     return plan.rows == nseq
 
 
+def cascade_holds(spec: Any, group: int, config: KernelConfig, cc: tuple[int, int]) -> bool:
+    """Whether the shared-prefix kernel's tiles hold a query token's ``group`` heads
+    (up to 64 or 128 rows): past that a step does not cascade, whatever it asks."""
+    try:
+        cascade_kernel(spec, group, config, cc)
+    except UnsupportedConfiguration:
+        return False
+    return True
+
+
 def choose_cascade(plan: Any, num_q_heads: int, always: bool, host_bound: bool = False) -> Any:
     """The step's shared prefixes (`kvpager.cascade.SharedPrefixes`) when its
     attention is to cascade over them (``always``: whenever some are shared;
     else when `worth_it` / `multi_token_worth_it` says it pays; ``host_bound``:
     a decode step whose host sets the pace, from `HOST_BOUND_MIN_SAVED` bytes
-    spared a layer), else None."""
+    spared a layer), else None; None also where the kernel cannot hold the group
+    (`cascade_holds`)."""
     spec = plan.spec
+    if not cascade_holds(spec, num_q_heads // spec.num_kv_heads, plan.config, kernels.compute_capability(plan.device)):
+        return None  # (a decode runs its plain launches; a multi-token step's kernel refuses the group itself)
     ql = None if plan.decode else plan.query_lens
     found = find_shared_prefixes(plan.tables, plan.seq_lens, spec.block_size, query_lens=ql)
     if found is None or always:
