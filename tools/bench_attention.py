@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python tools/bench_attention.py [--json]
 
-bf16, 32 query heads over 8 kv heads, head dim 128, block size 16, block
+bf16, 32 query heads over 8 kv heads (--heads: others, e.g. 28/4), head dim 128, block size 16, block
 tables shuffled. Each case first checks the kernel's output against SDPA's
 (relative error), then times both with CUDA events on one stream (median of
 many calls, queued behind a GPU sleep so launch overhead stays out).
@@ -27,6 +27,7 @@ import argparse
 import datetime
 import json
 
+import attention_common as ac
 import cupy
 import numpy as np
 import torch
@@ -34,8 +35,6 @@ import torch.nn.functional as F
 from attention_common import (
     BS,
     DECODE_CASES,
-    HKV,
-    HQ,
     card,
     causal_sdpa,
     median_ms,
@@ -52,20 +51,20 @@ from kvpager.plan import make_plan
 
 def sinks_reference(q4: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                     sinks: torch.Tensor) -> torch.Tensor:
-    """Decode attention [B, HQ, head dim] in float32 with each head's sink as one more logit
+    """Decode attention [B, ac.HQ, head dim] in float32 with each head's sink as one more logit
     (dropped after the softmax), GQA by repeating the kv heads."""
-    rep = HQ // HKV
+    rep = ac.HQ // ac.HKV
     kf = k.float().repeat_interleave(rep, dim=1)
     vf = v.float().repeat_interleave(rep, dim=1)
     s = torch.einsum("bhqd,bhkd->bhqk", q4.float(), kf) * scale
-    s = torch.cat([s, sinks.view(1, HQ, 1, 1).expand(s.shape[0], HQ, s.shape[2], 1)], dim=-1)
+    s = torch.cat([s, sinks.view(1, ac.HQ, 1, 1).expand(s.shape[0], ac.HQ, s.shape[2], 1)], dim=-1)
     p = torch.softmax(s, dim=-1)[..., :-1]
     return torch.einsum("bhqk,bhkd->bhqd", p, vf).squeeze(2)
 
 
 def bench_sinks(batch: int, ctx: int, be, plan, q_cp, q4, kv, scale: float, out, plain_ms: float) -> dict:
     """The same decode plan with sinks: checked, timed (the call with sinks through the merge)."""
-    sinks = torch.linspace(-2.0, 6.0, HQ, device="cuda")
+    sinks = torch.linspace(-2.0, 6.0, ac.HQ, device="cuda")
     ref = sinks_reference(q4, kv[0], kv[1], scale, sinks)
     out[...] = cupy.nan if out.dtype != cupy.uint16 else 0x7FC0
     plan.attend(0, q_cp, scale, out, sinks=sinks)
@@ -82,15 +81,15 @@ def bench_decode(batch: int, ctx: int, peak: float | None,
     """Decode of `batch` x `ctx` for each variant (label, kernel config, num_splits), one SDPA baseline."""
     spec, be, tables, q_cp, kv = setup(batch, ctx, 1, head_dim)
     scale = head_dim**-0.5
-    q4 = tview(q_cp).unsqueeze(2)  # [B, HQ, 1, head dim]
+    q4 = tview(q_cp).unsqueeze(2)  # [B, ac.HQ, 1, head dim]
     ref = F.scaled_dot_product_attention(q4, kv[0], kv[1], scale=scale, enable_gqa=True)
     base = median_ms(lambda: F.scaled_dot_product_attention(q4, kv[0], kv[1], scale=scale, enable_gqa=True))
-    nbytes = batch * ctx * HKV * head_dim * 2 * 2
+    nbytes = batch * ctx * ac.HKV * head_dim * 2 * 2
     rows = []
     for label, config, splits in variants or [("", KernelConfig(), None)]:
         try:
             plan = make_plan(be, tables, np.full(batch, ctx, np.int32), np.ones(batch, np.int32),
-                             num_splits=splits, num_q_heads=HQ, config=config)
+                             num_splits=splits, num_q_heads=ac.HQ, config=config)
             out = cupy.empty_like(q_cp)
             out[...] = cupy.nan if out.dtype != cupy.uint16 else 0x7FC0
             plan.attend(0, q_cp, scale, out)
@@ -117,21 +116,21 @@ def bench_prefill(batch: int = 8, new: int = 1024, cached: int = 4096,
     ctx = cached + new
     spec, be, tables, q_cp, kv = setup(batch, ctx, new, head_dim)
     scale = head_dim**-0.5
-    q4 = tview(q_cp).view(batch, new, HQ, head_dim).transpose(1, 2)
+    q4 = tview(q_cp).view(batch, new, ac.HQ, head_dim).transpose(1, 2)
     sdpa = causal_sdpa(q4, kv, scale)
     ref = sdpa()
     base = median_ms(sdpa, iters=20)
     pairs = batch * (new * cached + new * (new + 1) // 2)
-    flops = 4 * head_dim * HQ * pairs
+    flops = 4 * head_dim * ac.HQ * pairs
     rows = []
     for label, config in variants or [("", KernelConfig())]:
         try:
             plan = make_plan(be, tables, np.full(batch, ctx, np.int32), np.full(batch, new, np.int32),
-                             num_q_heads=HQ, config=config)
+                             num_q_heads=ac.HQ, config=config)
             out = cupy.empty_like(q_cp)
             out[...] = cupy.nan if out.dtype != cupy.uint16 else 0x7FC0
             plan.attend(0, q_cp, scale, out)
-            err = rel_err(tview(out), ref.transpose(1, 2).reshape(batch * new, HQ, head_dim))
+            err = rel_err(tview(out), ref.transpose(1, 2).reshape(batch * new, ac.HQ, head_dim))
             assert err < 1e-2, f"prefill {label}: relative error {err}"
         except Exception as e:  # a broken variant is reported, the others still run
             if not label:
@@ -151,18 +150,18 @@ def bench_fp8(batch: int, ctx: int, kv_dtype: str, peak: float | None, head_dim:
     spec, be, tables, q_cp, kv = setup(batch, ctx, 1, head_dim)
     fmt, top = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}[kv_dtype]
     scale_kv = 8.0 / top  # the normal(0, 1) values stay below 8
-    spec8 = spec.replace(kv_dtype=f"float8_{kv_dtype}", kv_scales=[scale_kv] * (2 * HKV))
+    spec8 = spec.replace(kv_dtype=f"float8_{kv_dtype}", kv_scales=[scale_kv] * (2 * ac.HKV))
     be8 = CupyBackend(spec8, 0)
     stored = (tview(be.kv).float() / scale_kv).clamp(-top, top).to(fmt)
     torch.from_dlpack(be8.kv).copy_(stored.view(torch.uint8))
     deq = (stored.float() * scale_kv).to(torch.bfloat16)[torch.from_numpy(tables).long().cuda(), 0]
     nb = ctx // BS
-    kv8 = deq.permute(2, 0, 3, 1, 4, 5).reshape(2, batch, HKV, nb * BS, head_dim)
+    kv8 = deq.permute(2, 0, 3, 1, 4, 5).reshape(2, batch, ac.HKV, nb * BS, head_dim)
     scale = head_dim**-0.5
     q4 = tview(q_cp).unsqueeze(2)
     ref8 = F.scaled_dot_product_attention(q4, kv8[0], kv8[1], scale=scale, enable_gqa=True).squeeze(2)
     ref = F.scaled_dot_product_attention(q4, kv[0], kv[1], scale=scale, enable_gqa=True).squeeze(2)
-    plans = [make_plan(b, tables, np.full(batch, ctx, np.int32), np.ones(batch, np.int32), num_q_heads=HQ)
+    plans = [make_plan(b, tables, np.full(batch, ctx, np.int32), np.ones(batch, np.int32), num_q_heads=ac.HQ)
              for b in (be, be8)]
     outs = [cupy.full(q_cp.shape, 0x7FC0, dtype=q_cp.dtype) if q_cp.dtype == cupy.uint16
             else cupy.full(q_cp.shape, cupy.nan, dtype=q_cp.dtype) for _ in plans]
@@ -175,7 +174,7 @@ def bench_fp8(batch: int, ctx: int, kv_dtype: str, peak: float | None, head_dim:
         for i, (plan, out) in enumerate(zip(plans, outs)):
             times[i].append(median_ms(lambda plan=plan, out=out: plan.attend(0, q_cp, scale, out)))
     bf16_ms, fp8_ms = (float(np.median(t)) for t in times)
-    nbytes = batch * ctx * HKV * head_dim * 2  # one byte per value
+    nbytes = batch * ctx * ac.HKV * head_dim * 2  # one byte per value
     be.close()
     be8.close()
     return dict(case=f"decode {batch}x{ctx} fp8 {kv_dtype}", splits=plans[1].splits, rel_err=err8,
@@ -267,7 +266,10 @@ def main() -> None:
                     help="decode CTA layouts (kv heads per CTA, warps per head) against the "
                          "planner's choice, instead of --sweep's variants")
     ap.add_argument("--head-dim", type=int, default=128, help="head dim of every case (default 128)")
+    ap.add_argument("--heads", default=f"{ac.HQ}/{ac.HKV}",
+                    help="query / kv heads of every case, e.g. 28/4 (a GQA group of 7), 71/1 (default 32/8)")
     args = ap.parse_args()
+    ac.HQ, ac.HKV = map(int, args.heads.split("/"))
     d = args.head_dim
     cases = DECODE_CASES
     if args.cases:
@@ -295,7 +297,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(dict(card=name, date=date, rows=rows), indent=1))
         return
-    print(f"{name}, {date}; bf16, {HQ} q / {HKV} kv heads, head dim {d}, block size {BS}")
+    print(f"{name}, {date}; bf16, {ac.HQ} q / {ac.HKV} kv heads, head dim {d}, block size {BS}")
     print("| case | splits | kvpager ms | TB/s | % of datasheet | SDPA ms | SDPA TB/s | SDPA time / kvpager time |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
