@@ -109,6 +109,23 @@ def test_answers_to_a_shared_context_fit_a_pass_by_the_tokens_they_run(monkeypat
     pool.check_integrity()
 
 
+def test_a_group_the_cache_gives_less_than_counted_still_keeps_to_the_budget(monkeypatch):
+    """Where a group's prompts run more tokens than its grouping counted on (blocks
+    the cache dropped meanwhile; here the count is made too low), its passes are
+    cut again within the budget, in order, each prompt whole or in parts."""
+    from kvpager.hf import scoring
+
+    monkeypatch.setattr(scoring, "_run_lengths", lambda prompts, starts, bs: [1] * len(prompts))
+    model = make_model("llama")
+    pool = _pool(model)
+    counted = Counted(monkeypatch)
+    got = score(model, pool, PROMPTS, tokens_per_pass=16)
+    for p, g in zip(PROMPTS, got):
+        np.testing.assert_allclose(g, reference(model, p), rtol=0, atol=2e-5)
+    assert max(counted.passes) <= 16 and sum(counted.passes) == sum(map(len, PROMPTS))
+    pool.check_integrity()
+
+
 def test_the_top_tokens_and_is_greedy():
     """``top=k``: each position's k most likely tokens and theirs (the plain forward
     pass's top-k), most likely first; ``top_ids[:, 0] == tokens`` is an evaluation's

@@ -157,7 +157,8 @@ class _Scorer:
 
     def run(self, prompts: list[list[int]], starts: list[int], out: list[np.ndarray]) -> None:
         """One group: allocated up to the position before each start (what the cache
-        may give), the rest appended, run (one pass, or a lone prompt's parts),
+        may give), the rest appended, run (one pass; more where the cache gave less
+        than the grouping counted on, each within the budget; a lone prompt's parts),
         committed and freed."""
         cuts = [max(1, s - 1) for s in starts]
         allocs = self.pool.allocate([p[:c] for p, c in zip(prompts, cuts)], self.salt, share_in_batch=True)
@@ -170,13 +171,18 @@ class _Scorer:
             slots = [np.concatenate([np.asarray(a.slots, np.int64), more[e - r : e]])
                      for a, r, e in zip(allocs, rest, ends)]
             firsts = [a.num_cached_tokens for a in allocs]
-            if len(prompts) == 1:  # alone: in parts of at most the budget
-                p, a = prompts[0], firsts[0]
-                for b in range(a, len(p), self.budget):
-                    e = min(b + self.budget, len(p))
-                    self._pass(ids, [p], [starts[0]], [(b, e)], [slots[0][b - a : e - a]], out)
-            else:
-                self._pass(ids, prompts, starts, [(a, len(p)) for a, p in zip(firsts, prompts)], slots, out)
+            # (the group was cut by the tokens it would run; where the cache gave less, in more passes)
+            for part in _groups([len(p) - a for a, p in zip(firsts, prompts)], self.budget):
+                if len(part) == 1:  # alone: in parts of at most the budget
+                    [k] = part
+                    p, a = prompts[k], firsts[k]
+                    for b in range(a, len(p), self.budget):
+                        e = min(b + self.budget, len(p))
+                        self._pass([ids[k]], [p], [starts[k]], [(b, e)], [slots[k][b - a : e - a]], [out[k]])
+                else:
+                    self._pass([ids[k] for k in part], [prompts[k] for k in part], [starts[k] for k in part],
+                               [(firsts[k], len(prompts[k])) for k in part], [slots[k] for k in part],
+                               [out[k] for k in part])
             self.passes.commit(ids)
         finally:
             self.pool.free(ids)
