@@ -3,7 +3,8 @@
 Random-weight Llama-shaped models (Llama-3.2-1B: 16 layers, 32 q / 8 kv heads,
 head dim 64; Llama-3-8B: 32 layers, head dim 128) and ``mla``, a DeepSeek-V3
 model with DeepSeek-V2-Lite's latent attention (27 layers, 16 heads, q and k
-of 192 dims, v of 128; a dense MLP in every layer), bf16, greedy decoding (or,
+of 192 dims, v of 128; a dense MLP in every layer), ``q15`` (Qwen2.5-1.5B's layout: a GQA
+group of 6, not a power of two), bf16, greedy decoding (or,
 with ``--sample``, sampled: each side's own warpers and draw in its step) of
 prompts that share a system prompt; with ``--logprobs K``, every path also keeps
 each token's log-probability and the K most likely tokens' (the hf loop
