@@ -131,8 +131,8 @@ def prefill_kernel(spec: Any, group: int, config: KernelConfig, cc: tuple[int, i
     "auto" and it applies; paged_prefill.cu otherwise."""
     choice = config.prefill_kernel
     why = wgmma_unsupported(spec, cc) if choice != "mma" else "not asked for"
-    if not why and group > wgmma_tiling(spec.head_dim, config).bm:
-        why = f"a group of {group} query heads exceeds its {wgmma_tiling(spec.head_dim, config).bm}-row tiles"
+    if not why and group > (rows := wgmma_tiling(spec.head_dim, config).bm):
+        why = f"a group of {group} query heads exceeds its {rows}-row tiles"
     if choice == "wgmma" and why:
         raise UnsupportedConfiguration(f"prefill_kernel='wgmma': {why}")
     if why:
