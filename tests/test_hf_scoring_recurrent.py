@@ -116,6 +116,31 @@ def test_answers_to_a_context_share_passes_within_the_budget(monkeypatch):
     assert_nothing_held(pool)
 
 
+@pytest.mark.parametrize("pad", [None, True], ids=["parts", "padded"])
+def test_every_pass_keeps_to_the_budget_whatever_the_grouping_counted_on(pad, monkeypatch):
+    """Where a group's rows run more than its grouping counted on (a held state the
+    cache dropped; here the count is made too low: the whole call one group), each
+    pass is still cut to the budget, padding included: rows in chunks, a shared
+    length in parts of the budget, each row's parts in order."""
+    from kvpager.hf import scoring
+
+    monkeypatch.setattr(rows_module.RowPasses, "pad", pad)
+    monkeypatch.setattr(scoring, "_run_lengths", lambda prompts, starts, bs: [1] * len(prompts))
+    model = make("qwen3_5")
+    pool = _pool(model)
+    widths: list[int] = []
+    real = rows_module.RowPasses._pass
+
+    def counted(runner, ids, prompts, group, parts, *args):
+        widths.append(len(group) * max(b - a for a, b in parts))  # (padded to the longest)
+        return real(runner, ids, prompts, group, parts, *args)
+
+    monkeypatch.setattr(rows_module.RowPasses, "_pass", counted)
+    assert_scores(model, score(model, pool, PROMPTS, STARTS, tokens_per_pass=12))
+    assert max(widths) <= 12
+    assert_nothing_held(pool)
+
+
 def test_a_preamble_shared_by_several_contexts_runs_once(monkeypatch):
     """Two levels: a 16-token preamble shared by two questions, each with an 11-token
     context and two answers. The preamble runs once (the first prompt stops where the

@@ -290,7 +290,8 @@ class _RecurrentBeams:
 
     def __init__(self, model: Any, pool: Any, salt: Any, prompts: list[list[int]], beams: int):
         self.prompts, self.k = prompts, beams
-        self.runner = RowPasses(model, pool, salt, max(map(len, prompts), default=1))
+        # (a budget every prompt fits at once, padded: the prefill in as few passes as its lengths allow)
+        self.runner = RowPasses(model, pool, salt, len(prompts) * max(map(len, prompts), default=1))
         self.passes = self.runner.passes
         self.states: list[torch.Tensor] = []
 

@@ -75,6 +75,41 @@ def logits_rows(model: Any, batch: Any, input_ids: torch.Tensor, position_ids: t
     return out.logits
 
 
+def within(passes: list[tuple[int, list[int]]], lens: list[int], budget: int,
+           cut: bool = True) -> list[tuple[int, list[int]]]:
+    """``passes`` (a length their rows share, or 0: each row's segment of ``lens``
+    whole, left-padded to the longest) cut to at most ``budget`` tokens each, padding
+    included: rows in chunks, a longer shared length in parts of the budget, each
+    row's parts in order; a row whose whole segment is longer than the budget alone,
+    in parts of the budget where ``cut`` (a model that continues from held states).
+    A pass of rows from no state cut into chunks is still all from no state (each
+    chunk from a new cache), so the rows' next passes find every state."""
+    out: list[tuple[int, list[int]]] = []
+
+    def whole(chunk: list[int]) -> None:  # (a row alone and too long: in parts, where it may be cut)
+        n = lens[chunk[0]]
+        if cut and len(chunk) == 1 and n > budget:
+            out.extend((min(budget, n - b), chunk) for b in range(0, n, budget))
+        else:
+            out.append((0, chunk))
+
+    for length, members in passes:
+        if length == 0:
+            chunk: list[int] = []
+            for i in members:
+                if chunk and (len(chunk) + 1) * max(lens[i], *(lens[j] for j in chunk)) > budget:
+                    whole(chunk)
+                    chunk = []
+                chunk.append(i)
+            whole(chunk)
+            continue
+        for done in range(0, length, budget):
+            step = min(budget, length - done)
+            per = max(1, budget // step)
+            out += [(step, members[c : c + per]) for c in range(0, len(members), per)]
+    return out
+
+
 class RowPasses:
     """Passes of rows of a model with recurrent layers over a pool (the module
     docstring): segments of prompts from no state or from held states, each pass a
@@ -153,14 +188,15 @@ class RowPasses:
         rows), or (0, the rows) for one pass of each row's segment whole, left-padded
         (segments from no state where `pad` says, or where the model does not
         continue); `schedule`'s otherwise (every segment in the first where they start
-        from no state), a lone segment's cut to the budget where the model continues."""
+        from no state), a lone segment's cut to the budget where the model continues;
+        every pass within the budget (`within`)."""
         if len(lens) == 1 and self.continues:
             n = lens[0]
             return [(min(self.budget, n - b), [0]) for b in range(0, n, self.budget)]
         pad = self.pad if self.pad is not None else self.passes.device.type == "cuda"
         if not self.continues or (fresh and pad):
-            return [(0, list(range(len(lens))))]
-        return schedule(lens, first_whole=fresh)
+            return within([(0, list(range(len(lens))))], lens, self.budget, cut=self.continues)
+        return within(schedule(lens, first_whole=fresh), lens, self.budget)
 
     def _pass(self, ids: dict[int, int], prompts: list[list[int]], rows: list[Segment], parts: list[tuple[int, int]],
               cache: Any, wanted: Wanted, take: Take) -> None:
