@@ -220,11 +220,8 @@ def choose_cascade(plan: Any, num_q_heads: int, always: bool, host_bound: bool =
     attention is to cascade over them (``always``: whenever some are shared;
     else when `worth_it` / `multi_token_worth_it` says it pays; ``host_bound``:
     a decode step whose host sets the pace, from `HOST_BOUND_MIN_SAVED` bytes
-    spared a layer), else None; None also where the kernel cannot hold the group
-    (`cascade_holds`)."""
+    spared a layer), else None."""
     spec = plan.spec
-    if not cascade_holds(spec, num_q_heads // spec.num_kv_heads, plan.config, kernels.compute_capability(plan.device)):
-        return None  # (a decode runs its plain launches; a multi-token step's kernel refuses the group itself)
     ql = None if plan.decode else plan.query_lens
     found = find_shared_prefixes(plan.tables, plan.seq_lens, spec.block_size, query_lens=ql)
     if found is None or always:

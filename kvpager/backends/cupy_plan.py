@@ -25,7 +25,12 @@ import numpy as np
 from kvpager import kernels, validate
 from kvpager.attend_options import check_scale, check_softcap, check_window
 from kvpager.backends import cupy_plan_buffer as buffer
-from kvpager.backends.cupy_cascade import CascadeLaunch, cascade_applies, choose_cascade
+from kvpager.backends.cupy_cascade import (
+    CascadeLaunch,
+    cascade_applies,
+    cascade_holds,
+    choose_cascade,
+)
 from kvpager.backends.cupy_launches import (
     attention_launches,
     check_device_kind,
@@ -162,7 +167,11 @@ class CupyPlan(StepPlan):
     def _prepare(self, num_q_heads: int) -> list[Launch]:
         """Kernel, layout and launch cells for ``num_q_heads`` query heads (once per plan)."""
         if self._cascade_ok and self._shared is None:
-            self._shared = choose_cascade(self, num_q_heads, bool(self._cascade), self.host_bound)
+            # (a group the shared-prefix tiles cannot hold: a decode runs its plain launches, a
+            # multi-token step's kernel refuses the group itself)
+            group = num_q_heads // self.spec.num_kv_heads
+            if cascade_holds(self.spec, group, self.config, kernels.compute_capability(self.device)):
+                self._shared = choose_cascade(self, num_q_heads, bool(self._cascade), self.host_bound)
             self._cascade_ok = self._shared is not None
         launches, self.splits, keep, self._raw[num_q_heads], sink_cell = attention_launches(
             self, num_q_heads, self._shared)
