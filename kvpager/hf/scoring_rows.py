@@ -188,11 +188,8 @@ class RowPasses:
         rows), or (0, the rows) for one pass of each row's segment whole, left-padded
         (segments from no state where `pad` says, or where the model does not
         continue); `schedule`'s otherwise (every segment in the first where they start
-        from no state), a lone segment's cut to the budget where the model continues;
-        every pass within the budget (`within`)."""
-        if len(lens) == 1 and self.continues:
-            n = lens[0]
-            return [(min(self.budget, n - b), [0]) for b in range(0, n, self.budget)]
+        from no state); every pass within the budget (`within`: a lone segment in
+        parts of it where the model continues)."""
         pad = self.pad if self.pad is not None else self.passes.device.type == "cuda"
         if not self.continues or (fresh and pad):
             return within([(0, list(range(len(lens))))], lens, self.budget, cut=self.continues)
