@@ -13,6 +13,7 @@ Every pause is undone (SIGCONT) in a ``finally``; every wait is bounded."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -59,11 +60,20 @@ def url_of(servers) -> str:
 
 @contextlib.contextmanager
 def paused(server):
+    """``server`` paused (SIGSTOP) meanwhile, and this process's garbage collector
+    off: a full collection of everything the whole suite has loaded by then (torch,
+    transformers, hypothesis; 0.28 s for the 435k objects of the collection alone
+    on a 2-core VM, more later in the run) lands on whichever call allocates at the
+    moment, and one clean-clone run's get_many took 1.46 s against the 0.5 s bound,
+    every other call ~0.1 s, passing alone every time."""
+    gc.collect()
+    gc.disable()
     os.kill(server.proc.pid, signal.SIGSTOP)
     try:
         yield
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
+        gc.enable()
 
 
 def owner(servers, key: str):
@@ -97,23 +107,33 @@ def cold_lookup(cold, url: str, keys, out, sizes, tries: int = 3) -> float:
     node it asks for the slot map or its command table meeting the paused one
     more than once. A lookup that paid a timeout per key (1.4-2.2 s before the
     bound) would fail every try."""
-    best = timed(lambda: cold.get_into(keys, out, sizes))
+    best = timed(lambda: cold.get_into(keys, out, sizes), tries=1)
     for _ in range(tries - 1):
         if best < BOUND:
             break
         other = open_store(url, timeout=TIMEOUT)
         try:
-            best = min(best, timed(lambda store=other: store.get_into(keys, out, sizes)))
+            best = min(best, timed(lambda store=other: store.get_into(keys, out, sizes), tries=1))
         finally:
             other.close()
     return best
 
 
-def timed(fn):
-    t0 = time.monotonic()
-    with pytest.raises(StoreError):
-        fn()
-    return time.monotonic() - t0
+def timed(fn, tries: int = 3) -> float:
+    """Seconds of ``fn()``, which fails with `StoreError`: the fastest of up to
+    ``tries`` calls where the first passes the bound (each call after a failed one
+    starts the same way: it reads the slot map again). A store that paid a timeout
+    per key (1.4-2.2 s before the bound) fails every try; a stall of the loaded
+    host (its other processes, a thread not scheduled) does not come back."""
+    best = float("inf")
+    for _ in range(tries):
+        t0 = time.monotonic()
+        with pytest.raises(StoreError):
+            fn()
+        best = min(best, time.monotonic() - t0)
+        if best < BOUND:
+            break
+    return best
 
 
 def test_a_paused_master_costs_one_timeout_per_call_not_one_per_key(nodes):
