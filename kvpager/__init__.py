@@ -33,6 +33,7 @@ from kvpager.errors import (
     UnknownOp,
     UnknownSequence,
     UnsupportedConfiguration,
+    UnsupportedModel,
     VersionMismatch,
 )
 from kvpager.events import EventSink
@@ -93,6 +94,7 @@ __all__ = [
     "UnknownOp",
     "UnknownSequence",
     "UnsupportedConfiguration",
+    "UnsupportedModel",
     "VersionMismatch",
     "__version__",
 ]

@@ -131,6 +131,18 @@ class UnsupportedConfiguration(KVPagerError):
     code = "unsupported"
 
 
+class UnsupportedModel(UnsupportedConfiguration, ValueError):
+    """A transformers model `kvpager.hf` cannot serve exactly: layers it does not
+    attend (bidirectional, unknown kinds, recurrent ones whose states it cannot
+    move), attention outside transformers' attention interface or more than once
+    a layer, position biases (ALiBi), attention arguments it does not honour.
+    The message names the model and the reason. Refused before anything is
+    allocated, or with what the failed pass allocated freed; a ValueError, as
+    these refusals always were. Raised in the model's process, never sent."""
+
+    code = "unsupported_model"
+
+
 class BackendUnavailable(KVPagerError):
     """The requested device cannot be used here (no CUDA, no CuPy, ...)."""
 
@@ -208,6 +220,7 @@ ERRORS_BY_CODE: dict[str, type[KVPagerError]] = {
         NotOwner,
         NotPinned,
         UnsupportedConfiguration,
+        UnsupportedModel,
         BackendUnavailable,
         IntegrityError,
         ProtocolError,

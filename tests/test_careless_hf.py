@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 from test_hf_models import make_model, one_thread, prompt, reference  # noqa: E402, F401
 
 from kvpager import KVPool, OutOfBlocks  # noqa: E402
+from kvpager.errors import InvalidArgument, UnsupportedModel  # noqa: E402
 from kvpager.hf import PagedGeneration, generate, spec_for_model  # noqa: E402
 
 
@@ -55,12 +56,12 @@ def test_a_model_in_training_mode_with_dropout_is_refused():
     model = make_model("phi3", resid_pdrop=0.3).train()
     ids = prompt(20, 4)
     pool = _pool(model)
-    with pytest.raises(ValueError, match=r"training mode with dropout \(.*p=0.3.*model.eval\(\)"):
+    with pytest.raises(UnsupportedModel, match=r"training mode with dropout \(.*p=0.3.*model.eval\(\)"):
         generate(model, pool, [ids], 6)
     _empty(pool)
     assert generate(model.eval(), pool, [ids], 6) == [reference(model, ids, 6)]
     model = make_model("starcoder2", residual_dropout=0.1).train()
-    with pytest.raises(ValueError, match=r"config.residual_dropout=0.1"):
+    with pytest.raises(UnsupportedModel, match=r"config.residual_dropout=0.1"):
         generate(model, _pool(model), [ids], 2)
     model = make_model("llama").train()  # no dropout anywhere
     assert generate(model, _pool(model), [ids], 4) == [reference(model.eval(), ids, 4)]
@@ -72,7 +73,7 @@ def test_a_model_without_its_lm_head_is_refused():
     AttributeError: 'BaseModelOutputWithPast' object has no attribute 'logits'."""
     model = make_model("llama")
     pool = _pool(model)
-    with pytest.raises(ValueError, match="LlamaModel has no language-model head.*AutoModelForCausalLM"):
+    with pytest.raises(UnsupportedModel, match="LlamaModel has no language-model head.*AutoModelForCausalLM"):
         generate(model.model, pool, [prompt(5, 1)], 2)
     _empty(pool)
 
@@ -88,7 +89,7 @@ def test_step_after_close_is_refused_by_name(pipeline):
     gen.close()
     gen.close()  # twice: nothing more
     outputs = [list(o) for o in gen.outputs]
-    with pytest.raises(ValueError, match="closed"):
+    with pytest.raises(InvalidArgument, match="closed"):
         gen.step()
     assert gen.outputs == outputs
     _empty(pool)
@@ -148,6 +149,6 @@ def test_a_1d_tensor_of_end_tokens_is_taken_as_their_list():
     assert by_list == full[: full.index(stop) + 1]
     for ids in (torch.tensor([stop, 10**6]), torch.tensor([stop], dtype=torch.int32)):
         assert generate(model, pool, [p], 8, eos_token_id=ids) == [by_list]
-    with pytest.raises(ValueError, match="eos_token_id must be"):  # float ids stay refused
+    with pytest.raises(InvalidArgument, match="eos_token_id must be"):  # float ids stay refused
         generate(model, pool, [p], 8, eos_token_id=torch.tensor([float(stop)]))
     _empty(pool)

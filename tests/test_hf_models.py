@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from kvpager import KVPool  # noqa: E402
+from kvpager.errors import InvalidArgument  # noqa: E402
 from kvpager.hf import (  # noqa: E402
     PagedGeneration,
     default_salt,
@@ -250,7 +251,7 @@ def test_chunks_and_position_scaling_matter_here():
 
 def test_a_chunk_the_block_size_does_not_divide_is_refused():
     model = make_model("llama4", attention_chunk_size=24)
-    with pytest.raises(ValueError, match="block size that divides"):
+    with pytest.raises(InvalidArgument, match="block size that divides"):
         generate(model, KVPool(spec_for_model(model, num_blocks=16, block_size=16)), [prompt(4, 1)], 2)
     tokens = prompt(40, 1)  # past two chunk starts, neither on a 16-token block's boundary
     assert generate(model, KVPool(spec_for_model(model, num_blocks=16, block_size=8)), [tokens], 12) == \

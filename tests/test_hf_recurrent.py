@@ -22,6 +22,7 @@ if not hasattr(__import__("transformers.cache_utils").cache_utils, "LinearAttent
 from test_hf_models import assert_tokens_vary  # noqa: E402
 
 from kvpager import KVPool  # noqa: E402
+from kvpager.errors import InvalidArgument, UnsupportedModel  # noqa: E402
 from kvpager.hf import generate, spec_for_model  # noqa: E402
 from kvpager.hf.recurrent import has_recurrent_layers  # noqa: E402
 from kvpager.sizing import NO_KV_KINDS  # noqa: E402
@@ -226,7 +227,7 @@ def test_attention_shared_across_layers_is_told_its_layer(family, monkeypatch):
     [a] = pool.allocate([p], "by hand")
     batch = PagedBatch(pool.plan([a.seq_id], [5], a.slots), torch.float32, torch.device("cpu"), layers=layer_map(model))
     _set_attn(model, "kvpager")
-    with torch.inference_mode(), pytest.raises(ValueError, match="did not say which layer"):
+    with torch.inference_mode(), pytest.raises(UnsupportedModel, match="did not say which layer"):
         paged_forward(model, batch, torch.tensor([p]), torch.arange(5)[None])
     pool.free([a.seq_id])
 
@@ -268,11 +269,11 @@ def test_a_packed_row_is_refused():
     slots = torch.cat([torch.as_tensor(a.slots), torch.as_tensor(b.slots)]).numpy()
     batch = PagedBatch(pool.plan([a.seq_id, b.seq_id], [4, 5], slots), torch.float32, torch.device("cpu"))
     ids = torch.tensor([prompts(4, 5)[0] + prompts(4, 5)[1]])
-    with paged_attention(model), torch.inference_mode(), pytest.raises(ValueError, match="recurrent layers"):
+    with paged_attention(model), torch.inference_mode(), pytest.raises(UnsupportedModel, match="recurrent layers"):
         paged_forward(model, batch, ids, torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]]))
     q = torch.zeros(2, 4, 3, 16)
     for k in (q[:1, :2], q[:, :2, :2]):
-        with pytest.raises(ValueError, match="as many new tokens each"):
+        with pytest.raises(InvalidArgument, match="as many new tokens each"):
             kvpager_attention(model.model.layers[3].self_attn, q, k, k, None, kvpager=batch)
     pool.free([a.seq_id, b.seq_id])
 
@@ -372,6 +373,6 @@ def test_recurrent_layers_that_keep_their_states_in_their_modules_are_refused():
     eos, _ = ending_early(model, ps, 6, [(1, 1), (3, 3)])
     pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
     assert pool.spec.num_layers == 1 == config_geometry(json.loads(config.to_json_string()))["num_layers"]
-    with pytest.raises(ValueError, match="keep their states outside transformers' cache"):
+    with pytest.raises(UnsupportedModel, match="keep their states outside transformers' cache"):
         generate(model, pool, ps, max_new_tokens=6, eos_token_id=eos)
     assert_nothing_held(pool)

@@ -22,6 +22,7 @@ from test_hf_models import (  # noqa: E402, F401
 )
 
 from kvpager import KVPool  # noqa: E402
+from kvpager.errors import InvalidArgument, UnsupportedModel  # noqa: E402
 from kvpager.hf import (  # noqa: E402
     PagedBatch,
     generate,
@@ -35,7 +36,7 @@ from kvpager.hf import (  # noqa: E402
 
 def test_bidirectional_layers_are_refused():
     model = make_model("gemma3", use_bidirectional_attention=True)
-    with pytest.raises(ValueError, match="bidirectional"):
+    with pytest.raises(UnsupportedModel, match="bidirectional"):
         generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
 
 
@@ -54,17 +55,17 @@ def test_the_model_checks_walk_every_module_as_modules_does():
     assert modules_of(model) == list(model.modules())
     model.model.layers[1].mlp.register_module("drop", torch.nn.Dropout(0.1))
     model.train()
-    with pytest.raises(ValueError, match="dropout"):
+    with pytest.raises(UnsupportedModel, match="dropout"):
         generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
 
 
 def test_other_layer_kinds_are_refused():
     model = make_model("qwen2")
     model.config.layer_types = [FULL, "linear_attention", FULL, FULL]
-    with pytest.raises(ValueError, match="linear_attention"):
+    with pytest.raises(UnsupportedModel, match="linear_attention"):
         generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
     model.config.layer_types = [FULL, "chunked_attention", FULL, FULL]  # and no attention_chunk_size
-    with pytest.raises(ValueError, match="attention_chunk_size is None"):
+    with pytest.raises(UnsupportedModel, match="attention_chunk_size is None"):
         generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
 
 
@@ -76,7 +77,7 @@ def test_position_scaling_outside_kvpager_hf_is_refused():
     (alloc,) = pool.allocate([prompt(4, 1)], "by-hand")
     batch = PagedBatch(pool.plan([alloc.seq_id], [4], alloc.slots), torch.float32, torch.device("cpu"))
     model.config._attn_implementation = "kvpager"
-    with pytest.raises(ValueError, match="scales its queries by positions"), torch.no_grad():
+    with pytest.raises(UnsupportedModel, match="scales its queries by positions"), torch.no_grad():
         model(input_ids=torch.tensor([prompt(4, 1)]), position_ids=torch.arange(4)[None], use_cache=False,
               kvpager=batch)
 
@@ -86,11 +87,11 @@ def test_unknown_kv_sharing_is_refused():
     which (Gemma-3n's sharing, served, needs them), or in a chain."""
     model = make_model("llama")
     model.config.num_kv_shared_layers = 2
-    with pytest.raises(ValueError, match="num_kv_shared_layers"):
+    with pytest.raises(UnsupportedModel, match="num_kv_shared_layers"):
         generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
     model = make_model("gemma3n")
     model.config.kv_source_layers = [0, 1, 2, 3, 1, 4]  # layer 5 would reuse layer 4, which reuses
-    with pytest.raises(ValueError, match="reuse an earlier layer that stores"):
+    with pytest.raises(UnsupportedModel, match="reuse an earlier layer that stores"):
         layer_map(model)
 
 
@@ -125,7 +126,7 @@ def test_families_that_attend_twice_a_layer_are_refused(family):
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**extra)).eval()
     pool = KVPool(spec_for_model(model, num_blocks=32, block_size=8))
-    with pytest.raises(ValueError, match=f"{model_cls}.*more than once a layer"):
+    with pytest.raises(UnsupportedModel, match=f"{model_cls}.*more than once a layer"):
         generate(model, pool, [prompt(11, 1)], 3, eos_token_id=None)
     assert pool.stats().num_sequences == 0 and pool.stats().used_blocks == 0
     pool.check_integrity()
@@ -140,7 +141,7 @@ def test_families_that_attend_by_themselves_are_refused(family):
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(vocab_size=VOCAB, **extra)).eval()
     pool = KVPool(spec_for_model(model, num_blocks=32, block_size=8))
-    with pytest.raises(ValueError, match=f"{model_cls}.*attention interface"):
+    with pytest.raises(UnsupportedModel, match=f"{model_cls}.*attention interface"):
         generate(model, pool, [prompt(11, 1), prompt(4, 2)], 3, eos_token_id=None)
     assert pool.stats().num_sequences == 0 and pool.stats().used_blocks == 0  # nothing left behind
     pool.check_integrity()
@@ -157,14 +158,14 @@ def test_alibi_is_refused_by_name(multi_query):
                                        alibi=True, multi_query=multi_query)
     model = transformers.FalconForCausalLM(config).eval()
     pool = KVPool(spec_for_model(model, num_blocks=32, block_size=8))
-    with pytest.raises(ValueError, match=r"FalconForCausalLM adds ALiBi position biases .*config.alibi=True"):
+    with pytest.raises(UnsupportedModel, match=r"FalconForCausalLM adds ALiBi position biases .*config.alibi=True"):
         generate(model, pool, [prompt(11, 1), prompt(4, 2)], 3, eos_token_id=None)
     assert pool.stats().num_sequences == 0 and pool.stats().used_blocks == 0
     # straight through paged_forward (no check_model): the same reason, not another
     p = prompt(5, 1)
     [a] = pool.allocate([p], "by hand")
     batch = PagedBatch(pool.plan([a.seq_id], [5], a.slots), torch.float32, torch.device("cpu"))
-    with paged_attention(model), torch.inference_mode(), pytest.raises(ValueError, match="ALiBi position biases"):
+    with paged_attention(model), torch.inference_mode(), pytest.raises(UnsupportedModel, match="ALiBi position biases"):
         paged_forward(model, batch, torch.tensor([p]), torch.arange(5)[None])
     pool.free([a.seq_id])
     pool.check_integrity()
@@ -187,7 +188,7 @@ def test_attention_that_does_not_follow_the_pools_config_is_named(family):
     model = getattr(transformers, cls[family][1])(config).eval()
     pool = KVPool(spec_for_model(model, num_blocks=32, block_size=8))
     assert pool.spec.num_kv_heads == 2
-    with pytest.raises(ValueError, match=r"layer 0's attention makes K/V of 4 heads x \d+ dims, where the pool "
+    with pytest.raises(InvalidArgument, match=r"layer 0's attention makes K/V of 4 heads x \d+ dims, where the pool "
                                          r"holds \d heads.*does not follow.*\(here 4 K/V heads\)"):
         generate(model, pool, [prompt(11, 1), prompt(4, 2)], 3, eos_token_id=None)
     assert pool.stats().num_sequences == 0 and pool.stats().used_blocks == 0
@@ -196,7 +197,7 @@ def test_attention_that_does_not_follow_the_pools_config_is_named(family):
 
 def test_dropout_in_training_mode_is_refused():
     model = make_model("llama", attention_dropout=0.1).train()
-    with pytest.raises(ValueError, match="dropout"):
+    with pytest.raises(UnsupportedModel, match="dropout"):
         generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
 
 
@@ -217,20 +218,20 @@ def _call(q_len=3, k_len=3, d=16, dv=16, dk=None, v_heads=2, **kwargs):
                                         ("output_attentions", True), ("is_causal", False),
                                         ("cu_seq_lens_q", torch.zeros(2))])
 def test_unhonoured_attention_arguments_are_refused_by_name(name, value):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(UnsupportedModel, match=name):
         _call(**{name: value})
 
 
 def test_cross_attention_mismatched_heads_and_foreign_windows_are_refused():
     """v may differ from q and k in head dim (latent attention: padded, the families above),
     q and k may not, nor k and v in heads."""
-    with pytest.raises(ValueError, match="cross-attention"):
+    with pytest.raises(UnsupportedModel, match="cross-attention"):
         _call(k_len=5)
-    with pytest.raises(ValueError, match="q and k of one head dim"):
+    with pytest.raises(UnsupportedModel, match="q and k of one head dim"):
         _call(dk=8)
-    with pytest.raises(ValueError, match="q and k of one head dim"):
+    with pytest.raises(UnsupportedModel, match="q and k of one head dim"):
         _call(v_heads=4)
-    with pytest.raises(ValueError, match="sliding_window=4"):
+    with pytest.raises(UnsupportedModel, match="sliding_window=4"):
         _call(sliding_window=4)  # the layer's planned window is None
 
 
@@ -241,7 +242,7 @@ def test_arguments_that_change_no_attention_pass():
 
     q, kv = torch.zeros(1, 4, 3, 16), torch.zeros(1, 2, 3, 16)
     check_call(0, q, kv, kv, 0.0, ABSENT, None, {"logits_to_keep": torch.tensor([0, 2]), "use_cache": False})
-    with pytest.raises(ValueError, match="head_mask"):
+    with pytest.raises(UnsupportedModel, match="head_mask"):
         check_call(0, q, kv, kv, 0.0, ABSENT, None, {"logits_to_keep": 1, "head_mask": torch.ones(4)})
 
 
@@ -258,7 +259,7 @@ def test_careless_generate_arguments_are_refused_before_anything_is_allocated(ar
     model = make_model("llama")
     pool = KVPool(spec_for_model(model, num_blocks=16))
     before = pool.stats()
-    with pytest.raises(ValueError, match=needle):
+    with pytest.raises(InvalidArgument, match=needle):
         generate(model, pool, *args)
     assert pool.stats() == before
     pool.check_integrity()
@@ -267,7 +268,7 @@ def test_careless_generate_arguments_are_refused_before_anything_is_allocated(ar
 def test_an_eos_that_is_no_token_id_is_refused_by_name():
     model = make_model("llama")
     pool = KVPool(spec_for_model(model, num_blocks=16))
-    with pytest.raises(ValueError, match="eos_token_id must be"):
+    with pytest.raises(InvalidArgument, match="eos_token_id must be"):
         generate(model, pool, [prompt(4, 1)], 2, eos_token_id="x")
     assert generate(model, pool, [prompt(4, 1)], 2, eos_token_id=[VOCAB - 1, VOCAB - 2]) == \
         generate(model, pool, [prompt(4, 1)], 2)  # a list of ids is taken

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
-from kvpager.errors import InvalidArgument, KVPagerError
+from kvpager.errors import InvalidArgument, KVPagerError, UnsupportedModel
 from kvpager.hf.compiled import HAS_OP, current, is_compiling, running
 from kvpager.hf.compiled import write_attend as _write_attend_op
 from kvpager.hf.fitting import fit_layer, pool_mismatch
@@ -150,7 +150,7 @@ def kvpager_attention(
     rows, tokens = query.shape[0], query.shape[2]
     if rows != 1:  # rows of equal length, each a sequence's new tokens (`kvpager.hf.recurrent`): packed
         if key.shape[0] != rows or value.shape[0] != rows or key.shape[2] != tokens or value.shape[2] != tokens:
-            raise ValueError(f"kvpager attention takes one packed row, or rows of as many new tokens each, got "
+            raise InvalidArgument(f"kvpager attention takes one packed row, or rows of as many new tokens each, got "
                              f"q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)}")
         query, key, value = (x.transpose(1, 2).reshape(1, rows * tokens, x.shape[1], x.shape[3]).transpose(1, 2)
                              for x in (query, key, value))
@@ -160,7 +160,7 @@ def kvpager_attention(
     # (a module shared by several layers is told its layer at each call: `kvpager.hf.switching`)
     layer = module.layer_idx if kvpager_layer is None else kvpager_layer
     if layer is None or layer < 0:
-        raise ValueError(f"{type(module).__name__} is shared by several layers (layer_idx {layer}), and this call "
+        raise UnsupportedModel(f"{type(module).__name__} is shared by several layers (layer_idx {layer}), and this call "
                          "did not say which layer it attends for: run the model through kvpager.hf (generate, "
                          "paged_attention), which has each call pass its layer on")
     if batch.windows is not None:
@@ -178,7 +178,7 @@ def kvpager_attention(
     own = module.__dict__  # (a plain dict's lookups: an nn.Module's getattr of a missing name costs ~1 us)
     tuning = own.get("_kvpager_tuning")
     if tuning is None and own.get("attn_temperature_tuning") and temperature_tuned(module):
-        raise ValueError(f"layer {layer} scales its queries by positions it counts from its own cache, which "
+        raise UnsupportedModel(f"layer {layer} scales its queries by positions it counts from its own cache, which "
                          "kvpager's packed row does not have; run the model through kvpager.hf (generate, "
                          "paged_attention), which has kvpager apply that scaling")
     dv = value.shape[3]
@@ -293,7 +293,7 @@ def check_packable(model: Any, batch: PagedBatch) -> None:
     plan = batch.plan
     if has_recurrent_layers(model) and not (plan.num_seqs == 1
                                             and int(plan.query_lens[0]) == int(plan.seq_lens[0])):
-        raise ValueError(f"{type(model).__name__} has recurrent layers (layer_types "
+        raise UnsupportedModel(f"{type(model).__name__} has recurrent layers (layer_types "
                          f"{sorted(set(text_config(model).layer_types))}): one packed row cannot carry its "
                          "sequences; run it through kvpager.hf.generate / PagedGeneration (kvpager.hf.recurrent)")
 
@@ -321,7 +321,7 @@ def run_pass(model: Any, batch: PagedBatch, fn: Any, input_ids: torch.Tensor, po
                     or has_recurrent_layers(model)):  # (a served model: its recurrent layers run first)
                 raise
             check_position_bias(model)  # (its reason first, where it is the one: ALiBi Falcon)
-            raise ValueError(f"{type(model).__name__} failed under kvpager attention ({type(e).__name__}: {e}); "
+            raise UnsupportedModel(f"{type(model).__name__} failed under kvpager attention ({type(e).__name__}: {e}); "
                              + _NOT_SERVED) from e
     check_layers_ran(model, batch)
     return out
@@ -355,11 +355,11 @@ def check_layers_ran(model: Any, batch: PagedBatch) -> None:
         return
     distinct = bin(batch.layers_seen).count("1")
     if ran > distinct:  # a layer attended twice: its second K/V would overwrite the first's
-        raise ValueError(
+        raise UnsupportedModel(
             f"{type(model).__name__}: {ran} attention calls in one pass over {distinct} of its {layers} layers; "
             "it attends more than once a layer (recurrent loops over its layers, differential attention), and "
             "kvpager holds one K/V per layer and token: run this model with its own cache")
-    raise ValueError(
+    raise UnsupportedModel(
         f"{type(model).__name__}: {distinct} of its {attending} attention layers attended through kvpager in this "
         "pass; " + _NOT_SERVED)
 

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvpager.errors import InvalidArgument
 from kvpager.hf.attention import paged_attention, run_pass
 from kvpager.hf.eager import EagerPasses
 from kvpager.hf.model import check_model_and_pool, end_tokens, has_recurrent_layers
@@ -75,17 +76,17 @@ def beam_search(model: Any, pool: Any, prompts: Any = None, max_new_tokens: int 
     check_model_and_pool(model, pool)
     prompts = token_lists(prompts_given(prompts, input_ids), model, attention_mask)
     if not is_int(max_new_tokens) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        raise InvalidArgument(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if not is_int(num_beams) or num_beams < 1:
-        raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+        raise InvalidArgument(f"num_beams must be an int >= 1, got {num_beams!r}")
     if not is_int(num_return_sequences) or not 1 <= num_return_sequences <= num_beams:
-        raise ValueError(f"num_return_sequences must be an int from 1 to num_beams ({num_beams}), "
+        raise InvalidArgument(f"num_return_sequences must be an int from 1 to num_beams ({num_beams}), "
                          f"got {num_return_sequences!r}")
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
             or not np.isfinite(length_penalty):
-        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
+        raise InvalidArgument(f"length_penalty must be a finite number, got {length_penalty!r}")
     if early_stopping not in (False, True, "never") or early_stopping is None:
-        raise ValueError(f"early_stopping must be False, True or 'never', got {early_stopping!r}")
+        raise InvalidArgument(f"early_stopping must be False, True or 'never', got {early_stopping!r}")
     if isinstance(eos_token_id, str) and eos_token_id == "model":
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     search = _Search(model, pool, prompts, int(max_new_tokens), int(num_beams), float(length_penalty),
@@ -106,7 +107,7 @@ def beams_for_generate(model: Any, pool: Any, prompts: Any, max_new_tokens: Any,
     ``refused``) is refused by name."""
     given = sorted(name for name, value in refused.items() if value is not None)
     if given:
-        raise ValueError(f"generate with num_beams={num_beams!r} takes no {', '.join(given)}: beam search here "
+        raise InvalidArgument(f"generate with num_beams={num_beams!r} takes no {', '.join(given)}: beam search here "
                          "is greedy, without log-probabilities or stop sequences (kvpager.hf.beam_search)")
     found = beam_search(model, pool, prompts, max_new_tokens, num_beams, 1, length_penalty, early_stopping,
                         eos_token_id, salt, input_ids=input_ids, attention_mask=attention_mask)
@@ -125,7 +126,7 @@ def config_beams(model: Any) -> tuple[int, dict[str, Any]]:
     if beams == 1 or getattr(config, "do_sample", False):
         return 1, {}  # (sampled beams: Sampling.from_model refuses them by name)
     if Sampling.from_model(model) is not None:
-        raise ValueError(f"the model's generation config asks for a beam search (num_beams={beams}) with logits "
+        raise InvalidArgument(f"the model's generation config asks for a beam search (num_beams={beams}) with logits "
                          "processors (penalties, biases, min_new_tokens), which kvpager's beam search does not "
                          "apply: call kvpager.hf.beam_search for the beams alone")
     penalty = getattr(config, "length_penalty", None)

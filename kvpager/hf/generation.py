@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 # Re-exported: this module was their home, and `clients/kvpager_hf.py` is this module object.
+from kvpager.errors import InvalidArgument
 from kvpager.hf.attention import (  # noqa: F401
     ATTN_IMPLEMENTATION,
     PagedBatch,
@@ -189,16 +190,16 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         self._width = min(-(-longest // self.pool.spec.block_size), self.pool.spec.num_blocks)
         if self.compile:
             if not self.cuda_graphs:
-                raise ValueError("compile=True compiles the captured decode step: it needs cuda_graphs=True")
+                raise InvalidArgument("compile=True compiles the captured decode step: it needs cuda_graphs=True")
             from kvpager.hf.compiled import HAS_OP
 
             if not HAS_OP:
-                raise ValueError(f"compile=True needs torch >= 2.4 (torch.library.custom_op), got {torch.__version__}")
+                raise InvalidArgument(f"compile=True needs torch >= 2.4 (torch.library.custom_op), got {torch.__version__}")
             if importlib.util.find_spec("triton") is None:  # say so now, not at the first capture
-                raise ValueError("compile=True needs triton, torch.compile's GPU code generator: pip install triton")
+                raise InvalidArgument("compile=True needs triton, torch.compile's GPU code generator: pip install triton")
         if self.cuda_graphs:
             if not pool_device.startswith("cuda") or self._device.type != "cuda":
-                raise ValueError("cuda_graphs needs the model and the pool on a CUDA device")
+                raise InvalidArgument("cuda_graphs needs the model and the pool on a CUDA device")
             from kvpager.hf.graphs import DecodeGraphs
 
             self._graphs = DecodeGraphs(self.model, self.pool, self._batch, self._width, cascade=self.cascade,
@@ -242,7 +243,7 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         (its sequences are freed; before, the pool's UnknownSequence said only
         that an id was unknown)."""
         if self._closed:
-            raise ValueError("step: this PagedGeneration is closed (its sequences were freed); make a new one")
+            raise InvalidArgument("step: this PagedGeneration is closed (its sequences were freed); make a new one")
         if self._recurrent is not None and self._recurrent.broken:
             raise ValueError("step: a decode pass of this model failed part-way through its recurrent layers, "
                              "which had already advanced their states in place; the generation cannot go on "

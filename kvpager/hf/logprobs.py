@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvpager.errors import InvalidArgument
 from kvpager.hf import logprob_kernel
 from kvpager.validate import is_int
 
@@ -49,10 +50,10 @@ def check_logprobs(k: Any, vocab: int | None) -> int | None:
     if k is None:
         return None
     if not is_int(k) or k < 0:
-        raise ValueError(f"logprobs must be None or an int >= 0 (the most likely tokens to report at each "
+        raise InvalidArgument(f"logprobs must be None or an int >= 0 (the most likely tokens to report at each "
                          f"position besides the chosen one), got {k!r}")
     if vocab is not None and k > vocab:
-        raise ValueError(f"logprobs={k} asks for more tokens than the model's vocabulary holds ({vocab})")
+        raise InvalidArgument(f"logprobs={k} asks for more tokens than the model's vocabulary holds ({vocab})")
     return int(k)
 
 
@@ -139,5 +140,5 @@ class KeptLogprobs:
     def completions(self) -> list[Completion]:
         """Each prompt's `Completion`: its tokens and their log-probabilities (``logprobs`` set)."""
         if self._lp is None:
-            raise ValueError("completions: this generation keeps no log-probabilities (give logprobs=)")
+            raise InvalidArgument("completions: this generation keeps no log-probabilities (give logprobs=)")
         return self._lp.completions(self.outputs)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from kvpager.errors import InvalidArgument
+from kvpager.errors import InvalidArgument, UnsupportedModel
 from kvpager.hf.salt import default_salt  # noqa: F401 (its home before kvpager.hf.salt: old imports still work)
 from kvpager.layer_geometry import attribute_getter, fit, layer_getters
 from kvpager.sizing import NO_KV_KINDS, attention_dims, kv_heads_field, kv_sources, pool_layers
@@ -95,7 +95,7 @@ def layer_windows(model: Any) -> list[int | None]:
     language layers are read (`text_config`)."""
     config = text_config(model)
     if any(getattr(c, "is_encoder_decoder", False) for c in (model.config, config)):
-        raise ValueError("kvpager attends for decoder-only models; this one is encoder-decoder (cross-attention)")
+        raise UnsupportedModel("kvpager attends for decoder-only models; this one is encoder-decoder (cross-attention)")
     n = config.num_hidden_layers
     window = getattr(config, "sliding_window", None)
     if getattr(config, "use_sliding_window", True) is False:
@@ -104,10 +104,10 @@ def layer_windows(model: Any) -> list[int | None]:
     if kinds:
         other = sorted(set(kinds) - {FULL, SLIDING, CHUNKED, HYBRID} - NO_KV_KINDS)
         if other:
-            raise ValueError(f"kvpager attends full, sliding-window and chunked layers (beside layers without "
+            raise UnsupportedModel(f"kvpager attends full, sliding-window and chunked layers (beside layers without "
                              f"attention: {sorted(NO_KV_KINDS)}) only; layer_types here: {other}")
         if SLIDING in kinds and window is None:
-            raise ValueError("layer_types has sliding_attention layers but config.sliding_window is not set")
+            raise UnsupportedModel("layer_types has sliding_attention layers but config.sliding_window is not set")
         windows = [window if kind == SLIDING else None for kind in kinds]
     else:
         windows = [window] * n
@@ -119,17 +119,17 @@ def layer_windows(model: Any) -> list[int | None]:
         if not isinstance(idx, int) or not hasattr(module, "is_causal"):
             continue  # not an attention module
         if not 0 <= idx < n:
-            raise ValueError(f"an attention module ({type(module).__name__}) has layer_idx {idx}, not one of the "
+            raise UnsupportedModel(f"an attention module ({type(module).__name__}) has layer_idx {idx}, not one of the "
                              f"model's {n} layers, and its forward is not told a layer at each call as a module shared "
                              "across layers is (Zamba's); kvpager holds a layer's K/V by its index")
         if module.is_causal is False:
-            raise ValueError(f"layer {idx} attends bidirectionally (is_causal=False); kvpager attends causally")
+            raise UnsupportedModel(f"layer {idx} attends bidirectionally (is_causal=False); kvpager attends causally")
         if kinds and idx < len(kinds) and kinds[idx] in NO_KV_KINDS:
-            raise ValueError(f"layer {idx} has an attention module ({type(module).__name__}) but layer_types "
+            raise UnsupportedModel(f"layer {idx} has an attention module ({type(module).__name__}) but layer_types "
                              f"says it is {kinds[idx]!r}, a layer without K/V; refusing rather than guessing")
     for i, w in enumerate(windows):
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
-            raise ValueError(f"layer {i} has sliding window {w!r}; kvpager needs a positive int")
+            raise UnsupportedModel(f"layer {i} has sliding window {w!r}; kvpager needs a positive int")
     return windows
 
 
@@ -152,10 +152,10 @@ def layer_chunks(model: Any, block_size: int | None = None) -> list[int | None]:
         return [None] * config.num_hidden_layers
     chunk = getattr(config, "attention_chunk_size", None)
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-        raise ValueError(f"layer_types has chunked_attention layers but attention_chunk_size is {chunk!r}; "
+        raise UnsupportedModel(f"layer_types has chunked_attention layers but attention_chunk_size is {chunk!r}; "
                          "kvpager needs a positive int")
     if block_size is not None and chunk % block_size:
-        raise ValueError(f"chunked attention over {chunk}-token chunks needs a pool block size that divides "
+        raise InvalidArgument(f"chunked attention over {chunk}-token chunks needs a pool block size that divides "
                          f"{chunk}; this pool's is {block_size}")
     return [chunk if kind == CHUNKED else None for kind in kinds]
 
@@ -210,7 +210,7 @@ def _kv_sources(config: Any) -> list[int]:
     try:
         return kv_sources(attribute_getter(config), config.num_hidden_layers)
     except InvalidArgument as e:
-        raise ValueError(str(e)) from e
+        raise UnsupportedModel(str(e)) from e
 
 
 def check_call(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
@@ -225,20 +225,20 @@ def check_call(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.
             continue
         if (name == "output_attentions" and val is False) or (name == "is_causal" and val is True):
             continue
-        raise ValueError(
+        raise UnsupportedModel(
             f"kvpager attention does not support the attention argument {name}={_show(val)} "
             f"(layer {layer}); run this model with another attn_implementation")
     if dropout:
-        raise ValueError(f"kvpager attention applies no dropout, got dropout={dropout} (put the model in eval mode)")
+        raise UnsupportedModel(f"kvpager attention applies no dropout, got dropout={dropout} (put the model in eval mode)")
     if key.shape[2] != query.shape[2]:
-        raise ValueError(f"kvpager attention is self-attention over the new tokens: {query.shape[2]} queries "
+        raise UnsupportedModel(f"kvpager attention is self-attention over the new tokens: {query.shape[2]} queries "
                          f"but {key.shape[2]} keys (cross-attention?) at layer {layer}")
     if query.shape[3] != key.shape[3] or key.shape[:3] != value.shape[:3]:
-        raise ValueError(f"kvpager attention needs q and k of one head dim and k and v of the same heads and "
+        raise UnsupportedModel(f"kvpager attention needs q and k of one head dim and k and v of the same heads and "
                          f"tokens, got q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)} "
                          f"at layer {layer}")
     if sliding_window is not ABSENT and sliding_window != window:
-        raise ValueError(f"transformers passes sliding_window={sliding_window} to layer {layer}, whose "
+        raise UnsupportedModel(f"transformers passes sliding_window={sliding_window} to layer {layer}, whose "
                          f"config gives {window}; refusing rather than guessing")
 
 
@@ -266,10 +266,10 @@ def model_geometry(config: Any) -> dict[str, int]:
         try:
             kv_heads, head_dim = fit(dims, config.num_attention_heads, type(config).__name__)
         except InvalidArgument as e:
-            raise ValueError(str(e)) from e
+            raise UnsupportedModel(str(e)) from e
     stored = len({s for s in sources if s >= 0})
     if not stored:
-        raise ValueError(f"{type(config).__name__}: no layer attends; kvpager holds attention layers' K/V")
+        raise UnsupportedModel(f"{type(config).__name__}: no layer attends; kvpager holds attention layers' K/V")
     return dict(num_layers=stored, num_kv_heads=kv_heads, head_dim=head_dim)
 
 
@@ -327,7 +327,7 @@ def check_model(model: Any, pool: Any) -> list[int | None]:
     spec = pool.spec
     have = {k: getattr(spec, k) for k in want}
     if have != want:
-        raise ValueError(f"pool geometry {have} does not match the model's {want}")
+        raise InvalidArgument(f"pool geometry {have} does not match the model's {want}")
     return windows
 
 
@@ -341,7 +341,7 @@ def check_head(model: Any) -> None:
     can = getattr(model, "can_generate", None)
     heads = getattr(model, "get_output_embeddings", None)
     if callable(can) and not can() and callable(heads) and heads() is None:
-        raise ValueError(f"model: {type(model).__name__} has no language-model head, so no next-token logits; "
+        raise UnsupportedModel(f"model: {type(model).__name__} has no language-model head, so no next-token logits; "
                          "load it with AutoModelForCausalLM (or its ...ForCausalLM class), not AutoModel")
 
 
@@ -353,7 +353,7 @@ def check_position_bias(model: Any) -> None:
     extents), so its scores would miss them. Before: Falcon's own code failed
     on the absent mask, explained as attention outside the interface."""
     if getattr(text_config(model), "alibi", False) is True:
-        raise ValueError(f"{type(model).__name__} adds ALiBi position biases to its attention scores (config.alibi="
+        raise UnsupportedModel(f"{type(model).__name__} adds ALiBi position biases to its attention scores (config.alibi="
                          "True), through the attention mask, which kvpager's attention does not read: run this "
                          "model with its own cache")
 
@@ -374,7 +374,7 @@ def check_eval_mode(model: Any) -> None:
     drops += [f"config.{k}={v}" for k, v in sorted(text_config(model).to_dict().items())
               if ("dropout" in k or "pdrop" in k) and type(v) in (int, float) and v > 0]
     if drops:
-        raise ValueError(f"model is in training mode with dropout ({', '.join(drops[:3])}"
+        raise UnsupportedModel(f"model is in training mode with dropout ({', '.join(drops[:3])}"
                          f"{', ...' if len(drops) > 3 else ''}): its tokens would be random and the K/V it "
                          "stores, shared through the prefix cache, wrong for every caller; call model.eval() first")
 
@@ -399,5 +399,5 @@ def end_tokens(eos: Any) -> set[int]:
     many = eos is not None and not is_int(eos)
     if many and (isinstance(eos, (str, bytes)) or not hasattr(eos, "__iter__") or getattr(eos, "ndim", 1) != 1
                  or not all(is_int(e) for e in eos)):
-        raise ValueError(f"eos_token_id must be None, a token id or a list of them, got {eos!r}")
+        raise InvalidArgument(f"eos_token_id must be None, a token id or a list of them, got {eos!r}")
     return set() if eos is None else {int(e) for e in eos} if many else {int(eos)}

@@ -178,17 +178,17 @@ def token_lists(prompts: Any, model: Any, attention_mask: Any = None) -> list[li
     batch that looks padded warns (`warn_if_padded`). The vocabulary is checked
     after the padding is stripped: a pad id past the model's embeddings is no token."""
     if isinstance(prompts, Mapping) and "input_ids" in prompts:
-        raise ValueError("prompts is a tokenizer's output (a mapping with input_ids): pass it as keywords, "
+        raise InvalidArgument("prompts is a tokenizer's output (a mapping with input_ids): pass it as keywords, "
                          "generate(model, pool, **enc, max_new_tokens=n), or enc['input_ids'] with "
                          "attention_mask=enc['attention_mask']")
     if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
-        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+        raise InvalidArgument("prompts must be a non-empty list of non-empty token-id lists")
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, (str, bytes)) or not hasattr(p, "__iter__"):
-            raise ValueError(f"prompts[{i}] must be a list of token ids, got {type(p).__name__}")
+            raise InvalidArgument(f"prompts[{i}] must be a list of token ids, got {type(p).__name__}")
         if isinstance(p, (np.ndarray, torch.Tensor)) and p.ndim != 1:  # a 0-d one: one flat tensor's id
-            raise ValueError(f"prompts[{i}] must be a list of token ids, got a {p.ndim}-D {type(p).__name__} "
+            raise InvalidArgument(f"prompts[{i}] must be a list of token ids, got a {p.ndim}-D {type(p).__name__} "
                              "(pass [ids] for one prompt)")
         ids = list(p.tolist() if isinstance(p, (np.ndarray, torch.Tensor)) else p)
         if all_type(ids, int):  # (plain ints, as most prompts are: checked at C speed, kept as they are)
@@ -196,14 +196,14 @@ def token_lists(prompts: Any, model: Any, attention_mask: Any = None) -> list[li
             continue
         if not all(is_int(t) for t in ids):
             bad = next(t for t in ids if not is_int(t))
-            raise ValueError(f"prompts[{i}] holds {bad!r}: token ids must be ints")
+            raise InvalidArgument(f"prompts[{i}] holds {bad!r}: token ids must be ints")
         out.append([int(t) for t in ids])
     if attention_mask is not None:
         out = strip_padding(out, prompts, attention_mask)
     else:
         warn_if_padded(out, model)
     if not out or any(not p for p in out):
-        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+        raise InvalidArgument("prompts must be a non-empty list of non-empty token-id lists")
     try:
         vocab = getattr(model.get_input_embeddings(), "num_embeddings", None)
     except (AttributeError, NotImplementedError):  # a model without one: its own error, if any, stands
@@ -212,7 +212,7 @@ def token_lists(prompts: Any, model: Any, attention_mask: Any = None) -> list[li
         for i, p in enumerate(out):
             if min(p) < 0 or max(p) >= vocab:
                 bad = min(p) if min(p) < 0 else max(p)
-                raise ValueError(f"prompts[{i}] holds token id {bad}, outside the model's vocabulary [0, {vocab})")
+                raise InvalidArgument(f"prompts[{i}] holds token id {bad}, outside the model's vocabulary [0, {vocab})")
     return out
 
 
@@ -226,10 +226,10 @@ def new_token_limits(most: Any, n: int) -> list[int]:
     elif hasattr(most, "__len__") and getattr(most, "ndim", 1) == 1 and not isinstance(most, (str, bytes, Mapping)):
         values = most.tolist() if hasattr(most, "tolist") else list(most)
         if len(values) != n or not all(is_int(v) and v >= 1 for v in values):
-            raise ValueError(f"max_new_tokens as a list must hold an int >= 1 for each of the {n} prompts, "
+            raise InvalidArgument(f"max_new_tokens as a list must hold an int >= 1 for each of the {n} prompts, "
                              f"got {most!r}")
         return [int(v) for v in values]
-    raise ValueError(f"max_new_tokens must be an int >= 1, got {most!r} (or a list of one a prompt)")
+    raise InvalidArgument(f"max_new_tokens must be an int >= 1, got {most!r} (or a list of one a prompt)")
 
 
 def prompts_given(prompts: Any, input_ids: Any) -> Any:
@@ -237,10 +237,10 @@ def prompts_given(prompts: Any, input_ids: Any) -> Any:
     ValueError where both or neither are."""
     if input_ids is None:
         if prompts is None:
-            raise ValueError("no prompts: give them as prompts (the third argument) or input_ids=")
+            raise InvalidArgument("no prompts: give them as prompts (the third argument) or input_ids=")
         return prompts
     if prompts is not None:
-        raise ValueError("prompts and input_ids were both given: they are two names for the prompts, give one")
+        raise InvalidArgument("prompts and input_ids were both given: they are two names for the prompts, give one")
     return input_ids
 
 
@@ -250,15 +250,15 @@ def stop_sequences(stops: Any) -> dict[int, list[tuple[int, ...]]]:
     if stops is None:
         return {}
     if isinstance(stops, (str, bytes, Mapping)) or not hasattr(stops, "__iter__"):
-        raise ValueError(f"stop_sequences must be a list of token-id lists, got {stops!r}")
+        raise InvalidArgument(f"stop_sequences must be a list of token-id lists, got {stops!r}")
     out: dict[int, list[tuple[int, ...]]] = {}
     for k, seq in enumerate(stops):
         if hasattr(seq, "tolist"):
             seq = seq.tolist()
         if isinstance(seq, (str, bytes, Mapping)) or not hasattr(seq, "__iter__"):
-            raise ValueError(f"stop_sequences[{k}] must be a list of token ids, got {seq!r}")
+            raise InvalidArgument(f"stop_sequences[{k}] must be a list of token ids, got {seq!r}")
         seq = list(seq)
         if not seq or not all(is_int(t) and t >= 0 for t in seq):
-            raise ValueError(f"stop_sequences[{k}] must be a non-empty list of token ids (ints >= 0), got {seq!r}")
+            raise InvalidArgument(f"stop_sequences[{k}] must be a non-empty list of token ids (ints >= 0), got {seq!r}")
         out.setdefault(int(seq[-1]), []).append(tuple(int(t) for t in seq))
     return out

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from kvpager.errors import UnsupportedModel
 from kvpager.hf.attention import PagedBatch
 from kvpager.hf.model import RECURRENT_KINDS, text_config
 from kvpager.sizing import NO_KV_KINDS
@@ -98,7 +99,7 @@ def cache_classes() -> tuple[Any, Any, Any]:
     except ImportError:
         import transformers
 
-        raise ValueError(f"models with recurrent layers (layer_types {sorted(RECURRENT_KINDS)}) need "
+        raise UnsupportedModel(f"models with recurrent layers (layer_types {sorted(RECURRENT_KINDS)}) need "
                          f"transformers' linear-attention cache layers (transformers 5.24 or later); this is "
                          f"transformers {transformers.__version__}") from None
     return DynamicCache, DynamicLayer, LinearAttentionCacheLayerMixin
@@ -127,7 +128,7 @@ def new_cache(model: Any) -> Any:
         recurrent, attends = kinds[i] in RECURRENT_KINDS, kinds[i] not in NO_KV_KINDS
         # (a hybrid layer's, both: transformers' LinearAttentionAndFullAttentionLayer)
         if isinstance(layer, linear) != recurrent or (attends and not isinstance(layer, dynamic_layer)):
-            raise ValueError(f"{type(model).__name__}: layer {i} ({kinds[i]}) has a cache layer of kind "
+            raise UnsupportedModel(f"{type(model).__name__}: layer {i} ({kinds[i]}) has a cache layer of kind "
                              f"{type(layer).__name__}; kvpager cannot tell where its state lives")
         if isinstance(layer, dynamic_layer):
             _pass_through(layer)
@@ -158,7 +159,7 @@ def check_layout(model: Any, layout: Layout) -> Layout:
     held = {i for i, _, _, _ in layout}
     missing = [i for i, kind in enumerate(kinds) if kind in RECURRENT_KINDS and i not in held]
     if missing:
-        raise ValueError(f"{type(model).__name__}: its recurrent layers {missing[:8]} keep their states outside "
+        raise UnsupportedModel(f"{type(model).__name__}: its recurrent layers {missing[:8]} keep their states outside "
                          "transformers' cache (in their modules); kvpager moves each sequence's states through the "
                          "cache's linear-attention layers, so it cannot serve this model")
     return layout

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvpager.errors import InvalidArgument
 from kvpager.hf import draw_kernel
 from kvpager.hf.draws import penalize, sample
 from kvpager.hf.passes import array_to_device, to_device
@@ -46,16 +47,16 @@ def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
     except TypeError:
         items = None
     if items is None or isinstance(bias, (str, bytes)) or any(len(p) != 2 for p in items):
-        raise ValueError(f"logit_bias must be a {{token id: bias}} dict or (id, bias) pairs, got {bias!r}")
+        raise InvalidArgument(f"logit_bias must be a {{token id: bias}} dict or (id, bias) pairs, got {bias!r}")
     out: dict[int, float] = {}
     for t, b in items:
         if not is_int(t) or t < 0:
-            raise ValueError(f"logit_bias: token ids must be ints >= 0, got {t!r}")
+            raise InvalidArgument(f"logit_bias: token ids must be ints >= 0, got {t!r}")
         if isinstance(b, bool) or not isinstance(b, (int, float, np.floating, np.integer)) or math.isnan(b) \
                 or b == math.inf:
-            raise ValueError(f"logit_bias of token {t} must be a number (-inf: never chosen), got {b!r}")
+            raise InvalidArgument(f"logit_bias of token {t} must be a number (-inf: never chosen), got {b!r}")
         if int(t) in out:
-            raise ValueError(f"logit_bias names token {t} twice")
+            raise InvalidArgument(f"logit_bias names token {t} twice")
         out[int(t)] = float(b)
     return tuple(sorted(out.items()))
 
@@ -100,27 +101,27 @@ class Sampling:
     def __post_init__(self) -> None:
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         if not is_int(self.min_tokens) or self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be an int >= 0 (0: none), got {self.min_tokens!r}")
+            raise InvalidArgument(f"min_tokens must be an int >= 0 (0: none), got {self.min_tokens!r}")
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {t!r}")
+            raise InvalidArgument(f"temperature must be a finite number >= 0 (0: greedy), got {t!r}")
         if not is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0: no limit), got {self.top_k!r}")
+            raise InvalidArgument(f"top_k must be an int >= 0 (0: no limit), got {self.top_k!r}")
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
-            raise ValueError(f"top_p must be a number in (0, 1] (1: no limit), got {p!r}")
+            raise InvalidArgument(f"top_p must be a number in (0, 1] (1: no limit), got {p!r}")
         m = self.min_p
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m <= 1.0:
-            raise ValueError(f"min_p must be a number in [0, 1] (0: no limit), got {m!r}")
+            raise InvalidArgument(f"min_p must be a number in [0, 1] (0: no limit), got {m!r}")
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed <= _MASK64):
-            raise ValueError(f"seed must be None or an int in [0, 2**64), got {self.seed!r}")
+            raise InvalidArgument(f"seed must be None or an int in [0, 2**64), got {self.seed!r}")
         r = self.repetition_penalty
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1: none), got {r!r}")
+            raise InvalidArgument(f"repetition_penalty must be a finite number > 0 (1: none), got {r!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number (0: none), got {v!r}")
+                raise InvalidArgument(f"{name} must be a finite number (0: none), got {v!r}")
 
     @property
     def greedy(self) -> bool:
@@ -157,7 +158,7 @@ class Sampling:
                               ("eta_cutoff", 0.0), ("num_beams", 1), ("no_repeat_ngram_size", 0)):
             value = getattr(config, name, None)
             if value is not None and value != neutral:
-                raise ValueError(f"the model's generation config sets {name}={value!r}, which kvpager's sampling "
+                raise InvalidArgument(f"the model's generation config sets {name}={value!r}, which kvpager's sampling "
                                  "does not apply (it applies temperature, top_k, top_p, min_p and penalties): pass "
                                  "a Sampling of your own to take the others alone")
         def get(name: str, default: Any) -> Any:
@@ -178,7 +179,7 @@ def _config_adjustments(config: Any) -> tuple[dict[int, float], int]:
                           ("forced_eos_token_id", None), ("exponential_decay_length_penalty", None)):
         value = getattr(config, name, None)
         if value is not None and value != neutral:
-            raise ValueError(f"the model's generation config sets {name}={value!r}, which kvpager's sampling does "
+            raise InvalidArgument(f"the model's generation config sets {name}={value!r}, which kvpager's sampling does "
                              "not apply: pass a Sampling of your own (min_tokens counts new tokens)")
     bias: dict[int, float] = {}
     sequence_bias = getattr(config, "sequence_bias", None) or {}
@@ -186,14 +187,14 @@ def _config_adjustments(config: Any) -> tuple[dict[int, float], int]:
     for key, value in sequence_bias.items() if isinstance(sequence_bias, Mapping) else sequence_bias:
         ids = list(key) if isinstance(key, (list, tuple)) else [key]
         if len(ids) != 1:
-            raise ValueError(f"the model's generation config biases the sequence {key!r}: kvpager biases single "
+            raise InvalidArgument(f"the model's generation config biases the sequence {key!r}: kvpager biases single "
                              "tokens alone (Sampling.logit_bias)")
         bias[int(ids[0])] = bias.get(int(ids[0]), 0.0) + float(value)
     for t in getattr(config, "suppress_tokens", None) or ():
         bias[int(t)] = float("-inf")
     for words in getattr(config, "bad_words_ids", None) or ():
         if len(words) != 1:
-            raise ValueError(f"the model's generation config bans the sequence {words!r}: kvpager bans single "
+            raise InvalidArgument(f"the model's generation config bans the sequence {words!r}: kvpager bans single "
                              "tokens alone (Sampling.logit_bias of -inf)")
         bias[int(words[0])] = float("-inf")
     return bias, int(getattr(config, "min_new_tokens", None) or 0)
@@ -230,12 +231,12 @@ class Sampler:
         if isinstance(sampling, Sampling) or sampling is None:
             per = [sampling] * n
         elif isinstance(sampling, (str, bytes)) or not isinstance(sampling, Sequence):
-            raise ValueError(f"sampling must be a kvpager.hf.Sampling, None or a list of them (one a prompt), "
+            raise InvalidArgument(f"sampling must be a kvpager.hf.Sampling, None or a list of them (one a prompt), "
                              f"got {type(sampling).__name__}")
         else:
             per = list(sampling)
             if len(per) != n or not all(s is None or isinstance(s, Sampling) for s in per):
-                raise ValueError(f"sampling as a list must hold a Sampling or None for each of the {n} prompts, "
+                raise InvalidArgument(f"sampling as a list must hold a Sampling or None for each of the {n} prompts, "
                                  f"got {len(per)} items ({sorted({type(s).__name__ for s in per})})")
         self.greedy = np.array([s is None or s.greedy for s in per])
         on = [s if s is not None else Sampling(temperature=0) for s in per]
@@ -253,7 +254,7 @@ class Sampler:
         self.plain = bool(self.greedy.all()) and not (self.repeats or self.counts or self.bias
                                                       or self.min_tokens.any())
         if self.repeats and prompts is None:
-            raise ValueError("a repetition penalty needs the prompts (Sampler(..., prompts=))")
+            raise InvalidArgument("a repetition penalty needs the prompts (Sampler(..., prompts=))")
         self.prompts = prompts
         unseeded = [i for i, s in enumerate(per) if s is not None and s.seed is None]
         drawn = torch.randint(0, 1 << 62, (len(unseeded),), dtype=torch.int64).tolist() if unseeded else []

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvpager.errors import InvalidArgument
 from kvpager.hf.eager import EagerPasses
 from kvpager.hf.logprobs import TokenLogprobs
 from kvpager.hf.model import check_model_and_pool, has_recurrent_layers, text_config
@@ -76,10 +77,10 @@ def score(model: Any, pool: Any, prompts: Any = None, start: int | Sequence[int]
     prompts = token_lists(prompts_given(prompts, input_ids), model, attention_mask)
     starts = _starts(start, prompts)
     if not is_int(tokens_per_pass) or tokens_per_pass < 1:
-        raise ValueError(f"tokens_per_pass must be an int >= 1, got {tokens_per_pass!r}")
+        raise InvalidArgument(f"tokens_per_pass must be an int >= 1, got {tokens_per_pass!r}")
     vocab = getattr(text_config(model), "vocab_size", None)
     if not is_int(top) or not 0 <= top <= (vocab if is_int(vocab) else top):
-        raise ValueError(f"top must be an int from 0 to the model's vocabulary size ({vocab}), got {top!r}")
+        raise InvalidArgument(f"top must be an int from 0 to the model's vocabulary size ({vocab}), got {top!r}")
     k = int(top)
     # (a model with recurrent layers: its prompts as rows, from held states: `kvpager.hf.scoring_rows`)
     kind = RowScorer if has_recurrent_layers(model) else _Scorer
@@ -104,12 +105,12 @@ def _starts(start: Any, prompts: list[list[int]]) -> list[int]:
     elif hasattr(start, "__len__") and getattr(start, "ndim", 1) == 1 and not isinstance(start, (str, bytes, dict)):
         starts = start.tolist() if hasattr(start, "tolist") else list(start)
         if len(starts) != n:
-            raise ValueError(f"start as a list must hold one int a prompt ({n}), got {len(starts)}")
+            raise InvalidArgument(f"start as a list must hold one int a prompt ({n}), got {len(starts)}")
     else:
-        raise ValueError(f"start must be an int >= 1 or a list of one a prompt, got {start!r}")
+        raise InvalidArgument(f"start must be an int >= 1 or a list of one a prompt, got {start!r}")
     for i, (s, p) in enumerate(zip(starts, prompts)):
         if not is_int(s) or not 1 <= s <= len(p):
-            raise ValueError(f"start of prompt {i} must be an int from 1 (its first token has nothing before it "
+            raise InvalidArgument(f"start of prompt {i} must be an int from 1 (its first token has nothing before it "
                              f"to score it by) to its length {len(p)}, got {s!r}")
     return [int(s) for s in starts]
 

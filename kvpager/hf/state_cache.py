@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvpager.errors import InvalidArgument
 from kvpager.hf.recurrent_states import Layout, Rows, by_dtype
 
 #: what a state cache may hold by default, in bytes (`StateCache.max_bytes`)
@@ -140,7 +141,7 @@ class StateCache:
         """A new budget: states go (in their order) until the rest fit (ValueError for
         anything but an int >= 0)."""
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"StateCache.max_bytes must be an int >= 0, got {value!r}")
+            raise InvalidArgument(f"StateCache.max_bytes must be an int >= 0, got {value!r}")
         with self._lock:
             self._max_bytes = int(value)
             self._evict()
