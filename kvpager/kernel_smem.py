@@ -47,16 +47,20 @@ def decode_row_bytes(head_dim: int, itemsize: int) -> int:
     return (head_dim + 8) * itemsize
 
 
-def decode_tc_smem(head_dim: int, itemsize: int, warps: int, stages: int, group: int) -> int:
-    """paged_decode_tc.cu with ``warps`` = HPC * WPH: its warps' stages (two 16-row K and V
-    tiles each; swizzled ones with 128 bytes to align them), and at least the float32 rows
-    of the final merge (which reuses them). Heads wider than 256 (`head_split`): twice the
+def decode_tc_smem(head_dim: int, itemsize: int, warps: int, stages: int, group: int,
+                   sets: int | None = None) -> int:
+    """paged_decode_tc.cu with ``warps`` = HPC * WPH (a group past 16 heads: chunks x WPH):
+    the stages of its ``sets`` stage sets (default: a set a warp; a group's chunks share
+    one a place among WPH), each two 16-row K and V tiles a stage (swizzled ones with 128
+    bytes to align them), and at least the float32 rows (``group``, at most 16, a warp) of
+    the final merge (which reuses them). Heads wider than 256 (`head_split`): twice the
     warps, each with stages of its part of the rows, and each warp's partial scores of two
     tiles (2 x 8 floats a lane)."""
     split = head_split(head_dim)
     align = 128 if decode_swizzled(head_dim, itemsize) else 0
     scores = warps * split * 2 * 8 * 32 * 4 if split > 1 else 0
-    return max(warps * split * stages * 2 * 16 * decode_row_bytes(head_dim, itemsize) + align + scores,
+    sets = warps if sets is None else sets
+    return max(sets * split * stages * 2 * 16 * decode_row_bytes(head_dim, itemsize) + align + scores,
                warps * group * head_dim * 4)
 
 

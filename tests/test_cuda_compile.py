@@ -45,8 +45,10 @@ EXTRA = {
                            ["-DHEAD_DIM=448", "-DGROUP=1", "-DHPC=2", "-DWPH=1", "-DSTAGES=2", "-DBLOCK_SIZE=64"],
                            # groups of any count up to 16 (Qwen2.5's 7, Llama-3.2-3B's 3, StarCoder2's 12)
                            ["-DGROUP=7"], ["-DGROUP=12", "-DHPC=4", "-DWPH=1"], ["-DKV_DTYPE=0", "-DGROUP=3"],
-                           # past 16: chunks of 16 heads, a CTA each (Falcon-7B's 71)
-                           ["-DGROUP=71", "-DHEAD_DIM=64"], ["-DKV_DTYPE=0", "-DGROUP=29", "-DWPH=2"],
+                           # past 16: chunks of 16 heads sharing each staged tile (Falcon-7B's 71,
+                           # StarCoder's 48, 128 over one kv head); heads wider than 256: a CTA a chunk
+                           ["-DGROUP=71", "-DHEAD_DIM=64", "-DWPH=3"], ["-DKV_DTYPE=0", "-DGROUP=29", "-DWPH=2"],
+                           ["-DGROUP=48", "-DWPH=4", "-DSTAGES=4"], ["-DGROUP=128", "-DWPH=2", "-DBLOCK_SIZE=8"],
                            ["-DHEAD_DIM=512", "-DGROUP=20", "-DWPH=2", "-DSTAGES=2"]],
     "cascade_prefix.cu": [["-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DGROUP=1"],
                           ["-DHEAD_DIM=256", "-DGROUP=16", "-DBLOCK_SIZE=8"], ["-DHEAD_DIM=80", "-DMT=1"],
@@ -66,6 +68,7 @@ EXTRA = {
 FP8_EXTRA = {
     "kv_write.cu": [["-DKV_FP8=1"], ["-DKV_FP8=2", "-DKV_DTYPE=0"]],
     "paged_decode_tc.cu": [["-DKV_FP8=1"], ["-DKV_FP8=2", "-DKV_DTYPE=0", "-DGROUP=16", "-DBLOCK_SIZE=8"],
+                           ["-DKV_FP8=1", "-DGROUP=48", "-DWPH=4", "-DSTAGES=6"],
                            ["-DKV_FP8=1", "-DHEAD_DIM=48", "-DHPC=4", "-DWPH=1"],
                            ["-DKV_FP8=1", "-DHEAD_DIM=256", "-DGROUP=1", "-DSTAGES=2"],
                            ["-DKV_FP8=2", "-DHEAD_DIM=80", "-DGROUP=8", "-DCP_L2_PREFETCH=128"],

@@ -120,10 +120,12 @@ ODD_GROUPS = [  # (dtype, head dim, block size, group, kv heads)
     ("bfloat16", 128, 16, 7, 2), ("float16", 64, 8, 3, 4), ("float32", 128, 16, 7, 2),
     ("float32", 256, 32, 6, 2), ("bfloat16", 256, 64, 12, 2), ("float16", 96, 16, 5, 8),
     ("bfloat16", 64, 32, 14, 2), ("float16", 128, 16, 9, 8), ("float32", 64, 8, 10, 2),
-    # past 16 (decode in chunks of 16 heads): Falcon-7B's 71 over one kv head, Falcon-180B's 29,
-    # StarCoder's 48
+    # past 16 (decode in chunks of 16 heads sharing each staged tile in one CTA): Falcon-7B's 71
+    # over one kv head, Falcon-180B's 29, StarCoder's 48, 128 (8 chunks of 2 warps); heads wider
+    # than 256: a CTA a chunk
     ("bfloat16", 64, 16, 71, 1), ("float16", 64, 8, 29, 2), ("bfloat16", 128, 32, 48, 1),
     ("float32", 64, 16, 71, 1), ("float16", 256, 16, 20, 2), ("bfloat16", 96, 64, 33, 1),
+    ("bfloat16", 128, 16, 128, 1), ("bfloat16", 512, 16, 20, 1),
 ]
 
 
@@ -148,7 +150,8 @@ def test_groups_not_a_power_of_two_match_reference(dtype, d, bs, group, kv_heads
     gpu.close()
 
 
-@pytest.mark.parametrize("hpc,wph,group", [(4, 1, 7), (2, 1, 3), (8, 1, 5), (2, 4, 12), (4, 1, 29), (1, 2, 40)])
+@pytest.mark.parametrize("hpc,wph,group", [(4, 1, 7), (2, 1, 3), (8, 1, 5), (2, 4, 12), (4, 1, 29), (1, 2, 40),
+                                           (1, 4, 40), (1, 1, 71), (1, 4, 71)])
 def test_odd_groups_in_every_decode_layout(hpc, wph, group):
     """Several kv heads a CTA (short contexts): their output rows follow each other by the group."""
     rng = np.random.default_rng(seed(hpc, wph, group, "odd layouts"))

@@ -355,17 +355,28 @@ def test_groups_up_to_sixteen_plan_on_every_kernel(group):
 
 
 @pytest.mark.parametrize("group, kv_heads, head_dim, chunks", [(71, 1, 64, 5), (29, 8, 64, 2), (48, 1, 128, 3),
-                                                                (17, 2, 256, 2)])
+                                                                (128, 1, 128, 8), (17, 2, 256, 2), (20, 1, 512, 2)])
 def test_groups_past_sixteen_decode_in_chunks_of_sixteen(group, kv_heads, head_dim, chunks):
     """Falcon-7B's 71 query heads over one kv head, Falcon-180B's 29, StarCoder's 48: the
-    decode kernel's M tile takes 16 of them, so each kv head's group is cut into CTAs of 16
-    heads (one kv head a CTA, whatever the short-context layout or the config asks); the
+    decode kernel's M tile takes 16 of them, so each kv head's group is cut into chunks of
+    16 heads, one kv head a CTA whatever the short-context layout or the config asks. Up to
+    head dim 256 the chunks run in one CTA, WPH warps each and 16 warps at most, sharing
+    their stages (a set a place); wider heads (two warps a tile) take a CTA a chunk. The
     multi-token tiles hold whole query tokens of the group."""
     spec = spec_of("bfloat16", None, head_dim, 16, kv_heads)
-    for max_len, config in ((4096, DEFAULT), (256, DEFAULT), (4096, KernelConfig(decode_heads_per_cta=4))):
+    wide = head_dim > 256
+    for max_len, config in ((4096, DEFAULT), (256, DEFAULT), (4096, KernelConfig(decode_heads_per_cta=4)),
+                            (4096, KernelConfig(decode_warps_per_head=4))):
         shape = decode_shape(spec, group, 64, max_len, NSM, config)
         assert shape.tc and shape.defines["GROUP"] == group and shape.defines["HPC"] == 1
-        assert shape.ctas == 64 * kv_heads * chunks
+        wph = shape.defines["WPH"]
+        if wide:
+            assert shape.ctas == 64 * kv_heads * chunks and shape.threads == 64 * wph
+        else:
+            assert shape.ctas == 64 * kv_heads and shape.threads == 32 * chunks * wph <= 512
+            assert wph == min(4, 16 // chunks)
+            stage = 2 * 16 * head_dim * 2
+            assert shape.smem == max(wph * shape.defines["STAGES"] * stage + 128, chunks * wph * 16 * head_dim * 4)
     t, defs, _ = prefill_tiling(spec, group, DEFAULT)
     assert defs["GROUP"] == group and t.bm // group >= 1
 

@@ -76,8 +76,13 @@ def decode_layout(num_kv_heads: int, head_dim: int, itemsize: int, items: int, m
     whose two stages fit the shared-memory budget. Heads wider than 256 (`head_split`):
     each of these warps is two, each reading half of every row, so by default 2 warps
     (pairs) per head (the same 4 warps a CTA). A ``group`` of more than 16 query heads runs
-    in chunks of 16, a CTA each (`kernels.TC_GROUP`): one kv head a CTA."""
+    in chunks of 16 (`kernels.TC_GROUP`), one kv head a CTA: its chunks' warps in one CTA
+    (`group_chunks`), WPH each, at most 16 warps in all (by default 4, 3, 2 a chunk for
+    groups of 17-64, 65-80, 81-128 heads)."""
     split = head_split(head_dim)
+    shared, ctas = group_chunks(group, head_dim)
+    if shared > 1:  # the chunks' warps share each tile: 16 warps at most in the CTA
+        return 1, max(1, min(int(config.decode_warps_per_head or 4), 16 // shared))
     hpc = 1 if group > kernels.TC_GROUP else config.decode_heads_per_cta
     if hpc is None:
         short = max_len <= config.decode_short_context and items * num_kv_heads >= 2 * num_sms
@@ -88,6 +93,18 @@ def decode_layout(num_kv_heads: int, head_dim: int, itemsize: int, items: int, m
     while hpc > 1 and (hpc * wph * split > 16 or hpc * wph * 2 * per_warp > SMEM_BUDGET):
         hpc //= 2
     return hpc, wph
+
+
+def group_chunks(group: int, head_dim: int) -> tuple[int, int]:
+    """(chunks of 16 query heads in one CTA, CTAs a kv head) of paged_decode_tc.cu for a GQA
+    ``group``: a group past 16 heads runs its chunks in one CTA, whose warps share each staged
+    K/V tile (the K/V read once for the whole group: 71 heads of 64 at 256 x 1,024 on an H200
+    took 0.091 ms as five CTAs each reading it), except for heads wider than 256 (two warps a
+    tile already), which take a CTA a chunk; (1, 1) up to 16 heads."""
+    chunks = -(-group // kernels.TC_GROUP)
+    if chunks == 1:
+        return 1, 1
+    return (chunks, 1) if head_split(head_dim) == 1 else (1, chunks)
 
 
 #: FP8 pools: contexts this long get up to 6 cp.async stages (see `decode_stages`)
@@ -121,17 +138,19 @@ def decode_shape(spec: Any, group: int, items: int, max_len: int, num_sms: int,
                            128, 0, False)
     hpc, wph = decode_layout(spec.num_kv_heads, spec.head_dim, spec.itemsize, items, max_len, num_sms, config,
                              group)
-    chunks = -(-group // kernels.TC_GROUP)  # CTAs a kv head's group is cut into
+    shared, chunks = group_chunks(group, spec.head_dim)  # (chunks in a CTA, CTAs a kv head)
     split = head_split(spec.head_dim)
+    # (the chunks of a CTA share their stages: a stage set per place among WPH)
     stages = decode_stages(spec.head_dim, spec.itemsize, hpc * wph * split, config, max_len)
     defs = {**base, "GROUP": group, "STAGES": stages, "HPC": hpc, "WPH": wph}
     if config.decode_l2_prefetch:
         defs["CP_L2_PREFETCH"] = config.decode_l2_prefetch
     if config.decode_l2_evict_first:
         defs["CP_EVICT_FIRST"] = 1
-    smem = decode_tc_smem(spec.head_dim, spec.itemsize, hpc * wph, stages, min(group, kernels.TC_GROUP))
+    smem = decode_tc_smem(spec.head_dim, spec.itemsize, shared * hpc * wph, stages, min(group, kernels.TC_GROUP),
+                          sets=hpc * wph)
     return DecodeShape("paged_decode_tc.cu", "paged_decode_tc", defs, items * (spec.num_kv_heads // hpc) * chunks,
-                       32 * hpc * wph * split, smem, True)
+                       32 * shared * hpc * wph * split, smem, True)
 
 
 def plan_splits(base_ctas: int, max_len: int, num_sms: int, resident: int = 0, fill: bool = True) -> int:
