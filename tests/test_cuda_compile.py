@@ -48,7 +48,8 @@ EXTRA = {
                            # past 16: chunks of 16 heads sharing each staged tile (Falcon-7B's 71,
                            # StarCoder's 48, 128 over one kv head); heads wider than 256: a CTA a chunk
                            ["-DGROUP=71", "-DHEAD_DIM=64", "-DWPH=3"], ["-DKV_DTYPE=0", "-DGROUP=29", "-DWPH=2"],
-                           ["-DGROUP=48", "-DWPH=4", "-DSTAGES=4"], ["-DGROUP=128", "-DWPH=2", "-DBLOCK_SIZE=8"],
+                           ["-DGROUP=48", "-DWPH=4", "-DSTAGES=4"], ["-DGROUP=128", "-DWPH=1", "-DBLOCK_SIZE=8"],
+                           ["-DHEAD_DIM=64", "-DGROUP=128", "-DWPH=2"], ["-DHEAD_DIM=256", "-DGROUP=48", "-DWPH=2"],
                            ["-DHEAD_DIM=512", "-DGROUP=20", "-DWPH=2", "-DSTAGES=2"]],
     "cascade_prefix.cu": [["-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DGROUP=1"],
                           ["-DHEAD_DIM=256", "-DGROUP=16", "-DBLOCK_SIZE=8"], ["-DHEAD_DIM=80", "-DMT=1"],

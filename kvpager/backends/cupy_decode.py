@@ -77,12 +77,12 @@ def decode_layout(num_kv_heads: int, head_dim: int, itemsize: int, items: int, m
     each of these warps is two, each reading half of every row, so by default 2 warps
     (pairs) per head (the same 4 warps a CTA). A ``group`` of more than 16 query heads runs
     in chunks of 16 (`kernels.TC_GROUP`), one kv head a CTA: its chunks' warps in one CTA
-    (`group_chunks`), WPH each, at most 16 warps in all (by default 4, 3, 2 a chunk for
-    groups of 17-64, 65-80, 81-128 heads)."""
+    (`group_chunks`), WPH each (4 by default), as many as `group_warps` allows in all (at
+    head dim 64: 4, 3, 2 a chunk for groups of 17-64, 65-80, 81-128 heads)."""
     split = head_split(head_dim)
     shared, ctas = group_chunks(group, head_dim)
-    if shared > 1:  # the chunks' warps share each tile: 16 warps at most in the CTA
-        return 1, max(1, min(int(config.decode_warps_per_head or 4), 16 // shared))
+    if shared > 1:  # the chunks' warps share each tile, as many in the CTA as `group_warps` allows
+        return 1, max(1, min(int(config.decode_warps_per_head or 4), group_warps(head_dim) // shared))
     hpc = 1 if group > kernels.TC_GROUP else config.decode_heads_per_cta
     if hpc is None:
         short = max_len <= config.decode_short_context and items * num_kv_heads >= 2 * num_sms
@@ -105,6 +105,14 @@ def group_chunks(group: int, head_dim: int) -> tuple[int, int]:
     if chunks == 1:
         return 1, 1
     return (chunks, 1) if head_split(head_dim) == 1 else (1, chunks)
+
+
+def group_warps(head_dim: int) -> int:
+    """Most warps of a paged_decode_tc.cu CTA whose group's chunks share their tiles (GS): as
+    many as the registers a lane of its head dim takes allow without spills (sm_90, ptxas:
+    116-124 a lane up to head dim 96, 16 warps; 162-166 at 112-128, 12; 248-252 at 256, 8;
+    more warps cap each lane's registers lower and spilled)."""
+    return 16 if head_dim <= 96 else 12 if head_dim <= 128 else 8
 
 
 #: FP8 pools: contexts this long get up to 6 cp.async stages (see `decode_stages`)
