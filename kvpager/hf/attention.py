@@ -151,7 +151,7 @@ def kvpager_attention(
     if rows != 1:  # rows of equal length, each a sequence's new tokens (`kvpager.hf.recurrent`): packed
         if key.shape[0] != rows or value.shape[0] != rows or key.shape[2] != tokens or value.shape[2] != tokens:
             raise InvalidArgument(f"kvpager attention takes one packed row, or rows of as many new tokens each, got "
-                             f"q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)}")
+                                  f"q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)}")
         query, key, value = (x.transpose(1, 2).reshape(1, rows * tokens, x.shape[1], x.shape[3]).transpose(1, 2)
                              for x in (query, key, value))
         if kvpager.real is not None:  # left-padded rows: their tokens alone (padding is neither stored nor read)
@@ -160,9 +160,10 @@ def kvpager_attention(
     # (a module shared by several layers is told its layer at each call: `kvpager.hf.switching`)
     layer = module.layer_idx if kvpager_layer is None else kvpager_layer
     if layer is None or layer < 0:
-        raise UnsupportedModel(f"{type(module).__name__} is shared by several layers (layer_idx {layer}), and this call "
-                         "did not say which layer it attends for: run the model through kvpager.hf (generate, "
-                         "paged_attention), which has each call pass its layer on")
+        raise UnsupportedModel(
+            f"{type(module).__name__} is shared by several layers (layer_idx {layer}), and this call did not say "
+            "which layer it attends for: run the model through kvpager.hf (generate, paged_attention), which has "
+            "each call pass its layer on")
     if batch.windows is not None:
         window = batch.windows[layer]
     else:
@@ -179,8 +180,8 @@ def kvpager_attention(
     tuning = own.get("_kvpager_tuning")
     if tuning is None and own.get("attn_temperature_tuning") and temperature_tuned(module):
         raise UnsupportedModel(f"layer {layer} scales its queries by positions it counts from its own cache, which "
-                         "kvpager's packed row does not have; run the model through kvpager.hf (generate, "
-                         "paged_attention), which has kvpager apply that scaling")
+                               "kvpager's packed row does not have; run the model through kvpager.hf (generate, "
+                               "paged_attention), which has kvpager apply that scaling")
     dv = value.shape[3]
     fitted = None
     if batch.fit is not None:  # layers of other geometry than the pool's (Gemma-4)
@@ -294,8 +295,8 @@ def check_packable(model: Any, batch: PagedBatch) -> None:
     if has_recurrent_layers(model) and not (plan.num_seqs == 1
                                             and int(plan.query_lens[0]) == int(plan.seq_lens[0])):
         raise UnsupportedModel(f"{type(model).__name__} has recurrent layers (layer_types "
-                         f"{sorted(set(text_config(model).layer_types))}): one packed row cannot carry its "
-                         "sequences; run it through kvpager.hf.generate / PagedGeneration (kvpager.hf.recurrent)")
+                               f"{sorted(set(text_config(model).layer_types))}): one packed row cannot carry its "
+                               "sequences; run it through kvpager.hf.generate / PagedGeneration (kvpager.hf.recurrent)")
 
 
 def run_pass(model: Any, batch: PagedBatch, fn: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -322,7 +323,7 @@ def run_pass(model: Any, batch: PagedBatch, fn: Any, input_ids: torch.Tensor, po
                 raise
             check_position_bias(model)  # (its reason first, where it is the one: ALiBi Falcon)
             raise UnsupportedModel(f"{type(model).__name__} failed under kvpager attention ({type(e).__name__}: {e}); "
-                             + _NOT_SERVED) from e
+                                   + _NOT_SERVED) from e
     check_layers_ran(model, batch)
     return out
 

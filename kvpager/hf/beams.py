@@ -81,7 +81,7 @@ def beam_search(model: Any, pool: Any, prompts: Any = None, max_new_tokens: int 
         raise InvalidArgument(f"num_beams must be an int >= 1, got {num_beams!r}")
     if not is_int(num_return_sequences) or not 1 <= num_return_sequences <= num_beams:
         raise InvalidArgument(f"num_return_sequences must be an int from 1 to num_beams ({num_beams}), "
-                         f"got {num_return_sequences!r}")
+                              f"got {num_return_sequences!r}")
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
             or not np.isfinite(length_penalty):
         raise InvalidArgument(f"length_penalty must be a finite number, got {length_penalty!r}")
@@ -108,7 +108,7 @@ def beams_for_generate(model: Any, pool: Any, prompts: Any, max_new_tokens: Any,
     given = sorted(name for name, value in refused.items() if value is not None)
     if given:
         raise InvalidArgument(f"generate with num_beams={num_beams!r} takes no {', '.join(given)}: beam search here "
-                         "is greedy, without log-probabilities or stop sequences (kvpager.hf.beam_search)")
+                              "is greedy, without log-probabilities or stop sequences (kvpager.hf.beam_search)")
     found = beam_search(model, pool, prompts, max_new_tokens, num_beams, 1, length_penalty, early_stopping,
                         eos_token_id, salt, input_ids=input_ids, attention_mask=attention_mask)
     return [b.tokens[0] for b in found]
@@ -127,8 +127,8 @@ def config_beams(model: Any) -> tuple[int, dict[str, Any]]:
         return 1, {}  # (sampled beams: Sampling.from_model refuses them by name)
     if Sampling.from_model(model) is not None:
         raise InvalidArgument(f"the model's generation config asks for a beam search (num_beams={beams}) with logits "
-                         "processors (penalties, biases, min_new_tokens), which kvpager's beam search does not "
-                         "apply: call kvpager.hf.beam_search for the beams alone")
+                              "processors (penalties, biases, min_new_tokens), which kvpager's beam search does not "
+                              "apply: call kvpager.hf.beam_search for the beams alone")
     penalty = getattr(config, "length_penalty", None)
     return int(beams), dict(length_penalty=1.0 if penalty is None else float(penalty),
                             early_stopping=getattr(config, "early_stopping", False) or False)

@@ -194,9 +194,11 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
             from kvpager.hf.compiled import HAS_OP
 
             if not HAS_OP:
-                raise InvalidArgument(f"compile=True needs torch >= 2.4 (torch.library.custom_op), got {torch.__version__}")
+                raise InvalidArgument("compile=True needs torch >= 2.4 (torch.library.custom_op), "
+                                      f"got {torch.__version__}")
             if importlib.util.find_spec("triton") is None:  # say so now, not at the first capture
-                raise InvalidArgument("compile=True needs triton, torch.compile's GPU code generator: pip install triton")
+                raise InvalidArgument("compile=True needs triton, torch.compile's GPU code generator: "
+                                      "pip install triton")
         if self.cuda_graphs:
             if not pool_device.startswith("cuda") or self._device.type != "cuda":
                 raise InvalidArgument("cuda_graphs needs the model and the pool on a CUDA device")

@@ -51,7 +51,7 @@ def check_logprobs(k: Any, vocab: int | None) -> int | None:
         return None
     if not is_int(k) or k < 0:
         raise InvalidArgument(f"logprobs must be None or an int >= 0 (the most likely tokens to report at each "
-                         f"position besides the chosen one), got {k!r}")
+                              f"position besides the chosen one), got {k!r}")
     if vocab is not None and k > vocab:
         raise InvalidArgument(f"logprobs={k} asks for more tokens than the model's vocabulary holds ({vocab})")
     return int(k)

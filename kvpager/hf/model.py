@@ -105,7 +105,7 @@ def layer_windows(model: Any) -> list[int | None]:
         other = sorted(set(kinds) - {FULL, SLIDING, CHUNKED, HYBRID} - NO_KV_KINDS)
         if other:
             raise UnsupportedModel(f"kvpager attends full, sliding-window and chunked layers (beside layers without "
-                             f"attention: {sorted(NO_KV_KINDS)}) only; layer_types here: {other}")
+                                   f"attention: {sorted(NO_KV_KINDS)}) only; layer_types here: {other}")
         if SLIDING in kinds and window is None:
             raise UnsupportedModel("layer_types has sliding_attention layers but config.sliding_window is not set")
         windows = [window if kind == SLIDING else None for kind in kinds]
@@ -119,14 +119,15 @@ def layer_windows(model: Any) -> list[int | None]:
         if not isinstance(idx, int) or not hasattr(module, "is_causal"):
             continue  # not an attention module
         if not 0 <= idx < n:
-            raise UnsupportedModel(f"an attention module ({type(module).__name__}) has layer_idx {idx}, not one of the "
-                             f"model's {n} layers, and its forward is not told a layer at each call as a module shared "
-                             "across layers is (Zamba's); kvpager holds a layer's K/V by its index")
+            raise UnsupportedModel(
+                f"an attention module ({type(module).__name__}) has layer_idx {idx}, not one of the model's {n} "
+                "layers, and its forward is not told a layer at each call as a module shared across layers is "
+                "(Zamba's); kvpager holds a layer's K/V by its index")
         if module.is_causal is False:
             raise UnsupportedModel(f"layer {idx} attends bidirectionally (is_causal=False); kvpager attends causally")
         if kinds and idx < len(kinds) and kinds[idx] in NO_KV_KINDS:
             raise UnsupportedModel(f"layer {idx} has an attention module ({type(module).__name__}) but layer_types "
-                             f"says it is {kinds[idx]!r}, a layer without K/V; refusing rather than guessing")
+                                   f"says it is {kinds[idx]!r}, a layer without K/V; refusing rather than guessing")
     for i, w in enumerate(windows):
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
             raise UnsupportedModel(f"layer {i} has sliding window {w!r}; kvpager needs a positive int")
@@ -153,10 +154,10 @@ def layer_chunks(model: Any, block_size: int | None = None) -> list[int | None]:
     chunk = getattr(config, "attention_chunk_size", None)
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         raise UnsupportedModel(f"layer_types has chunked_attention layers but attention_chunk_size is {chunk!r}; "
-                         "kvpager needs a positive int")
+                               "kvpager needs a positive int")
     if block_size is not None and chunk % block_size:
         raise InvalidArgument(f"chunked attention over {chunk}-token chunks needs a pool block size that divides "
-                         f"{chunk}; this pool's is {block_size}")
+                              f"{chunk}; this pool's is {block_size}")
     return [chunk if kind == CHUNKED else None for kind in kinds]
 
 
@@ -229,17 +230,18 @@ def check_call(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.
             f"kvpager attention does not support the attention argument {name}={_show(val)} "
             f"(layer {layer}); run this model with another attn_implementation")
     if dropout:
-        raise UnsupportedModel(f"kvpager attention applies no dropout, got dropout={dropout} (put the model in eval mode)")
+        raise UnsupportedModel(f"kvpager attention applies no dropout, got dropout={dropout} "
+                               "(put the model in eval mode)")
     if key.shape[2] != query.shape[2]:
         raise UnsupportedModel(f"kvpager attention is self-attention over the new tokens: {query.shape[2]} queries "
-                         f"but {key.shape[2]} keys (cross-attention?) at layer {layer}")
+                               f"but {key.shape[2]} keys (cross-attention?) at layer {layer}")
     if query.shape[3] != key.shape[3] or key.shape[:3] != value.shape[:3]:
         raise UnsupportedModel(f"kvpager attention needs q and k of one head dim and k and v of the same heads and "
-                         f"tokens, got q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)} "
-                         f"at layer {layer}")
+                               f"tokens, got q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)} "
+                               f"at layer {layer}")
     if sliding_window is not ABSENT and sliding_window != window:
         raise UnsupportedModel(f"transformers passes sliding_window={sliding_window} to layer {layer}, whose "
-                         f"config gives {window}; refusing rather than guessing")
+                               f"config gives {window}; refusing rather than guessing")
 
 
 def _show(val: Any) -> str:
@@ -342,7 +344,7 @@ def check_head(model: Any) -> None:
     heads = getattr(model, "get_output_embeddings", None)
     if callable(can) and not can() and callable(heads) and heads() is None:
         raise UnsupportedModel(f"model: {type(model).__name__} has no language-model head, so no next-token logits; "
-                         "load it with AutoModelForCausalLM (or its ...ForCausalLM class), not AutoModel")
+                               "load it with AutoModelForCausalLM (or its ...ForCausalLM class), not AutoModel")
 
 
 def check_position_bias(model: Any) -> None:
@@ -353,9 +355,9 @@ def check_position_bias(model: Any) -> None:
     extents), so its scores would miss them. Before: Falcon's own code failed
     on the absent mask, explained as attention outside the interface."""
     if getattr(text_config(model), "alibi", False) is True:
-        raise UnsupportedModel(f"{type(model).__name__} adds ALiBi position biases to its attention scores (config.alibi="
-                         "True), through the attention mask, which kvpager's attention does not read: run this "
-                         "model with its own cache")
+        raise UnsupportedModel(f"{type(model).__name__} adds ALiBi position biases to its attention scores "
+                               "(config.alibi=True), through the attention mask, which kvpager's attention does "
+                               "not read: run this model with its own cache")
 
 
 def check_eval_mode(model: Any) -> None:
@@ -375,8 +377,9 @@ def check_eval_mode(model: Any) -> None:
               if ("dropout" in k or "pdrop" in k) and type(v) in (int, float) and v > 0]
     if drops:
         raise UnsupportedModel(f"model is in training mode with dropout ({', '.join(drops[:3])}"
-                         f"{', ...' if len(drops) > 3 else ''}): its tokens would be random and the K/V it "
-                         "stores, shared through the prefix cache, wrong for every caller; call model.eval() first")
+                               f"{', ...' if len(drops) > 3 else ''}): its tokens would be random and the K/V "
+                               "it stores, shared through the prefix cache, wrong for every caller; call "
+                               "model.eval() first")
 
 
 def check_model_and_pool(model: Any, pool: Any) -> None:

@@ -179,8 +179,8 @@ def token_lists(prompts: Any, model: Any, attention_mask: Any = None) -> list[li
     after the padding is stripped: a pad id past the model's embeddings is no token."""
     if isinstance(prompts, Mapping) and "input_ids" in prompts:
         raise InvalidArgument("prompts is a tokenizer's output (a mapping with input_ids): pass it as keywords, "
-                         "generate(model, pool, **enc, max_new_tokens=n), or enc['input_ids'] with "
-                         "attention_mask=enc['attention_mask']")
+                              "generate(model, pool, **enc, max_new_tokens=n), or enc['input_ids'] with "
+                              "attention_mask=enc['attention_mask']")
     if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
         raise InvalidArgument("prompts must be a non-empty list of non-empty token-id lists")
     out = []
@@ -189,7 +189,7 @@ def token_lists(prompts: Any, model: Any, attention_mask: Any = None) -> list[li
             raise InvalidArgument(f"prompts[{i}] must be a list of token ids, got {type(p).__name__}")
         if isinstance(p, (np.ndarray, torch.Tensor)) and p.ndim != 1:  # a 0-d one: one flat tensor's id
             raise InvalidArgument(f"prompts[{i}] must be a list of token ids, got a {p.ndim}-D {type(p).__name__} "
-                             "(pass [ids] for one prompt)")
+                                  "(pass [ids] for one prompt)")
         ids = list(p.tolist() if isinstance(p, (np.ndarray, torch.Tensor)) else p)
         if all_type(ids, int):  # (plain ints, as most prompts are: checked at C speed, kept as they are)
             out.append(ids)
@@ -227,7 +227,7 @@ def new_token_limits(most: Any, n: int) -> list[int]:
         values = most.tolist() if hasattr(most, "tolist") else list(most)
         if len(values) != n or not all(is_int(v) and v >= 1 for v in values):
             raise InvalidArgument(f"max_new_tokens as a list must hold an int >= 1 for each of the {n} prompts, "
-                             f"got {most!r}")
+                                  f"got {most!r}")
         return [int(v) for v in values]
     raise InvalidArgument(f"max_new_tokens must be an int >= 1, got {most!r} (or a list of one a prompt)")
 

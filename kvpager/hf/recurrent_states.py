@@ -100,8 +100,8 @@ def cache_classes() -> tuple[Any, Any, Any]:
         import transformers
 
         raise UnsupportedModel(f"models with recurrent layers (layer_types {sorted(RECURRENT_KINDS)}) need "
-                         f"transformers' linear-attention cache layers (transformers 5.24 or later); this is "
-                         f"transformers {transformers.__version__}") from None
+                               f"transformers' linear-attention cache layers (transformers 5.24 or later); this is "
+                               f"transformers {transformers.__version__}") from None
     return DynamicCache, DynamicLayer, LinearAttentionCacheLayerMixin
 
 
@@ -129,7 +129,7 @@ def new_cache(model: Any) -> Any:
         # (a hybrid layer's, both: transformers' LinearAttentionAndFullAttentionLayer)
         if isinstance(layer, linear) != recurrent or (attends and not isinstance(layer, dynamic_layer)):
             raise UnsupportedModel(f"{type(model).__name__}: layer {i} ({kinds[i]}) has a cache layer of kind "
-                             f"{type(layer).__name__}; kvpager cannot tell where its state lives")
+                                   f"{type(layer).__name__}; kvpager cannot tell where its state lives")
         if isinstance(layer, dynamic_layer):
             _pass_through(layer)
     return cache
@@ -159,9 +159,9 @@ def check_layout(model: Any, layout: Layout) -> Layout:
     held = {i for i, _, _, _ in layout}
     missing = [i for i, kind in enumerate(kinds) if kind in RECURRENT_KINDS and i not in held]
     if missing:
-        raise UnsupportedModel(f"{type(model).__name__}: its recurrent layers {missing[:8]} keep their states outside "
-                         "transformers' cache (in their modules); kvpager moves each sequence's states through the "
-                         "cache's linear-attention layers, so it cannot serve this model")
+        raise UnsupportedModel(f"{type(model).__name__}: its recurrent layers {missing[:8]} keep their states "
+                               "outside transformers' cache (in their modules); kvpager moves each sequence's "
+                               "states through the cache's linear-attention layers, so it cannot serve this model")
     return layout
 
 

@@ -158,9 +158,9 @@ class Sampling:
                               ("eta_cutoff", 0.0), ("num_beams", 1), ("no_repeat_ngram_size", 0)):
             value = getattr(config, name, None)
             if value is not None and value != neutral:
-                raise InvalidArgument(f"the model's generation config sets {name}={value!r}, which kvpager's sampling "
-                                 "does not apply (it applies temperature, top_k, top_p, min_p and penalties): pass "
-                                 "a Sampling of your own to take the others alone")
+                raise InvalidArgument(f"the model's generation config sets {name}={value!r}, which kvpager's "
+                                      "sampling does not apply (it applies temperature, top_k, top_p, min_p and "
+                                      "penalties): pass a Sampling of your own to take the others alone")
         def get(name: str, default: Any) -> Any:
             value = getattr(config, name, None)
             return default if value is None else value
@@ -180,7 +180,7 @@ def _config_adjustments(config: Any) -> tuple[dict[int, float], int]:
         value = getattr(config, name, None)
         if value is not None and value != neutral:
             raise InvalidArgument(f"the model's generation config sets {name}={value!r}, which kvpager's sampling does "
-                             "not apply: pass a Sampling of your own (min_tokens counts new tokens)")
+                                  "not apply: pass a Sampling of your own (min_tokens counts new tokens)")
     bias: dict[int, float] = {}
     sequence_bias = getattr(config, "sequence_bias", None) or {}
     # (a dict of id tuples, or its JSON form: [[ids, bias], ...])
@@ -188,14 +188,14 @@ def _config_adjustments(config: Any) -> tuple[dict[int, float], int]:
         ids = list(key) if isinstance(key, (list, tuple)) else [key]
         if len(ids) != 1:
             raise InvalidArgument(f"the model's generation config biases the sequence {key!r}: kvpager biases single "
-                             "tokens alone (Sampling.logit_bias)")
+                                  "tokens alone (Sampling.logit_bias)")
         bias[int(ids[0])] = bias.get(int(ids[0]), 0.0) + float(value)
     for t in getattr(config, "suppress_tokens", None) or ():
         bias[int(t)] = float("-inf")
     for words in getattr(config, "bad_words_ids", None) or ():
         if len(words) != 1:
             raise InvalidArgument(f"the model's generation config bans the sequence {words!r}: kvpager bans single "
-                             "tokens alone (Sampling.logit_bias of -inf)")
+                                  "tokens alone (Sampling.logit_bias of -inf)")
         bias[int(words[0])] = float("-inf")
     return bias, int(getattr(config, "min_new_tokens", None) or 0)
 
@@ -232,12 +232,12 @@ class Sampler:
             per = [sampling] * n
         elif isinstance(sampling, (str, bytes)) or not isinstance(sampling, Sequence):
             raise InvalidArgument(f"sampling must be a kvpager.hf.Sampling, None or a list of them (one a prompt), "
-                             f"got {type(sampling).__name__}")
+                                  f"got {type(sampling).__name__}")
         else:
             per = list(sampling)
             if len(per) != n or not all(s is None or isinstance(s, Sampling) for s in per):
                 raise InvalidArgument(f"sampling as a list must hold a Sampling or None for each of the {n} prompts, "
-                                 f"got {len(per)} items ({sorted({type(s).__name__ for s in per})})")
+                                      f"got {len(per)} items ({sorted({type(s).__name__ for s in per})})")
         self.greedy = np.array([s is None or s.greedy for s in per])
         on = [s if s is not None else Sampling(temperature=0) for s in per]
         # temperature, top-k, top-p, min-p, repetition, presence and frequency penalties

@@ -111,7 +111,7 @@ def _starts(start: Any, prompts: list[list[int]]) -> list[int]:
     for i, (s, p) in enumerate(zip(starts, prompts)):
         if not is_int(s) or not 1 <= s <= len(p):
             raise InvalidArgument(f"start of prompt {i} must be an int from 1 (its first token has nothing before it "
-                             f"to score it by) to its length {len(p)}, got {s!r}")
+                                  f"to score it by) to its length {len(p)}, got {s!r}")
     return [int(s) for s in starts]
 
 
