@@ -29,6 +29,7 @@ import torch
 from transformers import AttentionInterface
 
 from kvpager.errors import InvalidArgument, KVPagerError, UnsupportedModel
+from kvpager.hf.checks import NOT_SERVED, check_layers_ran, check_packable, check_position_bias
 from kvpager.hf.compiled import HAS_OP, current, is_compiling, running
 from kvpager.hf.compiled import write_attend as _write_attend_op
 from kvpager.hf.fitting import fit_layer, pool_mismatch
@@ -36,11 +37,9 @@ from kvpager.hf.model import (
     ABSENT,
     IGNORED,
     check_call,
-    check_position_bias,
     has_recurrent_layers,
     layer_chunk,
     temperature_tuned,
-    text_config,
 )
 
 # the switch (`paged_attention`) and the name it switches to, re-exported from their home
@@ -285,20 +284,6 @@ def paged_forward(model: Any, batch: PagedBatch, input_ids: torch.Tensor, positi
     return run_pass(model, batch, forward_pass, input_ids, position_ids, logits_to_keep)
 
 
-def check_packable(model: Any, batch: PagedBatch) -> None:
-    """ValueError for a model with recurrent layers (`kvpager.hf.recurrent`) unless
-    ``batch``'s row is one whole prompt (one sequence, every token of it new: its
-    recurrent layers start from no state, as transformers' do): a packed row's
-    sequences would run through those layers as one sequence, and a continued
-    one without its state, giving wrong tokens without a word."""
-    plan = batch.plan
-    if has_recurrent_layers(model) and not (plan.num_seqs == 1
-                                            and int(plan.query_lens[0]) == int(plan.seq_lens[0])):
-        raise UnsupportedModel(f"{type(model).__name__} has recurrent layers (layer_types "
-                               f"{sorted(set(text_config(model).layer_types))}): one packed row cannot carry its "
-                               "sequences; run it through kvpager.hf.generate / PagedGeneration (kvpager.hf.recurrent)")
-
-
 def run_pass(model: Any, batch: PagedBatch, fn: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
              logits_to_keep: Any = 0) -> torch.Tensor:
     """``fn(model, batch, input_ids, position_ids, logits_to_keep)`` (`forward_pass`,
@@ -323,46 +308,13 @@ def run_pass(model: Any, batch: PagedBatch, fn: Any, input_ids: torch.Tensor, po
                 raise
             check_position_bias(model)  # (its reason first, where it is the one: ALiBi Falcon)
             raise UnsupportedModel(f"{type(model).__name__} failed under kvpager attention ({type(e).__name__}: {e}); "
-                                   + _NOT_SERVED) from e
+                                   + NOT_SERVED) from e
     check_layers_ran(model, batch)
     return out
 
 
 def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-_NOT_SERVED = ("its attention does not run through transformers' attention interface (attn_implementation), "
-               "so kvpager cannot serve it: run this model with its own cache")
-
-
-def check_layers_ran(model: Any, batch: PagedBatch) -> None:
-    """ValueError unless ``batch``'s pass ran every layer of ``model`` through
-    kvpager, once: a family whose attention does not go through transformers'
-    attention interface (Falcon, MPT: their modules compute it themselves) would
-    otherwise run its own attention over the new tokens alone, with nothing
-    cached, and one that attends twice a layer
-    (DiffLlama, Dory's recurrent loops) would overwrite a layer's K/V with its
-    second call's (HRM-text counts its cycles as layers: as many calls as
-    layers, over two of them): all generate wrong tokens without a word."""
-    ran, layers = batch.layers_run, text_config(model).num_hidden_layers
-    want, attending = (1 << layers) - 1, layers
-    if batch.layers is not None:  # layers without attention (pool layer -1: `kvpager.hf.model.layer_map`)
-        for i, (p, _) in enumerate(batch.layers):
-            if p < 0:
-                want &= ~(1 << i)
-                attending -= 1
-    if ran == attending and batch.layers_seen == want:
-        return
-    distinct = bin(batch.layers_seen).count("1")
-    if ran > distinct:  # a layer attended twice: its second K/V would overwrite the first's
-        raise UnsupportedModel(
-            f"{type(model).__name__}: {ran} attention calls in one pass over {distinct} of its {layers} layers; "
-            "it attends more than once a layer (recurrent loops over its layers, differential attention), and "
-            "kvpager holds one K/V per layer and token: run this model with its own cache")
-    raise UnsupportedModel(
-        f"{type(model).__name__}: {distinct} of its {attending} attention layers attended through kvpager in this "
-        "pass; " + _NOT_SERVED)
 
 
 def forward_pass(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,

@@ -40,8 +40,9 @@ import torch
 
 from kvpager.errors import InvalidArgument
 from kvpager.hf.attention import paged_attention, run_pass
+from kvpager.hf.checks import check_model_and_pool, end_tokens
 from kvpager.hf.eager import EagerPasses
-from kvpager.hf.model import check_model_and_pool, end_tokens, has_recurrent_layers
+from kvpager.hf.model import has_recurrent_layers
 from kvpager.hf.padding import prompts_given, token_lists
 from kvpager.hf.recurrent_states import cache_over, stacked, tensors_of
 from kvpager.hf.salt import default_salt

@@ -42,15 +42,13 @@ from kvpager.hf.attention import (  # noqa: F401
     register,
 )
 from kvpager.hf.beams import beams_for_generate, config_beams
+from kvpager.hf.checks import check_model, check_model_and_pool, end_tokens  # noqa: F401
 from kvpager.hf.eager import TORCH_DTYPES
 from kvpager.hf.graphs import bucket_for
 from kvpager.hf.logprobs import Completion, KeptLogprobs, TokenLogprobs, check_logprobs
 from kvpager.hf.model import (  # noqa: F401
     ABSENT,
     check_call,
-    check_model,
-    check_model_and_pool,
-    end_tokens,
     layer_chunks,
     layer_fit,
     layer_map,

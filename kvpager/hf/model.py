@@ -23,7 +23,6 @@ from kvpager.hf.salt import default_salt  # noqa: F401 (its home before kvpager.
 from kvpager.layer_geometry import attribute_getter, fit, layer_getters
 from kvpager.sizing import NO_KV_KINDS, attention_dims, kv_heads_field, kv_sources, pool_layers
 from kvpager.spec import PoolSpec, dtype_name
-from kvpager.validate import is_int
 
 FULL, SLIDING, CHUNKED = "full_attention", "sliding_attention", "chunked_attention"
 #: ``layer_types`` kinds whose layers keep a recurrent state a sequence (`kvpager.hf.recurrent`)
@@ -314,93 +313,14 @@ def spec_for_model(
     )
 
 
-def check_model(model: Any, pool: Any) -> list[int | None]:
-    """The model's per-layer sliding windows (`layer_windows`), after checking
-    that it is a language model with its head (`check_head`), in eval mode
-    where dropout would apply (`check_eval_mode`), that kvpager can attend for
-    it, and that ``pool`` has its KV geometry (and a block size that divides
-    its attention chunk, if it has chunked layers: `layer_chunks`)."""
-    check_head(model)
-    check_eval_mode(model)
-    check_position_bias(model)
-    windows = layer_windows(model)
-    layer_chunks(model, pool.spec.block_size)
-    want = model_geometry(text_config(model))
-    spec = pool.spec
-    have = {k: getattr(spec, k) for k in want}
-    if have != want:
-        raise InvalidArgument(f"pool geometry {have} does not match the model's {want}")
-    return windows
+#: names that moved to `kvpager.hf.checks`, still answered here (old imports, `clients/kvpager_hf_model`)
+_MOVED = frozenset({"check_model", "check_head", "check_position_bias", "check_eval_mode", "check_model_and_pool",
+                    "end_tokens"})
 
 
-def check_head(model: Any) -> None:
-    """ValueError for a model without a language-model head (``AutoModel`` where
-    ``AutoModelForCausalLM`` was meant: `LlamaModel`), which transformers'
-    ``generate`` refuses too: it has no logits, and its first pass failed with an
-    AttributeError after the prompts were allocated. A model that says it cannot
-    generate (`can_generate`) and has no output embeddings is refused; one with
-    either (remote code that does not inherit ``GenerationMixin``) is taken."""
-    can = getattr(model, "can_generate", None)
-    heads = getattr(model, "get_output_embeddings", None)
-    if callable(can) and not can() and callable(heads) and heads() is None:
-        raise UnsupportedModel(f"model: {type(model).__name__} has no language-model head, so no next-token logits; "
-                               "load it with AutoModelForCausalLM (or its ...ForCausalLM class), not AutoModel")
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        from kvpager.hf import checks
 
-
-def check_position_bias(model: Any) -> None:
-    """ValueError for a model whose attention adds ALiBi position biases
-    (``config.alibi``: Falcon-RW, and Falcon of any kind where so configured):
-    transformers adds them to the attention mask, which kvpager's attention
-    neither builds nor reads (it attends causally over the pool by the plan's
-    extents), so its scores would miss them. Before: Falcon's own code failed
-    on the absent mask, explained as attention outside the interface."""
-    if getattr(text_config(model), "alibi", False) is True:
-        raise UnsupportedModel(f"{type(model).__name__} adds ALiBi position biases to its attention scores "
-                               "(config.alibi=True), through the attention mask, which kvpager's attention does "
-                               "not read: run this model with its own cache")
-
-
-def check_eval_mode(model: Any) -> None:
-    """ValueError for a model in training mode (``model.train()``) where dropout
-    would apply: a dropout module with p > 0, or a config field of a dropout
-    probability above 0 (Starcoder2 drops out functionally, ``training=self.training``).
-    Its tokens would be random, and the K/V it stores would be published to the
-    prefix cache under the same default salt as the model in eval mode: before,
-    a later eval-mode generation of the same prompt, from any caller, started
-    from those blocks and gave other tokens than transformers'. Training mode
-    without dropout gives eval mode's tokens and is taken."""
-    if not any(m.training for m in modules_of(model)):
-        return
-    drops = [f"{name}.p={m.p}" for name, m in model.named_modules()
-             if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
-    drops += [f"config.{k}={v}" for k, v in sorted(text_config(model).to_dict().items())
-              if ("dropout" in k or "pdrop" in k) and type(v) in (int, float) and v > 0]
-    if drops:
-        raise UnsupportedModel(f"model is in training mode with dropout ({', '.join(drops[:3])}"
-                               f"{', ...' if len(drops) > 3 else ''}): its tokens would be random and the K/V "
-                               "it stores, shared through the prefix cache, wrong for every caller; call "
-                               "model.eval() first")
-
-
-def check_model_and_pool(model: Any, pool: Any) -> None:
-    """TypeError, naming the argument, for a ``model`` that is no torch module or a
-    ``pool`` without a pool's methods (a `PoolSpec` given where ``KVPool(spec)`` was
-    meant, the two arguments swapped): before, an AttributeError from deep inside
-    ('PoolSpec' object has no attribute 'spec')."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a transformers causal LM (a torch.nn.Module), got {type(model).__name__}")
-    if not (callable(getattr(pool, "allocate", None)) and isinstance(getattr(pool, "spec", None), PoolSpec)):
-        hint = ": pass KVPool(spec)" if isinstance(pool, PoolSpec) else ""
-        raise TypeError(f"pool must be a kvpager pool (KVPool, or a daemon Client), got {type(pool).__name__}{hint}")
-
-
-def end_tokens(eos: Any) -> set[int]:
-    """The end-of-sequence ids of ``eos`` (None, a token id, or a list, 1-D array or
-    tensor of them); ValueError for anything else."""
-    if getattr(eos, "ndim", None) == 1 and hasattr(eos, "tolist"):
-        eos = eos.tolist()  # a 1-D tensor or array of ids, as a list (a torch one gave 0-d tensors: refused)
-    many = eos is not None and not is_int(eos)
-    if many and (isinstance(eos, (str, bytes)) or not hasattr(eos, "__iter__") or getattr(eos, "ndim", 1) != 1
-                 or not all(is_int(e) for e in eos)):
-        raise InvalidArgument(f"eos_token_id must be None, a token id or a list of them, got {eos!r}")
-    return set() if eos is None else {int(e) for e in eos} if many else {int(eos)}
+        return getattr(checks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -38,9 +38,10 @@ import numpy as np
 import torch
 
 from kvpager.errors import InvalidArgument
+from kvpager.hf.checks import check_model_and_pool
 from kvpager.hf.eager import EagerPasses
 from kvpager.hf.logprobs import TokenLogprobs
-from kvpager.hf.model import check_model_and_pool, has_recurrent_layers, text_config
+from kvpager.hf.model import has_recurrent_layers, text_config
 from kvpager.hf.padding import prompts_given, token_lists
 from kvpager.hf.salt import default_salt
 from kvpager.hf.scoring_rows import RowScorer

@@ -1,0 +1,168 @@
+"""The checks `kvpager.hf` runs on a model and its arguments before anything is
+allocated: that it is a language model with its head, in eval mode where
+dropout would apply, without position biases kvpager's attention would not
+add, that the pool has its KV geometry (`check_model`); that the model and
+pool are what they say (`check_model_and_pool`); the end-of-sequence ids
+(`end_tokens`); before a packed pass, that its row can carry the model's
+sequences (`check_packable`), and after it, that every layer attended
+through kvpager once (`check_layers_ran`). A model it cannot serve gets
+`UnsupportedModel`, a bad argument `InvalidArgument` (both ValueErrors), a
+wrong kind of object a TypeError. Moved from `kvpager.hf.model` (which still answers their names) and
+`kvpager.hf.attention`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvpager.errors import InvalidArgument, UnsupportedModel
+from kvpager.hf.model import (
+    has_recurrent_layers,
+    layer_chunks,
+    layer_windows,
+    model_geometry,
+    modules_of,
+    text_config,
+)
+from kvpager.spec import PoolSpec
+from kvpager.validate import is_int
+
+
+def check_model(model: Any, pool: Any) -> list[int | None]:
+    """The model's per-layer sliding windows (`layer_windows`), after checking
+    that it is a language model with its head (`check_head`), in eval mode
+    where dropout would apply (`check_eval_mode`), that kvpager can attend for
+    it, and that ``pool`` has its KV geometry (and a block size that divides
+    its attention chunk, if it has chunked layers: `layer_chunks`)."""
+    check_head(model)
+    check_eval_mode(model)
+    check_position_bias(model)
+    windows = layer_windows(model)
+    layer_chunks(model, pool.spec.block_size)
+    want = model_geometry(text_config(model))
+    spec = pool.spec
+    have = {k: getattr(spec, k) for k in want}
+    if have != want:
+        raise InvalidArgument(f"pool geometry {have} does not match the model's {want}")
+    return windows
+
+
+def check_head(model: Any) -> None:
+    """ValueError for a model without a language-model head (``AutoModel`` where
+    ``AutoModelForCausalLM`` was meant: `LlamaModel`), which transformers'
+    ``generate`` refuses too: it has no logits, and its first pass failed with an
+    AttributeError after the prompts were allocated. A model that says it cannot
+    generate (`can_generate`) and has no output embeddings is refused; one with
+    either (remote code that does not inherit ``GenerationMixin``) is taken."""
+    can = getattr(model, "can_generate", None)
+    heads = getattr(model, "get_output_embeddings", None)
+    if callable(can) and not can() and callable(heads) and heads() is None:
+        raise UnsupportedModel(f"model: {type(model).__name__} has no language-model head, so no next-token logits; "
+                               "load it with AutoModelForCausalLM (or its ...ForCausalLM class), not AutoModel")
+
+
+def check_position_bias(model: Any) -> None:
+    """ValueError for a model whose attention adds ALiBi position biases
+    (``config.alibi``: Falcon-RW, and Falcon of any kind where so configured):
+    transformers adds them to the attention mask, which kvpager's attention
+    neither builds nor reads (it attends causally over the pool by the plan's
+    extents), so its scores would miss them. Before: Falcon's own code failed
+    on the absent mask, explained as attention outside the interface."""
+    if getattr(text_config(model), "alibi", False) is True:
+        raise UnsupportedModel(f"{type(model).__name__} adds ALiBi position biases to its attention scores "
+                               "(config.alibi=True), through the attention mask, which kvpager's attention does "
+                               "not read: run this model with its own cache")
+
+
+def check_eval_mode(model: Any) -> None:
+    """ValueError for a model in training mode (``model.train()``) where dropout
+    would apply: a dropout module with p > 0, or a config field of a dropout
+    probability above 0 (Starcoder2 drops out functionally, ``training=self.training``).
+    Its tokens would be random, and the K/V it stores would be published to the
+    prefix cache under the same default salt as the model in eval mode: before,
+    a later eval-mode generation of the same prompt, from any caller, started
+    from those blocks and gave other tokens than transformers'. Training mode
+    without dropout gives eval mode's tokens and is taken."""
+    if not any(m.training for m in modules_of(model)):
+        return
+    drops = [f"{name}.p={m.p}" for name, m in model.named_modules()
+             if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
+    drops += [f"config.{k}={v}" for k, v in sorted(text_config(model).to_dict().items())
+              if ("dropout" in k or "pdrop" in k) and type(v) in (int, float) and v > 0]
+    if drops:
+        raise UnsupportedModel(f"model is in training mode with dropout ({', '.join(drops[:3])}"
+                               f"{', ...' if len(drops) > 3 else ''}): its tokens would be random and the K/V "
+                               "it stores, shared through the prefix cache, wrong for every caller; call "
+                               "model.eval() first")
+
+
+def check_model_and_pool(model: Any, pool: Any) -> None:
+    """TypeError, naming the argument, for a ``model`` that is no torch module or a
+    ``pool`` without a pool's methods (a `PoolSpec` given where ``KVPool(spec)`` was
+    meant, the two arguments swapped): before, an AttributeError from deep inside
+    ('PoolSpec' object has no attribute 'spec')."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a transformers causal LM (a torch.nn.Module), got {type(model).__name__}")
+    if not (callable(getattr(pool, "allocate", None)) and isinstance(getattr(pool, "spec", None), PoolSpec)):
+        hint = ": pass KVPool(spec)" if isinstance(pool, PoolSpec) else ""
+        raise TypeError(f"pool must be a kvpager pool (KVPool, or a daemon Client), got {type(pool).__name__}{hint}")
+
+
+def end_tokens(eos: Any) -> set[int]:
+    """The end-of-sequence ids of ``eos`` (None, a token id, or a list, 1-D array or
+    tensor of them); ValueError for anything else."""
+    if getattr(eos, "ndim", None) == 1 and hasattr(eos, "tolist"):
+        eos = eos.tolist()  # a 1-D tensor or array of ids, as a list (a torch one gave 0-d tensors: refused)
+    many = eos is not None and not is_int(eos)
+    if many and (isinstance(eos, (str, bytes)) or not hasattr(eos, "__iter__") or getattr(eos, "ndim", 1) != 1
+                 or not all(is_int(e) for e in eos)):
+        raise InvalidArgument(f"eos_token_id must be None, a token id or a list of them, got {eos!r}")
+    return set() if eos is None else {int(e) for e in eos} if many else {int(eos)}
+
+
+def check_packable(model: Any, batch: Any) -> None:
+    """ValueError for a model with recurrent layers (`kvpager.hf.recurrent`) unless
+    ``batch``'s row is one whole prompt (one sequence, every token of it new: its
+    recurrent layers start from no state, as transformers' do): a packed row's
+    sequences would run through those layers as one sequence, and a continued
+    one without its state, giving wrong tokens without a word."""
+    plan = batch.plan
+    if has_recurrent_layers(model) and not (plan.num_seqs == 1
+                                            and int(plan.query_lens[0]) == int(plan.seq_lens[0])):
+        raise UnsupportedModel(f"{type(model).__name__} has recurrent layers (layer_types "
+                               f"{sorted(set(text_config(model).layer_types))}): one packed row cannot carry its "
+                               "sequences; run it through kvpager.hf.generate / PagedGeneration (kvpager.hf.recurrent)")
+
+
+NOT_SERVED = ("its attention does not run through transformers' attention interface (attn_implementation), "
+               "so kvpager cannot serve it: run this model with its own cache")
+
+
+def check_layers_ran(model: Any, batch: Any) -> None:
+    """ValueError unless ``batch``'s pass ran every layer of ``model`` through
+    kvpager, once: a family whose attention does not go through transformers'
+    attention interface (Falcon, MPT: their modules compute it themselves) would
+    otherwise run its own attention over the new tokens alone, with nothing
+    cached, and one that attends twice a layer
+    (DiffLlama, Dory's recurrent loops) would overwrite a layer's K/V with its
+    second call's (HRM-text counts its cycles as layers: as many calls as
+    layers, over two of them): all generate wrong tokens without a word."""
+    ran, layers = batch.layers_run, text_config(model).num_hidden_layers
+    want, attending = (1 << layers) - 1, layers
+    if batch.layers is not None:  # layers without attention (pool layer -1: `kvpager.hf.model.layer_map`)
+        for i, (p, _) in enumerate(batch.layers):
+            if p < 0:
+                want &= ~(1 << i)
+                attending -= 1
+    if ran == attending and batch.layers_seen == want:
+        return
+    distinct = bin(batch.layers_seen).count("1")
+    if ran > distinct:  # a layer attended twice: its second K/V would overwrite the first's
+        raise UnsupportedModel(
+            f"{type(model).__name__}: {ran} attention calls in one pass over {distinct} of its {layers} layers; "
+            "it attends more than once a layer (recurrent loops over its layers, differential attention), and "
+            "kvpager holds one K/V per layer and token: run this model with its own cache")
+    raise UnsupportedModel(
+        f"{type(model).__name__}: {distinct} of its {attending} attention layers attended through kvpager in this "
+        "pass; " + NOT_SERVED)
