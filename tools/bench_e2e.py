@@ -100,6 +100,10 @@ SHAPES = {
     # not a power of two), q / k / v biases, a 151,936-token vocabulary
     "q15": dict(family="Qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                 num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
+    # StarCoderBase-3B's layout (GPTBigCode): 36 layers, 22 query heads of 128 over one K/V head
+    # (multi-query: a group past 16, decoded as two chunks of heads sharing each K/V tile)
+    "sc3": dict(family="GPTBigCode", n_embd=2816, n_inner=11264, n_layer=36, n_head=22, multi_query=True,
+                vocab_size=49152),
     # heads 512 wide, as Gemma-4's full-attention layers' (a Llama of the 1b shape's size
     # otherwise): kvpager decodes them on CUDA cores and prefills them with two warps a query row
     "w512": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
