@@ -55,6 +55,14 @@ def test_the_old_clients_names_are_the_new_modules():
     from clients.kvpager_hf_model import check_call, default_salt, layer_windows, spec_for_model  # noqa: F401, F811
 
     assert default_salt is kvpager.hf.default_salt
+    # the checks that moved to kvpager.hf.checks are still answered by kvpager.hf.model (and so by the shim)
+    import kvpager.hf.checks
+    from clients.kvpager_hf_model import check_model, check_model_and_pool, end_tokens  # noqa: F401
+
+    assert (check_model, check_model_and_pool, end_tokens) == (
+        kvpager.hf.checks.check_model, kvpager.hf.checks.check_model_and_pool, kvpager.hf.checks.end_tokens)
+    with pytest.raises(AttributeError, match="no attribute 'no_such_check'"):
+        kvpager.hf.model.no_such_check  # noqa: B018
     assert kvpager.hf.generate is kvpager.hf.generation.generate and set(kvpager.hf.__all__) <= set(dir(kvpager.hf))
 
 
