@@ -326,13 +326,15 @@ def main() -> None:
             if "sinks_ms" in r:
                 print(f"| {r['case']} | {r['plain_ms']:.4f} | {r['sinks_ms']:.4f} | {r['sinks_cost']:.3f}x | "
                       f"{r['rel_err']:.1e} |")
+    multi = [r for r in rows if "tflops" in r]
+    if not multi:  # (--no-prefill)
+        return
     print()
     print("| case | kvpager ms | TFLOP/s | SDPA ms | SDPA TFLOP/s | SDPA time / kvpager time |")
     print("|---|---|---|---|---|---|")
-    for r in rows:
-        if "tflops" in r:
-            print(f"| {r['case']} | {r['ms']:.3f} | {r['tflops']:.0f} | {r['sdpa_ms']:.3f} | "
-                  f"{r['sdpa_tflops']:.0f} | {r['ratio']:.2f}x |")
+    for r in multi:
+        print(f"| {r['case']} | {r['ms']:.3f} | {r['tflops']:.0f} | {r['sdpa_ms']:.3f} | "
+              f"{r['sdpa_tflops']:.0f} | {r['ratio']:.2f}x |")
 
 
 if __name__ == "__main__":
