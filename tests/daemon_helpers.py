@@ -105,7 +105,11 @@ def daemon_process(args: list[str], endpoint: str, timeout: float = 30) -> Itera
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()  # drains stderr so the daemon never blocks on a full pipe
     try:
-        started = wait_until(lambda: any("serving on" in x for x in lines) or proc.poll() is not None, timeout)
+        # "kvpager serving on": the line serve prints last, after its metrics and events lines (the
+        # log's own "serving on ..." at bind comes before them: a test that read the log then missed
+        # the metrics line now and then on a loaded CI machine)
+        started = wait_until(lambda: any("kvpager serving on" in x for x in lines) or proc.poll() is not None,
+                             timeout)
         if not started or proc.poll() is not None:
             raise RuntimeError("daemon did not start:\n" + "".join(lines))
         proc.log = lines
