@@ -80,7 +80,7 @@ def decode_layout(num_kv_heads: int, head_dim: int, itemsize: int, items: int, m
     (`group_chunks`), WPH each (4 by default), as many as `group_warps` allows in all (at
     head dim 64: 4, 3, 2 a chunk for groups of 17-64, 65-80, 81-128 heads)."""
     split = head_split(head_dim)
-    shared, ctas = group_chunks(group, head_dim)
+    shared, _ = group_chunks(group, head_dim)
     if shared > 1:  # the chunks' warps share each tile, as many in the CTA as `group_warps` allows
         return 1, max(1, min(int(config.decode_warps_per_head or 4), group_warps(head_dim) // shared))
     hpc = 1 if group > kernels.TC_GROUP else config.decode_heads_per_cta

@@ -1,0 +1,90 @@
+"""GQA groups on the attention planners, on the CPU: any count up to 16 query heads a kv
+head in the decode kernel's M tile and the multi-token and cascade tiles; past 16, decode in
+chunks of 16 heads (one CTA a kv head, its chunks' warps sharing each K/V tile, heads wider
+than 256 a CTA a chunk); what the kernels cannot hold refused by name before any GPU is
+asked. (Split from test_kernel_plans.py.)"""
+
+from __future__ import annotations
+
+import pytest
+from kernel_plan_helpers import NSM, spec_of
+
+from kvpager import KernelConfig, UnsupportedConfiguration
+from kvpager.backends.cupy_cascade import cascade_tiling
+from kvpager.backends.cupy_decode import decode_shape
+from kvpager.backends.cupy_prefill import prefill_tiling
+from kvpager.kernel_config import DEFAULT
+
+
+@pytest.mark.parametrize("group", [3, 5, 6, 7, 9, 12, 14, 16])
+def test_groups_up_to_sixteen_plan_on_every_kernel(group):
+    """A group of any count up to 16 query heads a kv head: the decode kernel's M tile holds
+    it (GROUP), and the multi-token and cascade tiles hold its whole query tokens (rows past
+    them pad: bm // group tokens a tile)."""
+    from kvpager.kernels import check_group
+
+    assert check_group(4 * group, 4) == group
+    spec = spec_of("bfloat16", None, 128, 16, 4)
+    shape = decode_shape(spec, group, 64, 4096, NSM, DEFAULT)
+    assert shape.tc and shape.defines["GROUP"] == group
+    t, defs, _ = prefill_tiling(spec, group, DEFAULT)
+    assert defs["GROUP"] == group and t.bm // group >= 1
+    ct, _, members = cascade_tiling(spec, group, DEFAULT)
+    assert members == ct.bm // group and members * group <= ct.bm
+
+
+@pytest.mark.parametrize("group, kv_heads, head_dim, chunks", [(71, 1, 64, 5), (29, 8, 64, 2), (48, 1, 128, 3),
+                                                                (128, 1, 128, 8), (71, 1, 128, 5), (128, 1, 64, 8),
+                                                                (17, 2, 256, 2), (48, 1, 256, 3), (20, 1, 512, 2)])
+def test_groups_past_sixteen_decode_in_chunks_of_sixteen(group, kv_heads, head_dim, chunks):
+    """Falcon-7B's 71 query heads over one kv head, Falcon-180B's 29, StarCoder's 48: the
+    decode kernel's M tile takes 16 of them, so each kv head's group is cut into chunks of
+    16 heads, one kv head a CTA whatever the short-context layout or the config asks. Up to
+    head dim 256 the chunks run in one CTA, WPH warps each and 16 warps at most, sharing
+    their stages (a set a place); wider heads (two warps a tile) take a CTA a chunk. The
+    multi-token tiles hold whole query tokens of the group."""
+    spec = spec_of("bfloat16", None, head_dim, 16, kv_heads)
+    wide = head_dim > 256
+    for max_len, config in ((4096, DEFAULT), (256, DEFAULT), (4096, KernelConfig(decode_heads_per_cta=4)),
+                            (4096, KernelConfig(decode_warps_per_head=4))):
+        shape = decode_shape(spec, group, 64, max_len, NSM, config)
+        assert shape.tc and shape.defines["GROUP"] == group and shape.defines["HPC"] == 1
+        wph = shape.defines["WPH"]
+        if wide:
+            assert shape.ctas == 64 * kv_heads * chunks and shape.threads == 64 * wph
+        else:
+            most = 16 if head_dim <= 96 else 12 if head_dim <= 128 else 8  # warps without spills
+            assert shape.ctas == 64 * kv_heads and shape.threads == 32 * chunks * wph <= 32 * most
+            assert wph == max(1, min(4, most // chunks))
+            stage = 2 * 16 * head_dim * 2
+            assert shape.smem == max(wph * shape.defines["STAGES"] * stage + 128, chunks * wph * 16 * head_dim * 4)
+    t, defs, _ = prefill_tiling(spec, group, DEFAULT)
+    assert defs["GROUP"] == group and t.bm // group >= 1
+
+
+def test_groups_past_the_multi_token_tiles_are_refused_by_name():
+    """A group larger than the multi-token kernel's tiles (64 rows at head dims past 128 on
+    mma.sync) is refused with the counts, before any GPU is asked."""
+    from kvpager.backends.cupy_prefill import prefill_kernel
+
+    spec = spec_of("bfloat16", None, 192, 16, 1)
+    with pytest.raises(UnsupportedConfiguration, match="group of 71 query heads exceeds .* 64-row tiles"):
+        prefill_kernel(spec, 71, DEFAULT, (8, 0))
+    assert prefill_kernel(spec, 64, DEFAULT, (8, 0)).defines["GROUP"] == 64
+    # on Hopper the wgmma kernel's 128 rows hold it
+    assert prefill_kernel(spec_of("bfloat16", None, 128, 16, 1), 71, DEFAULT, (9, 0)).file == "paged_prefill_sm90.cu"
+    # a decode step of such a group does not cascade (its own kernel takes any group)
+    from kvpager.backends.cupy_cascade import cascade_holds
+
+    assert not cascade_holds(spec, 71, DEFAULT, (8, 0)) and cascade_holds(spec, 64, DEFAULT, (8, 0))
+    assert cascade_holds(spec_of("bfloat16", None, 128, 16, 1), 71, DEFAULT, (9, 0))
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(258, 2), (129, 1), (10, 4), (7, 2)])
+def test_groups_the_kernels_do_not_hold_are_refused_by_name(heads, kv_heads):
+    """Past 128 query heads a kv head, or query heads not a multiple of the kv heads: a
+    typed error naming the counts, before any GPU is asked."""
+    from kvpager.kernels import check_group
+
+    with pytest.raises(UnsupportedConfiguration, match=f"got {heads} query heads over {kv_heads} kv heads"):
+        check_group(heads, kv_heads)
