@@ -38,6 +38,7 @@
 #endif
 // kvpager_wgmma_tile.cuh: the knobs (WG, BN, STAGES, VN, OVERLAP, WS), constants and shared steps
 #include "kvpager_wgmma_tile.cuh"
+static_assert(HCH == GROUP && GROUP <= BM, "a tile holds whole members (no head chunks)");
 constexpr int QR = BM / GROUP * GROUP;  // rows that hold a query head (a group not dividing BM: the rest pad)
 
 extern "C" __global__ void __launch_bounds__(NT, 1) cascade_prefix_sm90(

@@ -73,7 +73,10 @@ static_assert(WG == 1 || WG == 2, "WG is 1 or 2");
 static_assert(VN == D || VN == 64, "VN is HEAD_DIM or 64");
 static_assert(!OVERLAP || STAGES >= 3, "OVERLAP keeps two tiles resident, and the copies run ahead: STAGES >= 3");
 static_assert(!WS || WG == 2, "WS: two consumer warpgroups and a producer warpgroup");
-static_assert(GROUP <= BM, "a tile holds at least one query token (member)");
+#ifndef HCH
+#define HCH GROUP  // query heads of a group a tile holds (paged_prefill_sm90.cu may cut a large group)
+#endif
+static_assert(HCH <= BM, "a tile holds at least one query token (member)");
 
 // The dynamic shared memory of a CTA: the Q tile (BM rows), then STAGES K tiles and STAGES
 // V tiles of BN rows, each in the SW128 layout, from the first 1024-byte boundary (the

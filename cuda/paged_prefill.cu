@@ -4,9 +4,11 @@
 //
 // Query token j of sequence b sits at position seq_len - query_len + j and
 // sees K/V positions <= its own. A CTA owns one query tile of BM = 64 * MT
-// rows, where row r is (query token j0 + r / GROUP, query head kv_head * GROUP
-// + r % GROUP): all heads of a GQA group share the tile, so each K/V tile is
-// loaded once for them. The 4 warps own 16 * MT rows each (MT m-tiles, so
+// rows, where row r is (query token j0 + r / HCH, query head kv_head * GROUP
+// + chunk * HCH + r % HCH): all heads of a GQA group share the tile (HCH =
+// GROUP), so each K/V tile is loaded once for them, or a large group is cut
+// into NHC chunks of HCH heads, a tile each (grid y: kv head * NHC + chunk), so
+// that a tile holds several query tokens rather than one and padding. The 4 warps own 16 * MT rows each (MT m-tiles, so
 // every K/V fragment read from shared memory feeds MT MMAs) and walk the
 // sequence's K/V in tiles of BN tokens, staged in shared memory by cp.async
 // (16 bytes, STAGES deep, rows past the end zero-filled) and read with
@@ -28,7 +30,7 @@
 // (cascade_prefix, launched next, fills its member rows'), for merge_splits
 // (paged_decode.cu); parts == 0: the output in the compute type.
 //
-// Grid: x = query tile (from the tiles list built by the planner), y = kv head.
+// Grid: x = query tile (from the tiles list built by the planner), y = kv head * NHC + head chunk.
 // Dynamic shared memory: (BM + 2 * STAGES * BN) * (HEAD_DIM + 8) * 2 bytes
 // (rows padded by 16 bytes so ldmatrix rows fall in different banks).
 //
@@ -63,6 +65,9 @@
 #ifndef GROUP
 #define GROUP 4
 #endif
+#ifndef HCH
+#define HCH GROUP  // query heads of the group a tile holds
+#endif
 #ifndef MT
 #define MT (HEAD_DIM > 128 ? 1 : 2)  // m-tiles (16 rows) per warp
 #endif
@@ -81,12 +86,13 @@ constexpr int D = DP / DSPLIT;              // the head dims one warp's MMAs cov
 constexpr int BM = 64 * MT;
 constexpr int BN = (MT == 2 || D > 128) ? 32 : 64;
 constexpr int LD = DP + 8;          // padded smem row, in elements
-constexpr int QT = BM / GROUP;      // query tokens per tile
-constexpr int QR = QT * GROUP;      // rows that hold a query head (a group not dividing BM: the rest pad)
+constexpr int NHC = (GROUP + HCH - 1) / HCH;  // head chunks a kv head
+constexpr int QT = BM / HCH;        // query tokens per tile
+constexpr int QR = QT * HCH;        // rows that hold a query head (HCH not dividing BM: the rest pad)
 constexpr int NT = 128 * DSPLIT;
 constexpr int WR = 16 * MT;         // rows per warp
 #include "kvpager_tile.cuh"
-static_assert(GROUP <= BM, "a tile holds at least one query token");
+static_assert(HCH >= 1 && HCH <= GROUP && HCH <= BM, "a tile holds 1 to min(GROUP, BM) heads of a token");
 static_assert(MT == 1 || D <= 128, "two m-tiles per warp only up to head dim 128 (registers)");
 static_assert(DSPLIT == 1 || !KV_FP8, "FP8 pools of heads wider than 256 are not built");
 
@@ -133,7 +139,9 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
     const int gid = lane >> 2, tig = lane & 3;
     const int rw = warp / DSPLIT, part = warp % DSPLIT;  // the warp's rows, and its part of the head dim
     const int b = tiles[2 * blockIdx.x], j0 = tiles[2 * blockIdx.x + 1];
-    const int h = blockIdx.y;
+    const int h = blockIdx.y / NHC;                        // the kv head
+    const int c0 = (blockIdx.y % NHC) * HCH;               // the chunk's first head in the group
+    const int hq0 = h * GROUP + c0, nh = min(HCH, GROUP - c0);  // its first query head, its heads
     const int num_q_heads = num_kv_heads * GROUP;
     const int seq_len = seq_lens[b], qlen = query_lens[b];
     const int qpos0 = seq_len - qlen;          // position of query token 0
@@ -165,9 +173,9 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
     // Q tile -> smem (rows past the sequence's queries zero-filled).
     for (int c = tid; c < BM * CPR; c += NT) {
         const int r = c / CPR, col = (c % CPR) * 8;
-        const int tok = j0 + r / GROUP;
-        const bool ok = r < QR && tok < qlen;
-        const kv_t* src = ok ? q + ((qrow0 + tok) * num_q_heads + h * GROUP + r % GROUP) * HD + col : q;
+        const int tok = j0 + r / HCH;
+        const bool ok = r < QR && r % HCH < nh && tok < qlen;
+        const kv_t* src = ok ? q + ((qrow0 + tok) * num_q_heads + hq0 + r % HCH) * HD + col : q;
         cp_async16(Qs + r * LD + col, src, ok);
     }
     auto load_kv = [&](int t, int stage) {
@@ -202,7 +210,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
             m[mt][hf] = NEG_INF;
             l[mt][hf] = 0.f;
             const int r = rw * WR + mt * 16 + gid + 8 * hf;
-            p[mt][hf] = r < QR && j0 + r / GROUP < qlen ? qpos0 + j0 + r / GROUP : -1;
+            p[mt][hf] = r < QR && r % HCH < nh && j0 + r / HCH < qlen ? qpos0 + j0 + r / HCH : -1;
         }
     }
 
@@ -311,7 +319,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
             const float inv = lt > 0.f ? v_scale / lt : 0.f;
             if (p[mt][hf] < 0) continue;
             const int r = rw * WR + mt * 16 + gid + 8 * hf;
-            const long long orow = (qrow0 + j0 + r / GROUP) * num_q_heads + h * GROUP + r % GROUP;
+            const long long orow = (qrow0 + j0 + r / HCH) * num_q_heads + hq0 + r % HCH;
             constexpr int NO = (HD - (DSPLIT - 1) * D) / 8;  // the last part's n-tiles within the head dim
             const int nout = part == DSPLIT - 1 ? NO : D / 8;
             if (parts > 0) {  // a cascade's own part: slot 0, the segments' slots empty until filled

@@ -6,8 +6,8 @@
 // pools and other head dims use paged_prefill.cu.
 //
 // A CTA owns a query tile of BM = 64 * WG rows (row r: query token j0 + r /
-// GROUP, query head kv_head * GROUP + r % GROUP), one warpgroup (4 warps) per
-// 64 rows. All its threads gather the sequence's K/V tiles of BN positions
+// HCH, query head kv_head * GROUP + chunk * HCH + r % HCH; HCH = GROUP unless a
+// large group is cut into chunks), one warpgroup (4 warps) per 64 rows. All its threads gather the sequence's K/V tiles of BN positions
 // through the block table with cp.async (16 bytes, rows outside the visible
 // range zero-filled) into shared memory in wgmma's 128-byte-swizzled layout
 // (kvpager_wgmma.cuh), STAGES deep. Each warpgroup computes S = Q K^T with Q and
@@ -39,7 +39,7 @@
 // kvpager_wgmma_tile.cuh's (shared with cascade_prefix_sm90.cu); the Q rows, the
 // masks (causal, own start, window) and the output are this kernel's.
 //
-// Grid: x = query tile, y = kv head (PERSIST: x = CTAs, y = 1); NT = 128 * WG threads
+// Grid: x = query tile, y = kv head * NHC + head chunk (PERSIST: x = CTAs, y = 1); NT = 128 * WG threads
 // (+ 128 with WS). The signature is paged_prefill.cu's with num_work and work_counter after kv_map.
 // Dynamic shared memory: (BM + 2 * STAGES * BN) * HEAD_DIM * 2 + 1024 bytes (the
 // 1024: the layout's regions start on 1024-byte boundaries).
@@ -61,25 +61,34 @@
 #endif
 // kvpager_wgmma_tile.cuh: the knobs (WG, BN, STAGES, VN, OVERLAP, WS), constants and shared steps
 #include "kvpager_wgmma_tile.cuh"
-constexpr int QT = BM / GROUP;     // query tokens per tile
-constexpr int QR = QT * GROUP;     // rows that hold a query head (a group not dividing BM: the rest pad)
-// Row r's query token in the tile and its head in the group (a tile of one token: no division)
-__device__ __forceinline__ int row_tok(int r) { return QT == 1 ? 0 : r / GROUP; }
-__device__ __forceinline__ int row_head(int r) { return QT == 1 ? r : r % GROUP; }
+// HCH (kvpager_wgmma_tile.cuh's default: GROUP): the query heads of a kv head's group that one
+// tile holds; a large group is cut into NHC chunks of HCH heads, each its own tile, so that a
+// tile holds several query tokens instead of one token and padding
+static_assert(HCH >= 1 && HCH <= GROUP, "a tile holds 1 to GROUP heads of a token");
+constexpr int NHC = (GROUP + HCH - 1) / HCH;  // head chunks a kv head (grid y / items: kv head * NHC + chunk)
+constexpr int QT = BM / HCH;       // query tokens per tile
+constexpr int QR = QT * HCH;       // rows that hold a query head (HCH not dividing BM: the rest pad)
+// Row r's query token in the tile and its head in the chunk (a tile of one token: no division)
+__device__ __forceinline__ int row_tok(int r) { return QT == 1 ? 0 : r / HCH; }
+__device__ __forceinline__ int row_head(int r) { return QT == 1 ? r : r % HCH; }
 
-// One work item: the query tile of sequence ``b`` from query ``j0``, kv head ``h``; what its
-// producer and its consumers both derive from the step's tables.
+// One work item: the query tile of sequence ``b`` from query ``j0``, head chunk ``hc`` (kv head
+// hc / NHC, its query heads from (hc % NHC) * HCH); what its producer and its consumers both
+// derive from the step's tables.
 struct Item {
-    int h, j0, qlen, qpos0, first_pos, last_pos, kv_end, first_vis, t_begin, num_tiles, own, win_edge;
+    int h, hq0, nh, j0, qlen, qpos0, first_pos, last_pos, kv_end, first_vis, t_begin, num_tiles, own, win_edge;
     long long qrow0;
     const int* table;
 };
-__device__ __forceinline__ Item prefill_item(int b, int j0, int h,
+__device__ __forceinline__ Item prefill_item(int b, int j0, int hc,
                                              const int* __restrict__ seq_lens, const int* __restrict__ query_lens,
                                              const int* __restrict__ q_start, const int* __restrict__ own_start,
                                              const int* __restrict__ block_tables, int max_blocks, int window) {
     Item it;
-    it.h = h;
+    it.h = hc / NHC;                           // the kv head
+    const int c0 = (hc % NHC) * HCH;           // the chunk's first head in the group
+    it.hq0 = it.h * GROUP + c0;                // its first query head
+    it.nh = min(HCH, GROUP - c0);              // its heads (fewer in a group's last chunk)
     it.j0 = j0;
     const int seq_len = seq_lens[b];
     it.qlen = query_lens[b];
@@ -105,8 +114,8 @@ __device__ __forceinline__ void load_q(const WgSmem& sm, const kv_t* __restrict_
     for (int c = me; c < BM * CPR; c += n) {
         const int r = c / CPR, ch = c % CPR;
         const int tok = it.j0 + row_tok(r);
-        const bool ok = r < QR && tok < it.qlen;
-        const kv_t* src = ok ? q + ((it.qrow0 + tok) * num_q_heads + it.h * GROUP + row_head(r)) * D + ch * 8 : q;
+        const bool ok = r < QR && row_head(r) < it.nh && tok < it.qlen;
+        const kv_t* src = ok ? q + ((it.qrow0 + tok) * num_q_heads + it.hq0 + row_head(r)) * D + ch * 8 : q;
         cp_async16(sm.q + sw128_offset(BM, r, ch), src, ok);
     }
 }
@@ -119,7 +128,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(
     const int* __restrict__ query_lens,     // [num_seqs]
     const int* __restrict__ q_start,        // [num_seqs]: first row of each sequence in q / out
     const int* __restrict__ tiles,          // [num_tiles, 2]: (sequence, first query token); PERSIST:
-                                            // [num_work, 3]: (sequence, first query token, kv head)
+                                            // [num_work, 3]: (sequence, first query token, kv head * NHC + chunk)
     kv_t* __restrict__ out,                 // [total_query_tokens, num_q_heads, HEAD_DIM] (parts == 0)
     int layer, int num_layers, int num_kv_heads, int max_blocks,
     const int* __restrict__ own_start,      // [num_seqs] or null: the first position read
@@ -128,7 +137,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(
     int parts,
     const float* __restrict__ kv_scales,    // unused (16-bit pools only; the signature is paged_prefill's)
     const void* __restrict__ kv_map,        // TMA: the pool's tensor map (cupy_tma.py), else unused
-    int num_work,                           // PERSIST: work items (num_tiles * num_kv_heads), else unused
+    int num_work,                           // PERSIST: work items (num_tiles * num_kv_heads * NHC), else unused
     int* __restrict__ work_counter,         // PERSIST: 2 ints, 0 before the launch and after it, else unused
     int window, float softcap, float scale_log2)
 {
@@ -149,7 +158,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(
 #if PERSIST
     auto load = [&](int, int, int, int) -> bool { return false; };  // the producer copies (wg_produce)
 #else
-    // Grid: x = query tile, y = kv head: one item a CTA.
+    // Grid: x = query tile, y = kv head * NHC + head chunk: one item a CTA.
     const Item it0 = item(tiles[2 * blockIdx.x], tiles[2 * blockIdx.x + 1], blockIdx.y);
     const long long k_off0 = k_off_of(it0.h);
     // K/V tile t -> stage: the visible positions [first_vis, kv_end) (TMA where a tile is all
@@ -168,7 +177,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
             const int r = wg * 64 + wwarp * 16 + gid + 8 * hf;
-            p[hf] = r < QR && it.j0 + row_tok(r) < it.qlen ? it.qpos0 + it.j0 + row_tok(r) : -1;
+            p[hf] = r < QR && row_head(r) < it.nh && it.j0 + row_tok(r) < it.qlen ? it.qpos0 + it.j0 + row_tok(r) : -1;
         }
         // Causal and padding mask, only on tiles that reach past the tile's first query;
         // the own part's start and the window's edge, only on the tiles that hold them.
@@ -213,7 +222,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) paged_prefill_sm90(
             const float inv = lt > 0.f ? 1.f / lt : 0.f;
             if (p[hf] < 0) continue;
             const int r = wg * 64 + wwarp * 16 + gid + 8 * hf;
-            const long long orow = (it.qrow0 + it.j0 + row_tok(r)) * num_q_heads + it.h * GROUP + row_head(r);
+            const long long orow = (it.qrow0 + it.j0 + row_tok(r)) * num_q_heads + it.hq0 + row_head(r);
             if (parts > 0) {  // a cascade's own part: slot 0, the segments' slots empty until filled
                 wg_store_f32(part_o + orow * parts * D, o, hf, inv, tig);
                 if (tig == 0) {

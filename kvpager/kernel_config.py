@@ -50,6 +50,10 @@ class KernelConfig:
     decode_merge_fused_splits: int = 8
     #: 16-row m-tiles per warp in paged_prefill.cu and cascade_prefix.cu; None: 2 up to head dim 128, else 1
     prefill_mt: int | None = None
+    #: query heads of a kv head's GQA group that one multi-token tile holds (the kernels' HCH; cut
+    #: to the group and the tile's rows); None: the whole group up to 16 heads, a larger group in
+    #: the chunks that waste the fewest rows (`kvpager.backends.prefill_work.head_chunk`)
+    prefill_head_chunk: int | None = None
     #: the multi-token kernel: "mma" (paged_prefill.cu, every GPU), "wgmma" (paged_prefill_sm90.cu:
     #: compute capability 9.0, 16-bit pools, head dims 64 / 128 / 256; else UnsupportedConfiguration),
     #: "auto" (wgmma where it applies, else mma); the cascade's shared part follows it
@@ -105,6 +109,7 @@ class KernelConfig:
         _int_in(self, "decode_warps_per_head", range(1, 17), optional=True)
         _int_in(self, "decode_short_context", range(0, 2**31))
         _int_in(self, "prefill_mt", (1, 2), optional=True)
+        _int_in(self, "prefill_head_chunk", range(1, 2**16), optional=True)
         if self.prefill_kernel not in PREFILL_KERNELS:
             raise InvalidArgument(f"KernelConfig.prefill_kernel must be one of {PREFILL_KERNELS}, "
                                   f"got {self.prefill_kernel!r}")

@@ -62,7 +62,11 @@ EXTRA = {
                                                                    "-DGROUP=16", "-DBLOCK_SIZE=8"],
                          ["-DHEAD_DIM=400", "-DMT=1", "-DGROUP=1", "-DBLOCK_SIZE=64"],
                          ["-DGROUP=7"], ["-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DGROUP=3", "-DMT=1"], ["-DGROUP=12"],
-                         ["-DHEAD_DIM=64", "-DGROUP=71"], ["-DHEAD_DIM=256", "-DGROUP=48", "-DMT=1"]],
+                         ["-DHEAD_DIM=64", "-DGROUP=71"], ["-DHEAD_DIM=256", "-DGROUP=48", "-DMT=1"],
+                         # a large group in chunks of HCH heads a tile (Falcon-7B's 71 in 9 of 8)
+                         ["-DHEAD_DIM=64", "-DGROUP=71", "-DHCH=8"], ["-DHEAD_DIM=256", "-DGROUP=71", "-DHCH=8",
+                                                                      "-DMT=1"],
+                         ["-DKV_DTYPE=0", "-DGROUP=20", "-DHCH=6", "-DBLOCK_SIZE=8"]],
 }
 # FP8 pools (KV_FP8 1: e4m3, 2: e5m2): the conversions need sm_89 or later, so these
 # build only for such arches (kvpager refuses FP8 pools on older GPUs).
@@ -76,7 +80,8 @@ FP8_EXTRA = {
                            ["-DKV_FP8=1", "-DCP_EVICT_FIRST=1", "-DCP_L2_PREFETCH=256"]],
     "paged_prefill.cu": [["-DKV_FP8=1"], ["-DKV_FP8=2", "-DKV_DTYPE=0", "-DHEAD_DIM=96", "-DGROUP=1"],
                          ["-DKV_FP8=1", "-DHEAD_DIM=256", "-DGROUP=16", "-DBLOCK_SIZE=8"],
-                         ["-DKV_FP8=1", "-DHEAD_DIM=80", "-DMT=1"]],
+                         ["-DKV_FP8=1", "-DHEAD_DIM=80", "-DMT=1"],
+                         ["-DKV_FP8=1", "-DHEAD_DIM=64", "-DGROUP=71", "-DHCH=8"]],
     "cascade_prefix.cu": [["-DKV_FP8=1"], ["-DKV_FP8=2", "-DKV_DTYPE=0", "-DHEAD_DIM=64", "-DGROUP=1"],
                           ["-DKV_FP8=1", "-DHEAD_DIM=256", "-DGROUP=16", "-DBLOCK_SIZE=8"],
                           ["-DKV_FP8=2", "-DHEAD_DIM=80", "-DMT=1"]],
@@ -111,6 +116,12 @@ SM90A = {
         ["-DHEAD_DIM=256", "-DVN=64", "-DBN=64", "-DSTAGES=2", "-DWG=1", "-DGROUP=1", "-DBLOCK_SIZE=64"],
         ["-DWS=1", "-DOVERLAP=1", "-DBN=128", "-DGROUP=7"], ["-DWG=1", "-DGROUP=6"], ["-DWS=1", "-DGROUP=12", "-DTMA=1"],
         ["-DWS=1", "-DHEAD_DIM=64", "-DGROUP=71", "-DTMA=1", "-DPERSIST=1"], ["-DGROUP=48", "-DOVERLAP=1"],
+        # a large group in chunks of HCH heads a tile
+        ["-DWS=1", "-DHEAD_DIM=64", "-DBN=128", "-DSTAGES=2", "-DGROUP=71", "-DHCH=8", "-DTMA=1", "-DPERSIST=1"],
+        ["-DWS=1", "-DBN=128", "-DSTAGES=3", "-DGROUP=48", "-DHCH=16", "-DTMA=1", "-DPERSIST=1"],
+        ["-DWG=1", "-DGROUP=71", "-DHCH=8"], ["-DGROUP=20", "-DHCH=6", "-DOVERLAP=1"],
+        ["-DHEAD_DIM=256", "-DVN=64", "-DBN=64", "-DSTAGES=2", "-DWS=1", "-DTMA=1", "-DPERSIST=1", "-DGROUP=22",
+         "-DHCH=11"],
     ],
     "cascade_prefix_sm90.cu": [
         ["-DGROUP=7"], ["-DWS=1", "-DGROUP=12", "-DWG=2"], ["-DWS=1", "-DHEAD_DIM=64", "-DGROUP=71"], ["-DKV_DTYPE=0"], ["-DHEAD_DIM=64", "-DGROUP=1"], ["-DGROUP=16", "-DBLOCK_SIZE=8", "-DWG=1"],

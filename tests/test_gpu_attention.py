@@ -168,6 +168,35 @@ def test_odd_groups_in_every_decode_layout(hpc, wph, group):
     gpu.close()
 
 
+# Multi-token tiles of a chunk of a group's heads (HCH): the default past 16 heads, forced below
+# it; a last chunk with fewer heads; both multi-token kernels (mma.sync named, and the
+# device's choice), windows and soft caps.
+HEAD_CHUNKS = [  # (dtype, head dim, block size, group, kv heads, chunk or None: the planner's)
+    ("bfloat16", 128, 16, 20, 2, 6), ("float16", 64, 8, 7, 2, 3), ("bfloat16", 256, 16, 71, 1, None),
+    ("float16", 96, 16, 33, 1, None), ("bfloat16", 64, 32, 71, 1, None), ("float16", 128, 64, 48, 2, 5),
+]
+
+
+@pytest.mark.parametrize("dtype,d,bs,group,kv_heads,chunk", HEAD_CHUNKS)
+def test_multi_token_head_chunks_match_reference(dtype, d, bs, group, kv_heads, chunk):
+    rng = np.random.default_rng(seed(dtype, d, bs, group, kv_heads, chunk, "head chunks"))
+    seq_lens = np.array([9, bs + 1, 3 * bs + 5, 300, 700, 77], dtype=np.int32)
+    qlens = np.array([9, 3, 2 * bs, 70, 40, 19], dtype=np.int32)
+    spec = geometry(dtype, d, bs, int((-(-seq_lens // bs)).sum() * bs), kv_heads=kv_heads)
+    tables = random_tables(rng, spec, seq_lens)
+    hq = kv_heads * group
+    q = rng.standard_normal((int(qlens.sum()), hq, d), dtype=np.float32).astype(spec.np_dtype)
+    for kernel in ("mma", "auto"):
+        gpu, cpu = make_pair(spec, np.random.default_rng(seed(dtype, d, bs, group, "pool")),
+                             KernelConfig(prefill_kernel=kernel, prefill_head_chunk=chunk))
+        for kw in ({}, {"window": 37, "softcap": 15.0}):
+            ref = paged_attention(cpu.kv, 1, q, tables, seq_lens, qlens, d**-0.5, **kw)
+            out = to_dev(np.full(q.shape, np.nan, dtype=spec.np_dtype), gpu)
+            gpu.attend(1, to_dev(q, gpu), tables, seq_lens, qlens, d**-0.5, out=out, **kw)
+            assert rel_err(to_host(out, spec), ref) < TOL[dtype], (kernel, kw)
+        gpu.close()
+
+
 def test_groups_past_128_are_refused_by_name():
     spec = geometry("bfloat16", 128, 16, 256)
     gpu = CupyBackend(spec, 0)

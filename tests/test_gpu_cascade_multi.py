@@ -40,7 +40,8 @@ CASES = [  # (kv dtype or None, compute dtype, head dim, block size, GQA group)
     ("float8_e5m2", "bfloat16", 128, 32, 8),
     ("float8_e4m3", "float16", 128, 16, 7),  # groups not a power of two
     (None, "bfloat16", 64, 16, 12),
-    (None, "float16", 64, 8, 71),  # Falcon-7B's group: a query token a multi-token tile
+    (None, "float16", 64, 8, 71),  # Falcon-7B's group: own parts in chunks of 8 heads, shared a member a tile
+    (None, "bfloat16", 128, 16, 48),  # StarCoder's: own parts in chunks of 16 heads
 ]
 
 

@@ -102,6 +102,13 @@ CASES = [  # (dtype, head dim, block size, GQA group, knobs beyond prefill_kerne
     ("bfloat16", 128, 64, 14, {"prefill_wgmma_producer": True, "prefill_wgmma_ctas": 3}),
     ("bfloat16", 64, 16, 71, {"prefill_wgmma_producer": True}),
     ("float16", 128, 8, 48, {"prefill_wgmma_overlap": True}),
+    # a group in chunks of HCH heads a tile (the default past 16 heads; forced below it), the
+    # last chunk short; persistent grid of few CTAs, a CTA a tile, one warpgroup, head dim 256
+    ("bfloat16", 128, 16, 20, {"prefill_wgmma_producer": True, "prefill_head_chunk": 6}),
+    ("float16", 64, 8, 71, {"prefill_wgmma_warpgroups": 1}),
+    ("bfloat16", 64, 16, 7, {"prefill_wgmma_producer": True, "prefill_head_chunk": 3, "prefill_wgmma_ctas": 3}),
+    ("bfloat16", 128, 32, 40, {"prefill_wgmma_producer": True, "prefill_wgmma_persistent": False}),
+    ("float16", 256, 16, 22, {"prefill_wgmma_producer": True}),
 ]
 
 

@@ -46,6 +46,7 @@ from attention_common import (
 from kvpager import KernelConfig
 from kvpager.backends.cupy_backend import CupyBackend
 from kvpager.backends.cupy_prefill import WGMMA_HEAD_DIMS
+from kvpager.backends.prefill_work import WHOLE_GROUP_MAX
 from kvpager.plan import make_plan
 
 
@@ -183,15 +184,23 @@ def bench_fp8(batch: int, ctx: int, kv_dtype: str, peak: float | None, head_dim:
                 speedup=bf16_ms / fp8_ms, memory_ratio=spec8.bytes_per_block / spec.bytes_per_block)
 
 
-def prefill_variants(sweep: bool, head_dim: int = 128) -> list[tuple[str, KernelConfig]]:
+def prefill_variants(sweep: bool, head_dim: int = 128, kernels: bool = True) -> list[tuple[str, KernelConfig]]:
     """The multi-token case's variants: the production config (on compute capability 9.0
     the wgmma kernel, paged_prefill_sm90.cu, with its producer warpgroup), and there the
     mma kernel and the wgmma kernel's other variants beside it (where it is built for
-    ``head_dim``); --sweep adds one m-tile per warp and the wgmma kernel's tilings
-    (warpgroups, K/V tile, stages)."""
+    ``head_dim``); a GQA group past 16 heads (cut into chunks of heads a tile) also whole,
+    a token a tile, on both kernels; --sweep adds one m-tile per warp and the wgmma kernel's
+    tilings (warpgroups, K/V tile, stages). ``kernels`` False: the production config (and the
+    whole groups) alone."""
     c = KernelConfig()
     variants = [("", c)]
+    group = ac.HQ // ac.HKV
+    if group > WHOLE_GROUP_MAX:  # the planner cuts it into chunks of heads: against whole groups a tile
+        variants.append(("whole group a tile", c.replace(prefill_head_chunk=group)))
+        variants.append(("mma, whole group a tile", c.replace(prefill_kernel="mma", prefill_head_chunk=group)))
     wg = c.replace(prefill_kernel="wgmma", prefill_wgmma_producer=False)
+    if not kernels:
+        return variants
     if torch.cuda.get_device_capability() == (9, 0) and head_dim in WGMMA_HEAD_DIMS:
         variants += [("mma", c.replace(prefill_kernel="mma")),
                      ("wgmma", wg), ("wgmma, overlap", wg.replace(prefill_wgmma_overlap=True)),
@@ -259,6 +268,9 @@ def main() -> None:
                     help="decode cases to run, e.g. 64x4096,1x131072 (default: all); "
                          "'none' runs only the multi-token case")
     ap.add_argument("--no-prefill", action="store_true", help="skip the multi-token case")
+    ap.add_argument("--production-prefill", action="store_true",
+                    help="the multi-token case in the production config alone (a group past 16 heads also "
+                         "a whole group a tile), not the kernels' other variants")
     ap.add_argument("--fp8", choices=["e4m3", "e5m2", "off"], default="e4m3",
                     help="FP8 storage of each decode case against bf16, in the same run (default e4m3)")
     ap.add_argument("--sinks", action="store_true", help="each decode case also with attention sinks")
@@ -290,7 +302,7 @@ def main() -> None:
                 rows.append(bench_fp8(batch, ctx, args.fp8, peak, d))
             torch.cuda.empty_cache()
             cupy.get_default_memory_pool().free_all_blocks()
-        pf = prefill_variants(args.sweep, args.head_dim)
+        pf = prefill_variants(args.sweep, args.head_dim, not args.production_prefill)
         if not args.no_prefill:
             rows += bench_prefill(variants=pf, head_dim=d)
     date = datetime.date.today().isoformat()

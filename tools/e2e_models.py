@@ -27,6 +27,12 @@ SHAPES = {
     # (multi-query: a group past 16, decoded as two chunks of heads sharing each K/V tile)
     "sc3": dict(family="GPTBigCode", n_embd=2816, n_inner=11264, n_layer=36, n_head=22, multi_query=True,
                 vocab_size=49152),
+    # Falcon-7B's layout: 32 layers, 71 query heads of 64 over one K/V head (multi-query: a group
+    # of 71, decoded as five chunks of heads sharing each K/V tile, prefilled in tiles of 8 heads x
+    # 16 tokens), attention and MLP side by side (parallel_attn), a 65,024-token vocabulary
+    "f7": dict(family="Falcon", hidden_size=4544, num_hidden_layers=32, num_attention_heads=71,
+               multi_query=True, parallel_attn=True, new_decoder_architecture=False, bias=False, alibi=False,
+               vocab_size=65024),
     # heads 512 wide, as Gemma-4's full-attention layers' (a Llama of the 1b shape's size
     # otherwise): kvpager decodes them on CUDA cores and prefills them with two warps a query row
     "w512": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,

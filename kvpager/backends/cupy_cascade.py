@@ -53,8 +53,14 @@ def cascade_kernel(spec: Any, group: int, config: KernelConfig, cc: tuple[int, i
     its twin on wgmma), else cascade_prefix.cu on `cascade_tiling` (128 threads).
     Member rows per CTA: ``max(1, tiling.bm // group)``."""
     k = prefill_kernel(spec, group, config, cc)
-    if k.arch is not None:  # one CTA a tile: the persistent grid is paged_prefill_sm90.cu's alone
-        defs = {name: v for name, v in k.defines.items() if name != "PERSIST"}
+    if k.arch is not None and group > k.tiling.bm and config.prefill_kernel != "wgmma":
+        k = prefill_kernel(spec, group, config.replace(prefill_kernel="mma"), cc)
+    if group > k.tiling.bm:  # its tiles hold whole query tokens (members)
+        raise UnsupportedConfiguration(
+            f"a GQA group of {group} query heads exceeds the shared-prefix kernel's {k.tiling.bm}-row tiles "
+            f"at head dim {spec.head_dim}")
+    if k.arch is not None:  # one CTA a tile: the persistent grid (and head chunks) are paged_prefill_sm90.cu's
+        defs = {name: v for name, v in k.defines.items() if name not in ("PERSIST", "HCH")}
         return replace(k, file="cascade_prefix_sm90.cu", func="cascade_prefix_sm90", defines=defs)
     t, smem, _ = cascade_tiling(spec, group, config)
     defs = {**kernels.storage_defines(spec), "HEAD_DIM": spec.head_dim, "BLOCK_SIZE": spec.block_size,

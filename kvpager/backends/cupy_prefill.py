@@ -21,7 +21,7 @@ from typing import Any
 
 from kvpager import kernel_build, kernels
 from kvpager.backends.cupy_tma import box_rows, pool_map, tma_unsupported
-from kvpager.backends.prefill_work import prefill_items, prefill_tiles
+from kvpager.backends.prefill_work import head_chunk, prefill_items, prefill_tiles
 from kvpager.errors import UnsupportedConfiguration
 from kvpager.kernel_config import KernelConfig
 from kvpager.kernel_smem import check_fits, head_split, prefill_sm90_smem, prefill_smem
@@ -55,8 +55,15 @@ def prefill_tiling(spec: Any, group: int, config: KernelConfig) -> tuple[Tiling,
     """(tiling, defines, dynamic shared memory) of paged_prefill.cu for the pool ``spec``."""
     t = tiling(spec.head_dim, config)
     defs = {**kernels.storage_defines(spec), "HEAD_DIM": spec.head_dim, "BLOCK_SIZE": spec.block_size,
-            "GROUP": group, "MT": t.mt}
+            "GROUP": group, "MT": t.mt, **chunk_define(group, t.bm, config)}
     return t, defs, prefill_smem(spec.head_dim, t.mt, t.bn, t.stages, spec.is_fp8)
+
+
+def chunk_define(group: int, rows: int, config: KernelConfig) -> dict[str, int]:
+    """{"HCH": heads} where a tile of ``rows`` rows holds a chunk of the ``group``'s query heads
+    (`prefill_work.head_chunk`), else nothing (the whole group)."""
+    h = head_chunk(group, rows, config.prefill_head_chunk)
+    return {"HCH": h} if h != group else {}
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,10 @@ class PrefillKernel:
     defines: dict[str, int]
     smem: int
     threads: int
+
+    def head_chunk(self, group: int) -> int:
+        """The query heads of a ``group`` a tile holds (HCH: the whole group unless defined)."""
+        return self.defines.get("HCH", group)
 
 
 def wgmma_unsupported(spec: Any, cc: tuple[int, int]) -> str | None:
@@ -131,23 +142,17 @@ def prefill_kernel(spec: Any, group: int, config: KernelConfig, cc: tuple[int, i
     "auto" and it applies; paged_prefill.cu otherwise."""
     choice = config.prefill_kernel
     why = wgmma_unsupported(spec, cc) if choice != "mma" else "not asked for"
-    if not why and group > (rows := wgmma_tiling(spec.head_dim, config).bm):
-        why = f"a group of {group} query heads exceeds its {rows}-row tiles"
     if choice == "wgmma" and why:
         raise UnsupportedConfiguration(f"prefill_kernel='wgmma': {why}")
     if why:
         t, defs, smem = prefill_tiling(spec, group, config)
-        if group > t.bm:  # a tile holds whole query tokens
-            raise UnsupportedConfiguration(
-                f"a GQA group of {group} query heads exceeds the multi-token kernel's {t.bm}-row tiles "
-                f"at head dim {spec.head_dim}")
         return PrefillKernel("paged_prefill.cu", "paged_prefill", None, t, defs, smem,
                              128 * head_split(spec.head_dim))
     t = wgmma_tiling(spec.head_dim, config)
     smem = prefill_sm90_smem(spec.head_dim, t.bm // 64, t.bn, t.stages)
     check_fits(smem, {}, f"paged_prefill_sm90.cu ({t.bm} rows, {t.bn}-position tiles, {t.stages} stages)")
     defs = {**kernels.storage_defines(spec), "HEAD_DIM": spec.head_dim, "BLOCK_SIZE": spec.block_size,
-            "GROUP": group, "WG": t.bm // 64, "BN": t.bn, "STAGES": t.stages}
+            "GROUP": group, "WG": t.bm // 64, "BN": t.bn, "STAGES": t.stages, **chunk_define(group, t.bm, config)}
     if spec.head_dim == 256:
         defs["VN"] = 64  # O += P V as four m64n64 products a k-step (no m64n256 form is built)
     if config.prefill_wgmma_overlap:
@@ -226,9 +231,11 @@ def prefill_launch(plan: Any, group: int, cells: dict[str, Any], config: KernelC
     smem = k.smem
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
-    rows = k.tiling.bm // group
+    hch = k.head_chunk(group)
+    rows = k.tiling.bm // hch  # query tokens a tile
+    heads = spec.num_kv_heads * -(-group // hch)  # (kv head, head chunk) pairs: a grid row or an item's
     persist = bool(k.defines.get("PERSIST"))
-    tiles = (prefill_items(plan.query_lens, plan.seq_lens, rows, spec.num_kv_heads, own) if persist
+    tiles = (prefill_items(plan.query_lens, plan.seq_lens, rows, heads, own) if persist
              else prefill_tiles(plan.query_lens, plan.seq_lens, rows, own))
     tiles_dev = cupy.empty(tiles.shape, dtype=cupy.int32)
     runtime.memcpyAsync(tiles_dev.data.ptr, tiles.ctypes.data, tiles.nbytes, runtime.memcpyHostToDevice,
@@ -239,7 +246,7 @@ def prefill_launch(plan: Any, group: int, cells: dict[str, Any], config: KernelC
             ptr(0) if own_start is None else own_start, ptr(0) if part_o is None else part_o,
             ptr(0) if part_lse is None else part_lse, i32(parts), c["scales"],
             ptr(0 if kv_map is None else kv_map.data.ptr), c["window"], c["softcap"], c["scale"]]
-    grid = (len(tiles), spec.num_kv_heads)
+    grid = (len(tiles), heads)
     keep = [tiles_dev, tiles]  # the host copy stays alive until the upload has run
     if k.arch is not None:  # paged_prefill_sm90.cu: its work items and their counter, for the persistent grid
         counter = cupy.zeros(2, dtype=cupy.int32) if persist else None  # 0 between launches: the kernel resets it
