@@ -7,12 +7,27 @@
 // elem_bytes / 16 of them.
 // Element type is irrelevant here: every row is a whole number of 16-byte
 // vectors (head_dim * elem_bytes is a multiple of 64).
+//
+// A token's K (V) heads are one dense run of vectors; the runs of successive
+// tokens lie k_stride (v_stride) vectors apart, so K and V may be views of a
+// fused projection's output (q, k and v side by side in each token's row).
+// q_vecs > 0: the CTA also copies each token's q run (q_vecs vectors, q_stride
+// apart) into q_out densely, for the attention launched after this one (whose
+// kernels read dense rows); padding tokens' rows too.
 // kv_write_fp8 (built with KV_FP8): the FP8 pool's quantising variant, below.
 #include "kvpager_common.cuh"
 
+// Token t's q run -> row t of q_out, by the CTA's threads.
+__device__ __forceinline__ void copy_q_row(const uint4* __restrict__ q, long long q_stride,
+                                           uint4* __restrict__ q_out, int q_vecs, int t) {
+    const uint4* src = q + (long long)t * q_stride;
+    uint4* dst = q_out + (long long)t * q_vecs;
+    for (int i = threadIdx.x; i < q_vecs; i += blockDim.x) dst[i] = ld_vec(src + i);
+}
+
 extern "C" __global__ void __launch_bounds__(128) kv_write(
-    const uint4* __restrict__ k,          // [num_tokens, num_kv_heads, head_dim]
-    const uint4* __restrict__ v,          // [num_tokens, num_kv_heads, head_dim]
+    const uint4* __restrict__ k,          // [num_tokens, num_kv_heads, head_dim], rows k_stride apart
+    const uint4* __restrict__ v,          // [num_tokens, num_kv_heads, head_dim], rows v_stride apart
     const long long* __restrict__ slots,  // [num_tokens]
     uint4* __restrict__ pool,             // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim]
     int num_tokens,
@@ -20,20 +35,27 @@ extern "C" __global__ void __launch_bounds__(128) kv_write(
     int num_layers,
     int num_kv_heads,
     int block_size,
-    int row_vecs)                         // head_dim * elem_bytes / 16
+    int row_vecs,                         // head_dim * elem_bytes / 16
+    long long k_stride,                   // vectors from one token's K to the next (dense: num_kv_heads * row_vecs)
+    long long v_stride,
+    const uint4* __restrict__ q,          // q_vecs > 0: [num_tokens] runs of q_vecs vectors, q_stride apart
+    long long q_stride,
+    uint4* __restrict__ q_out,            // q_vecs > 0: [num_tokens, q_vecs], dense
+    int q_vecs)
 {
     const int head_vecs = block_size * row_vecs;           // one (block, layer, K|V, head) tile
     const int token_vecs = num_kv_heads * row_vecs;        // one token's K (or V)
     const long long block_vecs = (long long)num_layers * 2 * num_kv_heads * head_vecs;
     for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
+        if (q_vecs > 0) copy_q_row(q, q_stride, q_out, q_vecs, t);
         const long long slot = slots[t];
         if (slot < 0) continue;
         const long long blk = slot / block_size;
         const int off = (int)(slot - blk * block_size);
         uint4* base = pool + blk * block_vecs
                     + (long long)layer * 2 * num_kv_heads * head_vecs + off * row_vecs;
-        const uint4* ks = k + (long long)t * token_vecs;
-        const uint4* vs = v + (long long)t * token_vecs;
+        const uint4* ks = k + (long long)t * k_stride;
+        const uint4* vs = v + (long long)t * v_stride;
         for (int i = threadIdx.x; i < 2 * token_vecs; i += blockDim.x) {
             const bool is_v = i >= token_vecs;
             const int j = is_v ? i - token_vecs : i;
@@ -60,6 +82,12 @@ extern "C" __global__ void __launch_bounds__(128) kv_write_fp8(
     int num_kv_heads,
     int block_size,
     int row_vecs,                         // head_dim / 8: input vectors per row
+    long long k_stride,                   // as kv_write's
+    long long v_stride,
+    const uint4* __restrict__ q,
+    long long q_stride,
+    uint4* __restrict__ q_out,
+    int q_vecs,
     const float* __restrict__ scales)     // [num_layers, 2, num_kv_heads]
 {
     const int d = row_vecs * 8;                            // head_dim = bytes of a stored row
@@ -67,14 +95,15 @@ extern "C" __global__ void __launch_bounds__(128) kv_write_fp8(
     const int token_vecs = num_kv_heads * row_vecs;
     const long long block_bytes = (long long)num_layers * 2 * num_kv_heads * head_bytes;
     for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
+        if (q_vecs > 0) copy_q_row(q, q_stride, q_out, q_vecs, t);
         const long long slot = slots[t];
         if (slot < 0) continue;
         const long long blk = slot / block_size;
         const int off = (int)(slot - blk * block_size);
         unsigned char* base = pool + blk * block_bytes + (long long)layer * 2 * num_kv_heads * head_bytes
                               + (long long)off * d;
-        const uint4* ks = k + (long long)t * token_vecs;
-        const uint4* vs = v + (long long)t * token_vecs;
+        const uint4* ks = k + (long long)t * k_stride;
+        const uint4* vs = v + (long long)t * v_stride;
         for (int i = threadIdx.x; i < 2 * token_vecs; i += blockDim.x) {
             const bool is_v = i >= token_vecs;
             const int j = is_v ? i - token_vecs : i;

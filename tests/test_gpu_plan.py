@@ -182,6 +182,53 @@ def test_write_attend_on_pointers_is_write_then_attend(dtype):
     assert cupy.array_equal(pools[0].backend.kv, before)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("new", [1, 3])
+def test_write_attend_on_a_fused_projection_views_it_in_place(dtype, new, monkeypatch):
+    """q, k and v as views of one fused projection's output (each token's row holds the
+    query heads, then K's, then V's: GPTBigCode, Falcon, Phi-3) take the hot path (the
+    write launch reads K and V where they lie and copies the query rows dense for the
+    attention): the pool and the output equal `write` then `attend` on dense copies in a
+    twin pool, bit for bit, for decode and multi-token steps; nothing goes the checked way."""
+    from kvpager.plan import StepPlan
+
+    g = torch.Generator().manual_seed(11)
+    pools = [make(dtype), make(dtype)]
+    lens = [16, 31, 47, 5]
+    ids = [[a.seq_id for a in p.allocate([list(range(3, 3 + n)) for n in lens])] for p in pools]
+    slots = [p.append_flat(i, new) for p, i in zip(pools, ids)]
+    plans = [p.plan(i, [new] * len(lens), s, num_q_heads=HQ) for p, i, s in zip(pools, ids, slots)]
+    t, hkv, d = new * len(lens), 2, 64
+
+    def checked_way(*a, **k):
+        raise AssertionError("a fused projection's views went the checked way")
+
+    for layer in (0, 1):
+        qkv = rand(g, 1, t, (HQ + 2 * hkv) * d, dtype=dtype)  # [1, T, (Hq + 2 Hkv) D]
+        q = qkv[..., :HQ * d].view(1, t, HQ, d).transpose(1, 2)
+        k = qkv[..., HQ * d:(HQ + hkv) * d].view(1, t, hkv, d).transpose(1, 2)
+        v = qkv[..., (HQ + hkv) * d:].view(1, t, hkv, d).transpose(1, 2)
+        assert not q.transpose(1, 2).is_contiguous()
+        with monkeypatch.context() as m:
+            m.setattr(StepPlan, "write_attend", checked_way)
+            out = plans[0].write_attend(layer, q, k, v, 0.2)
+        plans[1].write(layer, k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous())
+        ref = plans[1].attend(layer, q[0].transpose(0, 1).contiguous(), 0.2)
+        assert out.shape == (1, t, HQ, d) and torch.equal(out[0], ref)
+        assert cupy.array_equal(pools[0].backend.kv, pools[1].backend.kv)
+        # dense views after strided ones (the same plan): no copy of the queries, the same result
+        dense = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]
+        with monkeypatch.context() as m:
+            m.setattr(StepPlan, "write_attend", checked_way)
+            again = plans[0].write_attend(layer, *dense, 0.2)
+        assert torch.equal(again, out)
+    tables, seq_lens = pools[0].tables(ids[0])
+    qn = q[0].transpose(0, 1).float().cpu().numpy().astype(pools[0].spec.np_dtype)
+    kv = cupy.asnumpy(pools[0].backend.kv).view(pools[0].spec.np_dtype)
+    twin = paged_attention(kv, 1, qn, tables, seq_lens, np.full(len(lens), new, np.int32), 0.2)
+    assert rel_err(out[0], twin) < TOL[dtype]
+
+
 def test_write_attend_refused_for_its_query_or_sinks_writes_nothing():
     """Regression: the checked way of write_attend (any q the fast path does not take)
     wrote the K/V and only then had its attend refuse a q of another dtype or device,

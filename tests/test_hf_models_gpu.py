@@ -99,6 +99,35 @@ def test_groups_not_a_power_of_two_match_transformers_on_the_gpu(heads, kv_heads
     assert outs == want
 
 
+def gpt_bigcode_model():
+    """A tiny StarCoder (GPTBigCode, multi-query: one K/V head), q, k and v views of one fused
+    projection (c_attn)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPTBigCodeConfig(n_embd=128, n_layer=3, n_head=4, n_inner=256, multi_query=True,
+                                           vocab_size=128, n_positions=512, initializer_range=0.2,
+                                           bos_token_id=1, eos_token_id=None, pad_token_id=0)
+    model = transformers.GPTBigCodeForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.mark.parametrize("family", ["gpt_bigcode", "falcon", "falcon-grouped", "phi3"])
+@pytest.mark.parametrize("graphs", [False, True])
+def test_fused_projection_family_matches_transformers_on_the_gpu(family, graphs):
+    """Families whose q, k and v are views of one fused projection's output (StarCoder,
+    Falcon's multi-query and grouped layouts, Phi-3): the step plan reads them where they lie
+    (its write launch copies the query rows dense), eager and with captured decode steps."""
+    if family == "gpt_bigcode":
+        model = gpt_bigcode_model().cuda()
+    else:
+        model = make_model(family, **GPU_SIZES, **FAMILIES.get(family, {})).cuda()
+    outs, want = generate_both(model, cuda_graphs=graphs)
+    assert outs == want
+
+
 @pytest.mark.parametrize("family", list(LATENT))
 def test_latent_attention_family_matches_transformers_on_the_gpu(family):
     outs, want = run_family(family)

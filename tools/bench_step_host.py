@@ -10,7 +10,7 @@ the pool), plus every layer's `write_attend` inside the forward. The table
 gives microseconds a step, per batch; "outside the forward" is the step's
 wall time less the forward's, what kvpager's own loop costs the host.
 
-Shapes: ``1b`` / ``8b`` (`bench_e2e.py`'s random-weight Llama models; a GPU)
+Shapes: `bench_e2e.py`'s random-weight models (``1b``, ``8b``, ``sc3``, ...; a GPU)
 or ``tiny`` (2 layers of width 64: the loop's own costs on a CPU, where the
 forward is cheap).
 
@@ -113,7 +113,7 @@ def measure(model: Any, device: str, batch: int, steps: int, warmup: int) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="1b", choices=["tiny", "1b", "8b"])
+    ap.add_argument("--shape", default="1b", choices=["tiny", *bench_e2e.SHAPES])
     ap.add_argument("--batches", default="64,256")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=8)

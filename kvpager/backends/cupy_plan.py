@@ -38,14 +38,14 @@ from kvpager.backends.cupy_launches import (
     cupy_empty_like,
     device_tensor,
     fast_ptr,
-    heads_first_ptr,
     sinks_ptr,
+    token_rows,
     torch_kinds,
 )
 from kvpager.block_moves import write_kernel
 from kvpager.errors import InvalidArgument
 from kvpager.kernel_config import KernelConfig, check_config
-from kvpager.launch import ForkJoin, Launch, current_stream, i32, ptr
+from kvpager.launch import ForkJoin, Launch, current_stream, i32, i64, ptr
 from kvpager.plan import StepPlan, check_q_shape, closed_pool
 from kvpager.plan_guard import view_guard
 
@@ -108,6 +108,7 @@ class CupyPlan(StepPlan):
         self._keep: list[Any] = []  # device buffers the launches point at
         self.splits = 1  # decode split-K count, chosen at the first attend
         self._write: Launch | None = None
+        self._q_rows: dict[int, Any] = {}  # query heads -> dense query rows (`_dense_q`)
         self._kv_shape = (self.num_tokens, spec.num_kv_heads, spec.head_dim)
         self._scale = check_scale(None, spec.head_dim) * _LOG2E
         self._last_scale: Any = None
@@ -217,8 +218,12 @@ class CupyPlan(StepPlan):
             stream = current_stream(self.device)
         self._launch_write(layer, kp, vp, stream)
 
-    def _launch_write(self, layer: int, kp: int, vp: int, stream: int) -> None:
-        """The K/V write of ``layer`` from checked pointers (built at the first call)."""
+    def _launch_write(self, layer: int, kp: int, vp: int, stream: int, rows: tuple[int, int] | None = None,
+                      q: tuple[int, int, int, int] = (0, 0, 0, 0)) -> None:
+        """The K/V write of ``layer`` from checked pointers (built at the first call);
+        ``rows``: the 16-byte vectors from one token's K, and V, to the next (None: dense);
+        ``q``: (source, its row stride in vectors, destination, vectors a row) of the query rows
+        the launch also copies densely (vectors 0: none)."""
         launch = self._write
         if launch is None:
             spec, shape = self.spec, self._kv_shape
@@ -228,13 +233,28 @@ class CupyPlan(StepPlan):
             fn = kernels.get_kernel("kv_write.cu", name, defs, self.device)
             args = [ptr(), ptr(), ptr(self.ptrs["slots"]), ptr(self.backend.kv.data.ptr), i32(shape[0]),
                     i32(), i32(spec.num_layers), i32(spec.num_kv_heads), i32(spec.block_size),
-                    i32(spec.head_dim * spec.compute_itemsize // 16)]
+                    i32(spec.head_dim * spec.compute_itemsize // 16), i64(), i64(), ptr(), i64(), ptr(), i32()]
             if spec.is_fp8:
                 args.append(ptr(self.backend.scales.data.ptr))
             launch = self._write = Launch(fn, (min(shape[0], 65536),), 128, 0, args, self.device)
         a = launch.args
+        dense = self.spec.num_kv_heads * a[9].value
         a[0].value, a[1].value, a[5].value = kp, vp, layer
+        a[10].value, a[11].value = rows or (dense, dense)
+        a[12].value, a[13].value, a[14].value, a[15].value = q
         launch(stream)
+
+    def _dense_q(self, heads: int) -> Any:
+        """The plan's buffer of dense query rows [tokens, heads, head_dim] for ``heads``
+        (the write launch copies strided queries there for the attention after it; made
+        once, kept with the plan, so captured graphs read the same memory)."""
+        buf = self._q_rows.get(heads)
+        if buf is None:
+            import torch
+
+            buf = self._q_rows[heads] = torch.empty((self._tokens, heads, self.spec.head_dim),
+                                                    dtype=self._torch_dtype, device=f"cuda:{self.device}")
+        return buf
 
     def write_attend(self, layer: int, q: Any, k: Any, v: Any, scale: float | None = None, *,
                      window: int | None = None, softcap: float | None = None, sinks: Any = None,
@@ -255,15 +275,20 @@ class CupyPlan(StepPlan):
         if launches and self.has_slots and type(layer) is int and 0 <= layer < spec.num_layers \
                 and target._tokens == self._tokens:
             hkv = spec.num_kv_heads
-            kp = heads_first_ptr(self, k, hkv)
-            vp = kp and heads_first_ptr(self, v, hkv)
-            qp = vp and heads_first_ptr(self, q, heads)
+            kp, ks = token_rows(self, k, hkv)
+            vp, vs = token_rows(self, v, hkv) if kp else (0, 0)
+            qp, qs = token_rows(self, q, heads) if vp else (0, 0)
             if qp:
                 options = target._options(launches, heads, scale, window, softcap, sinks)  # a refusal writes nothing
                 out = q.new_empty((1, self._tokens, heads, spec.head_dim))
                 if self._tokens:
                     stream = self._stream(self.device)
-                    self._launch_write(layer, kp, vp, stream)
+                    q_vecs = heads * spec.head_dim * spec.compute_itemsize // 16
+                    copy = (0, 0, 0, 0)
+                    if qs != q_vecs:  # rows of a fused projection: the write copies them dense
+                        dense = self._dense_q(heads).data_ptr()
+                        copy, qp = (qp, qs, dense, q_vecs), dense
+                    self._launch_write(layer, kp, vp, stream, (ks, vs), copy)
                     target._launch_attend(layer, qp, out.data_ptr(), options, stream)
                 return out
         return super().write_attend(layer, q, k, v, scale, window=window, softcap=softcap, sinks=sinks,
