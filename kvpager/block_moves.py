@@ -59,10 +59,10 @@ def write(pool: Any, spec: Any, layer: int, slots: Any, k: Any, v: Any, device: 
     name, defs = write_kernel(spec)
     fn = get_kernel("kv_write.cu", name, defs, device)
     row_vecs = spec.head_dim * spec.compute_itemsize // 16
-    dense = spec.num_kv_heads * row_vecs  # vectors a token's K (V): rows dense, no q copied
+    token, head = np.int64(spec.num_kv_heads * row_vecs), np.int64(row_vecs)  # dense rows; no q copied
     args = [k, v, cupy.asarray(slots), pool, np.int32(t), np.int32(layer), np.int32(spec.num_layers),
-            np.int32(spec.num_kv_heads), np.int32(spec.block_size), np.int32(row_vecs), np.int64(dense),
-            np.int64(dense), np.uint64(0), np.int64(0), np.uint64(0), np.int32(0)]
+            np.int32(spec.num_kv_heads), np.int32(spec.block_size), np.int32(row_vecs), token, head, token, head,
+            np.uint64(0), np.int64(0), np.int64(0), np.uint64(0), np.int32(0)]
     if spec.is_fp8:
         args.append(scales)
     fn((min(t, 65536),), (128,), tuple(args))

@@ -147,8 +147,8 @@ def test_write_attend_on_pointers_is_write_then_attend(dtype):
     """The GPU plan's per-layer hot path (heads-first views of token-major
     memory, launched on their pointers) writes the K/V and returns the output
     that `write` then `attend` give on a twin pool; heads-major memory (a
-    contiguous [1, H, T, D]) takes the checked path to the same result; a
-    refused option writes nothing."""
+    contiguous [1, H, T, D]) gives the same result; a refused option writes
+    nothing."""
     g = torch.Generator().manual_seed(5)
     pools = [make(dtype), make(dtype)]
     lens = [16, 31, 47, 5]
@@ -182,14 +182,33 @@ def test_write_attend_on_pointers_is_write_then_attend(dtype):
     assert cupy.array_equal(pools[0].backend.kv, before)
 
 
+def fused_views(g: torch.Generator, t: int, hkv: int, d: int, layout: str, dtype: str):
+    """q, k, v [1, H, T, D] as a model hands them over: "token rows" (one fused projection,
+    each token's row the query heads, then K's, then V's: GPTBigCode, Falcon, Phi-3), "head
+    rows" (each head's q, k and v side by side: GPT-NeoX; as many K/V heads as query heads
+    there, so K and V are every other query head's), "heads-major" (contiguous [1, H, T, D])."""
+    if layout == "token rows":
+        qkv = rand(g, 1, t, (HQ + 2 * hkv) * d, dtype=dtype)
+        return (qkv[..., :HQ * d].view(1, t, HQ, d).transpose(1, 2),
+                qkv[..., HQ * d:(HQ + hkv) * d].view(1, t, hkv, d).transpose(1, 2),
+                qkv[..., (HQ + hkv) * d:].view(1, t, hkv, d).transpose(1, 2))
+    if layout == "head rows":
+        qkv = rand(g, 1, t, HQ, 3 * d, dtype=dtype).transpose(1, 2)  # [1, H, T, 3D]
+        q, k, v = qkv.chunk(3, dim=-1)
+        step = HQ // hkv
+        return q, k[:, ::step], v[:, ::step]
+    return rand(g, 1, HQ, t, d, dtype=dtype), rand(g, 1, hkv, t, d, dtype=dtype), rand(g, 1, hkv, t, d, dtype=dtype)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("new", [1, 3])
-def test_write_attend_on_a_fused_projection_views_it_in_place(dtype, new, monkeypatch):
-    """q, k and v as views of one fused projection's output (each token's row holds the
-    query heads, then K's, then V's: GPTBigCode, Falcon, Phi-3) take the hot path (the
-    write launch reads K and V where they lie and copies the query rows dense for the
-    attention): the pool and the output equal `write` then `attend` on dense copies in a
-    twin pool, bit for bit, for decode and multi-token steps; nothing goes the checked way."""
+@pytest.mark.parametrize("layout", ["token rows", "head rows", "heads-major"])
+def test_write_attend_on_a_fused_projection_views_it_in_place(dtype, new, layout, monkeypatch):
+    """q, k and v as views of one fused projection's output (`fused_views`), or heads-major,
+    take the hot path (the write launch reads K and V where they lie and copies the query
+    rows dense for the attention): the pool and the output equal `write` then `attend` on
+    dense copies in a twin pool, bit for bit, for decode and multi-token steps; nothing goes
+    the checked way."""
     from kvpager.plan import StepPlan
 
     g = torch.Generator().manual_seed(11)
@@ -204,11 +223,8 @@ def test_write_attend_on_a_fused_projection_views_it_in_place(dtype, new, monkey
         raise AssertionError("a fused projection's views went the checked way")
 
     for layer in (0, 1):
-        qkv = rand(g, 1, t, (HQ + 2 * hkv) * d, dtype=dtype)  # [1, T, (Hq + 2 Hkv) D]
-        q = qkv[..., :HQ * d].view(1, t, HQ, d).transpose(1, 2)
-        k = qkv[..., HQ * d:(HQ + hkv) * d].view(1, t, hkv, d).transpose(1, 2)
-        v = qkv[..., (HQ + hkv) * d:].view(1, t, hkv, d).transpose(1, 2)
-        assert not q.transpose(1, 2).is_contiguous()
+        q, k, v = fused_views(g, t, hkv, d, layout, dtype)
+        assert not q.transpose(1, 2).is_contiguous() and not k.transpose(1, 2).is_contiguous()
         with monkeypatch.context() as m:
             m.setattr(StepPlan, "write_attend", checked_way)
             out = plans[0].write_attend(layer, q, k, v, 0.2)

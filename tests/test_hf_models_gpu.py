@@ -114,14 +114,30 @@ def gpt_bigcode_model():
     return model
 
 
-@pytest.mark.parametrize("family", ["gpt_bigcode", "falcon", "falcon-grouped", "phi3"])
+def gpt_neox_model():
+    """A tiny Pythia (GPT-NeoX): each head's q, k and v side by side in the fused projection's
+    output, so a token's heads are not one run of memory."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPTNeoXConfig(hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                        intermediate_size=256, vocab_size=128, max_position_embeddings=512,
+                                        rotary_pct=0.25, initializer_range=0.2, bos_token_id=1, eos_token_id=None,
+                                        pad_token_id=0)
+    model = transformers.GPTNeoXForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.mark.parametrize("family", ["gpt_bigcode", "gpt_neox", "falcon", "falcon-grouped", "phi3"])
 @pytest.mark.parametrize("graphs", [False, True])
 def test_fused_projection_family_matches_transformers_on_the_gpu(family, graphs):
     """Families whose q, k and v are views of one fused projection's output (StarCoder,
-    Falcon's multi-query and grouped layouts, Phi-3): the step plan reads them where they lie
+    Pythia, Falcon's multi-query and grouped layouts, Phi-3): the step plan reads them where they lie
     (its write launch copies the query rows dense), eager and with captured decode steps."""
-    if family == "gpt_bigcode":
-        model = gpt_bigcode_model().cuda()
+    if family in ("gpt_bigcode", "gpt_neox"):
+        model = (gpt_bigcode_model() if family == "gpt_bigcode" else gpt_neox_model()).cuda()
     else:
         model = make_model(family, **GPU_SIZES, **FAMILIES.get(family, {})).cuda()
     outs, want = generate_both(model, cuda_graphs=graphs)

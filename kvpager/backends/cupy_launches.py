@@ -190,28 +190,30 @@ def check_device_kind(x: Any, name: str, backend: Any, device: int) -> bool:
     return False
 
 
-def token_rows(plan: Any, x: Any, heads: int) -> tuple[int, int]:
-    """(pointer, 16-byte vectors from one token's heads to the next) of a torch CUDA tensor
-    [1, heads, num_tokens, head_dim] of the pool's dtype on its GPU whose heads of a token are
-    one dense run, 16-byte aligned: a model's projection viewed heads first (rows dense), or a
-    view of a fused projection's output (q, k and v side by side in each token's row:
-    GPTBigCode, Falcon, Phi-3); (0, 0) for anything else."""
+def token_layout(plan: Any, x: Any, heads: int) -> tuple[int, int, int]:
+    """(pointer, 16-byte vectors from one token's heads to the next, from one head to the
+    next) of a torch CUDA tensor [1, heads, num_tokens, head_dim] of the pool's dtype on its
+    GPU whose head dims are dense and whose strides and pointer are 16-byte aligned: a model's
+    projection viewed heads first (token-major, rows dense), a view of a fused projection's
+    output (q, k and v side by side in each token's row: GPTBigCode, Falcon, Phi-3; or in
+    each head's: GPT-NeoX), heads-major memory; (0, 0, 0) for anything else."""
     if type(x) is not plan._torch_type or x.dtype is not plan._torch_dtype:
-        return 0, 0
+        return 0, 0, 0
     t, d = plan._tokens, plan.spec.head_dim
     if x.shape != (1, heads, t, d):
-        return 0, 0
-    st = x.stride()
-    if st[3] != 1 or (heads > 1 and st[1] != d):
-        return 0, 0
-    row = st[2] if t > 1 else heads * d  # (one token: its stride says nothing)
+        return 0, 0, 0
+    _, head, token, one = x.stride()
+    if heads == 1:
+        head = d  # (one head, or one token: its stride says nothing)
+    if t == 1:
+        token = heads * d
     size = x.element_size()
-    if row < heads * d or row * size % 16:
-        return 0, 0
+    if one != 1 or head * size % 16 or token * size % 16:
+        return 0, 0, 0
     p = x.data_ptr()
     if p % 16 or not x.is_cuda or x.get_device() != plan.device:
-        return 0, 0
-    return p, row * size // 16
+        return 0, 0, 0
+    return p, token * size // 16, head * size // 16
 
 
 def fast_ptr(plan: Any, x: Any, shape: tuple[int, ...]) -> int:

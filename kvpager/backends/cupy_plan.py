@@ -39,7 +39,7 @@ from kvpager.backends.cupy_launches import (
     device_tensor,
     fast_ptr,
     sinks_ptr,
-    token_rows,
+    token_layout,
     torch_kinds,
 )
 from kvpager.block_moves import write_kernel
@@ -218,12 +218,14 @@ class CupyPlan(StepPlan):
             stream = current_stream(self.device)
         self._launch_write(layer, kp, vp, stream)
 
-    def _launch_write(self, layer: int, kp: int, vp: int, stream: int, rows: tuple[int, int] | None = None,
-                      q: tuple[int, int, int, int] = (0, 0, 0, 0)) -> None:
+    def _launch_write(self, layer: int, kp: int, vp: int, stream: int,
+                      strides: tuple[int, int, int, int] | None = None,
+                      q: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)) -> None:
         """The K/V write of ``layer`` from checked pointers (built at the first call);
-        ``rows``: the 16-byte vectors from one token's K, and V, to the next (None: dense);
-        ``q``: (source, its row stride in vectors, destination, vectors a row) of the query rows
-        the launch also copies densely (vectors 0: none)."""
+        ``strides``: the 16-byte vectors from one token's K to the next, from one K head to
+        the next, and V's two (None: dense); ``q``: (source, its token and head strides in
+        vectors, destination, vectors a row) of the query rows the launch also copies densely
+        (vectors 0: none)."""
         launch = self._write
         if launch is None:
             spec, shape = self.spec, self._kv_shape
@@ -233,15 +235,16 @@ class CupyPlan(StepPlan):
             fn = kernels.get_kernel("kv_write.cu", name, defs, self.device)
             args = [ptr(), ptr(), ptr(self.ptrs["slots"]), ptr(self.backend.kv.data.ptr), i32(shape[0]),
                     i32(), i32(spec.num_layers), i32(spec.num_kv_heads), i32(spec.block_size),
-                    i32(spec.head_dim * spec.compute_itemsize // 16), i64(), i64(), ptr(), i64(), ptr(), i32()]
+                    i32(spec.head_dim * spec.compute_itemsize // 16), i64(), i64(), i64(), i64(),
+                    ptr(), i64(), i64(), ptr(), i32()]
             if spec.is_fp8:
                 args.append(ptr(self.backend.scales.data.ptr))
             launch = self._write = Launch(fn, (min(shape[0], 65536),), 128, 0, args, self.device)
         a = launch.args
-        dense = self.spec.num_kv_heads * a[9].value
+        row = a[9].value
         a[0].value, a[1].value, a[5].value = kp, vp, layer
-        a[10].value, a[11].value = rows or (dense, dense)
-        a[12].value, a[13].value, a[14].value, a[15].value = q
+        a[10].value, a[11].value, a[12].value, a[13].value = strides or (self.spec.num_kv_heads * row, row) * 2
+        a[14].value, a[15].value, a[16].value, a[17].value, a[18].value = q
         launch(stream)
 
     def _dense_q(self, heads: int) -> Any:
@@ -275,20 +278,20 @@ class CupyPlan(StepPlan):
         if launches and self.has_slots and type(layer) is int and 0 <= layer < spec.num_layers \
                 and target._tokens == self._tokens:
             hkv = spec.num_kv_heads
-            kp, ks = token_rows(self, k, hkv)
-            vp, vs = token_rows(self, v, hkv) if kp else (0, 0)
-            qp, qs = token_rows(self, q, heads) if vp else (0, 0)
+            kp, kt, kh = token_layout(self, k, hkv)
+            vp, vt, vh = token_layout(self, v, hkv) if kp else (0, 0, 0)
+            qp, qt, qh = token_layout(self, q, heads) if vp else (0, 0, 0)
             if qp:
                 options = target._options(launches, heads, scale, window, softcap, sinks)  # a refusal writes nothing
                 out = q.new_empty((1, self._tokens, heads, spec.head_dim))
                 if self._tokens:
                     stream = self._stream(self.device)
-                    q_vecs = heads * spec.head_dim * spec.compute_itemsize // 16
-                    copy = (0, 0, 0, 0)
-                    if qs != q_vecs:  # rows of a fused projection: the write copies them dense
+                    row = spec.head_dim * spec.compute_itemsize // 16
+                    copy = (0, 0, 0, 0, 0)
+                    if qh != row or qt != heads * row:  # not dense rows: the write copies them dense
                         dense = self._dense_q(heads).data_ptr()
-                        copy, qp = (qp, qs, dense, q_vecs), dense
-                    self._launch_write(layer, kp, vp, stream, (ks, vs), copy)
+                        copy, qp = (qp, qt, qh, dense, heads * row), dense
+                    self._launch_write(layer, kp, vp, stream, (kt, kh, vt, vh), copy)
                     target._launch_attend(layer, qp, out.data_ptr(), options, stream)
                 return out
         return super().write_attend(layer, q, k, v, scale, window=window, softcap=softcap, sinks=sinks,
