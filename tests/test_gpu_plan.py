@@ -21,8 +21,14 @@ TOL = {"bfloat16": 1e-2, "float16": 2e-3, "float32": 1e-5}
 HQ = 8
 
 
-def make(dtype: str, head_dim: int = 64) -> KVPool:
-    spec = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=head_dim, num_blocks=256, block_size=16, dtype=dtype)
+def make(dtype: str, head_dim: int = 64, kv_dtype: str | None = None) -> KVPool:
+    """A pool of 2 layers of 2 K/V heads; ``kv_dtype``: FP8 storage (scales 0.5 and 0.25
+    for K and V, every head). torch's CUDA comes up first: a plan made before it knows no
+    torch tensors and takes the checked path for them (`cupy_launches.torch_kinds`)."""
+    torch.cuda.init()
+    scales = None if kv_dtype is None else np.tile(np.float32([0.5, 0.25])[None, :, None], (2, 1, 2))
+    spec = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=head_dim, num_blocks=256, block_size=16, dtype=dtype,
+                    kv_dtype=kv_dtype, kv_scales=scales)
     return KVPool(spec, device="cuda:0")
 
 
@@ -200,10 +206,11 @@ def fused_views(g: torch.Generator, t: int, hkv: int, d: int, layout: str, dtype
     return rand(g, 1, HQ, t, d, dtype=dtype), rand(g, 1, hkv, t, d, dtype=dtype), rand(g, 1, hkv, t, d, dtype=dtype)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("dtype, kv_dtype", [("bfloat16", None), ("float16", None), ("float32", None),
+                                             ("bfloat16", "float8_e4m3")])
 @pytest.mark.parametrize("new", [1, 3])
 @pytest.mark.parametrize("layout", ["token rows", "head rows", "heads-major"])
-def test_write_attend_on_a_fused_projection_views_it_in_place(dtype, new, layout, monkeypatch):
+def test_write_attend_on_a_fused_projection_views_it_in_place(dtype, kv_dtype, new, layout, monkeypatch):
     """q, k and v as views of one fused projection's output (`fused_views`), or heads-major,
     take the hot path (the write launch reads K and V where they lie and copies the query
     rows dense for the attention): the pool and the output equal `write` then `attend` on
@@ -212,7 +219,7 @@ def test_write_attend_on_a_fused_projection_views_it_in_place(dtype, new, layout
     from kvpager.plan import StepPlan
 
     g = torch.Generator().manual_seed(11)
-    pools = [make(dtype), make(dtype)]
+    pools = [make(dtype, kv_dtype=kv_dtype), make(dtype, kv_dtype=kv_dtype)]
     lens = [16, 31, 47, 5]
     ids = [[a.seq_id for a in p.allocate([list(range(3, 3 + n)) for n in lens])] for p in pools]
     slots = [p.append_flat(i, new) for p, i in zip(pools, ids)]
@@ -238,6 +245,8 @@ def test_write_attend_on_a_fused_projection_views_it_in_place(dtype, new, layout
             m.setattr(StepPlan, "write_attend", checked_way)
             again = plans[0].write_attend(layer, *dense, 0.2)
         assert torch.equal(again, out)
+    if kv_dtype is not None:  # (the FP8 pool's dense path against the twin: test_gpu_fp8.py)
+        return
     tables, seq_lens = pools[0].tables(ids[0])
     qn = q[0].transpose(0, 1).float().cpu().numpy().astype(pools[0].spec.np_dtype)
     kv = cupy.asnumpy(pools[0].backend.kv).view(pools[0].spec.np_dtype)
