@@ -171,6 +171,25 @@ def test_alibi_is_refused_by_name(multi_query):
     pool.check_integrity()
 
 
+def test_a_model_that_takes_only_its_own_cache_is_refused_by_name():
+    """MiniMax refuses every cache but its own class (for its lightning-attention layers'
+    states): refused by name before anything is allocated (before: transformers' ValueError
+    from the first pass, the prompts allocated)."""
+    if not hasattr(transformers, "MiniMaxConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no MiniMax")
+    torch.manual_seed(0)
+    config = transformers.MiniMaxConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        num_local_experts=2, num_experts_per_tok=1,
+                                        layer_types=["linear_attention", "full_attention"])
+    model = transformers.MiniMaxForCausalLM(config).eval()
+    pool = KVPool(spec_for_model(model, num_blocks=32, block_size=8))
+    with pytest.raises(UnsupportedModel, match=r"MiniMaxForCausalLM \(model type minimax\) takes no cache but its own"):
+        generate(model, pool, [prompt(11, 1), prompt(4, 2)], 3, eos_token_id=None)
+    assert pool.stats().num_sequences == 0 and pool.stats().used_blocks == 0
+    pool.check_integrity()
+
+
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
 def test_attention_that_does_not_follow_the_pools_config_is_named(family):
     """A config field the family ignores: GPT-2's and GPT-NeoX's attention makes a K/V

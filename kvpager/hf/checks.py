@@ -38,6 +38,7 @@ def check_model(model: Any, pool: Any) -> list[int | None]:
     check_head(model)
     check_eval_mode(model)
     check_position_bias(model)
+    check_own_cache(model)
     windows = layer_windows(model)
     layer_chunks(model, pool.spec.block_size)
     want = model_geometry(text_config(model))
@@ -73,6 +74,23 @@ def check_position_bias(model: Any) -> None:
         raise UnsupportedModel(f"{type(model).__name__} adds ALiBi position biases to its attention scores "
                                "(config.alibi=True), through the attention mask, which kvpager's attention does "
                                "not read: run this model with its own cache")
+
+
+#: model types whose forward refuses every cache but its own class (transformers raises a
+#: ValueError in the first pass, after the prompts were allocated): MiniMax (`MiniMaxCache`,
+#: for its lightning-attention layers' states)
+OWN_CACHE = frozenset({"minimax"})
+
+
+def check_own_cache(model: Any) -> None:
+    """ValueError (`UnsupportedModel`) for a model whose forward takes no cache but its
+    own class (`OWN_CACHE`), before anything is allocated: kvpager hands the pass a cache
+    of transformers' for the states of recurrent layers, which such a model refuses."""
+    kind = getattr(text_config(model), "model_type", None)
+    if kind in OWN_CACHE:
+        raise UnsupportedModel(f"{type(model).__name__} (model type {kind}) takes no cache but its own class, "
+                               "which holds its linear-attention layers' states: kvpager cannot hand it one, "
+                               "run this model with its own cache")
 
 
 def check_eval_mode(model: Any) -> None:
