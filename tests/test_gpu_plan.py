@@ -254,6 +254,49 @@ def test_write_attend_on_a_fused_projection_views_it_in_place(dtype, kv_dtype, n
     assert rel_err(out[0], twin) < TOL[dtype]
 
 
+@pytest.mark.parametrize("chunk", [None, 32])
+def test_a_plan_made_before_torchs_cuda_takes_the_hot_path_once_torch_tensors_come(chunk, monkeypatch):
+    """A plan made while torch's CUDA was not yet up (a program that makes its pool and
+    plans before touching torch tensors) could not know torch's tensor kinds: it learns
+    them at the first torch tensor it is handed, it and its chunked views, so that call
+    and the next take the hot path (never the checked one; a chunked view's launches are
+    built at its first call, which goes the checked way), with `write` then `attend`'s
+    result on a twin pool, bit for bit."""
+    from kvpager.plan import StepPlan
+
+    g = torch.Generator().manual_seed(17)
+    pools = [make("bfloat16"), make("bfloat16")]
+    lens = [16, 31, 47, 5]
+    ids = [[a.seq_id for a in p.allocate([list(range(3, 3 + n)) for n in lens])] for p in pools]
+    slots = [p.append_flat(i, 1) for p, i in zip(pools, ids)]
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_initialized", lambda: False)
+        plans = [p.plan(i, None, s, num_q_heads=HQ) for p, i, s in zip(pools, ids, slots)]
+        if chunk is not None:
+            plans[0].chunked(chunk)
+    assert plans[0]._torch_type is None  # what such a plan knows of torch
+    t, hkv, d = len(lens), 2, 64
+
+    def checked_way(*a, **k):
+        raise AssertionError("a plan made before torch's CUDA went the checked way")
+
+    for layer in (0, 1):
+        q, k, v = fused_views(g, t, hkv, d, "token rows", "bfloat16")
+        with monkeypatch.context() as m:
+            if chunk is None or layer:
+                m.setattr(StepPlan, "write_attend", checked_way)
+            out = plans[0].write_attend(layer, q, k, v, 0.2, chunk=chunk)
+        plans[1].write(layer, k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous())
+        dense_q = q[0].transpose(0, 1).contiguous()
+        ref = plans[1].attend(layer, dense_q, 0.2) if chunk is None else \
+            plans[1].chunked(chunk).attend(layer, dense_q, 0.2)
+        assert torch.equal(out[0], ref)
+        assert cupy.array_equal(pools[0].backend.kv, pools[1].backend.kv)
+    assert plans[0]._torch_type is torch.Tensor
+    if chunk is not None:
+        assert plans[0].chunked(chunk)._torch_type is torch.Tensor
+
+
 def test_write_attend_refused_for_its_query_or_sinks_writes_nothing():
     """Regression: the checked way of write_attend (any q the fast path does not take)
     wrote the K/V and only then had its attend refuse a q of another dtype or device,

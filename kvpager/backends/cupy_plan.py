@@ -119,6 +119,21 @@ class CupyPlan(StepPlan):
         if num_q_heads is not None:
             self._prepare(int(num_q_heads))
 
+    def _late_torch(self, x: Any) -> bool:
+        """Whether ``x`` is a torch tensor this plan could not know when it was made
+        (torch's CUDA came up after it: `torch_kinds`) and it knows torch's kinds now,
+        as do its chunked views, so the hot path takes torch tensors from here on."""
+        if self._torch_type is not None or not type(x).__module__.startswith("torch"):
+            return False
+        kinds = torch_kinds(self.spec.dtype)
+        if kinds[0] is None:
+            return False
+        f32 = torch_kinds("float32")[1]
+        for plan in {id(v): v for v in (self, *self.__dict__.get("_chunk_views", {}).values())}.values():
+            plan._torch_type, plan._torch_dtype, plan._stream = kinds
+            plan._torch_f32 = f32
+        return True
+
     def update(self, tables: Any, seq_lens: Any, query_lens: Any = None, slots: Any = None) -> None:
         """Refill with another decode step that fits the capacities (at most
         ``num_rows`` sequences, tables at most ``width`` blocks wide), on the
@@ -212,6 +227,8 @@ class CupyPlan(StepPlan):
         kp, vp = fast_ptr(self, k, shape), fast_ptr(self, v, shape)
         if kp and vp:
             stream = self._stream(self.device)
+        elif self._late_torch(k):
+            return self.write(layer, k, v)
         else:
             kp, _ = device_tensor(k, "k", shape, self.backend, self.device)
             vp, _ = device_tensor(v, "v", shape, self.backend, self.device)
@@ -294,6 +311,9 @@ class CupyPlan(StepPlan):
                     self._launch_write(layer, kp, vp, stream, (kt, kh, vt, vh), copy)
                     target._launch_attend(layer, qp, out.data_ptr(), options, stream)
                 return out
+        if self._late_torch(q):
+            return self.write_attend(layer, q, k, v, scale, window=window, softcap=softcap, sinks=sinks,
+                                     chunk=chunk)
         return super().write_attend(layer, q, k, v, scale, window=window, softcap=softcap, sinks=sinks,
                                     chunk=chunk)
 
@@ -324,6 +344,8 @@ class CupyPlan(StepPlan):
             if not op:
                 op, out = device_tensor(out, "out", tuple(shape), self.backend, self.device, writable=True)
             stream = self._stream(self.device)
+        elif self._late_torch(q):
+            return self.attend(layer, q, scale, out, window=window, softcap=softcap, sinks=sinks)
         else:
             num_q = check_q_shape(tuple(shape), self.num_tokens, spec)
             qp, q = device_tensor(q, "q", tuple(shape), self.backend, self.device)
