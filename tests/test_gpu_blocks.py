@@ -28,6 +28,7 @@ from kvpager import KVPool  # noqa: E402
 from kvpager.backends.cupy_backend import CupyBackend  # noqa: E402
 from kvpager.backends.numpy_backend import NumpyBackend  # noqa: E402
 from kvpager.errors import InvalidArgument, UnsupportedConfiguration  # noqa: E402
+from kvpager.kernels import MAX_GROUP  # noqa: E402
 from kvpager.spec import PoolSpec  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -90,9 +91,12 @@ def test_bad_arguments_never_launch():
         gpu.attend(0, q, np.array([[8]], dtype=np.int32), one, one, 0.1)
     with pytest.raises(InvalidArgument):
         gpu.attend(0, q, np.array([[1]], dtype=np.int32), np.array([9], dtype=np.int32), one, 0.1)
-    with pytest.raises(UnsupportedConfiguration):
-        gpu.attend(0, cupy.zeros((1, 6, 64), dtype=cupy.float16), np.array([[1]], dtype=np.int32),
+    with pytest.raises(InvalidArgument):  # 5 query heads over 2 kv heads: no GQA group
+        gpu.attend(0, cupy.zeros((1, 5, 64), dtype=cupy.float16), np.array([[1]], dtype=np.int32),
                    one, one, 0.1)
+    with pytest.raises(UnsupportedConfiguration):  # a group past the kernels' largest
+        gpu.attend(0, cupy.zeros((1, 2 * (MAX_GROUP + 1), 64), dtype=cupy.float16),
+                   np.array([[1]], dtype=np.int32), one, one, 0.1)
     kv = cupy.zeros((1, 2, 64), dtype=cupy.float16)
     with pytest.raises(InvalidArgument):
         gpu.write(0, np.array([64], dtype=np.int64), kv, kv)
