@@ -151,6 +151,10 @@ def make_model(family: str, seed: int = 0, **overrides):
         pytest.skip(f"transformers {transformers.__version__}'s Falcon attends by itself (refused)")
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        # the reference attends eagerly: SDPA has no soft cap, and some transformers releases
+        # (5.17 among them) chose it for Gemma-2 anyway, dropping the cap (kvpager applies it)
+        config._attn_implementation = "eager"
     model = getattr(transformers, model_cls)(config).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0

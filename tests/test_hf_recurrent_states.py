@@ -379,3 +379,40 @@ def test_a_model_whose_recurrent_layers_do_not_continue_runs_each_prompt_whole(p
     assert store.stores == store.hits == 0
     assert pool.stats().prefix_hit_tokens > 0
     assert_nothing_held(pool)
+
+
+def test_layers_that_neither_attend_nor_recur_may_hold_any_cache_layer(monkeypatch):
+    """transformers 5.17 gives NemotronH's mixture-of-experts and MLP layers linear-attention
+    cache layers (later releases: placeholders); those layers touch no cache, so kvpager
+    takes them as they come and gives transformers' tokens. A recurrent layer without a
+    linear-attention cache layer, or an attention layer without a K/V layer, is still
+    refused by name."""
+    from transformers import cache_utils
+
+    from kvpager.errors import UnsupportedModel
+    from kvpager.hf import recurrent_states
+
+    model = make("nemotron_h")
+    kinds = model.config.layer_types
+    assert "moe" in kinds and "mlp" in kinds
+    real = recurrent_states.cache_classes()
+
+    def as_517(swap):
+        class Cache(real[0]):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                for i, kind in enumerate(kinds):
+                    if kind in swap:
+                        self.layers[i] = cache_utils.LinearAttentionLayer()
+        return Cache
+
+    monkeypatch.setattr(recurrent_states, "cache_classes", lambda: (as_517({"moe", "mlp"}), *real[1:]))
+    cache = recurrent_states.new_cache(model)
+    assert [type(x).__name__ for x in cache.layers].count("LinearAttentionLayer") == 3
+    ps = prompts(21, 9)
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    assert generate(model, pool, ps, max_new_tokens=6) == reference(model, ps, 6)
+    pool.close()
+    monkeypatch.setattr(recurrent_states, "cache_classes", lambda: (as_517({"full_attention"}), *real[1:]))
+    with pytest.raises(UnsupportedModel, match="cannot tell where its state lives"):
+        recurrent_states.new_cache(model)

@@ -126,8 +126,12 @@ def new_cache(model: Any) -> Any:
     kinds = text_config(model).layer_types
     for i, layer in enumerate(cache.layers):
         recurrent, attends = kinds[i] in RECURRENT_KINDS, kinds[i] not in NO_KV_KINDS
-        # (a hybrid layer's, both: transformers' LinearAttentionAndFullAttentionLayer)
-        if isinstance(layer, linear) != recurrent or (attends and not isinstance(layer, dynamic_layer)):
+        # (a hybrid layer's, both: transformers' LinearAttentionAndFullAttentionLayer); a layer
+        # that neither attends nor recurs (an MLP or mixture of experts) touches no cache layer,
+        # whichever kind transformers gives it (5.17 gives NemotronH's a linear-attention one)
+        stateless = not recurrent and not attends
+        if (isinstance(layer, linear) != recurrent and not stateless) \
+                or (attends and not isinstance(layer, dynamic_layer)):
             raise UnsupportedModel(f"{type(model).__name__}: layer {i} ({kinds[i]}) has a cache layer of kind "
                                    f"{type(layer).__name__}; kvpager cannot tell where its state lives")
         if isinstance(layer, dynamic_layer):
