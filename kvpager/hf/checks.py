@@ -21,6 +21,7 @@ from kvpager.hf.model import (
     has_recurrent_layers,
     layer_chunks,
     layer_windows,
+    legacy_layer_types,
     model_geometry,
     modules_of,
     text_config,
@@ -85,8 +86,17 @@ OWN_CACHE = frozenset({"minimax"})
 def check_own_cache(model: Any) -> None:
     """ValueError (`UnsupportedModel`) for a model whose forward takes no cache but its
     own class (`OWN_CACHE`), before anything is allocated: kvpager hands the pass a cache
-    of transformers' for the states of recurrent layers, which such a model refuses."""
-    kind = getattr(text_config(model), "model_type", None)
+    of transformers' for the states of recurrent layers, which such a model refuses; and
+    for one whose config names its recurrent layers the old way only (`legacy_layer_types`:
+    RecurrentGemma under older transformers), whose states live in its modules."""
+    config = text_config(model)
+    kind = getattr(config, "model_type", None)
+    if getattr(config, "layer_types", None) is None and legacy_layer_types(config) is not None:
+        # (older transformers, 5.17 among them: RecurrentGemma's states never reach the cache, which
+        # `recurrent_states.check_layout` finds at the first pass where its layer kinds are named)
+        raise UnsupportedModel(f"{type(model).__name__}: its recurrent layers keep their states outside "
+                               "transformers' cache (in their modules); kvpager moves each sequence's states "
+                               "through the cache's linear-attention layers, so it cannot serve this model")
     if kind in OWN_CACHE:
         raise UnsupportedModel(f"{type(model).__name__} (model type {kind}) takes no cache but its own class, "
                                "which holds its linear-attention layers' states: kvpager cannot hand it one, "

@@ -21,7 +21,14 @@ import torch
 from kvpager.errors import InvalidArgument, UnsupportedModel
 from kvpager.hf.salt import default_salt  # noqa: F401 (its home before kvpager.hf.salt: old imports still work)
 from kvpager.layer_geometry import attribute_getter, fit, layer_getters
-from kvpager.sizing import NO_KV_KINDS, attention_dims, kv_heads_field, kv_sources, pool_layers
+from kvpager.sizing import (
+    NO_KV_KINDS,
+    attention_dims,
+    kv_heads_field,
+    kv_sources,
+    layer_fields,
+    pool_layers,
+)
 from kvpager.spec import PoolSpec, dtype_name
 
 FULL, SLIDING, CHUNKED = "full_attention", "sliding_attention", "chunked_attention"
@@ -136,8 +143,31 @@ def layer_windows(model: Any) -> list[int | None]:
 def has_recurrent_layers(model: Any) -> bool:
     """Whether ``model``'s ``layer_types`` name layers that keep a recurrent state
     (linear attention, state-space mixers, short convolutions: `kvpager.hf.recurrent`)."""
-    kinds = getattr(text_config(model), "layer_types", None) or ()
+    config = text_config(model)
+    kinds = getattr(config, "layer_types", None) or legacy_layer_types(config) or ()
     return not RECURRENT_KINDS.isdisjoint(kinds)
+
+
+def config_getter(config: Any) -> Any:
+    """A getter of ``config``'s fields (None where unset; `attribute_getter`) whose
+    ``layer_types`` are the old names' (`legacy_layer_types`) where the config has none."""
+    get = attribute_getter(config)
+
+    def field(name: str) -> Any:
+        value = get(name)
+        return legacy_layer_types(config) if value is None and name == "layer_types" else value
+
+    return field
+
+
+def legacy_layer_types(config: Any) -> list[str] | None:
+    """The ``layer_types`` a config of an older transformers gives under another name
+    only (RecurrentGemma's ``block_types`` before transformers named its layers' kinds),
+    as `kvpager.sizing.layer_fields` reads them; None where it names none."""
+    if getattr(config, "block_types", None) is None:
+        return None
+    return layer_fields({"num_hidden_layers": getattr(config, "num_hidden_layers", None),
+                         "block_types": list(config.block_types)}, type(config).__name__).get("layer_types")
 
 
 def layer_chunks(model: Any, block_size: int | None = None) -> list[int | None]:
@@ -208,7 +238,7 @@ def layer_map(model: Any) -> list[tuple[int, bool]] | None:
 def _kv_sources(config: Any) -> list[int]:
     """`kvpager.sizing.kv_sources` of a transformers config, its refusal a ValueError as the others here."""
     try:
-        return kv_sources(attribute_getter(config), config.num_hidden_layers)
+        return kv_sources(config_getter(config), config.num_hidden_layers)
     except InvalidArgument as e:
         raise UnsupportedModel(str(e)) from e
 
@@ -259,9 +289,9 @@ def model_geometry(config: Any) -> dict[str, int]:
     (`kvpager.layer_geometry`). The layers are those that store K/V
     (`layer_map`: Gemma-3n's shared layers store none)."""
     sources = _kv_sources(config)
-    getters = layer_getters(config, attribute_getter(config), config.num_hidden_layers)
+    getters = layer_getters(config, config_getter(config), config.num_hidden_layers)
     if getters is None:
-        kv_heads, head_dim = _layer_dims(config, attribute_getter(config))
+        kv_heads, head_dim = _layer_dims(config, config_getter(config))
     else:
         dims = [_layer_dims(config, getters[i]) for i, s in enumerate(sources) if s == i]
         try:
@@ -278,7 +308,7 @@ def layer_fit(model: Any) -> tuple[int, int] | None:
     """(K/V heads, head dim) of the pool every layer of ``model`` is fitted to where
     its layers differ in geometry (`PagedBatch.fit`); None where they do not."""
     config = text_config(model)
-    if layer_getters(config, attribute_getter(config), config.num_hidden_layers) is None:
+    if layer_getters(config, config_getter(config), config.num_hidden_layers) is None:
         return None
     geometry = model_geometry(config)
     return geometry["num_kv_heads"], geometry["head_dim"]
