@@ -3,6 +3,7 @@
     python3 tools/hf_families.py                    # every registered type (a table)
     python3 tools/hf_families.py llama falcon ...   # only these
     python3 tools/hf_families.py --json
+    python3 tools/hf_families.py --jsonl            # a line a type and variant as they end
     python3 tools/hf_families.py --variants mha4 qwen2 ...  # a K/V head per query head
 
 Each model type transformers registers for causal LM (`AutoModelForCausalLM`)
@@ -39,7 +40,7 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 VOCAB = 128
 # (the head untied from the embeddings: tied, as Gemma's scaled embeddings are, a tiny random model
@@ -256,6 +257,8 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                     help=f"comma-separated, of {', '.join(VARIANTS)} (default: %(default)s)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--jsonl", action="store_true",
+                    help="a JSON line a type and variant as each ends (what ended survives a kill)")
     ap.add_argument("--one", nargs=2, metavar=("TYPE", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -270,6 +273,11 @@ def main() -> None:
         ap.error(f"--variants: each of {', '.join(VARIANTS)}, got {args.variants!r}")
     jobs = [(t, v) for t in types for v in variants]
     with ThreadPoolExecutor(args.jobs) as ex:
+        if args.jsonl:
+            print(json.dumps({"transformers": transformers.__version__}), flush=True)
+            for done in as_completed([ex.submit(run, *tv, args.timeout) for tv in jobs]):
+                print(json.dumps(done.result()), flush=True)
+            return
         rows = list(ex.map(lambda tv: run(*tv, args.timeout), jobs))
     if args.json:
         print(json.dumps({"transformers": transformers.__version__, "rows": rows}, indent=1))
