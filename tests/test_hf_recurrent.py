@@ -105,6 +105,20 @@ def make(family: str, **fields):
     return getattr(transformers, model_class)(config).eval()
 
 
+def drawn(model):
+    """``model`` with every parameter it was built at one value throughout (zeros, ones:
+    convolution and time-step biases, skip weights, norms) moved by normal noise, as
+    training moves them: built as they are, a feature that a pass in parts gets wrong can
+    be a no-op (Jamba's scan of several tokens from a zero state, whatever the cache
+    holds, matched transformers at a zero convolution bias)."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.numel() and bool((p == p.reshape(-1)[0]).all()):
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.5)
+    return model
+
+
 def prompts(*lengths: int, seed: int = 1) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]

@@ -21,7 +21,7 @@ from kvpager import KVPool  # noqa: E402
 from kvpager.hf import generate, spec_for_model  # noqa: E402
 
 
-@pytest.mark.parametrize("family,pipeline", [("qwen3_5", True), ("qwen3_5", False), ("jamba", True),
+@pytest.mark.parametrize("family,pipeline", [("qwen3_5", True), ("qwen3_5", False), ("bamba", True),
                                              ("falcon_h1", True)])
 def test_a_conversations_next_turn_resumes_after_the_answer(family, pipeline, monkeypatch):
     """Three prompts answered in one batch, two of them ending on end tokens at

@@ -30,7 +30,7 @@ from kvpager import KVPool  # noqa: E402
 from kvpager.hf import generate, spec_for_model  # noqa: E402
 
 
-@pytest.mark.parametrize("family", [f for f in sorted(FAMILIES) if f != "zamba"])
+@pytest.mark.parametrize("family", [f for f in sorted(FAMILIES) if f not in ("zamba", "jamba")])
 def test_a_prompt_seen_before_resumes_from_its_held_state(family, monkeypatch):
     """The same prompts three times over one pool. The first run publishes their
     blocks; the second finds them cached but no state there: it runs each prompt up
@@ -38,7 +38,7 @@ def test_a_prompt_seen_before_resumes_from_its_held_state(family, monkeypatch):
     the third resumes from the held states and runs only the tokens after them.
     Every run gives transformers' tokens, nothing is left held. Every family whose
     recurrent layers continue a pass from held states (`CONTINUING`: all tested but
-    Zamba, below)."""
+    Zamba and Jamba, below)."""
     from kvpager.hf.state_cache import StateCache
 
     model = make(family)
@@ -331,8 +331,8 @@ def test_a_lower_budget_drops_held_states_at_once():
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_the_families_that_continue_from_held_states_are_known(family):
-    """`kvpager.hf.recurrent.CONTINUING` names every tested family but Zamba, whose
-    Mamba layers scan a pass of several tokens from a zero state (below), taken so
+    """`kvpager.hf.recurrent.CONTINUING` names every tested family but Zamba and Jamba,
+    whose Mamba layers scan a pass of several tokens from a zero state (below), taken so
     without a word; a model of a type neither list names is taken as one that does
     not continue, with a warning, once a process."""
     import warnings
@@ -342,7 +342,7 @@ def test_the_families_that_continue_from_held_states_are_known(family):
     model = make(family)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert recurrent.continues(model) == (family != "zamba")
+        assert recurrent.continues(model) == (family not in ("zamba", "jamba"))
     model.config.model_type = f"a_new_hybrid_{family}"
     with pytest.warns(UserWarning, match="not among the types whose recurrent layers are known to continue"):
         assert not recurrent.continues(model)

@@ -291,3 +291,32 @@ def test_an_eos_that_is_no_token_id_is_refused_by_name():
         generate(model, pool, [prompt(4, 1)], 2, eos_token_id="x")
     assert generate(model, pool, [prompt(4, 1)], 2, eos_token_id=[VOCAB - 1, VOCAB - 2]) == \
         generate(model, pool, [prompt(4, 1)], 2)  # a list of ids is taken
+
+
+def test_attention_that_builds_its_mask_from_its_values_is_refused_by_name():
+    """Doge's dynamic mask attention adds a bias a key, computed from the layer's values,
+    through the attention mask, which kvpager's attention does not read. A freshly built
+    Doge has a zero ``dt_proj`` and ``A`` (the same bias for every key: transformers'
+    tokens either way), which is why a sweep of random models matched it; trained (here
+    drawn), the bias changes transformers' tokens, and kvpager gave the unbiased ones with
+    no error. Refused by name before anything is allocated."""
+    if not hasattr(transformers, "DogeConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Doge")
+    torch.manual_seed(0)
+    config = transformers.DogeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = transformers.DogeForCausalLM(config).eval()
+    tokens = torch.tensor([prompt(21, 1)])
+    with torch.no_grad():
+        flat = model.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=8, do_sample=False)
+        for name, p in model.named_parameters():
+            if name.endswith(".A") or ".dt_proj." in name:
+                p.normal_(generator=torch.Generator().manual_seed(2))
+        biased = model.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=8, do_sample=False)
+    assert flat.tolist() != biased.tolist()  # the bias is real: what kvpager would have left out
+    pool = KVPool(spec_for_model(model, num_blocks=32, block_size=8))
+    with pytest.raises(UnsupportedModel, match=r"DogeForCausalLM: its DogeAttention builds its attention mask from "
+                                               r"its values \(prepare_dynamic_mask\)"):
+        generate(model, pool, [prompt(11, 1), prompt(4, 2)], 3, eos_token_id=None)
+    assert pool.stats().num_sequences == 0 and pool.stats().used_blocks == 0
+    pool.check_integrity()

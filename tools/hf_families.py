@@ -8,7 +8,8 @@
 
 Each model type transformers registers for causal LM (`AutoModelForCausalLM`)
 is built as a tiny random float32 model from its config (64 hidden, 2
-layers, 4 heads, a 128-token vocabulary; once with 2 K/V heads, once
+layers, 4 heads, a 128-token vocabulary; the parameters it is built with at
+one value throughout moved by noise, `draw_constants`; once with 2 K/V heads, once
 without setting them; ``--variants mha4``: with 4, a K/V head per query
 head), and `kvpager.hf.generate` (a CPU pool) is compared
 with transformers' greedy ``generate`` on the same prompts (21 and 9
@@ -145,6 +146,20 @@ def tiny_config(model_type: str, common: dict):
     return AutoConfig.for_model(model_type, text_config=text, **towers)
 
 
+def draw_constants(model) -> None:
+    """Every parameter a model is built with at one value throughout (zeros, ones: gates,
+    biases, norms, Doge's mask bias ``dt_proj`` and ``A``) moved by normal noise (std 0.5),
+    as training would move it: a feature kvpager does not follow but whose built weights
+    make it a no-op would otherwise match transformers here (Doge's dynamic mask did)."""
+    import torch
+
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.numel() and bool((p == p.reshape(-1)[0]).all()):
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.5)
+
+
 def one(model_type: str, variant: str) -> dict:
     """Build, generate both ways, compare (in this process)."""
     import warnings
@@ -170,6 +185,7 @@ def one(model_type: str, variant: str) -> dict:
         model = AutoModelForCausalLM.from_config(tiny_config(model_type, common)).eval()
         model.generation_config.eos_token_id = None
         model.generation_config.pad_token_id = 0
+        draw_constants(model)
     except Exception as e:  # noqa: BLE001 - transformers' own failure at these sizes
         return {**row, "outcome": "not built", "detail": f"{type(e).__name__}: {e}"}
     g = torch.Generator().manual_seed(1)

@@ -37,8 +37,10 @@ def check_model(model: Any, pool: Any) -> list[int | None]:
     it, and that ``pool`` has its KV geometry (and a block size that divides
     its attention chunk, if it has chunked layers: `layer_chunks`)."""
     check_head(model)
-    check_eval_mode(model)
+    modules = modules_of(model)
+    check_eval_mode(model, modules)
     check_position_bias(model)
+    check_mask_bias(model, modules)
     check_own_cache(model)
     windows = layer_windows(model)
     layer_chunks(model, pool.spec.block_size)
@@ -77,6 +79,28 @@ def check_position_bias(model: Any) -> None:
                                "not read: run this model with its own cache")
 
 
+#: methods of an attention module that build its attention mask from the layer's own values:
+#: Doge's dynamic mask attention (an additive bias a key, ``exp(A * softplus(dt_proj(v)))``,
+#: and keys outside its top ``keep_window_size`` masked)
+MASK_BUILDERS = ("prepare_dynamic_mask",)
+
+
+def check_mask_bias(model: Any, modules: list[Any] | None = None) -> None:
+    """ValueError (`UnsupportedModel`) for a model whose attention modules build their
+    attention mask from the layer's values (`MASK_BUILDERS`: Doge): transformers adds that
+    mask to the scores, and kvpager's attention does not read the mask (it attends
+    causally over the pool by the plan's extents), so its tokens would be others, with no
+    error. Before: served, and transformers' tokens only where the bias was the same for
+    every key (a freshly built model's zero ``dt_proj``, ``A``), other tokens once trained.
+    ``modules``: `modules_of` the model, where the caller has walked them already."""
+    for cls in {type(m) for m in (modules_of(model) if modules is None else modules)}:
+        for method in MASK_BUILDERS:
+            if callable(getattr(cls, method, None)):
+                raise UnsupportedModel(f"{type(model).__name__}: its {cls.__name__} builds its attention mask from "
+                                       f"its values ({method}), an additive bias a key that kvpager's attention "
+                                       "does not read: run this model with its own cache")
+
+
 #: model types whose forward refuses every cache but its own class (transformers raises a
 #: ValueError in the first pass, after the prompts were allocated): MiniMax (`MiniMaxCache`,
 #: for its lightning-attention layers' states)
@@ -103,7 +127,7 @@ def check_own_cache(model: Any) -> None:
                                "run this model with its own cache")
 
 
-def check_eval_mode(model: Any) -> None:
+def check_eval_mode(model: Any, modules: list[Any] | None = None) -> None:
     """ValueError for a model in training mode (``model.train()``) where dropout
     would apply: a dropout module with p > 0, or a config field of a dropout
     probability above 0 (Starcoder2 drops out functionally, ``training=self.training``).
@@ -111,8 +135,9 @@ def check_eval_mode(model: Any) -> None:
     prefix cache under the same default salt as the model in eval mode: before,
     a later eval-mode generation of the same prompt, from any caller, started
     from those blocks and gave other tokens than transformers'. Training mode
-    without dropout gives eval mode's tokens and is taken."""
-    if not any(m.training for m in modules_of(model)):
+    without dropout gives eval mode's tokens and is taken. ``modules``: `modules_of` the
+    model, where the caller has walked them already."""
+    if not any(m.training for m in (modules_of(model) if modules is None else modules)):
         return
     drops = [f"{name}.p={m.p}" for name, m in model.named_modules()
              if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0]

@@ -43,20 +43,24 @@ Rows = tuple[torch.Tensor, ...]  # one sequence's states, in its layout's order,
 
 #: model types whose recurrent layers continue a pass of several tokens from the states a pass
 #: left, as transformers runs them (each checked against transformers' tokens, prefilled in parts
-#: and resumed from held states: tests/test_hf_recurrent.py). Zamba's Mamba layers do not: a pass of
-#: more than one token scans from a zero state whatever its cache holds (its prompts run in parts,
-#: or resumed, gave other tokens than transformers'). A model of a type not listed (`continues`)
+#: and resumed from held states: tests/test_hf_recurrent.py; and against a plain forward pass's
+#: log-probabilities with its built constants moved as training moves them:
+#: tests/test_hf_scoring_recurrent.py). Zamba's and Jamba's Mamba layers do not: a pass of more
+#: than one token scans from a zero state whatever its cache holds (Zamba's prompts run in parts,
+#: or resumed, gave other tokens than transformers'; Jamba's log-probabilities were 0.02-0.03 off
+#: once its convolution bias was not zero, as in every trained Jamba, with no error; transformers'
+#: own Jamba code says so of its scan). A model of a type not listed (`continues`)
 #: runs each prompt from its first token in one pass (left-padded) and holds no states for later
 #: prompts: its tokens are right, its prompts' recurrent layers recomputed.
 CONTINUING = frozenset({
-    "bailing_hybrid", "bamba", "falcon_h1", "granitemoehybrid", "jamba", "kimi_linear", "lara_mini", "lfm2",
+    "bailing_hybrid", "bamba", "falcon_h1", "granitemoehybrid", "kimi_linear", "lara_mini", "lfm2",
     "lfm2_moe", "lfm2_vl", "lfm3", "nemotron_h", "olmo_hybrid", "qwen3_5", "qwen3_5_text", "qwen3_5_moe",
     "qwen3_5_moe_text", "qwen3_next", "zamba2", "zaya",
 })
 
 
 #: model types known not to continue (`CONTINUING`): taken so without a warning
-NOT_CONTINUING = frozenset({"zamba"})
+NOT_CONTINUING = frozenset({"zamba", "jamba"})
 _warned: set[Any] = set()  # the unknown types warned about, once a process each
 
 
