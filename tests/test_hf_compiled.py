@@ -12,7 +12,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from test_hf_models import make_model, one_thread, prompt  # noqa: E402, F401
+from test_hf_models import (  # noqa: E402, F401
+    OLD_TRANSFORMERS,
+    make_model,
+    one_thread,
+    prompt,
+    served_by_this_transformers,
+)
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.hf import (  # noqa: E402
@@ -58,8 +64,11 @@ def two_passes(model, forward) -> tuple[list[list[int]], bytes]:
                                     "deepseek_v3-wide-v", "gemma3n", "llama4"])
 def test_compiled_pass_gives_the_eager_tokens_and_kv(family):
     torch._dynamo.reset()  # each family compiles afresh: the families together pass dynamo's recompile limit
+    if OLD_TRANSFORMERS and family.startswith("deepseek_v3"):
+        pytest.skip("transformers 4.x's DeepSeek-V3 experts loop on data-dependent sizes: no full graph")
     model = make_model(family)
-    eager = two_passes(model, paged_forward)
+    with served_by_this_transformers():
+        eager = two_passes(model, paged_forward)
 
     def compiled(*args):
         return compiled_forward(*args, backend="aot_eager", fullgraph=True)  # a graph break would raise

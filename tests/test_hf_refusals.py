@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 from test_hf_models import (  # noqa: E402, F401
     COMMON,
     FULL,
+    OLD_TRANSFORMERS,
     VOCAB,
     falcon_attends_through_the_interface,
     make_model,
@@ -36,6 +37,8 @@ from kvpager.hf import (  # noqa: E402
 
 def test_bidirectional_layers_are_refused():
     model = make_model("gemma3", use_bidirectional_attention=True)
+    if all(getattr(m, "is_causal", True) for m in model.modules()):
+        pytest.skip(f"transformers {transformers.__version__}'s Gemma-3 has no bidirectional attention: causal")
     with pytest.raises(UnsupportedModel, match="bidirectional"):
         generate(model, KVPool(spec_for_model(model, num_blocks=16)), [prompt(4, 1)], 2)
 
@@ -126,7 +129,9 @@ def test_families_that_attend_twice_a_layer_are_refused(family):
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**extra)).eval()
     pool = KVPool(spec_for_model(model, num_blocks=32, block_size=8))
-    with pytest.raises(UnsupportedModel, match=f"{model_cls}.*more than once a layer"):
+    # (transformers 4.x runs DiffLlama outside the attention interface: refused for that)
+    twice = "more than once a layer" + ("|attention interface" if OLD_TRANSFORMERS else "")
+    with pytest.raises(UnsupportedModel, match=f"{model_cls}.*({twice})"):
         generate(model, pool, [prompt(11, 1)], 3, eos_token_id=None)
     assert pool.stats().num_sequences == 0 and pool.stats().used_blocks == 0
     pool.check_integrity()
@@ -198,6 +203,8 @@ def test_attention_that_does_not_follow_the_pools_config_is_named(family):
     an error that says so (before: the plan's "k must have shape ..."), nothing
     left allocated. (A pool of another geometry than the config's is refused
     before anything is allocated: `check_model`.)"""
+    if OLD_TRANSFORMERS and family == "gpt2":
+        pytest.skip(f"transformers {transformers.__version__}'s GPT-2 passes is_causal=False: refused for that")
     cls = {"gpt2": ("GPT2Config", "GPT2LMHeadModel"), "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM")}
     config = getattr(transformers, cls[family][0])(
         vocab_size=VOCAB, hidden_size=64, n_embd=64, num_hidden_layers=2, n_layer=2, num_attention_heads=4,
