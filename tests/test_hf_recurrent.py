@@ -19,7 +19,7 @@ pytest.importorskip("transformers.cache_utils", reason="needs transformers' cach
 if not hasattr(__import__("transformers.cache_utils").cache_utils, "LinearAttentionCacheLayerMixin"):
     pytest.skip("transformers without linear-attention cache layers", allow_module_level=True)
 
-from test_hf_models import assert_tokens_vary  # noqa: E402
+from test_hf_models import assert_tokens_vary, drawn  # noqa: E402, F401 (drawn: for the recurrent tests)
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.errors import InvalidArgument, UnsupportedModel  # noqa: E402
@@ -103,20 +103,6 @@ def make(family: str, **fields):
     config = config_class(**{**{k: v for k, v in SMALL.items() if hasattr(base, k)}, **own, **fields})
     torch.manual_seed(0)
     return getattr(transformers, model_class)(config).eval()
-
-
-def drawn(model):
-    """``model`` with every parameter it was built at one value throughout (zeros, ones:
-    convolution and time-step biases, skip weights, norms) moved by normal noise, as
-    training moves them: built as they are, a feature that a pass in parts gets wrong can
-    be a no-op (Jamba's scan of several tokens from a zero state, whatever the cache
-    holds, matched transformers at a zero convolution bias)."""
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point() and p.numel() and bool((p == p.reshape(-1)[0]).all()):
-                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.5)
-    return model
 
 
 def prompts(*lengths: int, seed: int = 1) -> list[list[int]]:
