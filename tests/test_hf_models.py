@@ -186,12 +186,15 @@ def drawn(model):
     convolution and time-step biases, skip weights, norms) moved by normal noise, as
     training moves them: built as they are, a feature that a pass in parts gets wrong can
     be a no-op (Jamba's scan of several tokens from a zero state, whatever the cache
-    holds, matched transformers at a zero convolution bias)."""
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point() and p.numel() and bool((p == p.reshape(-1)[0]).all()):
-                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.5)
+    holds, matched transformers at a zero convolution bias). The sweep's own draw (`tools/hf_families.py`'s `draw_constants`), so both draw alike."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "hf_families.py"
+    spec = importlib.util.spec_from_file_location("kvpager_tools_hf_families", path)
+    families = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(families)
+    families.draw_constants(model)
     return model
 
 

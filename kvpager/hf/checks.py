@@ -42,6 +42,7 @@ def check_model(model: Any, pool: Any) -> list[int | None]:
     check_position_bias(model)
     check_mask_bias(model, modules)
     check_own_cache(model)
+    check_module_states(model)
     windows = layer_windows(model)
     layer_chunks(model, pool.spec.block_size)
     want = model_geometry(text_config(model))
@@ -110,21 +111,25 @@ OWN_CACHE = frozenset({"minimax"})
 def check_own_cache(model: Any) -> None:
     """ValueError (`UnsupportedModel`) for a model whose forward takes no cache but its
     own class (`OWN_CACHE`), before anything is allocated: kvpager hands the pass a cache
-    of transformers' for the states of recurrent layers, which such a model refuses; and
-    for one whose config names its recurrent layers the old way only (`legacy_layer_types`:
-    RecurrentGemma under older transformers), whose states live in its modules."""
-    config = text_config(model)
-    kind = getattr(config, "model_type", None)
-    if getattr(config, "layer_types", None) is None and legacy_layer_types(config) is not None:
-        # (older transformers, 5.17 among them: RecurrentGemma's states never reach the cache, which
-        # `recurrent_states.check_layout` finds at the first pass where its layer kinds are named)
-        raise UnsupportedModel(f"{type(model).__name__}: its recurrent layers keep their states outside "
-                               "transformers' cache (in their modules); kvpager moves each sequence's states "
-                               "through the cache's linear-attention layers, so it cannot serve this model")
+    of transformers' for the states of recurrent layers, which such a model refuses."""
+    kind = getattr(text_config(model), "model_type", None)
     if kind in OWN_CACHE:
         raise UnsupportedModel(f"{type(model).__name__} (model type {kind}) takes no cache but its own class, "
                                "which holds its linear-attention layers' states: kvpager cannot hand it one, "
                                "run this model with its own cache")
+
+
+def check_module_states(model: Any) -> None:
+    """ValueError (`UnsupportedModel`) for a model whose config names its recurrent layers
+    the old way only (`legacy_layer_types`: RecurrentGemma under older transformers, 5.17
+    among them), before anything is allocated: its states live in its modules, never in
+    the cache (where transformers names its layer kinds, `recurrent_states.check_layout`
+    finds that at the first pass)."""
+    config = text_config(model)
+    if getattr(config, "layer_types", None) is None and legacy_layer_types(config) is not None:
+        raise UnsupportedModel(f"{type(model).__name__}: its recurrent layers keep their states outside "
+                               "transformers' cache (in their modules); kvpager moves each sequence's states "
+                               "through the cache's linear-attention layers, so it cannot serve this model")
 
 
 def check_eval_mode(model: Any, modules: list[Any] | None = None) -> None:
