@@ -100,6 +100,9 @@ def test_beams_share_their_blocks():
     (dict(length_penalty=float("nan")), "length_penalty must be a finite number"),
     (dict(early_stopping="sometimes"), "early_stopping must be False, True or 'never'"),
     (dict(early_stopping=None), "early_stopping must be False, True or 'never'"),
+    (dict(cuda_graphs=True), "cuda_graphs needs the model and the pool on a CUDA device"),
+    (dict(compile=True), "compile=True compiles the captured decode step: it needs cuda_graphs=True"),
+    (dict(cuda_graphs="yes"), "cuda_graphs must be a bool"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_allocated(kwargs, needle):
     model = make_model("llama")
@@ -160,7 +163,9 @@ def test_generate_with_num_beams_gives_the_best_hypothesis():
                                                     eos_token_id=eos)]
     for bad, needle in ((dict(sampling=Sampling(temperature=0.7)), "takes no sampling"),
                         (dict(logprobs=1), "takes no logprobs"), (dict(stop_sequences=[[3]]), "stop_sequences"),
-                        (dict(num_beams=0), "num_beams must be an int >= 1")):
+                        (dict(num_beams=0), "num_beams must be an int >= 1"),
+                        # (before, a beam search took cuda_graphs and ran eagerly whatever it said)
+                        (dict(cuda_graphs=True), "cuda_graphs needs the model and the pool on a CUDA device")):
         with pytest.raises(ValueError, match=needle):
             generate(model, pool, PROMPTS, 4, **{"num_beams": 2, **bad})
     assert pool.stats().num_sequences == 0

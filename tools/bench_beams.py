@@ -6,9 +6,11 @@ the CPU), ``--batch`` prompts of ``--prompt`` tokens, ``--beams`` beams,
 whole search (median of ``--rounds`` after an untimed one), the KV bytes held
 at the end (transformers: its cache's tensors, a row a beam; kvpager: the
 pool's used blocks at the most, beams sharing the blocks they have in common),
-and whether the best hypotheses agree.
+and the share of prompts whose best hypothesis is transformers'. On a GPU
+kvpager runs eagerly and with its steps captured (``cuda_graphs=True``; with
+``--compile`` also compiled by ``torch.compile``).
 
-    python tools/bench_beams.py [--device cuda] [--shape 1b] [--batch 8] [--beams 4]
+    python tools/bench_beams.py [--device cuda] [--shape 1b] [--batch 8] [--beams 4] [--compile]
     python tools/bench_beams.py --device cpu --shape s --batch 4 --prompt 256 --new 16
 """
 
@@ -53,6 +55,7 @@ def main() -> None:
     ap.add_argument("--beams", type=int, default=4)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="also the captured steps compiled (GPU)")
     args = ap.parse_args()
     shape, model = model_from(args)
     g = np.random.default_rng(0)
@@ -68,29 +71,38 @@ def main() -> None:
         return out
 
     pool.append_flat = append_flat
-    times: dict[str, list[float]] = {"transformers": [], "kvpager": []}
+    paths = {"kvpager": {}}
+    if args.device == "cuda":
+        paths["kvpager graphs"] = dict(cuda_graphs=True)
+        if args.compile:
+            paths["kvpager compiled"] = dict(cuda_graphs=True, compile=True)
+    times: dict[str, list[float]] = {"transformers": [], **{name: [] for name in paths}}
+    agree: dict[str, float] = {}
     for r in range(args.rounds + 1):  # the first untimed
         e2e_paths.sync()
         t0 = time.perf_counter()
         want, hf_bytes = hf_beams(model, prompts, args)
         e2e_paths.sync()
-        t1 = time.perf_counter()
-        got = beam_search(model, pool, prompts, args.new, num_beams=args.beams, eos_token_id=None,
-                          salt=f"round {r}")  # (nothing cached from the round before)
-        e2e_paths.sync()
-        t2 = time.perf_counter()
         if r:
-            times["transformers"].append(t1 - t0)
-            times["kvpager"].append(t2 - t1)
-    agree = sum(b.tokens[0] == w for b, w in zip(got, want)) / len(want)
+            times["transformers"].append(time.perf_counter() - t0)
+        for name, options in paths.items():
+            t1 = time.perf_counter()
+            got = beam_search(model, pool, prompts, args.new, num_beams=args.beams, eos_token_id=None,
+                              salt=f"{name} round {r}", **options)  # (nothing cached from the round before)
+            e2e_paths.sync()
+            if r:
+                times[name].append(time.perf_counter() - t1)
+            agree[name] = sum(b.tokens[0] == w for b, w in zip(got, want)) / len(want)
     card = e2e_paths.card(args.device)
     print(f"\n{card}, {datetime.date.today()}, shape {shape}, {args.batch} prompts of {args.prompt} tokens, "
           f"{args.beams} beams, {args.new} new tokens, {args.rounds} rounds")
-    hf_ms, kv_ms = (float(np.median(times[k])) * 1e3 for k in ("transformers", "kvpager"))
+    hf_ms = float(np.median(times["transformers"])) * 1e3
     kv_bytes = peak[0] * spec.bytes_per_block
-    print(f"{'path':<14} {'ms':>9} {'vs transformers':>16} {'KV MiB':>9} {'best agrees':>12}")
-    print(f"{'transformers':<14} {hf_ms:9.1f} {1.0:15.2f}x {hf_bytes / 2**20:9.1f} {'-':>12}")
-    print(f"{'kvpager':<14} {kv_ms:9.1f} {hf_ms / kv_ms:15.2f}x {kv_bytes / 2**20:9.1f} {agree:12.2f}")
+    print(f"{'path':<18} {'ms':>9} {'vs transformers':>16} {'KV MiB':>9} {'best agrees':>12}")
+    print(f"{'transformers':<18} {hf_ms:9.1f} {1.0:15.2f}x {hf_bytes / 2**20:9.1f} {'-':>12}")
+    for name in paths:
+        ms = float(np.median(times[name])) * 1e3
+        print(f"{name:<18} {ms:9.1f} {hf_ms / ms:15.2f}x {kv_bytes / 2**20:9.1f} {agree[name]:12.2f}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from kvpager.errors import InvalidArgument
 from kvpager.hf.attention import paged_attention, run_pass
 from kvpager.hf.checks import check_model_and_pool, end_tokens
 from kvpager.hf.eager import EagerPasses
+from kvpager.hf.graphs import DecodeGraphs, check_graph_options
 from kvpager.hf.model import has_recurrent_layers
 from kvpager.hf.padding import prompts_given, token_lists
 from kvpager.hf.recurrent_states import cache_over, stacked, tensors_of
@@ -68,13 +69,19 @@ class Beams:
 def beam_search(model: Any, pool: Any, prompts: Any = None, max_new_tokens: int = None,  # type: ignore[assignment]
                 num_beams: int = 4, num_return_sequences: int = 1, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, eos_token_id: Any = "model", salt: str | bytes | None = None,
-                *, input_ids: Any = None, attention_mask: Any = None) -> list[Beams]:
+                *, input_ids: Any = None, attention_mask: Any = None, cuda_graphs: bool = False,
+                compile: bool = False) -> list[Beams]:
     """Beam search of each prompt (the module docstring), ``num_beams`` beams a
     prompt; its ``num_return_sequences`` best hypotheses (`Beams`). ``prompts`` as
     `generate` takes them; ``eos_token_id`` defaults to the model's generation
     config ("model"); ``early_stopping``: False, True or "never", as transformers'.
+    ``cuda_graphs``: each step after the prefill replays a captured step
+    (`kvpager.hf.graphs.DecodeGraphs`: every beam of every prompt a row, the
+    same rows each step), ``compile`` that step compiled by ``torch.compile``,
+    as `generate` takes them; models with recurrent layers step eagerly.
     Sequences are freed before it returns; the prompts' blocks stay cached."""
     check_model_and_pool(model, pool)
+    check_graph_options(model, pool, cuda_graphs, compile)
     prompts = token_lists(prompts_given(prompts, input_ids), model, attention_mask)
     if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise InvalidArgument(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -91,7 +98,8 @@ def beam_search(model: Any, pool: Any, prompts: Any = None, max_new_tokens: int 
     if isinstance(eos_token_id, str) and eos_token_id == "model":
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     search = _Search(model, pool, prompts, int(max_new_tokens), int(num_beams), float(length_penalty),
-                     early_stopping, end_tokens(eos_token_id), default_salt(model) if salt is None else salt)
+                     early_stopping, end_tokens(eos_token_id), default_salt(model) if salt is None else salt,
+                     cuda_graphs, compile)
     try:
         search.run()
     finally:
@@ -102,7 +110,8 @@ def beam_search(model: Any, pool: Any, prompts: Any = None, max_new_tokens: int 
 
 def beams_for_generate(model: Any, pool: Any, prompts: Any, max_new_tokens: Any, num_beams: Any, salt: Any,
                        eos_token_id: Any, *, input_ids: Any, attention_mask: Any, refused: dict[str, Any],
-                       length_penalty: float = 1.0, early_stopping: bool | str = False) -> list[list[int]]:
+                       length_penalty: float = 1.0, early_stopping: bool | str = False, cuda_graphs: bool = False,
+                       compile: bool = False) -> list[list[int]]:
     """`kvpager.hf.generate` with ``num_beams``: each prompt's best hypothesis. What a
     beam search does not take (a sampling, log-probabilities, stop sequences,
     ``refused``) is refused by name."""
@@ -111,7 +120,8 @@ def beams_for_generate(model: Any, pool: Any, prompts: Any, max_new_tokens: Any,
         raise InvalidArgument(f"generate with num_beams={num_beams!r} takes no {', '.join(given)}: beam search here "
                               "is greedy, without log-probabilities or stop sequences (kvpager.hf.beam_search)")
     found = beam_search(model, pool, prompts, max_new_tokens, num_beams, 1, length_penalty, early_stopping,
-                        eos_token_id, salt, input_ids=input_ids, attention_mask=attention_mask)
+                        eos_token_id, salt, input_ids=input_ids, attention_mask=attention_mask,
+                        cuda_graphs=cuda_graphs, compile=compile)
     return [b.tokens[0] for b in found]
 
 
@@ -141,7 +151,7 @@ class _Search:
     the step's selection needs them."""
 
     def __init__(self, model: Any, pool: Any, prompts: list[list[int]], most: int, beams: int, penalty: float,
-                 early: bool | str, eos: set[int], salt: Any):
+                 early: bool | str, eos: set[int], salt: Any, cuda_graphs: bool = False, compile: bool = False):
         self.model, self.pool, self.prompts, self.most, self.k = model, pool, prompts, most, beams
         self.penalty, self.early, self.salt = penalty, early, salt
         self.eos = torch.tensor(sorted(eos), dtype=torch.long)
@@ -150,6 +160,10 @@ class _Search:
         # each step: `_RecurrentBeams`)
         self.rows = _RecurrentBeams(model, pool, salt, prompts, beams) if has_recurrent_layers(model) else None
         self.passes = self.rows.passes if self.rows is not None else EagerPasses(model, pool)
+        self.graphs = None  # captured steps (`_step`), the same rows each step: every beam of every prompt
+        if cuda_graphs and self.rows is None:
+            width = min(-(-(max(map(len, prompts)) + most) // pool.spec.block_size), pool.spec.num_blocks)
+            self.graphs = DecodeGraphs(model, pool, self.passes.batch, width, compile=compile)
         b = len(prompts)
         self.seqs: list[list[int | None]] = [[None] * beams for _ in range(b)]  # running beams' sequences
         self.tokens: list[list[list[int]]] = [[[] for _ in range(beams)] for _ in range(b)]
@@ -236,21 +250,30 @@ class _Search:
         """The running beams' sequences for this step (a parent continued by several
         beams forked, one continued by none freed), each fed its token: the pass's
         logits [B * K, V]."""
-        seqs: list[list[int]] = []
+        # a parent's first child is its own sequence, the others its forks (its blocks shared): one
+        # fork a count of children over every prompt, one free of the parents continued by none
+        # (each a round trip through a daemon)
+        forked: dict[int, list[tuple[int, int]]] = {}
         for b, ps in enumerate(parents):
-            old = self.seqs[b]
-            counts = {p: ps.count(p) for p in set(ps)}
-            # a parent's first child is its own sequence, the others its forks (its blocks shared)
-            spare = {p: self.pool.fork([old[p]], c - 1)[0] for p, c in counts.items() if c > 1}
-            for kids in spare.values():
+            for p in dict.fromkeys(ps):
+                if ps.count(p) > 1:
+                    forked.setdefault(ps.count(p) - 1, []).append((b, p))
+        spare: dict[tuple[int, int], list[int]] = {}
+        for n, at in forked.items():
+            for (b, p), kids in zip(at, self.pool.fork([self.seqs[b][p] for b, p in at], n)):
+                spare[b, p] = list(kids)
                 self.held.update(kids)
-            row, seen = [], set()
+        seqs: list[list[int]] = []
+        gone: list[int] = []
+        for b, ps in enumerate(parents):
+            old, row, seen = self.seqs[b], [], set()
             for p in ps:
-                row.append(spare[p].pop() if p in seen else old[p])
+                row.append(spare[b, p].pop() if p in seen else old[p])
                 seen.add(p)
-            self._free([old[p] for p in range(self.k) if p not in counts and old[p] is not None])
-            self.seqs[b] = list(row)
+            gone += [old[p] for p in range(self.k) if p not in seen and old[p] is not None]
+            self.seqs[b] = row
             seqs.append(row)
+        self._free(gone)
         ids = [s for row in seqs for s in row]
         fed = [t for row in next_tokens for t in row]
         slots = self.pool.append_flat(ids, 1, [[t] for t in fed])
@@ -258,6 +281,10 @@ class _Search:
         if self.rows is not None:
             logits = self.rows.step(ids, [b * self.k + p for b, ps in enumerate(parents) for p in ps], fed,
                                     positions, slots)
+        elif self.graphs is not None:
+            device = self.passes.device
+            logits = self.graphs.launch(ids, torch.tensor([fed], dtype=torch.long, device=device),
+                                        torch.tensor([positions], dtype=torch.long, device=device), slots)
         else:
             logits = self.passes.forward(ids, [1] * len(ids), fed, positions, slots, 0)
         self.passes.commit(ids)
@@ -275,6 +302,7 @@ class _Search:
             self.held.difference_update(ids)
 
     def close(self) -> None:
+        self.graphs = None  # (its plans' device buffers)
         self._free(sorted(self.held))
 
     def results(self) -> list[tuple[list[list[int]], list[float]]]:

@@ -20,7 +20,6 @@ module also gives the names of `kvpager.hf.attention` and `kvpager.hf.model`.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from dataclasses import KW_ONLY, InitVar, dataclass, field
 from typing import Any
@@ -44,7 +43,7 @@ from kvpager.hf.attention import (  # noqa: F401
 from kvpager.hf.beams import beams_for_generate, config_beams
 from kvpager.hf.checks import check_model, check_model_and_pool, end_tokens  # noqa: F401
 from kvpager.hf.eager import TORCH_DTYPES
-from kvpager.hf.graphs import bucket_for
+from kvpager.hf.graphs import DecodeGraphs, bucket_for, check_graph_options
 from kvpager.hf.logprobs import Completion, KeptLogprobs, TokenLogprobs, check_logprobs
 from kvpager.hf.model import (  # noqa: F401
     ABSENT,
@@ -186,22 +185,8 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         # windows gave blocks back may outgrow it: its plans grow then, as a graph's do.
         longest = max(len(p) + m for p, m in zip(self.prompts, self._most))
         self._width = min(-(-longest // self.pool.spec.block_size), self.pool.spec.num_blocks)
-        if self.compile:
-            if not self.cuda_graphs:
-                raise InvalidArgument("compile=True compiles the captured decode step: it needs cuda_graphs=True")
-            from kvpager.hf.compiled import HAS_OP
-
-            if not HAS_OP:
-                raise InvalidArgument("compile=True needs torch >= 2.4 (torch.library.custom_op), "
-                                      f"got {torch.__version__}")
-            if importlib.util.find_spec("triton") is None:  # say so now, not at the first capture
-                raise InvalidArgument("compile=True needs triton, torch.compile's GPU code generator: "
-                                      "pip install triton")
+        check_graph_options(self.model, self.pool, self.cuda_graphs, self.compile)
         if self.cuda_graphs:
-            if not pool_device.startswith("cuda") or self._device.type != "cuda":
-                raise InvalidArgument("cuda_graphs needs the model and the pool on a CUDA device")
-            from kvpager.hf.graphs import DecodeGraphs
-
             self._graphs = DecodeGraphs(self.model, self.pool, self._batch, self._width, cascade=self.cascade,
                                        compile=self.compile,
                                        forward=self._recurrent.graph_pass if self._recurrent is not None else None)
@@ -376,7 +361,8 @@ def generate(
     their log-probabilities under the model and, k > 0, the k most likely tokens'
     at each position (`kvpager.hf.logprobs`). ``num_beams`` > 1: each prompt's best
     hypothesis of a beam search (`kvpager.hf.beams.beam_search`, with
-    ``length_penalty`` and ``early_stopping``; given alone, a search of one beam)."""
+    ``length_penalty`` and ``early_stopping``, its steps captured with
+    ``cuda_graphs``; given alone, a search of one beam)."""
     beam_options = {k: v for k, v in (("length_penalty", length_penalty), ("early_stopping", early_stopping))
                     if v is not None}
     if isinstance(sampling, str) and sampling == "model" and num_beams == 1 and not beam_options:
@@ -386,7 +372,7 @@ def generate(
         return beams_for_generate(model, pool, prompts, max_new_tokens, num_beams, salt, eos_token_id,
                                   input_ids=input_ids, attention_mask=attention_mask, refused=dict(
                                       sampling=sampling, logprobs=logprobs, stop_sequences=stop_sequences),
-                                  **beam_options)
+                                  cuda_graphs=cuda_graphs, compile=compile, **beam_options)
     if isinstance(eos_token_id, str) and eos_token_id == "model":
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(sampling, str) and sampling == "model":

@@ -20,6 +20,7 @@ rows of a token each, its states read and written in place).
 from __future__ import annotations
 
 import gc
+import importlib.util
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +29,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvpager.errors import UnsupportedConfiguration
+from kvpager.errors import InvalidArgument, UnsupportedConfiguration
 from kvpager.hf.model import text_config
+
+
+def check_graph_options(model: Any, pool: Any, cuda_graphs: bool, compile: bool) -> None:
+    """InvalidArgument where ``cuda_graphs`` / ``compile`` cannot be had: graphs need
+    the model and the pool on a CUDA device; ``compile`` compiles the captured
+    step, so it needs ``cuda_graphs``, torch.library.custom_op and triton."""
+    for name, value in (("cuda_graphs", cuda_graphs), ("compile", compile)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise InvalidArgument(f"{name} must be a bool, got {value!r}")
+    if compile:
+        if not cuda_graphs:
+            raise InvalidArgument("compile=True compiles the captured decode step: it needs cuda_graphs=True")
+        from kvpager.hf.compiled import HAS_OP
+
+        if not HAS_OP:
+            raise InvalidArgument(f"compile=True needs torch >= 2.4 (torch.library.custom_op), got {torch.__version__}")
+        if importlib.util.find_spec("triton") is None:  # say so now, not at the first capture
+            raise InvalidArgument("compile=True needs triton, torch.compile's GPU code generator: pip install triton")
+    if cuda_graphs:
+        pool_device = str(getattr(pool, "device", "cpu"))
+        if not pool_device.startswith("cuda") or next(model.parameters()).device.type != "cuda":
+            raise InvalidArgument("cuda_graphs needs the model and the pool on a CUDA device")
 
 
 def bucket_for(n: int) -> int:
