@@ -5,6 +5,8 @@ transformers' beam search on the GPU. Skips without CUDA."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 from gpu_helpers import cupy_torch_or_skip
@@ -46,6 +48,14 @@ def test_scores_and_beams_on_a_gpu_pool(family):
                                  return_dict_in_generate=True)
         assert b.tokens == out.sequences[:, len(p) :].tolist()
         assert b.scores == pytest.approx(out.sequences_scores.tolist(), abs=2e-3)
+    # captured steps (15 beams in a bucket of 16 rows, their states gathered in place before each
+    # replay), compiled for one family: the eager search's hypotheses
+    for compile in (False, True) if family == "qwen3_5" and importlib.util.find_spec("triton") else (False,):
+        captured = beam_search(model, pool, ps, 6, num_beams=3, num_return_sequences=3, eos_token_id=None,
+                               cuda_graphs=True, compile=compile)
+        for c, b in zip(captured, found):
+            assert c.tokens == b.tokens
+            assert c.scores == pytest.approx(b.scores, abs=1e-4)
     assert pool.stats().num_sequences == 0
     pool.check_integrity()
     pool.close()

@@ -42,10 +42,11 @@ from kvpager.errors import InvalidArgument
 from kvpager.hf.attention import paged_attention, run_pass
 from kvpager.hf.checks import check_model_and_pool, end_tokens
 from kvpager.hf.eager import EagerPasses
-from kvpager.hf.graphs import DecodeGraphs, check_graph_options
+from kvpager.hf.graphs import DecodeGraphs, bucket_for, check_graph_options
 from kvpager.hf.model import has_recurrent_layers
 from kvpager.hf.padding import prompts_given, token_lists
-from kvpager.hf.recurrent_states import cache_over, stacked, tensors_of
+from kvpager.hf.recurrent import captured_pass
+from kvpager.hf.recurrent_states import States, cache_over, stacked, tensors_of
 from kvpager.hf.salt import default_salt
 from kvpager.hf.scoring_rows import RowPasses, logits_rows
 from kvpager.hf.state_cache import PrefixKeys
@@ -77,8 +78,9 @@ def beam_search(model: Any, pool: Any, prompts: Any = None, max_new_tokens: int 
     config ("model"); ``early_stopping``: False, True or "never", as transformers'.
     ``cuda_graphs``: each step after the prefill replays a captured step
     (`kvpager.hf.graphs.DecodeGraphs`: every beam of every prompt a row, the
-    same rows each step), ``compile`` that step compiled by ``torch.compile``,
-    as `generate` takes them; models with recurrent layers step eagerly.
+    same rows each step; a model's recurrent states gathered to the beams'
+    parents in place before each replay), ``compile`` that step compiled by
+    ``torch.compile``, as `generate` takes them.
     Sequences are freed before it returns; the prompts' blocks stay cached."""
     check_model_and_pool(model, pool)
     check_graph_options(model, pool, cuda_graphs, compile)
@@ -161,9 +163,10 @@ class _Search:
         self.rows = _RecurrentBeams(model, pool, salt, prompts, beams) if has_recurrent_layers(model) else None
         self.passes = self.rows.passes if self.rows is not None else EagerPasses(model, pool)
         self.graphs = None  # captured steps (`_step`), the same rows each step: every beam of every prompt
-        if cuda_graphs and self.rows is None:
+        if cuda_graphs:
             width = min(-(-(max(map(len, prompts)) + most) // pool.spec.block_size), pool.spec.num_blocks)
-            self.graphs = DecodeGraphs(model, pool, self.passes.batch, width, compile=compile)
+            self.graphs = DecodeGraphs(model, pool, self.passes.batch, width, compile=compile,
+                                       forward=None if self.rows is None else self.rows.captured(compile))
         b = len(prompts)
         self.seqs: list[list[int | None]] = [[None] * beams for _ in range(b)]  # running beams' sequences
         self.tokens: list[list[list[int]]] = [[[] for _ in range(beams)] for _ in range(b)]
@@ -280,7 +283,7 @@ class _Search:
         positions = [len(self.prompts[b]) + new - 1 for b in range(len(seqs)) for _ in range(self.k)]
         if self.rows is not None:
             logits = self.rows.step(ids, [b * self.k + p for b, ps in enumerate(parents) for p in ps], fed,
-                                    positions, slots)
+                                    positions, slots, self.graphs)
         elif self.graphs is not None:
             device = self.passes.device
             logits = self.graphs.launch(ids, torch.tensor([fed], dtype=torch.long, device=device),
@@ -324,6 +327,11 @@ class _RecurrentBeams:
         self.runner = RowPasses(model, pool, salt, len(prompts) * max(map(len, prompts), default=1))
         self.passes = self.runner.passes
         self.states: list[torch.Tensor] = []
+        # with captured steps: the states at fixed addresses, a row a beam (`States`: the graph's
+        # cache over them), the graph bucket's rows; eager: `states`, the rows alone
+        self.captures = False
+        self.fixed: States | None = None
+        self.compile: str | None = None
 
     def prefill(self, took: Any) -> torch.Tensor:
         """The prompts allocated (``took(b, seq_id)`` each) and run: their last
@@ -354,15 +362,44 @@ class _RecurrentBeams:
         run.passes.commit(list(ids.values()))
         self.states = [t.repeat_interleave(self.k, dim=0)
                        for t in stacked(run.layout, [final[k] for k in range(len(prompts))])]
+        if self.captures:
+            n = len(self.states[0]) if self.states else len(prompts) * self.k
+            capacity = bucket_for(n)
+            tensors = []
+            for t in self.states:
+                full = t.new_zeros((capacity, *t.shape[1:]))
+                full[:n] = t
+                tensors.append(full)
+            self.fixed = States(run.model, run.layout, None, list(range(n)), capacity, tensors=tensors)
+            self.states = []
         return torch.stack([last[k] for k in range(len(prompts))])
 
+    def captured(self, compile: bool) -> Any:
+        """The step `DecodeGraphs` captures (`captured_pass`, compiled where ``compile``),
+        over the states kept at fixed addresses from the prefill on."""
+        self.captures = True  # (`fixed` made by `prefill`)
+        self.compile = "inductor" if compile else None
+
+        def forward(model: Any, batch: Any, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+            return captured_pass(model, batch, input_ids, position_ids, self.fixed, self.runner.arg, self.compile)
+
+        return forward
+
     def step(self, ids: list[int], parents: list[int], fed: list[int], positions: list[int],
-             slots: np.ndarray) -> torch.Tensor:
+             slots: np.ndarray, graphs: Any = None) -> torch.Tensor:
         """One token a beam (``fed`` at ``positions``, K/V to ``slots``), each beam from
-        its parent's states (``parents``: rows of the last step): the logits [B * K, V]."""
+        its parent's states (``parents``: rows of the last step): the logits [B * K, V]
+        (a replay of ``graphs``' captured step where given: the states gathered in
+        place first)."""
         run = self.runner
         device = run.passes.device
         at = torch.tensor(parents, dtype=torch.long, device=device)
+        if graphs is not None:
+            with torch.inference_mode():  # (the gather makes a copy first: rows move onto rows read)
+                for full in self.fixed.tensors:
+                    full[: len(parents)] = full[at]
+            return graphs.launch(ids, torch.tensor([fed], dtype=torch.long, device=device),
+                                 torch.tensor([positions], dtype=torch.long, device=device), slots)
         self.states = [t.index_select(0, at) for t in self.states]
         cache = cache_over(run.model, run.layout, self.states)
         plan = run.pool.plan(ids, [1] * len(ids), slots, num_q_heads=run.passes.heads)

@@ -360,19 +360,10 @@ class Recurrent:
 
     def graph_pass(self, model: Any, batch: PagedBatch, input_ids: torch.Tensor,
                    position_ids: torch.Tensor) -> torch.Tensor:
-        """The decode step `kvpager.hf.graphs.DecodeGraphs` captures: a token for each of
-        the bucket's rows (``input_ids`` [1, bucket]; rows past the live ones are
-        padding, whose states are the unused rows'), over the first ``bucket`` rows of
-        the states. Run outside a capture (the warm-up before one), it leaves the
-        states as it found them, so the replay that follows advances them once."""
-        rows = input_ids.shape[1]
-        cache = self.states.cache(rows)
-        saved = None if capturing() else self.states.snapshot()
-        try:
-            return self._run(batch, input_ids.view(-1, 1), position_ids.view(-1, 1), cache, compiled=True)
-        finally:
-            if saved is not None:
-                self.states.restore(saved)
+        """The decode step `kvpager.hf.graphs.DecodeGraphs` captures (`captured_pass`
+        over this generation's states)."""
+        return captured_pass(model, batch, input_ids, position_ids, self.states, self.arg,
+                             self.compile, self.fullgraph)
 
     def _pass(self, plan: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any,
               mask: torch.Tensor | None = None, real: torch.Tensor | None = None,
@@ -395,3 +386,22 @@ class Recurrent:
         return run_pass(self.model, batch, functools.partial(fn, cache=cache, arg=self.arg, padding=padding),
                         input_ids, position_ids)
 
+
+def captured_pass(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                  states: States, arg: str, compile: str | None = None, fullgraph: bool = False) -> torch.Tensor:
+    """A decode step for `kvpager.hf.graphs.DecodeGraphs` to capture: a token for each
+    of the bucket's rows (``input_ids`` [1, bucket]; rows past the live ones are
+    padding, whose states are the unused rows'), over the first ``bucket`` rows of
+    ``states`` (the model's cache argument ``arg``; compiled by ``torch.compile``
+    with backend ``compile`` where given). Run outside a capture (the warm-up before
+    one), it leaves the states as it found them, so the replay that follows
+    advances them once."""
+    cache = states.cache(input_ids.shape[1])
+    saved = None if capturing() else states.snapshot()
+    fn = forward_rows if compile is None else compiled_fn(forward_rows, compile, fullgraph)
+    try:
+        return run_pass(model, batch, functools.partial(fn, cache=cache, arg=arg, padding=None),
+                        input_ids.view(-1, 1), position_ids.view(-1, 1))
+    finally:
+        if saved is not None:
+            states.restore(saved)
