@@ -17,7 +17,7 @@ from test_hf_client import make_model, prompt, reference  # noqa: E402
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.hf import PagedGeneration, generate, spec_for_model  # noqa: E402
-from kvpager.hf.graphs import bucket_for  # noqa: E402
+from kvpager.hf.graphs import DecodeGraphs, bucket_for  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -42,6 +42,18 @@ def test_graph_steps_give_the_eager_tokens_as_the_batch_shrinks():
     assert len({len(o) for o in eager_eos}) > 1
     p = pool()
     assert generate(model, p, prompts, max_new_tokens=24, eos_token_id=eos, cuda_graphs=True) == eager_eos
+    p.check_integrity()
+    assert p.stats().num_sequences == 0
+    # by default the bucket of 8 replays as the batch shrinks (one capture); every bucket its own
+    # (reuse off) captures again as it shrinks: the same tokens both ways
+    for reuse, reuse_rows in ((DecodeGraphs.reuse, DecodeGraphs.reuse_rows), (1, 0)):
+        with PagedGeneration(model, p, prompts, max_new_tokens=24, eos_token_id=eos, cuda_graphs=True) as gen:
+            gen._graphs.reuse, gen._graphs.reuse_rows = reuse, reuse_rows
+            while not gen.done:
+                gen.step()
+            assert gen.outputs == eager_eos
+            buckets = sorted(gen._graphs.graphs)  # (5 sequences: the bucket of 8, then fewer)
+            assert buckets == [8] if reuse > 1 else (8 in buckets and len(buckets) >= 2)
     p.check_integrity()
     assert p.stats().num_sequences == 0
 
@@ -173,6 +185,7 @@ def test_compiled_graph_steps_give_the_eager_tokens_as_the_batch_shrinks():
     p = pool()
     with PagedGeneration(model, p, prompts, max_new_tokens=16, eos_token_id=eos, cuda_graphs=True,
                          compile=True) as gen:
+        gen._graphs.reuse, gen._graphs.reuse_rows = 1, 0  # every bucket its own: captured as the batch shrinks
         while not gen.done:
             gen.step()
         assert gen._graphs.captures >= 2

@@ -5,7 +5,10 @@ captured graph launches them all with one call, so the host's Python (the
 model's and kvpager's) leaves the step. As serving engines do, the step is
 captured once per batch-size bucket (1, 2, 4, 8, 16, 32, then multiples of
 32): a step of B sequences runs the smallest bucket >= B, its extra rows
-being padding (slot -1: nothing written; zero-length: nothing read).
+being padding (slot -1: nothing written; zero-length: nothing read). As
+sequences end, the batch keeps replaying a larger bucket already captured
+while it is at most 8 times its own or 64 rows (`DecodeGraphs.reuse`): a
+capture costs tens of steps, a few padding rows next to nothing.
 
 What a replay needs is updated in place first: the token ids and positions
 (static tensors), and the step plan's block tables, lengths and slots
@@ -82,6 +85,16 @@ class DecodeGraphs:
     step to capture instead, ``forward(model, batch, input_ids, position_ids)``
     with ``input_ids`` [1, bucket], giving the bucket's next tokens."""
 
+    #: A step whose own bucket is not captured replays the smallest captured bucket that is at
+    #: most `reuse` times its own or at most `reuse_rows` rows (its extra rows padding), and
+    #: captures its own only past both. A decode step's matmuls read every weight whatever the
+    #: rows, so a larger bucket costs a step little, where a capture costs tens of steps: a 1B
+    #: model's 64 sequences ending at staggered steps (8 to 256 new tokens) took 1,164 ms in 7
+    #: captures, 901 ms replaying the bucket of 64 throughout (H200, docs/benchmarks.md).
+    #: (1 and 0: every bucket its own.)
+    reuse = 8
+    reuse_rows = 64
+
     def __init__(self, model: Any, pool: Any, make_batch: Callable[[Any], Any], width: int,
                  cascade: bool | None = None, compile: bool = False, forward: Callable[..., Any] | None = None):
         from kvpager.hf.attention import paged_forward
@@ -118,7 +131,7 @@ class DecodeGraphs:
             # step still reads the last output), and a pool without graphs cannot capture again
             self.mempool = torch.cuda.graph_pool_handle()
         n = len(seq_ids)
-        bucket = bucket_for(n)
+        bucket = self._bucket(n)
         g = self.graphs.get(bucket)
         if g is None:
             with torch.inference_mode(), paged_attention(self.model):
@@ -131,6 +144,15 @@ class DecodeGraphs:
         g.graph.replay()
         self.last = g  # the graph (and its plan) replayed last: a caller may keep it while it runs
         return g.next_tokens[:n]
+
+    def _bucket(self, n: int) -> int:
+        """The bucket a step of ``n`` sequences replays: its own where captured, else the
+        smallest captured one within `reuse` / `reuse_rows`, else its own (captured now)."""
+        own = bucket_for(n)
+        if own in self.graphs:
+            return own
+        larger = [b for b in self.graphs if own < b <= max(own * self.reuse, self.reuse_rows)]
+        return min(larger) if larger else own
 
     def _capture(self, bucket: int, seq_ids: list[int], slots: np.ndarray,
                  input_ids: torch.Tensor, position_ids: torch.Tensor) -> _Graph:
