@@ -172,7 +172,9 @@ def restore(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None]) 
         bp.free_blocks(np.concatenate([kept, new_blocks]))
         raise
     # each restored block belongs to its salt's tenant, as if committed here
-    done = [bp.publish(b, k, bp.tenants.code(*miss.wants[k])) for b, k in zip(new_blocks.tolist(), keys)]
+    codes = [bp.tenants.code(*miss.wants[k]) for k in keys]
+    done = [bp.publish(b, k, c) for b, k, c in zip(new_blocks.tolist(), keys, codes)]
+    bp.tenants.release_idle({c for c, d in zip(codes, done) if not d})  # (entries made for blocks not published)
     published = [b for b, new in zip(new_blocks.tolist(), done) if new]
     if bp.events is not None:
         _report(bp.events, [k for k, new in zip(keys, done) if new], miss.origin)

@@ -195,8 +195,12 @@ def commit(m: SequenceManager, seq_ids: list[int] | np.ndarray, upto: Seq[int | 
         h = history[ids[i]]
         keys = h.key_blocks(f, bs)
         blocks = [one[i]] if one is not None else bt.table[row, start:f].tolist()
-        tenant = itertools.repeat(pool.tenants.code(h.root, h.salt), len(blocks))
-        done = list(map(pool.publish, blocks, keys[start:f], tenant))
+        if not blocks:  # (every full block it completed was released: nothing to publish)
+            continue
+        code = pool.tenants.code(h.root, h.salt)
+        done = list(map(pool.publish, blocks, keys[start:f], itertools.repeat(code, len(blocks))))
+        if not any(done):  # (each key cached already: no tenant entry kept for nothing)
+            pool.tenants.release_idle([code])
         published[k] = sum(done)
         if sink is not None:
             report_stored(m, h, list(range(start, f)), done)
@@ -219,6 +223,7 @@ def _publish_one_each(m: SequenceManager, ids: list[int], blocks: list[int], sta
     code = pool.tenants.code
     codes = np.fromiter((code(h.root, h.salt) for h in hs), np.int32, len(hs))
     if not pool.publish_new(blocks, keys, codes):
+        pool.tenants.release_idle(np.unique(codes).tolist())  # (the entries made for it; the caller's way makes its own)
         return False
     for k in ks:
         published[k] = 1

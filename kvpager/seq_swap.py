@@ -118,9 +118,12 @@ def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
         blocks[fresh] = new[taken : taken + k]
         taken += k
         copies.append(np.stack([hosts[fresh], blocks[fresh]], axis=1))
-        tenant = pool.tenants.code(history.root, history.salt) if published else 0
         again = [(i, b) for i, b in zip(cols[fresh].tolist(), blocks[fresh].tolist()) if i < published]
+        # (a tenant entry only where a block goes back into the cache: released blocks are not moved)
+        tenant = pool.tenants.code(history.root, history.salt) if again else 0
         done = [pool.publish(b, history.keys[i], tenant) for i, b in again]
+        if again and not any(done):
+            pool.tenants.release_idle([tenant])
         if pool.events is not None and any(done):
             report_stored(m, history, [i for i, _ in again], done)
         bt.table[row, cols] = blocks

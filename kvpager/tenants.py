@@ -71,6 +71,13 @@ class Tenants:
         """The code of ``salt``'s tenant if it has one now."""
         return self._codes.get(root_key(salt))
 
+    def release_idle(self, codes: Iterable[int]) -> None:
+        """Release each of ``codes`` that holds no block and has no quota: what a caller
+        of `code` does when nothing it meant to publish was published (a commit whose
+        full blocks were all released, a key cached already), or a daemon serving
+        many salts keeps an entry for each it was ever given."""
+        self._release_idle(np.fromiter(codes, dtype=np.int64))
+
     def _release_idle(self, codes: np.ndarray) -> None:
         for c in codes.tolist():
             if c != DEFAULT and self.usage[c] == 0 and c not in self.quotas and self.roots[c] is not None:
@@ -179,6 +186,10 @@ class Tenants:
             out.append("a quota without a live tenant or its LRU")
         if set(self._codes.values()) != {c for c in range(n) if self.roots[c] is not None}:
             out.append("tenant codes and roots disagree")
+        idle = [c for c in range(1, n) if self.roots[c] is not None and not self.usage[c] and c not in self.quotas]
+        if idle:
+            out.append(f"{len(idle)} tenant(s) hold no block and have no quota but were kept (e.g. salt "
+                       f"{self.salts[idle[0]]!r}): a leaked tenant entry")
         for c, mine in self.lru.items():
             expected = [b for b in evictable if self.of_block[b] == c]
             if list(mine) != expected:

@@ -227,6 +227,43 @@ def test_tenants_without_blocks_or_quota_are_forgotten():
     pool.check_integrity()
 
 
+def test_a_commit_or_swap_in_that_publishes_nothing_keeps_no_tenant():
+    """A salt's tenant entry made for blocks that then were not published: a commit whose
+    full blocks a window released before their ids were known, a swap-in whose published
+    blocks had been released and evicted. Before, each kept its entry (and its salt, up
+    to 4 KiB) for ever: a daemon given fresh salts grew without bound while its stats
+    said no tenant, and the integrity check did not see it."""
+    pool = make_pool()
+    codes = pool.manager.pool.tenants._codes
+    for k in range(5):
+        [a] = pool.allocate([[1]], salt=f"window-{k}")
+        pool.append([a.seq_id], 3 * BS)  # (a pipelined step's slots: ids recorded later)
+        pool.release_before([a.seq_id], [3 * BS])  # every full block released
+        pool.record_tokens([a.seq_id], [list(range(2, 2 + 3 * BS))])
+        pool.commit([a.seq_id])  # nothing left to publish
+        pool.free([a.seq_id])
+    assert len(codes) == 1 and pool.stats().tenants == ()  # the default tenant only
+    pool.check_integrity()
+    for k in range(3):
+        [a] = pool.allocate([[100 * k + i for i in range(2 * BS + 4)]], salt=f"swapped-{k}")
+        pool.commit([a.seq_id])  # two full blocks published under its salt
+        pool.release_before([a.seq_id], [2 * BS + 4])  # both released: cached, evictable
+        pool.free(fill(pool, 15))  # ... and evicted (its partial last block held)
+        assert pool.stats().tenants == ()
+        pool.swap_out([a.seq_id])
+        pool.swap_in([a.seq_id])  # nothing to publish again
+        pool.free([a.seq_id])
+    assert len(codes) == 1 and pool.stats().tenants == ()
+    pool.check_integrity()
+
+
+def test_the_integrity_check_sees_a_tenant_entry_kept_for_nothing():
+    pool = make_pool()
+    pool.manager.pool.tenants.code(b"\x01" * 32, "forgotten")  # (an entry no block or quota holds)
+    with pytest.raises(AssertionError, match="hold no block and have no quota.*'forgotten'"):
+        pool.check_integrity()
+
+
 def test_stats_tenants_and_json():
     pool = make_pool()
     cached_prefix(pool, list(range(2 * BS)), b"\x01\xff")
