@@ -355,7 +355,7 @@ def test_an_error_in_a_recurrent_layer_is_not_called_unserved():
     assert pool.stats().num_sequences == 0
 
 
-def test_recurrent_layers_that_keep_their_states_in_their_modules_are_refused():
+def test_recurrent_layers_that_keep_their_states_in_their_modules_are_refused(monkeypatch):
     """RecurrentGemma's recurrent blocks keep their states in their own modules, not in
     transformers' cache, where kvpager gathers a batch's rows as sequences end and
     holds them for later prompts: it generated other tokens than transformers' (here
@@ -363,7 +363,9 @@ def test_recurrent_layers_that_keep_their_states_in_their_modules_are_refused():
     its cache holds, nothing left held; its config still sizes a pool (its local
     attention blocks alone), as `kvpager serve --model` reads it."""
     import json
+    import warnings
 
+    from kvpager.hf import recurrent_states
     from kvpager.sizing import config_geometry
 
     config = transformers.RecurrentGemmaConfig(**SMALL, num_hidden_layers=3, attention_window_size=16, lru_width=64,
@@ -375,6 +377,10 @@ def test_recurrent_layers_that_keep_their_states_in_their_modules_are_refused():
     eos, _ = ending_early(model, ps, 6, [(1, 1), (3, 3)])
     pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
     assert pool.spec.num_layers == 1 == config_geometry(json.loads(config.to_json_string()))["num_layers"]
-    with pytest.raises(UnsupportedModel, match="keep their states outside transformers' cache"):
-        generate(model, pool, ps, max_new_tokens=6, eos_token_id=eos)
+    with warnings.catch_warnings():
+        # (refused, not first warned about as a type whose tokens are right: the warning said so before)
+        warnings.simplefilter("error")
+        monkeypatch.setattr(recurrent_states, "_warned", set())
+        with pytest.raises(UnsupportedModel, match="keep their states outside transformers' cache"):
+            generate(model, pool, ps, max_new_tokens=6, eos_token_id=eos)
     assert_nothing_held(pool)

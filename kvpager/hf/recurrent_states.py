@@ -61,6 +61,9 @@ CONTINUING = frozenset({
 
 #: model types known not to continue (`CONTINUING`): taken so without a warning
 NOT_CONTINUING = frozenset({"zamba", "jamba"})
+#: model types whose recurrent layers keep their states in their modules: refused at their first
+#: pass (`check_layout`), so not warned about as a type that may continue first
+MODULE_STATES = frozenset({"recurrent_gemma"})
 _warned: set[Any] = set()  # the unknown types warned about, once a process each
 
 
@@ -74,7 +77,7 @@ def continues(model: Any) -> bool:
     if types & CONTINUING:
         return True
     name = tuple(sorted(str(t) for t in types))
-    if not types & NOT_CONTINUING and name not in _warned:
+    if not types & (NOT_CONTINUING | MODULE_STATES) and name not in _warned:
         _warned.add(name)
         warnings.warn(f"kvpager: {type(model).__name__} (model type {' / '.join(name)}) is not among the types whose "
                       "recurrent layers are known to continue a pass from held states "
