@@ -223,8 +223,7 @@ def _publish_one_each(m: SequenceManager, ids: list[int], blocks: list[int], sta
     code = pool.tenants.code
     codes = np.fromiter((code(h.root, h.salt) for h in hs), np.int32, len(hs))
     if not pool.publish_new(blocks, keys, codes):
-        pool.tenants.release_idle(np.unique(codes).tolist())  # (the entries made for it; the caller's way makes its own)
-        return False
+        return False  # (the caller publishes each of these blocks, its codes released there if idle)
     for k in ks:
         published[k] = 1
     if pool.events is not None:
