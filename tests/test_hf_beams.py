@@ -103,6 +103,7 @@ def test_beams_share_their_blocks():
     (dict(cuda_graphs=True), "cuda_graphs needs the model and the pool on a CUDA device"),
     (dict(compile=True), "compile=True compiles the captured decode step: it needs cuda_graphs=True"),
     (dict(cuda_graphs="yes"), "cuda_graphs must be a bool"),
+    (dict(eos_token_id=10**30), "eos_token_id: token ids must be within int64"),  # (a plain ValueError before)
 ])
 def test_bad_arguments_are_refused_before_anything_is_allocated(kwargs, needle):
     model = make_model("llama")
@@ -111,6 +112,40 @@ def test_bad_arguments_are_refused_before_anything_is_allocated(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         beam_search(model, pool, PROMPTS, **{"max_new_tokens": 4, **kwargs})
     assert pool.stats() == before
+
+
+def test_more_beams_than_the_vocabulary_give_transformers_beams():
+    """At the first step every beam is the prompt; with fewer continuations than beams,
+    beams are chosen from the prompt's copies that hold no sequence yet. Before, that
+    forked a sequence of None after the prefill (an InvalidArgument about seq_ids)."""
+    from test_hf_models import VOCAB
+
+    model = make_model("llama")
+    pool = _pool(model)
+    p = prompt(5, seed=2)
+    want, scores = transformers_beams(model, p, 3, 2, None, num_beams=VOCAB + 2)
+    got = beam_search(model, pool, [p], 3, num_beams=VOCAB + 2, num_return_sequences=2, eos_token_id=None)[0]
+    assert got.tokens == want and got.scores == pytest.approx(scores, abs=1e-4)
+    assert pool.stats().num_sequences == 0
+    pool.check_integrity()
+
+
+def test_extreme_length_penalties_run_to_the_end():
+    """A length penalty whose ``length ** penalty`` overflows a float divides by inf (every
+    score -0.0; transformers' own search raises OverflowError there); before, kvpager
+    raised it too, after the prefill. A penalty of -1e300 gives transformers' beams."""
+    model = make_model("llama")
+    pool = _pool(model)
+    eos = PROMPTS[3][0]
+    got = beam_search(model, pool, PROMPTS[:1], 6, num_beams=3, num_return_sequences=2, length_penalty=1e300,
+                      eos_token_id=eos)[0]
+    assert len(got.tokens) == 2 and got.scores == [0.0, 0.0]
+    want, scores = transformers_beams(model, PROMPTS[0], 6, 2, eos, num_beams=3, length_penalty=-1e300)
+    got = beam_search(model, pool, PROMPTS[:1], 6, num_beams=3, num_return_sequences=2, length_penalty=-1e300,
+                      eos_token_id=eos)[0]
+    assert got.tokens == want and got.scores == scores
+    assert pool.stats().num_sequences == 0
+    pool.check_integrity()
 
 
 def assert_a_daemon_gives_the_embedded_beams(model, spec, prompts: list[list[int]], new: int, check_pool) -> None:

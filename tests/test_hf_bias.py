@@ -121,8 +121,11 @@ def test_a_generation_configs_settings():
     (dict(logit_bias={3: True}), "logit_bias of token 3 must be a number"),
     (dict(logit_bias=[(3, 1.0), (3, 2.0)]), "names token 3 twice"),
     (dict(logit_bias=[(3, 1.0, 2.0)]), "logit_bias must be"),
-    (dict(min_tokens=-1), "min_tokens must be an int >= 0"),
-    (dict(min_tokens=1.5), "min_tokens must be an int >= 0"),
+    (dict(min_tokens=-1), "min_tokens must be an int in"),
+    (dict(min_tokens=1.5), "min_tokens must be an int in"),
+    # (past int64, or a bias float32 makes inf: untyped errors or every logit inf before)
+    (dict(min_tokens=10**30), "min_tokens must be an int in"),
+    (dict(logit_bias={3: 1e39}), "logit_bias of token 3 must be a number within float32's range"),
 ])
 def test_bad_settings_are_refused_by_name(bad, needle):
     with pytest.raises(ValueError, match=needle):
@@ -132,3 +135,23 @@ def test_bad_settings_are_refused_by_name(bad, needle):
 def test_a_sampling_stays_hashable_and_equal_by_its_bias():
     a = Sampling(logit_bias={3: 1.0, 2: -1.0})
     assert a == Sampling(logit_bias=[(2, -1.0), (3, 1.0)]) and hash(a) == hash(Sampling(logit_bias={2: -1, 3: 1}))
+
+
+def test_a_negative_end_token_is_never_generated_and_bans_nothing():
+    """An end id below 0 (transformers warns and takes it: no token is one) with
+    ``min_tokens``: before, holding the end tokens off wrote -inf at logits[row, -1],
+    banning the vocabulary's last token, and the tokens were not transformers'."""
+    model = make_model("llama")
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    p = prompt(10, seed=1)
+    last = model.config.vocab_size - 1
+    with torch.no_grad():
+        out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             max_new_tokens=3, do_sample=False, eos_token_id=[-1, 5], min_new_tokens=2,
+                             sequence_bias={(last,): 50.0}, pad_token_id=0)
+    want = out[0, len(p):].tolist()
+    assert want[0] == last  # (the bias makes it the greedy choice)
+    got = generate(model, pool, [p], 3, eos_token_id=[-1, 5],
+                   sampling=Sampling(temperature=0, logit_bias={last: 50.0}, min_tokens=2))[0]
+    assert got == want
+    assert pool.stats().num_sequences == 0

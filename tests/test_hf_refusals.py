@@ -280,6 +280,9 @@ def test_arguments_that_change_no_attention_pass():
     ((["abc"], 2), "must be a list of token ids"),
     (([[3, 4]], 1.5), "max_new_tokens must be an int"),  # was taken: two tokens generated
     (([[3, 4]], True), "max_new_tokens must be an int"),
+    # (untyped errors before: a NotImplementedError, an OverflowError)
+    ((torch.tensor([[3, 4]], device="meta"), 2), r"prompts\[0\]: its token ids cannot be read"),
+    (([[3, 4]], 2, None, 10**30), "eos_token_id: token ids must be within int64"),
 ])
 def test_careless_generate_arguments_are_refused_before_anything_is_allocated(args, needle):
     model = make_model("llama")

@@ -204,10 +204,30 @@ def test_an_end_token_ends_a_sampled_sequence():
     dict(top_p=0), dict(top_p=1.5), dict(min_p=-0.1), dict(min_p=2), dict(seed=-1), dict(seed=1 << 64),
     dict(seed=1.5), dict(top_p=True), dict(repetition_penalty=0), dict(repetition_penalty=float("inf")),
     dict(presence_penalty=float("nan")), dict(frequency_penalty="1"),
+    # (they apply in float32, where these are inf or 0: every logit inf or NaN, another token than asked)
+    dict(frequency_penalty=1e39), dict(presence_penalty=-1e39), dict(repetition_penalty=1e-40),
+    dict(repetition_penalty=1e39),
 ])
 def test_bad_settings_are_refused_by_name(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         Sampling(**bad)
+
+
+@pytest.mark.parametrize("setting", [dict(temperature=1e-50), dict(temperature=1e-6), dict(top_p=1e-46),
+                                     dict(temperature=0.8, top_p=1e-40)])
+def test_settings_float32_rounds_to_nothing_give_the_greedy_tokens(setting):
+    """A temperature below `GREEDY_BELOW` is greedy (before, 1e-50 divided the float32
+    logits to inf and gave token 0); a top-p float32 rounds to 0 keeps the most likely
+    token (before: an IndexError after the prompts were allocated)."""
+    from kvpager.hf.sampling import GREEDY_BELOW
+
+    model = make_model("llama")
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    p = prompt(10, seed=1)
+    greedy = generate(model, pool, [p], 4, eos_token_id=None)[0]
+    assert generate(model, pool, [p], 4, eos_token_id=None, sampling=Sampling(seed=3, **setting))[0] == greedy
+    assert Sampling(temperature=GREEDY_BELOW / 2).greedy and not Sampling(temperature=GREEDY_BELOW).greedy
+    assert pool.stats().num_sequences == 0
 
 
 @pytest.mark.parametrize("bad", ["greedy", 0.7, [Sampling()], [Sampling(), 3], {"temperature": 1.0}])

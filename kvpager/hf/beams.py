@@ -32,6 +32,7 @@ Each step (all prompts' beams in one forward pass, a token each):
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,15 @@ from kvpager.validate import is_int
 __all__ = ["Beams", "beam_search", "beams_for_generate", "config_beams"]
 
 _FAR = -1.0e9  # a score no candidate can win with (transformers' own)
+
+
+def _length_norm(length: int, penalty: float) -> float:
+    """``length ** penalty``, a hypothesis' score's divisor, inf where that overflows (as
+    transformers' float tensors give it) rather than OverflowError part-way."""
+    try:
+        return float(length) ** penalty
+    except OverflowError:
+        return math.inf
 
 
 @dataclass
@@ -222,7 +232,7 @@ class _Search:
         ranked = top + ends.float() * _FAR
         run_at = torch.topk(ranked, k)[1]
         # the finished: the best of those that end, among the k best, with what was finished
-        scored = top / ((new + 1) ** self.penalty)
+        scored = top / _length_norm(new + 1, self.penalty)
         full = self.finished.all(dim=-1, keepdim=True) & (self.early is True)
         just = ends & (torch.arange(self.keep) < k)[None, :]
         scored = scored + full.float() * _FAR + (~self.open).float() * _FAR + (~just).float() * _FAR
@@ -242,7 +252,7 @@ class _Search:
             self.tokens[i] = [self.tokens[i][p] + [t] for p, t in zip(parents[i], next_tokens[i])]
         # can a running beam still beat the worst finished hypothesis?
         length = self.most if self.early == "never" and self.penalty > 0 else new + 1
-        best = self.scores[:, :1] / (length ** self.penalty)
+        best = self.scores[:, :1] / _length_norm(length, self.penalty)
         worst = torch.where(self.finished, self.done_scores.min(dim=1, keepdim=True)[0], torch.tensor(_FAR))
         self.open = self.open & (best > worst).any(dim=-1, keepdim=True)
         go_on = bool(self.open.any()) and not (bool(self.finished.all()) and self.early is True) \
@@ -253,6 +263,10 @@ class _Search:
         """The running beams' sequences for this step (a parent continued by several
         beams forked, one continued by none freed), each fed its token: the pass's
         logits [B * K, V]."""
+        # At the first step every beam is the prompt, whose sequence beam 0 holds: a beam chosen
+        # from another (where a prompt has fewer continuations than beams: a vocabulary smaller
+        # than num_beams) continues the prompt's sequence.
+        parents = [[p if self.seqs[b][p] is not None else 0 for p in ps] for b, ps in enumerate(parents)]
         # a parent's first child is its own sequence, the others its forks (its blocks shared): one
         # fork a count of children over every prompt, one free of the parents continued by none
         # (each a round trip through a daemon)

@@ -176,7 +176,10 @@ def end_tokens(eos: Any) -> set[int]:
     if many and (isinstance(eos, (str, bytes)) or not hasattr(eos, "__iter__") or getattr(eos, "ndim", 1) != 1
                  or not all(is_int(e) for e in eos)):
         raise InvalidArgument(f"eos_token_id must be None, a token id or a list of them, got {eos!r}")
-    return set() if eos is None else {int(e) for e in eos} if many else {int(eos)}
+    ids = set() if eos is None else {int(e) for e in eos} if many else {int(eos)}
+    if any(not -(1 << 63) <= e < 1 << 63 for e in ids):  # (ids outside the vocabulary are never generated)
+        raise InvalidArgument(f"eos_token_id: token ids must be within int64, got {eos!r}")
+    return ids
 
 
 def check_packable(model: Any, batch: Any) -> None:

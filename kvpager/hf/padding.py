@@ -190,7 +190,10 @@ def token_lists(prompts: Any, model: Any, attention_mask: Any = None) -> list[li
         if isinstance(p, (np.ndarray, torch.Tensor)) and p.ndim != 1:  # a 0-d one: one flat tensor's id
             raise InvalidArgument(f"prompts[{i}] must be a list of token ids, got a {p.ndim}-D {type(p).__name__} "
                                   "(pass [ids] for one prompt)")
-        ids = list(p.tolist() if isinstance(p, (np.ndarray, torch.Tensor)) else p)
+        try:
+            ids = list(p.tolist() if isinstance(p, (np.ndarray, torch.Tensor)) else p)
+        except (NotImplementedError, RuntimeError) as e:  # (a meta tensor's, one whose device cannot be read)
+            raise InvalidArgument(f"prompts[{i}]: its token ids cannot be read ({type(e).__name__}: {e})") from e
         if all_type(ids, int):  # (plain ints, as most prompts are: checked at C speed, kept as they are)
             out.append(ids)
             continue

@@ -35,6 +35,13 @@ from kvpager.validate import is_int
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
+#: float32's largest, smallest normal and smallest positive values: the settings apply in float32
+F32_MAX = float(np.finfo(np.float32).max)
+F32_TINY = float(np.finfo(np.float32).tiny)
+F32_SUB = float(np.finfo(np.float32).smallest_subnormal)
+#: a temperature below this is greedy (as vLLM takes one): divided by it, float32 logits overflow,
+#: and the draw is the most likely token anyway
+GREEDY_BELOW = 1e-5
 
 
 def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
@@ -53,8 +60,9 @@ def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
         if not is_int(t) or t < 0:
             raise InvalidArgument(f"logit_bias: token ids must be ints >= 0, got {t!r}")
         if isinstance(b, bool) or not isinstance(b, (int, float, np.floating, np.integer)) or math.isnan(b) \
-                or b == math.inf:
-            raise InvalidArgument(f"logit_bias of token {t} must be a number (-inf: never chosen), got {b!r}")
+                or (b != -math.inf and abs(b) > F32_MAX):
+            raise InvalidArgument(f"logit_bias of token {t} must be a number within float32's range, where it is "
+                                  f"added (-inf: never chosen), got {b!r}")
         if int(t) in out:
             raise InvalidArgument(f"logit_bias names token {t} twice")
         out[int(t)] = float(b)
@@ -65,8 +73,8 @@ def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
 class Sampling:
     """How one prompt's new tokens are drawn.
 
-    ``temperature``: the logits are divided by it (0: greedy, the most likely
-    token); ``top_k``: only the k most likely tokens are drawn from (0: all);
+    ``temperature``: the logits are divided by it (0, or any below
+    `GREEDY_BELOW`: greedy, the most likely token); ``top_k``: only the k most likely tokens are drawn from (0: all);
     ``top_p``: only the most likely tokens whose probabilities add up to at
     least p (1.0: all); ``min_p``: only tokens at least this fraction as likely
     as the most likely one (0.0: all); ``seed``: the prompt's draws (an int in
@@ -100,8 +108,8 @@ class Sampling:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
-        if not is_int(self.min_tokens) or self.min_tokens < 0:
-            raise InvalidArgument(f"min_tokens must be an int >= 0 (0: none), got {self.min_tokens!r}")
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens < 1 << 63:
+            raise InvalidArgument(f"min_tokens must be an int in [0, 2**63) (0: none), got {self.min_tokens!r}")
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise InvalidArgument(f"temperature must be a finite number >= 0 (0: greedy), got {t!r}")
@@ -115,19 +123,22 @@ class Sampling:
             raise InvalidArgument(f"min_p must be a number in [0, 1] (0: no limit), got {m!r}")
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed <= _MASK64):
             raise InvalidArgument(f"seed must be None or an int in [0, 2**64), got {self.seed!r}")
+        # (the penalties apply in float32: a value past its range, or one it rounds to 0, would make
+        # every logit inf or NaN, and the row's token another than asked for)
         r = self.repetition_penalty
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
-            raise InvalidArgument(f"repetition_penalty must be a finite number > 0 (1: none), got {r!r}")
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not F32_TINY <= r <= F32_MAX:
+            raise InvalidArgument(f"repetition_penalty must be a number > 0 within float32's normal range "
+                                  f"({F32_TINY:.3g} to {F32_MAX:.3g}; 1: none), got {r!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise InvalidArgument(f"{name} must be a finite number (0: none), got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not abs(v) <= F32_MAX:
+                raise InvalidArgument(f"{name} must be a number within float32's range (0: none), got {v!r}")
 
     @property
     def greedy(self) -> bool:
-        """Whether this takes the most likely token always (temperature 0, or top-k 1),
-        after any penalty."""
-        return self.temperature == 0 or self.top_k == 1
+        """Whether this takes the most likely token always (a temperature below
+        `GREEDY_BELOW`, 0 among them, or top-k 1), after any penalty."""
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     @property
     def penalized(self) -> bool:
@@ -241,7 +252,8 @@ class Sampler:
         self.greedy = np.array([s is None or s.greedy for s in per])
         on = [s if s is not None else Sampling(temperature=0) for s in per]
         # temperature, top-k, top-p, min-p, repetition, presence and frequency penalties
-        self.params = np.array([(s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty,
+        # (a top-p float32 rounds to 0 keeps what the smallest positive one keeps: the most likely token)
+        self.params = np.array([(s.temperature, s.top_k, max(s.top_p, F32_SUB), s.min_p, s.repetition_penalty,
                                  s.presence_penalty, s.frequency_penalty) for s in on], dtype=np.float64)
         self.repeats = bool((self.params[:, 4] != 1).any())  # prompt and output tokens seen, per prompt
         self.counts = bool((self.params[:, 5:7] != 0).any())  # output tokens counted, per prompt
@@ -323,7 +335,7 @@ class Sampler:
             vals = array_to_device(np.asarray(values, dtype=np.float32), out.device)
             out.index_put_((where[0], where[1]), vals, accumulate=True)
         if len(held):
-            eos = self.eos[self.eos < logits.shape[1]]
+            eos = self.eos[(self.eos >= 0) & (self.eos < logits.shape[1])]  # (others are never generated)
             cells = to_device(np.repeat(held, len(eos)).tolist() + np.tile(eos, len(held)).tolist(), out.device)
             cells = cells[0].view(2, -1)
             out[cells[0], cells[1]] = float("-inf")
