@@ -146,7 +146,7 @@ class KVPool(PoolSequences, PoolBatch, PoolControl, PoolKV, PoolInspection):
         for view in self._rank_views or ():
             _refuse(view, CLOSED_RANK_OPS)
         if self.remote is not None:
-            self.remote.close()
+            self.remote.detach()  # (closed with the last pool it serves)
         self.backend.close()
 
     def __enter__(self) -> KVPool:

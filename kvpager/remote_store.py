@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
+import threading
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -237,6 +239,57 @@ def _slot(key: str) -> int:
     return key_slot(key.encode())
 
 
+#: round trips a connection's handshake may take (the socket, TLS, HELLO / AUTH, CLIENT SETNAME,
+#: SELECT), each at most the store's timeout: `bound_connects`
+CONNECT_ROUND_TRIPS = 5
+
+
+def bound_connects(pool: Any, seconds: float) -> None:
+    """Make each connection of redis-py's ``pool`` connect within ``seconds`` in all.
+    redis-py bounds each read of the handshake's replies by the socket timeout, not
+    the handshake: an endpoint on the store's address that sent a reply a byte at a
+    time, never ending it, held an allocate (and the daemon's loop) for ever. Past
+    ``seconds`` the socket is shut down, and the connect fails as a timeout does (the
+    tier counts it and its breaker skips the store for a while)."""
+    redis = redis_module()
+    base = pool.connection_class
+    if getattr(base, "bounded_connect", False):
+        return
+
+    class Bounded(base):  # type: ignore[misc, valid-type]
+        bounded_connect = True
+
+        def connect(self, *args: Any, **kwargs: Any) -> Any:
+            cut = threading.Event()
+
+            def shut() -> None:
+                cut.set()
+                sock = getattr(self, "_sock", None)
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+
+            timer = threading.Timer(seconds, shut)
+            timer.daemon = True
+            timer.start()
+            try:
+                out = super().connect(*args, **kwargs)
+            except Exception:
+                if cut.is_set():
+                    raise redis.TimeoutError(f"connecting took past {seconds:g} s (a handshake reply that "
+                                             "did not end)") from None
+                raise
+            finally:
+                timer.cancel()
+            if cut.is_set():  # (cut as it finished: its socket is shut)
+                self.disconnect()
+                raise redis.TimeoutError(f"connecting took past {seconds:g} s")
+            return out
+
+    Bounded.__name__ = Bounded.__qualname__ = f"Bounded{base.__name__}"
+    pool.connection_class = Bounded
+
+
 class RedisStore(Store):
     """A standalone Redis or Valkey server: lookups as chunked ``GETRANGE``
     pipelines over ``connections`` connections, read straight into the
@@ -266,6 +319,8 @@ class RedisStore(Store):
             # Making one also refuses a query option of the URL that no connection takes.
             pool = self._reader.connection_pool
             self.raw_reads = "_sock" in vars(pool.connection_class(**pool.connection_kwargs))
+            for client, seconds in ((self._reader, timeout), (self._writer, write_timeout)):
+                bound_connects(client.connection_pool, CONNECT_ROUND_TRIPS * seconds)
         except (ValueError, TypeError) as e:
             raise InvalidArgument(f"remote store URL {self.url!r}: {e}") from None
         self._errors = (redis.RedisError, OSError)

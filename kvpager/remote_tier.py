@@ -65,6 +65,10 @@ from kvpager.types import RemoteStats
 
 log = logging.getLogger("kvpager.remote")
 
+#: the longest block TTL (about 68 years): Redis refuses a SET whose expiry in milliseconds
+#: past its clock overflows, so a larger one (10**16, "forever") stored nothing, every write refused
+MAX_TTL = (1 << 31) - 1
+
 
 class RemoteTier(RemoteWrites):
     """The remote prefix tier over ``store`` (a `Store` or a URL for `open_store`).
@@ -88,6 +92,8 @@ class RemoteTier(RemoteWrites):
         for name, value in (("ttl", ttl), ("queue_bytes", queue_bytes), ("max_restore_bytes", max_restore_bytes)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidArgument(f"remote {name} must be a non-negative integer, got {value!r}")
+        if ttl > MAX_TTL:  # (Redis refuses every SET with an expiry past its clock's range: nothing stored)
+            raise InvalidArgument(f"remote ttl must be at most {MAX_TTL} seconds (0: no expiry), got {ttl}")
         if not isinstance(retry_after, (int, float)) or not 0 < retry_after <= MAX_PAUSE:
             raise InvalidArgument(f"remote retry_after must be in (0, {MAX_PAUSE}] seconds, got {retry_after!r}")
         #: the model these blocks belong to (`kvpager.remote_format.check_namespace`), in every key
@@ -116,6 +122,7 @@ class RemoteTier(RemoteWrites):
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._users = 0  # pools attached and not closed: the last one's close closes the tier
 
     # -- wiring -----------------------------------------------------------------------
     def attach(self, spec: PoolSpec, ranks: int = 1) -> None:
@@ -124,9 +131,21 @@ class RemoteTier(RemoteWrites):
         old = self.codec.spec if self.codec is not None else spec
         if key_prefix(old) != key_prefix(spec) or (self.codec is not None and self._ranks != ranks):
             raise InvalidArgument("this RemoteTier already serves a pool of another geometry")
+        if self._closed:
+            raise InvalidArgument("this RemoteTier is closed (its writer stopped, its connections dropped); "
+                                  "make a new one")
         self.codec = Codec(spec)
         self._prefix = key_prefix(spec, ranks, self.namespace)
         self._ranks = ranks
+        self._users += 1
+
+    def detach(self) -> None:
+        """A pool that `attach`-ed is closing: the tier closes with the last of them
+        (before, the first pool's close closed it under the others, whose commits then
+        queued writes no writer would send)."""
+        self._users = max(self._users - 1, 0)
+        if not self._users:
+            self.close()
 
     def describe(self) -> dict[str, Any]:
         """What hello tells clients: the store's kind and URL (no password);
@@ -190,7 +209,7 @@ class RemoteTier(RemoteWrites):
         until the next fetch. Never raises: a failure is an empty answer."""
         if not wants:
             return {}
-        if not self._allow("lookups"):
+        if self._closed or not self._allow("lookups"):
             self._skipped += 1
             return {}
         codec = self.codec
@@ -239,7 +258,7 @@ class RemoteTier(RemoteWrites):
         counted (``corrupt_blocks``), logged, and queued for the writer to
         delete, so the next commit of that block stores it (the namespace is
         kvpager's). Loop thread."""
-        if not bad:
+        if not bad or self._closed:
             return
         for name, why in bad:
             log.warning("remote block %s refused: %s; deleting it", name, why)
@@ -267,7 +286,7 @@ class RemoteTier(RemoteWrites):
         answer."""
         if not wants:
             return set()
-        if not self._allow("probes"):
+        if self._closed or not self._allow("probes"):
             self._skipped_probes += 1
             return set()
         wants = wants[: self.most_blocks()]

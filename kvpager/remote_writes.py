@@ -43,8 +43,8 @@ class RemoteWrites:
         if not fresh:
             return
         size = self.codec.value_bytes
-        if self.breaker.is_open() or self.refusals["writes"].is_open():
-            self._dropped_full += len(fresh)
+        if self._closed or self.breaker.is_open() or self.refusals["writes"].is_open():
+            self._dropped_full += len(fresh)  # (closed: no writer would send them)
             return
         with self._cond:
             room = (self.queue_bytes - self._queued_bytes) // size

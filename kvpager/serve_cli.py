@@ -230,8 +230,8 @@ def serve_devices(opts: dict[str, Any], default_device: Any) -> list[str] | None
                    "(KVPAGER_REMOTE_NAMESPACE; see docs/remote.md).")
 @click.option("--remote-timeout", type=click.FloatRange(min=0, min_open=True, max=60), default=0.1,
               show_default=True, help="Seconds an allocate waits for the store before it counts as a miss.")
-@click.option("--remote-ttl", type=click.IntRange(min=0), default=86400, show_default=True,
-              help="Seconds a block lives in the store (0: until the store evicts it).")
+@click.option("--remote-ttl", type=click.IntRange(min=0, max=(1 << 31) - 1), default=86400, show_default=True,
+              help="Seconds a block lives in the store (0: until the store evicts it; at most 2**31 - 1).")
 @click.option("--remote-queue", type=Size(), default="256M", show_default=True,
               help="Bytes of committed blocks waiting to be written; past it new ones are dropped.")
 @click.option("--remote-max-restore", type=Size(), default="256M", show_default=True,

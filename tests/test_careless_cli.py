@@ -229,3 +229,11 @@ def test_demo_daemon_gone_mid_run():
     code, err, demo = _demo_test(stop_daemon, env={"KVPAGER_TIMEOUT": "2"})
     assert code == 1 and "Traceback" not in err
     assert "error: worker " in err and "error: demo worker " in err
+
+
+def test_serve_remote_ttl_past_what_redis_takes_is_a_usage_error():
+    """--remote-ttl 10**16 ("forever") was taken, and every write was then refused by
+    the store; now a usage error before anything starts (0 is no expiry)."""
+    code, out = invoke("serve", "--model", "tiny", "--blocks", "8", "--device", "cpu", "--remote",
+                       "redis://127.0.0.1:1", "--remote-ttl", str(10**16))
+    assert code == 2 and "'--remote-ttl'" in out and "Traceback" not in out

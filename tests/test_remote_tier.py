@@ -343,3 +343,104 @@ def test_one_allocate_restores_at_most_max_restore_bytes():
         assert (y.num_cached_tokens, y.num_remote_tokens) == (4 * BS, 2 * BS)
         b.check_integrity()
         a.close(), b.close()
+
+
+def test_a_handshake_reply_that_never_ends_costs_a_bounded_wait():
+    """An endpoint on the store's address that answers redis-py's connect handshake a
+    byte at a time, never ending the line: each read came within the timeout, so an
+    allocate (and a probe) waited for ever. Now the whole connect is bounded
+    (`remote_store.bound_connects`): the call fails as a timeout does, the breaker skips
+    the store after it, nothing changes in the pool."""
+    import socket
+    import threading
+
+    from redis_helpers import free_port
+
+    stop = threading.Event()
+    server = socket.create_server(("127.0.0.1", free_port()))
+    server.settimeout(0.2)
+
+    def trickle(conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.sendall(b"+")  # a status line that never ends
+                while not stop.is_set():
+                    conn.sendall(b"O")
+                    time.sleep(0.05)
+            except OSError:
+                pass
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        url = f"redis://127.0.0.1:{server.getsockname()[1]}"
+        for call in ("allocate", "cached_tokens"):
+            p = pool(url, timeout=0.1, retry_after=30)
+            before = p.blocks()
+            out: dict = {}
+            fn = getattr(p, call)
+            worker = threading.Thread(target=lambda fn=fn, out=out: out.setdefault("r", fn([list(range(3 * BS))],
+                                                                                           salt="m")), daemon=True)
+            t0 = time.monotonic()
+            worker.start()
+            worker.join(10)
+            assert not worker.is_alive(), f"{call} still waiting after 10 s"
+            assert time.monotonic() - t0 < 3  # (the connect's round trips at 0.1 s each, and slack)
+            st = p.remote_stats()
+            assert st.errors >= 1 and not st.available
+            if call == "allocate":
+                assert out["r"][0].num_cached_tokens == 0
+                p.free(out["r"][0].seq_id)
+            assert p.blocks() == before
+            p.check_integrity()
+            t0 = time.monotonic()
+            p.close()
+            assert time.monotonic() - t0 < 5
+    finally:
+        stop.set()
+        server.close()
+
+
+def test_a_ttl_redis_would_refuse_is_refused_at_construction():
+    """A TTL past what Redis takes (10**16 seconds, meant as "forever") was accepted,
+    passed `check`, and every write was then refused: nothing was ever stored."""
+    longest = (1 << 31) - 1  # (about 68 years)
+    with pytest.raises(InvalidArgument, match="ttl must be at most"):
+        RemoteTier("redis://127.0.0.1:1", ttl=10**16)
+    with pytest.raises(InvalidArgument, match="ttl must be at most"):
+        RemoteTier("redis://127.0.0.1:1", ttl=longest + 1)
+    with redis_server() as store:
+        a = pool(store.url, ttl=longest)
+        assert a.remote.check() is None
+        prefill(a, list(range(2 * BS + 3)), seed=1)
+        assert written(a, 2)
+        assert 0 < int(store.cli("TTL", next(k for k in store.cli("KEYS", "*").split() if k))) <= longest
+        a.close()
+
+
+def test_a_tier_shared_by_two_pools_closes_with_the_last():
+    """One tier attached to two pools (of its geometry): closing the first closed it
+    under the second, whose commits then queued writes no writer would send, never
+    counted dropped. Now the tier closes with the last pool; a closed tier drops
+    what it is offered (counted) and asks the store nothing."""
+    with redis_server() as store:
+        tier = RemoteTier(store.url, retry_after=0.2)
+        a, b = KVPool(SPEC, remote=tier), KVPool(SPEC, remote=tier)
+        a.close()
+        prefill(b, list(range(100, 100 + 3 * BS + 1)), seed=2)
+        assert written(b, 3) and b.remote_stats().queued_blocks == 0
+        b.close()
+        with pytest.raises(InvalidArgument, match="RemoteTier is closed"):
+            KVPool(SPEC, remote=tier)
+        st = tier.stats()
+        tier.offer(None, [(1, b"r" * 32, b"k" * 32)])  # (what a commit offers: nothing read once closed)
+        assert tier.fetch([(b"r" * 32, b"k" * 32)]) == {}
+        after = tier.stats()
+        assert (after.queued_blocks, after.dropped_blocks, after.lookups) == (0, st.dropped_blocks + 1, st.lookups)
