@@ -66,9 +66,13 @@ def token_array(tokens: object, what: str = "tokens") -> np.ndarray:
     """Token ids as a 1-D little-endian int64 array, validated. A bool is not a
     token id: NumPy would take ``[1, True]`` as ``[1, 1]``, so the items of a
     list (or other sequence NumPy reads item by item) must each be an int or
-    a NumPy integer; a bool array is refused by its dtype."""
+    a NumPy integer; a bool array is refused by its dtype. The array returned is
+    never a caller's writable memory: a sequence keeps its prompt (its blocks' keys
+    hashed from it at commit, its events' token ids), and a caller that reused its
+    buffer after `allocate` had its blocks published and reported under the
+    buffer's new ids."""
     if type(tokens) is np.ndarray and tokens.dtype == _I8 and tokens.ndim == 1:  # as a tokenizer hands them
-        return tokens
+        return tokens.copy() if tokens.flags.writeable else tokens
     if type(tokens) is list and set(map(type, tokens)) <= _INT:  # plain ints (not bools), checked at C speed
         try:
             return np.fromiter(tokens, _I8, len(tokens))
@@ -93,7 +97,8 @@ def token_array(tokens: object, what: str = "tokens") -> np.ndarray:
                 raise InvalidArgument(f"{what} must hold integers, got {t.__name__}")
     if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and int(arr.max()) >= 2**63:
         raise InvalidArgument(f"{what} has an id >= 2**63")
-    return arr.astype(_I8, copy=False)
+    out = arr.astype(_I8, copy=False)
+    return out.copy() if out.flags.writeable and not out.flags.owndata else out  # (a view of the caller's memory)
 
 
 def chain_keys(parent: bytes, tokens: np.ndarray, block_size: int) -> list[bytes]:

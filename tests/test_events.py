@@ -53,6 +53,25 @@ def test_commit_reports_the_published_blocks_with_their_tokens():
     assert events(sink) == []  # nothing new
 
 
+@pytest.mark.parametrize("view", [False, True], ids=["array", "a view of one"])
+def test_a_prompt_buffer_reused_after_allocate_changes_no_key_and_no_event(view):
+    """A caller that reuses its int64 prompt buffer (as a tokenizer's output is reused)
+    after `allocate`: before, the pool kept the buffer itself, so the commit published
+    the blocks under keys of the buffer's new ids (while they hold the old ids' K/V),
+    and a stored event reported the new ids."""
+    pool, sink = pool_with_sink()
+    prompt = list(range(100, 100 + 2 * BS + 3))
+    buf = np.array([0, *prompt], dtype=np.int64)[1:] if view else np.array(prompt, dtype=np.int64)
+    [a] = pool.allocate([buf], salt="m")
+    buf[:] = 7  # reused before the commit
+    pool.commit(a.seq_id)
+    buf[:] = 9  # and after it, before the events are read
+    [e] = events(sink)
+    assert e["block_hashes"] == hashes(prompt, BS, b"m")[:2] and e["token_ids"] == prompt[: 2 * BS]
+    assert pool.cached_tokens([prompt], salt="m") == [2 * BS]
+    pool.check_integrity()
+
+
 def test_decoded_tokens_extend_a_committed_chain():
     pool, sink = pool_with_sink()
     [a] = pool.allocate([list(range(20))])
