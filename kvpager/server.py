@@ -123,6 +123,12 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
         events: EventsConfig | None = None,
     ):
         self.max_message_bytes = message_limit(max_message_bytes)  # before anything else is made
+        if events is not None and pool.stats().cached_blocks:
+            # (the stream's batch 0 says AllBlocksCleared: a consumer replaying it would not know the
+            # blocks cached before, and would then see them removed without ever being stored)
+            raise InvalidArgument(f"KV events need a pool whose prefix cache is empty when the daemon starts "
+                                  f"({pool.stats().cached_blocks} blocks cached): serve a fresh pool, or one "
+                                  "without events")
         self.pool = pool
         self.endpoint = endpoint_or_default(endpoint, bind=True)
         self.memory = memory

@@ -335,3 +335,28 @@ def test_serve_cli_events_flags(tmp_ipc):
                           "--events-replay-rate", "0"], env=subprocess_env(), capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 1 and "replay rate must be a positive" in bad.stderr
+
+
+def test_events_over_a_pool_already_caching_are_refused(tmp_ipc):
+    """A daemon started with events over a pool whose prefix cache holds blocks: its
+    stream began with AllBlocksCleared, so a consumer replaying it knew nothing of
+    those blocks, then saw them removed without ever being stored. Refused now,
+    nothing made; the same pool without events, or a fresh one with them, serves."""
+    from kvpager import KVPool
+
+    _, d = tmp_ipc
+    pool = KVPool(SMALL)
+    [a] = pool.allocate([list(range(3 * BS + 1))])
+    pool.commit(a.seq_id)
+    pool.free(a.seq_id)
+    config = EventsConfig(f"ipc://{d}/ev.sock")
+    with pytest.raises(InvalidArgument, match="prefix cache is empty.*3 blocks cached"):
+        Server(pool, f"ipc://{d}/kv.sock", events=config)
+    assert not os.path.exists(f"{d}/ev.sock") and not os.path.exists(f"{d}/kv.sock")
+    for server in (Server(pool, f"ipc://{d}/kv.sock"), Server(KVPool(SMALL), f"ipc://{d}/kv2.sock", events=config)):
+        server.start()
+        try:
+            with Client(server.endpoint, map_pool=False) as c:
+                assert c.stats().cached_blocks == (3 if server.pool is pool else 0)
+        finally:
+            server.stop()
