@@ -64,6 +64,7 @@ class Subscription:
             self._replay = open_socket(self._ctx, zmq.DEALER, self.replay_endpoint)
             self._replay.connect(self.replay_endpoint)
         self.last = -1 if start is None else start - 1  # the last sequence number yielded
+        self._sub_last = -1  # the last one that came over the SUB socket
         self._catch_up = start is not None
 
     def close(self) -> None:
@@ -89,8 +90,18 @@ class Subscription:
             if len(frames) != 3 or len(frames[1]) != 8:
                 continue  # not an event message
             seq = int.from_bytes(frames[1], "big")
-            if seq == 0 and self.last > 0:
-                self.last = -1  # a restarted publisher (its batch 0 says AllBlocksCleared)
+            # One publisher's batches come over this socket in order: one numbered no later than
+            # the last that came here is a restarted publisher's (a daemon started again on the
+            # endpoint; its batch 0, AllBlocksCleared, went out at its bind, before this socket
+            # reconnected). Before, only its batch 0 was taken as that, and so every batch of the
+            # new daemon numbered up to the old one's last was skipped as seen already.
+            # (Batches at or below `last` that come after a replay are later than the last that
+            # came here: seen already, from the replay socket.)
+            restarted = self._sub_last >= 0 and seq <= self._sub_last
+            self._sub_last = seq
+            if restarted:
+                self.last = -1
+                yield from self.replay(0, until=seq)  # the new publisher's batches before this one
             if seq <= self.last:
                 continue  # seen already, from the replay socket
             if seq > self.last + 1 and self.last >= 0:

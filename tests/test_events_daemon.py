@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 import zmq
@@ -360,3 +361,49 @@ def test_events_over_a_pool_already_caching_are_refused(tmp_ipc):
                 assert c.stats().cached_blocks == (3 if server.pool is pool else 0)
         finally:
             server.stop()
+
+
+def test_a_subscription_follows_a_daemon_restarted_on_its_endpoint(tmp_ipc):
+    """`kvpager events` (`Subscription`) across a daemon restarted on the same events
+    endpoint: before, it took only a received batch 0 as a new publisher, and that
+    batch goes out at bind, before the SUB socket reconnects; so every batch of the
+    new daemon numbered up to the old one's last was skipped as seen already. Now a
+    batch numbered no later than the last that came over the SUB socket is a new
+    publisher's: its earlier batches are replayed from 0, then it goes on."""
+    from kvpager import PoolSpec
+    from kvpager.events_cli import Subscription
+
+    _, d = tmp_ipc
+    spec = PoolSpec(num_layers=1, num_kv_heads=1, head_dim=2, num_blocks=64, block_size=8, dtype="float32")
+    ev = f"ipc://{d}/ev.sock"
+    sub = Subscription(ev, replay_endpoint_for(ev))
+    n = 0
+
+    def follow(c: Client, until: Any) -> list[tuple[int, list[str]]]:
+        """Commit a new prompt at a time until the batches yielded satisfy ``until``."""
+        nonlocal n
+        got: list[tuple[int, list[str]]] = []
+        deadline = time.monotonic() + 15
+        while not until(got):
+            assert time.monotonic() < deadline, got
+            n += 1
+            [a] = c.allocate([[n] * 9])
+            c.commit([a.seq_id])
+            got += [(b.seq, [e["type"] for e in b.events]) for b in sub.batches(idle=0.2)]
+        return got
+
+    try:
+        with running_server(spec, endpoint=f"ipc://{d}/kv1.sock", events=EventsConfig(ev)) as first, \
+                Client(first.endpoint) as c:
+            old = follow(c, lambda got: any(seq >= 6 for seq, _ in got))
+        with running_server(spec, endpoint=f"ipc://{d}/kv2.sock", events=EventsConfig(ev)) as second, \
+                Client(second.endpoint) as c:
+            # (until the new daemon's batches reach the old one's last, which the old code skipped)
+            got = follow(c, lambda got: any(seq > max(s for s, _ in old) + 1 for seq, _ in got[1:]))
+        seqs = [seq for seq, _ in got]
+        assert 0 in seqs, got
+        after = got[seqs.index(0):]  # (before it: the first daemon's closing batch)
+        assert [seq for seq, _ in after] == list(range(len(after)))  # the new daemon's every batch, in order
+        assert after[0][1] == ["AllBlocksCleared"] and all(t == ["BlockStored"] for _, t in after[1:])
+    finally:
+        sub.close()
