@@ -259,7 +259,9 @@ def config_geometry(config: dict[str, Any], where: str = "config.json") -> dict[
         raise InvalidArgument(f"{where}: no layer attends (layer_types {sorted(set(cfg['layer_types']))}); "
                               "a model without attention layers has no K/V for kvpager to hold")
     out: dict[str, Any] = dict(num_layers=stored, num_kv_heads=kv_heads, head_dim=head_dim)
-    dtype = cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or config.get("dtype")
+    # (`dtype` first, as transformers 5 reads it, `torch_dtype` its earlier name: a config naming both,
+    # differently, loads as its `dtype`)
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or config.get("dtype") or config.get("torch_dtype")
     if dtype is not None:
         name = _DTYPES.get(str(dtype).removeprefix("torch."))
         if name is None:

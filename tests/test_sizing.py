@@ -309,3 +309,17 @@ def test_a_fraction_of_free_gpu_memory_sizes_a_gpu_pool():
     pool = KVPool(spec, device="cuda:0")
     assert spec.device_bytes <= budget and cupy.cuda.runtime.memGetInfo()[0] <= free - spec.device_bytes + (64 << 20)
     pool.close()
+
+
+def test_dtype_is_read_before_its_older_name():
+    """A config naming both `dtype` and `torch_dtype`, differently, loads in transformers 5
+    as its `dtype`; sizing took `torch_dtype`."""
+    from kvpager.sizing import config_geometry
+
+    config = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "torch_dtype": "float16", "dtype": "bfloat16"}
+    assert config_geometry(config)["dtype"] == "bfloat16"
+    assert config_geometry({**config, "dtype": None})["dtype"] == "float16"
+    text = {k: v for k, v in config.items() if k not in ("model_type", "dtype", "torch_dtype")}
+    assert config_geometry({"model_type": "x", "dtype": "float32", "text_config": {**text, "dtype": "bfloat16"}}
+                           )["dtype"] == "bfloat16"  # (the text config's first)
