@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import threading
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -127,6 +128,57 @@ def connection_options(redis: Any, timeout: float) -> dict[str, Any]:
 
     return dict(socket_timeout=timeout, socket_connect_timeout=timeout, socket_keepalive=True,
                 retry=Retry(NoBackoff(), 0), health_check_interval=0, client_name="kvpager")
+
+
+#: round trips a connection's handshake may take (the socket, TLS, HELLO / AUTH, CLIENT SETNAME,
+#: SELECT), each at most the store's timeout: `bound_connects`
+CONNECT_ROUND_TRIPS = 5
+
+
+def bound_connects(pool: Any, seconds: float) -> None:
+    """Make each connection of redis-py's ``pool`` connect within ``seconds`` in all.
+    redis-py bounds each read of the handshake's replies by the socket timeout, not
+    the handshake: an endpoint on the store's address that sent a reply a byte at a
+    time, never ending it, held an allocate (and the daemon's loop) for ever. Past
+    ``seconds`` the socket is shut down, and the connect fails as a timeout does (the
+    tier counts it and its breaker skips the store for a while)."""
+    redis = redis_module()
+    base = pool.connection_class
+    if getattr(base, "bounded_connect", False):
+        return
+
+    class Bounded(base):  # type: ignore[misc, valid-type]
+        bounded_connect = True
+
+        def connect(self, *args: Any, **kwargs: Any) -> Any:
+            cut = threading.Event()
+
+            def shut() -> None:
+                cut.set()
+                sock = getattr(self, "_sock", None)
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+
+            timer = threading.Timer(seconds, shut)
+            timer.daemon = True
+            timer.start()
+            try:
+                out = super().connect(*args, **kwargs)
+            except Exception:
+                if cut.is_set():
+                    raise redis.TimeoutError(f"connecting took past {seconds:g} s (a handshake reply that "
+                                             "did not end)") from None
+                raise
+            finally:
+                timer.cancel()
+            if cut.is_set():  # (cut as it finished: its socket is shut)
+                self.disconnect()
+                raise redis.TimeoutError(f"connecting took past {seconds:g} s")
+            return out
+
+    Bounded.__name__ = Bounded.__qualname__ = f"Bounded{base.__name__}"
+    pool.connection_class = Bounded
 
 
 def diagnose_cluster(url: str, scheme: str, startup: Seq[tuple[str, int]], timeout: float,

@@ -31,7 +31,6 @@ Each step (all prompts' beams in one forward pass, a token each):
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -40,17 +39,13 @@ import numpy as np
 import torch
 
 from kvpager.errors import InvalidArgument
-from kvpager.hf.attention import paged_attention, run_pass
+from kvpager.hf.beams_rows import RecurrentBeams
 from kvpager.hf.checks import check_model_and_pool, end_tokens
 from kvpager.hf.eager import EagerPasses
-from kvpager.hf.graphs import DecodeGraphs, bucket_for, check_graph_options
+from kvpager.hf.graphs import DecodeGraphs, check_graph_options, graph_width
 from kvpager.hf.model import has_recurrent_layers
 from kvpager.hf.padding import prompts_given, token_lists
-from kvpager.hf.recurrent import captured_pass
-from kvpager.hf.recurrent_states import States, cache_over, stacked, tensors_of
 from kvpager.hf.salt import default_salt
-from kvpager.hf.scoring_rows import RowPasses, logits_rows
-from kvpager.hf.state_cache import PrefixKeys
 from kvpager.validate import is_int
 
 __all__ = ["Beams", "beam_search", "beams_for_generate", "config_beams"]
@@ -169,12 +164,12 @@ class _Search:
         self.eos = torch.tensor(sorted(eos), dtype=torch.long)
         self.keep = max(2, 1 + len(eos)) * beams  # continuations weighed a step
         # (a model with recurrent layers: its prompts as rows, its beams' states gathered to their parents'
-        # each step: `_RecurrentBeams`)
-        self.rows = _RecurrentBeams(model, pool, salt, prompts, beams) if has_recurrent_layers(model) else None
+        # each step: `kvpager.hf.beams_rows.RecurrentBeams`)
+        self.rows = RecurrentBeams(model, pool, salt, prompts, beams) if has_recurrent_layers(model) else None
         self.passes = self.rows.passes if self.rows is not None else EagerPasses(model, pool)
         self.graphs = None  # captured steps (`_step`), the same rows each step: every beam of every prompt
         if cuda_graphs:
-            width = min(-(-(max(map(len, prompts)) + most) // pool.spec.block_size), pool.spec.num_blocks)
+            width = graph_width(pool, max(map(len, prompts)) + most)
             self.graphs = DecodeGraphs(model, pool, self.passes.batch, width, compile=compile,
                                        forward=None if self.rows is None else self.rows.captured(compile))
         b = len(prompts)
@@ -325,102 +320,3 @@ class _Search:
     def results(self) -> list[tuple[list[list[int]], list[float]]]:
         """Each prompt's finished hypotheses and scores, best first."""
         return [(self.done_tokens[b], self.done_scores[b].tolist()) for b in range(len(self.prompts))]
-
-
-class _RecurrentBeams:
-    """The recurrent layers' states of a beam search's beams: the prompts prefilled
-    as rows (from held states where their cached blocks have them:
-    `kvpager.hf.scoring_rows.RowPasses`), each prompt's state repeated for its
-    beams, and at each step every beam's state gathered from its parent's (a
-    parent continued by several copied to each, transformers' cache reorder) and
-    run a token further with the beams' K/V in the pool."""
-
-    def __init__(self, model: Any, pool: Any, salt: Any, prompts: list[list[int]], beams: int):
-        self.prompts, self.k = prompts, beams
-        # (a budget every prompt fits at once, padded: the prefill in as few passes as its lengths allow)
-        self.runner = RowPasses(model, pool, salt, len(prompts) * max(map(len, prompts), default=1))
-        self.passes = self.runner.passes
-        self.states: list[torch.Tensor] = []
-        # with captured steps: the states at fixed addresses, a row a beam (`States`: the graph's
-        # cache over them), the graph bucket's rows; eager: `states`, the rows alone
-        self.captures = False
-        self.fixed: States | None = None
-        self.compile: str | None = None
-
-    def prefill(self, took: Any) -> torch.Tensor:
-        """The prompts allocated (``took(b, seq_id)`` each) and run: their last
-        positions' logits [B, V]; each prompt's states repeated for its beams."""
-        run, prompts = self.runner, self.prompts
-        bs = run.pool.spec.block_size
-        ids: dict[int, int] = {}
-        segments = []
-        allocated = run.allocate(prompts, list(range(len(prompts))), ids)
-        for k, seq_id in ids.items():
-            took(k, seq_id)
-        for k, slots, c in allocated:
-            upto = min(c, len(prompts[k]) - 1)
-            at, states = run.resume_at(PrefixKeys(run.held_as, prompts[k], bs, upto), upto)
-            segments.append((k, at, len(prompts[k]), slots[at:], states))
-        last: dict[int, torch.Tensor] = {}
-
-        def wanted(k: int, a: int, b: int) -> tuple[int, int]:  # (each prompt's last position)
-            n = len(prompts[k])
-            return (n - 1, n) if b == n else (0, 0)
-
-        def take(picks: list[tuple[int, int]], logits: torch.Tensor) -> None:
-            for (k, _), row in zip(picks, logits):
-                last[k] = row
-
-        final: dict[int, Any] = {}
-        run.run_segments(ids, prompts, segments, wanted, take, final)
-        run.passes.commit(list(ids.values()))
-        self.states = [t.repeat_interleave(self.k, dim=0)
-                       for t in stacked(run.layout, [final[k] for k in range(len(prompts))])]
-        if self.captures:
-            n = len(self.states[0]) if self.states else len(prompts) * self.k
-            capacity = bucket_for(n)
-            tensors = []
-            for t in self.states:
-                full = t.new_zeros((capacity, *t.shape[1:]))
-                full[:n] = t
-                tensors.append(full)
-            self.fixed = States(run.model, run.layout, None, list(range(n)), capacity, tensors=tensors)
-            self.states = []
-        return torch.stack([last[k] for k in range(len(prompts))])
-
-    def captured(self, compile: bool) -> Any:
-        """The step `DecodeGraphs` captures (`captured_pass`, compiled where ``compile``),
-        over the states kept at fixed addresses from the prefill on."""
-        self.captures = True  # (`fixed` made by `prefill`)
-        self.compile = "inductor" if compile else None
-
-        def forward(model: Any, batch: Any, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-            return captured_pass(model, batch, input_ids, position_ids, self.fixed, self.runner.arg, self.compile)
-
-        return forward
-
-    def step(self, ids: list[int], parents: list[int], fed: list[int], positions: list[int],
-             slots: np.ndarray, graphs: Any = None) -> torch.Tensor:
-        """One token a beam (``fed`` at ``positions``, K/V to ``slots``), each beam from
-        its parent's states (``parents``: rows of the last step): the logits [B * K, V]
-        (a replay of ``graphs``' captured step where given: the states gathered in
-        place first)."""
-        run = self.runner
-        device = run.passes.device
-        at = torch.tensor(parents, dtype=torch.long, device=device)
-        if graphs is not None:
-            with torch.inference_mode():  # (the gather makes a copy first: rows move onto rows read)
-                for full in self.fixed.tensors:
-                    full[: len(parents)] = full[at]
-            return graphs.launch(ids, torch.tensor([fed], dtype=torch.long, device=device),
-                                 torch.tensor([positions], dtype=torch.long, device=device), slots)
-        self.states = [t.index_select(0, at) for t in self.states]
-        cache = cache_over(run.model, run.layout, self.states)
-        plan = run.pool.plan(ids, [1] * len(ids), slots, num_q_heads=run.passes.heads)
-        tokens = torch.tensor(fed, dtype=torch.long, device=device).view(-1, 1)
-        where = torch.tensor(positions, dtype=torch.long, device=device).view(-1, 1)
-        with torch.inference_mode(), paged_attention(run.model):
-            logits = run_pass(run.model, run.passes.batch(plan), functools.partial(logits_rows, cache=cache,
-                                                                                  arg=run.arg), tokens, where, 1)
-        self.states = tensors_of(cache, run.layout)
-        return logits[:, -1]

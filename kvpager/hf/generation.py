@@ -43,7 +43,7 @@ from kvpager.hf.attention import (  # noqa: F401
 from kvpager.hf.beams import beams_for_generate, config_beams
 from kvpager.hf.checks import check_model, check_model_and_pool, end_tokens  # noqa: F401
 from kvpager.hf.eager import TORCH_DTYPES
-from kvpager.hf.graphs import DecodeGraphs, bucket_for, check_graph_options
+from kvpager.hf.graphs import DecodeGraphs, bucket_for, check_graph_options, graph_width
 from kvpager.hf.logprobs import Completion, KeptLogprobs, TokenLogprobs, check_logprobs
 from kvpager.hf.model import (  # noqa: F401
     ABSENT,
@@ -184,7 +184,7 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         # MiB of tables for two sequences and 40 s; 10**12 ran out of device memory). A sequence whose
         # windows gave blocks back may outgrow it: its plans grow then, as a graph's do.
         longest = max(len(p) + m for p, m in zip(self.prompts, self._most))
-        self._width = min(-(-longest // self.pool.spec.block_size), self.pool.spec.num_blocks)
+        self._width = graph_width(self.pool, longest)
         check_graph_options(self.model, self.pool, self.cuda_graphs, self.compile)
         if self.cuda_graphs:
             self._graphs = DecodeGraphs(self.model, self.pool, self._batch, self._width, cascade=self.cascade,

@@ -58,6 +58,13 @@ def check_graph_options(model: Any, pool: Any, cuda_graphs: bool, compile: bool)
             raise InvalidArgument("cuda_graphs needs the model and the pool on a CUDA device")
 
 
+def graph_width(pool: Any, longest: int) -> int:
+    """Blocks a sequence of at most ``longest`` tokens can reach: the width of a captured
+    step's (or a reused plan's) tables, at most the pool's blocks. A longest past what the
+    pool holds ends in OutOfBlocks, not in tables sized for it."""
+    return min(-(-longest // pool.spec.block_size), pool.spec.num_blocks)
+
+
 def bucket_for(n: int) -> int:
     """The batch-size bucket that holds ``n`` sequences."""
     if n <= 32:
