@@ -189,7 +189,7 @@ class Tenants:
         idle = [c for c in range(1, n) if self.roots[c] is not None and not self.usage[c] and c not in self.quotas]
         if idle:
             out.append(f"{len(idle)} tenant(s) hold no block and have no quota but were kept (e.g. salt "
-                       f"{self.salts[idle[0]]!r}): a leaked tenant entry")
+                       f"{self.salts[idle[0]]!r:.80}): a leaked tenant entry")
         for c, mine in self.lru.items():
             expected = [b for b in evictable if self.of_block[b] == c]
             if list(mine) != expected:

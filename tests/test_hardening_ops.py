@@ -352,3 +352,23 @@ def test_a_staging_shape_too_large_to_count_is_refused_by_kvpager():
         assert seg.array((4, 16), np.float32).shape == (4, 16)
     finally:
         seg.close()
+
+
+def test_a_client_giving_fresh_salts_leaves_no_tenant_behind():
+    """A session that commits under fresh salts blocks a window released before their
+    ids were known (so nothing is published), then frees them: before, the daemon kept
+    a tenant entry, with its salt of up to 4 KiB, for each, for ever, its stats saying
+    no tenant and its integrity check passing."""
+    bs = SMALL.block_size
+    with running_server() as server, Client(server.endpoint, map_pool=False) as c:
+        for k in range(20):
+            [a] = c.allocate([[1]], f"tenant-{k}-" + "x" * 4000)
+            c.append([a.seq_id], 3 * bs)
+            c.release_before([a.seq_id], [3 * bs])
+            c.record_tokens([a.seq_id], [list(range(2, 2 + 3 * bs))])
+            c.commit([a.seq_id])
+            c.free([a.seq_id])
+        stats = c.stats()
+        c.check_integrity()
+        assert (stats.used_blocks, stats.num_tenants) == (0, 0)
+        assert len(server.pool.manager.pool.tenants._codes) == 1  # the default tenant alone
