@@ -3,10 +3,12 @@
 
 - `model_geometry(path)`: layers, KV heads, head dim and dtype from a model
   folder or its ``config.json`` (a multimodal config's ``text_config`` when the
-  language model's numbers live there), as transformers reads them:
+  language model's numbers live there), as transformers reads them: fields the
+  file leaves to its config class filled as the class fills them
+  (`class_defaults`, where transformers is installed); beyond those,
   ``num_key_value_heads`` defaults to ``num_attention_heads`` (multi-head
   attention), ``head_dim`` to ``hidden_size / num_attention_heads``, the
-  dtype is ``torch_dtype`` (``dtype`` in newer configs).
+  dtype is ``dtype`` (``torch_dtype`` in older configs).
 - `memory_budget(text, device)`: ``--memory`` as bytes (``8G``) or as a
   fraction of free memory (``0.9`` or ``90%``, as vLLM's
   ``--gpu-memory-utilization``, but of what is free when the daemon starts,
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -229,6 +232,74 @@ def layer_fields(cfg: dict[str, Any], where: str = "config.json") -> dict[str, A
     return out
 
 
+#: the fields `config_geometry` reads (with `kvpager.layer_geometry`'s), filled by `class_defaults` where a
+#: ``config.json`` leaves them to its transformers class
+GEOMETRY_FIELDS = (
+    "num_hidden_layers", "num_attention_heads", "hidden_size", "num_key_value_heads", "head_dim",
+    "qk_head_dim", "qk_nope_head_dim", "qk_rope_head_dim", "kv_lora_rank", "v_head_dim", "kv_channels",
+    "new_decoder_architecture", "multi_query", "num_kv_heads", "layer_types", "num_kv_shared_layers",
+    "kv_source_layers", "global_head_dim", "num_global_key_value_heads", "attention_k_eq_v",
+)
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is what a ``config.json`` holds (a scalar, or a list of scalars)."""
+    scalar = (int, float, str)  # (bool is an int)
+    return isinstance(value, scalar) or isinstance(value, (list, tuple)) and all(
+        isinstance(v, scalar) or v is None for v in value)
+
+
+def _filled(fields: dict[str, Any], config: Any) -> dict[str, Any]:
+    """``fields`` with each `GEOMETRY_FIELDS` name it lacks taken from the transformers
+    config object ``config`` (its own name or, through its ``attribute_map``, an
+    alias's: GPT-2's ``n_layer``), where that holds a plain value."""
+    out = dict(fields)
+    for name in GEOMETRY_FIELDS:
+        if name not in out:
+            try:
+                value = getattr(config, name)
+            except Exception:  # noqa: BLE001 - a class without the field (or whose property refuses)
+                continue
+            if value is not None and _plain(value):
+                out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def class_defaults(config: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
+    """``config`` with the geometry fields it leaves to its transformers config class
+    filled in as that class fills them when transformers loads the file (a
+    Mistral without ``num_key_value_heads`` has 8; a Gemma without ``head_dim``,
+    256; a multimodal ``text_config`` saved sparse, as ``save_pretrained`` writes
+    it, only what differs from its class; GPT-2's ``n_layer`` / ``n_head`` read
+    as ``num_hidden_layers`` / ``num_attention_heads``). Keys the file has, null
+    ones included, stay as they are. Without transformers installed, for a
+    ``model_type`` it does not know, or a file it cannot build a config from
+    (warned), ``config`` is returned unchanged: the pool is sized from the
+    file's fields alone."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        return config
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    except Exception:  # noqa: BLE001 - transformers absent or broken: the file's fields alone
+        return config
+    if model_type not in CONFIG_MAPPING:
+        return config
+    try:
+        built = CONFIG_MAPPING[model_type].from_dict(dict(config))
+        text = built.get_text_config()
+    except Exception as e:  # noqa: BLE001 - transformers' own validation: its message says why
+        warnings.warn(f"{where}: transformers cannot build a {model_type} config from it ({type(e).__name__}: "
+                      f"{str(e)[:200]}); sizing from its fields alone", stacklevel=2)
+        return config
+    if text is built:
+        return _filled(config, built)
+    sub = config.get("text_config")
+    if sub is not None and not isinstance(sub, dict):
+        return config  # (`config_geometry` names what is wrong with it)
+    return {**config, "text_config": _filled(sub or {}, text)}
+
+
 def config_geometry(config: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
     """`PoolSpec` fields (num_layers: the layers that store K/V, `kv_sources`;
     num_kv_heads, head_dim, and dtype when the config names one) from a
@@ -252,6 +323,11 @@ def config_geometry(config: dict[str, Any], where: str = "config.json") -> dict[
     if getters is None:
         kv_heads, head_dim = _layer_dims(cfg.get, heads, where)
     else:  # layers of other geometry (Gemma-4's full layers): one pool fitted to all
+        counts = {getters[i]("num_attention_heads") for i, s in enumerate(sources) if s == i} - {None}
+        if counts - {heads}:
+            raise UnsupportedConfiguration(f"{where}: layers of {sorted(counts | {heads}, key=str)} query heads "
+                                           "(per_layer_config); kvpager serves models whose layers have one "
+                                           "count of query heads")
         dims = [_layer_dims(getters[i], heads, f"{where}: layer {i}") for i, s in enumerate(sources) if s == i]
         kv_heads, head_dim = fit(dims, heads, where)
     stored = len({s for s in sources if s >= 0})  # layers that reuse another's K/V, or hold none, store none
@@ -300,8 +376,10 @@ def _layer_dims(get: Callable[[str], Any], heads: int, where: str) -> tuple[int,
 
 
 def model_geometry(path: str) -> dict[str, Any]:
-    """`config_geometry` of the ``config.json`` at ``path`` (a file or a model folder)."""
-    return config_geometry(read_config(path), path)
+    """`config_geometry` of the ``config.json`` at ``path`` (a file or a model folder),
+    the fields it leaves to its transformers class filled as transformers fills them
+    (`class_defaults`)."""
+    return config_geometry(class_defaults(read_config(path), path), path)
 
 
 _FRACTION = re.compile(r"\s*(\d*\.\d+|\d+\.\d*)\s*|\s*(\d+(?:\.\d+)?)\s*%\s*")

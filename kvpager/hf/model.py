@@ -293,9 +293,13 @@ def model_geometry(config: Any) -> dict[str, int]:
     if getters is None:
         kv_heads, head_dim = _layer_dims(config, config_getter(config))
     else:
+        heads = {getters[i]("num_attention_heads") for i, s in enumerate(sources) if s == i}
+        if len(heads) != 1:  # (where they differ, transformers refuses the config's own count)
+            raise UnsupportedModel(f"{type(config).__name__}: layers of {sorted(heads)} query heads; kvpager "
+                                   "serves models whose layers have one count of query heads")
         dims = [_layer_dims(config, getters[i]) for i, s in enumerate(sources) if s == i]
         try:
-            kv_heads, head_dim = fit(dims, config.num_attention_heads, type(config).__name__)
+            kv_heads, head_dim = fit(dims, heads.pop(), type(config).__name__)
         except InvalidArgument as e:
             raise UnsupportedModel(str(e)) from e
     stored = len({s for s in sources if s >= 0})
@@ -315,11 +319,19 @@ def layer_fit(model: Any) -> tuple[int, int] | None:
 
 
 def _layer_dims(config: Any, get: Any) -> tuple[int, int]:
-    """(K/V heads, head dim) of a layer whose fields ``get`` reads."""
-    heads = config.num_attention_heads
+    """(K/V heads, head dim) of a layer whose fields ``get`` reads; UnsupportedModel
+    where they give no such attention (no count of query heads: xLSTM's; K/V heads
+    that do not divide them)."""
+    heads = get("num_attention_heads")
+    if type(heads) is not int or heads < 1:
+        raise UnsupportedModel(f"{type(config).__name__}: num_attention_heads {heads!r}; kvpager holds the K/V "
+                               "of attention layers with a count of query heads")
     qk, v, per_query_head = attention_dims(get)
     qk = qk or get("hidden_size") // heads
     kv_heads = heads if per_query_head else kv_heads_field(get) or heads
+    if type(kv_heads) is not int or kv_heads < 1 or heads % kv_heads:
+        raise UnsupportedModel(f"{type(config).__name__}: {kv_heads!r} K/V heads for {heads} query heads; "
+                               "kvpager serves groups of query heads sharing a K/V head")
     return kv_heads, max(qk, v) if type(v) is int and v > 0 else qk
 
 
