@@ -61,11 +61,15 @@ class Subscription:
         self._sub.connect(self.endpoint)
         self._replay: zmq.Socket | None = None
         if self.replay_endpoint:
-            self._replay = open_socket(self._ctx, zmq.DEALER, self.replay_endpoint)
-            self._replay.connect(self.replay_endpoint)
+            self._replay = self._replay_socket()
         self.last = -1 if start is None else start - 1  # the last sequence number yielded
         self._sub_last = -1  # the last one that came over the SUB socket
         self._catch_up = start is not None
+
+    def _replay_socket(self) -> zmq.Socket:
+        sock = open_socket(self._ctx, zmq.DEALER, self.replay_endpoint)
+        sock.connect(self.replay_endpoint)
+        return sock
 
     def close(self) -> None:
         self._sub.close()
@@ -110,18 +114,29 @@ class Subscription:
             yield _batch(seq, frames[2], False)
 
     def replay(self, start: int, until: int | None = None, timeout: float = 2.0) -> Iterator[Batch]:
-        """Kept batches from ``start`` (before ``until``) from the replay socket."""
+        """Kept batches from ``start`` (before ``until``) from the replay socket, waiting
+        at most ``timeout`` seconds for each. An answer left part-way (the wait ran
+        out, or the caller stopped reading) goes with its socket: the next replay asks
+        on a new one, where only its own answer comes (on the old one it read the rest
+        of this answer as its own and stopped at that answer's end)."""
         if self._replay is None:
             return
         self._replay.send_multipart([b"", start.to_bytes(8, "big")])
-        while self._replay.poll(wait_ms(timeout)):
-            frames = self._replay.recv_multipart()[1:]  # the empty delimiter first
-            if len(frames) < 2 or not frames[-1]:
-                return  # the end marker: [(topic,) seq -1, b""]
-            seq = int.from_bytes(frames[-2], "big")
-            if seq > self.last and (until is None or seq < until):
-                self.last = seq
-                yield _batch(seq, frames[-1], True)
+        ended = False
+        try:
+            while self._replay.poll(wait_ms(timeout)):
+                frames = self._replay.recv_multipart()[1:]  # the empty delimiter first
+                if len(frames) < 2 or not frames[-1]:
+                    ended = True
+                    return  # the end marker: [(topic,) seq -1, b""]
+                seq = int.from_bytes(frames[-2], "big")
+                if seq > self.last and (until is None or seq < until):
+                    self.last = seq
+                    yield _batch(seq, frames[-1], True)
+        finally:
+            if not ended:
+                self._replay.close()  # (linger 0: what is queued for it is dropped)
+                self._replay = self._replay_socket()
 
 
 def _hex(h: Any) -> str:
