@@ -40,7 +40,7 @@ from kvpager.hf.generation import (
     register,
     spec_for_model,
 )
-from kvpager.hf.graphs import DecodeGraphs, bucket_for
+from kvpager.hf.graphs import CapturedSteps, DecodeGraphs, bucket_for
 from kvpager.hf.logprobs import Completion
 from kvpager.hf.model import (
     check_call,
@@ -56,6 +56,7 @@ from kvpager.hf.scoring import Scores, score
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "Beams",
+    "CapturedSteps",
     "Completion",
     "DecodeGraphs",
     "PagedBatch",

@@ -43,7 +43,13 @@ from kvpager.hf.attention import (  # noqa: F401
 from kvpager.hf.beams import beams_for_generate, config_beams
 from kvpager.hf.checks import check_model, check_model_and_pool, end_tokens  # noqa: F401
 from kvpager.hf.eager import TORCH_DTYPES
-from kvpager.hf.graphs import DecodeGraphs, bucket_for, check_graph_options, graph_width
+from kvpager.hf.graphs import (
+    CapturedSteps,
+    DecodeGraphs,
+    bucket_for,
+    check_graph_options,
+    graph_width,
+)
 from kvpager.hf.logprobs import Completion, KeptLogprobs, TokenLogprobs, check_logprobs
 from kvpager.hf.model import (  # noqa: F401
     ABSENT,
@@ -87,7 +93,9 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
     max_new_tokens: int | Sequence[int] = None  # type: ignore[assignment] - required: None is refused by name
     salt: str | bytes | None = None
     eos_token_id: int | Sequence[int] | None = None
-    cuda_graphs: bool = False
+    #: capture each decode step in a CUDA graph per batch-size bucket (`kvpager.hf.graphs`), this
+    #: generation's own (True), or replaying those kept across calls by a `CapturedSteps`
+    cuda_graphs: bool | CapturedSteps = False
     #: in a model whose every layer has a sliding window, give back each step the
     #: blocks no window will read again (`KVPool.release_before`): KV memory per
     #: sequence stays about one window, however long it generates
@@ -127,6 +135,7 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
 
     def __post_init__(self, input_ids: Any = None, attention_mask: Any = None) -> None:
         self._closed = False
+        self._kept = None  # a `CapturedSteps` this generation holds
         check_model_and_pool(self.model, self.pool)
         self.prompts = token_lists(prompts_given(self.prompts, input_ids), self.model, attention_mask)
         self._most = new_token_limits(self.max_new_tokens, len(self.prompts))  # each prompt's
@@ -185,17 +194,30 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         # windows gave blocks back may outgrow it: its plans grow then, as a graph's do.
         longest = max(len(p) + m for p, m in zip(self.prompts, self._most))
         self._width = graph_width(self.pool, longest)
-        check_graph_options(self.model, self.pool, self.cuda_graphs, self.compile)
-        if self.cuda_graphs:
+        kept = self.cuda_graphs if isinstance(self.cuda_graphs, CapturedSteps) else None
+        check_graph_options(self.model, self.pool, True if kept is not None else self.cuda_graphs, self.compile)
+        if kept is not None:
+            if self._recurrent is not None:
+                raise InvalidArgument(f"{type(self.model).__name__} has recurrent layers, whose captured steps "
+                                      "read a generation's own states: pass cuda_graphs=True")
+            self._graphs = kept.take(self, self.model, self.pool, self._batch, self._width, self.cascade,
+                                     self._logits, self.compile)
+            self._kept = kept
+        elif self.cuda_graphs:
             self._graphs = DecodeGraphs(self.model, self.pool, self._batch, self._width, cascade=self.cascade,
                                        compile=self.compile,
                                        forward=self._recurrent.graph_pass if self._recurrent is not None else None)
         # One forward pass writes every layer's K/V for the whole batch before it
         # attends, so prompts of the batch may share the blocks an earlier one fills.
-        if self._recurrent is not None:
-            allocs = self._recurrent.allocate(self.pool, self.prompts, self.salt)
-        else:
-            allocs = self.pool.allocate(self.prompts, self.salt, share_in_batch=True)
+        try:
+            if self._recurrent is not None:
+                allocs = self._recurrent.allocate(self.pool, self.prompts, self.salt)
+            else:
+                allocs = self.pool.allocate(self.prompts, self.salt, share_in_batch=True)
+        except BaseException:
+            if self._kept is not None:  # (nothing to close: the kept steps are free for the next call)
+                self._kept.release(self)
+            raise
         self.seq_ids = [a.seq_id for a in allocs]
         self.num_cached_tokens = [a.num_cached_tokens for a in allocs]
         self.outputs = [[] for _ in allocs]
@@ -310,9 +332,13 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
                 self._settle()  # what steady passes owe, before their sequences go
             finally:
                 self._closed = True
-                self._free(self.seq_ids)
-                self._last_plan = None
-                self._flush()
+                try:
+                    self._free(self.seq_ids)
+                    self._last_plan = None
+                    self._flush()
+                finally:
+                    if self._kept is not None:
+                        self._kept.release(self)
 
     def __enter__(self) -> PagedGeneration:
         return self
@@ -328,7 +354,7 @@ def generate(
     max_new_tokens: int | Sequence[int] = None,  # type: ignore[assignment] - required: None is refused by name
     salt: str | bytes | None = None,
     eos_token_id: Any = "model",
-    cuda_graphs: bool = False,
+    cuda_graphs: bool | CapturedSteps = False,
     pipeline: bool = True,
     compile: bool = False,
     *,
@@ -353,7 +379,9 @@ def generate(
     ``pipeline``: launch each decode pass before the last one's tokens reach the
     host (`PagedGeneration.pipeline`; the same tokens). ``compile`` (with
     ``cuda_graphs``): capture the step compiled by ``torch.compile``
-    (`PagedGeneration.compile`). A padded batch: ``attention_mask`` (1 for a
+    (`PagedGeneration.compile`). ``cuda_graphs``: True captures this call's
+    decode steps; a `kvpager.hf.CapturedSteps` replays those kept across calls,
+    capturing what is missing. A padded batch: ``attention_mask`` (1 for a
     prompt's tokens, 0 for padding; the prompts' shape) strips each prompt's
     padding, left or right; ``input_ids`` is another name for ``prompts``, so a
     tokenizer's output passes as it is: ``generate(model, pool, **enc, max_new_tokens=n)``.

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import itertools
+import threading
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +43,9 @@ def check_graph_options(model: Any, pool: Any, cuda_graphs: bool, compile: bool)
     """InvalidArgument where ``cuda_graphs`` / ``compile`` cannot be had: graphs need
     the model and the pool on a CUDA device; ``compile`` compiles the captured
     step, so it needs ``cuda_graphs``, torch.library.custom_op and triton."""
+    if isinstance(cuda_graphs, CapturedSteps):
+        raise InvalidArgument("captured steps kept across calls (CapturedSteps) serve generate and "
+                              "PagedGeneration; a beam search captures its own: pass cuda_graphs=True")
     for name, value in (("cuda_graphs", cuda_graphs), ("compile", compile)):
         if not isinstance(value, (bool, np.bool_)):
             raise InvalidArgument(f"{name} must be a bool, got {value!r}")
@@ -72,6 +78,15 @@ def bucket_for(n: int) -> int:
     return -(-n // 32) * 32
 
 
+#: A graph kept from an earlier call (`CapturedSteps`) is captured again where the step's longest
+#: context is more than this many times its capture's, or less than its capture's by as much (lengths
+#: under `LENGTH_FLOOR` counted as it): its plan's split count and pipeline depth were chosen for
+#: those lengths (`kvpager.backends.cupy_decode.plan_splits`: a split per 512 tokens at most). The
+#: tokens are right either way; a 1 x 32k step replaying a plan made at 100 tokens runs unsplit.
+LENGTH_SPAN = 4
+LENGTH_FLOOR = 512
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -79,6 +94,13 @@ class _Graph:
     input_ids: torch.Tensor  # [1, bucket]
     position_ids: torch.Tensor  # [1, bucket]
     next_tokens: torch.Tensor  # [bucket] (or [bucket, vocab] logits, where the batch asks): the graph's output
+    max_len: int = 0  # the longest context of the step it was captured at
+
+    def planned_for(self, longest: int) -> bool:
+        """Whether a step whose longest context is ``longest`` is one its plan was made for
+        (within `LENGTH_SPAN` of its capture's)."""
+        a, b = max(longest, LENGTH_FLOOR), max(self.max_len, LENGTH_FLOOR)
+        return max(a, b) <= LENGTH_SPAN * min(a, b)
 
 
 class DecodeGraphs:
@@ -115,6 +137,13 @@ class DecodeGraphs:
         self.mempool = torch.cuda.graph_pool_handle()
         self.captures = 0
         self.last: _Graph | None = None
+        self._checked: set[int] = set()  # buckets captured, or found planned for this call's lengths
+
+    def rejoin(self, make_batch: Callable[[Any], Any]) -> None:
+        """Serve another call (`CapturedSteps`): its batches from ``make_batch``, each
+        kept graph checked against its lengths the first time it replays."""
+        self.make_batch = make_batch
+        self._checked.clear()
 
     def step(self, seq_ids: list[int], input_ids: torch.Tensor, position_ids: torch.Tensor,
              slots: np.ndarray) -> list[int]:
@@ -140,9 +169,15 @@ class DecodeGraphs:
         n = len(seq_ids)
         bucket = self._bucket(n)
         g = self.graphs.get(bucket)
+        if g is not None and bucket not in self._checked:  # kept from an earlier call
+            self._checked.add(bucket)
+            if not g.planned_for(int(lens.max())):
+                del self.graphs[bucket]
+                g = None
         if g is None:
             with torch.inference_mode(), paged_attention(self.model):
                 g = self.graphs[bucket] = self._capture(bucket, seq_ids, slots, input_ids, position_ids)
+            g.max_len = int(lens.max())
         else:
             g.plan.update(tables, lens, None, slots)
             with torch.inference_mode():  # the static tensors are inference tensors
@@ -212,7 +247,117 @@ class DecodeGraphs:
             if collecting:
                 gc.enable()
         self.captures += 1
+        self._checked.add(bucket)
         return _Graph(graph, plan, ids, pos, next_tokens)
+
+
+class CapturedSteps:
+    """A model's captured decode steps over ``pool``, kept across generations:
+    ``generate(model, pool, ..., cuda_graphs=steps)`` (or `PagedGeneration`)
+    replays the steps an earlier call captured and captures only what is
+    missing, where ``cuda_graphs=True`` captures every call's anew (about 45 ms a
+    batch-size bucket for a 1B model, more for larger ones: a short generation's
+    whole decode may cost less). ``compile``: the steps compiled by
+    ``torch.compile``, as ``compile=True`` captures them.
+
+    - The graphs read the model's weights where they were at capture: a call
+      finding any parameter or buffer elsewhere (replaced, not updated in
+      place) drops them all and captures again. Weights updated in place
+      (``copy_``) are read as they are.
+    - Steps of greedy passes and of passes that give logits (sampling,
+      penalties, ``logprobs``) are kept apart, and so per ``cascade`` setting.
+    - A kept graph whose longest context at capture is more than `LENGTH_SPAN`
+      times off the call's is captured again (its split count was chosen for
+      those lengths); tables outgrowing the graphs' width capture them all again
+      twice as wide, as within a call.
+    - One generation at a time: a call while another generation holds them
+      (not closed yet, in this thread or another) is refused; `close` (or
+      leaving a ``with`` block) frees the graphs and their memory.
+    - Models with recurrent layers keep their states per generation, and their
+      captured steps with them: refused here (``cuda_graphs=True`` captures
+      theirs a call), as is the beam search, which captures its own.
+    """
+
+    def __init__(self, model: Any, pool: Any, *, compile: bool = False):
+        from kvpager.hf.model import has_recurrent_layers
+
+        check_graph_options(model, pool, True, compile)
+        if has_recurrent_layers(model):
+            raise InvalidArgument(f"{type(model).__name__} has recurrent layers, whose states a generation holds "
+                                  "and its captured steps read: pass cuda_graphs=True (captured a call)")
+        self.model, self.pool, self.compile = model, pool, bool(compile)
+        self._sets: dict[tuple[bool, Any], DecodeGraphs] = {}
+        self._weights = self._where_weights_are()
+        self._user: weakref.ref[Any] | None = None
+        self._lock = threading.Lock()
+        self.closed = False
+
+    @property
+    def captures(self) -> int:
+        """Graphs captured so far, over every call (those dropped included)."""
+        return sum(g.captures for g in self._sets.values()) + self._dropped
+
+    _dropped = 0
+
+    def _where_weights_are(self) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for t in itertools.chain(self.model.parameters(), self.model.buffers()))
+
+    def take(self, user: Any, model: Any, pool: Any, make_batch: Callable[[Any], Any], width: int,
+             cascade: bool | None, logits: bool, compile: bool) -> DecodeGraphs:
+        """The steps for ``user`` (a generation, held until `release`): InvalidArgument
+        for another model or pool, ``compile`` where these are not, closed steps, or
+        steps another generation holds."""
+        if model is not self.model or pool is not self.pool:
+            raise InvalidArgument("these CapturedSteps were made for another model or pool; make them for this one")
+        if compile and not self.compile:
+            raise InvalidArgument("compile=True with CapturedSteps made without it: make them with "
+                                  "CapturedSteps(model, pool, compile=True)")
+        with self._lock:
+            if self.closed:
+                raise InvalidArgument("these CapturedSteps are closed; make new ones")
+            held = self._user() if self._user is not None else None
+            if held is not None and held is not user and not getattr(held, "_closed", True):
+                raise InvalidArgument("these CapturedSteps serve another generation, not closed yet: one "
+                                      "generation at a time replays them (close it, or give this one its own)")
+            self._user = weakref.ref(user)
+        weights = self._where_weights_are()
+        if weights != self._weights:  # (the graphs would read the old memory)
+            self._drop()
+            self._weights = weights
+        key = (bool(logits), cascade)
+        graphs = self._sets.get(key)
+        if graphs is None:
+            graphs = self._sets[key] = DecodeGraphs(model, pool, make_batch, width, cascade=cascade,
+                                                    compile=self.compile)
+        else:
+            graphs.rejoin(make_batch)
+        return graphs
+
+    def release(self, user: Any) -> None:
+        """``user`` is done with the steps (its generation closed)."""
+        with self._lock:
+            if self._user is not None and self._user() is user:
+                self._user = None
+
+    def _drop(self) -> None:
+        self._dropped += sum(g.captures for g in self._sets.values())
+        for graphs in self._sets.values():
+            graphs.graphs.clear()
+            graphs.last = None
+        self._sets.clear()
+
+    def close(self) -> None:
+        """Free the graphs and their memory; later calls with them are refused."""
+        with self._lock:
+            self.closed = True
+            self._user = None
+        self._drop()
+
+    def __enter__(self) -> CapturedSteps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _clear_frames(error: BaseException) -> None:
