@@ -158,13 +158,14 @@ def test_refused_where_they_cannot_serve():
             generate(model, other, prompts, max_new_tokens=3, cuda_graphs=steps)
         with pytest.raises(InvalidArgument, match="compile=True"):
             generate(model, pool, prompts, max_new_tokens=3, cuda_graphs=steps, compile=True)
-        with pytest.raises(InvalidArgument, match="beam search captures its own"):
-            beam_search(model, pool, prompts, max_new_tokens=3, num_beams=2, cuda_graphs=steps)
-        with pytest.raises(InvalidArgument, match="beam search captures its own"):
-            generate(model, pool, prompts, max_new_tokens=3, num_beams=2, cuda_graphs=steps)
     for p in (pool, other):
         p.check_integrity()
         assert p.stats().num_sequences == 0
+    from test_hf_recurrent import make
+
+    qwen35 = make("qwen3_5").cuda()
+    with pytest.raises(InvalidArgument, match="recurrent layers"):
+        CapturedSteps(qwen35, pool)  # (refused before the pool's geometry is looked at)
 
 
 def test_a_generation_that_fails_to_allocate_leaves_them_free():
@@ -178,5 +179,27 @@ def test_a_generation_that_fails_to_allocate_leaves_them_free():
             generate(model, pool, [prompt(400, seed=951)], max_new_tokens=3, cuda_graphs=steps)
         assert generate(model, pool, prompts, max_new_tokens=5, eos_token_id=None, cuda_graphs=steps) == \
             generate(model, pool, prompts, max_new_tokens=5, eos_token_id=None)
+    pool.check_integrity()
+    assert pool.stats().num_sequences == 0
+
+
+def test_beam_searches_keep_theirs_apart():
+    """``beam_search(..., cuda_graphs=steps)``: the hypotheses of an eager search, its
+    steps kept apart from a generation's and captured once over searches."""
+    model = make_model(hidden=256).cuda()
+    pool = pool_for(model)
+    searches = [[prompt(n, seed=1000 + n + 5 * c) for n in (6, 19)] for c in range(3)]
+    eager = [beam_search(model, pool, ps, max_new_tokens=8, num_beams=3, eos_token_id=None) for ps in searches]
+    with CapturedSteps(model, pool) as steps:
+        generate(model, pool, searches[0], max_new_tokens=4, eos_token_id=None, cuda_graphs=steps)
+        greedy = steps.captures
+        for ps, want in zip(searches, eager):
+            got = beam_search(model, pool, ps, max_new_tokens=8, num_beams=3, eos_token_id=None, cuda_graphs=steps)
+            assert [b.tokens for b in got] == [b.tokens for b in want]
+            assert [s for b in got for s in b.scores] == pytest.approx([s for b in want for s in b.scores], abs=1e-4)
+        assert steps.captures == greedy + 1 and len(steps._sets) == 2  # (6 rows: a bucket of 8, once)
+        found = generate(model, pool, searches[1], max_new_tokens=8, num_beams=3, eos_token_id=None,
+                         cuda_graphs=steps)
+        assert found == [b.tokens[0] for b in eager[1]] and steps.captures == greedy + 1
     pool.check_integrity()
     assert pool.stats().num_sequences == 0

@@ -1,5 +1,5 @@
 """`kvpager.hf.CapturedSteps` refused by name where no GPU graph can be had (a
-model and pool on the CPU), and a beam search given them. Their GPU behaviour:
+model and pool on the CPU). Their GPU behaviour:
 test_hf_kept_graphs.py."""
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ def test_on_the_cpu_they_are_refused_by_name():
         CapturedSteps(model, pool)
     with pytest.raises(InvalidArgument, match="compile"):
         CapturedSteps(model, pool, compile="yes")
-    steps = CapturedSteps.__new__(CapturedSteps)  # (as a GPU would have made them)
-    with pytest.raises(InvalidArgument, match="beam search captures its own"):
-        check_graph_options(model, pool, steps, False)
+    with pytest.raises(InvalidArgument, match="cuda_graphs must be a bool"):
+        check_graph_options(model, pool, CapturedSteps.__new__(CapturedSteps), False)  # (callers unwrap them)
     assert pool.stats().num_sequences == 0

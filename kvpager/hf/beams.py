@@ -42,7 +42,7 @@ from kvpager.errors import InvalidArgument
 from kvpager.hf.beams_rows import RecurrentBeams
 from kvpager.hf.checks import check_model_and_pool, end_tokens
 from kvpager.hf.eager import EagerPasses
-from kvpager.hf.graphs import DecodeGraphs, check_graph_options, graph_width
+from kvpager.hf.graphs import CapturedSteps, DecodeGraphs, check_graph_options, graph_width
 from kvpager.hf.model import has_recurrent_layers
 from kvpager.hf.padding import prompts_given, token_lists
 from kvpager.hf.salt import default_salt
@@ -85,10 +85,11 @@ def beam_search(model: Any, pool: Any, prompts: Any = None, max_new_tokens: int 
     (`kvpager.hf.graphs.DecodeGraphs`: every beam of every prompt a row, the
     same rows each step; a model's recurrent states gathered to the beams'
     parents in place before each replay), ``compile`` that step compiled by
-    ``torch.compile``, as `generate` takes them.
+    ``torch.compile``, as `generate` takes them; a `kvpager.hf.CapturedSteps`
+    keeps them across searches (not for models with recurrent layers).
     Sequences are freed before it returns; the prompts' blocks stay cached."""
     check_model_and_pool(model, pool)
-    check_graph_options(model, pool, cuda_graphs, compile)
+    check_graph_options(model, pool, True if isinstance(cuda_graphs, CapturedSteps) else cuda_graphs, compile)
     prompts = token_lists(prompts_given(prompts, input_ids), model, attention_mask)
     if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise InvalidArgument(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -168,8 +169,16 @@ class _Search:
         self.rows = RecurrentBeams(model, pool, salt, prompts, beams) if has_recurrent_layers(model) else None
         self.passes = self.rows.passes if self.rows is not None else EagerPasses(model, pool)
         self.graphs = None  # captured steps (`_step`), the same rows each step: every beam of every prompt
-        if cuda_graphs:
-            width = graph_width(pool, max(map(len, prompts)) + most)
+        self._kept, self._closed = None, False  # a `CapturedSteps` this search holds
+        width = graph_width(pool, max(map(len, prompts)) + most)
+        if isinstance(cuda_graphs, CapturedSteps):
+            if self.rows is not None:
+                raise InvalidArgument(f"{type(model).__name__} has recurrent layers, whose captured beam steps "
+                                      "read a search's own states: pass cuda_graphs=True")
+            self.graphs = cuda_graphs.take(self, model, pool, self.passes.batch, width, None, True, compile,
+                                           kind="beams")
+            self._kept = cuda_graphs
+        elif cuda_graphs:
             self.graphs = DecodeGraphs(model, pool, self.passes.batch, width, compile=compile,
                                        forward=None if self.rows is None else self.rows.captured(compile))
         b = len(prompts)
@@ -314,8 +323,13 @@ class _Search:
             self.held.difference_update(ids)
 
     def close(self) -> None:
-        self.graphs = None  # (its plans' device buffers)
-        self._free(sorted(self.held))
+        self.graphs = None  # (its plans' device buffers, where not kept)
+        self._closed = True
+        try:
+            self._free(sorted(self.held))
+        finally:
+            if self._kept is not None:
+                self._kept.release(self)
 
     def results(self) -> list[tuple[list[list[int]], list[float]]]:
         """Each prompt's finished hypotheses and scores, best first."""

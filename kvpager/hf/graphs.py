@@ -43,9 +43,6 @@ def check_graph_options(model: Any, pool: Any, cuda_graphs: bool, compile: bool)
     """InvalidArgument where ``cuda_graphs`` / ``compile`` cannot be had: graphs need
     the model and the pool on a CUDA device; ``compile`` compiles the captured
     step, so it needs ``cuda_graphs``, torch.library.custom_op and triton."""
-    if isinstance(cuda_graphs, CapturedSteps):
-        raise InvalidArgument("captured steps kept across calls (CapturedSteps) serve generate and "
-                              "PagedGeneration; a beam search captures its own: pass cuda_graphs=True")
     for name, value in (("cuda_graphs", cuda_graphs), ("compile", compile)):
         if not isinstance(value, (bool, np.bool_)):
             raise InvalidArgument(f"{name} must be a bool, got {value!r}")
@@ -265,7 +262,9 @@ class CapturedSteps:
       place) drops them all and captures again. Weights updated in place
       (``copy_``) are read as they are.
     - Steps of greedy passes and of passes that give logits (sampling,
-      penalties, ``logprobs``) are kept apart, and so per ``cascade`` setting.
+      penalties, ``logprobs``) are kept apart, and so per ``cascade`` setting
+      and a beam search's (``beam_search(..., cuda_graphs=steps)``: every beam
+      a row) from a generation's.
     - A kept graph whose longest context at capture is more than `LENGTH_SPAN`
       times off the call's is captured again (its split count was chosen for
       those lengths); tables outgrowing the graphs' width capture them all again
@@ -275,7 +274,7 @@ class CapturedSteps:
       leaving a ``with`` block) frees the graphs and their memory.
     - Models with recurrent layers keep their states per generation, and their
       captured steps with them: refused here (``cuda_graphs=True`` captures
-      theirs a call), as is the beam search, which captures its own.
+      theirs a call).
     """
 
     def __init__(self, model: Any, pool: Any, *, compile: bool = False):
@@ -286,7 +285,7 @@ class CapturedSteps:
             raise InvalidArgument(f"{type(model).__name__} has recurrent layers, whose states a generation holds "
                                   "and its captured steps read: pass cuda_graphs=True (captured a call)")
         self.model, self.pool, self.compile = model, pool, bool(compile)
-        self._sets: dict[tuple[bool, Any], DecodeGraphs] = {}
+        self._sets: dict[tuple[str, bool, Any], DecodeGraphs] = {}
         self._weights = self._where_weights_are()
         self._user: weakref.ref[Any] | None = None
         self._lock = threading.Lock()
@@ -303,10 +302,10 @@ class CapturedSteps:
         return tuple(t.data_ptr() for t in itertools.chain(self.model.parameters(), self.model.buffers()))
 
     def take(self, user: Any, model: Any, pool: Any, make_batch: Callable[[Any], Any], width: int,
-             cascade: bool | None, logits: bool, compile: bool) -> DecodeGraphs:
-        """The steps for ``user`` (a generation, held until `release`): InvalidArgument
-        for another model or pool, ``compile`` where these are not, closed steps, or
-        steps another generation holds."""
+             cascade: bool | None, logits: bool, compile: bool, kind: str = "generate") -> DecodeGraphs:
+        """The steps for ``user`` (a generation or a beam search, ``kind``; held until
+        `release`): InvalidArgument for another model or pool, ``compile`` where these
+        are not, closed steps, or steps another generation holds."""
         if model is not self.model or pool is not self.pool:
             raise InvalidArgument("these CapturedSteps were made for another model or pool; make them for this one")
         if compile and not self.compile:
@@ -324,7 +323,7 @@ class CapturedSteps:
         if weights != self._weights:  # (the graphs would read the old memory)
             self._drop()
             self._weights = weights
-        key = (bool(logits), cascade)
+        key = (kind, bool(logits), cascade)
         graphs = self._sets.get(key)
         if graphs is None:
             graphs = self._sets[key] = DecodeGraphs(model, pool, make_batch, width, cascade=cascade,
