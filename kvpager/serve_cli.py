@@ -191,8 +191,9 @@ def serve_devices(opts: dict[str, Any], default_device: Any) -> list[str] | None
 
 
 @click.command()
-@click.option("--model", help=f"Geometry: a preset ({', '.join(sorted(MODEL_PRESETS))}), or a Hugging Face "
-              "model folder or its config.json (layers, KV heads, head dim and dtype read from it).")
+@click.option("--model", help=f"Geometry: a preset ({', '.join(sorted(MODEL_PRESETS))}), a Hugging Face "
+              "model folder or its config.json, or a hub model id (owner/name[@revision]: its config.json "
+              "from the Hugging Face cache, else the hub) (layers, KV heads, head dim and dtype read from it).")
 @click.option("--layers", type=click.IntRange(min=0), help="Number of layers.")
 @click.option("--kv-heads", type=click.IntRange(min=0), help="KV heads per layer.")
 @click.option("--head-dim", type=click.IntRange(min=0), help="Head dimension.")

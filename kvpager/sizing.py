@@ -34,8 +34,38 @@ from kvpager.layer_geometry import fit, layer_getters
 _DTYPES = {"float16": "float16", "half": "float16", "bfloat16": "bfloat16", "float32": "float32", "float": "float32"}
 
 
+#: a Hugging Face hub model id: ``name`` or ``owner/name`` (letters, digits, ``-_.``), optionally ``@revision``
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}(?:@[\w./-]{1,128})?")
+
+
+def hub_config(model_id: str) -> str:
+    """The local path of hub model ``model_id``'s ``config.json`` (``owner/name``,
+    ``@revision`` optional), as transformers finds it: from the Hugging Face cache
+    (``HF_HOME`` / ``HF_HUB_CACHE``) where it is there, else downloaded (the hub's
+    token and ``HF_HUB_OFFLINE`` honoured). InvalidArgument naming why where
+    neither can be had."""
+    repo, _, revision = model_id.partition("@")
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    except ImportError:
+        raise InvalidArgument(f"--model {model_id}: no such preset, folder or file; reading a hub model id needs "
+                              "huggingface_hub (pip install huggingface_hub, or transformers)") from None
+    try:
+        cached = try_to_load_from_cache(repo, "config.json", revision=revision or None)
+        if isinstance(cached, str):
+            return cached
+        return hf_hub_download(repo, "config.json", revision=revision or None)
+    except Exception as e:  # noqa: BLE001 - offline, gated, no such repo or revision: each says so
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise InvalidArgument(f"--model {model_id}: no such preset, folder or file, and its config.json cannot be "
+                              f"had from the Hugging Face hub or its cache ({type(e).__name__}: {first})") from None
+
+
 def read_config(path: str) -> dict[str, Any]:
-    """The parsed ``config.json`` at ``path`` (the file, or a folder holding it)."""
+    """The parsed ``config.json`` at ``path`` (the file, or a folder holding it), or
+    of a hub model id (`hub_config`) where no such path exists."""
+    if not os.path.exists(path) and _HUB_ID.fullmatch(path) and not path.endswith(".json"):
+        path = hub_config(path)
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     try:
         with open(file) as f:
