@@ -76,7 +76,7 @@ def test_gpu_worker_plans_from_its_mirror(endpoint):
         c.check_integrity()
 
 
-@pytest.mark.parametrize("graphs", [False, True, "compiled"])
+@pytest.mark.parametrize("graphs", [False, True, "compiled", "kept"])
 def test_pipelined_generation_through_the_gpu_daemon(endpoint, graphs):
     """A model worker generating over the daemon's GPU pool: pipelined passes (slots
     appended without ids, `record_tokens` over the wire, commits that do not wait for
@@ -89,7 +89,7 @@ def test_pipelined_generation_through_the_gpu_daemon(endpoint, graphs):
     if compiled:
         pytest.importorskip("triton")
         graphs = True
-    from kvpager.hf import PagedGeneration, default_salt
+    from kvpager.hf import CapturedSteps, PagedGeneration, default_salt
 
     torch.manual_seed(7)
     config = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3,
@@ -102,10 +102,11 @@ def test_pipelined_generation_through_the_gpu_daemon(endpoint, graphs):
     with Client(endpoint, timeout=WAIT, heartbeat=False) as c:
         salt = default_salt(model)
         runs = []
+        steps = CapturedSteps(model, c) if graphs == "kept" else None  # (kept across both runs)
         for pipeline in (True, False):
             tag = f"{salt}-{pipeline}-{graphs}-{compiled}"
             with PagedGeneration(model, c, prompts, 14, salt=tag, eos_token_id=None,
-                                 cuda_graphs=graphs, pipeline=pipeline, compile=compiled) as gen:
+                                 cuda_graphs=steps or graphs, pipeline=pipeline, compile=compiled) as gen:
                 assert gen._pipelined == pipeline
                 while not gen.done:
                     gen.step()
@@ -115,5 +116,8 @@ def test_pipelined_generation_through_the_gpu_daemon(endpoint, graphs):
             runs.append((outs, cached))
         assert runs[0] == runs[1]
         assert all(len(o) == 14 for o in runs[0][0]) and min(runs[0][1]) >= 48  # generated blocks published
+        if steps is not None:
+            assert steps.captures == 1  # (3 sequences: a bucket of 4, captured by the first run alone)
+            steps.close()
         assert c.stats().num_sequences == 0
         c.check_integrity()
