@@ -295,6 +295,23 @@ def _filled(fields: dict[str, Any], config: Any) -> dict[str, Any]:
     return out
 
 
+#: the most layers a config may give (the largest models have a few hundred): a count past it is refused
+#: before anything is built a layer at a time (a list of 2**40 layer kinds, or transformers' own)
+MAX_LAYERS = 1 << 16
+
+
+def check_layer_counts(config: dict[str, Any], where: str = "config.json") -> None:
+    """InvalidArgument where a field counting layers (an int field whose name says
+    "layer", in ``config`` or its ``text_config``) is past `MAX_LAYERS`."""
+    for fields in (config, config.get("text_config")):
+        if not isinstance(fields, dict):
+            continue
+        for key, value in fields.items():
+            if isinstance(key, str) and "layer" in key and type(value) is int and value > MAX_LAYERS:
+                raise InvalidArgument(f"{where}: {key} {value} is past any model's count of layers "
+                                      f"(at most {MAX_LAYERS:,})")
+
+
 def class_defaults(config: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
     """``config`` with the geometry fields it leaves to its transformers config class
     filled in as that class fills them when transformers loads the file (a
@@ -309,6 +326,7 @@ def class_defaults(config: dict[str, Any], where: str = "config.json") -> dict[s
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
         return config
+    check_layer_counts(config, where)
     try:
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     except Exception:  # noqa: BLE001 - transformers absent or broken: the file's fields alone
@@ -339,6 +357,7 @@ def config_geometry(config: dict[str, Any], where: str = "config.json") -> dict[
     fitted to all (`kvpager.layer_geometry`)."""
     if not isinstance(config, dict):
         raise InvalidArgument(f"{where}: a config is a dict (a JSON object), got {type(config).__name__}")
+    check_layer_counts(config, where)
     text = config.get("text_config")
     cfg = {**config, **text} if isinstance(text, dict) and "num_hidden_layers" not in config else config
     cfg = layer_fields(cfg, where)
@@ -349,6 +368,10 @@ def config_geometry(config: dict[str, Any], where: str = "config.json") -> dict[
     layers = _positive(where, "num_hidden_layers", cfg["num_hidden_layers"])
     heads = _positive(where, "num_attention_heads", cfg["num_attention_heads"])
     sources = kv_sources(cfg.get, layers)
+    stored = len({s for s in sources if s >= 0})  # layers that reuse another's K/V, or hold none, store none
+    if not stored:
+        raise InvalidArgument(f"{where}: no layer attends (layer_types {sorted(set(cfg['layer_types']))}); "
+                              "a model without attention layers has no K/V for kvpager to hold")
     getters = layer_getters(cfg, cfg.get, layers)
     if getters is None:
         kv_heads, head_dim = _layer_dims(cfg.get, heads, where)
@@ -360,10 +383,6 @@ def config_geometry(config: dict[str, Any], where: str = "config.json") -> dict[
                                            "count of query heads")
         dims = [_layer_dims(getters[i], heads, f"{where}: layer {i}") for i, s in enumerate(sources) if s == i]
         kv_heads, head_dim = fit(dims, heads, where)
-    stored = len({s for s in sources if s >= 0})  # layers that reuse another's K/V, or hold none, store none
-    if not stored:
-        raise InvalidArgument(f"{where}: no layer attends (layer_types {sorted(set(cfg['layer_types']))}); "
-                              "a model without attention layers has no K/V for kvpager to hold")
     out: dict[str, Any] = dict(num_layers=stored, num_kv_heads=kv_heads, head_dim=head_dim)
     # (`dtype` first, as transformers 5 reads it, `torch_dtype` its earlier name: a config naming both,
     # differently, loads as its `dtype`)

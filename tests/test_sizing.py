@@ -323,3 +323,27 @@ def test_dtype_is_read_before_its_older_name():
     text = {k: v for k, v in config.items() if k not in ("model_type", "dtype", "torch_dtype")}
     assert config_geometry({"model_type": "x", "dtype": "float32", "text_config": {**text, "dtype": "bfloat16"}}
                            )["dtype"] == "bfloat16"  # (the text config's first)
+
+
+@pytest.mark.parametrize("config", [
+    {**LLAMA, "num_hidden_layers": 1 << 40},  # a list of its layers' sources took all memory
+    {**LLAMA, "num_hidden_layers": 10 ** 30},  # OverflowError
+    {"model_type": "bamba", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1 << 40,
+     "attn_layer_indices": [1]},  # (layer kinds built a layer at a time)
+    {"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 1 << 40},  # (transformers' class builds them)
+    {"model_type": "x", "text_config": {**LLAMA, "num_hidden_layers": 1 << 40}},
+])
+def test_layer_counts_past_any_model_are_refused_by_name(tmp_path, config):
+    with pytest.raises(InvalidArgument, match="past any model's count of layers"):
+        sizing.model_geometry(write(tmp_path, config))
+
+
+def test_no_attending_layer_with_per_layer_fields_is_refused_by_name(tmp_path):
+    """Layers none of which attends, with a field that gives layers their own geometry
+    (``global_head_dim``): fitting no layer raised ValueError."""
+    config = {"model_type": "lfm2", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+              "layer_types": ["conv", "conv"], "global_head_dim": 32, "torch_dtype": "float32"}
+    with pytest.raises(InvalidArgument, match="no layer attends"):
+        sizing.config_geometry(config)
+    with pytest.raises(InvalidArgument, match="no layer attends"):
+        sizing.model_geometry(write(tmp_path, config))

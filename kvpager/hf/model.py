@@ -289,6 +289,9 @@ def model_geometry(config: Any) -> dict[str, int]:
     (`kvpager.layer_geometry`). The layers are those that store K/V
     (`layer_map`: Gemma-3n's shared layers store none)."""
     sources = _kv_sources(config)
+    stored = len({s for s in sources if s >= 0})
+    if not stored:
+        raise UnsupportedModel(f"{type(config).__name__}: no layer attends; kvpager holds attention layers' K/V")
     getters = layer_getters(config, config_getter(config), config.num_hidden_layers)
     if getters is None:
         kv_heads, head_dim = _layer_dims(config, config_getter(config))
@@ -302,9 +305,6 @@ def model_geometry(config: Any) -> dict[str, int]:
             kv_heads, head_dim = fit(dims, heads.pop(), type(config).__name__)
         except InvalidArgument as e:
             raise UnsupportedModel(str(e)) from e
-    stored = len({s for s in sources if s >= 0})
-    if not stored:
-        raise UnsupportedModel(f"{type(config).__name__}: no layer attends; kvpager holds attention layers' K/V")
     return dict(num_layers=stored, num_kv_heads=kv_heads, head_dim=head_dim)
 
 
