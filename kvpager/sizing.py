@@ -301,13 +301,15 @@ MAX_LAYERS = 1 << 16
 
 
 def check_layer_counts(config: dict[str, Any], where: str = "config.json") -> None:
-    """InvalidArgument where a field counting layers (an int field whose name says
-    "layer", in ``config`` or its ``text_config``) is past `MAX_LAYERS`."""
+    """InvalidArgument where a field counting layers (an int field named ``*_layers``
+    or ``*_layer``: ``num_hidden_layers``, GPT-2's ``n_layer``, ``num_kv_shared_layers``,
+    in ``config`` or its ``text_config``) is past `MAX_LAYERS`."""
     for fields in (config, config.get("text_config")):
         if not isinstance(fields, dict):
             continue
         for key, value in fields.items():
-            if isinstance(key, str) and "layer" in key and type(value) is int and value > MAX_LAYERS:
+            if isinstance(key, str) and key.endswith(("_layers", "_layer")) and type(value) is int \
+                    and value > MAX_LAYERS:
                 raise InvalidArgument(f"{where}: {key} {value} is past any model's count of layers "
                                       f"(at most {MAX_LAYERS:,})")
 
