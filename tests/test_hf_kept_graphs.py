@@ -145,6 +145,17 @@ def test_one_generation_at_a_time():
         assert generate(model, pool, prompts, max_new_tokens=8, eos_token_id=None, cuda_graphs=steps) == want
     with pytest.raises(InvalidArgument, match="closed"):
         generate(model, pool, prompts, max_new_tokens=8, eos_token_id=None, cuda_graphs=steps)
+    # closed while a generation holds them: it goes on with them, and they go when it closes
+    steps = CapturedSteps(model, pool)
+    gen = PagedGeneration(model, pool, prompts, max_new_tokens=8, eos_token_id=None, cuda_graphs=steps)
+    gen.step()
+    gen.step()
+    steps.close()
+    while not gen.done:
+        gen.step()
+    assert gen.outputs == want and steps._sets
+    gen.close()
+    assert not steps._sets
     pool.check_integrity()
     assert pool.stats().num_sequences == 0
 

@@ -289,14 +289,13 @@ class CapturedSteps:
         self._weights = self._where_weights_are()
         self._user: weakref.ref[Any] | None = None
         self._lock = threading.Lock()
+        self._dropped = 0  # captures of graphs dropped
         self.closed = False
 
     @property
     def captures(self) -> int:
         """Graphs captured so far, over every call (those dropped included)."""
         return sum(g.captures for g in self._sets.values()) + self._dropped
-
-    _dropped = 0
 
     def _where_weights_are(self) -> tuple[int, ...]:
         return tuple(t.data_ptr() for t in itertools.chain(self.model.parameters(), self.model.buffers()))
@@ -333,10 +332,15 @@ class CapturedSteps:
         return graphs
 
     def release(self, user: Any) -> None:
-        """``user`` is done with the steps (its generation closed)."""
+        """``user`` is done with the steps (its generation closed); closed steps go now."""
         with self._lock:
             if self._user is not None and self._user() is user:
                 self._user = None
+                drop = self.closed
+            else:
+                drop = False
+        if drop:
+            self._drop()
 
     def _drop(self) -> None:
         self._dropped += sum(g.captures for g in self._sets.values())
@@ -346,9 +350,14 @@ class CapturedSteps:
         self._sets.clear()
 
     def close(self) -> None:
-        """Free the graphs and their memory; later calls with them are refused."""
+        """Free the graphs and their memory (once the generation holding them, if any,
+        closes: its step in flight may still be reading a graph's output); later
+        calls with them are refused."""
         with self._lock:
             self.closed = True
+            held = self._user() if self._user is not None else None
+            if held is not None and not getattr(held, "_closed", True):
+                return  # (its `release` drops them)
             self._user = None
         self._drop()
 
