@@ -73,6 +73,10 @@ class PoolControl:
         """Ids of ``owner``'s live sequences, in id order."""
         return self.manager.owned(owner)
 
+    def sequence_ids(self) -> list[int]:
+        """Every live sequence's id, in id order (ids only increase: no sort)."""
+        return self.manager.ids()
+
     def owners(self) -> list[Any]:
         """Every owner that has a live sequence."""
         return self.manager.owners.live()
