@@ -264,6 +264,9 @@ def serve_devices(opts: dict[str, Any], default_device: Any) -> list[str] | None
 @click.option("--events-format", type=click.Choice(FORMATS), default="map", show_default=True,
               help="map: events as tagged maps (vLLM since mid-2026); array: tagged arrays (earlier vLLM).")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option("--dry-run", is_flag=True,
+              help="Print the pool these options size (geometry, blocks, the tokens they hold, bytes) and "
+                   "exit: nothing allocated, nothing bound.")
 @limit_options
 def serve(**opts: Any) -> None:
     """Run the kvpager daemon in the foreground (logs to stderr)."""
@@ -283,6 +286,8 @@ def serve(**opts: Any) -> None:
             stopping.append(signum)
             raise _Interrupted(signum)
 
+    if opts["dry_run"]:
+        return dry_run(opts)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         try:
@@ -300,6 +305,33 @@ def serve(**opts: Any) -> None:
     finally:  # serve called in-process (tests, CliRunner) leaves the caller's handlers as they were
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def dry_run(opts: dict[str, Any]) -> None:
+    """`kvpager serve --dry-run`: the pool the options size, printed, nothing made."""
+    from kvpager.backends import default_device
+
+    devices = serve_devices(opts, default_device)
+    device = devices[0] if devices else (opts["device"] or default_device())
+    try:
+        spec = build_spec(opts, device, devices)
+    except KVPagerError as e:
+        raise click.ClickException(str(e)) from None
+    usable = spec.num_blocks - 1  # (block 0: the null block)
+    rows = [
+        ("model", opts["model"] or "-"),
+        ("device", ", ".join(devices) if devices else device),
+        ("layers x kv heads x head dim", f"{spec.num_layers} x {spec.num_kv_heads} x {spec.head_dim}"),
+        ("dtype", spec.dtype + (f" (K/V stored as {spec.kv_dtype})" if spec.is_fp8 else "")),
+        ("block size", f"{spec.block_size} tokens, {spec.bytes_per_block:,} bytes"),
+        ("device blocks", f"{spec.num_blocks:,} ({usable:,} usable: {usable * spec.block_size:,} tokens)"),
+        ("device bytes", f"{spec.device_bytes:,} ({spec.device_bytes / 2**30:.2f} GiB)"),
+        ("host blocks", f"{spec.num_host_blocks:,} ({spec.host_bytes / 2**30:.2f} GiB)"),
+        ("K/V bytes a token", f"{spec.bytes_per_token:,}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
 
 
 class _Interrupted(BaseException):

@@ -347,3 +347,29 @@ def test_no_attending_layer_with_per_layer_fields_is_refused_by_name(tmp_path):
         sizing.config_geometry(config)
     with pytest.raises(InvalidArgument, match="no layer attends"):
         sizing.model_geometry(write(tmp_path, config))
+
+
+def test_serve_dry_run_prints_the_pool_and_makes_nothing(tmp_path):
+    """`kvpager serve --dry-run`: the pool its options size, printed; no endpoint bound
+    (nor a pool made: it returns before the server); a bad model refused as serve
+    refuses it."""
+    from click.testing import CliRunner
+
+    from kvpager.cli import main
+
+    path = write(tmp_path, LLAMA)
+    endpoint, _ = ipc_endpoint()
+    result = CliRunner().invoke(main, ["serve", "--model", path, "--memory", "64M", "--host-memory", "16M",
+                                       "--device", "cpu", "--endpoint", endpoint, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    spec = PoolSpec.for_memory(64 << 20, host_bytes=16 << 20, num_layers=32, num_kv_heads=8, head_dim=128,
+                               dtype="bfloat16")
+    lines = dict(line.split("  ", 1) for line in result.output.splitlines())
+    assert lines["layers x kv heads x head dim"].strip() == "32 x 8 x 128"
+    assert lines["device blocks"].strip().startswith(f"{spec.num_blocks:,} ({spec.num_blocks - 1:,} usable: "
+                                                    f"{(spec.num_blocks - 1) * 16:,} tokens)")
+    assert lines["host blocks"].strip().startswith(f"{(16 << 20) // spec.bytes_per_block:,} ")
+    assert lines["K/V bytes a token"].strip() == f"{32 * 2 * 8 * 128 * 2:,}"
+    assert not os.path.exists(endpoint.removeprefix("ipc://"))  # (nothing bound)
+    bad = CliRunner().invoke(main, ["serve", "--model", str(tmp_path / "nope"), "--blocks", "8", "--dry-run"])
+    assert bad.exit_code != 0 and "no such preset" in bad.output
