@@ -429,8 +429,61 @@ def _layer_dims(get: Callable[[str], Any], heads: int, where: str) -> tuple[int,
 def model_geometry(path: str) -> dict[str, Any]:
     """`config_geometry` of the ``config.json`` at ``path`` (a file or a model folder),
     the fields it leaves to its transformers class filled as transformers fills them
-    (`class_defaults`)."""
-    return config_geometry(class_defaults(read_config(path), path), path)
+    (`class_defaults`, in a child process: `defaults_apart`)."""
+    return config_geometry(defaults_apart(read_config(path), path), path)
+
+
+#: seconds the child of `defaults_apart` may take (importing transformers takes a few)
+CHILD_SECONDS = 120.0
+
+
+def defaults_apart(config: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
+    """`class_defaults` run in a child Python process: transformers (and the torch it
+    imports) would stay in the caller for good, about 220 MB of a daemon's memory
+    for one reading of a file (36 MB without). Its InvalidArgument is raised here;
+    a child that cannot answer (no kvpager on its path, killed, past
+    `CHILD_SECONDS`) is warned about and the file's fields are read alone."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if not isinstance(config.get("model_type"), str) or importlib.util.find_spec("transformers") is None:
+        return config
+    check_layer_counts(config, where)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    try:
+        done = subprocess.run([sys.executable, "-c", "from kvpager.sizing import _child; _child()", where],
+                              input=json.dumps(config), capture_output=True, text=True, env=env,
+                              timeout=CHILD_SECONDS)
+        answer = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired) as e:
+        done, answer = None, None
+        why = f"{type(e).__name__}: {e}"
+    else:
+        why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1][:300]
+    if done is not None and done.stderr:
+        for line in done.stderr.splitlines():  # (its warnings: transformers could not build the config, ...)
+            if "UserWarning" in line:
+                warnings.warn(line.split("UserWarning: ", 1)[-1], stacklevel=2)
+    if isinstance(answer, dict) and "error" in answer:
+        raise InvalidArgument(str(answer["error"]))
+    if not isinstance(answer, dict) or not isinstance(answer.get("config"), dict):
+        warnings.warn(f"{where}: the fields it leaves to its config class could not be read from transformers "
+                      f"({why}); sizing from its fields alone", stacklevel=2)
+        return config
+    return answer["config"]
+
+
+def _child() -> None:
+    """`defaults_apart`'s child: a config on stdin, `class_defaults` of it on stdout."""
+    import sys
+
+    where = sys.argv[1] if len(sys.argv) > 1 else "config.json"
+    try:
+        out: dict[str, Any] = {"config": class_defaults(json.load(sys.stdin), where)}
+    except InvalidArgument as e:
+        out = {"error": str(e)}
+    sys.stdout.write("\n" + json.dumps(out) + "\n")
 
 
 _FRACTION = re.compile(r"\s*(\d*\.\d+|\d+\.\d*)\s*|\s*(\d+(?:\.\d+)?)\s*%\s*")

@@ -195,3 +195,38 @@ def test_serve_sizes_a_model_folder_as_transformers_builds_it(tmp_path):
                    blocks=100, memory=None, host_blocks=None, host_memory=None)
     spec = build_spec(options)
     assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype) == (32, 8, 128, "bfloat16")
+
+
+def test_sizing_a_file_leaves_transformers_out_of_the_daemon(tmp_path):
+    """`model_geometry` (what `kvpager serve --model` calls) reads the class defaults in
+    a child process: transformers and torch stayed in the daemon for good before
+    (about 220 MB of its memory against 36)."""
+    import subprocess
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "mistral", "hidden_size": 4096, "num_attention_heads": 32, "num_hidden_layers": 32}))
+    code = ("import json, sys\nfrom kvpager.sizing import model_geometry\n"
+            "g = model_geometry(sys.argv[1])\n"
+            "print(json.dumps([g, 'transformers' in sys.modules, 'torch' in sys.modules]))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    geometry, had_transformers, had_torch = json.loads(out.stdout.splitlines()[-1])
+    assert geometry == {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128}
+    assert not had_transformers and not had_torch
+
+
+def test_apart_refusals_fills_and_warnings_are_the_callers():
+    """`defaults_apart`: a count of layers past the bound refused before any child; the
+    child's filled fields and its warnings (transformers refusing the file) reach the
+    caller."""
+    config = {"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "text_config": {"num_layers": 1 << 20}}
+    with pytest.raises(sizing.InvalidArgument, match="past any model's count of layers"):
+        sizing.defaults_apart(config)
+    assert sizing.defaults_apart({"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2})[
+        "num_hidden_layers"] == 2
+    refused = {"model_type": "gemma3_text", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+               "head_dim": 16, "layer_types": ["full_attention"] * 3}
+    try:
+        CONFIG_MAPPING["gemma3_text"].from_dict(dict(refused))
+    except Exception:  # noqa: BLE001
+        with pytest.warns(UserWarning, match="transformers cannot build"):
+            assert sizing.defaults_apart(refused) == refused
