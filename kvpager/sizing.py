@@ -447,7 +447,17 @@ def defaults_apart(config: dict[str, Any], where: str = "config.json") -> dict[s
     import subprocess
     import sys
 
-    if not isinstance(config.get("model_type"), str) or importlib.util.find_spec("transformers") is None:
+    if not isinstance(config.get("model_type"), str):
+        return config
+    if importlib.util.find_spec("transformers") is None:
+        text = config.get("text_config")
+        fields = {**config, **text} if isinstance(text, dict) else config
+        left = [f for f in ("num_key_value_heads", "head_dim") if f not in fields]
+        if left:
+            warnings.warn(f"{where} gives no {' / '.join(left)}, and transformers is not installed to say what "
+                          f"its {config['model_type']} config class fills in: sized as one K/V head a query head "
+                          "and hidden_size / num_attention_heads (pass --kv-heads / --head-dim where its class "
+                          "differs)", stacklevel=2)
         return config
     check_layer_counts(config, where)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}

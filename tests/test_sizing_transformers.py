@@ -230,3 +230,18 @@ def test_apart_refusals_fills_and_warnings_are_the_callers():
     except Exception:  # noqa: BLE001
         with pytest.warns(UserWarning, match="transformers cannot build"):
             assert sizing.defaults_apart(refused) == refused
+
+
+def test_without_transformers_a_file_leaving_fields_out_is_warned_about(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else
+                        real(name, *a))
+    config = {"model_type": "mistral", "hidden_size": 4096, "num_attention_heads": 32, "num_hidden_layers": 32}
+    with pytest.warns(UserWarning, match="num_key_value_heads / head_dim, and transformers is not installed"):
+        assert sizing.defaults_apart(config) == config
+    whole = {**config, "num_key_value_heads": 8, "head_dim": 128}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sizing.defaults_apart(whole) == whole
