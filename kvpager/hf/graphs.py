@@ -17,7 +17,8 @@ tables of a fixed width (blocks per sequence); a step that outgrows it
 recaptures with twice the width. With ``compile=True`` the step captured is
 the model compiled by ``torch.compile`` (`kvpager.hf.compiled`). A model with
 recurrent layers captures its own step (`kvpager.hf.recurrent.Recurrent.graph_pass`:
-rows of a token each, its states read and written in place).
+rows of a token each, its states read and written in place). A generation's
+graphs go with it; `CapturedSteps` keeps them across calls.
 """
 
 from __future__ import annotations
