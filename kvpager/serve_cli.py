@@ -307,12 +307,17 @@ def serve(**opts: Any) -> None:
             signal.signal(sig, handler)
 
 
-def dry_run(opts: dict[str, Any]) -> None:
-    """`kvpager serve --dry-run`: the pool the options size, printed, nothing made."""
+def pool_devices(opts: dict[str, Any]) -> tuple[str, list[str] | None]:
+    """The pool's (first) device and, tensor-parallel, its ranks' (`serve_devices`)."""
     from kvpager.backends import default_device
 
     devices = serve_devices(opts, default_device)
-    device = devices[0] if devices else (opts["device"] or default_device())
+    return (devices[0] if devices else (opts["device"] or default_device())), devices
+
+
+def dry_run(opts: dict[str, Any]) -> None:
+    """`kvpager serve --dry-run`: the pool the options size, printed, nothing made."""
+    device, devices = pool_devices(opts)
     try:
         spec = build_spec(opts, device, devices)
     except KVPagerError as e:
@@ -344,12 +349,10 @@ def _start(opts: dict[str, Any], made: list[Any]) -> Any:
     """The bound `Server` of ``kvpager serve``'s options, also put in ``made`` as
     soon as it exists. Every check that needs no memory comes first (tokens,
     limits, the endpoint), so a mistake there allocates nothing."""
-    from kvpager.backends import default_device
     from kvpager.server import Server
     from kvpager.server_bind import check_before_allocating
 
-    devices = serve_devices(opts, default_device)
-    device = devices[0] if devices else (opts["device"] or default_device())
+    device, devices = pool_devices(opts)
     if device.startswith("cuda") and importlib.util.find_spec("cupy") is None:
         raise click.ClickException(
             "--device cuda needs CuPy: pip install 'kvpager[cuda]' (CUDA 13 drivers) or 'kvpager[cuda12]' "

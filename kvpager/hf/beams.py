@@ -171,10 +171,7 @@ class _Search:
         self.graphs = None  # captured steps (`_step`), the same rows each step: every beam of every prompt
         self._kept, self._closed = None, False  # a `CapturedSteps` this search holds
         width = graph_width(pool, max(map(len, prompts)) + most)
-        if isinstance(cuda_graphs, CapturedSteps):
-            if self.rows is not None:
-                raise InvalidArgument(f"{type(model).__name__} has recurrent layers, whose captured beam steps "
-                                      "read a search's own states: pass cuda_graphs=True")
+        if isinstance(cuda_graphs, CapturedSteps):  # (none for a model with recurrent layers: they refuse it)
             self.graphs = cuda_graphs.take(self, model, pool, self.passes.batch, width, None, True, compile,
                                            kind="beams")
             self._kept = cuda_graphs

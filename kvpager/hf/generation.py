@@ -196,10 +196,7 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         self._width = graph_width(self.pool, longest)
         kept = self.cuda_graphs if isinstance(self.cuda_graphs, CapturedSteps) else None
         check_graph_options(self.model, self.pool, True if kept is not None else self.cuda_graphs, self.compile)
-        if kept is not None:
-            if self._recurrent is not None:
-                raise InvalidArgument(f"{type(self.model).__name__} has recurrent layers, whose captured steps "
-                                      "read a generation's own states: pass cuda_graphs=True")
+        if kept is not None:  # (made for this model, so none with recurrent layers: `CapturedSteps` refuses them)
             self._graphs = kept.take(self, self.model, self.pool, self._batch, self._width, self.cascade,
                                      self._logits, self.compile)
             self._kept = kept
