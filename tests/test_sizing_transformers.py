@@ -245,3 +245,26 @@ def test_without_transformers_a_file_leaving_fields_out_is_warned_about(monkeypa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert sizing.defaults_apart(whole) == whole
+
+
+@pytest.mark.parametrize("child", ["hangs", "is killed"])
+def test_a_child_that_hangs_or_dies_is_bounded_and_the_file_read_alone(child, tmp_path, monkeypatch):
+    """`defaults_apart`: a child that never answers is killed at `CHILD_SECONDS` (the
+    daemon's start is not held for good), one killed by a signal is warned about;
+    either way the file's own fields are the answer."""
+    import time
+
+    from kvpager import config_file
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, signal, time\n"
+        "if os.environ.get('KVPAGER_TEST_CHILD') == 'hangs':\n    time.sleep(600)\n"
+        "elif os.environ.get('KVPAGER_TEST_CHILD') == 'is killed':\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    monkeypatch.setenv("KVPAGER_TEST_CHILD", child)
+    monkeypatch.setattr(config_file, "CHILD_SECONDS", 3.0)
+    config = {"model_type": "mistral", "hidden_size": 4096, "num_attention_heads": 32, "num_hidden_layers": 32}
+    started = time.monotonic()
+    with pytest.warns(UserWarning, match="could not be read from transformers .*; sizing from its fields alone"):
+        assert sizing.defaults_apart(config) == config
+    assert time.monotonic() - started < 30
