@@ -416,3 +416,52 @@ def test_layers_that_neither_attend_nor_recur_may_hold_any_cache_layer(monkeypat
     monkeypatch.setattr(recurrent_states, "cache_classes", lambda: (as_517({"full_attention"}), *real[1:]))
     with pytest.raises(UnsupportedModel, match="cannot tell where its state lives"):
         recurrent_states.new_cache(model)
+
+
+def test_kept_states_take_a_later_batchs_rows_in_place():
+    """`fixed_states` (`kvpager.hf.CapturedSteps` for recurrent models): a later batch's
+    rows are loaded into the states kept with the captured steps (the same tensors,
+    rows past them zeroed, none marked), where they fit; a batch of more rows, or of
+    states shaped otherwise, gets new states (at least as many rows as the kept) and
+    the captured steps over the old ones are dropped. The GPU tests replay graphs over
+    them: test_hf_kept_graphs_recurrent.py."""
+    from types import SimpleNamespace
+
+    from kvpager.hf import PagedGeneration
+    from kvpager.hf.recurrent import States
+    from kvpager.hf.recurrent_states import fixed_states, rows_of
+
+    model = make("qwen3_5")
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+
+    def rows_after(*lengths, seed):
+        with PagedGeneration(model, pool, prompts(*lengths, seed=seed), 2, eos_token_id=None,
+                             pipeline=False) as gen:
+            held = gen._recurrent.states
+            return held.layout, [tuple(t.clone() for t in r) for r in rows_of(held.cache(held.n), held.layout)]
+
+    layout, first = rows_after(5, 12, 3, seed=11)
+    _, later = rows_after(9, 4, seed=12)
+    kept = States(model, layout, first, [0, 1, 2], 8)
+    kept.mark([0, 2], [8, 8])
+    ptrs = [t.data_ptr() for t in kept.tensors]
+    dropped = []
+    graphs = SimpleNamespace(states=kept, drop=lambda: dropped.append(1))
+    assert fixed_states(graphs, model, layout, later, 2, 2) is kept and not dropped
+    assert [t.data_ptr() for t in kept.tensors] == ptrs and kept.rows == [0, 1] and kept.n == 2
+    assert kept.marked == [0, 0]
+    for j, t in enumerate(kept.tensors):
+        assert torch.equal(t[0], later[0][j][0]) and torch.equal(t[1], later[1][j][0])
+        assert not t[2:].any()
+    # more rows than the kept states hold: new ones (the requested 16 rows), the old steps dropped
+    many = later * 5
+    grown = fixed_states(graphs, model, layout, many, 10, 16)
+    assert grown is not kept and graphs.states is grown and dropped == [1] and grown.capacity == 16
+    assert all(torch.equal(t[9], later[1][j][0]) for j, t in enumerate(grown.tensors))
+    # a batch that fits asks for fewer rows: the kept 16 serve it; states of another dtype do not
+    assert fixed_states(graphs, model, layout, later, 2, 2) is grown and dropped == [1]
+    other = [tuple(t.double() for t in r) for r in later]
+    assert fixed_states(graphs, model, layout, other, 2, 2).capacity == 16 and dropped == [1, 1]
+    # without captured steps, states of their own
+    assert fixed_states(None, model, layout, later, 2, 4).capacity == 4
+    pool.check_integrity()

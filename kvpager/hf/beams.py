@@ -171,13 +171,17 @@ class _Search:
         self.graphs = None  # captured steps (`_step`), the same rows each step: every beam of every prompt
         self._kept, self._closed = None, False  # a `CapturedSteps` this search holds
         width = graph_width(pool, max(map(len, prompts)) + most)
-        if isinstance(cuda_graphs, CapturedSteps):  # (none for a model with recurrent layers: they refuse it)
+        if isinstance(cuda_graphs, CapturedSteps):
+            compile = compile or cuda_graphs.compile
             self.graphs = cuda_graphs.take(self, model, pool, self.passes.batch, width, None, True, compile,
-                                           kind="beams")
+                                           kind="beams",
+                                           forward=None if self.rows is None else self.rows.captured(compile))
             self._kept = cuda_graphs
         elif cuda_graphs:
             self.graphs = DecodeGraphs(model, pool, self.passes.batch, width, compile=compile,
                                        forward=None if self.rows is None else self.rows.captured(compile))
+        if self.rows is not None:
+            self.rows.graphs = self.graphs
         b = len(prompts)
         self.seqs: list[list[int | None]] = [[None] * beams for _ in range(b)]  # running beams' sequences
         self.tokens: list[list[list[int]]] = [[[] for _ in range(beams)] for _ in range(b)]

@@ -13,7 +13,7 @@ import torch
 from kvpager.hf.attention import paged_attention, run_pass
 from kvpager.hf.graphs import bucket_for
 from kvpager.hf.recurrent import captured_pass
-from kvpager.hf.recurrent_states import States, cache_over, stacked, tensors_of
+from kvpager.hf.recurrent_states import States, cache_over, fixed_states, stacked, tensors_of
 from kvpager.hf.scoring_rows import RowPasses, logits_rows
 from kvpager.hf.state_cache import PrefixKeys
 
@@ -37,6 +37,7 @@ class RecurrentBeams:
         self.captures = False
         self.fixed: States | None = None
         self.compile: str | None = None  # the backend compiling the captured step
+        self.graphs: Any = None  # the captured steps (`fixed_states`: a `CapturedSteps`' states kept with them)
 
     def prefill(self, took: Any) -> torch.Tensor:
         """The prompts allocated (``took(b, seq_id)`` each) and run: their last
@@ -69,7 +70,7 @@ class RecurrentBeams:
         if not self.captures:
             self.states = stacked(run.layout, rows)
         else:  # (at fixed addresses, the graph bucket's rows, the rest zero)
-            self.fixed = States(run.model, run.layout, rows, list(range(len(rows))), bucket_for(len(rows)))
+            self.fixed = fixed_states(self.graphs, run.model, run.layout, rows, len(rows), bucket_for(len(rows)))
         return torch.stack([last[k] for k in range(len(prompts))])
 
     def captured(self, compile: bool) -> Any:

@@ -160,8 +160,8 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
                                         history=lambda i: self.prompts[i] + self.outputs[i])
             if self._logits:  # (the prefill's tokens: each prompt's first draw)
                 self._recurrent.choose = self._first_tokens
-            if self.compile:  # (captured steps compiled: the recurrent layers' code fused, as the rest)
-                self._recurrent.compile = "inductor"
+            if self.compile or getattr(self.cuda_graphs, "compile", False):
+                self._recurrent.compile = "inductor"  # (captured steps compiled: the recurrent layers' code fused)
             # (their blocks are matched only by generations that also hold or remake the states)
             self.salt = recurrent_salt(self.salt)
         self._device = next(self.model.parameters()).device
@@ -196,14 +196,17 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         self._width = graph_width(self.pool, longest)
         kept = self.cuda_graphs if isinstance(self.cuda_graphs, CapturedSteps) else None
         check_graph_options(self.model, self.pool, True if kept is not None else self.cuda_graphs, self.compile)
-        if kept is not None:  # (made for this model, so none with recurrent layers: `CapturedSteps` refuses them)
+        if kept is not None:
             self._graphs = kept.take(self, self.model, self.pool, self._batch, self._width, self.cascade,
-                                     self._logits, self.compile)
+                                     self._logits, self.compile,
+                                     forward=self._recurrent.graph_pass if self._recurrent is not None else None)
             self._kept = kept
         elif self.cuda_graphs:
             self._graphs = DecodeGraphs(self.model, self.pool, self._batch, self._width, cascade=self.cascade,
                                        compile=self.compile,
                                        forward=self._recurrent.graph_pass if self._recurrent is not None else None)
+        if self._recurrent is not None:
+            self._recurrent.graphs = self._graphs  # (its states where the graphs keep theirs: `fixed_states`)
         # One forward pass writes every layer's K/V for the whole batch before it
         # attends, so prompts of the batch may share the blocks an earlier one fills.
         try:

@@ -136,12 +136,27 @@ class DecodeGraphs:
         self.captures = 0
         self.last: _Graph | None = None
         self._checked: set[int] = set()  # buckets captured, or found planned for this call's lengths
+        #: a model with recurrent layers: the `kvpager.hf.recurrent_states.States` the graphs read and
+        #: write in place (`fixed_states`: a later call's rows loaded into them)
+        self.states: Any = None
 
-    def rejoin(self, make_batch: Callable[[Any], Any]) -> None:
-        """Serve another call (`CapturedSteps`): its batches from ``make_batch``, each
-        kept graph checked against its lengths the first time it replays."""
+    def rejoin(self, make_batch: Callable[[Any], Any], forward: Callable[..., Any] | None = None) -> None:
+        """Serve another call (`CapturedSteps`): its batches from ``make_batch`` (its
+        step from ``forward``, where it gives one: a model's with recurrent layers,
+        over `states`), each kept graph checked against its lengths the first time
+        it replays."""
         self.make_batch = make_batch
+        if forward is not None:
+            self._forward = forward
         self._checked.clear()
+
+    def drop(self) -> None:
+        """Drop every graph (their tables too narrow, or the states they read replaced)."""
+        self.graphs.clear()
+        self.last = None
+        # a new memory pool: the old one's tensors may outlive its graphs (a pipelined
+        # step still reads the last output), and a pool without graphs cannot capture again
+        self.mempool = torch.cuda.graph_pool_handle()
 
     def step(self, seq_ids: list[int], input_ids: torch.Tensor, position_ids: torch.Tensor,
              slots: np.ndarray) -> list[int]:
@@ -160,10 +175,7 @@ class DecodeGraphs:
         tables, lens = self.pool.tables(seq_ids)
         if tables.shape[1] > self.width:
             self.width = max(2 * self.width, tables.shape[1])
-            self.graphs.clear()  # every plan's tables are too narrow now
-            # a new memory pool: the old one's tensors may outlive its graphs (a pipelined
-            # step still reads the last output), and a pool without graphs cannot capture again
-            self.mempool = torch.cuda.graph_pool_handle()
+            self.drop()  # every plan's tables are too narrow now
         n = len(seq_ids)
         bucket = self._bucket(n)
         g = self.graphs.get(bucket)
@@ -273,18 +285,14 @@ class CapturedSteps:
     - One generation at a time: a call while another generation holds them
       (not closed yet, in this thread or another) is refused; `close` (or
       leaving a ``with`` block) frees the graphs and their memory.
-    - Models with recurrent layers keep their states per generation, and their
-      captured steps with them: refused here (``cuda_graphs=True`` captures
-      theirs a call).
+    - A model with recurrent layers: its graphs read and write the states of
+      the bucket's rows at fixed addresses, kept with them; each call's rows are
+      loaded into those (`kvpager.hf.recurrent_states.fixed_states`), and a call
+      of more rows than they hold makes larger ones, its graphs captured again.
     """
 
     def __init__(self, model: Any, pool: Any, *, compile: bool = False):
-        from kvpager.hf.model import has_recurrent_layers
-
         check_graph_options(model, pool, True, compile)
-        if has_recurrent_layers(model):
-            raise InvalidArgument(f"{type(model).__name__} has recurrent layers, whose states a generation holds "
-                                  "and its captured steps read: pass cuda_graphs=True (captured a call)")
         self.model, self.pool, self.compile = model, pool, bool(compile)
         self._sets: dict[tuple[str, bool, Any], DecodeGraphs] = {}
         self._weights = self._where_weights_are()
@@ -302,10 +310,13 @@ class CapturedSteps:
         return tuple(t.data_ptr() for t in itertools.chain(self.model.parameters(), self.model.buffers()))
 
     def take(self, user: Any, model: Any, pool: Any, make_batch: Callable[[Any], Any], width: int,
-             cascade: bool | None, logits: bool, compile: bool, kind: str = "generate") -> DecodeGraphs:
+             cascade: bool | None, logits: bool, compile: bool, kind: str = "generate",
+             forward: Callable[..., Any] | None = None) -> DecodeGraphs:
         """The steps for ``user`` (a generation or a beam search, ``kind``; held until
-        `release`): InvalidArgument for another model or pool, ``compile`` where these
-        are not, closed steps, or steps another generation holds."""
+        `release`; ``forward``: the step it captures, where not the model's own pass:
+        one over its recurrent states): InvalidArgument for another model or pool,
+        ``compile`` where these are not, closed steps, or steps another generation
+        holds."""
         if model is not self.model or pool is not self.pool:
             raise InvalidArgument("these CapturedSteps were made for another model or pool; make them for this one")
         if compile and not self.compile:
@@ -327,9 +338,9 @@ class CapturedSteps:
         graphs = self._sets.get(key)
         if graphs is None:
             graphs = self._sets[key] = DecodeGraphs(model, pool, make_batch, width, cascade=cascade,
-                                                    compile=self.compile)
+                                                    compile=self.compile, forward=forward)
         else:
-            graphs.rejoin(make_batch)
+            graphs.rejoin(make_batch, forward)
         return graphs
 
     def release(self, user: Any) -> None:
@@ -347,7 +358,7 @@ class CapturedSteps:
         self._dropped += sum(g.captures for g in self._sets.values())
         for graphs in self._sets.values():
             graphs.graphs.clear()
-            graphs.last = None
+            graphs.last = graphs.states = None
         self._sets.clear()
 
     def close(self) -> None:

@@ -77,6 +77,7 @@ from kvpager.hf.recurrent_states import (  # noqa: F401 - CONTINUING, NOT_CONTIN
     cache_over,
     check_layout,
     continues,
+    fixed_states,
     forward_rows,
     layout_of,
     new_cache,
@@ -143,6 +144,9 @@ class Recurrent:
         self.store = StateCache.of(model)
         self._continues = continues(model) if self.continues is None else bool(self.continues)
         self.states: States | None = None
+        #: the captured decode steps (`kvpager.hf.graphs.DecodeGraphs`), where the states must be those
+        #: they read (a `CapturedSteps`' kept from an earlier call: `fixed_states`)
+        self.graphs: Any = None
         #: a decode pass failed part-way: transformers had advanced some states in place already
         self.broken = False
         self._split: list[int | None] = []  # per prompt: where its allocation ends short of it
@@ -211,9 +215,9 @@ class Recurrent:
         # (the marks' copy of the states within what the state cache could hold of them; one pass
         # over every row in order, as many as the states keep: its cache's tensors, not copied)
         whole = len(ran) == 1 and ran[0][0] == list(range(n)) and self.capacity(n) == n
-        self.states = States(self.model, self._layout, None if whole else final, list(range(n)), self.capacity(n),
-                             mark_bytes=self.store.max_bytes,
-                             tensors=tensors_of(ran[0][1], self._layout) if whole else None)
+        self.states = fixed_states(self.graphs, self.model, self._layout, None if whole else final, n,
+                                   self.capacity(n), mark_bytes=self.store.max_bytes,
+                                   tensors=tensors_of(ran[0][1], self._layout) if whole else None)
         self.stepped([len(p) - 1 for p in prompts])  # a prompt of whole blocks: its state is its end's
         return out
 

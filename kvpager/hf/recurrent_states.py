@@ -278,6 +278,28 @@ class States:
         # (src, dst) state tensors by dtype: `mark`'s copies, one multi-tensor copy a dtype
         self._pairs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
 
+    def fits(self, layout: Layout, n: int, like: Sequence[torch.Tensor]) -> bool:
+        """Whether ``n`` rows of states in ``layout``, shaped and typed as ``like``'s rows
+        (one tensor a state), fit these tensors (`load`)."""
+        return (layout == self.layout and n <= self.capacity and len(like) == len(self.tensors) and all(
+            t.shape[1:] == s.shape[1:] and t.dtype == s.dtype and t.device == s.device
+            for t, s in zip(like, self.tensors)))
+
+    @property
+    def capacity(self) -> int:
+        return self.tensors[0].shape[0] if self.tensors else 0
+
+    def load(self, tensors: Sequence[torch.Tensor], n: int) -> None:
+        """Another batch's ``n`` rows (the first rows of ``tensors``, one a state, as
+        `fits`) copied into these tensors in place, the rows past them zeroed (a kept
+        CUDA graph reads them where they are: `kvpager.hf.graphs.CapturedSteps`); the
+        rows are that batch's from here on, none marked."""
+        with torch.inference_mode():  # (the states may be a pass's own, made in inference mode)
+            for full, src in zip(self.tensors, tensors):
+                full[:n].copy_(src[:n])
+                full[n:].zero_()
+        self.rows, self.n, self.marked = list(range(n)), n, [0] * n
+
     def mark(self, rows: Sequence[int], at: Sequence[int]) -> None:
         """Copy the states of rows ``rows`` (ascending indices into the rows held) as
         their marks, taken when each had run ``at`` tokens; queued on the current
@@ -351,6 +373,35 @@ class States:
             for t, s in zip(self.tensors, saved):
                 t.copy_(s)
 
+
+
+def fixed_states(graphs: Any, model: Any, layout: Layout, rows: Sequence[Rows] | None, n: int, capacity: int,
+                 mark_bytes: int | None = None, tensors: list[torch.Tensor] | None = None) -> States:
+    """A batch's `States` of ``n`` rows (``rows``, each row's states, or ``tensors``: a
+    pass's own, its rows in order) for decode steps captured by ``graphs``
+    (`kvpager.hf.graphs.DecodeGraphs`, or None). Where ``graphs`` keeps the states its
+    graphs were captured over (``graphs.states``: a `CapturedSteps`' from an earlier
+    call) and they fit, the rows are loaded into them in place, so the graphs replay
+    as they are; else new states of ``capacity`` rows, which ``graphs`` keeps from
+    here on, its graphs (over the old ones) dropped."""
+    kept = getattr(graphs, "states", None)
+    if kept is not None:
+        src = tensors if tensors is not None else stacked(layout, rows)
+        if kept.fits(layout, n, src):
+            kept.load(src, n)
+            return kept
+        capacity = max(capacity, kept.capacity)  # (a smaller batch later fits the larger states)
+    if tensors is not None and capacity == n:  # (a pass's own tensors, taken as they are)
+        states = States(model, layout, None, list(range(n)), capacity, mark_bytes=mark_bytes, tensors=tensors)
+    else:
+        if rows is None:
+            rows = [tuple(t[r : r + 1] for t in tensors) for r in range(n)]
+        states = States(model, layout, rows, list(range(n)), capacity, mark_bytes=mark_bytes)
+    if graphs is not None and kept is not None:
+        graphs.drop()  # (captured over the states replaced)
+    if graphs is not None:
+        graphs.states = states
+    return states
 
 
 def forward_rows(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,
