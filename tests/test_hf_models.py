@@ -438,3 +438,56 @@ def test_salt_follows_edits_after_caching():
     assert default_salt(model, refresh=True) != after  # ... that refresh recomputes
     model.load_state_dict(make_model("llama").state_dict())
     assert default_salt(model) == before
+
+
+def test_salt_tells_changed_buffers_apart():
+    """Buffers shape K/V too (the rotary embedding's frequencies; a quantized
+    layer's weights are buffers): rescaled frequencies, in place or replaced in
+    inference mode, get another salt (cached and refreshed), so the pool's blocks of
+    the model before are not matched and the tokens are those of the model as it
+    is; the same frequencies back give the first salt again."""
+    model = make_model("llama")
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    tokens = prompt(30, seed=12)
+    before = default_salt(model)
+    generate(model, pool, [tokens], 4, eos_token_id=None)
+    rotary = model.model.rotary_emb
+    original = rotary.inv_freq.clone()
+    rotary.inv_freq.mul_(0.25)
+    assert default_salt(model) != before and default_salt(model, refresh=True) != before
+    quartered = default_salt(model)
+    with PagedGeneration(model, pool, [tokens], max_new_tokens=8, eos_token_id=None) as gen:
+        assert gen.num_cached_tokens == [0]
+        while not gen.done:
+            gen.step()
+        assert gen.outputs == [reference(model, tokens, 8)]
+    with torch.inference_mode():  # replaced by a tensor without a version counter
+        rotary.inv_freq = original * 0.5
+    halved = default_salt(model)
+    assert halved not in (before, quartered) and default_salt(model, refresh=True) == halved
+    assert generate(model, pool, [tokens], 8, eos_token_id=None) == [reference(model, tokens, 8)]
+    rotary.inv_freq = original.clone()
+    assert default_salt(model) == before
+    pool.check_integrity()
+
+
+def test_a_window_in_the_config_of_a_family_that_never_windows_attends_in_full():
+    """A Llama whose config carries ``sliding_window`` (a config.json that has the
+    key): its transformers code never reads it (full causal masks), so kvpager
+    attends in full, warned: each greedy token that of a full forward pass over
+    everything before it (no cache), where the window gave others before. Mistral's
+    window, which its code applies, stays."""
+    model = make_model("llama", sliding_window=WINDOW)
+    tokens = prompt(30, seed=11)
+    with pytest.warns(UserWarning, match="never reads a sliding window"):
+        assert layer_windows(model) == [None] * 4
+    want, ids = [], list(tokens)
+    with torch.no_grad():
+        for _ in range(8):
+            want.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            ids.append(want[-1])
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    with pytest.warns(UserWarning, match="never reads a sliding window"):
+        assert generate(model, pool, [tokens], 8, eos_token_id=None) == [want]
+    assert layer_windows(make_model("mistral")) == [WINDOW] * 4
+    pool.check_integrity()

@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import inspect
+import sys
+import warnings
 from typing import Any
 
 import torch
@@ -117,6 +119,11 @@ def layer_windows(model: Any) -> list[int | None]:
         windows = [window if kind == SLIDING else None for kind in kinds]
     else:
         windows = [window] * n
+        if window is not None and not _reads_windows(model):
+            warnings.warn(f"{type(model).__name__}: config.sliding_window is {window}, but its transformers code "
+                          "never reads a sliding window (its masks are full causal whatever the config says): "
+                          "kvpager attends in full, as its forward pass does", UserWarning, stacklevel=3)
+            windows = [None] * n
     for module in modules_of(_decoder(model)):
         idx = getattr(module, "layer_idx", None)
         if (idx is None or idx == -1) and module.__dict__.get("is_causal", getattr(type(module), "is_causal", None)) \
@@ -138,6 +145,32 @@ def layer_windows(model: Any) -> list[int | None]:
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
             raise UnsupportedModel(f"layer {i} has sliding window {w!r}; kvpager needs a positive int")
     return windows
+
+
+_READS_WINDOWS: dict[tuple[type, ...], bool] = {}
+
+
+def _reads_windows(model: Any) -> bool:
+    """Whether the code of ``model``'s classes (the model's and its decoder's modules)
+    reads a sliding window at all: a config without ``layer_types`` may carry
+    ``sliding_window`` for a family whose masks never apply one (a Llama: its
+    forward pass is full causal whatever the field says). True where a module's
+    source cannot be read (nothing is assumed away)."""
+    classes = tuple(dict.fromkeys((type(model), type(_decoder(model)))))
+    known = _READS_WINDOWS.get(classes)
+    if known is None:
+        known = False
+        for cls in classes:
+            try:
+                source = inspect.getsource(sys.modules[cls.__module__])
+            except (OSError, TypeError, KeyError):
+                known = True
+                break
+            if "sliding_window" in source:
+                known = True
+                break
+        _READS_WINDOWS[classes] = known
+    return known
 
 
 def has_recurrent_layers(model: Any) -> bool:

@@ -23,9 +23,11 @@ def default_salt(model: Any, refresh: bool = False) -> str:
     same weights, so K/V computed by one model is never matched by another.
 
     The model's class and dtype and a SHA-256 over its config (minus fields that
-    do not change K/V) and every parameter: name, dtype, shape and all bytes.
-    Workers that load the same checkpoint get the same salt, whatever its path;
-    a model with one layer changed (a merged adapter) gets another.
+    do not change K/V) and every parameter and buffer: name, dtype, shape and
+    all bytes (buffers shape K/V too: the rotary embedding's frequencies, a
+    quantized layer's weights). Workers that load the same checkpoint get the
+    same salt, whatever its path; a model with one layer changed (a merged
+    adapter, rescaled rotary frequencies) gets another.
 
     Cost: hashing reads every weight once (tensors hashed in parallel threads):
     on a busy 2-core CPU, 4.6 s for a 1.1B-parameter Llama in float32 (4.4 GB),
@@ -34,7 +36,8 @@ def default_salt(model: Any, refresh: bool = False) -> str:
     values (3-7 ms to check on that model): an edit made through ``param.data``
     that changes none of the sampled entries is not seen; pass ``refresh=True``
     after such an edit, or pass your own salt to `generate`."""
-    named = list(model.named_parameters())  # tied weights once
+    # tied weights once; a buffer under its own prefix (a name never a parameter's)
+    named = list(model.named_parameters()) + [("buffer:" + n, b) for n, b in model.named_buffers()]
     config = _config_bytes(model.config)
     key = _cache_key(named, config)
     cached = model.__dict__.get(_CACHE_ATTR)
@@ -45,7 +48,7 @@ def default_salt(model: Any, refresh: bool = False) -> str:
     with ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL on large buffers
         for (name, p), d in zip(named, pool.map(lambda np_: _tensor_digest(np_[1]), named)):
             digest.update(f"{name}|{str(p.dtype)}|{tuple(p.shape)}|".encode() + d)
-    dtype = named[0][1].dtype if named else None
+    dtype = next((p.dtype for n, p in named if not n.startswith("buffer:")), None)
     salt = f"{type(model).__name__}|{dtype}|{digest.hexdigest()[:32]}"
     if key is not None:
         model.__dict__[_CACHE_ATTR] = (key, salt)
@@ -68,11 +71,13 @@ def _tensor_digest(p: torch.Tensor) -> bytes:
 
 
 def _cache_key(named: list[tuple[str, torch.Tensor]], config: bytes) -> tuple[Any, ...] | None:
-    """What must be unchanged for a cached salt to hold: each parameter's
-    storage, version counter and a strided sample of its values. None where
-    parameters have no version counter (made in inference mode): no caching."""
+    """What must be unchanged for a cached salt to hold: each parameter's and
+    buffer's storage, version counter and a strided sample of its values. None
+    where parameters have no version counter (made in inference mode): no
+    caching. A buffer without one (replaced in inference mode: a dynamic rotary
+    embedding's frequencies) is known by its storage and sample alone."""
     try:
-        meta = tuple((n, p.data_ptr(), p._version, p.dtype, tuple(p.shape)) for n, p in named)
+        meta = tuple((n, p.data_ptr(), _version(p, n), p.dtype, tuple(p.shape)) for n, p in named)
     except RuntimeError:
         return None
     with torch.no_grad():
@@ -82,3 +87,14 @@ def _cache_key(named: list[tuple[str, torch.Tensor]], config: bytes) -> tuple[An
             by_kind.setdefault((s.device, s.dtype), []).append(s)
         sample = b"".join(_tensor_digest(torch.cat(v)) for v in by_kind.values())
     return meta, config, sample
+
+
+def _version(t: torch.Tensor, name: str) -> int:
+    """``t``'s version counter; -1 for a buffer made in inference mode (a parameter's
+    RuntimeError goes on)."""
+    try:
+        return t._version
+    except RuntimeError:
+        if name.startswith("buffer:"):
+            return -1
+        raise
