@@ -29,6 +29,13 @@ from kvpager.server_ranks import close_release_count
 log = logging.getLogger("kvpager.server")
 
 _POLL_MS = 50  # how soon stop() and heartbeat expiry are noticed when idle
+#: Messages the ROUTER socket queues a connection, each way. A client has one call in flight on its
+#: socket (its heartbeat has a socket of its own; a call that timed out is sent again on a new one),
+#: so a few are plenty; ZeroMQ's default of 1,000 let one connection pin a thousand messages of up to
+#: the message limit in the daemon's memory: a client that sent without waiting (100 requests of 9.6
+#: MB: +953 MB), or one that stopped reading its replies (40 replies of 26 MB: +985 MB). Past it, a
+#: connection's requests wait in its own sender and replies it does not read are dropped.
+QUEUED_MESSAGES = 4
 
 
 def check_before_allocating(endpoint: str | None, token: str | None) -> str:
@@ -77,6 +84,8 @@ class Binding:
         # when busy, and a regular chance to expire sessions and see stop().
         sock.setsockopt(zmq.RCVTIMEO, _POLL_MS)
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes + protocol.TRANSPORT_SLACK)
+        sock.setsockopt(zmq.SNDHWM, QUEUED_MESSAGES)
+        sock.setsockopt(zmq.RCVHWM, QUEUED_MESSAGES)
         try:
             sock.bind(self.endpoint)
         except zmq.ZMQError as e:

@@ -181,7 +181,19 @@ class ServerOps(ControlOps):
 
     # -- inspection ----------------------------------------------------------------------------
     def _op_tables(self, s: Session | None, a: dict[str, Any]) -> list[np.ndarray]:
-        return list(self.pool.tables(wire_ids(a["seq_ids"])))
+        # The reply is [ids, longest table] int32, padded: a small request (one long sequence's id
+        # repeated 65,536 times, or one long one among many short) asked for a reply hundreds of times
+        # its size (525 MB for 64 KiB), built on the loop's thread. Bounded as a request is.
+        ids = wire_ids(a["seq_ids"])
+        manager = self.pool.manager
+        rows = manager.lookup(ids)
+        width = max(int(manager.table.num_blocks[rows].max()), 1) if len(rows) else 1
+        size = 4 * len(ids) * (width + 1)
+        if size > self.max_message_bytes:
+            raise LimitExceeded(f"tables: the tables of {len(ids)} ids padded to {width} blocks take {size} bytes, "
+                                f"over the daemon's message limit of {self.max_message_bytes} (ask for fewer ids "
+                                "at a time)", "max_message_bytes", size, self.max_message_bytes)
+        return list(self.pool.tables(ids))
 
     def _op_sequences(self, s: Session | None, a: dict[str, Any]) -> list[dict[str, Any]]:
         # A page at a time: a SequenceInfo costs microseconds on the loop's thread.
