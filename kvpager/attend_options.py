@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from kvpager.errors import InvalidArgument
+from kvpager.validate import whole
 
 #: the largest float32: the kernels and the NumPy twin score in float32
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -50,17 +51,19 @@ def check_window(window: Any) -> int | None:
     any sequence can be (`POSITIONS`) is that long, which cuts nothing either."""
     if window is None:
         return None
-    if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1:
+    n = whole(window)
+    if n is None or n < 1:
         raise InvalidArgument(f"window must be None or a positive int, got {window!r}")
-    return min(int(window), POSITIONS)
+    return min(n, POSITIONS)
 
 
 def check_chunk(chunk: Any) -> int:
     """A chunked-attention chunk size: a positive int (capped at `POSITIONS`, past
     which a chunk cuts nothing)."""
-    if not isinstance(chunk, (int, np.integer)) or isinstance(chunk, bool) or chunk < 1:
+    n = whole(chunk)
+    if n is None or n < 1:
         raise InvalidArgument(f"chunk must be a positive int, got {chunk!r}")
-    return min(int(chunk), POSITIONS)
+    return min(n, POSITIONS)
 
 
 def chunk_step(tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray, chunk: int,

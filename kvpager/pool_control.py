@@ -28,6 +28,8 @@ class PoolControl:
         validate.owner(owner)
         salts = validate.per_seq(salt, len(prompts), "salt")
         m = self.manager
+        if max_listed is not None:
+            max_listed = validate.whole_in(max_listed, "max_listed", 0)
         return m.pins.pin(m.pool, self.spec.block_size, prompts, salts, owner, max_listed)
 
     def unpin(self, prompts: Seq[Seq[int]], salt: str | bytes | None | Seq[str | bytes | None] = None, *,
@@ -55,7 +57,9 @@ class PoolControl:
         """The pins made after pin ``after`` (a `PinInfo.pin_id`; -1: from the first),
         in that order: at most ``limit``, and no more once they list ``max_blocks``
         blocks (a longer pin alone). A daemon's `pins` request answers one page."""
-        return self.manager.pins.page(self.spec.block_size, after, limit, max_blocks)
+        return self.manager.pins.page(self.spec.block_size, validate.whole_in(after, "after", -1),
+                                      validate.whole_in(limit, "limit", 1),
+                                      validate.whole_in(max_blocks, "max_blocks", 1))
 
     def pin_counts(self) -> dict[Any, int]:
         """Pins held per owner (the owners that hold any)."""

@@ -201,7 +201,7 @@ class PoolSequences:
         be its."""
         ids = validate.batch_ids(seq_ids)
         upto = validate.per_seq(upto, len(ids), "upto")
-        if synchronize:
+        if validate.flag(synchronize, "synchronize"):
             self.synchronize()
         self.backend.moves.bump()  # a step plan writing these tokens is done (`kvpager.plan_guard`)
         if self.remote is None:

@@ -28,6 +28,7 @@ import numpy as np
 
 from kvpager.errors import InvalidArgument
 from kvpager.prefix_cache import root_key
+from kvpager.validate import whole
 
 #: The code of the default tenant (salt None); never released.
 DEFAULT = 0
@@ -145,9 +146,10 @@ class Tenants:
         if blocks is not None:
             # an int or a NumPy integer (as a Client sends it), not a bool; within int64, as
             # `stats` carries it (a larger one made every stats reply unencodable)
-            if isinstance(blocks, bool) or not isinstance(blocks, (int, np.integer)) or not 0 <= blocks < 1 << 63:
+            n = whole(blocks)
+            if n is None or not 0 <= n < 1 << 63:
                 raise InvalidArgument(f"quota must be a number of blocks in [0, 2**63) or None, got {blocks!r}")
-            blocks = int(blocks)
+            blocks = n
         if blocks is None:
             c = self._codes.get(root)
             if c is not None and self.quotas.pop(c, None) is not None:

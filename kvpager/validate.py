@@ -51,6 +51,34 @@ def zero_d(value: np.ndarray, what: str) -> int:
     return int(value)
 
 
+def whole(value: Any) -> int | None:
+    """``value`` as the int it is: a Python int, a NumPy integer or a 0-d integer
+    array (not a bool); None for anything else (the caller names what it wanted)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
+        return int(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    return None
+
+
+def whole_in(value: Any, what: str, lo: int, hi: int | None = None) -> int:
+    """``value`` as an int (`whole`) in [lo, hi) (no upper bound without ``hi``);
+    InvalidArgument naming ``what`` otherwise."""
+    n = whole(value)
+    if n is None or n < lo or (hi is not None and n >= hi):
+        span = f">= {lo}" if hi is None else f"in [{lo}, {hi})"
+        raise InvalidArgument(f"{what} must be an int {span}, got {value!r}")
+    return n
+
+
+def flag(value: Any, what: str) -> bool:
+    """A bool option (a NumPy bool too); InvalidArgument naming ``what`` for anything
+    else (``"no"`` is not False)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidArgument(f"{what} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def seq_ids(value: int | Seq[int], what: str = "seq_ids") -> list[int]:
     """A batch of sequence ids; a single int (or a 0-d integer array) is a batch of one."""
     if type(value) is list and len(value) == 1 and type(value[0]) is int:  # one sequence: no sets
@@ -164,9 +192,7 @@ def prompts(value: Any) -> None:
 
 
 def layer(value: Any, spec: PoolSpec) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not 0 <= value < spec.num_layers:
-        raise InvalidArgument(f"layer must be an int in [0, {spec.num_layers}), got {value!r}")
-    return int(value)
+    return whole_in(value, "layer", 0, spec.num_layers)
 
 
 def int_array(a: Any, name: str, ndim: int, dtype: type) -> np.ndarray:

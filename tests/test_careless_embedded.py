@@ -363,3 +363,64 @@ def test_a_pool_larger_than_the_host_can_hold_is_a_typed_error(where):
     spec = PoolSpec(**{**dict(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=2, block_size=8), **where})
     with pytest.raises(BackendUnavailable, match="make the pool smaller"):
         KVPool(spec)
+
+
+# -- counts and flags that are no counts or flags ----------------------------------------
+_NO_COUNT = [
+    pytest.param(lambda p: p.pins_page(after="x"), "after", id="pins_page after str"),
+    pytest.param(lambda p: p.pins_page(after=1.5), "after", id="pins_page after float"),
+    pytest.param(lambda p: p.pins_page(limit=-5), "limit", id="pins_page limit negative"),
+    pytest.param(lambda p: p.pins_page(limit=True), "limit", id="pins_page limit bool"),
+    pytest.param(lambda p: p.pin([list(range(3 * BS))], max_listed=True), "max_listed", id="pin max_listed bool"),
+    pytest.param(lambda p: p.pin([list(range(3 * BS))], max_listed=2.5), "max_listed", id="pin max_listed float"),
+    pytest.param(lambda p: p.pin([list(range(3 * BS))], max_listed="9"), "max_listed", id="pin max_listed str"),
+    pytest.param(lambda p: p.commit(p.sequences()[0].seq_id, synchronize="no"), "synchronize", id="commit flag str"),
+]
+
+
+@pytest.mark.parametrize("call, name", _NO_COUNT)
+def test_a_count_or_flag_that_is_none_is_refused_by_name(call, name):
+    """Each was taken as something else before: a bare TypeError from a comparison
+    (``after="x"``, ``max_listed="9"``), an empty page (``after=1.5``), every pin
+    (``limit=-5``, ``limit=True``), a limit of True or -1 reported as exceeded, the
+    string ``"no"`` read as True."""
+    p = make_pool()
+    a, _ = _setup(p)
+    p.pin([list(range(BS + 4))])
+    before = snapshot(p)
+    with pytest.raises(InvalidArgument, match=name):
+        call(p)
+    assert snapshot(p) == before
+    p.check_integrity()
+
+
+def test_a_0d_integer_array_is_the_int_it_holds_for_every_count():
+    """As `KVPool.sequence` and the sequence ops take it: a layer, a window, a chunk,
+    a quota (refused as "got array(0)" before)."""
+    p = make_pool()
+    a, _ = _setup(p)
+    q = np.ones((1, 2, 64), np.float32)
+    got = p.attend(np.array(0), [a], q, scale=0.125, window=np.array(8))
+    assert np.array_equal(got, p.attend(0, [a], q, scale=0.125, window=8))
+    assert np.array_equal(p.attend(1, [a], q, scale=0.125, chunk=np.array(16)),
+                          p.attend(1, [a], q, scale=0.125, chunk=16))
+    assert np.array_equal(p.kv(np.array(1))[0], p.kv(1)[0])
+    p.set_quota("t", np.array(3))
+    assert p.pins_page(after=np.array(-1), limit=np.array(5)) == p.pins_page()
+    p.check_integrity()
+
+
+def test_generate_refuses_a_bool_as_its_count_of_beams():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from test_hf_models import make_model
+
+    from kvpager.hf import generate, spec_for_model
+
+    from kvpager import KVPool
+
+    model = make_model("llama")
+    pool = KVPool(spec_for_model(model, num_blocks=16, block_size=8))
+    with pytest.raises(InvalidArgument, match="num_beams"):
+        generate(model, pool, [[5, 6, 7]], 3, num_beams=True)
+    assert pool.stats().num_sequences == 0 and torch is not None

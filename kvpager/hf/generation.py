@@ -69,6 +69,7 @@ from kvpager.hf.recurrent import Recurrent, has_recurrent_layers, recurrent_salt
 from kvpager.hf.salt import default_salt
 from kvpager.hf.sampling import Sampler, Sampling
 from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
+from kvpager.validate import whole_in
 
 __all__ = ["Completion", "PagedBatch", "PagedGeneration", "default_salt", "generate", "layer_windows", "spec_for_model"]
 
@@ -393,6 +394,7 @@ def generate(
     ``cuda_graphs``; given alone, a search of one beam)."""
     beam_options = {k: v for k, v in (("length_penalty", length_penalty), ("early_stopping", early_stopping))
                     if v is not None}
+    num_beams = whole_in(num_beams, "num_beams", 1)  # (True is no count of beams)
     if isinstance(sampling, str) and sampling == "model" and num_beams == 1 and not beam_options:
         num_beams, beam_options = config_beams(model)  # (a config's beam search: its best hypothesis)
         sampling = sampling if num_beams == 1 else None
