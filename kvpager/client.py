@@ -114,6 +114,7 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self.session_name: str | None = None
         self.epoch: str | None = None
         self._closed = False
+        self._pid = os.getpid()  # the process whose socket this is (`_forked`)
         # True once the session is known lost or closed: the mirror is not read
         # again (set by the heartbeat thread too, which never touches the mirror).
         self._lost = False
@@ -198,6 +199,9 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
     def close(self) -> None:
         """Say bye (the daemon frees this session's sequences) and close the socket."""
         if self._closed:
+            return
+        if self._forked():  # a child's copy: the parent's socket and session are not its to end
+            self._closed = self._lost = True
             return
         self._hb_stop.set()
         if self._hb is not None:

@@ -246,6 +246,7 @@ class KVAccess:
         sequences (an op without an outcome) is completed from the daemon first."""
         if self._lost:
             raise SessionLost("this session is lost: its sequences (and their blocks) are the daemon's again")
+        self._check_process()
         mirror = self._mirror
         key = (mirror.moves.count, slots.tobytes())
         if self._own_slots == key:

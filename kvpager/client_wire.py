@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from typing import Any
 
 from kvpager import cuda_ipc
 from kvpager.channel import Channel
 from kvpager.client_control import undo_pin
-from kvpager.errors import MessageTooLarge, RequestTimeout, SessionLost
+from kvpager.errors import InvalidArgument, MessageTooLarge, RequestTimeout, SessionLost
 from kvpager.protocol import RETRIED_OPS, VERSION, Reply, pack, unpack
 from kvpager.shm import forget_release_count
 
@@ -25,9 +26,21 @@ class ClientWire:
     ``memory``, ``_chan``, ``_lock``, ``_ids``, ``_unsettled``, ``_closed``,
     ``_lost``, ``_hb_stop``, ``_mirror``, ``_mapped`` and ``_staging``."""
 
+    def _forked(self) -> bool:
+        """Whether this is a forked child's copy of the client (a ZeroMQ socket
+        cannot be used across ``fork()``: a call from the child blocked for good,
+        whatever its timeout)."""
+        return os.getpid() != self._pid
+
+    def _check_process(self) -> None:
+        if os.getpid() != self._pid:
+            raise InvalidArgument(f"this Client was made in process {self._pid}, not in this one ({os.getpid()}, "
+                                  "a forked child): a Client cannot be shared across fork(); make a new one here")
+
     def _call(self, op: str, args: dict[str, Any]) -> Any:
         if self._closed:
             raise SessionLost("this client is closed")
+        self._check_process()
         rid = next(self._ids)
         body = pack([VERSION, rid, self.session, op, args])
         if len(body) > getattr(self, "max_message_bytes", len(body)):

@@ -78,8 +78,11 @@ class Segment:
         self.name, self.size, self.owner = name, size, create
         self.buf = memoryview(self._mmap)
         # The creator unlinks at close, or at the latest when this object is
-        # collected or the interpreter exits (a server that never ran).
-        self._unlink = weakref.finalize(self, _unlink, name) if create else None
+        # collected or the interpreter exits (a server that never ran): the creating
+        # process only. A child forked from it (a daemon run in-process, then
+        # ``os.fork()``) inherits this object and its finalizer, and its exit
+        # unlinked the running daemon's pool: workers that came later found none.
+        self._unlink = weakref.finalize(self, _unlink, name, os.getpid()) if create else None
 
     @classmethod
     def create(cls, name: str, size: int) -> Segment:
@@ -116,7 +119,10 @@ class Segment:
             pass  # NumPy views still point into it; unmapped when they go
 
 
-def _unlink(name: str) -> None:
+def _unlink(name: str, creator: int | None = None) -> None:
+    """Unlink segment ``name``, in its ``creator`` process only (None: in any)."""
+    if creator is not None and os.getpid() != creator:
+        return
     with contextlib.suppress(FileNotFoundError):
         _posixshmem.shm_unlink("/" + name)
 

@@ -415,9 +415,8 @@ def test_generate_refuses_a_bool_as_its_count_of_beams():
     pytest.importorskip("transformers")
     from test_hf_models import make_model
 
-    from kvpager.hf import generate, spec_for_model
-
     from kvpager import KVPool
+    from kvpager.hf import generate, spec_for_model
 
     model = make_model("llama")
     pool = KVPool(spec_for_model(model, num_blocks=16, block_size=8))
