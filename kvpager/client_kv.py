@@ -59,8 +59,17 @@ class KVAccess:
         tables, seq_lens = self.tables(seq_ids)
         seq_lens = context_of(np.asarray(seq_lens), context_lens)
         plan = make_plan(self._pool(), tables, seq_lens, query_lens, slots, **options)
+        self._check_plan_slots(slots)
         self._tie(plan, id_list(seq_ids))
         return plan
+
+    def _check_plan_slots(self, slots: Any) -> None:
+        """A plan's slots as a write's (`_check_own_slots`: this session's blocks, none
+        published), checked once when it is made or refilled: its writes into them
+        went unchecked before (another session's committed K/V overwritten through a
+        plan given its slots, or over its sequences)."""
+        if slots is not None and self.ranks == 1:
+            self._check_own_slots(self._check_slots(slots))
 
     def refill(self, plan: StepPlan, seq_ids: Any, query_lens: Any = None, slots: Any = None, *,
                context_lens: Any = None) -> None:
@@ -72,6 +81,7 @@ class KVAccess:
         seq_ids = as_ids(seq_ids)
         tables, seq_lens = self.tables(seq_ids)
         seq_lens = context_of(np.asarray(seq_lens), context_lens)
+        self._check_plan_slots(slots)
         plan.update(tables, seq_lens, query_lens, slots)
         self._tie(plan, id_list(seq_ids))
 
@@ -204,6 +214,8 @@ class KVAccess:
             # the mirror's changes move the count the plans over this mapping follow
             self._mirror.moves = self._mapped.moves
             self._releases = map_release_count(self.memory.get("releases"))
+            if self._releases is not None and len(self._releases) > 1:
+                self._ends_seen = int(self._releases[1])
         return self._mapped
 
     def _same_process(self) -> bool:
@@ -247,6 +259,7 @@ class KVAccess:
         if self._lost:
             raise SessionLost("this session is lost: its sequences (and their blocks) are the daemon's again")
         self._check_process()
+        self._check_not_ended()
         mirror = self._mirror
         key = (mirror.moves.count, slots.tobytes())
         if self._own_slots == key:
@@ -262,12 +275,33 @@ class KVAccess:
             raise NotOwner(f"write: block {b} (slots {b * self.spec.block_size}...) is held by no resident sequence "
                            "of this session: slots kept from before a free, truncate or swap-out (take them from "
                            "the latest allocate / append)")
+        published = mirror.published_blocks(blocks)
+        if len(published):
+            raise NotOwner(f"write: block {int(published[0])} is published in the prefix cache (found cached, or "
+                           "filled by a commit); its K/V is immutable, other sessions read it (write before commit)")
         self._own_slots = key
+
+    def _check_not_ended(self) -> None:
+        """SessionLost where the daemon ended a session since this one last looked (its
+        count of sessions it ended, mapped with its count of releases, moved) and
+        this is one: a worker stopped past its heartbeat timeout (SIGSTOP, a long
+        pause) wrote its next K/V into blocks the daemon had given to another
+        session meanwhile, before its heartbeat thread learnt that the session was
+        over. One heartbeat's round trip each time the count moves."""
+        ends = self._releases
+        if ends is None or len(ends) < 2:
+            return
+        now = int(ends[1])
+        if now != self._ends_seen:
+            self._call("heartbeat", {})  # SessionLost (and the mirror dropped) if it was this one
+            self._ends_seen = now
 
     #: the (count of changes, slot bytes) last found all this session's (`_check_own_slots`)
     _own_slots: tuple[int, bytes] | None = None
-    #: the daemon's count of releases, mapped with its pool (`kvpager.shm.ReleaseCount`; None: not named)
+    #: the daemon's count of releases, mapped with its pool (`kvpager.shm.ReleaseCount`; None: not named),
+    #: and of the sessions it ended (a second word, where it has one: `_check_not_ended`)
     _releases: np.ndarray | None = None
+    _ends_seen = 0
 
     def _check_slots(self, slots: Any) -> np.ndarray:
         """Slot ids as int64, checked as `KVPool.write` checks them (uint64 past int64 included)."""

@@ -109,6 +109,11 @@ class TableMirror:
         # blocks that allocate / append replies gave these sequences since the last change that
         # releases blocks (`_moved`): a write's slots found here need no search of every table
         self._issued = np.zeros(0, dtype=bool)
+        # blocks whose K/V is published in the prefix cache as far as these sequences know: those
+        # they found cached (a prefix hit) and those their commits filled; immutable (a write into
+        # one changes what other sessions read through the cache) until an allocate or append gives
+        # one of them to write again (the daemon copied or un-published it first)
+        self._published = np.zeros(0, dtype=bool)
         self._shift = block_size.bit_length() - 1
         self.rows: dict[int, int] = {}  # seq_id -> row of `table`
         self.swapped: set[int] = set()
@@ -141,16 +146,31 @@ class TableMirror:
         self._issued[:] = False
 
     def _issue(self, slots: np.ndarray) -> None:
-        """The blocks of ``slots`` (an allocate's or append's) are these sequences'."""
+        """The blocks of ``slots`` (an allocate's or append's) are these sequences', to write."""
         if not len(slots):
             return
         blocks = np.asarray(slots, np.int64) >> self._shift
-        top = int(blocks.max()) + 1
-        if top > len(self._issued):
-            grown = np.zeros(max(top, 2 * len(self._issued)), dtype=bool)
-            grown[: len(self._issued)] = self._issued
-            self._issued = grown
-        self._issued[blocks[blocks >= 0]] = True
+        blocks = blocks[blocks >= 0]
+        if not len(blocks):
+            return
+        self._issued = _marked(self._issued, blocks)
+        if len(self._published):
+            self._published[blocks[blocks < len(self._published)]] = False
+
+    def _publish(self, blocks: np.ndarray) -> None:
+        """``blocks`` hold K/V other sessions may read through the prefix cache."""
+        blocks = blocks[blocks > 0]  # (the null block: released entries)
+        if len(blocks):
+            self._published = _marked(self._published, blocks)
+
+    def published_blocks(self, blocks: np.ndarray) -> np.ndarray:
+        """Those of ``blocks`` known published (`_published`): a write there is refused,
+        as the daemon refuses a staged one."""
+        pub = self._published
+        if not len(pub) or not len(blocks):
+            return blocks[:0]
+        inside = blocks[blocks < len(pub)]
+        return inside[pub[inside]]
 
     def foreign_blocks(self, blocks: np.ndarray) -> np.ndarray:
         """Those of ``blocks`` that no resident mirrored sequence holds (a swapped-out
@@ -187,10 +207,17 @@ class TableMirror:
     def allocated(self, allocations: Any) -> None:
         """`allocate`'s sequences: their tables; length = cached tokens + new slots."""
         bt = self.table
+        hits = []
         for a in allocations:
             row = self.rows[a.seq_id] = bt.add_row(a.block_table, a.num_cached_tokens + len(a.slots))
             bt.committed[row] = a.num_cached_tokens  # a prefix hit is committed K/V
             self._issue(a.slots)
+            if a.num_cached_tokens >= self.block_size:
+                hits.append(np.asarray(a.block_table[: a.num_cached_tokens // self.block_size], np.int64))
+        if hits:  # found cached: published, but for blocks this batch writes (shared within it)
+            hit = np.concatenate(hits)
+            written = np.concatenate([np.asarray(a.slots, np.int64) for a in allocations]) >> self._shift
+            self._publish(hit[~np.isin(hit, written)])
 
     def appended(self, ids: list[int], num_tokens: Any, slots: np.ndarray) -> None:
         """``num_tokens`` (an int, or one per sequence) new tokens per sequence
@@ -272,7 +299,20 @@ class TableMirror:
             ups = ups * len(ids)
         new = np.array([int(lens[k]) if ups[j] is None else int(ups[j]) for k, j in enumerate(at.tolist())],
                        np.int64)
-        bt.committed[rows] = np.maximum(bt.committed[rows], np.minimum(new, lens))
+        old = bt.committed[rows].astype(np.int64)
+        now = np.maximum(old, np.minimum(new, lens))
+        bt.committed[rows] = now
+        self._publish_full(rows, old, now)
+
+    def _publish_full(self, rows: np.ndarray, old: np.ndarray, now: np.ndarray) -> None:
+        """The blocks of ``rows`` that committed tokens filled from ``old`` to ``now``
+        (whole blocks: a commit publishes those)."""
+        first, last = old // self.block_size, now // self.block_size
+        counts = np.maximum(last - first, 0)
+        if counts.any():
+            rep = np.repeat(rows, counts)
+            cols = np.arange(len(rep), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts - first, counts)
+            self._publish(self.table.table[rep, cols].astype(np.int64))
 
     def freed(self, ids: list[int]) -> None:
         self._moved()
@@ -357,11 +397,25 @@ class TableMirror:
         bt.set_blocks(rows[rep], cols, np.asarray(tables)[at][mask])
         bt.num_blocks[rows] = nblocks
         bt.num_tokens[rows] = lens
+        # their committed blocks came back published (still cached) or as copies of published K/V
+        self._publish_full(rows, np.zeros(len(rows), np.int64), bt.committed[rows].astype(np.int64))
 
     def clear(self) -> None:
         """Forget everything (the session is lost or closed)."""
         self._moved()
+        self._published = np.zeros(0, dtype=bool)
         self.table = BlockTable(columns=("released", "committed"))
         self.rows.clear()
         self.swapped.clear()
         self._recent.clear()
+
+
+def _marked(flags: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    """``flags`` (a bool a block id, grown to hold ``blocks``: doubled at least) with ``blocks`` set."""
+    top = int(blocks.max()) + 1
+    if top > len(flags):
+        grown = np.zeros(max(top, 2 * len(flags)), dtype=bool)
+        grown[: len(flags)] = flags
+        flags = grown
+    flags[blocks] = True
+    return flags

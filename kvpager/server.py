@@ -243,7 +243,16 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
                     frames[-1] = encode_reply(None, None, ErrorInfo("internal", f"internal error: {type(e).__name__}"))
                 try:
                     sock.send_multipart(frames, zmq.NOBLOCK)
-                except zmq.ZMQError as e:  # peer gone or its queue full: its problem, not ours
+                except zmq.Again:
+                    # Its queue looks full (`QUEUED_MESSAGES`); the socket may not have heard yet that the
+                    # peer read it (ZeroMQ takes such notices in at most once a millisecond while messages
+                    # keep coming, and a client's quick round trips outran that): take them in, try again.
+                    sock.getsockopt(zmq.EVENTS)
+                    try:
+                        sock.send_multipart(frames, zmq.NOBLOCK)
+                    except zmq.ZMQError as e:  # its queue full indeed: it reads none of its replies
+                        log.debug("reply dropped: %s", e)
+                except zmq.ZMQError as e:  # peer gone: its problem, not ours
                     log.debug("reply dropped: %s", e)
                 now = time.monotonic()
                 # Nothing else queued: everything sent is read up to now. Asked at most every

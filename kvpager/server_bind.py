@@ -86,6 +86,9 @@ class Binding:
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes + protocol.TRANSPORT_SLACK)
         sock.setsockopt(zmq.SNDHWM, QUEUED_MESSAGES)
         sock.setsockopt(zmq.RCVHWM, QUEUED_MESSAGES)
+        # a reply that finds its queue full raises (the loop takes in the socket's notices and tries
+        # once more) instead of going nowhere in silence: see `Server._loop`
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
             sock.bind(self.endpoint)
         except zmq.ZMQError as e:

@@ -18,7 +18,7 @@ log = logging.getLogger("kvpager.server")
 
 
 class SessionEnds:
-    """Mixed into `Server`, which supplies ``pool``, ``sessions``,
+    """Mixed into `Server`, which supplies ``pool``, ``sessions``, ``releases``,
     ``request_metrics``, ``_idle`` and ``_flush_events``."""
 
     def expire(self) -> None:
@@ -27,6 +27,8 @@ class SessionEnds:
         request, the heartbeats that waited behind it count first."""
         t0 = time.perf_counter()
         ended = self.sessions.expired(self._idle)
+        if ended and self.releases is not None:
+            self.releases.session_ended()  # (before their blocks go: a worker checks it before it writes)
         for s in ended:
             try:
                 self._end(s, "missed heartbeats")

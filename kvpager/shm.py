@@ -240,16 +240,22 @@ def map_segment(handle: dict[str, Any]) -> Segment:
 
 
 class ReleaseCount:
-    """The daemon's count of releases (`kvpager.plan_guard.Moves.released`): one
+    """The daemon's count of releases (`kvpager.plan_guard.Moves.released`): a
     uint64 in a segment of its own, which every mapped worker reads (attached
     read-only) to learn that some session's blocks may have gone to another
-    sequence. Its name is random (`random_tag`), as the staging buffers'."""
+    sequence; and after it the count of sessions the daemon ended (expired), by
+    which a worker learns that its own may be one before it writes
+    (`kvpager.client_kv.KVAccess._check_not_ended`). Its name is random
+    (`random_tag`), as the staging buffers'."""
 
-    SIZE = 8
+    SIZE = 16
 
     def __init__(self, epoch: str):
         self.segment = Segment.create(segment_name(epoch, random_tag("m")), self.SIZE)
-        self.array = self.segment.array((1,), np.uint64)
+        self.array = self.segment.array((2,), np.uint64)
+
+    def session_ended(self) -> None:
+        self.array[1] += 1
 
     def handle(self) -> dict[str, Any]:
         """The hello reply's ``memory["releases"]``."""
@@ -274,13 +280,15 @@ def map_release_count(handle: Any) -> np.ndarray | None:
     name = handle["name"]
     got = _counts.get(name)
     if got is None:
+        size = handle.get("size")
+        words = 2 if isinstance(size, int) and size >= 16 else 1  # (a daemon from before counts releases alone)
         try:
-            segment = Segment.attach(name, ReleaseCount.SIZE, readonly=True)
+            segment = Segment.attach(name, 8 * words, readonly=True)
         except (InvalidArgument, OSError) as e:  # a GPU pool mapped from another /dev/shm (a container)
             log.warning("the daemon's count of releases (%s) cannot be mapped here (%s): plans over other "
                         "sessions' sequences recheck only when this worker's own sequences change", name, e)
             return None
-        got = _counts[name] = segment.array((1,), np.uint64)
+        got = _counts[name] = segment.array((words,), np.uint64)
     return got
 
 

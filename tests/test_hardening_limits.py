@@ -403,3 +403,21 @@ def test_a_connection_that_stops_reading_cannot_pin_the_daemons_memory():
         finally:
             hog.close(0)
         c.check_integrity()
+
+
+def test_quick_round_trips_lose_no_reply():
+    """With a few messages queued a connection, a client's quick round trips (a
+    reply every few tens of microseconds) found its queue full in the daemon's
+    socket's view, which takes in the notices that the peer read at most once a
+    millisecond while messages keep coming: replies went nowhere, calls timed out.
+    The loop takes them in and sends again."""
+    with running_server(SMALL) as server, Client(server.endpoint, timeout=3, heartbeat=False) as c:
+        [a] = c.allocate([[1, 2, 3]])
+        for _ in range(3000):
+            c.heartbeat()
+        raw = Raw(server.endpoint)
+        try:
+            for rid in range(3000):
+                assert raw.send(req(rid, "tables", {"seq_ids": [a.seq_id]}), timeout=3)[1] == 0
+        finally:
+            raw.close()

@@ -1,0 +1,120 @@
+"""Workers that write through the mapped pool: the client checks what the daemon
+checks of a staged write. A published block (found cached, or filled by a
+commit) is immutable; a step plan's slots are the session's own, checked when
+it is made or refilled; a worker whose session the daemon ended while it was
+stopped writes nothing when it resumes. Each was a write into another
+session's K/V before (the daemon's integrity check cannot see it). CPU daemon
+in this process, small pools, every daemon stopped."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from daemon_helpers import running_server, wait_until
+
+from kvpager.client import Client
+from kvpager.errors import NotOwner, SessionLost
+from kvpager.spec import PoolSpec
+
+SPEC = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=8, block_size=16, dtype="float32")
+BS = SPEC.block_size
+
+
+def kv(n: int, value: float) -> np.ndarray:
+    return np.full((n, SPEC.num_kv_heads, SPEC.head_dim), value, np.float32)
+
+
+def written(c: Client, alloc, value: float) -> None:
+    for layer in range(SPEC.num_layers):
+        c.write(layer, alloc.slots, kv(len(alloc.slots), value), kv(len(alloc.slots), value))
+
+
+def k_of(c: Client, blocks) -> np.ndarray:
+    return c.kv(0)[0][list(blocks)].copy()
+
+
+def test_a_published_block_is_not_written_through_the_mapped_pool():
+    with running_server(SPEC) as server, Client(server.endpoint) as a, Client(server.endpoint) as b:
+        prompt = list(range(100, 100 + 2 * BS))
+        [x] = a.allocate([prompt])
+        written(a, x, 1.0)
+        a.commit(x.seq_id)
+        before = k_of(a, x.block_table)
+        [y] = b.allocate([prompt + [7, 8, 9]])  # a prefix hit on a's two published blocks
+        assert y.num_cached_tokens == 2 * BS and list(y.block_table[:2]) == list(x.block_table)
+        shared = np.arange(int(y.block_table[0]) * BS, int(y.block_table[0] + 1) * BS)
+        with pytest.raises(NotOwner, match="published"):
+            b.write(0, shared, kv(BS, -6.0), kv(BS, -6.0))
+        with pytest.raises(NotOwner, match="published"):  # its owner too, after its commit
+            a.write(0, x.slots, kv(len(x.slots), -6.0), kv(len(x.slots), -6.0))
+        written(b, y, 2.0)  # its own suffix: written
+        assert np.array_equal(k_of(a, x.block_table), before)
+        # cut back into the published block and appended: the daemon gives a copy to write
+        b.truncate(y.seq_id, BS + 3)
+        slots = b.append_flat([y.seq_id], 1)
+        assert int(slots[0]) // BS != int(y.block_table[1])
+        b.write(0, slots, kv(1, 3.0), kv(1, 3.0))
+        assert np.array_equal(k_of(a, x.block_table), before)
+        a.check_integrity()
+
+
+def test_blocks_shared_within_an_allocate_are_written_by_it():
+    """Prompts of one allocate sharing leading blocks (``share_in_batch``): the later
+    ones count them as cached, but the first writes them: not published yet."""
+    with running_server(SPEC) as server, Client(server.endpoint) as a:
+        system = list(range(40, 40 + BS))
+        x, y = a.allocate([system + [1, 2], system + [3]], share_in_batch=True)
+        assert y.num_cached_tokens == BS and y.block_table[0] == x.block_table[0]
+        written(a, x, 1.0)
+        written(a, y, 2.0)
+        a.commit([x.seq_id, y.seq_id])
+        with pytest.raises(NotOwner, match="published"):
+            written(a, x, 3.0)
+
+
+def test_a_plans_slots_are_its_sessions_own():
+    with running_server(SPEC) as server, Client(server.endpoint) as a, Client(server.endpoint) as b:
+        [x] = a.allocate([list(range(BS + 4))])
+        written(a, x, 1.0)
+        before = k_of(a, x.block_table)
+        [y] = b.allocate([list(range(500, 503))])
+        with pytest.raises(NotOwner, match="no resident sequence of this session"):
+            b.plan([y.seq_id], slots=x.slots[:1])
+        with pytest.raises(NotOwner, match="no resident sequence of this session"):
+            b.plan([x.seq_id], slots=x.slots[-1:])  # another session's sequences: attend only
+        plan = b.plan([y.seq_id], slots=y.slots[-1:])
+        with pytest.raises(NotOwner):
+            b.refill(plan, [y.seq_id], slots=x.slots[-1:])
+        assert np.array_equal(k_of(a, x.block_table), before)
+        b.plan([x.seq_id]).attend(0, np.ones((1, 2, SPEC.head_dim), np.float32))  # reading is fine
+        a.check_integrity()
+
+
+def test_a_worker_stopped_past_its_timeout_writes_nothing_when_it_resumes():
+    """A worker paused longer than the heartbeat timeout (here: one without a
+    heartbeat thread, idle): the daemon ended its session and gave its blocks to
+    another; its next write went into them before anything told it its session
+    was over. The daemon's count of the sessions it ended, mapped with the pool,
+    moved: the write asks first."""
+    with running_server(SPEC, heartbeat_timeout=0.5) as server:
+        stalled = Client(server.endpoint, heartbeat=False)
+        other = Client(server.endpoint)
+        try:
+            [x] = stalled.allocate([list(range(2 * BS))])
+            written(stalled, x, 1.0)
+            time.sleep(0.6)
+            assert wait_until(lambda: len(server.sessions) == 1, timeout=10)
+            [y] = other.allocate([list(range(900, 900 + 7 * BS))])  # every block, the stalled one's too
+            assert set(x.block_table) <= set(y.block_table)
+            written(other, y, 5.0)
+            other.commit(y.seq_id)
+            before = k_of(other, y.block_table)
+            with pytest.raises(SessionLost):
+                stalled.write(0, x.slots, kv(len(x.slots), -7.0), kv(len(x.slots), -7.0))
+            assert np.array_equal(k_of(other, y.block_table), before)
+            other.check_integrity()
+        finally:
+            stalled.close()
+            other.close()
