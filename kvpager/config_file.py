@@ -54,7 +54,7 @@ def read_config(path: str) -> dict[str, Any]:
             config = json.load(f)
     except FileNotFoundError:
         raise InvalidArgument(f"--model {path}: no such preset, and no {file}") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # (a file nested past the parser's depth)
         raise InvalidArgument(f"--model {path}: cannot read {file}: {e}") from None
     if not isinstance(config, dict):
         raise InvalidArgument(f"--model {path}: {file} is not a JSON object")

@@ -69,7 +69,7 @@ def read_prompts(path: str) -> list[list[int]]:
     try:
         text = sys.stdin.read() if path == "-" else open(path).read()  # noqa: SIM115 (read at once)
         data = json.loads(text)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # (a file nested past the parser's depth)
         raise click.BadParameter(f"cannot read token ids from {path}: {e}") from None
     if isinstance(data, list) and all(type(t) is int for t in data):
         data = [data]

@@ -176,7 +176,7 @@ def line(values: tuple[object, ...]) -> str:
 @click.option("--replay-endpoint", default=None,
               help="Its replay socket (default: the next TCP port, or the ipc path + .replay).")
 @click.option("--topic", default="", help="Topic prefix to subscribe to (default: every topic).")
-@click.option("--from-seq", "start", type=click.IntRange(min=0), default=None,
+@click.option("--from-seq", "start", type=click.IntRange(min=0, max=(1 << 63) - 1), default=None,
               help="First replay the kept batches from this sequence number (0: all the daemon keeps).")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after this many batches.")
 @click.option("--idle", type=click.FloatRange(min=0, min_open=True), default=None,

@@ -71,8 +71,16 @@ END_SEQ = (-1).to_bytes(8, "big", signed=True)
 #: Batches kept for replay, and at most this many bytes of them.
 REPLAY_BATCHES = 10_000
 REPLAY_BYTES = 64 << 20
-#: Batches PUB queues per subscriber before it drops (vLLM's default).
-SEND_HWM = 100_000
+#: Batches PUB queues per subscriber before it drops (ZeroMQ's default). vLLM's 100,000 let
+#: each subscriber that stopped reading (a paused `kvpager events | less`, a hung consumer)
+#: pin that many batches in the daemon's memory: four such grew it by 290 MB over 1,500
+#: batches of 150 KB, and on (15 GB a subscriber at the bound). One that falls behind by
+#: more loses batches, which the replay socket has (the kept 10,000).
+SEND_HWM = 1000
+#: Messages the replay socket queues a peer: an answer goes on as the peer reads (its turns
+#: wait while the queue is full). ZeroMQ's 1,000 let each peer that asked for the whole kept
+#: history and read none of it hold up to 64 MiB once its answer was all queued.
+REPLAY_HWM = 64
 _WAKE_S = 0.05  # how often the idle thread looks at the replay socket
 #: Replay answers under way at once, and batches sent to them per turn (in all).
 REPLAY_PEERS = 64
@@ -191,7 +199,7 @@ class EventPublisher:
             # A request is 8 bytes: a much bigger one drops its sender's connection. Mandatory:
             # a send to a full or gone peer fails at once (not dropped unseen, the end marker too).
             self._replay = self._bind(zmq.ROUTER, self.replay_endpoint,
-                                      {zmq.MAXMSGSIZE: 64, zmq.ROUTER_MANDATORY: 1})
+                                      {zmq.MAXMSGSIZE: 64, zmq.ROUTER_MANDATORY: 1, zmq.SNDHWM: REPLAY_HWM})
             self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
         except BaseException:
             self._close_sockets()

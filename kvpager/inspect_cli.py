@@ -64,9 +64,16 @@ class Seconds(click.ParamType):
         return x
 
 
+#: the hint for a refused control token (an Unauthorized that names it): the client token's would mislead
+CONTROL_HINT = ("the daemon's control token differs: set KVPAGER_CONTROL_TOKEN (or KVPAGER_CONTROL_TOKEN_FILE) "
+                "to its token, or unset it for the read-only commands")
+
+
 def fail(e: BaseException) -> None:
     for cls, code, hint in HINTS:
         if isinstance(e, cls):
+            if isinstance(e, Unauthorized) and "control token" in str(e):
+                hint = CONTROL_HINT
             click.echo(f"error: {e}", err=True)
             click.echo(f"next: {hint}", err=True)
             sys.exit(code)

@@ -27,9 +27,28 @@ CLUSTER = {"redis+cluster": "redis", "rediss+cluster": "rediss", "valkey+cluster
 SECRET_QUERY = re.compile(r"(?i)((?:^|[?&;])password=)[^&;#]*")
 
 
+def _split_credentials(url: str) -> bool:
+    """Whether ``url``'s credentials hold a character that ends a URL's host part
+    (``/``, ``?``, ``#``, not percent-encoded): an ``@`` after the host part as a
+    URL parser reads it (``redis://kv:Pa55/w0rd@host``: host ``kv:Pa55``)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.startswith("unix") or re.search(r"(?i)[?&;]password=", rest):
+        return False  # (a socket path, or a password= option, may hold an @)
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    return "@" not in rest[:end] and "@" in rest[end:]
+
+
 def redact(url: str) -> str:
     """``url`` without a password (``redis://:***@host:6379``; a ``password=``
-    query parameter as ``password=***``), also for a URL that does not parse."""
+    query parameter as ``password=***``), also for a URL that does not parse,
+    and for one whose password holds an unencoded ``/``, ``?`` or ``#`` (everything
+    up to its last ``@`` hidden)."""
+    if _split_credentials(url):
+        scheme, _, rest = url.partition("://")
+        credentials, _, after = rest.rpartition("@")
+        user = credentials.split(":", 1)[0] if ":" in credentials else ""
+        after = SECRET_QUERY.sub(r"\1***", after)
+        return f"{scheme}://{user}:***@{after}"
     try:
         parts = urllib.parse.urlsplit(url)
         password = parts.password
@@ -75,6 +94,9 @@ def check_url(url: str, scheme: str, cluster: bool) -> None:
     as DB 0 and ``/0/1`` as DB 1, and drops a Unix URL's host part
     (``unix://run/redis.sock`` is ``/redis.sock``); a cluster has only DB 0
     and takes no query options (they were ignored)."""
+    if _split_credentials(url):
+        raise InvalidArgument(f"remote store URL {redact(url)!r}: its credentials hold a character that ends a "
+                              "URL's host part ('/', '?' or '#'): percent-encode it (%2F, %3F, %23)")
     try:
         parts = urllib.parse.urlsplit(url)
         parts.username  # noqa: B018 (raises for a netloc that does not parse)

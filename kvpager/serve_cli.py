@@ -123,7 +123,7 @@ def read_scales(path: str) -> Any:
     try:
         with open(path) as f:
             scales = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # (a file nested past the parser's depth)
         raise click.BadParameter(f"{path}: {e}", param_hint="--kv-scales") from None
     if scales is None:  # the spec's "no scales": a file given for scales meant some (it meant all 1.0)
         raise click.BadParameter(f"{path} holds null, not the scales", param_hint="--kv-scales")

@@ -237,3 +237,34 @@ def test_serve_remote_ttl_past_what_redis_takes_is_a_usage_error():
     code, out = invoke("serve", "--model", "tiny", "--blocks", "8", "--device", "cpu", "--remote",
                        "redis://127.0.0.1:1", "--remote-ttl", str(10**16))
     assert code == 2 and "'--remote-ttl'" in out and "Traceback" not in out
+
+
+def test_events_from_a_sequence_number_past_int64_is_a_usage_error():
+    code, out = invoke("events", "--endpoint", "ipc:///nonexistent/ev.sock", "--from-seq", str(1 << 64))
+    assert code == 2 and "--from-seq" in out and "Traceback" not in out
+
+
+def test_json_nested_past_the_parsers_depth_is_named(tmp_path, server):
+    """pin / unpin's TOKENS.json, serve's --kv-scales and --model's config.json:
+    a RecursionError traceback before."""
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(deep.read_text())
+    for args in (["pin", "--endpoint", server.endpoint, str(deep)],
+                 ["serve", "--dry-run", "--layers", "2", "--kv-heads", "2", "--head-dim", "16", "--dtype", "float16",
+                  "--kv-dtype", "float8_e4m3", "--kv-scales", str(deep)],
+                 ["serve", "--dry-run", "--model", str(tmp_path / "model")]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code in (1, 2) and "recursion" in result.output, (args, result.output)
+        assert not isinstance(result.exception, RecursionError), args
+
+
+def test_a_wrong_control_token_is_named_as_such():
+    from kvpager.spec import PoolSpec
+
+    spec = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=16, block_size=16, dtype="float32")
+    with running_server(spec, control_token="control-token-of-enough-length-42") as s:
+        code, out = invoke("stats", "--endpoint", s.endpoint,
+                           env={"KVPAGER_CONTROL_TOKEN": "a-stale-control-token-of-length"})
+    assert code == 6 and "KVPAGER_CONTROL_TOKEN" in out and "KVPAGER_TOKEN," not in out

@@ -205,3 +205,36 @@ def test_malformed_replay_requests_are_ignored_or_answered_empty(events_server):
         assert read_answer(s) == ([11], True)
     finally:
         ctx.destroy(linger=0)
+
+
+def test_a_subscriber_that_reads_nothing_holds_a_bounded_queue():
+    """PUB queued up to 100,000 batches for each subscriber (vLLM's bound), in the
+    daemon's memory: one that stopped reading (a paused ``kvpager events | less``)
+    grew it batch after batch. A thousand wait for it now; the rest are dropped
+    (the replay socket has them)."""
+    from kvpager.events_pub import EventsConfig
+
+    endpoint, d = ipc_endpoint()
+    config = EventsConfig(f"ipc://{d}/ev.sock")
+    with running_server(SMALL, endpoint=endpoint, events=config) as server, Client(endpoint) as c:
+        sub = zmq.Context.instance().socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, 1)
+        sub.setsockopt(zmq.RCVBUF, 4096)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(server.events.endpoint)
+        try:
+            time.sleep(0.3)  # (subscribed before the batches)
+            prompt = list(range(3, 3 + 160))  # ten blocks' events a batch: a few KB each
+            for _ in range(1500):
+                [a] = c.allocate([prompt], salt=str(time.monotonic_ns()))
+                c.commit(a.seq_id)  # (published: a batch of BlockStored, evictions later)
+                c.free(a.seq_id)
+            time.sleep(0.5)  # (the publisher's thread sent what it had)
+            got = 0
+            while sub.poll(300):
+                sub.recv_multipart()
+                got += 1
+            assert 0 < got <= 1400, got  # SEND_HWM's 1,000, and what the sockets' buffers held
+        finally:
+            sub.close(0)

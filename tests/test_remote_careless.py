@@ -388,3 +388,17 @@ def test_passwords_stay_out_of_urls_and_messages():
     for url in ("redis://127.0.0.1", "redis://127.0.0.1:1/15", "redis://[::1]:6379/0", "unix:///tmp/r.sock?db=1",
                 "rediss://u:p@h:1?ssl_cert_reqs=none", "redis+cluster://a:1,b:2", "redis+cluster://[::1]:1,[::1]:2/0"):
         open_store(url).close()  # still taken
+
+
+@pytest.mark.parametrize("url", ["redis://kv:Pa55/w0rdhunter2@127.0.0.1:6379", "redis://kv:Pa#55hunter2@127.0.0.1:1/0",
+                                 "rediss://:a?bhunter2@h:6379", "redis+cluster://u:x/yhunter2@a:1,b:2"])
+def test_a_password_with_a_character_that_ends_the_host_is_hidden_and_named(url):
+    """A password with an unencoded ``/``, ``?`` or ``#`` (``openssl rand -base64``
+    gives ``/``) ends a URL's host part early: the URL had no credentials as parsed,
+    and its refusal printed the password (``'kv:Pa55' is not HOST:PORT``)."""
+    from kvpager.remote_url import redact
+
+    assert "hunter2" not in redact(url) and ":***@" in redact(url)
+    with pytest.raises(InvalidArgument, match="percent-encode") as e:
+        open_store(url)
+    assert "hunter2" not in str(e.value) and "Pa55" not in str(e.value)
