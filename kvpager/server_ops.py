@@ -174,25 +174,32 @@ class ServerOps(ControlOps):
 
     def _op_swap_in(self, s: Session, a: dict[str, Any]) -> list[np.ndarray]:
         ids = self._owned(s, a["seq_ids"])
+        self._tables_fit("swap_in", ids)  # (before anything is swapped: a refusal changes nothing)
         self.pool.swap_in(ids)
         # The swapped-out blocks came back under new ids: the reply carries the
         # new tables, so a worker's mirror follows without another round trip.
-        return self._op_tables(s, {"seq_ids": ids})
+        return list(self.pool.tables(ids))
+
+    def _tables_fit(self, op: str, ids: list[int]) -> None:
+        """LimitExceeded where the tables of ``ids`` (known ids), [ids, longest table]
+        int32 padded, would take more bytes than the message limit: a small request (one
+        long sequence's id repeated 65,536 times, or one long one among many short)
+        asked for a reply hundreds of times its size (525 MB for 64 KiB), built on the
+        loop's thread. Bounded as a request is."""
+        manager = self.pool.manager
+        rows = manager.lookup(ids)
+        longest = int(manager.table.num_tokens[rows].max()) if len(rows) else 0
+        width = max(-(-longest // self.pool.spec.block_size), 1)
+        size = 4 * len(ids) * (width + 1)
+        if size > self.max_message_bytes:
+            raise LimitExceeded(f"{op}: the tables of {len(ids)} ids padded to {width} blocks take {size} bytes, "
+                                f"over the daemon's message limit of {self.max_message_bytes} (ask for fewer ids "
+                                "at a time)", "max_message_bytes", size, self.max_message_bytes)
 
     # -- inspection ----------------------------------------------------------------------------
     def _op_tables(self, s: Session | None, a: dict[str, Any]) -> list[np.ndarray]:
-        # The reply is [ids, longest table] int32, padded: a small request (one long sequence's id
-        # repeated 65,536 times, or one long one among many short) asked for a reply hundreds of times
-        # its size (525 MB for 64 KiB), built on the loop's thread. Bounded as a request is.
         ids = wire_ids(a["seq_ids"])
-        manager = self.pool.manager
-        rows = manager.lookup(ids)
-        width = max(int(manager.table.num_blocks[rows].max()), 1) if len(rows) else 1
-        size = 4 * len(ids) * (width + 1)
-        if size > self.max_message_bytes:
-            raise LimitExceeded(f"tables: the tables of {len(ids)} ids padded to {width} blocks take {size} bytes, "
-                                f"over the daemon's message limit of {self.max_message_bytes} (ask for fewer ids "
-                                "at a time)", "max_message_bytes", size, self.max_message_bytes)
+        self._tables_fit("tables", ids)
         return list(self.pool.tables(ids))
 
     def _op_sequences(self, s: Session | None, a: dict[str, Any]) -> list[dict[str, Any]]:

@@ -421,3 +421,21 @@ def test_quick_round_trips_lose_no_reply():
                 assert raw.send(req(rid, "tables", {"seq_ids": [a.seq_id]}), timeout=3)[1] == 0
         finally:
             raw.close()
+
+
+def test_a_swap_in_whose_tables_would_pass_the_limit_is_refused_before_it_runs():
+    """swap_in answers with the sequences' new tables: bounded as `tables` is, and
+    checked before anything is swapped (a refusal changes nothing)."""
+    spec = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=600, block_size=16, dtype="float32",
+                    num_host_blocks=600)
+    with running_server(spec, max_message_bytes=1 << 16) as server, Client(server.endpoint) as c:
+        allocs = c.allocate([list(range(3, 3 + 512 * 16))] + [[7]] * 31)  # one of 512 blocks, 31 of one
+        ids = [a.seq_id for a in allocs]
+        c.swap_out(ids)
+        with pytest.raises(LimitExceeded, match="swap_in: the tables of 32 ids"):
+            c.swap_in(ids)
+        assert all(s.swapped for s in c.sequences())
+        c.swap_in(ids[:16])
+        c.swap_in(ids[16:])
+        assert not any(s.swapped for s in c.sequences())
+        c.check_integrity()
