@@ -54,6 +54,7 @@ from kvpager.client_wire import ClientWire
 from kvpager.endpoints import endpoint_or_default, probe
 from kvpager.errors import DaemonUnavailable, InvalidArgument, RequestTimeout, SessionLost
 from kvpager.protocol import OPS
+from kvpager.shm import map_release_count
 from kvpager.spec import PoolSpec
 
 log = logging.getLogger("kvpager.client")
@@ -167,6 +168,9 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self.gpu = self.memory.get("kind") == "cuda_ipc"
         self._mirror = TableMirror(self.spec.block_size)  # this session's block tables
         self.map_pool = self._want_map and self.memory.get("kind") in ("shm", "cuda_ipc")
+        if self.map_pool:  # the sessions the daemon ended, counted from now (`_check_not_ended`)
+            self._releases = map_release_count(self.memory.get("releases"))
+            self._ends_seen = int(self._releases[1]) if self._releases is not None and len(self._releases) > 1 else 0
         self._mapped: Any = None  # NumpyBackend (shm) or CupyBackend (cuda_ipc) over the pool
         self._staging: Any = None  # shm Segment or cuda_ipc DeviceBuffer
         self._device_index: int | None = None

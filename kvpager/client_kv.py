@@ -94,11 +94,15 @@ class KVAccess:
         moves: Moves | Foreign = mirror.moves
         if self._releases is not None and not all(i in mirror.rows for i in ids):
             moves = Foreign(mirror.moves, self._releases)  # other sessions' sequences: their releases too
+        elif self._releases is not None and len(self._releases) > 1:
+            moves = Foreign(mirror.moves, self._releases, word=1)  # its own: the sessions the daemon ended
         plan.guard_with(sequence_guard(ids, self._rows_now), moves)
 
     def _rows_now(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The tables, lengths and committed token counts of ``ids`` now: a step
-        plan's guard's (`kvpager.plan_guard`); from the mirror, else the daemon."""
+        plan's guard's (`kvpager.plan_guard`); from the mirror, else the daemon.
+        SessionLost where the daemon ended this session (`_check_not_ended`)."""
+        self._check_not_ended()
         got = None if self._lost else self._mirror.rows_now(ids)
         if got is not None:
             return got
@@ -213,9 +217,7 @@ class KVAccess:
                 self._mapped = cuda_ipc.map_pool(self.spec, self.memory, self._same_process())
             # the mirror's changes move the count the plans over this mapping follow
             self._mirror.moves = self._mapped.moves
-            self._releases = map_release_count(self.memory.get("releases"))
-            if self._releases is not None and len(self._releases) > 1:
-                self._ends_seen = int(self._releases[1])
+            self._releases = map_release_count(self.memory.get("releases"))  # (mapped at hello: the same)
         return self._mapped
 
     def _same_process(self) -> bool:
@@ -258,18 +260,25 @@ class KVAccess:
         sequences (an op without an outcome) is completed from the daemon first."""
         if self._lost:
             raise SessionLost("this session is lost: its sequences (and their blocks) are the daemon's again")
-        self._check_process()
-        self._check_not_ended()
+        ends = self._releases
+        if ends is not None and len(ends) > 1 and ends[1] != self._ends_seen:
+            self._check_not_ended()
         mirror = self._mirror
         key = (mirror.moves.count, slots.tobytes())
         if self._own_slots == key:
             return
+        self._check_process()
         blocks = np.unique(slots[slots >= 0] >> (self.spec.block_size.bit_length() - 1))
         foreign = mirror.foreign_blocks(blocks)
-        if len(foreign) and mirror.incomplete:  # the daemon's own tables, all of them (slow, rare)
+        if mirror.incomplete and (len(foreign) or len(blocks)):  # the daemon's own tables and cache (slow, rare)
             mine = [b for s in self.sequences() if s.owner == self.session_name and not s.swapped
                     for b in s.block_table]
             foreign = foreign[~np.isin(foreign, np.asarray(mine, np.int64))]
+            if not len(foreign):
+                cached = blocks[self.blocks().cached[blocks]]
+                if len(cached):
+                    raise NotOwner(f"write: block {int(cached[0])} is published in the prefix cache; its K/V is "
+                                   "immutable, other sessions read it (write before commit)")
         if len(foreign):
             b = int(foreign[0])
             raise NotOwner(f"write: block {b} (slots {b * self.spec.block_size}...) is held by no resident sequence "

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from kvpager.client_tables import as_ids, id_list, packed, packed_rows, read_ids, scalar
-from kvpager.errors import InternalError, InvalidArgument, RequestTimeout
+from kvpager.errors import InternalError, InvalidArgument, LimitExceeded, RequestTimeout
 from kvpager.protocol import (
     SEQUENCES_PAGE,
     decode_allocations,
@@ -216,7 +216,24 @@ class ClientSequences:
                 got = self._mirror.gather(ids)
                 if got is not None:
                     return got
-        return decode_tables(self._call("tables", {"seq_ids": seq_ids}))
+        return self._daemon_tables(seq_ids)
+
+    def _daemon_tables(self, seq_ids: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The daemon's `tables` of ``seq_ids``; a batch whose padded reply would pass the
+        daemon's message limit asked in halves (read-only: nothing to undo), padded again."""
+        try:
+            return decode_tables(self._call("tables", {"seq_ids": seq_ids}))
+        except LimitExceeded as e:
+            ids = id_list(seq_ids)
+            if getattr(e, "limit", None) != "max_message_bytes" or ids is None or len(ids) < 2:
+                raise
+        half = len(ids) // 2
+        (ta, la), (tb, lb) = self._daemon_tables(ids[:half]), self._daemon_tables(ids[half:])
+        width = max(ta.shape[1], tb.shape[1])
+        tables = np.zeros((len(ids), width), np.int32)
+        tables[:half, : ta.shape[1]] = ta
+        tables[half:, : tb.shape[1]] = tb
+        return tables, np.concatenate([la, lb])
 
     def sequence(self, seq_id: int) -> SequenceInfo:
         if isinstance(seq_id, np.ndarray) and seq_id.ndim == 0:

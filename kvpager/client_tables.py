@@ -397,7 +397,12 @@ class TableMirror:
         bt.set_blocks(rows[rep], cols, np.asarray(tables)[at][mask])
         bt.num_blocks[rows] = nblocks
         bt.num_tokens[rows] = lens
-        # their committed blocks came back published (still cached) or as copies of published K/V
+        # Their blocks are new to them: what this session once knew of those ids (published when
+        # it held them before) holds no more; their committed blocks came back published (still
+        # cached) or as copies of published K/V, the rest to write.
+        back = np.asarray(tables)[at][mask].astype(np.int64)
+        if len(self._published) and len(back):
+            self._published[back[back < len(self._published)]] = False
         self._publish_full(rows, np.zeros(len(rows), np.int64), bt.committed[rows].astype(np.int64))
 
     def clear(self) -> None:

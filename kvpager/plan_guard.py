@@ -70,17 +70,18 @@ class Moves:
 class Foreign:
     """What a worker's plan over sequences of other sessions follows: its own
     session's count (``own``, a `Moves`) plus the daemon's shared count of
-    releases (``releases``, the mapped word). Both only grow, so their sum moves
-    whenever either does."""
+    releases (``releases``, the mapped words: ``word`` 0). Both only grow, so their
+    sum moves whenever either does. A plan over its own sequences alone follows
+    ``word`` 1, the sessions the daemon ended (its own may be one: the recheck asks)."""
 
-    __slots__ = ("own", "releases")
+    __slots__ = ("own", "releases", "word")
 
-    def __init__(self, own: Moves, releases: np.ndarray):
-        self.own, self.releases = own, releases
+    def __init__(self, own: Moves, releases: np.ndarray, word: int = 0):
+        self.own, self.releases, self.word = own, releases, word
 
     @property
     def count(self) -> int:
-        return self.own.count + int(self.releases[0])
+        return self.own.count + int(self.releases[self.word])
 
 
 #: A plan's check against its sequences: raises StalePlan where the plan no longer reads its

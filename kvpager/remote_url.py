@@ -35,7 +35,16 @@ def _split_credentials(url: str) -> bool:
     if not sep or scheme.startswith("unix") or re.search(r"(?i)[?&;]password=", rest):
         return False  # (a socket path, or a password= option, may hold an @)
     end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    return "@" not in rest[:end] and "@" in rest[end:]
+    if "@" in rest[:end] or "@" not in rest[end:]:
+        return False
+    # An @ later on with hosts before it that read as HOST[:PORT] is an option's (client_name=w@n1),
+    # unless it is in the path, which is a DB number or nothing
+    path = re.split(r"[?#]", rest[end:], maxsplit=1)[0]
+    return "@" in path or not all(_HOST_PORT.fullmatch(h.strip()) for h in rest[:end].split(","))
+
+
+#: HOST[:PORT] as a URL's host part reads it (an IPv6 address in brackets)
+_HOST_PORT = re.compile(r"(\[[^\]]*\]|[^:\[\]]*)(:\d*)?")
 
 
 def redact(url: str) -> str:

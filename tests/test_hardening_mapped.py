@@ -92,6 +92,77 @@ def test_a_plans_slots_are_its_sessions_own():
         a.check_integrity()
 
 
+@pytest.mark.parametrize("how", ["before its first write", "through a plan"])
+def test_a_worker_stopped_past_its_timeout_writes_nothing_by_any_path(how):
+    """The count of ended sessions was first read when the pool was mapped (a worker
+    stopped before its first write took its own end as seen), and a step plan's writes
+    never looked at it: both wrote into blocks given to another session."""
+    with running_server(SPEC, heartbeat_timeout=0.5) as server:
+        stalled = Client(server.endpoint, heartbeat=False)
+        other = Client(server.endpoint)
+        try:
+            [x] = stalled.allocate([list(range(2 * BS))])
+            plan = stalled.plan([x.seq_id], [2 * BS], x.slots) if how == "through a plan" else None
+            time.sleep(0.6)
+            assert wait_until(lambda: len(server.sessions) == 1, timeout=10)
+            [y] = other.allocate([list(range(900, 900 + 7 * BS))])
+            assert set(x.block_table) <= set(y.block_table)
+            written(other, y, 5.0)
+            other.commit(y.seq_id)
+            before = k_of(other, y.block_table)
+            with pytest.raises(SessionLost):
+                if plan is None:
+                    stalled.write(0, x.slots, kv(len(x.slots), -7.0), kv(len(x.slots), -7.0))
+                else:
+                    plan.write(0, kv(len(x.slots), -7.0), kv(len(x.slots), -7.0))
+            assert np.array_equal(k_of(other, y.block_table), before)
+        finally:
+            stalled.close()
+            other.close()
+
+
+def test_blocks_back_from_swap_in_are_written_again():
+    """A block this session once committed (published), freed, then given back by a
+    swap-in as an uncommitted block (a chunked prefill preempted mid-way): its old
+    mark held, and a write the daemon takes was refused here."""
+    spec = PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=8, block_size=16, dtype="float32",
+                    num_host_blocks=8)
+
+    def kv1(n: int, value: float) -> np.ndarray:
+        return np.full((n, 1, 8), value, np.float32)
+
+    with running_server(spec) as server, Client(server.endpoint) as c:
+        [a] = c.allocate([list(range(1000, 1000 + 2 * BS))])
+        c.write(0, a.slots, kv1(len(a.slots), 1.0), kv1(len(a.slots), 1.0))
+        c.commit(a.seq_id)
+        c.free(a.seq_id)
+        [b] = c.allocate([list(range(2000, 2040))])  # three blocks, prefilled in chunks
+        c.write(0, b.slots[:BS], kv1(BS, 2.0), kv1(BS, 2.0))
+        c.commit(b.seq_id, BS)
+        c.swap_out(b.seq_id)
+        c.allocate([list(range(3000, 3000 + 4 * BS))])  # takes the free blocks: a's come back to b
+        c.swap_in(b.seq_id)
+        tables, _ = c.tables([b.seq_id])
+        rest = np.array([int(tables[0][p // BS]) * BS + p % BS for p in range(BS, 40)], np.int64)
+        assert set((rest // BS).tolist()) & set(a.block_table)  # (the case: blocks a held, given back to write)
+        c.write(0, rest, kv1(len(rest), 3.0), kv1(len(rest), 3.0))
+        c.check_integrity()
+
+
+def test_a_batch_of_tables_past_the_message_limit_is_asked_in_parts():
+    """`Client.tables` of sequences its mirror lacks (another session's) asks the
+    daemon, whose reply is bounded by its message limit: the client asks in halves."""
+    spec = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=600, block_size=16, dtype="float32")
+    with running_server(spec, max_message_bytes=1 << 16) as server, Client(server.endpoint) as a, \
+            Client(server.endpoint) as b:
+        allocs = a.allocate([list(range(3, 3 + 300 * 16))] + [[7]] * 63)
+        ids = [x.seq_id for x in allocs]
+        want_tables, want_lens = a.tables(ids)  # (its own: the mirror)
+        got_tables, got_lens = b.tables(ids)
+        assert np.array_equal(got_tables, want_tables) and np.array_equal(got_lens, want_lens)
+        b.plan(ids).attend(0, np.ones((64, 2, SPEC.head_dim), np.float32))
+
+
 def test_a_worker_stopped_past_its_timeout_writes_nothing_when_it_resumes():
     """A worker paused longer than the heartbeat timeout (here: one without a
     heartbeat thread, idle): the daemon ended its session and gave its blocks to

@@ -471,6 +471,35 @@ def test_salt_tells_changed_buffers_apart():
     pool.check_integrity()
 
 
+@pytest.mark.parametrize("family, rope", [
+    ("Phi3", {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [4.0] * 8,
+              "original_max_position_embeddings": 32}),
+    ("Llama", {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0, "original_max_position_embeddings": 32}),
+], ids=["longrope", "dynamic"])
+def test_salt_holds_across_passes_that_rewrite_the_rotary_frequencies(family, rope, monkeypatch):
+    """A dynamic or longrope rotary embedding rewrites its frequencies by each pass's
+    length (from its original ones, which are hashed): with them in the salt, the
+    same weights got another salt after a long pass, and every call hashed every
+    weight again (their version counters moved at each pass)."""
+    import kvpager.hf.salt as salt_module
+
+    config = getattr(transformers, family + "Config")(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=32, pad_token_id=0, rope_parameters=rope)
+    torch.manual_seed(0)
+    model = getattr(transformers, family + "ForCausalLM")(config).eval()
+    first = default_salt(model)
+    hashed = []
+    real = salt_module._tensor_digest
+    monkeypatch.setattr(salt_module, "_tensor_digest", lambda t: hashed.append(1) or real(t))
+    for n in (8, 200, 8):
+        with torch.no_grad():
+            model(torch.randint(1, VOCAB, (1, n)))
+        assert default_salt(model) == first
+    assert len(hashed) <= 3  # (the cache key's samples, one digest a call: no weight hashed again)
+    assert default_salt(model, refresh=True) == first
+
+
 def test_a_window_in_the_config_of_a_family_that_never_windows_attends_in_full():
     """A Llama whose config carries ``sliding_window`` (a config.json that has the
     key): its transformers code never reads it (full causal masks), so kvpager

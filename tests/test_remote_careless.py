@@ -402,3 +402,12 @@ def test_a_password_with_a_character_that_ends_the_host_is_hidden_and_named(url)
     with pytest.raises(InvalidArgument, match="percent-encode") as e:
         open_store(url)
     assert "hunter2" not in str(e.value) and "Pa55" not in str(e.value)
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0?client_name=worker@node1",
+                                 "redis://[::1]:6379/0?client_name=a@b"])
+def test_an_at_sign_in_an_option_is_no_password(url):
+    from kvpager.remote_url import redact
+
+    assert redact(url) == url
+    open_store(url).close()

@@ -37,7 +37,7 @@ def default_salt(model: Any, refresh: bool = False) -> str:
     that changes none of the sampled entries is not seen; pass ``refresh=True``
     after such an edit, or pass your own salt to `generate`."""
     # tied weights once; a buffer under its own prefix (a name never a parameter's)
-    named = list(model.named_parameters()) + [("buffer:" + n, b) for n, b in model.named_buffers()]
+    named = list(model.named_parameters()) + [("buffer:" + n, b) for n, b in _kv_buffers(model)]
     config = _config_bytes(model.config)
     key = _cache_key(named, config)
     cached = model.__dict__.get(_CACHE_ATTR)
@@ -53,6 +53,34 @@ def default_salt(model: Any, refresh: bool = False) -> str:
     if key is not None:
         model.__dict__[_CACHE_ATTR] = (key, salt)
     return salt
+
+
+def _rewritten_each_pass(module: Any) -> bool:
+    """Whether ``module`` is a rotary embedding that rewrites its frequencies by the
+    length of each forward pass (dynamic NTK scaling, longrope: transformers'
+    ``dynamic_rope_update``), from its ``original_inv_freq`` and the config."""
+    kind = getattr(module, "rope_type", None)
+    kinds = kind.values() if isinstance(kind, dict) else [kind]
+    return any(isinstance(k, str) and ("dynamic" in k or k == "longrope") for k in kinds)
+
+
+def _kv_buffers(model: Any) -> list[tuple[str, torch.Tensor]]:
+    """The buffers of ``model`` that K/V depend on as they are: each once, all but the
+    frequencies a dynamic rotary embedding rewrites at every pass (its ``*inv_freq``
+    but ``*original_inv_freq``, which with the config says what they will be): the
+    salt of a longrope model moved with the length of its last pass, and every call
+    hashed every weight again (their version counters moved each pass)."""
+    out, seen = [], set()
+    for prefix, module in model.named_modules():
+        rewritten = _rewritten_each_pass(module)
+        for name, buf in module.named_buffers(recurse=False, remove_duplicate=False):
+            if rewritten and name.endswith("inv_freq") and not name.endswith("original_inv_freq"):
+                continue  # (before `seen`: after a short pass it is the original tensor itself)
+            if buf is None or id(buf) in seen:
+                continue
+            seen.add(id(buf))
+            out.append((f"{prefix}.{name}" if prefix else name, buf))
+    return out
 
 
 def _config_bytes(config: Any) -> bytes:
