@@ -59,6 +59,19 @@ class StagingOps:
         if ((slots < -1) | (slots >= spec.num_blocks * spec.block_size)).any():
             return  # out of range: KVPool.write says so
         blocks = np.unique(slots[slots >= 0] // spec.block_size)
+        if s.rank is not None and self.pool.ranks > 1:
+            # A rank's worker writes its heads into its driver's sequences (docs/protocol.md, "Ranks"),
+            # as a mapped one does: any sequence's block but a published one (refused before: not its own)
+            block_map = self.pool.blocks()
+            free = blocks[block_map.ref_cnt[blocks] <= 0]
+            if len(free):
+                raise NotOwner(f"write: block {int(free[0])} (slot {int(free[0]) * spec.block_size}...) is held "
+                               "by no sequence")
+            published = blocks[block_map.cached[blocks]]
+            if len(published):
+                raise NotOwner(f"write: block {int(published[0])} is published in the prefix cache; its K/V "
+                               "is immutable (write before commit)")
+            return
         ids = self.pool.owned(s.name)
         try:
             mine = self.pool.tables(ids)[0].ravel() if ids else np.zeros(0, np.int64)  # one gather

@@ -142,3 +142,31 @@ def test_metrics_name_the_ranks():
         assert got[("kvpager_ranks", frozenset())] == 2
         [info] = [labels for name, labels in got if name == "kvpager_info"]
         assert ("device", "cpu,cpu") in info
+
+
+def test_a_rank_worker_without_the_mapping_writes_into_its_drivers_sequences():
+    """A rank session's staged `write` takes rank r's heads (docs/protocol.md, "Ranks")
+    into the sequences its driver holds, as a mapped rank worker's does: it was
+    refused (no sequence of its own session), so a worker that could not map the
+    pool could not serve a rank. Blocks no sequence holds, and published ones, are not."""
+    from kvpager.errors import NotOwner
+
+    with running_server(SPEC, devices=["cpu", "cpu"]) as server:
+        ep = server.endpoint
+        with Client(ep) as driver, Client(ep, rank=0, map_pool=False) as r0, Client(ep, rank=1) as r1:
+            [a] = driver.allocate([list(range(2 * SPEC.block_size + 3))])
+            heads = SPEC.num_kv_heads // 2
+            rng = np.random.default_rng(3)
+            k = rng.standard_normal((len(a.slots), heads, SPEC.head_dim)).astype(np.float32)
+            v = rng.standard_normal((len(a.slots), heads, SPEC.head_dim)).astype(np.float32)
+            r0.write(0, a.slots, k, v)  # staged, through the daemon
+            r1.write(0, a.slots, k, v)  # mapped
+            q = rng.standard_normal((1, 4, SPEC.head_dim)).astype(np.float32)
+            assert np.array_equal(r0.attend(0, [a.seq_id], q), r1.attend(0, [a.seq_id], q))
+            free = next(b for b in range(1, SPEC.num_blocks) if b not in a.block_table)
+            with pytest.raises(NotOwner, match="held by no sequence"):
+                r0.write(0, np.arange(free * SPEC.block_size, free * SPEC.block_size + 3), k[:3], v[:3])
+            driver.commit(a.seq_id)
+            with pytest.raises(NotOwner, match="published"):
+                r0.write(0, a.slots[:3], k[:3], v[:3])
+            driver.check_integrity()
