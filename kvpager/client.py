@@ -176,7 +176,8 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self._device_index: int | None = None
         if self._want_heartbeat:
             self._hb_stop = threading.Event()
-            self._hb = threading.Thread(target=self._heartbeat_loop, name="kvpager-heartbeat", daemon=True)
+            self._hb = threading.Thread(target=self._heartbeat_loop, args=(self._hb_stop, self.session),
+                                        name="kvpager-heartbeat", daemon=True)
             self._hb.start()
 
     def reconnect(self) -> None:

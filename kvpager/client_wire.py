@@ -116,19 +116,24 @@ class ClientWire:
         forget_release_count(self.memory.get("releases"))
         self._releases = None
 
-    def _heartbeat_loop(self) -> None:
+    def _heartbeat_loop(self, stop: Any, session: str | None) -> None:
+        """Beat for ``session`` until ``stop`` is set: both its own, so a thread that
+        outlived its ``join`` (a beat in flight past a `reconnect`) ends at its next
+        wake-up instead of beating on as a second thread, for the next session."""
         chan, ids = Channel(self.endpoint), itertools.count(-1, -1)  # ids apart from the calls
         interval = max(0.05, self.heartbeat_timeout / 3)
         try:
-            while not self._hb_stop.wait(interval):
+            while not stop.wait(interval):
                 rid = next(ids)
                 try:
-                    reply = chan.request(pack([VERSION, rid, self.session, "heartbeat", {}]), rid,
+                    reply = chan.request(pack([VERSION, rid, session, "heartbeat", {}]), rid,
                                          "heartbeat", max(interval, 1.0))
                 except Exception as e:  # a missed beat is not fatal; the next may get through
                     log.debug("heartbeat failed: %s", e)
                     continue
                 if reply.error is not None and reply.error.code == "session_lost":
+                    if stop.is_set() or session != self.session:
+                        return  # (that session ended on purpose: bye, or a reconnect)
                     log.warning("heartbeat: %s", reply.error.message)
                     self._lost = True  # the mirror is stale; the next call learns why
                     self._mirror.moves.bump()  # and step plans of its sequences recheck (and refuse)

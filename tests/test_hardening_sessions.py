@@ -242,3 +242,40 @@ def test_clients_of_a_restarted_daemon_reconnect_to_a_fresh_pool():
             c.check_integrity()
         finally:
             c.close()
+
+
+def test_a_heartbeat_thread_that_outlives_reconnect_ends_at_its_next_wake_up(monkeypatch):
+    """`reconnect` waits 5 s for the heartbeat thread, then the next hello makes a new
+    stop event; a thread whose beat was still in flight (beats wait up to a third of
+    the heartbeat timeout) then read that new event, unset, and beat on: a second
+    thread for good. Here its beat is held until the client's event is replaced, as
+    such a reconnect leaves it: it ends at its next wake-up."""
+    import threading
+
+    from daemon_helpers import running_server
+
+    from kvpager.channel import Channel
+
+    inside, gate = threading.Event(), threading.Event()
+    real = Channel.request
+
+    def held(self, body, rid, op, timeout):
+        if op == "heartbeat" and not gate.is_set():
+            inside.set()
+            gate.wait(10)
+        return real(self, body, rid, op, timeout)
+
+    monkeypatch.setattr(Channel, "request", held)
+    with running_server(heartbeat_timeout=0.3) as server:
+        c = Client(server.endpoint)
+        try:
+            old = c._hb
+            assert inside.wait(10)  # its beat in flight
+            c._hb_stop.set()
+            c._hb_stop = threading.Event()  # (the next session's, made by its hello)
+            gate.set()
+            old.join(2)
+            assert not old.is_alive()
+        finally:
+            c._hb_stop.set()
+            c.close()
