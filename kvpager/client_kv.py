@@ -246,8 +246,8 @@ class KVAccess:
         return x
 
     def _check_layer(self, layer: Any) -> None:
-        if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool) or not 0 <= layer < self.spec.num_layers:
-            raise InvalidArgument(f"layer must be an int in [0, {self.spec.num_layers}), got {layer!r}")
+        if type(layer) is not int or not 0 <= layer < self.spec.num_layers:  # (a plain int in range: at once)
+            validate.layer(layer, self.spec)
 
     def _check_own_slots(self, slots: np.ndarray) -> None:
         """NotOwner unless every slot (but -1, padding) lies in a block of one of this

@@ -154,14 +154,19 @@ class TableMirror:
         if not len(blocks):
             return
         self._issued = _marked(self._issued, blocks)
-        if len(self._published):
-            self._published[blocks[blocks < len(self._published)]] = False
+        self._unpublish(blocks)
 
     def _publish(self, blocks: np.ndarray) -> None:
         """``blocks`` hold K/V other sessions may read through the prefix cache."""
         blocks = blocks[blocks > 0]  # (the null block: released entries)
         if len(blocks):
             self._published = _marked(self._published, blocks)
+
+    def _unpublish(self, blocks: np.ndarray) -> None:
+        """``blocks`` are given to write (again): no mark of them holds."""
+        pub = self._published
+        if len(pub) and len(blocks):
+            pub[blocks[blocks < len(pub)]] = False
 
     def published_blocks(self, blocks: np.ndarray) -> np.ndarray:
         """Those of ``blocks`` known published (`_published`): a write there is refused,
@@ -400,9 +405,7 @@ class TableMirror:
         # Their blocks are new to them: what this session once knew of those ids (published when
         # it held them before) holds no more; their committed blocks came back published (still
         # cached) or as copies of published K/V, the rest to write.
-        back = np.asarray(tables)[at][mask].astype(np.int64)
-        if len(self._published) and len(back):
-            self._published[back[back < len(self._published)]] = False
+        self._unpublish(np.asarray(tables)[at][mask].astype(np.int64))
         self._publish_full(rows, np.zeros(len(rows), np.int64), bt.committed[rows].astype(np.int64))
 
     def clear(self) -> None:

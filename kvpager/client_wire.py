@@ -33,7 +33,7 @@ class ClientWire:
         return os.getpid() != self._pid
 
     def _check_process(self) -> None:
-        if os.getpid() != self._pid:
+        if self._forked():
             raise InvalidArgument(f"this Client was made in process {self._pid}, not in this one ({os.getpid()}, "
                                   "a forked child): a Client cannot be shared across fork(); make a new one here")
 

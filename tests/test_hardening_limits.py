@@ -16,7 +16,6 @@ from daemon_helpers import SMALL, Raw, req, running_server, server_fixture, wait
 from kvpager.client import Client
 from kvpager.errors import LimitExceeded, OutOfBlocks
 from kvpager.limits import Limits
-from kvpager.spec import PoolSpec
 
 server = server_fixture(SMALL, heartbeat_timeout=30)
 
@@ -347,95 +346,3 @@ def test_the_blocks_a_sessions_pins_list_are_bounded():
         assert c.pin([prompt[: 9 * bs]]) == [9 * bs]  # room again: 19
         c.check_integrity()
 
-
-LONG = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=600, block_size=16, dtype="float32")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-
-
-def test_a_tables_reply_is_bounded_as_a_request_is():
-    """A ``tables`` request of one long sequence's id repeated asked for a padded
-    reply hundreds of times its own size (525 MB for a 64 KiB request on a
-    daemon whose messages are limited to 16.8 MB), built on the loop's thread:
-    refused by name past the message limit; a smaller one answered."""
-    with running_server(LONG, max_message_bytes=1 << 16) as server, Client(server.endpoint) as c:
-        [a] = c.allocate([list(range(3, 3 + 512 * 16))])  # 512 blocks
-        raw = Raw(server.endpoint)
-        try:
-            refused = msgpack.unpackb(raw.recv_raw(req(1, "tables", {"seq_ids": [a.seq_id] * 40})), raw=False)
-            assert refused[1] == 1 and refused[2]["code"] == "limit_exceeded"
-            assert "message limit" in refused[2]["message"]
-            answered = raw.send(req(2, "tables", {"seq_ids": [a.seq_id] * 20}))
-            assert answered[1] == 0
-            tables, lens = c.tables([a.seq_id])
-            assert tables.shape == (1, 512) and list(lens) == [512 * 16]
-        finally:
-            raw.close()
-        c.check_integrity()
-
-
-def test_a_connection_that_stops_reading_cannot_pin_the_daemons_memory():
-    """A client that sends requests and reads none of their replies (its own
-    socket keeping one): the daemon queued up to ZeroMQ's default of 1,000
-    replies a connection, each up to the message limit (40 replies of 26 MB:
-    +985 MB). A few are queued now, the rest dropped; the daemon answers others."""
-    import zmq
-
-    with running_server(LONG, max_message_bytes=1 << 22) as server, Client(server.endpoint) as c:
-        [a] = c.allocate([list(range(3, 3 + 512 * 16))])
-        ask = {"seq_ids": [a.seq_id] * 1900}  # a reply of 3.9 MB
-        hog = zmq.Context.instance().socket(zmq.DEALER)
-        hog.setsockopt(zmq.LINGER, 0)
-        hog.setsockopt(zmq.RCVHWM, 1)
-        hog.setsockopt(zmq.RCVBUF, 4096)
-        hog.connect(server.endpoint)
-        try:
-            c.stats()
-            before = _rss_mb()
-            for rid in range(80):
-                hog.send(req(rid, "tables", ask))
-            grew = wait_until(lambda: _rss_mb() - before > 150, timeout=6)
-            assert not grew, f"+{_rss_mb() - before:.0f} MB held for a connection that reads nothing"
-            assert c.stats().num_sequences == 1  # others are answered
-        finally:
-            hog.close(0)
-        c.check_integrity()
-
-
-def test_quick_round_trips_lose_no_reply():
-    """With a few messages queued a connection, a client's quick round trips (a
-    reply every few tens of microseconds) found its queue full in the daemon's
-    socket's view, which takes in the notices that the peer read at most once a
-    millisecond while messages keep coming: replies went nowhere, calls timed out.
-    The loop takes them in and sends again."""
-    with running_server(SMALL) as server, Client(server.endpoint, timeout=3, heartbeat=False) as c:
-        [a] = c.allocate([[1, 2, 3]])
-        for _ in range(3000):
-            c.heartbeat()
-        raw = Raw(server.endpoint)
-        try:
-            for rid in range(3000):
-                assert raw.send(req(rid, "tables", {"seq_ids": [a.seq_id]}), timeout=3)[1] == 0
-        finally:
-            raw.close()
-
-
-def test_a_swap_in_whose_tables_would_pass_the_limit_is_refused_before_it_runs():
-    """swap_in answers with the sequences' new tables: bounded as `tables` is, and
-    checked before anything is swapped (a refusal changes nothing)."""
-    spec = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=600, block_size=16, dtype="float32",
-                    num_host_blocks=600)
-    with running_server(spec, max_message_bytes=1 << 16) as server, Client(server.endpoint) as c:
-        allocs = c.allocate([list(range(3, 3 + 512 * 16))] + [[7]] * 31)  # one of 512 blocks, 31 of one
-        ids = [a.seq_id for a in allocs]
-        c.swap_out(ids)
-        with pytest.raises(LimitExceeded, match="swap_in: the tables of 32 ids"):
-            c.swap_in(ids)
-        assert all(s.swapped for s in c.sequences())
-        c.swap_in(ids[:16])
-        c.swap_in(ids[16:])
-        assert not any(s.swapped for s in c.sequences())
-        c.check_integrity()

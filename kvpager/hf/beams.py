@@ -86,7 +86,7 @@ def beam_search(model: Any, pool: Any, prompts: Any = None, max_new_tokens: int 
     same rows each step; a model's recurrent states gathered to the beams'
     parents in place before each replay), ``compile`` that step compiled by
     ``torch.compile``, as `generate` takes them; a `kvpager.hf.CapturedSteps`
-    keeps them across searches (not for models with recurrent layers).
+    keeps them across searches (a model with recurrent layers: its states with them).
     Sequences are freed before it returns; the prompts' blocks stay cached."""
     check_model_and_pool(model, pool)
     check_graph_options(model, pool, True if isinstance(cuda_graphs, CapturedSteps) else cuda_graphs, compile)
