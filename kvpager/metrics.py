@@ -267,13 +267,17 @@ HTTP_CONNECTIONS = 16
 #: Seconds a scrape connection may wait for the client's next bytes (or for
 #: it to take the answer's) before it is closed.
 HTTP_TIMEOUT = 5.0
+#: Seconds a scrape connection may stay open in all: one that trickles a byte
+#: within each `HTTP_TIMEOUT` is closed at this age, so stalled clients cannot
+#: keep the `HTTP_CONNECTIONS` slots from scrapes for ever.
+HTTP_DEADLINE = 15.0
 
 
 def serve_http(collector: Collector, host: str, port: int) -> tuple[Any, int]:
     """Serve ``collector`` at http://HOST:PORT/metrics from a thread; returns
     the server (``shutdown()`` / ``server_close()``) and the bound port. At
     most `HTTP_CONNECTIONS` connections at once, each closed after
-    `HTTP_TIMEOUT` seconds without progress."""
+    `HTTP_TIMEOUT` seconds without progress or `HTTP_DEADLINE` seconds in all."""
     from prometheus_client import CollectorRegistry, ProcessCollector
 
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
@@ -292,7 +296,8 @@ def serve_http(collector: Collector, host: str, port: int) -> tuple[Any, int]:
 
 def _http_server(host: str, port: int, registry: Any) -> Any:
     """prometheus_client's WSGI app behind a thread-per-connection server with
-    a cap on connections and a timeout on each (its own server has neither)."""
+    a cap on connections, a timeout on each read and write, and a deadline on
+    each connection (its own server has none of them)."""
     import socket
     from socketserver import ThreadingMixIn
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -305,19 +310,43 @@ def _http_server(host: str, port: int, registry: Any) -> Any:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
+    deadline = HTTP_DEADLINE
+
     class Server(ThreadingMixIn, WSGIServer):
         daemon_threads = True
         slots = threading.BoundedSemaphore(HTTP_CONNECTIONS)
+        deadlines: dict[Any, float] = {}  # connection -> when it is cut (one class per server)
+        deadlines_lock = threading.Lock()
 
         def process_request(self, request: Any, client_address: Any) -> None:
             if not self.slots.acquire(blocking=False):
                 self.shutdown_request(request)  # all slots taken: closed at once, unanswered
                 return
+            with self.deadlines_lock:
+                self.deadlines[request] = time.monotonic() + deadline
             try:
                 super().process_request(request, client_address)
             except BaseException:
-                self.slots.release()
+                self._closed(request)
                 raise
+
+        def service_actions(self) -> None:
+            """Cut connections past their deadline (serve_forever calls this
+            between polls, every half second): their reads and writes fail at
+            once, and their threads end."""
+            now = time.monotonic()
+            with self.deadlines_lock:
+                late = [r for r, at in self.deadlines.items() if at <= now]
+            for request in late:
+                try:
+                    request.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # closed meanwhile
+
+        def _closed(self, request: Any) -> None:
+            with self.deadlines_lock:
+                self.deadlines.pop(request, None)
+            self.slots.release()
 
         def handle_error(self, request: Any, client_address: Any) -> None:
             log.debug("metrics: a connection from %s failed", client_address, exc_info=True)  # a timeout, a reset
@@ -326,7 +355,7 @@ def _http_server(host: str, port: int, registry: Any) -> Any:
             try:
                 super().process_request_thread(request, client_address)
             finally:
-                self.slots.release()
+                self._closed(request)
 
     family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     Server.address_family = family

@@ -67,6 +67,44 @@ def test_stalled_metrics_connections_are_capped_and_closed(monkeypatch):
         assert c.stats().num_sequences == 1  # the session lived throughout
 
 
+def test_trickling_metrics_connections_are_cut_at_their_deadline(monkeypatch):
+    """A client that sends a byte of its request line within each
+    HTTP_TIMEOUT kept its slot for as long as it trickled: HTTP_CONNECTIONS
+    of them refused every scrape for ever. Now each connection is cut at
+    HTTP_DEADLINE, whatever it sends, and a scrape gets through after."""
+    monkeypatch.setattr(metrics, "HTTP_TIMEOUT", 2.0)
+    monkeypatch.setattr(metrics, "HTTP_DEADLINE", 2.0)
+    with running_server(SMALL, metrics_port=0) as server:
+        conns = [socket.create_connection(("127.0.0.1", server.metrics_port), timeout=10)
+                 for _ in range(metrics.HTTP_CONNECTIONS)]
+        stop = threading.Event()
+
+        def trickle() -> None:
+            while not stop.wait(0.3):
+                for s in conns:
+                    try:
+                        s.send(b"G")
+                    except OSError:
+                        pass  # cut: what the test waits for
+
+        feeder = threading.Thread(target=trickle, daemon=True)
+        feeder.start()
+        try:
+            time.sleep(0.5)
+            with socket.create_connection(("127.0.0.1", server.metrics_port), timeout=10) as extra:
+                assert closed_by_peer(extra, 5), "a connection over the cap was served"
+            started = time.monotonic()
+            for s in conns:
+                assert closed_by_peer(s, 10), "a trickling metrics connection was never cut"
+            assert time.monotonic() - started < 6
+        finally:
+            stop.set()
+            feeder.join(5)
+            for s in conns:
+                s.close()
+        assert "kvpager_blocks_total" in metrics_text(server.metrics_port)
+
+
 @pytest.mark.parametrize("request_bytes, status", [
     (b"\x00\xff\xfe garbage\r\n\r\n", b"400"),
     (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", b"414"),
