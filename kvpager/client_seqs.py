@@ -182,9 +182,9 @@ class ClientSequences:
         if ids is None:  # (the mirror lost track: the daemon's tables are the truth)
             return
         try:
-            if got is None:  # a daemon from before swap_in answered with the tables
-                got = self._call("tables", {"seq_ids": ids})
-            tables, lens = decode_tables(got)
+            # None: the tables would pass the daemon's message limit (or a daemon
+            # from before swap_in answered with them): asked a part at a time.
+            tables, lens = self._daemon_tables(ids) if got is None else decode_tables(got)
         except Exception:
             self._mirror.forget(ids)
             raise

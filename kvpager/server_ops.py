@@ -172,25 +172,33 @@ class ServerOps(ControlOps):
     def _op_swap_out(self, s: Session, a: dict[str, Any]) -> None:
         self.pool.swap_out(self._owned(s, a["seq_ids"]))
 
-    def _op_swap_in(self, s: Session, a: dict[str, Any]) -> list[np.ndarray]:
+    def _op_swap_in(self, s: Session, a: dict[str, Any]) -> list[np.ndarray] | None:
         ids = self._owned(s, a["seq_ids"])
-        self._tables_fit("swap_in", ids)  # (before anything is swapped: a refusal changes nothing)
         self.pool.swap_in(ids)
         # The swapped-out blocks came back under new ids: the reply carries the
-        # new tables, so a worker's mirror follows without another round trip.
+        # new tables, so a worker's mirror follows without another round trip;
+        # nil where they would pass the message limit (the client asks `tables`
+        # a part at a time: the swap itself stays one all-or-nothing op).
+        if self._tables_size(ids)[0] > self.max_message_bytes:
+            return None
         return list(self.pool.tables(ids))
 
-    def _tables_fit(self, op: str, ids: list[int]) -> None:
-        """LimitExceeded where the tables of ``ids`` (known ids), [ids, longest table]
-        int32 padded, would take more bytes than the message limit: a small request (one
-        long sequence's id repeated 65,536 times, or one long one among many short)
-        asked for a reply hundreds of times its size (525 MB for 64 KiB), built on the
-        loop's thread. Bounded as a request is."""
+    def _tables_size(self, ids: list[int]) -> tuple[int, int]:
+        """(bytes, width): the tables of ``ids`` (known ids) as a reply carries
+        them, [ids, longest table] int32 padded, and that width in blocks."""
         manager = self.pool.manager
         rows = manager.lookup(ids)
         longest = int(manager.table.num_tokens[rows].max()) if len(rows) else 0
         width = max(-(-longest // self.pool.spec.block_size), 1)
-        size = 4 * len(ids) * (width + 1)
+        return 4 * len(ids) * (width + 1), width
+
+    def _tables_fit(self, op: str, ids: list[int]) -> None:
+        """LimitExceeded where the tables of ``ids`` would take more bytes than the
+        message limit: a small request (one long sequence's id repeated 65,536
+        times, or one long one among many short) asked for a reply hundreds of
+        times its size (525 MB for 64 KiB), built on the loop's thread. Bounded
+        as a request is."""
+        size, width = self._tables_size(ids)
         if size > self.max_message_bytes:
             raise LimitExceeded(f"{op}: the tables of {len(ids)} ids padded to {width} blocks take {size} bytes, "
                                 f"over the daemon's message limit of {self.max_message_bytes} (ask for fewer ids "

@@ -1,6 +1,6 @@
-"""Replies and queues a client cannot blow up: a reply whose padded tables would
-pass the message limit (`tables`, `swap_in`) refused before it is built or the
-swap runs; a connection that reads none of its replies holds a few of them in
+"""Replies and queues a client cannot blow up: a `tables` reply whose padded
+tables would pass the message limit refused before it is built, a `swap_in`
+answering nil instead of them; a connection that reads none of its replies holds a few of them in
 the daemon, not ZeroMQ's thousand; quick round trips lose no reply for that.
 Each test is an attack that once worked against a CPU daemon; bounded waits,
 free endpoints."""
@@ -12,7 +12,7 @@ import pytest
 from daemon_helpers import SMALL, Raw, req, running_server, wait_until
 
 from kvpager.client import Client
-from kvpager.errors import LimitExceeded
+from kvpager.errors import LimitExceeded, NotOwner
 from kvpager.spec import PoolSpec
 
 LONG = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=600, block_size=16, dtype="float32")
@@ -90,19 +90,27 @@ def test_quick_round_trips_lose_no_reply():
             raw.close()
 
 
-def test_a_swap_in_whose_tables_would_pass_the_limit_is_refused_before_it_runs():
-    """swap_in answers with the sequences' new tables: bounded as `tables` is, and
-    checked before anything is swapped (a refusal changes nothing)."""
+def test_a_swap_in_whose_tables_would_pass_the_limit_runs_and_answers_nil():
+    """swap_in answers with the sequences' new tables, bounded as `tables` is.
+    One whose tables would pass the message limit was refused, so sequences
+    swapped out together could not come back together (and splitting the call
+    loses all-or-nothing). Now the swap runs whole and answers nil; the
+    client reads the new tables a part at a time, and its plans stay right."""
     spec = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=600, block_size=16, dtype="float32",
                     num_host_blocks=600)
-    with running_server(spec, max_message_bytes=1 << 16) as server, Client(server.endpoint) as c:
+    with running_server(spec, max_message_bytes=1 << 16) as server, Client(server.endpoint) as c, \
+            Client(server.endpoint) as other:
         allocs = c.allocate([list(range(3, 3 + 512 * 16))] + [[7]] * 31)  # one of 512 blocks, 31 of one
         ids = [a.seq_id for a in allocs]
         c.swap_out(ids)
-        with pytest.raises(LimitExceeded, match="swap_in: the tables of 32 ids"):
-            c.swap_in(ids)
+        with pytest.raises(NotOwner):  # another session's swap_in: refused, nothing swapped
+            other.swap_in(ids)
         assert all(s.swapped for s in c.sequences())
-        c.swap_in(ids[:16])
-        c.swap_in(ids[16:])
+        c.swap_in(ids)
         assert not any(s.swapped for s in c.sequences())
+        mine, mine_lens = c.tables(ids)  # from the client's mirror, which followed the swap
+        theirs, theirs_lens = other.tables(ids)  # from the daemon, a part at a time
+        assert mine.shape == theirs.shape == (32, 512)
+        assert (mine == theirs).all() and (mine_lens == theirs_lens).all()
+        assert list(mine_lens) == [512 * 16] + [1] * 31
         c.check_integrity()
