@@ -19,7 +19,7 @@ from kvpager import cpu_attention, cuda_ipc, validate
 from kvpager.attend_options import check_scale, check_sinks, check_softcap, check_window, chunk_step
 from kvpager.client_tables import as_ids, id_list
 from kvpager.errors import InvalidArgument, NotOwner, SessionLost
-from kvpager.plan import StepPlan, context_of, make_plan
+from kvpager.plan import StepPlan, check_floor, context_of, make_plan, table_floor
 from kvpager.plan_guard import Foreign, Moves, sequence_guard
 from kvpager.protocol import decode_info
 from kvpager.shm import map_pool, map_release_count
@@ -191,6 +191,8 @@ class KVAccess:
         window, softcap = check_window(window), check_softcap(softcap)
         if chunk is not None:  # rows of one chunk each (`kvpager.attend_options.chunk_step`)
             tables, lens, qlens = chunk_step(tables, lens, qlens, chunk, self.spec.block_size)
+        # as KVPool.attend: no query may read a released entry (the null block's K/V, read silently)
+        check_floor(table_floor(tables, self.spec.block_size), lens, qlens, window)
         if self.gpu:
             return pool.attend(int(layer), q, tables, lens, np.ascontiguousarray(qlens), scale,
                                window=window, softcap=softcap, sinks=sinks)

@@ -15,7 +15,7 @@ import pytest
 from daemon_helpers import running_server, wait_until
 
 from kvpager.client import Client
-from kvpager.errors import NotOwner, SessionLost
+from kvpager.errors import InvalidArgument, NotOwner, SessionLost
 from kvpager.spec import PoolSpec
 
 SPEC = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=8, block_size=16, dtype="float32")
@@ -189,3 +189,24 @@ def test_a_worker_stopped_past_its_timeout_writes_nothing_when_it_resumes():
         finally:
             stalled.close()
             other.close()
+
+
+@pytest.mark.parametrize("chunk", [None, 8 * BS])  # (a chunk that begins in the released blocks)
+def test_attention_through_the_mapped_pool_never_reads_released_entries(chunk):
+    """A sequence that released its leading blocks (a sliding window) holds
+    the null block there. KVPool.attend and the daemon's attend refuse a
+    window that would read them; the client's own attention over the mapped
+    pool read the null block's K/V silently (wrong outputs, no error)."""
+    spec = PoolSpec(num_layers=1, num_kv_heads=2, head_dim=16, num_blocks=16, block_size=BS, dtype="float32")
+    with running_server(spec) as server, Client(server.endpoint) as c:
+        assert c.map_pool
+        [a] = c.allocate([list(range(5 * BS))])
+        c.release_before([a.seq_id], [4 * BS])
+        q = np.ones((1, 4, 16), np.float32)
+        for window in (None, 2 * BS):
+            with pytest.raises(InvalidArgument, match="released its blocks"):
+                c.attend(0, [a.seq_id], q, window=window, chunk=chunk)
+            with pytest.raises(InvalidArgument, match="released its blocks"):
+                c.remote_attend(0, [a.seq_id], q, window=window, chunk=chunk)
+        c.attend(0, [a.seq_id], q, window=BS)  # within what it holds
+        c.check_integrity()
