@@ -118,6 +118,14 @@ class BlockPool(BlockRefs):
         """Longest published prefix of ``tokens``: the keys and block ids of the hits."""
         return self.cache.match_tokens(root, tokens, block_size, max_blocks)
 
+    def match_window(self, root: bytes, tokens: np.ndarray, block_size: int, max_blocks: int, window: int,
+                     keys: list[bytes], hits: list[int]) -> tuple[list[bytes], list[int], int]:
+        """Past `match`'s ``keys`` and ``hits``: the furthest hit for queries that
+        read at most ``window`` positions, themselves included (`PrefixCache.match_window`):
+        keys up to it, the hit blocks, and the blocks left unread before them."""
+        reach = -(-(window - 1) // block_size)  # blocks before the first new token that its window reads
+        return self.cache.match_window(root, tokens, block_size, max_blocks, reach, keys, hits)
+
     def lookup(self, key: bytes) -> int | None:
         return self.cache.get(key)
 

@@ -162,6 +162,8 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         #: the daemon's remote tier (kind, url, ttl), or None (also from a daemon that predates it)
         self.remote: dict[str, Any] | None = info.get("remote")
         self.control: bool = bool(info.get("control"))  # quotas and kept pins allowed
+        #: allocate and cached_tokens take `window` (a daemon that predates it: prefix hits only)
+        self.windowed_hits: bool = bool(info.get("windowed_hits"))
         #: the ops the daemon answers; a daemon that predates the list answers every op
         #: but `record_tokens`, which came with it
         self.ops: frozenset[str] = frozenset(info["ops"] if "ops" in info else set(OPS) - {"record_tokens", "batch"})

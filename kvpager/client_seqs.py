@@ -36,9 +36,12 @@ class ClientSequences:
     ``_lost`` and ``synchronize``."""
 
     def allocate(
-        self, prompts: Seq[Seq[int]], salt: Any = None, *, owner: None = None, share_in_batch: bool = False
+        self, prompts: Seq[Seq[int]], salt: Any = None, *, owner: None = None, share_in_batch: bool = False,
+        window: int | None = None,
     ) -> list[Allocation]:
-        """As `KVPool.allocate`; the sequences belong to this client's session."""
+        """As `KVPool.allocate`; the sequences belong to this client's session.
+        ``window`` is sent only to a daemon that takes it (`windowed_hits`):
+        one that predates it answers prefix hits only, as without it."""
         if owner is not None:
             raise InvalidArgument("owner: a daemon sequence always belongs to the calling session")
         args: dict[str, Any] = {"prompts": prompts}
@@ -46,29 +49,34 @@ class ClientSequences:
             args["salt"] = salt
         if share_in_batch:
             args["share_in_batch"] = share_in_batch
+        if window is not None and self.windowed_hits:
+            args["window"] = window
         if self.remote:  # only a daemon with a tier knows the argument
             args["remote_tokens"] = True
         allocs = decode_allocations(self._call("allocate", args))
         self._mirror.allocated(allocs)
         return allocs
 
-    def cached_tokens(self, prompts: Seq[Seq[int]], salt: Any = None, *, remote: bool | None = None) -> list[int]:
+    def cached_tokens(self, prompts: Seq[Seq[int]], salt: Any = None, *, remote: bool | None = None,
+                      window: int | None = None) -> list[int]:
         """As `KVPool.cached_tokens`: a read-only probe of the daemon's prefix
-        cache and, where it has a remote tier, of the store."""
-        return [p.num_cached_tokens for p in self._probe(prompts, salt, remote, False)]
+        cache and, where it has a remote tier, of the store (``window`` as `allocate`'s)."""
+        return [p.num_cached_tokens for p in self._probe(prompts, salt, remote, False, window)]
 
-    def probe_cache(self, prompts: Seq[Seq[int]], salt: Any = None, *, remote: bool | None = None
-                    ) -> list[CacheProbe]:
+    def probe_cache(self, prompts: Seq[Seq[int]], salt: Any = None, *, remote: bool | None = None,
+                    window: int | None = None) -> list[CacheProbe]:
         """As `KVPool.probe_cache`. A daemon with a remote tier that predates
         the tier's probe answers from its local cache (no remote tokens)."""
-        return self._probe(prompts, salt, remote, True)
+        return self._probe(prompts, salt, remote, True, window)
 
-    def _probe(self, prompts: Any, salt: Any, remote: bool | None, split: bool) -> list[CacheProbe]:
+    def _probe(self, prompts: Any, salt: Any, remote: bool | None, split: bool, window: int | None) -> list[CacheProbe]:
         if remote is not None and not isinstance(remote, bool):
             raise InvalidArgument(f"remote must be a bool or None, got {remote!r}")
         args: dict[str, Any] = {"prompts": prompts}
         if salt is not None:
             args["salt"] = salt
+        if window is not None and self.windowed_hits:
+            args["window"] = window
         if self.remote and self.remote.get("probe"):  # only such a daemon knows the arguments
             if remote is not None:
                 args["remote"] = remote

@@ -218,7 +218,11 @@ class TableMirror:
             bt.committed[row] = a.num_cached_tokens  # a prefix hit is committed K/V
             self._issue(a.slots)
             if a.num_cached_tokens >= self.block_size:
-                hits.append(np.asarray(a.block_table[: a.num_cached_tokens // self.block_size], np.int64))
+                hit = np.asarray(a.block_table[: a.num_cached_tokens // self.block_size], np.int64)
+                if hit[0] == 0:  # a windowed hit: leading entries released (the null block)
+                    bt.released[row] = skipped = int(np.argmax(hit != 0))
+                    hit = hit[skipped:]
+                hits.append(hit)
         if hits:  # found cached: published, but for blocks this batch writes (shared within it)
             hit = np.concatenate(hits)
             written = np.concatenate([np.asarray(a.slots, np.int64) for a in allocations]) >> self._shift

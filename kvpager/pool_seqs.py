@@ -44,6 +44,7 @@ class PoolSequences:
         *,
         owner: str | None = None,
         share_in_batch: bool = False,
+        window: int | None = None,
     ) -> list[Allocation]:
         """New sequences for ``prompts`` (a list of token-id lists). Each shares
         the longest committed prefix of full blocks found in the cache under its
@@ -55,13 +56,24 @@ class PoolSequences:
         prefill in the same step, so write the whole batch's K/V of a layer
         before attending in it (a batched forward pass does).
 
+        ``window``: for a model whose every layer attends within a sliding
+        window of that many positions (the query's own included). A prompt
+        whose cached prefix ends at a missing block (evicted: the oldest go
+        first) also takes a later hit, as far as the blocks its first new
+        token's window reads are cached; the entries before those hold the
+        null block, as `release_before` leaves them (`Allocation.block_table`),
+        so attention over the sequence must use a window of at most
+        ``window``. Without it only a prefix cached from the first block counts.
+
         With a remote tier, full blocks missing here are first looked up in
         the store (one batch) and restored into device blocks; they count in
         ``num_cached_tokens`` and in ``num_remote_tokens``."""
         m = self.manager
         if owner is not None:
             validate.owner(owner)
-        if type(prompts) is list and len(prompts) == 1 and type(salt) in _ONE_SALT and type(share_in_batch) is bool \
+        if window is not None:
+            window = validate.whole_in(window, "allocate: window", 1, 1 << 63)
+        if window is None and type(prompts) is list and len(prompts) == 1 and type(salt) in _ONE_SALT and type(share_in_batch) is bool \
                 and type(prompts[0]) in _ONE_PROMPT and self.remote is None and m.scalar:
             # One prompt, checked as `validate.prompts` / `per_seq` would: straight to its path.
             seq_id, flat, blocks, nh, ntok = seq_one.allocate_one(m, prompts[0], salt, owner)
@@ -82,7 +94,7 @@ class PoolSequences:
 
             restore = restore_from(self, prompts, salts)
         try:
-            ids, flat, lengths, cached, ntok = m.allocate(prompts, salts, owner, share_in_batch)
+            ids, flat, lengths, cached, ntok = m.allocate(prompts, salts, owner, share_in_batch, window)
         finally:
             if restore is not None:
                 restore.release(m.pool)
@@ -105,7 +117,7 @@ class PoolSequences:
 
     def cached_tokens(
         self, prompts: Seq[Seq[int]], salt: str | bytes | None | Seq[str | bytes | None] = None, *,
-        remote: bool | None = None,
+        remote: bool | None = None, window: int | None = None,
     ) -> list[int]:
         """How many tokens of each prompt an `allocate` of ``prompts`` would find
         cached now (its ``num_cached_tokens``), without allocating or touching
@@ -116,27 +128,35 @@ class PoolSequences:
         round trip for the batch (no value read), under the tier's timeout and
         circuit breaker (a store that is down answers 0 blocks, never an
         error). ``remote=False``: this pool's prefix cache only, no store
-        call. `probe_cache` says which part is remote."""
-        return [p.num_cached_tokens for p in self.probe_cache(prompts, salt, remote=remote)]
+        call. `probe_cache` says which part is remote. ``window``: as
+        `allocate`'s."""
+        return [p.num_cached_tokens for p in self.probe_cache(prompts, salt, remote=remote, window=window)]
 
     def probe_cache(
         self, prompts: Seq[Seq[int]], salt: str | bytes | None | Seq[str | bytes | None] = None, *,
-        remote: bool | None = None,
+        remote: bool | None = None, window: int | None = None,
     ) -> list[CacheProbe]:
         """As `cached_tokens`, per prompt a `CacheProbe`: the cached tokens and,
         of them, how many the allocate would restore from the remote tier
         (``num_remote_tokens``, as its `Allocation` would say). ``remote``:
         None (the default) or True asks the tier where the pool has one;
-        False answers from this pool's prefix cache only."""
+        False answers from this pool's prefix cache only. ``window``: as
+        `allocate`'s (a hit past a missing block, from this pool's cache:
+        where it reaches further than the tier's prefix, nothing of it counts
+        as remote)."""
         validate.prompts(prompts)
         salts = validate.per_seq(salt, len(prompts), "salt")
         if remote is not None and not isinstance(remote, bool):
             raise InvalidArgument(f"remote must be a bool or None, got {remote!r}")
+        if window is not None:
+            window = validate.whole_in(window, "cached_tokens: window", 1, 1 << 63)
+        local = self.manager.cached_tokens(prompts, salts, window)
         if self.remote is None or remote is False:
-            return [CacheProbe(n) for n in self.manager.cached_tokens(prompts, salts)]
+            return [CacheProbe(n) for n in local]
         from kvpager.remote_probe import probe
 
-        return probe(self, prompts, salts)
+        probes = probe(self, prompts, salts)
+        return [p if p.num_cached_tokens >= n else CacheProbe(n) for p, n in zip(probes, local)]
 
     def append(
         self,

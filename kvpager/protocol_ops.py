@@ -34,8 +34,8 @@ OPS: dict[str, Op] = {
     op.name: op
     for op in (
         Op("hello", (), ("client", "pid", "host", "token", "control_token", "rank"), session=False),
-        Op("allocate", ("prompts",), ("salt", "share_in_batch", "remote_tokens")),
-        Op("cached_tokens", ("prompts",), ("salt", "remote", "remote_tokens"), session=False),
+        Op("allocate", ("prompts",), ("salt", "share_in_batch", "remote_tokens", "window")),
+        Op("cached_tokens", ("prompts",), ("salt", "remote", "remote_tokens", "window"), session=False),
         Op("append", ("seq_ids",), ("num_tokens", "token_ids")),
         Op("record_tokens", ("seq_ids", "token_ids")),
         Op("commit", ("seq_ids",), ("upto",)),

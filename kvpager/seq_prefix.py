@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kvpager.block_pool import NULL_BLOCK
 from kvpager.errors import InvalidArgument, OutOfBlocks
 from kvpager.history import History
 from kvpager.prefix_cache import chain_keys, root_key, token_array
@@ -32,6 +33,7 @@ def allocate(
     salts: Seq[str | bytes | None],
     owner: Any = None,
     share_in_batch: bool = False,
+    window: int | None = None,
 ) -> tuple[list[int], np.ndarray, list[int], list[int], list[int]]:
     """New sequences holding ``prompts``. Returns their ids, every block table
     back to back (int64), and per sequence its blocks, cached tokens and tokens.
@@ -45,21 +47,30 @@ def allocate(
     earlier prompt of the same batch gets fresh (same salt, same tokens):
     they count as cached for it, but their K/V is written by that earlier
     prompt's prefill, so the caller must write the whole batch's K/V (layer
-    by layer, as a batched forward pass does) before attending over it."""
+    by layer, as a batched forward pass does) before attending over it.
+
+    With ``window`` (every query of the caller's model reads at most that many
+    positions, itself included: sliding windows in every layer), a hit past
+    the first missing block counts too, as far as the blocks its first new
+    token's window reads are cached: the blocks before those are left
+    released (the null block), as `release_before` leaves them."""
     bs, pool = m.block_size, m.pool
     plans = []
     # key -> (prompt index, table index) of a fresh full block earlier in this batch
     fresh: dict[bytes, tuple[int, int]] = {}
-    ntok, lengths, cached, nhits = [], [], [], []
+    ntok, lengths, cached, nhits, skips = [], [], [], [], []
     need = 0
     for i, prompt in enumerate(prompts):
         tokens = token_array(prompt, f"prompts[{i}]")
         root = root_key(salts[i])
         usable = max(len(tokens) - 1, 0) // bs  # blocks we may take from the cache
         keys, hits = pool.match(root, tokens, bs, usable)
+        skip = 0  # leading entries left released (a windowed hit past a miss)
+        if window is not None and len(hits) < usable:
+            keys, hits, skip = pool.match_window(root, tokens, bs, usable, window, keys, hits)
         shared: list[tuple[int, int]] = []
         if share_in_batch:
-            start = len(hits)
+            start = skip + len(hits)
             rest = chain_keys(keys[-1] if keys else root, tokens[start * bs :], bs)
             for key in rest[: usable - start]:
                 where = fresh.get(key)
@@ -69,13 +80,14 @@ def allocate(
                 keys.append(key)
             for t in range(start + len(shared), start + len(rest)):
                 fresh.setdefault(rest[t - start], (i, t))
-        plans.append((tokens, root, keys, hits, shared))
+        plans.append((tokens, root, keys, hits, shared, skip))
         n = -(-len(tokens) // bs)
-        need += n - len(hits) - len(shared)
+        need += n - skip - len(hits) - len(shared)
         ntok.append(len(tokens))
         lengths.append(n)
-        nhits.append(len(hits))
-        cached.append((len(hits) + len(shared)) * bs)
+        nhits.append(skip + len(hits))  # table entries taken as committed and published
+        skips.append(skip)
+        cached.append((skip + len(hits) + len(shared)) * bs)
     hit_ids = np.fromiter(itertools.chain.from_iterable(p[3] for p in plans), np.int64)
     # An evictable hit is taken before any new block: it must not be evicted
     # to make room for this very batch, so it does not count as available.
@@ -94,11 +106,13 @@ def allocate(
         starts = list(itertools.accumulate(lengths, initial=0))
         flat = np.empty(total, dtype=np.int64)
         fresh_at = np.ones(total, dtype=bool)
-        for start, (_, _, _, hits, shared) in zip(starts, plans):
-            fresh_at[start : start + len(hits) + len(shared)] = False
+        for start, (_, _, _, hits, shared, skip) in zip(starts, plans):
+            fresh_at[start : start + skip + len(hits) + len(shared)] = False
         flat[fresh_at] = new
         from_batch = []
-        for start, (_, _, _, hits, shared) in zip(starts, plans):
+        for start, (_, _, _, hits, shared, skip) in zip(starts, plans):
+            flat[start : start + skip] = NULL_BLOCK
+            start += skip
             flat[start : start + len(hits)] = hits
             if shared:
                 blocks = [int(flat[starts[pi] + t]) for pi, t in shared]
@@ -112,7 +126,7 @@ def allocate(
     if len(plans) == 1:
         rows = [bt.add_row(flat, ntok[0])]
         last = int(flat[-1]) if len(flat) else 0
-        bt.cols[rows[0]] = (ids[0], code, nhits[0] * bs, nhits[0], ntok[0], 0, last, 0)
+        bt.cols[rows[0]] = (ids[0], code, nhits[0] * bs, nhits[0], ntok[0], 0, last, skips[0])
     else:
         ntok_a, nhits_a = np.array(ntok, dtype=np.int64), np.array(nhits, dtype=np.int64)
         rows = bt.add_rows(flat, np.array(lengths, dtype=np.int64), ntok_a).tolist()
@@ -124,7 +138,9 @@ def allocate(
         cols[:, 4] = ntok_a
         ends = np.cumsum(lengths)
         cols[:, 6] = np.where(ntok_a > 0, flat[np.maximum(ends - 1, 0)] if len(flat) else 0, 0)
+        cols[:, 7] = skips
         bt.cols[rows] = cols
+    m.num_released += sum(1 for k in skips if k)
     m.rows.update(zip(ids, rows))
     m.history.update(zip(ids, (History(p[0], p[1], p[2], salt=salt) for p, salt in zip(plans, salts))))
     m.prefix_query_tokens += sum(ntok)
@@ -132,16 +148,22 @@ def allocate(
     return ids, flat, lengths, cached, ntok
 
 
-def cached_tokens(m: SequenceManager, prompts: Seq[Seq[int] | np.ndarray], salts: Seq[str | bytes | None]) -> list[int]:
-    """How many tokens of each prompt `allocate` would find cached now.
-    Read-only: touches nothing, so the answer can change before an allocate."""
+def cached_tokens(m: SequenceManager, prompts: Seq[Seq[int] | np.ndarray], salts: Seq[str | bytes | None],
+                  window: int | None = None) -> list[int]:
+    """How many tokens of each prompt `allocate` (given the same ``window``)
+    would find cached now. Read-only: touches nothing, so the answer can
+    change before an allocate."""
     bs = m.block_size
     out = []
     for i, prompt in enumerate(prompts):
         tokens = token_array(prompt, f"prompts[{i}]")
         usable = max(len(tokens) - 1, 0) // bs
-        _, hits = m.pool.match(root_key(salts[i]), tokens, bs, usable)
-        out.append(len(hits) * bs)
+        root = root_key(salts[i])
+        keys, hits = m.pool.match(root, tokens, bs, usable)
+        skip = 0
+        if window is not None and len(hits) < usable:
+            keys, hits, skip = m.pool.match_window(root, tokens, bs, usable, window, keys, hits)
+        out.append((skip + len(hits)) * bs)
     return out
 
 

@@ -115,18 +115,21 @@ class SequenceManager(SequenceLookup):
         salts: Seq[str | bytes | None],
         owner: Any = None,
         share_in_batch: bool = False,
+        window: int | None = None,
     ) -> tuple[list[int], np.ndarray, list[int], list[int], list[int]]:
         """New sequences holding ``prompts`` (see `seq_prefix.allocate`). Returns
         their ids, every block table back to back (int64), and per sequence its
         blocks, cached tokens and tokens."""
-        if len(prompts) == 1 and self.scalar:
+        if len(prompts) == 1 and self.scalar and window is None:
             return seq_one.allocate(self, prompts[0], salts[0], owner)
-        return seq_prefix.allocate(self, prompts, salts, owner, share_in_batch)
+        return seq_prefix.allocate(self, prompts, salts, owner, share_in_batch, window)
 
-    def cached_tokens(self, prompts: Seq[Seq[int] | np.ndarray], salts: Seq[str | bytes | None]) -> list[int]:
-        """How many tokens of each prompt `allocate` would find cached now.
-        Read-only: touches nothing, so the answer can change before an allocate."""
-        return seq_prefix.cached_tokens(self, prompts, salts)
+    def cached_tokens(self, prompts: Seq[Seq[int] | np.ndarray], salts: Seq[str | bytes | None],
+                      window: int | None = None) -> list[int]:
+        """How many tokens of each prompt `allocate` (with the same ``window``)
+        would find cached now. Read-only: touches nothing, so the answer can
+        change before an allocate."""
+        return seq_prefix.cached_tokens(self, prompts, salts, window)
 
     # -- append / commit ------------------------------------------------------------
     def append(

@@ -89,6 +89,7 @@ class ServerOps(ControlOps):
             "control": control,
             # a remote tier: allocate answers num_remote_tokens to a client that asks (remote_tokens)
             "remote": self.pool.remote.describe() if self.pool.remote is not None else None,
+            "windowed_hits": True,  # allocate and cached_tokens take `window`
         }
 
     def _op_heartbeat(self, s: Session, a: dict[str, Any]) -> None:
@@ -105,7 +106,8 @@ class ServerOps(ControlOps):
         self.limits.check("sequences", s.num_seqs + len(prompts), "allocate: sequences of this session")
         self._check_capacity(prompts)
         share = a.get("share_in_batch", False)
-        allocs = self.pool.allocate(prompts, a.get("salt"), owner=s.name, share_in_batch=share)
+        allocs = self.pool.allocate(prompts, a.get("salt"), owner=s.name, share_in_batch=share,
+                                    window=a.get("window"))
         s.num_seqs += len(allocs)
         return protocol.encode_allocations(allocs, remote_tokens)
 
@@ -128,7 +130,7 @@ class ServerOps(ControlOps):
             raise InvalidArgument("prompts must be a list of token-id lists")
         remote_tokens = _flag(a, "remote_tokens", "cached_tokens")
         # with a remote tier, what an allocate would restore counts unless remote is false
-        probes = self.pool.probe_cache(prompts, a.get("salt"), remote=a.get("remote"))
+        probes = self.pool.probe_cache(prompts, a.get("salt"), remote=a.get("remote"), window=a.get("window"))
         return protocol.encode_probes(probes, remote_tokens)
 
     def _op_append(self, s: Session, a: dict[str, Any]) -> bytes:

@@ -16,6 +16,7 @@ from kvpager import KVPool  # noqa: E402
 from kvpager.errors import InvalidArgument  # noqa: E402
 from kvpager.hf import (  # noqa: E402
     PagedGeneration,
+    default_salt,
     generate,
     layer_chunks,
     layer_map,
@@ -374,6 +375,47 @@ def test_windowed_model_holds_about_one_window_of_blocks(through_daemon):
             else:  # every block kept: 79 tokens hold 10 blocks
                 assert max(held) >= 10
             pool.check_integrity()
+
+
+@pytest.mark.parametrize("through_daemon", [False, True])
+def test_a_windowed_models_next_turn_hits_past_its_evicted_first_blocks(through_daemon):
+    """Every layer windowed: a conversation's first turn gave its leading blocks
+    back as it went (released first, so evicted first in a tight pool), and
+    the next turn, whose prompt begins with the whole first turn, found no
+    prefix at all (the chain of hits starts at block 0) and ran its prompt
+    again. Now it hits as far as its first new token's window reads cached
+    blocks, computes only the rest, and gives transformers' tokens."""
+    model = make_model("mistral")
+    first, new = prompt(40, seed=21), 30
+    spec = spec_for_model(model, num_blocks=24, block_size=8)
+    with contextlib.ExitStack() as stack:
+        if through_daemon:
+            pytest.importorskip("zmq")
+            from daemon_helpers import running_server
+
+            from kvpager.client import Client
+
+            server = stack.enter_context(running_server(spec))
+            pool = stack.enter_context(Client(server.endpoint))
+        else:
+            pool = KVPool(spec)
+        [answer] = generate(model, pool, [first], new)
+        assert answer == reference(model, first, new)
+        [filler] = pool.allocate([prompt(8 * 16, seed=22)])  # takes most of the pool: the oldest cached go
+        pool.free([filler.seq_id])
+        turn = first + answer + prompt(12, seed=23)
+        salt = default_salt(model)
+        assert pool.cached_tokens([turn], salt) == [0]  # no prefix from block 0 on
+        hits = pool.cached_tokens([turn], salt, window=WINDOW)[0]
+        assert hits >= (len(first) + new) // 8 * 8 - 8  # all but the block the last answer token went to
+        with PagedGeneration(model, pool, [turn], max_new_tokens=20) as gen:
+            assert gen.num_cached_tokens == [hits]
+            while not gen.done:
+                gen.step()
+            outs = gen.outputs
+        assert outs == [reference(model, turn, 20)]
+        pool.check_integrity()
+        assert pool.stats().used_blocks == 0
 
 
 def test_attention_sinks_change_the_tokens():

@@ -214,7 +214,11 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
             if self._recurrent is not None:
                 allocs = self._recurrent.allocate(self.pool, self.prompts, self.salt)
             else:
-                allocs = self.pool.allocate(self.prompts, self.salt, share_in_batch=True)
+                # every layer windowed: a hit past evicted leading blocks counts, as far
+                # as the first new token's window reaches (the blocks before it released)
+                window = max(self._windows) if self._releases_windows() else None
+                allocs = self.pool.allocate(self.prompts, self.salt, share_in_batch=True,
+                                            **({"window": window} if window is not None else {}))
         except BaseException:
             if self._kept is not None:  # (nothing to close: the kept steps are free for the next call)
                 self._kept.release(self)
