@@ -276,3 +276,33 @@ def test_a_subscriber_that_reads_nothing_holds_a_bounded_queue():
             assert 0 < got <= 1400, got  # SEND_HWM's 1,000, and what the sockets' buffers held
         finally:
             sub.close(0)
+
+
+def test_a_replay_peer_that_reads_nothing_holds_a_bounded_queue(events_server):
+    """A peer that asked for the whole kept history and read none of it: the
+    replay socket queued it ZeroMQ's 1,000 messages, up to 64 MiB of the
+    daemon's memory a peer. Now its answer stops at REPLAY_HWM messages
+    (and what the sockets' buffers hold) until it reads, then arrives whole."""
+    from kvpager import events_pub
+
+    ev = events_server.events
+    keys = [i.to_bytes(16, "big") for i in range(1000)]
+    for i in range(600):  # ~40 KB a batch
+        sink = EventSink()
+        sink.stored(keys, None, np.arange(SMALL.block_size * len(keys)) + i)
+        ev.publish(time.time(), sink.take())
+    assert wait_until(lambda: ev.published >= 601, 20)
+    ctx = zmq.Context()
+    try:
+        s = dealer(ctx, ev.replay_endpoint)
+        s.setsockopt(zmq.RCVHWM, 1)
+        s.setsockopt(zmq.RCVBUF, 4096)
+        s.send_multipart([b"", (0).to_bytes(8, "big")])
+        time.sleep(1.5)  # its answer goes as far as the queues let it
+        assert len(ev._replays) == 1, "the whole answer was queued for a peer that read none of it"
+        [(cursor, stop, _)] = ev._replays.values()
+        assert stop == 601 and cursor <= events_pub.REPLAY_HWM + 32, cursor
+        seqs, ended = read_answer(s)
+        assert ended and seqs == list(range(601))
+    finally:
+        ctx.destroy(linger=0)
