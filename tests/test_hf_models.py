@@ -341,6 +341,19 @@ def test_family_through_a_daemon_client(family):
         assert generate(model, pool, prompts, 10) == [reference(model, p, 10) for p in prompts]
 
 
+def pool_for(spec, through_daemon: bool, stack: contextlib.ExitStack):
+    """An embedded pool of ``spec``, or a client of a daemon serving it (stopped with ``stack``)."""
+    if not through_daemon:
+        return KVPool(spec)
+    pytest.importorskip("zmq")
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+
+    server = stack.enter_context(running_server(spec))
+    return stack.enter_context(Client(server.endpoint))
+
+
 @pytest.mark.parametrize("through_daemon", [False, True])
 def test_windowed_model_holds_about_one_window_of_blocks(through_daemon):
     """Every layer windowed (Mistral-style): each step gives back the blocks no
@@ -353,16 +366,7 @@ def test_windowed_model_holds_about_one_window_of_blocks(through_daemon):
         model = make_model(family)
         spec = spec_for_model(model, num_blocks=96, block_size=8)
         with contextlib.ExitStack() as stack:
-            if through_daemon:
-                pytest.importorskip("zmq")
-                from daemon_helpers import running_server
-
-                from kvpager.client import Client
-
-                server = stack.enter_context(running_server(spec))
-                pool = stack.enter_context(Client(server.endpoint))
-            else:
-                pool = KVPool(spec)
+            pool = pool_for(spec, through_daemon, stack)
             held = []
             with PagedGeneration(model, pool, tokens, max_new_tokens=new) as gen:
                 while not gen.done:
@@ -389,16 +393,7 @@ def test_a_windowed_models_next_turn_hits_past_its_evicted_first_blocks(through_
     first, new = prompt(40, seed=21), 30
     spec = spec_for_model(model, num_blocks=24, block_size=8)
     with contextlib.ExitStack() as stack:
-        if through_daemon:
-            pytest.importorskip("zmq")
-            from daemon_helpers import running_server
-
-            from kvpager.client import Client
-
-            server = stack.enter_context(running_server(spec))
-            pool = stack.enter_context(Client(server.endpoint))
-        else:
-            pool = KVPool(spec)
+        pool = pool_for(spec, through_daemon, stack)
         [answer] = generate(model, pool, [first], new)
         assert answer == reference(model, first, new)
         [filler] = pool.allocate([prompt(8 * 16, seed=22)])  # takes most of the pool: the oldest cached go
