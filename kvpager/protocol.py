@@ -178,7 +178,7 @@ def decode_request(data: bytes, limit: int) -> Request:
     bad = None
     if not isinstance(rid, int) or isinstance(rid, bool):
         bad, rid = f"request id must be an integer, got {type(rid).__name__}", None
-    elif version != VERSION:
+    elif type(version) is not int or version != VERSION:  # (True and 1.0 equal 1 in Python)
         err = VersionMismatch(f"protocol version {version!r} is not supported; the daemon speaks {VERSION}")
         err.request_id = rid
         raise err

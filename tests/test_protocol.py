@@ -186,6 +186,9 @@ def _raw(*msg):
     (_raw(VERSION, 1, None, "stats"), ProtocolError, None),
     (_raw(VERSION, "x", None, "stats", {}), ProtocolError, None),
     (_raw(VERSION + 1, 5, None, "stats", {}), VersionMismatch, 5),
+    (_raw(True, 15, None, "stats", {}), VersionMismatch, 15),  # (equal to 1 in Python: taken before)
+    (_raw(1.0, 16, None, "stats", {}), VersionMismatch, 16),
+    (_raw("1", 17, None, "stats", {}), VersionMismatch, 17),
     (_raw(VERSION, 6, None, "explode", {}), UnknownOp, 6),
     (_raw(VERSION, 7, None, 3, {}), ProtocolError, 7),
     (_raw(VERSION, 8, 12, "stats", {}), ProtocolError, 8),
