@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -16,11 +17,13 @@ from kvpager import KVPool  # noqa: E402
 from kvpager.errors import InvalidArgument  # noqa: E402
 from kvpager.hf import (  # noqa: E402
     PagedGeneration,
+    beam_search,
     default_salt,
     generate,
     layer_chunks,
     layer_map,
     layer_windows,
+    score,
     spec_for_model,
 )
 
@@ -409,6 +412,17 @@ def test_a_windowed_models_next_turn_hits_past_its_evicted_first_blocks(through_
                 gen.step()
             outs = gen.outputs
         assert outs == [reference(model, turn, 20)]
+        # score and beam search allocate with the window too: their hits, a fresh pool's results
+        fresh = KVPool(spec)
+        start = len(first) + new
+        hit_before = pool.stats().prefix_hit_tokens
+        [scored] = score(model, pool, [turn], start=start)
+        assert pool.stats().prefix_hit_tokens - hit_before >= hits - 8
+        np.testing.assert_allclose(scored, score(model, fresh, [turn], start=start)[0], rtol=1e-5, atol=1e-5)
+        hit_before = pool.stats().prefix_hit_tokens
+        [beams] = beam_search(model, pool, [turn], 6, num_beams=2, eos_token_id=None)
+        assert pool.stats().prefix_hit_tokens - hit_before >= hits - 8
+        assert beams.tokens == beam_search(model, fresh, [turn], 6, num_beams=2, eos_token_id=None)[0].tokens
         pool.check_integrity()
         assert pool.stats().used_blocks == 0
 

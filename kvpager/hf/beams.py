@@ -43,7 +43,7 @@ from kvpager.hf.beams_rows import RecurrentBeams
 from kvpager.hf.checks import check_model_and_pool, end_tokens
 from kvpager.hf.eager import EagerPasses
 from kvpager.hf.graphs import CapturedSteps, DecodeGraphs, check_graph_options, graph_width
-from kvpager.hf.model import has_recurrent_layers
+from kvpager.hf.model import has_recurrent_layers, hit_window
 from kvpager.hf.padding import prompts_given, token_lists
 from kvpager.hf.salt import default_salt
 from kvpager.validate import is_int
@@ -207,7 +207,8 @@ class _Search:
     def _prefill(self) -> torch.Tensor:
         if self.rows is not None:
             return self.rows.prefill(self._took)
-        allocs = self.pool.allocate(self.prompts, self.salt, share_in_batch=True)
+        allocs = self.pool.allocate(self.prompts, self.salt, share_in_batch=True,
+                                    **hit_window(self.passes.windows, self.pool))
         for b, a in enumerate(allocs):
             self.seqs[b][0] = a.seq_id
             self.held.add(a.seq_id)

@@ -54,6 +54,7 @@ from kvpager.hf.logprobs import Completion, KeptLogprobs, TokenLogprobs, check_l
 from kvpager.hf.model import (  # noqa: F401
     ABSENT,
     check_call,
+    hit_window,
     layer_chunks,
     layer_fit,
     layer_map,
@@ -214,11 +215,8 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
             if self._recurrent is not None:
                 allocs = self._recurrent.allocate(self.pool, self.prompts, self.salt)
             else:
-                # every layer windowed: a hit past evicted leading blocks counts, as far
-                # as the first new token's window reaches (the blocks before it released)
-                window = max(self._windows) if self._releases_windows() else None
                 allocs = self.pool.allocate(self.prompts, self.salt, share_in_batch=True,
-                                            **({"window": window} if window is not None else {}))
+                                            **hit_window(self._windows, self.pool))
         except BaseException:
             if self._kept is not None:  # (nothing to close: the kept steps are free for the next call)
                 self._kept.release(self)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import sys
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -85,6 +86,17 @@ def modules_of(root: torch.nn.Module) -> list[torch.nn.Module]:
         if children:
             stack.extend(c for c in reversed(children.values()) if c is not None)
     return out
+
+
+def hit_window(windows: Sequence[int | None] | None, pool: Any) -> dict[str, int]:
+    """`allocate`'s keyword arguments for a model of per-layer ``windows``
+    (`layer_windows`): ``window``, the widest, where every layer has one (a
+    prompt then hits past evicted leading blocks, as far as the blocks its
+    first new token's window reads are cached; `KVPool.allocate`), none
+    otherwise or for a pool whose sequences cannot hold released entries."""
+    if windows and None not in windows and hasattr(pool, "release_before"):
+        return {"window": max(windows)}
+    return {}
 
 
 def layer_windows(model: Any) -> list[int | None]:

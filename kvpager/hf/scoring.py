@@ -41,7 +41,7 @@ from kvpager.errors import InvalidArgument
 from kvpager.hf.checks import check_model_and_pool
 from kvpager.hf.eager import EagerPasses
 from kvpager.hf.logprobs import TokenLogprobs
-from kvpager.hf.model import has_recurrent_layers, text_config
+from kvpager.hf.model import has_recurrent_layers, hit_window, text_config
 from kvpager.hf.padding import prompts_given, token_lists
 from kvpager.hf.salt import default_salt
 from kvpager.hf.scoring_rows import RowScorer
@@ -163,7 +163,8 @@ class _Scorer:
         than the grouping counted on, each within the budget; a lone prompt's parts),
         committed and freed."""
         cuts = [max(1, s - 1) for s in starts]
-        allocs = self.pool.allocate([p[:c] for p, c in zip(prompts, cuts)], self.salt, share_in_batch=True)
+        allocs = self.pool.allocate([p[:c] for p, c in zip(prompts, cuts)], self.salt, share_in_batch=True,
+                                    **hit_window(self.passes.windows, self.pool))
         ids = [a.seq_id for a in allocs]
         try:
             rest = [len(p) - c for p, c in zip(prompts, cuts)]
