@@ -21,7 +21,6 @@ from kvpager.client_tables import as_ids, id_list
 from kvpager.errors import InvalidArgument, NotOwner, SessionLost
 from kvpager.plan import StepPlan, check_floor, context_of, make_plan, table_floor
 from kvpager.plan_guard import Foreign, Moves, sequence_guard
-from kvpager.protocol import decode_info
 from kvpager.shm import map_pool, map_release_count
 
 
@@ -107,8 +106,8 @@ class KVAccess:
         if got is not None:
             return got
         tables, lens = self.tables(ids)
-        infos = self._call("sequences", {"seq_ids": ids})  # one round trip for them all
-        return tables, lens, np.array([decode_info(d).num_committed for d in infos], np.int64)
+        infos = self._infos(ids)  # one round trip for them all (but where they pass the message limit)
+        return tables, lens, np.array([info.num_committed for info in infos], np.int64)
 
     def synchronize(self) -> None:
         """As `KVPool.synchronize`: wait for this process's writes into the mapped

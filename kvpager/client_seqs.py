@@ -250,14 +250,27 @@ class ClientSequences:
 
     def sequences(self) -> list[SequenceInfo]:
         """Every live sequence of every session, in id order (asked a page at a
-        time, so the daemon never spends long on one request)."""
+        time, so the daemon never spends long on one request; a page may hold
+        fewer than asked, to keep within the message limit, so the pages go on
+        until an empty one)."""
         out: list[SequenceInfo] = []
         while True:
             after = out[-1].seq_id if out else -1
             page = self._call("sequences", {"after": after, "limit": SEQUENCES_PAGE})
-            out.extend(decode_info(d) for d in page)
-            if len(page) < SEQUENCES_PAGE:
+            if not page:
                 return out
+            out.extend(decode_info(d) for d in page)
+
+    def _infos(self, ids: list[int]) -> list[SequenceInfo]:
+        """The `SequenceInfo`s of ``ids`` in one request, or in halves where their
+        block tables would pass the daemon's message limit."""
+        try:
+            return [decode_info(d) for d in self._call("sequences", {"seq_ids": ids})]
+        except LimitExceeded as e:
+            if getattr(e, "limit", None) != "max_message_bytes" or len(ids) < 2:
+                raise
+        half = len(ids) // 2
+        return self._infos(ids[:half]) + self._infos(ids[half:])
 
     def blocks(self) -> BlockMap:
         return decode_blocks(self._call("blocks", {}))

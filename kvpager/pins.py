@@ -38,6 +38,18 @@ if TYPE_CHECKING:
 EVERY = object()  # `infos`: every owner's pins (None is an owner: the pool's own)
 
 
+#: A listed block's bytes in a reply, at most (a msgpack int of a block id): a salt's
+#: bytes count this many to a block where a page is bounded by blocks.
+SALT_BYTES_A_BLOCK = 8
+
+
+def salt_bytes(salt: str | bytes | None) -> int:
+    """What ``salt`` takes in a reply: its UTF-8 bytes (a str), its bytes, or 0."""
+    if salt is None:
+        return 0
+    return len(salt.encode("utf-8", "surrogatepass")) if isinstance(salt, str) else len(salt)
+
+
 @dataclass(eq=False)
 class Pin:
     owner: Any
@@ -181,8 +193,10 @@ class PinTable:
 
     def page(self, block_size: int, after: int, limit: int, max_blocks: int) -> list[PinInfo]:
         """The pins made after pin ``after``, in that order: at most ``limit`` of
-        them, and no more once they list ``max_blocks`` blocks (a longer pin is
-        listed alone). Time and memory as the page, whatever the pins."""
+        them, and no more once they list ``max_blocks`` blocks, a salt's bytes
+        counted `SALT_BYTES_A_BLOCK` to a block (a longer pin is listed alone).
+        Time and memory as the page, whatever the pins: 4,096 pins of 16 KiB
+        salts answered 67 MB when only blocks counted."""
         out: list[PinInfo] = []
         listed = 0
         ids, by_id = self.ids, self.by_id
@@ -190,10 +204,11 @@ class PinTable:
             pin = by_id.get(ids[i])
             if pin is None:
                 continue
-            if out and listed + len(pin.blocks) > max_blocks:
+            cost = len(pin.blocks) + salt_bytes(pin.salt) // SALT_BYTES_A_BLOCK
+            if out and listed + cost > max_blocks:
                 break
             out.append(pin.info(block_size))
-            listed += len(pin.blocks)
+            listed += cost
             if len(out) == limit:
                 break
         return out

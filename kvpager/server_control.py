@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvpager import protocol
 from kvpager.errors import InvalidArgument, Unauthorized
+from kvpager.pins import SALT_BYTES_A_BLOCK
 from kvpager.wire_args import wire_int
 
 if TYPE_CHECKING:
@@ -86,7 +87,9 @@ class ControlOps:
         if not 1 <= limit <= protocol.PINS_PAGE:
             raise InvalidArgument(f"pins: limit must be in [1, {protocol.PINS_PAGE}], got {limit}")
         after = wire_int(a.get("after", -1), "after")
-        return [protocol.encode_pin(p) for p in self.pool.pins_page(after, limit, protocol.PINS_PAGE_BLOCKS)]
+        # blocks listed (a salt's bytes counted 8 to a block) within half the message limit too
+        most = max(1, min(protocol.PINS_PAGE_BLOCKS, self.max_message_bytes // (2 * SALT_BYTES_A_BLOCK)))
+        return [protocol.encode_pin(p) for p in self.pool.pins_page(after, limit, most)]
 
     def _op_set_quota(self, s: Session, a: dict[str, Any]) -> None:
         self._control(s, "set_quota")

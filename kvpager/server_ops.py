@@ -27,6 +27,7 @@ from kvpager.errors import (
     OutOfBlocks,
     Unauthorized,
 )
+from kvpager.pins import salt_bytes
 from kvpager.protocol import SEQUENCES_PAGE
 from kvpager.render import printable
 from kvpager.server_control import ControlOps
@@ -38,6 +39,12 @@ if TYPE_CHECKING:
     from kvpager.sessions import Session
 
 log = logging.getLogger("kvpager.server")
+
+#: A `SequenceInfo`'s bytes in a reply besides its block table, at most (its
+#: field names and values; the owner is a daemon-made session name).
+INFO_BYTES = 256
+#: A `TenantUsage`'s bytes in a `stats` reply besides its salt, at most.
+TENANT_BYTES = 128
 
 
 def _flag(a: dict[str, Any], name: str, op: str) -> bool:
@@ -222,11 +229,19 @@ class ServerOps(ControlOps):
             if len(ids) > limit:
                 raise LimitExceeded(f"sequences: {len(ids)} ids in one request; at most {limit} "
                                     "(ask for pages: after / limit)", "ids", len(ids), limit)
+            size = self._infos_size(ids)
+            if size[-1] > self.max_message_bytes:
+                raise LimitExceeded(f"sequences: the {len(ids)} sequences' block tables take about {size[-1]} "
+                                    f"bytes, over the daemon's message limit of {self.max_message_bytes} (ask "
+                                    "for fewer ids at a time)", "max_message_bytes", int(size[-1]),
+                                    self.max_message_bytes)
         else:
             owner = a.get("owner")  # a session name; None: every session's (in id order: no sort, 0.9 ms for
             # 100,000 sequences on a 2-core VM where merging the sessions' lists took 5.3)
             ids = self.pool.owned(owner) if owner is not None else self.pool.sequence_ids()
             ids = ids[bisect.bisect_right(ids, wire_int(a.get("after", -1), "after")):][:limit]
+            if ids:  # a page within the message limit (4,096 forks of a long sequence made 82 MB): one at least
+                ids = ids[: max(1, int(np.searchsorted(self._infos_size(ids), self.max_message_bytes, "right")))]
         infos = [self.pool.sequence(i) for i in ids]
         # Owners are public session names; the pid says which worker it is.
         by_name = self.sessions.by_name
@@ -238,11 +253,25 @@ class ServerOps(ControlOps):
             out.append(d)
         return out
 
+    def _infos_size(self, ids: list[int]) -> np.ndarray:
+        """The bytes the `SequenceInfo`s of ``ids`` (known ids) take in a reply, at
+        most, added up id after id: each one's block table (int64) and its fields."""
+        manager = self.pool.manager
+        return np.cumsum(8 * manager.table.num_blocks[manager.lookup(ids)].astype(np.int64) + INFO_BYTES)
+
     def _op_blocks(self, s: Session | None, a: dict[str, Any]) -> list[np.ndarray]:
         return protocol.encode_blocks(self.pool.blocks())
 
     def _op_stats(self, s: Session | None, a: dict[str, Any]) -> dict[str, Any]:
         d = protocol.encode_stats(self.pool.stats())
+        # the tenants listed within a quarter of the message limit (their salts may be long):
+        # the rest are counted in num_tenants, as those past MAX_TENANTS_LISTED are
+        room = self.max_message_bytes // 4
+        for k, t in enumerate(d["tenants"]):
+            room -= salt_bytes(t["salt"]) + TENANT_BYTES
+            if room < 0:
+                d["tenants"] = d["tenants"][:k]
+                break
         d["sessions"] = len(self.sessions)
         d["requests"] = self.requests  # every request the daemon has answered: rates for `kvpager top`
         remote = self.pool.remote_stats()

@@ -145,8 +145,10 @@ class SessionInfo:
     control: bool  # opened with the daemon's control token
 
 
-#: The most tenants `PoolStats.tenants` lists.
+#: The most tenants `PoolStats.tenants` lists, and the most bytes of their salts
+#: (1,000 salts of 16 KiB made every `stats` reply 16 MB).
 MAX_TENANTS_LISTED = 1000
+MAX_TENANT_SALT_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)

@@ -114,3 +114,78 @@ def test_a_swap_in_whose_tables_would_pass_the_limit_runs_and_answers_nil():
         assert (mine == theirs).all() and (mine_lens == theirs_lens).all()
         assert list(mine_lens) == [512 * 16] + [1] * 31
         c.check_integrity()
+
+
+def _reply_bytes(endpoint: str, op: str, args: dict) -> tuple[int, dict | list]:
+    """(size, decoded result) of a raw request's reply (needing no session)."""
+    raw = Raw(endpoint)
+    try:
+        data = raw.recv_raw(req(1, op, args))
+    finally:
+        raw.close()
+    reply = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    assert reply[1] == 0, reply[2]
+    return len(data), reply[2]
+
+
+def test_a_sequences_page_keeps_within_the_message_limit():
+    """`sequences` bounded its page by count only: 4,096 forks of a long
+    sequence answered 82 MB past a 16 MiB limit, built on the loop's thread.
+    Now a page stops at the limit (one sequence at least) and the client
+    reads on until an empty page; ids asked by name past it are refused, and
+    the client asks them in halves."""
+    with running_server(LONG, max_message_bytes=1 << 16) as server, Client(server.endpoint) as c:
+        [a] = c.allocate([list(range(3, 3 + 512 * 16))])  # 512 blocks: 4 KiB of table each
+        kids = c.fork([a.seq_id], 39)[0]
+        size, page = _reply_bytes(server.endpoint, "sequences", {})
+        assert size <= 1 << 16 and 1 <= len(page) < 40
+        listed = c.sequences()
+        assert [s.seq_id for s in listed] == [a.seq_id, *kids]
+        assert all(s.block_table == listed[0].block_table for s in listed)
+        with pytest.raises(LimitExceeded, match="message limit"):
+            c._call("sequences", {"seq_ids": [a.seq_id, *kids]})
+        assert [i.seq_id for i in c._infos([a.seq_id, *kids])] == [a.seq_id, *kids]
+        c.check_integrity()
+
+
+def test_pins_and_stats_keep_their_salts_within_the_message_limit():
+    """A pins page was bounded by the blocks it lists and stats by the count
+    of tenants: long salts (4,096 pins of 16 KiB salts: 67 MB) passed the
+    message limit. Now a salt counts in a pins page (the client reads every
+    page) and stats lists the tenants whose salts fit a quarter of the limit,
+    counting the rest in num_tenants."""
+    with running_server(SMALL, max_message_bytes=1 << 16) as server, Client(server.endpoint) as c:
+        salts = [f"{i:04d}" + "s" * 4000 for i in range(40)]  # 160 KB of salts
+        prompt = list(range(3, 3 + SMALL.block_size))
+        for salt in salts:
+            [a] = c.allocate([prompt + [1]], salt=salt)
+            c.commit(a.seq_id)
+            c.pin([prompt], salt=salt)
+        size, page = _reply_bytes(server.endpoint, "pins", {})
+        assert size <= 1 << 16 and 1 <= len(page) < 40
+        assert sorted(p.salt for p in c.pins()) == salts
+        size, stats = _reply_bytes(server.endpoint, "stats", {})
+        assert size <= 1 << 16
+        assert stats["num_tenants"] == 40 and 1 <= len(stats["tenants"]) < 40
+        st = c.stats()
+        assert st.num_tenants == 40 and len(st.tenants) == len(stats["tenants"])
+        c.check_integrity()
+
+
+def test_stats_lists_tenants_within_a_bound_on_their_salts():
+    """PoolStats listed 1,000 tenants whatever their salts (16 MB of them at
+    16 KiB each): now as many as MAX_TENANT_SALT_BYTES of salts hold, the
+    most cached first, all of them counted in num_tenants."""
+    from kvpager import KVPool
+    from kvpager.types import MAX_TENANT_SALT_BYTES
+
+    pool = KVPool(PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=400, block_size=16, dtype="float32"))
+    salts = [f"{i:04d}" + "t" * 4092 for i in range(300)]  # 1.2 MB of salts
+    for i, salt in enumerate(salts):
+        [a] = pool.allocate([list(range(3, 3 + 16 * (1 + (i == 7)) + 1))], salt=salt)
+        pool.commit(a.seq_id)
+        pool.free([a.seq_id])
+    st = pool.stats()
+    assert st.num_tenants == 300
+    assert len(st.tenants) == MAX_TENANT_SALT_BYTES // 4096 and st.tenants[0].salt == salts[7]
+    pool.check_integrity()
