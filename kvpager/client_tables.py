@@ -145,6 +145,12 @@ class TableMirror:
         self.moves.bump()
         self._issued[:] = False
 
+    def _cow_moved(self, slots: np.ndarray) -> None:
+        """An append copied a shared block on write: its old block may go to another
+        sequence, so plans recheck (`_moved`); ``slots``, just issued, stay known."""
+        self._moved()
+        self._issue(slots)
+
     def _issue(self, slots: np.ndarray) -> None:
         """The blocks of ``slots`` (an allocate's or append's) are these sequences', to write."""
         if not len(slots):
@@ -246,7 +252,10 @@ class TableMirror:
                     col = p // bs
                     if col >= bt.width:
                         bt.reserve_width(col + 1)
-                    bt.table[row, col] = int(slots[0]) // bs
+                    block = int(slots[0]) // bs
+                    if p % bs and int(bt.table[row, col]) != block:  # copied on write: plans recheck
+                        self._cow_moved(slots)
+                    bt.table[row, col] = block
                     bt.num_blocks[row] = col + 1
                     bt.num_tokens[row] = p + 1
                 return
@@ -255,7 +264,10 @@ class TableMirror:
                 pos = bt.num_tokens[rows]
                 col = pos // bs
                 bt.reserve_width(int(col.max()) + 1)
-                bt.table[rows, col] = slots // bs
+                blocks = slots // bs
+                if ((pos % bs != 0) & (bt.table[rows, col] != blocks)).any():  # copied on write
+                    self._cow_moved(slots)
+                bt.table[rows, col] = blocks
                 bt.num_blocks[rows] = col + 1
                 bt.num_tokens[rows] = pos + 1
                 return
@@ -279,6 +291,13 @@ class TableMirror:
         nblocks = -(-end // bs)
         if len(nblocks):
             bt.reserve_width(int(nblocks.max()))
+        # a sequence's first new token in a partly filled block that changed: copied on write
+        part = (start % bs != 0) & (counts > 0)
+        if part.any():
+            col = start[part] // bs
+            firsts = (np.cumsum(counts) - counts)[part]
+            if (bt.table[rows[part], col] != slots[firsts] // bs).any():
+                self._cow_moved(slots)
         bt.set_blocks(rep, pos // bs, slots // bs)
         bt.num_blocks[rows] = nblocks
         bt.num_tokens[rows] = end

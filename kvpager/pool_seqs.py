@@ -194,6 +194,9 @@ class PoolSequences:
             self.backend.copy_blocks(copies)
             self.pending = True
             self._cow_blocks += len(copies)
+            # a copy-on-write moved a table entry off a shared block, which may go to another
+            # sequence now: step plans of these sequences recheck (a stale one wrote there before)
+            self.backend.moves.released()
         return flat
 
     def record_tokens(self, seq_ids: int | Seq[int], token_ids: Seq[Seq[int]], *, owner: Any = ANY_OWNER) -> None:

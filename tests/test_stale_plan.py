@@ -151,6 +151,39 @@ def test_a_committed_step_is_not_written_again():
     assert hit.num_cached_tokens == 16
 
 
+def cow_after_plan(pool, both: bool):
+    """A sequence with a partly filled last block, its step's slot planned, then
+    forked and appended again (``both``: the child too): the append copies the
+    shared block on write. Returns (plan, the parent's allocation, the old block)."""
+    [a] = pool.allocate([list(range(10))])  # blocks: one full, one of 2 tokens
+    fill(pool, [a])
+    [slot] = pool.append([a.seq_id], 1)
+    plan = pool.plan([a.seq_id], [1], slot)
+    [[child]] = pool.fork([a.seq_id])
+    pool.append([a.seq_id, child] if both else [a.seq_id], 1)  # pipelined: the next step's slots
+    return plan, a, int(slot[0]) // BS
+
+
+@pytest.mark.parametrize("both", [True, False])
+def test_a_plan_whose_block_was_copied_on_write_refuses(both):
+    """A step plan made before an append that copied its sequence's shared last
+    block on write: the copy moved no count, so the plan never rechecked. It
+    wrote into the old block, which (both forks having copied it) had gone to
+    another sequence, or (the parent alone) is now the child's alone: another
+    sequence's K/V overwritten, its own write lost. Now it refuses."""
+    pool = KVPool(SMALL)
+    plan, a, old = cow_after_plan(pool, both)
+    assert old not in pool.sequence(a.seq_id).block_table
+    if both:
+        other, _ = taken_by_another(pool, [old], 5)
+    before = pool.backend.kv.copy()
+    stale_everywhere(plan, 1)
+    np.testing.assert_array_equal(pool.backend.kv, before)
+    fresh = pool.plan([a.seq_id], [1], pool.append([a.seq_id], 1)[0])  # a plan made now goes on
+    fresh.write(0, kv(1), kv(1))
+    pool.check_integrity()
+
+
 def test_a_plan_whose_sequences_did_not_change_goes_on():
     pool = KVPool(SMALL)
     a, b = pool.allocate([list(range(20)), list(range(100, 110))])
@@ -203,7 +236,8 @@ def test_refill_needs_a_plan_of_this_pool():
 
 
 # -- any order of changes -------------------------------------------------------------------
-OPS = st.lists(st.tuples(st.sampled_from(["free", "truncate", "commit", "allocate", "append", "swap", "release"]),
+OPS = st.lists(st.tuples(st.sampled_from(["free", "truncate", "commit", "allocate", "append", "swap", "release",
+                                          "fork"]),
                          st.integers(0, 3), st.integers(1, 30)), max_size=6)
 
 
@@ -245,6 +279,8 @@ def test_after_any_changes_a_plan_writes_only_its_sequences_open_positions(lens,
             elif op == "swap":
                 pool.swap_out([s])
                 pool.swap_in([s])
+            elif op == "fork":  # (a later append of either copies their shared last block)
+                live += pool.fork([s])[0]
             else:
                 pool.release_before([s], [n])
         except Exception as e:  # out of blocks, a truncate under released blocks...: nothing changed
@@ -288,6 +324,16 @@ def test_a_workers_stale_plan_does_not_write_into_another_workers_blocks(server,
         np.testing.assert_array_equal(k[list(mine.block_table)], before[0])
         np.testing.assert_array_equal(v[list(mine.block_table)], before[1])
         other.free([x.seq_id for x in theirs])
+
+
+@pytest.mark.parametrize("both", [True, False])
+def test_a_workers_plan_whose_block_was_copied_on_write_refuses(server, client, both):
+    """As embedded: the worker's mirror follows the append's copy (its count moves)."""
+    plan, a, old = cow_after_plan(client, both)
+    assert old not in client.tables([a.seq_id])[0][0]
+    with pytest.raises(StalePlan):
+        plan.write(0, kv(1, SPEC, 7.0), kv(1, SPEC, 7.0))
+    client.free([s.seq_id for s in client.sequences() if s.owner == client.session_name])
 
 
 def test_a_workers_plan_survives_another_workers_changes_and_not_its_own_commit(server, client):
