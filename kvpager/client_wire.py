@@ -79,9 +79,11 @@ class ClientWire:
                     frid = next(self._ids)
                     self._request(frid, pack([VERSION, frid, self.session, "unpin", undo]), "unpin")
                 continue
-            if reply.error is not None or op not in ("allocate", "fork"):
+            if op not in ("allocate", "fork"):
                 continue  # nothing created; the mirror already forgot what the op touched
-            if op == "allocate":
+            if reply.error is not None:  # failed: nothing created, but for a reply too large to keep
+                created = [int(i) for i in reply.error.details.get("created") or []]
+            elif op == "allocate":
                 created = [int(a[0]) for a in reply.result]
             else:
                 created = [int(c) for kids in reply.result for c in kids]

@@ -126,12 +126,14 @@ class ErrorInfo:
 
     @classmethod
     def from_exception(cls, e: KVPagerError) -> ErrorInfo:
-        """The error's scalar attributes as its details; an int msgpack cannot carry
-        (past uint64, below int64: a limit's count of a client's huge value) as its text."""
+        """The error's scalar attributes (and lists of ints: a retry's ``created``
+        ids) as its details; an int msgpack cannot carry (past uint64, below
+        int64: a limit's count of a client's huge value) as its text."""
         details = {
             k: str(v) if type(v) is int and not -(1 << 63) <= v < 1 << 64 else v
             for k, v in vars(e).items()
-            if k != "request_id" and isinstance(v, (int, float, str, bool, type(None)))
+            if k != "request_id" and (isinstance(v, (int, float, str, bool, type(None)))
+                                      or type(v) is list and all(type(x) is int for x in v))
         }
         return cls(e.code, str(e), details)
 

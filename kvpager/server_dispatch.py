@@ -35,6 +35,7 @@ from kvpager.protocol import (
     decode_request,
     encode_batch,
     encode_reply,
+    unpack,
 )
 from kvpager.request_memo import MEMO_OPS, split_id
 from kvpager.validate import all_type
@@ -63,6 +64,17 @@ def _sized(v: Any) -> bool:
     """A list or an array with a length (a 0-d array is a scalar)."""
     return isinstance(v, list) or isinstance(v, np.ndarray) and v.ndim > 0
 
+
+
+def created_ids(op: str, reply: bytes) -> list[int] | None:
+    """The sequence ids an ``op`` (allocate or fork) reply made: an allocation's
+    first field, a fork's children; None for an error reply."""
+    _, status, result = unpack(reply)
+    if status != 0:
+        return None
+    if op == "allocate":
+        return [int(a[0]) for a in result]
+    return [int(c) for kids in result for c in kids]
 
 class Dispatch:
     """Mixed into `Server`, which supplies ``pool``, ``sessions``, ``limits``,
@@ -120,19 +132,22 @@ class Dispatch:
                 if kept is not None and kept[0] == digest:
                     self._result = "replayed"
                     if kept[1] is None:  # ran, but its reply was over the session's limit to keep
-                        raise LimitExceeded(
+                        err = LimitExceeded(
                             f"{op}: request {rid} ran, but its reply was too large to keep for a retry "
                             f"(over {self.limits.kept} bytes: KVPAGER_MAX_KEPT, kvpager serve --max-kept)",
                             "kept", self.limits.kept + 1, self.limits.kept)
+                        if kept[2] is not None:  # the sequences it made: a client that never learnt of them frees them
+                            err.created = kept[2]
+                        raise err
                     return kept[1]
             reply = self._reply(rid, op, session, args)
         except Exception as e:
             return self._error_reply(rid, op, e)
         if digest is not None:
-            self._keep(session, rid, digest, reply)
+            self._keep(session, rid, op, digest, reply)
         return reply
 
-    def _keep(self, session: Session, rid: int, digest: bytes, reply: bytes) -> None:
+    def _keep(self, session: Session, rid: int, op: str, digest: bytes, reply: bytes) -> None:
         """Keep ``reply`` for a retry of request ``rid``: the last KEPT_REPLIES of
         a session, within ``limits.kept`` bytes (one larger is remembered as run
         but not kept: its retry is told so, and nothing runs twice)."""
@@ -141,11 +156,14 @@ class Dispatch:
         if old is not None and old[1] is not None:
             session.kept_bytes -= len(old[1])
         keep = reply if len(reply) <= limit else None
-        replies[rid] = (digest, keep)
-        session.kept_bytes += len(keep) if keep is not None else 0
+        # too large to keep: an allocate's or fork's new sequence ids are kept instead (a
+        # timed-out client learns them from the retry's error and frees them: none orphaned)
+        created = created_ids(op, reply) if keep is None and op in ("allocate", "fork") else None
+        replies[rid] = (digest, keep, created)
+        session.kept_bytes += len(keep) if keep is not None else 8 * len(created or ())
         while len(replies) > KEPT_REPLIES or session.kept_bytes > limit:
-            _, (_, dropped) = replies.popitem(last=False)
-            session.kept_bytes -= len(dropped) if dropped is not None else 0
+            _, (_, dropped, ids) = replies.popitem(last=False)
+            session.kept_bytes -= len(dropped) if dropped is not None else 8 * len(ids or ())
 
     def _reply(self, rid: int, op: str, session: Session | None, args: dict[str, Any]) -> bytes:
         try:

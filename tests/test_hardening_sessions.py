@@ -208,6 +208,37 @@ def test_a_timed_out_allocate_leaves_no_orphan(server, monkeypatch):
         c.check_integrity()
 
 
+@pytest.mark.parametrize("op", ["allocate", "fork"])
+def test_a_timed_out_op_whose_reply_was_too_large_to_keep_leaves_no_orphan(monkeypatch, op):
+    """As above, with a reply over the session's kept-reply bytes: the retry
+    that settles it was told "ran, but too large to keep" and freed nothing,
+    so the sequences it made stayed with the session, unknown to the client.
+    Now the daemon keeps their ids instead of the reply, the retry's error
+    carries them, and the client frees them."""
+    from kvpager.limits import Limits
+
+    with running_server(SMALL, limits=Limits(kept=2048)) as srv, Client(srv.endpoint) as c:
+        [parent] = c.allocate([[5] * 3])
+        real = srv._handlers[op]
+
+        def slow(s, a):
+            time.sleep(1.0)
+            return real(s, a)
+
+        monkeypatch.setitem(srv._handlers, op, slow)
+        c.timeout = 0.2
+        with pytest.raises(RequestTimeout):
+            if op == "allocate":  # a reply of several KiB: its slots
+                c.allocate([list(range(8 * SMALL.block_size)) for _ in range(4)])
+            else:  # a reply of 600 child ids
+                c.fork(parent.seq_id, 600)
+        time.sleep(1.2)  # it ran meanwhile
+        monkeypatch.setitem(srv._handlers, op, real)
+        c.timeout = 10
+        assert [s.seq_id for s in c.sequences()] == [parent.seq_id]  # settled first: the late sequences freed
+        c.check_integrity()
+
+
 def test_clients_of_a_restarted_daemon_reconnect_to_a_fresh_pool():
     """Restart: SessionLost, then a reconnect; nothing cached before the
     restart is served (new epoch, new pool memory, empty prefix cache)."""
