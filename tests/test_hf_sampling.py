@@ -264,6 +264,30 @@ def test_the_models_generation_config():
     assert Sampling.from_model(model) is None
 
 
+@pytest.mark.parametrize("name, value", [("no_repeat_ngram_size", 2), ("guidance_scale", 1.5),
+                                         ("encoder_repetition_penalty", 1.3), ("encoder_no_repeat_ngram_size", 2),
+                                         ("watermarking_config", {"greenlist_ratio": 0.25})])
+@pytest.mark.parametrize("how", ["greedy", "sampled", "beams"])
+def test_a_processor_of_the_generation_config_is_refused_by_name_not_left_out(name, value, how):
+    """``sampling="model"``: transformers applies these in greedy decoding and
+    beam search too (an n-gram ban changes its greedy tokens); the greedy and
+    beam paths returned before the refusals and generated as if the setting
+    were not there."""
+
+    model = make_model("llama")
+    config = model.generation_config
+    setattr(config, name, value)
+    if how == "sampled":
+        config.do_sample = True
+    elif how == "beams":
+        config.num_beams = 3
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    with pytest.raises(ValueError, match=name):
+        generate(model, pool, [prompt(9, 1)], 8, sampling="model")
+    assert pool.stats().num_sequences == 0 and pool.stats().used_blocks == 0
+    generate(model, pool, [prompt(9, 1)], 8)  # (greedy by default: the config is not read)
+
+
 def test_a_recurrent_models_sampled_tokens_depend_on_its_seed_alone(monkeypatch):
     """A model with recurrent layers (Qwen3.5's layout): prompts of distinct lengths
     prefilled in parts and left-padded in one pass, alone and in a batch: the same

@@ -166,7 +166,7 @@ class Sampling:
                 return None
             return cls(temperature=0, repetition_penalty=penalty, logit_bias=bias, min_tokens=least, seed=seed)
         for name, neutral in (("typical_p", 1.0), ("epsilon_cutoff", 0.0), ("top_h", None),
-                              ("eta_cutoff", 0.0), ("num_beams", 1), ("no_repeat_ngram_size", 0)):
+                              ("eta_cutoff", 0.0), ("num_beams", 1)):
             value = getattr(config, name, None)
             if value is not None and value != neutral:
                 raise InvalidArgument(f"the model's generation config sets {name}={value!r}, which kvpager's "
@@ -182,14 +182,25 @@ class Sampling:
                    repetition_penalty=penalty, logit_bias=bias, min_tokens=least)
 
 
+#: Generation-config settings that change transformers' tokens, greedy, sampled or
+#: in beams, which kvpager does not apply: refused by name (a value other than None
+#: and the neutral one), never left out. (``renormalize_logits`` and
+#: ``remove_invalid_values`` change no token: -inf stays the least.)
+UNAPPLIED = (("min_length", 0), ("begin_suppress_tokens", None), ("forced_bos_token_id", None),
+             ("forced_eos_token_id", None), ("exponential_decay_length_penalty", None),
+             ("no_repeat_ngram_size", 0), ("encoder_no_repeat_ngram_size", 0), ("encoder_repetition_penalty", 1.0),
+             ("guidance_scale", 1.0), ("watermarking_config", None), ("penalty_alpha", None), ("dola_layers", None),
+             ("constraints", None), ("force_words_ids", None), ("num_beam_groups", 1), ("diversity_penalty", 0.0),
+             ("stop_strings", None), ("token_healing", False))
+
+
 def _config_adjustments(config: Any) -> tuple[dict[int, float], int]:
     """A generation config's single-token biases ({id: bias}: ``sequence_bias``,
     ``suppress_tokens`` and ``bad_words_ids`` as -inf) and ``min_new_tokens``;
-    ValueError naming a setting kvpager does not apply."""
-    for name, neutral in (("min_length", 0), ("begin_suppress_tokens", None), ("forced_bos_token_id", None),
-                          ("forced_eos_token_id", None), ("exponential_decay_length_penalty", None)):
+    InvalidArgument naming a setting kvpager does not apply (`UNAPPLIED`)."""
+    for name, neutral in UNAPPLIED:
         value = getattr(config, name, None)
-        if value is not None and value != neutral:
+        if value is not None and value != neutral and not (isinstance(value, (list, tuple, dict)) and not value):
             raise InvalidArgument(f"the model's generation config sets {name}={value!r}, which kvpager's sampling does "
                                   "not apply: pass a Sampling of your own (min_tokens counts new tokens)")
     bias: dict[int, float] = {}
