@@ -45,6 +45,7 @@ from kvpager.hf.eager import EagerPasses
 from kvpager.hf.graphs import CapturedSteps, DecodeGraphs, check_graph_options, graph_width
 from kvpager.hf.model import has_recurrent_layers, hit_window
 from kvpager.hf.padding import prompts_given, token_lists
+from kvpager.hf.rope import rope_salt
 from kvpager.hf.salt import default_salt
 from kvpager.validate import is_int
 
@@ -105,9 +106,11 @@ def beam_search(model: Any, pool: Any, prompts: Any = None, max_new_tokens: int 
         raise InvalidArgument(f"early_stopping must be False, True or 'never', got {early_stopping!r}")
     if isinstance(eos_token_id, str) and eos_token_id == "model":
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    salt = rope_salt(model, default_salt(model) if salt is None else salt, list(map(len, prompts)),
+                     [len(p) + int(max_new_tokens) for p in prompts], "beam_search",
+                     1 if has_recurrent_layers(model) else None)
     search = _Search(model, pool, prompts, int(max_new_tokens), int(num_beams), float(length_penalty),
-                     early_stopping, end_tokens(eos_token_id), default_salt(model) if salt is None else salt,
-                     cuda_graphs, compile)
+                     early_stopping, end_tokens(eos_token_id), salt, cuda_graphs, compile)
     try:
         search.run()
     finally:

@@ -68,6 +68,7 @@ from kvpager.hf.passes import HostBuffers, Owed, Pass
 from kvpager.hf.pipeline import DecodePasses
 from kvpager.hf.recurrent import Recurrent, has_recurrent_layers, recurrent_salt
 from kvpager.hf.salt import default_salt
+from kvpager.hf.rope import rope_salt
 from kvpager.hf.sampling import Sampler, Sampling
 from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
 from kvpager.validate import whole_in
@@ -154,6 +155,11 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         self._stops = stop_sequences(self.stop_sequences)  # by last token
         if self.salt is None:
             self.salt = default_salt(self.model)
+        # (a rotary embedding that follows each pass's length: the call checked, long-factor blocks apart;
+        # a model with recurrent layers prefills in parts)
+        self.salt = rope_salt(self.model, self.salt, list(map(len, self.prompts)),
+                              [len(p) + m for p, m in zip(self.prompts, self._most)], "generate",
+                              1 if has_recurrent_layers(self.model) else None)
         self._recurrent = None  # a model with recurrent layers: their states (`kvpager.hf.recurrent`)
         if has_recurrent_layers(self.model):
             # captured steps read the states of a bucket's rows (`kvpager.hf.graphs.bucket_for`)

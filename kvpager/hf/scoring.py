@@ -43,6 +43,7 @@ from kvpager.hf.eager import EagerPasses
 from kvpager.hf.logprobs import TokenLogprobs
 from kvpager.hf.model import has_recurrent_layers, hit_window, text_config
 from kvpager.hf.padding import prompts_given, token_lists
+from kvpager.hf.rope import rope_salt
 from kvpager.hf.salt import default_salt
 from kvpager.hf.scoring_rows import RowScorer
 from kvpager.validate import is_int
@@ -85,7 +86,10 @@ def score(model: Any, pool: Any, prompts: Any = None, start: int | Sequence[int]
     k = int(top)
     # (a model with recurrent layers: its prompts as rows, from held states: `kvpager.hf.scoring_rows`)
     kind = RowScorer if has_recurrent_layers(model) else _Scorer
-    scorer = kind(model, pool, default_salt(model) if salt is None else salt, int(tokens_per_pass), k)
+    sizes = [len(p) for p in prompts]  # (a lone prompt over tokens_per_pass runs in parts)
+    parts = 1 if kind is RowScorer else int(tokens_per_pass) if max(sizes, default=0) > tokens_per_pass else None
+    salt = rope_salt(model, default_salt(model) if salt is None else salt, sizes, sizes, "score", parts)
+    scorer = kind(model, pool, salt, int(tokens_per_pass), k)
     out = [np.zeros((len(p) - s, 1 + 2 * k)) for p, s in zip(prompts, starts)]  # (`TokenLogprobs.of` rows)
     # (a model that runs every prompt whole, holding no states: each prompt's every token)
     shares = getattr(scorer, "held", True)
