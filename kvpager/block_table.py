@@ -26,6 +26,9 @@ import numpy as np
 
 from kvpager.errors import IntegrityError
 
+#: A table of at least these bytes gives memory back as its rows go (`BlockTable.shrink`).
+SHRINK_FROM = 64 << 20
+
 
 class BlockTable:
     """Rows of block ids with a token count each (and the owner's ``columns``)."""
@@ -164,6 +167,8 @@ class BlockTable:
         entries.fill(0)
         self.row_data[row] = 0
         self._free_rows.append(row)
+        if self.table.nbytes >= SHRINK_FROM:
+            self._released(1)
 
     def release_rows(self, rows: Seq[int] | np.ndarray) -> None:
         """Give rows back (their entries and columns are zeroed for the next owner)."""
@@ -177,6 +182,37 @@ class BlockTable:
         self.table[rows, :width] = 0
         self.row_data[rows] = 0
         self._free_rows.extend(rows[::-1].tolist())
+        if self.table.nbytes >= SHRINK_FROM:
+            self._released(len(rows))
+
+    def _released(self, n: int) -> None:
+        """``n`` rows given back in a large table: once an eighth of its rows went
+        since the last look, give memory back (`shrink`), so a table grown by a
+        burst of sequences or one long one does not keep its size for good."""
+        self._since_shrink = getattr(self, "_since_shrink", 0) + n
+        if 8 * self._since_shrink >= len(self.num_blocks):
+            self._since_shrink = 0
+            self.shrink()
+
+    def shrink(self) -> None:
+        """Give back rows past the last live one and columns past twice the longest
+        live row, where that at least halves the table (row indices of live rows
+        stay as they are; free rows past the new end are dropped)."""
+        live_width = int(self.num_blocks.max()) if len(self.num_blocks) else 0
+        free = self._free_rows
+        held = set(range(len(self.num_blocks))) - set(free)
+        last = max(held) + 1 if held else 0
+        rows = max(64, 2 * last)
+        width = max(16, 2 * live_width)
+        if rows * width * 2 > self.table.size:
+            return
+        rows, width = min(rows, len(self.num_blocks)), min(width, self.width)
+        self.table = np.ascontiguousarray(self.table[:rows, :width])
+        self._set_whole_from()
+        self.row_data = np.ascontiguousarray(self.row_data[:rows])
+        self._views()
+        self._mark = np.zeros(rows, dtype=np.int64)
+        free[:] = [r for r in free if r < rows]  # (the same list: a caller may hold it)
 
     def distinct(self, rows: np.ndarray) -> bool:
         """Whether ``rows`` (int64) holds no row twice."""

@@ -19,8 +19,11 @@ updated from the replies of the ops that change them: `tables`, `attend` and
 On a GPU, `commit` first waits for this process's device work (every stream):
 no other process can match a block whose K/V is still being written.
 
-A `Client` is safe for one thread at a time (a lock guards its socket); its
-heartbeat thread has its own socket. Do not share one across ``fork()``.
+A `Client` may be called from several threads: each call runs whole, with
+its update of the client's mirror of its tables, before another thread's
+(`SERIALIZED`; two threads appending at once left the mirror out of step
+with the daemon before). Its heartbeat thread has its own socket. Do not
+share one across ``fork()``.
 
 `Client` is one class made of mixins by responsibility: requests, retries
 and heartbeats (`kvpager.client_wire`), sequence ops and inspection
@@ -32,6 +35,7 @@ and heartbeats (`kvpager.client_wire`), sequence ops and inspection
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -104,7 +108,7 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
                 f"no kvpager daemon at {self.endpoint} ({why}); start one with `kvpager serve` "
                 "or point KVPAGER_ENDPOINT at a running one"
             )
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a call and its mirror update whole (`SERIALIZED`), its socket
         self._ids = itertools.count(1)
         # (id, bytes, op) of a RETRIED_OPS request that timed out, until its outcome is known
         self._unsettled: tuple[int, bytes, str] | None = None
@@ -236,3 +240,25 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
 
     def heartbeat(self) -> None:
         self._call("heartbeat", {})
+
+
+#: The calls that read or change the client's session, socket or mirror: each
+#: holds the client's lock throughout (an RLock: `_call` takes it again), so
+#: calls from several threads run one after another, each with its mirror
+#: update, never interleaved (uncontended, about 0.2 us a call).
+SERIALIZED = ("reconnect", "close", "allocate", "append", "append_flat", "record_tokens", "commit", "fork",
+              "free", "truncate", "release_before", "swap_out", "swap_in", "tables", "write", "attend", "plan",
+              "refill", "local_write", "local_attend", "remote_write", "remote_attend", "batch", "pin", "unpin")
+
+
+def _serialized(method: Any) -> Any:
+    @functools.wraps(method)
+    def call(self: Client, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return call
+
+
+for _name in SERIALIZED:
+    setattr(Client, _name, _serialized(getattr(Client, _name)))

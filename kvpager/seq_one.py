@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kvpager.block_table import SHRINK_FROM
 from kvpager.errors import OutOfBlocks, SequenceSwapped, UnknownSequence
 from kvpager.history import History
 from kvpager.prefix_cache import root_key, token_array
@@ -280,3 +281,5 @@ def free(m: SequenceManager, seq_id: int) -> None:
     d.fill(0)
     free_rows.append(row)
     del rows[seq_id], history[seq_id]
+    if bt.table.nbytes >= SHRINK_FROM:  # (a large table gives memory back as its rows go)
+        bt._released(1)

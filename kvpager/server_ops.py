@@ -112,11 +112,31 @@ class ServerOps(ControlOps):
         remote_tokens = _flag(a, "remote_tokens", "allocate")
         self.limits.check("sequences", s.num_seqs + len(prompts), "allocate: sequences of this session")
         self._check_capacity(prompts)
+        bs = self.pool.spec.block_size
+        self._check_tables(len(prompts), max((-(-len(p) // bs) for p in prompts if hasattr(p, "__len__")), default=0))
         share = a.get("share_in_batch", False)
         allocs = self.pool.allocate(prompts, a.get("salt"), owner=s.name, share_in_batch=share,
                                     window=a.get("window"))
         s.num_seqs += len(allocs)
         return protocol.encode_allocations(allocs, remote_tokens)
+
+    def _check_tables(self, rows: int, width: int) -> None:
+        """LimitExceeded where ``rows`` more sequences, the longest ``width`` blocks,
+        would grow the daemon's block tables (one int32 row a sequence, as wide as
+        the longest: 65,535 empty sequences beside one of 2,900 blocks took 760 MB
+        of a daemon whose pool held 5.9 MiB) past ``limits.tables`` bytes, counted
+        as the table grows (geometrically)."""
+        table = self.pool.manager.table
+        have_rows, have_width = len(table.num_blocks), table.width
+        need_rows = table.num_live + rows
+        new_rows = have_rows if need_rows <= have_rows else max(need_rows, 2 * have_rows)
+        new_width = have_width if width <= have_width else max(width, 2 * have_width)
+        size = 4 * new_rows * new_width
+        if size > self.limits.tables and size > 4 * have_rows * have_width:
+            raise LimitExceeded(
+                f"the block tables of {need_rows} sequences, {max(width, have_width)} blocks wide, would take "
+                f"{size} bytes, over the limit of {self.limits.tables} (KVPAGER_MAX_TABLES, kvpager serve "
+                "--max-tables): free sequences, or fewer at once", "tables", size, self.limits.tables)
 
     def _check_capacity(self, prompts: list[Any]) -> None:
         """OutOfBlocks before any hashing when the prompts cannot fit even if
@@ -163,6 +183,7 @@ class ServerOps(ControlOps):
         if isinstance(n, int) and not isinstance(n, bool):
             self.limits.check("ids", len(ids) * n, "fork: children in one request")
             self.limits.check("sequences", s.num_seqs + len(ids) * n, "fork: sequences of this session")
+            self._check_tables(len(ids) * n, 0)
         children = self.pool.fork(ids, n)
         s.num_seqs += sum(map(len, children))
         return children

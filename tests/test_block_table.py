@@ -44,3 +44,28 @@ def test_whole_row_threshold_follows_the_width():
         bt.reserve_width(width)
         w = bt.table.shape[1]
         assert bt.whole_from == next(nb for nb in range(w + 1) if w <= 2 * nb + 16), w
+
+
+def test_a_large_table_gives_memory_back_as_its_rows_go(monkeypatch):
+    """Rows and width only grew: a burst of sequences beside one long one left
+    the table at its largest for good (766 MiB kept by a daemon after its
+    sessions freed everything). Past SHRINK_FROM bytes, once an eighth of its
+    rows went, it drops rows past the last held one and columns past twice
+    the widest; held rows keep their indices and contents."""
+    from kvpager import block_table
+
+    monkeypatch.setattr(block_table, "SHRINK_FROM", 1 << 16)
+    bt = BlockTable(columns=["owner"])
+    rows = [bt.add_row(np.arange(1, 4), 40) for _ in range(3000)]
+    wide = bt.add_row(np.arange(1, 2001), 32000)
+    keep = rows[:10]
+    bt.owner[keep] = 7
+    assert bt.table.nbytes >= 3000 * 2000 * 4
+    bt.release_row(wide)
+    bt.release_rows(np.array(rows[10:], dtype=np.int64))
+    assert bt.table.shape[0] <= 64 and bt.width <= 16
+    assert [bt.blocks(r).tolist() for r in keep] == [[1, 2, 3]] * 10
+    assert list(bt.num_tokens[keep]) == [40] * 10 and list(bt.owner[keep]) == [7] * 10
+    new = [bt.add_row(np.arange(5, 9), 60) for _ in range(100)]  # grows again from there
+    assert not set(new) & set(keep) and all(bt.blocks(r).tolist() == [5, 6, 7, 8] for r in new)
+    assert [bt.blocks(r).tolist() for r in keep] == [[1, 2, 3]] * 10

@@ -244,3 +244,43 @@ def test_a_request_to_a_daemon_gone_says_so_at_once():
         c.stats()
     assert clock.monotonic() - start < 2.5
     c.close()
+
+
+def test_one_client_called_from_two_threads_keeps_its_mirror_in_step():
+    """Two threads appending to the same sequences through one Client: each
+    call's mirror update ran outside its lock, so the mirror went out of step
+    with the daemon (other lengths, other blocks), every call answering ok.
+    Now each call runs whole, its mirror update with it."""
+    import threading
+
+    from kvpager.spec import PoolSpec
+
+    spec = PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=2000, block_size=16, dtype="float32")
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # (threads switch often: the interleaving shows at once)
+    try:
+        with running_server(spec) as server, Client(server.endpoint, timeout=30) as c, \
+                Client(server.endpoint, timeout=30) as other:
+            seqs = [a.seq_id for a in c.allocate([[1] * 15, [2] * 15])]
+            errors = []
+
+            def worker(n: int) -> None:
+                try:
+                    for _ in range(200):
+                        c.append(seqs, n)
+                except Exception as e:  # noqa: BLE001 (any failure fails the test below)
+                    errors.append(e)
+
+            threads = [threading.Thread(target=worker, args=(n,)) for n in (1, 3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not errors
+            mine, mine_lens = c.tables(seqs)  # the mirror's
+            theirs, theirs_lens = other.tables(seqs)  # the daemon's (another session asks it)
+            assert list(mine_lens) == list(theirs_lens) == [15 + 800] * 2
+            assert np.array_equal(mine, theirs)
+            c.check_integrity()
+    finally:
+        sys.setswitchinterval(switch)

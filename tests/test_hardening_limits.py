@@ -158,7 +158,8 @@ def test_sessions_and_kept_replies_are_bounded():
                 assert c.stats().num_sequences == before  # not run twice
                 session = next(s for s in server.sessions.sessions.values() if s.name == c.session_name)
                 assert session.kept_bytes <= 4096
-                assert session.kept_bytes == sum(len(r) for _, r in session.replies.values() if r is not None)
+                assert session.kept_bytes == sum(len(r) if r is not None else 8 * len(ids or ())
+                                                     for _, r, ids in session.replies.values())
             finally:
                 raw.close()
         finally:
@@ -346,3 +347,23 @@ def test_the_blocks_a_sessions_pins_list_are_bounded():
         assert c.pin([prompt[: 9 * bs]]) == [9 * bs]  # room again: 19
         c.check_integrity()
 
+
+
+def test_the_block_tables_of_all_sessions_are_bounded():
+    """One row a sequence, as wide as the longest: 65,535 empty sequences beside
+    one of 2,900 blocks made the daemon's tables 760 MB (its pool: 5.9 MiB),
+    all within the per-session limits. Now an allocate or fork that would grow
+    them past --max-tables is refused, nothing changed."""
+    with running_server(SMALL, limits=Limits(tables=1 << 20)) as server, Client(server.endpoint) as c, \
+            Client(server.endpoint) as other:
+        [long] = c.allocate([list(range(3, 3 + 90 * SMALL.block_size))])  # 90 blocks wide
+        c.allocate([[]] * 1000)
+        before = (c.stats(), len(c.sequences()))
+        with pytest.raises(LimitExceeded, match="block tables") as e:
+            other.allocate([[]] * 3000)  # another session's rows count too
+        assert e.value.limit == "tables"
+        with pytest.raises(LimitExceeded, match="block tables"):
+            c.fork(long.seq_id, 3000)
+        assert (c.stats(), len(c.sequences())) == before
+        other.allocate([[]] * 500)  # within it
+        c.check_integrity()
