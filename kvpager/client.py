@@ -76,7 +76,10 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
     ``host:pid``; the daemon bounds its length, KVPAGER_MAX_CLIENT_NAME).
     ``rank``: on a tensor-parallel daemon (``kvpager serve --devices``), the rank
     this worker serves: it maps that rank's storage only, and `spec`, `kv`,
-    `write`, `attend` and `plan` are over that rank's kv heads."""
+    `write`, `attend` and `plan` are over that rank's kv heads. ``driver``:
+    with ``rank`` on a pool of several ranks, the session it works for (the
+    one that allocates: its `Client`, or that client's ``session`` secret,
+    passed to the worker): its writes go into that session's sequences only."""
 
     def __init__(
         self,
@@ -89,6 +92,7 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         token: str | None = None,
         control_token: str | None = None,
         rank: int | None = None,
+        driver: Any = None,
     ):
         self.endpoint = endpoint_or_default(endpoint)
         for arg, value in (("name", name), ("token", token), ("control_token", control_token)):
@@ -133,6 +137,13 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
             self._hello_args["control_token"] = control_token
         if rank is not None:
             self._hello_args["rank"] = int(rank)  # maps that rank's storage (docs/protocol.md, "Ranks")
+        if driver is not None:  # the session this rank worker writes for: its secret, or its Client
+            secret = driver.session if isinstance(driver, Client) else driver
+            if not isinstance(secret, str) or rank is None:
+                raise InvalidArgument("driver: the session (its Client, or Client.session) a rank worker writes "
+                                      f"for, given with rank; got {type(driver).__name__}"
+                                      + ("" if rank is not None else " without a rank"))
+            self._hello_args["driver"] = secret
         self._want_map, self._want_heartbeat = map_pool, heartbeat
         self._hb_stop = threading.Event()
         self._hb: threading.Thread | None = None

@@ -74,8 +74,9 @@ class ServerOps(ControlOps):
         self.limits.check("sessions", len(self.sessions) + 1, "hello: sessions open at once")
         control = self._check_control_token(a.get("control_token"))
         rank = hello_rank(self.pool, a.get("rank"))
+        driver = self._hello_driver(rank, a.get("driver"))
         s = self.sessions.open(client, pid if isinstance(pid, int) and not isinstance(pid, bool) else None)
-        s.control, s.rank = control, rank
+        s.control, s.rank, s.driver = control, rank, driver
         log.info("session %s opened by %s (pid %s)%s", s.name, printable(s.client), s.pid,  # a line of its own
                  " with control" if control else "")
         memory = hello_memory(self, rank)
@@ -98,6 +99,20 @@ class ServerOps(ControlOps):
             "remote": self.pool.remote.describe() if self.pool.remote is not None else None,
             "windowed_hits": True,  # allocate and cached_tokens take `window`
         }
+
+    def _hello_driver(self, rank: int | None, driver: Any) -> str | None:
+        """The public name of the session a rank worker writes for besides its own
+        (``driver``: that session's secret, which its own workers are given; a
+        rank session wrote into any session's sequences before). None where
+        none is named; InvalidArgument for one without a rank or not a string,
+        SessionLost for one that is not open."""
+        if driver is None:
+            return None
+        if rank is None or not isinstance(driver, str):
+            raise InvalidArgument("hello: driver is the session (its secret) whose sequences a tensor-parallel rank "
+                                  "worker writes into, given with rank; got "
+                                  + (type(driver).__name__ if rank is not None else "no rank"))
+        return self.sessions.get(driver).name
 
     def _op_heartbeat(self, s: Session, a: dict[str, Any]) -> None:
         return None  # SessionTable.get already reset the clock

@@ -59,29 +59,21 @@ class StagingOps:
         if ((slots < -1) | (slots >= spec.num_blocks * spec.block_size)).any():
             return  # out of range: KVPool.write says so
         blocks = np.unique(slots[slots >= 0] // spec.block_size)
-        if s.rank is not None and self.pool.ranks > 1:
-            # A rank's worker writes its heads into its driver's sequences (docs/protocol.md, "Ranks"),
-            # as a mapped one does: any sequence's block but a published one (refused before: not its own)
-            block_map = self.pool.blocks()
-            free = blocks[block_map.ref_cnt[blocks] <= 0]
-            if len(free):
-                raise NotOwner(f"write: block {int(free[0])} (slot {int(free[0]) * spec.block_size}...) is held "
-                               "by no sequence")
-            published = blocks[block_map.cached[blocks]]
-            if len(published):
-                raise NotOwner(f"write: block {int(published[0])} is published in the prefix cache; its K/V "
-                               "is immutable (write before commit)")
-            return
-        ids = self.pool.owned(s.name)
-        try:
-            mine = self.pool.tables(ids)[0].ravel() if ids else np.zeros(0, np.int64)  # one gather
-        except SequenceSwapped:  # a swapped-out sequence has no device table: the long way
-            tables = [info.block_table for info in self.pool.sequences(s.name)]
-            mine = np.fromiter(itertools.chain.from_iterable(tables), np.int64)
-        foreign = blocks[~np.isin(blocks, mine)]
+        # A rank's worker writes its heads into its own sequences and its driver's (docs/protocol.md,
+        # "Ranks"); it wrote into any session's before, a client with the socket into another's K/V.
+        owners = [s.name] if s.driver is None else [s.name, s.driver]
+        mine = [np.zeros(0, np.int64)]
+        for owner in owners:
+            ids = self.pool.owned(owner)
+            try:
+                mine.append(self.pool.tables(ids)[0].ravel() if ids else np.zeros(0, np.int64))  # one gather
+            except SequenceSwapped:  # a swapped-out sequence has no device table: the long way
+                tables = [info.block_table for info in self.pool.sequences(owner)]
+                mine.append(np.fromiter(itertools.chain.from_iterable(tables), np.int64))
+        foreign = blocks[~np.isin(blocks, np.concatenate(mine))]
         if len(foreign):
             raise NotOwner(f"write: block {int(foreign[0])} (slot {int(foreign[0]) * spec.block_size}...) is not "
-                           "held by any sequence of this session")
+                           "held by any sequence of this session" + ("" if s.driver is None else " or its driver"))
         published = blocks[self.pool.blocks().cached[blocks]]
         if len(published):
             raise NotOwner(f"write: block {int(published[0])} is published in the prefix cache; its K/V "

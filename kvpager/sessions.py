@@ -44,6 +44,7 @@ class Session:
     opened: float = field(default_factory=time.time)
     control: bool = False  # hello carried the daemon's control token
     rank: int | None = None  # the tensor-parallel rank hello named (None: none named)
+    driver: str | None = None  # a rank session's driver: the session (public name) whose sequences it writes
 
     def close(self) -> None:
         if self.staging is not None:

@@ -153,7 +153,8 @@ def test_a_rank_worker_without_the_mapping_writes_into_its_drivers_sequences():
 
     with running_server(SPEC, devices=["cpu", "cpu"]) as server:
         ep = server.endpoint
-        with Client(ep) as driver, Client(ep, rank=0, map_pool=False) as r0, Client(ep, rank=1) as r1:
+        with Client(ep) as driver, Client(ep, rank=0, map_pool=False, driver=driver) as r0, \
+                Client(ep, rank=1, driver=driver.session) as r1:
             [a] = driver.allocate([list(range(2 * SPEC.block_size + 3))])
             heads = SPEC.num_kv_heads // 2
             rng = np.random.default_rng(3)
@@ -164,9 +165,39 @@ def test_a_rank_worker_without_the_mapping_writes_into_its_drivers_sequences():
             q = rng.standard_normal((1, 4, SPEC.head_dim)).astype(np.float32)
             assert np.array_equal(r0.attend(0, [a.seq_id], q), r1.attend(0, [a.seq_id], q))
             free = next(b for b in range(1, SPEC.num_blocks) if b not in a.block_table)
-            with pytest.raises(NotOwner, match="held by no sequence"):
+            with pytest.raises(NotOwner, match="not held by any sequence of this session or its driver"):
                 r0.write(0, np.arange(free * SPEC.block_size, free * SPEC.block_size + 3), k[:3], v[:3])
             driver.commit(a.seq_id)
             with pytest.raises(NotOwner, match="published"):
                 r0.write(0, a.slots[:3], k[:3], v[:3])
             driver.check_integrity()
+
+
+def test_a_client_that_names_a_rank_writes_into_no_other_sessions_sequences():
+    """On a pool of several ranks a rank session's staged write went into any
+    sequence's blocks: any client with the socket said hello with a rank and
+    overwrote another session's K/V. Now a rank worker writes into its own
+    sequences and those of the driver it names (that session's secret); a
+    driver that is not open, or named without a rank, is refused at hello."""
+    from kvpager.errors import NotOwner, SessionLost
+
+    with running_server(SPEC, devices=["cpu", "cpu"]) as server:
+        ep = server.endpoint
+        with Client(ep) as victim, Client(ep, rank=1, driver=victim) as worker, Client(ep, rank=1) as stranger, \
+                Client(ep) as other:
+            [a] = victim.allocate([list(range(10))])
+            heads = SPEC.num_kv_heads // 2
+            ones = np.ones((len(a.slots), heads, SPEC.head_dim), np.float32)
+            worker.write(0, a.slots, ones, ones)  # (mapped)
+            worker.remote_write(0, a.slots, ones, ones)  # (staged: the daemon checks it)
+            with pytest.raises(NotOwner, match="not held by any sequence of this session"):
+                stranger.remote_write(0, a.slots, 0 * ones, 0 * ones)
+            with Client(ep, rank=0, driver=other, map_pool=False) as others, pytest.raises(NotOwner):
+                others.remote_write(0, a.slots, 0 * ones, 0 * ones)  # another session's worker
+            k = worker.kv(0)[0]  # [blocks, heads, block_size, head_dim]: the victim's first block, all ones
+            np.testing.assert_array_equal(np.asarray(k[a.block_table[0]]), 1.0)  # nothing overwritten
+            with pytest.raises(SessionLost):
+                Client(ep, rank=0, driver="not-a-session")
+            with pytest.raises(InvalidArgument, match="driver"):
+                Client(ep, driver=victim)  # (no rank)
+            victim.check_integrity()

@@ -65,7 +65,7 @@ def test_a_two_rank_daemon_keys_its_blocks_by_its_rank_count():
     with redis_server() as store, running_server(SPEC, devices=["cpu", "cpu"],
                                                  remote=RemoteTier(store.url, retry_after=0.2)) as server:
         assert server.pool.remote.key(b"\0" * 16, b"\1" * 16).startswith(key_prefix(SPEC, 2))
-        with Client(server.endpoint, rank=0) as r0, Client(server.endpoint, rank=1) as r1:
+        with Client(server.endpoint, rank=0) as r0, Client(server.endpoint, rank=1, driver=r0) as r1:
             [a] = r0.allocate([list(range(2 * BS))], salt="m")
             for c in (r0, r1):
                 for layer in range(SPEC.num_layers):

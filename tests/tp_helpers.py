@@ -19,11 +19,12 @@ from kvpager import Client, KVPool, PoolSpec
 
 
 @contextlib.contextmanager
-def rank_workers(endpoint: str, devices: list[str | None]) -> Iterator[list]:
-    """One spawned worker per rank; yields [(inbox, outbox)] after every hello."""
+def rank_workers(endpoint: str, devices: list[str | None], driver: str | None = None) -> Iterator[list]:
+    """One spawned worker per rank (for the session whose secret is ``driver``);
+    yields [(inbox, outbox)] after every hello."""
     ctx = mp.get_context("spawn")
     chans = [(ctx.Queue(), ctx.Queue()) for _ in devices]
-    procs = [ctx.Process(target=rank_worker, args=(endpoint, r, d, i, o), daemon=True)
+    procs = [ctx.Process(target=rank_worker, args=(endpoint, r, d, i, o, driver), daemon=True)
              for r, (d, (i, o)) in enumerate(zip(devices, chans))]
     for p in procs:
         p.start()
@@ -61,7 +62,7 @@ def run_scenario(endpoint: str, spec: PoolSpec, devices: list[str | None], num_q
     R, bs = len(devices), spec.block_size
     per = spec.num_kv_heads // R
     twin = KVPool(spec)
-    with Client(endpoint) as d, rank_workers(endpoint, devices) as chans:
+    with Client(endpoint) as d, rank_workers(endpoint, devices, d.session) as chans:
         hellos = [chans[r][1].get(timeout=WAIT) for r in range(R)]
         for r, (tag, h) in enumerate(hellos):
             assert tag == "hello", h

@@ -22,14 +22,15 @@ def heads_of(rank: int, per: int) -> slice:
     return slice(rank * per, (rank + 1) * per)
 
 
-def rank_worker(endpoint: str, rank: int, device: str | None, inbox, outbox) -> None:
-    """Serve commands until "stop"; every reply is (tag, payload)."""
+def rank_worker(endpoint: str, rank: int, device: str | None, inbox, outbox, driver: str | None = None) -> None:
+    """Serve commands until "stop"; every reply is (tag, payload). ``driver``: the
+    driver session's secret, which binds this worker's writes to its sequences."""
     try:
         if device is not None:  # a GPU worker: its rank's GPU is its current device
             import cupy
 
             cupy.cuda.Device(int(device.split(":")[1])).use()
-        with Client(endpoint, rank=rank) as c:
+        with Client(endpoint, rank=rank, driver=driver) as c:
             outbox.put(("hello", {"rank": c.rank, "ranks": c.ranks, "heads": c.spec.num_kv_heads,
                                   "pool_heads": c.pool_spec.num_kv_heads, "kind": c.memory["kind"],
                                   "device": c.device}))
