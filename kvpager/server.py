@@ -46,6 +46,8 @@ from kvpager.limits import Limits
 from kvpager.metrics import RequestMetrics
 from kvpager.pool import KVPool
 from kvpager.protocol import OPS, ErrorInfo, encode_reply
+from kvpager.reply_budget import LARGE as LARGE_REPLY
+from kvpager.reply_budget import UnreadReplies
 from kvpager.request_memo import RequestMemo
 from kvpager.server_bind import Binding
 from kvpager.server_dispatch import Dispatch
@@ -61,6 +63,9 @@ if TYPE_CHECKING:
     from kvpager.remote_tier import RemoteTier
 
 log = logging.getLogger("kvpager.server")
+#: Bytes of large replies the daemon holds for clients that have not read them, all
+#: connections together (at least 8 messages of the limit; `kvpager.reply_budget`).
+UNREAD_REPLY_BYTES = 256 << 20
 
 #: How stale the loop's "everything queued was read" mark may get under steady load.
 _IDLE_EVERY_S = 0.01
@@ -169,6 +174,9 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
         self.events = EventPublisher(events, pool.spec.block_size) if events is not None else None
         self._sink = EventSink() if events is not None else None
         self._op, self._result = "", "ok"  # the request being handled, for the metrics
+        self._rid: int | None = None  # its id, for a reply refused past the unread replies' budget
+        #: large replies clients have not read yet, all connections together (`kvpager.reply_budget`)
+        self._unread = UnreadReplies(max(UNREAD_REPLY_BYTES, 8 * self.max_message_bytes))
         #: the count of releases mapped workers follow (`kvpager.server_ranks.release_count`)
         self.releases = release_count(self)
 
@@ -221,6 +229,33 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
             self._thread.join(timeout)
 
     # -- the loop ---------------------------------------------------------------------------
+    def _send(self, sock: zmq.Socket, frames: list[bytes]) -> None:
+        """Send a reply; a large one tracked and counted against the bytes of replies
+        clients have not read (`kvpager.reply_budget`), or refused past them."""
+        large = len(frames[-1]) >= LARGE_REPLY
+        if large:
+            frames[-1] = self._unread.admit(self._op, self._rid, frames[-1])
+            large = len(frames[-1]) >= LARGE_REPLY
+        for attempt in (0, 1):
+            try:
+                if large:
+                    self._unread.sent(sock.send_multipart(frames, zmq.NOBLOCK, copy=False, track=True),
+                                      len(frames[-1]))
+                else:
+                    sock.send_multipart(frames, zmq.NOBLOCK)
+                return
+            except zmq.Again as e:
+                if attempt:  # its queue full indeed: it reads none of its replies
+                    log.debug("reply dropped: %s", e)
+                    return
+                # Its queue looks full (`QUEUED_MESSAGES`); the socket may not have heard yet that the
+                # peer read it (ZeroMQ takes such notices in at most once a millisecond while messages
+                # keep coming, and a client's quick round trips outran that): take them in, try again.
+                sock.getsockopt(zmq.EVENTS)
+            except zmq.ZMQError as e:  # peer gone: its problem, not ours
+                log.debug("reply dropped: %s", e)
+                return
+
     def _loop(self) -> None:
         sock, stop, snapshots = self._sock, self._stop, self._snapshots
         next_expiry = time.monotonic() + self._expiry_interval()
@@ -241,19 +276,7 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
                 except Exception as e:  # handle never raises: a bug in it must not end the daemon
                     log.error("a request's handling raised; answered as an internal error", exc_info=e)
                     frames[-1] = encode_reply(None, None, ErrorInfo("internal", f"internal error: {type(e).__name__}"))
-                try:
-                    sock.send_multipart(frames, zmq.NOBLOCK)
-                except zmq.Again:
-                    # Its queue looks full (`QUEUED_MESSAGES`); the socket may not have heard yet that the
-                    # peer read it (ZeroMQ takes such notices in at most once a millisecond while messages
-                    # keep coming, and a client's quick round trips outran that): take them in, try again.
-                    sock.getsockopt(zmq.EVENTS)
-                    try:
-                        sock.send_multipart(frames, zmq.NOBLOCK)
-                    except zmq.ZMQError as e:  # its queue full indeed: it reads none of its replies
-                        log.debug("reply dropped: %s", e)
-                except zmq.ZMQError as e:  # peer gone: its problem, not ours
-                    log.debug("reply dropped: %s", e)
+                self._send(sock, frames)
                 now = time.monotonic()
                 # Nothing else queued: everything sent is read up to now. Asked at most every
                 # _IDLE_EVERY_S (a socket query costs a decode step 1-3 us): a mark that old

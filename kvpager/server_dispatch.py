@@ -102,20 +102,20 @@ class Dispatch:
 
     def _handle(self, body: bytes) -> bytes:
         self.requests += 1
-        self._op, self._result = "", "ok"
+        self._op, self._result, self._rid = "", "ok", None
         rid, op, session, digest = None, "?", None, None
         try:
             head = split_id(body) if type(body) is bytes and len(body) <= self.max_message_bytes else None
             kept_req = self._memo.get(head[1]) if head is not None else None
             if kept_req is not None:  # a repeat of a request decoded and checked before
                 rid, (name, op, args) = head[0], kept_req
-                self._op = op
+                self._op, self._rid = op, rid
                 session = self.sessions.get(name)
                 session.ops += 1
             else:
                 req = decode_request(body, self.max_message_bytes)
                 rid, op, args = req.id, req.op, req.args
-                self._op = op
+                self._op, self._rid = op, rid
                 if OPS[op].session or (req.session is not None and op != "hello"):
                     session = self.sessions.get(req.session)
                     session.ops += 1

@@ -127,8 +127,9 @@ class ServerOps(ControlOps):
         remote_tokens = _flag(a, "remote_tokens", "allocate")
         self.limits.check("sequences", s.num_seqs + len(prompts), "allocate: sequences of this session")
         self._check_capacity(prompts)
-        bs = self.pool.spec.block_size
-        self._check_tables(len(prompts), max((-(-len(p) // bs) for p in prompts if hasattr(p, "__len__")), default=0))
+        bs = self.pool.spec.block_size  # (a prompt that is no list or array: KVPool.allocate names it)
+        sizes = [len(p) for p in prompts if isinstance(p, list) or isinstance(p, np.ndarray) and p.ndim]
+        self._check_tables(len(prompts), -(-max(sizes, default=0) // bs))
         share = a.get("share_in_batch", False)
         allocs = self.pool.allocate(prompts, a.get("salt"), owner=s.name, share_in_batch=share,
                                     window=a.get("window"))

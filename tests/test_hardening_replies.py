@@ -189,3 +189,51 @@ def test_stats_lists_tenants_within_a_bound_on_their_salts():
     assert st.num_tenants == 300
     assert len(st.tenants) == MAX_TENANT_SALT_BYTES // 4096 and st.tenants[0].salt == salts[7]
     pool.check_integrity()
+
+
+def test_many_connections_that_read_nothing_hold_a_bounded_total_of_replies(monkeypatch):
+    """Each connection holds a few unread replies, but connections are many:
+    thirty that each asked six 16 MiB `tables` replies and read none held
+    1.5 GiB of the daemon's memory. Past a budget for all of them together, a
+    large reply of an op that changed nothing is refused (limit_exceeded,
+    "ask again"); what clients read gives the budget back."""
+    import zmq
+
+    from kvpager import server as server_module
+
+    monkeypatch.setattr(server_module, "UNREAD_REPLY_BYTES", 12 << 20)
+    with running_server(LONG, max_message_bytes=1 << 22) as server, Client(server.endpoint) as c:
+        assert server._unread.budget == 32 << 20  # (8 messages of the limit at least)
+        server._unread.budget = 12 << 20
+        [a] = c.allocate([list(range(3, 3 + 512 * 16))])
+        ask = {"seq_ids": [a.seq_id] * 1900}  # a reply of 3.9 MB
+        ctx = zmq.Context()
+        hogs = []
+        try:
+            for _ in range(8):
+                hog = ctx.socket(zmq.DEALER)
+                hog.setsockopt(zmq.LINGER, 0)
+                hog.setsockopt(zmq.RCVHWM, 1)
+                hog.setsockopt(zmq.RCVBUF, 4096)
+                hog.connect(server.endpoint)
+                hogs.append(hog)
+                for rid in range(4):
+                    hog.send(req(rid, "tables", ask))
+            assert wait_until(lambda: server.requests >= 2 + 32, timeout=20)
+            assert server._unread.bytes <= 12 << 20
+            with pytest.raises(LimitExceeded, match="clients that have not read them"):
+                c._call("tables", {"seq_ids": [a.seq_id] * 1900})
+            c.stats()  # small replies go on
+            big = b"x" * (2 << 20)  # a large reply of an op that changed something goes all the same
+            assert server._unread.admit("allocate", 7, big) is big and server._unread.admit("tables", 7, big) != big
+            for hog in hogs:
+                hog.close(0)
+            hogs.clear()
+            assert wait_until(lambda: (server._unread.prune(), server._unread.bytes)[1] == 0, timeout=10)
+            tables, lens = c._daemon_tables([a.seq_id] * 1900)  # answered again
+            assert tables.shape == (1900, 512)
+        finally:
+            for hog in hogs:
+                hog.close(0)
+            ctx.term()
+        c.check_integrity()
