@@ -263,12 +263,14 @@ class Dispatch:
         n = a.get("num_tokens")
         if isinstance(n, np.ndarray) and n.dtype.kind in "iu":
             n = int(n) if n.ndim == 0 else n.tolist()  # a scalar or a list, as KVPool takes them
+        slots = 0  # an append's new tokens, whose ids (where given) are the same tokens: counted once
         if isinstance(n, int) and _sized(a.get("seq_ids")):
-            tokens += n * len(a["seq_ids"])
+            slots = n * len(a["seq_ids"])
         elif isinstance(n, int):
-            tokens += n
+            slots = n
         elif isinstance(n, list) and all(type(x) is int for x in n):
-            tokens += sum(x for x in n if x > 0)  # a negative count is the pool's to refuse
+            slots = sum(x for x in n if x > 0)  # a negative count is the pool's to refuse
+        tokens = max(tokens, slots)
         if tokens > lim.tokens:
             lim.check("tokens", tokens, f"{op}: token ids")
         return tokens

@@ -367,3 +367,17 @@ def test_the_block_tables_of_all_sessions_are_bounded():
         assert (c.stats(), len(c.sequences())) == before
         other.allocate([[]] * 500)  # within it
         c.check_integrity()
+
+
+def test_an_appends_tokens_count_once_with_their_ids():
+    """The tokens limit counts token ids in one request: an append of 39 tokens
+    with their ids counted 78 (its count and its ids), so `score` through a
+    daemon was refused under a limit its prompts fit."""
+    with running_server(SMALL, limits=Limits(tokens=64)) as server, Client(server.endpoint) as c:
+        [a] = c.allocate([[5]])
+        c.append_flat([a.seq_id], [39], [list(range(39))])
+        c.append([a.seq_id], 24, token_ids=[list(range(24))])
+        with pytest.raises(LimitExceeded, match="65 is over the limit of 64"):
+            c.append_flat([a.seq_id], [65], [list(range(65))])
+        assert c.sequence(a.seq_id).num_tokens == 64
+        c.check_integrity()

@@ -392,3 +392,16 @@ def test_sampled_second_tokens_under_a_repetition_penalty_follow_transformers():
         return warped(penalized, s).softmax(-1)[0].double().numpy()
 
     assert_draws_follow(outs, p, reference_probs)
+
+
+def test_a_bias_or_ban_past_the_vocabulary_is_refused():
+    """A logit bias naming token 200 of a 128-token model was left out of the
+    logits without a word (transformers refuses it); so was a config's ban."""
+    model = make_model("llama")
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    with pytest.raises(ValueError, match="token 200, past the model's vocabulary of 128"):
+        generate(model, pool, [prompt(9, 1)], 4, sampling=Sampling(temperature=0.7, logit_bias={200: 10.0}, seed=1))
+    model.generation_config.bad_words_ids = [[300]]
+    with pytest.raises(ValueError, match="token 300"):
+        generate(model, pool, [prompt(9, 1)], 4, sampling="model")
+    assert pool.stats().num_sequences == 0 and pool.stats().prefix_query_tokens == 0

@@ -143,7 +143,8 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         self.prompts = token_lists(prompts_given(self.prompts, input_ids), self.model, attention_mask)
         self._most = new_token_limits(self.max_new_tokens, len(self.prompts))  # each prompt's
         self._eos = end_tokens(self.eos_token_id)
-        self._sampler = Sampler(self.sampling, len(self.prompts), self.prompts, self._eos)
+        self._sampler = Sampler(self.sampling, len(self.prompts), self.prompts, self._eos,
+                                getattr(text_config(self.model), "vocab_size", None))
         self.logprobs = check_logprobs(self.logprobs, getattr(text_config(self.model), "vocab_size", None))
         self._lp = None if self.logprobs is None else TokenLogprobs(self.logprobs, len(self.prompts))
         # passes give logits (not greedy tokens) where a row draws, is penalized, or logprobs are kept

@@ -249,7 +249,8 @@ class Sampler:
     give their greedy tokens, not logits)."""
 
     def __init__(self, sampling: Sampling | Sequence[Sampling | None] | None, n: int,
-                 prompts: Sequence[Sequence[int]] | None = None, eos: set[int] | None = None):
+                 prompts: Sequence[Sequence[int]] | None = None, eos: set[int] | None = None,
+                 vocab: int | None = None):
         if isinstance(sampling, Sampling) or sampling is None:
             per = [sampling] * n
         elif isinstance(sampling, (str, bytes)) or not isinstance(sampling, Sequence):
@@ -270,6 +271,10 @@ class Sampler:
         self.counts = bool((self.params[:, 5:7] != 0).any())  # output tokens counted, per prompt
         # logits changed first (`_adjusted`): each row's bias entries, flat; its end tokens held off
         self.bias = [(i, t, b) for i, s in enumerate(on) for t, b in s.logit_bias]
+        past = [t for _, t, _ in self.bias if vocab is not None and t >= vocab]
+        if past:  # (left out of the logits without a word before; transformers and servers refuse them)
+            raise InvalidArgument(f"a logit bias (or a banned token) names token {past[0]}, past the model's "
+                                  f"vocabulary of {vocab}")
         self.min_tokens = np.array([s.min_tokens for s in on], dtype=np.int64)
         self.eos = np.array(sorted(eos or ()), dtype=np.int64)
         if not len(self.eos):
