@@ -1,7 +1,7 @@
 """What the remote prefix tier stores: the key of a block and its value.
 
-Key: ``kvpager:v1:<format>:[ns<namespace>:]<salt>:<block key>`` where
-- ``v1`` is `FORMAT_VERSION`;
+Key: ``kvpager:v2:<format>:[ns<namespace>:]<salt>:<block key>`` where
+- ``v2`` is `FORMAT_VERSION`;
 - ``<format>`` is 12 hex digits of a digest of everything that decides how
   a block's bytes are laid out (layers, kv heads, head dim, block size,
   dtype, the block-major layout): a daemon of another geometry or dtype
@@ -21,9 +21,14 @@ pool's block layout (``[layers, 2, kv heads, block size, head dim]``; a pool
 of R tensor-parallel ranks: each rank's ``[layers, 2, kv heads / R, ...]``
 back to back, under a format of its own).
 The header repeats the format (magic, version, geometry, dtype), holds the
-block key and the payload length, and an XXH3-128 checksum of the block key
-and the payload: a value that was cut short, bit-flipped, written by another
-format or stored under the wrong key is refused, never restored.
+block key and the payload length, and an XXH3-128 checksum of the key's
+prefix (its format, rank layout, FP8 scales and namespace: the value's
+scope), the block key and the payload: a value that was cut short,
+bit-flipped, written by another format or stored under the wrong key (one
+of another namespace, rank count or FP8 scales copied under this one's
+keys, as a migration script might) is refused, never restored. Version 1
+checked the block key and payload alone: another model's values copied
+under a model's keys were restored as its own; its keys are not looked up.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ try:
 except ImportError as e:
     raise ImportError(f"the remote tier needs xxhash: pip install 'kvpager[remote]' ({e})") from None
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAGIC = b"KVPB"
 #: magic, version, header bytes, layers, kv heads, head dim, block size,
 #: dtype code, 7 pad, block key (16), checksum (16), payload bytes
@@ -100,17 +105,20 @@ def block_key(prefix: str, root: bytes, key: bytes) -> str:
     return f"{prefix}{root[:8].hex()}:{key.hex()}"
 
 
-def checksum(key: bytes, payload: memoryview | bytes) -> bytes:
-    h = xxhash.xxh3_128(key)
+def checksum(scope: bytes, key: bytes, payload: memoryview | bytes) -> bytes:
+    h = xxhash.xxh3_128(scope)
+    h.update(key)
     h.update(payload)
     return h.digest()
 
 
 class Codec:
-    """Encodes and checks the values of one pool geometry."""
+    """Encodes and checks the values of one pool geometry whose keys begin with
+    ``scope`` (`key_prefix`: format and namespace), which each value's checksum covers."""
 
-    def __init__(self, spec: PoolSpec):
+    def __init__(self, spec: PoolSpec, scope: str = ""):
         self.spec = spec
+        self.scope = scope.encode()
         self.payload_bytes = spec.bytes_per_block
         self.value_bytes = HEADER_BYTES + self.payload_bytes
         self._fixed = (MAGIC, FORMAT_VERSION, HEADER_BYTES, spec.num_layers, spec.num_kv_heads,
@@ -120,7 +128,7 @@ class Codec:
         """Fill in the header of ``row`` (``value_bytes`` long, the payload already
         in place after the header): the value to store under ``key``."""
         payload = row[HEADER_BYTES:]
-        _HEADER.pack_into(row, 0, *self._fixed, key, checksum(key, payload), self.payload_bytes)
+        _HEADER.pack_into(row, 0, *self._fixed, key, checksum(self.scope, key, payload), self.payload_bytes)
         row[_HEADER.size : HEADER_BYTES] = bytes(HEADER_BYTES - _HEADER.size)
 
     def open(self, value: bytes, key: bytes) -> memoryview:
@@ -135,6 +143,6 @@ class Codec:
         if stored_key != key:
             raise BadValue(f"stored for block key {stored_key.hex()}, looked up as {key.hex()}")
         payload = memoryview(value)[HEADER_BYTES:]
-        if checksum(key, payload) != digest:
-            raise BadValue("checksum mismatch")
+        if checksum(self.scope, key, payload) != digest:
+            raise BadValue("checksum mismatch (or a value of another namespace, rank layout or scales)")
         return payload

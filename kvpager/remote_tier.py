@@ -134,8 +134,8 @@ class RemoteTier(RemoteWrites):
         if self._closed:
             raise InvalidArgument("this RemoteTier is closed (its writer stopped, its connections dropped); "
                                   "make a new one")
-        self.codec = Codec(spec)
         self._prefix = key_prefix(spec, ranks, self.namespace)
+        self.codec = Codec(spec, self._prefix)
         self._ranks = ranks
         self._users += 1
 

@@ -27,7 +27,7 @@ def test_key_names_version_geometry_salt_and_block():
     root = root_key("model-a")
     [key] = chain_keys(root, np.arange(16, dtype=np.int64), 16)
     name = block_key(key_prefix(SPEC), root, key)
-    assert re.fullmatch(r"kvpager:v1:[0-9a-f]{12}:[0-9a-f]{16}:[0-9a-f]{32}", name), name
+    assert re.fullmatch(r"kvpager:v2:[0-9a-f]{12}:[0-9a-f]{16}:[0-9a-f]{32}", name), name
     assert name.endswith(":" + key.hex()) and f":{root[:8].hex()}:" in name
     # every byte-layout field changes the prefix; the pool's size does not
     others = [SPEC.replace(num_layers=3), SPEC.replace(num_kv_heads=1), SPEC.replace(head_dim=32),
@@ -57,6 +57,14 @@ def test_value_round_trip_and_every_refusal():
             codec.open(v, key)
     with pytest.raises(BadValue, match="stored for block key"):
         codec.open(value, other)  # a value moved under another key
+    # a value of another scope (namespace, rank layout, FP8 scales: the key's prefix) copied under
+    # this one's key: its header and block key are the same; its checksum covers its scope
+    mine, theirs = Codec(SPEC, key_prefix(SPEC, 1, "model-b")), Codec(SPEC, key_prefix(SPEC, 1, "model-a"))
+    with pytest.raises(BadValue, match="another namespace"):
+        mine.open(sealed(theirs, key, payload), key)
+    with pytest.raises(BadValue, match="another namespace"):
+        Codec(SPEC, key_prefix(SPEC, 1)).open(sealed(Codec(SPEC, key_prefix(SPEC, 2)), key, payload), key)
+    assert bytes(mine.open(sealed(mine, key, payload), key)) == payload
     # a header bit flip is caught too (here: the payload length field)
     hdr = bytearray(value)
     hdr[HEADER_BYTES - 16] ^= 1

@@ -82,6 +82,31 @@ def test_models_of_one_geometry_restore_only_their_own_namespace():
                 p.close()
 
 
+def test_values_copied_under_another_namespaces_keys_are_refused():
+    """A tool that copies one model's values under another's keys (a migration,
+    a rename of the namespace): the header and checksum bound a value to its
+    block key alone, so the other model restored them as its own K/V. Each
+    checksum covers its key's prefix now: refused, counted, not restored."""
+    import redis
+
+    with redis_server() as store:
+        a, b = pool(store.url, "model-a"), pool(store.url, "model-b")
+        try:
+            prefill(a, 1)
+            r = redis.Redis(port=store.port)
+            pa, pb = a.remote._prefix, b.remote._prefix
+            keys = [k.decode() for k in r.keys(pa + "*")]
+            assert len(keys) == 3
+            for k in keys:
+                r.copy(k, pb + k[len(pa):])
+            n, _ = restored(b)
+            assert n == 0 and b.remote_stats().corrupt_blocks == 3
+            b.check_integrity()
+        finally:
+            a.close()
+            b.close()
+
+
 def test_without_a_namespace_the_keys_are_as_before_and_shared():
     """No namespace: the keys a store already holds (``kvpager:v1:<format>:<salt>:<key>``)
     are found as before, by every daemon of the geometry."""
