@@ -30,17 +30,22 @@ SECRET_QUERY = re.compile(r"(?i)((?:^|[?&;])password=)[^&;#]*")
 def _split_credentials(url: str) -> bool:
     """Whether ``url``'s credentials hold a character that ends a URL's host part
     (``/``, ``?``, ``#``, not percent-encoded): an ``@`` after the host part as a
-    URL parser reads it (``redis://kv:Pa55/w0rd@host``: host ``kv:Pa55``)."""
+    URL parser reads it (``redis://kv:Pa55/w0rd@host``: host ``kv:Pa55``;
+    ``redis://:a@b/c@host``: host ``b``, the rest of the password in the path)."""
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.startswith("unix") or re.search(r"(?i)[?&;]password=", rest):
         return False  # (a socket path, or a password= option, may hold an @)
     end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    if "@" in rest[:end] or "@" not in rest[end:]:
+    head, tail = rest[:end], rest[end:]
+    if "@" not in tail:
         return False
-    # An @ later on with hosts before it that read as HOST[:PORT] is an option's (client_name=w@n1),
-    # unless it is in the path, which is a DB number or nothing
-    path = re.split(r"[?#]", rest[end:], maxsplit=1)[0]
-    return "@" in path or not all(_HOST_PORT.fullmatch(h.strip()) for h in rest[:end].split(","))
+    path, query, fragment = re.fullmatch(r"([^?#]*)(\?[^#]*)?(#.*)?", tail, re.S).groups(default="")
+    if "@" in path or "@" in fragment:  # a DB number, or nothing, holds no @; a fragment is no option
+        return True
+    if any("@" in item.partition("=")[0] for item in re.split(r"[?&;]", query)):
+        return True  # an @ before any = in the query: no option's name holds one
+    # An @ in an option's value (client_name=w@n1), hosts before it that read as HOST[:PORT]: an option's
+    return "@" not in head and not all(_HOST_PORT.fullmatch(h.strip()) for h in head.split(","))
 
 
 #: HOST[:PORT] as a URL's host part reads it (an IPv6 address in brackets)

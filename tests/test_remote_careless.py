@@ -391,7 +391,10 @@ def test_passwords_stay_out_of_urls_and_messages():
 
 
 @pytest.mark.parametrize("url", ["redis://kv:Pa55/w0rdhunter2@127.0.0.1:6379", "redis://kv:Pa#55hunter2@127.0.0.1:1/0",
-                                 "rediss://:a?bhunter2@h:6379", "redis+cluster://u:x/yhunter2@a:1,b:2"])
+                                 "rediss://:a?bhunter2@h:6379", "redis+cluster://u:x/yhunter2@a:1,b:2",
+                                 # an @ before the character too: the host part read as "2", the rest as a path
+                                 "redis://:Pa55@2/hunter2@127.0.0.1:6379", "redis://kv:Pa55@y?hunter2@127.0.0.1:6379",
+                                 "redis://kv:Pa55@y#hunter2@127.0.0.1:6379"])
 def test_a_password_with_a_character_that_ends_the_host_is_hidden_and_named(url):
     """A password with an unencoded ``/``, ``?`` or ``#`` (``openssl rand -base64``
     gives ``/``) ends a URL's host part early: the URL had no credentials as parsed,
