@@ -14,6 +14,7 @@ import re
 import warnings
 from typing import Any
 
+from kvpager import env
 from kvpager.errors import InvalidArgument
 
 #: a Hugging Face hub model id: ``name`` or ``owner/name`` (letters, digits, ``-_.``), optionally ``@revision``
@@ -50,8 +51,7 @@ def read_config(path: str) -> dict[str, Any]:
         path = hub_config(path)
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     try:
-        with open(file) as f:
-            config = json.load(f)
+        config = json.loads(env.read_file(file, "the model config", 64 << 20))
     except FileNotFoundError:
         raise InvalidArgument(f"--model {path}: no such preset, and no {file}") from None
     except (OSError, ValueError, RecursionError) as e:  # (a file nested past the parser's depth)

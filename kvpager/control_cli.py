@@ -19,7 +19,7 @@ import click
 
 from kvpager import env, render
 from kvpager.errors import KVPagerError, Unauthorized
-from kvpager.inspect_cli import daemon_command, emit, fail
+from kvpager.inspect_cli import Seconds, daemon_command, emit, fail
 
 CONTROL_HINT = ("pass the daemon's control token: --control-token-file FILE, or KVPAGER_CONTROL_TOKEN / "
                 "KVPAGER_CONTROL_TOKEN_FILE (the daemon's own: kvpager serve --control-token-file)")
@@ -40,7 +40,7 @@ def control_command(fn: Callable[..., None]) -> click.Command:
     """A command that needs the control token: as `daemon_command`, plus --control-token-file."""
 
     @click.option("--endpoint", default=None, help="Daemon endpoint (default: KVPAGER_ENDPOINT or the private ipc socket).")
-    @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+    @click.option("--timeout", type=Seconds(open_low=True, high=1e300), default=None,
                   help="Seconds to wait for each reply (KVPAGER_TIMEOUT).")
     @click.option("--control-token-file", type=click.Path(dir_okay=False), default=None,
                   help="The daemon's control token (default: KVPAGER_CONTROL_TOKEN / KVPAGER_CONTROL_TOKEN_FILE).")
@@ -67,7 +67,7 @@ def control_command(fn: Callable[..., None]) -> click.Command:
 def read_prompts(path: str) -> list[list[int]]:
     """Prompts from a JSON file (``-``: stdin): a list of token ids or a list of them."""
     try:
-        text = sys.stdin.read() if path == "-" else open(path).read()  # noqa: SIM115 (read at once)
+        text = sys.stdin.read() if path == "-" else env.read_file(path, "the token ids file", 1 << 30)
         data = json.loads(text)
     except (OSError, ValueError, RecursionError) as e:  # (a file nested past the parser's depth)
         raise click.BadParameter(f"cannot read token ids from {path}: {e}") from None

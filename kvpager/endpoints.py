@@ -62,6 +62,17 @@ def ipc_path(endpoint: str) -> str | None:
     return endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else None
 
 
+def text(value: str, what: str) -> str:
+    """``value`` if it is text UTF-8 can carry (a command line's undecodable bytes
+    arrive as lone surrogates: ZeroMQ then failed with a traceback); else
+    InvalidArgument naming ``what``."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what} {value!r} holds bytes that are not UTF-8") from None
+    return value
+
+
 def check_endpoint(endpoint: Any, bind: bool = False) -> str:
     """``endpoint`` if it is one kvpager uses: ``ipc://PATH``, ``tcp://HOST:PORT``
     (``*`` / port 0 only to bind) or ``inproc://NAME``; else InvalidArgument.
@@ -70,6 +81,7 @@ def check_endpoint(endpoint: Any, bind: bool = False) -> str:
     started elsewhere could not find it)."""
     if not isinstance(endpoint, str) or "://" not in endpoint:
         raise InvalidArgument(f"endpoint {endpoint!r} must look like ipc:///PATH or tcp://HOST:PORT")
+    text(endpoint, "endpoint")
     scheme, rest = endpoint.split("://", 1)
     if scheme == "ipc" and rest and bind and not rest.startswith(("/", "@")):  # @: Linux's abstract names
         return "ipc://" + os.path.abspath(rest)

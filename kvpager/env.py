@@ -120,6 +120,8 @@ def cuda_arch_list() -> list[str]:
 
 #: the least KVPAGER_MAX_MESSAGE a daemon takes: a batch of a few prompts must fit
 MIN_MESSAGE = 64 << 10
+#: The largest message limit taken (a size past it overflowed ZeroMQ's option with a traceback).
+MAX_MESSAGE = 1 << 31
 
 
 def max_message_bytes() -> int:
@@ -128,12 +130,13 @@ def max_message_bytes() -> int:
     InvalidArgument under `MIN_MESSAGE` (0 once meant the default without a word,
     and 10 started a daemon that refused every request, ``hello`` included)."""
     value = _number("MAX_MESSAGE", 16 << 20)
-    if value < MIN_MESSAGE:
+    if not MIN_MESSAGE <= value <= MAX_MESSAGE:
         from kvpager.errors import InvalidArgument
 
-        raise InvalidArgument(f"KVPAGER_MAX_MESSAGE={os.environ.get('KVPAGER_MAX_MESSAGE')!r} is under "
-                              f"{MIN_MESSAGE} bytes (64K): no request but the smallest would fit; unset it "
-                              "or give a size such as 16M")
+        raise InvalidArgument(f"KVPAGER_MAX_MESSAGE={os.environ.get('KVPAGER_MAX_MESSAGE')!r} is "
+                              + (f"under {MIN_MESSAGE} bytes (64K): no request but the smallest would fit"
+                                 if value < MIN_MESSAGE else f"over {MAX_MESSAGE} bytes (2G)")
+                              + "; unset it or give a size such as 16M")
     return value
 
 
@@ -210,13 +213,28 @@ def check_token(value: str, where: str) -> str:
     return value
 
 
+def read_file(path: str, what: str, limit: int) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` of them; OSError
+    (with its message) for anything else: a device (/dev/urandom was read until
+    the machine's memory ran out) or a FIFO (opening it waited for a writer for
+    good) is refused before it is opened, a larger file after ``limit`` bytes."""
+    import stat
+
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(f"{what} {path} is not a regular file")
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(f"{what} {path} is larger than {limit} bytes")
+    return data
+
+
 def read_token_file(path: str) -> str:
-    """The token in the file ``path`` (`check_token`'s rule)."""
+    """The token in the file ``path`` (`check_token`'s rule; at most 64 KiB)."""
     from kvpager.errors import InvalidArgument
 
     try:
-        with open(path) as f:
-            value = f.read().strip()
+        value = read_file(path, "the token file", 64 << 10).decode("utf-8").strip()
     except OSError as e:
         raise InvalidArgument(f"cannot read the token file {path}: {e.strerror or e}") from None
     except UnicodeDecodeError:  # a token is text: a binary file was once a traceback

@@ -8,6 +8,7 @@ part: batches in sequence order, each at most once.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import time
@@ -21,10 +22,11 @@ import zmq
 
 from kvpager import env
 from kvpager.channel import wait_ms
-from kvpager.endpoints import check_endpoint, open_socket, probe
+from kvpager.endpoints import check_endpoint, open_socket, probe, text
 from kvpager.errors import InvalidArgument
 from kvpager.events import parse_batch
 from kvpager.events_pub import replay_endpoint_for
+from kvpager.inspect_cli import Seconds
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class Subscription:
     everything from that sequence number on before the live stream)."""
 
     def __init__(self, endpoint: str, replay: str | None, topic: str = "", start: int | None = None):
+        text(topic, "topic")
         self.endpoint = check_endpoint(endpoint)
         self.replay_endpoint = check_endpoint(replay) if replay else None
         self._ctx = zmq.Context()
@@ -179,7 +182,7 @@ def line(values: tuple[object, ...]) -> str:
 @click.option("--from-seq", "start", type=click.IntRange(min=0, max=(1 << 63) - 1), default=None,
               help="First replay the kept batches from this sequence number (0: all the daemon keeps).")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after this many batches.")
-@click.option("--idle", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--idle", type=Seconds(open_low=True, high=1e300), default=None,
               help="Stop after this many seconds without a batch (default: wait until Ctrl-C).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per batch instead of a table.")
 def events_command(endpoint: str | None, replay_endpoint: str | None, topic: str, start: int | None,
@@ -221,6 +224,10 @@ def events_command(endpoint: str | None, replay_endpoint: str | None, topic: str
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         pass
+    except OSError as e:  # the output cannot be written (a full disk); a closed pipe: click ends quietly
+        if e.errno == errno.EPIPE:
+            raise
+        raise click.ClickException(f"cannot write the output: {e.strerror or e}") from None
     if count is not None and seen < count:
         click.echo(f"error: {seen} of {count} batches before {idle} s without one", err=True)
         sys.exit(4)

@@ -60,6 +60,7 @@ from kvpager.endpoints import (
     is_socket,
     open_socket,
     prepare_ipc_bind,
+    text,
 )
 from kvpager.errors import InvalidArgument
 from kvpager.events import FORMATS, EventSink, batch_value, to_dicts
@@ -158,6 +159,7 @@ class EventsConfig:
             raise InvalidArgument(f"events format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if not isinstance(self.topic, str):
             raise InvalidArgument(f"events topic must be a string, got {type(self.topic).__name__}")
+        text(self.topic, "events topic")
         if type(self.replay_rate) is not int or self.replay_rate <= 0:
             raise InvalidArgument(f"events replay rate must be a positive number of bytes a second, "
                                   f"got {self.replay_rate!r}")

@@ -7,6 +7,7 @@ Failures print one line and the next command to try, and exit non-zero.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
@@ -91,7 +92,7 @@ def daemon_command(fn: Callable[..., None]) -> click.Command:
     opens a client, maps errors to a one-line message and an exit code."""
 
     @click.option("--endpoint", default=None, help="Daemon endpoint (default: KVPAGER_ENDPOINT or the private ipc socket).")
-    @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds to wait for each reply (KVPAGER_TIMEOUT).")
+    @click.option("--timeout", type=Seconds(open_low=True, high=1e300), default=None, help="Seconds to wait for each reply (KVPAGER_TIMEOUT).")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
     @functools.wraps(fn)
     def wrapper(endpoint: str | None, timeout: float | None, as_json: bool, **kwargs: Any) -> None:
@@ -110,7 +111,16 @@ def daemon_command(fn: Callable[..., None]) -> click.Command:
 
 
 def emit(as_json: bool, data: object, text: str) -> None:
-    click.echo(json.dumps(data, indent=2) if as_json else text)
+    """Print a command's answer; an output that cannot be written (a full disk,
+    a closed terminal) is a one-line error and exit code 1, not a traceback (a
+    closed pipe, `| head`, click ends quietly)."""
+    try:
+        click.echo(json.dumps(data, indent=2) if as_json else text)
+    except OSError as e:
+        if e.errno == errno.EPIPE:
+            raise
+        click.echo(f"error: cannot write the output: {e.strerror or e}", err=True)
+        sys.exit(1)
 
 
 @daemon_command

@@ -98,6 +98,8 @@ def message_limit(max_message_bytes: int | None) -> int:
         raise InvalidArgument(f"max_message_bytes={max_message_bytes!r} is under {env.MIN_MESSAGE} bytes (64K): "
                               "no request but the smallest would fit; give None (KVPAGER_MAX_MESSAGE, "
                               "default 16 MiB) or a size such as 16 << 20")
+    if max_message_bytes > env.MAX_MESSAGE:
+        raise InvalidArgument(f"max_message_bytes={max_message_bytes!r} is over {env.MAX_MESSAGE} bytes (2G)")
     return int(max_message_bytes)
 
 

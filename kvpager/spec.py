@@ -67,6 +67,10 @@ def dtype_name(dtype: object) -> str:
     return text
 
 
+#: The most blocks a pool holds (block ids are int32) and the most bytes of either of its pools.
+MAX_BLOCKS = (1 << 31) - 1
+MAX_POOL_BYTES = 1 << 50
+
 @dataclass(frozen=True)
 class PoolSpec:
     """Geometry of a KV pool.
@@ -117,6 +121,15 @@ class PoolSpec:
         object.__setattr__(self, "kv_scales", self._check_scales(self.kv_scales))
         for name in ("num_layers", "num_kv_heads", "head_dim", "num_blocks", "block_size", "num_host_blocks"):
             object.__setattr__(self, name, int(getattr(self, name)))
+        # (Python ints: in int64 a block of 3e9 heads of 3e9 dims wrapped to a negative size, and sizes
+        # past 2**63 reached the OS as a traceback)
+        if self.num_blocks > MAX_BLOCKS or self.num_host_blocks > MAX_BLOCKS:
+            raise InvalidArgument(f"at most {MAX_BLOCKS} blocks (block ids are int32), got "
+                                  f"{max(self.num_blocks, self.num_host_blocks)}")
+        if max(self.device_bytes, self.host_bytes) > MAX_POOL_BYTES:
+            raise InvalidArgument(f"a pool of {max(self.device_bytes, self.host_bytes)} bytes is past the most "
+                                  f"kvpager takes ({MAX_POOL_BYTES} bytes): fewer blocks, layers, heads or a "
+                                  "smaller head dim")
 
     def _check_scales(self, scales: object) -> tuple[float, ...] | None:
         if scales is None:
@@ -189,7 +202,7 @@ class PoolSpec:
     @property
     def bytes_per_block(self) -> int:
         """Bytes of one block across all layers, K and V."""
-        return int(np.prod(self.block_shape)) * self.itemsize
+        return math.prod(self.block_shape) * self.itemsize
 
     @property
     def bytes_per_token(self) -> int:

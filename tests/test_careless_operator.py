@@ -345,3 +345,44 @@ def test_a_scales_file_of_null_is_refused(tmp_path):
                  "--kv-dtype", "fp8", "--kv-scales", str(path), "--blocks", "8", "--device", "cpu",
                  "--endpoint", ipc_endpoint()[0]])
     assert r.exit_code == 2 and "holds null" in r.output, r.output
+
+
+@pytest.mark.parametrize("args, env, named", [
+    (["serve", "--layers", "2", "--kv-heads", "2", "--head-dim", "64", "--memory", "99999999999999999999999T"], {},
+     "at most 2147483647 blocks"),
+    (["serve", "--layers", "2", "--kv-heads", "3000000000", "--head-dim", "3000000000", "--blocks", "8"], {},
+     "past the most kvpager takes"),
+    (["serve", "--layers", "2", "--kv-heads", "99999999999", "--head-dim", "99999999", "--blocks", "8", "--dry-run"],
+     {}, "past the most kvpager takes"),  # (its size wrapped to a negative number in int64)
+    (["serve", *GEOMETRY, "--blocks", "8"], {"KVPAGER_MAX_MESSAGE": "99999999999999999999T"}, "KVPAGER_MAX_MESSAGE"),
+    (["events", "--endpoint", "ipc:///nowhere.sock", "--idle", "nan"], {}, "--idle"),
+    (["stats", "--timeout", "nan"], {}, "--timeout"),
+    (["serve", *GEOMETRY, "--blocks", "8", "--endpoint", "ipc:///tmp/\udcff.sock"], {}, "not UTF-8"),
+    (["events", "--endpoint", "ipc:///nowhere.sock", "--topic", "\udcff"], {}, "not UTF-8"),
+    (["serve", *GEOMETRY, "--blocks", "8"], {"KVPAGER_TOKEN_FILE": "/dev/urandom"}, "not a regular file"),
+    (["serve", "--model", "/dev/zero", "--blocks", "8"], {}, "not a regular file"),
+])
+def test_careless_sizes_numbers_bytes_and_files_get_one_line_and_no_traceback(args, env, named, tmp_path):
+    """Each was a traceback (or a read of /dev/urandom until memory ran out):
+    sizes past 2**63 bytes, a message limit past ZeroMQ's, a nan wait, bytes of
+    a command line that are not UTF-8, a device for a token or config file."""
+    r = _invoke(args, env)  # (a lone surrogate goes on the command line as the byte 0xff)
+    assert r.exit_code not in (0, None) and named in r.output, r.output
+
+
+def test_a_fifo_for_a_token_file_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+    r = _invoke(["serve", *GEOMETRY, "--blocks", "8", "--endpoint", ipc_endpoint()[0]],
+                {"KVPAGER_TOKEN_FILE": str(fifo)})
+    assert r.exit_code not in (0, None) and "not a regular file" in r.output, r.output
+
+
+def test_an_answer_that_cannot_be_written_is_one_line_and_exit_code_1():
+    with running_server(PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=8, block_size=16,
+                                 dtype="float32")) as srv, open("/dev/full", "w") as full:
+        for cmd in (["stats"], ["seqs", "--json"], ["sessions"]):
+            r = subprocess.run([sys.executable, "-m", "kvpager", *cmd, "--endpoint", srv.endpoint],
+                               env=subprocess_env(), stdout=full, stderr=subprocess.PIPE, text=True, timeout=WAIT)
+            assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+            assert "cannot write the output" in r.stderr
