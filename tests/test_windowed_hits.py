@@ -217,3 +217,24 @@ def test_through_a_daemon_a_windowed_hit_is_the_embedded_pools_and_its_plans_fol
         [d] = c.allocate([turn], window=BS + 1)
         assert d.num_cached_tokens == 0
         c.free([d.seq_id])
+
+
+def test_the_benchmarks_workload_computes_fewer_prompt_tokens_with_windowed_hits(capsys):
+    """tools/bench_windowed_hits.py, small: the same conversations with and
+    without the window; with it a later turn computes its new message alone,
+    without it more (its first blocks evicted); the pool's integrity holds."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_windowed_hits.py"
+    spec = importlib.util.spec_from_file_location("bench_windowed_hits", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = ["--conversations", "6", "--turns", "3", "--system", "256", "--user", "32", "--answer", "64",
+            "--window", "256", "--blocks", "150", "--json"]
+    bench.main(args)
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert out["windowed"]["computed_per_turn"] == 32  # the new user message alone
+    assert out["prefix_only"]["computed_per_turn"] > 32
