@@ -236,7 +236,8 @@ def serve_devices(opts: dict[str, Any], default_device: Any) -> list[str] | None
 @click.option("--remote-queue", type=Size(), default="256M", show_default=True,
               help="Bytes of committed blocks waiting to be written; past it new ones are dropped.")
 @click.option("--remote-max-restore", type=Size(), default="256M", show_default=True,
-              help="Most bytes one allocate restores from the store (the daemon's loop waits for it).")
+              help="Most bytes one allocate restores from the store (the daemon's loop waits for it); "
+                   "one block at least, whatever the size.")
 @click.option("--remote-connections", type=click.IntRange(min=1, max=64), default=2, show_default=True,
               help="Connections (and threads) one lookup fetches over, in chunks of about 4 MiB "
                    "(standalone stores; see docs/remote.md).")
