@@ -149,7 +149,9 @@ def layer_windows(model: Any) -> list[int | None]:
                 "layers, and its forward is not told a layer at each call as a module shared across layers is "
                 "(Zamba's); kvpager holds a layer's K/V by its index")
         if module.is_causal is False:
-            raise UnsupportedModel(f"layer {idx} attends bidirectionally (is_causal=False); kvpager attends causally")
+            raise UnsupportedModel(f"layer {idx} has an attention module ({type(module).__name__}) that is not "
+                                   "causal (is_causal=False: it attends bidirectionally, or across to an encoder's "
+                                   "states); kvpager attends causally over the model's own tokens")
         if kinds and idx < len(kinds) and kinds[idx] in NO_KV_KINDS:
             raise UnsupportedModel(f"layer {idx} has an attention module ({type(module).__name__}) but layer_types "
                                    f"says it is {kinds[idx]!r}, a layer without K/V; refusing rather than guessing")
