@@ -184,6 +184,7 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self.ops: frozenset[str] = frozenset(info["ops"] if "ops" in info else set(OPS) - {"record_tokens", "batch"})
         self.gpu = self.memory.get("kind") == "cuda_ipc"
         self._mirror = TableMirror(self.spec.block_size)  # this session's block tables
+        self._own_slots = None  # (slots checked in an earlier session are not this one's: `_check_own_slots`)
         self.map_pool = self._want_map and self.memory.get("kind") in ("shm", "cuda_ipc")
         if self.map_pool:  # the sessions the daemon ended, counted from now (`_check_not_ended`)
             self._releases = map_release_count(self.memory.get("releases"))

@@ -18,9 +18,9 @@ import numpy as np
 from kvpager import cpu_attention, cuda_ipc, validate
 from kvpager.attend_options import check_scale, check_sinks, check_softcap, check_window, chunk_step
 from kvpager.client_tables import as_ids, id_list
-from kvpager.errors import InvalidArgument, NotOwner, SessionLost
+from kvpager.errors import InvalidArgument, NotOwner, SessionLost, StalePlan
 from kvpager.plan import StepPlan, check_floor, context_of, make_plan, table_floor
-from kvpager.plan_guard import Foreign, Moves, sequence_guard
+from kvpager.plan_guard import REMEDY, Foreign, Moves, sequence_guard
 from kvpager.shm import map_pool, map_release_count
 
 
@@ -95,7 +95,17 @@ class KVAccess:
             moves = Foreign(mirror.moves, self._releases)  # other sessions' sequences: their releases too
         elif self._releases is not None and len(self._releases) > 1:
             moves = Foreign(mirror.moves, self._releases, word=1)  # its own: the sessions the daemon ended
-        plan.guard_with(sequence_guard(ids, self._rows_now), moves)
+        session = self.session
+
+        def rows_now(ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            # A plan of an earlier session (before a reconnect): a restarted daemon gives the same ids,
+            # tables and slots again, and the plan's memory is the old daemon's (its writes went nowhere)
+            if self.session != session:
+                raise StalePlan("this step plan was made in an earlier session of this client (before a "
+                                f"reconnect): its sequences and memory are gone; {REMEDY}")
+            return self._rows_now(ids)
+
+        plan.guard_with(sequence_guard(ids, rows_now), moves)
 
     def _rows_now(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The tables, lengths and committed token counts of ``ids`` now: a step
@@ -169,6 +179,7 @@ class KVAccess:
         pool: the result is a CuPy array). Block tables come from `tables`: this
         client's mirror for its own sequences, so a layer costs no round trip."""
         self._check_layer(layer)
+        self._check_not_ended()  # (stopped past its timeout: its blocks may be another session's now)
         pool = self._pool()
         tables, lens = self.tables(seq_ids)
         try:

@@ -10,6 +10,7 @@ from typing import Any
 from kvpager import cuda_ipc
 from kvpager.attend_options import check_sinks
 from kvpager.client_tables import as_ids
+from kvpager.errors import InvalidArgument
 from kvpager.shm import Segment
 
 _ALIGN = 64
@@ -67,7 +68,13 @@ class ClientStaging:
                 self._staging = None
             info = self._call("staging", {"nbytes": nbytes})
             if info.get("kind", "shm") == "shm":
-                self._staging = Segment.attach(info["name"], info["size"])
+                try:
+                    self._staging = Segment.attach(info["name"], info["size"])
+                except InvalidArgument:
+                    # gone between the reply and here: the daemon ended this session meanwhile
+                    # (a worker stopped past its heartbeat timeout) says so as SessionLost
+                    self._call("heartbeat", {})
+                    raise
             else:
                 self._staging = cuda_ipc.DeviceBuffer.open(info, self._device(), self._same_process())
         return self._staging

@@ -15,7 +15,7 @@ import pytest
 from daemon_helpers import running_server, wait_until
 
 from kvpager.client import Client
-from kvpager.errors import InvalidArgument, NotOwner, SessionLost
+from kvpager.errors import InvalidArgument, NotOwner, SessionLost, StalePlan
 from kvpager.spec import PoolSpec
 
 SPEC = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=8, block_size=16, dtype="float32")
@@ -210,3 +210,63 @@ def test_attention_through_the_mapped_pool_never_reads_released_entries(chunk):
                 c.remote_attend(0, [a.seq_id], q, window=window, chunk=chunk)
         c.attend(0, [a.seq_id], q, window=BS)  # within what it holds
         c.check_integrity()
+
+
+@pytest.mark.parametrize("how", ["write", "plan", "attend", "staged attend"])
+def test_a_worker_whose_session_ended_reads_and_writes_nothing_of_the_next_one(how, monkeypatch):
+    """A worker stopped past its timeout, then reconnected: its slots from the
+    lost session were taken for its own (the check's memo, count of changes
+    and slot bytes, outlived the session: the new mirror's count starts
+    again), its plan from then was taken (a fresh allocate gives the same
+    ids, tables and slots), its attention over its own sequence read the
+    blocks another session holds now, and a staging segment the daemon
+    unlinked meanwhile was an InvalidArgument instead of SessionLost."""
+    from kvpager import shm
+
+    with running_server(SPEC, heartbeat_timeout=0.5) as server:
+        stalled = Client(server.endpoint, heartbeat=False)
+        other = Client(server.endpoint)
+        try:
+            prompt = list(range(2 * BS))
+            [x] = stalled.allocate([prompt])
+            written(stalled, x, 1.0)
+            plan = stalled.plan([x.seq_id], [2 * BS], x.slots)
+            q = np.ones((1, 2 * SPEC.num_kv_heads, SPEC.head_dim), np.float32)
+            if how == "staged attend":
+                real = shm.Segment.attach
+
+                def late(*args, **kwargs):  # stopped between the staging reply and its attach
+                    time.sleep(0.6)
+                    assert wait_until(lambda: len(server.sessions) == 1, timeout=10)
+                    return real(*args, **kwargs)
+
+                monkeypatch.setattr(shm.Segment, "attach", late)
+                with pytest.raises(SessionLost):
+                    stalled.remote_attend(0, [x.seq_id], q)
+                return
+            time.sleep(0.6)
+            assert wait_until(lambda: len(server.sessions) == 1, timeout=10)
+            [y] = other.allocate([list(range(900, 900 + 7 * BS))])
+            assert set(x.block_table) <= set(y.block_table)
+            written(other, y, 5.0)
+            other.commit(y.seq_id)
+            before = k_of(other, y.block_table)
+            if how == "attend":
+                with pytest.raises(SessionLost):
+                    stalled.attend(0, [x.seq_id], q)
+                return
+            with pytest.raises(SessionLost):
+                stalled.stats()
+            stalled.reconnect()
+            if how == "write":
+                with pytest.raises(NotOwner):
+                    stalled.write(0, x.slots, kv(len(x.slots), -7.0), kv(len(x.slots), -7.0))
+            else:
+                other.free([y.seq_id])  # (its blocks stay cached, their K/V kept)
+                stalled.allocate([prompt])  # (its sequence id and slots again, maybe)
+                with pytest.raises(StalePlan, match="earlier session"):
+                    plan.write(0, kv(len(x.slots), -7.0), kv(len(x.slots), -7.0))
+            assert np.array_equal(k_of(other, y.block_table), before)
+        finally:
+            stalled.close()
+            other.close()
