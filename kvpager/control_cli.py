@@ -40,7 +40,7 @@ def control_command(fn: Callable[..., None]) -> click.Command:
     """A command that needs the control token: as `daemon_command`, plus --control-token-file."""
 
     @click.option("--endpoint", default=None, help="Daemon endpoint (default: KVPAGER_ENDPOINT or the private ipc socket).")
-    @click.option("--timeout", type=Seconds(open_low=True, high=1e300), default=None,
+    @click.option("--timeout", type=Seconds(open_low=True, high=sys.float_info.max), default=None,
                   help="Seconds to wait for each reply (KVPAGER_TIMEOUT).")
     @click.option("--control-token-file", type=click.Path(dir_okay=False), default=None,
                   help="The daemon's control token (default: KVPAGER_CONTROL_TOKEN / KVPAGER_CONTROL_TOKEN_FILE).")

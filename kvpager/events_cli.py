@@ -182,7 +182,7 @@ def line(values: tuple[object, ...]) -> str:
 @click.option("--from-seq", "start", type=click.IntRange(min=0, max=(1 << 63) - 1), default=None,
               help="First replay the kept batches from this sequence number (0: all the daemon keeps).")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after this many batches.")
-@click.option("--idle", type=Seconds(open_low=True, high=1e300), default=None,
+@click.option("--idle", type=Seconds(open_low=True, high=sys.float_info.max), default=None,
               help="Stop after this many seconds without a batch (default: wait until Ctrl-C).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per batch instead of a table.")
 def events_command(endpoint: str | None, replay_endpoint: str | None, topic: str, start: int | None,

@@ -92,7 +92,7 @@ def daemon_command(fn: Callable[..., None]) -> click.Command:
     opens a client, maps errors to a one-line message and an exit code."""
 
     @click.option("--endpoint", default=None, help="Daemon endpoint (default: KVPAGER_ENDPOINT or the private ipc socket).")
-    @click.option("--timeout", type=Seconds(open_low=True, high=1e300), default=None, help="Seconds to wait for each reply (KVPAGER_TIMEOUT).")
+    @click.option("--timeout", type=Seconds(open_low=True, high=sys.float_info.max), default=None, help="Seconds to wait for each reply (KVPAGER_TIMEOUT).")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
     @functools.wraps(fn)
     def wrapper(endpoint: str | None, timeout: float | None, as_json: bool, **kwargs: Any) -> None:

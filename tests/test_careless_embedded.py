@@ -353,16 +353,21 @@ def test_fp8_scales_past_float32_are_refused_without_an_overflow_warning():
     assert PoolSpec(1, 1, 16, 8, 8, "float16", kv_dtype="float8_e4m3", kv_scales=[3e38, 1.0]).scales.max() > 1e38
 
 
-@pytest.mark.parametrize("where", [dict(head_dim=10**13), dict(num_host_blocks=10**13)])
+@pytest.mark.parametrize("where", [dict(head_dim=10**13), dict(num_host_blocks=10**13), dict(head_dim=10**15)])
 def test_a_pool_larger_than_the_host_can_hold_is_a_typed_error(where):
     """A pool of more bytes than any host maps (a head dim or a host-block count
     typed with too many zeros) was numpy's MemoryError; it is BackendUnavailable
-    naming the bytes and what to make smaller."""
+    naming the bytes and what to make smaller, or, past int32 block ids or a
+    pebibyte, refused by PoolSpec itself."""
     from kvpager import BackendUnavailable, KVPool
 
-    spec = PoolSpec(**{**dict(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=2, block_size=8), **where})
+    geometry = {**dict(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=2, block_size=8), **where}
+    if where.get("num_host_blocks", 0) > (1 << 31) or where.get("head_dim", 0) > 10**14:
+        with pytest.raises(InvalidArgument, match="int32|past the most kvpager takes"):
+            PoolSpec(**geometry)
+        return
     with pytest.raises(BackendUnavailable, match="make the pool smaller"):
-        KVPool(spec)
+        KVPool(PoolSpec(**geometry))
 
 
 # -- counts and flags that are no counts or flags ----------------------------------------

@@ -220,6 +220,8 @@ def test_many_connections_that_read_nothing_hold_a_bounded_total_of_replies(monk
                 for rid in range(4):
                     hog.send(req(rid, "tables", ask))
             assert wait_until(lambda: server.requests >= 2 + 32, timeout=20)
+            size = 4 * 1900 * 513  # (the reply's padded tables)
+            assert wait_until(lambda: (server._unread.prune(), server._unread.bytes)[1] + size > 12 << 20, timeout=20)
             assert server._unread.bytes <= 12 << 20
             with pytest.raises(LimitExceeded, match="clients that have not read them"):
                 c._call("tables", {"seq_ids": [a.seq_id] * 1900})
