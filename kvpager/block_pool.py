@@ -123,7 +123,8 @@ class BlockPool(BlockRefs):
         """Past `match`'s ``keys`` and ``hits``: the furthest hit for queries that
         read at most ``window`` positions, themselves included (`PrefixCache.match_window`):
         keys up to it, the hit blocks, and the blocks left unread before them."""
-        reach = -(-(window - 1) // block_size)  # blocks before the first new token that its window reads
+        # blocks before the first new token that its window reads (one at least: a hit stands on a cached block)
+        reach = max(1, -(-(window - 1) // block_size))
         return self.cache.match_window(root, tokens, block_size, max_blocks, reach, keys, hits)
 
     def lookup(self, key: bytes) -> int | None:

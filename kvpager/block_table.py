@@ -187,11 +187,13 @@ class BlockTable:
 
     def _released(self, n: int) -> None:
         """``n`` rows given back in a large table: once an eighth of its rows went
-        since the last look, give memory back (`shrink`), so a table grown by a
-        burst of sequences or one long one does not keep its size for good."""
+        since the last look, or its live rows halved since then, give memory back
+        (`shrink`), so a table grown by a burst of sequences or one long one does
+        not keep its size for good, whatever order they end in."""
         self._since_shrink = getattr(self, "_since_shrink", 0) + n
-        if 8 * self._since_shrink >= len(self.num_blocks):
-            self._since_shrink = 0
+        live = self.num_live
+        if 8 * self._since_shrink >= len(self.num_blocks) or 2 * live <= getattr(self, "_live_at_look", 0):
+            self._since_shrink, self._live_at_look = 0, live
             self.shrink()
 
     def shrink(self) -> None:
@@ -207,9 +209,9 @@ class BlockTable:
         if rows * width * 2 > self.table.size:
             return
         rows, width = min(rows, len(self.num_blocks)), min(width, self.width)
-        self.table = np.ascontiguousarray(self.table[:rows, :width])
+        self.table = self.table[:rows, :width].copy()  # (copies: a view would keep the old array alive)
         self._set_whole_from()
-        self.row_data = np.ascontiguousarray(self.row_data[:rows])
+        self.row_data = self.row_data[:rows].copy()
         self._views()
         self._mark = np.zeros(rows, dtype=np.int64)
         free[:] = [r for r in free if r < rows]  # (the same list: a caller may hold it)

@@ -226,7 +226,8 @@ class TableMirror:
             if a.num_cached_tokens >= self.block_size:
                 hit = np.asarray(a.block_table[: a.num_cached_tokens // self.block_size], np.int64)
                 if hit[0] == 0:  # a windowed hit: leading entries released (the null block)
-                    bt.released[row] = skipped = int(np.argmax(hit != 0))
+                    held = np.flatnonzero(hit)
+                    bt.released[row] = skipped = int(held[0]) if len(held) else len(hit)
                     hit = hit[skipped:]
                 hits.append(hit)
         if hits:  # found cached: published, but for blocks this batch writes (shared within it)

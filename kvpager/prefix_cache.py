@@ -184,8 +184,6 @@ class PrefixCache:
         parent = keys[-1] if keys else root
         tail = tokens[start * block_size : max_blocks * block_size]
         every = keys + chain_keys(parent, tail, block_size)
-        if reach == 0:  # (a window of one token: no query reads an earlier block)
-            return every, [], len(every)
         lookup = self.key_to_block.get
         run: list[int] = []  # cached blocks from i on, found walking down (block ids, latest first)
         for i in range(len(every) - 1, start, -1):  # (block `start` is the miss)

@@ -66,6 +66,13 @@ def _sized(v: Any) -> bool:
 
 
 
+def _kept_bytes(entry: tuple[bytes, bytes | None, list[int] | None]) -> int:
+    """What a kept entry counts against the session's kept bytes: its reply, or
+    8 bytes an id it created (a reply too large to keep)."""
+    _, reply, created = entry
+    return len(reply) if reply is not None else 8 * len(created or ())
+
+
 def created_ids(op: str, reply: bytes) -> list[int] | None:
     """The sequence ids an ``op`` (allocate or fork) reply made: an allocation's
     first field, a fork's children; None for an error reply."""
@@ -153,17 +160,19 @@ class Dispatch:
         but not kept: its retry is told so, and nothing runs twice)."""
         replies, limit = session.replies, self.limits.kept
         old = replies.pop(rid, None)
-        if old is not None and old[1] is not None:
-            session.kept_bytes -= len(old[1])
+        if old is not None:
+            session.kept_bytes -= _kept_bytes(old)
         keep = reply if len(reply) <= limit else None
         # too large to keep: an allocate's or fork's new sequence ids are kept instead (a
         # timed-out client learns them from the retry's error and frees them: none orphaned)
         created = created_ids(op, reply) if keep is None and op in ("allocate", "fork") else None
-        replies[rid] = (digest, keep, created)
-        session.kept_bytes += len(keep) if keep is not None else 8 * len(created or ())
-        while len(replies) > KEPT_REPLIES or session.kept_bytes > limit:
-            _, (_, dropped, ids) = replies.popitem(last=False)
-            session.kept_bytes -= len(dropped) if dropped is not None else 8 * len(ids or ())
+        entry = (digest, keep, created)
+        replies[rid] = entry
+        session.kept_bytes += _kept_bytes(entry)
+        # (the newest stays whatever its size: a retry of it must not run again)
+        while len(replies) > 1 and (len(replies) > KEPT_REPLIES or session.kept_bytes > limit):
+            _, dropped = replies.popitem(last=False)
+            session.kept_bytes -= _kept_bytes(dropped)
 
     def _reply(self, rid: int, op: str, session: Session | None, args: dict[str, Any]) -> bytes:
         try:

@@ -180,8 +180,27 @@ class ServerOps(ControlOps):
         # The decode hot path: KVPool checks the ids' types, and ownership rides on
         # append's own lookup of them.
         check_token_ids(a.get("token_ids"))
+        table = self.pool.manager.table
+        if 8 * len(table.num_blocks) * table.width > self.limits.tables:  # (a doubled width would pass it)
+            self._check_append_width(a)
         slots = self.pool.append_flat(a["seq_ids"], a.get("num_tokens", 1), a.get("token_ids"), owner=s.name)
         return protocol.encode_slots(slots)
+
+    def _check_append_width(self, a: dict[str, Any]) -> None:
+        """`_check_tables` for an append that would widen the block tables (a sequence
+        growing past their width widens every row: empty sequences beside one grown by
+        appends took as much as beside a long prompt). Arguments the append itself
+        refuses are left to it."""
+        manager, bs = self.pool.manager, self.pool.spec.block_size
+        try:
+            ids = wire_ids(a["seq_ids"])
+            rows = manager.lookup(ids)
+            n = a.get("num_tokens", 1)
+            counts = np.asarray(n if isinstance(n, list) else [n] * len(ids), dtype=np.int64)
+            need = int((-(-(manager.table.num_tokens[rows] + counts) // bs)).max()) if len(ids) else 0
+        except Exception:  # noqa: BLE001 (the append names what is wrong)
+            return
+        self._check_tables(0, need)
 
     def _op_record_tokens(self, s: Session, a: dict[str, Any]) -> None:
         # Moves no block: KVPool checks the ids (int64 range included) before any
@@ -267,7 +286,7 @@ class ServerOps(ControlOps):
                 raise LimitExceeded(f"sequences: {len(ids)} ids in one request; at most {limit} "
                                     "(ask for pages: after / limit)", "ids", len(ids), limit)
             size = self._infos_size(ids)
-            if size[-1] > self.max_message_bytes:
+            if len(size) and size[-1] > self.max_message_bytes:
                 raise LimitExceeded(f"sequences: the {len(ids)} sequences' block tables take about {size[-1]} "
                                     f"bytes, over the daemon's message limit of {self.max_message_bytes} (ask "
                                     "for fewer ids at a time)", "max_message_bytes", int(size[-1]),

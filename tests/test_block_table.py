@@ -69,3 +69,22 @@ def test_a_large_table_gives_memory_back_as_its_rows_go(monkeypatch):
     new = [bt.add_row(np.arange(5, 9), 60) for _ in range(100)]  # grows again from there
     assert not set(new) & set(keep) and all(bt.blocks(r).tolist() == [5, 6, 7, 8] for r in new)
     assert [bt.blocks(r).tolist() for r in keep] == [[1, 2, 3]] * 10
+
+
+@pytest.mark.parametrize("order", ["last first", "first first"])
+def test_a_shrunk_table_lets_go_of_its_old_arrays_whatever_order_rows_go_in(order, monkeypatch):
+    """A shrink that kept every column sliced rows as a view (the old array kept
+    alive under a smaller shape), and rows freed in the order they were made
+    were checked only while the last ones still lived (never after)."""
+    from kvpager import block_table
+
+    monkeypatch.setattr(block_table, "SHRINK_FROM", 1 << 16)
+    bt = BlockTable(columns=["owner"])
+    wide = bt.add_row(np.arange(1, 1025), 16000)
+    rows = [bt.add_row(np.array([5]), 9) for _ in range(4000)]
+    big = bt.table.nbytes
+    batches = [rows[i:i + 256] for i in range(0, len(rows), 256)]
+    for batch in (batches[::-1] if order == "last first" else batches):
+        bt.release_rows(np.array(batch[::-1] if order == "last first" else batch, dtype=np.int64))
+    assert bt.table.nbytes * 8 < big and bt.table.base is None and bt.row_data.base is None
+    assert bt.blocks(wide).tolist() == list(range(1, 1025)) and bt.num_tokens[wide] == 16000

@@ -381,3 +381,23 @@ def test_an_appends_tokens_count_once_with_their_ids():
             c.append_flat([a.seq_id], [65], [list(range(65))])
         assert c.sequence(a.seq_id).num_tokens == 64
         c.check_integrity()
+
+
+def test_appends_that_would_widen_the_tables_past_the_limit_are_refused():
+    """Empty sequences first, then one grown by appends: each append that
+    crossed the tables' width doubled every row's, past --max-tables."""
+    with running_server(SMALL.replace(num_blocks=1200), limits=Limits(tables=1 << 20)) as server, \
+            Client(server.endpoint) as c:
+        c.allocate([[]] * 4000)
+        [a] = c.allocate([[1]])
+        with pytest.raises(LimitExceeded, match="block tables"):
+            for _ in range(1000):
+                c.append_flat([a.seq_id], [SMALL.block_size])
+        table = server.pool.manager.table
+        assert 4 * len(table.num_blocks) * table.width <= 1 << 20
+        c.check_integrity()
+
+
+def test_sequences_of_no_ids_are_none():
+    with running_server(SMALL) as server, Client(server.endpoint) as c:
+        assert c._call("sequences", {"seq_ids": []}) == []

@@ -310,3 +310,34 @@ def test_a_heartbeat_thread_that_outlives_reconnect_ends_at_its_next_wake_up(mon
         finally:
             c._hb_stop.set()
             c.close()
+
+
+def test_a_retry_of_a_fork_too_large_to_keep_runs_once_and_kept_bytes_stay_true():
+    """The ids a fork made are kept when its reply is too large to keep: counted
+    8 bytes each, 1,000 of them passed a 2 KiB limit, and the entry just kept
+    was evicted at once, so the retry ran the fork again (2,000 children). And
+    an entry replaced under the same request id took only a kept reply's bytes
+    off the count: it drifted up to the limit and every later reply was
+    dropped as soon as it was kept (retries ran twice)."""
+    from kvpager.limits import Limits
+    from kvpager.server_dispatch import _kept_bytes
+
+    with running_server(SMALL, limits=Limits(kept=2048)) as srv, Client(srv.endpoint) as c:
+        [p] = c.allocate([[5] * 3])
+        raw = Raw(srv.endpoint)
+        try:
+            body = req(77, "fork", {"seq_ids": [p.seq_id], "n": 1000}, session=c.session)
+            first, again = raw.send(body), raw.send(body)
+            assert first[1] == 0 and again[1] == 1 and again[2]["code"] == "limit_exceeded"
+            assert len(again[2]["details"]["created"]) == 1000
+            assert c.stats().num_sequences == 1001  # ran once
+            session = next(s for s in srv.sessions.by_name.values() if s.name == c.session_name)
+            for rid, n in ((90, 200), (90, 1), (91, 1), (91, 300)):  # the same ids, other bytes
+                assert raw.send(req(rid, "allocate", {"prompts": [[7] * n]}, session=c.session))[1] == 0
+                assert session.kept_bytes == sum(map(_kept_bytes, session.replies.values()))
+            small = req(92, "allocate", {"prompts": [[8]]}, session=c.session)
+            assert raw.send(small) == raw.send(small)  # kept: replayed, not run again
+            assert c.stats().num_sequences == 1001 + 5
+        finally:
+            raw.close()
+        c.check_integrity()

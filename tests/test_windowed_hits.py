@@ -30,7 +30,7 @@ def expected_hit(pool: KVPool, tokens: list[int], window: int | None, salt: byte
     prefix = next((i for i, p in enumerate(present) if not p), usable)
     if window is None:
         return prefix * BS, 0
-    reach = -(-(window - 1) // BS)
+    reach = max(1, -(-(window - 1) // BS))  # (one block at least: a hit stands on a cached block)
     for h in range(usable, prefix, -1):
         if all(present[max(0, h - reach) : h]):
             return h * BS, max(0, h - reach)
@@ -238,3 +238,33 @@ def test_the_benchmarks_workload_computes_fewer_prompt_tokens_with_windowed_hits
     out = json.loads(capsys.readouterr().out)
     assert out["windowed"]["computed_per_turn"] == 32  # the new user message alone
     assert out["prefix_only"]["computed_per_turn"] > 32
+
+
+def test_a_window_of_one_token_hits_only_on_cached_blocks_and_the_mirror_follows():
+    """A window of 1 needs no earlier block: every usable block counted as a hit
+    on an empty pool (hit statistics included), and a client's mirror counted
+    no released entries where all were (its tables then out of step with the
+    daemon's, a later write accepted into another sequence's block)."""
+    pytest.importorskip("zmq")
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+
+    spec = PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=24, block_size=BS, dtype="float32")
+    prompt = list(range(4 * BS + 3))
+    with running_server(spec) as server, Client(server.endpoint) as c:
+        for pool in (KVPool(spec), c):
+            assert pool.cached_tokens([prompt], window=1) == [0]
+            [a] = pool.allocate([prompt], window=1)
+            assert a.num_cached_tokens == 0 and 0 not in a.block_table
+            pool.commit(a.seq_id)
+        c.release_before([a.seq_id], [3 * BS])  # its first three blocks go first
+        c.free([a.seq_id])
+        [f] = c.allocate([list(range(900, 900 + 22 * BS - 1))])  # evicts those three
+        c.free([f.seq_id])
+        [b] = c.allocate([prompt], window=1)  # the last usable block cached: the hit stands on it
+        assert b.num_cached_tokens == 4 * BS and b.block_table[:3] == (0, 0, 0)
+        assert c._mirror.floors([b.seq_id]).tolist() == [3 * BS]
+        tables, _ = c.tables([b.seq_id])
+        assert tables[0].tolist() == list(c._call("tables", {"seq_ids": [b.seq_id]})[0][0])
+        c.check_integrity()
