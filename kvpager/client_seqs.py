@@ -193,6 +193,9 @@ class ClientSequences:
             # None: the tables would pass the daemon's message limit (or a daemon
             # from before swap_in answered with them): asked a part at a time.
             tables, lens = self._daemon_tables(ids) if got is None else decode_tables(got)
+        except (LimitExceeded, RequestTimeout):  # the swap ran; its tables are asked for when next needed
+            self._mirror.forget(ids)  # (the daemon's unread-replies budget full, say: not the swap's failure)
+            return
         except Exception:
             self._mirror.forget(ids)
             raise

@@ -239,3 +239,28 @@ def test_many_connections_that_read_nothing_hold_a_bounded_total_of_replies(monk
                 hog.close(0)
             ctx.term()
         c.check_integrity()
+
+
+def test_a_swap_in_whose_tables_the_budget_refuses_still_returns(monkeypatch):
+    """A swap_in answering nil (its tables past the message limit) ran: the
+    client's follow-up `tables` refused by the unread-replies budget made
+    swap_in raise after the swap was applied (a caller retrying it got
+    `not_swapped`). Now the mirror asks for those tables when next needed."""
+    from kvpager import reply_budget
+    from kvpager import server as server_module
+
+    spec = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=600, block_size=16, dtype="float32",
+                    num_host_blocks=600)
+    with running_server(spec, max_message_bytes=1 << 16) as server, Client(server.endpoint) as c:
+        allocs = c.allocate([list(range(3, 3 + 512 * 16))] + [[7]] * 31)
+        ids = [a.seq_id for a in allocs]
+        c.swap_out(ids)
+        monkeypatch.setattr(reply_budget, "LARGE", 1024)
+        monkeypatch.setattr(server_module, "LARGE_REPLY", 1024)
+        server._unread.budget = 0  # every read-only reply of 1 KiB or more refused
+        c.swap_in(ids)
+        server._unread.budget = 1 << 30
+        assert not any(s.swapped for s in c.sequences())
+        tables, lens = c.tables(ids)
+        assert tables.shape == (32, 512) and list(lens) == [512 * 16] + [1] * 31
+        c.check_integrity()
