@@ -119,10 +119,10 @@ class BlockPool(BlockRefs):
         return self.cache.match_tokens(root, tokens, block_size, max_blocks)
 
     def match_window(self, root: bytes, tokens: np.ndarray, block_size: int, max_blocks: int, window: int,
-                     keys: list[bytes], hits: list[int]) -> tuple[list[bytes], list[int], int]:
+                     keys: list[bytes], hits: list[int]) -> tuple[list[bytes], list[int], int, list[bytes]]:
         """Past `match`'s ``keys`` and ``hits``: the furthest hit for queries that
         read at most ``window`` positions, themselves included (`PrefixCache.match_window`):
-        keys up to it, the hit blocks, and the blocks left unread before them."""
+        keys up to it, the hit blocks, the blocks left unread before them, and every usable block's key."""
         # blocks before the first new token that its window reads (one at least: a hit stands on a cached block)
         reach = max(1, -(-(window - 1) // block_size))
         return self.cache.match_window(root, tokens, block_size, max_blocks, reach, keys, hits)

@@ -168,19 +168,20 @@ class PrefixCache:
         return keys, hits
 
     def match_window(self, root: bytes, tokens: np.ndarray, block_size: int, max_blocks: int, reach: int,
-                     keys: list[bytes], hits: list[int]) -> tuple[list[bytes], list[int], int]:
+                     keys: list[bytes], hits: list[int]) -> tuple[list[bytes], list[int], int, list[bytes]]:
         """Past the miss that ended `match_tokens`' ``keys`` and ``hits``: the
         furthest hit for a caller whose queries read at most the ``reach``
         blocks before the block they sit in (a sliding window: every layer's).
         The furthest point ``h <= max_blocks`` whose ``reach`` blocks before it
         are all cached, found from the end as vLLM's sliding-window manager
         does; returns the keys of blocks [0, h), the block ids of [h - reach,
-        h) and ``h - reach``, the blocks before them that the caller leaves
-        unread (released: the null block). ``keys``, ``hits`` and 0 where no
-        such point lies past them."""
+        h), ``h - reach``, the blocks before them that the caller leaves
+        unread (released: the null block), and the keys of all ``max_blocks``
+        blocks (hashed on the way: a commit need not hash them again).
+        ``keys``, ``hits`` and 0 where no such point lies past them."""
         start = len(keys)
         if start >= max_blocks:
-            return keys, hits, 0
+            return keys, hits, 0, keys
         parent = keys[-1] if keys else root
         tail = tokens[start * block_size : max_blocks * block_size]
         every = keys + chain_keys(parent, tail, block_size)
@@ -193,8 +194,8 @@ class PrefixCache:
                 continue
             run.append(b)
             if len(run) == reach:
-                return every[: i + reach], run[::-1], i
-        return keys, hits, 0
+                return every[: i + reach], run[::-1], i, every
+        return keys, hits, 0, every
 
     def publish(self, block_id: int, key: bytes) -> bool:
         """Make ``block_id`` matchable under ``key``. False (no change) if the key

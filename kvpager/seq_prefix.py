@@ -65,9 +65,9 @@ def allocate(
         root = root_key(salts[i])
         usable = max(len(tokens) - 1, 0) // bs  # blocks we may take from the cache
         keys, hits = pool.match(root, tokens, bs, usable)
-        skip = 0  # leading entries left released (a windowed hit past a miss)
+        skip, every = 0, None  # leading entries left released (a windowed hit past a miss); all keys hashed
         if window is not None and len(hits) < usable:
-            keys, hits, skip = pool.match_window(root, tokens, bs, usable, window, keys, hits)
+            keys, hits, skip, every = pool.match_window(root, tokens, bs, usable, window, keys, hits)
         shared: list[tuple[int, int]] = []
         if share_in_batch:
             start = skip + len(hits)
@@ -80,7 +80,9 @@ def allocate(
                 keys.append(key)
             for t in range(start + len(shared), start + len(rest)):
                 fresh.setdefault(rest[t - start], (i, t))
-        plans.append((tokens, root, keys, hits, shared, skip))
+        # (the keys a windowed match hashed past the hit, kept for the commit: the same chain)
+        plans.append((tokens, root, every if every is not None and len(every) > len(keys) else keys, hits, shared,
+                      skip))
         n = -(-len(tokens) // bs)
         need += n - skip - len(hits) - len(shared)
         ntok.append(len(tokens))
@@ -162,7 +164,7 @@ def cached_tokens(m: SequenceManager, prompts: Seq[Seq[int] | np.ndarray], salts
         keys, hits = m.pool.match(root, tokens, bs, usable)
         skip = 0
         if window is not None and len(hits) < usable:
-            keys, hits, skip = m.pool.match_window(root, tokens, bs, usable, window, keys, hits)
+            keys, hits, skip, _ = m.pool.match_window(root, tokens, bs, usable, window, keys, hits)
         out.append((skip + len(hits)) * bs)
     return out
 
