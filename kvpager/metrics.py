@@ -16,6 +16,7 @@ The loop thread is the only one that touches the pool. So:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import threading
 import time
@@ -338,10 +339,8 @@ def _http_server(host: str, port: int, registry: Any) -> Any:
             with self.deadlines_lock:
                 late = [r for r, at in self.deadlines.items() if at <= now]
             for request in late:
-                try:
+                with contextlib.suppress(OSError):  # (closed meanwhile)
                     request.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass  # closed meanwhile
 
         def _closed(self, request: Any) -> None:
             with self.deadlines_lock:

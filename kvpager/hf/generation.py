@@ -67,8 +67,8 @@ from kvpager.hf.padding import new_token_limits, prompts_given, stop_sequences, 
 from kvpager.hf.passes import HostBuffers, Owed, Pass
 from kvpager.hf.pipeline import DecodePasses
 from kvpager.hf.recurrent import Recurrent, has_recurrent_layers, recurrent_salt
-from kvpager.hf.salt import default_salt
 from kvpager.hf.rope import rope_salt
+from kvpager.hf.salt import default_salt
 from kvpager.hf.sampling import Sampler, Sampling
 from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
 from kvpager.validate import whole_in

@@ -44,15 +44,26 @@ def pass_dependent(model: Any) -> tuple[str | None, list[int]]:
                 continue
             if "dynamic" in t:
                 kind = "dynamic"
-                limits.append(int(getattr(module, "original_max_seq_len")))
+                limits.append(_original_context(module))
             elif t == "longrope":
                 kind = kind or "longrope"
                 params = getattr(getattr(module, "config", None), "rope_parameters", None) or {}
                 if layer_type is not None:
                     params = params.get(layer_type, {})
                 limit = params.get("original_max_position_embeddings")
-                limits.append(int(limit if limit is not None else getattr(module, "original_max_seq_len")))
+                limits.append(int(limit) if isinstance(limit, int) else _original_context(module))
     return kind, limits
+
+
+def _original_context(module: Any) -> int:
+    """The positions a rotary embedding keeps its original frequencies up to: its
+    ``original_max_seq_len``, else its config's ``max_position_embeddings``; 0
+    where neither says (every call past position 0 refused: nothing to go by)."""
+    for value in (getattr(module, "original_max_seq_len", None),
+                  getattr(getattr(module, "config", None), "max_position_embeddings", None)):
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
 
 
 def rope_salt(model: Any, salt: Any, prompt_lens: Sequence[int], most_lens: Sequence[int], what: str,
