@@ -27,7 +27,7 @@ class Limits:
     sessions: int = field(default=1024, metadata={"least": 1, "help": "sessions open at once"})
     kept: int = field(default=4 << 20, metadata={"help": "bytes of replies one session's retries may replay"})
     salt: int = field(default=4096, metadata={"help": "characters (or bytes) of one salt"})
-    tables: int = field(default=1 << 30, metadata={
+    tables: int = field(default=4 << 30, metadata={
         "least": 1 << 20, "help": "bytes of the block tables of every session's sequences (one row each, as wide "
                                   "as the longest)"})
     pin_blocks: int = field(default=1 << 16, metadata={
