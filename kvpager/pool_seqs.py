@@ -67,7 +67,10 @@ class PoolSequences:
 
         With a remote tier, full blocks missing here are first looked up in
         the store (one batch) and restored into device blocks; they count in
-        ``num_cached_tokens`` and in ``num_remote_tokens``."""
+        ``num_cached_tokens`` and in ``num_remote_tokens``. With ``window``, a
+        prompt the local cache already gives a windowed hit restores nothing
+        (its leading blocks would go unread), and its hit blocks are held
+        while the others' restore takes blocks."""
         m = self.manager
         if owner is not None:
             validate.owner(owner)
@@ -92,7 +95,14 @@ class PoolSequences:
         if self.remote is not None:
             from kvpager.remote_restore import restore as restore_from
 
-            restore = restore_from(self, prompts, salts)
+            if window is None:
+                restore = restore_from(self, prompts, salts)
+            else:  # a prompt the local cache gives a windowed hit: its leading blocks would go unread
+                matches = m.window_matches(prompts, salts, window)
+                ask = [i for i, (skip, _) in enumerate(matches) if not skip]
+                held = [b for skip, hits in matches if skip for b in hits]  # (not evicted for the others)
+                restore = restore_from(self, [prompts[i] for i in ask], [salts[i] for i in ask], held) \
+                    if ask else None
         try:
             ids, flat, lengths, cached, ntok = m.allocate(prompts, salts, owner, share_in_batch, window)
         finally:
@@ -155,8 +165,14 @@ class PoolSequences:
             return [CacheProbe(n) for n in local]
         from kvpager.remote_probe import probe
 
-        probes = probe(self, prompts, salts)
-        return [p if p.num_cached_tokens >= n else CacheProbe(n) for p, n in zip(probes, local)]
+        if window is None:
+            return probe(self, prompts, salts)
+        # as `allocate`: a prompt the local cache gives a windowed hit restores nothing
+        matches = self.manager.window_matches(prompts, salts, window)
+        ask = [i for i, (skip, _) in enumerate(matches) if not skip]
+        probes = dict(zip(ask, probe(self, [prompts[i] for i in ask], [salts[i] for i in ask]))) if ask else {}
+        return [probes[i] if i in probes and probes[i].num_cached_tokens >= n else CacheProbe(n)
+                for i, n in enumerate(local)]
 
     def append(
         self,

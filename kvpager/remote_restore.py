@@ -143,9 +143,12 @@ def fits(bp: BlockPool, need: int, restores: int, kept: np.ndarray) -> bool:
     return need + restores + idle <= bp.get_num_free_blocks()
 
 
-def restore(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None]) -> Restore | None:
+def restore(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None],
+            hold: Seq[int] = ()) -> Restore | None:
     """Restore from ``kv.remote`` the blocks that ``prompts`` miss locally and the
-    tier holds (see the module docstring). None when nothing was restored."""
+    tier holds (see the module docstring). None when nothing was restored.
+    ``hold``: cached blocks the allocate will take besides (a windowed hit's),
+    held with the run's own so the restore's new blocks never evict them."""
     m, tier = kv.manager, kv.remote
     bp = m.pool
     # 1. probe (read-only): every prompt checked before anything changes
@@ -158,7 +161,7 @@ def restore(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None]) 
     # 2. runs: the blocks each prompt would share after the restore
     _, todo, keep, need = runs(miss, found)
     # 3. capacity
-    kept = np.asarray(keep, dtype=np.int64)
+    kept = np.asarray([*keep, *hold], dtype=np.int64)
     if not fits(bp, need, len(todo), kept):
         return None  # the allocate may not fit: leave it as it would be without the tier
     # 4. hold, take, copy, publish

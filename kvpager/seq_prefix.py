@@ -150,22 +150,36 @@ def allocate(
     return ids, flat, lengths, cached, ntok
 
 
-def cached_tokens(m: SequenceManager, prompts: Seq[Seq[int] | np.ndarray], salts: Seq[str | bytes | None],
-                  window: int | None = None) -> list[int]:
-    """How many tokens of each prompt `allocate` (given the same ``window``)
-    would find cached now. Read-only: touches nothing, so the answer can
-    change before an allocate."""
-    bs = m.block_size
-    out = []
+def window_matches(m: SequenceManager, prompts: Seq[Seq[int] | np.ndarray], salts: Seq[str | bytes | None],
+                   window: int) -> list[tuple[int, list[int]]]:
+    """`SequenceManager.window_matches`."""
+    bs, out = m.block_size, []
     for i, prompt in enumerate(prompts):
         tokens = token_array(prompt, f"prompts[{i}]")
         usable = max(len(tokens) - 1, 0) // bs
         root = root_key(salts[i])
         keys, hits = m.pool.match(root, tokens, bs, usable)
         skip = 0
-        if window is not None and len(hits) < usable:
+        if len(hits) < usable:
             keys, hits, skip, _ = m.pool.match_window(root, tokens, bs, usable, window, keys, hits)
-        out.append((skip + len(hits)) * bs)
+        out.append((skip, hits))
+    return out
+
+
+def cached_tokens(m: SequenceManager, prompts: Seq[Seq[int] | np.ndarray], salts: Seq[str | bytes | None],
+                  window: int | None = None) -> list[int]:
+    """How many tokens of each prompt `allocate` (given the same ``window``)
+    would find cached now. Read-only: touches nothing, so the answer can
+    change before an allocate."""
+    bs = m.block_size
+    if window is not None:
+        return [(skip + len(hits)) * bs for skip, hits in window_matches(m, prompts, salts, window)]
+    out = []
+    for i, prompt in enumerate(prompts):
+        tokens = token_array(prompt, f"prompts[{i}]")
+        usable = max(len(tokens) - 1, 0) // bs
+        _, hits = m.pool.match(root_key(salts[i]), tokens, bs, usable)
+        out.append(len(hits) * bs)
     return out
 
 

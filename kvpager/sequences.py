@@ -124,6 +124,13 @@ class SequenceManager(SequenceLookup):
             return seq_one.allocate(self, prompts[0], salts[0], owner)
         return seq_prefix.allocate(self, prompts, salts, owner, share_in_batch, window)
 
+    def window_matches(self, prompts: Seq[Seq[int] | np.ndarray], salts: Seq[str | bytes | None],
+                       window: int) -> list[tuple[int, list[int]]]:
+        """Per prompt, what `allocate` with ``window`` would find cached now past its
+        prefix: (leading entries left released, the hit blocks after them); (0, its
+        prefix hits) where the window finds nothing further. Read-only."""
+        return seq_prefix.window_matches(self, prompts, salts, window)
+
     def cached_tokens(self, prompts: Seq[Seq[int] | np.ndarray], salts: Seq[str | bytes | None],
                       window: int | None = None) -> list[int]:
         """How many tokens of each prompt `allocate` (with the same ``window``)

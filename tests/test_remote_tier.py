@@ -444,3 +444,44 @@ def test_a_tier_shared_by_two_pools_closes_with_the_last():
         assert tier.fetch([(b"r" * 32, b"k" * 32)]) == {}
         after = tier.stats()
         assert (after.queued_blocks, after.dropped_blocks, after.lookups) == (0, st.dropped_blocks + 1, st.lookups)
+
+
+@pytest.mark.parametrize("store_lacks", ["block 5", "all but block 0"])
+def test_a_windowed_hit_is_not_evicted_by_the_restore_of_blocks_it_would_not_read(store_lacks):
+    """A windowed allocate with a tier: the restore ran first, for the prefix's
+    missing blocks, and took its new blocks by evicting the very cached blocks
+    the windowed hit stands on (the allocate hit 80 tokens where the local
+    cache alone gave 160, and the probe said 160). A prompt the local cache
+    gives a windowed hit restores nothing now, and its hit blocks are held
+    through the others' restores; the probe says what the allocate gives."""
+    from kvpager.prefix_cache import chain_keys, root_key
+
+    spec = PoolSpec(1, 2, 16, num_blocks=31, block_size=BS, dtype="float32", num_host_blocks=8)
+    with redis_server() as store:
+        p = pool(store.url, spec, timeout=2.0)
+        try:
+            prompt = list(range(1000, 1000 + 10 * BS + 3))
+            [a] = p.allocate([prompt], window=4 * BS)
+            p.commit(a.seq_id)
+            assert p.remote.flush(WAIT)
+            p.release_before([a.seq_id], [6 * BS])  # blocks 0-5 evictable first
+            p.free([a.seq_id])
+            free = p.stats().free_blocks
+            [filler] = p.allocate([list(range(50000, 50000 + (free + 6) * BS))])  # evicts 0-5, stays live
+            p.truncate([filler.seq_id], [(free + 6 - 8) * BS])  # 8 blocks back to the free list
+            [u] = p.allocate([list(range(90000, 90000 + 4 * BS + 1))])
+            p.commit(u.seq_id)
+            p.free([u.seq_id])  # 4 evictable blocks used more recently
+            keys = chain_keys(root_key(None), np.asarray(prompt, np.int64), BS)
+            gone = [5] if store_lacks == "block 5" else list(range(1, 10))
+            redis.Redis(port=store.port).delete(*[p.remote.key(root_key(None), keys[i]) for i in gone])
+            w = 4 * BS
+            local = p.cached_tokens([prompt], window=w, remote=False)
+            [probe] = p.probe_cache([prompt], window=w)
+            assert local == [10 * BS] and probe.num_cached_tokens == 10 * BS and probe.num_remote_tokens == 0
+            [b] = p.allocate([prompt], window=w)
+            assert (b.num_cached_tokens, b.num_remote_tokens) == (10 * BS, 0)
+            p.check_integrity()
+            p.free([b.seq_id, filler.seq_id])
+        finally:
+            p.close()
