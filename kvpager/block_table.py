@@ -49,6 +49,8 @@ class BlockTable:
         self._mark = np.zeros(rows, dtype=np.int64)  # scratch for `distinct`
         # Low rows first, so live rows stay dense and a gather touches few pages.
         self._free_rows: list[int] = list(range(rows - 1, -1, -1))
+        # rows given back since `shrink` last looked, and the live rows then (`_released`)
+        self._since_shrink = self._live_at_look = 0
 
     def _set_whole_from(self) -> None:
         #: A row of at least this many blocks is copied or cleared whole (one
@@ -190,9 +192,9 @@ class BlockTable:
         since the last look, or its live rows halved since then, give memory back
         (`shrink`), so a table grown by a burst of sequences or one long one does
         not keep its size for good, whatever order they end in."""
-        self._since_shrink = getattr(self, "_since_shrink", 0) + n
+        self._since_shrink += n
         live = self.num_live
-        if 8 * self._since_shrink >= len(self.num_blocks) or 2 * live <= getattr(self, "_live_at_look", 0):
+        if 8 * self._since_shrink >= len(self.num_blocks) or 2 * live <= self._live_at_look:
             self._since_shrink, self._live_at_look = 0, live
             self.shrink()
 
@@ -202,8 +204,9 @@ class BlockTable:
         stay as they are; free rows past the new end are dropped)."""
         live_width = int(self.num_blocks.max()) if len(self.num_blocks) else 0
         free = self._free_rows
-        held = set(range(len(self.num_blocks))) - set(free)
-        last = max(held) + 1 if held else 0
+        held = np.ones(len(self.num_blocks), dtype=bool)
+        held[free] = False
+        last = int(np.flatnonzero(held)[-1]) + 1 if held.any() else 0
         rows = max(64, 2 * last)
         width = max(16, 2 * live_width)
         if rows * width * 2 > self.table.size:

@@ -76,8 +76,9 @@ class PoolSequences:
             validate.owner(owner)
         if window is not None:
             window = validate.whole_in(window, "allocate: window", 1, 1 << 63)
-        if window is None and type(prompts) is list and len(prompts) == 1 and type(salt) in _ONE_SALT and type(share_in_batch) is bool \
-                and type(prompts[0]) in _ONE_PROMPT and self.remote is None and m.scalar:
+        if window is None and type(prompts) is list and len(prompts) == 1 and type(salt) in _ONE_SALT \
+                and type(share_in_batch) is bool and type(prompts[0]) in _ONE_PROMPT and self.remote is None \
+                and m.scalar:
             # One prompt, checked as `validate.prompts` / `per_seq` would: straight to its path.
             seq_id, flat, blocks, nh, ntok = seq_one.allocate_one(m, prompts[0], salt, owner)
             c = nh * self.spec.block_size
@@ -158,17 +159,21 @@ class PoolSequences:
         salts = validate.per_seq(salt, len(prompts), "salt")
         if remote is not None and not isinstance(remote, bool):
             raise InvalidArgument(f"remote must be a bool or None, got {remote!r}")
-        if window is not None:
-            window = validate.whole_in(window, "cached_tokens: window", 1, 1 << 63)
-        local = self.manager.cached_tokens(prompts, salts, window)
-        if self.remote is None or remote is False:
+        local_only = self.remote is None or remote is False
+        if window is None:
+            if local_only:
+                return [CacheProbe(n) for n in self.manager.cached_tokens(prompts, salts)]
+            from kvpager.remote_probe import probe
+
+            return probe(self, prompts, salts)
+        window = validate.whole_in(window, "cached_tokens: window", 1, 1 << 63)
+        matches = self.manager.window_matches(prompts, salts, window)
+        local = [(skip + len(hits)) * self.spec.block_size for skip, hits in matches]
+        if local_only:
             return [CacheProbe(n) for n in local]
         from kvpager.remote_probe import probe
 
-        if window is None:
-            return probe(self, prompts, salts)
         # as `allocate`: a prompt the local cache gives a windowed hit restores nothing
-        matches = self.manager.window_matches(prompts, salts, window)
         ask = [i for i, (skip, _) in enumerate(matches) if not skip]
         probes = dict(zip(ask, probe(self, [prompts[i] for i in ask], [salts[i] for i in ask]))) if ask else {}
         return [probes[i] if i in probes and probes[i].num_cached_tokens >= n else CacheProbe(n)

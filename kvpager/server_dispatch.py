@@ -65,7 +65,6 @@ def _sized(v: Any) -> bool:
     return isinstance(v, list) or isinstance(v, np.ndarray) and v.ndim > 0
 
 
-
 def _kept_bytes(entry: tuple[bytes, bytes | None, list[int] | None]) -> int:
     """What a kept entry counts against the session's kept bytes: its reply, or
     8 bytes an id it created (a reply too large to keep)."""
@@ -82,6 +81,7 @@ def created_ids(op: str, reply: bytes) -> list[int] | None:
     if op == "allocate":
         return [int(a[0]) for a in result]
     return [int(c) for kids in result for c in kids]
+
 
 class Dispatch:
     """Mixed into `Server`, which supplies ``pool``, ``sessions``, ``limits``,

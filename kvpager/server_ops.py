@@ -126,10 +126,11 @@ class ServerOps(ControlOps):
             raise InvalidArgument("prompts must be a list of token-id lists")
         remote_tokens = _flag(a, "remote_tokens", "allocate")
         self.limits.check("sequences", s.num_seqs + len(prompts), "allocate: sequences of this session")
-        self._check_capacity(prompts)
-        bs = self.pool.spec.block_size  # (a prompt that is no list or array: KVPool.allocate names it)
+        # the longest prompt's blocks (a prompt that is no list or array: KVPool.allocate names it)
         sizes = [len(p) for p in prompts if isinstance(p, list) or isinstance(p, np.ndarray) and p.ndim]
-        self._check_tables(len(prompts), -(-max(sizes, default=0) // bs))
+        longest = -(-max(sizes, default=0) // self.pool.spec.block_size)
+        self._check_capacity(longest)
+        self._check_tables(len(prompts), longest)
         share = a.get("share_in_batch", False)
         allocs = self.pool.allocate(prompts, a.get("salt"), owner=s.name, share_in_batch=share,
                                     window=a.get("window"))
@@ -154,13 +155,10 @@ class ServerOps(ControlOps):
                 f"{size} bytes, over the limit of {self.limits.tables} (KVPAGER_MAX_TABLES, kvpager serve "
                 "--max-tables): free sequences, or fewer at once", "tables", size, self.limits.tables)
 
-    def _check_capacity(self, prompts: list[Any]) -> None:
-        """OutOfBlocks before any hashing when the prompts cannot fit even if
-        every cached block were a hit: a huge prompt costs no loop time."""
-        bs = self.pool.spec.block_size
-        sizes = [len(p) for p in prompts if isinstance(p, list) or isinstance(p, np.ndarray) and p.ndim]
-        need = -(-max(sizes, default=0) // bs)
-        if need * bs < 1 << 16:
+    def _check_capacity(self, need: int) -> None:
+        """OutOfBlocks before any hashing when a prompt of ``need`` blocks cannot fit
+        even if every cached block were a hit: a huge prompt costs no loop time."""
+        if need * self.pool.spec.block_size < 1 << 16:
             return  # small: hashing it costs less than counting the pool
         st = self.pool.stats()
         available = st.free_blocks + st.evictable_blocks

@@ -92,6 +92,19 @@ def test_a_plans_slots_are_its_sessions_own():
         a.check_integrity()
 
 
+def taken_over(server, x, other: Client):
+    """Past the stalled session's timeout (0.5 s), once the daemon ended it:
+    ``other`` allocates every block, ``x``'s among them, writes and commits
+    them; its allocation and the K its blocks hold."""
+    time.sleep(0.6)
+    assert wait_until(lambda: len(server.sessions) == 1, timeout=10)
+    [y] = other.allocate([list(range(900, 900 + 7 * BS))])
+    assert set(x.block_table) <= set(y.block_table)
+    written(other, y, 5.0)
+    other.commit(y.seq_id)
+    return y, k_of(other, y.block_table)
+
+
 @pytest.mark.parametrize("how", ["before its first write", "through a plan"])
 def test_a_worker_stopped_past_its_timeout_writes_nothing_by_any_path(how):
     """The count of ended sessions was first read when the pool was mapped (a worker
@@ -103,13 +116,7 @@ def test_a_worker_stopped_past_its_timeout_writes_nothing_by_any_path(how):
         try:
             [x] = stalled.allocate([list(range(2 * BS))])
             plan = stalled.plan([x.seq_id], [2 * BS], x.slots) if how == "through a plan" else None
-            time.sleep(0.6)
-            assert wait_until(lambda: len(server.sessions) == 1, timeout=10)
-            [y] = other.allocate([list(range(900, 900 + 7 * BS))])
-            assert set(x.block_table) <= set(y.block_table)
-            written(other, y, 5.0)
-            other.commit(y.seq_id)
-            before = k_of(other, y.block_table)
+            y, before = taken_over(server, x, other)
             with pytest.raises(SessionLost):
                 if plan is None:
                     stalled.write(0, x.slots, kv(len(x.slots), -7.0), kv(len(x.slots), -7.0))
@@ -244,13 +251,7 @@ def test_a_worker_whose_session_ended_reads_and_writes_nothing_of_the_next_one(h
                 with pytest.raises(SessionLost):
                     stalled.remote_attend(0, [x.seq_id], q)
                 return
-            time.sleep(0.6)
-            assert wait_until(lambda: len(server.sessions) == 1, timeout=10)
-            [y] = other.allocate([list(range(900, 900 + 7 * BS))])
-            assert set(x.block_table) <= set(y.block_table)
-            written(other, y, 5.0)
-            other.commit(y.seq_id)
-            before = k_of(other, y.block_table)
+            y, before = taken_over(server, x, other)
             if how == "attend":
                 with pytest.raises(SessionLost):
                     stalled.attend(0, [x.seq_id], q)

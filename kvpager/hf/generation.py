@@ -143,9 +143,9 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         self.prompts = token_lists(prompts_given(self.prompts, input_ids), self.model, attention_mask)
         self._most = new_token_limits(self.max_new_tokens, len(self.prompts))  # each prompt's
         self._eos = end_tokens(self.eos_token_id)
-        self._sampler = Sampler(self.sampling, len(self.prompts), self.prompts, self._eos,
-                                getattr(text_config(self.model), "vocab_size", None))
-        self.logprobs = check_logprobs(self.logprobs, getattr(text_config(self.model), "vocab_size", None))
+        vocab = getattr(text_config(self.model), "vocab_size", None)
+        self._sampler = Sampler(self.sampling, len(self.prompts), self.prompts, self._eos, vocab)
+        self.logprobs = check_logprobs(self.logprobs, vocab)
         self._lp = None if self.logprobs is None else TokenLogprobs(self.logprobs, len(self.prompts))
         # passes give logits (not greedy tokens) where a row draws, is penalized, or logprobs are kept
         self._logits = not self._sampler.plain or self._lp is not None
@@ -156,13 +156,14 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         self._stops = stop_sequences(self.stop_sequences)  # by last token
         if self.salt is None:
             self.salt = default_salt(self.model)
+        recurrent = has_recurrent_layers(self.model)
         # (a rotary embedding that follows each pass's length: the call checked, long-factor blocks apart;
         # a model with recurrent layers prefills in parts)
         self.salt = rope_salt(self.model, self.salt, list(map(len, self.prompts)),
                               [len(p) + m for p, m in zip(self.prompts, self._most)], "generate",
-                              1 if has_recurrent_layers(self.model) else None)
+                              1 if recurrent else None)
         self._recurrent = None  # a model with recurrent layers: their states (`kvpager.hf.recurrent`)
-        if has_recurrent_layers(self.model):
+        if recurrent:
             # captured steps read the states of a bucket's rows (`kvpager.hf.graphs.bucket_for`)
             # (each sequence's states where it ends held, keyed by its prompt and tokens so far)
             self._recurrent = Recurrent(self.model, self._batch, capacity=bucket_for if self.cuda_graphs else None,
