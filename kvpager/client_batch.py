@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from kvpager.batch_calls import BATCHED, parse_calls, stopped
+from kvpager.client_ids import packed, packed_rows, read_ids, scalar
 from kvpager.client_seqs import one_shot_counts
-from kvpager.client_tables import packed, packed_rows, read_ids, scalar
 from kvpager.errors import UnsupportedConfiguration
 from kvpager.protocol import decode_batch, decode_slots
 from kvpager.protocol_codec import pack_array

@@ -17,7 +17,7 @@ import numpy as np
 
 from kvpager import cpu_attention, cuda_ipc, validate
 from kvpager.attend_options import check_scale, check_sinks, check_softcap, check_window, chunk_step
-from kvpager.client_tables import as_ids, id_list
+from kvpager.client_ids import as_ids, id_list
 from kvpager.errors import InvalidArgument, NotOwner, SessionLost, StalePlan
 from kvpager.plan import StepPlan, check_floor, context_of, make_plan, table_floor
 from kvpager.plan_guard import REMEDY, Foreign, Moves, sequence_guard

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from kvpager.client_tables import as_ids, id_list, packed, packed_rows, read_ids, scalar
+from kvpager.client_ids import as_ids, id_list, packed, packed_rows, read_ids, scalar
 from kvpager.errors import InternalError, InvalidArgument, LimitExceeded, RequestTimeout
 from kvpager.protocol import (
     SEQUENCES_PAGE,

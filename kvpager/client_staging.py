@@ -9,7 +9,7 @@ from typing import Any
 
 from kvpager import cuda_ipc
 from kvpager.attend_options import check_sinks
-from kvpager.client_tables import as_ids
+from kvpager.client_ids import as_ids
 from kvpager.errors import InvalidArgument
 from kvpager.shm import Segment
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from kvpager import KVPool, PoolSpec
 from kvpager.client import Client
-from kvpager.client_tables import PACK_AT, packed, packed_rows
+from kvpager.client_ids import PACK_AT, packed, packed_rows
 from kvpager.errors import InvalidArgument, NotOwner, UnknownSequence
 from kvpager.protocol import VERSION, decode_reply, pack
 
