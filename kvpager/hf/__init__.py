@@ -42,16 +42,11 @@ from kvpager.hf.generation import (
 )
 from kvpager.hf.graphs import CapturedSteps, DecodeGraphs, bucket_for
 from kvpager.hf.logprobs import Completion
-from kvpager.hf.model import (
-    check_call,
-    layer_chunks,
-    layer_fit,
-    layer_map,
-    layer_windows,
-)
+from kvpager.hf.model import check_call, layer_fit, layer_map
 from kvpager.hf.salt import default_salt
 from kvpager.hf.sampling import Sampling
 from kvpager.hf.scoring import Scores, score
+from kvpager.hf.windows import layer_chunks, layer_windows
 
 __all__ = [
     "ATTN_IMPLEMENTATION",

@@ -33,17 +33,11 @@ from kvpager.hf.checks import NOT_SERVED, check_layers_ran, check_packable, chec
 from kvpager.hf.compiled import HAS_OP, current, is_compiling, running
 from kvpager.hf.compiled import write_attend as _write_attend_op
 from kvpager.hf.fitting import fit_layer, pool_mismatch
-from kvpager.hf.model import (
-    ABSENT,
-    IGNORED,
-    check_call,
-    has_recurrent_layers,
-    layer_chunk,
-    temperature_tuned,
-)
+from kvpager.hf.model import ABSENT, IGNORED, check_call, has_recurrent_layers, temperature_tuned
 
 # the switch (`paged_attention`) and the name it switches to, re-exported from their home
 from kvpager.hf.switching import ATTN_IMPLEMENTATION, _set_attn, paged_attention  # noqa: F401
+from kvpager.hf.windows import layer_chunk
 
 
 @dataclass

@@ -43,10 +43,11 @@ from kvpager.hf.beams_rows import RecurrentBeams
 from kvpager.hf.checks import check_model_and_pool, end_tokens
 from kvpager.hf.eager import EagerPasses
 from kvpager.hf.graphs import CapturedSteps, DecodeGraphs, check_graph_options, graph_width
-from kvpager.hf.model import has_recurrent_layers, hit_window
+from kvpager.hf.model import has_recurrent_layers
 from kvpager.hf.padding import prompts_given, token_lists
 from kvpager.hf.rope import rope_salt
 from kvpager.hf.salt import default_salt
+from kvpager.hf.windows import hit_window
 from kvpager.validate import is_int
 
 __all__ = ["Beams", "beam_search", "beams_for_generate", "config_beams"]

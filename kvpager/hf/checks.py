@@ -19,13 +19,12 @@ import torch
 from kvpager.errors import InvalidArgument, UnsupportedModel
 from kvpager.hf.model import (
     has_recurrent_layers,
-    layer_chunks,
-    layer_windows,
     legacy_layer_types,
     model_geometry,
     modules_of,
     text_config,
 )
+from kvpager.hf.windows import layer_chunks, layer_windows
 from kvpager.spec import PoolSpec
 from kvpager.validate import is_int
 

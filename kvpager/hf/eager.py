@@ -12,7 +12,8 @@ import torch
 
 from kvpager.hf.attention import PagedBatch, paged_attention, paged_forward
 from kvpager.hf.checks import check_model
-from kvpager.hf.model import layer_chunks, layer_fit, layer_map, text_config
+from kvpager.hf.model import layer_fit, layer_map, text_config
+from kvpager.hf.windows import layer_chunks
 from kvpager.spec import dtype_name
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

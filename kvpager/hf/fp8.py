@@ -88,10 +88,10 @@ def _stored_peaks(model: Any, rows: list[list[int]], device: torch.device) -> li
         has_recurrent_layers,
         layer_fit,
         layer_map,
-        layer_windows,
         spec_for_model,
         text_config,
     )
+    from kvpager.hf.windows import layer_windows
 
     dtype = next(model.parameters()).dtype
     block = 16

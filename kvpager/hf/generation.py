@@ -54,11 +54,8 @@ from kvpager.hf.logprobs import Completion, KeptLogprobs, TokenLogprobs, check_l
 from kvpager.hf.model import (  # noqa: F401
     ABSENT,
     check_call,
-    hit_window,
-    layer_chunks,
     layer_fit,
     layer_map,
-    layer_windows,
     model_geometry,
     spec_for_model,
     text_config,
@@ -70,6 +67,7 @@ from kvpager.hf.recurrent import Recurrent, has_recurrent_layers, recurrent_salt
 from kvpager.hf.rope import rope_salt
 from kvpager.hf.salt import default_salt
 from kvpager.hf.sampling import Sampler, Sampling
+from kvpager.hf.windows import hit_window, layer_chunks, layer_windows
 from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
 from kvpager.validate import whole_in
 

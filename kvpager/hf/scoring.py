@@ -41,11 +41,12 @@ from kvpager.errors import InvalidArgument
 from kvpager.hf.checks import check_model_and_pool
 from kvpager.hf.eager import EagerPasses
 from kvpager.hf.logprobs import TokenLogprobs
-from kvpager.hf.model import has_recurrent_layers, hit_window, text_config
+from kvpager.hf.model import has_recurrent_layers, text_config
 from kvpager.hf.padding import prompts_given, token_lists
 from kvpager.hf.rope import rope_salt
 from kvpager.hf.salt import default_salt
 from kvpager.hf.scoring_rows import RowScorer
+from kvpager.hf.windows import hit_window
 from kvpager.validate import is_int
 
 __all__ = ["Scores", "score"]
