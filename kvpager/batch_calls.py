@@ -44,7 +44,7 @@ def parse_calls(calls: Sequence[Any]) -> list[tuple[str, dict[str, Any], dict[st
         extra = {"synchronize": kwargs.pop("synchronize")} if method == "commit" and "synchronize" in kwargs else {}
         if len(args) > len(params) or set(kwargs) - set(params) or set(params[: len(args)]) & set(kwargs):
             raise InvalidArgument(f"batch: {method} takes {', '.join(params)}; got {len(args)} positional "
-                                  f"and {sorted(kwargs)}")
+                                  f"and {sorted(map(repr, kwargs))}")  # (keys of any kind: repr sorts them)
         named = {**dict(zip(params, args)), **kwargs}
         if named.get("seq_ids") is None:
             raise InvalidArgument(f"batch: {method} needs seq_ids")

@@ -193,7 +193,7 @@ def commit(m: SequenceManager, seq_ids: list[int] | np.ndarray, upto: Seq[int | 
     rows = m.batch(seq_ids, "commit", owner)
     nt = bt.num_tokens[rows]
     ups = None
-    if upto.count(None) == len(upto):  # `per_seq` gives a list
+    if all(u is None for u in upto):  # `per_seq` gives a list (`count(None)` compared arrays by ==)
         ups = nt
     elif upto and all_type(upto, int):  # a pipelined decode step's: checked at C speed
         try:

@@ -428,3 +428,22 @@ def test_generate_refuses_a_bool_as_its_count_of_beams():
     with pytest.raises(InvalidArgument, match="num_beams"):
         generate(model, pool, [[5, 6, 7]], 3, num_beams=True)
     assert pool.stats().num_sequences == 0 and torch is not None
+
+
+# -- arguments whose own comparison or sorting failed --------------------------------------
+def test_commit_refuses_an_array_as_one_sequences_upto():
+    p = make_pool()
+    a, _ = _setup(p)
+    before = snapshot(p)
+    with pytest.raises(InvalidArgument, match="upto"):  # a bare ValueError (an array's truth value) before
+        p.commit([a], [np.array([4, 8])])
+    assert snapshot(p) == before
+
+
+def test_a_batch_call_with_keyword_names_of_mixed_kinds_is_refused_by_name():
+    p = make_pool()
+    a, _ = _setup(p)
+    before = snapshot(p)
+    with pytest.raises(InvalidArgument, match="free takes seq_ids"):  # a TypeError from sorting them before
+        p.batch([("free", [a], {1: 2, "x": 3})])
+    assert snapshot(p) == before
