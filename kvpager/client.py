@@ -41,6 +41,7 @@ import logging
 import os
 import socket
 import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -54,7 +55,7 @@ from kvpager.client_kv import KVAccess
 from kvpager.client_seqs import ClientSequences
 from kvpager.client_staging import ClientStaging
 from kvpager.client_tables import TableMirror
-from kvpager.client_wire import ClientWire
+from kvpager.client_wire import ClientWire, heartbeat_loop
 from kvpager.endpoints import endpoint_or_default, probe
 from kvpager.errors import DaemonUnavailable, InvalidArgument, RequestTimeout, SessionLost
 from kvpager.protocol import OPS
@@ -145,8 +146,10 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
                                       + ("" if rank is not None else " without a rank"))
             self._hello_args["driver"] = secret
         self._want_map, self._want_heartbeat = map_pool, heartbeat
+        _LIVE.add(self)
         self._hb_stop = threading.Event()
         self._hb: threading.Thread | None = None
+        self._finalizer: weakref.finalize | None = None
         try:
             self._hello()
         except BaseException:  # a refused hello: no session, and no socket left to the garbage collector
@@ -157,8 +160,7 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         """Open a session: its secret, the pool's geometry and memory, heartbeats."""
         try:
             info = self._call("hello", self._hello_args)
-        except RequestTimeout as e:
-            self._chan.close()
+        except RequestTimeout as e:  # (its socket stays: `__init__` closes it, a `reconnect` may try again)
             raise DaemonUnavailable(f"no kvpager daemon answers at {self.endpoint}: {e}") from None
         self.session, self.epoch = info["session"], info["epoch"]
         self.session_name = info.get("name")
@@ -190,12 +192,20 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
             self._releases = map_release_count(self.memory.get("releases"))
             self._ends_seen = int(self._releases[1]) if self._releases is not None and len(self._releases) > 1 else 0
         self._mapped: Any = None  # NumpyBackend (shm) or CupyBackend (cuda_ipc) over the pool
+        self._memory_gone = False
         self._staging: Any = None  # shm Segment or cuda_ipc DeviceBuffer
         self._device_index: int | None = None
         if self._want_heartbeat:
-            self._hb_stop = threading.Event()
-            self._hb = threading.Thread(target=self._heartbeat_loop, args=(self._hb_stop, self.session),
+            # The thread holds the client weakly: a client dropped without `close` is collected,
+            # and its thread then ends its session (`heartbeat_loop`); it held the client for good.
+            self._hb_stop, gone = threading.Event(), threading.Event()
+            self._hb = threading.Thread(target=heartbeat_loop, args=(weakref.ref(self), self._hb_stop, gone,
+                                                                    self.session, self.endpoint,
+                                                                    self.heartbeat_timeout),
                                         name="kvpager-heartbeat", daemon=True)
+            if self._finalizer is not None:  # (a reconnect's new thread: the last one's is done)
+                self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, _dropped, self._hb_stop, gone)
             self._hb.start()
 
     def reconnect(self) -> None:
@@ -205,10 +215,9 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         start afresh from the new hello."""
         if self._closed:
             raise SessionLost("this client is closed")
-        self._hb_stop.set()
-        if self._hb is not None:
-            self._hb.join(5)
-            self._hb = None
+        self._check_process()
+        self._stop_heartbeat()
+        self._hb = None
         if self._staging is not None:
             self._staging.close()
         self._forget_session()
@@ -216,8 +225,8 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self._unsettled = None
         self._chan.reset()
         self.session = self.session_name = None
+        self._hello()  # (until it succeeds the session stays lost: a failed one can be tried again)
         self._lost = False
-        self._hello()
 
     def close(self) -> None:
         """Say bye (the daemon frees this session's sequences) and close the socket."""
@@ -226,9 +235,7 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         if self._forked():  # a child's copy: the parent's socket and session are not its to end
             self._closed = self._lost = True
             return
-        self._hb_stop.set()
-        if self._hb is not None:
-            self._hb.join(5)
+        self._stop_heartbeat()
         if self._staging is not None:  # unmapped before bye frees it on the daemon
             self._staging.close()
             self._staging = None
@@ -244,6 +251,14 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self._closed = True
         self._chan.close()
 
+    def _stop_heartbeat(self) -> None:
+        """Stop the heartbeat thread, waiting at most this client's timeout for a beat in
+        flight (close against a stalled daemon waited 5 s past a timeout of 0.5 before;
+        a thread that outlives the wait ends at its next wake-up: `heartbeat_loop`)."""
+        self._hb_stop.set()
+        if self._hb is not None:
+            self._hb.join(min(5.0, self.timeout))
+
     def __enter__(self) -> Client:
         return self
 
@@ -252,6 +267,36 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
 
     def heartbeat(self) -> None:
         self._call("heartbeat", {})
+
+
+def _dropped(stop: threading.Event, gone: threading.Event) -> None:
+    """A client collected without `close`: its heartbeat thread ends its session."""
+    gone.set()
+    stop.set()
+
+
+#: Every live client of this process, for `_after_fork_in_child`.
+_LIVE: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child, every client inherited from the parent is the parent's:
+    its lock gets a fresh copy (one a parent's thread held at the fork is never
+    released here: any call, ``close`` included, blocked for good), its session
+    is marked lost and its plans' count moved, so each of its calls and its step
+    plans' writes refuse by name (`ClientWire._check_process`) instead of writing
+    through the parent's tables into blocks that may be another session's."""
+    for client in list(_LIVE):
+        client._lock = threading.RLock()
+        client._lost = True
+        client._own_slots = None
+        mirror = client.__dict__.get("_mirror")
+        if mirror is not None:
+            mirror.moves.bump()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 #: The calls that read or change the client's session, socket or mirror: each

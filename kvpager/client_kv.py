@@ -165,6 +165,8 @@ class KVAccess:
         """Write K/V straight into the mapped pool (no daemon round trip). On a GPU
         the write is queued on this process's current CuPy stream: `commit` waits for it."""
         self._check_layer(layer)
+        if self._lost:
+            self._check_process()  # a forked child's copy writes nothing (its parent's tables and session)
         pool = self._pool()
         slots = self._check_slots(slots)
         if self.ranks == 1:  # (a rank's worker writes its heads into the driver's sequences: see "Ranks")
@@ -211,6 +213,9 @@ class KVAccess:
 
     def _pool(self) -> Any:
         if self._mapped is None:
+            if self._memory_gone:  # (`ClientWire._forget_memory`: it mapped the views of a dead pool again)
+                raise SessionLost("the daemon this client mapped is gone (it restarted): its memory is stale; "
+                                  "reconnect() or open a new Client")
             kind = self.memory.get("kind")
             if kind == "ranks":
                 raise InvalidArgument(
@@ -271,6 +276,7 @@ class KVAccess:
         the first layer pays the check, ~0.3 us the others); a mirror that lost
         sequences (an op without an outcome) is completed from the daemon first."""
         if self._lost:
+            self._check_process()  # (a forked child's copy is marked lost: told why)
             raise SessionLost("this session is lost: its sequences (and their blocks) are the daemon's again")
         ends = self._releases
         if ends is not None and len(ends) > 1 and ends[1] != self._ends_seen:
@@ -323,6 +329,8 @@ class KVAccess:
     #: and of the sessions it ended (a second word, where it has one: `_check_not_ended`)
     _releases: np.ndarray | None = None
     _ends_seen = 0
+    #: True once the memory of a daemon found gone was forgotten, until the next hello
+    _memory_gone = False
 
     def _check_slots(self, slots: Any) -> np.ndarray:
         """Slot ids as int64, checked as `KVPool.write` checks them (uint64 past int64 included)."""

@@ -17,13 +17,14 @@ _ALIGN = 64
 
 
 class ClientStaging:
-    """Mixed into `Client`, which supplies ``gpu``, ``_staging``, ``_call``,
+    """Mixed into `Client`, which supplies ``gpu``, ``_staging``, ``_call``, ``_settle``, ``_unsettled``, ``_lock``,
     ``_device``, ``_same_process``, ``_as_array`` and ``_check_slots``."""
 
     def remote_write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
         """Send K/V to the daemon through this session's staging buffer."""
         slots = self._check_slots(slots)  # before anything is staged, as the mapped path checks them
         k, v = self._as_array(k, "k"), self._as_array(v, "v")
+        self._settle_staged()
         voff = _aligned(k.nbytes)
         stage = self._stage(voff + v.nbytes)
         stage.array(k.shape, k.dtype, 0)[...] = k
@@ -40,6 +41,7 @@ class ClientStaging:
         q = self._as_array(q, "q")
         if sinks is not None:  # checked here, sent as one float32 array
             sinks = check_sinks(sinks, q.shape[1] if q.ndim == 3 else -1, any_device=True)
+        self._settle_staged()
         out = _aligned(q.nbytes)
         stage = self._stage(out + q.nbytes)
         stage.array(q.shape, q.dtype, 0)[...] = q
@@ -60,6 +62,17 @@ class ClientStaging:
         offset, shape = self._call("attend", args)
         # The daemon answers once its output is complete (it synchronizes first).
         return stage.array(tuple(shape), q.dtype, offset).copy()
+
+    def _settle_staged(self) -> None:
+        """The outcome of a request that timed out, before staging is written: a staged
+        write or attend that timed out may still run on the daemon, reading staging as
+        it is then (a late write stored the next write's K/V in its own slots; a late
+        attend's output overwrote the next write's staged K). Settled by its retry
+        (`ClientWire._settle`: the daemon keeps their replies); RequestTimeout again
+        while the daemon stays silent, staging untouched."""
+        if self._unsettled is not None:
+            with self._lock:
+                self._settle()
 
     def _stage(self, nbytes: int) -> Any:
         if self._staging is None or self._staging.size < nbytes:

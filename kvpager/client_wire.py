@@ -15,7 +15,7 @@ from kvpager.channel import Channel
 from kvpager.client_control import undo_pin
 from kvpager.errors import InvalidArgument, MessageTooLarge, RequestTimeout, SessionLost
 from kvpager.protocol import RETRIED_OPS, VERSION, Reply, pack, unpack
-from kvpager.shm import forget_release_count
+from kvpager.shm import forget_release_count, forget_segments
 
 log = logging.getLogger("kvpager.client")
 
@@ -24,7 +24,7 @@ class ClientWire:
     """Mixed into `Client`, which supplies ``session``, ``epoch``, ``timeout``,
     ``max_message_bytes``, ``heartbeat_timeout``, ``endpoint``, ``gpu``,
     ``memory``, ``_chan``, ``_lock``, ``_ids``, ``_unsettled``, ``_closed``,
-    ``_lost``, ``_hb_stop``, ``_mirror``, ``_mapped`` and ``_staging``."""
+    ``_lost``, ``_mirror``, ``_mapped`` and ``_staging``."""
 
     def _forked(self) -> bool:
         """Whether this is a forked child's copy of the client (a ZeroMQ socket
@@ -38,9 +38,9 @@ class ClientWire:
                                   "a forked child): a Client cannot be shared across fork(); make a new one here")
 
     def _call(self, op: str, args: dict[str, Any]) -> Any:
+        self._check_process()
         if self._closed:
             raise SessionLost("this client is closed")
-        self._check_process()
         rid = next(self._ids)
         body = pack([VERSION, rid, self.session, op, args])
         if len(body) > getattr(self, "max_message_bytes", len(body)):
@@ -49,6 +49,8 @@ class ClientWire:
                 "(KVPAGER_MAX_MESSAGE on the daemon); split the batch"
             )
         with self._lock:
+            if self._closed:  # closed by another thread while this one waited for the lock
+                raise SessionLost("this client is closed")
             self._settle()
             reply = self._request(rid, body, op)
         if reply.error is not None:
@@ -115,30 +117,46 @@ class ClientWire:
         self._mapped = self._staging = None
         if self.gpu:
             cuda_ipc.forget_pool(self.memory)
+        else:
+            forget_segments(self.memory)
         forget_release_count(self.memory.get("releases"))
         self._releases = None
+        self._memory_gone = True  # not mapped again (`KVAccess._pool`) until a new hello
 
-    def _heartbeat_loop(self, stop: Any, session: str | None) -> None:
-        """Beat for ``session`` until ``stop`` is set: both its own, so a thread that
-        outlived its ``join`` (a beat in flight past a `reconnect`) ends at its next
-        wake-up instead of beating on as a second thread, for the next session."""
-        chan, ids = Channel(self.endpoint), itertools.count(-1, -1)  # ids apart from the calls
-        interval = max(0.05, self.heartbeat_timeout / 3)
-        try:
-            while not stop.wait(interval):
-                rid = next(ids)
-                try:
-                    reply = chan.request(pack([VERSION, rid, session, "heartbeat", {}]), rid,
-                                         "heartbeat", max(interval, 1.0))
-                except Exception as e:  # a missed beat is not fatal; the next may get through
-                    log.debug("heartbeat failed: %s", e)
-                    continue
-                if reply.error is not None and reply.error.code == "session_lost":
-                    if stop.is_set() or session != self.session:
-                        return  # (that session ended on purpose: bye, or a reconnect)
-                    log.warning("heartbeat: %s", reply.error.message)
-                    self._lost = True  # the mirror is stale; the next call learns why
-                    self._mirror.moves.bump()  # and step plans of its sequences recheck (and refuse)
-                    return
-        finally:
-            chan.close()
+
+def heartbeat_loop(client: Any, stop: Any, gone: Any, session: str | None, endpoint: str,
+                   heartbeat_timeout: float) -> None:
+    """A `Client`'s heartbeat thread: beat for ``session`` until ``stop`` is set.
+    ``client`` is a weak reference: the thread does not keep its client alive. Where
+    the client was collected without `Client.close` (``gone``), its session is ended
+    here, as close would (its sequences freed then, not a heartbeat timeout later).
+    ``stop`` and ``session`` are the thread's own, so a thread that outlived its
+    ``join`` (a beat in flight past a `reconnect`) ends at its next wake-up instead of
+    beating on as a second thread, for the next session."""
+    chan, ids = Channel(endpoint), itertools.count(-1, -1)  # ids apart from the calls
+    interval = max(0.05, heartbeat_timeout / 3)
+    try:
+        while not stop.wait(interval):
+            rid = next(ids)
+            try:
+                reply = chan.request(pack([VERSION, rid, session, "heartbeat", {}]), rid,
+                                     "heartbeat", max(interval, 1.0))
+            except Exception as e:  # a missed beat is not fatal; the next may get through
+                log.debug("heartbeat failed: %s", e)
+                continue
+            if reply.error is not None and reply.error.code == "session_lost":
+                owner = client()
+                if stop.is_set() or owner is None or session != owner.session:
+                    return  # (that session ended on purpose: bye, or a reconnect)
+                log.warning("heartbeat: %s", reply.error.message)
+                owner._lost = True  # the mirror is stale; the next call learns why
+                owner._mirror.moves.bump()  # and step plans of its sequences recheck (and refuse)
+                return
+        if gone.is_set():
+            rid = next(ids)
+            try:
+                chan.request(pack([VERSION, rid, session, "bye", {}]), rid, "bye", max(interval, 1.0))
+            except Exception as e:  # the daemon ends it at its heartbeat timeout instead
+                log.debug("bye of a dropped client failed: %s", e)
+    finally:
+        chan.close()

@@ -66,8 +66,10 @@ OPS: dict[str, Op] = {
 #: Ops whose replies the daemon keeps per session by request id: a retry of
 #: one (same id, same bytes) after a timeout gets the first execution's reply
 #: instead of running again (see "Retries" in docs/protocol.md).
+#: A staged ``write`` or ``attend`` is one too: the client settles one that timed out before it
+#: touches its staging buffer again (run late, it read the next call's data there).
 RETRIED_OPS = frozenset({"allocate", "append", "record_tokens", "commit", "fork", "free", "truncate", "swap_out",
-                         "swap_in", "pin", "unpin", "release", "batch"})
+                         "swap_in", "pin", "unpin", "release", "batch", "write", "attend"})
 #: Ops a `batch` may hold: a scheduler step's sequence ops (see "Batches" in docs/protocol.md).
 BATCH_OPS = ("append", "record_tokens", "commit", "free", "truncate", "release")
 #: Most ops in one batch.

@@ -239,6 +239,17 @@ def map_segment(handle: dict[str, Any]) -> Segment:
     return seg
 
 
+def forget_segments(memory: dict[str, Any]) -> None:
+    """Drop this process's mappings of the segments a hello reply's ``memory`` names
+    (a daemon found gone): each is unmapped once no view of it is left. They were
+    kept for the process's life: a worker that outlived three restarts of its daemon
+    held three unlinked pools."""
+    for part in ("device", "host"):
+        handle = memory.get(part)
+        if isinstance(handle, dict):
+            _mapped.pop(handle.get("name"), None)
+
+
 class ReleaseCount:
     """The daemon's count of releases (`kvpager.plan_guard.Moves.released`): a
     uint64 in a segment of its own, which every mapped worker reads (attached

@@ -1,0 +1,275 @@
+"""A worker's `Client` through its daemon's stalls, restarts, forks and its own
+end: a staged write that timed out never runs on the next call's data, a
+forked child's copy refuses (its plans too) and never blocks, a failed
+reconnect leaves a client that can try again, calls racing `close` get typed
+errors, `close` against a stalled daemon is bounded by the timeout, a client
+dropped without `close` ends its session, and a restarted daemon's old pool
+is neither handed out again nor kept mapped. Each test is a defect that once
+held; bounded waits, every daemon stopped."""
+
+from __future__ import annotations
+
+import collections
+import gc
+import os
+import signal
+import threading
+import time
+import weakref
+
+import numpy as np
+import pytest
+from daemon_helpers import daemon_process, ipc_endpoint, wait_until
+from test_hardening_fork import _in_child
+
+from kvpager.client import Client
+from kvpager.errors import KVPagerError, RequestTimeout, SessionLost
+
+GEOMETRY = ["--layers", "2", "--kv-heads", "2", "--head-dim", "16", "--blocks", "96", "--host-blocks", "32",
+            "--block-size", "16", "--dtype", "float32"]
+KV = (2, 16)  # kv heads, head dim
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork() and signals")
+
+
+def _kv(n: int, value: float) -> np.ndarray:
+    return np.full((n, *KV), value, np.float32)
+
+
+def _block(client: Client, slot: int) -> np.ndarray:
+    """The K the mapped pool holds in ``slot``'s block, layer 0."""
+    k, _ = client.kv(0)
+    return k[int(slot) // client.spec.block_size]
+
+
+def test_a_staged_write_that_timed_out_never_runs_on_the_next_writes_data():
+    endpoint, _ = ipc_endpoint()
+    with daemon_process(GEOMETRY + ["--heartbeat-timeout", "30"], endpoint) as proc:
+        staged = Client(endpoint, timeout=0.5, map_pool=False)
+        reader = Client(endpoint, timeout=5)
+        [seq] = staged.allocate([list(range(32))])
+        a, b = seq.slots[:16], seq.slots[16:]
+        staged.remote_write(0, a, _kv(16, 0.0), _kv(16, 0.0))
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RequestTimeout):
+                staged.remote_write(0, a, _kv(16, 1.0), _kv(16, 1.0))  # may still run once the daemon goes on
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        staged.remote_write(0, b, _kv(16, 2.0), _kv(16, 2.0))
+        # block a holds what a write into it sent (0 or 1: it ran late, once), never block b's data
+        assert set(np.unique(_block(reader, a[0])).tolist()) <= {0.0, 1.0}
+        assert set(np.unique(_block(reader, b[0])).tolist()) == {2.0}
+
+        # a staged attend that timed out: its late output must not land on the next write's staged K
+        [other] = staged.allocate([list(range(100, 132))])
+        a, b = other.slots[:16], other.slots[16:]
+        staged.remote_write(0, a, _kv(16, 1.0), _kv(16, 1.0))
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RequestTimeout):
+                staged.remote_attend(0, [other.seq_id], np.ones((1, 2, 16), np.float32))
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        staged.remote_write(0, b, _kv(16, 2.0), _kv(16, 2.0))
+        assert set(np.unique(_block(reader, b[0])).tolist()) == {2.0}
+        staged.close()
+        reader.close()
+
+
+def _forked_then(fn, then) -> str:
+    """Fork a child that waits until the parent has run ``then()``, then runs ``fn()``
+    (what it raised or returned is said); the child is killed past 20 s."""
+    said_r, said_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: wait for the go, report, leave without the parent's exit handlers
+        os.close(said_r)
+        os.close(go_w)
+        os.read(go_r, 1)
+        try:
+            said = f"returned {fn()!r}"
+        except Exception as e:  # noqa: BLE001 - what it raised is what is reported
+            said = f"{type(e).__name__}: {e}"
+        os.write(said_w, said.encode())
+        os._exit(0)
+    os.close(said_w)
+    os.close(go_r)
+    try:
+        then()
+    finally:
+        os.write(go_w, b"x")
+        os.close(go_w)
+    if not wait_until(lambda: os.waitpid(pid, os.WNOHANG) != (0, 0), 20):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    said = os.read(said_r, 4096).decode()
+    os.close(said_r)
+    return said
+
+
+def test_a_forked_childs_step_plan_refuses_to_write():
+    endpoint, _ = ipc_endpoint()
+    with daemon_process(GEOMETRY, endpoint):
+        parent = Client(endpoint, timeout=5)
+        other = Client(endpoint, timeout=5)
+        theirs = []
+
+        def free_and_reuse() -> None:  # the parent frees; another session gets the blocks and writes
+            parent.free([seq.seq_id])
+            theirs[:] = other.allocate([list(range(500, 540))])
+            other.write(0, theirs[0].slots, _kv(40, 1.0), _kv(40, 1.0))
+
+        for use in ("plan", "local_write"):
+            [seq] = parent.allocate([list(range(40))])
+            plan = parent.plan([seq.seq_id], query_lens=[1], slots=seq.slots[-1:])
+            slot = seq.slots[-1:]
+            if use == "plan":
+                said = _forked_then(lambda p=plan: p.write(0, _kv(1, 666.0), _kv(1, 666.0)), free_and_reuse)
+            else:
+                said = _forked_then(lambda s=slot: parent.local_write(0, s, _kv(1, 666.0), _kv(1, 666.0)),
+                                    free_and_reuse)
+            # the child's plan wrote through the parent's tables into the other session's block before
+            assert said.startswith("InvalidArgument") and "fork" in said, (use, said)
+            assert not (_block(other, theirs[0].slots[-1]) == 666.0).any()
+            other.free([theirs[0].seq_id])
+        other.close()
+        parent.close()
+
+
+def test_a_fork_while_another_thread_is_in_a_call_leaves_the_child_unblocked():
+    endpoint, _ = ipc_endpoint()
+    with daemon_process(GEOMETRY, endpoint):
+        client = Client(endpoint, timeout=1)
+        [seq] = client.allocate([list(range(40))])
+        stop = threading.Event()
+
+        def busy() -> None:
+            while not stop.is_set():
+                client.append([seq.seq_id], 1)
+                client.truncate([seq.seq_id], [40])
+
+        worker = threading.Thread(target=busy)
+        worker.start()
+        try:
+            time.sleep(0.2)
+            said = []
+            for _ in range(5):  # (the fork lands inside one of the thread's calls most times)
+                said.append(_in_child(client.close))
+                said.append(_in_child(lambda: client.allocate([[1, 2, 3]])))
+        finally:
+            stop.set()
+            worker.join(10)
+        for text, took, _ in said:
+            assert took < 5, text
+            assert text == "returned None" or text.startswith("InvalidArgument"), text
+        assert client.stats().used_blocks >= 3  # the parent's session went on
+        client.close()
+
+
+def test_a_reconnect_whose_hello_timed_out_can_be_tried_again():
+    endpoint, _ = ipc_endpoint()
+    with daemon_process(GEOMETRY, endpoint) as proc:
+        client = Client(endpoint, timeout=0.5)
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(KVPagerError):
+                client.reconnect()
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        client.stats()  # a raw ZMQError ("Socket operation on non-socket") before
+        with pytest.raises(SessionLost):
+            client.allocate([[1, 2, 3]])  # no session: the reconnect did not open one
+        client.reconnect()
+        [seq] = client.allocate([[1, 2, 3]])
+        assert len(seq.slots) == 3
+        client.close()
+
+
+def test_calls_racing_close_get_typed_errors():
+    endpoint, _ = ipc_endpoint()
+    with daemon_process(GEOMETRY, endpoint):
+        seen: collections.Counter[str] = collections.Counter()
+        for _ in range(8):
+            client = Client(endpoint, timeout=5)
+            go = threading.Event()
+
+            def hammer(c: Client = client, start: threading.Event = go) -> None:
+                start.wait()
+                for _ in range(100):
+                    try:
+                        c.stats()
+                    except Exception as e:  # noqa: BLE001 - what it raised is what is counted
+                        seen[f"{type(e).__module__}.{type(e).__name__}"] += 1
+
+            threads = [threading.Thread(target=hammer) for _ in range(3)]
+            for t in threads:
+                t.start()
+            go.set()
+            time.sleep(0.005)
+            client.close()
+            for t in threads:
+                t.join(20)
+        assert set(seen) <= {"kvpager.errors.SessionLost"}, seen
+
+
+def test_close_against_a_stalled_daemon_is_bounded_by_the_timeout():
+    endpoint, _ = ipc_endpoint()
+    # heartbeats every 0.3 s (1 s timeout), each waiting up to 1 s for its reply
+    with daemon_process(GEOMETRY + ["--heartbeat-timeout", "1"], endpoint) as proc:
+        client = Client(endpoint, timeout=0.3)
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(0.5)  # a beat is in flight, unanswered
+            t0 = time.monotonic()
+            client.close()
+            took = time.monotonic() - t0
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert took < 0.3 * 2 + 0.25, took  # the heartbeat's join and the bye, a timeout each at most
+
+
+def test_a_client_dropped_without_close_ends_its_session():
+    endpoint, _ = ipc_endpoint()
+    with daemon_process(GEOMETRY + ["--heartbeat-timeout", "60"], endpoint):
+        def dropped() -> weakref.ref:
+            c = Client(endpoint, timeout=5)
+            c.allocate([list(range(40))])
+            return weakref.ref(c)
+
+        refs = [dropped() for _ in range(3)]
+        gc.collect()
+        assert all(r() is None for r in refs)  # held for good by its heartbeat thread before
+        with Client(endpoint, timeout=5, heartbeat=False) as look:
+            # ended by bye, well inside the 60 s heartbeat timeout
+            assert wait_until(lambda: look.stats().used_blocks == 0 and len(look.sessions()) == 1, 10)
+        assert wait_until(lambda: not any(t.name == "kvpager-heartbeat" for t in threading.enumerate()), 10)
+
+
+def _maps_of(names: set[str]) -> set[str]:
+    with open("/proc/self/maps") as f:
+        return {name for line in f for name in names if name in line}
+
+
+def test_a_restarted_daemons_pool_is_not_handed_out_again_nor_kept_mapped():
+    endpoint, _ = ipc_endpoint()
+    with daemon_process(GEOMETRY, endpoint) as first:
+        client = Client(endpoint, timeout=5)
+        [seq] = client.allocate([list(range(40))])
+        client.write(0, seq.slots, _kv(40, 1.0), _kv(40, 1.0))  # maps the pool
+        old = {client.memory["device"]["name"], client.memory["host"]["name"]}
+        assert _maps_of(old) == old
+        first.send_signal(signal.SIGTERM)
+        first.wait(30)
+    with daemon_process(GEOMETRY, endpoint):
+        with pytest.raises(SessionLost):
+            client.stats()
+            client.allocate([[1]])
+        with pytest.raises(SessionLost):
+            client.kv(0)  # the stopped daemon's views, without a word, before
+        client.reconnect()
+        [seq] = client.allocate([list(range(40))])
+        client.write(0, seq.slots, _kv(40, 2.0), _kv(40, 2.0))
+        gc.collect()
+        assert _maps_of(old) == set()  # the old pool stayed mapped for the process's life
+        client.close()
