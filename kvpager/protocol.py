@@ -166,14 +166,24 @@ def encode_reply(rid: int | None, result: Any = None, error: ErrorInfo | None = 
     return pack([rid, ERR, {"code": error.code, "message": error.message, "details": error.details}])
 
 
-def decode_request(data: bytes, limit: int) -> Request:
+def decode_bounds(max_ids: int, max_tokens: int) -> tuple[int, int]:
+    """What decoding a request may build under the daemon's limits of ``max_ids``
+    sequence ids and ``max_tokens`` token ids a request: arrays and maps (a list per
+    sequence at most, twice over, and room for a batch's maps), and the longest
+    array (a list of ids or tokens, or of slots)."""
+    return 2 * max_ids + 4096, max(max_ids, max_tokens, 1 << 21)
+
+
+def decode_request(data: bytes, limit: int, max_ids: int | None = None, max_tokens: int = 0) -> Request:
     """Parse and check a request envelope; raises a ProtocolError subclass
-    (with ``request_id`` set when the id could be read) if it is bad."""
+    (with ``request_id`` set when the id could be read) if it is bad.
+    ``max_ids`` / ``max_tokens``: the daemon's per-request limits, which bound
+    what decoding may build (`decode_bounds`)."""
     if len(data) > limit:
         err = MessageTooLarge(f"message of {len(data)} bytes is over the limit of {limit} (KVPAGER_MAX_MESSAGE)")
         err.request_id = peek_id(data)
         raise err
-    msg = unpack(data)
+    msg = unpack(data, *decode_bounds(max_ids, max_tokens)) if max_ids is not None else unpack(data)
     if not isinstance(msg, list) or len(msg) != 5:
         raise ProtocolError("a request is a msgpack array [version, id, session, op, args]")
     version, rid, session, op, args = msg

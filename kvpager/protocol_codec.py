@@ -113,10 +113,30 @@ def pack(value: Any) -> bytes:
                               f"{e.object[:64]!r}); pass bytes") from None
 
 
-def unpack(data: bytes) -> Any:
-    """Inverse of `pack`; ProtocolError if the bytes are not one msgpack value."""
+def unpack(data: bytes, max_containers: int | None = None, max_array_len: int = -1) -> Any:
+    """Inverse of `pack`; ProtocolError if the bytes are not one msgpack value.
+    ``max_containers``: the most arrays and maps the value may hold (a request's:
+    the daemon's bound); ``max_array_len``: the longest array (-1: the message's
+    length). An empty array is one byte on the wire and a Python list of 56 bytes
+    and more: a 16 MiB request of them took 1.2 GB and four seconds of the daemon's
+    loop before its session or token was looked at; past its bounds, decoding stops
+    there, with a ProtocolError."""
+    hooks: dict[str, Any] = {}
+    if max_containers is not None:
+        left = max_containers
+
+        def count(value: Any) -> Any:
+            nonlocal left
+            left -= 1
+            if left < 0:
+                raise ProtocolError(f"a message holds at most {max_containers} arrays and maps (the daemon's bound "
+                                    "from its ids limit, kvpager serve --max-ids); this one holds more")
+            return value
+
+        hooks = {"list_hook": count, "object_hook": count}
     try:
-        return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+        return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False,
+                               max_array_len=max_array_len, **hooks)
     except ProtocolError:
         raise
     except Exception as e:

@@ -351,7 +351,7 @@ def _start(opts: dict[str, Any], made: list[Any]) -> Any:
     soon as it exists. Every check that needs no memory comes first (tokens,
     limits, the endpoint), so a mistake there allocates nothing."""
     from kvpager.server import Server
-    from kvpager.server_bind import check_before_allocating
+    from kvpager.server_bind import check_before_allocating, raise_open_files_limit
 
     device, devices = pool_devices(opts)
     if device.startswith("cuda") and importlib.util.find_spec("cupy") is None:
@@ -371,6 +371,7 @@ def _start(opts: dict[str, Any], made: list[Any]) -> Any:
         limits = Limits.from_env(**{f.name: opts[f"max_{f.name}"] for f in dataclasses.fields(Limits)})
         metrics_port = opts["metrics_port"] if opts["metrics_port"] is not None else env.metrics_port()
         check_before_allocating(opts["endpoint"], token)
+        raise_open_files_limit()  # (a file descriptor a connection)
         spec = build_spec(opts, device, devices)
         events = None
         events_endpoint = opts["events_endpoint"] or env.events_endpoint()

@@ -36,6 +36,28 @@ _POLL_MS = 50  # how soon stop() and heartbeat expiry are noticed when idle
 #: MB: +953 MB), or one that stopped reading its replies (40 replies of 26 MB: +985 MB). Past it, a
 #: connection's requests wait in its own sender and replies it does not read are dropped.
 QUEUED_MESSAGES = 4
+#: How often the daemon pings each connection at the transport level (ZMTP); a peer silent for three
+#: pings is dropped. Its sessions are the heartbeats' business, not this.
+PING_MS = 10_000
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's soft limit of open files to its hard limit (at most 2**20):
+    the daemon holds one a connection, and at a common soft limit of 1,024 a thousand
+    idle connections locked every new client out. Returns (soft, hard) as they are now."""
+    try:
+        import resource
+    except ImportError:  # (no such limit here)
+        return -1, -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard if hard != resource.RLIM_INFINITY else 1 << 20, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the open files limit from %d to %d: %s", soft, want, e)
+    return soft, hard
 
 
 def check_before_allocating(endpoint: str | None, token: str | None) -> str:
@@ -89,6 +111,10 @@ class Binding:
         # a reply that finds its queue full raises (the loop takes in the socket's notices and tries
         # once more) instead of going nowhere in silence: see `Server._loop`
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # ZMTP pings on every connection: one whose peer stopped answering (a host gone, a
+        # half-open TCP connection) is dropped, and its file descriptor with it
+        sock.setsockopt(zmq.HEARTBEAT_IVL, PING_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * PING_MS)
         try:
             sock.bind(self.endpoint)
         except zmq.ZMQError as e:

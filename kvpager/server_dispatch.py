@@ -120,7 +120,7 @@ class Dispatch:
                 session = self.sessions.get(name)
                 session.ops += 1
             else:
-                req = decode_request(body, self.max_message_bytes)
+                req = decode_request(body, self.max_message_bytes, self.limits.ids, self.limits.tokens)
                 rid, op, args = req.id, req.op, req.args
                 self._op, self._rid = op, rid
                 if OPS[op].session or (req.session is not None and op != "hello"):

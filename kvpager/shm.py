@@ -52,6 +52,12 @@ class Segment:
             raise InvalidArgument(f"shared memory segment {name!r} does not exist") from None
         except FileExistsError:
             raise SegmentExists(f"shared memory segment {name!r} already exists (another process made it)") from None
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):  # (an internal error with a traceback before)
+                raise BackendUnavailable(f"no file descriptor left to open shared memory ({name}): this process "
+                                         f"holds as many as its limit allows ({e.strerror}); fewer connections, or "
+                                         "a higher limit (ulimit -n)") from None
+            raise
         try:
             if create:
                 os.ftruncate(fd, size)

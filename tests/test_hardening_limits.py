@@ -6,6 +6,8 @@ that once worked against a CPU daemon; bounded waits, free endpoints."""
 
 from __future__ import annotations
 
+import dataclasses
+import struct
 import time
 
 import msgpack
@@ -401,3 +403,67 @@ def test_appends_that_would_widen_the_tables_past_the_limit_are_refused():
 def test_sequences_of_no_ids_are_none():
     with running_server(SMALL) as server, Client(server.endpoint) as c:
         assert c._call("sequences", {"seq_ids": []}) == []
+
+
+@pytest.mark.parametrize("empty", [b"\x90", b"\x80"], ids=["arrays", "maps"])
+def test_a_request_of_many_empty_containers_is_refused_while_decoding(empty):
+    """An empty array or map is one byte on the wire and 56 bytes and more in Python: a
+    16 MiB request of them took the daemon 1.2 GB and four seconds of its loop, before
+    its session or token was looked at. Now decoding stops at the bound its ids limit
+    sets, and a request of as many id lists as that limit allows is still taken."""
+    spec = dataclasses.replace(SMALL, num_blocks=1100)
+    with running_server(spec, limits=Limits(ids=1000, tokens=1 << 16)) as server, Client(server.endpoint) as c:
+        n = 20_000  # (2 x 1000 + 4096 containers at most)
+        body = b"\x95\x01\x01\xc0\xa5stats\x81\xa1x\xdd" + struct.pack(">I", n) + empty * n
+        raw = Raw(server.endpoint)
+        try:
+            rid, status, result = raw.send(body)
+        finally:
+            raw.close()
+        assert (status, result["code"]) == (1, "protocol_error"), result
+        assert "arrays and maps" in result["message"]
+        got = c.allocate([[i, i + 1] for i in range(1000)])  # a request of the most id lists it takes
+        assert len(got) == 1000 and c.stats().num_sequences == 1000
+        c.record_tokens([a.seq_id for a in got], [[] for _ in got])
+
+
+def test_no_file_descriptor_left_for_shared_memory_is_a_typed_error(monkeypatch):
+    """At the open files limit (a daemon holding a connection's descriptor each), a
+    staging segment the daemon could not open answered `internal` with a traceback."""
+    import errno
+
+    import kvpager.shm as shm
+    from kvpager.errors import BackendUnavailable
+
+    with running_server(SMALL) as server, Client(server.endpoint, map_pool=False) as c:
+        [seq] = c.allocate([list(range(16))])
+
+        def no_fds(*args, **kwargs):
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(shm._posixshmem, "shm_open", no_fds)
+        k = np.zeros((16, SMALL.num_kv_heads, SMALL.head_dim), np.float32)
+        with pytest.raises(BackendUnavailable, match="file descriptor"):
+            c.remote_write(0, seq.slots, k, k)
+        monkeypatch.undo()
+        c.remote_write(0, seq.slots, k, k)  # and the next one, with descriptors back, goes through
+
+
+def test_serve_raises_its_open_files_limit_to_the_hard_limit():
+    import resource
+    import subprocess
+    import sys
+
+    from daemon_helpers import subprocess_env
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or hard == resource.RLIM_INFINITY or hard <= 256:
+        pytest.skip(f"needs a finite hard limit above 256 (soft {soft}, hard {hard})")
+    code = ("import resource; from kvpager.server_bind import raise_open_files_limit; "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
+            "print(*raise_open_files_limit(), *resource.getrlimit(resource.RLIMIT_NOFILE))")
+    out = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    said_soft, said_hard, now_soft, now_hard = map(int, out.stdout.split())
+    assert now_soft == said_soft == min(hard, 1 << 20) and now_hard == said_hard == hard
