@@ -40,13 +40,13 @@ import torch
 
 from kvpager.errors import InvalidArgument
 from kvpager.hf.beams_rows import RecurrentBeams
-from kvpager.hf.checks import check_model_and_pool, end_tokens
+from kvpager.hf.checks import check_model_and_pool, check_positions, end_tokens
 from kvpager.hf.eager import EagerPasses
 from kvpager.hf.graphs import CapturedSteps, DecodeGraphs, check_graph_options, graph_width
 from kvpager.hf.model import has_recurrent_layers
 from kvpager.hf.padding import prompts_given, token_lists
 from kvpager.hf.rope import rope_salt
-from kvpager.hf.salt import default_salt
+from kvpager.hf.salt import call_salt
 from kvpager.hf.windows import hit_window
 from kvpager.validate import is_int
 
@@ -107,7 +107,8 @@ def beam_search(model: Any, pool: Any, prompts: Any = None, max_new_tokens: int 
         raise InvalidArgument(f"early_stopping must be False, True or 'never', got {early_stopping!r}")
     if isinstance(eos_token_id, str) and eos_token_id == "model":
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    salt = rope_salt(model, default_salt(model) if salt is None else salt, list(map(len, prompts)),
+    check_positions(model, max((len(p) for p in prompts), default=0) + int(max_new_tokens), "beam_search")
+    salt = rope_salt(model, call_salt(model, salt, "beam_search"), list(map(len, prompts)),
                      [len(p) + int(max_new_tokens) for p in prompts], "beam_search",
                      1 if has_recurrent_layers(model) else None)
     search = _Search(model, pool, prompts, int(max_new_tokens), int(num_beams), float(length_penalty),
@@ -148,6 +149,11 @@ def config_beams(model: Any) -> tuple[int, dict[str, Any]]:
     beams = getattr(config, "num_beams", None) or 1
     if beams == 1 or getattr(config, "do_sample", False):
         return 1, {}  # (sampled beams: Sampling.from_model refuses them by name)
+    returned = getattr(config, "num_return_sequences", None) or 1
+    if returned != 1:
+        raise InvalidArgument(f"the model's generation config asks for num_return_sequences={returned!r} of its "
+                              f"beam search; generate returns each prompt's best hypothesis: call "
+                              f"kvpager.hf.beam_search(num_beams={beams}, num_return_sequences=...) for more")
     if Sampling.from_model(model) is not None:
         raise InvalidArgument(f"the model's generation config asks for a beam search (num_beams={beams}) with logits "
                               "processors (penalties, biases, min_new_tokens), which kvpager's beam search does not "

@@ -18,6 +18,7 @@ import torch
 
 from kvpager.errors import InvalidArgument, UnsupportedModel
 from kvpager.hf.model import (
+    decoder_module,
     has_recurrent_layers,
     legacy_layer_types,
     model_geometry,
@@ -50,6 +51,34 @@ def check_model(model: Any, pool: Any) -> list[int | None]:
     if have != want:
         raise InvalidArgument(f"pool geometry {have} does not match the model's {want}")
     return windows
+
+
+#: names of a learned absolute position table among the language model's own modules
+#: (GPT-2, GPT-Neo, GPT-BigCode: ``wpe``; OPT, BioGPT: ``embed_positions``, with an offset)
+_POSITION_TABLES = frozenset({"wpe", "embed_positions", "position_embeddings"})
+
+
+def position_limit(model: Any) -> int | None:
+    """How many positions ``model``'s learned absolute position table holds (its
+    rows less the offset its positions start at), where it has one: a direct
+    child of its language model (`decoder_module`) that is an embedding under a
+    known name; None for rotary, ALiBi, sinusoidal or no positions."""
+    for name, module in decoder_module(model).named_children():
+        if name in _POSITION_TABLES and isinstance(module, torch.nn.Embedding):
+            return module.num_embeddings - int(getattr(module, "offset", 0) or 0)
+    return None
+
+
+def check_positions(model: Any, most: int, what: str) -> None:
+    """InvalidArgument, before anything is allocated, where a call's longest sequence
+    (``most`` positions: prompt and new tokens) passes the model's learned position
+    table (`position_limit`): it failed late with an IndexError inside the model's
+    embedding, after its prompts were allocated and some passes had run."""
+    limit = position_limit(model)
+    if limit is not None and most > limit:
+        raise InvalidArgument(f"{what}: the model's learned position table holds {limit} positions, and this "
+                              f"call reaches {most} (its longest sequence, new tokens included): shorten the prompt or "
+                              f"ask fewer new tokens")
 
 
 def check_head(model: Any) -> None:

@@ -41,7 +41,7 @@ from kvpager.hf.attention import (  # noqa: F401
     register,
 )
 from kvpager.hf.beams import beams_for_generate, config_beams
-from kvpager.hf.checks import check_model, check_model_and_pool, end_tokens  # noqa: F401
+from kvpager.hf.checks import check_model, check_model_and_pool, check_positions, end_tokens  # noqa: F401
 from kvpager.hf.eager import TORCH_DTYPES
 from kvpager.hf.graphs import (
     CapturedSteps,
@@ -65,7 +65,7 @@ from kvpager.hf.passes import HostBuffers, Owed, Pass
 from kvpager.hf.pipeline import DecodePasses
 from kvpager.hf.recurrent import Recurrent, has_recurrent_layers, recurrent_salt
 from kvpager.hf.rope import rope_salt
-from kvpager.hf.salt import default_salt
+from kvpager.hf.salt import call_salt, default_salt
 from kvpager.hf.sampling import Sampler, Sampling
 from kvpager.hf.windows import hit_window, layer_chunks, layer_windows
 from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
@@ -152,8 +152,9 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         self._chunks = layer_chunks(self.model, self.pool.spec.block_size)  # chunked layers (Llama-4)
         self._fit = layer_fit(self.model)  # layers of other geometry than the pool's (Gemma-4)
         self._stops = stop_sequences(self.stop_sequences)  # by last token
-        if self.salt is None:
-            self.salt = default_salt(self.model)
+        self.salt = call_salt(self.model, self.salt, "generate")
+        check_positions(self.model, max((len(p) + m for p, m in zip(self.prompts, self._most)), default=0),
+                        "generate")
         recurrent = has_recurrent_layers(self.model)
         # (a rotary embedding that follows each pass's length: the call checked, long-factor blocks apart;
         # a model with recurrent layers prefills in parts)

@@ -12,10 +12,26 @@ from typing import Any
 
 import torch
 
+from kvpager.errors import InvalidArgument
+
 _CACHE_ATTR = "_kvpager_salt"  # on the model: (cache key, salt)
 _NOT_KV = frozenset({"transformers_version", "architectures", "name_or_path", "use_cache", "output_attentions",
                      "output_hidden_states", "return_dict", "dtype", "torch_dtype"})
 SAMPLES = 64  # entries per tensor in the cache key
+
+
+def call_salt(model: Any, salt: Any, what: str) -> str | bytes:
+    """The salt a call of ``model`` runs under: ``salt`` (a str or bytes), or the
+    model's `default_salt` for None. InvalidArgument for anything else, before
+    anything is allocated: a per-prompt list was taken by a plain model's pool
+    but broke a long-context call's salt and was merged into one string by a model
+    with recurrent layers (its held states are keyed by one salt a call)."""
+    if salt is None:
+        return default_salt(model)
+    if not isinstance(salt, (str, bytes)):
+        raise InvalidArgument(f"{what}: salt must be a str, bytes or None (the model's default salt), one for "
+                              f"the call; got {type(salt).__name__}")
+    return salt
 
 
 def default_salt(model: Any, refresh: bool = False) -> str:

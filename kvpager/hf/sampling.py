@@ -191,7 +191,7 @@ UNAPPLIED = (("min_length", 0), ("begin_suppress_tokens", None), ("forced_bos_to
              ("no_repeat_ngram_size", 0), ("encoder_no_repeat_ngram_size", 0), ("encoder_repetition_penalty", 1.0),
              ("guidance_scale", 1.0), ("watermarking_config", None), ("penalty_alpha", None), ("dola_layers", None),
              ("constraints", None), ("force_words_ids", None), ("num_beam_groups", 1), ("diversity_penalty", 0.0),
-             ("stop_strings", None), ("token_healing", False))
+             ("stop_strings", None), ("token_healing", False), ("num_return_sequences", 1))
 
 
 def _config_adjustments(config: Any) -> tuple[dict[int, float], int]:

@@ -38,13 +38,13 @@ import numpy as np
 import torch
 
 from kvpager.errors import InvalidArgument
-from kvpager.hf.checks import check_model_and_pool
+from kvpager.hf.checks import check_model_and_pool, check_positions
 from kvpager.hf.eager import EagerPasses
 from kvpager.hf.logprobs import TokenLogprobs
 from kvpager.hf.model import has_recurrent_layers, text_config
 from kvpager.hf.padding import prompts_given, token_lists
 from kvpager.hf.rope import rope_salt
-from kvpager.hf.salt import default_salt
+from kvpager.hf.salt import call_salt
 from kvpager.hf.scoring_rows import RowScorer
 from kvpager.hf.windows import hit_window
 from kvpager.validate import is_int
@@ -89,7 +89,8 @@ def score(model: Any, pool: Any, prompts: Any = None, start: int | Sequence[int]
     kind = RowScorer if has_recurrent_layers(model) else _Scorer
     sizes = [len(p) for p in prompts]  # (a lone prompt over tokens_per_pass runs in parts)
     parts = 1 if kind is RowScorer else int(tokens_per_pass) if max(sizes, default=0) > tokens_per_pass else None
-    salt = rope_salt(model, default_salt(model) if salt is None else salt, sizes, sizes, "score", parts)
+    check_positions(model, max(sizes, default=0), "score")
+    salt = rope_salt(model, call_salt(model, salt, "score"), sizes, sizes, "score", parts)
     scorer = kind(model, pool, salt, int(tokens_per_pass), k)
     out = [np.zeros((len(p) - s, 1 + 2 * k)) for p, s in zip(prompts, starts)]  # (`TokenLogprobs.of` rows)
     # (a model that runs every prompt whole, holding no states: each prompt's every token)
