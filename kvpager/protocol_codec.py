@@ -122,7 +122,7 @@ def unpack(data: bytes, max_containers: int | None = None, max_array_len: int = 
     loop before its session or token was looked at; past its bounds, decoding stops
     there, with a ProtocolError."""
     hooks: dict[str, Any] = {}
-    if max_containers is not None:
+    if max_containers is not None and len(data) > max_containers:  # (each takes a byte at least: else no need)
         left = max_containers
 
         def count(value: Any) -> Any:
