@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from kvpager.errors import InvalidArgument, KVPagerError
+from kvpager.errors import InvalidArgument, KVPagerError, LimitExceeded, UnknownSequence
 from kvpager.protocol import BATCH_MAX_OPS
 
 #: The methods a batch may call, and the daemon op each one is.
@@ -69,6 +69,30 @@ def one_by_one(pool: Any, calls: Sequence[Any]) -> list[Any]:
         except KVPagerError as e:
             raise stopped(e, i, results) from None
     return results
+
+
+def free_all(pool: Any, seq_ids: list[int]) -> None:
+    """Free ``seq_ids`` on ``pool`` whatever stood in the way of one call: an id no
+    longer live (freed by a request that timed out and ran later, when the client
+    sent it again) is left out, and a list over a daemon's ids limit is freed in
+    halves (a cleanup after the limit refused a step's call was refused by it too,
+    leaving every sequence held and hiding the step's error)."""
+    ids = list(seq_ids)
+    while ids:
+        try:
+            pool.free(ids)
+            return
+        except UnknownSequence as e:
+            if e.seq_id not in ids:
+                raise
+            ids.remove(e.seq_id)
+        except LimitExceeded:
+            if len(ids) < 2:
+                raise
+            half = len(ids) // 2
+            free_all(pool, ids[:half])
+            free_all(pool, ids[half:])
+            return
 
 
 class PoolBatch:

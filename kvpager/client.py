@@ -117,6 +117,8 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self._ids = itertools.count(1)
         # (id, bytes, op) of a RETRIED_OPS request that timed out, until its outcome is known
         self._unsettled: tuple[int, bytes, str] | None = None
+        #: sequences whose free was never sent (an earlier request's settling timed out): freed after it
+        self._orphans: set[int] = set()
         self._chan = Channel(self.endpoint)
         #: the session's secret: sent with every request, shown nowhere
         self.session: str | None = None
@@ -223,6 +225,7 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self._forget_session()
         self._forget_memory()
         self._unsettled = None
+        self._orphans.clear()  # (the session they were held in is gone)
         self._chan.reset()
         self.session = self.session_name = None
         self._hello()  # (until it succeeds the session stays lost: a failed one can be tried again)
@@ -241,6 +244,7 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
             self._staging = None
         self._forget_session()
         self._unsettled = None  # bye frees whatever it created
+        self._orphans.clear()
         # No bye to a daemon found gone (and still gone): it would wait out the
         # whole timeout for nothing (`kvpager top` hung 10 s after its error line).
         if not (self._chan.gone and probe(self.endpoint) is not None):

@@ -22,6 +22,7 @@ class ClientStaging:
 
     def remote_write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
         """Send K/V to the daemon through this session's staging buffer."""
+        self._check_process()  # (a forked child's copy: staging is shared with its parent)
         slots = self._check_slots(slots)  # before anything is staged, as the mapped path checks them
         k, v = self._as_array(k, "k"), self._as_array(v, "v")
         self._settle_staged()
@@ -38,6 +39,7 @@ class ClientStaging:
                       chunk: int | None = None) -> Any:
         """Paged attention computed by the daemon; q and the output cross through
         staging. Returns a NumPy array (CPU pool) or a CuPy array (GPU pool)."""
+        self._check_process()
         q = self._as_array(q, "q")
         if sinks is not None:  # checked here, sent as one float32 array
             sinks = check_sinks(sinks, q.shape[1] if q.ndim == 3 else -1, any_device=True)

@@ -51,7 +51,11 @@ class ClientWire:
         with self._lock:
             if self._closed:  # closed by another thread while this one waited for the lock
                 raise SessionLost("this client is closed")
-            self._settle()
+            try:
+                self._settle()
+            except RequestTimeout:
+                self._orphans.update(_freed_by(op, args))  # never sent: freed once the daemon answers
+                raise
             reply = self._request(rid, body, op)
         if reply.error is not None:
             raise self._error(reply)
@@ -71,6 +75,8 @@ class ClientWire:
         reply (or runs it now, once). What it created, the caller never learnt
         of (it got RequestTimeout): those sequences are freed, so none is left
         orphaned. Raises RequestTimeout again while the daemon stays silent."""
+        if self._unsettled is not None or self._orphans:
+            self._check_process()  # (a forked child's copy: the parent's socket blocked it for good)
         while self._unsettled is not None:
             rid, body, op = self._unsettled
             reply = self._chan.request(body, rid, op, self.timeout)
@@ -94,6 +100,27 @@ class ClientWire:
                             op, len(created))
                 frid = next(self._ids)
                 self._request(frid, pack([VERSION, frid, self.session, "free", {"seq_ids": created}]), "free")
+        if self._orphans:
+            self._free_orphans()
+
+    def _free_orphans(self) -> None:
+        """Free the sequences whose `free` (or a `batch` freeing them) was never sent,
+        its settling of an earlier request having timed out: a generation's cleanup
+        after a timeout left them held for the session's life. Ids no longer live
+        (freed since, by the caller or by the request settled) are left out."""
+        while self._orphans:
+            ids = sorted(self._orphans)
+            self._orphans.clear()  # (a free that times out now is settled as any other)
+            frid = next(self._ids)
+            reply = self._request(frid, pack([VERSION, frid, self.session, "free", {"seq_ids": ids}]), "free")
+            if reply.error is None:
+                self._mirror.freed(ids)
+                return
+            unknown = reply.error.details.get("seq_id") if reply.error.code == "unknown_sequence" else None
+            if unknown not in ids:
+                log.warning("freeing %d sequences whose free was never sent: %s", len(ids), reply.error.message)
+                return
+            self._orphans.update(i for i in ids if i != unknown)
 
     def _error(self, reply: Reply) -> Exception:
         exc = reply.error.exception()
@@ -122,6 +149,19 @@ class ClientWire:
         forget_release_count(self.memory.get("releases"))
         self._releases = None
         self._memory_gone = True  # not mapped again (`KVAccess._pool`) until a new hello
+
+
+def _freed_by(op: str, args: dict[str, Any]) -> list[int]:
+    """The sequence ids a request of ``op`` frees (a `free`, or a `batch`'s frees)."""
+    calls = [(op, args)] if op == "free" else args.get("ops", ()) if op == "batch" else ()
+    ids: list[int] = []
+    for name, a in calls:
+        if name == "free" and isinstance(a, dict):
+            seq_ids = a.get("seq_ids")
+            seq_ids = seq_ids.tolist() if hasattr(seq_ids, "tolist") else seq_ids
+            ids.extend(int(i) for i in (seq_ids if isinstance(seq_ids, list) else [seq_ids] if seq_ids is not None
+                                        else ()))
+    return ids
 
 
 def heartbeat_loop(client: Any, stop: Any, gone: Any, session: str | None, endpoint: str,

@@ -71,8 +71,8 @@ def test_a_batched_loop_answers_as_the_embedded_pool_one_call_at_a_time(server, 
     embedded = loop(KVPool(SMALL), batched=False)
     seen_ops: list[str] = []
 
-    def counted(data, limit):
-        req = dispatch.decode_request(data, limit)
+    def counted(data, limit, *bounds):
+        req = dispatch.decode_request(data, limit, *bounds)
         seen_ops.append(req.op)
         return req
 

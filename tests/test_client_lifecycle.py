@@ -273,3 +273,47 @@ def test_a_restarted_daemons_pool_is_not_handed_out_again_nor_kept_mapped():
         gc.collect()
         assert _maps_of(old) == set()  # the old pool stayed mapped for the process's life
         client.close()
+
+
+def test_a_forked_childs_staged_write_refuses_before_it_stages():
+    """The child of a worker whose staged write timed out (unsettled, still to run on the
+    daemon) stayed blocked in settling it on its parent's socket; and a child's staged
+    write filled the staging buffer it shares with its parent before refusing, so the
+    parent's pending write stored the child's K/V."""
+    endpoint, _ = ipc_endpoint()
+    with daemon_process(GEOMETRY + ["--heartbeat-timeout", "30"], endpoint) as proc:
+        staged = Client(endpoint, timeout=0.5, map_pool=False)
+        reader = Client(endpoint, timeout=5)
+        [seq] = staged.allocate([list(range(16))])
+        staged.remote_write(0, seq.slots, _kv(16, 0.5), _kv(16, 0.5))  # (its staging buffer made)
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RequestTimeout):
+                staged.remote_write(0, seq.slots, _kv(16, 1.0), _kv(16, 1.0))  # to run once the daemon goes on
+            said, took, _ = _in_child(lambda: staged.remote_write(0, seq.slots, _kv(16, 666.0), _kv(16, 666.0)))
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert said.startswith("InvalidArgument") and "fork" in said and took < 5, (said, took)
+        staged.stats()  # settles the parent's write
+        assert set(np.unique(_block(reader, seq.slots[0])).tolist()) == {1.0}
+        staged.close()
+        reader.close()
+
+
+def test_a_free_never_sent_behind_a_timed_out_request_is_sent_after_it():
+    """A generation's cleanup free that could not be sent (the client was still settling
+    a request that timed out) was dropped: its sequences stayed held for the session's life."""
+    endpoint, _ = ipc_endpoint()
+    with daemon_process(GEOMETRY + ["--heartbeat-timeout", "30"], endpoint) as proc:
+        client = Client(endpoint, timeout=0.5)
+        a, b = client.allocate([list(range(40)), list(range(100, 140))])
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RequestTimeout):
+                client.append([a.seq_id], 1)  # unsettled: sent again before the next request
+            with pytest.raises(RequestTimeout):
+                client.free([a.seq_id, b.seq_id])  # never sent: its settling of the append timed out
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert client.stats().num_sequences == 0 and client.stats().used_blocks == 0
+        client.close()

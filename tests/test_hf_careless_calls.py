@@ -83,12 +83,15 @@ def test_a_call_past_a_learned_position_table_is_refused_before_allocating(famil
     assert position_limit(make_model("llama")) is None  # rotary: no table
     pool = _pool(model)
     _assert_refused(pool, lambda: generate(model, pool, [prompt(30, 1)], 10), "position table holds 32 positions")
-    _assert_refused(pool, lambda: generate(model, pool, [prompt(40, 1)], 1), "this call reaches 41")
+    _assert_refused(pool, lambda: generate(model, pool, [prompt(40, 1)], 1), "feeds a sequence 40 tokens")
+    _assert_refused(pool, lambda: generate(model, pool, [prompt(30, 1)], 4), "feeds a sequence 33 tokens")
     _assert_refused(pool, lambda: score(model, pool, [prompt(33, 1)]), "position table holds 32")
-    _assert_refused(pool, lambda: beam_search(model, pool, [prompt(30, 1)], 3, num_beams=2), "holds 32")
-    # a call that fills the table exactly runs, with transformers' tokens
-    ids = prompt(28, 1)
+    _assert_refused(pool, lambda: beam_search(model, pool, [prompt(30, 1)], 4, num_beams=2), "holds 32")
+    # a call that fills the table exactly runs, with transformers' tokens (the last new token is never fed)
+    ids = prompt(30, 1)
     with torch.inference_mode():
-        want = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, 28, dtype=torch.long),
-                              max_new_tokens=4, do_sample=False, pad_token_id=0)[0, 28:].tolist()
-    assert generate(model, pool, [ids], 4) == [want]
+        want = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, 30, dtype=torch.long),
+                              max_new_tokens=3, do_sample=False, pad_token_id=0)[0, 30:].tolist()
+    assert generate(model, pool, [ids], 3) == [want]
+    assert len(beam_search(model, pool, [ids], 3, num_beams=2)[0].tokens) == 1
+    assert len(score(model, pool, [prompt(32, 1)])[0]) == 31

@@ -109,7 +109,7 @@ def schedule(memo: bool) -> list:
 def test_repeats_are_answered_as_without_the_memo(monkeypatch):
     decoded = []
     real = server_dispatch.decode_request
-    monkeypatch.setattr(server_dispatch, "decode_request", lambda d, lim: decoded.append(1) or real(d, lim))
+    monkeypatch.setattr(server_dispatch, "decode_request", lambda d, lim, *b: decoded.append(1) or real(d, lim, *b))
     with_memo = schedule(True)
     n_with = len(decoded)
     without = schedule(False)

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvpager.batch_calls import free_all
 from kvpager.errors import InvalidArgument
 from kvpager.hf.beams_rows import RecurrentBeams
 from kvpager.hf.checks import check_model_and_pool, check_positions, end_tokens
@@ -107,7 +108,7 @@ def beam_search(model: Any, pool: Any, prompts: Any = None, max_new_tokens: int 
         raise InvalidArgument(f"early_stopping must be False, True or 'never', got {early_stopping!r}")
     if isinstance(eos_token_id, str) and eos_token_id == "model":
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    check_positions(model, max((len(p) for p in prompts), default=0) + int(max_new_tokens), "beam_search")
+    check_positions(model, max((len(p) for p in prompts), default=0) + int(max_new_tokens) - 1, "beam_search")
     salt = rope_salt(model, call_salt(model, salt, "beam_search"), list(map(len, prompts)),
                      [len(p) + int(max_new_tokens) for p in prompts], "beam_search",
                      1 if has_recurrent_layers(model) else None)
@@ -331,7 +332,7 @@ class _Search:
     def _free(self, ids: list[int]) -> None:
         ids = [s for s in ids if s in self.held]
         if ids:
-            self.pool.free(ids)
+            free_all(self.pool, ids)
             self.held.difference_update(ids)
 
     def close(self) -> None:

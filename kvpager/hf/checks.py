@@ -70,15 +70,16 @@ def position_limit(model: Any) -> int | None:
 
 
 def check_positions(model: Any, most: int, what: str) -> None:
-    """InvalidArgument, before anything is allocated, where a call's longest sequence
-    (``most`` positions: prompt and new tokens) passes the model's learned position
-    table (`position_limit`): it failed late with an IndexError inside the model's
-    embedding, after its prompts were allocated and some passes had run."""
+    """InvalidArgument, before anything is allocated, where a call feeds the model
+    more than the positions its learned position table holds (`position_limit`):
+    ``most``, the most tokens a sequence of the call is fed (its prompt, and its new
+    tokens but the last, which is never fed back). It failed late with an IndexError
+    inside the model's embedding, after its prompts were allocated and passes had run."""
     limit = position_limit(model)
     if limit is not None and most > limit:
         raise InvalidArgument(f"{what}: the model's learned position table holds {limit} positions, and this "
-                              f"call reaches {most} (its longest sequence, new tokens included): shorten the prompt or "
-                              f"ask fewer new tokens")
+                              f"call feeds a sequence {most} tokens (its prompt and new tokens, but the last): "
+                              "shorten the prompt or ask fewer new tokens")
 
 
 def check_head(model: Any) -> None:

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 # Re-exported: this module was their home, and `clients/kvpager_hf.py` is this module object.
-from kvpager.errors import InvalidArgument
+from kvpager.batch_calls import free_all
+from kvpager.errors import InvalidArgument, RequestTimeout
 from kvpager.hf.attention import (  # noqa: F401
     ATTN_IMPLEMENTATION,
     PagedBatch,
@@ -135,7 +136,7 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
     finished: list[bool] = field(init=False, default_factory=list)
 
     def __post_init__(self, input_ids: Any = None, attention_mask: Any = None) -> None:
-        self._closed = False
+        self._closed = self._timed_out = False
         self._kept = None  # a `CapturedSteps` this generation holds
         check_model_and_pool(self.model, self.pool)
         self.prompts = token_lists(prompts_given(self.prompts, input_ids), self.model, attention_mask)
@@ -153,7 +154,8 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         self._fit = layer_fit(self.model)  # layers of other geometry than the pool's (Gemma-4)
         self._stops = stop_sequences(self.stop_sequences)  # by last token
         self.salt = call_salt(self.model, self.salt, "generate")
-        check_positions(self.model, max((len(p) + m for p, m in zip(self.prompts, self._most)), default=0),
+        # (a sequence's last new token is never fed back: it reaches position len(p) + m - 2)
+        check_positions(self.model, max((len(p) + m - 1 for p, m in zip(self.prompts, self._most)), default=0),
                         "generate")
         recurrent = has_recurrent_layers(self.model)
         # (a rotary embedding that follows each pass's length: the call checked, long-factor blocks apart;
@@ -265,12 +267,24 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
             raise ValueError("step: a decode pass of this model failed part-way through its recurrent layers, "
                              "which had already advanced their states in place; the generation cannot go on "
                              "(close it and generate again)")
-        if self._pipelined:
-            prev, self._inflight = self._inflight, self._launch()
-        else:
-            prev = self._launch()  # nothing in flight: fed from `outputs`, ids given with the slots
-        if prev is not None:
-            self._complete(prev)
+        if self._timed_out:
+            raise InvalidArgument("step: a call to the daemon timed out during an earlier step, and which of that "
+                                  "step's calls ran is not known (the client sends it again, so it runs once, "
+                                  "later); the generation cannot go on: close it (its sequences are freed) and "
+                                  "generate again")
+        try:
+            if self._pipelined:
+                prev, self._inflight = self._inflight, self._launch()
+            else:
+                prev = self._launch()  # nothing in flight: fed from `outputs`, ids given with the slots
+            if prev is not None:
+                self._complete(prev)
+        except RequestTimeout:
+            # A step after it appended a slot the daemon may already hold (its tokens then one
+            # position off from here on, without a word) or sent ids for slots it no longer
+            # knows: refused, and `close` frees alone.
+            self._timed_out = True
+            raise
 
     def position(self, i: int) -> int:
         """Position of sequence i's last new token (the next one to feed)."""
@@ -332,6 +346,17 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         tokens reach `outputs` and what it wrote is committed, so a loop that
         stops stepping early loses none of the tokens computed."""
         prev, self._inflight = self._inflight, None
+        if self._timed_out:  # nothing more is told the daemon of an uncertain step: its sequences freed alone
+            self._closed = True
+            self._deferred, self._owed = [], None
+            try:
+                free_all(self.pool, [s for s in self.seq_ids if s in self._held])
+                self._held.clear()
+                self._last_plan = None
+            finally:
+                if self._kept is not None:
+                    self._kept.release(self)
+            return
         try:
             if prev is not None:
                 self._complete(prev)
