@@ -90,11 +90,26 @@ def check_endpoint(endpoint: Any, bind: bool = False) -> str:
     if scheme == "tcp":
         host, _, port = rest.rpartition(":")
         ok_port = port.isdigit() and (0 if bind else 1) <= int(port) <= 65535
-        if host and ok_port and (bind or host != "*"):
+        if host and ok_port and (bind or host != "*") and _tcp_host(host):
             return endpoint
-        raise InvalidArgument(f"endpoint {endpoint!r}: tcp endpoints are tcp://HOST:PORT with a port in "
-                              f"[{0 if bind else 1}, 65535]")
+        raise InvalidArgument(f"endpoint {endpoint!r}: tcp endpoints are tcp://HOST:PORT (a host name, an IPv4 "
+                              f"address or an IPv6 one in brackets) with a port in [{0 if bind else 1}, 65535]")
     raise InvalidArgument(f"endpoint {endpoint!r} must look like ipc:///PATH or tcp://HOST:PORT")
+
+
+def _tcp_host(host: str) -> bool:
+    """Whether ``host`` can be a tcp endpoint's: an IPv6 address in brackets, or a
+    name, an IPv4 address, an interface or ``*`` (no space, bracket or slash in it).
+    ``tcp://[zz]:1`` or ``tcp://a b:5`` ended in tracebacks (the URL parser's, ZeroMQ's)."""
+    if host.startswith("["):
+        if not host.endswith("]"):
+            return False
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+        return True
+    return not any(c.isspace() or c in "[]/" for c in host)
 
 
 def open_socket(ctx: Any, kind: int, endpoint: str) -> Any:
@@ -115,7 +130,10 @@ def is_local(endpoint: str) -> bool:
     bound to a loopback address."""
     if not endpoint.startswith("tcp://"):
         return True
-    host = urlsplit(endpoint).hostname or ""
+    try:
+        host = urlsplit(endpoint).hostname or ""
+    except ValueError:  # (not an endpoint `check_endpoint` passes)
+        return False
     if host == "localhost":
         return True
     try:
@@ -139,8 +157,8 @@ def probe(endpoint: str, timeout: float = 1.0) -> str | None:
                 return f"{path}: {e.strerror or e}"
         return None
     if endpoint.startswith("tcp://"):
-        parts = urlsplit(endpoint)
         try:
+            parts = urlsplit(endpoint)
             host, port = parts.hostname, parts.port
         except ValueError:
             return f"bad tcp endpoint {endpoint}"

@@ -288,8 +288,8 @@ def serve_http(collector: Collector, host: str, port: int) -> tuple[Any, int]:
     ProcessCollector(registry=registry)  # process_cpu_seconds_total, resident memory, open fds
     try:
         httpd = _http_server(host, port, registry)
-    except OSError as e:
-        raise InvalidArgument(f"cannot serve metrics on {host}:{port}: {e.strerror or e} "
+    except (OSError, UnicodeError, ValueError) as e:  # (a host name with an empty label: the idna codec's)
+        raise InvalidArgument(f"cannot serve metrics on {host}:{port}: {getattr(e, 'strerror', None) or e} "
                               "(choose another --metrics-port / KVPAGER_METRICS_PORT, or --metrics-host)") from None
     threading.Thread(target=httpd.serve_forever, name="kvpager-metrics", daemon=True).start()
     return httpd, httpd.server_address[1]

@@ -98,8 +98,18 @@ def nodes(netloc: str, url: str) -> list[tuple[str, int]]:
         if not host or not port.isdigit() or not 0 < int(port) < 65536 or "[" in host or "]" in host \
                 or any(c.isspace() or not c.isprintable() for c in host) or (":" in host and not bracketed):
             raise InvalidArgument(f"remote store URL {redact(url)!r}: {item!r} is not HOST:PORT")
+        if not bracketed:
+            try:  # (an empty or over-long label: `redis://store..internal` killed serve with a traceback)
+                host.encode("idna")
+            except UnicodeError:
+                raise InvalidArgument(f"remote store URL {redact(url)!r}: {host!r} is no host name (an empty "
+                                      "label, or one over 63 characters)") from None
         out.append((host, int(port)))
     return out
+
+
+#: query options of a store URL that set what the tier sets itself (its timeouts, its retries)
+TIMING_OPTIONS = frozenset({"socket_timeout", "socket_connect_timeout", "retry_on_timeout", "health_check_interval"})
 
 
 def check_url(url: str, scheme: str, cluster: bool) -> None:
@@ -128,3 +138,7 @@ def check_url(url: str, scheme: str, cluster: bool) -> None:
                                   "options after its nodes")
     elif not (path == "" or path.isdigit()):
         raise InvalidArgument(f"remote store URL {redact(url)!r}: {parts.path!r} is not /DB (a number)")
+    timed = sorted(TIMING_OPTIONS & set(urllib.parse.parse_qs(parts.query, keep_blank_values=True)))
+    if timed:  # (redis-py lets them win over the tier's: a stalled store then held the loop 1 s, not 0.1)
+        raise InvalidArgument(f"remote store URL {redact(url)!r}: {', '.join(timed)} would override the tier's "
+                              "own timeouts; set them with --remote-timeout (KVPAGER_REMOTE_TIMEOUT)")

@@ -106,3 +106,19 @@ def test_bad_cli_and_environment_inputs_get_a_clear_error(args, env, tmp_path, m
     assert result.exit_code not in (0, None), result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.output and "rror" in result.output
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://[zz]:1", "tcp://[::1:5", "tcp://[]:5", "tcp://a b:5", "tcp://a/b:5"])
+def test_a_tcp_endpoint_whose_host_is_none_is_refused_by_name(endpoint):
+    """These passed the check and ended in tracebacks later: the URL parser's (``kvpager
+    stats``, ``serve``) or ZeroMQ's (``kvpager events``)."""
+    from kvpager.endpoints import check_endpoint
+
+    with pytest.raises(InvalidArgument, match="tcp endpoints are tcp://HOST:PORT"):
+        check_endpoint(endpoint)
+    out = subprocess.run([sys.executable, "-m", "kvpager", "stats", "--endpoint", endpoint], env=subprocess_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    for good in ("tcp://[::1]:5", "tcp://127.0.0.1:5", "tcp://host.example:5", "tcp://[fe80::1%lo]:5"):
+        assert check_endpoint(good) == good
+

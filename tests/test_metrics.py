@@ -255,6 +255,11 @@ def test_bad_metrics_settings_are_refused(monkeypatch):
             with pytest.raises(InvalidArgument, match=r"cannot serve metrics on 127\.0\.0\.1:\d+: .*in use"):
                 server.bind()
             assert server._sock is None and server.memory is None  # everything released
+        for host in ("a..b", "x" * 70 + ".com"):  # (the idna codec's UnicodeError: a traceback before)
+            server = Server.create(SMALL, f"ipc://{d}/other.sock", metrics_port=0, metrics_host=host)
+            with pytest.raises(InvalidArgument, match="cannot serve metrics on"):
+                server.bind()
+            assert server._sock is None and server.memory is None
         for bad in ("http", "-1", "65536", "1.5"):
             monkeypatch.setenv("KVPAGER_METRICS_PORT", bad)
             with pytest.raises(InvalidArgument, match="KVPAGER_METRICS_PORT"):

@@ -372,6 +372,13 @@ def test_a_huge_value_under_a_block_key_costs_a_lookup_one_value(where, request)
     ("unix://", "unix:///ABSOLUTE/PATH.sock"),
     ("redis+cluster://127.0.0.1:7000/3", "only DB 0"),
     ("redis+cluster://127.0.0.1:7000/?readonly=1", "only DB 0"),
+    # a host with an empty label: the idna codec's traceback killed serve before
+    ("redis://store..internal:6379", "is no host name"),
+    ("redis+cluster://a..b:7000,c:7001", "is no host name"),
+    ("redis://" + "x" * 70 + ".com:6379", "is no host name"),
+    # options that would override the tier's own timeouts (redis-py lets a URL's win)
+    ("redis://127.0.0.1:6379?socket_timeout=5", "socket_timeout would override"),
+    ("redis://127.0.0.1:6379/0?socket_connect_timeout=5&db=0", "socket_connect_timeout would override"),
 ])
 def test_a_malformed_url_is_a_typed_error(url, why):
     with pytest.raises(InvalidArgument, match=re.escape(why)):
@@ -379,7 +386,7 @@ def test_a_malformed_url_is_a_typed_error(url, why):
 
 
 def test_passwords_stay_out_of_urls_and_messages():
-    store = open_store("redis://127.0.0.1:6379/2?password=hunter2&socket_timeout=1")
+    store = open_store("redis://127.0.0.1:6379/2?password=hunter2&max_connections=4")
     assert "hunter2" not in store.url and "password=***" in store.url
     store.close()
     with pytest.raises(InvalidArgument) as e:
