@@ -86,6 +86,9 @@ _WAKE_S = 0.05  # how often the idle thread looks at the replay socket
 #: Replay answers under way at once, and batches sent to them per turn (in all).
 REPLAY_PEERS = 64
 REPLAY_TURN = 256
+#: Frames of at least this many bytes go out of the replay socket without a copy: a queued
+#: answer refers to the kept batch (`_answer`).
+REPLAY_ZERO_COPY = 4096
 #: Seconds a replay answer waits for its peer to read before it is dropped.
 REPLAY_STALL = 10.0
 #: Bytes of replay answers a second, shared by all peers (`EventsConfig.replay_rate`):
@@ -203,6 +206,7 @@ class EventPublisher:
             self._replay = self._bind(zmq.ROUTER, self.replay_endpoint,
                                       {zmq.MAXMSGSIZE: 64, zmq.ROUTER_MANDATORY: 1, zmq.SNDHWM: REPLAY_HWM})
             self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._replay.copy_threshold = REPLAY_ZERO_COPY  # (pyzmq copies smaller frames even with copy=False)
         except BaseException:
             self._close_sockets()
             raise
@@ -359,7 +363,9 @@ class EventPublisher:
             try:
                 while seq < stop and turn and bucket.tokens > 0:
                     payload = kept[seq - first][1]
-                    send([*envelope, *head, seq.to_bytes(8, "big"), payload], zmq.NOBLOCK)
+                    # zero-copy: a queued message refers to the kept batch (copied, each peer that
+                    # asked and never read held up to REPLAY_HWM copies until it disconnected)
+                    send([*envelope, *head, seq.to_bytes(8, "big"), payload], zmq.NOBLOCK, copy=False)
                     bucket.take(max(len(payload), REPLAY_MIN_CHARGE))
                     seq += 1
                     sent += 1

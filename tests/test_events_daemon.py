@@ -31,6 +31,7 @@ from kvpager.client import Client
 from kvpager.errors import InvalidArgument
 from kvpager.events_pub import END_SEQ, EventsConfig, replay_endpoint_for
 from kvpager.server import Server
+from kvpager.spec import PoolSpec
 
 BS = SMALL.block_size
 WAIT_MS = 5000
@@ -407,3 +408,43 @@ def test_a_subscription_follows_a_daemon_restarted_on_its_endpoint(tmp_ipc):
         assert after[0][1] == ["AllBlocksCleared"] and all(t == ["BlockStored"] for _, t in after[1:])
     finally:
         sub.close()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the process's resident memory")
+def test_replay_peers_that_never_read_hold_no_copies_of_the_history(tmp_ipc):
+    """Each replay peer that asked for the history and read none of it held up to
+    REPLAY_HWM copies of kept batches in the daemon (pyzmq copies frames under 64 KiB):
+    32 such peers took about 100 MB, and more with every wave. Queued answers refer
+    to the kept batches now."""
+    endpoint, d = tmp_ipc
+    spec = PoolSpec(num_layers=1, num_kv_heads=1, head_dim=16, num_blocks=1024, block_size=16, dtype="float32")
+    config = EventsConfig(f"ipc://{d}/ev.sock", replay_endpoint=free_tcp_endpoint())
+    ctx, peers = zmq.Context.instance(), []
+    with running_server(spec, endpoint=endpoint, events=config) as server, Client(endpoint) as c:
+        for k in range(100):  # 100 kept batches of ~50 KB (a 10,000-token commit each)
+            [a] = c.allocate([list(range(10**6 + k * 20000, 10**6 + k * 20000 + 10001))])
+            c.commit(a.seq_id)
+            c.free(a.seq_id)
+        c.stats()
+        time.sleep(0.5)
+        before = _rss_mb()
+        try:
+            for _ in range(32):  # each asks for the whole history and never reads
+                s = ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.RCVHWM, 1)
+                s.setsockopt(zmq.RCVBUF, 1024)
+                s.setsockopt(zmq.LINGER, 0)
+                s.connect(server.events.replay_endpoint)
+                s.send_multipart([b"", (0).to_bytes(8, "big")])
+                peers.append(s)
+            time.sleep(4)  # (64 MB/s of replay budget: every peer's queue full by now)
+            grown = _rss_mb() - before
+        finally:
+            for s in peers:
+                s.close(0)
+        assert grown < 25, f"{grown:.0f} MB more for 32 replay peers that read nothing"
