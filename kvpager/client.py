@@ -118,7 +118,7 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         # (id, bytes, op) of a RETRIED_OPS request that timed out, until its outcome is known
         self._unsettled: tuple[int, bytes, str] | None = None
         #: sequences whose free was never sent (an earlier request's settling timed out): freed after it
-        self._orphans: set[int] = set()
+        self._orphans: list[list[int]] = []
         self._chan = Channel(self.endpoint)
         #: the session's secret: sent with every request, shown nowhere
         self.session: str | None = None

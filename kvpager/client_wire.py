@@ -10,10 +10,19 @@ import logging
 import os
 from typing import Any
 
+import msgpack
+
 from kvpager import cuda_ipc
 from kvpager.channel import Channel
 from kvpager.client_control import undo_pin
-from kvpager.errors import InvalidArgument, MessageTooLarge, RequestTimeout, SessionLost
+from kvpager.client_ids import id_list
+from kvpager.errors import (
+    InvalidArgument,
+    MessageTooLarge,
+    ProtocolError,
+    RequestTimeout,
+    SessionLost,
+)
 from kvpager.protocol import RETRIED_OPS, VERSION, Reply, pack, unpack
 from kvpager.shm import forget_release_count, forget_segments
 
@@ -54,7 +63,7 @@ class ClientWire:
             try:
                 self._settle()
             except RequestTimeout:
-                self._orphans.update(_freed_by(op, args))  # never sent: freed once the daemon answers
+                self._orphans.extend(_freed_by(op, args))  # never sent: freed once the daemon answers
                 raise
             reply = self._request(rid, body, op)
         if reply.error is not None:
@@ -106,21 +115,29 @@ class ClientWire:
     def _free_orphans(self) -> None:
         """Free the sequences whose `free` (or a `batch` freeing them) was never sent,
         its settling of an earlier request having timed out: a generation's cleanup
-        after a timeout left them held for the session's life. Ids no longer live
-        (freed since, by the caller or by the request settled) are left out."""
+        after a timeout left them held for the session's life. Each such free goes
+        as its caller made it (its refusal takes no other down), in halves where the
+        ids limit refuses it; ids no longer live (freed since, by the caller or by
+        the request settled) are left out."""
         while self._orphans:
-            ids = sorted(self._orphans)
-            self._orphans.clear()  # (a free that times out now is settled as any other)
+            ids = self._orphans.pop()  # (a free that times out now is settled as any other)
             frid = next(self._ids)
             reply = self._request(frid, pack([VERSION, frid, self.session, "free", {"seq_ids": ids}]), "free")
             if reply.error is None:
                 self._mirror.freed(ids)
+                continue
+            code, details = reply.error.code, reply.error.details
+            if code == "unknown_sequence" and details.get("seq_id") in ids:
+                rest = [i for i in ids if i != details.get("seq_id")]
+                if rest:
+                    self._orphans.append(rest)
+            elif code == "limit_exceeded" and len(ids) > 1:
+                self._orphans += [ids[: len(ids) // 2], ids[len(ids) // 2 :]]
+            elif code == "session_lost":
+                self._orphans.clear()
                 return
-            unknown = reply.error.details.get("seq_id") if reply.error.code == "unknown_sequence" else None
-            if unknown not in ids:
+            else:
                 log.warning("freeing %d sequences whose free was never sent: %s", len(ids), reply.error.message)
-                return
-            self._orphans.update(i for i in ids if i != unknown)
 
     def _error(self, reply: Reply) -> Exception:
         exc = reply.error.exception()
@@ -151,17 +168,25 @@ class ClientWire:
         self._memory_gone = True  # not mapped again (`KVAccess._pool`) until a new hello
 
 
-def _freed_by(op: str, args: dict[str, Any]) -> list[int]:
-    """The sequence ids a request of ``op`` frees (a `free`, or a `batch`'s frees)."""
+def _freed_by(op: str, args: dict[str, Any]) -> list[list[int]]:
+    """The sequence ids a request of ``op`` frees (a `free`, or each free of a
+    `batch`), a list of them a free, read as the daemon reads them (`id_list`: ints,
+    no bools; a packed array decoded); a free the daemon would refuse, none."""
     calls = [(op, args)] if op == "free" else args.get("ops", ()) if op == "batch" else ()
-    ids: list[int] = []
-    for name, a in calls:
-        if name == "free" and isinstance(a, dict):
-            seq_ids = a.get("seq_ids")
-            seq_ids = seq_ids.tolist() if hasattr(seq_ids, "tolist") else seq_ids
-            ids.extend(int(i) for i in (seq_ids if isinstance(seq_ids, list) else [seq_ids] if seq_ids is not None
-                                        else ()))
-    return ids
+    groups: list[list[int]] = []
+    for call in calls:
+        if len(call) != 2 or call[0] != "free" or not isinstance(call[1], dict):
+            continue
+        seq_ids = call[1].get("seq_ids")
+        if isinstance(seq_ids, msgpack.ExtType):  # (a batch's ids packed as they go on the wire)
+            try:
+                seq_ids = unpack(pack(seq_ids))
+            except ProtocolError:
+                continue
+        ids = id_list(seq_ids)
+        if ids:
+            groups.append(ids)
+    return groups
 
 
 def heartbeat_loop(client: Any, stop: Any, gone: Any, session: str | None, endpoint: str,

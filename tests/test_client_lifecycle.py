@@ -317,3 +317,34 @@ def test_a_free_never_sent_behind_a_timed_out_request_is_sent_after_it():
             os.kill(proc.pid, signal.SIGCONT)
         assert client.stats().num_sequences == 0 and client.stats().used_blocks == 0
         client.close()
+
+
+def test_frees_never_sent_go_as_their_callers_made_them():
+    """Kept frees were read with int() (a packed batch of 16 ids raised a TypeError, a
+    free of [True] or ["3"] the daemon refuses freed sequences 1 and 3) and sent merged
+    into one free (over the ids limit, or with another session's id, every one dropped)."""
+    endpoint, _ = ipc_endpoint()
+    with daemon_process(GEOMETRY + ["--heartbeat-timeout", "30", "--max-ids", "16"], endpoint) as proc:
+        client = Client(endpoint, timeout=0.5)
+        other = Client(endpoint, timeout=5)
+        [theirs] = other.allocate([[7, 7, 7]])
+        mine = [a.seq_id for k in range(3) for a in client.allocate([[k * 12 + i] for i in range(12)])]
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RequestTimeout):
+                client.append([mine[0]], 1)  # unsettled: sent again before the next request
+            for call in (lambda: client.batch([("free", mine[:16])]),  # packed on the wire
+                         lambda: client.free(tuple(mine[16:26])),
+                         lambda: client.free(mine[26:36]),  # with the one before: over the ids limit
+                         lambda: client.free([True]),  # refused by the daemon: frees nothing
+                         lambda: client.free(["3"]),
+                         lambda: client.free([theirs.seq_id])):  # another session's: refused alone
+                with pytest.raises(RequestTimeout):
+                    call()
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        client.stats()  # its next call: the kept frees go after the append it settles
+        live = {s.seq_id for s in other.sequences()}
+        assert live == {theirs.seq_id}, live
+        client.close()
+        other.close()

@@ -350,6 +350,8 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
             self._closed = True
             self._deferred, self._owed = [], None
             try:
+                if prev is not None and hasattr(self.pool, "synchronize"):
+                    self.pool.synchronize()  # (the pass in flight writes into blocks about to go back)
                 free_all(self.pool, [s for s in self.seq_ids if s in self._held])
                 self._held.clear()
                 self._last_plan = None
