@@ -302,7 +302,9 @@ class KVAccess:
             raise NotOwner(f"write: block {b} (slots {b * self.spec.block_size}...) is held by no resident sequence "
                            "of this session: slots kept from before a free, truncate or swap-out (take them from "
                            "the latest allocate / append)")
-        published = mirror.published_blocks(blocks)
+        # (a mirror that forgot sequences had the daemon's cache say it above: its own marks may be
+        # stale, a timed-out append having handed a block it once published out again)
+        published = blocks[:0] if mirror.incomplete and len(blocks) else mirror.published_blocks(blocks)
         if len(published):
             raise NotOwner(f"write: block {int(published[0])} is published in the prefix cache (found cached, or "
                            "filled by a commit); its K/V is immutable, other sessions read it (write before commit)")

@@ -17,6 +17,7 @@ from kvpager.channel import Channel
 from kvpager.client_control import undo_pin
 from kvpager.client_ids import id_list
 from kvpager.errors import (
+    DaemonUnavailable,
     InvalidArgument,
     MessageTooLarge,
     ProtocolError,
@@ -62,7 +63,7 @@ class ClientWire:
                 raise SessionLost("this client is closed")
             try:
                 self._settle()
-            except RequestTimeout:
+            except (RequestTimeout, DaemonUnavailable):
                 self._orphans.extend(_freed_by(op, args))  # never sent: freed once the daemon answers
                 raise
             reply = self._request(rid, body, op)
@@ -73,7 +74,7 @@ class ClientWire:
     def _request(self, rid: int, body: bytes, op: str) -> Reply:
         try:
             return self._chan.request(body, rid, op, self.timeout)
-        except RequestTimeout:
+        except (RequestTimeout, DaemonUnavailable):  # (a daemon found gone may come back and run it)
             if op in RETRIED_OPS:
                 self._unsettled = (rid, body, op)  # it may still run: settled before the next request
             raise

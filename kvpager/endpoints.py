@@ -153,7 +153,13 @@ def probe(endpoint: str, timeout: float = 1.0) -> str | None:
             s.settimeout(timeout)
             try:
                 s.connect(path)
+            except (TimeoutError, BlockingIOError):
+                # a listener whose queue of connections is full (a stopped daemon that
+                # timed-out clients kept reconnecting to): there, not gone
+                return None
             except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    return None
                 return f"{path}: {e.strerror or e}"
         return None
     if endpoint.startswith("tcp://"):
@@ -166,6 +172,8 @@ def probe(endpoint: str, timeout: float = 1.0) -> str | None:
             return f"bad tcp endpoint {endpoint}"
         try:
             socket.create_connection((host, port), timeout=timeout).close()
+        except TimeoutError:  # no answer in time (a full queue of connections, a slow network): not gone
+            return None
         except OSError as e:
             return f"{host}:{port}: {e.strerror or e}"
     return None

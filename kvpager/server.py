@@ -69,6 +69,9 @@ UNREAD_REPLY_BYTES = 256 << 20
 
 #: How stale the loop's "everything queued was read" mark may get under steady load.
 _IDLE_EVERY_S = 0.01
+#: A wait for a request this much past the socket's timeout (50 ms) means the process was stopped:
+#: for as long again, an empty queue is not taken to mean everything sent was read.
+_STOPPED_S = 0.5
 
 
 def _recv(sock: zmq.Socket) -> list[bytes]:
@@ -261,13 +264,23 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
     def _loop(self) -> None:
         sock, stop, snapshots = self._sock, self._stop, self._snapshots
         next_expiry = time.monotonic() + self._expiry_interval()
+        last = held = time.monotonic()
         while not stop.is_set():
             try:
                 frames = _recv(sock)  # blocks for at most _POLL_MS (RCVTIMEO)
             except zmq.Again:
-                now = self._idle = time.monotonic()  # the queue is empty: everything sent is read
+                now = time.monotonic()
+                # The queue is empty: everything sent is read. Not for a while after a wait far
+                # past RCVTIMEO: this process was stopped (SIGSTOP, a paused VM), and what came
+                # meanwhile is not all in the socket yet (a healthy session whose beat waited in
+                # the kernel's buffers was expired).
+                if now - last >= _STOPPED_S:
+                    held = now + _STOPPED_S
+                elif now >= held:
+                    self._idle = now
             else:
                 # [routing id, (empty delimiter from REQ), body]: answer on the same envelope.
+                before = time.monotonic()
                 try:
                     if len(frames) == 2 or len(frames) == 3 and frames[1] == b"":
                         frames[-1] = self.handle(frames[-1])
@@ -283,7 +296,10 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
                 # Nothing else queued: everything sent is read up to now. Asked at most every
                 # _IDLE_EVERY_S (a socket query costs a decode step 1-3 us): a mark that old
                 # only judges silence more leniently, never a healthy client as gone.
-                if now - self._idle >= _IDLE_EVERY_S and not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                if before - last >= _STOPPED_S:  # (stopped while it waited for this request)
+                    held = now + _STOPPED_S
+                elif now - self._idle >= _IDLE_EVERY_S and now >= held \
+                        and not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     self._idle = now
             if snapshots is not None and snapshots.wanted and now >= snapshots.next_at:
                 snapshots.serve(now)  # a scrape waits for the pool's figures
@@ -292,3 +308,5 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
                 self.expire()
                 if self.request_metrics is not None:
                     self.request_metrics.window(now)
+                now = time.monotonic()  # (the next wait counts from here)
+            last = now
