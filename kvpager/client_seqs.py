@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 
 from kvpager.client_ids import as_ids, id_list, packed, packed_rows, read_ids, scalar
-from kvpager.errors import InternalError, InvalidArgument, LimitExceeded, RequestTimeout
+from kvpager.errors import (
+    DaemonUnavailable,
+    InternalError,
+    InvalidArgument,
+    LimitExceeded,
+    RequestTimeout,
+)
 from kvpager.protocol import (
     SEQUENCES_PAGE,
     decode_allocations,
@@ -193,7 +199,7 @@ class ClientSequences:
             # None: the tables would pass the daemon's message limit (or a daemon
             # from before swap_in answered with them): asked a part at a time.
             tables, lens = self._daemon_tables(ids) if got is None else decode_tables(got)
-        except (LimitExceeded, RequestTimeout):  # the swap ran; its tables are asked for when next needed
+        except (LimitExceeded, RequestTimeout, DaemonUnavailable):  # the swap ran; its tables asked for later
             self._mirror.forget(ids)  # (the daemon's unread-replies budget full, say: not the swap's failure)
             return
         except Exception:
@@ -208,7 +214,7 @@ class ClientSequences:
         from the daemon."""
         try:
             got = self._call(op, args)
-        except (RequestTimeout, InternalError):
+        except (RequestTimeout, DaemonUnavailable, InternalError):  # (found gone: it may run, settled, later)
             forget = list(ids or ())
             if forget:
                 self._mirror.forget(forget)

@@ -20,7 +20,7 @@ import pytest
 from daemon_helpers import daemon_process, ipc_endpoint
 
 from kvpager.client import Client
-from kvpager.errors import KVPagerError, RequestTimeout, SessionLost
+from kvpager.errors import DaemonUnavailable, KVPagerError, NotOwner, RequestTimeout, SessionLost
 
 GEOMETRY = ["--layers", "2", "--kv-heads", "2", "--head-dim", "16", "--blocks", "64", "--block-size", "16",
             "--dtype", "float32", "--device", "cpu"]
@@ -110,3 +110,37 @@ def test_the_slot_a_timed_out_append_was_given_is_written():
             c.write(layer, slot, np.full((1, 2, 16), 7, np.float32), np.full((1, 2, 16), -7, np.float32))
         kv, _ = c.kv(0)
         assert (kv[int(tables[0][0]), :, 10] == 7).all()
+
+
+def test_an_op_found_gone_and_settled_later_is_not_trusted_by_the_mirror():
+    """A truncate the client found the daemon gone for (its socket file moved aside while
+    the daemon was stopped) is settled once the daemon answers, and runs; the mirror
+    still held the blocks it freed, and a write into them overwrote another session's K/V."""
+    endpoint, _ = ipc_endpoint()
+    path = endpoint[len("ipc://"):]
+    with daemon_process(GEOMETRY + ["--heartbeat-timeout", "30"], endpoint) as proc:
+        c = Client(endpoint, timeout=1.0, heartbeat=False, name="victim")
+        [a] = c.allocate([list(range(100, 140))])  # 40 tokens: 3 blocks
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RequestTimeout):
+                c.heartbeat()  # its socket reopened
+            os.rename(path, path + ".aside")  # the probe finds no socket file: "gone"
+            with pytest.raises(DaemonUnavailable):
+                c.truncate([a.seq_id], [5])
+        finally:
+            if os.path.exists(path + ".aside"):
+                os.rename(path + ".aside", path)
+            os.kill(proc.pid, signal.SIGCONT)
+        c.heartbeat()  # settles the truncate: it runs now
+        tables, lens = c.tables([a.seq_id])
+        assert int(lens[0]) == 5 and list(map(int, tables[0])) == [a.block_table[0]]
+        other = Client(endpoint, timeout=2.0, heartbeat=False, name="other")
+        [b] = other.allocate([list(range(500, 540))])
+        stale = np.asarray(a.slots[16:], np.int64)  # the blocks the truncate gave back
+        with pytest.raises(NotOwner):
+            c.write(0, stale, np.full((24, 2, 16), 666, np.float32), np.full((24, 2, 16), 666, np.float32))
+        kv, _ = other.kv(0)
+        assert not any((kv[blk] == 666).any() for blk in b.block_table)
+        other.close()
+        c.close()
