@@ -137,12 +137,15 @@ class PoolSpec:
         if self.kv_dtype is None:
             raise InvalidArgument("kv_scales are for an FP8 pool: give kv_dtype too")
         want = self.num_layers * 2 * self.num_kv_heads
+        if hasattr(scales, "detach") and callable(scales.detach):  # a torch tensor (one that requires grad too)
+            scales = scales.detach().cpu()
         try:
             arr = np.asarray(scales)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RuntimeError):
             raise InvalidArgument(f"kv_scales must be numbers, got {type(scales).__name__}") from None
-        if arr.dtype.kind not in "iuf":  # bools, strings, ragged or mixed nesting
-            raise InvalidArgument(f"kv_scales must be numbers, got {type(scales).__name__} of {arr.dtype}")
+        if arr.dtype.kind not in "iuf" or _holds_bool(scales):  # bools (mixed with numbers too), strings, ragged
+            raise InvalidArgument(f"kv_scales must be numbers, got {type(scales).__name__} of {arr.dtype}"
+                                  + (" holding a bool" if arr.dtype.kind in "iuf" else ""))
         arr = arr.astype(np.float64)
         if arr.size != want or arr.ndim not in (1, 3) or (arr.ndim == 3 and arr.shape != (
                 self.num_layers, 2, self.num_kv_heads)):
@@ -287,3 +290,13 @@ MODEL_PRESETS: dict[str, dict[str, object]] = {
     "qwen2-7b": dict(num_layers=28, num_kv_heads=4, head_dim=128, dtype="bfloat16"),
     "tiny": dict(num_layers=2, num_kv_heads=2, head_dim=64, dtype="float32"),
 }
+
+
+def _holds_bool(value: object) -> bool:
+    """Whether nested lists or tuples ``value`` hold a bool anywhere (NumPy reads
+    ``[True, 0.5]`` as numbers: a bool mixed in passed for 1.0)."""
+    if isinstance(value, (bool, np.bool_)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_bool(v) for v in value)
+    return False

@@ -64,12 +64,21 @@ def test_spec_fields_bytes_and_dict_round_trip():
     dict(scales=np.full((2, 2, 2), np.inf)),
     dict(scales=np.full((2, 2, 2), 1e-45)),                 # a float32 subnormal
     dict(scales="abc"),
+    dict(scales=[True] + [0.5] * 7),                        # a bool mixed in: taken for 1.0 before
+    dict(scales=[[[0.5, 0.5], [0.5, np.bool_(True)]], [[0.5, 0.5], [0.5, 0.5]]]),
 ])
 def test_bad_specs_are_refused(bad):
     args = dict(kv_dtype="float8_e4m3", scales=None, dtype="bfloat16")
     args.update(bad)
     with pytest.raises(InvalidArgument):
         spec(**args)
+
+
+def test_scales_in_a_tensor_that_requires_grad_are_taken():
+    """A calibration's scales still attached to autograd raised a bare RuntimeError."""
+    torch = pytest.importorskip("torch")
+    scales = torch.full((2, 2, 2), 0.5, requires_grad=True) * 1.0
+    assert spec(kv_dtype="float8_e4m3", scales=scales, dtype="bfloat16").kv_scales == (0.5,) * 8
 
 
 def test_scales_without_fp8_are_refused():

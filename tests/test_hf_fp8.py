@@ -20,6 +20,7 @@ from kvpager import InvalidArgument, KVPool  # noqa: E402
 from kvpager.hf import (  # noqa: E402
     PagedBatch,
     calibrate_kv_scales,
+    generate,
     layer_windows,
     paged_attention,
     spec_for_model,
@@ -148,3 +149,31 @@ def test_bad_calibration_arguments(model):
         calibrate_kv_scales(model, [], "fp8")
     with pytest.raises(InvalidArgument):  # float32 compute with FP8 storage
         spec_for_model(model, 64, 8, dtype=torch.float32, kv_dtype="fp8")
+
+
+def test_recurrent_states_are_not_shared_across_pool_formats():
+    """A model's held recurrent states were keyed by its salt and dtype alone: a
+    bfloat16 pool resumed from a state computed over an FP8 pool's K/V (the attention
+    layer before the recurrent ones reads them back) and gave other log-probabilities."""
+    if not hasattr(transformers, "Qwen3_5TextConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Qwen3_5TextConfig")
+    config = transformers.Qwen3_5TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, pad_token_id=0, num_hidden_layers=4, layer_types=["full_attention"] + ["linear_attention"] * 3,
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+        initializer_range=0.2)
+    torch.manual_seed(0)
+    model = transformers.Qwen3_5ForCausalLM(config).eval().to(torch.bfloat16)
+    prompt = torch.randint(3, 128, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+
+    def logprobs(pool):
+        return generate(model, pool, [prompt], max_new_tokens=6, eos_token_id=None, logprobs=0)[0].logprobs
+
+    alone = logprobs(KVPool(spec_for_model(model, 64)))  # a bfloat16 pool, from no held state
+    fp8 = KVPool(spec_for_model(model, 64, kv_dtype="float8_e5m2"))
+    logprobs(fp8)
+    logprobs(fp8)  # (its states held at the prompt's block boundaries)
+    after = KVPool(spec_for_model(model, 64))
+    logprobs(after)
+    assert logprobs(after) == alone  # resumed from its own format's states, or none
+

@@ -85,7 +85,7 @@ from kvpager.hf.recurrent_states import (  # noqa: F401 - CONTINUING, NOT_CONTIN
     stacked,
     tensors_of,
 )
-from kvpager.hf.state_cache import PrefixKeys, StateCache, prefix_key
+from kvpager.hf.state_cache import PrefixKeys, StateCache, held_key, prefix_key
 
 __all__ = ["Recurrent", "StateCache", "States", "has_recurrent_layers", "new_cache", "recurrent_salt"]
 
@@ -172,7 +172,7 @@ class Recurrent:
         if not held:
             return allocs
         # (the weights' dtype too: a salt given by the caller need not change when the model's does)
-        held_as = self._held_as = f"{salt}|{next(self.model.parameters()).dtype}"
+        held_as = self._held_as = held_key(salt, self.model, pool)
         for k, a in enumerate(allocs):
             c = a.num_cached_tokens
             # (keys as far as its cached blocks: no state past them can serve it)

@@ -50,7 +50,7 @@ from kvpager.hf.recurrent_states import (
     rows_of,
     stacked,
 )
-from kvpager.hf.state_cache import PrefixKeys, StateCache
+from kvpager.hf.state_cache import PrefixKeys, StateCache, held_key
 
 #: one prompt's share of the passes: (its index in the group, first token, end, its slots from
 #: the first token (-1: cached), the states it starts from or None)
@@ -132,7 +132,7 @@ class RowPasses:
         self.continues = continues(model)
         self.held = bool(self.continues and self.store.max_bytes)
         # (held under the weights' dtype too, as generation's: `kvpager.hf.recurrent.Recurrent.allocate`)
-        self.held_as = f"{self.salt}|{next(model.parameters()).dtype}"
+        self.held_as = held_key(self.salt, model, pool)
         self.layout: Layout | None = None
 
     def allocate(self, prompts: list[list[int]], which: list[int], ids: dict[int, int]) -> list[Any]:

@@ -20,6 +20,7 @@ import torch
 
 from kvpager.errors import InvalidArgument
 from kvpager.hf.recurrent_states import Layout, Rows, by_dtype
+from kvpager.remote_format import format_id
 
 #: what a state cache may hold by default, in bytes (`StateCache.max_bytes`)
 STATE_CACHE_BYTES = 1 << 30
@@ -77,6 +78,15 @@ class PrefixKeys:
         return self._all[i]
 
 
+def held_key(salt: Any, model: Any, pool: Any) -> str:
+    """What a call's held states are keyed under besides their tokens: the blocks'
+    salt, the model's dtype, and the pool's storage format (`remote_format.format_id`:
+    its dtype, and an FP8 pool's format and scales). A state depends on the K/V the
+    attention layers before its recurrent layers read back: a bfloat16 pool resumed
+    from a state computed over an FP8 pool's K/V, and gave other log-probabilities."""
+    return f"{salt}|{next(model.parameters()).dtype}|{format_id(pool.spec)}"
+
+
 def _salted(salt: Any) -> Any:
     """SHA-256 begun with ``salt`` (bytes as they are, anything else as its str)."""
     return hashlib.sha256(salt if isinstance(salt, bytes) else str(salt).encode())
@@ -86,8 +96,10 @@ class StateCache:
     """Recurrent states at block boundaries of prompts seen before, each under the
     key of the tokens before it (`prefix_keys`), dropped past ``max_bytes`` (0 keeps
     none). One a model (`of`), shared by its generations: a state depends only on
-    the weights (in the salt) and the tokens before it, not on the pool its K/V went
-    to. Threads generating with one model share it (a lock).
+    the weights (in the salt) and the tokens before it, not on which pool its K/V went
+    to, but for the pool's storage format (`held_key`: the K/V read back shape the
+    hidden states the recurrent layers see). Threads generating with one model
+    share it (a lock).
 
     ``hold_ends`` (default True): a generation also holds each sequence's states at
     the last block boundary it ran, prompt and answer (`kvpager.hf.recurrent`), so a
