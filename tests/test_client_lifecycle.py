@@ -26,7 +26,7 @@ from kvpager.client import Client
 from kvpager.errors import KVPagerError, RequestTimeout, SessionLost
 
 GEOMETRY = ["--layers", "2", "--kv-heads", "2", "--head-dim", "16", "--blocks", "96", "--host-blocks", "32",
-            "--block-size", "16", "--dtype", "float32"]
+            "--block-size", "16", "--dtype", "float32", "--device", "cpu"]  # (on any host)
 KV = (2, 16)  # kv heads, head dim
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork() and signals")

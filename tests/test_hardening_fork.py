@@ -18,7 +18,7 @@ from daemon_helpers import daemon_process, ipc_endpoint, subprocess_env
 from kvpager.client import Client
 
 GEOMETRY = ["--layers", "2", "--kv-heads", "2", "--head-dim", "16", "--blocks", "32", "--block-size", "16",
-            "--dtype", "float32"]
+            "--dtype", "float32", "--device", "cpu"]  # (fork semantics: the CPU backend on any host)
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 
