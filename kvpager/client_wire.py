@@ -13,12 +13,14 @@ from typing import Any
 import msgpack
 
 from kvpager import cuda_ipc
+from kvpager.batch_calls import free_all
 from kvpager.channel import Channel
 from kvpager.client_control import undo_pin
 from kvpager.client_ids import id_list
 from kvpager.errors import (
     DaemonUnavailable,
     InvalidArgument,
+    KVPagerError,
     MessageTooLarge,
     ProtocolError,
     RequestTimeout,
@@ -117,28 +119,19 @@ class ClientWire:
         """Free the sequences whose `free` (or a `batch` freeing them) was never sent,
         its settling of an earlier request having timed out: a generation's cleanup
         after a timeout left them held for the session's life. Each such free goes
-        as its caller made it (its refusal takes no other down), in halves where the
-        ids limit refuses it; ids no longer live (freed since, by the caller or by
-        the request settled) are left out."""
-        while self._orphans:
-            ids = self._orphans.pop()  # (a free that times out now is settled as any other)
-            frid = next(self._ids)
-            reply = self._request(frid, pack([VERSION, frid, self.session, "free", {"seq_ids": ids}]), "free")
-            if reply.error is None:
-                self._mirror.freed(ids)
-                continue
-            code, details = reply.error.code, reply.error.details
-            if code == "unknown_sequence" and details.get("seq_id") in ids:
-                rest = [i for i in ids if i != details.get("seq_id")]
-                if rest:
-                    self._orphans.append(rest)
-            elif code == "limit_exceeded" and len(ids) > 1:
-                self._orphans += [ids[: len(ids) // 2], ids[len(ids) // 2 :]]
-            elif code == "session_lost":
-                self._orphans.clear()
+        as its caller made it (its refusal takes no other down), through `free_all`
+        (ids no longer live left out, halves over the ids limit)."""
+        orphans, self._orphans = self._orphans, []  # (taken whole: the frees below settle nothing more)
+        for k, ids in enumerate(orphans):
+            try:
+                free_all(self, ids)
+            except SessionLost:
                 return
-            else:
-                log.warning("freeing %d sequences whose free was never sent: %s", len(ids), reply.error.message)
+            except (RequestTimeout, DaemonUnavailable):  # (that free is settled as any request; the rest wait)
+                self._orphans = orphans[k + 1 :] + self._orphans
+                raise
+            except KVPagerError as e:
+                log.warning("freeing %d sequences whose free was never sent: %s", len(ids), e)
 
     def _error(self, reply: Reply) -> Exception:
         exc = reply.error.exception()
