@@ -145,8 +145,10 @@ static inline __attribute__((always_inline)) vf load(int bf16, const uint8_t *p)
 
     /* Rows [r0, r0 + nr) of a task against the chunk of keys [k0, k0 + cnt)
      * (``locate`` done). ``bf16``: the blocks hold bfloat16, else float32 (the
-     * item size ``item`` is 2 or 4). K's scale is in the queries, V's is applied
-     * at the end. */
+     * item size ``item`` is 2 or 4). The softmax scale and K's scale multiply
+     * the scores after the dot products (folded into the queries, a large FP8 K
+     * scale overflowed q * k's terms where the scores themselves are finite);
+     * V's is applied at the end. */
     static inline __attribute__((always_inline)) void rows_chunk(const Call *c, Scratch *w, Py_ssize_t b,
                                                                   Py_ssize_t h, Py_ssize_t r0, int nr, int64_t k0,
                                                                   Py_ssize_t cnt, int bf16, int tr) {
@@ -166,9 +168,10 @@ static inline __attribute__((always_inline)) vf load(int bf16, const uint8_t *p)
                 t1 = te[i] > t1 ? te[i] : t1;
             }
             const float *qr = c->q + (c->starts[b] + (r0 + i) / g) * c->q_heads * d + (h * g + (r0 + i) % g) * d;
-            for (Py_ssize_t x = 0; x < d; x++) w->q[i * d + x] = qr[x] * (c->scale * kmul);
+            for (Py_ssize_t x = 0; x < d; x++) w->q[i * d + x] = qr[x];
         }
         if (t0 >= t1) return;
+        const float sk = c->scale * kmul;
         const Py_ssize_t cs = w->cpad;
         const float *q0 = w->q, *q1 = w->q + d, *q2 = w->q + 2 * d, *q3 = w->q + 3 * d;
         float *s0 = w->s, *s1 = w->s + cs, *s2 = w->s + 2 * cs, *s3 = w->s + 3 * cs;
@@ -184,10 +187,10 @@ static inline __attribute__((always_inline)) vf load(int bf16, const uint8_t *p)
                     if (nr > 2) a2 += splat(q2[x]) * kv;
                     if (nr > 3) a3 += splat(q3[x]) * kv;
                 }
-                *(vf *)(s0 + t) = a0;
-                if (nr > 1) *(vf *)(s1 + t) = a1;
-                if (nr > 2) *(vf *)(s2 + t) = a2;
-                if (nr > 3) *(vf *)(s3 + t) = a3;
+                *(vf *)(s0 + t) = a0 * splat(sk);
+                if (nr > 1) *(vf *)(s1 + t) = a1 * splat(sk);
+                if (nr > 2) *(vf *)(s2 + t) = a2 * splat(sk);
+                if (nr > 3) *(vf *)(s3 + t) = a3 * splat(sk);
             }
         } else {
         /* scores: each key's row of K read once for the nr rows (named
@@ -209,10 +212,10 @@ static inline __attribute__((always_inline)) vf load(int bf16, const uint8_t *p)
                 if (nr > 2) a2 += *(const vfu *)(q2 + x) * kv;
                 if (nr > 3) a3 += *(const vfu *)(q3 + x) * kv;
             }
-            s0[t] = hsum(a0);
-            if (nr > 1) s1[t] = hsum(a1);
-            if (nr > 2) s2[t] = hsum(a2);
-            if (nr > 3) s3[t] = hsum(a3);
+            s0[t] = hsum(a0) * sk;
+            if (nr > 1) s1[t] = hsum(a1) * sk;
+            if (nr > 2) s2[t] = hsum(a2) * sk;
+            if (nr > 3) s3[t] = hsum(a3) * sk;
         }
     }
     float alpha[RB];

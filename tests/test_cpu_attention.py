@@ -106,6 +106,24 @@ def test_every_storage_dtype_against_the_dense_reference(dtype):
         start += ql
 
 
+def test_a_large_k_scale_scales_the_scores_not_the_queries():
+    """Tiny stored K values under a huge FP8 K scale (e5m2 stores down to
+    1.5e-5): the dequantised K and the scores are finite, the query times the
+    softmax scale and the K scale is not. The kernel scales each score once it
+    is summed and gives the twin's finite result (it gave NaN when the
+    queries carried the K scale)."""
+    rng = np.random.default_rng(11)
+    lengths, qlens, heads, d, bs = [40, 90], [1, 3], 2, 64, 16
+    kv, tables = random_pool(rng, lengths, heads, d, bs, np.float32)
+    kv = (kv * 1e-4).astype(ml_dtypes.float8_e5m2)
+    scales = np.ones((2, 2, heads), np.float32)
+    scales[:, 0] = 1e38
+    q = queries(rng, qlens, heads * 2, d) * 100  # q * 0.125 * 1e38 is past float32's 3.4e38
+    out, ref = both(kv, 0, q, tables, lengths, qlens, 0.125, kv_scales=scales)
+    assert np.isfinite(ref).all()
+    assert np.isfinite(out).all() and rel_err(out, ref.astype(np.float64)) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_a_pool_attends_through_the_kernel_in_its_dtype(dtype):
     """KVPool.attend and a step plan (the paths models take) return q's dtype,
