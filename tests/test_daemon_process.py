@@ -78,7 +78,7 @@ def test_serve_refuses_a_loose_runtime_dir(tmp_path):
 
 
 def test_serve_geometry_options():
-    from kvpager.serve_cli import build_spec, parse_size
+    from kvpager.serve_options import build_spec, parse_size
 
     assert parse_size("4G") == 4 << 30 and parse_size("512k") == 512 << 10 and parse_size("100") == 100
     base = dict(model=None, layers=4, kv_heads=2, head_dim=64, block_size=None, dtype="float16",

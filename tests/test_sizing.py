@@ -12,7 +12,7 @@ from daemon_helpers import daemon_process, ipc_endpoint
 from kvpager import sizing
 from kvpager.client import Client
 from kvpager.errors import InvalidArgument, UnsupportedConfiguration
-from kvpager.serve_cli import build_spec
+from kvpager.serve_options import build_spec
 from kvpager.spec import PoolSpec
 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "num_attention_heads": 32,

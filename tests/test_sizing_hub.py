@@ -62,7 +62,7 @@ def test_a_hub_id_is_sized_from_the_cache(tmp_path):
 def test_serve_takes_a_hub_id(tmp_path):
     cache = cache_with(tmp_path / "hub", "acme/tiny-llama", {"main": LLAMA})
     env = {**os.environ, "HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"}
-    code = ("from kvpager.serve_cli import build_spec\n"
+    code = ("from kvpager.serve_options import build_spec\n"
             "o = dict(model='acme/tiny-llama', layers=None, kv_heads=None, head_dim=None, dtype=None,\n"
             "         block_size=None, blocks=10, memory=None, host_blocks=None, host_memory=None)\n"
             "s = build_spec(o)\nprint(s.num_layers, s.num_kv_heads, s.head_dim, s.dtype, s.num_blocks)\n")

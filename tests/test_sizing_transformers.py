@@ -186,7 +186,7 @@ def test_serve_sizes_a_model_folder_as_transformers_builds_it(tmp_path):
     """`kvpager serve --model <folder>`'s pool for a Mistral config.json without
     ``num_key_value_heads``: 8 K/V heads, as the model has (32 before: 4x the bytes,
     and a pool every worker refused)."""
-    from kvpager.serve_cli import build_spec
+    from kvpager.serve_options import build_spec
 
     (tmp_path / "config.json").write_text(json.dumps(
         {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "hidden_size": 4096,

@@ -119,7 +119,7 @@ def test_memory_is_each_gpus_budget(monkeypatch):
     """--memory on a TP group: each GPU gives its budget, the tightest decides;
     a rank holds 1/R of every block, so the pool holds R times what one GPU fits."""
     from kvpager import sizing
-    from kvpager.serve_cli import build_spec
+    from kvpager.serve_options import build_spec
 
     free = {"cuda:0": 80 << 30, "cuda:1": 40 << 30}
     monkeypatch.setattr(sizing, "gpu_free_bytes", lambda device: free[device])
