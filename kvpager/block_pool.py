@@ -132,7 +132,17 @@ class BlockPool(BlockRefs):
 
     def publish(self, block_id: int, key: bytes, tenant: int = DEFAULT) -> bool:
         """Make a block in use matchable under ``key``, a block of ``tenant`` (a
-        `Tenants` code). False: the key or the block is already published."""
+        `Tenants` code). False: the key is published on a block in use, or the
+        block already carries a key.
+
+        A key published on an evictable block moves to this one (the idle copy
+        goes to the free list): its K/V was just written again (a prompt ending
+        on a block boundary recomputes its last block), so the key ages from
+        this use, as vLLM's newer copy of it does; kept on the idle copy, it
+        would be evicted at that copy's older place in the LRU."""
+        old = self.cache.get(key)
+        if old is not None and old != block_id and not self.ref_cnt[old] and block_id not in self.cache.block_key:
+            self.unpublish(old)
         if not self.cache.publish(block_id, key):
             return False
         self.tenants.published(block_id, tenant)
