@@ -51,7 +51,7 @@ from kvpager.hf.salt import call_salt
 from kvpager.hf.windows import hit_window
 from kvpager.validate import is_int
 
-__all__ = ["Beams", "beam_search", "beams_for_generate", "config_beams"]
+__all__ = ["Beams", "beam_search", "beams_for_generate", "check_beam_options", "config_beams"]
 
 _FAR = -1.0e9  # a score no candidate can win with (transformers' own)
 
@@ -101,11 +101,7 @@ def beam_search(model: Any, pool: Any, prompts: Any = None, max_new_tokens: int 
     if not is_int(num_return_sequences) or not 1 <= num_return_sequences <= num_beams:
         raise InvalidArgument(f"num_return_sequences must be an int from 1 to num_beams ({num_beams}), "
                               f"got {num_return_sequences!r}")
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
-            or not np.isfinite(length_penalty):
-        raise InvalidArgument(f"length_penalty must be a finite number, got {length_penalty!r}")
-    if early_stopping not in (False, True, "never") or early_stopping is None:
-        raise InvalidArgument(f"early_stopping must be False, True or 'never', got {early_stopping!r}")
+    check_beam_options(length_penalty, early_stopping)
     if isinstance(eos_token_id, str) and eos_token_id == "model":
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     check_positions(model, max((len(p) for p in prompts), default=0) + int(max_new_tokens) - 1, "beam_search")
@@ -120,6 +116,16 @@ def beam_search(model: Any, pool: Any, prompts: Any = None, max_new_tokens: int 
         search.close()
     return [Beams([list(t) for t in toks[:num_return_sequences]], [float(s) for s in scores[:num_return_sequences]])
             for toks, scores in search.results()]
+
+
+def check_beam_options(length_penalty: Any, early_stopping: Any) -> None:
+    """InvalidArgument naming a beam option out of range. `generate` checks them with one
+    beam too, where they change no token, as transformers checks ``early_stopping``."""
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
+            or not np.isfinite(length_penalty):
+        raise InvalidArgument(f"length_penalty must be a finite number, got {length_penalty!r}")
+    if early_stopping not in (False, True, "never") or early_stopping is None:
+        raise InvalidArgument(f"early_stopping must be False, True or 'never', got {early_stopping!r}")
 
 
 def beams_for_generate(model: Any, pool: Any, prompts: Any, max_new_tokens: Any, num_beams: Any, salt: Any,

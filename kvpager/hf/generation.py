@@ -41,7 +41,7 @@ from kvpager.hf.attention import (  # noqa: F401
     paged_forward,
     register,
 )
-from kvpager.hf.beams import beams_for_generate, config_beams
+from kvpager.hf.beams import beams_for_generate, check_beam_options, config_beams
 from kvpager.hf.checks import check_model, check_model_and_pool, check_positions, end_tokens  # noqa: F401
 from kvpager.hf.eager import TORCH_DTYPES
 from kvpager.hf.graphs import (
@@ -400,7 +400,7 @@ def generate(
     sampling: Any = None,
     logprobs: int | None = None,
     stop_sequences: Sequence[Sequence[int]] | None = None,
-    num_beams: int = 1,
+    num_beams: int | None = None,
     length_penalty: float | None = None,
     early_stopping: bool | str | None = None,
 ) -> list[list[int]] | list[Completion]:
@@ -427,22 +427,27 @@ def generate(
     at each position (`kvpager.hf.logprobs`). ``num_beams`` > 1: each prompt's best
     hypothesis of a beam search (`kvpager.hf.beams.beam_search`, with
     ``length_penalty`` and ``early_stopping``, its steps captured with
-    ``cuda_graphs``; given alone, a search of one beam)."""
+    ``cuda_graphs``). As in transformers, the call's ``num_beams`` and beam options
+    override a config's (``sampling="model"``), and with one beam the beam options
+    change nothing."""
     beam_options = {k: v for k, v in (("length_penalty", length_penalty), ("early_stopping", early_stopping))
                     if v is not None}
-    num_beams = whole_in(num_beams, "num_beams", 1)  # (True is no count of beams)
-    if isinstance(sampling, str) and sampling == "model" and num_beams == 1 and not beam_options:
-        num_beams, beam_options = config_beams(model)  # (a config's beam search: its best hypothesis)
+    if num_beams is not None:
+        num_beams = whole_in(num_beams, "num_beams", 1)  # (True is no count of beams)
+    elif isinstance(sampling, str) and sampling == "model":
+        num_beams, config_options = config_beams(model)  # (a config's beam search: its best hypothesis)
+        beam_options = {**config_options, **beam_options}
         sampling = sampling if num_beams == 1 else None
-    if num_beams != 1 or beam_options:
+    if num_beams not in (None, 1):
         return beams_for_generate(model, pool, prompts, max_new_tokens, num_beams, salt, eos_token_id,
                                   input_ids=input_ids, attention_mask=attention_mask, refused=dict(
                                       sampling=sampling, logprobs=logprobs, stop_sequences=stop_sequences),
                                   cuda_graphs=cuda_graphs, compile=compile, **beam_options)
+    check_beam_options(beam_options.get("length_penalty", 1.0), beam_options.get("early_stopping", False))
     if isinstance(eos_token_id, str) and eos_token_id == "model":
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(sampling, str) and sampling == "model":
-        sampling = Sampling.from_model(model)
+        sampling = Sampling.from_model(model, eos_token_id=eos_token_id)
     with PagedGeneration(model, pool, prompts, max_new_tokens, salt, eos_token_id, cuda_graphs,
                          pipeline=pipeline, compile=compile, input_ids=input_ids,
                          attention_mask=attention_mask, sampling=sampling, logprobs=logprobs,

@@ -29,6 +29,7 @@ import torch
 
 from kvpager.errors import InvalidArgument
 from kvpager.hf import draw_kernel
+from kvpager.hf.checks import end_tokens
 from kvpager.hf.draws import penalize, sample
 from kvpager.hf.passes import array_to_device, to_device
 from kvpager.validate import is_int
@@ -145,22 +146,26 @@ class Sampling:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @classmethod
-    def from_model(cls, model: Any, seed: int | None = None) -> Sampling | None:
+    def from_model(cls, model: Any, seed: int | None = None, eos_token_id: Any = "model") -> Sampling | None:
         """What ``model``'s generation config asks of transformers' ``generate``: a
         `Sampling` of its temperature, top-k, top-p, min-p and repetition penalty
         where it samples (``do_sample``); where it is greedy, None, or a greedy
         `Sampling` of its repetition penalty; both with its single tokens' biases
-        (``sequence_bias``, ``suppress_tokens``, ``bad_words_ids``: -inf) and
-        ``min_new_tokens``. Other settings that change the distribution (typical,
-        epsilon, eta or top-h sampling, beams, n-gram bans, biases or bans of
-        sequences of several tokens, ``min_length``, forced or begin-suppressed
-        tokens, a length penalty's decay) are refused by name, not left out."""
+        (``sequence_bias``, ``suppress_tokens``, ``bad_words_ids``: -inf, but for a
+        banned word that is one of the generation's end tokens, ``eos_token_id``: the
+        config's by default) and ``min_new_tokens``. Other settings that change the
+        distribution (typical, epsilon, eta or top-h sampling, beams, n-gram bans,
+        biases or bans of sequences of several tokens, ``min_length``, forced or
+        begin-suppressed tokens, a length penalty's decay) are refused by name, not
+        left out."""
         config = getattr(model, "generation_config", None)
         if config is None:
             return None
         penalty = getattr(config, "repetition_penalty", None)
         penalty = 1.0 if penalty is None else float(penalty)
-        bias, least = _config_adjustments(config)
+        if isinstance(eos_token_id, str) and eos_token_id == "model":
+            eos_token_id = getattr(config, "eos_token_id", None)
+        bias, least = _config_adjustments(config, end_tokens(eos_token_id))
         if not getattr(config, "do_sample", False):
             if penalty == 1.0 and not bias and not least:
                 return None
@@ -194,10 +199,12 @@ UNAPPLIED = (("min_length", 0), ("begin_suppress_tokens", None), ("forced_bos_to
              ("stop_strings", None), ("token_healing", False), ("num_return_sequences", 1))
 
 
-def _config_adjustments(config: Any) -> tuple[dict[int, float], int]:
+def _config_adjustments(config: Any, eos: set[int]) -> tuple[dict[int, float], int]:
     """A generation config's single-token biases ({id: bias}: ``sequence_bias``,
     ``suppress_tokens`` and ``bad_words_ids`` as -inf) and ``min_new_tokens``;
-    InvalidArgument naming a setting kvpager does not apply (`UNAPPLIED`)."""
+    InvalidArgument naming a setting kvpager does not apply (`UNAPPLIED`). A banned
+    word that is one end token of ``eos`` is left out, as transformers' processor
+    leaves it (so the end token still ends the generation; banned, other tokens came)."""
     for name, neutral in UNAPPLIED:
         value = getattr(config, name, None)
         if value is not None and value != neutral and not (isinstance(value, (list, tuple, dict)) and not value):
@@ -215,6 +222,8 @@ def _config_adjustments(config: Any) -> tuple[dict[int, float], int]:
     for t in getattr(config, "suppress_tokens", None) or ():
         bias[int(t)] = float("-inf")
     for words in getattr(config, "bad_words_ids", None) or ():
+        if len(words) == 1 and int(words[0]) in eos:
+            continue
         if len(words) != 1:
             raise InvalidArgument(f"the model's generation config bans the sequence {words!r}: kvpager bans single "
                                   "tokens alone (Sampling.logit_bias of -inf)")
