@@ -3,6 +3,7 @@ naming the bad value, before anything changes."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence as Seq
 from operator import countOf, itemgetter
 from typing import Any
@@ -59,6 +60,49 @@ def whole(value: Any) -> int | None:
     if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
         return int(value)
     return None
+
+
+def unwrap(value: Any) -> Any:
+    """The Python value a NumPy scalar or a 0-d array or tensor holds (anything with
+    ``ndim`` 0 and ``item()``: NumPy's, torch's), else ``value`` itself. A config or
+    a tokenizer hands out ``np.float32(0.7)`` or ``tensor(2)`` for a number; its
+    ``item()`` is the int, float, bool or complex it is, for the caller to check."""
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)) \
+            and not isinstance(value, (str, bytes)):
+        try:
+            return value.item()
+        except Exception:  # (a meta tensor holds no value: the caller names what it got)
+            return value
+    return value
+
+
+def real(value: Any) -> float | None:
+    """``value`` as the float it is: an int or float, NumPy's integer and floating
+    scalars, or a 0-d integer or float array or tensor (`unwrap`); None for a bool,
+    a complex or anything else (the caller names what it wanted)."""
+    v = unwrap(value)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        return float(v)
+    except OverflowError:  # (an int past float's range: infinite, for the caller's range check)
+        return math.inf if v > 0 else -math.inf
+
+
+def integer(value: Any) -> int | None:
+    """As `whole`, and a 0-d integer tensor too (`unwrap`); None for a bool or a float."""
+    v = unwrap(value)
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def described(value: Any) -> str:
+    """``value``'s repr and what it is (its type; an array's or a tensor's dimensions
+    and dtype), for an error that says what it got: ``tensor(6.)`` alone does not say
+    that a float tensor is what was refused."""
+    dtype, ndim = getattr(value, "dtype", None), getattr(value, "ndim", None)
+    if dtype is None or ndim is None or isinstance(value, np.generic):
+        return f"{value!r} ({type(value).__name__})"
+    return f"{value!r} (a {ndim}-d {dtype} {type(value).__name__})"
 
 
 def whole_in(value: Any, what: str, lo: int, hi: int | None = None) -> int:

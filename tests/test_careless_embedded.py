@@ -202,16 +202,21 @@ def test_generate_refuses_one_flat_tensor_as_the_prompts_by_name():
     assert generate(model, pool, torch.tensor([ids]), 2) == generate(model, pool, [ids], 2)
 
 
-def test_generate_refuses_a_0d_tensor_as_eos_by_name():
-    """A 0-d tensor as eos_token_id raised TypeError "iteration over a 0-d tensor"."""
+def test_generate_takes_a_0d_integer_tensor_as_eos_and_refuses_a_float_one_by_name():
+    """A 0-d tensor as eos_token_id raised TypeError "iteration over a 0-d tensor".
+    An integer one is the id it holds (the tokens of the int); a float one is
+    refused by name, nothing held."""
     torch = pytest.importorskip("torch")
     from kvpager.hf import generate
 
     model, pool, prompt = _tiny()
     before = pool.stats()
+    p = prompt(4, 1)
+    assert generate(model, pool, [p], 4, eos_token_id=torch.tensor(3)) == generate(model, pool, [p], 4,
+                                                                                     eos_token_id=3)
     with pytest.raises(ValueError, match="eos_token_id must be"):
-        generate(model, pool, [prompt(4, 1)], 2, eos_token_id=torch.tensor(3))
-    assert pool.stats() == before
+        generate(model, pool, [p], 2, eos_token_id=torch.tensor(3.0))
+    assert pool.stats().num_sequences == before.num_sequences == 0
     pool.check_integrity()
 
 

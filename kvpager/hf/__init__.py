@@ -8,8 +8,9 @@ Install with ``pip install 'kvpager[torch]'`` (torch and transformers), then::
     pool = KVPool(spec_for_model(model, num_blocks=4096))
     outputs = generate(model, pool, [prompt_ids, ...], max_new_tokens=64)
 
-Modules: `kvpager.hf.generation` (step plans, `PagedGeneration`,
-`generate`), `kvpager.hf.attention` (the attention function, the packed forward
+Modules: `kvpager.hf.generation` (step plans, `PagedGeneration`),
+`kvpager.hf.generate_call` (`generate`: a call's arguments resolved against the
+model's generation config), `kvpager.hf.attention` (the attention function, the packed forward
 pass), `kvpager.hf.model` (windows, attention arguments, the KV geometry),
 `kvpager.hf.salt` (the default salt), `kvpager.hf.recurrent` (models with
 recurrent layers), `kvpager.hf.fp8` (FP8 scales calibrated from a sample prompt),
@@ -27,12 +28,12 @@ except ImportError as e:  # say what to install, not only what is missing
 
 from kvpager.hf.beams import Beams, beam_search
 from kvpager.hf.fp8 import calibrate_kv_scales
+from kvpager.hf.generate_call import generate
 from kvpager.hf.generation import (
     ATTN_IMPLEMENTATION,
     PagedBatch,
     PagedGeneration,
     check_model,
-    generate,
     kvpager_attention,
     model_geometry,
     paged_attention,

@@ -49,9 +49,9 @@ from kvpager.hf.padding import prompts_given, token_lists
 from kvpager.hf.rope import rope_salt
 from kvpager.hf.salt import call_salt
 from kvpager.hf.windows import hit_window
-from kvpager.validate import is_int
+from kvpager.validate import described, integer, real
 
-__all__ = ["Beams", "beam_search", "beams_for_generate", "check_beam_options", "config_beams"]
+__all__ = ["Beams", "beam_search", "check_beam_options"]
 
 _FAR = -1.0e9  # a score no candidate can win with (transformers' own)
 
@@ -94,80 +94,42 @@ def beam_search(model: Any, pool: Any, prompts: Any = None, max_new_tokens: int 
     check_model_and_pool(model, pool)
     check_graph_options(model, pool, True if isinstance(cuda_graphs, CapturedSteps) else cuda_graphs, compile)
     prompts = token_lists(prompts_given(prompts, input_ids), model, attention_mask)
-    if not is_int(max_new_tokens) or max_new_tokens < 1:
-        raise InvalidArgument(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if not is_int(num_beams) or num_beams < 1:
-        raise InvalidArgument(f"num_beams must be an int >= 1, got {num_beams!r}")
-    if not is_int(num_return_sequences) or not 1 <= num_return_sequences <= num_beams:
-        raise InvalidArgument(f"num_return_sequences must be an int from 1 to num_beams ({num_beams}), "
-                              f"got {num_return_sequences!r}")
-    check_beam_options(length_penalty, early_stopping)
+    # (counts as ints, NumPy integers or 0-d integer tensors: the ints they hold)
+    most, beams, returned = integer(max_new_tokens), integer(num_beams), integer(num_return_sequences)
+    if most is None or most < 1:
+        raise InvalidArgument(f"max_new_tokens must be an int >= 1, got {described(max_new_tokens)}")
+    if beams is None or beams < 1:
+        raise InvalidArgument(f"num_beams must be an int >= 1, got {described(num_beams)}")
+    if returned is None or not 1 <= returned <= beams:
+        raise InvalidArgument(f"num_return_sequences must be an int from 1 to num_beams ({beams}), "
+                              f"got {described(num_return_sequences)}")
+    length_penalty = check_beam_options(length_penalty, early_stopping)
     if isinstance(eos_token_id, str) and eos_token_id == "model":
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    check_positions(model, max((len(p) for p in prompts), default=0) + int(max_new_tokens) - 1, "beam_search")
+    check_positions(model, max((len(p) for p in prompts), default=0) + most - 1, "beam_search")
     salt = rope_salt(model, call_salt(model, salt, "beam_search"), list(map(len, prompts)),
-                     [len(p) + int(max_new_tokens) for p in prompts], "beam_search",
+                     [len(p) + most for p in prompts], "beam_search",
                      1 if has_recurrent_layers(model) else None)
-    search = _Search(model, pool, prompts, int(max_new_tokens), int(num_beams), float(length_penalty),
+    search = _Search(model, pool, prompts, most, beams, length_penalty,
                      early_stopping, end_tokens(eos_token_id), salt, cuda_graphs, compile)
     try:
         search.run()
     finally:
         search.close()
-    return [Beams([list(t) for t in toks[:num_return_sequences]], [float(s) for s in scores[:num_return_sequences]])
+    return [Beams([list(t) for t in toks[:returned]], [float(s) for s in scores[:returned]])
             for toks, scores in search.results()]
 
 
-def check_beam_options(length_penalty: Any, early_stopping: Any) -> None:
-    """InvalidArgument naming a beam option out of range. `generate` checks them with one
-    beam too, where they change no token, as transformers checks ``early_stopping``."""
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
-            or not np.isfinite(length_penalty):
-        raise InvalidArgument(f"length_penalty must be a finite number, got {length_penalty!r}")
+def check_beam_options(length_penalty: Any, early_stopping: Any) -> float:
+    """``length_penalty`` as a float (a NumPy scalar or 0-d tensor too); InvalidArgument
+    naming a beam option out of range. `generate` checks them with one beam too, where
+    they change no token, as transformers checks ``early_stopping``."""
+    penalty = real(length_penalty)
+    if penalty is None or not np.isfinite(penalty):
+        raise InvalidArgument(f"length_penalty must be a finite number, got {described(length_penalty)}")
     if early_stopping not in (False, True, "never") or early_stopping is None:
         raise InvalidArgument(f"early_stopping must be False, True or 'never', got {early_stopping!r}")
-
-
-def beams_for_generate(model: Any, pool: Any, prompts: Any, max_new_tokens: Any, num_beams: Any, salt: Any,
-                       eos_token_id: Any, *, input_ids: Any, attention_mask: Any, refused: dict[str, Any],
-                       length_penalty: float = 1.0, early_stopping: bool | str = False, cuda_graphs: bool = False,
-                       compile: bool = False) -> list[list[int]]:
-    """`kvpager.hf.generate` with ``num_beams``: each prompt's best hypothesis. What a
-    beam search does not take (a sampling, log-probabilities, stop sequences,
-    ``refused``) is refused by name."""
-    given = sorted(name for name, value in refused.items() if value is not None)
-    if given:
-        raise InvalidArgument(f"generate with num_beams={num_beams!r} takes no {', '.join(given)}: beam search here "
-                              "is greedy, without log-probabilities or stop sequences (kvpager.hf.beam_search)")
-    found = beam_search(model, pool, prompts, max_new_tokens, num_beams, 1, length_penalty, early_stopping,
-                        eos_token_id, salt, input_ids=input_ids, attention_mask=attention_mask,
-                        cuda_graphs=cuda_graphs, compile=compile)
-    return [b.tokens[0] for b in found]
-
-
-def config_beams(model: Any) -> tuple[int, dict[str, Any]]:
-    """A generation config's beam search (``num_beams`` > 1 without sampling): its beams
-    and their ``length_penalty`` and ``early_stopping``; (1, {}) where it asks for none.
-    ValueError where it also asks for what the beams here do not apply (a
-    processor: a penalty, a bias, ``min_new_tokens``; sampled beams)."""
-    from kvpager.hf.sampling import Sampling
-
-    config = getattr(model, "generation_config", None)
-    beams = getattr(config, "num_beams", None) or 1
-    if beams == 1 or getattr(config, "do_sample", False):
-        return 1, {}  # (sampled beams: Sampling.from_model refuses them by name)
-    returned = getattr(config, "num_return_sequences", None) or 1
-    if returned != 1:
-        raise InvalidArgument(f"the model's generation config asks for num_return_sequences={returned!r} of its "
-                              f"beam search; generate returns each prompt's best hypothesis: call "
-                              f"kvpager.hf.beam_search(num_beams={beams}, num_return_sequences=...) for more")
-    if Sampling.from_model(model) is not None:
-        raise InvalidArgument(f"the model's generation config asks for a beam search (num_beams={beams}) with logits "
-                              "processors (penalties, biases, min_new_tokens), which kvpager's beam search does not "
-                              "apply: call kvpager.hf.beam_search for the beams alone")
-    penalty = getattr(config, "length_penalty", None)
-    return int(beams), dict(length_penalty=1.0 if penalty is None else float(penalty),
-                            early_stopping=getattr(config, "early_stopping", False) or False)
+    return penalty
 
 
 class _Search:

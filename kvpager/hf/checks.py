@@ -27,7 +27,7 @@ from kvpager.hf.model import (
 )
 from kvpager.hf.windows import layer_chunks, layer_windows
 from kvpager.spec import PoolSpec
-from kvpager.validate import is_int
+from kvpager.validate import described, integer
 
 
 def check_model(model: Any, pool: Any) -> list[int | None]:
@@ -198,14 +198,21 @@ def check_model_and_pool(model: Any, pool: Any) -> None:
 
 def end_tokens(eos: Any) -> set[int]:
     """The end-of-sequence ids of ``eos`` (None, a token id, or a list, 1-D array or
-    tensor of them); ValueError for anything else."""
-    if getattr(eos, "ndim", None) == 1 and hasattr(eos, "tolist"):
-        eos = eos.tolist()  # a 1-D tensor or array of ids, as a list (a torch one gave 0-d tensors: refused)
-    many = eos is not None and not is_int(eos)
-    if many and (isinstance(eos, (str, bytes)) or not hasattr(eos, "__iter__") or getattr(eos, "ndim", 1) != 1
-                 or not all(is_int(e) for e in eos)):
-        raise InvalidArgument(f"eos_token_id must be None, a token id or a list of them, got {eos!r}")
-    ids = set() if eos is None else {int(e) for e in eos} if many else {int(eos)}
+    tensor of them; an id may be a NumPy integer or a 0-d integer tensor, as a
+    tokenizer or a config hands them out); ValueError saying what was given otherwise."""
+    if eos is None:
+        return set()
+    one = integer(eos)
+    if one is not None:
+        ids = {one}
+    else:
+        given = eos.tolist() if getattr(eos, "ndim", None) == 1 and hasattr(eos, "tolist") else eos
+        many = None if isinstance(given, (str, bytes)) or not hasattr(given, "__iter__") \
+            or getattr(given, "ndim", 1) != 1 else [integer(e) for e in given]
+        if many is None or None in many:
+            raise InvalidArgument(f"eos_token_id must be None, a token id or a list of them (ints, NumPy integers "
+                                  f"or 0-d integer tensors), got {described(eos)}")
+        ids = set(many)
     if any(not -(1 << 63) <= e < 1 << 63 for e in ids):  # (ids outside the vocabulary are never generated)
         raise InvalidArgument(f"eos_token_id: token ids must be within int64, got {eos!r}")
     return ids

@@ -1,5 +1,9 @@
 """Hugging Face transformers on kvpager: generation (greedy or sampled) of a causal LM whose KV cache lives in a kvpager pool.
 
+`PagedGeneration` is one batch's generation, step by step; `generate`
+(`kvpager.hf.generate_call`: a call's arguments resolved against the model's
+generation config, beams or not) runs one to its end.
+
 The pool is any object with `KVPool`'s methods: an embedded `kvpager.KVPool`
 or a daemon client. Sequences are allocated with their prompt ids, so a
 prompt whose leading blocks another worker already computed (under the same
@@ -15,7 +19,8 @@ Usage::
 Supported: decoder-only models whose attention goes through transformers'
 ``AttentionInterface`` (docs/hf.md lists the families), greedy or sampled
 (`kvpager.hf.sampling`), with log-probabilities (`kvpager.hf.logprobs`). This
-module also gives the names of `kvpager.hf.attention` and `kvpager.hf.model`.
+module also gives the names of `kvpager.hf.attention` and `kvpager.hf.model`,
+and `generate`.
 """
 
 from __future__ import annotations
@@ -41,7 +46,6 @@ from kvpager.hf.attention import (  # noqa: F401
     paged_forward,
     register,
 )
-from kvpager.hf.beams import beams_for_generate, check_beam_options, config_beams
 from kvpager.hf.checks import check_model, check_model_and_pool, check_positions, end_tokens  # noqa: F401
 from kvpager.hf.eager import TORCH_DTYPES
 from kvpager.hf.graphs import (
@@ -67,13 +71,13 @@ from kvpager.hf.pipeline import DecodePasses
 from kvpager.hf.recurrent import Recurrent, has_recurrent_layers, recurrent_salt
 from kvpager.hf.rope import rope_salt
 from kvpager.hf.salt import call_salt, default_salt
-from kvpager.hf.sampling import Sampler, Sampling
+from kvpager.hf.sampling import Sampler, Sampling  # noqa: F401
 from kvpager.hf.windows import hit_window, layer_chunks, layer_windows
 from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
-from kvpager.validate import whole_in
 
-__all__ = ["Completion", "PagedBatch", "PagedGeneration", "default_salt", "generate", "layer_windows", "spec_for_model"]
-
+# (``generate`` lives in `kvpager.hf.generate_call`, answered here by `__getattr__`)
+__all__ = ["Completion", "PagedBatch", "PagedGeneration", "default_salt", "generate",  # noqa: F822
+           "layer_windows", "spec_for_model"]
 
 
 @dataclass
@@ -384,74 +388,12 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         self.close()
 
 
-def generate(
-    model: Any,
-    pool: Any,
-    prompts: Sequence[Sequence[int]] | None = None,
-    max_new_tokens: int | Sequence[int] = None,  # type: ignore[assignment] - required: None is refused by name
-    salt: str | bytes | None = None,
-    eos_token_id: Any = "model",
-    cuda_graphs: bool | CapturedSteps = False,
-    pipeline: bool = True,
-    compile: bool = False,
-    *,
-    input_ids: Any = None,
-    attention_mask: Any = None,
-    sampling: Any = None,
-    logprobs: int | None = None,
-    stop_sequences: Sequence[Sequence[int]] | None = None,
-    num_beams: int | None = None,
-    length_penalty: float | None = None,
-    early_stopping: bool | str | None = None,
-) -> list[list[int]] | list[Completion]:
-    """Generation with the KV cache in ``pool``, greedy unless ``sampling`` (a
-    `kvpager.hf.Sampling` for every prompt, a list of one per prompt, or "model":
-    what the model's generation config asks of transformers' ``generate``,
-    `Sampling.from_model`). Returns the new token ids
-    of each prompt: ``max_new_tokens`` of them (an int, or a list of one a
-    prompt), or fewer where an end-of-sequence
-    token came (included, as transformers' ``generate`` does), or the new tokens
-    ended with one of ``stop_sequences`` (token-id lists; included). ``eos_token_id``
-    defaults to the model's generation config ("model"); None never stops early.
-    ``pipeline``: launch each decode pass before the last one's tokens reach the
-    host (`PagedGeneration.pipeline`; the same tokens). ``compile`` (with
-    ``cuda_graphs``): capture the step compiled by ``torch.compile``
-    (`PagedGeneration.compile`). ``cuda_graphs``: True captures this call's
-    decode steps; a `kvpager.hf.CapturedSteps` replays those kept across calls,
-    capturing what is missing. A padded batch: ``attention_mask`` (1 for a
-    prompt's tokens, 0 for padding; the prompts' shape) strips each prompt's
-    padding, left or right; ``input_ids`` is another name for ``prompts``, so a
-    tokenizer's output passes as it is: ``generate(model, pool, **enc, max_new_tokens=n)``.
-    ``logprobs`` (an int k): a `Completion` per prompt instead, its tokens with
-    their log-probabilities under the model and, k > 0, the k most likely tokens'
-    at each position (`kvpager.hf.logprobs`). ``num_beams`` > 1: each prompt's best
-    hypothesis of a beam search (`kvpager.hf.beams.beam_search`, with
-    ``length_penalty`` and ``early_stopping``, its steps captured with
-    ``cuda_graphs``). As in transformers, the call's ``num_beams`` and beam options
-    override a config's (``sampling="model"``), and with one beam the beam options
-    change nothing."""
-    beam_options = {k: v for k, v in (("length_penalty", length_penalty), ("early_stopping", early_stopping))
-                    if v is not None}
-    if num_beams is not None:
-        num_beams = whole_in(num_beams, "num_beams", 1)  # (True is no count of beams)
-    elif isinstance(sampling, str) and sampling == "model":
-        num_beams, config_options = config_beams(model)  # (a config's beam search: its best hypothesis)
-        beam_options = {**config_options, **beam_options}
-        sampling = sampling if num_beams == 1 else None
-    if num_beams not in (None, 1):
-        return beams_for_generate(model, pool, prompts, max_new_tokens, num_beams, salt, eos_token_id,
-                                  input_ids=input_ids, attention_mask=attention_mask, refused=dict(
-                                      sampling=sampling, logprobs=logprobs, stop_sequences=stop_sequences),
-                                  cuda_graphs=cuda_graphs, compile=compile, **beam_options)
-    check_beam_options(beam_options.get("length_penalty", 1.0), beam_options.get("early_stopping", False))
-    if isinstance(eos_token_id, str) and eos_token_id == "model":
-        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(sampling, str) and sampling == "model":
-        sampling = Sampling.from_model(model, eos_token_id=eos_token_id)
-    with PagedGeneration(model, pool, prompts, max_new_tokens, salt, eos_token_id, cuda_graphs,
-                         pipeline=pipeline, compile=compile, input_ids=input_ids,
-                         attention_mask=attention_mask, sampling=sampling, logprobs=logprobs,
-                         stop_sequences=stop_sequences) as gen:
-        while not gen.done:
-            gen.step()
-        return gen.outputs if logprobs is None else gen.completions()
+def __getattr__(name: str) -> Any:
+    """`generate`, which moved to `kvpager.hf.generate_call` (it builds a `PagedGeneration`,
+    so this module cannot import it back at load): still answered here, for the code
+    that reaches it as this module's (``clients/kvpager_hf.py`` is this module object)."""
+    if name == "generate":
+        from kvpager.hf.generate_call import generate
+
+        return generate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,7 +26,7 @@ import torch
 
 from kvpager.errors import InvalidArgument
 from kvpager.hf import logprob_kernel
-from kvpager.validate import is_int
+from kvpager.validate import described, integer
 
 __all__ = ["Completion", "KeptLogprobs", "TokenLogprobs", "check_logprobs", "torch_logprobs"]
 
@@ -49,12 +49,13 @@ def check_logprobs(k: Any, vocab: int | None) -> int | None:
     int from 0 to the model's vocabulary size."""
     if k is None:
         return None
-    if not is_int(k) or k < 0:
+    n = integer(k)  # (a NumPy integer or a 0-d integer tensor: the int it holds)
+    if n is None or n < 0:
         raise InvalidArgument(f"logprobs must be None or an int >= 0 (the most likely tokens to report at each "
-                              f"position besides the chosen one), got {k!r}")
-    if vocab is not None and k > vocab:
-        raise InvalidArgument(f"logprobs={k} asks for more tokens than the model's vocabulary holds ({vocab})")
-    return int(k)
+                              f"position besides the chosen one), got {described(k)}")
+    if vocab is not None and n > vocab:
+        raise InvalidArgument(f"logprobs={n} asks for more tokens than the model's vocabulary holds ({vocab})")
+    return n
 
 
 def torch_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:

@@ -8,7 +8,8 @@ each row to the run where its mask is 1. Only padding is stripped: a mask whose
 1s are not one run in a row (a 0 between them), a row of 0s, a mask of another
 shape than the prompts or values other than 0 and 1 are refused by name.
 `warn_if_padded` warns where a batch without a mask looks padded.
-`token_lists` turns what a caller passes as prompts into lists of token ids,
+`token_lists` turns what a caller passes as prompts into lists of token ids
+(in their order: a set's or a dict's, `unordered`, refused),
 `new_token_limits` its ``max_new_tokens`` into one a prompt, `stop_sequences`
 its stop sequences by their last token; `prompts_given` takes the prompts under
 either of their names.
@@ -19,16 +20,17 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
 import torch
 
 from kvpager.errors import InvalidArgument
-from kvpager.validate import all_type, is_int
+from kvpager.validate import all_type, described, integer, is_int
 
 __all__ = ["new_token_limits", "pad_token_ids", "prompts_given", "stop_sequences", "strip_padding", "token_lists",
-           "warn_if_padded"]
+           "unordered", "warn_if_padded"]
 
 _MASK_KINDS = "biuf"  # bool, int, unsigned, float dtypes: their values are checked to be 0 or 1
 
@@ -167,6 +169,14 @@ def warn_if_padded(rows: list[list[int]], model: Any) -> bool:
     return False
 
 
+def unordered(value: Any) -> bool:
+    """Whether ``value`` holds its items in no order a caller gave them: a set, a
+    frozenset, a dict or a dict's keys or items (iterated, a set's order is its hashes',
+    a repeated token is there once; a dict's, its keys'). Token ids and prompts must
+    come in their order; a generator, iterated once in order, is taken."""
+    return isinstance(value, (AbstractSet, Mapping))
+
+
 def token_lists(prompts: Any, model: Any, attention_mask: Any = None) -> list[list[int]]:
     """``prompts`` as lists of ints, each an id of ``model``'s input embeddings
     (ValueError for anything else: a float is not truncated into an id, and an
@@ -183,10 +193,17 @@ def token_lists(prompts: Any, model: Any, attention_mask: Any = None) -> list[li
                               "attention_mask=enc['attention_mask']")
     if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
         raise InvalidArgument("prompts must be a non-empty list of non-empty token-id lists")
+    if unordered(prompts):
+        raise InvalidArgument(f"prompts must come in an order (a list, a tuple, an array, a tensor or a generator), "
+                              f"got a {type(prompts).__name__}: the outputs follow the prompts' order")
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, (str, bytes)) or not hasattr(p, "__iter__"):
             raise InvalidArgument(f"prompts[{i}] must be a list of token ids, got {type(p).__name__}")
+        if unordered(p):
+            raise InvalidArgument(f"prompts[{i}] must be token ids in their order (a list, a tuple, a 1-D array or "
+                                  f"tensor), got a {type(p).__name__}: it gives its ids in no prompt's order, each "
+                                  "once")
         if isinstance(p, (np.ndarray, torch.Tensor)) and p.ndim != 1:  # a 0-d one: one flat tensor's id
             raise InvalidArgument(f"prompts[{i}] must be a list of token ids, got a {p.ndim}-D {type(p).__name__} "
                                   "(pass [ids] for one prompt)")
@@ -223,16 +240,17 @@ def new_token_limits(most: Any, n: int) -> list[int]:
     """The most new tokens of each of ``n`` prompts: ``most`` an int >= 1 for all of
     them, or a list (a 1-D array or tensor) of one a prompt; ValueError naming
     what is wrong."""
-    if is_int(most):
-        if most >= 1:
-            return [int(most)] * n
+    one = integer(most)  # (a NumPy integer or a 0-d integer tensor: the int it holds)
+    if one is not None:
+        if one >= 1:
+            return [one] * n
     elif hasattr(most, "__len__") and getattr(most, "ndim", 1) == 1 and not isinstance(most, (str, bytes, Mapping)):
-        values = most.tolist() if hasattr(most, "tolist") else list(most)
-        if len(values) != n or not all(is_int(v) and v >= 1 for v in values):
+        values = [integer(v) for v in (most.tolist() if hasattr(most, "tolist") else most)]
+        if len(values) != n or not all(v is not None and v >= 1 for v in values):
             raise InvalidArgument(f"max_new_tokens as a list must hold an int >= 1 for each of the {n} prompts, "
                                   f"got {most!r}")
-        return [int(v) for v in values]
-    raise InvalidArgument(f"max_new_tokens must be an int >= 1, got {most!r} (or a list of one a prompt)")
+        return values
+    raise InvalidArgument(f"max_new_tokens must be an int >= 1, got {described(most)} (or a list of one a prompt)")
 
 
 def prompts_given(prompts: Any, input_ids: Any) -> Any:
@@ -258,8 +276,9 @@ def stop_sequences(stops: Any) -> dict[int, list[tuple[int, ...]]]:
     for k, seq in enumerate(stops):
         if hasattr(seq, "tolist"):
             seq = seq.tolist()
-        if isinstance(seq, (str, bytes, Mapping)) or not hasattr(seq, "__iter__"):
-            raise InvalidArgument(f"stop_sequences[{k}] must be a list of token ids, got {seq!r}")
+        if isinstance(seq, (str, bytes)) or not hasattr(seq, "__iter__") or unordered(seq):
+            raise InvalidArgument(f"stop_sequences[{k}] must be a list of token ids in their order, got "
+                                  f"a {type(seq).__name__}: {seq!r}")
         seq = list(seq)
         if not seq or not all(is_int(t) and t >= 0 for t in seq):
             raise InvalidArgument(f"stop_sequences[{k}] must be a non-empty list of token ids (ints >= 0), got {seq!r}")

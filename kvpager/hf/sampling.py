@@ -32,7 +32,7 @@ from kvpager.hf import draw_kernel
 from kvpager.hf.checks import end_tokens
 from kvpager.hf.draws import penalize, sample
 from kvpager.hf.passes import array_to_device, to_device
-from kvpager.validate import is_int
+from kvpager.validate import integer, real
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -57,16 +57,16 @@ def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
     if items is None or isinstance(bias, (str, bytes)) or any(len(p) != 2 for p in items):
         raise InvalidArgument(f"logit_bias must be a {{token id: bias}} dict or (id, bias) pairs, got {bias!r}")
     out: dict[int, float] = {}
-    for t, b in items:
-        if not is_int(t) or t < 0:
-            raise InvalidArgument(f"logit_bias: token ids must be ints >= 0, got {t!r}")
-        if isinstance(b, bool) or not isinstance(b, (int, float, np.floating, np.integer)) or math.isnan(b) \
-                or (b != -math.inf and abs(b) > F32_MAX):
+    for given, b in items:
+        t, value = integer(given), real(b)  # (NumPy scalars and 0-d tensors: the numbers they hold)
+        if t is None or t < 0:
+            raise InvalidArgument(f"logit_bias: token ids must be ints >= 0, got {given!r}")
+        if value is None or math.isnan(value) or (value != -math.inf and abs(value) > F32_MAX):
             raise InvalidArgument(f"logit_bias of token {t} must be a number within float32's range, where it is "
                                   f"added (-inf: never chosen), got {b!r}")
-        if int(t) in out:
+        if t in out:
             raise InvalidArgument(f"logit_bias names token {t} twice")
-        out[int(t)] = float(b)
+        out[t] = value
     return tuple(sorted(out.items()))
 
 
@@ -109,31 +109,36 @@ class Sampling:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
-        if not is_int(self.min_tokens) or not 0 <= self.min_tokens < 1 << 63:
+        least, k, t, p, m, r = (self._take(name, kind) for name, kind in (
+            ("min_tokens", integer), ("top_k", integer), ("temperature", real), ("top_p", real), ("min_p", real),
+            ("repetition_penalty", real)))
+        if least is None or not 0 <= least < 1 << 63:
             raise InvalidArgument(f"min_tokens must be an int in [0, 2**63) (0: none), got {self.min_tokens!r}")
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise InvalidArgument(f"temperature must be a finite number >= 0 (0: greedy), got {t!r}")
-        if not is_int(self.top_k) or self.top_k < 0:
+        if t is None or not math.isfinite(t) or t < 0:
+            raise InvalidArgument(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature!r}")
+        if k is None or k < 0:
             raise InvalidArgument(f"top_k must be an int >= 0 (0: no limit), got {self.top_k!r}")
-        p = self.top_p
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
-            raise InvalidArgument(f"top_p must be a number in (0, 1] (1: no limit), got {p!r}")
-        m = self.min_p
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m <= 1.0:
-            raise InvalidArgument(f"min_p must be a number in [0, 1] (0: no limit), got {m!r}")
-        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed <= _MASK64):
+        if p is None or not 0.0 < p <= 1.0:
+            raise InvalidArgument(f"top_p must be a number in (0, 1] (1: no limit), got {self.top_p!r}")
+        if m is None or not 0.0 <= m <= 1.0:
+            raise InvalidArgument(f"min_p must be a number in [0, 1] (0: no limit), got {self.min_p!r}")
+        if self.seed is not None and (self._take("seed", integer) is None or not 0 <= self.seed <= _MASK64):
             raise InvalidArgument(f"seed must be None or an int in [0, 2**64), got {self.seed!r}")
         # (the penalties apply in float32: a value past its range, or one it rounds to 0, would make
         # every logit inf or NaN, and the row's token another than asked for)
-        r = self.repetition_penalty
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not F32_TINY <= r <= F32_MAX:
+        if r is None or not F32_TINY <= r <= F32_MAX:
             raise InvalidArgument(f"repetition_penalty must be a number > 0 within float32's normal range "
-                                  f"({F32_TINY:.3g} to {F32_MAX:.3g}; 1: none), got {r!r}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not abs(v) <= F32_MAX:
-                raise InvalidArgument(f"{name} must be a number within float32's range (0: none), got {v!r}")
+                                  f"({F32_TINY:.3g} to {F32_MAX:.3g}; 1: none), got {self.repetition_penalty!r}")
+        for name, given in (("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)):
+            if (v := self._take(name, real)) is None or not abs(v) <= F32_MAX:
+                raise InvalidArgument(f"{name} must be a number within float32's range (0: none), got {given!r}")
+
+    def _take(self, name: str, kind: Any) -> Any:
+        """Setting ``name`` as ``kind`` (`real`, `integer`: a NumPy scalar's or 0-d tensor's number), kept so."""
+        value = kind(getattr(self, name))
+        if value is not None:
+            object.__setattr__(self, name, value)
+        return value
 
     @property
     def greedy(self) -> bool:
