@@ -44,6 +44,13 @@ from kvpager.types import BlockMap
 NULL_BLOCK = 0
 
 
+def window_reach(window: int, block_size: int) -> int:
+    """Blocks before a prompt's first new token that its sliding window of
+    ``window`` positions (its own included) reads: the cached blocks a windowed
+    hit holds. One at least: a hit stands on a cached block."""
+    return max(1, -(-(window - 1) // block_size))
+
+
 class BlockPool(BlockRefs):
     """Reference-counted device blocks, the prefix cache over them, and an LRU
     of evictable cached blocks."""
@@ -123,9 +130,8 @@ class BlockPool(BlockRefs):
         """Past `match`'s ``keys`` and ``hits``: the furthest hit for queries that
         read at most ``window`` positions, themselves included (`PrefixCache.match_window`):
         keys up to it, the hit blocks, the blocks left unread before them, and every usable block's key."""
-        # blocks before the first new token that its window reads (one at least: a hit stands on a cached block)
-        reach = max(1, -(-(window - 1) // block_size))
-        return self.cache.match_window(root, tokens, block_size, max_blocks, reach, keys, hits)
+        return self.cache.match_window(root, tokens, block_size, max_blocks, window_reach(window, block_size),
+                                       keys, hits)
 
     def lookup(self, key: bytes) -> int | None:
         return self.cache.get(key)

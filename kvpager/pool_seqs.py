@@ -60,10 +60,13 @@ class PoolSequences:
         window of that many positions (the query's own included). A prompt
         whose cached prefix ends at a missing block (evicted: the oldest go
         first) also takes a later hit, as far as the blocks its first new
-        token's window reads are cached; the entries before those hold the
-        null block, as `release_before` leaves them (`Allocation.block_table`),
-        so attention over the sequence must use a window of at most
-        ``window``. Without it only a prefix cached from the first block counts.
+        token's window reads are cached. Either way the sequence holds only
+        the hit blocks that window reads (a long cached prefix needs no room
+        for the rest, as in vLLM's sliding-window manager); the entries before
+        them hold the null block, as `release_before` leaves them
+        (`Allocation.block_table`), their blocks stay cached, and attention
+        over the sequence must use a window of at most ``window``. Without it
+        only a prefix cached from the first block counts, all of it held.
 
         With a remote tier, full blocks missing here are first looked up in
         the store (one batch) and restored into device blocks; they count in

@@ -1,6 +1,8 @@
 """Append: extend sequences by token slots, with copy-on-write of a shared,
 partly filled last block and un-publishing of a published last block that is
-about to be rewritten.
+about to be rewritten. Of sharers that are all rows of one batch, the last
+writes the block in place (`_in_place`): a batch needs exactly the blocks
+its sequences appended one at a time would.
 
 A decode step (one token for each sequence) is a few array operations over
 the batch's rows: find the rows at a block boundary or whose last block is
@@ -36,6 +38,21 @@ def _token_list(ids: object) -> list[int]:
             and (not ids or min(ids) >= -TOKEN_LIMIT and max(ids) < TOKEN_LIMIT)):
         return ids
     return token_array(ids, "token_ids").tolist()
+
+
+def _in_place(ref_cnt: np.ndarray, last: np.ndarray, shared: np.ndarray) -> np.ndarray:
+    """Rows (a mask) among ``shared`` (rows about to write into their shared,
+    partly filled last block) that write it in place: of a block whose every
+    reference is such a row of this batch (no other sequence, no pin), the last
+    in batch order. Appended one at a time, the others copy it first and leave
+    that row its only holder, so the batch needs no block more than that."""
+    at = np.flatnonzero(shared)
+    blocks = last[at][::-1]  # reversed: `unique`'s first index is a block's last row
+    ids, first, counts = np.unique(blocks, return_index=True, return_counts=True)
+    whole = counts == ref_cnt[ids]
+    out = np.zeros(len(last), dtype=bool)
+    out[at[len(at) - 1 - first[whole]]] = True
+    return out
 
 
 def _within(counts: np.ndarray) -> np.ndarray:
@@ -81,6 +98,8 @@ def append(
     last = bt.last[rows]  # the null block where a row is empty
     partial = (n > 0) & (nt % bs != 0)
     cow = partial & (pool.ref_cnt[last] > 1)
+    if cow.any():  # the last of a block's sharers in this batch writes it in place
+        cow &= ~_in_place(pool.ref_cnt, last, cow)
     grow = (nt + n + bs - 1) // bs - nb
     per = cow + grow
     need = int(per.sum())
@@ -149,8 +168,13 @@ def _decode(
     off = nt & (m.block_size - 1)
     last = bt.last[rows]  # the null block where a row is empty
     # A row needs a block at a block boundary, or a copy of its partly filled last block
-    # when that is shared (copy-on-write).
-    needs = (off == 0) | (pool.ref_cnt[last] > 1)
+    # when that is shared (copy-on-write), but for the last of its sharers in this batch.
+    needs = off == 0
+    shared = pool.ref_cnt[last] > 1
+    if shared.any():  # (a row at a boundary after a shared full block needs a new block anyway)
+        shared &= ~needs
+        if shared.any():
+            needs |= shared & ~_in_place(pool.ref_cnt, last, shared)
     k = np.count_nonzero(needs)
     copies = _NO_COPIES
     blocks = last
@@ -190,8 +214,9 @@ def _native_decode(
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """`_decode` by the compiled step (`kvpager.native`): one call when no row
     needs a block, two around taking them when some do; None (nothing changed)
-    where a row would write into a published last block, which the NumPy path
-    un-publishes first."""
+    where a row would write into a shared last block (which sharers copy is
+    `_in_place`'s decision over the whole batch; once after a fork) or into a
+    published one (un-published first): the NumPy path takes those steps."""
     bt, pool, native = m.table, m.pool, m.native
     slots = np.empty(len(rows), np.int64)
     nt = None if ids_list is None else np.empty(len(rows), np.int64)
@@ -199,7 +224,6 @@ def _native_decode(
     k, widest = native.scan(rows, bt.row_data, LAST, pool.ref_cnt, cached, m.shift, slots, nt)
     if k < 0:
         return None
-    copies = _NO_COPIES
     if k:
         available = pool.get_num_free_blocks()
         if k > available:
@@ -207,20 +231,14 @@ def _native_decode(
         new = pool.get_new_blocks(k, top_first=True)
         if widest >= bt.width:
             bt.reserve_width(widest + 1)
-        out = np.empty((k, 2), np.int64)
         try:  # its checks fail only on state the scan did not see: nothing written, the blocks go back
-            made = native.place(rows, bt.row_data, LAST, pool.ref_cnt, bt.table, m.shift, new, slots, out)
+            native.place(rows, bt.row_data, LAST, pool.ref_cnt, bt.table, m.shift, new, slots)
         except BaseException:
             pool.free_blocks(new[::-1], distinct=True)  # the free list as it was, its top last
             raise
-        if made:
-            copies = out[:made]
     if ids_list is not None:
         _record(m, seq_ids, rows, nt, ids_list, 1)
-    # Sources are released only now: no block freed here is reused in this batch.
-    if len(copies):
-        pool.free_blocks(copies[:, 0])
-    return slots, copies
+    return slots, _NO_COPIES
 
 
 def _decode_one(m: SequenceManager, seq_id: int, row: int, ids: list[int] | None) -> tuple[np.ndarray, np.ndarray]:

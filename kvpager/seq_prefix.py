@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvpager.block_pool import NULL_BLOCK
+from kvpager.block_pool import NULL_BLOCK, window_reach
 from kvpager.errors import InvalidArgument, OutOfBlocks
 from kvpager.history import History
 from kvpager.prefix_cache import chain_keys, root_key, token_array
@@ -52,8 +52,9 @@ def allocate(
     With ``window`` (every query of the caller's model reads at most that many
     positions, itself included: sliding windows in every layer), a hit past
     the first missing block counts too, as far as the blocks its first new
-    token's window reads are cached: the blocks before those are left
-    released (the null block), as `release_before` leaves them."""
+    token's window reads are cached; either way only the hit blocks that
+    window reads are taken, the entries before them left released (the null
+    block), as `release_before` leaves them (`_read_by_window`)."""
     bs, pool = m.block_size, m.pool
     plans = []
     # key -> (prompt index, table index) of a fresh full block earlier in this batch
@@ -65,9 +66,11 @@ def allocate(
         root = root_key(salts[i])
         usable = max(len(tokens) - 1, 0) // bs  # blocks we may take from the cache
         keys, hits = pool.match(root, tokens, bs, usable)
-        skip, every = 0, None  # leading entries left released (a windowed hit past a miss); all keys hashed
-        if window is not None and len(hits) < usable:
-            keys, hits, skip, every = pool.match_window(root, tokens, bs, usable, window, keys, hits)
+        skip, every = 0, None  # leading entries left released (unread by the window); all keys hashed
+        if window is not None:
+            if len(hits) < usable:
+                keys, hits, skip, every = pool.match_window(root, tokens, bs, usable, window, keys, hits)
+            skip, hits = _read_by_window(window, bs, skip, hits)
         shared: list[tuple[int, int]] = []
         if share_in_batch:
             start = skip + len(hits)
@@ -148,6 +151,19 @@ def allocate(
     m.prefix_query_tokens += sum(ntok)
     m.prefix_hit_tokens += sum(cached)
     return ids, flat, lengths, cached, ntok
+
+
+def _read_by_window(window: int, block_size: int, skip: int, hits: list[int]) -> tuple[int, list[int]]:
+    """A windowed allocate's ``skip`` and ``hits`` cut to the hit blocks its
+    prompt's queries read: the last `window_reach` before its first new token
+    (later queries read later positions only). The blocks before them stay
+    cached and, if idle, evictable for this very batch; their table entries
+    are left released, as vLLM's sliding-window manager leaves null blocks,
+    so a long cached prefix needs no room it would never read."""
+    unread = len(hits) - window_reach(window, block_size)
+    if unread <= 0:
+        return skip, hits
+    return skip + unread, hits[unread:]
 
 
 def window_matches(m: SequenceManager, prompts: Seq[Seq[int] | np.ndarray], salts: Seq[str | bytes | None],

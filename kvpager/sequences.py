@@ -128,7 +128,8 @@ class SequenceManager(SequenceLookup):
                        window: int) -> list[tuple[int, list[int]]]:
         """Per prompt, what `allocate` with ``window`` would find cached now past its
         prefix: (leading entries left released, the hit blocks after them); (0, its
-        prefix hits) where the window finds nothing further. Read-only."""
+        prefix hits) where the window finds nothing further (the allocate then
+        takes only those its window reads: `seq_prefix._read_by_window`). Read-only."""
         return seq_prefix.window_matches(self, prompts, salts, window)
 
     def cached_tokens(self, prompts: Seq[Seq[int] | np.ndarray], salts: Seq[str | bytes | None],

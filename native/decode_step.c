@@ -4,7 +4,9 @@
  * The NumPy path in seq_append._decode is the reference; this module computes
  * exactly the same state change, in one call for a step where no row crosses
  * a block boundary (15 of 16 steps of a synchronised batch) and two where
- * some do (the caller takes the blocks in between). It exists because a
+ * some do (the caller takes the blocks in between). A step where some row
+ * writes into a shared last block (copy-on-write, once after a fork) is
+ * declined: the NumPy path decides which sharers copy for the whole batch. It exists because a
  * daemon's decode step is a dozen NumPy calls on a few hundred rows, each
  * costing a microsecond or more of fixed overhead: one C call replaces them.
  *
@@ -25,10 +27,14 @@
 
 #define ROWS(b) ((b).view.ndim ? (b).view.shape[0] : 0)
 
-/* Whether a row of ``tokens`` whose last block is ``last`` needs a block for its next
- * token: at a block boundary, or a copy of its shared, partly filled last block. */
-static inline int needs_block(int64_t tokens, int64_t mask, int64_t last, const int32_t *ref_cnt) {
-    return (tokens & mask) == 0 || ref_cnt[last] > 1;
+/* Whether a row of ``tokens`` needs a new block for its next token: at a block boundary. */
+static inline int needs_block(int64_t tokens, int64_t mask) { return (tokens & mask) == 0; }
+
+/* Whether a row of ``tokens`` whose last block is ``last`` would write into that
+ * block while it is shared: a copy-on-write (or, for the last of its sharers in
+ * the batch, a write in place), which the NumPy path decides for the whole batch. */
+static inline int shared_write(int64_t tokens, int64_t mask, int64_t last, const int32_t *ref_cnt) {
+    return (tokens & mask) != 0 && ref_cnt[last] > 1;
 }
 
 /* Shared argument checks of both calls: ``rows`` index ``row_data`` and a
@@ -58,16 +64,17 @@ static int check_rows(const int64_t *rows, Py_ssize_t n, const int64_t *data, Py
 /* scan(rows, row_data, c_last, ref_cnt, cached, shift, slots, old_tokens)
  *   -> (needs, widest)
  *
- * needs: how many rows need a block (at a block boundary, or a copy of a
- * shared, partly filled last block); -1 if some row writes in place into a
- * last block that is still published (the caller takes the NumPy path,
- * which un-publishes it). widest: the largest block column a needing row
- * writes (-1 if none).
+ * needs: how many rows need a block (at a block boundary); -1 if some row
+ * writes into a shared, partly filled last block (copy-on-write: which of its
+ * sharers copy depends on the whole batch, see seq_append._in_place) or in
+ * place into a last block that is still published (un-published first): the
+ * caller takes the NumPy path for those, rare, steps. widest: the largest
+ * block column a needing row writes (-1 if none; undefined with -1).
  *
  * When needs is 0 the step is done here: ``slots`` (int64 [n]) holds each
  * row's slot and every row's token count went up by one. Otherwise nothing
  * changed. ``old_tokens`` (int64 [n] or None) receives the counts before the
- * step in both cases. ``cached`` (bool [blocks]) or None when nothing is
+ * step in both cases (not with -1: the scan stops at the first such row). ``cached`` (bool [blocks]) or None when nothing is
  * published. */
 static PyObject *scan(PyObject *self, PyObject *args) {
     PyObject *o_rows, *o_data, *o_ref, *o_cached, *o_slots, *o_old;
@@ -109,23 +116,24 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     const int64_t mask = ((int64_t)1 << shift) - 1;
     Py_ssize_t needs = 0;
     int64_t widest = -1;
-    int published = 0;
+    int fallback = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         const int64_t *row = d + r[i] * ncols;
         int64_t nt = row[1], last = row[c_last];
         if (prev) {
             prev[i] = nt;
         }
-        if (needs_block(nt, mask, last, rc)) {
+        if (needs_block(nt, mask)) {
             needs++;
             if ((nt >> shift) > widest) {
                 widest = nt >> shift;
             }
-        } else if (pub && pub[last]) {
-            published = 1;
+        } else if (shared_write(nt, mask, last, rc) || (pub && pub[last])) {
+            fallback = 1;
+            break;
         }
     }
-    if (published) {
+    if (fallback) {
         result = Py_BuildValue("(nL)", (Py_ssize_t)-1, (long long)widest);
         goto done;
     }
@@ -147,24 +155,23 @@ done:
     return result;
 }
 
-/* place(rows, row_data, c_last, ref_cnt, table, shift, new, slots, copies) -> copies made
+/* place(rows, row_data, c_last, ref_cnt, table, shift, new, slots) -> None
  *
  * The rest of a step whose scan found needing rows: the i-th needing row (in
  * batch order) gets block new[i] at column tokens >> shift of its table row
- * (which the caller made wide enough), its block count and last block follow,
- * and a row whose last block was shared and partly filled records the copy
- * (source, new) in ``copies`` (int64 [>= needs, 2]). Every row's slot goes to
- * ``slots`` and its token count up by one. ``new`` must hold exactly as many
- * blocks as rows need them. */
+ * (which the caller made wide enough), its block count and last block follow.
+ * Every row's slot goes to ``slots`` and its token count up by one. ``new``
+ * must hold exactly as many blocks as rows need them, and no row may write
+ * into a shared last block (the scan declined those steps). */
 static PyObject *place(PyObject *self, PyObject *args) {
-    PyObject *o_rows, *o_data, *o_ref, *o_table, *o_new, *o_slots, *o_copies;
+    PyObject *o_rows, *o_data, *o_ref, *o_table, *o_new, *o_slots;
     Py_ssize_t c_last;
     int shift;
-    if (!PyArg_ParseTuple(args, "OOnOOiOOO", &o_rows, &o_data, &c_last, &o_ref, &o_table, &shift, &o_new,
-                          &o_slots, &o_copies)) {
+    if (!PyArg_ParseTuple(args, "OOnOOiOO", &o_rows, &o_data, &c_last, &o_ref, &o_table, &shift, &o_new,
+                          &o_slots)) {
         return NULL;
     }
-    Buf rows = {0}, data = {0}, ref = {0}, table = {0}, fresh = {0}, slots = {0}, copies = {0};
+    Buf rows = {0}, data = {0}, ref = {0}, table = {0}, fresh = {0}, slots = {0};
     PyObject *result = NULL;
     if (shift < 0 || shift > 30) {
         PyErr_SetString(PyExc_ValueError, "decode step: shift out of range");
@@ -172,19 +179,17 @@ static PyObject *place(PyObject *self, PyObject *args) {
     }
     if (get(o_rows, &rows, 1, 8, 0, "rows") < 0 || get(o_data, &data, 2, 8, 1, "row_data") < 0 ||
         get(o_ref, &ref, 1, 4, 0, "ref_cnt") < 0 || get(o_table, &table, 2, 4, 1, "table") < 0 ||
-        get(o_new, &fresh, 1, 8, 0, "new") < 0 || get(o_slots, &slots, 1, 8, 1, "slots") < 0 ||
-        get(o_copies, &copies, 2, 8, 1, "copies") < 0) {
+        get(o_new, &fresh, 1, 8, 0, "new") < 0 || get(o_slots, &slots, 1, 8, 1, "slots") < 0) {
         goto done;
     }
     Py_ssize_t n = ROWS(rows), ncols = data.view.shape[1], nblocks = ROWS(ref);
     Py_ssize_t width = table.view.shape[1], k = ROWS(fresh);
-    if (ROWS(slots) != n || copies.view.shape[1] != 2 || ROWS(copies) < k ||
-        table.view.shape[0] != data.view.shape[0]) {
+    if (ROWS(slots) != n || table.view.shape[0] != data.view.shape[0]) {
         PyErr_SetString(PyExc_ValueError, "decode step: array shapes disagree");
         goto done;
     }
     const int64_t *r = rows.view.buf, *nb = fresh.view.buf;
-    int64_t *d = data.view.buf, *out = slots.view.buf, *cp = copies.view.buf;
+    int64_t *d = data.view.buf, *out = slots.view.buf;
     const int32_t *rc = ref.view.buf;
     int32_t *tab = table.view.buf;
     if (check_rows(r, n, d, data.view.shape[0], ncols, c_last, nblocks) < 0) {
@@ -194,12 +199,16 @@ static PyObject *place(PyObject *self, PyObject *args) {
     Py_ssize_t needs = 0;
     for (Py_ssize_t i = 0; i < n; i++) {  /* every check before any write */
         const int64_t *row = d + r[i] * ncols;
-        if (needs_block(row[1], mask, row[c_last], rc)) {
+        if (needs_block(row[1], mask)) {
             if ((row[1] >> shift) >= width) {
                 PyErr_SetString(PyExc_IndexError, "decode step: block table too narrow");
                 goto done;
             }
             needs++;
+        } else if (shared_write(row[1], mask, row[c_last], rc)) {
+            PyErr_Format(PyExc_ValueError, "decode step: row %lld writes into shared block %lld (copy-on-write "
+                         "is the NumPy path's)", (long long)r[i], (long long)row[c_last]);
+            goto done;
         }
     }
     if (needs != k) {
@@ -212,26 +221,22 @@ static PyObject *place(PyObject *self, PyObject *args) {
             goto done;
         }
     }
-    Py_ssize_t j = 0, made = 0;
+    Py_ssize_t j = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         int64_t *row = d + r[i] * ncols;
-        int64_t nt = row[1], off = nt & mask, last = row[c_last];
-        if (needs_block(nt, mask, last, rc)) {
-            int64_t b = nb[j++], col = nt >> shift;
-            tab[r[i] * width + col] = (int32_t)b;
+        int64_t nt = row[1], last = row[c_last];
+        if (needs_block(nt, mask)) {
+            int64_t col = nt >> shift;
+            last = nb[j++];
+            tab[r[i] * width + col] = (int32_t)last;
             row[0] = col + 1;
-            row[c_last] = b;
-            if (off != 0) {
-                cp[2 * made] = last;
-                cp[2 * made + 1] = b;
-                made++;
-            }
-            last = b;
+            row[c_last] = last;
         }
-        out[i] = (last << shift) | off;
+        out[i] = (last << shift) | (nt & mask);
         row[1] = nt + 1;
     }
-    result = PyLong_FromSsize_t(made);
+    result = Py_None;
+    Py_INCREF(result);
 done:
     release(&rows);
     release(&data);
@@ -239,7 +244,6 @@ done:
     release(&table);
     release(&fresh);
     release(&slots);
-    release(&copies);
     return result;
 }
 

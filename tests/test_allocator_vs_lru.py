@@ -98,15 +98,36 @@ class LRUReference:
             self.cache.setdefault(h, []).append(b)
         r["ncached"] = max(r["ncached"], full)
 
-    def allocate(self, rid: int, tokens: list[int], salt: str | None) -> int | None:
-        """Hit tokens, or None where the pool cannot hold the request."""
-        hits = self.match(tokens, salt)
+    def window_match(self, tokens: list[int], salt: str | None, window: int) -> list[int]:
+        """vLLM's sliding-window manager (`find_longest_cache_hit`): walking down
+        from the last usable block, the first run of cdiv(window - 1, BS) cached
+        blocks ends the hit; the entries before the run are null blocks (0);
+        with no such run, the cached blocks from block 0 on."""
+        contiguous = -(-(window - 1) // BS)
+        hs = self.hashes(tokens, salt, max(len(tokens) - 1, 0) // BS)
+        computed = [0] * len(hs)
+        run = 0
+        for i in range(len(hs) - 1, -1, -1):
+            if hs[i] not in self.cache:
+                run = 0
+                continue
+            computed[i] = self.cache[hs[i]][0]
+            run += 1
+            if run >= contiguous:
+                return computed[: i + run]
+        return computed[:run]
+
+    def allocate(self, rid: int, tokens: list[int], salt: str | None, window: int | None = None) -> int | None:
+        """Hit tokens, or None where the pool cannot hold the request. ``window``:
+        a sliding-window model's request (`window_match`)."""
+        hits = self.match(tokens, salt) if window is None else self.window_match(tokens, salt, window)
+        held = [b for b in hits if b]
         n = -(-len(tokens) // BS)
-        if n - len(hits) + sum(self.ref[b] == 0 for b in hits) > self.num_free():
+        if n - len(hits) + sum(self.ref[b] == 0 for b in held) > self.num_free():
             return None
         self.queries += len(tokens)
         self.hits += len(hits) * BS
-        for b in hits:
+        for b in held:
             if self.ref[b] == 0:
                 del self.queue[b]
             self.ref[b] += 1
@@ -126,7 +147,7 @@ class LRUReference:
         return True
 
     def free(self, rid: int) -> None:
-        blocks = self.reqs.pop(rid)["blocks"][::-1]  # the tail evicted first
+        blocks = [b for b in self.reqs.pop(rid)["blocks"][::-1] if b]  # the tail evicted first; no null block
         for b in blocks:
             self.ref[b] -= 1
         idle = [b for b in blocks if self.ref[b] == 0]
@@ -145,13 +166,14 @@ def make_pool(num_blocks: int) -> KVPool:
     return KVPool(PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=num_blocks, dtype="float32"))
 
 
-def allocate_both(pool: KVPool, ref: LRUReference, rid: int, tokens: list[int], salt: str | None = None):
+def allocate_both(pool: KVPool, ref: LRUReference, rid: int, tokens: list[int], salt: str | None = None,
+                  window: int | None = None):
     """The request on both sides (kvpager's committed at once: vLLM caches full
     blocks when it allocates them); the kvpager sequence id (None if refused)
     and both hit counts."""
-    want = ref.allocate(rid, tokens, salt)
+    want = ref.allocate(rid, tokens, salt, window)
     try:
-        [a] = pool.allocate([tokens], salt=salt)
+        [a] = pool.allocate([tokens], salt=salt, window=window)
     except OutOfBlocks:
         return None, want, None
     pool.commit([a.seq_id])
@@ -239,14 +261,13 @@ def test_random_traces_match_the_lru_reference(seed):
     run_trace(seed, 120)
 
 
-@pytest.mark.xfail(strict=True, reason="a decode step copies a shared, partly filled block for every sharer "
-                   "in the batch, the last one included, and takes the blocks before the source is released")
 def test_forked_samples_decode_together_where_vllm_holds_them():
     """Two samples of one prompt: vLLM runs them as two requests (the second
     hits the full blocks, its partly filled block its own); kvpager forks (one
     block fewer). At the pool size where vLLM holds both, a decode step of the
-    pair needs no block there; kvpager's copy-on-write asked for two blocks,
-    one more than it has, though one sharer could write the block in place."""
+    pair needs no block there; kvpager's copies the shared, partly filled
+    block once, for the first sample, and the second, its last holder, writes
+    it in place (it asked for two blocks, one more than it has, before)."""
     prompt = list(range(2 * BS + 5))
     ref = LRUReference(5)  # 4 usable blocks: 3 for the prompt, 1 for the second sample's own last block
     assert ref.allocate(0, prompt, None) == 0 and ref.allocate(1, prompt, None) == 2 * BS
@@ -257,3 +278,57 @@ def test_forked_samples_decode_together_where_vllm_holds_them():
     [[child]] = pool.fork([a.seq_id])
     pool.append([a.seq_id, child], 1, [[1], [2]])
     assert pool.stats().used_blocks == ref.num_blocks - 1 - ref.num_free()
+
+
+def test_a_windowed_prompt_holds_only_the_blocks_its_window_reads_as_vllm():
+    """A sliding-window model's prompt over an 8-block cached prefix (evictable)
+    in a pool of 10 usable blocks: vLLM's sliding-window manager takes the one
+    block a 16-token window reads before the first new token, null entries for
+    the rest, and fits; kvpager held all 8 hit blocks and refused ("needed 6,
+    available 2"). The 7 unread blocks stay evictable, some evicted for the
+    new blocks as in vLLM."""
+    pool, ref = make_pool(11), LRUReference(11, one_block_per_key=True)
+    prefix = list(range(8 * BS))
+    a, *hits = allocate_both(pool, ref, 0, prefix + [1])
+    ref.free(0), pool.free([a])
+    prompt = prefix + list(range(5000, 5081))
+    b, want, got = allocate_both(pool, ref, 1, prompt, window=16)
+    assert b is not None and got == want == 8 * BS
+    table = pool.sequence(b).block_table
+    assert table[:7] == (0,) * 7 and table[7] == ref.reqs[1]["blocks"][7] and 0 not in table[8:]
+    assert_same_state(pool, ref, [(prefix + [1], None), (prompt, None)])
+    ref.free(1), pool.free([b])
+    assert_same_state(pool, ref, [(prefix + [1], None), (prompt, None)])
+
+
+def run_window_trace(seed: int, steps: int) -> None:
+    """Random requests, windowed (several windows) or not, over shared prefixes
+    in a pool small enough to evict, and frees: every hit, refusal and count
+    as vLLM's (its sliding-window manager for the windowed ones)."""
+    rng = random.Random(seed)
+    nb = rng.randint(10, 40)
+    pool, ref = make_pool(nb), LRUReference(nb, one_block_per_key=True)
+    convs = [[rng.randrange(1000) for _ in range(10 * BS)] for _ in range(3)]
+    live: dict[int, int] = {}
+    seen: list[tuple[list[int], str | None]] = []
+    for rid in range(steps):
+        if rng.random() < 0.6 or not live:
+            tokens = rng.choice(convs)[: rng.randint(1, 10 * BS)] + [rng.randrange(1000)] * rng.choice([0, 1, 17])
+            salt = rng.choice([None, None, "a"])
+            window = rng.choice([None, 1, 16, 17, 33, 100])
+            seen.append((tokens, salt))
+            seq, want, got = allocate_both(pool, ref, rid, tokens, salt, window)
+            assert got == want, f"step {rid}: allocate of {len(tokens)} tokens, window {window}"
+            if seq is not None:
+                live[rid] = seq
+        else:
+            gone = rng.sample(list(live), min(len(live), rng.choice([1, 2])))
+            for r in gone:
+                ref.free(r)
+            pool.free([live.pop(r) for r in gone])
+        assert_same_state(pool, ref, seen[-8:])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_windowed_traces_match_vllms_sliding_window_manager(seed):
+    run_window_trace(seed, 100)

@@ -2,7 +2,7 @@
 its reference, the NumPy step of `seq_append._decode`: two pools take the same
 random schedule (prompts of any length, so rows cross block boundaries at
 different steps; forks, whose shared partly filled last blocks are copied on
-write; commits, truncates that leave a published partial last block, frees,
+write by the NumPy step, the compiled one declining; commits, truncates that leave a published partial last block, frees,
 a pool that runs out of blocks, decode steps with and without token ids) and
 must return the same slots and copies and end every op in the same state:
 block tables, per-row counts and columns, reference counts, free list, prefix
@@ -85,9 +85,9 @@ def test_the_compiled_step_equals_numpy(plan):
 
 def test_every_branch_is_taken():
     """One schedule through the single call (no row needs a block), the second
-    call (boundaries and copies on write) and the fallback (a published, partly
-    filled last block: truncated while shared, then its sharer freed), checked
-    against the NumPy step."""
+    call (boundaries) and the fallback (copies on write after a fork; a
+    published, partly filled last block: truncated while shared, then its
+    sharer freed), checked against the NumPy step."""
     calls: list[str] = []
 
     class Counted:
@@ -163,21 +163,28 @@ def test_bad_arguments_raise_and_change_nothing():
     k, widest = c.scan(rows, bt.row_data, LAST, bp.ref_cnt, None, 3, slots, None)
     assert (k, widest) == (1, 1)
     unchanged()
-    out = np.zeros((1, 2), np.int64)
     bad_places = [
-        ((rows, bt.row_data, LAST, bp.ref_cnt, bt.table, 3, np.zeros(0, np.int64), slots, out), ValueError),
-        ((rows, bt.row_data, LAST, bp.ref_cnt, bt.table, 3, np.array([7, 8], np.int64), slots, out), ValueError),
-        ((rows, bt.row_data, LAST, bp.ref_cnt, bt.table, 3, np.array([0], np.int64), slots, out), IndexError),
-        ((rows, bt.row_data, LAST, bp.ref_cnt, bt.table, 3, np.array([10**6], np.int64), slots, out), IndexError),
-        ((rows, bt.row_data, LAST, bp.ref_cnt, bt.table[:, :1].copy(), 3, np.array([7], np.int64), slots, out),
+        ((rows, bt.row_data, LAST, bp.ref_cnt, bt.table, 3, np.zeros(0, np.int64), slots), ValueError),
+        ((rows, bt.row_data, LAST, bp.ref_cnt, bt.table, 3, np.array([7, 8], np.int64), slots), ValueError),
+        ((rows, bt.row_data, LAST, bp.ref_cnt, bt.table, 3, np.array([0], np.int64), slots), IndexError),
+        ((rows, bt.row_data, LAST, bp.ref_cnt, bt.table, 3, np.array([10**6], np.int64), slots), IndexError),
+        ((rows, bt.row_data, LAST, bp.ref_cnt, bt.table[:, :1].copy(), 3, np.array([7], np.int64), slots),
          (IndexError, ValueError)),
-        ((rows, bt.row_data, LAST, bp.ref_cnt, bt.table, 3, np.array([7], np.int64), slots,
-          np.zeros((1, 3), np.int64)), ValueError),
+        ((rows, bt.row_data, LAST, bp.ref_cnt, bt.table, 3, np.array([7], np.int64), np.zeros(3, np.int64)),
+         ValueError),
     ]
     for args, err in bad_places:
         with pytest.raises(err):
             c.place(*args)
         unchanged()
+    # Row 1's partly filled last block shared (a fork's): the scan declines the step
+    # (copy-on-write is the NumPy path's) and a place called anyway refuses it.
+    shared = bp.ref_cnt.copy()
+    shared[int(bt.last[1])] = 2
+    assert c.scan(rows, bt.row_data, LAST, shared, None, 3, slots, None)[0] == -1
+    with pytest.raises(ValueError, match="shared"):
+        c.place(rows, bt.row_data, LAST, shared, bt.table, 3, np.array([7], np.int64), slots)
+    unchanged()
 
 
 def test_turned_off_by_the_environment(monkeypatch):

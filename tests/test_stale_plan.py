@@ -153,14 +153,18 @@ def test_a_committed_step_is_not_written_again():
 
 def cow_after_plan(pool, both: bool):
     """A sequence with a partly filled last block, its step's slot planned, then
-    forked and appended again (``both``: the child too): the append copies the
-    shared block on write. Returns (plan, the parent's allocation, the old block)."""
+    forked and appended again (``both``: the child too, then freed): the append
+    copies the shared block on write for the parent (the child, its last holder
+    in the batch, writes it in place, and once freed gives it back to the free
+    list). Returns (plan, the parent's allocation, the old block)."""
     [a] = pool.allocate([list(range(10))])  # blocks: one full, one of 2 tokens
     fill(pool, [a])
     [slot] = pool.append([a.seq_id], 1)
     plan = pool.plan([a.seq_id], [1], slot)
     [[child]] = pool.fork([a.seq_id])
     pool.append([a.seq_id, child] if both else [a.seq_id], 1)  # pipelined: the next step's slots
+    if both:
+        pool.free([child])
     return plan, a, int(slot[0]) // BS
 
 
@@ -168,7 +172,7 @@ def cow_after_plan(pool, both: bool):
 def test_a_plan_whose_block_was_copied_on_write_refuses(both):
     """A step plan made before an append that copied its sequence's shared last
     block on write: the copy moved no count, so the plan never rechecked. It
-    wrote into the old block, which (both forks having copied it) had gone to
+    wrote into the old block, which (the child that kept it freed) had gone to
     another sequence, or (the parent alone) is now the child's alone: another
     sequence's K/V overwritten, its own write lost. Now it refuses."""
     pool = KVPool(SMALL)

@@ -31,10 +31,10 @@ def expected_hit(pool: KVPool, tokens: list[int], window: int | None, salt: byte
     if window is None:
         return prefix * BS, 0
     reach = max(1, -(-(window - 1) // BS))  # (one block at least: a hit stands on a cached block)
-    for h in range(usable, prefix, -1):
+    for h in range(usable, prefix - 1, -1):  # (the prefix itself last: its blocks before the reach unread too)
         if all(present[max(0, h - reach) : h]):
             return h * BS, max(0, h - reach)
-    return prefix * BS, 0
+    raise AssertionError("unreachable: the prefix's blocks are all cached")
 
 
 def test_a_hit_past_evicted_leading_blocks_leaves_them_released():
@@ -117,17 +117,23 @@ def test_a_careless_window_is_refused_and_changes_nothing(bad):
     pool.check_integrity()
 
 
-def test_without_a_gap_a_window_changes_nothing():
+def test_without_a_gap_a_window_finds_the_same_hit_and_holds_the_blocks_it_reads():
     """A prefix cached from block 0 is the hit with or without a window (it is
-    the furthest): the same tables, nothing released."""
+    the furthest); with one, the sequence holds only the hit blocks the window
+    reads, the entries before them released (they stay cached for others), and
+    a window that reads the whole prefix changes nothing."""
     pool = make_pool()
     prompt = list(range(5 * BS + 3))
     [a] = pool.allocate([prompt])
     pool.commit(a.seq_id)
     [b] = pool.allocate([prompt], window=BS)
     [c] = pool.allocate([prompt])
-    assert b.num_cached_tokens == c.num_cached_tokens == 5 * BS
-    assert b.block_table[:5] == c.block_table[:5] == a.block_table[:5]
+    [d] = pool.allocate([prompt], window=5 * BS + 1)
+    assert b.num_cached_tokens == c.num_cached_tokens == d.num_cached_tokens == 5 * BS
+    assert b.block_table[:5] == (0, 0, 0, 0, a.block_table[4])
+    assert c.block_table[:5] == d.block_table[:5] == a.block_table[:5]
+    ref = pool.manager.pool.ref_cnt
+    assert ref[list(a.block_table[:4])].tolist() == [3] * 4 and ref[a.block_table[4]] == 4
     pool.check_integrity()
 
 
@@ -267,4 +273,111 @@ def test_a_window_of_one_token_hits_only_on_cached_blocks_and_the_mirror_follows
         assert c._mirror.floors([b.seq_id]).tolist() == [3 * BS]
         tables, _ = c.tables([b.seq_id])
         assert tables[0].tolist() == list(c._call("tables", {"seq_ids": [b.seq_id]})[0][0])
+        c.check_integrity()
+
+
+def test_a_long_cached_prefix_takes_only_the_blocks_the_window_reads_and_every_op_follows():
+    """A prompt over a cached prefix (no gap) with a window of under two blocks:
+    the sequence holds the two hit blocks the window reads, the four before
+    them stay cached and evictable (the entries released). Attention with the
+    window equals attention over the dense K/V before and after commit (which
+    publishes its new blocks under the chained keys of its tokens), fork,
+    truncate (not into the released entries), swap out and in."""
+    spec = PoolSpec(num_layers=1, num_kv_heads=2, head_dim=32, num_blocks=24, block_size=BS, dtype="float32",
+                    num_host_blocks=8)
+    pool, rng, window = KVPool(spec), np.random.default_rng(9), 2 * BS - 3
+    first = list(range(400, 400 + 6 * BS))
+    turn = first + list(range(21))
+    dense_k = rng.standard_normal((len(turn) + 40, 2, 32)).astype(np.float32)
+    dense_v = rng.standard_normal(dense_k.shape).astype(np.float32)
+    [a] = pool.allocate([first + [1]])
+    pool.write(0, a.slots, dense_k[: len(first) + 1], dense_v[: len(first) + 1])  # (its last token's unused)
+    pool.commit(a.seq_id, [len(first)])
+    pool.free([a.seq_id])
+    assert pool.stats().evictable_blocks == 6
+    [b] = pool.allocate([turn], window=window)
+    assert b.num_cached_tokens == 6 * BS
+    assert b.block_table[:4] == (0,) * 4 and b.block_table[4:6] == a.block_table[4:6]
+    st = pool.stats()
+    assert (st.used_blocks, st.evictable_blocks) == (2 + 2, 4)  # two hits and two new blocks; four idle
+    assert pool.cached_tokens([first + [1]]) == [6 * BS]  # the unread prefix blocks still matchable
+    pool.check_integrity()
+    pool.write(0, b.slots, dense_k[6 * BS : len(turn)], dense_v[6 * BS : len(turn)])
+    n = len(turn)
+
+    def attends_as_dense(seq: int, length: int) -> None:
+        q = rng.standard_normal((5, 4, 32)).astype(np.float32)
+        out = pool.attend(0, [seq], q, query_lens=[5], window=window)
+        ref = attention(q, dense_k[:length], dense_v[:length], 32**-0.5, window=window)
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+    attends_as_dense(b.seq_id, n)
+    # commit: its new full block published under its tokens' chained key
+    pool.append([b.seq_id], 12, [list(range(21, 33))])
+    pool.write(0, np.arange(n, n + 12) % BS + np.asarray(pool.sequence(b.seq_id).block_table)[
+        np.arange(n, n + 12) // BS] * BS, dense_k[n : n + 12], dense_v[n : n + 12])
+    n += 12
+    assert pool.commit(b.seq_id) == [2]  # its blocks 6 and 7, by their keys
+    table = pool.sequence(b.seq_id).block_table
+    keys = chain(turn + list(range(21, 33)), BS)
+    assert [published(pool)[k] for k in keys[6:8]] == list(table[6:8])
+    attends_as_dense(b.seq_id, n)
+    # fork: the child shares the live blocks, its leading entries released too
+    [[child]] = pool.fork([b.seq_id])
+    assert pool.sequence(child).block_table[:4] == (0,) * 4
+    attends_as_dense(child, n)
+    pool.free([child])
+    # truncate: not into the released entries
+    with pytest.raises(InvalidArgument, match="released"):
+        pool.truncate([b.seq_id], [3 * BS])
+    pool.truncate([b.seq_id], [n - 2])
+    n -= 2
+    attends_as_dense(b.seq_id, n)
+    # swap out and in: the live blocks move, the released entries stay null
+    pool.swap_out([b.seq_id])
+    [f] = pool.allocate([list(range(9000, 9000 + 12 * BS))])  # takes the blocks it gave back
+    pool.free([f.seq_id])
+    pool.swap_in([b.seq_id])
+    assert pool.sequence(b.seq_id).block_table[:4] == (0,) * 4 and 0 not in pool.sequence(b.seq_id).block_table[4:]
+    attends_as_dense(b.seq_id, n)
+    pool.check_integrity()
+    pool.free([b.seq_id])
+    pool.check_integrity()
+    assert pool.stats().used_blocks == 0
+
+
+def test_through_a_daemon_a_prefix_hit_under_a_window_is_the_embedded_pools_and_the_mirror_follows():
+    """A windowed allocate over a cached prefix (no gap) through a daemon: the
+    embedded pool's tables; the worker's mirror counts the released entries
+    (its floor, its tables the daemon's) through fork, swap out and in."""
+    pytest.importorskip("zmq")
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+
+    spec = PoolSpec(num_layers=1, num_kv_heads=2, head_dim=16, num_blocks=24, block_size=BS, dtype="float32",
+                    num_host_blocks=8)
+    prefix = list(range(300, 300 + 7 * BS))
+    turn = prefix + [4, 5, 6]
+    answers = []
+    with running_server(spec) as server, Client(server.endpoint) as c:
+        for pool in (KVPool(spec), c):
+            [a] = pool.allocate([prefix + [1]])
+            pool.commit(a.seq_id)
+            pool.free([a.seq_id])
+            [b] = pool.allocate([turn], window=2 * BS)
+            assert b.num_cached_tokens == 7 * BS and b.block_table[:6] == (0,) * 5 + (a.block_table[5],)
+            q = np.ones((len(b.slots), 4, 16), np.float32)
+            with pytest.raises(InvalidArgument):
+                pool.attend(0, [b.seq_id], q, query_lens=[len(q)], window=3 * BS)
+            pool.swap_out([b.seq_id])
+            pool.swap_in([b.seq_id])
+            [[kid]] = pool.fork([b.seq_id])
+            answers.append([pool.sequence(s).block_table for s in (b.seq_id, kid)] + [pool.stats().used_blocks])
+            pool.check_integrity()
+        assert answers[0] == answers[1]
+        assert c._mirror.floors([b.seq_id, kid]).tolist() == [5 * BS, 5 * BS]
+        tables, _ = c.tables([b.seq_id, kid])
+        assert [t.tolist() for t in tables] == [list(t) for t in c._call("tables", {"seq_ids": [b.seq_id, kid]})[0]]
+        c.free([b.seq_id, kid])
         c.check_integrity()
