@@ -105,6 +105,20 @@ def test_the_calls_num_beams_and_beam_options_override_the_configs():
     _nothing_held(pool)
 
 
+def test_the_calls_one_beam_overrides_a_sampling_configs_beams():
+    """A sampling config of 3 beams, the call's ``num_beams=1``: transformers samples
+    with one beam; kvpager refused the config's num_beams=3 as sampled beams."""
+    model = make_model("llama")
+    pool = _pool(model)
+    config = model.generation_config
+    config.do_sample, config.top_k, config.num_beams = True, 1, 3  # (top-k 1: the draws are greedy)
+    want = hf_generate(model, 8, num_beams=1)
+    assert generate(model, pool, PROMPTS, 8, sampling="model", num_beams=1) == want
+    with pytest.raises(InvalidArgument, match="num_beams=3"):  # (without the call's, still refused by name)
+        generate(model, pool, PROMPTS, 8, sampling="model")
+    _nothing_held(pool)
+
+
 def test_the_calls_num_beams_runs_a_beam_search_on_a_greedy_config():
     """``sampling="model"`` with the call's ``num_beams=4`` on a plain greedy config:
     transformers runs a 4-beam search; kvpager refused it ("takes no sampling"), the

@@ -113,7 +113,8 @@ def call_options(model: Any, sampling: Any, num_beams: Any, length_penalty: Any,
         options = beam_config(model, beams, eos) if from_config else {}
         return beams, {**options, **given}, None if from_config else sampling
     check_beam_options(given.get("length_penalty", 1.0), given.get("early_stopping", False))
-    return 1, {}, Sampling.from_model(model, eos_token_id=eos) if from_config else sampling
+    called = None if num_beams is None else beams  # (the call's one beam overrides a sampling config's beams)
+    return 1, {}, Sampling.from_model(model, eos_token_id=eos, num_beams=called) if from_config else sampling
 
 
 def config_beams(model: Any) -> int:

@@ -151,7 +151,8 @@ class Sampling:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @classmethod
-    def from_model(cls, model: Any, seed: int | None = None, eos_token_id: Any = "model") -> Sampling | None:
+    def from_model(cls, model: Any, seed: int | None = None, eos_token_id: Any = "model",
+                   num_beams: int | None = None) -> Sampling | None:
         """What ``model``'s generation config asks of transformers' ``generate``: a
         `Sampling` of its temperature, top-k, top-p, min-p and repetition penalty
         where it samples (``do_sample``); where it is greedy, None, or a greedy
@@ -162,7 +163,7 @@ class Sampling:
         distribution (typical, epsilon, eta or top-h sampling, beams, n-gram bans,
         biases or bans of sequences of several tokens, ``min_length``, forced or
         begin-suppressed tokens, a length penalty's decay) are refused by name, not
-        left out."""
+        left out; its beams too, unless the call's ``num_beams`` (1) overrides them."""
         config = getattr(model, "generation_config", None)
         if config is None:
             return None
@@ -177,7 +178,7 @@ class Sampling:
             return cls(temperature=0, repetition_penalty=penalty, logit_bias=bias, min_tokens=least, seed=seed)
         for name, neutral in (("typical_p", 1.0), ("epsilon_cutoff", 0.0), ("top_h", None),
                               ("eta_cutoff", 0.0), ("num_beams", 1)):
-            value = getattr(config, name, None)
+            value = num_beams if name == "num_beams" and num_beams is not None else getattr(config, name, None)
             if value is not None and value != neutral:
                 raise InvalidArgument(f"the model's generation config sets {name}={value!r}, which kvpager's "
                                       "sampling does not apply (it applies temperature, top_k, top_p, min_p and "
