@@ -73,7 +73,10 @@ class PoolSequences:
         ``num_cached_tokens`` and in ``num_remote_tokens``. With ``window``, a
         prompt the local cache already gives a windowed hit restores nothing
         (its leading blocks would go unread), and its hit blocks are held
-        while the others' restore takes blocks."""
+        while the others' restore takes blocks; the others restore only the
+        blocks their window reads, a hit past blocks the store lacks too
+        (`kvpager.remote_restore.runs`), the tokens before them counted
+        cached, not remote."""
         m = self.manager
         if owner is not None:
             validate.owner(owner)
@@ -105,7 +108,7 @@ class PoolSequences:
                 matches = m.window_matches(prompts, salts, window)
                 ask = [i for i, (skip, _) in enumerate(matches) if not skip]
                 held = [b for skip, hits in matches if skip for b in hits]  # (not evicted for the others)
-                restore = restore_from(self, [prompts[i] for i in ask], [salts[i] for i in ask], held) \
+                restore = restore_from(self, [prompts[i] for i in ask], [salts[i] for i in ask], held, window) \
                     if ask else None
         try:
             ids, flat, lengths, cached, ntok = m.allocate(prompts, salts, owner, share_in_batch, window)
@@ -176,9 +179,11 @@ class PoolSequences:
             return [CacheProbe(n) for n in local]
         from kvpager.remote_probe import probe
 
-        # as `allocate`: a prompt the local cache gives a windowed hit restores nothing
+        # as `allocate`: a prompt the local cache gives a windowed hit restores nothing (its hit blocks held)
         ask = [i for i, (skip, _) in enumerate(matches) if not skip]
-        probes = dict(zip(ask, probe(self, [prompts[i] for i in ask], [salts[i] for i in ask]))) if ask else {}
+        held = [b for skip, hits in matches if skip for b in hits]
+        probes = dict(zip(ask, probe(self, [prompts[i] for i in ask], [salts[i] for i in ask], window, held))) \
+            if ask else {}
         return [probes[i] if i in probes and probes[i].num_cached_tokens >= n else CacheProbe(n)
                 for i, n in enumerate(local)]
 

@@ -13,7 +13,7 @@ read. A store that is down, slow or skipped by the breaker holds nothing.
 and is deleted from the store, as a lookup deletes a value it refuses.)
 
 So the answer equals what an allocate of the same batch (without
-``share_in_batch``) reports, unless the pool or the store changes between
+``share_in_batch``, with the same ``window``) reports, unless the pool or the store changes between
 the two, or a string the store holds is refused when fetched (a bad checksum
 or length: the probe reads no value).
 """
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kvpager.block_pool import window_reach
 from kvpager.remote_restore import fits, missing, runs
 from kvpager.types import CacheProbe
 
@@ -32,9 +33,13 @@ if TYPE_CHECKING:
     from kvpager.pool import KVPool
 
 
-def probe(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None]) -> list[CacheProbe]:
+def probe(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None], window: int | None = None,
+          hold: Seq[int] = ()) -> list[CacheProbe]:
     """Per prompt, the tokens an allocate of ``prompts`` would find cached, of
-    which restored from ``kv.remote`` (see the module docstring)."""
+    which restored from ``kv.remote`` (see the module docstring). ``window``
+    and ``hold``: the allocate's (`remote_restore.restore`): a windowed
+    allocate restores only the blocks its window reads, and counts only them
+    as remote."""
     m, tier = kv.manager, kv.remote
     bp, bs = m.pool, m.block_size
     miss = missing(bp, bs, prompts, salts)
@@ -44,7 +49,7 @@ def probe(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None]) ->
     found = tier.exists([(root, key) for key, (root, _) in miss.wants.items()])
     if not found:
         return local
-    extra, todo, keep, need = runs(miss, found)
-    if not fits(bp, need, len(todo), np.asarray(keep, dtype=np.int64)):
+    extra, todo, keep, need = runs(miss, found, None if window is None else window_reach(window, bs))
+    if not fits(bp, need, len(todo), np.asarray([*keep, *hold], dtype=np.int64)):
         return local  # the allocate would restore nothing
     return [CacheProbe(c.num_cached_tokens + blocks * bs, new * bs) for c, (blocks, new) in zip(local, extra)]

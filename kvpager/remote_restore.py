@@ -9,6 +9,11 @@ every later one) finds them locally:
    local cache holds; every key it lacks goes into one tier lookup;
 2. per prompt, the run after its local hits of keys held locally or found
    in the tier: the tier's keys in such runs are restored (once per batch);
+   with a ``window``, the run ends where that window's hit does (the
+   furthest point whose `window_reach` blocks before it are each held or
+   found) and only those blocks are restored: the store is first asked
+   which keys it holds (``TYPE``, no value read), then for the values of
+   those alone;
 3. capacity: restoring happens only if the allocate is then sure to fit
    (fresh blocks, restored blocks and the cached blocks it holds from
    eviction counted against free + evictable); otherwise nothing changes;
@@ -30,19 +35,21 @@ allocation's cached blocks include blocks restored here.
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kvpager.block_pool import window_reach
 from kvpager.prefix_cache import chain_keys, root_key, token_array
 
 if TYPE_CHECKING:
     from kvpager.block_pool import BlockPool
     from kvpager.events import EventSink
     from kvpager.pool import KVPool
+    from kvpager.remote_tier import RemoteTier
 
 
 @dataclass
@@ -108,16 +115,25 @@ def missing(bp: BlockPool, block_size: int, prompts: Seq[Seq[int]], salts: Seq[s
     return out
 
 
-def runs(m: Missing, found: Container[bytes]) -> tuple[list[tuple[int, int]], dict[bytes, None], list[int], int]:
+def runs(m: Missing, found: Container[bytes], reach: int | None = None
+         ) -> tuple[list[tuple[int, int]], dict[bytes, None], list[int], int]:
     """Step 2 for ``found``, the tier's hits: per prompt, its run after its
     local hits of blocks held locally or found, as (blocks, of which found);
     the keys to restore (each once, in order); the local blocks to hold while
-    restoring; and the fresh blocks the allocate then needs."""
+    restoring; and the fresh blocks the allocate then needs. ``reach``: a
+    windowed allocate's `kvpager.block_pool.window_reach` (`_window_run`)."""
     extra: list[tuple[int, int]] = []
     todo: dict[bytes, None] = {}
     keep: list[int] = []
     need = m.need
     for hits, rest, local in m.plans:
+        if reach is not None:
+            blocks, new, held = _window_run(hits, rest, local, found, reach)
+            keep += held
+            need -= blocks
+            todo.update(dict.fromkeys(new))
+            extra.append((blocks, len(new)))
+            continue
         keep += hits
         run: list[int] = []
         new = []
@@ -136,6 +152,31 @@ def runs(m: Missing, found: Container[bytes]) -> tuple[list[tuple[int, int]], di
     return extra, todo, keep, need
 
 
+def _window_run(hits: list[int], rest: list[bytes], local: list[int | None], found: Container[bytes],
+                reach: int) -> tuple[int, list[bytes], list[int]]:
+    """A windowed prompt's step 2: the blocks after its local hits that count
+    as hit, the keys to restore and the local blocks to hold. The hit ends at
+    the furthest point whose ``reach`` blocks before it are each held here or
+    found (those before the rest are the local hits), as `PrefixCache.match_window`
+    finds it locally; only those ``reach`` blocks are restored or held: the
+    window reads no block before them, so their tokens count as hit without
+    taking a device block (a block missing from the store before the reach
+    costs nothing; one inside it ends the hit before it, as the run does)."""
+    ok = [b is not None or k in found for k, b in zip(rest, local)]
+    end, run = 0, 0
+    for j in range(len(ok) - 1, -1, -1):  # furthest first; run: blocks held or found from j on
+        run = run + 1 if ok[j] else 0
+        if run == reach:
+            end = j + reach
+            break
+    else:
+        end = run  # (no full reach after the local hits: the run straight after them)
+    first = max(end - reach, 0)
+    new = [k for k, b in zip(rest[first:end], local[first:end]) if b is None]
+    held = hits[max(len(hits) + end - reach, 0):] + [b for b in local[first:end] if b is not None]
+    return end, new, held
+
+
 def fits(bp: BlockPool, need: int, restores: int, kept: np.ndarray) -> bool:
     """Step 3: is the allocate sure to fit after restoring ``restores`` blocks
     (held idle blocks leave the evictable list, restored ones are taken)?"""
@@ -144,22 +185,27 @@ def fits(bp: BlockPool, need: int, restores: int, kept: np.ndarray) -> bool:
 
 
 def restore(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None],
-            hold: Seq[int] = ()) -> Restore | None:
+            hold: Seq[int] = (), window: int | None = None) -> Restore | None:
     """Restore from ``kv.remote`` the blocks that ``prompts`` miss locally and the
     tier holds (see the module docstring). None when nothing was restored.
     ``hold``: cached blocks the allocate will take besides (a windowed hit's),
-    held with the run's own so the restore's new blocks never evict them."""
+    held with the run's own so the restore's new blocks never evict them.
+    ``window``: the allocate's; only the blocks that window reads are
+    restored (`runs`, `_windowed`)."""
     m, tier = kv.manager, kv.remote
     bp = m.pool
     # 1. probe (read-only): every prompt checked before anything changes
     miss = missing(bp, m.block_size, prompts, salts, bp.events is not None)
     if not miss.wants:
         return None
-    found = tier.fetch([(root, key) for key, (root, _) in miss.wants.items()])
+    reach = None if window is None else window_reach(window, m.block_size)
+    if reach is not None and all(len(hits) + len(rest) <= reach for hits, rest, _ in miss.plans):
+        reach = None  # (each window reads every block its prompt may hit: the plain restore, one lookup)
+    found, held = _windowed(tier, miss, reach) if reach is not None else (_fetch(tier, miss, miss.wants), None)
     if not found:
         return None
     # 2. runs: the blocks each prompt would share after the restore
-    _, todo, keep, need = runs(miss, found)
+    _, todo, keep, need = runs(miss, found if held is None else held, reach)
     # 3. capacity
     kept = np.asarray([*keep, *hold], dtype=np.int64)
     if not fits(bp, need, len(todo), kept):
@@ -183,6 +229,27 @@ def restore(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None],
         _report(bp.events, [k for k, new in zip(keys, done) if new], miss.origin)
     tier.restored(len(published))
     return Restore(np.asarray(published, dtype=np.int64), np.concatenate([kept, new_blocks]))
+
+
+def _fetch(tier: RemoteTier, miss: Missing, keys: Iterable[bytes]) -> dict[bytes, memoryview]:
+    """The payloads of ``keys`` (wanted by ``miss``) the store holds, in one lookup."""
+    return tier.fetch([(miss.wants[k][0], k) for k in keys])
+
+
+def _windowed(tier: RemoteTier, miss: Missing, reach: int) -> tuple[dict[bytes, memoryview], set[bytes]]:
+    """A windowed allocate's lookup: which missing keys the store holds
+    (`RemoteTier.exists`, no value read), then the values of those its
+    windows read (`runs` with ``reach``), so a long conversation reads and
+    restores ``reach`` blocks, not its whole prefix. Returns the payloads and
+    the keys to plan the restore with: the held ones, or, where a value went
+    between the two calls (expired, evicted, refused), only the fetched ones,
+    so no run counts a block it cannot restore."""
+    held = tier.exists([(root, key) for key, (root, _) in miss.wants.items()])
+    if not held:
+        return {}, held
+    _, todo, _, _ = runs(miss, held, reach)
+    got = _fetch(tier, miss, todo)
+    return got, held if len(got) == len(todo) else set(got)
 
 
 def _report(sink: EventSink, keys: list[bytes], origin: dict[bytes, tuple[bytes | None, np.ndarray]]) -> None:

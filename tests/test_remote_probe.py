@@ -62,10 +62,13 @@ def fill(p: KVPool, a, prompt: list[int]) -> None:
         p.write(layer, a.slots, np.broadcast_to(vals, shape), np.broadcast_to(-vals, shape))
 
 
-def test_probe_equals_the_following_allocate_and_changes_nothing():
+@pytest.mark.parametrize("window", [None, 2 * BS + 1])
+def test_probe_equals_the_following_allocate_and_changes_nothing(window):
     """Random batches on two hosts of one store (small pools: eviction and the
     capacity rule; one host under a restore cap of 3 blocks): each probe,
-    then the allocate of the same batch."""
+    then the allocate of the same batch. With a window (reading 2 blocks
+    before the first new token), the allocate restores only those: before,
+    the probe counted as remote every block of the run it restored."""
     rng = np.random.default_rng(7)
     small = SPEC.replace(num_blocks=32)
     with redis_server() as store:
@@ -92,11 +95,11 @@ def test_probe_equals_the_following_allocate_and_changes_nothing():
             for h in hosts:  # the writer threads idle: the store holds what it will hold at the allocate
                 assert h.remote.flush(WAIT)
             before = snapshot(p, sink, r)
-            probes = p.probe_cache(batch, salts)
+            probes = p.probe_cache(batch, salts, window=window)
             assert snapshot(p, sink, r) == before, step
-            assert p.cached_tokens(batch, salts) == [c.num_cached_tokens for c in probes]
+            assert p.cached_tokens(batch, salts, window=window) == [c.num_cached_tokens for c in probes]
             try:
-                allocs = p.allocate(batch, salts)
+                allocs = p.allocate(batch, salts, window=window)
             except OutOfBlocks:
                 full += 1
                 continue

@@ -485,3 +485,39 @@ def test_a_windowed_hit_is_not_evicted_by_the_restore_of_blocks_it_would_not_rea
             p.free([b.seq_id, filler.seq_id])
         finally:
             p.close()
+
+
+@pytest.mark.parametrize("step", [1, 8])
+def test_forks_appended_in_one_batch_each_store_their_own_block(step):
+    """Forks of a partly filled block appended in one batch: the last sharer
+    writes the block in place, the others copy it; each completed block
+    reaches the store with its own sequence's K/V (the bytes are read at
+    commit, so a later in-place write changes nothing stored), and a second
+    host restores each sequence's prefix byte for byte."""
+    with redis_server() as store:
+        a, b = pool(store.url), pool(store.url)
+        rng = np.random.default_rng(4)
+        prompt = list(range(100, 100 + 2 * BS + 8))
+        seq, kv = prefill(a, prompt, seed=3)
+        seqs = [seq, *a.fork([seq], 2)[0]]
+        toks = {s: prompt + rng.integers(0, 999, 8).tolist() for s in seqs}
+        new = {s: rng.standard_normal((SPEC.num_layers, 2, 8, SPEC.num_kv_heads, SPEC.head_dim))
+               .astype(np.float32) for s in seqs}
+        cow = a.counters().cow_blocks
+        for t in range(0, 8, step):  # decode steps, or one append of 8
+            at = len(prompt) + t
+            slots = a.append(seqs, step, token_ids=[toks[s][at : at + step] for s in seqs])
+            for s, sl in zip(seqs, slots):
+                for layer in range(SPEC.num_layers):
+                    a.write(layer, sl, new[s][layer, 0, t : t + step], new[s][layer, 1, t : t + step])
+            a.commit(seqs)
+        assert a.counters().cow_blocks - cow == 2  # the last sharer wrote in place
+        assert written(a, 2 + 3)
+        for s in seqs:
+            [x] = b.allocate([toks[s] + [1]], salt="m")
+            assert x.num_cached_tokens == 3 * BS
+            want = np.concatenate([kv[:, :, : len(prompt)], new[s]], axis=2)
+            assert np.array_equal(kv_of(b, x.block_table, 3 * BS), want)
+        b.check_integrity()
+        a.close()
+        b.close()
