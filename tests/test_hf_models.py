@@ -122,6 +122,13 @@ FAMILIES = {
                    [None] * 4),
     "falcon-grouped": ("FalconConfig", "FalconForCausalLM",
                        dict(new_decoder_architecture=True, num_kv_heads=2, **LIVELY), [None] * 4),
+    # Ergo (transformers 5.25): sliding layers with a rotary embedding, full ones without (NoPE) whose
+    # queries and keys are scaled (global_attention_scale), q and k normed, one fused q/k/v projection
+    "ergo": ("ErgoConfig", "ErgoForCausalLM",
+             dict(global_attention_every_n_layers=2, sliding_window=WINDOW, global_attention_scale=2.0, num_experts=4,
+                  num_experts_per_tok=2, moe_intermediate_size=32, shared_intermediate_size=32,
+                  first_dense_intermediate_size=128, **VARIED),
+             [WINDOW, None, WINDOW, None]),
     # ... and v wider than q and k (8 + 8 dims against 32: q and k zero-padded)
     "deepseek_v3-wide-v": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
                            dict(MLA, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=32, q_lora_rank=None),

@@ -70,6 +70,9 @@ CHUNKED = dict(attention_chunk_size=16, floor_scale=16)  # chunks and query scal
 HEAD_DIM = dict(head_dim=16)  # configs whose head_dim defaults to None and is not derived
 MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
               mamba_chunk_size=16)
+QSA = dict(head_dim=16, num_hidden_layers=2, layer_types=["linear_attention", "indexed_attention"], num_experts=4,
+           num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, indexer_n_heads=2,
+           indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=4)
 OVERRIDES = {
     "gemma3n": SHARED_KV, "gemma3n_text": SHARED_KV, "llama4": CHUNKED, "llama4_text": CHUNKED,
     "ministral": HEAD_DIM, "helium": HEAD_DIM, "hunyuan_v1_dense": HEAD_DIM, "hunyuan_v1_moe": HEAD_DIM, "nemotron": HEAD_DIM,
@@ -110,6 +113,10 @@ OVERRIDES = {
                        moe_intermediate_size=32, shared_expert_intermediate_size=32, mlp_only_intermediate_size=128,
                        sliding_window=8, index_topk=8, index_pool_size=16, index_compression=4,
                        index_num_local_tokens=4, index_num_sink_tokens=2),
+    # a sliding layer and a full one (no rotary embedding, its logits scaled) at 2 layers, the window within the prompts
+    "ergo": dict(global_attention_every_n_layers=2, sliding_window=8, global_attention_scale=2.0),
+    # its full layers are indexed (sparse) ones, refused by name; its indexer's fields have no defaults
+    "qwen4_exp": QSA, "qwen4_exp_text": QSA,
     "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=16),
 }
 #: the kinds of recurrent layers (`kvpager.hf.model.RECURRENT_KINDS`)
