@@ -249,11 +249,16 @@ def run_trace(seed: int, steps: int) -> None:
                 got = False
             assert got == want, f"step {rid}: append of {len(toks)} tokens"
         else:
-            gone = rng.sample(list(live), min(len(live), rng.choice([1, 2, 3])))
-            for r in gone:
-                ref.free(r)
-            pool.free([live.pop(r) for r in gone])
+            free_some(rng, pool, ref, live, [1, 2, 3])
         assert_same_state(pool, ref, seen[-12:])
+
+
+def free_some(rng: random.Random, pool: KVPool, ref: LRUReference, live: dict[int, int], counts: list[int]) -> None:
+    """Free a few live requests (as many as one of ``counts``) on both sides, in one call each."""
+    gone = rng.sample(list(live), min(len(live), rng.choice(counts)))
+    for r in gone:
+        ref.free(r)
+    pool.free([live.pop(r) for r in gone])
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -322,10 +327,7 @@ def run_window_trace(seed: int, steps: int) -> None:
             if seq is not None:
                 live[rid] = seq
         else:
-            gone = rng.sample(list(live), min(len(live), rng.choice([1, 2])))
-            for r in gone:
-                ref.free(r)
-            pool.free([live.pop(r) for r in gone])
+            free_some(rng, pool, ref, live, [1, 2])
         assert_same_state(pool, ref, seen[-8:])
 
 
