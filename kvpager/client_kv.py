@@ -26,7 +26,7 @@ from kvpager.shm import map_pool, map_release_count
 
 class KVAccess:
     """Mixin of `Client`: needs ``spec``, ``memory``, ``gpu``, ``map_pool``, ``server_pid``,
-    ``_mapped``, ``_device_index``, ``_closed``, ``_lost``, ``_mirror``, ``tables``
+    ``_mapped``, ``_device_index``, ``_closed``, ``_lost``, ``_mirror``, ``_lock``, ``tables``
     and the staging path's ``remote_write`` / ``remote_attend``."""
 
     def write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
@@ -212,6 +212,13 @@ class KVAccess:
                                     softcap=softcap, kv_scales=pool.scales, sinks=check_sinks(sinks, q.shape[1]))
 
     def _pool(self) -> Any:
+        if self._mapped is None:
+            with self._lock:  # (`kv` is not serialized: two threads' first calls mapped the pool twice)
+                return self._map()
+        return self._mapped
+
+    def _map(self) -> Any:
+        """The pool mapped once (`_pool`, under the client's lock)."""
         if self._mapped is None:
             if self._memory_gone:  # (`ClientWire._forget_memory`: it mapped the views of a dead pool again)
                 raise SessionLost("the daemon this client mapped is gone (it restarted): its memory is stale; "

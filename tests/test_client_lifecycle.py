@@ -348,3 +348,35 @@ def test_frees_never_sent_go_as_their_callers_made_them():
         assert live == {theirs.seq_id}, live
         client.close()
         other.close()
+
+
+def test_two_threads_first_kv_map_the_pool_once(monkeypatch):
+    """`kv` is not serialized with the client's calls: two threads' first calls both
+    found nothing mapped and mapped the pool twice (one mapping handed out, then
+    dropped for the other's)."""
+    import kvpager.client_kv as client_kv
+
+    mapped = []
+
+    def slow_map(spec, memory):
+        mapped.append(threading.get_ident())
+        time.sleep(0.2)  # (both threads inside at once, were the mapping not guarded)
+        return real(spec, memory)
+
+    real = client_kv.map_pool
+    monkeypatch.setattr(client_kv, "map_pool", slow_map)
+    endpoint, _ = ipc_endpoint()
+    with daemon_process(GEOMETRY, endpoint), Client(endpoint, timeout=5) as client:
+        start, views = threading.Barrier(2, timeout=10), []
+
+        def first_kv():
+            start.wait()
+            views.append(client.kv(0)[0])
+
+        threads = [threading.Thread(target=first_kv) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert len(mapped) == 1 and len(views) == 2
+        assert np.shares_memory(views[0], views[1])
