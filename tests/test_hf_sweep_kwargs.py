@@ -226,3 +226,31 @@ def test_unordered_prompts_are_refused_naming_their_type(prompts, kind, beams):
     with pytest.raises(InvalidArgument, match=r"stop_sequences\[0\].*set"):
         generate(model, pool, PROMPTS, 4, stop_sequences=[{13, 14}])
     _nothing_held(pool)
+
+
+def test_transformers_own_arguments_are_a_type_error_naming_kvpagers():
+    """``generate(model, pool, **enc, max_new_tokens=8, do_sample=False,
+    pad_token_id=0)``, as one calls ``model.generate``: still Python's TypeError (an
+    argument kvpager does not take), now saying what it takes instead; each named is
+    an argument or generation-config setting of transformers' ``generate`` (or of the
+    model's forward, which it passes on) and none of
+    kvpager's; nothing allocated."""
+    import inspect
+
+    from kvpager.hf.generate_call import TRANSFORMERS_ONLY
+
+    model = make_model("llama")
+    pool = _pool(model)
+    ours = inspect.signature(generate).parameters
+    theirs = {*inspect.signature(model.generate).parameters, *vars(transformers.GenerationConfig()),
+              *inspect.signature(model.forward).parameters}  # (generate passes the model's own on)
+    for name, instead in TRANSFORMERS_ONLY.items():
+        assert name in theirs and name not in ours, name
+        with pytest.raises(TypeError) as e:
+            generate(model, pool, PROMPTS, 4, **{name: 1})
+        assert repr(name) in str(e.value) and instead in str(e.value)
+        _nothing_held(pool)
+    with pytest.raises(TypeError, match="'max_new_token'") as e:  # (a misspelling: Python's message alone)
+        generate(model, pool, PROMPTS, max_new_token=4)
+    assert "for " not in str(e.value)
+    assert generate(model, pool, PROMPTS, 4) == hf_generate(model, 4, do_sample=False)

@@ -24,7 +24,7 @@ from kvpager.hf.logprobs import Completion
 from kvpager.hf.sampling import Sampling
 from kvpager.validate import described, integer
 
-__all__ = ["beams_for_generate", "call_options", "config_beams", "generate"]
+__all__ = ["beams_for_generate", "call_options", "config_beams", "generate", "unexpected_arguments"]
 
 
 def generate(
@@ -46,6 +46,7 @@ def generate(
     num_beams: int | None = None,
     length_penalty: float | None = None,
     early_stopping: bool | str | None = None,
+    **transformers_only: Any,
 ) -> list[list[int]] | list[Completion]:
     """Generation with the KV cache in ``pool``, greedy unless ``sampling`` (a
     `kvpager.hf.Sampling` for every prompt, a list of one per prompt, or "model":
@@ -72,7 +73,11 @@ def generate(
     ``length_penalty`` and ``early_stopping``, its steps captured with
     ``cuda_graphs``). As in transformers, the call's ``num_beams`` and beam options
     override a config's (``sampling="model"``), the config's fill in the rest, and
-    with one beam the beam options change nothing (`call_options`)."""
+    with one beam the beam options change nothing (`call_options`). An argument of
+    transformers' ``generate`` that is none of these is a TypeError saying what
+    kvpager takes for it (`transformers_only`)."""
+    if transformers_only:
+        raise TypeError(unexpected_arguments(transformers_only))
     if isinstance(eos_token_id, str) and eos_token_id == "model":
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     num_beams, beam_options, sampling = call_options(model, sampling, num_beams, length_penalty, early_stopping,
@@ -185,3 +190,39 @@ def beams_for_generate(model: Any, pool: Any, prompts: Any, max_new_tokens: Any,
                         eos_token_id, salt, input_ids=input_ids, attention_mask=attention_mask,
                         cuda_graphs=cuda_graphs, compile=compile)
     return [b.tokens[0] for b in found]
+
+
+_SAMPLING = "sampling=kvpager.hf.Sampling(temperature=..., top_k=..., top_p=..., min_p=..., seed=...)"
+_PROCESSORS = "sampling=kvpager.hf.Sampling(repetition_penalty=..., logit_bias=..., min_tokens=...)"
+
+#: transformers' ``generate`` arguments that kvpager's spells otherwise: what to pass instead
+TRANSFORMERS_ONLY = {
+    "do_sample": f"{_SAMPLING}, or sampling='model' for what the model's generation config asks",
+    "temperature": _SAMPLING, "top_k": _SAMPLING, "top_p": _SAMPLING, "min_p": _SAMPLING,
+    "repetition_penalty": _PROCESSORS, "sequence_bias": _PROCESSORS, "min_new_tokens": _PROCESSORS,
+    "generation_config": "sampling='model' (and eos_token_id='model', the default) to follow "
+                         "model.generation_config; set its fields on the model",
+    "max_length": "max_new_tokens (the new tokens alone, the prompt not counted)",
+    "pad_token_id": "attention_mask to strip padding (a row without one is its prompt whole); the outputs are "
+                    "lists of each prompt's new tokens, never padded",
+    "stop_strings": "stop_sequences (lists of token ids)",
+    "stopping_criteria": "stop_sequences (lists of token ids) or PagedGeneration, stepped",
+    "streamer": "PagedGeneration, stepped: its outputs after each step",
+    "output_scores": "logprobs=k (a Completion per prompt: each token's log-probability and k alternatives)",
+    "output_logits": "logprobs=k (a Completion per prompt: each token's log-probability and k alternatives)",
+    "return_dict_in_generate": "logprobs=k (a Completion per prompt) or the lists of new tokens",
+    "num_return_sequences": "kvpager.hf.beam_search(num_return_sequences=...), or the prompt given once per "
+                            "sample with a Sampling of its own seed",
+    "use_cache": "nothing: the cache is the pool, and a prompt's cached prefix is found in it",
+}
+
+
+def unexpected_arguments(given: dict[str, Any]) -> str:
+    """The TypeError message of `generate` called with ``given``, arguments it does not
+    take: Python's own, with what kvpager takes instead of those transformers'
+    ``generate`` takes (a caller moving from ``model.generate`` meets them first)."""
+    names = sorted(given)
+    lines = [f"generate() got unexpected keyword argument{'s' if len(names) > 1 else ''} "
+             f"{', '.join(map(repr, names))}"]
+    lines += [f"  for {name}: {TRANSFORMERS_ONLY[name]}" for name in names if name in TRANSFORMERS_ONLY]
+    return "\n".join(lines) + ("\n(docs/hf.md)" if len(lines) > 1 else "")
