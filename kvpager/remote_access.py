@@ -1,9 +1,9 @@
 """What the remote tier asks of a store before it uses it (`Store.verify`,
 at start): the commands it sends and what each is for, why a store refused
 the tier's connection or commands (`connect_refusal`, `judge`), a value
-limit too low (`check_limits`), a plain server asked for TLS
-(`plain_redis`) and a TLS server asked for plain text (`tls_only`); and the
-redis-py connection options every store uses."""
+limit or an output buffer limit too low (`check_limits`), a plain server
+asked for TLS (`plain_redis`) and a TLS server asked for plain text
+(`tls_only`); and the redis-py connection options every store uses."""
 
 from __future__ import annotations
 
@@ -69,19 +69,39 @@ def judge(url: str, names: Seq[str], replies: Seq[Any], needs: str = NEEDS) -> l
     return list(warnings.values())
 
 
-def check_limits(url: str, client: Any, value_bytes: int) -> None:
+def check_limits(url: str, client: Any, value_bytes: int, chunk_bytes: int | None = None) -> None:
     """`StoreMisconfigured` where the store's ``proto-max-bulk-len`` is below a
-    value of the pool (it would drop the connection of every write of one);
-    not checked where ``CONFIG GET`` is refused."""
+    value of the pool (it would drop the connection of every write of one), or
+    the hard output buffer limit of its normal clients
+    (``client-output-buffer-limit normal HARD ...``) below the replies to one
+    pipeline of a lookup (``chunk_bytes`` of values, rounded to whole values):
+    Redis builds a pipeline's replies before the socket drains them and drops
+    the connection past that limit, so every lookup of more than it failed, as
+    an outage ("closed the connection mid-reply"), while the check said the
+    store was fine. Each not checked where ``CONFIG GET`` is refused."""
     redis = redis_module()
     try:
         limit = int(client.config_get("proto-max-bulk-len").get("proto-max-bulk-len", 0))
     except (redis.RedisError, OSError, ValueError, AttributeError):
-        return
+        limit = 0
     if 0 < limit < value_bytes:
         raise StoreMisconfigured(f"remote store {url}: its proto-max-bulk-len is {limit} bytes, a value of this "
                                  f"pool {value_bytes}: no block could be written; raise it (CONFIG SET "
                                  "proto-max-bulk-len)")
+    if chunk_bytes is None:
+        return
+    try:
+        classes = str(client.config_get("client-output-buffer-limit").get("client-output-buffer-limit", "")).split()
+        hard = int(classes[classes.index("normal") + 1])
+    except (redis.RedisError, OSError, ValueError, AttributeError, IndexError):
+        return
+    per = max(1, round(chunk_bytes / value_bytes))  # values a pipeline (`remote_resp.ChunkedFetch`)
+    replies = per * (value_bytes + len(f"${value_bytes}\r\n\r\n"))
+    if 0 < hard < replies:
+        raise StoreMisconfigured(f"remote store {url}: its client-output-buffer-limit for normal clients is "
+                                 f"{hard} bytes (hard), the replies to one pipeline of a lookup ({per} values) "
+                                 f"{replies}: the store would drop the connection of every lookup of more; "
+                                 "raise it (CONFIG SET client-output-buffer-limit 'normal 0 0 0', the default)")
 
 
 def plain_redis(host: str, port: int, timeout: float) -> bool:

@@ -2,7 +2,7 @@
 skipped for a pause that doubles per failure (up to `MAX_PAUSE`), so an
 outage costs one timeout, not one per allocate. The tier has one for the
 store (it does not answer: every call waits) and one per kind of call
-(lookups, probes, writes) that the store answers but refuses (an ACL's
+(lookups, probes, writes, deletes) that the store answers but refuses (an ACL's
 ``NOPERM``, a full store's ``OOM``, a replica's ``READONLY``): only that kind
 pauses, and the others, still answered, neither wait for it nor close and
 reopen the store's breaker at every call (which logged two warnings a call)."""

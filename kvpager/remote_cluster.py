@@ -390,7 +390,8 @@ class RedisClusterStore(Store):
             replies += asking_ping
         warnings = judge(self.url, names, replies, NEEDS_CLUSTER)
         if value_bytes is not None:
-            check_limits(self.url, rc.get_redis_connection(rc.get_node_from_key(key)), value_bytes)
+            check_limits(self.url, rc.get_redis_connection(rc.get_node_from_key(key)), value_bytes,
+                         self._chunk_bytes)
         return warnings
 
     def close(self) -> None:

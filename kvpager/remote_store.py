@@ -390,7 +390,7 @@ class RedisStore(Store):
                                          f"answered {type(r).__name__}: {r}); use redis+cluster://")
         warnings = judge(self.url, [command[0] for command in asked], replies)
         if value_bytes is not None:
-            check_limits(self.url, self._reader, value_bytes)
+            check_limits(self.url, self._reader, value_bytes, self._fetch.chunk_bytes)
         return warnings
 
     def close(self) -> None:

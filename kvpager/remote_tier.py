@@ -7,8 +7,9 @@ so a daemon on another host restores them instead of its worker recomputing.
   next lookups skip the store (no timeout added to every allocate) until a
   retry after a growing pause (``retry_after`` doubling up to 30 s) succeeds.
   A call the store answers but refuses (`StoreRefused`: ``NOPERM``, ``OOM``,
-  ``READONLY``, ...) pauses only its kind (lookups, probes or writes: a
-  breaker each), so a full store or a replica still serves lookups.
+  ``READONLY``, ...) pauses only its kind (lookups, probes, writes or the
+  deletes of refused values: a breaker each), so a full store or a replica
+  still serves lookups, and a full store still deletes.
 - `check` (at start): the store answers and takes every command the tier
   sends, or `StoreMisconfigured` says what is wrong.
 - Writes never block the caller: committed blocks' bytes are copied into a
@@ -103,11 +104,13 @@ class RemoteTier(RemoteWrites):
         self.ttl, self.queue_bytes, self.max_restore_bytes = ttl, queue_bytes, max_restore_bytes
         self.breaker = Breaker(float(retry_after))  # the store does not answer: every call skips it
         # the store answers but refuses one kind of call: that kind skips it
-        self.refusals = {kind: Breaker(float(retry_after), kind) for kind in ("lookups", "probes", "writes")}
+        self.refusals = {kind: Breaker(float(retry_after), kind)
+                         for kind in ("lookups", "probes", "writes", "deletes")}
         self.codec: Codec | None = None
         self._prefix = ""
         self._ranks = 1
-        self._staging = np.empty((0, 0), dtype=np.uint8)  # fetched values, kept for the next lookup
+        # fetched values, kept for the next lookup: a buffer per calling thread (`_rows`)
+        self._local = threading.local()
         # loop-thread counters
         self._lookups = self._lookup_blocks = self._hits = self._skipped = 0
         self._restored = self._lookup_errors = self._corrupt = self._dropped_full = 0
@@ -205,8 +208,9 @@ class RemoteTier(RemoteWrites):
     # -- lookups (the caller's thread) ----------------------------------------------------
     def fetch(self, wants: Seq[tuple[bytes, bytes]]) -> dict[bytes, memoryview]:
         """Payloads of the blocks ``wants`` = [(root key, block key)] found in the
-        store and valid, by block key: views of the tier's staging buffer, valid
-        until the next fetch. Never raises: a failure is an empty answer."""
+        store and valid, by block key: views of the calling thread's staging
+        buffer, valid until its next fetch. Never raises: a failure is an empty
+        answer."""
         if not wants:
             return {}
         if self._closed or not self._allow("lookups"):
@@ -312,12 +316,17 @@ class RemoteTier(RemoteWrites):
         return found
 
     def _rows(self, n: int, width: int) -> np.ndarray:
-        """``n`` staging rows of ``width`` bytes. The buffer is kept (at most
-        ``max_restore_bytes`` and a value): faulting in fresh pages for every
-        lookup would cost a tenth of a restore."""
-        if self._staging.shape[1] != width or len(self._staging) < n:
-            self._staging = np.empty((n, width), dtype=np.uint8)
-        return self._staging[:n]
+        """``n`` staging rows of ``width`` bytes, the calling thread's. The
+        buffer is kept (at most ``max_restore_bytes`` and a value): faulting in
+        fresh pages for every lookup would cost a tenth of a restore. One per
+        thread: pools that share the tier may each be driven by a thread of its
+        own, and with one buffer a thread's lookup overwrote the values another
+        thread was checking (a good value refused and deleted) or restoring
+        (another block's K/V restored)."""
+        staging = getattr(self._local, "staging", None)
+        if staging is None or staging.shape[1] != width or len(staging) < n:
+            staging = self._local.staging = np.empty((n, width), dtype=np.uint8)
+        return staging[:n]
 
     def restored(self, n: int) -> None:
         """``n`` blocks were restored from the last fetch (for the counters)."""

@@ -6,9 +6,10 @@ them (header, checksum) and sends them, pipelined ``SET NX`` with an expiry
 `Store.put_many`), with the deletes of values found corrupt or of another
 Redis type. The writer never touches pool state. A store that refuses
 writes (full under ``noeviction``, a read-only replica, an ACL without
-``SET``) pauses the writes only (``refusals["writes"]``): lookups go on,
-blocks offered meanwhile are dropped before they are copied (counted), and
-the refusal is logged once, not once a batch."""
+``SET``) pauses the writes only (``refusals["writes"]``): lookups and
+deletes go on, blocks offered meanwhile are dropped before they are copied
+(counted), and the refusal is logged once, not once a batch; one that
+refuses ``DEL`` pauses the deletes only (``refusals["deletes"]``)."""
 
 from __future__ import annotations
 
@@ -110,13 +111,15 @@ class RemoteWrites:
                     self._cond.notify_all()
 
     def _send(self, batch: list[tuple[np.ndarray, list[str], list[bytes]]], deletes: list[str]) -> None:
+        if deletes:
+            self._delete(deletes)
         count = sum(len(names) for _, names, _ in batch)
+        if not count:
+            return
         if not self._allow("writes"):
             self._dropped_failed += count
             return
         try:
-            if deletes:
-                self.store.delete(deletes)
             items = []
             for rows, names, keys in batch:
                 for row, name, key in zip(rows, names, keys):
@@ -134,3 +137,22 @@ class RemoteWrites:
             self._failed("writes", "write", e)
             return
         self._answered("writes")
+
+    def _delete(self, names: list[str]) -> None:
+        """Delete values found refused, a kind of call of its own
+        (``refusals["deletes"]``): a store full under ``noeviction`` refuses
+        ``SET`` but takes ``DEL`` (which frees memory), so a refused value no
+        longer waits for the writes to be taken again (it stayed there, refused
+        and logged at every lookup, while the store was full), and a ``DEL``
+        refused (an ACL without it, a replica) pauses the deletes, not the
+        writes. Deletes skipped meanwhile are dropped: a lookup that meets the
+        value again queues it again."""
+        if not self._allow("deletes"):
+            return
+        try:
+            self.store.delete(names)
+        except StoreError as e:
+            self._write_errors += 1
+            self._failed("deletes", "delete", e)
+            return
+        self._answered("deletes")
