@@ -8,6 +8,7 @@ and is used only when asked for.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -208,6 +209,30 @@ def prepare_ipc_bind(endpoint: str) -> None:
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise InvalidArgument(f"cannot remove stale socket {path}: {e}") from None
+
+
+def socket_file(path: str | None) -> tuple[int, int] | None:
+    """The (device, inode) of the socket file at ``path`` (None: no path, or no
+    socket there): what a daemon that bound it keeps, to remove only its own file
+    at the end (`unlink_socket_file`)."""
+    if path is None:
+        return None
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
+
+
+def unlink_socket_file(path: str | None, bound: tuple[int, int] | None) -> None:
+    """Remove the socket file at ``path`` if it is still the one this process bound
+    (``bound``: `socket_file` just after the bind). Another daemon may have bound the
+    path since (this one's file removed by an operator or a /tmp cleaner, or a new
+    daemon that started while this one was closing): removing that daemon's file
+    left it running where no client could reach it."""
+    if path is not None and bound is not None and socket_file(path) == bound:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def is_socket(path: str) -> bool:

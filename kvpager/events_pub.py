@@ -57,10 +57,11 @@ from kvpager.endpoints import (
     check_endpoint,
     ipc_path,
     is_local,
-    is_socket,
     open_socket,
     prepare_ipc_bind,
+    socket_file,
     text,
+    unlink_socket_file,
 )
 from kvpager.errors import InvalidArgument
 from kvpager.events import FORMATS, EventSink, batch_value, to_dicts
@@ -183,6 +184,7 @@ class EventPublisher:
         self._ctx: zmq.Context | None = None
         self._pub: zmq.Socket | None = None
         self._replay: zmq.Socket | None = None
+        self._files: dict[str, tuple[int, int] | None] = {}  # the ipc socket files bound, to remove at close
         self._thread: threading.Thread | None = None
         self._kept: collections.deque[tuple[int, bytes]] = collections.deque()
         self._kept_bytes = 0
@@ -235,6 +237,7 @@ class EventPublisher:
             raise InvalidArgument(f"cannot bind the KV events endpoint {endpoint}: {e}") from None
         path = ipc_path(endpoint)
         if path:
+            self._files[path] = socket_file(path)  # this publisher's own files alone are removed at close
             os.chmod(path, 0o600)  # token ids of prompts: this user only, like the daemon's socket
         return sock
 
@@ -261,9 +264,7 @@ class EventPublisher:
             if sock is not None:
                 sock.close()
                 path = ipc_path(ep)
-                if path and is_socket(path):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
+                unlink_socket_file(path, self._files.pop(path, None) if path else None)
         self._pub = self._replay = None
         if self._ctx is not None:
             self._ctx.term()

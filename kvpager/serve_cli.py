@@ -1,7 +1,8 @@
-"""`kvpager serve`: run the daemon in the foreground until SIGINT / SIGTERM."""
+"""`kvpager serve`: run the daemon in the foreground until SIGINT / SIGTERM / SIGHUP."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import logging
@@ -20,6 +21,9 @@ from kvpager.serve_options import Size, build_spec, limit_options, parse_quotas,
 from kvpager.spec import MODEL_PRESETS
 
 log = logging.getLogger("kvpager.server")
+
+#: The signals that stop the daemon cleanly (exit status 0, nothing left behind).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def remote_tier(opts: dict[str, Any], spec: Any = None) -> Any:
@@ -138,12 +142,18 @@ def remote_tier(opts: dict[str, Any], spec: Any = None) -> Any:
                    "exit: nothing allocated, nothing bound.")
 @limit_options
 def serve(**opts: Any) -> None:
-    """Run the kvpager daemon in the foreground (logs to stderr)."""
+    """Run the kvpager daemon in the foreground (logs to stderr).
+
+    SIGTERM, SIGINT or SIGHUP stops it: every session ended, the socket file and
+    the shared memory removed, exit status 0."""
     logging.basicConfig(level=opts["log_level"], stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # SIGTERM / SIGINT are ours from the start: during start-up they end it through
-    # the code that releases what is made (the pool's shared memory, a bound socket);
-    # once they came before this and the default action left the segments in /dev/shm.
+    # SIGTERM / SIGINT / SIGHUP are ours from the start: during start-up they end it
+    # through the code that releases what is made (the pool's shared memory, a bound
+    # socket); once they came before this and the default action left the segments in
+    # /dev/shm. SIGHUP (the terminal or ssh session that ran `kvpager serve` closed)
+    # ended the daemon by its default action: the pool's segments stayed in /dev/shm,
+    # holding their memory until another daemon started, and the socket file stayed.
     made: list[Any] = []  # the Server, once made: a signal then stops it (run() closes it)
     stopping: list[int] = []
 
@@ -157,23 +167,31 @@ def serve(**opts: Any) -> None:
 
     if opts["dry_run"]:
         return dry_run(opts)
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
     try:
         try:
             server = _start(opts, made)
         except _Interrupted:
             return  # what was made is released on the way out; nothing served
         if server.metrics_port is not None:
-            click.echo(f"kvpager metrics on http://{server.metrics_host}:{server.metrics_port}/metrics", err=True)
+            _announce(f"kvpager metrics on http://{server.metrics_host}:{server.metrics_port}/metrics")
         if server.events is not None:
-            click.echo(f"kvpager events on {server.events.endpoint} (replay {server.events.replay_endpoint})",
-                       err=True)
+            _announce(f"kvpager events on {server.events.endpoint} (replay {server.events.replay_endpoint})")
         # The line scripts wait for: the endpoint is bound and serving.
-        click.echo(f"kvpager serving on {server.endpoint}", err=True)
+        _announce(f"kvpager serving on {server.endpoint}")
         server.run()
     finally:  # serve called in-process (tests, CliRunner) leaves the caller's handlers as they were
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _announce(line: str) -> None:
+    """A start-up line on stderr; none where stderr is closed (a script's ``2>&1 |
+    grep -m1 'serving on'`` that saw the log's line and exited, a log reader gone):
+    the daemon serves on, as its log does. Its broken pipe ended a bound daemon
+    with exit status 1 and its socket file left behind."""
+    with contextlib.suppress(OSError):
+        click.echo(line, err=True)
 
 
 def dry_run(opts: dict[str, Any]) -> None:
@@ -201,7 +219,7 @@ def dry_run(opts: dict[str, Any]) -> None:
 
 
 class _Interrupted(BaseException):
-    """SIGTERM / SIGINT before the daemon serves: unwinds start-up (a BaseException,
+    """SIGTERM / SIGINT / SIGHUP before the daemon serves: unwinds start-up (a BaseException,
     so no ``except Exception`` on the way swallows it, and every ``except
     BaseException`` that releases a segment or a socket runs)."""
 
@@ -211,7 +229,11 @@ def _start(opts: dict[str, Any], made: list[Any]) -> Any:
     soon as it exists. Every check that needs no memory comes first (tokens,
     limits, the endpoint), so a mistake there allocates nothing."""
     from kvpager.server import Server
-    from kvpager.server_bind import check_before_allocating, raise_open_files_limit
+    from kvpager.server_bind import (
+        check_before_allocating,
+        raise_open_files_limit,
+        sessions_within_open_files,
+    )
 
     device, devices = pool_devices(opts)
     if device.startswith("cuda") and importlib.util.find_spec("cupy") is None:
@@ -231,7 +253,8 @@ def _start(opts: dict[str, Any], made: list[Any]) -> Any:
         limits = Limits.from_env(**{f.name: opts[f"max_{f.name}"] for f in dataclasses.fields(Limits)})
         metrics_port = opts["metrics_port"] if opts["metrics_port"] is not None else env.metrics_port()
         check_before_allocating(opts["endpoint"], token)
-        raise_open_files_limit()  # (a file descriptor a connection)
+        soft, _ = raise_open_files_limit()  # (a file descriptor a connection)
+        limits = sessions_within_open_files(limits, soft)
         spec = build_spec(opts, device, devices)
         events = None
         events_endpoint = opts["events_endpoint"] or env.events_endpoint()

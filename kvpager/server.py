@@ -166,6 +166,7 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
         self._thread: threading.Thread | None = None
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
+        self._socket_file: tuple[int, int] | None = None  # the ipc socket file bound (`Binding.close`)
         self._handlers = {name: getattr(self, f"_op_{name}") for name in OPS}
         self._memo = RequestMemo()  # decode steps' requests, decoded and checked once
         # When the loop last found nothing queued: every message sent before then

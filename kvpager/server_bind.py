@@ -5,9 +5,11 @@ of it, shared memory included."""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import errno
 import logging
 import os
+import socket
 
 import zmq
 
@@ -17,11 +19,13 @@ from kvpager.endpoints import (
     endpoint_or_default,
     ipc_path,
     is_local,
-    is_socket,
     open_socket,
     prepare_ipc_bind,
+    socket_file,
+    unlink_socket_file,
 )
 from kvpager.errors import InvalidArgument
+from kvpager.limits import Limits
 from kvpager.metrics import serve_metrics
 from kvpager.render import human_bytes
 from kvpager.server_ranks import close_release_count
@@ -60,17 +64,108 @@ def raise_open_files_limit() -> tuple[int, int]:
     return soft, hard
 
 
+#: Open files a session holds in the daemon: its client's two connections (calls, heartbeats).
+FILES_A_SESSION = 2
+
+
+def sessions_within_open_files(limits: Limits, soft: int) -> Limits:
+    """``limits`` with no more sessions than the open files limit ``soft`` holds, two
+    files each, beside the files this process holds now and a reserve (ZeroMQ's own,
+    connections not yet in a session, scrapes, KV event subscribers, the remote
+    store's): ZeroMQ aborts a daemon whose ipc:// listener finds no file left for a
+    connection (its accept asserts), and where the limit was low clients past it
+    killed the daemon, every session with it; now those are refused at hello
+    (`limit_exceeded`) first. InvalidArgument where the limit leaves room for none."""
+    if soft < 0:  # (no such limit here, or none at all)
+        return limits
+    try:
+        held = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        held = 16  # (no /proc: about what a daemon holds before its socket is bound)
+    room = (soft - held - 16 - soft // 8) // FILES_A_SESSION
+    if room >= limits.sessions:
+        return limits
+    if room < 1:
+        raise InvalidArgument(
+            f"the open files limit ({soft}) leaves no room for a client's connections beside the daemon's own "
+            "files: raise it (ulimit -n; systemd LimitNOFILE=; docker run --ulimit nofile=N:N)")
+    log.warning("the open files limit (%d) holds about %d sessions (%d connections each) beside the daemon's "
+                "own files: sessions past %d are refused, not the %d of --max-sessions (past the files, ZeroMQ "
+                "ends the daemon); raise the limit (ulimit -n; systemd LimitNOFILE=; docker run --ulimit "
+                "nofile=N:N) for more", soft, room, FILES_A_SESSION, room, limits.sessions)
+    return dataclasses.replace(limits, sessions=room)
+
+
 def check_before_allocating(endpoint: str | None, token: str | None) -> str:
     """The refusals of `Binding.bind` that need no socket, for `kvpager serve` to
     say before it allocates the pool: a malformed endpoint, TCP beyond loopback
     without a token, an ipc:// path that is no socket or where a daemon listens
-    (`check_ipc_bind`). Once they came only after the pool was allocated (a
-    GPU's memory, or /dev/shm, taken and given back for nothing). Returns the
-    endpoint (``None``: the default)."""
+    (`check_ipc_bind`) or where no socket can be made (`check_ipc_place`), a tcp
+    port taken (`check_tcp_port`). Once they came only after the pool was
+    allocated (a GPU's memory, or /dev/shm, taken and given back for nothing).
+    Returns the endpoint (``None``: the default)."""
     endpoint = endpoint_or_default(endpoint, bind=True)
     refuse_open_tcp(endpoint, token)
-    check_ipc_bind(endpoint)
+    check_ipc_bind(endpoint)  # (first: it makes the default endpoint's private folder)
+    check_ipc_place(endpoint)
+    check_tcp_port(endpoint)
     return endpoint
+
+
+def check_tcp_port(endpoint: str) -> None:
+    """InvalidArgument if a tcp:// ``endpoint``'s port is taken: a listener there
+    refuses a bind with SO_REUSEADDR (ZeroMQ binds with it), which a port some
+    connection left in TIME_WAIT does not. Another daemon on the port was said only
+    once the pool was allocated. A host that does not resolve here (an interface
+    name) is left to the bind."""
+    if not endpoint.startswith("tcp://"):
+        return
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    if port == "0":
+        return
+    host = "" if host == "*" else host.strip("[]")
+    try:
+        addresses = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return
+    for family, kind, proto, _, address in addresses:
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError:  # (a family this host does not have: IPv6 turned off)
+            continue
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise InvalidArgument(f"cannot bind {endpoint}: the port is taken (another daemon, or another "
+                                          "program, listens there): choose another --endpoint") from None
+
+
+def check_ipc_place(endpoint: str) -> None:
+    """InvalidArgument if an ipc:// ``endpoint``'s socket cannot be made where it
+    names: a path longer than a unix socket's address holds, or a folder that is
+    missing, is no folder or is not this user's to write in. ZeroMQ's refusal said
+    so only once the pool was allocated (a GPU's memory, or /dev/shm, taken and
+    given back), in words about its own constants."""
+    path = ipc_path(endpoint)
+    if path is None or path.startswith("@"):  # (Linux's abstract names live in no folder)
+        return
+    longest = getattr(zmq, "IPC_PATH_MAX_LEN", 107)
+    size = len(os.fsencode(path))
+    if size > longest:
+        raise InvalidArgument(f"{endpoint}: the socket's path is {size} bytes, and a unix socket's path holds at "
+                              f"most {longest}: choose a shorter --endpoint (KVPAGER_ENDPOINT), e.g. "
+                              "ipc:///tmp/kvpager/kv.sock, or set KVPAGER_RUNTIME_DIR to a shorter folder")
+    folder = os.path.dirname(path) or "/"
+    if not os.path.isdir(folder):
+        why = "does not exist" if not os.path.lexists(folder) else "is not a folder"
+        raise InvalidArgument(f"{endpoint}: the socket's folder {folder} {why}: create it (mkdir -p {folder}, "
+                              "mode 700) or choose another --endpoint")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InvalidArgument(f"{endpoint}: this user (uid {os.getuid()}) cannot create a socket in {folder}: "
+                              "choose a folder of yours (another --endpoint), or run as its owner")
 
 
 def refuse_open_tcp(endpoint: str, token: str | None) -> None:
@@ -125,6 +220,7 @@ class Binding:
         self._sock = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         path = ipc_path(self.endpoint)
+        self._socket_file = socket_file(path)  # what close may remove: this daemon's file alone
         if path:
             os.chmod(path, 0o600)
         elif self.token is None and self.endpoint.startswith("tcp://"):
@@ -170,10 +266,9 @@ class Binding:
             self._sock.close(0)
             self._sock = None
             self._ctx.term()
-            path = ipc_path(self.endpoint)
-            if path and is_socket(path):  # never anything else found there
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+            # never anything else found there, nor another daemon's socket bound there since
+            unlink_socket_file(ipc_path(self.endpoint), self._socket_file)
+            self._socket_file = None
         close_release_count(self)
         for m in [self.memory, *(self.rank_memory or ())]:
             if m is not None:

@@ -8,7 +8,13 @@ that merely attached to it exits: a worker's exit would pull the pool out
 from under the daemon.
 
 Segment names are ``kvp<pid>_<epoch8>_<tag>``: short enough for macOS (31
-bytes), and a later daemon can tell a dead daemon's leftovers by the pid.
+bytes). A daemon holds a shared `flock` on its long-lived segments (the pool's,
+its count of releases) for as long as it lives, so a later daemon tells a dead
+daemon's leftovers by the lock, whatever pid namespace either runs in (by the pid
+alone, a daemon in another container sharing /dev/shm removed a live daemon's
+pool, and a daemon restarted as the same pid, a container's, never removed the
+segments of the one that crashed); a daemon of an older kvpager, which takes no
+lock, by its pid.
 Staging buffers get a random tag (`random_tag`) and every segment is created
 exclusively (``O_EXCL``): another user cannot create a name first and have
 the daemon use it, nor make the next name fail by guessing it.
@@ -19,6 +25,7 @@ from __future__ import annotations
 import _posixshmem
 import contextlib
 import errno
+import fcntl
 import logging
 import math
 import mmap
@@ -37,14 +44,16 @@ from kvpager.spec import PoolSpec
 
 log = logging.getLogger("kvpager.shm")
 
-_NAME = re.compile(r"kvp(\d+)_[0-9a-f]{8}_\w+$")
+_NAME = re.compile(r"kvp(\d+)_([0-9a-f]{8})_\w+$")
 _SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory; used only to sweep
 
 
 class Segment:
     """One mapped shared-memory segment. ``buf`` is a writable memoryview."""
 
-    def __init__(self, name: str, size: int, create: bool, readonly: bool = False):
+    def __init__(self, name: str, size: int, create: bool, readonly: bool = False, hold: bool = False):
+        """``hold``: a segment made here keeps its descriptor open under a shared
+        `flock` until it is closed: the sign that its daemon lives (`sweep_stale`)."""
         flags = (os.O_RDONLY if readonly and not create else os.O_RDWR) | (os.O_CREAT | os.O_EXCL if create else 0)
         try:
             fd = _posixshmem.shm_open("/" + name, flags, mode=0o600)
@@ -58,8 +67,12 @@ class Segment:
                                          f"holds as many as its limit allows ({e.strerror}); fewer connections, or "
                                          "a higher limit (ulimit -n)") from None
             raise
+        held = None
         try:
             if create:
+                if hold:
+                    fcntl.flock(fd, fcntl.LOCK_SH)
+                    held = fd
                 os.ftruncate(fd, size)
                 if hasattr(os, "posix_fallocate"):
                     # Reserve the pages now: a full /dev/shm then fails here with
@@ -71,6 +84,7 @@ class Segment:
                     raise InvalidArgument(f"shared memory segment {name!r} has {actual} bytes, expected {size}")
             self._mmap = mmap.mmap(fd, size, prot=mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException as e:
+            held = None  # (closed below with the rest)
             if create:
                 _posixshmem.shm_unlink("/" + name)
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.ENOMEM):
@@ -80,7 +94,8 @@ class Segment:
                     "(kvpager serve --blocks / --memory, fewer --host-blocks)") from None
             raise
         finally:
-            os.close(fd)
+            if held is None:
+                os.close(fd)
         self.name, self.size, self.owner = name, size, create
         self.buf = memoryview(self._mmap)
         # The creator unlinks at close, or at the latest when this object is
@@ -88,11 +103,11 @@ class Segment:
         # process only. A child forked from it (a daemon run in-process, then
         # ``os.fork()``) inherits this object and its finalizer, and its exit
         # unlinked the running daemon's pool: workers that came later found none.
-        self._unlink = weakref.finalize(self, _unlink, name, os.getpid()) if create else None
+        self._unlink = weakref.finalize(self, _unlink, name, os.getpid(), held) if create else None
 
     @classmethod
-    def create(cls, name: str, size: int) -> Segment:
-        return cls(name, size, create=True)
+    def create(cls, name: str, size: int, hold: bool = False) -> Segment:
+        return cls(name, size, create=True, hold=hold)
 
     @classmethod
     def attach(cls, name: str, size: int, readonly: bool = False) -> Segment:
@@ -125,12 +140,17 @@ class Segment:
             pass  # NumPy views still point into it; unmapped when they go
 
 
-def _unlink(name: str, creator: int | None = None) -> None:
-    """Unlink segment ``name``, in its ``creator`` process only (None: in any)."""
-    if creator is not None and os.getpid() != creator:
-        return
-    with contextlib.suppress(FileNotFoundError):
-        _posixshmem.shm_unlink("/" + name)
+def _unlink(name: str, creator: int | None = None, held: int | None = None) -> None:
+    """Unlink segment ``name``, in its ``creator`` process only (None: in any), then
+    close its ``held`` descriptor (its lock goes once no forked child holds it either)."""
+    try:
+        if creator is not None and os.getpid() != creator:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            _posixshmem.shm_unlink("/" + name)
+    finally:
+        if held is not None:
+            os.close(held)
 
 
 class SegmentExists(BackendUnavailable):
@@ -155,21 +175,44 @@ def sweep_stale() -> list[str]:
     except OSError:
         return removed
     uid = os.getuid()
+    daemons: dict[tuple[str, str], list[str]] = {}  # (pid, epoch): the segments one daemon made
     with entries:
         for entry in entries:
             m = _NAME.match(entry.name)
-            if not m:
-                continue
             try:
-                if entry.stat().st_uid != uid or _alive(int(m.group(1))):
-                    continue
-                _posixshmem.shm_unlink("/" + entry.name)
-                removed.append(entry.name)
+                if m and entry.stat().st_uid == uid:
+                    daemons.setdefault((m.group(1), m.group(2)), []).append(entry.name)
             except OSError:
                 continue
+    for (pid, _), names in daemons.items():
+        if any(_held(name) for name in names):
+            continue  # its daemon lives (in this pid namespace or another)
+        if int(pid) != os.getpid() and _alive(int(pid)):
+            continue  # a daemon of an older kvpager, which holds no lock, or another program now
+        for name in names:
+            with contextlib.suppress(OSError):
+                _posixshmem.shm_unlink("/" + name)
+                removed.append(name)
     if removed:
         log.info("removed %d shared memory segments of dead daemons", len(removed))
     return removed
+
+
+def _held(name: str) -> bool:
+    """Whether a live process holds the lock of segment ``name`` (`Segment`'s ``hold``)."""
+    try:
+        fd = os.open(os.path.join(_SHM_DIR, name), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # (a lock taken here goes with it)
+    return False
 
 
 def _alive(pid: int) -> bool:
@@ -193,9 +236,9 @@ class PoolMemory:
     @classmethod
     def create(cls, spec: PoolSpec, epoch: str, suffix: str = "") -> PoolMemory:
         """``suffix``: tells apart the segments of a tensor-parallel pool's ranks."""
-        dev = Segment.create(segment_name(epoch, "dev" + suffix), spec.device_bytes)
+        dev = Segment.create(segment_name(epoch, "dev" + suffix), spec.device_bytes, hold=True)
         try:
-            host = (Segment.create(segment_name(epoch, "host" + suffix), spec.host_bytes)
+            host = (Segment.create(segment_name(epoch, "host" + suffix), spec.host_bytes, hold=True)
                     if spec.host_bytes else None)
         except BaseException:
             dev.close()
@@ -268,7 +311,7 @@ class ReleaseCount:
     SIZE = 16
 
     def __init__(self, epoch: str):
-        self.segment = Segment.create(segment_name(epoch, random_tag("m")), self.SIZE)
+        self.segment = Segment.create(segment_name(epoch, random_tag("m")), self.SIZE, hold=True)
         self.array = self.segment.array((2,), np.uint64)
 
     def session_ended(self) -> None:
