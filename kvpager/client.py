@@ -35,6 +35,7 @@ and heartbeats (`kvpager.client_wire`), sequence ops and inspection
 
 from __future__ import annotations
 
+import atexit
 import functools
 import itertools
 import logging
@@ -279,8 +280,33 @@ def _dropped(stop: threading.Event, gone: threading.Event) -> None:
     stop.set()
 
 
-#: Every live client of this process, for `_after_fork_in_child`.
+#: Every live client of this process, for `_after_fork_in_child` and `_close_at_exit`.
 _LIVE: weakref.WeakSet[Client] = weakref.WeakSet()
+
+#: The longest a client left open at exit waits for its daemon (its heartbeat, then bye).
+EXIT_WAIT = 1.0
+
+
+def _close_at_exit() -> None:
+    """At the interpreter's exit, every client still open says bye. A process that
+    returned without `close` never collects its clients, and their heartbeat
+    threads (daemon threads) died before they said it: the session and its blocks
+    stayed until the daemon's heartbeat timeout. Each waits at most `EXIT_WAIT`
+    (a stalled daemon: the session ends at its timeout instead), and a client
+    another thread is in a call on is left to it."""
+    for client in list(_LIVE):
+        if client._closed or not client._lock.acquire(timeout=EXIT_WAIT):
+            continue
+        try:
+            client.timeout = min(client.timeout, EXIT_WAIT)
+            client.close()
+        except Exception as e:  # (nothing to tell at exit: the daemon ends it at its timeout)
+            log.debug("closing a client at exit failed: %s", e)
+        finally:
+            client._lock.release()
+
+
+atexit.register(_close_at_exit)
 
 
 def _after_fork_in_child() -> None:

@@ -246,6 +246,30 @@ def test_a_client_dropped_without_close_ends_its_session():
         assert wait_until(lambda: not any(t.name == "kvpager-heartbeat" for t in threading.enumerate()), 10)
 
 
+def test_a_process_that_exits_without_close_ends_its_session():
+    """A worker script that returns without `close`: its client is never collected,
+    and at exit its heartbeat thread (a daemon thread) died before it said bye, so
+    the session and its blocks stayed until the heartbeat timeout. Its session ends
+    with the process now."""
+    import subprocess
+    import sys
+    import textwrap
+
+    endpoint, _ = ipc_endpoint()
+    script = textwrap.dedent(f"""
+        from kvpager.client import Client
+        worker = Client({endpoint!r}, timeout=5)
+        worker.allocate([list(range(40))])
+        print("allocated", flush=True)
+    """)
+    with daemon_process(GEOMETRY + ["--heartbeat-timeout", "60"], endpoint), \
+            Client(endpoint, timeout=5, heartbeat=False) as look:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0 and "allocated" in done.stdout, done.stderr
+        # ended with the process, well inside the 60 s heartbeat timeout
+        assert wait_until(lambda: look.stats().used_blocks == 0 and len(look.sessions()) == 1, 5)
+
+
 def _maps_of(names: set[str]) -> set[str]:
     with open("/proc/self/maps") as f:
         return {name for line in f for name in names if name in line}
