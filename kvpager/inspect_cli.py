@@ -19,11 +19,12 @@ from typing import Any
 
 import click
 
-from kvpager import render
+from kvpager import env, render
 from kvpager.errors import (
     DaemonUnavailable,
     IntegrityError,
     KVPagerError,
+    LimitExceeded,
     ProtocolError,
     RequestTimeout,
     SessionLost,
@@ -75,16 +76,37 @@ def fail(e: BaseException) -> None:
         if isinstance(e, cls):
             if isinstance(e, Unauthorized) and "control token" in str(e):
                 hint = CONTROL_HINT
+            elif isinstance(e, LimitExceeded) and "sessions open at once" in str(e):
+                hint = SESSIONS_HINT
             click.echo(f"error: {e}", err=True)
             click.echo(f"next: {hint}", err=True)
             sys.exit(code)
     raise e
 
 
+#: the hint where hello found every session taken (the daemon's message says how many)
+SESSIONS_HINT = ("every session the daemon allows is open: set KVPAGER_CONTROL_TOKEN (or KVPAGER_CONTROL_TOKEN_FILE) "
+                 "to its control token to look anyway (`kvpager sessions`: which clients hold them), or raise "
+                 "kvpager serve --max-sessions")
+
+
 def connect(endpoint: str | None, timeout: float | None) -> Any:
+    """The command's client. Where every session is taken, once more with the
+    control token of the environment, if there is one: such a session may open
+    past the limit, so an operator can see who holds the sessions (the token is
+    not sent otherwise: a wrong one would refuse the read-only commands)."""
     from kvpager.client import Client
 
-    return Client(endpoint, timeout=timeout, heartbeat=False, map_pool=False, name="kvpager-cli")
+    def opened(**token: Any) -> Any:
+        return Client(endpoint, timeout=timeout, heartbeat=False, map_pool=False, name="kvpager-cli", **token)
+
+    try:
+        return opened()
+    except LimitExceeded as e:
+        token = env.control_token()
+        if token is None or "sessions open at once" not in str(e):
+            raise
+        return opened(control_token=token)
 
 
 def daemon_command(fn: Callable[..., None]) -> click.Command:

@@ -46,6 +46,9 @@ INFO_BYTES = 256
 #: A `TenantUsage`'s bytes in a `stats` reply besides its salt, at most.
 TENANT_BYTES = 128
 
+#: Sessions with the control token that may open past the sessions limit (`_check_sessions`).
+CONTROL_SESSIONS = 8
+
 
 def _flag(a: dict[str, Any], name: str, op: str) -> bool:
     """An optional bool argument (false when absent)."""
@@ -71,8 +74,8 @@ class ServerOps(ControlOps):
         if not isinstance(client, str):
             raise InvalidArgument(f"hello: client must be a string, got {type(client).__name__}")
         self.limits.check("client_name", len(client), "hello: client name length")
-        self.limits.check("sessions", len(self.sessions) + 1, "hello: sessions open at once")
         control = self._check_control_token(a.get("control_token"))
+        self._check_sessions(control)
         rank = hello_rank(self.pool, a.get("rank"))
         driver = self._hello_driver(rank, a.get("driver"))
         s = self.sessions.open(client, pid if isinstance(pid, int) and not isinstance(pid, bool) else None)
@@ -99,6 +102,20 @@ class ServerOps(ControlOps):
             "remote": self.pool.remote.describe() if self.pool.remote is not None else None,
             "windowed_hits": True,  # allocate and cached_tokens take `window`
         }
+
+    def _check_sessions(self, control: bool) -> None:
+        """LimitExceeded where a new session would pass the sessions limit; a
+        session with the control token may go `CONTROL_SESSIONS` past it, so an
+        operator can still look at a daemon whose sessions are all taken (by a
+        leak: which clients hold them) and act on it."""
+        limit = self.limits.sessions + (CONTROL_SESSIONS if control else 0)
+        if len(self.sessions) + 1 > limit:
+            kept = (f"; {CONTROL_SESSIONS} more kept for sessions with the control token are taken too" if control
+                    else f"; a session with the control token may open {CONTROL_SESSIONS} more (kvpager sessions "
+                         "with KVPAGER_CONTROL_TOKEN shows which clients hold them)")
+            raise LimitExceeded(f"hello: sessions open at once: {len(self.sessions) + 1} is over the limit of "
+                                f"{self.limits.sessions} (KVPAGER_MAX_SESSIONS, kvpager serve --max-sessions){kept}",
+                                "sessions", len(self.sessions) + 1, limit)
 
     def _hello_driver(self, rank: int | None, driver: Any) -> str | None:
         """The public name of the session a rank worker writes for besides its own

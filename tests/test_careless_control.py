@@ -29,7 +29,7 @@ from daemon_helpers import SMALL, running_server, subprocess_env
 from kvpager import KVPool, PoolSpec
 from kvpager.cli import main
 from kvpager.client import Client
-from kvpager.errors import InvalidArgument, NotOwner, NotPinned, OutOfBlocks
+from kvpager.errors import InvalidArgument, LimitExceeded, NotOwner, NotPinned, OutOfBlocks
 from kvpager.render import salt_label
 
 CONTROL = "control-token-of-enough-length-42"
@@ -303,3 +303,31 @@ def test_a_rank_is_not_closed_alone():
     [a] = pool.allocate([list(range(10))])
     pool.rank(1).write(0, a.slots, np.ones((10, 2, 8), np.float32), np.ones((10, 2, 8), np.float32))
     pool.close()
+
+
+def test_an_operator_looks_at_a_daemon_whose_sessions_are_all_taken():
+    """Every session taken (a leak of clients): `kvpager sessions` needs one too, and
+    was refused with "see `kvpager --help`", so nobody could see who held them. A
+    session with the control token may open `CONTROL_SESSIONS` past the limit: the
+    command takes the environment's token there, and without one says how to look."""
+    from kvpager.limits import Limits
+    from kvpager.server_ops import CONTROL_SESSIONS
+
+    with running_server(SMALL, heartbeat_timeout=30, control_token=CONTROL, limits=Limits(sessions=2)) as s:
+        held = [Client(s.endpoint, name=f"leaky-{i}") for i in range(2)]
+        try:
+            with pytest.raises(LimitExceeded, match="control token"):
+                Client(s.endpoint)  # (an ordinary client is refused as before, told why)
+            code, _, err = run("sessions", "--endpoint", s.endpoint, env={"KVPAGER_CONTROL_TOKEN": ""})
+            assert code == 2 and "KVPAGER_CONTROL_TOKEN" in err and "--max-sessions" in err
+            code, out, _ = run("sessions", "--endpoint", s.endpoint, "--json",
+                               env={"KVPAGER_CONTROL_TOKEN": CONTROL})
+            assert code == 0 and {x["client"] for x in json.loads(out)} >= {"leaky-0", "leaky-1"}
+            control = [Client(s.endpoint, control_token=CONTROL) for _ in range(CONTROL_SESSIONS)]
+            with pytest.raises(LimitExceeded, match="taken too"):
+                Client(s.endpoint, control_token=CONTROL)
+            for c in control:
+                c.close()
+        finally:
+            for c in held:
+                c.close()
