@@ -17,7 +17,7 @@ from typing import Any
 from kvpager.remote_errors import StoreMisconfigured, StoreRefused, store_error
 
 #: what each command the tier sends is for (`Store.verify` names them)
-_USES = {"GETRANGE": "lookups", "TYPE": "probes", "SET": "writes", "STRLEN": "writes",
+_USES = {"GETRANGE": "lookups", "TYPE": "probes and writes", "SET": "writes", "STRLEN": "writes",
          "DEL": "deleting refused values", "ASKING": "lookups while a slot migrates", "PING": "checking a master"}
 NEEDS = ("+getrange +type +set +strlen +del and +client|setname (+select for a DB other than 0) on keys "
           "kvpager:*")
@@ -79,10 +79,9 @@ def check_limits(url: str, client: Any, value_bytes: int, chunk_bytes: int | Non
     the connection past that limit, so every lookup of more than it failed, as
     an outage ("closed the connection mid-reply"), while the check said the
     store was fine. Each not checked where ``CONFIG GET`` is refused."""
-    redis = redis_module()
     try:
-        limit = int(client.config_get("proto-max-bulk-len").get("proto-max-bulk-len", 0))
-    except (redis.RedisError, OSError, ValueError, AttributeError):
+        limit = int(config_value(client, "proto-max-bulk-len") or 0)
+    except ValueError:
         limit = 0
     if 0 < limit < value_bytes:
         raise StoreMisconfigured(f"remote store {url}: its proto-max-bulk-len is {limit} bytes, a value of this "
@@ -91,9 +90,9 @@ def check_limits(url: str, client: Any, value_bytes: int, chunk_bytes: int | Non
     if chunk_bytes is None:
         return
     try:
-        classes = str(client.config_get("client-output-buffer-limit").get("client-output-buffer-limit", "")).split()
+        classes = (config_value(client, "client-output-buffer-limit") or "").split()
         hard = int(classes[classes.index("normal") + 1])
-    except (redis.RedisError, OSError, ValueError, AttributeError, IndexError):
+    except (ValueError, IndexError):
         return
     per = max(1, round(chunk_bytes / value_bytes))  # values a pipeline (`remote_resp.ChunkedFetch`)
     replies = per * (value_bytes + len(f"${value_bytes}\r\n\r\n"))
@@ -102,6 +101,29 @@ def check_limits(url: str, client: Any, value_bytes: int, chunk_bytes: int | Non
                                  f"{hard} bytes (hard), the replies to one pipeline of a lookup ({per} values) "
                                  f"{replies}: the store would drop the connection of every lookup of more; "
                                  "raise it (CONFIG SET client-output-buffer-limit 'normal 0 0 0', the default)")
+
+
+def config_value(client: Any, name: str) -> str | None:
+    """``CONFIG GET name`` of a redis-py client; None where it is refused (an
+    ACL user without ``CONFIG``, a managed service that renames it) or fails."""
+    redis = redis_module()
+    try:
+        value = client.config_get(name).get(name)
+    except (redis.RedisError, OSError, AttributeError):
+        return None
+    return None if value is None else value.decode() if isinstance(value, bytes) else str(value)
+
+
+def ttl_warning(policy: str | None, ttl: int) -> str | None:
+    """Why blocks written with ``ttl`` (0: no expiry) would fill a store whose
+    ``maxmemory-policy`` is ``policy``, or None: a ``volatile-*`` policy
+    evicts only keys that expire, so once the store reaches ``maxmemory`` it
+    evicts none of the tier's and refuses every write (``OOM``)."""
+    if ttl or not (policy or "").startswith("volatile-"):
+        return None
+    return (f"its maxmemory-policy is {policy}, which evicts only keys with an expiry, and the tier writes "
+            "blocks without one (ttl 0): once maxmemory is reached no block is evicted and every write is "
+            "refused (OOM); set maxmemory-policy allkeys-lru, or a ttl (--remote-ttl)")
 
 
 def plain_redis(host: str, port: int, timeout: float) -> bool:

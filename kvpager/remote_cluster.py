@@ -27,9 +27,9 @@ ends at its first block on the hung master.
   connection (a reply of all of them at once is built whole in the node's
   output buffers: one of 256 MiB read at half the speed of 4-16 MiB ones). A
   key of another Redis type (``WRONGTYPE``) is a miss.
-- Probes: ``TYPE``; writes: ``SET NX`` then ``STRLEN`` and ``SET`` where a key
-  held something else (`put_checked`); deletes: ``DEL`` per key; `ping`: every
-  master. Through the node's redis-py pipeline.
+- Probes: ``TYPE``; writes: ``SET NX`` then ``STRLEN``, ``TYPE`` and ``SET`` where a key held
+  something else (`put_checked`); deletes: ``DEL`` per key; `ping`: every master. Through the
+  node's redis-py pipeline.
 - Redirections: a key answered ``ASK`` (its slot migrating) is asked again of
   the node named, after ``ASKING``; ``MOVED`` (the slot has moved: a stale
   map) first refreshes the slot map, then the key is asked of the node named.
@@ -52,6 +52,7 @@ import numpy as np
 from kvpager.remote_access import (
     NEEDS_CLUSTER,
     check_limits,
+    config_value,
     connect_refusal,
     connection_options,
     diagnose_cluster,
@@ -76,9 +77,9 @@ from kvpager.remote_store import (
     KEY_STRING,
     Store,
     _ranges,
-    put_checked,
 )
 from kvpager.remote_url import nodes, redact
+from kvpager.remote_writes import put_checked
 
 #: a node's part of a call: [(index of the key in the call, send ASKING first)]
 Plan = list[tuple[int, bool]]
@@ -390,9 +391,12 @@ class RedisClusterStore(Store):
             replies += asking_ping
         warnings = judge(self.url, names, replies, NEEDS_CLUSTER)
         if value_bytes is not None:
-            check_limits(self.url, rc.get_redis_connection(rc.get_node_from_key(key)), value_bytes,
-                         self._chunk_bytes)
+            check_limits(self.url, rc.get_redis_connection(rc.get_node_from_key(key)), value_bytes, self._chunk_bytes)
         return warnings
+
+    def eviction_policy(self) -> str | None:  # a master's (made by `verify`): the others' should be the same
+        rc = self._sides[0].rc
+        return rc and config_value(rc.get_redis_connection(rc.get_primaries()[0]), "maxmemory-policy")
 
     def close(self) -> None:
         for side in self._sides:

@@ -1,6 +1,6 @@
 """What each call of the Redis Cluster store (`kvpager.remote_cluster`) runs
 on: `Side`, one cluster client with its threads and the nodes that failed,
-and `Pipeline`, the pipeline `kvpager.remote_store.put_checked` writes
+and `Pipeline`, the pipeline `kvpager.remote_writes.put_checked` writes
 through, sent as the store's per-master calls."""
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Side:
 
 
 class Pipeline:
-    """What `put_checked` needs of a pipeline (``set``, ``strlen``, ``execute``),
+    """What `put_checked` needs of a pipeline (``set``, ``strlen``, ``type``, ``execute``),
     sent as `kvpager.remote_cluster.RedisClusterStore._commands`: a node pipeline per master, at once."""
 
     def __init__(self, store: Any, side: Side, rc: Any):
@@ -68,6 +68,9 @@ class Pipeline:
 
     def strlen(self, *args: Any, **kwargs: Any) -> None:
         self.calls.append(("strlen", args, kwargs))
+
+    def type(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append(("type", args, kwargs))
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
         out = self.store._commands(self.side, self.rc, self.calls)

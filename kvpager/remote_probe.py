@@ -8,7 +8,9 @@ capacity rule) with the store's answer to "which of these keys hold a
 string" (`RemoteTier.exists`: pipelined ``TYPE``, no value read) in place of
 the fetched values. Nothing is taken, held, touched, published or reported:
 the block pool, the prefix cache, the tenants and the event sink are only
-read. A store that is down, slow or skipped by the breaker holds nothing.
+read. A store that is down, slow or skipped by the breaker holds nothing,
+and so does one whose lookups are paused (``refusals["lookups"]``: it
+refused ``GETRANGE``), which the allocate would not ask (`RemoteTier.exists`).
 (A key of another Redis type, which no lookup could restore, does not count
 and is deleted from the store, as a lookup deletes a value it refuses.)
 

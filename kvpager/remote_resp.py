@@ -301,6 +301,7 @@ class ChunkedFetch:
         self.acquire, self.release, self.send = acquire, release, send
         self.connections, self.chunk_bytes, self.timeout = connections, chunk_bytes, timeout
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()  # two threads' first lookups make one pool (`_executor`)
 
     def run(self, keys: Seq[str], out: np.ndarray, sizes: np.ndarray,
             done: Callable[[int, int], None] | None = None) -> None:
@@ -364,11 +365,17 @@ class ChunkedFetch:
             raise FetchError(f"{type(e).__name__}: {e}")
 
     def _executor(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max(self.connections - 1, 1), thread_name_prefix="kvpager-remote-fetch")
-        return self._pool
+        """The helpers' threads, made at the first lookup that needs them, under
+        a lock: pools sharing a tier look up from threads of their own, and
+        two first lookups at once each made a pool (one never shut down)."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max(self.connections - 1, 1),
+                                                thread_name_prefix="kvpager-remote-fetch")
+            return self._pool
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)

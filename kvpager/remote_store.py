@@ -30,6 +30,7 @@ from kvpager.remote_access import (
     CONNECT_ROUND_TRIPS,
     bound_connects,
     check_limits,
+    config_value,
     connect_refusal,
     connection_options,
     judge,
@@ -46,6 +47,7 @@ from kvpager.remote_resp import KEY_OTHER as KEY_OTHER
 from kvpager.remote_resp import KEY_STRING as KEY_STRING
 from kvpager.remote_resp import ChunkedFetch, FetchError, key_types, lookup_deadline
 from kvpager.remote_url import CLUSTER, STANDALONE, check_url, hide, nodes, redact
+from kvpager.remote_writes import put_checked
 
 log = logging.getLogger("kvpager.remote")
 
@@ -132,6 +134,10 @@ class Store(ABC):
         self.ping()
         return []
 
+    def eviction_policy(self) -> str | None:
+        """The store's ``maxmemory-policy``, None where it does not tell (`RemoteTier.check`)."""
+        return None
+
     def close(self) -> None:
         """Drop the connections."""
 
@@ -165,58 +171,6 @@ def open_store(url: str, timeout: float = 0.1, write_timeout: float = 2.0, *,
         return RedisClusterStore(url, CLUSTER[scheme], timeout, write_timeout, chunk_bytes)
     known = ", ".join(f"{s}://" for s in [*STANDALONE, *CLUSTER])
     raise InvalidArgument(f"remote store URL {redact(url)!r}: unknown scheme {scheme!r} (known: {known})")
-
-
-def put_checked(pipeline: Callable[[], Any], items: Seq[tuple[str, Any]], ttl: int) -> tuple[int, int]:
-    """`Store.put_many` through redis-py pipelines made by ``pipeline()``:
-    ``SET key value NX EX ttl`` for every item; where a key existed, its
-    ``STRLEN`` (a ``WRONGTYPE`` error for another type); where that is not the
-    value's length, ``SET key value EX ttl`` over it. One round trip when every
-    key is new, at most three. Racing another writer of the same key is
-    harmless: a key is only written over when it holds no value of this
-    length, and both writers' values are valid for it. An error reply
-    (``OOM``, ``READONLY``, ``NOPERM``, ...) is raised as `store_error` makes it,
-    its ``written`` the keys stored before it (a full store takes some)."""
-    ex = ttl or None
-    pipe = pipeline()
-    for key, value in items:
-        pipe.set(key, value, nx=True, ex=ex)
-    results = pipe.execute(raise_on_error=False)
-    _raise_first(results, sum(r is True for r in results))
-    taken = [item for item, r in zip(items, results) if not r]
-    if not taken:
-        return len(items), 0
-    new = len(items) - len(taken)
-    pipe = pipeline()
-    for key, _ in taken:
-        pipe.strlen(key)
-    over: list[tuple[str, Any, str]] = []  # (key, value, what it held)
-    lengths = pipe.execute(raise_on_error=False)
-    _raise_first([n for n in lengths if not (isinstance(n, Exception) and "WRONGTYPE" in str(n))], new)
-    for (key, value), n in zip(taken, lengths):
-        if isinstance(n, Exception):
-            over.append((key, value, "another Redis type"))
-        elif n != memoryview(value).nbytes:  # 0: an empty string, or gone since (counted the same)
-            over.append((key, value, f"a string of {n} bytes"))
-    if over:
-        pipe = pipeline()
-        for key, value, _ in over:
-            pipe.set(key, value, ex=ex)
-        results = pipe.execute(raise_on_error=False)
-        _raise_first(results, new + sum(r is True for r in results))
-        for key, _, what in over:
-            log.warning("remote key %s held %s, no value of this pool: written over", key, what)
-    return new, len(over)
-
-
-def _raise_first(replies: Seq[Any], written: int) -> None:
-    """Raise the first error reply of ``replies`` as `store_error` makes it, with
-    ``written`` (keys stored meanwhile)."""
-    for r in replies:
-        if isinstance(r, Exception):
-            e = store_error(r)
-            e.written = written
-            raise e
 
 
 def _ranges(replies: Seq[Any]) -> list[bytes | None]:
@@ -392,6 +346,9 @@ class RedisStore(Store):
         if value_bytes is not None:
             check_limits(self.url, self._reader, value_bytes, self._fetch.chunk_bytes)
         return warnings
+
+    def eviction_policy(self) -> str | None:
+        return config_value(self._reader, "maxmemory-policy")
 
     def close(self) -> None:
         self._fetch.close()

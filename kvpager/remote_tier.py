@@ -20,7 +20,8 @@ so a daemon on another host restores them instead of its worker recomputing.
   state.
 - Probes (`exists`, for `KVPool.cached_tokens`) ask which keys hold a string,
   one pipelined ``TYPE`` batch behind the same breaker and timeout, reading
-  no value; a key of another Redis type is counted and deleted.
+  no value (none while the lookups are refused: no allocate would restore
+  them); a key of another Redis type is counted and deleted.
 - Values are checked before they are restored (`kvpager.remote_format`); a
   bad one is counted, deleted from the store and treated as a miss.
 
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from kvpager.errors import InvalidArgument
+from kvpager.remote_access import ttl_warning
 from kvpager.remote_breaker import MAX_PAUSE, Breaker
 from kvpager.remote_format import (
     FORMAT_VERSION,
@@ -167,7 +169,8 @@ class RemoteTier(RemoteWrites):
         cluster node given as a standalone store or the other way, TLS asked
         of a server without it, a value longer than the store takes
         (``spec``: the pool's, where the tier is not attached yet). A store
-        that takes no writes for now (a read-only replica, full) is logged."""
+        that takes no writes for now (a read-only replica, full) is logged, and
+        so is a ``volatile-*`` eviction policy with ttl 0 (`ttl_warning`)."""
         spec = self.codec.spec if self.codec is not None else spec
         prefix = self._prefix or (key_prefix(spec, 1, self.namespace) if spec is not None
                                   else f"kvpager:v{FORMAT_VERSION}:")
@@ -177,6 +180,8 @@ class RemoteTier(RemoteWrites):
             self._lookup_errors += 1
             self.breaker.failure("ping", e)
             return str(e)
+        if (why := ttl_warning(self.store.eviction_policy(), self.ttl)) is not None:
+            warnings.append(why)
         for warning in warnings:
             log.warning("remote store %s: %s", self.store.url, warning)
         return None
@@ -287,10 +292,13 @@ class RemoteTier(RemoteWrites):
         `fetch` deletes a refused value. A string refused by `fetch`
         (checksum, length) counts here: the probe reads no value. Never raises: a failure (counted, as
         in `fetch`, and opening the breaker) or an open breaker is an empty
-        answer."""
+        answer, and so is a pause of the lookups (``refusals["lookups"]``
+        open: the store refused ``GETRANGE``): the allocate's `fetch` would
+        skip the store, so no key it holds would be restored (the probe
+        counted them while an ACL user lacked ``GETRANGE``)."""
         if not wants:
             return set()
-        if self._closed or not self._allow("probes"):
+        if self._closed or self.refusals["lookups"].is_open() or not self._allow("probes"):
             self._skipped_probes += 1
             return set()
         wants = wants[: self.most_blocks()]

@@ -3,7 +3,7 @@ on the caller's thread (a block that does not fit, or comes while the store
 is unavailable, is dropped and counted), and the writer thread that seals
 them (header, checksum) and sends them, pipelined ``SET NX`` with an expiry
 (written over a key that holds anything but a string of a value's length:
-`Store.put_many`), with the deletes of values found corrupt or of another
+`put_checked`, through which both stores' `Store.put_many` write), with the deletes of values found corrupt or of another
 Redis type. The writer never touches pool state. A store that refuses
 writes (full under ``noeviction``, a read-only replica, an ACL without
 ``SET``) pauses the writes only (``refusals["writes"]``): lookups and
@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import Any
 
 import numpy as np
 
+from kvpager.remote_errors import StoreError, store_error
 from kvpager.remote_format import HEADER_BYTES, block_key
-from kvpager.remote_store import StoreError
 
 log = logging.getLogger("kvpager.remote")
 
@@ -156,3 +157,63 @@ class RemoteWrites:
             self._failed("deletes", "delete", e)
             return
         self._answered("deletes")
+
+
+def put_checked(pipeline: Callable[[], Any], items: Seq[tuple[str, Any]], ttl: int) -> tuple[int, int]:
+    """`Store.put_many` through redis-py pipelines made by ``pipeline()``:
+    ``SET key value NX EX ttl`` for every item; where a key existed, its
+    ``STRLEN`` (a ``WRONGTYPE`` error for another type) and ``TYPE``; where
+    that is not the value's length, ``SET key value EX ttl`` over it, unless
+    the key is gone since (``TYPE`` none: evicted or expired after the
+    ``SET NX``; it was counted corrupt and logged as "a string of 0 bytes"):
+    ``SET NX`` again, a new key. One round trip when every key is new, at
+    most three. Racing another writer of the same key is harmless: a key is
+    only written over when it holds no value of this length, and both
+    writers' values are valid for it. An error reply (``OOM``, ``READONLY``,
+    ``NOPERM``, ...) is raised as `store_error` makes it, its ``written`` the
+    keys stored before it (a full store takes some)."""
+    ex = ttl or None
+    pipe = pipeline()
+    for key, value in items:
+        pipe.set(key, value, nx=True, ex=ex)
+    results = pipe.execute(raise_on_error=False)
+    _raise_first(results, sum(r is True for r in results))
+    taken = [item for item, r in zip(items, results) if not r]
+    if not taken:
+        return len(items), 0
+    new = len(items) - len(taken)
+    pipe = pipeline()
+    for key, _ in taken:
+        pipe.strlen(key)
+        pipe.type(key)
+    replies = pipe.execute(raise_on_error=False)
+    _raise_first([r for r in replies if not (isinstance(r, Exception) and "WRONGTYPE" in str(r))], new)
+    over: list[tuple[str, Any, str | None]] = []  # (key, value, what it held; None: nothing now)
+    for (key, value), n, kind in zip(taken, replies[0::2], replies[1::2]):
+        if isinstance(n, Exception):
+            over.append((key, value, "another Redis type"))
+        elif n == 0 and kind in ("none", b"none"):
+            over.append((key, value, None))
+        elif n != memoryview(value).nbytes:  # (0: an empty string)
+            over.append((key, value, f"a string of {n} bytes"))
+    if over:
+        pipe = pipeline()
+        for key, value, what in over:
+            pipe.set(key, value, nx=what is None, ex=ex)
+        results = pipe.execute(raise_on_error=False)
+        _raise_first(results, new + sum(r is True for r in results))
+        new += sum(r is True for (_, _, what), r in zip(over, results) if what is None)  # (else: written since)
+        for key, _, what in over:
+            if what is not None:
+                log.warning("remote key %s held %s, no value of this pool: written over", key, what)
+    return new, sum(what is not None for _, _, what in over)
+
+
+def _raise_first(replies: Seq[Any], written: int) -> None:
+    """Raise the first error reply of ``replies`` as `store_error` makes it, with
+    ``written`` (keys stored meanwhile)."""
+    for r in replies:
+        if isinstance(r, Exception):
+            e = store_error(r)
+            e.written = written
+            raise e

@@ -8,7 +8,17 @@ mocked):
 - a store whose output buffer limit for normal clients is below one lookup's
   replies: `RemoteTier.check` names it (every lookup of more than the limit
   failed as an outage, "the store closed the connection mid-reply", while the
-  check said the store was fine)."""
+  check said the store was fine);
+- an ACL user that loses ``GETRANGE`` mid-run: the probe counts no block of
+  the store while the lookups are paused (it counted blocks the allocate
+  then did not restore);
+- ``--remote-ttl 0`` under a ``volatile-*`` eviction policy: no key of the
+  tier can be evicted, so a full store refuses every write (`RemoteTier.check`
+  warns of it);
+- a key evicted between a write's ``SET NX`` and its ``STRLEN``: written as
+  a new key, not counted corrupt nor logged "held a string of 0 bytes";
+- two threads' first lookups make one fetch thread pool (each made one, and
+  one was never shut down)."""
 
 from __future__ import annotations
 
@@ -23,7 +33,7 @@ from redis_helpers import RedisServer, need_cli, need_redis, redis_server
 need_redis()
 redis = pytest.importorskip("redis")
 
-from kvpager import KVPool, PoolSpec  # noqa: E402
+from kvpager import CacheProbe, KVPool, PoolSpec  # noqa: E402
 from kvpager.remote_store import StoreMisconfigured  # noqa: E402
 from kvpager.remote_tier import RemoteTier  # noqa: E402
 
@@ -207,4 +217,137 @@ def test_pools_sharing_a_tier_restore_their_own_values_from_two_threads():
         for p in pools:
             p.check_integrity()
             p.close()
+        a.close()
+
+
+def test_the_probe_counts_no_store_block_while_lookups_are_refused():
+    need_cli()
+    with redis_server() as server:
+        a = KVPool(SPEC, remote=RemoteTier(server.url, retry_after=0.05))
+        shared = prompts(2, 100)
+        kvs = [prefill(a, p, seed=i) for i, p in enumerate(shared)]
+        assert a.remote.flush(WAIT) and a.remote_stats().written_blocks == 6
+        server.cli("ACL", "SETUSER", "tier", "reset", "on", ">pw", "~kvpager:*", *TIER)
+        b = KVPool(SPEC, remote=RemoteTier(f"redis://tier:pw@127.0.0.1:{server.port}", retry_after=30.0))
+        assert b.remote.check() is None
+        assert b.probe_cache([shared[1]], salt="m") == [CacheProbe(3 * BS, 3 * BS)]  # (lookups taken)
+        server.cli("ACL", "SETUSER", "tier", "-getrange")  # taken away while it runs: TYPE still taken
+        assert restore(b, shared[0])[0] == 0 and b.remote.refusals["lookups"].is_open()
+        before = b.remote_stats()
+        # what the allocate that follows does: nothing from the store
+        assert b.probe_cache([shared[1]], salt="m") == [CacheProbe(0, 0)]
+        assert b.cached_tokens([shared[1]], salt="m") == [0]
+        assert restore(b, shared[1])[0] == 0
+        st = b.remote_stats()
+        assert st.probes == before.probes and st.skipped_probes == before.skipped_probes + 2  # (no TYPE sent)
+        assert not st.available
+        # lookups taken again (after the pause): the probe counts the store's blocks again
+        server.cli("ACL", "SETUSER", "tier", "+getrange")
+        b.remote.refusals["lookups"]._until = 0.0  # (the 30 s pause over)
+        assert b.probe_cache([shared[1]], salt="m") == [CacheProbe(3 * BS, 3 * BS)]
+        n, got = restore(b, shared[1])
+        assert n == 3 * BS and np.array_equal(got, kvs[1])
+        b.check_integrity()
+        a.close(), b.close()
+
+
+def test_ttl_0_under_a_volatile_policy_is_warned_at_check(caplog):
+    caplog.set_level(logging.WARNING, logger="kvpager.remote")
+    with redis_server("--maxmemory-policy", "volatile-lru") as server:
+        for ttl in (0, 3600):  # what the warning foresees: with ttl 0 nothing is evicted, writes are refused
+            server.cli("FLUSHALL")
+            caplog.clear()
+            p = KVPool(SPEC, remote=RemoteTier(server.url, retry_after=0.05, ttl=ttl))
+            assert p.remote.check() is None
+            warned = remote_warnings(caplog)
+            assert (ttl == 0) == any("volatile-lru" in w and "ttl 0" in w and "allkeys-lru" in w
+                                     for w in warned), (ttl, warned)
+            used = int(server.cli("INFO", "memory").split("used_memory:")[1].split()[0])
+            server.cli("CONFIG", "SET", "maxmemory", str(used + 12 * p.remote.codec.value_bytes))
+            for i, prompt in enumerate(prompts(12, 70_000)):
+                prefill(p, prompt, seed=i)
+                assert p.remote.flush(WAIT)
+            st = p.remote_stats()
+            assert (st.dropped_blocks > 0) == (ttl == 0) and (st.written_blocks == 36) == (ttl > 0), (ttl, st)
+            server.cli("CONFIG", "SET", "maxmemory", "0")
+            p.close()
+        for policy, ttl in (("allkeys-lru", 0), ("noeviction", 0), ("volatile-ttl", 1)):
+            server.cli("CONFIG", "SET", "maxmemory-policy", policy)
+            caplog.clear()
+            t = RemoteTier(server.url, ttl=ttl)
+            assert t.check(SPEC) is None and not any("maxmemory-policy" in w for w in remote_warnings(caplog))
+            t.close()
+
+
+def test_a_key_evicted_after_set_nx_is_written_as_new_not_corrupt(caplog):
+    """Another host wrote a block; this host's ``SET NX`` of it finds the key
+    taken, and the batch's new keys then evict it (allkeys-lru, the store
+    nearly full) before ``STRLEN`` asks its length: 0, as of an empty string."""
+    caplog.set_level(logging.WARNING, logger="kvpager.remote")
+    with redis_server("--maxmemory-policy", "allkeys-lru") as server:
+        side = redis.Redis(port=server.port)
+        spec = SPEC.replace(head_dim=64, num_blocks=64)  # 32 KiB values: the store's own memory matters less
+        a = KVPool(spec, remote=RemoteTier(server.url, retry_after=0.05))
+        b = KVPool(spec, remote=RemoteTier(server.url, retry_after=0.05))
+        batch = prompts(12, 100)
+        seqs = b.allocate(batch, salt="m")  # (the store empty: nothing restored)
+        prefill(a, batch[0], seed=1)
+        assert a.remote.flush(WAIT) and side.dbsize() == 3
+        side.config_set("maxmemory", int(side.info("memory")["used_memory"]) + 6 * b.remote.codec.value_bytes)
+        with b.remote._cond:  # b's 36 blocks in one write batch, the 3 taken first
+            for s in seqs:
+                b.commit(s.seq_id)
+                b.free(s.seq_id)
+        assert b.remote.flush(WAIT)
+        st = b.remote_stats()
+        assert st.corrupt_blocks == 0 and st.written_blocks == 36 and st.errors == 0, st  # 33 new, 3 gone: new
+        assert not any("written over" in w for w in remote_warnings(caplog)), remote_warnings(caplog)
+        side.config_set("maxmemory", 0)  # (a full store evicts at any command: the keys would go as they are read)
+        for key in side.keys("kvpager:*"):
+            assert side.strlen(key) == b.remote.codec.value_bytes and side.ttl(key) > 0
+        a.close(), b.close()
+
+
+def test_two_threads_first_lookups_make_one_fetch_pool(monkeypatch):
+    import kvpager.remote_resp as resp
+
+    made: list[resp.ThreadPoolExecutor] = []
+
+    class Slow(resp.ThreadPoolExecutor):  # widens the window between "no pool yet" and the pool kept
+        def __init__(self, *args, **kwargs):
+            made.append(self)
+            time.sleep(0.3)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(resp, "ThreadPoolExecutor", Slow)
+    with redis_server() as server:
+        a = KVPool(SPEC, remote=RemoteTier(server.url, retry_after=0.05))
+        shared = prompts(2, 100)
+        kvs = [prefill(a, p, seed=i) for i, p in enumerate(shared)]
+        assert a.remote.flush(WAIT)
+        # one value a chunk over 2 connections: every lookup of 3 blocks uses a helper thread
+        tier = RemoteTier(server.url, retry_after=5.0, chunk_bytes=1)
+        pools = [KVPool(SPEC, remote=tier), KVPool(SPEC, remote=tier)]
+        got: list[tuple[int, np.ndarray] | None] = [None, None]
+        start = threading.Barrier(2)
+
+        def run(k: int) -> None:
+            start.wait(WAIT)
+            got[k] = restore(pools[k], shared[k])
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+        assert not any(t.is_alive() for t in threads)
+        for (n, kv), want in zip(got, kvs):
+            assert n == 3 * BS and np.array_equal(kv, want)
+        assert len(made) == 1, f"{len(made)} fetch thread pools made"
+        for p in pools:
+            p.close()
+        deadline = time.monotonic() + WAIT
+        while any(t.name.startswith("kvpager-remote-fetch") for t in threading.enumerate()):
+            assert time.monotonic() < deadline, "a fetch thread outlived the tier's close"
+            time.sleep(0.05)
         a.close()
