@@ -12,6 +12,10 @@ module builds the pool and owns its lifetime.
 
 from __future__ import annotations
 
+import functools
+import os
+import threading
+import weakref
 from collections.abc import Sequence as Seq
 from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -57,9 +61,10 @@ def _refuse(obj: object, ops: tuple[str, ...]) -> None:
 
 
 class KVPool(PoolSequences, PoolBatch, PoolControl, PoolKV, PoolInspection):
-    """A paged KV cache in this process. One thread at a time, as a daemon
-    `Client` is: threads that share a pool serialize their calls on it (a lock
-    of their own), or each talk to the daemon, which serializes them itself.
+    """A paged KV cache in this process. Threads may share one: each call runs
+    whole before another thread's (`SERIALIZED`, as a daemon `Client`'s calls
+    do; two threads generating on one pool once met an IntegrityError inside
+    allocate). A step plan (`plan`) is the caller's: its launches do not lock.
 
     >>> pool = KVPool(PoolSpec(num_layers=2, num_kv_heads=2, head_dim=64, num_blocks=64))
     >>> [a] = pool.allocate([[1, 2, 3]])
@@ -126,6 +131,8 @@ class KVPool(PoolSequences, PoolBatch, PoolControl, PoolKV, PoolInspection):
         self._cow_blocks = self._swap_out_blocks = self._swap_in_blocks = 0
         #: True once `close` ran
         self.closed = False
+        self._lock = threading.RLock()  # a call whole (`SERIALIZED`); an RLock: `batch` calls the ops again
+        _LIVE.add(self)
 
     def synchronize(self) -> None:
         """Wait until every copy and kernel this pool issued has completed."""
@@ -154,3 +161,40 @@ class KVPool(PoolSequences, PoolBatch, PoolControl, PoolKV, PoolInspection):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: The calls that read or change the pool's bookkeeping: each holds the pool's
+#: lock throughout (uncontended, a fraction of a microsecond a call), so threads
+#: sharing a pool run their calls one after another, never interleaved.
+SERIALIZED = ("allocate", "cached_tokens", "probe_cache", "append", "append_flat", "record_tokens", "commit",
+              "fork", "free", "truncate", "swap_out", "swap_in", "release_before", "batch", "pin", "unpin",
+              "release_pins", "pins", "pins_page", "pin_counts", "set_quota", "owned", "sequence_ids", "owners",
+              "check_owner", "sequence", "sequences", "blocks", "stats", "counters", "set_event_sink",
+              "remote_stats", "check_integrity", "write", "attend", "tables", "plan", "refill", "close")
+
+
+def _serialized(method: Any) -> Any:
+    @functools.wraps(method)
+    def call(self: KVPool, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return call
+
+
+for _name in SERIALIZED:
+    setattr(KVPool, _name, _serialized(getattr(KVPool, _name)))
+
+#: Every live pool of this process, for `_after_fork_in_child`.
+_LIVE: weakref.WeakSet[KVPool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child's pools get fresh locks: one a parent's thread held at the
+    fork would never be released here."""
+    for pool in list(_LIVE):
+        pool._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -43,6 +43,11 @@ class PoolRank:
         self.pool.pending = value
 
     @property
+    def _lock(self) -> Any:
+        """The pool's lock: the `KVPool` methods a rank borrows hold it (`kvpager.pool.SERIALIZED`)."""
+        return self.pool._lock
+
+    @property
     def heads(self) -> range:
         """The pool's kv heads this rank holds."""
         n = self.spec.num_kv_heads
