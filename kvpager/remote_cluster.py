@@ -36,12 +36,14 @@ ends at its first block on the hung master.
   One round of that per call: a key redirected again fails the call.
 - After a failed call the next one refreshes the slot map first (a master
   that failed over is found), asking the nodes that failed last.
+- Pools sharing a tier may call from threads of their own: a `Side` (the
+  lookups' or the writer's client, threads and slot map) is made once and its
+  slot map read by one thread at a time (`kvpager.remote_cluster_calls`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import urllib.parse
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -115,33 +117,15 @@ class RedisClusterStore(Store):
 
     # -- the cluster client and its slot map ------------------------------------------------
     def _client(self, side: Side) -> Any:
-        if side.rc is None:
-            from redis.cluster import ClusterNode, RedisCluster
+        return side.client(lambda: self._make(side.timeout))
 
-            nodes = [ClusterNode(h, p) for h, p in self._startup]
-            options = connection_options(self._redis, side.timeout)
-            retry = options.pop("retry")
-            side.rc = RedisCluster(startup_nodes=nodes, retry=retry, require_full_coverage=False,
-                                   **options, **self._auth)
-            side.stale = False
-            side.failed.clear()
-        elif side.stale:
-            self._refresh(side)
-        return side.rc
+    def _make(self, timeout: float) -> Any:
+        from redis.cluster import ClusterNode, RedisCluster
 
-    def _refresh(self, side: Side) -> None:
-        """Read the slot map again, asking the nodes that failed last."""
-        manager = side.rc.nodes_manager
-        startup = manager.startup_nodes
-        for name in side.failed:
-            if name in startup and len(startup) > 1:
-                startup[name] = startup.pop(name)
-        defer = {}
-        if side.failed and "last_failed_node_name" in inspect.signature(manager.initialize).parameters:
-            defer = {"last_failed_node_name": next(iter(side.failed))}  # redis-py >= 7: shuffles the rest
-        manager.initialize(**defer)
-        side.stale = False
-        side.failed.clear()
+        nodes = [ClusterNode(h, p) for h, p in self._startup]
+        options = connection_options(self._redis, timeout)
+        retry = options.pop("retry")
+        return RedisCluster(startup_nodes=nodes, retry=retry, require_full_coverage=False, **options, **self._auth)
 
     def _call(self, which: int, fn: Callable[[Side, Any], Any]) -> Any:
         side = self._sides[which]
@@ -150,13 +134,14 @@ class RedisClusterStore(Store):
         except (StoreError, *self._errors) as e:
             error = store_error(e)
             if not isinstance(error, StoreRefused):  # a refused call says nothing of the slot map
-                side.stale = True
+                side.failure()
             raise error from None
 
     def _spread(self, side: Side, rc: Any, keys: Seq[str], job: Job) -> None:
         """Run ``job`` on every master that holds a slot of ``keys`` at once, then
         once more for the keys redirected (``ASK``, ``MOVED``) on the nodes named."""
         plans: dict[str, tuple[Any, Plan]] = {}
+        maps = side.maps
         for i, key in enumerate(keys):
             node = rc.get_node_from_key(key)
             plans.setdefault(node.name, (node, []))[1].append((i, False))
@@ -164,7 +149,7 @@ class RedisClusterStore(Store):
         if not redirected:
             return
         if any(isinstance(e, self._moved) for _, e in redirected):
-            self._refresh(side)
+            side.refresh(maps)
         plans = {}
         for i, e in redirected:
             node = rc.get_node(host=e.host, port=e.port)
@@ -183,9 +168,8 @@ class RedisClusterStore(Store):
         failed = [(node, r) for (node, _), r in zip(items, results) if isinstance(r, Exception)]
         if failed:
             errors = [store_error(e) for _, e in failed]
-            for (node, _), error in zip(failed, errors):
-                if not isinstance(error, StoreRefused):
-                    side.failed[node.name] = None
+            if down := [node.name for (node, _), error in zip(failed, errors) if not isinstance(error, StoreRefused)]:
+                side.failure(down)
             # refused only if every failed master refused (a master that did not answer is an outage)
             refused = all(isinstance(error, StoreRefused) for error in errors)
             node, error = failed[0][0], errors[0]
@@ -362,7 +346,7 @@ class RedisClusterStore(Store):
         except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as e:
             raise StoreMisconfigured(f"remote store {self.url}: {connect_refusal(e, NEEDS_CLUSTER)}") from None
         except self._errors as e:
-            side.stale = True
+            side.failure()
             diagnose_cluster(self.url, self._scheme, self._startup, self._timeout, self._auth)
             raise store_error(e) from None
         key = prefix + CHECK_KEY
