@@ -10,7 +10,6 @@ import numpy as np
 from kvpager import validate
 from kvpager.errors import InvalidArgument
 from kvpager.events import EventSink
-from kvpager.pins import salt_bytes
 from kvpager.pool_control import EVERY
 from kvpager.types import (
     MAX_TENANT_SALT_BYTES,
@@ -108,20 +107,11 @@ class PoolInspection:
         others: `MAX_TENANTS_LISTED` in all and `MAX_TENANT_SALT_BYTES` of their
         salts, most cached first), and how many there are."""
         pool = self.manager.pool
-        evictable = np.zeros(pool.num_blocks, dtype=bool)
-        if pool.evictable:
-            evictable[np.fromiter(pool.evictable, dtype=np.int64, count=len(pool.evictable))] = True
-        rows = pool.tenants.rows(pool.cache.cached, evictable, self.manager.pins.refs > 0)
-        total = len(rows)
-        if total > MAX_TENANTS_LISTED or sum(map(salt_bytes, (r[0] for r in rows))) > MAX_TENANT_SALT_BYTES:
-            first = [r for r in rows if r[4] is not None] + [r for r in rows if r[4] is None]
-            kept, room = [], MAX_TENANT_SALT_BYTES
-            for r in first[:MAX_TENANTS_LISTED]:
-                room -= salt_bytes(r[0])
-                if room < 0:
-                    break
-                kept.append(r)
-            rows = sorted(kept, key=lambda r: -r[1])
+        # cached with no reference is evictable (`BlockPool`'s states): a mask made from the
+        # LRU, in Python, took 100 ms of every stats (and metrics snapshot) a million idle blocks
+        evictable = pool.cache.cached & (pool.ref_cnt == 0)
+        rows, total = pool.tenants.rows(pool.cache.cached, evictable, self.manager.pins.refs > 0,
+                                        MAX_TENANTS_LISTED, MAX_TENANT_SALT_BYTES)
         return tuple(TenantUsage(*r) for r in rows), total
 
     def remote_stats(self) -> RemoteStats | None:

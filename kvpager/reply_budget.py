@@ -34,6 +34,7 @@ class UnreadReplies:
         self.budget = budget
         self.held: deque[tuple[Any, int]] = deque()  # (tracker, bytes), oldest first
         self.bytes = 0
+        self._prune_at = 64  # entries held past which `sent` prunes
 
     def prune(self) -> None:
         """Forget the replies ZeroMQ let go of."""
@@ -59,5 +60,12 @@ class UnreadReplies:
         return reply
 
     def sent(self, tracker: Any, size: int) -> None:
+        """A large reply sent; those let go of are forgotten once the entries held
+        double (amortized O(1) a reply): `admit` prunes only for ops that change
+        nothing, and a daemon whose large replies were all allocates or swap-ins
+        kept an entry for every one it ever sent."""
         self.held.append((tracker, size))
         self.bytes += size
+        if len(self.held) > self._prune_at:
+            self.prune()
+            self._prune_at = 2 * len(self.held) + 64
