@@ -226,3 +226,27 @@ def test_a_generation_config_that_asks_for_beams():
     with pytest.raises(ValueError, match="num_beams=3.*processors"):
         generate(model, pool, PROMPTS, 8, sampling="model", eos_token_id=None)
     assert pool.stats().num_sequences == 0
+
+
+@pytest.mark.parametrize("through_daemon", [False, True])
+def test_a_windowed_models_beams_hold_about_one_window_of_blocks(through_daemon):
+    """Every layer windowed (Mistral-style): each step gives back the blocks no
+    beam's window reads again, as `generate` does, so a long search holds about a
+    window of blocks a beam (it held every block, and ran out of blocks where the
+    greedy generation fit); the hypotheses and scores are transformers'."""
+    import contextlib
+
+    from test_hf_models import pool_for
+
+    model = make_model("mistral")
+    tokens = [prompt(30, seed=12), prompt(9, seed=13)]
+    new, beams = 60, 3
+    with contextlib.ExitStack() as stack:
+        # a window of 6 in blocks of 8: the search fits 14 blocks; every block kept, it needed 30
+        pool = pool_for(spec_for_model(model, num_blocks=20, block_size=8), through_daemon, stack)
+        got = beam_search(model, pool, tokens, new, num_beams=beams, eos_token_id=None)
+        for p, hyp in zip(tokens, got):
+            want, scores = transformers_beams(model, p, new, 1, None, num_beams=beams)
+            assert hyp.tokens[:1] == want and hyp.scores[:1] == pytest.approx(scores, abs=1e-5)
+        assert pool.stats().num_sequences == 0
+        pool.check_integrity()

@@ -171,6 +171,8 @@ class _Search:
         self.finished = torch.zeros((b, beams), dtype=torch.bool)
         self.open = torch.ones((b, 1), dtype=torch.bool)  # a running beam may still beat the worst finished
         self.held: set[int] = set()
+        # every layer windowed: each step gives back the blocks no window reads again (as `generate` does)
+        self.reach = hit_window(self.passes.windows, pool).get("window") if self.rows is None else None
 
     def run(self) -> None:
         logits = self._prefill()  # [B, V]: every beam of a prompt is the prompt itself
@@ -290,6 +292,8 @@ class _Search:
         else:
             logits = self.passes.forward(ids, [1] * len(ids), fed, positions, slots, 0)
         self.passes.commit(ids)
+        if self.reach is not None:  # the next query of each beam sees positions after its position - reach + 1
+            self.pool.release_before(ids, [max(0, q - self.reach + 1) for q in positions])
         return logits
 
     def _took(self, b: int, seq_id: int) -> None:
