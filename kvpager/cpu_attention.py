@@ -5,9 +5,11 @@ else the NumPy twin (`kvpager.backends.numpy_backend.paged_attention`).
 The twin stays the reference: tests compare the kernel with it, as the GPU
 kernels are compared. The kernel reads the pool's blocks where they lie and
 runs on several threads; it takes float32, bfloat16, float16 and FP8 pools
-whose head_dim is a multiple of 16. Anything else, an install without a C
-compiler, or ``KVPAGER_NATIVE=0``, runs the twin. ``KVPAGER_CPU_THREADS``
-caps the kernel's threads (default: the CPUs this process may run on).
+whose head_dim is a multiple of 16, C-contiguous at an aligned address (the
+other arrays are copied where they are not). Anything else, an install
+without a C compiler, or ``KVPAGER_NATIVE=0``, runs the twin.
+``KVPAGER_CPU_THREADS`` caps the kernel's threads (default: the CPUs this
+process may run on).
 """
 
 from __future__ import annotations
@@ -80,6 +82,13 @@ def fits_int32(tables: np.ndarray) -> bool:
     return tables.dtype.kind in "iu" and (not tables.size or info.min <= tables.min() and tables.max() <= info.max)
 
 
+def _arg(x: object, dtype: type) -> np.ndarray:
+    """``x`` as the kernel reads it: C-contiguous ``dtype`` items at aligned addresses
+    (`np.ascontiguousarray` keeps an array that lies at an odd address, as
+    `np.frombuffer` at an odd offset gives it, and C's loads assume alignment)."""
+    return np.require(np.ascontiguousarray(x, dtype), requirements="A")
+
+
 def attend(
     kv: np.ndarray,
     layer: int,
@@ -99,21 +108,21 @@ def attend(
     where it takes the call, else on the twin."""
     how = None if KERNEL is None else storage(kv.dtype)
     tables = np.asarray(block_tables)
-    if (how is None or kv.ndim != 6 or kv.shape[5] % 16 or not kv.flags.c_contiguous or tables.ndim != 2
-            or tables.dtype != np.int32 and not fits_int32(tables)):
+    if (how is None or kv.ndim != 6 or kv.shape[5] % 16 or not (kv.flags.c_contiguous and kv.flags.aligned)
+            or tables.ndim != 2 or tables.dtype != np.int32 and not fits_int32(tables)):
         return twin(kv, layer, q, block_tables, seq_lens, query_lens, scale, window=window, softcap=softcap,
                     kv_scales=kv_scales, sinks=sinks)
     kind, view, lut = how
-    lens = np.ascontiguousarray(seq_lens, np.int64)
-    qlens = np.ascontiguousarray(query_lens, np.int64)
-    q32 = np.ascontiguousarray(q, np.float32)
+    lens = _arg(seq_lens, np.int64)
+    qlens = _arg(query_lens, np.int64)
+    q32 = _arg(q, np.float32)
     out = np.empty(q32.shape, np.float32)
-    scales = None if kv_scales is None else np.ascontiguousarray(kv_scales, np.float32)
-    sink = None if sinks is None else np.ascontiguousarray(sinks, np.float32).reshape(-1)
+    scales = None if kv_scales is None else _arg(kv_scales, np.float32)
+    sink = None if sinks is None else _arg(sinks, np.float32).reshape(-1)
     # K/V bytes read, times the query tokens reading them
     work = int(lens @ qlens) * kv.shape[3] * 2 * kv.shape[5] * kv.dtype.itemsize
     threads = max(1, min(cpus(), work // BYTES_PER_THREAD))
-    KERNEL.attend(kv.view(view), kind, lut, int(layer), q32, np.ascontiguousarray(tables, np.int32), lens, qlens,
+    KERNEL.attend(kv.view(view), kind, lut, int(layer), q32, _arg(tables, np.int32), lens, qlens,
                   out, float(scale), 0 if window is None else int(window), 0.0 if softcap is None else float(softcap),
                   scales, sink, threads)
     return out if q.dtype == np.float32 else out.astype(q.dtype)

@@ -222,7 +222,9 @@ static inline __attribute__((always_inline)) vf load(int bf16, const uint8_t *p)
     for (int i = 0; i < nr; i++) {
         float *s = w->s + i * cs;
         const Py_ssize_t r = r0 + i;
-        for (Py_ssize_t t = t0; t < ta[i]; t++) s[t] = 0.0f;
+        /* only up to t1: a row whose window starts past this chunk (a prefill's rows of one
+         * group straddling the chunk's end) has ta past it, and past its row of scores */
+        for (Py_ssize_t t = t0; t < (ta[i] < t1 ? ta[i] : t1); t++) s[t] = 0.0f;
         for (Py_ssize_t t = te[i] > t0 ? te[i] : t0; t < t1; t++) s[t] = 0.0f;
         if (ta[i] >= te[i]) {
             alpha[i] = 1.0f;
