@@ -169,8 +169,10 @@ class KVAccess:
             self._check_process()  # a forked child's copy writes nothing (its parent's tables and session)
         pool = self._pool()
         slots = self._check_slots(slots)
-        if self.ranks == 1:  # (a rank's worker writes its heads into the driver's sequences: see "Ranks")
+        if self.ranks == 1:
             self._check_own_slots(slots)
+        else:  # (a rank's worker writes its heads into the driver's sequences, see "Ranks": alive, at least)
+            self._check_alive()
         shape = (len(slots), self.spec.num_kv_heads, self.spec.head_dim)
         pool.write(int(layer), slots, self._check_tensor(k, "k", shape), self._check_tensor(v, "v", shape))
 
@@ -282,12 +284,7 @@ class KVAccess:
         change of the session's sequences (a model's layers write the same slots:
         the first layer pays the check, ~0.3 us the others); a mirror that lost
         sequences (an op without an outcome) is completed from the daemon first."""
-        if self._lost:
-            self._check_process()  # (a forked child's copy is marked lost: told why)
-            raise SessionLost("this session is lost: its sequences (and their blocks) are the daemon's again")
-        ends = self._releases
-        if ends is not None and len(ends) > 1 and ends[1] != self._ends_seen:
-            self._check_not_ended()
+        self._check_alive()
         mirror = self._mirror
         key = (mirror.moves.count, slots.tobytes())
         if self._own_slots == key:
@@ -316,6 +313,22 @@ class KVAccess:
             raise NotOwner(f"write: block {int(published[0])} is published in the prefix cache (found cached, or "
                            "filled by a commit); its K/V is immutable, other sessions read it (write before commit)")
         self._own_slots = key
+
+    def _check_alive(self) -> None:
+        """SessionLost where this client may not write into the mapped pool: closed,
+        told its session is lost, or its session ended by the daemon since it last
+        looked (`_check_not_ended`). Every mapped write checks it, a rank worker's
+        too, whose slots (its driver's) are not checked here: closed, lost or past its
+        heartbeat timeout, a worker of a pool of two ranks wrote on, into blocks the
+        daemon may have given to another session."""
+        if self._closed:
+            raise SessionLost("this client is closed")
+        if self._lost:
+            self._check_process()  # (a forked child's copy is marked lost: told why)
+            raise SessionLost("this session is lost: its sequences (and their blocks) are the daemon's again")
+        ends = self._releases
+        if ends is not None and len(ends) > 1 and ends[1] != self._ends_seen:
+            self._check_not_ended()
 
     def _check_not_ended(self) -> None:
         """SessionLost where the daemon ended a session since this one last looked (its

@@ -201,3 +201,46 @@ def test_a_client_that_names_a_rank_writes_into_no_other_sessions_sequences():
             with pytest.raises(InvalidArgument, match="driver"):
                 Client(ep, driver=victim)  # (no rank)
             victim.check_integrity()
+
+
+def _kv(seed: int, n: int, heads: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return tuple(rng.standard_normal((n, heads, SPEC.head_dim)).astype(np.float32) for _ in range(2))
+
+
+def test_a_rank_worker_past_its_session_writes_nothing():
+    """A rank worker writes its heads into its driver's sequences through the
+    mapped pool, its slots unchecked here (they are the driver's); but closed,
+    told its session is lost, or stopped past the heartbeat timeout with its
+    driver (the daemon then gave their blocks to another session), it wrote on
+    into them, where a one-rank worker gets SessionLost (docs/protocol.md,
+    "Trust"). Each now gets SessionLost, and the other session's K/V stays."""
+    import time
+
+    from kvpager.errors import SessionLost
+
+    heads = SPEC.num_kv_heads // 2
+    with running_server(SPEC, devices=["cpu", "cpu"], heartbeat_timeout=1.0) as server:
+        ep = server.endpoint
+        driver = Client(ep, heartbeat=False)  # (driver and worker stopped together: no beats)
+        worker = Client(ep, rank=0, driver=driver, heartbeat=False)
+        [x] = driver.allocate([list(range(12))])
+        k, v = _kv(1, 12, heads)
+        worker.write(0, x.slots, k, v)
+        time.sleep(2.5)  # both sessions expire; their blocks are free
+        with Client(ep) as victim, Client(ep, rank=0, driver=victim) as victim_worker:
+            [y] = victim.allocate([list(range(500, 512))])
+            assert list(y.block_table) == list(x.block_table)  # the same blocks, another session's now
+            vk, vv = _kv(2, 12, heads)
+            victim_worker.write(0, y.slots, vk, vv)
+            with pytest.raises(SessionLost):
+                worker.write(0, x.slots, np.zeros_like(k), np.zeros_like(v))  # the stopped worker resumes
+            with pytest.raises(SessionLost):  # (and once it knows)
+                worker.write(0, x.slots, np.zeros_like(k), np.zeros_like(v))
+            worker.close()
+            with pytest.raises(SessionLost, match="closed"):
+                worker.write(0, x.slots, np.zeros_like(k), np.zeros_like(v))
+            held = np.asarray(victim_worker.kv(0)[0][y.block_table[0]])  # [heads, block_size, dim]
+            assert np.array_equal(held.transpose(1, 0, 2), vk[: SPEC.block_size])
+        driver.close()
+        server.pool.check_integrity()
