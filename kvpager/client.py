@@ -133,6 +133,7 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self._lost = False
         client = f"{socket.gethostname()}:{os.getpid()}" if name is None else name
         self._hello_args: dict[str, Any] = {"client": client, "pid": os.getpid(), "host": socket.gethostname()}
+        self._driver: weakref.ref[Client] | None = None  # (`driver` given as a Client: its session at each hello)
         token = token if token is not None else env.token()
         if token:
             self._hello_args["token"] = token  # a daemon with a token asks for it (docs/protocol.md, "Trust")
@@ -148,6 +149,8 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
                                       f"for, given with rank; got {type(driver).__name__}"
                                       + ("" if rank is not None else " without a rank"))
             self._hello_args["driver"] = secret
+            # a driver given as its Client is followed: a reconnect says its current session
+            self._driver = weakref.ref(driver) if isinstance(driver, Client) else None
         self._want_map, self._want_heartbeat = map_pool, heartbeat
         _LIVE.add(self)
         self._hb_stop = threading.Event()
@@ -161,6 +164,9 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
 
     def _hello(self) -> None:
         """Open a session: its secret, the pool's geometry and memory, heartbeats."""
+        driver = self._driver() if self._driver is not None else None
+        if driver is not None and isinstance(driver.session, str):  # (a driver that reconnected: its new one)
+            self._hello_args["driver"] = driver.session
         try:
             info = self._call("hello", self._hello_args)
         except RequestTimeout as e:  # (its socket stays: `__init__` closes it, a `reconnect` may try again)

@@ -244,3 +244,40 @@ def test_a_rank_worker_past_its_session_writes_nothing():
             assert np.array_equal(held.transpose(1, 0, 2), vk[: SPEC.block_size])
         driver.close()
         server.pool.check_integrity()
+
+
+def test_a_rank_worker_follows_its_driver_across_a_restart():
+    """A rank worker given its driver's Client, after the daemon restarted and the
+    driver reconnected: its own reconnect sent the driver's first secret, which no
+    daemon knew, and failed for good. It names the driver's current session now,
+    and writes into the driver's new sequences."""
+    import shutil
+
+    from daemon_helpers import wait_until
+
+    from kvpager.errors import SessionLost
+    from kvpager.server import Server
+
+    endpoint, tmp = ipc_endpoint()
+    server = Server.create(SPEC, endpoint, devices=["cpu", "cpu"]).start()
+    try:
+        driver = Client(endpoint, timeout=5)
+        worker = Client(endpoint, rank=1, driver=driver, timeout=5)
+        server.stop()
+        server = Server.create(SPEC, endpoint, devices=["cpu", "cpu"]).start()
+        for c in (driver, worker):
+            with pytest.raises(SessionLost):
+                assert wait_until(lambda c=c: c.stats() is None, 10)  # (until the restart is seen)
+        driver.reconnect()
+        worker.reconnect()
+        [x] = driver.allocate([list(range(12))])
+        k, v = _kv(3, 12, SPEC.num_kv_heads // 2)
+        worker.write(0, x.slots, k, v)
+        held = np.asarray(worker.kv(0)[0][x.block_table[0]])  # rank 1's heads of the driver's block
+        assert np.array_equal(held.transpose(1, 0, 2), k[: SPEC.block_size])
+        worker.close()
+        driver.close()
+        server.pool.check_integrity()
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
