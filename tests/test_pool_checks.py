@@ -236,7 +236,7 @@ def test_threads_sharing_a_pool_run_their_calls_whole():
         rng = np.random.default_rng(k)
         try:
             start.wait()
-            for i in range(150):
+            for _ in range(150):
                 own = rng.integers(1000, 2000, int(rng.integers(1, 2 * BS))).tolist()
                 [a] = pool.allocate([shared + own])
                 pool.commit(a.seq_id)
