@@ -26,7 +26,7 @@ from kvpager.shm import map_pool, map_release_count
 
 class KVAccess:
     """Mixin of `Client`: needs ``spec``, ``memory``, ``gpu``, ``map_pool``, ``server_pid``,
-    ``_mapped``, ``_device_index``, ``_closed``, ``_lost``, ``_mirror``, ``_lock``, ``tables``
+    ``_mapped``, ``_device_index``, ``_closed``, ``_lost``, ``_mirror``, ``_lock``, ``_hello_args``, ``tables``
     and the staging path's ``remote_write`` / ``remote_attend``."""
 
     def write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
@@ -67,7 +67,7 @@ class KVAccess:
         published), checked once when it is made or refilled: its writes into them
         went unchecked before (another session's committed K/V overwritten through a
         plan given its slots, or over its sequences)."""
-        if slots is not None and self.ranks == 1:
+        if slots is not None and not self._writes_for_driver():
             self._check_own_slots(self._check_slots(slots))
 
     def refill(self, plan: StepPlan, seq_ids: Any, query_lens: Any = None, slots: Any = None, *,
@@ -169,7 +169,7 @@ class KVAccess:
             self._check_process()  # a forked child's copy writes nothing (its parent's tables and session)
         pool = self._pool()
         slots = self._check_slots(slots)
-        if self.ranks == 1:
+        if not self._writes_for_driver():
             self._check_own_slots(slots)
         else:  # (a rank's worker writes its heads into the driver's sequences, see "Ranks": alive, at least)
             self._check_alive()
@@ -313,6 +313,13 @@ class KVAccess:
             raise NotOwner(f"write: block {int(published[0])} is published in the prefix cache (found cached, or "
                            "filled by a commit); its K/V is immutable, other sessions read it (write before commit)")
         self._own_slots = key
+
+    def _writes_for_driver(self) -> bool:
+        """Whether this client's mapped writes go into sequences it mirrors no tables
+        of: a rank worker's, on a pool of several ranks or with a driver named (a
+        one-rank daemon takes rank 0 and its driver too: its mapped writes into the
+        driver's sequences were refused as foreign while its staged ones were taken)."""
+        return self.ranks > 1 or self._hello_args.get("driver") is not None
 
     def _check_alive(self) -> None:
         """SessionLost where this client may not write into the mapped pool: closed,

@@ -281,3 +281,28 @@ def test_a_rank_worker_follows_its_driver_across_a_restart():
     finally:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_a_one_rank_daemons_worker_with_a_driver_writes_mapped_as_staged():
+    """A one-rank daemon takes rank 0 and a driver: the worker's staged writes into
+    its driver's sequences were taken, its mapped writes (and a plan's slots)
+    refused as foreign ("slots kept from before a free"). Both paths are taken now,
+    the same K/V landing; into another session's sequence the staged write is
+    still refused by the daemon."""
+    from kvpager.errors import NotOwner
+
+    with running_server(SPEC) as server:
+        ep = server.endpoint
+        with Client(ep) as driver, Client(ep, rank=0, driver=driver) as worker, Client(ep) as other:
+            [x] = driver.allocate([list(range(12))])
+            [y] = other.allocate([list(range(100, 112))])
+            k, v = _kv(4, 12, SPEC.num_kv_heads)
+            worker.write(0, x.slots, k, v)
+            plan = worker.plan([x.seq_id], query_lens=[12], slots=x.slots)
+            plan.write(1, k, v)
+            held = np.asarray(worker.kv(0)[0][x.block_table[0]])
+            assert np.array_equal(held.transpose(1, 0, 2), k[: SPEC.block_size])
+            assert np.array_equal(np.asarray(worker.kv(1)[0][x.block_table[0]]), held)
+            with pytest.raises(NotOwner):
+                worker.remote_write(0, y.slots, k, v)
+            server.pool.check_integrity()
