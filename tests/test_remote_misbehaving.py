@@ -29,6 +29,7 @@ import time
 import numpy as np
 import pytest
 from redis_helpers import RedisServer, need_cli, need_redis, redis_server
+from test_remote_careless import prefill  # (the same geometry: blocks of 16)
 
 need_redis()
 redis = pytest.importorskip("redis")
@@ -45,18 +46,6 @@ TIER = ["+getrange", "+type", "+set", "+strlen", "+del", "+client|setname"]  # w
 
 def prompts(n: int, base: int) -> list[list[int]]:
     return [list(range(base + 1000 * i, base + 1000 * i + 3 * BS + 1)) for i in range(n)]
-
-
-def prefill(p: KVPool, prompt: list[int], seed: int) -> np.ndarray:
-    """Allocate, write random K/V, commit, free: the full blocks' K/V."""
-    [a] = p.allocate([prompt], salt="m")
-    blocks = np.asarray(a.block_table[: len(prompt) // BS])
-    kv = p.backend.device_array()
-    kv[blocks] = np.random.default_rng(seed).standard_normal(kv[blocks].shape)
-    p.commit(a.seq_id)
-    out = kv[blocks].copy()
-    p.free(a.seq_id)
-    return out
 
 
 def restore(p: KVPool, prompt: list[int]) -> tuple[int, np.ndarray]:
