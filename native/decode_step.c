@@ -37,28 +37,46 @@ static inline int shared_write(int64_t tokens, int64_t mask, int64_t last, const
     return (tokens & mask) != 0 && ref_cnt[last] > 1;
 }
 
-/* Shared argument checks of both calls: ``rows`` index ``row_data`` and a
- * row's last block and token count are in range. */
+/* Shared argument checks of both calls: ``rows`` index ``row_data``, each at
+ * most once, and a row's last block and token count are in range. A row given
+ * twice would step twice: place's checks (the table's width, the count of new
+ * blocks) see each row once, so its second step wrote past the table and read
+ * past ``new``. */
 static int check_rows(const int64_t *rows, Py_ssize_t n, const int64_t *data, Py_ssize_t nrows,
                       Py_ssize_t ncols, Py_ssize_t c_last, Py_ssize_t nblocks) {
     if (c_last < 2 || c_last >= ncols) {
         PyErr_SetString(PyExc_IndexError, "decode step: last-block column out of range");
         return -1;
     }
+    uint8_t *seen = PyMem_Calloc((size_t)nrows / 8 + 1, 1);
+    if (seen == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    int status = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         int64_t r = rows[i];
         if (r < 0 || r >= nrows) {
             PyErr_Format(PyExc_IndexError, "decode step: row %lld out of range", (long long)r);
-            return -1;
+            status = -1;
+            break;
         }
+        if (seen[r >> 3] & (1u << (r & 7))) {
+            PyErr_Format(PyExc_ValueError, "decode step: row %lld given twice", (long long)r);
+            status = -1;
+            break;
+        }
+        seen[r >> 3] |= (uint8_t)(1u << (r & 7));
         const int64_t *d = data + r * ncols;
         if (d[c_last] < 0 || d[c_last] >= nblocks || d[1] < 0) {
             PyErr_Format(PyExc_IndexError, "decode step: row %lld has last block %lld, %lld tokens",
                          (long long)r, (long long)d[c_last], (long long)d[1]);
-            return -1;
+            status = -1;
+            break;
         }
     }
-    return 0;
+    PyMem_Free(seen);
+    return status;
 }
 
 /* scan(rows, row_data, c_last, ref_cnt, cached, shift, slots, old_tokens)

@@ -154,6 +154,7 @@ def test_bad_arguments_raise_and_change_nothing():
         ((rows, bt.row_data, LAST, bp.ref_cnt, None, 40, slots, None), ValueError),
         ((rows, bt.row_data[:, ::2], LAST, bp.ref_cnt, None, 3, slots, None), (BufferError, ValueError)),
         ((rows, read_only, LAST, bp.ref_cnt, None, 3, slots, None), (BufferError, ValueError)),
+        ((np.array([1, 1], np.int64), bt.row_data, LAST, bp.ref_cnt, None, 3, slots, None), ValueError),
     ]
     for args, err in bad_scans:
         with pytest.raises(err):
@@ -172,6 +173,10 @@ def test_bad_arguments_raise_and_change_nothing():
          (IndexError, ValueError)),
         ((rows, bt.row_data, LAST, bp.ref_cnt, bt.table, 3, np.array([7], np.int64), np.zeros(3, np.int64)),
          ValueError),
+        # A row given twice stepped twice: its second step (past its first block) wrote past
+        # a one-column table and read a new block past ``new``.
+        ((np.array([1] * 7, np.int64), bt.row_data, LAST, bp.ref_cnt, bt.table[:, :1].copy(), 3,
+          np.zeros(0, np.int64), np.zeros(7, np.int64)), ValueError),
     ]
     for args, err in bad_places:
         with pytest.raises(err):
