@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import ipaddress
 import os
 import socket
 import stat
+import time
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -209,6 +212,61 @@ def prepare_ipc_bind(endpoint: str) -> None:
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise InvalidArgument(f"cannot remove stale socket {path}: {e}") from None
+
+
+#: How long a daemon waits for another one's bind on the same ipc:// path (`bind_lock`).
+BIND_WAIT = 5.0
+
+
+@contextlib.contextmanager
+def bind_lock(endpoint: str, wait: float = BIND_WAIT) -> Iterator[None]:
+    """Held around an ipc:// endpoint's check and bind (`prepare_ipc_bind`, then the
+    bind): an exclusive ``flock`` on ``<path>.lock`` beside the socket, removed at the
+    end. ZeroMQ's bind removes whatever socket file is at its path, so two daemons
+    started together both passed the check (no socket yet) and both bound: the first
+    served on with its file gone, where no client could reach it. Under the lock the
+    second's check finds the first's socket and is refused. Nothing for tcp:// or a
+    Linux abstract name (the kernel refuses a second bind of those). InvalidArgument
+    if another process holds the lock past ``wait`` seconds, or it cannot be made."""
+    path = ipc_path(endpoint)
+    if path is None or path.startswith("@"):
+        yield
+        return
+    name = path + ".lock"
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            raise InvalidArgument(f"cannot bind {endpoint}: cannot make its lock file {name}: {e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() > deadline:
+                raise InvalidArgument(f"cannot bind {endpoint}: another process has been binding it for {wait:g} s "
+                                      f"(it holds {name})") from None
+            time.sleep(0.01)
+            continue
+        if _same_file(fd, name):
+            break
+        os.close(fd)  # (its holder removed it as this one opened it: lock the file at the path now)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)  # (while held: a waiter that opened it finds it gone and opens anew)
+        os.close(fd)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path``."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
 def socket_file(path: str | None) -> tuple[int, int] | None:

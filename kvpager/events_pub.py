@@ -54,6 +54,7 @@ import msgpack
 import zmq
 
 from kvpager.endpoints import (
+    bind_lock,
     check_endpoint,
     ipc_path,
     is_local,
@@ -226,15 +227,16 @@ class EventPublisher:
                  self.replay_endpoint, self.config.replay_rate, self.config.topic, self.config.format)
 
     def _bind(self, kind: int, endpoint: str, options: dict[int, int]) -> zmq.Socket:
-        prepare_ipc_bind(endpoint)
-        sock = open_socket(self._ctx, kind, endpoint)
-        for option, value in options.items():  # before bind: a listener keeps the options it had then
-            sock.setsockopt(option, value)
-        try:
-            sock.bind(endpoint)
-        except zmq.ZMQError as e:
-            sock.close()
-            raise InvalidArgument(f"cannot bind the KV events endpoint {endpoint}: {e}") from None
+        with bind_lock(endpoint):  # (two daemons' publishers started together: see bind_lock)
+            prepare_ipc_bind(endpoint)
+            sock = open_socket(self._ctx, kind, endpoint)
+            for option, value in options.items():  # before bind: a listener keeps the options it had then
+                sock.setsockopt(option, value)
+            try:
+                sock.bind(endpoint)
+            except zmq.ZMQError as e:
+                sock.close()
+                raise InvalidArgument(f"cannot bind the KV events endpoint {endpoint}: {e}") from None
         path = ipc_path(endpoint)
         if path:
             self._files[path] = socket_file(path)  # this publisher's own files alone are removed at close

@@ -15,6 +15,7 @@ import zmq
 
 from kvpager import protocol
 from kvpager.endpoints import (
+    bind_lock,
     check_ipc_bind,
     endpoint_or_default,
     ipc_path,
@@ -194,6 +195,10 @@ class Binding:
 
     def _bind(self) -> str:
         refuse_open_tcp(self.endpoint, self.token)
+        with bind_lock(self.endpoint):
+            return self._bind_socket()
+
+    def _bind_socket(self) -> str:
         prepare_ipc_bind(self.endpoint)
         self._ctx = zmq.Context()
         sock = open_socket(self._ctx, zmq.ROUTER, self.endpoint)

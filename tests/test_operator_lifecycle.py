@@ -37,6 +37,7 @@ from kvpager import shm
 from kvpager.client import Client
 from kvpager.errors import InvalidArgument, LimitExceeded
 from kvpager.events_pub import EventsConfig
+from kvpager.server import Server
 from kvpager.server_bind import check_before_allocating
 
 WAIT = 30
@@ -247,3 +248,58 @@ def test_the_sweep_removes_a_crashed_daemons_segments_left_under_this_pid():
     finally:
         if os.path.exists(f"/dev/shm/{name}"):
             _posixshmem.shm_unlink("/" + name)
+
+
+@pytest.mark.parametrize("events", [False, True])
+def test_two_daemons_binding_one_path_together_leave_one_reachable(events, tmp_path, monkeypatch):
+    """A checked its path (no socket there yet) and, before it bound, B checked too:
+    both bound (ZeroMQ's bind removes the socket file at its path), and A served on
+    with its file gone, where no client could reach it. Now B waits for A's bind and
+    is refused, and A is reached. The same for two KV events publishers."""
+    from kvpager import endpoints, events_pub, server_bind
+    module = events_pub if events else server_bind
+    real = endpoints.prepare_ipc_bind
+    checked, go, calls = threading.Event(), threading.Event(), []
+
+    def slow_first_check(endpoint):
+        real(endpoint)
+        calls.append(endpoint)
+        if len(calls) == 1:  # A: checked, not bound yet
+            checked.set()
+            go.wait(WAIT)
+
+    monkeypatch.setattr(module, "prepare_ipc_bind", slow_first_check)
+    a_kw = {"events": EventsConfig(f"ipc://{tmp_path}/ev.sock")} if events else {}
+    b_kw = {"events": EventsConfig(f"ipc://{tmp_path}/ev.sock")} if events else {}
+    a_end, b_end = ((f"ipc://{tmp_path}/a.sock", f"ipc://{tmp_path}/b.sock") if events
+                    else (f"ipc://{tmp_path}/kv.sock",) * 2)
+    servers, errors = {}, {}
+
+    def start(name, endpoint, kw):
+        server = Server.create(SMALL, endpoint, **kw)
+        try:
+            servers[name] = server.start()
+        except InvalidArgument as e:
+            errors[name] = e
+
+    a = threading.Thread(target=start, args=("a", a_end, a_kw))
+    a.start()
+    try:
+        assert checked.wait(WAIT)
+        b = threading.Thread(target=start, args=("b", b_end, b_kw))
+        b.start()
+        b.join(0.5)  # B checks now (it waits for A's bind under the fix)
+        go.set()
+        a.join(WAIT)
+        b.join(WAIT)
+        assert set(servers) == {"a"} and set(errors) == {"b"}, (servers, errors)
+        assert "already listens" in str(errors["b"])
+        with Client(servers["a"].endpoint, timeout=5) as c:
+            assert c.stats().total_blocks == SMALL.num_blocks - 1
+        if events:
+            assert (tmp_path / "ev.sock").is_socket() and (tmp_path / "ev.sock.replay").is_socket()
+    finally:
+        go.set()
+        for s in servers.values():
+            s.stop()
+    assert not any(n.endswith(".lock") for n in os.listdir(tmp_path)), os.listdir(tmp_path)
