@@ -8,6 +8,7 @@ round trip. ``tables`` reads that mirror when it holds every sequence asked for.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -293,8 +294,20 @@ class ClientSequences:
         return decode_remote_stats(d) if d is not None else None
 
     def check_integrity(self) -> None:
-        """The daemon's `KVPool.check_integrity`, plus: every sequence has an open session."""
-        self._call("check", {})
+        """The daemon's `KVPool.check_integrity`, plus: every sequence has an open session.
+        The daemon holds checks to a share of its time (a large pool's takes most of a
+        second): refused as too soon, this waits as long as it is told, within the
+        client's timeout, and asks again."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                self._call("check", {})
+                return
+            except LimitExceeded as e:
+                wait = getattr(e, "retry_after", None)
+                if e.limit != "check_share" or not isinstance(wait, float) or time.monotonic() + wait > deadline:
+                    raise
+                time.sleep(wait + 0.01)
 
 
 def one_shot_counts(value: Any) -> Any:

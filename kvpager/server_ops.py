@@ -15,6 +15,7 @@ import bisect
 import hmac
 import logging
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,6 +49,12 @@ TENANT_BYTES = 128
 
 #: Sessions with the control token that may open past the sessions limit (`_check_sessions`).
 CONTROL_SESSIONS = 8
+#: The share of the loop's time `check` may hold: it walks every sequence in Python (0.5-0.75 s
+#: at 100k sequences), needs no session, and a script checking in a loop held every client's
+#: steps behind it. A check within ``took / CHECK_SHARE`` of the last one's start is refused
+#: (LimitExceeded, saying when), unless that one took under `CHECK_FREE_S` (a small pool's).
+CHECK_SHARE = 0.1
+CHECK_FREE_S = 0.02
 
 
 def _flag(a: dict[str, Any], name: str, op: str) -> bool:
@@ -351,6 +358,20 @@ class ServerOps(ControlOps):
         return d
 
     def _op_check(self, s: Session | None, a: dict[str, Any]) -> None:
+        start = time.monotonic()
+        if start < self._check_after:
+            wait = self._check_after - start
+            e = LimitExceeded(f"check: the last one held the daemon's loop {self._check_took:.2f} s, and checks "
+                              f"may hold {CHECK_SHARE:.0%} of its time: try again in {wait:.1f} s", "check_share")
+            e.retry_after = wait  # (a detail of the reply: `Client.check_integrity` waits that long)
+            raise e
+        try:
+            self._check_all()
+        finally:
+            took = self._check_took = time.monotonic() - start
+            self._check_after = start + took / CHECK_SHARE if took >= CHECK_FREE_S else 0.0
+
+    def _check_all(self) -> None:
         self.pool.check_integrity()
         open_ids = self.sessions.by_name
         orphans = [i for o in self.pool.owners() if o not in open_ids for i in self.pool.owned(o)]

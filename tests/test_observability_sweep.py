@@ -284,3 +284,36 @@ def test_stats_of_a_cache_of_evictable_blocks_costs_what_one_in_use_does():
     ratio = _fastest(idle.stats) / _fastest(busy.stats)
     assert ratio < 3, f"stats of {n} evictable blocks took {ratio:.1f}x as long as of {n} in use"
     assert idle.stats().tenants[0].evictable_blocks == n and busy.stats().tenants[0].evictable_blocks == 0
+
+
+def test_checks_in_a_loop_hold_the_daemon_a_bounded_share_of_its_time():
+    """`check` walks every sequence in Python (0.5-0.75 s of the loop at 100k
+    sequences) and needs no session: a script checking in a loop held every other
+    client's steps behind it. A check that comes within ten times the last one's
+    time is refused (limit_exceeded, with ``retry_after`` seconds) and changes
+    nothing, and runs once that time has passed; `Client.check_integrity` waits
+    as told; a small pool's checks (under 20 ms) are never refused."""
+    from daemon_helpers import Raw, req, running_server
+
+    from kvpager.client import Client
+    from kvpager.protocol import ERR, OK
+
+    spec = PoolSpec(1, 1, 8, 24_000, block_size=8, dtype="float32", num_host_blocks=8)
+    with running_server(spec) as server, Client(server.endpoint, timeout=30) as c:
+        raw = Raw(server.endpoint)
+        try:
+            assert [raw.send(req(k, "check", {}))[1] for k in range(2)] == [OK, OK]  # (small: never refused)
+            for k in range(10):
+                c.allocate([[k, i, 1, 2] for i in range(2_000)])
+            started = time.monotonic()
+            assert raw.send(req(2, "check", {}), timeout=30)[1] == OK
+            _, status, error = raw.send(req(3, "check", {}))
+            took = time.monotonic() - started
+            assert status == ERR and error["code"] == "limit_exceeded", error
+            wait = error["details"]["retry_after"]
+            assert 0 < wait <= 10 * took and "try again in" in error["message"]
+            assert c.stats().num_sequences == 20_000  # other calls are answered meanwhile
+            c.check_integrity()  # waits as told, then runs
+            assert time.monotonic() - started >= wait
+        finally:
+            raw.close()
