@@ -81,7 +81,9 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
     `write`, `attend` and `plan` are over that rank's kv heads. ``driver``:
     with ``rank`` on a pool of several ranks, the session it works for (the
     one that allocates: its `Client`, or that client's ``session`` secret,
-    passed to the worker): its writes go into that session's sequences only."""
+    passed to the worker): its writes go into that session's sequences only;
+    one worker a rank of a driver (`RankTaken`), and the worker's session ends
+    with the driver's (docs/protocol.md, "Ranks")."""
 
     def __init__(
         self,
@@ -190,6 +192,8 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self.control: bool = bool(info.get("control"))  # quotas and kept pins allowed
         #: allocate and cached_tokens take `window` (a daemon that predates it: prefix hits only)
         self.windowed_hits: bool = bool(info.get("windowed_hits"))
+        #: tables takes a step plan's slots and checks them (a rank worker's plans; a daemon that predates it: no)
+        self.plan_slots: bool = bool(info.get("plan_slots"))
         #: the ops the daemon answers; a daemon that predates the list answers every op
         #: but `record_tokens`, which came with it
         self.ops: frozenset[str] = frozenset(info["ops"] if "ops" in info else set(OPS) - {"record_tokens", "batch"})

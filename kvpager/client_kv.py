@@ -18,16 +18,17 @@ import numpy as np
 from kvpager import cpu_attention, cuda_ipc, validate
 from kvpager.attend_options import check_scale, check_sinks, check_softcap, check_window, chunk_step
 from kvpager.client_ids import as_ids, id_list
-from kvpager.errors import InvalidArgument, NotOwner, SessionLost, StalePlan
+from kvpager.client_slots import SlotChecks
+from kvpager.errors import InvalidArgument, SessionLost, StalePlan
 from kvpager.plan import StepPlan, check_floor, context_of, make_plan, table_floor
 from kvpager.plan_guard import REMEDY, Foreign, Moves, sequence_guard
 from kvpager.shm import map_pool, map_release_count
 
 
-class KVAccess:
+class KVAccess(SlotChecks):
     """Mixin of `Client`: needs ``spec``, ``memory``, ``gpu``, ``map_pool``, ``server_pid``,
     ``_mapped``, ``_device_index``, ``_closed``, ``_lost``, ``_mirror``, ``_lock``, ``_hello_args``, ``tables``
-    and the staging path's ``remote_write`` / ``remote_attend``."""
+    and the staging path's ``remote_write`` / ``remote_attend``; what it may write: `SlotChecks`."""
 
     def write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
         """As `KVPool.write`: through the mapped pool when there is one, else remote."""
@@ -55,20 +56,12 @@ class KVAccess:
         own sequences), then ``plan.write(layer, k, v)`` and ``plan.attend(layer, q)`` per
         layer run here too. A snapshot: make a new one after the sequences change."""
         seq_ids = as_ids(seq_ids)
-        tables, seq_lens = self.tables(seq_ids)
+        tables, seq_lens = self._plan_tables(seq_ids, slots)
         seq_lens = context_of(np.asarray(seq_lens), context_lens)
         plan = make_plan(self._pool(), tables, seq_lens, query_lens, slots, **options)
         self._check_plan_slots(slots)
         self._tie(plan, id_list(seq_ids))
         return plan
-
-    def _check_plan_slots(self, slots: Any) -> None:
-        """A plan's slots as a write's (`_check_own_slots`: this session's blocks, none
-        published), checked once when it is made or refilled: its writes into them
-        went unchecked before (another session's committed K/V overwritten through a
-        plan given its slots, or over its sequences)."""
-        if slots is not None and not self._writes_for_driver():
-            self._check_own_slots(self._check_slots(slots))
 
     def refill(self, plan: StepPlan, seq_ids: Any, query_lens: Any = None, slots: Any = None, *,
                context_lens: Any = None) -> None:
@@ -78,7 +71,7 @@ class KVAccess:
         if not isinstance(plan, StepPlan) or plan.backend is not self._pool():
             raise InvalidArgument(f"refill: {type(plan).__name__} is no step plan of this client's mapped pool")
         seq_ids = as_ids(seq_ids)
-        tables, seq_lens = self.tables(seq_ids)
+        tables, seq_lens = self._plan_tables(seq_ids, slots)
         seq_lens = context_of(np.asarray(seq_lens), context_lens)
         self._check_plan_slots(slots)
         plan.update(tables, seq_lens, query_lens, slots)
@@ -275,95 +268,8 @@ class KVAccess:
         if type(layer) is not int or not 0 <= layer < self.spec.num_layers:  # (a plain int in range: at once)
             validate.layer(layer, self.spec)
 
-    def _check_own_slots(self, slots: np.ndarray) -> None:
-        """NotOwner unless every slot (but -1, padding) lies in a block of one of this
-        session's resident sequences, as the daemon checks a staged write (a pool of
-        one rank; a rank's worker writes into the sequences its driver holds): slots kept
-        from before a free, truncate or swap-out would write into blocks that may be
-        another worker's now. Checked against the mirror once per slot array and
-        change of the session's sequences (a model's layers write the same slots:
-        the first layer pays the check, ~0.3 us the others); a mirror that lost
-        sequences (an op without an outcome) is completed from the daemon first."""
-        self._check_alive()
-        mirror = self._mirror
-        key = (mirror.moves.count, slots.tobytes())
-        if self._own_slots == key:
-            return
-        self._check_process()
-        blocks = np.unique(slots[slots >= 0] >> (self.spec.block_size.bit_length() - 1))
-        foreign = mirror.foreign_blocks(blocks)
-        if mirror.incomplete and (len(foreign) or len(blocks)):  # the daemon's own tables and cache (slow, rare)
-            mine = [b for s in self.sequences() if s.owner == self.session_name and not s.swapped
-                    for b in s.block_table]
-            foreign = foreign[~np.isin(foreign, np.asarray(mine, np.int64))]
-            if not len(foreign):
-                cached = blocks[self.blocks().cached[blocks]]
-                if len(cached):
-                    raise NotOwner(f"write: block {int(cached[0])} is published in the prefix cache; its K/V is "
-                                   "immutable, other sessions read it (write before commit)")
-        if len(foreign):
-            b = int(foreign[0])
-            raise NotOwner(f"write: block {b} (slots {b * self.spec.block_size}...) is held by no resident sequence "
-                           "of this session: slots kept from before a free, truncate or swap-out (take them from "
-                           "the latest allocate / append)")
-        # (a mirror that forgot sequences had the daemon's cache say it above: its own marks may be
-        # stale, a timed-out append having handed a block it once published out again)
-        published = blocks[:0] if mirror.incomplete and len(blocks) else mirror.published_blocks(blocks)
-        if len(published):
-            raise NotOwner(f"write: block {int(published[0])} is published in the prefix cache (found cached, or "
-                           "filled by a commit); its K/V is immutable, other sessions read it (write before commit)")
-        self._own_slots = key
-
-    def _writes_for_driver(self) -> bool:
-        """Whether this client's mapped writes go into sequences it mirrors no tables
-        of: a rank worker's, on a pool of several ranks or with a driver named (a
-        one-rank daemon takes rank 0 and its driver too: its mapped writes into the
-        driver's sequences were refused as foreign while its staged ones were taken)."""
-        return self.ranks > 1 or self._hello_args.get("driver") is not None
-
-    def _check_alive(self) -> None:
-        """SessionLost where this client may not write into the mapped pool: closed,
-        told its session is lost, or its session ended by the daemon since it last
-        looked (`_check_not_ended`). Every mapped write checks it, a rank worker's
-        too, whose slots (its driver's) are not checked here: closed, lost or past its
-        heartbeat timeout, a worker of a pool of two ranks wrote on, into blocks the
-        daemon may have given to another session."""
-        if self._closed:
-            raise SessionLost("this client is closed")
-        if self._lost:
-            self._check_process()  # (a forked child's copy is marked lost: told why)
-            raise SessionLost("this session is lost: its sequences (and their blocks) are the daemon's again")
-        ends = self._releases
-        if ends is not None and len(ends) > 1 and ends[1] != self._ends_seen:
-            self._check_not_ended()
-
-    def _check_not_ended(self) -> None:
-        """SessionLost where the daemon ended a session since this one last looked (its
-        count of sessions it ended, mapped with its count of releases, moved) and
-        this is one: a worker stopped past its heartbeat timeout (SIGSTOP, a long
-        pause) wrote its next K/V into blocks the daemon had given to another
-        session meanwhile, before its heartbeat thread learnt that the session was
-        over. One heartbeat's round trip each time the count moves."""
-        ends = self._releases
-        if ends is None or len(ends) < 2:
-            return
-        now = int(ends[1])
-        if now != self._ends_seen:
-            self._call("heartbeat", {})  # SessionLost (and the mirror dropped) if it was this one
-            self._ends_seen = now
-
-    #: the (count of changes, slot bytes) last found all this session's (`_check_own_slots`)
-    _own_slots: tuple[int, bytes] | None = None
-    #: the daemon's count of releases, mapped with its pool (`kvpager.shm.ReleaseCount`; None: not named),
-    #: and of the sessions it ended (a second word, where it has one: `_check_not_ended`)
-    _releases: np.ndarray | None = None
-    _ends_seen = 0
     #: True once the memory of a daemon found gone was forgotten, until the next hello
     _memory_gone = False
-
-    def _check_slots(self, slots: Any) -> np.ndarray:
-        """Slot ids as int64, checked as `KVPool.write` checks them (uint64 past int64 included)."""
-        return validate.slots(slots, self.spec)
 
     def _check_tensor(self, x: Any, name: str, shape: tuple[int, ...]) -> Any:
         if not self.gpu and not isinstance(x, np.ndarray):

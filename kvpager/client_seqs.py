@@ -236,11 +236,14 @@ class ClientSequences:
                     return got
         return self._daemon_tables(seq_ids)
 
-    def _daemon_tables(self, seq_ids: Any) -> tuple[np.ndarray, np.ndarray]:
+    def _daemon_tables(self, seq_ids: Any, slots: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The daemon's `tables` of ``seq_ids``; a batch whose padded reply would pass the
-        daemon's message limit asked in halves (read-only: nothing to undo), padded again."""
+        daemon's message limit asked in halves (read-only: nothing to undo), padded again.
+        ``slots``: a step plan's, which the daemon checks as a write's first (NotOwner;
+        the halves need not carry them: a reply too large is refused after the check)."""
+        args = {"seq_ids": seq_ids} if slots is None else {"seq_ids": seq_ids, "slots": slots}
         try:
-            return decode_tables(self._call("tables", {"seq_ids": seq_ids}))
+            return decode_tables(self._call("tables", args))
         except LimitExceeded as e:
             ids = id_list(seq_ids)
             if getattr(e, "limit", None) != "max_message_bytes" or ids is None or len(ids) < 2:

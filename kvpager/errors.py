@@ -64,6 +64,16 @@ class StalePlan(InvalidArgument):
     code = "stale_plan"
 
 
+class RankTaken(InvalidArgument):
+    """hello naming a tensor-parallel rank of a driver's session that another open
+    session already serves (daemon only): two workers of one rank would write the
+    same heads of the same blocks. Nothing was opened; close that worker (or wait
+    out the heartbeat timeout of one whose process is gone) and say hello again.
+    ``rank`` and ``holder`` (the serving session's public name) say which."""
+
+    code = "rank_taken"
+
+
 class Unauthorized(KVPagerError):
     """hello without the daemon's token (or with a wrong one); see docs/protocol.md, "Trust"."""
 
@@ -213,6 +223,7 @@ ERRORS_BY_CODE: dict[str, type[KVPagerError]] = {
         InvalidArgument,
         LimitExceeded,
         StalePlan,
+        RankTaken,
         Unauthorized,
         UnknownSequence,
         SequenceSwapped,

@@ -49,7 +49,7 @@ OPS: dict[str, Op] = {
         Op("staging", ("nbytes",)),
         Op("write", ("layer", "slots", "k", "v")),
         Op("attend", ("layer", "seq_ids", "q", "out"), ("query_lens", "scale", "window", "softcap", "sinks", "chunk")),
-        Op("tables", ("seq_ids",), (), session=False),
+        Op("tables", ("seq_ids",), ("slots",), session=False),
         Op("sequences", (), ("seq_ids", "owner", "after", "limit"), session=False),
         Op("blocks", (), (), session=False),
         Op("stats", (), (), session=False),

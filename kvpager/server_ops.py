@@ -32,7 +32,7 @@ from kvpager.pins import salt_bytes
 from kvpager.protocol import SEQUENCES_PAGE
 from kvpager.render import printable
 from kvpager.server_control import ControlOps
-from kvpager.server_ranks import hello_memory, hello_rank, rank_backends
+from kvpager.server_ranks import hello_driver, hello_memory, hello_rank, rank_backends
 from kvpager.validate import zero_d
 from kvpager.wire_args import check_token_ids, wire_ids, wire_int
 
@@ -84,9 +84,10 @@ class ServerOps(ControlOps):
         control = self._check_control_token(a.get("control_token"))
         self._check_sessions(control)
         rank = hello_rank(self.pool, a.get("rank"))
-        driver = self._hello_driver(rank, a.get("driver"))
-        s = self.sessions.open(client, pid if isinstance(pid, int) and not isinstance(pid, bool) else None)
-        s.control, s.rank, s.driver = control, rank, driver
+        driver = hello_driver(self.sessions, rank, a.get("driver"))
+        s = self.sessions.open(client, pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
+                               rank, driver)  # (a rank of a driver that another worker serves: RankTaken)
+        s.control = control
         log.info("session %s opened by %s (pid %s)%s", s.name, printable(s.client), s.pid,  # a line of its own
                  " with control" if control else "")
         memory = hello_memory(self, rank)
@@ -108,6 +109,7 @@ class ServerOps(ControlOps):
             # a remote tier: allocate answers num_remote_tokens to a client that asks (remote_tokens)
             "remote": self.pool.remote.describe() if self.pool.remote is not None else None,
             "windowed_hits": True,  # allocate and cached_tokens take `window`
+            "plan_slots": True,  # tables takes a step plan's slots, checked as a write's
         }
 
     def _check_sessions(self, control: bool) -> None:
@@ -123,20 +125,6 @@ class ServerOps(ControlOps):
             raise LimitExceeded(f"hello: sessions open at once: {len(self.sessions) + 1} is over the limit of "
                                 f"{self.limits.sessions} (KVPAGER_MAX_SESSIONS, kvpager serve --max-sessions){kept}",
                                 "sessions", len(self.sessions) + 1, limit)
-
-    def _hello_driver(self, rank: int | None, driver: Any) -> str | None:
-        """The public name of the session a rank worker writes for besides its own
-        (``driver``: that session's secret, which its own workers are given; a
-        rank session wrote into any session's sequences before). None where
-        none is named; InvalidArgument for one without a rank or not a string,
-        SessionLost for one that is not open."""
-        if driver is None:
-            return None
-        if rank is None or not isinstance(driver, str):
-            raise InvalidArgument("hello: driver is the session (its secret) whose sequences a tensor-parallel rank "
-                                  "worker writes into, given with rank; got "
-                                  + (type(driver).__name__ if rank is not None else "no rank"))
-        return self.sessions.get(driver).name
 
     def _op_heartbeat(self, s: Session, a: dict[str, Any]) -> None:
         return None  # SessionTable.get already reset the clock
@@ -294,6 +282,8 @@ class ServerOps(ControlOps):
     # -- inspection ----------------------------------------------------------------------------
     def _op_tables(self, s: Session | None, a: dict[str, Any]) -> list[np.ndarray]:
         ids = wire_ids(a["seq_ids"])
+        if a.get("slots") is not None:  # a worker's step plan over them: its slots checked as a write's
+            self._check_plan_slots(s, a["slots"])
         self._tables_fit("tables", ids)
         return list(self.pool.tables(ids))
 

@@ -3,11 +3,12 @@
 One daemon serves one pool over R ranks (the GPUs of a TP group): one
 allocator, one block table per sequence, and one memory export per rank: a
 shared-memory segment pair on the CPU, a CUDA IPC handle of the rank's slab
-on a GPU. A worker names its rank in hello (``rank``); the reply carries that
-rank's memory and the pool's rank count, and the session's remote write /
-attend run on that rank's heads. A session that names no rank, on a pool of
-several, can use every sequence op but maps nothing and cannot write or
-attend: it is told to name a rank (see docs/protocol.md, "Ranks").
+on a GPU. A worker names its rank in hello (``rank``), and the session it
+works for (``driver``, `hello_driver`); the reply carries that rank's memory
+and the pool's rank count, and the session's remote write / attend run on
+that rank's heads. A session that names no rank, on a pool of several, can
+use every sequence op but maps nothing and cannot write or attend: it is
+told to name a rank (see docs/protocol.md, "Ranks").
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 from kvpager import cuda_ipc
 from kvpager.backends import make_backend
 from kvpager.backends.ranked import RankedBackend, check_devices, make_ranked_backend, rank_spec
-from kvpager.errors import InvalidArgument, KVPagerError
+from kvpager.errors import InvalidArgument, KVPagerError, SessionLost
 from kvpager.pool import KVPool
 from kvpager.shm import PoolMemory, ReleaseCount, create_ranks, sweep_stale
 from kvpager.spec import PoolSpec
 
 if TYPE_CHECKING:
     from kvpager.pool_rank import PoolRank
-    from kvpager.sessions import Session
+    from kvpager.sessions import Session, SessionTable
 
 
 log = logging.getLogger("kvpager.server")
@@ -81,6 +82,30 @@ def hello_rank(pool: KVPool, value: Any) -> int | None:
         raise InvalidArgument(f"hello: rank must be an int in [0, {pool.ranks}) (this pool has "
                               f"{pool.ranks} rank{'s' if pool.ranks > 1 else ''}), got {value!r}")
     return value
+
+
+def hello_driver(sessions: SessionTable, rank: int | None, driver: Any) -> Session | None:
+    """The session a rank worker writes for besides its own (``driver``: that
+    session's secret, which its own workers are given; a rank session wrote
+    into any session's sequences before). None where none is named;
+    InvalidArgument for one without a rank or not a string, SessionLost for
+    one that is not open (saying it is the driver's: a worker read that its
+    own was lost). The driver's heartbeat clock is left alone: a worker's
+    hello kept a driver whose process was gone open for good."""
+    if driver is None:
+        return None
+    if rank is None or not isinstance(driver, str):
+        raise InvalidArgument("hello: driver is the session (its secret) whose sequences a tensor-parallel rank "
+                              "worker writes into, given with rank; got "
+                              + (type(driver).__name__ if rank is not None else "no rank"))
+    found = sessions.find(driver)
+    if found is None:
+        err = SessionLost("hello: the driver named (the session this rank worker would write for) is not open "
+                          "on this daemon: it said bye, missed heartbeats or the daemon restarted; give the "
+                          "driver's current session (its Client, or Client.session after its reconnect)")
+        err.epoch = sessions.epoch
+        raise err
+    return found
 
 
 def hello_memory(server: Any, rank: int | None) -> dict[str, Any]:

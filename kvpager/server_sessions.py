@@ -1,6 +1,7 @@
 """The daemon's side of sessions: expiry of the silent ones (judged after the
 messages queued behind a slow request are read), the end of a session (its
-sequences freed, its pins released), and ownership checks of a request's ids."""
+sequences freed, its pins released, and its rank workers' sessions ended with
+it), and ownership checks of a request's ids."""
 
 from __future__ import annotations
 
@@ -29,14 +30,18 @@ class SessionEnds:
         ended = self.sessions.expired(self._idle)
         if ended and self.releases is not None:
             self.releases.session_ended()  # (before their blocks go: a worker checks it before it writes)
+        expired = 0
         for s in ended:
+            if self._ended_already(s):  # a rank worker of a driver that expired above: ended with it
+                continue
+            expired += 1
             try:
                 self._end(s, "missed heartbeats")
             except Exception as e:  # a bug: it must not end the daemon, nor be met again every second
                 log.error("ending session %s raised; the session is closed", s.name, exc_info=e)
                 self.sessions.close(s)
         if self.request_metrics is not None:
-            self.request_metrics.session_expiries += len(ended)
+            self.request_metrics.session_expiries += expired
             self.request_metrics.busy += time.perf_counter() - t0
         self._flush_events()
 
@@ -49,7 +54,29 @@ class SessionEnds:
         self.pool.check_owner(ids, session.name)
         return ids
 
+    def _ended_already(self, session: Session) -> bool:
+        return self.sessions.sessions.get(session.id) is not session
+
     def _end(self, session: Session, why: str) -> int:
+        """End ``session`` (its sequences freed, its pins released) and, first, its
+        rank workers' sessions (docs/protocol.md, "Ranks"): their writes go into
+        the driver's blocks, which any session may hold once the driver's end
+        frees them; left open, a worker wrote on into them (and held its own
+        sequences, pins and staging). The count of sessions the daemon ended
+        moves before any block goes, so a mapped worker asks before it writes.
+        Returns the sequences ``session`` held."""
+        if self._ended_already(session):  # (ended with its driver, or twice at shutdown)
+            return 0
+        workers = self.sessions.workers_of(session)
+        if workers and self.releases is not None:
+            self.releases.session_ended()
+        for w in workers:
+            self.sessions.ended_with_driver(w, session, why)
+            try:
+                self._end(w, f"its driver, session {session.name}, ended: {why}")
+            except Exception as e:  # a bug: the driver's end goes on (as `expire`'s)
+                log.error("ending session %s raised; the session is closed", w.name, exc_info=e)
+                self.sessions.close(w)
         ids = self.pool.owned(session.name)
         if ids:
             self.pool.free(ids)

@@ -13,6 +13,15 @@ allocation exported by CUDA IPC on the pool's GPU (`cuda_ipc.DeviceBuffer`).
 A session opens with ``hello`` and ends with ``bye`` or when it has been
 silent for ``heartbeat_timeout`` seconds; the server then frees every
 sequence it owns. Only the server's event loop touches this table.
+
+A tensor-parallel rank worker's session names a driver (the session whose
+sequences it writes its heads into) and a rank: the table keeps who serves
+each rank of each driver, so a second worker of one rank is refused
+(`RankTaken`: two would write the same heads of the same blocks), and so the
+server ends a driver's workers with it (a worker's writes go into the
+driver's blocks, free for any session once the driver is gone). A worker
+ended so is told why when it next asks (a few such secrets are kept, not
+the sessions).
 """
 
 from __future__ import annotations
@@ -23,9 +32,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvpager.errors import SessionLost
+from kvpager.errors import RankTaken, SessionLost
 from kvpager.limits import Limits
+from kvpager.render import printable
 from kvpager.shm import Segment, SegmentExists, random_tag, segment_name
+
+#: how many secrets of rank workers ended with their driver `SessionTable.get` tells apart
+ENDED_KEPT = 1024
 
 
 @dataclass(eq=False)
@@ -67,30 +80,78 @@ class SessionTable:
         self.rank_devices = rank_devices
         self.sessions: dict[str, Session] = {}  # by secret id
         self.by_name: dict[str, Session] = {}
+        #: rank workers by driver (public name), then rank: one a rank
+        self.workers: dict[str, dict[int, Session]] = {}
+        #: secrets of rank workers' sessions ended with their driver's -> why (`get` says it)
+        self._ended: OrderedDict[str, str] = OrderedDict()
         self._serial = 0
 
     def __len__(self) -> int:
         return len(self.sessions)
 
-    def open(self, client: str, pid: int | None) -> Session:
+    def open(self, client: str, pid: int | None, rank: int | None = None, driver: Session | None = None) -> Session:
+        """A new session; a rank worker's (``driver``: the open session it works
+        for, with ``rank``) claims that rank of that driver, RankTaken (nothing
+        opened) where an open session serves it already."""
+        if driver is not None:
+            self._check_claim(driver, rank)
         self._serial += 1
         s = Session(secrets.token_urlsafe(16), f"s{self._serial}", client, pid, time.monotonic())
+        s.rank = rank
         self.sessions[s.id] = s
         self.by_name[s.name] = s
+        if driver is not None and rank is not None:
+            s.driver = driver.name
+            self.workers.setdefault(driver.name, {})[rank] = s
         return s
+
+    def _check_claim(self, driver: Session, rank: int | None) -> None:
+        """RankTaken where rank ``rank`` of ``driver`` has its worker (or is the
+        driver's own: a driver that named a rank serves it)."""
+        holder = driver if driver.rank == rank else self.workers.get(driver.name, {}).get(rank)
+        if holder is None or rank is None:
+            return
+        who = ("itself (the driver named that rank in its hello)" if holder is driver
+               else f"session {holder.name} ({printable(holder.client)}, pid {holder.pid})")
+        err = RankTaken(f"hello: rank {rank} of session {driver.name} is served by {who}: one worker a rank "
+                        "of a driver, two would write the same heads of the same blocks; close that worker "
+                        f"first (one whose process is gone ends within the heartbeat timeout, "
+                        f"{self.heartbeat_timeout:g} s) or serve another rank")
+        err.rank, err.holder = rank, holder.name
+        raise err
+
+    def find(self, session_id: Any) -> Session | None:
+        """The open session of that secret, its clock left as it is (another
+        session names it: that says nothing of whether it is alive)."""
+        return self.sessions.get(session_id) if isinstance(session_id, str) else None
 
     def get(self, session_id: str | None) -> Session:
         """The session, its clock reset; SessionLost if it is not open."""
         s = self.sessions.get(session_id) if session_id is not None else None
         if s is None:
-            err = SessionLost(  # the id is a secret: never echoed
+            why = self._ended.get(session_id) if session_id is not None else None
+            err = SessionLost(why or (  # the id is a secret: never echoed
                 "this session is not open on this daemon (it said bye, missed heartbeats "
-                "for longer than the heartbeat timeout, or the daemon restarted)"
-            )
+                "for longer than the heartbeat timeout, its driver's session ended, or the daemon restarted)"
+            ))
             err.epoch = self.epoch  # lets the client tell a restart from an expiry
             raise err
         s.last_seen = time.monotonic()
         return s
+
+    def workers_of(self, driver: Session) -> list[Session]:
+        """The open rank workers whose driver is ``driver``."""
+        return list(self.workers.get(driver.name, {}).values())
+
+    def ended_with_driver(self, worker: Session, driver: Session, why: str) -> None:
+        """Remember why ``worker``'s session ended (its driver's did), for its next
+        request: the last `ENDED_KEPT` such secrets are kept."""
+        self._ended[worker.id] = (
+            f"this rank worker's session was ended with its driver's, session {driver.name} ({why}): the "
+            "blocks it wrote into are the daemon's again; reconnect once the driver has a session (a worker "
+            "given the driver's Client names its current one), or open a new Client with the new driver")
+        while len(self._ended) > ENDED_KEPT:
+            self._ended.popitem(last=False)
 
     def expired(self, now: float | None = None) -> list[Session]:
         """Sessions not heard from for longer than the heartbeat timeout before ``now``."""
@@ -101,6 +162,11 @@ class SessionTable:
     def close(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
         self.by_name.pop(session.name, None)
+        ranks = self.workers.get(session.driver) if session.driver is not None else None
+        if ranks is not None and ranks.get(session.rank) is session:  # its rank is free again
+            del ranks[session.rank]
+            if not ranks:
+                del self.workers[session.driver]
         if session.staging is not None:
             self.staging_bytes -= session.staging.size
         session.close()
