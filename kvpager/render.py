@@ -113,8 +113,17 @@ def printable(text: str) -> str:
 
 def salt_label(salt: str | bytes | None, width: int = 32) -> str:
     """A salt for a table cell: ``-`` for the default (None or empty), bytes as hex, a str's
-    unprintable characters escaped (`printable`), cut to ``width``."""
-    text = "-" if not salt else printable(salt) if isinstance(salt, str) else "0x" + salt.hex()
+    unprintable characters escaped (`printable`), cut to ``width``. A str that reads as one
+    of the others (``-``, ``0x...``, or one in quotes) is quoted: a tenant salted ``"-"``
+    showed as the default tenant, and ``"0xab"`` as the bytes ``b"\xab"``."""
+    if not salt:
+        text = "-"
+    elif isinstance(salt, str):
+        text = printable(salt)
+        if text == "-" or text.startswith(("0x", '"')):
+            text = f'"{text}"'
+    else:
+        text = "0x" + salt.hex()
     return text if len(text) <= width else text[: width - 3] + "..."
 
 

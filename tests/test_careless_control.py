@@ -179,6 +179,10 @@ def test_salts_and_client_names_cannot_forge_or_break_the_operators_views(server
         code, out, _ = run("top", "--iterations", "1", *ep)  # no terminal: frames as text
         assert code == 0 and _printable(out) and "evil\\x00\\x1b[2J\\nforged" in out
         assert salt_label(HOSTILE_SALT, 13) == "ten\\x00ant..."
+        # a str salt that read as the default tenant, or as bytes, is quoted: each label names one tenant
+        labels = [salt_label(s) for s in (None, "", "-", b"\xab", "0xab", '"0xab"', "user-7", b"-")]
+        assert labels[:2] == ["-", "-"] and len(set(labels[1:])) == 7, labels
+        assert labels[2:] == ['"-"', "0xab", '"0xab"', '""0xab""', "user-7", "0x2d"]
         # curses refuses NUL: `kvpager top` on a terminal died with "embedded null character"
         assert _top_on_a_terminal(server.endpoint) == 0
         w.unpin([PROMPT], HOSTILE_SALT)
