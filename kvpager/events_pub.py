@@ -10,8 +10,9 @@ subscriber that does not keep up loses batches at its high-water mark
 
 Wire format (docs/protocol.md, "KV events"), as vLLM's `ZmqEventPublisher`:
 - PUB, one message per batch: ``[topic, seq (8 bytes, big-endian), payload]``,
-  ``payload`` the msgpack ``EventBatch`` (`kvpager.events.batch_value`),
-  ``seq`` counting from 0 per daemon start;
+  ``payload`` the msgpack ``EventBatch`` (`kvpager.events.encode_batches`: a
+  request's events, in batches of at most 16 KiB), ``seq`` counting
+  from 0 per daemon start;
 - replay (ROUTER): a request is one frame, the first sequence number wanted
   (8 bytes, big-endian; from a REQ socket, or a DEALER sending an empty
   delimiter frame first); the answer is one message per kept batch from
@@ -50,7 +51,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
 import zmq
 
 from kvpager.endpoints import (
@@ -65,7 +65,7 @@ from kvpager.endpoints import (
     unlink_socket_file,
 )
 from kvpager.errors import InvalidArgument
-from kvpager.events import FORMATS, EventSink, batch_value, to_dicts
+from kvpager.events import FORMATS, EventSink, encode_batches
 
 log = logging.getLogger("kvpager.events")
 
@@ -74,10 +74,10 @@ END_SEQ = (-1).to_bytes(8, "big", signed=True)
 #: Batches kept for replay, and at most this many bytes of them.
 REPLAY_BATCHES = 10_000
 REPLAY_BYTES = 64 << 20
-#: Batches PUB queues per subscriber before it drops (ZeroMQ's default). vLLM's 100,000 let
-#: each subscriber that stopped reading (a paused `kvpager events | less`, a hung consumer)
-#: pin that many batches in the daemon's memory: four such grew it by 290 MB over 1,500
-#: batches of 150 KB, and on (15 GB a subscriber at the bound). One that falls behind by
+#: Batches PUB queues per subscriber before it drops (ZeroMQ's default), each at most
+#: `kvpager.events.BATCH_BYTES`: 16 MiB for one that reads nothing (a paused `kvpager events
+#: | less`, a hung consumer). vLLM's 100,000, or batches of any size (one a request: 400
+#: commits of 128k tokens grew the daemon 380 MB), pinned far more. One that falls behind by
 #: more loses batches, which the replay socket has (the kept 10,000).
 SEND_HWM = 1000
 #: Messages the replay socket queues a peer: an answer goes on as the peer reads (its turns
@@ -313,17 +313,17 @@ class EventPublisher:
         return min(wait, _WAKE_S)
 
     def _send(self, ts: float, items: list[Any]) -> None:
-        seq = self.published
-        self.published += 1
-        payload = msgpack.packb(batch_value(ts, to_dicts(items, self.block_size), self.config.format))
-        seq_bytes = seq.to_bytes(8, "big")
-        with contextlib.suppress(zmq.Again):  # PUB drops rather than blocks; replay still has it
-            self._pub.send_multipart((self._topic, seq_bytes, payload), zmq.NOBLOCK)
+        """One request's events, as batches of at most `kvpager.events.BATCH_BYTES` numbered on."""
         kept = self._kept
-        kept.append((seq, payload))
-        self._kept_bytes += len(payload)
-        while len(kept) > REPLAY_BATCHES or (self._kept_bytes > REPLAY_BYTES and len(kept) > 1):
-            self._kept_bytes -= len(kept.popleft()[1])
+        for payload in encode_batches(ts, items, self.block_size, self.config.format):
+            seq = self.published
+            self.published += 1
+            with contextlib.suppress(zmq.Again):  # PUB drops rather than blocks; replay still has it
+                self._pub.send_multipart((self._topic, seq.to_bytes(8, "big"), payload), zmq.NOBLOCK)
+            kept.append((seq, payload))
+            self._kept_bytes += len(payload)
+            while len(kept) > REPLAY_BATCHES or (self._kept_bytes > REPLAY_BYTES and len(kept) > 1):
+                self._kept_bytes -= len(kept.popleft()[1])
 
     def _request(self, frames: list[bytes], now: float) -> None:
         """A replay request: ``[identity, (b""), start seq]``; its answer starts

@@ -11,6 +11,9 @@ The loop thread is the only one that touches the pool. So:
   requests (or within ~50 ms when idle); a loop stuck in a long request
   leaves the scrape the previous snapshot after ``wait`` seconds, and
   ``kvpager_pool_snapshot_age_seconds`` says how old it is.
+
+The families themselves, and the names a filtered scrape (``?name[]=``)
+finds them by, are `kvpager.metrics_collector`'s.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +37,6 @@ log = logging.getLogger("kvpager.server")
 #: tens of microseconds, a large allocate milliseconds.
 BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0,
            2.5)
-_BOUNDS = (*(f"{b:g}" for b in BUCKETS), "+Inf")  # the ``le`` labels
 #: The ``op`` label of a request too broken to name a known op.
 INVALID_OP = "invalid"
 #: ``result`` label values: ok, a retry answered with the kept reply, or an error code.
@@ -120,128 +122,6 @@ class Snapshots:
             self._cond.notify_all()
 
 
-class Collector:
-    """The ``kvpager_*`` metric families, for a `prometheus_client` registry."""
-
-    def __init__(self, requests: RequestMetrics, snapshots: Snapshots, info: dict[str, str], wait: float = 2.0):
-        self.requests = requests
-        self.snapshots = snapshots
-        self.info = info
-        self.wait = wait
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-        )
-
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            return GaugeMetricFamily(f"kvpager_{name}", doc, value=value)
-
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            return CounterMetricFamily(f"kvpager_{name}", doc, value=value)
-
-        info = GaugeMetricFamily("kvpager_info", "The daemon: version, device, block size.", labels=list(self.info))
-        info.add_metric(list(self.info.values()), 1)
-        yield info
-        snap = self.snapshots.request(self.wait)
-        if snap is not None:
-            st, c = snap.stats, snap.counters
-            yield gauge("kv_cache_usage_perc", "Share of device blocks in use (0-1); evictable cached blocks "
-                        "count as free.", st.used_blocks / st.total_blocks if st.total_blocks else 0.0)
-            yield gauge("blocks_total", "Usable device blocks (the null block excluded).", st.total_blocks)
-            yield gauge("ranks", "Tensor-parallel ranks (GPUs) of the pool; each holds bytes_per_block / ranks "
-                        "of every block.", st.ranks)
-            yield gauge("blocks_free", "Device blocks on the free list.", st.free_blocks)
-            yield gauge("blocks_evictable", "Unreferenced device blocks still in the prefix cache.",
-                        st.evictable_blocks)
-            yield gauge("blocks_used", "Device blocks referenced by at least one sequence.", st.used_blocks)
-            yield gauge("blocks_shared", "Device blocks referenced more than once.", st.shared_blocks)
-            yield gauge("blocks_pinned", "Device blocks held by pins (never evicted).", st.pinned_blocks)
-            yield gauge("blocks_cached", "Device blocks published in the prefix cache.", st.cached_blocks)
-            yield gauge("host_blocks_total", "Host (swap) blocks.", st.host_total_blocks)
-            yield gauge("host_blocks_free", "Free host (swap) blocks.", st.host_free_blocks)
-            yield gauge("sequences", "Live sequences.", st.num_sequences)
-            yield gauge("sequences_swapped", "Live sequences swapped out to host memory.", st.swapped_sequences)
-            yield gauge("sessions", "Open sessions.", snap.sessions)
-            yield gauge("pool_snapshot_age_seconds", "Age of the pool figures in this scrape (the loop "
-                        "takes them between requests).", max(0.0, time.monotonic() - snap.taken))
-            yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                          c.prefix_query_tokens)
-            yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", c.prefix_hit_tokens)
-            yield counter("evictions", "Cached blocks evicted from the prefix cache to make room.",
-                          c.evicted_blocks)
-            yield counter("cow_copies", "Blocks copied by copy-on-write.", c.cow_blocks)
-            blocks = CounterMetricFamily("kvpager_swap_blocks", "Blocks copied by swaps, by direction "
-                                         "(out: device to host).", labels=["direction"])
-            swap_bytes = CounterMetricFamily("kvpager_swap_bytes", "Bytes copied by swaps, by direction.",
-                                             labels=["direction"])
-            for direction, n, nbytes in (("out", c.swap_out_blocks, c.swap_out_bytes),
-                                         ("in", c.swap_in_blocks, c.swap_in_bytes)):
-                blocks.add_metric([direction], n)
-                swap_bytes.add_metric([direction], nbytes)
-            yield blocks
-            yield swap_bytes
-            if snap.remote is not None:
-                yield from _remote(snap.remote, gauge, counter)
-        yield from self._requests(CounterMetricFamily, HistogramMetricFamily, gauge, counter)
-
-    def _requests(self, counter_family: Any, histogram_family: Any, gauge: Any, counter: Any) -> Iterator[Any]:
-        r = self.requests
-        counts = [list(row) for row in r.counts]  # each copy is atomic: no torn row
-        buckets = [list(row) for row in r.buckets]
-        sums = list(r.sums)
-        total = counter_family("kvpager_requests", "Requests handled, by op and result (ok, replayed "
-                               "or an error code).", labels=["op", "result"])
-        hist = histogram_family("kvpager_request_duration_seconds", "Time the loop spent on a request, by op.",
-                                labels=["op"])
-        for i, op in enumerate(r.ops):
-            for j, result in enumerate(RESULTS):
-                if counts[i][j]:
-                    total.add_metric([op, result], counts[i][j])
-            if any(buckets[i]):
-                cumulative, acc = [], 0
-                for bound, n in zip(_BOUNDS, buckets[i]):
-                    acc += n
-                    cumulative.append((bound, acc))
-                hist.add_metric([op], cumulative, sums[i])
-        yield total
-        yield hist
-        yield counter("session_expiries", "Sessions ended for missing heartbeats.", r.session_expiries)
-        yield counter("loop_busy_seconds", "Seconds the loop spent handling requests and expiring sessions.",
-                      r.busy)
-        yield gauge("loop_busy_ratio", "Share of the last second the loop was busy (0-1).", r.busy_ratio)
-
-
-def _remote(r: RemoteStats, gauge: Any, counter: Any) -> Iterator[Any]:
-    """The remote prefix tier's figures (`kvpager.remote_tier`)."""
-    yield gauge("remote_available", "1 while the remote store is used, 0 while the circuit breaker skips it.",
-                float(r.available))
-    yield counter("remote_lookups", "Allocates that asked the remote store.", r.lookups)
-    yield counter("remote_lookup_blocks", "Block keys asked of the remote store.", r.lookup_blocks)
-    yield counter("remote_hit_blocks", "Valid values the remote store returned.", r.hit_blocks)
-    yield counter("remote_restored_blocks", "Blocks restored from the remote store into the pool.",
-                  r.restored_blocks)
-    yield counter("remote_restored_bytes", "K/V bytes restored from the remote store.", r.restored_bytes)
-    yield counter("remote_skipped_lookups", "Lookups not sent while the store was marked unavailable.",
-                  r.skipped_lookups)
-    yield counter("remote_probes", "Read-only probes (cached_tokens) that asked the remote store.", r.probes)
-    yield counter("remote_probe_blocks", "Block keys probes asked the remote store about.", r.probe_blocks)
-    yield counter("remote_probe_hit_blocks", "Block keys probes found in the remote store.", r.probe_hit_blocks)
-    yield counter("remote_skipped_probes", "Probes not sent while the store was marked unavailable.",
-                  r.skipped_probes)
-    yield counter("remote_errors", "Failed remote store calls (lookups, probes, writes, deletes).", r.errors)
-    yield counter("remote_corrupt_blocks", "Values refused (format, key, length, checksum) and deleted.",
-                  r.corrupt_blocks)
-    yield gauge("remote_queued_blocks", "Blocks waiting to be written to the remote store.", r.queued_blocks)
-    yield gauge("remote_queued_bytes", "Bytes waiting to be written to the remote store.", r.queued_bytes)
-    yield counter("remote_written_blocks", "Blocks newly written to the remote store.", r.written_blocks)
-    yield counter("remote_written_bytes", "Bytes newly written to the remote store.", r.written_bytes)
-    yield counter("remote_dropped_blocks", "Blocks never written: the queue was full or the store "
-                  "unavailable.", r.dropped_blocks)
-
-
 def serve_metrics(requests: RequestMetrics, pool: Any, sessions: Callable[[], int], host: str,
           port: int) -> tuple[Snapshots, Any, int]:
     """Serve the metrics of a daemon's ``pool`` (a `KVPool`; its figures read on
@@ -249,6 +129,7 @@ def serve_metrics(requests: RequestMetrics, pool: Any, sessions: Callable[[], in
     http://HOST:PORT/metrics from a thread. Returns the snapshots, the HTTP
     server (``shutdown()``, ``server_close()``) and the bound port."""
     from kvpager import __version__
+    from kvpager.metrics_collector import Collector
 
     def take() -> Snapshot:
         remote = pool.remote.stats() if pool.remote is not None else None
@@ -274,20 +155,26 @@ HTTP_TIMEOUT = 5.0
 HTTP_DEADLINE = 15.0
 
 
-def serve_http(collector: Collector, host: str, port: int) -> tuple[Any, int]:
-    """Serve ``collector`` at http://HOST:PORT/metrics from a thread; returns
-    the server (``shutdown()`` / ``server_close()``) and the bound port. At
-    most `HTTP_CONNECTIONS` connections at once, each closed after
-    `HTTP_TIMEOUT` seconds without progress or `HTTP_DEADLINE` seconds in all."""
-    from prometheus_client import CollectorRegistry, ProcessCollector
+def serve_http(collector: Any, host: str, port: int) -> tuple[Any, int]:
+    """Serve ``collector`` (a `kvpager.metrics_collector.Collector`) at
+    http://HOST:PORT/metrics from a thread, ``?name[]=`` filters taking family
+    and sample names; returns the server (``shutdown()`` / ``server_close()``)
+    and the bound port. At most `HTTP_CONNECTIONS` connections at once, each
+    closed after `HTTP_TIMEOUT` seconds without progress or `HTTP_DEADLINE`
+    seconds in all."""
+    from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
+
+    from kvpager.metrics_collector import by_family, family_samples
 
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise InvalidArgument(f"metrics port must be an integer in [0, 65535], got {port!r}")
-    registry = CollectorRegistry()
+    # auto_describe: a ProcessCollector has no describe(); its collect() (a read of /proc) names it
+    registry = CollectorRegistry(auto_describe=True)
     registry.register(collector)
-    ProcessCollector(registry=registry)  # process_cpu_seconds_total, resident memory, open fds
+    process = ProcessCollector(registry=registry)  # process_cpu_seconds_total, resident memory, open fds
+    app = by_family(make_wsgi_app(registry), family_samples([*collector.describe(), *process.collect()]))
     try:
-        httpd = _http_server(host, port, registry)
+        httpd = _http_server(host, port, app)
     except (OSError, UnicodeError, ValueError) as e:  # (a host name with an empty label: the idna codec's)
         raise InvalidArgument(f"cannot serve metrics on {host}:{port}: {getattr(e, 'strerror', None) or e} "
                               "(choose another --metrics-port / KVPAGER_METRICS_PORT, or --metrics-host)") from None
@@ -295,15 +182,13 @@ def serve_http(collector: Collector, host: str, port: int) -> tuple[Any, int]:
     return httpd, httpd.server_address[1]
 
 
-def _http_server(host: str, port: int, registry: Any) -> Any:
+def _http_server(host: str, port: int, app: Any) -> Any:
     """prometheus_client's WSGI app behind a thread-per-connection server with
     a cap on connections, a timeout on each read and write, and a deadline on
     each connection (its own server has none of them)."""
     import socket
     from socketserver import ThreadingMixIn
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-
-    from prometheus_client import make_wsgi_app
 
     class Handler(WSGIRequestHandler):
         timeout = HTTP_TIMEOUT  # per read and write of the connection's socket
@@ -358,4 +243,4 @@ def _http_server(host: str, port: int, registry: Any) -> Any:
 
     family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     Server.address_family = family
-    return make_server(sockaddr[0], port, make_wsgi_app(registry), Server, handler_class=Handler)
+    return make_server(sockaddr[0], port, app, Server, handler_class=Handler)

@@ -285,8 +285,8 @@ def test_a_replay_peer_that_reads_nothing_holds_a_bounded_queue(events_server):
     from kvpager import events_pub
 
     ev = events_server.events
-    keys = [i.to_bytes(16, "big") for i in range(1000)]
-    for i in range(600):  # ~40 KB a batch
+    keys = [i.to_bytes(16, "big") for i in range(200)]
+    for i in range(600):  # ~12 KB a batch (one batch a publish: under kvpager.events.BATCH_BYTES)
         sink = EventSink()
         sink.stored(keys, None, np.arange(SMALL.block_size * len(keys)) + i)
         ev.publish(time.time(), sink.take())
