@@ -3,7 +3,8 @@ at start): the commands it sends and what each is for, why a store refused
 the tier's connection or commands (`connect_refusal`, `judge`), a value
 limit or an output buffer limit too low (`check_limits`), a plain server
 asked for TLS (`plain_redis`) and a TLS server asked for plain text
-(`tls_only`); and the redis-py connection options every store uses."""
+(`tls_only`); and the redis-py connection options every store uses, each
+connect bounded as a whole (`bound_connects`, `bounded_pool`)."""
 
 from __future__ import annotations
 
@@ -223,6 +224,23 @@ def bound_connects(pool: Any, seconds: float) -> None:
     pool.connection_class = Bounded
 
 
+def bounded_pool(seconds: float) -> type:
+    """A redis-py ``ConnectionPool`` class whose connections each connect within
+    ``seconds`` in all (`bound_connects`), for a cluster client to make every
+    node's pool of: redis-py makes them itself (at the slot map's first read and
+    each later one), and a node that sent its handshake reply a byte at a time
+    held the call that connected to it for ever (each read inside the timeout),
+    where a standalone store's connect was bounded."""
+    redis = redis_module()
+
+    class BoundedPool(redis.ConnectionPool):  # type: ignore[misc, name-defined]
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            bound_connects(self, seconds)
+
+    return BoundedPool
+
+
 def diagnose_cluster(url: str, scheme: str, startup: Seq[tuple[str, int]], timeout: float,
                      auth: dict[str, Any]) -> None:
     """A cluster client could not be made: `StoreMisconfigured` where a node of the
@@ -231,6 +249,7 @@ def diagnose_cluster(url: str, scheme: str, startup: Seq[tuple[str, int]], timeo
     redis = redis_module()
     for host, port in startup:
         client = redis.Redis(host=host, port=port, **connection_options(redis, timeout), **auth)
+        bound_connects(client.connection_pool, CONNECT_ROUND_TRIPS * timeout)
         try:
             client.execute_command("CLUSTER", "SLOTS")
         except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as e:

@@ -36,6 +36,10 @@ ends at its first block on the hung master.
   One round of that per call: a key redirected again fails the call.
 - After a failed call the next one refreshes the slot map first (a master
   that failed over is found), asking the nodes that failed last.
+- Every node's connect (socket, TLS, AUTH, CLIENT SETNAME), those the slot
+  map is read from included, is bounded as a whole, as a standalone store's
+  (`kvpager.remote_cluster_calls.cluster_client`): a node that answered a
+  byte at a time held the call that connected to it for ever.
 - Pools sharing a tier may call from threads of their own: a `Side` (the
   lookups' or the writer's client, threads and slot map) is made once and its
   slot map read by one thread at a time (`kvpager.remote_cluster_calls`).
@@ -56,12 +60,11 @@ from kvpager.remote_access import (
     check_limits,
     config_value,
     connect_refusal,
-    connection_options,
     diagnose_cluster,
     judge,
     redis_module,
 )
-from kvpager.remote_cluster_calls import Pipeline, Side
+from kvpager.remote_cluster_calls import Pipeline, Side, cluster_client
 from kvpager.remote_errors import StoreError, StoreMisconfigured, StoreRefused, store_error
 from kvpager.remote_resp import (
     FetchError,
@@ -117,15 +120,7 @@ class RedisClusterStore(Store):
 
     # -- the cluster client and its slot map ------------------------------------------------
     def _client(self, side: Side) -> Any:
-        return side.client(lambda: self._make(side.timeout))
-
-    def _make(self, timeout: float) -> Any:
-        from redis.cluster import ClusterNode, RedisCluster
-
-        nodes = [ClusterNode(h, p) for h, p in self._startup]
-        options = connection_options(self._redis, timeout)
-        retry = options.pop("retry")
-        return RedisCluster(startup_nodes=nodes, retry=retry, require_full_coverage=False, **options, **self._auth)
+        return side.client(lambda: cluster_client(self._startup, self._auth, side.timeout))
 
     def _call(self, which: int, fn: Callable[[Side, Any], Any]) -> Any:
         side = self._sides[which]

@@ -1,18 +1,48 @@
 """What each call of the Redis Cluster store (`kvpager.remote_cluster`) runs
-on: `Side`, one cluster client with its threads and the nodes that failed,
-and `Pipeline`, the pipeline `kvpager.remote_writes.put_checked` writes
-through, sent as the store's per-master calls."""
+on: `Side`, one cluster client (made by `cluster_client`) with its threads
+and the nodes that failed, and `Pipeline`, the pipeline
+`kvpager.remote_writes.put_checked` writes through, sent as the store's
+per-master calls."""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
 import threading
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from kvpager.remote_access import (
+    CONNECT_ROUND_TRIPS,
+    bounded_pool,
+    connection_options,
+    redis_module,
+)
+
 _THREADS = 64  # most masters one call talks to at once (past that, some wait for a thread)
+
+
+def cluster_client(startup: Sequence[tuple[str, int]], auth: dict[str, Any], timeout: float) -> Any:
+    """A redis-py cluster client of the nodes ``startup`` (``auth``: username,
+    password, ssl), no retries, ``timeout`` for each connect and read. Every
+    node's connect is bounded as a whole, as a standalone store's: the client
+    is given a URL (the first node's), and then every redis-py release makes
+    each node's pool, those it reads the slot map from included, of
+    ``connection_pool_class`` (`kvpager.remote_access.bounded_pool`; given
+    nodes alone, 5.x made them of its own class). A node that accepted and
+    answered its handshake a byte at a time held the call for ever."""
+    from redis.cluster import ClusterNode, RedisCluster
+
+    (host, port), *rest = startup
+    named = urllib.parse.quote(host, safe=":")  # (redis-py unquotes it: an IPv6 zone's % stays)
+    first = f"{'rediss' if auth['ssl'] else 'redis'}://{f'[{named}]' if ':' in host else named}:{port}"
+    options = connection_options(redis_module(), timeout)
+    retry = options.pop("retry")
+    return RedisCluster(url=first, startup_nodes=[ClusterNode(h, p) for h, p in rest], retry=retry,
+                        require_full_coverage=False, connection_pool_class=bounded_pool(CONNECT_ROUND_TRIPS * timeout),
+                        username=auth["username"], password=auth["password"], **options)
 
 
 class Side:
@@ -123,8 +153,14 @@ class Side:
             self.rc, self.pool, self.stale = None, None, False
             self.failed.clear()
         if rc is not None:
+            # each node's pool disconnected too: redis-py 5.x closes only the pools its node
+            # clients made themselves, and with a URL (`cluster_client`) it makes them apart
+            pools = [n.redis_connection.connection_pool for n in rc.get_nodes() if n.redis_connection is not None]
             with contextlib.suppress(Exception):
                 rc.close()
+            for node_pool in pools:
+                with contextlib.suppress(Exception):
+                    node_pool.disconnect()
         if pool is not None:
             pool.shutdown(wait=True)
 

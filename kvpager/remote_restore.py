@@ -22,6 +22,10 @@ every later one) finds them locally:
    payloads go into them in one batched host-to-device copy (completed
    before this returns) and each is published under its key.
 
+Before step 2, the prompts' local hits that the store lost since they were
+written are offered to the writer again (`kvpager.remote_republish`: at most
+`REPUBLISH_BYTES` an allocate, nothing until the store is seen losing blocks).
+
 Steps 1-3 only read (`missing`, `runs`, `fits`): the read-only probe
 (`kvpager.remote_probe`) runs them too, with the store's ``TYPE``
 answers in place of fetched values, so it counts what this restores.
@@ -37,13 +41,14 @@ from __future__ import annotations
 
 from collections.abc import Container, Iterable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kvpager.block_pool import window_reach
 from kvpager.prefix_cache import chain_keys, root_key, token_array
+from kvpager.remote_republish import republish, restored
 
 if TYPE_CHECKING:
     from kvpager.block_pool import BlockPool
@@ -88,6 +93,7 @@ class Missing:
     wants: dict[bytes, tuple[bytes, str | bytes | None]]  # block key -> (root key, salt)
     origin: dict[bytes, tuple[bytes | None, np.ndarray]]  # for events: key -> (parent key, token ids)
     need: int  # fresh blocks of the batch if nothing were restored
+    used: list[tuple[bytes, list[bytes], list[int]]] = field(default_factory=list)  # per prompt: root, hits' keys, hits
 
 
 def missing(bp: BlockPool, block_size: int, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None],
@@ -111,6 +117,7 @@ def missing(bp: BlockPool, block_size: int, prompts: Seq[Seq[int]], salts: Seq[s
                     at = (len(hits) + j) * bs
                     out.origin[k] = (rest[j - 1] if j else keys[-1] if keys else None, tokens[at : at + bs])
         out.plans.append((hits, rest, local))
+        out.used.append((root, keys, hits))
         out.need += -(-len(tokens) // bs) - len(hits)
     return out
 
@@ -196,6 +203,7 @@ def restore(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None],
     bp = m.pool
     # 1. probe (read-only): every prompt checked before anything changes
     miss = missing(bp, m.block_size, prompts, salts, bp.events is not None)
+    republish(kv, miss.used)  # (the store lost some of them: written again, a few an allocate)
     if not miss.wants:
         return None
     reach = None if window is None else window_reach(window, m.block_size)
@@ -228,6 +236,7 @@ def restore(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None],
     if bp.events is not None:
         _report(bp.events, [k for k, new in zip(keys, done) if new], miss.origin)
     tier.restored(len(published))
+    restored(kv, published)  # (in the store: not written again)
     return Restore(np.asarray(published, dtype=np.int64), np.concatenate([kept, new_blocks]))
 
 

@@ -187,6 +187,18 @@ def _ranges(replies: Seq[Any]) -> list[bytes | None]:
     return out
 
 
+def cluster_reply(r: Any) -> bool:
+    """Is ``r`` an error reply only a Redis Cluster node gives (``CROSSSLOT``,
+    ``ASK``, ``MOVED``)? redis-py 6 and later parse them on a plain connection
+    as cluster errors, 5.x as plain ``ResponseError``s named by their first
+    word: `RedisStore.verify` named a cluster node given as ``redis://`` under
+    the first only, and under 5.x let the tier run with every call failing."""
+    exc = redis_module().exceptions
+    if isinstance(r, (exc.ClusterCrossSlotError, exc.AskError)):  # (MovedError is an AskError)
+        return True
+    return isinstance(r, exc.ResponseError) and str(r).startswith(("CROSSSLOT ", "ASK ", "MOVED "))
+
+
 def _slot(key: str) -> int:
     from redis.crc import key_slot
 
@@ -337,9 +349,8 @@ class RedisStore(Store):
                 raise StoreMisconfigured(f"remote store {self.url}: {self._node[0]}:{self._node[1]} answers only "
                                          "TLS; use rediss:// (with ssl_ca_certs=PATH for a private CA)") from None
             raise store_error(e) from None
-        exc = redis.exceptions
         for command, r in zip(asked, replies):
-            if isinstance(r, (exc.ClusterCrossSlotError, exc.AskError)):
+            if cluster_reply(r):
                 raise StoreMisconfigured(f"remote store {self.url} is a node of a Redis Cluster ({command[0]} "
                                          f"answered {type(r).__name__}: {r}); use redis+cluster://")
         warnings = judge(self.url, [command[0] for command in asked], replies)

@@ -6,10 +6,14 @@ so a daemon on another host restores them instead of its worker recomputing.
   it is counted, logged once per outage, and opens a circuit breaker so the
   next lookups skip the store (no timeout added to every allocate) until a
   retry after a growing pause (``retry_after`` doubling up to 30 s) succeeds.
-  A call the store answers but refuses (`StoreRefused`: ``NOPERM``, ``OOM``,
-  ``READONLY``, ...) pauses only its kind (lookups, probes, writes or the
-  deletes of refused values: a breaker each), so a full store or a replica
-  still serves lookups, and a full store still deletes.
+  Reads (lookups, probes) and writes (writes, deletes: the writer's thread,
+  its own connections and timeout) have a breaker each (``breakers``): a
+  store too slow to take writes still serves the restores it answers (one
+  writer timeout skipped every lookup for the pause). A call the store
+  answers but refuses (`StoreRefused`: ``NOPERM``, ``OOM``, ``READONLY``,
+  ...) pauses only its kind (lookups, probes, writes or the deletes of
+  refused values: a breaker each), so a full store or a replica still
+  serves lookups, and a full store still deletes.
 - `check` (at start): the store answers and takes every command the tier
   sends, or `StoreMisconfigured` says what is wrong.
 - Writes never block the caller: committed blocks' bytes are copied into a
@@ -24,6 +28,12 @@ so a daemon on another host restores them instead of its worker recomputing.
   them); a key of another Redis type is counted and deleted.
 - Values are checked before they are restored (`kvpager.remote_format`); a
   bad one is counted, deleted from the store and treated as a miss.
+- A store that lost what the tier wrote (a restart without persistence,
+  ``FLUSHALL``, eviction, expiry) is noticed and the blocks cached here are
+  written again as allocates use them (`kvpager.remote_republish`).
+- The counters are updated and read under the queue's lock: pools sharing
+  the tier may each be driven by a thread of its own, and the writer counts
+  what it sent with the queue it took it from, so `stats` is one moment.
 
 A tier serves one pool geometry: `KVPool` attaches it (`attach`). The write
 side (queue and writer thread) is `kvpager.remote_writes`.
@@ -42,7 +52,7 @@ import numpy as np
 
 from kvpager.errors import InvalidArgument
 from kvpager.remote_access import ttl_warning
-from kvpager.remote_breaker import MAX_PAUSE, Breaker
+from kvpager.remote_breaker import MAX_PAUSE, Breakers
 from kvpager.remote_format import (
     FORMAT_VERSION,
     HEADER_BYTES,
@@ -52,6 +62,7 @@ from kvpager.remote_format import (
     check_namespace,
     key_prefix,
 )
+from kvpager.remote_republish import CHECK_EVERY, Losses
 from kvpager.remote_store import (
     CHUNK_BYTES,
     CONNECTIONS,
@@ -59,7 +70,6 @@ from kvpager.remote_store import (
     KEY_STRING,
     Store,
     StoreError,
-    StoreRefused,
     open_store,
 )
 from kvpager.remote_writes import RemoteWrites
@@ -68,12 +78,17 @@ from kvpager.types import RemoteStats
 
 log = logging.getLogger("kvpager.remote")
 
+#: the tier's counters (`RemoteTier.stats`), all under the queue's lock (`RemoteTier._count`)
+COUNTERS = ("lookups", "lookup_blocks", "hits", "skipped", "restored", "lookup_errors", "corrupt", "dropped_full",
+            "probes", "probe_blocks", "probe_hits", "skipped_probes", "written", "write_errors", "dropped_failed",
+            "replaced", "losses", "republished")
+
 #: the longest block TTL (about 68 years): Redis refuses a SET whose expiry in milliseconds
 #: past its clock overflows, so a larger one (10**16, "forever") stored nothing, every write refused
 MAX_TTL = (1 << 31) - 1
 
 
-class RemoteTier(RemoteWrites):
+class RemoteTier(RemoteWrites, Breakers):
     """The remote prefix tier over ``store`` (a `Store` or a URL for `open_store`).
 
     ``timeout``: seconds a lookup may wait for the store; ``ttl``: seconds a
@@ -86,12 +101,15 @@ class RemoteTier(RemoteWrites):
     (`open_store`); ``namespace``: the model the blocks belong to, in every key
     (`kvpager.remote_format`): daemons of two models of one geometry (a model
     and its fine-tune) that share a store find each other's blocks only under
-    one namespace (or salt), and would restore each other's K/V without."""
+    one namespace (or salt), and would restore each other's K/V without;
+    ``check_every``: most seconds between two checks that the store still
+    holds what the tier wrote (`kvpager.remote_republish`)."""
 
     def __init__(self, store: Store | str, *, timeout: float = 0.1, ttl: int = 86400,
                  queue_bytes: int = 256 << 20, retry_after: float = 1.0,
                  max_restore_bytes: int = 256 << 20, connections: int = CONNECTIONS,
-                 chunk_bytes: int = CHUNK_BYTES, namespace: str | None = None):
+                 chunk_bytes: int = CHUNK_BYTES, namespace: str | None = None,
+                 check_every: float = CHECK_EVERY):
         for name, value in (("ttl", ttl), ("queue_bytes", queue_bytes), ("max_restore_bytes", max_restore_bytes)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidArgument(f"remote {name} must be a non-negative integer, got {value!r}")
@@ -99,26 +117,21 @@ class RemoteTier(RemoteWrites):
             raise InvalidArgument(f"remote ttl must be at most {MAX_TTL} seconds (0: no expiry), got {ttl}")
         if not isinstance(retry_after, (int, float)) or not 0 < retry_after <= MAX_PAUSE:
             raise InvalidArgument(f"remote retry_after must be in (0, {MAX_PAUSE}] seconds, got {retry_after!r}")
+        if isinstance(check_every, bool) or not isinstance(check_every, (int, float)) or not 0 < check_every <= 3600:
+            raise InvalidArgument(f"remote check_every must be in (0, 3600] seconds, got {check_every!r}")
         #: the model these blocks belong to (`kvpager.remote_format.check_namespace`), in every key
         self.namespace = check_namespace(namespace)
         self.store = open_store(store, timeout, connections=connections, chunk_bytes=chunk_bytes) \
             if isinstance(store, str) else store
         self.ttl, self.queue_bytes, self.max_restore_bytes = ttl, queue_bytes, max_restore_bytes
-        self.breaker = Breaker(float(retry_after))  # the store does not answer: every call skips it
-        # the store answers but refuses one kind of call: that kind skips it
-        self.refusals = {kind: Breaker(float(retry_after), kind)
-                         for kind in ("lookups", "probes", "writes", "deletes")}
+        self._guard(float(retry_after))  # the breakers (`Breakers`)
         self.codec: Codec | None = None
         self._prefix = ""
         self._ranks = 1
         # fetched values, kept for the next lookup: a buffer per calling thread (`_rows`)
         self._local = threading.local()
-        # loop-thread counters
-        self._lookups = self._lookup_blocks = self._hits = self._skipped = 0
-        self._restored = self._lookup_errors = self._corrupt = self._dropped_full = 0
-        self._probes = self._probe_blocks = self._probe_hits = self._skipped_probes = 0
-        # writer-thread counters
-        self._written = self._write_errors = self._dropped_failed = self._replaced = 0
+        self._n = dict.fromkeys(COUNTERS, 0)  # the counters (`_count`)
+        self.losses = Losses(float(check_every))  # the store losing what was written (`remote_republish`)
         # the queue: (rows [n, value_bytes] uint8, names, block keys); deletes: names
         self._queue: collections.deque[tuple[np.ndarray, list[str], list[bytes]]] = collections.deque()
         self._deletes: list[str] = []
@@ -177,8 +190,8 @@ class RemoteTier(RemoteWrites):
         try:
             warnings = self.store.verify(prefix, Codec(spec).value_bytes if spec is not None else None)
         except StoreError as e:
-            self._lookup_errors += 1
-            self.breaker.failure("ping", e)
+            self._count(lookup_errors=1)
+            self.breakers["reads"].failure("ping", e)  # (the writer finds out by itself, off the loop)
             return str(e)
         if (why := ttl_warning(self.store.eviction_policy(), self.ttl)) is not None:
             warnings.append(why)
@@ -186,25 +199,14 @@ class RemoteTier(RemoteWrites):
             log.warning("remote store %s: %s", self.store.url, warning)
         return None
 
-    def _allow(self, kind: str) -> bool:
-        """May a call of ``kind`` go to the store now (taking a retry when due)."""
-        refusal = self.refusals[kind]
-        if refusal.is_open() or not self.breaker.allow():
-            return False
-        return refusal.allow()
-
-    def _failed(self, kind: str, what: str, e: Exception) -> None:
-        """A call of ``kind`` failed: a refusal pauses that kind (the store
-        answered), anything else every call."""
-        if isinstance(e, StoreRefused):
-            self.breaker.success()
-            self.refusals[kind].failure(what, e)
-        else:
-            self.breaker.failure(what, e)
-
-    def _answered(self, kind: str) -> None:
-        self.breaker.success()
-        self.refusals[kind].success()
+    def _count(self, **counts: int) -> None:
+        """Add ``counts`` to the counters, under the queue's lock: pools sharing
+        the tier may each be driven by a thread of its own (an unguarded ``+=``
+        may lose an update), and `stats` reads them all at one moment."""
+        with self._cond:
+            n = self._n
+            for name, k in counts.items():
+                n[name] += k
 
     def key(self, root: bytes, key: bytes) -> str:
         """The store key of block ``key`` under the salt whose root key is ``root``."""
@@ -219,14 +221,13 @@ class RemoteTier(RemoteWrites):
         if not wants:
             return {}
         if self._closed or not self._allow("lookups"):
-            self._skipped += 1
+            self._count(skipped=1)
             return {}
         codec = self.codec
         width = codec.value_bytes
         wants = wants[: self.most_blocks()]
         names = [block_key(self._prefix, root, key) for root, key in wants]
-        self._lookups += 1
-        self._lookup_blocks += len(names)
+        self._count(lookups=1, lookup_blocks=len(names))
         rows = self._rows(len(names), width)
         flat = memoryview(rows).cast("B")
         payloads: list[memoryview | None] = [None] * len(names)
@@ -248,18 +249,18 @@ class RemoteTier(RemoteWrites):
         try:
             self.store.get_into(names, rows, sizes, check)
         except StoreError as e:
-            self._lookup_errors += 1
+            self._count(lookup_errors=1)
             self._failed("lookups", "lookup", e)
             return {}
         except Exception as e:  # a client bug must not fail the allocate either
-            self._lookup_errors += 1
-            self.breaker.failure("lookup", e)
+            self._count(lookup_errors=1)
+            self.breakers["reads"].failure("lookup", e)
             log.error("unexpected error from the remote store", exc_info=e)
             return {}
         self._answered("lookups")
         found = {key: p for (_, key), p in zip(wants, payloads) if p is not None}
         self._condemn([(name, why) for name, why in zip(names, refused) if why is not None])
-        self._hits += len(found)
+        self._count(hits=len(found))
         return found
 
     def _condemn(self, bad: list[tuple[str, str]]) -> None:
@@ -271,8 +272,8 @@ class RemoteTier(RemoteWrites):
             return
         for name, why in bad:
             log.warning("remote block %s refused: %s; deleting it", name, why)
-        self._corrupt += len(bad)
         with self._cond:
+            self._n["corrupt"] += len(bad)
             self._deletes += [name for name, _ in bad]
             self._start()
             self._cond.notify()
@@ -299,28 +300,27 @@ class RemoteTier(RemoteWrites):
         if not wants:
             return set()
         if self._closed or self.refusals["lookups"].is_open() or not self._allow("probes"):
-            self._skipped_probes += 1
+            self._count(skipped_probes=1)
             return set()
         wants = wants[: self.most_blocks()]
-        self._probes += 1
-        self._probe_blocks += len(wants)
+        self._count(probes=1, probe_blocks=len(wants))
         names = [block_key(self._prefix, root, key) for root, key in wants]
         try:
             held = self.store.exists_many(names)
         except StoreError as e:
-            self._lookup_errors += 1
+            self._count(lookup_errors=1)
             self._failed("probes", "probe", e)
             return set()
         except Exception as e:  # a client bug must not fail the probe either
-            self._lookup_errors += 1
-            self.breaker.failure("probe", e)
+            self._count(lookup_errors=1)
+            self.breakers["reads"].failure("probe", e)
             log.error("unexpected error from the remote store", exc_info=e)
             return set()
         self._answered("probes")
         codes = held.tolist()
         found = {key for (_, key), c in zip(wants, codes) if c == KEY_STRING}
         self._condemn([(name, "another Redis type") for name, c in zip(names, codes) if c == KEY_OTHER])
-        self._probe_hits += len(found)
+        self._count(probe_hits=len(found))
         return found
 
     def _rows(self, n: int, width: int) -> np.ndarray:
@@ -338,23 +338,27 @@ class RemoteTier(RemoteWrites):
 
     def restored(self, n: int) -> None:
         """``n`` blocks were restored from the last fetch (for the counters)."""
-        self._restored += n
+        self._count(restored=n)
 
     # -- inspection and shutdown -------------------------------------------------------------
     def stats(self) -> RemoteStats:
+        """The counters at one moment (read under the lock they are updated under);
+        ``available``: the lookups are not skipped (neither the reads' breaker nor
+        the lookups' refusal is open)."""
         size = self.codec.value_bytes if self.codec is not None else 0
         with self._cond:
+            n = dict(self._n)
             queued_blocks, queued_bytes = self._queued_blocks, self._queued_bytes
-        available = not (self.breaker.is_open() or self.refusals["lookups"].is_open())
+        available = not (self.breakers["reads"].is_open() or self.refusals["lookups"].is_open())
         return RemoteStats(
-            store=self.store.url, available=available, lookups=self._lookups,
-            lookup_blocks=self._lookup_blocks, hit_blocks=self._hits, restored_blocks=self._restored,
-            restored_bytes=self._restored * (size - HEADER_BYTES), skipped_lookups=self._skipped,
-            errors=self._lookup_errors + self._write_errors, corrupt_blocks=self._corrupt + self._replaced,
-            queued_blocks=queued_blocks, queued_bytes=queued_bytes, written_blocks=self._written,
-            written_bytes=self._written * size, dropped_blocks=self._dropped_full + self._dropped_failed,
-            probes=self._probes, probe_blocks=self._probe_blocks, probe_hit_blocks=self._probe_hits,
-            skipped_probes=self._skipped_probes,
+            store=self.store.url, available=available, lookups=n["lookups"],
+            lookup_blocks=n["lookup_blocks"], hit_blocks=n["hits"], restored_blocks=n["restored"],
+            restored_bytes=n["restored"] * (size - HEADER_BYTES), skipped_lookups=n["skipped"],
+            errors=n["lookup_errors"] + n["write_errors"], corrupt_blocks=n["corrupt"] + n["replaced"],
+            queued_blocks=queued_blocks, queued_bytes=queued_bytes, written_blocks=n["written"],
+            written_bytes=n["written"] * size, dropped_blocks=n["dropped_full"] + n["dropped_failed"],
+            probes=n["probes"], probe_blocks=n["probe_blocks"], probe_hit_blocks=n["probe_hits"],
+            skipped_probes=n["skipped_probes"],
         )
 
     def close(self, timeout: float = 2.0) -> None:

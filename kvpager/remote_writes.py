@@ -9,7 +9,12 @@ writes (full under ``noeviction``, a read-only replica, an ACL without
 ``SET``) pauses the writes only (``refusals["writes"]``): lookups and
 deletes go on, blocks offered meanwhile are dropped before they are copied
 (counted), and the refusal is logged once, not once a batch; one that
-refuses ``DEL`` pauses the deletes only (``refusals["deletes"]``)."""
+refuses ``DEL`` pauses the deletes only (``refusals["deletes"]``). A write
+that fails otherwise (a timeout, a reset) pauses the writes and deletes
+(``breakers["writes"]``), not the lookups. Blocks the store lost come back
+through `RemoteWrites.requeue` (`kvpager.remote_republish`), whose check the
+writer runs before a batch or when an allocate asks. What the writer sent,
+wrote or dropped is counted with the queue it took it from, in one step."""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import numpy as np
 
 from kvpager.remote_errors import StoreError, store_error
 from kvpager.remote_format import HEADER_BYTES, block_key
+from kvpager.remote_republish import check_losses
 
 log = logging.getLogger("kvpager.remote")
 
@@ -31,29 +37,44 @@ _BATCH_BYTES = 64 << 20  # most bytes the writer sends in one pipeline
 
 
 class RemoteWrites:
-    """Mixed into `RemoteTier`, which supplies ``store``, ``codec``, ``breaker``,
+    """Mixed into `RemoteTier`, which supplies ``store``, ``codec``, ``breakers``,
     ``refusals``, ``_allow``, ``_failed``, ``_answered``, ``ttl``,
     ``queue_bytes``, ``_prefix``, the queue (``_queue``, ``_deletes``,
     ``_queued_bytes``, ``_queued_blocks``, ``_busy``, ``_cond``, ``_closed``,
-    ``_thread``) and the writer's counters."""
+    ``_thread``), ``losses`` and the counters (``_n``, ``_count``)."""
 
     def offer(self, backend: Any, fresh: Seq[tuple[int, bytes, bytes]]) -> None:
         """Queue newly published blocks for writing: ``fresh`` = [(device block,
         root key, block key)]. Their bytes are copied now (``backend.read_blocks``),
         so the blocks may change once this returns; what does not fit in the
         queue, or comes while the store is unavailable, is dropped (counted)."""
-        if not fresh:
-            return
+        if fresh:
+            self._enqueue(backend, fresh, True)
+
+    def requeue(self, backend: Any, blocks: Seq[tuple[int, bytes, bytes]]) -> int:
+        """Queue blocks published here before the store lost them, as `offer`
+        does (`kvpager.remote_republish`): how many of the first were taken;
+        the rest (no room, the writes paused) are not counted as dropped (they
+        are offered again at a later use)."""
+        taken = self._enqueue(backend, blocks, False)
+        self._count(republished=taken)
+        return taken
+
+    def _enqueue(self, backend: Any, fresh: Seq[tuple[int, bytes, bytes]], count: bool) -> int:
+        """Copy the first of ``fresh`` that fit into the queue; ``count``: the rest
+        are dropped (counted). Returns how many were queued."""
         size = self.codec.value_bytes
-        if self._closed or self.breaker.is_open() or self.refusals["writes"].is_open():
-            self._dropped_full += len(fresh)  # (closed: no writer would send them)
-            return
+        if self._closed or self.breakers["writes"].is_open() or self.refusals["writes"].is_open():
+            if count:
+                self._count(dropped_full=len(fresh))  # (closed: no writer would send them)
+            return 0
         with self._cond:
             room = (self.queue_bytes - self._queued_bytes) // size
         take = fresh[: max(room, 0)]
-        self._dropped_full += len(fresh) - len(take)
+        if count and len(take) < len(fresh):
+            self._count(dropped_full=len(fresh) - len(take))
         if not take:
-            return
+            return 0
         rows = np.empty((len(take), size), dtype=np.uint8)
         backend.read_blocks(np.fromiter((b for b, _, _ in take), np.int64, len(take)), rows[:, HEADER_BYTES:])
         names = [block_key(self._prefix, root, key) for _, root, key in take]
@@ -63,6 +84,16 @@ class RemoteWrites:
             self._queued_blocks += len(take)
             self._start()
             self._cond.notify()
+        return len(take)
+
+    def ask_check(self) -> None:
+        """Have the writer check, now, that the store still holds what it wrote
+        (`kvpager.remote_republish.check_losses`), off the caller's thread."""
+        with self._cond:
+            if not self._closed and not self.losses.asked:
+                self.losses.asked = True
+                self._start()
+                self._cond.notify()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued write and delete has been sent (or dropped);
@@ -84,10 +115,10 @@ class RemoteWrites:
     def _write_loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._queue or self._deletes or self._closed):
+                while not (self._queue or self._deletes or self._closed or self.losses.asked):
                     self._cond.wait()
                 if self._closed:  # close() gave flush its time: what is left is dropped
-                    self._dropped_failed += self._queued_blocks
+                    self._n["dropped_failed"] += self._queued_blocks
                     self._queue.clear()
                     self._deletes = []
                     self._queued_bytes = self._queued_blocks = 0
@@ -99,27 +130,36 @@ class RemoteWrites:
                     batch.append(item)
                     nbytes += item[0].nbytes
                 deletes, self._deletes = self._deletes, []
+                blocks = sum(len(names) for _, names, _ in batch)
+                due = self.losses.asked or time.monotonic() >= self.losses.due
+                self.losses.asked = False
                 self._busy = True
+            sent = {"dropped_failed": blocks}  # (what an unexpected error leaves)
             try:
-                self._send(batch, deletes)
+                if due:  # (before the batch: a loss it finds gets this batch's first block as its sentinel)
+                    check_losses(self)
+                sent = self._send(batch, deletes, blocks)
             except Exception as e:  # never let the writer die
                 log.error("remote writer: unexpected error", exc_info=e)
-            finally:
+            finally:  # counted with the queue they leave: `stats` never sees a block in both
                 with self._cond:
+                    for name, k in sent.items():
+                        self._n[name] += k
                     self._queued_bytes -= nbytes
-                    self._queued_blocks -= sum(len(names) for _, names, _ in batch)
+                    self._queued_blocks -= blocks
                     self._busy = False
                     self._cond.notify_all()
 
-    def _send(self, batch: list[tuple[np.ndarray, list[str], list[bytes]]], deletes: list[str]) -> None:
+    def _send(self, batch: list[tuple[np.ndarray, list[str], list[bytes]]], deletes: list[str],
+              count: int) -> dict[str, int]:
+        """Send ``deletes`` and the ``count`` blocks of ``batch``; returns the
+        counters to add (the caller adds them as it takes the batch off the queue)."""
         if deletes:
             self._delete(deletes)
-        count = sum(len(names) for _, names, _ in batch)
         if not count:
-            return
+            return {}
         if not self._allow("writes"):
-            self._dropped_failed += count
-            return
+            return {"dropped_failed": count}
         try:
             items = []
             for rows, names, keys in batch:
@@ -127,17 +167,13 @@ class RemoteWrites:
                     view = memoryview(row)
                     self.codec.seal(view, key)
                     items.append((name, view))
-            if items:
-                new, replaced = self.store.put_many(items, self.ttl)
-                self._written += new + replaced
-                self._replaced += replaced
+            new, replaced = self.store.put_many(items, self.ttl)
         except StoreError as e:
-            self._write_errors += 1
-            self._written += e.written
-            self._dropped_failed += count - e.written
             self._failed("writes", "write", e)
-            return
+            return {"write_errors": 1, "written": e.written, "dropped_failed": count - e.written}
         self._answered("writes")
+        self.losses.wrote(items[0][0])
+        return {"written": new + replaced, "replaced": replaced}
 
     def _delete(self, names: list[str]) -> None:
         """Delete values found refused, a kind of call of its own
@@ -153,7 +189,7 @@ class RemoteWrites:
         try:
             self.store.delete(names)
         except StoreError as e:
-            self._write_errors += 1
+            self._count(write_errors=1)
             self._failed("deletes", "delete", e)
             return
         self._answered("deletes")

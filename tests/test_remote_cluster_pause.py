@@ -280,9 +280,11 @@ def test_ask_while_a_slot_migrates_and_moved_after(nodes):
     assert "OK" in src.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", node_id(dst))
     assert "OK" in src.cli("MIGRATE", "127.0.0.1", str(dst.port), "", "0", "5000", "KEYS", keys[0])
     r = redis.Redis(port=src.port)
-    try:  # the source answers ASK for the key it no longer holds
-        with pytest.raises(redis.exceptions.AskError):
+    try:  # the source answers ASK for the key it no longer holds (a plain client's parser makes it
+        # an AskError from redis-py 6 on, a ResponseError before: the store's cluster nodes parse it)
+        with pytest.raises(redis.exceptions.ResponseError) as raised:
             r.get(keys[0])
+        assert isinstance(raised.value, redis.exceptions.AskError) or str(raised.value).startswith("ASK ")
     finally:
         r.close()
     check(False)  # keys[0] through ASK
