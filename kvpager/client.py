@@ -225,15 +225,20 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         """A new session after `SessionLost` (the daemon restarted, or dropped this
         session): the old session's sequences are gone, and so is everything
         mapped from a restarted daemon; this client's ids, tables and mappings
-        start afresh from the new hello."""
+        start afresh from the new hello. Called while its session is still open,
+        it says bye for it first (its sequences freed, a rank worker's rank free
+        for the new session)."""
         if self._closed:
             raise SessionLost("this client is closed")
         self._check_process()
+        open_before = not self._lost and self.session is not None
         self._stop_heartbeat()
         self._hb = None
         if self._staging is not None:
             self._staging.close()
         self._forget_session()
+        if open_before:  # (called while its session was open: it held its sequences, and a rank
+            self._bye()  # worker its rank, RankTaken to the new hello, until its heartbeats ran out)
         self._forget_memory()
         self._unsettled = None
         self._orphans.clear()  # (the session they were held in is gone)
@@ -256,15 +261,19 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self._forget_session()
         self._unsettled = None  # bye frees whatever it created
         self._orphans.clear()
-        # No bye to a daemon found gone (and still gone): it would wait out the
-        # whole timeout for nothing (`kvpager top` hung 10 s after its error line).
+        self._bye()
+        self._closed = True
+        self._chan.close()
+
+    def _bye(self) -> None:
+        """End this client's session on the daemon (it frees its sequences), unless
+        the daemon was found gone and still is: a bye would wait out the whole
+        timeout for nothing (`kvpager top` hung 10 s after its error line)."""
         if not (self._chan.gone and probe(self.endpoint) is not None):
             try:
                 self._call("bye", {})
             except Exception as e:
                 log.debug("bye failed: %s", e)
-        self._closed = True
-        self._chan.close()
 
     def _stop_heartbeat(self) -> None:
         """Stop the heartbeat thread, waiting at most this client's timeout for a beat in

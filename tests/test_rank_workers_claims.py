@@ -222,3 +222,23 @@ def test_a_worker_naming_a_driver_not_open():
         with Client(ep) as look:
             assert name not in {s.name for s in look.sessions()}
         driver.close()
+
+
+def test_a_reconnect_while_the_session_is_open_ends_it_first():
+    """`reconnect()` called while its session was open (no SessionLost seen) left
+    that session to its heartbeat timeout: its sequences held, and a rank
+    worker's new hello refused (`RankTaken`, its own old session serving the
+    rank). It says bye for it first now."""
+    with running_server(SPEC, devices=["cpu", "cpu"]) as server:
+        ep = server.endpoint
+        with Client(ep) as driver, Client(ep, rank=1, driver=driver) as worker, Client(ep) as plain:
+            plain.allocate([[1, 2, 3]])
+            worker.allocate([[4, 5, 6]])
+            old = {worker.session_name, plain.session_name}
+            assert driver.stats().num_sequences == 2
+            worker.reconnect()
+            plain.reconnect()
+            assert not old & {s.name for s in driver.sessions()}
+            assert driver.stats().num_sequences == 0
+            [x] = driver.allocate([list(range(5))])
+            worker.write(0, x.slots, *_kv(3, 5))  # the new session serves the rank
