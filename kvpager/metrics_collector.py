@@ -160,6 +160,10 @@ def _remote(r: RemoteStats, gauge: Any, counter: Any) -> Iterator[Any]:
     yield counter("remote_skipped_probes", "Probes not sent while the store was marked unavailable.",
                   r.skipped_probes)
     yield counter("remote_errors", "Failed remote store calls (lookups, probes, writes, deletes).", r.errors)
+    yield counter("remote_store_losses", "Times the remote store was found to have lost blocks this tier wrote.",
+                  r.store_losses)
+    yield counter("remote_republished_blocks", "Blocks cached here offered to the remote store again after a loss.",
+                  r.republished_blocks)
     yield counter("remote_corrupt_blocks", "Values refused (format, key, length, checksum) and deleted.",
                   r.corrupt_blocks)
     yield gauge("remote_queued_blocks", "Blocks waiting to be written to the remote store.", r.queued_blocks)

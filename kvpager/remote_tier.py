@@ -358,7 +358,7 @@ class RemoteTier(RemoteWrites, Breakers):
             queued_blocks=queued_blocks, queued_bytes=queued_bytes, written_blocks=n["written"],
             written_bytes=n["written"] * size, dropped_blocks=n["dropped_full"] + n["dropped_failed"],
             probes=n["probes"], probe_blocks=n["probe_blocks"], probe_hit_blocks=n["probe_hits"],
-            skipped_probes=n["skipped_probes"],
+            skipped_probes=n["skipped_probes"], store_losses=n["losses"], republished_blocks=n["republished"],
         )
 
     def close(self, timeout: float = 2.0) -> None:

@@ -87,6 +87,8 @@ def remote_text(rs: RemoteStats) -> str:
         f"  written        {rs.written_blocks} blocks ({human_bytes(rs.written_bytes)}), {rs.queued_blocks} queued, "
         f"{rs.dropped_blocks} dropped",
         f"  errors         {rs.errors} failed calls, {rs.corrupt_blocks} corrupt blocks refused",
+        *([f"  store losses   {rs.store_losses} (blocks the store lost; {rs.republished_blocks} cached here "
+           "written again)"] if rs.store_losses else []),
     ])
 
 

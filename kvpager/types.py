@@ -273,6 +273,9 @@ class RemoteStats:
     probe_blocks: int = 0  # block keys they asked about
     probe_hit_blocks: int = 0  # keys the store held
     skipped_probes: int = 0  # probes not sent: the store was marked unavailable
+    # blocks the store lost (`kvpager.remote_republish`); 0 from a daemon that predates them
+    store_losses: int = 0  # times the store was found to have lost blocks this tier wrote
+    republished_blocks: int = 0  # blocks cached here offered to the store again since
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)

@@ -23,6 +23,7 @@ redis = pytest.importorskip("redis")
 from test_remote_tier import BS, SPEC, kv_of, pool, prefill, written  # noqa: E402
 
 from kvpager import KVPool, PoolSpec  # noqa: E402
+from kvpager.render import remote_text  # noqa: E402
 
 WAIT = 20.0
 CHECK = 0.1  # the tests' check_every (the default: 10 s)
@@ -71,6 +72,9 @@ def test_blocks_cached_here_are_written_again_after_the_store_loses_them(loss):
         b.free(z.seq_id)
         use(a, prompt, lambda: a.remote_stats().written_blocks >= 10)
         assert a.remote.losses.epoch == 1
+        rs = a.remote_stats()  # what an operator sees: `kvpager stats`, the metrics
+        assert (rs.store_losses, rs.republished_blocks) == (1, 5) and b.remote_stats().store_losses == 0
+        assert "store losses   1 (blocks the store lost; 5 cached here written again)" in remote_text(rs)
         restores(b, prompt, kv_a, 5)
         a.check_integrity()
         a.close(), b.close()
