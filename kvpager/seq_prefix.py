@@ -252,7 +252,12 @@ def commit(m: SequenceManager, seq_ids: list[int] | np.ndarray, upto: Seq[int | 
         if not blocks:  # (every full block it completed was released: nothing to publish)
             continue
         code = pool.tenants.code(h.root, h.salt)
-        done = list(map(pool.publish, blocks, keys[start:f], itertools.repeat(code, len(blocks))))
+        # all new (a fresh prompt's blocks): at once; a 128k-token prompt's 8k blocks one by one held
+        # the loop ~30% longer. Else one by one (a key cached already moves, or stays: `BlockPool.publish`)
+        if len(blocks) > 1 and pool.publish_new(blocks, keys[start:f], np.full(len(blocks), code, np.int32)):
+            done = [True] * len(blocks)
+        else:
+            done = list(map(pool.publish, blocks, keys[start:f], itertools.repeat(code, len(blocks))))
         if not any(done):  # (each key cached already: no tenant entry kept for nothing)
             pool.tenants.release_idle([code])
         published[k] = sum(done)
