@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -158,3 +159,42 @@ def redis_cluster(masters: int = 3, node_timeout_ms: int = 2000) -> Iterator[lis
     finally:
         for s in servers:
             s.close()
+
+
+@contextlib.contextmanager
+def listener(kind: str, port: int | None = None):
+    """A TCP listener on 127.0.0.1 that accepts connections and never finishes a
+    reply: ``silent`` sends nothing, ``trickle`` a status line a byte every
+    50 ms, never ended (each read of redis-py's comes within its timeout)."""
+    stop = threading.Event()
+    server = socket.create_server(("127.0.0.1", port or free_port()))
+    server.settimeout(0.2)
+    held: list[socket.socket] = []
+
+    def talk(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            if kind == "trickle":
+                conn.sendall(b"+")
+            while not stop.wait(0.05):
+                if kind == "trickle":
+                    conn.sendall(b"O")
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            held.append(conn)
+            threading.Thread(target=talk, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+        for conn in held:
+            conn.close()

@@ -17,15 +17,13 @@ Every server is stopped by the test that started it; every wait is bounded."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import sys
 import threading
 import time
 
 import numpy as np
 import pytest
-from redis_helpers import free_port, need_redis, redis_cluster, redis_server
+from redis_helpers import listener, need_redis, redis_cluster, redis_server
 
 need_redis()
 redis = pytest.importorskip("redis")
@@ -100,45 +98,6 @@ def cluster():
     # replicas the cluster would answer CLUSTERDOWN, which fails calls fast and hides the wait)
     with redis_cluster(3, node_timeout_ms=60000) as servers:
         yield servers
-
-
-@contextlib.contextmanager
-def listener(kind: str, port: int | None = None):
-    """A TCP listener on 127.0.0.1 that accepts connections and never finishes a
-    reply: ``silent`` sends nothing, ``trickle`` a status line a byte every
-    50 ms, never ended (each read of redis-py's comes within its timeout)."""
-    stop = threading.Event()
-    server = socket.create_server(("127.0.0.1", port or free_port()))
-    server.settimeout(0.2)
-    held: list[socket.socket] = []
-
-    def talk(conn: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            if kind == "trickle":
-                conn.sendall(b"+")
-            while not stop.wait(0.05):
-                if kind == "trickle":
-                    conn.sendall(b"O")
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            held.append(conn)
-            threading.Thread(target=talk, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield server.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(5)
-        server.close()
-        for conn in held:
-            conn.close()
 
 
 def bounded(fn, limit: float, must: bool = True) -> tuple[float, object]:

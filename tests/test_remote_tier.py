@@ -351,36 +351,12 @@ def test_a_handshake_reply_that_never_ends_costs_a_bounded_wait():
     allocate (and a probe) waited for ever. Now the whole connect is bounded
     (`remote_store.bound_connects`): the call fails as a timeout does, the breaker skips
     the store after it, nothing changes in the pool."""
-    import socket
     import threading
 
-    from redis_helpers import free_port
+    from redis_helpers import listener
 
-    stop = threading.Event()
-    server = socket.create_server(("127.0.0.1", free_port()))
-    server.settimeout(0.2)
-
-    def trickle(conn: socket.socket) -> None:
-        with conn:
-            try:
-                conn.sendall(b"+")  # a status line that never ends
-                while not stop.is_set():
-                    conn.sendall(b"O")
-                    time.sleep(0.05)
-            except OSError:
-                pass
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        url = f"redis://127.0.0.1:{server.getsockname()[1]}"
+    with listener("trickle") as port:
+        url = f"redis://127.0.0.1:{port}"
         for call in ("allocate", "cached_tokens"):
             p = pool(url, timeout=0.1, retry_after=30)
             before = p.blocks()
@@ -403,9 +379,6 @@ def test_a_handshake_reply_that_never_ends_costs_a_bounded_wait():
             t0 = time.monotonic()
             p.close()
             assert time.monotonic() - t0 < 5
-    finally:
-        stop.set()
-        server.close()
 
 
 def test_a_ttl_redis_would_refuse_is_refused_at_construction():
