@@ -201,14 +201,14 @@ class BlockPool(BlockRefs):
             available = top + len(self.evictable)
             if n > available:
                 raise OutOfBlocks(n, available)
-            evictable, remove, tenants = self.evictable, self.cache.remove, self.tenants
+            evictable, tenants = self.evictable, self.tenants
             # Tenants over their quota first (their least recently used), then the LRU.
             victims = tenants.victims(n - top) if tenants.quotas else []
             for b in victims:
                 del evictable[b]
             first = len(victims)
             victims += [evictable.popitem(last=False)[0] for _ in range(n - top - first)]
-            keys = [remove(b) for b in victims]
+            keys = self.cache.remove_many(victims)
             self.num_evicted += len(victims)
             if self.events is not None:
                 self.events.removed(keys)

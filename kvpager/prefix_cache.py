@@ -6,6 +6,11 @@ a digest of the salt (model or adapter id), so different salts never match.
 Keys are stable across processes and Python runs (no ``hash()``), so two
 workers, or a restarted daemon, agree on them.
 
+Where ``kvpager._native`` is built, chains of keys are hashed in C
+(native/block_keys.c: one call a chain, or a chunk of one, the GIL released for
+long ones); `chain_keys_hashlib`, the loop over hashlib's BLAKE2b, is the
+reference and the path without it (``KVPAGER_NATIVE=0``, no compiler).
+
 `PrefixCache` is the map alone; the `BlockPool` owns it and decides when an
 entry goes (eviction, a block about to be rewritten).
 """
@@ -14,9 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from itertools import repeat
 
 import numpy as np
 
+from kvpager import native
 from kvpager.errors import InvalidArgument
 
 KEY_BYTES = 16
@@ -101,10 +108,38 @@ def token_array(tokens: object, what: str = "tokens") -> np.ndarray:
     return out.copy() if out.flags.writeable and not out.flags.owndata else out  # (a view of the caller's memory)
 
 
+#: The compiled ``chain_keys(parent, tokens, block_size, max_blocks)`` (native/block_keys.c), or None:
+#: hashlib's loop (not built, an older build without it, or KVPAGER_NATIVE=0). Tests set it to compare.
+NATIVE_KEYS = getattr(native.load(), "chain_keys", None)
+_NATIVE_I8 = np.dtype(np.int64)  # what the compiled function reads: int64 in this machine's byte order
+#: `PrefixCache.match_tokens` hashes with the compiled function in chunks of blocks, this many first, each
+#: next twice the last up to `MATCH_MOST`: a prompt that misses early hashes a few blocks past its miss, one
+#: that hits all its blocks costs a few calls, and never more than ``MATCH_MOST`` blocks are hashed for nothing.
+MATCH_FIRST = 4
+MATCH_MOST = 1024
+
+
+def _int64(tokens: np.ndarray) -> np.ndarray:
+    """``tokens`` as the compiled function reads them: a C-contiguous native int64 array
+    (the values of ``tokens.astype("<i8")``, as the hashlib loop reads them)."""
+    if type(tokens) is np.ndarray and tokens.dtype == _NATIVE_I8 and tokens.flags.c_contiguous:
+        return tokens
+    return np.ascontiguousarray(tokens, dtype=_NATIVE_I8)
+
+
 def chain_keys(parent: bytes, tokens: np.ndarray, block_size: int) -> list[bytes]:
     """Keys of the full blocks of ``tokens`` (an int64 array starting at a block
     boundary), chained from ``parent``: the key of the block before the first,
-    or the root key."""
+    or the root key. The same keys as `chain_keys_hashlib`, hashed in C where built."""
+    hash_chain = NATIVE_KEYS
+    if hash_chain is not None and len(parent) == KEY_BYTES:
+        return hash_chain(parent, _int64(tokens), block_size, len(tokens) // block_size)
+    return chain_keys_hashlib(parent, tokens, block_size)
+
+
+def chain_keys_hashlib(parent: bytes, tokens: np.ndarray, block_size: int) -> list[bytes]:
+    """`chain_keys` through hashlib, a block at a time: the reference (and the
+    path where the compiled function is not built)."""
     raw = tokens.astype("<i8", copy=False).tobytes()
     step = block_size * 8
     keys = []
@@ -148,7 +183,12 @@ class PrefixCache:
 
     def match_tokens(self, root: bytes, tokens: np.ndarray, block_size: int, max_blocks: int) -> tuple[list[bytes], list[int]]:
         """Longest cached prefix of ``tokens`` (at most ``max_blocks`` blocks): the
-        keys and block ids of the hits. Hashes only up to the first miss."""
+        keys and block ids of the hits. Hashes only up to the first miss (in C:
+        up to the end of the chunk it falls in, `MATCH_FIRST`)."""
+        hash_chain = NATIVE_KEYS
+        if hash_chain is not None and len(root) == KEY_BYTES:
+            return self._match_chunks(hash_chain, root, _int64(tokens), block_size,
+                                      min(max_blocks, len(tokens) // block_size))
         keys: list[bytes] = []
         hits: list[int] = []
         lookup = self.key_to_block.get
@@ -165,6 +205,28 @@ class PrefixCache:
                 break
             keys.append(parent)
             hits.append(b)
+        return keys, hits
+
+    def _match_chunks(self, hash_chain, root: bytes, tokens: np.ndarray, block_size: int,
+                      n: int) -> tuple[list[bytes], list[int]]:
+        """`match_tokens` of the first ``n`` blocks through the compiled ``hash_chain``: growing chunks
+        of blocks hashed in one call each and looked up, until the first miss."""
+        keys: list[bytes] = []
+        hits: list[int] = []
+        lookup = self.key_to_block.get
+        parent, done, take = root, 0, MATCH_FIRST
+        while done < n:
+            take = min(take, n - done)
+            got = hash_chain(parent, tokens[done * block_size :], block_size, take)
+            found = list(map(lookup, got))
+            if None in found:
+                miss = found.index(None)
+                keys += got[:miss]
+                hits += found[:miss]
+                break
+            keys += got
+            hits += found
+            parent, done, take = got[-1], done + take, min(2 * take, MATCH_MOST)
         return keys, hits
 
     def match_window(self, root: bytes, tokens: np.ndarray, block_size: int, max_blocks: int, reach: int,
@@ -228,6 +290,18 @@ class PrefixCache:
         del self.key_to_block[key]
         self.cached[block_id] = False
         return key
+
+    def remove_many(self, blocks: list[int]) -> list[bytes | None]:
+        """`remove` of each of ``blocks`` (distinct ids) at once: their keys, None
+        for a block that had none. An eviction of a long prompt's blocks (62,500
+        for 1M tokens) paid a Python call a block."""
+        keys = list(map(self.block_key.pop, blocks, repeat(None, len(blocks))))
+        k2b = self.key_to_block
+        for key in keys:
+            if key is not None:
+                del k2b[key]
+        self.cached[blocks] = False
+        return keys
 
     def problems(self) -> list[str]:
         """What is wrong with the maps (empty if nothing): they must mirror each

@@ -23,6 +23,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "block_keys.h"
 #include "buffers.h"
 
 #define ROWS(b) ((b).view.ndim ? (b).view.shape[0] : 0)
@@ -268,10 +269,12 @@ done:
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS, "A decode step's first pass (see native/decode_step.c)."},
     {"place", place, METH_VARARGS, "A decode step's second pass, with the new blocks (see native/decode_step.c)."},
+    {"chain_keys", kvpager_chain_keys, METH_VARARGS, KVPAGER_CHAIN_KEYS_DOC},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvpager._native",
-                                    "The allocator's decode step in C (kvpager.seq_append).", -1, methods};
+                                    "The allocator's decode step (kvpager.seq_append) and the prefix cache's block keys "
+                                    "(kvpager.prefix_cache) in C.", -1, methods};
 
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

@@ -127,6 +127,22 @@ def test_keys_are_their_definition(block_size):
     assert cache.match_tokens(root_key(None), tokens, block_size, 5) == ([], [])
 
 
+def test_remove_many_is_remove_of_each():
+    """An eviction's keys removed at once: the same keys back (None for a block that had
+    none) and the same maps as removing them one at a time."""
+    from kvpager.prefix_cache import PrefixCache
+
+    one, many = PrefixCache(40), PrefixCache(40)
+    for cache in (one, many):
+        for b in range(1, 40, 2):
+            cache.publish(b, bytes([b]) * 16)
+    victims = [7, 2, 31, 30, 1, 39, 12]  # (keyed and unkeyed blocks, in no order)
+    assert many.remove_many(victims) == [one.remove(b) for b in victims]
+    assert many.key_to_block == one.key_to_block and many.block_key == one.block_key
+    assert (many.cached == one.cached).all() and not many.problems()
+    assert many.remove_many([]) == [] and len(many) == len(one) == 20 - 4
+
+
 
 
 def test_cached_tokens_probe_predicts_allocate_and_changes_nothing():

@@ -14,12 +14,21 @@ pays. The target is at most 0.4 us per block allocated in batches (within 2x
 of vLLM's in-process block pool, about 0.2 us/block allocate and 0.1 us/block
 free on a 2-core machine).
 
+Then one long prompt (``--long-prompt``, default 1,000,000 tokens; 0 skips
+it) in a pool whose cache is full of the last one's blocks: allocate (a miss,
+evicting), commit (every block's key hashed and published), allocate of the
+same prompt again (every block but the last a hit), free, and the keys alone
+(`prefix_cache.chain_keys`), each with the keys hashed in C and through
+hashlib's loop, alternately in the same process; the ratio is hashlib's time
+over C's.
+
 Each measurement at scale checks its answer first (counts against the
 block map, tables against each sequence's own), then times the median of
 ``--repeats`` calls. Targets: stats and one session's list at most 5 ms with
 100,000 live sequences; tables of 64 x 8,192 blocks at most 1 ms.
 
-    python tools/bench_allocator.py [--blocks 100000] [--blocks-per-seq 32] [--live 100000] [--json]
+    python tools/bench_allocator.py [--blocks 100000] [--blocks-per-seq 32] [--live 100000]
+                                    [--long-prompt 1000000] [--json]
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import time
 
 import numpy as np
 
-from kvpager import KVPool, PoolSpec
+from kvpager import KVPool, PoolSpec, prefix_cache
 
 
 def timed(fn, setup, repeats: int) -> float:
@@ -222,20 +231,69 @@ def bench_tables(repeats: int) -> list[dict]:
     return rows
 
 
+def bench_long_prompt(num_tokens: int, repeats: int) -> list[dict]:
+    """A long prompt's allocate, commit, hit and free (and its keys alone), with the
+    keys hashed in C and through hashlib (`prefix_cache.NATIVE_KEYS` set to None) in
+    turn; medians of ``repeats`` runs each, after one untimed run of each."""
+    compiled = prefix_cache.NATIVE_KEYS
+    paths = {"c": compiled, "hashlib": None} if compiled is not None else {"hashlib": None}
+    spec = PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=num_tokens // 16 + 64, dtype="float16")
+    pool = KVPool(spec)
+    rng = np.random.default_rng(0)
+    ops = ("allocate (a miss)", "commit", "allocate again (all hits)", "free", "chain_keys alone")
+    times: dict[str, dict[str, list[float]]] = {path: {op: [] for op in ops} for path in paths}
+    try:
+        for run in range(repeats + 1):
+            for path, fn in list(paths.items())[:: 1 if run % 2 else -1]:  # each path first in every other run
+                prefix_cache.NATIVE_KEYS = fn
+                prompt = rng.integers(0, 50_000, num_tokens, dtype=np.int64)
+                t = [time.perf_counter()]
+                [a] = pool.allocate([prompt])
+                t.append(time.perf_counter())
+                pool.commit(a.seq_id)
+                t.append(time.perf_counter())
+                [b] = pool.allocate([prompt])
+                t.append(time.perf_counter())
+                pool.free([a.seq_id, b.seq_id])
+                t.append(time.perf_counter())
+                keys = prefix_cache.chain_keys(prefix_cache.root_key(None), prompt, 16)
+                t.append(time.perf_counter())
+                assert b.num_cached_tokens == (num_tokens - 1) // 16 * 16, "the prompt again: not every block hit"
+                if run:
+                    for op, t0, t1 in zip(ops, t, t[1:]):
+                        times[path][op].append(t1 - t0)
+                else:
+                    assert keys == prefix_cache.chain_keys_hashlib(prefix_cache.root_key(None), prompt, 16), \
+                        "C and hashlib keys differ"
+    finally:
+        prefix_cache.NATIVE_KEYS = compiled
+    pool.check_integrity()
+    rows = []
+    for op in ops:
+        ms = {path: statistics.median(times[path][op]) * 1e3 for path in paths}
+        rows.append(dict(op=op, tokens=num_tokens, blocks=num_tokens // 16, c_ms=ms.get("c"),
+                         hashlib_ms=ms["hashlib"], ratio=ms["hashlib"] / ms["c"] if "c" in ms else None))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--blocks", type=int, default=100_000, help="pool size in blocks")
     ap.add_argument("--blocks-per-seq", type=int, default=32, help="blocks per sequence (32 = 512 tokens)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--live", type=int, default=100_000, help="live sequences for the at-scale part (0: skip it)")
+    ap.add_argument("--long-prompt", type=int, default=1_000_000,
+                    help="tokens of the long prompt (0: skip it)")
+    ap.add_argument("--long-repeats", type=int, default=5, help="runs of the long prompt on each path")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     rows = run(args.blocks, args.blocks_per_seq, [1, 256], args.repeats)
     live = bench_live(args.live, 1000, args.repeats) if args.live else []
+    long = bench_long_prompt(args.long_prompt, args.long_repeats) if args.long_prompt >= 32 else []
     meta = dict(machine=f"{platform.machine()} CPU, {platform.python_implementation()} {platform.python_version()}",
                 pool_blocks=args.blocks, blocks_per_seq=args.blocks_per_seq)
     if args.json:
-        print(json.dumps(dict(meta, rows=rows, at_scale=live)))
+        print(json.dumps(dict(meta, rows=rows, at_scale=live, long_prompt=long)))
         return
     print(f"allocator, {args.blocks:,}-block pool, {args.blocks_per_seq} blocks/sequence, {meta['machine']}")
     print("baseline: bare Python free list (pop + ref store per block; append for free)")
@@ -249,6 +307,14 @@ def main() -> None:
         for r in live:
             target = "" if r["target_ms"] is None else f"<= {r['target_ms']:g}"
             print(f"{r['op']:<48}{r['live']:>9,}{r['ms']:>9.3f}{target:>11}")
+    if long:
+        print(f"\nlong prompt: {args.long_prompt:,} tokens ({args.long_prompt // 16:,} blocks), keys hashed in C "
+              f"and through hashlib (median of {args.long_repeats}; ratio: hashlib / C)")
+        print(f"{'op':<28}{'C ms':>9}{'hashlib ms':>12}{'ratio':>8}")
+        for r in long:
+            c = "-" if r["c_ms"] is None else f"{r['c_ms']:.1f}"
+            ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+            print(f"{r['op']:<28}{c:>9}{r['hashlib_ms']:>12.1f}{ratio:>8}")
 
 
 if __name__ == "__main__":
