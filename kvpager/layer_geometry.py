@@ -27,7 +27,8 @@ twice the full ones (1.09x what the model stores, where 16 heads of 512 were
 (``per_layer_config``: a transformers config's view, or a ``config.json``'s
 sparse ``{"5": {"head_dim": 512}}``) or, in a Gemma-4 ``config.json`` saved
 without them, from ``global_head_dim`` and ``num_global_key_value_heads`` on its
-``full_attention`` layers, as transformers reads them.
+``full_attention`` layers, as transformers reads them; MiMo-V2-Flash's sliding
+layers have twice its full layers' K/V heads (`SLIDING_KV_FACTOR`).
 """
 from __future__ import annotations
 
@@ -43,6 +44,9 @@ Getter = Callable[[str], Any]
 #: ``attention_k_eq_v``, ``num_global_key_value_heads`` (transformers' Gemma-4 configs)
 GLOBAL_LAYER_TYPES = ("gemma4", "gemma4_text", "gemma4_unified_text")
 GLOBAL_HEAD_DIM = 512
+#: model types whose ``sliding_attention`` layers have this many times ``num_key_value_heads`` (MiMo-V2-Flash:
+#: its sliding layers double the K/V heads of its full ones, a rule in its attention code, not a config field)
+SLIDING_KV_FACTOR = {"mimo_v2_flash": 2}
 
 
 def layer_getters(config: Any, get: Getter, layers: int) -> list[Getter] | None:
@@ -55,12 +59,28 @@ def layer_getters(config: Any, get: Getter, layers: int) -> list[Getter] | None:
         per = config.get("per_layer_config")
         if per is not None:
             return _sparse(per, get, layers)
-        return _global_layers(get, layers, GLOBAL_HEAD_DIM if get("model_type") in GLOBAL_LAYER_TYPES else None)
+        return _sliding_layers(get, layers) or \
+            _global_layers(get, layers, GLOBAL_HEAD_DIM if get("model_type") in GLOBAL_LAYER_TYPES else None)
     view = getattr(config, "per_layer_config", None)
-    if view is not None:  # transformers' per-layer configs: the layers' own where they differ
-        return [attribute_getter(view[i]) for i in range(layers)] if getattr(config, "is_heterogeneous", 0) is True \
-            else None
-    return _global_layers(get, layers, None)
+    if getattr(config, "is_heterogeneous", 0) is True and view is not None:
+        return [attribute_getter(view[i]) for i in range(layers)]  # transformers' per-layer configs: the layers' own
+    return _sliding_layers(get, layers) or (None if view is not None else _global_layers(get, layers, None))
+
+
+def _sliding_layers(get: Getter, layers: int) -> list[Getter] | None:
+    """`SLIDING_KV_FACTOR`'s rule: the ``sliding_attention`` layers of ``layer_types``
+    with that many times ``num_key_value_heads``; None for other model types.
+    (Sized from the config alone, such a model's pool held its full layers' K/V
+    heads and every sliding layer was refused at its first pass.)"""
+    factor = SLIDING_KV_FACTOR.get(get("model_type"))
+    if factor is None:
+        return None
+    kinds, kv = get("layer_types"), get("num_key_value_heads")
+    if not isinstance(kinds, (list, tuple)) or len(kinds) != layers or type(kv) is not int:
+        raise InvalidArgument(f"{get('model_type')}: its sliding layers' K/V heads follow layer_types (one a layer, "
+                              f"{layers}) and num_key_value_heads; got {kinds!r:.60} and {kv!r}")
+    sliding = _over({"num_key_value_heads": kv * factor}, get)
+    return [sliding if kind == "sliding_attention" else get for kind in kinds]
 
 
 def _sparse(per: Any, get: Getter, layers: int) -> list[Getter] | None:

@@ -129,6 +129,14 @@ FAMILIES = {
                   num_experts_per_tok=2, moe_intermediate_size=32, shared_intermediate_size=32,
                   first_dense_intermediate_size=128, **VARIED),
              [WINDOW, None, WINDOW, None]),
+    # MiMo-V2-Flash: its sliding layers have twice the K/V heads of its full ones (a rule of its attention
+    # code: 4 against 2; one pool of 4 heads, the full layers' each stored twice) and learned sinks; v narrower
+    # than q and k (8 against 16: v zero-padded) and scaled; experts past the first layer
+    "mimo_v2_flash": ("MiMoV2FlashConfig", "MiMoV2FlashForCausalLM",
+                      dict(head_dim=16, v_head_dim=8, sliding_window=WINDOW, layer_types=ALTERNATING,
+                           mlp_layer_types=["dense"] + ["sparse"] * 3, n_routed_experts=4, num_experts_per_tok=2,
+                           moe_intermediate_size=32, **VARIED),
+                      [WINDOW, None, WINDOW, None]),
     # ... and v wider than q and k (8 + 8 dims against 32: q and k zero-padded)
     "deepseek_v3-wide-v": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
                            dict(MLA, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=32, q_lora_rank=None),
@@ -258,6 +266,8 @@ def test_family_matches_transformers(family, block_size):
     if family == "gemma3n":  # the layers that store K/V, and which each layer attends over
         assert pool.spec.num_layers == 3
         assert layer_map(model) == [(0, True), (1, True), (2, True), (2, False), (1, False), (2, False)]
+    if family == "mimo_v2_flash":  # the sliding layers' 4 K/V heads, not the config's 2
+        assert (pool.spec.num_kv_heads, pool.spec.head_dim) == (4, 16)
     if family.startswith("gemma4"):  # one pool for both geometries
         assert (pool.spec.num_kv_heads, pool.spec.head_dim) == (2, 32)
         assert pool.spec.num_layers == 4

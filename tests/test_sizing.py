@@ -101,6 +101,12 @@ def opts(**kw):
      dict(num_layers=60, num_kv_heads=8, head_dim=512, dtype="bfloat16")),
     ({**GEMMA4, "text_config": {k: v for k, v in GEMMA4["text_config"].items() if k != "global_head_dim"}},
      dict(num_layers=60, num_kv_heads=8, head_dim=512, dtype="bfloat16")),
+    # MiMo-V2-Flash: its sliding layers have twice num_key_value_heads (its attention code's rule), v
+    # narrower than q and k: one pool of 8 heads of 192 (its full layers' 4 each stored twice)
+    ({"model_type": "mimo_v2_flash", "hidden_size": 4096, "num_attention_heads": 64, "num_key_value_heads": 4,
+      "head_dim": 192, "v_head_dim": 128, "num_hidden_layers": 8, "sliding_window": 128,
+      "layer_types": ["full_attention"] + ["sliding_attention"] * 4 + ["full_attention"] + ["sliding_attention"] * 2,
+      "torch_dtype": "bfloat16"}, dict(num_layers=8, num_kv_heads=8, head_dim=192, dtype="bfloat16")),
     # as transformers saves per-layer configs: the layers' fields that differ, by index (layers of 8 and
     # of 32 heads of 128, two by two: 4 and 16; one of 2 heads of 256: the pool's 16 heads of 256)
     ({**LLAMA, "num_hidden_layers": 4, "per_layer_config": {"1": {"head_dim": 256, "num_key_value_heads": 2},
