@@ -31,6 +31,8 @@ FAMILIES = {
     "cohere2": {},
     "gpt_oss": dict(head_dim=32),  # attention sinks too
     "gemma3n": dict(head_dim=32),  # layers that reuse earlier layers' K/V: an attend with no write
+    # sliding layers of twice the full ones' K/V heads (the full ones' stored twice), sinks, v of 16 padded to 32
+    "mimo_v2_flash": dict(head_dim=32, v_head_dim=16),
 }
 
 

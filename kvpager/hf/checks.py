@@ -1,10 +1,12 @@
 """The checks `kvpager.hf` runs on a model and its arguments before anything is
 allocated: that it is a language model with its head, in eval mode where
 dropout would apply, without position biases kvpager's attention would not
-add, that the pool has its KV geometry (`check_model`); that the model and
-pool are what they say (`check_model_and_pool`); the end-of-sequence ids
-(`end_tokens`); before a packed pass, that its row can carry the model's
-sequences (`check_packable`), and after it, that every layer attended
+add, that the pool has its KV geometry (`check_model`); that the model and pool are what they
+say (`check_model_and_pool`); the end-of-sequence ids (`end_tokens`); before
+scoring, that a pass given no positions numbers them as generation does
+(`check_position_numbering`); before
+a packed pass, that its row can carry the model's sequences
+(`check_packable`), and after it, that every layer attended
 through kvpager once (`check_layers_ran`). A model it cannot serve gets
 `UnsupportedModel`, a bad argument `InvalidArgument` (both ValueErrors), a
 wrong kind of object a TypeError. Moved from `kvpager.hf.model` (which still answers their names) and
@@ -129,6 +131,25 @@ def check_mask_bias(model: Any, modules: list[Any] | None = None) -> None:
                 raise UnsupportedModel(f"{type(model).__name__}: its {cls.__name__} builds its attention mask from "
                                        f"its values ({method}), an additive bias a key that kvpager's attention "
                                        "does not read: run this model with its own cache")
+
+
+def check_position_numbering(model: Any, modules: list[Any] | None = None) -> None:
+    """ValueError (`UnsupportedModel`) for `score` of a model whose embeddings number a pass's
+    positions from the padding index on where it is given none (RoBERTa and its kin as decoders,
+    ``is_decoder``: XLM-R, CamemBERT, Data2Vec-text, ...; ``create_position_ids_from_input_ids``,
+    position padding_idx + 1 + i), as a plain forward pass is, while transformers' ``generate``
+    gives them position ids from 0. kvpager numbers them from 0, as generate does, so its
+    tokens and beams are transformers'; its scores would be off the forward pass's
+    log-probabilities (by up to 1.3 in a tiny random model), which `score` promises.
+    Before: scored, with no error."""
+    for cls in {type(m) for m in (modules_of(model) if modules is None else modules)}:
+        if callable(getattr(cls, "create_position_ids_from_input_ids", None)):
+            raise UnsupportedModel(f"{type(model).__name__}: its {cls.__name__} numbers positions from its padding "
+                                   "index on (padding_idx + 1 + i) in a pass given no position ids, as a plain "
+                                   "forward pass is, while transformers' generate gives position ids from 0: "
+                                   "kvpager numbers them as generate does (its generate and beam_search give "
+                                   "transformers' tokens), so its scores would not be the forward pass's: score "
+                                   "this model with its own forward pass")
 
 
 #: model types whose forward refuses every cache but its own class (transformers raises a

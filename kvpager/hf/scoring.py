@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from kvpager.errors import InvalidArgument
-from kvpager.hf.checks import check_model_and_pool, check_positions
+from kvpager.hf.checks import check_model_and_pool, check_position_numbering, check_positions
 from kvpager.hf.eager import EagerPasses
 from kvpager.hf.logprobs import TokenLogprobs
 from kvpager.hf.model import has_recurrent_layers, text_config
@@ -91,7 +91,8 @@ def score(model: Any, pool: Any, prompts: Any = None, start: int | Sequence[int]
     parts = 1 if kind is RowScorer else int(tokens_per_pass) if max(sizes, default=0) > tokens_per_pass else None
     check_positions(model, max(sizes, default=0), "score")
     salt = rope_salt(model, call_salt(model, salt, "score"), sizes, sizes, "score", parts)
-    scorer = kind(model, pool, salt, int(tokens_per_pass), k)
+    scorer = kind(model, pool, salt, int(tokens_per_pass), k)  # (checks the model: a bidirectional one refused first)
+    check_position_numbering(model)
     out = [np.zeros((len(p) - s, 1 + 2 * k)) for p, s in zip(prompts, starts)]  # (`TokenLogprobs.of` rows)
     # (a model that runs every prompt whole, holding no states: each prompt's every token)
     shares = getattr(scorer, "held", True)
