@@ -34,7 +34,9 @@ from kvpager.hf import PagedGeneration, generate, layer_windows, spec_for_model 
     ("deepseek_v3", dict(num_kv_heads=128, head_dim=192)),
     ("minicpm3", dict(num_kv_heads=40, head_dim=96)),  # q and k 64 + 32, v 64
     ("glm4_moe_lite", dict(num_kv_heads=20, head_dim=256)),
-    ("mimo_v2_flash", dict(num_kv_heads=4, head_dim=192)),  # grouped heads, q and k 192, v 128
+    # grouped heads, q and k 192, v 128; its sliding layers hold twice its full layers' 4 K/V heads
+    # (kvpager.layer_geometry.SLIDING_KV_FACTOR): one pool of 8, the full layers' each stored twice
+    ("mimo_v2_flash", dict(num_kv_heads=8, head_dim=192)),
     ("jetmoe", dict(num_kv_heads=32, head_dim=128)),  # 16 K/V heads tiled for 2 experts a token
 ])
 def test_geometry_of_released_configs(model_type, geometry):
