@@ -133,7 +133,7 @@ def check_mask_bias(model: Any, modules: list[Any] | None = None) -> None:
                                        "does not read: run this model with its own cache")
 
 
-def check_position_numbering(model: Any, modules: list[Any] | None = None) -> None:
+def check_position_numbering(model: Any) -> None:
     """ValueError (`UnsupportedModel`) for `score` of a model whose embeddings number a pass's
     positions from the padding index on where it is given none (RoBERTa and its kin as decoders,
     ``is_decoder``: XLM-R, CamemBERT, Data2Vec-text, ...; ``create_position_ids_from_input_ids``,
@@ -142,7 +142,7 @@ def check_position_numbering(model: Any, modules: list[Any] | None = None) -> No
     tokens and beams are transformers'; its scores would be off the forward pass's
     log-probabilities (by up to 1.3 in a tiny random model), which `score` promises.
     Before: scored, with no error."""
-    for cls in {type(m) for m in (modules_of(model) if modules is None else modules)}:
+    for cls in {type(m) for m in modules_of(model)}:
         if callable(getattr(cls, "create_position_ids_from_input_ids", None)):
             raise UnsupportedModel(f"{type(model).__name__}: its {cls.__name__} numbers positions from its padding "
                                    "index on (padding_idx + 1 + i) in a pass given no position ids, as a plain "
