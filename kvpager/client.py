@@ -199,7 +199,8 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self.ops: frozenset[str] = frozenset(info["ops"] if "ops" in info else set(OPS) - {"record_tokens", "batch"})
         self.gpu = self.memory.get("kind") == "cuda_ipc"
         self._mirror = TableMirror(self.spec.block_size)  # this session's block tables
-        self._own_slots = None  # (slots checked in an earlier session are not this one's: `_check_own_slots`)
+        # (slots checked in an earlier session are not this one's: `_check_own_slots`, `_check_driver_slots`)
+        self._own_slots = self._driver_slots = None
         self.map_pool = self._want_map and self.memory.get("kind") in ("shm", "cuda_ipc")
         if self.map_pool:  # the sessions the daemon ended, counted from now (`_check_not_ended`)
             self._releases = map_release_count(self.memory.get("releases"))
@@ -338,7 +339,7 @@ def _after_fork_in_child() -> None:
     for client in list(_LIVE):
         client._lock = threading.RLock()
         client._lost = True
-        client._own_slots = None
+        client._own_slots = client._driver_slots = None
         mirror = client.__dict__.get("_mirror")
         if mirror is not None:
             mirror.moves.bump()

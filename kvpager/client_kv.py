@@ -155,8 +155,10 @@ class KVAccess(SlotChecks):
         return self._pool().host_kv
 
     def local_write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
-        """Write K/V straight into the mapped pool (no daemon round trip). On a GPU
-        the write is queued on this process's current CuPy stream: `commit` waits for it."""
+        """Write K/V straight into the mapped pool (no daemon round trip; a rank
+        worker's into its driver's sequences: one when its slots or the driver's
+        blocks changed, `_check_driver_slots`). On a GPU the write is queued on
+        this process's current CuPy stream: `commit` waits for it."""
         self._check_layer(layer)
         if self._lost:
             self._check_process()  # a forked child's copy writes nothing (its parent's tables and session)
@@ -164,8 +166,8 @@ class KVAccess(SlotChecks):
         slots = self._check_slots(slots)
         if not self._writes_for_driver():
             self._check_own_slots(slots)
-        else:  # (a rank's worker writes its heads into the driver's sequences, see "Ranks": alive, at least)
-            self._check_alive()
+        else:  # a rank's worker writes its heads into the driver's sequences ("Ranks"): the daemon checks
+            self._check_driver_slots(slots)
         shape = (len(slots), self.spec.num_kv_heads, self.spec.head_dim)
         pool.write(int(layer), slots, self._check_tensor(k, "k", shape), self._check_tensor(v, "v", shape))
 

@@ -5,12 +5,14 @@ of a staged write (`kvpager.server_staging`: blocks of the session's own
 sequences, none published) are made here: against the mirror of its own
 sequences' tables (`_check_own_slots`), once per slot array and change of its
 sequences. A rank worker with a driver writes into the driver's sequences,
-whose tables it does not mirror: its plain writes are trusted as its user is
-(docs/protocol.md, "Trust"), but a step plan's slots go to the daemon with the
-plan's `tables` request, which checks them as a staged write's (`_plan_tables`:
-no round trip more than the plan makes anyway). And no mapped write is made by
-a session the daemon ended (closed, lost, past its heartbeat timeout, or ended
-with its driver): `_check_alive`.
+whose tables it does not mirror: the daemon checks its slots, as its staged
+write's, with a `tables` request of no sequences (`_check_driver_slots`),
+once per slot array and change of what the driver may hold (the daemon's
+mapped counts of releases and of ended sessions); a step plan's slots go
+with the plan's own `tables` request (`_plan_tables`: no round trip more
+than the plan makes anyway). And no mapped write is made by a session the
+daemon ended (closed, lost, past its heartbeat timeout, or ended with its
+driver): `_check_alive`.
 """
 
 from __future__ import annotations
@@ -99,6 +101,32 @@ class SlotChecks:
                            "filled by a commit); its K/V is immutable, other sessions read it (write before commit)")
         self._own_slots = key
 
+    def _check_driver_slots(self, slots: np.ndarray) -> None:
+        """NotOwner unless every slot (but -1, padding) lies in a block of this
+        session's or its driver's resident sequences, none published: a rank
+        worker's mapped write, checked by the daemon as its staged write's (a
+        `tables` request of no sequences, with a slot of each block). It mirrors no tables of
+        its driver's, so its writes went wherever its slots pointed: slots kept
+        from before the driver freed, truncated or swapped out a sequence, or
+        another session's, overwrote committed K/V. Asked once per slot array and
+        change of what the driver may hold (a model's layers write the same slots:
+        the first pays the round trip): the daemon's mapped counts of releases and
+        of the sessions it ended, and this session's own changes. Without the
+        mapped counts (a pool mapped where they are not) every write asks."""
+        self._check_alive()
+        if not self.plan_slots:
+            return  # a daemon that predates `tables`' slots cannot check them: unchecked, as they were
+        counts = self._releases
+        # read before the round trip: a release while it is under way makes the next write ask again
+        key = None if counts is None else (self._mirror.moves.count, *map(int, counts), slots.tobytes())
+        if key is not None and key == self._driver_slots:
+            return
+        live = slots[slots >= 0]  # (padding writes nothing)
+        if len(live):  # the daemon checks blocks: one slot of each (a long prefill's request stays small)
+            bs = self.spec.block_size
+            self._daemon_tables([], np.unique(live // bs) * bs)
+        self._driver_slots = key
+
     def _writes_for_driver(self) -> bool:
         """Whether this client's mapped writes go into sequences it mirrors no tables
         of: a rank worker's with a driver named, on any pool (a one-rank daemon takes
@@ -113,10 +141,10 @@ class SlotChecks:
         """SessionLost where this client may not write into the mapped pool: closed,
         told its session is lost, or its session ended by the daemon since it last
         looked (`_check_not_ended`: past its heartbeat timeout, or ended with its
-        driver). Every mapped write checks it, a rank worker's too, whose slots (its
-        driver's) are not checked here: closed, lost or past its heartbeat timeout,
-        a worker of a pool of two ranks wrote on, into blocks the daemon may have
-        given to another session."""
+        driver). Every mapped write checks it first, a rank worker's too (whose
+        slots the daemon checks then, once per change: `_check_driver_slots`):
+        closed, lost or past its heartbeat timeout, a worker of a pool of two ranks
+        wrote on, into blocks the daemon may have given to another session."""
         if self._closed:
             raise SessionLost("this client is closed")
         if self._lost:
@@ -143,6 +171,8 @@ class SlotChecks:
 
     #: the (count of changes, slot bytes) last found all this session's (`_check_own_slots`)
     _own_slots: tuple[int, bytes] | None = None
+    #: the (counts, slot bytes) the daemon last found this session's or its driver's (`_check_driver_slots`)
+    _driver_slots: tuple[Any, ...] | None = None
     #: the daemon's count of releases, mapped with its pool (`kvpager.shm.ReleaseCount`; None: not named),
     #: and of the sessions it ended (a second word, where it has one: `_check_not_ended`)
     _releases: np.ndarray | None = None
