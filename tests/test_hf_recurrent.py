@@ -365,7 +365,7 @@ def test_recurrent_layers_that_keep_their_states_in_their_modules_are_refused(mo
     import json
     import warnings
 
-    from kvpager.hf import recurrent_states
+    from kvpager.hf import continuing
     from kvpager.sizing import config_geometry
 
     config = transformers.RecurrentGemmaConfig(**SMALL, num_hidden_layers=3, attention_window_size=16, lru_width=64,
@@ -380,7 +380,7 @@ def test_recurrent_layers_that_keep_their_states_in_their_modules_are_refused(mo
     with warnings.catch_warnings():
         # (refused, not first warned about as a type whose tokens are right: the warning said so before)
         warnings.simplefilter("error")
-        monkeypatch.setattr(recurrent_states, "_warned", set())
+        monkeypatch.setattr(continuing, "_warned", set())
         with pytest.raises(UnsupportedModel, match="keep their states outside transformers' cache"):
             generate(model, pool, ps, max_new_tokens=6, eos_token_id=eos)
     assert_nothing_held(pool)

@@ -8,7 +8,8 @@ tensor cores, CUDA-core decode for float32, or the multi-token kernel), its
 layout and split count, and packs the launch arguments
 (`kvpager.launch.Launch`). Every later ``write`` / ``attend`` sets a few
 pointers and launches: no validation beyond the tensors, no upload, no
-synchronization, no allocation but the output.
+synchronization, no allocation but the output. The K/V write launch, and the
+dense query rows it fills for the attention, are `cupy_write`'s.
 
 With ``num_rows`` / ``width`` capacities a decode plan can be refilled in
 place by `CupyPlan.update` (rows past the step's sequences are padding: they
@@ -42,10 +43,10 @@ from kvpager.backends.cupy_launches import (
     token_layout,
     torch_kinds,
 )
-from kvpager.block_moves import write_kernel
+from kvpager.backends.cupy_write import dense_q, launch_write
 from kvpager.errors import InvalidArgument
 from kvpager.kernel_config import KernelConfig, check_config
-from kvpager.launch import ForkJoin, Launch, current_stream, i32, i64, ptr
+from kvpager.launch import ForkJoin, Launch, current_stream
 from kvpager.plan import StepPlan, check_q_shape, closed_pool
 from kvpager.plan_guard import view_guard
 
@@ -108,7 +109,7 @@ class CupyPlan(StepPlan):
         self._keep: list[Any] = []  # device buffers the launches point at
         self.splits = 1  # decode split-K count, chosen at the first attend
         self._write: Launch | None = None
-        self._q_rows: dict[int, Any] = {}  # query heads -> dense query rows (`_dense_q`)
+        self._q_rows: dict[int, Any] = {}  # query heads -> dense query rows (`cupy_write.dense_q`)
         self._kv_shape = (self.num_tokens, spec.num_kv_heads, spec.head_dim)
         self._scale = check_scale(None, spec.head_dim) * _LOG2E
         self._last_scale: Any = None
@@ -233,48 +234,7 @@ class CupyPlan(StepPlan):
             kp, _ = device_tensor(k, "k", shape, self.backend, self.device)
             vp, _ = device_tensor(v, "v", shape, self.backend, self.device)
             stream = current_stream(self.device)
-        self._launch_write(layer, kp, vp, stream)
-
-    def _launch_write(self, layer: int, kp: int, vp: int, stream: int,
-                      strides: tuple[int, int, int, int] | None = None,
-                      q: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)) -> None:
-        """The K/V write of ``layer`` from checked pointers (built at the first call);
-        ``strides``: the 16-byte vectors from one token's K to the next, from one K head to
-        the next, and V's two (None: dense); ``q``: (source, its token and head strides in
-        vectors, destination, vectors a row) of the query rows the launch also copies densely
-        (vectors 0: none)."""
-        launch = self._write
-        if launch is None:
-            spec, shape = self.spec, self._kv_shape
-            if not shape[0]:
-                return
-            name, defs = write_kernel(spec)
-            fn = kernels.get_kernel("kv_write.cu", name, defs, self.device)
-            args = [ptr(), ptr(), ptr(self.ptrs["slots"]), ptr(self.backend.kv.data.ptr), i32(shape[0]),
-                    i32(), i32(spec.num_layers), i32(spec.num_kv_heads), i32(spec.block_size),
-                    i32(spec.head_dim * spec.compute_itemsize // 16), i64(), i64(), i64(), i64(),
-                    ptr(), i64(), i64(), ptr(), i32()]
-            if spec.is_fp8:
-                args.append(ptr(self.backend.scales.data.ptr))
-            launch = self._write = Launch(fn, (min(shape[0], 65536),), 128, 0, args, self.device)
-        a = launch.args
-        row = a[9].value
-        a[0].value, a[1].value, a[5].value = kp, vp, layer
-        a[10].value, a[11].value, a[12].value, a[13].value = strides or (self.spec.num_kv_heads * row, row) * 2
-        a[14].value, a[15].value, a[16].value, a[17].value, a[18].value = q
-        launch(stream)
-
-    def _dense_q(self, heads: int) -> Any:
-        """The plan's buffer of dense query rows [tokens, heads, head_dim] for ``heads``
-        (the write launch copies strided queries there for the attention after it; made
-        once, kept with the plan, so captured graphs read the same memory)."""
-        buf = self._q_rows.get(heads)
-        if buf is None:
-            import torch
-
-            buf = self._q_rows[heads] = torch.empty((self._tokens, heads, self.spec.head_dim),
-                                                    dtype=self._torch_dtype, device=f"cuda:{self.device}")
-        return buf
+        launch_write(self, layer, kp, vp, stream)
 
     def write_attend(self, layer: int, q: Any, k: Any, v: Any, scale: float | None = None, *,
                      window: int | None = None, softcap: float | None = None, sinks: Any = None,
@@ -306,9 +266,9 @@ class CupyPlan(StepPlan):
                     row = spec.head_dim * spec.compute_itemsize // 16
                     copy = (0, 0, 0, 0, 0)
                     if qh != row or qt != heads * row:  # not dense rows: the write copies them dense
-                        dense = self._dense_q(heads).data_ptr()
+                        dense = dense_q(self, heads).data_ptr()
                         copy, qp = (qp, qt, qh, dense, heads * row), dense
-                    self._launch_write(layer, kp, vp, stream, (kt, kh, vt, vh), copy)
+                    launch_write(self, layer, kp, vp, stream, (kt, kh, vt, vh), copy)
                     target._launch_attend(layer, qp, out.data_ptr(), options, stream)
                 return out
         if self._late_torch(q):

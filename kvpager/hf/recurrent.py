@@ -48,16 +48,15 @@ passes' plans over as much of it as they reach): the next prompt that finds
 those blocks (the same system prompt, the next turn of a conversation) resumes
 at their end. Blocks are published as every model's.
 Where a sequence ends, its states at the last block boundary it ran are held
-too (marked as its passes fill blocks: `stepped`), so a conversation's next
-turn resumes after the answer.
+too (marked as its passes fill blocks: `stepped`; `kvpager.hf.recurrent_ends`),
+so a conversation's next turn resumes after the answer.
 transformers' linear-attention cache layers (5.24 and later) are required.
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -65,18 +64,17 @@ import torch
 
 from kvpager.hf.attention import PagedBatch, capturing, paged_attention, run_pass
 from kvpager.hf.compiled import compiled_fn
+from kvpager.hf.continuing import CONTINUING, NOT_CONTINUING, continues  # noqa: F401 - the first two re-exported
 from kvpager.hf.model import has_recurrent_layers, text_config
 from kvpager.hf.pass_schedule import schedule
-from kvpager.hf.recurrent_states import (  # noqa: F401 - CONTINUING, NOT_CONTINUING re-exported
-    CONTINUING,
-    NOT_CONTINUING,
+from kvpager.hf.recurrent_ends import HeldEnds
+from kvpager.hf.recurrent_states import (
     Layout,
     Rows,
     States,
     cache_argument,
     cache_over,
     check_layout,
-    continues,
     fixed_states,
     forward_rows,
     layout_of,
@@ -85,7 +83,7 @@ from kvpager.hf.recurrent_states import (  # noqa: F401 - CONTINUING, NOT_CONTIN
     stacked,
     tensors_of,
 )
-from kvpager.hf.state_cache import PrefixKeys, StateCache, held_key, prefix_key
+from kvpager.hf.state_cache import PrefixKeys, StateCache, held_key
 
 __all__ = ["Recurrent", "StateCache", "States", "has_recurrent_layers", "new_cache", "recurrent_salt"]
 
@@ -103,7 +101,7 @@ Segment = tuple[int, int, np.ndarray, Rows | None]
 Ran = tuple[list[int], Any]
 
 
-class Recurrent:
+class Recurrent(HeldEnds):
     """The recurrent layers' states of one generation's sequences (see the module
     docstring): `allocate` and `prefill` the prompts (resuming from held states
     where their leading blocks are cached), then `decode` steps over rows (or
@@ -301,52 +299,6 @@ class Recurrent:
         for k, r in zip(rows, rows_of(cache, self._layout)):
             final[k] = r
         return rows, cache
-
-    def stepped(self, positions: Sequence[int], past_end: Container[int] = ()) -> None:
-        """A pass was queued that ran the token at ``positions`` of each row held (in
-        order), and no pass after it yet: the rows whose tokens now fill their last
-        block are marked (`States.mark`), so their states there can be held when
-        they end; not the rows ``past_end`` (indices), whose token there was an end
-        token a pipelined pass ran all the same (the block it filled is never
-        published, so the mark before it stays)."""
-        if self._ends:
-            bs = self._block_size
-            rows = [k for k, p in enumerate(positions) if (p + 1) % bs == 0 and k not in past_end]
-            try:
-                self.states.mark(rows, [positions[k] + 1 for k in rows])
-            except MemoryError as e:  # the generation goes on, holding no end states
-                self._ends = False
-                warnings.warn(f"kvpager: {e}; the states where this generation's sequences end are not held "
-                              "(StateCache.hold_ends = False keeps from trying)", ResourceWarning, stacklevel=2)
-
-    def keep(self, rows: list[int]) -> None:
-        """The next pass is over ``rows``: the states of sequences that ended go
-        (where they were marked, held first: `close`)."""
-        if self._ends and rows != self.states.rows:
-            kept = set(rows)
-            self._hold([k for k, r in enumerate(self.states.rows) if r not in kept])
-        self.states.keep(rows)
-
-    def close(self) -> None:
-        """The generation ends: the states of its sequences' last block boundaries
-        are held (those marked), under the keys of their tokens up to there, so a
-        prompt that continues one of them (a conversation's next turn) resumes
-        there. Nothing after a decode pass failed (`broken`)."""
-        if self._ends and self.states is not None:
-            self._hold(range(self.states.n))
-            self._ends = False
-
-    def _hold(self, rows: Iterable[int]) -> None:
-        if self.broken:
-            return
-        states = self.states
-        held = []
-        for k in rows:
-            at = states.marked[k]
-            tokens = self.history(states.rows[k]) if at else ()
-            if at and len(tokens) > at:  # (every token to its mark known here)
-                held.append((prefix_key(self._held_as, tokens, at), self._layout, states.marked_rows(k)))
-        self.store.put_many(held)
 
     def decode(self, plan: Any, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """One eager decode pass over the rows `keep` left (a token each: ``input_ids``

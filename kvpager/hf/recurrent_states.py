@@ -10,22 +10,21 @@ Here they are handled as
   cache (`rows_of`) and put back together into one (`cache_over`), so passes
   over different groups of prompts (a pass per prompt length, and a pass that
   resumes from a cached state) join into one batch;
-- which model types' recurrent layers continue a pass from held states
-  (`CONTINUING`, `continues`) and the name their forward takes a cache under
-  (`cache_argument`), and a forward pass of rows over the states in a cache
-  (`forward_rows`);
+- the name a model's forward takes a cache under (`cache_argument`), and a
+  forward pass of rows over the states in a cache (`forward_rows`);
 - `States`: the batch's rows at fixed addresses for the decode steps (a CUDA
   graph reads and writes them in place), and their marks (each row's states at
   its last block boundary, held where its sequence ends).
 
 The states held across generations, by the tokens before them, are
-`kvpager.hf.state_cache`'s.
+`kvpager.hf.state_cache`'s; which model types' recurrent layers continue a
+pass from held states (`CONTINUING`, `continues`, re-exported here) is
+`kvpager.hf.continuing`'s.
 """
 
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,58 +32,13 @@ import torch
 
 from kvpager.errors import UnsupportedModel
 from kvpager.hf.attention import PagedBatch
+from kvpager.hf.continuing import CONTINUING, MODULE_STATES, NOT_CONTINUING, continues  # noqa: F401 - re-exported
 from kvpager.hf.model import RECURRENT_KINDS, text_config
 from kvpager.sizing import NO_KV_KINDS
 
 # (layer index, "conv" or "recurrent", state index, the convolution's kernel size or None)
 Layout = tuple[tuple[int, str, int, Any], ...]
 Rows = tuple[torch.Tensor, ...]  # one sequence's states, in its layout's order, a row each
-
-
-#: model types whose recurrent layers continue a pass of several tokens from the states a pass
-#: left, as transformers runs them (each checked against transformers' tokens, prefilled in parts
-#: and resumed from held states: tests/test_hf_recurrent.py; and against a plain forward pass's
-#: log-probabilities with its built constants moved as training moves them:
-#: tests/test_hf_scoring_recurrent.py). Zamba's and Jamba's Mamba layers do not: a pass of more
-#: than one token scans from a zero state whatever its cache holds (Zamba's prompts run in parts,
-#: or resumed, gave other tokens than transformers'; Jamba's log-probabilities were 0.02-0.03 off
-#: once its convolution bias was not zero, as in every trained Jamba, with no error; transformers'
-#: own Jamba code says so of its scan). A model of a type not listed (`continues`)
-#: runs each prompt from its first token in one pass (left-padded) and holds no states for later
-#: prompts: its tokens are right, its prompts' recurrent layers recomputed.
-CONTINUING = frozenset({
-    "bailing_hybrid", "bamba", "falcon_h1", "granitemoehybrid", "kimi_linear", "lara_mini", "lfm2",
-    "lfm2_moe", "lfm2_vl", "lfm3", "nemotron_h", "olmo_hybrid", "qwen3_5", "qwen3_5_text", "qwen3_5_moe",
-    "qwen3_5_moe_text", "qwen3_next", "zamba2", "zaya",
-})
-
-
-#: model types known not to continue (`CONTINUING`): taken so without a warning
-NOT_CONTINUING = frozenset({"zamba", "jamba"})
-#: model types whose recurrent layers keep their states in their modules: refused at their first
-#: pass (`check_layout`), so not warned about as a type that may continue first
-MODULE_STATES = frozenset({"recurrent_gemma"})
-_warned: set[Any] = set()  # the unknown types warned about, once a process each
-
-
-def continues(model: Any) -> bool:
-    """Whether ``model``'s recurrent layers continue a pass of several tokens from held
-    states (`CONTINUING`, by its model type or its text config's;
-    `Recurrent.continues` overrides it). A type in neither list warns, once a
-    process: its prompts run whole, no states held for later prompts."""
-    types = {getattr(getattr(model, "config", None), "model_type", None),
-             getattr(text_config(model), "model_type", None)}
-    if types & CONTINUING:
-        return True
-    name = tuple(sorted(str(t) for t in types))
-    if not types & (NOT_CONTINUING | MODULE_STATES) and name not in _warned:
-        _warned.add(name)
-        warnings.warn(f"kvpager: {type(model).__name__} (model type {' / '.join(name)}) is not among the types whose "
-                      "recurrent layers are known to continue a pass from held states "
-                      "(kvpager.hf.recurrent.CONTINUING): its prompts run whole from their first tokens and no "
-                      "states are held for later prompts (its tokens are right). Recurrent.continues = True takes "
-                      "it as one that continues, once checked against transformers' tokens", stacklevel=3)
-    return False
 
 
 def cache_argument(model: Any) -> str:
