@@ -5,9 +5,10 @@ Every device block other than block 0 is in exactly one state:
 
 - free: on the free list, holds nothing anyone can find;
 - evictable: reference count 0 but its K/V is still published in the prefix
-  cache, so a later prompt can match it. Kept in ``evictable`` in LRU order
-  (oldest first); when the free list runs dry the oldest is evicted: its
-  cache entry is dropped and the block is reused;
+  cache, so a later prompt can match it. Kept in ``evictable`` (an `Lru`:
+  arrays, so a long prompt's blocks enter and leave it in a few array
+  operations) in LRU order (oldest first); when the free list runs dry the
+  oldest is evicted: its cache entry is dropped and the block is reused;
 - in use: reference count >= 1 (one per block-table entry that points at it).
 
 Block 0 is the null block: never handed out, never freed; padding entries of
@@ -30,13 +31,12 @@ with their token ids, which the pool does not know).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 
 from kvpager.block_refs import BlockRefs
 from kvpager.errors import IntegrityError, InvalidArgument, OutOfBlocks
 from kvpager.events import EventSink
+from kvpager.lru import Lru
 from kvpager.prefix_cache import PrefixCache
 from kvpager.tenants import DEFAULT, Tenants
 from kvpager.types import BlockMap
@@ -64,10 +64,10 @@ class BlockPool(BlockRefs):
         # Low ids on top: a fresh pool hands out 1, 2, 3, ...
         self._free = np.arange(num_blocks - 1, NULL_BLOCK, -1, dtype=np.int64)
         self._num_free = num_blocks - 1
-        self.evictable: OrderedDict[int, None] = OrderedDict()
+        self.evictable = Lru(num_blocks)
         self.cache = PrefixCache(num_blocks)
-        self.tenants = Tenants(num_blocks)
-        self._mark = np.zeros(num_blocks, dtype=np.int64)  # scratch for free_blocks
+        self.tenants = Tenants(num_blocks, self.evictable.tick)
+        self._mark = np.zeros(num_blocks, dtype=np.int64)  # scratch for free_blocks and touch
         self.num_evicted = 0  # cached blocks evicted to make room, ever
         #: where keys leaving the cache are reported (None: nowhere, at no cost)
         self.events: EventSink | None = None
@@ -116,7 +116,7 @@ class BlockPool(BlockRefs):
         ref = self.ref_cnt.copy()
         state = np.where(ref > 0, BlockMap.USED, BlockMap.FREE).astype(np.uint8)
         if self.evictable:
-            state[np.fromiter(self.evictable, dtype=np.int64)] = BlockMap.EVICTABLE
+            state[self.evictable.ids()] = BlockMap.EVICTABLE
         state[NULL_BLOCK] = BlockMap.NULL
         return BlockMap(state, ref, self.cache.cached.copy())
 
@@ -147,20 +147,23 @@ class BlockPool(BlockRefs):
         this use, as vLLM's newer copy of it does; kept on the idle copy, it
         would be evicted at that copy's older place in the LRU."""
         old = self.cache.get(key)
-        if old is not None and old != block_id and not self.ref_cnt[old] and block_id not in self.cache.block_key:
+        if old is not None and old != block_id and not self.ref_cnt[old] and not self.cache.cached[block_id]:
             self.unpublish(old)
         if not self.cache.publish(block_id, key):
             return False
         self.tenants.published(block_id, tenant)
         return True
 
-    def publish_new(self, blocks: list[int], keys: list[bytes], tenants: np.ndarray) -> bool:
+    def publish_new(self, blocks: list[int], keys: list[bytes], tenants: np.ndarray,
+                    ids: np.ndarray | None = None) -> bool:
         """`publish` of every block under its key, for its tenant (codes, int32),
         at once where all keys and blocks are new and distinct (True); False and
-        nothing changed otherwise (`PrefixCache.publish_new`)."""
-        if not self.cache.publish_new(blocks, keys):
+        nothing changed otherwise (`PrefixCache.publish_new`). ``ids``: ``blocks``
+        as an int64 array, if the caller has it."""
+        ids = np.array(blocks, dtype=np.int64) if ids is None else ids
+        if not self.cache.publish_new(blocks, keys, ids):
             return False
-        self.tenants.published_many(np.asarray(blocks, dtype=np.int64), tenants)
+        self.tenants.published_many(ids, tenants)
         return True
 
     def unpublish(self, block_id: int) -> None:
@@ -171,11 +174,12 @@ class BlockPool(BlockRefs):
             return
         if self.events is not None:
             self.events.removed([key])
-        self.tenants.removed(np.array([block_id], dtype=np.int64))
+        one = np.array([block_id], dtype=np.int64)
+        self.tenants.removed(one)
         if block_id in self.evictable:
-            del self.evictable[block_id]
-            self.tenants.left_lru([block_id])
-            self._push(np.array([block_id], dtype=np.int64))
+            self.evictable.remove_one(block_id)
+            self.tenants.left_lru(one)
+            self._push(one)
 
     def set_quota(self, salt: str | bytes | None, blocks: int | None) -> None:
         """A soft bound on the cached blocks of ``salt``'s tenant (see `Tenants`)."""
@@ -201,21 +205,24 @@ class BlockPool(BlockRefs):
             available = top + len(self.evictable)
             if n > available:
                 raise OutOfBlocks(n, available)
-            evictable, tenants = self.evictable, self.tenants
+            lru, tenants = self.evictable, self.tenants
             # Tenants over their quota first (their least recently used), then the LRU.
-            victims = tenants.victims(n - top) if tenants.quotas else []
-            for b in victims:
-                del evictable[b]
-            first = len(victims)
-            victims += [evictable.popitem(last=False)[0] for _ in range(n - top - first)]
+            victims = tenants.victims(n - top) if tenants.quotas else None
+            if victims is not None and len(victims):
+                lru.remove(victims)
+                rest = lru.pop(n - top - len(victims))
+                tenants.left_lru(rest)
+                victims = np.concatenate([victims, rest])
+            else:
+                victims = lru.pop(n - top)
+                tenants.left_lru(victims)
             keys = self.cache.remove_many(victims)
             self.num_evicted += len(victims)
             if self.events is not None:
                 self.events.removed(keys)
-            tenants.left_lru(victims[first:])
-            tenants.removed(np.array(victims, dtype=np.int64))
+            tenants.removed(victims)
             free = self._free[:top][::-1] if top_first else self._free[:top]
-            ids = np.concatenate([free, np.array(victims, dtype=np.int64)])
+            ids = np.concatenate([free, victims])
             self._num_free = 0
         self.ref_cnt[ids] = 1
         return ids
@@ -232,9 +239,12 @@ class BlockPool(BlockRefs):
         np.add.at(is_free, free_list, 1)
         if (is_free > 1).any():
             problems.append(f"free list has {int((is_free > 1).sum())} duplicates")
-        is_evictable = np.zeros(self.num_blocks, dtype=bool)
-        if self.evictable:
-            is_evictable[np.fromiter(self.evictable, dtype=np.int64)] = True
+        # the LRU's entries counted (each evictable block listed once), and its own books
+        listed = np.bincount(self.evictable.ids(), minlength=self.num_blocks)
+        if (listed > 1).any():
+            problems.append(f"LRU lists {int((listed > 1).sum())} blocks more than once")
+        is_evictable = listed > 0
+        problems += self.evictable.problems()
         if is_free[NULL_BLOCK] or is_evictable[NULL_BLOCK]:
             problems.append("null block 0 is on the free list or evictable")
         both = np.flatnonzero((is_free > 0) & is_evictable)

@@ -6,7 +6,7 @@ the free list otherwise.
 
 `BlockRefs` is mixed into `BlockPool`, which supplies ``ref_cnt`` (int32 per
 block), the free list (``_free``, ``_num_free``, ``_push``), ``evictable``
-(the LRU), ``cache``, ``tenants`` and ``_mark`` (scratch). Block ids come as
+(the LRU: `Lru`), ``cache``, ``tenants`` and ``_mark`` (scratch). Block ids come as
 int64 arrays (int32 ones cost a conversion per indexing); every method has a
 vectorised general case and short cuts for one sequence's distinct blocks.
 """
@@ -21,8 +21,7 @@ import numpy as np
 from kvpager.errors import IntegrityError
 
 if TYPE_CHECKING:
-    from collections import OrderedDict
-
+    from kvpager.lru import Lru
     from kvpager.prefix_cache import PrefixCache
     from kvpager.tenants import Tenants
 
@@ -42,7 +41,7 @@ class BlockRefs:
     """Reference counting of `BlockPool`'s blocks."""
 
     ref_cnt: np.ndarray
-    evictable: OrderedDict[int, None]
+    evictable: Lru
     cache: PrefixCache
     tenants: Tenants
     _free: np.ndarray
@@ -59,14 +58,17 @@ class BlockRefs:
         before = ref[ids]
         if np.count_nonzero(before) != len(ids):
             idle = ids[before == 0]
-            evictable = self.evictable
-            idle_set = set(idle.tolist())
-            for b in idle_set:
-                if b not in evictable:
-                    raise IntegrityError(f"bug: touched block {b} that is neither in use nor evictable")
-            for b in idle_set:
-                del evictable[b]
-            self.tenants.left_lru(idle_set)
+            if not distinct and len(idle) > 1:  # each once: the last listing of a repeat kept
+                k = np.arange(len(idle))
+                mark = self._mark
+                mark[idle] = k
+                idle = idle[mark[idle] == k]
+            lru = self.evictable
+            stray = lru.outside(idle)
+            if len(stray):
+                raise IntegrityError(f"bug: touched block {int(stray[0])} that is neither in use nor evictable")
+            lru.remove(idle)
+            self.tenants.left_lru(idle)
         if distinct:
             ref[ids] += _ONE
         else:
@@ -160,8 +162,7 @@ class BlockRefs:
             cached = self.cache.cached[done]
             if np.count_nonzero(cached):
                 idle = done[cached]
-                self.evictable.update(dict.fromkeys(idle.tolist()))
-                self.tenants.became_evictable(idle)
+                self.tenants.became_evictable(idle, self.evictable.add(idle))
                 done = done[~cached]
         top = self._num_free  # `_push`, inline
         self._free[top : top + len(done)] = done

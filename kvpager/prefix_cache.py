@@ -18,7 +18,10 @@ entry goes (eviction, a block about to be rewritten).
 from __future__ import annotations
 
 import hashlib
+import operator
 import struct
+from collections import deque
+from collections.abc import Iterator, Mapping
 from itertools import repeat
 
 import numpy as np
@@ -161,18 +164,48 @@ def block_key(parent: bytes, ids: list[int]) -> bytes:
     return h.digest()
 
 
+class BlockKeys(Mapping):
+    """Block id -> the key it is published under: the reading side of a dict,
+    over `PrefixCache`'s arrays (``key_of``, an object array, and ``cached``)."""
+
+    __slots__ = ("_keys", "_cached")
+
+    def __init__(self, keys: np.ndarray, cached: np.ndarray):
+        self._keys, self._cached = keys, cached
+
+    def __getitem__(self, block: object) -> bytes:
+        try:
+            b = operator.index(block)  # type: ignore[arg-type]
+        except TypeError:
+            raise KeyError(block) from None
+        if 0 <= b < len(self._cached) and self._cached[b]:
+            return self._keys[b]
+        raise KeyError(block)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.flatnonzero(self._cached).tolist())
+
+    def __len__(self) -> int:
+        return int(np.count_nonzero(self._cached))
+
+
 class PrefixCache:
     """Block keys <-> the device blocks that hold that prefix's K/V.
 
     A block is published only after its owner commits that its K/V is
     written. The cache holds no references: a published block whose count
     falls to 0 stays matchable (evictable) until the pool needs its memory.
-    ``cached[b]`` says whether block ``b`` is published, for vectorised checks."""
+    ``cached[b]`` says whether block ``b`` is published, for vectorised checks;
+    ``key_of[b]`` is its key (None if it has none: an object array), so the
+    keys of a run of blocks are one gather, and ``block_key`` reads them as a
+    mapping. Only ``key_to_block`` is a dict (a prompt's keys are looked up
+    one by one)."""
 
     def __init__(self, num_blocks: int):
         self.key_to_block: dict[bytes, int] = {}
-        self.block_key: dict[int, bytes] = {}
+        self.key_of = np.full(num_blocks, None, dtype=object)
         self.cached = np.zeros(num_blocks, dtype=bool)
+        self.block_key = BlockKeys(self.key_of, self.cached)
 
     def __len__(self) -> int:
         return len(self.key_to_block)
@@ -219,7 +252,7 @@ class PrefixCache:
             take = min(take, n - done)
             got = hash_chain(parent, tokens[done * block_size :], block_size, take)
             found = list(map(lookup, got))
-            if None in found:
+            if not all(found):  # a miss (None; a hit is a block id, never the null block 0)
                 miss = found.index(None)
                 keys += got[:miss]
                 hits += found[:miss]
@@ -262,58 +295,96 @@ class PrefixCache:
     def publish(self, block_id: int, key: bytes) -> bool:
         """Make ``block_id`` matchable under ``key``. False (no change) if the key
         is already cached elsewhere or the block already carries a key."""
-        if key in self.key_to_block or block_id in self.block_key:
+        if key in self.key_to_block or self.cached[block_id]:
             return False
         self.key_to_block[key] = block_id
-        self.block_key[block_id] = key
+        self.key_of[block_id] = key
         self.cached[block_id] = True
         return True
 
-    def publish_new(self, blocks: list[int], keys: list[bytes]) -> bool:
+    def publish_new(self, blocks: list[int], keys: list[bytes], ids: np.ndarray | None = None) -> bool:
         """`publish` of each (block, key) pair at once where every key and every
-        block is new and none repeats (a decode step's blocks, one a sequence):
-        True. False, and nothing changed, otherwise: publish them one by one."""
-        k2b, b2k, n = self.key_to_block, self.block_key, len(keys)
-        if not (k2b.keys().isdisjoint(keys) and b2k.keys().isdisjoint(blocks)
-                and len(set(keys)) == n and len(set(blocks)) == n):
+        block is new and none repeats (a decode step's blocks, one a sequence;
+        a long prompt's): True. False, and nothing changed, otherwise: publish
+        them one by one. ``ids``: ``blocks`` as an int64 array, if the caller has it.
+
+        Each key is looked up once: ``setdefault`` inserts it where it is new
+        and answers the block it has where it is not (or where it repeats in
+        ``keys``), and the keys this call inserted are taken out again then."""
+        n = len(keys)
+        ids = np.array(blocks, dtype=np.int64) if ids is None else ids
+        if np.count_nonzero(self.cached[ids]):
             return False
-        k2b.update(zip(keys, blocks))
-        b2k.update(zip(blocks, keys))
-        self.cached[blocks] = True
+        if n <= 64:
+            if len(set(blocks)) != n:
+                return False
+        else:
+            ordered = np.sort(ids)
+            if np.count_nonzero(ordered[1:] == ordered[:-1]):
+                return False
+        k2b = self.key_to_block
+        got = list(map(k2b.setdefault, keys, blocks))
+        if got != blocks:  # a key cached already, or twice here: the ones inserted go again
+            for key, b, mine in zip(keys, got, blocks):
+                if b == mine:  # (a block with a key already was refused above)
+                    del k2b[key]
+            return False
+        self.key_of[ids] = keys
+        self.cached[ids] = True
         return True
 
     def remove(self, block_id: int) -> bytes | None:
         """Forget ``block_id``'s entry; returns its key, or None if it had none."""
-        key = self.block_key.pop(block_id, None)
-        if key is None:
+        if not self.cached[block_id]:
             return None
+        key = self.key_of[block_id]
+        self.key_of[block_id] = None
         del self.key_to_block[key]
         self.cached[block_id] = False
         return key
 
-    def remove_many(self, blocks: list[int]) -> list[bytes | None]:
-        """`remove` of each of ``blocks`` (distinct ids) at once: their keys, None
-        for a block that had none. An eviction of a long prompt's blocks (62,500
-        for 1M tokens) paid a Python call a block."""
-        keys = list(map(self.block_key.pop, blocks, repeat(None, len(blocks))))
+    def remove_many(self, blocks: list[int] | np.ndarray) -> list[bytes | None]:
+        """`remove` of each of ``blocks`` (distinct ids: a list, or an int64 array)
+        at once: their keys, None for a block that had none. An eviction of a long
+        prompt's blocks (62,500 for 1M tokens) paid a Python call a block: their
+        keys are one gather now, and where at least half of the cache goes,
+        ``key_to_block`` is built again from the entries that stay (a deletion
+        is a probe into a large table, 20-35 ms for 62,500 keys; a rebuild a
+        C-speed pass over what is left, and it gives back the table's memory,
+        which deletions never do)."""
+        ids = blocks if isinstance(blocks, np.ndarray) else np.array(blocks, dtype=np.int64)
+        keys = self.key_of[ids].tolist()  # (None where a block has no key)
+        self.key_of[ids] = None
+        cached = self.cached
+        cached[ids] = False
         k2b = self.key_to_block
-        for key in keys:
-            if key is not None:
-                del k2b[key]
-        self.cached[blocks] = False
+        if 2 * len(ids) >= len(k2b):
+            if len(cached) <= 16 * len(k2b):  # (the mask is not much longer than the cache: scanned whole)
+                rest = np.flatnonzero(cached)
+            else:  # a small cache in a large pool: its own blocks, those left marked
+                rest = np.fromiter(k2b.values(), np.int64, len(k2b))
+                rest = np.sort(rest[cached[rest]])
+            kept = self.key_of[rest].tolist()
+            k2b.clear()
+            k2b.update(zip(kept, rest.tolist()))
+        else:
+            deque(map(k2b.pop, keys, repeat(None)), maxlen=0)
         return keys
 
     def problems(self) -> list[str]:
-        """What is wrong with the maps (empty if nothing): they must mirror each
-        other and ``cached`` must mark exactly the keyed blocks."""
+        """What is wrong with the maps (empty if nothing): ``key_to_block`` and
+        the keys by block must mirror each other, and ``cached`` must mark
+        exactly the blocks with a key."""
         out = []
-        if len(self.key_to_block) != len(self.block_key):
-            out.append(f"{len(self.key_to_block)} keys but {len(self.block_key)} keyed blocks")
+        marked = np.flatnonzero(self.cached)
+        keyed = np.flatnonzero(self.key_of != None)  # noqa: E711 (elementwise: which entries hold a key)
+        if len(marked) != len(keyed) or not np.array_equal(marked, keyed):
+            out.append(f"{len(marked)} blocks marked cached but {len(keyed)} keyed")
+        if len(self.key_to_block) != len(keyed):
+            out.append(f"{len(self.key_to_block)} keys but {len(keyed)} keyed blocks")
+        keys = self.key_of
         for key, b in self.key_to_block.items():
-            if self.block_key.get(b) != key:
+            if not (type(b) is int and 0 <= b < len(keys)) or keys[b] != key:
                 out.append(f"key of block {b} does not map back to it")
                 break
-        marked = np.flatnonzero(self.cached)
-        if len(marked) != len(self.block_key) or not all(b in self.block_key for b in marked.tolist()):
-            out.append(f"{len(marked)} blocks marked cached but {len(self.block_key)} keyed")
         return out

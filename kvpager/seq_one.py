@@ -43,6 +43,9 @@ _ONE = np.int32(1)
 #: builds its table as a list (one conversion); more, as arrays (a list of
 #: many ids converts slower than a concatenation).
 _LIST_NEW = 32
+#: Up to this many prefix hits, their reference counts are read as a list (a
+#: short prefix's); more, in NumPy (a list of a long prompt's 62,500 costs ms).
+_LIST_HITS = 256
 
 
 def row_of(m: SequenceManager, seq_id: int) -> int:
@@ -97,13 +100,20 @@ def allocate_one(m: SequenceManager, prompt: Any, salt: str | bytes | None, owne
             hit_ids = flat[:nh]
         else:
             hit_ids = np.array(hits, dtype=_I64)
-        before = ref[hit_ids].tolist()
-        v = before[0]
-        same = v and before.count(v) == nh  # all in use, one count
+        if nh <= _LIST_HITS:
+            before = ref[hit_ids].tolist()
+            v = before[0]
+            same = v and before.count(v) == nh  # all in use, one count
+            idle = 0 if same else before.count(0)  # evictable hits
+        else:  # a long prefix's counts, read without a list of them
+            counts = ref[hit_ids]
+            v = int(counts[0])
+            same = v and not np.count_nonzero(counts != v)
+            idle = 0 if same else nh - int(np.count_nonzero(counts))
         if not short:
             # An evictable hit is taken before any new block: it must not be
             # evicted to make room for this very allocation.
-            available = top + len(pool.evictable) - (0 if same else before.count(0))
+            available = top + len(pool.evictable) - idle
             if need > available:
                 raise OutOfBlocks(need, available)
         if same:  # `BlockPool.touch` with nothing in the LRU: a store
@@ -111,7 +121,7 @@ def allocate_one(m: SequenceManager, prompt: Any, salt: str | bytes | None, owne
                 ref[hit_ids] = _PLUS_ONE[v]
             except IndexError:  # a count past the table's
                 ref[hit_ids] = v + 1
-        elif 0 in before:
+        elif idle:
             pool.touch(hit_ids, True)
         else:
             ref[hit_ids] += _ONE

@@ -248,19 +248,21 @@ def commit(m: SequenceManager, seq_ids: list[int] | np.ndarray, upto: Seq[int | 
     for i, (k, row, f, start) in enumerate(zip(ks, trows.tolist(), tfull.tolist(), starts.tolist())):
         h = history[ids[i]]
         keys = h.key_blocks(f, bs)
-        blocks = [one[i]] if one is not None else bt.table[row, start:f].tolist()
+        run = None if one is not None else bt.table[row, start:f].astype(np.int64)
+        blocks = [one[i]] if run is None else run.tolist()
         if not blocks:  # (every full block it completed was released: nothing to publish)
             continue
         code = pool.tenants.code(h.root, h.salt)
         # all new (a fresh prompt's blocks): at once; a 128k-token prompt's 8k blocks one by one held
         # the loop ~30% longer. Else one by one (a key cached already moves, or stays: `BlockPool.publish`)
-        if len(blocks) > 1 and pool.publish_new(blocks, keys[start:f], np.full(len(blocks), code, np.int32)):
+        if len(blocks) > 1 and pool.publish_new(blocks, keys[start:f], np.full(len(blocks), code, np.int32), run):
             done = [True] * len(blocks)
+            published[k] = len(blocks)
         else:
             done = list(map(pool.publish, blocks, keys[start:f], itertools.repeat(code, len(blocks))))
-        if not any(done):  # (each key cached already: no tenant entry kept for nothing)
-            pool.tenants.release_idle([code])
-        published[k] = sum(done)
+            if not any(done):  # (each key cached already: no tenant entry kept for nothing)
+                pool.tenants.release_idle([code])
+            published[k] = sum(done)
         if sink is not None:
             report_stored(m, h, list(range(start, f)), done)
         if fresh is not None:

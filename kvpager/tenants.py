@@ -13,23 +13,30 @@ until it is back at its quota, and then the global least recently used.
 Blocks in use (by sequences or pins) are never evicted, quota or not.
 
 `BlockPool` owns one `Tenants` and tells it what it publishes, removes and
-makes evictable; only tenants with a quota keep an LRU of their own, so a
-pool without quotas pays one array write per block that turns evictable.
+makes evictable; only tenants with a quota keep an LRU of their own (a
+`TickQueue` over the pool LRU's ticks: a block leaving the pool's LRU leaves
+its tenant's with it), so a pool without quotas pays nothing here when a
+block turns evictable, and with quotas a run of blocks is a few array
+operations.
 A tenant's code is released once it holds no block and has no quota: a
 daemon serving many salts over time keeps only the live ones.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kvpager.errors import InvalidArgument
+from kvpager.lru import TickQueue
 from kvpager.pins import salt_bytes
 from kvpager.prefix_cache import root_key
 from kvpager.validate import whole
+
+if TYPE_CHECKING:
+    from kvpager.lru import Lru
 
 #: The code of the default tenant (salt None); never released.
 DEFAULT = 0
@@ -39,15 +46,15 @@ class Tenants:
     """Per-block tenant codes, per-tenant cached-block counts, quotas and the
     evictable blocks of every tenant with a quota (oldest first)."""
 
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, ticks: np.ndarray):
         self.of_block = np.zeros(num_blocks, dtype=np.int32)  # meaningful for cached blocks only
-        # When each evictable block became evictable: orders blocks of different
-        # tenants as the pool's LRU does.
-        self.stamp = np.zeros(num_blocks, dtype=np.int64)
-        self.clock = 0
+        # The pool LRU's ticks (`Lru.tick`): when each evictable block became evictable,
+        # which orders blocks of different tenants as the pool's LRU does.
+        self.ticks = ticks
         self.usage = np.zeros(8, dtype=np.int64)  # cached blocks per code
         self.quotas: dict[int, int] = {}
-        self.lru: dict[int, OrderedDict[int, None]] = {}  # quota'd tenants' evictable blocks
+        self.lru: dict[int, TickQueue] = {}  # quota'd tenants' evictable blocks
+        self._queued = np.zeros(8, dtype=bool)  # per code: it has an LRU of its own (a quota)
         self._codes: dict[bytes, int] = {root_key(None): DEFAULT}
         self.roots: list[bytes | None] = [root_key(None)]  # code -> root; None: a free code
         self.salts: list[str | bytes | None] = [None]  # code -> the salt as first given
@@ -64,6 +71,7 @@ class Tenants:
                 self.salts.append(salt)
                 if c >= len(self.usage):
                     self.usage = np.concatenate([self.usage, np.zeros(len(self.usage), np.int64)])
+                    self._queued = np.concatenate([self._queued, np.zeros(len(self._queued), bool)])
             else:
                 self.roots[c], self.salts[c] = root, salt
             self._codes[root] = c
@@ -95,53 +103,80 @@ class Tenants:
     def published_many(self, blocks: np.ndarray, codes: np.ndarray) -> None:
         """`published` of each block with its code."""
         self.of_block[blocks] = codes
-        np.add.at(self.usage, codes, 1)
+        counts = np.bincount(codes)
+        self.usage[: len(counts)] += counts
 
     def removed(self, blocks: np.ndarray) -> None:
         """Blocks gone from the prefix cache (evicted or un-published)."""
-        codes = self.of_block[blocks]
-        np.subtract.at(self.usage, codes, 1)
-        self._release_idle(np.unique(codes))
+        counts = np.bincount(self.of_block[blocks])
+        self.usage[: len(counts)] -= counts
+        self._release_idle(np.flatnonzero(counts))
 
-    def became_evictable(self, blocks: np.ndarray) -> None:
-        """Cached blocks whose last reference went, in this order (the pool's LRU end)."""
-        n = len(blocks)
-        self.stamp[blocks] = np.arange(self.clock, self.clock + n)
-        self.clock += n
+    def became_evictable(self, blocks: np.ndarray, ticks: np.ndarray) -> None:
+        """Cached blocks whose last reference went, in this order (the pool's LRU
+        end), with the ticks the pool's LRU gave them."""
         if self.lru:
-            for b, c in zip(blocks.tolist(), self.of_block[blocks].tolist()):
-                mine = self.lru.get(c)
-                if mine is not None:
-                    mine[b] = None
+            codes = self.of_block[blocks]
+            mine = self._queued[codes]
+            if np.count_nonzero(mine):
+                blocks, ticks, codes = blocks[mine], ticks[mine], codes[mine]
+                if (codes == codes[0]).all():  # (one tenant's blocks: one push)
+                    self.lru[int(codes[0])].push(blocks, ticks)
+                    return
+                order = np.argsort(codes, kind="stable")  # each tenant's blocks in the pool's order
+                codes = codes[order]
+                cuts = np.flatnonzero(codes[1:] != codes[:-1]) + 1
+                for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(codes)]):
+                    at = order[lo:hi]
+                    self.lru[int(codes[lo])].push(blocks[at], ticks[at])
 
-    def left_lru(self, blocks: Iterable[int]) -> None:
-        """Evictable blocks taken back into use, evicted or un-published."""
+    def left_lru(self, blocks: np.ndarray) -> None:
+        """Evictable blocks taken back into use, evicted or un-published (distinct
+        ids, their pool LRU ticks cleared already: only the counts change here)."""
         if self.lru:
-            lru, of_block = self.lru, self.of_block
-            for b in blocks:
-                mine = lru.get(int(of_block[b]))
-                if mine is not None:
-                    mine.pop(b, None)
+            codes = self.of_block[blocks]
+            codes = codes[self._queued[codes]]
+            if len(codes):
+                counts = np.bincount(codes)
+                lru = self.lru
+                for c in np.flatnonzero(counts).tolist():
+                    lru[c].count -= int(counts[c])
 
-    def victims(self, n: int) -> list[int]:
+    def victims(self, n: int) -> np.ndarray:
         """Up to ``n`` evictable blocks of tenants over their quota, least recently
-        used first across them, each tenant only until it is back at its quota.
-        They leave this LRU; the caller evicts them."""
-        excess = {c: int(self.usage[c]) - q for c, q in self.quotas.items()}
-        over = [c for c, e in excess.items() if e > 0 and self.lru[c]]
-        out: list[int] = []
-        stamp = self.stamp
-        while len(out) < n and over:
-            c = min(over, key=lambda c: stamp[next(iter(self.lru[c]))])
-            b = self.lru[c].popitem(last=False)[0]
-            out.append(b)
-            excess[c] -= 1
-            if not excess[c] or not self.lru[c]:
-                over.remove(c)
-        return out
+        used first across them, each tenant only until it is back at its quota
+        (int64). They leave this LRU; the caller evicts them (and clears their
+        ticks, which makes their entries here stale).
+
+        Taking the tenant with the oldest first block, one block at a time, is
+        merging the tenants' lists, each cut at its excess: so the ``n`` oldest
+        of every over-quota tenant's first ``min(excess, n)`` blocks."""
+        lru, firsts, picks = self.lru, [], []
+        for c, q in self.quotas.items():
+            mine = lru[c]
+            excess = int(self.usage[c]) - q
+            if excess > 0 and mine.count:
+                pos = mine.first(min(excess, n))
+                firsts.append((mine, pos))
+                picks.append(mine.blocks_at(pos))
+        if not picks:
+            return np.zeros(0, dtype=np.int64)
+        if len(picks) == 1:
+            taken = picks[0][:n]
+        else:
+            every = np.concatenate(picks)
+            taken = every[np.argsort(self.ticks[every])[:n]]  # (ticks are distinct)
+        # what each tenant gave is the front of its picks (in tick order): its queue moves past it
+        last = self.ticks[taken[-1]]
+        for (mine, pos), got in zip(firsts, picks):
+            k = int(np.searchsorted(self.ticks[got], last, side="right"))
+            if k:
+                mine.count -= k
+                mine.consumed(int(pos[k - 1]) + 1)
+        return taken
 
     # -- quotas ------------------------------------------------------------------------
-    def set_quota(self, salt: str | bytes | None, blocks: int | None, evictable: OrderedDict[int, None]) -> None:
+    def set_quota(self, salt: str | bytes | None, blocks: int | None, evictable: Lru) -> None:
         """Bound ``salt``'s cached blocks softly by ``blocks`` (None: no quota)."""
         root = root_key(salt)  # InvalidArgument for a salt of the wrong type
         if blocks is not None:
@@ -155,12 +190,16 @@ class Tenants:
             c = self._codes.get(root)
             if c is not None and self.quotas.pop(c, None) is not None:
                 del self.lru[c]
+                self._queued[c] = False
                 self._release_idle(np.array([c]))
             return
         c = self.code(root, salt)
         if c not in self.lru:  # its evictable blocks, in the pool's LRU order
-            ids = np.fromiter(evictable, dtype=np.int64, count=len(evictable))
-            self.lru[c] = OrderedDict.fromkeys(ids[self.of_block[ids] == c].tolist())
+            ids = evictable.ids()
+            mine = ids[self.of_block[ids] == c]
+            self.lru[c] = TickQueue(self.ticks)
+            self.lru[c].push(mine, self.ticks[mine])
+            self._queued[c] = True
         self.quotas[c] = blocks
 
     # -- inspection ----------------------------------------------------------------------
@@ -200,7 +239,7 @@ class Tenants:
                         [self.quotas.get(c) for c in codes]))
         return rows, len(live)
 
-    def problems(self, cached: np.ndarray, evictable: OrderedDict[int, None]) -> list[str]:
+    def problems(self, cached: np.ndarray, evictable: Lru) -> list[str]:
         """What disagrees with an independent count over the blocks (empty if nothing)."""
         out = []
         n = len(self.roots)
@@ -208,7 +247,8 @@ class Tenants:
         if len(counted) > n or not np.array_equal(counted, self.usage[:n]) or self.usage[n:].any():
             bad = np.flatnonzero(counted[:n] != self.usage[:n])
             out.append(f"tenant usage disagrees with the cached blocks, e.g. code {bad[:1].tolist()}")
-        if any(self.roots[c] is None for c in self.quotas) or set(self.lru) != set(self.quotas):
+        if any(self.roots[c] is None for c in self.quotas) or set(self.lru) != set(self.quotas) \
+                or set(np.flatnonzero(self._queued).tolist()) != set(self.lru):
             out.append("a quota without a live tenant or its LRU")
         live = np.fromiter((r is not None for r in self.roots), dtype=bool, count=n)
         if set(self._codes.values()) != set(np.flatnonzero(live).tolist()):
@@ -223,14 +263,14 @@ class Tenants:
             # each quota'd tenant's evictable blocks in the pool's LRU order, grouped in one
             # stable sort: a comparison per block and tenant took seconds of the daemon's
             # loop (a `check` needs no session) with a few dozen quotas on a large pool
-            ev = np.fromiter(evictable, dtype=np.int64, count=len(evictable))
+            ev = evictable.ids()
             order = np.argsort(self.of_block[ev], kind="stable")
             grouped, codes = ev[order], self.of_block[ev][order]
             for c, mine in self.lru.items():
                 lo, hi = np.searchsorted(codes, [c, c + 1])
                 expected = grouped[lo:hi]
-                if len(mine) != len(expected) or not np.array_equal(np.fromiter(mine, np.int64, len(mine)),
-                                                                     expected):
+                if len(mine) != len(expected) or not np.array_equal(mine.ids(), expected):
                     out.append(f"tenant {self.salts[c]!r}: LRU of {len(mine)} blocks, but {len(expected)} of its "
                                "blocks are evictable (or in another order)")
+                out += [f"tenant {self.salts[c]!r}: {p}" for p in mine.problems()]
         return out
