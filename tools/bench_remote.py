@@ -275,7 +275,15 @@ def policy_case(url: str, policy: str, blocks: int, seed: int = 0) -> dict:
                     timed(p.backend, [(block, root, key)])
                 return remove(block)
 
-            cache.remove = evicted
+            def evicted_many(blocks, cache=cache, p=p, timed=timed, remove_many=cache.remove_many):
+                # (an eviction's blocks leave the cache together: `PrefixCache.remove_many`)
+                got = [(int(b), root, cache.block_key.get(int(b))) for b in blocks]
+                got = [g for g in got if g[2] is not None]
+                if got:
+                    timed(p.backend, got)
+                return remove_many(blocks)
+
+            cache.remove, cache.remove_many = evicted, evicted_many
     rng = np.random.default_rng(seed)
     docs = 48
     weights = 1 / np.arange(1, docs + 1) ** 1.1
