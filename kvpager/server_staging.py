@@ -62,7 +62,36 @@ class StagingOps:
         blocks = np.unique(slots[slots >= 0] // spec.block_size)
         # A rank's worker writes its heads into its own sequences and its driver's (docs/protocol.md,
         # "Ranks"); it wrote into any session's before, a client with the socket into another's K/V.
-        owners = [s.name] if s.driver is None else [s.name, s.driver]
+        owners = (s.name,) if s.driver is None else (s.name, s.driver)
+        count = self.pool.backend.moves.count
+        kept = s.held
+        foreign = None
+        if kept is not None and kept[0] == count and kept[1] == owners:
+            foreign = _outside(kept[2], blocks)  # (blocks the tables took since: looked at again below)
+        if foreign is None or len(foreign):
+            held = self._held(owners)
+            s.held = (count, owners, held)
+            foreign = _outside(held, blocks)
+        if len(foreign):
+            raise NotOwner(f"write: block {int(foreign[0])} (slot {int(foreign[0]) * spec.block_size}...) is not "
+                           "held by any sequence of this session" + ("" if s.driver is None else " or its driver"))
+        published = blocks[self.pool.manager.pool.cache.cached[blocks]]  # (not blocks(): a copy of every block's state)
+        if len(published):
+            raise NotOwner(f"write: block {int(published[0])} is published in the prefix cache; its K/V "
+                           "is immutable (write before commit)")
+
+    def _held(self, owners: tuple[str, ...]) -> np.ndarray:
+        """The blocks the resident sequences of ``owners`` hold now: a mask a block,
+    or their ids, sorted (int32), whichever is smaller.
+
+        Kept on the session with the pool's `Moves` count (`Session.held`):
+        a block leaves a sequence's table only by a free, truncate, swap-out,
+        release or copy-on-write, and each moves that count, so while it
+        stands every block found held is still held, and the layers of a step
+        that write the same blocks gather the tables once. Each write gathered
+        every table of the session (and its driver) before: 5 ms a call for
+        256 sequences of 32k tokens, 32 a step for a model's layers."""
+        spec = self.pool.spec
         held = np.zeros(spec.num_blocks, bool)  # (a mark a block: np.isin sorted every table, 3.6 ms for 16k entries)
         for owner in owners:
             ids = self.pool.owned(owner)
@@ -72,14 +101,8 @@ class StagingOps:
             except SequenceSwapped:  # a swapped-out sequence has no device table: the long way
                 tables = [info.block_table for info in self.pool.sequences(owner)]
                 held[np.fromiter(itertools.chain.from_iterable(tables), np.int64)] = True
-        foreign = blocks[~held[blocks]]
-        if len(foreign):
-            raise NotOwner(f"write: block {int(foreign[0])} (slot {int(foreign[0]) * spec.block_size}...) is not "
-                           "held by any sequence of this session" + ("" if s.driver is None else " or its driver"))
-        published = blocks[self.pool.manager.pool.cache.cached[blocks]]  # (not blocks(): a copy of every block's state)
-        if len(published):
-            raise NotOwner(f"write: block {int(published[0])} is published in the prefix cache; its K/V "
-                           "is immutable (write before commit)")
+        # the mask where it is no larger than their ids would be (no pass over it to list them), else the ids
+        return held if spec.num_blocks <= 4 * np.count_nonzero(held) else np.flatnonzero(held).astype(np.int32)
 
     def _check_plan_slots(self, s: Session | None, value: Any) -> None:
         """A step plan's slots, sent with its `tables` by a rank worker: checked as
@@ -114,3 +137,14 @@ def _wire_sinks(sinks: Any, q: Any) -> Any:
     if isinstance(sinks, list) and sinks and all(type(x) in (int, float) for x in sinks):
         sinks = np.asarray(sinks, dtype=np.float64)
     return check_sinks(sinks, q.shape[1])
+
+
+def _outside(held: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    """Those of ``blocks`` not in ``held`` (`StagingOps._held`: a mask, or sorted ids)."""
+    if held.dtype == bool:
+        return blocks[~held[blocks]]
+    if not len(held):
+        return blocks
+    # (blocks as ``held``'s int32: searchsorted casts the other way a copy of all of ``held``)
+    at = np.minimum(np.searchsorted(held, blocks.astype(held.dtype)), len(held) - 1)
+    return blocks[held[at] != blocks]
