@@ -151,7 +151,7 @@ class PinTable:
             pin.count -= 1
             if not pin.count:
                 del mine[pin.keys[-1]]
-                self._forget(pin)
+                self._forget([pin])
         self._release(pool, [pin.blocks for pin in chosen], [1] * len(chosen))
         if owner in self.pins and not mine:
             del self.pins[owner]
@@ -167,29 +167,24 @@ class PinTable:
     def release(self, pool: BlockPool, owner: Any) -> int:
         """Drop every pin of ``owner`` (a session that ended); returns how many."""
         pins = list(self.pins.pop(owner, {}).values())
-        if len(pins) == 1:
-            self._forget(pins[0])
-        elif pins:  # `_forget` of each, in one pass: every pin of this owner goes, and its count with them
-            by_id = self.by_id
-            for pin in pins:
-                del by_id[pin.pin_id]
-            self.num_listed.pop(owner, None)
-            if len(self.ids) > 2 * len(by_id) + 64:
-                self.ids = [i for i in self.ids if i in by_id]
+        self._forget(pins)
         self._release(pool, [pin.blocks for pin in pins], [pin.count for pin in pins])
         return len(pins)
 
-    def _forget(self, pin: Pin) -> None:
-        """Drop ``pin`` from the listing by id; its id stays in ``ids`` until the
-        dropped ones outnumber the live ones (then they go, in one pass)."""
-        del self.by_id[pin.pin_id]
-        left = self.num_listed[pin.owner] - len(pin.blocks)
-        if left:
-            self.num_listed[pin.owner] = left
-        else:
-            del self.num_listed[pin.owner]
-        if len(self.ids) > 2 * len(self.by_id) + 64:
-            self.ids = [i for i in self.ids if i in self.by_id]
+    def _forget(self, pins: list[Pin]) -> None:
+        """Drop ``pins`` from the listing by id; their ids stay in ``ids`` until the
+        dropped ones outnumber the live ones (then they go, in one pass: once for
+        all of a session's pins when it ends)."""
+        by_id, listed = self.by_id, self.num_listed
+        for pin in pins:
+            del by_id[pin.pin_id]
+            left = listed[pin.owner] - len(pin.blocks)
+            if left:
+                listed[pin.owner] = left
+            else:
+                del listed[pin.owner]
+        if len(self.ids) > 2 * len(by_id) + 64:
+            self.ids = [i for i in self.ids if i in by_id]
 
     def _release(self, pool: BlockPool, blocks: list[np.ndarray], times: list[int]) -> None:
         """Drop ``times[i]`` references from each block of ``blocks[i]`` (a pin's,

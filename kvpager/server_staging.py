@@ -60,17 +60,15 @@ class StagingOps:
         if ((slots < -1) | (slots >= spec.num_blocks * spec.block_size)).any():
             return  # out of range: KVPool.write says so
         blocks = np.unique(slots[slots >= 0] // spec.block_size)
-        # A rank's worker writes its heads into its own sequences and its driver's (docs/protocol.md,
-        # "Ranks"); it wrote into any session's before, a client with the socket into another's K/V.
-        owners = (s.name,) if s.driver is None else (s.name, s.driver)
         count = self.pool.backend.moves.count
-        kept = s.held
         foreign = None
-        if kept is not None and kept[0] == count and kept[1] == owners:
-            foreign = _outside(kept[2], blocks)  # (blocks the tables took since: looked at again below)
+        if s.held is not None and s.held[0] == count:
+            foreign = _outside(s.held[1], blocks)  # (blocks the tables took since: looked at again below)
         if foreign is None or len(foreign):
-            held = self._held(owners)
-            s.held = (count, owners, held)
+            # A rank's worker writes its heads into its own sequences and its driver's (docs/protocol.md,
+            # "Ranks"); it wrote into any session's before, a client with the socket into another's K/V.
+            held = self._held([s.name] if s.driver is None else [s.name, s.driver])
+            s.held = (count, held)
             foreign = _outside(held, blocks)
         if len(foreign):
             raise NotOwner(f"write: block {int(foreign[0])} (slot {int(foreign[0]) * spec.block_size}...) is not "
@@ -80,9 +78,9 @@ class StagingOps:
             raise NotOwner(f"write: block {int(published[0])} is published in the prefix cache; its K/V "
                            "is immutable (write before commit)")
 
-    def _held(self, owners: tuple[str, ...]) -> np.ndarray:
-        """The blocks the resident sequences of ``owners`` hold now: a mask a block,
-    or their ids, sorted (int32), whichever is smaller.
+    def _held(self, owners: list[str]) -> np.ndarray:
+        """The blocks the resident sequences of ``owners`` hold now: a mask a
+        block, or their ids, sorted (int32), whichever is smaller.
 
         Kept on the session with the pool's `Moves` count (`Session.held`):
         a block leaves a sequence's table only by a free, truncate, swap-out,

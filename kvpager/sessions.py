@@ -58,9 +58,9 @@ class Session:
     control: bool = False  # hello carried the daemon's control token
     rank: int | None = None  # the tensor-parallel rank hello named (None: none named)
     driver: str | None = None  # a rank session's driver: the session (public name) whose sequences it writes
-    #: (the pool's `Moves` count, owners, the blocks their sequences held then, sorted): a staged write's
-    #: check of its slots (`StagingOps._held`), kept while no block left any table
-    held: tuple[int, tuple[str, ...], Any] | None = None
+    #: (the pool's `Moves` count, the blocks its and its driver's sequences held then: a mask or sorted
+    #: ids): a staged write's check of its slots (`StagingOps._held`), kept while no block left any table
+    held: tuple[int, Any] | None = None
 
     def close(self) -> None:
         if self.staging is not None:

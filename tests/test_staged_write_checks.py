@@ -100,6 +100,22 @@ def test_slots_of_a_freed_sequence_are_refused_once_another_session_holds_their_
         np.testing.assert_array_equal(got[1], theirs[1])
 
 
+@HOLDS
+def test_another_sessions_live_blocks_are_refused_with_the_held_blocks_kept(filler):
+    with running_server(SPEC) as server, Client(server.endpoint, map_pool=False) as c, \
+            Client(server.endpoint, map_pool=False) as other:
+        _fill(c, filler)
+        [a] = c.allocate([list(range(BS))])
+        [x] = other.allocate([list(range(700, 700 + BS))])
+        theirs = _kv(3, BS)
+        other.write(0, x.slots, *theirs)
+        c.write(0, a.slots, *_kv(4, BS))  # its held blocks kept: no block left a table since
+        for slots in (x.slots, [a.slots[0], x.slots[0]]):
+            with pytest.raises(NotOwner, match="not held by any sequence of this session"):
+                c.write(0, slots, *_kv(5, len(slots)))
+        np.testing.assert_array_equal(_at(server, 0, x.slots)[0], theirs[0])
+
+
 @pytest.mark.parametrize("change", ["truncate", "swap_out", "release_before"])
 def test_blocks_a_sequence_gave_back_are_refused(change):
     with running_server(SPEC) as server, Client(server.endpoint, map_pool=False) as c:
