@@ -17,6 +17,9 @@ computing them from its logits as kvpager does). Paths, on the same model and pr
   also with its StaticCache (``cache_implementation="static"``: transformers
   then compiles the decode step; an untimed call compiles it first), timed
   once after the rounds;
+- ``generate PagedCache``: the same ``generate`` on a `kvpager.hf.PagedCache`
+  over a pool of its own (made and closed in each timed call), timed in the
+  rounds beside it;
 - ``kvpager eager``: `kvpager.hf.PagedGeneration`, one step plan per pass,
   pipelined (each pass launched before the last one's tokens reach the host:
   `kvpager.hf.pipeline`); with ``--sync`` also ``kvpager eager sync`` and
@@ -136,21 +139,27 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
         kinds += [(False, None, False, False)] + ([(True, None, False, False)] if gpu else [])
     paths = [Paged(model, ps, total, graphs, clock, blocks, cascade, pipeline, compile)
              for graphs, cascade, pipeline, compile in kinds]
+    # transformers' generate on a kvpager PagedCache: a pool of its own, the prefix of each call
+    # found cached by the next (transformers still runs the whole prompt)
+    cache_pool = KVPool(khf.spec_for_model(model, num_blocks=blocks, block_size=bs), device=e2e_paths.pool_device())
     try:
         generate_ms(model, ids, 1)  # warm-up
+        generate_ms(model, ids, 1, pool=cache_pool)
         loop.run(warm + 1, timed=False)
         for p in paths:
             p.run(warm, timed=False)  # the graph paths capture their buckets here
-        gen_rounds = []
+        gen_rounds, cache_rounds = [], []
         for _ in range(rounds):
             gen_rounds.append(generate_ms(model, ids, steps))
             free_cache()
+            cache_rounds.append(generate_ms(model, ids, steps, pool=cache_pool))
             loop.run(steps + 1)
             for p in paths:
                 p.run(steps)
         rows = [loop.row()]
         gen_row = summarize("hf generate", [], [], batch, None, None, gen_rounds)
         rows.append(gen_row)
+        rows.append(summarize("generate PagedCache", [], [], batch, None, None, cache_rounds))
         if static:
             try:
                 ms = generate_ms(model, ids, steps, cache="static")
@@ -161,6 +170,7 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
         paged_rows = [p.row() for p in paths]
     finally:
         loop.close()
+        cache_pool.close()
         for p in paths:
             p.close()
     rows += paged_rows

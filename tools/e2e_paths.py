@@ -136,7 +136,7 @@ class HostClock:
 def cache_argument(model, cache) -> dict:
     """The forward's cache keyword: ``cache`` where transformers names it so (5.x,
     which deprecates ``past_key_values``), else ``past_key_values``."""
-    params = inspect.signature(model.forward).parameters
+    params = inspect.signature(type(model).forward).parameters  # (the class's: a PagedCache takes the instance's)
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
@@ -219,12 +219,15 @@ class HFLoop(Timed):
         self.cache = self.kv = None
 
 
-def generate_ms(model, ids: torch.Tensor, steps: int, cache: str | None = None) -> float:
+def generate_ms(model, ids: torch.Tensor, steps: int, cache: str | None = None, pool=None) -> float:
     """ms per decode step of transformers' ``generate``: the time of ``steps`` + 1 new tokens
     less that of 1 (the prefill's share cancels out); ``cache="static"``: its StaticCache,
     with which transformers compiles the decode step: two untimed calls of ``steps`` + 1
     tokens first compile it and let any CUDA graphs of the compiled step be recorded (the
-    cache keeps that length for the calls after them)."""
+    cache keeps that length for the calls after them); ``pool``: a `kvpager.hf.PagedCache`
+    over it a call (made and closed inside the timed call)."""
+    from kvpager.hf import PagedCache
+
     kw = dict(hf_sample_kwargs(), cache_implementation=cache) if cache else hf_sample_kwargs()
     times = []
     with torch.inference_mode():
@@ -233,7 +236,11 @@ def generate_ms(model, ids: torch.Tensor, steps: int, cache: str | None = None) 
         for n in (1, steps + 1):
             sync()
             t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+            if pool is None:
+                model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+            else:
+                with PagedCache(model, pool) as paged:
+                    model.generate(ids, max_new_tokens=n, min_new_tokens=n, **cache_argument(model, paged), **kw)
             sync()
             times.append(time.perf_counter() - t0)
     return (times[1] - times[0]) / steps * 1e3

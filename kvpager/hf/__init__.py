@@ -16,7 +16,8 @@ pass), `kvpager.hf.model` (windows, attention arguments, the KV geometry),
 recurrent layers), `kvpager.hf.fp8` (FP8 scales calibrated from a sample prompt),
 `kvpager.hf.graphs` (CUDA graphs of the decode step), `kvpager.hf.padding` (a
 tokenizer's ``attention_mask`` applied to padded prompts), `kvpager.hf.sampling`
-(sampled decoding: `Sampling`). ``import kvpager``
+(sampled decoding: `Sampling`), `kvpager.hf.paged_cache` (`PagedCache`: a transformers
+``Cache`` in a kvpager pool, for transformers' own ``generate``). ``import kvpager``
 never imports this package (nor torch).
 """
 
@@ -44,6 +45,7 @@ from kvpager.hf.generation import (
 from kvpager.hf.graphs import CapturedSteps, DecodeGraphs, bucket_for
 from kvpager.hf.logprobs import Completion
 from kvpager.hf.model import check_call, layer_fit, layer_map
+from kvpager.hf.paged_cache import PagedCache
 from kvpager.hf.salt import default_salt
 from kvpager.hf.sampling import Sampling
 from kvpager.hf.scoring import Scores, score
@@ -56,6 +58,7 @@ __all__ = [
     "Completion",
     "DecodeGraphs",
     "PagedBatch",
+    "PagedCache",
     "PagedGeneration",
     "Sampling",
     "Scores",

@@ -67,8 +67,9 @@ class PagedBatch:
     layers_seen: int = field(default=0, init=False, repr=False)
     #: the current pass's position ids ([1, T], the packed row's): `run_pass` sets them
     positions: torch.Tensor | None = field(default=None, init=False, repr=False)
-    #: rows of a model with recurrent layers left-padded to one length (`kvpager.hf.recurrent`): the
-    #: flat indices (into rows x tokens) of their tokens, in the plan's order; None: no padding
+    #: padded rows (a model with recurrent layers' rows left-padded to one length, `kvpager.hf.recurrent`;
+    #: a `PagedCache` pass's, `kvpager.hf.paged_cache`): the flat indices (into rows x tokens) of their
+    #: tokens, in the plan's order; None: no padding
     real: torch.Tensor | None = field(default=None, repr=False)
     #: the pass gives its kept positions' logits [positions, vocab], not their greedy tokens (a
     #: sampled generation draws its tokens from them: `kvpager.hf.sampling`)
@@ -147,8 +148,8 @@ def kvpager_attention(
                                   f"q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)}")
         query, key, value = (x.transpose(1, 2).reshape(1, rows * tokens, x.shape[1], x.shape[3]).transpose(1, 2)
                              for x in (query, key, value))
-        if kvpager.real is not None:  # left-padded rows: their tokens alone (padding is neither stored nor read)
-            query, key, value = (x.index_select(2, kvpager.real) for x in (query, key, value))
+    if kvpager.real is not None:  # padded rows: their tokens alone (padding is neither stored nor read)
+        query, key, value = (x.index_select(2, kvpager.real) for x in (query, key, value))
     batch = kvpager
     # (a module shared by several layers is told its layer at each call: `kvpager.hf.switching`)
     layer = module.layer_idx if kvpager_layer is None else kvpager_layer
@@ -205,10 +206,10 @@ def kvpager_attention(
         out = fitted.output(out)
     elif out.shape[3] != dv:
         out = out[..., :dv]
-    if rows == 1:
-        return out, None
     if batch.real is not None:  # back to the padded rows (zeros at the padding, which nothing reads)
         out = out.new_zeros((rows * tokens, out.shape[2], out.shape[3])).index_copy_(0, batch.real, out[0])
+    elif rows == 1:
+        return out, None
     return out.reshape(rows, tokens, out.shape[-2], out.shape[-1]), None
 
 

@@ -1,0 +1,495 @@
+"""A transformers ``Cache`` whose K/V live in a kvpager pool: transformers' own ``generate`` on kvpager.
+
+::
+
+    from kvpager.hf import PagedCache
+
+    with PagedCache(model, pool) as cache:                      # pool: a KVPool or a daemon Client
+        out = model.generate(**enc, cache=cache, max_new_tokens=64, streamer=streamer)
+
+Everything ``generate`` does through its cache runs unchanged: greedy and
+sampled decoding, logits processors, stopping criteria, streamers,
+``num_return_sequences``, beam search (`PagedCache.reorder_cache`: each beam a
+fork of the one it continues, sharing its blocks), assisted decoding's
+rollback (`crop`). Each forward pass over the cache
+
+1. allocates (the first pass: each row's tokens where its ``attention_mask`` is 1,
+   sharing the blocks of any cached prefix under the model's salt) or appends
+   (later passes) the row's new tokens in the pool, and makes one step plan;
+2. runs the model with kvpager attention (`kvpager.hf.attention`): each layer
+   writes its new K/V at the plan's slots and attends over the pool, padding
+   neither stored nor read;
+3. commits the blocks it filled, so other callers' prompts match them.
+
+A pass that raises leaves the sequences as they were before it (the first
+pass's freed, later ones' appended tokens cut off). The model is switched to
+kvpager attention for each pass alone (`paged_attention`): between passes,
+and for other callers that do not pass a `PagedCache`, it attends as before.
+
+The switch needs the forward pass to come through the model the cache was
+made for: the cache takes over that model's ``forward`` (an instance
+attribute, a pass-through for calls without a `PagedCache`) while any of its
+caches is open, and gives it back when the last is closed. Close a cache
+(``with``, or `close`) to free its sequences: they hold their blocks until then.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvpager.batch_calls import free_all
+from kvpager.errors import InvalidArgument, UnsupportedConfiguration, UnsupportedModel
+from kvpager.hf.attention import PagedBatch
+from kvpager.hf.checks import check_layers_ran, check_model, check_model_and_pool
+from kvpager.hf.compiled import running
+from kvpager.hf.eager import TORCH_DTYPES
+from kvpager.hf.model import has_recurrent_layers, layer_fit, layer_map, text_config
+from kvpager.hf.rope import pass_dependent
+from kvpager.hf.salt import call_salt
+from kvpager.hf.switching import paged_attention
+from kvpager.hf.windows import layer_chunks
+from kvpager.spec import dtype_name
+
+try:  # transformers 4.56 on: a cache is a list of layers
+    from transformers.cache_utils import Cache, CacheLayerMixin
+except ImportError:  # pragma: no cover - older releases
+    Cache = CacheLayerMixin = None
+
+
+@dataclass
+class _Step:
+    """One pass's changes to the cache's sequences, undone if the pass fails."""
+
+    batch: PagedBatch
+    rows: np.ndarray  # the rows that got tokens
+    counts: np.ndarray  # their new tokens
+    columns: int  # the pass's width (pads included)
+    first: bool  # the pass allocated the sequences
+
+
+class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
+    """A transformers ``Cache`` over ``pool`` for ``model``: pass it to
+    ``model.generate(..., cache=cache)`` (``past_key_values=`` on releases that
+    name it so) or to the model's forward passes (``use_cache=True``). One
+    batch's generation: its rows are the batch's, beam search and
+    ``num_return_sequences`` forking them. ``salt``: the prefix cache's tenant
+    (None: the model's `default_salt`; a model whose rotary frequencies follow
+    each pass's length gets a salt of its own cache's, matched by no other)."""
+
+    def __init__(self, model: Any, pool: Any, *, salt: str | bytes | None = None) -> None:
+        if Cache is None:
+            import transformers
+
+            raise UnsupportedConfiguration(
+                f"PagedCache needs transformers 4.56 or later (caches made of layers); this is "
+                f"{transformers.__version__}: use kvpager.hf.generate")
+        check_model_and_pool(model, pool)
+        if has_recurrent_layers(model):
+            raise UnsupportedModel(
+                f"{type(model).__name__} has recurrent layers, whose states transformers keeps in its own cache "
+                "classes: use kvpager.hf.generate, which holds them (kvpager.hf.recurrent)")
+        windows = check_model(model, pool)
+        salt = call_salt(model, salt, "PagedCache")
+        if pass_dependent(model)[0] is not None:
+            # K/V of frequencies that depend on the passes that computed them: this cache's own
+            nonce = "\x00pass-rope-" + os.urandom(8).hex()
+            salt = salt + (nonce.encode() if isinstance(salt, bytes) else nonce)
+        layers = text_config(model).num_hidden_layers
+        super().__init__(layers=[_PagedLayer(self, windows[i] is not None) for i in range(layers)])
+        self.model, self.pool, self.salt = model, pool, salt
+        self._windows = windows
+        self._layer_map = layer_map(model)
+        self._chunks = layer_chunks(model, pool.spec.block_size)
+        self._fit = layer_fit(model)
+        self._dtype = TORCH_DTYPES[dtype_name(pool.spec.dtype)]
+        self._device = torch.device(str(getattr(pool, "device", "cpu")))
+        self.seq_ids: list[int] = []  # a sequence a row
+        self._lens = np.zeros(0, dtype=np.int64)  # the tokens each row's sequence holds
+        self._columns = 0  # the tokens each row was fed, pads included: transformers' cache length
+        self._first_columns = 0  # the first pass's width
+        self._padded = False  # whether a pass after the first had padding (no crop across it)
+        self._first_padded = False
+        self._step: _Step | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        _take_forward(model)
+
+    # -- what transformers asks of a cache
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """The tokens each row was fed, pads included (what a DynamicCache's length counts)."""
+        return self._columns
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self._columns + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_ids) if self.seq_ids else -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    def reorder_cache(self, beam_idx: Any) -> None:
+        """Beam search: row i continues row ``beam_idx[i]`` (a fork of it where
+        another row continues it too); rows none continues are freed."""
+        self._select(beam_idx, "reorder_cache")
+
+    def batch_select_indices(self, indices: Any) -> None:
+        self._select(indices, "batch_select_indices")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if type(repeats) is not int or repeats < 1:
+            raise InvalidArgument(f"batch_repeat_interleave: repeats must be an int >= 1, got {repeats!r}")
+        self._select([r for r in range(len(self.seq_ids)) for _ in range(repeats)], "batch_repeat_interleave")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Cut the last ``-tokens_to_remove`` tokens of every row (transformers'
+        sign: a negative count removes; assisted decoding's rollback)."""
+        if type(tokens_to_remove) is not int or tokens_to_remove > 0:
+            raise InvalidArgument(f"crop: pass a negative int, the tokens to remove from every row "
+                                  f"(as transformers' caches take it), got {tokens_to_remove!r}")
+        cut = -tokens_to_remove
+        if not cut:
+            return
+        with self._lock:
+            self._check_open("crop")
+            if cut > self._columns:
+                raise InvalidArgument(f"crop: the cache holds {self._columns} tokens a row, cannot remove {cut}")
+            if self._padded or (self._first_padded and cut > self._columns - self._first_columns):
+                raise InvalidArgument("crop: the columns to remove hold padding of some rows (a padded pass), "
+                                      "so rows would lose different token counts: not supported")
+            if cut == self._columns:
+                self._free_rows()
+                return
+            self.pool.truncate(self.seq_ids, (self._lens - cut).tolist())
+            self._lens -= cut
+            self._columns -= cut
+
+    def reset(self) -> None:
+        """Free every row's sequence: the cache is empty again (open)."""
+        with self._lock:
+            self._check_open("reset")
+            self._free_rows()
+
+    # -- lifetime
+
+    def close(self) -> None:
+        """Free the sequences (their committed blocks stay matchable) and give the
+        model's ``forward`` back if no other cache of it is open. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._free_rows()
+            finally:
+                _give_forward(self.model)
+
+    def __enter__(self) -> PagedCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self.seq_ids)} rows, {self._columns} tokens a row"
+        return f"PagedCache({type(self.model).__name__}, {state})"
+
+    # -- a forward pass
+
+    def _run(self, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``forward(*args, **kwargs)`` (the model's own) as one pass over the cache."""
+        if not self._lock.acquire(blocking=False):
+            raise InvalidArgument("PagedCache: another call on this cache is under way (one pass at a time: "
+                                  "a cache is one batch's)")
+        try:
+            self._check_open("a forward pass")
+            input_ids = args[0] if args else kwargs.get("input_ids")
+            step = self._begin(input_ids, kwargs.get("attention_mask"))
+            try:
+                self._step = step
+                with paged_attention(self.model), running(step.batch):
+                    out = forward(*args, **kwargs)
+                check_layers_ran(self.model, step.batch)
+            except BaseException:
+                self._undo(step)
+                raise
+            finally:
+                self._step = None
+            self._done(step)
+            return out
+        finally:
+            self._lock.release()
+
+    def _update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's ``update``: kvpager attention stores the new K/V itself, at the
+        plan's slots (`kvpager.hf.attention.kvpager_attention`), so they are handed
+        on as they are; refused outside a pass of the cache's model."""
+        if self._step is None:
+            raise InvalidArgument(
+                "PagedCache: a layer was called outside a forward pass of the model this cache was made for "
+                f"({type(self.model).__name__}); pass the cache to that model's forward or generate (not to one "
+                "of its submodules, nor to another model)")
+        return key, value
+
+    def _begin(self, input_ids: Any, attention_mask: Any) -> _Step:
+        """The pass's sequences allocated or appended, and its plan."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+            raise InvalidArgument(
+                "PagedCache needs each pass's input_ids (token ids [rows, tokens]: the prefix cache keys "
+                f"blocks by them); got {type(input_ids).__name__ if input_ids is None else tuple(input_ids.shape)} "
+                "(inputs_embeds alone are not taken)")
+        rows, width = input_ids.shape
+        if width < 1:
+            raise InvalidArgument("PagedCache: a pass of no tokens")
+        real = self._real_tokens(attention_mask, rows, width)  # bool [rows, width]
+        tokens = input_ids.detach().cpu().numpy()
+        counts = real.sum(axis=1)
+        first = not self.seq_ids
+        if first:
+            if (counts == 0).any():
+                raise InvalidArgument(f"PagedCache: row {int(np.flatnonzero(counts == 0)[0])} of the first pass "
+                                      "has no tokens (its attention_mask is all 0)")
+            prompts = [tokens[r][real[r]].tolist() for r in range(rows)]
+            allocs = self.pool.allocate(prompts, self.salt, share_in_batch=True)
+            ids = [a.seq_id for a in allocs]
+            # a cached prefix's tokens run through the model too (transformers feeds the whole
+            # prompt): their queries attend over the cached K/V, and nothing is written there
+            slots = np.concatenate([np.concatenate([np.full(a.num_cached_tokens, -1, dtype=np.int64),
+                                                    np.asarray(a.slots, dtype=np.int64)]) for a in allocs])
+            live = np.arange(rows)
+            self.seq_ids = ids
+            self._lens = np.zeros(rows, dtype=np.int64)
+        else:
+            if rows != len(self.seq_ids):
+                raise InvalidArgument(f"PagedCache holds {len(self.seq_ids)} rows, and this pass has {rows} "
+                                      "(rows change between passes through reorder_cache / batch_select_indices)")
+            live = np.flatnonzero(counts)
+            if not len(live):
+                raise InvalidArgument("PagedCache: a pass whose every token is padding (attention_mask 0)")
+            ids = [self.seq_ids[r] for r in live]
+            new = [tokens[r][real[r]].tolist() for r in live]
+            slots = np.concatenate(self.pool.append(ids, counts[live].tolist(), new))
+        try:
+            plan = self.pool.plan(ids, counts[live].tolist(), slots)
+        except BaseException:
+            self._undo(_Step(None, live, counts[live], width, first))  # type: ignore[arg-type]
+            raise
+        flat = real.reshape(-1)
+        index = None if flat.all() else torch.as_tensor(np.flatnonzero(flat), device=input_ids.device)
+        batch = PagedBatch(plan, self._dtype, self._device, self._windows, chunks=self._chunks,
+                           layers=self._layer_map, fit=self._fit, real=index)
+        # positions as transformers counts them for the layers that scale their queries by
+        # position (Llama-4's NoPE layers): cache columns, pads included
+        positions = torch.arange(self._columns, self._columns + width, device=input_ids.device).repeat(rows)
+        batch.positions = (positions if index is None else positions.index_select(0, index)).unsqueeze(0)
+        return _Step(batch, live, counts[live], width, first)
+
+    def _real_tokens(self, attention_mask: Any, rows: int, width: int) -> np.ndarray:
+        """The pass's tokens that are a row's (the last ``width`` columns of a 2-D
+        mask that are 1), as bool [rows, width]."""
+        if attention_mask is None:
+            return np.ones((rows, width), dtype=bool)
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2 \
+                or attention_mask.shape[0] != rows or attention_mask.shape[1] < width:
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+            raise InvalidArgument(f"PagedCache takes a 2-D attention_mask [rows, tokens so far] of 0s and 1s "
+                                  f"(a tokenizer's); got {shape} for input_ids [{rows}, {width}]")
+        real = attention_mask[:, -width:].detach().cpu().numpy()
+        if not np.isin(real, (0, 1)).all():
+            raise InvalidArgument("PagedCache: attention_mask must hold 0s and 1s")
+        return real.astype(bool)
+
+    def _done(self, step: _Step) -> None:
+        """A pass ran: its tokens counted, the blocks it filled committed."""
+        before = self._lens[step.rows]
+        after = before + step.counts
+        self._lens[step.rows] = after
+        self._columns += step.columns
+        if step.first:
+            self._first_columns = step.columns
+            self._first_padded = step.batch.real is not None
+        elif step.batch.real is not None:
+            self._padded = True
+        size = self.pool.spec.block_size
+        filled = step.rows[after // size > before // size]
+        if len(filled):
+            self.pool.commit([self.seq_ids[r] for r in filled])
+
+    def _undo(self, step: _Step) -> None:
+        """Take back what `_begin` did for a pass that did not run."""
+        if step.first:
+            ids, self.seq_ids = self.seq_ids, []
+            self._lens = np.zeros(0, dtype=np.int64)
+            free_all(self.pool, ids)
+        elif len(step.rows):
+            self.pool.truncate([self.seq_ids[r] for r in step.rows], self._lens[step.rows].tolist())
+
+    def _select(self, parents: Any, what: str) -> None:
+        """Row i becomes a continuation of row ``parents[i]``: the first row that
+        continues a sequence takes it, the others fork it, the sequences no row
+        continues are freed."""
+        if isinstance(parents, torch.Tensor):
+            parents = parents.tolist()
+        parents = [int(p) for p in parents] if isinstance(parents, (list, tuple, np.ndarray)) else parents
+        with self._lock:
+            self._check_open(what)
+            n = len(self.seq_ids)
+            if not isinstance(parents, list) or any(not 0 <= p < n for p in parents) or (n and not parents):
+                raise InvalidArgument(f"{what}: rows must be a 1-D list or tensor of ints in [0, {n})")
+            if parents == list(range(n)):
+                return
+            new: list[int | None] = [None] * len(parents)
+            taken: dict[int, int] = {}
+            forks: dict[int, list[int]] = {}
+            for i, p in enumerate(parents):
+                if p in taken:
+                    forks.setdefault(p, []).append(i)
+                else:
+                    taken[p] = i
+                    new[i] = self.seq_ids[p]
+            by_count: dict[int, list[int]] = {}
+            for p, rows in forks.items():
+                by_count.setdefault(len(rows), []).append(p)
+            made: list[int] = []
+            try:
+                for count, ps in by_count.items():
+                    children = self.pool.fork([self.seq_ids[p] for p in ps], count)
+                    for p, kids in zip(ps, children):
+                        made.extend(kids)
+                        for i, kid in zip(forks[p], kids):
+                            new[i] = kid
+            except BaseException:
+                free_all(self.pool, made)
+                raise
+            gone = [s for r, s in enumerate(self.seq_ids) if r not in taken]
+            self.seq_ids = new  # type: ignore[assignment]
+            self._lens = self._lens[parents]
+            free_all(self.pool, gone)
+
+    def _free_rows(self) -> None:
+        ids, self.seq_ids = self.seq_ids, []
+        self._lens = np.zeros(0, dtype=np.int64)
+        self._columns = self._first_columns = 0
+        self._padded = self._first_padded = False
+        free_all(self.pool, ids)
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise InvalidArgument(f"{what}: this PagedCache is closed (its sequences were freed); make a new one")
+
+
+if CacheLayerMixin is not None:
+
+    class _PagedLayer(CacheLayerMixin):
+        """One layer's view of a `PagedCache`: its K/V are in the pool, so it keeps
+        nothing and answers from the cache."""
+
+        is_compileable = False
+        is_croppable = True
+        supports_early_init = False
+
+        def __init__(self, cache: PagedCache, sliding: bool) -> None:
+            super().__init__()
+            self._cache = cache
+            self.is_sliding = sliding
+            self.is_initialized = True
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            return None
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._cache._update(key_states, value_states)
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self._cache.get_mask_sizes(query_length)
+
+        def get_seq_length(self) -> int:
+            return self._cache.get_seq_length()
+
+        def get_max_length(self) -> int:
+            return -1
+
+        def reset(self) -> None:
+            return None
+
+        def offload(self) -> None:
+            return None
+
+        def prefetch(self) -> None:
+            return None
+
+
+# -- the model's forward, taken over while a cache of it is open
+
+_taken_lock = threading.Lock()
+_OPEN = "_kvpager_paged_caches"  # open caches of the model
+_BEFORE = "_kvpager_forward_before"  # an instance forward the model had (accelerate's hooks), or None
+
+
+def _paged_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """The model's forward while a `PagedCache` of it is open: a pass given one
+    runs through it (`PagedCache._run`), any other as before."""
+    before = self.__dict__.get(_BEFORE)
+    forward = before if before is not None else type(self).forward.__get__(self)
+    cache = kwargs.get("cache")
+    if cache is None:
+        cache = kwargs.get("past_key_values")
+    if isinstance(cache, PagedCache):
+        if cache.model is not self:
+            raise InvalidArgument(f"PagedCache was made for another model ({type(cache.model).__name__} at "
+                                  f"{id(cache.model):#x}) than this one ({type(self).__name__} at {id(self):#x})")
+        return cache._run(forward, args, kwargs)
+    return forward(*args, **kwargs)
+
+
+def _take_forward(model: Any) -> None:
+    """Count an open cache of ``model``; the first takes over its ``forward``
+    (bound as a method: a deep copy of the model rebinds it to the copy)."""
+    with _taken_lock:
+        state = model.__dict__
+        if state.get(_OPEN, 0) == 0:
+            state[_BEFORE] = state.get("forward")
+            model.forward = types.MethodType(_paged_forward, model)
+        state[_OPEN] = state.get(_OPEN, 0) + 1
+
+
+def _give_forward(model: Any) -> None:
+    """Undo `_take_forward`: the last open cache gives the model's forward back."""
+    with _taken_lock:
+        state = model.__dict__
+        state[_OPEN] = state.get(_OPEN, 1) - 1
+        if state[_OPEN] > 0:
+            return
+        del state[_OPEN]
+        before = state.pop(_BEFORE, None)
+        if before is not None:
+            model.forward = before
+        else:
+            state.pop("forward", None)
+
+
+def open_caches(model: Any) -> int:
+    """How many `PagedCache`s of ``model`` are open (its forward taken over while any is)."""
+    return model.__dict__.get(_OPEN, 0)
+
+
+__all__: Sequence[str] = ["PagedCache", "open_caches"]

@@ -1,0 +1,389 @@
+"""`kvpager.hf.PagedCache`: transformers' own ``generate`` with its cache in a
+kvpager pool gives the tokens (and beams, and scores) of transformers' default
+cache, for every family kvpager serves, left-padded and on prefix-cache hits;
+its sequences are freed when it closes, a failed pass leaves them as they were,
+and a careless call is refused by name."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers.cache_utils", reason="no transformers cache module")
+
+from test_hf_models import FAMILIES, make_model, one_thread  # noqa: E402, F401
+
+from kvpager import KVPool  # noqa: E402
+from kvpager.errors import InvalidArgument, UnsupportedModel  # noqa: E402
+from kvpager.hf import PagedCache, spec_for_model  # noqa: E402
+from kvpager.hf.paged_cache import open_caches  # noqa: E402
+
+if not hasattr(transformers.cache_utils, "CacheLayerMixin"):
+    pytest.skip(f"transformers {transformers.__version__} has no caches of layers", allow_module_level=True)
+
+PROMPT = 20  # longer than the families' windows (6) and than two blocks of 8
+
+
+def cache_kw(model, cache) -> dict:
+    """``generate``'s cache keyword: ``cache`` where transformers names it so (5.x), else ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def padded_batch(rows: int = 3, pads: tuple[int, ...] = (0, 5, 11), seed: int = 1):
+    """input_ids [rows, PROMPT] left-padded by ``pads`` (pad id 0), and their mask."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (rows, PROMPT), generator=g)
+    mask = torch.ones_like(ids)
+    for r, p in enumerate(pads[:rows]):
+        mask[r, :p] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def pool_for(model, blocks: int = 256) -> KVPool:
+    return KVPool(spec_for_model(model, num_blocks=blocks, block_size=8))
+
+
+def both(model, pool, ids, mask, seed: int = 7, **kw):
+    """(transformers' generate on its own cache, the same on a PagedCache of ``pool``), each
+    from the same torch seed; the cache closed after."""
+    torch.manual_seed(seed)
+    ref = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    with PagedCache(model, pool) as cache:
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, **cache_kw(model, cache), **kw)
+    return ref, out
+
+
+def assert_released(pool) -> None:
+    assert pool.stats().num_sequences == 0
+    pool.check_integrity()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_gives_transformers_tokens_padded_and_on_prefix_hits(family):
+    """Left-padded prompts longer than the windows: the tokens of transformers' default cache;
+    a second cache over the same pool matches the first one's committed blocks (prefix hits:
+    their K/V read, not written) and gives the same tokens."""
+    model = make_model(family)
+    pool = pool_for(model)
+    ids, mask = padded_batch()
+    ref, out = both(model, pool, ids, mask, max_new_tokens=12, do_sample=False)
+    assert torch.equal(ref, out)
+    assert_released(pool)
+    hits = pool.counters().prefix_hit_tokens
+    _, again = both(model, pool, ids, mask, max_new_tokens=12, do_sample=False)
+    assert pool.counters().prefix_hit_tokens > hits
+    assert torch.equal(ref, again)
+    assert_released(pool)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model("qwen2-sliding")  # full layers and sliding ones (window 6)
+
+
+GENERATE_CASES = {
+    "greedy": dict(do_sample=False),
+    "sampled": dict(do_sample=True, top_k=20, temperature=0.8),
+    "num_return_sequences": dict(do_sample=True, num_return_sequences=3),
+    "beams": dict(num_beams=4, do_sample=False),
+    "beams_returned": dict(num_beams=4, num_return_sequences=2, do_sample=False),
+    "beams_sampled": dict(num_beams=3, do_sample=True),
+    "processors": dict(do_sample=False, repetition_penalty=1.5, no_repeat_ngram_size=2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GENERATE_CASES))
+def test_generate_features_give_transformers_tokens(model, case):
+    pool = pool_for(model, 512)
+    ids, mask = padded_batch(2)
+    ref, out = both(model, pool, ids, mask, max_new_tokens=12, **GENERATE_CASES[case])
+    assert torch.equal(ref, out)
+    assert_released(pool)
+
+
+def test_beam_scores_are_transformers(model):
+    """Beam search's returned scores (the beams' and each step's) as transformers computes them."""
+    pool = pool_for(model, 512)
+    ids, mask = padded_batch(2)
+    kw = dict(max_new_tokens=8, num_beams=3, num_return_sequences=3, do_sample=False,
+              return_dict_in_generate=True, output_scores=True)
+    ref, out = both(model, pool, ids, mask, **kw)
+    assert torch.equal(ref.sequences, out.sequences)
+    torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, rtol=1e-4, atol=1e-5)
+    for a, b in zip(out.scores, ref.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_beams_share_their_blocks(model):
+    """Mid-search, the beams of one prompt hold its prompt's blocks once: forks, not copies."""
+    pool = pool_for(model, 512)
+    ids, mask = padded_batch(1, (0,))
+    seen = []
+
+    class Watch(transformers.StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            seen.append(pool.stats().used_blocks)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    with PagedCache(model, pool) as cache:
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=4, do_sample=False,
+                       stopping_criteria=transformers.StoppingCriteriaList([Watch()]), **cache_kw(model, cache))
+    # 20 + 6 tokens: 4 blocks a beam; alone, 4 beams would hold 16; shared, the two full prompt
+    # blocks once and a few of each beam's own
+    assert max(seen) <= 2 + 4 * 2
+    assert_released(pool)
+
+
+@pytest.mark.parametrize("how", ["assistant_model", "prompt_lookup"])
+def test_assisted_decoding_rolls_back_through_crop(model, how):
+    """Assisted and prompt-lookup decoding verify drafted tokens and crop the rejected ones off
+    the cache: the tokens are transformers'."""
+    pool = pool_for(model, 512)
+    ids, mask = padded_batch(1, (0,))
+    extra = (dict(assistant_model=make_model("qwen2-sliding", seed=1)) if how == "assistant_model"
+             else dict(prompt_lookup_num_tokens=3))
+    crops = []
+    crop = PagedCache.crop
+
+    def counted(self, n):
+        crops.append(n)
+        return crop(self, n)
+
+    PagedCache.crop = counted
+    try:
+        ref, out = both(model, pool, ids, mask, max_new_tokens=24, do_sample=False, **extra)
+    finally:
+        PagedCache.crop = crop
+    assert torch.equal(ref, out)
+    assert any(n < 0 for n in crops)  # drafts were rejected and cut off
+    assert_released(pool)
+
+
+def test_a_streamer_sees_transformers_tokens(model):
+    pool = pool_for(model)
+    ids, mask = padded_batch(1, (0,))
+    got: list[list] = [[], []]
+
+    class Streamer:
+        def __init__(self, into):
+            self.into = into
+
+        def put(self, value):
+            self.into.append(value.tolist())
+
+        def end(self):
+            self.into.append("end")
+
+    torch.manual_seed(0)
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, streamer=Streamer(got[0]))
+    with PagedCache(model, pool) as cache:
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                       streamer=Streamer(got[1]), **cache_kw(model, cache))
+    assert got[0] == got[1] and got[0][-1] == "end"
+
+
+def test_a_conversation_continues_on_its_cache(model):
+    """generate again on the same cache with the first answer and a new turn appended: only the
+    new columns run (a pass of several tokens a row after the first), as on transformers' cache."""
+    pool = pool_for(model, 512)
+    ids, mask = padded_batch(2)
+    turn = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(9))
+    dyn = transformers.DynamicCache()
+    first = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                           **cache_kw(model, dyn))
+    ids2 = torch.cat([first, turn], 1)
+    mask2 = torch.cat([mask, torch.ones(2, ids2.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
+    ref = model.generate(input_ids=ids2, attention_mask=mask2, max_new_tokens=6, do_sample=False,
+                         **cache_kw(model, dyn))
+    with PagedCache(model, pool) as cache:
+        out1 = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                              **cache_kw(model, cache))
+        assert torch.equal(out1, first)
+        out = model.generate(input_ids=ids2, attention_mask=mask2, max_new_tokens=6, do_sample=False,
+                             **cache_kw(model, cache))
+        assert cache.get_seq_length() == ids2.shape[1] + 5
+    assert torch.equal(out, ref)
+    assert_released(pool)
+
+
+def test_crop_and_reset_change_the_pool_sequences(model):
+    pool = pool_for(model)
+    ids, mask = padded_batch(2, (0, 0))
+    with PagedCache(model, pool) as cache:
+        model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kw(model, cache))
+        assert [pool.sequence(s).num_tokens for s in cache.seq_ids] == [PROMPT, PROMPT]
+        cache.crop(-3)
+        assert cache.get_seq_length() == PROMPT - 3
+        assert [pool.sequence(s).num_tokens for s in cache.seq_ids] == [PROMPT - 3, PROMPT - 3]
+        with pytest.raises(InvalidArgument, match="negative"):
+            cache.crop(5)
+        with pytest.raises(InvalidArgument, match="cannot remove"):
+            cache.crop(-PROMPT)
+        cache.reset()
+        assert cache.seq_ids == [] and cache.get_seq_length() == 0
+        assert pool.stats().num_sequences == 0
+    assert_released(pool)
+
+
+def test_crop_into_padding_is_refused(model):
+    pool = pool_for(model)
+    ids, mask = padded_batch(2, (0, 4))
+    with PagedCache(model, pool) as cache:
+        model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kw(model, cache))
+        model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1] * 0 + 1], 1), use_cache=True,
+              **cache_kw(model, cache))
+        cache.crop(-1)  # the second pass's column: every row's
+        with pytest.raises(InvalidArgument, match="padding"):
+            cache.crop(-1)
+        assert [pool.sequence(s).num_tokens for s in cache.seq_ids] == [PROMPT, PROMPT - 4]
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("error", [Boom, KeyboardInterrupt])
+@pytest.mark.parametrize("at_pass", [0, 2])
+def test_a_pass_that_raises_leaves_the_sequences_as_they_were(model, error, at_pass):
+    """A layer raising mid-pass (an error, or Ctrl-C): the first pass's sequences freed, a later
+    pass's tokens cut off again; the model attends as before (its own attention, its forward)."""
+    pool = pool_for(model)
+    ids, mask = padded_batch(2)
+    layer = model.model.layers[2].mlp
+    calls = {"n": 0}
+
+    def hook(module, args):
+        calls["n"] += 1
+        if calls["n"] == at_pass + 1:
+            raise error("boom")
+
+    handle = layer.register_forward_pre_hook(hook)
+    impl = model.config._attn_implementation
+    try:
+        with PagedCache(model, pool) as cache:
+            with pytest.raises(error):
+                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                               **cache_kw(model, cache))
+            assert model.config._attn_implementation == impl
+            held = [pool.sequence(s).num_tokens for s in cache.seq_ids]
+            assert held == ([] if at_pass == 0 else [PROMPT - mask[r].eq(0).sum().item() + at_pass - 1
+                                                     for r in range(2)])
+            assert cache.get_seq_length() == (0 if at_pass == 0 else PROMPT + at_pass - 1)
+            pool.check_integrity()
+    finally:
+        handle.remove()
+    assert "forward" not in model.__dict__ and open_caches(model) == 0
+    assert_released(pool)
+
+
+def test_the_model_forward_is_taken_while_a_cache_is_open(model):
+    """Two caches open: the model's forward stays taken until both close; a deep copy of the
+    model made meanwhile runs its own weights, and a copy's pass refuses the original's cache."""
+    pool = pool_for(model)
+    ids, mask = padded_batch(1, (0,))
+    a, b = PagedCache(model, pool), PagedCache(model, pool)
+    assert open_caches(model) == 2
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(-1)
+    with pytest.raises(InvalidArgument, match="another model"):
+        twin(input_ids=ids, use_cache=True, **cache_kw(twin, a))
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert not torch.equal(twin.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False),
+                           plain)
+    a.close()
+    assert "forward" in model.__dict__
+    b.close()
+    b.close()  # idempotent
+    assert "forward" not in model.__dict__ and open_caches(model) == 0
+    assert_released(pool)
+
+
+def test_careless_calls_are_refused_by_name(model):
+    pool = pool_for(model)
+    ids, mask = padded_batch(2, (0, 4))
+    cache = PagedCache(model, pool)
+    with pytest.raises(InvalidArgument, match="input_ids"):
+        model(inputs_embeds=model.model.embed_tokens(ids), use_cache=True, **cache_kw(model, cache))
+    with pytest.raises(InvalidArgument, match="2-D attention_mask"):
+        model(input_ids=ids, attention_mask=mask[:, None, None, :].bool(), use_cache=True, **cache_kw(model, cache))
+    with pytest.raises(InvalidArgument, match="0s and 1s"):
+        model(input_ids=ids, attention_mask=mask * 2, use_cache=True, **cache_kw(model, cache))
+    with pytest.raises(InvalidArgument, match="no tokens"):
+        model(input_ids=ids, attention_mask=mask * 0, use_cache=True, **cache_kw(model, cache))
+    with pytest.raises(InvalidArgument, match="outside a forward pass"):
+        model.model(input_ids=ids, use_cache=True, **cache_kw(model, cache))  # a submodule: no switch
+    assert pool.stats().num_sequences == 0
+    model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kw(model, cache))
+    with pytest.raises(InvalidArgument, match="holds 2 rows"):
+        model(input_ids=ids[:1, :1], use_cache=True, **cache_kw(model, cache))
+    with pytest.raises(InvalidArgument, match="rows must be"):
+        cache.reorder_cache(torch.tensor([0, 2]))
+    with pytest.raises(InvalidArgument, match="repeats"):
+        cache.batch_repeat_interleave(0)
+    cache.close()
+    with pytest.raises(InvalidArgument, match="closed"):
+        cache.reset()
+    assert_released(pool)
+
+
+def test_reorder_and_select_fork_and_free(model):
+    pool = pool_for(model)
+    ids, mask = padded_batch(3, (0, 0, 0))
+    with PagedCache(model, pool) as cache:
+        model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kw(model, cache))
+        first = list(cache.seq_ids)
+        cache.reorder_cache(torch.tensor([2, 2, 0]))
+        assert cache.seq_ids[0] == first[2] and cache.seq_ids[2] == first[0]
+        assert pool.stats().num_sequences == 3 and first[1] not in pool.sequence_ids()
+        tables = pool.tables(cache.seq_ids)[0]
+        assert np.array_equal(tables[0][:2], tables[1][:2])  # the fork shares its full blocks
+        cache.batch_repeat_interleave(2)
+        assert len(cache.seq_ids) == 6 and cache.batch_size == 6
+        cache.batch_select_indices(torch.tensor([1, 4]))
+        assert pool.stats().num_sequences == 2
+        pool.check_integrity()
+    assert_released(pool)
+
+
+def test_a_model_with_recurrent_layers_is_refused_before_anything_is_taken():
+    """Its states live in transformers' own cache classes: kvpager.hf.generate serves it."""
+    from test_hf_recurrent import make
+
+    model = make("qwen3_next")
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    with pytest.raises(UnsupportedModel, match="recurrent layers"):
+        PagedCache(model, pool)
+    assert "forward" not in model.__dict__ and open_caches(model) == 0
+
+
+def test_a_pool_of_another_geometry_is_refused(model):
+    other = make_model("llama")
+    with pytest.raises(InvalidArgument, match="geometry"):
+        PagedCache(model, KVPool(spec_for_model(other, num_blocks=64, block_size=8).replace(head_dim=32)))
+    assert "forward" not in model.__dict__
+
+
+def test_through_a_daemon_client(model):
+    """A daemon `Client` as the pool: transformers' tokens, nothing left held after close."""
+    pytest.importorskip("zmq")
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+
+    spec = spec_for_model(model, num_blocks=256, block_size=8)
+    ids, mask = padded_batch(2)
+    with running_server(spec, heartbeat_timeout=60) as server, Client(server.endpoint) as c:
+        ref, out = both(model, c, ids, mask, max_new_tokens=10, num_beams=2, do_sample=False)
+        assert torch.equal(ref, out)
+        assert c.stats().num_sequences == 0
+        c.check_integrity()
