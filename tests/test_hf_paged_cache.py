@@ -7,6 +7,7 @@ and a careless call is refused by name."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import numpy as np
 import pytest
@@ -30,8 +31,6 @@ PROMPT = 20  # longer than the families' windows (6) and than two blocks of 8
 
 def cache_kw(model, cache) -> dict:
     """``generate``'s cache keyword: ``cache`` where transformers names it so (5.x), else ``past_key_values``."""
-    import inspect
-
     params = inspect.signature(type(model).forward).parameters
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
@@ -290,8 +289,10 @@ def test_the_model_forward_is_taken_while_a_cache_is_open(model):
     model made meanwhile runs its own weights, and a copy's pass refuses the original's cache."""
     pool = pool_for(model)
     ids, mask = padded_batch(1, (0,))
+    own = inspect.signature(model.forward)
     a, b = PagedCache(model, pool), PagedCache(model, pool)
     assert open_caches(model) == 2
+    assert inspect.signature(model.forward) == own  # what generate reads (logits_to_keep, the cache's name)
     twin = copy.deepcopy(model)
     with torch.no_grad():
         twin.lm_head.weight.mul_(-1)

@@ -35,6 +35,7 @@ caches is open, and gives it back when the last is closed. Close a cache
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 import types
@@ -468,7 +469,15 @@ def _take_forward(model: Any) -> None:
         state = model.__dict__
         if state.get(_OPEN, 0) == 0:
             state[_BEFORE] = state.get("forward")
-            model.forward = types.MethodType(_paged_forward, model)
+
+            def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+                return _paged_forward(self, *args, **kwargs)
+
+            # the model's own signature: generate reads it (whether to pass logits_to_keep, which
+            # keyword arguments the model takes)
+            forward.__signature__ = inspect.signature(type(model).forward)  # type: ignore[attr-defined]
+            forward.__doc__ = type(model).forward.__doc__
+            model.forward = types.MethodType(forward, model)
         state[_OPEN] = state.get(_OPEN, 0) + 1
 
 
