@@ -19,7 +19,8 @@ computing them from its logits as kvpager does). Paths, on the same model and pr
   once after the rounds;
 - ``generate PagedCache``: the same ``generate`` on a `kvpager.hf.PagedCache`
   over a pool of its own (made and closed in each timed call), timed in the
-  rounds beside it;
+  rounds beside it; the KV bytes of both are what their caches held at the end
+  of the longer call (the pool's blocks in use, the prompt's shared blocks once);
 - ``kvpager eager``: `kvpager.hf.PagedGeneration`, one step plan per pass,
   pipelined (each pass launched before the last one's tokens reach the host:
   `kvpager.hf.pipeline`); with ``--sync`` also ``kvpager eager sync`` and
@@ -148,18 +149,18 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
         loop.run(warm + 1, timed=False)
         for p in paths:
             p.run(warm, timed=False)  # the graph paths capture their buckets here
-        gen_rounds, cache_rounds = [], []
+        gen_rounds, cache_rounds, gen_held, cache_held = [], [], [], []
         for _ in range(rounds):
-            gen_rounds.append(generate_ms(model, ids, steps))
+            gen_rounds.append(generate_ms(model, ids, steps, held=gen_held))
             free_cache()
-            cache_rounds.append(generate_ms(model, ids, steps, pool=cache_pool))
+            cache_rounds.append(generate_ms(model, ids, steps, pool=cache_pool, held=cache_held))
             loop.run(steps + 1)
             for p in paths:
                 p.run(steps)
         rows = [loop.row()]
-        gen_row = summarize("hf generate", [], [], batch, None, None, gen_rounds)
+        gen_row = summarize("hf generate", [], [], batch, gen_held[-1], None, gen_rounds)
         rows.append(gen_row)
-        rows.append(summarize("generate PagedCache", [], [], batch, None, None, cache_rounds))
+        rows.append(summarize("generate PagedCache", [], [], batch, cache_held[-1], None, cache_rounds))
         if static:
             try:
                 ms = generate_ms(model, ids, steps, cache="static")

@@ -211,24 +211,25 @@ class HFLoop(Timed):
         self.keep(wall, host, timed)
 
     def row(self) -> dict:
-        kv = sum(t.numel() * t.element_size() for layer in self.cache.layers
-                 for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
-        return self.summary("hf loop", kv)
+        return self.summary("hf loop", cache_bytes(self.cache))
 
     def close(self) -> None:
         self.cache = self.kv = None
 
 
-def generate_ms(model, ids: torch.Tensor, steps: int, cache: str | None = None, pool=None) -> float:
+def generate_ms(model, ids: torch.Tensor, steps: int, cache: str | None = None, pool=None,
+                held: list | None = None) -> float:
     """ms per decode step of transformers' ``generate``: the time of ``steps`` + 1 new tokens
     less that of 1 (the prefill's share cancels out); ``cache="static"``: its StaticCache,
     with which transformers compiles the decode step: two untimed calls of ``steps`` + 1
     tokens first compile it and let any CUDA graphs of the compiled step be recorded (the
     cache keeps that length for the calls after them); ``pool``: a `kvpager.hf.PagedCache`
-    over it a call (made and closed inside the timed call)."""
+    over it a call (made and closed inside the timed call). ``held``: gets the KV bytes the
+    longer call's cache held at its end (its tensors; a PagedCache's pool blocks in use)."""
     from kvpager.hf import PagedCache
 
     kw = dict(hf_sample_kwargs(), cache_implementation=cache) if cache else hf_sample_kwargs()
+    kw["return_dict_in_generate"] = True
     times = []
     with torch.inference_mode():
         for _ in range(2 if cache else 0):
@@ -237,13 +238,25 @@ def generate_ms(model, ids: torch.Tensor, steps: int, cache: str | None = None, 
             sync()
             t0 = time.perf_counter()
             if pool is None:
-                model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+                out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+                kv = cache_bytes(getattr(out, "cache", None) or getattr(out, "past_key_values", None))
             else:
                 with PagedCache(model, pool) as paged:
                     model.generate(ids, max_new_tokens=n, min_new_tokens=n, **cache_argument(model, paged), **kw)
+                    kv = pool.stats().used_blocks * pool.spec.bytes_per_block
             sync()
             times.append(time.perf_counter() - t0)
+    if held is not None:
+        held.append(kv)
     return (times[1] - times[0]) / steps * 1e3
+
+
+def cache_bytes(cache) -> int | None:
+    """The bytes of a transformers cache's K/V tensors (None: no cache)."""
+    if cache is None or not hasattr(cache, "layers"):
+        return None
+    return sum(t.numel() * t.element_size() for layer in cache.layers
+               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
 
 
 class Paged(Timed):
