@@ -85,6 +85,10 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
     (None: the model's `default_salt`; a model whose rotary frequencies follow
     each pass's length gets a salt of its own cache's, matched by no other)."""
 
+    #: tokens held past what the windows read, so that a crop of up to as many (assisted decoding's
+    #: rejected drafts) leaves the next query's window held
+    release_margin = 256
+
     def __init__(self, model: Any, pool: Any, *, salt: str | bytes | None = None) -> None:
         if Cache is None:
             import transformers
@@ -118,6 +122,10 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         self._device = torch.device(str(getattr(pool, "device", "cpu")))
         self.seq_ids: list[int] = []  # a sequence a row
         self._lens = np.zeros(0, dtype=np.int64)  # the tokens each row's sequence holds
+        # a model whose every layer has a sliding window: each row's blocks before the positions no
+        # later query reads (past `release_margin` tokens more, for crops) given back after each pass
+        self._reach = max(windows) if windows and None not in windows and hasattr(pool, "release_before") else None
+        self._floors = np.zeros(0, dtype=np.int64)  # each row's first position still held
         self._columns = 0  # the tokens each row was fed, pads included: transformers' cache length
         self._first_columns = 0  # the first pass's width
         self._padded = False  # whether a pass after the first had padding (no crop across it)
@@ -183,6 +191,10 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             if cut == self._columns:
                 self._free_rows()
                 return
+            if self._reach is not None and (self._lens - cut - self._reach + 1 < self._floors).any():
+                raise InvalidArgument(f"crop: {cut} tokens reach back past the blocks given back behind the "
+                                      f"sliding windows (release_margin {self.release_margin}): the next query's "
+                                      "window would read positions no longer held")
             self.pool.truncate(self.seq_ids, (self._lens - cut).tolist())
             self._lens -= cut
             self._columns -= cut
@@ -286,6 +298,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             live = np.arange(rows)
             self.seq_ids = ids
             self._lens = np.zeros(rows, dtype=np.int64)
+            self._floors = np.zeros(rows, dtype=np.int64)
         else:
             if rows != len(self.seq_ids):
                 raise InvalidArgument(f"PagedCache holds {len(self.seq_ids)} rows, and this pass has {rows} "
@@ -341,12 +354,21 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         filled = step.rows[after // size > before // size]
         if len(filled):
             self.pool.commit([self.seq_ids[r] for r in filled])
+        if self._reach is not None:
+            # the next query of a row sits at its length and reads positions after length - reach
+            upto = (after - self._reach + 1 - self.release_margin) // size * size
+            gone = step.rows[upto > self._floors[step.rows]]
+            if len(gone):
+                ends = upto[upto > self._floors[step.rows]]
+                self.pool.release_before([self.seq_ids[r] for r in gone], ends.tolist())
+                self._floors[gone] = ends
 
     def _undo(self, step: _Step) -> None:
         """Take back what `_begin` did for a pass that did not run."""
         if step.first:
             ids, self.seq_ids = self.seq_ids, []
             self._lens = np.zeros(0, dtype=np.int64)
+            self._floors = np.zeros(0, dtype=np.int64)
             free_all(self.pool, ids)
         elif len(step.rows):
             self.pool.truncate([self.seq_ids[r] for r in step.rows], self._lens[step.rows].tolist())
@@ -391,11 +413,13 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             gone = [s for r, s in enumerate(self.seq_ids) if r not in taken]
             self.seq_ids = new  # type: ignore[assignment]
             self._lens = self._lens[parents]
+            self._floors = self._floors[parents]
             free_all(self.pool, gone)
 
     def _free_rows(self) -> None:
         ids, self.seq_ids = self.seq_ids, []
         self._lens = np.zeros(0, dtype=np.int64)
+        self._floors = np.zeros(0, dtype=np.int64)
         self._columns = self._first_columns = 0
         self._padded = self._first_padded = False
         free_all(self.pool, ids)
