@@ -95,6 +95,7 @@ GENERATE_CASES = {
     "beams_returned": dict(num_beams=4, num_return_sequences=2, do_sample=False),
     "beams_sampled": dict(num_beams=3, do_sample=True),
     "processors": dict(do_sample=False, repetition_penalty=1.5, no_repeat_ngram_size=2),
+    "prefill_chunked": dict(do_sample=False, prefill_chunk_size=8),  # a later chunk's pass: several tokens a row
 }
 
 
@@ -273,3 +274,14 @@ def test_blocks_behind_every_window_are_given_back(family, releases, monkeypatch
     ref, out = both(model, pool, ids[:1], mask[:1], prompt_lookup_num_tokens=3, **kw)
     assert torch.equal(ref, out)
     assert_released(pool)
+
+
+def test_a_row_whose_first_chunk_is_all_padding_joins_with_its_first_tokens(model):
+    """Chunked prefill of a batch padded past a chunk: the third row has no tokens in the first
+    pass, its sequence is allocated by the pass that brings them; beams after it fork it."""
+    pool = pool_for(model, 512)
+    ids, mask = padded_batch(3, (0, 5, 11))
+    for kw in (dict(do_sample=False), dict(num_beams=2, do_sample=False)):
+        ref, out = both(model, pool, ids, mask, max_new_tokens=8, prefill_chunk_size=8, **kw)
+        assert torch.equal(ref, out)
+        assert_released(pool)

@@ -133,7 +133,7 @@ def test_careless_calls_are_refused_by_name(model):
         model(input_ids=ids, attention_mask=mask[:, None, None, :].bool(), use_cache=True, **cache_kw(model, cache))
     with pytest.raises(InvalidArgument, match="0s and 1s"):
         model(input_ids=ids, attention_mask=mask * 2, use_cache=True, **cache_kw(model, cache))
-    with pytest.raises(InvalidArgument, match="no tokens"):
+    with pytest.raises(InvalidArgument, match="every token is padding"):
         model(input_ids=ids, attention_mask=mask * 0, use_cache=True, **cache_kw(model, cache))
     with pytest.raises(InvalidArgument, match="outside a forward pass"):
         model.model(input_ids=ids, use_cache=True, **cache_kw(model, cache))  # a submodule: no switch
@@ -184,4 +184,31 @@ def test_a_crop_past_the_blocks_given_back_is_refused(monkeypatch):
         assert pool.sequence(seq).num_tokens == PROMPT + 2
         cache.crop(-1)
         assert pool.sequence(seq).num_tokens == PROMPT + 1
+    assert_released(pool)
+
+
+def test_a_failed_pass_that_allocated_a_row_frees_it_again(model):
+    """Chunked prefill, the third row's first tokens in the second chunk's pass, which raises: that
+    row has no sequence again, the others hold their first chunk's tokens, nothing leaks."""
+    pool = pool_for(model)
+    ids, mask = padded_batch(3, (0, 5, 11))
+    layer = model.model.layers[1].mlp
+    calls = {"n": 0}
+
+    def hook(module, args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise Boom("boom")
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        with PagedCache(model, pool) as cache:
+            with pytest.raises(Boom):
+                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                               prefill_chunk_size=8, **cache_kw(model, cache))
+            assert cache.seq_ids[2] is None and cache.get_seq_length() == 8
+            assert [pool.sequence(s).num_tokens for s in cache.seq_ids[:2]] == [8, 3]
+            pool.check_integrity()
+    finally:
+        handle.remove()
     assert_released(pool)

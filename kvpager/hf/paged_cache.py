@@ -69,11 +69,13 @@ except ImportError:  # pragma: no cover - older releases
 class _Step:
     """One pass's changes to the cache's sequences, undone if the pass fails."""
 
-    batch: PagedBatch
+    batch: PagedBatch | None
     rows: np.ndarray  # the rows that got tokens
     counts: np.ndarray  # their new tokens
     columns: int  # the pass's width (pads included)
-    first: bool  # the pass allocated the sequences
+    first: bool  # the cache held no rows before the pass
+    fresh: list[int]  # rows whose sequences the pass allocated (their first tokens)
+    appended: bool = False  # the other rows' tokens were appended
 
 
 class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
@@ -185,7 +187,8 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             self._check_open("crop")
             if cut > self._columns:
                 raise InvalidArgument(f"crop: the cache holds {self._columns} tokens a row, cannot remove {cut}")
-            if self._padded or (self._first_padded and cut > self._columns - self._first_columns):
+            if self._padded or None in self.seq_ids or (self._first_padded
+                                                        and cut > self._columns - self._first_columns):
                 raise InvalidArgument("crop: the columns to remove hold padding of some rows (a padded pass), "
                                       "so rows would lose different token counts: not supported")
             if cut == self._columns:
@@ -284,35 +287,39 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         tokens = input_ids.detach().cpu().numpy()
         counts = real.sum(axis=1)
         first = not self.seq_ids
-        if first:
-            if (counts == 0).any():
-                raise InvalidArgument(f"PagedCache: row {int(np.flatnonzero(counts == 0)[0])} of the first pass "
-                                      "has no tokens (its attention_mask is all 0)")
-            prompts = [tokens[r][real[r]].tolist() for r in range(rows)]
-            allocs = self.pool.allocate(prompts, self.salt, share_in_batch=True)
-            ids = [a.seq_id for a in allocs]
-            # a cached prefix's tokens run through the model too (transformers feeds the whole
-            # prompt): their queries attend over the cached K/V, and nothing is written there
-            slots = np.concatenate([np.concatenate([np.full(a.num_cached_tokens, -1, dtype=np.int64),
-                                                    np.asarray(a.slots, dtype=np.int64)]) for a in allocs])
-            live = np.arange(rows)
-            self.seq_ids = ids
+        if first:  # a row a sequence, allocated with the pass that brings its first tokens
+            self.seq_ids = [None] * rows  # type: ignore[list-item]
             self._lens = np.zeros(rows, dtype=np.int64)
             self._floors = np.zeros(rows, dtype=np.int64)
-        else:
-            if rows != len(self.seq_ids):
-                raise InvalidArgument(f"PagedCache holds {len(self.seq_ids)} rows, and this pass has {rows} "
-                                      "(rows change between passes through reorder_cache / batch_select_indices)")
-            live = np.flatnonzero(counts)
+        elif rows != len(self.seq_ids):
+            raise InvalidArgument(f"PagedCache holds {len(self.seq_ids)} rows, and this pass has {rows} "
+                                  "(rows change between passes through reorder_cache / batch_select_indices)")
+        live = np.flatnonzero(counts)
+        fresh = [int(r) for r in live if self.seq_ids[r] is None]
+        step = _Step(None, live, counts[live], width, first, fresh)
+        try:
             if not len(live):
                 raise InvalidArgument("PagedCache: a pass whose every token is padding (attention_mask 0)")
+            parts: dict[int, np.ndarray] = {}
+            if fresh:
+                allocs = self.pool.allocate([tokens[r][real[r]].tolist() for r in fresh], self.salt,
+                                            share_in_batch=True)
+                for r, a in zip(fresh, allocs):
+                    self.seq_ids[r] = a.seq_id
+                    # a cached prefix's tokens run through the model too (transformers feeds the whole
+                    # prompt): their queries attend over the cached K/V, and nothing is written there
+                    parts[r] = np.concatenate([np.full(a.num_cached_tokens, -1, dtype=np.int64),
+                                               np.asarray(a.slots, dtype=np.int64)])
+            held = [int(r) for r in live if r not in parts]
+            if held:
+                appended = self.pool.append([self.seq_ids[r] for r in held], counts[held].tolist(),
+                                            [tokens[r][real[r]].tolist() for r in held])
+                step.appended = True
+                parts.update(zip(held, appended))
             ids = [self.seq_ids[r] for r in live]
-            new = [tokens[r][real[r]].tolist() for r in live]
-            slots = np.concatenate(self.pool.append(ids, counts[live].tolist(), new))
-        try:
-            plan = self.pool.plan(ids, counts[live].tolist(), slots)
+            plan = self.pool.plan(ids, counts[live].tolist(), np.concatenate([parts[r] for r in live]))
         except BaseException:
-            self._undo(_Step(None, live, counts[live], width, first))  # type: ignore[arg-type]
+            self._undo(step)
             raise
         flat = real.reshape(-1)
         index = None if flat.all() else torch.as_tensor(np.flatnonzero(flat), device=input_ids.device)
@@ -322,7 +329,8 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         # position (Llama-4's NoPE layers): cache columns, pads included
         positions = torch.arange(self._columns, self._columns + width, device=input_ids.device).repeat(rows)
         batch.positions = (positions if index is None else positions.index_select(0, index)).unsqueeze(0)
-        return _Step(batch, live, counts[live], width, first)
+        step.batch = batch
+        return step
 
     def _real_tokens(self, attention_mask: Any, rows: int, width: int) -> np.ndarray:
         """The pass's tokens that are a row's (the last ``width`` columns of a 2-D
@@ -365,13 +373,19 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
 
     def _undo(self, step: _Step) -> None:
         """Take back what `_begin` did for a pass that did not run."""
-        if step.first:
-            ids, self.seq_ids = self.seq_ids, []
-            self._lens = np.zeros(0, dtype=np.int64)
-            self._floors = np.zeros(0, dtype=np.int64)
-            free_all(self.pool, ids)
-        elif len(step.rows):
-            self.pool.truncate([self.seq_ids[r] for r in step.rows], self._lens[step.rows].tolist())
+        fresh = [s for r in step.fresh if (s := self.seq_ids[r]) is not None]
+        for r in step.fresh:
+            self.seq_ids[r] = None  # type: ignore[call-overload]
+        try:
+            if step.appended:
+                held = [int(r) for r in step.rows if int(r) not in step.fresh]
+                self.pool.truncate([self.seq_ids[r] for r in held], self._lens[held].tolist())
+        finally:
+            if step.first:
+                self.seq_ids = []
+                self._lens = np.zeros(0, dtype=np.int64)
+                self._floors = np.zeros(0, dtype=np.int64)
+            free_all(self.pool, fresh)
 
     def _select(self, parents: Any, what: str) -> None:
         """Row i becomes a continuation of row ``parents[i]``: the first row that
@@ -391,8 +405,10 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             taken: dict[int, int] = {}
             forks: dict[int, list[int]] = {}
             for i, p in enumerate(parents):
-                if p in taken:
+                if p in taken and self.seq_ids[p] is not None:
                     forks.setdefault(p, []).append(i)
+                elif p in taken:  # a row with no tokens yet (all padding so far): none for its copy either
+                    continue
                 else:
                     taken[p] = i
                     new[i] = self.seq_ids[p]
@@ -410,14 +426,15 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             except BaseException:
                 free_all(self.pool, made)
                 raise
-            gone = [s for r, s in enumerate(self.seq_ids) if r not in taken]
+            gone = [s for r, s in enumerate(self.seq_ids) if r not in taken and s is not None]
             self.seq_ids = new  # type: ignore[assignment]
             self._lens = self._lens[parents]
             self._floors = self._floors[parents]
             free_all(self.pool, gone)
 
     def _free_rows(self) -> None:
-        ids, self.seq_ids = self.seq_ids, []
+        ids = [s for s in self.seq_ids if s is not None]
+        self.seq_ids = []
         self._lens = np.zeros(0, dtype=np.int64)
         self._floors = np.zeros(0, dtype=np.int64)
         self._columns = self._first_columns = 0
