@@ -51,7 +51,7 @@ def test_crop_into_padding_is_refused(model):
     pool = pool_for(model)
     ids, mask = padded_batch(2, (0, 4))
     with PagedCache(model, pool) as cache:
-        model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kw(model, cache))
+        model(ids, mask, use_cache=True, **cache_kw(model, cache))  # (positional: the mask is read too)
         model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1] * 0 + 1], 1), use_cache=True,
               **cache_kw(model, cache))
         cache.crop(-1)  # the second pass's column: every row's

@@ -120,6 +120,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         # that would cut their inputs to the kept logits' positions (Gemma-4's, for an int
         # logits_to_keep) is handed those positions as indices instead, which it does not cut by
         self._keeps_all = self._layer_map is not None and any(p >= 0 and not s for p, s in self._layer_map)
+        self._signature = inspect.signature(type(model).forward)
         self._dtype = TORCH_DTYPES[dtype_name(pool.spec.dtype)]
         self._device = torch.device(str(getattr(pool, "device", "cpu")))
         self.seq_ids: list[int] = []  # a sequence a row
@@ -241,8 +242,10 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                                   "a cache is one batch's)")
         try:
             self._check_open("a forward pass")
-            input_ids = args[0] if args else kwargs.get("input_ids")
-            step = self._begin(input_ids, kwargs.get("attention_mask"))
+            # (generate passes keywords; a caller's positional arguments bound by the forward's names)
+            named = kwargs if not args else self._signature.bind_partial(self.model, *args, **kwargs).arguments
+            input_ids = named.get("input_ids")
+            step = self._begin(input_ids, named.get("attention_mask"))
             keep = kwargs.get("logits_to_keep")
             if self._keeps_all and type(keep) is int and 0 < keep < step.columns:
                 kwargs = {**kwargs, "logits_to_keep": torch.arange(step.columns - keep, step.columns,
