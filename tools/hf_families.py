@@ -16,8 +16,10 @@ head), and `kvpager.hf.generate` (a CPU pool) is compared
 with transformers' greedy ``generate`` on the same prompts (21 and 9
 tokens, 8 new ones each). Where they match, `kvpager.hf.score` is compared
 with the log-softmax of one plain forward pass (every token from the second,
-within 1e-3) and `kvpager.hf.beam_search` with transformers' beams (2 beams,
-5 new tokens; where transformers' own beam search runs for the type). Each
+within 1e-3), `kvpager.hf.beam_search` with transformers' beams (2 beams,
+5 new tokens; where transformers' own beam search runs for the type), and
+transformers' ``generate`` on a `kvpager.hf.PagedCache` with the same on its
+own cache (each prompt alone). Each
 type runs in a process of its own, under a time limit. Outcomes:
 
 - ``match``: transformers' tokens, scores and beams (the detail says what was
@@ -177,7 +179,34 @@ def also_served(model, pool, prompts: list[list[int]]) -> tuple[str, str]:
         else:
             if beams != want_beams:
                 wrong.append(f"beams: kvpager {beams} transformers {want_beams}")
+    wrong_cache, note = through_paged_cache(model, pool, prompts)
+    wrong += [wrong_cache] if wrong_cache else []
+    notes += [note] if note else []
     return "; ".join(wrong), "; ".join(notes)
+
+
+def through_paged_cache(model, pool, prompts: list[list[int]]) -> tuple[str, str]:
+    """transformers' own greedy ``generate`` on a `kvpager.hf.PagedCache` against the same on
+    its default cache, each prompt alone (8 new tokens): (what differs, what was refused)."""
+    import inspect
+
+    import torch
+
+    from kvpager.hf import PagedCache
+
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    got, want = [], []
+    try:
+        with torch.no_grad():
+            for p in prompts:
+                ids = torch.tensor([p])
+                want.append(model.generate(ids, max_new_tokens=8, do_sample=False, num_beams=1)[0, len(p):].tolist())
+                with PagedCache(model, pool) as cache:
+                    got.append(model.generate(ids, max_new_tokens=8, do_sample=False, num_beams=1,
+                                              **{name: cache})[0, len(p):].tolist())
+    except Exception as e:  # noqa: BLE001 - a refusal: said, not a mismatch
+        return "", f"PagedCache refused: {type(e).__name__}: {e}"
+    return ("" if got == want else f"PagedCache: {got} transformers {want}"), ""
 
 
 def run(model_type: str, variant: str, timeout: float) -> dict:
