@@ -285,3 +285,28 @@ def test_a_row_whose_first_chunk_is_all_padding_joins_with_its_first_tokens(mode
         ref, out = both(model, pool, ids, mask, max_new_tokens=8, prefill_chunk_size=8, **kw)
         assert torch.equal(ref, out)
         assert_released(pool)
+
+
+def test_a_model_that_looks_into_its_cache_layers_sees_nothing_held_there():
+    """Mllama asks each cross-attention layer of its cache whether it holds image states: a
+    PagedCache's layers hold none (text only), and its tokens are transformers'."""
+    import pathlib
+    import sys
+
+    tools = str(pathlib.Path(__file__).resolve().parent.parent / "tools")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    from family_configs import COMMON, LEAVE, OVERRIDES, tiny_config
+
+    if not hasattr(transformers, "MllamaConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Mllama")
+    fields = {k: v for k, v in {**COMMON, **OVERRIDES.get("mllama", {})}.items() if v is not LEAVE}
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("mllama", fields)).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    pool = pool_for(model, 64)
+    ids = torch.randint(3, 100, (1, 21), generator=torch.Generator().manual_seed(3))
+    ref, out = both(model, pool, ids, torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    assert torch.equal(ref, out)
+    assert_released(pool)

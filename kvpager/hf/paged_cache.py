@@ -464,6 +464,9 @@ if CacheLayerMixin is not None:
             self._cache = cache
             self.is_sliding = sliding
             self.is_initialized = True
+            # nothing held here (the pool holds it): what a model that looks into its cache's layers
+            # sees (Mllama asks whether a cross-attention layer holds states: none, text only)
+            self.keys = self.values = torch.empty(0)
 
         def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
             return None
