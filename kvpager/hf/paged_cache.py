@@ -13,18 +13,21 @@ sampled decoding, logits processors, stopping criteria, streamers,
 fork of the one it continues, sharing its blocks), assisted decoding's
 rollback (`crop`). Each forward pass over the cache
 
-1. allocates (the first pass: each row's tokens where its ``attention_mask`` is 1,
+1. allocates (a row's first tokens: those where its ``attention_mask`` is 1,
    sharing the blocks of any cached prefix under the model's salt) or appends
-   (later passes) the row's new tokens in the pool, and makes one step plan;
+   (later passes) each row's new tokens in the pool, and makes one step plan;
 2. runs the model with kvpager attention (`kvpager.hf.attention`): each layer
    writes its new K/V at the plan's slots and attends over the pool, padding
    neither stored nor read;
-3. commits the blocks it filled, so other callers' prompts match them.
+3. commits the blocks it filled, so other callers' prompts match them, and, in
+   a model whose every layer has a sliding window, gives back the blocks
+   behind every row's window (`PagedCache.release_margin` tokens kept for crops).
 
 A pass that raises leaves the sequences as they were before it (the first
 pass's freed, later ones' appended tokens cut off). The model is switched to
-kvpager attention for each pass alone (`paged_attention`): between passes,
-and for other callers that do not pass a `PagedCache`, it attends as before.
+kvpager attention for each pass alone (`paged_attention`): between passes it
+attends as before (during one, as with `paged_attention`, other threads'
+calls of the same model object get kvpager attention too).
 
 The switch needs the forward pass to come through the model the cache was
 made for: the cache takes over that model's ``forward`` (an instance
