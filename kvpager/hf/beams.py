@@ -47,6 +47,7 @@ from kvpager.hf.graphs import CapturedSteps, DecodeGraphs, check_graph_options, 
 from kvpager.hf.model import has_recurrent_layers
 from kvpager.hf.padding import prompts_given, token_lists
 from kvpager.hf.rope import rope_salt
+from kvpager.hf.row_forks import continue_rows
 from kvpager.hf.salt import call_salt
 from kvpager.hf.windows import hit_window
 from kvpager.validate import described, integer, real
@@ -257,26 +258,11 @@ class _Search:
         # a parent's first child is its own sequence, the others its forks (its blocks shared): one
         # fork a count of children over every prompt, one free of the parents continued by none
         # (each a round trip through a daemon)
-        forked: dict[int, list[tuple[int, int]]] = {}
-        for b, ps in enumerate(parents):
-            for p in dict.fromkeys(ps):
-                if ps.count(p) > 1:
-                    forked.setdefault(ps.count(p) - 1, []).append((b, p))
-        spare: dict[tuple[int, int], list[int]] = {}
-        for n, at in forked.items():
-            for (b, p), kids in zip(at, self.pool.fork([self.seqs[b][p] for b, p in at], n)):
-                spare[b, p] = list(kids)
-                self.held.update(kids)
-        seqs: list[list[int]] = []
-        gone: list[int] = []
-        for b, ps in enumerate(parents):
-            old, row, seen = self.seqs[b], [], set()
-            for p in ps:
-                row.append(spare[b, p].pop() if p in seen else old[p])
-                seen.add(p)
-            gone += [old[p] for p in range(self.k) if p not in seen and old[p] is not None]
-            self.seqs[b] = row
-            seqs.append(row)
+        k = self.k
+        flat, made, gone = continue_rows(self.pool, [s for row in self.seqs for s in row],
+                                         [b * k + p for b, ps in enumerate(parents) for p in ps])
+        self.held.update(made)
+        self.seqs = seqs = [flat[b * k:(b + 1) * k] for b in range(len(parents))]
         self._free(gone)
         ids = [s for row in seqs for s in row]
         fed = [t for row in next_tokens for t in row]

@@ -57,6 +57,7 @@ from kvpager.hf.compiled import running
 from kvpager.hf.eager import TORCH_DTYPES
 from kvpager.hf.model import has_recurrent_layers, layer_fit, layer_map, text_config
 from kvpager.hf.rope import pass_dependent
+from kvpager.hf.row_forks import continue_rows
 from kvpager.hf.salt import call_salt
 from kvpager.hf.switching import paged_attention
 from kvpager.hf.windows import layer_chunks
@@ -407,32 +408,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                 raise InvalidArgument(f"{what}: rows must be a 1-D list or tensor of ints in [0, {n})")
             if parents == list(range(n)):
                 return
-            new: list[int | None] = [None] * len(parents)
-            taken: dict[int, int] = {}
-            forks: dict[int, list[int]] = {}
-            for i, p in enumerate(parents):
-                if p in taken and self.seq_ids[p] is not None:
-                    forks.setdefault(p, []).append(i)
-                elif p in taken:  # a row with no tokens yet (all padding so far): none for its copy either
-                    continue
-                else:
-                    taken[p] = i
-                    new[i] = self.seq_ids[p]
-            by_count: dict[int, list[int]] = {}
-            for p, rows in forks.items():
-                by_count.setdefault(len(rows), []).append(p)
-            made: list[int] = []
-            try:
-                for count, ps in by_count.items():
-                    children = self.pool.fork([self.seq_ids[p] for p in ps], count)
-                    for p, kids in zip(ps, children):
-                        made.extend(kids)
-                        for i, kid in zip(forks[p], kids):
-                            new[i] = kid
-            except BaseException:
-                free_all(self.pool, made)
-                raise
-            gone = [s for r, s in enumerate(self.seq_ids) if r not in taken and s is not None]
+            new, _, gone = continue_rows(self.pool, self.seq_ids, parents)
             self.seq_ids = new  # type: ignore[assignment]
             self._lens = self._lens[parents]
             self._floors = self._floors[parents]
