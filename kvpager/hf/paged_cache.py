@@ -41,7 +41,6 @@ from __future__ import annotations
 import inspect
 import os
 import threading
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +59,7 @@ from kvpager.hf.rope import pass_dependent
 from kvpager.hf.row_forks import continue_rows
 from kvpager.hf.salt import call_salt
 from kvpager.hf.switching import paged_attention
+from kvpager.hf.taken_forward import give_forward, open_caches, take_forward  # noqa: F401
 from kvpager.hf.windows import layer_chunks
 from kvpager.spec import dtype_name
 
@@ -90,6 +90,9 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
     ``num_return_sequences`` forking them. ``salt``: the prefix cache's tenant
     (None: the model's `default_salt`; a model whose rotary frequencies follow
     each pass's length gets a salt of its own cache's, matched by no other)."""
+
+    #: a model's forward taken over (`kvpager.hf.taken_forward`) runs a pass given this cache through `_run`
+    runs_passes = True
 
     #: tokens held past what the windows read, so that a crop of up to as many (assisted decoding's
     #: rejected drafts) leaves the next query's window held
@@ -140,7 +143,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         self._step: _Step | None = None
         self._lock = threading.Lock()
         self._closed = False
-        _take_forward(model)
+        take_forward(model)
 
     # -- what transformers asks of a cache
 
@@ -225,7 +228,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             try:
                 self._free_rows()
             finally:
-                _give_forward(self.model)
+                give_forward(self.model)
 
     def __enter__(self) -> PagedCache:
         return self
@@ -473,66 +476,4 @@ if CacheLayerMixin is not None:
             return None
 
 
-# -- the model's forward, taken over while a cache of it is open
-
-_taken_lock = threading.Lock()
-_OPEN = "_kvpager_paged_caches"  # open caches of the model
-_BEFORE = "_kvpager_forward_before"  # an instance forward the model had (accelerate's hooks), or None
-
-
-def _paged_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-    """The model's forward while a `PagedCache` of it is open: a pass given one
-    runs through it (`PagedCache._run`), any other as before."""
-    before = self.__dict__.get(_BEFORE)
-    forward = before if before is not None else type(self).forward.__get__(self)
-    cache = kwargs.get("cache")
-    if cache is None:
-        cache = kwargs.get("past_key_values")
-    if isinstance(cache, PagedCache):
-        if cache.model is not self:
-            raise InvalidArgument(f"PagedCache was made for another model ({type(cache.model).__name__} at "
-                                  f"{id(cache.model):#x}) than this one ({type(self).__name__} at {id(self):#x})")
-        return cache._run(forward, args, kwargs)
-    return forward(*args, **kwargs)
-
-
-def _take_forward(model: Any) -> None:
-    """Count an open cache of ``model``; the first takes over its ``forward``
-    (bound as a method: a deep copy of the model rebinds it to the copy)."""
-    with _taken_lock:
-        state = model.__dict__
-        if state.get(_OPEN, 0) == 0:
-            state[_BEFORE] = state.get("forward")
-
-            def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-                return _paged_forward(self, *args, **kwargs)
-
-            # the model's own signature: generate reads it (whether to pass logits_to_keep, which
-            # keyword arguments the model takes)
-            forward.__signature__ = inspect.signature(type(model).forward)  # type: ignore[attr-defined]
-            forward.__doc__ = type(model).forward.__doc__
-            model.forward = types.MethodType(forward, model)
-        state[_OPEN] = state.get(_OPEN, 0) + 1
-
-
-def _give_forward(model: Any) -> None:
-    """Undo `_take_forward`: the last open cache gives the model's forward back."""
-    with _taken_lock:
-        state = model.__dict__
-        state[_OPEN] = state.get(_OPEN, 1) - 1
-        if state[_OPEN] > 0:
-            return
-        del state[_OPEN]
-        before = state.pop(_BEFORE, None)
-        if before is not None:
-            model.forward = before
-        else:
-            state.pop("forward", None)
-
-
-def open_caches(model: Any) -> int:
-    """How many `PagedCache`s of ``model`` are open (its forward taken over while any is)."""
-    return model.__dict__.get(_OPEN, 0)
-
-
-__all__: Sequence[str] = ["PagedCache", "open_caches"]
+__all__: Sequence[str] = ["PagedCache", "open_caches"]  # (open_caches: `kvpager.hf.taken_forward`)
