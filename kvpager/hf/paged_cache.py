@@ -55,6 +55,8 @@ from kvpager.hf.checks import check_layers_ran, check_model, check_model_and_poo
 from kvpager.hf.compiled import running
 from kvpager.hf.eager import TORCH_DTYPES
 from kvpager.hf.model import has_recurrent_layers, layer_fit, layer_map, text_config
+from kvpager.hf.padding import new_columns
+from kvpager.hf.paged_layer import PagedLayer
 from kvpager.hf.rope import pass_dependent
 from kvpager.hf.row_forks import continue_rows
 from kvpager.hf.salt import call_salt
@@ -64,9 +66,9 @@ from kvpager.hf.windows import layer_chunks
 from kvpager.spec import dtype_name
 
 try:  # transformers 4.56 on: a cache is a list of layers
-    from transformers.cache_utils import Cache, CacheLayerMixin
+    from transformers.cache_utils import Cache
 except ImportError:  # pragma: no cover - older releases
-    Cache = CacheLayerMixin = None
+    Cache = None
 
 
 @dataclass
@@ -117,7 +119,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             nonce = "\x00pass-rope-" + os.urandom(8).hex()
             salt = salt + (nonce.encode() if isinstance(salt, bytes) else nonce)
         layers = text_config(model).num_hidden_layers
-        super().__init__(layers=[_PagedLayer(self, windows[i] is not None) for i in range(layers)])
+        super().__init__(layers=[PagedLayer(self, windows[i] is not None) for i in range(layers)])
         self.model, self.pool, self.salt = model, pool, salt
         self._windows = windows
         self._layer_map = layer_map(model)
@@ -293,7 +295,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         rows, width = input_ids.shape
         if width < 1:
             raise InvalidArgument("PagedCache: a pass of no tokens")
-        real = self._real_tokens(attention_mask, rows, width)  # bool [rows, width]
+        real = new_columns(attention_mask, rows, width)  # bool [rows, width]
         tokens = input_ids.detach().cpu().numpy()
         counts = real.sum(axis=1)
         first = not self.seq_ids
@@ -341,21 +343,6 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         batch.positions = (positions if index is None else positions.index_select(0, index)).unsqueeze(0)
         step.batch = batch
         return step
-
-    def _real_tokens(self, attention_mask: Any, rows: int, width: int) -> np.ndarray:
-        """The pass's tokens that are a row's (the last ``width`` columns of a 2-D
-        mask that are 1), as bool [rows, width]."""
-        if attention_mask is None:
-            return np.ones((rows, width), dtype=bool)
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2 \
-                or attention_mask.shape[0] != rows or attention_mask.shape[1] < width:
-            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
-            raise InvalidArgument(f"PagedCache takes a 2-D attention_mask [rows, tokens so far] of 0s and 1s "
-                                  f"(a tokenizer's); got {shape} for input_ids [{rows}, {width}]")
-        real = attention_mask[:, -width:].detach().cpu().numpy()
-        if not np.isin(real, (0, 1)).all():
-            raise InvalidArgument("PagedCache: attention_mask must hold 0s and 1s")
-        return real.astype(bool)
 
     def _done(self, step: _Step) -> None:
         """A pass ran: its tokens counted, the blocks it filled committed."""
@@ -429,51 +416,6 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
     def _check_open(self, what: str) -> None:
         if self._closed:
             raise InvalidArgument(f"{what}: this PagedCache is closed (its sequences were freed); make a new one")
-
-
-if CacheLayerMixin is not None:
-
-    class _PagedLayer(CacheLayerMixin):
-        """One layer's view of a `PagedCache`: its K/V are in the pool, so it keeps
-        nothing and answers from the cache."""
-
-        is_compileable = False
-        is_croppable = True
-        supports_early_init = False
-
-        def __init__(self, cache: PagedCache, sliding: bool) -> None:
-            super().__init__()
-            self._cache = cache
-            self.is_sliding = sliding
-            self.is_initialized = True
-            # nothing held here (the pool holds it): what a model that looks into its cache's layers
-            # sees (Mllama asks whether a cross-attention layer holds states: none, text only)
-            self.keys = self.values = torch.empty(0)
-
-        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-            return None
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            return self._cache._update(key_states, value_states)
-
-        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-            return self._cache.get_mask_sizes(query_length)
-
-        def get_seq_length(self) -> int:
-            return self._cache.get_seq_length()
-
-        def get_max_length(self) -> int:
-            return -1
-
-        def reset(self) -> None:
-            return None
-
-        def offload(self) -> None:
-            return None
-
-        def prefetch(self) -> None:
-            return None
 
 
 __all__: Sequence[str] = ["PagedCache", "open_caches"]  # (open_caches: `kvpager.hf.taken_forward`)

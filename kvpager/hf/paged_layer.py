@@ -1,0 +1,56 @@
+"""One layer of a `kvpager.hf.PagedCache`: its K/V are in the pool, so it keeps
+nothing and answers transformers' questions from the cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+try:  # transformers 4.56 on: a cache is a list of layers
+    from transformers.cache_utils import CacheLayerMixin
+except ImportError:  # pragma: no cover - older releases (PagedCache refuses them)
+    CacheLayerMixin = object
+
+
+class PagedLayer(CacheLayerMixin):
+    """One layer's view of a `PagedCache`: its K/V are in the pool, so it keeps
+    nothing and answers from the cache."""
+
+    is_compileable = False
+    is_croppable = True
+    supports_early_init = False
+
+    def __init__(self, cache: Any, sliding: bool) -> None:
+        super().__init__()
+        self._cache = cache
+        self.is_sliding = sliding
+        self.is_initialized = True
+        # nothing held here (the pool holds it): what a model that looks into its cache's layers
+        # sees (Mllama asks whether a cross-attention layer holds states: none, text only)
+        self.keys = self.values = torch.empty(0)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        return None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._cache._update(key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._cache.get_mask_sizes(query_length)
+
+    def get_seq_length(self) -> int:
+        return self._cache.get_seq_length()
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        return None
+
+    def offload(self) -> None:
+        return None
+
+    def prefetch(self) -> None:
+        return None
