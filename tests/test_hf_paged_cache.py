@@ -6,8 +6,6 @@ and a careless call is refused by name."""
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import pytest
 
@@ -19,6 +17,7 @@ from test_hf_models import FAMILIES, make_model, one_thread  # noqa: E402, F401
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.hf import PagedCache, spec_for_model  # noqa: E402
+from kvpager.hf.recurrent_states import cache_argument  # noqa: E402
 
 if not hasattr(transformers.cache_utils, "CacheLayerMixin"):
     pytest.skip(f"transformers {transformers.__version__} has no caches of layers", allow_module_level=True)
@@ -28,8 +27,7 @@ PROMPT = 20  # longer than the families' windows (6) and than two blocks of 8
 
 def cache_kw(model, cache) -> dict:
     """``generate``'s cache keyword: ``cache`` where transformers names it so (5.x), else ``past_key_values``."""
-    params = inspect.signature(type(model).forward).parameters
-    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+    return {cache_argument(model): cache}
 
 
 def padded_batch(rows: int = 3, pads: tuple[int, ...] = (0, 5, 11), seed: int = 1):

@@ -188,13 +188,12 @@ def also_served(model, pool, prompts: list[list[int]]) -> tuple[str, str]:
 def through_paged_cache(model, pool, prompts: list[list[int]]) -> tuple[str, str]:
     """transformers' own greedy ``generate`` on a `kvpager.hf.PagedCache` against the same on
     its default cache, each prompt alone (8 new tokens): (what differs, what was refused)."""
-    import inspect
-
     import torch
 
     from kvpager.hf import PagedCache
+    from kvpager.hf.recurrent_states import cache_argument
 
-    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    name = cache_argument(model)
     got, want = [], []
     try:
         with torch.no_grad():
