@@ -67,7 +67,7 @@ def test_compiled_pass_gives_the_eager_tokens_and_kv(family):
     if OLD_TRANSFORMERS and family.startswith("deepseek_v3"):
         pytest.skip("transformers 4.x's DeepSeek-V3 experts loop on data-dependent sizes: no full graph")
     model = make_model(family)
-    with served_by_this_transformers():
+    with served_by_this_transformers(model):
         eager = two_passes(model, paged_forward)
 
     def compiled(*args):

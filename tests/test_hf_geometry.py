@@ -119,7 +119,7 @@ def test_multimodal_wrapper_generates_text_as_its_language_model(wrapper):
     assert (pool.spec.num_layers, pool.spec.num_kv_heads) == (4, 2)
     system = prompt(35, seed=21)
     prompts = [system + prompt(5, seed=22), prompt(9, seed=23), system + prompt(13, seed=24)]
-    with served_by_this_transformers(), PagedGeneration(model, pool, prompts, max_new_tokens=10) as gen:
+    with served_by_this_transformers(model), PagedGeneration(model, pool, prompts, max_new_tokens=10) as gen:
         assert gen.num_cached_tokens == [0, 0, 32]
         while not gen.done:
             gen.step()

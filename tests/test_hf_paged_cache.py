@@ -6,6 +6,8 @@ and a careless call is refused by name."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -13,7 +15,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.cache_utils", reason="no transformers cache module")
 
-from test_hf_models import FAMILIES, make_model, one_thread  # noqa: E402, F401
+from test_hf_models import FAMILIES, make_model, one_thread, served_by_this_transformers  # noqa: E402, F401
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.hf import PagedCache, spec_for_model  # noqa: E402
@@ -39,6 +41,22 @@ def padded_batch(rows: int = 3, pads: tuple[int, ...] = (0, 5, 11), seed: int = 
         mask[r, :p] = 0
     ids[mask == 0] = 0
     return ids, mask
+
+
+#: prompt-lookup decoding (transformers before 5.15 need an end-of-sequence id for it: one no model here emits)
+PROMPT_LOOKUP = dict(prompt_lookup_num_tokens=3, eos_token_id=10**6)
+
+
+@contextlib.contextmanager
+def rolled_back_by_transformers():
+    """Where transformers' own sliding-window cache cannot roll drafts back (before 5.15,
+    past a window) the reference fails first (`both` runs it first): the test skips."""
+    try:
+        yield
+    except ValueError as e:
+        if "Cannot `crop`" not in str(e):
+            raise
+        pytest.skip(f"transformers {transformers.__version__}'s own sliding-window cache cannot roll back: {e}")
 
 
 def pool_for(model, blocks: int = 256) -> KVPool:
@@ -70,7 +88,8 @@ def test_every_family_gives_transformers_tokens_padded_and_on_prefix_hits(family
     model = make_model(family)
     pool = pool_for(model)
     ids, mask = padded_batch()
-    ref, out = both(model, pool, ids, mask, max_new_tokens=12, do_sample=False)
+    with served_by_this_transformers(model):
+        ref, out = both(model, pool, ids, mask, max_new_tokens=12, do_sample=False)
     assert torch.equal(ref, out)
     assert_released(pool)
     hits = pool.counters().prefix_hit_tokens
@@ -146,21 +165,23 @@ def test_assisted_decoding_rolls_back_through_crop(model, how):
     pool = pool_for(model, 512)
     ids, mask = padded_batch(1, (0,))
     extra = (dict(assistant_model=make_model("qwen2-sliding", seed=1)) if how == "assistant_model"
-             else dict(prompt_lookup_num_tokens=3))
+             else PROMPT_LOOKUP)
     crops = []
     crop = PagedCache.crop
 
     def counted(self, n):
-        crops.append(n)
-        return crop(self, n)
+        before = self.get_seq_length()
+        crop(self, n)
+        crops.append(before - self.get_seq_length())
 
     PagedCache.crop = counted
     try:
-        ref, out = both(model, pool, ids, mask, max_new_tokens=24, do_sample=False, **extra)
+        with rolled_back_by_transformers():
+            ref, out = both(model, pool, ids, mask, max_new_tokens=24, do_sample=False, **extra)
     finally:
         PagedCache.crop = crop
     assert torch.equal(ref, out)
-    assert any(n < 0 for n in crops)  # drafts were rejected and cut off
+    assert any(crops)  # drafts were rejected and cut off (negative counts; lengths before transformers 5.15)
     assert_released(pool)
 
 
@@ -269,7 +290,8 @@ def test_blocks_behind_every_window_are_given_back(family, releases, monkeypatch
     # margin of 8 behind each row's end: at most 4 blocks a row, whenever
     assert (max(seen) <= 2 * 4) if releases else seen[-1] >= 15
     kw.pop("stopping_criteria")
-    ref, out = both(model, pool, ids[:1], mask[:1], prompt_lookup_num_tokens=3, **kw)
+    with rolled_back_by_transformers():
+        ref, out = both(model, pool, ids[:1], mask[:1], **PROMPT_LOOKUP, **kw)
     assert torch.equal(ref, out)
     assert_released(pool)
 
@@ -300,7 +322,10 @@ def test_a_model_that_looks_into_its_cache_layers_sees_nothing_held_there():
         pytest.skip(f"transformers {transformers.__version__} has no Mllama")
     fields = {k: v for k, v in {**COMMON, **OVERRIDES.get("mllama", {})}.items() if v is not LEAVE}
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config("mllama", fields)).eval()
+    config = tiny_config("mllama", fields)
+    if getattr(config.text_config, "rope_scaling", "") is None:  # (4.x's default, which its model cannot take)
+        config.text_config.rope_scaling = {"rope_type": "default"}
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     pool = pool_for(model, 64)

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.cache_utils", reason="no transformers cache module")
 
 from test_hf_models import make_model, one_thread  # noqa: E402, F401
-from test_hf_paged_cache import PROMPT, assert_released, cache_kw, padded_batch, pool_for  # noqa: E402
+from test_hf_paged_cache import PROMPT, assert_released, both, cache_kw, padded_batch, pool_for  # noqa: E402
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.errors import InvalidArgument, UnsupportedModel  # noqa: E402
@@ -37,13 +37,35 @@ def test_crop_and_reset_change_the_pool_sequences(model):
         cache.crop(-3)
         assert cache.get_seq_length() == PROMPT - 3
         assert [pool.sequence(s).num_tokens for s in cache.seq_ids] == [PROMPT - 3, PROMPT - 3]
-        with pytest.raises(InvalidArgument, match="negative"):
-            cache.crop(5)
+        cache.crop(PROMPT - 5)  # a positive count: the length to keep (transformers before 5.15)
+        cache.crop(PROMPT)  # rows hold fewer: nothing cut
+        cache.crop(0)
+        assert [pool.sequence(s).num_tokens for s in cache.seq_ids] == [PROMPT - 5, PROMPT - 5]
+        assert cache.get_seq_length() == PROMPT - 5
+        with pytest.raises(InvalidArgument, match="an int"):
+            cache.crop(1.5)
         with pytest.raises(InvalidArgument, match="cannot remove"):
             cache.crop(-PROMPT)
         cache.reset()
         assert cache.seq_ids == [] and cache.get_seq_length() == 0
         assert pool.stats().num_sequences == 0
+    assert_released(pool)
+
+
+def test_a_pass_at_other_positions_keeps_its_blocks_to_itself(model):
+    """A pass that feeds a row's tokens at positions other than their indices in the row (left
+    padding and no position_ids: the model counts cache columns, pads included) gets no prefix hit
+    and commits nothing: a later generate of the same prompts matches no block of it, and its
+    tokens are transformers'."""
+    pool = pool_for(model)
+    ids, mask = padded_batch(2, (0, 4))
+    with PagedCache(model, pool) as cache:
+        model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kw(model, cache))
+        model(input_ids=ids[:, :3], attention_mask=torch.cat([mask, mask[:, :3] * 0 + 1], 1),
+              use_cache=True, **cache_kw(model, cache))
+    ref, out = both(model, pool, ids, mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ref, out)
+    assert pool.stats().prefix_hit_tokens > 0  # the first row's tokens were at their indices: shared
     assert_released(pool)
 
 

@@ -81,6 +81,7 @@ class _Step:
     columns: int  # the pass's width (pads included)
     first: bool  # the cache held no rows before the pass
     fresh: list[int]  # rows whose sequences the pass allocated (their first tokens)
+    placed: np.ndarray  # per row of the pass: its tokens at their positions in its sequence
     appended: bool = False  # the other rows' tokens were appended
 
 
@@ -116,8 +117,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         salt = call_salt(model, salt, "PagedCache")
         if pass_dependent(model)[0] is not None:
             # K/V of frequencies that depend on the passes that computed them: this cache's own
-            nonce = "\x00pass-rope-" + os.urandom(8).hex()
-            salt = salt + (nonce.encode() if isinstance(salt, bytes) else nonce)
+            salt = _own_salt(salt)
         layers = text_config(model).num_hidden_layers
         super().__init__(layers=[PagedLayer(self, windows[i] is not None) for i in range(layers)])
         self.model, self.pool, self.salt = model, pool, salt
@@ -130,6 +130,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         # logits_to_keep) is handed those positions as indices instead, which it does not cut by
         self._keeps_all = self._layer_map is not None and any(p >= 0 and not s for p, s in self._layer_map)
         self._signature = inspect.signature(type(model).forward)
+        self._takes_positions = "position_ids" in self._signature.parameters
         self._dtype = TORCH_DTYPES[dtype_name(pool.spec.dtype)]
         self._device = torch.device(str(getattr(pool, "device", "cpu")))
         self.seq_ids: list[int] = []  # a sequence a row
@@ -138,6 +139,9 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         # later query reads (past `release_margin` tokens more, for crops) given back after each pass
         self._reach = max(windows) if windows and None not in windows and hasattr(pool, "release_before") else None
         self._floors = np.zeros(0, dtype=np.int64)  # each row's first position still held
+        # rows that were fed a token at a position other than its index in the row's sequence: their
+        # K/V are theirs alone (this cache's tokens still transformers'), never committed for others
+        self._own = np.zeros(0, dtype=bool)
         self._columns = 0  # the tokens each row was fed, pads included: transformers' cache length
         self._first_columns = 0  # the first pass's width
         self._padded = False  # whether a pass after the first had padding (no crop across it)
@@ -153,10 +157,16 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         """The tokens each row was fed, pads included (what a DynamicCache's length counts)."""
         return self._columns
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: Any, layer_idx: int = 0) -> tuple[int, int]:
+        # (before transformers 5.10 the pass's cache positions, whose count is its length)
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
         return self._columns + query_length, 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:  # (its name before transformers 5.15)
         return -1
 
     @property
@@ -185,12 +195,14 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         self._select([r for r in range(len(self.seq_ids)) for _ in range(repeats)], "batch_repeat_interleave")
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Cut the last ``-tokens_to_remove`` tokens of every row (transformers'
-        sign: a negative count removes; assisted decoding's rollback)."""
-        if type(tokens_to_remove) is not int or tokens_to_remove > 0:
-            raise InvalidArgument(f"crop: pass a negative int, the tokens to remove from every row "
-                                  f"(as transformers' caches take it), got {tokens_to_remove!r}")
-        cut = -tokens_to_remove
+        """Cut the last ``-tokens_to_remove`` tokens of every row (assisted
+        decoding's rollback). As transformers' caches take it: a negative count
+        removes; a positive one is the length to keep (what transformers before
+        5.15 pass; nothing cut where the rows hold no more); 0 cuts nothing."""
+        if type(tokens_to_remove) is not int:
+            raise InvalidArgument(f"crop: pass an int (negative: the tokens to remove from every row; positive: "
+                                  f"the length to keep), got {tokens_to_remove!r}")
+        cut = -tokens_to_remove if tokens_to_remove <= 0 else max(self._columns - tokens_to_remove, 0)
         if not cut:
             return
         with self._lock:
@@ -254,7 +266,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             # (generate passes keywords; a caller's positional arguments bound by the forward's names)
             named = kwargs if not args else self._signature.bind_partial(self.model, *args, **kwargs).arguments
             input_ids = named.get("input_ids")
-            step = self._begin(input_ids, named.get("attention_mask"))
+            step = self._begin(input_ids, named.get("attention_mask"), named.get("position_ids"))
             keep = kwargs.get("logits_to_keep")
             if self._keeps_all and type(keep) is int and 0 < keep < step.columns:
                 kwargs = {**kwargs, "logits_to_keep": torch.arange(step.columns - keep, step.columns,
@@ -285,7 +297,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                 "of its submodules, nor to another model)")
         return key, value
 
-    def _begin(self, input_ids: Any, attention_mask: Any) -> _Step:
+    def _begin(self, input_ids: Any, attention_mask: Any, position_ids: Any) -> _Step:
         """The pass's sequences allocated or appended, and its plan."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
             raise InvalidArgument(
@@ -303,18 +315,22 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             self.seq_ids = [None] * rows  # type: ignore[list-item]
             self._lens = np.zeros(rows, dtype=np.int64)
             self._floors = np.zeros(rows, dtype=np.int64)
+            self._own = np.zeros(rows, dtype=bool)
         elif rows != len(self.seq_ids):
             raise InvalidArgument(f"PagedCache holds {len(self.seq_ids)} rows, and this pass has {rows} "
                                   "(rows change between passes through reorder_cache / batch_select_indices)")
         live = np.flatnonzero(counts)
         fresh = [int(r) for r in live if self.seq_ids[r] is None]
-        step = _Step(None, live, counts[live], width, first, fresh)
+        step = _Step(None, live, counts[live], width, first, fresh, self._placed(position_ids, real))
         try:
             if not len(live):
                 raise InvalidArgument("PagedCache: a pass whose every token is padding (attention_mask 0)")
             parts: dict[int, np.ndarray] = {}
             if fresh:
-                allocs = self.pool.allocate([tokens[r][real[r]].tolist() for r in fresh], self.salt,
+                # a row fed its tokens elsewhere than at their indices: a salt of its own (no prefix
+                # hit, no block shared with another row: their K/V would be other positions')
+                salts = [self.salt if step.placed[r] else _own_salt(self.salt) for r in fresh]
+                allocs = self.pool.allocate([tokens[r][real[r]].tolist() for r in fresh], salts,
                                             share_in_batch=True)
                 for r, a in zip(fresh, allocs):
                     self.seq_ids[r] = a.seq_id
@@ -344,6 +360,26 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         step.batch = batch
         return step
 
+    def _placed(self, position_ids: Any, real: np.ndarray) -> np.ndarray:
+        """Per row: whether this pass feeds each of its tokens at the token's index in
+        the row's sequence (what a committed block's K/V must have been computed at).
+        Without ``position_ids`` a model counts positions in cache columns, pads
+        included. Positions that cannot be read count as elsewhere."""
+        rows, width = real.shape
+        if position_ids is None and not self._takes_positions:
+            return np.ones(rows, dtype=bool)  # (a model fed no positions: ALiBi's, its biases from the mask)
+        want = self._lens[:, None] + np.cumsum(real, axis=1) - 1
+        try:
+            got = (np.arange(self._columns, self._columns + width) if position_ids is None
+                   else torch.as_tensor(position_ids).detach().cpu().numpy())
+            if got.ndim < 3:
+                got = got.reshape((1,) * (3 - got.ndim) + got.shape)
+            got = np.broadcast_to(got, (got.shape[0], rows, width))
+        except (TypeError, ValueError, RuntimeError):
+            return np.zeros(rows, dtype=bool)
+        # (multi-axis positions, M-RoPE's: a text token's are its index on every axis)
+        return ((got == want[None]) | ~real[None]).all(axis=(0, 2))
+
     def _done(self, step: _Step) -> None:
         """A pass ran: its tokens counted, the blocks it filled committed."""
         before = self._lens[step.rows]
@@ -355,8 +391,9 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             self._first_padded = step.batch.real is not None
         elif step.batch.real is not None:
             self._padded = True
+        self._own |= ~step.placed
         size = self.pool.spec.block_size
-        filled = step.rows[after // size > before // size]
+        filled = step.rows[(after // size > before // size) & ~self._own[step.rows]]
         if len(filled):
             self.pool.commit([self.seq_ids[r] for r in filled])
         if self._reach is not None:
@@ -382,6 +419,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                 self.seq_ids = []
                 self._lens = np.zeros(0, dtype=np.int64)
                 self._floors = np.zeros(0, dtype=np.int64)
+                self._own = np.zeros(0, dtype=bool)
             free_all(self.pool, fresh)
 
     def _select(self, parents: Any, what: str) -> None:
@@ -402,6 +440,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             self.seq_ids = new  # type: ignore[assignment]
             self._lens = self._lens[parents]
             self._floors = self._floors[parents]
+            self._own = self._own[parents]
             free_all(self.pool, gone)
 
     def _free_rows(self) -> None:
@@ -409,6 +448,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         self.seq_ids = []
         self._lens = np.zeros(0, dtype=np.int64)
         self._floors = np.zeros(0, dtype=np.int64)
+        self._own = np.zeros(0, dtype=bool)
         self._columns = self._first_columns = 0
         self._padded = self._first_padded = False
         free_all(self.pool, ids)
@@ -416,6 +456,12 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
     def _check_open(self, what: str) -> None:
         if self._closed:
             raise InvalidArgument(f"{what}: this PagedCache is closed (its sequences were freed); make a new one")
+
+
+def _own_salt(salt: str | bytes) -> str | bytes:
+    """``salt`` made unmatchable: a sequence's own, for blocks no other may share."""
+    nonce = "\x00own-" + os.urandom(8).hex()
+    return salt + (nonce.encode() if isinstance(salt, bytes) else nonce)
 
 
 __all__: Sequence[str] = ["PagedCache", "open_caches"]  # (open_caches: `kvpager.hf.taken_forward`)

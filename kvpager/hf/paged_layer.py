@@ -37,13 +37,16 @@ class PagedLayer(CacheLayerMixin):
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return self._cache._update(key_states, value_states)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: Any) -> tuple[int, int]:
         return self._cache.get_mask_sizes(query_length)
 
     def get_seq_length(self) -> int:
         return self._cache.get_seq_length()
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # (its name before transformers 5.15)
         return -1
 
     def reset(self) -> None:
