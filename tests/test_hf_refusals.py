@@ -195,6 +195,31 @@ def test_a_model_that_takes_only_its_own_cache_is_refused_by_name():
     pool.check_integrity()
 
 
+def test_a_model_class_that_keeps_states_is_refused_by_name():
+    """A model class marked stateful (transformers before 5.24 marks its hybrid and
+    state-space models so: their states live in a cache class of their own, which kvpager
+    does not hand the model; FalconH1, whose layers all say "attention", gave other tokens
+    under 4.57) is refused by name before anything is allocated, by generate and by a
+    PagedCache."""
+    from kvpager.hf import PagedCache
+
+    class StatefulLlama(transformers.LlamaForCausalLM):
+        _is_stateful = True
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = StatefulLlama(config).eval()
+    pool = KVPool(spec_for_model(model, num_blocks=32, block_size=8))
+    with pytest.raises(UnsupportedModel, match=r"StatefulLlama: .* in a cache class of the model's own"):
+        generate(model, pool, [prompt(11, 1)], 3, eos_token_id=None)
+    with pytest.raises(UnsupportedModel, match=r"StatefulLlama: .*_is_stateful"):
+        PagedCache(model, pool)
+    assert pool.stats().num_sequences == 0 and pool.stats().used_blocks == 0
+    assert "forward" not in model.__dict__  # nothing taken over
+    pool.check_integrity()
+
+
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
 def test_attention_that_does_not_follow_the_pools_config_is_named(family):
     """A config field the family ignores: GPT-2's and GPT-NeoX's attention makes a K/V

@@ -174,12 +174,27 @@ def check_module_states(model: Any) -> None:
     the old way only (`legacy_layer_types`: RecurrentGemma under older transformers, 5.17
     among them), before anything is allocated: its states live in its modules, never in
     the cache (where transformers names its layer kinds, `recurrent_states.check_layout`
-    finds that at the first pass)."""
+    finds that at the first pass). Likewise a model class that says it keeps states
+    (``_is_stateful``: transformers before 5.24 marks its hybrid and state-space models
+    so, whose states then live in a cache class of their own; FalconH1, whose layers
+    all say "attention", gave other tokens under 4.57)."""
+    if getattr(type(model), "_is_stateful", False):
+        raise UnsupportedModel(f"{type(model).__name__}: this transformers ({_version()}) keeps its recurrent layers' "
+                               "states (state-space or linear-attention layers) in a cache class of the model's own "
+                               "(the model class says so: _is_stateful); kvpager moves states through transformers' "
+                               "linear-attention cache layers (transformers 5.24 on), so it cannot serve this model "
+                               "here: run it with its own cache, or under transformers 5.24 or later")
     config = text_config(model)
     if getattr(config, "layer_types", None) is None and legacy_layer_types(config) is not None:
         raise UnsupportedModel(f"{type(model).__name__}: its recurrent layers keep their states outside "
                                "transformers' cache (in their modules); kvpager moves each sequence's states "
                                "through the cache's linear-attention layers, so it cannot serve this model")
+
+
+def _version() -> str:
+    import transformers
+
+    return f"transformers {transformers.__version__}"
 
 
 def check_eval_mode(model: Any, modules: list[Any] | None = None) -> None:
