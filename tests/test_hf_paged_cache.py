@@ -93,9 +93,19 @@ def test_every_family_gives_transformers_tokens_padded_and_on_prefix_hits(family
     assert torch.equal(ref, out)
     assert_released(pool)
     hits = pool.counters().prefix_hit_tokens
-    _, again = both(model, pool, ids, mask, max_new_tokens=12, do_sample=False)
+    widths = []  # the token columns of each pass the model runs
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: widths.append(i[0].shape[-1]))
+    try:
+        with PagedCache(model, pool) as cache:
+            again = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                   **cache_kw(model, cache))
+    finally:
+        hook.remove()
     assert pool.counters().prefix_hit_tokens > hits
     assert torch.equal(ref, again)
+    # the prompt pass ran the rows' uncached tails alone: 4, 7 and 1 of their 20, 15 and 9 tokens
+    # (blocks of 8 cached), left-padded to 7
+    assert widths[0] == 7, widths
     assert_released(pool)
 
 

@@ -39,8 +39,11 @@ its rounds, its ratios to the hf loop and to ``generate`` the medians of the
 rounds' ratios (their ranges printed beside them). Per path: decode ms/step (wall: from one step's return to the
 next's, the steady rate of a loop of steps), host ms/step (from the step's
 start until its last kernel is queued: the forward call's return, or the graph
-replay's), tokens/s of the decode steps, KV bytes held at the end, and the
-first decode tokens' agreement with the hf loop. Then the fixed-memory case:
+replay's), tokens/s of the decode steps, KV bytes held at the end, the
+first decode tokens' agreement with the hf loop, and for the two ``generate``
+rows the time to first token (a 1-token call: the prompt's pass; a
+PagedCache finds the shared prompt cached by the calls before and runs the
+rows' uncached tails alone). Then the fixed-memory case:
 an 8 GiB KV budget (the 8b shape, or ``--budget-shape``), the largest batch each side fits (transformers pads a
 batch to its longest prompt and keeps every request's cache contiguous;
 kvpager stores the shared prompt once), and the tokens/s each reaches: one
@@ -149,18 +152,20 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
         loop.run(warm + 1, timed=False)
         for p in paths:
             p.run(warm, timed=False)  # the graph paths capture their buckets here
-        gen_rounds, cache_rounds, gen_held, cache_held = [], [], [], []
+        gen_rounds, cache_rounds, gen_held, cache_held, gen_first, cache_first = [], [], [], [], [], []
         for _ in range(rounds):
-            gen_rounds.append(generate_ms(model, ids, steps, held=gen_held))
+            gen_rounds.append(generate_ms(model, ids, steps, held=gen_held, first=gen_first))
             free_cache()
-            cache_rounds.append(generate_ms(model, ids, steps, pool=cache_pool, held=cache_held))
+            cache_rounds.append(generate_ms(model, ids, steps, pool=cache_pool, held=cache_held, first=cache_first))
             loop.run(steps + 1)
             for p in paths:
                 p.run(steps)
         rows = [loop.row()]
         gen_row = summarize("hf generate", [], [], batch, gen_held[-1], None, gen_rounds)
+        gen_row["first_ms"] = float(np.median(gen_first))
         rows.append(gen_row)
         rows.append(summarize("generate PagedCache", [], [], batch, cache_held[-1], None, cache_rounds))
+        rows[-1]["first_ms"] = float(np.median(cache_first))
         if static:
             try:
                 ms = generate_ms(model, ids, steps, cache="static")
@@ -327,14 +332,15 @@ def main() -> None:
         free_cache()
     print(f"\n{card}, {datetime.date.today()}, transformers {transformers.__version__}, torch {torch.__version__}")
     print(f"{'shape':<5} {'batch':>5} {'path':<20} {'ms/step':>8} {'host ms':>8} {'tok/s':>8} {'vs loop':>8} "
-          f"{'(rounds)':>12} {'vs generate':>11} {'(rounds)':>12} {'KV GiB':>7}")
+          f"{'(rounds)':>12} {'vs generate':>11} {'(rounds)':>12} {'KV GiB':>7} {'1st token ms':>12}")
     for r in rows:
         host = f"{r['host_ms']:.2f}" if r["host_ms"] is not None else "-"
         kv = f"{r['kv_bytes'] / 2**30:.2f}" if r["kv_bytes"] else "-"
         rng = "{:.2f}-{:.2f}".format(*r["vs_generate_range"]) if r.get("vs_generate_range") else "-"
         lrng = "{:.2f}-{:.2f}".format(*r["ratio_range"]) if r.get("ratio_range") else "-"
+        first = f"{r['first_ms']:.1f}" if r.get("first_ms") is not None else "-"
         print(f"{r['shape']:<5} {r['batch']:>5} {r['path']:<20} {r['ms_step']:8.2f} {host:>8} {r['tok_s']:8.0f} "
-              f"{r['ratio']:7.2f}x {lrng:>12} {r['vs_generate']:10.2f}x {rng:>12} {kv:>7}")
+              f"{r['ratio']:7.2f}x {lrng:>12} {r['vs_generate']:10.2f}x {rng:>12} {kv:>7} {first:>12}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(card=card, rows=rows, budget=budget_rows), indent=1))
 

@@ -218,14 +218,16 @@ class HFLoop(Timed):
 
 
 def generate_ms(model, ids: torch.Tensor, steps: int, cache: str | None = None, pool=None,
-                held: list | None = None) -> float:
+                held: list | None = None, first: list | None = None) -> float:
     """ms per decode step of transformers' ``generate``: the time of ``steps`` + 1 new tokens
     less that of 1 (the prefill's share cancels out); ``cache="static"``: its StaticCache,
     with which transformers compiles the decode step: two untimed calls of ``steps`` + 1
     tokens first compile it and let any CUDA graphs of the compiled step be recorded (the
     cache keeps that length for the calls after them); ``pool``: a `kvpager.hf.PagedCache`
     over it a call (made and closed inside the timed call). ``held``: gets the KV bytes the
-    longer call's cache held at its end (its tensors; a PagedCache's pool blocks in use)."""
+    longer call's cache held at its end (its tensors; a PagedCache's pool blocks in use).
+    ``first``: gets the ms of the 1-token call (the prompt's pass and its first token: the
+    time to first token; on a PagedCache, its prompts found cached by the calls before)."""
     from kvpager.hf import PagedCache
 
     kw = dict(hf_sample_kwargs(), cache_implementation=cache) if cache else hf_sample_kwargs()
@@ -248,6 +250,8 @@ def generate_ms(model, ids: torch.Tensor, steps: int, cache: str | None = None, 
             times.append(time.perf_counter() - t0)
     if held is not None:
         held.append(kv)
+    if first is not None:
+        first.append(times[0] * 1e3)
     return (times[1] - times[0]) / steps * 1e3
 
 

@@ -50,6 +50,7 @@ import torch
 
 from kvpager.batch_calls import free_all
 from kvpager.errors import InvalidArgument, UnsupportedConfiguration, UnsupportedModel
+from kvpager.hf import cached_tail
 from kvpager.hf.attention import PagedBatch
 from kvpager.hf.checks import check_layers_ran, check_model, check_model_and_pool
 from kvpager.hf.compiled import running
@@ -83,6 +84,7 @@ class _Step:
     fresh: list[int]  # rows whose sequences the pass allocated (their first tokens)
     placed: np.ndarray  # per row of the pass: its tokens at their positions in its sequence
     appended: bool = False  # the other rows' tokens were appended
+    cut: dict[str, Any] | None = None  # the keywords of the pass cut to its rows' uncached tails (`cached_tail`)
 
 
 class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
@@ -266,11 +268,13 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             # (generate passes keywords; a caller's positional arguments bound by the forward's names)
             named = kwargs if not args else self._signature.bind_partial(self.model, *args, **kwargs).arguments
             input_ids = named.get("input_ids")
-            step = self._begin(input_ids, named.get("attention_mask"), named.get("position_ids"))
+            step = self._begin(named, cached_tail.kept_logits(named, self._takes_positions))
+            width = step.columns
+            if step.cut is not None:
+                args, kwargs, width = (), step.cut, step.cut["input_ids"].shape[1]
             keep = kwargs.get("logits_to_keep")
-            if self._keeps_all and type(keep) is int and 0 < keep < step.columns:
-                kwargs = {**kwargs, "logits_to_keep": torch.arange(step.columns - keep, step.columns,
-                                                                   device=input_ids.device)}
+            if self._keeps_all and type(keep) is int and 0 < keep < width:
+                kwargs = {**kwargs, "logits_to_keep": torch.arange(width - keep, width, device=input_ids.device)}
             try:
                 self._step = step
                 with paged_attention(self.model), running(step.batch):
@@ -297,8 +301,11 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                 "of its submodules, nor to another model)")
         return key, value
 
-    def _begin(self, input_ids: Any, attention_mask: Any, position_ids: Any) -> _Step:
-        """The pass's sequences allocated or appended, and its plan."""
+    def _begin(self, named: dict[str, Any], keep: int | None) -> _Step:
+        """The pass's sequences allocated or appended, and its plan. ``keep``: the
+        positions whose logits the pass keeps, where it may be cut to its rows'
+        uncached tails (`cached_tail`: done where a row of it has cached tokens)."""
+        input_ids, attention_mask = named.get("input_ids"), named.get("attention_mask")
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
             raise InvalidArgument(
                 "PagedCache needs each pass's input_ids (token ids [rows, tokens]: the prefix cache keys "
@@ -321,11 +328,12 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                                   "(rows change between passes through reorder_cache / batch_select_indices)")
         live = np.flatnonzero(counts)
         fresh = [int(r) for r in live if self.seq_ids[r] is None]
-        step = _Step(None, live, counts[live], width, first, fresh, self._placed(position_ids, real))
+        step = _Step(None, live, counts[live], width, first, fresh, self._placed(named.get("position_ids"), real))
         try:
             if not len(live):
                 raise InvalidArgument("PagedCache: a pass whose every token is padding (attention_mask 0)")
             parts: dict[int, np.ndarray] = {}
+            cached = np.zeros(rows, dtype=np.int64)
             if fresh:
                 # a row fed its tokens elsewhere than at their indices: a salt of its own (no prefix
                 # hit, no block shared with another row: their K/V would be other positions')
@@ -334,6 +342,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                                             share_in_batch=True)
                 for r, a in zip(fresh, allocs):
                     self.seq_ids[r] = a.seq_id
+                    cached[r] = a.num_cached_tokens
                     # a cached prefix's tokens run through the model too (transformers feeds the whole
                     # prompt): their queries attend over the cached K/V, and nothing is written there
                     parts[r] = np.concatenate([np.full(a.num_cached_tokens, -1, dtype=np.int64),
@@ -344,18 +353,30 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                                             [tokens[r][real[r]].tolist() for r in held])
                 step.appended = True
                 parts.update(zip(held, appended))
+            fed, take, real_cut = counts, None, None
+            # (cut only where each row's kept positions are its last real tokens: left padding)
+            if keep is not None and cached.any() and real[:, -keep:].all():
+                fed = cached_tail.tails(counts, cached, keep)
+                if fed.max() == width:  # (a row feeds every column: nothing to cut)
+                    fed = counts
+            if fed is not counts:  # the pass cut to its rows' tails
+                take, real_cut = cached_tail.layout(real, fed)
+                step.cut = cached_tail.cut_inputs(named, take, real_cut, width, self._columns)
             ids = [self.seq_ids[r] for r in live]
-            plan = self.pool.plan(ids, counts[live].tolist(), np.concatenate([parts[r] for r in live]))
+            plan = self.pool.plan(ids, fed[live].tolist(), np.concatenate([parts[r][len(parts[r]) - fed[r]:]
+                                                                           for r in live]))
         except BaseException:
             self._undo(step)
             raise
-        flat = real.reshape(-1)
+        flat = (real if real_cut is None else real_cut).reshape(-1)
         index = None if flat.all() else torch.as_tensor(np.flatnonzero(flat), device=input_ids.device)
         batch = PagedBatch(plan, self._dtype, self._device, self._windows, chunks=self._chunks,
                            layers=self._layer_map, fit=self._fit, real=index)
         # positions as transformers counts them for the layers that scale their queries by
-        # position (Llama-4's NoPE layers): cache columns, pads included
-        positions = torch.arange(self._columns, self._columns + width, device=input_ids.device).repeat(rows)
+        # position (Llama-4's NoPE layers): cache columns, pads included (a cut pass's taken)
+        columns = np.arange(width) if take is None else take
+        positions = torch.as_tensor(np.broadcast_to(columns, (rows, columns.shape[-1])).reshape(-1) + self._columns,
+                                    device=input_ids.device)
         batch.positions = (positions if index is None else positions.index_select(0, index)).unsqueeze(0)
         step.batch = batch
         return step

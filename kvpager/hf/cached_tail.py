@@ -1,0 +1,87 @@
+"""A `PagedCache` pass that runs only its rows' uncached tails.
+
+transformers' ``generate`` feeds a prompt whole. Where a row's prompt starts
+with blocks the pool already holds (a prefix-cache hit, or blocks an earlier
+row of the same batch fills), the K/V of those tokens is there: only the
+queries of the tokens after them are needed, and of those only the last
+``logits_to_keep`` give logits. So a first pass that keeps the last ``k``
+positions' logits runs the model over each row's last ``max(uncached, k)``
+real tokens, left-padded to the longest such tail, at the positions the
+whole pass would have given them: the kept logits are the same, and the
+prefill's compute drops by the cached share (`generate` of `kvpager.hf`
+runs only the uncached tail too).
+
+Only passes whose outputs are the kept logits alone are cut: a keyword the
+cut would have to follow (``inputs_embeds``, ``labels``, per-token inputs of
+a model's own, hidden states or attentions asked for) leaves the pass whole.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+#: a pass's keywords a cut pass carries (rewritten or as they are); any other keeps the pass whole
+_CARRIED = frozenset({"input_ids", "attention_mask", "position_ids", "cache_position", "cache", "past_key_values",
+                      "logits_to_keep", "use_cache", "return_dict", "output_attentions", "output_hidden_states"})
+
+
+def kept_logits(named: dict[str, Any], takes_positions: bool) -> int | None:
+    """The positions a pass keeps logits for (``logits_to_keep``, an int >= 1)
+    where a pass of these arguments may be cut to its rows' tails; None where not."""
+    keep = named.get("logits_to_keep")
+    if type(keep) is not int or keep < 1 or not takes_positions:
+        return None
+    if any(k not in _CARRIED for k, v in named.items() if v is not None and k != "self"):
+        return None
+    if named.get("output_attentions") or named.get("output_hidden_states"):
+        return None
+    return keep
+
+
+def tails(counts: np.ndarray, cached: np.ndarray, keep: int) -> np.ndarray:
+    """Per row, the real tokens a cut pass feeds: the last ``max(uncached, keep)``
+    (a row wholly cached still feeds its kept positions, writing nothing there)."""
+    return np.minimum(counts, np.maximum(counts - cached, keep))
+
+
+def layout(real: np.ndarray, fed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the pass's column each cut column takes, int [rows, W]; its real tokens, bool
+    [rows, W]) for rows that feed the last ``fed[r]`` of their real tokens, left-padded
+    to W = max(fed) (a pad takes column 0, unread)."""
+    rows = real.shape[0]
+    width = int(fed.max())
+    take = np.zeros((rows, width), dtype=np.int64)
+    kept = np.zeros((rows, width), dtype=bool)
+    for r in range(rows):
+        n = int(fed[r])
+        if n:
+            take[r, width - n:] = np.flatnonzero(real[r])[-n:]
+            kept[r, width - n:] = True
+    return take, kept
+
+
+def cut_inputs(named: dict[str, Any], take: np.ndarray, kept: np.ndarray, width: int, columns: int) -> dict[str, Any]:
+    """The pass's keywords for its cut columns: ``input_ids``, ``attention_mask``
+    (its columns before the pass kept), ``position_ids`` (the whole pass's, or
+    the cache columns a model counts without them) and ``cache_position`` gathered
+    at ``take``; the others as they are. ``width``: the whole pass's columns;
+    ``columns``: the cache's before it."""
+    out = {k: v for k, v in named.items() if k != "self"}
+    ids = named["input_ids"]
+    index = torch.as_tensor(take, device=ids.device)
+    out["input_ids"] = ids.gather(1, index)
+    mask = named.get("attention_mask")
+    new_mask = torch.as_tensor(kept, device=ids.device, dtype=mask.dtype if mask is not None else torch.long)
+    out["attention_mask"] = new_mask if mask is None else torch.cat([mask[:, :mask.shape[1] - width], new_mask], 1)
+    positions = named.get("position_ids")
+    if positions is None:
+        out["position_ids"] = index + columns
+    else:
+        whole = positions.expand(*positions.shape[:-2], take.shape[0], width)
+        out["position_ids"] = whole.gather(-1, index.expand(*whole.shape[:-2], *index.shape))
+    if named.get("cache_position") is not None:
+        out["cache_position"] = torch.arange(columns, columns + take.shape[1], device=ids.device)
+    return out

@@ -1,0 +1,107 @@
+"""`kvpager.hf.PagedCache` on prefix-cache hits runs only the rows' uncached
+tails: the prompt pass of ``generate`` (which keeps the last position's
+logits) feeds each row's tokens after its cached blocks, left-padded to the
+longest such tail, and gives transformers' tokens; a pass that asks for more
+than the kept logits runs whole."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers.cache_utils", reason="no transformers cache module")
+
+from test_hf_models import make_model, one_thread  # noqa: E402, F401
+from test_hf_paged_cache import assert_released, cache_kw, pool_for  # noqa: E402
+
+from kvpager.hf import PagedCache  # noqa: E402
+
+SYSTEM = 24  # a shared system prompt: 3 blocks of 8
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model("llama")
+
+
+def batch(owns: tuple[int, ...], seed: int = 5):
+    """Rows of the shared system prompt and ``owns[r]`` tokens of their own, left-padded."""
+    g = torch.Generator().manual_seed(seed)
+    system = torch.randint(3, 128, (SYSTEM,), generator=g)
+    width = SYSTEM + max(owns)
+    ids = torch.zeros((len(owns), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, n in enumerate(owns):
+        row = torch.cat([system, torch.randint(3, 128, (n,), generator=g)])
+        ids[r, width - len(row):], mask[r, width - len(row):] = row, 1
+    return ids, mask
+
+
+def widths_of(model, run):
+    """(what ``run()`` returns, the token columns of each pass the model ran in it)."""
+    widths = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: widths.append(i[0].shape[-1]))
+    try:
+        return run(), widths
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(do_sample=True, top_k=20), dict(num_beams=3, do_sample=False)],
+                         ids=["greedy", "sampled", "beams"])
+def test_prefix_hits_run_the_uncached_tails_alone(model, kw):
+    """Rows of 24 shared tokens and 0, 3 and 13 of their own: once the system prompt is
+    cached, the prompt pass feeds 8 (a row wholly cached: the pool never counts a prompt's
+    last token as cached, so its last block is fed again), 3 and 13 tokens, 13 columns
+    instead of 37; the tokens are transformers'."""
+    pool = pool_for(model, 512)
+    ids, mask = batch((0, 3, 13))
+    with PagedCache(model, pool) as cache:  # caches the system prompt (whole passes: nothing cached yet)
+        model.generate(input_ids=ids[:1, -SYSTEM - 1:], attention_mask=mask[:1, -SYSTEM - 1:], max_new_tokens=1,
+                       do_sample=False, **cache_kw(model, cache))
+    torch.manual_seed(3)
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, **kw)
+
+    def paged():
+        torch.manual_seed(3)
+        with PagedCache(model, pool) as cache:
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10,
+                                  **cache_kw(model, cache), **kw)
+
+    out, widths = widths_of(model, paged)
+    assert torch.equal(ref, out)
+    assert widths[0] == 13, widths
+    assert_released(pool)
+
+
+def test_a_pass_that_asks_for_more_than_the_kept_logits_runs_whole(model):
+    """Forward passes of the cache's model on hits: every position's logits (the default),
+    or hidden states asked for, need every token's pass: the pass runs whole, and its
+    logits are those of transformers' own cache; one keeping the last position's logits is
+    cut to the rows' tails, with the same last logits. Without position_ids the padded row
+    is fed at cache columns (not its tokens' indices): it shares nothing, and feeds all 26."""
+    pool = pool_for(model, 512)
+    ids, mask = batch((2, 9))
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        plain = model(input_ids=ids, attention_mask=mask).logits  # (positions: cache columns)
+        with PagedCache(model, pool) as cache:  # nothing cached yet: the prompts' blocks committed
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                  **cache_kw(model, cache))
+        for extra, width in ((dict(position_ids=positions), 33),
+                             (dict(position_ids=positions, logits_to_keep=1, output_hidden_states=True), 33),
+                             (dict(position_ids=positions, logits_to_keep=1), 2),  # 26, 33 tokens: 24, 32 cached
+                             (dict(logits_to_keep=1), 26)):
+            def one(extra=extra):
+                with PagedCache(model, pool) as cache:
+                    return model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kw(model, cache),
+                                 **extra).logits
+
+            got, widths = widths_of(model, one)
+            assert widths == [width], (extra, widths)
+            real = mask[:, -got.shape[1]:].bool()
+            ref = want if "position_ids" in extra else plain
+            torch.testing.assert_close(got[real], ref[:, -got.shape[1]:][real], rtol=1e-4, atol=1e-4)
+    assert_released(pool)
