@@ -105,3 +105,26 @@ def test_a_pass_that_asks_for_more_than_the_kept_logits_runs_whole(model):
             ref = want if "position_ids" in extra else plain
             torch.testing.assert_close(got[real], ref[:, -got.shape[1]:][real], rtol=1e-4, atol=1e-4)
     assert_released(pool)
+
+
+def test_a_cut_pass_of_padded_rows_counts_as_padded(model):
+    """Rows of 27 and 19 tokens (24 and 16 cached): both feed their last 3, so the cut
+    pass has no padding; the whole pass had, and a crop into its columns is refused as
+    for a whole padded pass (rows would lose different counts of their tokens)."""
+    from kvpager.errors import InvalidArgument
+
+    pool = pool_for(model, 512)
+    ids, mask = batch((3, 11))  # 35 columns: the first row 8 pads, 24 system tokens, 3 own
+    ids[1, :16], mask[1, :16] = 0, 0  # the second: 16 pads, the system's first 16 tokens, 3 own
+    ids[1, 16:32] = ids[0, 8:24]
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        with PagedCache(model, pool) as cache:  # caches both prompts' blocks
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kw(model, cache))
+        with PagedCache(model, pool) as cache:
+            _, widths = widths_of(model, lambda: model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                                       use_cache=True, logits_to_keep=1, **cache_kw(model, cache)))
+            assert widths == [3]
+            with pytest.raises(InvalidArgument, match="padding"):
+                cache.crop(-1)
+    assert_released(pool)

@@ -85,6 +85,7 @@ class _Step:
     placed: np.ndarray  # per row of the pass: its tokens at their positions in its sequence
     appended: bool = False  # the other rows' tokens were appended
     cut: dict[str, Any] | None = None  # the keywords of the pass cut to its rows' uncached tails (`cached_tail`)
+    padded: bool = False  # the pass had padding (its columns hold other counts of tokens a row)
 
 
 class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
@@ -328,7 +329,8 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                                   "(rows change between passes through reorder_cache / batch_select_indices)")
         live = np.flatnonzero(counts)
         fresh = [int(r) for r in live if self.seq_ids[r] is None]
-        step = _Step(None, live, counts[live], width, first, fresh, self._placed(named.get("position_ids"), real))
+        step = _Step(None, live, counts[live], width, first, fresh, self._placed(named.get("position_ids"), real),
+                     padded=not real.all())
         try:
             if not len(live):
                 raise InvalidArgument("PagedCache: a pass whose every token is padding (attention_mask 0)")
@@ -409,8 +411,8 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         self._columns += step.columns
         if step.first:
             self._first_columns = step.columns
-            self._first_padded = step.batch.real is not None
-        elif step.batch.real is not None:
+            self._first_padded = step.padded
+        elif step.padded:
             self._padded = True
         self._own |= ~step.placed
         size = self.pool.spec.block_size
