@@ -197,7 +197,8 @@ def test_ending_a_session_with_many_pins_costs_what_one_long_pin_does():
     assert pool.release_pins("many") == n
     many = time.perf_counter() - t0
     pool.check_integrity()
-    assert many < 10 * one + 0.05, f"{n} pins took {many:.3f} s to release, one of {n} blocks {one:.3f} s"
+    # (the one-at-a-time release took ~50x one pin's, ~1.3 s: a bound with room for a busy host's swings)
+    assert many < 20 * one + 0.25, f"{n} pins took {many:.3f} s to release, one of {n} blocks {one:.3f} s"
 
 
 def test_released_pins_leave_their_blocks_as_releasing_them_one_by_one_does():
