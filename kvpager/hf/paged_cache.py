@@ -39,7 +39,6 @@ caches is open, and gives it back when the last is closed. Close a cache
 from __future__ import annotations
 
 import inspect
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ from kvpager.hf.attention import PagedBatch
 from kvpager.hf.checks import check_layers_ran, check_model, check_model_and_pool
 from kvpager.hf.compiled import running
 from kvpager.hf.eager import TORCH_DTYPES
+from kvpager.hf.fed_positions import own_salt, placed
 from kvpager.hf.model import has_recurrent_layers, layer_fit, layer_map, text_config
 from kvpager.hf.padding import new_columns
 from kvpager.hf.paged_layer import PagedLayer
@@ -120,7 +120,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         salt = call_salt(model, salt, "PagedCache")
         if pass_dependent(model)[0] is not None:
             # K/V of frequencies that depend on the passes that computed them: this cache's own
-            salt = _own_salt(salt)
+            salt = own_salt(salt)
         layers = text_config(model).num_hidden_layers
         super().__init__(layers=[PagedLayer(self, windows[i] is not None) for i in range(layers)])
         self.model, self.pool, self.salt = model, pool, salt
@@ -329,8 +329,8 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                                   "(rows change between passes through reorder_cache / batch_select_indices)")
         live = np.flatnonzero(counts)
         fresh = [int(r) for r in live if self.seq_ids[r] is None]
-        step = _Step(None, live, counts[live], width, first, fresh, self._placed(named.get("position_ids"), real),
-                     padded=not real.all())
+        at = placed(named.get("position_ids"), real, self._lens, self._columns, self._takes_positions)
+        step = _Step(None, live, counts[live], width, first, fresh, at, padded=not real.all())
         try:
             if not len(live):
                 raise InvalidArgument("PagedCache: a pass whose every token is padding (attention_mask 0)")
@@ -339,7 +339,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             if fresh:
                 # a row fed its tokens elsewhere than at their indices: a salt of its own (no prefix
                 # hit, no block shared with another row: their K/V would be other positions')
-                salts = [self.salt if step.placed[r] else _own_salt(self.salt) for r in fresh]
+                salts = [self.salt if step.placed[r] else own_salt(self.salt) for r in fresh]
                 allocs = self.pool.allocate([tokens[r][real[r]].tolist() for r in fresh], salts,
                                             share_in_batch=True)
                 for r, a in zip(fresh, allocs):
@@ -382,26 +382,6 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         batch.positions = (positions if index is None else positions.index_select(0, index)).unsqueeze(0)
         step.batch = batch
         return step
-
-    def _placed(self, position_ids: Any, real: np.ndarray) -> np.ndarray:
-        """Per row: whether this pass feeds each of its tokens at the token's index in
-        the row's sequence (what a committed block's K/V must have been computed at).
-        Without ``position_ids`` a model counts positions in cache columns, pads
-        included. Positions that cannot be read count as elsewhere."""
-        rows, width = real.shape
-        if position_ids is None and not self._takes_positions:
-            return np.ones(rows, dtype=bool)  # (a model fed no positions: ALiBi's, its biases from the mask)
-        want = self._lens[:, None] + np.cumsum(real, axis=1) - 1
-        try:
-            got = (np.arange(self._columns, self._columns + width) if position_ids is None
-                   else torch.as_tensor(position_ids).detach().cpu().numpy())
-            if got.ndim < 3:
-                got = got.reshape((1,) * (3 - got.ndim) + got.shape)
-            got = np.broadcast_to(got, (got.shape[0], rows, width))
-        except (TypeError, ValueError, RuntimeError):
-            return np.zeros(rows, dtype=bool)
-        # (multi-axis positions, M-RoPE's: a text token's are its index on every axis)
-        return ((got == want[None]) | ~real[None]).all(axis=(0, 2))
 
     def _done(self, step: _Step) -> None:
         """A pass ran: its tokens counted, the blocks it filled committed."""
@@ -479,12 +459,6 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
     def _check_open(self, what: str) -> None:
         if self._closed:
             raise InvalidArgument(f"{what}: this PagedCache is closed (its sequences were freed); make a new one")
-
-
-def _own_salt(salt: str | bytes) -> str | bytes:
-    """``salt`` made unmatchable: a sequence's own, for blocks no other may share."""
-    nonce = "\x00own-" + os.urandom(8).hex()
-    return salt + (nonce.encode() if isinstance(salt, bytes) else nonce)
 
 
 __all__: Sequence[str] = ["PagedCache", "open_caches"]  # (open_caches: `kvpager.hf.taken_forward`)
