@@ -18,6 +18,7 @@ a model's own, hidden states or attentions asked for) leaves the pass whole.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,33 @@ def kept_logits(named: dict[str, Any], takes_positions: bool) -> int | None:
     if named.get("output_attentions") or named.get("output_hidden_states"):
         return None
     return keep
+
+
+@dataclass
+class Cut:
+    """A pass cut to its rows' tails."""
+
+    fed: np.ndarray  # per row, the real tokens it feeds (its last ones)
+    real: np.ndarray  # bool [rows, W]: the cut columns that hold a row's token
+    columns: torch.Tensor  # int [rows, W] on the pass's device: the whole pass's column each cut column takes
+    inputs: dict[str, Any]  # the pass's keywords for the cut columns
+
+
+def cut(named: dict[str, Any], real: np.ndarray, counts: np.ndarray, cached: np.ndarray, keep: int | None,
+        columns: int) -> Cut | None:
+    """The pass of ``named`` keywords (its real tokens ``real``, bool [rows, width];
+    ``counts`` a row, ``cached`` of them in the pool) cut to its rows' tails where it
+    keeps ``keep`` positions' logits (`kept_logits`); None where nothing is cut: no
+    cached token, a row whose kept positions are not its last real tokens (right
+    padding), or a row that feeds every column. ``columns``: the cache's before it."""
+    if keep is None or not cached.any() or not real[:, -keep:].all():
+        return None
+    fed = tails(counts, cached, keep)
+    if fed.max() == real.shape[1]:
+        return None
+    take, kept = layout(real, fed)
+    index = torch.as_tensor(take, device=named["input_ids"].device)
+    return Cut(fed, kept, index, cut_inputs(named, index, kept, real.shape[1], columns))
 
 
 def tails(counts: np.ndarray, cached: np.ndarray, keep: int) -> np.ndarray:
@@ -63,15 +91,15 @@ def layout(real: np.ndarray, fed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return take, kept
 
 
-def cut_inputs(named: dict[str, Any], take: np.ndarray, kept: np.ndarray, width: int, columns: int) -> dict[str, Any]:
+def cut_inputs(named: dict[str, Any], index: torch.Tensor, kept: np.ndarray, width: int,
+               columns: int) -> dict[str, Any]:
     """The pass's keywords for its cut columns: ``input_ids``, ``attention_mask``
     (its columns before the pass kept), ``position_ids`` (the whole pass's, or
     the cache columns a model counts without them) and ``cache_position`` gathered
-    at ``take``; the others as they are. ``width``: the whole pass's columns;
+    at ``index`` (`layout`'s columns, on the pass's device); the others as they are. ``width``: the whole pass's columns;
     ``columns``: the cache's before it."""
     out = {k: v for k, v in named.items() if k != "self"}
     ids = named["input_ids"]
-    index = torch.as_tensor(take, device=ids.device)
     out["input_ids"] = ids.gather(1, index)
     mask = named.get("attention_mask")
     new_mask = torch.as_tensor(kept, device=ids.device, dtype=mask.dtype if mask is not None else torch.long)
@@ -80,8 +108,8 @@ def cut_inputs(named: dict[str, Any], take: np.ndarray, kept: np.ndarray, width:
     if positions is None:
         out["position_ids"] = index + columns
     else:
-        whole = positions.expand(*positions.shape[:-2], take.shape[0], width)
+        whole = positions.expand(*positions.shape[:-2], index.shape[0], width)
         out["position_ids"] = whole.gather(-1, index.expand(*whole.shape[:-2], *index.shape))
     if named.get("cache_position") is not None:
-        out["cache_position"] = torch.arange(columns, columns + take.shape[1], device=ids.device)
+        out["cache_position"] = torch.arange(columns, columns + index.shape[1], device=ids.device)
     return out

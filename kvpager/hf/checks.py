@@ -179,8 +179,11 @@ def check_module_states(model: Any) -> None:
     so, whose states then live in a cache class of their own; FalconH1, whose layers
     all say "attention", gave other tokens under 4.57)."""
     if getattr(type(model), "_is_stateful", False):
-        raise UnsupportedModel(f"{type(model).__name__}: this transformers ({_version()}) keeps its recurrent layers' "
-                               "states (state-space or linear-attention layers) in a cache class of the model's own "
+        import transformers
+
+        raise UnsupportedModel(f"{type(model).__name__}: this transformers ({transformers.__version__}) keeps its "
+                               "recurrent layers' states (state-space or linear-attention layers) in a cache class "
+                               "of the model's own "
                                "(the model class says so: _is_stateful); kvpager moves states through transformers' "
                                "linear-attention cache layers (transformers 5.24 on), so it cannot serve this model "
                                "here: run it with its own cache, or under transformers 5.24 or later")
@@ -189,12 +192,6 @@ def check_module_states(model: Any) -> None:
         raise UnsupportedModel(f"{type(model).__name__}: its recurrent layers keep their states outside "
                                "transformers' cache (in their modules); kvpager moves each sequence's states "
                                "through the cache's linear-attention layers, so it cannot serve this model")
-
-
-def _version() -> str:
-    import transformers
-
-    return f"transformers {transformers.__version__}"
 
 
 def check_eval_mode(model: Any, modules: list[Any] | None = None) -> None:

@@ -345,8 +345,8 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                 for r, a in zip(fresh, allocs):
                     self.seq_ids[r] = a.seq_id
                     cached[r] = a.num_cached_tokens
-                    # a cached prefix's tokens run through the model too (transformers feeds the whole
-                    # prompt): their queries attend over the cached K/V, and nothing is written there
+                    # a cached prefix's tokens (transformers feeds the whole prompt) write nothing; their
+                    # queries attend over the cached K/V where the pass is not cut to the tails
                     parts[r] = np.concatenate([np.full(a.num_cached_tokens, -1, dtype=np.int64),
                                                np.asarray(a.slots, dtype=np.int64)])
             held = [int(r) for r in live if r not in parts]
@@ -355,30 +355,23 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                                             [tokens[r][real[r]].tolist() for r in held])
                 step.appended = True
                 parts.update(zip(held, appended))
-            fed, take, real_cut = counts, None, None
-            # (cut only where each row's kept positions are its last real tokens: left padding)
-            if keep is not None and cached.any() and real[:, -keep:].all():
-                fed = cached_tail.tails(counts, cached, keep)
-                if fed.max() == width:  # (a row feeds every column: nothing to cut)
-                    fed = counts
-            if fed is not counts:  # the pass cut to its rows' tails
-                take, real_cut = cached_tail.layout(real, fed)
-                step.cut = cached_tail.cut_inputs(named, take, real_cut, width, self._columns)
+            cut = cached_tail.cut(named, real, counts, cached, keep, self._columns)
+            fed = counts if cut is None else cut.fed
+            step.cut = None if cut is None else cut.inputs
             ids = [self.seq_ids[r] for r in live]
             plan = self.pool.plan(ids, fed[live].tolist(), np.concatenate([parts[r][len(parts[r]) - fed[r]:]
                                                                            for r in live]))
         except BaseException:
             self._undo(step)
             raise
-        flat = (real if real_cut is None else real_cut).reshape(-1)
+        flat = (real if cut is None else cut.real).reshape(-1)
         index = None if flat.all() else torch.as_tensor(np.flatnonzero(flat), device=input_ids.device)
         batch = PagedBatch(plan, self._dtype, self._device, self._windows, chunks=self._chunks,
                            layers=self._layer_map, fit=self._fit, real=index)
         # positions as transformers counts them for the layers that scale their queries by
-        # position (Llama-4's NoPE layers): cache columns, pads included (a cut pass's taken)
-        columns = np.arange(width) if take is None else take
-        positions = torch.as_tensor(np.broadcast_to(columns, (rows, columns.shape[-1])).reshape(-1) + self._columns,
-                                    device=input_ids.device)
+        # position (Llama-4's NoPE layers): cache columns, pads included (a cut pass's, those it took)
+        positions = (torch.arange(self._columns, self._columns + width, device=input_ids.device).repeat(rows)
+                     if cut is None else (cut.columns + self._columns).reshape(-1))
         batch.positions = (positions if index is None else positions.index_select(0, index)).unsqueeze(0)
         step.batch = batch
         return step
