@@ -12,12 +12,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from hf_versions import OLD_TRANSFORMERS, served_by_this_transformers  # noqa: E402
 from test_hf_models import (  # noqa: E402, F401
-    OLD_TRANSFORMERS,
     make_model,
     one_thread,
     prompt,
-    served_by_this_transformers,
 )
 
 from kvpager import KVPool  # noqa: E402

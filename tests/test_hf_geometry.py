@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_versions import served_by_this_transformers  # noqa: E402
 from test_hf_models import (  # noqa: E402
     ALTERNATING,
     COMMON,
@@ -21,7 +22,6 @@ from test_hf_models import (  # noqa: E402
     one_thread,  # noqa: F401 (autouse: these small models run fastest on one thread)
     prompt,
     reference,
-    served_by_this_transformers,
 )
 
 from kvpager import KVPool  # noqa: E402

@@ -15,7 +15,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.cache_utils", reason="no transformers cache module")
 
-from test_hf_models import FAMILIES, make_model, one_thread, served_by_this_transformers  # noqa: E402, F401
+from hf_versions import served_by_this_transformers  # noqa: E402
+from test_hf_models import FAMILIES, make_model, one_thread  # noqa: E402, F401
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.hf import PagedCache, spec_for_model  # noqa: E402

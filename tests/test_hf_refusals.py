@@ -11,12 +11,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_versions import OLD_TRANSFORMERS, falcon_attends_through_the_interface  # noqa: E402
 from test_hf_models import (  # noqa: E402, F401
     COMMON,
     FULL,
-    OLD_TRANSFORMERS,
     VOCAB,
-    falcon_attends_through_the_interface,
     make_model,
     one_thread,
     prompt,
