@@ -38,3 +38,38 @@ def test_generate_on_a_gpu_pool_gives_transformers_tokens(family, kw):
         pool.check_integrity()
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_decode_passes_refill_one_plan(family, monkeypatch):
+    """A GPU pool's decode passes refill the last pass's plan in place (no new plan a
+    token): from the prompt's pass on, a new plan only where the rows outgrow the
+    kept plan's tables (twice the longest row when it was made) or change (beams);
+    transformers' tokens all the same (Mistral: windows, blocks given back)."""
+    model = make_model(family, **GPU_SIZES, **FAMILIES.get(family, {})).cuda()
+    pool = KVPool(spec_for_model(model, num_blocks=256, block_size=16), device="cuda:0")
+    made, refilled = [], []
+    plan, refill = pool.plan, pool.refill
+    monkeypatch.setattr(pool, "plan", lambda *a, **k: made.append(1) or plan(*a, **k))
+    monkeypatch.setattr(pool, "refill", lambda *a, **k: refilled.append(1) or refill(*a, **k))
+    try:
+        ids, mask = (t.cuda() for t in padded_batch())
+        new = 60  # rows of 9-20 prompt tokens outgrow the first decode pass's plan
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+        with PagedCache(model, pool) as cache:
+            cache.release_margin = 0  # (Mistral: blocks behind the windows given back as the rows grow)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                                 **cache_kw(model, cache))
+        assert torch.equal(ref, out)
+        # plans made: the prompt's pass, the first decode pass's (made at 21 tokens a row: room for
+        # 42, 3 blocks of 16) and the 29th's (49 tokens: 7 blocks); the other 57 decode passes refill
+        assert len(made) == 3 and len(refilled) == new - 1 - 2, (len(made), len(refilled))
+        with PagedCache(model, pool) as cache:  # beams: rows reordered each step, plans made anew
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, num_beams=3,
+                                 do_sample=False, **cache_kw(model, cache))
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, num_beams=3, do_sample=False)
+        assert torch.equal(ref, out)
+        assert pool.stats().num_sequences == 0
+        pool.check_integrity()
+    finally:
+        pool.close()

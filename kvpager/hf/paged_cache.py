@@ -15,7 +15,9 @@ rollback (`crop`). Each forward pass over the cache
 
 1. allocates (a row's first tokens: those where its ``attention_mask`` is 1,
    sharing the blocks of any cached prefix under the model's salt) or appends
-   (later passes) each row's new tokens in the pool, and makes one step plan;
+   (later passes) each row's new tokens in the pool, and makes one step plan
+   (a decode pass over the rows of the last refills its plan in place:
+   `kvpager.hf.cache_plans`);
 2. runs the model with kvpager attention (`kvpager.hf.attention`): each layer
    writes its new K/V at the plan's slots and attends over the pool, padding
    neither stored nor read;
@@ -51,6 +53,7 @@ from kvpager.batch_calls import free_all
 from kvpager.errors import InvalidArgument, UnsupportedConfiguration, UnsupportedModel
 from kvpager.hf import cached_tail
 from kvpager.hf.attention import PagedBatch
+from kvpager.hf.cache_plans import CachePlans
 from kvpager.hf.checks import check_layers_ran, check_model, check_model_and_pool
 from kvpager.hf.compiled import running
 from kvpager.hf.eager import TORCH_DTYPES
@@ -132,6 +135,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         # that would cut their inputs to the kept logits' positions (Gemma-4's, for an int
         # logits_to_keep) is handed those positions as indices instead, which it does not cut by
         self._keeps_all = self._layer_map is not None and any(p >= 0 and not s for p, s in self._layer_map)
+        self._plans = CachePlans(pool, text_config(model).num_attention_heads)
         self._signature = inspect.signature(type(model).forward)
         self._takes_positions = "position_ids" in self._signature.parameters
         self._dtype = TORCH_DTYPES[dtype_name(pool.spec.dtype)]
@@ -359,8 +363,8 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             fed = counts if cut is None else cut.fed
             step.cut = None if cut is None else cut.inputs
             ids = [self.seq_ids[r] for r in live]
-            plan = self.pool.plan(ids, fed[live].tolist(), np.concatenate([parts[r][len(parts[r]) - fed[r]:]
-                                                                           for r in live]))
+            plan = self._plans.plan(ids, fed[live], np.concatenate([parts[r][len(parts[r]) - fed[r]:] for r in live]),
+                                    int((self._lens[live] + counts[live]).max()))
         except BaseException:
             self._undo(step)
             raise
@@ -441,6 +445,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
 
     def _free_rows(self) -> None:
         ids = [s for s in self.seq_ids if s is not None]
+        self._plans.drop()
         self.seq_ids = []
         self._lens = np.zeros(0, dtype=np.int64)
         self._floors = np.zeros(0, dtype=np.int64)
