@@ -1,8 +1,9 @@
-"""`kvpager.hf.PagedCache` on prefix-cache hits runs only the rows' uncached
-tails: the prompt pass of ``generate`` (which keeps the last position's
-logits) feeds each row's tokens after its cached blocks, left-padded to the
-longest such tail, and gives transformers' tokens; a pass that asks for more
-than the kept logits runs whole."""
+"""`kvpager.hf.PagedCache`'s prompt pass runs less than transformers feeds it.
+On prefix-cache hits it runs only the rows' uncached tails: the prompt pass of
+``generate`` (which keeps the last position's logits) feeds each row's tokens
+after its cached blocks, left-padded to the longest such tail. Rows that repeat
+others (beams, returned sequences) run once, their repeats forks. The tokens are
+transformers'; a pass that asks for more than the kept logits runs whole."""
 
 from __future__ import annotations
 
@@ -128,3 +129,48 @@ def test_a_cut_pass_of_padded_rows_counts_as_padded(model):
             with pytest.raises(InvalidArgument, match="padding"):
                 cache.crop(-1)
     assert_released(pool)
+
+
+def rows_of(model, run):
+    """(what ``run()`` returns, the rows of each pass the model ran in it)."""
+    rows = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    try:
+        return run(), rows
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("kw,again", [
+    (dict(num_beams=3, do_sample=False), False),
+    (dict(do_sample=True, top_k=20, num_return_sequences=3), False),
+    (dict(num_beams=4, num_return_sequences=2, do_sample=False), False),
+    (dict(do_sample=False), True),
+], ids=["beams", "returned", "beams_returned", "rows_given_twice"])
+def test_repeated_rows_run_once(model, kw, again):
+    """generate repeats each of 2 prompts (27 and 37 tokens) a beam or returned
+    sequence (or the caller gives the first one twice): the prompt pass runs the 2
+    distinct rows, the repeats fork their sequences (sharing even the partly filled
+    last blocks: 6 blocks of 8 held after it, not one more a repeat), and the tokens
+    are transformers'."""
+    pool = pool_for(model, 512)
+    ids, mask = batch((3, 13))
+    if again:
+        ids, mask = torch.cat([ids, ids[:1]]), torch.cat([mask, mask[:1]])
+    torch.manual_seed(3)
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, **kw)
+
+    def paged(new=10, pool=pool):
+        torch.manual_seed(3)
+        with PagedCache(model, pool) as cache:
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                                 **cache_kw(model, cache), **kw)
+            return out, pool.stats().used_blocks
+
+    (out, _), rows = rows_of(model, paged)
+    assert torch.equal(ref, out)
+    assert rows[0] == 2 and set(rows[1:]) == {len(ref) if "num_beams" not in kw
+                                              else len(ids) * kw["num_beams"]}, rows
+    assert_released(pool)
+    _, held = paged(new=1, pool=pool_for(model, 512))  # the prompt's pass alone, on a pool of nothing cached
+    assert held == 6

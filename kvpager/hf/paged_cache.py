@@ -51,7 +51,7 @@ import torch
 
 from kvpager.batch_calls import free_all
 from kvpager.errors import InvalidArgument, UnsupportedConfiguration, UnsupportedModel
-from kvpager.hf import cached_tail
+from kvpager.hf import cached_tail, repeated_rows
 from kvpager.hf.attention import PagedBatch
 from kvpager.hf.cache_plans import CachePlans
 from kvpager.hf.checks import check_layers_ran, check_model, check_model_and_pool
@@ -273,7 +273,12 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             # (generate passes keywords; a caller's positional arguments bound by the forward's names)
             named = kwargs if not args else self._signature.bind_partial(self.model, *args, **kwargs).arguments
             input_ids = named.get("input_ids")
-            step = self._begin(named, cached_tail.kept_logits(named, self._takes_positions))
+            keep = cached_tail.kept_logits(named, self._takes_positions)
+            # (a first pass whose rows repeat others, beams' or returned sequences': its distinct rows)
+            again = None if self.seq_ids else repeated_rows.repeats(named, keep, self.model.config)
+            if again is not None:
+                named, args, kwargs = again.named, (), again.named
+            step = self._begin(named, keep)
             width = step.columns
             if step.cut is not None:
                 args, kwargs, width = (), step.cut, step.cut["input_ids"].shape[1]
@@ -291,7 +296,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             finally:
                 self._step = None
             self._done(step)
-            return out
+            return out if again is None else self._repeat(out, again)
         finally:
             self._lock.release()
 
@@ -405,6 +410,16 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                 self.pool.release_before([self.seq_ids[r] for r in gone], ends.tolist())
                 self._floors[gone] = ends
 
+    def _repeat(self, out: Any, again: repeated_rows.Repeats) -> Any:
+        """A first pass run over its distinct rows (`repeated_rows`): each row of the
+        pass continues its distinct row (forks of it) and gets its logits."""
+        try:
+            self._reorder(again.parents)
+        except BaseException:
+            self._free_rows()
+            raise
+        return repeated_rows.repeated(out, again.index)
+
     def _undo(self, step: _Step) -> None:
         """Take back what `_begin` did for a pass that did not run."""
         fresh = [s for r in step.fresh if (s := self.seq_ids[r]) is not None]
@@ -434,14 +449,17 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             n = len(self.seq_ids)
             if not isinstance(parents, list) or any(not 0 <= p < n for p in parents) or (n and not parents):
                 raise InvalidArgument(f"{what}: rows must be a 1-D list or tensor of ints in [0, {n})")
-            if parents == list(range(n)):
-                return
-            new, _, gone = continue_rows(self.pool, self.seq_ids, parents)
-            self.seq_ids = new  # type: ignore[assignment]
-            self._lens = self._lens[parents]
-            self._floors = self._floors[parents]
-            self._own = self._own[parents]
-            free_all(self.pool, gone)
+            if parents != list(range(n)):
+                self._reorder(parents)
+
+    def _reorder(self, parents: list[int]) -> None:
+        """`_select`'s work, under the cache's lock."""
+        new, _, gone = continue_rows(self.pool, self.seq_ids, parents)
+        self.seq_ids = new  # type: ignore[assignment]
+        self._lens = self._lens[parents]
+        self._floors = self._floors[parents]
+        self._own = self._own[parents]
+        free_all(self.pool, gone)
 
     def _free_rows(self) -> None:
         ids = [s for s in self.seq_ids if s is not None]
