@@ -13,7 +13,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.cache_utils", reason="no transformers cache module")
 
-from test_hf_models import make_model, one_thread  # noqa: E402, F401
+from hf_versions import served_by_this_transformers  # noqa: E402
+from test_hf_models import FAMILIES, make_model, one_thread  # noqa: E402, F401
 from test_hf_paged_cache import assert_released, cache_kw, pool_for  # noqa: E402
 
 from kvpager.hf import PagedCache  # noqa: E402
@@ -26,11 +27,11 @@ def model():
     return make_model("llama")
 
 
-def batch(owns: tuple[int, ...], seed: int = 5):
-    """Rows of the shared system prompt and ``owns[r]`` tokens of their own, left-padded."""
+def batch(owns: tuple[int, ...], seed: int = 5, system: int = SYSTEM):
+    """Rows of a shared system prompt (``system`` tokens) and ``owns[r]`` tokens of their own, left-padded."""
     g = torch.Generator().manual_seed(seed)
-    system = torch.randint(3, 128, (SYSTEM,), generator=g)
-    width = SYSTEM + max(owns)
+    width = system + max(owns)
+    system = torch.randint(3, 128, (system,), generator=g)
     ids = torch.zeros((len(owns), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, n in enumerate(owns):
@@ -170,7 +171,59 @@ def test_repeated_rows_run_once(model, kw, again):
     (out, _), rows = rows_of(model, paged)
     assert torch.equal(ref, out)
     assert rows[0] == 2 and set(rows[1:]) == {len(ref) if "num_beams" not in kw
-                                              else len(ids) * kw["num_beams"]}, rows
+                                                    else len(ids) * kw["num_beams"]}, rows
     assert_released(pool)
     _, held = paged(new=1, pool=pool_for(model, 512))  # the prompt's pass alone, on a pool of nothing cached
     assert held == 6
+
+
+@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(do_sample=True, top_k=20), dict(num_beams=3, do_sample=False)],
+                         ids=["greedy", "sampled", "beams"])
+def test_a_batch_sharing_a_prompt_not_yet_cached_writes_it_once_first(model, kw):
+    """Nothing cached: rows of 256 shared tokens and 3, 13 and 9 of their own. The shared
+    blocks are written by a pass of their own (the first row's 256 tokens), then each row
+    runs its tail (13 columns, 3 rows; beams: each distinct row once), not 259 columns a
+    row (the first row's whole prompt, which the others' tails would read); the tokens are
+    transformers'. Every block is written once: the blocks held are one system prompt's."""
+    pool = pool_for(model, 512)
+    ids, mask = batch((3, 13, 9), system=256)
+    torch.manual_seed(3)
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, **kw)
+
+    def paged():
+        torch.manual_seed(3)
+        with PagedCache(model, pool) as cache:
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10,
+                                  **cache_kw(model, cache), **kw)
+
+    (out, widths), rows = rows_of(model, lambda: widths_of(model, paged))
+    assert torch.equal(ref, out)
+    assert widths[:2] == [256, 13] and rows[:2] == [1, 3], (widths, rows)
+    assert_released(pool)
+    with PagedCache(model, pool_for(model, 512)) as cache:  # the prompt's pass alone, on a pool of nothing cached
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False, **cache_kw(model, cache))
+        assert cache.pool.stats().used_blocks == 32 + 1 + 2 + 2  # the system's 32 blocks; the rows' own
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_gives_transformers_tokens_with_a_shared_prompt_written_first(family):
+    """Each family of test_hf_models (windows, soft caps, sinks, latent attention, shared
+    K/V layers, ...): rows of 256 shared tokens not yet cached and 3, 13 and 9 of their
+    own give transformers' tokens, the shared blocks written by a pass of their own
+    first where the model's positions allow it (not where rotary frequencies follow a
+    pass's length, nor where the forward takes no position ids: one pass, whole)."""
+    model = make_model(family)
+    pool = pool_for(model, 512)
+    ids, mask = batch((3, 13, 9), system=256)
+    with served_by_this_transformers(model):
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+
+        def paged():
+            with PagedCache(model, pool) as cache:
+                return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                      **cache_kw(model, cache)), cache._splits and cache._takes_positions
+
+        (out, splits), widths = widths_of(model, paged)
+    assert torch.equal(ref, out)
+    assert widths[:2] == ([256, 13] if splits else [269, 1]), widths
+    assert_released(pool)

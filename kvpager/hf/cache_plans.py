@@ -32,11 +32,15 @@ class CachePlans:
         self.refills = str(getattr(pool, "device", "cpu")).startswith("cuda") and hasattr(pool, "refill")
         self._kept: tuple[Any, list[int]] | None = None  # (the last decode plan, its sequences)
 
-    def plan(self, ids: list[int], fed: np.ndarray, slots: np.ndarray, longest: int) -> Any:
+    def plan(self, ids: list[int], fed: np.ndarray, slots: np.ndarray, longest: int,
+             context_lens: np.ndarray | None = None) -> Any:
         """The plan of a pass of ``fed`` new tokens for each of ``ids`` (their K/V to
-        ``slots``), whose longest sequence then holds ``longest`` tokens."""
-        if not self.refills or not (fed == 1).all():
-            return self.pool.plan(ids, fed.tolist(), slots, num_q_heads=self.heads, host_bound=True)
+        ``slots``), whose longest sequence then holds ``longest`` tokens; of the tokens
+        before each one's ``context_lens`` where given (a pass over the sequences' first
+        tokens, `kvpager.plan.context_of`: a new plan)."""
+        if not self.refills or not (fed == 1).all() or context_lens is not None:
+            return self.pool.plan(ids, fed.tolist(), slots, num_q_heads=self.heads, host_bound=True,
+                                  context_lens=None if context_lens is None else context_lens.tolist())
         kept = self._kept
         if kept is not None and kept[1] == ids and -(-longest // self.pool.spec.block_size) <= kept[0].width:
             self.pool.refill(kept[0], ids, None, slots)

@@ -75,10 +75,11 @@ def tails(counts: np.ndarray, cached: np.ndarray, keep: int) -> np.ndarray:
     return np.minimum(counts, np.maximum(counts - cached, keep))
 
 
-def layout(real: np.ndarray, fed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def layout(real: np.ndarray, fed: np.ndarray, ends: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(the pass's column each cut column takes, int [rows, W]; its real tokens, bool
-    [rows, W]) for rows that feed the last ``fed[r]`` of their real tokens, left-padded
-    to W = max(fed) (a pad takes column 0, unread)."""
+    [rows, W]) for rows that feed the last ``fed[r]`` of their real tokens (of their
+    first ``ends[r]`` where given), left-padded to W = max(fed) (a pad takes column 0,
+    unread)."""
     rows = real.shape[0]
     width = int(fed.max())
     take = np.zeros((rows, width), dtype=np.int64)
@@ -86,9 +87,23 @@ def layout(real: np.ndarray, fed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for r in range(rows):
         n = int(fed[r])
         if n:
-            take[r, width - n:] = np.flatnonzero(real[r])[-n:]
+            columns = np.flatnonzero(real[r])
+            end = len(columns) if ends is None else int(ends[r])
+            take[r, width - n:] = columns[end - n:end]
             kept[r, width - n:] = True
     return take, kept
+
+
+def rows_of(named: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """A pass's keywords for some of its rows (``rows``: indices on its device)."""
+    out = {k: v for k, v in named.items() if k != "self"}
+    for k in ("input_ids", "attention_mask"):
+        if out.get(k) is not None:
+            out[k] = out[k].index_select(0, rows)
+    positions = out.get("position_ids")
+    if positions is not None and positions.shape[-2] != 1:  # [rows, T] or [axes, rows, T]; [.., 1, T]: every row's
+        out["position_ids"] = positions.index_select(-2, rows)
+    return out
 
 
 def cut_inputs(named: dict[str, Any], index: torch.Tensor, kept: np.ndarray, width: int,

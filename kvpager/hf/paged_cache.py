@@ -51,7 +51,7 @@ import torch
 
 from kvpager.batch_calls import free_all
 from kvpager.errors import InvalidArgument, UnsupportedConfiguration, UnsupportedModel
-from kvpager.hf import cached_tail, repeated_rows
+from kvpager.hf import cached_tail, early_prefix, repeated_rows
 from kvpager.hf.attention import PagedBatch
 from kvpager.hf.cache_plans import CachePlans
 from kvpager.hf.checks import check_layers_ran, check_model, check_model_and_pool
@@ -89,6 +89,8 @@ class _Step:
     appended: bool = False  # the other rows' tokens were appended
     cut: dict[str, Any] | None = None  # the keywords of the pass cut to its rows' uncached tails (`cached_tail`)
     padded: bool = False  # the pass had padding (its columns hold other counts of tokens a row)
+    #: a first pass run in two (`early_prefix`): the first's batch and keywords
+    early: tuple[PagedBatch, dict[str, Any]] | None = None
 
 
 class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
@@ -121,8 +123,10 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                 "classes: use kvpager.hf.generate, which holds them (kvpager.hf.recurrent)")
         windows = check_model(model, pool)
         salt = call_salt(model, salt, "PagedCache")
-        if pass_dependent(model)[0] is not None:
-            # K/V of frequencies that depend on the passes that computed them: this cache's own
+        # (K/V of frequencies that depend on the passes that computed them: this cache's own, and
+        # no pass split in two, whose first would compute other frequencies: `early_prefix`)
+        self._splits = pass_dependent(model)[0] is None
+        if not self._splits:
             salt = own_salt(salt)
         layers = text_config(model).num_hidden_layers
         super().__init__(layers=[PagedLayer(self, windows[i] is not None) for i in range(layers)])
@@ -282,14 +286,12 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             width = step.columns
             if step.cut is not None:
                 args, kwargs, width = (), step.cut, step.cut["input_ids"].shape[1]
-            keep = kwargs.get("logits_to_keep")
-            if self._keeps_all and type(keep) is int and 0 < keep < width:
-                kwargs = {**kwargs, "logits_to_keep": torch.arange(width - keep, width, device=input_ids.device)}
             try:
                 self._step = step
-                with paged_attention(self.model), running(step.batch):
-                    out = forward(*args, **kwargs)
-                check_layers_ran(self.model, step.batch)
+                if step.early is not None:  # (its blocks' K/V, for the cut pass's rows to read)
+                    early, inputs = step.early
+                    self._forward(forward, (), inputs, inputs["input_ids"].shape[1], early, input_ids.device)
+                out = self._forward(forward, args, kwargs, width, step.batch, input_ids.device)
             except BaseException:
                 self._undo(step)
                 raise
@@ -299,6 +301,18 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             return out if again is None else self._repeat(out, again)
         finally:
             self._lock.release()
+
+    def _forward(self, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any], width: int,
+                 batch: PagedBatch, device: torch.device) -> Any:
+        """The model's ``forward`` over a pass of ``width`` columns (its inputs on ``device``),
+        with kvpager attention through ``batch``."""
+        keep = kwargs.get("logits_to_keep")
+        if self._keeps_all and type(keep) is int and 0 < keep < width:
+            kwargs = {**kwargs, "logits_to_keep": torch.arange(width - keep, width, device=device)}
+        with paged_attention(self.model), running(batch):
+            out = forward(*args, **kwargs)
+        check_layers_ran(self.model, batch)
+        return out
 
     def _update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's ``update``: kvpager attention stores the new K/V itself, at the
@@ -358,6 +372,10 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                     # queries attend over the cached K/V where the pass is not cut to the tails
                     parts[r] = np.concatenate([np.full(a.num_cached_tokens, -1, dtype=np.int64),
                                                np.asarray(a.slots, dtype=np.int64)])
+            if first and keep is not None and self._splits and len(fresh) > 1:
+                early = self._early(named, real, counts, cached, parts, fresh, keep)
+                if early is not None:
+                    step.early, cached = early
             held = [int(r) for r in live if r not in parts]
             if held:
                 appended = self.pool.append([self.seq_ids[r] for r in held], counts[held].tolist(),
@@ -373,17 +391,44 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         except BaseException:
             self._undo(step)
             raise
-        flat = (real if cut is None else cut.real).reshape(-1)
-        index = None if flat.all() else torch.as_tensor(np.flatnonzero(flat), device=input_ids.device)
+        step.batch = self._batch(plan, real, torch.arange(width, device=input_ids.device).expand(rows, width)) \
+            if cut is None else self._batch(plan, cut.real, cut.columns)
+        return step
+
+    def _batch(self, plan: Any, real: np.ndarray, columns: torch.Tensor) -> PagedBatch:
+        """A pass's `PagedBatch` over ``plan``: its real tokens (bool [rows, W]) and the
+        column of the whole pass each of its columns takes (int [rows, W] on its device)."""
+        flat = real.reshape(-1)
+        index = None if flat.all() else torch.as_tensor(np.flatnonzero(flat), device=columns.device)
         batch = PagedBatch(plan, self._dtype, self._device, self._windows, chunks=self._chunks,
                            layers=self._layer_map, fit=self._fit, real=index)
         # positions as transformers counts them for the layers that scale their queries by
-        # position (Llama-4's NoPE layers): cache columns, pads included (a cut pass's, those it took)
-        positions = (torch.arange(self._columns, self._columns + width, device=input_ids.device).repeat(rows)
-                     if cut is None else (cut.columns + self._columns).reshape(-1))
+        # position (Llama-4's NoPE layers): cache columns, pads included
+        positions = (columns + self._columns).reshape(-1)
         batch.positions = (positions if index is None else positions.index_select(0, index)).unsqueeze(0)
-        step.batch = batch
-        return step
+        return batch
+
+    def _early(self, named: dict[str, Any], real: np.ndarray, counts: np.ndarray, cached: np.ndarray,
+               parts: dict[int, np.ndarray], fresh: list[int], keep: int) -> Any:
+        """A first pass's shared blocks written by a pass of their own before it, where
+        that spares enough (`early_prefix`): (its batch and keywords, each row's cached
+        tokens after it); None where the pass runs as one."""
+        size = self.pool.spec.block_size
+        written = np.concatenate([parts[r][parts[r] >= 0] for r in fresh]) // size
+        upto = cached.copy()
+        upto[fresh] = early_prefix.early_tokens(self.pool.tables([self.seq_ids[r] for r in fresh])[0],
+                                                cached[fresh], written, size)
+        early = upto - cached
+        if not early.any() or not real[:, -keep:].all() or not early_prefix.worth_it(
+                len(real), early, cached_tail.tails(counts, upto, keep), cached_tail.tails(counts, cached, keep)):
+            return None
+        rows, inputs, kept, columns = early_prefix.first_pass(named, real, cached, upto)
+        plan = self._plans.plan([self.seq_ids[r] for r in rows], early[rows],
+                                np.concatenate([parts[r][cached[r]:upto[r]] for r in rows]), 0,
+                                context_lens=upto[rows])
+        for r in rows:  # (the cut pass writes none of them again)
+            parts[r][:upto[r]] = -1
+        return (self._batch(plan, kept, columns), inputs), upto
 
     def _done(self, step: _Step) -> None:
         """A pass ran: its tokens counted, the blocks it filled committed."""

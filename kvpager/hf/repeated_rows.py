@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvpager.hf.cached_tail import rows_of
+
 
 @dataclass
 class Repeats:
@@ -58,13 +60,7 @@ def repeats(named: dict[str, Any], keep: int | None, config: Any) -> Repeats | N
     rank[order] = np.arange(len(order))
     parents = rank[inverse.reshape(-1)]
     distinct = torch.as_tensor(first[order], device=ids.device)
-    out = {k: v for k, v in named.items() if k != "self"}
-    out["input_ids"] = ids.index_select(0, distinct)
-    if mask is not None:
-        out["attention_mask"] = mask.index_select(0, distinct)
-    if positions is not None:
-        out["position_ids"] = positions.index_select(-2, distinct)
-    return Repeats(parents.tolist(), torch.as_tensor(parents, device=ids.device), out)
+    return Repeats(parents.tolist(), torch.as_tensor(parents, device=ids.device), rows_of(named, distinct))
 
 
 def repeated(out: Any, index: torch.Tensor) -> Any:
