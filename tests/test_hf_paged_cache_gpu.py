@@ -73,3 +73,31 @@ def test_decode_passes_refill_one_plan(family, monkeypatch):
         pool.check_integrity()
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(num_beams=3, do_sample=False)], ids=["greedy", "beams"])
+def test_a_shared_prompt_not_yet_cached_is_written_once_first(family, kw):
+    """Rows sharing 256 tokens not yet cached: a pass writes them once (one row), then
+    each row runs its own tail (beams: each distinct row once), on the GPU kernels;
+    transformers' tokens."""
+    from test_hf_paged_cache_tails import batch, widths_of
+
+    model = make_model(family, **GPU_SIZES, **FAMILIES.get(family, {})).cuda()
+    pool = KVPool(spec_for_model(model, num_blocks=256, block_size=16), device="cuda:0")
+    try:
+        ids, mask = (t.cuda() for t in batch((3, 13, 9), system=256))
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, **kw)
+
+        def paged():
+            with PagedCache(model, pool) as cache:
+                return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12,
+                                      **cache_kw(model, cache), **kw)
+
+        out, widths = widths_of(model, paged)
+        assert torch.equal(ref, out)
+        assert widths[:2] == [256, 13], widths
+        assert pool.stats().num_sequences == 0
+        pool.check_integrity()
+    finally:
+        pool.close()

@@ -25,6 +25,13 @@ rollback (`crop`). Each forward pass over the cache
    a model whose every layer has a sliding window, gives back the blocks
    behind every row's window (`PagedCache.release_margin` tokens kept for crops).
 
+A prompt pass that keeps only its last positions' logits (what ``generate``
+asks) runs less than it is fed: on prefix hits only each row's uncached tail
+(`kvpager.hf.cached_tail`); rows that repeat others (beams, returned
+sequences) once, their repeats forks (`kvpager.hf.repeated_rows`); a shared
+prompt not yet cached once, in a pass of its own before the rows' tails
+(`kvpager.hf.early_prefix`). The logits are the whole pass's.
+
 A pass that raises leaves the sequences as they were before it (the first
 pass's freed, later ones' appended tokens cut off). The model is switched to
 kvpager attention for each pass alone (`paged_attention`): between passes it
