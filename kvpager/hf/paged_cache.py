@@ -65,7 +65,13 @@ from kvpager.hf.checks import check_layers_ran, check_model, check_model_and_poo
 from kvpager.hf.compiled import running
 from kvpager.hf.eager import TORCH_DTYPES
 from kvpager.hf.fed_positions import own_salt, placed
-from kvpager.hf.model import has_recurrent_layers, layer_fit, layer_map, text_config
+from kvpager.hf.model import (
+    has_recurrent_layers,
+    layer_fit,
+    layer_map,
+    temperature_tuned,
+    text_config,
+)
 from kvpager.hf.padding import new_columns
 from kvpager.hf.paged_layer import PagedLayer
 from kvpager.hf.rope import pass_dependent
@@ -142,6 +148,8 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         self._layer_map = layer_map(model)
         self._chunks = layer_chunks(model, pool.spec.block_size)
         self._fit = layer_fit(model)
+        # layers that scale their queries by position (Llama-4's NoPE layers) read each pass's positions
+        self._tuned = any(temperature_tuned(m) for m in model.modules())
         # layers that reuse an earlier layer's K/V attend with every query of the plan: a forward
         # that would cut their inputs to the kept logits' positions (Gemma-4's, for an int
         # logits_to_keep) is handed those positions as indices instead, which it does not cut by
@@ -409,10 +417,9 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         index = None if flat.all() else torch.as_tensor(np.flatnonzero(flat), device=columns.device)
         batch = PagedBatch(plan, self._dtype, self._device, self._windows, chunks=self._chunks,
                            layers=self._layer_map, fit=self._fit, real=index)
-        # positions as transformers counts them for the layers that scale their queries by
-        # position (Llama-4's NoPE layers): cache columns, pads included
-        positions = (columns + self._columns).reshape(-1)
-        batch.positions = (positions if index is None else positions.index_select(0, index)).unsqueeze(0)
+        if self._tuned:  # (positions as transformers counts them there: cache columns, pads included)
+            positions = (columns + self._columns).reshape(-1)
+            batch.positions = (positions if index is None else positions.index_select(0, index)).unsqueeze(0)
         return batch
 
     def _early(self, named: dict[str, Any], real: np.ndarray, counts: np.ndarray, cached: np.ndarray,
