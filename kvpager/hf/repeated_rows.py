@@ -52,15 +52,13 @@ def repeats(named: dict[str, Any], keep: int | None, config: Any) -> Repeats | N
         key = torch.cat(parts, 1).detach().cpu().numpy()
     except (AttributeError, TypeError, RuntimeError):
         return None  # (inputs of other shapes than the ids': what `PagedCache` refuses, or passes whole)
-    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
-    if len(first) == rows:
+    seen: dict[bytes, int] = {}  # a row's bytes -> its distinct row (a dict: np.unique over rows sorts them)
+    parents = [seen.setdefault(row.tobytes(), len(seen)) for row in key]
+    if len(seen) == rows:
         return None
-    order = np.argsort(first)  # the distinct rows in the pass's order, each where it first comes
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    parents = rank[inverse.reshape(-1)]
-    distinct = torch.as_tensor(first[order], device=ids.device)
-    return Repeats(parents.tolist(), torch.as_tensor(parents, device=ids.device), rows_of(named, distinct))
+    first = np.unique(parents, return_index=True)[1]  # the distinct rows, each where it first comes
+    distinct = torch.as_tensor(first, device=ids.device)
+    return Repeats(parents, torch.as_tensor(parents, device=ids.device), rows_of(named, distinct))
 
 
 def repeated(out: Any, index: torch.Tensor) -> Any:
