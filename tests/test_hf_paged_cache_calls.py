@@ -148,6 +148,10 @@ def test_the_model_forward_is_taken_while_a_cache_is_open(model):
 def test_careless_calls_are_refused_by_name(model):
     pool = pool_for(model)
     ids, mask = padded_batch(2, (0, 4))
+    for graphs, match in (("yes", "must be a bool"), (True, "CUDA device")):  # (replayed steps: a GPU's)
+        with pytest.raises(InvalidArgument, match=match):
+            PagedCache(model, pool, cuda_graphs=graphs)
+        assert "forward" not in model.__dict__ and open_caches(model) == 0
     cache = PagedCache(model, pool)
     with pytest.raises(InvalidArgument, match="input_ids"):
         model(inputs_embeds=model.model.embed_tokens(ids), use_cache=True, **cache_kw(model, cache))

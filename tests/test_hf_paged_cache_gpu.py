@@ -101,3 +101,38 @@ def test_a_shared_prompt_not_yet_cached_is_written_once_first(family, kw):
         pool.check_integrity()
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt_oss"])
+@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(num_beams=3, do_sample=False),
+                                dict(do_sample=True, top_k=20, num_return_sequences=2)],
+                         ids=["greedy", "beams", "sampled"])
+def test_decode_passes_replayed_from_cuda_graphs_give_transformers_tokens(family, kw):
+    """cuda_graphs: a PagedCache's decode passes replayed from captured steps give the
+    tokens of transformers' own cache (windows' blocks given back meanwhile: Mistral);
+    steps kept in a CapturedSteps serve a second cache (on prefix hits) without
+    capturing again."""
+    from kvpager.hf import CapturedSteps
+
+    model = make_model(family, **GPU_SIZES, **FAMILIES.get(family, {})).cuda()
+    pool = KVPool(spec_for_model(model, num_blocks=256, block_size=16), device="cuda:0")
+    steps = CapturedSteps(model, pool)
+    try:
+        ids, mask = (t.cuda() for t in padded_batch())
+        torch.manual_seed(5)
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, **kw)
+        captured = []
+        for graphs in (True, steps, steps):
+            with PagedCache(model, pool, cuda_graphs=graphs) as cache:
+                cache.release_margin = 0
+                torch.manual_seed(5)
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40,
+                                     **cache_kw(model, cache), **kw)
+            assert torch.equal(ref, out), graphs
+            captured.append(steps.captures)
+        assert captured[1] >= 1 and captured[2] == captured[1]  # the third replayed the second's
+        assert pool.stats().num_sequences == 0
+        pool.check_integrity()
+    finally:
+        steps.close()
+        pool.close()

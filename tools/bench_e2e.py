@@ -21,6 +21,9 @@ computing them from its logits as kvpager does). Paths, on the same model and pr
   over a pool of its own (made and closed in each timed call), timed in the
   rounds beside it; the KV bytes of both are what their caches held at the end
   of the longer call (the pool's blocks in use, the prompt's shared blocks once);
+  on a GPU also ``generate PagedCache graphs``, its decode passes replayed from
+  CUDA graphs (``cuda_graphs``: a `kvpager.hf.CapturedSteps` kept across the
+  calls, captured in the warm-up);
 - ``kvpager eager``: `kvpager.hf.PagedGeneration`, one step plan per pass,
   pipelined (each pass launched before the last one's tokens reach the host:
   `kvpager.hf.pipeline`); with ``--sync`` also ``kvpager eager sync`` and
@@ -146,17 +149,25 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
     # transformers' generate on a kvpager PagedCache: a pool of its own, the prefix of each call
     # found cached by the next (transformers still runs the whole prompt)
     cache_pool = KVPool(khf.spec_for_model(model, num_blocks=blocks, block_size=bs), device=e2e_paths.pool_device())
+    # (on a GPU also with its decode passes replayed from CUDA graphs, kept across the calls)
+    cache_steps = khf.CapturedSteps(model, cache_pool) if gpu else None
     try:
         generate_ms(model, ids, 1)  # warm-up
         generate_ms(model, ids, 1, pool=cache_pool)
+        if cache_steps is not None:  # (captures its bucket)
+            generate_ms(model, ids, steps, pool=cache_pool, graphs=cache_steps)
         loop.run(warm + 1, timed=False)
         for p in paths:
             p.run(warm, timed=False)  # the graph paths capture their buckets here
         gen_rounds, cache_rounds, gen_held, cache_held, gen_first, cache_first = [], [], [], [], [], []
+        graph_rounds, graph_held = [], []
         for _ in range(rounds):
             gen_rounds.append(generate_ms(model, ids, steps, held=gen_held, first=gen_first))
             free_cache()
             cache_rounds.append(generate_ms(model, ids, steps, pool=cache_pool, held=cache_held, first=cache_first))
+            if cache_steps is not None:
+                graph_rounds.append(generate_ms(model, ids, steps, pool=cache_pool, held=graph_held,
+                                                graphs=cache_steps))
             loop.run(steps + 1)
             for p in paths:
                 p.run(steps)
@@ -166,6 +177,8 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
         rows.append(gen_row)
         rows.append(summarize("generate PagedCache", [], [], batch, cache_held[-1], None, cache_rounds))
         rows[-1]["first_ms"] = float(np.median(cache_first))
+        if graph_rounds:
+            rows.append(summarize("generate PagedCache graphs", [], [], batch, graph_held[-1], None, graph_rounds))
         if static:
             try:
                 ms = generate_ms(model, ids, steps, cache="static")
@@ -176,6 +189,8 @@ def run_case(model, shape: str, batch: int, shared: int, own: int, steps: int, c
         paged_rows = [p.row() for p in paths]
     finally:
         loop.close()
+        if cache_steps is not None:
+            cache_steps.close()
         cache_pool.close()
         for p in paths:
             p.close()

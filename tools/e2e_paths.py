@@ -218,13 +218,13 @@ class HFLoop(Timed):
 
 
 def generate_ms(model, ids: torch.Tensor, steps: int, cache: str | None = None, pool=None,
-                held: list | None = None, first: list | None = None) -> float:
+                held: list | None = None, first: list | None = None, graphs=False) -> float:
     """ms per decode step of transformers' ``generate``: the time of ``steps`` + 1 new tokens
     less that of 1 (the prefill's share cancels out); ``cache="static"``: its StaticCache,
     with which transformers compiles the decode step: two untimed calls of ``steps`` + 1
     tokens first compile it and let any CUDA graphs of the compiled step be recorded (the
     cache keeps that length for the calls after them); ``pool``: a `kvpager.hf.PagedCache`
-    over it a call (made and closed inside the timed call). ``held``: gets the KV bytes the
+    over it a call (made and closed inside the timed call; ``graphs``: its ``cuda_graphs``). ``held``: gets the KV bytes the
     longer call's cache held at its end (its tensors; a PagedCache's pool blocks in use).
     ``first``: gets the ms of the 1-token call (the prompt's pass and its first token: the
     time to first token; on a PagedCache, its prompts found cached by the calls before)."""
@@ -243,7 +243,7 @@ def generate_ms(model, ids: torch.Tensor, steps: int, cache: str | None = None, 
                 out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
                 kv = cache_bytes(getattr(out, "cache", None) or getattr(out, "past_key_values", None))
             else:
-                with PagedCache(model, pool) as paged:
+                with PagedCache(model, pool, cuda_graphs=graphs) as paged:
                     model.generate(ids, max_new_tokens=n, min_new_tokens=n, **cache_argument(model, paged), **kw)
                     kv = pool.stats().used_blocks * pool.spec.bytes_per_block
             sync()

@@ -60,11 +60,13 @@ from kvpager.batch_calls import free_all
 from kvpager.errors import InvalidArgument, UnsupportedConfiguration, UnsupportedModel
 from kvpager.hf import cached_tail, early_prefix, repeated_rows
 from kvpager.hf.attention import PagedBatch
+from kvpager.hf.cache_graphs import CacheGraphs
 from kvpager.hf.cache_plans import CachePlans
 from kvpager.hf.checks import check_layers_ran, check_model, check_model_and_pool
 from kvpager.hf.compiled import running
 from kvpager.hf.eager import TORCH_DTYPES
 from kvpager.hf.fed_positions import own_salt, placed
+from kvpager.hf.graphs import CapturedSteps, check_graph_options
 from kvpager.hf.model import (
     has_recurrent_layers,
     layer_fit,
@@ -104,6 +106,8 @@ class _Step:
     padded: bool = False  # the pass had padding (its columns hold other counts of tokens a row)
     #: a first pass run in two (`early_prefix`): the first's batch and keywords
     early: tuple[PagedBatch, dict[str, Any]] | None = None
+    #: a decode pass replayed from CUDA graphs (`cache_graphs`): `CacheGraphs.run`'s arguments
+    replay: tuple[Any, ...] | None = None
 
 
 class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
@@ -113,7 +117,10 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
     batch's generation: its rows are the batch's, beam search and
     ``num_return_sequences`` forking them. ``salt``: the prefix cache's tenant
     (None: the model's `default_salt`; a model whose rotary frequencies follow
-    each pass's length gets a salt of its own cache's, matched by no other)."""
+    each pass's length gets a salt of its own cache's, matched by no other).
+    ``cuda_graphs`` (a GPU pool): decode passes replayed from CUDA graphs
+    (`kvpager.hf.cache_graphs`; True: this cache's own, captured at its first
+    decode pass; a `CapturedSteps`: kept across caches)."""
 
     #: a model's forward taken over (`kvpager.hf.taken_forward`) runs a pass given this cache through `_run`
     runs_passes = True
@@ -122,7 +129,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
     #: rejected drafts) leaves the next query's window held
     release_margin = 256
 
-    def __init__(self, model: Any, pool: Any, *, salt: str | bytes | None = None) -> None:
+    def __init__(self, model: Any, pool: Any, *, salt: str | bytes | None = None, cuda_graphs: Any = False) -> None:
         if Cache is None:
             import transformers
 
@@ -136,6 +143,9 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                 "classes: use kvpager.hf.generate, which holds them (kvpager.hf.recurrent)")
         windows = check_model(model, pool)
         salt = call_salt(model, salt, "PagedCache")
+        kept = isinstance(cuda_graphs, CapturedSteps)
+        if not kept:
+            check_graph_options(model, pool, cuda_graphs, False)
         # (K/V of frequencies that depend on the passes that computed them: this cache's own, and
         # no pass split in two, whose first would compute other frequencies: `early_prefix`)
         self._splits = pass_dependent(model)[0] is None
@@ -175,6 +185,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         self._step: _Step | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._graphs = CacheGraphs(self, cuda_graphs) if kept or cuda_graphs else None
         take_forward(model)
 
     # -- what transformers asks of a cache
@@ -267,6 +278,8 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             self._closed = True
             try:
                 self._free_rows()
+                if self._graphs is not None:
+                    self._graphs.close()
             finally:
                 give_forward(self.model)
 
@@ -306,7 +319,10 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                 if step.early is not None:  # (its blocks' K/V, for the cut pass's rows to read)
                     early, inputs = step.early
                     self._forward(forward, (), inputs, inputs["input_ids"].shape[1], early, input_ids.device)
-                out = self._forward(forward, args, kwargs, width, step.batch, input_ids.device)
+                if step.replay is not None:
+                    out = self._graphs.run(*step.replay)
+                else:
+                    out = self._forward(forward, args, kwargs, width, step.batch, input_ids.device)
             except BaseException:
                 self._undo(step)
                 raise
@@ -397,6 +413,14 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                                             [tokens[r][real[r]].tolist() for r in held])
                 step.appended = True
                 parts.update(zip(held, appended))
+            if self._graphs is not None and not first and keep == 1 and width == 1 and real.all():
+                positions = named.get("position_ids")
+                if positions is None or positions.ndim == 2:  # (a row's positions on one axis)
+                    positions = torch.full((rows, 1), self._columns, device=input_ids.device) \
+                        if positions is None else positions
+                    step.replay = ([self.seq_ids[r] for r in live], input_ids, positions,
+                                   np.concatenate([parts[r] for r in live]), int((self._lens + 1).max()))
+                    return step
             cut = cached_tail.cut(named, real, counts, cached, keep, self._columns)
             fed = counts if cut is None else cut.fed
             step.cut = None if cut is None else cut.inputs
