@@ -103,15 +103,16 @@ def test_a_shared_prompt_not_yet_cached_is_written_once_first(family, kw):
         pool.close()
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt_oss"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
 @pytest.mark.parametrize("kw", [dict(do_sample=False), dict(num_beams=3, do_sample=False),
                                 dict(do_sample=True, top_k=20, num_return_sequences=2)],
                          ids=["greedy", "beams", "sampled"])
 def test_decode_passes_replayed_from_cuda_graphs_give_transformers_tokens(family, kw):
     """cuda_graphs: a PagedCache's decode passes replayed from captured steps give the
-    tokens of transformers' own cache (windows' blocks given back meanwhile: Mistral);
-    steps kept in a CapturedSteps serve a second cache (on prefix hits) without
-    capturing again."""
+    tokens of transformers' own cache (windows' blocks given back meanwhile: Mistral;
+    soft caps: Gemma-2); steps kept in a CapturedSteps serve a second cache (on prefix
+    hits) without capturing again. (GPT-OSS's float32 experts read the host: a step
+    that cannot be captured, refused by name as `PagedGeneration` refuses it.)"""
     from kvpager.hf import CapturedSteps
 
     model = make_model(family, **GPU_SIZES, **FAMILIES.get(family, {})).cuda()
