@@ -19,7 +19,8 @@ with the log-softmax of one plain forward pass (every token from the second,
 within 1e-3), `kvpager.hf.beam_search` with transformers' beams (2 beams,
 5 new tokens; where transformers' own beam search runs for the type), and
 transformers' ``generate`` on a `kvpager.hf.PagedCache` with the same on its
-own cache (each prompt alone). Each
+own cache (each prompt alone, twice; then a batch of three rows sharing 200
+tokens, one row given twice). Each
 type runs in a process of its own, under a time limit. Outcomes:
 
 - ``match``: transformers' tokens, scores and beams (the detail says what was
@@ -128,7 +129,7 @@ def one_draw(model_type: str, variant: str, draw: int) -> dict:
     except Exception as e:  # noqa: BLE001
         return {**row, "outcome": "no reference", "detail": f"{type(e).__name__}: {e}"}
     try:
-        pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+        pool = KVPool(spec_for_model(model, num_blocks=128, block_size=8))
         out = generate(model, pool, prompts, 8, eos_token_id=None)
     except Exception as e:  # noqa: BLE001 - a refusal: what it says is the detail
         return {**row, "outcome": "refused", "detail": f"{type(e).__name__}: {e}"}
@@ -188,8 +189,8 @@ def also_served(model, pool, prompts: list[list[int]]) -> tuple[str, str]:
 def through_paged_cache(model, pool, prompts: list[list[int]]) -> tuple[str, str]:
     """transformers' own greedy ``generate`` on a `kvpager.hf.PagedCache` against the same on
     its default cache, each prompt alone (8 new tokens), twice: the second on its own blocks
-    cached by the first (the prompt pass cut to the uncached tail): (what differs, what was
-    refused)."""
+    cached by the first (the prompt pass cut to the uncached tail); then a batch of rows sharing
+    200 tokens not yet cached, one of them twice: (what differs, what was refused)."""
     import torch
 
     from kvpager.hf import PagedCache
@@ -207,6 +208,16 @@ def through_paged_cache(model, pool, prompts: list[list[int]]) -> tuple[str, str
                         got.append(model.generate(ids, max_new_tokens=8, do_sample=False, num_beams=1,
                                                   **{name: cache})[0, len(p):].tolist())
                 want.append(want[-1])
+        # a batch: rows sharing 200 tokens no call has seen (written first, once: `early_prefix`),
+        # the first row given twice (run once: `repeated_rows`)
+        a = prompts[0]
+        shared = (a * (200 // len(a) + 1))[:200]
+        ids = torch.tensor([shared + a, shared + a[::-1], shared + a])
+        with torch.no_grad():
+            want.append(model.generate(ids, max_new_tokens=8, do_sample=False, num_beams=1)[:, ids.shape[1]:].tolist())
+            with PagedCache(model, pool) as cache:
+                got.append(model.generate(ids, max_new_tokens=8, do_sample=False, num_beams=1,
+                                          **{name: cache})[:, ids.shape[1]:].tolist())
     except Exception as e:  # noqa: BLE001 - a refusal: said, not a mismatch
         return "", f"PagedCache refused: {type(e).__name__}: {e}"
     return ("" if got == want else f"PagedCache: {got} transformers {want}"), ""
