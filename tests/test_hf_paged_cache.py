@@ -263,17 +263,25 @@ def test_reorder_and_select_fork_and_free(model):
 
 
 def test_through_a_daemon_client(model):
-    """A daemon `Client` as the pool: transformers' tokens, nothing left held after close."""
+    """A daemon `Client` as the pool: transformers' tokens (beams; a batch sharing 256
+    tokens not yet cached, written first, one row given twice), nothing left held after close."""
     pytest.importorskip("zmq")
     from daemon_helpers import running_server
+    from test_hf_paged_cache_tails import batch, widths_of
 
     from kvpager.client import Client
 
     spec = spec_for_model(model, num_blocks=256, block_size=8)
     ids, mask = padded_batch(2)
+    shared, shared_mask = batch((3, 13, 9), system=256)
+    shared, shared_mask = torch.cat([shared, shared[:1]]), torch.cat([shared_mask, shared_mask[:1]])
     with running_server(spec, heartbeat_timeout=60) as server, Client(server.endpoint) as c:
         ref, out = both(model, c, ids, mask, max_new_tokens=10, num_beams=2, do_sample=False)
         assert torch.equal(ref, out)
+        (ref, out), widths = widths_of(model, lambda: both(model, c, shared, shared_mask, max_new_tokens=6,
+                                                           do_sample=False))
+        assert torch.equal(ref, out)
+        assert widths[6:8] == [256, 13], widths  # (after transformers' own 6 passes)
         assert c.stats().num_sequences == 0
         c.check_integrity()
 
