@@ -137,3 +137,25 @@ def test_decode_passes_replayed_from_cuda_graphs_give_transformers_tokens(family
     finally:
         steps.close()
         pool.close()
+
+
+def test_captured_steps_of_another_model_or_pool_are_refused_before_anything_is_taken():
+    """cuda_graphs: CapturedSteps of another pool, compiled ones, or closed ones are
+    refused when the cache is made (not at its first decode pass), the model untouched."""
+    from kvpager.errors import InvalidArgument
+    from kvpager.hf import CapturedSteps
+    from kvpager.hf.paged_cache import open_caches
+
+    model = make_model("llama", **GPU_SIZES).cuda()
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=16), device="cuda:0")
+    other = KVPool(spec_for_model(model, num_blocks=64, block_size=16), device="cuda:0")
+    try:
+        closed = CapturedSteps(model, pool)
+        closed.close()
+        for steps, match in ((CapturedSteps(model, other), "another model or pool"), (closed, "closed")):
+            with pytest.raises(InvalidArgument, match=match):
+                PagedCache(model, pool, cuda_graphs=steps)
+            assert "forward" not in model.__dict__ and open_caches(model) == 0
+    finally:
+        other.close()
+        pool.close()

@@ -29,8 +29,14 @@ class CacheGraphs:
     `DecodeGraphs` grows them)."""
 
     def __init__(self, cache: Any, cuda_graphs: Any) -> None:
-        if isinstance(cuda_graphs, CapturedSteps) and cuda_graphs.compile:
-            raise InvalidArgument("PagedCache replays uncompiled steps: pass CapturedSteps made without compile")
+        if isinstance(cuda_graphs, CapturedSteps):  # (said now, not at the first decode pass)
+            if cuda_graphs.model is not cache.model or cuda_graphs.pool is not cache.pool:
+                raise InvalidArgument("cuda_graphs: these CapturedSteps were made for another model or pool; "
+                                      "make them for this one")
+            if cuda_graphs.compile:
+                raise InvalidArgument("PagedCache replays uncompiled steps: pass CapturedSteps made without compile")
+            if cuda_graphs.closed:
+                raise InvalidArgument("cuda_graphs: these CapturedSteps are closed; make new ones")
         self.cache = cache
         self._kept = cuda_graphs if isinstance(cuda_graphs, CapturedSteps) else None
         self._graphs: DecodeGraphs | None = None
