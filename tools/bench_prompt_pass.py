@@ -53,7 +53,7 @@ CASES = {
 
 def prompts(case: str, batch: int, shared: int, own: int, vocab: int, system: torch.Tensor) -> torch.Tensor:
     """A call's input ids: fresh own tokens (and a fresh system prompt where the case wants one)."""
-    device = e2e_paths.pool_device().split(":")[0]
+    device = e2e_paths.DEVICE
     if case.startswith("shared"):
         system = system if case == "shared cached" else torch.randint(2, vocab, (shared,), device=device)
         return torch.cat([system.expand(batch, shared), torch.randint(2, vocab, (batch, own), device=device)], 1)
@@ -92,7 +92,7 @@ def main() -> None:
     bs = 16
     blocks = 4 * args.batch * -(-(args.shared + args.own + bs) // bs) + 64
     pool = KVPool(spec_for_model(model, num_blocks=blocks, block_size=bs), device=e2e_paths.pool_device())
-    system = torch.randint(2, vocab, (args.shared,), device=e2e_paths.pool_device().split(":")[0])
+    system = torch.randint(2, vocab, (args.shared,), device=e2e_paths.DEVICE)
     print(f"# {shape}, batch {args.batch}, {args.shared} + {args.own} tokens a prompt, "
           f"{e2e_paths.card(args.device)}, {datetime.date.today()}")
     print("| case | hf generate ms | generate PagedCache ms | ratio | KV MiB hf / PagedCache |")

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from kvpager.errors import InvalidArgument
 from kvpager.hf.attention import PagedBatch
@@ -52,8 +53,6 @@ class CacheGraphs:
         """A decode pass of ``seq_ids`` (``input_ids`` and ``position_ids`` [rows, 1],
         their K/V to ``slots``; the longest row then ``longest`` tokens) replayed: the
         model's output, its logits [rows, 1, vocab]."""
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
         c = self.cache
         if self._graphs is None:
             width = graph_width(c.pool, 2 * longest)

@@ -36,17 +36,14 @@ def early_tokens(tables: np.ndarray, cached: np.ndarray, written: np.ndarray, bl
     tokens each, those in blocks some row of the pass fills included): the tokens
     it must have written before the others' tails run, ``cached`` where none.
     ``written``: the blocks the pass writes (its slots' blocks)."""
-    read = np.zeros(tables.shape, dtype=bool)  # blocks rows read as cached that the pass writes
-    for r, n in enumerate(cached // block_size):
-        read[r, :n] = np.isin(tables[r, :n], written)
-    early = np.unique(tables[read])
-    upto = cached.copy()
-    for r in range(len(tables)):
-        j = int(cached[r]) // block_size
-        while j < tables.shape[1] and np.isin(tables[r, j], early):
-            j += 1
-        upto[r] = max(int(cached[r]), j * block_size)
-    return upto
+    columns = np.arange(tables.shape[1])
+    first = cached // block_size  # each row's first block of its own, after those it reads as cached
+    cached_part = columns[None, :] < first[:, None]
+    read = tables[cached_part & np.isin(tables, written)]  # blocks rows read as cached that the pass writes
+    # each row writes early its own blocks from its first one on, while others read them
+    unread = ~cached_part & ~np.isin(tables, read)
+    stop = np.where(unread, columns[None, :], tables.shape[1]).min(axis=1)
+    return np.maximum(cached, stop * block_size)
 
 
 def worth_it(rows: int, early: np.ndarray, tails: np.ndarray, whole: np.ndarray) -> bool:

@@ -67,19 +67,13 @@ from kvpager.hf.compiled import running
 from kvpager.hf.eager import TORCH_DTYPES
 from kvpager.hf.fed_positions import own_salt, placed
 from kvpager.hf.graphs import CapturedSteps, check_graph_options
-from kvpager.hf.model import (
-    has_recurrent_layers,
-    layer_fit,
-    layer_map,
-    temperature_tuned,
-    text_config,
-)
+from kvpager.hf.model import has_recurrent_layers, layer_fit, layer_map, text_config
 from kvpager.hf.padding import new_columns
 from kvpager.hf.paged_layer import PagedLayer
 from kvpager.hf.rope import pass_dependent
 from kvpager.hf.row_forks import continue_rows
 from kvpager.hf.salt import call_salt
-from kvpager.hf.switching import paged_attention
+from kvpager.hf.switching import paged_attention, tuned_modules
 from kvpager.hf.taken_forward import give_forward, open_caches, take_forward  # noqa: F401
 from kvpager.hf.windows import layer_chunks
 from kvpager.spec import dtype_name
@@ -159,7 +153,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         self._chunks = layer_chunks(model, pool.spec.block_size)
         self._fit = layer_fit(model)
         # layers that scale their queries by position (Llama-4's NoPE layers) read each pass's positions
-        self._tuned = any(temperature_tuned(m) for m in model.modules())
+        self._tuned = bool(tuned_modules(model))
         # layers that reuse an earlier layer's K/V attend with every query of the plan: a forward
         # that would cut their inputs to the kept logits' positions (Gemma-4's, for an int
         # logits_to_keep) is handed those positions as indices instead, which it does not cut by

@@ -61,12 +61,20 @@ def _untune(model: torch.nn.Module) -> list[torch.nn.Module]:
     floor_scale) for kvpager to apply (`write_attend`). Returns the modules
     (found at the model's first switch, then kept on it: a walk over an 8B
     model's modules would cost each pass a tenth of a millisecond)."""
-    tuned = model.__dict__.get("_kvpager_tuned")
-    if tuned is None:
-        tuned = model.__dict__["_kvpager_tuned"] = [m for m in model.modules() if temperature_tuned(m)]
+    tuned = tuned_modules(model)
     for m in tuned:
         m.attn_temperature_tuning = False
         m._kvpager_tuning = (float(m.attn_scale), float(m.floor_scale))
+    return tuned
+
+
+def tuned_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """``model``'s modules that scale their queries by position themselves
+    (`kvpager.hf.model.temperature_tuned`: Llama-4's NoPE layers), found at the
+    first call and then kept on the model."""
+    tuned = model.__dict__.get("_kvpager_tuned")
+    if tuned is None:
+        tuned = model.__dict__["_kvpager_tuned"] = [m for m in model.modules() if temperature_tuned(m)]
     return tuned
 
 
