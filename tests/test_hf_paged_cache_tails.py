@@ -40,14 +40,31 @@ def batch(owns: tuple[int, ...], seed: int = 5, system: int = SYSTEM):
     return ids, mask
 
 
-def widths_of(model, run):
-    """(what ``run()`` returns, the token columns of each pass the model ran in it)."""
-    widths = []
-    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: widths.append(i[0].shape[-1]))
+def shapes_of(model, run):
+    """(what ``run()`` returns, the (rows, token columns) of each pass the model ran in it)."""
+    shapes = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
     try:
-        return run(), widths
+        return run(), shapes
     finally:
         hook.remove()
+
+
+def widths_of(model, run):
+    """(what ``run()`` returns, the token columns of each pass the model ran in it)."""
+    out, shapes = shapes_of(model, run)
+    return out, [w for _, w in shapes]
+
+
+def seeded(model, ids, mask, kw, pool=None, new=10):
+    """(``generate``'s tokens from torch seed 3, on transformers' own cache or on a
+    PagedCache over ``pool``; the pool's blocks in use at its end, before the cache closes)."""
+    torch.manual_seed(3)
+    if pool is None:
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, **kw), None
+    with PagedCache(model, pool) as cache:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, **cache_kw(model, cache), **kw)
+        return out, pool.stats().used_blocks
 
 
 @pytest.mark.parametrize("kw", [dict(do_sample=False), dict(do_sample=True, top_k=20), dict(num_beams=3, do_sample=False)],
@@ -62,16 +79,8 @@ def test_prefix_hits_run_the_uncached_tails_alone(model, kw):
     with PagedCache(model, pool) as cache:  # caches the system prompt (whole passes: nothing cached yet)
         model.generate(input_ids=ids[:1, -SYSTEM - 1:], attention_mask=mask[:1, -SYSTEM - 1:], max_new_tokens=1,
                        do_sample=False, **cache_kw(model, cache))
-    torch.manual_seed(3)
-    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, **kw)
-
-    def paged():
-        torch.manual_seed(3)
-        with PagedCache(model, pool) as cache:
-            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10,
-                                  **cache_kw(model, cache), **kw)
-
-    out, widths = widths_of(model, paged)
+    ref, _ = seeded(model, ids, mask, kw)
+    (out, _), widths = widths_of(model, lambda: seeded(model, ids, mask, kw, pool))
     assert torch.equal(ref, out)
     assert widths[0] == 13, widths
     assert_released(pool)
@@ -132,16 +141,6 @@ def test_a_cut_pass_of_padded_rows_counts_as_padded(model):
     assert_released(pool)
 
 
-def rows_of(model, run):
-    """(what ``run()`` returns, the rows of each pass the model ran in it)."""
-    rows = []
-    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
-    try:
-        return run(), rows
-    finally:
-        hook.remove()
-
-
 @pytest.mark.parametrize("kw,again", [
     (dict(num_beams=3, do_sample=False), False),
     (dict(do_sample=True, top_k=20, num_return_sequences=3), False),
@@ -158,22 +157,14 @@ def test_repeated_rows_run_once(model, kw, again):
     ids, mask = batch((3, 13))
     if again:
         ids, mask = torch.cat([ids, ids[:1]]), torch.cat([mask, mask[:1]])
-    torch.manual_seed(3)
-    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, **kw)
-
-    def paged(new=10, pool=pool):
-        torch.manual_seed(3)
-        with PagedCache(model, pool) as cache:
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
-                                 **cache_kw(model, cache), **kw)
-            return out, pool.stats().used_blocks
-
-    (out, _), rows = rows_of(model, paged)
+    ref, _ = seeded(model, ids, mask, kw)
+    (out, _), shapes = shapes_of(model, lambda: seeded(model, ids, mask, kw, pool))
+    rows = [r for r, _ in shapes]
     assert torch.equal(ref, out)
     assert rows[0] == 2 and set(rows[1:]) == {len(ref) if "num_beams" not in kw
                                                     else len(ids) * kw["num_beams"]}, rows
     assert_released(pool)
-    _, held = paged(new=1, pool=pool_for(model, 512))  # the prompt's pass alone, on a pool of nothing cached
+    _, held = seeded(model, ids, mask, kw, pool_for(model, 512), new=1)  # the prompt's pass alone, nothing cached
     assert held == 6
 
 
@@ -187,22 +178,13 @@ def test_a_batch_sharing_a_prompt_not_yet_cached_writes_it_once_first(model, kw)
     transformers'. Every block is written once: the blocks held are one system prompt's."""
     pool = pool_for(model, 512)
     ids, mask = batch((3, 13, 9), system=256)
-    torch.manual_seed(3)
-    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, **kw)
-
-    def paged():
-        torch.manual_seed(3)
-        with PagedCache(model, pool) as cache:
-            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10,
-                                  **cache_kw(model, cache), **kw)
-
-    (out, widths), rows = rows_of(model, lambda: widths_of(model, paged))
+    ref, _ = seeded(model, ids, mask, kw)
+    (out, _), shapes = shapes_of(model, lambda: seeded(model, ids, mask, kw, pool))
     assert torch.equal(ref, out)
-    assert widths[:2] == [256, 13] and rows[:2] == [1, 3], (widths, rows)
+    assert shapes[:2] == [(1, 256), (3, 13)], shapes
     assert_released(pool)
-    with PagedCache(model, pool_for(model, 512)) as cache:  # the prompt's pass alone, on a pool of nothing cached
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False, **cache_kw(model, cache))
-        assert cache.pool.stats().used_blocks == 32 + 1 + 2 + 2  # the system's 32 blocks; the rows' own
+    _, held = seeded(model, ids, mask, dict(do_sample=False), pool_for(model, 512), new=1)  # the prompt's pass alone
+    assert held == 32 + 1 + 2 + 2  # the system's 32 blocks; the rows' own
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
