@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import inspect
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -237,4 +238,27 @@ def test_a_failed_pass_that_allocated_a_row_frees_it_again(model):
             pool.check_integrity()
     finally:
         handle.remove()
+    assert_released(pool)
+
+
+def test_decode_passes_append_every_row_in_one_packed_call(model, monkeypatch):
+    """A pass after the first whose every row gets every column (``generate``'s decode
+    passes) appends all its rows in one call, their ids packed [rows, 1] (the allocator's
+    decode step), not a list a row; the tokens stay transformers'."""
+    pool = pool_for(model)
+    ids, mask = padded_batch(3)
+    calls = []
+    for name in ("append", "append_flat"):
+        def counted(*args, _orig=getattr(pool, name), _name=name, **kw):
+            calls.append((_name, args, kw))
+            return _orig(*args, **kw)
+        monkeypatch.setattr(pool, name, counted)
+    ref, out = both(model, pool, ids, mask, max_new_tokens=6, do_sample=False)
+    assert out.tolist() == ref.tolist()
+    assert len(calls) == 5  # (the first pass allocates)
+    for name, args, kw in calls:
+        seq_ids, count, tokens = args
+        assert name == "append_flat" and count == 1 and len(seq_ids) == 3
+        assert isinstance(tokens, np.ndarray) and tokens.shape == (3, 1)
+    assert [c[1][2][:, 0].tolist() for c in calls] == out[:, PROMPT:PROMPT + 5].T.tolist()
     assert_released(pool)

@@ -376,7 +376,10 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             raise InvalidArgument(f"PagedCache holds {len(self.seq_ids)} rows, and this pass has {rows} "
                                   "(rows change between passes through reorder_cache / batch_select_indices)")
         live = np.flatnonzero(counts)
-        fresh = [int(r) for r in live if self.seq_ids[r] is None]
+        # (a pass after the first whose every row holds a sequence and gets every column: a decode
+        # pass; one packed append, no per-row work)
+        uniform = not first and None not in self.seq_ids and bool(real.all())
+        fresh = [] if uniform else [int(r) for r in live if self.seq_ids[r] is None]
         at = placed(named.get("position_ids"), real, self._lens, self._columns, self._takes_positions)
         step = _Step(None, live, counts[live], width, first, fresh, at, padded=not real.all())
         try:
@@ -401,26 +404,32 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                 early = self._early(named, real, counts, cached, parts, fresh, keep)
                 if early is not None:
                     step.early, cached = early
-            held = [int(r) for r in live if r not in parts]
-            if held:
-                appended = self.pool.append([self.seq_ids[r] for r in held], counts[held].tolist(),
-                                            [tokens[r][real[r]].tolist() for r in held])
+            if uniform:
+                ids = list(self.seq_ids)
+                flat = self.pool.append_flat(ids, width, tokens)
                 step.appended = True
-                parts.update(zip(held, appended))
-            if self._graphs is not None and not first and keep == 1 and width == 1 and real.all():
-                positions = named.get("position_ids")
-                if positions is None or positions.ndim == 2:  # (a row's positions on one axis)
-                    positions = torch.full((rows, 1), self._columns, device=input_ids.device) \
-                        if positions is None else positions
-                    step.replay = ([self.seq_ids[r] for r in live], input_ids, positions,
-                                   np.concatenate([parts[r] for r in live]), int((self._lens + 1).max()))
-                    return step
-            cut = cached_tail.cut(named, real, counts, cached, keep, self._columns)
-            fed = counts if cut is None else cut.fed
-            step.cut = None if cut is None else cut.inputs
-            ids = [self.seq_ids[r] for r in live]
-            plan = self._plans.plan(ids, fed[live], np.concatenate([parts[r][len(parts[r]) - fed[r]:] for r in live]),
-                                    int((self._lens[live] + counts[live]).max()))
+                if self._graphs is not None and keep == 1 and width == 1:
+                    positions = named.get("position_ids")
+                    if positions is None or positions.ndim == 2:  # (a row's positions on one axis)
+                        positions = torch.full((rows, 1), self._columns, device=input_ids.device) \
+                            if positions is None else positions
+                        step.replay = (ids, input_ids, positions, flat, int(self._lens.max()) + 1)
+                        return step
+                cut = None  # (no row holds cached tokens it is fed again)
+                plan = self._plans.plan(ids, counts, flat, int(self._lens.max()) + width)
+            else:
+                held = [int(r) for r in live if r not in parts]
+                if held:
+                    appended = self.pool.append([self.seq_ids[r] for r in held], counts[held].tolist(),
+                                                [tokens[r][real[r]].tolist() for r in held])
+                    step.appended = True
+                    parts.update(zip(held, appended))
+                cut = cached_tail.cut(named, real, counts, cached, keep, self._columns)
+                fed = counts if cut is None else cut.fed
+                step.cut = None if cut is None else cut.inputs
+                plan = self._plans.plan([self.seq_ids[r] for r in live], fed[live],
+                                        np.concatenate([parts[r][len(parts[r]) - fed[r]:] for r in live]),
+                                        int((self._lens[live] + counts[live]).max()))
         except BaseException:
             self._undo(step)
             raise
