@@ -50,18 +50,17 @@ from __future__ import annotations
 import inspect
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from kvpager.batch_calls import free_all
 from kvpager.errors import InvalidArgument, UnsupportedConfiguration, UnsupportedModel
 from kvpager.hf import cached_tail, early_prefix, repeated_rows
 from kvpager.hf.attention import PagedBatch
 from kvpager.hf.cache_graphs import CacheGraphs
 from kvpager.hf.cache_plans import CachePlans
+from kvpager.hf.cache_rows import CacheRows, Step
 from kvpager.hf.checks import check_layers_ran, check_model, check_model_and_pool
 from kvpager.hf.compiled import running
 from kvpager.hf.eager import TORCH_DTYPES
@@ -71,7 +70,6 @@ from kvpager.hf.model import has_recurrent_layers, layer_fit, layer_map, text_co
 from kvpager.hf.padding import new_columns
 from kvpager.hf.paged_layer import PagedLayer
 from kvpager.hf.rope import pass_dependent
-from kvpager.hf.row_forks import continue_rows
 from kvpager.hf.salt import call_salt
 from kvpager.hf.switching import paged_attention, tuned_modules
 from kvpager.hf.taken_forward import give_forward, open_caches, take_forward  # noqa: F401
@@ -82,26 +80,6 @@ try:  # transformers 4.56 on: a cache is a list of layers
     from transformers.cache_utils import Cache
 except ImportError:  # pragma: no cover - older releases
     Cache = None
-
-
-@dataclass
-class _Step:
-    """One pass's changes to the cache's sequences, undone if the pass fails."""
-
-    batch: PagedBatch | None
-    rows: np.ndarray  # the rows that got tokens
-    counts: np.ndarray  # their new tokens
-    columns: int  # the pass's width (pads included)
-    first: bool  # the cache held no rows before the pass
-    fresh: list[int]  # rows whose sequences the pass allocated (their first tokens)
-    placed: np.ndarray  # per row of the pass: its tokens at their positions in its sequence
-    appended: bool = False  # the other rows' tokens were appended
-    cut: dict[str, Any] | None = None  # the keywords of the pass cut to its rows' uncached tails (`cached_tail`)
-    padded: bool = False  # the pass had padding (its columns hold other counts of tokens a row)
-    #: a first pass run in two (`early_prefix`): the first's batch and keywords
-    early: tuple[PagedBatch, dict[str, Any]] | None = None
-    #: a decode pass replayed from CUDA graphs (`cache_graphs`): `CacheGraphs.run`'s arguments
-    replay: tuple[Any, ...] | None = None
 
 
 class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
@@ -163,20 +141,11 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         self._takes_positions = "position_ids" in self._signature.parameters
         self._dtype = TORCH_DTYPES[dtype_name(pool.spec.dtype)]
         self._device = torch.device(str(getattr(pool, "device", "cpu")))
-        self.seq_ids: list[int] = []  # a sequence a row
-        self._lens = np.zeros(0, dtype=np.int64)  # the tokens each row's sequence holds
         # a model whose every layer has a sliding window: each row's blocks before the positions no
         # later query reads (past `release_margin` tokens more, for crops) given back after each pass
-        self._reach = max(windows) if windows and None not in windows and hasattr(pool, "release_before") else None
-        self._floors = np.zeros(0, dtype=np.int64)  # each row's first position still held
-        # rows that were fed a token at a position other than its index in the row's sequence: their
-        # K/V are theirs alone (this cache's tokens still transformers'), never committed for others
-        self._own = np.zeros(0, dtype=bool)
-        self._columns = 0  # the tokens each row was fed, pads included: transformers' cache length
-        self._first_columns = 0  # the first pass's width
-        self._padded = False  # whether a pass after the first had padding (no crop across it)
-        self._first_padded = False
-        self._step: _Step | None = None
+        reach = max(windows) if windows and None not in windows and hasattr(pool, "release_before") else None
+        self._rows = CacheRows(pool, reach)
+        self._step: Step | None = None
         self._lock = threading.Lock()
         self._closed = False
         self._graphs = CacheGraphs(self, cuda_graphs) if kept or cuda_graphs else None
@@ -186,19 +155,24 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """The tokens each row was fed, pads included (what a DynamicCache's length counts)."""
-        return self._columns
+        return self._rows.columns
 
     def get_mask_sizes(self, query_length: Any, layer_idx: int = 0) -> tuple[int, int]:
         # (before transformers 5.10 the pass's cache positions, whose count is its length)
         if isinstance(query_length, torch.Tensor):
             query_length = query_length.shape[0]
-        return self._columns + query_length, 0
+        return self._rows.columns + query_length, 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:  # (its name before transformers 5.15)
         return -1
+
+    @property
+    def seq_ids(self) -> list[int | None]:
+        """Each row's sequence in the pool (None: a row not yet fed a token)."""
+        return self._rows.seq_ids
 
     @property
     def batch_size(self) -> int:
@@ -233,27 +207,12 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         if type(tokens_to_remove) is not int:
             raise InvalidArgument(f"crop: pass an int (negative: the tokens to remove from every row; positive: "
                                   f"the length to keep), got {tokens_to_remove!r}")
-        cut = -tokens_to_remove if tokens_to_remove <= 0 else max(self._columns - tokens_to_remove, 0)
+        cut = -tokens_to_remove if tokens_to_remove <= 0 else max(self._rows.columns - tokens_to_remove, 0)
         if not cut:
             return
         with self._lock:
             self._check_open("crop")
-            if cut > self._columns:
-                raise InvalidArgument(f"crop: the cache holds {self._columns} tokens a row, cannot remove {cut}")
-            if self._padded or None in self.seq_ids or (self._first_padded
-                                                        and cut > self._columns - self._first_columns):
-                raise InvalidArgument("crop: the columns to remove hold padding of some rows (a padded pass), "
-                                      "so rows would lose different token counts: not supported")
-            if cut == self._columns:
-                self._free_rows()
-                return
-            if self._reach is not None and (self._lens - cut - self._reach + 1 < self._floors).any():
-                raise InvalidArgument(f"crop: {cut} tokens reach back past the blocks given back behind the "
-                                      f"sliding windows (release_margin {self.release_margin}): the next query's "
-                                      "window would read positions no longer held")
-            self.pool.truncate(self.seq_ids, (self._lens - cut).tolist())
-            self._lens -= cut
-            self._columns -= cut
+            self._rows.crop(cut, self.release_margin)
 
     def reset(self) -> None:
         """Free every row's sequence: the cache is empty again (open)."""
@@ -284,7 +243,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self.seq_ids)} rows, {self._columns} tokens a row"
+        state = "closed" if self._closed else f"{len(self.seq_ids)} rows, {self._rows.columns} tokens a row"
         return f"PagedCache({type(self.model).__name__}, {state})"
 
     # -- a forward pass
@@ -318,11 +277,11 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                 else:
                     out = self._forward(forward, args, kwargs, width, step.batch, input_ids.device)
             except BaseException:
-                self._undo(step)
+                self._rows.undo(step)
                 raise
             finally:
                 self._step = None
-            self._done(step)
+            self._rows.done(step, self.release_margin)
             return out if again is None else self._repeat(out, again)
         finally:
             self._lock.release()
@@ -350,7 +309,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                 "of its submodules, nor to another model)")
         return key, value
 
-    def _begin(self, named: dict[str, Any], keep: int | None) -> _Step:
+    def _begin(self, named: dict[str, Any], keep: int | None) -> Step:
         """The pass's sequences allocated or appended, and its plan. ``keep``: the
         positions whose logits the pass keeps, where it may be cut to its rows'
         uncached tails (`cached_tail`: done where a row of it has cached tokens)."""
@@ -368,10 +327,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         counts = real.sum(axis=1)
         first = not self.seq_ids
         if first:  # a row a sequence, allocated with the pass that brings its first tokens
-            self.seq_ids = [None] * rows  # type: ignore[list-item]
-            self._lens = np.zeros(rows, dtype=np.int64)
-            self._floors = np.zeros(rows, dtype=np.int64)
-            self._own = np.zeros(rows, dtype=bool)
+            self._rows.start(rows)
         elif rows != len(self.seq_ids):
             raise InvalidArgument(f"PagedCache holds {len(self.seq_ids)} rows, and this pass has {rows} "
                                   "(rows change between passes through reorder_cache / batch_select_indices)")
@@ -380,8 +336,8 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         # pass; one packed append, no per-row work)
         uniform = not first and None not in self.seq_ids and bool(real.all())
         fresh = [] if uniform else [int(r) for r in live if self.seq_ids[r] is None]
-        at = placed(named.get("position_ids"), real, self._lens, self._columns, self._takes_positions)
-        step = _Step(None, live, counts[live], width, first, fresh, at, padded=not real.all())
+        at = placed(named.get("position_ids"), real, self._rows.lens, self._rows.columns, self._takes_positions)
+        step = Step(None, live, counts[live], width, first, fresh, at, padded=not real.all())
         try:
             if not len(live):
                 raise InvalidArgument("PagedCache: a pass whose every token is padding (attention_mask 0)")
@@ -411,12 +367,12 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                 if self._graphs is not None and keep == 1 and width == 1:
                     positions = named.get("position_ids")
                     if positions is None or positions.ndim == 2:  # (a row's positions on one axis)
-                        positions = torch.full((rows, 1), self._columns, device=input_ids.device) \
+                        positions = torch.full((rows, 1), self._rows.columns, device=input_ids.device) \
                             if positions is None else positions
-                        step.replay = (ids, input_ids, positions, flat, int(self._lens.max()) + 1)
+                        step.replay = (ids, input_ids, positions, flat, int(self._rows.lens.max()) + 1)
                         return step
                 cut = None  # (no row holds cached tokens it is fed again)
-                plan = self._plans.plan(ids, counts, flat, int(self._lens.max()) + width)
+                plan = self._plans.plan(ids, counts, flat, int(self._rows.lens.max()) + width)
             else:
                 held = [int(r) for r in live if r not in parts]
                 if held:
@@ -424,14 +380,14 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                                                 [tokens[r][real[r]].tolist() for r in held])
                     step.appended = True
                     parts.update(zip(held, appended))
-                cut = cached_tail.cut(named, real, counts, cached, keep, self._columns)
+                cut = cached_tail.cut(named, real, counts, cached, keep, self._rows.columns)
                 fed = counts if cut is None else cut.fed
                 step.cut = None if cut is None else cut.inputs
                 plan = self._plans.plan([self.seq_ids[r] for r in live], fed[live],
                                         np.concatenate([parts[r][len(parts[r]) - fed[r]:] for r in live]),
-                                        int((self._lens[live] + counts[live]).max()))
+                                        int((self._rows.lens[live] + counts[live]).max()))
         except BaseException:
-            self._undo(step)
+            self._rows.undo(step)
             raise
         step.batch = self._batch(plan, real, torch.arange(width, device=input_ids.device).expand(rows, width)) \
             if cut is None else self._batch(plan, cut.real, cut.columns)
@@ -445,7 +401,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         batch = PagedBatch(plan, self._dtype, self._device, self._windows, chunks=self._chunks,
                            layers=self._layer_map, fit=self._fit, real=index)
         if self._tuned:  # (positions as transformers counts them there: cache columns, pads included)
-            positions = (columns + self._columns).reshape(-1)
+            positions = (columns + self._rows.columns).reshape(-1)
             batch.positions = (positions if index is None else positions.index_select(0, index)).unsqueeze(0)
         return batch
 
@@ -471,57 +427,15 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             parts[r][:upto[r]] = -1
         return (self._batch(plan, kept, columns), inputs), upto
 
-    def _done(self, step: _Step) -> None:
-        """A pass ran: its tokens counted, the blocks it filled committed."""
-        before = self._lens[step.rows]
-        after = before + step.counts
-        self._lens[step.rows] = after
-        self._columns += step.columns
-        if step.first:
-            self._first_columns = step.columns
-            self._first_padded = step.padded
-        elif step.padded:
-            self._padded = True
-        self._own |= ~step.placed
-        size = self.pool.spec.block_size
-        filled = step.rows[(after // size > before // size) & ~self._own[step.rows]]
-        if len(filled):
-            self.pool.commit([self.seq_ids[r] for r in filled])
-        if self._reach is not None:
-            # the next query of a row sits at its length and reads positions after length - reach
-            upto = (after - self._reach + 1 - self.release_margin) // size * size
-            gone = step.rows[upto > self._floors[step.rows]]
-            if len(gone):
-                ends = upto[upto > self._floors[step.rows]]
-                self.pool.release_before([self.seq_ids[r] for r in gone], ends.tolist())
-                self._floors[gone] = ends
-
     def _repeat(self, out: Any, again: repeated_rows.Repeats) -> Any:
         """A first pass run over its distinct rows (`repeated_rows`): each row of the
         pass continues its distinct row (forks of it) and gets its logits."""
         try:
-            self._reorder(again.parents)
+            self._rows.reorder(again.parents)
         except BaseException:
             self._free_rows()
             raise
         return repeated_rows.repeated(out, again.index)
-
-    def _undo(self, step: _Step) -> None:
-        """Take back what `_begin` did for a pass that did not run."""
-        fresh = [s for r in step.fresh if (s := self.seq_ids[r]) is not None]
-        for r in step.fresh:
-            self.seq_ids[r] = None  # type: ignore[call-overload]
-        try:
-            if step.appended:
-                held = [int(r) for r in step.rows if int(r) not in step.fresh]
-                self.pool.truncate([self.seq_ids[r] for r in held], self._lens[held].tolist())
-        finally:
-            if step.first:
-                self.seq_ids = []
-                self._lens = np.zeros(0, dtype=np.int64)
-                self._floors = np.zeros(0, dtype=np.int64)
-                self._own = np.zeros(0, dtype=bool)
-            free_all(self.pool, fresh)
 
     def _select(self, parents: Any, what: str) -> None:
         """Row i becomes a continuation of row ``parents[i]``: the first row that
@@ -536,27 +450,11 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             if not isinstance(parents, list) or any(not 0 <= p < n for p in parents) or (n and not parents):
                 raise InvalidArgument(f"{what}: rows must be a 1-D list or tensor of ints in [0, {n})")
             if parents != list(range(n)):
-                self._reorder(parents)
-
-    def _reorder(self, parents: list[int]) -> None:
-        """`_select`'s work, under the cache's lock."""
-        new, _, gone = continue_rows(self.pool, self.seq_ids, parents)
-        self.seq_ids = new  # type: ignore[assignment]
-        self._lens = self._lens[parents]
-        self._floors = self._floors[parents]
-        self._own = self._own[parents]
-        free_all(self.pool, gone)
+                self._rows.reorder(parents)
 
     def _free_rows(self) -> None:
-        ids = [s for s in self.seq_ids if s is not None]
         self._plans.drop()
-        self.seq_ids = []
-        self._lens = np.zeros(0, dtype=np.int64)
-        self._floors = np.zeros(0, dtype=np.int64)
-        self._own = np.zeros(0, dtype=bool)
-        self._columns = self._first_columns = 0
-        self._padded = self._first_padded = False
-        free_all(self.pool, ids)
+        self._rows.free()
 
     def _check_open(self, what: str) -> None:
         if self._closed:

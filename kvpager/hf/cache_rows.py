@@ -1,0 +1,150 @@
+"""A `PagedCache`'s rows: a pool sequence a row, and what the cache counts of each.
+
+A row's sequence is allocated by the pass that brings the row's first tokens
+(None until then). Per row the cache keeps the tokens its sequence holds, its
+first position still held (blocks behind a sliding window are given back),
+and whether it was fed a token at a position other than its index (its K/V
+then its own, never committed for other callers' prompts); for the cache as a
+whole, the columns fed so far, pads included (transformers' cache length),
+and whether padding makes the rows' counts differ (no crop across it).
+
+`CacheRows` changes these only for a pass that ran (`done`: its tokens
+counted, the blocks it filled committed, those behind every window given
+back), takes back what a pass that did not run did (`undo`), and follows
+beam search's reorders (`reorder`: forks), crops and frees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kvpager.batch_calls import free_all
+from kvpager.errors import InvalidArgument
+from kvpager.hf.row_forks import continue_rows
+
+
+@dataclass
+class Step:
+    """One pass's changes to the cache's sequences, undone if the pass fails."""
+
+    batch: Any  # its `PagedBatch` (None for a replayed pass)
+    rows: np.ndarray  # the rows that got tokens
+    counts: np.ndarray  # their new tokens
+    columns: int  # the pass's width (pads included)
+    first: bool  # the cache held no rows before the pass
+    fresh: list[int]  # rows whose sequences the pass allocated (their first tokens)
+    placed: np.ndarray  # per row of the pass: its tokens at their positions in its sequence
+    appended: bool = False  # the other rows' tokens were appended
+    cut: dict[str, Any] | None = None  # the keywords of the pass cut to its rows' uncached tails (`cached_tail`)
+    padded: bool = False  # the pass had padding (its columns hold other counts of tokens a row)
+    #: a first pass run in two (`early_prefix`): the first's batch and keywords
+    early: tuple[Any, dict[str, Any]] | None = None
+    #: a decode pass replayed from CUDA graphs (`cache_graphs`): `CacheGraphs.run`'s arguments
+    replay: tuple[Any, ...] | None = None
+
+
+class CacheRows:
+    """The rows of a cache over ``pool``. ``reach``: where every layer of the model
+    has a sliding window (and the pool gives blocks back), the widest; else None."""
+
+    def __init__(self, pool: Any, reach: int | None) -> None:
+        self.pool, self.reach = pool, reach
+        self.clear()
+
+    def clear(self) -> None:
+        """No rows (their sequences not freed here: `free`)."""
+        self.seq_ids: list[int | None] = []  # a sequence a row
+        self.lens = np.zeros(0, dtype=np.int64)  # the tokens each row's sequence holds
+        self.floors = np.zeros(0, dtype=np.int64)  # each row's first position still held
+        self.own = np.zeros(0, dtype=bool)  # rows fed a token elsewhere than at its index
+        self.columns = 0  # the tokens each row was fed, pads included: transformers' cache length
+        self.first_columns = 0  # the first pass's width
+        self.padded = False  # whether a pass after the first had padding
+        self.first_padded = False
+
+    def start(self, rows: int) -> None:
+        """A first pass of ``rows`` rows: none has a sequence yet."""
+        self.seq_ids = [None] * rows
+        self.lens = np.zeros(rows, dtype=np.int64)
+        self.floors = np.zeros(rows, dtype=np.int64)
+        self.own = np.zeros(rows, dtype=bool)
+
+    def free(self) -> None:
+        """Free every row's sequence: no rows."""
+        ids = [s for s in self.seq_ids if s is not None]
+        self.clear()
+        free_all(self.pool, ids)
+
+    def crop(self, cut: int, margin: int) -> None:
+        """Cut the last ``cut`` tokens (> 0) of every row; ``margin``: the tokens held
+        past what the windows read (`PagedCache.release_margin`)."""
+        if cut > self.columns:
+            raise InvalidArgument(f"crop: the cache holds {self.columns} tokens a row, cannot remove {cut}")
+        if self.padded or None in self.seq_ids or (self.first_padded and cut > self.columns - self.first_columns):
+            raise InvalidArgument("crop: the columns to remove hold padding of some rows (a padded pass), "
+                                  "so rows would lose different token counts: not supported")
+        if cut == self.columns:
+            self.free()
+            return
+        if self.reach is not None and (self.lens - cut - self.reach + 1 < self.floors).any():
+            raise InvalidArgument(f"crop: {cut} tokens reach back past the blocks given back behind the "
+                                  f"sliding windows (release_margin {margin}): the next query's "
+                                  "window would read positions no longer held")
+        self.pool.truncate(self.seq_ids, (self.lens - cut).tolist())
+        self.lens -= cut
+        self.columns -= cut
+
+    def reorder(self, parents: list[int]) -> None:
+        """Row i becomes a continuation of row ``parents[i]``: the first row that
+        continues a sequence takes it, the others fork it, the sequences no row
+        continues are freed."""
+        new, _, gone = continue_rows(self.pool, self.seq_ids, parents)
+        self.seq_ids = new
+        self.lens = self.lens[parents]
+        self.floors = self.floors[parents]
+        self.own = self.own[parents]
+        free_all(self.pool, gone)
+
+    def done(self, step: Step, margin: int) -> None:
+        """A pass ran: its tokens counted, the blocks it filled committed, and (every
+        layer windowed) each row's blocks behind its window, past ``margin`` tokens, given back."""
+        before = self.lens[step.rows]
+        after = before + step.counts
+        self.lens[step.rows] = after
+        self.columns += step.columns
+        if step.first:
+            self.first_columns = step.columns
+            self.first_padded = step.padded
+        elif step.padded:
+            self.padded = True
+        self.own |= ~step.placed
+        size = self.pool.spec.block_size
+        filled = step.rows[(after // size > before // size) & ~self.own[step.rows]]
+        if len(filled):
+            self.pool.commit([self.seq_ids[r] for r in filled])
+        if self.reach is not None:
+            # the next query of a row sits at its length and reads positions after length - reach
+            upto = (after - self.reach + 1 - margin) // size * size
+            gone = step.rows[upto > self.floors[step.rows]]
+            if len(gone):
+                ends = upto[upto > self.floors[step.rows]]
+                self.pool.release_before([self.seq_ids[r] for r in gone], ends.tolist())
+                self.floors[gone] = ends
+
+    def undo(self, step: Step) -> None:
+        """Take back what a pass that did not run did: its fresh rows' sequences
+        freed, the others' appended tokens cut off."""
+        fresh = [s for r in step.fresh if (s := self.seq_ids[r]) is not None]
+        for r in step.fresh:
+            self.seq_ids[r] = None
+        try:
+            if step.appended:
+                held = [int(r) for r in step.rows if int(r) not in step.fresh]
+                self.pool.truncate([self.seq_ids[r] for r in held], self.lens[held].tolist())
+        finally:
+            if step.first:
+                self.start(0)
+            free_all(self.pool, fresh)
