@@ -144,23 +144,33 @@ class TableMirror:
     # -- updates from ok replies ----------------------------------------------------------
     def allocated(self, allocations: Any) -> None:
         """`allocate`'s sequences: their tables; length = cached tokens + new slots."""
-        bt = self.table
-        hits = []
+        bt, bs = self.table, self.block_size
+        hits = []  # (row, table entry of its first hit block, the hit blocks)
         for a in allocations:
             row = self.rows[a.seq_id] = bt.add_row(a.block_table, a.num_cached_tokens + len(a.slots))
             bt.committed[row] = a.num_cached_tokens  # a prefix hit is committed K/V
             self._issue(a.slots)
-            if a.num_cached_tokens >= self.block_size:
-                hit = np.asarray(a.block_table[: a.num_cached_tokens // self.block_size], np.int64)
+            if a.num_cached_tokens >= bs:
+                hit = np.asarray(a.block_table[: a.num_cached_tokens // bs], np.int64)
+                skipped = 0
                 if hit[0] == 0:  # a windowed hit: leading entries released (the null block)
                     held = np.flatnonzero(hit)
                     bt.released[row] = skipped = int(held[0]) if len(held) else len(hit)
                     hit = hit[skipped:]
-                hits.append(hit)
-        if hits:  # found cached: published, but for blocks this batch writes (shared within it)
-            hit = np.concatenate(hits)
-            written = np.concatenate([np.asarray(a.slots, np.int64) for a in allocations]) >> self._shift
-            self._publish(hit[~np.isin(hit, written)])
+                hits.append((row, skipped, hit))
+        if not hits:
+            return
+        written = np.concatenate([np.asarray(a.slots, np.int64) for a in allocations]) >> self._shift
+        for row, skipped, hit in hits:
+            # blocks shared within the batch (`share_in_batch`) follow a prompt's cache hits: an
+            # earlier prompt of the batch writes them, and they are published by the first commit
+            # that covers them, this sequence's too (as the daemon counts: its hits alone committed)
+            mine = np.isin(hit, written)
+            if mine.any():
+                k = int(np.argmax(mine))
+                bt.committed[row] = (skipped + k) * bs
+                hit = hit[:k]
+            self._publish(hit)
 
     def appended(self, ids: list[int], num_tokens: Any, slots: np.ndarray) -> None:
         """``num_tokens`` (an int, or one per sequence) new tokens per sequence
@@ -353,10 +363,17 @@ class TableMirror:
         bt.set_blocks(rows[rep], cols, np.asarray(tables)[at][mask])
         bt.num_blocks[rows] = nblocks
         bt.num_tokens[rows] = lens
-        # Their blocks are new to them: what this session once knew of those ids (published when
-        # it held them before) holds no more; their committed blocks came back published (still
-        # cached) or as copies of published K/V, the rest to write.
-        self._unpublish(np.asarray(tables)[at][mask].astype(np.int64))
+        # Blocks that came back are new to them: what this session once knew of those ids
+        # (published when it held them before) holds no more; their committed blocks came back
+        # published (still cached) or as copies of published K/V, the rest to write. A block
+        # another of its sequences holds (a fork's, shared within a batch) never left the device:
+        # what is known of it holds (a sibling's commit may have published it).
+        blocks = np.asarray(tables)[at][mask].astype(np.int64)
+        back = set(rows.tolist())
+        others = [r for i, r in self.rows.items() if i not in self.swapped and r not in back]
+        if others:
+            blocks = blocks[~np.isin(blocks, self.table.row_blocks(np.asarray(others, np.int64)))]
+        self._unpublish(blocks)
         self._publish_full(rows, np.zeros(len(rows), np.int64), bt.committed[rows].astype(np.int64))
 
     def clear(self) -> None:

@@ -271,3 +271,47 @@ def test_a_worker_whose_session_ended_reads_and_writes_nothing_of_the_next_one(h
         finally:
             stalled.close()
             other.close()
+
+
+def test_a_block_shared_within_an_allocate_is_published_by_its_sharers_commit():
+    """Prompts of one allocate sharing a leading block (``share_in_batch``): the first
+    writes it; a commit of the second alone publishes it (the daemon counts the
+    second's cache hits alone as committed). A mapped write into it is then refused,
+    as the daemon refuses a staged one, and another session's hit reads what was
+    committed."""
+    with running_server(SPEC) as server, Client(server.endpoint) as a, Client(server.endpoint) as b:
+        system = list(range(40, 40 + BS))
+        x, y = a.allocate([system + [1, 2], system + [3]], share_in_batch=True)
+        assert y.num_cached_tokens == BS and y.block_table[0] == x.block_table[0]
+        written(a, x, 1.0)
+        written(a, y, 2.0)
+        a.commit([y.seq_id])
+        before = k_of(a, x.block_table[:1])
+        with pytest.raises(NotOwner, match="published"):
+            a.write(0, x.slots[:BS], kv(BS, 9.0), kv(BS, 9.0))
+        [z] = b.allocate([system + [5]])
+        assert z.num_cached_tokens == BS and z.block_table[0] == x.block_table[0]
+        assert np.array_equal(k_of(b, z.block_table[:1]), before)
+        a.check_integrity()
+
+
+def test_a_forks_published_block_stays_known_across_a_swap():
+    """A block a fork shares with its parent, published by the fork's commit: the
+    parent's swap-out and swap-in leave it on the device (the fork holds it), still
+    published, so a mapped write into it stays refused."""
+    spec = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=8, block_size=16, dtype="float32",
+                    num_host_blocks=8)
+    with running_server(spec) as server, Client(server.endpoint) as a:
+        [x] = a.allocate([list(range(300, 300 + BS + 1))])
+        written(a, x, 1.0)
+        [[child]] = a.fork([x.seq_id])
+        a.commit([child])
+        with pytest.raises(NotOwner, match="published"):
+            a.write(0, x.slots[:BS], kv(BS, 9.0), kv(BS, 9.0))
+        a.swap_out([x.seq_id])
+        a.swap_in([x.seq_id])
+        tables, _ = a.tables([x.seq_id])
+        assert int(tables[0][0]) == int(x.block_table[0])  # (the case: the shared block stayed)
+        with pytest.raises(NotOwner, match="published"):
+            a.write(0, x.slots[:BS], kv(BS, 9.0), kv(BS, 9.0))
+        a.check_integrity()
