@@ -175,6 +175,10 @@ def test_careless_calls_are_refused_by_name(model):
     cache.close()
     with pytest.raises(InvalidArgument, match="closed"):
         cache.reset()
+    # (its model's forward given back: the pass reaches the closed cache's layers straight)
+    with pytest.raises(InvalidArgument, match="a forward pass: this PagedCache is closed"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                       **cache_kw(model, cache))
     assert_released(pool)
 
 

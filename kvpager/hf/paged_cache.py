@@ -301,8 +301,10 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
     def _update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's ``update``: kvpager attention stores the new K/V itself, at the
         plan's slots (`kvpager.hf.attention.kvpager_attention`), so they are handed
-        on as they are; refused outside a pass of the cache's model."""
+        on as they are; refused outside a pass of the cache's model (and once closed:
+        its model's forward given back, a pass reaches its layers straight)."""
         if self._step is None:
+            self._check_open("a forward pass")
             raise InvalidArgument(
                 "PagedCache: a layer was called outside a forward pass of the model this cache was made for "
                 f"({type(self.model).__name__}); pass the cache to that model's forward or generate (not to one "
