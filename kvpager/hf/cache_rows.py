@@ -44,6 +44,10 @@ class Step:
     early: tuple[Any, dict[str, Any]] | None = None
     #: a decode pass replayed from CUDA graphs (`cache_graphs`): `CacheGraphs.run`'s arguments
     replay: tuple[Any, ...] | None = None
+    #: per row of the pass: after its last token, in the pass's columns (0: none), and whether the
+    #: pass leaves padding between its tokens (`cache_mask.Spans`)
+    ends: np.ndarray | None = None
+    gaps: np.ndarray | None = None
 
 
 class CacheRows:
@@ -60,6 +64,8 @@ class CacheRows:
         self.lens = np.zeros(0, dtype=np.int64)  # the tokens each row's sequence holds
         self.floors = np.zeros(0, dtype=np.int64)  # each row's first position still held
         self.own = np.zeros(0, dtype=bool)  # rows fed a token elsewhere than at its index
+        self.ends = np.zeros(0, dtype=np.int64)  # each row's column after its last token
+        self.gapped = np.zeros(0, dtype=bool)  # rows with padding between their tokens' columns
         self.columns = 0  # the tokens each row was fed, pads included: transformers' cache length
         self.first_columns = 0  # the first pass's width
         self.padded = False  # whether a pass after the first had padding
@@ -71,6 +77,8 @@ class CacheRows:
         self.lens = np.zeros(rows, dtype=np.int64)
         self.floors = np.zeros(rows, dtype=np.int64)
         self.own = np.zeros(rows, dtype=bool)
+        self.ends = np.zeros(rows, dtype=np.int64)
+        self.gapped = np.zeros(rows, dtype=bool)
 
     def free(self) -> None:
         """Free every row's sequence: no rows."""
@@ -96,6 +104,17 @@ class CacheRows:
         self.pool.truncate(self.seq_ids, (self.lens - cut).tolist())
         self.lens -= cut
         self.columns -= cut
+        self.ends = np.maximum(self.ends - cut, 0)
+
+    def drop_tails(self, drop: np.ndarray) -> None:
+        """Cut ``drop[r]`` of each row's last tokens (those a later mask drops,
+        `cache_mask.dropped_tails`): the rows' tokens then end in different
+        columns (no crop across them)."""
+        at = np.flatnonzero(drop)
+        self.pool.truncate([self.seq_ids[r] for r in at], (self.lens[at] - drop[at]).tolist())
+        self.lens[at] -= drop[at]
+        self.ends[at] -= drop[at]
+        self.padded = True
 
     def reorder(self, parents: list[int]) -> None:
         """Row i becomes a continuation of row ``parents[i]``: the first row that
@@ -106,6 +125,8 @@ class CacheRows:
         self.lens = self.lens[parents]
         self.floors = self.floors[parents]
         self.own = self.own[parents]
+        self.ends = self.ends[parents]
+        self.gapped = self.gapped[parents]
         free_all(self.pool, gone)
 
     def done(self, step: Step, margin: int) -> None:
@@ -114,6 +135,9 @@ class CacheRows:
         before = self.lens[step.rows]
         after = before + step.counts
         self.lens[step.rows] = after
+        if step.ends is not None:
+            self.ends[step.rows] = self.columns + step.ends[step.rows]
+            self.gapped[step.rows] |= step.gaps[step.rows]
         self.columns += step.columns
         if step.first:
             self.first_columns = step.columns

@@ -284,19 +284,3 @@ def stop_sequences(stops: Any) -> dict[int, list[tuple[int, ...]]]:
             raise InvalidArgument(f"stop_sequences[{k}] must be a non-empty list of token ids (ints >= 0), got {seq!r}")
         out.setdefault(int(seq[-1]), []).append(tuple(int(t) for t in seq))
     return out
-
-
-def new_columns(attention_mask: Any, rows: int, width: int) -> np.ndarray:
-    """A pass's tokens that are its rows' (a `PagedCache` pass: the last ``width``
-    columns of the 2-D mask so far that are 1), as bool [rows, width]; no mask: every token."""
-    if attention_mask is None:
-        return np.ones((rows, width), dtype=bool)
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2 \
-            or attention_mask.shape[0] != rows or attention_mask.shape[1] < width:
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
-        raise InvalidArgument(f"PagedCache takes a 2-D attention_mask [rows, tokens so far] of 0s and 1s "
-                              f"(a tokenizer's); got {shape} for input_ids [{rows}, {width}]")
-    real = attention_mask[:, -width:].detach().cpu().numpy()
-    if real.dtype != bool and not ((real == 0) | (real == 1)).all():  # (not np.isin: 10x the time)
-        raise InvalidArgument("PagedCache: attention_mask must hold 0s and 1s")
-    return real.astype(bool)

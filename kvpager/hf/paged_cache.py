@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from kvpager.errors import InvalidArgument, UnsupportedConfiguration, UnsupportedModel
-from kvpager.hf import cached_tail, early_prefix, repeated_rows
+from kvpager.hf import cache_mask, cached_tail, early_prefix, repeated_rows
 from kvpager.hf.attention import PagedBatch
 from kvpager.hf.cache_graphs import CacheGraphs
 from kvpager.hf.cache_plans import CachePlans
@@ -67,7 +67,6 @@ from kvpager.hf.eager import TORCH_DTYPES
 from kvpager.hf.fed_positions import own_salt, placed
 from kvpager.hf.graphs import CapturedSteps, check_graph_options
 from kvpager.hf.model import has_recurrent_layers, layer_fit, layer_map, text_config
-from kvpager.hf.padding import new_columns
 from kvpager.hf.paged_layer import PagedLayer
 from kvpager.hf.rope import pass_dependent
 from kvpager.hf.salt import call_salt
@@ -129,6 +128,8 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         self._windows = windows
         self._layer_map = layer_map(model)
         self._chunks = layer_chunks(model, pool.spec.block_size)
+        # layers whose windows or chunks transformers counts in cache columns (`cache_mask`)
+        self._by_columns = any(w is not None for w in windows) or any(c is not None for c in self._chunks)
         self._fit = layer_fit(model)
         # layers that scale their queries by position (Llama-4's NoPE layers) read each pass's positions
         self._tuned = bool(tuned_modules(model))
@@ -324,22 +325,26 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         rows, width = input_ids.shape
         if width < 1:
             raise InvalidArgument("PagedCache: a pass of no tokens")
-        real = new_columns(attention_mask, rows, width)  # bool [rows, width]
-        tokens = input_ids.detach().cpu().numpy()
-        counts = real.sum(axis=1)
         first = not self.seq_ids
-        if first:  # a row a sequence, allocated with the pass that brings its first tokens
-            self._rows.start(rows)
-        elif rows != len(self.seq_ids):
+        if not first and rows != len(self.seq_ids):
             raise InvalidArgument(f"PagedCache holds {len(self.seq_ids)} rows, and this pass has {rows} "
                                   "(rows change between passes through reorder_cache / batch_select_indices)")
+        mask = cache_mask.read(attention_mask, rows, width, self._rows.columns)
+        real = mask.real  # bool [rows, width]
+        every = bool(real.all())
+        spans = self._spans(mask, attention_mask, named.get("logits_to_keep"), every)
+        if first:  # a row a sequence, allocated with the pass that brings its first tokens
+            self._rows.start(rows)
+        tokens = input_ids.detach().cpu().numpy()
+        counts = real.sum(axis=1)
         live = np.flatnonzero(counts)
         # (a pass after the first whose every row holds a sequence and gets every column: a decode
         # pass; one packed append, no per-row work)
-        uniform = not first and None not in self.seq_ids and bool(real.all())
+        uniform = not first and None not in self.seq_ids and every
         fresh = [] if uniform else [int(r) for r in live if self.seq_ids[r] is None]
         at = placed(named.get("position_ids"), real, self._rows.lens, self._rows.columns, self._takes_positions)
-        step = Step(None, live, counts[live], width, first, fresh, at, padded=not real.all())
+        step = Step(None, live, counts[live], width, first, fresh, at, padded=not every, ends=spans.end,
+                    gaps=spans.gaps)
         try:
             if not len(live):
                 raise InvalidArgument("PagedCache: a pass whose every token is padding (attention_mask 0)")
@@ -394,6 +399,31 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         step.batch = self._batch(plan, real, torch.arange(width, device=input_ids.device).expand(rows, width)) \
             if cut is None else self._batch(plan, cut.real, cut.columns)
         return step
+
+    def _spans(self, mask: cache_mask.PassMask, attention_mask: Any, keep: Any, every: bool) -> Any:
+        """Where the pass's tokens fall (`cache_mask.Spans`, with ``gaps`` per row), its
+        mask checked against the cache's rows: refused where transformers would attend
+        other tokens (right padding at kept logits; on a model of sliding windows or
+        chunks, padding between a row's tokens; a mask dropping held tokens other than a
+        row's last), a drop of a row's last tokens cut from it. Nothing else changes."""
+        rows = self._rows
+        lens, ends = (rows.lens, rows.ends) if len(rows.lens) else (np.zeros(len(mask.real), np.int64),) * 2
+        drop = None
+        if mask.held is not None and len(rows.lens):
+            drop = cache_mask.dropped_tails(attention_mask, mask.held, lens, ends, rows.gapped, rows.columns)
+            if drop.any():
+                lens, ends = lens - drop, ends - drop
+        spans = cache_mask.Spans.of(mask.real, every)
+        spans.gaps = spans.gap_rows(lens, ends, rows.columns)
+        if self._by_columns and spans.gaps.any():
+            cache_mask.refuse_gaps(np.flatnonzero(spans.gaps))
+        if type(keep) is int and keep > 0 and not every:
+            right = cache_mask.right_padding(mask.real, lens, keep)
+            if right.any():
+                cache_mask.refuse_right_padding(np.flatnonzero(right))
+        if drop is not None and drop.any():
+            rows.drop_tails(drop)
+        return spans
 
     def _batch(self, plan: Any, real: np.ndarray, columns: torch.Tensor) -> PagedBatch:
         """A pass's `PagedBatch` over ``plan``: its real tokens (bool [rows, W]) and the

@@ -1,0 +1,144 @@
+"""A `PagedCache` pass's ``attention_mask``, read against what the cache holds.
+
+A `PagedCache` stores each row's tokens (mask 1) and no padding (mask 0), and
+its attention reads every token a row holds; transformers' reads the columns
+its mask keeps, counting sliding windows and attention chunks in columns,
+padding included. The two agree where
+
+- the mask's columns before a pass keep exactly the tokens the cache holds. A
+  later call whose mask drops a row's last tokens (a conversation's next turn
+  masking the padding a row was fed after its end token) has them cut from the
+  row first (`dropped_tails`); any other change is refused;
+- on a model with sliding windows or attention chunks, each row's tokens sit in
+  consecutive columns: padding only before a row's first token (left padding).
+  A pass that leaves padding between a row's tokens is refused there (`Spans`);
+- the logits a pass keeps are its rows' tokens', not padding after them (right
+  padding): kvpager computes no query for padding, so it refuses to hand out
+  logits it would not compute (`right_padding`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvpager.errors import InvalidArgument
+
+
+@dataclass
+class PassMask:
+    """What a pass's mask says: ``real`` (bool [rows, width]: the pass's own tokens)
+    and ``held`` (per row, the 1s of the mask's columns before the pass; None where
+    the mask does not span exactly those columns and the pass's)."""
+
+    real: np.ndarray
+    held: np.ndarray | None
+
+
+def read(attention_mask: Any, rows: int, width: int, columns: int) -> PassMask:
+    """A pass of ``width`` columns after ``columns`` cached ones: its mask's last
+    ``width`` columns as bool, and the row sums of those before them, in one read
+    from the device. No mask: every token the row's, nothing to compare."""
+    if attention_mask is None:
+        return PassMask(np.ones((rows, width), dtype=bool), None)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2 \
+            or attention_mask.shape[0] != rows or attention_mask.shape[1] < width:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise InvalidArgument(f"PagedCache takes a 2-D attention_mask [rows, tokens so far] of 0s and 1s "
+                              f"(a tokenizer's); got {shape} for input_ids [{rows}, {width}]")
+    mask = attention_mask.detach()
+    spans = columns and mask.shape[1] == columns + width
+    if spans:
+        both = torch.cat([mask[:, -width:].long(), mask[:, :columns].long().sum(1, keepdim=True)], 1).cpu().numpy()
+        real, held = both[:, :width], both[:, width]
+    else:
+        real, held = mask[:, -width:].cpu().numpy(), None
+    if real.dtype != bool and not ((real == 0) | (real == 1)).all():  # (not np.isin: 10x the time)
+        raise InvalidArgument("PagedCache: attention_mask must hold 0s and 1s")
+    return PassMask(real.astype(bool), held)
+
+
+@dataclass
+class Spans:
+    """Where each row's tokens fall in a pass (``real``, bool [rows, width]):
+    ``first`` (its first token's column, ``width`` where none), ``end`` (after its
+    last, 0 where none) and ``holes`` (padding between its tokens)."""
+
+    first: np.ndarray
+    end: np.ndarray
+    holes: np.ndarray
+    gaps: np.ndarray | None = None  # (`gap_rows`, set by the cache)
+
+    @classmethod
+    def of(cls, real: np.ndarray, every: bool = False) -> Spans:
+        """``every``: each column of ``real`` is a token (a decode pass's): no search."""
+        rows, width = real.shape
+        if every:
+            return cls(np.zeros(rows, np.int64), np.full(rows, width, np.int64), np.zeros(rows, dtype=bool))
+        any_ = real.any(axis=1)
+        first = np.where(any_, real.argmax(axis=1), width)
+        end = np.where(any_, width - real[:, ::-1].argmax(axis=1), 0)
+        holes = any_ & (end - first != real.sum(axis=1))
+        return cls(first, end, holes)
+
+    def gap_rows(self, lens: np.ndarray, ends: np.ndarray, columns: int) -> np.ndarray:
+        """Rows whose tokens the pass leaves apart in columns: padding between its own
+        tokens, or between a row's tokens held (ending at column ``ends[r]``) and its
+        first in the pass (at ``columns`` + first)."""
+        return self.holes | ((lens > 0) & (self.end > 0) & (columns + self.first != ends))
+
+
+def right_padding(real: np.ndarray, lens: np.ndarray, keep: int | None) -> np.ndarray:
+    """Rows whose kept positions (the last ``keep`` columns) hold padding after a
+    token of theirs, in the pass or held before it (``lens``)."""
+    if keep is None:
+        return np.zeros(len(real), dtype=bool)
+    after = (np.cumsum(real, axis=1) > 0) | (lens > 0)[:, None]
+    return (~real[:, -keep:] & after[:, -keep:]).any(axis=1)
+
+
+def refuse_right_padding(rows: np.ndarray) -> None:
+    raise InvalidArgument(
+        f"PagedCache: the logits this pass keeps are at padding after row {int(rows[0])}'s tokens (right "
+        "padding): kvpager computes no query for padding, so they would not be transformers'; pad on the left "
+        "(a tokenizer's padding_side='left')")
+
+
+def refuse_gaps(rows: np.ndarray) -> None:
+    raise InvalidArgument(
+        f"PagedCache: this pass's attention_mask leaves padding between row {int(rows[0])}'s tokens; this "
+        "model's sliding windows (or attention chunks) count cache columns, padding included, while a "
+        "PagedCache holds tokens alone, so its attention would read other positions: pad only before a "
+        "row's first token (left padding)")
+
+
+def dropped_tails(attention_mask: torch.Tensor, held: np.ndarray, lens: np.ndarray, ends: np.ndarray,
+                  gapped: np.ndarray, columns: int) -> np.ndarray:
+    """Per row, how many of its last tokens held the mask's columns before the pass
+    drop (0: none); the mask read again whole where any row's count differs. A row
+    whose mask keeps other columns than its tokens (but for a drop of its last ones,
+    its tokens in consecutive columns) is refused."""
+    drop = lens - held
+    if not drop.any():
+        return drop
+    bad = np.flatnonzero(drop < 0)
+    if len(bad):
+        r = int(bad[0])
+        raise InvalidArgument(
+            f"PagedCache: attention_mask keeps {int(held[r])} columns of row {r} before this pass, and the cache "
+            f"holds {int(lens[r])} tokens of it: it marks as tokens columns the cache was fed as padding; pass the "
+            "mask the earlier passes were given, extended")
+    mask = attention_mask.detach()[:, :columns].cpu().numpy().astype(bool)
+    for r in np.flatnonzero(drop).tolist():
+        start, end, cut = int(ends[r] - lens[r]), int(ends[r]), int(drop[r])
+        want = np.zeros(columns, dtype=bool)
+        want[start:end - cut] = True
+        if gapped[r] or not np.array_equal(mask[r], want):
+            raise InvalidArgument(
+                f"PagedCache: attention_mask masks {cut} of the {int(lens[r])} tokens row {r} holds, not its "
+                "last ones: a PagedCache attends every token it holds (it can cut a row's last tokens, not "
+                "others); start a new cache for this mask")
+    return drop

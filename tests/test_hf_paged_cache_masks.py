@@ -1,0 +1,188 @@
+"""`PagedCache` passes whose ``attention_mask`` is not plain left padding
+(`kvpager.hf.cache_mask`): a later turn masking a row's last tokens (the
+padding a finished row was fed) gives transformers' tokens, the row cut; padding
+between a row's tokens gives transformers' tokens under full attention and is
+refused under sliding windows (transformers counts them in cache columns); a
+mask that drops other held tokens, or marks padding as tokens, and kept logits
+at right padding are refused, each before anything changes."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers.cache_utils", reason="no transformers cache module")
+
+from test_hf_models import one_thread  # noqa: E402, F401
+from test_hf_paged_cache import assert_released, cache_kw  # noqa: E402
+
+from kvpager import KVPool  # noqa: E402
+from kvpager.errors import InvalidArgument  # noqa: E402
+from kvpager.hf import PagedCache, spec_for_model  # noqa: E402
+
+if not hasattr(transformers.cache_utils, "CacheLayerMixin"):
+    pytest.skip(f"transformers {transformers.__version__} has no caches of layers", allow_module_level=True)
+
+VOCAB, PROMPT = 128, 20
+
+
+def make(kind: str, seed: int = 0):
+    """A small model whose logits spread widely (so a changed attention changes tokens)."""
+    torch.manual_seed(seed)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, initializer_range=0.2,
+                  bos_token_id=1, eos_token_id=None, pad_token_id=0)
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    else:
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=6, **common))
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def prompts(rows: int, seed: int, pads: tuple[int, ...] = ()):
+    """input_ids [rows, PROMPT] left-padded by ``pads`` (id 0), and their mask."""
+    ids = torch.randint(3, VOCAB, (rows, PROMPT), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    for r, p in enumerate(pads):
+        mask[r, :p] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def pool_for(model) -> KVPool:
+    return KVPool(spec_for_model(model, num_blocks=512, block_size=8))
+
+
+def turns(model, cache, ids, mask, turn, eos):
+    """Two turns of a batched conversation on one cache: the second turn's mask drops
+    the padding each row was fed after its end token. (turn 2's output, its mask)."""
+    kw = dict(max_new_tokens=8, do_sample=False, eos_token_id=eos, return_dict_in_generate=True,
+              output_logits=True)
+    first = model.generate(input_ids=ids, attention_mask=mask, **cache_kw(model, cache), **kw).sequences
+    ids2 = torch.cat([first, turn], 1)
+    mask2 = torch.cat([mask, (first[:, PROMPT:] != 0).long(), torch.ones_like(turn)], 1)
+    return model.generate(input_ids=ids2, attention_mask=mask2, **cache_kw(model, cache), **kw), mask2
+
+
+def test_a_later_turn_masking_a_rows_last_tokens_gives_transformers_tokens():
+    model = make("llama")
+    ids, mask = prompts(2, 2, (0, 5))
+    eos = int(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)[1, PROMPT + 1])
+    turn = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(9))
+    ref, mask2 = turns(model, transformers.DynamicCache(config=model.config), ids, mask, turn, eos)
+    pool = pool_for(model)
+    with PagedCache(model, pool) as cache:
+        out, _ = turns(model, cache, ids, mask, turn, eos)
+        assert mask2[1, PROMPT:PROMPT + 8].tolist().count(0) > 0  # (the case: row 1 ended in turn 1)
+        held = [pool.sequence(s).num_tokens for s in cache.seq_ids]
+        assert held == [int(m.sum()) - 1 + 8 for m in mask2]  # (turn 2's last token not fed)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert float((out.logits[0] - ref.logits[0]).abs().max()) < 1e-4
+    assert_released(pool)
+
+
+def test_padding_between_a_rows_tokens_gives_transformers_tokens_under_full_attention():
+    """A first pass with holes in its mask, then a turn left-padded after the history."""
+    model = make("llama")
+    ids, _ = prompts(3, 4)
+    mask = torch.ones_like(ids)
+    mask[1, 3:6] = 0
+    mask[2, 10] = 0
+    turn = torch.randint(3, VOCAB, (3, 6), generator=torch.Generator().manual_seed(9))
+    tmask = torch.ones_like(turn)
+    tmask[1, :3] = 0
+    kw = dict(max_new_tokens=6, do_sample=False)
+
+    def run(cache):
+        first = model.generate(input_ids=ids, attention_mask=mask, **cache_kw(model, cache), **kw)
+        mask2 = torch.cat([mask, torch.ones_like(first[:, PROMPT:]), tmask], 1)
+        return first, model.generate(input_ids=torch.cat([first, turn.masked_fill(tmask == 0, 0)], 1),
+                                     attention_mask=mask2, **cache_kw(model, cache), **kw)
+
+    ref = run(transformers.DynamicCache(config=model.config))
+    pool = pool_for(model)
+    with PagedCache(model, pool) as cache:
+        out = run(cache)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    assert_released(pool)
+
+
+def test_a_sliding_window_model_refuses_padding_between_a_rows_tokens():
+    model = make("mistral")
+    ids, _ = prompts(2, 4)
+    holes = torch.ones_like(ids)
+    holes[1, 3:6] = 0
+    pool = pool_for(model)
+    with PagedCache(model, pool) as cache:
+        with pytest.raises(InvalidArgument, match="padding between row 1's tokens.*sliding windows"):
+            model.generate(input_ids=ids, attention_mask=holes, max_new_tokens=2, do_sample=False,
+                           **cache_kw(model, cache))
+        assert cache.seq_ids == [] and pool.stats().num_sequences == 0
+        left = torch.ones_like(ids)
+        left[1, :4] = 0  # left padding: served
+        first = model.generate(input_ids=ids, attention_mask=left, max_new_tokens=3, do_sample=False,
+                               **cache_kw(model, cache))
+        held = [pool.sequence(s).num_tokens for s in cache.seq_ids]
+        turn = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(9))
+        tmask = torch.ones_like(turn)
+        tmask[1, :2] = 0  # a next turn left-padded after the history: padding between row 1's tokens
+        with pytest.raises(InvalidArgument, match="padding between row 1's tokens"):
+            model.generate(input_ids=torch.cat([first, turn], 1), max_new_tokens=2, do_sample=False,
+                           attention_mask=torch.cat([left, torch.ones_like(first[:, PROMPT:]), tmask], 1),
+                           **cache_kw(model, cache))
+        assert [pool.sequence(s).num_tokens for s in cache.seq_ids] == held
+        pool.check_integrity()
+    assert_released(pool)
+
+
+def test_a_mask_that_drops_other_held_tokens_or_keeps_padding_is_refused():
+    model = make("llama")
+    ids, mask = prompts(2, 3, (0, 4))
+    pool = pool_for(model)
+    with PagedCache(model, pool) as cache:
+        first = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                               **cache_kw(model, cache))
+        held = [pool.sequence(s).num_tokens for s in cache.seq_ids]
+        turn = torch.randint(3, VOCAB, (2, 4), generator=torch.Generator().manual_seed(9))
+        ids2 = torch.cat([first, turn], 1)
+        mask2 = torch.cat([mask, torch.ones(2, 3 + 4, dtype=mask.dtype)], 1)
+        middle = mask2.clone()
+        middle[0, 7] = 0  # a token in the middle of row 0's
+        with pytest.raises(InvalidArgument, match="not its last ones"):
+            model.generate(input_ids=ids2, attention_mask=middle, max_new_tokens=2, do_sample=False,
+                           **cache_kw(model, cache))
+        padding = mask2.clone()
+        padding[1, 0] = 1  # a column row 1 was fed as padding
+        with pytest.raises(InvalidArgument, match="columns the cache was fed as padding"):
+            model.generate(input_ids=ids2, attention_mask=padding, max_new_tokens=2, do_sample=False,
+                           **cache_kw(model, cache))
+        assert [pool.sequence(s).num_tokens for s in cache.seq_ids] == held
+        model.generate(input_ids=ids2, attention_mask=mask2, max_new_tokens=2, do_sample=False,
+                       **cache_kw(model, cache))  # the mask as fed: served
+    assert_released(pool)
+
+
+def test_kept_logits_at_right_padding_are_refused():
+    """kvpager runs no query for padding: ``generate`` on a right-padded batch (whose
+    next token transformers takes at the padding) is refused by name; a forward keeping
+    every position's logits (padding's unread) is served."""
+    model = make("llama")
+    ids, _ = prompts(2, 4)
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    pool = pool_for(model)
+    with PagedCache(model, pool) as cache:
+        with pytest.raises(InvalidArgument, match="right padding"):
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                           **cache_kw(model, cache))
+        assert pool.stats().num_sequences == 0
+    with PagedCache(model, pool) as cache, torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kw(model, cache)).logits
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert float((out[real] - ref[real]).abs().max()) < 1e-4
+    assert_released(pool)
