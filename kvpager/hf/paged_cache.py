@@ -33,7 +33,8 @@ prompt not yet cached once, in a pass of its own before the rows' tails
 (`kvpager.hf.early_prefix`). The logits are the whole pass's.
 
 A pass that raises leaves the sequences as they were before it (the first
-pass's freed, later ones' appended tokens cut off). The model is switched to
+pass's freed, later ones' appended tokens cut off), but for a row's last
+tokens its mask dropped (`kvpager.hf.cache_mask`: cut before the pass runs). The model is switched to
 kvpager attention for each pass alone (`paged_attention`): between passes it
 attends as before (during one, as with `paged_attention`, other threads'
 calls of the same model object get kvpager attention too).
