@@ -121,3 +121,46 @@ def test_pipelined_generation_through_the_gpu_daemon(endpoint, graphs):
             steps.close()
         assert c.stats().num_sequences == 0
         c.check_integrity()
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_transformers_generate_on_a_paged_cache_over_the_gpu_daemon(endpoint, graphs):
+    """transformers' own ``generate`` on a `PagedCache` over a worker's `Client` of the
+    daemon's GPU pool (its plans over the IPC-mapped slab; with ``cuda_graphs`` its
+    decode passes replayed): the tokens of the same cache over an in-process GPU pool of
+    that geometry, on prefix hits the second time, every sequence freed after."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers.cache_utils")
+    from kvpager import KVPool
+    from kvpager.hf import PagedCache
+    from kvpager.hf.recurrent_states import cache_argument
+
+    torch.manual_seed(7)
+    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                      max_position_embeddings=512, initializer_range=0.1)
+    model = transformers.LlamaForCausalLM(config).to("cuda", torch.float16).eval()
+    model.generation_config.pad_token_id = 0
+    ids = torch.randint(3, 128, (3, 40), generator=torch.Generator().manual_seed(3))
+    ids[:, :32] = ids[0, :32]  # a shared prefix of two blocks
+    mask = torch.ones_like(ids)
+    mask[2, :4] = 0  # (left padding: the third row's prompt is 36 tokens)
+    ids, mask = ids.masked_fill(mask == 0, 0).cuda(), mask.cuda()
+
+    def generate(pool):
+        with PagedCache(model, pool, salt="over-the-daemon", cuda_graphs=graphs) as cache:
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=14, do_sample=False,
+                                  **{cache_argument(model, cache): cache})
+
+    local = KVPool(SPEC, device="cuda:0")
+    try:
+        want = generate(local)
+    finally:
+        local.close()
+    with Client(endpoint, timeout=WAIT, heartbeat=False) as c:
+        assert c.gpu and not c._same_process()
+        for _ in range(2):  # the second on the first's committed blocks
+            assert torch.equal(generate(c), want)
+        assert c.stats().num_sequences == 0
+        c.check_integrity()
