@@ -151,7 +151,7 @@ def test_transformers_generate_on_a_paged_cache_over_the_gpu_daemon(endpoint, gr
     def generate(pool):
         with PagedCache(model, pool, salt="over-the-daemon", cuda_graphs=graphs) as cache:
             return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=14, do_sample=False,
-                                  **{cache_argument(model, cache): cache})
+                                  **{cache_argument(model): cache})
 
     local = KVPool(SPEC, device="cuda:0")
     try:
