@@ -51,7 +51,10 @@ def read(attention_mask: Any, rows: int, width: int, columns: int) -> PassMask:
                               f"(a tokenizer's); got {shape} for input_ids [{rows}, {width}]")
     mask = attention_mask.detach()
     spans = columns and mask.shape[1] == columns + width
-    if spans:
+    if mask.device.type == "cpu":  # (NumPy's sum: torch's CPU reduction wakes its thread pool)
+        whole = mask.numpy()
+        real, held = whole[:, -width:], whole[:, :columns].sum(axis=1, dtype=np.int64) if spans else None
+    elif spans:  # one read from the device
         both = torch.cat([mask[:, -width:].long(), mask[:, :columns].long().sum(1, keepdim=True)], 1).cpu().numpy()
         real, held = both[:, :width], both[:, width]
     else:
