@@ -51,6 +51,14 @@ def prompts(rows: int, seed: int, pads: tuple[int, ...] = ()):
     return ids.masked_fill(mask == 0, 0), mask
 
 
+def padded(like: torch.Tensor, pads: dict) -> torch.Tensor:
+    """A mask of ``like``'s shape: 1s, but 0s at ``pads`` (row -> columns)."""
+    mask = torch.ones_like(like)
+    for row, columns in pads.items():
+        mask[row, columns] = 0
+    return mask
+
+
 def pool_for(model) -> KVPool:
     return KVPool(spec_for_model(model, num_blocks=512, block_size=8))
 
@@ -87,12 +95,9 @@ def test_padding_between_a_rows_tokens_gives_transformers_tokens_under_full_atte
     """A first pass with holes in its mask, then a turn left-padded after the history."""
     model = make("llama")
     ids, _ = prompts(3, 4)
-    mask = torch.ones_like(ids)
-    mask[1, 3:6] = 0
-    mask[2, 10] = 0
+    mask = padded(ids, {1: slice(3, 6), 2: 10})
     turn = torch.randint(3, VOCAB, (3, 6), generator=torch.Generator().manual_seed(9))
-    tmask = torch.ones_like(turn)
-    tmask[1, :3] = 0
+    tmask = padded(turn, {1: slice(0, 3)})
     kw = dict(max_new_tokens=6, do_sample=False)
 
     def run(cache):
@@ -112,22 +117,19 @@ def test_padding_between_a_rows_tokens_gives_transformers_tokens_under_full_atte
 def test_a_sliding_window_model_refuses_padding_between_a_rows_tokens():
     model = make("mistral")
     ids, _ = prompts(2, 4)
-    holes = torch.ones_like(ids)
-    holes[1, 3:6] = 0
+    holes = padded(ids, {1: slice(3, 6)})
     pool = pool_for(model)
     with PagedCache(model, pool) as cache:
         with pytest.raises(InvalidArgument, match="padding between row 1's tokens.*sliding windows"):
             model.generate(input_ids=ids, attention_mask=holes, max_new_tokens=2, do_sample=False,
                            **cache_kw(model, cache))
         assert cache.seq_ids == [] and pool.stats().num_sequences == 0
-        left = torch.ones_like(ids)
-        left[1, :4] = 0  # left padding: served
+        left = padded(ids, {1: slice(0, 4)})  # left padding: served
         first = model.generate(input_ids=ids, attention_mask=left, max_new_tokens=3, do_sample=False,
                                **cache_kw(model, cache))
         held = [pool.sequence(s).num_tokens for s in cache.seq_ids]
         turn = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(9))
-        tmask = torch.ones_like(turn)
-        tmask[1, :2] = 0  # a next turn left-padded after the history: padding between row 1's tokens
+        tmask = padded(turn, {1: slice(0, 2)})  # a next turn left-padded after the history: padding between row 1's tokens
         with pytest.raises(InvalidArgument, match="padding between row 1's tokens"):
             model.generate(input_ids=torch.cat([first, turn], 1), max_new_tokens=2, do_sample=False,
                            attention_mask=torch.cat([left, torch.ones_like(first[:, PROMPT:]), tmask], 1),
@@ -170,8 +172,7 @@ def test_kept_logits_at_right_padding_are_refused():
     every position's logits (padding's unread) is served."""
     model = make("llama")
     ids, _ = prompts(2, 4)
-    mask = torch.ones_like(ids)
-    mask[1, 15:] = 0
+    mask = padded(ids, {1: slice(15, None)})
     ids = ids.masked_fill(mask == 0, 0)
     pool = pool_for(model)
     with PagedCache(model, pool) as cache:
