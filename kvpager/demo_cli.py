@@ -43,6 +43,7 @@ def demo_command():
     import json
 
     import click
+    from click.core import ParameterSource
 
     @click.command()
     @click.option("--workers", type=int, default=DemoConfig.workers, show_default=True,
@@ -75,6 +76,10 @@ def demo_command():
             raise click.BadParameter(f"at most {MAX_WORKERS} worker processes, not {workers}",
                                      param_hint="'--workers'")
         longest = system_prompt + DemoConfig.user_tokens[1] + new_tokens
+        given = click.get_current_context().get_parameter_source("max_model_len") != ParameterSource.DEFAULT
+        if given and max_model_len < longest:  # (the default grows to the longest request)
+            raise click.BadParameter(f"a contiguous cache must hold the longest request: at least {longest} "
+                                     f"tokens here, not {max_model_len}", param_hint="'--max-model-len'")
         cfg = DemoConfig(workers=workers, requests_per_worker=requests, system_prompt_tokens=system_prompt,
                          new_tokens=new_tokens, max_model_len=max(max_model_len, longest), device=device)
         # Size the pool for the workload: prompt blocks once, the rest per request, plus slack.

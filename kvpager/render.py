@@ -106,10 +106,12 @@ def sequences_text(seqs: Sequence[SequenceInfo], max_table: int = 12) -> str:
 def printable(text: str) -> str:
     """``text`` with every character that is not printable escaped (``\\n``, ``\\x1b``,
     ``\\x00``, ...): a salt or client name is any session's to choose, and must not
-    move the operator's cursor, forge rows or stop curses (which refuses NUL)."""
-    if text.isprintable():
+    move the operator's cursor, forge rows or stop curses (which refuses NUL). A
+    backslash is escaped too (``\\``), so two texts never print alike: a newline and
+    a backslash followed by ``n`` read as two different tenants."""
+    if text.isprintable() and "\\" not in text:
         return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape", "backslashreplace").decode("ascii")
                    for c in text)
 
 

@@ -79,6 +79,14 @@ def test_demo_worker_count_is_bounded():
     assert code == 2 and "'--workers'" in out and f"at most {MAX_WORKERS}" in out
 
 
+@pytest.mark.parametrize("length", ["-5", "0", "100"])
+def test_demo_max_model_len_shorter_than_a_request_is_a_usage_error(length):
+    """It ran, reporting a contiguous cache of another length than the one given."""
+    code, out = invoke("demo", "--device", "cpu", "--max-model-len", length, "--workers", "1", "--requests", "1",
+                       "--system-prompt", "16", "--new-tokens", "1", "--quiet")
+    assert code == 2 and "'--max-model-len'" in out and f"not {length}" in out
+
+
 def test_runtime_dir_empty_is_unset_and_relative_is_refused(monkeypatch, tmp_path):
     """KVPAGER_RUNTIME_DIR= (empty) meant the current directory, and a relative one a
     socket a daemon and its clients started elsewhere would not agree on."""

@@ -183,6 +183,8 @@ def test_salts_and_client_names_cannot_forge_or_break_the_operators_views(server
         labels = [salt_label(s) for s in (None, "", "-", b"\xab", "0xab", '"0xab"', "user-7", b"-")]
         assert labels[:2] == ["-", "-"] and len(set(labels[1:])) == 7, labels
         assert labels[2:] == ['"-"', "0xab", '"0xab"', '""0xab""', "user-7", "0x2d"]
+        # a backslash escaped too: a newline and a backslash then "n" name two tenants
+        assert salt_label("team\nA") == "team\\nA" and salt_label("team\\nA") == "team\\\\nA"
         # curses refuses NUL: `kvpager top` on a terminal died with "embedded null character"
         assert _top_on_a_terminal(server.endpoint) == 0
         w.unpin([PROMPT], HOSTILE_SALT)
