@@ -70,7 +70,12 @@ def test_longrope_calls_within_the_limit_and_past_it_give_transformers_tokens():
     model = phi3_longrope()
     pool = pool_for(model)
     short = [prompt(5, 1), prompt(9, 2)]
-    assert generate(model, pool, short, LIMIT - 9) == [alone(phi3_longrope, p, LIMIT - 9) for p in short]
+    # (to the limit: a sequence's last new token is never fed, so its passes end at 9 + 8 - 1 positions)
+    assert generate(model, pool, short, LIMIT - 8) == [alone(phi3_longrope, p, LIMIT - 8) for p in short]
+    whole = prompt(LIMIT, 12)  # a prompt of the whole original context, and one new token
+    assert generate(model, pool, [whole], 1) == [alone(phi3_longrope, whole, 1)]
+    [one] = beam_search(model, pool, [whole], 1, num_beams=2, eos_token_id=None)
+    assert one.tokens[0] == alone(phi3_longrope, whole, 1, num_beams=2)
     long = [prompt(20, 3), prompt(27, 4)]
     want = [alone(phi3_longrope, p, 10) for p in long]
     assert generate(model, pool, long, 10) == want  # packed in one pass each step
@@ -127,9 +132,10 @@ def test_dynamic_scaling_within_its_context_and_refused_past_it():
     model = llama_dynamic()
     pool = pool_for(model)
     prompts = [prompt(6, 9), prompt(11, 10)]
-    assert generate(model, pool, prompts, 5) == [alone(llama_dynamic, p, 5) for p in prompts]
+    # (to the context: a sequence's last new token is never fed, so 11 + 6 - 1 positions)
+    assert generate(model, pool, prompts, 6) == [alone(llama_dynamic, p, 6) for p in prompts]
     with pytest.raises(InvalidArgument, match="dynamic rotary scaling.*within 16"):
-        generate(model, pool, prompts, 6)
+        generate(model, pool, prompts, 7)
     with pytest.raises(InvalidArgument, match="dynamic rotary scaling"):
         score(model, pool, [prompt(20, 11)])
     pool.check_integrity()

@@ -109,7 +109,7 @@ def beam_search(model: Any, pool: Any, prompts: Any = None, max_new_tokens: int 
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     check_positions(model, max((len(p) for p in prompts), default=0) + most - 1, "beam_search")
     salt = rope_salt(model, call_salt(model, salt, "beam_search"), list(map(len, prompts)),
-                     [len(p) + most for p in prompts], "beam_search",
+                     [len(p) + max(most - 1, 0) for p in prompts], "beam_search",  # (the last token: never fed)
                      1 if has_recurrent_layers(model) else None)
     search = _Search(model, pool, prompts, most, beams, length_penalty,
                      early_stopping, end_tokens(eos_token_id), salt, cuda_graphs, compile)

@@ -165,7 +165,7 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         # (a rotary embedding that follows each pass's length: the call checked, long-factor blocks apart;
         # a model with recurrent layers prefills in parts)
         self.salt = rope_salt(self.model, self.salt, list(map(len, self.prompts)),
-                              [len(p) + m for p, m in zip(self.prompts, self._most)], "generate",
+                              [len(p) + max(m - 1, 0) for p, m in zip(self.prompts, self._most)], "generate",
                               1 if recurrent else None)
         self._recurrent = None  # a model with recurrent layers: their states (`kvpager.hf.recurrent`)
         if recurrent:

@@ -68,8 +68,9 @@ def _original_context(module: Any) -> int:
 
 def rope_salt(model: Any, salt: Any, prompt_lens: Sequence[int], most_lens: Sequence[int], what: str,
               passes_from: int | None = None) -> Any:
-    """``salt`` for a call of ``model`` over prompts of ``prompt_lens`` tokens that
-    reach ``most_lens`` at most (prompt and new tokens), after checking that
+    """``salt`` for a call of ``model`` over prompts of ``prompt_lens`` tokens whose
+    passes end at ``most_lens`` positions at most (a generation's: its prompt and its
+    new tokens but the last, which is never fed), after checking that
     kvpager reproduces transformers' rotary frequencies for it (the module
     docstring): unchanged, or, for a longrope call past the limit, with
     `LONG_SALT` appended. ``passes_from``: the fewest tokens a pass over a
