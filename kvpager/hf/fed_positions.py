@@ -23,6 +23,10 @@ def placed(position_ids: Any, real: np.ndarray, lens: np.ndarray, columns: int, 
     rows, width = real.shape
     if position_ids is None and not takes_positions:
         return np.ones(rows, dtype=bool)
+    if isinstance(position_ids, torch.Tensor) and position_ids.shape == (rows, width) and real.all():
+        # (a decode pass's: one axis, every column a token)
+        got = position_ids.detach().cpu().numpy()
+        return (got == lens[:, None] + np.arange(width)).all(axis=1)
     want = lens[:, None] + np.cumsum(real, axis=1) - 1
     try:
         got = (np.arange(columns, columns + width) if position_ids is None
