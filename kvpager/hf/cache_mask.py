@@ -145,3 +145,29 @@ def dropped_tails(attention_mask: torch.Tensor, held: np.ndarray, lens: np.ndarr
                 "last ones: a PagedCache attends every token it holds (it can cut a row's last tokens, not "
                 "others); start a new cache for this mask")
     return drop
+
+
+def checked(mask: PassMask, attention_mask: Any, keep: Any, every: bool, rows: Any, by_columns: bool) -> Spans:
+    """Where a pass's tokens fall (`Spans`, with ``gaps`` per row), its mask checked
+    against the cache's ``rows`` (a `CacheRows`): refused where transformers would
+    attend other tokens (kept logits, ``keep`` an int, at right padding; where
+    ``by_columns``, a model of sliding windows or chunks, padding between a row's
+    tokens; a mask dropping held tokens other than a row's last); a drop of a row's
+    last tokens cut from it. Nothing else changes. ``every``: each column a token."""
+    lens, ends = (rows.lens, rows.ends) if len(rows.lens) else (np.zeros(len(mask.real), np.int64),) * 2
+    drop = None
+    if mask.held is not None and len(rows.lens):
+        drop = dropped_tails(attention_mask, mask.held, lens, ends, rows.gapped, rows.columns)
+        if drop.any():
+            lens, ends = lens - drop, ends - drop
+    spans = Spans.of(mask.real, every)
+    spans.gaps = spans.gap_rows(lens, ends, rows.columns)
+    if by_columns and spans.gaps.any():
+        refuse_gaps(np.flatnonzero(spans.gaps))
+    if type(keep) is int and keep > 0 and not every:
+        right = right_padding(mask.real, lens, keep)
+        if right.any():
+            refuse_right_padding(np.flatnonzero(right))
+    if drop is not None and drop.any():
+        rows.drop_tails(drop)
+    return spans

@@ -333,7 +333,8 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         mask = cache_mask.read(attention_mask, rows, width, self._rows.columns)
         real = mask.real  # bool [rows, width]
         every = bool(real.all())
-        spans = self._spans(mask, attention_mask, named.get("logits_to_keep"), every)
+        spans = cache_mask.checked(mask, attention_mask, named.get("logits_to_keep"), every, self._rows,
+                                   self._by_columns)
         if first:  # a row a sequence, allocated with the pass that brings its first tokens
             self._rows.start(rows)
         tokens = input_ids.detach().cpu().numpy()
@@ -400,31 +401,6 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         step.batch = self._batch(plan, real, torch.arange(width, device=input_ids.device).expand(rows, width)) \
             if cut is None else self._batch(plan, cut.real, cut.columns)
         return step
-
-    def _spans(self, mask: cache_mask.PassMask, attention_mask: Any, keep: Any, every: bool) -> Any:
-        """Where the pass's tokens fall (`cache_mask.Spans`, with ``gaps`` per row), its
-        mask checked against the cache's rows: refused where transformers would attend
-        other tokens (right padding at kept logits; on a model of sliding windows or
-        chunks, padding between a row's tokens; a mask dropping held tokens other than a
-        row's last), a drop of a row's last tokens cut from it. Nothing else changes."""
-        rows = self._rows
-        lens, ends = (rows.lens, rows.ends) if len(rows.lens) else (np.zeros(len(mask.real), np.int64),) * 2
-        drop = None
-        if mask.held is not None and len(rows.lens):
-            drop = cache_mask.dropped_tails(attention_mask, mask.held, lens, ends, rows.gapped, rows.columns)
-            if drop.any():
-                lens, ends = lens - drop, ends - drop
-        spans = cache_mask.Spans.of(mask.real, every)
-        spans.gaps = spans.gap_rows(lens, ends, rows.columns)
-        if self._by_columns and spans.gaps.any():
-            cache_mask.refuse_gaps(np.flatnonzero(spans.gaps))
-        if type(keep) is int and keep > 0 and not every:
-            right = cache_mask.right_padding(mask.real, lens, keep)
-            if right.any():
-                cache_mask.refuse_right_padding(np.flatnonzero(right))
-        if drop is not None and drop.any():
-            rows.drop_tails(drop)
-        return spans
 
     def _batch(self, plan: Any, real: np.ndarray, columns: torch.Tensor) -> PagedBatch:
         """A pass's `PagedBatch` over ``plan``: its real tokens (bool [rows, W]) and the
