@@ -59,8 +59,8 @@ def padded(like: torch.Tensor, pads: dict) -> torch.Tensor:
     return mask
 
 
-def pool_for(model) -> KVPool:
-    return KVPool(spec_for_model(model, num_blocks=512, block_size=8))
+def pool_for(model, device: str = "cpu") -> KVPool:
+    return KVPool(spec_for_model(model, num_blocks=512, block_size=8), device=device if device == "cpu" else "cuda:0")
 
 
 def turns(model, cache, ids, mask, turn, eos):
@@ -74,13 +74,17 @@ def turns(model, cache, ids, mask, turn, eos):
     return model.generate(input_ids=ids2, attention_mask=mask2, **cache_kw(model, cache), **kw), mask2
 
 
-def test_a_later_turn_masking_a_rows_last_tokens_gives_transformers_tokens():
-    model = make("llama")
-    ids, mask = prompts(2, 2, (0, 5))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_later_turn_masking_a_rows_last_tokens_gives_transformers_tokens(device):
+    """(On a GPU pool the mask's earlier columns are summed on the device, read with its last.)"""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model = make("llama").to(device)
+    ids, mask = (t.to(device) for t in prompts(2, 2, (0, 5)))
     eos = int(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)[1, PROMPT + 1])
-    turn = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(9))
+    turn = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(9)).to(device)
     ref, mask2 = turns(model, transformers.DynamicCache(config=model.config), ids, mask, turn, eos)
-    pool = pool_for(model)
+    pool = pool_for(model, device)
     with PagedCache(model, pool) as cache:
         out, _ = turns(model, cache, ids, mask, turn, eos)
         assert mask2[1, PROMPT:PROMPT + 8].tolist().count(0) > 0  # (the case: row 1 ended in turn 1)
@@ -89,6 +93,7 @@ def test_a_later_turn_masking_a_rows_last_tokens_gives_transformers_tokens():
     assert torch.equal(out.sequences, ref.sequences)
     assert float((out.logits[0] - ref.logits[0]).abs().max()) < 1e-4
     assert_released(pool)
+    pool.close()
 
 
 def test_padding_between_a_rows_tokens_gives_transformers_tokens_under_full_attention():
