@@ -27,10 +27,11 @@ if not hasattr(transformers.cache_utils, "CacheLayerMixin"):
 VOCAB, PROMPT = 128, 20
 
 
-def make(kind: str, seed: int = 0):
-    """A small model whose logits spread widely (so a changed attention changes tokens)."""
+def make(kind: str, seed: int = 0, hidden: int = 64):
+    """A small model whose logits spread widely (so a changed attention changes tokens);
+    ``hidden`` 128 for a GPU pool (head dim 32: the kernels' least)."""
     torch.manual_seed(seed)
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(hidden_size=hidden, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, initializer_range=0.2,
                   bos_token_id=1, eos_token_id=None, pad_token_id=0)
     if kind == "llama":
@@ -79,7 +80,7 @@ def test_a_later_turn_masking_a_rows_last_tokens_gives_transformers_tokens(devic
     """(On a GPU pool the mask's earlier columns are summed on the device, read with its last.)"""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    model = make("llama").to(device)
+    model = make("llama", hidden=64 if device == "cpu" else 128).to(device)
     ids, mask = (t.to(device) for t in prompts(2, 2, (0, 5)))
     eos = int(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)[1, PROMPT + 1])
     turn = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(9)).to(device)
