@@ -64,15 +64,19 @@ def pool_for(model, device: str = "cpu") -> KVPool:
     return KVPool(spec_for_model(model, num_blocks=512, block_size=8), device=device if device == "cpu" else "cuda:0")
 
 
-def turns(model, cache, ids, mask, turn, eos):
-    """Two turns of a batched conversation on one cache: the second turn's mask drops
-    the padding each row was fed after its end token. (turn 2's output, its mask)."""
+def turns(model, cache, ids, mask, *more, eos):
+    """Turns of a batched conversation on one cache (``more``: the turns after the
+    first, token ids [rows, n] each): each turn's mask drops the padding each row was
+    fed after its end token in the turn before. (the last turn's output, its mask)."""
     kw = dict(max_new_tokens=8, do_sample=False, eos_token_id=eos, return_dict_in_generate=True,
               output_logits=True)
-    first = model.generate(input_ids=ids, attention_mask=mask, **cache_kw(model, cache), **kw).sequences
-    ids2 = torch.cat([first, turn], 1)
-    mask2 = torch.cat([mask, (first[:, PROMPT:] != 0).long(), torch.ones_like(turn)], 1)
-    return model.generate(input_ids=ids2, attention_mask=mask2, **cache_kw(model, cache), **kw), mask2
+    out = model.generate(input_ids=ids, attention_mask=mask, **cache_kw(model, cache), **kw)
+    for turn in more:
+        new = out.sequences[:, ids.shape[1]:]
+        ids = torch.cat([out.sequences, turn], 1)
+        mask = torch.cat([mask, (new != 0).long(), torch.ones_like(turn)], 1)
+        out = model.generate(input_ids=ids, attention_mask=mask, **cache_kw(model, cache), **kw)
+    return out, mask
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -84,10 +88,10 @@ def test_a_later_turn_masking_a_rows_last_tokens_gives_transformers_tokens(devic
     ids, mask = (t.to(device) for t in prompts(2, 2, (0, 5)))
     eos = int(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)[1, PROMPT + 1])
     turn = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(9)).to(device)
-    ref, mask2 = turns(model, transformers.DynamicCache(config=model.config), ids, mask, turn, eos)
+    ref, mask2 = turns(model, transformers.DynamicCache(config=model.config), ids, mask, turn, eos=eos)
     pool = pool_for(model, device)
     with PagedCache(model, pool) as cache:
-        out, _ = turns(model, cache, ids, mask, turn, eos)
+        out, _ = turns(model, cache, ids, mask, turn, eos=eos)
         assert mask2[1, PROMPT:PROMPT + 8].tolist().count(0) > 0  # (the case: row 1 ended in turn 1)
         held = [pool.sequence(s).num_tokens for s in cache.seq_ids]
         assert held == [int(m.sum()) - 1 + 8 for m in mask2]  # (turn 2's last token not fed)
@@ -97,14 +101,38 @@ def test_a_later_turn_masking_a_rows_last_tokens_gives_transformers_tokens(devic
     pool.close()
 
 
-def test_padding_between_a_rows_tokens_gives_transformers_tokens_under_full_attention():
-    """A first pass with holes in its mask, then a turn left-padded after the history."""
+def test_turns_after_a_rows_dropped_tokens_give_transformers_tokens(monkeypatch):
+    """Three more turns: a row cut after its end token holds its tokens in columns
+    apart; a later turn's mask drops its padding again (its last tokens, found through
+    those columns)."""
+    from kvpager.hf.cache_rows import CacheRows
+
+    model = make("llama")
+    ids, mask = prompts(2, 1, (0, 5))
+    eos = int(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)[1, PROMPT + 1])
+    more = [torch.randint(3, VOCAB, (2, n), generator=torch.Generator().manual_seed(n)) for n in (7, 1, 12)]
+    ref, _ = turns(model, transformers.DynamicCache(config=model.config), ids, mask, *more, eos=eos)
+    cuts, drop_tails = [], CacheRows.drop_tails
+    monkeypatch.setattr(CacheRows, "drop_tails",
+                        lambda rows, drop: cuts.append(bool(rows.gapped[drop > 0].any())) or drop_tails(rows, drop))
+    pool = pool_for(model)
+    with PagedCache(model, pool) as cache:
+        out, _ = turns(model, cache, ids, mask, *more, eos=eos)
+    assert cuts == [False, True]  # (the case: row 1 cut again once its tokens sat in columns apart)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert_released(pool)
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_padding_between_a_rows_tokens_gives_transformers_tokens_under_full_attention(chunk):
+    """A first pass with holes in its mask, then a turn left-padded after the history;
+    in parts too (the first part ends at row 1's hole: no refusal, the part's logits unread)."""
     model = make("llama")
     ids, _ = prompts(3, 4)
     mask = padded(ids, {1: slice(3, 6), 2: 10})
     turn = torch.randint(3, VOCAB, (3, 6), generator=torch.Generator().manual_seed(9))
     tmask = padded(turn, {1: slice(0, 3)})
-    kw = dict(max_new_tokens=6, do_sample=False)
+    kw = dict(max_new_tokens=6, do_sample=False, prefill_chunk_size=chunk)
 
     def run(cache):
         first = model.generate(input_ids=ids, attention_mask=mask, **cache_kw(model, cache), **kw)
@@ -172,20 +200,18 @@ def test_a_mask_that_drops_other_held_tokens_or_keeps_padding_is_refused():
     assert_released(pool)
 
 
-def test_kept_logits_at_right_padding_are_refused():
+def test_kept_logits_at_right_padding_are_warned_of():
     """kvpager runs no query for padding: ``generate`` on a right-padded batch (whose
-    next token transformers takes at the padding) is refused by name; a forward keeping
-    every position's logits (padding's unread) is served."""
+    next token transformers takes at the padding) warns, by name; a forward keeping
+    every position's logits gives transformers' at the tokens."""
     model = make("llama")
     ids, _ = prompts(2, 4)
     mask = padded(ids, {1: slice(15, None)})
     ids = ids.masked_fill(mask == 0, 0)
     pool = pool_for(model)
-    with PagedCache(model, pool) as cache:
-        with pytest.raises(InvalidArgument, match="right padding"):
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
-                           **cache_kw(model, cache))
-        assert pool.stats().num_sequences == 0
+    with PagedCache(model, pool) as cache, pytest.warns(UserWarning, match="row 1's tokens .right padding"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                       **cache_kw(model, cache))
     with PagedCache(model, pool) as cache, torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kw(model, cache)).logits
     with torch.no_grad():

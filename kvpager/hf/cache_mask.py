@@ -13,12 +13,14 @@ padding included. The two agree where
   consecutive columns: padding only before a row's first token (left padding).
   A pass that leaves padding between a row's tokens is refused there (`Spans`);
 - the logits a pass keeps are its rows' tokens', not padding after them (right
-  padding): kvpager computes no query for padding, so it refuses to hand out
-  logits it would not compute (`right_padding`).
+  padding): kvpager computes no query for padding, and warns where a pass keeps
+  such logits (`right_padding`; not refused: a chunk of a prefill in parts may
+  end at padding between a row's tokens, whose logits no one reads).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,11 +105,13 @@ def right_padding(real: np.ndarray, lens: np.ndarray, keep: int | None) -> np.nd
     return (~real[:, -keep:] & after[:, -keep:]).any(axis=1)
 
 
-def refuse_right_padding(rows: np.ndarray) -> None:
-    raise InvalidArgument(
+def warn_right_padding(rows: np.ndarray) -> None:
+    """Warned, not refused: a chunk of a prefill in parts may end at padding between a
+    row's tokens, whose logits no one reads (a pass cannot tell it from right padding)."""
+    warnings.warn(
         f"PagedCache: the logits this pass keeps are at padding after row {int(rows[0])}'s tokens (right "
-        "padding): kvpager computes no query for padding, so they would not be transformers'; pad on the left "
-        "(a tokenizer's padding_side='left')")
+        "padding): kvpager computes no query for padding, so they are not transformers'; pad on the left "
+        "(a tokenizer's padding_side='left')", UserWarning, stacklevel=2)
 
 
 def refuse_gaps(rows: np.ndarray) -> None:
@@ -118,12 +122,12 @@ def refuse_gaps(rows: np.ndarray) -> None:
         "row's first token (left padding)")
 
 
-def dropped_tails(attention_mask: torch.Tensor, held: np.ndarray, lens: np.ndarray, ends: np.ndarray,
-                  gapped: np.ndarray, columns: int) -> np.ndarray:
-    """Per row, how many of its last tokens held the mask's columns before the pass
-    drop (0: none); the mask read again whole where any row's count differs. A row
-    whose mask keeps other columns than its tokens (but for a drop of its last ones,
-    its tokens in consecutive columns) is refused."""
+def dropped_tails(attention_mask: torch.Tensor, held: np.ndarray, rows: Any) -> np.ndarray:
+    """Per row of ``rows`` (a `CacheRows`), how many of its last tokens the mask's
+    columns before the pass drop (0: none); the mask read again whole where any
+    row's count differs. A row whose mask keeps other columns than its tokens but
+    for a drop of its last ones is refused."""
+    lens, columns = rows.lens, rows.columns
     drop = lens - held
     if not drop.any():
         return drop
@@ -136,10 +140,10 @@ def dropped_tails(attention_mask: torch.Tensor, held: np.ndarray, lens: np.ndarr
             "mask the earlier passes were given, extended")
     mask = attention_mask.detach()[:, :columns].cpu().numpy().astype(bool)
     for r in np.flatnonzero(drop).tolist():
-        start, end, cut = int(ends[r] - lens[r]), int(ends[r]), int(drop[r])
+        fed, cut = rows.columns_of(r), int(drop[r])
         want = np.zeros(columns, dtype=bool)
-        want[start:end - cut] = True
-        if gapped[r] or not np.array_equal(mask[r], want):
+        want[fed[:len(fed) - cut]] = True
+        if not np.array_equal(mask[r], want):
             raise InvalidArgument(
                 f"PagedCache: attention_mask masks {cut} of the {int(lens[r])} tokens row {r} holds, not its "
                 "last ones: a PagedCache attends every token it holds (it can cut a row's last tokens, not "
@@ -150,16 +154,21 @@ def dropped_tails(attention_mask: torch.Tensor, held: np.ndarray, lens: np.ndarr
 def checked(mask: PassMask, attention_mask: Any, keep: Any, every: bool, rows: Any, by_columns: bool) -> Spans:
     """Where a pass's tokens fall (`Spans`, with ``gaps`` per row), its mask checked
     against the cache's ``rows`` (a `CacheRows`): refused where transformers would
-    attend other tokens (kept logits, ``keep`` an int, at right padding; where
-    ``by_columns``, a model of sliding windows or chunks, padding between a row's
-    tokens; a mask dropping held tokens other than a row's last); a drop of a row's
-    last tokens cut from it. Nothing else changes. ``every``: each column a token."""
+    attend other tokens (where ``by_columns``, a model of sliding windows or chunks,
+    padding between a row's tokens; a mask dropping held tokens other than a row's
+    last), kept logits at
+    right padding warned of; a drop of a row's last tokens cut from it. Nothing else
+    changes. ``every``: each column a token."""
     lens, ends = (rows.lens, rows.ends) if len(rows.lens) else (np.zeros(len(mask.real), np.int64),) * 2
     drop = None
     if mask.held is not None and len(rows.lens):
-        drop = dropped_tails(attention_mask, mask.held, lens, ends, rows.gapped, rows.columns)
-        if drop.any():
-            lens, ends = lens - drop, ends - drop
+        drop = dropped_tails(attention_mask, mask.held, rows)
+        if drop.any():  # (each dropping row's end after its drop: its last kept token's column + 1)
+            ends = ends.copy()
+            for r in np.flatnonzero(drop).tolist():
+                fed = rows.columns_of(r)[:int(lens[r] - drop[r])]
+                ends[r] = fed[-1] + 1 if len(fed) else 0
+            lens = lens - drop
     spans = Spans.of(mask.real, every)
     spans.gaps = spans.gap_rows(lens, ends, rows.columns)
     if by_columns and spans.gaps.any():
@@ -167,7 +176,7 @@ def checked(mask: PassMask, attention_mask: Any, keep: Any, every: bool, rows: A
     if type(keep) is int and keep > 0 and not every:
         right = right_padding(mask.real, lens, keep)
         if right.any():
-            refuse_right_padding(np.flatnonzero(right))
+            warn_right_padding(np.flatnonzero(right))
     if drop is not None and drop.any():
         rows.drop_tails(drop)
     return spans

@@ -45,9 +45,10 @@ class Step:
     #: a decode pass replayed from CUDA graphs (`cache_graphs`): `CacheGraphs.run`'s arguments
     replay: tuple[Any, ...] | None = None
     #: per row of the pass: after its last token, in the pass's columns (0: none), and whether the
-    #: pass leaves padding between its tokens (`cache_mask.Spans`)
+    #: pass leaves padding between its tokens (`cache_mask.Spans`); its tokens (bool [rows, width])
     ends: np.ndarray | None = None
     gaps: np.ndarray | None = None
+    real: np.ndarray | None = None
 
 
 class CacheRows:
@@ -66,6 +67,9 @@ class CacheRows:
         self.own = np.zeros(0, dtype=bool)  # rows fed a token elsewhere than at its index
         self.ends = np.zeros(0, dtype=np.int64)  # each row's column after its last token
         self.gapped = np.zeros(0, dtype=bool)  # rows with padding between their tokens' columns
+        # a gapped row's tokens as runs of columns, [start, length] each (the others' are the
+        # `lens` columns before `ends`)
+        self.runs: dict[int, list[list[int]]] = {}
         self.columns = 0  # the tokens each row was fed, pads included: transformers' cache length
         self.first_columns = 0  # the first pass's width
         self.padded = False  # whether a pass after the first had padding
@@ -79,6 +83,27 @@ class CacheRows:
         self.own = np.zeros(rows, dtype=bool)
         self.ends = np.zeros(rows, dtype=np.int64)
         self.gapped = np.zeros(rows, dtype=bool)
+        self.runs = {}
+
+    def columns_of(self, r: int) -> np.ndarray:
+        """The columns row ``r``'s tokens were fed at (int64, ascending)."""
+        if r in self.runs:
+            return np.concatenate([np.arange(a, a + n) for a, n in self.runs[r]] or [np.zeros(0, np.int64)])
+        return np.arange(int(self.ends[r] - self.lens[r]), int(self.ends[r]))
+
+    def _trim(self, r: int, cut: int) -> None:
+        """Row ``r``'s last ``cut`` tokens off its runs, and its end after them."""
+        runs = self.runs.get(r)
+        if runs is None:
+            self.ends[r] -= cut
+            return
+        while cut and runs:
+            take = min(cut, runs[-1][1])
+            runs[-1][1] -= take
+            cut -= take
+            if not runs[-1][1]:
+                runs.pop()
+        self.ends[r] = runs[-1][0] + runs[-1][1] if runs else 0
 
     def free(self) -> None:
         """Free every row's sequence: no rows."""
@@ -104,7 +129,8 @@ class CacheRows:
         self.pool.truncate(self.seq_ids, (self.lens - cut).tolist())
         self.lens -= cut
         self.columns -= cut
-        self.ends = np.maximum(self.ends - cut, 0)
+        for r in range(len(self.lens)):
+            self._trim(r, cut)
 
     def drop_tails(self, drop: np.ndarray) -> None:
         """Cut ``drop[r]`` of each row's last tokens (those a later mask drops,
@@ -113,7 +139,8 @@ class CacheRows:
         at = np.flatnonzero(drop)
         self.pool.truncate([self.seq_ids[r] for r in at], (self.lens[at] - drop[at]).tolist())
         self.lens[at] -= drop[at]
-        self.ends[at] -= drop[at]
+        for r in at.tolist():
+            self._trim(r, int(drop[r]))
         self.padded = True
 
     def reorder(self, parents: list[int]) -> None:
@@ -127,6 +154,7 @@ class CacheRows:
         self.own = self.own[parents]
         self.ends = self.ends[parents]
         self.gapped = self.gapped[parents]
+        self.runs = {i: [list(run) for run in self.runs[p]] for i, p in enumerate(parents) if p in self.runs}
         free_all(self.pool, gone)
 
     def done(self, step: Step, margin: int) -> None:
@@ -136,6 +164,18 @@ class CacheRows:
         after = before + step.counts
         self.lens[step.rows] = after
         if step.ends is not None:
+            gapped = step.rows[step.gaps[step.rows] | self.gapped[step.rows]]
+            if len(gapped):  # (rare: their runs of columns kept)
+                held = dict(zip(step.rows.tolist(), before.tolist()))
+            for r in gapped.tolist():
+                runs = self.runs.get(r)
+                if runs is None:  # (its tokens so far: one run, up to its end)
+                    runs = self.runs[r] = [[int(self.ends[r]) - held[r], held[r]]] if held[r] else []
+                for a, n in _runs(step.real[r]):
+                    if runs and runs[-1][0] + runs[-1][1] == self.columns + a:
+                        runs[-1][1] += n
+                    else:
+                        runs.append([self.columns + a, n])
             self.ends[step.rows] = self.columns + step.ends[step.rows]
             self.gapped[step.rows] |= step.gaps[step.rows]
         self.columns += step.columns
@@ -172,3 +212,9 @@ class CacheRows:
             if step.first:
                 self.start(0)
             free_all(self.pool, fresh)
+
+
+def _runs(real: np.ndarray) -> list[tuple[int, int]]:
+    """The runs of True in ``real`` (1-D bool): (start, length) each."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], real, [False]]).astype(np.int8)))
+    return [(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2])]

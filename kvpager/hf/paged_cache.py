@@ -346,7 +346,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         fresh = [] if uniform else [int(r) for r in live if self.seq_ids[r] is None]
         at = placed(named.get("position_ids"), real, self._rows.lens, self._rows.columns, self._takes_positions)
         step = Step(None, live, counts[live], width, first, fresh, at, padded=not every, ends=spans.end,
-                    gaps=spans.gaps)
+                    gaps=spans.gaps, real=real)
         try:
             if not len(live):
                 raise InvalidArgument("PagedCache: a pass whose every token is padding (attention_mask 0)")
