@@ -67,9 +67,12 @@ class CacheRows:
         self.own = np.zeros(0, dtype=bool)  # rows fed a token elsewhere than at its index
         self.ends = np.zeros(0, dtype=np.int64)  # each row's column after its last token
         self.gapped = np.zeros(0, dtype=bool)  # rows with padding between their tokens' columns
-        # a gapped row's tokens as runs of columns, [start, length] each (the others' are the
-        # `lens` columns before `ends`)
+        # a gapped row's tokens in columns: its closed runs, [start, length] each, in `runs`
+        # (`closed` tokens in all), then its open run, the rest of its tokens up to `ends`
+        # (a row never gapped: one open run). A pass that continues a row's open run
+        # changes only `lens` and `ends`.
         self.runs: dict[int, list[list[int]]] = {}
+        self.closed = np.zeros(0, dtype=np.int64)
         self.columns = 0  # the tokens each row was fed, pads included: transformers' cache length
         self.first_columns = 0  # the first pass's width
         self.padded = False  # whether a pass after the first had padding
@@ -84,26 +87,30 @@ class CacheRows:
         self.ends = np.zeros(rows, dtype=np.int64)
         self.gapped = np.zeros(rows, dtype=bool)
         self.runs = {}
+        self.closed = np.zeros(rows, dtype=np.int64)
 
     def columns_of(self, r: int) -> np.ndarray:
         """The columns row ``r``'s tokens were fed at (int64, ascending)."""
-        if r in self.runs:
-            return np.concatenate([np.arange(a, a + n) for a, n in self.runs[r]] or [np.zeros(0, np.int64)])
-        return np.arange(int(self.ends[r] - self.lens[r]), int(self.ends[r]))
+        end = int(self.ends[r])
+        tail = np.arange(end - int(self.lens[r] - self.closed[r]), end)
+        return np.concatenate([np.arange(a, a + n) for a, n in self.runs.get(r, ())] + [tail])
 
     def _trim(self, r: int, cut: int) -> None:
-        """Row ``r``'s last ``cut`` tokens off its runs, and its end after them."""
+        """Row ``r``'s last ``cut`` tokens off its runs (before `lens` drops them), and
+        its end after them: a closed run becomes the open one where the cut reaches it."""
         runs = self.runs.get(r)
-        if runs is None:
-            self.ends[r] -= cut
+        cut -= int(self.lens[r] - self.closed[r])  # (past its open run)
+        if cut <= 0 or not runs:
+            self.ends[r] -= cut + int(self.lens[r] - self.closed[r])
             return
-        while cut and runs:
-            take = min(cut, runs[-1][1])
-            runs[-1][1] -= take
-            cut -= take
-            if not runs[-1][1]:
-                runs.pop()
-        self.ends[r] = runs[-1][0] + runs[-1][1] if runs else 0
+        while runs:
+            a, n = runs.pop()
+            self.closed[r] -= n
+            if cut < n:
+                self.ends[r] = a + n - cut
+                return
+            cut -= n
+        self.ends[r] = 0
 
     def free(self) -> None:
         """Free every row's sequence: no rows."""
@@ -127,10 +134,13 @@ class CacheRows:
                                   f"sliding windows (release_margin {margin}): the next query's "
                                   "window would read positions no longer held")
         self.pool.truncate(self.seq_ids, (self.lens - cut).tolist())
+        if self.runs:
+            for r in range(len(self.lens)):
+                self._trim(r, cut)
+        else:
+            self.ends -= cut
         self.lens -= cut
         self.columns -= cut
-        for r in range(len(self.lens)):
-            self._trim(r, cut)
 
     def drop_tails(self, drop: np.ndarray) -> None:
         """Cut ``drop[r]`` of each row's last tokens (those a later mask drops,
@@ -138,9 +148,9 @@ class CacheRows:
         columns (no crop across them)."""
         at = np.flatnonzero(drop)
         self.pool.truncate([self.seq_ids[r] for r in at], (self.lens[at] - drop[at]).tolist())
-        self.lens[at] -= drop[at]
         for r in at.tolist():
             self._trim(r, int(drop[r]))
+        self.lens[at] -= drop[at]
         self.padded = True
 
     def reorder(self, parents: list[int]) -> None:
@@ -155,6 +165,7 @@ class CacheRows:
         self.ends = self.ends[parents]
         self.gapped = self.gapped[parents]
         self.runs = {i: [list(run) for run in self.runs[p]] for i, p in enumerate(parents) if p in self.runs}
+        self.closed = self.closed[parents]
         free_all(self.pool, gone)
 
     def done(self, step: Step, margin: int) -> None:
@@ -164,18 +175,21 @@ class CacheRows:
         after = before + step.counts
         self.lens[step.rows] = after
         if step.ends is not None:
-            gapped = step.rows[step.gaps[step.rows] | self.gapped[step.rows]]
-            if len(gapped):  # (rare: their runs of columns kept)
+            apart = step.rows[step.gaps[step.rows]]
+            if len(apart):  # (rare: rows whose tokens this pass leaves apart close their open run)
                 held = dict(zip(step.rows.tolist(), before.tolist()))
-            for r in gapped.tolist():
-                runs = self.runs.get(r)
-                if runs is None:  # (its tokens so far: one run, up to its end)
-                    runs = self.runs[r] = [[int(self.ends[r]) - held[r], held[r]]] if held[r] else []
+            for r in apart.tolist():
+                runs = self.runs.setdefault(r, [])
+                n_open = held[r] - int(self.closed[r])
+                start = int(self.ends[r]) - n_open
                 for a, n in _runs(step.real[r]):
-                    if runs and runs[-1][0] + runs[-1][1] == self.columns + a:
-                        runs[-1][1] += n
-                    else:
-                        runs.append([self.columns + a, n])
+                    if n_open and start + n_open == self.columns + a:
+                        n_open += n
+                        continue
+                    if n_open:
+                        runs.append([start, n_open])
+                        self.closed[r] += n_open
+                    start, n_open = self.columns + a, n
             self.ends[step.rows] = self.columns + step.ends[step.rows]
             self.gapped[step.rows] |= step.gaps[step.rows]
         self.columns += step.columns
