@@ -75,7 +75,7 @@ class Spans:
     first: np.ndarray
     end: np.ndarray
     holes: np.ndarray
-    gaps: np.ndarray | None = None  # (`gap_rows`, set by the cache)
+    gaps: np.ndarray | None = None  # per row, padding between its tokens (`gap_rows`, set by `checked`)
 
     @classmethod
     def of(cls, real: np.ndarray, every: bool = False) -> Spans:
@@ -156,9 +156,8 @@ def checked(mask: PassMask, attention_mask: Any, keep: Any, every: bool, rows: A
     against the cache's ``rows`` (a `CacheRows`): refused where transformers would
     attend other tokens (where ``by_columns``, a model of sliding windows or chunks,
     padding between a row's tokens; a mask dropping held tokens other than a row's
-    last), kept logits at
-    right padding warned of; a drop of a row's last tokens cut from it. Nothing else
-    changes. ``every``: each column a token."""
+    last), kept logits at right padding warned of; a drop of a row's last tokens cut
+    from it. Nothing else changes. ``every``: each column a token."""
     lens, ends = (rows.lens, rows.ends) if len(rows.lens) else (np.zeros(len(mask.real), np.int64),) * 2
     drop = None
     if mask.held is not None and len(rows.lens):

@@ -44,10 +44,8 @@ class Step:
     early: tuple[Any, dict[str, Any]] | None = None
     #: a decode pass replayed from CUDA graphs (`cache_graphs`): `CacheGraphs.run`'s arguments
     replay: tuple[Any, ...] | None = None
-    #: per row of the pass: after its last token, in the pass's columns (0: none), and whether the
-    #: pass leaves padding between its tokens (`cache_mask.Spans`); its tokens (bool [rows, width])
-    ends: np.ndarray | None = None
-    gaps: np.ndarray | None = None
+    #: where each row's tokens fall in the pass (`cache_mask.Spans`), and its tokens (bool [rows, width])
+    spans: Any = None
     real: np.ndarray | None = None
 
 
@@ -174,8 +172,8 @@ class CacheRows:
         before = self.lens[step.rows]
         after = before + step.counts
         self.lens[step.rows] = after
-        if step.ends is not None:
-            apart = step.rows[step.gaps[step.rows]]
+        if step.spans is not None:
+            apart = step.rows[step.spans.gaps[step.rows]]
             if len(apart):  # (rare: rows whose tokens this pass leaves apart close their open run)
                 held = dict(zip(step.rows.tolist(), before.tolist()))
             for r in apart.tolist():
@@ -190,8 +188,8 @@ class CacheRows:
                         runs.append([start, n_open])
                         self.closed[r] += n_open
                     start, n_open = self.columns + a, n
-            self.ends[step.rows] = self.columns + step.ends[step.rows]
-            self.gapped[step.rows] |= step.gaps[step.rows]
+            self.ends[step.rows] = self.columns + step.spans.end[step.rows]
+            self.gapped[step.rows] |= step.spans.gaps[step.rows]
         self.columns += step.columns
         if step.first:
             self.first_columns = step.columns

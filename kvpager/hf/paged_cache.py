@@ -34,8 +34,9 @@ prompt not yet cached once, in a pass of its own before the rows' tails
 
 A pass that raises leaves the sequences as they were before it (the first
 pass's freed, later ones' appended tokens cut off), but for a row's last
-tokens its mask dropped (`kvpager.hf.cache_mask`: cut before the pass runs). The model is switched to
-kvpager attention for each pass alone (`paged_attention`): between passes it
+tokens its mask dropped (`kvpager.hf.cache_mask`: cut before the pass runs).
+The model is switched to kvpager attention for each pass alone
+(`paged_attention`): between passes it
 attends as before (during one, as with `paged_attention`, other threads'
 calls of the same model object get kvpager attention too).
 
@@ -345,8 +346,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         uniform = not first and None not in self.seq_ids and every
         fresh = [] if uniform else [int(r) for r in live if self.seq_ids[r] is None]
         at = placed(named.get("position_ids"), real, self._rows.lens, self._rows.columns, self._takes_positions)
-        step = Step(None, live, counts[live], width, first, fresh, at, padded=not every, ends=spans.end,
-                    gaps=spans.gaps, real=real)
+        step = Step(None, live, counts[live], width, first, fresh, at, padded=not every, spans=spans, real=real)
         try:
             if not len(live):
                 raise InvalidArgument("PagedCache: a pass whose every token is padding (attention_mask 0)")
