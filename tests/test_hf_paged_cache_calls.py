@@ -252,15 +252,21 @@ def test_decode_passes_append_every_row_in_one_packed_call(model, monkeypatch):
     pool = pool_for(model)
     ids, mask = padded_batch(3)
     calls = []
+
+    def counted(name):
+        orig = getattr(pool, name)
+
+        def call(*args, **kw):
+            calls.append((name, args))
+            return orig(*args, **kw)
+        return call
+
     for name in ("append", "append_flat"):
-        def counted(*args, _orig=getattr(pool, name), _name=name, **kw):
-            calls.append((_name, args, kw))
-            return _orig(*args, **kw)
-        monkeypatch.setattr(pool, name, counted)
+        monkeypatch.setattr(pool, name, counted(name))
     ref, out = both(model, pool, ids, mask, max_new_tokens=6, do_sample=False)
     assert out.tolist() == ref.tolist()
     assert len(calls) == 5  # (the first pass allocates)
-    for name, args, kw in calls:
+    for name, args in calls:
         seq_ids, count, tokens = args
         assert name == "append_flat" and count == 1 and len(seq_ids) == 3
         assert isinstance(tokens, np.ndarray) and tokens.shape == (3, 1)
