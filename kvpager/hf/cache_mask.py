@@ -32,38 +32,66 @@ from kvpager.errors import InvalidArgument
 
 @dataclass
 class PassMask:
-    """What a pass's mask says: ``real`` (bool [rows, width]: the pass's own tokens)
-    and ``held`` (per row, the 1s of the mask's columns before the pass; None where
-    the mask does not span exactly those columns and the pass's)."""
+    """What a pass's inputs say: ``real`` (bool [rows, width]: the pass's own tokens),
+    ``held`` (per row, the 1s of the mask's columns before the pass; None where the
+    mask does not span exactly those columns and the pass's), ``tokens`` (its input
+    ids, int [rows, width]) and ``positions`` (its ``position_ids`` where they are
+    [rows, width] on the ids' device; None: not read)."""
 
     real: np.ndarray
     held: np.ndarray | None
+    tokens: np.ndarray
+    positions: np.ndarray | None = None
 
 
-def read(attention_mask: Any, rows: int, width: int, columns: int) -> PassMask:
-    """A pass of ``width`` columns after ``columns`` cached ones: its mask's last
-    ``width`` columns as bool, and the row sums of those before them, in one read
-    from the device. No mask: every token the row's, nothing to compare."""
-    if attention_mask is None:
-        return PassMask(np.ones((rows, width), dtype=bool), None)
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2 \
-            or attention_mask.shape[0] != rows or attention_mask.shape[1] < width:
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
-        raise InvalidArgument(f"PagedCache takes a 2-D attention_mask [rows, tokens so far] of 0s and 1s "
-                              f"(a tokenizer's); got {shape} for input_ids [{rows}, {width}]")
-    mask = attention_mask.detach()
-    spans = columns and mask.shape[1] == columns + width
-    if mask.device.type == "cpu":  # (NumPy's sum: torch's CPU reduction wakes its thread pool)
+def read(attention_mask: Any, input_ids: torch.Tensor, position_ids: Any, columns: int) -> PassMask:
+    """A pass of ``input_ids`` [rows, width] after ``columns`` cached ones: its mask's
+    last ``width`` columns as bool, the row sums of those before them, the ids and
+    the positions (where [rows, width] on the ids' device), in one read from the
+    device. No mask: every token the row's, nothing to compare."""
+    rows, width = input_ids.shape
+    ids = input_ids.detach()
+    pos = position_ids.detach() if isinstance(position_ids, torch.Tensor) and position_ids.shape == (rows, width) \
+        and position_ids.device == ids.device else None
+    mask = None
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2 \
+                or attention_mask.shape[0] != rows or attention_mask.shape[1] < width:
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+            raise InvalidArgument(f"PagedCache takes a 2-D attention_mask [rows, tokens so far] of 0s and 1s "
+                                  f"(a tokenizer's); got {shape} for input_ids [{rows}, {width}]")
+        mask = attention_mask.detach()
+    spans = bool(columns) and mask is not None and mask.shape[1] == columns + width
+    real = held = None
+    if mask is not None and mask.device.type == "cpu":  # (NumPy's sum: torch's CPU reduction wakes its thread pool)
         whole = mask.numpy()
         real, held = whole[:, -width:], whole[:, :columns].sum(axis=1, dtype=np.int64) if spans else None
-    elif spans:  # one read from the device
-        both = torch.cat([mask[:, -width:].long(), mask[:, :columns].long().sum(1, keepdim=True)], 1).cpu().numpy()
-        real, held = both[:, :width], both[:, width]
-    else:
-        real, held = mask[:, -width:].cpu().numpy(), None
+    if ids.device.type == "cpu":
+        tokens, positions = ids.numpy(), None if pos is None else pos.numpy()
+    else:  # one read from the device: ids, positions, the mask's columns and sums where on the same device
+        parts = [ids if pos is None else torch.cat([ids, pos.to(ids.dtype)], 1)]
+        onto = mask is not None and real is None and mask.device == ids.device
+        if onto:
+            parts.append(mask[:, -width:].to(ids.dtype))
+            if spans:
+                parts.append(mask[:, :columns].sum(1, keepdim=True, dtype=ids.dtype))
+        got = (torch.cat(parts, 1) if len(parts) > 1 else parts[0]).cpu().numpy()
+        tokens = got[:, :width]
+        at = width
+        if pos is not None:
+            positions, at = got[:, width:2 * width], 2 * width
+        else:
+            positions = None
+        if onto:
+            real, held = got[:, at:at + width], got[:, at + width] if spans else None
+    if mask is None:
+        real = np.ones((rows, width), dtype=bool)
+    elif real is None:  # (a mask on another device than the ids)
+        real = mask[:, -width:].cpu().numpy()
+        held = mask[:, :columns].sum(1).cpu().numpy() if spans else None
     if real.dtype != bool and not ((real == 0) | (real == 1)).all():  # (not np.isin: 10x the time)
         raise InvalidArgument("PagedCache: attention_mask must hold 0s and 1s")
-    return PassMask(real.astype(bool), held)
+    return PassMask(real.astype(bool, copy=False), held, tokens, positions)
 
 
 @dataclass

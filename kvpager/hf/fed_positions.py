@@ -14,22 +14,24 @@ import numpy as np
 import torch
 
 
-def placed(position_ids: Any, real: np.ndarray, lens: np.ndarray, columns: int, takes_positions: bool) -> np.ndarray:
+def placed(position_ids: Any, real: np.ndarray, lens: np.ndarray, columns: int, takes_positions: bool,
+           read: np.ndarray | None = None) -> np.ndarray:
     """Per row, bool: whether a pass of ``real`` tokens (bool [rows, width]) after
     ``lens`` tokens a row (``columns`` cache columns, pads included) feeds each at
     its index. Without ``position_ids`` a model that takes them counts cache
     columns (one that takes none, ALiBi's, derives nothing from positions).
+    ``read``: the positions already read (`cache_mask.read`: [rows, width]).
     Positions that cannot be read count as elsewhere."""
     rows, width = real.shape
     if position_ids is None and not takes_positions:
         return np.ones(rows, dtype=bool)
-    if isinstance(position_ids, torch.Tensor) and position_ids.shape == (rows, width) and real.all():
-        # (a decode pass's: one axis, every column a token)
-        got = position_ids.detach().cpu().numpy()
-        return (got == lens[:, None] + np.arange(width)).all(axis=1)
+    if read is None and isinstance(position_ids, torch.Tensor) and position_ids.shape == (rows, width):
+        read = position_ids.detach().cpu().numpy()
+    if read is not None and real.all():  # (a decode pass's: one axis, every column a token)
+        return (read == lens[:, None] + np.arange(width)).all(axis=1)
     want = lens[:, None] + np.cumsum(real, axis=1) - 1
     try:
-        got = (np.arange(columns, columns + width) if position_ids is None
+        got = (np.arange(columns, columns + width) if position_ids is None else read if read is not None
                else torch.as_tensor(position_ids).detach().cpu().numpy())
         if got.ndim < 3:
             got = got.reshape((1,) * (3 - got.ndim) + got.shape)

@@ -47,6 +47,7 @@ from kvpager.hf.attention import (  # noqa: F401
     register,
 )
 from kvpager.hf.checks import check_model, check_model_and_pool, check_positions, end_tokens  # noqa: F401
+from kvpager.hf.decode_plans import DecodePlans
 from kvpager.hf.eager import TORCH_DTYPES
 from kvpager.hf.graphs import (
     CapturedSteps,
@@ -185,9 +186,8 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         self._pool_device = torch.device(pool_device)
         self._graphs = None
         # Decode steps on a GPU pool refill the last step's plan in place while the batch
-        # keeps its sequences (`_plan`); the CPU backend's plans are made anew each step.
-        self._reuse_plans = pool_device.startswith("cuda") and hasattr(self.pool, "tables")
-        self._last_plan: tuple[Any, list[int]] | None = None
+        # keeps its sequences; the CPU backend's plans are made anew each step.
+        self._plans = DecodePlans(self.pool, text_config(self.model).num_attention_heads, cascade=self.cascade)
         # a daemon client pipelines only where its daemon answers `record_tokens` (`Client.ops`)
         ops = getattr(self.pool, "ops", None)
         self._pipelined = (self.pipeline and hasattr(self.pool, "record_tokens")
@@ -208,7 +208,7 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         # MiB of tables for two sequences and 40 s; 10**12 ran out of device memory). A sequence whose
         # windows gave blocks back may outgrow it: its plans grow then, as a graph's do.
         longest = max(len(p) + m for p, m in zip(self.prompts, self._most))
-        self._width = graph_width(self.pool, longest)
+        self._width = self._plans.width = graph_width(self.pool, longest)
         kept = self.cuda_graphs if isinstance(self.cuda_graphs, CapturedSteps) else None
         check_graph_options(self.model, self.pool, True if kept is not None else self.cuda_graphs, self.compile)
         if kept is not None:
@@ -314,7 +314,8 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
             out = self._graphs.launch(ids, input_ids, position_ids, slots)
         else:
             ends = torch.as_tensor(np.cumsum(lens) - 1, device=self._device)
-            out = self._forward(self._plan(ids, lens, slots), input_ids, position_ids, ends)
+            plan = self._plans.plan(ids, np.asarray(lens), slots, max(p[-1] for p in positions) + 1)
+            out = self._forward(plan, input_ids, position_ids, ends)
         return self._first_tokens(out, rows).tolist()
 
     def _first_tokens(self, out: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -358,7 +359,7 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
                     self.pool.synchronize()  # (the pass in flight writes into blocks about to go back)
                 free_all(self.pool, [s for s in self.seq_ids if s in self._held])
                 self._held.clear()
-                self._last_plan = None
+                self._plans.drop()
             finally:
                 if self._kept is not None:
                     self._kept.release(self)
@@ -375,7 +376,7 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
                 self._closed = True
                 try:
                     self._free(self.seq_ids)
-                    self._last_plan = None
+                    self._plans.drop()
                     self._flush()
                 finally:
                     if self._kept is not None:

@@ -17,7 +17,7 @@ rollback (`crop`). Each forward pass over the cache
    sharing the blocks of any cached prefix under the model's salt) or appends
    (later passes) each row's new tokens in the pool, and makes one step plan
    (a decode pass over the rows of the last refills its plan in place:
-   `kvpager.hf.cache_plans`);
+   `kvpager.hf.decode_plans`);
 2. runs the model with kvpager attention (`kvpager.hf.attention`): each layer
    writes its new K/V at the plan's slots and attends over the pool, padding
    neither stored nor read;
@@ -61,10 +61,10 @@ from kvpager.errors import InvalidArgument, UnsupportedConfiguration, Unsupporte
 from kvpager.hf import cache_mask, cached_tail, early_prefix, repeated_rows
 from kvpager.hf.attention import PagedBatch
 from kvpager.hf.cache_graphs import CacheGraphs
-from kvpager.hf.cache_plans import CachePlans
 from kvpager.hf.cache_rows import CacheRows, Step
 from kvpager.hf.checks import check_layers_ran, check_model, check_model_and_pool
 from kvpager.hf.compiled import running
+from kvpager.hf.decode_plans import DecodePlans
 from kvpager.hf.eager import TORCH_DTYPES
 from kvpager.hf.fed_positions import own_salt, placed
 from kvpager.hf.graphs import CapturedSteps, check_graph_options
@@ -139,7 +139,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         # that would cut their inputs to the kept logits' positions (Gemma-4's, for an int
         # logits_to_keep) is handed those positions as indices instead, which it does not cut by
         self._keeps_all = self._layer_map is not None and any(p >= 0 and not s for p, s in self._layer_map)
-        self._plans = CachePlans(pool, text_config(model).num_attention_heads)
+        self._plans = DecodePlans(pool, text_config(model).num_attention_heads)
         self._signature = inspect.signature(type(model).forward)
         self._takes_positions = "position_ids" in self._signature.parameters
         self._dtype = TORCH_DTYPES[dtype_name(pool.spec.dtype)]
@@ -331,21 +331,22 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         if not first and rows != len(self.seq_ids):
             raise InvalidArgument(f"PagedCache holds {len(self.seq_ids)} rows, and this pass has {rows} "
                                   "(rows change between passes through reorder_cache / batch_select_indices)")
-        mask = cache_mask.read(attention_mask, rows, width, self._rows.columns)
+        mask = cache_mask.read(attention_mask, input_ids, named.get("position_ids"), self._rows.columns)
         real = mask.real  # bool [rows, width]
         every = bool(real.all())
         spans = cache_mask.checked(mask, attention_mask, named.get("logits_to_keep"), every, self._rows,
                                    self._by_columns)
         if first:  # a row a sequence, allocated with the pass that brings its first tokens
             self._rows.start(rows)
-        tokens = input_ids.detach().cpu().numpy()
+        tokens = mask.tokens
         counts = real.sum(axis=1)
         live = np.flatnonzero(counts)
         # (a pass after the first whose every row holds a sequence and gets every column: a decode
         # pass; one packed append, no per-row work)
         uniform = not first and None not in self.seq_ids and every
         fresh = [] if uniform else [int(r) for r in live if self.seq_ids[r] is None]
-        at = placed(named.get("position_ids"), real, self._rows.lens, self._rows.columns, self._takes_positions)
+        at = placed(named.get("position_ids"), real, self._rows.lens, self._rows.columns, self._takes_positions,
+                    mask.positions)
         step = Step(None, live, counts[live], width, first, fresh, at, padded=not every, spans=spans, real=real)
         try:
             if not len(live):

@@ -44,7 +44,6 @@ import numpy as np
 
 from kvpager.batch_calls import one_by_one
 from kvpager.errors import KVPagerError, LimitExceeded
-from kvpager.hf.model import text_config
 from kvpager.hf.passes import Owed, Pass, fed_tokens, queue_copy, to_device
 
 #: The most token ids owed at once (`Owed`): a daemon's default tokens limit for one
@@ -87,12 +86,12 @@ class DecodePasses:
             if self._graphs is not None:
                 out = self._graphs.launch(ids, input_ids, position_ids, slots)
                 reads = self._graphs.last
-            elif self._recurrent is not None:  # rows of a token each, with their recurrent states
-                reads = self._plan(ids, [1] * len(ids), slots)
-                out = self._recurrent.decode(reads, input_ids, position_ids)
-            else:
-                reads = self._plan(ids, [1] * len(ids), slots)
-                out = self._forward(reads, input_ids, position_ids)
+            else:  # (an eager decode step of the last one's sequences refills its plan: `DecodePlans`)
+                reads = self._plans.plan(ids, np.ones(len(ids), dtype=np.int64), slots, max(positions) + 1)
+                if self._recurrent is not None:  # rows of a token each, with their recurrent states
+                    out = self._recurrent.decode(reads, input_ids, position_ids)
+                else:
+                    out = self._forward(reads, input_ids, position_ids)
             # (the pass gave logits where sampled or logprobs are kept: each row chooses its next new token)
             tokens = self._choose(out, rows, [len(self.outputs[i]) + ahead for i in rows])
             # (copied before the tokens: their event covers both)
@@ -102,31 +101,6 @@ class DecodePasses:
                 self._recurrent.stepped(positions)  # (a pass ahead: once the pass before it completes)
         host, event = queue_copy(tokens, self._host_tokens)
         return Pass(rows, ids, positions, position_ids, tokens, host, event, reads, logprobs=logprobs)
-
-    def _plan(self, ids: list[int], lens: list[int], slots: np.ndarray) -> Any:
-        """The step plan of an eager pass. A decode step of the same sequences as the
-        last one refills that step's plan in place (`StepPlan.update`: no new device
-        buffers, kernel launches or cascade planning), as a captured step does; any
-        other step gets a new plan, with capacity for the generation's longest
-        sequence when it is a decode step that later ones can reuse. Plans say
-        ``host_bound``: where the cascade is left to the planner, an eager decode
-        step cascades only where it spares enough reading to pace the device
-        (`kvpager.cascade.HOST_BOUND_MIN_SAVED`)."""
-        heads = text_config(self.model).num_attention_heads
-        decode = max(lens) == 1
-        # the model's Python paces an eager step: a decode cascade only where it would pace the device
-        if not (self._reuse_plans and decode):
-            return self.pool.plan(ids, lens, slots, num_q_heads=heads, cascade=self.cascade, host_bound=True)
-        last = self._last_plan
-        if last is not None and last[1] == ids:
-            tables, seq_lens = self.pool.tables(ids)
-            if tables.shape[1] <= last[0].width:
-                last[0].update(tables, seq_lens, None, slots)
-                return last[0]
-        plan = self.pool.plan(ids, None, slots, num_rows=len(ids), width=self._width, num_q_heads=heads,
-                              cascade=self.cascade, host_bound=True)
-        self._last_plan = (plan, list(ids))
-        return plan
 
     def _complete(self, done: Pass) -> None:
         """Complete ``done`` (pipelined: the pass before the one in flight, whose slots
