@@ -98,6 +98,10 @@ def make(family: str, **fields):
     prefix, model_class, own = FAMILIES[family]
     if not hasattr(transformers, prefix + "Config"):
         pytest.skip(f"transformers {transformers.__version__} has no {prefix}Config")
+    if getattr(getattr(transformers, model_class), "_is_stateful", False):
+        # (transformers before 5.24 keeps such a model's states in a cache class of its own: refused by
+        # name, `checks.check_module_states`; served from transformers' linear-attention cache layers)
+        pytest.skip(f"transformers {transformers.__version__} keeps {model_class}'s states in its own cache class")
     config_class = getattr(transformers, prefix + "Config")
     base = config_class()
     config = config_class(**{**{k: v for k, v in SMALL.items() if hasattr(base, k)}, **own, **fields})
