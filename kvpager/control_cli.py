@@ -116,7 +116,7 @@ def quota(client: Any, salt: str, blocks: str) -> None:
     else:
         raise click.BadParameter(f"BLOCKS must be a number of blocks or 'none', got {blocks!r}")
     client.set_quota(salt or None, value)
-    click.echo(f"tenant {render.salt_label(salt)}: quota {'none' if value is None else value} blocks")
+    click.echo(f"tenant {render.salt_label(salt)}: {'no quota' if value is None else f'quota {value} blocks'}")
 
 
 @daemon_command

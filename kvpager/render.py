@@ -64,7 +64,8 @@ def stats_text(st: PoolStats) -> str:
         "",
         f"sequences        {st.num_sequences} ({st.swapped_sequences} swapped)",
         f"prefix hit rate  {100 * st.prefix_hit_rate:.1f}% ({st.prefix_hit_tokens} of {st.prefix_query_tokens} prompt tokens)",
-        f"slot utilization {100 * st.slot_utilization:.1f}% ({st.tokens_stored} tokens in {st.token_slots_allocated} slots)",
+        f"slot utilization {100 * st.slot_utilization:.1f}% ({st.tokens_stored} tokens in {st.token_slots_allocated} slots)"
+        if st.token_slots_allocated else "slot utilization -  (no slots allocated)",
         f"cached blocks    {st.cached_blocks}    block size {st.block_size} tokens, {human_bytes(bpb)} per block",
     ]
     if st.ranks > 1:

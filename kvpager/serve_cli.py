@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from kvpager import env
+from kvpager.backends.ranked import rank_spec
 from kvpager.errors import KVPagerError
 from kvpager.events import FORMATS
 from kvpager.limits import Limits
@@ -199,6 +200,8 @@ def dry_run(opts: dict[str, Any]) -> None:
     device, devices = pool_devices(opts)
     try:
         spec = build_spec(opts, device, devices)
+        if devices:  # (the ranks' split, refused as the daemon's start refuses it)
+            rank_spec(spec, len(devices))
     except KVPagerError as e:
         raise click.ClickException(str(e)) from None
     usable = spec.num_blocks - 1  # (block 0: the null block)

@@ -119,8 +119,9 @@ def lines(snap: Snapshot, r: Rates | None, endpoint: str, width: int, height: in
         out.append(f"last {r.seconds:.1f}s: {req} req/s  prefix hit {hit} of {r.prompt_tokens} "
                    + ("tokens" if narrow else "prompt tokens"))
     tokens = "" if narrow else f"  tokens {st.tokens_stored}"
+    slots = f"{100 * st.slot_utilization:.1f}%" if st.token_slots_allocated else "-"  # (none allocated)
     out.append(f"seqs {st.num_sequences} ({st.swapped_sequences} swapped){tokens}"
-               f"  slots used {100 * st.slot_utilization:.1f}%  host {st.host_free_blocks}/{st.host_total_blocks} free")
+               f"  slots used {slots}  host {st.host_free_blocks}/{st.host_total_blocks} free")
     over = sum(t.over_quota for t in st.tenants)
     out.append(f"tenants {max(st.num_tenants, len(st.tenants))} ({over} over quota)  sessions {len(snap.sessions)}"
                f"  {'hit' if narrow else 'all-time prefix hit'} {100 * st.prefix_hit_rate:.1f}%"

@@ -86,3 +86,14 @@ def test_hf_families_sweep_reports_matches_and_refusals():
         ("llama", "gqa"): "match", ("llama", "mha"): "match",
         ("mpt", "gqa"): "refused", ("mpt", "mha"): "refused"}
     assert all("attention interface" in rows["mpt", v]["detail"] for v in ("gqa", "mha"))
+
+
+def test_bench_allocator_at_scale_with_fewer_live_sequences_than_a_session():
+    """`--live` under a session's 1,000 sequences: one session of them (a
+    StatisticsError before: no median of zero ends of a session)."""
+    from tool_helpers import tool_module
+
+    with tool_module("bench_allocator") as tool:
+        rows = tool.bench_live(500, 1000, 3)
+    ops = {r["op"]: r for r in rows}
+    assert ops["stats()"]["live"] == 500 and ops["end a session: free its 500 sequences"]["ms"] > 0

@@ -26,10 +26,10 @@ def test_parts_nest_and_the_wrappers_go(tool):
     before = (pipeline.fed_tokens, pipeline.queue_copy, attention.write_attend)
     t = tool.measure(tool.tiny_model(), "cpu", batch=5, steps=20, warmup=4)
     assert (pipeline.fed_tokens, pipeline.queue_copy, attention.write_attend) == before
-    ran = {k: v for k, v in t.items() if k != "tables"}  # (a CPU pool's plans are made anew: no tables call)
+    ran = {k: v for k, v in t.items() if k != "refill"}  # (a CPU pool's plans are made anew: none refilled)
     assert all(v > 0 for v in ran.values()), t
-    assert t["_append"] + t["_plan"] + t["fed_tokens"] + t["_forward"] + t["queue_copy"] <= t["_launch"]
-    assert t["write_attend"] <= t["_forward"] and t["tables"] <= t["_plan"]
+    assert t["_append"] + t["plan"] + t["fed_tokens"] + t["_forward"] + t["queue_copy"] <= t["_launch"]
+    assert t["write_attend"] <= t["_forward"] and t["refill"] <= t["plan"]
     assert t["_update"] + t["record_tokens"] + t["commit"] <= t["_complete"]
     assert t["_launch"] + t["_complete"] <= t["step"] and t["outside the forward"] == pytest.approx(
         t["step"] - t["_forward"])

@@ -276,3 +276,14 @@ def test_a_wrong_control_token_is_named_as_such():
         code, out = invoke("stats", "--endpoint", s.endpoint,
                            env={"KVPAGER_CONTROL_TOKEN": "a-stale-control-token-of-length"})
     assert code == 6 and "KVPAGER_CONTROL_TOKEN" in out and "KVPAGER_TOKEN," not in out
+
+
+def test_a_dry_run_refuses_ranks_that_do_not_split_the_kv_heads():
+    """--dry-run printed a pool of 3 CPU ranks over 2 K/V heads and exited 0; the same
+    options without it are refused at the start: the dry run refuses them alike."""
+    for ranks in (["--ranks", "3", "--device", "cpu"], ["--devices", "cpu,cpu,cpu"]):
+        dry = CliRunner().invoke(main, ["serve", "--model", "tiny", "--blocks", "16", *ranks, "--dry-run"])
+        assert dry.exit_code == 1 and "cannot be split over 3 ranks" in dry.output, (ranks, dry.output)
+    ok = CliRunner().invoke(main, ["serve", "--model", "tiny", "--blocks", "16", "--ranks", "2", "--device", "cpu",
+                                   "--dry-run"])
+    assert ok.exit_code == 0 and "device" in ok.output, ok.output

@@ -44,6 +44,21 @@ def test_stats_table(daemon):
     code, out = invoke("stats", "--endpoint", server.endpoint)
     assert code == 0
     assert "prefix hit rate" in out and "sequences        4 (0 swapped)" in out
+    st = daemon[1].stats()
+    assert f"slot utilization {100 * st.slot_utilization:.1f}% ({st.tokens_stored} tokens in " in out
+
+
+def test_stats_of_an_empty_pool_claim_no_slot_utilization():
+    """No slots allocated: no share of them holds tokens ("100.0% (0 tokens in 0
+    slots)" before), in `stats` and in `top`'s frame alike."""
+    from kvpager import top as view
+
+    with running_server() as server:
+        code, out = invoke("stats", "--endpoint", server.endpoint)
+        assert code == 0 and "slot utilization -  (no slots allocated)" in out, out
+        with Client(server.endpoint, timeout=10) as client:
+            frame = "\n".join(view.lines(view.take(client), None, server.endpoint, 120, 40))
+    assert "slots used -" in frame and "100.0%" not in frame, frame
 
 
 def test_seqs(daemon):

@@ -92,7 +92,7 @@ def test_quota_command(daemon):
     ctl = ["--endpoint", endpoint, "--control-token-file", str(token_file)]
     assert run("quota", "tenant-b", "12", *ctl)[:2] == (0, "tenant tenant-b: quota 12 blocks\n")
     assert {t.salt: t.quota for t in worker.stats().tenants}["tenant-b"] == 12
-    assert run("quota", "tenant-b", "none", *ctl)[0] == 0
+    assert run("quota", "tenant-b", "none", *ctl)[:2] == (0, "tenant tenant-b: no quota\n")
     assert "tenant-b" not in {t.salt for t in worker.stats().tenants}  # no blocks, no quota: gone
     code, _, err = run("quota", "tenant-b", "3.5", *ctl)
     assert code == 2 and "BLOCKS must be" in err

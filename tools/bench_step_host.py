@@ -39,12 +39,13 @@ import kvpager.hf.pipeline as pipeline  # noqa: E402
 from kvpager import KVPool  # noqa: E402
 from kvpager.hf import PagedGeneration, spec_for_model  # noqa: E402
 
-#: (label, where, name): what is timed; where is "gen", "pool", "pipeline" or "attention"
+#: (label, where, name): what is timed; where is "gen", "plans" (its `DecodePlans`), "pool", "pipeline" or
+#: "attention"
 PARTS = [
     ("launch of the next pass", "gen", "_launch"),
     ("launch: append (allocator)", "gen", "_append"),
-    ("launch: plan (tables, refill, upload)", "gen", "_plan"),
-    ("plan: tables", "pool", "tables"),
+    ("launch: plan (a new one, or refilled)", "plans", "plan"),
+    ("plan: refill (tables, upload)", "pool", "refill"),
     ("launch: input ids gathered", "pipeline", "fed_tokens"),
     ("launch: forward (the model)", "gen", "_forward"),
     ("forward: each layer's write_attend", "attention", "write_attend"),
@@ -74,7 +75,7 @@ def measure(model: Any, device: str, batch: int, steps: int, warmup: int) -> dic
     gen = PagedGeneration(model, pool, prompts, max_new_tokens=warmup + steps + 2, eos_token_id=None)
     spent: dict[str, float] = collections.defaultdict(float)
     undo = []
-    owners = {"gen": gen, "pool": pool, "pipeline": pipeline, "attention": attention}
+    owners = {"gen": gen, "plans": gen._plans, "pool": pool, "pipeline": pipeline, "attention": attention}
     for _, where, name in PARTS:
         obj = owners[where]
         fn = getattr(obj, name)
