@@ -27,6 +27,7 @@ import argparse
 import datetime
 import json
 
+import _needs_cupy  # noqa: F401 (first: names what a machine without CuPy lacks)
 import attention_common as ac
 import cupy
 import numpy as np

@@ -22,6 +22,7 @@ import datetime
 import json
 from collections.abc import Callable
 
+import _needs_cupy  # noqa: F401 (first: names what a machine without CuPy lacks)
 import cupy
 import numpy as np
 import torch

@@ -31,6 +31,7 @@ import dataclasses
 import datetime
 import json
 
+import _needs_cupy  # noqa: F401 (first: names what a machine without CuPy lacks)
 import cupy
 import numpy as np
 import torch

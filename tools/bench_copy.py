@@ -19,6 +19,7 @@ import datetime
 import json
 import time
 
+import _needs_cupy  # noqa: F401 (first: names what a machine without CuPy lacks)
 import cupy
 import numpy as np
 from cupy.cuda import runtime

@@ -15,6 +15,7 @@ import argparse
 import datetime
 import json
 
+import _needs_cupy  # noqa: F401 (first: names what a machine without CuPy lacks)
 import cupy
 import numpy as np
 from cupy.cuda import runtime
