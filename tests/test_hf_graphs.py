@@ -154,10 +154,11 @@ def test_eager_decode_steps_refill_one_plan_while_the_batch_keeps_its_sequences(
         pool = KVPool(spec_for_model(model, num_blocks=256, block_size=8), device="cuda:0")
         plans = []
         with PagedGeneration(model, pool, prompts, max_new_tokens=12, eos_token_id=eos, cascade=True) as gen:
-            gen._reuse_plans = reuse
+            gen._plans.refills = reuse
             while not gen.done:
                 gen.step()
-                plans.append(gen._last_plan[0] if reuse else None)
+                if reuse and gen._plans._kept is not None:  # (`DecodePlans`: the decode plan it keeps)
+                    plans.append(gen._plans._kept[0])
             out = gen.outputs
         pool.check_integrity()
         return out, plans
