@@ -8,6 +8,7 @@ at right padding are refused, each before anything changes."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -219,3 +220,34 @@ def test_kept_logits_at_right_padding_are_warned_of():
     real = mask.bool()
     assert float((out[real] - ref[real]).abs().max()) < 1e-4
     assert_released(pool)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_pass_reads_its_ids_positions_and_mask_as_given(device):
+    """`cache_mask.read` (on a GPU one copy of ids, positions, the mask's last
+    columns and its earlier columns' row sums) against the tensors themselves:
+    decode and prompt passes, bool and int masks, a mask spanning other columns,
+    positions of another shape, a mask on the host beside ids on the device."""
+    from kvpager.hf import cache_mask
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    g = torch.Generator().manual_seed(3)
+    for rows, width, columns in ((5, 1, 30), (3, 9, 0), (4, 6, 12)):
+        ids = torch.randint(0, VOCAB, (rows, width), generator=g)
+        mask = torch.randint(0, 2, (rows, columns + width), generator=g)
+        mask[:, -1] = 1
+        for m in (mask, mask.bool(), mask[:, 1:] if columns else mask, None):
+            spans = m is not None and columns and m.shape[1] == columns + width
+            for pos in (torch.arange(columns, columns + width).expand(rows, width), None,
+                        torch.arange(columns, columns + width)[None]):
+                for mask_device in {device, "cpu"}:
+                    got = cache_mask.read(None if m is None else m.to(mask_device), ids.to(device),
+                                          None if pos is None else pos.to(device), columns)
+                    assert np.array_equal(got.tokens, ids.numpy())
+                    assert np.array_equal(got.real, np.ones((rows, width), bool) if m is None
+                                          else m[:, -width:].bool().numpy())
+                    assert (got.held is None) == (not spans)
+                    assert not spans or np.array_equal(got.held, m[:, :columns].long().sum(1).numpy())
+                    assert (got.positions is None) == (pos is None or pos.shape != (rows, width))
+                    assert got.positions is None or np.array_equal(got.positions, pos.numpy())

@@ -69,19 +69,15 @@ def read(attention_mask: Any, input_ids: torch.Tensor, position_ids: Any, column
     if ids.device.type == "cpu":
         tokens, positions = ids.numpy(), None if pos is None else pos.numpy()
     else:  # one read from the device: ids, positions, the mask's columns and sums where on the same device
-        parts = [ids if pos is None else torch.cat([ids, pos.to(ids.dtype)], 1)]
+        parts = [ids] if pos is None else [ids, pos.to(ids.dtype)]
         onto = mask is not None and real is None and mask.device == ids.device
         if onto:
             parts.append(mask[:, -width:].to(ids.dtype))
             if spans:
                 parts.append(mask[:, :columns].sum(1, keepdim=True, dtype=ids.dtype))
-        got = (torch.cat(parts, 1) if len(parts) > 1 else parts[0]).cpu().numpy()
-        tokens = got[:, :width]
-        at = width
-        if pos is not None:
-            positions, at = got[:, width:2 * width], 2 * width
-        else:
-            positions = None
+        got = (torch.cat(parts, 1) if len(parts) > 1 else ids).cpu().numpy()
+        at = width if pos is None else 2 * width
+        tokens, positions = got[:, :width], None if pos is None else got[:, width:at]
         if onto:
             real, held = got[:, at:at + width], got[:, at + width] if spans else None
     if mask is None:
