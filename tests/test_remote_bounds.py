@@ -28,7 +28,7 @@ from redis_helpers import listener, need_redis, redis_cluster, redis_server
 need_redis()
 redis = pytest.importorskip("redis")
 
-from test_remote_tier import BS, SPEC, kv_of, pool, prefill, written  # noqa: E402
+from remote_tier_helpers import BS, SPEC, kv_of, pool, prefill, written  # noqa: E402
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.remote_store import StoreError, StoreMisconfigured, open_store  # noqa: E402

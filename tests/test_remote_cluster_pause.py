@@ -26,7 +26,7 @@ need_redis()
 redis = pytest.importorskip("redis")
 
 from redis.crc import key_slot  # noqa: E402
-from test_remote_tier import BS, kv_of, pool, prefill, written  # noqa: E402
+from remote_tier_helpers import BS, kv_of, pool, prefill, written  # noqa: E402
 
 from kvpager.prefix_cache import chain_keys, root_key  # noqa: E402
 from kvpager.remote_store import KEY_STRING, StoreError, open_store  # noqa: E402

@@ -18,7 +18,7 @@ from redis_helpers import need_redis, redis_cluster, redis_server
 need_redis()
 redis = pytest.importorskip("redis")
 
-from test_remote_tier import BS, SPEC, WAIT, expected_k, kv_of, pool, written  # noqa: E402
+from remote_tier_helpers import BS, SPEC, WAIT, expected_k, kv_of, pool, written  # noqa: E402
 
 from kvpager.prefix_cache import chain_keys, root_key  # noqa: E402
 from kvpager.remote_format import HEADER_BYTES  # noqa: E402

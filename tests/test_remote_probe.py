@@ -19,7 +19,7 @@ from redis_helpers import need_redis, redis_server
 need_redis()
 redis = pytest.importorskip("redis")
 
-from test_remote_tier import BS, SPEC, WAIT, expected_k, pool, prefill, written  # noqa: E402
+from remote_tier_helpers import BS, SPEC, WAIT, expected_k, pool, prefill, written  # noqa: E402
 
 from kvpager import CacheProbe, EventSink, InvalidArgument, KVPool, OutOfBlocks  # noqa: E402
 from kvpager.remote_format import HEADER_BYTES  # noqa: E402

@@ -20,7 +20,7 @@ from redis_helpers import need_redis, redis_server
 need_redis()
 redis = pytest.importorskip("redis")
 
-from test_remote_tier import BS, SPEC, kv_of, pool, prefill, written  # noqa: E402
+from remote_tier_helpers import BS, SPEC, kv_of, pool, prefill, written  # noqa: E402
 
 from kvpager import KVPool, PoolSpec  # noqa: E402
 from kvpager.render import remote_text  # noqa: E402
