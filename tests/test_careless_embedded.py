@@ -1,11 +1,11 @@
 """Careless callers of the embedded API: an owner that cannot be one, a plan's
 write_attend refused after its write, uint64 slots past int64, one sequence
-looked up by a bool or a 0-d array, a read-only ``out``, a flat tensor as the
-prompts of ``generate``, a memory budget that is no number of bytes, a NaN
-owner, a pool too large for the host. Each was answered wrongly before (blocks leaked, K/V written by a
-refused call, a write skipped as padding, another error type, a false
-integrity failure); each is now a typed error with nothing changed, or the
-right answer. NumPy backend, small pools."""
+looked up by a bool or a 0-d array, a read-only ``out``, a memory budget that
+is no number of bytes, a NaN owner, a pool too large for the host (the
+transformers side: `test_careless_embedded_hf.py`). Each was answered wrongly
+before (blocks leaked, K/V written by a refused call, a write skipped as
+padding, another error type, a false integrity failure); each is now a typed
+error with nothing changed, or the right answer. NumPy backend, small pools."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def _setup(p):
 
 
 # -- owners that cannot be owners --------------------------------------------------------
+
+
 _UNHASHABLE = [
     pytest.param(lambda p: p.allocate([[1, 2, 3]], owner=[1]), id="allocate one prompt"),
     pytest.param(lambda p: p.allocate([list(range(3 * BS))], owner={}), id="allocate one long prompt"),
@@ -66,6 +68,8 @@ def test_a_nan_owner_passes_the_integrity_check():
 
 
 # -- write_attend: checked whole before the write ------------------------------------------
+
+
 def _write_attend_refusals():
     torch = pytest.importorskip("torch")
     return [
@@ -99,6 +103,8 @@ def test_write_attend_refused_for_its_query_or_sinks_writes_nothing(k):
 
 
 # -- slots ---------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("bad", [(1 << 64) - 1, (1 << 63) + BS])
 def test_uint64_slots_past_int64_are_refused(bad):
     """A uint64 slot of 2**64 - 1 became -1 in the cast to int64, and its write was
@@ -120,6 +126,8 @@ def test_uint64_slots_past_int64_are_refused(bad):
 
 
 # -- one sequence's info ---------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("bad", [True, np.bool_(True), 1.0, np.float64(1.0), "1", [1], None, np.array(1.0)])
 def test_sequence_refuses_what_is_no_sequence_id(bad):
     """sequence(True) and sequence(1.0) answered for sequence 1 (with ``seq_id=True``),
@@ -142,6 +150,8 @@ def test_sequence_takes_a_numpy_integer_as_its_int(dtype):
 
 
 # -- out ---------------------------------------------------------------------------------------
+
+
 def test_a_plan_refuses_a_read_only_out():
     """A read-only NumPy ``out`` raised NumPy's ValueError after the attention ran."""
     pool = make_pool()
@@ -157,6 +167,8 @@ def test_a_plan_refuses_a_read_only_out():
 
 
 # -- sizing a pool ------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("device_bytes, host_bytes", [
     ("1e9", 0), (float("nan"), 0), (float("inf"), 0), (True, 0), (None, 0), (-(1 << 30), 0),
     (1 << 30, "x"), (1 << 30, -1), (1 << 30, float("nan")), (1 << 30, False),
@@ -175,75 +187,8 @@ def test_a_memory_budget_of_numbers_is_taken():
 
 
 # -- kvpager.hf -----------------------------------------------------------------------------------
-def _tiny():
-    pytest.importorskip("transformers")
-    from test_hf_models import make_model, prompt
-
-    from kvpager import KVPool
-    from kvpager.hf import spec_for_model
-
-    model = make_model("llama")
-    return model, KVPool(spec_for_model(model, num_blocks=16)), prompt
 
 
-def test_generate_refuses_one_flat_tensor_as_the_prompts_by_name():
-    """A 1-D tensor (one prompt's ids, not a list of prompts) raised TypeError
-    "'int' object is not iterable"; a 1-D array was refused by name already."""
-    torch = pytest.importorskip("torch")
-    from kvpager.hf import generate
-
-    model, pool, prompt = _tiny()
-    ids = prompt(5, 1)
-    before = pool.stats()
-    for flat in (torch.tensor(ids), np.array(ids)):
-        with pytest.raises(ValueError, match=r"prompts\[0\] must be a list of token ids"):
-            generate(model, pool, flat, 2)
-    assert pool.stats() == before
-    assert generate(model, pool, torch.tensor([ids]), 2) == generate(model, pool, [ids], 2)
-
-
-def test_generate_takes_a_0d_integer_tensor_as_eos_and_refuses_a_float_one_by_name():
-    """A 0-d tensor as eos_token_id raised TypeError "iteration over a 0-d tensor".
-    An integer one is the id it holds (the tokens of the int); a float one is
-    refused by name, nothing held."""
-    torch = pytest.importorskip("torch")
-    from kvpager.hf import generate
-
-    model, pool, prompt = _tiny()
-    before = pool.stats()
-    p = prompt(4, 1)
-    assert generate(model, pool, [p], 4, eos_token_id=torch.tensor(3)) == generate(model, pool, [p], 4,
-                                                                                     eos_token_id=3)
-    with pytest.raises(ValueError, match="eos_token_id must be"):
-        generate(model, pool, [p], 2, eos_token_id=torch.tensor(3.0))
-    assert pool.stats().num_sequences == before.num_sequences == 0
-    pool.check_integrity()
-
-
-def test_paged_batch_takes_a_device_name_and_refuses_a_dtype_name():
-    """PagedBatch(plan, torch.float32, "cpu") raised AttributeError ('str' object has
-    no attribute 'type'); a dtype given as a name got as far as the first layer,
-    where torch read it as a device string (RuntimeError)."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    from kvpager.hf import PagedBatch
-    from kvpager.hf.attention import write_attend
-
-    outs = []
-    for device in ("cpu", torch.device("cpu")):
-        pool = make_pool()
-        [c] = pool.allocate([[1, 2, 3]])
-        batch = PagedBatch(pool.plan(c.seq_id, 3, c.slots), torch.float32, device)
-        assert batch.device == torch.device("cpu") and batch.on_cpu
-        g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(1, 2, 3, 64, generator=g) for _ in range(3))
-        outs.append(write_attend(batch, 0, q, k, v, None, None, None))
-    assert torch.equal(outs[0], outs[1])
-    with pytest.raises(TypeError, match="dtype"):
-        PagedBatch(None, "float32", "cpu")
-
-
-# -- sizing from a config, token ids, FP8 scales, backends ---------------------------------
 _CONFIG = {"num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 256}
 
 
@@ -376,6 +321,8 @@ def test_a_pool_larger_than_the_host_can_hold_is_a_typed_error(where):
 
 
 # -- counts and flags that are no counts or flags ----------------------------------------
+
+
 _NO_COUNT = [
     pytest.param(lambda p: p.pins_page(after="x"), "after", id="pins_page after str"),
     pytest.param(lambda p: p.pins_page(after=1.5), "after", id="pins_page after float"),
@@ -420,22 +367,6 @@ def test_a_0d_integer_array_is_the_int_it_holds_for_every_count():
     p.check_integrity()
 
 
-def test_generate_refuses_a_bool_as_its_count_of_beams():
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    from test_hf_models import make_model
-
-    from kvpager import KVPool
-    from kvpager.hf import generate, spec_for_model
-
-    model = make_model("llama")
-    pool = KVPool(spec_for_model(model, num_blocks=16, block_size=8))
-    with pytest.raises(InvalidArgument, match="num_beams"):
-        generate(model, pool, [[5, 6, 7]], 3, num_beams=True)
-    assert pool.stats().num_sequences == 0 and torch is not None
-
-
-# -- arguments whose own comparison or sorting failed --------------------------------------
 def test_commit_refuses_an_array_as_one_sequences_upto():
     p = make_pool()
     a, _ = _setup(p)
