@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+
+
 transformers = pytest.importorskip("transformers")
 
 from hf_versions import falcon_attends_through_the_interface, served_by_this_transformers  # noqa: E402
@@ -19,18 +20,18 @@ from kvpager import KVPool  # noqa: E402
 from kvpager.errors import InvalidArgument  # noqa: E402
 from kvpager.hf import (  # noqa: E402
     PagedGeneration,
-    beam_search,
-    default_salt,
     generate,
     layer_chunks,
     layer_map,
     layer_windows,
-    score,
     spec_for_model,
 )
 
 VOCAB = 128
+
+
 WINDOW = 6  # shorter than a block of 8 or 16 and than every prompt below
+
 
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, initializer_range=0.1,
@@ -38,11 +39,18 @@ COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_at
 #: for the families whose tiny random models otherwise repeat a prompt's last token (Gemma's scaled
 #: embeddings tied to the head: the residual stream, mostly the input embedding, scores its own
 #: token highest), where a wrong window or softcap would still give transformers' tokens
+
+
 VARIED = dict(tie_word_embeddings=False, initializer_range=0.3)
 #: Llama's and Qwen's, at 0.1, repeated one token for the prompts that share the system prompt below
+
+
 LIVELY = dict(initializer_range=0.2)
 SLIDING, FULL = "sliding_attention", "full_attention"
+
+
 ALTERNATING = [SLIDING, FULL, SLIDING, FULL]
+
 
 MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
            n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=32,
@@ -64,6 +72,8 @@ GEMMA4 = dict(head_dim=16, global_head_dim=32, num_attention_heads=8, num_key_va
               vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8)
 
 # family: (config class, model class, extra config, the per-layer windows it must get)
+
+
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", LIVELY, [None] * 4),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW), [WINDOW] * 4),
@@ -313,27 +323,6 @@ def test_a_chunk_the_block_size_does_not_divide_is_refused():
 
 # A worker of the daemon plans from its own mirror over the mapped pool: what each family
 # needs of a plan holds there too (family: what it checks, the pool layers the daemon holds).
-THROUGH_DAEMON = {
-    "gemma2": 4,  # windows and the soft cap
-    "gemma3n": 3,  # layers that reuse earlier layers' K/V: the daemon's pool holds only those that store
-    "llama4": 4,  # chunked layers: the plans' chunked views; queries scaled by position
-    "gemma4": 4,  # layers of two geometries in one pool (the daemon's, sized by the client's spec)
-}
-
-
-@pytest.mark.parametrize("family", list(THROUGH_DAEMON))
-def test_family_through_a_daemon_client(family):
-    pytest.importorskip("zmq")
-    from daemon_helpers import running_server
-
-    from kvpager.client import Client
-
-    model = make_model(family)
-    prompts = [prompt(30, seed=10), prompt(17, seed=11)]
-    spec = spec_for_model(model, num_blocks=64, block_size=8)
-    assert spec.num_layers == THROUGH_DAEMON[family]
-    with running_server(spec) as server, Client(server.endpoint) as pool:
-        assert generate(model, pool, prompts, 10) == [reference(model, p, 10) for p in prompts]
 
 
 def pool_for(spec, through_daemon: bool, stack: contextlib.ExitStack):
@@ -347,76 +336,6 @@ def pool_for(spec, through_daemon: bool, stack: contextlib.ExitStack):
 
     server = stack.enter_context(running_server(spec))
     return stack.enter_context(Client(server.endpoint))
-
-
-@pytest.mark.parametrize("through_daemon", [False, True])
-def test_windowed_model_holds_about_one_window_of_blocks(through_daemon):
-    """Every layer windowed (Mistral-style): each step gives back the blocks no
-    window reads again, so a sequence holds about a window of blocks however
-    long it generates, with the tokens unchanged; a model with full-attention
-    layers (Gemma-2's alternating layout) keeps them all."""
-    tokens = [prompt(30, seed=12), prompt(9, seed=13)]
-    new = 40
-    for family, releases in (("mistral", True), ("gemma2", False)):
-        model = make_model(family)
-        spec = spec_for_model(model, num_blocks=96, block_size=8)
-        with contextlib.ExitStack() as stack:
-            pool = pool_for(spec, through_daemon, stack)
-            held = []
-            with PagedGeneration(model, pool, tokens, max_new_tokens=new) as gen:
-                while not gen.done:
-                    gen.step()
-                    held.append(pool.stats().used_blocks)
-                outs = gen.outputs
-            assert outs == [reference(model, p, new) for p in tokens]
-            if releases:  # window 6 in blocks of 8: at most 2 blocks each, and 1 more while a step appends
-                assert max(held[2:]) <= 2 * 3
-            else:  # every block kept: 79 tokens hold 10 blocks
-                assert max(held) >= 10
-            pool.check_integrity()
-
-
-@pytest.mark.parametrize("through_daemon", [False, True])
-def test_a_windowed_models_next_turn_hits_past_its_evicted_first_blocks(through_daemon):
-    """Every layer windowed: a conversation's first turn gave its leading blocks
-    back as it went (released first, so evicted first in a tight pool), and
-    the next turn, whose prompt begins with the whole first turn, found no
-    prefix at all (the chain of hits starts at block 0) and ran its prompt
-    again. Now it hits as far as its first new token's window reads cached
-    blocks, computes only the rest, and gives transformers' tokens."""
-    model = make_model("mistral")
-    first, new = prompt(40, seed=21), 30
-    spec = spec_for_model(model, num_blocks=24, block_size=8)
-    with contextlib.ExitStack() as stack:
-        pool = pool_for(spec, through_daemon, stack)
-        [answer] = generate(model, pool, [first], new)
-        assert answer == reference(model, first, new)
-        [filler] = pool.allocate([prompt(8 * 16, seed=22)])  # takes most of the pool: the oldest cached go
-        pool.free([filler.seq_id])
-        turn = first + answer + prompt(12, seed=23)
-        salt = default_salt(model)
-        assert pool.cached_tokens([turn], salt) == [0]  # no prefix from block 0 on
-        hits = pool.cached_tokens([turn], salt, window=WINDOW)[0]
-        assert hits >= (len(first) + new) // 8 * 8 - 8  # all but the block the last answer token went to
-        with PagedGeneration(model, pool, [turn], max_new_tokens=20) as gen:
-            assert gen.num_cached_tokens == [hits]
-            while not gen.done:
-                gen.step()
-            outs = gen.outputs
-        assert outs == [reference(model, turn, 20)]
-        # score and beam search allocate with the window too: their hits, a fresh pool's results
-        fresh = KVPool(spec)
-        start = len(first) + new
-        hit_before = pool.stats().prefix_hit_tokens
-        [scored] = score(model, pool, [turn], start=start)
-        assert pool.stats().prefix_hit_tokens - hit_before >= hits - 8
-        np.testing.assert_allclose(scored, score(model, fresh, [turn], start=start)[0], rtol=1e-5, atol=1e-5)
-        hit_before = pool.stats().prefix_hit_tokens
-        [beams] = beam_search(model, pool, [turn], 6, num_beams=2, eos_token_id=None)
-        assert pool.stats().prefix_hit_tokens - hit_before >= hits - 8
-        assert beams.tokens == beam_search(model, fresh, [turn], 6, num_beams=2, eos_token_id=None)[0].tokens
-        pool.check_integrity()
-        assert pool.stats().used_blocks == 0
 
 
 def test_attention_sinks_change_the_tokens():
