@@ -18,6 +18,16 @@ def tmpdir_ipc():
     shutil.rmtree(d, ignore_errors=True)
 
 
+# the event stream's daemon tests' (test_events_daemon.py, test_events_settings.py): an endpoint and its folder
+@pytest.fixture
+def tmp_ipc():
+    from daemon_helpers import ipc_endpoint
+
+    endpoint, d = ipc_endpoint()
+    yield endpoint, d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture
 def ctx():
     c = zmq.Context()

@@ -125,6 +125,11 @@ def daemon_process(args: list[str], endpoint: str, timeout: float = 30) -> Itera
         reader.join(timeout)
 
 
+def wait_published(server: Any, n: int, timeout: float = 10.0) -> bool:
+    """Wait until ``server``'s event stream has published ``n`` batches."""
+    return wait_until(lambda: server.events.published >= n, timeout)
+
+
 def wait_until(cond: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
     """Poll ``cond`` until true or ``timeout`` seconds pass; returns its last value."""
     deadline = time.monotonic() + timeout

@@ -1,47 +1,34 @@
 """The daemon's KV event stream through real ZeroMQ sockets: a subscriber
 written as a router for vLLM's events would be (SUB, 3-frame messages,
-msgspec decoding, REQ replay), kvpager's own tail (`kvpager events`), and
-the daemon's refusals of bad settings."""
+msgspec decoding, REQ replay), a subscriber that never reads, shutdown, a
+restarted daemon, replay peers that never read. (Its settings and
+`kvpager events`: test_events_settings.py.)"""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
-import sys
 import time
 from typing import Any
 
 import pytest
 import zmq
-from click.testing import CliRunner
 from daemon_helpers import (
     SMALL,
-    daemon_process,
     free_tcp_endpoint,
-    ipc_endpoint,
     running_server,
-    subprocess_env,
+    wait_published,
 )
 from vllm_events import DECODERS, AllBlocksCleared, BlockRemoved, BlockStored, hashes
 
-from kvpager.cli import main
 from kvpager.client import Client
-from kvpager.errors import InvalidArgument
 from kvpager.events_pub import END_SEQ, EventsConfig, replay_endpoint_for
 from kvpager.server import Server
 from kvpager.spec import PoolSpec
 
 BS = SMALL.block_size
+
+
 WAIT_MS = 5000
-
-
-@pytest.fixture
-def tmp_ipc():
-    endpoint, d = ipc_endpoint()
-    yield endpoint, d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 class Router:
@@ -201,15 +188,6 @@ def test_a_subscriber_that_never_reads_does_not_slow_the_daemon(tmp_ipc):
         assert wait_published(server, 301)  # batch 0 and one per commit: none dropped on the daemon's side
 
 
-def wait_published(server: Server, n: int) -> bool:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if server.events.published >= n:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_shutdown_publishes_all_blocks_cleared(tmp_ipc):
     endpoint, d = tmp_ipc
     server = Server.create(SMALL, endpoint, events=EventsConfig(f"ipc://{d}/ev.sock")).start()
@@ -226,142 +204,6 @@ def test_shutdown_publishes_all_blocks_cleared(tmp_ipc):
         server.stop()
         router.close()
     assert not os.path.exists(f"{d}/ev.sock") and not os.path.exists(f"{d}/ev.sock.replay")  # unlinked
-
-
-def test_kvpager_events_tails_replays_and_prints_json(tmp_ipc):
-    endpoint, d = tmp_ipc
-    with running_server(endpoint=endpoint, events=EventsConfig(f"ipc://{d}/ev.sock")) as server, \
-            Client(endpoint) as c:
-        prompt = list(range(2 * BS + 1))
-        [a] = c.allocate([prompt])
-        c.commit([a.seq_id])
-        assert wait_published(server, 2)
-        runner = CliRunner()
-        r = runner.invoke(main, ["events", "--endpoint", server.events.endpoint, "--from-seq", "0",
-                                 "--count", "2", "--json"])
-        assert r.exit_code == 0, r.output
-        first, second = map(json.loads, r.output.splitlines())
-        assert first["seq"] == 0 and first["replayed"] and first["events"] == [{"type": "AllBlocksCleared"}]
-        assert second["seq"] == 1 and second["events"][0]["block_hashes"] == hashes(prompt, BS)
-        assert second["events"][0]["token_ids"] == prompt[: 2 * BS]
-        r = runner.invoke(main, ["events", "--endpoint", server.events.endpoint, "--from-seq", "1",
-                                 "--count", "1"])
-        assert r.exit_code == 0, r.output
-        header, row = r.output.splitlines()
-        assert header.split()[:4] == ["seq", "time", "event", "medium"]
-        assert row.split()[0] == "1r" and "BlockStored" in row and f"{hashes(prompt, BS)[0]:016x}" in row
-        # live: a tail started now sees the next commit
-        tail = subprocess.Popen([sys.executable, "-m", "kvpager", "events", "--endpoint", server.events.endpoint,
-                                 "--count", "1", "--json", "--idle", "20"], env=subprocess_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            n = 0
-            while tail.poll() is None and n < 200:  # until its subscription is live
-                n += 1
-                [b] = c.allocate([[7, n] * BS])
-                c.commit([b.seq_id])
-                c.free([b.seq_id])
-                time.sleep(0.1)
-            out, err = tail.communicate(timeout=30)
-        finally:
-            if tail.poll() is None:
-                tail.kill()
-        assert tail.returncode == 0, err
-        assert json.loads(out)["events"][0]["type"] == "BlockStored"
-        r = runner.invoke(main, ["events", "--endpoint", server.events.endpoint, "--count", "1", "--idle", "0.3"])
-        assert r.exit_code == 4 and "0 of 1 batches" in r.output
-
-
-def test_events_cli_refuses_bad_settings(tmp_ipc):
-    _, d = tmp_ipc
-    runner = CliRunner()
-    r = runner.invoke(main, ["events"], env={"KVPAGER_EVENTS_ENDPOINT": ""})
-    assert r.exit_code == 2 and "--endpoint" in r.output
-    r = runner.invoke(main, ["events", "--endpoint", "nonsense"])
-    assert r.exit_code == 1 and "must look like" in r.output
-    r = runner.invoke(main, ["events", "--endpoint", f"ipc://{d}/none.sock", "--idle", "1"])
-    assert r.exit_code == 1 and "no KV event publisher" in r.output
-
-
-def test_bad_events_settings_are_refused_before_anything_starts(tmp_ipc):
-    endpoint, d = tmp_ipc
-    for bad, match in ((lambda: EventsConfig("nonsense"), "must look like"),
-                       (lambda: EventsConfig(f"ipc://{d}/e", format="json"), "format"),
-                       (lambda: EventsConfig(f"ipc://{d}/e", f"ipc://{d}/e"), "must differ"),
-                       (lambda: EventsConfig("tcp://127.0.0.1:0"), "replay"),
-                       (lambda: replay_endpoint_for("tcp://127.0.0.1:65535"), "replay")):
-        with pytest.raises(InvalidArgument, match=match):
-            bad()
-    server = Server.create(SMALL, endpoint, events=EventsConfig(endpoint))
-    with pytest.raises(InvalidArgument, match="must differ from the daemon's"):
-        server.bind()
-    assert server._sock is None and server.memory is None
-    # an endpoint in use: the daemon does not start and releases what it took
-    taken = free_tcp_endpoint()
-    ctx = zmq.Context()
-    holder = ctx.socket(zmq.PUB)
-    holder.bind(taken)
-    try:
-        server = Server.create(SMALL, endpoint, events=EventsConfig(taken))
-        with pytest.raises(InvalidArgument, match="cannot bind the KV events endpoint"):
-            server.bind()
-        assert server._sock is None and server.memory is None
-        with running_server(endpoint=endpoint) as ok:  # the daemon's endpoint is free again
-            assert ok.events is None
-    finally:
-        holder.close(0)
-        ctx.term()
-
-
-def test_serve_cli_events_flags(tmp_ipc):
-    endpoint, d = tmp_ipc
-    args = ["--layers", "1", "--kv-heads", "1", "--head-dim", "8", "--blocks", "16", "--dtype", "float32",
-            "--events-endpoint", f"ipc://{d}/ev.sock", "--events-format", "array"]
-    with daemon_process([*args, "--events-replay-rate", "8M"], endpoint) as proc:
-        line = next(x for x in proc.log if "kvpager events on" in x)
-        assert f"ipc://{d}/ev.sock" in line and f"ipc://{d}/ev.sock.replay" in line
-        assert any(f"at most {8 << 20} bytes/s" in x for x in proc.log)
-    bad = subprocess.run([sys.executable, "-m", "kvpager", "serve", *args[:10], "--endpoint", endpoint,
-                          "--events-endpoint", "udp://x"], env=subprocess_env(), capture_output=True,
-                         text=True, timeout=60)
-    assert bad.returncode == 1 and "must look like" in bad.stderr
-    bad = subprocess.run([sys.executable, "-m", "kvpager", "serve", *args[:10], "--endpoint", endpoint,
-                          "--events-replay-endpoint", f"ipc://{d}/r"], env=subprocess_env(),
-                         capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "needs --events-endpoint" in bad.stderr
-    bad = subprocess.run([sys.executable, "-m", "kvpager", "serve", *args[:10], "--endpoint", endpoint,
-                          "--events-replay-rate", "8M"], env=subprocess_env(), capture_output=True, text=True,
-                         timeout=60)
-    assert bad.returncode == 2 and "--events-replay-rate needs --events-endpoint" in bad.stderr
-    bad = subprocess.run([sys.executable, "-m", "kvpager", "serve", *args, "--endpoint", endpoint,
-                          "--events-replay-rate", "0"], env=subprocess_env(), capture_output=True, text=True,
-                         timeout=60)
-    assert bad.returncode == 1 and "replay rate must be a positive" in bad.stderr
-
-
-def test_events_over_a_pool_already_caching_are_refused(tmp_ipc):
-    """A daemon started with events over a pool whose prefix cache holds blocks: its
-    stream began with AllBlocksCleared, so a consumer replaying it knew nothing of
-    those blocks, then saw them removed without ever being stored. Refused now,
-    nothing made; the same pool without events, or a fresh one with them, serves."""
-    from kvpager import KVPool
-
-    _, d = tmp_ipc
-    pool = KVPool(SMALL)
-    [a] = pool.allocate([list(range(3 * BS + 1))])
-    pool.commit(a.seq_id)
-    pool.free(a.seq_id)
-    config = EventsConfig(f"ipc://{d}/ev.sock")
-    with pytest.raises(InvalidArgument, match="prefix cache is empty.*3 blocks cached"):
-        Server(pool, f"ipc://{d}/kv.sock", events=config)
-    assert not os.path.exists(f"{d}/ev.sock") and not os.path.exists(f"{d}/kv.sock")
-    for server in (Server(pool, f"ipc://{d}/kv.sock"), Server(KVPool(SMALL), f"ipc://{d}/kv2.sock", events=config)):
-        server.start()
-        try:
-            with Client(server.endpoint, map_pool=False) as c:
-                assert c.stats().cached_blocks == (3 if server.pool is pool else 0)
-        finally:
-            server.stop()
 
 
 def test_a_subscription_follows_a_daemon_restarted_on_its_endpoint(tmp_ipc):
