@@ -15,8 +15,7 @@ servers (real redis-server processes, nothing mocked):
   of it (it timed out at every lookup, so nothing was restored again, and the
   store built a reply of the whole value each time) (slow stores:
   test_remote_slow.py);
-- store URLs that did not parse into typed errors, or connected somewhere
-  other than they said; a password in a query string shown in the URL."""
+- (store URLs that did not parse: test_remote_urls.py)."""
 
 from __future__ import annotations
 
@@ -42,18 +41,28 @@ from redis_helpers import (
 )
 
 need_redis()
+
+
 redis = pytest.importorskip("redis")
 
 from kvpager import InvalidArgument, KVPool, PoolSpec  # noqa: E402
 from kvpager.prefix_cache import root_key  # noqa: E402
-from kvpager.remote_store import StoreMisconfigured, open_store  # noqa: E402
+from kvpager.remote_store import StoreMisconfigured  # noqa: E402
 from kvpager.remote_tier import RemoteTier  # noqa: E402
 
 SPEC = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=48, block_size=16, dtype="float32")
+
+
 BS = SPEC.block_size
+
+
 WAIT = 20.0
+
+
 SERVE = ["--layers", "2", "--kv-heads", "2", "--head-dim", "16", "--dtype", "float32", "--blocks", "48",
          "--device", "cpu", "--heartbeat-timeout", "30"]
+
+
 TIER = ["+getrange", "+type", "+set", "+strlen", "+del", "+client|setname"]  # what docs/remote.md lists
 
 
@@ -109,6 +118,8 @@ def remote_warnings(caplog) -> list[str]:
 
 
 # -- at start: what the tier could never use ---------------------------------------------------------
+
+
 def test_check_refuses_credentials_db_and_commands_an_acl_user_lacks():
     need_cli()
     with redis_server() as server:
@@ -227,6 +238,8 @@ def test_serve_exits_naming_what_the_store_refuses():
 
 
 # -- at run time: a store that answers but refuses one kind of call ----------------------------------
+
+
 @contextlib.contextmanager
 def refusing_writes(kind: str, server: RedisServer):
     """The URL of a store (all of ``server``'s blocks readable) that refuses
@@ -311,6 +324,8 @@ def test_refused_probes_do_not_stop_the_lookups(caplog):
 
 
 # -- a hostile writer: a huge value under a block's key ----------------------------------------------
+
+
 def sent_bytes(nodes: list[RedisServer]) -> int:
     total = 0
     for node in nodes:
@@ -358,66 +373,3 @@ def test_a_huge_value_under_a_block_key_costs_a_lookup_one_value(where, request)
         b.check_integrity()
         a.close(), b.close()
         client.close()
-
-
-# -- URLs ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("url, why", [
-    ("redis://[::1", "Invalid IPv6 URL"),
-    ("redis://127.0.0.1:6379?no_such_option=1", "no_such_option"),
-    ("redis://127.0.0.1:6379/kv", "is not /DB"),  # redis-py: DB 0
-    ("redis://127.0.0.1:6379/0/1", "is not /DB"),  # redis-py: DB 1
-    ("redis://127.0.0.1:6379/-1", "is not /DB"),
-    ("redis://host name:6379", "is not HOST:PORT"),
-    ("unix://run/redis.sock", "unix:///ABSOLUTE/PATH.sock"),  # redis-py: /redis.sock
-    ("unix://", "unix:///ABSOLUTE/PATH.sock"),
-    ("redis+cluster://127.0.0.1:7000/3", "only DB 0"),
-    ("redis+cluster://127.0.0.1:7000/?readonly=1", "only DB 0"),
-    # a host with an empty label: the idna codec's traceback killed serve before
-    ("redis://store..internal:6379", "is no host name"),
-    ("redis+cluster://a..b:7000,c:7001", "is no host name"),
-    ("redis://" + "x" * 70 + ".com:6379", "is no host name"),
-    # options that would override the tier's own timeouts (redis-py lets a URL's win)
-    ("redis://127.0.0.1:6379?socket_timeout=5", "socket_timeout would override"),
-    ("redis://127.0.0.1:6379/0?socket_connect_timeout=5&db=0", "socket_connect_timeout would override"),
-])
-def test_a_malformed_url_is_a_typed_error(url, why):
-    with pytest.raises(InvalidArgument, match=re.escape(why)):
-        open_store(url)
-
-
-def test_passwords_stay_out_of_urls_and_messages():
-    store = open_store("redis://127.0.0.1:6379/2?password=hunter2&max_connections=4")
-    assert "hunter2" not in store.url and "password=***" in store.url
-    store.close()
-    with pytest.raises(InvalidArgument) as e:
-        open_store("redis:/:hunter2@127.0.0.1:6379")
-    assert "hunter2" not in str(e.value)
-    for url in ("redis://127.0.0.1", "redis://127.0.0.1:1/15", "redis://[::1]:6379/0", "unix:///tmp/r.sock?db=1",
-                "rediss://u:p@h:1?ssl_cert_reqs=none", "redis+cluster://a:1,b:2", "redis+cluster://[::1]:1,[::1]:2/0"):
-        open_store(url).close()  # still taken
-
-
-@pytest.mark.parametrize("url", ["redis://kv:Pa55/w0rdhunter2@127.0.0.1:6379", "redis://kv:Pa#55hunter2@127.0.0.1:1/0",
-                                 "rediss://:a?bhunter2@h:6379", "redis+cluster://u:x/yhunter2@a:1,b:2",
-                                 # an @ before the character too: the host part read as "2", the rest as a path
-                                 "redis://:Pa55@2/hunter2@127.0.0.1:6379", "redis://kv:Pa55@y?hunter2@127.0.0.1:6379",
-                                 "redis://kv:Pa55@y#hunter2@127.0.0.1:6379"])
-def test_a_password_with_a_character_that_ends_the_host_is_hidden_and_named(url):
-    """A password with an unencoded ``/``, ``?`` or ``#`` (``openssl rand -base64``
-    gives ``/``) ends a URL's host part early: the URL had no credentials as parsed,
-    and its refusal printed the password (``'kv:Pa55' is not HOST:PORT``)."""
-    from kvpager.remote_url import redact
-
-    assert "hunter2" not in redact(url) and ":***@" in redact(url)
-    with pytest.raises(InvalidArgument, match="percent-encode") as e:
-        open_store(url)
-    assert "hunter2" not in str(e.value) and "Pa55" not in str(e.value)
-
-
-@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0?client_name=worker@node1",
-                                 "redis://[::1]:6379/0?client_name=a@b"])
-def test_an_at_sign_in_an_option_is_no_password(url):
-    from kvpager.remote_url import redact
-
-    assert redact(url) == url
-    open_store(url).close()
