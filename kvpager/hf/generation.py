@@ -185,9 +185,6 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         pool_device = str(getattr(self.pool, "device", "cpu"))
         self._pool_device = torch.device(pool_device)
         self._graphs = None
-        # Decode steps on a GPU pool refill the last step's plan in place while the batch
-        # keeps its sequences; the CPU backend's plans are made anew each step.
-        self._plans = DecodePlans(self.pool, text_config(self.model).num_attention_heads, cascade=self.cascade)
         # a daemon client pipelines only where its daemon answers `record_tokens` (`Client.ops`)
         ops = getattr(self.pool, "ops", None)
         self._pipelined = (self.pipeline and hasattr(self.pool, "record_tokens")
@@ -208,7 +205,11 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         # MiB of tables for two sequences and 40 s; 10**12 ran out of device memory). A sequence whose
         # windows gave blocks back may outgrow it: its plans grow then, as a graph's do.
         longest = max(len(p) + m for p, m in zip(self.prompts, self._most))
-        self._width = self._plans.width = graph_width(self.pool, longest)
+        self._width = graph_width(self.pool, longest)
+        # Decode steps on a GPU pool refill the last step's plan in place while the batch
+        # keeps its sequences; the CPU backend's plans are made anew each step.
+        self._plans = DecodePlans(self.pool, text_config(self.model).num_attention_heads, cascade=self.cascade,
+                                  width=self._width)
         kept = self.cuda_graphs if isinstance(self.cuda_graphs, CapturedSteps) else None
         check_graph_options(self.model, self.pool, True if kept is not None else self.cuda_graphs, self.compile)
         if kept is not None:
