@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvpager import native
+
 #: Segment columns: (table row read for the segment's K/V, first position, end
 #: position, offset of its members in ``members``, member count, level).
 SEGMENT_FIELDS = 6
@@ -45,18 +47,48 @@ class SharedPrefixes:
     saved: int
 
 
+#: The compiled ``shared_prefixes`` (native/shared_prefixes.c), or None: `find_shared_prefixes_numpy`
+#: (not built, an older build without it, or KVPAGER_NATIVE=0). Tests set it to compare.
+NATIVE = getattr(native.load(), "shared_prefixes", None)
+NATIVE_LEVELS = 64  # the most levels the compiled version takes (segments of more nest past any real step)
+
+
 def find_shared_prefixes(tables: np.ndarray, seq_lens: np.ndarray, block_size: int, *,
                          query_lens: np.ndarray | None = None, levels: int = 2, min_members: int = 2,
                          min_blocks: int = 1) -> SharedPrefixes | None:
     """The shared prefixes of a step over ``tables`` (int32 [B, W]), ``seq_lens``
     (each sequence's length, its queries the last ``query_lens`` positions; one
     each when None: a decode step); None when no group of ``min_members`` rows
-    shares ``min_blocks`` whole blocks before their first queries."""
+    shares ``min_blocks`` whole blocks before their first queries. Found in C
+    where `NATIVE` is built (one call; a decode step's plan pays it every step),
+    else by `find_shared_prefixes_numpy`, the reference, with the same result."""
+    if NATIVE is None or not 0 <= levels <= NATIVE_LEVELS:
+        return find_shared_prefixes_numpy(tables, seq_lens, block_size, query_lens=query_lens, levels=levels,
+                                          min_members=min_members, min_blocks=min_blocks)
+    tables = np.ascontiguousarray(tables, dtype=np.int32)
+    n = tables.shape[0]
+    cap = int(levels) * n  # each level's groups are disjoint sets of rows
+    segments = np.empty((cap, SEGMENT_FIELDS), dtype=np.int32)
+    members = np.empty(cap, dtype=np.int32)
+    own = np.empty(n, dtype=np.int32)
+    if query_lens is not None:
+        query_lens = np.ascontiguousarray(query_lens, dtype=np.int32)
+    nseg, nmem, used, saved = NATIVE(tables, np.ascontiguousarray(seq_lens, dtype=np.int32), query_lens,
+                                     int(block_size), int(levels), int(min_members), int(min_blocks),
+                                     segments, members, own)
+    if nseg == 0:
+        return None
+    return SharedPrefixes(segments=segments[:nseg], members=members[:nmem], own_start=own, levels=used, saved=saved)
+
+
+def find_shared_prefixes_numpy(tables: np.ndarray, seq_lens: np.ndarray, block_size: int, *,
+                               query_lens: np.ndarray | None = None, levels: int = 2, min_members: int = 2,
+                               min_blocks: int = 1) -> SharedPrefixes | None:
+    """`find_shared_prefixes` in NumPy: the reference for the compiled version."""
     n = len(seq_lens)
     ql = 1 if query_lens is None else np.asarray(query_lens, dtype=np.int64)
     # whole blocks before the block of the first query
-    full = (np.asarray(seq_lens, dtype=np.int64) - ql) // block_size
-    full = np.minimum(full, tables.shape[1])
+    full = np.minimum((np.asarray(seq_lens, dtype=np.int64) - ql) // block_size, tables.shape[1])
     own = np.zeros(n, dtype=np.int64)
     segments: list[tuple[int, int, int, int, int, int]] = []
     members: list[np.ndarray] = []
@@ -92,7 +124,7 @@ def find_shared_prefixes(tables: np.ndarray, seq_lens: np.ndarray, block_size: i
 def _groups(tables: np.ndarray, full: np.ndarray, rows: np.ndarray, col: int, min_members: int) -> list[np.ndarray]:
     """``rows`` with a whole block at ``col``, grouped by that block id (groups of at least ``min_members``)."""
     rows = rows[full[rows] > col]
-    if len(rows) < min_members:
+    if len(rows) < max(min_members, 1):
         return []
     keys = tables[rows, col]
     order = np.argsort(keys, kind="stable")

@@ -4,6 +4,7 @@
 #define KVPAGER_BUFFERS_H
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <string.h>
 
 typedef struct {
     Py_buffer view;
@@ -32,6 +33,31 @@ static inline int get(PyObject *obj, Buf *b, int ndim, Py_ssize_t itemsize, int 
         return -1;
     }
     return 0;
+}
+
+/* Whether ``b`` holds signed integers in this machine's byte order (its format a
+ * struct code of 'b', 'h', 'i', 'l' or 'q', native or '='; with its item size
+ * checked by `get`, that is the C type), else a TypeError naming ``name``. */
+static inline int signed_ints(Buf *b, const char *name) {
+    const char *f = b->view.format != NULL ? b->view.format : "B";
+    if (*f == '@' || *f == '=') {
+        f++;
+    }
+#if PY_LITTLE_ENDIAN
+    if (*f == '<') {
+        f++;
+    }
+#else
+    if (*f == '>' || *f == '!') {
+        f++;
+    }
+#endif
+    if (f[0] != '\0' && f[1] == '\0' && strchr("bhilq", f[0]) != NULL) {
+        return 0;
+    }
+    PyErr_Format(PyExc_TypeError, "%s: expected signed integers, got format '%s'", name,
+                 b->view.format != NULL ? b->view.format : "B");
+    return -1;
 }
 
 #endif

@@ -25,6 +25,7 @@
 
 #include "block_keys.h"
 #include "buffers.h"
+#include "shared_prefixes.h"
 
 #define ROWS(b) ((b).view.ndim ? (b).view.shape[0] : 0)
 
@@ -270,11 +271,12 @@ static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS, "A decode step's first pass (see native/decode_step.c)."},
     {"place", place, METH_VARARGS, "A decode step's second pass, with the new blocks (see native/decode_step.c)."},
     {"chain_keys", kvpager_chain_keys, METH_VARARGS, KVPAGER_CHAIN_KEYS_DOC},
+    {"shared_prefixes", kvpager_shared_prefixes, METH_VARARGS, KVPAGER_SHARED_PREFIXES_DOC},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvpager._native",
-                                    "The allocator's decode step (kvpager.seq_append) and the prefix cache's block keys "
-                                    "(kvpager.prefix_cache) in C.", -1, methods};
+                                    "The allocator's decode step (kvpager.seq_append), the prefix cache's block keys "
+                                    "(kvpager.prefix_cache) and a step's shared prefixes (kvpager.cascade) in C.", -1, methods};
 
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

@@ -9,7 +9,9 @@ then ``plan.write`` and ``plan.attend`` called with torch tensors, and
 host-bound plan), while the GPU is kept busy, so only the host's time is
 measured; compared
 with the one-layer convenience ``KVPool.attend`` (a plan per call). Also the
-tables of 64 sequences x 8,192 blocks (`KVPool.tables`).
+tables of 64 sequences x 8,192 blocks (`KVPool.tables`), and the search for
+shared prefixes a cascading plan makes every step (`find_shared_prefixes`,
+compiled where built, beside its NumPy reference).
 
     python tools/bench_plan.py [--device cuda:0|cpu]
 """
@@ -25,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvpager import KVPool, PoolSpec  # noqa: E402
+from kvpager import KVPool, PoolSpec, cascade  # noqa: E402
 from kvpager.plan import check_queries  # noqa: E402
 from kvpager.plan_numpy import to_numpy  # noqa: E402
 
@@ -39,6 +41,27 @@ def per_call_us(fn, n: int) -> float:
             fn()
         out.append((time.perf_counter() - t0) / n * 1e6)
     return float(np.median(out))
+
+
+def shared_prefix_rows(tables: np.ndarray, lens: np.ndarray, block_size: int) -> list[tuple[str, float]]:
+    """`find_shared_prefixes` on this step's tables (one prompt shared by all) and on 256 rows
+    under 8 prompts of 2 forks each, compiled (where built) and by the NumPy reference."""
+    rng = np.random.default_rng(1)
+    ids = rng.permutation(1 << 20).astype(np.int32)
+    forked = np.empty((256, 80), np.int32)
+    group, fork = np.arange(256) % 8, np.arange(256) // 8 % 2
+    forked[:, :64] = ids[group[:, None] * 64 + np.arange(64)]  # a 1,024-token prompt a group
+    forked[:, 64:72] = ids[4096 + (group * 2 + fork)[:, None] * 8 + np.arange(8)]  # a 128-token fork
+    forked[:, 72:] = ids[8192:8192 + 256 * 8].reshape(256, 8)  # each row's own
+    forked_lens = np.full(256, 72 * block_size + 64, np.int32)
+    out = []
+    for name, (t, sl) in {"one prompt": (tables, lens), "8 prompts x 2 forks": (forked, forked_lens)}.items():
+        for how, fn in (("compiled", cascade.find_shared_prefixes), ("NumPy", cascade.find_shared_prefixes_numpy)):
+            if how == "compiled" and cascade.NATIVE is None:
+                continue
+            out.append((f"find_shared_prefixes, 256 rows, {name}, {how}",
+                        per_call_us(lambda fn=fn, t=t, sl=sl: fn(t, sl, block_size), 200)))
+    return out
 
 
 def main() -> None:
@@ -124,6 +147,7 @@ def main() -> None:
                  per_call_us(lambda: pool.attend(1, ids, qp), 10 if gpu else 2)))
     if gpu:
         torch.cuda.synchronize()
+    rows.extend(shared_prefix_rows(tables, lens, spec.block_size))
     pool.free(ids)
     # tables are host arrays: a small geometry holds 64 x 8,192 blocks in little memory
     wide = KVPool(PoolSpec(num_layers=1, num_kv_heads=1, head_dim=64, num_blocks=64 * 8192 + 8))
@@ -131,9 +155,9 @@ def main() -> None:
     rows.append(("KVPool.tables, 64 sequences x 8,192 blocks", per_call_us(lambda: wide.tables(bid), 10)))
     name = torch.cuda.get_device_name() if gpu else "CPU"
     print(f"\n{name}")
-    print(f"{'what':<45} {'us':>9}")
+    print(f"{'what':<62} {'us':>9}")
     for what, us in rows:
-        print(f"{what:<45} {us:9.1f}")
+        print(f"{what:<62} {us:9.1f}")
     pool.close()
 
 
