@@ -25,8 +25,9 @@ pytestmark = pytest.mark.skipif(COMPILED is None, reason="kvpager._native (with 
 def nested_tables(rng: np.random.Generator, rows: int, width: int, groups: int, forks: int) -> np.ndarray:
     """Tables of ``rows`` rows: ``groups`` system prompts of random lengths, each row's
     prompt followed by one of ``forks`` conversation prefixes of its group, then
-    blocks of its own (every block id distinct across what is not shared)."""
-    ids = iter(rng.permutation(1 << 20) + 1)
+    blocks of its own (every block id distinct across what is not shared; negative ones
+    too, ordered as signed ints)."""
+    ids = iter(rng.permutation(1 << 20) - (1 << 19))
     tables = np.array([[next(ids) for _ in range(width)] for _ in range(rows)], dtype=np.int32)
     prompts = [[next(ids) for _ in range(int(rng.integers(0, width)))] for _ in range(groups)]
     convs = [[[next(ids) for _ in range(int(rng.integers(0, width)))] for _ in range(forks)] for _ in range(groups)]
