@@ -41,6 +41,7 @@
 // Dynamic shared memory: (BM + 2 * BN) * (HEAD_DIM + 8) * 2 + 2 * STAGES * BN * HEAD_DIM bytes.
 #include "kvpager_common.cuh"
 #include "kvpager_mma.cuh"
+#include "kvpager_cascade.cuh"
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -62,6 +63,7 @@
 #error "cascade_prefix.cu is for float16 / bfloat16"
 #endif
 
+constexpr int HD = HEAD_DIM;
 constexpr int D = HEAD_DIM;
 constexpr int BM = 64 * MT;
 constexpr int BN = (MT == 2 || D > 128) ? 32 : 64;
@@ -88,69 +90,30 @@ extern "C" __global__ void __launch_bounds__(NT) cascade_prefix(
     const void* __restrict__ kv_map,        // unused (cascade_prefix_sm90.cu's TMA tensor map)
     float softcap, float scale_log2)
 {
+    CascadeTile ct;
+    if (!cascade_tile(blockIdx.x, tiles, segments, members, block_tables, max_blocks, ct)) return;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    kv_t* Qs = reinterpret_cast<kv_t*>(smem_raw);   // [BM][LD]
-#if KV_FP8
-    kv_t* Ks = Qs + BM * LD;                          // [BN][LD], converted
-    kv_t* Vs = Ks + BN * LD;                          // [BN][LD], converted
-    st_t* Rs = reinterpret_cast<st_t*>(Vs + BN * LD); // [STAGES][2][BN][D], as stored
-    constexpr int SLD = D;                            // stored row, in elements
-    constexpr int SST = BN * SLD;                     // K to V within a stage
-    constexpr int SSTAGE = 2 * SST;
-    st_t* Rv = Rs + SST;                              // the V rows of stage 0
-#else
-    kv_t* Ks = Qs + BM * LD;                          // [STAGES][BN][LD]
-    kv_t* Vs = Ks + STAGES * BN * LD;                 // [STAGES][BN][LD]
-    constexpr int SLD = LD;
-    constexpr int SSTAGE = BN * LD;
-    st_t* Rs = Ks;
-    st_t* Rv = Vs;
-#endif
-    constexpr int SCPR = D / ST_VEC;  // 16-byte chunks per stored K/V row
-
-    if (tiles[2 * blockIdx.x] < 0) return;  // an unused tile of a launch sized for more
+    const TileSmem sm = tile_smem(smem_raw);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gid = lane >> 2, tig = lane & 3;
-    const int* seg = segments + 6 * tiles[2 * blockIdx.x];
-    const int j0 = tiles[2 * blockIdx.x + 1];
-    const int trow = seg[0], kv_start = seg[1], kv_end = seg[2];
-    const int* mem = members + seg[3];
-    const int count = seg[4], slot = seg[5];
     const int h = blockIdx.y;
     const int num_q_heads = num_kv_heads * GROUP;
-    const int t_begin = kv_start / BN;
-    const int num_tiles = (kv_end + BN - 1) / BN;
-
-    const int* table = block_tables + (long long)trow * max_blocks;
-    const long long block_stride = (long long)num_layers * 2 * num_kv_heads * BLOCK_SIZE * D;
-    const long long k_off = ((long long)layer * 2 * num_kv_heads + h) * BLOCK_SIZE * D;
-    const long long v_off = k_off + (long long)num_kv_heads * BLOCK_SIZE * D;
+    const int t_begin = ct.kv_start / BN;
+    const int num_tiles = (ct.kv_end + BN - 1) / BN;
+    const PoolHead ph = pool_head(layer, num_layers, num_kv_heads, h, BLOCK_SIZE * HD);
 
     // Q tile -> smem: each member's query row (rows past the segment's members zero-filled).
     for (int c = tid; c < BM * CPR; c += NT) {
         const int r = c / CPR, col = (c % CPR) * 8;
-        const int m = j0 + r / GROUP;
-        const bool ok = r < QR && m < count;
-        const kv_t* src = ok ? q + ((long long)mem[m] * num_q_heads + h * GROUP + r % GROUP) * D + col : q;
-        cp_async16(Qs + r * LD + col, src, ok);
+        const int mb = ct.j0 + r / GROUP;
+        const bool ok = r < QR && mb < ct.count;
+        const kv_t* src = ok ? q + cascade_row(ct, mb, num_q_heads, h * GROUP + r % GROUP) * D + col : q;
+        cp_async16(sm.q + r * LD + col, src, ok);
     }
-    auto load_kv = [&](int t, int stage) {
-        st_t* ks = Rs + stage * SSTAGE;
-        st_t* vs = Rv + stage * SSTAGE;
-#pragma unroll
-        for (int c = tid; c < BN * SCPR; c += NT) {
-            const int r = c / SCPR, col = (c % SCPR) * ST_VEC;
-            const int pos = t * BN + r;
-            const bool ok = pos >= kv_start && pos < kv_end;
-            long long row = 0;
-            if (ok) row = (long long)table[pos / BLOCK_SIZE] * block_stride + (pos % BLOCK_SIZE) * D + col;
-            cp_async16(ks + r * SLD + col, pool + (ok ? row + k_off : 0), ok);
-            cp_async16(vs + r * SLD + col, pool + (ok ? row + v_off : 0), ok);
-        }
-    };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (t_begin + s < num_tiles) load_kv(t_begin + s, s);
+        if (t_begin + s < num_tiles)
+            tile_load_kv(sm, s, pool, ct.table, ph, t_begin + s, ct.kv_start, ct.kv_end, tid);
         cp_commit();  // the first group also holds the Q tile
     }
 
@@ -164,52 +127,20 @@ extern "C" __global__ void __launch_bounds__(NT) cascade_prefix(
         l[mt][0] = l[mt][1] = 0.f;
     }
 
-#if KV_FP8
-    float k_scale = kv_scales[(layer * 2) * num_kv_heads + h];
-    const float v_scale = kv_scales[(layer * 2 + 1) * num_kv_heads + h];
-#if KV_DTYPE == 1
-    __shared__ unsigned q_amax;  // |q| of the tile, as float bits (non-negative: ordered as ints)
-    if (tid == 0) q_amax = 0u;   // read after the loop's first barrier
-#endif
-#else
-    const float v_scale = 1.f;
-#endif
+    const float2 scales = tile_scales(kv_scales, layer, num_kv_heads, h, tid);
+    float k_scale = scales.x;
     int st = 0, ist = STAGES - 1;
     for (int t = t_begin; t < num_tiles; ++t) {
-        if (t + STAGES - 1 < num_tiles) load_kv(t + STAGES - 1, ist);
+        if (t + STAGES - 1 < num_tiles)
+            tile_load_kv(sm, ist, pool, ct.table, ph, t + STAGES - 1, ct.kv_start, ct.kv_end, tid);
         cp_commit();
         cp_wait<STAGES - 1>();
         __syncthreads();
-#if KV_FP8
-#if KV_DTYPE == 1
-        if (t == t_begin) k_scale *= exp2i(-tile_q_to_f16(Qs, &q_amax, tid));  // the Q tile, landed with stage 0
-#endif
-        tile_kv_to_f16(Rs + st * SSTAGE, Ks, Vs, tid);
-        __syncthreads();
-        const kv_t* ks = Ks;
-        const kv_t* vs = Vs;
-#else
-        const kv_t* ks = Ks + st * BN * LD;
-        const kv_t* vs = Vs + st * BN * LD;
-        constexpr float k_scale = 1.f;
-#endif
+        const kv_t *ks, *vs;
+        tile_stage(sm, st, t == t_begin, k_scale, tid, ks, vs);
         float s[MT][BN / 8][4];
-        tile_scores(s, Qs, ks, warp, lane, k_scale, softcap);
-        // Positions outside the segment: only in its first and last tiles.
-        if (t * BN < kv_start || (t + 1) * BN > kv_end) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int n = 0; n < BN / 8; ++n)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const int kp = t * BN + n * 8 + tig * 2 + e;
-                        if (kp < kv_start || kp >= kv_end) {
-                            s[mt][n][e] = NEG_INF;
-                            s[mt][n][2 + e] = NEG_INF;
-                        }
-                    }
-        }
+        tile_scores(s, sm.q, ks, warp, lane, k_scale, softcap);
+        tile_mask_outside(s, t, ct.kv_start, ct.kv_end, lane);  // only its first and last tiles reach past the segment
         tile_softmax_pv(s, o, m, l, vs, scale_log2, lane);
         __syncthreads();  // this stage is refilled STAGES - 1 iterations later
         st = st + 1 == STAGES ? 0 : st + 1;
@@ -226,10 +157,10 @@ extern "C" __global__ void __launch_bounds__(NT) cascade_prefix(
             lt += __shfl_xor_sync(0xffffffffu, lt, 1);
             lt += __shfl_xor_sync(0xffffffffu, lt, 2);
             const int r = warp * WR + mt * 16 + gid + 8 * hf;
-            const int mb = j0 + r / GROUP;
-            if (r >= QR || mb >= count) continue;
-            const long long prow = ((long long)mem[mb] * num_q_heads + h * GROUP + r % GROUP) * parts + slot;
-            const float inv = lt > 0.f ? v_scale / lt : 0.f;
+            const int mb = ct.j0 + r / GROUP;
+            if (r >= QR || mb >= ct.count) continue;
+            const long long prow = cascade_row(ct, mb, num_q_heads, h * GROUP + r % GROUP) * parts + ct.slot;
+            const float inv = lt > 0.f ? scales.y / lt : 0.f;
             float2* dst = reinterpret_cast<float2*>(part_o + prow * D) + tig;
 #pragma unroll
             for (int n = 0; n < D / 8; ++n)

@@ -23,6 +23,7 @@
 #include "kvpager_common.cuh"
 #include "kvpager_mma.cuh"
 #include "kvpager_wgmma.cuh"
+#include "kvpager_cascade.cuh"
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -55,41 +56,35 @@ extern "C" __global__ void __launch_bounds__(NT, 1) cascade_prefix_sm90(
     const void* __restrict__ kv_map,        // TMA: the pool's tensor map (cupy_tma.py), else unused
     float softcap, float scale_log2)
 {
-    if (tiles[2 * blockIdx.x] < 0) return;  // an unused tile of a launch sized for more
+    CascadeTile ct;
+    if (!cascade_tile(blockIdx.x, tiles, segments, members, block_tables, max_blocks, ct)) return;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const WgSmem sm = wg_smem(smem_raw);  // the Q tile, the K and V stages (SW128)
 
     const int tid = threadIdx.x, lane = tid & 31;
     const int wg = tid >> 7, wwarp = (tid >> 5) & 3;   // warpgroup, warp within it
     const int gid = lane >> 2, tig = lane & 3;
-    const int* seg = segments + 6 * tiles[2 * blockIdx.x];
-    const int j0 = tiles[2 * blockIdx.x + 1];
-    const int trow = seg[0], kv_start = seg[1], kv_end = seg[2];
-    const int* mem = members + seg[3];
-    const int count = seg[4], slot = seg[5];
     const int h = blockIdx.y;
     const int num_q_heads = num_kv_heads * GROUP;
+    const int kv_start = ct.kv_start, kv_end = ct.kv_end;
     const int t_begin = kv_start / BN;
     const int num_tiles = (kv_end + BN - 1) / BN;
-
-    const int* table = block_tables + (long long)trow * max_blocks;
-    const long long block_stride = (long long)num_layers * 2 * num_kv_heads * BLOCK_SIZE * D;
-    const long long k_off = ((long long)layer * 2 * num_kv_heads + h) * BLOCK_SIZE * D;
-    const long long v_off = k_off + (long long)num_kv_heads * BLOCK_SIZE * D;
+    const PoolHead ph = pool_head(layer, num_layers, num_kv_heads, h, BLOCK_SIZE * D);
 
     // Q tile -> smem: each member's query row (rows past the segment's members zero-filled),
     // by the consumer threads.
     if (tid < NC) for (int c = tid; c < BM * CPR; c += NC) {
         const int r = c / CPR, ch = c % CPR;
-        const int mb = j0 + r / GROUP;
-        const bool ok = r < QR && mb < count;
-        const kv_t* src = ok ? q + ((long long)mem[mb] * num_q_heads + h * GROUP + r % GROUP) * D + ch * 8 : q;
+        const int mb = ct.j0 + r / GROUP;
+        const bool ok = r < QR && mb < ct.count;
+        const kv_t* src = ok ? q + cascade_row(ct, mb, num_q_heads, h * GROUP + r % GROUP) * D + ch * 8 : q;
         cp_async16(sm.q + sw128_offset(BM, r, ch), src, ok);
     }
     // K/V tile t -> stage: the segment's positions (TMA where a tile is all in the segment;
     // else cp.async, the rest zero-filled).
     auto load = [&](int t, int stage, int me, int n) -> bool {
-        return wg_load_tile(sm, stage, pool, kv_map, table, block_stride, k_off, v_off, t, kv_start, kv_end, me, n);
+        return wg_load_tile(sm, stage, pool, kv_map, ct.table, ph.block_stride, ph.k_off, ph.v_off, t, kv_start,
+                            kv_end, me, n);
     };
     if (wg_start(load, tid, t_begin, num_tiles)) return;  // the producer's work is done
 
@@ -115,9 +110,9 @@ extern "C" __global__ void __launch_bounds__(NT, 1) cascade_prefix_sm90(
     for (int hf = 0; hf < 2; ++hf) {
         const float lt = wg_row_sum(l[hf]);
         const int r = wg * 64 + wwarp * 16 + gid + 8 * hf;
-        const int mb = j0 + r / GROUP;
-        if (r >= QR || mb >= count) continue;
-        const long long prow = ((long long)mem[mb] * num_q_heads + h * GROUP + r % GROUP) * parts + slot;
+        const int mb = ct.j0 + r / GROUP;
+        if (r >= QR || mb >= ct.count) continue;
+        const long long prow = cascade_row(ct, mb, num_q_heads, h * GROUP + r % GROUP) * parts + ct.slot;
         wg_store_f32(part_o + prow * D, o, hf, lt > 0.f ? 1.f / lt : 0.f, tig);
         if (tig == 0) part_lse[prow] = lt > 0.f ? m[hf] * scale_log2 + __log2f(lt) : NEG_INF;
     }

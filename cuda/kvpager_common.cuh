@@ -186,3 +186,15 @@ __device__ __forceinline__ void st_vec(void* p, const uint4& v) {
     asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};"
                  :: "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
 }
+
+// Where kv head h of a layer sits in the pool ([num_blocks, num_layers, 2, num_kv_heads,
+// BLOCK_SIZE, head dim]), in elements, for heads of ``head_block`` (BLOCK_SIZE x head dim)
+// elements a block: a block's stride, and the head's K and V rows within a block.
+struct PoolHead {
+    long long block_stride, k_off, v_off;
+};
+
+__device__ __forceinline__ PoolHead pool_head(int layer, int num_layers, int num_kv_heads, int h, int head_block) {
+    const long long k_off = ((long long)layer * 2 * num_kv_heads + h) * head_block;
+    return {(long long)num_layers * 2 * num_kv_heads * head_block, k_off, k_off + (long long)num_kv_heads * head_block};
+}

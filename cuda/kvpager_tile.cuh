@@ -1,13 +1,86 @@
-// kvpager_tile.cuh: the steps of one K/V tile that paged_prefill.cu and
-// cascade_prefix.cu share (4 warps, MT m-tiles of 16 query rows per warp, BN
-// K/V positions per tile, mma.sync m16n8k16 with float32 accumulators).
+// kvpager_tile.cuh: what paged_prefill.cu and cascade_prefix.cu share (4
+// warps, MT m-tiles of 16 query rows per warp, BN K/V positions per tile,
+// mma.sync m16n8k16 with float32 accumulators): the shared-memory layout, the
+// K/V stages' loads and their FP8 conversion, the masks of a position range,
+// S = Q K^T, the soft cap, the online softmax and O += P V.
 //
 // Include after kvpager_common.cuh and kvpager_mma.cuh and after defining the
-// constexprs D (head dim), BM, BN, MT, LD (padded smem row, in elements), WR (rows
-// per warp) and NT (threads per CTA). Fragment layouts are mma.sync's: a lane
-// holds rows gid and gid + 8 of each m-tile, columns 2 tig and 2 tig + 1 of
-// each 8-wide n-tile.
+// constexprs HD (the pool's head dim), D (the head dims one warp's MMAs cover),
+// BM, BN, MT, LD (padded smem row, in elements), WR (rows per warp) and NT
+// (threads per CTA), and the macro STAGES. Fragment layouts are mma.sync's: a
+// lane holds rows gid and gid + 8 of each m-tile, columns 2 tig and 2 tig + 1
+// of each 8-wide n-tile.
 #pragma once
+
+// Shared memory: the Q tile ([BM][LD]), then the K/V stages that cp.async fills, from which
+// the MMAs read: STAGES K tiles then STAGES V tiles ([BN][LD] each); with an FP8 pool one
+// converted K and one V tile ([BN][LD]), then the stages as stored (STAGES x (BN K rows, BN V
+// rows) of D bytes).
+#if KV_FP8
+constexpr int TILE_SLD = D;             // a staged row, in elements
+constexpr int TILE_SSTAGE = 2 * BN * D;  // stage to stage
+#else
+constexpr int TILE_SLD = LD;
+constexpr int TILE_SSTAGE = BN * LD;
+#endif
+struct TileSmem {
+    kv_t* q;            // the Q tile
+    kv_t* k;            // the K tiles the MMAs read (stage 0's; FP8: the converted tile)
+    kv_t* v;            // the V tiles
+    st_t* rk;           // stage 0's K rows as cp.async fills them
+    st_t* rv;           // stage 0's V rows
+};
+
+__device__ __forceinline__ TileSmem tile_smem(unsigned char* raw) {
+    kv_t* q = reinterpret_cast<kv_t*>(raw);
+    kv_t* k = q + BM * LD;
+#if KV_FP8
+    kv_t* v = k + BN * LD;
+    st_t* rk = reinterpret_cast<st_t*>(v + BN * LD);
+    return {q, k, v, rk, rk + BN * D};
+#else
+    kv_t* v = k + STAGES * BN * LD;
+    return {q, k, v, k, v};
+#endif
+}
+
+// cp.async of K/V tile t (positions t * BN ...) of a sequence's table into stage ``stage``:
+// the positions in [lo, hi), the rest zero-filled. Every thread of the CTA.
+__device__ __forceinline__ void tile_load_kv(const TileSmem& sm, int stage, const st_t* __restrict__ pool,
+                                             const int* __restrict__ table, const PoolHead& ph, int t, int lo,
+                                             int hi, int tid) {
+    constexpr int SCPR = HD / ST_VEC;  // 16-byte chunks per stored K/V row
+    st_t* ks = sm.rk + stage * TILE_SSTAGE;
+    st_t* vs = sm.rv + stage * TILE_SSTAGE;
+#pragma unroll
+    for (int c = tid; c < BN * SCPR; c += NT) {
+        const int r = c / SCPR, col = (c % SCPR) * ST_VEC;
+        const int pos = t * BN + r;
+        const bool ok = pos >= lo && pos < hi;
+        long long row = 0;
+        if (ok) row = (long long)table[pos / BLOCK_SIZE] * ph.block_stride + (pos % BLOCK_SIZE) * HD + col;
+        cp_async16(ks + r * TILE_SLD + col, pool + (ok ? row + ph.k_off : 0), ok);
+        cp_async16(vs + r * TILE_SLD + col, pool + (ok ? row + ph.v_off : 0), ok);
+    }
+}
+
+#if KV_FP8 && KV_DTYPE == 1
+__shared__ unsigned tile_q_amax;  // |q| of the Q tile, as float bits (non-negative: ordered as ints)
+#endif
+
+// An FP8 pool's (layer, kv head) K and V scales (x, y); 1 for a 16-bit pool. Before the
+// K/V loop (it clears what tile_stage's first call reads, after the loop's first barrier).
+__device__ __forceinline__ float2 tile_scales(const float* __restrict__ kv_scales, int layer, int num_kv_heads,
+                                              int h, int tid) {
+#if KV_FP8
+#if KV_DTYPE == 1
+    if (tid == 0) tile_q_amax = 0u;
+#endif
+    return make_float2(kv_scales[(layer * 2) * num_kv_heads + h], kv_scales[(layer * 2 + 1) * num_kv_heads + h]);
+#else
+    return make_float2(1.f, 1.f);
+#endif
+}
 
 #if KV_FP8
 #if KV_DTYPE == 1
@@ -51,6 +124,44 @@ __device__ __forceinline__ void tile_kv_to_f16(const st_t* raw, kv_t* Ks, kv_t* 
     }
 }
 #endif
+
+// The K and V tiles the MMAs read from stage ``st``, once the CTA's barrier after its
+// cp.async wait has passed: the stage itself; with an FP8 pool the stage converted
+// (exactly) into the float16 tiles, then another barrier, and on the ``first`` tile a
+// bfloat16 Q tile converted too, its power-of-two scale taken off ``k_scale``.
+__device__ __forceinline__ void tile_stage(const TileSmem& sm, int st, bool first, float& k_scale, int tid,
+                                           const kv_t*& ks, const kv_t*& vs) {
+#if KV_FP8
+#if KV_DTYPE == 1
+    if (first) k_scale *= exp2i(-tile_q_to_f16(sm.q, &tile_q_amax, tid));  // the Q tile, landed with stage 0
+#endif
+    tile_kv_to_f16(sm.rk + st * TILE_SSTAGE, sm.k, sm.v, tid);
+    __syncthreads();
+    ks = sm.k;
+    vs = sm.v;
+#else
+    ks = sm.k + st * BN * LD;
+    vs = sm.v + st * BN * LD;
+#endif
+}
+
+// Scores of the positions outside [lo, hi) -> NEG_INF (only a tile that reaches past either).
+__device__ __forceinline__ void tile_mask_outside(float (&s)[MT][BN / 8][4], int t, int lo, int hi, int lane) {
+    if (t * BN >= lo && (t + 1) * BN <= hi) return;
+    const int tig = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int kp = t * BN + n * 8 + tig * 2 + e;
+                if (kp < lo || kp >= hi) {
+                    s[mt][n][e] = NEG_INF;
+                    s[mt][n][2 + e] = NEG_INF;
+                }
+            }
+}
 
 // Raw scores s (q . k) -> softcap * tanh(s / softcap) where ``softcap`` > 0 (the host passes cap / scale).
 __device__ __forceinline__ void tile_softcap(float (&s)[MT][BN / 8][4], float softcap) {

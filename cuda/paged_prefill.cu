@@ -115,23 +115,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
     int window, float softcap, float scale_log2)
 {
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    kv_t* Qs = reinterpret_cast<kv_t*>(smem_raw);   // [BM][LD]
-#if KV_FP8
-    kv_t* Ks = Qs + BM * LD;                          // [BN][LD], converted
-    kv_t* Vs = Ks + BN * LD;                          // [BN][LD], converted
-    st_t* Rs = reinterpret_cast<st_t*>(Vs + BN * LD); // [STAGES][2][BN][D], as stored
-    constexpr int SLD = D;                            // stored row, in elements
-    constexpr int SST = BN * SLD;                     // K to V within a stage
-    constexpr int SSTAGE = 2 * SST;
-    st_t* Rv = Rs + SST;                              // the V rows of stage 0
-#else
-    kv_t* Ks = Qs + BM * LD;                          // [STAGES][BN][LD]
-    kv_t* Vs = Ks + STAGES * BN * LD;                 // [STAGES][BN][LD]
-    constexpr int SLD = LD;
-    constexpr int SSTAGE = BN * LD;
-    st_t* Rs = Ks;
-    st_t* Rv = Vs;
-#endif
+    const TileSmem sm = tile_smem(smem_raw);
     // DSPLIT > 1: each warp's partial scores, [warps][MT][BN / 2][32 lanes] (after the stages)
     float* Xs = reinterpret_cast<float*>(smem_raw + (BM + 2 * STAGES * BN) * LD * sizeof(kv_t));
 
@@ -158,16 +142,13 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
     const int win_edge = window > 0 ? last_pos - window : -1;
 
     const int* table = block_tables + (long long)b * max_blocks;
-    const long long block_stride = (long long)num_layers * 2 * num_kv_heads * BLOCK_SIZE * HD;
-    const long long k_off = ((long long)layer * 2 * num_kv_heads + h) * BLOCK_SIZE * HD;
-    const long long v_off = k_off + (long long)num_kv_heads * BLOCK_SIZE * HD;
+    const PoolHead ph = pool_head(layer, num_layers, num_kv_heads, h, BLOCK_SIZE * HD);
     constexpr int CPR = HD / 8;  // 16-byte chunks per row of q
-    constexpr int SCPR = HD / ST_VEC;  // 16-byte chunks per stored K/V row
 
     if constexpr (DP > HD) {  // the pad columns of the Q tile and every stage: zero (no load writes them)
         constexpr int PC = DP > HD ? (DP - HD) / 8 : 1;  // (1: this branch is not taken)
         for (int c = tid; c < (BM + 2 * STAGES * BN) * PC; c += NT)
-            *reinterpret_cast<uint4*>(Qs + (c / PC) * LD + HD + (c % PC) * 8) = make_uint4(0, 0, 0, 0);
+            *reinterpret_cast<uint4*>(sm.q + (c / PC) * LD + HD + (c % PC) * 8) = make_uint4(0, 0, 0, 0);
     }
 
     // Q tile -> smem (rows past the sequence's queries zero-filled).
@@ -176,25 +157,11 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
         const int tok = j0 + r / HCH;
         const bool ok = r < QR && r % HCH < nh && tok < qlen;
         const kv_t* src = ok ? q + ((qrow0 + tok) * num_q_heads + hq0 + r % HCH) * HD + col : q;
-        cp_async16(Qs + r * LD + col, src, ok);
+        cp_async16(sm.q + r * LD + col, src, ok);
     }
-    auto load_kv = [&](int t, int stage) {
-        st_t* ks = Rs + stage * SSTAGE;
-        st_t* vs = Rv + stage * SSTAGE;
-#pragma unroll
-        for (int c = tid; c < BN * SCPR; c += NT) {
-            const int r = c / SCPR, col = (c % SCPR) * ST_VEC;
-            const int pos = t * BN + r;
-            const bool ok = pos < kv_end && pos >= first_vis;  // zero-filled outside
-            long long row = 0;
-            if (ok) row = (long long)table[pos / BLOCK_SIZE] * block_stride + (pos % BLOCK_SIZE) * HD + col;
-            cp_async16(ks + r * SLD + col, pool + (ok ? row + k_off : 0), ok);
-            cp_async16(vs + r * SLD + col, pool + (ok ? row + v_off : 0), ok);
-        }
-    };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (t_begin + s < num_tiles) load_kv(t_begin + s, s);
+        if (t_begin + s < num_tiles) tile_load_kv(sm, s, pool, table, ph, t_begin + s, first_vis, kv_end, tid);
         cp_commit();  // the first group also holds the Q tile
     }
 
@@ -214,40 +181,21 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
         }
     }
 
-#if KV_FP8
-    float k_scale = kv_scales[(layer * 2) * num_kv_heads + h];
-    const float v_scale = kv_scales[(layer * 2 + 1) * num_kv_heads + h];
-#if KV_DTYPE == 1
-    __shared__ unsigned q_amax;  // |q| of the tile, as float bits (non-negative: ordered as ints)
-    if (tid == 0) q_amax = 0u;   // read after the loop's first barrier
-#endif
-#else
-    const float v_scale = 1.f;
-#endif
+    const float2 scales = tile_scales(kv_scales, layer, num_kv_heads, h, tid);
+    float k_scale = scales.x;
     int st = 0, ist = STAGES - 1;
     for (int t = t_begin; t < num_tiles; ++t) {
-        if (t + STAGES - 1 < num_tiles) load_kv(t + STAGES - 1, ist);
+        if (t + STAGES - 1 < num_tiles) tile_load_kv(sm, ist, pool, table, ph, t + STAGES - 1, first_vis, kv_end, tid);
         cp_commit();
         cp_wait<STAGES - 1>();
         __syncthreads();
-#if KV_FP8
-#if KV_DTYPE == 1
-        if (t == t_begin) k_scale *= exp2i(-tile_q_to_f16(Qs, &q_amax, tid));  // the Q tile, landed with stage 0
-#endif
-        tile_kv_to_f16(Rs + st * SSTAGE, Ks, Vs, tid);
-        __syncthreads();
-        const kv_t* ks = Ks;
-        const kv_t* vs = Vs;
-#else
-        const kv_t* ks = Ks + st * BN * LD;
-        const kv_t* vs = Vs + st * BN * LD;
-        constexpr float k_scale = 1.f;
-#endif
+        const kv_t *ks, *vs;
+        tile_stage(sm, st, t == t_begin, k_scale, tid, ks, vs);
         float s[MT][BN / 8][4];
         if constexpr (DSPLIT == 1) {
-            tile_scores(s, Qs, ks, rw, lane, k_scale, softcap);
+            tile_scores(s, sm.q, ks, rw, lane, k_scale, softcap);
         } else {  // this warp's part of q . k, then its partner's added: the whole S in both
-            tile_scores(s, Qs + part * D, ks + part * D, rw, lane, k_scale, 0.f);
+            tile_scores(s, sm.q + part * D, ks + part * D, rw, lane, k_scale, 0.f);
             float* mine = Xs + warp * (MT * BN / 2) * 32 + lane;
             const float* theirs = Xs + (warp ^ 1) * (MT * BN / 2) * 32 + lane;
 #pragma unroll
@@ -279,17 +227,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
                         if (kp > p[mt][1]) s[mt][n][2 + e] = NEG_INF;
                     }
         }
-        if (t * BN < own) {  // the tile that holds the own part's start (blocks can be shorter than BN)
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int n = 0; n < BN / 8; ++n)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const int kp = t * BN + n * 8 + tig * 2 + e;
-                        if (kp < own) { s[mt][n][e] = NEG_INF; s[mt][n][2 + e] = NEG_INF; }
-                    }
-        }
+        tile_mask_outside(s, t, own, 0x7fffffff, lane);  // the own part's first tile (blocks can be shorter than BN)
         if (t * BN <= win_edge) {
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
@@ -316,7 +254,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_prefill(
             float lt = l[mt][hf];
             lt += __shfl_xor_sync(0xffffffffu, lt, 1);
             lt += __shfl_xor_sync(0xffffffffu, lt, 2);
-            const float inv = lt > 0.f ? v_scale / lt : 0.f;
+            const float inv = lt > 0.f ? scales.y / lt : 0.f;
             if (p[mt][hf] < 0) continue;
             const int r = rw * WR + mt * 16 + gid + 8 * hf;
             const long long orow = (qrow0 + j0 + r / HCH) * num_q_heads + hq0 + r % HCH;
