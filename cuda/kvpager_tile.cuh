@@ -7,7 +7,7 @@
 // Include after kvpager_common.cuh and kvpager_mma.cuh and after defining the
 // constexprs HD (the pool's head dim), D (the head dims one warp's MMAs cover),
 // BM, BN, MT, LD (padded smem row, in elements), WR (rows per warp) and NT
-// (threads per CTA), and the macro STAGES. Fragment layouts are mma.sync's: a
+// (threads per CTA), and the macros STAGES and BLOCK_SIZE. Fragment layouts are mma.sync's: a
 // lane holds rows gid and gid + 8 of each m-tile, columns 2 tig and 2 tig + 1
 // of each 8-wide n-tile.
 #pragma once
