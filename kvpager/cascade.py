@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -62,23 +63,45 @@ def find_shared_prefixes(tables: np.ndarray, seq_lens: np.ndarray, block_size: i
     shares ``min_blocks`` whole blocks before their first queries. Found in C
     where `NATIVE` is built (one call; a decode step's plan pays it every step),
     else by `find_shared_prefixes_numpy`, the reference, with the same result."""
-    if NATIVE is None or not 0 <= levels <= NATIVE_LEVELS:
+    if not _native_takes(tables, seq_lens, query_lens, block_size, levels, min_members, min_blocks):
         return find_shared_prefixes_numpy(tables, seq_lens, block_size, query_lens=query_lens, levels=levels,
                                           min_members=min_members, min_blocks=min_blocks)
-    tables = np.ascontiguousarray(tables, dtype=np.int32)
+    tables = np.ascontiguousarray(tables)
     n = tables.shape[0]
-    cap = int(levels) * n  # each level's groups are disjoint sets of rows
+    cap = levels * n  # each level's groups are disjoint sets of rows
     segments = np.empty((cap, SEGMENT_FIELDS), dtype=np.int32)
     members = np.empty(cap, dtype=np.int32)
     own = np.empty(n, dtype=np.int32)
-    if query_lens is not None:
-        query_lens = np.ascontiguousarray(query_lens, dtype=np.int32)
-    nseg, nmem, used, saved = NATIVE(tables, np.ascontiguousarray(seq_lens, dtype=np.int32), query_lens,
-                                     int(block_size), int(levels), int(min_members), int(min_blocks),
-                                     segments, members, own)
+    nseg, nmem, used, saved = NATIVE(tables, np.ascontiguousarray(seq_lens),
+                                     None if query_lens is None else np.ascontiguousarray(query_lens),
+                                     block_size, levels, min_members, min_blocks, segments, members, own)
     if nseg == 0:
         return None
     return SharedPrefixes(segments=segments[:nseg], members=members[:nmem], own_start=own, levels=used, saved=saved)
+
+
+_INT32 = np.dtype(np.int32)
+
+
+def _native_takes(tables: Any, seq_lens: Any, query_lens: Any, block_size: Any, levels: Any, min_members: Any,
+                  min_blocks: Any) -> bool:
+    """Whether the compiled search takes a call as it is: int32 arrays of one row count (a
+    plan's, from `plan.check_step`), plain ints in its ranges. Anything else runs the NumPy
+    reference, which reads it as it is (a cast to int32 could change ids or lengths)."""
+    if NATIVE is None or not all(type(x) is int for x in (block_size, levels, min_members, min_blocks)):
+        return False
+    arrays = (tables, seq_lens) if query_lens is None else (tables, seq_lens, query_lens)
+    if not all(type(a) is np.ndarray and a.dtype == _INT32 for a in arrays):
+        return False
+    n = len(seq_lens)
+    return (tables.ndim == 2 and seq_lens.shape == (tables.shape[0],)
+            and (query_lens is None or query_lens.shape == (n,))
+            and 0 <= levels <= NATIVE_LEVELS and levels * n <= _INT32_MAX
+            and block_size >= 1 and tables.shape[1] * block_size <= _INT32_MAX
+            and min(min_members, min_blocks) >= -(2**63) and max(min_members, min_blocks) < 2**63)
+
+
+_INT32_MAX = 2**31 - 1
 
 
 def find_shared_prefixes_numpy(tables: np.ndarray, seq_lens: np.ndarray, block_size: int, *,

@@ -23,7 +23,9 @@
  * written whole (0 for a row in no segment). Returns how many segment rows and
  * member rows were written, the levels that hold a segment, and the K/V
  * positions the cascade spares (a segment's (members - 1) * its positions).
- * Every argument is checked before anything is written. */
+ * Every argument is checked before anything is written, and the walk runs in
+ * memory of its own: the outputs are written at its end, so arrays that
+ * overlap (each other or the inputs) cannot steer it. */
 #include "shared_prefixes.h"
 
 #include <stdint.h>
@@ -185,31 +187,38 @@ PyObject *kvpager_shared_prefixes(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "shared prefixes: array shapes disagree");
         goto done;
     }
-    if (n > INT32_MAX || (long long)width * block_size > INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "shared prefixes: positions past int32");
+    /* (block_size first: a product past int32 must not wrap before the check) */
+    if (block_size > INT32_MAX || (Py_ssize_t)levels * n > INT32_MAX ||
+        (width > 0 && (long long)width > INT32_MAX / block_size)) {
+        PyErr_SetString(PyExc_ValueError, "shared prefixes: positions or member rows past int32");
         goto done;
     }
-    if (seg.view.shape[0] < (Py_ssize_t)levels * n || mem.view.shape[0] < (Py_ssize_t)levels * n) {
+    Py_ssize_t cap = (Py_ssize_t)levels * n;  /* each level's groups are disjoint sets of rows */
+    if (seg.view.shape[0] < cap || mem.view.shape[0] < cap) {
         PyErr_SetString(PyExc_ValueError, "shared prefixes: segments and members need levels * rows");
         goto done;
     }
-    /* scratch: the sort's keys and its buffer, each row's whole blocks, the first level's rows */
-    size_t rows_n = (size_t)(n > 0 ? n : 1);
-    keys = PyMem_Malloc(rows_n * (2 * sizeof(uint64_t) + sizeof(int64_t) + sizeof(int32_t)));
+    /* Private memory for everything the walk reads back or writes (the caller's arrays are
+     * written once at the end, so outputs that overlap each other or the inputs cannot feed
+     * the walk): the sort's keys and its buffer, each row's whole blocks, the first level's
+     * rows, own starts, segments, members. */
+    size_t rows_n = (size_t)(n > 0 ? n : 1), cap_n = (size_t)(cap > 0 ? cap : 1);
+    keys = PyMem_Malloc(rows_n * (2 * sizeof(uint64_t) + sizeof(int64_t) + 2 * sizeof(int32_t)) +
+                        cap_n * (FIELDS + 1) * sizeof(int32_t));
     if (keys == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     int64_t *full = (int64_t *)(keys + 2 * rows_n);
     int32_t *rows = (int32_t *)(full + rows_n);
+    int32_t *own_at = rows + rows_n, *seg_at = own_at + rows_n, *mem_at = seg_at + cap_n * FIELDS;
     const int32_t *sl = lens.view.buf, *ql = qlens.held ? qlens.view.buf : NULL;
     for (Py_ssize_t i = 0; i < n; i++) {  /* whole blocks before the block of the first query (floored) */
         int64_t before = (int64_t)sl[i] - (ql != NULL ? ql[i] : 1);
         full[i] = before >= 0 ? before / block_size : -((-before + block_size - 1) / block_size);
     }
-    Walk w = {tab.view.buf, full, width, block_size, min_members, min_blocks,
-              seg.view.buf, mem.view.buf, own.view.buf, 0, 0, 0};
-    memset(w.own, 0, (size_t)n * sizeof(int32_t));
+    Walk w = {tab.view.buf, full, width, block_size, min_members, min_blocks, seg_at, mem_at, own_at, 0, 0, 0};
+    memset(own_at, 0, (size_t)n * sizeof(int32_t));
     int used = 0;
     if (levels > 0 && n > 0) {
         for (Py_ssize_t i = 0; i < n; i++) {
@@ -228,6 +237,9 @@ PyObject *kvpager_shared_prefixes(PyObject *self, PyObject *args) {
             used += end > begin;
         }
     }
+    memcpy(own.view.buf, own_at, (size_t)n * sizeof(int32_t));
+    memcpy(seg.view.buf, seg_at, (size_t)w.nseg * FIELDS * sizeof(int32_t));
+    memcpy(mem.view.buf, mem_at, (size_t)w.nmem * sizeof(int32_t));
     result = Py_BuildValue("nniL", w.nseg, w.nmem, used, (long long)w.saved);
 done:
     PyMem_Free(keys);

@@ -15,8 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpager import cascade
+from kvpager import KVPool, PoolSpec, cascade
 from kvpager.cascade import SEGMENT_FIELDS, find_shared_prefixes, find_shared_prefixes_numpy
+from kvpager.plan import check_step
 
 COMPILED = cascade.NATIVE
 pytestmark = pytest.mark.skipif(COMPILED is None, reason="kvpager._native (with shared_prefixes) was not built")
@@ -95,21 +96,85 @@ def test_one_prompt_and_forks_two_levels():
     check_against_tables(got, tables, seq_lens.astype(np.int64), np.ones(256, np.int64), 16, 2, 1)
 
 
-def test_tables_of_other_types_and_layouts():
-    """Tables as a non-contiguous int64 view and lengths as a list: the same as the reference."""
+@pytest.fixture
+def compiled_calls(monkeypatch):
+    """The calls `find_shared_prefixes` makes to the compiled search."""
+    calls = []
+
+    def counted(*args):
+        calls.append(args)
+        return COMPILED(*args)
+
+    monkeypatch.setattr(cascade, "NATIVE", counted)
+    return calls
+
+
+def test_a_plans_step_takes_the_compiled_search(compiled_calls):
+    """Tables and lengths as a plan holds them (`check_step`'s int32 arrays, the spec's
+    block size): the compiled search runs, decode and multi-token alike."""
+    spec = PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=256, block_size=8)
+    pool = KVPool(spec)
+    prompt = list(range(100, 140))  # 5 blocks
+    [first] = pool.allocate([prompt + [1]])
+    pool.commit([first.seq_id])
+    ids = [a.seq_id for a in pool.allocate([prompt + [i, i + 1, i + 2] for i in range(6)])]
+    tables, lens, qlens, _ = check_step(spec, *pool.tables(ids), np.full(len(ids), 2))
+    for ql in (None, qlens):
+        found = find_shared_prefixes(tables, lens, spec.block_size, query_lens=ql)
+        same(found, find_shared_prefixes_numpy(tables, lens, spec.block_size, query_lens=ql))
+        assert found is not None and found.members.tolist() == list(range(6))
+    assert len(compiled_calls) == 2
+
+
+def test_what_a_cast_could_change_runs_numpy(compiled_calls):
+    """Inputs the compiled search would read other than NumPy does (other dtypes, lists, a
+    scalar query length, sizes and thresholds out of its ranges) run the NumPy reference;
+    a non-contiguous int32 table is copied and runs compiled."""
     rng = np.random.default_rng(5)
-    wide = nested_tables(rng, 40, 30, 3, 2).astype(np.int64)[:, :20]
-    lens = [int(x) for x in rng.integers(1, 20 * 8 + 1, 40)]
+    base = nested_tables(rng, 40, 30, 3, 2)
+    lens = rng.integers(1, 20 * 8 + 1, 40).astype(np.int32)
+    far = base.astype(np.int64)
+    far[:, 0] += np.arange(40) % 2 << 32  # ids alike in their low 32 bits only
+    cases = [
+        (far, lens, {}), (base.tolist(), lens, {}), (base, lens.tolist(), {}), (base, lens.astype(np.int64), {}),
+        (base, lens, {"query_lens": 1}), (base, lens, {"query_lens": np.ones(40, np.int64)}),
+        (base, lens, {"levels": 2.0}), (base, lens, {"min_members": np.int64(2)}),
+        (base, lens, {"levels": cascade.NATIVE_LEVELS + 1}), (base, lens, {"levels": -1}),
+        (base, lens, {"min_blocks": 2**63}),
+    ]
+    for tables, sl, kw in cases:
+        try:
+            want = find_shared_prefixes_numpy(tables, sl, 8, **kw)
+        except Exception as e:  # noqa: BLE001 (the reference's own refusal, met alike)
+            with pytest.raises(type(e)):
+                find_shared_prefixes(tables, sl, 8, **kw)
+            continue
+        same(find_shared_prefixes(tables, sl, 8, **kw), want)
+    for bs in (0, -8, 2**31):
+        with np.errstate(divide="ignore"):
+            same(find_shared_prefixes(base, lens, bs), find_shared_prefixes_numpy(base, lens, bs))
+    assert compiled_calls == []
+    wide = nested_tables(rng, 40, 30, 3, 2)[:, :20]
     same(find_shared_prefixes(wide, lens, 8), find_shared_prefixes_numpy(wide, lens, 8))
+    assert len(compiled_calls) == 1
     assert find_shared_prefixes(np.zeros((0, 4), np.int32), np.zeros(0, np.int32), 8) is None
 
 
-def test_more_levels_than_the_compiled_version_takes_run_numpy():
-    tables = np.tile(np.arange(10, dtype=np.int32), (3, 1))
-    lens = np.full(3, 80, np.int32)
-    big = cascade.NATIVE_LEVELS + 1
-    same(find_shared_prefixes(tables, lens, 8, levels=big), find_shared_prefixes_numpy(tables, lens, 8, levels=big))
-    assert find_shared_prefixes(tables, lens, 8, levels=-1) is None
+def test_overlapping_outputs_cannot_steer_the_walk():
+    """Outputs that overlap each other (own inside segments) or the inputs: the walk runs in
+    memory of its own, so the counts and members are those of separate outputs."""
+    tables = np.tile(np.arange(8, dtype=np.int32) - 100, (8, 1))
+    tables[4:, 4:] += 50
+    lens = np.full(8, 129, np.int32)
+    args = (tables, lens, None, 16, 2, 2, 1)
+    seg, mem, own = np.zeros((16, SEGMENT_FIELDS), np.int32), np.zeros(16, np.int32), np.zeros(8, np.int32)
+    want = COMPILED(*args, seg, mem, own)
+    shared = np.zeros((16, SEGMENT_FIELDS), np.int32)
+    mem2 = np.zeros(1000, np.int32)
+    assert COMPILED(*args, shared, mem2, shared.reshape(-1)[:8]) == want
+    np.testing.assert_array_equal(mem2[: want[1]], mem[: want[1]])
+    in_tables = tables.copy()
+    assert COMPILED(in_tables, lens, None, 16, 2, 2, 1, seg, mem, in_tables.reshape(-1)[:8]) == want
 
 
 def call(tables=None, lens=None, qlens=None, block_size=16, levels=2, seg=None, mem=None, own=None):
