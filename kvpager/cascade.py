@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from operator import index
 from typing import Any
 
 import numpy as np
@@ -63,45 +64,49 @@ def find_shared_prefixes(tables: np.ndarray, seq_lens: np.ndarray, block_size: i
     shares ``min_blocks`` whole blocks before their first queries. Found in C
     where `NATIVE` is built (one call; a decode step's plan pays it every step),
     else by `find_shared_prefixes_numpy`, the reference, with the same result."""
-    if not _native_takes(tables, seq_lens, query_lens, block_size, levels, min_members, min_blocks):
+    ints = _native_takes(tables, seq_lens, query_lens, block_size, levels, min_members, min_blocks)
+    if ints is None:
         return find_shared_prefixes_numpy(tables, seq_lens, block_size, query_lens=query_lens, levels=levels,
                                           min_members=min_members, min_blocks=min_blocks)
-    tables = np.ascontiguousarray(tables)
     n = tables.shape[0]
-    cap = levels * n  # each level's groups are disjoint sets of rows
+    cap = ints[1] * n  # each level's groups are disjoint sets of rows
     segments = np.empty((cap, SEGMENT_FIELDS), dtype=np.int32)
     members = np.empty(cap, dtype=np.int32)
     own = np.empty(n, dtype=np.int32)
-    nseg, nmem, used, saved = NATIVE(tables, np.ascontiguousarray(seq_lens),
+    nseg, nmem, used, saved = NATIVE(np.ascontiguousarray(tables), np.ascontiguousarray(seq_lens),
                                      None if query_lens is None else np.ascontiguousarray(query_lens),
-                                     block_size, levels, min_members, min_blocks, segments, members, own)
+                                     *ints, segments, members, own)
     if nseg == 0:
         return None
     return SharedPrefixes(segments=segments[:nseg], members=members[:nmem], own_start=own, levels=used, saved=saved)
 
 
 _INT32 = np.dtype(np.int32)
+_INT32_MAX = 2**31 - 1
 
 
 def _native_takes(tables: Any, seq_lens: Any, query_lens: Any, block_size: Any, levels: Any, min_members: Any,
-                  min_blocks: Any) -> bool:
-    """Whether the compiled search takes a call as it is: int32 arrays of one row count (a
-    plan's, from `plan.check_step`), plain ints in its ranges. Anything else runs the NumPy
-    reference, which reads it as it is (a cast to int32 could change ids or lengths)."""
-    if NATIVE is None or not all(type(x) is int for x in (block_size, levels, min_members, min_blocks)):
-        return False
-    arrays = (tables, seq_lens) if query_lens is None else (tables, seq_lens, query_lens)
-    if not all(type(a) is np.ndarray and a.dtype == _INT32 for a in arrays):
-        return False
-    n = len(seq_lens)
-    return (tables.ndim == 2 and seq_lens.shape == (tables.shape[0],)
-            and (query_lens is None or query_lens.shape == (n,))
-            and 0 <= levels <= NATIVE_LEVELS and levels * n <= _INT32_MAX
-            and block_size >= 1 and tables.shape[1] * block_size <= _INT32_MAX
-            and min(min_members, min_blocks) >= -(2**63) and max(min_members, min_blocks) < 2**63)
-
-
-_INT32_MAX = 2**31 - 1
+                  min_blocks: Any) -> tuple[int, int, int, int] | None:
+    """The integers the compiled search takes the call with, or None where it does not take
+    it as it is: it takes int32 arrays of one row count (a plan's, from `plan.check_step`) and
+    integers in its ranges; anything else runs the NumPy reference, which reads it as it is (a
+    cast to int32 could change ids or lengths)."""
+    if (NATIVE is None or type(tables) is not np.ndarray or type(seq_lens) is not np.ndarray
+            or tables.dtype != _INT32 or seq_lens.dtype != _INT32 or tables.ndim != 2):
+        return None
+    n, width = tables.shape
+    if seq_lens.shape != (n,) or (query_lens is not None and (
+            type(query_lens) is not np.ndarray or query_lens.dtype != _INT32 or query_lens.shape != (n,))):
+        return None
+    try:
+        ints = (index(block_size), index(levels), index(min_members), index(min_blocks))
+    except TypeError:
+        return None
+    bs, lv, lo, hi = ints[0], ints[1], min(ints[2:]), max(ints[2:])
+    if (0 <= lv <= NATIVE_LEVELS and lv * n <= _INT32_MAX and bs >= 1 and width * bs <= _INT32_MAX
+            and lo >= -(2**63) and hi < 2**63):
+        return ints
+    return None
 
 
 def find_shared_prefixes_numpy(tables: np.ndarray, seq_lens: np.ndarray, block_size: int, *,

@@ -138,7 +138,7 @@ def test_what_a_cast_could_change_runs_numpy(compiled_calls):
     cases = [
         (far, lens, {}), (base.tolist(), lens, {}), (base, lens.tolist(), {}), (base, lens.astype(np.int64), {}),
         (base, lens, {"query_lens": 1}), (base, lens, {"query_lens": np.ones(40, np.int64)}),
-        (base, lens, {"levels": 2.0}), (base, lens, {"min_members": np.int64(2)}),
+        (base, lens, {"levels": 2.0}),
         (base, lens, {"levels": cascade.NATIVE_LEVELS + 1}), (base, lens, {"levels": -1}),
         (base, lens, {"min_blocks": 2**63}),
     ]
@@ -156,7 +156,9 @@ def test_what_a_cast_could_change_runs_numpy(compiled_calls):
     assert compiled_calls == []
     wide = nested_tables(rng, 40, 30, 3, 2)[:, :20]
     same(find_shared_prefixes(wide, lens, 8), find_shared_prefixes_numpy(wide, lens, 8))
-    assert len(compiled_calls) == 1
+    kw = {"min_members": np.int64(2), "levels": np.int32(2)}
+    same(find_shared_prefixes(base, lens, np.int64(8), **kw), find_shared_prefixes_numpy(base, lens, 8, **kw))
+    assert len(compiled_calls) == 2
     assert find_shared_prefixes(np.zeros((0, 4), np.int32), np.zeros(0, np.int32), 8) is None
 
 
