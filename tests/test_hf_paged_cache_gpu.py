@@ -159,3 +159,65 @@ def test_captured_steps_of_another_model_or_pool_are_refused_before_anything_is_
     finally:
         other.close()
         pool.close()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_replayed_passes_are_taken_ahead(family, monkeypatch):
+    """A replayed decode pass after two others replays the captured step refilled while
+    the one before ran (`kvpager.hf.cache_ahead`): from the third decode pass on, no pass
+    appends or refills before its replay; between passes each row holds the next slot;
+    a conversation's next turn and prompt-lookup drafts (crops) give them back; the tokens
+    are transformers' (Mistral: windows' blocks given back meanwhile)."""
+    import transformers
+    from test_hf_paged_cache import PROMPT_LOOKUP
+
+    from kvpager.hf.graphs import DecodeGraphs
+
+    model = make_model(family, **GPU_SIZES, **FAMILIES.get(family, {})).cuda()
+    pool = KVPool(spec_for_model(model, num_blocks=256, block_size=16), device="cuda:0")
+    launches = []
+    launch = DecodeGraphs.launch
+
+    def counted(self, seq_ids, input_ids, position_ids, slots, ready=None):
+        launches.append(ready is not None and self.graphs.get(self._bucket(len(seq_ids))) is ready)
+        return launch(self, seq_ids, input_ids, position_ids, slots, ready)
+
+    monkeypatch.setattr(DecodeGraphs, "launch", counted)
+    try:
+        ids, mask = (t.cuda() for t in padded_batch())
+        turn = torch.randint(3, 128, (3, 5), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+        dyn = transformers.DynamicCache()
+        ref1 = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                              **cache_kw(model, dyn))
+        ids2 = torch.cat([ref1, turn], 1)
+        mask2 = torch.cat([mask, torch.ones_like(ids2[:, mask.shape[1]:])], 1)
+        ref2 = model.generate(input_ids=ids2, attention_mask=mask2, max_new_tokens=24, do_sample=False,
+                              **cache_kw(model, dyn))
+        seen = []
+
+        class Watch(transformers.StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                seen.append([pool.sequence(s).num_tokens - n for s, n in zip(cache.seq_ids, cache._rows.lens)])
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        with PagedCache(model, pool, cuda_graphs=True) as cache:
+            cache.release_margin = 0
+            out1 = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                                  stopping_criteria=transformers.StoppingCriteriaList([Watch()]),
+                                  **cache_kw(model, cache))
+            out2 = model.generate(input_ids=ids2, attention_mask=mask2, max_new_tokens=24, do_sample=False,
+                                  **cache_kw(model, cache))
+        assert torch.equal(out1, ref1) and torch.equal(out2, ref2)
+        assert seen[:2] == [[0] * 3] * 2 and seen[2:] == [[1] * 3] * 22
+        # 23 decode passes a call: the first replay captures, the second refills, the rest ready
+        assert launches == ([False] * 2 + [True] * 21) * 2
+        ref = model.generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=24, do_sample=False,
+                             **PROMPT_LOOKUP)
+        with PagedCache(model, pool, cuda_graphs=True) as cache:
+            out = model.generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=24, do_sample=False,
+                                 **cache_kw(model, cache), **PROMPT_LOOKUP)
+        assert torch.equal(out, ref)
+        assert pool.stats().num_sequences == 0
+        pool.check_integrity()
+    finally:
+        pool.close()

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
-from kvpager.errors import InvalidArgument, KVPagerError, UnsupportedModel
+from kvpager.errors import InvalidArgument, KVPagerError, UnsupportedConfiguration, UnsupportedModel
 from kvpager.hf.checks import NOT_SERVED, check_layers_ran, check_packable, check_position_bias
 from kvpager.hf.compiled import HAS_OP, current, is_compiling, running
 from kvpager.hf.compiled import write_attend as _write_attend_op
@@ -202,6 +202,8 @@ def kvpager_attention(
                                *((None, None) if tuning is None else tuning))
     else:
         out = write_attend(batch, layer, query, key, value, scaling, window, softcap, s_aux, chunk, tuning)
+        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+            out = _NoGradient.apply(out, query, key, value)
     if fitted is not None:
         out = fitted.output(out)
     elif out.shape[3] != dv:
@@ -250,6 +252,24 @@ def write_attend(batch: PagedBatch, layer: int, query: torch.Tensor, key: torch.
     if out.dtype is not query.dtype or out.is_cuda != query.is_cuda:
         out = out.to(device=query.device, dtype=query.dtype)
     return out
+
+
+class _NoGradient(torch.autograd.Function):
+    """kvpager attention's output where autograd records the pass (a forward run
+    with gradients on): the values as computed, and a backward that refuses, since
+    the pool's kernels compute no gradients (else the loss's gradient would leave
+    out every path through attention, and no one would know)."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> Any:
+        raise UnsupportedConfiguration(
+            "kvpager attention computes no gradients (the pool's kernels run inference alone): a backward "
+            "through a pass over a kvpager pool would leave attention out; train on transformers' own cache, "
+            "and run kvpager passes under torch.no_grad() or torch.inference_mode()")
 
 
 def tuned_queries(query: torch.Tensor, positions: torch.Tensor | None, attn_scale: float,

@@ -48,11 +48,18 @@ class CacheGraphs:
         return PagedBatch(plan, c._dtype, c._device, c._windows, chunks=c._chunks, layers=c._layer_map, fit=c._fit,
                           logits=True)
 
+    def prepare(self, seq_ids: list[int], slots: Any) -> Any:
+        """The captured step of a decode pass of ``seq_ids`` (their K/V to ``slots``) with
+        its plan refilled ahead of `run` (`DecodeGraphs.prepare`); None where `run` must
+        do more (no step captured yet)."""
+        return None if self._graphs is None else self._graphs.prepare(seq_ids, slots)
+
     def run(self, seq_ids: list[int], input_ids: torch.Tensor, position_ids: torch.Tensor, slots: Any,
-            longest: int) -> Any:
+            longest: int, ready: Any = None) -> Any:
         """A decode pass of ``seq_ids`` (``input_ids`` and ``position_ids`` [rows, 1],
         their K/V to ``slots``; the longest row then ``longest`` tokens) replayed: the
-        model's output, its logits [rows, 1, vocab]."""
+        model's output, its logits [rows, 1, vocab]. ``ready``: what `prepare` gave
+        for these sequences and slots."""
         c = self.cache
         if self._graphs is None:
             width = graph_width(c.pool, 2 * longest)
@@ -60,7 +67,8 @@ class CacheGraphs:
                             self._kept.take(c, c.model, c.pool, self._batch, width, None, True, False,
                                             kind="PagedCache"))
         rows = len(seq_ids)
-        logits = self._graphs.launch(seq_ids, input_ids.reshape(1, rows), position_ids.reshape(1, rows), slots)
+        logits = self._graphs.launch(seq_ids, input_ids.reshape(1, rows), position_ids.reshape(1, rows), slots,
+                                     ready)
         return CausalLMOutputWithPast(logits=logits.unsqueeze(1).clone(), past_key_values=c)
 
     def close(self) -> None:

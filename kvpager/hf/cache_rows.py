@@ -47,6 +47,7 @@ class Step:
     #: where each row's tokens fall in the pass (`cache_mask.Spans`), and its tokens (bool [rows, width])
     spans: Any = None
     real: np.ndarray | None = None
+    decode: bool = False  # a token every row of the cache, each real (a decode pass)
 
 
 class CacheRows:
@@ -115,6 +116,16 @@ class CacheRows:
         ids = [s for s in self.seq_ids if s is not None]
         self.clear()
         free_all(self.pool, ids)
+
+    def copy_onto(self, other: CacheRows, seq_ids: list[int | None]) -> None:
+        """Make ``other`` (a `CacheRows` with no rows) count what this one does, for
+        ``seq_ids`` (forks of this one's sequences, a row each)."""
+        other.seq_ids = seq_ids
+        for name in ("lens", "floors", "own", "ends", "gapped", "closed"):
+            setattr(other, name, getattr(self, name).copy())
+        other.runs = {r: [list(run) for run in runs] for r, runs in self.runs.items()}
+        other.columns, other.first_columns = self.columns, self.first_columns
+        other.padded, other.first_padded = self.padded, self.first_padded
 
     def crop(self, cut: int, margin: int) -> None:
         """Cut the last ``cut`` tokens (> 0) of every row; ``margin``: the tokens held

@@ -53,13 +53,17 @@ class Cut:
 
 
 def cut(named: dict[str, Any], real: np.ndarray, counts: np.ndarray, cached: np.ndarray, keep: int | None,
-        columns: int) -> Cut | None:
+        columns: int, lens: np.ndarray) -> Cut | None:
     """The pass of ``named`` keywords (its real tokens ``real``, bool [rows, width];
     ``counts`` a row, ``cached`` of them in the pool) cut to its rows' tails where it
     keeps ``keep`` positions' logits (`kept_logits`); None where nothing is cut: no
     cached token, a row whose kept positions are not its last real tokens (right
-    padding), or a row that feeds every column. ``columns``: the cache's before it."""
+    padding), a row that feeds every column, or no ``position_ids`` given where
+    padding puts a token at a column other than its index (`at_their_columns`).
+    ``columns``: the cache's before it; ``lens``: the tokens each row held."""
     if keep is None or not cached.any() or not real[:, -keep:].all():
+        return None
+    if named.get("position_ids") is None and not at_their_columns(real, lens, columns):
         return None
     fed = tails(counts, cached, keep)
     if fed.max() == real.shape[1]:
@@ -67,6 +71,17 @@ def cut(named: dict[str, Any], real: np.ndarray, counts: np.ndarray, cached: np.
     take, kept = layout(real, fed)
     index = torch.as_tensor(take, device=named["input_ids"].device)
     return Cut(fed, kept, index, cut_inputs(named, index, kept, real.shape[1], columns))
+
+
+def at_their_columns(real: np.ndarray, lens: np.ndarray, columns: int) -> bool:
+    """Whether each token of a pass (``real``, bool [rows, width], after ``lens``
+    tokens a row and ``columns`` cache columns) sits at the column its index in its
+    row names. Where padding moves one, a model given no ``position_ids`` counts its
+    position its own way (cache columns, pads included: Llama's; its row's tokens
+    alone, from the mask: OPT's, BioGPT's), which a cut pass, whose mask and columns
+    are not the whole pass's, could not give it: such a pass runs whole."""
+    index = lens[:, None] + np.cumsum(real, axis=1) - 1
+    return bool(((index == columns + np.arange(real.shape[1])) | ~real).all())
 
 
 def tails(counts: np.ndarray, cached: np.ndarray, keep: int) -> np.ndarray:

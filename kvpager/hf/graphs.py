@@ -164,19 +164,41 @@ class DecodeGraphs:
         ``position_ids`` [1, B]) and return each sequence's greedy next token."""
         return self.launch(seq_ids, input_ids, position_ids, slots).tolist()
 
+    def prepare(self, seq_ids: list[int], slots: np.ndarray) -> _Graph | None:
+        """Refill the plan of the graph a step of ``seq_ids`` (their K/V to ``slots``)
+        will replay, ahead of its `launch` (``ready``), on the caller's stream, so
+        after any replay queued before: that graph, or None where the step needs what
+        only `launch` does (a capture, wider tables, a kept graph's first check)."""
+        tables, lens = self.pool.tables(seq_ids)
+        bucket = self._bucket(len(seq_ids))
+        g = self.graphs.get(bucket)
+        if g is None or tables.shape[1] > self.width or bucket not in self._checked:
+            return None
+        g.plan.update(tables, lens, None, slots)
+        return g
+
     def launch(self, seq_ids: list[int], input_ids: torch.Tensor, position_ids: torch.Tensor,
-               slots: np.ndarray) -> torch.Tensor:
+               slots: np.ndarray, ready: _Graph | None = None) -> torch.Tensor:
         """Queue one decode step (as `step`) without waiting for it: each sequence's
         greedy next token, [B] on the device, or its logits [B, vocab] where the
         batch asks for them (`PagedBatch.logits`): the graph's output, read or copy
-        it before the next replay of the same bucket."""
+        it before the next replay of the same bucket. ``ready``: what `prepare` gave
+        for these sequences and slots (their plan refilled), where it is still the
+        graph of their bucket."""
         from kvpager.hf.generation import paged_attention
 
+        n = len(seq_ids)
+        if ready is not None and self.graphs.get(self._bucket(n)) is ready:
+            with torch.inference_mode():
+                _fill(ready.input_ids, input_ids)
+                _fill(ready.position_ids, position_ids)
+            ready.graph.replay()
+            self.last = ready
+            return ready.next_tokens[:n]
         tables, lens = self.pool.tables(seq_ids)
         if tables.shape[1] > self.width:
             self.width = max(2 * self.width, tables.shape[1])
             self.drop()  # every plan's tables are too narrow now
-        n = len(seq_ids)
         bucket = self._bucket(n)
         g = self.graphs.get(bucket)
         if g is not None and bucket not in self._checked:  # kept from an earlier call

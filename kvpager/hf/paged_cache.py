@@ -60,6 +60,7 @@ import torch
 from kvpager.errors import InvalidArgument, UnsupportedConfiguration, UnsupportedModel
 from kvpager.hf import cache_mask, cached_tail, early_prefix, repeated_rows
 from kvpager.hf.attention import PagedBatch
+from kvpager.hf.cache_ahead import PassAhead
 from kvpager.hf.cache_graphs import CacheGraphs
 from kvpager.hf.cache_rows import CacheRows, Step
 from kvpager.hf.checks import check_layers_ran, check_model, check_model_and_pool
@@ -152,6 +153,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         self._lock = threading.Lock()
         self._closed = False
         self._graphs = CacheGraphs(self, cuda_graphs) if kept or cuda_graphs else None
+        self._ahead = PassAhead(self)  # the next decode pass's slots and plan, taken while one runs
         take_forward(model)
 
     # -- what transformers asks of a cache
@@ -195,7 +197,9 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         self._select(beam_idx, "reorder_cache")
 
     def batch_select_indices(self, indices: Any) -> None:
-        self._select(indices, "batch_select_indices")
+        """Keep the rows ``indices`` selects, as a tensor index does: row indices
+        (repeats forks), or a bool mask of one entry a row (its True rows)."""
+        self._select(selected_rows(indices, len(self.seq_ids)), "batch_select_indices")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if type(repeats) is not int or repeats < 1:
@@ -215,6 +219,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             return
         with self._lock:
             self._check_open("crop")
+            self._ahead.drop()
             self._rows.crop(cut, self.release_margin)
 
     def reset(self) -> None:
@@ -222,6 +227,30 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         with self._lock:
             self._check_open("reset")
             self._free_rows()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PagedCache:
+        """A new open cache over the same model and pool whose rows continue this
+        one's, each row's sequence forked (its blocks shared, its last one copied on
+        write): transformers' prompt-reuse recipe (``copy.deepcopy(prompt_cache)``
+        for each continuation) without copying any K/V. Close it as any cache. A
+        model whose K/V follow each pass's length gets a salt of the copy's own;
+        a cache replaying `CapturedSteps` (one cache at a time) gives its copy
+        steps of its own (``cuda_graphs=True``)."""
+        with self._lock:
+            self._check_open("deepcopy")
+            self._ahead.drop()
+            other = PagedCache(self.model, self.pool, cuda_graphs=self._graphs is not None)
+            other.salt = self.salt if self._splits else own_salt(self.salt)
+            other.release_margin = self.release_margin
+            held = [s for s in self.seq_ids if s is not None]
+            forks = iter(self.pool.fork(held) if held else [])
+            try:
+                self._rows.copy_onto(other._rows, [None if s is None else next(forks)[0] for s in self.seq_ids])
+            except BaseException:
+                other.close()
+                raise
+            memo[id(self)] = other
+            return other
 
     # -- lifetime
 
@@ -285,6 +314,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             finally:
                 self._step = None
             self._rows.done(step, self.release_margin)
+            self._ahead.after(step.decode, step.replay is not None)
             return out if again is None else self._repeat(out, again)
         finally:
             self._lock.release()
@@ -351,6 +381,8 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         try:
             if not len(live):
                 raise InvalidArgument("PagedCache: a pass whose every token is padding (attention_mask 0)")
+            ahead = self._ahead.take(width, mask)  # (slots taken for a decode pass, else given back)
+            step.appended = ahead is not None  # (a failure from here on truncates the rows, its slots with them)
             parts: dict[int, np.ndarray] = {}
             cached = np.zeros(rows, dtype=np.int64)
             if fresh:
@@ -372,17 +404,24 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                     step.early, cached = early
             if uniform:
                 ids = list(self.seq_ids)
-                flat = self.pool.append_flat(ids, width, tokens)
                 step.appended = True
+                if ahead is None:
+                    flat = self.pool.append_flat(ids, width, tokens)
+                else:
+                    self.pool.record_tokens(ids, tokens)
+                    flat = ahead.slots
+                step.decode = width == 1
                 if self._graphs is not None and keep == 1 and width == 1:
                     positions = named.get("position_ids")
                     if positions is None or positions.ndim == 2:  # (a row's positions on one axis)
                         positions = torch.full((rows, 1), self._rows.columns, device=input_ids.device) \
                             if positions is None else positions
-                        step.replay = (ids, input_ids, positions, flat, int(self._rows.lens.max()) + 1)
+                        step.replay = (ids, input_ids, positions, flat, int(self._rows.lens.max()) + 1,
+                                       None if ahead is None else ahead.graph)
                         return step
                 cut = None  # (no row holds cached tokens it is fed again)
-                plan = self._plans.plan(ids, counts, flat, int(self._rows.lens.max()) + width)
+                plan = ahead.plan if ahead is not None and ahead.plan is not None else \
+                    self._plans.plan(ids, counts, flat, int(self._rows.lens.max()) + width)
             else:
                 held = [int(r) for r in live if r not in parts]
                 if held:
@@ -390,7 +429,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                                                 [tokens[r][real[r]].tolist() for r in held])
                     step.appended = True
                     parts.update(zip(held, appended))
-                cut = cached_tail.cut(named, real, counts, cached, keep, self._rows.columns)
+                cut = cached_tail.cut(named, real, counts, cached, keep, self._rows.columns, self._rows.lens)
                 fed = counts if cut is None else cut.fed
                 step.cut = None if cut is None else cut.inputs
                 plan = self._plans.plan([self.seq_ids[r] for r in live], fed[live],
@@ -426,6 +465,8 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         upto[fresh] = early_prefix.early_tokens(self.pool.tables([self.seq_ids[r] for r in fresh])[0],
                                                 cached[fresh], written, size)
         early = upto - cached
+        if named.get("position_ids") is None and not cached_tail.at_their_columns(real, np.zeros(len(real), np.int64), 0):
+            return None  # (a pass of its own would have to give positions the model counts its own way)
         if not early.any() or not real[:, -keep:].all() or not early_prefix.worth_it(
                 len(real), early, cached_tail.tails(counts, upto, keep), cached_tail.tails(counts, cached, keep)):
             return None
@@ -453,6 +494,8 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         continues are freed."""
         if isinstance(parents, torch.Tensor):
             parents = parents.tolist()
+        if isinstance(parents, (list, tuple, np.ndarray)) and any(isinstance(p, (bool, np.bool_)) for p in parents):
+            raise InvalidArgument(f"{what}: rows must be ints (a row a continuing row), not a bool mask")
         parents = [int(p) for p in parents] if isinstance(parents, (list, tuple, np.ndarray)) else parents
         with self._lock:
             self._check_open(what)
@@ -460,15 +503,34 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             if not isinstance(parents, list) or any(not 0 <= p < n for p in parents) or (n and not parents):
                 raise InvalidArgument(f"{what}: rows must be a 1-D list or tensor of ints in [0, {n})")
             if parents != list(range(n)):
+                self._ahead.drop()
                 self._rows.reorder(parents)
 
     def _free_rows(self) -> None:
+        self._ahead.forget()
         self._plans.drop()
         self._rows.free()
 
     def _check_open(self, what: str) -> None:
         if self._closed:
             raise InvalidArgument(f"{what}: this PagedCache is closed (its sequences were freed); make a new one")
+
+
+def selected_rows(indices: Any, rows: int) -> Any:
+    """``indices`` as row indices: a bool mask (a tensor, array or list of bools, one
+    a row: `InvalidArgument` otherwise) as its True rows' indices, anything else as it is."""
+    if isinstance(indices, torch.Tensor) and indices.dtype == torch.bool:
+        mask = indices.cpu().numpy()
+    elif isinstance(indices, np.ndarray) and indices.dtype == bool:
+        mask = indices
+    elif isinstance(indices, (list, tuple)) and indices and all(isinstance(i, (bool, np.bool_)) for i in indices):
+        mask = np.asarray(indices, dtype=bool)
+    else:
+        return indices
+    if mask.shape != (rows,):
+        raise InvalidArgument(f"batch_select_indices: a bool mask selects rows with one entry a row ({rows}), "
+                              f"got shape {tuple(mask.shape)}")
+    return np.flatnonzero(mask).tolist()
 
 
 __all__: Sequence[str] = ["PagedCache", "open_caches"]  # (open_caches: `kvpager.hf.taken_forward`)

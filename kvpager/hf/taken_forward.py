@@ -31,6 +31,8 @@ def _paged_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     cache = kwargs.get("cache")
     if cache is None:
         cache = kwargs.get("past_key_values")
+    if cache is None and args:  # (given positionally: ``model(ids, mask, None, cache)``)
+        cache = next((a for a in args if getattr(type(a), "runs_passes", False)), None)
     if getattr(type(cache), "runs_passes", False):
         if cache.model is not self:
             raise InvalidArgument(f"PagedCache was made for another model ({type(cache.model).__name__} at "

@@ -1,0 +1,235 @@
+"""A `PagedCache`'s next decode pass taken ahead (`kvpager.hf.cache_ahead`): its
+slots appended and its plan made while the pass before runs, its token ids
+recorded when it comes. Done for caches that replay captured steps (a GPU's,
+`test_hf_paged_cache_gpu`); here switched on for CPU caches, whose eager
+passes run the same code but for the captured step: the tokens stay
+transformers' under every ``generate`` feature, anything but the decode pass
+they were taken for gives the slots back, and the pool never holds more than
+one slot a row past what the cache counts, nor anything after it closes."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers.cache_utils", reason="no transformers cache module")
+
+from test_hf_models import make_model, one_thread  # noqa: E402, F401
+from test_hf_paged_cache import (  # noqa: E402
+    GENERATE_CASES,
+    PROMPT,
+    assert_released,
+    both,
+    cache_kw,
+    padded_batch,
+    pool_for,
+    rolled_back_by_transformers,
+)
+
+from kvpager import KVPool  # noqa: E402
+from kvpager.errors import OutOfBlocks  # noqa: E402
+from kvpager.hf import PagedCache, spec_for_model  # noqa: E402
+from kvpager.hf.cache_ahead import PassAhead  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model("qwen2-sliding")  # full layers and sliding ones (window 6)
+
+
+@pytest.fixture
+def taken(monkeypatch):
+    """Every cache takes its decode passes ahead; the list of passes that took slots."""
+    got = []
+    init, take = PassAhead.__init__, PassAhead.take
+
+    def on(self, cache):
+        init(self, cache)
+        self.enabled = hasattr(cache.pool, "record_tokens")
+
+    def counted(self, width, mask):
+        a = take(self, width, mask)
+        got.append(a is not None)
+        return a
+
+    monkeypatch.setattr(PassAhead, "__init__", on)
+    monkeypatch.setattr(PassAhead, "take", counted)
+    return got
+
+
+def held(pool, cache) -> list[int]:
+    return [pool.sequence(s).num_tokens for s in cache.seq_ids]
+
+
+def test_only_captured_steps_take_passes_ahead(model):
+    """Off for an eager cache (its host would do the same work at another time), on for one that
+    replays captured steps where its pool records token ids."""
+    pool = pool_for(model)
+    with PagedCache(model, pool) as cache:
+        assert not cache._ahead.enabled
+
+
+@pytest.mark.parametrize("case", sorted(GENERATE_CASES))
+def test_generate_features_give_transformers_tokens(model, taken, case):
+    pool = pool_for(model, 512)
+    ids, mask = padded_batch(2)
+    ref, out = both(model, pool, ids, mask, max_new_tokens=12, **GENERATE_CASES[case])
+    assert torch.equal(ref, out)
+    if case in ("greedy", "sampled", "num_return_sequences", "processors", "prefill_chunked"):
+        assert sum(taken) >= 8  # (12 new tokens: the 3rd to the 11th decode passes taken ahead)
+    else:  # beams reorder the rows after every pass: each ahead given back, none taken again
+        assert not any(taken)
+    assert_released(pool)
+
+
+def test_the_pool_holds_one_slot_a_row_ahead_between_passes(model, taken):
+    """Between decode passes each row's sequence holds the cache's count and the next slot; the
+    cache counts what it was fed; closing frees the slots with the rest."""
+    pool = pool_for(model, 512)
+    ids, mask = padded_batch(3, (0, 0, 0))
+    seen = []
+
+    class Watch(transformers.StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            seen.append((cache.get_seq_length(), held(pool, cache)))
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    with PagedCache(model, pool) as cache:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                             stopping_criteria=transformers.StoppingCriteriaList([Watch()]), **cache_kw(model, cache))
+        assert torch.equal(out, model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False))
+        # (after the prompt pass and the first decode pass: nothing ahead; from the second on, a slot a row)
+        assert [h for _, h in seen] == [[n] * 3 for n, _ in seen[:2]] + [[n + 1] * 3 for n, _ in seen[2:]]
+        assert [n for n, _ in seen] == list(range(PROMPT, PROMPT + 8))
+        pool.check_integrity()
+    assert_released(pool)
+
+
+def test_a_call_on_the_cache_gives_the_slots_back(model, taken):
+    """crop, reorder and reset between passes leave each row's sequence at what the cache counts
+    (after the call's own change); a pass of several tokens a row does too, and then runs as
+    transformers' cache does."""
+    pool = pool_for(model, 512)
+    ids, mask = padded_batch(2, (0, 0))
+    dyn = transformers.DynamicCache()
+
+    def step(cache, tokens, m):
+        return model(input_ids=tokens, attention_mask=m, use_cache=True, **cache_kw(model, cache)).logits[:, -1]
+
+    with PagedCache(model, pool) as cache:
+        m = mask
+        for c in (dyn, cache):
+            step(c, ids, m)
+        tok = ids[:, -1:]
+        for _ in range(4):  # decode passes: the 3rd leaves a slot ahead
+            m = torch.cat([m, torch.ones_like(tok)], 1)
+            ref, got = step(dyn, tok, m), step(cache, tok, m)
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+            tok = ref.argmax(-1, keepdim=True)
+        assert held(pool, cache) == [cache.get_seq_length() + 1] * 2
+        more = torch.cat([tok, tok + 1, tok + 2], 1)  # three tokens a row: not the pass taken ahead
+        m = torch.cat([m, torch.ones_like(more)], 1)
+        torch.testing.assert_close(step(cache, more, m), step(dyn, more, m), rtol=1e-4, atol=1e-4)
+        assert held(pool, cache) == [cache.get_seq_length()] * 2
+        for _ in range(3):  # two decode passes, then one ahead again
+            m = torch.cat([m, torch.ones_like(tok)], 1)
+            step(dyn, tok, m), step(cache, tok, m)
+        assert held(pool, cache) == [cache.get_seq_length() + 1] * 2
+        cache.crop(-2)
+        assert held(pool, cache) == [cache.get_seq_length()] * 2
+        for i in range(3):
+            m2 = torch.cat([m[:, :-2], torch.ones(2, i + 1, dtype=m.dtype)], 1)
+            step(cache, tok, m2)
+        assert held(pool, cache) == [cache.get_seq_length() + 1] * 2
+        cache.reorder_cache(torch.tensor([1, 1]))
+        assert held(pool, cache) == [cache.get_seq_length()] * 2
+        pool.check_integrity()
+        cache.reset()
+        assert pool.stats().num_sequences == 0
+    assert True in taken
+    assert_released(pool)
+
+
+def test_a_conversation_continues_on_its_cache(model, taken):
+    """A later generate call on the same cache (the answer and a new turn appended: a pass of
+    several tokens a row) gives the slot taken after the last call back first."""
+    pool = pool_for(model, 512)
+    ids, mask = padded_batch(2)
+    turn = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(9))
+    dyn = transformers.DynamicCache()
+    first = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                           **cache_kw(model, dyn))
+    ids2 = torch.cat([first, turn], 1)
+    mask2 = torch.cat([mask, torch.ones(2, ids2.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
+    ref = model.generate(input_ids=ids2, attention_mask=mask2, max_new_tokens=6, do_sample=False,
+                         **cache_kw(model, dyn))
+    with PagedCache(model, pool) as cache:
+        out1 = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                              **cache_kw(model, cache))
+        assert torch.equal(out1, first)
+        out = model.generate(input_ids=ids2, attention_mask=mask2, max_new_tokens=6, do_sample=False,
+                             **cache_kw(model, cache))
+        assert cache.get_seq_length() == ids2.shape[1] + 5
+    assert torch.equal(out, ref)
+    assert_released(pool)
+
+
+@pytest.mark.parametrize("how", ["assistant_model", "prompt_lookup"])
+def test_assisted_decoding_crops_past_the_slots(model, taken, how):
+    from test_hf_paged_cache import PROMPT_LOOKUP
+
+    pool = pool_for(model, 512)
+    ids, mask = padded_batch(1, (0,))
+    extra = (dict(assistant_model=make_model("qwen2-sliding", seed=1)) if how == "assistant_model"
+             else PROMPT_LOOKUP)
+    with rolled_back_by_transformers():
+        ref, out = both(model, pool, ids, mask, max_new_tokens=24, do_sample=False, **extra)
+    assert torch.equal(ref, out)
+    assert_released(pool)
+
+
+def test_a_full_pool_refuses_the_pass_as_without(model, taken):
+    """Where the pool has no block for the slots ahead, none is taken: the pass that needs it
+    raises `OutOfBlocks` itself, as it does without taking ahead, and leaves the rows as they were."""
+    ids, mask = padded_batch(2, (0, 0))
+    spec = spec_for_model(model, num_blocks=8, block_size=8)
+    errors = []
+    for enabled in (True, False):
+        pool = KVPool(spec)
+        with PagedCache(model, pool) as cache:
+            cache._ahead.enabled = enabled
+            with pytest.raises(OutOfBlocks):
+                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                               **cache_kw(model, cache))
+            errors.append((cache.get_seq_length(), held(pool, cache)))
+            assert held(pool, cache) == [cache.get_seq_length()] * 2
+            pool.check_integrity()
+        assert_released(pool)
+    assert errors[0] == errors[1] and errors[0][0] > PROMPT + 2  # (decode passes ran first)
+
+
+def test_a_pass_that_fails_gives_its_slots_back(model, taken, monkeypatch):
+    """A decode pass taken ahead whose forward raises leaves each row at the cache's count;
+    the next generate on the cache runs as transformers' does from there."""
+    pool = pool_for(model, 512)
+    ids, mask = padded_batch(2, (0, 0))
+    calls = []
+    real = type(model.model).forward
+
+    def failing(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("boom")
+        return real(self, *a, **kw)
+
+    with PagedCache(model, pool) as cache:
+        monkeypatch.setattr(type(model.model), "forward", failing)
+        with pytest.raises(RuntimeError, match="boom"):
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                           **cache_kw(model, cache))
+        monkeypatch.setattr(type(model.model), "forward", real)
+        assert taken[-1] is True  # (the failed pass had its slots taken ahead)
+        assert held(pool, cache) == [cache.get_seq_length()] * 2 == [PROMPT + 3] * 2
+        pool.check_integrity()
+    assert_released(pool)
