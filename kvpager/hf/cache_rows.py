@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from kvpager.batch_calls import free_all
 from kvpager.errors import InvalidArgument
@@ -235,6 +236,23 @@ class CacheRows:
             if step.first:
                 self.start(0)
             free_all(self.pool, fresh)
+
+
+def selected_rows(indices: Any, rows: int) -> Any:
+    """``indices`` as row indices: a bool mask (a tensor, array or list of bools, one
+    a row: `InvalidArgument` otherwise) as its True rows' indices, anything else as it is."""
+    if isinstance(indices, torch.Tensor) and indices.dtype == torch.bool:
+        mask = indices.cpu().numpy()
+    elif isinstance(indices, np.ndarray) and indices.dtype == bool:
+        mask = indices
+    elif isinstance(indices, (list, tuple)) and indices and all(isinstance(i, (bool, np.bool_)) for i in indices):
+        mask = np.asarray(indices, dtype=bool)
+    else:
+        return indices
+    if mask.shape != (rows,):
+        raise InvalidArgument(f"batch_select_indices: a bool mask selects rows with one entry a row ({rows}), "
+                              f"got shape {tuple(mask.shape)}")
+    return np.flatnonzero(mask).tolist()
 
 
 def _runs(real: np.ndarray) -> list[tuple[int, int]]:

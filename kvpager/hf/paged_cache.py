@@ -58,16 +58,16 @@ import numpy as np
 import torch
 
 from kvpager.errors import InvalidArgument, UnsupportedConfiguration, UnsupportedModel
-from kvpager.hf import cache_mask, cached_tail, early_prefix, repeated_rows
+from kvpager.hf import cache_pass, cached_tail, repeated_rows
 from kvpager.hf.attention import PagedBatch
 from kvpager.hf.cache_ahead import PassAhead
 from kvpager.hf.cache_graphs import CacheGraphs
-from kvpager.hf.cache_rows import CacheRows, Step
+from kvpager.hf.cache_rows import CacheRows, Step, selected_rows
 from kvpager.hf.checks import check_layers_ran, check_model, check_model_and_pool
 from kvpager.hf.compiled import running
 from kvpager.hf.decode_plans import DecodePlans
 from kvpager.hf.eager import TORCH_DTYPES
-from kvpager.hf.fed_positions import own_salt, placed
+from kvpager.hf.fed_positions import own_salt
 from kvpager.hf.graphs import CapturedSteps, check_graph_options
 from kvpager.hf.model import has_recurrent_layers, layer_fit, layer_map, text_config
 from kvpager.hf.paged_layer import PagedLayer
@@ -295,7 +295,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             again = None if self.seq_ids else repeated_rows.repeats(named, keep, self.model.config)
             if again is not None:
                 named, args, kwargs = again.named, (), again.named
-            step = self._begin(named, keep)
+            step = cache_pass.begin(self, named, keep)
             width = step.columns
             if step.cut is not None:
                 args, kwargs, width = (), step.cut, step.cut["input_ids"].shape[1]
@@ -344,140 +344,6 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                 "of its submodules, nor to another model)")
         return key, value
 
-    def _begin(self, named: dict[str, Any], keep: int | None) -> Step:
-        """The pass's sequences allocated or appended, and its plan. ``keep``: the
-        positions whose logits the pass keeps, where it may be cut to its rows'
-        uncached tails (`cached_tail`: done where a row of it has cached tokens)."""
-        input_ids, attention_mask = named.get("input_ids"), named.get("attention_mask")
-        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
-            raise InvalidArgument(
-                "PagedCache needs each pass's input_ids (token ids [rows, tokens]: the prefix cache keys "
-                f"blocks by them); got {type(input_ids).__name__ if input_ids is None else tuple(input_ids.shape)} "
-                "(inputs_embeds alone are not taken)")
-        rows, width = input_ids.shape
-        if width < 1:
-            raise InvalidArgument("PagedCache: a pass of no tokens")
-        first = not self.seq_ids
-        if not first and rows != len(self.seq_ids):
-            raise InvalidArgument(f"PagedCache holds {len(self.seq_ids)} rows, and this pass has {rows} "
-                                  "(rows change between passes through reorder_cache / batch_select_indices)")
-        mask = cache_mask.read(attention_mask, input_ids, named.get("position_ids"), self._rows.columns)
-        real = mask.real  # bool [rows, width]
-        every = bool(real.all())
-        spans = cache_mask.checked(mask, attention_mask, named.get("logits_to_keep"), every, self._rows,
-                                   self._by_columns)
-        if first:  # a row a sequence, allocated with the pass that brings its first tokens
-            self._rows.start(rows)
-        tokens = mask.tokens
-        counts = real.sum(axis=1)
-        live = np.flatnonzero(counts)
-        # (a pass after the first whose every row holds a sequence and gets every column: a decode
-        # pass; one packed append, no per-row work)
-        uniform = not first and None not in self.seq_ids and every
-        fresh = [] if uniform else [int(r) for r in live if self.seq_ids[r] is None]
-        at = placed(named.get("position_ids"), real, self._rows.lens, self._rows.columns, self._takes_positions,
-                    mask.positions)
-        step = Step(None, live, counts[live], width, first, fresh, at, padded=not every, spans=spans, real=real)
-        try:
-            if not len(live):
-                raise InvalidArgument("PagedCache: a pass whose every token is padding (attention_mask 0)")
-            ahead = self._ahead.take(width, mask)  # (slots taken for a decode pass, else given back)
-            step.appended = ahead is not None  # (a failure from here on truncates the rows, its slots with them)
-            parts: dict[int, np.ndarray] = {}
-            cached = np.zeros(rows, dtype=np.int64)
-            if fresh:
-                # a row fed its tokens elsewhere than at their indices: a salt of its own (no prefix
-                # hit, no block shared with another row: their K/V would be other positions')
-                salts = [self.salt if step.placed[r] else own_salt(self.salt) for r in fresh]
-                allocs = self.pool.allocate([tokens[r][real[r]].tolist() for r in fresh], salts,
-                                            share_in_batch=True)
-                for r, a in zip(fresh, allocs):
-                    self.seq_ids[r] = a.seq_id
-                    cached[r] = a.num_cached_tokens
-                    # a cached prefix's tokens (transformers feeds the whole prompt) write nothing; their
-                    # queries attend over the cached K/V where the pass is not cut to the tails
-                    parts[r] = np.concatenate([np.full(a.num_cached_tokens, -1, dtype=np.int64),
-                                               np.asarray(a.slots, dtype=np.int64)])
-            if first and keep is not None and self._splits and len(fresh) > 1:
-                early = self._early(named, real, counts, cached, parts, fresh, keep)
-                if early is not None:
-                    step.early, cached = early
-            if uniform:
-                ids = list(self.seq_ids)
-                step.appended = True
-                if ahead is None:
-                    flat = self.pool.append_flat(ids, width, tokens)
-                else:
-                    self.pool.record_tokens(ids, tokens)
-                    flat = ahead.slots
-                step.decode = width == 1
-                if self._graphs is not None and keep == 1 and width == 1:
-                    positions = named.get("position_ids")
-                    if positions is None or positions.ndim == 2:  # (a row's positions on one axis)
-                        positions = torch.full((rows, 1), self._rows.columns, device=input_ids.device) \
-                            if positions is None else positions
-                        step.replay = (ids, input_ids, positions, flat, int(self._rows.lens.max()) + 1,
-                                       None if ahead is None else ahead.graph)
-                        return step
-                cut = None  # (no row holds cached tokens it is fed again)
-                plan = ahead.plan if ahead is not None and ahead.plan is not None else \
-                    self._plans.plan(ids, counts, flat, int(self._rows.lens.max()) + width)
-            else:
-                held = [int(r) for r in live if r not in parts]
-                if held:
-                    appended = self.pool.append([self.seq_ids[r] for r in held], counts[held].tolist(),
-                                                [tokens[r][real[r]].tolist() for r in held])
-                    step.appended = True
-                    parts.update(zip(held, appended))
-                cut = cached_tail.cut(named, real, counts, cached, keep, self._rows.columns, self._rows.lens)
-                fed = counts if cut is None else cut.fed
-                step.cut = None if cut is None else cut.inputs
-                plan = self._plans.plan([self.seq_ids[r] for r in live], fed[live],
-                                        np.concatenate([parts[r][len(parts[r]) - fed[r]:] for r in live]),
-                                        int((self._rows.lens[live] + counts[live]).max()))
-        except BaseException:
-            self._rows.undo(step)
-            raise
-        step.batch = self._batch(plan, real, torch.arange(width, device=input_ids.device).expand(rows, width)) \
-            if cut is None else self._batch(plan, cut.real, cut.columns)
-        return step
-
-    def _batch(self, plan: Any, real: np.ndarray, columns: torch.Tensor) -> PagedBatch:
-        """A pass's `PagedBatch` over ``plan``: its real tokens (bool [rows, W]) and the
-        column of the whole pass each of its columns takes (int [rows, W] on its device)."""
-        flat = real.reshape(-1)
-        index = None if flat.all() else torch.as_tensor(np.flatnonzero(flat), device=columns.device)
-        batch = PagedBatch(plan, self._dtype, self._device, self._windows, chunks=self._chunks,
-                           layers=self._layer_map, fit=self._fit, real=index)
-        if self._tuned:  # (positions as transformers counts them there: cache columns, pads included)
-            positions = (columns + self._rows.columns).reshape(-1)
-            batch.positions = (positions if index is None else positions.index_select(0, index)).unsqueeze(0)
-        return batch
-
-    def _early(self, named: dict[str, Any], real: np.ndarray, counts: np.ndarray, cached: np.ndarray,
-               parts: dict[int, np.ndarray], fresh: list[int], keep: int) -> Any:
-        """A first pass's shared blocks written by a pass of their own before it, where
-        that spares enough (`early_prefix`): (its batch and keywords, each row's cached
-        tokens after it); None where the pass runs as one."""
-        size = self.pool.spec.block_size
-        written = np.concatenate([parts[r][parts[r] >= 0] for r in fresh]) // size
-        upto = cached.copy()
-        upto[fresh] = early_prefix.early_tokens(self.pool.tables([self.seq_ids[r] for r in fresh])[0],
-                                                cached[fresh], written, size)
-        early = upto - cached
-        if named.get("position_ids") is None and not cached_tail.at_their_columns(real, np.zeros(len(real), np.int64), 0):
-            return None  # (a pass of its own would have to give positions the model counts its own way)
-        if not early.any() or not real[:, -keep:].all() or not early_prefix.worth_it(
-                len(real), early, cached_tail.tails(counts, upto, keep), cached_tail.tails(counts, cached, keep)):
-            return None
-        rows, inputs, kept, columns = early_prefix.first_pass(named, real, cached, upto)
-        plan = self._plans.plan([self.seq_ids[r] for r in rows], early[rows],
-                                np.concatenate([parts[r][cached[r]:upto[r]] for r in rows]), 0,
-                                context_lens=upto[rows])
-        for r in rows:  # (the cut pass writes none of them again)
-            parts[r][:upto[r]] = -1
-        return (self._batch(plan, kept, columns), inputs), upto
-
     def _repeat(self, out: Any, again: repeated_rows.Repeats) -> Any:
         """A first pass run over its distinct rows (`repeated_rows`): each row of the
         pass continues its distinct row (forks of it) and gets its logits."""
@@ -514,23 +380,6 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
     def _check_open(self, what: str) -> None:
         if self._closed:
             raise InvalidArgument(f"{what}: this PagedCache is closed (its sequences were freed); make a new one")
-
-
-def selected_rows(indices: Any, rows: int) -> Any:
-    """``indices`` as row indices: a bool mask (a tensor, array or list of bools, one
-    a row: `InvalidArgument` otherwise) as its True rows' indices, anything else as it is."""
-    if isinstance(indices, torch.Tensor) and indices.dtype == torch.bool:
-        mask = indices.cpu().numpy()
-    elif isinstance(indices, np.ndarray) and indices.dtype == bool:
-        mask = indices
-    elif isinstance(indices, (list, tuple)) and indices and all(isinstance(i, (bool, np.bool_)) for i in indices):
-        mask = np.asarray(indices, dtype=bool)
-    else:
-        return indices
-    if mask.shape != (rows,):
-        raise InvalidArgument(f"batch_select_indices: a bool mask selects rows with one entry a row ({rows}), "
-                              f"got shape {tuple(mask.shape)}")
-    return np.flatnonzero(mask).tolist()
 
 
 __all__: Sequence[str] = ["PagedCache", "open_caches"]  # (open_caches: `kvpager.hf.taken_forward`)
