@@ -89,7 +89,7 @@ def begin(cache: Any, named: dict[str, Any], keep: int | None) -> Step:
             if ahead is None:
                 flat = cache.pool.append_flat(ids, width, tokens)
             else:
-                cache.pool.record_tokens(ids, tokens)
+                step.record = (ids, tokens)  # (recorded once the pass is launched: `PagedCache._run`)
                 flat = ahead.slots
             step.decode = width == 1
             if cache._graphs is not None and keep == 1 and width == 1:

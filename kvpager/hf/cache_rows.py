@@ -49,6 +49,8 @@ class Step:
     spans: Any = None
     real: np.ndarray | None = None
     decode: bool = False  # a token every row of the cache, each real (a decode pass)
+    #: (sequences, token ids [rows, 1]) to record in slots taken ahead (`cache_ahead`), before `done` commits
+    record: tuple[Any, Any] | None = None
 
 
 class CacheRows:

@@ -308,6 +308,8 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                     out = self._graphs.run(*step.replay)
                 else:
                     out = self._forward(forward, args, kwargs, width, step.batch, input_ids.device)
+                if step.record is not None:  # (the ids of slots taken ahead, while the pass runs)
+                    self.pool.record_tokens(*step.record)
             except BaseException:
                 self._rows.undo(step)
                 raise
