@@ -58,7 +58,13 @@ from kvpager.client_staging import ClientStaging
 from kvpager.client_tables import TableMirror
 from kvpager.client_wire import ClientWire, heartbeat_loop
 from kvpager.endpoints import endpoint_or_default, probe
-from kvpager.errors import DaemonUnavailable, InvalidArgument, RequestTimeout, SessionLost
+from kvpager.errors import (
+    DaemonUnavailable,
+    InvalidArgument,
+    ProtocolError,
+    RequestTimeout,
+    SessionLost,
+)
 from kvpager.protocol import OPS
 from kvpager.shm import map_release_count
 from kvpager.spec import PoolSpec
@@ -173,31 +179,11 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
             info = self._call("hello", self._hello_args)
         except RequestTimeout as e:  # (its socket stays: `__init__` closes it, a `reconnect` may try again)
             raise DaemonUnavailable(f"no kvpager daemon answers at {self.endpoint}: {e}") from None
-        self.session, self.epoch = info["session"], info["epoch"]
-        self.session_name = info.get("name")
-        #: the whole pool's geometry (all kv heads); `spec` is this worker's rank's
-        self.pool_spec = PoolSpec.from_dict(info["spec"])
-        #: tensor-parallel ranks of the pool, and the one this session serves (None: none named)
-        self.ranks: int = int(info.get("ranks") or 1)
-        self.rank: int | None = info.get("rank")
-        self.spec = (rank_spec(self.pool_spec, self.ranks, self.rank) if self.ranks > 1 and self.rank is not None
-                     else self.pool_spec)
-        self.device: str = info["device"]
-        self.memory: dict[str, Any] = info["memory"]
-        self.heartbeat_timeout: float = info["heartbeat_timeout"]
-        self.max_message_bytes: int = info["max_message_bytes"]
-        self.server_pid: int | None = info.get("server_pid")
-        #: the daemon's remote tier (kind, url, ttl), or None (also from a daemon that predates it)
-        self.remote: dict[str, Any] | None = info.get("remote")
-        self.control: bool = bool(info.get("control"))  # quotas and kept pins allowed
-        #: allocate and cached_tokens take `window` (a daemon that predates it: prefix hits only)
-        self.windowed_hits: bool = bool(info.get("windowed_hits"))
-        #: tables takes a step plan's slots and checks them (a rank worker's plans; a daemon that predates it: no)
-        self.plan_slots: bool = bool(info.get("plan_slots"))
-        #: the ops the daemon answers; a daemon that predates the list answers every op
-        #: but `record_tokens`, which came with it
-        self.ops: frozenset[str] = frozenset(info["ops"] if "ops" in info else set(OPS) - {"record_tokens", "batch"})
-        self.gpu = self.memory.get("kind") == "cuda_ipc"
+        try:
+            self._take_hello(info)
+        except (TypeError, KeyError, AttributeError, ValueError, IndexError) as e:
+            raise ProtocolError(f"{self.endpoint} answered hello with no kvpager daemon's reply "
+                                f"({type(e).__name__}: {e})") from None
         self._mirror = TableMirror(self.spec.block_size)  # this session's block tables
         # (slots checked in an earlier session are not this one's: `_check_own_slots`, `_check_driver_slots`)
         self._own_slots = self._driver_slots = None
@@ -222,6 +208,35 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
             self._finalizer = weakref.finalize(self, _dropped, self._hb_stop, gone)
             self._hb.start()
 
+    def _take_hello(self, info: dict[str, Any]) -> None:
+        """The session, geometry, memory and options of a ``hello`` reply."""
+        self.session, self.epoch = info["session"], info["epoch"]
+        self.session_name = info.get("name")
+        #: the whole pool's geometry (all kv heads); `spec` is this worker's rank's
+        self.pool_spec = PoolSpec.from_dict(info["spec"])
+        #: tensor-parallel ranks of the pool, and the one this session serves (None: none named)
+        self.ranks: int = int(info.get("ranks") or 1)
+        self.rank: int | None = info.get("rank")
+        self.spec = (rank_spec(self.pool_spec, self.ranks, self.rank) if self.ranks > 1 and self.rank is not None
+                     else self.pool_spec)
+        self.device: str = info["device"]
+        self.memory: dict[str, Any] = info["memory"]
+        if not isinstance(self.memory, dict):
+            raise TypeError(f"its memory must be a map, got {type(self.memory).__name__}")
+        self.heartbeat_timeout: float = info["heartbeat_timeout"]
+        self.max_message_bytes: int = info["max_message_bytes"]
+        self.server_pid: int | None = info.get("server_pid")
+        #: the daemon's remote tier (kind, url, ttl), or None (also from a daemon that predates it)
+        self.remote: dict[str, Any] | None = info.get("remote")
+        self.control: bool = bool(info.get("control"))  # quotas and kept pins allowed
+        #: allocate and cached_tokens take `window` (a daemon that predates it: prefix hits only)
+        self.windowed_hits: bool = bool(info.get("windowed_hits"))
+        #: tables takes a step plan's slots and checks them (a rank worker's plans; a daemon that predates it: no)
+        self.plan_slots: bool = bool(info.get("plan_slots"))
+        #: the ops the daemon answers; a daemon that predates the list answers every op
+        #: but `record_tokens`, which came with it
+        self.ops: frozenset[str] = frozenset(info["ops"] if "ops" in info else set(OPS) - {"record_tokens", "batch"})
+        self.gpu = self.memory.get("kind") == "cuda_ipc"
     def reconnect(self) -> None:
         """A new session after `SessionLost` (the daemon restarted, or dropped this
         session): the old session's sequences are gone, and so is everything

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from typing import Any
 
+from kvpager.errors import ProtocolError
 from kvpager.protocol import PINS_PAGE, decode_pin, decode_session, decode_stats
 from kvpager.types import PinInfo, PoolStats, SessionInfo
 
@@ -57,10 +58,15 @@ class ControlMethods:
         spends long on one request)."""
         out: list[PinInfo] = []
         while True:
-            page = self._call("pins", {"after": out[-1].pin_id if out else -1, "limit": PINS_PAGE})
-            out.extend(decode_pin(d) for d in page)
+            after = out[-1].pin_id if out else -1
+            page = self._call("pins", {"after": after, "limit": PINS_PAGE})
             if not page:
                 return out
+            pins = [decode_pin(d) for d in page]
+            if any(not isinstance(p.pin_id, int) or p.pin_id <= after for p in pins):
+                raise ProtocolError(f"a page of pins after {after} holds one not after it: no kvpager daemon's "
+                                    "reply (its pages go up)")
+            out.extend(pins)
 
     def set_quota(self, salt: str | bytes | None, blocks: int | None) -> None:
         """As `KVPool.set_quota` (needs the control token)."""

@@ -21,6 +21,7 @@ from kvpager.errors import (
     InternalError,
     InvalidArgument,
     LimitExceeded,
+    ProtocolError,
     RequestTimeout,
 )
 from kvpager.protocol import (
@@ -272,7 +273,11 @@ class ClientSequences:
             page = self._call("sequences", {"after": after, "limit": SEQUENCES_PAGE})
             if not page:
                 return out
-            out.extend(decode_info(d) for d in page)
+            infos = [decode_info(d) for d in page]
+            if any(not isinstance(i.seq_id, int) or i.seq_id <= after for i in infos):
+                raise ProtocolError(f"a page of sequences after {after} holds one not after it: no kvpager "
+                                    "daemon's reply (its pages go up)")
+            out.extend(infos)
 
     def _infos(self, ids: list[int]) -> list[SequenceInfo]:
         """The `SequenceInfo`s of ``ids`` in one request, or in halves where their

@@ -28,6 +28,7 @@ to their swapped-out sequence and never matchable, so no event names them.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgpack
@@ -218,6 +219,8 @@ def parse_batch(value: Any) -> tuple[float, list[dict[str, Any]]]:
     ts, raw = value[0], value[1]
     if not isinstance(ts, (int, float)) or isinstance(ts, bool):
         raise ValueError(f"an event batch's ts must be a number, got {type(ts).__name__}")
+    if not (math.isfinite(ts) and abs(ts) < TS_LIMIT):
+        raise ValueError(f"an event batch's ts must be seconds since the epoch, got {ts!r}")
     events = []
     for e in raw:
         if isinstance(e, dict) and isinstance(e.get("type"), str):
@@ -227,4 +230,17 @@ def parse_batch(value: Any) -> tuple[float, list[dict[str, Any]]]:
             events.append({"type": e[0], **dict(zip(names, e[1:]))})
         else:
             raise ValueError(f"an event is a tagged map or array, got {type(e).__name__}")
+        for name, kinds in _FIELD_KINDS.items():
+            if events[-1].get(name) is not None and not isinstance(events[-1][name], kinds):
+                raise ValueError(f"an event's {name} must be a {kinds[0].__name__}, got "
+                                 f"{type(events[-1][name]).__name__}")
     return float(ts), events
+
+
+#: the largest ts taken (seconds since the epoch: about the year 5138; a host's clock renders it)
+TS_LIMIT = 1e11
+#: the types of the fields a reader renders (a field of another type: no event batch)
+_FIELD_KINDS: dict[str, tuple[type, ...]] = {
+    "block_hashes": (list, tuple), "token_ids": (list, tuple), "parent_block_hash": (int, bytes, str),
+    "medium": (str,), "block_size": (int,), "lora_id": (int, str),
+}

@@ -4,7 +4,9 @@ and back (a newer daemon's extra fields are dropped by an older client)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -21,6 +23,28 @@ from kvpager.types import (
     TenantUsage,
 )
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _reply(what: str) -> Callable[[_F], _F]:
+    """A decoder of ``what`` replies: a reply of another shape (a program that is no
+    kvpager daemon, or a hostile one, answering well-formed msgpack) raises
+    `ProtocolError`, not the TypeError or KeyError of the value it trips on."""
+
+    def wrap(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def decode(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except ProtocolError:
+                raise
+            except (TypeError, KeyError, AttributeError, ValueError, IndexError, OverflowError) as e:
+                raise ProtocolError(f"the reply is no kvpager {what}: {type(e).__name__}: {e}") from None
+
+        return decode  # type: ignore[return-value]
+
+    return wrap
+
 
 def encode_allocations(allocs: list[Allocation], remote_tokens: bool = False) -> list[list[Any]]:
     """``[seq_id, block_table, num_cached_tokens, slots]`` per allocation, and
@@ -32,6 +56,7 @@ def encode_allocations(allocs: list[Allocation], remote_tokens: bool = False) ->
     return [[a.seq_id, np.asarray(a.block_table, np.int32), a.num_cached_tokens, a.slots] for a in allocs]
 
 
+@_reply("allocations")
 def decode_allocations(raw: list[list[Any]]) -> list[Allocation]:
     return [Allocation(int(a[0]), tuple(a[1].tolist()), int(a[2]), a[3], int(a[4]) if len(a) > 4 else 0)
             for a in raw]
@@ -46,6 +71,7 @@ def encode_probes(probes: list[CacheProbe], remote_tokens: bool = False) -> list
     return [p.num_cached_tokens for p in probes]
 
 
+@_reply("cache probes")
 def decode_probes(raw: list[Any]) -> list[CacheProbe]:
     """Either form of ``cached_tokens``' result (ints from a daemon that
     predates ``remote_tokens`` or without a tier: nothing remote)."""
@@ -88,6 +114,7 @@ def encode_info(info: SequenceInfo) -> dict[str, Any]:
     return d
 
 
+@_reply("sequence info")
 def decode_info(d: dict[str, Any]) -> SequenceInfo:
     d = _known_fields(SequenceInfo, d)
     d["block_table"] = tuple(np.asarray(d["block_table"]).tolist())
@@ -100,6 +127,7 @@ def encode_stats(stats: PoolStats) -> dict[str, Any]:
     return d
 
 
+@_reply("pool stats")
 def decode_stats(d: dict[str, Any]) -> PoolStats:
     d = _known_fields(PoolStats, d)
     d["tenants"] = tuple(TenantUsage(**_known_fields(TenantUsage, t)) for t in d.get("tenants", ()))
@@ -112,16 +140,19 @@ def encode_pin(pin: PinInfo) -> dict[str, Any]:
     return d
 
 
+@_reply("pin")
 def decode_pin(d: dict[str, Any]) -> PinInfo:
     d = _known_fields(PinInfo, d)
     d["block_table"] = tuple(np.asarray(d["block_table"]).tolist())
     return PinInfo(**d)
 
 
+@_reply("session info")
 def decode_session(d: dict[str, Any]) -> SessionInfo:
     return SessionInfo(**_known_fields(SessionInfo, d))
 
 
+@_reply("remote tier stats")
 def decode_remote_stats(d: dict[str, Any]) -> RemoteStats:
     return RemoteStats(**_known_fields(RemoteStats, d))
 
@@ -130,11 +161,17 @@ def encode_blocks(bm: BlockMap) -> list[np.ndarray]:
     return [bm.state, bm.ref_cnt, bm.cached]
 
 
+@_reply("block map")
 def decode_blocks(raw: list[np.ndarray]) -> BlockMap:
+    if not (isinstance(raw, list) and len(raw) == 3 and all(isinstance(x, np.ndarray) and x.ndim == 1 for x in raw)
+            and len({len(x) for x in raw}) == 1):
+        raise ProtocolError("the reply is no kvpager block map: [state, ref_cnt, cached] arrays of one length")
     return BlockMap(*raw)
 
 
 def _known_fields(cls: type, d: dict[str, Any]) -> dict[str, Any]:
     """A newer daemon may send more fields than this client knows: drop them."""
+    if not isinstance(d, dict):
+        raise TypeError(f"a map of {cls.__name__}'s fields, got {type(d).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in d.items() if k in names}
