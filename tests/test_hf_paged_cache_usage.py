@@ -163,3 +163,23 @@ def test_deepcopy_forks_a_prompt_cache_for_each_continuation(model):
     assert_released(pool)
     with pytest.raises(InvalidArgument, match="closed"):
         copy.deepcopy(cache)
+
+
+@torch.no_grad()
+def test_crop_takes_an_integer_tensor(model):
+    """Prompt-lookup decoding on a GPU passes `crop` a 0-d device tensor (refused as no int
+    before): an integer 0-d tensor or NumPy integer counts as its int; a float, bool or 1-d
+    one is refused."""
+    pool = pool_for(model)
+    ids, _ = padded_batch(2, (0, 0))
+    with PagedCache(model, pool) as cache:
+        model(input_ids=ids, **cache_kw(model, cache))
+        cache.crop(torch.tensor(-3))
+        cache.crop(np.int64(-2))
+        assert cache.get_seq_length() == ids.shape[1] - 5
+        assert [pool.sequence(s).num_tokens for s in cache.seq_ids] == [ids.shape[1] - 5] * 2
+        for bad in (torch.tensor(-1.0), torch.tensor(True), torch.tensor([-1]), True, -1.0):
+            with pytest.raises(InvalidArgument, match="an int"):
+                cache.crop(bad)
+        assert cache.get_seq_length() == ids.shape[1] - 5
+    assert_released(pool)

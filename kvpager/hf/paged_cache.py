@@ -50,6 +50,7 @@ caches is open, and gives it back when the last is closed. Close a cache
 from __future__ import annotations
 
 import inspect
+import operator
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -210,10 +211,21 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
         """Cut the last ``-tokens_to_remove`` tokens of every row (assisted
         decoding's rollback). As transformers' caches take it: a negative count
         removes; a positive one is the length to keep (what transformers before
-        5.15 pass; nothing cut where the rows hold no more); 0 cuts nothing."""
-        if type(tokens_to_remove) is not int:
+        5.15 pass; nothing cut where the rows hold no more); 0 cuts nothing. An
+        integer 0-d tensor or NumPy integer counts as its int (prompt-lookup decoding
+        on a GPU passes a device tensor)."""
+        given = tokens_to_remove
+        if isinstance(given, (bool, np.bool_)) or isinstance(given, torch.Tensor) and (
+                given.ndim or given.dtype == torch.bool or given.is_floating_point()):
+            tokens_to_remove = None
+        else:
+            try:
+                tokens_to_remove = operator.index(given)
+            except TypeError:
+                tokens_to_remove = None
+        if tokens_to_remove is None:
             raise InvalidArgument(f"crop: pass an int (negative: the tokens to remove from every row; positive: "
-                                  f"the length to keep), got {tokens_to_remove!r}")
+                                  f"the length to keep), got {given!r}")
         cut = -tokens_to_remove if tokens_to_remove <= 0 else max(self._rows.columns - tokens_to_remove, 0)
         if not cut:
             return
