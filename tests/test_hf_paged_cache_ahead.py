@@ -30,8 +30,13 @@ from test_hf_paged_cache import test_assisted_decoding_rolls_back_through_crop a
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.errors import OutOfBlocks  # noqa: E402
-from kvpager.hf import PagedCache, spec_for_model  # noqa: E402
+from kvpager.hf import (  # noqa: E402
+    PagedCache,
+    cache_pass,  # noqa: E402
+    spec_for_model,
+)
 from kvpager.hf.cache_ahead import PassAhead  # noqa: E402
+from kvpager.hf.cache_pass import ahead_pass  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +59,15 @@ def taken(monkeypatch):
         got.append(a is not None)
         return a
 
+    def begun(cache, named, keep):
+        step = ahead_pass(cache, named, keep)
+        if step is not None:
+            got.append(True)
+        return step
+
     monkeypatch.setattr(PassAhead, "__init__", on)
     monkeypatch.setattr(PassAhead, "take", counted)
+    monkeypatch.setattr(cache_pass, "ahead_pass", begun)
     return got
 
 
@@ -210,4 +222,42 @@ def test_a_pass_that_fails_gives_its_slots_back(model, taken, monkeypatch):
         assert taken[-1] is True  # (the failed pass had its slots taken ahead)
         assert held(pool, cache) == [cache.get_seq_length()] * 2 == [PROMPT + 3] * 2
         pool.check_integrity()
+    assert_released(pool)
+
+
+def test_a_pass_its_inputs_refute_runs_again_read_first(taken, monkeypatch):
+    """A pass of one token a row, begun on the slots taken ahead before its inputs were read,
+    whose mask then says otherwise (a row's token is padding) is undone and runs again as any
+    pass: transformers' logits, each row at its count (a model of full attention: padding
+    between a row's tokens is refused under windows)."""
+    model = make_model("llama")
+    pool = pool_for(model, 512)
+    confirmed = []
+    confirm = cache_pass.confirm
+    monkeypatch.setattr(cache_pass, "confirm", lambda *a: confirmed.append(confirm(*a)) or confirmed[-1])
+    ids, mask = padded_batch(2, (0, 0))
+    dyn = transformers.DynamicCache()
+
+    def step(cache, tokens, m):
+        return model(input_ids=tokens, attention_mask=m, use_cache=True, **cache_kw(model, cache)).logits[:, -1]
+
+    with torch.no_grad(), PagedCache(model, pool) as cache:
+        m = mask
+        for c in (dyn, cache):
+            step(c, ids, m)
+        tok = ids[:, -1:]
+        for _ in range(3):
+            m = torch.cat([m, torch.ones_like(tok)], 1)
+            step(dyn, tok, m), step(cache, tok, m)
+        assert held(pool, cache) == [cache.get_seq_length() + 1] * 2  # (a slot a row ahead)
+        m = torch.cat([m, torch.tensor([[1], [0]])], 1)  # row 1's token: padding
+        ref, got = step(dyn, tok, m), step(cache, tok, m)
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-4)
+        assert held(pool, cache) == [PROMPT + 4, PROMPT + 3]
+        for _ in range(3):
+            m = torch.cat([m, torch.ones_like(tok)], 1)
+            torch.testing.assert_close(step(cache, tok, m), step(dyn, tok, m), rtol=1e-4, atol=1e-4)
+        assert held(pool, cache) == [PROMPT + 8, PROMPT + 7]  # (the third took its slots ahead)
+        pool.check_integrity()
+    assert confirmed == [True, False, True]  # (the 3rd decode pass, the padded one, the 7th)
     assert_released(pool)

@@ -21,6 +21,7 @@ padding included. The two agree where
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,14 @@ def read(attention_mask: Any, input_ids: torch.Tensor, position_ids: Any, column
     last ``width`` columns as bool, the row sums of those before them, the ids and
     the positions (where [rows, width] on the ids' device), in one read from the
     device. No mask: every token the row's, nothing to compare."""
+    return read_later(attention_mask, input_ids, position_ids, columns)()
+
+
+def read_later(attention_mask: Any, input_ids: torch.Tensor, position_ids: Any,
+               columns: int) -> Callable[[], PassMask]:
+    """`read`, its copy from the device queued now (into pinned memory, on the
+    current stream) and waited for by the function it gives, which makes the
+    `PassMask`: work queued after this call (a replayed step) runs meanwhile."""
     rows, width = input_ids.shape
     ids = input_ids.detach()
     pos = position_ids.detach() if isinstance(position_ids, torch.Tensor) and position_ids.shape == (rows, width) \
@@ -66,8 +75,10 @@ def read(attention_mask: Any, input_ids: torch.Tensor, position_ids: Any, column
     if mask is not None and mask.device.type == "cpu":  # (NumPy's sum: torch's CPU reduction wakes its thread pool)
         whole = mask.numpy()
         real, held = whole[:, -width:], whole[:, :columns].sum(axis=1, dtype=np.int64) if spans else None
+    onto = False
     if ids.device.type == "cpu":
         tokens, positions = ids.numpy(), None if pos is None else pos.numpy()
+        got = done = None
     else:  # one read from the device: ids, positions, the mask's columns and sums where on the same device
         parts = [ids] if pos is None else [ids, pos.to(ids.dtype)]
         onto = mask is not None and real is None and mask.device == ids.device
@@ -75,19 +86,31 @@ def read(attention_mask: Any, input_ids: torch.Tensor, position_ids: Any, column
             parts.append(mask[:, -width:].to(ids.dtype))
             if spans:
                 parts.append(mask[:, :columns].sum(1, keepdim=True, dtype=ids.dtype))
-        got = (torch.cat(parts, 1) if len(parts) > 1 else ids).cpu().numpy()
-        at = width if pos is None else 2 * width
-        tokens, positions = got[:, :width], None if pos is None else got[:, width:at]
-        if onto:
-            real, held = got[:, at:at + width], got[:, at + width] if spans else None
-    if mask is None:
-        real = np.ones((rows, width), dtype=bool)
-    elif real is None:  # (a mask on another device than the ids)
-        real = mask[:, -width:].cpu().numpy()
-        held = mask[:, :columns].sum(1).cpu().numpy() if spans else None
-    if real.dtype != bool and not ((real == 0) | (real == 1)).all():  # (not np.isin: 10x the time)
-        raise InvalidArgument("PagedCache: attention_mask must hold 0s and 1s")
-    return PassMask(real.astype(bool, copy=False), held, tokens, positions)
+        device = torch.cat(parts, 1) if len(parts) > 1 else ids
+        got = torch.empty(device.shape, dtype=device.dtype, pin_memory=True)
+        got.copy_(device, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(ids.device))
+
+    def finish() -> PassMask:
+        nonlocal real, held, tokens, positions
+        if got is not None:
+            done.synchronize()
+            host = got.numpy()
+            at = width if pos is None else 2 * width
+            tokens, positions = host[:, :width], None if pos is None else host[:, width:at]
+            if onto:
+                real, held = host[:, at:at + width], host[:, at + width] if spans else None
+        if mask is None:
+            real = np.ones((rows, width), dtype=bool)
+        elif real is None:  # (a mask on another device than the ids)
+            real = mask[:, -width:].cpu().numpy()
+            held = mask[:, :columns].sum(1).cpu().numpy() if spans else None
+        if real.dtype != bool and not ((real == 0) | (real == 1)).all():  # (not np.isin: 10x the time)
+            raise InvalidArgument("PagedCache: attention_mask must hold 0s and 1s")
+        return PassMask(real.astype(bool, copy=False), held, tokens, positions)
+
+    return finish
 
 
 @dataclass

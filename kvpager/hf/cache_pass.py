@@ -124,6 +124,58 @@ def begin(cache: Any, named: dict[str, Any], keep: int | None) -> Step:
     return step
 
 
+def ahead_pass(cache: Any, named: dict[str, Any], keep: int | None) -> Step | None:
+    """The decode pass whose slots and plan (or captured step) were taken ahead
+    (`cache_ahead`), begun before its inputs reach the host: their read is queued
+    now and waited for once the pass is launched (`confirm`), so the device runs
+    the pass meanwhile. None where the pass's shapes say it is not that pass (then
+    `begin` reads them first, and gives the slots back)."""
+    a, rows = cache._ahead.ahead, cache._rows
+    input_ids = named.get("input_ids")
+    if a is None or not isinstance(input_ids, torch.Tensor) or input_ids.shape != (len(a.seq_ids), 1) \
+            or a.seq_ids != rows.seq_ids:
+        return None
+    positions = named.get("position_ids")
+    replay = cache._graphs is not None and keep == 1 and (positions is None or positions.ndim == 2)
+    if not replay and a.plan is None:
+        return None
+    later = cache_mask.read_later(named.get("attention_mask"), input_ids, positions, rows.columns)
+    cache._ahead.ahead = None  # (the pass's own now: a failure truncates its rows)
+    n = len(a.seq_ids)
+    real = np.ones((n, 1), dtype=bool)
+    step = Step(None, np.arange(n), np.ones(n, dtype=np.int64), 1, False, [], np.ones(n, dtype=bool),
+                appended=True, real=real, decode=True)
+    step.confirm = later
+    if replay:
+        positions = torch.full((n, 1), rows.columns, device=input_ids.device) if positions is None else positions
+        step.replay = (list(a.seq_ids), input_ids, positions, a.slots, a.longest, a.graph)
+    else:
+        step.batch = pass_batch(cache, a.plan, real, torch.zeros((n, 1), dtype=torch.long, device=input_ids.device))
+    return step
+
+
+def confirm(cache: Any, step: Step, named: dict[str, Any]) -> bool:
+    """Whether a pass begun by `ahead_pass`, now launched, is the decode pass its
+    slots were taken for: its inputs read (each row's token real, its mask keeping
+    the tokens the row holds, no row's tokens apart where a model counts windows or
+    chunks in columns), its token ids recorded and where its tokens sit noted, as
+    `begin` does. False: the caller undoes it and runs it again through `begin`,
+    which takes it as any pass (or refuses it by name)."""
+    mask = step.confirm()
+    rows = cache._rows
+    if not mask.real.all() or (mask.held is not None and not np.array_equal(mask.held, rows.lens)):
+        return False
+    spans = cache_mask.Spans.of(mask.real, True)
+    spans.gaps = spans.gap_rows(rows.lens, rows.ends, rows.columns)
+    if cache._by_columns and spans.gaps.any():
+        return False
+    step.spans = spans
+    step.placed = placed(named.get("position_ids"), mask.real, rows.lens, rows.columns, cache._takes_positions,
+                         mask.positions)
+    cache.pool.record_tokens(step.replay[0] if step.replay is not None else rows.seq_ids, mask.tokens)
+    return True
+
+
 def pass_batch(cache: Any, plan: Any, real: np.ndarray, columns: torch.Tensor) -> PagedBatch:
     """A pass's `PagedBatch` over ``plan``: its real tokens (bool [rows, W]) and the
     column of the whole pass each of its columns takes (int [rows, W] on its device)."""

@@ -51,6 +51,8 @@ class Step:
     decode: bool = False  # a token every row of the cache, each real (a decode pass)
     #: (sequences, token ids [rows, 1]) to record in slots taken ahead (`cache_ahead`), before `done` commits
     record: tuple[Any, Any] | None = None
+    #: a pass begun before its inputs were read (`cache_pass.ahead_pass`): what reads them
+    confirm: Any = None
 
 
 class CacheRows:

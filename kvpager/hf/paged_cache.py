@@ -307,31 +307,51 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
             again = None if self.seq_ids else repeated_rows.repeats(named, keep, self.model.config)
             if again is not None:
                 named, args, kwargs = again.named, (), again.named
-            step = cache_pass.begin(self, named, keep)
-            width = step.columns
-            if step.cut is not None:
-                args, kwargs, width = (), step.cut, step.cut["input_ids"].shape[1]
-            try:
-                self._step = step
-                if step.early is not None:  # (its blocks' K/V, for the cut pass's rows to read)
-                    early, inputs = step.early
-                    self._forward(forward, (), inputs, inputs["input_ids"].shape[1], early, input_ids.device)
-                if step.replay is not None:
-                    out = self._graphs.run(*step.replay)
-                else:
-                    out = self._forward(forward, args, kwargs, width, step.batch, input_ids.device)
-                if step.record is not None:  # (the ids of slots taken ahead, while the pass runs)
-                    self.pool.record_tokens(*step.record)
-            except BaseException:
-                self._rows.undo(step)
-                raise
-            finally:
-                self._step = None
+            # (the decode pass taken ahead: launched first, its inputs read meanwhile)
+            step = cache_pass.ahead_pass(self, named, keep) if again is None else None
+            if step is not None:
+                out = self._launch(forward, args, kwargs, step, 1, input_ids.device)
+                try:
+                    confirmed = cache_pass.confirm(self, step, named)
+                except BaseException:
+                    self._rows.undo(step)
+                    raise
+                if not confirmed:  # (its slots given back: the pass runs again, its inputs read first)
+                    self._rows.undo(step)
+                    self._ahead.decodes, step = 0, None
+            if step is None:
+                step = cache_pass.begin(self, named, keep)
+                width = step.columns
+                if step.cut is not None:
+                    args, kwargs, width = (), step.cut, step.cut["input_ids"].shape[1]
+                out = self._launch(forward, args, kwargs, step, width, input_ids.device)
             self._rows.done(step, self.release_margin)
             self._ahead.after(step.decode, step.replay is not None)
             return out if again is None else self._repeat(out, again)
         finally:
             self._lock.release()
+
+    def _launch(self, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any], step: Step, width: int,
+                device: torch.device) -> Any:
+        """Run a begun pass (its first part first, where split; replayed, where it
+        names a captured step); one that raises is undone."""
+        try:
+            self._step = step
+            if step.early is not None:  # (its blocks' K/V, for the cut pass's rows to read)
+                early, inputs = step.early
+                self._forward(forward, (), inputs, inputs["input_ids"].shape[1], early, device)
+            if step.replay is not None:
+                out = self._graphs.run(*step.replay)
+            else:
+                out = self._forward(forward, args, kwargs, width, step.batch, device)
+            if step.record is not None:  # (the ids of slots taken ahead, while the pass runs)
+                self.pool.record_tokens(*step.record)
+            return out
+        except BaseException:
+            self._rows.undo(step)
+            raise
+        finally:
+            self._step = None
 
     def _forward(self, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any], width: int,
                  batch: PagedBatch, device: torch.device) -> Any:
