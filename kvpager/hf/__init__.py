@@ -28,6 +28,7 @@ except ImportError as e:  # say what to install, not only what is missing
     raise ImportError(f"kvpager.hf needs torch and transformers: pip install 'kvpager[torch]' ({e})") from e
 
 from kvpager.hf.beams import Beams, beam_search
+from kvpager.hf.captured_steps import CapturedSteps
 from kvpager.hf.fp8 import calibrate_kv_scales
 from kvpager.hf.generate_call import generate
 from kvpager.hf.generation import (
@@ -42,7 +43,7 @@ from kvpager.hf.generation import (
     register,
     spec_for_model,
 )
-from kvpager.hf.graphs import CapturedSteps, DecodeGraphs, bucket_for
+from kvpager.hf.graphs import DecodeGraphs, bucket_for
 from kvpager.hf.logprobs import Completion
 from kvpager.hf.model import check_call, layer_fit, layer_map
 from kvpager.hf.paged_cache import PagedCache

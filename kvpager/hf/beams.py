@@ -41,9 +41,10 @@ import torch
 from kvpager.batch_calls import free_all
 from kvpager.errors import InvalidArgument
 from kvpager.hf.beams_rows import RecurrentBeams
+from kvpager.hf.captured_steps import CapturedSteps
 from kvpager.hf.checks import check_model_and_pool, check_positions, end_tokens
 from kvpager.hf.eager import EagerPasses
-from kvpager.hf.graphs import CapturedSteps, DecodeGraphs, check_graph_options, graph_width
+from kvpager.hf.graphs import DecodeGraphs, check_graph_options, graph_width
 from kvpager.hf.model import has_recurrent_layers
 from kvpager.hf.padding import prompts_given, token_lists
 from kvpager.hf.rope import rope_salt

@@ -21,7 +21,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from kvpager.errors import InvalidArgument
 from kvpager.hf.attention import PagedBatch
-from kvpager.hf.graphs import CapturedSteps, DecodeGraphs, graph_width
+from kvpager.hf.captured_steps import CapturedSteps
+from kvpager.hf.graphs import DecodeGraphs, graph_width
 
 
 class CacheGraphs:

@@ -18,8 +18,8 @@ from typing import Any
 
 from kvpager.errors import InvalidArgument
 from kvpager.hf.beams import beam_search, check_beam_options
+from kvpager.hf.captured_steps import CapturedSteps
 from kvpager.hf.generation import PagedGeneration
-from kvpager.hf.graphs import CapturedSteps
 from kvpager.hf.logprobs import Completion
 from kvpager.hf.sampling import Sampling
 from kvpager.validate import described, integer

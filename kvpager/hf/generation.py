@@ -46,16 +46,11 @@ from kvpager.hf.attention import (  # noqa: F401
     paged_forward,
     register,
 )
+from kvpager.hf.captured_steps import CapturedSteps
 from kvpager.hf.checks import check_model, check_model_and_pool, check_positions, end_tokens  # noqa: F401
 from kvpager.hf.decode_plans import DecodePlans
 from kvpager.hf.eager import TORCH_DTYPES
-from kvpager.hf.graphs import (
-    CapturedSteps,
-    DecodeGraphs,
-    bucket_for,
-    check_graph_options,
-    graph_width,
-)
+from kvpager.hf.graphs import DecodeGraphs, bucket_for, check_graph_options, graph_width
 from kvpager.hf.logprobs import Completion, KeptLogprobs, TokenLogprobs, check_logprobs
 from kvpager.hf.model import (  # noqa: F401
     ABSENT,

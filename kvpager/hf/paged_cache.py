@@ -64,12 +64,13 @@ from kvpager.hf.attention import PagedBatch
 from kvpager.hf.cache_ahead import PassAhead
 from kvpager.hf.cache_graphs import CacheGraphs
 from kvpager.hf.cache_rows import CacheRows, Step, selected_rows
+from kvpager.hf.captured_steps import CapturedSteps
 from kvpager.hf.checks import check_layers_ran, check_model, check_model_and_pool
 from kvpager.hf.compiled import running
 from kvpager.hf.decode_plans import DecodePlans
 from kvpager.hf.eager import TORCH_DTYPES
 from kvpager.hf.fed_positions import own_salt
-from kvpager.hf.graphs import CapturedSteps, check_graph_options
+from kvpager.hf.graphs import check_graph_options
 from kvpager.hf.model import has_recurrent_layers, layer_fit, layer_map, text_config
 from kvpager.hf.paged_layer import PagedLayer
 from kvpager.hf.rope import pass_dependent
