@@ -8,12 +8,15 @@ most of that (docs/benchmarks.md). So after a decode pass (one token every
 row) that followed another with no call on the cache between, the cache
 appends the next pass's slots (`KVPool.append_flat` without token ids) and
 refills its plan or captured step there, while the device runs this pass
-(`PassAhead.after`). The next pass, where it is a decode pass of the same rows
-whose every token is real and whose mask keeps what the cache holds, takes them
-(`PassAhead.take`) and records its token ids in them (`record_tokens`), before
-its blocks are committed. Anything else gives them back first (`PassAhead.drop`:
-each row's sequence truncated to the tokens the cache counts): another kind of
-pass, a reorder, crop, reset or close.
+(`PassAhead.after`). The next pass whose shapes are those of a decode pass
+of the same rows is launched at once (`cache_pass.ahead_pass`), the copy of
+its inputs to the host queued before it; once launched they are read, and
+where every token is real and the mask keeps what the cache holds, the pass
+keeps the slots and records its token ids in them (`record_tokens`) before its
+blocks are committed (`cache_pass.confirm`). A pass they refute is undone (its
+slots given back) and begun again as any pass. Anything else gives them back
+first (`PassAhead.take` / `drop`: each row's sequence truncated to the tokens
+the cache counts): another kind of pass, a reorder, crop, reset or close.
 
 This is done for a cache made with ``cuda_graphs``: an eager pass, paced by
 the host, would do the same work at another time and gain nothing (over a
