@@ -26,6 +26,7 @@ import threading
 import pytest
 from daemon_helpers import (
     SMALL,
+    as_from_a_terminal,
     free_tcp_endpoint,
     ipc_endpoint,
     running_server,
@@ -45,9 +46,16 @@ ARGS = ["--model", "tiny", "--blocks", "64", "--host-memory", "256K", "--device"
 
 
 def _serve(endpoint: str, *extra: str, preexec=None) -> subprocess.Popen:
-    """``kvpager serve`` in a process of its own, once it serves (``proc.lines``: its log)."""
+    """``kvpager serve`` in a process of its own, once it serves (``proc.lines``: its log);
+    its SIGINT and SIGHUP at their defaults (`as_from_a_terminal`) before ``preexec``."""
+
+    def started() -> None:
+        as_from_a_terminal()
+        if preexec is not None:
+            preexec()
+
     proc = subprocess.Popen([sys.executable, "-m", "kvpager", "serve", "--endpoint", endpoint, *ARGS, *extra],
-                            env=subprocess_env(), stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
+                            env=subprocess_env(), stderr=subprocess.PIPE, text=True, preexec_fn=started)
     proc.lines = []
     proc.reader = threading.Thread(target=lambda: proc.lines.extend(proc.stderr), daemon=True)
     proc.reader.start()
@@ -91,6 +99,28 @@ def test_sighup_stops_the_daemon_and_leaves_nothing():
     assert rc == 0, proc.lines
     assert not _segments(proc.pid) and not os.path.exists(endpoint[len("ipc://"):])
     assert any("shutting down" in line for line in proc.lines)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT])
+def test_a_signal_the_daemon_was_started_ignoring_stays_ignored(sig):
+    """``nohup kvpager serve &``: nohup ignores SIGHUP (and a shell without job control
+    ignores SIGINT for a background command), and the daemon took both over: the
+    ssh session that started it closing ended it, every client's session with it."""
+    endpoint, d = ipc_endpoint()
+    proc = _serve(endpoint, preexec=lambda: signal.signal(sig, signal.SIG_IGN))
+    try:
+        with Client(endpoint, timeout=5) as c:
+            [a] = c.allocate([list(range(20))])
+            proc.send_signal(sig)
+            with pytest.raises(subprocess.TimeoutExpired):
+                proc.wait(1.0)
+            assert c.stats().num_sequences == 1  # the session and its sequence live on
+        assert any(f"{signal.Signals(sig).name} is ignored" in line for line in proc.lines), proc.lines
+        assert _stop(proc) == 0  # SIGTERM still stops it, cleanly
+    finally:
+        _stop(proc)
+        shutil.rmtree(d, ignore_errors=True)
+    assert not _segments(proc.pid) and not os.path.exists(endpoint[len("ipc://"):])
 
 
 def test_a_daemon_whose_stderr_is_closed_serves_on():
