@@ -167,6 +167,7 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._socket_file: tuple[int, int] | None = None  # the ipc socket file bound (`Binding.close`)
+        self._socket_lost = False  # it was removed and could not be made again (`Binding.keep_socket_file`)
         self._check_after = self._check_took = 0.0  # `check`'s share of the loop (`ServerOps._op_check`)
         self._handlers = {name: getattr(self, f"_op_{name}") for name in OPS}
         self._memo = RequestMemo()  # decode steps' requests, decoded and checked once
@@ -308,6 +309,7 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
             if now >= next_expiry:
                 next_expiry = now + self._expiry_interval()
                 self.expire()
+                self.keep_socket_file()
                 if self.request_metrics is not None:
                     self.request_metrics.window(now)
                 now = time.monotonic()  # (the next wait counts from here)

@@ -13,15 +13,18 @@ Each test once failed; bounded waits, free endpoints, every daemon stopped."""
 from __future__ import annotations
 
 import _posixshmem
+import logging
 import os
 import resource
 import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from daemon_helpers import (
@@ -158,6 +161,7 @@ def test_a_daemon_stopping_leaves_the_socket_file_of_the_next_one(events, tmp_pa
     ev = EventsConfig(f"ipc://{tmp_path}/ev.sock") if events else None
     a_events = EventsConfig(f"ipc://{tmp_path}/ev.sock") if events else None
     with running_server(SMALL, endpoint=endpoint, events=a_events) as a:
+        a.keep_socket_file = lambda: None  # (A making its file again first would refuse B: this is of A's end)
         os.unlink(tmp_path / "kv.sock")
         if events:
             os.unlink(tmp_path / "ev.sock")
@@ -169,6 +173,53 @@ def test_a_daemon_stopping_leaves_the_socket_file_of_the_next_one(events, tmp_pa
             with Client(b.endpoint, timeout=5) as c:
                 assert c.stats().total_blocks == SMALL.num_blocks - 1
     assert not (tmp_path / "kv.sock").exists() and not (tmp_path / "ev.sock").exists()
+
+
+def test_a_socket_file_removed_while_serving_is_made_again(caplog):
+    """A /tmp cleaner (or logind ending the login session whose runtime folder held it,
+    or an operator's ``rm``) removed the socket file: the daemon served on where no new
+    client could reach it, without a word, and a second daemon started on the path
+    beside it, the first one's pool held for nothing."""
+    caplog.set_level(logging.INFO, logger="kvpager.server")
+    endpoint, d = ipc_endpoint()
+    path = endpoint[len("ipc://"):]
+    try:
+        with running_server(SMALL, endpoint) as server, Client(endpoint, timeout=5) as c:
+            c.allocate([list(range(20))])
+            os.unlink(path)
+            assert wait_until(lambda: os.path.exists(path), WAIT)
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+            with Client(endpoint, timeout=5) as late:  # a new client reaches it again
+                assert late.stats().num_sequences == 1
+            with pytest.raises(InvalidArgument, match="another daemon already listens"):
+                check_before_allocating(endpoint, None)
+            assert any("was removed while serving" in r.getMessage() for r in caplog.records)
+            assert server.endpoint == endpoint
+        assert not os.path.exists(path)  # (the one made again is removed at the end too)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_socket_file_that_cannot_be_made_again_is_said_once(caplog):
+    """Its folder removed with it (a login session's runtime folder): said once, in the
+    log, and the clients connected are served on; made again once the folder is back."""
+    caplog.set_level(logging.INFO, logger="kvpager.server")
+    endpoint, d = ipc_endpoint()
+
+    def said() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "cannot be made again" in r.getMessage()]
+
+    try:
+        with running_server(SMALL, endpoint) as server, Client(endpoint, timeout=5) as c:
+            shutil.rmtree(d)
+            assert wait_until(lambda: said(), WAIT)
+            assert c.allocate([list(range(20))]) and c.stats().num_sequences == 1
+            time.sleep(3 * server._expiry_interval())
+            assert len(said()) == 1 and said()[0].levelno == logging.ERROR
+            os.mkdir(d, 0o700)  # its folder back: the file is made again
+            assert wait_until(lambda: os.path.exists(endpoint[len("ipc://"):]), WAIT)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.parametrize("where, named", [
