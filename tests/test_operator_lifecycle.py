@@ -384,3 +384,34 @@ def test_two_daemons_binding_one_path_together_leave_one_reachable(events, tmp_p
         for s in servers.values():
             s.stop()
     assert not any(n.endswith(".lock") for n in os.listdir(tmp_path)), os.listdir(tmp_path)
+
+
+def test_refused_hellos_are_logged_without_flooding(caplog):
+    """Clients refused at hello (a wrong token, every session taken) failed to connect
+    and the daemon's log said nothing of it: the operator had no line saying why. Now
+    the first of each kind is logged at once, then one a minute at most, counting the
+    ones between."""
+    from kvpager.errors import Unauthorized
+    from kvpager.limits import Limits
+
+    caplog.set_level(logging.INFO, logger="kvpager.server")
+    token = "a-daemon-token-" + secrets.token_hex(8)
+
+    def refused() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage().startswith("hello refused")]
+
+    with running_server(SMALL, token=token, limits=Limits(sessions=1)) as server, \
+            Client(server.endpoint, token=token, timeout=5):
+        for _ in range(20):
+            with pytest.raises(LimitExceeded):
+                Client(server.endpoint, token=token, timeout=5, heartbeat=False, name="worker-7")
+            with pytest.raises(Unauthorized):
+                Client(server.endpoint, token="not-" + token, timeout=5, heartbeat=False)
+        lines = refused()
+        assert len(lines) == 2 and all(r.levelno == logging.WARNING for r in lines)
+        assert "limit_exceeded" in lines[0].getMessage() and "worker-7" in lines[0].getMessage()
+        assert "unauthorized" in lines[1].getMessage() and token not in lines[1].getMessage()
+        server._refused.every = 0.0  # (a minute on): the next line counts the ones held back
+        with pytest.raises(LimitExceeded):
+            Client(server.endpoint, token=token, timeout=5, heartbeat=False)
+        assert "[19 more refused since the last such line]" in refused()[-1].getMessage()
