@@ -41,7 +41,7 @@ from kvpager.validate import counts, zero_d
 
 class ClientSequences:
     """Mixed into `Client`, which supplies ``remote``, ``_call``, ``_mirror``,
-    ``_lost`` and ``synchronize``."""
+    ``_lost``, ``_hb``, ``heartbeat``, ``heartbeat_timeout`` and ``synchronize``."""
 
     def allocate(
         self, prompts: Seq[Seq[int]], salt: Any = None, *, owner: None = None, share_in_batch: bool = False,
@@ -305,7 +305,9 @@ class ClientSequences:
         """The daemon's `KVPool.check_integrity`, plus: every sequence has an open session.
         The daemon holds checks to a share of its time (a large pool's takes most of a
         second): refused as too soon, this waits as long as it is told, within the
-        client's timeout, and asks again."""
+        client's timeout, and asks again; a client without heartbeats beats while it
+        waits (a wait past the heartbeat timeout ended its session: `kvpager check`
+        twice in a row on a large pool said "this session is not open")."""
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -315,7 +317,19 @@ class ClientSequences:
                 wait = getattr(e, "retry_after", None)
                 if e.limit != "check_share" or not isinstance(wait, float) or time.monotonic() + wait > deadline:
                     raise
-                time.sleep(wait + 0.01)
+                self._wait_open(wait + 0.01)
+
+    def _wait_open(self, seconds: float) -> None:
+        """Sleep ``seconds`` with this session kept open: without a heartbeat thread,
+        a beat every third of the daemon's heartbeat timeout."""
+        if self._hb is not None:  # (its thread beats)
+            time.sleep(seconds)
+            return
+        end, every = time.monotonic() + seconds, max(0.05, self.heartbeat_timeout / 3)
+        while (left := end - time.monotonic()) > every:
+            time.sleep(every)
+            self.heartbeat()
+        time.sleep(max(0.0, left))
 
 
 def one_shot_counts(value: Any) -> Any:

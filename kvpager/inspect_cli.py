@@ -90,15 +90,16 @@ SESSIONS_HINT = ("every session the daemon allows is open: set KVPAGER_CONTROL_T
                  "kvpager serve --max-sessions")
 
 
-def connect(endpoint: str | None, timeout: float | None) -> Any:
-    """The command's client. Where every session is taken, once more with the
-    control token of the environment, if there is one: such a session may open
-    past the limit, so an operator can see who holds the sessions (the token is
-    not sent otherwise: a wrong one would refuse the read-only commands)."""
+def connect(endpoint: str | None, timeout: float | None, heartbeat: bool = False) -> Any:
+    """The command's client (``heartbeat``: its session kept open by heartbeats, for
+    a command that waits between its requests). Where every session is taken, once
+    more with the control token of the environment, if there is one: such a session
+    may open past the limit, so an operator can see who holds the sessions (the
+    token is not sent otherwise: a wrong one would refuse the read-only commands)."""
     from kvpager.client import Client
 
     def opened(**token: Any) -> Any:
-        return Client(endpoint, timeout=timeout, heartbeat=False, map_pool=False, name="kvpager-cli", **token)
+        return Client(endpoint, timeout=timeout, heartbeat=heartbeat, map_pool=False, name="kvpager-cli", **token)
 
     try:
         return opened()
@@ -109,9 +110,13 @@ def connect(endpoint: str | None, timeout: float | None) -> Any:
         return opened(control_token=token)
 
 
-def daemon_command(fn: Callable[..., None]) -> click.Command:
+def daemon_command(fn: Callable[..., None] | None = None, *, heartbeat: bool = False) -> Any:
     """A command that talks to the daemon: adds --endpoint/--timeout/--json,
-    opens a client, maps errors to a one-line message and an exit code."""
+    opens a client, maps errors to a one-line message and an exit code.
+    ``heartbeat``: the client beats while the command waits between requests
+    (`top`); a session silent past the daemon's heartbeat timeout is ended."""
+    if fn is None:
+        return functools.partial(daemon_command, heartbeat=heartbeat)
 
     @click.option("--endpoint", default=None, help="Daemon endpoint (default: KVPAGER_ENDPOINT or the private ipc socket).")
     @click.option("--timeout", type=Seconds(open_low=True, high=sys.float_info.max), default=None, help="Seconds to wait for each reply (KVPAGER_TIMEOUT).")
@@ -119,7 +124,7 @@ def daemon_command(fn: Callable[..., None]) -> click.Command:
     @functools.wraps(fn)
     def wrapper(endpoint: str | None, timeout: float | None, as_json: bool, **kwargs: Any) -> None:
         try:
-            client = connect(endpoint, timeout)
+            client = connect(endpoint, timeout, heartbeat)
         except KVPagerError as e:
             fail(e)
         try:
@@ -183,7 +188,7 @@ def check(client: Any, as_json: bool) -> None:
     emit(as_json, {"ok": True}, "ok: every block is free, evictable or in use exactly once; ref counts match")
 
 
-@daemon_command
+@daemon_command(heartbeat=True)  # (without, an --interval past the heartbeat timeout lost the session)
 @click.option("--interval", type=Seconds(), default=1.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--iterations", type=click.IntRange(min=0), default=0, help="Stop after this many refreshes (0: until q or Ctrl-C).")
 def top(client: Any, as_json: bool, interval: float, iterations: int) -> None:

@@ -25,6 +25,18 @@ log = logging.getLogger("kvpager.server")
 
 #: The signals that stop the daemon cleanly (exit status 0, nothing left behind).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: Of those, the ones left ignored where the daemon was started with them ignored: `nohup`
+#: ignores SIGHUP, and a shell without job control SIGINT for a command it runs in the
+#: background (``kvpager serve &`` in a script). Taking them over ended a daemon started
+#: under nohup when the terminal or ssh session that started it closed, every session with it.
+#: SIGTERM always stops it (a daemon that ignores it leaves its pool behind at the SIGKILL).
+IGNORED_KEPT = (signal.SIGINT, signal.SIGHUP)
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The `STOP_SIGNALS` the daemon handles: all but those of `IGNORED_KEPT` it
+    was started with ignored."""
+    return tuple(sig for sig in STOP_SIGNALS if not (sig in IGNORED_KEPT and signal.getsignal(sig) == signal.SIG_IGN))
 
 
 def remote_tier(opts: dict[str, Any], spec: Any = None) -> Any:
@@ -146,7 +158,8 @@ def serve(**opts: Any) -> None:
     """Run the kvpager daemon in the foreground (logs to stderr).
 
     SIGTERM, SIGINT or SIGHUP stops it: every session ended, the socket file and
-    the shared memory removed, exit status 0."""
+    the shared memory removed, exit status 0. SIGINT and SIGHUP ignored when it
+    starts (nohup; a script's background job) stay ignored."""
     logging.basicConfig(level=opts["log_level"], stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SIGTERM / SIGINT / SIGHUP are ours from the start: during start-up they end it
@@ -168,7 +181,11 @@ def serve(**opts: Any) -> None:
 
     if opts["dry_run"]:
         return dry_run(opts)
-    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+    handled = stop_signals()
+    for sig in (s for s in STOP_SIGNALS if s not in handled):
+        log.info("%s is ignored (as nohup, or a shell's background job, leaves it): it does not stop the daemon",
+                 signal.Signals(sig).name)
+    previous = {sig: signal.signal(sig, on_signal) for sig in handled}
     try:
         try:
             server = _start(opts, made)

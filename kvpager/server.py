@@ -51,7 +51,7 @@ from kvpager.reply_budget import UnreadReplies
 from kvpager.request_memo import RequestMemo
 from kvpager.server_bind import Binding
 from kvpager.server_dispatch import Dispatch
-from kvpager.server_ops import ServerOps
+from kvpager.server_ops import RefusedHellos, ServerOps
 from kvpager.server_ranks import create_pool, rank_backends, release_count
 from kvpager.server_sessions import SessionEnds
 from kvpager.server_staging import StagingOps
@@ -167,8 +167,10 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._socket_file: tuple[int, int] | None = None  # the ipc socket file bound (`Binding.close`)
+        self._socket_lost = False  # it was removed and could not be made again (`Binding.keep_socket_file`)
         self._check_after = self._check_took = 0.0  # `check`'s share of the loop (`ServerOps._op_check`)
         self._handlers = {name: getattr(self, f"_op_{name}") for name in OPS}
+        self._refused = RefusedHellos()  # refused hellos, logged (`kvpager.server_ops`)
         self._memo = RequestMemo()  # decode steps' requests, decoded and checked once
         # When the loop last found nothing queued: every message sent before then
         # has been read, so a session silent since long before it is really gone.
@@ -308,6 +310,7 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
             if now >= next_expiry:
                 next_expiry = now + self._expiry_interval()
                 self.expire()
+                self.keep_socket_file()
                 if self.request_metrics is not None:
                     self.request_metrics.window(now)
                 now = time.monotonic()  # (the next wait counts from here)

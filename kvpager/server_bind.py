@@ -17,7 +17,9 @@ from kvpager import protocol
 from kvpager.endpoints import (
     bind_lock,
     check_ipc_bind,
+    default_endpoint,
     endpoint_or_default,
+    ensure_runtime_dir,
     ipc_path,
     is_local,
     open_socket,
@@ -247,6 +249,48 @@ class Binding:
             self.sessions.heartbeat_timeout,
         )
         return self.endpoint
+
+    def keep_socket_file(self) -> None:
+        """Make the ipc:// socket file again where it was removed while the daemon
+        serves (a /tmp cleaner, logind removing the runtime folder of a login session
+        that ended, an operator's ``rm``): the daemon served on where no new client
+        could reach it, without a word, and a second daemon started on the path beside
+        it (two pools, the first one's memory held for nothing). Called by the loop
+        about once a second; one ``lstat`` while the file is there. A file another
+        daemon bound since is left alone (said once); a file that cannot be made
+        again is said once and tried again each call."""
+        path = ipc_path(self.endpoint)
+        if path is None or path.startswith("@") or self._sock is None:
+            return
+        if self._socket_file is not None and socket_file(path) == self._socket_file:
+            return
+        if os.path.lexists(path):  # another daemon's (or anything else) since: never removed
+            if self._socket_file is not None:
+                log.error("the socket file %s was removed and something else is there now (another daemon?): "
+                          "new clients no longer reach this daemon, only the connections it has; stop one of "
+                          "them, or give each its own --endpoint", path)
+                self._socket_file = None
+            return
+        try:
+            if self.endpoint == default_endpoint():  # (its private folder, made again where it is gone)
+                ensure_runtime_dir(os.path.dirname(path))
+            with bind_lock(self.endpoint, wait=0.0):
+                if os.path.lexists(path):  # (bound by another daemon as this one took the lock)
+                    return
+                self._sock.bind(self.endpoint)
+                os.chmod(path, 0o600)
+                self._socket_file = socket_file(path)
+        except (InvalidArgument, OSError, zmq.ZMQError) as e:
+            self._socket_file = None
+            if not self._socket_lost:
+                self._socket_lost = True
+                log.error("the socket file %s was removed, and cannot be made again (%s): new clients cannot "
+                          "reach this daemon (the ones connected keep their connections); restart it on an "
+                          "--endpoint in a folder that lasts (KVPAGER_RUNTIME_DIR for the default one)", path, e)
+            return
+        log.warning("the socket file %s was removed while serving (a /tmp cleaner? the runtime folder of a login "
+                    "session that ended?): made it again", path)
+        self._socket_lost = False
 
     def _start_observers(self) -> None:
         if self.events is not None and self.endpoint in (self.events.endpoint, self.events.replay_endpoint):

@@ -93,13 +93,22 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+def as_from_a_terminal() -> None:
+    """A daemon subprocess's ``preexec_fn``: SIGINT and SIGHUP at their defaults, as
+    a terminal starts it. A daemon started with them ignored leaves them ignored
+    (nohup; a shell's background job), and a test run launched so (``pytest &``,
+    ``nohup pytest``) passes its ignored signals on across exec."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def daemon_process(args: list[str], endpoint: str, timeout: float = 30) -> Iterator[subprocess.Popen]:
     """``kvpager serve ARGS --endpoint ENDPOINT`` as a subprocess; waits until it
     listens; SIGTERM (then SIGKILL) on exit."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvpager", "serve", "--endpoint", endpoint, *args],
-        env=subprocess_env(), stderr=subprocess.PIPE, text=True,
+        env=subprocess_env(), stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_terminal,
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)

@@ -21,7 +21,14 @@ import time
 
 import numpy as np
 import pytest
-from daemon_helpers import daemon_process, ipc_endpoint, running_server, subprocess_env, wait_until
+from daemon_helpers import (
+    as_from_a_terminal,
+    daemon_process,
+    ipc_endpoint,
+    running_server,
+    subprocess_env,
+    wait_until,
+)
 
 from kvpager import KVPool, PoolSpec, server
 from kvpager.client import Client
@@ -149,7 +156,7 @@ def test_a_signal_during_start_up_leaves_nothing(sig, tmp_path):
     sock = tmp_path / "kv.sock"
     proc = subprocess.Popen([sys.executable, "-m", "kvpager", "serve", *GEOMETRY, "--memory", "1G",
                              "--host-memory", "64M", "--endpoint", f"ipc://{sock}"],
-                            env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+                            env=subprocess_env(), stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_terminal)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()

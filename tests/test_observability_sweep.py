@@ -318,3 +318,23 @@ def test_checks_in_a_loop_hold_the_daemon_a_bounded_share_of_its_time():
             assert time.monotonic() - started >= wait
         finally:
             raw.close()
+
+
+def test_a_check_told_to_wait_keeps_a_session_without_heartbeats_open():
+    """`kvpager check` (a client without heartbeats) twice in a row on a large pool:
+    the second was told to wait ten times the first's time, slept it silent, and a
+    wait past the daemon's heartbeat timeout ended its session ("this session is not
+    open", exit code 5) instead of checking."""
+    from daemon_helpers import running_server
+
+    from kvpager.client import Client
+
+    with running_server(heartbeat_timeout=0.4) as server, \
+            Client(server.endpoint, timeout=30, heartbeat=False, map_pool=False) as c:
+        c.allocate([[1, 2, 3]])
+        # as after a check that held the loop 0.15 s: the next may come 1.5 s after it
+        server._check_took, server._check_after = 0.15, time.monotonic() + 1.5
+        started = time.monotonic()
+        c.check_integrity()  # waits as told, its session kept open, then runs
+        assert time.monotonic() - started >= 1.4
+        assert c.stats().num_sequences == 1

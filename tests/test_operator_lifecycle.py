@@ -13,19 +13,23 @@ Each test once failed; bounded waits, free endpoints, every daemon stopped."""
 from __future__ import annotations
 
 import _posixshmem
+import logging
 import os
 import resource
 import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from daemon_helpers import (
     SMALL,
+    as_from_a_terminal,
     free_tcp_endpoint,
     ipc_endpoint,
     running_server,
@@ -45,9 +49,16 @@ ARGS = ["--model", "tiny", "--blocks", "64", "--host-memory", "256K", "--device"
 
 
 def _serve(endpoint: str, *extra: str, preexec=None) -> subprocess.Popen:
-    """``kvpager serve`` in a process of its own, once it serves (``proc.lines``: its log)."""
+    """``kvpager serve`` in a process of its own, once it serves (``proc.lines``: its log);
+    its SIGINT and SIGHUP at their defaults (`as_from_a_terminal`) before ``preexec``."""
+
+    def started() -> None:
+        as_from_a_terminal()
+        if preexec is not None:
+            preexec()
+
     proc = subprocess.Popen([sys.executable, "-m", "kvpager", "serve", "--endpoint", endpoint, *ARGS, *extra],
-                            env=subprocess_env(), stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
+                            env=subprocess_env(), stderr=subprocess.PIPE, text=True, preexec_fn=started)
     proc.lines = []
     proc.reader = threading.Thread(target=lambda: proc.lines.extend(proc.stderr), daemon=True)
     proc.reader.start()
@@ -93,6 +104,28 @@ def test_sighup_stops_the_daemon_and_leaves_nothing():
     assert any("shutting down" in line for line in proc.lines)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT])
+def test_a_signal_the_daemon_was_started_ignoring_stays_ignored(sig):
+    """``nohup kvpager serve &``: nohup ignores SIGHUP (and a shell without job control
+    ignores SIGINT for a background command), and the daemon took both over: the
+    ssh session that started it closing ended it, every client's session with it."""
+    endpoint, d = ipc_endpoint()
+    proc = _serve(endpoint, preexec=lambda: signal.signal(sig, signal.SIG_IGN))
+    try:
+        with Client(endpoint, timeout=5) as c:
+            [a] = c.allocate([list(range(20))])
+            proc.send_signal(sig)
+            with pytest.raises(subprocess.TimeoutExpired):
+                proc.wait(1.0)
+            assert c.stats().num_sequences == 1  # the session and its sequence live on
+        assert any(f"{signal.Signals(sig).name} is ignored" in line for line in proc.lines), proc.lines
+        assert _stop(proc) == 0  # SIGTERM still stops it, cleanly
+    finally:
+        _stop(proc)
+        shutil.rmtree(d, ignore_errors=True)
+    assert not _segments(proc.pid) and not os.path.exists(endpoint[len("ipc://"):])
+
+
 def test_a_daemon_whose_stderr_is_closed_serves_on():
     """Its start-up line to a closed stderr (``2>&1 | grep -m1 'serving on'``, which
     saw the log's line first and exited; a log reader gone) raised a broken pipe:
@@ -128,6 +161,7 @@ def test_a_daemon_stopping_leaves_the_socket_file_of_the_next_one(events, tmp_pa
     ev = EventsConfig(f"ipc://{tmp_path}/ev.sock") if events else None
     a_events = EventsConfig(f"ipc://{tmp_path}/ev.sock") if events else None
     with running_server(SMALL, endpoint=endpoint, events=a_events) as a:
+        a.keep_socket_file = lambda: None  # (A making its file again first would refuse B: this is of A's end)
         os.unlink(tmp_path / "kv.sock")
         if events:
             os.unlink(tmp_path / "ev.sock")
@@ -139,6 +173,53 @@ def test_a_daemon_stopping_leaves_the_socket_file_of_the_next_one(events, tmp_pa
             with Client(b.endpoint, timeout=5) as c:
                 assert c.stats().total_blocks == SMALL.num_blocks - 1
     assert not (tmp_path / "kv.sock").exists() and not (tmp_path / "ev.sock").exists()
+
+
+def test_a_socket_file_removed_while_serving_is_made_again(caplog):
+    """A /tmp cleaner (or logind ending the login session whose runtime folder held it,
+    or an operator's ``rm``) removed the socket file: the daemon served on where no new
+    client could reach it, without a word, and a second daemon started on the path
+    beside it, the first one's pool held for nothing."""
+    caplog.set_level(logging.INFO, logger="kvpager.server")
+    endpoint, d = ipc_endpoint()
+    path = endpoint[len("ipc://"):]
+    try:
+        with running_server(SMALL, endpoint) as server, Client(endpoint, timeout=5) as c:
+            c.allocate([list(range(20))])
+            os.unlink(path)
+            assert wait_until(lambda: os.path.exists(path), WAIT)
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+            with Client(endpoint, timeout=5) as late:  # a new client reaches it again
+                assert late.stats().num_sequences == 1
+            with pytest.raises(InvalidArgument, match="another daemon already listens"):
+                check_before_allocating(endpoint, None)
+            assert any("was removed while serving" in r.getMessage() for r in caplog.records)
+            assert server.endpoint == endpoint
+        assert not os.path.exists(path)  # (the one made again is removed at the end too)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_socket_file_that_cannot_be_made_again_is_said_once(caplog):
+    """Its folder removed with it (a login session's runtime folder): said once, in the
+    log, and the clients connected are served on; made again once the folder is back."""
+    caplog.set_level(logging.INFO, logger="kvpager.server")
+    endpoint, d = ipc_endpoint()
+
+    def said() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "cannot be made again" in r.getMessage()]
+
+    try:
+        with running_server(SMALL, endpoint) as server, Client(endpoint, timeout=5) as c:
+            shutil.rmtree(d)
+            assert wait_until(lambda: said(), WAIT)
+            assert c.allocate([list(range(20))]) and c.stats().num_sequences == 1
+            time.sleep(3 * server._expiry_interval())
+            assert len(said()) == 1 and said()[0].levelno == logging.ERROR
+            os.mkdir(d, 0o700)  # its folder back: the file is made again
+            assert wait_until(lambda: os.path.exists(endpoint[len("ipc://"):]), WAIT)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.parametrize("where, named", [
@@ -303,3 +384,34 @@ def test_two_daemons_binding_one_path_together_leave_one_reachable(events, tmp_p
         for s in servers.values():
             s.stop()
     assert not any(n.endswith(".lock") for n in os.listdir(tmp_path)), os.listdir(tmp_path)
+
+
+def test_refused_hellos_are_logged_without_flooding(caplog):
+    """Clients refused at hello (a wrong token, every session taken) failed to connect
+    and the daemon's log said nothing of it: the operator had no line saying why. Now
+    the first of each kind is logged at once, then one a minute at most, counting the
+    ones between."""
+    from kvpager.errors import Unauthorized
+    from kvpager.limits import Limits
+
+    caplog.set_level(logging.INFO, logger="kvpager.server")
+    token = "a-daemon-token-" + secrets.token_hex(8)
+
+    def refused() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage().startswith("hello refused")]
+
+    with running_server(SMALL, token=token, limits=Limits(sessions=1)) as server, \
+            Client(server.endpoint, token=token, timeout=5):
+        for _ in range(20):
+            with pytest.raises(LimitExceeded):
+                Client(server.endpoint, token=token, timeout=5, heartbeat=False, name="worker-7")
+            with pytest.raises(Unauthorized):
+                Client(server.endpoint, token="not-" + token, timeout=5, heartbeat=False)
+        lines = refused()
+        assert len(lines) == 2 and all(r.levelno == logging.WARNING for r in lines)
+        assert "limit_exceeded" in lines[0].getMessage() and "worker-7" in lines[0].getMessage()
+        assert "unauthorized" in lines[1].getMessage() and token not in lines[1].getMessage()
+        server._refused.every = 0.0  # (a minute on): the next line counts the ones held back
+        with pytest.raises(LimitExceeded):
+            Client(server.endpoint, token=token, timeout=5, heartbeat=False)
+        assert "[19 more refused since the last such line]" in refused()[-1].getMessage()

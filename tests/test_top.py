@@ -216,3 +216,16 @@ def test_top_without_a_terminal_prints_frames_and_json(busy_daemon):
     assert first["rates"] is None and first["sequences"] == 3 and first["stats"]["pinned_blocks"] == 3
     assert second["rates"]["seconds"] > 0 and {s["name"] for s in second["sessions"]} == {
         w.session_name for w in workers}
+
+
+def test_top_outlives_an_interval_past_the_heartbeat_timeout():
+    """`kvpager top --interval 60 >> usage.log`: its session beat only with its requests,
+    and one refresh interval past the daemon's heartbeat timeout (5 s by default) ended it:
+    the second frame was "this session is not open" and exit code 5."""
+    with running_server(heartbeat_timeout=0.5) as server:
+        out = subprocess.run([sys.executable, "-m", "kvpager", "top", "--json", "--endpoint", server.endpoint,
+                              "--iterations", "3", "--interval", "1.2"], capture_output=True, text=True, timeout=60,
+                             env=subprocess_env())
+        assert out.returncode == 0, out.stderr
+        assert len(out.stdout.splitlines()) == 3
+        assert not server.sessions.sessions  # (its session ended with it: bye)
