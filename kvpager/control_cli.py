@@ -47,8 +47,10 @@ def control_command(fn: Callable[..., None]) -> click.Command:
     @functools.wraps(fn)
     def wrapper(endpoint: str | None, timeout: float | None, control_token_file: str | None, **kwargs: Any) -> None:
         from kvpager.client import Client
+        from kvpager.endpoints import other_process_endpoint
 
         try:
+            endpoint = other_process_endpoint(endpoint)
             token = env.read_token_file(control_token_file) if control_token_file else env.control_token()
             client = Client(endpoint, timeout=timeout, heartbeat=False, map_pool=False, name="kvpager-cli",
                             control_token=token)

@@ -61,6 +61,17 @@ def endpoint_or_default(endpoint: Any, bind: bool = False) -> str:
     return check_endpoint(default_endpoint() if endpoint is None else endpoint, bind=bind)
 
 
+def other_process_endpoint(endpoint: Any, bind: bool = False) -> str:
+    """`endpoint_or_default` for a command of the CLI, which runs in a process of
+    its own: an ``inproc://`` endpoint, which only the process that binds it can
+    reach, refused (a command waited out its timeout there; a daemon served no one)."""
+    endpoint = endpoint_or_default(endpoint, bind=bind)
+    if endpoint.startswith("inproc://"):
+        raise InvalidArgument(f"endpoint {endpoint!r}: inproc:// reaches only a daemon in the same process, and "
+                              "this command runs in a process of its own: give the daemon's ipc:// or tcp:// endpoint")
+    return endpoint
+
+
 def ipc_path(endpoint: str) -> str | None:
     """The socket file of an ``ipc://`` endpoint, else None."""
     return endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else None

@@ -97,6 +97,9 @@ def connect(endpoint: str | None, timeout: float | None, heartbeat: bool = False
     may open past the limit, so an operator can see who holds the sessions (the
     token is not sent otherwise: a wrong one would refuse the read-only commands)."""
     from kvpager.client import Client
+    from kvpager.endpoints import other_process_endpoint
+
+    endpoint = other_process_endpoint(endpoint)
 
     def opened(**token: Any) -> Any:
         return Client(endpoint, timeout=timeout, heartbeat=heartbeat, map_pool=False, name="kvpager-cli", **token)
@@ -138,11 +141,16 @@ def daemon_command(fn: Callable[..., None] | None = None, *, heartbeat: bool = F
 
 
 def emit(as_json: bool, data: object, text: str) -> None:
-    """Print a command's answer; an output that cannot be written (a full disk,
-    a closed terminal) is a one-line error and exit code 1, not a traceback (a
-    closed pipe, `| head`, click ends quietly)."""
+    """Print a command's answer (`write`)."""
+    write(json.dumps(data, indent=2) if as_json else text)
+
+
+def write(text: str) -> None:
+    """Print ``text``; an output that cannot be written (a full disk, a closed
+    terminal) is a one-line error and exit code 1, not a traceback (a closed
+    pipe, `| head`, click ends quietly)."""
     try:
-        click.echo(json.dumps(data, indent=2) if as_json else text)
+        click.echo(text)
     except OSError as e:
         if e.errno == errno.EPIPE:
             raise
@@ -205,13 +213,13 @@ def top(client: Any, as_json: bool, interval: float, iterations: int) -> None:
             cur = view.take(client)
             r = None if prev is None else view.rates(prev, cur)
             if as_json:
-                click.echo(json.dumps({"time": time.time(), "stats": cur.stats.to_dict(),
-                                       "sequences": cur.stats.num_sequences,
-                                       "rates": None if r is None else r.to_dict(),
-                                       "sessions": [vars(s) for s in cur.sessions]}))
+                write(json.dumps({"time": time.time(), "stats": cur.stats.to_dict(),
+                                  "sequences": cur.stats.num_sequences,
+                                  "rates": None if r is None else r.to_dict(),
+                                  "sessions": [vars(s) for s in cur.sessions]}))
             else:
                 size = shutil.get_terminal_size()
-                click.echo("\n".join(view.lines(cur, r, client.endpoint, size.columns, size.lines)) + "\n")
+                write("\n".join(view.lines(cur, r, client.endpoint, size.columns, size.lines)) + "\n")
             n, prev = n + 1, cur
             if iterations and n >= iterations:
                 return

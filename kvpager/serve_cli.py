@@ -149,7 +149,7 @@ def remote_tier(opts: dict[str, Any], spec: Any = None) -> Any:
 @click.option("--events-topic", default="", help="Topic of every event message (default: none, as vLLM).")
 @click.option("--events-format", type=click.Choice(FORMATS), default="map", show_default=True,
               help="map: events as tagged maps (vLLM since mid-2026); array: tagged arrays (earlier vLLM).")
-@click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.option("--dry-run", is_flag=True,
               help="Print the pool these options size (geometry, blocks, the tokens they hold, bytes) and "
                    "exit: nothing allocated, nothing bound.")
@@ -160,7 +160,7 @@ def serve(**opts: Any) -> None:
     SIGTERM, SIGINT or SIGHUP stops it: every session ended, the socket file and
     the shared memory removed, exit status 0. SIGINT and SIGHUP ignored when it
     starts (nohup; a script's background job) stay ignored."""
-    logging.basicConfig(level=opts["log_level"], stream=sys.stderr,
+    logging.basicConfig(level=opts["log_level"].upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SIGTERM / SIGINT / SIGHUP are ours from the start: during start-up they end it
     # through the code that releases what is made (the pool's shared memory, a bound

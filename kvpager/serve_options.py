@@ -58,6 +58,9 @@ def parse_quotas(items: tuple[str, ...]) -> list[tuple[str | None, int]]:
         if not sep or not (blocks.isascii() and blocks.isdigit()):  # isdigit alone takes '²', which int() refuses
             raise click.BadParameter(f"{item!r} is not SALT=BLOCKS (e.g. --quota tenant-a=1024)",
                                      param_hint="--quota")
+        if any(seen == (salt or None) for seen, _ in out):  # (the last one silently won)
+            raise click.BadParameter(f"a second quota for {salt!r}: give each tenant one --quota",
+                                     param_hint="--quota")
         out.append((salt or None, int(blocks)))
     return out
 

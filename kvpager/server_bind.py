@@ -18,11 +18,11 @@ from kvpager.endpoints import (
     bind_lock,
     check_ipc_bind,
     default_endpoint,
-    endpoint_or_default,
     ensure_runtime_dir,
     ipc_path,
     is_local,
     open_socket,
+    other_process_endpoint,
     prepare_ipc_bind,
     socket_file,
     unlink_socket_file,
@@ -107,7 +107,7 @@ def check_before_allocating(endpoint: str | None, token: str | None) -> str:
     port taken (`check_tcp_port`). Once they came only after the pool was
     allocated (a GPU's memory, or /dev/shm, taken and given back for nothing).
     Returns the endpoint (``None``: the default)."""
-    endpoint = endpoint_or_default(endpoint, bind=True)
+    endpoint = other_process_endpoint(endpoint, bind=True)
     refuse_open_tcp(endpoint, token)
     check_ipc_bind(endpoint)  # (first: it makes the default endpoint's private folder)
     check_ipc_place(endpoint)

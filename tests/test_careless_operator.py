@@ -5,7 +5,8 @@ after SIGKILL with ``--memory 90%``, a refusal that came only after the pool
 was allocated, a signal during start-up, `kvpager stats` pointed at another
 program, a message limit no request fits (in the environment, or given to
 `Server`), an IPv6 endpoint, a relative ipc://
-path. Each is refused by name (or served) (or warned about) with nothing left behind,
+path, an inproc:// endpoint given to the CLI, a tenant given two quotas, a
+lower-case log level. Each is refused by name (or served) (or warned about) with nothing left behind,
 and each test once failed; bounded waits, free endpoints."""
 
 from __future__ import annotations
@@ -388,8 +389,36 @@ def test_a_fifo_for_a_token_file_is_refused_not_waited_on(tmp_path):
 def test_an_answer_that_cannot_be_written_is_one_line_and_exit_code_1():
     with running_server(PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=8, block_size=16,
                                  dtype="float32")) as srv, open("/dev/full", "w") as full:
-        for cmd in (["stats"], ["seqs", "--json"], ["sessions"]):
+        # (top's frames were written past the check: a traceback)
+        for cmd in (["stats"], ["seqs", "--json"], ["sessions"], ["top", "--json", "--iterations", "2"],
+                    ["top", "--iterations", "1"]):
             r = subprocess.run([sys.executable, "-m", "kvpager", *cmd, "--endpoint", srv.endpoint],
                                env=subprocess_env(), stdout=full, stderr=subprocess.PIPE, text=True, timeout=WAIT)
             assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
             assert "cannot write the output" in r.stderr
+
+
+def test_an_inproc_endpoint_is_refused_by_the_commands_that_run_in_their_own_process(tmp_path):
+    """inproc:// reaches only the process that binds it: `kvpager stats` waited out its
+    timeout there, and `kvpager serve` served no one, for ever."""
+    started = time.monotonic()
+    r = _invoke(["stats", "--endpoint", "inproc://kv"])
+    assert r.exit_code == 2 and "inproc:// reaches only a daemon in the same process" in r.output, r.output
+    assert time.monotonic() - started < 8  # (its 10 s timeout, before)
+    (tmp_path / "p.json").write_text("[[1, 2, 3]]")
+    r = _invoke(["pin", "--endpoint", "inproc://kv", str(tmp_path / "p.json")])
+    assert r.exit_code not in (0, None) and "inproc://" in r.output, r.output
+    r = _invoke(["serve", *GEOMETRY, "--blocks", "16", "--endpoint", "inproc://kv"])
+    assert r.exit_code not in (0, None) and "inproc:// reaches only" in r.output, r.output
+
+
+def test_a_tenant_given_two_quotas_is_refused():
+    """``--quota a=1 --quota a=2``: the last one won, without a word."""
+    r = _invoke(["serve", *GEOMETRY, "--blocks", "16", "--quota", "a=1", "--quota", "a=2",
+                 "--endpoint", "ipc:///nonexistent-kvpager-folder/kv.sock"])
+    assert r.exit_code == 2 and "a second quota for 'a'" in r.output, r.output
+
+
+def test_a_log_level_in_lower_case_is_taken():
+    r = _invoke(["serve", *GEOMETRY, "--blocks", "16", "--log-level", "debug", "--dry-run"])
+    assert r.exit_code == 0, r.output
