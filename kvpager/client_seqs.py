@@ -9,7 +9,7 @@ round trip. ``tables`` reads that mirror when it holds every sequence asked for.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -264,20 +264,8 @@ class ClientSequences:
 
     def sequences(self) -> list[SequenceInfo]:
         """Every live sequence of every session, in id order (asked a page at a
-        time, so the daemon never spends long on one request; a page may hold
-        fewer than asked, to keep within the message limit, so the pages go on
-        until an empty one)."""
-        out: list[SequenceInfo] = []
-        while True:
-            after = out[-1].seq_id if out else -1
-            page = self._call("sequences", {"after": after, "limit": SEQUENCES_PAGE})
-            if not page:
-                return out
-            infos = [decode_info(d) for d in page]
-            if any(not isinstance(i.seq_id, int) or i.seq_id <= after for i in infos):
-                raise ProtocolError(f"a page of sequences after {after} holds one not after it: no kvpager "
-                                    "daemon's reply (its pages go up)")
-            out.extend(infos)
+        time, so the daemon never spends long on one request: `sequence_pages`)."""
+        return [info for page in sequence_pages(self) for info in page]
 
     def _infos(self, ids: list[int]) -> list[SequenceInfo]:
         """The `SequenceInfo`s of ``ids`` in one request, or in halves where their
@@ -330,6 +318,24 @@ class ClientSequences:
             time.sleep(every)
             self.heartbeat()
         time.sleep(max(0.0, left))
+
+
+def sequence_pages(client: Any, page: int = SEQUENCES_PAGE) -> Iterator[list[SequenceInfo]]:
+    """The live sequences of ``client``'s daemon a page of at most ``page`` at a
+    time, in id order, asked as they are taken (a caller that stops early asks no
+    more). A page may hold fewer than asked, to keep within the message limit, so
+    the pages go on until an empty one; a page whose ids do not go up is no
+    daemon's: `ProtocolError`."""
+    after = -1
+    while True:
+        infos = [decode_info(d) for d in client._call("sequences", {"after": after, "limit": page})]
+        if not infos:
+            return
+        if any(not isinstance(i.seq_id, int) or i.seq_id <= after for i in infos):
+            raise ProtocolError(f"a page of sequences after {after} holds one not after it: no kvpager "
+                                "daemon's reply (its pages go up)")
+        yield infos
+        after = infos[-1].seq_id
 
 
 def one_shot_counts(value: Any) -> Any:

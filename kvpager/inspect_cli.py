@@ -30,6 +30,7 @@ from kvpager.errors import (
     SessionLost,
     Unauthorized,
 )
+from kvpager.protocol_ops import SEQUENCES_PAGE
 
 # exception type -> (exit code, hint: the next thing to try)
 HINTS: list[tuple[type[BaseException], int, str]] = [
@@ -171,10 +172,27 @@ def stats(client: Any, as_json: bool) -> None:
 
 
 @daemon_command
-def seqs(client: Any, as_json: bool) -> None:
+@click.option("--session", "sessions", multiple=True, metavar="NAME",
+              help="Only the sequences of this session (its name, as `kvpager sessions` shows it; repeatable).")
+@click.option("--pid", "pids", multiple=True, type=click.IntRange(min=0),
+              help="Only the sequences of sessions of this client process (repeatable).")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="At most this many sequences, the first in id order (asked no further than needed).")
+def seqs(client: Any, as_json: bool, sessions: tuple[str, ...], pids: tuple[int, ...], limit: int | None) -> None:
     """Sequences with owner session, length, blocks, shared blocks and state."""
-    seq_list = client.sequences()
-    emit(as_json, [render.sequence_dict(s) for s in seq_list], render.sequences_text(seq_list))
+    from kvpager.client_seqs import sequence_pages
+
+    names, procs = set(sessions), set(pids)
+    seq_list: list[Any] = []
+    for page in sequence_pages(client, SEQUENCES_PAGE if limit is None else min(limit, SEQUENCES_PAGE)):
+        seq_list.extend(s for s in page if (not names or s.owner in names) and (not procs or s.owner_pid in procs))
+        if limit is not None and len(seq_list) >= limit:
+            del seq_list[limit:]
+            break
+    text = render.sequences_text(seq_list)
+    if limit is not None and len(seq_list) == limit:
+        text += f"\n(the first {limit}: --limit)"
+    emit(as_json, [render.sequence_dict(s) for s in seq_list], text)
 
 
 @daemon_command

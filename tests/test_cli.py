@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -72,6 +73,37 @@ def test_seqs(daemon):
     assert row_b["state"] == "resident" and row_b["num_tokens"] == 43
     code, out = invoke("seqs", "--endpoint", server.endpoint)
     assert code == 0 and "block table" in out and client.session_name in out and client.session not in out
+
+
+def test_seqs_of_a_session_or_a_process_and_at_most_a_limit():
+    """`kvpager seqs` printed every sequence of the pool (6.4 MB at 100,000, ~9 s):
+    ``--session`` / ``--pid`` keep one session's or process's, ``--limit`` the first
+    ones, asking the daemon no further than it needs."""
+    from kvpager.protocol_ops import SEQUENCES_PAGE
+
+    with running_server() as server, Client(server.endpoint, timeout=10, map_pool=False) as one, \
+            Client(server.endpoint, timeout=10, map_pool=False) as two:
+        [a] = one.allocate([[1, 2, 3]])
+        mine = [a.seq_id, *one.fork(a.seq_id, SEQUENCES_PAGE + 9)[0]]
+        theirs = [b.seq_id for b in two.allocate([[4, 5]] * 3)]
+
+        def rows(*args):
+            code, out = invoke("seqs", "--json", "--endpoint", server.endpoint, *args)
+            assert code == 0, out
+            return [r["seq_id"] for r in json.loads(out)]
+
+        assert rows("--session", two.session_name) == theirs
+        assert rows("--session", two.session_name, "--session", one.session_name) == sorted(mine + theirs)
+        assert rows("--session", "nobody") == []
+        assert rows("--pid", str(os.getpid()), "--limit", "3") == sorted(mine + theirs)[:3]
+        before = server.requests
+        assert rows("--limit", "2") == sorted(mine + theirs)[:2]
+        asked_two = server.requests - before
+        before = server.requests
+        assert len(rows()) == len(mine) + len(theirs)
+        assert asked_two < server.requests - before  # (a page of 2, not every page)
+        code, out = invoke("seqs", "--endpoint", server.endpoint, "--limit", "2")
+        assert code == 0 and "(the first 2: --limit)" in out and len(out.splitlines()) == 5, out
 
 
 def test_blocks_map_shows_shared_runs(daemon):
