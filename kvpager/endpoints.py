@@ -192,6 +192,13 @@ def probe(endpoint: str, timeout: float = 1.0) -> str | None:
     return None
 
 
+def ensure_default_dir(path: str) -> None:
+    """Where ``path`` is the default socket's (in the runtime directory, whatever
+    endpoint named it), that private directory made or checked (`ensure_runtime_dir`)."""
+    if path == os.path.join(env.runtime_dir(), SOCKET_NAME):
+        ensure_runtime_dir(os.path.dirname(path))
+
+
 def check_ipc_bind(endpoint: str) -> str | None:
     """The refusals of `prepare_ipc_bind`, removing nothing: InvalidArgument if a
     daemon already listens at an ipc:// ``endpoint``, or if its path is anything but
@@ -200,8 +207,7 @@ def check_ipc_bind(endpoint: str) -> str | None:
     path = ipc_path(endpoint)
     if path is None:
         return None
-    if path == os.path.join(env.runtime_dir(), SOCKET_NAME):
-        ensure_runtime_dir(os.path.dirname(path))
+    ensure_default_dir(path)
     if not os.path.lexists(path):
         return None
     if not is_socket(path):

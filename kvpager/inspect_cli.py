@@ -183,15 +183,19 @@ def seqs(client: Any, as_json: bool, sessions: tuple[str, ...], pids: tuple[int,
     from kvpager.client_seqs import sequence_pages
 
     names, procs = set(sessions), set(pids)
+    # (pages of the limit and one more where every sequence counts: one request says whether more exist)
+    page_size = SEQUENCES_PAGE if limit is None or names or procs else min(limit + 1, SEQUENCES_PAGE)
     seq_list: list[Any] = []
-    for page in sequence_pages(client, SEQUENCES_PAGE if limit is None else min(limit, SEQUENCES_PAGE)):
+    for page in sequence_pages(client, page_size):
         seq_list.extend(s for s in page if (not names or s.owner in names) and (not procs or s.owner_pid in procs))
-        if limit is not None and len(seq_list) >= limit:
-            del seq_list[limit:]
+        if limit is not None and len(seq_list) > limit:
             break
+    more = limit is not None and len(seq_list) > limit
+    if more:
+        del seq_list[limit:]
     text = render.sequences_text(seq_list)
-    if limit is not None and len(seq_list) == limit:
-        text += f"\n(the first {limit}: --limit)"
+    if more:
+        text += f"\n(the first {limit}, more not shown: --limit)"
     emit(as_json, [render.sequence_dict(s) for s in seq_list], text)
 
 

@@ -17,8 +17,7 @@ from kvpager import protocol
 from kvpager.endpoints import (
     bind_lock,
     check_ipc_bind,
-    default_endpoint,
-    ensure_runtime_dir,
+    ensure_default_dir,
     ipc_path,
     is_local,
     open_socket,
@@ -272,8 +271,7 @@ class Binding:
                 self._socket_file = None
             return
         try:
-            if self.endpoint == default_endpoint():  # (its private folder, made again where it is gone)
-                ensure_runtime_dir(os.path.dirname(path))
+            ensure_default_dir(path)  # (the default socket's private folder, made again where it is gone)
             with bind_lock(self.endpoint, wait=0.0):
                 if os.path.lexists(path):  # (bound by another daemon as this one took the lock)
                     return

@@ -92,6 +92,9 @@ def test_seqs_of_a_session_or_a_process_and_at_most_a_limit():
             assert code == 0, out
             return [r["seq_id"] for r in json.loads(out)]
 
+        before = server.requests
+        assert rows("--session", two.session_name, "--limit", "1") == theirs[:1]
+        assert server.requests - before <= 4  # (whole pages where a filter drops sequences, not pages of 1)
         assert rows("--session", two.session_name) == theirs
         assert rows("--session", two.session_name, "--session", one.session_name) == sorted(mine + theirs)
         assert rows("--session", "nobody") == []
@@ -103,7 +106,10 @@ def test_seqs_of_a_session_or_a_process_and_at_most_a_limit():
         assert len(rows()) == len(mine) + len(theirs)
         assert asked_two < server.requests - before  # (a page of 2, not every page)
         code, out = invoke("seqs", "--endpoint", server.endpoint, "--limit", "2")
-        assert code == 0 and "(the first 2: --limit)" in out and len(out.splitlines()) == 5, out
+        assert code == 0 and "(the first 2, more not shown: --limit)" in out and len(out.splitlines()) == 5, out
+        for args in (["--limit", "3", "--session", two.session_name], ["--limit", str(len(mine) + 3)]):
+            code, out = invoke("seqs", "--endpoint", server.endpoint, *args)
+            assert code == 0 and "more not shown" not in out, out  # (no more than shown)
 
 
 def test_blocks_map_shows_shared_runs(daemon):

@@ -9,6 +9,7 @@ one slot a row past what the cache counts, nor anything after it closes."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -261,3 +262,68 @@ def test_a_pass_its_inputs_refute_runs_again_read_first(taken, monkeypatch):
         pool.check_integrity()
     assert confirmed == [True, False, True]  # (the 3rd decode pass, the padded one, the 7th)
     assert_released(pool)
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_a_pass_that_fails_before_its_launch_gives_its_slots_back(taken, monkeypatch, ahead):
+    """A failure making the pass's batch (a device allocation: out of memory, an
+    interrupt), in the pass taken ahead or in any pass begun, left its rows a slot past
+    the cache's count, for good: the next pass appended after it (other logits than
+    transformers'). Each row is at its count now, and the next pass transformers'."""
+    model = make_model("llama")
+    pool = pool_for(model, 512)
+    ids, mask = padded_batch(2, (0, 0))
+    dyn = transformers.DynamicCache()
+    real = cache_pass.pass_batch
+
+    def step(cache, tokens, m):
+        return model(input_ids=tokens, attention_mask=m, use_cache=True, **cache_kw(model, cache)).logits[:, -1]
+
+    def failing(*args):
+        raise RuntimeError("out of memory")
+
+    with torch.no_grad(), PagedCache(model, pool) as cache:
+        if not ahead:
+            cache._ahead.enabled = False
+        m = mask
+        for c in (dyn, cache):
+            step(c, ids, m)
+        tok = ids[:, -1:]
+        for _ in range(3):
+            m = torch.cat([m, torch.ones_like(tok)], 1)
+            step(dyn, tok, m), step(cache, tok, m)
+        monkeypatch.setattr(cache_pass, "pass_batch", failing)
+        m = torch.cat([m, torch.ones_like(tok)], 1)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            step(cache, tok, m)
+        monkeypatch.setattr(cache_pass, "pass_batch", real)
+        assert held(pool, cache) == [cache.get_seq_length()] * 2 == [PROMPT + 3] * 2
+        torch.testing.assert_close(step(cache, tok, m), step(dyn, tok, m), rtol=1e-4, atol=1e-4)
+        pool.check_integrity()
+    assert_released(pool)
+
+
+def test_a_launched_pass_is_undone_once_the_device_ran_it(monkeypatch):
+    """A pass taken ahead is launched before its inputs are read; one they refute (or
+    that raises) gives its slots back. On a GPU that waits for the device first: a block
+    freed while a kernel may still write it could go to a worker of another process
+    mapping the pool, its K/V overwritten late."""
+    from kvpager.hf.cache_rows import CacheRows, Step
+
+    order = []
+
+    class Pool:
+        def truncate(self, ids, lens):
+            order.append(("truncate", list(ids), list(lens)))
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: order.append(("synchronize", str(device))))
+    rows = CacheRows(Pool(), None)
+    rows.start(2)
+    rows.seq_ids[:] = [7, 8]
+    step = Step(None, np.arange(2), np.ones(2, dtype=np.int64), 1, False, [], np.ones(2, dtype=bool),
+                appended=True)
+    rows.undo(step, launched_on=torch.device("cuda", 1))
+    assert order == [("synchronize", "cuda:1"), ("truncate", [7, 8], [0, 0])]
+    order.clear()
+    rows.undo(step, launched_on=torch.device("cpu"))  # (nothing queued on a device to wait for)
+    assert order == [("truncate", [7, 8], [0, 0])]

@@ -200,6 +200,24 @@ def test_a_socket_file_removed_while_serving_is_made_again(caplog):
         shutil.rmtree(d, ignore_errors=True)
 
 
+def test_a_socket_file_named_by_the_environment_is_made_again(monkeypatch):
+    """The daemon's endpoint from KVPAGER_ENDPOINT, in a folder of mode 0755: the file
+    was taken for the default one's, its folder checked as the private runtime
+    folder and refused (an error in the log), and never made again."""
+    endpoint, d = ipc_endpoint()
+    os.chmod(d, 0o755)
+    monkeypatch.setenv("KVPAGER_ENDPOINT", endpoint)
+    path = endpoint[len("ipc://"):]
+    try:
+        with running_server(SMALL, endpoint):
+            os.unlink(path)
+            assert wait_until(lambda: os.path.exists(path), WAIT)
+            with Client(endpoint, timeout=5) as late:
+                assert late.stats().num_sequences == 0
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def test_a_socket_file_that_cannot_be_made_again_is_said_once(caplog):
     """Its folder removed with it (a login session's runtime folder): said once, in the
     log, and the clients connected are served on; made again once the folder is back."""

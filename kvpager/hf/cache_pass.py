@@ -89,7 +89,7 @@ def begin(cache: Any, named: dict[str, Any], keep: int | None) -> Step:
             if ahead is None:
                 flat = cache.pool.append_flat(ids, width, tokens)
             else:
-                step.record = (ids, tokens)  # (recorded once the pass is launched: `PagedCache._run`)
+                step.record = (ids, tokens)  # (recorded once the pass is launched: `PagedCache._launch`)
                 flat = ahead.slots
             step.decode = width == 1
             if cache._graphs is not None and keep == 1 and width == 1:
@@ -116,11 +116,11 @@ def begin(cache: Any, named: dict[str, Any], keep: int | None) -> Step:
             plan = cache._plans.plan([cache.seq_ids[r] for r in live], fed[live],
                                     np.concatenate([parts[r][len(parts[r]) - fed[r]:] for r in live]),
                                     int((cache._rows.lens[live] + counts[live]).max()))
+        step.batch = pass_batch(cache, plan, real, torch.arange(width, device=input_ids.device).expand(rows, width)) \
+            if cut is None else pass_batch(cache, plan, cut.real, cut.columns)
     except BaseException:
         cache._rows.undo(step)
         raise
-    step.batch = pass_batch(cache, plan, real, torch.arange(width, device=input_ids.device).expand(rows, width)) \
-        if cut is None else pass_batch(cache, plan, cut.real, cut.columns)
     return step
 
 
@@ -140,17 +140,22 @@ def ahead_pass(cache: Any, named: dict[str, Any], keep: int | None) -> Step | No
     if not replay and a.plan is None:
         return None
     later = cache_mask.read_later(named.get("attention_mask"), input_ids, positions, rows.columns)
-    cache._ahead.ahead = None  # (the pass's own now: a failure truncates its rows)
     n = len(a.seq_ids)
     real = np.ones((n, 1), dtype=bool)
     step = Step(None, np.arange(n), np.ones(n, dtype=np.int64), 1, False, [], np.ones(n, dtype=bool),
                 appended=True, real=real, decode=True)
     step.confirm = later
-    if replay:
-        positions = torch.full((n, 1), rows.columns, device=input_ids.device) if positions is None else positions
-        step.replay = (list(a.seq_ids), input_ids, positions, a.slots, a.longest, a.graph)
-    else:
-        step.batch = pass_batch(cache, a.plan, real, torch.zeros((n, 1), dtype=torch.long, device=input_ids.device))
+    cache._ahead.ahead = None  # (the pass's own now: a failure from here on truncates its rows)
+    try:
+        if replay:
+            positions = torch.full((n, 1), rows.columns, device=input_ids.device) if positions is None else positions
+            step.replay = (list(a.seq_ids), input_ids, positions, a.slots, a.longest, a.graph)
+        else:
+            step.batch = pass_batch(cache, a.plan, real, torch.zeros((n, 1), dtype=torch.long,
+                                                                     device=input_ids.device))
+    except BaseException:
+        cache._rows.undo(step)
+        raise
     return step
 
 

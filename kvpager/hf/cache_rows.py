@@ -226,9 +226,14 @@ class CacheRows:
                 self.pool.release_before([self.seq_ids[r] for r in gone], ends.tolist())
                 self.floors[gone] = ends
 
-    def undo(self, step: Step) -> None:
+    def undo(self, step: Step, launched_on: Any = None) -> None:
         """Take back what a pass that did not run did: its fresh rows' sequences
-        freed, the others' appended tokens cut off."""
+        freed, the others' appended tokens cut off. ``launched_on``: the device a
+        pass launched (wholly or in part) runs on, waited for first: no block it
+        writes goes back to the pool while a kernel may still write it (a worker of
+        another process mapping the pool could take it)."""
+        if launched_on is not None and launched_on.type == "cuda":
+            torch.cuda.synchronize(launched_on)
         fresh = [s for r in step.fresh if (s := self.seq_ids[r]) is not None]
         for r in step.fresh:
             self.seq_ids[r] = None

@@ -292,3 +292,14 @@ def _fill(static: torch.Tensor, values: torch.Tensor) -> None:
     n = values.shape[1]
     static[0, :n] = values[0]
     static[0, n:] = 0
+
+
+def __getattr__(name: str) -> Any:
+    """`CapturedSteps`, moved to `kvpager.hf.captured_steps`, still answered here
+    (for code that imports it from this module; read when asked: that module
+    imports this one)."""
+    if name == "CapturedSteps":
+        from kvpager.hf.captured_steps import CapturedSteps
+
+        return CapturedSteps
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

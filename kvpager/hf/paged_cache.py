@@ -315,10 +315,10 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                 try:
                     confirmed = cache_pass.confirm(self, step, named)
                 except BaseException:
-                    self._rows.undo(step)
+                    self._rows.undo(step, launched_on=input_ids.device)
                     raise
                 if not confirmed:  # (its slots given back: the pass runs again, its inputs read first)
-                    self._rows.undo(step)
+                    self._rows.undo(step, launched_on=input_ids.device)
                     self._ahead.decodes, step = 0, None
             if step is None:
                 step = cache_pass.begin(self, named, keep)
@@ -349,7 +349,7 @@ class PagedCache(Cache if Cache is not None else object):  # type: ignore[misc]
                 self.pool.record_tokens(*step.record)
             return out
         except BaseException:
-            self._rows.undo(step)
+            self._rows.undo(step, launched_on=device)
             raise
         finally:
             self._step = None

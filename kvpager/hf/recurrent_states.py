@@ -246,7 +246,7 @@ class States:
     def load(self, tensors: Sequence[torch.Tensor], n: int) -> None:
         """Another batch's ``n`` rows (the first rows of ``tensors``, one a state, as
         `fits`) copied into these tensors in place, the rows past them zeroed (a kept
-        CUDA graph reads them where they are: `kvpager.hf.graphs.CapturedSteps`); the
+        CUDA graph reads them where they are: `kvpager.hf.captured_steps.CapturedSteps`); the
         rows are that batch's from here on, none marked."""
         with torch.inference_mode():  # (the states may be a pass's own, made in inference mode)
             for full, src in zip(self.tensors, tensors):
