@@ -272,7 +272,8 @@ def _start(opts: dict[str, Any], made: list[Any]) -> Any:
                 log.warning("%s", why)
         limits = Limits.from_env(**{f.name: opts[f"max_{f.name}"] for f in dataclasses.fields(Limits)})
         metrics_port = opts["metrics_port"] if opts["metrics_port"] is not None else env.metrics_port()
-        check_before_allocating(opts["endpoint"], token)
+        check_before_allocating(opts["endpoint"], token,
+                                None if metrics_port is None else (opts["metrics_host"], metrics_port))
         soft, _ = raise_open_files_limit()  # (a file descriptor a connection)
         limits = sessions_within_open_files(limits, soft)
         spec = build_spec(opts, device, devices)

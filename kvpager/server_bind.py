@@ -98,12 +98,13 @@ def sessions_within_open_files(limits: Limits, soft: int) -> Limits:
     return dataclasses.replace(limits, sessions=room)
 
 
-def check_before_allocating(endpoint: str | None, token: str | None) -> str:
+def check_before_allocating(endpoint: str | None, token: str | None, metrics: tuple[str, int] | None = None) -> str:
     """The refusals of `Binding.bind` that need no socket, for `kvpager serve` to
     say before it allocates the pool: a malformed endpoint, TCP beyond loopback
     without a token, an ipc:// path that is no socket or where a daemon listens
     (`check_ipc_bind`) or where no socket can be made (`check_ipc_place`), a tcp
-    port taken (`check_tcp_port`). Once they came only after the pool was
+    port taken (`check_tcp_port`), the metrics server's port taken (``metrics``:
+    its host and port, `check_port_free`). Once they came only after the pool was
     allocated (a GPU's memory, or /dev/shm, taken and given back for nothing).
     Returns the endpoint (``None``: the default)."""
     endpoint = other_process_endpoint(endpoint, bind=True)
@@ -111,6 +112,9 @@ def check_before_allocating(endpoint: str | None, token: str | None) -> str:
     check_ipc_bind(endpoint)  # (first: it makes the default endpoint's private folder)
     check_ipc_place(endpoint)
     check_tcp_port(endpoint)
+    if metrics is not None:  # (its server bound after the pool is made: a taken port found there once)
+        host, port = metrics
+        check_port_free(host, port, f"the metrics server's {host}:{port}", "--metrics-port")
     return endpoint
 
 
@@ -123,11 +127,17 @@ def check_tcp_port(endpoint: str) -> None:
     if not endpoint.startswith("tcp://"):
         return
     host, _, port = endpoint[len("tcp://"):].rpartition(":")
-    if port == "0":
+    check_port_free("" if host == "*" else host.strip("[]"), int(port), endpoint, "--endpoint")
+
+
+def check_port_free(host: str, port: int, what: str, option: str) -> None:
+    """InvalidArgument if TCP ``port`` of ``host`` ("": every address) is taken (as
+    `check_tcp_port`; ``what`` and ``option`` name it: the endpoint's, the metrics
+    server's). Port 0 (any free one) and a host that does not resolve here pass."""
+    if port == 0:
         return
-    host = "" if host == "*" else host.strip("[]")
     try:
-        addresses = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (OSError, UnicodeError):
         return
     for family, kind, proto, _, address in addresses:
@@ -141,8 +151,8 @@ def check_tcp_port(endpoint: str) -> None:
                 probe.bind(address)
             except OSError as e:
                 if e.errno == errno.EADDRINUSE:
-                    raise InvalidArgument(f"cannot bind {endpoint}: the port is taken (another daemon, or another "
-                                          "program, listens there): choose another --endpoint") from None
+                    raise InvalidArgument(f"cannot bind {what}: the port is taken (another daemon, or another "
+                                          f"program, listens there): choose another {option}") from None
 
 
 def check_ipc_place(endpoint: str) -> None:

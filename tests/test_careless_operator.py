@@ -146,6 +146,20 @@ def test_a_refusal_of_the_endpoint_comes_before_the_pool_is_allocated():
     assert r.exit_code not in (0, None) and "token" in r.output and "shared memory" not in r.output, r.output
 
 
+def test_a_taken_metrics_port_is_refused_before_the_pool_is_allocated(tmp_path):
+    """Another program on --metrics-port: said only once the pool was made (a GPU's
+    memory, or /dev/shm, taken and given back for nothing); here before a pool /dev/shm
+    cannot hold is asked for."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = _invoke(["serve", *GEOMETRY, "--blocks", "99999999999", "--endpoint", f"ipc://{tmp_path}/kv.sock",
+                     "--metrics-port", str(port)])
+    assert r.exit_code not in (0, None) and f"the metrics server's 127.0.0.1:{port}: the port is taken" in r.output \
+        and "--metrics-port" in r.output and "shared memory" not in r.output, r.output
+
+
 def _segments(pid: int) -> list[str]:
     return [n for n in os.listdir("/dev/shm") if n.startswith(f"kvp{pid}_")]
 
