@@ -79,11 +79,17 @@ def fail(e: BaseException) -> None:
                 hint = CONTROL_HINT
             elif isinstance(e, LimitExceeded) and "sessions open at once" in str(e):
                 hint = SESSIONS_HINT
+            elif isinstance(e, LimitExceeded) and getattr(e, "limit", None) == "check_share":
+                hint = CHECK_HINT
             click.echo(f"error: {e}", err=True)
             click.echo(f"next: {hint}", err=True)
             sys.exit(code)
     raise e
 
+
+#: the hint where the daemon asked a check to wait longer than the command's timeout
+CHECK_HINT = ("the daemon holds checks to a share of its time (a large pool's check takes long): run it again "
+              "after the wait it names, or give --timeout more than that wait")
 
 #: the hint where hello found every session taken (the daemon's message says how many)
 SESSIONS_HINT = ("every session the daemon allows is open: set KVPAGER_CONTROL_TOKEN (or KVPAGER_CONTROL_TOKEN_FILE) "

@@ -168,3 +168,15 @@ def test_check_fails_with_exit_code_one_on_a_broken_pool():
         code, out = invoke("check", "--endpoint", server.endpoint)
         assert code == 1 and "FAILED" in out and "ref_cnt 2" in out
         server.pool.manager.pool.ref_cnt[a.block_table[0]] -= 1
+
+
+def test_a_check_told_to_wait_past_its_timeout_says_so():
+    """The daemon asked the check to wait longer than the command's --timeout: the
+    hint said only "see `kvpager --help`"."""
+    import time
+
+    with running_server() as server:
+        server._check_took, server._check_after = 10.0, time.monotonic() + 100.0  # (as after a 10 s check)
+        result = CliRunner().invoke(main, ["check", "--endpoint", server.endpoint, "--timeout", "2"])
+    assert result.exit_code == 2, result.output
+    assert "try again in" in result.output and "holds checks to a share of its time" in result.output, result.output
