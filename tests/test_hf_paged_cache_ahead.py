@@ -9,6 +9,8 @@ one slot a row past what the cache counts, nor anything after it closes."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -226,6 +228,24 @@ def test_a_pass_that_fails_gives_its_slots_back(model, taken, monkeypatch):
     assert_released(pool)
 
 
+def last_logits(model, cache, tokens, m):
+    """One pass of ``model`` over ``cache`` (a PagedCache or transformers' own): its last logits."""
+    return model(input_ids=tokens, attention_mask=m, use_cache=True, **cache_kw(model, cache)).logits[:, -1]
+
+
+def three_decode_passes(model, caches, ids, mask):
+    """The prompt pass and three decode passes on each of ``caches`` (the third a
+    PagedCache's first taken ahead); the mask and the token fed."""
+    for c in caches:
+        last_logits(model, c, ids, mask)
+    tok = ids[:, -1:]
+    for _ in range(3):
+        mask = torch.cat([mask, torch.ones_like(tok)], 1)
+        for c in caches:
+            last_logits(model, c, tok, mask)
+    return mask, tok
+
+
 def test_a_pass_its_inputs_refute_runs_again_read_first(taken, monkeypatch):
     """A pass of one token a row, begun on the slots taken ahead before its inputs were read,
     whose mask then says otherwise (a row's token is padding) is undone and runs again as any
@@ -238,18 +258,10 @@ def test_a_pass_its_inputs_refute_runs_again_read_first(taken, monkeypatch):
     monkeypatch.setattr(cache_pass, "confirm", lambda *a: confirmed.append(confirm(*a)) or confirmed[-1])
     ids, mask = padded_batch(2, (0, 0))
     dyn = transformers.DynamicCache()
-
-    def step(cache, tokens, m):
-        return model(input_ids=tokens, attention_mask=m, use_cache=True, **cache_kw(model, cache)).logits[:, -1]
+    step = functools.partial(last_logits, model)
 
     with torch.no_grad(), PagedCache(model, pool) as cache:
-        m = mask
-        for c in (dyn, cache):
-            step(c, ids, m)
-        tok = ids[:, -1:]
-        for _ in range(3):
-            m = torch.cat([m, torch.ones_like(tok)], 1)
-            step(dyn, tok, m), step(cache, tok, m)
+        m, tok = three_decode_passes(model, (dyn, cache), ids, mask)
         assert held(pool, cache) == [cache.get_seq_length() + 1] * 2  # (a slot a row ahead)
         m = torch.cat([m, torch.tensor([[1], [0]])], 1)  # row 1's token: padding
         ref, got = step(dyn, tok, m), step(cache, tok, m)
@@ -275,9 +287,7 @@ def test_a_pass_that_fails_before_its_launch_gives_its_slots_back(taken, monkeyp
     ids, mask = padded_batch(2, (0, 0))
     dyn = transformers.DynamicCache()
     real = cache_pass.pass_batch
-
-    def step(cache, tokens, m):
-        return model(input_ids=tokens, attention_mask=m, use_cache=True, **cache_kw(model, cache)).logits[:, -1]
+    step = functools.partial(last_logits, model)
 
     def failing(*args):
         raise RuntimeError("out of memory")
@@ -285,13 +295,7 @@ def test_a_pass_that_fails_before_its_launch_gives_its_slots_back(taken, monkeyp
     with torch.no_grad(), PagedCache(model, pool) as cache:
         if not ahead:
             cache._ahead.enabled = False
-        m = mask
-        for c in (dyn, cache):
-            step(c, ids, m)
-        tok = ids[:, -1:]
-        for _ in range(3):
-            m = torch.cat([m, torch.ones_like(tok)], 1)
-            step(dyn, tok, m), step(cache, tok, m)
+        m, tok = three_decode_passes(model, (dyn, cache), ids, mask)
         monkeypatch.setattr(cache_pass, "pass_batch", failing)
         m = torch.cat([m, torch.ones_like(tok)], 1)
         with pytest.raises(RuntimeError, match="out of memory"):
