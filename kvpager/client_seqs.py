@@ -320,15 +320,16 @@ class ClientSequences:
         time.sleep(max(0.0, left))
 
 
-def sequence_pages(client: Any, page: int = SEQUENCES_PAGE) -> Iterator[list[SequenceInfo]]:
-    """The live sequences of ``client``'s daemon a page of at most ``page`` at a
-    time, in id order, asked as they are taken (a caller that stops early asks no
-    more). A page may hold fewer than asked, to keep within the message limit, so
-    the pages go on until an empty one; a page whose ids do not go up is no
-    daemon's: `ProtocolError`."""
+def sequence_pages(client: Any, page: int = SEQUENCES_PAGE, owner: str | None = None) -> Iterator[list[SequenceInfo]]:
+    """The live sequences of ``client``'s daemon (``owner``: of the session of that
+    name alone) a page of at most ``page`` at a time, in id order, asked as they are
+    taken (a caller that stops early asks no more). A page may hold fewer than
+    asked, to keep within the message limit, so the pages go on until an empty one;
+    a page whose ids do not go up is no daemon's: `ProtocolError`."""
     after = -1
+    ask: dict[str, Any] = {"limit": page} if owner is None else {"limit": page, "owner": owner}
     while True:
-        infos = [decode_info(d) for d in client._call("sequences", {"after": after, "limit": page})]
+        infos = [decode_info(d) for d in client._call("sequences", {**ask, "after": after})]
         if not infos:
             return
         if any(not isinstance(i.seq_id, int) or i.seq_id <= after for i in infos):

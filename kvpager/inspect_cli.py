@@ -188,14 +188,19 @@ def seqs(client: Any, as_json: bool, sessions: tuple[str, ...], pids: tuple[int,
     """Sequences with owner session, length, blocks, shared blocks and state."""
     from kvpager.client_seqs import sequence_pages
 
-    names, procs = set(sessions), set(pids)
+    procs = set(pids)
     # (pages of the limit and one more where every sequence counts: one request says whether more exist)
-    page_size = SEQUENCES_PAGE if limit is None or names or procs else min(limit + 1, SEQUENCES_PAGE)
+    page_size = SEQUENCES_PAGE if limit is None or procs else min(limit + 1, SEQUENCES_PAGE)
     seq_list: list[Any] = []
-    for page in sequence_pages(client, page_size):
-        seq_list.extend(s for s in page if (not names or s.owner in names) and (not procs or s.owner_pid in procs))
-        if limit is not None and len(seq_list) > limit:
-            break
+    for owner in dict.fromkeys(sessions) or [None]:  # (a session's pages: the daemon picks them out)
+        got: list[Any] = []
+        for page in sequence_pages(client, page_size, owner):
+            got.extend(s for s in page if not procs or s.owner_pid in procs)
+            if limit is not None and len(got) > limit:
+                break
+        seq_list.extend(got)
+    if len(sessions) > 1:
+        seq_list.sort(key=lambda s: s.seq_id)
     more = limit is not None and len(seq_list) > limit
     if more:
         del seq_list[limit:]
