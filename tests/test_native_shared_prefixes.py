@@ -226,3 +226,21 @@ def test_a_read_only_output_is_refused():
     own.flags.writeable = False
     with pytest.raises((TypeError, BufferError, ValueError)):
         call(own=own)
+
+
+def test_member_rows_past_int32_are_refused_before_any_arithmetic():
+    """``levels`` x rows past int32 (the segments' member offsets are int32): refused by
+    name before the walk, nothing written. The rows hold no blocks (width 0), so the
+    arrays of 2**25 + 1 rows are never read: the refusal comes first."""
+    n = 2**25 + 1  # x 64 levels: 2**31 + 64 member rows
+    own = np.zeros(n, np.int32)
+    with pytest.raises(ValueError, match="member rows past int32"):
+        COMPILED(np.zeros((n, 0), np.int32), np.zeros(n, np.int32), None, 16, 64, 2, 1,
+                 np.zeros((1, SEGMENT_FIELDS), np.int32), np.zeros(1, np.int32), own)
+    assert not own.any()
+    # (below the bound, the same rows get as far as the outputs' size)
+    with pytest.raises(ValueError, match="segments and members need levels"):
+        COMPILED(np.zeros((n, 0), np.int32), np.zeros(n, np.int32), None, 16, 63, 2, 1,
+                 np.zeros((1, SEGMENT_FIELDS), np.int32), np.zeros(1, np.int32), own)
+    # the Python side does not hand such a call to the compiled search
+    assert cascade._native_takes(np.zeros((n, 0), np.int32), np.zeros(n, np.int32), None, 16, 64, 2, 1) is None
