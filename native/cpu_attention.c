@@ -152,10 +152,16 @@ static PyObject *attend(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     int64_t *starts = NULL;
     if (get(kv_o, &kv, 6, items[kind], 0, "kv") < 0 || get_opt(lut_o, &lut, 1, 4, 0, kind < 2, "lut") < 0 ||
-        get(q_o, &q, 3, 4, 0, "q") < 0 || get(tab_o, &tab, 2, 4, 0, "tables") < 0 ||
-        get(sl_o, &sl, 1, 8, 0, "seq_lens") < 0 || get(ql_o, &ql, 1, 8, 0, "query_lens") < 0 ||
-        get(out_o, &out, 3, 4, 1, "out") < 0 || get_opt(sc_o, &sc, 3, 4, 0, 1, "scales") < 0 ||
+        get_floats(q_o, &q, 3, 0, "q") < 0 || get_ints(tab_o, &tab, 2, 4, 0, "tables") < 0 ||
+        get_ints(sl_o, &sl, 1, 8, 0, "seq_lens") < 0 || get_ints(ql_o, &ql, 1, 8, 0, "query_lens") < 0 ||
+        get_floats(out_o, &out, 3, 1, "out") < 0 || get_opt(sc_o, &sc, 3, 4, 0, 1, "scales") < 0 ||
         get_opt(sk_o, &sk, 1, 4, 0, 1, "sinks") < 0) {
+        goto done;
+    }
+    /* (the optional float32 arrays: an int32 one of the same item size was read as floats) */
+    if ((lut.held && of_codes(&lut, "f", "float32", "lut") < 0) ||
+        (sc.held && of_codes(&sc, "f", "float32", "scales") < 0) ||
+        (sk.held && of_codes(&sk, "f", "float32", "sinks") < 0)) {
         goto done;
     }
     Call c = {0};

@@ -110,14 +110,14 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "decode step: shift out of range");
         return NULL;
     }
-    if (get(o_rows, &rows, 1, 8, 0, "rows") < 0 || get(o_data, &data, 2, 8, 1, "row_data") < 0 ||
-        get(o_ref, &ref, 1, 4, 0, "ref_cnt") < 0 || get(o_slots, &slots, 1, 8, 1, "slots") < 0) {
+    if (get_ints(o_rows, &rows, 1, 8, 0, "rows") < 0 || get_ints(o_data, &data, 2, 8, 1, "row_data") < 0 ||
+        get_ints(o_ref, &ref, 1, 4, 0, "ref_cnt") < 0 || get_ints(o_slots, &slots, 1, 8, 1, "slots") < 0) {
         goto done;
     }
     if (o_cached != Py_None && get(o_cached, &cached, 1, 1, 0, "cached") < 0) {
         goto done;
     }
-    if (o_old != Py_None && get(o_old, &old, 1, 8, 1, "old_tokens") < 0) {
+    if (o_old != Py_None && get_ints(o_old, &old, 1, 8, 1, "old_tokens") < 0) {
         goto done;
     }
     Py_ssize_t n = ROWS(rows), ncols = data.view.shape[1], nblocks = ROWS(ref);
@@ -197,9 +197,9 @@ static PyObject *place(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "decode step: shift out of range");
         return NULL;
     }
-    if (get(o_rows, &rows, 1, 8, 0, "rows") < 0 || get(o_data, &data, 2, 8, 1, "row_data") < 0 ||
-        get(o_ref, &ref, 1, 4, 0, "ref_cnt") < 0 || get(o_table, &table, 2, 4, 1, "table") < 0 ||
-        get(o_new, &fresh, 1, 8, 0, "new") < 0 || get(o_slots, &slots, 1, 8, 1, "slots") < 0) {
+    if (get_ints(o_rows, &rows, 1, 8, 0, "rows") < 0 || get_ints(o_data, &data, 2, 8, 1, "row_data") < 0 ||
+        get_ints(o_ref, &ref, 1, 4, 0, "ref_cnt") < 0 || get_ints(o_table, &table, 2, 4, 1, "table") < 0 ||
+        get_ints(o_new, &fresh, 1, 8, 0, "new") < 0 || get_ints(o_slots, &slots, 1, 8, 1, "slots") < 0) {
         goto done;
     }
     Py_ssize_t n = ROWS(rows), ncols = data.view.shape[1], nblocks = ROWS(ref);

@@ -181,6 +181,12 @@ def call(kv, q, tables, lens, qlens, out, **kw):
     ("out of the wrong shape", ValueError),
     ("int32 lengths", TypeError),
     ("read-only out", (TypeError, ValueError, BufferError)),
+    # arrays of another kind, the same item size (read as the right one before)
+    ("float32 tables", TypeError),
+    ("float64 lengths", TypeError),
+    ("uint64 query lengths", TypeError),
+    ("int32 queries", TypeError),
+    ("int32 sinks", TypeError),
 ])
 def test_a_wrong_call_raises_and_writes_nothing(case, error):
     rng = np.random.default_rng(5)
@@ -208,6 +214,16 @@ def test_a_wrong_call_raises_and_writes_nothing(case, error):
         lens = lens.astype(np.int32)
     elif case == "read-only out":
         out.flags.writeable = False
+    elif case == "float32 tables":
+        tables = tables.astype(np.float32)
+    elif case == "float64 lengths":
+        lens = lens.astype(np.float64)
+    elif case == "uint64 query lengths":
+        qlens = qlens.astype(np.uint64)
+    elif case == "int32 queries":
+        q = q.view(np.int32)
+    elif case == "int32 sinks":
+        kw["sinks"] = np.zeros(4, np.int32)
     with pytest.raises(error):
         call(kv, q, tables, lens, qlens, out, **kw)
     assert (out == 7.0).all()

@@ -127,7 +127,7 @@ def test_every_branch_is_taken():
 
 
 def test_bad_arguments_raise_and_change_nothing():
-    """The C functions check what they are given: item sizes, contiguity, rows and
+    """The C functions check what they are given: item sizes and kinds, contiguity, rows and
     blocks in range, a table wide enough, as many new blocks as needed. A failed
     call leaves every array as it was."""
     m = KVPool(SPEC).manager
@@ -155,6 +155,12 @@ def test_bad_arguments_raise_and_change_nothing():
         ((rows, bt.row_data[:, ::2], LAST, bp.ref_cnt, None, 3, slots, None), (BufferError, ValueError)),
         ((rows, read_only, LAST, bp.ref_cnt, None, 3, slots, None), (BufferError, ValueError)),
         ((np.array([1, 1], np.int64), bt.row_data, LAST, bp.ref_cnt, None, 3, slots, None), ValueError),
+        # another kind of the same item size: read as ids and counts before
+        ((rows.astype(np.float64), bt.row_data, LAST, bp.ref_cnt, None, 3, slots, None), TypeError),
+        ((rows.astype(np.uint64), bt.row_data, LAST, bp.ref_cnt, None, 3, slots, None), TypeError),
+        ((rows, bt.row_data, LAST, bp.ref_cnt.astype(np.float32), None, 3, slots, None), TypeError),
+        ((rows, bt.row_data, LAST, bp.ref_cnt, None, 3, np.zeros(2, np.float64), None), TypeError),
+        ((rows, bt.row_data, LAST, bp.ref_cnt, None, 3, slots, np.zeros(2, np.float64)), TypeError),
     ]
     for args, err in bad_scans:
         with pytest.raises(err):
@@ -177,6 +183,9 @@ def test_bad_arguments_raise_and_change_nothing():
         # a one-column table and read a new block past ``new``.
         ((np.array([1] * 7, np.int64), bt.row_data, LAST, bp.ref_cnt, bt.table[:, :1].copy(), 3,
           np.zeros(0, np.int64), np.zeros(7, np.int64)), ValueError),
+        ((rows, bt.row_data, LAST, bp.ref_cnt, bt.table, 3, np.array([7], np.float64), slots), TypeError),
+        ((rows, bt.row_data, LAST, bp.ref_cnt, bt.table.view(np.float32), 3, np.array([7], np.int64), slots),
+         TypeError),
     ]
     for args, err in bad_places:
         with pytest.raises(err):
