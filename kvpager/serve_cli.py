@@ -212,11 +212,21 @@ def _announce(line: str) -> None:
         click.echo(line, err=True)
 
 
+def warn_pin_cap(opts: dict[str, Any], spec: Any) -> None:
+    """Say where ``--max-pinned-blocks`` caps nothing: at least the pool's blocks
+    (block 0 is never handed out), pins may hold every block, none left to serve."""
+    cap = opts["max_pinned_blocks"]
+    if cap is not None and cap >= spec.num_blocks:
+        log.warning("--max-pinned-blocks %d is not below the pool's %d blocks: pins are bounded by the pool "
+                    "alone (they may hold every block, leaving none to serve)", cap, spec.num_blocks)
+
+
 def dry_run(opts: dict[str, Any]) -> None:
     """`kvpager serve --dry-run`: the pool the options size, printed, nothing made."""
     device, devices = pool_devices(opts)
     try:
         spec = build_spec(opts, device, devices)
+        warn_pin_cap(opts, spec)
         if devices:  # (the ranks' split, refused as the daemon's start refuses it)
             rank_spec(spec, len(devices))
     except KVPagerError as e:
@@ -277,6 +287,7 @@ def _start(opts: dict[str, Any], made: list[Any]) -> Any:
         soft, _ = raise_open_files_limit()  # (a file descriptor a connection)
         limits = sessions_within_open_files(limits, soft)
         spec = build_spec(opts, device, devices)
+        warn_pin_cap(opts, spec)
         events = None
         events_endpoint = opts["events_endpoint"] or env.events_endpoint()
         if events_endpoint:

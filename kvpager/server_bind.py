@@ -257,6 +257,7 @@ class Binding:
             spec.head_dim, spec.dtype + (f" stored as {spec.kv_dtype}" if spec.is_fp8 else ""), self.epoch,
             self.sessions.heartbeat_timeout,
         )
+        self._served = True
         return self.endpoint
 
     def keep_socket_file(self) -> None:
@@ -339,4 +340,6 @@ class Binding:
             self._flush_events()
             self.events.close()  # ends with AllBlocksCleared
             self.events = None
-        log.info("stopped after %d requests", self.requests)
+        if self._served:  # (a bind that failed: its error says why, nothing was served)
+            self._served = False
+            log.info("stopped after %d requests", self.requests)

@@ -6,7 +6,7 @@ was allocated, a signal during start-up, `kvpager stats` pointed at another
 program, a message limit no request fits (in the environment, or given to
 `Server`), an IPv6 endpoint, a relative ipc://
 path, an inproc:// endpoint given to the CLI, a tenant given two quotas, a
-lower-case log level. Each is refused by name (or served) (or warned about) with nothing left behind,
+lower-case log level, a pin cap of the whole pool, a bind that failed. Each is refused by name (or served) (or warned about) with nothing left behind,
 and each test once failed; bounded waits, free endpoints."""
 
 from __future__ import annotations
@@ -436,3 +436,35 @@ def test_a_tenant_given_two_quotas_is_refused():
 def test_a_log_level_in_lower_case_is_taken():
     r = _invoke(["serve", *GEOMETRY, "--blocks", "16", "--log-level", "debug", "--dry-run"])
     assert r.exit_code == 0, r.output
+
+
+def test_a_pin_cap_of_the_whole_pool_is_warned_of(tmp_path):
+    """``--max-pinned-blocks`` at or past the pool's blocks capped nothing, without a word."""
+    r = _invoke(["serve", *GEOMETRY, "--blocks", "16", "--max-pinned-blocks", "16", "--dry-run"])
+    assert r.exit_code == 0 and "--max-pinned-blocks 16 is not below the pool's 16 blocks" in r.output, r.output
+    r = _invoke(["serve", *GEOMETRY, "--blocks", "16", "--max-pinned-blocks", "15", "--dry-run"])
+    assert r.exit_code == 0 and "max-pinned-blocks" not in r.output, r.output
+    with daemon_process([*GEOMETRY, "--blocks", "16", "--max-pinned-blocks", "99"], f"ipc://{tmp_path}/kv.sock") \
+            as proc:
+        assert any("--max-pinned-blocks 99 is not below" in line for line in proc.log), proc.log
+
+
+def test_a_daemon_that_never_bound_does_not_say_it_stopped_serving(caplog):
+    """A bind that failed (here a taken metrics port) logged "stopped after 0 requests"
+    as if it had served."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="kvpager.server")
+    endpoint, d = ipc_endpoint()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        srv = Server.create(PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=8, block_size=16,
+                                     dtype="float32"), endpoint, metrics_port=held.getsockname()[1])
+        with pytest.raises(InvalidArgument, match="cannot serve metrics"):
+            srv.bind()
+    assert not any("stopped after" in r.getMessage() for r in caplog.records), caplog.text
+    with running_server(PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=8, block_size=16,
+                                 dtype="float32"), endpoint):
+        pass
+    assert [r.getMessage() for r in caplog.records if "stopped after" in r.getMessage()] == ["stopped after 0 requests"]
