@@ -51,8 +51,9 @@ from kvpager.reply_budget import UnreadReplies
 from kvpager.request_memo import RequestMemo
 from kvpager.server_bind import Binding
 from kvpager.server_dispatch import Dispatch
-from kvpager.server_ops import RefusedHellos, ServerOps
+from kvpager.server_ops import ServerOps
 from kvpager.server_ranks import create_pool, rank_backends, release_count
+from kvpager.server_refusals import RefusedHellos
 from kvpager.server_sessions import SessionEnds
 from kvpager.server_staging import StagingOps
 from kvpager.sessions import SessionTable
@@ -171,7 +172,7 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
         self._served = False  # bound and serving: said at the end (a failed bind says only why)
         self._check_after = self._check_took = 0.0  # `check`'s share of the loop (`ServerOps._op_check`)
         self._handlers = {name: getattr(self, f"_op_{name}") for name in OPS}
-        self._refused = RefusedHellos()  # refused hellos, logged (`kvpager.server_ops`)
+        self._refused = RefusedHellos()  # refused hellos, logged (`kvpager.server_refusals`)
         self._memo = RequestMemo()  # decode steps' requests, decoded and checked once
         # When the loop last found nothing queued: every message sent before then
         # has been read, so a session silent since long before it is really gone.
