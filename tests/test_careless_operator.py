@@ -5,8 +5,7 @@ after SIGKILL with ``--memory 90%``, a refusal that came only after the pool
 was allocated, a signal during start-up, `kvpager stats` pointed at another
 program, a message limit no request fits (in the environment, or given to
 `Server`), an IPv6 endpoint, a relative ipc://
-path, an inproc:// endpoint given to the CLI, a tenant given two quotas, a
-lower-case log level, a pin cap of the whole pool, a bind that failed. Each is refused by name (or served) (or warned about) with nothing left behind,
+path (more in test_careless_serve.py). Each is refused by name (or served) (or warned about) with nothing left behind,
 and each test once failed; bounded waits, free endpoints."""
 
 from __future__ import annotations
@@ -144,20 +143,6 @@ def test_a_refusal_of_the_endpoint_comes_before_the_pool_is_allocated():
     r = _invoke(["serve", *GEOMETRY, "--blocks", "99999999999", "--endpoint", "tcp://0.0.0.0:0"],
                 {"KVPAGER_TOKEN": "", "KVPAGER_TOKEN_FILE": ""})
     assert r.exit_code not in (0, None) and "token" in r.output and "shared memory" not in r.output, r.output
-
-
-def test_a_taken_metrics_port_is_refused_before_the_pool_is_allocated(tmp_path):
-    """Another program on --metrics-port: said only once the pool was made (a GPU's
-    memory, or /dev/shm, taken and given back for nothing); here before a pool /dev/shm
-    cannot hold is asked for."""
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        held.listen()
-        port = held.getsockname()[1]
-        r = _invoke(["serve", *GEOMETRY, "--blocks", "99999999999", "--endpoint", f"ipc://{tmp_path}/kv.sock",
-                     "--metrics-port", str(port)])
-    assert r.exit_code not in (0, None) and f"the metrics server's 127.0.0.1:{port}: the port is taken" in r.output \
-        and "--metrics-port" in r.output and "shared memory" not in r.output, r.output
 
 
 def _segments(pid: int) -> list[str]:
@@ -410,61 +395,3 @@ def test_an_answer_that_cannot_be_written_is_one_line_and_exit_code_1():
                                env=subprocess_env(), stdout=full, stderr=subprocess.PIPE, text=True, timeout=WAIT)
             assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
             assert "cannot write the output" in r.stderr
-
-
-def test_an_inproc_endpoint_is_refused_by_the_commands_that_run_in_their_own_process(tmp_path):
-    """inproc:// reaches only the process that binds it: `kvpager stats` waited out its
-    timeout there, and `kvpager serve` served no one, for ever."""
-    started = time.monotonic()
-    r = _invoke(["stats", "--endpoint", "inproc://kv"])
-    assert r.exit_code == 2 and "inproc:// reaches only a daemon in the same process" in r.output, r.output
-    assert time.monotonic() - started < 8  # (its 10 s timeout, before)
-    (tmp_path / "p.json").write_text("[[1, 2, 3]]")
-    r = _invoke(["pin", "--endpoint", "inproc://kv", str(tmp_path / "p.json")])
-    assert r.exit_code not in (0, None) and "inproc://" in r.output, r.output
-    r = _invoke(["serve", *GEOMETRY, "--blocks", "16", "--endpoint", "inproc://kv"])
-    assert r.exit_code not in (0, None) and "inproc:// reaches only" in r.output, r.output
-
-
-def test_a_tenant_given_two_quotas_is_refused():
-    """``--quota a=1 --quota a=2``: the last one won, without a word."""
-    r = _invoke(["serve", *GEOMETRY, "--blocks", "16", "--quota", "a=1", "--quota", "a=2",
-                 "--endpoint", "ipc:///nonexistent-kvpager-folder/kv.sock"])
-    assert r.exit_code == 2 and "a second quota for 'a'" in r.output, r.output
-
-
-def test_a_log_level_in_lower_case_is_taken():
-    r = _invoke(["serve", *GEOMETRY, "--blocks", "16", "--log-level", "debug", "--dry-run"])
-    assert r.exit_code == 0, r.output
-
-
-def test_a_pin_cap_of_the_whole_pool_is_warned_of(tmp_path):
-    """``--max-pinned-blocks`` at or past the pool's blocks capped nothing, without a word."""
-    r = _invoke(["serve", *GEOMETRY, "--blocks", "16", "--max-pinned-blocks", "16", "--dry-run"])
-    assert r.exit_code == 0 and "--max-pinned-blocks 16 is not below the pool's 16 blocks" in r.output, r.output
-    r = _invoke(["serve", *GEOMETRY, "--blocks", "16", "--max-pinned-blocks", "15", "--dry-run"])
-    assert r.exit_code == 0 and "max-pinned-blocks" not in r.output, r.output
-    with daemon_process([*GEOMETRY, "--blocks", "16", "--max-pinned-blocks", "99"], f"ipc://{tmp_path}/kv.sock") \
-            as proc:
-        assert any("--max-pinned-blocks 99 is not below" in line for line in proc.log), proc.log
-
-
-def test_a_daemon_that_never_bound_does_not_say_it_stopped_serving(caplog):
-    """A bind that failed (here a taken metrics port) logged "stopped after 0 requests"
-    as if it had served."""
-    import logging
-
-    caplog.set_level(logging.INFO, logger="kvpager.server")
-    endpoint, d = ipc_endpoint()
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        held.listen()
-        srv = Server.create(PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=8, block_size=16,
-                                     dtype="float32"), endpoint, metrics_port=held.getsockname()[1])
-        with pytest.raises(InvalidArgument, match="cannot serve metrics"):
-            srv.bind()
-    assert not any("stopped after" in r.getMessage() for r in caplog.records), caplog.text
-    with running_server(PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=8, block_size=16,
-                                 dtype="float32"), endpoint):
-        pass
-    assert [r.getMessage() for r in caplog.records if "stopped after" in r.getMessage()] == ["stopped after 0 requests"]
