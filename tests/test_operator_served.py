@@ -122,3 +122,29 @@ def test_refused_hellos_are_logged_without_flooding(caplog):
         with pytest.raises(LimitExceeded):
             Client(server.endpoint, token=token, timeout=5, heartbeat=False)
         assert "[19 more refused since the last such line]" in refused()[-1].getMessage()
+
+
+def test_a_file_put_where_the_socket_was_is_left_alone_and_said_once(caplog):
+    """Another local program puts a file of its own where the removed socket file was:
+    the daemon never removes it nor binds over it, says so once, and serves its
+    connected clients on; at its end the file is still there."""
+    caplog.set_level(logging.INFO, logger="kvpager.server")
+    endpoint, d = ipc_endpoint()
+    path = endpoint[len("ipc://"):]
+
+    def said() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "something else is there now" in r.getMessage()]
+
+    try:
+        with running_server(SMALL, endpoint) as server, Client(endpoint, timeout=5) as c:
+            os.unlink(path)
+            with open(path, "w") as f:
+                f.write("not a socket")
+            assert wait_until(lambda: said(), WAIT)
+            time.sleep(3 * server._expiry_interval())
+            assert len(said()) == 1 and said()[0].levelno == logging.ERROR
+            assert c.allocate([list(range(20))]) and c.stats().num_sequences == 1
+        with open(path) as f:
+            assert f.read() == "not a socket"
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
