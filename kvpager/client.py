@@ -237,6 +237,11 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         #: but `record_tokens`, which came with it
         self.ops: frozenset[str] = frozenset(info["ops"] if "ops" in info else set(OPS) - {"record_tokens", "batch"})
         self.gpu = self.memory.get("kind") == "cuda_ipc"
+        #: the word of the mapped counts that counts the commits of the session whose sequences this
+        #: one writes (its driver's, or its own); None: a daemon that predates it
+        word = info.get("commit_word")
+        self._commit_word: int | None = word if type(word) is int and word >= 2 else None
+
     def reconnect(self) -> None:
         """A new session after `SessionLost` (the daemon restarted, or dropped this
         session): the old session's sequences are gone, and so is everything

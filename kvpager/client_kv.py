@@ -85,9 +85,11 @@ class KVAccess(SlotChecks):
         plan.floor = None if self._lost else mirror.floors(ids)
         moves: Moves | Foreign = mirror.moves
         if self._releases is not None and not all(i in mirror.rows for i in ids):
-            moves = Foreign(mirror.moves, self._releases)  # other sessions' sequences: their releases too
+            # other sessions' sequences: their releases too, and a rank worker's driver's commits
+            words = tuple(self._followed()) if self._writes_for_driver() else (0,)
+            moves = Foreign(mirror.moves, self._releases, words)
         elif self._releases is not None and len(self._releases) > 1:
-            moves = Foreign(mirror.moves, self._releases, word=1)  # its own: the sessions the daemon ended
+            moves = Foreign(mirror.moves, self._releases, (1,))  # its own: the sessions the daemon ended
         session = self.session
 
         def rows_now(ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

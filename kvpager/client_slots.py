@@ -7,8 +7,9 @@ sequences' tables (`_check_own_slots`), once per slot array and change of its
 sequences. A rank worker with a driver writes into the driver's sequences,
 whose tables it does not mirror: the daemon checks its slots, as its staged
 write's, with a `tables` request of no sequences (`_check_driver_slots`),
-once per slot array and change of what the driver may hold (the daemon's
-mapped counts of releases and of ended sessions); a step plan's slots go
+once per slot array and change of what the driver may hold or may have
+published (the daemon's mapped counts of releases, of ended sessions and of
+the driver's commits); a step plan's slots go
 with the plan's own `tables` request (`_plan_tables`: no round trip more
 than the plan makes anyway). And no mapped write is made by a session the
 daemon ended (closed, lost, past its heartbeat timeout, or ended with its
@@ -28,7 +29,7 @@ from kvpager.errors import NotOwner, SessionLost
 
 class SlotChecks:
     """Mixin of `KVAccess` (and so of `Client`): needs ``spec``, ``session_name``,
-    ``plan_slots``, ``_mirror``, ``_lost``, ``_closed``, ``_hello_args``, ``tables``,
+    ``plan_slots``, ``_mirror``, ``_lost``, ``_closed``, ``_hello_args``, ``_commit_word``, ``tables``,
     ``_daemon_tables``, ``sequences``, ``blocks``, ``_call`` and ``_check_process``."""
 
     def _plan_tables(self, seq_ids: Any, slots: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -109,16 +110,19 @@ class SlotChecks:
         its driver's, so its writes went wherever its slots pointed: slots kept
         from before the driver freed, truncated or swapped out a sequence, or
         another session's, overwrote committed K/V. Asked once per slot array and
-        change of what the driver may hold (a model's layers write the same slots:
-        the first pays the round trip): the daemon's mapped counts of releases and
-        of the sessions it ended, and this session's own changes. Without the
+        change of what the driver may hold or may have published (a model's layers
+        write the same slots: the first pays the round trip): the daemon's mapped
+        counts of releases, of the sessions it ended and of the driver's commits
+        (the same slots written again after the driver's commit went unasked, into
+        K/V other sessions read), and this session's own changes. Without the
         mapped counts (a pool mapped where they are not) every write asks."""
         self._check_alive()
         if not self.plan_slots:
             return  # a daemon that predates `tables`' slots cannot check them: unchecked, as they were
         counts = self._releases
-        # read before the round trip: a release while it is under way makes the next write ask again
-        key = None if counts is None else (self._mirror.moves.count, *map(int, counts), slots.tobytes())
+        # read before the round trip: a release or commit while it is under way makes the next write ask again
+        key = None if counts is None else (self._mirror.moves.count, *counts[self._followed()].tolist(),
+                                           slots.tobytes())
         if key is not None and key == self._driver_slots:
             return
         live = slots[slots >= 0]  # (padding writes nothing)
@@ -126,6 +130,16 @@ class SlotChecks:
             bs = self.spec.block_size
             self._daemon_tables([], np.unique(live // bs) * bs)
         self._driver_slots = key
+
+    def _followed(self) -> list[int]:
+        """The words of the mapped counts (``_releases``) a rank worker's checked
+        slots follow: releases, ended sessions, its driver's commits (those the
+        daemon has)."""
+        words = [0, 1][: len(self._releases)]
+        w = self._commit_word
+        if w is not None and w < len(self._releases):
+            words.append(w)
+        return words
 
     def _writes_for_driver(self) -> bool:
         """Whether this client's mapped writes go into sequences it mirrors no tables
@@ -174,8 +188,10 @@ class SlotChecks:
     #: the (counts, slot bytes) the daemon last found this session's or its driver's (`_check_driver_slots`)
     _driver_slots: tuple[Any, ...] | None = None
     #: the daemon's count of releases, mapped with its pool (`kvpager.shm.ReleaseCount`; None: not named),
-    #: and of the sessions it ended (a second word, where it has one: `_check_not_ended`)
+    #: of the sessions it ended (a second word, where it has one: `_check_not_ended`) and of commits
     _releases: np.ndarray | None = None
+    #: the word of ``_releases`` counting its driver's commits (its own's, without a driver; None: none)
+    _commit_word: int | None = None
     _ends_seen = 0
 
     def _check_slots(self, slots: Any) -> np.ndarray:

@@ -69,19 +69,22 @@ class Moves:
 
 class Foreign:
     """What a worker's plan over sequences of other sessions follows: its own
-    session's count (``own``, a `Moves`) plus the daemon's shared count of
-    releases (``releases``, the mapped words: ``word`` 0). Both only grow, so their
-    sum moves whenever either does. A plan over its own sequences alone follows
-    ``word`` 1, the sessions the daemon ended (its own may be one: the recheck asks)."""
+    session's count (``own``, a `Moves`) plus words of the daemon's shared
+    counts (``releases``, the mapped words, `kvpager.shm.ReleaseCount`):
+    ``words`` (0,), its releases, and for a rank worker's plan that writes its
+    driver's sequences the driver's commits too (a plan refilled with slots the
+    driver committed since wrote into published blocks). All only grow, so their
+    sum moves whenever one does. A plan over its own sequences alone follows
+    word 1, the sessions the daemon ended (its own may be one: the recheck asks)."""
 
-    __slots__ = ("own", "releases", "word")
+    __slots__ = ("own", "releases", "words")
 
-    def __init__(self, own: Moves, releases: np.ndarray, word: int = 0):
-        self.own, self.releases, self.word = own, releases, word
+    def __init__(self, own: Moves, releases: np.ndarray, words: tuple[int, ...] = (0,)):
+        self.own, self.releases, self.words = own, releases, words
 
     @property
     def count(self) -> int:
-        return self.own.count + int(self.releases[self.word])
+        return self.own.count + sum(int(self.releases[w]) for w in self.words)
 
 
 #: A plan's check against its sequences: raises StalePlan where the plan no longer reads its

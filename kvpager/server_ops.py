@@ -68,7 +68,7 @@ def _flag(a: dict[str, Any], name: str, op: str) -> bool:
 
 class ServerOps(ControlOps):
     """The op handlers; `Server` supplies ``pool``, ``sessions``, ``limits``,
-    ``token``, ``control_token``, ``memory``, ``gpu``, ``epoch``, ``requests``,
+    ``token``, ``control_token``, ``memory``, ``gpu``, ``epoch``, ``requests``, ``releases``,
     ``_refused`` (a `RefusedHellos`), ``_owned`` and ``_end``. Pins, quotas and the session list: `ControlOps`;
     tensors through the staging buffer: `kvpager.server_staging`."""
 
@@ -118,6 +118,8 @@ class ServerOps(ControlOps):
             "remote": self.pool.remote.describe() if self.pool.remote is not None else None,
             "windowed_hits": True,  # allocate and cached_tokens take `window`
             "plan_slots": True,  # tables takes a step plan's slots, checked as a write's
+            # the word of memory["releases"] counting the commits of the session whose sequences it writes
+            "commit_word": None if self.releases is None else self.releases.word((driver or s).serial),
         }
 
     def _check_sessions(self, control: bool) -> None:
@@ -227,7 +229,12 @@ class ServerOps(ControlOps):
 
     def _op_commit(self, s: Session, a: dict[str, Any]) -> list[int]:
         # Ownership rides on commit's own lookup of the ids, as append's.
-        return self.pool.commit(a["seq_ids"], a.get("upto"), owner=s.name)
+        try:
+            return self.pool.commit(a["seq_ids"], a.get("upto"), owner=s.name)
+        finally:  # (any commit, even one refused part way: blocks it published before are)
+            if self.releases is not None:
+                # its workers' slots checked before may lie in blocks published now: they ask again
+                self.releases.committed(self.releases.word(s.serial))
 
     def _op_fork(self, s: Session, a: dict[str, Any]) -> list[list[int]]:
         ids, n = self._owned(s, a["seq_ids"]), a.get("n", 1)

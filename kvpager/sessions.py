@@ -61,6 +61,7 @@ class Session:
     #: (the pool's `Moves` count, the blocks its and its driver's sequences held then: a mask or sorted
     #: ids): a staged write's check of its slots (`StagingOps._held`), kept while no block left any table
     held: tuple[int, Any] | None = None
+    serial: int = 0  # its number (its name's): the word counting its commits (`kvpager.shm.ReleaseCount.word`)
 
     def close(self) -> None:
         if self.staging is not None:
@@ -100,7 +101,7 @@ class SessionTable:
             self._check_claim(driver, rank)
         self._serial += 1
         s = Session(secrets.token_urlsafe(16), f"s{self._serial}", client, pid, time.monotonic())
-        s.rank = rank
+        s.rank, s.serial = rank, self._serial
         self.sessions[s.id] = s
         self.by_name[s.name] = s
         if driver is not None and rank is not None:

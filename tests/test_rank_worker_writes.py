@@ -192,3 +192,66 @@ def test_the_check_costs_one_round_trip_per_slot_array_and_release():
             worker.plan_slots = False
             worker.write(0, y.slots, *kv)
             assert asked[0] == 5
+
+
+@RANKS
+def test_the_same_slots_after_the_drivers_commit_are_asked_again(devices):
+    """A model's worker writes a step's slots at every layer, the check asked once;
+    the driver then commits the sequence, publishing its full blocks (other
+    sessions read them). Written again (a worker replaying a step, a stale buffer
+    of slots), the same slot array went unasked: no release, no change of the
+    worker's own, and the published K/V was overwritten. The daemon counts each
+    session's commits in a mapped word the driver's workers follow: the write asks
+    and is refused, the bytes stay. Another session's commit is not followed
+    (asks nothing)."""
+    with running_server(SPEC, devices=devices) as server:
+        ep = server.endpoint
+        heads = SPEC.num_kv_heads // len(devices)
+        with Client(ep) as driver, Client(ep, rank=0, driver=driver) as worker, Client(ep) as other:
+            n = 2 * BS + 3
+            [x] = driver.allocate([list(range(n))])
+            [y] = other.allocate([list(range(500, 500 + n))])
+            asked = _count_tables(worker)
+            mine = _kv(1, n, heads)
+            for layer in range(SPEC.num_layers):
+                worker.write(layer, x.slots, *mine)
+            assert asked[0] == 1
+            other.commit(y.seq_id)  # another session's commit: nothing to ask
+            worker.write(0, x.slots, *mine)
+            assert asked[0] == 1
+
+            driver.commit(x.seq_id)
+            junk = _kv(99, n, heads)
+            for layer in range(SPEC.num_layers):
+                with pytest.raises(NotOwner, match="published"):
+                    worker.write(layer, x.slots, *junk)
+                _same(_at(worker, layer, x.slots), mine)
+            tail = x.slots[2 * BS:]  # the part-full last block is not published: still the driver's to write
+            worker.write(1, tail, *(a[2 * BS:] for a in junk))
+            _same(_at(worker, 1, tail), tuple(a[2 * BS:] for a in junk))
+            server.pool.check_integrity()
+
+
+@RANKS
+def test_a_workers_plan_over_its_drivers_sequence_is_refused_after_the_commit(devices):
+    """A rank worker's step plan with slots in its driver's sequence, checked when
+    made; the driver commits: the plan's next write went on (the plan followed the
+    releases alone), over the published K/V. It follows the driver's commits too:
+    StalePlan, nothing written."""
+    from kvpager.errors import StalePlan
+
+    with running_server(SPEC, devices=devices) as server:
+        ep = server.endpoint
+        heads = SPEC.num_kv_heads // len(devices)
+        with Client(ep) as driver, Client(ep, rank=0, driver=driver) as worker:
+            n = 2 * BS
+            [x] = driver.allocate([list(range(n))])
+            plan = worker.plan([x.seq_id], query_lens=[n], slots=x.slots)
+            mine = _kv(3, n, heads)
+            plan.write(0, *mine)
+            _same(_at(worker, 0, x.slots), mine)
+            driver.commit(x.seq_id)
+            with pytest.raises(StalePlan, match="committed"):
+                plan.write(1, *_kv(4, n, heads))
+            assert not np.abs(_at(worker, 1, x.slots)[0]).any()  # (layer 1: never written)
+            server.pool.check_integrity()
