@@ -89,7 +89,8 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
     one that allocates: its `Client`, or that client's ``session`` secret,
     passed to the worker): its writes go into that session's sequences only;
     one worker a rank of a driver (`RankTaken`), and the worker's session ends
-    with the driver's (docs/protocol.md, "Ranks")."""
+    with the driver's (docs/protocol.md, "Ranks"). ``quiet``: an inspection (a
+    monitoring loop): the daemon logs this session's open and clean end at debug."""
 
     def __init__(
         self,
@@ -103,11 +104,14 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         control_token: str | None = None,
         rank: int | None = None,
         driver: Any = None,
+        quiet: bool = False,
     ):
         self.endpoint = endpoint_or_default(endpoint)
         for arg, value in (("name", name), ("token", token), ("control_token", control_token)):
             if value is not None and not isinstance(value, str):  # not silently the default when falsy
                 raise InvalidArgument(f"{arg} must be a str or None, got {type(value).__name__}")
+        if not isinstance(quiet, bool):
+            raise InvalidArgument(f"quiet must be a bool, got {type(quiet).__name__}")
         if rank is not None and (not validate.is_int(rank) or rank < 0):
             raise InvalidArgument(f"rank must be an int >= 0 (this worker's tensor-parallel rank), got {rank!r}")
         if timeout is not None and (not isinstance(timeout, (int, float, np.integer, np.floating))
@@ -148,6 +152,8 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         control_token = control_token if control_token is not None else env.control_token()
         if control_token:
             self._hello_args["control_token"] = control_token
+        if quiet:  # an inspection: the daemon logs its session's open and clean end at debug
+            self._hello_args["quiet"] = True
         if rank is not None:
             self._hello_args["rank"] = int(rank)  # maps that rank's storage (docs/protocol.md, "Ranks")
         if driver is not None:  # the session this rank worker writes for: its secret, or its Client
@@ -176,7 +182,14 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         if driver is not None and isinstance(driver.session, str):  # (a driver that reconnected: its new one)
             self._hello_args["driver"] = driver.session
         try:
-            info = self._call("hello", self._hello_args)
+            try:
+                info = self._call("hello", self._hello_args)
+            except InvalidArgument as e:
+                # a daemon that predates `quiet` refuses the argument by its list of them: asked without it
+                if "quiet" not in self._hello_args or "'quiet'" not in str(e) or "optional" not in str(e):
+                    raise
+                del self._hello_args["quiet"]
+                info = self._call("hello", self._hello_args)
         except RequestTimeout as e:  # (its socket stays: `__init__` closes it, a `reconnect` may try again)
             raise DaemonUnavailable(f"no kvpager daemon answers at {self.endpoint}: {e}") from None
         try:

@@ -109,7 +109,8 @@ def connect(endpoint: str | None, timeout: float | None, heartbeat: bool = False
     endpoint = other_process_endpoint(endpoint)
 
     def opened(**token: Any) -> Any:
-        return Client(endpoint, timeout=timeout, heartbeat=heartbeat, map_pool=False, name="kvpager-cli", **token)
+        return Client(endpoint, timeout=timeout, heartbeat=heartbeat, map_pool=False, name="kvpager-cli", quiet=True,
+                      **token)
 
     try:
         return opened()

@@ -33,7 +33,8 @@ def _arg_sets(op: Op) -> tuple[frozenset[str], frozenset[str]]:
 OPS: dict[str, Op] = {
     op.name: op
     for op in (
-        Op("hello", (), ("client", "pid", "host", "token", "control_token", "rank", "driver"), session=False),
+        Op("hello", (), ("client", "pid", "host", "token", "control_token", "rank", "driver", "quiet"),
+           session=False),
         Op("allocate", ("prompts",), ("salt", "share_in_batch", "remote_tokens", "window")),
         Op("cached_tokens", ("prompts",), ("salt", "remote", "remote_tokens", "window"), session=False),
         Op("append", ("seq_ids",), ("num_tokens", "token_ids")),

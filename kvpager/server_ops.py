@@ -90,14 +90,15 @@ class ServerOps(ControlOps):
             raise InvalidArgument(f"hello: client must be a string, got {type(client).__name__}")
         self.limits.check("client_name", len(client), "hello: client name length")
         control = self._check_control_token(a.get("control_token"))
+        quiet = _flag(a, "quiet", "hello")
         self._check_sessions(control)
         rank = hello_rank(self.pool, a.get("rank"))
         driver = hello_driver(self.sessions, rank, a.get("driver"))
         s = self.sessions.open(client, pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
                                rank, driver)  # (a rank of a driver that another worker serves: RankTaken)
-        s.control = control
-        log.info("session %s opened by %s (pid %s)%s", s.name, printable(s.client), s.pid,  # a line of its own
-                 " with control" if control else "")
+        s.control, s.quiet = control, quiet
+        log.log(logging.DEBUG if quiet else logging.INFO, "session %s opened by %s (pid %s)%s",  # a line of its own
+                s.name, printable(s.client), s.pid, " with control" if control else "")
         memory = hello_memory(self, rank)
         return {
             "session": s.id,  # the secret: this reply is the only one that carries it

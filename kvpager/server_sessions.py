@@ -82,6 +82,8 @@ class SessionEnds:
             self.pool.free(ids)
         pins = self.pool.release_pins(session.name)
         self.sessions.close(session)
-        log.info("session %s (%s, pid %s) ended: %s; freed %d sequences, released %d pins",
-                 session.name, printable(session.client), session.pid, why, len(ids), pins)
+        # (a quiet session, an inspection, that said bye holding nothing: at debug, as its open was)
+        level = logging.DEBUG if session.quiet and why == "bye" and not ids and not pins else logging.INFO
+        log.log(level, "session %s (%s, pid %s) ended: %s; freed %d sequences, released %d pins",
+                session.name, printable(session.client), session.pid, why, len(ids), pins)
         return len(ids)

@@ -61,6 +61,7 @@ class Session:
     #: (the pool's `Moves` count, the blocks its and its driver's sequences held then: a mask or sorted
     #: ids): a staged write's check of its slots (`StagingOps._held`), kept while no block left any table
     held: tuple[int, Any] | None = None
+    quiet: bool = False  # hello's `quiet`: its open and its clean end logged at debug (an inspection)
     serial: int = 0  # its number (its name's): the word counting its commits (`kvpager.shm.ReleaseCount.word`)
 
     def close(self) -> None:
