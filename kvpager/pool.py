@@ -169,7 +169,7 @@ class KVPool(PoolSequences, PoolBatch, PoolControl, PoolKV, PoolInspection):
 SERIALIZED = ("allocate", "cached_tokens", "probe_cache", "append", "append_flat", "record_tokens", "commit",
               "fork", "free", "truncate", "swap_out", "swap_in", "release_before", "batch", "pin", "unpin",
               "release_pins", "pins", "pins_page", "pin_counts", "set_quota", "owned", "sequence_ids", "owners",
-              "check_owner", "sequence", "sequences", "blocks", "stats", "counters", "set_event_sink",
+              "check_owner", "sequence", "info_columns", "sequences", "blocks", "stats", "counters", "set_event_sink",
               "remote_stats", "check_integrity", "write", "attend", "tables", "plan", "refill", "close")
 
 

@@ -66,6 +66,7 @@ from kvpager.protocol_results import (  # noqa: F401 (re-exported)
     encode_allocations,
     encode_blocks,
     encode_info,
+    encode_infos,
     encode_pin,
     encode_probes,
     encode_slots,

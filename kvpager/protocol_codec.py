@@ -37,6 +37,18 @@ def pack_array(a: np.ndarray) -> msgpack.ExtType:
         (bytes((len(dt),)), dt, bytes((a.ndim,)), _shapes[a.ndim].pack(*a.shape), a.tobytes())))
 
 
+def pack_rows(a: np.ndarray, lengths: list[int]) -> list[msgpack.ExtType]:
+    """Row k's first ``lengths[k]`` entries of the 2-D array ``a``, each as
+    `pack_array` packs a 1-D array: the bytes of ``a`` taken once, a row a
+    slice (a page of 4,096 block tables packed one array at a time took 0.4 s)."""
+    a = np.ascontiguousarray(a)
+    dt = a.dtype.str.encode()
+    head, shape = bytes((len(dt),)) + dt + b"\x01", _shapes[1]
+    raw, width = a.tobytes(), a.shape[1] * a.itemsize
+    return [msgpack.ExtType(EXT_NDARRAY, b"".join((head, shape.pack(n), raw[k * width : k * width + n * a.itemsize])))
+            for k, n in enumerate(lengths)]
+
+
 def _dtype(key: bytes) -> np.dtype:
     dt = _dtypes.get(key)
     if dt is None:

@@ -10,7 +10,7 @@ rows' known-token counts.
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -48,23 +48,48 @@ def tokens_stored(m: SequenceManager) -> int:
     return int(used * bs - np.count_nonzero(only) * bs + most[only].sum())
 
 
-def infos(m: SequenceManager, seq_ids: list[int]) -> list[SequenceInfo]:
-    """`SequenceManager.infos`: one gather of the rows, then a `SequenceInfo` each."""
+class InfoColumns(NamedTuple):
+    """The fields of sequences' `SequenceInfo`s as columns (`info_columns`):
+    ``tables`` int64 [sequences, widest], row k's first ``num_blocks[k]``
+    entries its table; the rest lists."""
+
+    seq_ids: list[int]
+    owners: list[Any]
+    num_tokens: list[int]
+    num_committed: list[int]
+    tables: np.ndarray
+    num_blocks: list[int]
+    shared_blocks: list[int]
+    swapped: list[bool]
+    host_blocks: list[int]
+
+
+def info_columns(m: SequenceManager, seq_ids: list[int]) -> InfoColumns:
+    """The `SequenceInfo` fields of ``seq_ids``: one gather of the rows
+    (UnknownSequence names the first id that is not live)."""
     rows = m.lookup(seq_ids)
-    if not len(rows):
-        return []
     bt = m.table
     tables, _ = bt.gather(rows)
     shared = ((m.pool.ref_cnt[tables] > 1) & (tables != NULL_BLOCK)).sum(axis=1)
-    held = m.host.held
-    return [
-        SequenceInfo(s, m.owner_of(row), ntok, ncom, tuple(table[:n]), sh, bool(sw),
-                     len(held[row][1]) if sw else 0)
-        for s, row, table, n, ntok, ncom, sh, sw in zip(
-            seq_ids, rows.tolist(), tables.tolist(), bt.num_blocks[rows].tolist(), bt.num_tokens[rows].tolist(),
-            bt.committed[rows].tolist(), shared.tolist(), bt.swapped[rows].tolist(),
-        )
-    ]
+    held, owner = m.host.held, m.owners.owner
+    rl = rows.tolist()
+    swapped = (bt.swapped[rows] != 0).tolist()
+    return InfoColumns(
+        list(seq_ids), [owner(o) for o in bt.owner[rows].tolist()], bt.num_tokens[rows].tolist(),
+        bt.committed[rows].tolist(), tables.astype(np.int64, copy=False), bt.num_blocks[rows].tolist(),
+        shared.tolist(), swapped, [len(held[r][1]) if sw else 0 for r, sw in zip(rl, swapped)],
+    )
+
+
+def infos(m: SequenceManager, seq_ids: list[int]) -> list[SequenceInfo]:
+    """`SequenceManager.infos`: `info_columns`, then a `SequenceInfo` each."""
+    if not len(seq_ids):
+        return []
+    c = info_columns(m, seq_ids)
+    return [SequenceInfo(s, o, ntok, ncom, tuple(table[:n]), sh, sw, hb)
+            for s, o, ntok, ncom, table, n, sh, sw, hb in zip(
+                c.seq_ids, c.owners, c.num_tokens, c.num_committed, c.tables.tolist(), c.num_blocks,
+                c.shared_blocks, c.swapped, c.host_blocks)]
 
 
 def _other(a: Any, b: Any) -> bool:

@@ -326,16 +326,14 @@ class ServerOps(ControlOps):
             ids = ids[bisect.bisect_right(ids, wire_int(a.get("after", -1), "after")):][:limit]
             if ids:  # a page within the message limit (4,096 forks of a long sequence made 82 MB): one at least
                 ids = ids[: max(1, int(np.searchsorted(self._infos_size(ids), self.max_message_bytes, "right")))]
-        infos = [self.pool.sequence(i) for i in ids]
+        if not ids:
+            return []
+        # (one gather, the maps made from its columns: a page one `SequenceInfo` at a time held the loop 4x as long)
+        cols = self.pool.info_columns(ids)
         # Owners are public session names; the pid says which worker it is.
         by_name = self.sessions.by_name
-        out = []
-        for info in infos:
-            d = protocol.encode_info(info)
-            owner = by_name.get(info.owner)
-            d["owner_pid"] = owner.pid if owner is not None else None
-            out.append(d)
-        return out
+        pids = [w.pid if (w := by_name.get(o)) is not None else None for o in cols.owners]
+        return protocol.encode_infos(cols, pids)
 
     def _infos_size(self, ids: list[int]) -> np.ndarray:
         """The bytes the `SequenceInfo`s of ``ids`` (known ids) take in a reply, at
