@@ -40,18 +40,15 @@ import functools
 import itertools
 import logging
 import os
-import socket
 import threading
 import weakref
 from typing import Any
 
-import numpy as np
-
-from kvpager import env, validate
 from kvpager.backends.ranked import rank_spec
 from kvpager.channel import Channel
 from kvpager.client_batch import ClientBatch
 from kvpager.client_control import ControlMethods
+from kvpager.client_hello import ask_hello, checked_timeout, hello_arguments
 from kvpager.client_kv import KVAccess
 from kvpager.client_seqs import ClientSequences
 from kvpager.client_staging import ClientStaging
@@ -107,19 +104,17 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         quiet: bool = False,
     ):
         self.endpoint = endpoint_or_default(endpoint)
-        for arg, value in (("name", name), ("token", token), ("control_token", control_token)):
-            if value is not None and not isinstance(value, str):  # not silently the default when falsy
-                raise InvalidArgument(f"{arg} must be a str or None, got {type(value).__name__}")
-        if not isinstance(quiet, bool):
-            raise InvalidArgument(f"quiet must be a bool, got {type(quiet).__name__}")
-        if rank is not None and (not validate.is_int(rank) or rank < 0):
-            raise InvalidArgument(f"rank must be an int >= 0 (this worker's tensor-parallel rank), got {rank!r}")
-        if timeout is not None and (not isinstance(timeout, (int, float, np.integer, np.floating))
-                                    or isinstance(timeout, bool)):
-            raise InvalidArgument(f"timeout must be a positive number of seconds, got {timeout!r}")
-        self.timeout = env.timeout_s() if timeout is None else float(timeout)
-        if not 0 < self.timeout < float("inf"):
-            raise InvalidArgument(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if driver is not None:  # the session this rank worker writes for: its secret, or its Client
+            secret = driver.session if isinstance(driver, Client) else driver
+            if not isinstance(secret, str) or rank is None:
+                raise InvalidArgument("driver: the session (its Client, or Client.session) a rank worker writes "
+                                      f"for, given with rank; got {type(driver).__name__}"
+                                      + ("" if rank is not None else " without a rank"))
+        self._hello_args = hello_arguments(name, token, control_token, rank, secret if driver is not None else None,
+                                           quiet)
+        # (`driver` given as its Client is followed: a reconnect says its current session)
+        self._driver = weakref.ref(driver) if isinstance(driver, Client) else None
+        self.timeout = checked_timeout(timeout)
         why = probe(self.endpoint)
         if why is not None:
             raise DaemonUnavailable(
@@ -143,28 +138,6 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         # True once the session is known lost or closed: the mirror is not read
         # again (set by the heartbeat thread too, which never touches the mirror).
         self._lost = False
-        client = f"{socket.gethostname()}:{os.getpid()}" if name is None else name
-        self._hello_args: dict[str, Any] = {"client": client, "pid": os.getpid(), "host": socket.gethostname()}
-        self._driver: weakref.ref[Client] | None = None  # (`driver` given as a Client: its session at each hello)
-        token = token if token is not None else env.token()
-        if token:
-            self._hello_args["token"] = token  # a daemon with a token asks for it (docs/protocol.md, "Trust")
-        control_token = control_token if control_token is not None else env.control_token()
-        if control_token:
-            self._hello_args["control_token"] = control_token
-        if quiet:  # an inspection: the daemon logs its session's open and clean end at debug
-            self._hello_args["quiet"] = True
-        if rank is not None:
-            self._hello_args["rank"] = int(rank)  # maps that rank's storage (docs/protocol.md, "Ranks")
-        if driver is not None:  # the session this rank worker writes for: its secret, or its Client
-            secret = driver.session if isinstance(driver, Client) else driver
-            if not isinstance(secret, str) or rank is None:
-                raise InvalidArgument("driver: the session (its Client, or Client.session) a rank worker writes "
-                                      f"for, given with rank; got {type(driver).__name__}"
-                                      + ("" if rank is not None else " without a rank"))
-            self._hello_args["driver"] = secret
-            # a driver given as its Client is followed: a reconnect says its current session
-            self._driver = weakref.ref(driver) if isinstance(driver, Client) else None
         self._want_map, self._want_heartbeat = map_pool, heartbeat
         _LIVE.add(self)
         self._hb_stop = threading.Event()
@@ -182,14 +155,7 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         if driver is not None and isinstance(driver.session, str):  # (a driver that reconnected: its new one)
             self._hello_args["driver"] = driver.session
         try:
-            try:
-                info = self._call("hello", self._hello_args)
-            except InvalidArgument as e:
-                # a daemon that predates `quiet` refuses the argument by its list of them: asked without it
-                if "quiet" not in self._hello_args or "'quiet'" not in str(e) or "optional" not in str(e):
-                    raise
-                del self._hello_args["quiet"]
-                info = self._call("hello", self._hello_args)
+            info = ask_hello(self._call, self._hello_args)
         except RequestTimeout as e:  # (its socket stays: `__init__` closes it, a `reconnect` may try again)
             raise DaemonUnavailable(f"no kvpager daemon answers at {self.endpoint}: {e}") from None
         try:

@@ -1,0 +1,70 @@
+"""What a `Client` says in its ``hello``: its constructor's options checked
+(each refused by name, never silently the default) and made into the hello's
+arguments; and the hello asked again without ``quiet`` of a daemon that
+predates it (docs/protocol.md, "hello")."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from kvpager import env, validate
+from kvpager.errors import InvalidArgument
+
+
+def checked_timeout(timeout: Any) -> float:
+    """Seconds a call waits: ``timeout``, else KVPAGER_TIMEOUT; InvalidArgument
+    for anything but a positive finite number."""
+    if timeout is not None and (not isinstance(timeout, (int, float, np.integer, np.floating))
+                                or isinstance(timeout, bool)):
+        raise InvalidArgument(f"timeout must be a positive number of seconds, got {timeout!r}")
+    seconds = env.timeout_s() if timeout is None else float(timeout)
+    if not 0 < seconds < float("inf"):
+        raise InvalidArgument(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return seconds
+
+
+def hello_arguments(name: Any, token: Any, control_token: Any, rank: Any, driver_secret: Any,
+                    quiet: Any) -> dict[str, Any]:
+    """The ``hello`` arguments of a client of these options (``driver_secret``: its
+    driver's session secret, or None), each checked first. The tokens default
+    to the environment's (KVPAGER_TOKEN, KVPAGER_CONTROL_TOKEN and their files)."""
+    for arg, value in (("name", name), ("token", token), ("control_token", control_token)):
+        if value is not None and not isinstance(value, str):  # not silently the default when falsy
+            raise InvalidArgument(f"{arg} must be a str or None, got {type(value).__name__}")
+    if not isinstance(quiet, bool):
+        raise InvalidArgument(f"quiet must be a bool, got {type(quiet).__name__}")
+    if rank is not None and (not validate.is_int(rank) or rank < 0):
+        raise InvalidArgument(f"rank must be an int >= 0 (this worker's tensor-parallel rank), got {rank!r}")
+    host = socket.gethostname()
+    args: dict[str, Any] = {"client": f"{host}:{os.getpid()}" if name is None else name, "pid": os.getpid(),
+                            "host": host}
+    token = token if token is not None else env.token()
+    if token:
+        args["token"] = token  # a daemon with a token asks for it (docs/protocol.md, "Trust")
+    control_token = control_token if control_token is not None else env.control_token()
+    if control_token:
+        args["control_token"] = control_token
+    if quiet:  # an inspection: the daemon logs its session's open and clean end at debug
+        args["quiet"] = True
+    if rank is not None:
+        args["rank"] = int(rank)  # maps that rank's storage (docs/protocol.md, "Ranks")
+    if driver_secret is not None:
+        args["driver"] = driver_secret
+    return args
+
+
+def ask_hello(call: Callable[[str, dict[str, Any]], Any], args: dict[str, Any]) -> Any:
+    """``call("hello", args)``; a daemon that predates ``quiet`` refuses the
+    argument by its list of them: asked again without it (dropped from ``args``)."""
+    try:
+        return call("hello", args)
+    except InvalidArgument as e:
+        if "quiet" not in args or "'quiet'" not in str(e) or "optional" not in str(e):
+            raise
+        del args["quiet"]
+        return call("hello", args)
