@@ -48,7 +48,7 @@ from kvpager.backends.ranked import rank_spec
 from kvpager.channel import Channel
 from kvpager.client_batch import ClientBatch
 from kvpager.client_control import ControlMethods
-from kvpager.client_hello import ask_hello, checked_timeout, hello_arguments
+from kvpager.client_hello import ask_hello, check_options, checked_timeout, hello_arguments
 from kvpager.client_kv import KVAccess
 from kvpager.client_seqs import ClientSequences
 from kvpager.client_staging import ClientStaging
@@ -104,14 +104,14 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         quiet: bool = False,
     ):
         self.endpoint = endpoint_or_default(endpoint)
+        check_options(name, token, control_token, rank, quiet)
+        secret = None
         if driver is not None:  # the session this rank worker writes for: its secret, or its Client
             secret = driver.session if isinstance(driver, Client) else driver
             if not isinstance(secret, str) or rank is None:
                 raise InvalidArgument("driver: the session (its Client, or Client.session) a rank worker writes "
                                       f"for, given with rank; got {type(driver).__name__}"
                                       + ("" if rank is not None else " without a rank"))
-        self._hello_args = hello_arguments(name, token, control_token, rank, secret if driver is not None else None,
-                                           quiet)
         # (`driver` given as its Client is followed: a reconnect says its current session)
         self._driver = weakref.ref(driver) if isinstance(driver, Client) else None
         self.timeout = checked_timeout(timeout)
@@ -121,6 +121,7 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
                 f"no kvpager daemon at {self.endpoint} ({why}); start one with `kvpager serve` "
                 "or point KVPAGER_ENDPOINT at a running one"
             )
+        self._hello_args = hello_arguments(name, token, control_token, rank, secret, quiet)
         self._lock = threading.RLock()  # a call and its mirror update whole (`SERIALIZED`), its socket
         self._ids = itertools.count(1)
         # (id, bytes, op) of a RETRIED_OPS request that timed out, until its outcome is known

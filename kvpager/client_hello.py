@@ -1,6 +1,6 @@
 """What a `Client` says in its ``hello``: its constructor's options checked
-(each refused by name, never silently the default) and made into the hello's
-arguments; and the hello asked again without ``quiet`` of a daemon that
+(each refused by name, never silently the default: `check_options`,
+`checked_timeout`) and made into the hello's arguments (`hello_arguments`); and the hello asked again without ``quiet`` of a daemon that
 predates it (docs/protocol.md, "hello")."""
 
 from __future__ import annotations
@@ -28,11 +28,8 @@ def checked_timeout(timeout: Any) -> float:
     return seconds
 
 
-def hello_arguments(name: Any, token: Any, control_token: Any, rank: Any, driver_secret: Any,
-                    quiet: Any) -> dict[str, Any]:
-    """The ``hello`` arguments of a client of these options (``driver_secret``: its
-    driver's session secret, or None), each checked first. The tokens default
-    to the environment's (KVPAGER_TOKEN, KVPAGER_CONTROL_TOKEN and their files)."""
+def check_options(name: Any, token: Any, control_token: Any, rank: Any, quiet: Any) -> None:
+    """InvalidArgument for an option of the wrong kind (before anything is asked)."""
     for arg, value in (("name", name), ("token", token), ("control_token", control_token)):
         if value is not None and not isinstance(value, str):  # not silently the default when falsy
             raise InvalidArgument(f"{arg} must be a str or None, got {type(value).__name__}")
@@ -40,6 +37,15 @@ def hello_arguments(name: Any, token: Any, control_token: Any, rank: Any, driver
         raise InvalidArgument(f"quiet must be a bool, got {type(quiet).__name__}")
     if rank is not None and (not validate.is_int(rank) or rank < 0):
         raise InvalidArgument(f"rank must be an int >= 0 (this worker's tensor-parallel rank), got {rank!r}")
+
+
+def hello_arguments(name: str | None, token: str | None, control_token: str | None, rank: int | None,
+                    driver_secret: str | None, quiet: bool) -> dict[str, Any]:
+    """The ``hello`` arguments of a client of these options (`check_options`;
+    ``driver_secret``: its driver's session secret, or None). The tokens default
+    to the environment's (KVPAGER_TOKEN, KVPAGER_CONTROL_TOKEN and their files),
+    read here: after the daemon was found (a token file that cannot be read,
+    with no daemon there, says no daemon, as it did)."""
     host = socket.gethostname()
     args: dict[str, Any] = {"client": f"{host}:{os.getpid()}" if name is None else name, "pid": os.getpid(),
                             "host": host}
@@ -60,11 +66,11 @@ def hello_arguments(name: Any, token: Any, control_token: Any, rank: Any, driver
 
 def ask_hello(call: Callable[[str, dict[str, Any]], Any], args: dict[str, Any]) -> Any:
     """``call("hello", args)``; a daemon that predates ``quiet`` refuses the
-    argument by its list of them: asked again without it (dropped from ``args``)."""
+    argument by its list of them: asked again without it (``args`` kept whole)."""
     try:
         return call("hello", args)
     except InvalidArgument as e:
         if "quiet" not in args or "'quiet'" not in str(e) or "optional" not in str(e):
             raise
-        del args["quiet"]
-        return call("hello", args)
+        # (a copy: the client's own arguments keep it, for a reconnect to a daemon that takes it)
+        return call("hello", {k: v for k, v in args.items() if k != "quiet"})

@@ -56,11 +56,14 @@ class KVAccess(SlotChecks):
         own sequences), then ``plan.write(layer, k, v)`` and ``plan.attend(layer, q)`` per
         layer run here too. A snapshot: make a new one after the sequences change."""
         seq_ids = as_ids(seq_ids)
+        backend = self._pool()
+        ids = id_list(seq_ids)
+        follows = self._follows(ids)  # (read before the tables: a change during their round trip is seen)
         tables, seq_lens = self._plan_tables(seq_ids, slots)
         seq_lens = context_of(np.asarray(seq_lens), context_lens)
-        plan = make_plan(self._pool(), tables, seq_lens, query_lens, slots, **options)
+        plan = make_plan(backend, tables, seq_lens, query_lens, slots, **options)
         self._check_plan_slots(slots)
-        self._tie(plan, id_list(seq_ids))
+        self._tie(plan, ids, follows, tables)
         return plan
 
     def refill(self, plan: StepPlan, seq_ids: Any, query_lens: Any = None, slots: Any = None, *,
@@ -71,25 +74,49 @@ class KVAccess(SlotChecks):
         if not isinstance(plan, StepPlan) or plan.backend is not self._pool():
             raise InvalidArgument(f"refill: {type(plan).__name__} is no step plan of this client's mapped pool")
         seq_ids = as_ids(seq_ids)
+        ids = id_list(seq_ids)
+        follows = self._follows(ids)
         tables, seq_lens = self._plan_tables(seq_ids, slots)
         seq_lens = context_of(np.asarray(seq_lens), context_lens)
         self._check_plan_slots(slots)
         plan.update(tables, seq_lens, query_lens, slots)
-        self._tie(plan, id_list(seq_ids))
+        self._tie(plan, ids, follows, tables)
 
-    def _tie(self, plan: StepPlan, ids: list[int] | None) -> None:
-        """Tie ``plan`` to the sequences ``ids`` (its floor, and its guard)."""
+    def _follows(self, ids: list[int] | None) -> tuple[Moves | Foreign, int] | None:
+        """The count a plan over ``ids`` follows (`kvpager.plan_guard`) and its value
+        now, read before the plan's tables are: a release, or a rank worker's
+        driver's commit, while their round trip is under way moved it after the
+        daemon's check and before the plan was tied (its writes then went into
+        blocks the commit published, unasked). Its own sequences: its changes and
+        the sessions the daemon ended; others' too: their releases, and a rank
+        worker's driver's commits."""
         if ids is None:
+            return None
+        mirror = self._mirror
+        moves: Moves | Foreign = mirror.moves
+        if self._releases is not None and self._writes_for_driver():
+            # a rank worker's plan, over its own sequences too: its slots may be its driver's (checked by the
+            # daemon when made), which the driver's free or commit takes from it with no change of its own
+            moves = Foreign(mirror.moves, self._releases, tuple(self._followed()))
+        elif self._releases is not None and not all(i in mirror.rows for i in ids):
+            moves = Foreign(mirror.moves, self._releases, (0,))
+        elif self._releases is not None and len(self._releases) > 1:
+            moves = Foreign(mirror.moves, self._releases, (1,))
+        return moves, moves.count
+
+    def _tie(self, plan: StepPlan, ids: list[int] | None, follows: tuple[Moves | Foreign, int] | None,
+             tables: np.ndarray) -> None:
+        """Tie ``plan`` to the sequences ``ids`` (its floor, and its guard), following
+        ``follows`` (`_follows`, read before its ``tables``) from the count it had then.
+        Its floor (the first position each sequence still holds) from the mirror, or,
+        for sequences it does not mirror (a rank worker's driver's), from their
+        tables: it was none, and an attend past a released block's start read the
+        null block's zeros silently where `KVPool.plan` refuses it."""
+        if ids is None or follows is None:
             return
         mirror = self._mirror
-        plan.floor = None if self._lost else mirror.floors(ids)
-        moves: Moves | Foreign = mirror.moves
-        if self._releases is not None and not all(i in mirror.rows for i in ids):
-            # other sessions' sequences: their releases too, and a rank worker's driver's commits
-            words = tuple(self._followed()) if self._writes_for_driver() else (0,)
-            moves = Foreign(mirror.moves, self._releases, words)
-        elif self._releases is not None and len(self._releases) > 1:
-            moves = Foreign(mirror.moves, self._releases, (1,))  # its own: the sessions the daemon ended
+        mirrored = not self._lost and all(i in mirror.rows for i in ids)
+        plan.floor = mirror.floors(ids) if mirrored else table_floor(np.asarray(tables), self.spec.block_size)
         session = self.session
 
         def rows_now(ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -100,7 +127,7 @@ class KVAccess(SlotChecks):
                                 f"reconnect): its sequences and memory are gone; {REMEDY}")
             return self._rows_now(ids)
 
-        plan.guard_with(sequence_guard(ids, rows_now), moves)
+        plan.guard_with(sequence_guard(ids, rows_now), *follows)
 
     def _rows_now(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The tables, lengths and committed token counts of ``ids`` now: a step

@@ -159,13 +159,14 @@ class StepPlan(ABC):
                 return
         self._seen = count
 
-    def guard_with(self, guard: Guard | None, moves: Moves | Foreign | None = None) -> None:
-        """Tie this plan (and its chunked views) to ``guard`` from the count now;
-        ``moves``: the count it follows from now on (default: the one it follows)."""
+    def guard_with(self, guard: Guard | None, moves: Moves | Foreign | None = None, seen: int | None = None) -> None:
+        """Tie this plan (and its chunked views) to ``guard`` from the count now, or
+        from ``seen`` (a value it had earlier: a change since is checked at the next
+        call); ``moves``: the count it follows from now on (default: the one it follows)."""
         self.guard = guard
         if moves is not None:
             self._moves = moves
-        self._seen = self._moves.count
+        self._seen = self._moves.count if seen is None else seen
 
     @property
     def num_seqs(self) -> int:

@@ -42,11 +42,12 @@ class PoolInspection:
         return info
 
     def info_columns(self, seq_ids: list[int]) -> InfoColumns:
-        """The `SequenceInfo` fields of ``seq_ids`` (ints, checked by the caller) as
+        """The `SequenceInfo` fields of ``seq_ids`` (ints) as
         columns, their arrays read in one gather: what the daemon's `sequences`
         pages are made of (4,096 `sequence` calls took 120 ms, 20 ms so, a 2-core
-        VM). UnknownSequence names the first id that is not live."""
-        return seq_check.info_columns(self.manager, list(seq_ids))
+        VM). UnknownSequence names the first id that is not live; InvalidArgument
+        for ids that are not ints (a bool, a float), as every op refuses them."""
+        return seq_check.info_columns(self.manager, validate.seq_ids(seq_ids))
 
     def sequences(self, owner: Any = EVERY) -> list[SequenceInfo]:
         """Every live sequence, or ``owner``'s only, in id order. Costs what it

@@ -120,7 +120,7 @@ class ServerOps(ControlOps):
             "windowed_hits": True,  # allocate and cached_tokens take `window`
             "plan_slots": True,  # tables takes a step plan's slots, checked as a write's
             # the word of memory["releases"] counting the commits of the session whose sequences it writes
-            "commit_word": None if self.releases is None else self.releases.word((driver or s).serial),
+            "commit_word": None if "releases" not in memory else self.releases.word((driver or s).serial),
         }
 
     def _check_sessions(self, control: bool) -> None:

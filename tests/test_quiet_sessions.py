@@ -101,3 +101,26 @@ def test_the_inspection_commands_open_quiet_sessions(caplog):
         assert info == []
         debug = [r for r in caplog.records if r.levelno == logging.DEBUG and "opened by kvpager-cli" in r.getMessage()]
         assert len(debug) == 4
+
+
+def _open_levels(caplog: pytest.LogCaptureFixture, name: str) -> list[int]:
+    return [r.levelno for r in caplog.records
+            if r.name == "kvpager.server" and r.getMessage().startswith(f"session {name} opened")]
+
+
+def test_a_quiet_client_stays_quiet_after_reconnecting_to_a_daemon_that_takes_quiet(monkeypatch, caplog):
+    """The hello asked again without ``quiet`` dropped it from the client's own
+    arguments: every later hello of that client (a `reconnect` to the upgraded,
+    restarted daemon) went without it, its sessions logged at INFO for its life."""
+    caplog.set_level(logging.DEBUG, logger="kvpager.server")
+    allowed, required = protocol.OP_ARGS["hello"]
+    with running_server() as server:
+        monkeypatch.setitem(protocol.OP_ARGS, "hello", (allowed - {"quiet"}, required))
+        c = Client(server.endpoint, quiet=True)
+        try:
+            assert _open_levels(caplog, c.session_name) == [logging.INFO]  # the old daemon: as every session
+            monkeypatch.setitem(protocol.OP_ARGS, "hello", (allowed, required))  # the daemon now takes it
+            c.reconnect()
+            assert _open_levels(caplog, c.session_name) == [logging.DEBUG]
+        finally:
+            c.close()

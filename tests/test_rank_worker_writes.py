@@ -255,3 +255,14 @@ def test_a_workers_plan_over_its_drivers_sequence_is_refused_after_the_commit(de
                 plan.write(1, *_kv(4, n, heads))
             assert not np.abs(_at(worker, 1, x.slots)[0]).any()  # (layer 1: never written)
             server.pool.check_integrity()
+
+
+def test_commit_word_is_nil_where_memory_has_no_releases():
+    """hello's ``commit_word`` names a word of ``memory["releases"]``: a session of a
+    pool of two ranks that names no rank gets memory of kind "ranks", no
+    ``releases``, and no word (it named one)."""
+    with running_server(SPEC, devices=["cpu", "cpu"]) as server, Client(server.endpoint) as driver:
+        assert "releases" not in driver.memory
+        info = driver._call("hello", {"client": "probe"})  # (its session ends with the daemon)
+        assert "releases" not in info["memory"]
+        assert info["commit_word"] is None

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from daemon_helpers import SMALL, running_server
 
-from kvpager import Client, protocol
-from kvpager.errors import UnknownSequence
+from kvpager import Client, KVPool, PoolSpec, protocol
+from kvpager.errors import InvalidArgument, UnknownSequence
 from kvpager.protocol_codec import pack_array, pack_rows, unpack_array
 
 BS = SMALL.block_size
@@ -112,3 +112,18 @@ def test_the_pages_benchmark_runs_on_a_small_pool():
     rows = bench.run(seqs=600, tokens=20, rounds=1)
     assert [r["way"] for r in rows] == ["columns", "one at a time", "client walk (columns)"]
     assert all(r["all_s"] > 0 for r in rows) and rows[1]["vs_one_at_a_time"] == 1.0
+
+
+def test_kvpool_info_columns_refuses_ids_that_are_not_ints():
+    """As every pool op: a bool id is no id (it answered sequence 1's fields under
+    the id True), a float or a str InvalidArgument (not UnknownSequence)."""
+    with KVPool(PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=16, block_size=8,
+                         dtype="float32")) as pool:
+        [a] = pool.allocate([[1, 2, 3]])
+        assert a.seq_id == 1
+        with pytest.raises(InvalidArgument):
+            pool.sequence(True)
+        for bad in ([True], [1.0], ["1"], {1}):
+            with pytest.raises(InvalidArgument):
+                pool.info_columns(bad)
+        assert pool.info_columns([1]).seq_ids == [1]
