@@ -42,7 +42,9 @@ class StagingOps:
 
     def _op_write(self, s: Session, a: dict[str, Any]) -> None:
         slots = a["slots"]
-        slots = np.asarray(slots if isinstance(slots, (list, np.ndarray)) else [slots])
+        # checked as slots first (a null block's slot among them was `not_owner`, "block 0 is not held"),
+        # then as this session's to write
+        slots = validate.slots(slots if isinstance(slots, (list, np.ndarray)) else [slots], self.pool.spec)
         self._check_writable(s, slots)
         kv = session_kv(self, s, "write")
         with on_rank_device(self, s):

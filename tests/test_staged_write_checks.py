@@ -163,3 +163,24 @@ def test_kept_blocks_as_a_mask_or_as_ids_answer_alike():
         want = blocks[~np.isin(blocks, ids)]
         np.testing.assert_array_equal(_outside(mask, blocks), want)
         np.testing.assert_array_equal(_outside(ids, blocks), want)
+
+
+def test_a_staged_write_of_malformed_slots_is_invalid_not_foreign():
+    """Slots that are no slots (the null block's, past the pool, floats, below
+    -1) are refused as such, `invalid_argument`, before the ownership check,
+    which answered `not_owner` ("block 0 is not held") for a null block's slot."""
+    from kvpager.client_staging import _aligned
+    from kvpager.errors import InvalidArgument
+
+    with running_server(SPEC) as server, Client(server.endpoint, map_pool=False) as c:
+        [x] = c.allocate([list(range(BS))])
+        k, v = _kv(1, 2)
+        c.remote_write(0, x.slots[:2], k, v)  # (its own slots: taken; k and v staged where the raw writes say)
+        np.testing.assert_array_equal(_at(server, 0, x.slots[:2])[0], k)
+        before = _at(server, 0, x.slots)
+        staged = {"k": [0, list(k.shape)], "v": [_aligned(k.nbytes), list(v.shape)]}
+        first = int(x.slots[0])
+        for bad in ([first, 1], [first, SPEC.num_blocks * BS], [float(first), float(first + 1)], [first, -2]):
+            with pytest.raises(InvalidArgument, match="slot"):
+                c._call("write", {"layer": 0, "slots": bad, **staged})
+        np.testing.assert_array_equal(_at(server, 0, x.slots)[0], before[0])
