@@ -167,6 +167,11 @@ class StepPlan(ABC):
         if moves is not None:
             self._moves = moves
         self._seen = self._moves.count if seen is None else seen
+        # its chunked views follow what it follows (they kept the count of when they were made: a plan
+        # refilled over other sessions' sequences had views blind to those sessions' releases)
+        for view in self.__dict__.get("_chunk_views", {}).values():
+            if view is not self:
+                view._moves, view._seen = self._moves, self._seen
 
     @property
     def num_seqs(self) -> int:

@@ -184,3 +184,35 @@ def test_a_window_or_chunk_past_every_position_cuts_nothing():
         np.testing.assert_array_equal(pool.attend(0, [alloc.seq_id], q, 50, chunk=big), full)
         np.testing.assert_array_equal(pool.attend(0, [alloc.seq_id], q, 50, window=big), full)
 
+
+
+def test_a_chunked_view_follows_what_its_plan_is_tied_to_since():
+    """A view kept the count its plan followed when the view was made; a plan tied
+    again to another count (a client's plan refilled over other sessions'
+    sequences follows the daemon's releases, not only its own changes) left its
+    views on the old one: their attends never rechecked when the new count moved,
+    reading blocks other sequences hold since. The views follow it now."""
+    from kvpager.errors import StalePlan
+    from kvpager.plan_guard import Moves
+
+    rng = np.random.default_rng(4)
+    pool = make_pool()
+    [a] = pool.allocate([[int(t) for t in rng.integers(3, 100, 40)]])
+    plan = pool.plan([a.seq_id], [40])
+    view = plan.chunked(16)
+    assert view is not plan
+    q = rng.standard_normal((40, 4, pool.spec.head_dim), np.float32)
+    view.attend(0, q)
+    other, calls = Moves(), []
+
+    def refused(_plan):
+        calls.append(1)
+        raise StalePlan("its sequences changed")
+
+    plan.guard_with(refused, other)  # tied again, to a count of its own
+    view.attend(0, q)  # nothing moved since: no recheck
+    assert not calls
+    other.bump()
+    with pytest.raises(StalePlan):
+        view.attend(0, q)
+    assert calls
