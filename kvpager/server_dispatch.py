@@ -175,8 +175,14 @@ class Dispatch:
             session.kept_bytes -= _kept_bytes(dropped)
 
     def _reply(self, rid: int, op: str, session: Session | None, args: dict[str, Any]) -> bytes:
+        moves = self.pool.backend.moves
+        before = moves.count
         try:
-            result = self._handlers[op](session, args)
+            try:
+                result = self._handlers[op](session, args)
+            finally:
+                if session is not None and moves.count != before:  # (one that raised part way too)
+                    session.changes += 1  # its tables may have lost blocks: its kept `held` is looked at again
             if self.gpu is not None and op in _DEVICE_OPS and self.pool.pending:
                 self.pool.synchronize()
             return encode_reply(rid, result)

@@ -62,7 +62,8 @@ class StagingOps:
         if ((slots < -1) | (slots >= spec.num_blocks * spec.block_size)).any():
             return  # out of range: KVPool.write says so
         blocks = np.unique(slots[slots >= 0] // spec.block_size)
-        count = self.pool.backend.moves.count
+        driver = None if s.driver is None else self.sessions.by_name.get(s.driver)
+        count = (s.changes, 0 if driver is None else driver.changes)
         foreign = None
         if s.held is not None and s.held[0] == count:
             foreign = _outside(s.held[1], blocks)  # (blocks the tables took since: looked at again below)
@@ -84,13 +85,16 @@ class StagingOps:
         """The blocks the resident sequences of ``owners`` hold now: a mask a
         block, or their ids, sorted (int32), whichever is smaller.
 
-        Kept on the session with the pool's `Moves` count (`Session.held`):
-        a block leaves a sequence's table only by a free, truncate, swap-out,
-        release or copy-on-write, and each moves that count, so while it
-        stands every block found held is still held, and the layers of a step
-        that write the same blocks gather the tables once. Each write gathered
-        every table of the session (and its driver) before: 5 ms a call for
-        256 sequences of 32k tokens, 32 a step for a model's layers."""
+        Kept on the session with its and its driver's counts of changes
+        (`Session.changes`, `Session.held`): a block leaves a sequence's table
+        only by a free, truncate, swap-out, release or copy-on-write of its
+        owner's, each of which moves the pool's `Moves` count during that
+        session's request and so its count of changes, so while they stand
+        every block found held is still held, and the layers of a step that
+        write the same blocks gather the tables once. Each write gathered every
+        table of the session (and its driver) before: 5 ms a call for 256
+        sequences of 32k tokens, 32 a step for a model's layers; and kept on the
+        pool's count, any session's free gathered them again."""
         spec = self.pool.spec
         held = np.zeros(spec.num_blocks, bool)  # (a mark a block: np.isin sorted every table, 3.6 ms for 16k entries)
         for owner in owners:

@@ -58,9 +58,12 @@ class Session:
     control: bool = False  # hello carried the daemon's control token
     rank: int | None = None  # the tensor-parallel rank hello named (None: none named)
     driver: str | None = None  # a rank session's driver: the session (public name) whose sequences it writes
-    #: (the pool's `Moves` count, the blocks its and its driver's sequences held then: a mask or sorted
-    #: ids): a staged write's check of its slots (`StagingOps._held`), kept while no block left any table
-    held: tuple[int, Any] | None = None
+    #: requests of its that moved the pool's `Moves` count (a free, truncate, swap-out, release, commit,
+    #: copy-on-write: `Dispatch._reply`): no block leaves its tables otherwise
+    changes: int = 0
+    #: (its and its driver's ``changes``, the blocks their sequences held then: a mask or sorted ids): a
+    #: staged write's check of its slots (`StagingOps._held`), kept while neither took a block out of a table
+    held: tuple[tuple[int, int], Any] | None = None
     quiet: bool = False  # hello's `quiet`: its open and its clean end logged at debug (an inspection)
     serial: int = 0  # its number (its name's): the word counting its commits (`kvpager.shm.ReleaseCount.word`)
 

@@ -116,6 +116,35 @@ def test_another_sessions_live_blocks_are_refused_with_the_held_blocks_kept(fill
         np.testing.assert_array_equal(_at(server, 0, x.slots)[0], theirs[0])
 
 
+@HOLDS
+def test_another_sessions_frees_leave_the_held_blocks_kept(filler):
+    """The kept blocks followed the pool's count, which every session's free, truncate
+    or copy-on-write moves: in a daemon of many clients each step of a staged
+    writer gathered its tables again. They follow the session's (and its driver's)
+    own changes: another session's free gathers nothing, its own does; the blocks
+    the other gave back, held by no sequence of this one, are still refused."""
+    with running_server(SPEC) as server, Client(server.endpoint, map_pool=False) as c, \
+            Client(server.endpoint, map_pool=False) as other:
+        _fill(c, filler)
+        [a, b] = c.allocate([list(range(BS)), list(range(50, 50 + BS))])
+        [x, y] = other.allocate([list(range(700, 700 + BS)), list(range(800, 800 + BS))])
+        gathers = _count_gathers(server)
+        c.write(0, a.slots, *_kv(1, BS))
+        assert gathers[0] == 1
+        other.free(x.seq_id)  # another session's release
+        other.truncate(y.seq_id, 1)
+        for layer in range(SPEC.num_layers):
+            c.write(layer, a.slots, *_kv(layer, BS))
+        assert gathers[0] == 1, "another session's release made this one gather its tables again"
+        with pytest.raises(NotOwner, match="not held by any sequence of this session"):
+            c.write(0, x.slots, *_kv(2, BS))  # (a block held by no sequence of its own: looked at again, refused)
+        c.free(b.seq_id)  # its own: gathered again at its next write, and b's slots refused
+        c.write(0, a.slots, *_kv(3, BS))
+        assert gathers[0] == 3
+        with pytest.raises(NotOwner):
+            c.write(0, b.slots, *_kv(4, BS))
+
+
 @pytest.mark.parametrize("change", ["truncate", "swap_out", "release_before"])
 def test_blocks_a_sequence_gave_back_are_refused(change):
     with running_server(SPEC) as server, Client(server.endpoint, map_pool=False) as c:
