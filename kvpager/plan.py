@@ -222,7 +222,9 @@ class StepPlan(ABC):
             else:
                 view = self.backend.plan(tables, lens, qlens, None, **self.view_options())
                 view.floor = table_floor(tables, self.spec.block_size)
-                view.guard_with(view_guard(self), self._moves)  # stale with this plan: its check is this plan's
+                # stale with this plan: its check is this plan's, from the count this plan last checked at
+                # (from the count now, a view made after its plan's sequences changed never rechecked)
+                view.guard_with(view_guard(self), self._moves, self._seen)
             views[chunk] = view
         return view
 

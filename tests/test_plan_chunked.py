@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from daemon_helpers import running_server
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpager import KVPool
+from kvpager import Client, KVPool
 from kvpager.attend_options import chunk_step
-from kvpager.errors import InvalidArgument
+from kvpager.errors import InvalidArgument, StalePlan
 from kvpager.spec import PoolSpec
 
 
@@ -216,3 +217,53 @@ def test_a_chunked_view_follows_what_its_plan_is_tied_to_since():
     with pytest.raises(StalePlan):
         view.attend(0, q)
     assert calls
+
+
+STALE_SPEC = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=64, block_size=8, dtype="float32")
+BS8, CHUNK, N = 8, 16, 40  # the planned sequence's tokens: queries in three chunks
+
+
+def _tokens(seed: int, n: int) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(3, 1000, n)]
+
+
+def _kv8(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return tuple(rng.standard_normal((n, 2, 16)).astype(np.float32) for _ in range(2))
+
+
+def test_a_chunked_view_made_after_its_plan_went_stale_refuses_as_its_plan_does():
+    """`StepPlan.chunked` tied a new view from the count then, not from the count
+    its plan last checked at: a plan whose sequences changed since it last looked
+    (its own recheck pending) got a view that never rechecked, whose attends read
+    the blocks the plan's sequence gave back (another sequence's K/V now) where
+    the plan itself raises StalePlan. (The same for a client's plan tied from the
+    count read before its tables: a release during the round trip.)"""
+    pool = KVPool(STALE_SPEC)
+    [a] = pool.allocate([_tokens(1, N)])
+    plan = pool.plan([a.seq_id], [N])  # every position a query: the view is a plan of its own
+    pool.free([a.seq_id])
+    [b] = pool.allocate([_tokens(2, N)])  # another sequence takes the blocks back
+    assert set(np.asarray(b.slots) // BS8) & set(np.asarray(a.slots) // BS8)
+    pool.write(0, b.slots, *_kv8(3, N))
+    q = np.random.default_rng(4).standard_normal((N, 2, 16)).astype(np.float32)
+    with pytest.raises(StalePlan):
+        plan.chunked(CHUNK).attend(0, q)  # read b's K/V as a's: no recheck
+    with pytest.raises(StalePlan):
+        plan.attend(0, q)
+
+
+def test_a_clients_chunked_view_made_after_a_free_refuses():
+    """The same through a daemon client's mapped pool (CPU): a plan of its own
+    sequence, the sequence freed and its blocks written by another session; the
+    view made then attends over the other session's K/V."""
+    with running_server(STALE_SPEC) as server, Client(server.endpoint) as c, Client(server.endpoint) as other:
+        [a] = c.allocate([_tokens(1, N)])
+        plan = c.plan([a.seq_id], [N])
+        c.free(a.seq_id)
+        [x] = other.allocate([_tokens(2, N)])
+        assert set(np.asarray(x.slots) // BS8) & set(np.asarray(a.slots) // BS8)
+        other.write(0, x.slots, *_kv8(3, N))
+        q = np.random.default_rng(4).standard_normal((N, 2, 16)).astype(np.float32)
+        with pytest.raises(StalePlan):
+            plan.chunked(CHUNK).attend(0, q)
