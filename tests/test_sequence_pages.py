@@ -23,16 +23,22 @@ from kvpager.protocol_codec import pack_array, pack_rows, unpack_array
 BS = SMALL.block_size
 
 
+def _bench_inspect():
+    """tools/bench_inspect.py as a module: its `one_at_a_time` is the daemon's page as
+    made before (the reference here), its `run` the benchmark."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_inspect.py"
+    spec = importlib.util.spec_from_file_location("bench_inspect", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def _reference(server, ids):
     """Each id's map as the daemon made them before: one `SequenceInfo` at a time."""
-    out = []
-    for i in ids:
-        info = server.pool.sequence(i)
-        d = protocol.encode_info(info)
-        owner = server.sessions.by_name.get(info.owner)
-        d["owner_pid"] = owner.pid if owner is not None else None
-        out.append(d)
-    return out
+    return _bench_inspect().one_at_a_time(server, ids)
 
 
 def _wire(value):
@@ -102,13 +108,7 @@ def test_pack_rows_packs_each_row_as_pack_array_does(dtype):
 
 def test_the_pages_benchmark_runs_on_a_small_pool():
     """tools/bench_inspect.py, as CI can afford it: both ways time every page."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "tools" / "bench_inspect.py"
-    spec = importlib.util.spec_from_file_location("bench_inspect", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_inspect()
     rows = bench.run(seqs=600, tokens=20, rounds=1)
     assert [r["way"] for r in rows] == ["columns", "one at a time", "client walk (columns)"]
     assert all(r["all_s"] > 0 for r in rows) and rows[1]["vs_one_at_a_time"] == 1.0
