@@ -93,6 +93,26 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+class CliRun:
+    """What `run_cli` saw: the exit code (None: killed past its bound) and the output."""
+
+    def __init__(self, exit_code: int | None, output: str):
+        self.exit_code, self.output = exit_code, output
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None) -> CliRun:
+    """``kvpager ARGS`` in a process of its own, bounded: a daemon that starts
+    where it should have refused is killed (exit code None)."""
+    full = {**subprocess_env(), **(env or {})}
+    try:
+        r = subprocess.run([sys.executable, "-m", "kvpager", *args], env=full, capture_output=True,
+                           text=True, timeout=20)
+    except subprocess.TimeoutExpired as e:
+        return CliRun(None, str(e.stderr or ""))
+    assert "Traceback" not in r.stderr, r.stderr
+    return CliRun(r.returncode, r.stdout + r.stderr)
+
+
 def as_from_a_terminal() -> None:
     """A daemon subprocess's ``preexec_fn``: SIGINT and SIGHUP at their defaults, as
     a terminal starts it. A daemon started with them ignored leaves them ignored

@@ -25,6 +25,7 @@ from daemon_helpers import (
     as_from_a_terminal,
     daemon_process,
     ipc_endpoint,
+    run_cli,
     running_server,
     subprocess_env,
     wait_until,
@@ -41,24 +42,6 @@ GEOMETRY = ["--model", "tiny", "--device", "cpu"]
 TOKEN = "a-test-token-of-enough-length-0123"
 
 
-class _Ran:
-    def __init__(self, exit_code, output):
-        self.exit_code, self.output = exit_code, output
-
-
-def _invoke(args, env=None):
-    """``kvpager ARGS`` in a process of its own, bounded: a daemon that starts
-    where it should have refused is killed (exit code None)."""
-    full = {**subprocess_env(), **(env or {})}
-    try:
-        r = subprocess.run([sys.executable, "-m", "kvpager", *args], env=full, capture_output=True,
-                           text=True, timeout=20)
-    except subprocess.TimeoutExpired as e:
-        return _Ran(None, str(e.stderr or ""))
-    assert "Traceback" not in r.stderr, r.stderr
-    return _Ran(r.returncode, r.stdout + r.stderr)
-
-
 @pytest.mark.parametrize("args, env, named", [
     (["--max-sessions", "0"], {}, "--max-sessions"),
     (["--max-sequences", "0"], {}, "--max-sequences"),
@@ -70,7 +53,7 @@ def test_a_limit_of_zero_is_not_unlimited(args, env, named, tmp_path):
     """`serve --max-sessions 0` started a daemon that refused every hello, even
     `kvpager stats`'s; now refused by name before anything is allocated."""
     endpoint = f"ipc://{tmp_path}/kv.sock"
-    r = _invoke(["serve", *GEOMETRY, "--blocks", "8", "--endpoint", endpoint, *args], env)
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "8", "--endpoint", endpoint, *args], env)
     assert r.exit_code not in (0, None) and named in r.output and "at least 1" in r.output, r.output
     assert not os.path.exists(f"{tmp_path}/kv.sock")
 
@@ -81,7 +64,7 @@ def test_a_limit_of_zero_is_not_unlimited(args, env, named, tmp_path):
 ])
 def test_a_count_with_a_fraction_is_refused(args, env, named, tmp_path):
     """`--max-sequences 1.5` was cut to 1 without a word."""
-    r = _invoke(["serve", *GEOMETRY, "--blocks", "8", "--endpoint", f"ipc://{tmp_path}/kv.sock", *args], env)
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "8", "--endpoint", f"ipc://{tmp_path}/kv.sock", *args], env)
     assert r.exit_code not in (0, None) and named in r.output and "whole number" in r.output, r.output
     from kvpager.env import parse_size
 
@@ -93,7 +76,7 @@ def test_a_count_with_a_fraction_is_refused(args, env, named, tmp_path):
 def test_a_short_or_blank_token_in_the_environment_is_refused(var, value, tmp_path):
     """A token file of 5 characters was refused, KVPAGER_TOKEN=short taken (and a
     blank one served with no token at all)."""
-    r = _invoke(["serve", *GEOMETRY, "--blocks", "8", "--endpoint", f"ipc://{tmp_path}/kv.sock"], {var: value})
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "8", "--endpoint", f"ipc://{tmp_path}/kv.sock"], {var: value})
     assert r.exit_code not in (0, None) and var in r.output and "at least 16" in r.output, r.output
 
 
@@ -140,7 +123,7 @@ def test_memory_fraction_is_measured_after_a_killed_daemons_segments_are_swept()
 def test_a_refusal_of_the_endpoint_comes_before_the_pool_is_allocated():
     """Beyond loopback without a token: once refused only after the pool was
     made, here after a pool /dev/shm cannot hold was asked for (and refused first)."""
-    r = _invoke(["serve", *GEOMETRY, "--blocks", "99999999999", "--endpoint", "tcp://0.0.0.0:0"],
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "99999999999", "--endpoint", "tcp://0.0.0.0:0"],
                 {"KVPAGER_TOKEN": "", "KVPAGER_TOKEN_FILE": ""})
     assert r.exit_code not in (0, None) and "token" in r.output and "shared memory" not in r.output, r.output
 
@@ -215,7 +198,7 @@ def test_stats_against_another_program_says_so():
 def test_a_message_limit_no_request_fits_is_refused(value):
     """KVPAGER_MAX_MESSAGE=0 meant the default without a word; 10 started a
     daemon that refused every request, hello included."""
-    r = _invoke(["serve", *GEOMETRY, "--blocks", "8", "--endpoint", ipc_endpoint()[0]], {"KVPAGER_MAX_MESSAGE": value})
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "8", "--endpoint", ipc_endpoint()[0]], {"KVPAGER_MAX_MESSAGE": value})
     assert r.exit_code not in (0, None) and "KVPAGER_MAX_MESSAGE" in r.output, r.output
 
 
@@ -348,7 +331,7 @@ def test_a_scales_file_of_null_is_refused(tmp_path):
     scale 1.0: a file given for the scales meant some."""
     path = tmp_path / "scales.json"
     path.write_text("null\n")
-    r = _invoke(["serve", "--layers", "2", "--kv-heads", "2", "--head-dim", "32", "--dtype", "float16",
+    r = run_cli(["serve", "--layers", "2", "--kv-heads", "2", "--head-dim", "32", "--dtype", "float16",
                  "--kv-dtype", "fp8", "--kv-scales", str(path), "--blocks", "8", "--device", "cpu",
                  "--endpoint", ipc_endpoint()[0]])
     assert r.exit_code == 2 and "holds null" in r.output, r.output
@@ -373,14 +356,14 @@ def test_careless_sizes_numbers_bytes_and_files_get_one_line_and_no_traceback(ar
     """Each was a traceback (or a read of /dev/urandom until memory ran out):
     sizes past 2**63 bytes, a message limit past ZeroMQ's, a nan wait, bytes of
     a command line that are not UTF-8, a device for a token or config file."""
-    r = _invoke(args, env)  # (a lone surrogate goes on the command line as the byte 0xff)
+    r = run_cli(args, env)  # (a lone surrogate goes on the command line as the byte 0xff)
     assert r.exit_code not in (0, None) and named in r.output, r.output
 
 
 def test_a_fifo_for_a_token_file_is_refused_not_waited_on(tmp_path):
     fifo = tmp_path / "token"
     os.mkfifo(fifo)
-    r = _invoke(["serve", *GEOMETRY, "--blocks", "8", "--endpoint", ipc_endpoint()[0]],
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "8", "--endpoint", ipc_endpoint()[0]],
                 {"KVPAGER_TOKEN_FILE": str(fifo)})
     assert r.exit_code not in (0, None) and "not a regular file" in r.output, r.output
 

@@ -8,16 +8,14 @@ failed; bounded waits, free endpoints."""
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 from daemon_helpers import (
     daemon_process,
     ipc_endpoint,
+    run_cli,
     running_server,
-    subprocess_env,
 )
 
 from kvpager import PoolSpec
@@ -28,24 +26,6 @@ WAIT = 60
 GEOMETRY = ["--model", "tiny", "--device", "cpu"]
 
 
-class _Ran:
-    def __init__(self, exit_code, output):
-        self.exit_code, self.output = exit_code, output
-
-
-def _invoke(args, env=None):
-    """``kvpager ARGS`` in a process of its own, bounded: a daemon that starts
-    where it should have refused is killed (exit code None)."""
-    full = {**subprocess_env(), **(env or {})}
-    try:
-        r = subprocess.run([sys.executable, "-m", "kvpager", *args], env=full, capture_output=True,
-                           text=True, timeout=20)
-    except subprocess.TimeoutExpired as e:
-        return _Ran(None, str(e.stderr or ""))
-    assert "Traceback" not in r.stderr, r.stderr
-    return _Ran(r.returncode, r.stdout + r.stderr)
-
-
 def test_a_taken_metrics_port_is_refused_before_the_pool_is_allocated(tmp_path):
     """Another program on --metrics-port: said only once the pool was made (a GPU's
     memory, or /dev/shm, taken and given back for nothing); here before a pool /dev/shm
@@ -54,7 +34,7 @@ def test_a_taken_metrics_port_is_refused_before_the_pool_is_allocated(tmp_path):
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
-        r = _invoke(["serve", *GEOMETRY, "--blocks", "99999999999", "--endpoint", f"ipc://{tmp_path}/kv.sock",
+        r = run_cli(["serve", *GEOMETRY, "--blocks", "99999999999", "--endpoint", f"ipc://{tmp_path}/kv.sock",
                      "--metrics-port", str(port)])
     assert r.exit_code not in (0, None) and f"the metrics server's 127.0.0.1:{port}: the port is taken" in r.output \
         and "--metrics-port" in r.output and "shared memory" not in r.output, r.output
@@ -64,33 +44,33 @@ def test_an_inproc_endpoint_is_refused_by_the_commands_that_run_in_their_own_pro
     """inproc:// reaches only the process that binds it: `kvpager stats` waited out its
     timeout there, and `kvpager serve` served no one, for ever."""
     started = time.monotonic()
-    r = _invoke(["stats", "--endpoint", "inproc://kv"])
+    r = run_cli(["stats", "--endpoint", "inproc://kv"])
     assert r.exit_code == 2 and "inproc:// reaches only a daemon in the same process" in r.output, r.output
     assert time.monotonic() - started < 8  # (its 10 s timeout, before)
     (tmp_path / "p.json").write_text("[[1, 2, 3]]")
-    r = _invoke(["pin", "--endpoint", "inproc://kv", str(tmp_path / "p.json")])
+    r = run_cli(["pin", "--endpoint", "inproc://kv", str(tmp_path / "p.json")])
     assert r.exit_code not in (0, None) and "inproc://" in r.output, r.output
-    r = _invoke(["serve", *GEOMETRY, "--blocks", "16", "--endpoint", "inproc://kv"])
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "16", "--endpoint", "inproc://kv"])
     assert r.exit_code not in (0, None) and "inproc:// reaches only" in r.output, r.output
 
 
 def test_a_tenant_given_two_quotas_is_refused():
     """``--quota a=1 --quota a=2``: the last one won, without a word."""
-    r = _invoke(["serve", *GEOMETRY, "--blocks", "16", "--quota", "a=1", "--quota", "a=2",
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "16", "--quota", "a=1", "--quota", "a=2",
                  "--endpoint", "ipc:///nonexistent-kvpager-folder/kv.sock"])
     assert r.exit_code == 2 and "a second quota for 'a'" in r.output, r.output
 
 
 def test_a_log_level_in_lower_case_is_taken():
-    r = _invoke(["serve", *GEOMETRY, "--blocks", "16", "--log-level", "debug", "--dry-run"])
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "16", "--log-level", "debug", "--dry-run"])
     assert r.exit_code == 0, r.output
 
 
 def test_a_pin_cap_of_the_whole_pool_is_warned_of(tmp_path):
     """``--max-pinned-blocks`` at or past the pool's blocks capped nothing, without a word."""
-    r = _invoke(["serve", *GEOMETRY, "--blocks", "16", "--max-pinned-blocks", "16", "--dry-run"])
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "16", "--max-pinned-blocks", "16", "--dry-run"])
     assert r.exit_code == 0 and "--max-pinned-blocks 16 is not below the pool's 16 blocks" in r.output, r.output
-    r = _invoke(["serve", *GEOMETRY, "--blocks", "16", "--max-pinned-blocks", "15", "--dry-run"])
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "16", "--max-pinned-blocks", "15", "--dry-run"])
     assert r.exit_code == 0 and "max-pinned-blocks" not in r.output, r.output
     with daemon_process([*GEOMETRY, "--blocks", "16", "--max-pinned-blocks", "99"], f"ipc://{tmp_path}/kv.sock") \
             as proc:
