@@ -64,7 +64,7 @@ class Moves:
         """Blocks of some sequence may go to another: `bump`, and the shared count."""
         self.count += 1
         if self.shared is not None:
-            self.shared[0] += 1
+            self.shared[0:1] += 1  # (as an array: wraps silently, as `ReleaseCount.committed` says)
 
 
 class Foreign:

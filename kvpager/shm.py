@@ -327,7 +327,7 @@ class ReleaseCount:
         self.array = self.segment.array((self.SIZE // 8,), np.uint64)
 
     def session_ended(self) -> None:
-        self.array[1] += 1
+        self.array[1:2] += 1  # (as an array: wraps silently, see `committed`)
 
     @classmethod
     def word(cls, serial: int) -> int:
@@ -335,8 +335,13 @@ class ReleaseCount:
         return cls.FIRST_COMMIT + serial % COMMIT_WORDS
 
     def committed(self, word: int) -> None:
-        """A session committed (and may have published blocks its workers write)."""
-        self.array[word] += 1
+        """A session committed (and may have published blocks its workers write).
+        Added as an array, which wraps silently past 2**64 - 1: the words are
+        shared memory any process of the daemon's user may map writable, and a
+        scalar ``+= 1`` on a word a client set to the top warned (an error under
+        ``-W error``: a commit answered ``internal`` after it had published, and an
+        expiry, outside the loop's guard, ended the daemon)."""
+        self.array[word : word + 1] += 1
 
     def handle(self) -> dict[str, Any]:
         """The hello reply's ``memory["releases"]``."""
