@@ -54,7 +54,7 @@ from kvpager.client_seqs import ClientSequences
 from kvpager.client_staging import ClientStaging
 from kvpager.client_tables import TableMirror
 from kvpager.client_wire import ClientWire, heartbeat_loop
-from kvpager.endpoints import endpoint_or_default, probe
+from kvpager.endpoints import AT_CAP, endpoint_or_default, probe
 from kvpager.errors import (
     DaemonUnavailable,
     InvalidArgument,
@@ -118,7 +118,8 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         why = probe(self.endpoint)
         if why is not None:
             raise DaemonUnavailable(
-                f"no kvpager daemon at {self.endpoint} ({why}); start one with `kvpager serve` "
+                f"the kvpager daemon at {self.endpoint} takes no new connections now ({why})" if why.startswith(AT_CAP)
+                else f"no kvpager daemon at {self.endpoint} ({why}); start one with `kvpager serve` "
                 "or point KVPAGER_ENDPOINT at a running one"
             )
         self._hello_args = hello_arguments(name, token, control_token, rank, secret, quiet)

@@ -157,12 +157,19 @@ def is_local(endpoint: str) -> bool:
         return False  # "*", an interface or host name
 
 
+#: how `probe` begins its answer where a daemon listens but takes no new connections for now
+AT_CAP = "the daemon there is at the most connections"
+
+
 def probe(endpoint: str, timeout: float = 1.0) -> str | None:
     """Why nothing listens at ``endpoint`` (a short reason), or None if something
     accepts connections there. Only ipc:// and tcp:// are probed."""
     path = ipc_path(endpoint)
     if path is not None:
         if not os.path.exists(path):
+            if os.path.exists(path + ".full"):  # (`kvpager.server_watch`: renamed while connections are at their cap)
+                return (f"{AT_CAP} its open files limit holds ({path}.full until some end): close clients' "
+                        "unused sockets, or raise the daemon's limit")
             return f"no socket file {path}"
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)

@@ -261,8 +261,8 @@ def _start(opts: dict[str, Any], made: list[Any]) -> Any:
     from kvpager.server import Server
     from kvpager.server_bind import (
         check_before_allocating,
+        check_open_files,
         raise_open_files_limit,
-        sessions_within_open_files,
     )
 
     device, devices = pool_devices(opts)
@@ -285,7 +285,7 @@ def _start(opts: dict[str, Any], made: list[Any]) -> Any:
         check_before_allocating(opts["endpoint"], token,
                                 None if metrics_port is None else (opts["metrics_host"], metrics_port))
         soft, _ = raise_open_files_limit()  # (a file descriptor a connection)
-        limits = sessions_within_open_files(limits, soft)
+        check_open_files(soft)  # (and sessions fitted to it once bound)
         spec = build_spec(opts, device, devices)
         warn_pin_cap(opts, spec)
         events = None

@@ -27,10 +27,16 @@ from kvpager.endpoints import (
     unlink_socket_file,
 )
 from kvpager.errors import InvalidArgument
-from kvpager.limits import Limits
 from kvpager.metrics import serve_metrics
 from kvpager.render import human_bytes
 from kvpager.server_ranks import close_release_count
+from kvpager.server_watch import (
+    BACKLOG,
+    ConnectionWatch,
+    connection_cap,
+    held_files,
+    open_files_limit,
+)
 
 log = logging.getLogger("kvpager.server")
 
@@ -70,32 +76,18 @@ def raise_open_files_limit() -> tuple[int, int]:
 FILES_A_SESSION = 2
 
 
-def sessions_within_open_files(limits: Limits, soft: int) -> Limits:
-    """``limits`` with no more sessions than the open files limit ``soft`` holds, two
-    files each, beside the files this process holds now and a reserve (ZeroMQ's own,
-    connections not yet in a session, scrapes, KV event subscribers, the remote
-    store's): ZeroMQ aborts a daemon whose ipc:// listener finds no file left for a
-    connection (its accept asserts), and where the limit was low clients past it
-    killed the daemon, every session with it; now those are refused at hello
-    (`limit_exceeded`) first. InvalidArgument where the limit leaves room for none."""
+def check_open_files(soft: int) -> None:
+    """InvalidArgument where the open files limit ``soft`` leaves no room for a
+    client's connections beside the files this process holds now and a reserve:
+    said by `kvpager serve` before it allocates the pool. The daemon fits its
+    sessions to the limit once bound (`Binding._watch_connections`)."""
     if soft < 0:  # (no such limit here, or none at all)
-        return limits
-    try:
-        held = len(os.listdir("/proc/self/fd"))
-    except OSError:
-        held = 16  # (no /proc: about what a daemon holds before its socket is bound)
-    room = (soft - held - 16 - soft // 8) // FILES_A_SESSION
-    if room >= limits.sessions:
-        return limits
-    if room < 1:
+        return
+    cap = connection_cap(soft, held_files())
+    if cap is not None and cap <= 4 * FILES_A_SESSION:
         raise InvalidArgument(
-            f"the open files limit ({soft}) leaves no room for a client's connections beside the daemon's own "
+            f"the open files limit ({soft}) leaves no room for clients' connections beside the daemon's own "
             "files: raise it (ulimit -n; systemd LimitNOFILE=; docker run --ulimit nofile=N:N)")
-    log.warning("the open files limit (%d) holds about %d sessions (%d connections each) beside the daemon's "
-                "own files: sessions past %d are refused, not the %d of --max-sessions (past the files, ZeroMQ "
-                "ends the daemon); raise the limit (ulimit -n; systemd LimitNOFILE=; docker run --ulimit "
-                "nofile=N:N) for more", soft, room, FILES_A_SESSION, room, limits.sessions)
-    return dataclasses.replace(limits, sessions=room)
 
 
 def check_before_allocating(endpoint: str | None, token: str | None, metrics: tuple[str, int] | None = None) -> str:
@@ -190,7 +182,7 @@ def refuse_open_tcp(endpoint: str, token: str | None) -> None:
 
 class Binding:
     """Mixed into `Server`, which supplies ``pool``, ``endpoint``, ``token``,
-    ``max_message_bytes``, ``sessions``, ``memory``, ``rank_memory``, ``owns_pool``,
+    ``max_message_bytes``, ``sessions``, ``memory``, ``rank_memory``, ``owns_pool``, ``_watch``,
     ``events``, ``request_metrics`` and the metrics' settings, ``requests``,
     ``_ctx``, ``_sock``, ``_sink``, ``_snapshots``, ``_httpd``, ``_end`` and
     ``_flush_events``."""
@@ -226,6 +218,7 @@ class Binding:
         # half-open TCP connection) is dropped, and its file descriptor with it
         sock.setsockopt(zmq.HEARTBEAT_IVL, PING_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * PING_MS)
+        sock.setsockopt(zmq.BACKLOG, BACKLOG)  # (connections accepted past the watch's cap: `server_watch`)
         try:
             sock.bind(self.endpoint)
         except zmq.ZMQError as e:
@@ -235,6 +228,7 @@ class Binding:
             raise InvalidArgument(f"cannot bind {self.endpoint}: {e}") from None
         self._sock = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._watch_connections()
         path = ipc_path(self.endpoint)
         self._socket_file = socket_file(path)  # what close may remove: this daemon's file alone
         if path:
@@ -260,6 +254,31 @@ class Binding:
         self._served = True
         return self.endpoint
 
+    def _watch_connections(self) -> None:
+        """Close connections past what the open files limit holds as they come
+        (`kvpager.server_watch`), and open no more sessions than fit under that cap
+        with room for hellos being refused and the control token's sessions: counted
+        here, with the files this daemon holds once bound (`kvpager serve` counted
+        them before the pool and the socket were made, and a session past them was
+        shut out unanswered instead of refused at hello)."""
+        soft = open_files_limit()
+        cap = connection_cap(soft, held_files())
+        if cap is None:
+            return
+        from kvpager.server_ops import CONTROL_SESSIONS
+
+        slack = max(4, cap // 8)  # (connections not in a session yet: hellos, refused ones too)
+        fit = max((cap - slack) // FILES_A_SESSION - (CONTROL_SESSIONS if self.control_token else 0), 1)
+        if fit < self.limits.sessions:
+            log.warning("the open files limit (%d) holds about %d sessions (%d connections each) beside the "
+                        "daemon's own files: sessions past %d are refused, not the %d of --max-sessions (past the "
+                        "files, ZeroMQ ends the daemon); raise the limit (ulimit -n; systemd LimitNOFILE=; docker "
+                        "run --ulimit nofile=N:N) for more", soft, fit, FILES_A_SESSION, fit, self.limits.sessions)
+            self.limits = self.sessions.limits = dataclasses.replace(self.limits, sessions=fit)
+        path = ipc_path(self.endpoint)
+        self._watch = ConnectionWatch(self._sock, self.endpoint, cap,
+                                      None if path is None or path.startswith("@") else path, self._file_lock)
+
     def keep_socket_file(self) -> None:
         """Make the ipc:// socket file again where it was removed while the daemon
         serves (a /tmp cleaner, logind removing the runtime folder of a login session
@@ -274,6 +293,11 @@ class Binding:
             return
         if self._socket_file is not None and socket_file(path) == self._socket_file:
             return
+        with self._file_lock:  # (the watch renames it while connections are at their cap: not removed)
+            if self._watch is None or not self._watch.hidden:
+                self._make_socket_file(path)
+
+    def _make_socket_file(self, path: str) -> None:
         if os.path.lexists(path):  # another daemon's (or anything else) since: never removed
             if self._socket_file is not None:
                 log.error("the socket file %s was removed and something else is there now (another daemon?): "
@@ -320,6 +344,9 @@ class Binding:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
