@@ -99,7 +99,8 @@ class ConnectionWatch:
         self._path = path
         self._sock = sock
         self._local = _local_address(endpoint)
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._monitor = sock.get_monitor_socket(
+            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED)
         self._stop = threading.Event()
         self._full = False  # at the cap since the last warning
         self._thread = threading.Thread(target=self._run, name="kvpager-connections", daemon=True)
@@ -108,9 +109,9 @@ class ConnectionWatch:
     def close(self) -> None:
         """Stop counting; a renamed socket file named back (for the daemon's close to remove)."""
         self._stop.set()
-        self._thread.join(2 * _WAIT_MS / 1000 + 1)
         with contextlib.suppress(zmq.ZMQError):  # (the socket closed already)
-            self._sock.disable_monitor()
+            self._sock.disable_monitor()  # (its last event, "stopped", wakes the thread)
+        self._thread.join(2 * _WAIT_MS / 1000 + 1)
         self._monitor.close(0)
         self._show()
 
