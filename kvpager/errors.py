@@ -153,6 +153,16 @@ class UnsupportedModel(UnsupportedConfiguration, ValueError):
     code = "unsupported_model"
 
 
+class OutsidePagedPass(KVPagerError, RuntimeError):
+    """kvpager attention called with no `kvpager.hf` pass of the calling thread: the
+    model is switched to it (the switch lives in its shared config) while another
+    thread's pass runs, or was loaded with ``attn_implementation="kvpager"``, and
+    this call carries no batch. Still the RuntimeError it was before it had a type.
+    Raised in the model's process, never sent."""
+
+    code = "outside_paged_pass"
+
+
 class BackendUnavailable(KVPagerError):
     """The requested device cannot be used here (no CUDA, no CuPy, ...)."""
 

@@ -50,6 +50,7 @@ from kvpager.hf.paged_cache import PagedCache
 from kvpager.hf.salt import default_salt
 from kvpager.hf.sampling import Sampling
 from kvpager.hf.scoring import Scores, score
+from kvpager.hf.switching import OutsidePagedPass
 from kvpager.hf.windows import layer_chunks, layer_windows
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "CapturedSteps",
     "Completion",
     "DecodeGraphs",
+    "OutsidePagedPass",
     "PagedBatch",
     "PagedCache",
     "PagedGeneration",

@@ -36,7 +36,13 @@ from kvpager.hf.fitting import fit_layer, pool_mismatch
 from kvpager.hf.model import ABSENT, IGNORED, check_call, has_recurrent_layers, temperature_tuned
 
 # the switch (`paged_attention`) and the name it switches to, re-exported from their home
-from kvpager.hf.switching import ATTN_IMPLEMENTATION, _set_attn, paged_attention  # noqa: F401
+from kvpager.hf.switching import (  # noqa: F401
+    ATTN_IMPLEMENTATION,
+    OutsidePagedPass,
+    _set_attn,
+    attention_before,
+    paged_attention,
+)
 from kvpager.hf.windows import layer_chunk
 
 
@@ -137,9 +143,13 @@ def kvpager_attention(
         # attention (StableLM, Nemotron): the pass's batch is still the current one.
         kvpager = current()
         if kvpager is None:
-            raise RuntimeError(
-                f"attn_implementation={ATTN_IMPLEMENTATION!r} needs the kvpager=PagedBatch(...) "
-                "keyword in the forward call; use kvpager.hf.generate"
+            # (most often another thread's call of a model a kvpager pass has switched: the switch is
+            # the shared config's, so that call reaches here with no batch of its own)
+            raise OutsidePagedPass(
+                f"{type(module).__name__}: attn_implementation={ATTN_IMPLEMENTATION!r} outside a kvpager pass of "
+                "this thread (the model is switched to kvpager attention while a pass of it runs, in any thread: "
+                "a PagedCache's, generate's); call the model after that pass, or through kvpager.hf (generate, "
+                "score, a PagedCache of its own), or pass the kvpager=PagedBatch(...) keyword"
             )
     rows, tokens = query.shape[0], query.shape[2]
     if rows != 1:  # rows of equal length, each a sequence's new tokens (`kvpager.hf.recurrent`): packed
@@ -351,9 +361,25 @@ def forward_pass(model: Any, batch: PagedBatch, input_ids: torch.Tensor, positio
     return out.logits[0] if batch.logits else out.logits[0].argmax(dim=-1)
 
 
-def _no_mask(*args: Any, **kwargs: Any) -> None:
-    """The mask function paired with kvpager attention: it needs none."""
-    return None
+def _no_mask(*args: Any, **kwargs: Any) -> Any:
+    """The mask function paired with kvpager attention: it needs none. Called with no
+    kvpager pass current in this thread, it is another caller's call of a model that a
+    pass has switched (the switch is the shared config's): that call gets the mask of
+    the attention the model had before, which its layers run once the pass has ended
+    (they raise `OutsidePagedPass` while it runs). Without a mask its padding and
+    windows went unmasked: other logits without a word."""
+    if current() is not None:
+        return None
+    before = attention_before(kwargs.get("config"))
+    if before is None:
+        return None
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    try:
+        build = ALL_MASK_ATTENTION_FUNCTIONS[before]
+    except KeyError:  # (an attention of the caller's own, with no mask function registered)
+        return None
+    return build(*args, **kwargs)
 
 
 def register() -> None:

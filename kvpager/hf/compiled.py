@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from kvpager.hf.switching import OutsidePagedPass
+
 try:
     from torch.compiler import is_compiling
 except ImportError:  # torch < 2.3 has no public check; nothing kvpager runs is compiled there
@@ -68,9 +70,9 @@ def write_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, 
 
     batch = current()
     if batch is None:
-        raise RuntimeError("kvpager::write_attend ran outside kvpager.hf.compiled.running(batch): run the "
-                           "model through kvpager.hf.paged_forward (or compiled_forward), which make the step's "
-                           "batch current, or call it inside running(batch)")
+        raise OutsidePagedPass("kvpager::write_attend ran outside kvpager.hf.compiled.running(batch): run the "
+                               "model through kvpager.hf.paged_forward (or compiled_forward), which make the "
+                               "step's batch current, or call it inside running(batch)")
     tuning = None if attn_scale is None or floor_scale is None else (attn_scale, floor_scale)
     return attention.write_attend(batch, layer, q, k, v, scale, window, softcap, sinks, chunk, tuning)
 

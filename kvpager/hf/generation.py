@@ -94,7 +94,9 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
     #: the most new tokens of every prompt, or a list of one a prompt
     max_new_tokens: int | Sequence[int] = None  # type: ignore[assignment] - required: None is refused by name
     salt: str | bytes | None = None
-    eos_token_id: int | Sequence[int] | None = None
+    #: the end-of-sequence ids: "model" (the default, as `generate`'s and transformers'): the model's
+    #: generation config's; None: none (only ``max_new_tokens`` and ``stop_sequences`` end a prompt)
+    eos_token_id: int | Sequence[int] | str | None = "model"
     #: capture each decode step in a CUDA graph per batch-size bucket (`kvpager.hf.graphs`), this
     #: generation's own (True), or replaying those kept across calls by a `CapturedSteps`
     cuda_graphs: bool | CapturedSteps = False
@@ -141,6 +143,10 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         check_model_and_pool(self.model, self.pool)
         self.prompts = token_lists(prompts_given(self.prompts, input_ids), self.model, attention_mask)
         self._most = new_token_limits(self.max_new_tokens, len(self.prompts))  # each prompt's
+        # (before, the default was None: a PagedGeneration made directly ran past the model's end token,
+        # where generate and transformers' own stop)
+        if isinstance(self.eos_token_id, str) and self.eos_token_id == "model":
+            self.eos_token_id = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         self._eos = end_tokens(self.eos_token_id)
         vocab = getattr(text_config(self.model), "vocab_size", None)
         self._sampler = Sampler(self.sampling, len(self.prompts), self.prompts, self._eos, vocab)

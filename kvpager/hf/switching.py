@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from kvpager.errors import OutsidePagedPass  # noqa: F401 - re-exported: its home is kvpager.errors
 from kvpager.hf.model import shared_attention, temperature_tuned
 
 ATTN_IMPLEMENTATION = "kvpager"
@@ -52,6 +53,13 @@ def paged_attention(model: torch.nn.Module) -> Iterator[None]:
                     _set_attn(model, entry[1])
                 _retune(entry[2])
                 _untell(entry[3])
+
+
+def attention_before(config: Any) -> str | None:
+    """The attention a model of ``config`` had before `paged_attention` switched it, while
+    it is switched (None where it is not, or had kvpager attention already)."""
+    entry = _switched.get(id(config))
+    return None if entry is None or entry[1] == ATTN_IMPLEMENTATION else entry[1]
 
 
 def _untune(model: torch.nn.Module) -> list[torch.nn.Module]:
