@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from fractions import Fraction
 
 
 def _get(name: str, default: str) -> str:
@@ -42,7 +43,7 @@ def cpu_threads() -> int | None:
     raw = os.environ.get("KVPAGER_CPU_THREADS")
     if raw is None or raw.strip() == "":
         return None
-    if not raw.strip().isdigit() or int(raw) < 1:
+    if not (raw.strip().isascii() and raw.strip().isdigit()) or int(raw) < 1:  # (isdigit alone takes '²')
         from kvpager.errors import InvalidArgument
 
         raise InvalidArgument(f"KVPAGER_CPU_THREADS={raw!r} must be a whole number of threads, at least 1")
@@ -65,7 +66,7 @@ def metrics_port() -> int | None:
     raw = os.environ.get("KVPAGER_METRICS_PORT")
     if raw is None or raw.strip() == "":
         return None
-    if not raw.strip().isdigit() or int(raw) > 65535:
+    if not (raw.strip().isascii() and raw.strip().isdigit()) or int(raw) > 65535:  # (isdigit alone takes '²')
         from kvpager.errors import InvalidArgument
 
         raise InvalidArgument(f"KVPAGER_METRICS_PORT={raw!r} must be a TCP port in [0, 65535]; unset it or fix it")
@@ -165,7 +166,9 @@ def parse_size(text: str) -> int:
         raise ValueError(f"{text!r} is not a number or a size like 4096, 512M or 4G")
     if "." in m.group(1) and not m.group(2) and float(m.group(1)) != int(float(m.group(1))):
         raise ValueError(f"{text!r} is not a whole number: give a count, or a size with a unit (e.g. 1.5G)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    # exact, as the callers' range checks need it (a float rounded 2**63 - 1 up to 2**63,
+    # and overflowed on 400 digits: a traceback)
+    return int(Fraction(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

@@ -54,8 +54,8 @@ def _closed(op: str, *args: Any, **kwargs: Any) -> NoReturn:
 
 def _refuse(obj: object, ops: tuple[str, ...]) -> None:
     """Hide ``obj``'s methods ``ops`` behind instance attributes that raise
-    InvalidArgument: one place refuses them all, and an open pool's calls pay
-    for no check."""
+    InvalidArgument: one place refuses them all. (A method taken before the
+    close is refused by the ``closed`` check of `_serialized` / `_open_only`.)"""
     for op in ops:
         setattr(obj, op, partial(_closed, op))
 
@@ -173,17 +173,45 @@ SERIALIZED = ("allocate", "cached_tokens", "probe_cache", "append", "append_flat
               "remote_stats", "check_integrity", "write", "attend", "tables", "plan", "refill", "close")
 
 
-def _serialized(method: Any) -> Any:
+def _serialized(method: Any, name: str) -> Any:
+    if name not in CLOSED_OPS:
+        @functools.wraps(method)
+        def call(self: KVPool, *args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return method(self, *args, **kwargs)
+
+        return call
+
+    @functools.wraps(method)
+    def call_open(self: KVPool, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            # `close` hides these behind instance attributes, but a bound method taken
+            # before it (``append = pool.append_flat``), or a thread that waited on the
+            # lock while another closed the pool, comes here: it ran on the closed pool
+            if self.closed:
+                _closed(name)
+            return method(self, *args, **kwargs)
+
+    return call_open
+
+
+for _name in SERIALIZED:
+    setattr(KVPool, _name, _serialized(getattr(KVPool, _name), _name))
+
+
+def _open_only(method: Any, name: str) -> Any:
+    """``method`` refusing on a closed pool (`_serialized`'s check, for the ops that take no lock)."""
     @functools.wraps(method)
     def call(self: KVPool, *args: Any, **kwargs: Any) -> Any:
-        with self._lock:
-            return method(self, *args, **kwargs)
+        if self.closed:
+            _closed(name)
+        return method(self, *args, **kwargs)
 
     return call
 
 
-for _name in SERIALIZED:
-    setattr(KVPool, _name, _serialized(getattr(KVPool, _name)))
+for _name in [op for op in CLOSED_OPS if op not in SERIALIZED]:
+    setattr(KVPool, _name, _open_only(getattr(KVPool, _name), _name))
 
 #: Every live pool of this process, for `_after_fork_in_child`.
 _LIVE: weakref.WeakSet[KVPool] = weakref.WeakSet()

@@ -48,6 +48,11 @@ class PoolRank:
         return self.pool._lock
 
     @property
+    def closed(self) -> bool:
+        """The pool's: the `KVPool` methods a rank borrows refuse once it is closed."""
+        return self.pool.closed
+
+    @property
     def heads(self) -> range:
         """The pool's kv heads this rank holds."""
         n = self.spec.num_kv_heads

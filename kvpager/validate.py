@@ -139,13 +139,23 @@ def seq_ids(value: int | Seq[int], what: str = "seq_ids") -> list[int]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise InvalidArgument(f"{what} must be an int or a list of ints, got {type(value).__name__}")
     check_ordered(value, what)
-    out = value if type(value) is list else list(value)
+    out = value if type(value) is list else _listed(value, f"{what} must be an int or a list of ints")
     if all_type(out, int):  # the common case, checked at C speed
         return out
     for s in out:
         if not isinstance(s, (int, np.integer)) or isinstance(s, bool):
             raise InvalidArgument(f"{what} must hold ints, got {s!r}")
     return [int(s) for s in out]
+
+
+def _listed(value: Any, wanted: str) -> list[Any]:
+    """``list(value)``; InvalidArgument (``wanted``, and what ``value`` is) where that
+    raises TypeError: a 0-d tensor has ``__iter__`` and ``__len__`` but refuses both
+    (``free(ids[i])`` of a tensor of ids was a bare TypeError)."""
+    try:
+        return list(value)
+    except TypeError:
+        raise InvalidArgument(f"{wanted}, got {described(value)}") from None
 
 
 def check_ordered(value: Any, what: str = "seq_ids") -> None:
@@ -222,14 +232,15 @@ def counts(value: Any) -> int | np.integer | list[Any]:
     if isinstance(value, (bool, np.bool_, str, bytes, dict, set, frozenset)) or not hasattr(value, "__iter__"):
         # (bytes iterate as ints: b"y" would have been a count of 121)
         raise InvalidArgument(f"append: count must be an integer >= 0 or a list of them, got {value!r}")
-    return list(value)
+    return _listed(value, "append: count must be an integer >= 0 or a list of them")
 
 
 def prompts(value: Any) -> None:
     """A list of token-id lists (not one flat list)."""
     if type(value) is list and len(value) == 1 and type(value[0]) in (list, np.ndarray):  # one prompt
         return
-    if isinstance(value, (str, bytes, np.ndarray, dict, set, frozenset)) or not hasattr(value, "__len__"):
+    if isinstance(value, (str, bytes, np.ndarray, dict, set, frozenset)) or not hasattr(value, "__len__") \
+            or getattr(value, "ndim", None) == 0:  # (a 0-d tensor has __len__, and len() of it raises TypeError)
         raise InvalidArgument("prompts must be a list of token-id lists")
     if len(value) and isinstance(value[0], (int, np.integer)):
         raise InvalidArgument("prompts must be a list of token-id lists: pass [tokens] for one prompt")
