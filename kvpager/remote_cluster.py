@@ -27,7 +27,10 @@ ends at its first block on the hung master.
   connection (a reply of all of them at once is built whole in the node's
   output buffers: one of 256 MiB read at half the speed of 4-16 MiB ones). A
   key of another Redis type (``WRONGTYPE``) is a miss.
-- Probes: ``TYPE``; writes: ``SET NX`` then ``STRLEN``, ``TYPE`` and ``SET`` where a key held
+- Probes: ``TYPE`` per key, each master's status lines read raw as a lookup's replies are,
+  all by the probe's deadline (through redis-py's pipeline each read was bounded by the
+  timeout alone: replies that came a byte at a time held a probe, on the loop, for seconds).
+- Writes: ``SET NX`` then ``STRLEN``, ``TYPE`` and ``SET`` where a key held
   something else (`put_checked`); deletes: ``DEL`` per key; `ping`: every master. Through the
   node's redis-py pipeline.
 - Redirections: a key answered ``ASK`` (its slot migrating) is asked again of
@@ -227,13 +230,7 @@ class RedisClusterStore(Store):
         deadline = 0.0
 
         def job(client: Any, plan: Plan) -> list[tuple[int, Any]]:
-            pool = client.connection_pool
-            conn = pool.get_connection()
-            broken = True
-            try:
-                if conn._sock is None:
-                    conn.connect()
-                reader = Reader(conn._sock, deadline)
+            def talk(conn: Any, reader: Reader) -> list[tuple[int, Any]]:
                 redirected = []
                 for lo in range(0, len(plan), per):  # (a reply of every key at once ran at half the speed)
                     part = plan[lo : lo + per]
@@ -244,14 +241,9 @@ class RedisClusterStore(Store):
                         commands.append(("GETRANGE", keys[i], 0, width))
                     conn.send_packed_command(conn.pack_commands(commands), check_health=False)
                     redirected += self._read_gets(reader, part, rows, width, sizes, done)
-                reader.restore()
-                broken = False
                 return redirected
-            finally:  # a connection left with part of a reply in it is dropped
-                if broken:
-                    with contextlib.suppress(Exception):
-                        conn.disconnect()
-                pool.release(conn)
+
+            return _raw(client, deadline, talk)
 
         def run(side: Side, rc: Any) -> None:
             nonlocal deadline
@@ -278,13 +270,7 @@ class RedisClusterStore(Store):
             try:
                 read_range(reader, rows, width, sizes, i)
             except ReplyError as e:
-                if not e.reply.startswith(("MOVED ", "ASK ")):
-                    raise
-                word, rest = e.reply.split(" ", 1)
-                try:
-                    redirected.append((i, (self._moved if word == "MOVED" else self._ask)(rest)))
-                except ValueError:
-                    raise FetchError(f"malformed reply: {e.reply[:200]!r}") from None
+                redirected.append((i, self._redirection(e)))
                 continue
             if done is not None:
                 done(i, i + 1)
@@ -292,9 +278,22 @@ class RedisClusterStore(Store):
             raise FetchError("malformed reply: bytes after the replies to GETRANGE")
         return redirected
 
+    def _redirection(self, e: ReplyError) -> Any:
+        """The ``AskError`` / ``MovedError`` of an ``ASK`` / ``MOVED`` reply; ``e``
+        itself (raised) for any other error reply."""
+        if not e.reply.startswith(("MOVED ", "ASK ")):
+            raise e
+        word, rest = e.reply.split(" ", 1)
+        try:
+            return (self._moved if word == "MOVED" else self._ask)(rest)
+        except ValueError:
+            raise FetchError(f"malformed reply: {e.reply[:200]!r}") from None
+
     def exists_many(self, keys: Seq[str]) -> np.ndarray:
         if not len(keys):
             return np.zeros(0, dtype=np.int8)
+        if self.raw_reads:
+            return self._types(keys)
 
         def run(side: Side, rc: Any) -> list[Any]:
             types = self._commands(side, rc, [("type", (k,), {}) for k in keys])
@@ -307,6 +306,52 @@ class RedisClusterStore(Store):
         types = self._call(0, run)
         return np.fromiter((codes.get(t.decode() if isinstance(t, bytes) else t, KEY_OTHER) for t in types),
                            dtype=np.int8, count=len(types))
+
+    def _types(self, keys: Seq[str]) -> np.ndarray:
+        """`exists_many` read as a lookup is: each master's ``TYPE`` replies (one
+        status line each; ``ASKING`` first where the plan says) read raw, every one by
+        the call's deadline (`lookup_deadline`). Through redis-py's pipelines each read
+        was bounded by the timeout alone: a master whose replies came a byte at a time
+        held a probe of 20 keys, on the daemon's loop, 9 s at a 0.1 s timeout, and
+        then answered it as if nothing were wrong."""
+        out = np.full(len(keys), KEY_OTHER, dtype=np.int8)
+        codes = {b"+none": KEY_ABSENT, b"+string": KEY_STRING}
+        deadline = 0.0
+
+        def job(client: Any, plan: Plan) -> list[tuple[int, Any]]:
+            def talk(conn: Any, reader: Reader) -> list[tuple[int, Any]]:
+                commands = []
+                for i, ask in plan:
+                    if ask:
+                        commands.append(("ASKING",))
+                    commands.append(("TYPE", keys[i]))
+                conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                redirected = []
+                for i, ask in plan:
+                    if ask and (line := reader.line()) != b"+OK":
+                        if line[:1] == b"-":
+                            raise reply_error(line, " to ASKING")
+                        raise FetchError(f"malformed reply: {line[:200]!r} to ASKING")
+                    line = reader.line()
+                    if line[:1] == b"-":  # NOPERM and the like fail the call; ASK / MOVED are followed
+                        redirected.append((i, self._redirection(reply_error(line, " to TYPE"))))
+                    elif line[:1] == b"+" and len(line) > 1:
+                        out[i] = codes.get(line, KEY_OTHER)
+                    else:
+                        raise FetchError(f"malformed reply: {line[:200]!r} to TYPE")
+                if not reader.idle():
+                    raise FetchError("malformed reply: bytes after the replies to TYPE")
+                return redirected
+
+            return _raw(client, deadline, talk)
+
+        def run(side: Side, rc: Any) -> None:
+            nonlocal deadline
+            deadline = lookup_deadline(self._timeout, 16 * len(keys))  # (as a standalone store's probe)
+            self._spread(side, rc, keys, job)
+
+        self._call(0, run)
+        return out
 
     def put_many(self, items: Seq[tuple[str, Any]], ttl: int) -> tuple[int, int]:
         def run(side: Side, rc: Any) -> tuple[int, int]:
@@ -380,3 +425,25 @@ class RedisClusterStore(Store):
     def close(self) -> None:
         for side in self._sides:
             side.close()
+
+
+def _raw(client: Any, deadline: float, talk: Callable[[Any, Reader], list[tuple[int, Any]]]) -> list[tuple[int, Any]]:
+    """``talk(conn, reader)`` on a connection of the node client ``client``'s pool,
+    its replies read raw by ``deadline``; a connection left with part of a reply in it
+    (any failure) is dropped, never reused."""
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    broken = True
+    try:
+        if conn._sock is None:
+            conn.connect()
+        reader = Reader(conn._sock, deadline)
+        out = talk(conn, reader)
+        reader.restore()
+        broken = False
+        return out
+    finally:
+        if broken:
+            with contextlib.suppress(Exception):
+                conn.disconnect()
+        pool.release(conn)

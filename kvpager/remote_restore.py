@@ -13,7 +13,8 @@ every later one) finds them locally:
    furthest point whose `window_reach` blocks before it are each held or
    found) and only those blocks are restored: the store is first asked
    which keys it holds (``TYPE``, no value read), then for the values of
-   those alone;
+   those alone; so is a plain lookup of more than `ASK_FIRST_BYTES`, so that
+   no value past a prompt's first key the store lacks is read;
 3. capacity: restoring happens only if the allocate is then sure to fit
    (fresh blocks, restored blocks and the cached blocks it holds from
    eviction counted against free + evictable); otherwise nothing changes;
@@ -55,6 +56,16 @@ if TYPE_CHECKING:
     from kvpager.events import EventSink
     from kvpager.pool import KVPool
     from kvpager.remote_tier import RemoteTier
+
+
+#: a plain lookup asking for more bytes of values than this (about one round of a lookup's
+#: connections: 2 pipelines of 4 MiB) first asks which keys the store holds (``TYPE``, no
+#: value read) and then reads only the values the prompts' runs can use: it read every key
+#: a prompt missed, those past one the store lacked (evicted, refused, never written) too,
+#: which no run can restore (a prompt of 40 blocks of 256 KiB whose first block was evicted
+#: made the store send 10 MB, on the loop, for nothing restored, and kept those unusable
+#: blocks recent in an ``allkeys-lru`` store). A smaller lookup costs one round either way.
+ASK_FIRST_BYTES = 8 << 20
 
 
 @dataclass
@@ -209,7 +220,11 @@ def restore(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None],
     reach = None if window is None else window_reach(window, m.block_size)
     if reach is not None and all(len(hits) + len(rest) <= reach for hits, rest, _ in miss.plans):
         reach = None  # (each window reads every block its prompt may hit: the plain restore, one lookup)
-    found, held = _windowed(tier, miss, reach) if reach is not None else (_fetch(tier, miss, miss.wants), None)
+    asked = min(len(miss.wants), tier.most_blocks()) * tier.codec.value_bytes
+    if reach is not None or (asked > ASK_FIRST_BYTES and not tier.refusals["probes"].is_open()):
+        found, held = _windowed(tier, miss, reach)
+    else:
+        found, held = _fetch(tier, miss, miss.wants), None
     if not found:
         return None
     # 2. runs: the blocks each prompt would share after the restore
@@ -245,11 +260,13 @@ def _fetch(tier: RemoteTier, miss: Missing, keys: Iterable[bytes]) -> dict[bytes
     return tier.fetch([(miss.wants[k][0], k) for k in keys])
 
 
-def _windowed(tier: RemoteTier, miss: Missing, reach: int) -> tuple[dict[bytes, memoryview], set[bytes]]:
+def _windowed(tier: RemoteTier, miss: Missing, reach: int | None) -> tuple[dict[bytes, memoryview], set[bytes]]:
     """A windowed allocate's lookup: which missing keys the store holds
     (`RemoteTier.exists`, no value read), then the values of those its
     windows read (`runs` with ``reach``), so a long conversation reads and
-    restores ``reach`` blocks, not its whole prefix. Returns the payloads and
+    restores ``reach`` blocks, not its whole prefix. Without a ``reach``: a
+    plain lookup of more than `ASK_FIRST_BYTES`, which reads only the values of
+    each prompt's run (up to its first key the store lacks). Returns the payloads and
     the keys to plan the restore with: the held ones, or, where a value went
     between the two calls (expired, evicted, refused), only the fetched ones,
     so no run counts a block it cannot restore."""
