@@ -16,6 +16,7 @@ import numpy as np
 
 from kvpager import seq_one, validate
 from kvpager.errors import InvalidArgument
+from kvpager.prefix_cache import root_key
 from kvpager.sequences import ANY_OWNER
 from kvpager.types import Allocation, CacheProbe
 
@@ -108,8 +109,20 @@ class PoolSequences:
                 matches = m.window_matches(prompts, salts, window)
                 ask = [i for i, (skip, _) in enumerate(matches) if not skip]
                 held = [b for skip, hits in matches if skip for b in hits]  # (not evicted for the others)
-                restore = restore_from(self, [prompts[i] for i in ask], [salts[i] for i in ask], held, window) \
-                    if ask else None
+                # The blocks of those hits are used here too: offered to the writer again where the store
+                # lost them, as an asked prompt's local hits are (left out, a windowed conversation never
+                # wrote again the blocks its window reads, those other hosts restore, and where no prompt
+                # of a batch was asked the store's loss went unchecked)
+                key_of = m.pool.cache.key_of
+                used = [(root_key(salts[i]), key_of[hits].tolist(), hits)
+                        for i, (skip, hits) in enumerate(matches) if skip]
+                if ask:
+                    restore = restore_from(self, [prompts[i] for i in ask], [salts[i] for i in ask], held, window,
+                                           used)
+                else:
+                    from kvpager.remote_republish import republish
+
+                    republish(self, used)
         try:
             ids, flat, lengths, cached, ntok = m.allocate(prompts, salts, owner, share_in_batch, window)
         finally:

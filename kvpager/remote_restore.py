@@ -203,18 +203,21 @@ def fits(bp: BlockPool, need: int, restores: int, kept: np.ndarray) -> bool:
 
 
 def restore(kv: KVPool, prompts: Seq[Seq[int]], salts: Seq[str | bytes | None],
-            hold: Seq[int] = (), window: int | None = None) -> Restore | None:
+            hold: Seq[int] = (), window: int | None = None,
+            used: Seq[tuple[bytes, Seq[bytes], Seq[int]]] = ()) -> Restore | None:
     """Restore from ``kv.remote`` the blocks that ``prompts`` miss locally and the
     tier holds (see the module docstring). None when nothing was restored.
     ``hold``: cached blocks the allocate will take besides (a windowed hit's),
     held with the run's own so the restore's new blocks never evict them.
     ``window``: the allocate's; only the blocks that window reads are
-    restored (`runs`, `_windowed`)."""
+    restored (`runs`, `_windowed`). ``used``: (root key, keys, blocks) of the
+    allocate's other prompts' local hits (a windowed hit's), offered to the writer
+    again with ``prompts``' own where the store lost them (`republish`)."""
     m, tier = kv.manager, kv.remote
     bp = m.pool
     # 1. probe (read-only): every prompt checked before anything changes
     miss = missing(bp, m.block_size, prompts, salts, bp.events is not None)
-    republish(kv, miss.used)  # (the store lost some of them: written again, a few an allocate)
+    republish(kv, [*miss.used, *used])  # (the store lost some of them: written again, a few an allocate)
     if not miss.wants:
         return None
     reach = None if window is None else window_reach(window, m.block_size)

@@ -180,3 +180,43 @@ def test_check_every_is_checked():
         with pytest.raises(InvalidArgument, match="check_every"):
             RemoteTier("redis://127.0.0.1:1", check_every=bad)
     RemoteTier("redis://127.0.0.1:1", check_every=0.5).close()
+
+
+def test_a_windowed_conversations_local_hit_is_written_again_after_the_store_loses_it():
+    """A windowed allocate whose prompt the local cache gives a windowed hit (its
+    leading blocks evicted here, the blocks its window reads held) asks the store
+    nothing: its hit blocks were never offered to the writer again, and where no
+    prompt of an allocate was asked the store's loss went unchecked. A host serving
+    a long conversation that way never wrote again the very blocks other hosts
+    restore. They are written again now, and another host restores them."""
+    window = 3 * BS
+    with redis_server() as store:
+        a = pool(store.url, check_every=CHECK)
+        prompt = list(range(3000, 3000 + 10 * BS + 3))
+        seq, kv_a = prefill(a, prompt, seed=3)
+        assert written(a, 10)
+        a.release_before(seq, 4 * BS)  # (its first four blocks cached and evictable, the oldest)
+        a.free(seq)
+        [filler] = a.allocate([list(range(60000, 60000 + (a.stats().free_blocks + 4) * BS))])
+        a.free(filler.seq_id)  # (never committed: back to the free list)
+        [x] = a.allocate([prompt], salt="m", window=window)
+        assert x.block_table[:7] == (0,) * 7 and x.num_cached_tokens == 10 * BS  # a windowed local hit
+        a.free(x.seq_id)
+        assert "OK" in store.cli("FLUSHALL")
+        before = a.remote_stats().written_blocks
+
+        deadline = time.monotonic() + WAIT
+        while a.remote_stats().written_blocks < before + 3:  # the three blocks its window reads
+            [x] = a.allocate([prompt], salt="m", window=window)
+            a.free(x.seq_id)
+            assert a.remote.flush(WAIT)
+            assert time.monotonic() < deadline, a.remote_stats()
+            time.sleep(CHECK / 2)
+        assert a.remote_stats().store_losses == 1
+        b = pool(store.url)
+        [y] = b.allocate([prompt], salt="m", window=window)
+        assert (y.num_cached_tokens, y.num_remote_tokens) == (10 * BS, 3 * BS)
+        assert np.array_equal(kv_of(b, y.block_table[7:], 3 * BS), kv_a[:, :, 7 * BS : 10 * BS])
+        b.free(y.seq_id)
+        a.check_integrity(), b.check_integrity()
+        a.close(), b.close()
