@@ -66,10 +66,22 @@ def control_command(fn: Callable[..., None]) -> click.Command:
     return click.command()(wrapper)
 
 
+#: the most bytes of token ids read, from a file or stdin
+TOKENS_MOST = 1 << 30
+
+
+def _stdin(most: int) -> str:
+    """Stdin's text, at most ``most`` bytes (``< /dev/zero`` read until memory ran out)."""
+    data = sys.stdin.buffer.read(most + 1)
+    if len(data) > most:
+        raise ValueError(f"stdin holds more than {most} bytes")
+    return data.decode("utf-8", "strict")
+
+
 def read_prompts(path: str) -> list[list[int]]:
     """Prompts from a JSON file (``-``: stdin): a list of token ids or a list of them."""
     try:
-        text = sys.stdin.read() if path == "-" else env.read_file(path, "the token ids file", 1 << 30)
+        text = _stdin(TOKENS_MOST) if path == "-" else env.read_file(path, "the token ids file", TOKENS_MOST)
         data = json.loads(text)
     except (OSError, ValueError, RecursionError) as e:  # (a file nested past the parser's depth)
         raise click.BadParameter(f"cannot read token ids from {path}: {e}") from None

@@ -116,3 +116,20 @@ def test_sessions_command(daemon):
 def test_bad_serve_control_options(args, match):
     result = CliRunner().invoke(main, ["serve", "--model", "tiny", "--blocks", "8", "--device", "cpu", *args])
     assert result.exit_code == 2 and match in result.output
+
+
+def test_token_ids_on_stdin_are_read_bounded(monkeypatch):
+    """``kvpager pin -`` read stdin whole (``< /dev/zero`` until memory ran out),
+    where a file is read to at most 1 GiB: stdin is bounded the same way now."""
+    import io
+
+    import click
+
+    from kvpager import control_cli
+
+    monkeypatch.setattr(control_cli, "TOKENS_MOST", 64)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"[" + b"1, " * 40 + b"1]")))
+    with pytest.raises(click.BadParameter, match="more than 64 bytes"):
+        control_cli.read_prompts("-")
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"[[1, 2, 3], [4]]")))
+    assert control_cli.read_prompts("-") == [[1, 2, 3], [4]]
