@@ -79,6 +79,10 @@ def fail(e: BaseException) -> None:
                 hint = CONTROL_HINT
             elif isinstance(e, LimitExceeded) and "sessions open at once" in str(e):
                 hint = SESSIONS_HINT
+            elif isinstance(e, DaemonUnavailable) and isinstance(e.__context__, RequestTimeout):
+                hint = STUCK_HINT  # (its hello went unanswered: something listens there)
+            elif isinstance(e, DaemonUnavailable) and "takes no new connections" in str(e):
+                hint = FULL_HINT
             elif isinstance(e, LimitExceeded) and getattr(e, "limit", None) == "check_share":
                 hint = CHECK_HINT
             click.echo(f"error: {e}", err=True)
@@ -90,6 +94,13 @@ def fail(e: BaseException) -> None:
 #: the hint where the daemon asked a check to wait longer than the command's timeout
 CHECK_HINT = ("the daemon holds checks to a share of its time (a large pool's check takes long): run it again "
               "after the wait it names, or give --timeout more than that wait")
+
+#: the hints where hello went unanswered (a daemon stopped or stuck, or busy past the timeout), and where
+#: the daemon's connections are at the most its open files hold (`kvpager.server_watch`)
+STUCK_HINT = ("something listens there but did not answer in time: a daemon stopped (SIGSTOP, a paused container) "
+              "or busy; retry with a larger --timeout (KVPAGER_TIMEOUT), or look at the daemon's log")
+FULL_HINT = ("close the clients' unused connections (a process that opens clients and never closes them?), or "
+             "restart the daemon with a larger open files limit (ulimit -n; systemd LimitNOFILE=)")
 
 #: the hint where hello found every session taken (the daemon's message says how many)
 SESSIONS_HINT = ("every session the daemon allows is open: set KVPAGER_CONTROL_TOKEN (or KVPAGER_CONTROL_TOKEN_FILE) "

@@ -287,3 +287,20 @@ def test_a_dry_run_refuses_ranks_that_do_not_split_the_kv_heads():
     ok = CliRunner().invoke(main, ["serve", "--model", "tiny", "--blocks", "16", "--ranks", "2", "--device", "cpu",
                                    "--dry-run"])
     assert ok.exit_code == 0 and "device" in ok.output, ok.output
+
+
+def test_a_stopped_daemon_is_named_stuck_not_absent(tmp_path):
+    """A daemon that listens but does not answer (stopped, a paused container)
+    was reported as absent: the next step said to start one with `kvpager serve`,
+    beside it on the same endpoint. It says to wait longer, or look at the daemon."""
+    from daemon_helpers import daemon_process, ipc_endpoint, run_cli
+
+    endpoint, _ = ipc_endpoint()
+    with daemon_process(["--model", "tiny", "--blocks", "16", "--device", "cpu"], endpoint) as proc:
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            r = run_cli(["stats", "--endpoint", endpoint, "--timeout", "1"])
+        finally:
+            proc.send_signal(signal.SIGCONT)
+    assert r.exit_code == 3, r.output
+    assert "did not answer in time" in r.output and "kvpager serve" not in r.output.split("next:")[1], r.output

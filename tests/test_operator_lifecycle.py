@@ -30,6 +30,7 @@ from daemon_helpers import (
     as_from_a_terminal,
     free_tcp_endpoint,
     ipc_endpoint,
+    run_cli,
     running_server,
     subprocess_env,
     wait_until,
@@ -367,6 +368,8 @@ def test_connections_that_never_say_hello_past_a_low_open_files_limit_leave_the_
             assert refused and not os.path.exists(path) and os.path.exists(path + ".full")
             with pytest.raises(DaemonUnavailable, match="takes no new connections now"):
                 Client(endpoint, timeout=2)
+            r = run_cli(["stats", "--endpoint", endpoint, "--timeout", "2"])
+            assert r.exit_code == 3 and "open files limit" in r.output.split("next:")[1], r.output
             healthy.append([a.seq_id], 1)  # the session's connections untouched
             assert healthy.stats().used_blocks == 3
             for s in flood:
