@@ -46,7 +46,7 @@ log = logging.getLogger("kvpager.server")
 #: sessions open besides their connections (shared memory, the remote store's sockets, scrapes,
 #: event subscribers) and for connections accepted past the cap before the watch's thread sees them
 #: (the listen queue's, a burst's).
-RESERVE_FILES = 16
+RESERVE_FILES = 32
 RESERVE_SHARE = 16
 #: The listen queue of the daemon's socket (ZeroMQ's default is 100): connections the kernel holds
 #: for the listener, which it may accept after the socket file was renamed.
@@ -121,26 +121,31 @@ class ConnectionWatch:
             try:
                 if not monitor.poll(_WAIT_MS):
                     continue
-                frames = monitor.recv_multipart(zmq.NOBLOCK)
+                while True:  # (every event there: one wake-up a burst)
+                    self._event(monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                continue
             except zmq.ZMQError:  # (closed under it: the daemon ends)
                 return
-            try:
-                event, fd = _EVENT.unpack_from(frames[0])
-            except (struct.error, IndexError):
-                continue
-            if event == zmq.EVENT_ACCEPTED:
-                self.open += 1
-                if self.open >= self.cap:
-                    self._at_cap()
-                    if self.open > self.cap and self._shut(fd):
-                        self.shed += 1
-            elif event == zmq.EVENT_DISCONNECTED:
-                self.open = max(self.open - 1, 0)
-                if self._full and self.open <= self.cap - max(self.cap // 16, 2):
-                    self._full = False
-                    self._show()
-                    log.info("connections under the cap again (%d of %d): new clients reach the daemon "
-                             "(%d shut down past the cap in all)", self.open, self.cap, self.shed)
+
+    def _event(self, frames: list[bytes]) -> None:
+        try:
+            event, fd = _EVENT.unpack_from(frames[0])
+        except (struct.error, IndexError):
+            return
+        if event == zmq.EVENT_ACCEPTED:
+            self.open += 1
+            if self.open >= self.cap:
+                self._at_cap()
+                if self.open > self.cap and self._shut(fd):
+                    self.shed += 1
+        elif event == zmq.EVENT_DISCONNECTED:
+            self.open = max(self.open - 1, 0)
+            if self._full and self.open <= self.cap - max(self.cap // 16, 2):
+                self._full = False
+                self._show()
+                log.info("connections under the cap again (%d of %d): new clients reach the daemon "
+                         "(%d shut down past the cap in all)", self.open, self.cap, self.shed)
 
     def _at_cap(self) -> None:
         if self._full:

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from daemon_helpers import (
@@ -354,18 +355,26 @@ def test_connections_that_never_say_hello_past_a_low_open_files_limit_leave_the_
     try:
         with Client(endpoint, timeout=5) as healthy:
             [a] = healthy.allocate([list(range(40))])
-            refused = 0
-            for _ in range(300):  # as fast as they come: ZeroMQ's accept ran out of files at about 100
-                s = socket.socket(socket.AF_UNIX)
-                try:
-                    s.connect(path)
-                    flood.append(s)
-                except OSError:  # (no file there while the daemon is full; its listen queue full)
-                    s.close()
-                    refused += 1
-            assert wait_until(lambda: any("new clients cannot connect" in line for line in proc.lines), WAIT)
+            def full() -> bool:
+                return any("new clients cannot connect" in line for line in proc.lines)
+
+            deadline = time.monotonic() + WAIT
+            while not full() and time.monotonic() < deadline:  # a client leaking sockets quickly: ten a
+                for _ in range(10):                             # millisecond (ZeroMQ's accept ran out of
+                    s = socket.socket(socket.AF_UNIX)           # files at about 100 before)
+                    try:
+                        s.connect(path)
+                        flood.append(s)
+                    except OSError:  # (no file there once the daemon is full; its listen queue full)
+                        s.close()
+                time.sleep(0.001)
+            assert wait_until(full, WAIT) and proc.poll() is None, "".join(proc.lines[-5:])
+            assert len(flood) > 40  # (the cap: 128 files less the daemon's own and the reserve)
             assert proc.poll() is None, "".join(proc.lines[-5:])
-            assert refused and not os.path.exists(path) and os.path.exists(path + ".full")
+            assert not os.path.exists(path) and os.path.exists(path + ".full")
+            for _ in range(20):  # (no file to connect to: nothing more reaches the daemon)
+                with socket.socket(socket.AF_UNIX) as s, pytest.raises(OSError):
+                    s.connect(path)
             with pytest.raises(DaemonUnavailable, match="takes no new connections now"):
                 Client(endpoint, timeout=2)
             r = run_cli(["stats", "--endpoint", endpoint, "--timeout", "2"])
