@@ -66,6 +66,7 @@ from kvpager.endpoints import (
 )
 from kvpager.errors import InvalidArgument
 from kvpager.events import FORMATS, EventSink, encode_batches
+from kvpager.server_watch import BACKLOG, ConnectionWatch
 
 log = logging.getLogger("kvpager.events")
 
@@ -186,6 +187,7 @@ class EventPublisher:
         self._pub: zmq.Socket | None = None
         self._replay: zmq.Socket | None = None
         self._files: dict[str, tuple[int, int] | None] = {}  # the ipc socket files bound, to remove at close
+        self._watches: list[ConnectionWatch] = []  # their connections kept within the open files (`watch`)
         self._thread: threading.Thread | None = None
         self._kept: collections.deque[tuple[int, bytes]] = collections.deque()
         self._kept_bytes = 0
@@ -197,22 +199,26 @@ class EventPublisher:
         self._budget = TokenBucket(config.replay_rate, config.replay_rate * REPLAY_BURST_S, now)
         self._requests = TokenBucket(REPLAY_REQUESTS, REPLAY_PEERS, now)
 
-    def bind(self) -> None:
+    def bind(self, cap: int | None = None) -> None:
         """Bind PUB and replay sockets and start the thread; InvalidArgument
-        naming the endpoint if either cannot be bound."""
+        naming the endpoint if either cannot be bound. ``cap``: the most
+        connections each keeps (`watch`; None: not counted)."""
         self._ctx = zmq.Context()
         try:
-            self._pub = self._bind(zmq.PUB, self.endpoint, {zmq.SNDHWM: SEND_HWM})
+            self._pub = self._bind(zmq.PUB, self.endpoint, {zmq.SNDHWM: SEND_HWM, zmq.BACKLOG: BACKLOG})
             self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
             # A request is 8 bytes: a much bigger one drops its sender's connection. Mandatory:
             # a send to a full or gone peer fails at once (not dropped unseen, the end marker too).
             self._replay = self._bind(zmq.ROUTER, self.replay_endpoint,
-                                      {zmq.MAXMSGSIZE: 64, zmq.ROUTER_MANDATORY: 1, zmq.SNDHWM: REPLAY_HWM})
+                                      {zmq.MAXMSGSIZE: 64, zmq.ROUTER_MANDATORY: 1, zmq.SNDHWM: REPLAY_HWM,
+                                       zmq.BACKLOG: BACKLOG})
             self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
             self._replay.copy_threshold = REPLAY_ZERO_COPY  # (pyzmq copies smaller frames even with copy=False)
         except BaseException:
             self._close_sockets()
             raise
+        if cap is not None:
+            self._watch(cap)
         for ep in (self.endpoint, self.replay_endpoint):
             if not is_local(ep):
                 log.warning("KV events at %s are readable from other hosts without authentication: "
@@ -225,6 +231,15 @@ class EventPublisher:
         self._thread.start()
         log.info("KV events on %s (replay %s at most %d bytes/s, topic %r, %s format)", self.endpoint,
                  self.replay_endpoint, self.config.replay_rate, self.config.topic, self.config.format)
+
+    def _watch(self, cap: int) -> None:
+        """Keep each socket's connections at most ``cap`` (`kvpager.server_watch`): set
+        up before the thread uses the sockets (a monitor is set up by the socket's
+        thread), closed with them."""
+        for sock, ep in ((self._pub, self.endpoint), (self._replay, self.replay_endpoint)):
+            path = ipc_path(ep)
+            self._watches.append(ConnectionWatch(sock, ep, cap, None if path is None or path.startswith("@")
+                                                 else path, threading.Lock()))
 
     def _bind(self, kind: int, endpoint: str, options: dict[int, int]) -> zmq.Socket:
         with bind_lock(endpoint):  # (two daemons' publishers started together: see bind_lock)
@@ -262,6 +277,9 @@ class EventPublisher:
         self._close_sockets()
 
     def _close_sockets(self) -> None:
+        for w in self._watches:  # (a renamed socket file named back: removed below)
+            w.close()
+        self._watches.clear()
         for sock, ep in ((self._pub, self.endpoint), (self._replay, self.replay_endpoint)):
             if sock is not None:
                 sock.close()

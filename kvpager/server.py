@@ -171,6 +171,7 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
         self._socket_lost = False  # it was removed and could not be made again (`Binding.keep_socket_file`)
         self._watch: Any = None  # the connections kept within the open files (`kvpager.server_watch`)
         self._file_lock = threading.Lock()  # the ipc socket file renamed by the watch or made again by the loop
+        self._events_cap: int | None = None  # connections each KV events socket keeps (`kvpager.server_watch`)
         self._served = False  # bound and serving: said at the end (a failed bind says only why)
         self._check_after = self._check_took = 0.0  # `check`'s share of the loop (`ServerOps._op_check`)
         self._handlers = {name: getattr(self, f"_op_{name}") for name in OPS}

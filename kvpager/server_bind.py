@@ -34,6 +34,7 @@ from kvpager.server_watch import (
     BACKLOG,
     ConnectionWatch,
     connection_cap,
+    events_cap,
     held_files,
     open_files_limit,
 )
@@ -265,6 +266,9 @@ class Binding:
         cap = connection_cap(soft, held_files())
         if cap is None:
             return
+        if self.events is not None:  # (its publisher's two sockets: subscribers' connections, a share each)
+            self._events_cap = events_cap(cap)
+            cap -= 2 * self._events_cap
         from kvpager.server_ops import CONTROL_SESSIONS
 
         slack = max(4, cap // 8)  # (connections not in a session yet: hellos, refused ones too)
@@ -333,7 +337,7 @@ class Binding:
                 self.request_metrics, self.pool, lambda: len(self.sessions), self.metrics_host, self.metrics_port)
         if self.events is not None:
             self.pool.set_event_sink(self._sink)
-            self.events.bind()
+            self.events.bind(self._events_cap)
 
     def close(self) -> None:
         """End every session (freeing its sequences), close the socket, unlink

@@ -64,6 +64,13 @@ def connection_cap(soft: int, held: int) -> int | None:
     return max(soft - held - RESERVE_FILES - soft // RESERVE_SHARE - BACKLOG, 4)
 
 
+def events_cap(cap: int) -> int:
+    """The connections each of the KV events publisher's sockets keeps, out of a
+    daemon's ``cap``: subscribers are a few processes, and one that leaks its
+    sockets must not take the files the daemon's clients need."""
+    return max(4, min(256, cap // 16))
+
+
 def open_files_limit() -> int:
     """This process's soft limit of open files now (-1: none, or no such limit)."""
     try:

@@ -395,3 +395,42 @@ def test_connections_that_never_say_hello_past_a_low_open_files_limit_leave_the_
         rc = _stop(proc)
         shutil.rmtree(d, ignore_errors=True)
     assert rc == 0 and not _segments(proc.pid)
+
+
+def test_a_flood_of_kv_events_subscribers_leaves_the_daemon_serving():
+    """The KV events publisher's sockets listen on ipc:// too, where ZeroMQ ends the
+    process when a connection finds no file left: a subscriber that leaked its
+    sockets took the daemon and every session with it. Each of its sockets keeps
+    a share of the connections now; past it its socket file is out of the way."""
+    endpoint, d = ipc_endpoint()
+    events = f"ipc://{d}/ev.sock"
+    path = events[len("ipc://"):]
+    proc = _serve(endpoint, "--events-endpoint", events,
+                  preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)))
+    flood: list[socket.socket] = []
+    try:
+        with Client(endpoint, timeout=5) as healthy:
+            deadline = time.monotonic() + WAIT
+            while os.path.exists(path) and time.monotonic() < deadline:  # ten a millisecond
+                for _ in range(10):
+                    s = socket.socket(socket.AF_UNIX)
+                    try:
+                        s.connect(path)
+                        flood.append(s)
+                    except OSError:
+                        s.close()
+                time.sleep(0.001)
+            assert not os.path.exists(path) and os.path.exists(path + ".full") and proc.poll() is None
+            [a] = healthy.allocate([list(range(40))])  # the daemon's clients untouched
+            healthy.free([a.seq_id])
+            for s in flood:
+                s.close()
+            flood.clear()
+            assert wait_until(lambda: os.path.exists(path), WAIT)  # named back
+            healthy.check_integrity()
+    finally:
+        for s in flood:
+            s.close()
+        rc = _stop(proc)
+        shutil.rmtree(d, ignore_errors=True)
+    assert rc == 0 and not os.path.exists(path) and not os.path.exists(path + ".full")
