@@ -22,6 +22,7 @@ from kvpager.client_slots import SlotChecks
 from kvpager.errors import InvalidArgument, SessionLost, StalePlan
 from kvpager.plan import StepPlan, check_floor, context_of, make_plan, table_floor
 from kvpager.plan_guard import REMEDY, Foreign, Moves, sequence_guard
+from kvpager.plan_numpy import from_numpy, to_numpy
 from kvpager.shm import map_pool, map_release_count
 
 
@@ -132,14 +133,18 @@ class KVAccess(SlotChecks):
     def _rows_now(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The tables, lengths and committed token counts of ``ids`` now: a step
         plan's guard's (`kvpager.plan_guard`); from the mirror, else the daemon.
-        SessionLost where the daemon ended this session (`_check_not_ended`)."""
-        self._check_not_ended()
-        got = None if self._lost else self._mirror.rows_now(ids)
-        if got is not None:
-            return got
-        tables, lens = self.tables(ids)
-        infos = self._infos(ids)  # one round trip for them all (but where they pass the message limit)
-        return tables, lens, np.array([info.num_committed for info in infos], np.int64)
+        SessionLost where the daemon ended this session (`_check_not_ended`). Under the
+        client's lock, as the calls that change the mirror are (`SERIALIZED`): a plan's
+        layers are not, and a free of its sequence in another thread between the mirror's
+        reads of them raised KeyError from the plan's write or attend."""
+        with self._lock:
+            self._check_not_ended()
+            got = None if self._lost else self._mirror.rows_now(ids)
+            if got is not None:
+                return got
+            tables, lens = self.tables(ids)
+            infos = self._infos(ids)  # one round trip for them all (but where they pass the message limit)
+            return tables, lens, np.array([info.num_committed for info in infos], np.int64)
 
     def synchronize(self) -> None:
         """As `KVPool.synchronize`: wait for this process's writes into the mapped
@@ -154,6 +159,7 @@ class KVAccess(SlotChecks):
         [num_blocks, num_kv_heads, block_size, head_dim]: NumPy arrays on a CPU
         pool, CuPy arrays on a GPU pool."""
         self._check_layer(layer)
+        self._check_views()
         return self._pool().layer_kv(int(layer))
 
     def torch_kv(self, layer: int) -> tuple[Any, Any]:
@@ -175,13 +181,28 @@ class KVAccess(SlotChecks):
 
     def device_array(self) -> Any:
         """The whole device pool [num_blocks, layers, 2, kv_heads, block_size, head_dim], mapped."""
+        self._check_views()
         return self._pool().kv
 
     def host_array(self) -> np.ndarray:
         """The whole host (swap) pool, mapped (CPU pools only: a GPU daemon keeps its own)."""
         if self.gpu:
             raise InvalidArgument("the host (swap) pool of a GPU daemon is not mapped into workers")
+        self._check_views()
         return self._pool().host_kv
+
+    def _check_views(self) -> None:
+        """Before views of the mapped pool are handed out: SessionLost where this client
+        is closed or its session lost (a restarted daemon's session_lost, found by the
+        heartbeat thread: the mapping is the dead daemon's memory; else blocks the
+        daemon gave to other sessions), InvalidArgument in a forked child. Once mapped,
+        `kv` handed the views out regardless, where every other call refuses."""
+        if self._closed:
+            raise SessionLost("this client is closed")
+        self._check_process()
+        if self._lost:
+            raise SessionLost("this session is lost: its sequences (and their blocks) are the daemon's again, "
+                              "and a restarted daemon's memory is not the mapped one; reconnect() first")
 
     def local_write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
         """Write K/V straight into the mapped pool (no daemon round trip; a rank
@@ -224,6 +245,7 @@ class KVAccess(SlotChecks):
         if len(lens) and (qlens.min() < 1 or (qlens > lens).any()):  # (checked before the int32 cast wraps)
             raise InvalidArgument(f"query_lens must be in [1, sequence length], got {qlens.tolist()}")
         qlens = qlens.astype(np.int32, copy=False)
+        torch_q = type(q).__module__.startswith("torch")  # (answered in kind, as `KVPool.attend`)
         q = self._check_q(q, int(qlens.sum()))
         scale = check_scale(scale, self.spec.head_dim)
         window, softcap = check_window(window), check_softcap(softcap)
@@ -234,8 +256,9 @@ class KVAccess(SlotChecks):
         if self.gpu:
             return pool.attend(int(layer), q, tables, lens, np.ascontiguousarray(qlens), scale,
                                window=window, softcap=softcap, sinks=sinks)
-        return cpu_attention.attend(pool.kv, int(layer), q, tables, lens, qlens, scale, window=window,
-                                    softcap=softcap, kv_scales=pool.scales, sinks=check_sinks(sinks, q.shape[1]))
+        out = cpu_attention.attend(pool.kv, int(layer), q, tables, lens, qlens, scale, window=window,
+                                   softcap=softcap, kv_scales=pool.scales, sinks=check_sinks(sinks, q.shape[1]))
+        return from_numpy(out) if torch_q else out
 
     def _pool(self) -> Any:
         if self._mapped is None:
@@ -303,8 +326,8 @@ class KVAccess(SlotChecks):
     _memory_gone = False
 
     def _check_tensor(self, x: Any, name: str, shape: tuple[int, ...]) -> Any:
-        if not self.gpu and not isinstance(x, np.ndarray):
-            raise InvalidArgument(f"{name} must be a numpy array, got {type(x).__name__}")
+        if not self.gpu:  # a CPU torch tensor as NumPy, as `KVPool.write` / `attend` take one (they were refused)
+            x = to_numpy(x, name, self.spec.np_dtype)[0]
         if tuple(getattr(x, "shape", ())) != shape:
             raise InvalidArgument(f"{name} must have shape {shape}, got {tuple(getattr(x, 'shape', ()))}")
         return self._as_array(x, name)

@@ -172,6 +172,7 @@ class StepPlan(ABC):
         for view in self.__dict__.get("_chunk_views", {}).values():
             if view is not self:
                 view._moves, view._seen = self._moves, self._seen
+                view.guard = view_guard(self)  # (this plan's check as it is now, for once it is dropped)
 
     @property
     def num_seqs(self) -> int:

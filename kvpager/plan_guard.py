@@ -113,14 +113,32 @@ def sequence_guard(ids: Sequence[int], rows_now: Callable[[list[int]], tuple[np.
     return guard
 
 
+class _Stand:
+    """What a parent plan's check reads of it (`check_rows`) and its guard, kept by its
+    chunked views (`view_guard`) for when the parent itself is gone."""
+
+    __slots__ = ("spec", "tables", "seq_lens", "query_lens", "slots", "guard")
+
+    def __init__(self, plan: Any):
+        self.spec, self.tables, self.seq_lens = plan.spec, plan.tables, plan.seq_lens
+        self.query_lens, self.slots, self.guard = plan.query_lens, plan.slots, plan.guard
+
+
 def view_guard(parent: Any) -> Guard:
-    """The guard of a plan derived from ``parent`` (a chunked view): the parent's check."""
-    ref = weakref.ref(parent)
+    """The guard of a plan derived from ``parent`` (a chunked view): the parent's
+    check, through the parent while it lives (held weakly: the parent keeps its
+    views), else through what the parent's check read of it when the view was
+    tied (`StepPlan.guard_with` ties its views again): a view kept after its plan
+    was dropped (``pool.plan(...).chunked(c)``) checked nothing, and read freed
+    blocks another sequence held, silently."""
+    ref, stand = weakref.ref(parent), _Stand(parent)
 
     def guard(_view: Any) -> str | None:
         p = ref()
         if p is not None:
             p.recheck(write=False)  # a view only attends
+        elif stand.guard is not None:
+            stand.guard(stand)  # (StalePlan where its blocks changed; its slots are the parent's writes')
         return None
 
     return guard
