@@ -263,10 +263,8 @@ class RedisClusterStore(Store):
         another Redis type, ``width + 1`` longer); the keys redirected."""
         redirected = []
         for i, ask in plan:
-            if ask and (line := reader.line()) != b"+OK":
-                if line[:1] == b"-":
-                    raise reply_error(line, " to ASKING")
-                raise FetchError(f"malformed reply: {line[:200]!r} to ASKING")
+            if ask:
+                _asked(reader)
             try:
                 read_range(reader, rows, width, sizes, i)
             except ReplyError as e:
@@ -328,10 +326,8 @@ class RedisClusterStore(Store):
                 conn.send_packed_command(conn.pack_commands(commands), check_health=False)
                 redirected = []
                 for i, ask in plan:
-                    if ask and (line := reader.line()) != b"+OK":
-                        if line[:1] == b"-":
-                            raise reply_error(line, " to ASKING")
-                        raise FetchError(f"malformed reply: {line[:200]!r} to ASKING")
+                    if ask:
+                        _asked(reader)
                     line = reader.line()
                     if line[:1] == b"-":  # NOPERM and the like fail the call; ASK / MOVED are followed
                         redirected.append((i, self._redirection(reply_error(line, " to TYPE"))))
@@ -425,6 +421,14 @@ class RedisClusterStore(Store):
     def close(self) -> None:
         for side in self._sides:
             side.close()
+
+
+def _asked(reader: Reader) -> None:
+    """The reply to an ``ASKING`` sent before a redirected key's command: ``+OK``."""
+    if (line := reader.line()) != b"+OK":
+        if line[:1] == b"-":
+            raise reply_error(line, " to ASKING")
+        raise FetchError(f"malformed reply: {line[:200]!r} to ASKING")
 
 
 def _raw(client: Any, deadline: float, talk: Callable[[Any, Reader], list[tuple[int, Any]]]) -> list[tuple[int, Any]]:

@@ -3,6 +3,9 @@ a store, a prefill of random K/V read back through its block table, a flush."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 
 from kvpager import KVPool, PoolSpec
@@ -52,3 +55,23 @@ def expected_k(tokens: list[int]) -> np.ndarray:
         h = (h * 1_000_003 + t + 1) % 16_777_213
         out[i] = h
     return out
+
+
+def bounded(fn, limit: float, must: bool = True) -> tuple[float, object]:
+    """``fn()`` on a thread, waited for at most ``limit`` seconds: (seconds, its
+    result or the exception it raised); fails the test if it is still running
+    (unless not ``must``: a cleanup that must not hold a failed test for ever)."""
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["r"] = fn()
+        except Exception as e:
+            out["r"] = e
+
+    t0 = time.monotonic()
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(limit)
+    assert not (must and worker.is_alive()), f"still waiting after {limit} s"
+    return time.monotonic() - t0, out.get("r")

@@ -14,6 +14,7 @@ once failed; bounded waits, free endpoints, every daemon stopped."""
 from __future__ import annotations
 
 import _posixshmem
+import contextlib
 import os
 import resource
 import secrets
@@ -22,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -83,6 +85,39 @@ def _stop(proc: subprocess.Popen) -> int:
 
 def _segments(pid: int) -> list[str]:
     return [n for n in os.listdir("/dev/shm") if n.startswith(f"kvp{pid}_")]
+
+
+@contextlib.contextmanager
+def _at_a_low_limit(*extra: str, limit: int = 128):
+    """``kvpager serve`` under a hard open files limit of ``limit``: (endpoint, its
+    folder, the process, a list of what the test opened: closed at the end); the
+    daemon stopped after, ending cleanly with its pool removed."""
+    endpoint, d = ipc_endpoint()
+    proc = _serve(endpoint, *extra, preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
+    opened: list = []
+    try:
+        yield endpoint, d, proc, opened
+    finally:
+        for x in opened:
+            x.close()
+        rc = _stop(proc)
+        shutil.rmtree(d, ignore_errors=True)
+    assert rc == 0 and not _segments(proc.pid)
+
+
+def _leak(path: str, flood: list[socket.socket], until) -> None:
+    """Connect to ``path`` as a client that leaks its sockets quickly (ten a
+    millisecond), each kept in ``flood``, until ``until()`` (bounded)."""
+    deadline = time.monotonic() + WAIT
+    while not until() and time.monotonic() < deadline:
+        for _ in range(10):
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(path)
+                flood.append(s)
+            except OSError:  # (no file there once the daemon is full; its listen queue full)
+                s.close()
+        time.sleep(0.001)
 
 
 def test_sighup_stops_the_daemon_and_leaves_nothing():
@@ -218,10 +253,7 @@ def test_clients_past_a_low_open_files_limit_are_refused_and_the_daemon_lives():
     session, its pool left in /dev/shm. Now sessions past what the limit holds are
     refused at hello, and the daemon serves the others (at 128: at 64 the reserve
     kept for bursts of connections leaves room for three)."""
-    endpoint, d = ipc_endpoint()
-    proc = _serve(endpoint, preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)))
-    clients: list[Client] = []
-    try:
+    with _at_a_low_limit() as (endpoint, _, proc, clients):
         healthy = Client(endpoint, timeout=5)
         clients.append(healthy)
         [a] = healthy.allocate([list(range(40))])
@@ -242,12 +274,6 @@ def test_clients_past_a_low_open_files_limit_are_refused_and_the_daemon_lives():
             assert late.stats().num_sequences == 1
         healthy.free([a.seq_id])
         healthy.check_integrity()
-    finally:
-        for c in clients:
-            c.close()
-        rc = _stop(proc)
-        shutil.rmtree(d, ignore_errors=True)
-    assert rc == 0 and not _segments(proc.pid)
 
 
 def test_the_sweep_keeps_a_live_daemons_pool_whose_pid_it_cannot_see(monkeypatch):
@@ -348,53 +374,34 @@ def test_connections_that_never_say_hello_past_a_low_open_files_limit_leave_the_
     socket file is out of the way now (new connects find none) and connections
     accepted past it are shut down; the session open before keeps working, and a
     new client gets in once the flood ends."""
-    endpoint, d = ipc_endpoint()
-    path = endpoint[len("ipc://"):]
-    proc = _serve(endpoint, preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)))
-    flood: list[socket.socket] = []
-    try:
-        with Client(endpoint, timeout=5) as healthy:
-            [a] = healthy.allocate([list(range(40))])
-            def full() -> bool:
-                return any("new clients cannot connect" in line for line in proc.lines)
+    with _at_a_low_limit() as (endpoint, _, proc, flood), Client(endpoint, timeout=5) as healthy:
+        path = endpoint[len("ipc://"):]
+        [a] = healthy.allocate([list(range(40))])
 
-            deadline = time.monotonic() + WAIT
-            while not full() and time.monotonic() < deadline:  # a client leaking sockets quickly: ten a
-                for _ in range(10):                             # millisecond (ZeroMQ's accept ran out of
-                    s = socket.socket(socket.AF_UNIX)           # files at about 100 before)
-                    try:
-                        s.connect(path)
-                        flood.append(s)
-                    except OSError:  # (no file there once the daemon is full; its listen queue full)
-                        s.close()
-                time.sleep(0.001)
-            assert wait_until(full, WAIT) and proc.poll() is None, "".join(proc.lines[-5:])
-            assert len(flood) > 40  # (the cap: 128 files less the daemon's own and the reserve)
-            assert proc.poll() is None, "".join(proc.lines[-5:])
-            assert not os.path.exists(path) and os.path.exists(path + ".full")
-            for _ in range(20):  # (no file to connect to: nothing more reaches the daemon)
-                with socket.socket(socket.AF_UNIX) as s, pytest.raises(OSError):
-                    s.connect(path)
-            with pytest.raises(DaemonUnavailable, match="takes no new connections now"):
-                Client(endpoint, timeout=2)
-            r = run_cli(["stats", "--endpoint", endpoint, "--timeout", "2"])
-            assert r.exit_code == 3 and "open files limit" in r.output.split("next:")[1], r.output
-            healthy.append([a.seq_id], 1)  # the session's connections untouched
-            assert healthy.stats().used_blocks == 3
-            for s in flood:
-                s.close()
-            flood.clear()
-            assert wait_until(lambda: os.path.exists(path), WAIT)  # named back
-            with Client(endpoint, timeout=10) as late:
-                assert late.stats().num_sequences == 1
-            healthy.free([a.seq_id])
-            healthy.check_integrity()
-    finally:
+        def full() -> bool:
+            return any("new clients cannot connect" in line for line in proc.lines)
+
+        _leak(path, flood, full)  # (ZeroMQ's accept ran out of files at about 100 before)
+        assert wait_until(full, WAIT) and proc.poll() is None, "".join(proc.lines[-5:])
+        assert len(flood) > 40  # (the cap: 128 files less the daemon's own and the reserve)
+        assert not os.path.exists(path) and os.path.exists(path + ".full")
+        for _ in range(20):  # (no file to connect to: nothing more reaches the daemon)
+            with socket.socket(socket.AF_UNIX) as s, pytest.raises(OSError):
+                s.connect(path)
+        with pytest.raises(DaemonUnavailable, match="takes no new connections now"):
+            Client(endpoint, timeout=2)
+        r = run_cli(["stats", "--endpoint", endpoint, "--timeout", "2"])
+        assert r.exit_code == 3 and "open files limit" in r.output.split("next:")[1], r.output
+        healthy.append([a.seq_id], 1)  # the session's connections untouched
+        assert healthy.stats().used_blocks == 3
         for s in flood:
             s.close()
-        rc = _stop(proc)
-        shutil.rmtree(d, ignore_errors=True)
-    assert rc == 0 and not _segments(proc.pid)
+        flood.clear()
+        assert wait_until(lambda: os.path.exists(path), WAIT)  # named back
+        with Client(endpoint, timeout=10) as late:
+            assert late.stats().num_sequences == 1
+        healthy.free([a.seq_id])
+        healthy.check_integrity()
 
 
 def test_a_flood_of_kv_events_subscribers_leaves_the_daemon_serving():
@@ -402,24 +409,12 @@ def test_a_flood_of_kv_events_subscribers_leaves_the_daemon_serving():
     process when a connection finds no file left: a subscriber that leaked its
     sockets took the daemon and every session with it. Each of its sockets keeps
     a share of the connections now; past it its socket file is out of the way."""
-    endpoint, d = ipc_endpoint()
-    events = f"ipc://{d}/ev.sock"
-    path = events[len("ipc://"):]
-    proc = _serve(endpoint, "--events-endpoint", events,
-                  preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)))
-    flood: list[socket.socket] = []
+    events_dir = tempfile.mkdtemp(prefix="kvp", dir="/tmp")
+    path = f"{events_dir}/ev.sock"
     try:
-        with Client(endpoint, timeout=5) as healthy:
-            deadline = time.monotonic() + WAIT
-            while os.path.exists(path) and time.monotonic() < deadline:  # ten a millisecond
-                for _ in range(10):
-                    s = socket.socket(socket.AF_UNIX)
-                    try:
-                        s.connect(path)
-                        flood.append(s)
-                    except OSError:
-                        s.close()
-                time.sleep(0.001)
+        with _at_a_low_limit("--events-endpoint", f"ipc://{path}") as (endpoint, _, proc, flood), \
+                Client(endpoint, timeout=5) as healthy:
+            _leak(path, flood, lambda: not os.path.exists(path))
             assert not os.path.exists(path) and os.path.exists(path + ".full") and proc.poll() is None
             [a] = healthy.allocate([list(range(40))])  # the daemon's clients untouched
             healthy.free([a.seq_id])
@@ -428,9 +423,6 @@ def test_a_flood_of_kv_events_subscribers_leaves_the_daemon_serving():
             flood.clear()
             assert wait_until(lambda: os.path.exists(path), WAIT)  # named back
             healthy.check_integrity()
+        assert not os.path.exists(path) and not os.path.exists(path + ".full")
     finally:
-        for s in flood:
-            s.close()
-        rc = _stop(proc)
-        shutil.rmtree(d, ignore_errors=True)
-    assert rc == 0 and not os.path.exists(path) and not os.path.exists(path + ".full")
+        shutil.rmtree(events_dir, ignore_errors=True)

@@ -28,7 +28,7 @@ from redis_helpers import listener, need_redis, redis_cluster, redis_server
 need_redis()
 redis = pytest.importorskip("redis")
 
-from remote_tier_helpers import BS, SPEC, kv_of, pool, prefill, written  # noqa: E402
+from remote_tier_helpers import BS, SPEC, bounded, kv_of, pool, prefill, written  # noqa: E402
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.remote_store import StoreError, StoreMisconfigured, open_store  # noqa: E402
@@ -98,26 +98,6 @@ def cluster():
     # replicas the cluster would answer CLUSTERDOWN, which fails calls fast and hides the wait)
     with redis_cluster(3, node_timeout_ms=60000) as servers:
         yield servers
-
-
-def bounded(fn, limit: float, must: bool = True) -> tuple[float, object]:
-    """``fn()`` on a thread, waited for at most ``limit`` seconds: (seconds, its
-    result or the exception it raised); fails the test if it is still running
-    (unless not ``must``: a cleanup that must not hold a failed test for ever)."""
-    out: dict = {}
-
-    def run() -> None:
-        try:
-            out["r"] = fn()
-        except Exception as e:
-            out["r"] = e
-
-    t0 = time.monotonic()
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(limit)
-    assert not (must and worker.is_alive()), f"still waiting after {limit} s"
-    return time.monotonic() - t0, out.get("r")
 
 
 @pytest.mark.parametrize("kind", ["silent", "trickle"])

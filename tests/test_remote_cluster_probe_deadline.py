@@ -22,7 +22,7 @@ from redis_helpers import RedisServer, free_cluster_port, need_redis
 need_redis()
 redis = pytest.importorskip("redis")
 
-from remote_tier_helpers import BS, pool, prefill, written  # noqa: E402
+from remote_tier_helpers import BS, bounded, pool, prefill, written  # noqa: E402
 
 from kvpager.remote_store import KEY_STRING, StoreError, open_store  # noqa: E402
 
@@ -107,25 +107,6 @@ def node():
         if proxy is not None:
             proxy.close()
         server.close()
-
-
-def bounded(fn, limit: float) -> tuple[float, object]:
-    """``fn()`` on a thread, waited for at most ``limit`` seconds: (seconds, its
-    result or the exception it raised)."""
-    out: dict = {}
-
-    def run() -> None:
-        try:
-            out["r"] = fn()
-        except Exception as e:
-            out["r"] = e
-
-    t0 = time.monotonic()
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(limit)
-    assert not worker.is_alive(), f"still waiting after {limit} s"
-    return time.monotonic() - t0, out.get("r")
 
 
 def test_a_cluster_probe_whose_replies_trickle_fails_in_its_time(node):
