@@ -161,13 +161,31 @@ def is_local(endpoint: str) -> bool:
 AT_CAP = "the daemon there is at the most connections"
 
 
+def at_cap(path: str) -> bool:
+    """Whether a daemon listens at ``path + ".full"``: its socket file, renamed while
+    its connections are at their cap (`kvpager.server_watch`). A file left there by
+    one that died (killed while renamed) is no daemon."""
+    full = path + ".full"
+    if not is_socket(full):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(full)
+        except (TimeoutError, BlockingIOError):
+            return True  # (its queue of connections full: there)
+        except OSError as e:
+            return e.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
+    return True
+
+
 def probe(endpoint: str, timeout: float = 1.0) -> str | None:
     """Why nothing listens at ``endpoint`` (a short reason), or None if something
     accepts connections there. Only ipc:// and tcp:// are probed."""
     path = ipc_path(endpoint)
     if path is not None:
         if not os.path.exists(path):
-            if os.path.exists(path + ".full"):  # (`kvpager.server_watch`: renamed while connections are at their cap)
+            if at_cap(path):
                 return (f"{AT_CAP} its open files limit holds ({path}.full until some end): close clients' "
                         "unused sockets, or raise the daemon's limit")
             return f"no socket file {path}"
@@ -215,6 +233,9 @@ def check_ipc_bind(endpoint: str) -> str | None:
     if path is None:
         return None
     ensure_default_dir(path)
+    if at_cap(path):  # (a daemon there whose file is out of clients' way for now)
+        raise InvalidArgument(f"another daemon already listens at {endpoint}, at the most connections its open "
+                              f"files limit holds (its socket file is {path}.full until some end)")
     if not os.path.lexists(path):
         return None
     if not is_socket(path):
@@ -236,6 +257,10 @@ def prepare_ipc_bind(endpoint: str) -> None:
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise InvalidArgument(f"cannot remove stale socket {path}: {e}") from None
+    full = ipc_path(endpoint)
+    if full is not None and is_socket(full := full + ".full"):  # (a dead daemon's, renamed at its cap)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(full)
 
 
 #: How long a daemon waits for another one's bind on the same ipc:// path (`bind_lock`).

@@ -66,7 +66,7 @@ from kvpager.endpoints import (
 )
 from kvpager.errors import InvalidArgument
 from kvpager.events import FORMATS, EventSink, encode_batches
-from kvpager.server_watch import BACKLOG, ConnectionWatch
+from kvpager.server_watch import BACKLOG, ConnectionWatch, watched
 
 log = logging.getLogger("kvpager.events")
 
@@ -237,6 +237,8 @@ class EventPublisher:
         up before the thread uses the sockets (a monitor is set up by the socket's
         thread), closed with them."""
         for sock, ep in ((self._pub, self.endpoint), (self._replay, self.replay_endpoint)):
+            if not watched(ep):
+                continue
             path = ipc_path(ep)
             self._watches.append(ConnectionWatch(sock, ep, cap, None if path is None or path.startswith("@")
                                                  else path, threading.Lock()))

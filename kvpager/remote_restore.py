@@ -263,7 +263,7 @@ def _fetch(tier: RemoteTier, miss: Missing, keys: Iterable[bytes]) -> dict[bytes
     return tier.fetch([(miss.wants[k][0], k) for k in keys])
 
 
-def _windowed(tier: RemoteTier, miss: Missing, reach: int | None) -> tuple[dict[bytes, memoryview], set[bytes]]:
+def _windowed(tier: RemoteTier, miss: Missing, reach: int | None) -> tuple[dict[bytes, memoryview], set[bytes] | None]:
     """A windowed allocate's lookup: which missing keys the store holds
     (`RemoteTier.exists`, no value read), then the values of those its
     windows read (`runs` with ``reach``), so a long conversation reads and
@@ -275,6 +275,8 @@ def _windowed(tier: RemoteTier, miss: Missing, reach: int | None) -> tuple[dict[
     so no run counts a block it cannot restore."""
     held = tier.exists([(root, key) for key, (root, _) in miss.wants.items()])
     if not held:
+        if reach is None:  # (a plain lookup: an empty answer may be a probe skipped or failed, not a
+            return _fetch(tier, miss, miss.wants), None  # store that holds none: read as before, misses cheap)
         return {}, held
     _, todo, _, _ = runs(miss, held, reach)
     got = _fetch(tier, miss, todo)

@@ -37,6 +37,7 @@ from kvpager.server_watch import (
     events_cap,
     held_files,
     open_files_limit,
+    watched,
 )
 
 log = logging.getLogger("kvpager.server")
@@ -229,7 +230,6 @@ class Binding:
             raise InvalidArgument(f"cannot bind {self.endpoint}: {e}") from None
         self._sock = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._watch_connections()
         path = ipc_path(self.endpoint)
         self._socket_file = socket_file(path)  # what close may remove: this daemon's file alone
         if path:
@@ -237,6 +237,7 @@ class Binding:
         elif self.token is None and self.endpoint.startswith("tcp://"):
             log.warning("listening on %s without a token: every local user can use the pool "
                         "(--token-file / KVPAGER_TOKEN)", self.endpoint)
+        self._watch_connections()  # (after the file is taken: the watch may rename it at once)
         self._start_observers()
         spec = self.pool.spec
         if self.pool.ranks > 1:
@@ -262,6 +263,8 @@ class Binding:
         here, with the files this daemon holds once bound (`kvpager serve` counted
         them before the pool and the socket were made, and a session past them was
         shut out unanswered instead of refused at hello)."""
+        if not watched(self.endpoint):
+            return
         soft = open_files_limit()
         cap = connection_cap(soft, held_files())
         if cap is None:

@@ -52,7 +52,7 @@ RESERVE_SHARE = 16
 #: for the listener, which it may accept after the socket file was renamed.
 BACKLOG = 16
 #: How often the watch's thread looks at its stop flag while no event comes.
-_WAIT_MS = 100
+_WAIT_MS = 20
 _EVENT = struct.Struct("=HI")  # a monitor event's first frame: the event, its value (the descriptor)
 
 
@@ -106,34 +106,48 @@ class ConnectionWatch:
         self._path = path
         self._sock = sock
         self._local = _local_address(endpoint)
-        self._monitor = sock.get_monitor_socket(
-            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._stop = threading.Event()
         self._full = False  # at the cap since the last warning
         self._thread = threading.Thread(target=self._run, name="kvpager-connections", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
-        """Stop counting; a renamed socket file named back (for the daemon's close to remove)."""
+        """Stop counting; a renamed socket file named back (for the daemon's close to
+        remove). Called once the socket's own thread is done with it: the watch's
+        thread drains the events queued and turns the monitor off itself (ZeroMQ's
+        I/O thread waits on a full monitor queue holding the monitor's lock, and
+        turning it off from here, the GIL held, while the watch's thread needed the
+        GIL to drain that queue, would have hung the daemon's stop)."""
         self._stop.set()
-        with contextlib.suppress(zmq.ZMQError):  # (the socket closed already)
-            self._sock.disable_monitor()  # (its last event, "stopped", wakes the thread)
-        self._thread.join(2 * _WAIT_MS / 1000 + 1)
+        self._thread.join(2 * _WAIT_MS / 1000 + 2)
+        if self._thread.is_alive():  # (stuck: the monitor left on; the socket's close ends it)
+            log.warning("the connections' watch did not stop; closing without it")
         self._monitor.close(0)
         self._show()
 
     def _run(self) -> None:
         monitor, stop = self._monitor, self._stop
-        while not stop.is_set():
+        while True:
             try:
-                if not monitor.poll(_WAIT_MS):
-                    continue
-                while True:  # (every event there: one wake-up a burst)
-                    self._event(monitor.recv_multipart(zmq.NOBLOCK))
+                if monitor.poll(_WAIT_MS):
+                    while True:  # (every event there: one wake-up a burst)
+                        self._event(monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
-                continue
+                pass
             except zmq.ZMQError:  # (closed under it: the daemon ends)
                 return
+            except Exception:  # (a bug here must not stop the count: ZeroMQ's I/O thread waits on its queue)
+                log.exception("the connections' watch: an event could not be counted")
+            if stop.is_set():
+                break
+        try:  # (every event drained just now: the I/O thread is not waiting on a full queue)
+            while True:
+                self._event(monitor.recv_multipart(zmq.NOBLOCK))
+        except zmq.ZMQError:
+            pass
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disable_monitor()
 
     def _event(self, frames: list[bytes]) -> None:
         try:
@@ -183,6 +197,9 @@ class ConnectionWatch:
             try:
                 if os.path.lexists(self._path):  # (something else there now: ours removed)
                     os.unlink(self._path + ".full")
+                    log.error("something was bound at %s while this daemon's connections were at their cap "
+                              "(another daemon?): new clients reach it, not this daemon, which keeps only the "
+                              "connections it has; stop one of them, or give each its own --endpoint", self._path)
                 else:
                     os.rename(self._path + ".full", self._path)
             except OSError as e:
@@ -206,13 +223,22 @@ class ConnectionWatch:
             s.detach()  # (ZeroMQ's descriptor: never closed here)
 
 
+def watched(endpoint: str) -> bool:
+    """Whether connections to ``endpoint`` take file descriptors (ipc://, tcp://;
+    not inproc://)."""
+    return endpoint.startswith(("ipc://", "tcp://"))
+
+
 def _local_address(endpoint: str) -> tuple[str, Any]:
     """What an accepted socket of ``endpoint`` reports as its own address:
-    ("unix", the path as the kernel gives it) or ("tcp", the port)."""
+    ("unix", the path as the kernel gives it) or ("tcp", (host or None for any
+    address, port))."""
     transport, _, rest = endpoint.partition("://")
     if transport == "ipc":
         return "unix", "\0" + rest[1:] if rest.startswith("@") else rest
-    return "tcp", int(rest.rpartition(":")[2])
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")
+    return "tcp", (None if host in ("", "*", "0.0.0.0", "::") else host, int(port))
 
 
 def _same_endpoint(s: socket.socket, local: tuple[str, Any]) -> bool:
@@ -224,4 +250,8 @@ def _same_endpoint(s: socket.socket, local: tuple[str, Any]) -> bool:
         if isinstance(name, bytes):  # (an abstract name)
             name = name.decode("utf-8", "surrogateescape")
         return name == address
-    return s.family in (socket.AF_INET, socket.AF_INET6) and name[1] == address
+    host, port = address
+    if s.family not in (socket.AF_INET, socket.AF_INET6) or name[1] != port:
+        return False
+    # (another listener on the same port at another address, the metrics server's say: not ours)
+    return host is None or name[0] == host or name[0] == "::ffff:" + host

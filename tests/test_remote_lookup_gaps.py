@@ -106,3 +106,28 @@ def test_a_gap_mid_prompt_reads_only_the_run_and_restores_it_byte_for_byte(hosts
     assert b.stats().used_blocks == 0
     a.free([s1, s2])
     a.check_integrity()
+
+
+def test_a_large_lookup_whose_probe_is_refused_still_restores():
+    """An ACL user whose ``TYPE`` is taken away while the daemon runs: a lookup past
+    `ASK_FIRST_BYTES` asks ``TYPE`` first, is refused, and read the empty answer as a
+    store holding nothing: nothing restored, where the plain lookup restores all. It
+    reads the values as before now."""
+    with redis_server() as server:
+        a = KVPool(BIG, remote=RemoteTier(server.url, retry_after=0.2))
+        server.cli("ACL", "SETUSER", "reader", "reset", "on", ">pw", "~*", "+getrange", "+type", "+set",
+                   "+strlen", "+del", "+client|setname")
+        b = KVPool(BIG, remote=RemoteTier(f"redis://reader:pw@127.0.0.1:{server.port}", retry_after=0.2))
+        try:
+            prompt = list(range(N * BS + 1))
+            seq, kv = prefill(a, prompt, seed=3)
+            assert a.remote.flush(WAIT) and a.remote_stats().written_blocks == N
+            server.cli("ACL", "SETUSER", "reader", "-type")
+            [al] = b.allocate([prompt], salt="m")
+            assert (al.num_cached_tokens, al.num_remote_tokens) == (N * BS, N * BS)
+            assert np.array_equal(kv_of(b, al.block_table, N * BS), kv[:, :, : N * BS])
+            b.free(al.seq_id)
+            b.check_integrity()
+            a.free(seq)
+        finally:
+            a.close(), b.close()
