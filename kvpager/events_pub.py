@@ -66,7 +66,7 @@ from kvpager.endpoints import (
 )
 from kvpager.errors import InvalidArgument
 from kvpager.events import FORMATS, EventSink, encode_batches
-from kvpager.server_watch import BACKLOG, ConnectionWatch, watched
+from kvpager.server_watch import ConnectionWatch, backlog, open_files_limit, watched
 
 log = logging.getLogger("kvpager.events")
 
@@ -205,13 +205,14 @@ class EventPublisher:
         connections each keeps (`watch`; None: not counted)."""
         self._ctx = zmq.Context()
         try:
-            self._pub = self._bind(zmq.PUB, self.endpoint, {zmq.SNDHWM: SEND_HWM, zmq.BACKLOG: BACKLOG})
+            queue_of = backlog(open_files_limit())  # (`kvpager.server_watch`: counted in its reserve)
+            self._pub = self._bind(zmq.PUB, self.endpoint, {zmq.SNDHWM: SEND_HWM, zmq.BACKLOG: queue_of})
             self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
             # A request is 8 bytes: a much bigger one drops its sender's connection. Mandatory:
             # a send to a full or gone peer fails at once (not dropped unseen, the end marker too).
             self._replay = self._bind(zmq.ROUTER, self.replay_endpoint,
                                       {zmq.MAXMSGSIZE: 64, zmq.ROUTER_MANDATORY: 1, zmq.SNDHWM: REPLAY_HWM,
-                                       zmq.BACKLOG: BACKLOG})
+                                       zmq.BACKLOG: queue_of})
             self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
             self._replay.copy_threshold = REPLAY_ZERO_COPY  # (pyzmq copies smaller frames even with copy=False)
         except BaseException:

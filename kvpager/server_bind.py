@@ -31,8 +31,8 @@ from kvpager.metrics import serve_metrics
 from kvpager.render import human_bytes
 from kvpager.server_ranks import close_release_count
 from kvpager.server_watch import (
-    BACKLOG,
     ConnectionWatch,
+    backlog,
     connection_cap,
     events_cap,
     held_files,
@@ -220,7 +220,7 @@ class Binding:
         # half-open TCP connection) is dropped, and its file descriptor with it
         sock.setsockopt(zmq.HEARTBEAT_IVL, PING_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * PING_MS)
-        sock.setsockopt(zmq.BACKLOG, BACKLOG)  # (connections accepted past the watch's cap: `server_watch`)
+        sock.setsockopt(zmq.BACKLOG, backlog(open_files_limit()))  # (accepted past the watch's cap: `server_watch`)
         try:
             sock.bind(self.endpoint)
         except zmq.ZMQError as e:

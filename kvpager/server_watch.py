@@ -48,9 +48,16 @@ log = logging.getLogger("kvpager.server")
 #: (the listen queue's, a burst's).
 RESERVE_FILES = 32
 RESERVE_SHARE = 16
-#: The listen queue of the daemon's socket (ZeroMQ's default is 100): connections the kernel holds
-#: for the listener, which it may accept after the socket file was renamed.
-BACKLOG = 16
+
+
+def backlog(soft: int) -> int:
+    """The listen queue of the daemon's sockets under the open files limit ``soft``:
+    connections the kernel holds for a listener, which it may accept after the socket
+    file was renamed (so counted in the reserve). ZeroMQ's default of 100 where the
+    limit affords it (a sixty-fourth of it), at least 16: past it clients connecting
+    at the same instant (many ranks starting together) try again 100 ms later."""
+    return 100 if soft < 0 else min(100, max(16, soft // 64))
+
 #: How often the watch's thread looks at its stop flag while no event comes.
 _WAIT_MS = 20
 _EVENT = struct.Struct("=HI")  # a monitor event's first frame: the event, its value (the descriptor)
@@ -61,7 +68,7 @@ def connection_cap(soft: int, held: int) -> int | None:
     files limit ``soft`` (None: no limit here), a reserve above them for bursts."""
     if soft < 0:
         return None
-    return max(soft - held - RESERVE_FILES - soft // RESERVE_SHARE - BACKLOG, 4)
+    return max(soft - held - RESERVE_FILES - soft // RESERVE_SHARE - backlog(soft), 4)
 
 
 def events_cap(cap: int) -> int:
