@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 from kvpager import cuda_ipc
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger("kvpager.server")
+
+#: a session's public name (`kvpager.sessions.SessionTable.open`); a secret never looks like one
+_PUBLIC_NAME = re.compile(r"s[0-9]+")
 
 
 def create_pool(spec: PoolSpec, device: str, devices: Any, epoch: str, **pool_args: Any
@@ -88,10 +92,11 @@ def hello_driver(sessions: SessionTable, rank: int | None, driver: Any) -> Sessi
     """The session a rank worker writes for besides its own (``driver``: that
     session's secret, which its own workers are given; a rank session wrote
     into any session's sequences before). None where none is named;
-    InvalidArgument for one without a rank or not a string, SessionLost for
-    one that is not open (saying it is the driver's: a worker read that its
-    own was lost). The driver's heartbeat clock is left alone: a worker's
-    hello kept a driver whose process was gone open for good."""
+    InvalidArgument for one without a rank, not a string or a session's public
+    name (no retry finds that one open), SessionLost for one that is not open
+    (saying it is the driver's: a worker read that its own was lost). The
+    driver's heartbeat clock is left alone: a worker's hello kept a driver
+    whose process was gone open for good."""
     if driver is None:
         return None
     if rank is None or not isinstance(driver, str):
@@ -99,6 +104,11 @@ def hello_driver(sessions: SessionTable, rank: int | None, driver: Any) -> Sessi
                               "worker writes into, given with rank; got "
                               + (type(driver).__name__ if rank is not None else "no rank"))
     found = sessions.find(driver)
+    if found is None and _PUBLIC_NAME.fullmatch(driver):
+        # A session's public name (Client.session_name, `kvpager sessions`), not its secret: told as
+        # session_lost ("the driver ... is not open"), a worker reconnected on it again and again
+        raise InvalidArgument(f"hello: driver {driver!r} is a session's public name; a rank worker names its "
+                              "driver by the session's secret (the driver's Client, or its Client.session)")
     if found is None:
         err = SessionLost("hello: the driver named (the session this rank worker would write for) is not open "
                           "on this daemon: it said bye, missed heartbeats or the daemon restarted; give the "
