@@ -81,6 +81,13 @@ REPLAY_BYTES = 64 << 20
 #: commits of 128k tokens grew the daemon 380 MB), pinned far more. One that falls behind by
 #: more loses batches, which the replay socket has (the kept 10,000).
 SEND_HWM = 1000
+#: Bytes of a subscription the PUB socket takes besides the topic's (a longer one drops its
+#: sender's connection): the subscribe command's name and the connection's handshake, which
+#: the same limit bounds. ZeroMQ keeps a subscription as a trie node per byte, ~45 bytes of
+#: the daemon's memory each, built on the publisher's thread: one subscription of 64 MiB from
+#: a hostile subscriber made it grow by gigabytes, its stream stopped while it did. A prefix
+#: longer than the topic never matches a batch.
+SUBSCRIPTION_BYTES = 64
 #: Messages the replay socket queues a peer: an answer goes on as the peer reads (its turns
 #: wait while the queue is full). ZeroMQ's 1,000 let each peer that asked for the whole kept
 #: history and read none of it hold up to 64 MiB once its answer was all queued.
@@ -206,7 +213,8 @@ class EventPublisher:
         self._ctx = zmq.Context()
         try:
             queue_of = backlog(open_files_limit())  # (`kvpager.server_watch`: counted in its reserve)
-            self._pub = self._bind(zmq.PUB, self.endpoint, {zmq.SNDHWM: SEND_HWM, zmq.BACKLOG: queue_of})
+            self._pub = self._bind(zmq.PUB, self.endpoint, {zmq.SNDHWM: SEND_HWM, zmq.BACKLOG: queue_of,
+                                                            zmq.MAXMSGSIZE: SUBSCRIPTION_BYTES + len(self._topic)})
             self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
             # A request is 8 bytes: a much bigger one drops its sender's connection. Mandatory:
             # a send to a full or gone peer fails at once (not dropped unseen, the end marker too).
