@@ -156,7 +156,11 @@ def sessions_text(sessions: Sequence[SessionInfo]) -> str:
         return "no sessions"
     rows = [(s.name, "-" if s.pid is None else s.pid, printable(s.client)[:40], s.sequences, s.pins, s.requests,
              f"{s.age_s:.0f}s", "yes" if s.control else "") for s in sessions]
-    return table(("session", "pid", "client", "seqs", "pins", "requests", "age", "control"), rows)
+    head = ("session", "pid", "client", "seqs", "pins", "requests", "age", "control")
+    if any(s.rank is not None for s in sessions):  # (a tensor-parallel daemon's: which rank of which driver)
+        rows = [(*r, "" if s.rank is None else s.rank, s.driver or "") for r, s in zip(rows, sessions)]
+        head = (*head, "rank", "driver")
+    return table(head, rows)
 
 
 def sequence_dict(s: SequenceInfo) -> dict[str, object]:

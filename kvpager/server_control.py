@@ -100,5 +100,5 @@ class ControlOps:
         pins = self.pool.pin_counts()
         return [dict(name=x.name, client=x.client, pid=x.pid, sequences=x.num_seqs, pins=pins.get(x.name, 0),
                      requests=x.ops, age_s=round(wall - x.opened, 3), idle_s=round(now - x.last_seen, 3),
-                     control=x.control)
+                     control=x.control, rank=x.rank, driver=x.driver)
                 for x in self.sessions.by_name.values()]

@@ -143,6 +143,8 @@ class SessionInfo:
     age_s: float  # seconds since hello
     idle_s: float  # seconds since it was last heard from
     control: bool  # opened with the daemon's control token
+    rank: int | None = None  # the tensor-parallel rank it serves (None: none named; a daemon that predates it)
+    driver: str | None = None  # a rank worker's driver: that session's public name (None: none)
 
 
 #: The most tenants `PoolStats.tenants` lists, and the most bytes of their salts

@@ -85,3 +85,20 @@ def test_a_worker_reconnecting_to_a_daemon_of_another_rank_count_is_refused():
             c.close()
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_sessions_say_which_rank_of_which_driver_each_worker_serves():
+    """`kvpager sessions` listed a tensor-parallel daemon's sessions with nothing
+    to tell a driver from its rank workers: an operator could not see which
+    session served which rank of which driver (`SessionInfo.rank`, `.driver`)."""
+    from daemon_helpers import run_cli
+
+    with running_server(SPEC, devices=["cpu", "cpu"]) as server, Client(server.endpoint) as driver, \
+            Client(server.endpoint, rank=1, driver=driver, timeout=5) as worker, Client(server.endpoint) as look:
+        got = {s.name: (s.rank, s.driver) for s in look.sessions()}
+        assert got == {driver.session_name: (None, None), worker.session_name: (1, driver.session_name),
+                       look.session_name: (None, None)}
+        r = run_cli(["sessions", "--endpoint", server.endpoint])
+        assert r.exit_code == 0, r.output
+        row = next(line for line in r.output.splitlines() if line.split()[:1] == [worker.session_name])
+        assert row.split()[-2:] == ["1", driver.session_name] and "rank" in r.output.splitlines()[0]
