@@ -99,7 +99,11 @@ class ServerOps(ControlOps):
         s.control, s.quiet = control, quiet
         log.log(logging.DEBUG if quiet else logging.INFO, "session %s opened by %s (pid %s)%s",  # a line of its own
                 s.name, printable(s.client), s.pid, " with control" if control else "")
-        memory = hello_memory(self, rank)
+        try:
+            memory = hello_memory(self, rank)
+        except BaseException:  # (a GPU's export refused: the client gets no secret, so nothing else ends it,
+            self._end(s, "its hello failed")  # and a rank worker's rank was held until its heartbeats ran out)
+            raise
         return {
             "session": s.id,  # the secret: this reply is the only one that carries it
             "name": s.name,

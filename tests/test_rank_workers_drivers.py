@@ -102,3 +102,27 @@ def test_sessions_say_which_rank_of_which_driver_each_worker_serves():
         assert r.exit_code == 0, r.output
         row = next(line for line in r.output.splitlines() if line.split()[:1] == [worker.session_name])
         assert row.split()[-2:] == ["1", driver.session_name] and "rank" in r.output.splitlines()[0]
+
+
+def test_a_hello_that_fails_after_its_session_opened_ends_it(monkeypatch):
+    """A hello whose pool memory could not be exported (a GPU's CUDA IPC handles
+    refused) left its session open with no client knowing its secret: a rank
+    worker's rank was held (`RankTaken` to every retry) until its heartbeats ran
+    out. The session is ended with the failed hello now."""
+    from kvpager import server_ops
+    from kvpager.errors import InternalError
+
+    real, fails = server_ops.hello_memory, iter([True])
+
+    def export(server, rank):
+        if next(fails, False):
+            raise RuntimeError("the export failed")
+        return real(server, rank)
+
+    with running_server(SPEC, devices=["cpu", "cpu"]) as server, Client(server.endpoint) as driver:
+        monkeypatch.setattr(server_ops, "hello_memory", export)
+        with pytest.raises(InternalError):
+            Client(server.endpoint, rank=1, driver=driver, timeout=5)
+        assert len(server.sessions) == 1
+        with Client(server.endpoint, rank=1, driver=driver, timeout=5) as worker:  # (RankTaken before)
+            assert worker.rank == 1
