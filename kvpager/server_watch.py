@@ -100,8 +100,9 @@ class ConnectionWatch:
     ``path`` (its socket file; None: none to rename) out of clients' way and shuts
     down each connection accepted past it, and names the file back once they are a
     few under it. Made and closed by the thread that owns ``sock`` (the monitor is
-    set up on it); counts on a daemon thread of its own, which never touches
-    ``sock``. ``lock`` is held while the file is renamed either way (the loop's
+    set up on it); counts on a daemon thread of its own, which touches ``sock``
+    only to turn the monitor off once `close` is called (the owner done with it).
+    ``lock`` is held while the file is renamed either way (the loop's
     `Binding.keep_socket_file` takes it too, and leaves a hidden file alone)."""
 
     def __init__(self, sock: zmq.Socket, endpoint: str, cap: int, path: str | None, lock: threading.Lock):
@@ -148,11 +149,9 @@ class ConnectionWatch:
                 log.exception("the connections' watch: an event could not be counted")
             if stop.is_set():
                 break
-        try:  # (every event drained just now: the I/O thread is not waiting on a full queue)
+        with contextlib.suppress(Exception):  # (every event drained: the I/O thread is not waiting on a full queue)
             while True:
                 self._event(monitor.recv_multipart(zmq.NOBLOCK))
-        except zmq.ZMQError:
-            pass
         with contextlib.suppress(zmq.ZMQError):
             self._sock.disable_monitor()
 
