@@ -42,7 +42,7 @@ from kvpager.batch_calls import free_all
 from kvpager.errors import InvalidArgument
 from kvpager.hf.beams_rows import RecurrentBeams
 from kvpager.hf.captured_steps import CapturedSteps
-from kvpager.hf.checks import check_model_and_pool, check_positions, end_tokens
+from kvpager.hf.checks import check_model_and_pool, check_positions, end_tokens, model_eos
 from kvpager.hf.eager import EagerPasses
 from kvpager.hf.graphs import DecodeGraphs, check_graph_options, graph_width
 from kvpager.hf.model import has_recurrent_layers
@@ -106,8 +106,7 @@ def beam_search(model: Any, pool: Any, prompts: Any = None, max_new_tokens: int 
         raise InvalidArgument(f"num_return_sequences must be an int from 1 to num_beams ({beams}), "
                               f"got {described(num_return_sequences)}")
     length_penalty = check_beam_options(length_penalty, early_stopping)
-    if isinstance(eos_token_id, str) and eos_token_id == "model":
-        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos_token_id = model_eos(model, eos_token_id)
     check_positions(model, max((len(p) for p in prompts), default=0) + most - 1, "beam_search")
     salt = rope_salt(model, call_salt(model, salt, "beam_search"), list(map(len, prompts)),
                      [len(p) + max(most - 1, 0) for p in prompts], "beam_search",  # (the last token: never fed)

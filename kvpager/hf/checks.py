@@ -229,6 +229,15 @@ def check_model_and_pool(model: Any, pool: Any) -> None:
         raise TypeError(f"pool must be a kvpager pool (KVPool, or a daemon Client), got {type(pool).__name__}{hint}")
 
 
+def model_eos(model: Any, eos: Any) -> Any:
+    """``eos`` with "model" read as the model's generation config's end ids (what
+    transformers' `generate` stops at; None where it names none): `generate`'s,
+    `beam_search`'s and `PagedGeneration`'s default."""
+    if isinstance(eos, str) and eos == "model":
+        return getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return eos
+
+
 def end_tokens(eos: Any) -> set[int]:
     """The end-of-sequence ids of ``eos`` (None, a token id, or a list, 1-D array or
     tensor of them; an id may be a NumPy integer or a 0-d integer tensor, as a

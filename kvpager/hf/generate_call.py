@@ -19,6 +19,7 @@ from typing import Any
 from kvpager.errors import InvalidArgument
 from kvpager.hf.beams import beam_search, check_beam_options
 from kvpager.hf.captured_steps import CapturedSteps
+from kvpager.hf.checks import model_eos
 from kvpager.hf.generation import PagedGeneration
 from kvpager.hf.logprobs import Completion
 from kvpager.hf.sampling import Sampling
@@ -78,8 +79,7 @@ def generate(
     kvpager takes for it (`transformers_only`)."""
     if transformers_only:
         raise TypeError(unexpected_arguments(transformers_only))
-    if isinstance(eos_token_id, str) and eos_token_id == "model":
-        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos_token_id = model_eos(model, eos_token_id)
     num_beams, beam_options, sampling = call_options(model, sampling, num_beams, length_penalty, early_stopping,
                                                      eos_token_id)
     if num_beams > 1:

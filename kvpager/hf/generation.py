@@ -47,7 +47,13 @@ from kvpager.hf.attention import (  # noqa: F401
     register,
 )
 from kvpager.hf.captured_steps import CapturedSteps
-from kvpager.hf.checks import check_model, check_model_and_pool, check_positions, end_tokens  # noqa: F401
+from kvpager.hf.checks import (  # noqa: F401
+    check_model,
+    check_model_and_pool,
+    check_positions,
+    end_tokens,
+    model_eos,
+)
 from kvpager.hf.decode_plans import DecodePlans
 from kvpager.hf.eager import TORCH_DTYPES
 from kvpager.hf.graphs import DecodeGraphs, bucket_for, check_graph_options, graph_width
@@ -145,8 +151,7 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
         self._most = new_token_limits(self.max_new_tokens, len(self.prompts))  # each prompt's
         # (before, the default was None: a PagedGeneration made directly ran past the model's end token,
         # where generate and transformers' own stop)
-        if isinstance(self.eos_token_id, str) and self.eos_token_id == "model":
-            self.eos_token_id = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        self.eos_token_id = model_eos(self.model, self.eos_token_id)
         self._eos = end_tokens(self.eos_token_id)
         vocab = getattr(text_config(self.model), "vocab_size", None)
         self._sampler = Sampler(self.sampling, len(self.prompts), self.prompts, self._eos, vocab)
