@@ -48,7 +48,14 @@ from kvpager.backends.ranked import rank_spec
 from kvpager.channel import Channel
 from kvpager.client_batch import ClientBatch
 from kvpager.client_control import ControlMethods
-from kvpager.client_hello import ask_hello, check_options, checked_timeout, hello_arguments
+from kvpager.client_hello import (
+    ask_hello,
+    check_options,
+    checked_timeout,
+    hello_arguments,
+    rank_layout,
+    rank_layout_refusal,
+)
 from kvpager.client_kv import KVAccess
 from kvpager.client_seqs import ClientSequences
 from kvpager.client_staging import ClientStaging
@@ -167,7 +174,7 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
             raise ProtocolError(f"{self.endpoint} answered hello with no kvpager daemon's reply "
                                 f"({type(e).__name__}: {e})") from None
         if self.rank is not None and self._rank_layout is None:
-            self._rank_layout = (self.ranks, self.spec.num_kv_heads, self.spec.head_dim)
+            self._rank_layout = rank_layout(self.ranks, self.spec)
         self._mirror = TableMirror(self.spec.block_size)  # this session's block tables
         # (slots checked in an earlier session are not this one's: `_check_own_slots`, `_check_driver_slots`)
         self._own_slots = self._driver_slots = None
@@ -227,32 +234,17 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self._commit_word: int | None = word if type(word) is int and word >= 2 else None
 
     def _check_rank_layout(self, info: dict[str, Any]) -> None:
-        """A rank worker's hello after its first (`reconnect`) must serve the same
-        heads: a daemon restarted with another rank count made rank 1 of 2 (kv heads
-        2, 3) rank 1 of 4 (kv head 1) without a word, its `spec` changed under it and
-        its attends, with its shard's query heads, read another head's K/V. The new
-        session is ended and InvalidArgument raised; the client keeps its geometry
-        and stays lost."""
-        was = self._rank_layout
-        if was is None:
-            return
-        try:
-            ranks, rank = int(info.get("ranks") or 1), info.get("rank")
-            pool = PoolSpec.from_dict(info["spec"])
-            spec = rank_spec(pool, ranks, rank) if ranks > 1 and rank is not None else pool
-        except (TypeError, KeyError, AttributeError, ValueError, IndexError):
-            return  # (no kvpager daemon's reply: `_take_hello` says so)
-        if (ranks, spec.num_kv_heads, spec.head_dim) == was:
+        """`client_hello.rank_layout_refusal` of a hello reply: the new session ended
+        and InvalidArgument raised; the client keeps its geometry and stays lost."""
+        why = rank_layout_refusal(self._rank_layout, info, self.endpoint)
+        if why is None:
             return
         self.session = info["session"]
         try:
             self._bye()
         finally:
             self.session = None
-        raise InvalidArgument(
-            f"the daemon at {self.endpoint} now has {ranks} ranks (rank {rank} holds {spec.num_kv_heads} kv heads), "
-            f"where this rank worker's first session had {was[0]} ranks ({was[1]} kv heads): its model's shard no "
-            "longer matches; start the worker again for the new layout")
+        raise InvalidArgument(why)
 
     _rank_layout: tuple[int, int, int] | None = None
 

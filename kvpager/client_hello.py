@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 
 from kvpager import env, validate
+from kvpager.backends.ranked import rank_spec
 from kvpager.errors import InvalidArgument
+from kvpager.spec import PoolSpec
 
 
 def checked_timeout(timeout: Any) -> float:
@@ -74,3 +76,31 @@ def ask_hello(call: Callable[[str, dict[str, Any]], Any], args: dict[str, Any]) 
             raise
         # (a copy: the client's own arguments keep it, for a reconnect to a daemon that takes it)
         return call("hello", {k: v for k, v in args.items() if k != "quiet"})
+
+
+def rank_layout(ranks: int, spec: Any) -> tuple[int, int, int]:
+    """What a rank worker's model shard depends on: the pool's rank count and its
+    rank's kv heads and head dim."""
+    return ranks, spec.num_kv_heads, spec.head_dim
+
+
+def rank_layout_refusal(was: tuple[int, int, int] | None, info: dict[str, Any], endpoint: str) -> str | None:
+    """Why a rank worker's hello reply ``info`` after its first (``was``: that one's
+    `rank_layout`; None: this is the first) cannot be taken: a daemon restarted with
+    another rank count made rank 1 of 2 (kv heads 2, 3) rank 1 of 4 (kv head 1)
+    without a word, its `spec` changed under it and its attends, with its shard's
+    query heads, read another head's K/V. None where it serves the same heads (or
+    the reply is no daemon's: taking it says so)."""
+    if was is None:
+        return None
+    try:
+        ranks, rank = int(info.get("ranks") or 1), info.get("rank")
+        pool = PoolSpec.from_dict(info["spec"])
+        spec = rank_spec(pool, ranks, rank) if ranks > 1 and rank is not None else pool
+    except (TypeError, KeyError, AttributeError, ValueError, IndexError):
+        return None
+    if rank_layout(ranks, spec) == was:
+        return None
+    return (f"the daemon at {endpoint} now has {ranks} ranks (rank {rank} holds {spec.num_kv_heads} kv heads), "
+            f"where this rank worker's first session had {was[0]} ranks ({was[1]} kv heads): its model's shard no "
+            "longer matches; start the worker again for the new layout")
