@@ -20,8 +20,8 @@ from kvpager.attend_options import check_scale, check_sinks, check_softcap, chec
 from kvpager.client_ids import as_ids, id_list
 from kvpager.client_slots import SlotChecks
 from kvpager.errors import InvalidArgument, SessionLost, StalePlan
-from kvpager.plan import StepPlan, check_floor, context_of, make_plan, table_floor
-from kvpager.plan_guard import REMEDY, Foreign, Moves, sequence_guard
+from kvpager.plan import StepPlan, check_floor, check_queries, context_of, make_plan, table_floor
+from kvpager.plan_guard import REMEDY, Foreign, Moves, check_positions, sequence_guard
 from kvpager.plan_numpy import from_numpy, to_numpy
 from kvpager.shm import map_pool, map_release_count
 
@@ -62,8 +62,8 @@ class KVAccess(SlotChecks):
         follows = self._follows(ids)  # (read before the tables: a change during their round trip is seen)
         tables, seq_lens = self._plan_tables(seq_ids, slots)
         seq_lens = context_of(np.asarray(seq_lens), context_lens)
+        query_lens, slots = self._check_step(ids, tables, seq_lens, query_lens, slots)
         plan = make_plan(backend, tables, seq_lens, query_lens, slots, **options)
-        self._check_plan_slots(slots)
         self._tie(plan, ids, follows, tables)
         return plan
 
@@ -79,9 +79,25 @@ class KVAccess(SlotChecks):
         follows = self._follows(ids)
         tables, seq_lens = self._plan_tables(seq_ids, slots)
         seq_lens = context_of(np.asarray(seq_lens), context_lens)
-        self._check_plan_slots(slots)
+        query_lens, slots = self._check_step(ids, tables, seq_lens, query_lens, slots)
         plan.update(tables, seq_lens, query_lens, slots)
         self._tie(plan, ids, follows, tables)
+
+    def _check_step(self, ids: list[int] | None, tables: Any, seq_lens: np.ndarray, query_lens: Any,
+                    slots: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """A plan's query lengths and slots, checked before it is made or refilled: its
+        slots this session's to write (`_check_plan_slots`), each its own query token's
+        position (`kvpager.plan_guard.check_positions`; not committed, where the mirror
+        has the sequences)."""
+        if query_lens is not None and ids is not None:
+            query_lens = validate.per_seq(query_lens, len(ids), "query_lens")
+        query_lens, slots = check_queries(self.spec, seq_lens, query_lens, slots)
+        self._check_plan_slots(slots)
+        if slots is not None and ids is not None:
+            got = None if self._lost else self._mirror.rows_now(ids)
+            check_positions(ids, np.asarray(tables), seq_lens, query_lens, slots, self.spec.block_size,
+                            None if got is None else got[2])
+        return query_lens, slots
 
     def _follows(self, ids: list[int] | None) -> tuple[Moves | Foreign, int] | None:
         """The count a plan over ``ids`` follows (`kvpager.plan_guard`) and its value

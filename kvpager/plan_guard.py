@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from kvpager.errors import SequenceSwapped, StalePlan, UnknownSequence
+from kvpager.errors import InvalidArgument, SequenceSwapped, StalePlan, UnknownSequence
 
 
 class Moves:
@@ -192,3 +192,52 @@ def check_rows(plan: Any, ids: list[int], tables: np.ndarray, lens: np.ndarray,
         return (f"this step plan's writes are stale: the slot {int(s[k])} it writes {what}; its step is done "
                 f"or its slots are not its sequences' (it still attends); {REMEDY}")
     return None
+
+
+def check_positions(ids: Sequence[int], tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
+                    slots: np.ndarray | None, block_size: int, committed: np.ndarray | None = None) -> None:
+    """InvalidArgument unless each slot of a step plan (but -1, a token not
+    written) is its own query token's position in its own sequence: token j of
+    sequence i's ``query_lens[i]`` sits at position ``seq_lens[i] - query_lens[i]
+    + j``, in block ``tables[i, position // block_size]``. Checked when a plan is
+    made or refilled from sequence ids: slots of another sequence of the session
+    (or another step) were written where they pointed, silently, and the
+    sequence's own positions read zeros or stale K/V. With ``committed`` (tokens
+    committed per sequence), a slot at a committed position is refused too: its
+    block may be published and read by every sequence sharing the prefix. A
+    sequence listed twice in a plan that writes is refused (two rows, one
+    sequence's positions)."""
+    if slots is None or not len(slots):
+        return
+    nseq, total = len(seq_lens), len(slots)
+    lens = seq_lens.astype(np.int64)
+    if total == nseq:  # one token each (decode): its last position
+        row = None
+        pos = lens - 1
+        first = pos
+    else:
+        q = query_lens.astype(np.int64)
+        row = np.repeat(np.arange(nseq), q)
+        first = lens - q
+        pos = np.arange(total) + np.repeat(lens - np.cumsum(q), q)
+    at = pos // block_size + (np.arange(nseq) if row is None else row) * tables.shape[1]
+    want = tables.ravel().take(at).astype(np.int64) * block_size + pos % block_size
+    # (the common case, every slot given and its own, in two comparisons: a decode step's check is ~5 us)
+    if not np.array_equal(slots, want) or committed is not None and (np.asarray(committed) > first).any():
+        if row is None:
+            row = np.arange(nseq)
+        bad = (slots != want) & (slots >= 0)
+        if committed is not None:
+            bad |= (pos < np.asarray(committed, np.int64)[row]) & (slots >= 0)
+        if bad.any():
+            k = int(np.argmax(bad))
+            i = int(row[k])
+            why = (f"is position {int(pos[k])}, committed (sequence {ids[i]} has {int(committed[i])} "  # type: ignore[index]
+                   "tokens committed: its block may be shared)" if slots[k] == want[k]
+                   else f"is not its position {int(pos[k])} (slot {int(want[k])})")
+            raise InvalidArgument(f"slots[{k}] = {int(slots[k])}, query token {k - int(np.searchsorted(row, i))} of "
+                                  f"sequence {ids[i]}, {why}: a plan's slots are its query tokens' own, in order "
+                                  "(as append / allocate returned them; -1: not written)")
+    if nseq > 1 and len(set(ids)) != nseq:
+        raise InvalidArgument("a step plan that writes (slots given) lists a sequence twice: its rows "
+                              "would write the same positions")

@@ -13,7 +13,7 @@ from kvpager import validate
 from kvpager.attend_options import check_scale, check_softcap, check_window, chunk_step
 from kvpager.errors import InvalidArgument
 from kvpager.plan import StepPlan, check_floor, check_queries, context_of, table_floor
-from kvpager.plan_guard import sequence_guard
+from kvpager.plan_guard import check_positions, sequence_guard
 from kvpager.plan_numpy import from_numpy, to_numpy
 
 if TYPE_CHECKING:
@@ -136,7 +136,9 @@ class PoolKV:
     ) -> StepPlan:
         """A step plan for one forward pass over ``seq_ids``: their block tables,
         lengths and the step's ``slots`` (where its new tokens' K/V go, as
-        `append` / `allocate` returned them) checked and uploaded once; then per
+        `append` / `allocate` returned them: each its own query token's open
+        position, -1 for one not written; `kvpager.plan_guard.check_positions`)
+        checked and uploaded once; then per
         layer ``plan.write(layer, k, v)`` and ``plan.attend(layer, q, scale)``
         (see `kvpager.plan`). ``query_lens``: new tokens per sequence (default 1),
         the last of each sequence's tokens, or of its first ``context_lens``
@@ -148,11 +150,7 @@ class PoolKV:
         if self.ranks > 1:
             raise self.backend._per_rank("plan")
         ids = validate.seq_ids(seq_ids)
-        tables, seq_lens = self.manager.tables(ids)  # the pool's own: only the step's part needs checks
-        seq_lens = context_of(seq_lens, context_lens)
-        if query_lens is not None:
-            query_lens = validate.per_seq(query_lens, len(ids), "query_lens")  # (check_queries makes the array)
-        query_lens, slots = check_queries(self.spec, seq_lens, query_lens, slots)
+        tables, seq_lens, query_lens, slots = self._step_of(ids, query_lens, slots, context_lens)
         self.pending = True
         plan = self.backend.plan(tables, seq_lens, query_lens, slots, **options)
         plan.floor = self.manager.floors(ids)
@@ -171,13 +169,26 @@ class PoolKV:
         if not isinstance(plan, StepPlan) or plan.backend is not self.backend:
             raise InvalidArgument(f"refill: {type(plan).__name__} is no step plan of this pool")
         ids = validate.seq_ids(seq_ids)
-        tables, seq_lens = self.manager.tables(ids)
-        seq_lens = context_of(seq_lens, context_lens)
-        if query_lens is not None:
-            query_lens = validate.per_seq(query_lens, len(ids), "query_lens")
-        plan.update(tables, seq_lens, query_lens, slots)
+        plan.update(*self._step_of(ids, query_lens, slots, context_lens))
         plan.floor = self.manager.floors(ids)
         plan.guard_with(sequence_guard(ids, self.manager.rows_now))
+
+    def _step_of(self, ids: list[int], query_lens: Any, slots: Any, context_lens: Any,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """The tables, lengths, query lengths and slots of a step over ``ids``, checked:
+        the tables are the pool's own, the step's part is the caller's (its slots each
+        its own query token's open position, `kvpager.plan_guard.check_positions`)."""
+        if slots is None:
+            tables, seq_lens = self.manager.tables(ids)
+            committed = None
+        else:
+            tables, seq_lens, committed = self.manager.rows_now(ids)
+        seq_lens = context_of(seq_lens, context_lens)
+        if query_lens is not None:
+            query_lens = validate.per_seq(query_lens, len(ids), "query_lens")  # (check_queries makes the array)
+        query_lens, slots = check_queries(self.spec, seq_lens, query_lens, slots)
+        check_positions(ids, tables, seq_lens, query_lens, slots, self.spec.block_size, committed)
+        return tables, seq_lens, query_lens, slots
 
     def kv(self, layer: int) -> tuple[Any, Any]:
         """Views of one layer's K and V: each [num_blocks, num_kv_heads, block_size, head_dim]."""

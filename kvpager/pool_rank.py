@@ -60,6 +60,7 @@ class PoolRank:
 
     plan = KVPool.plan
     refill = KVPool.refill
+    _step_of = KVPool._step_of
 
     def close(self) -> None:
         """A rank is a view of its pool: the pool is closed whole."""

@@ -98,6 +98,15 @@ class SequenceLookup:
 
     def tables(self, seq_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Padded int32 block tables and int32 lengths of resident sequences."""
+        return self.table.gather(self._resident(seq_ids))
+
+    def rows_now(self, seq_ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`tables` and the committed token counts of resident sequences: what a
+        step plan's guard checks it against (`kvpager.plan_guard`)."""
+        rows = self._resident(seq_ids)
+        return (*self.table.gather(rows), self.table.committed[rows])
+
+    def _resident(self, seq_ids: list[int]) -> np.ndarray:
         rows = self.recent.get(seq_ids)  # the ids the step's append just took: no lookup
         if rows is None:
             rows = self.lookup(seq_ids)
@@ -105,13 +114,7 @@ class SequenceLookup:
             swapped = self.table.swapped[rows]
             if np.count_nonzero(swapped):
                 raise SequenceSwapped(seq_ids[int(np.argmax(swapped))], "attend")
-        return self.table.gather(rows)
-
-    def rows_now(self, seq_ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`tables` and the committed token counts of resident sequences: what a
-        step plan's guard checks it against (`kvpager.plan_guard`)."""
-        tables, lens = self.tables(seq_ids)
-        return tables, lens, self.table.committed[self.lookup(seq_ids)]
+        return rows
 
     def floors(self, seq_ids: list[int]) -> np.ndarray | None:
         """Each sequence's first position still held (int64), or None when none of

@@ -38,14 +38,16 @@ def _at(client: Client, layer: int, slots: Any) -> tuple[np.ndarray, np.ndarray]
 
 @RANKS
 @pytest.mark.parametrize("change", ["free", "commit"])
-def test_a_workers_plan_over_its_own_sequence_with_its_drivers_slots_follows_the_driver(devices, change):
-    """A rank worker's step plan over its own sequence, with slots of its driver's
-    sequence (the daemon checks them when the plan is made: the driver's, taken).
-    The plan followed only the worker's own changes and the ended sessions' count
-    (every id mirrored), not the daemon's releases nor the driver's commits: after
-    the driver freed the sequence its writes landed in the blocks another session
-    held then, and after the driver committed it, in published blocks. A rank
-    worker's plans follow both now: refused (StalePlan), nothing written."""
+def test_a_workers_plan_with_its_drivers_slots_follows_the_driver(devices, change):
+    """A rank worker's step plan with slots of its driver's sequence (the daemon
+    checks them when the plan is made: the driver's, taken). Made over the
+    worker's own sequence, the plan followed only the worker's own changes and
+    the ended sessions' count (every id mirrored), not the daemon's releases nor
+    the driver's commits: after the driver freed the sequence its writes landed
+    in the blocks another session held then, and after the driver committed it,
+    in published blocks. Slots that are not the plan's own sequences' positions
+    are refused when it is made now; a plan over the driver's sequence follows
+    both: refused (StalePlan), nothing written."""
     with running_server(SPEC, devices=devices) as server:
         ep = server.endpoint
         heads = SPEC.num_kv_heads // len(devices)
@@ -54,7 +56,9 @@ def test_a_workers_plan_over_its_own_sequence_with_its_drivers_slots_follows_the
             n = BS
             [own] = worker.allocate([list(range(1000, 1000 + n))])  # the worker's own sequence
             [x] = driver.allocate([list(range(n))])
-            plan = worker.plan([own.seq_id], query_lens=[n], slots=x.slots)  # (checked: the driver's slots)
+            with pytest.raises(InvalidArgument, match="is not its position"):
+                worker.plan([own.seq_id], query_lens=[n], slots=x.slots)  # the driver's slots, its own sequence
+            plan = worker.plan([x.seq_id], query_lens=[n], slots=x.slots)  # (checked: the driver's slots)
             mine = _kv(1, n, heads)
             plan.write(0, *mine)
             if change == "free":
