@@ -8,8 +8,10 @@ pyproject.toml."""
 from setuptools import Extension, setup
 
 setup(ext_modules=[
-    Extension("kvpager._native", ["native/decode_step.c", "native/block_keys.c", "native/shared_prefixes.c"],
-              depends=["native/buffers.h", "native/block_keys.h", "native/shared_prefixes.h"], optional=True,
+    Extension("kvpager._native", ["native/decode_step.c", "native/block_keys.c", "native/shared_prefixes.c",
+                                   "native/plan_slots.c"],
+              depends=["native/buffers.h", "native/block_keys.h", "native/shared_prefixes.h",
+                       "native/plan_slots.h"], optional=True,
               extra_compile_args=["-O2", "-std=c99"]),
     Extension("kvpager._cpu_attention", ["native/cpu_attention.c", "native/cpu_attention_avx512.c",
                                          "native/cpu_attention_avx2.c", "native/cpu_attention_base.c"],

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from kvpager import native
 from kvpager.errors import InvalidArgument, SequenceSwapped, StalePlan, UnknownSequence
 
 
@@ -86,6 +87,9 @@ class Foreign:
     def count(self) -> int:
         return self.own.count + sum(int(self.releases[w]) for w in self.words)
 
+
+#: The compiled slot check (native/plan_slots.c), or None: `_explain` alone
+SLOTS_OWN = getattr(native.load(), "slots_own", None)
 
 #: A plan's check against its sequences: raises StalePlan where the plan no longer reads its
 #: sequences' blocks; returns why its writes are refused (its slots), or None.
@@ -210,6 +214,32 @@ def check_positions(ids: Sequence[int], tables: np.ndarray, seq_lens: np.ndarray
     if slots is None or not len(slots):
         return
     nseq, total = len(seq_lens), len(slots)
+    if not _slots_own(tables, seq_lens, None if total == nseq else query_lens, slots, block_size, committed):
+        _explain(ids, tables, seq_lens, query_lens, slots, block_size, committed)
+    if nseq > 1 and len(set(ids)) != nseq:
+        raise InvalidArgument("a step plan that writes (slots given) lists a sequence twice: its rows "
+                              "would write the same positions")
+
+
+def _slots_own(tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray | None, slots: np.ndarray,
+               block_size: int, committed: np.ndarray | None) -> bool:
+    """Whether every slot is its own query token's open position, by the compiled
+    check (native/plan_slots.c: a decode step of 64 rows in well under a
+    microsecond, against 8 us for the NumPy one); False where it is not built or
+    takes no such arrays (then `_explain`, the NumPy twin, decides)."""
+    if SLOTS_OWN is None:
+        return False
+    try:
+        return bool(SLOTS_OWN(tables, seq_lens, query_lens, slots, block_size, committed))
+    except (TypeError, ValueError, BufferError):  # (arrays of other types or layouts: the twin reads them)
+        return False
+
+
+def _explain(ids: Sequence[int], tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
+             slots: np.ndarray, block_size: int, committed: np.ndarray | None) -> None:
+    """`check_positions` in NumPy: InvalidArgument naming the first slot that is no
+    open position of its own query token; nothing where every one is."""
+    nseq, total = len(seq_lens), len(slots)
     lens = seq_lens.astype(np.int64)
     if total == nseq:  # one token each (decode): its last position
         row = None
@@ -222,7 +252,7 @@ def check_positions(ids: Sequence[int], tables: np.ndarray, seq_lens: np.ndarray
         pos = np.arange(total) + np.repeat(lens - np.cumsum(q), q)
     at = pos // block_size + (np.arange(nseq) if row is None else row) * tables.shape[1]
     want = tables.ravel().take(at).astype(np.int64) * block_size + pos % block_size
-    # (the common case, every slot given and its own, in two comparisons: a decode step's check is ~5 us)
+    # (every slot given and its own, where the compiled check is not built: two comparisons, ~5 us a decode step)
     if not np.array_equal(slots, want) or committed is not None and (np.asarray(committed) > first).any():
         if row is None:
             row = np.arange(nseq)
@@ -238,6 +268,3 @@ def check_positions(ids: Sequence[int], tables: np.ndarray, seq_lens: np.ndarray
             raise InvalidArgument(f"slots[{k}] = {int(slots[k])}, query token {k - int(np.searchsorted(row, i))} of "
                                   f"sequence {ids[i]}, {why}: a plan's slots are its query tokens' own, in order "
                                   "(as append / allocate returned them; -1: not written)")
-    if nseq > 1 and len(set(ids)) != nseq:
-        raise InvalidArgument("a step plan that writes (slots given) lists a sequence twice: its rows "
-                              "would write the same positions")

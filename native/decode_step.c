@@ -25,6 +25,7 @@
 
 #include "block_keys.h"
 #include "buffers.h"
+#include "plan_slots.h"
 #include "shared_prefixes.h"
 
 #define ROWS(b) ((b).view.ndim ? (b).view.shape[0] : 0)
@@ -272,11 +273,13 @@ static PyMethodDef methods[] = {
     {"place", place, METH_VARARGS, "A decode step's second pass, with the new blocks (see native/decode_step.c)."},
     {"chain_keys", kvpager_chain_keys, METH_VARARGS, KVPAGER_CHAIN_KEYS_DOC},
     {"shared_prefixes", kvpager_shared_prefixes, METH_VARARGS, KVPAGER_SHARED_PREFIXES_DOC},
+    {"slots_own", kvpager_slots_own, METH_VARARGS, KVPAGER_SLOTS_OWN_DOC},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvpager._native",
                                     "The allocator's decode step (kvpager.seq_append), the prefix cache's block keys "
-                                    "(kvpager.prefix_cache) and a step's shared prefixes (kvpager.cascade) in C.", -1, methods};
+                                    "(kvpager.prefix_cache), a step's shared prefixes (kvpager.cascade) and its slots' check "
+                                    "(kvpager.plan_guard) in C.", -1, methods};
 
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

@@ -8,7 +8,8 @@ pointed while its attends read the sequence's own positions: zeros or stale
 K/V, silently. Each case below was accepted before; now it is an
 InvalidArgument and the pool, and a refilled plan, are as they were. Checked
 on an embedded pool and on a daemon's mapped pool (a thread on a fresh ipc://
-endpoint), against the positions computed here from the block tables."""
+endpoint), against the positions computed here from the block tables; the
+compiled check (native/plan_slots.c) against its NumPy twin."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from typing import Any
 import numpy as np
 import pytest
 from daemon_helpers import running_server
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kvpager import Client, KVPool, PoolSpec
+from kvpager import Client, KVPool, PoolSpec, plan_guard
 from kvpager.errors import InvalidArgument
 
 SPEC = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=64, block_size=8, dtype="float32")
@@ -129,3 +132,53 @@ def test_a_sequence_listed_twice_may_be_attended_but_not_written(where):
         np.testing.assert_allclose(np.asarray(out)[0], np.asarray(out)[1], rtol=1e-6)
         with pytest.raises(InvalidArgument, match="twice"):
             pool.plan([a.seq_id, a.seq_id], [1, 1], [a.slots[-1], -1])
+
+
+@pytest.mark.skipif(plan_guard.SLOTS_OWN is None, reason="the compiled check (kvpager._native) is not built")
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_the_compiled_check_agrees_with_its_numpy_twin(data):
+    """native/plan_slots.c against `plan_guard._explain`: random tables, lengths, query
+    lengths (a decode step's one each, or several), slots their own positions with
+    some -1, some moved by one or swapped, and committed counts around the queries."""
+    bs = data.draw(st.sampled_from([1, 8, 16, 64]))
+    nseq = data.draw(st.integers(1, 6))
+    width = data.draw(st.integers(1, 5))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    tables = rng.integers(1, 1000, (nseq, width)).astype(np.int32)
+    lens = rng.integers(1, width * bs + 1, nseq).astype(np.int32)
+    decode = data.draw(st.booleans())
+    qlens = np.ones(nseq, np.int32) if decode else np.minimum(rng.integers(1, 9, nseq), lens).astype(np.int32)
+    row = np.repeat(np.arange(nseq), qlens)
+    pos = np.concatenate([np.arange(n - q, n) for n, q in zip(lens.tolist(), qlens.tolist())])
+    slots = tables[row, pos // bs].astype(np.int64) * bs + pos % bs
+    slots[rng.random(len(slots)) < 0.1] = -1
+    how = data.draw(st.sampled_from(["own", "moved", "swapped"]))
+    if how == "moved":
+        slots[rng.integers(len(slots))] += 1
+    elif how == "swapped" and len(slots) > 1:
+        slots[[0, -1]] = slots[[-1, 0]]
+    committed = None
+    if data.draw(st.booleans()):
+        committed = np.maximum(lens - qlens + rng.integers(-2, 3, nseq), 0).astype(np.int64)
+    ids = list(range(10, 10 + nseq))
+    try:
+        plan_guard._explain(ids, tables, lens, qlens, slots, bs, committed)
+        twin = True
+    except InvalidArgument:
+        twin = False
+    assert plan_guard.SLOTS_OWN(tables, lens, None if decode else qlens, slots, bs, committed) is twin
+
+
+def test_the_compiled_check_refuses_arrays_it_cannot_read_and_lengths_that_do_not_add_up():
+    if plan_guard.SLOTS_OWN is None:
+        pytest.skip("the compiled check (kvpager._native) is not built")
+    tables, lens, slots = np.array([[3, 4]], np.int32), np.array([9], np.int32), np.array([4 * 8], np.int64)
+    assert plan_guard.SLOTS_OWN(tables, lens, None, slots, 8, None) is True
+    with pytest.raises(TypeError):
+        plan_guard.SLOTS_OWN(tables.astype(np.int64), lens, None, slots, 8, None)
+    assert plan_guard.SLOTS_OWN(tables, lens, None, np.array([32, 33], np.int64), 8, None) is False  # 2 slots, 1 row
+    assert plan_guard.SLOTS_OWN(tables, lens, np.array([2], np.int32), slots, 8, None) is False
+    assert plan_guard.SLOTS_OWN(tables, np.array([17], np.int32), None, slots, 8, None) is False  # past its table
+    with pytest.raises(ValueError):
+        plan_guard.SLOTS_OWN(tables, lens, None, slots, 0, None)
