@@ -94,9 +94,8 @@ class KVAccess(SlotChecks):
         query_lens, slots = check_queries(self.spec, seq_lens, query_lens, slots)
         self._check_plan_slots(slots)
         if slots is not None and ids is not None:
-            got = None if self._lost else self._mirror.rows_now(ids)
             check_positions(ids, np.asarray(tables), seq_lens, query_lens, slots, self.spec.block_size,
-                            None if got is None else got[2])
+                            None if self._lost else self._mirror.committed_of(ids))
         return query_lens, slots
 
     def _follows(self, ids: list[int] | None) -> tuple[Moves | Foreign, int] | None:

@@ -122,6 +122,11 @@ class TableMirror:
         held = self.table.row_blocks(np.asarray(rows, np.int64)) if rows else np.zeros(0, np.int64)
         return blocks[~np.isin(blocks, held)]
 
+    def committed_of(self, ids: list[int]) -> np.ndarray | None:
+        """The committed token counts (int64) of ``ids``, or None unless every id is mirrored."""
+        rows = list(map(self.rows.get, ids))
+        return None if None in rows else self.table.committed[rows]
+
     def rows_now(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """`gather` and the committed token counts of ``ids`` (what a step plan's
         guard checks, `kvpager.plan_guard`), or None unless every id is mirrored."""
