@@ -287,23 +287,26 @@ class PoolSequences:
     def free(self, seq_ids: int | Seq[int]) -> None:
         """Release sequences. Committed full blocks stay matchable until evicted."""
         m = self.manager
-        self.backend.moves.released()  # their blocks may go to other sequences: plans of them are stale
         if type(seq_ids) is list and len(seq_ids) == 1 and type(seq_ids[0]) is int and m.scalar:
             seq_one.free(m, seq_ids[0])  # one sequence: straight to its path
-            return
-        m.free(validate.seq_ids(seq_ids))
+        else:
+            m.free(validate.seq_ids(seq_ids))
+        # Their blocks may go to other sequences: plans of them are stale. Moved once the free is
+        # done, not before its checks: each refused one (an unknown id) made every worker's plans
+        # over other sessions' sequences recheck through the daemon, a round trip each.
+        self.backend.moves.released()
 
     def truncate(self, seq_ids: int | Seq[int], lengths: int | Seq[int]) -> None:
         """Shorten sequences to ``lengths`` tokens, releasing blocks past the end."""
         ids = validate.seq_ids(seq_ids)
-        self.backend.moves.released()
         self.manager.truncate(ids, validate.per_seq(lengths, len(ids), "lengths"))
+        self.backend.moves.released()  # (once done: see `free`)
 
     def swap_out(self, seq_ids: int | Seq[int]) -> None:
         """Move the sequences' exclusively owned blocks to host memory in one
         batched copy; shared blocks stay on the device."""
-        self.backend.moves.released()
         pairs = self.manager.swap_out(validate.seq_ids(seq_ids))
+        self.backend.moves.released()  # (once done: see `free`)
         if len(pairs):
             self.backend.swap_out(pairs)
             self.pending = True
@@ -327,5 +330,6 @@ class PoolSequences:
         stays for the others. Returns blocks released per sequence."""
         ids = validate.seq_ids(seq_ids)
         positions = validate.per_seq(positions, len(ids), "positions")
-        self.backend.moves.released()
-        return self.manager.release_before(ids, positions, owner)
+        released = self.manager.release_before(ids, positions, owner)
+        self.backend.moves.released()  # (once done: see `free`)
+        return released
