@@ -209,16 +209,17 @@ def check_positions(ids: Sequence[int], tables: np.ndarray, seq_lens: np.ndarray
     sequence's own positions read zeros or stale K/V. With ``committed`` (tokens
     committed per sequence), a slot at a committed position is refused too: its
     block may be published and read by every sequence sharing the prefix. A
-    sequence listed twice in a plan that writes is refused (two rows, one
-    sequence's positions)."""
+    sequence listed twice may not write one position from both rows."""
     if slots is None or not len(slots):
         return
     nseq, total = len(seq_lens), len(slots)
     if not _slots_own(tables, seq_lens, None if total == nseq else query_lens, slots, block_size, committed):
         _explain(ids, tables, seq_lens, query_lens, slots, block_size, committed)
-    if nseq > 1 and len(set(ids)) != nseq:
-        raise InvalidArgument("a step plan that writes (slots given) lists a sequence twice: its rows "
-                              "would write the same positions")
+    if nseq > 1 and len(set(ids)) != nseq:  # (rows of one sequence over distinct parts of it are fine)
+        live = slots[slots >= 0]
+        if len(np.unique(live)) != len(live):
+            raise InvalidArgument("a step plan lists a sequence twice with slots both of its rows write "
+                                  "(the same positions, once each: -1 in one of them)")
 
 
 def _slots_own(tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray | None, slots: np.ndarray,

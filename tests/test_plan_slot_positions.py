@@ -123,7 +123,7 @@ def test_slots_that_are_not_the_query_tokens_own_are_refused_and_change_nothing(
 
 
 @WHERE
-def test_a_sequence_listed_twice_may_be_attended_but_not_written(where):
+def test_a_sequence_listed_twice_may_not_write_one_position_from_both_rows(where):
     with _pool(where) as pool:
         [a] = pool.allocate([list(range(12))])
         q = np.random.default_rng(1).standard_normal((1, 4, SPEC.head_dim)).astype(np.float32).repeat(2, axis=0)
@@ -131,7 +131,10 @@ def test_a_sequence_listed_twice_may_be_attended_but_not_written(where):
         out = pool.plan([a.seq_id, a.seq_id]).attend(0, q)  # no slots: reads only
         np.testing.assert_allclose(np.asarray(out)[0], np.asarray(out)[1], rtol=1e-6)
         with pytest.raises(InvalidArgument, match="twice"):
-            pool.plan([a.seq_id, a.seq_id], [1, 1], [a.slots[-1], -1])
+            pool.plan([a.seq_id, a.seq_id], [1, 1], [a.slots[-1], a.slots[-1]])
+        pool.plan([a.seq_id, a.seq_id], [1, 1], [a.slots[-1], -1])  # one row writes it
+        # two parts of one prompt in one step (its first 10 tokens' last 2, then tokens 10 and 11)
+        pool.plan([a.seq_id, a.seq_id], [2, 2], a.slots[8:12], context_lens=[10, 12])
 
 
 @pytest.mark.skipif(plan_guard.SLOTS_OWN is None, reason="the compiled check (kvpager._native) is not built")
