@@ -18,8 +18,8 @@ stay closed, so every lookup would wait for the hung master again) and save
 little: blocks spread over all slots, so a prompt's run of restorable blocks
 ends at its first block on the hung master.
 
-- Lookups (`get_into`): pipelined ``GETRANGE key 0 W``s (at most W + 1 bytes
-  of a value, W a value's length: `kvpager.remote_resp.read_range`) read
+- Lookups (`get_into`, `kvpager.remote_cluster_raw`): pipelined ``GETRANGE key 0 W``s
+  (at most W + 1 bytes of a value, W a value's length: `kvpager.remote_resp.read_range`) read
   straight into the caller's rows, as the standalone store reads them, each
   row reported to ``done`` as it arrives; a multi-key command needs all its
   keys in one slot, and blocks spread over all slots. A master's keys go as
@@ -27,9 +27,10 @@ ends at its first block on the hung master.
   connection (a reply of all of them at once is built whole in the node's
   output buffers: one of 256 MiB read at half the speed of 4-16 MiB ones). A
   key of another Redis type (``WRONGTYPE``) is a miss.
-- Probes: ``TYPE`` per key, each master's status lines read raw as a lookup's replies are,
-  all by the probe's deadline (through redis-py's pipeline each read was bounded by the
-  timeout alone: replies that came a byte at a time held a probe, on the loop, for seconds).
+- Probes (`kvpager.remote_cluster_raw`): ``TYPE`` per key, each master's status lines read raw
+  as a lookup's replies are, all by the probe's deadline (through redis-py's pipeline each read
+  was bounded by the timeout alone: replies that came a byte at a time held a probe, on the loop,
+  for seconds).
 - Writes: ``SET NX`` then ``STRLEN``, ``TYPE`` and ``SET`` where a key held
   something else (`put_checked`); deletes: ``DEL`` per key; `ping`: every master. Through the
   node's redis-py pipeline.
@@ -50,7 +51,6 @@ ends at its first block on the hung master.
 
 from __future__ import annotations
 
-import contextlib
 import urllib.parse
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -68,15 +68,9 @@ from kvpager.remote_access import (
     redis_module,
 )
 from kvpager.remote_cluster_calls import Pipeline, Side, cluster_client
+from kvpager.remote_cluster_raw import RawReads
 from kvpager.remote_errors import StoreError, StoreMisconfigured, StoreRefused, store_error
-from kvpager.remote_resp import (
-    FetchError,
-    Reader,
-    ReplyError,
-    lookup_deadline,
-    read_range,
-    reply_error,
-)
+from kvpager.remote_resp import FetchError
 from kvpager.remote_store import (
     CHECK_KEY,
     CHUNK_BYTES,
@@ -95,11 +89,13 @@ Plan = list[tuple[int, bool]]
 Job = Callable[[Any, Plan], list[tuple[int, Any]]]
 
 
-class RedisClusterStore(Store):
+class RedisClusterStore(RawReads, Store):
     """A Redis Cluster: keys spread over the masters by hash slot (no hash
     tags, so one salt's blocks spread too); a call asks every master that
     holds a slot of its keys at once (see the module docstring). The cluster
-    client is made on first use (it asks a node for the slot map)."""
+    client is made on first use (it asks a node for the slot map). Lookups and
+    probes read their replies raw where redis-py's connections have a socket
+    (`RawReads`, `kvpager.remote_cluster_raw`)."""
 
     kind = "redis-cluster"
 
@@ -217,76 +213,6 @@ class RedisClusterStore(Store):
 
         return self._call(0, run) if len(keys) else []
 
-    def get_into(self, keys: Seq[str], out: np.ndarray, sizes: np.ndarray,
-                 done: Callable[[int, int], None] | None = None) -> None:
-        if not self.raw_reads:
-            return super().get_into(keys, out, sizes, done)
-        sizes[:] = -1
-        if not len(keys):
-            return
-        width = out.shape[1]
-        rows = memoryview(out).cast("B")
-        per = max(1, round(self._chunk_bytes / width))  # a master's keys a pipeline (as a standalone store's)
-        deadline = 0.0
-
-        def job(client: Any, plan: Plan) -> list[tuple[int, Any]]:
-            def talk(conn: Any, reader: Reader) -> list[tuple[int, Any]]:
-                redirected = []
-                for lo in range(0, len(plan), per):  # (a reply of every key at once ran at half the speed)
-                    part = plan[lo : lo + per]
-                    commands = []
-                    for i, ask in part:
-                        if ask:
-                            commands.append(("ASKING",))
-                        commands.append(("GETRANGE", keys[i], 0, width))
-                    conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-                    redirected += self._read_gets(reader, part, rows, width, sizes, done)
-                return redirected
-
-            return _raw(client, deadline, talk)
-
-        def run(side: Side, rc: Any) -> None:
-            nonlocal deadline
-            # the nodes' replies together, in as many chunks one after another as a master could
-            # have; from here, once the client has its slot map (a first lookup reads it: on a
-            # loaded host that took the lookup's whole time, and the lookup failed)
-            deadline = lookup_deadline(self._timeout, len(keys) * width, -(-len(keys) // per))
-            self._spread(side, rc, keys, job)
-
-        self._call(0, run)
-
-    def _read_gets(self, reader: Reader, plan: Plan, rows: memoryview, width: int, sizes: np.ndarray,
-                   done: Callable[[int, int], None] | None) -> list[tuple[int, Any]]:
-        """The replies to a node's pipelined ``GETRANGE``s (``ASKING`` first where
-        the plan says): each value of ``width`` bytes into its row, its length
-        into ``sizes`` (`kvpager.remote_resp.read_range`: -1 absent, empty or
-        another Redis type, ``width + 1`` longer); the keys redirected."""
-        redirected = []
-        for i, ask in plan:
-            if ask:
-                _asked(reader)
-            try:
-                read_range(reader, rows, width, sizes, i)
-            except ReplyError as e:
-                redirected.append((i, self._redirection(e)))
-                continue
-            if done is not None:
-                done(i, i + 1)
-        if not reader.idle():
-            raise FetchError("malformed reply: bytes after the replies to GETRANGE")
-        return redirected
-
-    def _redirection(self, e: ReplyError) -> Any:
-        """The ``AskError`` / ``MovedError`` of an ``ASK`` / ``MOVED`` reply; ``e``
-        itself (raised) for any other error reply."""
-        if not e.reply.startswith(("MOVED ", "ASK ")):
-            raise e
-        word, rest = e.reply.split(" ", 1)
-        try:
-            return (self._moved if word == "MOVED" else self._ask)(rest)
-        except ValueError:
-            raise FetchError(f"malformed reply: {e.reply[:200]!r}") from None
-
     def exists_many(self, keys: Seq[str]) -> np.ndarray:
         if not len(keys):
             return np.zeros(0, dtype=np.int8)
@@ -304,50 +230,6 @@ class RedisClusterStore(Store):
         types = self._call(0, run)
         return np.fromiter((codes.get(t.decode() if isinstance(t, bytes) else t, KEY_OTHER) for t in types),
                            dtype=np.int8, count=len(types))
-
-    def _types(self, keys: Seq[str]) -> np.ndarray:
-        """`exists_many` read as a lookup is: each master's ``TYPE`` replies (one
-        status line each; ``ASKING`` first where the plan says) read raw, every one by
-        the call's deadline (`lookup_deadline`). Through redis-py's pipelines each read
-        was bounded by the timeout alone: a master whose replies came a byte at a time
-        held a probe of 20 keys, on the daemon's loop, 9 s at a 0.1 s timeout, and
-        then answered it as if nothing were wrong."""
-        out = np.full(len(keys), KEY_OTHER, dtype=np.int8)
-        codes = {b"+none": KEY_ABSENT, b"+string": KEY_STRING}
-        deadline = 0.0
-
-        def job(client: Any, plan: Plan) -> list[tuple[int, Any]]:
-            def talk(conn: Any, reader: Reader) -> list[tuple[int, Any]]:
-                commands = []
-                for i, ask in plan:
-                    if ask:
-                        commands.append(("ASKING",))
-                    commands.append(("TYPE", keys[i]))
-                conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-                redirected = []
-                for i, ask in plan:
-                    if ask:
-                        _asked(reader)
-                    line = reader.line()
-                    if line[:1] == b"-":  # NOPERM and the like fail the call; ASK / MOVED are followed
-                        redirected.append((i, self._redirection(reply_error(line, " to TYPE"))))
-                    elif line[:1] == b"+" and len(line) > 1:
-                        out[i] = codes.get(line, KEY_OTHER)
-                    else:
-                        raise FetchError(f"malformed reply: {line[:200]!r} to TYPE")
-                if not reader.idle():
-                    raise FetchError("malformed reply: bytes after the replies to TYPE")
-                return redirected
-
-            return _raw(client, deadline, talk)
-
-        def run(side: Side, rc: Any) -> None:
-            nonlocal deadline
-            deadline = lookup_deadline(self._timeout, 16 * len(keys))  # (as a standalone store's probe)
-            self._spread(side, rc, keys, job)
-
-        self._call(0, run)
-        return out
 
     def put_many(self, items: Seq[tuple[str, Any]], ttl: int) -> tuple[int, int]:
         def run(side: Side, rc: Any) -> tuple[int, int]:
@@ -421,33 +303,3 @@ class RedisClusterStore(Store):
     def close(self) -> None:
         for side in self._sides:
             side.close()
-
-
-def _asked(reader: Reader) -> None:
-    """The reply to an ``ASKING`` sent before a redirected key's command: ``+OK``."""
-    if (line := reader.line()) != b"+OK":
-        if line[:1] == b"-":
-            raise reply_error(line, " to ASKING")
-        raise FetchError(f"malformed reply: {line[:200]!r} to ASKING")
-
-
-def _raw(client: Any, deadline: float, talk: Callable[[Any, Reader], list[tuple[int, Any]]]) -> list[tuple[int, Any]]:
-    """``talk(conn, reader)`` on a connection of the node client ``client``'s pool,
-    its replies read raw by ``deadline``; a connection left with part of a reply in it
-    (any failure) is dropped, never reused."""
-    pool = client.connection_pool
-    conn = pool.get_connection()
-    broken = True
-    try:
-        if conn._sock is None:
-            conn.connect()
-        reader = Reader(conn._sock, deadline)
-        out = talk(conn, reader)
-        reader.restore()
-        broken = False
-        return out
-    finally:
-        if broken:
-            with contextlib.suppress(Exception):
-                conn.disconnect()
-        pool.release(conn)

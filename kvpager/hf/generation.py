@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-# Re-exported: this module was their home, and `clients/kvpager_hf.py` is this module object.
+# Re-exported: this module was their home, and `clients/kvpager_hf.py` is this module object; so
+# are the names `PagedGeneration`'s construction used here before `kvpager.hf.generation_setup`.
 from kvpager.batch_calls import free_all
 from kvpager.errors import InvalidArgument, RequestTimeout
 from kvpager.hf.attention import (  # noqa: F401
@@ -54,10 +55,11 @@ from kvpager.hf.checks import (  # noqa: F401
     end_tokens,
     model_eos,
 )
-from kvpager.hf.decode_plans import DecodePlans
-from kvpager.hf.eager import TORCH_DTYPES
-from kvpager.hf.graphs import DecodeGraphs, bucket_for, check_graph_options, graph_width
-from kvpager.hf.logprobs import Completion, KeptLogprobs, TokenLogprobs, check_logprobs
+from kvpager.hf.decode_plans import DecodePlans  # noqa: F401
+from kvpager.hf.eager import TORCH_DTYPES  # noqa: F401
+from kvpager.hf.generation_setup import GenerationSetup
+from kvpager.hf.graphs import DecodeGraphs, bucket_for, check_graph_options, graph_width  # noqa: F401
+from kvpager.hf.logprobs import Completion, KeptLogprobs, TokenLogprobs, check_logprobs  # noqa: F401
 from kvpager.hf.model import (  # noqa: F401
     ABSENT,
     check_call,
@@ -67,14 +69,14 @@ from kvpager.hf.model import (  # noqa: F401
     spec_for_model,
     text_config,
 )
-from kvpager.hf.padding import new_token_limits, prompts_given, stop_sequences, token_lists
-from kvpager.hf.passes import HostBuffers, Owed, Pass
+from kvpager.hf.padding import new_token_limits, prompts_given, stop_sequences, token_lists  # noqa: F401
+from kvpager.hf.passes import HostBuffers, Owed, Pass  # noqa: F401
 from kvpager.hf.pipeline import DecodePasses
-from kvpager.hf.recurrent import Recurrent, has_recurrent_layers, recurrent_salt
-from kvpager.hf.rope import rope_salt
-from kvpager.hf.salt import call_salt, default_salt
+from kvpager.hf.recurrent import Recurrent, has_recurrent_layers, recurrent_salt  # noqa: F401
+from kvpager.hf.rope import rope_salt  # noqa: F401
+from kvpager.hf.salt import call_salt, default_salt  # noqa: F401
 from kvpager.hf.sampling import Sampler, Sampling  # noqa: F401
-from kvpager.hf.windows import hit_window, layer_chunks, layer_windows
+from kvpager.hf.windows import hit_window, layer_chunks, layer_windows  # noqa: F401
 from kvpager.spec import PoolSpec, dtype_name  # noqa: F401
 
 # (``generate`` lives in `kvpager.hf.generate_call`, answered here by `__getattr__`)
@@ -83,10 +85,11 @@ __all__ = ["Completion", "PagedBatch", "PagedGeneration", "default_salt", "gener
 
 
 @dataclass
-class PagedGeneration(DecodePasses, KeptLogprobs):
+class PagedGeneration(GenerationSetup, DecodePasses, KeptLogprobs):
     """Generation of one batch of prompts with its KV in ``pool``, greedy or sampled (``sampling``).
 
-    Construction allocates the prompts (sharing any cached prefix) and runs the
+    Construction checks the call (`GenerationSetup`, `kvpager.hf.generation_setup`:
+    before anything is allocated), allocates the prompts (sharing any cached prefix) and runs the
     prefill, which yields each sequence's first new token; each `step` runs one
     decode pass for the unfinished sequences; `close` frees them. Several can be
     alive at once over one pool (several workers, or one scheduler's batches).
@@ -146,89 +149,8 @@ class PagedGeneration(DecodePasses, KeptLogprobs):
     def __post_init__(self, input_ids: Any = None, attention_mask: Any = None) -> None:
         self._closed = self._timed_out = False
         self._kept = None  # a `CapturedSteps` this generation holds
-        check_model_and_pool(self.model, self.pool)
-        self.prompts = token_lists(prompts_given(self.prompts, input_ids), self.model, attention_mask)
-        self._most = new_token_limits(self.max_new_tokens, len(self.prompts))  # each prompt's
-        # (before, the default was None: a PagedGeneration made directly ran past the model's end token,
-        # where generate and transformers' own stop)
-        self.eos_token_id = model_eos(self.model, self.eos_token_id)
-        self._eos = end_tokens(self.eos_token_id)
-        vocab = getattr(text_config(self.model), "vocab_size", None)
-        self._sampler = Sampler(self.sampling, len(self.prompts), self.prompts, self._eos, vocab)
-        self.logprobs = check_logprobs(self.logprobs, vocab)
-        self._lp = None if self.logprobs is None else TokenLogprobs(self.logprobs, len(self.prompts))
-        # passes give logits (not greedy tokens) where a row draws, is penalized, or logprobs are kept
-        self._logits = not self._sampler.plain or self._lp is not None
-        self._windows = check_model(self.model, self.pool)
-        self._layers = layer_map(self.model)  # layers that reuse an earlier layer's K/V (Gemma-3n)
-        self._chunks = layer_chunks(self.model, self.pool.spec.block_size)  # chunked layers (Llama-4)
-        self._fit = layer_fit(self.model)  # layers of other geometry than the pool's (Gemma-4)
-        self._stops = stop_sequences(self.stop_sequences)  # by last token
-        self.salt = call_salt(self.model, self.salt, "generate")
-        # (a sequence's last new token is never fed back: it reaches position len(p) + m - 2)
-        check_positions(self.model, max((len(p) + m - 1 for p, m in zip(self.prompts, self._most)), default=0),
-                        "generate")
-        recurrent = has_recurrent_layers(self.model)
-        # (a rotary embedding that follows each pass's length: the call checked, long-factor blocks apart;
-        # a model with recurrent layers prefills in parts)
-        self.salt = rope_salt(self.model, self.salt, list(map(len, self.prompts)),
-                              [len(p) + max(m - 1, 0) for p, m in zip(self.prompts, self._most)], "generate",
-                              1 if recurrent else None)
-        self._recurrent = None  # a model with recurrent layers: their states (`kvpager.hf.recurrent`)
-        if recurrent:
-            # captured steps read the states of a bucket's rows (`kvpager.hf.graphs.bucket_for`)
-            # (each sequence's states where it ends held, keyed by its prompt and tokens so far)
-            self._recurrent = Recurrent(self.model, self._batch, capacity=bucket_for if self.cuda_graphs else None,
-                                        history=lambda i: self.prompts[i] + self.outputs[i])
-            if self._logits:  # (the prefill's tokens: each prompt's first draw)
-                self._recurrent.choose = self._first_tokens
-            if self.compile or getattr(self.cuda_graphs, "compile", False):
-                self._recurrent.compile = "inductor"  # (captured steps compiled: the recurrent layers' code fused)
-            # (their blocks are matched only by generations that also hold or remake the states)
-            self.salt = recurrent_salt(self.salt)
-        self._device = next(self.model.parameters()).device
-        self._pool_dtype = TORCH_DTYPES[dtype_name(self.pool.spec.dtype)]
-        pool_device = str(getattr(self.pool, "device", "cpu"))
-        self._pool_device = torch.device(pool_device)
-        self._graphs = None
-        # a daemon client pipelines only where its daemon answers `record_tokens` (`Client.ops`)
-        ops = getattr(self.pool, "ops", None)
-        self._pipelined = (self.pipeline and hasattr(self.pool, "record_tokens")
-                           and (ops is None or "record_tokens" in ops))
-        self._inflight: Pass | None = None  # the decode pass launched and not yet completed
-        # a daemon that batches takes a pipelined step's calls in one round trip (`DecodePasses._later`)
-        self._batched = self._pipelined and ops is not None and "batch" in ops
-        self._deferred: list[tuple[Any, ...]] = []
-        # steady passes' ids and commits told the pool a block's worth at a time (`DecodePasses._owe`);
-        # not where every step releases windows' blocks (a block would go before it was published)
-        self._may_owe = self._pipelined and not self._releases_windows()
-        self._owed: Owed | None = None
-        self._host_tokens = HostBuffers(self._device)
-        self._host_logprobs = HostBuffers(self._device, torch.float64)
-        # Blocks a sequence can reach: the width of a reused decode plan's tables (`_plan`) and of
-        # captured steps' (`DecodeGraphs`), at most the pool's blocks. A max_new_tokens past what the
-        # pool holds ends in OutOfBlocks, not in tables sized for it (on a GPU, 10**9 tokens took 477
-        # MiB of tables for two sequences and 40 s; 10**12 ran out of device memory). A sequence whose
-        # windows gave blocks back may outgrow it: its plans grow then, as a graph's do.
-        longest = max(len(p) + m for p, m in zip(self.prompts, self._most))
-        self._width = graph_width(self.pool, longest)
-        # Decode steps on a GPU pool refill the last step's plan in place while the batch
-        # keeps its sequences; the CPU backend's plans are made anew each step.
-        self._plans = DecodePlans(self.pool, text_config(self.model).num_attention_heads, cascade=self.cascade,
-                                  width=self._width)
-        kept = self.cuda_graphs if isinstance(self.cuda_graphs, CapturedSteps) else None
-        check_graph_options(self.model, self.pool, True if kept is not None else self.cuda_graphs, self.compile)
-        if kept is not None:
-            self._graphs = kept.take(self, self.model, self.pool, self._batch, self._width, self.cascade,
-                                     self._logits, self.compile,
-                                     forward=self._recurrent.graph_pass if self._recurrent is not None else None)
-            self._kept = kept
-        elif self.cuda_graphs:
-            self._graphs = DecodeGraphs(self.model, self.pool, self._batch, self._width, cascade=self.cascade,
-                                       compile=self.compile,
-                                       forward=self._recurrent.graph_pass if self._recurrent is not None else None)
-        if self._recurrent is not None:
-            self._recurrent.graphs = self._graphs  # (its states where the graphs keep theirs: `fixed_states`)
+        self._resolve(input_ids, attention_mask)  # (`kvpager.hf.generation_setup`)
+        self._prepare_passes()
         # One forward pass writes every layer's K/V for the whole batch before it
         # attends, so prompts of the batch may share the blocks an earlier one fills.
         try:
