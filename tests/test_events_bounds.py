@@ -272,7 +272,8 @@ def test_a_subscriber_that_reads_nothing_costs_the_daemon_bounded_bytes_then_rea
             assert [q for q, _ in stream] == list(range(first, first + len(stream)))
             total = sum(len(p) for _, p in stream)
             assert total > 3 * bound * MiB and total < REPLAY_BYTES  # (all still kept)
-            assert grown < bound + 10, f"the daemon grew {grown:.0f} MiB for a stalled subscriber"
+            # (slack for the allocator: 27 MiB seen once on a loaded 2-core VM; 380 MB before the bound)
+            assert grown < bound + 16, f"the daemon grew {grown:.0f} MiB for a stalled subscriber"
             assert all(len(p) <= BATCH_BYTES for _, p in stream)
             assert len(live) <= SEND_HWM + 50  # (and what the sockets' buffers held)
             stored, removed, prompts = [], set(), 0
