@@ -86,6 +86,16 @@ SEND_HWM = 1000
 #: a hostile subscriber made it grow by gigabytes, its stream stopped while it did. A prefix
 #: longer than the topic never matches a batch.
 SUBSCRIPTION_BYTES = 64
+#: Distinct subscriptions the PUB socket may hold, all subscribers together: past it every
+#: subscriber is dropped (the socket bound again; they connect again, and replay what they
+#: missed). ZeroMQ keeps each as a trie branch until its subscriber leaves and offers no
+#: way to drop one: a flood of 200,000 distinct ones from one subscriber grew the daemon by
+#: 262 MiB. A subscriber takes one or two (the topic, or everything).
+SUBSCRIPTIONS_MOST = 256
+#: Subscription messages a subscriber's connection queues for the publisher's thread, which
+#: reads them as it sends (each one a trie branch before it is counted): ZeroMQ's 1,000 each
+#: let a few flooding connections add ~100 MiB between two of the thread's counts.
+SUBSCRIPTION_HWM = 16
 
 
 def replay_endpoint_for(endpoint: str) -> str:
@@ -153,6 +163,10 @@ class EventPublisher(ReplayAnswers):
         self._replays: dict[tuple[bytes, ...], tuple[int, int, float]] = {}
         self.published = 0  # batches sent (the next sequence number)
         self._clock = clock  # replay budgets and stalls (a test's own clock drives them)
+        self._subscriptions: set[bytes] = set()  # the distinct ones the PUB socket holds
+        self._pub_options: dict[int, int] = {}
+        self._cap: int | None = None
+        self.subscribers_dropped = 0  # times every subscriber was dropped (`SUBSCRIPTIONS_MOST`)
         now = clock()
         self._budget = TokenBucket(config.replay_rate, config.replay_rate * REPLAY_BURST_S, now)
         self._requests = TokenBucket(REPLAY_REQUESTS, REPLAY_PEERS, now)
@@ -164,8 +178,10 @@ class EventPublisher(ReplayAnswers):
         self._ctx = zmq.Context()
         try:
             queue_of = backlog(open_files_limit())  # (`kvpager.server_watch`: counted in its reserve)
-            self._pub = self._bind(zmq.PUB, self.endpoint, {zmq.SNDHWM: SEND_HWM, zmq.BACKLOG: queue_of,
-                                                            zmq.MAXMSGSIZE: SUBSCRIPTION_BYTES + len(self._topic)})
+            # XPUB: PUB's wire, and it says each subscription new to it (`_count_subscriptions`)
+            self._pub_options = {zmq.SNDHWM: SEND_HWM, zmq.BACKLOG: queue_of, zmq.RCVHWM: SUBSCRIPTION_HWM,
+                                 zmq.MAXMSGSIZE: SUBSCRIPTION_BYTES + len(self._topic)}
+            self._pub = self._bind(zmq.XPUB, self.endpoint, self._pub_options)
             self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
             # A request is 8 bytes: a much bigger one drops its sender's connection. Mandatory:
             # a send to a full or gone peer fails at once (not dropped unseen, the end marker too).
@@ -177,6 +193,7 @@ class EventPublisher(ReplayAnswers):
         except BaseException:
             self._close_sockets()
             raise
+        self._cap = cap
         if cap is not None:
             self._watch(cap)
         for ep in (self.endpoint, self.replay_endpoint):
@@ -192,11 +209,12 @@ class EventPublisher(ReplayAnswers):
         log.info("KV events on %s (replay %s at most %d bytes/s, topic %r, %s format)", self.endpoint,
                  self.replay_endpoint, self.config.replay_rate, self.config.topic, self.config.format)
 
-    def _watch(self, cap: int) -> None:
+    def _watch(self, cap: int, socks: tuple[str, ...] = ("_pub", "_replay")) -> None:
         """Keep each socket's connections at most ``cap`` (`kvpager.server_watch`): set
         up before the thread uses the sockets (a monitor is set up by the socket's
         thread), closed with them."""
-        for sock, ep in ((self._pub, self.endpoint), (self._replay, self.replay_endpoint)):
+        for name in socks:
+            sock, ep = getattr(self, name), self.endpoint if name == "_pub" else self.replay_endpoint
             if not watched(ep):
                 continue
             path = ipc_path(ep)
@@ -270,6 +288,10 @@ class EventPublisher(ReplayAnswers):
             except queue.Empty:
                 pass
             try:
+                self._count_subscriptions()
+            except Exception:  # a bug: keep the stream going, say so
+                log.exception("KV events: subscriptions could not be counted")
+            try:
                 wait = self._replay_turn(clock())
             except Exception:  # a bug: keep the stream going, say so
                 log.exception("KV events: replay failed")
@@ -287,4 +309,42 @@ class EventPublisher(ReplayAnswers):
             self._kept_bytes += len(payload)
             while len(kept) > REPLAY_BATCHES or (self._kept_bytes > REPLAY_BYTES and len(kept) > 1):
                 self._kept_bytes -= len(kept.popleft()[1])
+        self._count_subscriptions()  # (each send read the subscriptions that came meanwhile)
+
+    def _count_subscriptions(self) -> None:
+        """Follow the distinct subscriptions the PUB socket holds (it says each one new to
+        it, and each that no subscriber holds any more); past `SUBSCRIPTIONS_MOST`, drop
+        every subscriber (`_drop_subscribers`)."""
+        pub, subs = self._pub, self._subscriptions
+        while True:
+            try:
+                note = pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if note[:1] == b"\x01":
+                subs.add(note[1:])
+                if len(subs) > SUBSCRIPTIONS_MOST:
+                    self._drop_subscribers()
+                    return
+            elif note[:1] == b"\x00":
+                subs.discard(note[1:])
+
+    def _drop_subscribers(self) -> None:
+        """Close the PUB socket and bind it again: ZeroMQ frees every subscription with
+        it. Subscribers connect again (a SUB socket does so by itself) and ask the
+        replay socket for the batches they missed."""
+        self.subscribers_dropped += 1
+        log.warning("KV events: more than %d distinct subscriptions (a subscriber sending them in a flood?): "
+                    "every subscriber dropped, %s bound again (drop %d)", SUBSCRIPTIONS_MOST, self.endpoint,
+                    self.subscribers_dropped)
+        for w in [w for w in self._watches if w._sock is self._pub]:
+            w.close()
+            self._watches.remove(w)
+        self._pub.close(linger=0)
+        path = ipc_path(self.endpoint)
+        unlink_socket_file(path, self._files.pop(path, None) if path else None)
+        self._subscriptions.clear()
+        self._pub = self._bind(zmq.XPUB, self.endpoint, self._pub_options)
+        if self._cap is not None:
+            self._watch(self._cap, ("_pub",))
 

@@ -1,7 +1,8 @@
 """Hostile subscribers of the KV event stream's PUB socket: what one
-subscription message costs the daemon. Each test starts its own daemon as a
-subprocess (its memory measured apart from the test's), bounded waits, every
-process stopped."""
+subscription message, or a flood of distinct ones, costs the daemon. The
+daemon tests start their own daemon as a subprocess (its memory measured
+apart from the test's); a publisher in this process for the subscribers that
+real consumers are; bounded waits, every process stopped."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import zmq
 from daemon_helpers import daemon_process, ipc_endpoint, wait_until
 
 from kvpager.client import Client
+from kvpager.events import EventSink
+from kvpager.events_pub import SUBSCRIPTIONS_MOST, EventPublisher, EventsConfig
 
 ARGS = ["--layers", "2", "--kv-heads", "2", "--head-dim", "16", "--blocks", "96", "--block-size", "16",
         "--dtype", "float32", "--device", "cpu"]
@@ -89,3 +92,123 @@ def test_one_huge_subscription_does_not_grow_the_daemon():
         finally:
             ctx.destroy(linger=0)
         assert proc.poll() is None
+
+
+#: A subscriber that sends argv[2] distinct subscriptions of 60 random bytes each to the PUB
+#: socket at argv[1], as fast as ZeroMQ takes them, connecting again whenever it is dropped.
+FLOOD = """
+import os, sys, time, zmq
+ctx = zmq.Context()
+end = time.monotonic() + float(sys.argv[3])
+sent = 0
+while sent < int(sys.argv[2]) and time.monotonic() < end:
+    s = ctx.socket(zmq.XSUB)
+    s.setsockopt(zmq.SNDHWM, 0)
+    s.connect(sys.argv[1])
+    for _ in range(5000):
+        s.send(b"\\x01" + os.urandom(60))
+        sent += 1
+    time.sleep(0.05)
+    s.close(linger=2000)
+time.sleep(max(0.0, end - time.monotonic()))
+os._exit(0)
+"""
+
+
+def test_a_flood_of_distinct_subscriptions_does_not_grow_the_daemon():
+    """Each distinct subscription is a branch of ZeroMQ's trie (a node a byte,
+    ~45 bytes each), kept while its subscriber stays: 200,000 of 60 bytes from
+    one subscriber grew the daemon by hundreds of MiB, every batch of the
+    stream walking them. The publisher counts the distinct subscriptions its
+    socket holds (an XPUB tells each new one); past `SUBSCRIPTIONS_MOST` it
+    drops every subscriber (binding again), so the daemon stays bounded; a
+    subscriber that connects afterwards gets the stream."""
+    endpoint, d = ipc_endpoint()
+    events = f"ipc://{d}/ev.sock"
+    with daemon_process([*ARGS, "--events-endpoint", events], endpoint) as proc:
+        commits(endpoint, 3, 0)
+        before = rss_anon_mib(proc.pid)
+        flood = subprocess.Popen([sys.executable, "-c", FLOOD, events, "200000", "12"])
+        try:
+            deadline = time.monotonic() + 12
+            first = 100
+            while flood.poll() is None and time.monotonic() < deadline:
+                commits(endpoint, 5, first)  # batches: the publisher's thread reads the subscriptions
+                first += 5
+            grown = rss_anon_mib(proc.pid) - before
+        finally:
+            flood.kill()
+            flood.wait(10)
+        assert grown < 48, f"the daemon grew by {grown:.0f} MiB for a flood of distinct subscriptions"
+        assert any("every subscriber dropped" in line for line in proc.log)  # (said, for the operator)
+        ctx = zmq.Context()
+        try:
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.connect(events)
+            got: list[bytes] = []
+
+            def batch_came() -> bool:
+                commits(endpoint, 1, 5000 + len(got))
+                while sub.poll(100):
+                    got.append(sub.recv_multipart()[1])
+                return bool(got)
+
+            assert wait_until(batch_came, 10), "a subscriber got no batch after the flood"
+        finally:
+            ctx.destroy(linger=0)
+        assert proc.poll() is None
+
+
+def test_subscribers_as_they_come_are_never_dropped_and_a_dropped_one_comes_back(tmp_path):
+    """Forty subscribers of the topic, of everything and of the topic's prefixes
+    (what real ones send) hold a handful of distinct subscriptions: none dropped.
+    Past `SUBSCRIPTIONS_MOST` distinct ones every subscriber is dropped, and a
+    SUB socket connects again by itself: it gets the batches published after."""
+    d = tmp_path
+    ev = EventPublisher(EventsConfig(f"ipc://{d}/ev.sock", topic="kv"), block_size=16)
+    ev.bind(cap=64)
+    ctx = zmq.Context()
+    try:
+        subs = []
+        for i in range(40):
+            s = ctx.socket(zmq.SUB)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SUBSCRIBE, [b"", b"k", b"kv"][i % 3])
+            s.connect(ev.endpoint)
+            subs.append(s)
+
+        def everyone_gets(first: int) -> bool:
+            publish_one(ev)
+            return all(any(int.from_bytes(m[1], "big") >= first for m in drain(s)) for s in subs)
+
+        assert wait_until(lambda: everyone_gets(1), 10)
+        assert ev.subscribers_dropped == 0 and len(ev._subscriptions) <= 3
+        flood = ctx.socket(zmq.XSUB)
+        flood.setsockopt(zmq.LINGER, 0)
+        flood.connect(ev.endpoint)
+        for i in range(SUBSCRIPTIONS_MOST + 10):
+            flood.send(b"\x01kv" + i.to_bytes(4, "big"))
+        assert wait_until(lambda: (publish_one(ev), ev.subscribers_dropped)[1] >= 1, 10)
+        flood.close()
+        after = ev.published
+        assert wait_until(lambda: everyone_gets(after), 15), "a dropped subscriber did not come back"
+        assert len(ev._subscriptions) <= 3
+    finally:
+        ctx.destroy(linger=0)
+        ev.close()
+
+
+def publish_one(ev: EventPublisher) -> None:
+    sink = EventSink()
+    sink.cleared()
+    ev.publish(time.time(), sink.take())
+    time.sleep(0.02)
+
+
+def drain(sock: zmq.Socket) -> list[list[bytes]]:
+    got = []
+    while sock.poll(0):
+        got.append(sock.recv_multipart())
+    return got
