@@ -167,6 +167,7 @@ class EventPublisher(ReplayAnswers):
         self._pub_options: dict[int, int] = {}
         self._cap: int | None = None
         self.subscribers_dropped = 0  # times every subscriber was dropped (`SUBSCRIPTIONS_MOST`)
+        self._rebind_at = 0.0  # when to try `_bind_again` next, while the PUB socket is not bound
         now = clock()
         self._budget = TokenBucket(config.replay_rate, config.replay_rate * REPLAY_BURST_S, now)
         self._requests = TokenBucket(REPLAY_REQUESTS, REPLAY_PEERS, now)
@@ -303,8 +304,9 @@ class EventPublisher(ReplayAnswers):
         for payload in encode_batches(ts, items, self.block_size, self.config.format):
             seq = self.published
             self.published += 1
-            with contextlib.suppress(zmq.Again):  # PUB drops rather than blocks; replay still has it
-                self._pub.send_multipart((self._topic, seq.to_bytes(8, "big"), payload), zmq.NOBLOCK)
+            if self._pub is not None:  # (None: not bound again yet, `_bind_again`)
+                with contextlib.suppress(zmq.Again):  # PUB drops rather than blocks; replay still has it
+                    self._pub.send_multipart((self._topic, seq.to_bytes(8, "big"), payload), zmq.NOBLOCK)
             kept.append((seq, payload))
             self._kept_bytes += len(payload)
             while len(kept) > REPLAY_BATCHES or (self._kept_bytes > REPLAY_BYTES and len(kept) > 1):
@@ -316,6 +318,10 @@ class EventPublisher(ReplayAnswers):
         it, and each that no subscriber holds any more); past `SUBSCRIPTIONS_MOST`, drop
         every subscriber (`_drop_subscribers`)."""
         pub, subs = self._pub, self._subscriptions
+        if pub is None:  # not bound again yet (`_drop_subscribers`): try once a second
+            if self._clock() >= self._rebind_at:
+                self._bind_again()
+            return
         while True:
             try:
                 note = pub.recv(zmq.NOBLOCK)
@@ -341,10 +347,22 @@ class EventPublisher(ReplayAnswers):
             w.close()
             self._watches.remove(w)
         self._pub.close(linger=0)
+        self._pub = None
         path = ipc_path(self.endpoint)
         unlink_socket_file(path, self._files.pop(path, None) if path else None)
         self._subscriptions.clear()
-        self._pub = self._bind(zmq.XPUB, self.endpoint, self._pub_options)
+        self._bind_again()
+
+    def _bind_again(self) -> None:
+        """Bind the PUB socket again (`_drop_subscribers`); where that fails (the path
+        taken meanwhile), batches are kept for replay unsent and it is tried again
+        a second later."""
+        try:
+            self._pub = self._bind(zmq.XPUB, self.endpoint, self._pub_options)
+        except InvalidArgument as e:
+            self._rebind_at = self._clock() + 1.0
+            log.error("KV events: %s; batches kept for replay until it binds", e)
+            return
         if self._cap is not None:
             self._watch(self._cap, ("_pub",))
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from typing import Any
 
 import zmq
 from daemon_helpers import daemon_process, ipc_endpoint, wait_until
 
 from kvpager.client import Client
+from kvpager.errors import InvalidArgument
 from kvpager.events import EventSink
 from kvpager.events_pub import SUBSCRIPTIONS_MOST, EventPublisher, EventsConfig
 
@@ -212,3 +214,42 @@ def drain(sock: zmq.Socket) -> list[list[bytes]]:
     while sock.poll(0):
         got.append(sock.recv_multipart())
     return got
+
+
+def test_a_publisher_that_cannot_bind_again_keeps_its_batches_and_binds_later(tmp_path):
+    """Dropping every subscriber binds the socket again; where that bind fails (its
+    path taken meanwhile) the thread kept sending on the closed socket, every batch
+    an error. Now its batches are kept for replay unsent and the bind is tried
+    again a second later."""
+    ev = EventPublisher(EventsConfig(f"ipc://{tmp_path}/ev.sock"), block_size=16)
+    ev.bind()
+    bind, failed = ev._bind, []
+
+    def fails_once(*args: Any) -> zmq.Socket:
+        if not failed:
+            failed.append(1)
+            raise InvalidArgument("cannot bind the KV events endpoint (taken)")
+        return bind(*args)
+
+    ev._bind = fails_once
+    ctx = zmq.Context()
+    try:
+        flood = ctx.socket(zmq.XSUB)
+        flood.setsockopt(zmq.LINGER, 0)
+        flood.connect(ev.endpoint)
+        for i in range(SUBSCRIPTIONS_MOST + 10):
+            flood.send(b"\x01" + i.to_bytes(4, "big"))
+        assert wait_until(lambda: (publish_one(ev), ev.subscribers_dropped)[1] >= 1, 10)
+        flood.close()
+        n = ev.published
+        publish_one(ev)
+        assert wait_until(lambda: ev.published > n, 5)  # numbered and kept while unbound
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(ev.endpoint)
+        assert wait_until(lambda: (publish_one(ev), drain(sub))[1] != [], 10), "never bound again"
+        assert failed and ev._kept[-1][0] == ev.published - 1
+    finally:
+        ctx.destroy(linger=0)
+        ev.close()
