@@ -144,14 +144,19 @@ def daemon_process(args: list[str], endpoint: str, timeout: float = 30) -> Itera
         proc.log = lines
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
+        terminate(proc, timeout)
         reader.join(timeout)
+
+
+def terminate(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM to ``proc`` if it runs, a kill if it has not ended ``timeout`` s later."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
 
 
 def wait_published(server: Any, n: int, timeout: float = 10.0) -> bool:

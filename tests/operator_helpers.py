@@ -6,12 +6,11 @@ daemon's pid; bounded by WAIT."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
 
-from daemon_helpers import as_from_a_terminal, subprocess_env, wait_until
+from daemon_helpers import as_from_a_terminal, subprocess_env, terminate, wait_until
 
 WAIT = 30
 ARGS = ["--model", "tiny", "--blocks", "64", "--host-memory", "256K", "--device", "cpu"]
@@ -40,13 +39,7 @@ def serve(endpoint: str, *extra: str, preexec=None) -> subprocess.Popen:
 
 def stop(proc: subprocess.Popen) -> int:
     """SIGTERM (a kill past WAIT), its log read to the end: its exit status."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(WAIT)
+    terminate(proc, WAIT)
     proc.reader.join(WAIT)
     return proc.returncode
 

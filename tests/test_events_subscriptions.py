@@ -54,6 +54,28 @@ def commits(endpoint: str, n: int, first: int) -> None:
             time.sleep(0.05)
 
 
+def a_subscriber_gets_batches(endpoint: str, events: str, first: int) -> bool:
+    """Whether a subscriber of everything that connects now gets a batch (published by
+    commits of prompts from token ``first`` on) within 10 s."""
+    ctx = zmq.Context()
+    try:
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(events)
+        got: list[bytes] = []
+
+        def batch_came() -> bool:
+            commits(endpoint, 1, first + len(got))
+            while sub.poll(100):
+                got.append(sub.recv_multipart()[1])
+            return bool(got)
+
+        return wait_until(batch_came, 10)
+    finally:
+        ctx.destroy(linger=0)
+
+
 def test_one_huge_subscription_does_not_grow_the_daemon():
     """ZeroMQ's PUB keeps each subscription as a trie of a node per byte (~45
     bytes of memory each), built on the publisher's thread: one subscription
@@ -76,23 +98,7 @@ def test_one_huge_subscription_does_not_grow_the_daemon():
             hostile.kill()
             hostile.wait(10)
         assert grown < 48, f"the daemon grew by {grown:.0f} MiB for one subscription of 4 MiB"
-        ctx = zmq.Context()
-        try:
-            sub = ctx.socket(zmq.SUB)
-            sub.setsockopt(zmq.LINGER, 0)
-            sub.setsockopt(zmq.SUBSCRIBE, b"")
-            sub.connect(events)
-            got: list[bytes] = []
-
-            def batch_came() -> bool:
-                commits(endpoint, 1, 1000 + len(got))
-                while sub.poll(100):
-                    got.append(sub.recv_multipart()[1])
-                return bool(got)
-
-            assert wait_until(batch_came, 10), "a subscriber got no batch after the hostile one"
-        finally:
-            ctx.destroy(linger=0)
+        assert a_subscriber_gets_batches(endpoint, events, 1000), "a subscriber got no batch after the hostile one"
         assert proc.poll() is None
 
 
@@ -143,23 +149,7 @@ def test_a_flood_of_distinct_subscriptions_does_not_grow_the_daemon():
             flood.wait(10)
         assert grown < 48, f"the daemon grew by {grown:.0f} MiB for a flood of distinct subscriptions"
         assert any("every subscriber dropped" in line for line in proc.log)  # (said, for the operator)
-        ctx = zmq.Context()
-        try:
-            sub = ctx.socket(zmq.SUB)
-            sub.setsockopt(zmq.LINGER, 0)
-            sub.setsockopt(zmq.SUBSCRIBE, b"")
-            sub.connect(events)
-            got: list[bytes] = []
-
-            def batch_came() -> bool:
-                commits(endpoint, 1, 5000 + len(got))
-                while sub.poll(100):
-                    got.append(sub.recv_multipart()[1])
-                return bool(got)
-
-            assert wait_until(batch_came, 10), "a subscriber got no batch after the flood"
-        finally:
-            ctx.destroy(linger=0)
+        assert a_subscriber_gets_batches(endpoint, events, 5000), "a subscriber got no batch after the flood"
         assert proc.poll() is None
 
 
@@ -187,19 +177,25 @@ def test_subscribers_as_they_come_are_never_dropped_and_a_dropped_one_comes_back
 
         assert wait_until(lambda: everyone_gets(1), 10)
         assert ev.subscribers_dropped == 0 and len(ev._subscriptions) <= 3
-        flood = ctx.socket(zmq.XSUB)
-        flood.setsockopt(zmq.LINGER, 0)
-        flood.connect(ev.endpoint)
-        for i in range(SUBSCRIPTIONS_MOST + 10):
-            flood.send(b"\x01kv" + i.to_bytes(4, "big"))
-        assert wait_until(lambda: (publish_one(ev), ev.subscribers_dropped)[1] >= 1, 10)
-        flood.close()
+        flood_until_dropped(ctx, ev, b"kv")
         after = ev.published
         assert wait_until(lambda: everyone_gets(after), 15), "a dropped subscriber did not come back"
         assert len(ev._subscriptions) <= 3
     finally:
         ctx.destroy(linger=0)
         ev.close()
+
+
+def flood_until_dropped(ctx: zmq.Context, ev: EventPublisher, prefix: bytes) -> None:
+    """Past `SUBSCRIPTIONS_MOST` distinct subscriptions (``prefix`` and a number) from
+    one XSUB socket, until ``ev`` drops every subscriber."""
+    flood = ctx.socket(zmq.XSUB)
+    flood.setsockopt(zmq.LINGER, 0)
+    flood.connect(ev.endpoint)
+    for i in range(SUBSCRIPTIONS_MOST + 10):
+        flood.send(b"\x01" + prefix + i.to_bytes(4, "big"))
+    assert wait_until(lambda: (publish_one(ev), ev.subscribers_dropped)[1] >= 1, 10)
+    flood.close()
 
 
 def publish_one(ev: EventPublisher) -> None:
@@ -234,13 +230,7 @@ def test_a_publisher_that_cannot_bind_again_keeps_its_batches_and_binds_later(tm
     ev._bind = fails_once
     ctx = zmq.Context()
     try:
-        flood = ctx.socket(zmq.XSUB)
-        flood.setsockopt(zmq.LINGER, 0)
-        flood.connect(ev.endpoint)
-        for i in range(SUBSCRIPTIONS_MOST + 10):
-            flood.send(b"\x01" + i.to_bytes(4, "big"))
-        assert wait_until(lambda: (publish_one(ev), ev.subscribers_dropped)[1] >= 1, 10)
-        flood.close()
+        flood_until_dropped(ctx, ev, b"")
         n = ev.published
         publish_one(ev)
         assert wait_until(lambda: ev.published > n, 5)  # numbered and kept while unbound
