@@ -131,9 +131,7 @@ class TableMirror:
         """`gather` and the committed token counts of ``ids`` (what a step plan's
         guard checks, `kvpager.plan_guard`), or None unless every id is mirrored."""
         got = self.gather(ids)
-        if got is None:
-            return None
-        return got[0], got[1], self.table.committed[[self.rows[i] for i in ids]]
+        return None if got is None else (*got, self.committed_of(ids))  # type: ignore[return-value]
 
     def _known(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Rows of the mirrored ``ids`` and where they are in ``ids``."""

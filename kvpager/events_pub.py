@@ -155,7 +155,8 @@ class EventPublisher(ReplayAnswers):
         self._pub: zmq.Socket | None = None
         self._replay: zmq.Socket | None = None
         self._files: dict[str, tuple[int, int] | None] = {}  # the ipc socket files bound, to remove at close
-        self._watches: list[ConnectionWatch] = []  # their connections kept within the open files (`watch`)
+        # their connections kept within the open files (`_watch`), by the socket each watches
+        self._watches: dict[zmq.Socket, ConnectionWatch] = {}
         self._thread: threading.Thread | None = None
         self._kept: collections.deque[tuple[int, bytes]] = collections.deque()
         self._kept_bytes = 0
@@ -210,17 +211,16 @@ class EventPublisher(ReplayAnswers):
         log.info("KV events on %s (replay %s at most %d bytes/s, topic %r, %s format)", self.endpoint,
                  self.replay_endpoint, self.config.replay_rate, self.config.topic, self.config.format)
 
-    def _watch(self, cap: int, socks: tuple[str, ...] = ("_pub", "_replay")) -> None:
-        """Keep each socket's connections at most ``cap`` (`kvpager.server_watch`): set
-        up before the thread uses the sockets (a monitor is set up by the socket's
-        thread), closed with them."""
-        for name in socks:
-            sock, ep = getattr(self, name), self.endpoint if name == "_pub" else self.replay_endpoint
+    def _watch(self, cap: int, replay: bool = True) -> None:
+        """Keep each socket's connections (the PUB socket's alone, not ``replay``) at
+        most ``cap`` (`kvpager.server_watch`): set up before the thread uses the
+        sockets (a monitor is set up by the socket's thread), closed with them."""
+        for sock, ep in ((self._pub, self.endpoint), (self._replay, self.replay_endpoint))[: 2 if replay else 1]:
             if not watched(ep):
                 continue
             path = ipc_path(ep)
-            self._watches.append(ConnectionWatch(sock, ep, cap, None if path is None or path.startswith("@")
-                                                 else path, threading.Lock()))
+            self._watches[sock] = ConnectionWatch(sock, ep, cap, None if path is None or path.startswith("@")
+                                                  else path, threading.Lock())
 
     def _bind(self, kind: int, endpoint: str, options: dict[int, int]) -> zmq.Socket:
         with bind_lock(endpoint):  # (two daemons' publishers started together: see bind_lock)
@@ -258,7 +258,7 @@ class EventPublisher(ReplayAnswers):
         self._close_sockets()
 
     def _close_sockets(self) -> None:
-        for w in self._watches:  # (a renamed socket file named back: removed below)
+        for w in self._watches.values():  # (a renamed socket file named back: removed below)
             w.close()
         self._watches.clear()
         for sock, ep in ((self._pub, self.endpoint), (self._replay, self.replay_endpoint)):
@@ -343,9 +343,9 @@ class EventPublisher(ReplayAnswers):
         log.warning("KV events: more than %d distinct subscriptions (a subscriber sending them in a flood?): "
                     "every subscriber dropped, %s bound again (drop %d)", SUBSCRIPTIONS_MOST, self.endpoint,
                     self.subscribers_dropped)
-        for w in [w for w in self._watches if w._sock is self._pub]:
-            w.close()
-            self._watches.remove(w)
+        watch = self._watches.pop(self._pub, None)
+        if watch is not None:
+            watch.close()
         self._pub.close(linger=0)
         self._pub = None
         path = ipc_path(self.endpoint)
@@ -364,5 +364,5 @@ class EventPublisher(ReplayAnswers):
             log.error("KV events: %s; batches kept for replay until it binds", e)
             return
         if self._cap is not None:
-            self._watch(self._cap, ("_pub",))
+            self._watch(self._cap, replay=False)
 

@@ -226,8 +226,8 @@ def _slots_own(tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray 
                block_size: int, committed: np.ndarray | None) -> bool:
     """Whether every slot is its own query token's open position, by the compiled
     check (native/plan_slots.c: a decode step of 64 rows in well under a
-    microsecond, against 8 us for the NumPy one); False where it is not built or
-    takes no such arrays (then `_explain`, the NumPy twin, decides)."""
+    microsecond, against 12 us for the NumPy twin); False where it is not built
+    or takes no such arrays (then `_explain`, the twin, decides)."""
     if SLOTS_OWN is None:
         return False
     try:
@@ -240,32 +240,19 @@ def _explain(ids: Sequence[int], tables: np.ndarray, seq_lens: np.ndarray, query
              slots: np.ndarray, block_size: int, committed: np.ndarray | None) -> None:
     """`check_positions` in NumPy: InvalidArgument naming the first slot that is no
     open position of its own query token; nothing where every one is."""
-    nseq, total = len(seq_lens), len(slots)
-    lens = seq_lens.astype(np.int64)
-    if total == nseq:  # one token each (decode): its last position
-        row = None
-        pos = lens - 1
-        first = pos
-    else:
-        q = query_lens.astype(np.int64)
-        row = np.repeat(np.arange(nseq), q)
-        first = lens - q
-        pos = np.arange(total) + np.repeat(lens - np.cumsum(q), q)
-    at = pos // block_size + (np.arange(nseq) if row is None else row) * tables.shape[1]
-    want = tables.ravel().take(at).astype(np.int64) * block_size + pos % block_size
-    # (every slot given and its own, where the compiled check is not built: two comparisons, ~5 us a decode step)
-    if not np.array_equal(slots, want) or committed is not None and (np.asarray(committed) > first).any():
-        if row is None:
-            row = np.arange(nseq)
-        bad = (slots != want) & (slots >= 0)
-        if committed is not None:
-            bad |= (pos < np.asarray(committed, np.int64)[row]) & (slots >= 0)
-        if bad.any():
-            k = int(np.argmax(bad))
-            i = int(row[k])
-            why = (f"is position {int(pos[k])}, committed (sequence {ids[i]} has {int(committed[i])} "  # type: ignore[index]
-                   "tokens committed: its block may be shared)" if slots[k] == want[k]
-                   else f"is not its position {int(pos[k])} (slot {int(want[k])})")
-            raise InvalidArgument(f"slots[{k}] = {int(slots[k])}, query token {k - int(np.searchsorted(row, i))} of "
-                                  f"sequence {ids[i]}, {why}: a plan's slots are its query tokens' own, in order "
-                                  "(as append / allocate returned them; -1: not written)")
+    q = query_lens.astype(np.int64)
+    row = np.repeat(np.arange(len(seq_lens)), q)
+    pos = np.arange(len(slots)) + np.repeat(seq_lens.astype(np.int64) - np.cumsum(q), q)
+    want = tables[row, pos // block_size].astype(np.int64) * block_size + pos % block_size
+    bad = (slots != want) & (slots >= 0)
+    if committed is not None:
+        bad |= (pos < np.asarray(committed, np.int64)[row]) & (slots >= 0)
+    if bad.any():
+        k = int(np.argmax(bad))
+        i = int(row[k])
+        why = (f"is position {int(pos[k])}, committed (sequence {ids[i]} has {int(committed[i])} "  # type: ignore[index]
+               "tokens committed: its block may be shared)" if slots[k] == want[k]
+               else f"is not its position {int(pos[k])} (slot {int(want[k])})")
+        raise InvalidArgument(f"slots[{k}] = {int(slots[k])}, query token {k - int(np.searchsorted(row, i))} of "
+                              f"sequence {ids[i]}, {why}: a plan's slots are its query tokens' own, in order "
+                              "(as append / allocate returned them; -1: not written)")

@@ -9,7 +9,7 @@
  * block tables[i, p / block_size], and (with ``committed``) p >= committed[i].
  * False on the first one that is not, or on any length, position or block column
  * outside its array (the NumPy twin, which runs then, says which and why). The
- * NumPy version is a dozen array calls (8 us for a 64-row decode step, 2-core
+ * NumPy version is a dozen array calls (12 us for a 64-row decode step, 2-core
  * VM), paid on every plan and refill with slots; this reads each row once. */
 #include "plan_slots.h"
 

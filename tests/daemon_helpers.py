@@ -148,6 +148,15 @@ def daemon_process(args: list[str], endpoint: str, timeout: float = 30) -> Itera
         reader.join(timeout)
 
 
+def anon_mib(pid: int) -> float:
+    """A process's private resident memory (RssAnon: a pool's shared memory apart), MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no RssAnon in /proc/PID/status")
+
+
 def terminate(proc: subprocess.Popen, timeout: float) -> None:
     """SIGTERM to ``proc`` if it runs, a kill if it has not ended ``timeout`` s later."""
     if proc.poll() is None:

@@ -17,7 +17,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from daemon_helpers import daemon_process, ipc_endpoint, running_server, wait_until
+from daemon_helpers import anon_mib, daemon_process, ipc_endpoint, running_server, wait_until
 from replay_helpers import END_SEQ, ask, dealer
 from vllm_events import DECODERS, BlockRemoved, BlockStored, hashes
 
@@ -209,15 +209,6 @@ def replayed(ctx: zmq.Context, endpoint: str, start: int) -> list[tuple[int, byt
 
 
 # -- a subscriber that reads nothing, against the daemon's memory -------------------------------
-def anon_mb(pid: int) -> float:
-    """The process's private resident memory (RssAnon: the pool's shared memory apart), MiB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no RssAnon in /proc/PID/status")
-
-
 def synced(ctx: zmq.Context, replay_endpoint: str) -> None:
     """Wait until the daemon's publisher has sent every batch queued so far:
     it answers a replay request past the last batch (the end marker) only
@@ -249,7 +240,7 @@ def test_a_subscriber_that_reads_nothing_costs_the_daemon_bounded_bytes_then_rea
                 c.commit([a.seq_id])
                 c.free([a.seq_id])
             synced(ctx, ev + ".replay")
-            before = anon_mb(proc.pid)
+            before = anon_mib(proc.pid)
             sub = ctx.socket(zmq.SUB)
             sub.setsockopt(zmq.RCVHWM, 1)  # the daemon's queue, not this process's, holds what it misses
             sub.setsockopt(zmq.RCVBUF, 4096)
@@ -261,7 +252,7 @@ def test_a_subscriber_that_reads_nothing_costs_the_daemon_bounded_bytes_then_rea
                 c.commit([a.seq_id])
                 c.free([a.seq_id])
             synced(ctx, ev + ".replay")
-            grown = anon_mb(proc.pid) - before
+            grown = anon_mib(proc.pid) - before
             bound = SEND_HWM * BATCH_BYTES / MiB  # 16 MiB
             # the reader reads what waited for it, then asks for what it lost
             live = read_all(sub)

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import zmq
-from daemon_helpers import daemon_process, ipc_endpoint, wait_until
+from daemon_helpers import anon_mib, daemon_process, ipc_endpoint, wait_until
 
 from kvpager.client import Client
 from kvpager.errors import InvalidArgument
@@ -33,14 +33,6 @@ s.send(b"\\x01" + b"a" * int(sys.argv[2]))
 time.sleep(float(sys.argv[3]))
 import os; os._exit(0)  # (no teardown of its own trie)
 """
-
-
-def rss_anon_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no RssAnon in /proc/PID/status")
 
 
 def commits(endpoint: str, n: int, first: int) -> None:
@@ -87,13 +79,13 @@ def test_one_huge_subscription_does_not_grow_the_daemon():
     events = f"ipc://{d}/ev.sock"
     with daemon_process([*ARGS, "--events-endpoint", events], endpoint) as proc:
         commits(endpoint, 3, 0)
-        before = rss_anon_mib(proc.pid)
+        before = anon_mib(proc.pid)
         hostile = subprocess.Popen([sys.executable, "-c", HOSTILE, events, str(4 << 20), "5"])
         try:
             time.sleep(1.0)  # its subscription sent
             commits(endpoint, 20, 100)
             time.sleep(0.5)
-            grown = rss_anon_mib(proc.pid) - before
+            grown = anon_mib(proc.pid) - before
         finally:
             hostile.kill()
             hostile.wait(10)
@@ -135,7 +127,7 @@ def test_a_flood_of_distinct_subscriptions_does_not_grow_the_daemon():
     events = f"ipc://{d}/ev.sock"
     with daemon_process([*ARGS, "--events-endpoint", events], endpoint) as proc:
         commits(endpoint, 3, 0)
-        before = rss_anon_mib(proc.pid)
+        before = anon_mib(proc.pid)
         flood = subprocess.Popen([sys.executable, "-c", FLOOD, events, "200000", "12"])
         try:
             deadline = time.monotonic() + 12
@@ -143,7 +135,7 @@ def test_a_flood_of_distinct_subscriptions_does_not_grow_the_daemon():
             while flood.poll() is None and time.monotonic() < deadline:
                 commits(endpoint, 5, first)  # batches: the publisher's thread reads the subscriptions
                 first += 5
-            grown = rss_anon_mib(proc.pid) - before
+            grown = anon_mib(proc.pid) - before
         finally:
             flood.kill()
             flood.wait(10)
