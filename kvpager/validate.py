@@ -139,7 +139,7 @@ def seq_ids(value: int | Seq[int], what: str = "seq_ids") -> list[int]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise InvalidArgument(f"{what} must be an int or a list of ints, got {type(value).__name__}")
     check_ordered(value, what)
-    out = value if type(value) is list else _listed(value, f"{what} must be an int or a list of ints")
+    out = value if type(value) is list else listed(value, f"{what} must be an int or a list of ints")
     if all_type(out, int):  # the common case, checked at C speed
         return out
     for s in out:
@@ -148,7 +148,7 @@ def seq_ids(value: int | Seq[int], what: str = "seq_ids") -> list[int]:
     return [int(s) for s in out]
 
 
-def _listed(value: Any, wanted: str) -> list[Any]:
+def listed(value: Any, wanted: str) -> list[Any]:
     """``list(value)``; InvalidArgument (``wanted``, and what ``value`` is) where that
     raises TypeError: a 0-d tensor has ``__iter__`` and ``__len__`` but refuses both
     (``free(ids[i])`` of a tensor of ids was a bare TypeError)."""
@@ -232,7 +232,7 @@ def counts(value: Any) -> int | np.integer | list[Any]:
     if isinstance(value, (bool, np.bool_, str, bytes, dict, set, frozenset)) or not hasattr(value, "__iter__"):
         # (bytes iterate as ints: b"y" would have been a count of 121)
         raise InvalidArgument(f"append: count must be an integer >= 0 or a list of them, got {value!r}")
-    return _listed(value, "append: count must be an integer >= 0 or a list of them")
+    return listed(value, "append: count must be an integer >= 0 or a list of them")
 
 
 def prompts(value: Any) -> None:
