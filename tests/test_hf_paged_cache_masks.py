@@ -3,8 +3,9 @@
 padding a finished row was fed) gives transformers' tokens, the row cut; padding
 between a row's tokens gives transformers' tokens under full attention and is
 refused under sliding windows (transformers counts them in cache columns); a
-mask that drops other held tokens, or marks padding as tokens, and kept logits
-at right padding are refused, each before anything changes."""
+mask that drops other held tokens, or marks padding as tokens, or spans fewer
+columns than the cache holds and the pass, and kept logits at right padding are
+refused, each before anything changes."""
 
 from __future__ import annotations
 
@@ -198,6 +199,32 @@ def test_a_mask_that_drops_other_held_tokens_or_keeps_padding_is_refused():
         assert [pool.sequence(s).num_tokens for s in cache.seq_ids] == held
         model.generate(input_ids=ids2, attention_mask=mask2, max_new_tokens=2, do_sample=False,
                        **cache_kw(model, cache))  # the mask as fed: served
+    assert_released(pool)
+
+
+def test_a_mask_narrower_than_the_cache_and_the_pass_is_refused():
+    """A mask of fewer columns than the cache was fed plus the pass's went unchecked:
+    a cache reused for other prompts attended the earlier call's K/V too, and a pass
+    that feeds the held tokens again (``use_cache=False``) stored them again, each
+    giving other tokens than transformers', silently. Refused, nothing changed."""
+    model = make("llama")
+    ids, mask = prompts(3, 3, (0, 8, 4))
+    other, other_mask = prompts(3, 5, (6, 0, 10))
+    pool = pool_for(model)
+    with PagedCache(model, pool) as cache:
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                       **cache_kw(model, cache))
+        held = [pool.sequence(s).num_tokens for s in cache.seq_ids]
+        before = pool.stats()
+        with pytest.raises(InvalidArgument, match="give the mask of every column so far"):
+            model.generate(input_ids=other[:, :12], attention_mask=other_mask[:, :12], max_new_tokens=2,
+                           do_sample=False, **cache_kw(model, cache))
+        assert [pool.sequence(s).num_tokens for s in cache.seq_ids] == held
+        assert pool.stats() == before
+    assert_released(pool)
+    with PagedCache(model, pool) as cache, pytest.raises(InvalidArgument, match="give the mask of every column"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, use_cache=False,
+                       **cache_kw(model, cache))
     assert_released(pool)
 
 

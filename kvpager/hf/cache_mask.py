@@ -35,7 +35,7 @@ from kvpager.errors import InvalidArgument
 class PassMask:
     """What a pass's inputs say: ``real`` (bool [rows, width]: the pass's own tokens),
     ``held`` (per row, the 1s of the mask's columns before the pass; None where the
-    mask does not span exactly those columns and the pass's), ``tokens`` (its input
+    mask spans more than those columns and the pass's: a narrower one is refused), ``tokens`` (its input
     ids, int [rows, width]) and ``positions`` (its ``position_ids`` where they are
     [rows, width] on the ids' device; None: not read)."""
 
@@ -69,6 +69,12 @@ def read_later(attention_mask: Any, input_ids: torch.Tensor, position_ids: Any,
             shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
             raise InvalidArgument(f"PagedCache takes a 2-D attention_mask [rows, tokens so far] of 0s and 1s "
                                   f"(a tokenizer's); got {shape} for input_ids [{rows}, {width}]")
+        if attention_mask.shape[1] < columns + width:
+            raise InvalidArgument(
+                f"PagedCache: this pass's attention_mask has {attention_mask.shape[1]} columns, and the cache "
+                f"was fed {columns} before its {width}: give the mask of every column so far (the earlier "
+                "passes' and this one's, as generate does); a pass that feeds the held tokens again "
+                "(use_cache=False) or a cache reused for other prompts is not taken (start a new PagedCache)")
         mask = attention_mask.detach()
     spans = bool(columns) and mask is not None and mask.shape[1] == columns + width
     real = held = None
