@@ -253,7 +253,8 @@ def test_kept_logits_at_right_padding_are_warned_of():
 def test_a_pass_reads_its_ids_positions_and_mask_as_given(device):
     """`cache_mask.read` (on a GPU one copy of ids, positions, the mask's last
     columns and its earlier columns' row sums) against the tensors themselves:
-    decode and prompt passes, bool and int masks, a mask spanning other columns,
+    decode and prompt passes, bool and int masks, a mask spanning more columns (one
+    spanning fewer is refused),
     positions of another shape, a mask on the host beside ids on the device."""
     from kvpager.hf import cache_mask
 
@@ -264,7 +265,10 @@ def test_a_pass_reads_its_ids_positions_and_mask_as_given(device):
         ids = torch.randint(0, VOCAB, (rows, width), generator=g)
         mask = torch.randint(0, 2, (rows, columns + width), generator=g)
         mask[:, -1] = 1
-        for m in (mask, mask.bool(), mask[:, 1:] if columns else mask, None):
+        if columns:  # a mask of fewer columns than the cache's and the pass's: refused
+            with pytest.raises(InvalidArgument, match="give the mask of every column so far"):
+                cache_mask.read(mask[:, 1:].to(device), ids.to(device), None, columns)
+        for m in (mask, mask.bool(), torch.cat([torch.ones_like(mask[:, :1]), mask], 1), None):
             spans = m is not None and columns and m.shape[1] == columns + width
             for pos in (torch.arange(columns, columns + width).expand(rows, width), None,
                         torch.arange(columns, columns + width)[None]):
