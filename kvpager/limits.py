@@ -30,6 +30,9 @@ class Limits:
     tables: int = field(default=4 << 30, metadata={
         "least": 1 << 20, "help": "bytes of the block tables of every session's sequences (one row each, as wide "
                                   "as the longest)"})
+    attend_work: int = field(default=1 << 34, metadata={
+        "least": 1 << 20, "help": "work of one staged attend: query-key pairs x (query heads x head dim + "
+                                  "256), the pairs each query token's keys (at most its window or chunk)"})
     pin_blocks: int = field(default=1 << 16, metadata={
         "help": "blocks listed by one session's pins (each distinct pin its own: nested pins of one prompt each "
                 "count theirs)"})

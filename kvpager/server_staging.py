@@ -11,7 +11,7 @@ import numpy as np
 
 from kvpager import validate
 from kvpager.attend_options import check_sinks
-from kvpager.errors import InvalidArgument, NotOwner, SequenceSwapped
+from kvpager.errors import InvalidArgument, NotOwner, SequenceSwapped, UnknownSequence
 from kvpager.server_ranks import on_rank_device, session_kv
 from kvpager.wire_args import wire_ids, wire_int
 
@@ -123,6 +123,7 @@ class StagingOps:
 
     def _op_attend(self, s: Session, a: dict[str, Any]) -> list[Any]:
         q = self._staged(s, a["q"], "q")
+        self._check_attend_work(a, q)
         with on_rank_device(self, s):
             out = session_kv(self, s, "attend").attend(a["layer"], wire_ids(a["seq_ids"]), q, a.get("query_lens"),
                                                        a.get("scale"), window=a.get("window"),
@@ -131,6 +132,32 @@ class StagingOps:
             offset = wire_int(a["out"], "out")
             s.staging.array(out.shape, out.dtype, offset)[...] = out  # a device copy on a GPU
         return [offset, list(out.shape)]
+
+
+    def _check_attend_work(self, a: dict[str, Any], q: np.ndarray) -> None:
+        """LimitExceeded (``attend_work``) for an attend that would hold the loop too
+        long: its query-key pairs (each query token against its sequence's tokens, at
+        most its window or chunk) times the kernels' cost of a pair, query heads x head
+        dim multiply-adds and about 256 more of bookkeeping (measured on the CPU
+        kernel: a pair of 2 heads of 16 costs a tenth of one of 32 of 128, not a
+        hundredth). Ids may repeat and query tokens are bounded only by the staging
+        buffer: 65,536 copies of one 16k-token sequence held the loop 18 s, every
+        other client timed out. What the pool refuses anyway (unknown ids, a
+        malformed q or query_lens) is left to it, to name."""
+        if q.ndim != 3:
+            return
+        try:
+            ids = validate.seq_ids(wire_ids(a["seq_ids"]))
+            manager = self.pool.manager
+            lens = manager.table.num_tokens[manager.lookup(ids)].astype(np.int64)
+            qlens = np.asarray(validate.per_seq(1 if a.get("query_lens") is None else a["query_lens"], len(ids),
+                                                "query_lens"), dtype=np.int64)
+        except (InvalidArgument, UnknownSequence, TypeError, ValueError, OverflowError):
+            return
+        reach = min(int(x) for x in (a.get("window"), a.get("chunk"), 1 << 62) if type(x) is int and x > 0)
+        pairs = int(np.dot(np.clip(qlens, 0, None), np.minimum(lens, reach)))
+        work = pairs * (q.shape[1] * q.shape[2] + 256)
+        self.limits.check("attend_work", work, "attend: query-key pairs x (query heads x head dim + 256)")
 
 
 def _wire_sinks(sinks: Any, q: Any) -> Any:

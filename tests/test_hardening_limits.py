@@ -268,3 +268,31 @@ def test_appends_that_would_widen_the_tables_past_the_limit_are_refused():
 def test_sequences_of_no_ids_are_none():
     with running_server(SMALL) as server, Client(server.endpoint) as c:
         assert c._call("sequences", {"seq_ids": []}) == []
+
+
+def test_the_work_of_one_staged_attend_is_bounded():
+    """One staged attend of 65,536 copies of a 16k-token sequence (ids may repeat;
+    query tokens are bounded only by the staging buffer) held the loop 18 s on the
+    2-core VM: every other client's calls timed out. Its work (query-key pairs x
+    (query heads x head dim + 256)) is held to a limit now: refused at once,
+    nothing changed; under it (fewer copies, or a window that reads fewer keys)
+    served, as the embedded pool answers."""
+    pairs_cost = 2 * SMALL.num_kv_heads * SMALL.head_dim + 256  # 2 query heads a kv head
+    limit = 1 << 20  # the least it may be: 3 decode rows of 1,000 tokens, not 4
+    with running_server(SMALL, heartbeat_timeout=30, limits=Limits(attend_work=limit)) as srv, \
+            Client(srv.endpoint, timeout=30, map_pool=False) as c:
+        [a] = c.allocate([list(range(1000))])
+        heads = 2 * SMALL.num_kv_heads
+        n = limit // (1000 * pairs_cost) + 1  # just past the limit
+        q = np.random.default_rng(0).standard_normal((n, heads, SMALL.head_dim)).astype(np.float32)
+        before = c.stats()
+        t0 = time.monotonic()
+        with pytest.raises(LimitExceeded, match="KVPAGER_MAX_ATTEND_WORK") as e:
+            c.attend(0, [a.seq_id] * n, q)
+        assert time.monotonic() - t0 < 5
+        assert e.value.limit == "attend_work" and e.value.value == n * 1000 * pairs_cost
+        assert c.stats() == before
+        ids = [a.seq_id] * (n - 1)
+        np.testing.assert_allclose(c.attend(0, ids, q[:-1]), srv.pool.attend(0, ids, q[:-1]), rtol=1e-5, atol=1e-6)
+        windowed = c.attend(0, [a.seq_id] * n, q, window=64)  # each query reads its last 64 keys alone
+        np.testing.assert_allclose(windowed, srv.pool.attend(0, [a.seq_id] * n, q, window=64), rtol=1e-5, atol=1e-6)
