@@ -28,6 +28,8 @@ from kvpager.errors import IntegrityError
 
 #: A table of at least these bytes gives memory back as its rows go (`BlockTable.shrink`).
 SHRINK_FROM = 64 << 20
+#: Padded entries a run of rows holds at most where work goes over every entry (`BlockTable.row_chunks`)
+CHUNK_ENTRIES = 1 << 20
 
 
 class BlockTable:
@@ -294,18 +296,38 @@ class BlockTable:
             row = rows[0]
             blocks = self.table[row, : self.num_blocks[row]]
             return (blocks[::-1] if reverse else blocks).astype(np.int64)
-        counts = self.num_blocks[rows].astype(np.int64)
-        cols = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        counts = self.num_blocks[rows]
+        width = int(counts.max()) if len(rows) else 0
+        padded = self.table[rows, :width]  # one gather of whole rows (contiguous), then the used part of each
         if reverse:
-            cols = np.repeat(counts - 1, counts) - cols
-        return self.table[np.repeat(rows, counts), cols].astype(np.int64)
+            padded = padded[:, ::-1]
+            used = np.arange(width) >= (width - counts)[:, None]
+        else:
+            used = np.arange(width) < counts[:, None]
+        return (padded.ravel() if used.all() else padded[used]).astype(np.int64)
+
+    def row_chunks(self, rows: np.ndarray, width: int | None = None, most: int = CHUNK_ENTRIES) -> list[np.ndarray]:
+        """``rows`` in consecutive runs of at most ``most`` padded entries each (at
+        least a row a run; ``width``: the columns read a row, default the longest
+        row's), so work over every entry of many long rows (a free of 65,535 forks
+        of a 4,000-block sequence: 266M entries) holds one run's temporaries at a
+        time, not gigabytes."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if width is None:
+            width = int(self.num_blocks[rows].max()) if len(rows) else 0
+        per = max(1, most // max(width, 1))
+        return [rows[i : i + per] for i in range(0, len(rows), per)] if len(rows) > per else [rows]
 
     def references(self, num_blocks: int) -> np.ndarray:
         """How many entries of live rows point at each block id: int64 [num_blocks]
-        (an independent count for integrity checks)."""
-        live = self.num_blocks > 0
-        mask = np.arange(self.width)[None, :] < self.num_blocks[live][:, None]
-        return np.bincount(self.table[live][mask], minlength=num_blocks)
+        (an independent count for integrity checks), a run of rows at a time."""
+        refs = np.zeros(num_blocks, dtype=np.int64)
+        for rows in self.row_chunks(np.flatnonzero(self.num_blocks > 0)):
+            counts = self.num_blocks[rows]
+            width = int(counts.max()) if len(rows) else 0
+            used = np.arange(width)[None, :] < counts[:, None]
+            refs += np.bincount(self.table[rows, :width][used], minlength=num_blocks)
+        return refs
 
     def check(self, rows: Seq[int] | np.ndarray) -> None:
         """Raise IntegrityError unless ``rows`` are exactly the live rows and
@@ -315,6 +337,7 @@ class BlockTable:
             raise IntegrityError(
                 f"block table rows out of step: {len(live)} live, {len(self._free_rows)} free, "
                 f"{len(self.num_blocks)} in all, {len(rows)} sequences")
-        past = np.arange(self.width)[None, :] >= self.num_blocks[:, None]
-        if self.table[past].any():
-            raise IntegrityError("block table holds entries past a row's end")
+        for part in self.row_chunks(np.arange(len(self.num_blocks)), self.width):
+            past = np.arange(self.width)[None, :] >= self.num_blocks[part][:, None]
+            if self.table[part][past].any():
+                raise IntegrityError("block table holds entries past a row's end")

@@ -98,6 +98,26 @@ def _other(a: Any, b: Any) -> bool:
     return a is not b and a != b
 
 
+def _null_entries(bt: Any, rows: np.ndarray, nb: np.ndarray, released: np.ndarray,
+                  ) -> tuple[bool, list[list[int]], int]:
+    """Over ``rows``' tables, a run of rows at a time (`BlockTable.row_chunks`: the
+    whole table at once took gigabytes with many forks of a long sequence): whether
+    a block sits among a row's released entries, the first five null entries
+    inside rows' used and unreleased parts ([index into rows, column]), and their count."""
+    held_in_released, null_at, count, at = False, [], 0, 0
+    cols = np.arange(bt.width)[None, :]
+    for part in bt.row_chunks(rows, bt.width):
+        k = slice(at, at + len(part))
+        at += len(part)
+        table = bt.table[part]
+        held_in_released |= bool((table != NULL_BLOCK)[cols < released[k, None]].any())
+        nulls = (table == NULL_BLOCK) & (cols < nb[k, None]) & (cols >= released[k, None])
+        count += int(np.count_nonzero(nulls))
+        if len(null_at) < 5 and count:
+            null_at += [[int(r) + k.start, int(c)] for r, c in np.argwhere(nulls)[: 5 - len(null_at)].tolist()]
+    return held_in_released, null_at, count
+
+
 def check_integrity(m: SequenceManager) -> None:
     """See `SequenceManager.check_integrity`."""
     bs, bt, pool = m.block_size, m.table, m.pool
@@ -118,19 +138,18 @@ def check_integrity(m: SequenceManager) -> None:
     # A null entry inside a table only where a swapped row moved that block out,
     # or among the leading blocks a row released (which are all null).
     released = bt.released[rows]
-    cols = np.arange(bt.width)[None, :]
-    if (released >= np.maximum(nb, 1)).any() or (bt.table[rows] != NULL_BLOCK)[cols < released[:, None]].any():
+    held_in_released, null_at, num_null = _null_entries(bt, rows, nb, released)
+    if (released >= np.maximum(nb, 1)).any() or held_in_released:
         problems.append("a row released its last block, or holds a block among its released entries")
     if int(np.count_nonzero(released)) != m.num_released:
         problems.append(f"{int(np.count_nonzero(released))} rows released blocks, {m.num_released} counted")
-    null_at = np.argwhere((bt.table[rows] == NULL_BLOCK) & (cols < nb[:, None]) & (cols >= released[:, None]))
     expected_nulls = sum(len(c) for c, _ in m.host.held.values())
-    for k, col in null_at[:5].tolist():
+    for k, col in null_at:
         held = m.host.held.get(int(rows[k]))
         if held is None or col not in held[0].tolist():
             problems.append(f"sequence {ids[k]}: block-table entry {col} is the null block")
-    if len(null_at) != expected_nulls and not problems:
-        problems.append(f"{len(null_at)} null entries but {expected_nulls} blocks swapped out")
+    if num_null != expected_nulls and not problems:
+        problems.append(f"{num_null} null entries but {expected_nulls} blocks swapped out")
     last = np.where(nb > 0, bt.table[rows, np.maximum(nb - 1, 0)], 0)
     if not np.array_equal(bt.last[rows], last):
         problems.append("a row's last-block column disagrees with its table")

@@ -205,17 +205,16 @@ class SequenceManager(SequenceLookup):
         rows = self.batch(seq_ids, None, name="free")
         self.recent.clear()  # rows are given back: no remembered batch holds any more
         bt = self.table
-        blocks = bt.row_blocks(rows, reverse=True)
+        swapped = rows[bt.swapped[rows] != 0] if self.num_swapped else rows[:0]
+        holes = self.num_released or len(swapped)  # null entries among the rows' (released, swapped out)
+        for part in bt.row_chunks(rows):  # (a run of rows at a time: many forks of a long sequence)
+            blocks = bt.row_blocks(part, reverse=True)
+            self.pool.free_blocks(blocks[blocks != 0] if holes else blocks, distinct=len(rows) == 1)
         if self.num_released:
-            blocks = seq_release.live_blocks(self, blocks)
             self.num_released -= int(np.count_nonzero(bt.released[rows]))
-        if self.num_swapped:
-            swapped = rows[bt.swapped[rows] != 0]
-            if len(swapped):
-                blocks = blocks[blocks != 0]
-                self.host.release(swapped.tolist())
-                self.num_swapped -= len(swapped)
-        self.pool.free_blocks(blocks, distinct=len(rows) == 1)
+        if len(swapped):
+            self.host.release(swapped.tolist())
+            self.num_swapped -= len(swapped)
         self.owners.drop(bt.owner[rows], seq_ids)
         bt.release_rows(rows)
         if len(seq_ids) == 1:
