@@ -94,6 +94,11 @@ def _default(obj: Any) -> Any:
         return bool(obj)
     if isinstance(obj, tuple):
         return list(obj)
+    if type(obj).__module__ == "torch" and hasattr(obj, "numpy"):  # a tensor of token ids, as `KVPool` takes one
+        try:
+            return pack_array(obj.detach().cpu().numpy())
+        except (TypeError, RuntimeError):  # (bfloat16 and the float8 types have no NumPy dtype)
+            raise TypeError(f"cannot send a torch tensor of {obj.dtype} over the wire") from None
     if isinstance(obj, int):  # msgpack calls here with an int only when it is out of its range
         raise TypeError(f"cannot send the integer {obj} over the wire: msgpack carries integers in "
                         "[-2**63, 2**64)")

@@ -1,6 +1,6 @@
 """Careless callers of the client library and the CLI: a `Client` given what
 `KVPool` takes (sequence ids as a generator or a range; counts as a generator;
-a 0-d array as a sequence id) does what the embedded pool
+a 0-d array as a sequence id; prompts as torch tensors) does what the embedded pool
 does and its table mirror follows; what the pool refuses (slots past int64,
 ragged slots or query lengths) it refuses with the same typed error and
 nothing changed; a timeout past ZeroMQ's range is a timeout, not a traceback.
@@ -54,7 +54,7 @@ def _gen(values):
 
 
 def _tensor(value):
-    """A 0-d torch tensor of ``value`` (as ``ids[i]`` of a tensor of ids gives)."""
+    """A torch tensor of ``value`` (0-d for an int, as ``ids[i]`` of a tensor of ids gives)."""
     torch = pytest.importorskip("torch")
     return torch.tensor(value)
 
@@ -84,6 +84,11 @@ _ITERABLES = [
                  id="batch counts generator"),
     # no sequences and a list of counts: no arrays (the client once answered [array([])])
     pytest.param(lambda p, s: p.append([], []), id="append nothing"),
+    # prompts as torch tensors of token ids, as the pool takes them ("cannot send a Tensor over the wire")
+    pytest.param(lambda p, s: [a.num_cached_tokens for a in p.allocate([_tensor(list(range(BS + 4))),
+                                                                        _tensor(list(range(300, 340)))[::2]])],
+                 id="allocate torch prompts"),
+    pytest.param(lambda p, s: p.cached_tokens([_tensor(list(range(BS + 4)))]), id="cached_tokens torch prompt"),
     # a 0-d integer array is the id it holds (the client sent it inside a list, refused)
     pytest.param(lambda p, s: p.sequence(np.array(s["b"], np.int32)).num_tokens, id="sequence 0-d"),
 ]
