@@ -90,7 +90,7 @@ def token_array(tokens: object, what: str = "tokens") -> np.ndarray:
             pass  # past int64: the general path says why (or takes them as uint64)
     try:
         arr = np.asarray(tokens)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:  # (RuntimeError: a torch tensor that requires grad)
         raise InvalidArgument(f"{what} must be a list of integers: {e}") from None
     if arr.size == 0:
         return np.zeros(0, dtype="<i8")

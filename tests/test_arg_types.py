@@ -128,7 +128,15 @@ _COUNTS_REFUSED += [
 ]
 _ZERO_D_REFUSED += _COUNTS_REFUSED
 # Embedded only: a 0-d str array cannot cross the wire (the codec refuses its dtype).
+def _grad_tokens():
+    """Float token ids in a torch tensor that requires grad: NumPy's read of it raises RuntimeError."""
+    return pytest.importorskip("torch").arange(5.0, requires_grad=True)
+
+
 _ZERO_D_REFUSED_EMBEDDED = [
+    # a RuntimeError from NumPy's read of the tensor before
+    pytest.param(lambda p, s: p.allocate([_grad_tokens()]), "prompts", id="allocate grad tensor"),
+    pytest.param(lambda p, s: p.cached_tokens([_grad_tokens()]), "prompts", id="cached_tokens grad tensor"),
     pytest.param(lambda p, s: p.allocate([[1]], salt=np.array("m")), "salt", id="salt str"),
     pytest.param(lambda p, s: p.release_before(s["a"], np.array("x")), "positions", id="release str"),
     # ints past int64 (the daemon's own checks catch them first): OverflowError before
