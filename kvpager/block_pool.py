@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvpager.block_copies import BlockCopies
 from kvpager.block_refs import BlockRefs
 from kvpager.errors import IntegrityError, InvalidArgument, OutOfBlocks
 from kvpager.events import EventSink
@@ -51,7 +52,7 @@ def window_reach(window: int, block_size: int) -> int:
     return max(1, -(-(window - 1) // block_size))
 
 
-class BlockPool(BlockRefs):
+class BlockPool(BlockRefs, BlockCopies):
     """Reference-counted device blocks, the prefix cache over them, and an LRU
     of evictable cached blocks."""
 
@@ -71,6 +72,7 @@ class BlockPool(BlockRefs):
         self.num_evicted = 0  # cached blocks evicted to make room, ever
         #: where keys leaving the cache are reported (None: nowhere, at no cost)
         self.events: EventSink | None = None
+        self._init_copies(num_blocks)  # copies of cached blocks' K/V in use (`block_copies`)
 
     # -- queries ---------------------------------------------------------------
     @property
@@ -145,12 +147,19 @@ class BlockPool(BlockRefs):
         goes to the free list): its K/V was just written again (a prompt ending
         on a block boundary recomputes its last block), so the key ages from
         this use, as vLLM's newer copy of it does; kept on the idle copy, it
-        would be evicted at that copy's older place in the LRU."""
+        would be evicted at that copy's older place in the LRU. A block in use
+        refused for a key cached on another block in use is kept as its copy
+        (`kvpager.block_copies`: it takes the key when that block goes)."""
         old = self.cache.get(key)
         if old is not None and old != block_id and not self.ref_cnt[old] and not self.cache.cached[block_id]:
-            self.unpublish(old)
+            self.unpublish(old, pass_on=False)
         if not self.cache.publish(block_id, key):
+            if old is not None and old != block_id and self.ref_cnt[block_id] and not self.cache.cached[block_id] \
+                    and not self.is_copy[block_id]:
+                self._add_copy(block_id, key, tenant)
             return False
+        if self.is_copy[block_id]:
+            self._forget_copy(block_id)
         self.tenants.published(block_id, tenant)
         return True
 
@@ -166,13 +175,16 @@ class BlockPool(BlockRefs):
         self.tenants.published_many(ids, tenants)
         return True
 
-    def unpublish(self, block_id: int) -> None:
+    def unpublish(self, block_id: int, pass_on: bool = True) -> None:
         """Forget a block about to be written again (its K/V will change); an
-        evictable block then goes to the free list."""
+        evictable block then goes to the free list. A copy of its K/V in use
+        takes its key (``pass_on``; `kvpager.block_copies`), or it leaves the cache."""
+        if self.is_copy[block_id]:  # (a copy written again holds the key's K/V no more)
+            self._forget_copy(block_id)
         key = self.cache.remove(block_id)
         if key is None:
             return
-        if self.events is not None:
+        if not (pass_on and self._pass_on(key)) and self.events is not None:
             self.events.removed([key])
         one = np.array([block_id], dtype=np.int64)
         self.tenants.removed(one)
@@ -216,7 +228,7 @@ class BlockPool(BlockRefs):
             else:
                 victims = lru.pop(n - top)
                 tenants.left_lru(victims)
-            keys = self.cache.remove_many(victims)
+            keys = self._keys_gone(self.cache.remove_many(victims))  # (a copy in use may take a key)
             self.num_evicted += len(victims)
             if self.events is not None:
                 self.events.removed(keys)
@@ -267,6 +279,7 @@ class BlockPool(BlockRefs):
         if self._num_free + len(self.evictable) + in_use != self.num_usable and not problems:
             problems.append("block states do not add up")
         problems += self.cache.problems()
+        problems += self.copy_problems()
         problems += self.tenants.problems(self.cache.cached, self.evictable)
         cached = self.cache.cached
         for b in np.flatnonzero(cached & ~used & ~is_evictable)[:5].tolist():

@@ -13,7 +13,7 @@ vectorised general case and short cuts for one sequence's distinct blocks.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -47,6 +47,8 @@ class BlockRefs:
     _free: np.ndarray
     _num_free: int
     _mark: np.ndarray
+    copy_of: dict[int, tuple[bytes, int]]
+    _copies_take_keys: Callable[[np.ndarray], list[int]]
 
     def touch(self, ids: Iterable[int] | np.ndarray, distinct: bool = False) -> None:
         """Add one reference to each block (repeats add one each); an evictable
@@ -158,12 +160,15 @@ class BlockRefs:
             mark = self._mark
             mark[done] = k  # with repeats, the last write stays
             done = done[mark[done] == k]
+        holders = self._copies_take_keys(done) if self.copy_of else None  # (`kvpager.block_copies`)
         if self.cache.key_to_block:  # anything cached at all (no `len` call)
             cached = self.cache.cached[done]
             if np.count_nonzero(cached):
                 idle = done[cached]
                 self.tenants.became_evictable(idle, self.evictable.add(idle))
                 done = done[~cached]
+        if holders:  # idle blocks whose key a copy took: nothing in them anyone can find, next out
+            done = np.concatenate([done, np.array(holders, dtype=np.int64)])
         top = self._num_free  # `_push`, inline
         self._free[top : top + len(done)] = done
         self._num_free = top + len(done)

@@ -75,7 +75,8 @@ class StagingOps:
         if len(foreign):
             raise NotOwner(f"write: block {int(foreign[0])} (slot {int(foreign[0]) * spec.block_size}...) is not "
                            "held by any sequence of this session" + ("" if s.driver is None else " or its driver"))
-        published = blocks[self.pool.manager.pool.cache.cached[blocks]]  # (not blocks(): a copy of every block's state)
+        bp = self.pool.manager.pool  # (not blocks(): a copy of every block's state)
+        published = blocks[bp.cache.cached[blocks] | bp.is_copy[blocks]]  # (a copy: its key's K/V, `block_copies`)
         if len(published):
             raise NotOwner(f"write: block {int(published[0])} is published in the prefix cache; its K/V "
                            "is immutable (write before commit)")

@@ -11,8 +11,10 @@ the cached prefixes that survive eviction.
 Where vLLM caches a second block under a key already cached (a prompt ending
 on a block boundary recomputes its last block), kvpager keeps one block per
 key (`PrefixCache.publish`); the reference's ``one_block_per_key`` mode keeps
-it on the copy in use, if any, else on the newest copy, which is what
-kvpager must match exactly."""
+it on the copy in use, if any, else on the newest copy, and passes it to a
+copy in use when its block is evicted, and to a copy whose last reference
+goes while its block is idle (`kvpager.block_copies`): the key lives as long
+as in vLLM, in one block. That is what kvpager must match exactly."""
 
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class LRUReference:
         self.cache: dict[object, list[int]] = {}  # hash -> blocks, first inserted answers
         self.reqs: dict[int, dict] = {}
         self.queries = self.hits = 0
+        self.copies: dict[object, list[int]] = {}  # one block a key: copies in use of a cached block, by key
 
     def hashes(self, tokens: list[int], salt: str | None, n: int) -> list[object]:
         out, parent = [], None
@@ -69,7 +72,10 @@ class LRUReference:
         for _ in range(n):
             b, _ = self.queue.popitem(last=False)
             if self.hash[b] is not None:  # evicted
+                h = self.hash[b]
                 self._unhash(b)
+                if self.copies.get(h):  # (one block a key) its first copy in use takes the key
+                    self._rehash(self.copies[h].pop(0), h)
             self.ref[b] = 1
             out.append(b)
         return out
@@ -81,6 +87,12 @@ class LRUReference:
             del self.cache[self.hash[b]]
         self.hash[b] = None
 
+    def _rehash(self, b: int, h: object) -> None:
+        if not self.copies.get(h):
+            self.copies.pop(h, None)
+        self.hash[b] = h
+        self.cache.setdefault(h, []).append(b)
+
     def _cache_full_blocks(self, r: dict) -> None:
         full = len(r["tokens"]) // BS
         hs = self.hashes(r["tokens"], r["salt"], full)
@@ -90,7 +102,8 @@ class LRUReference:
                 continue
             if self.one_block_per_key and h in self.cache:
                 if any(self.ref[c] for c in self.cache[h]):
-                    continue  # the copy in use keeps the key
+                    self.copies.setdefault(h, []).append(b)  # the block in use keeps the key; this one a copy
+                    continue
                 for c in list(self.cache[h]):  # idle copies give it up: free, at the front
                     self._unhash(c)
                     self.queue.move_to_end(c, last=False)
@@ -151,6 +164,18 @@ class LRUReference:
         for b in blocks:
             self.ref[b] -= 1
         idle = [b for b in blocks if self.ref[b] == 0]
+        for b in idle:  # (one block a key) a copy going idle takes its key from an idle block, which goes free
+            h = next((h for h, bs in self.copies.items() if b in bs), None)
+            if h is None:
+                continue
+            self.copies[h].remove(b)
+            holder = self.cache[h][0]
+            if self.ref[holder] == 0:
+                self._unhash(holder)
+                self.queue.move_to_end(holder, last=False)
+                self._rehash(b, h)
+            elif not self.copies[h]:
+                del self.copies[h]
         for b in reversed([b for b in idle if self.hash[b] is None]):
             self.queue[b] = None
             self.queue.move_to_end(b, last=False)
