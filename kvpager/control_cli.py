@@ -133,6 +133,11 @@ def quota(client: Any, salt: str, blocks: str) -> None:
     click.echo(f"tenant {render.salt_label(salt)}: {'no quota' if value is None else f'quota {value} blocks'}")
 
 
+# A SALT or BLOCKS beginning with '-' (a tenant '-x', a careless -1) is an argument, not an unknown option:
+# "No such option '-1'" said nothing of BLOCKS, and such a tenant could be given only after '--'
+quota.context_settings["ignore_unknown_options"] = True
+
+
 @daemon_command
 def pins(client: Any, as_json: bool) -> None:
     """Every pin: the daemon's and each session's."""

@@ -96,6 +96,11 @@ def test_quota_command(daemon):
     assert "tenant-b" not in {t.salt for t in worker.stats().tenants}  # no blocks, no quota: gone
     code, _, err = run("quota", "tenant-b", "3.5", *ctl)
     assert code == 2 and "BLOCKS must be" in err
+    # a dash-led value is an argument: "No such option '-1'" before, and a tenant '-c' unreachable
+    code, _, err = run("quota", "tenant-b", "-1", *ctl)
+    assert code == 2 and "BLOCKS must be" in err
+    assert run("quota", "-c", "5", *ctl)[:2] == (0, "tenant -c: quota 5 blocks\n")
+    assert {t.salt: t.quota for t in worker.stats().tenants}["-c"] == 5
 
 
 def test_sessions_command(daemon):
