@@ -39,15 +39,16 @@ def _at(server: Any, layer: int, slots: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _count_gathers(server: Any) -> list[int]:
-    """Counts the daemon pool's `tables` calls from now (a staged write's check gathers through it)."""
+    """Counts from now the times a staged write's check gathers what its session
+    holds (`StagingOps._held`: every table of the session and its driver)."""
     seen = [0]
-    tables = server.pool.tables
+    held = server._held
 
     def counted(*args: Any, **kw: Any) -> Any:
         seen[0] += 1
-        return tables(*args, **kw)
+        return held(*args, **kw)
 
-    server.pool.tables = counted
+    server._held = counted
     return seen
 
 
