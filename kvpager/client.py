@@ -147,6 +147,8 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         # True once the session is known lost or closed: the mirror is not read
         # again (set by the heartbeat thread too, which never touches the mirror).
         self._lost = False
+        #: ids this client's sequences had in its sessions lost since (`_check_held_before`)
+        self._held_before: set[int] = set()
         self._want_map, self._want_heartbeat = map_pool, heartbeat
         _LIVE.add(self)
         self._hb_stop = threading.Event()

@@ -242,6 +242,7 @@ class ClientSequences:
         daemon's message limit asked in halves (read-only: nothing to undo), padded again.
         ``slots``: a step plan's, which the daemon checks as a write's first (NotOwner;
         the halves need not carry them: a reply too large is refused after the check)."""
+        self._check_held_before(seq_ids)
         args = {"seq_ids": seq_ids} if slots is None else {"seq_ids": seq_ids, "slots": slots}
         try:
             return decode_tables(self._call("tables", args))
@@ -260,6 +261,7 @@ class ClientSequences:
     def sequence(self, seq_id: int) -> SequenceInfo:
         if isinstance(seq_id, np.ndarray) and seq_id.ndim == 0:
             seq_id = zero_d(seq_id, "seq_id")  # the int it holds, as `KVPool.sequence`
+        self._check_held_before([seq_id])
         return decode_info(self._call("sequences", {"seq_ids": [seq_id]})[0])
 
     def sequences(self) -> list[SequenceInfo]:
@@ -270,6 +272,7 @@ class ClientSequences:
     def _infos(self, ids: list[int]) -> list[SequenceInfo]:
         """The `SequenceInfo`s of ``ids`` in one request, or in halves where their
         block tables would pass the daemon's message limit."""
+        self._check_held_before(ids)
         try:
             return [decode_info(d) for d in self._call("sequences", {"seq_ids": ids})]
         except LimitExceeded as e:

@@ -40,6 +40,8 @@ class ClientStaging:
         """Paged attention computed by the daemon; q and the output cross through
         staging. Returns a NumPy array (CPU pool) or a CuPy array (GPU pool)."""
         self._check_process()
+        seq_ids = as_ids(seq_ids)
+        self._check_held_before(seq_ids)
         q = self._as_array(q, "q")
         if sinks is not None:  # checked here, sent as one float32 array
             sinks = check_sinks(sinks, q.shape[1] if q.ndim == 3 else -1, any_device=True)
@@ -48,7 +50,7 @@ class ClientStaging:
         stage = self._stage(out + q.nbytes)
         stage.array(q.shape, q.dtype, 0)[...] = q
         self._staged_ready()
-        args: dict[str, Any] = {"layer": layer, "seq_ids": as_ids(seq_ids), "q": [0, list(q.shape)], "out": out}
+        args: dict[str, Any] = {"layer": layer, "seq_ids": seq_ids, "q": [0, list(q.shape)], "out": out}
         if query_lens is not None:
             args["query_lens"] = query_lens
         if scale is not None:

@@ -25,6 +25,7 @@ from kvpager.errors import (
     ProtocolError,
     RequestTimeout,
     SessionLost,
+    UnknownSequence,
 )
 from kvpager.protocol import RETRIED_OPS, VERSION, Reply, pack, unpack
 from kvpager.shm import forget_release_count, forget_segments
@@ -148,7 +149,27 @@ class ClientWire:
         self._lost = True
         mirror = getattr(self, "_mirror", None)  # absent while hello is under way
         if mirror is not None:
+            self._held_before.update(mirror.rows)
             mirror.clear()
+
+    def _check_held_before(self, seq_ids: Any) -> None:
+        """UnknownSequence for an id this client's sequence had in a session lost
+        since, and no sequence of its session has now: a restarted daemon gives its
+        ids out again, so after `reconnect` such an id named another session's new
+        sequence, and a read of it (tables, attend, sequence) answered that one's
+        table and K/V as this client's. Writes and plans were refused already. (A
+        client whose session is lost or closed gets SessionLost from its call.)"""
+        if not self._held_before or self._lost:
+            return
+        ids = id_list(seq_ids)
+        mine = self._mirror.rows
+        for seq_id in ids or ():
+            if seq_id in self._held_before and seq_id not in mine:
+                e = UnknownSequence(seq_id)
+                e.args = (f"sequence {seq_id} was this client's in a session lost since (before a reconnect): "
+                          "it is gone, and a restarted daemon gives the id to another session's new sequence; "
+                          "a read of that one goes through another Client",)
+                raise e
 
     def _forget_memory(self) -> None:
         """Drop mappings of a daemon that is gone: they are unmapped once no view is left."""

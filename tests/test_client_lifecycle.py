@@ -2,8 +2,9 @@
 (forks: test_client_forks.py): a staged write that timed out never runs on the
 next call's data, a failed reconnect leaves a client that can try again, calls racing `close` get typed
 errors, `close` against a stalled daemon is bounded by the timeout, a client
-dropped without `close` ends its session, and a restarted daemon's old pool
-is neither handed out again nor kept mapped. Each test is a defect that once
+dropped without `close` ends its session, a restarted daemon's old pool
+is neither handed out again nor kept mapped, and a sequence id of a session
+lost since names no other session's sequence. Each test is a defect that once
 held; bounded waits, every daemon stopped."""
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 from daemon_helpers import daemon_process, ipc_endpoint, wait_until
 
 from kvpager.client import Client
-from kvpager.errors import KVPagerError, RequestTimeout, SessionLost
+from kvpager.errors import KVPagerError, RequestTimeout, SessionLost, UnknownSequence
 
 GEOMETRY = ["--layers", "2", "--kv-heads", "2", "--head-dim", "16", "--blocks", "96", "--host-blocks", "32",
             "--block-size", "16", "--dtype", "float32", "--device", "cpu"]  # (on any host)
@@ -290,3 +291,34 @@ def test_two_threads_first_kv_map_the_pool_once(monkeypatch):
             t.join(10)
         assert len(mapped) == 1 and len(views) == 2
         assert np.shares_memory(views[0], views[1])
+
+
+@pytest.mark.parametrize("map_pool", [True, False], ids=["mapped", "staged"])
+def test_an_id_of_a_session_lost_since_reads_no_other_sessions_sequence(map_pool):
+    """A restarted daemon gives out the same ids again: after `reconnect` a client's
+    old sequence id read another session's new sequence as its own (its table by
+    `tables`, its K/V by `attend`), silently. Refused now; the client's new
+    sequences, and another Client's reads of the other's, go on."""
+    endpoint, _ = ipc_endpoint()
+    with daemon_process(GEOMETRY, endpoint) as first:
+        a = Client(endpoint, timeout=5, map_pool=map_pool)
+        [old] = a.allocate([list(range(20))])
+        a.write(0, old.slots, _kv(20, 1.0), _kv(20, 1.0))
+        first.kill()
+        first.wait(30)
+    with daemon_process(GEOMETRY, endpoint), Client(endpoint, timeout=5) as b:
+        [theirs] = b.allocate([list(range(100, 120))])
+        assert theirs.seq_id == old.seq_id and list(theirs.slots) == list(old.slots)
+        b.write(0, theirs.slots, _kv(20, 42.0), _kv(20, 42.0))
+        with pytest.raises(SessionLost):
+            a.stats()
+        a.reconnect()
+        q = np.ones((1, *KV), np.float32)
+        for read in (lambda: a.tables([old.seq_id]), lambda: a.attend(0, [old.seq_id], q),
+                     lambda: a.sequence(old.seq_id)):
+            with pytest.raises(UnknownSequence, match="lost since"):
+                read()
+        [mine] = a.allocate([list(range(7))])  # its new session's own go on
+        assert a.tables([mine.seq_id])[1].tolist() == [7]
+        assert b.tables([theirs.seq_id])[1].tolist() == [20]
+        a.close()
