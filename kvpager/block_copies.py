@@ -48,6 +48,12 @@ class BlockCopies:
         self.copy_of: dict[int, tuple[bytes, int]] = {}
         self.is_copy = np.zeros(num_blocks, dtype=bool)
 
+    def holds_key(self, blocks: np.ndarray | int) -> np.ndarray | np.bool_:
+        """Whether ``blocks`` hold K/V a key answers for: published, or kept as a
+        copy (one written in place must be un-published first: `BlockPool.unpublish`;
+        a client's staged write into one is refused)."""
+        return self.cache.cached[blocks] | self.is_copy[blocks]
+
     def _add_copy(self, block: int, key: bytes, tenant: int) -> None:
         """``block`` (in use, uncached) holds the K/V of ``key``, cached on another block."""
         self.copies.setdefault(key, []).append(block)

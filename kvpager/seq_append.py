@@ -196,7 +196,7 @@ def _decode(
         if np.count_nonzero(c):
             copies = np.stack([last[cow], new[c]], axis=1)
     if len(pool.cache):  # (copies of cached blocks only where something is cached: `block_copies`)
-        published = pool.cache.cached[last] | pool.is_copy[last]  # mostly none: one gather decides
+        published = pool.holds_key(last)  # mostly none: one gather decides
         if published.any():
             _unpublish(m, last[published & ~needs])  # partly filled, not copied, published (a truncate)
     slots = (blocks << shift) | off
@@ -266,7 +266,7 @@ def _decode_one(m: SequenceManager, seq_id: int, row: int, ids: list[int] | None
             copies = np.array([[src, b]], dtype=np.int64)
             bt.table[row, col] = b
             bt.last[row] = b
-        elif pool.cache.cached[b] or pool.is_copy[b]:
+        elif pool.holds_key(b):
             pool.unpublish(b)
     if ids is not None and bt.known[row] == nt:
         h = m.history[seq_id]
@@ -322,7 +322,7 @@ def _unpublish(m: SequenceManager, last: np.ndarray) -> None:
     copy of a cached block's K/V (`kvpager.block_copies`) take its key later."""
     pool = m.pool
     if len(last) and len(pool.cache):
-        for b in last[pool.cache.cached[last] | pool.is_copy[last]].tolist():
+        for b in last[pool.holds_key(last)].tolist():
             pool.unpublish(b)
 
 

@@ -262,7 +262,7 @@ class SequenceManager(SequenceLookup):
         part = np.flatnonzero(n % bs != 0)
         if len(part):
             last = bt.last[rows[part]]
-            maybe = (pool.ref_cnt[last] <= 1) & (pool.cache.cached[last] | pool.is_copy[last])  # (`block_copies`)
+            maybe = (pool.ref_cnt[last] <= 1) & pool.holds_key(last)
             if np.count_nonzero(maybe):
                 at = np.repeat(np.arange(len(rows)), drop)
                 for k, b in zip(part[maybe].tolist(), last[maybe].tolist()):

@@ -75,8 +75,7 @@ class StagingOps:
         if len(foreign):
             raise NotOwner(f"write: block {int(foreign[0])} (slot {int(foreign[0]) * spec.block_size}...) is not "
                            "held by any sequence of this session" + ("" if s.driver is None else " or its driver"))
-        bp = self.pool.manager.pool  # (not blocks(): a copy of every block's state)
-        published = blocks[bp.cache.cached[blocks] | bp.is_copy[blocks]]  # (a copy: its key's K/V, `block_copies`)
+        published = blocks[self.pool.manager.pool.holds_key(blocks)]  # (not blocks(): a copy of every block's state)
         if len(published):
             raise NotOwner(f"write: block {int(published[0])} is published in the prefix cache; its K/V "
                            "is immutable (write before commit)")
@@ -132,7 +131,6 @@ class StagingOps:
             offset = wire_int(a["out"], "out")
             s.staging.array(out.shape, out.dtype, offset)[...] = out  # a device copy on a GPU
         return [offset, list(out.shape)]
-
 
     def _check_attend_work(self, a: dict[str, Any], q: np.ndarray) -> None:
         """LimitExceeded (``attend_work``) for an attend that would hold the loop too
