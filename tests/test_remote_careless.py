@@ -366,7 +366,7 @@ def test_a_huge_value_under_a_block_key_costs_a_lookup_one_value(where, request)
         sent = sent_bytes(nodes) - before
         assert got == BS and np.array_equal(restored[:1], kv[:1])  # block 0; the chain stops at block 1
         assert sent < 4 << 20, sent  # not the 48 MiB (a cluster client's first call reads COMMAND: ~100 KiB)
-        assert took < 1.0
+        assert took < 5.0  # bytes sent are the measure; this only bounds the wait on a loaded machine
         st = b.remote_stats()
         assert (st.errors, st.corrupt_blocks, st.available) == (0, 1, True)
         assert b.remote.flush(WAIT) and not client.exists(hostile)  # deleted as a refused value
