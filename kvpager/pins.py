@@ -31,6 +31,7 @@ from kvpager.block_refs import MAX_REFS
 from kvpager.errors import InvalidArgument, LimitExceeded, NotPinned
 from kvpager.prefix_cache import chain_keys, root_key, token_array
 from kvpager.types import PinInfo
+from kvpager.validate import shown
 
 if TYPE_CHECKING:
     from kvpager.block_pool import BlockPool
@@ -143,7 +144,7 @@ class PinTable:
                         and mine[k].count > taken.get(k, 0)), None)
             if pin is None:
                 who = "the pool" if owner is None else f"session {owner}"
-                raise NotPinned(f"unpin: prompts[{i}] ({len(tokens)} tokens, salt {salts[i]!r}) has no "
+                raise NotPinned(f"unpin: prompts[{i}] ({len(tokens)} tokens, salt {shown(salts[i])}) has no "
                                 f"pin of {who} left")
             taken[pin.keys[-1]] = taken.get(pin.keys[-1], 0) + 1
             chosen.append(pin)

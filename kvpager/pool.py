@@ -102,7 +102,7 @@ class KVPool(PoolSequences, PoolBatch, PoolControl, PoolKV, PoolInspection):
             ranks = len(devices)
             rank_spec(spec, ranks)  # heads divisible, before anything is allocated
         if max_pinned_blocks is not None and (not validate.is_int(max_pinned_blocks) or max_pinned_blocks < 0):
-            raise InvalidArgument(f"max_pinned_blocks must be an integer >= 0, got {max_pinned_blocks!r}")
+            raise InvalidArgument(f"max_pinned_blocks must be an integer >= 0, got {validate.shown(max_pinned_blocks)}")
         if remote is not None:
             from kvpager.remote_tier import RemoteTier
 

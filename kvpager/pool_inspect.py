@@ -36,7 +36,7 @@ class PoolInspection:
             if isinstance(seq_id, np.ndarray) and seq_id.ndim == 0:
                 seq_id = validate.zero_d(seq_id, "seq_id")
             elif not validate.is_int(seq_id):
-                raise InvalidArgument(f"seq_id must be an int, got {seq_id!r}")
+                raise InvalidArgument(f"seq_id must be an int, got {validate.shown(seq_id)}")
             seq_id = int(seq_id)
         [info] = self.manager.infos([seq_id])
         return info

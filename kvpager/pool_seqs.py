@@ -98,7 +98,7 @@ class PoolSequences:
         validate.prompts(prompts)
         salts = validate.per_seq(salt, len(prompts), "salt")
         if not isinstance(share_in_batch, bool):
-            raise InvalidArgument(f"share_in_batch must be a bool, got {share_in_batch!r}")
+            raise InvalidArgument(f"share_in_batch must be a bool, got {validate.shown(share_in_batch)}")
         restore = None
         if self.remote is not None:
             from kvpager.remote_restore import restore as restore_from
@@ -177,7 +177,7 @@ class PoolSequences:
         validate.prompts(prompts)
         salts = validate.per_seq(salt, len(prompts), "salt")
         if remote is not None and not isinstance(remote, bool):
-            raise InvalidArgument(f"remote must be a bool or None, got {remote!r}")
+            raise InvalidArgument(f"remote must be a bool or None, got {validate.shown(remote)}")
         local_only = self.remote is None or remote is False
         if window is None:
             if local_only:

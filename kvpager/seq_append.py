@@ -23,7 +23,7 @@ from kvpager.errors import InvalidArgument, OutOfBlocks
 from kvpager.history import writable
 from kvpager.prefix_cache import token_array
 from kvpager.seq_lookup import LAST
-from kvpager.validate import TOKEN_LIMIT, all_type, one_id_each
+from kvpager.validate import TOKEN_LIMIT, all_type, one_id_each, shown
 
 if TYPE_CHECKING:
     from kvpager.sequences import SequenceManager
@@ -78,7 +78,7 @@ def append(
         else list(token_ids)
     for k, (s, n, ids) in enumerate(zip(seq_ids, counts, ids_list)):
         if type(n) is not int and (not isinstance(n, (int, np.integer)) or isinstance(n, bool)) or n < 0:
-            raise InvalidArgument(f"append: count for sequence {s} must be an integer >= 0, got {n!r}")
+            raise InvalidArgument(f"append: count for sequence {s} must be an integer >= 0, got {shown(n)}")
         if ids is not None:
             if not packed:
                 ids_list[k] = ids = _token_list(ids)
@@ -92,7 +92,7 @@ def append(
     except OverflowError:  # past int64: no pool holds that many tokens
         k = next(i for i, c in enumerate(counts) if int(c) >= 1 << 63)
         raise InvalidArgument(f"append: count for sequence {seq_ids[k]} is past any pool's size, got "
-                              f"{counts[k]!r}") from None
+                              f"{shown(counts[k])}") from None
     nt = bt.num_tokens[rows]
     nb = bt.num_blocks[rows].astype(np.int64)
     last = bt.last[rows]  # the null block where a row is empty

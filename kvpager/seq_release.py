@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvpager.errors import InvalidArgument
-from kvpager.validate import is_int
+from kvpager.validate import is_int, shown
 
 if TYPE_CHECKING:
     from kvpager.sequences import SequenceManager
@@ -37,7 +37,7 @@ def release_before(m: SequenceManager, seq_ids: list[int], positions: Seq[int], 
     nt = bt.num_tokens[rows]
     for s, p, n in zip(seq_ids, positions, nt.tolist()):
         if not is_int(p) or not 0 <= p <= n:
-            raise InvalidArgument(f"release: position for sequence {s} must be in [0, {n}], got {p!r}")
+            raise InvalidArgument(f"release: position for sequence {s} must be in [0, {n}], got {shown(p)}")
     pos = np.fromiter(map(int, positions), np.int64, len(rows))
     old = bt.released[rows]
     # whole blocks before the position, never a row's last block (appends write there)

@@ -4,6 +4,7 @@ naming the bad value, before anything changes."""
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Sequence as Seq
 from operator import countOf, itemgetter
 from typing import Any
@@ -95,14 +96,33 @@ def integer(value: Any) -> int | None:
     return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
 
 
+def _short_repr() -> reprlib.Repr:
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 8, 8, 4, 8
+    r.maxstring, r.maxother, r.maxlong = 60, 60, 40
+    return r
+
+
+_SHORT = _short_repr()
+
+
+def shown(value: Any) -> str:
+    """``value``'s repr for an error message, cut short: a refused 100,000-id list
+    once came back whole in its error (300,000 characters). Lists, strings and
+    long ints show their start; an array or a tensor its own (summarized) repr."""
+    if isinstance(value, np.ndarray) or type(value).__module__.startswith("torch"):
+        return repr(value)
+    return _SHORT.repr(value)
+
+
 def described(value: Any) -> str:
     """``value``'s repr and what it is (its type; an array's or a tensor's dimensions
     and dtype), for an error that says what it got: ``tensor(6.)`` alone does not say
     that a float tensor is what was refused."""
     dtype, ndim = getattr(value, "dtype", None), getattr(value, "ndim", None)
     if dtype is None or ndim is None or isinstance(value, np.generic):
-        return f"{value!r} ({type(value).__name__})"
-    return f"{value!r} (a {ndim}-d {dtype} {type(value).__name__})"
+        return f"{shown(value)} ({type(value).__name__})"
+    return f"{shown(value)} (a {ndim}-d {dtype} {type(value).__name__})"
 
 
 def whole_in(value: Any, what: str, lo: int, hi: int | None = None) -> int:
@@ -111,7 +131,7 @@ def whole_in(value: Any, what: str, lo: int, hi: int | None = None) -> int:
     n = whole(value)
     if n is None or n < lo or (hi is not None and n >= hi):
         span = f">= {lo}" if hi is None else f"in [{lo}, {hi})"
-        raise InvalidArgument(f"{what} must be an int {span}, got {value!r}")
+        raise InvalidArgument(f"{what} must be an int {span}, got {shown(value)}")
     return n
 
 
@@ -119,7 +139,7 @@ def flag(value: Any, what: str) -> bool:
     """A bool option (a NumPy bool too); InvalidArgument naming ``what`` for anything
     else (``"no"`` is not False)."""
     if not isinstance(value, (bool, np.bool_)):
-        raise InvalidArgument(f"{what} must be True or False, got {value!r}")
+        raise InvalidArgument(f"{what} must be True or False, got {shown(value)}")
     return bool(value)
 
 
@@ -144,7 +164,7 @@ def seq_ids(value: int | Seq[int], what: str = "seq_ids") -> list[int]:
         return out
     for s in out:
         if not isinstance(s, (int, np.integer)) or isinstance(s, bool):
-            raise InvalidArgument(f"{what} must hold ints, got {s!r}")
+            raise InvalidArgument(f"{what} must hold ints, got {shown(s)}")
     return [int(s) for s in out]
 
 
@@ -231,7 +251,7 @@ def counts(value: Any) -> int | np.integer | list[Any]:
         return zero_d(value, "append: count")
     if isinstance(value, (bool, np.bool_, str, bytes, dict, set, frozenset)) or not hasattr(value, "__iter__"):
         # (bytes iterate as ints: b"y" would have been a count of 121)
-        raise InvalidArgument(f"append: count must be an integer >= 0 or a list of them, got {value!r}")
+        raise InvalidArgument(f"append: count must be an integer >= 0 or a list of them, got {shown(value)}")
     return listed(value, "append: count must be an integer >= 0 or a list of them")
 
 
