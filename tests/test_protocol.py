@@ -242,3 +242,15 @@ def test_allocation_is_still_a_frozen_dataclass():
         a.seq_id = 4  # type: ignore[misc]
     with pytest.raises(TypeError):
         hash(a)
+
+
+def test_an_error_text_is_cut_to_its_limit_its_length_said():
+    """A message or detail over MAX_ERROR_TEXT characters (one that quotes a
+    client's value whole) goes on the wire cut, saying how long it was."""
+    from kvpager.protocol import MAX_ERROR_TEXT, ErrorInfo
+
+    info = ErrorInfo("invalid_argument", "y" * 1_000_000, {"what": "z" * 500_000, "n": 3})
+    assert info.message.startswith("y" * MAX_ERROR_TEXT) and info.message.endswith("(1000000 characters in all)")
+    assert len(info.details["what"]) < MAX_ERROR_TEXT + 64 and info.details["n"] == 3
+    short = ErrorInfo("invalid_argument", "y" * MAX_ERROR_TEXT)
+    assert short.message == "y" * MAX_ERROR_TEXT
