@@ -327,7 +327,10 @@ class ServerOps(ControlOps):
             owner = a.get("owner")  # a session name; None: every session's (in id order: no sort, 0.9 ms for
             # 100,000 sequences on a 2-core VM where merging the sessions' lists took 5.3)
             ids = self.pool.owned(owner) if owner is not None else self.pool.sequence_ids()
-            ids = ids[bisect.bisect_right(ids, wire_int(a.get("after", -1), "after")):][:limit]
+            after = wire_int(a.get("after", -1), "after")
+            if after < -1:  # as `pins` (-1: from the first)
+                raise InvalidArgument(f"sequences: after must be a sequence id or -1 (from the first), got {after}")
+            ids = ids[bisect.bisect_right(ids, after):][:limit]
             if ids:  # a page within the message limit (4,096 forks of a long sequence made 82 MB): one at least
                 ids = ids[: max(1, int(np.searchsorted(self._infos_size(ids), self.max_message_bytes, "right")))]
         if not ids:

@@ -119,8 +119,10 @@ def test_a_daemon_answers_a_page_and_the_client_walks_them(monkeypatch):
         assert 1 <= len(first) < len(made) and sum(len(p["block_table"]) for p in first) <= 5
         assert len(a._call("pins", {"limit": 1, "after": listed[2].pin_id})) == 1
         assert a._call("pins", {"after": listed[-1].pin_id}) == []
-        for bad in ({"limit": 0}, {"limit": protocol.PINS_PAGE + 1}, {"after": "x"}, {"limit": 2.5}):
+        for bad in ({"limit": 0}, {"limit": protocol.PINS_PAGE + 1}, {"after": "x"}, {"limit": 2.5}, {"after": -2}):
             with pytest.raises(InvalidArgument):
                 a._call("pins", bad)
+        with pytest.raises(InvalidArgument, match="after must be"):  # as `pins` (it was taken as -1)
+            a._call("sequences", {"after": -2})
         assert {s.name: s.pins for s in a.sessions()} == {a.session_name: 3, b.session_name: 3}
         a.check_integrity()
