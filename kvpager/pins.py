@@ -274,7 +274,7 @@ class PinTable:
             out.append(f"{n} pinned blocks, {self.num_pinned} counted, limit {self.limit}")
         for owner, mine in self.pins.items():
             for last, pin in mine.items():
-                if (not mine or pin.count < 1 or pin.owner != owner or last != pin.keys[-1]
+                if (not mine or pin.count < 1 or (pin.owner is not owner and pin.owner != owner) or last != pin.keys[-1]
                         or len(pin.keys) != len(pin.blocks)
                         or any(pool.lookup(k) != b for k, b in zip(pin.keys, pin.blocks.tolist()))):
                     out.append(f"a pin of {owner!r} ({len(pin.blocks)} blocks) is not published as pinned")

@@ -65,6 +65,13 @@ def test_a_nan_owner_passes_the_integrity_check():
     pool.check_integrity()
     pool.free(a.seq_id)
     pool.check_integrity()
+    prompt = list(range(2 * BS + 1))  # and a pin's owner (its check compared them with != too)
+    [b] = pool.allocate([prompt])
+    pool.commit(b.seq_id)
+    assert pool.pin([prompt], owner=nan) == [2 * BS]
+    pool.check_integrity()
+    assert pool.unpin([prompt], owner=nan) == [2 * BS]
+    pool.check_integrity()
 
 
 # -- write_attend: checked whole before the write ------------------------------------------
