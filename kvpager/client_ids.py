@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from kvpager.validate import all_type, check_ordered, listed, one_id_each
+from kvpager.validate import all_type, check_ordered, host, is_tensor, listed, one_id_each
 
 #: A batch of at least this many ids (or a decode step's token ids for that many
 #: sequences) goes on the wire packed, as one int64 array (docs/protocol.md): the
@@ -24,10 +24,12 @@ def as_ids(value: Any) -> Any:
     """Sequence ids given as another iterable than a list, a tuple or an array (a
     generator, a range) read once into a list, as `KVPool` reads them, before the
     client reads or sends them; ids in no order (a set, a dict) refused as `KVPool`
-    refuses them, and one that cannot be read (a 0-d tensor: iterable, and refusing
-    it) as `KVPool` refuses it; anything else as given."""
+    refuses them; a tensor as the array it holds, as `KVPool` takes it; anything
+    else as given."""
     if isinstance(value, (list, tuple, np.ndarray, str, bytes)) or not hasattr(value, "__iter__"):
         return value
+    if is_tensor(value):  # as `KVPool` takes one: the array it holds (a 0-d one: one id)
+        return host(value, "seq_ids")
     check_ordered(value)
     return listed(value, "seq_ids must be an int or a list of ints")
 

@@ -88,6 +88,8 @@ def token_array(tokens: object, what: str = "tokens") -> np.ndarray:
             return np.fromiter(tokens, _I8, len(tokens))
         except OverflowError:
             pass  # past int64: the general path says why (or takes them as uint64)
+    if isinstance(tokens, (bytearray, memoryview)):  # (NumPy reads them as uint8 ids; bytes and str by dtype)
+        raise InvalidArgument(f"{what} must be a list of integers, got a {type(tokens).__name__}")
     try:
         arr = np.asarray(tokens)
     except (TypeError, ValueError, RuntimeError) as e:  # (RuntimeError: a torch tensor that requires grad)

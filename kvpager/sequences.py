@@ -37,7 +37,7 @@ from kvpager.pins import PinTable
 from kvpager.recent_batches import RecentBatches
 from kvpager.seq_lookup import ANY_OWNER, COLUMNS, SequenceLookup
 from kvpager.types import SequenceInfo
-from kvpager.validate import is_int, zero_d
+from kvpager.validate import host, is_int, shown, zero_d
 
 
 def _consume(it: Iterator[Any]) -> None:
@@ -170,10 +170,11 @@ class SequenceManager(SequenceLookup):
         """``n`` children of each sequence, sharing every block (ref counts +1 each);
         returns their ids."""
         if type(n) is not int:
-            if isinstance(n, np.ndarray) and n.ndim == 0:
-                n = zero_d(n, "fork: n")
-            elif not is_int(n):
-                raise InvalidArgument(f"fork: n must be an integer >= 1, got {n!r}")
+            if getattr(n, "ndim", None) == 0 and not is_int(n):  # a 0-d array or tensor: the int it holds
+                n = host(n, "fork: n")
+                n = zero_d(n, "fork: n") if isinstance(n, np.ndarray) else n
+            if not is_int(n):
+                raise InvalidArgument(f"fork: n must be an integer >= 1, got {shown(n)}")
             n = int(n)
         if n < 1:
             raise InvalidArgument(f"fork: n must be an integer >= 1, got {n!r}")

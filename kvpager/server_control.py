@@ -25,17 +25,14 @@ from typing import TYPE_CHECKING, Any
 from kvpager import protocol
 from kvpager.errors import InvalidArgument, Unauthorized
 from kvpager.pins import SALT_BYTES_A_BLOCK
-from kvpager.wire_args import wire_int
+from kvpager.wire_args import wire_int, wire_prompts
 
 if TYPE_CHECKING:
     from kvpager.sessions import Session
 
 
 def _prompts(a: dict[str, Any], op: str) -> list[Any]:
-    prompts = a["prompts"]
-    if not isinstance(prompts, list):
-        raise InvalidArgument(f"{op}: prompts must be a list of token-id lists")
-    return prompts
+    return wire_prompts(a["prompts"], op)
 
 
 class ControlOps:

@@ -35,7 +35,7 @@ from kvpager.render import printable
 from kvpager.server_control import ControlOps
 from kvpager.server_ranks import hello_driver, hello_memory, hello_rank, rank_backends
 from kvpager.validate import zero_d
-from kvpager.wire_args import check_token_ids, wire_ids, wire_int
+from kvpager.wire_args import check_token_ids, wire_ids, wire_int, wire_prompts
 
 if TYPE_CHECKING:
     from kvpager.sessions import Session
@@ -148,9 +148,7 @@ class ServerOps(ControlOps):
         return {"freed": self._end(s, "bye")}
 
     def _op_allocate(self, s: Session, a: dict[str, Any]) -> list[list[Any]]:
-        prompts = a["prompts"]
-        if not isinstance(prompts, list):
-            raise InvalidArgument("prompts must be a list of token-id lists")
+        prompts = wire_prompts(a["prompts"], "allocate")
         remote_tokens = _flag(a, "remote_tokens", "allocate")
         self.limits.check("sequences", s.num_seqs + len(prompts), "allocate: sequences of this session")
         # the longest prompt's blocks (a prompt that is no list or array: KVPool.allocate names it)
@@ -193,9 +191,7 @@ class ServerOps(ControlOps):
             raise OutOfBlocks(need, available)
 
     def _op_cached_tokens(self, s: Session | None, a: dict[str, Any]) -> list[Any]:
-        prompts = a["prompts"]
-        if not isinstance(prompts, list):
-            raise InvalidArgument("prompts must be a list of token-id lists")
+        prompts = wire_prompts(a["prompts"], "cached_tokens")
         remote_tokens = _flag(a, "remote_tokens", "cached_tokens")
         # with a remote tier, what an allocate would restore counts unless remote is false
         probes = self.pool.probe_cache(prompts, a.get("salt"), remote=a.get("remote"), window=a.get("window"))

@@ -43,6 +43,28 @@ def is_int(v: Any) -> bool:
     return type(v) is int or isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
+#: What iterates as ints but holds text or bytes: never a list of ids or counts
+#: (``b"y"`` would have been a count of 121, ``bytearray(b"\\x01")`` sequence 1).
+BYTES_LIKE = (str, bytes, bytearray, memoryview)
+
+
+def is_tensor(value: Any) -> bool:
+    """A torch tensor (without importing torch)."""
+    return type(value).__module__.startswith("torch") and hasattr(value, "numpy") and hasattr(value, "detach")
+
+
+def host(value: Any, what: str) -> Any:
+    """A torch tensor as the NumPy array it holds (detached, on the host), as a
+    `Client` sends one: integer arguments and id lists take tensors as they take
+    arrays, on both sides; anything else as it is."""
+    if not is_tensor(value):
+        return value
+    try:
+        return value.detach().cpu().numpy()
+    except (TypeError, RuntimeError):  # (bfloat16 and the float8 types have no NumPy dtype)
+        raise InvalidArgument(f"{what} must be an int or a list of ints, got a tensor of {value.dtype}") from None
+
+
 def zero_d(value: np.ndarray, what: str) -> int:
     """The int a 0-d integer array holds: a scalar spelled as an array, taken
     wherever a NumPy integer is. Any other 0-d array (bool, float, str,
@@ -55,7 +77,9 @@ def zero_d(value: np.ndarray, what: str) -> int:
 
 def whole(value: Any) -> int | None:
     """``value`` as the int it is: a Python int, a NumPy integer or a 0-d integer
-    array (not a bool); None for anything else (the caller names what it wanted)."""
+    array or tensor (not a bool); None for anything else (the caller names what it wanted)."""
+    if is_tensor(value) and getattr(value, "ndim", None) == 0:
+        value = host(value, "a count")
     if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
         return int(value)
     if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
@@ -151,12 +175,13 @@ def seq_ids(value: int | Seq[int], what: str = "seq_ids") -> list[int]:
         return [value]
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return [int(value)]
+    value = host(value, what)
     if isinstance(value, np.ndarray):
         if value.ndim == 1 and value.dtype.kind in "iu":  # packed ids (the wire's int64 array)
             return value.tolist()
         if value.ndim == 0:
             return [zero_d(value, what)]
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+    if isinstance(value, BYTES_LIKE) or not hasattr(value, "__iter__"):
         raise InvalidArgument(f"{what} must be an int or a list of ints, got {type(value).__name__}")
     check_ordered(value, what)
     out = value if type(value) is list else listed(value, f"{what} must be an int or a list of ints")
@@ -214,6 +239,7 @@ def per_seq(value: Any, n: int, what: str) -> list[Any]:
     InvalidArgument. Entries are checked by the caller."""
     if value is None or isinstance(value, (int, np.integer, str, bytes)):
         return [value] * n
+    value = host(value, what)
     if not isinstance(value, (list, tuple, np.ndarray)):
         raise InvalidArgument(f"{what} must be a scalar or a list, got {type(value).__name__}")
     if isinstance(value, np.ndarray) and value.ndim == 0:
@@ -247,9 +273,10 @@ def counts(value: Any) -> int | np.integer | list[Any]:
     checked by the append). A bool or anything not iterable raises InvalidArgument."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return value
+    value = host(value, "append: count")
     if isinstance(value, np.ndarray) and value.ndim == 0:
         return zero_d(value, "append: count")
-    if isinstance(value, (bool, np.bool_, str, bytes, dict, set, frozenset)) or not hasattr(value, "__iter__"):
+    if isinstance(value, (bool, np.bool_, *BYTES_LIKE, dict, set, frozenset)) or not hasattr(value, "__iter__"):
         # (bytes iterate as ints: b"y" would have been a count of 121)
         raise InvalidArgument(f"append: count must be an integer >= 0 or a list of them, got {shown(value)}")
     return listed(value, "append: count must be an integer >= 0 or a list of them")
@@ -259,9 +286,11 @@ def prompts(value: Any) -> None:
     """A list of token-id lists (not one flat list)."""
     if type(value) is list and len(value) == 1 and type(value[0]) in (list, np.ndarray):  # one prompt
         return
-    if isinstance(value, (str, bytes, np.ndarray, dict, set, frozenset)) or not hasattr(value, "__len__") \
-            or getattr(value, "ndim", None) == 0:  # (a 0-d tensor has __len__, and len() of it raises TypeError)
-        raise InvalidArgument("prompts must be a list of token-id lists")
+    if getattr(value, "ndim", None) == 2 and isinstance(value, np.ndarray) or is_tensor(value) and value.ndim == 2:
+        return  # a row a prompt (a tokenizer's batch of equal lengths), as a Client sends a tensor of them
+    if isinstance(value, (*BYTES_LIKE, np.ndarray, dict, set, frozenset)) or not hasattr(value, "__len__") \
+            or getattr(value, "ndim", None) in (0, 1):  # (a 0-d tensor has __len__, and len() of it raises TypeError)
+        raise InvalidArgument("prompts must be a list of token-id lists (or a 2-D array of them, a row each)")
     if len(value) and isinstance(value[0], (int, np.integer)):
         raise InvalidArgument("prompts must be a list of token-id lists: pass [tokens] for one prompt")
 

@@ -52,3 +52,14 @@ def check_token_ids(token_ids: Any) -> None:
                 continue  # not numbers (or rows of arrays): KVPool says why
             if big:
                 raise InvalidArgument(f"append: token id {hi} is out of range (token ids are below 2**63)")
+
+
+def wire_prompts(value: Any, op: str) -> list[Any]:
+    """A request's prompts: a list of token-id lists (or arrays), or a 2-D integer
+    array of them, a row each (a client's tensor or array of equal-length prompts,
+    which `KVPool` takes too); InvalidArgument for anything else."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, np.ndarray) and value.ndim == 2 and value.dtype.kind in "iu":
+        return list(value)
+    raise InvalidArgument(f"{op}: prompts must be a list of token-id lists (or a 2-D array of them, a row each)")

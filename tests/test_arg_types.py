@@ -302,3 +302,54 @@ def test_a_client_refuses_a_timeout_that_is_no_number_of_seconds(timeout):
     """Checked before any connection (a str was a ValueError from float())."""
     with pytest.raises(InvalidArgument, match="timeout must be"):
         Client("ipc:///nonexistent/kvpager.sock", timeout=timeout)
+
+
+# -- torch tensors: the arrays they hold, on both sides -----------------------------------
+_TENSOR_LISTS = [
+    pytest.param(lambda p, s, t: p.free(t([s["a"], s["b"]])), id="free"),
+    pytest.param(lambda p, s, t: p.truncate([s["a"], s["c"]], t([2, 1])), id="truncate lengths"),
+    pytest.param(lambda p, s, t: p.commit([s["a"], s["b"]], t([BS, 3])), id="commit upto"),
+    pytest.param(lambda p, s, t: [x.tolist() for x in p.append([s["c"], s["b"]], t([1, 2]))], id="append counts"),
+    pytest.param(lambda p, s, t: [(a.seq_id, a.slots.tolist()) for a in p.allocate(t([[1, 2, 3], [4, 5, 6]]))],
+                 id="allocate rows"),
+    pytest.param(lambda p, s, t: p.cached_tokens(t([list(range(BS + 4)), list(range(7, 11 + BS))])),
+                 id="cached_tokens rows"),
+]
+
+
+@pytest.mark.parametrize("call", _ZERO_D_TAKEN + _TENSOR_LISTS)
+def test_a_tensor_is_taken_as_the_array_it_holds_embedded_and_through_a_client(call):
+    """An integer torch tensor where ints or lists of them go: a `Client` sent the
+    array it holds, which the daemon took, while `KVPool` refused the tensor
+    (``truncate(ids, torch.tensor(1))``, ``fork(ids, n=torch.tensor(2))``); a 2-D
+    tensor of prompts went the other way. Now both take it as that array."""
+    torch = pytest.importorskip("torch")
+
+    def plain(v):
+        return v
+
+    pool = KVPool(SMALL)
+    want = call(pool, _setup(pool), plain)
+    pool = KVPool(SMALL)
+    assert call(pool, _setup(pool), torch.tensor) == want
+    pool.check_integrity()
+    with running_server(SMALL) as srv, Client(srv.endpoint, timeout=10) as c:
+        assert call(c, _setup(c), torch.tensor) == want
+        assert snapshot(srv.pool) == snapshot(pool)
+        c.check_integrity()
+
+
+@pytest.mark.parametrize("bad", [bytearray(b"\x01"), memoryview(b"\x01")], ids=["bytearray", "memoryview"])
+def test_bytes_like_values_are_no_ids_counts_or_tokens(bad):
+    """A bytearray or memoryview iterates as ints, as bytes does (refused already):
+    ``free(bytearray(b"\\x01"))`` freed sequence 1, ``append(ids, bytearray(b"y"))``
+    appended 121 slots, ``allocate([bytearray(b"hi")])`` took tokens [104, 105]."""
+    pool = make_pool()
+    s = _setup(pool)
+    before = snapshot(pool)
+    for call in (lambda: pool.free(bad), lambda: pool.append([s["b"]], bad), lambda: pool.allocate([bad]),
+                 lambda: pool.commit([s["a"]], bad)):
+        with pytest.raises(InvalidArgument):
+            call()
+        assert snapshot(pool) == before
+    pool.check_integrity()

@@ -122,17 +122,6 @@ _REFUSED = [
     pytest.param(lambda p, s, kv: p.fork(frozenset([s["b"]])), "in an order", id="fork frozenset"),
     pytest.param(lambda p, s, kv: p.free({s["b"]: None}), "in an order", id="free dict"),
     pytest.param(lambda p, s, kv: p.batch([("append_flat", {s["b"]: 0}, 1)]), "in an order", id="batch dict"),
-    # a 0-d tensor has __iter__ and refuses it: the client's bare TypeError (the pool's InvalidArgument)
-    *[pytest.param(call, "seq_ids", id=f"{name} 0-d tensor") for name, call in [
-        ("free", lambda p, s, kv: p.free(_tensor(s["a"]))),
-        ("commit", lambda p, s, kv: p.commit(_tensor(s["a"]))),
-        ("fork", lambda p, s, kv: p.fork(_tensor(s["a"]))),
-        ("swap_out", lambda p, s, kv: p.swap_out(_tensor(s["c"]))),
-        ("append", lambda p, s, kv: p.append(_tensor(s["b"]), 1)),
-        ("truncate", lambda p, s, kv: p.truncate(_tensor(s["a"]), 3)),
-        ("tables", lambda p, s, kv: p.tables(_tensor(s["a"]))),
-        ("plan", lambda p, s, kv: p.plan(_tensor(s["a"]))),
-    ]],
     # NumPy's ValueError from the mapped attend
     pytest.param(lambda p, s, kv: p.attend(0, [s["a"], s["b"]], kv(2)[0], [[1], [1, 2]]), "query_lens",
                  id="attend ragged query_lens"),
