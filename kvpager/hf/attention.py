@@ -323,19 +323,28 @@ def run_pass(model: Any, batch: PagedBatch, fn: Any, input_ids: torch.Tensor, po
         try:
             out = fn(model, batch, input_ids, position_ids, logits_to_keep)
         except Exception as e:
-            # only where no layer reached kvpager (Bloom, XGLM fail in their own code before;
-            # recurrent layers running before the first attention layer are served code), and
-            # not in a CUDA graph capture, whose failures `kvpager.hf.graphs` explains (the eager
-            # pass before it ran)
-            if (isinstance(e, (KVPagerError, MemoryError, torch.cuda.OutOfMemoryError)) or batch.layers_run
-                    or getattr(type(model), "_supports_attention_backend", True) or capturing()
-                    or has_recurrent_layers(model)):  # (a served model: its recurrent layers run first)
+            refusal = refused_pass(model, batch, e)
+            if refusal is None:
                 raise
-            check_position_bias(model)  # (its reason first, where it is the one: ALiBi Falcon)
-            raise UnsupportedModel(f"{type(model).__name__} failed under kvpager attention ({type(e).__name__}: {e}); "
-                                   + NOT_SERVED) from e
+            raise refusal from e
     check_layers_ran(model, batch)
     return out
+
+
+def refused_pass(model: Any, batch: PagedBatch, e: Exception) -> UnsupportedModel | None:
+    """What a pass that raised ``e`` is, said by name, where its model's class says its
+    attention does not go through transformers' attention interface and it failed in
+    its own code before any layer reached kvpager (Bloom, XGLM, MPT); None where ``e``
+    stands as it is (a kvpager error, out of memory, a layer ran, a CUDA graph
+    capture, whose failures `kvpager.hf.graphs` explains after the eager pass before
+    it, a model with recurrent layers, which run first as served code)."""
+    if (isinstance(e, (KVPagerError, MemoryError, torch.cuda.OutOfMemoryError)) or batch.layers_run
+            or getattr(type(model), "_supports_attention_backend", True) or capturing()
+            or has_recurrent_layers(model)):
+        return None
+    check_position_bias(model)  # (its reason first, where it is the one: ALiBi Falcon, MPT)
+    return UnsupportedModel(f"{type(model).__name__} failed under kvpager attention ({type(e).__name__}: {e}); "
+                            + NOT_SERVED)
 
 
 def capturing() -> bool:

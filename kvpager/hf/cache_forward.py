@@ -26,7 +26,7 @@ import torch
 
 from kvpager.errors import InvalidArgument
 from kvpager.hf import cache_pass, cached_tail, repeated_rows
-from kvpager.hf.attention import PagedBatch
+from kvpager.hf.attention import PagedBatch, refused_pass
 from kvpager.hf.cache_rows import Step
 from kvpager.hf.checks import check_layers_ran
 from kvpager.hf.compiled import running
@@ -109,7 +109,13 @@ class CacheForward:
         if self._keeps_all and type(keep) is int and 0 < keep < width:
             kwargs = {**kwargs, "logits_to_keep": torch.arange(width - keep, width, device=device)}
         with paged_attention(self.model), running(batch):
-            out = forward(*args, **kwargs)
+            try:
+                out = forward(*args, **kwargs)
+            except Exception as e:  # (MPT's own code failed on the mask kvpager does not build: an AttributeError)
+                refusal = refused_pass(self.model, batch, e)
+                if refusal is None:
+                    raise
+                raise refusal from e
         check_layers_ran(self.model, batch)
         return out
 

@@ -105,9 +105,13 @@ def check_position_bias(model: Any) -> None:
     neither builds nor reads (it attends causally over the pool by the plan's
     extents), so its scores would miss them. Before: Falcon's own code failed
     on the absent mask, explained as attention outside the interface."""
-    if getattr(text_config(model), "alibi", False) is True:
+    config = text_config(model)
+    where = ("config.alibi" if getattr(config, "alibi", False) is True
+             else "config.attn_config.alibi" if getattr(getattr(config, "attn_config", None), "alibi", False) is True
+             else None)  # (MPT's: in its attention config)
+    if where is not None:
         raise UnsupportedModel(f"{type(model).__name__} adds ALiBi position biases to its attention scores "
-                               "(config.alibi=True), through the attention mask, which kvpager's attention does "
+                               f"({where}=True), through the attention mask, which kvpager's attention does "
                                "not read: run this model with its own cache")
 
 
