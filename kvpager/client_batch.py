@@ -22,10 +22,13 @@ from kvpager.client_seqs import one_shot_counts
 from kvpager.errors import UnsupportedConfiguration
 from kvpager.protocol import decode_batch, decode_slots
 from kvpager.protocol_codec import pack_array
+from kvpager.validate import counts, flag
 
 
 def wire_args(method: str, named: dict[str, Any]) -> dict[str, Any]:
     """The daemon op's arguments of a call of ``method`` with arguments ``named``."""
+    if method == "append_flat" and "num_tokens" in named and named["num_tokens"] is None:
+        counts(None)  # refused, as `KVPool` refuses it (left out of the request, it was the daemon's default: 1)
     wire = {k: v for k, v in named.items() if v is not None}
     if method == "append_flat" and "num_tokens" in wire:
         n = wire["num_tokens"] if type(wire["num_tokens"]) is int else scalar(one_shot_counts(wire["num_tokens"]))
@@ -91,8 +94,8 @@ class ClientBatch:
             raise UnsupportedConfiguration("this daemon predates the batch op; make the calls one by one")
         parsed = parse_calls(calls)
         wires = [wire_args(method, named) for method, named, _ in parsed]
-        if any(method == "commit" and extra.get("synchronize", True) is not False
-               for method, _, extra in parsed):
+        if any([flag(extra.get("synchronize", True), "batch: commit's synchronize")  # (each checked)
+                for method, _, extra in parsed if method == "commit"]):
             self.synchronize()
         # A step's ops mostly share one list of ids: each list is read, packed and
         # encoded once (an ExtType goes into the message as it is).

@@ -15,12 +15,13 @@ from typing import Any
 from kvpager.errors import ProtocolError
 from kvpager.protocol import PINS_PAGE, decode_pin, decode_session, decode_stats
 from kvpager.types import PinInfo, PoolStats, SessionInfo
+from kvpager.validate import salt_value
 
 
 def _args(prompts: Any, salt: Any, keep: bool) -> dict[str, Any]:
     args: dict[str, Any] = {"prompts": prompts}
     if salt is not None:
-        args["salt"] = salt
+        args["salt"] = salt_value(salt)
     if keep:
         args["keep"] = keep
     return args
@@ -70,7 +71,7 @@ class ControlMethods:
 
     def set_quota(self, salt: str | bytes | None, blocks: int | None) -> None:
         """As `KVPool.set_quota` (needs the control token)."""
-        self._call("set_quota", {"salt": salt, "blocks": blocks})
+        self._call("set_quota", {"salt": salt_value(salt), "blocks": blocks})
 
     def daemon_stats(self) -> tuple[PoolStats, dict[str, int]]:
         """`stats`, and the daemon's own counters beside it: ``sessions`` (open

@@ -328,7 +328,9 @@ class KVAccess(SlotChecks):
             dev = self._device()
             storage = self._mapped.dtype if self._mapped is not None else dt
             return cuda_ipc.to_device(x, name, storage, dev)
-        if not isinstance(x, np.ndarray) or x.dtype != dt:
+        if not isinstance(x, np.ndarray):  # a CPU torch tensor as NumPy, as `KVPool` takes one (was refused)
+            x = to_numpy(x, name, dt)[0]
+        if x.dtype != dt:
             raise InvalidArgument(f"{name} must be a numpy array of dtype {self.spec.dtype}, "
                                   f"got {getattr(x, 'dtype', type(x).__name__)}")
         return x

@@ -36,7 +36,7 @@ from kvpager.protocol import (
     decode_tables,
 )
 from kvpager.types import Allocation, BlockMap, CacheProbe, PoolStats, RemoteStats, SequenceInfo
-from kvpager.validate import counts, zero_d
+from kvpager.validate import counts, flag, salt_value, zero_d
 
 
 class ClientSequences:
@@ -54,9 +54,9 @@ class ClientSequences:
             raise InvalidArgument("owner: a daemon sequence always belongs to the calling session")
         args: dict[str, Any] = {"prompts": prompts}
         if salt is not None:
-            args["salt"] = salt
-        if share_in_batch:
-            args["share_in_batch"] = share_in_batch
+            args["salt"] = salt_value(salt)
+        if flag(share_in_batch, "share_in_batch"):  # (checked here: a daemon is not sent False)
+            args["share_in_batch"] = True
         if window is not None and self.windowed_hits:
             args["window"] = window
         if self.remote:  # only a daemon with a tier knows the argument
@@ -82,7 +82,7 @@ class ClientSequences:
             raise InvalidArgument(f"remote must be a bool or None, got {remote!r}")
         args: dict[str, Any] = {"prompts": prompts}
         if salt is not None:
-            args["salt"] = salt
+            args["salt"] = salt_value(salt)
         if window is not None and self.windowed_hits:
             args["window"] = window
         if self.remote and self.remote.get("probe"):  # only such a daemon knows the arguments
@@ -139,7 +139,7 @@ class ClientSequences:
         unless ``synchronize=False``: the caller has already waited for the writes
         of these tokens (an event recorded after them, as a pipelined decode loop
         does while its next pass is running)."""
-        if synchronize:
+        if flag(synchronize, "commit: synchronize"):
             self.synchronize()
         seq_ids = as_ids(seq_ids)
         ids = id_list(seq_ids)

@@ -11,7 +11,9 @@ from kvpager import cuda_ipc
 from kvpager.attend_options import check_sinks
 from kvpager.client_ids import as_ids
 from kvpager.errors import InvalidArgument
+from kvpager.plan_numpy import from_numpy
 from kvpager.shm import Segment
+from kvpager.validate import is_tensor
 
 _ALIGN = 64
 
@@ -42,6 +44,7 @@ class ClientStaging:
         self._check_process()
         seq_ids = as_ids(seq_ids)
         self._check_held_before(seq_ids)
+        tensor = not self.gpu and is_tensor(q)  # (its output a tensor too, as `KVPool.attend` gives)
         q = self._as_array(q, "q")
         if sinks is not None:  # checked here, sent as one float32 array
             sinks = check_sinks(sinks, q.shape[1] if q.ndim == 3 else -1, any_device=True)
@@ -65,7 +68,8 @@ class ClientStaging:
             args["chunk"] = chunk
         offset, shape = self._call("attend", args)
         # The daemon answers once its output is complete (it synchronizes first).
-        return stage.array(tuple(shape), q.dtype, offset).copy()
+        out = stage.array(tuple(shape), q.dtype, offset).copy()
+        return from_numpy(out) if tensor else out
 
     def _settle_staged(self) -> None:
         """The outcome of a request that timed out, before staging is written: a staged

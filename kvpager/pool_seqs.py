@@ -97,8 +97,7 @@ class PoolSequences:
             return [Allocation(seq_id, blocks, c, slots)]
         validate.prompts(prompts)
         salts = validate.per_seq(salt, len(prompts), "salt")
-        if not isinstance(share_in_batch, bool):
-            raise InvalidArgument(f"share_in_batch must be a bool, got {validate.shown(share_in_batch)}")
+        share_in_batch = validate.flag(share_in_batch, "share_in_batch")
         restore = None
         if self.remote is not None:
             from kvpager.remote_restore import restore as restore_from

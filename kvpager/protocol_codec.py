@@ -85,6 +85,10 @@ def unpack_array(data: bytes) -> np.ndarray:
 
 def _default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:  # (Python objects: sent as what they are, as `KVPool` reads them)
+            return obj.tolist()
+        if obj.dtype.kind not in _ALLOWED_KINDS:  # (the daemon refused the whole request, a protocol error)
+            raise TypeError(f"cannot send an array of {obj.dtype} over the wire")
         return pack_array(obj)
     if isinstance(obj, np.integer):
         return int(obj)
@@ -92,7 +96,7 @@ def _default(obj: Any) -> Any:
         return float(obj)
     if isinstance(obj, np.bool_):
         return bool(obj)
-    if isinstance(obj, tuple):
+    if isinstance(obj, (tuple, range)):  # (a range of token ids, as `KVPool` takes one)
         return list(obj)
     if type(obj).__module__ == "torch" and hasattr(obj, "numpy"):  # a tensor of token ids, as `KVPool` takes one
         try:

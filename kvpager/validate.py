@@ -65,6 +65,18 @@ def host(value: Any, what: str) -> Any:
         raise InvalidArgument(f"{what} must be an int or a list of ints, got a tensor of {value.dtype}") from None
 
 
+def salt_value(salt: Any) -> Any:
+    """``salt`` as given, InvalidArgument for a bytearray or a memoryview (alone or in
+    a list): a `Client` sent them as bytes, which `KVPool` refuses (``salt must be
+    str, bytes or None``)."""
+    if isinstance(salt, (bytearray, memoryview)) or isinstance(salt, (list, tuple)) and any(
+            isinstance(x, (bytearray, memoryview)) for x in salt):
+        bad = salt if isinstance(salt, (bytearray, memoryview)) else next(
+            x for x in salt if isinstance(x, (bytearray, memoryview)))
+        raise InvalidArgument(f"salt must be str, bytes or None, got {type(bad).__name__}")
+    return salt
+
+
 def zero_d(value: np.ndarray, what: str) -> int:
     """The int a 0-d integer array holds: a scalar spelled as an array, taken
     wherever a NumPy integer is. Any other 0-d array (bool, float, str,

@@ -91,6 +91,21 @@ _ITERABLES = [
     pytest.param(lambda p, s: p.cached_tokens([_tensor(list(range(BS + 4)))]), id="cached_tokens torch prompt"),
     # a 0-d integer array is the id it holds (the client sent it inside a list, refused)
     pytest.param(lambda p, s: p.sequence(np.array(s["b"], np.int32)).num_tokens, id="sequence 0-d"),
+    # object arrays of ints: the daemon refused the whole request (a protocol error)
+    pytest.param(lambda p, s: p.commit(np.array([s["a"]], dtype=object)), id="commit object array"),
+    pytest.param(lambda p, s: p.truncate([s["a"]], np.array([3], dtype=object)), id="truncate object lengths"),
+    pytest.param(lambda p, s: [x.tolist() for x in p.append([s["b"]], np.array([2], dtype=object))],
+                 id="append object counts"),
+    # a range of token ids ("cannot send a range over the wire")
+    pytest.param(lambda p, s: [a.num_cached_tokens for a in p.allocate([range(BS + 4)])], id="allocate range"),
+    pytest.param(lambda p, s: p.record_tokens([s["a"]], [range(5, 7)]), id="record_tokens range"),
+    # a NumPy bool flag (the pool refused np.True_ for share_in_batch alone)
+    pytest.param(lambda p, s: len(p.allocate([[1, 2], [1, 2]], share_in_batch=np.True_)), id="share_in_batch np"),
+    # CPU torch tensors of K/V and queries (a client without the pool mapped refused them)
+    pytest.param(lambda p, s: (p.write(0, [p.sequence(s["b"]).block_table[0] * BS], _tensor(np.ones((1, 2, 16), np.float32)),
+                                       _tensor(np.ones((1, 2, 16), np.float32))),
+                               p.attend(0, [s["b"]], _tensor(np.ones((1, 2, 16), np.float32))).tolist()),
+                 id="write and attend torch"),
 ]
 
 
@@ -122,6 +137,20 @@ _REFUSED = [
     pytest.param(lambda p, s, kv: p.fork(frozenset([s["b"]])), "in an order", id="fork frozenset"),
     pytest.param(lambda p, s, kv: p.free({s["b"]: None}), "in an order", id="free dict"),
     pytest.param(lambda p, s, kv: p.batch([("append_flat", {s["b"]: 0}, 1)]), "in an order", id="batch dict"),
+    # flags a client read as truthy or falsy ('no' synchronized; None, [] and 0 were False)
+    pytest.param(lambda p, s, kv: p.allocate([[1, 2]], share_in_batch=0), "share_in_batch", id="share_in_batch 0"),
+    pytest.param(lambda p, s, kv: p.allocate([[1, 2]], share_in_batch=None), "share_in_batch",
+                 id="share_in_batch None"),
+    pytest.param(lambda p, s, kv: p.commit([s["a"]], synchronize="no"), "synchronize", id="commit synchronize"),
+    pytest.param(lambda p, s, kv: p.batch([("commit", [s["a"]], {"synchronize": None})]), "synchronize",
+                 id="batch commit synchronize"),
+    # a None count in a batch (the client left it out: the daemon's default, 1)
+    pytest.param(lambda p, s, kv: p.batch([("append_flat", [s["b"]], None)]), "count", id="batch None count"),
+    # a bytearray or memoryview salt (the client sent it as bytes)
+    pytest.param(lambda p, s, kv: p.allocate([[1, 2]], salt=bytearray(b"t")), "salt", id="allocate bytearray salt"),
+    pytest.param(lambda p, s, kv: p.cached_tokens([[1, 2]], salt=[memoryview(b"t")]), "salt",
+                 id="cached_tokens memoryview salt"),
+    pytest.param(lambda p, s, kv: p.pin([[1, 2]], salt=bytearray(b"t")), "salt", id="pin bytearray salt"),
     # NumPy's ValueError from the mapped attend
     pytest.param(lambda p, s, kv: p.attend(0, [s["a"], s["b"]], kv(2)[0], [[1], [1, 2]]), "query_lens",
                  id="attend ragged query_lens"),
