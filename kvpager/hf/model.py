@@ -183,8 +183,9 @@ def check_call(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.
                                f"tokens, got q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)} "
                                f"at layer {layer}")
     if sliding_window is not ABSENT and sliding_window != window:
-        raise UnsupportedModel(f"transformers passes sliding_window={sliding_window} to layer {layer}, whose "
-                               f"config gives {window}; refusing rather than guessing")
+        planned = f"window {window}" if window is not None else "no window (its masks are full causal)"
+        raise UnsupportedModel(f"transformers passes sliding_window={sliding_window} to layer {layer}, planned with "
+                               f"{planned}; refusing rather than guessing")
 
 
 def _show(val: Any) -> str:

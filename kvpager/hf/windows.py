@@ -106,12 +106,23 @@ def layer_windows(model: Any) -> list[int | None]:
 _READS_WINDOWS: dict[tuple[type, ...], bool] = {}
 
 
+#: What a modeling file calls where its masks apply a sliding window: transformers'
+#: mask functions, and the older mask helpers that take one (read as windowing).
+_WINDOWED_MASKS = ("create_sliding_window_causal_mask", "sliding_window_causal_mask_function",
+                   "sliding_window_overlay", "_prepare_4d_causal_attention_mask")
+
+
 def _reads_windows(model: Any) -> bool:
     """Whether the code of ``model``'s classes (the model's and its decoder's modules)
-    reads a sliding window at all: a config without ``layer_types`` may carry
+    builds masks with a sliding window: a config without ``layer_types`` may carry
     ``sliding_window`` for a family whose masks never apply one (a Llama: its
-    forward pass is full causal whatever the field says). True where a module's
-    source cannot be read (nothing is assumed away)."""
+    forward pass is full causal whatever the field says). A file naming
+    ``sliding_window`` is not enough: Moshi's keeps it as an unused attribute (its
+    masks full causal; kvpager windowed it, wrong logits past the window), and
+    OLMoE's passes it to the attention function, which only flash-attention
+    reads (its sdpa and eager passes full causal; kvpager refuses the call, as
+    it refuses any window passed that its plan does not hold). True where a
+    module's source cannot be read (nothing is assumed away)."""
     classes = tuple(dict.fromkeys((type(model), type(decoder_module(model)))))
     known = _READS_WINDOWS.get(classes)
     if known is None:
@@ -122,7 +133,7 @@ def _reads_windows(model: Any) -> bool:
             except (OSError, TypeError, KeyError):
                 known = True
                 break
-            if "sliding_window" in source:
+            if any(name in source for name in _WINDOWED_MASKS):
                 known = True
                 break
         _READS_WINDOWS[classes] = known
