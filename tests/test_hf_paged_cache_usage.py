@@ -183,3 +183,25 @@ def test_crop_takes_an_integer_tensor(model):
                 cache.crop(bad)
         assert cache.get_seq_length() == ids.shape[1] - 5
     assert_released(pool)
+
+
+@torch.no_grad()
+def test_a_compiled_model_called_with_the_cache_runs_its_passes_eagerly(model):
+    """``torch.compile(model)`` called with a PagedCache: the compiler traced the pass's
+    bookkeeping (NumPy mask checks: a bool ``cumsum`` it could not run) and handed the
+    pass the taken-over forward again. The pass now runs as an eager call, a prompt pass
+    and a decode pass with DynamicCache's logits."""
+    compiled = torch.compile(model, backend="eager")  # (what the compiler traces: no code generated)
+    pool = pool_for(model)
+    ids, mask = padded_batch(2, (0, 3))
+    nxt = torch.randint(3, 128, (2, 1), generator=torch.Generator().manual_seed(5))
+    ref_cache = dynamic(model)
+    ref = [model(input_ids=ids, attention_mask=mask, **cache_kw(model, ref_cache)).logits[:, -1]]
+    mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    ref.append(model(input_ids=nxt, attention_mask=mask, **cache_kw(model, ref_cache)).logits[:, -1])
+    with PagedCache(model, pool) as cache:
+        got = [compiled(input_ids=ids, attention_mask=mask[:, :-1], **cache_kw(model, cache)).logits[:, -1]]
+        got.append(compiled(input_ids=nxt, attention_mask=mask, **cache_kw(model, cache)).logits[:, -1])
+    for g, r in zip(got, ref):
+        close(g, r)
+    assert_released(pool)

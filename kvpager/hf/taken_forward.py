@@ -16,6 +16,8 @@ import threading
 import types
 from typing import Any
 
+import torch
+
 from kvpager.errors import InvalidArgument
 
 _taken_lock = threading.Lock()
@@ -23,22 +25,37 @@ _OPEN = "_kvpager_paged_caches"  # open caches of the model
 _BEFORE = "_kvpager_forward_before"  # an instance forward the model had (accelerate's hooks), or None
 
 
+def _forward_before(model: Any) -> Any:
+    """The forward ``model`` had before a cache took it over."""
+    before = model.__dict__.get(_BEFORE)
+    return before if before is not None else type(model).forward.__get__(model)
+
+
 def _paged_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     """The model's forward while a `PagedCache` of it is open: a pass given one
     runs through it (`PagedCache._run`), any other as before."""
-    before = self.__dict__.get(_BEFORE)
-    forward = before if before is not None else type(self).forward.__get__(self)
     cache = kwargs.get("cache")
     if cache is None:
         cache = kwargs.get("past_key_values")
     if cache is None and args:  # (given positionally: ``model(ids, mask, None, cache)``)
         cache = next((a for a in args if getattr(type(a), "runs_passes", False)), None)
     if getattr(type(cache), "runs_passes", False):
-        if cache.model is not self:
-            raise InvalidArgument(f"PagedCache was made for another model ({type(cache.model).__name__} at "
-                                  f"{id(cache.model):#x}) than this one ({type(self).__name__} at {id(self):#x})")
-        return cache._run(forward, args, kwargs)
-    return forward(*args, **kwargs)
+        return _cache_pass(self, cache, args, kwargs)
+    return _forward_before(self)(*args, **kwargs)
+
+
+@torch.compiler.disable
+def _cache_pass(model: Any, cache: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A pass of ``model`` through ``cache``, never traced: a ``torch.compile(model)``
+    called with the cache ran the pass's bookkeeping (NumPy mask checks) through the
+    compiler, which failed (a bool ``cumsum``), and handed the pass the taken-over
+    forward again (the cache's lock refused it). It runs as an eager call of the
+    model, its attention kvpager's (compile ``model.forward`` instead: the call this
+    makes)."""
+    if cache.model is not model:
+        raise InvalidArgument(f"PagedCache was made for another model ({type(cache.model).__name__} at "
+                              f"{id(cache.model):#x}) than this one ({type(model).__name__} at {id(model):#x})")
+    return cache._run(_forward_before(model), args, kwargs)
 
 
 def take_forward(model: Any) -> None:
