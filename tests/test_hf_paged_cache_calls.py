@@ -70,17 +70,29 @@ def test_a_pass_at_other_positions_keeps_its_blocks_to_itself(model):
     assert_released(pool)
 
 
+@torch.no_grad()
 def test_crop_into_padding_is_refused(model):
+    """A crop removes the last columns where each row's last tokens fill them: into a
+    left-padded prompt's last tokens too (each row loses as many; they were refused
+    wherever the cut reached a padded first pass, where a DynamicCache crops), those
+    tokens fed again then giving the first pass's logits; a cut reaching a row's
+    padding is refused, nothing changed."""
     pool = pool_for(model)
     ids, mask = padded_batch(2, (0, 4))
     with PagedCache(model, pool) as cache:
-        model(ids, mask, use_cache=True, **cache_kw(model, cache))  # (positional: the mask is read too)
+        first = model(ids, mask, use_cache=True, **cache_kw(model, cache)).logits  # (positional: the mask is read)
         model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1] * 0 + 1], 1), use_cache=True,
               **cache_kw(model, cache))
         cache.crop(-1)  # the second pass's column: every row's
+        cache.crop(-3)  # the prompt's last three columns: every row's too (left padding)
+        assert [pool.sequence(s).num_tokens for s in cache.seq_ids] == [PROMPT - 3, PROMPT - 4 - 3]
         with pytest.raises(InvalidArgument, match="padding"):
-            cache.crop(-1)
-        assert [pool.sequence(s).num_tokens for s in cache.seq_ids] == [PROMPT, PROMPT - 4]
+            cache.crop(-(PROMPT - 4 - 3 + 1))  # one column into the second row's padding
+        assert [pool.sequence(s).num_tokens for s in cache.seq_ids] == [PROMPT - 3, PROMPT - 4 - 3]
+        assert cache.get_seq_length() == PROMPT - 3
+        again = model(input_ids=ids[:, -3:], attention_mask=mask, use_cache=True, **cache_kw(model, cache)).logits
+        torch.testing.assert_close(again, first[:, -3:], rtol=1e-4, atol=1e-4)
+    assert_released(pool)
 
 
 class Boom(Exception):

@@ -121,8 +121,9 @@ def test_a_pass_that_asks_for_more_than_the_kept_logits_runs_whole(model):
 
 def test_a_cut_pass_of_padded_rows_counts_as_padded(model):
     """Rows of 27 and 19 tokens (24 and 16 cached): both feed their last 3, so the cut
-    pass has no padding; the whole pass had, and a crop into its columns is refused as
-    for a whole padded pass (rows would lose different counts of their tokens)."""
+    pass has no padding; the whole pass had, and a crop into its columns is taken
+    as for a whole padded pass: where every row's last tokens fill the columns cut
+    (each row losing as many), refused where the cut reaches a row's padding."""
     from kvpager.errors import InvalidArgument
 
     pool = pool_for(model, 512)
@@ -138,7 +139,9 @@ def test_a_cut_pass_of_padded_rows_counts_as_padded(model):
                                                        use_cache=True, logits_to_keep=1, **cache_kw(model, cache)))
             assert widths == [3]
             with pytest.raises(InvalidArgument, match="padding"):
-                cache.crop(-1)
+                cache.crop(-20)  # one column into the second row's padding
+            cache.crop(-1)
+            assert [pool.sequence(s).num_tokens for s in cache.seq_ids] == [26, 18]
     assert_released(pool)
 
 

@@ -58,7 +58,7 @@ def begin(cache: Any, named: dict[str, Any], keep: int | None) -> Step:
     fresh = [] if uniform else [int(r) for r in live if cache.seq_ids[r] is None]
     at = placed(named.get("position_ids"), real, cache._rows.lens, cache._rows.columns, cache._takes_positions,
                 mask.positions)
-    step = Step(None, live, counts[live], width, first, fresh, at, padded=not every, spans=spans, real=real)
+    step = Step(None, live, counts[live], width, first, fresh, at, spans=spans, real=real)
     try:
         if not len(live):
             raise InvalidArgument("PagedCache: a pass whose every token is padding (attention_mask 0)")

@@ -5,8 +5,8 @@ A row's sequence is allocated by the pass that brings the row's first tokens
 first position still held (blocks behind a sliding window are given back),
 and whether it was fed a token at a position other than its index (its K/V
 then its own, never committed for other callers' prompts); for the cache as a
-whole, the columns fed so far, pads included (transformers' cache length),
-and whether padding makes the rows' counts differ (no crop across it).
+whole, the columns fed so far, pads included (transformers' cache length):
+a crop removes the last columns where they hold each row's last tokens.
 
 `CacheRows` changes these only for a pass that ran (`done`: its tokens
 counted, the blocks it filled committed, those behind every window given
@@ -40,7 +40,6 @@ class Step:
     placed: np.ndarray  # per row of the pass: its tokens at their positions in its sequence
     appended: bool = False  # the other rows' tokens were appended
     cut: dict[str, Any] | None = None  # the keywords of the pass cut to its rows' uncached tails (`cached_tail`)
-    padded: bool = False  # the pass had padding (its columns hold other counts of tokens a row)
     #: a first pass run in two (`early_prefix`): the first's batch and keywords
     early: tuple[Any, dict[str, Any]] | None = None
     #: a decode pass replayed from CUDA graphs (`cache_graphs`): `CacheGraphs.run`'s arguments
@@ -78,9 +77,6 @@ class CacheRows:
         self.runs: dict[int, list[list[int]]] = {}
         self.closed = np.zeros(0, dtype=np.int64)
         self.columns = 0  # the tokens each row was fed, pads included: transformers' cache length
-        self.first_columns = 0  # the first pass's width
-        self.padded = False  # whether a pass after the first had padding
-        self.first_padded = False
 
     def start(self, rows: int) -> None:
         """A first pass of ``rows`` rows: none has a sequence yet."""
@@ -129,20 +125,23 @@ class CacheRows:
         for name in ("lens", "floors", "own", "ends", "gapped", "closed"):
             setattr(other, name, getattr(self, name).copy())
         other.runs = {r: [list(run) for run in runs] for r, runs in self.runs.items()}
-        other.columns, other.first_columns = self.columns, self.first_columns
-        other.padded, other.first_padded = self.padded, self.first_padded
+        other.columns = self.columns
 
     def crop(self, cut: int, margin: int) -> None:
         """Cut the last ``cut`` tokens (> 0) of every row; ``margin``: the tokens held
         past what the windows read (`PagedCache.release_margin`)."""
         if cut > self.columns:
             raise InvalidArgument(f"crop: the cache holds {self.columns} tokens a row, cannot remove {cut}")
-        if self.padded or None in self.seq_ids or (self.first_padded and cut > self.columns - self.first_columns):
-            raise InvalidArgument("crop: the columns to remove hold padding of some rows (a padded pass), "
-                                  "so rows would lose different token counts: not supported")
         if cut == self.columns:
             self.free()
             return
+        # Exact where every row's last token is in the last column and its last run of tokens
+        # (after its last padding) is at least ``cut`` long: each row then loses ``cut`` tokens.
+        # (It was refused wherever the cut reached into a padded first pass: a left-padded
+        # prompt's last tokens too, which a DynamicCache crops.)
+        if None in self.seq_ids or not ((self.ends == self.columns).all() and (self.lens - self.closed >= cut).all()):
+            raise InvalidArgument(f"crop: the last {cut} columns hold padding of some rows (a padded pass), "
+                                  "so rows would lose different token counts: not supported")
         if self.reach is not None and (self.lens - cut - self.reach + 1 < self.floors).any():
             raise InvalidArgument(f"crop: {cut} tokens reach back past the blocks given back behind the "
                                   f"sliding windows (release_margin {margin}): the next query's "
@@ -165,7 +164,6 @@ class CacheRows:
         for r in at.tolist():
             self._trim(r, int(drop[r]))
         self.lens[at] -= drop[at]
-        self.padded = True
 
     def reorder(self, parents: list[int]) -> None:
         """Row i becomes a continuation of row ``parents[i]``: the first row that
@@ -207,11 +205,6 @@ class CacheRows:
             self.ends[step.rows] = self.columns + step.spans.end[step.rows]
             self.gapped[step.rows] |= step.spans.gaps[step.rows]
         self.columns += step.columns
-        if step.first:
-            self.first_columns = step.columns
-            self.first_padded = step.padded
-        elif step.padded:
-            self.padded = True
         self.own |= ~step.placed
         size = self.pool.spec.block_size
         filled = step.rows[(after // size > before // size) & ~self.own[step.rows]]
