@@ -71,7 +71,7 @@ def test_bench_rpc_measures_every_row_it_names():
 
 def test_hf_families_sweep_reports_matches_and_refusals():
     """`tools/hf_families.py` on two types: Llama gives transformers' tokens in both
-    variants, MPT (attention outside the interface) is refused, nothing mismatches."""
+    variants, MPT (ALiBi, and attention outside the interface) is refused, nothing mismatches."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     import subprocess
@@ -85,7 +85,7 @@ def test_hf_families_sweep_reports_matches_and_refusals():
     assert {k: r["outcome"] for k, r in rows.items()} == {
         ("llama", "gqa"): "match", ("llama", "mha"): "match",
         ("mpt", "gqa"): "refused", ("mpt", "mha"): "refused"}
-    assert all("attention interface" in rows["mpt", v]["detail"] for v in ("gqa", "mha"))
+    assert all("ALiBi" in rows["mpt", v]["detail"] for v in ("gqa", "mha"))  # (its attn_config.alibi, by name)
 
 
 def test_bench_allocator_at_scale_with_fewer_live_sequences_than_a_session():
