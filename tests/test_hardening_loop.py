@@ -152,6 +152,18 @@ def test_a_session_whose_end_raises_in_expiry_is_closed_and_the_daemon_lives(mon
             silent.close()
 
 
+def _refused_stats(server, n: int, items: bytes) -> dict:
+    """A raw `stats` request whose argument ``x`` is an array of ``n`` ``items``
+    (msgpack bytes), answered `protocol_error`: the error's map."""
+    raw = Raw(server.endpoint)
+    try:
+        rid, status, result = raw.send(b"\x95\x01\x01\xc0\xa5stats\x81\xa1x\xdd" + struct.pack(">I", n) + items)
+    finally:
+        raw.close()
+    assert (status, result["code"]) == (1, "protocol_error"), result
+    return result
+
+
 @pytest.mark.parametrize("empty", [b"\x90", b"\x80"], ids=["arrays", "maps"])
 def test_a_request_of_many_empty_containers_is_refused_while_decoding(empty):
     """An empty array or map is one byte on the wire and 56 bytes and more in Python: a
@@ -161,13 +173,7 @@ def test_a_request_of_many_empty_containers_is_refused_while_decoding(empty):
     spec = dataclasses.replace(SMALL, num_blocks=1100)
     with running_server(spec, limits=Limits(ids=1000, tokens=1 << 16)) as server, Client(server.endpoint) as c:
         n = 20_000  # (2 x 1000 + 4096 containers at most)
-        body = b"\x95\x01\x01\xc0\xa5stats\x81\xa1x\xdd" + struct.pack(">I", n) + empty * n
-        raw = Raw(server.endpoint)
-        try:
-            rid, status, result = raw.send(body)
-        finally:
-            raw.close()
-        assert (status, result["code"]) == (1, "protocol_error"), result
+        result = _refused_stats(server, n, empty * n)
         assert "arrays and maps" in result["message"]
         got = c.allocate([[i, i + 1] for i in range(1000)])  # a request of the most id lists it takes
         assert len(got) == 1000 and c.stats().num_sequences == 1000
@@ -187,14 +193,7 @@ def test_a_request_of_huge_maps_is_refused_while_decoding(maps):
     request's maps hold argument names: 1,024 entries a map, 16,384 together."""
     with running_server(SMALL) as server, Client(server.endpoint) as c:
         n = 200_000 // maps
-        body = (b"\x95\x01\x01\xc0\xa5stats\x81\xa1x\xdd" + struct.pack(">I", maps)
-                + b"".join(_map(n, k * n) for k in range(maps)))
-        raw = Raw(server.endpoint)
-        try:
-            rid, status, result = raw.send(body)
-        finally:
-            raw.close()
-        assert (status, result["code"]) == (1, "protocol_error"), result
+        result = _refused_stats(server, maps, b"".join(_map(n, k * n) for k in range(maps)))
         assert "max_map_len" in result["message"] or "entries together" in result["message"], result
         [a] = c.allocate([[1, 2, 3]])  # still serving
         got = c.batch([("append_flat", [a.seq_id], 1, [[9]])] * 64)  # the widest request of maps
