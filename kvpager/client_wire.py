@@ -54,13 +54,6 @@ class ClientWire:
         self._check_process()
         if self._closed:
             raise SessionLost("this client is closed")
-        rid = next(self._ids)
-        body = pack([VERSION, rid, self.session, op, args])
-        if len(body) > getattr(self, "max_message_bytes", len(body)):
-            raise MessageTooLarge(
-                f"{op}: message of {len(body)} bytes is over the daemon's limit of {self.max_message_bytes} "
-                "(KVPAGER_MAX_MESSAGE on the daemon); split the batch"
-            )
         with self._lock:
             if self._closed:  # closed by another thread while this one waited for the lock
                 raise SessionLost("this client is closed")
@@ -69,6 +62,16 @@ class ClientWire:
             except (RequestTimeout, DaemonUnavailable):
                 self._orphans.extend(_freed_by(op, args))  # never sent: freed once the daemon answers
                 raise
+            # Its id taken here, after any settling's requests: the daemon sees a session's
+            # requests in the order of their ids (one older than its kept replies is a late
+            # copy of a retried request, not run again), threads sharing the client included.
+            rid = next(self._ids)
+            body = pack([VERSION, rid, self.session, op, args])
+            if len(body) > getattr(self, "max_message_bytes", len(body)):
+                raise MessageTooLarge(
+                    f"{op}: message of {len(body)} bytes is over the daemon's limit of {self.max_message_bytes} "
+                    "(KVPAGER_MAX_MESSAGE on the daemon); split the batch"
+                )
             reply = self._request(rid, body, op)
         if reply.error is not None:
             raise self._error(reply)

@@ -136,6 +136,13 @@ class Dispatch:
                 digest = body if type(body) is bytes and 16 < len(body) <= _MATCH_BYTES \
                     else hashlib.blake2b(body, digest_size=16).digest()
                 kept = session.replies.get(rid)
+                if kept is None and session.replies and type(rid) is int and rid < min(session.replies):
+                    # A copy of a request older than every kept one (a client sends its requests in
+                    # the order of their ids, one at a time, and settles one that timed out before
+                    # the next): a late copy of a retried request, read from a socket its client
+                    # closed. Run again, it repeated an allocate (sequences no one knew of) or an append.
+                    raise InvalidArgument(f"{op}: request {rid} is older than this session's kept replies "
+                                          "(a late copy of a request retried after a timeout): not run again")
                 if kept is not None and kept[0] == digest:
                     self._result = "replayed"
                     if kept[1] is None:  # ran, but its reply was over the session's limit to keep

@@ -324,3 +324,58 @@ def test_one_client_called_from_two_threads_keeps_its_mirror_in_step():
             c.check_integrity()
     finally:
         sys.setswitchinterval(switch)
+
+
+def test_threads_sharing_a_client_send_its_requests_in_the_order_of_their_ids(monkeypatch):
+    """The daemon refuses a request older than every reply it keeps for the session
+    (a late copy of a retried one: never run twice), so a client sends its requests
+    in the order of their ids, whichever threads share it: each id is taken under the
+    client's lock, after any settling's requests (with packing slowed down, so that
+    threads waiting for the lock would show any other order)."""
+    import threading
+
+    from kvpager.spec import PoolSpec
+
+    spec = PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=4000, block_size=16, dtype="float32")
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # (threads switch often: out of order at once before)
+    try:
+        with running_server(spec) as server, Client(server.endpoint, timeout=30) as c:
+            sent = []
+            request = c._chan.request
+
+            def recorded(body, rid, op, timeout):
+                sent.append(rid)
+                return request(body, rid, op, timeout)
+
+            c._chan.request = recorded
+            from kvpager import client_wire
+
+            pack = client_wire.pack
+
+            def slow_pack(value):  # (a request packed slowly: other threads run meanwhile)
+                time.sleep(0.001)
+                return pack(value)
+
+            monkeypatch.setattr(client_wire, "pack", slow_pack)
+            errors = []
+
+            def worker() -> None:
+                try:
+                    for _ in range(20):
+                        [a] = c.allocate([[1, 2, 3]])
+                        c.free(a.seq_id)
+                except Exception as e:  # noqa: BLE001 (any failure fails the test below)
+                    errors.append(e)
+
+            threads = [threading.Thread(target=worker) for _ in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not errors, errors[:3]
+            assert sent == sorted(sent) and len(sent) == 6 * 20 * 2
+            assert c.stats().num_sequences == 0
+            c.check_integrity()
+    finally:
+        sys.setswitchinterval(switch)

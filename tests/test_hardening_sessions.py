@@ -182,6 +182,39 @@ def test_a_retry_gets_the_first_reply(server, monkeypatch, match_bytes):
             raw.close()
 
 
+def test_a_late_copy_of_a_request_older_than_the_kept_replies_is_not_run_again(server):
+    """A request retried after a timeout goes again on a fresh socket; a copy the
+    daemon had already read from the old one can come long after (a loaded loop).
+    Past KEPT_REPLIES newer requests its reply was no longer kept, and it ran again:
+    under 1-30 ms timeouts, allocates ran two or three times, their sequences held
+    for the session's life with no client knowing them. A copy older than every
+    kept reply is refused now, nothing run; the newest's copy is still replayed."""
+    from kvpager.protocol import KEPT_REPLIES
+
+    with Client(server.endpoint) as c:
+        raw = Raw(server.endpoint)
+        try:
+            bodies = [req(100 + k, "allocate", {"prompts": [[k, k + 1]]}, session=c.session)
+                      for k in range(KEPT_REPLIES + 2)]
+            replies = [raw.recv_raw(b) for b in bodies]
+            before = c.stats().num_sequences
+            assert before == KEPT_REPLIES + 2
+            for late in bodies[:2]:  # older than every kept reply
+                rid, status, result = msgpack.unpackb(raw.recv_raw(late), raw=False)
+                assert status == 1 and result["code"] == "invalid_argument", result
+                assert "not run again" in result["message"]
+            assert raw.recv_raw(bodies[-1]) == replies[-1]  # the newest kept: replayed
+            assert c.stats().num_sequences == before
+            # the session's next request runs (this session's ids are the raw socket's here: a
+            # client's own next id would be older than them)
+            assert msgpack.unpackb(raw.recv_raw(req(200, "allocate", {"prompts": [[9, 9]]}, session=c.session)),
+                                   raw=False)[1] == 0
+            assert c.stats().num_sequences == before + 1
+            c.check_integrity()
+        finally:
+            raw.close()
+
+
 def test_a_timed_out_allocate_leaves_no_orphan(server, monkeypatch):
     """D11: an allocate that timed out on the client still ran later and left
     a sequence holding blocks until the session ended."""
