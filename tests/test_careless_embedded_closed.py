@@ -1,6 +1,6 @@
-"""A careless user of the embedded pool: a 0-d tensor where an id, a count or the
-prompts go (``pool.free(ids[i])`` of a tensor of ids) is refused with
-InvalidArgument and nothing changed, never a bare TypeError; a closed pool
+"""A careless user of the embedded pool: a 0-d tensor where the prompts go is
+refused with InvalidArgument and nothing changed, never a bare TypeError (where
+an id or a count goes, the int it holds: ``pool.free(ids[i])`` of a tensor of ids); a closed pool
 refuses its ops through a bound method taken before `close` and to a thread
 that waited on the pool's lock while another thread closed it; and a random
 mix of valid and refused calls, each refusal checked to change nothing, keeps
@@ -38,24 +38,10 @@ def _setup(pool: KVPool) -> dict[str, int]:
     return {"a": a.seq_id, "b": b.seq_id, "c": c.seq_id}
 
 
+# A 0-d tensor where the prompts go: refused by name (it was a TypeError from inside, "len() of
+# a 0-d tensor"). Where an id or a count goes, one is the int it holds, as a 0-d array is
+# (`test_arg_types.py`: embedded and through a client alike).
 _ZERO_D_TENSORS = [
-    pytest.param(lambda p, s, t: p.free(t(s["a"])), "seq_ids", id="free"),
-    pytest.param(lambda p, s, t: p.swap_out(t(s["a"])), "seq_ids", id="swap_out"),
-    pytest.param(lambda p, s, t: p.swap_in(t(s["c"])), "seq_ids", id="swap_in"),
-    pytest.param(lambda p, s, t: p.truncate(t(s["a"]), 1), "seq_ids", id="truncate"),
-    pytest.param(lambda p, s, t: p.commit(t(s["a"])), "seq_ids", id="commit"),
-    pytest.param(lambda p, s, t: p.fork(t(s["a"])), "seq_ids", id="fork"),
-    pytest.param(lambda p, s, t: p.release_before(t(s["a"]), 16), "seq_ids", id="release_before"),
-    pytest.param(lambda p, s, t: p.append(t(s["a"]), 1), "seq_ids", id="append"),
-    pytest.param(lambda p, s, t: p.append_flat(t(s["a"]), 1), "seq_ids", id="append_flat"),
-    pytest.param(lambda p, s, t: p.record_tokens(t(s["b"]), [[1]]), "seq_ids", id="record_tokens"),
-    pytest.param(lambda p, s, t: p.tables(t(s["a"])), "seq_ids", id="tables"),
-    pytest.param(lambda p, s, t: p.check_owner(t(s["a"]), None), "seq_ids", id="check_owner"),
-    pytest.param(lambda p, s, t: p.attend(0, t(s["a"]), np.ones((1, 2, 64), np.float32)), "seq_ids", id="attend"),
-    pytest.param(lambda p, s, t: p.plan(t(s["a"]), 1), "seq_ids", id="plan"),
-    pytest.param(lambda p, s, t: p.batch([("free", t(s["a"]))]), "seq_ids", id="batch free"),
-    pytest.param(lambda p, s, t: p.append(s["a"], t(1)), "count", id="append count"),
-    pytest.param(lambda p, s, t: p.append_flat([s["a"], s["b"]], t(2)), "count", id="append_flat count"),
     pytest.param(lambda p, s, t: p.allocate(t(5)), "prompts", id="allocate prompts"),
     pytest.param(lambda p, s, t: p.cached_tokens(t(5)), "prompts", id="cached_tokens prompts"),
     pytest.param(lambda p, s, t: p.probe_cache(t(5)), "prompts", id="probe_cache prompts"),
@@ -65,8 +51,7 @@ _ZERO_D_TENSORS = [
 
 
 @pytest.mark.parametrize("call, needle", _ZERO_D_TENSORS)
-def test_a_0d_tensor_for_ids_counts_or_prompts_is_refused_and_changes_nothing(call, needle):
-    """(Each was a TypeError from inside: "iteration over a 0-d tensor", "len() of a 0-d tensor".)"""
+def test_a_0d_tensor_for_prompts_is_refused_and_changes_nothing(call, needle):
     pool = make_pool()
     s = _setup(pool)
     before = _everything(pool)
@@ -76,14 +61,20 @@ def test_a_0d_tensor_for_ids_counts_or_prompts_is_refused_and_changes_nothing(ca
     pool.check_integrity()
 
 
-def test_a_1d_tensor_of_ids_is_refused_as_before_and_a_list_of_them_still_taken():
-    """What the fix leaves alone: a list of plain ids works; ids of a tensor are refused by value."""
+def test_tensors_of_ids_are_the_ids_they_hold():
+    """``pool.free(ids[i])`` of a tensor of ids (a 0-d tensor), or the tensor itself:
+    the ids it holds, as a `Client` sends them (a 0-d one was refused, a 1-D one
+    refused by value, while a client took it as an array)."""
     pool = make_pool()
     s = _setup(pool)
-    with pytest.raises(InvalidArgument, match="seq_ids must hold ints"):
-        pool.free(torch.tensor([s["a"]]))
-    pool.free([s["a"], s["b"]])
+    ids = torch.tensor([s["a"], s["b"]])
+    pool.free(ids[0])
+    assert [i.seq_id for i in pool.sequences()] == [s["b"], s["c"]]
+    pool.free(ids[1:])
     assert [i.seq_id for i in pool.sequences()] == [s["c"]]
+    with pytest.raises(InvalidArgument, match="seq_ids"):
+        pool.free(torch.tensor([1.0]))  # a float tensor: no ids
+    pool.check_integrity()
 
 
 # -- a closed pool ------------------------------------------------------------------------
@@ -321,14 +312,14 @@ class RefusalsChangeNothing(RuleBasedStateMachine):
             lambda: p.unpin([[9] * BS + [1]]),
         ]
         if live:
-            calls += [lambda: p.free(live[:1] * 2), lambda: p.free(torch.tensor(live[0]))]
+            calls += [lambda: p.free(live[:1] * 2), lambda: p.free(torch.tensor(float(live[0])))]
         if res:
             two = res[:2]
             calls += [
                 lambda: p.append(res[:1] * 2, 1),
                 lambda: p.append(two, -1),
                 lambda: p.append(two, [1.0] * len(two)),
-                lambda: p.append(two, torch.tensor(1)),
+                lambda: p.append(two, torch.tensor(1.0)),
                 lambda: p.append(two, 2, token_ids=[[1]] * len(two)),
                 lambda: p.commit(two, [self.len[s] + 1 for s in two]),
                 lambda: p.truncate(two, [self.len[s] + 1 for s in two]),
@@ -340,7 +331,7 @@ class RefusalsChangeNothing(RuleBasedStateMachine):
                 lambda: p.release_before(res[:1], 0, owner="nobody"),
                 lambda: p.fork(res[:1], 0),
                 lambda: p.truncate(res[:1], np.array(1.0)),
-                lambda: p.swap_out(torch.tensor(res[0])),
+                lambda: p.swap_out(torch.tensor([float(res[0])])),
             ]
         if out and res:
             calls += [
