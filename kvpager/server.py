@@ -294,9 +294,7 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
                     if len(frames) == 2 or len(frames) == 3 and frames[1] == b"":
                         frames[-1] = self.handle(frames[-1])
                     else:  # nothing runs, and only the routing id goes back with the error
-                        frames = [frames[0], encode_reply(None, None, ErrorInfo(
-                            "protocol_error", "a request is one frame (after a REQ socket's empty delimiter); "
-                            f"this message had {'more than 2' if len(frames) > 3 else len(frames) - 1}"))]
+                        frames = [frames[0], self.refuse_frames(len(frames) - 1)]
                 except Exception as e:  # handle never raises: a bug in it must not end the daemon
                     log.error("a request's handling raised; answered as an internal error", exc_info=e)
                     frames[-1] = encode_reply(None, None, ErrorInfo("internal", f"internal error: {type(e).__name__}"))

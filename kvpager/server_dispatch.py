@@ -102,6 +102,18 @@ class Dispatch:
             self._flush_events()
         return reply
 
+    def refuse_frames(self, frames: int) -> bytes:
+        """The reply to a message of ``frames`` frames, not one request's (nothing
+        runs), counted and timed as a request too broken to name its op."""
+        t0 = time.perf_counter()
+        self.requests += 1
+        reply = encode_reply(None, None, ErrorInfo(
+            "protocol_error", "a request is one frame (after a REQ socket's empty delimiter); "
+            f"this message had {'more than 2' if frames > 2 else frames}"))
+        if self.request_metrics is not None:  # (they went uncounted: the server built the reply itself)
+            self.request_metrics.observe("", "protocol_error", time.perf_counter() - t0)
+        return reply
+
     def _flush_events(self) -> None:
         """Publish what the pool recorded as one batch."""
         if self._sink is not None and self._sink.items:

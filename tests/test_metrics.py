@@ -31,6 +31,7 @@ from kvpager import KVPool, PoolSpec, env
 from kvpager.cli import main
 from kvpager.client import Client
 from kvpager.errors import InvalidArgument
+from kvpager.protocol import unpack
 from kvpager.server import Server
 
 BS = SMALL.block_size
@@ -150,11 +151,13 @@ def test_each_metric_moves_after_the_ops_that_move_it(daemon):
     raw = Raw(daemon.endpoint)
     try:
         raw.send(b"\xc1 not msgpack")
+        raw.sock.send_multipart([b"a", b"b", b"c"])  # several frames: refused, and counted so too (was not)
+        assert raw.sock.poll(10_000) and unpack(raw.sock.recv_multipart()[-1])[2]["code"] == "protocol_error"
         session = raw.send(req(1, "hello", {}))[2]["session"]
         first = raw.recv_raw(req(2, "allocate", {"prompts": [[1]]}, session=session))
         assert raw.recv_raw(req(2, "allocate", {"prompts": [[1]]}, session=session)) == first  # a retry
         s6 = scrape(port)
-        assert v(s6, "kvpager_requests_total", op="invalid", result="protocol_error") == 1
+        assert v(s6, "kvpager_requests_total", op="invalid", result="protocol_error") == 2
         assert v(s6, "kvpager_requests_total", op="allocate", result="replayed") == 1
         assert v(s6, "kvpager_session_expiries_total") == 0
         # silence: the session expires after the 3 s heartbeat timeout
