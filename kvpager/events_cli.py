@@ -87,11 +87,19 @@ class Subscription:
         self.close()
 
     def batches(self, idle: float | None = None) -> Iterator[Batch]:
-        """Batches as they come; stops after ``idle`` seconds without one (None: never)."""
+        """Batches as they come; stops after ``idle`` seconds without one yielded (None:
+        never). Frames that yield nothing (batches seen already, or before ``start``:
+        one remembered from before the daemon restarted, past its numbers now) do not
+        count as one: they restarted the wait, so it never ended."""
         if self._catch_up:
             yield from self.replay(self.last + 1)
+        deadline = None if idle is None else time.monotonic() + idle
         while True:
-            if not self._sub.poll(None if idle is None else wait_ms(idle)):
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._sub.poll(wait_ms(left)):
+                    return
+            elif not self._sub.poll(None):
                 return
             frames = self._sub.recv_multipart()
             if len(frames) != 3 or len(frames[1]) != 8:
@@ -115,6 +123,8 @@ class Subscription:
                 yield from self.replay(self.last + 1, until=seq)
             self.last = seq
             yield _batch(seq, frames[2], False)
+            if deadline is not None:  # (a replay's batches came just before this one)
+                deadline = time.monotonic() + idle
 
     def replay(self, start: int, until: int | None = None, timeout: float = 2.0) -> Iterator[Batch]:
         """Kept batches from ``start`` (before ``until``) from the replay socket, waiting

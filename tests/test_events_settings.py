@@ -168,3 +168,44 @@ def test_events_over_a_pool_already_caching_are_refused(tmp_ipc):
                 assert c.stats().cached_blocks == (3 if server.pool is pool else 0)
         finally:
             server.stop()
+
+
+def test_a_tail_from_a_sequence_number_past_the_stream_stops_when_idle(tmp_ipc):
+    """`kvpager events --from-seq N --idle 3` with N past the daemon's batches (a number
+    remembered from before it restarted): every live batch below N is skipped, and
+    each restarted the idle wait, so it printed nothing and never ended while the
+    daemon published. The wait counts from the last batch yielded now."""
+    import threading
+
+    from kvpager.events_cli import Subscription
+
+    endpoint, d = tmp_ipc
+    with running_server(endpoint=endpoint, events=EventsConfig(f"ipc://{d}/ev.sock")) as server, \
+            Client(endpoint) as c:
+        stop, got = threading.Event(), []
+
+        def publish() -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                [b] = c.allocate([[9, n] * BS])
+                c.commit([b.seq_id])
+                c.free([b.seq_id])
+                time.sleep(0.05)
+
+        def tail() -> None:
+            with Subscription(server.events.endpoint, server.events.replay_endpoint,
+                              start=10**6) as sub:
+                got.extend(sub.batches(idle=0.5))
+
+        producer = threading.Thread(target=publish, daemon=True)
+        producer.start()
+        t0 = time.monotonic()
+        reader = threading.Thread(target=tail, daemon=True)
+        reader.start()
+        reader.join(15)
+        took = time.monotonic() - t0
+        stop.set()
+        producer.join(10)
+        assert not reader.is_alive() and took < 10, took
+        assert got == [] and server.events.published > 5  # (batches went out the whole time)
