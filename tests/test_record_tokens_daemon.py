@@ -265,7 +265,8 @@ def test_malformed_requests_are_refused_and_change_nothing(server):
         raw = Raw(server.endpoint)
         try:
             before = pool_state(server.pool)
-            for rid, args in enumerate(MALFORMED, 100):
+            for args in MALFORMED:
+                rid = next(c._ids)  # (the client's next id: a session's requests come in the order of their ids)
                 args = _fill(args, {"S": s, "T": t})
                 reply = raw.send(body(rid, "record_tokens", args, c.session))
                 assert reply[0] == rid and reply[1] == 1, args

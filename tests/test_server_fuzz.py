@@ -4,6 +4,8 @@ allocator consistent."""
 
 from __future__ import annotations
 
+import itertools
+
 import msgpack
 import numpy as np
 from daemon_helpers import SMALL
@@ -51,6 +53,14 @@ def make_server() -> tuple[Server, str]:
 
 SERVER, SESSION = make_server()
 
+#: Each request's id: the drawn one above every id sent before (a session's requests come
+#: in the order of their ids; one older than its kept replies is refused as a late copy).
+_BASE = itertools.count(1 << 32, 1 << 32)
+
+
+def fresh(rid: int) -> int:
+    return next(_BASE) + rid
+
 
 def check_reply(raw: bytes, rid) -> None:
     reply = decode_reply(raw)  # well-formed, whatever the request was
@@ -69,6 +79,7 @@ def check_reply(raw: bytes, rid) -> None:
                             arg_values, max_size=5),
        rid=st.integers(0, 2**31))
 def test_random_arguments_for_every_op(op, args, rid):
+    rid = fresh(rid)
     check_reply(SERVER.handle(pack([VERSION, rid, SESSION, op, args])), rid)
 
 
@@ -84,6 +95,7 @@ op_args = st.dictionaries(st.sampled_from(["seq_ids", "num_tokens", "token_ids",
 def test_random_batches(ops, rid):
     """A batch of random ops: a typed error before anything runs, or an ok reply
     whose stopping error (if any) is typed and not internal."""
+    rid = fresh(rid)
     raw = SERVER.handle(pack([VERSION, rid, SESSION, "batch", {"ops": ops}]))
     check_reply(raw, rid)
     reply = decode_reply(raw)
@@ -143,7 +155,7 @@ def test_an_error_reply_changes_nothing(op, args, rid):
     from pool_helpers import snapshot
 
     before = snapshot(SEEDED.pool)
-    reply = decode_reply(SEEDED.handle(pack([VERSION, rid, SEEDED_SESSION, op, args])))
+    reply = decode_reply(SEEDED.handle(pack([VERSION, fresh(rid), SEEDED_SESSION, op, args])))
     if reply.error is not None:
         assert reply.error.code in ERRORS_BY_CODE and reply.error.code != "internal", reply.error
         assert _same_state(before, snapshot(SEEDED.pool)), (op, args, reply.error)
@@ -151,6 +163,6 @@ def test_an_error_reply_changes_nothing(op, args, rid):
 
 
 def test_the_pool_still_serves_after_fuzzing():
-    reply = decode_reply(SERVER.handle(pack([VERSION, 7, SESSION, "allocate", {"prompts": [[1, 2, 3]]}])))
+    reply = decode_reply(SERVER.handle(pack([VERSION, fresh(7), SESSION, "allocate", {"prompts": [[1, 2, 3]]}])))
     assert reply.error is None and reply.result[0][2] == 0
     assert np.asarray(reply.result[0][3]).tolist() != []
