@@ -8,6 +8,7 @@ part: batches in sequence order, each at most once.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import sys
@@ -67,6 +68,7 @@ class Subscription:
             self._replay = self._replay_socket()
         self.last = -1 if start is None else start - 1  # the last sequence number yielded
         self._sub_last = -1  # the last one that came over the SUB socket
+        self._last_batch: Batch | None = None  # the last batch yielded (from the SUB socket)
         self._catch_up = start is not None
 
     def _replay_socket(self) -> zmq.Socket:
@@ -114,6 +116,11 @@ class Subscription:
             # came here: seen already, from the replay socket.)
             restarted = self._sub_last >= 0 and seq <= self._sub_last
             self._sub_last = seq
+            if not restarted and seq > self.last + 1 and self.last >= 0 and self._replaced():
+                # A gap, and the replay socket's batch numbered as the last one yielded is another:
+                # a new publisher that got past the old one's numbers before this socket reconnected
+                # (its first batches were lost, the gap filled from the old numbers on).
+                restarted = True
             if restarted:
                 self.last = -1
                 yield from self.replay(0, until=seq)  # the new publisher's batches before this one
@@ -122,9 +129,25 @@ class Subscription:
             if seq > self.last + 1 and self.last >= 0:
                 yield from self.replay(self.last + 1, until=seq)
             self.last = seq
-            yield _batch(seq, frames[2], False)
+            self._last_batch = _batch(seq, frames[2], False)
+            yield self._last_batch
             if deadline is not None:  # (a replay's batches came just before this one)
                 deadline = time.monotonic() + idle
+
+    def _replaced(self) -> bool:
+        """Whether the replay socket's batch numbered as the last one yielded differs from
+        it (its time or events): another publisher's. One it no longer keeps is no sign
+        (an old batch of the same publisher goes; nothing this socket yielded is kept then)."""
+        mine = self._last_batch
+        if self._replay is None or mine is None or mine.seq != self.last:
+            return False
+        last, self.last = self.last, mine.seq - 1
+        try:
+            with contextlib.closing(self.replay(mine.seq, until=mine.seq + 1)) as answer:
+                theirs = next(answer, None)
+        finally:
+            self.last = last
+        return theirs is not None and (theirs.ts, theirs.events) != (mine.ts, mine.events)
 
     def replay(self, start: int, until: int | None = None, timeout: float = 2.0) -> Iterator[Batch]:
         """Kept batches from ``start`` (before ``until``) from the replay socket, waiting

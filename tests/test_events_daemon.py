@@ -7,6 +7,7 @@ restarted daemon, replay peers that never read. (Its settings and
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
@@ -250,6 +251,56 @@ def test_a_subscription_follows_a_daemon_restarted_on_its_endpoint(tmp_ipc):
         assert after[0][1] == ["AllBlocksCleared"] and all(t == ["BlockStored"] for _, t in after[1:])
     finally:
         sub.close()
+
+
+def test_a_subscription_follows_a_new_daemon_that_got_past_the_old_ones_numbers(tmp_ipc):
+    """As above, where the new daemon publishes past the old one's last batch before
+    the SUB socket reconnects (a slow network: a 1.5 s reconnect interval): no batch
+    numbered at or below the last came, so the new one's first batches (its
+    AllBlocksCleared, its first stores) were never yielded, and the gap was filled
+    from the old numbers on. A gap now asks the replay socket for the batch numbered
+    as the last one yielded: another there is a new publisher, replayed from 0."""
+    from kvpager import PoolSpec
+    from kvpager.events_cli import Subscription
+
+    _, d = tmp_ipc
+    spec = PoolSpec(num_layers=1, num_kv_heads=1, head_dim=2, num_blocks=64, block_size=8, dtype="float32")
+    ev = f"ipc://{d}/ev.sock"
+
+    def commit(c: Client, first: int, count: int) -> None:
+        for k in range(first, first + count):
+            [a] = c.allocate([[k] * 9])
+            c.commit([a.seq_id])
+
+    got: list[tuple[int, list[str]]] = []
+    with Subscription(ev, replay_endpoint_for(ev)) as sub:
+        sub._sub.setsockopt(zmq.RECONNECT_IVL, 1500)
+
+        def read() -> None:
+            for b in sub.batches(idle=15.0):  # (until the new daemon's last batch; the idle wait a bound)
+                got.append((b.seq, [e["type"] for e in b.events]))
+                if b.seq == 12 and any(seq == 0 for seq, _ in got):
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        with running_server(spec, endpoint=f"ipc://{d}/kv1.sock", events=EventsConfig(ev)) as first, \
+                Client(first.endpoint) as c:
+            reader.start()
+            time.sleep(0.5)  # (subscribed)
+            commit(c, 1000, 3)
+            time.sleep(0.5)
+        with running_server(spec, endpoint=f"ipc://{d}/kv2.sock", events=EventsConfig(ev)) as second, \
+                Client(second.endpoint) as c:
+            commit(c, 2000, 10)  # (past the old daemon's numbers while the SUB socket waits to reconnect)
+            time.sleep(2.5)
+            commit(c, 3000, 2)
+            reader.join(20)
+        assert not reader.is_alive()
+    seqs = [seq for seq, _ in got]
+    assert 0 in seqs, got
+    after = got[seqs.index(0):]
+    assert [seq for seq, _ in after] == list(range(13)), got  # the new daemon's every batch, in order
+    assert after[0][1] == ["AllBlocksCleared"] and all(t == ["BlockStored"] for _, t in after[1:])
 
 
 def _rss_mb() -> float:
