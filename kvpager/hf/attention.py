@@ -28,12 +28,12 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
-from kvpager.errors import InvalidArgument, KVPagerError, UnsupportedConfiguration, UnsupportedModel
-from kvpager.hf.checks import NOT_SERVED, check_layers_ran, check_packable, check_position_bias
+from kvpager.errors import InvalidArgument, UnsupportedConfiguration, UnsupportedModel
+from kvpager.hf.checks import check_layers_ran, check_packable, refused_pass
 from kvpager.hf.compiled import HAS_OP, current, is_compiling, running
 from kvpager.hf.compiled import write_attend as _write_attend_op
 from kvpager.hf.fitting import fit_layer, pool_mismatch
-from kvpager.hf.model import ABSENT, IGNORED, check_call, has_recurrent_layers, temperature_tuned
+from kvpager.hf.model import ABSENT, IGNORED, check_call, temperature_tuned
 
 # the switch (`paged_attention`) and the name it switches to, re-exported from their home
 from kvpager.hf.switching import (  # noqa: F401
@@ -329,26 +329,6 @@ def run_pass(model: Any, batch: PagedBatch, fn: Any, input_ids: torch.Tensor, po
             raise refusal from e
     check_layers_ran(model, batch)
     return out
-
-
-def refused_pass(model: Any, batch: PagedBatch, e: Exception) -> UnsupportedModel | None:
-    """What a pass that raised ``e`` is, said by name, where its model's class says its
-    attention does not go through transformers' attention interface and it failed in
-    its own code before any layer reached kvpager (Bloom, XGLM, MPT); None where ``e``
-    stands as it is (a kvpager error, out of memory, a layer ran, a CUDA graph
-    capture, whose failures `kvpager.hf.graphs` explains after the eager pass before
-    it, a model with recurrent layers, which run first as served code)."""
-    if (isinstance(e, (KVPagerError, MemoryError, torch.cuda.OutOfMemoryError)) or batch.layers_run
-            or getattr(type(model), "_supports_attention_backend", True) or capturing()
-            or has_recurrent_layers(model)):
-        return None
-    check_position_bias(model)  # (its reason first, where it is the one: ALiBi Falcon, MPT)
-    return UnsupportedModel(f"{type(model).__name__} failed under kvpager attention ({type(e).__name__}: {e}); "
-                            + NOT_SERVED)
-
-
-def capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def forward_pass(model: Any, batch: PagedBatch, input_ids: torch.Tensor, position_ids: torch.Tensor,

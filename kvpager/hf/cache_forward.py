@@ -26,9 +26,9 @@ import torch
 
 from kvpager.errors import InvalidArgument
 from kvpager.hf import cache_pass, cached_tail, repeated_rows
-from kvpager.hf.attention import PagedBatch, refused_pass
+from kvpager.hf.attention import PagedBatch
 from kvpager.hf.cache_rows import Step
-from kvpager.hf.checks import check_layers_ran
+from kvpager.hf.checks import check_layers_ran, refused_pass
 from kvpager.hf.compiled import running
 from kvpager.hf.switching import paged_attention
 

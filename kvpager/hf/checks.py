@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from kvpager.errors import InvalidArgument, UnsupportedModel
+from kvpager.errors import InvalidArgument, KVPagerError, UnsupportedModel
 from kvpager.hf.model import (
     decoder_module,
     has_recurrent_layers,
@@ -309,3 +309,23 @@ def check_layers_ran(model: Any, batch: Any) -> None:
     raise UnsupportedModel(
         f"{type(model).__name__}: {distinct} of its {attending} attention layers attended through kvpager in this "
         "pass; " + NOT_SERVED)
+
+
+def capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def refused_pass(model: Any, batch: Any, e: Exception) -> UnsupportedModel | None:
+    """What a pass that raised ``e`` is, said by name, where its model's class says its
+    attention does not go through transformers' attention interface and it failed in
+    its own code before any layer reached kvpager (Bloom, XGLM, MPT); None where ``e``
+    stands as it is (a kvpager error, out of memory, a layer ran, a CUDA graph
+    capture, whose failures `kvpager.hf.graphs` explains after the eager pass before
+    it, a model with recurrent layers, which run first as served code)."""
+    if (isinstance(e, (KVPagerError, MemoryError, torch.cuda.OutOfMemoryError)) or batch.layers_run
+            or getattr(type(model), "_supports_attention_backend", True) or capturing()
+            or has_recurrent_layers(model)):
+        return None
+    check_position_bias(model)  # (its reason first, where it is the one: ALiBi Falcon, MPT)
+    return UnsupportedModel(f"{type(model).__name__} failed under kvpager attention ({type(e).__name__}: {e}); "
+                            + NOT_SERVED)

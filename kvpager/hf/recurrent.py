@@ -62,7 +62,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvpager.hf.attention import PagedBatch, capturing, paged_attention, run_pass
+from kvpager.hf.attention import PagedBatch, paged_attention, run_pass
+from kvpager.hf.checks import capturing
 from kvpager.hf.compiled import compiled_fn
 from kvpager.hf.continuing import CONTINUING, NOT_CONTINUING, continues  # noqa: F401 - the first two re-exported
 from kvpager.hf.model import has_recurrent_layers, text_config
