@@ -307,4 +307,10 @@ class Dispatch:
         tokens = max(tokens, slots)
         if tokens > lim.tokens:
             lim.check("tokens", tokens, f"{op}: token ids")
+        # A staged write's slots, or a step plan's sent with `tables`: a token each (8M of them in
+        # 16 MiB held the loop 1.6 s to check, a write of as many 7.5 s and 2 GB).
+        written = a.get("slots")
+        n = (written.size if isinstance(written, np.ndarray) else len(written)) if _sized(written) else 0
+        if n > lim.tokens:
+            lim.check("tokens", n, f"{op}: slots (a token each)")
         return tokens

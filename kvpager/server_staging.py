@@ -40,7 +40,7 @@ class StagingOps:
         return s.staging.array(shape, self.pool.spec.np_dtype, offset)
 
     def _op_write(self, s: Session, a: dict[str, Any]) -> None:
-        slots = self._slots_within_limit(a["slots"], "write")
+        slots = a["slots"]  # (within the tokens limit: `Dispatch._bound`)
         # checked as slots first (a null block's slot among them was `not_owner`, "block 0 is not held"),
         # then as this session's to write
         slots = validate.slots(slots if isinstance(slots, (list, np.ndarray)) else [slots], self.pool.spec)
@@ -117,18 +117,8 @@ class StagingOps:
         if s is None:
             raise InvalidArgument("tables: slots (a step plan's, checked as a write's) need the session "
                                   "that writes them")
-        value = self._slots_within_limit(value, "tables")
         slots = validate.slots(value if isinstance(value, (list, np.ndarray)) else [value], self.pool.spec)
         self._check_writable(s, slots)
-
-    def _slots_within_limit(self, slots: Any, op: str) -> Any:
-        """``slots``, LimitExceeded (``tokens``) if they are more than a request's
-        token ids may be: a slot is a token's. A 16 MiB array of 8M slots (one
-        of the caller's own, repeated) took 1.6 s and 240 MB of the loop to check,
-        and a write of as many 7.5 s and 2 GB."""
-        n = slots.size if isinstance(slots, np.ndarray) else len(slots) if isinstance(slots, list) else 0
-        self.limits.check("tokens", n, f"{op}: slots (a token each)")
-        return slots
 
     def _op_attend(self, s: Session, a: dict[str, Any]) -> list[Any]:
         q = self._staged(s, a["q"], "q")
