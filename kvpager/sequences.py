@@ -37,7 +37,7 @@ from kvpager.pins import PinTable
 from kvpager.recent_batches import RecentBatches
 from kvpager.seq_lookup import ANY_OWNER, COLUMNS, SequenceLookup
 from kvpager.types import SequenceInfo
-from kvpager.validate import host, is_int, shown, zero_d
+from kvpager.validate import is_int, shown, whole
 
 
 def _consume(it: Iterator[Any]) -> None:
@@ -169,13 +169,11 @@ class SequenceManager(SequenceLookup):
     def fork(self, seq_ids: list[int], n: int) -> list[list[int]]:
         """``n`` children of each sequence, sharing every block (ref counts +1 each);
         returns their ids."""
-        if type(n) is not int:
-            if getattr(n, "ndim", None) == 0 and not is_int(n):  # a 0-d array or tensor: the int it holds
-                n = host(n, "fork: n")
-                n = zero_d(n, "fork: n") if isinstance(n, np.ndarray) else n
-            if not is_int(n):
+        if type(n) is not int:  # (a NumPy integer, a 0-d integer array or tensor: the int it holds)
+            whole_n = whole(n)
+            if whole_n is None:
                 raise InvalidArgument(f"fork: n must be an integer >= 1, got {shown(n)}")
-            n = int(n)
+            n = whole_n
         if n < 1:
             raise InvalidArgument(f"fork: n must be an integer >= 1, got {n!r}")
         if max(n, n * len(seq_ids)) > MAX_REFS:

@@ -69,11 +69,9 @@ def salt_value(salt: Any) -> Any:
     """``salt`` as given, InvalidArgument for a bytearray or a memoryview (alone or in
     a list): a `Client` sent them as bytes, which `KVPool` refuses (``salt must be
     str, bytes or None``)."""
-    if isinstance(salt, (bytearray, memoryview)) or isinstance(salt, (list, tuple)) and any(
-            isinstance(x, (bytearray, memoryview)) for x in salt):
-        bad = salt if isinstance(salt, (bytearray, memoryview)) else next(
-            x for x in salt if isinstance(x, (bytearray, memoryview)))
-        raise InvalidArgument(f"salt must be str, bytes or None, got {type(bad).__name__}")
+    for s in salt if isinstance(salt, (list, tuple)) else (salt,):
+        if isinstance(s, (bytearray, memoryview)):
+            raise InvalidArgument(f"salt must be str, bytes or None, got {type(s).__name__}")
     return salt
 
 
@@ -146,9 +144,7 @@ def shown(value: Any) -> str:
     """``value``'s repr for an error message, cut short: a refused 100,000-id list
     once came back whole in its error (300,000 characters). Lists, strings and
     long ints show their start; an array or a tensor its own (summarized) repr."""
-    if isinstance(value, np.ndarray) or type(value).__module__.startswith("torch"):
-        return repr(value)
-    return _SHORT.repr(value)
+    return repr(value) if isinstance(value, np.ndarray) or is_tensor(value) else _SHORT.repr(value)
 
 
 def described(value: Any) -> str:
@@ -298,7 +294,7 @@ def prompts(value: Any) -> None:
     """A list of token-id lists (not one flat list)."""
     if type(value) is list and len(value) == 1 and type(value[0]) in (list, np.ndarray):  # one prompt
         return
-    if getattr(value, "ndim", None) == 2 and isinstance(value, np.ndarray) or is_tensor(value) and value.ndim == 2:
+    if (isinstance(value, np.ndarray) or is_tensor(value)) and value.ndim == 2:
         return  # a row a prompt (a tokenizer's batch of equal lengths), as a Client sends a tensor of them
     if isinstance(value, (*BYTES_LIKE, np.ndarray, dict, set, frozenset)) or not hasattr(value, "__len__") \
             or getattr(value, "ndim", None) in (0, 1):  # (a 0-d tensor has __len__, and len() of it raises TypeError)
