@@ -141,20 +141,25 @@ class Subscription:
         mine = self._last_batch
         if self._replay is None or mine is None or mine.seq != self.last:
             return False
-        last, self.last = self.last, mine.seq - 1
-        try:
-            with contextlib.closing(self.replay(mine.seq, until=mine.seq + 1)) as answer:
-                theirs = next(answer, None)
-        finally:
-            self.last = last
+        with contextlib.closing(self._answer(mine.seq)) as answer:
+            theirs = next((_batch(seq, payload, True) for seq, payload in answer if seq == mine.seq), None)
         return theirs is not None and (theirs.ts, theirs.events) != (mine.ts, mine.events)
 
     def replay(self, start: int, until: int | None = None, timeout: float = 2.0) -> Iterator[Batch]:
-        """Kept batches from ``start`` (before ``until``) from the replay socket, waiting
-        at most ``timeout`` seconds for each. An answer left part-way (the wait ran
-        out, or the caller stopped reading) goes with its socket: the next replay asks
-        on a new one, where only its own answer comes (on the old one it read the rest
-        of this answer as its own and stopped at that answer's end)."""
+        """Kept batches from ``start`` (before ``until``) from the replay socket, past the
+        last one yielded, waiting at most ``timeout`` seconds for each (`_answer`)."""
+        with contextlib.closing(self._answer(start, timeout)) as answer:  # (closed at once if left part-way)
+            for seq, payload in answer:
+                if seq > self.last and (until is None or seq < until):
+                    self.last = seq
+                    yield _batch(seq, payload, True)
+
+    def _answer(self, start: int, timeout: float = 2.0) -> Iterator[tuple[int, bytes]]:
+        """The replay socket's answer from ``start``: (seq, payload) of each kept batch.
+        An answer left part-way (the wait ran out, or the caller stopped reading) goes
+        with its socket: the next replay asks on a new one, where only its own answer
+        comes (on the old one it read the rest of this answer as its own and stopped at
+        that answer's end)."""
         if self._replay is None:
             return
         self._replay.send_multipart([b"", start.to_bytes(8, "big")])
@@ -165,15 +170,11 @@ class Subscription:
                 if len(frames) < 2 or not frames[-1]:
                     ended = True
                     return  # the end marker: [(topic,) seq -1, b""]
-                seq = int.from_bytes(frames[-2], "big")
-                if seq > self.last and (until is None or seq < until):
-                    self.last = seq
-                    yield _batch(seq, frames[-1], True)
+                yield int.from_bytes(frames[-2], "big"), frames[-1]
         finally:
             if not ended:
                 self._replay.close()  # (linger 0: what is queued for it is dropped)
                 self._replay = self._replay_socket()
-
 
 def _hex(h: Any) -> str:
     if isinstance(h, int):
