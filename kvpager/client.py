@@ -60,7 +60,7 @@ from kvpager.client_kv import KVAccess
 from kvpager.client_seqs import ClientSequences
 from kvpager.client_staging import ClientStaging
 from kvpager.client_tables import TableMirror
-from kvpager.client_wire import ClientWire, heartbeat_loop
+from kvpager.client_wire import ClientWire, heartbeat_loop, say_bye
 from kvpager.endpoints import AT_CAP, endpoint_or_default, probe
 from kvpager.errors import (
     DaemonUnavailable,
@@ -79,7 +79,10 @@ log = logging.getLogger("kvpager.client")
 class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, ControlMethods):
     """A session with the kvpager daemon at ``endpoint`` (default: KVPAGER_ENDPOINT,
     else the private ipc:// socket). Every call waits at most ``timeout`` seconds
-    (default KVPAGER_TIMEOUT). ``token``: the daemon's token, if it has one
+    (default KVPAGER_TIMEOUT) for its reply, and for that of a request of this
+    client that timed out before it (`RequestTimeout`, settled first); threads
+    sharing a client make their calls one at a time, each after those before it
+    (against a stalled daemon, the n-th waits about n timeouts). ``token``: the daemon's token, if it has one
     (default KVPAGER_TOKEN, else the file KVPAGER_TOKEN_FILE). ``control_token``:
     the daemon's control token, for quotas and kept pins (default
     KVPAGER_CONTROL_TOKEN, else the file KVPAGER_CONTROL_TOKEN_FILE). Raises
@@ -200,6 +203,12 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
                 self._finalizer.detach()
             self._finalizer = weakref.finalize(self, _dropped, self._hb_stop, gone)
             self._hb.start()
+        else:  # no thread to end it: a client collected without `close` says bye from a thread of its own
+            if self._finalizer is not None:  # (a reconnect's: the last session is ended)
+                self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, _dropped_quiet, self.session, self.endpoint,
+                                               self.timeout)
+            self._finalizer.atexit = False  # (at exit `_close_at_exit` closes it)
 
     def _take_hello(self, info: dict[str, Any]) -> None:
         """The session, geometry, memory and options of a ``hello`` reply."""
@@ -290,6 +299,8 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self._forget_session()
         self._unsettled = None  # bye frees whatever it created
         self._orphans.clear()
+        if self._finalizer is not None:  # (said here)
+            self._finalizer.detach()
         self._bye()
         self._closed = True
         self._chan.close()
@@ -326,6 +337,14 @@ def _dropped(stop: threading.Event, gone: threading.Event) -> None:
     """A client collected without `close`: its heartbeat thread ends its session."""
     gone.set()
     stop.set()
+
+
+def _dropped_quiet(session: str | None, endpoint: str, timeout: float) -> None:
+    """A client without a heartbeat thread collected without `close`: its session is
+    ended from a short thread of its own (it held its sequences until the daemon's
+    heartbeat timeout; the collector's thread is not kept waiting for the daemon)."""
+    if session is not None:
+        threading.Thread(target=say_bye, args=(session, endpoint, timeout), name="kvpager-bye", daemon=True).start()
 
 
 #: Every live client of this process, for `_after_fork_in_child` and `_close_at_exit`.

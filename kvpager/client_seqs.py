@@ -20,6 +20,7 @@ from kvpager.errors import (
     DaemonUnavailable,
     InternalError,
     InvalidArgument,
+    KVPagerError,
     LimitExceeded,
     ProtocolError,
     RequestTimeout,
@@ -213,13 +214,17 @@ class ClientSequences:
         """``_call`` for an op that changes the tables of ``ids`` (read only if it
         fails). Without a clear outcome (no reply in time, or a daemon bug) the op
         may have been applied: the mirror forgets ``ids``, whose tables then come
-        from the daemon."""
+        from the daemon. So does any exception but the daemon's refusal: one a
+        signal handler raised while the call waited (KeyboardInterrupt) left a
+        `free` the daemon ran, and the mirror's slots, still taken, wrote into
+        the blocks another session got next."""
         try:
             got = self._call(op, args)
-        except (RequestTimeout, DaemonUnavailable, InternalError):  # (found gone: it may run, settled, later)
-            forget = list(ids or ())
-            if forget:
-                self._mirror.forget(forget)
+        except BaseException as e:  # (found gone: it may run, settled, later)
+            if not isinstance(e, KVPagerError) or isinstance(e, (RequestTimeout, DaemonUnavailable, InternalError)):
+                forget = list(ids or ())
+                if forget:
+                    self._mirror.forget(forget)
             raise
         if ids is None:  # the daemon took ids this mirror cannot read: it cannot follow the op
             self._mirror.lost_track()

@@ -44,6 +44,8 @@ class TableMirror:
         self._shift = block_size.bit_length() - 1
         self.rows: dict[int, int] = {}  # seq_id -> row of `table`
         self.swapped: set[int] = set()
+        #: ids dropped without an outcome (`forget`, `lost_track`): the session may hold them still
+        self.forgotten: set[int] = set()
         # Batches lately found wholly mirrored: a decode loop follows the same ids
         # step after step, and a row changes only when its sequence is freed or forgotten.
         self._recent = RecentBatches()
@@ -295,6 +297,7 @@ class TableMirror:
         daemon's tables are the truth), which from now on may lack some of this
         session's sequences (``incomplete``)."""
         self.freed(ids)
+        self.forgotten.update(ids)
         self.incomplete = True
 
     #: whether a sequence of this session may be missing here (forgotten after an op without an outcome)
@@ -304,6 +307,7 @@ class TableMirror:
         """An op changed sequences whose ids this mirror could not read (the daemon
         took them): everything is dropped and the daemon's tables are the truth from
         now on (``incomplete``), rather than tables that no longer hold."""
+        self.forgotten.update(self.rows)
         self.clear()
         self.incomplete = True
 

@@ -80,8 +80,8 @@ class ClientWire:
     def _request(self, rid: int, body: bytes, op: str) -> Reply:
         try:
             return self._chan.request(body, rid, op, self.timeout)
-        except (RequestTimeout, DaemonUnavailable):  # (a daemon found gone may come back and run it)
-            if op in RETRIED_OPS:
+        except BaseException:  # no reply: a timeout, a daemon found gone (it may come back and run it), or an
+            if op in RETRIED_OPS:  # exception a signal handler raised mid-wait (KeyboardInterrupt: sent, it runs)
                 self._unsettled = (rid, body, op)  # it may still run: settled before the next request
             raise
 
@@ -153,6 +153,8 @@ class ClientWire:
         mirror = getattr(self, "_mirror", None)  # absent while hello is under way
         if mirror is not None:
             self._held_before.update(mirror.rows)
+            self._held_before.update(mirror.forgotten)  # (held, for all the client knows)
+            mirror.forgotten.clear()
             mirror.clear()
 
     def _check_held_before(self, seq_ids: Any) -> None:
@@ -236,10 +238,22 @@ def heartbeat_loop(client: Any, stop: Any, gone: Any, session: str | None, endpo
                 owner._mirror.moves.bump()  # and step plans of its sequences recheck (and refuse)
                 return
         if gone.is_set():
-            rid = next(ids)
-            try:
-                chan.request(pack([VERSION, rid, session, "bye", {}]), rid, "bye", max(interval, 1.0))
-            except Exception as e:  # the daemon ends it at its heartbeat timeout instead
-                log.debug("bye of a dropped client failed: %s", e)
+            say_bye(session, endpoint, max(interval, 1.0), chan, next(ids))
     finally:
         chan.close()
+
+
+def say_bye(session: str | None, endpoint: str, timeout: float, chan: Channel | None = None,
+            rid: int = -1) -> None:
+    """End the session of a client collected without `Client.close` (over ``chan``,
+    or a socket of its own); where the daemon does not answer in ``timeout``
+    seconds, it ends the session at its heartbeat timeout instead."""
+    own = chan is None
+    chan = Channel(endpoint) if chan is None else chan
+    try:
+        chan.request(pack([VERSION, rid, session, "bye", {}]), rid, "bye", timeout)
+    except Exception as e:
+        log.debug("bye of a dropped client failed: %s", e)
+    finally:
+        if own:
+            chan.close()
