@@ -36,6 +36,19 @@ def connect_refusal(e: BaseException, needs: str = NEEDS) -> str:
     return f"connecting was refused ({type(e).__name__}: {e})"
 
 
+def untrusted_certificate(e: BaseException) -> str | None:
+    """Why the store's TLS certificate can never pass the tier's check as it is
+    configured (no CA given for a private one, another host's name), or None: a
+    connection refused so looked like a store that does not answer, and the
+    daemon ran on with every call failing. An expired certificate (renewed in
+    place) is no such error."""
+    text = str(e)
+    if "CERTIFICATE_VERIFY_FAILED" not in text or "expired" in text:
+        return None
+    return (f"its TLS certificate does not verify ({text.strip()}); give the CA that signed it "
+            "(rediss://HOST:PORT?ssl_ca_certs=PATH) and connect by a name the certificate holds")
+
+
 def judge(url: str, names: Seq[str], replies: Seq[Any], needs: str = NEEDS) -> list[str]:
     """The replies of `Store.verify`'s commands (``names``): a
     command refused (NOPERM, an unknown or renamed command) is
@@ -70,9 +83,15 @@ def judge(url: str, names: Seq[str], replies: Seq[Any], needs: str = NEEDS) -> l
     return list(warnings.values())
 
 
+#: Bytes of a ``SET key value NX EX ttl`` beside its value, at most (a key of a few hundred bytes)
+SET_OVERHEAD = 1024
+
+
 def check_limits(url: str, client: Any, value_bytes: int, chunk_bytes: int | None = None) -> None:
     """`StoreMisconfigured` where the store's ``proto-max-bulk-len`` is below a
-    value of the pool (it would drop the connection of every write of one), or
+    value of the pool (it would drop the connection of every write of one), its
+    ``client-query-buffer-limit`` below one write of a value (the same: every
+    write failed, counted as an outage, while the check said the store was fine), or
     the hard output buffer limit of its normal clients
     (``client-output-buffer-limit normal HARD ...``) below the replies to one
     pipeline of a lookup (``chunk_bytes`` of values, rounded to whole values):
@@ -88,6 +107,14 @@ def check_limits(url: str, client: Any, value_bytes: int, chunk_bytes: int | Non
         raise StoreMisconfigured(f"remote store {url}: its proto-max-bulk-len is {limit} bytes, a value of this "
                                  f"pool {value_bytes}: no block could be written; raise it (CONFIG SET "
                                  "proto-max-bulk-len)")
+    try:  # a SET of one value is read whole into the client's query buffer
+        query = int(config_value(client, "client-query-buffer-limit") or 0)
+    except ValueError:
+        query = 0
+    if 0 < query < value_bytes + SET_OVERHEAD:
+        raise StoreMisconfigured(f"remote store {url}: its client-query-buffer-limit is {query} bytes, a write "
+                                 f"of one value of this pool {value_bytes + SET_OVERHEAD}: the store would drop "
+                                 "the connection of every write; raise it (CONFIG SET client-query-buffer-limit)")
     if chunk_bytes is None:
         return
     try:

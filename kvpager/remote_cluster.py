@@ -66,10 +66,17 @@ from kvpager.remote_access import (
     diagnose_cluster,
     judge,
     redis_module,
+    untrusted_certificate,
 )
 from kvpager.remote_cluster_calls import Pipeline, Side, cluster_client
 from kvpager.remote_cluster_raw import RawReads
-from kvpager.remote_errors import StoreError, StoreMisconfigured, StoreRefused, store_error
+from kvpager.remote_errors import (
+    UNREADABLE_REPLY,
+    StoreError,
+    StoreMisconfigured,
+    StoreRefused,
+    store_error,
+)
 from kvpager.remote_resp import FetchError
 from kvpager.remote_store import (
     CHECK_KEY,
@@ -111,7 +118,7 @@ class RedisClusterStore(RawReads, Store):
                           ssl=scheme == "rediss")
         self._sides = (Side(timeout), Side(write_timeout))  # reader, writer
         exc = self._redis.exceptions
-        self._errors = (self._redis.RedisError, exc.RedisClusterException, OSError, FetchError)
+        self._errors = (self._redis.RedisError, exc.RedisClusterException, OSError, FetchError, *UNREADABLE_REPLY)
         self._ask, self._moved = exc.AskError, exc.MovedError
         # Raw reads need the socket of a redis-py connection (a private attribute, there
         # from 5.3 on); without it a lookup copies what redis-py's GET returns (slower).
@@ -265,6 +272,8 @@ class RedisClusterStore(RawReads, Store):
             raise StoreMisconfigured(f"remote store {self.url}: {connect_refusal(e, NEEDS_CLUSTER)}") from None
         except self._errors as e:
             side.failure()
+            if (why := untrusted_certificate(e)) is not None:
+                raise StoreMisconfigured(f"remote store {self.url}: {why}") from None
             diagnose_cluster(self.url, self._scheme, self._startup, self._timeout, self._auth)
             raise store_error(e) from None
         key = prefix + CHECK_KEY

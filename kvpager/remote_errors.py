@@ -36,6 +36,12 @@ class StoreMisconfigured(InvalidArgument):
 
 _TRANSIENT = ("LOADING", "BUSY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN")  # error replies that pass by themselves
 
+#: What redis-py raises, beside its own errors, on replies it cannot read as a Redis
+#: server's: an endpoint that answers ``+OK`` to every command (a sidecar, a proxy)
+#: made its ``HELLO`` check fail with AttributeError, and `kvpager serve` die with a
+#: traceback (one that answers HTTP or binary gets redis-py's InvalidResponse).
+UNREADABLE_REPLY = (AttributeError, TypeError, IndexError, KeyError, ValueError)
+
 
 def store_error(e: BaseException) -> StoreError:
     """``e`` (a redis-py error, `FetchError`, `OSError`, ...) as the tier's error:

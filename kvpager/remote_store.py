@@ -37,7 +37,9 @@ from kvpager.remote_access import (
     plain_redis,
     redis_module,
     tls_only,
+    untrusted_certificate,
 )
+from kvpager.remote_errors import UNREADABLE_REPLY
 from kvpager.remote_errors import StoreError as StoreError  # re-exported: the tier's errors
 from kvpager.remote_errors import StoreMisconfigured as StoreMisconfigured
 from kvpager.remote_errors import StoreRefused as StoreRefused
@@ -238,7 +240,7 @@ class RedisStore(Store):
                 bound_connects(client.connection_pool, CONNECT_ROUND_TRIPS * seconds)
         except (ValueError, TypeError) as e:
             raise InvalidArgument(f"remote store URL {self.url!r}: {e}") from None
-        self._errors = (redis.RedisError, OSError)
+        self._errors = (redis.RedisError, OSError, *UNREADABLE_REPLY)
         self._fetch = ChunkedFetch(self._acquire, self._release, self._send, connections, chunk_bytes, timeout)
         if not self.raw_reads:
             log.warning("this redis-py (%s) keeps no socket where kvpager reads it: lookups go through "
@@ -342,6 +344,8 @@ class RedisStore(Store):
             refused = isinstance(e, redis.AuthenticationError) or isinstance(store_error(e), StoreRefused)
             if refused:
                 raise StoreMisconfigured(f"remote store {self.url}: {connect_refusal(e)}") from None
+            if (why := untrusted_certificate(e)) is not None:
+                raise StoreMisconfigured(f"remote store {self.url}: {why}") from None
             if self._scheme == "rediss" and self._node is not None and plain_redis(*self._node, self._timeout):
                 raise StoreMisconfigured(f"remote store {self.url}: {self._node[0]}:{self._node[1]} answers "
                                          "without TLS; use redis:// (or enable TLS on the server)") from None

@@ -23,8 +23,8 @@ from kvpager.errors import InvalidArgument
 STANDALONE = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss", "unix": "unix"}
 CLUSTER = {"redis+cluster": "redis", "rediss+cluster": "rediss", "valkey+cluster": "redis",
            "valkeys+cluster": "rediss"}
-#: a ``password=`` query option (its value is never shown)
-SECRET_QUERY = re.compile(r"(?i)((?:^|[?&;])password=)[^&;#]*")
+#: a query option of a secret (``password=``, a TLS key's ``ssl_password=``): its value is never shown
+SECRET_QUERY = re.compile(r"(?i)((?:^|[?&;])[a-z0-9_]*(?:password|passwd|passphrase|secret|token)=)[^&;#]*")
 
 
 def _split_credentials(url: str) -> bool:
@@ -33,7 +33,7 @@ def _split_credentials(url: str) -> bool:
     URL parser reads it (``redis://kv:Pa55/w0rd@host``: host ``kv:Pa55``;
     ``redis://:a@b/c@host``: host ``b``, the rest of the password in the path)."""
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme.startswith("unix") or re.search(r"(?i)[?&;]password=", rest):
+    if not sep or scheme.startswith("unix") or SECRET_QUERY.search(rest):
         return False  # (a socket path, or a password= option, may hold an @)
     end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
     head, tail = rest[:end], rest[end:]
@@ -138,7 +138,15 @@ def check_url(url: str, scheme: str, cluster: bool) -> None:
                                   "options after its nodes")
     elif not (path == "" or path.isdigit()):
         raise InvalidArgument(f"remote store URL {redact(url)!r}: {parts.path!r} is not /DB (a number)")
-    timed = sorted(TIMING_OPTIONS & set(urllib.parse.parse_qs(parts.query, keep_blank_values=True)))
+    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    timed = sorted(TIMING_OPTIONS & set(query))
     if timed:  # (redis-py lets them win over the tier's: a stalled store then held the loop 1 s, not 0.1)
         raise InvalidArgument(f"remote store URL {redact(url)!r}: {', '.join(timed)} would override the tier's "
                               "own timeouts; set them with --remote-timeout (KVPAGER_REMOTE_TIMEOUT)")
+    if "max_connections" in query:  # (its pool, shared by a lookup's fetching threads: MaxConnectionsError)
+        raise InvalidArgument(f"remote store URL {redact(url)!r}: max_connections would bound the connections "
+                              "the tier opens itself (a lookup fetches on several at once, and failed whole "
+                              "past it); set them with --remote-connections")
+    if "db" in query and (path or len(query["db"]) > 1):  # (redis-py takes the option over the path)
+        raise InvalidArgument(f"remote store URL {redact(url)!r}: a db= option beside the path's DB (or twice) "
+                              "connects to another DB than the URL shows; give the DB once, as /DB")

@@ -1,6 +1,7 @@
 """Remote store URLs as careless operators write them: malformed ones (a broken
 IPv6 host, unknown options, a DB that is no number, an empty host label, a
-cluster's DB, options that would override the tier's timeouts) refused as
+cluster's DB, options that would override the tier's timeouts or bound its
+connections, a db= option beside the path's DB) refused as
 typed errors naming what is wrong; passwords kept out of URLs and messages,
 one with a character that ends a URL's host named and hidden; an ``@`` in an
 option no password. No store is reached (open_store connects lazily)."""
@@ -35,6 +36,11 @@ from kvpager.remote_store import open_store  # noqa: E402
     # options that would override the tier's own timeouts (redis-py lets a URL's win)
     ("redis://127.0.0.1:6379?socket_timeout=5", "socket_timeout would override"),
     ("redis://127.0.0.1:6379/0?socket_connect_timeout=5&db=0", "socket_connect_timeout would override"),
+    # a pool bound below the tier's own connections: every lookup of more than one chunk failed whole
+    ("redis://127.0.0.1:6379?max_connections=1", "max_connections would bound"),
+    # a db= option beside the path's DB: redis-py took the option, hello and stats showed the path's
+    ("redis://127.0.0.1:6379/0?db=5", "a db= option beside the path's DB"),
+    ("redis://127.0.0.1:6379?db=1&db=2", "a db= option beside the path's DB (or twice)"),
 ])
 def test_a_malformed_url_is_a_typed_error(url, why):
     with pytest.raises(InvalidArgument, match=re.escape(why)):
@@ -42,13 +48,17 @@ def test_a_malformed_url_is_a_typed_error(url, why):
 
 
 def test_passwords_stay_out_of_urls_and_messages():
-    store = open_store("redis://127.0.0.1:6379/2?password=hunter2&max_connections=4")
+    store = open_store("redis://127.0.0.1:6379/2?password=hunter2&client_name=w")
     assert "hunter2" not in store.url and "password=***" in store.url
+    store.close()
+    # a TLS key's passphrase too (it was shown in hello's URL, stats and the log)
+    store = open_store("rediss://:pw@127.0.0.1:6380/0?ssl_password=hunter2&ssl_cert_reqs=none")
+    assert "hunter2" not in store.url and "ssl_password=***" in store.url and ":***@" in store.url
     store.close()
     with pytest.raises(InvalidArgument) as e:
         open_store("redis:/:hunter2@127.0.0.1:6379")
     assert "hunter2" not in str(e.value)
-    for url in ("redis://127.0.0.1", "redis://127.0.0.1:1/15", "redis://[::1]:6379/0", "unix:///tmp/r.sock?db=1",
+    for url in ("redis://127.0.0.1", "redis://127.0.0.1:1/15", "redis://127.0.0.1:1?db=3", "redis://[::1]:6379/0", "unix:///tmp/r.sock?db=1",
                 "rediss://u:p@h:1?ssl_cert_reqs=none", "redis+cluster://a:1,b:2", "redis+cluster://[::1]:1,[::1]:2/0"):
         open_store(url).close()  # still taken
 
