@@ -13,9 +13,11 @@ module builds the pool and owns its lifetime.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import weakref
+from collections import deque
 from collections.abc import Sequence as Seq
 from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -24,8 +26,8 @@ import numpy as np
 
 from kvpager import validate
 from kvpager.backends import Backend, make_backend
-from kvpager.batch_calls import PoolBatch
-from kvpager.errors import InvalidArgument
+from kvpager.batch_calls import PoolBatch, free_all
+from kvpager.errors import IntegrityError, InvalidArgument, KVPagerError
 from kvpager.pool_control import PoolControl
 from kvpager.pool_inspect import PoolInspection
 from kvpager.pool_kv import PoolKV
@@ -48,8 +50,46 @@ CLOSED_OPS = ("allocate", "cached_tokens", "probe_cache", "append", "append_flat
 CLOSED_RANK_OPS = ("write", "attend", "tables", "plan", "kv")
 
 
+log = logging.getLogger("kvpager.pool")
+
+
 def _closed(op: str, *args: Any, **kwargs: Any) -> NoReturn:
     raise InvalidArgument(f"{op}: this KVPool is closed")
+
+
+def _check_after(pool: KVPool, op: str, e: BaseException) -> None:
+    """An op left by an exception no check raised (KeyboardInterrupt at any
+    line of it, MemoryError, a bug): its changes may stop half-way, so the
+    bookkeeping is checked, and a pool found broken refuses every op on its
+    sequences and K/V from then on (`broken`), as a closed one does, rather
+    than serve tables and hits that no longer hold (Ctrl-C during allocates
+    broke 15 pools in 60 and they served on: blocks counted twice, a
+    sequence's tokens past its blocks)."""
+    if pool.broken is not None or pool.closed:
+        return
+    try:
+        pool.manager.check_integrity()
+    except IntegrityError as bad:
+        why = str(bad) if len(str(bad)) <= 240 else str(bad)[:240] + "..."
+        pool.broken = (f"{op} was left half-way by {type(e).__name__} and the pool's bookkeeping no longer holds "
+                       f"({why}); close this pool and make a new one")
+        log.error("KVPool: %s", pool.broken)
+
+
+def _free_later(pool: KVPool) -> None:
+    """Free what `KVPool.free_later` was given (under the pool's lock)."""
+    while pool._later:
+        ids = pool._later.popleft()
+        try:
+            free_all(pool, ids)
+        except KVPagerError as e:
+            log.warning("KVPool: freeing %d sequences of a dropped cache: %s", len(ids), e)
+
+
+def _refuse_broken(pool: KVPool, op: str) -> NoReturn:
+    if pool.closed:
+        _closed(op)
+    raise IntegrityError(f"{op}: this KVPool is broken: {pool.broken}")
 
 
 def _refuse(obj: object, ops: tuple[str, ...]) -> None:
@@ -131,8 +171,21 @@ class KVPool(PoolSequences, PoolBatch, PoolControl, PoolKV, PoolInspection):
         self._cow_blocks = self._swap_out_blocks = self._swap_in_blocks = 0
         #: True once `close` ran
         self.closed = False
+        # sequences to free at the next call, whose owner could not call (`free_later`)
+        self._later: deque[list[int]] = deque()
+        #: why this pool refuses every op on its sequences and K/V (an op left half-way by
+        #: KeyboardInterrupt broke its bookkeeping: `_check_after`); None while it holds
+        self.broken: str | None = None
         self._lock = threading.RLock()  # a call whole (`SERIALIZED`); an RLock: `batch` calls the ops again
         _LIVE.add(self)
+
+    def free_later(self, seq_ids: Seq[int], session: Any = None) -> None:
+        """Free ``seq_ids`` at this pool's next call (ids no longer live left out):
+        for a finalizer (a `kvpager.hf.PagedCache` collected without `close`),
+        which may run in the middle of a call of this very thread, where a call
+        would change the pool under it. ``session``: a daemon `Client`'s (a pool
+        has none)."""
+        self._later.append([int(s) for s in seq_ids])
 
     def synchronize(self) -> None:
         """Wait until every copy and kernel this pool issued has completed."""
@@ -178,6 +231,8 @@ def _serialized(method: Any, name: str) -> Any:
         @functools.wraps(method)
         def call(self: KVPool, *args: Any, **kwargs: Any) -> Any:
             with self._lock:
+                if self._later and not self.closed and self.broken is None:
+                    _free_later(self)
                 return method(self, *args, **kwargs)
 
         return call
@@ -188,9 +243,17 @@ def _serialized(method: Any, name: str) -> Any:
             # `close` hides these behind instance attributes, but a bound method taken
             # before it (``append = pool.append_flat``), or a thread that waited on the
             # lock while another closed the pool, comes here: it ran on the closed pool
-            if self.closed:
-                _closed(name)
-            return method(self, *args, **kwargs)
+            if self.closed or self.broken is not None:
+                _refuse_broken(self, name)
+            if self._later:
+                _free_later(self)
+            try:
+                return method(self, *args, **kwargs)
+            except KVPagerError:  # (checked before anything changed)
+                raise
+            except BaseException as e:
+                _check_after(self, name, e)
+                raise
 
     return call_open
 
@@ -203,8 +266,8 @@ def _open_only(method: Any, name: str) -> Any:
     """``method`` refusing on a closed pool (`_serialized`'s check, for the ops that take no lock)."""
     @functools.wraps(method)
     def call(self: KVPool, *args: Any, **kwargs: Any) -> Any:
-        if self.closed:
-            _closed(name)
+        if self.closed or self.broken is not None:
+            _refuse_broken(self, name)
         return method(self, *args, **kwargs)
 
     return call
