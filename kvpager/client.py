@@ -42,6 +42,7 @@ import logging
 import os
 import threading
 import weakref
+from collections import deque
 from typing import Any
 
 from kvpager.backends.ranked import rank_spec
@@ -157,6 +158,8 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self._hb_stop = threading.Event()
         self._hb: threading.Thread | None = None
         self._finalizer: weakref.finalize | None = None
+        # (session, ids) to free at the next call, whose owner could not call (`free_later`)
+        self._later: deque[tuple[str | None, list[int]]] = deque()
         try:
             self._hello()
         except BaseException:  # a refused hello: no session, and no socket left to the garbage collector
@@ -280,6 +283,7 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self._forget_memory()
         self._unsettled = None
         self._orphans.clear()  # (the session they were held in is gone)
+        self._later.clear()
         self._chan.reset()
         self.session = self.session_name = None
         self._hello()  # (until it succeeds the session stays lost: a failed one can be tried again)
@@ -299,6 +303,7 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self._forget_session()
         self._unsettled = None  # bye frees whatever it created
         self._orphans.clear()
+        self._later.clear()  # (bye frees them)
         if self._finalizer is not None:  # (said here)
             self._finalizer.detach()
         self._bye()
@@ -331,6 +336,14 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
 
     def heartbeat(self) -> None:
         self._call("heartbeat", {})
+
+    def free_later(self, seq_ids: Any, session: str | None) -> None:
+        """Free ``seq_ids`` of ``session`` at this client's next call, if that is
+        still its session (a reconnect since gave their ids to other sequences),
+        ids no longer live left out: for a finalizer (a `kvpager.hf.PagedCache`
+        collected without `close`), which may run in the middle of a call of this
+        very thread, where a request would take that call's reply."""
+        self._later.append((session, [int(s) for s in seq_ids]))
 
 
 def _dropped(stop: threading.Event, gone: threading.Event) -> None:

@@ -57,6 +57,10 @@ class ClientWire:
         with self._lock:
             if self._closed:  # closed by another thread while this one waited for the lock
                 raise SessionLost("this client is closed")
+            while self._later:  # (sequences of a dropped cache: freed with the orphans, in its session only)
+                session, ids = self._later.popleft()
+                if session == self.session and not self._lost:
+                    self._orphans.append(ids)
             try:
                 self._settle()
             except (RequestTimeout, DaemonUnavailable):

@@ -60,6 +60,8 @@ class CacheRows:
 
     def __init__(self, pool: Any, reach: int | None) -> None:
         self.pool, self.reach = pool, reach
+        #: the daemon session the sequences are held in (`kvpager.hf.held_session`; None: a KVPool)
+        self.session: str | None = None
         self.clear()
 
     def clear(self) -> None:

@@ -35,7 +35,7 @@ import torch
 # Re-exported: this module was their home, and `clients/kvpager_hf.py` is this module object; so
 # are the names `PagedGeneration`'s construction used here before `kvpager.hf.generation_setup`.
 from kvpager.batch_calls import free_all
-from kvpager.errors import InvalidArgument, RequestTimeout
+from kvpager.errors import InvalidArgument, RequestTimeout, SessionLost
 from kvpager.hf.attention import (  # noqa: F401
     ATTN_IMPLEMENTATION,
     PagedBatch,
@@ -59,6 +59,7 @@ from kvpager.hf.decode_plans import DecodePlans  # noqa: F401
 from kvpager.hf.eager import TORCH_DTYPES  # noqa: F401
 from kvpager.hf.generation_setup import GenerationSetup
 from kvpager.hf.graphs import DecodeGraphs, bucket_for, check_graph_options, graph_width  # noqa: F401
+from kvpager.hf.held_session import check_session, pool_session
 from kvpager.hf.logprobs import Completion, KeptLogprobs, TokenLogprobs, check_logprobs  # noqa: F401
 from kvpager.hf.model import (  # noqa: F401
     ABSENT,
@@ -149,6 +150,7 @@ class PagedGeneration(GenerationSetup, DecodePasses, KeptLogprobs):
     def __post_init__(self, input_ids: Any = None, attention_mask: Any = None) -> None:
         self._closed = self._timed_out = False
         self._kept = None  # a `CapturedSteps` this generation holds
+        self._session = pool_session(self.pool)  # (the one its sequences are held in: `held_session`)
         self._resolve(input_ids, attention_mask)  # (`kvpager.hf.generation_setup`)
         self._prepare_passes()
         # One forward pass writes every layer's K/V for the whole batch before it
@@ -196,6 +198,7 @@ class PagedGeneration(GenerationSetup, DecodePasses, KeptLogprobs):
         that an id was unknown)."""
         if self._closed:
             raise InvalidArgument("step: this PagedGeneration is closed (its sequences were freed); make a new one")
+        check_session(self.pool, self._session, "step", "PagedGeneration")
         if self._recurrent is not None and self._recurrent.broken:
             raise ValueError("step: a decode pass of this model failed part-way through its recurrent layers, "
                              "which had already advanced their states in place; the generation cannot go on "
@@ -278,7 +281,19 @@ class PagedGeneration(GenerationSetup, DecodePasses, KeptLogprobs):
         and drop the reused plan (its device buffers). A pass still in flight is
         completed first (its writes must land before its blocks go back): its
         tokens reach `outputs` and what it wrote is committed, so a loop that
-        stops stepping early loses none of the tokens computed."""
+        stops stepping early loses none of the tokens computed. Where its client's
+        session was lost (closed, expired, a restarted daemon), its sequences went
+        with it: nothing more is asked of the daemon."""
+        try:
+            self._close()
+        except SessionLost:  # (the daemon freed them when the session ended)
+            self._closed = True
+            self._held.clear()
+
+    def _close(self) -> None:
+        if pool_session(self.pool) != self._session:  # (after a reconnect their ids may name another's)
+            self._timed_out = True  # (the path that frees alone, freeing none of them here)
+            self._held.clear()
         prev, self._inflight = self._inflight, None
         if self._timed_out:  # nothing more is told the daemon of an uncertain step: its sequences freed alone
             self._closed = True

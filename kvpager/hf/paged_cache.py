@@ -49,16 +49,18 @@ caches is open, and gives it back when the last is closed. Close a cache
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from kvpager.errors import InvalidArgument, UnsupportedConfiguration, UnsupportedModel
+from kvpager.errors import InvalidArgument, SessionLost, UnsupportedConfiguration, UnsupportedModel
 from kvpager.hf.cache_ahead import PassAhead
 from kvpager.hf.cache_forward import CacheForward
 from kvpager.hf.cache_graphs import CacheGraphs
@@ -69,6 +71,7 @@ from kvpager.hf.decode_plans import DecodePlans
 from kvpager.hf.eager import TORCH_DTYPES
 from kvpager.hf.fed_positions import own_salt
 from kvpager.hf.graphs import check_graph_options
+from kvpager.hf.held_session import check_session, pool_session
 from kvpager.hf.model import has_recurrent_layers, layer_fit, layer_map, text_config
 from kvpager.hf.paged_layer import PagedLayer
 from kvpager.hf.rope import pass_dependent
@@ -149,12 +152,16 @@ class PagedCache(CacheForward, Cache if Cache is not None else object):  # type:
         # later query reads (past `release_margin` tokens more, for crops) given back after each pass
         reach = max(windows) if windows and None not in windows and hasattr(pool, "release_before") else None
         self._rows = CacheRows(pool, reach)
+        self._rows.session = pool_session(pool)  # (the one its sequences are held in: `held_session`)
         self._step: Step | None = None
         self._lock = threading.Lock()
         self._closed = False
         self._graphs = CacheGraphs(self, cuda_graphs) if kept or cuda_graphs else None
         self._ahead = PassAhead(self)  # the next decode pass's slots and plan, taken while one runs
         take_forward(model)
+        # a cache dropped without `close` (as transformers' own caches are): its sequences freed at
+        # the pool's next call, the model's forward given back (`_dropped`)
+        self._finalizer = weakref.finalize(self, _dropped, pool, self._rows, model)
 
     # -- what transformers asks of a cache
 
@@ -234,9 +241,11 @@ class PagedCache(CacheForward, Cache if Cache is not None else object):  # type:
             self._rows.crop(cut, self.release_margin)
 
     def reset(self) -> None:
-        """Free every row's sequence: the cache is empty again (open)."""
+        """Free every row's sequence: the cache is empty again (open), also after
+        its client's session was lost (its sequences went with it)."""
         with self._lock:
-            self._check_open("reset")
+            if self._closed:
+                self._check_open("reset")
             self._free_rows()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PagedCache:
@@ -272,6 +281,7 @@ class PagedCache(CacheForward, Cache if Cache is not None else object):  # type:
             if self._closed:
                 return
             self._closed = True
+            self._finalizer.detach()
             try:
                 self._free_rows()
                 if self._graphs is not None:
@@ -312,11 +322,35 @@ class PagedCache(CacheForward, Cache if Cache is not None else object):  # type:
     def _free_rows(self) -> None:
         self._ahead.forget()
         self._plans.drop()
-        self._rows.free()
+        if pool_session(self.pool) != self._rows.session:  # (its sequences went with that session; their
+            self._rows.clear()  # ids may be another cache's now)
+            self._rows.session = pool_session(self.pool)
+            return
+        with contextlib.suppress(SessionLost):  # (the client closed, or its session ended: the daemon freed them)
+            self._rows.free()
 
     def _check_open(self, what: str) -> None:
         if self._closed:
             raise InvalidArgument(f"{what}: this PagedCache is closed (its sequences were freed); make a new one")
+        if self._rows.session != pool_session(self.pool):
+            if any(s is not None for s in self._rows.seq_ids):
+                check_session(self.pool, self._rows.session, what, "PagedCache")
+            self._rows.session = pool_session(self.pool)  # (no sequence held yet: it moves to the new session)
+
+
+def _dropped(pool: Any, rows: CacheRows, model: Any) -> None:
+    """A cache collected without `close`: its sequences held their blocks until the
+    pool (or the client's session) closed, so a loop that gave each ``generate`` a
+    new cache and dropped it filled the pool. They are freed at the pool's next
+    call (`KVPool.free_later`, `Client.free_later`: the collector may run in the
+    middle of one, on any thread), unless its client's session changed since
+    (they went with it), and the model's forward is given back."""
+    ids = [s for s in rows.seq_ids if s is not None]
+    rows.seq_ids = []
+    free_later = getattr(pool, "free_later", None)
+    if ids and free_later is not None and pool_session(pool) == rows.session:
+        free_later(ids, rows.session)
+    give_forward(model)
 
 
 __all__: Sequence[str] = ["PagedCache", "open_caches"]  # (open_caches: `kvpager.hf.taken_forward`)

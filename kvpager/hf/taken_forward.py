@@ -20,7 +20,9 @@ import torch
 
 from kvpager.errors import InvalidArgument
 
-_taken_lock = threading.Lock()
+# (re-entrant: a cache collected without `close` gives the forward back from the collector,
+# which may run in this module's own calls)
+_taken_lock = threading.RLock()
 _OPEN = "_kvpager_paged_caches"  # open caches of the model
 _BEFORE = "_kvpager_forward_before"  # an instance forward the model had (accelerate's hooks), or None
 
