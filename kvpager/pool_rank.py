@@ -53,6 +53,18 @@ class PoolRank:
         return self.pool.closed
 
     @property
+    def broken(self) -> str | None:
+        """The pool's (`KVPool.broken`): an op of a rank left half-way breaks the pool whole."""
+        return self.pool.broken
+
+    @broken.setter
+    def broken(self, why: str | None) -> None:
+        self.pool.broken = why
+
+    #: (sequences given to `KVPool.free_later` are freed by the pool's own next call)
+    _later = ()
+
+    @property
     def heads(self) -> range:
         """The pool's kv heads this rank holds."""
         n = self.spec.num_kv_heads
