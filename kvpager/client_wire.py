@@ -223,7 +223,7 @@ def heartbeat_loop(client: Any, stop: Any, gone: Any, session: str | None, endpo
     ``join`` (a beat in flight past a `reconnect`) ends at its next wake-up instead of
     beating on as a second thread, for the next session."""
     chan, ids = Channel(endpoint), itertools.count(-1, -1)  # ids apart from the calls
-    interval = max(0.05, heartbeat_timeout / 3)
+    interval = min(max(0.05, heartbeat_timeout / 3), 3600.0)  # (a wait past TIMEOUT_MAX killed the thread)
     try:
         while not stop.wait(interval):
             rid = next(ids)

@@ -105,8 +105,9 @@ def replay_endpoint_for(endpoint: str) -> str:
         host, _, port = endpoint[len("tcp://"):].rpartition(":")
         if port.isdigit() and 0 < int(port) < 65535:
             return f"tcp://{host}:{int(port) + 1}"
-        raise InvalidArgument(f"events endpoint {endpoint!r}: give --events-replay-endpoint too "
-                              "(no replay port follows from this one)")
+        raise InvalidArgument(f"events endpoint {endpoint!r}: give the replay endpoint too (kvpager serve "
+                              "--events-replay-endpoint, kvpager events --replay-endpoint): no replay port "
+                              "follows from this one")
     return endpoint + ".replay"
 
 

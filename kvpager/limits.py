@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from kvpager import env
 from kvpager.errors import InvalidArgument, LimitExceeded
 
+#: The largest value of any limit (the decoder's bounds are C sizes)
+MOST = 1 << 62
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -44,16 +47,19 @@ class Limits:
         flag, for a limit under its field's ``least``: 0 is no "unlimited" here, and
         ``--max-sessions 0`` (or 0 sequences, ids, tokens, client name characters)
         once started a daemon that refused every client, `kvpager stats` included."""
-        values = {f.name: env.limit(f.name.upper(), f.default) for f in dataclasses.fields(cls)}
         given = {k: v for k, v in overrides.items() if v is not None}
-        values.update(given)
+        # (a variable a flag overrides is not read: a bad one refused a start that named the limit)
+        values = {f.name: given[f.name] if f.name in given else env.limit(f.name.upper(), f.default)
+                  for f in dataclasses.fields(cls)}
         for f in dataclasses.fields(cls):
             least = f.metadata.get("least", 0)
+            where = f"--max-{f.name.replace('_', '-')}" if f.name in given else f"KVPAGER_MAX_{f.name.upper()}"
             if values[f.name] < least:
-                where = (f"--max-{f.name.replace('_', '-')}" if f.name in given
-                         else f"KVPAGER_MAX_{f.name.upper()}")
                 raise InvalidArgument(f"{where} {values[f.name]}: the limit on {f.metadata['help']} must be "
                                       f"at least {least} (0 is not unlimited; leave it out for the default)")
+            if values[f.name] > MOST:  # (2**63 or more: every request, hello too, failed to decode)
+                raise InvalidArgument(f"{where} {values[f.name]}: the limit on {f.metadata['help']} must be "
+                                      f"at most 2**62 ({MOST})")
         return cls(**values)
 
     def check(self, name: str, value: int, what: str) -> None:

@@ -139,7 +139,7 @@ def serve_metrics(requests: RequestMetrics, pool: Any, sessions: Callable[[], in
     devices = getattr(pool.backend, "devices", None) or [pool.device]
     info = {"version": __version__, "device": ",".join(map(str, devices)), "block_size": str(pool.spec.block_size)}
     httpd, port = serve_http(Collector(requests, snapshots, info), host, port)
-    log.info("metrics on http://%s:%d/metrics", host, port)
+    log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, port)
     return snapshots, httpd, port
 
 

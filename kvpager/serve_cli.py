@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from kvpager import env
+from kvpager.backends import parse_device
 from kvpager.backends.ranked import rank_spec
 from kvpager.errors import KVPagerError
 from kvpager.events import FORMATS
@@ -102,7 +103,7 @@ def remote_tier(opts: dict[str, Any], spec: Any = None) -> Any:
               help="Tensor-parallel ranks on N GPUs from --device on (cuda:0..N-1 by default), or N ranks "
                    "in host memory with --device cpu.")
 @click.option("--endpoint", default=None, help="ipc://PATH or tcp://HOST:PORT (default: private ipc socket).")
-@click.option("--heartbeat-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--heartbeat-timeout", type=click.FloatRange(min=0.1, max=1e9), default=None,
               help="Seconds of silence before a session's sequences are freed (KVPAGER_HEARTBEAT_TIMEOUT).")
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
               help="A file holding the secret clients must send in hello (KVPAGER_TOKEN / KVPAGER_TOKEN_FILE); "
@@ -115,7 +116,8 @@ def remote_tier(opts: dict[str, Any], spec: Any = None) -> Any:
                    "models of the same shape sharing the store never restore these blocks "
                    "(KVPAGER_REMOTE_NAMESPACE; see docs/remote.md).")
 @click.option("--remote-timeout", type=click.FloatRange(min=0, min_open=True, max=60), default=0.1,
-              show_default=True, help="Seconds an allocate waits for the store before it counts as a miss.")
+              show_default=True, envvar="KVPAGER_REMOTE_TIMEOUT",
+              help="Seconds an allocate waits for the store before it counts as a miss (KVPAGER_REMOTE_TIMEOUT).")
 @click.option("--remote-ttl", type=click.IntRange(min=0, max=(1 << 31) - 1), default=86400, show_default=True,
               help="Seconds a block lives in the store (0: until the store evicts it; at most 2**31 - 1).")
 @click.option("--remote-queue", type=Size(), default="256M", show_default=True,
@@ -192,7 +194,8 @@ def serve(**opts: Any) -> None:
         except _Interrupted:
             return  # what was made is released on the way out; nothing served
         if server.metrics_port is not None:
-            _announce(f"kvpager metrics on http://{server.metrics_host}:{server.metrics_port}/metrics")
+            host = f"[{server.metrics_host}]" if ":" in server.metrics_host else server.metrics_host  # (IPv6)
+            _announce(f"kvpager metrics on http://{host}:{server.metrics_port}/metrics")
         if server.events is not None:
             _announce(f"kvpager events on {server.events.endpoint} (replay {server.events.replay_endpoint})")
         # The line scripts wait for: the endpoint is bound and serving.
@@ -224,7 +227,11 @@ def warn_pin_cap(opts: dict[str, Any], spec: Any) -> None:
 def dry_run(opts: dict[str, Any]) -> None:
     """`kvpager serve --dry-run`: the pool the options size, printed, nothing made."""
     device, devices = pool_devices(opts)
+    parse_quotas(opts["quotas"])  # (what a start refuses, a dry run refuses too)
     try:
+        if not devices:
+            parse_device(device)
+        env.cpu_threads()
         spec = build_spec(opts, device, devices)
         warn_pin_cap(opts, spec)
         if devices:  # (the ranks' split, refused as the daemon's start refuses it)
@@ -272,6 +279,7 @@ def _start(opts: dict[str, Any], made: list[Any]) -> Any:
             "(CUDA 12); or serve with --device cpu")
     quotas = parse_quotas(opts["quotas"])
     try:
+        env.cpu_threads()  # (read at each staged attend: a bad value failed every client's, not the start)
         token = env.read_token_file(opts["token_file"]) if opts["token_file"] else env.token(daemon=True)
         control = (env.read_token_file(opts["control_token_file"]) if opts["control_token_file"]
                    else env.control_token(daemon=True))

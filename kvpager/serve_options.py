@@ -61,6 +61,8 @@ def parse_quotas(items: tuple[str, ...]) -> list[tuple[str | None, int]]:
         if any(seen == (salt or None) for seen, _ in out):  # (the last one silently won)
             raise click.BadParameter(f"a second quota for {salt!r}: give each tenant one --quota",
                                      param_hint="--quota")
+        if int(blocks) >= 1 << 63:  # (the pool's own bound: refused here, so `--dry-run` says it too)
+            raise click.BadParameter(f"{item!r}: a quota is a number of blocks below 2**63", param_hint="--quota")
         out.append((salt or None, int(blocks)))
     return out
 
@@ -112,6 +114,9 @@ def build_spec(opts: dict[str, Any], device: str = "cpu", devices: list[str] | N
             spec = spec.replace(num_host_blocks=parse_size(opts["host_memory"]) // spec.bytes_per_block)
     if opts["host_blocks"] is not None:
         spec = spec.replace(num_host_blocks=opts["host_blocks"])
+    if opts["host_memory"] and not spec.num_host_blocks:  # (swap was silently off)
+        raise click.BadParameter(f"{opts['host_memory']} holds no block of {spec.bytes_per_block:,} bytes: give "
+                                 "more, or leave it out for no host pool", param_hint="--host-memory")
     return spec
 
 

@@ -67,6 +67,8 @@ log = logging.getLogger("kvpager.server")
 #: Bytes of large replies the daemon holds for clients that have not read them, all
 #: connections together (at least 8 messages of the limit; `kvpager.reply_budget`).
 UNREAD_REPLY_BYTES = 256 << 20
+#: The heartbeat timeouts a daemon takes, in seconds
+MIN_HEARTBEAT_TIMEOUT, MAX_HEARTBEAT_TIMEOUT = 0.1, 1e9
 
 #: How stale the loop's "everything queued was read" mark may get under steady load.
 _IDLE_EVERY_S = 0.01
@@ -151,8 +153,11 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
         self.gpu: int | None = ranks[0].index if hasattr(ranks[0], "ipc_handle") else None
         self._exported: dict[int, Any] = {}  # CUDA IPC exports by rank, made at the first hello
         hb = env.heartbeat_timeout_s() if heartbeat_timeout is None else float(heartbeat_timeout)
-        if not 0 < hb < float("inf"):
-            raise InvalidArgument(f"heartbeat timeout must be a positive number of seconds, got {heartbeat_timeout!r}")
+        if not MIN_HEARTBEAT_TIMEOUT <= hb <= MAX_HEARTBEAT_TIMEOUT:
+            raise InvalidArgument(
+                f"heartbeat timeout must be {MIN_HEARTBEAT_TIMEOUT} to {MAX_HEARTBEAT_TIMEOUT:g} seconds, got {hb!r} "
+                "(clients beat at most every 0.05 s, so a shorter one ended healthy sessions; a longer one "
+                "overflowed their heartbeat threads' waits)")
         self.limits = limits or Limits.from_env()
         #: hello must carry this secret when set (see "Trust" in docs/protocol.md)
         self.token = token or None

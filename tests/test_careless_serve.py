@@ -96,3 +96,75 @@ def test_a_daemon_that_never_bound_does_not_say_it_stopped_serving(caplog):
                                  dtype="float32"), endpoint):
         pass
     assert [r.getMessage() for r in caplog.records if "stopped after" in r.getMessage()] == ["stopped after 0 requests"]
+
+
+@pytest.mark.parametrize("setting", [["--max-ids", str(1 << 63)], ["--max-tokens", "99999999999999999999999"]])
+def test_a_limit_past_what_the_decoder_takes_is_refused(setting, tmp_path):
+    """A limit of 2**63 or more started a daemon that answered every request, hello
+    included, with "not a msgpack message: OverflowError"."""
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "16", *setting, "--endpoint", f"ipc://{tmp_path}/kv.sock"])
+    assert r.exit_code not in (0, None) and "must be at most 2**62" in r.output, r.output
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "16", "--endpoint", f"ipc://{tmp_path}/kv.sock"],
+                env={"KVPAGER_MAX_IDS": str(1 << 63)})
+    assert r.exit_code not in (0, None) and "KVPAGER_MAX_IDS" in r.output, r.output
+
+
+def test_a_variable_a_flag_overrides_is_not_read():
+    """``KVPAGER_MAX_SESSIONS=abc kvpager serve --max-sessions 10`` was refused for the
+    variable the flag overrode."""
+    import os
+
+    from kvpager.limits import Limits
+
+    os.environ["KVPAGER_MAX_SESSIONS"] = "abc"
+    try:
+        assert Limits.from_env(sessions=10).sessions == 10
+        with pytest.raises(InvalidArgument, match="KVPAGER_MAX_SESSIONS"):
+            Limits.from_env()
+    finally:
+        del os.environ["KVPAGER_MAX_SESSIONS"]
+
+
+@pytest.mark.parametrize("seconds", [0.01, 1e11])
+def test_a_heartbeat_timeout_no_client_can_keep_is_refused(seconds, tmp_path):
+    """0.01 s: clients beat at most every 0.05 s, so healthy sessions ended; 1e11 s:
+    every client's heartbeat thread died of an overflowed wait."""
+    with pytest.raises(InvalidArgument, match="heartbeat timeout must be 0.1 to 1e"):
+        Server.create(PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=8, block_size=16,
+                               dtype="float32"), f"ipc://{tmp_path}/kv.sock", heartbeat_timeout=seconds)
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "16", "--heartbeat-timeout", str(seconds), "--dry-run"])
+    assert r.exit_code == 2 and "--heartbeat-timeout" in r.output, r.output
+
+
+@pytest.mark.parametrize("setting", [["--device", "gpu"], ["--device", "CPU"], ["--quota", "a=99999999999999999999999"]])
+def test_a_dry_run_refuses_what_a_start_refuses(setting):
+    r = run_cli(["serve", "--model", "tiny", "--blocks", "16", *setting, "--dry-run"])
+    assert r.exit_code not in (0, None) and ("device must be" in r.output or "below 2**63" in r.output), r.output
+
+
+def test_a_host_pool_smaller_than_a_block_is_refused():
+    """``--host-memory 1M`` under one block gave no host pool (swap off), without a word."""
+    r = run_cli(["serve", "--model", "llama-3-8b", "--device", "cpu", "--blocks", "16", "--host-memory", "1M",
+                 "--dry-run"])
+    assert r.exit_code == 2 and "holds no block of" in r.output, r.output
+
+
+def test_bad_cpu_threads_in_the_daemons_environment_refuse_its_start():
+    """It served, and every client's staged attend failed on the daemon's variable."""
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "16", "--dry-run"], env={"KVPAGER_CPU_THREADS": "abc"})
+    assert r.exit_code not in (0, None) and "KVPAGER_CPU_THREADS" in r.output, r.output
+
+
+def test_the_remote_timeout_is_read_from_its_variable():
+    """The URL check told operators to set KVPAGER_REMOTE_TIMEOUT, which nothing read."""
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "16", "--dry-run"], env={"KVPAGER_REMOTE_TIMEOUT": "abc"})
+    assert r.exit_code == 2 and "--remote-timeout" in r.output and "'abc'" in r.output, r.output
+
+
+def test_a_blank_token_variable_leaves_the_token_file_to_a_client(tmp_path, monkeypatch):
+    from kvpager import env
+
+    (tmp_path / "tok").write_text("s" * 32 + "\r\n")
+    monkeypatch.setenv("KVPAGER_TOKEN", " ")
+    monkeypatch.setenv("KVPAGER_TOKEN_FILE", str(tmp_path / "tok"))
+    assert env.token() == "s" * 32 and env.token(daemon=True) == "s" * 32
