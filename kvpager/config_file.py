@@ -41,7 +41,18 @@ def hub_config(model_id: str) -> str:
     except Exception as e:  # noqa: BLE001 - offline, gated, no such repo or revision: each says so
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise InvalidArgument(f"--model {model_id}: no such preset, folder or file, and its config.json cannot be "
-                              f"had from the Hugging Face hub or its cache ({type(e).__name__}: {first})") from None
+                              f"had from the Hugging Face hub or its cache ({type(e).__name__}: {first})"
+                              f"{preset_hint(model_id)}") from None
+
+
+def preset_hint(name: str) -> str:
+    """"; did you mean PRESET?" for a name close to a preset's (``llama3-8b``), else ""."""
+    import difflib
+
+    from kvpager.spec import MODEL_PRESETS
+
+    close = difflib.get_close_matches(name.lower(), list(MODEL_PRESETS), n=1, cutoff=0.75)
+    return f"; did you mean the preset {close[0]}?" if close else ""
 
 
 def read_config(path: str) -> dict[str, Any]:

@@ -168,3 +168,9 @@ def test_a_blank_token_variable_leaves_the_token_file_to_a_client(tmp_path, monk
     monkeypatch.setenv("KVPAGER_TOKEN", " ")
     monkeypatch.setenv("KVPAGER_TOKEN_FILE", str(tmp_path / "tok"))
     assert env.token() == "s" * 32 and env.token(daemon=True) == "s" * 32
+
+
+def test_a_presets_name_mistyped_is_named_in_the_error(tmp_path):
+    """``--model llama3-8b`` tried the hub and said nothing of the preset ``llama-3-8b``."""
+    r = run_cli(["serve", "--model", "llama3-8b", "--blocks", "16", "--dry-run"], env={"HF_HUB_OFFLINE": "1"})
+    assert r.exit_code not in (0, None) and "did you mean the preset llama-3-8b?" in r.output, r.output
