@@ -349,3 +349,13 @@ def is_socket(path: str) -> bool:
         return stat.S_ISSOCK(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+def endpoint_key(endpoint: str) -> str:
+    """``endpoint`` as the place it binds: an ipc:// path made absolute and normal
+    (``ipc:///run/kv//a.sock`` is ``ipc:///run/kv/a.sock``), for telling two
+    endpoints of one daemon apart (the same socket given twice waited 5 s, then
+    blamed another process)."""
+    if endpoint.startswith("ipc://"):
+        return "ipc://" + os.path.normpath(os.path.abspath(endpoint[len("ipc://"):]))
+    return endpoint

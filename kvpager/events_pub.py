@@ -40,6 +40,7 @@ import zmq
 from kvpager.endpoints import (
     bind_lock,
     check_endpoint,
+    endpoint_key,
     ipc_path,
     is_local,
     open_socket,
@@ -125,7 +126,7 @@ class EventsConfig:
         check_endpoint(self.endpoint, bind=True)
         replay = self.replay_endpoint or replay_endpoint_for(self.endpoint)
         check_endpoint(replay, bind=True)
-        if replay == self.endpoint:
+        if endpoint_key(replay) == endpoint_key(self.endpoint):
             raise InvalidArgument(f"the events replay endpoint must differ from the events endpoint {replay}")
         object.__setattr__(self, "replay_endpoint", replay)
         if self.format not in FORMATS:

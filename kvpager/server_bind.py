@@ -17,6 +17,7 @@ from kvpager import protocol
 from kvpager.endpoints import (
     bind_lock,
     check_ipc_bind,
+    endpoint_key,
     ensure_default_dir,
     ipc_path,
     is_local,
@@ -333,7 +334,8 @@ class Binding:
         self._socket_lost = False
 
     def _start_observers(self) -> None:
-        if self.events is not None and self.endpoint in (self.events.endpoint, self.events.replay_endpoint):
+        if self.events is not None and endpoint_key(self.endpoint) in (
+                endpoint_key(self.events.endpoint), endpoint_key(self.events.replay_endpoint)):
             raise InvalidArgument(f"the KV events endpoints must differ from the daemon's {self.endpoint}")
         if self.request_metrics is not None:
             self._snapshots, self._httpd, self.metrics_port = serve_metrics(

@@ -174,3 +174,11 @@ def test_a_presets_name_mistyped_is_named_in_the_error(tmp_path):
     """``--model llama3-8b`` tried the hub and said nothing of the preset ``llama-3-8b``."""
     r = run_cli(["serve", "--model", "llama3-8b", "--blocks", "16", "--dry-run"], env={"HF_HUB_OFFLINE": "1"})
     assert r.exit_code not in (0, None) and "did you mean the preset llama-3-8b?" in r.output, r.output
+
+
+def test_the_daemons_own_socket_given_again_as_an_events_endpoint_is_refused_at_once(tmp_path):
+    """``--events-endpoint ipc://DIR//kv.sock`` beside ``--endpoint ipc://DIR/kv.sock`` waited
+    5 s, then said another process was binding it (the daemon's own lock)."""
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "16", "--endpoint", f"ipc://{tmp_path}/kv.sock",
+                 "--events-endpoint", f"ipc://{tmp_path}//kv.sock"])
+    assert r.exit_code not in (0, None) and "must differ from the daemon's" in r.output, r.output
