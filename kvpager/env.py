@@ -200,7 +200,9 @@ def control_token(daemon: bool = False) -> str | None:
 
 def _secret(name: str, daemon: bool) -> str | None:
     value = os.environ.get(f"KVPAGER_{name}")
-    if value and value.strip():  # (a blank one is unset: it hid the token file from clients)
+    # (a blank one: a daemon refuses it, it served with no token; a client takes it as unset: it hid
+    # the token file)
+    if value and (daemon or value.strip()):
         return check_token(value.strip(), f"KVPAGER_{name}") if daemon else value.strip()
     path = os.environ.get(f"KVPAGER_{name}_FILE")
     return read_token_file(path) if path else None
