@@ -7,7 +7,10 @@ trailing dict of keyword arguments, e.g. ``("record_tokens", ids, tokens)``,
 ``("commit", ids, {"upto": ends})``, ``("append_flat", ids, 1)``. The calls
 run in order, each all or nothing; the first that fails raises its typed
 error with ``index`` (its place in the calls) and ``results`` (those of the
-calls before it, which stay done); the rest do not run.
+calls before it, which stay done); the rest do not run. A batch a call of which
+cannot be made (no such method, arguments it does not take, one it needs
+missing or None, a flag that is no bool) is refused whole, before any runs,
+by a `KVPool` as by a `Client`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 from kvpager.errors import InvalidArgument, KVPagerError, LimitExceeded, UnknownSequence
 from kvpager.protocol import BATCH_MAX_OPS
+from kvpager.validate import counts, flag
 
 #: The methods a batch may call, and the daemon op each one is.
 BATCHED = {"append_flat": "append", "record_tokens": "record_tokens", "commit": "commit", "free": "free",
@@ -25,6 +29,9 @@ BATCHED = {"append_flat": "append", "record_tokens": "record_tokens", "commit": 
 PARAMS = {"append_flat": ("seq_ids", "num_tokens", "token_ids"), "record_tokens": ("seq_ids", "token_ids"),
           "commit": ("seq_ids", "upto"), "free": ("seq_ids",), "truncate": ("seq_ids", "lengths"),
           "release_before": ("seq_ids", "positions")}
+#: The arguments each method cannot do without (nor take as None).
+REQUIRED = {"append_flat": ("seq_ids",), "record_tokens": ("seq_ids", "token_ids"), "commit": ("seq_ids",),
+            "free": ("seq_ids",), "truncate": ("seq_ids", "lengths"), "release_before": ("seq_ids", "positions")}
 
 
 def parse_calls(calls: Sequence[Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
@@ -46,8 +53,13 @@ def parse_calls(calls: Sequence[Any]) -> list[tuple[str, dict[str, Any], dict[st
             raise InvalidArgument(f"batch: {method} takes {', '.join(params)}; got {len(args)} positional "
                                   f"and {sorted(map(repr, kwargs))}")  # (keys of any kind: repr sorts them)
         named = {**dict(zip(params, args)), **kwargs}
-        if named.get("seq_ids") is None:
-            raise InvalidArgument(f"batch: {method} needs seq_ids")
+        missing = [p for p in REQUIRED[method] if named.get(p) is None]
+        if missing:  # (checked before any call runs: a KVPool ran the calls before it, then a TypeError)
+            raise InvalidArgument(f"batch: {method} needs {', '.join(missing)}")
+        if method == "append_flat" and "num_tokens" in named and named["num_tokens"] is None:
+            counts(None)  # refused, as a single append refuses it
+        if "synchronize" in extra:
+            flag(extra["synchronize"], "batch: commit's synchronize")
         out.append((method, named, extra))
     return out
 

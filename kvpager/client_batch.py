@@ -19,17 +19,14 @@ import numpy as np
 from kvpager.batch_calls import BATCHED, parse_calls, stopped
 from kvpager.client_ids import packed, packed_rows, read_ids, scalar
 from kvpager.client_seqs import one_shot_counts
-from kvpager.errors import UnsupportedConfiguration
+from kvpager.errors import InternalError, UnsupportedConfiguration
 from kvpager.protocol import decode_batch, decode_slots
 from kvpager.protocol_codec import pack_array
-from kvpager.validate import counts, flag
 
 
 def wire_args(method: str, named: dict[str, Any]) -> dict[str, Any]:
     """The daemon op's arguments of a call of ``method`` with arguments ``named``."""
-    if method == "append_flat" and "num_tokens" in named and named["num_tokens"] is None:
-        counts(None)  # refused, as `KVPool` refuses it (left out of the request, it was the daemon's default: 1)
-    wire = {k: v for k, v in named.items() if v is not None}
+    wire = {k: v for k, v in named.items() if v is not None}  # (a None count refused: `parse_calls`)
     if method == "append_flat" and "num_tokens" in wire:
         n = wire["num_tokens"] if type(wire["num_tokens"]) is int else scalar(one_shot_counts(wire["num_tokens"]))
         if type(n) is int and n == 1:
@@ -94,9 +91,8 @@ class ClientBatch:
             raise UnsupportedConfiguration("this daemon predates the batch op; make the calls one by one")
         parsed = parse_calls(calls)
         wires = [wire_args(method, named) for method, named, _ in parsed]
-        if any([flag(extra.get("synchronize", True), "batch: commit's synchronize")  # (each checked)
-                for method, _, extra in parsed if method == "commit"]):
-            self.synchronize()
+        if any(extra.get("synchronize", True) for method, _, extra in parsed if method == "commit"):
+            self.synchronize()  # (the flags checked by `parse_calls`)
         # A step's ops mostly share one list of ids: each list is read, packed and
         # encoded once (an ExtType goes into the message as it is).
         seen: dict[int, tuple[list[int] | None, Any]] = {}
@@ -111,5 +107,12 @@ class ClientBatch:
         results, error = decode_batch(reply)
         out = [follow(self._mirror, m, w, i, r) for (m, _, _), w, i, r in zip(parsed, wires, ids, results)]
         if error is not None:
-            raise stopped(error.exception(), len(out), out)
+            exc = error.exception()
+            if isinstance(exc, InternalError):  # (a daemon bug mid-op: it may have applied, as `_mutate` has it)
+                failed = ids[len(out)]
+                if failed is None:
+                    self._mirror.lost_track()
+                elif failed:
+                    self._mirror.forget(failed)
+            raise stopped(exc, len(out), out)
         return out

@@ -206,8 +206,11 @@ class PoolSequences:
         token_ids: Seq[Seq[int] | None] | None = None,
     ) -> list[np.ndarray]:
         """Extend each sequence by ``num_tokens`` slots; returns their slot ids.
-        Passing the ``token_ids`` lets the new blocks be published on commit.
-        A shared, partly filled last block is copied first (copy-on-write)."""
+        Passing the ``token_ids`` lets the new blocks be published on commit,
+        where every earlier token's id is known (ids given after slots appended
+        without them, before `record_tokens` filled those, are not kept: record
+        them with `record_tokens`). A shared, partly filled last block is
+        copied first (copy-on-write)."""
         ids = validate.seq_ids(seq_ids)
         counts = num_tokens if type(num_tokens) is int else validate.counts(num_tokens)
         flat = self.append_flat(ids, counts, token_ids)

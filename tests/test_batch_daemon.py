@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from daemon_helpers import SMALL, Raw, running_server, server_fixture
+from daemon_helpers import SMALL, Raw, client_fixture, running_server, server_fixture
 from test_record_tokens_daemon import _equal, body, pool_state
 
 from kvpager import KVPool, server_dispatch
@@ -28,6 +28,7 @@ from kvpager.limits import Limits
 from kvpager.protocol import BATCH_MAX_OPS, decode_batch, decode_slots
 
 server = server_fixture(SMALL, heartbeat_timeout=30)
+client = client_fixture()
 
 
 def loop(pool, batched: bool) -> list:
@@ -246,3 +247,45 @@ def test_a_daemon_without_batch_is_told_apart(server):
             with pytest.raises(InvalidArgument):
                 c.batch(bad)
         assert c.sequence(a.seq_id).num_tokens == 3
+
+
+@pytest.mark.parametrize("bad", [
+    ("truncate",),  # no lengths: KVPool ran the calls before it, then raised TypeError
+    ("record_tokens",),  # no token ids
+    ("release_before", None),  # positions None: KVPool refused it at its place, after the append ran
+    ("append_flat", None),  # a None count
+    ("commit", {"synchronize": "yes"}),  # a flag that is no bool: a Client refused it whole, KVPool at its place
+])
+def test_a_call_no_pool_could_make_refuses_the_batch_whole_on_both(client, bad):
+    pool = KVPool(SMALL)
+    for p in (pool, client):
+        [a] = p.allocate([list(range(3, 43))])
+        method, *rest = bad
+        with pytest.raises(InvalidArgument) as e:
+            p.batch([("append_flat", [a.seq_id], 1), (method, [a.seq_id], *rest)])
+        assert getattr(e.value, "index", None) is None  # (nothing ran: no place to stop at)
+        assert p.sequence(a.seq_id).num_tokens == 40
+        p.free([a.seq_id])
+
+
+def test_a_batch_op_that_failed_inside_the_daemon_leaves_the_mirror_asking(client, server, monkeypatch):
+    """An op that raised inside the daemon after it applied (``internal``) may have run:
+    the mirror kept the sequence's 3 blocks and 41 tokens while the daemon held 1 and 5."""
+    from kvpager.errors import InternalError
+
+    [a] = client.allocate([list(range(3, 43))])
+    real = server.pool.truncate
+
+    def applied_then_failed(*args, **kwargs):
+        real(*args, **kwargs)
+        raise RuntimeError("a bug after the truncate ran")
+
+    monkeypatch.setattr(server.pool, "truncate", applied_then_failed)
+    with pytest.raises(InternalError) as e:
+        client.batch([("append_flat", [a.seq_id], 1), ("truncate", [a.seq_id], [5])])
+    monkeypatch.undo()
+    assert e.value.index == 1
+    tables, lens = client.tables([a.seq_id])
+    want_tables, want_lens = client._daemon_tables([a.seq_id])
+    assert list(lens) == list(want_lens) == [5] and np.array_equal(tables, want_tables)
+    client.free([a.seq_id])
