@@ -16,7 +16,7 @@ import click
 from kvpager import env
 from kvpager.backends import parse_device
 from kvpager.backends.ranked import rank_spec
-from kvpager.errors import KVPagerError
+from kvpager.errors import InvalidArgument, KVPagerError
 from kvpager.events import FORMATS
 from kvpager.limits import Limits
 from kvpager.serve_options import Size, build_spec, limit_options, parse_quotas, pool_devices
@@ -227,10 +227,13 @@ def warn_pin_cap(opts: dict[str, Any], spec: Any) -> None:
 def dry_run(opts: dict[str, Any]) -> None:
     """`kvpager serve --dry-run`: the pool the options size, printed, nothing made."""
     device, devices = pool_devices(opts)
-    parse_quotas(opts["quotas"])  # (what a start refuses, a dry run refuses too)
+    quotas = parse_quotas(opts["quotas"])  # (what a start refuses, a dry run refuses too)
     try:
         if not devices:
             parse_device(device)
+        for _, blocks in quotas:
+            if blocks >= 1 << 63:  # (as `set_quota` refuses it at a start)
+                raise InvalidArgument(f"quota must be a number of blocks in [0, 2**63) or None, got {blocks!r}")
         env.cpu_threads()
         spec = build_spec(opts, device, devices)
         warn_pin_cap(opts, spec)
