@@ -214,14 +214,15 @@ class ClientSequences:
         """``_call`` for an op that changes the tables of ``ids`` (read only if it
         fails). Without a clear outcome (no reply in time, or a daemon bug) the op
         may have been applied: the mirror forgets ``ids``, whose tables then come
-        from the daemon. So does any exception but the daemon's refusal: one a
-        signal handler raised while the call waited (KeyboardInterrupt) left a
-        `free` the daemon ran, and the mirror's slots, still taken, wrote into
-        the blocks another session got next."""
+        from the daemon. So does an exception a signal handler raised while the
+        call waited for its reply (KeyboardInterrupt): it left a `free` the daemon
+        ran, and the mirror's slots, still taken, wrote into the blocks another
+        session got next."""
         try:
             got = self._call(op, args)
         except BaseException as e:  # (found gone: it may run, settled, later)
-            if not isinstance(e, KVPagerError) or isinstance(e, (RequestTimeout, DaemonUnavailable, InternalError)):
+            sent = not isinstance(e, KVPagerError) and self._unsettled is not None  # (interrupted mid-wait)
+            if sent or isinstance(e, (RequestTimeout, DaemonUnavailable, InternalError)):
                 forget = list(ids or ())
                 if forget:
                     self._mirror.forget(forget)
