@@ -58,8 +58,8 @@ def _dtype(key: bytes) -> np.dtype:
             raise ProtocolError(f"malformed array dtype {key!r}: {e}") from None
         if dt.kind not in _ALLOWED_KINDS or dt.hasobject:
             raise ProtocolError(f"array dtype {dt} is not allowed")
-        if len(_dtypes) < 64:
-            _dtypes[key] = dt
+        if key == dt.str.encode() and len(_dtypes) < 64:  # (a dtype's own spelling, as clients send it:
+            _dtypes[key] = dt  # others, ``int64`` or ``=i8``, filled the cache and ours were parsed each time)
     return dt
 
 

@@ -254,3 +254,25 @@ def test_an_error_text_is_cut_to_its_limit_its_length_said():
     assert len(info.details["what"]) < MAX_ERROR_TEXT + 64 and info.details["n"] == 3
     short = ErrorInfo("invalid_argument", "y" * MAX_ERROR_TEXT)
     assert short.message == "y" * MAX_ERROR_TEXT
+
+
+def test_other_spellings_of_dtypes_never_crowd_out_the_ones_clients_send(monkeypatch):
+    """A client sending many spellings of allowed dtypes (``int64``, ``=i8``, ``>i8``...)
+    filled the 64 entries of the parsed-dtype cache, and every array of the usual
+    ``<i8`` was parsed again on each decode."""
+    from kvpager import protocol_codec
+
+    monkeypatch.setattr(protocol_codec, "_dtypes", {})
+    spellings = [f"{order}{kind}{size}" for order in "<>=|" for kind in "iuf" for size in (1, 2, 4, 8)]
+    spellings += ["int64", "int32", "float32", "float64", "uint8", "int8", "int16", "uint16", "long", "int"]
+    for s in spellings:
+        try:
+            dt = np.dtype(s)
+        except TypeError:
+            continue
+        body = protocol_codec.pack_array(np.zeros(2, dtype=dt)).data
+        spelled = bytes((len(s),)) + s.encode() + body[1 + body[0]:]
+        assert protocol_codec.unpack_array(spelled).dtype == dt
+    assert all(key == protocol_codec._dtypes[key].str.encode() for key in protocol_codec._dtypes)
+    protocol_codec.unpack_array(protocol_codec.pack_array(np.arange(3, dtype=np.int64)).data)
+    assert b"<i8" in protocol_codec._dtypes
