@@ -35,7 +35,6 @@ and heartbeats (`kvpager.client_wire`), sequence ops and inspection
 
 from __future__ import annotations
 
-import atexit
 import functools
 import itertools
 import logging
@@ -58,10 +57,11 @@ from kvpager.client_hello import (
     rank_layout_refusal,
 )
 from kvpager.client_kv import KVAccess
+from kvpager.client_lifetime import _LIVE, EXIT_WAIT, _dropped, _dropped_quiet  # noqa: F401 (EXIT_WAIT: its name here)
 from kvpager.client_seqs import ClientSequences
 from kvpager.client_staging import ClientStaging
 from kvpager.client_tables import TableMirror
-from kvpager.client_wire import ClientWire, heartbeat_loop, say_bye
+from kvpager.client_wire import ClientWire, heartbeat_loop
 from kvpager.endpoints import AT_CAP, endpoint_or_default, probe
 from kvpager.errors import (
     DaemonUnavailable,
@@ -344,69 +344,6 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         collected without `close`), which may run in the middle of a call of this
         very thread, where a request would take that call's reply."""
         self._later.append((session, [int(s) for s in seq_ids]))
-
-
-def _dropped(stop: threading.Event, gone: threading.Event) -> None:
-    """A client collected without `close`: its heartbeat thread ends its session."""
-    gone.set()
-    stop.set()
-
-
-def _dropped_quiet(session: str | None, endpoint: str, timeout: float) -> None:
-    """A client without a heartbeat thread collected without `close`: its session is
-    ended from a short thread of its own (it held its sequences until the daemon's
-    heartbeat timeout; the collector's thread is not kept waiting for the daemon)."""
-    if session is not None:
-        threading.Thread(target=say_bye, args=(session, endpoint, timeout), name="kvpager-bye", daemon=True).start()
-
-
-#: Every live client of this process, for `_after_fork_in_child` and `_close_at_exit`.
-_LIVE: weakref.WeakSet[Client] = weakref.WeakSet()
-
-#: The longest a client left open at exit waits for its daemon (its heartbeat, then bye).
-EXIT_WAIT = 1.0
-
-
-def _close_at_exit() -> None:
-    """At the interpreter's exit, every client still open says bye. A process that
-    returned without `close` never collects its clients, and their heartbeat
-    threads (daemon threads) died before they said it: the session and its blocks
-    stayed until the daemon's heartbeat timeout. Each waits at most `EXIT_WAIT`
-    (a stalled daemon: the session ends at its timeout instead), and a client
-    another thread is in a call on is left to it."""
-    for client in list(_LIVE):
-        if client._closed or not client._lock.acquire(timeout=EXIT_WAIT):
-            continue
-        try:
-            client.timeout = min(client.timeout, EXIT_WAIT)
-            client.close()
-        except Exception as e:  # (nothing to tell at exit: the daemon ends it at its timeout)
-            log.debug("closing a client at exit failed: %s", e)
-        finally:
-            client._lock.release()
-
-
-atexit.register(_close_at_exit)
-
-
-def _after_fork_in_child() -> None:
-    """In a forked child, every client inherited from the parent is the parent's:
-    its lock gets a fresh copy (one a parent's thread held at the fork is never
-    released here: any call, ``close`` included, blocked for good), its session
-    is marked lost and its plans' count moved, so each of its calls and its step
-    plans' writes refuse by name (`ClientWire._check_process`) instead of writing
-    through the parent's tables into blocks that may be another session's."""
-    for client in list(_LIVE):
-        client._lock = threading.RLock()
-        client._lost = True
-        client._own_slots = client._driver_slots = None
-        mirror = client.__dict__.get("_mirror")
-        if mirror is not None:
-            mirror.moves.bump()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 #: The calls that read or change the client's session, socket or mirror: each
