@@ -165,7 +165,9 @@ def redis_cluster(masters: int = 3, node_timeout_ms: int = 2000) -> Iterator[lis
 def listener(kind: str, port: int | None = None):
     """A TCP listener on 127.0.0.1 that accepts connections and never finishes a
     reply: ``silent`` sends nothing, ``trickle`` a status line a byte every
-    50 ms, never ended (each read of redis-py's comes within its timeout)."""
+    50 ms, never ended (each read of redis-py's comes within its timeout); or,
+    ``ok``, answers ``+OK`` to every command it is sent (a sidecar or proxy that
+    is no Redis)."""
     stop = threading.Event()
     server = socket.create_server(("127.0.0.1", port or free_port()))
     server.settimeout(0.2)
@@ -173,6 +175,15 @@ def listener(kind: str, port: int | None = None):
 
     def talk(conn: socket.socket) -> None:
         with contextlib.suppress(OSError):
+            conn.settimeout(0.2)
+            while kind == "ok" and not stop.is_set():
+                try:
+                    data = conn.recv(1 << 16)
+                except TimeoutError:
+                    continue
+                if not data:
+                    return
+                conn.sendall(b"+OK\r\n" * max(1, data.count(b"*")))
             if kind == "trickle":
                 conn.sendall(b"+")
             while not stop.wait(0.05):

@@ -155,14 +155,21 @@ def test_check_refuses_credentials_db_and_commands_an_acl_user_lacks():
     t.close()
 
 
-def test_check_refuses_a_store_that_cannot_take_one_value():
+# (a client-query-buffer-limit under one write: every write dropped by the store, counted as
+# an outage, while the check said it was fine)
+@pytest.mark.parametrize("setting", ["proto-max-bulk-len", "client-query-buffer-limit"])
+def test_check_refuses_a_store_that_cannot_take_one_value(setting):
     with redis_server() as server:
-        server.cli("CONFIG", "SET", "proto-max-bulk-len", str(1 << 20))
+        server.cli("CONFIG", "SET", setting, str(1 << 20))
         big = SPEC.replace(num_layers=64, head_dim=128)  # 2 MiB blocks
         t = RemoteTier(server.url)
         assert t.check(SPEC) is None
-        with pytest.raises(StoreMisconfigured, match="proto-max-bulk-len is 1048576 bytes"):
+        with pytest.raises(StoreMisconfigured, match=f"{setting} is 1048576 bytes"):
             t.check(big)
+        t.close()
+        server.cli("CONFIG", "SET", setting, str(4 << 20))
+        t = RemoteTier(server.url)
+        assert t.check(big) is None
         t.close()
 
 

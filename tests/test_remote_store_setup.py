@@ -1,25 +1,19 @@
 """Store setups the remote tier could never use, or would misread, found at its
 start (real redis-server processes, nothing mocked):
-- a ``client-query-buffer-limit`` below one write of a value: every write was
-  dropped by the store, counted as an outage, while the check said it was fine;
 - a TLS certificate that cannot verify as configured (no CA given for a
   self-signed one, another host's name): it read "does not answer", and the
   daemon ran with every call failing;
 - an endpoint that answers ``+OK`` to every command (a sidecar, a proxy):
   redis-py's handshake failed with AttributeError and `kvpager serve` died with
   a traceback; now it is a store that does not answer, as one speaking HTTP.
-(URL options: test_remote_urls.py; the rest of the check: test_remote_careless.py.)"""
+(URL options: test_remote_urls.py; the rest of the check, a query buffer under one write
+among it: test_remote_careless.py.)"""
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
-from redis_helpers import need_redis, redis_server, tls_redis_server
+from redis_helpers import listener, need_redis, tls_redis_server
 
 need_redis()
 
@@ -30,21 +24,6 @@ from kvpager.remote_store import StoreMisconfigured  # noqa: E402
 from kvpager.remote_tier import RemoteTier  # noqa: E402
 
 SPEC = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=48, block_size=16, dtype="float32")
-
-
-def test_check_refuses_a_store_whose_query_buffer_cannot_take_one_write():
-    with redis_server() as server:
-        server.cli("CONFIG", "SET", "client-query-buffer-limit", str(1 << 20))
-        big = SPEC.replace(num_layers=64, head_dim=128)  # 2 MiB blocks
-        t = RemoteTier(server.url)
-        assert t.check(SPEC) is None
-        with pytest.raises(StoreMisconfigured, match="client-query-buffer-limit is 1048576 bytes"):
-            t.check(big)
-        t.close()
-        server.cli("CONFIG", "SET", "client-query-buffer-limit", str(4 << 20))
-        t = RemoteTier(server.url)
-        assert t.check(big) is None
-        t.close()
 
 
 def test_check_refuses_a_certificate_that_cannot_verify(tmp_path):
@@ -60,45 +39,8 @@ def test_check_refuses_a_certificate_that_cannot_verify(tmp_path):
         t.close()
 
 
-@contextlib.contextmanager
-def answers_ok_to_everything() -> Iterator[int]:
-    """A TCP server that answers ``+OK`` to each command it is sent: its port."""
-    srv = socket.create_server(("127.0.0.1", 0))
-    srv.settimeout(0.1)
-    stop = threading.Event()
-
-    def talk(conn: socket.socket) -> None:
-        with contextlib.suppress(OSError), conn:
-            conn.settimeout(0.2)
-            while not stop.is_set():
-                try:
-                    data = conn.recv(1 << 16)
-                except TimeoutError:
-                    continue
-                if not data:
-                    return
-                conn.sendall(b"+OK\r\n" * max(1, data.count(b"*")))
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                continue
-            threading.Thread(target=talk, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield srv.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(5)
-        srv.close()
-
-
 def test_an_endpoint_that_answers_ok_to_everything_is_a_store_that_does_not_answer():
-    with answers_ok_to_everything() as port:
+    with listener("ok") as port:
         t = RemoteTier(f"redis://127.0.0.1:{port}", timeout=0.5)
         why = t.check(SPEC)  # a warning, as for an endpoint that answers HTTP (it raised AttributeError)
         assert why is not None and "AttributeError" in why
