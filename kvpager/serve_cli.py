@@ -16,11 +16,12 @@ import click
 from kvpager import env
 from kvpager.backends import parse_device
 from kvpager.backends.ranked import rank_spec
-from kvpager.errors import InvalidArgument, KVPagerError
+from kvpager.errors import KVPagerError
 from kvpager.events import FORMATS
 from kvpager.limits import Limits
 from kvpager.serve_options import Size, build_spec, limit_options, parse_quotas, pool_devices
 from kvpager.spec import MODEL_PRESETS
+from kvpager.tenants import quota_blocks
 
 log = logging.getLogger("kvpager.server")
 
@@ -232,8 +233,7 @@ def dry_run(opts: dict[str, Any]) -> None:
         if not devices:
             parse_device(device)
         for _, blocks in quotas:
-            if blocks >= 1 << 63:  # (as `set_quota` refuses it at a start)
-                raise InvalidArgument(f"quota must be a number of blocks in [0, 2**63) or None, got {blocks!r}")
+            quota_blocks(blocks)  # (as `set_quota` refuses it at a start)
         env.cpu_threads()
         spec = build_spec(opts, device, devices)
         warn_pin_cap(opts, spec)

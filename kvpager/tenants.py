@@ -25,7 +25,7 @@ daemon serving many salts over time keeps only the live ones.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -180,12 +180,7 @@ class Tenants:
         """Bound ``salt``'s cached blocks softly by ``blocks`` (None: no quota)."""
         root = root_key(salt)  # InvalidArgument for a salt of the wrong type
         if blocks is not None:
-            # an int or a NumPy integer (as a Client sends it), not a bool; within int64, as
-            # `stats` carries it (a larger one made every stats reply unencodable)
-            n = whole(blocks)
-            if n is None or not 0 <= n < 1 << 63:
-                raise InvalidArgument(f"quota must be a number of blocks in [0, 2**63) or None, got {blocks!r}")
-            blocks = n
+            blocks = quota_blocks(blocks)
         if blocks is None:
             c = self._codes.get(root)
             if c is not None and self.quotas.pop(c, None) is not None:
@@ -274,3 +269,13 @@ class Tenants:
                                "blocks are evictable (or in another order)")
                 out += [f"tenant {self.salts[c]!r}: {p}" for p in mine.problems()]
         return out
+
+
+def quota_blocks(blocks: Any) -> int:
+    """A quota's blocks: an int or a NumPy integer (as a Client sends it), not a
+    bool; within int64, as `stats` carries it (a larger one made every stats reply
+    unencodable). InvalidArgument otherwise."""
+    n = whole(blocks)
+    if n is None or not 0 <= n < 1 << 63:
+        raise InvalidArgument(f"quota must be a number of blocks in [0, 2**63) or None, got {blocks!r}")
+    return n
