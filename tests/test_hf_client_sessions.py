@@ -124,3 +124,28 @@ def test_caches_dropped_without_close_give_their_blocks_back(model, kind):
         assert open_caches(model) == 0 and "forward" not in vars(model)
         assert pool.stats().num_sequences == 0  # (freed by the call before this one's answer, at the latest)
         pool.check_integrity()
+
+
+@pytest.mark.parametrize("kind", ["pool", "daemon"])
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_generations_dropped_without_close_give_their_blocks_back(model, kind, pipeline):
+    """Twelve generations stepped part-way and dropped (a loop that stops early,
+    an exception between steps), on a pool that holds three at a time: the fourth
+    raised OutOfBlocks. Each one's tokens are those of a generation run whole."""
+    spec = spec_for_model(model, num_blocks=16, block_size=8)
+    prompts = [list(range(3, 23)), list(range(40, 57))]
+    with running_server(spec) as server, Client(server.endpoint) as c:
+        pool = KVPool(spec) if kind == "pool" else c
+        with PagedGeneration(model, pool, prompts, max_new_tokens=12, pipeline=pipeline) as whole:
+            while not whole.done:
+                whole.step()
+        for i in range(12):
+            g = PagedGeneration(model, pool, [p[i % 3 :] for p in prompts], max_new_tokens=12, pipeline=pipeline)
+            for _ in range(3):
+                g.step()
+            if i % 3 == 0:
+                assert g.outputs[0][:2] == whole.outputs[0][:2]
+            del g
+            gc.collect()
+        assert pool.stats().num_sequences == 0  # (freed by the call before this one's answer, at the latest)
+        pool.check_integrity()

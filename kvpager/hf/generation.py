@@ -25,6 +25,7 @@ and `generate`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import KW_ONLY, InitVar, dataclass, field
 from typing import Any
@@ -59,7 +60,7 @@ from kvpager.hf.decode_plans import DecodePlans  # noqa: F401
 from kvpager.hf.eager import TORCH_DTYPES  # noqa: F401
 from kvpager.hf.generation_setup import GenerationSetup
 from kvpager.hf.graphs import DecodeGraphs, bucket_for, check_graph_options, graph_width  # noqa: F401
-from kvpager.hf.held_session import check_session, pool_session
+from kvpager.hf.held_session import check_session, free_dropped, pool_session
 from kvpager.hf.logprobs import Completion, KeptLogprobs, TokenLogprobs, check_logprobs  # noqa: F401
 from kvpager.hf.model import (  # noqa: F401
     ABSENT,
@@ -170,6 +171,9 @@ class PagedGeneration(GenerationSetup, DecodePasses, KeptLogprobs):
         self.outputs = [[] for _ in allocs]
         self.finished = [False] * len(allocs)
         self._held = set(self.seq_ids)  # not freed yet
+        # one dropped without `close` (a loop that stops stepping, an exception between steps): its
+        # sequences freed at the pool's next call (ids only grow: those freed already are not live)
+        self._finalizer = weakref.finalize(self, free_dropped, self.pool, list(self.seq_ids), self._session)
         try:
             rows = list(range(len(allocs)))
             if self._recurrent is not None:  # passes of rows, resumed where states are held
@@ -291,6 +295,8 @@ class PagedGeneration(GenerationSetup, DecodePasses, KeptLogprobs):
             self._held.clear()
 
     def _close(self) -> None:
+        if getattr(self, "_finalizer", None) is not None:  # (not yet made where the allocation failed)
+            self._finalizer.detach()
         if pool_session(self.pool) != self._session:  # (after a reconnect their ids may name another's)
             self._timed_out = True  # (the path that frees alone, freeing none of them here)
             self._held.clear()

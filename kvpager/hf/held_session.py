@@ -10,6 +10,9 @@ id only where none of its sequences has it now). Each stamps the session its
 sequences were allocated in, refuses a pass in another one (`SessionLost`),
 and at `close` frees nothing there (its sequences went with their session).
 An embedded `KVPool` has no sessions (None throughout).
+
+One dropped without `close` (collected) hands its sequences to the pool's
+next call (`free_dropped`), unless its session was lost since.
 """
 
 from __future__ import annotations
@@ -31,3 +34,14 @@ def check_session(pool: Any, stamp: str | None, what: str, whose: str) -> None:
         raise SessionLost(f"{what}: this {whose}'s sequences were held in its client's session lost since "
                           "(Client.reconnect); they are gone, and the new session gives their ids to other "
                           f"sequences: make a new {whose}")
+
+
+def free_dropped(pool: Any, seq_ids: list[int], stamp: str | None) -> None:
+    """A cache's or a generation's sequences, held in session ``stamp``, freed at
+    ``pool``'s next call (`KVPool.free_later`, `Client.free_later`): for a
+    finalizer, which may run in the middle of a call, on any thread. Nothing
+    where the session changed since (they went with it, and their ids may name
+    another's now); ids freed already are left out there (ids only grow)."""
+    free_later = getattr(pool, "free_later", None)
+    if seq_ids and free_later is not None and pool_session(pool) == stamp:
+        free_later(seq_ids, stamp)

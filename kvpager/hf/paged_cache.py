@@ -71,7 +71,7 @@ from kvpager.hf.decode_plans import DecodePlans
 from kvpager.hf.eager import TORCH_DTYPES
 from kvpager.hf.fed_positions import own_salt
 from kvpager.hf.graphs import check_graph_options
-from kvpager.hf.held_session import check_session, pool_session
+from kvpager.hf.held_session import check_session, free_dropped, pool_session
 from kvpager.hf.model import has_recurrent_layers, layer_fit, layer_map, text_config
 from kvpager.hf.paged_layer import PagedLayer
 from kvpager.hf.rope import pass_dependent
@@ -347,9 +347,7 @@ def _dropped(pool: Any, rows: CacheRows, model: Any) -> None:
     (they went with it), and the model's forward is given back."""
     ids = [s for s in rows.seq_ids if s is not None]
     rows.seq_ids = []
-    free_later = getattr(pool, "free_later", None)
-    if ids and free_later is not None and pool_session(pool) == rows.session:
-        free_later(ids, rows.session)
+    free_dropped(pool, ids, rows.session)
     give_forward(model)
 
 
