@@ -240,10 +240,24 @@ class Dispatch:
     def _op_batch(self, s: Session, a: dict[str, Any]) -> dict[str, Any]:
         """Several sequence ops of one session in order, in one request: each all or
         nothing, the first that fails stops the batch (the ops before it stay done,
-        the rest do not run). Every op's name, argument names and per-request limits
-        are checked before the first one runs; the batch is one request for the
-        limits: its ops' sequence ids together within the ids limit (each op's other
-        lists too), their token ids together within the tokens limit."""
+        the rest do not run). Checked whole by `_bound_batch` before it gets here."""
+        results: list[Any] = []
+        for i, (op, args) in enumerate(a["ops"]):
+            try:
+                results.append(self._handlers[op](s, args))
+            except Exception as e:
+                error = self._error_info(op, e)
+                error.details["index"] = i
+                return encode_batch(results, error)
+        return encode_batch(results, None)
+
+    def _bound_batch(self, a: dict[str, Any]) -> int:
+        """A batch's every op's name, argument names and per-request limits, before
+        any runs (with the request's other checks: a batch so refused ran nothing
+        and is not kept for a retry, as a single op so refused is not). The batch
+        is one request for the limits: its ops' sequence ids together within the ids
+        limit (each op's other lists too), their token ids together within the
+        tokens limit."""
         ops = a["ops"]
         if not isinstance(ops, list) or not 0 < len(ops) <= BATCH_MAX_OPS:
             raise InvalidArgument(f"batch: ops must be a list of 1 to {BATCH_MAX_OPS} [op, args] pairs")
@@ -262,18 +276,12 @@ class Dispatch:
             lim.check("ids", ids, "batch: sequence ids of its ops together")
         if tokens > lim.tokens:
             lim.check("tokens", tokens, "batch: token ids of its ops together")
-        results: list[Any] = []
-        for i, (op, args) in enumerate(ops):
-            try:
-                results.append(self._handlers[op](s, args))
-            except Exception as e:
-                error = self._error_info(op, e)
-                error.details["index"] = i
-                return encode_batch(results, error)
-        return encode_batch(results, None)
+        return tokens
 
     def _bound(self, op: str, a: dict[str, Any]) -> int:
         """The per-request limits: ids and tokens in one request (len() only); the token ids counted."""
+        if op == "batch":
+            return self._bound_batch(a)
         lim = self.limits
         for name, v in a.items():  # the request's own arguments (a decode step's append: seq_ids alone)
             if name in _ID_LISTS and _sized(v) and len(v) > lim.ids:

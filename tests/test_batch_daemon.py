@@ -289,3 +289,28 @@ def test_a_batch_op_that_failed_inside_the_daemon_leaves_the_mirror_asking(clien
     want_tables, want_lens = client._daemon_tables([a.seq_id])
     assert list(lens) == list(want_lens) == [5] and np.array_equal(tables, want_tables)
     client.free([a.seq_id])
+
+
+@pytest.mark.parametrize("ops", [
+    [["append", {"seq_ids": [1], "num_tokens": 10**7}]],  # over the tokens limit
+    [["append", {"seq_ids": [1]}]] * 40 + [["commit", {"seq_ids": list(range(1, 40))}]],  # ids together
+    [["append", {"seq_ids": [1]}], ["batch", {"ops": []}]],  # malformed
+])
+def test_a_batch_refused_before_it_ran_is_not_kept_for_a_retry(ops):
+    """As a single op refused by its checks is not: kept, its reply took one of the
+    session's kept replies and raised its floor, so the session's next request of a
+    lower id was refused as a late copy of a retried one."""
+    with running_server(SMALL, limits=Limits(ids=64, tokens=1000)) as srv, Client(srv.endpoint) as c:
+        before = pool_state(srv.pool)
+        raw = Raw(srv.endpoint)
+        try:
+            req = body(10**6, "batch", {"ops": ops}, c.session)
+            first = raw.send(req)
+            again = raw.send(req)  # a retry is checked again, as a new request is
+        finally:
+            raw.close()
+        assert first[1] == 1 and first[2]["code"] in ("limit_exceeded", "invalid_argument"), first
+        assert again == first
+        assert pool_state(srv.pool) == before
+        [b] = c.allocate([[4, 5]])  # the session's first kept request, of a lower id than the refused one's
+        assert c.sequence(b.seq_id).num_tokens == 2
