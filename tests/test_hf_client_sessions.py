@@ -23,7 +23,7 @@ from test_hf_paged_cache import PROMPT, cache_kw, padded_batch  # noqa: E402
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.client import Client  # noqa: E402
-from kvpager.errors import SessionLost  # noqa: E402
+from kvpager.errors import InvalidArgument, SessionLost  # noqa: E402
 from kvpager.hf import PagedCache, PagedGeneration, spec_for_model  # noqa: E402
 from kvpager.hf.paged_cache import open_caches  # noqa: E402
 
@@ -149,3 +149,32 @@ def test_generations_dropped_without_close_give_their_blocks_back(model, kind, p
             gc.collect()
         assert pool.stats().num_sequences == 0  # (freed by the call before this one's answer, at the latest)
         pool.check_integrity()
+
+
+@pytest.mark.parametrize("kind", ["pool", "daemon"])
+def test_caches_dropped_without_close_give_their_blocks_back_without_a_cycle_collection(model, kind):
+    """A cache and its layers (and its captured steps' and next pass's helpers) no
+    longer refer to each other: a dropped cache goes when its last reference does,
+    not at the collector's next full pass, which a loop of `generate` calls on a
+    full pool did not wait for (OutOfBlocks at the fifth call here)."""
+    spec = spec_for_model(model, num_blocks=24, block_size=8)
+    ids, mask = padded_batch(2, (0, 5))
+    with running_server(spec) as server, Client(server.endpoint) as c:
+        pool = KVPool(spec) if kind == "pool" else c
+        want = run(model, None, transformers.DynamicCache(), ids, mask)
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(12):
+                assert torch.equal(run(model, pool, PagedCache(model, pool), ids, mask), want)
+        finally:
+            gc.enable()
+        assert pool.stats().num_sequences == 0
+        pool.check_integrity()
+
+
+def test_a_layer_of_a_dropped_cache_says_so(model):
+    pool = KVPool(spec_for_model(model, num_blocks=24, block_size=8))
+    layer = PagedCache(model, pool).layers[0]  # (the cache dropped at once)
+    with pytest.raises(InvalidArgument, match="cache was dropped"):
+        layer.get_seq_length()

@@ -28,6 +28,7 @@ row whose slot starts a block holds that block, until the next pass or call.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +54,7 @@ class PassAhead:
     """The next decode pass of ``cache`` (a `PagedCache`), taken ahead where it may pay."""
 
     def __init__(self, cache: Any) -> None:
-        self.cache = cache
+        self._cache = weakref.ref(cache)  # (held strongly, the cache lived until a cycle collection)
         self.ahead: Ahead | None = None
         self.decodes = 0  # decode passes in a row, no call on the cache between them
         pool = cache.pool
@@ -62,6 +63,10 @@ class PassAhead:
         #: host, whose work this moves, not spares)
         self.enabled = cache._graphs is not None and hasattr(pool, "record_tokens") and (
             ops is None or "record_tokens" in ops)
+
+    @property
+    def cache(self) -> Any:
+        return self._cache()
 
     def after(self, decode: bool, replayed: bool) -> None:
         """A pass ran and was counted (`CacheRows.done`): ``decode``, one token every

@@ -14,6 +14,7 @@ the steps an earlier one captured, one cache at a time.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -39,9 +40,13 @@ class CacheGraphs:
                 raise InvalidArgument("PagedCache replays uncompiled steps: pass CapturedSteps made without compile")
             if cuda_graphs.closed:
                 raise InvalidArgument("cuda_graphs: these CapturedSteps are closed; make new ones")
-        self.cache = cache
+        self._cache = weakref.ref(cache)  # (held strongly, the cache lived until a cycle collection)
         self._kept = cuda_graphs if isinstance(cuda_graphs, CapturedSteps) else None
         self._graphs: DecodeGraphs | None = None
+
+    @property
+    def cache(self) -> Any:
+        return self._cache()
 
     def _batch(self, plan: Any) -> PagedBatch:
         """A captured step's batch: the cache's layers, the pass's logits kept."""

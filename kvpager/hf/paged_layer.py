@@ -3,9 +3,12 @@ nothing and answers transformers' questions from the cache."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
+
+from kvpager.errors import InvalidArgument
 
 try:  # transformers 4.56 on: a cache is a list of layers
     from transformers.cache_utils import CacheLayerMixin
@@ -23,12 +26,22 @@ class PagedLayer(CacheLayerMixin):
 
     def __init__(self, cache: Any, sliding: bool) -> None:
         super().__init__()
-        self._cache = cache
+        # weakly: the cache holds its layers, and a cycle lived (its sequences held) until a cycle
+        # collection, so a loop of `generate` calls each given a new cache ran out of blocks
+        self._cache_ref = weakref.ref(cache)
         self.is_sliding = sliding
         self.is_initialized = True
         # nothing held here (the pool holds it): what a model that looks into its cache's layers
         # sees (Mllama asks whether a cross-attention layer holds states: none, text only)
         self.keys = self.values = torch.empty(0)
+
+    @property
+    def _cache(self) -> Any:
+        cache = self._cache_ref()
+        if cache is None:
+            raise InvalidArgument("this PagedCache layer's cache was dropped (collected, its sequences freed): "
+                                  "keep the cache, not its layers")
+        return cache
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         return None
