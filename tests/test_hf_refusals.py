@@ -364,3 +364,33 @@ def test_attention_that_builds_its_mask_from_its_values_is_refused_by_name():
         generate(model, pool, [prompt(11, 1), prompt(4, 2)], 3, eos_token_id=None)
     assert pool.stats().num_sequences == 0 and pool.stats().used_blocks == 0
     pool.check_integrity()
+
+
+@pytest.mark.parametrize("family", ["stablelm", "llama"])
+@pytest.mark.parametrize("how", ["forward", "generate", "config"])
+def test_a_cache_pass_asking_for_attention_weights_is_refused_before_it_runs(family, how):
+    """kvpager's attention computes no weights. StableLM's layers (as GPT-2's, OPT's,
+    Falcon's) do not pass ``output_attentions`` on to the attention function, so a
+    PagedCache pass returned empty weights without a word where Llama's refused."""
+    model = make_model(family)
+    pool = KVPool(spec_for_model(model, num_blocks=16, block_size=8))
+    ids = torch.tensor([prompt(12, 1)])
+    before = pool.stats()
+    with PagedCache(model, pool) as cache, torch.no_grad():
+        given = {cache_argument(model): cache}
+        with pytest.raises(UnsupportedModel, match="output_attentions=True"):
+            if how == "forward":
+                model(ids, **given, output_attentions=True)
+            elif how == "generate":
+                model.generate(ids, **given, max_new_tokens=2, do_sample=False,
+                               output_attentions=True, return_dict_in_generate=True)
+            else:
+                model.config._attn_implementation = "eager"  # (transformers refuses the flag under SDPA)
+                model.config.output_attentions = True
+                model(ids, **given)
+        assert pool.stats() == before and cache.get_seq_length() == 0
+        model.config.output_attentions = False
+        out = model(ids, **given, output_attentions=False)  # (the cache serves on)
+        with torch.no_grad():
+            want = model(ids).logits
+        assert torch.allclose(out.logits, want, atol=1e-4)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from kvpager.errors import InvalidArgument
+from kvpager.errors import InvalidArgument, UnsupportedModel
 from kvpager.hf import cache_pass, cached_tail, repeated_rows
 from kvpager.hf.attention import PagedBatch
 from kvpager.hf.cache_rows import Step
@@ -49,6 +49,7 @@ class CacheForward:
             self._check_open("a forward pass")
             # (generate passes keywords; a caller's positional arguments bound by the forward's names)
             named = kwargs if not args else self._signature.bind_partial(self.model, *args, **kwargs).arguments
+            _check_outputs(self.model, kwargs.get("output_attentions", named.get("output_attentions")))
             input_ids = named.get("input_ids")
             keep = cached_tail.kept_logits(named, self._takes_positions)
             # (a first pass whose rows repeat others, beams' or returned sequences': its distinct rows)
@@ -141,3 +142,17 @@ class CacheForward:
             self._free_rows()
             raise
         return repeated_rows.repeated(out, again.index)
+
+
+def _check_outputs(model: Any, asked: Any) -> None:
+    """A pass asking for attention weights (``asked``: its ``output_attentions``,
+    None: its config's) refused by name before anything changes: kvpager's kernels compute
+    none, and where a model's layers do not pass the flag on to the attention
+    function (GPT-2's, OPT's, StableLM's, Falcon's) transformers returned empty
+    or None weights without a word (others' refused it a layer at a time)."""
+    if asked is None:
+        asked = getattr(model.config, "output_attentions", False)
+    if asked:
+        raise UnsupportedModel(f"PagedCache: {type(model).__name__} asked for attention weights "
+                               "(output_attentions=True): kvpager's attention computes none; run this pass "
+                               "with another cache (or attn_implementation) to get them")
