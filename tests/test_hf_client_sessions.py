@@ -178,3 +178,23 @@ def test_a_layer_of_a_dropped_cache_says_so(model):
     layer = PagedCache(model, pool).layers[0]  # (the cache dropped at once)
     with pytest.raises(InvalidArgument, match="cache was dropped"):
         layer.get_seq_length()
+
+
+@pytest.mark.parametrize("kind", ["cache", "generation"])
+def test_closing_one_whose_pool_was_closed_raises_nothing(model, kind):
+    """As one whose client was closed: its sequences went with the pool's storage.
+    It raised the closed pool's InvalidArgument, from a ``with`` block's exit too,
+    hiding the exception that ended the block."""
+    pool = KVPool(spec_for_model(model, num_blocks=24, block_size=8))
+    if kind == "generation":
+        held = PagedGeneration(model, pool, [list(range(3, 23))], max_new_tokens=8)
+        held.step()
+    else:
+        held = PagedCache(model, pool)
+        ids, mask = padded_batch(2, (0, 5))
+        run(model, pool, held, ids, mask)
+    pool.close()
+    with pytest.raises(KeyError, match="the block's own"), held:
+        raise KeyError("the block's own")
+    held.close()  # (again: still nothing)
+    assert "forward" not in vars(model)

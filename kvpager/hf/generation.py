@@ -297,7 +297,8 @@ class PagedGeneration(GenerationSetup, DecodePasses, KeptLogprobs):
     def _close(self) -> None:
         if getattr(self, "_finalizer", None) is not None:  # (not yet made where the allocation failed)
             self._finalizer.detach()
-        if pool_session(self.pool) != self._session:  # (after a reconnect their ids may name another's)
+        if pool_session(self.pool) != self._session or getattr(self.pool, "closed", False) is True:
+            # (after a reconnect their ids may name another's; a closed pool's went with its storage)
             self._timed_out = True  # (the path that frees alone, freeing none of them here)
             self._held.clear()
         prev, self._inflight = self._inflight, None

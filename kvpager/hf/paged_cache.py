@@ -322,8 +322,10 @@ class PagedCache(CacheForward, Cache if Cache is not None else object):  # type:
     def _free_rows(self) -> None:
         self._ahead.forget()
         self._plans.drop()
-        if pool_session(self.pool) != self._rows.session:  # (its sequences went with that session; their
-            self._rows.clear()  # ids may be another cache's now)
+        if pool_session(self.pool) != self._rows.session or getattr(self.pool, "closed", False) is True:
+            # (its sequences went with that session, their ids may be another cache's now; or with
+            # its closed pool's storage)
+            self._rows.clear()
             self._rows.session = pool_session(self.pool)
             return
         with contextlib.suppress(SessionLost):  # (the client closed, or its session ended: the daemon freed them)
