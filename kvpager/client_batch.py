@@ -103,7 +103,9 @@ class ClientBatch:
                 seen[id(v)] = (checked, pack_array(sent) if isinstance(sent, np.ndarray) else sent)
         ids = [seen[id(w["seq_ids"])][0] for w in wires]
         ops = [[BATCHED[m], on_wire(w, seen[id(w["seq_ids"])][1])] for (m, _, _), w in zip(parsed, wires)]
-        reply = self._mutate("batch", {"ops": ops}, (s for each in ids for s in each or ()))
+        # (an op's ids not read here: an unclear outcome loses track, as a success of that op does)
+        every = None if any(each is None for each in ids) else [s for each in ids for s in each]
+        reply = self._mutate("batch", {"ops": ops}, every)
         results, error = decode_batch(reply)
         out = [follow(self._mirror, m, w, i, r) for (m, _, _), w, i, r in zip(parsed, wires, ids, results)]
         if error is not None:

@@ -23,9 +23,11 @@ PACK_AT = 16
 def as_ids(value: Any) -> Any:
     """Sequence ids given as another iterable than a list, a tuple or an array (a
     generator, a range) read once into a list, as `KVPool` reads them, before the
-    client reads or sends them; ids in no order (a set, a dict) refused as `KVPool`
+    client reads or sends them (an object array too: its mirror then follows the op); ids in no order (a set, a dict) refused as `KVPool`
     refuses them; a tensor as the array it holds, as `KVPool` takes it; anything
     else as given."""
+    if isinstance(value, np.ndarray) and value.dtype == object:  # (ints as Python objects: read as `KVPool` reads them)
+        return value.tolist()
     if isinstance(value, (list, tuple, np.ndarray, str, bytes)) or not hasattr(value, "__iter__"):
         return value
     if is_tensor(value):  # as `KVPool` takes one: the array it holds (a 0-d one: one id)

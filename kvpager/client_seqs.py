@@ -147,11 +147,12 @@ class ClientSequences:
         seq_ids = packed(seq_ids)
         args = {"seq_ids": seq_ids} if upto is None else {"seq_ids": seq_ids, "upto": packed(upto)}
         try:
-            published = self._call("commit", args)
-        except BaseException:  # (one without a clear outcome may have run: step plans recheck)
-            self._mirror.committed(None, None)
+            published = self._mutate("commit", args, ids)
+        except BaseException:  # (step plans recheck; one without a clear outcome may have run: `_mutate`)
+            self._mirror.moves.bump()
             raise
-        self._mirror.committed(ids, upto)
+        if ids is not None:  # (else the mirror lost track: `_mutate`)
+            self._mirror.committed(ids, upto)
         return published
 
     def fork(self, seq_ids: Any, n: int = 1) -> list[list[int]]:
@@ -223,9 +224,12 @@ class ClientSequences:
         except BaseException as e:  # (found gone: it may run, settled, later)
             sent = not isinstance(e, KVPagerError) and self._unsettled is not None  # (interrupted mid-wait)
             if sent or isinstance(e, (RequestTimeout, DaemonUnavailable, InternalError)):
-                forget = list(ids or ())
-                if forget:
-                    self._mirror.forget(forget)
+                if ids is None:  # (ids the daemon may have taken, not read here)
+                    self._mirror.lost_track()
+                else:
+                    forget = list(ids)
+                    if forget:
+                        self._mirror.forget(forget)
             raise
         if ids is None:  # the daemon took ids this mirror cannot read: it cannot follow the op
             self._mirror.lost_track()

@@ -255,10 +255,12 @@ class TableMirror:
     def committed(self, ids: list[int] | None, upto: Any) -> None:
         """`commit`'s: tokens ``[0, upto)`` of each sequence declared written (``upto``
         None: all; else an int or None per sequence). Step plans writing them are
-        done; no block is released. ``ids`` None: a commit whose ids or outcome
-        are not known here (the plans recheck; nothing is recorded)."""
+        done; no block is released. ``ids`` None: a commit of ids not read here
+        (the mirror loses track: it would not know which blocks are published, and
+        let this client write into them)."""
         self.moves.bump()
         if ids is None:
+            self.lost_track()
             return
         rows, at = self._known(ids)
         if not len(rows):

@@ -276,3 +276,44 @@ def test_ids_the_mirror_cannot_read_make_it_lose_track(client, monkeypatch):
     with pytest.raises(UnknownSequence):
         c.tables([a])
     c.free([b])
+
+
+def test_ids_as_an_object_array_keep_the_mirror_exact(server):
+    """Ids as an object array of ints (as `KVPool` takes them): a commit so given
+    published the blocks while the mirror recorded nothing, and a write into them
+    was taken locally, changing what another session's prefix hit read; a batch so
+    given was refused whole (the array sent as it was)."""
+    with Client(server.endpoint, timeout=WAIT) as c, Client(server.endpoint, timeout=WAIT) as other:
+        prompt = list(range(300, 316))
+        [a] = c.allocate([prompt])
+        k = np.ones((16, SPEC.num_kv_heads, SPEC.head_dim), np.float32)
+        for layer in range(SPEC.num_layers):
+            c.write(layer, a.slots, k, k)
+        c.commit(np.array([a.seq_id], dtype=object))
+        assert_mirrors_daemon(c)
+        assert c.sequence(a.seq_id).num_committed == 16
+        with pytest.raises(NotOwner):  # published: another session may read it
+            c.write(0, a.slots, 7 * k, 7 * k)
+        [hit] = other.allocate([prompt + [1]])
+        assert hit.num_cached_tokens == 16 and (other.kv(0)[0][hit.block_table[0]] == 1.0).all()
+        [b] = c.allocate([list(range(400, 420))])
+        ids = np.array([a.seq_id, b.seq_id], dtype=object)
+        assert len(c.batch([("append_flat", ids, 1), ("commit", ids), ("free", ids)])) == 3
+        assert_mirrors_daemon(c)
+        assert a.seq_id not in c._mirror and c.stats().num_sequences == 1  # (other's)
+        other.free([hit.seq_id])
+
+
+def test_a_commit_without_an_outcome_forgets_its_sequences(client, monkeypatch):
+    """A commit the daemon ran whose reply was lost: the mirror did not know its
+    blocks were published, and took a write into them."""
+    [a] = client.allocate([list(range(600, 616))])
+    lose_replies_of(client, monkeypatch, "commit")
+    with pytest.raises(RequestTimeout):
+        client.commit([a.seq_id])
+    monkeypatch.undo()
+    assert a.seq_id not in client._mirror
+    k = np.ones((16, SPEC.num_kv_heads, SPEC.head_dim), np.float32)
+    with pytest.raises(NotOwner):
+        client.write(0, a.slots, k, k)
+    client.free([a.seq_id])
