@@ -83,6 +83,8 @@ def token_array(tokens: object, what: str = "tokens") -> np.ndarray:
     buffer's new ids."""
     if type(tokens) is np.ndarray and tokens.dtype == _I8 and tokens.ndim == 1:  # as a tokenizer hands them
         return tokens.copy() if tokens.flags.writeable else tokens
+    if type(tokens) is np.ndarray and tokens.dtype == object:  # ints as Python objects: read as the list they are
+        tokens = tokens.tolist()
     if type(tokens) is list and set(map(type, tokens)) <= _INT:  # plain ints (not bools), checked at C speed
         try:
             return np.fromiter(tokens, _I8, len(tokens))

@@ -96,6 +96,16 @@ _ITERABLES = [
     pytest.param(lambda p, s: p.truncate([s["a"]], np.array([3], dtype=object)), id="truncate object lengths"),
     pytest.param(lambda p, s: [x.tolist() for x in p.append([s["b"]], np.array([2], dtype=object))],
                  id="append object counts"),
+    # a batch's ids so given: sent as the array (a protocol error, nothing ran)
+    pytest.param(lambda p, s: p.batch([("append_flat", np.array([s["a"], s["b"]], dtype=object), 1),
+                                       ("commit", np.array([s["a"]], dtype=object))]), id="batch object ids"),
+    # token ids so given: the pool refused them ("got dtype object"), the client sent them as ints
+    pytest.param(lambda p, s: [a.num_cached_tokens for a in p.allocate([np.array(list(range(BS + 4)), dtype=object)])],
+                 id="allocate object prompt"),
+    pytest.param(lambda p, s: p.record_tokens([s["a"]], [np.array([5, 6], dtype=object)]),
+                 id="record_tokens object tokens"),
+    pytest.param(lambda p, s: p.cached_tokens([np.array(list(range(BS + 4)), dtype=object)]),
+                 id="cached_tokens object prompt"),
     # a range of token ids ("cannot send a range over the wire")
     pytest.param(lambda p, s: [a.num_cached_tokens for a in p.allocate([range(BS + 4)])], id="allocate range"),
     pytest.param(lambda p, s: p.record_tokens([s["a"]], [range(5, 7)]), id="record_tokens range"),
