@@ -215,6 +215,8 @@ class PoolSequences:
         counts = num_tokens if type(num_tokens) is int else validate.counts(num_tokens)
         flat = self.append_flat(ids, counts, token_ids)
         if isinstance(counts, (int, np.integer)):
+            if not len(ids):  # (no rows: a count past what an array's shape holds made a bare ValueError)
+                return []
             return list(flat.reshape(len(ids), int(counts)))  # row views, made in C
         return _split(flat, counts)
 

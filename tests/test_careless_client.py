@@ -84,6 +84,8 @@ _ITERABLES = [
                  id="batch counts generator"),
     # no sequences and a list of counts: no arrays (the client once answered [array([])])
     pytest.param(lambda p, s: p.append([], []), id="append nothing"),
+    # no sequences and a count past an array's shape: the pool raised a bare ValueError
+    pytest.param(lambda p, s: p.append([], 2**63), id="append nothing, a huge count"),
     # prompts as torch tensors of token ids, as the pool takes them ("cannot send a Tensor over the wire")
     pytest.param(lambda p, s: [a.num_cached_tokens for a in p.allocate([_tensor(list(range(BS + 4))),
                                                                         _tensor(list(range(300, 340)))[::2]])],
