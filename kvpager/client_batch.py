@@ -19,9 +19,9 @@ import numpy as np
 from kvpager.batch_calls import BATCHED, parse_calls, stopped
 from kvpager.client_ids import packed, packed_rows, read_ids, scalar
 from kvpager.client_seqs import one_shot_counts
-from kvpager.errors import InternalError, UnsupportedConfiguration
+from kvpager.errors import InternalError, InvalidArgument, UnsupportedConfiguration
 from kvpager.protocol import decode_batch, decode_slots
-from kvpager.protocol_codec import pack_array
+from kvpager.protocol_codec import pack, pack_array
 
 
 def wire_args(method: str, named: dict[str, Any]) -> dict[str, Any]:
@@ -90,22 +90,33 @@ class ClientBatch:
         if "batch" not in self.ops:
             raise UnsupportedConfiguration("this daemon predates the batch op; make the calls one by one")
         parsed = parse_calls(calls)
-        wires = [wire_args(method, named) for method, named, _ in parsed]
-        if any(extra.get("synchronize", True) for method, _, extra in parsed if method == "commit"):
-            self.synchronize()  # (the flags checked by `parse_calls`)
         # A step's ops mostly share one list of ids: each list is read, packed and
         # encoded once (an ExtType goes into the message as it is).
         seen: dict[int, tuple[list[int] | None, Any]] = {}
-        for w in wires:
-            v = w["seq_ids"]
-            if id(v) not in seen:
-                checked, sent = read_ids(v)
-                seen[id(v)] = (checked, pack_array(sent) if isinstance(sent, np.ndarray) else sent)
+        wires: list[dict[str, Any]] = []
+        refused: InvalidArgument | None = None  # a call refused here: those before it run, as `KVPool.batch` runs them
+        try:
+            for method, named, _ in parsed:
+                w = wire_args(method, named)
+                v = w["seq_ids"]
+                if id(v) not in seen:
+                    checked, sent = read_ids(v)
+                    seen[id(v)] = (checked, pack_array(sent) if isinstance(sent, np.ndarray) else sent)
+                wires.append(w)
+        except InvalidArgument as e:
+            refused = e
+        if any(extra.get("synchronize", True) for method, _, extra in parsed[: len(wires)] if method == "commit"):
+            self.synchronize()  # (the flags checked by `parse_calls`)
         ids = [seen[id(w["seq_ids"])][0] for w in wires]
         ops = [[BATCHED[m], on_wire(w, seen[id(w["seq_ids"])][1])] for (m, _, _), w in zip(parsed, wires)]
-        # (an op's ids not read here: an unclear outcome loses track, as a success of that op does)
-        every = None if any(each is None for each in ids) else [s for each in ids for s in each]
-        reply = self._mutate("batch", {"ops": ops}, every)
+        try:
+            reply = self._send(ops, ids, refused)
+        except InvalidArgument as e:
+            k = unsendable(ops)  # (a value the wire cannot carry, an int past 64 bits: nothing was sent)
+            if k is None or e is refused:
+                raise
+            refused, ops, wires, ids = e, ops[:k], wires[:k], ids[:k]
+            reply = self._send(ops, ids, refused)
         results, error = decode_batch(reply)
         out = [follow(self._mirror, m, w, i, r) for (m, _, _), w, i, r in zip(parsed, wires, ids, results)]
         if error is not None:
@@ -117,4 +128,25 @@ class ClientBatch:
                 elif failed:
                     self._mirror.forget(failed)
             raise stopped(exc, len(out), out)
+        if refused is not None:
+            raise stopped(refused, len(out), out)
         return out
+
+    def _send(self, ops: list[Any], ids: list[list[int] | None], refused: InvalidArgument | None) -> Any:
+        """The batch request of ``ops`` (on ``ids``, `read_ids`' readings); ``refused``
+        (with index 0) where no call comes before the one refused here."""
+        if not ops:
+            raise stopped(refused, 0, [])  # type: ignore[arg-type] - (ops are cut only where one was refused)
+        # (an op's ids not read here: an unclear outcome loses track, as a success of that op does)
+        every = None if any(each is None for each in ids) else [s for each in ids for s in each]
+        return self._mutate("batch", {"ops": ops}, every)
+
+
+def unsendable(ops: list[Any]) -> int | None:
+    """The first of a batch's ``ops`` the wire cannot carry (an int past 64 bits), or None."""
+    for k, op in enumerate(ops):
+        try:
+            pack(op)
+        except InvalidArgument:
+            return k
+    return None

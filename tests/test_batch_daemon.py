@@ -11,6 +11,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from client_plan_helpers import assert_mirrors_daemon
 from daemon_helpers import SMALL, Raw, client_fixture, running_server, server_fixture
 from test_record_tokens_daemon import _equal, body, pool_state
 
@@ -314,3 +315,27 @@ def test_a_batch_refused_before_it_ran_is_not_kept_for_a_retry(ops):
         assert pool_state(srv.pool) == before
         [b] = c.allocate([[4, 5]])  # the session's first kept request, of a lower id than the refused one's
         assert c.sequence(b.seq_id).num_tokens == 2
+
+
+@pytest.mark.parametrize("bad", [
+    pytest.param(lambda s: ("append_flat", [s], np.True_), id="count np.True_"),
+    pytest.param(lambda s: ("append_flat", [s], 2.0), id="count float"),
+    pytest.param(lambda s: ("append_flat", {s: 1}, 1), id="ids a dict"),
+    pytest.param(lambda s: ("free", {s}), id="ids a set"),
+    pytest.param(lambda s: ("release_before", [s], 2**64), id="position past 64 bits"),
+])
+def test_a_later_call_the_client_refuses_stops_the_batch_there_as_the_pool_does(server, bad):
+    """The calls before it run and it raises with its index and their results; the
+    client refused the whole batch before sending it (nothing ran)."""
+    pool = KVPool(SMALL)
+    got = []
+    with Client(server.endpoint) as c:
+        for p in (pool, c):
+            [a] = p.allocate([list(range(20))])
+            with pytest.raises(InvalidArgument) as e:
+                p.batch([("append_flat", [a.seq_id], 2), ("commit", [a.seq_id]), bad(a.seq_id)])
+            got.append((e.value.index, [np.asarray(r).tolist() if r is not None else None for r in e.value.results],
+                        p.sequence(a.seq_id).num_tokens, p.sequence(a.seq_id).num_committed))
+            if p is c:
+                assert_mirrors_daemon(c)
+    assert got[0] == got[1] and got[0][0] == 2 and got[0][2:] == (22, 22)
