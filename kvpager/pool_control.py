@@ -85,6 +85,7 @@ class PoolControl:
         """Every owner that has a live sequence."""
         return self.manager.owners.live()
 
-    def check_owner(self, seq_ids: int | Seq[int], owner: Any) -> None:
-        """Raise UnknownSequence or NotOwner unless every sequence is live and ``owner``'s."""
-        self.manager.check_owner(validate.seq_ids(seq_ids), owner)
+    def check_owner(self, seq_ids: int | Seq[int], owner: Any, op: str | None = None) -> None:
+        """Raise UnknownSequence or NotOwner unless every sequence is live and ``owner``'s
+        (InvalidArgument, naming ``op``, for ids given twice among unknown ones)."""
+        self.manager.check_owner(validate.seq_ids(seq_ids), owner, op)

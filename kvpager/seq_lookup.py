@@ -69,7 +69,7 @@ class SequenceLookup:
             try:
                 rows = self.lookup(seq_ids)
             except UnknownSequence:
-                if owner is ANY_OWNER and len(set(seq_ids)) != len(seq_ids):
+                if len(set(seq_ids)) != len(seq_ids):  # (the caller's own mistake first, as `check_owner` has it)
                     raise self._duplicates(name or op) from None
                 raise
             if owner is not ANY_OWNER:
@@ -87,9 +87,16 @@ class SequenceLookup:
     def _duplicates(op: str | None) -> InvalidArgument:
         return InvalidArgument(f"{op or 'operation'}: duplicate sequence ids in one batch")
 
-    def check_owner(self, seq_ids: list[int], owner: Any) -> None:
-        """UnknownSequence / NotOwner unless every id is live and ``owner``'s."""
-        self._check_rows_owner(seq_ids, self.lookup(seq_ids), owner)
+    def check_owner(self, seq_ids: list[int], owner: Any, op: str | None = None) -> None:
+        """UnknownSequence / NotOwner unless every id is live and ``owner``'s; ids
+        given twice among unknown ones InvalidArgument, as the ops themselves say."""
+        try:
+            rows = self.lookup(seq_ids)
+        except UnknownSequence:
+            if len(set(seq_ids)) != len(seq_ids):
+                raise self._duplicates(op) from None
+            raise
+        self._check_rows_owner(seq_ids, rows, owner)
 
     def _check_rows_owner(self, seq_ids: list[int], rows: np.ndarray, owner: Any) -> None:
         bad = self.table.owner[rows] != self.owners.code(owner)

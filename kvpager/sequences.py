@@ -169,16 +169,7 @@ class SequenceManager(SequenceLookup):
     def fork(self, seq_ids: list[int], n: int) -> list[list[int]]:
         """``n`` children of each sequence, sharing every block (ref counts +1 each);
         returns their ids."""
-        if type(n) is not int:  # (a NumPy integer, a 0-d integer array or tensor: the int it holds)
-            whole_n = whole(n)
-            if whole_n is None:
-                raise InvalidArgument(f"fork: n must be an integer >= 1, got {shown(n)}")
-            n = whole_n
-        if n < 1:
-            raise InvalidArgument(f"fork: n must be an integer >= 1, got {n!r}")
-        if max(n, n * len(seq_ids)) > MAX_REFS:
-            raise InvalidArgument(f"fork: {n} children of {len(seq_ids)} sequence(s) would pass a block's "
-                                  f"reference count (int32, at most {MAX_REFS})")
+        n = fork_count(n, len(seq_ids))
         if len(seq_ids) == 1 and self.scalar:
             return seq_one.fork(self, seq_ids[0], n)
         rows = self.batch(seq_ids, "fork")
@@ -294,3 +285,19 @@ class SequenceManager(SequenceLookup):
         are each free or held by one swapped sequence, and the owner index and
         row columns agree with the rows."""
         seq_check.check_integrity(self)
+
+
+def fork_count(n: Any, parents: int) -> int:
+    """Fork's ``n`` as an int, checked for ``parents`` sequences (the daemon checks it
+    before the ids' owner, as `KVPool.fork` does before their lookup)."""
+    if type(n) is not int:  # (a NumPy integer, a 0-d integer array or tensor: the int it holds)
+        whole_n = whole(n)
+        if whole_n is None:
+            raise InvalidArgument(f"fork: n must be an integer >= 1, got {shown(n)}")
+        n = whole_n
+    if n < 1:
+        raise InvalidArgument(f"fork: n must be an integer >= 1, got {n!r}")
+    if max(n, n * parents) > MAX_REFS:
+        raise InvalidArgument(f"fork: {n} children of {parents} sequence(s) would pass a block's "
+                              f"reference count (int32, at most {MAX_REFS})")
+    return n

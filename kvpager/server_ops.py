@@ -32,9 +32,10 @@ from kvpager.errors import (
 from kvpager.pins import salt_bytes
 from kvpager.protocol import SEQUENCES_PAGE
 from kvpager.render import printable
+from kvpager.sequences import fork_count
 from kvpager.server_control import ControlOps
 from kvpager.server_ranks import hello_driver, hello_memory, hello_rank, rank_backends
-from kvpager.validate import zero_d
+from kvpager.validate import per_seq, zero_d
 from kvpager.wire_args import check_token_ids, wire_ids, wire_int, wire_prompts
 
 if TYPE_CHECKING:
@@ -238,9 +239,12 @@ class ServerOps(ControlOps):
                 self.releases.committed(self.releases.word(s.serial))
 
     def _op_fork(self, s: Session, a: dict[str, Any]) -> list[list[int]]:
-        ids, n = self._owned(s, a["seq_ids"]), a.get("n", 1)
+        n = a.get("n", 1)
         if isinstance(n, np.ndarray) and n.ndim == 0:
             n = zero_d(n, "fork: n")  # the int it holds, held to the limits as one
+        ids = wire_ids(a["seq_ids"])
+        n = fork_count(n, len(ids))  # (before the ids' owner, as `KVPool.fork` checks it before their lookup)
+        self._owned(s, ids)
         if isinstance(n, int) and not isinstance(n, bool):
             self.limits.check("ids", len(ids) * n, "fork: children in one request")
             self.limits.check("sequences", s.num_seqs + len(ids) * n, "fork: sequences of this session")
@@ -255,7 +259,9 @@ class ServerOps(ControlOps):
         s.num_seqs -= len(ids)
 
     def _op_truncate(self, s: Session, a: dict[str, Any]) -> None:
-        self.pool.truncate(self._owned(s, a["seq_ids"]), a["lengths"])
+        ids = wire_ids(a["seq_ids"])
+        per_seq(a["lengths"], len(ids), "lengths")  # (before the ids' owner, as `KVPool.truncate` checks it)
+        self.pool.truncate(self._owned(s, ids), a["lengths"])
 
     def _op_release(self, s: Session, a: dict[str, Any]) -> list[int]:
         return self.pool.release_before(wire_ids(a["seq_ids"]), a["positions"], owner=s.name)

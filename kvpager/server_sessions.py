@@ -51,7 +51,7 @@ class SessionEnds:
     def _owned(self, session: Session, value: Any) -> list[int]:
         """The ids, checked to exist and belong to ``session`` (all before any change)."""
         ids = wire_ids(value)
-        self.pool.check_owner(ids, session.name)
+        self.pool.check_owner(ids, session.name, self._op or None)
         return ids
 
     def _ended_already(self, session: Session) -> bool:

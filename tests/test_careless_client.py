@@ -166,6 +166,14 @@ _REFUSED = [
     # NumPy's ValueError from the mapped attend
     pytest.param(lambda p, s, kv: p.attend(0, [s["a"], s["b"]], kv(2)[0], [[1], [1, 2]]), "query_lens",
                  id="attend ragged query_lens"),
+    # wrong twice, an unknown id among them: the pool named the argument, the daemon the id
+    # (UnknownSequence, no InvalidArgument: a handler for the pool's error missed it)
+    pytest.param(lambda p, s, kv: p.free([s["a"], 10**6, 10**6]), "duplicate", id="free duplicates unknown"),
+    pytest.param(lambda p, s, kv: p.swap_in([10**6, 10**6]), "duplicate", id="swap_in duplicates unknown"),
+    pytest.param(lambda p, s, kv: p.record_tokens([10**6, 10**6], [[1], [2]]), "duplicate",
+                 id="record_tokens duplicates unknown"),
+    pytest.param(lambda p, s, kv: p.fork([10**6], -2), "n must be", id="fork bad n unknown"),
+    pytest.param(lambda p, s, kv: p.truncate([s["a"], 10**6], [1]), "lengths", id="truncate lengths unknown"),
 ]
 
 
