@@ -245,21 +245,10 @@ class KVAccess(SlotChecks):
         self._check_layer(layer)
         self._check_not_ended()  # (stopped past its timeout: its blocks may be another session's now)
         pool = self._pool()
+        seq_ids = as_ids(seq_ids)
         tables, lens = self.tables(seq_ids)
-        try:
-            qlens = np.asarray(1 if query_lens is None else query_lens)
-        except (ValueError, TypeError, OverflowError):  # ragged nesting, ints past uint64
-            raise InvalidArgument(f"query_lens must be integers, got {query_lens!r:.80}") from None
-        # as KVPool: integers; a float or a bool refused, not cast (NumPy takes [1, True] as [1, 1])
-        if qlens.dtype.kind not in "iu" and qlens.size or isinstance(query_lens, (list, tuple)) \
-                and {bool, np.bool_} & set(map(type, query_lens)):
-            raise InvalidArgument(f"query_lens must be integers, got {query_lens!r}")
-        if qlens.ndim > 1 or qlens.ndim == 1 and len(qlens) != len(lens):
-            raise InvalidArgument(f"query_lens has {qlens.size} entries for {len(lens)} sequences")
-        qlens = np.broadcast_to(qlens, lens.shape)
-        if len(lens) and (qlens.min() < 1 or (qlens > lens).any()):  # (checked before the int32 cast wraps)
-            raise InvalidArgument(f"query_lens must be in [1, sequence length], got {qlens.tolist()}")
-        qlens = qlens.astype(np.int32, copy=False)
+        qlens = validate.query_lens(query_lens, id_list(seq_ids) or list(range(len(lens))), lens)  # (as KVPool)
+        qlens = qlens.astype(np.int32)  # (each within its sequence's length)
         torch_q = type(q).__module__.startswith("torch")  # (answered in kind, as `KVPool.attend`)
         q = self._check_q(q, int(qlens.sum()))
         scale = check_scale(scale, self.spec.head_dim)

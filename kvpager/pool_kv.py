@@ -93,10 +93,7 @@ class PoolKV:
         validate.layer(layer, spec)
         ids = validate.seq_ids(seq_ids)
         tables, seq_lens = self.tables(ids)
-        qlens = validate.per_seq(1 if query_lens is None else query_lens, len(ids), "query_lens")
-        for s, n, ql in zip(ids, seq_lens.tolist(), qlens):
-            if not isinstance(ql, (int, np.integer)) or isinstance(ql, bool) or not 1 <= ql <= n:
-                raise InvalidArgument(f"query_lens for sequence {s} must be in [1, {n}], got {ql!r}")
+        qlens = validate.query_lens(query_lens, ids, seq_lens)
         num_q = getattr(q, "shape", (0, 0))[1] if getattr(q, "ndim", 0) == 3 else 0
         if num_q < 1 or num_q % spec.num_kv_heads:
             raise InvalidArgument(
@@ -104,7 +101,7 @@ class PoolKV:
                 f"num_kv_heads={spec.num_kv_heads}, got shape {getattr(q, 'shape', None)}"
             )
         torch_q = _is_torch(q)
-        q = _tensor(q, "q", (int(sum(qlens)), num_q, spec.head_dim), spec, self.backend.xp)
+        q = _tensor(q, "q", (int(qlens.sum()), num_q, spec.head_dim), spec, self.backend.xp)
         qlens = np.asarray(qlens, dtype=np.int32)
         if chunk is None:
             check_floor(self.manager.floors(ids), seq_lens, qlens, window)

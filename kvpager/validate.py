@@ -248,6 +248,8 @@ def per_seq(value: Any, n: int, what: str) -> list[Any]:
     if value is None or isinstance(value, (int, np.integer, str, bytes)):
         return [value] * n
     value = host(value, what)
+    if isinstance(value, range):  # (ordered, read once as the list it is: a client sends it so)
+        value = list(value)
     if not isinstance(value, (list, tuple, np.ndarray)):
         raise InvalidArgument(f"{what} must be a scalar or a list, got {type(value).__name__}")
     if isinstance(value, np.ndarray) and value.ndim == 0:
@@ -257,6 +259,28 @@ def per_seq(value: Any, n: int, what: str) -> list[Any]:
     if len(out) != n:
         raise InvalidArgument(f"{what} has {len(out)} entries for {n} sequences")
     return out
+
+
+def query_lens(value: Any, seq_ids: list[int], seq_lens: np.ndarray) -> np.ndarray:
+    """An attend's ``query_lens`` (None: 1 each) as int64, one per sequence, each an
+    integer (never a bool) in [1, its sequence's length]: `KVPool.attend`'s and a
+    mapped `Client.attend`'s one reading (a scalar or 0-d array broadcast, a list,
+    a tuple, a 1-D array, an object array of ints; anything else refused)."""
+    q = per_seq(1 if value is None else value, len(seq_ids), "query_lens")
+    if not all_type(q, int):
+        for s, ql in zip(seq_ids, q):
+            if not isinstance(ql, (int, np.integer)) or isinstance(ql, (bool, np.bool_)):
+                raise InvalidArgument(f"query_lens for sequence {s} must be an integer, got {ql!r}")
+    try:
+        arr = np.array(q, dtype=np.int64) if q else np.zeros(0, np.int64)
+    except OverflowError:  # (an int past int64: out of range, as any count past a sequence's length)
+        arr = np.array([ql if -2**63 <= ql < 2**63 else 0 for ql in q], dtype=np.int64)
+    bad = (arr < 1) | (arr > seq_lens)
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise InvalidArgument(f"query_lens for sequence {seq_ids[k]} must be in [1, {int(seq_lens[k])}], "
+                              f"got {q[k]!r}")
+    return arr
 
 
 def token_rows(value: Any, n: int, what: str = "token_ids") -> np.ndarray | None:

@@ -108,6 +108,11 @@ _ITERABLES = [
                  id="record_tokens object tokens"),
     pytest.param(lambda p, s: p.cached_tokens([np.array(list(range(BS + 4)), dtype=object)]),
                  id="cached_tokens object prompt"),
+    # query_lens as an object array (the mapped client refused it) or a range (the pool refused it)
+    pytest.param(lambda p, s: p.attend(0, [s["a"], s["b"]], np.ones((3, 2, p.spec.head_dim), np.float32),
+                                       np.array([2, 1], dtype=object)).tolist(), id="attend object query_lens"),
+    pytest.param(lambda p, s: p.attend(0, [s["a"], s["b"]], np.ones((3, 2, p.spec.head_dim), np.float32),
+                                       range(2, 0, -1)).tolist(), id="attend range query_lens"),
     # a range of token ids ("cannot send a range over the wire")
     pytest.param(lambda p, s: [a.num_cached_tokens for a in p.allocate([range(BS + 4)])], id="allocate range"),
     pytest.param(lambda p, s: p.record_tokens([s["a"]], [range(5, 7)]), id="record_tokens range"),
@@ -166,6 +171,9 @@ _REFUSED = [
     # NumPy's ValueError from the mapped attend
     pytest.param(lambda p, s, kv: p.attend(0, [s["a"], s["b"]], kv(2)[0], [[1], [1, 2]]), "query_lens",
                  id="attend ragged query_lens"),
+    # query_lens of 0-d arrays (the mapped client took them, the pool and the daemon refused them)
+    pytest.param(lambda p, s, kv: p.attend(0, [s["a"], s["b"]], kv(3)[0], [np.array(2), np.array(1)]),
+                 "query_lens", id="attend 0-d query_lens entries"),
     # wrong twice, an unknown id among them: the pool named the argument, the daemon the id
     # (UnknownSequence, no InvalidArgument: a handler for the pool's error missed it)
     pytest.param(lambda p, s, kv: p.free([s["a"], 10**6, 10**6]), "duplicate", id="free duplicates unknown"),
