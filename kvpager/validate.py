@@ -355,6 +355,14 @@ def slots(value: Any, spec: PoolSpec) -> np.ndarray:
         arr = np.asarray(value.get() if type(value).__module__.startswith("cupy") else value)  # a CuPy array: to host
     except (ValueError, TypeError, OverflowError):  # ragged nesting, or ints past int64 and uint64
         raise InvalidArgument(f"slots must be a 1-D integer array, got {type(value).__name__}") from None
+    if arr.dtype == object and arr.ndim == 1 and all(  # ints as Python objects: the ints they are
+            isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) for x in arr.tolist()):
+        try:
+            arr = np.array(arr.tolist(), dtype=np.int64) if arr.size else np.zeros(0, np.int64)
+        except OverflowError:
+            raise InvalidArgument(f"slot {max(arr.tolist())} is outside [{spec.block_size}, "
+                                  f"{spec.num_blocks * spec.block_size}) (block 0 is the null block; "
+                                  "-1 marks padding)") from None
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise InvalidArgument(f"slots must be a 1-D integer array, got dtype {arr.dtype} shape {arr.shape}")
     limit = spec.num_blocks * spec.block_size

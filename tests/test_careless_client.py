@@ -113,6 +113,12 @@ _ITERABLES = [
                                        np.array([2, 1], dtype=object)).tolist(), id="attend object query_lens"),
     pytest.param(lambda p, s: p.attend(0, [s["a"], s["b"]], np.ones((3, 2, p.spec.head_dim), np.float32),
                                        range(2, 0, -1)).tolist(), id="attend range query_lens"),
+    # slots as an object array of ints (refused by all three, though ids and counts so given are taken)
+    pytest.param(lambda p, s: (p.write(0, np.array([p.sequence(s["b"]).block_table[0] * BS + 6], dtype=object),
+                                       np.full((1, 2, p.spec.head_dim), 3, np.float32),
+                                       np.full((1, 2, p.spec.head_dim), 5, np.float32)),
+                               p.attend(0, [s["b"]], np.ones((1, 2, p.spec.head_dim), np.float32)).tolist()),
+                 id="write object slots"),
     # a range of token ids ("cannot send a range over the wire")
     pytest.param(lambda p, s: [a.num_cached_tokens for a in p.allocate([range(BS + 4)])], id="allocate range"),
     pytest.param(lambda p, s: p.record_tokens([s["a"]], [range(5, 7)]), id="record_tokens range"),
