@@ -174,11 +174,9 @@ class ClientWire:
         mine = self._mirror.rows
         for seq_id in ids or ():
             if seq_id in self._held_before and seq_id not in mine:
-                e = UnknownSequence(seq_id)
-                e.args = (f"sequence {seq_id} was this client's in a session lost since (before a reconnect): "
-                          "it is gone, and a restarted daemon gives the id to another session's new sequence; "
-                          "a read of that one goes through another Client",)
-                raise e
+                # (raised as made, never held by a name here: a local naming it, its traceback and this
+                # frame made a cycle that kept the client, its pool's mapping and descriptors, past `close`)
+                raise _held_before(seq_id)
 
     def _forget_memory(self) -> None:
         """Drop mappings of a daemon that is gone: they are unmapped once no view is left."""
@@ -261,3 +259,12 @@ def say_bye(session: str | None, endpoint: str, timeout: float, chan: Channel | 
     finally:
         if own:
             chan.close()
+
+
+def _held_before(seq_id: int) -> UnknownSequence:
+    """`ClientWire._check_held_before`'s error for ``seq_id``."""
+    e = UnknownSequence(seq_id)
+    e.args = (f"sequence {seq_id} was this client's in a session lost since (before a reconnect): it is gone, "
+              "and a restarted daemon gives the id to another session's new sequence; a read of that one goes "
+              "through another Client",)
+    return e

@@ -322,3 +322,31 @@ def test_an_id_of_a_session_lost_since_reads_no_other_sessions_sequence(map_pool
         assert a.tables([mine.seq_id])[1].tolist() == [7]
         assert b.tables([theirs.seq_id])[1].tolist() == [20]
         a.close()
+
+
+def test_a_closed_client_that_read_an_id_of_its_lost_session_goes_with_its_last_reference():
+    """Its UnknownSequence, held by a name in the frame that raised it, made a cycle
+    (error, traceback, frame) that kept the closed client, its pool's mapping and
+    descriptors, until the collector's next full pass: a worker that reconnected
+    and read a stale id each round held up to ten closed clients. A closed client
+    keeps no mapping by itself either."""
+    endpoint, _ = ipc_endpoint()
+    with daemon_process(GEOMETRY + ["--heartbeat-timeout", "60"], endpoint):
+        def stale_read() -> weakref.ref:
+            c = Client(endpoint, timeout=5)
+            [a] = c.allocate([list(range(40))])
+            c.write(0, a.slots, _kv(len(a.slots), 1.0), _kv(len(a.slots), 1.0))
+            c.reconnect()
+            with pytest.raises(UnknownSequence, match="lost since"):
+                c.tables([a.seq_id])
+            c.close()
+            assert c._mapped is None
+            return weakref.ref(c)
+
+        gc.collect()
+        gc.disable()
+        try:
+            refs = [stale_read() for _ in range(3)]
+            assert all(r() is None for r in refs)
+        finally:
+            gc.enable()
