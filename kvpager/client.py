@@ -309,7 +309,8 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self._bye()
         self._closed = True
         self._chan.close()
-        self._mapped = None  # (its views of the pool: a closed client kept no mapping alive by itself)
+        if not self.gpu:  # (its views of the pool's segments: a closed client keeps no mapping alive by itself)
+            self._mapped = None
 
     def _bye(self) -> None:
         """End this client's session on the daemon (it frees its sequences), unless
