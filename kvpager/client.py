@@ -309,7 +309,7 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self._bye()
         self._closed = True
         self._chan.close()
-        if not self.gpu:  # (its views of the pool's segments: a closed client keeps no mapping alive by itself)
+        if not getattr(self, "gpu", True):  # (its views of the pool's segments: a closed client keeps no mapping alive by itself)
             self._mapped = None
 
     def _bye(self) -> None:
