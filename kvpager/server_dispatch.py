@@ -217,6 +217,8 @@ class Dispatch:
             log.warning("%s: error details not encodable; replied without them", op)
             return encode_reply(rid if type(rid) is int and 0 <= rid < 1 << 64 else None, None,
                                 ErrorInfo(info.code, info.message))
+        finally:
+            drop_tracebacks(e)
 
     def _error_info(self, op: str, e: Exception) -> ErrorInfo:
         """The typed error of ``op``'s failure (counted as the request's result)."""
@@ -247,6 +249,7 @@ class Dispatch:
                 results.append(self._handlers[op](s, args))
             except Exception as e:
                 error = self._error_info(op, e)
+                drop_tracebacks(e)
                 error.details["index"] = i
                 return encode_batch(results, error)
         return encode_batch(results, None)
@@ -322,3 +325,15 @@ class Dispatch:
         if n > lim.tokens:
             lim.check("tokens", n, f"{op}: slots (a token each)")
         return tokens
+
+
+def drop_tracebacks(e: BaseException) -> None:
+    """Cut ``e`` (and the errors it was raised from or during) from its traceback
+    once answered: an error held by a name in the frame that raised it (``err =
+    ...; raise err``) made a cycle through the traceback that kept that frame's
+    locals, the request's bytes and what was decoded from them, until the
+    collector's next pass (twenty refused 14 MiB requests held 500 MiB)."""
+    seen = 0
+    while e is not None and seen < 16:
+        e.__traceback__ = None
+        e, seen = e.__cause__ or e.__context__, seen + 1

@@ -267,3 +267,30 @@ def test_a_swap_in_whose_tables_the_budget_refuses_still_returns(monkeypatch):
         tables, lens = c.tables(ids)
         assert tables.shape == (32, 512) and list(lens) == [512 * 16] + [1] * 31
         c.check_integrity()
+
+
+def test_refused_large_requests_are_not_held_after_their_replies():
+    """A request refused by a check that names its error before raising it
+    (``err = ...; raise err``: an unknown op, a version, a bad envelope) left a
+    cycle through the error's traceback that kept the request's bytes and what was
+    decoded from them until the collector's next pass: twenty refused 14 MiB
+    requests held 500 MiB. Each is let go with its reply now."""
+    import gc
+
+    with running_server(SMALL) as srv:
+        raw = Raw(srv.endpoint)
+        try:
+            body = msgpack.packb([1, 5, None, "no_such_op", {"x": bytes(8 << 20)}])
+            raw.send(body, timeout=30)  # (the first one's buffers, reused after)
+            gc.collect()
+            gc.disable()
+            try:
+                before = _rss_mb()
+                for _ in range(12):
+                    assert raw.send(body, timeout=30)[2]["code"] == "unknown_op"
+                grew = _rss_mb() - before
+            finally:
+                gc.enable()
+        finally:
+            raw.close()
+    assert grew < 48, f"+{grew:.0f} MB held by twelve refused 8 MiB requests"
