@@ -32,12 +32,31 @@ from kvpager.hf.model import text_config
 CONTINUING = frozenset({
     "bailing_hybrid", "bamba", "falcon_h1", "granitemoehybrid", "kimi_linear", "lara_mini", "lfm2",
     "lfm2_moe", "lfm2_vl", "lfm3", "nemotron_h", "olmo_hybrid", "qwen3_5", "qwen3_5_text", "qwen3_5_moe",
-    "qwen3_5_moe_text", "qwen3_next", "zamba2", "zaya",
+    "qwen3_5_moe_text", "qwen3_next", "zaya",
 })
 
 
-#: model types known not to continue (`CONTINUING`): taken so without a warning
-NOT_CONTINUING = frozenset({"zamba", "jamba"})
+#: model types known not to continue (`CONTINUING`): taken so without a warning. Zamba2's Mamba-2
+#: layers continue a pass of several tokens from a state a pass of several tokens left, but a pass of
+#: one token (a decode step, a part of one token) takes their step path, which leaves another state
+#: than their chunked scan over the same tokens (layer 0's SSM state 1.8e-3 apart after 13 + 3 tokens
+#: against 16, values up to 1.3): a prompt resumed from such a state (a conversation's next turn, a
+#: score in parts) was 0.03-0.3 off a plain forward pass's log-probabilities, its tokens other in 4
+#: of 12 seeds. Its prompts run whole.
+NOT_CONTINUING = frozenset({"zamba", "jamba", "zamba2"})
+#: model types whose decode steps leave other hidden states, so other K/V in their attention layers,
+#: than a pass of several tokens over the same tokens (Zamba2's: above): a later prompt reading the
+#: blocks a generation's decode steps filled was 0.008-0.03 off a plain forward pass. Their calls'
+#: blocks are matched within the call alone (`kvpager.hf.recurrent.recurrent_salt`).
+DECODE_STATES_APART = frozenset({"zamba2"})
+
+
+def decode_states_apart(model: Any) -> bool:
+    """Whether ``model``'s decode steps leave other states than its passes of several
+    tokens (`DECODE_STATES_APART`, by its model type or its text config's)."""
+    types = {getattr(getattr(model, "config", None), "model_type", None),
+             getattr(text_config(model), "model_type", None)}
+    return bool(types & DECODE_STATES_APART)
 #: model types whose recurrent layers keep their states in their modules: refused at their first
 #: pass (`kvpager.hf.recurrent_states.check_layout`), so not warned about as a type that may continue first
 MODULE_STATES = frozenset({"recurrent_gemma"})

@@ -95,7 +95,7 @@ class GenerationSetup:
             if self.compile or getattr(self.cuda_graphs, "compile", False):
                 self._recurrent.compile = "inductor"  # (captured steps compiled: the recurrent layers' code fused)
             # (their blocks are matched only by generations that also hold or remake the states)
-            self.salt = recurrent_salt(self.salt)
+            self.salt = recurrent_salt(self.salt, self.model)
 
     def _prepare_passes(self) -> None:
         """The devices, the pipelining, the host buffers, the tables' width, the

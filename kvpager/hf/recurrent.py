@@ -65,7 +65,8 @@ import torch
 from kvpager.hf.attention import PagedBatch, paged_attention, run_pass
 from kvpager.hf.checks import capturing
 from kvpager.hf.compiled import compiled_fn
-from kvpager.hf.continuing import CONTINUING, NOT_CONTINUING, continues  # noqa: F401 - the first two re-exported
+from kvpager.hf.continuing import CONTINUING, NOT_CONTINUING, continues, decode_states_apart  # noqa: F401 - the first two re-exported
+from kvpager.hf.fed_positions import own_salt
 from kvpager.hf.model import has_recurrent_layers, text_config
 from kvpager.hf.pass_schedule import schedule
 from kvpager.hf.recurrent_ends import HeldEnds
@@ -89,12 +90,16 @@ from kvpager.hf.state_cache import PrefixKeys, StateCache, held_key
 __all__ = ["Recurrent", "StateCache", "States", "has_recurrent_layers", "new_cache", "recurrent_salt"]
 
 
-def recurrent_salt(salt: Any) -> str:
+def recurrent_salt(salt: Any, model: Any = None) -> str:
     """The prefix-cache salt of a model with recurrent layers under ``salt``: its
     blocks are matched only by the passes that hold or remake their recurrent
     states too (generation, `kvpager.hf.score`, `kvpager.hf.beam_search`), not by a
-    packed pass of the same salt, which would take cached K/V without them."""
-    return f"{salt}|recurrent"
+    packed pass of the same salt, which would take cached K/V without them. A
+    ``model`` whose decode steps leave other K/V than its passes of several tokens
+    (`DECODE_STATES_APART`) gets a salt of the call's own: no later call matches
+    the blocks its decode steps filled."""
+    base = f"{salt}|recurrent"
+    return own_salt(base) if model is not None and decode_states_apart(model) else base
 
 #: one pass's share of a prompt: (first token, end, its slots (-1: cached), the states it starts from or None)
 Segment = tuple[int, int, np.ndarray, Rows | None]

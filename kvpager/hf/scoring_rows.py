@@ -124,7 +124,7 @@ class RowPasses:
 
     def __init__(self, model: Any, pool: Any, salt: Any, budget: int):
         # (generation's salt for such a model: they find each other's blocks and states)
-        self.model, self.pool, self.salt, self.budget = model, pool, recurrent_salt(salt), budget
+        self.model, self.pool, self.salt, self.budget = model, pool, recurrent_salt(salt, model), budget
         self.passes = EagerPasses(model, pool)
         self.arg = cache_argument(model)
         new_cache(model)  # the model's cache layers are what kvpager can follow (ValueError)
