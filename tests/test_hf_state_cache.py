@@ -183,3 +183,26 @@ def test_a_lower_budget_drops_held_states_at_once():
                 store.max_bytes = bad
     finally:
         store.max_bytes = 1 << 30
+
+
+def test_a_served_model_can_still_be_copied_and_saved():
+    """Its state cache (a lock inside) lives in the model's ``__dict__``: after one
+    generation ``copy.deepcopy(model)`` and ``torch.save(model)`` raised "cannot
+    pickle '_thread.lock' object". A copy gets an empty cache of the same budget."""
+    import copy
+    import io
+
+    from kvpager.hf.state_cache import StateCache
+
+    model = make("qwen3_5")
+    pool = KVPool(spec_for_model(model, num_blocks=64, block_size=8))
+    ps = prompts(20, 9)
+    want = generate(model, pool, ps, max_new_tokens=3, eos_token_id=None)
+    store = StateCache.of(model)
+    store.max_bytes = 1 << 22
+    twin = copy.deepcopy(model)
+    kept = StateCache.of(twin)
+    assert kept is not store and kept.max_bytes == 1 << 22 and not kept.entries and kept.hold_ends == store.hold_ends
+    torch.save(model, io.BytesIO())
+    assert generate(twin, KVPool(spec_for_model(twin, num_blocks=64, block_size=8)), ps, max_new_tokens=3,
+                    eos_token_id=None) == want

@@ -138,6 +138,12 @@ class StateCache:
         self.max_bytes = max_bytes
         self.hold_ends = hold_ends
 
+    def __reduce__(self) -> tuple[Any, tuple[int, bool]]:
+        """A copy (``copy.deepcopy`` of its model, ``torch.save``) is an empty cache of
+        the same budget: the states held are this process's memory, not the model's
+        (its lock made both fail once a model had been served)."""
+        return type(self), (self._max_bytes, self.hold_ends)
+
     @property
     def entries(self) -> dict[bytes, tuple[Layout, Rows, int]]:
         """Every state held (a copy of the index), in the order they would go."""
