@@ -76,6 +76,10 @@ def _check_after(pool: KVPool, op: str, e: BaseException) -> None:
         log.error("KVPool: %s", pool.broken)
 
 
+class ForkMidCall(Exception):
+    """What left a call half-way in a forked child's copy of its pool: the fork."""
+
+
 def _free_later(pool: KVPool) -> None:
     """Free what `KVPool.free_later` was given (under the pool's lock)."""
     while pool._later:
@@ -282,9 +286,18 @@ _LIVE: weakref.WeakSet[KVPool] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     """A forked child's pools get fresh locks: one a parent's thread held at the
-    fork would never be released here."""
+    fork would never be released here. A pool whose lock another thread of the
+    parent held (a call half-way through: the child's copy of its bookkeeping
+    half-done, and the child served on from it) has its bookkeeping checked, as
+    an interrupted call's is (`_check_after`): found broken, it refuses every op
+    on its sequences and K/V (`broken`)."""
     for pool in list(_LIVE):
+        lock = pool._lock
         pool._lock = threading.RLock()
+        if lock.acquire(blocking=False):  # (free, or this thread's own: the fork came from inside a call)
+            lock.release()
+        else:
+            _check_after(pool, "a call in another thread of the parent", ForkMidCall())
 
 
 if hasattr(os, "register_at_fork"):
