@@ -5,6 +5,7 @@ per-rank ops of a tensor-parallel pool (`kvpager.pool_rank`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -151,7 +152,7 @@ class PoolKV:
         self.pending = True
         plan = self.backend.plan(tables, seq_lens, query_lens, slots, **options)
         plan.floor = self.manager.floors(ids)
-        plan.guard_with(sequence_guard(ids, self.manager.rows_now))
+        plan.guard_with(sequence_guard(ids, partial(_rows_under_lock, self)))
         return plan
 
     def refill(self, plan: StepPlan, seq_ids: int | Seq[int], query_lens: int | Seq[int] | None = None,
@@ -168,7 +169,7 @@ class PoolKV:
         ids = validate.seq_ids(seq_ids)
         plan.update(*self._step_of(ids, query_lens, slots, context_lens))
         plan.floor = self.manager.floors(ids)
-        plan.guard_with(sequence_guard(ids, self.manager.rows_now))
+        plan.guard_with(sequence_guard(ids, partial(_rows_under_lock, self)))
 
     def _step_of(self, ids: list[int], query_lens: Any, slots: Any, context_lens: Any,
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
@@ -207,3 +208,12 @@ class PoolKV:
             else:
                 self._rank_views = [PoolRank(self, i, b.spec, b) for i, b in enumerate(self.backend.ranks)]
         return self._rank_views[int(r)]
+
+
+def _rows_under_lock(pool: Any, ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A step plan's guard's reading of its sequences (`kvpager.plan_guard`), under
+    the pool's lock (a `KVPool`'s or a rank view's, the pool's): a plan's layers do
+    not take it, and another thread's call changing the batch memo between its
+    reads raised a bare IndexError from the plan's write or attend."""
+    with pool._lock:
+        return pool.manager.rows_now(ids)

@@ -309,3 +309,25 @@ def test_after_any_changes_a_plan_writes_only_its_sequences_open_positions(lens,
         assert table.index(s // BS) * BS + s % BS >= info.num_committed
     changed = np.argwhere((pool.backend.kv != before).any(axis=(1, 2, 3, 4, 5)))
     assert set(changed.ravel().tolist()) <= {s // BS for s in slots.tolist()}
+
+
+def test_a_plans_check_reads_the_pool_under_its_lock(monkeypatch):
+    """A plan's layers take no lock, but its check reads the pool's tables and its
+    memo of recent batches, which another thread's call changes (a free clears it,
+    a lookup reorders it): read without the lock, a plan's write raised a bare
+    IndexError under threads (5 runs in 5). It reads under the pool's lock now."""
+    pool = KVPool(PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=64, block_size=8, dtype="float32"))
+    held = []
+    rows_now = pool.manager.rows_now
+
+    def reading(seq_ids):
+        held.append(pool._lock._is_owned())
+        return rows_now(seq_ids)
+
+    monkeypatch.setattr(pool.manager, "rows_now", reading)
+    ids = [a.seq_id for a in pool.allocate([[1, 2, 3], [4, 5, 6], [7, 8]])]
+    plan = pool.plan(ids[:2], 1, pool.append_flat(ids[:2], 1))
+    pool.free([ids[2]])  # (the pool's count of moves moved: the plan checks its sequences again)
+    k = np.ones((2, 1, 8), np.float32)
+    plan.write(0, k, k)
+    assert held and all(held)
