@@ -69,12 +69,16 @@ atexit.register(_close_at_exit)
 def _after_fork_in_child() -> None:
     """In a forked child, every client inherited from the parent is the parent's:
     its lock gets a fresh copy (one a parent's thread held at the fork is never
-    released here: any call, ``close`` included, blocked for good), its session
+    released here: any call, ``close`` included, blocked for good), its finalizer
+    is detached (the copy's collection ended the parent's session), its session
     is marked lost and its plans' count moved, so each of its calls and its step
     plans' writes refuse by name (`ClientWire._check_process`) instead of writing
     through the parent's tables into blocks that may be another session's."""
     for client in list(_LIVE):
         client._lock = threading.RLock()
+        finalizer = client.__dict__.get("_finalizer")
+        if finalizer is not None:  # (collected here, a copy said bye for the parent's session, which ended)
+            finalizer.detach()
         client._lost = True
         client._own_slots = client._driver_slots = None
         mirror = client.__dict__.get("_mirror")

@@ -350,3 +350,33 @@ def test_a_closed_client_that_read_an_id_of_its_lost_session_goes_with_its_last_
             assert all(r() is None for r in refs)
         finally:
             gc.enable()
+
+
+@pytest.mark.parametrize("close_first", [False, True])
+def test_a_forked_childs_copy_of_a_client_without_heartbeats_never_ends_the_parents_session(close_first):
+    """The copy's finalizer (a client without a heartbeat thread collected without
+    close says bye) was armed in the child too: the child dropping its copy, or
+    closing it, ended the parent's session and freed its sequences."""
+    import warnings
+
+    endpoint, _ = ipc_endpoint()
+    with daemon_process(GEOMETRY + ["--heartbeat-timeout", "60"], endpoint):
+        c = Client(endpoint, timeout=5, heartbeat=False)
+        [a] = c.allocate([list(range(20))])
+        with warnings.catch_warnings():  # (Python 3.12 on warns of a fork beside threads)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:
+            try:
+                if close_first:
+                    c.close()
+                ref = weakref.ref(c)
+                del c
+                gc.collect()
+                time.sleep(0.5)  # (a thread a finalizer started would have said bye by now)
+            finally:
+                os._exit(0 if ref() is None else 7)
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0
+        assert c.sequence(a.seq_id).num_tokens == 20  # the parent's session and sequence live on
+        c.close()
