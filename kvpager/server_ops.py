@@ -243,12 +243,12 @@ class ServerOps(ControlOps):
         if isinstance(n, np.ndarray) and n.ndim == 0:
             n = zero_d(n, "fork: n")  # the int it holds, held to the limits as one
         ids = wire_ids(a["seq_ids"])
-        n = fork_count(n, len(ids))  # (before the ids' owner, as `KVPool.fork` checks it before their lookup)
-        self._owned(s, ids)
-        if isinstance(n, int) and not isinstance(n, bool):
+        if isinstance(n, int) and not isinstance(n, bool) and n >= 1:  # (the per-request limits first)
             self.limits.check("ids", len(ids) * n, "fork: children in one request")
             self.limits.check("sequences", s.num_seqs + len(ids) * n, "fork: sequences of this session")
             self._check_tables(len(ids) * n, 0)
+        n = fork_count(n, len(ids))  # (before the ids' owner, as `KVPool.fork` checks it before their lookup)
+        self._owned(s, ids)
         children = self.pool.fork(ids, n)
         s.num_seqs += sum(map(len, children))
         return children
