@@ -59,7 +59,7 @@ def follow(mirror: Any, method: str, wire: dict[str, Any], ids: list[int] | None
         else:
             mirror.appended(ids, wire.get("num_tokens", 1), slots)
         return slots
-    if ids is None and method in ("free", "truncate", "release_before"):
+    if ids is None and method in ("free", "truncate", "release_before", "commit"):
         mirror.lost_track()
         return result
     if method == "free":
@@ -113,7 +113,7 @@ class ClientBatch:
             reply = self._send(ops, ids, refused)
         except InvalidArgument as e:
             k = unsendable(ops)  # (a value the wire cannot carry, an int past 64 bits: nothing was sent)
-            if k is None or e is refused:
+            if k is None:
                 raise
             refused, ops, wires, ids = e, ops[:k], wires[:k], ids[:k]
             reply = self._send(ops, ids, refused)

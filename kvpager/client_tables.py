@@ -252,16 +252,11 @@ class TableMirror:
             if row is not None and kids:
                 self.rows.update(zip(kids, self.table.copy_row(row, len(kids))))
 
-    def committed(self, ids: list[int] | None, upto: Any) -> None:
+    def committed(self, ids: list[int], upto: Any) -> None:
         """`commit`'s: tokens ``[0, upto)`` of each sequence declared written (``upto``
         None: all; else an int or None per sequence). Step plans writing them are
-        done; no block is released. ``ids`` None: a commit of ids not read here
-        (the mirror loses track: it would not know which blocks are published, and
-        let this client write into them)."""
+        done; no block is released. (A commit of ids not read here: `lost_track`.)"""
         self.moves.bump()
-        if ids is None:
-            self.lost_track()
-            return
         rows, at = self._known(ids)
         if not len(rows):
             return

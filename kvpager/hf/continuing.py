@@ -51,12 +51,16 @@ NOT_CONTINUING = frozenset({"zamba", "jamba", "zamba2"})
 DECODE_STATES_APART = frozenset({"zamba2"})
 
 
+def model_types(model: Any) -> set[Any]:
+    """``model``'s model type and its text config's (a multimodal wrapper's)."""
+    return {getattr(getattr(model, "config", None), "model_type", None),
+            getattr(text_config(model), "model_type", None)}
+
+
 def decode_states_apart(model: Any) -> bool:
     """Whether ``model``'s decode steps leave other states than its passes of several
     tokens (`DECODE_STATES_APART`, by its model type or its text config's)."""
-    types = {getattr(getattr(model, "config", None), "model_type", None),
-             getattr(text_config(model), "model_type", None)}
-    return bool(types & DECODE_STATES_APART)
+    return bool(model_types(model) & DECODE_STATES_APART)
 #: model types whose recurrent layers keep their states in their modules: refused at their first
 #: pass (`kvpager.hf.recurrent_states.check_layout`), so not warned about as a type that may continue first
 MODULE_STATES = frozenset({"recurrent_gemma"})
@@ -68,8 +72,7 @@ def continues(model: Any) -> bool:
     states (`CONTINUING`, by its model type or its text config's;
     `Recurrent.continues` overrides it). A type in neither list warns, once a
     process: its prompts run whole, no states held for later prompts."""
-    types = {getattr(getattr(model, "config", None), "model_type", None),
-             getattr(text_config(model), "model_type", None)}
+    types = model_types(model)
     if types & CONTINUING:
         return True
     name = tuple(sorted(str(t) for t in types))

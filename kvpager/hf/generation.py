@@ -60,7 +60,7 @@ from kvpager.hf.decode_plans import DecodePlans  # noqa: F401
 from kvpager.hf.eager import TORCH_DTYPES  # noqa: F401
 from kvpager.hf.generation_setup import GenerationSetup
 from kvpager.hf.graphs import DecodeGraphs, bucket_for, check_graph_options, graph_width  # noqa: F401
-from kvpager.hf.held_session import check_session, free_dropped, pool_session
+from kvpager.hf.held_session import check_session, free_dropped, pool_session, sequences_gone
 from kvpager.hf.logprobs import Completion, KeptLogprobs, TokenLogprobs, check_logprobs  # noqa: F401
 from kvpager.hf.model import (  # noqa: F401
     ABSENT,
@@ -150,6 +150,7 @@ class PagedGeneration(GenerationSetup, DecodePasses, KeptLogprobs):
 
     def __post_init__(self, input_ids: Any = None, attention_mask: Any = None) -> None:
         self._closed = self._timed_out = False
+        self._finalizer: weakref.finalize | None = None  # (made once its sequences are: `free_dropped`)
         self._kept = None  # a `CapturedSteps` this generation holds
         self._session = pool_session(self.pool)  # (the one its sequences are held in: `held_session`)
         self._resolve(input_ids, attention_mask)  # (`kvpager.hf.generation_setup`)
@@ -295,10 +296,9 @@ class PagedGeneration(GenerationSetup, DecodePasses, KeptLogprobs):
             self._held.clear()
 
     def _close(self) -> None:
-        if getattr(self, "_finalizer", None) is not None:  # (not yet made where the allocation failed)
+        if self._finalizer is not None:
             self._finalizer.detach()
-        if pool_session(self.pool) != self._session or getattr(self.pool, "closed", False) is True:
-            # (after a reconnect their ids may name another's; a closed pool's went with its storage)
+        if sequences_gone(self.pool, self._session):
             self._timed_out = True  # (the path that frees alone, freeing none of them here)
             self._held.clear()
         prev, self._inflight = self._inflight, None

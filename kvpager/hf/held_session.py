@@ -36,6 +36,13 @@ def check_session(pool: Any, stamp: str | None, what: str, whose: str) -> None:
                           f"sequences: make a new {whose}")
 
 
+def sequences_gone(pool: Any, stamp: str | None) -> bool:
+    """Whether sequences held in session ``stamp`` went without a word: ``pool``'s
+    session is another now (their ids may name another's), or the pool was closed
+    (they went with its storage). Nothing is freed for them."""
+    return pool_session(pool) != stamp or getattr(pool, "closed", False) is True
+
+
 def free_dropped(pool: Any, seq_ids: list[int], stamp: str | None) -> None:
     """A cache's or a generation's sequences, held in session ``stamp``, freed at
     ``pool``'s next call (`KVPool.free_later`, `Client.free_later`): for a

@@ -71,7 +71,7 @@ from kvpager.hf.decode_plans import DecodePlans
 from kvpager.hf.eager import TORCH_DTYPES
 from kvpager.hf.fed_positions import own_salt
 from kvpager.hf.graphs import check_graph_options
-from kvpager.hf.held_session import check_session, free_dropped, pool_session
+from kvpager.hf.held_session import check_session, free_dropped, pool_session, sequences_gone
 from kvpager.hf.model import has_recurrent_layers, layer_fit, layer_map, text_config
 from kvpager.hf.paged_layer import PagedLayer
 from kvpager.hf.rope import pass_dependent
@@ -322,9 +322,7 @@ class PagedCache(CacheForward, Cache if Cache is not None else object):  # type:
     def _free_rows(self) -> None:
         self._ahead.forget()
         self._plans.drop()
-        if pool_session(self.pool) != self._rows.session or getattr(self.pool, "closed", False) is True:
-            # (its sequences went with that session, their ids may be another cache's now; or with
-            # its closed pool's storage)
+        if sequences_gone(self.pool, self._rows.session):
             self._rows.clear()
             self._rows.session = pool_session(self.pool)
             return
