@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from kvpager.block_table import BlockTable
+from kvpager.client_marks import BlockMarks
 from kvpager.errors import SequenceSwapped
 from kvpager.plan_guard import Moves
 from kvpager.recent_batches import RecentBatches
@@ -33,14 +34,8 @@ class TableMirror:
         #: moved by every change that can make a step plan of these sequences stale
         #: (`kvpager.plan_guard`): the mapped pool's count once the pool is mapped
         self.moves = Moves()
-        # blocks that allocate / append replies gave these sequences since the last change that
-        # releases blocks (`_moved`): a write's slots found here need no search of every table
-        self._issued = np.zeros(0, dtype=bool)
-        # blocks whose K/V is published in the prefix cache as far as these sequences know: those
-        # they found cached (a prefix hit) and those their commits filled; immutable (a write into
-        # one changes what other sessions read through the cache) until an allocate or append gives
-        # one of them to write again (the daemon copied or un-published it first)
-        self._published = np.zeros(0, dtype=bool)
+        # blocks issued to these sequences and blocks they know published (`kvpager.client_marks`)
+        self.marks = BlockMarks(block_size)
         self._shift = block_size.bit_length() - 1
         self.rows: dict[int, int] = {}  # seq_id -> row of `table`
         self.swapped: set[int] = set()
@@ -72,53 +67,25 @@ class TableMirror:
         """A change that may release blocks (or ends a step): plans recheck, and
         the blocks issued so far are no longer known to be held."""
         self.moves.bump()
-        self._issued[:] = False
+        self.marks.forget_issued()
 
     def _cow_moved(self, slots: np.ndarray) -> None:
         """An append copied a shared block on write: its old block may go to another
         sequence, so plans recheck (`_moved`); ``slots``, just issued, stay known."""
         self._moved()
-        self._issue(slots)
-
-    def _issue(self, slots: np.ndarray) -> None:
-        """The blocks of ``slots`` (an allocate's or append's) are these sequences', to write."""
-        if not len(slots):
-            return
-        blocks = np.asarray(slots, np.int64) >> self._shift
-        blocks = blocks[blocks >= 0]
-        if not len(blocks):
-            return
-        self._issued = _marked(self._issued, blocks)
-        self._unpublish(blocks)
-
-    def _publish(self, blocks: np.ndarray) -> None:
-        """``blocks`` hold K/V other sessions may read through the prefix cache."""
-        blocks = blocks[blocks > 0]  # (the null block: released entries)
-        if len(blocks):
-            self._published = _marked(self._published, blocks)
-
-    def _unpublish(self, blocks: np.ndarray) -> None:
-        """``blocks`` are given to write (again): no mark of them holds."""
-        pub = self._published
-        if len(pub) and len(blocks):
-            pub[blocks[blocks < len(pub)]] = False
+        self.marks.issue(slots)
 
     def published_blocks(self, blocks: np.ndarray) -> np.ndarray:
-        """Those of ``blocks`` known published (`_published`): a write there is refused,
-        as the daemon refuses a staged one."""
-        pub = self._published
-        if not len(pub) or not len(blocks):
-            return blocks[:0]
-        inside = blocks[blocks < len(pub)]
-        return inside[pub[inside]]
+        """Those of ``blocks`` known published: a write there is refused, as the
+        daemon refuses a staged one."""
+        return self.marks.published_of(blocks)
 
     def foreign_blocks(self, blocks: np.ndarray) -> np.ndarray:
         """Those of ``blocks`` that no resident mirrored sequence holds (a swapped-out
         one's table is stale: its blocks went back to the pool). Blocks an allocate
         or append gave since the last release are found at once; others by a
         search of every table."""
-        issued = self._issued
-        if len(blocks) and int(blocks.max()) < len(issued) and issued[blocks].all():
+        if len(blocks) and self.marks.all_issued(blocks):
             return blocks[:0]
         rows = [r for i, r in self.rows.items() if i not in self.swapped] if self.swapped else list(self.rows.values())
         held = self.table.row_blocks(np.asarray(rows, np.int64)) if rows else np.zeros(0, np.int64)
@@ -154,7 +121,7 @@ class TableMirror:
         for a in allocations:
             row = self.rows[a.seq_id] = bt.add_row(a.block_table, a.num_cached_tokens + len(a.slots))
             bt.committed[row] = a.num_cached_tokens  # a prefix hit is committed K/V
-            self._issue(a.slots)
+            self.marks.issue(a.slots)
             if a.num_cached_tokens >= bs:
                 hit = np.asarray(a.block_table[: a.num_cached_tokens // bs], np.int64)
                 skipped = 0
@@ -175,7 +142,7 @@ class TableMirror:
                 k = int(np.argmax(mine))
                 bt.committed[row] = (skipped + k) * bs
                 hit = hit[:k]
-            self._publish(hit)
+            self.marks.publish(hit)
 
     def appended(self, ids: list[int], num_tokens: Any, slots: np.ndarray) -> None:
         """``num_tokens`` (an int, or one per sequence) new tokens per sequence
@@ -185,7 +152,7 @@ class TableMirror:
         of the last block alike."""
         if not ids:
             return
-        self._issue(slots)
+        self.marks.issue(slots)
         bs, bt = self.block_size, self.table
         if type(num_tokens) is int and num_tokens == 1:  # a decode step: one slot per sequence
             if len(ids) == 1:  # plain ints: no array operation pays off for one row
@@ -280,7 +247,7 @@ class TableMirror:
         if counts.any():
             rep = np.repeat(rows, counts)
             cols = np.arange(len(rep), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts - first, counts)
-            self._publish(self.table.table[rep, cols].astype(np.int64))
+            self.marks.publish(self.table.table[rep, cols].astype(np.int64))
 
     def freed(self, ids: list[int]) -> None:
         self._moved()
@@ -377,25 +344,15 @@ class TableMirror:
         others = [r for i, r in self.rows.items() if i not in self.swapped and r not in back]
         if others:
             blocks = blocks[~np.isin(blocks, self.table.row_blocks(np.asarray(others, np.int64)))]
-        self._unpublish(blocks)
+        self.marks.unpublish(blocks)
         self._publish_full(rows, np.zeros(len(rows), np.int64), bt.committed[rows].astype(np.int64))
 
     def clear(self) -> None:
         """Forget everything (the session is lost or closed)."""
         self._moved()
-        self._published = np.zeros(0, dtype=bool)
+        self.marks.clear()
         self.table = BlockTable(columns=("released", "committed"))
         self.rows.clear()
         self.swapped.clear()
         self._recent.clear()
 
-
-def _marked(flags: np.ndarray, blocks: np.ndarray) -> np.ndarray:
-    """``flags`` (a bool a block id, grown to hold ``blocks``: doubled at least) with ``blocks`` set."""
-    top = int(blocks.max()) + 1
-    if top > len(flags):
-        grown = np.zeros(max(top, 2 * len(flags)), dtype=bool)
-        grown[: len(flags)] = flags
-        flags = grown
-    flags[blocks] = True
-    return flags
