@@ -17,7 +17,7 @@ import numpy as np
 from kvpager.errors import InvalidArgument
 from kvpager.kernel_config import DEFAULT, KernelConfig
 from kvpager.kernels import check_pairs, get_kernel, in_range, storage_defines
-from kvpager.validate import int_array
+from kvpager.validate_arrays import int_array
 
 #: threads per copy_blocks CTA (block_copy.cu's COPY_THREADS)
 COPY_THREADS = 256

@@ -238,11 +238,15 @@ class ClientSequences:
     def tables(self, seq_ids: Any) -> tuple[np.ndarray, np.ndarray]:
         """Padded int32 block tables [B, max_blocks] and lengths [B], as `KVPool.block_tables`:
         from this client's mirror when it owns every sequence, else from the daemon."""
+        return self._tables(seq_ids, "tables")
+
+    def _tables(self, seq_ids: Any, op: str) -> tuple[np.ndarray, np.ndarray]:
+        """`tables` for ``op`` (named by SequenceSwapped for a swapped-out sequence)."""
         seq_ids = as_ids(seq_ids)
         if not self._lost:
             ids = id_list(seq_ids)
             if ids is not None:
-                got = self._mirror.gather(ids)
+                got = self._mirror.gather(ids, op)
                 if got is not None:
                     return got
         return self._daemon_tables(seq_ids)

@@ -22,17 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from kvpager import validate
+from kvpager import validate_arrays
 from kvpager.client_ids import id_list
 from kvpager.errors import NotOwner, SessionLost
 
 
 class SlotChecks:
     """Mixin of `KVAccess` (and so of `Client`): needs ``spec``, ``session_name``,
-    ``plan_slots``, ``_mirror``, ``_lost``, ``_closed``, ``_hello_args``, ``_commit_word``, ``tables``,
+    ``plan_slots``, ``_mirror``, ``_lost``, ``_closed``, ``_hello_args``, ``_commit_word``, ``_tables``,
     ``_daemon_tables``, ``sequences``, ``blocks``, ``_call`` and ``_check_process``."""
 
-    def _plan_tables(self, seq_ids: Any, slots: Any) -> tuple[np.ndarray, np.ndarray]:
+    def _plan_tables(self, seq_ids: Any, slots: Any, op: str) -> tuple[np.ndarray, np.ndarray]:
         """The tables and lengths of a step plan's sequences (as `tables`). A rank
         worker's plan that writes (``slots``) into its driver's sequences has its
         slots checked by the daemon with them, as its staged write's (NotOwner:
@@ -41,10 +41,10 @@ class SlotChecks:
         committed K/V. Slots of its own sequences are checked against its mirror
         first (no round trip). A daemon that predates the check leaves them unchecked."""
         if slots is None or not self._writes_for_driver() or not self.plan_slots:
-            return self.tables(seq_ids)
+            return self._tables(seq_ids, op)
         checked = self._check_slots(slots)
         ids = None if self._lost else id_list(seq_ids)
-        got = self._mirror.gather(ids) if ids is not None else None
+        got = self._mirror.gather(ids, op) if ids is not None else None
         if got is not None:  # its own sequences: its own slots need no round trip
             try:
                 self._check_own_slots(checked)
@@ -196,5 +196,5 @@ class SlotChecks:
 
     def _check_slots(self, slots: Any) -> np.ndarray:
         """Slot ids as int64, checked as `KVPool.write` checks them (uint64 past int64 included)."""
-        return validate.slots(slots, self.spec)
+        return validate_arrays.slots(slots, self.spec)
 

@@ -52,15 +52,15 @@ class TableMirror:
         return seq_id in self.rows
 
     # -- reading ------------------------------------------------------------------------
-    def gather(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
+    def gather(self, ids: list[int], op: str = "tables") -> tuple[np.ndarray, np.ndarray] | None:
         """Padded int32 block tables [B, max_blocks] and lengths [B] of ``ids``
         exactly as the daemon's `tables` answers, or None unless every id is
-        mirrored here. A swapped sequence raises SequenceSwapped, as there."""
+        mirrored here. A swapped sequence raises SequenceSwapped (naming ``op``), as there."""
         rows = list(map(self.rows.get, ids))
         if None in rows:
             return None
         if self.swapped and not self.swapped.isdisjoint(ids):
-            raise SequenceSwapped(next(i for i in ids if i in self.swapped), "attend")
+            raise SequenceSwapped(next(i for i in ids if i in self.swapped), op)
         return self.table.gather(rows)
 
     def _moved(self) -> None:

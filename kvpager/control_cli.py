@@ -41,7 +41,7 @@ def control_command(fn: Callable[..., None]) -> click.Command:
 
     @click.option("--endpoint", default=None, help="Daemon endpoint (default: KVPAGER_ENDPOINT or the private ipc socket).")
     @click.option("--timeout", type=Seconds(open_low=True, high=sys.float_info.max), default=None,
-                  help="Seconds to wait for each reply (KVPAGER_TIMEOUT).")
+                  help="Seconds to wait for each reply (KVPAGER_TIMEOUT; default 10).")
     @click.option("--control-token-file", type=click.Path(dir_okay=False), default=None,
                   help="The daemon's control token (default: KVPAGER_CONTROL_TOKEN / KVPAGER_CONTROL_TOKEN_FILE).")
     @functools.wraps(fn)

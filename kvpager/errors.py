@@ -242,6 +242,7 @@ ERRORS_BY_CODE: dict[str, type[KVPagerError]] = {
         NotPinned,
         UnsupportedConfiguration,
         UnsupportedModel,
+        OutsidePagedPass,
         BackendUnavailable,
         IntegrityError,
         ProtocolError,

@@ -141,7 +141,7 @@ def daemon_command(fn: Callable[..., None] | None = None, *, heartbeat: bool = F
         return functools.partial(daemon_command, heartbeat=heartbeat)
 
     @click.option("--endpoint", default=None, help="Daemon endpoint (default: KVPAGER_ENDPOINT or the private ipc socket).")
-    @click.option("--timeout", type=Seconds(open_low=True, high=sys.float_info.max), default=None, help="Seconds to wait for each reply (KVPAGER_TIMEOUT).")
+    @click.option("--timeout", type=Seconds(open_low=True, high=sys.float_info.max), default=None, help="Seconds to wait for each reply (KVPAGER_TIMEOUT; default 10).")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
     @functools.wraps(fn)
     def wrapper(endpoint: str | None, timeout: float | None, as_json: bool, **kwargs: Any) -> None:

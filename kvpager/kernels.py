@@ -27,7 +27,7 @@ import numpy as np
 from kvpager import kernel_build
 from kvpager.errors import InvalidArgument, UnsupportedConfiguration
 from kvpager.kernel_smem import resident
-from kvpager.validate import int_array
+from kvpager.validate_arrays import int_array
 
 DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
 #: KV_FP8 codes of the FP8 storage dtypes (kvpager_common.cuh)

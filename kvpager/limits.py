@@ -55,8 +55,9 @@ class Limits:
             least = f.metadata.get("least", 0)
             where = f"--max-{f.name.replace('_', '-')}" if f.name in given else f"KVPAGER_MAX_{f.name.upper()}"
             if values[f.name] < least:
+                zero = "0 is not unlimited; " if values[f.name] == 0 else ""
                 raise InvalidArgument(f"{where} {values[f.name]}: the limit on {f.metadata['help']} must be "
-                                      f"at least {least} (0 is not unlimited; leave it out for the default)")
+                                      f"at least {least} ({zero}leave it out for the default)")
             if values[f.name] > MOST:  # (2**63 or more: every request, hello too, failed to decode)
                 raise InvalidArgument(f"{where} {values[f.name]}: the limit on {f.metadata['help']} must be "
                                       f"at most 2**62 ({MOST})")

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from kvpager import validate
+from kvpager import validate, validate_arrays
 from kvpager.attend_options import (
     check_chunk,
     check_scale,
@@ -45,7 +45,7 @@ from kvpager.attend_options import (
 from kvpager.errors import InvalidArgument, StalePlan
 from kvpager.plan_guard import Foreign, Guard, Moves, view_guard
 from kvpager.spec import PoolSpec
-from kvpager.validate import int_array
+from kvpager.validate_arrays import int_array
 
 
 def check_step(
@@ -89,7 +89,7 @@ def context_of(seq_lens: np.ndarray, context_lens: Any) -> np.ndarray:
 def check_queries(spec: PoolSpec, seq_lens: np.ndarray, query_lens: Any = None,
                   slots: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The query lengths (int32 [B], default 1; each in [1, seq_lens]) and slots
-    (see `validate.slots`; one per query token) of a step over sequences of
+    (see `validate_arrays.slots`; one per query token) of a step over sequences of
     ``seq_lens`` tokens, whose tables are known good (the pool's own)."""
     nseq = len(seq_lens)
     if query_lens is None:
@@ -105,7 +105,7 @@ def check_queries(spec: PoolSpec, seq_lens: np.ndarray, query_lens: Any = None,
             raise InvalidArgument(f"query_lens must be in [1, seq_lens], got {query_lens.tolist()[:8]}")
         total = int(query_lens.sum())
     if slots is not None:
-        slots = validate.slots(slots, spec)
+        slots = validate_arrays.slots(slots, spec)
         if len(slots) != total:
             raise InvalidArgument(f"{len(slots)} slots for {total} query tokens")
     return query_lens, slots

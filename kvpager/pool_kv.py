@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvpager import validate
+from kvpager import validate, validate_arrays
 from kvpager.attend_options import check_scale, check_softcap, check_window, chunk_step
 from kvpager.errors import InvalidArgument
 from kvpager.plan import StepPlan, check_floor, check_queries, context_of, table_floor
@@ -26,13 +26,13 @@ def _is_torch(x: Any) -> bool:
 
 
 def _tensor(x: Any, name: str, shape: tuple[int, ...], spec: Any, xp: Any) -> Any:
-    """``x`` as an ``xp`` array of ``shape`` in the pool dtype (`validate.tensor`).
+    """``x`` as an ``xp`` array of ``shape`` in the pool dtype (`validate_arrays.tensor`).
     On the NumPy backend a CPU torch tensor crosses as a step plan's does
     (`kvpager.plan_numpy.to_numpy`): bfloat16 too, which DLPack cannot carry
     into NumPy."""
     if xp is np and _is_torch(x):
         x = to_numpy(x, name, spec.np_dtype)[0]
-    return validate.tensor(x, name, shape, spec, xp)
+    return validate_arrays.tensor(x, name, shape, spec, xp)
 
 
 def _as_torch(out: Any, xp: Any) -> Any:
@@ -57,7 +57,7 @@ class PoolKV:
             raise self.backend._per_rank("write")
         spec = self.spec
         validate.layer(layer, spec)
-        slots = validate.slots(slots, spec)
+        slots = validate_arrays.slots(slots, spec)
         shape = (len(slots), spec.num_kv_heads, spec.head_dim)
         k = _tensor(k, "k", shape, spec, self.backend.xp)
         v = _tensor(v, "v", shape, spec, self.backend.xp)
@@ -93,7 +93,7 @@ class PoolKV:
         spec = self.spec
         validate.layer(layer, spec)
         ids = validate.seq_ids(seq_ids)
-        tables, seq_lens = self.tables(ids)
+        tables, seq_lens = self.manager.tables(ids)
         qlens = validate.query_lens(query_lens, ids, seq_lens)
         num_q = getattr(q, "shape", (0, 0))[1] if getattr(q, "ndim", 0) == 3 else 0
         if num_q < 1 or num_q % spec.num_kv_heads:
@@ -121,7 +121,7 @@ class PoolKV:
         """Padded int32 block tables [B, max_blocks] (null-block padding) and
         lengths int32 [B] of resident sequences: one vectorised gather.
         Raises UnknownSequence, or SequenceSwapped for a swapped-out one."""
-        return self.manager.tables(validate.seq_ids(seq_ids))
+        return self.manager.tables(validate.seq_ids(seq_ids), "tables")
 
     def plan(
         self,
@@ -134,7 +134,8 @@ class PoolKV:
     ) -> StepPlan:
         """A step plan for one forward pass over ``seq_ids``: their block tables,
         lengths and the step's ``slots`` (where its new tokens' K/V go, as
-        `append` / `allocate` returned them: each its own query token's open
+        `append` / `allocate` returned them, in one array as `append_flat`
+        returns them: each its own query token's open
         position, -1 for one not written; `kvpager.plan_guard.check_positions`)
         checked and uploaded once; then per
         layer ``plan.write(layer, k, v)`` and ``plan.attend(layer, q, scale)``
@@ -148,7 +149,7 @@ class PoolKV:
         if self.ranks > 1:
             raise self.backend._per_rank("plan")
         ids = validate.seq_ids(seq_ids)
-        tables, seq_lens, query_lens, slots = self._step_of(ids, query_lens, slots, context_lens)
+        tables, seq_lens, query_lens, slots = self._step_of(ids, query_lens, slots, context_lens, "plan")
         self.pending = True
         plan = self.backend.plan(tables, seq_lens, query_lens, slots, **options)
         plan.floor = self.manager.floors(ids)
@@ -167,20 +168,20 @@ class PoolKV:
         if not isinstance(plan, StepPlan) or plan.backend is not self.backend:
             raise InvalidArgument(f"refill: {type(plan).__name__} is no step plan of this pool")
         ids = validate.seq_ids(seq_ids)
-        plan.update(*self._step_of(ids, query_lens, slots, context_lens))
+        plan.update(*self._step_of(ids, query_lens, slots, context_lens, "refill"))
         plan.floor = self.manager.floors(ids)
         plan.guard_with(sequence_guard(ids, partial(_rows_under_lock, self)))
 
-    def _step_of(self, ids: list[int], query_lens: Any, slots: Any, context_lens: Any,
+    def _step_of(self, ids: list[int], query_lens: Any, slots: Any, context_lens: Any, op: str,
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         """The tables, lengths, query lengths and slots of a step over ``ids``, checked:
         the tables are the pool's own, the step's part is the caller's (its slots each
         its own query token's open position, `kvpager.plan_guard.check_positions`)."""
         if slots is None:
-            tables, seq_lens = self.manager.tables(ids)
+            tables, seq_lens = self.manager.tables(ids, op)
             committed = None
         else:
-            tables, seq_lens, committed = self.manager.rows_now(ids)
+            tables, seq_lens, committed = self.manager.rows_now(ids, op)
         seq_lens = context_of(seq_lens, context_lens)
         if query_lens is not None:
             query_lens = validate.per_seq(query_lens, len(ids), "query_lens")  # (check_queries makes the array)

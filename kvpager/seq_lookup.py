@@ -103,24 +103,25 @@ class SequenceLookup:
         if np.count_nonzero(bad):
             raise NotOwner(f"sequence {int(seq_ids[int(np.argmax(bad))])} belongs to another session")
 
-    def tables(self, seq_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Padded int32 block tables and int32 lengths of resident sequences."""
-        return self.table.gather(self._resident(seq_ids))
+    def tables(self, seq_ids: list[int], op: str = "attend") -> tuple[np.ndarray, np.ndarray]:
+        """Padded int32 block tables and int32 lengths of resident sequences
+        (SequenceSwapped naming ``op`` for a swapped-out one)."""
+        return self.table.gather(self._resident(seq_ids, op))
 
-    def rows_now(self, seq_ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def rows_now(self, seq_ids: list[int], op: str = "attend") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`tables` and the committed token counts of resident sequences: what a
         step plan's guard checks it against (`kvpager.plan_guard`)."""
-        rows = self._resident(seq_ids)
+        rows = self._resident(seq_ids, op)
         return (*self.table.gather(rows), self.table.committed[rows])
 
-    def _resident(self, seq_ids: list[int]) -> np.ndarray:
+    def _resident(self, seq_ids: list[int], op: str) -> np.ndarray:
         rows = self.recent.get(seq_ids)  # the ids the step's append just took: no lookup
         if rows is None:
             rows = self.lookup(seq_ids)
         if self.num_swapped:
             swapped = self.table.swapped[rows]
             if np.count_nonzero(swapped):
-                raise SequenceSwapped(seq_ids[int(np.argmax(swapped))], "attend")
+                raise SequenceSwapped(seq_ids[int(np.argmax(swapped))], op)
         return rows
 
     def floors(self, seq_ids: list[int]) -> np.ndarray | None:

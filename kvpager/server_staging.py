@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvpager import validate
+from kvpager import validate, validate_arrays
 from kvpager.attend_options import check_sinks
 from kvpager.errors import InvalidArgument, NotOwner, UnknownSequence
 from kvpager.server_ranks import on_rank_device, session_kv
@@ -43,7 +43,7 @@ class StagingOps:
         slots = a["slots"]  # (within the tokens limit: `Dispatch._bound`)
         # checked as slots first (a null block's slot among them was `not_owner`, "block 0 is not held"),
         # then as this session's to write
-        slots = validate.slots(slots if isinstance(slots, (list, np.ndarray)) else [slots], self.pool.spec)
+        slots = validate_arrays.slots(slots if isinstance(slots, (list, np.ndarray)) else [slots], self.pool.spec)
         self._check_writable(s, slots)
         kv = session_kv(self, s, "write")
         with on_rank_device(self, s):
@@ -117,7 +117,7 @@ class StagingOps:
         if s is None:
             raise InvalidArgument("tables: slots (a step plan's, checked as a write's) need the session "
                                   "that writes them")
-        slots = validate.slots(value if isinstance(value, (list, np.ndarray)) else [value], self.pool.spec)
+        slots = validate_arrays.slots(value if isinstance(value, (list, np.ndarray)) else [value], self.pool.spec)
         self._check_writable(s, slots)
 
     def _op_attend(self, s: Session, a: dict[str, Any]) -> list[Any]:

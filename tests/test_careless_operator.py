@@ -55,6 +55,22 @@ def test_a_limit_of_zero_is_not_unlimited(args, env, named, tmp_path):
     endpoint = f"ipc://{tmp_path}/kv.sock"
     r = run_cli(["serve", *GEOMETRY, "--blocks", "8", "--endpoint", endpoint, *args], env)
     assert r.exit_code not in (0, None) and named in r.output and "at least 1" in r.output, r.output
+    assert "0 is not unlimited" in r.output
+    assert not os.path.exists(f"{tmp_path}/kv.sock")
+
+
+@pytest.mark.parametrize("args, env, named", [
+    (["--max-tables", "1000"], {}, "--max-tables"),
+    ([], {"KVPAGER_MAX_ATTEND_WORK": "65536"}, "KVPAGER_MAX_ATTEND_WORK"),
+])
+def test_a_limit_under_its_least_names_the_least(args, env, named, tmp_path):
+    """The tables and attend-work limits take 2**20 at least (docs/protocol.md,
+    "Limits"); a value under it is refused by name, and a value that is not 0 is
+    not told that 0 is not unlimited (it was)."""
+    endpoint = f"ipc://{tmp_path}/kv.sock"
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "8", "--endpoint", endpoint, *args], env)
+    assert r.exit_code not in (0, None) and named in r.output and f"at least {1 << 20}" in r.output, r.output
+    assert "0 is not unlimited" not in r.output
     assert not os.path.exists(f"{tmp_path}/kv.sock")
 
 

@@ -143,3 +143,42 @@ def test_share_in_batch_through_the_daemon_matches_embedded():
         assert [a.num_cached_tokens for a in remote] == [a.num_cached_tokens for a in embedded] == [0, 32, 16]
         assert [a.block_table for a in remote] == [a.block_table for a in embedded]
         server.pool.check_integrity()
+
+
+@pytest.mark.parametrize("transport", ["mapped", "remote"])
+def test_a_swapped_sequence_is_named_with_the_op_that_met_it(transport):
+    """`tables`, `attend`, `plan` and `refill` of a swapped-out sequence raise
+    SequenceSwapped naming themselves, on KVPool and through a Client (mirrored
+    or asking the daemon): every one said "swap_in before attend"."""
+    from kvpager.errors import SequenceSwapped
+
+    def ops(pool, ids):
+        q = np.zeros((len(ids), 2 * SPEC.num_kv_heads, SPEC.head_dim), np.float32)
+        live = pool.allocate([[9] * 3])[0].seq_id
+        plan = pool.plan([live], 1, None)
+        return {"tables": lambda: pool.tables(ids), "attend": lambda: pool.attend(0, ids, q),
+                "plan": lambda: pool.plan(ids), "refill": lambda: pool.refill(plan, ids)}
+
+    def named(pool, ids):
+        got = {}
+        for op, call in ops(pool, ids).items():
+            with pytest.raises(SequenceSwapped) as e:
+                call()
+            got[op] = (e.value.op, e.value.seq_id, str(e.value))
+        return got
+
+    pool = KVPool(SPEC)
+    [a, b] = pool.allocate([[1] * 20, [2] * 5])
+    pool.swap_out([b.seq_id])
+    want = named(pool, [a.seq_id, b.seq_id])
+    assert {op: w[0] for op, w in want.items()} == {op: op for op in want}
+    with running_server(SPEC) as server, Client(server.endpoint, map_pool=transport == "mapped") as c:
+        [a, b] = c.allocate([[1] * 20, [2] * 5])
+        c.swap_out([b.seq_id])
+        ids = [a.seq_id, b.seq_id]
+        assert named(c, ids) == want
+        if transport == "mapped":  # ids the mirror does not hold: the daemon's answer names the op too
+            c._mirror.forget(ids)
+            with pytest.raises(SequenceSwapped) as e:
+                c.tables(ids)
+            assert e.value.op == "tables"

@@ -259,3 +259,19 @@ def test_threads_sharing_a_pool_run_their_calls_whole():
     assert not errors, errors[:3]
     assert pool.stats().num_sequences == 0
     pool.check_integrity()
+
+
+def test_a_plan_given_appends_arrays_as_they_came_says_to_join_them():
+    """`append` answers an array a sequence; a step's plan and write take the slots
+    in one array. Passed as `append` answered them, they are refused saying how
+    (the README said "as append returned them"), and taken once joined."""
+    pool = make_pool()
+    a, b = pool.allocate([[1] * 5, [2] * 9])
+    slots = pool.append([a.seq_id, b.seq_id], 1)
+    before = snapshot(pool)
+    for given in (slots, [s.tolist() for s in slots]):
+        with pytest.raises(InvalidArgument, match="append_flat"):
+            pool.plan([a.seq_id, b.seq_id], 1, given)
+        assert snapshot(pool) == before
+    plan = pool.plan([a.seq_id, b.seq_id], 1, np.concatenate(slots))
+    assert plan.num_seqs == 2

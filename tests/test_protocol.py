@@ -276,3 +276,16 @@ def test_other_spellings_of_dtypes_never_crowd_out_the_ones_clients_send(monkeyp
     assert all(key == protocol_codec._dtypes[key].str.encode() for key in protocol_codec._dtypes)
     protocol_codec.unpack_array(protocol_codec.pack_array(np.arange(3, dtype=np.int64)).data)
     assert b"<i8" in protocol_codec._dtypes
+
+
+def test_every_error_class_is_found_by_its_code():
+    """Each `KVPagerError` of `kvpager.errors` is in `ERRORS_BY_CODE` under its
+    own code (docs/protocol.md lists them from there): `outside_paged_pass` was not."""
+    import inspect
+
+    from kvpager import errors
+
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass)
+               if issubclass(c, KVPagerError) and c.__module__ == errors.__name__]
+    assert len(classes) == len({c.code for c in classes})
+    assert {c.code: c for c in classes} == ERRORS_BY_CODE
