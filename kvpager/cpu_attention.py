@@ -18,6 +18,7 @@ import functools
 import os
 import sys
 from types import ModuleType
+from typing import NamedTuple
 
 import numpy as np
 
@@ -106,23 +107,53 @@ def attend(
     """`paged_attention`'s contract (a block-major pool [blocks, layers, 2,
     kv heads, block_size, head_dim]; the result in q's dtype), on the kernel
     where it takes the call, else on the twin."""
+    step = prepare(kv, block_tables, seq_lens, query_lens)
+    if step is None:
+        return twin(kv, layer, q, block_tables, seq_lens, query_lens, scale, window=window, softcap=softcap,
+                    kv_scales=kv_scales, sinks=sinks)
+    return attend_prepared(step, layer, q, scale, window=window, softcap=softcap, kv_scales=kv_scales, sinks=sinks)
+
+
+class Prepared(NamedTuple):
+    """A step's arguments as the kernel reads them (`prepare`): the same for every
+    layer, so a step plan makes them once."""
+
+    kv: np.ndarray  # the pool viewed as the kernel reads it
+    kind: int
+    lut: np.ndarray | None
+    tables: np.ndarray  # int32
+    lens: np.ndarray  # int64
+    qlens: np.ndarray  # int64
+    threads: int
+
+
+def prepare(kv: np.ndarray, block_tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
+            ) -> Prepared | None:
+    """A step over ``block_tables`` as the kernel takes it, or None where the kernel
+    cannot take it (the twin runs)."""
     how = None if KERNEL is None else storage(kv.dtype)
     tables = np.asarray(block_tables)
     if (how is None or kv.ndim != 6 or kv.shape[5] % 16 or not (kv.flags.c_contiguous and kv.flags.aligned)
             or tables.ndim != 2 or tables.dtype != np.int32 and not fits_int32(tables)):
-        return twin(kv, layer, q, block_tables, seq_lens, query_lens, scale, window=window, softcap=softcap,
-                    kv_scales=kv_scales, sinks=sinks)
+        return None
     kind, view, lut = how
     lens = _arg(seq_lens, np.int64)
     qlens = _arg(query_lens, np.int64)
+    # K/V bytes read, times the query tokens reading them
+    work = int(lens @ qlens) * kv.shape[3] * 2 * kv.shape[5] * kv.dtype.itemsize
+    threads = max(1, min(cpus(), work // BYTES_PER_THREAD))
+    return Prepared(kv.view(view), kind, lut, _arg(tables, np.int32), lens, qlens, threads)
+
+
+def attend_prepared(step: Prepared, layer: int, q: np.ndarray, scale: float, *, window: int | None = None,
+                    softcap: float | None = None, kv_scales: np.ndarray | None = None,
+                    sinks: np.ndarray | None = None) -> np.ndarray:
+    """`attend` of a `prepare`d step."""
     q32 = _arg(q, np.float32)
     out = np.empty(q32.shape, np.float32)
     scales = None if kv_scales is None else _arg(kv_scales, np.float32)
     sink = None if sinks is None else _arg(sinks, np.float32).reshape(-1)
-    # K/V bytes read, times the query tokens reading them
-    work = int(lens @ qlens) * kv.shape[3] * 2 * kv.shape[5] * kv.dtype.itemsize
-    threads = max(1, min(cpus(), work // BYTES_PER_THREAD))
-    KERNEL.attend(kv.view(view), kind, lut, int(layer), q32, _arg(tables, np.int32), lens, qlens,
+    KERNEL.attend(step.kv, step.kind, step.lut, int(layer), q32, step.tables, step.lens, step.qlens,
                   out, float(scale), 0 if window is None else int(window), 0.0 if softcap is None else float(softcap),
-                  scales, sink, threads)
+                  scales, sink, step.threads)
     return out if q.dtype == np.float32 else out.astype(q.dtype)

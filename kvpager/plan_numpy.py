@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from kvpager import validate
+from kvpager import cpu_attention, validate
 from kvpager.attend_options import check_scale, check_sinks, check_softcap, check_window
+from kvpager.backends.numpy_backend import run_tokens
 from kvpager.errors import InvalidArgument
 from kvpager.plan import StepPlan, check_q_shape
 
@@ -61,19 +62,32 @@ def from_numpy(out: np.ndarray) -> Any:
 
 
 class NumpyPlan(StepPlan):
-    """The step plan of the NumPy backend: the reference for the GPU plan."""
+    """The step plan of the NumPy backend: the reference for the GPU plan. What
+    every layer of the step shares (the write's positions, the kernel's
+    arguments, the query tokens) is made once, at the first layer that needs it."""
 
     def __init__(self, backend: Any, tables: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
                  slots: np.ndarray | None):
         self.backend, self.spec = backend, backend.spec
         self.watch(backend)
         self.tables, self.seq_lens, self.query_lens, self.slots = tables, seq_lens, query_lens, slots
+        self._tokens = int(query_lens.sum())
+        self._where: Any = None  # the slots' `NumpyBackend.positions`, where the write is one run
+        self._step: Any = None  # `cpu_attention.prepare`'s (False: the kernel does not take this step)
+
+    @property
+    def num_tokens(self) -> int:
+        return self._tokens
 
     def write(self, layer: int, k: Any, v: Any) -> None:
-        spec = self.spec
         if self._seen != self._moves.count:
             self.recheck()
-        layer = validate.layer(layer, spec)
+        layer = validate.layer(layer, self.spec)
+        self._store(layer, *self._checked_kv(k, v))
+
+    def _checked_kv(self, k: Any, v: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``k`` and ``v`` as NumPy arrays, checked as a write through this plan takes them."""
+        spec = self.spec
         if self.slots is None:
             raise InvalidArgument("this plan has no slots: pass slots to plan() to write through it")
         shape = (len(self.slots), spec.num_kv_heads, spec.head_dim)
@@ -82,7 +96,17 @@ class NumpyPlan(StepPlan):
         for name, x in (("k", k), ("v", v)):
             if x.shape != shape:
                 raise InvalidArgument(f"{name} must have shape {shape}, got {x.shape}")
-        self.backend.write(layer, self.slots, k, v)
+        return k, v
+
+    def _store(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        """The checked write: one run at the positions kept for every layer."""
+        backend = self.backend
+        if len(k) > run_tokens(k):
+            backend.write(layer, self.slots, k, v)
+            return
+        if self._where is None:
+            self._where = backend.positions(self.slots)
+        backend.write_at(layer, self._where, k, v)
 
     def check_query(self, q: Any, heads: int, sinks: Any) -> None:
         """See `StepPlan.check_query`: q's kind and dtype and the sinks, as `attend` checks them."""
@@ -91,8 +115,6 @@ class NumpyPlan(StepPlan):
 
     def attend(self, layer: int, q: Any, scale: float | None = None, out: Any = None, *,
                window: int | None = None, softcap: float | None = None, sinks: Any = None) -> Any:
-        from kvpager import cpu_attention
-
         spec = self.spec
         if self._seen != self._moves.count:
             self.recheck(write=False)
@@ -109,10 +131,49 @@ class NumpyPlan(StepPlan):
             raise InvalidArgument(f"out must have q's shape {qn.shape}, got {dest.shape}")
         if dest is not None and not dest.flags.writeable:
             raise InvalidArgument("out must be writable (the result is written into its memory)")
-        res = cpu_attention.attend(self.backend.kv, layer, qn, self.tables, self.seq_lens, self.query_lens,
-                                   check_scale(scale, spec.head_dim), window=check_window(window),
-                                   softcap=check_softcap(softcap), kv_scales=self.backend.scales, sinks=sinks)
+        res = self._attend(layer, qn, check_scale(scale, spec.head_dim), check_window(window),
+                           check_softcap(softcap), sinks)
         if dest is not None:
             dest[...] = res
             return out
         return from_numpy(res) if from_torch else res
+
+    def _attend(self, layer: int, q: np.ndarray, scale: float, window: int | None, softcap: float | None,
+                sinks: Any) -> np.ndarray:
+        """The checked attend: on the kernel with the step's arguments made once."""
+        backend = self.backend
+        if self._step is None:
+            self._step = cpu_attention.prepare(backend.kv, self.tables, self.seq_lens, self.query_lens) or False
+        if self._step is False or cpu_attention.KERNEL is None:
+            return cpu_attention.attend(backend.kv, layer, q, self.tables, self.seq_lens, self.query_lens, scale,
+                                        window=window, softcap=softcap, kv_scales=backend.scales, sinks=sinks)
+        return cpu_attention.attend_prepared(self._step, layer, q, scale, window=window, softcap=softcap,
+                                             kv_scales=backend.scales, sinks=sinks)
+
+    def write_attend(self, layer: int, q: Any, k: Any, v: Any, scale: float | None = None, *,
+                     window: int | None = None, softcap: float | None = None, sinks: Any = None,
+                     chunk: int | None = None) -> Any:
+        """`StepPlan.write_attend`, each argument checked once (its `write` and
+        `attend` check them again), in the same order: a refused call changes nothing."""
+        spec = self.spec
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            shape = tuple(getattr(x, "shape", ()))
+            if len(shape) != 4 or shape[0] != 1:
+                raise InvalidArgument(f"write_attend: {name} must be [1, heads, num_tokens, head_dim], "
+                                      f"got shape {shape}")
+        qn, from_torch = to_numpy(q[0].swapaxes(0, 1), "q", spec.np_dtype)
+        sinks = check_sinks(sinks, check_q_shape(qn.shape, self.num_tokens, spec))
+        scale = check_scale(scale, spec.head_dim)
+        softcap = check_softcap(softcap)
+        target = self if chunk is None else self.chunked(chunk)
+        if target.floor is not None:
+            target.check_floor(window)
+        window = check_window(window)
+        if self._seen != self._moves.count:
+            self.recheck()
+        layer = validate.layer(layer, spec)
+        self._store(layer, *self._checked_kv(k[0].swapaxes(0, 1), v[0].swapaxes(0, 1)))
+        if target is not self and target._seen != target._moves.count:
+            target.recheck(write=False)
+        res = target._attend(layer, qn, scale, window, softcap, sinks)
+        return (from_numpy(res) if from_torch else res)[None]

@@ -15,6 +15,11 @@ from kvpager.spec import PoolSpec
 WRITE_RUN_BYTES = 16 << 20
 
 
+def run_tokens(k: np.ndarray) -> int:
+    """The tokens of ``k`` ([tokens, heads, head_dim]) a run of a write takes."""
+    return max(1, WRITE_RUN_BYTES // max(1, k[:1].nbytes))
+
+
 def _pool_array(shape: tuple[int, ...], dtype: Any, buffer: Any, which: str) -> np.ndarray:
     """A pool's array over ``buffer``, or zeroed memory of its own; BackendUnavailable,
     naming the bytes, where the host cannot give that much."""
@@ -56,15 +61,26 @@ class NumpyBackend(Backend):
         # A run of tokens at a time: padding's gather (k[keep]) and FP8's float32
         # copies are of a run, never of the whole write (a 1 GiB staged write with
         # one padding slot took 2 GB and 7 s in whole-array copies).
-        step = max(1, WRITE_RUN_BYTES // max(1, k[:1].nbytes))
+        step = run_tokens(k)
         for start in range(0, len(slots), step):
-            self._write_run(layer, slots[start:start + step], k[start:start + step], v[start:start + step])
+            self.write_at(layer, self.positions(slots[start:start + step]), k[start:start + step],
+                          v[start:start + step])
 
-    def _write_run(self, layer: int, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+    def positions(self, slots: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """Where a run of ``slots`` writes: (the tokens kept, None where no slot is
+        padding; their blocks; their offsets in them), for `write_at` (a step plan
+        keeps them for its layers)."""
         keep = slots >= 0
-        if not keep.all():
-            slots, k, v = slots[keep], k[keep], v[keep]
-        blocks, offsets = np.divmod(slots, self.spec.block_size)
+        if keep.all():
+            return None, *np.divmod(slots, self.spec.block_size)
+        return keep, *np.divmod(slots[keep], self.spec.block_size)
+
+    def write_at(self, layer: int, where: tuple[np.ndarray | None, np.ndarray, np.ndarray], k: np.ndarray,
+                 v: np.ndarray) -> None:
+        """One run of a write (at most `run_tokens` of ``k``), at `positions`."""
+        keep, blocks, offsets = where
+        if keep is not None:
+            k, v = k[keep], v[keep]
         if self.scales is not None:  # FP8: x / scale of the (layer, K|V, head), saturated
             from kvpager.fp8 import quantize
 
