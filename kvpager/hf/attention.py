@@ -156,8 +156,11 @@ def kvpager_attention(
         if key.shape[0] != rows or value.shape[0] != rows or key.shape[2] != tokens or value.shape[2] != tokens:
             raise InvalidArgument(f"kvpager attention takes one packed row, or rows of as many new tokens each, got "
                                   f"q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)}")
-        query, key, value = (x.transpose(1, 2).reshape(1, rows * tokens, x.shape[1], x.shape[3]).transpose(1, 2)
-                             for x in (query, key, value))
+        if tokens == 1:  # (a decode step's rows: one swap of axes makes the packed row's view)
+            query, key, value = query.transpose(0, 2), key.transpose(0, 2), value.transpose(0, 2)
+        else:
+            query, key, value = (x.transpose(1, 2).reshape(1, rows * tokens, x.shape[1], x.shape[3]).transpose(1, 2)
+                                 for x in (query, key, value))
     if kvpager.real is not None:  # padded rows: their tokens alone (padding is neither stored nor read)
         query, key, value = (x.index_select(2, kvpager.real) for x in (query, key, value))
     batch = kvpager
