@@ -11,7 +11,8 @@ measured; compared
 with the one-layer convenience ``KVPool.attend`` (a plan per call). Also the
 tables of 64 sequences x 8,192 blocks (`KVPool.tables`), and the search for
 shared prefixes a cascading plan makes every step (`find_shared_prefixes`,
-compiled where built, beside its NumPy reference).
+compiled where built, beside its NumPy reference), and a small model's
+decode layer, where the host's part is most of it.
 
     python tools/bench_plan.py [--device cuda:0|cpu]
 """
@@ -62,6 +63,24 @@ def shared_prefix_rows(tables: np.ndarray, lens: np.ndarray, block_size: int) ->
             out.append((f"find_shared_prefixes, 256 rows, {name}, {how}",
                         per_call_us(lambda fn=fn, t=t, sl=sl: fn(t, sl, block_size), 200)))
     return out
+
+
+def small_step_rows(device: str) -> list[tuple[str, float]]:
+    """A small model's decode step, where the host's part of a layer is most of it:
+    8 sequences of 288 tokens, 4 q / 2 kv heads of 64, float32, `write_attend` on
+    heads-first views as `kvpager.hf` calls it, a host-bound (eager) plan."""
+    import torch
+
+    spec = PoolSpec(num_layers=2, num_kv_heads=2, head_dim=64, num_blocks=256, block_size=16, dtype="float32")
+    pool = KVPool(spec, device=device)
+    rng = np.random.default_rng(2)
+    ids = [a.seq_id for a in pool.allocate([rng.integers(3, 30000, 288).tolist() for _ in range(8)])]
+    plan = pool.plan(ids, None, pool.append_flat(ids, 1), num_q_heads=4, host_bound=True)
+    q, k = (torch.randn(8, h, 64, device=device).unsqueeze(0).transpose(1, 2) for h in (4, 2))
+    plan.write_attend(0, q, k, k)
+    us = per_call_us(lambda: plan.write_attend(1, q, k, k), 200)
+    pool.close()
+    return [("plan.write_attend per layer, small (8 x 288, 4/2 x 64, fp32)", us)]
 
 
 def main() -> None:
@@ -148,6 +167,7 @@ def main() -> None:
     if gpu:
         torch.cuda.synchronize()
     rows.extend(shared_prefix_rows(tables, lens, spec.block_size))
+    rows.extend(small_step_rows(args.device))
     pool.free(ids)
     # tables are host arrays: a small geometry holds 64 x 8,192 blocks in little memory
     wide = KVPool(PoolSpec(num_layers=1, num_kv_heads=1, head_dim=64, num_blocks=64 * 8192 + 8))
