@@ -44,12 +44,17 @@ def to_numpy(x: Any, name: str, dtype: np.dtype) -> tuple[np.ndarray, bool]:
     whether it came from torch."""
     if not check_kind(x, name, dtype):
         return x, False
+    return _view(x, dtype), True
+
+
+def _view(x: Any, dtype: np.dtype) -> np.ndarray:
+    """A NumPy view of ``x``, a CPU torch tensor of ``dtype`` (`check_kind`)."""
     x = x.detach().contiguous()
     if _name(dtype) == "bfloat16":  # NumPy has no bfloat16: cross as raw bits
         import torch
 
-        return x.view(torch.int16).numpy().view(dtype), True
-    return x.numpy(), True
+        return x.view(torch.int16).numpy().view(dtype)
+    return x.numpy()
 
 
 def from_numpy(out: np.ndarray) -> Any:
@@ -154,15 +159,18 @@ class NumpyPlan(StepPlan):
                      window: int | None = None, softcap: float | None = None, sinks: Any = None,
                      chunk: int | None = None) -> Any:
         """`StepPlan.write_attend`, each argument checked once (its `write` and
-        `attend` check them again), in the same order: a refused call changes nothing."""
+        `attend` check them again), in the same order: a refused call changes nothing.
+        q is read after the write, as there."""
         spec = self.spec
         for name, x in (("q", q), ("k", k), ("v", v)):
             shape = tuple(getattr(x, "shape", ()))
             if len(shape) != 4 or shape[0] != 1:
                 raise InvalidArgument(f"write_attend: {name} must be [1, heads, num_tokens, head_dim], "
                                       f"got shape {shape}")
-        qn, from_torch = to_numpy(q[0].swapaxes(0, 1), "q", spec.np_dtype)
-        sinks = check_sinks(sinks, check_q_shape(qn.shape, self.num_tokens, spec))
+        qt = q[0].swapaxes(0, 1)
+        heads = check_q_shape(tuple(qt.shape), self.num_tokens, spec)
+        from_torch = check_kind(qt, "q", spec.np_dtype)
+        sinks = check_sinks(sinks, heads)
         scale = check_scale(scale, spec.head_dim)
         softcap = check_softcap(softcap)
         target = self if chunk is None else self.chunked(chunk)
@@ -175,5 +183,5 @@ class NumpyPlan(StepPlan):
         self._store(layer, *self._checked_kv(k[0].swapaxes(0, 1), v[0].swapaxes(0, 1)))
         if target is not self and target._seen != target._moves.count:
             target.recheck(write=False)
-        res = target._attend(layer, qn, scale, window, softcap, sinks)
+        res = target._attend(layer, _view(qt, spec.np_dtype) if from_torch else qt, scale, window, softcap, sinks)
         return (from_numpy(res) if from_torch else res)[None]

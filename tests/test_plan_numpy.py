@@ -126,3 +126,22 @@ def test_a_refused_write_attend_writes_nothing(bad):
     with pytest.raises(InvalidArgument):
         plan.write_attend(layer, args["q"], args["k"], args["v"], **kw)
     np.testing.assert_array_equal(pool.backend.kv, before)
+
+
+def test_write_attend_reads_q_after_its_write():
+    """`write_attend` writes, then attends q: a q that is a view of the pool's own
+    memory (here the very block the call writes) is read as the write left it,
+    as `write` then `attend` read it (a plan that checked q once read it first)."""
+    spec = PoolSpec(num_layers=1, num_kv_heads=2, head_dim=16, num_blocks=8, block_size=8, dtype="float32")
+    pool = KVPool(spec)
+    [a] = pool.allocate([list(range(8))])
+    plan = pool.plan([a.seq_id], [8], a.slots)
+    block = int(a.slots[0]) // 8
+    rng = np.random.default_rng(0)
+    pool.backend.kv[block, 0, 0] = rng.standard_normal((2, 8, 16))
+    q = torch.from_numpy(pool.backend.kv)[block, 0, 0][None]  # [1, 2, 8, 16]: the block's K itself
+    k = torch.from_numpy(rng.standard_normal((1, 2, 8, 16)).astype(np.float32))
+    out = plan.write_attend(0, q, k, k)
+    want = numpy_backend.paged_attention(pool.backend.kv, 0, k[0].transpose(0, 1).numpy(), plan.tables,
+                                         plan.seq_lens, plan.query_lens, 16 ** -0.5)
+    np.testing.assert_allclose(out[0].numpy(), want, rtol=2e-5, atol=2e-5)
