@@ -5,7 +5,8 @@ else the NumPy twin (`kvpager.backends.numpy_backend.paged_attention`).
 The twin stays the reference: tests compare the kernel with it, as the GPU
 kernels are compared. The kernel reads the pool's blocks where they lie and
 runs on several threads; it takes float32, bfloat16, float16 and FP8 pools
-whose head_dim is a multiple of 16, C-contiguous at an aligned address (the
+whose head_dim is a multiple of 4 (of 16 on the widest build the CPU runs,
+of 8 on AVX2, others on the baseline build), C-contiguous at an aligned address (the
 other arrays are copied where they are not). Anything else, an install
 without a C compiler, or ``KVPAGER_NATIVE=0``, runs the twin.
 ``KVPAGER_CPU_THREADS`` caps the kernel's threads (default: the CPUs this
@@ -133,7 +134,7 @@ def prepare(kv: np.ndarray, block_tables: np.ndarray, seq_lens: np.ndarray, quer
     cannot take it (the twin runs)."""
     how = None if KERNEL is None else storage(kv.dtype)
     tables = np.asarray(block_tables)
-    if (how is None or kv.ndim != 6 or kv.shape[5] % 16 or not (kv.flags.c_contiguous and kv.flags.aligned)
+    if (how is None or kv.ndim != 6 or kv.shape[5] % 4 or not (kv.flags.c_contiguous and kv.flags.aligned)
             or tables.ndim != 2 or tables.dtype != np.int32 and not fits_int32(tables)):
         return None
     kind, view, lut = how

@@ -26,7 +26,9 @@
  * Storage (``kind``): 0 float32, 1 bfloat16 (the high half of a float32),
  * 2 any 2-byte float through ``lut`` (float16: 65,536 entries), 3 any 1-byte
  * float through ``lut`` (FP8: 256 entries); K and V times the pool's
- * ``scales`` if given. head_dim must be a multiple of 16.
+ * ``scales`` if given. head_dim must be a multiple of 4: one of 16 runs on
+ * the widest build, one of 8 on AVX2 at most, others on the baseline build
+ * (`task_for`: each build steps through head dims a register at a time).
  */
 #include "cpu_attention.h"
 #include <math.h>
@@ -87,6 +89,7 @@ static void scratch_free(Scratch *w) {
 
 typedef struct {
     const Call *call;
+    TaskFn task;            /* the build the call's head dim takes (`task_for`) */
     Py_ssize_t first, step; /* this worker's tasks: first, first + step, ... */
     int failed;
 } Worker;
@@ -111,6 +114,13 @@ static const char *pick_task(void) {
     return "base";
 }
 
+/* The widest build (TASK at most) whose registers step through ``d`` head dims
+ * whole: AVX-512 takes multiples of 16, AVX2 of 8, the baseline build of 4. */
+static TaskFn task_for(Py_ssize_t d) {
+    if (d % 16 == 0 || TASK == kvpager_task_base) return TASK;
+    return d % 8 == 0 ? kvpager_task_avx2 : kvpager_task_base;
+}
+
 static void *work(void *arg) {
     Worker *wk = arg;
     const Call *c = wk->call;
@@ -123,7 +133,7 @@ static void *work(void *arg) {
     const Py_ssize_t tasks = c->seqs * c->heads;
     for (Py_ssize_t i = wk->first; i < tasks; i += wk->step) {
         Py_ssize_t b = i / c->heads, h = i % c->heads;
-        if (c->query_lens[b] > 0) TASK(c, &w, b, h);
+        if (c->query_lens[b] > 0) wk->task(c, &w, b, h);
     }
     scratch_free(&w);
     return NULL;
@@ -177,8 +187,8 @@ static PyObject *attend(PyObject *self, PyObject *args) {
     c.scale = scale, c.softcap = softcap, c.window = window > 0 ? window : 0;
     c.scales = sc.held ? sc.view.buf : NULL, c.sinks = sk.held ? sk.view.buf : NULL;
     if (ks[2] != 2 || layer < 0 || layer >= c.layers || c.heads <= 0 || c.block_size <= 0 ||
-        c.head_dim <= 0 || c.head_dim % W != 0 || c.q_heads % c.heads != 0 || q.view.shape[2] != c.head_dim) {
-        PyErr_SetString(PyExc_ValueError, "cpu attention: kv, layer and q do not agree (head_dim a multiple of 16)");
+        c.head_dim <= 0 || c.head_dim % 4 != 0 || c.q_heads % c.heads != 0 || q.view.shape[2] != c.head_dim) {
+        PyErr_SetString(PyExc_ValueError, "cpu attention: kv, layer and q do not agree (head_dim a multiple of 4)");
         goto done;
     }
     c.group = c.q_heads / c.heads;
@@ -239,7 +249,8 @@ static PyObject *attend(PyObject *self, PyObject *args) {
     pthread_t ids[MAX_THREADS];
     int started = 0, failed = 0;
     Py_BEGIN_ALLOW_THREADS;
-    for (int i = 0; i < threads; i++) workers[i] = (Worker){&c, i, threads, 0};
+    const TaskFn task = task_for(c.head_dim);
+    for (int i = 0; i < threads; i++) workers[i] = (Worker){&c, task, i, threads, 0};
     for (int i = 1; i < threads; i++) {
         if (pthread_create(&ids[i], NULL, work, &workers[i]) != 0) {
             /* fewer threads: this one takes the tasks of the ones not started */

@@ -29,6 +29,8 @@ CASES = [
     ("decode s", 8, 288, 1, 8, 2, 64),
     ("decode s", 32, 288, 1, 8, 2, 64),
     ("decode s", 8, 2048, 1, 8, 2, 64),
+    ("decode, head dim 72", 8, 288, 1, 8, 2, 72),  # (a multiple of 8, not 16: the AVX2 build)
+    ("decode, head dim 72", 1, 2048, 1, 8, 2, 72),
     ("decode 8b", 8, 1024, 1, 32, 8, 128),
     ("decode 8b", 1, 16384, 1, 32, 8, 128),
     ("decode 8b", 64, 1024, 1, 32, 8, 128),
