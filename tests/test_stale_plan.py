@@ -320,9 +320,9 @@ def test_a_plans_check_reads_the_pool_under_its_lock(monkeypatch):
     held = []
     rows_now = pool.manager.rows_now
 
-    def reading(seq_ids):
+    def reading(seq_ids, *op):
         held.append(pool._lock._is_owned())
-        return rows_now(seq_ids)
+        return rows_now(seq_ids, *op)
 
     monkeypatch.setattr(pool.manager, "rows_now", reading)
     ids = [a.seq_id for a in pool.allocate([[1, 2, 3], [4, 5, 6], [7, 8]])]

@@ -131,8 +131,8 @@ def test_a_free_in_another_thread_while_a_plan_rechecks_is_a_stale_plan_not_a_ke
             c.free([x.seq_id])
             done.set()
 
-        def gather(ids):
-            got = real(ids)
+        def gather(ids, *op):
+            got = real(ids, *op)
             if threading.current_thread() is main and not threads:
                 threads.append(threading.Thread(target=freer))
                 threads[0].start()
