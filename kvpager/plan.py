@@ -258,11 +258,7 @@ class StepPlan(ABC):
         Where the three are views of token-major memory (a model's projections
         reshaped), the GPU plan launches on their pointers without making a view.
         Checked whole before anything is written: a refused call changes nothing."""
-        for name, x in (("q", q), ("k", k), ("v", v)):
-            shape = tuple(getattr(x, "shape", ()))
-            if len(shape) != 4 or shape[0] != 1:
-                raise InvalidArgument(f"write_attend: {name} must be [1, heads, num_tokens, head_dim], "
-                                      f"got shape {shape}")
+        check_heads_first(q, k, v)
         qt = q[0].swapaxes(0, 1)
         self.check_query(qt, check_q_shape(tuple(qt.shape), self.num_tokens, self.spec), sinks)
         check_scale(scale, self.spec.head_dim)
@@ -290,6 +286,16 @@ class StepPlan(ABC):
         """InvalidArgument unless every query's ``window`` starts at or after its
         sequence's first held position (blocks before it were released)."""
         check_floor(self.floor, self.seq_lens, self.query_lens, window)
+
+
+def check_heads_first(q: Any, k: Any, v: Any) -> None:
+    """InvalidArgument unless q, k and v are each [1, heads, num_tokens, head_dim]
+    (`StepPlan.write_attend`'s layout; the rest of their shapes the plan checks)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        shape = tuple(getattr(x, "shape", ()))
+        if len(shape) != 4 or shape[0] != 1:
+            raise InvalidArgument(f"write_attend: {name} must be [1, heads, num_tokens, head_dim], "
+                                  f"got shape {shape}")
 
 
 def table_floor(tables: np.ndarray, block_size: int) -> np.ndarray | None:

@@ -13,7 +13,7 @@ from kvpager import cpu_attention, validate
 from kvpager.attend_options import check_scale, check_sinks, check_softcap, check_window
 from kvpager.backends.numpy_backend import run_tokens
 from kvpager.errors import InvalidArgument
-from kvpager.plan import StepPlan, check_q_shape
+from kvpager.plan import StepPlan, check_heads_first, check_q_shape
 
 
 @functools.lru_cache(maxsize=64)
@@ -162,11 +162,7 @@ class NumpyPlan(StepPlan):
         `attend` check them again), in the same order: a refused call changes nothing.
         q is read after the write, as there."""
         spec = self.spec
-        for name, x in (("q", q), ("k", k), ("v", v)):
-            shape = tuple(getattr(x, "shape", ()))
-            if len(shape) != 4 or shape[0] != 1:
-                raise InvalidArgument(f"write_attend: {name} must be [1, heads, num_tokens, head_dim], "
-                                      f"got shape {shape}")
+        check_heads_first(q, k, v)
         qt = q[0].swapaxes(0, 1)
         heads = check_q_shape(tuple(qt.shape), self.num_tokens, spec)
         from_torch = check_kind(qt, "q", spec.np_dtype)
