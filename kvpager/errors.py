@@ -123,7 +123,9 @@ class NotSwapped(KVPagerError):
 
 
 class NotOwner(KVPagerError):
-    """The sequence belongs to another session (daemon only)."""
+    """The sequence belongs to another session (daemon), or a write's slot lies in a
+    block the writer may not write (another session's, published, or one kept from
+    before a free that is still cached for its prefix)."""
 
     code = "not_owner"
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from kvpager import validate, validate_arrays
 from kvpager.attend_options import check_scale, check_softcap, check_window, chunk_step
-from kvpager.errors import InvalidArgument
+from kvpager.errors import InvalidArgument, NotOwner
 from kvpager.plan import StepPlan, check_floor, check_queries, context_of, table_floor
 from kvpager.plan_guard import check_positions, sequence_guard
 from kvpager.plan_numpy import from_numpy, to_numpy
@@ -52,17 +52,39 @@ class PoolKV:
     def write(self, layer: int, slots: Any, k: Any, v: Any) -> None:
         """Store one layer's K/V for the tokens at ``slots`` (-1 = padding, skipped).
         ``k`` and ``v`` are [len(slots), num_kv_heads, head_dim] in the pool dtype:
-        arrays of the backend (NumPy / CuPy) or torch tensors on its device."""
+        arrays of the backend (NumPy / CuPy) or torch tensors on its device.
+        A slot in a cached block no sequence holds (kept from before a free) is
+        refused with `NotOwner` (`_check_writable`)."""
         if self.ranks > 1:
             raise self.backend._per_rank("write")
         spec = self.spec
         validate.layer(layer, spec)
         slots = validate_arrays.slots(slots, spec)
+        self._check_writable(slots)
         shape = (len(slots), spec.num_kv_heads, spec.head_dim)
         k = _tensor(k, "k", shape, spec, self.backend.xp)
         v = _tensor(v, "v", shape, spec, self.backend.xp)
         self.backend.write(int(layer), slots, k, v)
         self.pending = True
+
+    def _check_writable(self, slots: np.ndarray) -> None:
+        """NotOwner for a slot in a block that no sequence holds and that holds K/V
+        the prefix cache answers for (a freed sequence's committed block, kept on
+        the LRU): slots kept from before the free wrote into it, and every later
+        prompt that found the prefix read that K/V, silently. (A block a sequence
+        holds may be written after its commit, as a step that publishes full blocks
+        before its forward pass does; a block nothing answers for is the caller's
+        to fill.) A daemon's clients get more: only their own, unpublished blocks."""
+        blocks = slots[slots >= 0] // self.spec.block_size
+        if not len(blocks):
+            return
+        pool = self.manager.pool
+        stale = blocks[(pool.ref_cnt[blocks] == 0) & pool.holds_key(blocks)]
+        if len(stale):
+            b = int(stale[0])
+            raise NotOwner(f"write: block {b} (slots {b * self.spec.block_size}...) is held by no sequence and "
+                           "holds a cached prefix's K/V, which later prompts read: slots kept from before a free "
+                           "(take them from the latest allocate / append)")
 
     def attend(
         self,

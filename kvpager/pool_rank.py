@@ -71,6 +71,7 @@ class PoolRank:
         return range(self.rank * n, (self.rank + 1) * n)
 
     plan = KVPool.plan
+    _check_writable = KVPool._check_writable
     refill = KVPool.refill
     _step_of = KVPool._step_of
 
