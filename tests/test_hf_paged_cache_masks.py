@@ -4,8 +4,9 @@ padding a finished row was fed) gives transformers' tokens, the row cut; padding
 between a row's tokens gives transformers' tokens under full attention and is
 refused under sliding windows (transformers counts them in cache columns); a
 mask that drops other held tokens, or marks padding as tokens, or spans fewer
-columns than the cache holds and the pass, and kept logits at right padding are
-refused, each before anything changes."""
+columns than the cache holds and the pass, a pass with no mask after padded
+rows, a row of no tokens, and kept logits at right padding are refused, each
+before anything changes."""
 
 from __future__ import annotations
 
@@ -282,3 +283,58 @@ def test_a_pass_reads_its_ids_positions_and_mask_as_given(device):
                     assert not spans or np.array_equal(got.held, m[:, :columns].long().sum(1).numpy())
                     assert (got.positions is None) == (pos is None or pos.shape != (rows, width))
                     assert got.positions is None or np.array_equal(got.positions, pos.numpy())
+
+
+def test_a_pass_without_a_mask_after_padded_rows_is_refused():
+    """A pass without ``attention_mask`` takes every column so far as a token:
+    transformers attends the K/V its cache holds for a row's padding too, where a
+    PagedCache holds tokens alone, so a padded row's logits were other ones, with no
+    word; and `generate` drops a second turn's mask of all 1s, so a turn after a
+    padded one given such a mask ran so. Refused, nothing changed; a batch fed no
+    padding is served without a mask, with transformers' logits."""
+    model = make("llama")
+    ids, mask = prompts(2, 3, (0, 6))
+    turn = torch.randint(3, VOCAB, (2, 3), generator=torch.Generator().manual_seed(4))
+    pool = pool_for(model)
+    with torch.no_grad(), PagedCache(model, pool) as cache:
+        model(input_ids=ids, attention_mask=mask, **cache_kw(model, cache))
+        held, before = [pool.sequence(s).num_tokens for s in cache.seq_ids], pool.stats()
+        with pytest.raises(InvalidArgument, match="row 1 was fed 20 columns of which the cache holds 14"):
+            model(input_ids=turn, **cache_kw(model, cache))
+        assert [pool.sequence(s).num_tokens for s in cache.seq_ids] == held
+        assert pool.stats() == before
+        assert cache.get_seq_length() == PROMPT
+        with pytest.raises(InvalidArgument, match="a pass without attention_mask"):
+            model.generate(input_ids=torch.cat([ids, turn], 1), attention_mask=torch.ones(2, PROMPT + 3,
+                           dtype=mask.dtype), max_new_tokens=2, do_sample=False, **cache_kw(model, cache))
+        assert [pool.sequence(s).num_tokens for s in cache.seq_ids] == held
+        model(input_ids=turn, attention_mask=torch.cat([mask, torch.ones_like(turn)], 1),
+              **cache_kw(model, cache))  # the mask of every column: served
+    assert_released(pool)
+    full, _ = prompts(2, 5)
+    with torch.no_grad(), PagedCache(model, pool) as cache:
+        dyn = transformers.DynamicCache(config=model.config)
+        model(input_ids=full, **cache_kw(model, dyn))
+        model(input_ids=full, **cache_kw(model, cache))
+        want = model(input_ids=turn, **cache_kw(model, dyn)).logits
+        got = model(input_ids=turn, **cache_kw(model, cache)).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_released(pool)
+
+
+def test_a_first_pass_with_a_row_of_no_tokens_is_refused():
+    """A row whose mask is all 0 ran with the logits of nothing (transformers' were
+    other ones), where `kvpager.hf.generate` refuses it: refused by row, nothing taken."""
+    model = make("llama")
+    ids, mask = prompts(3, 3, (0, PROMPT, 2))
+    pool = pool_for(model)
+    before = pool.stats()
+    with torch.no_grad(), PagedCache(model, pool) as cache:
+        with pytest.raises(InvalidArgument, match=r"attention_mask\[1\] is all 0"):
+            model(input_ids=ids, attention_mask=mask, **cache_kw(model, cache))
+        assert pool.stats() == before
+        with pytest.raises(InvalidArgument, match=r"attention_mask\[1\] is all 0"):
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                           **cache_kw(model, cache))
+        assert pool.stats() == before
+    assert_released(pool)

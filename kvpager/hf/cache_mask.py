@@ -175,6 +175,23 @@ def refuse_gaps(rows: np.ndarray) -> None:
         "row's first token (left padding)")
 
 
+def refuse_maskless(rows: Any) -> None:
+    """InvalidArgument for a pass without a mask where a row was fed columns that it
+    does not hold (padding, or tails a mask dropped): transformers takes no mask as
+    every column a token and attends the K/V its cache holds for them, where a
+    PagedCache holds tokens alone, so the row's logits were other ones, silently.
+    (`generate` drops a mask of all 1s before its first pass: a second turn given
+    one after a padded first ran so.)"""
+    short = np.flatnonzero(rows.lens < rows.columns) if rows.columns and len(rows.lens) else ()
+    if len(short):
+        r = int(short[0])
+        raise InvalidArgument(
+            f"PagedCache: a pass without attention_mask takes every column so far as a token, and row {r} was "
+            f"fed {rows.columns} columns of which the cache holds {int(rows.lens[r])} tokens (the others padding, "
+            "or dropped by a mask): pass the mask of every column so far (the earlier passes' 0s included; "
+            "transformers' generate drops a mask of all 1s, so give the padded columns 0s)")
+
+
 def dropped_tails(attention_mask: torch.Tensor, held: np.ndarray, rows: Any) -> np.ndarray:
     """Per row of ``rows`` (a `CacheRows`), how many of its last tokens the mask's
     columns before the pass drop (0: none); the mask read again whole where any
@@ -212,6 +229,8 @@ def checked(mask: PassMask, attention_mask: Any, keep: Any, every: bool, rows: A
     last), kept logits at right padding warned of; a drop of a row's last tokens cut
     from it. Nothing else changes. ``every``: each column a token."""
     lens, ends = (rows.lens, rows.ends) if len(rows.lens) else (np.zeros(len(mask.real), np.int64),) * 2
+    if attention_mask is None:
+        refuse_maskless(rows)
     drop = None
     if mask.held is not None and len(rows.lens):
         drop = dropped_tails(attention_mask, mask.held, rows)

@@ -62,6 +62,10 @@ def begin(cache: Any, named: dict[str, Any], keep: int | None) -> Step:
     try:
         if not len(live):
             raise InvalidArgument("PagedCache: a pass whose every token is padding (attention_mask 0)")
+        if first and len(live) < rows:
+            r = int(np.flatnonzero(counts == 0)[0])
+            raise InvalidArgument(f"PagedCache: attention_mask[{r}] is all 0: row {r} would have no tokens, "
+                                  "and its logits would be those of nothing (as kvpager.hf.generate refuses it)")
         ahead = cache._ahead.take(width, mask)  # (slots taken for a decode pass, else given back)
         step.appended = ahead is not None  # (a failure from here on truncates the rows, its slots with them)
         parts: dict[int, np.ndarray] = {}
@@ -170,6 +174,8 @@ def confirm(cache: Any, step: Step, named: dict[str, Any]) -> bool:
     rows = cache._rows
     if not mask.real.all() or (mask.held is not None and not np.array_equal(mask.held, rows.lens)):
         return False
+    if named.get("attention_mask") is None and (rows.lens < rows.columns).any():
+        return False  # (`begin` refuses it: `cache_mask.refuse_maskless`)
     spans = cache_mask.Spans.of(mask.real, True)
     spans.gaps = spans.gap_rows(rows.lens, rows.ends, rows.columns)
     if cache._by_columns and spans.gaps.any():
