@@ -62,10 +62,6 @@ def begin(cache: Any, named: dict[str, Any], keep: int | None) -> Step:
     try:
         if not len(live):
             raise InvalidArgument("PagedCache: a pass whose every token is padding (attention_mask 0)")
-        if first and len(live) < rows:
-            r = int(np.flatnonzero(counts == 0)[0])
-            raise InvalidArgument(f"PagedCache: attention_mask[{r}] is all 0: row {r} would have no tokens, "
-                                  "and its logits would be those of nothing (as kvpager.hf.generate refuses it)")
         ahead = cache._ahead.take(width, mask)  # (slots taken for a decode pass, else given back)
         step.appended = ahead is not None  # (a failure from here on truncates the rows, its slots with them)
         parts: dict[int, np.ndarray] = {}
