@@ -38,6 +38,12 @@ if TYPE_CHECKING:
 
 EVERY = object()  # `infos`: every owner's pins (None is an owner: the pool's own)
 
+#: The most references all pins together hold on one block: half of its int32 count
+#: (`kvpager.block_refs.MAX_REFS`), so the sequences that share it always have the
+#: other half (pins filled it to the top before, and another session's fork of a
+#: sequence over it wrapped its count negative, its allocate of the prefix failed).
+MAX_PIN_REFS = 1 << 30
+
 
 #: A listed block's bytes in a reply, at most (a msgpack int of a block id): a salt's
 #: bytes count this many to a block where a page is bounded by blocks.
@@ -110,7 +116,14 @@ class PinTable:
                 "pinned_blocks", self.num_pinned + fresh, self.limit)
         if len(every):
             ids, times = np.unique(every, return_counts=True)
-            if int((pool.ref_cnt[ids] + times).max()) > MAX_REFS:  # pins are counted without bound
+            counted = self.refs[ids].astype(np.int64) + times
+            most = int(counted.max())
+            if most > MAX_PIN_REFS:  # (a pin is counted: a session may pin one prompt 65,536 times a request)
+                b = int(ids[int(np.argmax(counted))])
+                raise LimitExceeded(f"pin: block {b} would hold {most} pins' references, over the {MAX_PIN_REFS} "
+                                    "pins may hold on one block (the rest of its int32 count is the sequences' "
+                                    "that share it); unpin some first", "pin_references", most, MAX_PIN_REFS)
+            if int((pool.ref_cnt[ids] + times).max()) > MAX_REFS:
                 raise InvalidArgument(f"pin: these pins would pass a block's reference count (int32, at most "
                                       f"{MAX_REFS}); unpin some first")
             pool.touch(every)  # a reference each: an evictable block is taken back into use

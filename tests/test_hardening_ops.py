@@ -21,6 +21,7 @@ from pool_helpers import snapshot
 from kvpager.client import Client
 from kvpager.errors import InvalidArgument, LimitExceeded
 from kvpager.limits import Limits
+from kvpager.pins import MAX_PIN_REFS
 from kvpager.protocol import unpack
 
 server = server_fixture(SMALL, heartbeat_timeout=30)
@@ -180,26 +181,38 @@ def _bump_pin(server, owner: str, extra: int) -> int:
     return int(pin.blocks[0])
 
 
-def test_pins_stop_at_a_blocks_reference_count(server):
+def test_pins_stop_at_half_a_blocks_reference_count(server):
     """Pins of a prefix are counted without bound (a session may pin it 65,536 times a
     request); past 2**31 - 1 a block's int32 reference count wrapped negative and the
-    pool's state broke (the pins and the pool's counts disagreed). Now the pin that
-    would pass it is refused, and changes nothing."""
-    prompt = list(range(SMALL.block_size))
-    with Client(server.endpoint, timeout=10) as c:
+    pool's state broke. Then pins were refused there, at the top of the count, and
+    another session's fork of a sequence over the block wrapped it negative anyway (the
+    integrity check failed) and its allocate of the prefix failed as bad arguments
+    (an OverflowError). Now pins hold at most 2**30 references on a block: the pin
+    past that is `LimitExceeded` and changes nothing, and other sessions' prefix hits
+    and forks over the block go on."""
+    bs = SMALL.block_size
+    prompt = list(range(bs))
+    with Client(server.endpoint, timeout=10) as c, Client(server.endpoint, timeout=10) as other:
         [a] = c.allocate([prompt])
         c.commit(a.seq_id)
-        assert c.pin([prompt]) == [SMALL.block_size]
-        block = _bump_pin(server, c.session_name, (1 << 31) - 8)  # held by the pin and the sequence
-        assert server.pool.manager.pool.ref_cnt[block] == (1 << 31) - 6
+        assert c.pin([prompt]) == [bs]
+        block = _bump_pin(server, c.session_name, MAX_PIN_REFS - 6)  # the pin counted MAX_PIN_REFS - 5 times
         before = _state(server)
-        with pytest.raises(InvalidArgument, match="reference count"):
+        with pytest.raises(LimitExceeded, match="pins' references") as e:
             c.pin([prompt] * 6)
+        assert (e.value.limit, e.value.value, e.value.maximum) == ("pin_references", MAX_PIN_REFS + 1, MAX_PIN_REFS)
         assert _same(before, _state(server))
-        assert c.pin([prompt] * 5) == [SMALL.block_size] * 5  # up to the int32 maximum exactly
-        assert server.pool.manager.pool.ref_cnt[block] == (1 << 31) - 1
-        c.check_integrity()
+        assert c.pin([prompt] * 5) == [bs] * 5  # up to the cap exactly
+        refs = server.pool.manager.pool.ref_cnt
+        assert server.pool.manager.pins.refs[block] == MAX_PIN_REFS and refs[block] == MAX_PIN_REFS + 1
+        [b] = other.allocate([prompt + [1]])
+        assert b.num_cached_tokens == bs and b.block_table[0] == block
+        kids = other.fork(b.seq_id, 3)[0]
+        assert refs[block] == MAX_PIN_REFS + 5
+        other.check_integrity()
+        other.free([b.seq_id, *kids])
         c.free(a.seq_id)
+        assert refs[block] == MAX_PIN_REFS
         c.check_integrity()
 
 
