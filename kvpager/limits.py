@@ -22,6 +22,8 @@ MOST = 1 << 62
 @dataclass(frozen=True)
 class Limits:
     sequences: int = field(default=1 << 16, metadata={"least": 1, "help": "live sequences of one session"})
+    sequences_total: int = field(default=1 << 22, metadata={
+        "least": 1, "help": "live sequences of all sessions together (each costs the daemon ~400 bytes)"})
     ids: int = field(default=1 << 16, metadata={"least": 1, "help": "ids in one request (seq_ids, prompts, fork children)"})
     tokens: int = field(default=1 << 20, metadata={"least": 1, "help": "token ids in one request (prompts, appended tokens)"})
     staging: int = field(default=1 << 30, metadata={"help": "bytes of one session's staging buffer"})
@@ -36,6 +38,8 @@ class Limits:
     attend_work: int = field(default=1 << 34, metadata={
         "least": 1 << 20, "help": "work of one staged attend: query-key pairs x (query heads x head dim + "
                                   "256), the pairs each query token's keys (at most its window or chunk)"})
+    fork_work: int = field(default=1 << 26, metadata={
+        "least": 1 << 16, "help": "block-table entries one fork makes (children x their parent's blocks)"})
     pin_blocks: int = field(default=1 << 16, metadata={
         "help": "blocks listed by one session's pins (each distinct pin its own: nested pins of one prompt each "
                 "count theirs)"})

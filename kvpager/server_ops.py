@@ -136,6 +136,8 @@ class ServerOps(ReadOps, ControlOps):
         prompts = wire_prompts(a["prompts"], "allocate")
         remote_tokens = _flag(a, "remote_tokens", "allocate")
         self.limits.check("sequences", s.num_seqs + len(prompts), "allocate: sequences of this session")
+        self.limits.check("sequences_total", self.pool.manager.table.num_live + len(prompts),
+                          "allocate: live sequences of all sessions")
         # the longest prompt's blocks (a prompt that is no list or array: KVPool.allocate names it)
         sizes = [len(p) for p in prompts if isinstance(p, list) or isinstance(p, np.ndarray) and p.ndim]
         longest = -(-max(sizes, default=0) // self.pool.spec.block_size)
@@ -230,12 +232,28 @@ class ServerOps(ReadOps, ControlOps):
         if isinstance(n, int) and not isinstance(n, bool) and n >= 1:  # (the per-request limits first)
             self.limits.check("ids", len(ids) * n, "fork: children in one request")
             self.limits.check("sequences", s.num_seqs + len(ids) * n, "fork: sequences of this session")
+            self.limits.check("sequences_total", self.pool.manager.table.num_live + len(ids) * n,
+                              "fork: live sequences of all sessions")
             self._check_tables(len(ids) * n, 0)
         n = fork_count(n, len(ids))  # (before the ids' owner, as `KVPool.fork` checks it before their lookup)
         self._owned(s, ids)
+        self._check_fork_work(ids, n)
         children = self.pool.fork(ids, n)
         s.num_seqs += sum(map(len, children))
         return children
+
+    def _check_fork_work(self, ids: list[int], n: int) -> None:
+        """LimitExceeded where ``n`` children of each of ``ids`` (checked to be the
+        session's) would copy more block-table entries than ``limits.fork_work``:
+        the loop copies each child's row and counts its blocks' references, about
+        10 ns an entry, so 65,000 children of a 262,144-token sequence held it
+        10.7 s (a healthy client's call timed out meanwhile)."""
+        if n * len(ids) * self.pool.manager.table.width <= self.limits.fork_work:
+            return  # (no sequence is wider than the tables)
+        manager = self.pool.manager
+        entries = n * int(manager.table.num_blocks[manager.lookup(ids)].sum())
+        self.limits.check("fork_work", entries, "fork: block-table entries of the children (children x their "
+                          "parent's blocks)")
 
     def _op_free(self, s: Session, a: dict[str, Any]) -> None:
         ids = self._owned(s, a["seq_ids"])

@@ -236,6 +236,49 @@ def test_the_block_tables_of_all_sessions_are_bounded():
         c.check_integrity()
 
 
+def test_live_sequences_of_all_sessions_are_bounded():
+    """Each live sequence costs the daemon ~400 bytes of bookkeeping that no limit
+    counted: 32 sessions forking 65,535 one-block children each took 2.1M sequences
+    and 715 MB in 2.6 s, and the default limits let 1,024 sessions take 67M (about
+    25 GB). Now live sequences of all sessions together are bounded
+    (--max-sequences-total): an allocate or fork past it is refused, nothing changed."""
+    with running_server(SMALL, limits=Limits(sequences=100, sequences_total=150)) as server, \
+            Client(server.endpoint) as a, Client(server.endpoint) as b:
+        [pa] = a.allocate([[1, 2, 3]])
+        [kids] = a.fork(pa.seq_id, 99)  # 100: the session's limit
+        [pb] = b.allocate([[4, 5]])
+        b.fork(pb.seq_id, 49)  # 150 in all
+        before = (b.stats(), len(b.sequences()))
+        with pytest.raises(LimitExceeded, match="KVPAGER_MAX_SEQUENCES_TOTAL") as e:
+            b.fork(pb.seq_id, 1)
+        assert (e.value.limit, e.value.value, e.value.maximum) == ("sequences_total", 151, 150)
+        with pytest.raises(LimitExceeded, match="live sequences of all sessions"):
+            b.allocate([[6]])
+        assert (b.stats(), len(b.sequences())) == before
+        a.free(kids[:10])
+        b.fork(pb.seq_id, 10)  # room again
+        assert b.stats().num_sequences == 150
+        b.check_integrity()
+
+
+def test_the_table_entries_one_fork_makes_are_bounded():
+    """A fork copies each child's table row and counts its blocks' references on
+    the loop, about 10 ns an entry: 65,000 children of a 262,144-token sequence held
+    it 10.7 s, and a healthy client's call timed out. Now one fork's entries
+    (children x their parent's blocks) are bounded (--max-fork-work)."""
+    with running_server(SMALL, limits=Limits(fork_work=1 << 16)) as server, Client(server.endpoint) as c:
+        [p] = c.allocate([list(range(3, 3 + 64 * SMALL.block_size))])  # 64 blocks
+        [short] = c.allocate([[1, 2]])
+        before = (c.stats(), len(c.sequences()))
+        with pytest.raises(LimitExceeded, match="KVPAGER_MAX_FORK_WORK") as e:
+            c.fork([p.seq_id, short.seq_id], 1010)  # 1,010 x (64 + 1) entries
+        assert (e.value.limit, e.value.value) == ("fork_work", 65_650)
+        assert (c.stats(), len(c.sequences())) == before
+        assert len(c.fork(p.seq_id, 1024)[0]) == 1024  # 65,536 entries: the limit exactly
+        assert len(c.fork(short.seq_id, 5000)[0]) == 5000  # a one-block sequence's children: cheap
+        c.check_integrity()
+
+
 def test_an_appends_tokens_count_once_with_their_ids():
     """The tokens limit counts token ids in one request: an append of 39 tokens
     with their ids counted 78 (its count and its ids), so `score` through a
