@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from test_hf_logprobs import check  # noqa: E402
 from test_hf_models import make_model, one_thread, prompt  # noqa: E402, F401
 
-from kvpager import KVPool  # noqa: E402
+from kvpager import InvalidArgument, KVPool  # noqa: E402
 from kvpager.hf import Sampling, generate, spec_for_model  # noqa: E402
 
 PROMPTS = [prompt(21, seed=1), prompt(5, seed=2), prompt(16, seed=3)]
@@ -155,3 +155,28 @@ def test_a_negative_end_token_is_never_generated_and_bans_nothing():
                    sampling=Sampling(temperature=0, logit_bias={last: 50.0}, min_tokens=2))[0]
     assert got == want
     assert pool.stats().num_sequences == 0
+
+
+def test_a_sampled_prompt_with_nothing_left_to_draw_is_refused():
+    """A logit bias of -inf on every token (or on every one but the end tokens,
+    held off by ``min_tokens``) left a sampled row nothing to draw: it drew token
+    0, banned, with no word, where transformers' sampling raises. Refused before
+    anything is allocated; greedy search takes the first token, as transformers'."""
+    model = make_model("llama")
+    vocab = model.config.vocab_size
+    pool = _pool(model)
+    every = {t: float("-inf") for t in range(vocab)}
+    with pytest.raises(InvalidArgument, match="prompt 1 bans every token of the vocabulary"):
+        generate(model, pool, PROMPTS[:2], 2, eos_token_id=None,
+                 sampling=[None, Sampling(seed=1, logit_bias=every)])
+    but_end = {t: float("-inf") for t in range(vocab) if t != 3}
+    with pytest.raises(InvalidArgument, match="min_tokens holding off the end tokens"):
+        generate(model, pool, PROMPTS[:1], 2, eos_token_id=3, sampling=Sampling(seed=1, logit_bias=but_end,
+                                                                                 min_tokens=1))
+    assert pool.stats().num_sequences == 0 and pool.stats().used_blocks == 0
+    assert generate(model, pool, PROMPTS[:1], 2, eos_token_id=3,
+                    sampling=Sampling(seed=1, logit_bias=but_end)) == [[3]]  # the end token drawn, then done
+    greedy = generate(model, pool, PROMPTS[:1], 2, eos_token_id=None, sampling=Sampling(temperature=0,
+                                                                                        logit_bias=every))
+    assert greedy == [hf_greedy(model, PROMPTS[0], 2, sequence_bias={(t,): b for t, b in every.items()})]
+    pool.check_integrity()

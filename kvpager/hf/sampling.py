@@ -254,6 +254,25 @@ def uniforms(seeds: np.ndarray, draws: np.ndarray) -> np.ndarray:
     return (x >> np.uint64(12)).astype(np.float64) * (1.0 / (1 << 52))
 
 
+def _refuse_nothing_to_draw(on: Sequence[Sampling], greedy: np.ndarray, min_tokens: np.ndarray, eos: set[int],
+                            vocab: int) -> None:
+    """InvalidArgument for a sampled prompt whose settings leave no token to draw:
+    a logit bias of -inf on every token of the vocabulary (or on every one but the
+    end tokens, which ``min_tokens`` holds off). It drew token 0, banned, with no
+    word (transformers' sampling raises there; its greedy search, as kvpager's,
+    takes the first token)."""
+    for i, s in enumerate(on):
+        if greedy[i] or len(s.logit_bias) + (len(eos) if min_tokens[i] else 0) < vocab:
+            continue
+        banned = {t for t, b in s.logit_bias if b == -math.inf}
+        if min_tokens[i]:
+            banned |= eos
+        if len(banned) >= vocab:
+            held = ", and min_tokens holding off the end tokens" if min_tokens[i] else ""
+            raise InvalidArgument(f"sampling of prompt {i} bans every token of the vocabulary of {vocab} (logit_bias "
+                                  f"of -inf{held}): there is nothing to draw")
+
+
 class Sampler:
     """The sampling of one generation's prompts: a `Sampling` (or None: greedy) per
     prompt, seeds drawn where None, the parameters kept on the host to be sent
@@ -294,6 +313,8 @@ class Sampler:
         self.eos = np.array(sorted(eos or ()), dtype=np.int64)
         if not len(self.eos):
             self.min_tokens[:] = 0  # (no end token to hold off)
+        if vocab is not None:
+            _refuse_nothing_to_draw(on, self.greedy, self.min_tokens, set(self.eos.tolist()), vocab)
         self.plain = bool(self.greedy.all()) and not (self.repeats or self.counts or self.bias
                                                       or self.min_tokens.any())
         if self.repeats and prompts is None:
