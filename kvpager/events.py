@@ -78,7 +78,10 @@ class EventSink:
         self.items.append((_STORED, keys, parent, tokens))
 
     def removed(self, keys: list[bytes]) -> None:
-        """Keys that left the prefix cache; merged with a removal just before."""
+        """Keys that left the prefix cache; merged with a removal just before. None
+        left (evicted blocks whose keys passed to copies): nothing recorded."""
+        if not keys:
+            return
         items = self.items
         if items and items[-1][0] == _REMOVED:
             items[-1][1].extend(keys)

@@ -96,6 +96,27 @@ def test_a_key_already_cached_is_not_stored_again():
     assert c.num_cached_tokens == 32 and events(sink) == []  # a hit changes nothing either
 
 
+def test_an_evicted_block_whose_key_passes_to_a_copy_reports_nothing():
+    """Two sequences that computed the same blocks: one's are published, the other's
+    are copies. Evicting the published ones hands their keys to the copies, so no
+    key leaves the cache; an empty BlockRemoved (no hashes) went out before, a
+    sequence number and a replay slot spent on nothing, and a consumer that wants
+    at least one hash refused it."""
+    pool, sink = pool_with_sink()
+    prompt = list(range(100, 100 + 3 * BS))
+    a, b = pool.allocate([prompt, prompt])
+    pool.commit([a.seq_id, b.seq_id])
+    [e] = events(sink)
+    assert e["type"] == "BlockStored" and e["block_hashes"] == hashes(prompt, BS)
+    pool.free(a.seq_id)  # a's 3 blocks evictable, 5 free of 11
+    [big] = pool.allocate([list(range(1000, 1000 + 8 * BS))])  # 8 blocks: a's 3 evicted, their keys to b's
+    assert events(sink) == []
+    assert pool.stats().cached_blocks == 3
+    pool.free(big.seq_id)
+    [c] = pool.allocate([prompt + [1]])
+    assert c.num_cached_tokens == 3 * BS and c.block_table[:3] == b.block_table[:3]
+
+
 def test_eviction_reports_each_key_leaving_the_cache_tail_first():
     pool, sink = pool_with_sink()
     prompt = list(range(64))  # 4 full blocks

@@ -64,7 +64,7 @@ def recorded(rng: np.random.Generator, bs: int) -> list[tuple]:
         sink.stored(keys, None if n == 3 else keys[0][::-1], tokens)
         sink.removed([bytes(rng.integers(0, 256, 16, dtype=np.uint8)) for _ in range(n * 2)])
     sink.cleared()
-    sink.removed([])
+    sink.removed([])  # (no key left: nothing recorded)
     return sink.take()
 
 
@@ -89,7 +89,8 @@ def test_a_requests_events_are_cut_into_batches_of_bounded_bytes_that_say_the_sa
     if limit == BATCH_BYTES:
         assert len(whole) > 10 * limit and len(payloads) <= 2 * len(whole) // limit + 1
     # events that fit go out exactly as one batch (the bytes `batch_value` packs)
-    small = items[:1] + items[-2:]
+    assert items[-1] == (2,)  # the clear last: the empty removal recorded nothing
+    small = items[:1] + items[-1:]
     assert encode_batches(1.0, small, bs, fmt) == [msgpack.packb(batch_value(1.0, to_dicts(small, bs), fmt))]
     assert encode_batches(2.0, [], bs, fmt) == [msgpack.packb([2.0, []])]  # (a batch for nothing stays one)
 
