@@ -333,6 +333,16 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
     def __enter__(self) -> Client:
         return self
 
+    def _not_copied(self, *args: object) -> Any:
+        """A client is one session over one socket, with its heartbeat thread and its
+        mirror of the daemon's tables: a copy shared them (closing it closed the
+        other's socket, whose next call raised zmq's own error), pickling failed on
+        a lock with a TypeError. Refused by name."""
+        raise InvalidArgument("a Client cannot be copied or pickled (it is one session over one socket); open "
+                              "another Client with the same endpoint, in this process or the other")
+
+    __copy__ = __deepcopy__ = __reduce_ex__ = _not_copied
+
     def __exit__(self, *exc: object) -> None:
         self.close()
 

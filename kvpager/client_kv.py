@@ -19,11 +19,11 @@ from kvpager import cpu_attention, cuda_ipc, validate
 from kvpager.attend_options import check_scale, check_sinks, check_softcap, check_window, chunk_step
 from kvpager.client_ids import as_ids, id_list
 from kvpager.client_slots import SlotChecks
-from kvpager.errors import InvalidArgument, SessionLost, StalePlan
+from kvpager.errors import DaemonUnavailable, InvalidArgument, SessionLost, StalePlan
 from kvpager.plan import StepPlan, check_floor, check_queries, context_of, make_plan, table_floor
 from kvpager.plan_guard import REMEDY, Foreign, Moves, check_positions, sequence_guard
 from kvpager.plan_numpy import from_numpy, to_numpy
-from kvpager.shm import map_pool, map_release_count
+from kvpager.shm import SegmentMissing, map_pool, map_release_count
 
 
 class KVAccess(SlotChecks):
@@ -288,13 +288,19 @@ class KVAccess(SlotChecks):
                 )
             if self._closed:
                 raise SessionLost("this client is closed")
-            if kind == "shm":
-                self._mapped = map_pool(self.spec, self.memory)
-            else:
-                self._mapped = cuda_ipc.map_pool(self.spec, self.memory, self._same_process())
+            if self._lost:  # (its daemon gone or restarted: no memory of this session's to map)
+                raise SessionLost("this session is lost: its sequences (and their blocks) are the daemon's again, "
+                                  "and a restarted daemon's memory is not the one it named; reconnect() first")
+            try:  # (a segment missing: the daemon unlinked its memory as it stopped)
+                mapped = map_pool(self.spec, self.memory) if kind == "shm" else \
+                    cuda_ipc.map_pool(self.spec, self.memory, self._same_process())
+                releases = map_release_count(self.memory.get("releases"))  # (mapped at hello: the same)
+            except SegmentMissing as e:  # (an InvalidArgument, as if the caller had named it)
+                raise DaemonUnavailable(f"the daemon's pool memory is gone ({e}): the daemon stopped; "
+                                        "reconnect() once it runs again") from None
+            self._mapped, self._releases = mapped, releases
             # the mirror's changes move the count the plans over this mapping follow
-            self._mirror.moves = self._mapped.moves
-            self._releases = map_release_count(self.memory.get("releases"))  # (mapped at hello: the same)
+            self._mirror.moves = mapped.moves
         return self._mapped
 
     def _same_process(self) -> bool:

@@ -218,7 +218,11 @@ class ClientSequences:
         from the daemon. So does an exception a signal handler raised while the
         call waited for its reply (KeyboardInterrupt): it left a `free` the daemon
         ran, and the mirror's slots, still taken, wrote into the blocks another
-        session got next."""
+        session got next. An id of a session lost since that no sequence of this
+        one has is UnknownSequence first, as reads say (`_check_held_before`: the
+        daemon's `not_owner` told that another session holds it now)."""
+        if ids is not None and self._held_before:
+            self._check_held_before(ids)
         try:
             got = self._call(op, args)
         except BaseException as e:  # (found gone: it may run, settled, later)

@@ -58,7 +58,7 @@ class Segment:
         try:
             fd = _posixshmem.shm_open("/" + name, flags, mode=0o600)
         except FileNotFoundError:
-            raise InvalidArgument(f"shared memory segment {name!r} does not exist") from None
+            raise SegmentMissing(f"shared memory segment {name!r} does not exist") from None
         except FileExistsError:
             raise SegmentExists(f"shared memory segment {name!r} already exists (another process made it)") from None
         except OSError as e:
@@ -151,6 +151,11 @@ def _unlink(name: str, creator: int | None = None, held: int | None = None) -> N
     finally:
         if held is not None:
             os.close(held)
+
+
+class SegmentMissing(InvalidArgument):
+    """A segment to attach that does not exist: a name no daemon made, or the memory
+    of a daemon that is gone (it unlinks its segments when it stops)."""
 
 
 class SegmentExists(BackendUnavailable):

@@ -297,8 +297,10 @@ def test_two_threads_first_kv_map_the_pool_once(monkeypatch):
 def test_an_id_of_a_session_lost_since_reads_no_other_sessions_sequence(map_pool):
     """A restarted daemon gives out the same ids again: after `reconnect` a client's
     old sequence id read another session's new sequence as its own (its table by
-    `tables`, its K/V by `attend`), silently. Refused now; the client's new
-    sequences, and another Client's reads of the other's, go on."""
+    `tables`, its K/V by `attend`), silently. Refused now (its changes of the id
+    too, as unknown, where the daemon's `not_owner` said that another session
+    holds it); the client's new sequences, and another Client's reads of the
+    other's, go on."""
     endpoint, _ = ipc_endpoint()
     with daemon_process(GEOMETRY, endpoint) as first:
         a = Client(endpoint, timeout=5, map_pool=map_pool)
@@ -318,6 +320,11 @@ def test_an_id_of_a_session_lost_since_reads_no_other_sessions_sequence(map_pool
                      lambda: a.sequence(old.seq_id)):
             with pytest.raises(UnknownSequence, match="lost since"):
                 read()
+        # and so do its changes (the daemon's not_owner said that another session holds the id now)
+        for change in (lambda: a.free([old.seq_id]), lambda: a.append(old.seq_id, 1),
+                       lambda: a.fork(old.seq_id, 1), lambda: a.truncate([old.seq_id], [1])):
+            with pytest.raises(UnknownSequence, match="lost since"):
+                change()
         [mine] = a.allocate([list(range(7))])  # its new session's own go on
         assert a.tables([mine.seq_id])[1].tolist() == [7]
         assert b.tables([theirs.seq_id])[1].tolist() == [20]
