@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 import click
@@ -226,21 +227,13 @@ def warn_pin_cap(opts: dict[str, Any], spec: Any) -> None:
 
 
 def dry_run(opts: dict[str, Any]) -> None:
-    """`kvpager serve --dry-run`: the pool the options size, printed, nothing made."""
-    device, devices = pool_devices(opts)
-    quotas = parse_quotas(opts["quotas"])  # (what a start refuses, a dry run refuses too)
-    try:
-        if not devices:
-            parse_device(device)
-        for _, blocks in quotas:
-            quota_blocks(blocks)  # (as `set_quota` refuses it at a start)
-        env.cpu_threads()
-        spec = build_spec(opts, device, devices)
-        warn_pin_cap(opts, spec)
-        if devices:  # (the ranks' split, refused as the daemon's start refuses it)
-            rank_spec(spec, len(devices))
-    except KVPagerError as e:
-        raise click.ClickException(str(e)) from None
+    """`kvpager serve --dry-run`: the pool the options size, printed, nothing made;
+    every setting checked as a start checks it (`_settings`: a dry run took limits
+    of 0 or past 2**62, a tcp:// endpoint beyond this host without a token, a CUDA
+    device without CuPy, replay settings without an events endpoint, that a start
+    then refused)."""
+    got = _settings(opts, starting=False)
+    spec, device, devices = got.spec, got.device, got.devices
     usable = spec.num_blocks - 1  # (block 0: the null block)
     rows = [
         ("model", opts["model"] or "-"),
@@ -264,16 +257,15 @@ class _Interrupted(BaseException):
     BaseException`` that releases a segment or a socket runs)."""
 
 
-def _start(opts: dict[str, Any], made: list[Any]) -> Any:
-    """The bound `Server` of ``kvpager serve``'s options, also put in ``made`` as
-    soon as it exists. Every check that needs no memory comes first (tokens,
-    limits, the endpoint), so a mistake there allocates nothing."""
-    from kvpager.server import Server
-    from kvpager.server_bind import (
-        check_before_allocating,
-        check_open_files,
-        raise_open_files_limit,
-    )
+def _settings(opts: dict[str, Any], starting: bool = True) -> SimpleNamespace:
+    """Every setting of ``kvpager serve``'s options read and checked, nothing made
+    (no memory, no socket bound): the devices, quotas, tokens, limits, endpoint,
+    metrics port, pool geometry, events and remote settings. A start and a dry run
+    (`dry_run`) refuse the same settings; only a start (``starting``) also looks
+    whether the endpoint and the metrics port are free (a dry run sizes a pool
+    beside a daemon that serves there)."""
+    from kvpager.endpoints import other_process_endpoint
+    from kvpager.server_bind import check_before_allocating, refuse_open_tcp
 
     device, devices = pool_devices(opts)
     if device.startswith("cuda") and importlib.util.find_spec("cupy") is None:
@@ -282,6 +274,10 @@ def _start(opts: dict[str, Any], made: list[Any]) -> Any:
             "(CUDA 12); or serve with --device cpu")
     quotas = parse_quotas(opts["quotas"])
     try:
+        if not devices:
+            parse_device(device)
+        for _, blocks in quotas:
+            quota_blocks(blocks)  # (as `set_quota` refuses it at a start)
         env.cpu_threads()  # (read at each staged attend: a bad value failed every client's, not the start)
         token = env.read_token_file(opts["token_file"]) if opts["token_file"] else env.token(daemon=True)
         control = (env.read_token_file(opts["control_token_file"]) if opts["control_token_file"]
@@ -293,12 +289,15 @@ def _start(opts: dict[str, Any], made: list[Any]) -> Any:
                 log.warning("%s", why)
         limits = Limits.from_env(**{f.name: opts[f"max_{f.name}"] for f in dataclasses.fields(Limits)})
         metrics_port = opts["metrics_port"] if opts["metrics_port"] is not None else env.metrics_port()
-        check_before_allocating(opts["endpoint"], token,
-                                None if metrics_port is None else (opts["metrics_host"], metrics_port))
-        soft, _ = raise_open_files_limit()  # (a file descriptor a connection)
-        check_open_files(soft)  # (and sessions fitted to it once bound)
+        if starting:
+            check_before_allocating(opts["endpoint"], token,
+                                    None if metrics_port is None else (opts["metrics_host"], metrics_port))
+        else:  # (a malformed endpoint; TCP beyond loopback without a token)
+            refuse_open_tcp(other_process_endpoint(opts["endpoint"], bind=True), token)
         spec = build_spec(opts, device, devices)
         warn_pin_cap(opts, spec)
+        if devices:  # (the ranks' split, refused as the daemon's start refuses it)
+            rank_spec(spec, len(devices))
         events = None
         events_endpoint = opts["events_endpoint"] or env.events_endpoint()
         if events_endpoint:
@@ -316,12 +315,30 @@ def _start(opts: dict[str, Any], made: list[Any]) -> Any:
                 click.get_current_context().get_parameter_source("remote_namespace") \
                 == click.core.ParameterSource.COMMANDLINE:  # (KVPAGER_REMOTE_NAMESPACE alone waits for --remote)
             raise click.UsageError("--remote-namespace needs --remote")
-        remote = remote_tier(opts, spec) if opts["remote"] else None
-        server = Server.create(spec, opts["endpoint"], device, devices=devices,
+    except KVPagerError as e:
+        raise click.ClickException(str(e)) from None
+    return SimpleNamespace(device=device, devices=devices, quotas=quotas, token=token, control=control,
+                           limits=limits, metrics_port=metrics_port, spec=spec, events=events)
+
+
+def _start(opts: dict[str, Any], made: list[Any]) -> Any:
+    """The bound `Server` of ``kvpager serve``'s options, also put in ``made`` as
+    soon as it exists. Every check that needs no memory comes first (`_settings`:
+    tokens, limits, the endpoint), so a mistake there allocates nothing."""
+    from kvpager.server import Server
+    from kvpager.server_bind import check_open_files, raise_open_files_limit
+
+    got = _settings(opts)
+    quotas = got.quotas
+    try:
+        soft, _ = raise_open_files_limit()  # (a file descriptor a connection)
+        check_open_files(soft)  # (and sessions fitted to it once bound)
+        remote = remote_tier(opts, got.spec) if opts["remote"] else None
+        server = Server.create(got.spec, opts["endpoint"], got.device, devices=got.devices,
                                max_pinned_blocks=opts["max_pinned_blocks"],
-                               remote=remote, heartbeat_timeout=opts["heartbeat_timeout"], limits=limits,
-                               token=token, control_token=control, metrics_port=metrics_port,
-                               metrics_host=opts["metrics_host"], events=events)
+                               remote=remote, heartbeat_timeout=opts["heartbeat_timeout"], limits=got.limits,
+                               token=got.token, control_token=got.control, metrics_port=got.metrics_port,
+                               metrics_host=opts["metrics_host"], events=got.events)
         made.append(server)
     except KVPagerError as e:
         raise click.ClickException(str(e)) from None

@@ -142,6 +142,31 @@ def test_a_dry_run_refuses_what_a_start_refuses(setting):
     assert r.exit_code not in (0, None) and ("device must be" in r.output or "in [0, 2**63)" in r.output), r.output
 
 
+@pytest.mark.parametrize("setting, needle", [
+    (["--max-sessions", "0"], "must be at least 1"),
+    (["--max-fork-work", "5"], "must be at least 65536"),
+    (["--max-ids", str(2**63)], "at most 2**62"),
+    (["--endpoint", "tcp://0.0.0.0:47312"], "give the daemon a token"),
+    (["--events-replay-rate", "1M"], "needs --events-endpoint"),
+    (["--remote-namespace", "foo"], "needs --remote"),
+])
+def test_a_dry_run_checks_every_setting_a_start_checks(setting, needle):
+    """A dry run checked the devices and quotas only: limits of 0 or past 2**62, a
+    tcp:// endpoint beyond this host without a token, replay or remote settings
+    without what they need passed it (exit 0), and the start refused them."""
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "16", *setting, "--dry-run"])
+    assert r.exit_code not in (0, None) and needle in r.output, r.output
+
+
+def test_a_dry_run_beside_a_daemon_on_its_endpoint_sizes_the_pool():
+    """The endpoint's and the metrics port's being free are a start's to find: a dry
+    run sizes a pool beside the daemon that serves there."""
+    with running_server(PoolSpec(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=8, block_size=16,
+                                 dtype="float32")) as server:
+        r = run_cli(["serve", *GEOMETRY, "--blocks", "16", "--endpoint", server.endpoint, "--dry-run"])
+    assert r.exit_code == 0 and "device blocks" in r.output, r.output
+
+
 def test_a_host_pool_smaller_than_a_block_is_refused():
     """``--host-memory 1M`` under one block gave no host pool (swap off), without a word."""
     r = run_cli(["serve", "--model", "llama-3-8b", "--device", "cpu", "--blocks", "16", "--host-memory", "1M",
