@@ -28,6 +28,10 @@ def wait_ms(seconds: float) -> int:
 LOOK_AFTER = 0.25
 
 
+#: What a timed-out request's error tells a program (the CLI tells its own flag: `kvpager.inspect_cli.fail`)
+TIMEOUT_ADVICE = "raise KVPAGER_TIMEOUT or pass timeout= to Client"
+
+
 class Channel:
     """One DEALER socket and its request/reply loop with a deadline."""
 
@@ -93,6 +97,5 @@ class Channel:
             self.gone = True
             raise DaemonUnavailable(f"the kvpager daemon at {self.endpoint} is gone ({why})")
         raise RequestTimeout(
-            f"no reply from the kvpager daemon at {self.endpoint} to {op!r} within {timeout:g}s; "
-            "raise KVPAGER_TIMEOUT or pass timeout= to Client"
+            f"no reply from the kvpager daemon at {self.endpoint} to {op!r} within {timeout:g}s; {TIMEOUT_ADVICE}"
         )

@@ -85,7 +85,11 @@ def fail(e: BaseException) -> None:
                 hint = FULL_HINT
             elif isinstance(e, LimitExceeded) and getattr(e, "limit", None) == "check_share":
                 hint = CHECK_HINT
-            click.echo(f"error: {e}", err=True)
+            from kvpager.channel import TIMEOUT_ADVICE
+
+            # (a timed-out request's advice, in a timeout or a daemon found stuck: the command's own flag)
+            text = str(e).replace(TIMEOUT_ADVICE, "give the command a larger --timeout (or KVPAGER_TIMEOUT)")
+            click.echo(f"error: {text}", err=True)
             click.echo(f"next: {hint}", err=True)
             sys.exit(code)
     raise e
@@ -103,9 +107,10 @@ FULL_HINT = ("close the clients' unused connections (a process that opens client
              "restart the daemon with a larger open files limit (ulimit -n; systemd LimitNOFILE=)")
 
 #: the hint where hello found every session taken (the daemon's message says how many)
-SESSIONS_HINT = ("every session the daemon allows is open: set KVPAGER_CONTROL_TOKEN (or KVPAGER_CONTROL_TOKEN_FILE) "
-                 "to its control token to look anyway (`kvpager sessions`: which clients hold them), or raise "
-                 "kvpager serve --max-sessions")
+SESSIONS_HINT = ("every session the daemon allows is open: where it has a control token, set KVPAGER_CONTROL_TOKEN "
+                 "(or KVPAGER_CONTROL_TOKEN_FILE) to it to look anyway (`kvpager sessions`: which clients hold "
+                 "them); else close clients, or restart it with a larger --max-sessions (and a "
+                 "--control-token-file)")
 
 
 def connect(endpoint: str | None, timeout: float | None, heartbeat: bool = False) -> Any:

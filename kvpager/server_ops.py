@@ -119,9 +119,14 @@ class ServerOps(ReadOps, ControlOps):
         leak: which clients hold them) and act on it."""
         limit = self.limits.sessions + (CONTROL_SESSIONS if control else 0)
         if len(self.sessions) + 1 > limit:
-            kept = (f"; {CONTROL_SESSIONS} more kept for sessions with the control token are taken too" if control
-                    else f"; a session with the control token may open {CONTROL_SESSIONS} more (kvpager sessions "
-                         "with KVPAGER_CONTROL_TOKEN shows which clients hold them)")
+            if control:
+                kept = f"; {CONTROL_SESSIONS} more kept for sessions with the control token are taken too"
+            elif self.control_token is None:  # (no operator can look: the hint told them to send a token)
+                kept = (f"; this daemon has no control token, so no session is kept for an operator (kvpager serve "
+                        f"--control-token-file FILE keeps {CONTROL_SESSIONS} for sessions that send it)")
+            else:
+                kept = (f"; a session with the control token may open {CONTROL_SESSIONS} more (kvpager sessions "
+                        "with KVPAGER_CONTROL_TOKEN shows which clients hold them)")
             raise LimitExceeded(f"hello: sessions open at once: {len(self.sessions) + 1} is over the limit of "
                                 f"{self.limits.sessions} (KVPAGER_MAX_SESSIONS, kvpager serve --max-sessions){kept}",
                                 "sessions", len(self.sessions) + 1, limit)

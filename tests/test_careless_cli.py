@@ -304,3 +304,5 @@ def test_a_stopped_daemon_is_named_stuck_not_absent(tmp_path):
             proc.send_signal(signal.SIGCONT)
     assert r.exit_code == 3, r.output
     assert "did not answer in time" in r.output and "kvpager serve" not in r.output.split("next:")[1], r.output
+    # its error line names the command's flag (it told a command line user to pass timeout= to Client)
+    assert "larger --timeout" in r.output.split("next:")[0] and "timeout= to Client" not in r.output, r.output

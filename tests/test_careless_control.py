@@ -337,3 +337,19 @@ def test_an_operator_looks_at_a_daemon_whose_sessions_are_all_taken():
         finally:
             for c in held:
                 c.close()
+
+
+def test_a_full_daemon_without_a_control_token_says_no_session_is_kept_for_an_operator():
+    """Every session taken on a daemon without a control token: the refusal told
+    the operator to send the control token, which this daemon does not have, so
+    no advice it gave could be followed. It says that no session is kept, and how
+    to keep some."""
+    from kvpager.limits import Limits
+
+    with running_server(SMALL, heartbeat_timeout=30, limits=Limits(sessions=1)) as s, \
+            Client(s.endpoint, name="only"):
+        with pytest.raises(LimitExceeded, match="this daemon has no control token, so no session is kept") as e:
+            Client(s.endpoint)
+        assert "--control-token-file" in str(e.value) and "may open" not in str(e.value)
+        code, _, err = run("sessions", "--endpoint", s.endpoint, env={"KVPAGER_CONTROL_TOKEN": ""})
+        assert code == 2 and "no control token" in err and "--max-sessions" in err
