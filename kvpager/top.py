@@ -127,8 +127,14 @@ def lines(snap: Snapshot, r: Rates | None, endpoint: str, width: int, height: in
                f"  {'hit' if narrow else 'all-time prefix hit'} {100 * st.prefix_hit_rate:.1f}%"
                + (" all-time" if narrow else ""))
     room = height - len(out) - 2  # a blank line and the sessions' header
-    if room >= 6 and st.tenants and height >= 20:  # a tenants table where there is room for it
-        shown = st.tenants[: min(len(st.tenants), max(room // 3, 2))]
+    slack = room - len(snap.sessions) - 2  # rows the sessions leave, less the table's blank line and header
+    if st.tenants and (room >= 6 and height >= 20 or slack >= 1):  # a tenants table where there is room for it
+        # a third of the rows on a tall screen, else what the sessions leave (a 60x15 terminal showed
+        # no tenants with rows to spare): the last row saying how many more where not all fit
+        fit = max(room // 3, 2) if room >= 6 and height >= 20 else 0
+        if slack > fit:
+            fit = slack if slack >= len(st.tenants) else max(slack - 1, 1)
+        shown = st.tenants[: min(len(st.tenants), fit)]
         out.append("")
         out.append(f"{'TENANT':<20} {'CACHED':>7} {'EVICT':>7} {'PINNED':>7} {'QUOTA':>7}")
         for t in shown:

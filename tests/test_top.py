@@ -200,6 +200,21 @@ def test_lines_fit_every_size_and_cut_sessions_to_the_height():
     assert "... 3 more tenants" in mid and mid[-1] == "... 29 more sessions" and len(mid) == 30
 
 
+def test_a_small_terminal_shows_the_tenants_in_the_rows_the_sessions_leave():
+    """A 60x15 terminal (the size the README promises readable) showed no tenants
+    table at all, with six rows left blank: tenants took rows only on screens 20
+    rows tall. The rows the sessions leave are theirs now."""
+    one = (session("s0", 1, sequences=1),)
+    three = tuple(TenantUsage(f"t{i}", 5, 1, 0, None) for i in range(3))
+    out = top.lines(top.Snapshot(1.0, stats(tenants=three), 5, one), None, "ipc:///run/k.sock", 60, 15)
+    assert len(out) == 15 and sum(x.split()[0] in ("t0", "t1", "t2") for x in out if x) == 3
+    assert out[-2].startswith("SESSION") and out[-1].split()[0] == "s0"
+    two = (*one, session("s1", 1))
+    eight = tuple(TenantUsage(f"t{i}", 5, 1, 0, None) for i in range(8))
+    out = top.lines(top.Snapshot(1.0, stats(tenants=eight), 5, two), None, "ipc:///run/k.sock", 60, 15)
+    assert len(out) == 15 and "... 7 more tenants" in out and out[-3].startswith("SESSION")  # the sessions whole
+
+
 def test_top_without_a_terminal_prints_frames_and_json(busy_daemon):
     server, workers = busy_daemon
     out = subprocess.run([sys.executable, "-m", "kvpager", "top", "--endpoint", server.endpoint, "--iterations", "2",
