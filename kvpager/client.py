@@ -71,7 +71,7 @@ from kvpager.errors import (
     SessionLost,
 )
 from kvpager.protocol import OPS
-from kvpager.shm import map_release_count
+from kvpager.release_count import map_release_count
 from kvpager.spec import PoolSpec
 
 log = logging.getLogger("kvpager.client")

@@ -23,7 +23,8 @@ from kvpager.errors import DaemonUnavailable, InvalidArgument, SessionLost, Stal
 from kvpager.plan import StepPlan, check_floor, check_queries, context_of, make_plan, table_floor
 from kvpager.plan_guard import REMEDY, Foreign, Moves, check_positions, sequence_guard
 from kvpager.plan_numpy import from_numpy, to_numpy
-from kvpager.shm import SegmentMissing, map_pool, map_release_count
+from kvpager.release_count import map_release_count
+from kvpager.shm import SegmentMissing, map_pool
 
 
 class KVAccess(SlotChecks):
@@ -294,13 +295,13 @@ class KVAccess(SlotChecks):
             try:  # (a segment missing: the daemon unlinked its memory as it stopped)
                 mapped = map_pool(self.spec, self.memory) if kind == "shm" else \
                     cuda_ipc.map_pool(self.spec, self.memory, self._same_process())
-                releases = map_release_count(self.memory.get("releases"))  # (mapped at hello: the same)
             except SegmentMissing as e:  # (an InvalidArgument, as if the caller had named it)
                 raise DaemonUnavailable(f"the daemon's pool memory is gone ({e}): the daemon stopped; "
                                         "reconnect() once it runs again") from None
-            self._mapped, self._releases = mapped, releases
+            self._mapped = mapped
             # the mirror's changes move the count the plans over this mapping follow
             self._mirror.moves = mapped.moves
+            self._releases = map_release_count(self.memory.get("releases"))  # (mapped at hello: the same)
         return self._mapped
 
     def _same_process(self) -> bool:

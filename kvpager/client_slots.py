@@ -187,7 +187,7 @@ class SlotChecks:
     _own_slots: tuple[int, bytes] | None = None
     #: the (counts, slot bytes) the daemon last found this session's or its driver's (`_check_driver_slots`)
     _driver_slots: tuple[Any, ...] | None = None
-    #: the daemon's count of releases, mapped with its pool (`kvpager.shm.ReleaseCount`; None: not named),
+    #: the daemon's count of releases, mapped with its pool (`kvpager.release_count.ReleaseCount`; None: not named),
     #: of the sessions it ended (a second word, where it has one: `_check_not_ended`) and of commits
     _releases: np.ndarray | None = None
     #: the word of ``_releases`` counting its driver's commits (its own's, without a driver; None: none)

@@ -28,7 +28,8 @@ from kvpager.errors import (
     UnknownSequence,
 )
 from kvpager.protocol import RETRIED_OPS, VERSION, Reply, pack, unpack
-from kvpager.shm import forget_release_count, forget_segments
+from kvpager.release_count import forget_release_count
+from kvpager.shm import forget_segments
 
 log = logging.getLogger("kvpager.client")
 

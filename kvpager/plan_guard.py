@@ -49,7 +49,7 @@ class Moves:
     """A count of the changes that can make a step plan stale (blocks released
     or committed, the pool closed); shared by a backend and whoever changes its
     sequences. A daemon's pool also moves ``shared`` (a one-word uint64 array in
-    shared memory, `kvpager.shm.ReleaseCount`) at each release: the count that
+    shared memory, `kvpager.release_count.ReleaseCount`) at each release: the count that
     mapped workers' plans over other sessions' sequences follow."""
 
     __slots__ = ("count", "shared")
@@ -71,7 +71,7 @@ class Moves:
 class Foreign:
     """What a worker's plan over sequences of other sessions follows: its own
     session's count (``own``, a `Moves`) plus words of the daemon's shared
-    counts (``releases``, the mapped words, `kvpager.shm.ReleaseCount`):
+    counts (``releases``, the mapped words, `kvpager.release_count.ReleaseCount`):
     ``words`` (0,), its releases, and for a rank worker's plan that writes its
     driver's sequences the driver's commits too (a plan refilled with slots the
     driver committed since wrote into published blocks). All only grow, so their

@@ -23,7 +23,8 @@ from kvpager.backends import make_backend
 from kvpager.backends.ranked import RankedBackend, check_devices, make_ranked_backend, rank_spec
 from kvpager.errors import InvalidArgument, KVPagerError, SessionLost
 from kvpager.pool import KVPool
-from kvpager.shm import PoolMemory, ReleaseCount, create_ranks, sweep_stale
+from kvpager.release_count import ReleaseCount
+from kvpager.shm import PoolMemory, create_ranks, sweep_stale
 from kvpager.spec import PoolSpec
 
 if TYPE_CHECKING:

@@ -65,7 +65,7 @@ class Session:
     #: staged write's check of its slots (`StagingOps._held`), kept while neither took a block out of a table
     held: tuple[tuple[int, int], Any] | None = None
     quiet: bool = False  # hello's `quiet`: its open and its clean end logged at debug (an inspection)
-    serial: int = 0  # its number (its name's): the word counting its commits (`kvpager.shm.ReleaseCount.word`)
+    serial: int = 0  # its number (its name's): the word counting its commits (`kvpager.release_count.ReleaseCount.word`)
 
     def close(self) -> None:
         if self.staging is not None:

@@ -14,7 +14,7 @@ import pytest
 from daemon_helpers import SMALL, Raw, req, running_server, server_fixture
 
 from kvpager.client import Client
-from kvpager.errors import LimitExceeded, OutOfBlocks
+from kvpager.errors import LimitExceeded, NotOwner, OutOfBlocks
 from kvpager.limits import Limits
 
 server = server_fixture(SMALL, heartbeat_timeout=30)
@@ -276,6 +276,8 @@ def test_the_table_entries_one_fork_makes_are_bounded():
         assert (c.stats(), len(c.sequences())) == before
         assert len(c.fork(p.seq_id, 1024)[0]) == 1024  # 65,536 entries: the limit exactly
         assert len(c.fork(short.seq_id, 5000)[0]) == 5000  # a one-block sequence's children: cheap
+        with Client(server.endpoint) as other, pytest.raises(NotOwner):
+            other.fork(p.seq_id, 1010)  # another session's sequence: not its to fork, its size not told
         c.check_integrity()
 
 

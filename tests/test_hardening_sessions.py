@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from daemon_helpers import SMALL, Raw, ipc_endpoint, req, running_server, server_fixture
 
-from kvpager import KVPool, sessions, shm
+from kvpager import KVPool, release_count, sessions, shm
 from kvpager.client import Client
 from kvpager.errors import (
     BackendUnavailable,
@@ -297,7 +297,7 @@ def test_clients_of_a_restarted_daemon_reconnect_to_a_fresh_pool():
             assert (k[list(b.block_table[:2])] == 3.0).all()  # the new pool, mapped anew
             # and the new daemon's count of releases, the old one's mapping dropped
             assert c.memory["releases"] != old_memory["releases"]
-            assert old_memory["releases"]["name"] not in shm._counts
+            assert old_memory["releases"]["name"] not in release_count._counts
             before = int(c._releases[0])
             c.free([b.seq_id])
             assert int(c._releases[0]) == before + 1

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kvpager.hf import draws
-from kvpager.hf.sampling import uniforms
+from kvpager.hf.draws import uniforms
 
 
 def test_the_exponential_is_close_to_numpys_and_exact_at_0():

@@ -24,7 +24,7 @@ from transformers.generation.logits_process import (  # noqa: E402
 
 from kvpager import KVPool  # noqa: E402
 from kvpager.hf import PagedGeneration, Sampling, draws, generate, spec_for_model  # noqa: E402
-from kvpager.hf.sampling import uniforms  # noqa: E402
+from kvpager.hf.draws import uniforms  # noqa: E402
 
 
 def warped(logits: torch.Tensor, s: Sampling) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The daemon's count of releases (`kvpager.shm.ReleaseCount`): what a mapped
+"""The daemon's count of releases (`kvpager.release_count.ReleaseCount`): what a mapped
 worker's step plan over another session's sequences follows (`kvpager.plan_guard.Foreign`),
 so that it refuses once that session releases them; mapped read-only; a daemon
 that cannot make it, or a worker that cannot map it, still serves."""
@@ -45,7 +45,7 @@ def test_a_workers_plan_over_another_sessions_sequence_refuses_once_that_session
 
 
 def test_the_daemons_count_of_releases_is_mapped_read_only(server, client):
-    from kvpager.shm import map_release_count
+    from kvpager.release_count import map_release_count
 
     handle = client.memory["releases"]
     count = map_release_count(handle)
@@ -63,7 +63,7 @@ def test_a_count_of_releases_that_cannot_be_mapped_leaves_the_worker_serving(cap
     """A hello that names a count no segment here holds (a GPU pool mapped from a
     container of another /dev/shm) maps nothing, says so, and plans follow the
     worker's own count as before."""
-    from kvpager.shm import map_release_count
+    from kvpager.release_count import map_release_count
 
     with caplog.at_level("WARNING", logger="kvpager.shm"):
         assert map_release_count({"name": "kvp1_00000000_mnotthere", "offset": 0, "size": 8}) is None

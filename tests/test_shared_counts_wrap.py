@@ -1,4 +1,4 @@
-"""The daemon's mapped counts (`kvpager.shm.ReleaseCount`: releases, ended
+"""The daemon's mapped counts (`kvpager.release_count.ReleaseCount`: releases, ended
 sessions, each session's commits) are shared memory of mode 0600: a worker
 attaches them read-only, but any process of the daemon's user can map them
 writable. A word a client set to 2**64 - 1 made the daemon's next ``+= 1`` on

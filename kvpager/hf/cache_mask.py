@@ -175,6 +175,12 @@ def refuse_gaps(rows: np.ndarray) -> None:
         "row's first token (left padding)")
 
 
+def fed_apart(rows: Any) -> np.ndarray:
+    """The rows of ``rows`` (a `CacheRows`) fed columns they do not hold: padding,
+    or tails a mask dropped."""
+    return np.flatnonzero(rows.lens < rows.columns) if rows.columns and len(rows.lens) else np.zeros(0, np.int64)
+
+
 def refuse_maskless(rows: Any) -> None:
     """InvalidArgument for a pass without a mask where a row was fed columns that it
     does not hold (padding, or tails a mask dropped): transformers takes no mask as
@@ -182,7 +188,7 @@ def refuse_maskless(rows: Any) -> None:
     PagedCache holds tokens alone, so the row's logits were other ones, silently.
     (`generate` drops a mask of all 1s before its first pass: a second turn given
     one after a padded first ran so.)"""
-    short = np.flatnonzero(rows.lens < rows.columns) if rows.columns and len(rows.lens) else ()
+    short = fed_apart(rows)
     if len(short):
         r = int(short[0])
         raise InvalidArgument(

@@ -170,7 +170,7 @@ def confirm(cache: Any, step: Step, named: dict[str, Any]) -> bool:
     rows = cache._rows
     if not mask.real.all() or (mask.held is not None and not np.array_equal(mask.held, rows.lens)):
         return False
-    if named.get("attention_mask") is None and (rows.lens < rows.columns).any():
+    if named.get("attention_mask") is None and len(cache_mask.fed_apart(rows)):
         return False  # (`begin` refuses it: `cache_mask.refuse_maskless`)
     spans = cache_mask.Spans.of(mask.real, True)
     spans.gaps = spans.gap_rows(rows.lens, rows.ends, rows.columns)

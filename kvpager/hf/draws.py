@@ -18,7 +18,8 @@ rounding each, or in integers, so that NumPy and the kernel agree bit for bit):
    keeps a token where the integer weights before it sum to less than
    ``ceil(p * Z)`` (Z: those of every token top-k kept); min-p keeps ``w >=
    min_p`` (the most likely token's w is 1).
-4. The draw: ``T = floor(u * Z')`` (Z': the integer weights of the tokens kept),
+4. The draw: ``u`` the row's uniform (`uniforms`: a hash of its seed and its
+   draw index), ``T = floor(u * Z')`` (Z': the integer weights of the tokens kept),
    the first token in vocabulary order whose running sum of kept integer
    weights passes T. A token of weight 0 is never drawn; a row left with none
    (scores of NaN or infinities: a broken model's) takes its first most likely
@@ -44,6 +45,8 @@ POLY = tuple(_F(1.0 / math.factorial(k)) for k in range(7, -1, -1))
 #: below this, exp(x) * 2**53 < 1: every integer weight is 0 (the exponential is not evaluated)
 CUT = _F(-40.0)
 
+#: SplitMix64's increment (the golden ratio's 64-bit fraction)
+_GOLDEN = 0x9E3779B97F4A7C15
 
 def scale_bits(vocab: int) -> int:
     """S of the integer weights: ``vocab * 2**S <= 2**53``."""
@@ -198,3 +201,20 @@ def sample(y: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.
             got = _row(s[j], int(top_k[i]), _F(top_p[i]), _F(min_p[i]), bits)
             out[i] = _draw(*got, u[i]) if got is not None else int(np.argmax(s[j]))
     return out
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function of uint64 ``x`` (a bijection that mixes every bit)."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(_GOLDEN)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def uniforms(seeds: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """float64 in [0, 1 - 2**-52], one per row: a hash of the row's seed and its draw
+    index (52 bits: ``u * total`` stays below ``total`` in float64, `draw`)."""
+    with np.errstate(over="ignore"):
+        x = splitmix64(splitmix64(seeds.astype(np.uint64)) ^ (draws.astype(np.uint64) * np.uint64(_GOLDEN)))
+    return (x >> np.uint64(12)).astype(np.float64) * (1.0 / (1 << 52))

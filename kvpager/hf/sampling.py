@@ -30,12 +30,12 @@ import torch
 from kvpager.errors import InvalidArgument
 from kvpager.hf import draw_kernel
 from kvpager.hf.checks import end_tokens
-from kvpager.hf.draws import penalize, sample
+from kvpager.hf.draws import penalize, sample, uniforms
 from kvpager.hf.passes import array_to_device, to_device
+from kvpager.hf.sampling_config import config_adjustments
 from kvpager.validate import integer, real
 
 _MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
 #: float32's largest, smallest normal and smallest positive values: the settings apply in float32
 F32_MAX = float(np.finfo(np.float32).max)
 F32_TINY = float(np.finfo(np.float32).tiny)
@@ -171,7 +171,7 @@ class Sampling:
         penalty = 1.0 if penalty is None else float(penalty)
         if isinstance(eos_token_id, str) and eos_token_id == "model":
             eos_token_id = getattr(config, "eos_token_id", None)
-        bias, least = _config_adjustments(config, end_tokens(eos_token_id))
+        bias, least = config_adjustments(config, end_tokens(eos_token_id))
         if not getattr(config, "do_sample", False):
             if penalty == 1.0 and not bias and not least:
                 return None
@@ -191,67 +191,6 @@ class Sampling:
         return cls(temperature=float(get("temperature", 1.0)), top_k=int(get("top_k", 50)),
                    top_p=float(get("top_p", 1.0)), min_p=float(get("min_p", 0.0)), seed=seed,
                    repetition_penalty=penalty, logit_bias=bias, min_tokens=least)
-
-
-#: Generation-config settings that change transformers' tokens, greedy, sampled or
-#: in beams, which kvpager does not apply: refused by name (a value other than None
-#: and the neutral one), never left out. (``renormalize_logits`` and
-#: ``remove_invalid_values`` change no token: -inf stays the least.)
-UNAPPLIED = (("min_length", 0), ("begin_suppress_tokens", None), ("forced_bos_token_id", None),
-             ("forced_eos_token_id", None), ("exponential_decay_length_penalty", None),
-             ("no_repeat_ngram_size", 0), ("encoder_no_repeat_ngram_size", 0), ("encoder_repetition_penalty", 1.0),
-             ("guidance_scale", 1.0), ("watermarking_config", None), ("penalty_alpha", None), ("dola_layers", None),
-             ("constraints", None), ("force_words_ids", None), ("num_beam_groups", 1), ("diversity_penalty", 0.0),
-             ("stop_strings", None), ("token_healing", False), ("num_return_sequences", 1))
-
-
-def _config_adjustments(config: Any, eos: set[int]) -> tuple[dict[int, float], int]:
-    """A generation config's single-token biases ({id: bias}: ``sequence_bias``,
-    ``suppress_tokens`` and ``bad_words_ids`` as -inf) and ``min_new_tokens``;
-    InvalidArgument naming a setting kvpager does not apply (`UNAPPLIED`). A banned
-    word that is one end token of ``eos`` is left out, as transformers' processor
-    leaves it (so the end token still ends the generation; banned, other tokens came)."""
-    for name, neutral in UNAPPLIED:
-        value = getattr(config, name, None)
-        if value is not None and value != neutral and not (isinstance(value, (list, tuple, dict)) and not value):
-            raise InvalidArgument(f"the model's generation config sets {name}={value!r}, which kvpager's sampling does "
-                                  "not apply: pass a Sampling of your own (min_tokens counts new tokens)")
-    bias: dict[int, float] = {}
-    sequence_bias = getattr(config, "sequence_bias", None) or {}
-    # (a dict of id tuples, or its JSON form: [[ids, bias], ...])
-    for key, value in sequence_bias.items() if isinstance(sequence_bias, Mapping) else sequence_bias:
-        ids = list(key) if isinstance(key, (list, tuple)) else [key]
-        if len(ids) != 1:
-            raise InvalidArgument(f"the model's generation config biases the sequence {key!r}: kvpager biases single "
-                                  "tokens alone (Sampling.logit_bias)")
-        bias[int(ids[0])] = bias.get(int(ids[0]), 0.0) + float(value)
-    for t in getattr(config, "suppress_tokens", None) or ():
-        bias[int(t)] = float("-inf")
-    for words in getattr(config, "bad_words_ids", None) or ():
-        if len(words) == 1 and int(words[0]) in eos:
-            continue
-        if len(words) != 1:
-            raise InvalidArgument(f"the model's generation config bans the sequence {words!r}: kvpager bans single "
-                                  "tokens alone (Sampling.logit_bias of -inf)")
-        bias[int(words[0])] = float("-inf")
-    return bias, int(getattr(config, "min_new_tokens", None) or 0)
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's output function of uint64 ``x`` (a bijection that mixes every bit)."""
-    with np.errstate(over="ignore"):
-        x = x + np.uint64(_GOLDEN)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-def uniforms(seeds: np.ndarray, draws: np.ndarray) -> np.ndarray:
-    """float64 in [0, 1 - 2**-52], one per row: a hash of the row's seed and its draw
-    index (52 bits: ``u * total`` stays below ``total`` in float64, `draw`)."""
-    with np.errstate(over="ignore"):
-        x = splitmix64(splitmix64(seeds.astype(np.uint64)) ^ (draws.astype(np.uint64) * np.uint64(_GOLDEN)))
-    return (x >> np.uint64(12)).astype(np.float64) * (1.0 / (1 << 52))
 
 
 def _refuse_nothing_to_draw(on: Sequence[Sampling], greedy: np.ndarray, min_tokens: np.ndarray, eos: set[int],
