@@ -303,7 +303,7 @@ class PoolSequences:
     def truncate(self, seq_ids: int | Seq[int], lengths: int | Seq[int]) -> None:
         """Shorten sequences to ``lengths`` tokens, releasing blocks past the end."""
         ids = validate.seq_ids(seq_ids)
-        self.manager.truncate(ids, validate.per_seq(lengths, len(ids), "lengths"))
+        self.manager.truncate(ids, validate.truncate_lengths(lengths, len(ids)))
         self.backend.moves.released()  # (once done: see `free`)
 
     def swap_out(self, seq_ids: int | Seq[int]) -> None:

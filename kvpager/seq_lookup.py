@@ -68,12 +68,12 @@ class SequenceLookup:
                 seq_ids = seq_ids.tolist()
             try:
                 rows = self.lookup(seq_ids)
-            except UnknownSequence:
+                if owner is not ANY_OWNER:
+                    self._check_rows_owner(seq_ids, rows, owner)
+            except (UnknownSequence, NotOwner):
                 if len(set(seq_ids)) != len(seq_ids):  # (the caller's own mistake first, as `check_owner` has it)
                     raise self._duplicates(name or op) from None
                 raise
-            if owner is not ANY_OWNER:
-                self._check_rows_owner(seq_ids, rows, owner)
             if not self.table.distinct(rows):
                 raise self._duplicates(name or op)
             self.recent.put(key, owner, rows)  # read-only from now: shared with later calls
@@ -89,14 +89,14 @@ class SequenceLookup:
 
     def check_owner(self, seq_ids: list[int], owner: Any, op: str | None = None) -> None:
         """UnknownSequence / NotOwner unless every id is live and ``owner``'s; ids
-        given twice among unknown ones InvalidArgument, as the ops themselves say."""
+        given twice InvalidArgument before either, as the ops themselves say
+        (looked for only once a check fails: the common call pays nothing)."""
         try:
-            rows = self.lookup(seq_ids)
-        except UnknownSequence:
+            self._check_rows_owner(seq_ids, self.lookup(seq_ids), owner)
+        except (UnknownSequence, NotOwner):
             if len(set(seq_ids)) != len(seq_ids):
                 raise self._duplicates(op) from None
             raise
-        self._check_rows_owner(seq_ids, rows, owner)
 
     def _check_rows_owner(self, seq_ids: list[int], rows: np.ndarray, owner: Any) -> None:
         bad = self.table.owner[rows] != self.owners.code(owner)

@@ -31,7 +31,7 @@ from kvpager.sequences import fork_count
 from kvpager.server_control import ControlOps
 from kvpager.server_ranks import hello_driver, hello_memory, hello_rank, rank_backends
 from kvpager.server_reads import ReadOps
-from kvpager.validate import per_seq, zero_d
+from kvpager.validate import shown, truncate_lengths, zero_d
 from kvpager.wire_args import check_token_ids, wire_ids, wire_prompts
 
 if TYPE_CHECKING:
@@ -65,6 +65,10 @@ class ServerOps(ReadOps, ControlOps):
             raise
 
     def _hello(self, a: dict[str, Any]) -> dict[str, Any]:
+        for k in ("host", "token", "control_token"):  # (each checked where given, even where unused: a host is
+            # not kept, a daemon without tokens takes a worker's inherited one and ignores it)
+            if a.get(k) is not None and not isinstance(a[k], str):
+                raise InvalidArgument(f"hello: {k} must be a string or nil, got {type(a[k]).__name__}")
         if self.token is not None:
             given = a.get("token")
             if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.token.encode()):
@@ -73,14 +77,15 @@ class ServerOps(ReadOps, ControlOps):
         pid, client = a.get("pid"), a.get("client", "?")
         if not isinstance(client, str):
             raise InvalidArgument(f"hello: client must be a string, got {type(client).__name__}")
+        if pid is not None and (type(pid) is not int or pid < 0):  # (one that was not showed as nil)
+            raise InvalidArgument(f"hello: pid must be an integer >= 0 or nil, got {shown(pid)}")
         self.limits.check("client_name", len(client), "hello: client name length")
         control = self._check_control_token(a.get("control_token"))
         quiet = _flag(a, "quiet", "hello")
         self._check_sessions(control)
         rank = hello_rank(self.pool, a.get("rank"))
         driver = hello_driver(self.sessions, rank, a.get("driver"))
-        s = self.sessions.open(client, pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
-                               rank, driver)  # (a rank of a driver that another worker serves: RankTaken)
+        s = self.sessions.open(client, pid, rank, driver)  # (a rank of a driver that another worker serves: RankTaken)
         s.control, s.quiet = control, quiet
         log.log(logging.DEBUG if quiet else logging.INFO, "session %s opened by %s (pid %s)%s",  # a line of its own
                 s.name, printable(s.client), s.pid, " with control" if control else "")
@@ -267,7 +272,7 @@ class ServerOps(ReadOps, ControlOps):
 
     def _op_truncate(self, s: Session, a: dict[str, Any]) -> None:
         ids = wire_ids(a["seq_ids"])
-        per_seq(a["lengths"], len(ids), "lengths")  # (before the ids' owner, as `KVPool.truncate` checks it)
+        truncate_lengths(a["lengths"], len(ids))  # (before the ids' owner, as `KVPool.truncate` checks it)
         self.pool.truncate(self._owned(s, ids), a["lengths"])
 
     def _op_release(self, s: Session, a: dict[str, Any]) -> list[int]:

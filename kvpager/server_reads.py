@@ -92,6 +92,9 @@ class ReadOps:
         else:
             owner = a.get("owner")  # a session name; None: every session's (in id order: no sort, 0.9 ms for
             # 100,000 sequences on a 2-core VM where merging the sessions' lists took 5.3)
+            if owner is not None and not isinstance(owner, str):  # (5 read as a session no one has: [])
+                raise InvalidArgument(f"sequences: owner must be a session name (a string) or nil, got "
+                                      f"{type(owner).__name__}")
             ids = self.pool.owned(owner) if owner is not None else self.pool.sequence_ids()
             after = wire_int(a.get("after", -1), "after")
             if after < -1:  # as `pins` (-1: from the first)

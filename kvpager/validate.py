@@ -261,6 +261,17 @@ def per_seq(value: Any, n: int, what: str) -> list[Any]:
     return out
 
 
+def truncate_lengths(value: Any, n: int) -> list[Any]:
+    """Truncate's ``lengths``: `per_seq`, each an integer (never a bool) >= 0,
+    checked before the ids are looked up (each one's upper bound, its
+    sequence's length, is the op's to check)."""
+    out = per_seq(value, n, "lengths")
+    for v in out:
+        if not is_int(v) or v < 0:
+            raise InvalidArgument(f"truncate: lengths must be integers >= 0, got {shown(v)}")
+    return out
+
+
 def query_lens(value: Any, seq_ids: list[int], seq_lens: np.ndarray) -> np.ndarray:
     """An attend's ``query_lens`` (None: 1 each) as int64, one per sequence, each an
     integer (never a bool) in [1, its sequence's length]: `KVPool.attend`'s and a
