@@ -217,10 +217,16 @@ def probe(endpoint: str, timeout: float = 1.0) -> str | None:
     return None
 
 
+def is_default_socket(path: str | None) -> bool:
+    """Whether ``path`` is the default socket's (in the runtime directory, whatever
+    endpoint named it), whose private directory a start makes."""
+    return path == os.path.join(env.runtime_dir(), SOCKET_NAME)
+
+
 def ensure_default_dir(path: str) -> None:
-    """Where ``path`` is the default socket's (in the runtime directory, whatever
-    endpoint named it), that private directory made or checked (`ensure_runtime_dir`)."""
-    if path == os.path.join(env.runtime_dir(), SOCKET_NAME):
+    """Where ``path`` is the default socket's, that private directory made or
+    checked (`ensure_runtime_dir`)."""
+    if is_default_socket(path):
         ensure_runtime_dir(os.path.dirname(path))
 
 

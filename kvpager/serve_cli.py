@@ -123,7 +123,8 @@ def remote_tier(opts: dict[str, Any], spec: Any = None) -> Any:
 @click.option("--remote-ttl", type=click.IntRange(min=0, max=(1 << 31) - 1), default=86400, show_default=True,
               help="Seconds a block lives in the store (0: until the store evicts it; at most 2**31 - 1).")
 @click.option("--remote-queue", type=Size(), default="256M", show_default=True,
-              help="Bytes of committed blocks waiting to be written; past it new ones are dropped.")
+              help="Bytes of committed blocks waiting to be written; past it new ones are dropped "
+                   "(one block at least, whatever the size).")
 @click.option("--remote-max-restore", type=Size(), default="256M", show_default=True,
               help="Most bytes one allocate restores from the store (the daemon's loop waits for it); "
                    "one block at least, whatever the size.")
@@ -131,7 +132,7 @@ def remote_tier(opts: dict[str, Any], spec: Any = None) -> Any:
               help="Connections (and threads) one lookup fetches over, in chunks of about 4 MiB "
                    "(standalone stores; see docs/remote.md).")
 @click.option("--max-pinned-blocks", type=click.IntRange(min=0), default=None,
-              help="Most blocks pins may hold (default: half the device blocks).")
+              help="Most blocks pins may hold (default: half the usable device blocks, rounded down).")
 @click.option("--quota", "quotas", multiple=True, metavar="SALT=BLOCKS",
               help="A tenant's quota on cached blocks: eviction takes from tenants over theirs first "
                    "(repeatable; an empty SALT is the default tenant).")
@@ -264,8 +265,8 @@ def _settings(opts: dict[str, Any], starting: bool = True) -> SimpleNamespace:
     (`dry_run`) refuse the same settings; only a start (``starting``) also looks
     whether the endpoint and the metrics port are free (a dry run sizes a pool
     beside a daemon that serves there)."""
-    from kvpager.endpoints import other_process_endpoint
-    from kvpager.server_bind import check_before_allocating, refuse_open_tcp
+    from kvpager.endpoints import ipc_path, is_default_socket, other_process_endpoint
+    from kvpager.server_bind import check_before_allocating, check_ipc_place, refuse_open_tcp
 
     device, devices = pool_devices(opts)
     if device.startswith("cuda") and importlib.util.find_spec("cupy") is None:
@@ -292,8 +293,12 @@ def _settings(opts: dict[str, Any], starting: bool = True) -> SimpleNamespace:
         if starting:
             check_before_allocating(opts["endpoint"], token,
                                     None if metrics_port is None else (opts["metrics_host"], metrics_port))
-        else:  # (a malformed endpoint; TCP beyond loopback without a token)
-            refuse_open_tcp(other_process_endpoint(opts["endpoint"], bind=True), token)
+        else:  # (a malformed endpoint; TCP beyond loopback without a token; a socket's folder missing or
+            # not this user's, which a start refused after a dry run passed; the default's a start makes)
+            endpoint = other_process_endpoint(opts["endpoint"], bind=True)
+            refuse_open_tcp(endpoint, token)
+            if not is_default_socket(ipc_path(endpoint)):
+                check_ipc_place(endpoint)
         spec = build_spec(opts, device, devices)
         warn_pin_cap(opts, spec)
         if devices:  # (the ranks' split, refused as the daemon's start refuses it)

@@ -149,13 +149,25 @@ def test_a_dry_run_refuses_what_a_start_refuses(setting):
     (["--endpoint", "tcp://0.0.0.0:47312"], "give the daemon a token"),
     (["--events-replay-rate", "1M"], "needs --events-endpoint"),
     (["--remote-namespace", "foo"], "needs --remote"),
+    (["--endpoint", "ipc:///kvpager-no-such-folder/gpu0.sock"], "does not exist: create it"),
 ])
 def test_a_dry_run_checks_every_setting_a_start_checks(setting, needle):
     """A dry run checked the devices and quotas only: limits of 0 or past 2**62, a
     tcp:// endpoint beyond this host without a token, replay or remote settings
-    without what they need passed it (exit 0), and the start refused them."""
+    without what they need, a socket's folder that does not exist passed it (exit
+    0), and the start refused them."""
     r = run_cli(["serve", *GEOMETRY, "--blocks", "16", *setting, "--dry-run"])
     assert r.exit_code not in (0, None) and needle in r.output, r.output
+
+
+def test_a_dry_run_leaves_the_default_sockets_folder_to_the_start(tmp_path):
+    """The default endpoint's private folder is made by a start: a dry run where it
+    is not made yet passes, and makes nothing."""
+    runtime = tmp_path / "not-yet"
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "16", "--dry-run"],
+                env={"KVPAGER_RUNTIME_DIR": str(runtime), "KVPAGER_ENDPOINT": ""})
+    assert r.exit_code == 0 and "device blocks" in r.output, r.output
+    assert not runtime.exists()
 
 
 def test_a_dry_run_beside_a_daemon_on_its_endpoint_sizes_the_pool():
