@@ -52,7 +52,7 @@ ends at its first block on the hung master.
 from __future__ import annotations
 
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -84,6 +84,7 @@ from kvpager.remote_store import (
     KEY_ABSENT,
     KEY_OTHER,
     KEY_STRING,
+    KEY_WRONG_LENGTH,
     Store,
     _ranges,
 )
@@ -220,23 +221,29 @@ class RedisClusterStore(RawReads, Store):
 
         return self._call(0, run) if len(keys) else []
 
-    def exists_many(self, keys: Seq[str]) -> np.ndarray:
+    def exists_many(self, keys: Seq[str], width: int | None = None) -> np.ndarray:
         if not len(keys):
             return np.zeros(0, dtype=np.int8)
         if self.raw_reads:
-            return self._types(keys)
+            return self._types(keys, width)
+        calls = [("type", (k,), {}) for k in keys]
+        if width is not None:
+            calls += [("strlen", (k,), {}) for k in keys]
 
         def run(side: Side, rc: Any) -> list[Any]:
-            types = self._commands(side, rc, [("type", (k,), {}) for k in keys])
-            for t in types:
-                if isinstance(t, Exception):  # NOPERM and the like: the call fails
-                    raise t
-            return types
+            replies = self._commands(side, rc, calls)
+            for r in replies:
+                if isinstance(r, Exception) and "WRONGTYPE" not in str(r):  # NOPERM and the like: the call fails
+                    raise r
+            return replies
 
         codes = {"none": KEY_ABSENT, "string": KEY_STRING}
-        types = self._call(0, run)
-        return np.fromiter((codes.get(t.decode() if isinstance(t, bytes) else t, KEY_OTHER) for t in types),
-                           dtype=np.int8, count=len(types))
+        replies = self._call(0, run)
+        out = np.fromiter((codes.get(t.decode() if isinstance(t, bytes) else t, KEY_OTHER)
+                           for t in replies[: len(keys)]), dtype=np.int8, count=len(keys))
+        if width is not None:  # a string counts only where STRLEN said a value's length
+            out[(out == KEY_STRING) & np.array([n != width for n in replies[len(keys) :]])] = KEY_WRONG_LENGTH
+        return out
 
     def put_many(self, items: Seq[tuple[str, Any]], ttl: int) -> tuple[int, int]:
         def run(side: Side, rc: Any) -> tuple[int, int]:
@@ -304,6 +311,18 @@ class RedisClusterStore(RawReads, Store):
         if value_bytes is not None:
             check_limits(self.url, rc.get_redis_connection(rc.get_node_from_key(key)), value_bytes, self._chunk_bytes)
         return warnings
+
+    def owners(self, keys: Iterable[str]) -> list[tuple[str, str | None]]:
+        # by the writer's slot map (read again after a failed call or a MOVED): no node is asked
+        rc = self._sides[1].rc
+        out: list[tuple[str, str | None]] = []
+        for key in keys:
+            try:
+                owner = rc.get_node_from_key(key).name if rc is not None else None
+            except self._errors:  # (a slot no master holds now)
+                owner = None
+            out.append((key, owner))
+        return out
 
     def eviction_policy(self) -> str | None:  # a master's (made by `verify`): the others' should be the same
         rc = self._sides[0].rc

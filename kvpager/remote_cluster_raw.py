@@ -32,7 +32,7 @@ from kvpager.remote_resp import (
     read_range,
     reply_error,
 )
-from kvpager.remote_store import KEY_ABSENT, KEY_OTHER, KEY_STRING
+from kvpager.remote_store import KEY_ABSENT, KEY_OTHER, KEY_STRING, KEY_WRONG_LENGTH
 
 if TYPE_CHECKING:
     from kvpager.remote_cluster import Plan
@@ -113,15 +113,17 @@ class RawReads:
         except ValueError:
             raise FetchError(f"malformed reply: {e.reply[:200]!r}") from None
 
-    def _types(self, keys: Seq[str]) -> np.ndarray:
+    def _types(self, keys: Seq[str], width: int | None = None) -> np.ndarray:
         """`exists_many` read as a lookup is: each master's ``TYPE`` replies (one
-        status line each; ``ASKING`` first where the plan says) read raw, every one by
+        status line each; ``ASKING`` first where the plan says; with ``width`` a
+        ``STRLEN`` after each, `kvpager.remote_resp.key_types`) read raw, every one by
         the call's deadline (`lookup_deadline`). Through redis-py's pipelines each read
         was bounded by the timeout alone: a master whose replies came a byte at a time
         held a probe of 20 keys, on the daemon's loop, 9 s at a 0.1 s timeout, and
         then answered it as if nothing were wrong."""
         out = np.full(len(keys), KEY_OTHER, dtype=np.int8)
         codes = {b"+none": KEY_ABSENT, b"+string": KEY_STRING}
+        length = None if width is None else b":%d" % width
         deadline = 0.0
 
         def job(client: Any, plan: Plan) -> list[tuple[int, Any]]:
@@ -131,6 +133,8 @@ class RawReads:
                     if ask:
                         commands.append(("ASKING",))
                     commands.append(("TYPE", keys[i]))
+                    if width is not None:  # (ASKING holds for the next command only)
+                        commands += [("ASKING",), ("STRLEN", keys[i])] if ask else [("STRLEN", keys[i])]
                 conn.send_packed_command(conn.pack_commands(commands), check_health=False)
                 redirected = []
                 for i, ask in plan:
@@ -143,6 +147,18 @@ class RawReads:
                         out[i] = codes.get(line, KEY_OTHER)
                     else:
                         raise FetchError(f"malformed reply: {line[:200]!r} to TYPE")
+                    if width is None:
+                        continue
+                    if ask:
+                        _asked(reader)
+                    size = reader.line()
+                    if size[:1] == b"-" and not size.startswith(b"-WRONGTYPE"):  # (redirected with its TYPE)
+                        if line[:1] != b"-":
+                            raise reply_error(size, " to STRLEN")
+                    elif size[:1] not in (b":", b"-"):
+                        raise FetchError(f"malformed reply: {size[:200]!r} to STRLEN")
+                    elif out[i] == KEY_STRING and size != length:
+                        out[i] = KEY_WRONG_LENGTH
                 if not reader.idle():
                     raise FetchError("malformed reply: bytes after the replies to TYPE")
                 return redirected

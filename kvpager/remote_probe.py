@@ -5,19 +5,21 @@ It runs the restore's own steps (`kvpager.remote_restore`: the missing
 chain keys in the order a lookup asks for them, under the same
 ``max_restore_bytes`` cap; the runs after each prompt's local hits; the
 capacity rule) with the store's answer to "which of these keys hold a
-string" (`RemoteTier.exists`: pipelined ``TYPE``, no value read) in place of
-the fetched values. Nothing is taken, held, touched, published or reported:
+string of a value's length" (`RemoteTier.exists`: pipelined ``TYPE`` and
+``STRLEN``, no value read) in place of the fetched values. Nothing is taken, held, touched, published or reported:
 the block pool, the prefix cache, the tenants and the event sink are only
 read. A store that is down, slow or skipped by the breaker holds nothing,
 and so does one whose lookups are paused (``refusals["lookups"]``: it
 refused ``GETRANGE``), which the allocate would not ask (`RemoteTier.exists`).
-(A key of another Redis type, which no lookup could restore, does not count
-and is deleted from the store, as a lookup deletes a value it refuses.)
+(A key of another Redis type or a string of another length, which no lookup
+could restore, does not count and is deleted from the store, as a lookup
+deletes a value it refuses; an empty string among them, which a lookup misses
+as an absent key without deleting it, was counted at every probe.)
 
 So the answer equals what an allocate of the same batch (without
 ``share_in_batch``, with the same ``window``) reports, unless the pool or the store changes between
-the two, or a string the store holds is refused when fetched (a bad checksum
-or length: the probe reads no value).
+the two, or a value the store holds is refused when fetched (a bad checksum
+or header: the probe reads no value).
 """
 
 from __future__ import annotations

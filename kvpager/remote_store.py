@@ -19,7 +19,7 @@ import contextlib
 import logging
 import urllib.parse
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -47,6 +47,7 @@ from kvpager.remote_errors import store_error as store_error
 from kvpager.remote_resp import KEY_ABSENT as KEY_ABSENT  # what exists_many says, re-exported
 from kvpager.remote_resp import KEY_OTHER as KEY_OTHER
 from kvpager.remote_resp import KEY_STRING as KEY_STRING
+from kvpager.remote_resp import KEY_WRONG_LENGTH as KEY_WRONG_LENGTH
 from kvpager.remote_resp import ChunkedFetch, FetchError, key_types, lookup_deadline
 from kvpager.remote_url import CLUSTER, STANDALONE, check_url, hide, nodes, redact
 from kvpager.remote_writes import put_checked
@@ -97,14 +98,19 @@ class Store(ABC):
             done(0, len(keys))
 
     @abstractmethod
-    def exists_many(self, keys: Seq[str]) -> np.ndarray:
+    def exists_many(self, keys: Seq[str], width: int | None = None) -> np.ndarray:
         """What the store holds under each of ``keys`` (int8 per key):
-        `KEY_ABSENT`, `KEY_STRING` (a string of any length: the value is not
-        read) or `KEY_OTHER` (another Redis type: a hash, list, set, ...,
-        which no lookup can restore, since ``MGET`` / ``GET`` answer nil or an
-        error for it). One pipelined round trip (one per node of a cluster)
-        that reads no value and leaves the keys' LRU / LFU clocks as they were.
-        Loop thread; bounded by the lookup timeout."""
+        `KEY_ABSENT`, `KEY_STRING` (a string, of ``width`` bytes where
+        ``width`` is given: the value is not read), `KEY_WRONG_LENGTH` (with
+        ``width``: a string of another length, an empty one included, which no
+        lookup restores) or `KEY_OTHER` (another Redis type: a hash, list,
+        set, ..., which no lookup can restore, since ``GETRANGE`` answers
+        ``WRONGTYPE`` for it). One pipelined round trip (one per node of a
+        cluster) that reads no value: ``TYPE`` per key, which leaves the keys'
+        LRU / LFU clocks as they were, and with ``width`` a ``STRLEN`` per key
+        too, which moves the clock of a string. Loop thread (the writer's for
+        the sentinels of `kvpager.remote_republish`); bounded by the lookup
+        timeout."""
 
     @abstractmethod
     def put_many(self, items: Seq[tuple[str, Any]], ttl: int) -> tuple[int, int]:
@@ -138,6 +144,14 @@ class Store(ABC):
 
     def eviction_policy(self) -> str | None:
         """The store's ``maxmemory-policy``, None where it does not tell (`RemoteTier.check`)."""
+        return None
+
+    def owners(self, keys: Iterable[str]) -> list[tuple[str, str | None]] | None:
+        """Each of ``keys`` with the name of the node that holds its slot now (None
+        where not known), for a store that spreads keys over nodes that may lose
+        theirs apart (a Redis Cluster's masters: `kvpager.remote_republish` watches
+        each); None, ``keys`` left unread, for a store that holds every key in one
+        place. Writer thread."""
         return None
 
     def close(self) -> None:
@@ -233,7 +247,6 @@ class RedisStore(Store):
             self._writer = redis.Redis.from_url(real, **options(write_timeout))
             # Raw reads need the socket of a redis-py connection (a private attribute, there
             # from 5.3 on); a release without it gets redis-py's own replies, copied (slower).
-            # Making one also refuses a query option of the URL that no connection takes.
             pool = self._reader.connection_pool
             self.raw_reads = "_sock" in vars(pool.connection_class(**pool.connection_kwargs))
             for client, seconds in ((self._reader, timeout), (self._writer, write_timeout)):
@@ -268,7 +281,7 @@ class RedisStore(Store):
         except FetchError as e:
             raise store_error(e) from None
 
-    def exists_many(self, keys: Seq[str]) -> np.ndarray:
+    def exists_many(self, keys: Seq[str], width: int | None = None) -> np.ndarray:
         if not len(keys):
             return np.zeros(0, dtype=np.int8)
         try:
@@ -277,7 +290,7 @@ class RedisStore(Store):
             raise store_error(e) from None
         broken = True
         try:
-            out = key_types(sock, keys, lookup_deadline(self._timeout, 16 * len(keys)))
+            out = key_types(sock, keys, lookup_deadline(self._timeout, 16 * len(keys)), width)
             broken = False
             return out
         except (FetchError, *self._errors) as e:

@@ -22,10 +22,12 @@ so a daemon on another host restores them instead of its worker recomputing.
   pipelined ``SET NX`` with an expiry, written over a key that holds
   anything but a string of a value's length. The writer never touches pool
   state.
-- Probes (`exists`, for `KVPool.cached_tokens`) ask which keys hold a string,
-  one pipelined ``TYPE`` batch behind the same breaker and timeout, reading
-  no value (none while the lookups are refused: no allocate would restore
-  them); a key of another Redis type is counted and deleted.
+- Probes (`exists`, for `KVPool.cached_tokens`) ask which keys hold a string
+  of a value's length, one pipelined ``TYPE`` and ``STRLEN`` batch behind the
+  same breaker and timeout, reading no value (none while the lookups are
+  refused: no allocate would restore them); a key of another Redis type or a
+  string of another length (an empty one: a lookup misses it, never refusing
+  it) is counted and deleted.
 - Values are checked before they are restored (`kvpager.remote_format`); a
   bad one is counted, deleted from the store and treated as a miss.
 - A store that lost what the tier wrote (a restart without persistence,
@@ -68,6 +70,7 @@ from kvpager.remote_store import (
     CONNECTIONS,
     KEY_OTHER,
     KEY_STRING,
+    KEY_WRONG_LENGTH,
     Store,
     StoreError,
     open_store,
@@ -94,7 +97,7 @@ class RemoteTier(RemoteWrites, Breakers):
     ``timeout``: seconds a lookup may wait for the store; ``ttl``: seconds a
     block lives in the store (0: until the store evicts it);
     ``queue_bytes``: bytes of blocks waiting to be written, past which new
-    ones are dropped; ``retry_after``: the first pause after a failure;
+    ones are dropped (an empty queue takes one block, whatever its size); ``retry_after``: the first pause after a failure;
     ``max_restore_bytes``: most bytes one allocate may restore (the lookup and
     the restore run on the caller's thread: the daemon's loop waits for them);
     ``connections`` and ``chunk_bytes``: how a URL's store splits a lookup
@@ -285,13 +288,18 @@ class RemoteTier(RemoteWrites, Breakers):
 
     def exists(self, wants: Seq[tuple[bytes, bytes]]) -> set[bytes]:
         """The block keys of ``wants`` = [(root key, block key)] under which the
-        store holds a string, among the first `most_blocks` (as `fetch` would
-        ask for them): one pipelined ``TYPE`` round trip, no value read, no
-        key's LRU clock touched in the store, nothing changed here but the
-        probe counters, except that a key of another Redis type (which
-        ``MGET`` answers nil for) does not count and is counted and deleted as
-        `fetch` deletes a refused value. A string refused by `fetch`
-        (checksum, length) counts here: the probe reads no value. Never raises: a failure (counted, as
+        store holds a string of a value's length, among the first `most_blocks`
+        (as `fetch` would ask for them): one pipelined round trip of ``TYPE``
+        and ``STRLEN``, no value read, nothing changed here but the probe
+        counters, except that a key of another Redis type (which ``GETRANGE``
+        answers ``WRONGTYPE`` for) or a string of another length does not
+        count and is counted and deleted as `fetch` deletes a refused value.
+        Before, any string counted: an empty one, which `fetch` misses as an
+        absent key (``GETRANGE`` answers both with an empty string), neither
+        refusing nor deleting it, counted at every probe while no allocate
+        restored it, until that block was committed again. A value refused by
+        `fetch` (its checksum, header) counts here: the probe reads no value.
+        Never raises: a failure (counted, as
         in `fetch`, and opening the breaker) or an open breaker is an empty
         answer, and so is a pause of the lookups (``refusals["lookups"]``
         open: the store refused ``GETRANGE``): the allocate's `fetch` would
@@ -306,7 +314,7 @@ class RemoteTier(RemoteWrites, Breakers):
         self._count(probes=1, probe_blocks=len(wants))
         names = [block_key(self._prefix, root, key) for root, key in wants]
         try:
-            held = self.store.exists_many(names)
+            held = self.store.exists_many(names, self.codec.value_bytes)
         except StoreError as e:
             self._count(lookup_errors=1)
             self._failed("probes", "probe", e)
@@ -319,7 +327,8 @@ class RemoteTier(RemoteWrites, Breakers):
         self._answered("probes")
         codes = held.tolist()
         found = {key for (_, key), c in zip(wants, codes) if c == KEY_STRING}
-        self._condemn([(name, "another Redis type") for name, c in zip(names, codes) if c == KEY_OTHER])
+        self._condemn([(name, "another Redis type" if c == KEY_OTHER else "a string of another length")
+                       for name, c in zip(names, codes) if c in (KEY_OTHER, KEY_WRONG_LENGTH)])
         self._count(probe_hits=len(found))
         return found
 

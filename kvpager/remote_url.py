@@ -8,8 +8,9 @@
 
 A URL that does not parse, or that redis-py would read as another place (a
 DB that is no number, a Unix URL with a host part, a cluster URL with a DB
-or options), is `InvalidArgument` (`check_url`); a password (in the
-credentials or a ``password=`` option) is never shown (`redact`).
+or options), or with a query option not in `OPTIONS` or a value it does not
+take, is `InvalidArgument` (`check_url`); a password (in the credentials or a
+``password=`` option) is never shown (`redact`).
 """
 
 from __future__ import annotations
@@ -111,6 +112,34 @@ def nodes(netloc: str, url: str) -> list[tuple[str, int]]:
 #: query options of a store URL that set what the tier sets itself (its timeouts, its retries)
 TIMING_OPTIONS = frozenset({"socket_timeout", "socket_connect_timeout", "retry_on_timeout", "health_check_interval"})
 
+_TEXT = re.compile(r".*", re.S)  # a password may hold anything
+_PATH = re.compile(r".+", re.S)
+_NAME = re.compile(r"[!-~]+")  # what CLIENT SETNAME takes: no spaces, newlines or other special characters
+_BOOL = re.compile(r"(?i)0|1|true|false|yes|no")  # (redis-py reads any other word as true)
+#: the query options a standalone store's URL may give, each with the values it takes (the
+#: pattern) and what they are: redis-py passes every other option to its connections as a
+#: string, where one that wants an object or a number broke them (``protocol=4``: a
+#: ConnectionError from RemoteTier(url); ``retry=1``, ``socket_type=1``, ``event_dispatcher=1``:
+#: every connect failed, and `RemoteTier.check` said a store that answered did not)
+OPTIONS: dict[str, tuple[re.Pattern[str], str]] = {
+    "db": (re.compile(r"\d+"), "a DB number"),
+    "username": (_TEXT, "an ACL user"),
+    "password": (_TEXT, "a password"),
+    "client_name": (_NAME, "a name without spaces"),
+    "protocol": (re.compile(r"[23]"), "2 or 3 (RESP2, RESP3)"),
+}
+#: the options a ``rediss://`` URL may give besides (TLS)
+TLS_OPTIONS: dict[str, tuple[re.Pattern[str], str]] = {
+    "ssl_ca_certs": (_PATH, "a file"),
+    "ssl_ca_path": (_PATH, "a folder"),
+    "ssl_certfile": (_PATH, "a file"),
+    "ssl_keyfile": (_PATH, "a file"),
+    "ssl_password": (_TEXT, "a password"),
+    "ssl_cert_reqs": (re.compile(r"none|optional|required"), "none, optional or required"),
+    "ssl_check_hostname": (_BOOL, "true or false"),
+    "ssl_ciphers": (_PATH, "an OpenSSL cipher list"),
+}
+
 
 def check_url(url: str, scheme: str, cluster: bool) -> None:
     """InvalidArgument for a URL that does not parse, or would connect somewhere
@@ -126,9 +155,11 @@ def check_url(url: str, scheme: str, cluster: bool) -> None:
         parts.username  # noqa: B018 (raises for a netloc that does not parse)
     except ValueError as e:
         raise InvalidArgument(f"remote store URL {redact(url)!r}: {e}") from None
+    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
     if scheme == "unix":
         if parts.netloc.rsplit("@", 1)[-1] or not parts.path.startswith("/") or parts.path == "/":
             raise InvalidArgument(f"remote store URL {redact(url)!r}: a Unix socket is unix:///ABSOLUTE/PATH.sock")
+        _check_options(url, query, OPTIONS)
         return
     nodes(parts.netloc, url)
     path = parts.path.strip("/") if parts.path.count("/") <= 1 else parts.path
@@ -138,7 +169,6 @@ def check_url(url: str, scheme: str, cluster: bool) -> None:
                                   "options after its nodes")
     elif not (path == "" or path.isdigit()):
         raise InvalidArgument(f"remote store URL {redact(url)!r}: {parts.path!r} is not /DB (a number)")
-    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
     timed = sorted(TIMING_OPTIONS & set(query))
     if timed:  # (redis-py lets them win over the tier's: a stalled store then held the loop 1 s, not 0.1)
         raise InvalidArgument(f"remote store URL {redact(url)!r}: {', '.join(timed)} would override the tier's "
@@ -150,3 +180,21 @@ def check_url(url: str, scheme: str, cluster: bool) -> None:
     if "db" in query and (path or len(query["db"]) > 1):  # (redis-py takes the option over the path)
         raise InvalidArgument(f"remote store URL {redact(url)!r}: a db= option beside the path's DB (or twice) "
                               "connects to another DB than the URL shows; give the DB once, as /DB")
+    _check_options(url, query, {**OPTIONS, **TLS_OPTIONS} if scheme == "rediss" else OPTIONS)
+
+
+def _check_options(url: str, query: dict[str, list[str]], allowed: dict[str, tuple[re.Pattern[str], str]]) -> None:
+    """InvalidArgument naming the first query option of ``url`` not in ``allowed``,
+    given twice (redis-py takes the first), or with a value its pattern does not
+    match."""
+    for name, values in query.items():
+        if name not in allowed:
+            tls = " (a rediss:// URL's)" if name in TLS_OPTIONS else ""
+            raise InvalidArgument(f"remote store URL {redact(url)!r}: option {name!r} is not one a store URL "
+                                  f"may give{tls}: {', '.join(allowed)}")
+        pattern, what = allowed[name]
+        if len(values) > 1:
+            raise InvalidArgument(f"remote store URL {redact(url)!r}: option {name!r} given twice")
+        if not pattern.fullmatch(values[0]):  # (a secret's pattern takes any value: none is shown here)
+            raise InvalidArgument(f"remote store URL {redact(url)!r}: option {name!r} takes {what}, "
+                                  f"not {values[0][:100]!r}")

@@ -62,14 +62,18 @@ class RemoteWrites:
 
     def _enqueue(self, backend: Any, fresh: Seq[tuple[int, bytes, bytes]], count: bool) -> int:
         """Copy the first of ``fresh`` that fit into the queue; ``count``: the rest
-        are dropped (counted). Returns how many were queued."""
+        are dropped (counted). Returns how many were queued. An empty queue takes
+        one block whatever ``queue_bytes`` (``--remote-queue``), as the restore
+        cap restores one at least: a queue smaller than a value (``--remote-queue
+        0``, or 4M for 5 MiB blocks) dropped every block, the tier silently writing
+        nothing."""
         size = self.codec.value_bytes
         if self._closed or self.breakers["writes"].is_open() or self.refusals["writes"].is_open():
             if count:
                 self._count(dropped_full=len(fresh))  # (closed: no writer would send them)
             return 0
         with self._cond:
-            room = (self.queue_bytes - self._queued_bytes) // size
+            room = max((self.queue_bytes - self._queued_bytes) // size, 0 if self._queued_blocks else 1)
         take = fresh[: max(room, 0)]
         if count and len(take) < len(fresh):
             self._count(dropped_full=len(fresh) - len(take))
@@ -172,7 +176,7 @@ class RemoteWrites:
             self._failed("writes", "write", e)
             return {"write_errors": 1, "written": e.written, "dropped_failed": count - e.written}
         self._answered("writes")
-        self.losses.wrote(items[0][0])
+        self.losses.wrote(self.store, (name for name, _ in items))
         return {"written": new + replaced, "replaced": replaced}
 
     def _delete(self, names: list[str]) -> None:

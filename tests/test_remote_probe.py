@@ -23,6 +23,7 @@ from remote_tier_helpers import BS, SPEC, WAIT, expected_k, pool, prefill, writt
 
 from kvpager import CacheProbe, EventSink, InvalidArgument, KVPool, OutOfBlocks  # noqa: E402
 from kvpager.remote_format import HEADER_BYTES  # noqa: E402
+from kvpager.remote_store import KEY_STRING  # noqa: E402
 from kvpager.remote_tier import RemoteTier  # noqa: E402
 from kvpager.types import RemoteStats  # noqa: E402
 
@@ -119,10 +120,14 @@ def test_probe_equals_the_following_allocate_and_changes_nothing(window):
             h.close()
 
 
-def test_the_store_is_only_read_keys_lru_and_lfu_untouched():
-    """TYPE (the probe's command) reads no value and leaves the keys' access
-    clocks (STRLEN or a GET would move them): under allkeys-lfu, probes leave
-    every key's frequency."""
+def test_the_store_is_only_read_no_value_and_the_sentinel_check_leaves_lfu():
+    """The probe reads no value: 60 probes of 4 blocks of 8 KiB take from the
+    store less than 64 bytes a key (TYPE and STRLEN replies). STRLEN moves a
+    string's access clock as a read does (it counts only a value's length:
+    an empty string counted, and no allocate restored it); TYPE alone, the
+    check for lost blocks (`Store.exists_many` without a width), leaves every
+    key's frequency under allkeys-lfu, so a sentinel ages as the blocks
+    written with it."""
     with redis_server("--maxmemory-policy", "allkeys-lfu") as store:
         r = redis.Redis(port=store.port)
         a, b = pool(store.url), pool(store.url)
@@ -130,11 +135,16 @@ def test_the_store_is_only_read_keys_lru_and_lfu_untouched():
         prefill(a, prompt, seed=3)
         assert written(a, 4)
         keys = sorted(r.keys("*"))
-        freq = [r.object("freq", k) for k in keys]
+        sent = r.info("stats")["total_net_output_bytes"]
         for _ in range(60):
             assert split(b.probe_cache([prompt], "m")) == [(4 * BS, 4 * BS)]
-        assert [r.object("freq", k) for k in keys] == freq
+        assert r.info("stats")["total_net_output_bytes"] - sent < 60 * 4 * 64 + 4096  # (+ INFO's reply)
         assert b.remote_stats().probes == 60 and b.remote_stats().lookups == 0
+        freq = [r.object("freq", k) for k in keys]
+        names = [k.decode() for k in keys]
+        for _ in range(60):
+            assert (b.remote.store.exists_many(names) == KEY_STRING).all()
+        assert [r.object("freq", k) for k in keys] == freq
         for _ in range(60):  # the same number of reads that fetch: the check can fail
             r.mget(keys)
         assert [r.object("freq", k) for k in keys] != freq
@@ -303,7 +313,7 @@ def test_exists_many_against_redis_py_and_an_error_reply():
     only here; other types: test_remote_foreign); a key an ACL user may not
     read fails the call (StoreError), and the next call on a fresh connection
     answers right."""
-    from kvpager.remote_store import KEY_ABSENT, KEY_STRING, StoreError, open_store
+    from kvpager.remote_store import KEY_ABSENT, StoreError, open_store
 
     with redis_server() as server:
         r = redis.Redis(port=server.port)
