@@ -116,7 +116,7 @@ class RawReads:
     def _types(self, keys: Seq[str], width: int | None = None) -> np.ndarray:
         """`exists_many` read as a lookup is: each master's ``TYPE`` replies (one
         status line each; ``ASKING`` first where the plan says; with ``width`` a
-        ``STRLEN`` after each, `kvpager.remote_resp.key_types`) read raw, every one by
+        ``STRLEN`` after each, `kvpager.remote_key_types.key_types`) read raw, every one by
         the call's deadline (`lookup_deadline`). Through redis-py's pipelines each read
         was bounded by the timeout alone: a master whose replies came a byte at a time
         held a probe of 20 keys, on the daemon's loop, 9 s at a 0.1 s timeout, and

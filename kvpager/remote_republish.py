@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kvpager.remote_errors import StoreError
-from kvpager.remote_resp import KEY_STRING
+from kvpager.remote_key_types import KEY_STRING
 
 if TYPE_CHECKING:
     from kvpager.block_pool import BlockPool

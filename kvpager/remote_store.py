@@ -44,11 +44,12 @@ from kvpager.remote_errors import StoreError as StoreError  # re-exported: the t
 from kvpager.remote_errors import StoreMisconfigured as StoreMisconfigured
 from kvpager.remote_errors import StoreRefused as StoreRefused
 from kvpager.remote_errors import store_error as store_error
-from kvpager.remote_resp import KEY_ABSENT as KEY_ABSENT  # what exists_many says, re-exported
-from kvpager.remote_resp import KEY_OTHER as KEY_OTHER
-from kvpager.remote_resp import KEY_STRING as KEY_STRING
-from kvpager.remote_resp import KEY_WRONG_LENGTH as KEY_WRONG_LENGTH
-from kvpager.remote_resp import ChunkedFetch, FetchError, key_types, lookup_deadline
+from kvpager.remote_key_types import KEY_ABSENT as KEY_ABSENT  # what exists_many says, re-exported
+from kvpager.remote_key_types import KEY_OTHER as KEY_OTHER
+from kvpager.remote_key_types import KEY_STRING as KEY_STRING
+from kvpager.remote_key_types import KEY_WRONG_LENGTH as KEY_WRONG_LENGTH
+from kvpager.remote_key_types import key_types
+from kvpager.remote_resp import ChunkedFetch, FetchError, lookup_deadline
 from kvpager.remote_url import CLUSTER, STANDALONE, check_url, hide, nodes, redact
 from kvpager.remote_writes import put_checked
 

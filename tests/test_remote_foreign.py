@@ -220,7 +220,8 @@ class _Socket:
 
 
 def test_type_replies_split_anywhere_and_malformed_ones():
-    from kvpager.remote_resp import FetchError, key_types
+    from kvpager.remote_key_types import key_types
+    from kvpager.remote_resp import FetchError
     from kvpager.remote_store import KEY_ABSENT, KEY_OTHER, KEY_STRING
 
     replies = {b"+string\r\n": KEY_STRING, b"+none\r\n": KEY_ABSENT, b"+stream\r\n": KEY_OTHER,

@@ -13,7 +13,7 @@ Checked first: every way gives the same answer for every key. Then timed
 - the tier's probe: one ``TYPE`` per key (a string, nothing, or another
   Redis type, which no lookup could restore), all sent before any reply is
   read, the reply lines split and classified with NumPy
-  (`remote_resp.key_types`);
+  (`remote_key_types.key_types`);
 - an ``EXISTS`` pipeline through redis-py (its parser, a Python object per
   reply): the probe before it told strings from other types;
 - a redis-py pipeline of ``STRLEN`` (would also check lengths, but moves the
