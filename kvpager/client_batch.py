@@ -11,7 +11,7 @@ calls make it (`follow`), so plans stay right after a partial batch too.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -109,16 +109,22 @@ class ClientBatch:
             self.synchronize()  # (the flags checked by `parse_calls`)
         ids = [seen[id(w["seq_ids"])][0] for w in wires]
         ops = [[BATCHED[m], on_wire(w, seen[id(w["seq_ids"])][1])] for (m, _, _), w in zip(parsed, wires)]
+        followed: list[Any] = []  # [(the calls' results, the error that stopped the batch)]
+
+        def follow_all(reply: Any) -> None:  # (in `_mutate`: an exception while it runs forgets the ids)
+            results, error = decode_batch(reply)
+            followed.append(([follow(self._mirror, m, w, i, r) for (m, _, _), w, i, r
+                              in zip(parsed, wires, ids, results)], error))
+
         try:
-            reply = self._send(ops, ids, refused)
+            self._send(ops, ids, refused, follow_all)
         except InvalidArgument as e:
             k = unsendable(ops)  # (a value the wire cannot carry, an int past 64 bits: nothing was sent)
             if k is None:
                 raise
             refused, ops, wires, ids = e, ops[:k], wires[:k], ids[:k]
-            reply = self._send(ops, ids, refused)
-        results, error = decode_batch(reply)
-        out = [follow(self._mirror, m, w, i, r) for (m, _, _), w, i, r in zip(parsed, wires, ids, results)]
+            self._send(ops, ids, refused, follow_all)
+        [(out, error)] = followed
         if error is not None:
             exc = error.exception()
             if isinstance(exc, InternalError):  # (a daemon bug mid-op: it may have applied, as `_mutate` has it)
@@ -132,14 +138,16 @@ class ClientBatch:
             raise stopped(refused, len(out), out)
         return out
 
-    def _send(self, ops: list[Any], ids: list[list[int] | None], refused: InvalidArgument | None) -> Any:
-        """The batch request of ``ops`` (on ``ids``, `read_ids`' readings); ``refused``
-        (with index 0) where no call comes before the one refused here."""
+    def _send(self, ops: list[Any], ids: list[list[int] | None], refused: InvalidArgument | None,
+              then: Callable[[Any], None]) -> Any:
+        """The batch request of ``ops`` (on ``ids``, `read_ids`' readings), its reply
+        given to ``then``; ``refused`` (with index 0) where no call comes before the
+        one refused here."""
         if not ops:
             raise stopped(refused, 0, [])  # type: ignore[arg-type] - (ops are cut only where one was refused)
         # (an op's ids not read here: an unclear outcome loses track, as a success of that op does)
         every = None if any(each is None for each in ids) else [s for each in ids for s in each]
-        return self._mutate("batch", {"ops": ops}, every)
+        return self._mutate("batch", {"ops": ops}, every, then, always=True)
 
 
 def unsendable(ops: list[Any]) -> int | None:

@@ -9,7 +9,7 @@ round trip. ``tables`` reads that mirror when it holds every sequence asked for.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -117,10 +117,8 @@ class ClientSequences:
             args["num_tokens"] = num_tokens
         if token_ids is not None:
             args["token_ids"] = packed_rows(token_ids)
-        raw = self._mutate("append", args, ids)
-        if ids is not None:
-            self._mirror.appended(ids, num_tokens, decode_slots(raw, 1, None)[0])
-        return raw
+        return self._mutate("append", args, ids,
+                            lambda raw: self._mirror.appended(ids, num_tokens, decode_slots(raw, 1, None)[0]))
 
     def record_tokens(self, seq_ids: Any, token_ids: Any) -> None:
         """As `KVPool.record_tokens`: record the token ids of slots appended
@@ -147,51 +145,39 @@ class ClientSequences:
         seq_ids = packed(seq_ids)
         args = {"seq_ids": seq_ids} if upto is None else {"seq_ids": seq_ids, "upto": packed(upto)}
         try:
-            published = self._mutate("commit", args, ids)
+            return self._mutate("commit", args, ids, lambda _: self._mirror.committed(ids, upto))
         except BaseException:  # (step plans recheck; one without a clear outcome may have run: `_mutate`)
             self._mirror.moves.bump()
             raise
-        if ids is not None:  # (else the mirror lost track: `_mutate`)
-            self._mirror.committed(ids, upto)
-        return published
 
     def fork(self, seq_ids: Any, n: int = 1) -> list[list[int]]:
         seq_ids = as_ids(seq_ids)
         ids = id_list(seq_ids)
-        children = self._mutate("fork", {"seq_ids": seq_ids, "n": n}, ids)
-        if ids is not None:
-            self._mirror.forked(ids, children)
-        return children
+        return self._mutate("fork", {"seq_ids": seq_ids, "n": n}, ids,
+                            lambda children: self._mirror.forked(ids, children))
 
     def free(self, seq_ids: Any) -> None:
         seq_ids = as_ids(seq_ids)
         ids = id_list(seq_ids)
-        self._mutate("free", {"seq_ids": seq_ids}, ids)
-        if ids is not None:
-            self._mirror.freed(ids)
+        self._mutate("free", {"seq_ids": seq_ids}, ids, lambda _: self._mirror.freed(ids))
 
     def truncate(self, seq_ids: Any, lengths: Any) -> None:
         seq_ids = as_ids(seq_ids)
         ids = id_list(seq_ids)
-        self._mutate("truncate", {"seq_ids": seq_ids, "lengths": lengths}, ids)
-        if ids is not None:
-            self._mirror.truncated(ids, lengths)
+        self._mutate("truncate", {"seq_ids": seq_ids, "lengths": lengths}, ids,
+                     lambda _: self._mirror.truncated(ids, lengths))
 
     def release_before(self, seq_ids: Any, positions: Any) -> list[int]:
         """As `KVPool.release_before`; this worker's mirror follows (null entries)."""
         seq_ids = as_ids(seq_ids)
         ids = id_list(seq_ids)
-        counts = self._mutate("release", {"seq_ids": seq_ids, "positions": positions}, ids)
-        if ids is not None:
-            self._mirror.released(ids, counts)
-        return counts
+        return self._mutate("release", {"seq_ids": seq_ids, "positions": positions}, ids,
+                            lambda counts: self._mirror.released(ids, counts))
 
     def swap_out(self, seq_ids: Any) -> None:
         seq_ids = as_ids(seq_ids)
         ids = id_list(seq_ids)
-        self._mutate("swap_out", {"seq_ids": seq_ids}, ids)
-        if ids is not None:
-            self._mirror.swapped_out(ids)
+        self._mutate("swap_out", {"seq_ids": seq_ids}, ids, lambda _: self._mirror.swapped_out(ids))
 
     def swap_in(self, seq_ids: Any) -> None:
         seq_ids = as_ids(seq_ids)
@@ -206,38 +192,58 @@ class ClientSequences:
         except (LimitExceeded, RequestTimeout, DaemonUnavailable):  # the swap ran; its tables asked for later
             self._mirror.forget(ids)  # (the daemon's unread-replies budget full, say: not the swap's failure)
             return
-        except Exception:
+        except BaseException:  # (a signal handler's too: the swap ran)
             self._mirror.forget(ids)
             raise
-        self._mirror.swapped_in(ids, tables, lens)
+        try:
+            self._mirror.swapped_in(ids, tables, lens)
+        except BaseException:
+            self._mirror.forget(ids)
+            raise
 
-    def _mutate(self, op: str, args: dict[str, Any], ids: Iterable[int] | None) -> Any:
+    def _mutate(self, op: str, args: dict[str, Any], ids: Iterable[int] | None,
+                follow: Callable[[Any], Any] | None = None, always: bool = False) -> Any:
         """``_call`` for an op that changes the tables of ``ids`` (read only if it
-        fails). Without a clear outcome (no reply in time, or a daemon bug) the op
-        may have been applied: the mirror forgets ``ids``, whose tables then come
-        from the daemon. So does an exception a signal handler raised while the
-        call waited for its reply (KeyboardInterrupt): it left a `free` the daemon
-        ran, and the mirror's slots, still taken, wrote into the blocks another
-        session got next. An id of a session lost since that no sequence of this
-        one has is UnknownSequence first, as reads say (`_check_held_before`: the
-        daemon's `not_owner` told that another session holds it now)."""
+        fails), then ``follow(reply)``: the mirror made to follow the op (where
+        ``ids`` are known, or ``always``: a batch's, whose ops' ids each may be
+        unread). Without a
+        clear outcome (no reply in time, or a daemon bug) the op may have been
+        applied: the mirror forgets ``ids``, whose tables then come from the
+        daemon. So does any exception but kvpager's own, and any at all once the
+        reply came: one a signal handler raised (KeyboardInterrupt) while the call
+        waited for its reply, after it came or while the mirror followed it left a
+        `free` the daemon ran, and the mirror's slots, still taken, wrote into the
+        blocks another session got next (only the wait was covered). An id of a
+        session lost since that no sequence of this one has is UnknownSequence
+        first, as reads say (`_check_held_before`: the daemon's `not_owner` told
+        that another session holds it now)."""
         if ids is not None and self._held_before:
             self._check_held_before(ids)
+        replied = False
         try:
             got = self._call(op, args)
+            replied = True
+            if ids is None:  # the daemon took ids this mirror cannot read: it cannot follow the op
+                self._mirror.lost_track()
+            if follow is not None and (ids is not None or always):
+                follow(got)
         except BaseException as e:  # (found gone: it may run, settled, later)
-            sent = not isinstance(e, KVPagerError) and self._unsettled is not None  # (interrupted mid-wait)
-            if sent or isinstance(e, (RequestTimeout, DaemonUnavailable, InternalError)):
-                if ids is None:  # (ids the daemon may have taken, not read here)
-                    self._mirror.lost_track()
-                else:
-                    forget = list(ids)
-                    if forget:
-                        self._mirror.forget(forget)
+            if replied or not isinstance(e, KVPagerError) \
+                    or isinstance(e, (RequestTimeout, DaemonUnavailable, InternalError)):
+                self._unfollowed(ids)
             raise
-        if ids is None:  # the daemon took ids this mirror cannot read: it cannot follow the op
-            self._mirror.lost_track()
         return got
+
+    def _unfollowed(self, ids: Iterable[int] | None) -> None:
+        """An op on ``ids`` that may have run without the mirror following it:
+        they are forgotten (None: ids the daemon may have taken, not read here:
+        all of them)."""
+        if ids is None:
+            self._mirror.lost_track()
+        else:
+            forget = list(ids)
+            if forget:
+                self._mirror.forget(forget)
 
     def tables(self, seq_ids: Any) -> tuple[np.ndarray, np.ndarray]:
         """Padded int32 block tables [B, max_blocks] and lengths [B], as `KVPool.block_tables`:

@@ -107,6 +107,75 @@ def test_an_interrupted_free_never_writes_into_the_next_owners_block():
         assert not np.asarray(k)[int(b_cl.tables([b.seq_id])[0][0, 0])].any()
 
 
+def _interrupt_once(obj, name):
+    """``obj.name`` raises `Interrupted` at its next call (a signal that came once
+    the reply was in, while the client followed it), then is itself again."""
+    real = getattr(obj, name)
+
+    def once(*args, **kwargs):
+        setattr(obj, name, real)
+        raise Interrupted
+
+    setattr(obj, name, once)
+
+
+@pytest.mark.parametrize("where", ["call", "mirror"])
+def test_a_free_or_truncate_interrupted_after_its_reply_never_reaches_the_next_owners_blocks(where):
+    """The signal came after the reply (as the call returned, or while the mirror
+    followed it): only an interrupted wait made the mirror forget, so it kept the
+    freed sequence's slots (a mapped write landed in another session's blocks)
+    and the truncated sequence's old length (attention read blocks given away)."""
+    with running_server() as server, Client(server.endpoint, timeout=5) as a_cl, \
+            Client(server.endpoint, timeout=5) as b_cl:
+        [a, t] = a_cl.allocate([[5] * 16, [6] * 40])
+        if where == "call":
+            real_call = a_cl._call
+
+            def late(op, args):  # the reply taken, then the signal
+                real_call(op, args)
+                a_cl._call = real_call
+                raise Interrupted
+
+            a_cl._call = late
+        else:
+            _interrupt_once(a_cl._mirror, "freed")
+        with pytest.raises(Interrupted):
+            a_cl.free(a.seq_id)
+        if where == "call":
+            a_cl._call = late
+        else:
+            _interrupt_once(a_cl._mirror, "truncated")
+        with pytest.raises(Interrupted):
+            a_cl.truncate(t.seq_id, 1)
+        got = b_cl.allocate([[9] * 16, [8] * 32])
+        zeros = np.zeros((48, 2, 16), np.float32)
+        b_cl.write(0, np.concatenate([g.slots for g in got]), zeros, zeros)
+        with pytest.raises(UnknownSequence):
+            a_cl.tables([a.seq_id])
+        assert list(a_cl.tables([t.seq_id])[1]) == [1]  # the daemon's length, not the mirror's 40
+        sevens = np.full((16, 2, 16), 7, np.float32)
+        with pytest.raises(KVPagerError):
+            a_cl.write(0, a.slots, sevens, sevens)
+        with pytest.raises(KVPagerError):
+            a_cl.write(0, t.slots[16:32], sevens, sevens)
+        k, _ = b_cl.kv(0)
+        tables, lens = b_cl.tables([g.seq_id for g in got])
+        assert not np.asarray(k)[tables[tables > 0]].any()
+        a_cl.check_integrity()
+
+
+def test_a_batch_interrupted_while_the_mirror_follows_it_forgets_its_sequences():
+    with running_server() as server, Client(server.endpoint, timeout=5) as c:
+        [a, b] = c.allocate([[5] * 16, [6] * 20])
+        _interrupt_once(c._mirror, "freed")
+        with pytest.raises(Interrupted):
+            c.batch([("append_flat", [b.seq_id], 4), ("free", [a.seq_id])])
+        with pytest.raises(UnknownSequence):
+            c.tables([a.seq_id])
+        tables, lens = c.tables([b.seq_id])
+        assert list(lens) == [24] and [list(tables[0])] == [daemon_view(server, c)[b.seq_id]]
+
+
 def test_after_reconnect_an_id_left_without_an_outcome_is_not_read_as_another_sessions():
     """An append found the daemon gone (the mirror forgot the sequence): after the
     daemon restarted and `reconnect`, a read of that id answered the sequence a
