@@ -37,14 +37,12 @@ class Channel:
 
     def __init__(self, endpoint: str):
         self.endpoint = endpoint
-        self.rcvtimeo = -1
         self.gone = False  # the last request found nothing listening (DaemonUnavailable)
         self.sock = self._open()
 
     def _open(self) -> zmq.Socket:
         sock = open_socket(zmq.Context.instance(), zmq.DEALER, self.endpoint)
         sock.connect(self.endpoint)
-        self.rcvtimeo = -1
         return sock
 
     def reset(self) -> None:
@@ -58,39 +56,34 @@ class Channel:
     def request(self, body: bytes, rid: int, op: str, timeout: float) -> Reply:
         deadline = time.monotonic() + timeout
         sock = self.sock
-        # A blocking recv bounded by RCVTIMEO costs one call per reply; the
-        # option is set again only when the wait changes. The first wait is at
-        # most `LOOK_AFTER`: a reply that has not come by then asks whether the
-        # daemon is still there (a gone one is said at once, not after the whole
-        # timeout), then the rest of the timeout is waited out.
-        looked = False
-        ms = wait_ms(min(timeout, LOOK_AFTER))
-        if ms != self.rcvtimeo:
-            sock.setsockopt(zmq.RCVTIMEO, ms)
-            self.rcvtimeo = ms
+        # Each wait is a poll of the socket for what is left of the timeout: a
+        # poll that a signal interrupts goes on for what is left (pyzmq's
+        # zmq_poll counts the time), where a blocking recv bounded by RCVTIMEO
+        # began its whole wait again after each signal (a handler run every
+        # 50 ms held a call to a stopped daemon past its timeout for as long as
+        # the daemon stayed stopped; about 1 us a request). The first wait is
+        # at most `LOOK_AFTER`: a reply that has not come by then asks whether
+        # the daemon is still there (a gone one is said at once, not after the
+        # whole timeout), then the rest of the timeout is waited out.
         try:
             sock.send(body, zmq.NOBLOCK)
+        except zmq.Again:  # (its queue full: nothing sent, said as no reply)
+            pass
+        else:
+            looked = False
             while True:
-                try:
-                    reply = decode_reply(sock.recv())
-                except zmq.Again:
-                    remaining = deadline - time.monotonic()
-                    if looked or remaining <= 0:
-                        raise
-                    looked = True
-                    if probe(self.endpoint) is not None:
-                        break  # gone: said below
-                else:
+                remaining = deadline - time.monotonic()
+                wait = remaining if looked else min(remaining, LOOK_AFTER)
+                if wait > 0 and zmq.zmq_poll([(sock, zmq.POLLIN)], wait_ms(wait)):
+                    reply = decode_reply(sock.recv(zmq.NOBLOCK))
                     if reply.id == rid or reply.id is None:
                         return reply
-                    # A late reply to an earlier request: drop it, wait out the rest.
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                self.rcvtimeo = wait_ms(remaining)
-                sock.setsockopt(zmq.RCVTIMEO, self.rcvtimeo)
-        except zmq.Again:
-            pass
+                    continue  # a late reply to an earlier request: dropped, the rest waited out
+                if looked or deadline - time.monotonic() <= 0:
+                    break
+                looked = True
+                if probe(self.endpoint) is not None:
+                    break  # gone: said below
         self.reset()
         why = probe(self.endpoint)
         if why is not None:

@@ -19,7 +19,7 @@ import pytest
 from daemon_helpers import ipc_endpoint, running_server, wait_until
 
 from kvpager.client import Client
-from kvpager.errors import KVPagerError, UnknownSequence
+from kvpager.errors import KVPagerError, RequestTimeout, UnknownSequence
 
 
 class Interrupted(BaseException):
@@ -174,6 +174,35 @@ def test_a_batch_interrupted_while_the_mirror_follows_it_forgets_its_sequences()
             c.tables([a.seq_id])
         tables, lens = c.tables([b.seq_id])
         assert list(lens) == [24] and [list(tables[0])] == [daemon_view(server, c)[b.seq_id]]
+
+
+def test_a_call_keeps_its_timeout_while_signals_come_every_few_milliseconds():
+    """A blocking receive bounded by RCVTIMEO began its whole wait again after
+    each signal: with a handler run every 50 ms, a call with a 1 s timeout to a
+    daemon that did not answer waited until the daemon did (3 s here; for ever
+    where it never does)."""
+    with running_server() as server, Client(server.endpoint, timeout=1.0) as c:
+        kept = server._handlers["stats"]
+
+        def stalled(session, args):
+            time.sleep(3.0)
+            return kept(session, args)
+
+        server._handlers["stats"] = stalled
+        old = signal.signal(signal.SIGALRM, lambda *_: None)
+        signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(RequestTimeout):
+                c.stats()
+            took = time.monotonic() - t0
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+            server._handlers["stats"] = kept
+        assert took < 2.5, took
+        time.sleep(2.5)  # (the stalled request done)
+        assert c.stats().num_sequences == 0
 
 
 def test_after_reconnect_an_id_left_without_an_outcome_is_not_read_as_another_sessions():
