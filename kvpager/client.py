@@ -57,7 +57,13 @@ from kvpager.client_hello import (
     rank_layout_refusal,
 )
 from kvpager.client_kv import KVAccess
-from kvpager.client_lifetime import _LIVE, EXIT_WAIT, _dropped, _dropped_quiet  # noqa: F401 (EXIT_WAIT: its name here)
+from kvpager.client_lifetime import (  # noqa: F401 (EXIT_WAIT: its name here)
+    _LIVE,
+    EXIT_WAIT,
+    _dropped,
+    _dropped_quiet,
+    hook_process_exit,
+)
 from kvpager.client_seqs import ClientSequences
 from kvpager.client_staging import ClientStaging
 from kvpager.client_tables import TableMirror
@@ -138,6 +144,9 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self._ids = itertools.count(1)
         # (id, bytes, op) of a RETRIED_OPS request that timed out, until its outcome is known
         self._unsettled: tuple[int, bytes, str] | None = None
+        self._waiting: int | None = None  # the thread whose call waits for its reply (`_wait_reply`)
+        self._depth = 0  # calls of `SERIALIZED` methods under way in the thread holding the lock
+        self._close_after = False  # a `close` made while a call waited: made once that call is done
         #: sequences whose free was never sent (an earlier request's settling timed out): freed after it
         self._orphans: list[list[int]] = []
         self._chan = Channel(self.endpoint)
@@ -155,6 +164,7 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self._held_before: set[int] = set()
         self._want_map, self._want_heartbeat = map_pool, heartbeat
         _LIVE.add(self)
+        hook_process_exit()
         self._hb_stop = threading.Event()
         self._hb: threading.Thread | None = None
         self._finalizer: weakref.finalize | None = None
@@ -204,7 +214,9 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
                                         name="kvpager-heartbeat", daemon=True)
             if self._finalizer is not None:  # (a reconnect's new thread: the last one's is done)
                 self._finalizer.detach()
-            self._finalizer = weakref.finalize(self, _dropped, self._hb_stop, gone)
+            self._finalizer = weakref.finalize(self, _dropped, self._hb_stop, gone, self.session, self.endpoint,
+                                               max(min(self.heartbeat_timeout / 3, 3600.0), 1.0))
+            self._finalizer.atexit = False  # (at exit `_close_at_exit` closes it)
             self._hb.start()
         else:  # no thread to end it: a client collected without `close` says bye from a thread of its own
             if self._finalizer is not None:  # (a reconnect's: the last session is ended)
@@ -296,6 +308,9 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         if self._forked():  # a child's copy: the parent's socket and session are not its to end
             self._closed = self._lost = True
             return
+        if self._waiting == threading.get_ident():  # (a signal handler's, while a call of this thread waits:
+            self._close_after = True  # its socket and mirror in use, closed under it: a ZMQError) kept for later
+            return
         self._stop_heartbeat()
         if self._staging is not None:  # unmapped before bye frees it on the daemon
             self._staging.close()
@@ -371,7 +386,14 @@ def _serialized(method: Any) -> Any:
     @functools.wraps(method)
     def call(self: Client, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
-            return method(self, *args, **kwargs)
+            self._depth += 1
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self._depth -= 1
+                if self._close_after and not self._depth:  # (a `close` a signal handler made meanwhile)
+                    self._close_after = False
+                    self.close()
 
     return call
 

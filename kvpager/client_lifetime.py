@@ -11,12 +11,13 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
 from typing import TYPE_CHECKING
 
-from kvpager.client_wire import say_bye
+from kvpager.client_wire import OWED_BYES, say_bye
 
 if TYPE_CHECKING:
     from kvpager.client import Client
@@ -24,8 +25,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvpager.client")
 
 
-def _dropped(stop: threading.Event, gone: threading.Event) -> None:
-    """A client collected without `close`: its heartbeat thread ends its session."""
+def _dropped(stop: threading.Event, gone: threading.Event, session: str | None, endpoint: str,
+             timeout: float) -> None:
+    """A client collected without `close`: its heartbeat thread ends its session
+    (owed until then: `_close_at_exit` says it where the process exits first)."""
+    if session is not None:
+        OWED_BYES[session] = (endpoint, timeout)
     gone.set()
     stop.set()
 
@@ -35,6 +40,7 @@ def _dropped_quiet(session: str | None, endpoint: str, timeout: float) -> None:
     ended from a short thread of its own (it held its sequences until the daemon's
     heartbeat timeout; the collector's thread is not kept waiting for the daemon)."""
     if session is not None:
+        OWED_BYES[session] = (endpoint, timeout)
         threading.Thread(target=say_bye, args=(session, endpoint, timeout), name="kvpager-bye", daemon=True).start()
 
 
@@ -54,8 +60,13 @@ def _close_at_exit() -> None:
     `EXIT_WAIT` together (a stalled daemon: the sessions not ended by then end at
     its timeout instead; each waited up to twice that before, a process of 8
     clients 13 s at exit), and a client another thread is in a call on is left
-    to it."""
+    to it. The byes still owed for clients collected without `close` are said too
+    (`OWED_BYES`: their threads die at exit before they say them)."""
     deadline = time.monotonic() + EXIT_WAIT
+    for session, (endpoint, timeout) in list(OWED_BYES.items()):
+        left = deadline - time.monotonic()
+        if left > 0:
+            say_bye(session, endpoint, max(1e-3, min(timeout, left / 2)))
     for client in list(_LIVE):
         left = deadline - time.monotonic()
         if client._closed or left <= 0 or not client._lock.acquire(timeout=left):
@@ -71,6 +82,25 @@ def _close_at_exit() -> None:
 
 
 atexit.register(_close_at_exit)
+
+_EXIT_HOOKED: list[int] = []  # the process (pid) whose multiprocessing exit says the byes too
+
+
+def hook_process_exit() -> None:
+    """Where this process is a `multiprocessing` child, `_close_at_exit` runs at its
+    exit too: such a child ends with ``os._exit``, which runs no atexit handler
+    (its open clients held their sessions until the daemon's heartbeat timeout),
+    after multiprocessing's own finalizers, which this registers it with. Once a
+    process; nothing where multiprocessing is not loaded or this is no child."""
+    if _EXIT_HOOKED and _EXIT_HOOKED[0] == os.getpid():
+        return
+    mp = sys.modules.get("multiprocessing")
+    if mp is None or mp.parent_process() is None:
+        return
+    _EXIT_HOOKED[:] = [os.getpid()]
+    from multiprocessing import util
+
+    util.Finalize(None, _close_at_exit, exitpriority=100)
 
 
 def _after_fork_in_child() -> None:

@@ -209,8 +209,8 @@ class ClientSequences:
         unread). Without a
         clear outcome (no reply in time, or a daemon bug) the op may have been
         applied: the mirror forgets ``ids``, whose tables then come from the
-        daemon. So does any exception but kvpager's own, and any at all once the
-        reply came: one a signal handler raised (KeyboardInterrupt) while the call
+        daemon. So does any exception but kvpager's own, any at all once the reply
+        came or while the call waited for it (``_unsettled``): one a signal handler raised (KeyboardInterrupt) while the call
         waited for its reply, after it came or while the mirror followed it left a
         `free` the daemon ran, and the mirror's slots, still taken, wrote into the
         blocks another session got next (only the wait was covered). An id of a
@@ -228,7 +228,7 @@ class ClientSequences:
             if follow is not None and (ids is not None or always):
                 follow(got)
         except BaseException as e:  # (found gone: it may run, settled, later)
-            if replied or not isinstance(e, KVPagerError) \
+            if replied or not isinstance(e, KVPagerError) or self._unsettled is not None \
                     or isinstance(e, (RequestTimeout, DaemonUnavailable, InternalError)):
                 self._unfollowed(ids)
             raise

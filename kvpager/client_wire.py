@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 from typing import Any
 
 import msgpack
@@ -37,7 +38,7 @@ log = logging.getLogger("kvpager.client")
 class ClientWire:
     """Mixed into `Client`, which supplies ``session``, ``epoch``, ``timeout``,
     ``max_message_bytes``, ``heartbeat_timeout``, ``endpoint``, ``gpu``,
-    ``memory``, ``_chan``, ``_lock``, ``_ids``, ``_unsettled``, ``_closed``,
+    ``memory``, ``_chan``, ``_lock``, ``_ids``, ``_unsettled``, ``_waiting``, ``_closed``,
     ``_lost``, ``_mirror``, ``_mapped`` and ``_staging``."""
 
     def _forked(self) -> bool:
@@ -55,6 +56,11 @@ class ClientWire:
         self._check_process()
         if self._closed:
             raise SessionLost("this client is closed")
+        if self._waiting == threading.get_ident():
+            raise InvalidArgument(
+                f"{op}: called from within a call of this Client that waits for its reply (a signal handler's, "
+                "or a finalizer's, run meanwhile in the same thread): it would take that call's reply; make it "
+                "once that call returns (close() is kept until then)")
         with self._lock:
             if self._closed:  # closed by another thread while this one waited for the lock
                 raise SessionLost("this client is closed")
@@ -84,11 +90,23 @@ class ClientWire:
 
     def _request(self, rid: int, body: bytes, op: str) -> Reply:
         try:
-            return self._chan.request(body, rid, op, self.timeout)
+            return self._wait_reply(rid, body, op)
         except BaseException:  # no reply: a timeout, a daemon found gone (it may come back and run it), or an
             if op in RETRIED_OPS:  # exception a signal handler raised mid-wait (KeyboardInterrupt: sent, it runs)
                 self._unsettled = (rid, body, op)  # it may still run: settled before the next request
             raise
+
+    def _wait_reply(self, rid: int, body: bytes, op: str) -> Reply:
+        """The channel's request, the calling thread marked as waiting on the
+        socket meanwhile: a call of this client from a signal handler (or a
+        finalizer) run in that thread during the wait is refused (`_call`; it took
+        the waiting call's reply, which then timed out), and its `close` is kept
+        until the waiting call is done (`kvpager.client._serialized`)."""
+        self._waiting = threading.get_ident()
+        try:
+            return self._chan.request(body, rid, op, self.timeout)
+        finally:
+            self._waiting = None
 
     def _settle(self) -> None:
         """The outcome of a request that timed out: sent again with the same id
@@ -100,7 +118,7 @@ class ClientWire:
             self._check_process()  # (a forked child's copy: the parent's socket blocked it for good)
         while self._unsettled is not None:
             rid, body, op = self._unsettled
-            reply = self._chan.request(body, rid, op, self.timeout)
+            reply = self._wait_reply(rid, body, op)
             self._unsettled = None
             if reply.error is None and op == "pin":  # a pin the caller never learnt of: undone
                 undo = undo_pin(unpack(body)[4], reply.result)
@@ -240,17 +258,27 @@ def heartbeat_loop(client: Any, stop: Any, gone: Any, session: str | None, endpo
                 owner._lost = True  # the mirror is stale; the next call learns why
                 owner._mirror.moves.bump()  # and step plans of its sequences recheck (and refuse)
                 return
-        if gone.is_set():
+        if gone.is_set() and session in OWED_BYES:
             say_bye(session, endpoint, max(interval, 1.0), chan, next(ids))
     finally:
         chan.close()
+
+
+#: The sessions of clients collected without `Client.close` whose bye is not said
+#: yet (session -> endpoint, timeout): said by the client's heartbeat thread (or a
+#: thread of its own), and at the interpreter's exit by `_close_at_exit` where still
+#: owed: those threads are daemon threads, which die at exit before they say it (a
+#: client dropped as a script's ``main()`` returned held its session until the
+#: daemon's heartbeat timeout).
+OWED_BYES: dict[str, tuple[str, float]] = {}
 
 
 def say_bye(session: str | None, endpoint: str, timeout: float, chan: Channel | None = None,
             rid: int = -1) -> None:
     """End the session of a client collected without `Client.close` (over ``chan``,
     or a socket of its own); where the daemon does not answer in ``timeout``
-    seconds, it ends the session at its heartbeat timeout instead."""
+    seconds, it ends the session at its heartbeat timeout instead. No longer owed
+    once said (or tried: twice is harmless, the second answered `session_lost`)."""
     own = chan is None
     chan = Channel(endpoint) if chan is None else chan
     try:
@@ -258,6 +286,7 @@ def say_bye(session: str | None, endpoint: str, timeout: float, chan: Channel | 
     except Exception as e:
         log.debug("bye of a dropped client failed: %s", e)
     finally:
+        OWED_BYES.pop(session, None)  # type: ignore[arg-type]
         if own:
             chan.close()
 

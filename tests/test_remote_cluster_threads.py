@@ -33,6 +33,7 @@ import time
 
 import numpy as np
 import pytest
+from daemon_helpers import wait_until
 from redis_helpers import need_redis, redis_cluster
 
 need_redis()
@@ -250,18 +251,23 @@ def test_a_paused_master_and_moved_slots_mid_run(nodes, counted, caplog):
     src, dst = nodes[1], nodes[2]
     marks = {}
 
+    def restored_past(mark: str) -> None:  # (the breaker's next try after the failures: up to a second or
+        # two on a loaded host, so a fixed pause saw none and failed the check)
+        wait_until(lambda: tier.stats().restored_blocks > marks[mark], 20)
+
     def during() -> None:
         time.sleep(1.0)
         with paused(nodes[0]):
             time.sleep(1.0)
         marks["resumed"] = tier.stats().restored_blocks
-        time.sleep(0.5)
+        restored_past("resumed")
         out = subprocess.run(["redis-cli", "--cluster", "reshard", f"127.0.0.1:{src.port}",
                               "--cluster-from", node_id(src), "--cluster-to", node_id(dst),
                               "--cluster-slots", "400", "--cluster-yes"],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         marks["moved"] = tier.stats().restored_blocks
+        restored_past("moved")
 
     drivers = run_threads(pools, 1.5, during)
     assert tier.flush(WAIT)
