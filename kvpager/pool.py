@@ -64,8 +64,22 @@ def _check_after(pool: KVPool, op: str, e: BaseException) -> None:
     sequences and K/V from then on (`broken`), as a closed one does, rather
     than serve tables and hits that no longer hold (Ctrl-C during allocates
     broke 15 pools in 60 and they served on: blocks counted twice, a
-    sequence's tokens past its blocks)."""
+    sequence's tokens past its blocks).
+
+    An op left between its bookkeeping change and the end of the K/V copies
+    it asked for (copy-on-write, swap out or in: the manager's `copies_owed`,
+    set before the change and cleared once the copies ran) breaks the pool
+    whatever the check says: its bookkeeping holds, but tables and cached keys
+    point at blocks whose K/V never came (attention read another sequence's
+    K/V, or zeros, with no error)."""
     if pool.broken is not None or pool.closed:
+        return
+    owed = pool.manager.copies_owed
+    if owed is not None:
+        pool.broken = (f"{op} was left half-way by {type(e).__name__} after its bookkeeping changed, before its "
+                       f"{owed} copies of K/V completed (they may not have run: blocks may not hold the K/V their "
+                       "tables and cached keys say); close this pool and make a new one")
+        log.error("KVPool: %s", pool.broken)
         return
     try:
         pool.manager.check_integrity()
@@ -253,10 +267,10 @@ def _serialized(method: Any, name: str) -> Any:
                 _free_later(self)
             try:
                 return method(self, *args, **kwargs)
-            except KVPagerError:  # (checked before anything changed)
-                raise
             except BaseException as e:
-                _check_after(self, name, e)
+                # (a typed error was checked before anything changed, unless copies were owed: one a copy raised)
+                if not isinstance(e, KVPagerError) or self.manager.copies_owed is not None:
+                    _check_after(self, name, e)
                 raise
 
     return call_open

@@ -4,7 +4,9 @@ behind a window.
 
 Each takes a batch, validates all of it (`kvpager.validate`), and hands it
 to the `SequenceManager`; copies the manager asks for (copy-on-write, swaps)
-go to the backend in one batched call.
+go to the backend in one batched call, after which the op clears the
+manager's `copies_owed` (a call left before that breaks the pool:
+`kvpager.pool._check_after`).
 """
 
 from __future__ import annotations
@@ -243,6 +245,7 @@ class PoolSequences:
             # a copy-on-write moved a table entry off a shared block, which may go to another
             # sequence now: step plans of these sequences recheck (a stale one wrote there before)
             self.backend.moves.released()
+            self.manager.copies_owed = None  # (the copies ran: set by the manager, see `_check_after`)
         return flat
 
     def record_tokens(self, seq_ids: int | Seq[int], token_ids: Seq[Seq[int]], *, owner: Any = ANY_OWNER) -> None:
@@ -315,6 +318,7 @@ class PoolSequences:
             self.backend.swap_out(pairs)
             self.pending = True
             self._swap_out_blocks += len(pairs)
+            self.manager.copies_owed = None  # (the copies ran: set by the manager, see `_check_after`)
 
     def swap_in(self, seq_ids: int | Seq[int]) -> None:
         """Bring swapped sequences back to the device in one batched copy."""
@@ -323,6 +327,7 @@ class PoolSequences:
             self.backend.swap_in(pairs)
             self.pending = True
             self._swap_in_blocks += len(pairs)
+            self.manager.copies_owed = None  # (the copies ran: set by the manager, see `_check_after`)
 
     def release_before(self, seq_ids: int | Seq[int], positions: int | Seq[int], *, owner: Any = ANY_OWNER
                        ) -> list[int]:

@@ -98,20 +98,24 @@ def append(
     last = bt.last[rows]  # the null block where a row is empty
     partial = (n > 0) & (nt % bs != 0)
     cow = partial & (pool.ref_cnt[last] > 1)
-    if cow.any():  # the last of a block's sharers in this batch writes it in place
+    copying = cow.any()
+    if copying:  # the last of a block's sharers in this batch writes it in place
         cow &= ~_in_place(pool.ref_cnt, last, cow)
+        copying = cow.any()
     grow = (nt + n + bs - 1) // bs - nb
     per = cow + grow
     need = int(per.sum())
     available = pool.get_num_free_blocks()
     if need > available:
         raise OutOfBlocks(need, available)
+    if copying:  # (checked: from here until the caller ran the copies, tables point at blocks not yet written)
+        m.copies_owed = "copy-on-write"
 
     # Blocks are taken row after row, a row's copy before its new blocks.
     new = pool.get_new_blocks(need) if need else np.zeros(0, np.int64)
     start = np.cumsum(per) - per
     copies = _NO_COPIES
-    if cow.any():
+    if copying:
         dst = new[start[cow]]
         bt.table[rows[cow], nb[cow] - 1] = dst
         copies = np.stack([last[cow], dst], axis=1)
@@ -182,6 +186,11 @@ def _decode(
         available = pool.get_num_free_blocks()
         if k > available:
             raise OutOfBlocks(int(k), available)
+        cow = needs & (off != 0)
+        c = cow[needs]
+        copying = np.count_nonzero(c)
+        if copying:  # (checked: from here until the caller ran the copies, tables point at blocks not yet written)
+            m.copies_owed = "copy-on-write"
         new = pool.get_new_blocks(int(k), top_first=True)
         at, col = (rows, nt >> shift) if k == len(rows) else (rows[needs], nt[needs] >> shift)
         if int(col.max()) >= bt.width:
@@ -191,9 +200,7 @@ def _decode(
         bt.last[at] = new
         blocks = last.copy()
         blocks[needs] = new
-        cow = needs & (off != 0)
-        c = cow[needs]
-        if np.count_nonzero(c):
+        if copying:
             copies = np.stack([last[cow], new[c]], axis=1)
     if len(pool.cache):  # (copies of cached blocks only where something is cached: `block_copies`)
         published = pool.holds_key(last)  # mostly none: one gather decides
@@ -262,6 +269,7 @@ def _decode_one(m: SequenceManager, seq_id: int, row: int, ids: list[int] | None
         if pool.ref_cnt[b] > 1:
             if not pool.get_num_free_blocks():
                 raise OutOfBlocks(1, 0)
+            m.copies_owed = "copy-on-write"  # (checked: until the caller ran the copy, see `append`)
             src, b = b, int(pool.get_new_blocks(1)[0])
             copies = np.array([[src, b]], dtype=np.int64)
             bt.table[row, col] = b

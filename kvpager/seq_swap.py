@@ -62,6 +62,8 @@ def swap_out(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     need = int(np.count_nonzero(move))
     if need > len(host.free):
         raise OutOfBlocks(need, len(host.free), "host")
+    if need:  # (checked: from here until the caller ran the copies, host entries name blocks not yet written)
+        m.copies_owed = "swap-out"
     hosts = host.take(need)
     per_row = np.bincount(np.repeat(np.arange(len(rows)), bt.num_blocks[rows])[move], minlength=len(rows))
     ends = np.cumsum(per_row).tolist()
@@ -107,6 +109,8 @@ def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     available = pool.get_num_free_blocks() - idle
     if need > available:
         raise OutOfBlocks(need, available)
+    if need:  # (checked: from here until the caller ran the copies, tables point at blocks not yet written)
+        m.copies_owed = "swap-in"
     pool.touch(reused)  # before any eviction, as in allocate
     new = pool.get_new_blocks(need) if need else np.zeros(0, np.int64)
     taken = 0

@@ -9,11 +9,15 @@ sequence's `History` (token ids and block keys).
 `SequenceManager` decides which blocks move; it never touches K/V bytes. Ops
 that need bytes moved return the (source, destination) block pairs, and the
 caller (`KVPool`) runs them on its backend before the freed blocks can be
-handed out again. Every op takes a batch, validates all of it first and
-either applies all of it or raises and changes nothing. Allocate and commit
-(the prefix-cache side) live in `seq_prefix`, append in `seq_append`, swap
-in `seq_swap`, integrity and statistics in `seq_check`, the owner index in
-`owners`, lookup and the checks of a batch in `seq_lookup`.
+handed out again; such an op sets `SequenceManager.copies_owed` once its
+checks passed, before it changes anything, and the caller clears it once the
+copies ran (an exception that leaves it set left tables pointing at blocks
+whose K/V never came: `kvpager.pool._check_after`). Every op takes a batch,
+validates all of it first and either applies all of it or raises and changes
+nothing. Allocate and commit (the prefix-cache side) live in `seq_prefix`,
+append in `seq_append`, swap in `seq_swap`, integrity and statistics in
+`seq_check`, the owner index in `owners`, lookup and the checks of a batch in
+`seq_lookup`.
 """
 
 from __future__ import annotations
@@ -64,6 +68,11 @@ class SequenceManager(SequenceLookup):
         self._ids = itertools.count(1)
         self.num_swapped = 0
         self.num_released = 0  # rows with released leading blocks
+        #: What copies an op that returns block copies still owes (``"copy-on-write"``,
+        #: ``"swap-out"``, ``"swap-in"``): set once its checks passed, before it changes
+        #: anything; cleared by the caller (`KVPool`) once it ran them on its backend. Set
+        #: while an exception leaves a call, the tables may point at blocks whose K/V never came.
+        self.copies_owed: str | None = None
         # Recently checked batches: a decode loop sends the same ids step after step,
         # and while no sequence is freed (rows move only then) they need no new
         # lookup or checks. Every free forgets them.
