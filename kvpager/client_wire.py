@@ -135,8 +135,9 @@ class ClientWire:
             else:
                 created = [int(c) for kids in reply.result for c in kids]
             if created:
-                log.warning("a %s that timed out was applied later: freeing its %d new sequences",
-                            op, len(created))
+                log.warning("%s left without its reply (a timeout, or an exception a signal handler raised) "
+                            "ran: freeing its %d new sequences", "an allocate" if op == "allocate" else "a fork",
+                            len(created))
                 frid = next(self._ids)
                 self._request(frid, pack([VERSION, frid, self.session, "free", {"seq_ids": created}]), "free")
         if self._orphans:
