@@ -200,8 +200,12 @@ class Dispatch:
             try:
                 result = self._handlers[op](session, args)
             finally:
-                if session is not None and moves.count != before:  # (one that raised part way too)
-                    session.changes += 1  # its tables may have lost blocks: its kept `held` is looked at again
+                if session is not None:
+                    # Heard from at its reply too: a long request of its own was its silence (a client
+                    # without a heartbeat thread whose swap held the loop past the timeout was expired).
+                    session.last_seen = time.monotonic()
+                    if moves.count != before:  # (one that raised part way too)
+                        session.changes += 1  # its tables may have lost blocks: its kept `held` is looked at again
             if self.gpu is not None and op in _DEVICE_OPS and self.pool.pending:
                 self.pool.synchronize()
             return encode_reply(rid, result)

@@ -164,18 +164,26 @@ class ServerOps(ReadOps, ControlOps):
         would grow the daemon's block tables (one int32 row a sequence, as wide as
         the longest: 65,535 empty sequences beside one of 2,900 blocks took 760 MB
         of a daemon whose pool held 5.9 MiB) past ``limits.tables`` bytes, counted
-        as the table grows (geometrically)."""
+        as the table grows (geometrically). A table that would pass it is first cut
+        to what its live sequences hold (`BlockTable.shrink`): rows and width that
+        sequences since freed had left (a table under 64 MiB never shrank by
+        itself) counted for the daemon's life, so after one 1M-token sequence came
+        and went, 20,000 short prompts were refused as 5 GB of tables."""
         table = self.pool.manager.table
-        have_rows, have_width = len(table.num_blocks), table.width
-        need_rows = table.num_live + rows
-        new_rows = have_rows if need_rows <= have_rows else max(need_rows, 2 * have_rows)
-        new_width = have_width if width <= have_width else max(width, 2 * have_width)
-        size = 4 * new_rows * new_width
-        if size > self.limits.tables and size > 4 * have_rows * have_width:
-            raise LimitExceeded(
-                f"the block tables of {need_rows} sequences, {max(width, have_width)} blocks wide, would take "
-                f"{size} bytes, over the limit of {self.limits.tables} (KVPAGER_MAX_TABLES, kvpager serve "
-                "--max-tables): free sequences, or fewer at once", "tables", size, self.limits.tables)
+        for cut in (False, True):
+            if cut:
+                table.shrink()
+            have_rows, have_width = len(table.num_blocks), table.width
+            need_rows = table.num_live + rows
+            new_rows = have_rows if need_rows <= have_rows else max(need_rows, 2 * have_rows)
+            new_width = have_width if width <= have_width else max(width, 2 * have_width)
+            size = 4 * new_rows * new_width
+            if size <= self.limits.tables or size <= 4 * have_rows * have_width:
+                return
+        raise LimitExceeded(
+            f"the block tables of {need_rows} sequences, {max(width, have_width)} blocks wide, would take "
+            f"{size} bytes, over the limit of {self.limits.tables} (KVPAGER_MAX_TABLES, kvpager serve "
+            "--max-tables): free sequences, or fewer at once", "tables", size, self.limits.tables)
 
     def _check_capacity(self, need: int) -> None:
         """OutOfBlocks before any hashing when a prompt of ``need`` blocks cannot fit

@@ -144,3 +144,29 @@ def test_an_op_found_gone_and_settled_later_is_not_trusted_by_the_mirror():
         assert not any((kv[blk] == 666).any() for blk in b.block_table)
         other.close()
         c.close()
+
+
+def test_a_clients_own_long_request_is_not_its_silence():
+    """A session was heard from when its request was read, not when it was
+    answered: a client without a heartbeat thread whose own request held the
+    loop past the heartbeat timeout got SessionLost at its next call, 3 ms
+    after the reply ("missed heartbeats")."""
+    from daemon_helpers import SMALL, running_server
+
+    with running_server(SMALL, heartbeat_timeout=0.5) as server:
+        c = Client(server.endpoint, timeout=5, heartbeat=False)
+        [a] = c.allocate([[1, 2, 3]])
+        kept = server._handlers["fork"]
+
+        def slow(session, args):
+            time.sleep(1.5)  # the loop held three heartbeat timeouts by the client's own request
+            return kept(session, args)
+
+        server._handlers["fork"] = slow
+        try:
+            [[child]] = c.fork(a.seq_id)
+        finally:
+            server._handlers["fork"] = kept
+        time.sleep(0.05)  # (the loop's expiry pass after the request)
+        assert c.sequence(child).num_tokens == 3  # its session open
+        c.close()

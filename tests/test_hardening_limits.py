@@ -236,6 +236,26 @@ def test_the_block_tables_of_all_sessions_are_bounded():
         c.check_integrity()
 
 
+def test_tables_that_freed_sequences_grew_do_not_count_against_new_ones():
+    """The check counted the table's rows and width, which a table under 64 MiB
+    never gave back: after one long sequence came and went, many short prompts
+    were refused for the daemon's life (and after many short ones, one long
+    prompt). The table is cut to its live sequences before a refusal now."""
+    bs = SMALL.block_size
+    with running_server(SMALL.replace(num_blocks=1200), limits=Limits(tables=1 << 20)) as server, \
+            Client(server.endpoint) as c, Client(server.endpoint) as other:
+        [long] = c.allocate([list(range(3, 3 + 1000 * bs))])  # 1,000 blocks wide
+        c.free(long.seq_id)
+        short = other.allocate([[]] * 1000)  # 1,000 rows of 1,000 blocks: 4 MB, were it kept so wide
+        other.free([a.seq_id for a in short])
+        other.allocate([[]] * 2000)
+        with pytest.raises(LimitExceeded, match="block tables"):  # live ones count as before
+            c.allocate([list(range(3, 3 + 1000 * bs))])
+        table = server.pool.manager.table
+        assert 4 * len(table.num_blocks) * table.width <= 1 << 20
+        c.check_integrity()
+
+
 def test_live_sequences_of_all_sessions_are_bounded():
     """Each live sequence costs the daemon ~400 bytes of bookkeeping that no limit
     counted: 32 sessions forking 65,535 one-block children each took 2.1M sequences
