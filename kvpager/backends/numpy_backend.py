@@ -15,6 +15,21 @@ from kvpager.spec import PoolSpec
 WRITE_RUN_BYTES = 16 << 20
 
 
+#: Bytes of blocks one step of a block copy gathers at a time (a gather makes a temporary of
+#: what it reads: a swap of a 3 GiB sequence took 3 GiB more of the daemon's memory at once).
+COPY_RUN_BYTES = 64 << 20
+
+
+def copy_rows(dst: np.ndarray, src: np.ndarray, pairs: np.ndarray) -> None:
+    """``dst[pairs[:, 1]] = src[pairs[:, 0]]``, a run of at most `COPY_RUN_BYTES` at a
+    time (no destination is a source of the same call: copy-on-write's and swaps'
+    destinations are blocks just taken)."""
+    per = max(1, COPY_RUN_BYTES // max(1, src[:1].nbytes))
+    for i in range(0, len(pairs), per):
+        run = pairs[i : i + per]
+        dst[run[:, 1]] = src[run[:, 0]]
+
+
 def run_tokens(k: np.ndarray) -> int:
     """The tokens of ``k`` ([tokens, heads, head_dim]) a run of a write takes."""
     return max(1, WRITE_RUN_BYTES // max(1, k[:1].nbytes))
@@ -92,15 +107,15 @@ class NumpyBackend(Backend):
 
     def copy_blocks(self, pairs: np.ndarray) -> None:
         if len(pairs):
-            self.kv[pairs[:, 1]] = self.kv[pairs[:, 0]]
+            copy_rows(self.kv, self.kv, pairs)
 
     def swap_out(self, pairs: np.ndarray) -> None:
         if len(pairs):
-            self.host_kv[pairs[:, 1]] = self.kv[pairs[:, 0]]
+            copy_rows(self.host_kv, self.kv, pairs)
 
     def swap_in(self, pairs: np.ndarray) -> None:
         if len(pairs):
-            self.kv[pairs[:, 1]] = self.host_kv[pairs[:, 0]]
+            copy_rows(self.kv, self.host_kv, pairs)
 
     def _bytes(self) -> np.ndarray:
         """The device pool as uint8 rows, one per block (a view)."""
