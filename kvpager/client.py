@@ -35,7 +35,6 @@ and heartbeats (`kvpager.client_wire`), sequence ops and inspection
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import os
@@ -57,12 +56,14 @@ from kvpager.client_hello import (
     rank_layout_refusal,
 )
 from kvpager.client_kv import KVAccess
-from kvpager.client_lifetime import (  # noqa: F401 (EXIT_WAIT: its name here)
+from kvpager.client_lifetime import (  # noqa: F401 (EXIT_WAIT, SERIALIZED: their names here)
     _LIVE,
     EXIT_WAIT,
+    SERIALIZED,
     _dropped,
     _dropped_quiet,
     hook_process_exit,
+    serialize,
 )
 from kvpager.client_seqs import ClientSequences
 from kvpager.client_staging import ClientStaging
@@ -373,30 +374,4 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
         self._later.append((session, [int(s) for s in seq_ids]))
 
 
-#: The calls that read or change the client's session, socket or mirror: each
-#: holds the client's lock throughout (an RLock: `_call` takes it again), so
-#: calls from several threads run one after another, each with its mirror
-#: update, never interleaved (uncontended, about 0.2 us a call).
-SERIALIZED = ("reconnect", "close", "allocate", "append", "append_flat", "record_tokens", "commit", "fork",
-              "free", "truncate", "release_before", "swap_out", "swap_in", "tables", "write", "attend", "plan",
-              "refill", "local_write", "local_attend", "remote_write", "remote_attend", "batch", "pin", "unpin")
-
-
-def _serialized(method: Any) -> Any:
-    @functools.wraps(method)
-    def call(self: Client, *args: Any, **kwargs: Any) -> Any:
-        with self._lock:
-            self._depth += 1
-            try:
-                return method(self, *args, **kwargs)
-            finally:
-                self._depth -= 1
-                if self._close_after and not self._depth:  # (a `close` a signal handler made meanwhile)
-                    self._close_after = False
-                    self.close()
-
-    return call
-
-
-for _name in SERIALIZED:
-    setattr(Client, _name, _serialized(getattr(Client, _name)))
+serialize(Client)

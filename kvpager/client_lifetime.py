@@ -3,19 +3,21 @@ session (`_dropped`: through its heartbeat thread; `_dropped_quiet`: one
 without, from a short thread of its own), a client still open at the
 interpreter's exit says bye (`_close_at_exit`), and a forked child's copies of
 its parent's clients refuse every call (`_after_fork_in_child`). `_LIVE`: every
-live client of this process.
+live client of this process. `SERIALIZED`: the calls that hold a client's lock
+whole, so threads sharing one run them one after another (`serialize`).
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import sys
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvpager.client_wire import OWED_BYES, say_bye
 
@@ -125,3 +127,34 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+#: The calls that read or change the client's session, socket or mirror: each
+#: holds the client's lock throughout (an RLock: `_call` takes it again), so
+#: calls from several threads run one after another, each with its mirror
+#: update, never interleaved (uncontended, about 0.2 us a call).
+SERIALIZED = ("reconnect", "close", "allocate", "append", "append_flat", "record_tokens", "commit", "fork",
+              "free", "truncate", "release_before", "swap_out", "swap_in", "tables", "write", "attend", "plan",
+              "refill", "local_write", "local_attend", "remote_write", "remote_attend", "batch", "pin", "unpin")
+
+
+def _serialized(method: Any) -> Any:
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            self._depth += 1
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self._depth -= 1
+                if self._close_after and not self._depth:  # (a `close` a signal handler made meanwhile)
+                    self._close_after = False
+                    self.close()
+
+    return call
+
+
+def serialize(cls: type) -> None:
+    """Hold ``cls``' lock around each of its `SERIALIZED` methods (`kvpager.client.Client`)."""
+    for name in SERIALIZED:
+        setattr(cls, name, _serialized(getattr(cls, name)))

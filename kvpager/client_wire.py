@@ -101,7 +101,7 @@ class ClientWire:
         socket meanwhile: a call of this client from a signal handler (or a
         finalizer) run in that thread during the wait is refused (`_call`; it took
         the waiting call's reply, which then timed out), and its `close` is kept
-        until the waiting call is done (`kvpager.client._serialized`)."""
+        until the waiting call is done (`kvpager.client_lifetime._serialized`)."""
         self._waiting = threading.get_ident()
         try:
             return self._chan.request(body, rid, op, self.timeout)
