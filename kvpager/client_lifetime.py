@@ -19,7 +19,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from kvpager.client_wire import OWED_BYES, say_bye
+from kvpager.client_wire import OWED_BYES, after_call, say_bye
 
 if TYPE_CHECKING:
     from kvpager.client import Client
@@ -147,9 +147,7 @@ def _serialized(method: Any) -> Any:
                 return method(self, *args, **kwargs)
             finally:
                 self._depth -= 1
-                if self._close_after and not self._depth:  # (a `close` a signal handler made meanwhile)
-                    self._close_after = False
-                    self.close()
+                after_call(self)  # (a `close` a signal handler made meanwhile)
 
     return call
 

@@ -53,6 +53,18 @@ class ClientWire:
                                   "a forked child): a Client cannot be shared across fork(); make a new one here")
 
     def _call(self, op: str, args: dict[str, Any]) -> Any:
+        """Request ``op`` and return its result (its error raised, typed); a
+        `close` a signal handler made while this call waited is made once it is
+        done (`after_call`), as the calls `SERIALIZED` do."""
+        with self._lock:
+            self._depth += 1
+            try:
+                return self._call_once(op, args)
+            finally:
+                self._depth -= 1
+                after_call(self)
+
+    def _call_once(self, op: str, args: dict[str, Any]) -> Any:
         self._check_process()
         if self._closed:
             raise SessionLost("this client is closed")
@@ -272,6 +284,16 @@ def heartbeat_loop(client: Any, stop: Any, gone: Any, session: str | None, endpo
 #: client dropped as a script's ``main()`` returned held its session until the
 #: daemon's heartbeat timeout).
 OWED_BYES: dict[str, tuple[str, float]] = {}
+
+
+def after_call(client: Any) -> None:
+    """At the end of a client's call (its lock held): a `close` a signal handler
+    made while a call of the same thread waited for its reply, made now that the
+    outermost call is done and nothing waits (made there, it called itself for
+    ever: the handler's own call ended while the interrupted one still waited)."""
+    if client._close_after and not client._depth and client._waiting is None:
+        client._close_after = False
+        client.close()
 
 
 def say_bye(session: str | None, endpoint: str, timeout: float, chan: Channel | None = None,
