@@ -68,7 +68,7 @@ from kvpager.client_lifetime import (  # noqa: F401 (EXIT_WAIT, SERIALIZED: thei
 from kvpager.client_seqs import ClientSequences
 from kvpager.client_staging import ClientStaging
 from kvpager.client_tables import TableMirror
-from kvpager.client_wire import ClientWire, heartbeat_loop
+from kvpager.client_wire import ClientWire, beat_interval, heartbeat_loop
 from kvpager.endpoints import AT_CAP, endpoint_or_default, probe
 from kvpager.errors import (
     DaemonUnavailable,
@@ -216,7 +216,7 @@ class Client(ClientWire, ClientSequences, ClientBatch, KVAccess, ClientStaging, 
             if self._finalizer is not None:  # (a reconnect's new thread: the last one's is done)
                 self._finalizer.detach()
             self._finalizer = weakref.finalize(self, _dropped, self._hb_stop, gone, self.session, self.endpoint,
-                                               max(min(self.heartbeat_timeout / 3, 3600.0), 1.0))
+                                               max(beat_interval(self.heartbeat_timeout), 1.0))
             self._finalizer.atexit = False  # (at exit `_close_at_exit` closes it)
             self._hb.start()
         else:  # no thread to end it: a client collected without `close` says bye from a thread of its own

@@ -147,7 +147,8 @@ def _serialized(method: Any) -> Any:
                 return method(self, *args, **kwargs)
             finally:
                 self._depth -= 1
-                after_call(self)  # (a `close` a signal handler made meanwhile)
+                if self._close_after:  # (a `close` a signal handler made meanwhile)
+                    after_call(self)
 
     return call
 

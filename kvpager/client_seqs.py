@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from kvpager.client_ids import as_ids, id_list, packed, packed_rows, read_ids, scalar
+from kvpager.client_wire import beat_interval
 from kvpager.errors import (
     DaemonUnavailable,
     InternalError,
@@ -189,15 +190,10 @@ class ClientSequences:
             # None: the tables would pass the daemon's message limit (or a daemon
             # from before swap_in answered with them): asked a part at a time.
             tables, lens = self._daemon_tables(ids) if got is None else decode_tables(got)
+            self._mirror.swapped_in(ids, tables, lens)
         except (LimitExceeded, RequestTimeout, DaemonUnavailable):  # the swap ran; its tables asked for later
             self._mirror.forget(ids)  # (the daemon's unread-replies budget full, say: not the swap's failure)
-            return
         except BaseException:  # (a signal handler's too: the swap ran)
-            self._mirror.forget(ids)
-            raise
-        try:
-            self._mirror.swapped_in(ids, tables, lens)
-        except BaseException:
             self._mirror.forget(ids)
             raise
 
@@ -340,7 +336,7 @@ class ClientSequences:
         if self._hb is not None:  # (its thread beats)
             time.sleep(seconds)
             return
-        end, every = time.monotonic() + seconds, max(0.05, self.heartbeat_timeout / 3)
+        end, every = time.monotonic() + seconds, beat_interval(self.heartbeat_timeout)
         while (left := end - time.monotonic()) > every:
             time.sleep(every)
             self.heartbeat()

@@ -56,49 +56,48 @@ class ClientWire:
         """Request ``op`` and return its result (its error raised, typed); a
         `close` a signal handler made while this call waited is made once it is
         done (`after_call`), as the calls `SERIALIZED` do."""
+        self._check_process()
         with self._lock:
             self._depth += 1
             try:
-                return self._call_once(op, args)
+                reply = self._request_locked(op, args)
             finally:
                 self._depth -= 1
-                after_call(self)
+                if self._close_after:
+                    after_call(self)
+        if reply.error is not None:
+            raise self._error(reply)
+        return reply.result
 
-    def _call_once(self, op: str, args: dict[str, Any]) -> Any:
-        self._check_process()
-        if self._closed:
+    def _request_locked(self, op: str, args: dict[str, Any]) -> Reply:
+        """`_call`'s request and its reply, the client's lock held."""
+        if self._closed:  # (by another thread too, while this one waited for the lock)
             raise SessionLost("this client is closed")
         if self._waiting == threading.get_ident():
             raise InvalidArgument(
                 f"{op}: called from within a call of this Client that waits for its reply (a signal handler's, "
                 "or a finalizer's, run meanwhile in the same thread): it would take that call's reply; make it "
                 "once that call returns (close() is kept until then)")
-        with self._lock:
-            if self._closed:  # closed by another thread while this one waited for the lock
-                raise SessionLost("this client is closed")
-            while self._later:  # (sequences of a dropped cache: freed with the orphans, in its session only)
-                session, ids = self._later.popleft()
-                if session == self.session and not self._lost:
-                    self._orphans.append(ids)
-            try:
-                self._settle()
-            except (RequestTimeout, DaemonUnavailable):
-                self._orphans.extend(_freed_by(op, args))  # never sent: freed once the daemon answers
-                raise
-            # Its id taken here, after any settling's requests: the daemon sees a session's
-            # requests in the order of their ids (one older than its kept replies is a late
-            # copy of a retried request, not run again), threads sharing the client included.
-            rid = next(self._ids)
-            body = pack([VERSION, rid, self.session, op, args])
-            if len(body) > getattr(self, "max_message_bytes", len(body)):
-                raise MessageTooLarge(
-                    f"{op}: message of {len(body)} bytes is over the daemon's limit of {self.max_message_bytes} "
-                    "(KVPAGER_MAX_MESSAGE on the daemon); split the batch"
-                )
-            reply = self._request(rid, body, op)
-        if reply.error is not None:
-            raise self._error(reply)
-        return reply.result
+        while self._later:  # (sequences of a dropped cache: freed with the orphans, in its session only)
+            session, ids = self._later.popleft()
+            if session == self.session and not self._lost:
+                self._orphans.append(ids)
+        try:
+            self._settle()
+        except (RequestTimeout, DaemonUnavailable):
+            self._orphans.extend(_freed_by(op, args))  # never sent: freed once the daemon answers
+            raise
+        # Its id taken here, after any settling's requests: the daemon sees a session's
+        # requests in the order of their ids (one older than its kept replies is a late
+        # copy of a retried request, not run again), threads sharing the client included.
+        rid = next(self._ids)
+        body = pack([VERSION, rid, self.session, op, args])
+        if len(body) > getattr(self, "max_message_bytes", len(body)):
+            raise MessageTooLarge(
+                f"{op}: message of {len(body)} bytes is over the daemon's limit of {self.max_message_bytes} "
+                "(KVPAGER_MAX_MESSAGE on the daemon); split the batch"
+            )
+        return self._request(rid, body, op)
 
     def _request(self, rid: int, body: bytes, op: str) -> Reply:
         try:
@@ -243,6 +242,12 @@ def _freed_by(op: str, args: dict[str, Any]) -> list[list[int]]:
     return groups
 
 
+def beat_interval(heartbeat_timeout: float) -> float:
+    """Seconds between a client's beats: a third of the daemon's heartbeat timeout,
+    0.05 at least, an hour at most (a wait past TIMEOUT_MAX killed the thread)."""
+    return min(max(0.05, heartbeat_timeout / 3), 3600.0)
+
+
 def heartbeat_loop(client: Any, stop: Any, gone: Any, session: str | None, endpoint: str,
                    heartbeat_timeout: float) -> None:
     """A `Client`'s heartbeat thread: beat for ``session`` until ``stop`` is set.
@@ -253,7 +258,7 @@ def heartbeat_loop(client: Any, stop: Any, gone: Any, session: str | None, endpo
     ``join`` (a beat in flight past a `reconnect`) ends at its next wake-up instead of
     beating on as a second thread, for the next session."""
     chan, ids = Channel(endpoint), itertools.count(-1, -1)  # ids apart from the calls
-    interval = min(max(0.05, heartbeat_timeout / 3), 3600.0)  # (a wait past TIMEOUT_MAX killed the thread)
+    interval = beat_interval(heartbeat_timeout)
     try:
         while not stop.wait(interval):
             rid = next(ids)
