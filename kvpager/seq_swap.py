@@ -1,9 +1,16 @@
-"""Swap: a sequence's exclusively owned blocks to host blocks and back.
+"""Swap: the blocks only the swapped sequences hold go to host blocks and back.
 
-Shared blocks stay on the device. A swapped-out entry of the block table is
-the null block; the host pool remembers which table entries went to which
-host blocks. Swapping in re-shares a block whose published copy is still
-cached on the device instead of copying it back.
+A block moves when every reference to it is an entry of the sequences of the
+call: a sequence's own blocks, and the blocks a group (a parent and its forks:
+n > 1 sampling, beams) shares among itself only, which move once, to one host
+block the group's entries share. A block anything else holds (a sequence not
+in the call, a pin) stays on the device. A swapped-out entry of the block
+table is the null block; the host pool remembers which table entries went to
+which host blocks, and counts each host block's entries. Swapping in copies
+each host block once per call (sequences swapped in together share it again)
+and re-shares a block whose published copy is still cached on the device
+instead of copying it back. A host block goes back once its last entry came
+back or was freed.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kvpager.block_pool import NULL_BLOCK
 from kvpager.errors import IntegrityError, NotSwapped, OutOfBlocks
 from kvpager.seq_prefix import report_stored
 
@@ -20,13 +28,16 @@ if TYPE_CHECKING:
 
 
 class HostPool:
-    """Host (swap) blocks: a free list, and per swapped row the table entries
-    (columns) it moved and the host block of each."""
+    """Host (swap) blocks: a free list, per swapped row the table entries
+    (columns) it moved and the host block of each, and per host block the
+    entries naming it (``refs``: more than one where a group moved a block it
+    shared)."""
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))
         self.held: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # row -> (columns, host blocks)
+        self.refs = np.zeros(num_blocks, dtype=np.int32)
 
     @property
     def num_free(self) -> int:
@@ -37,20 +48,58 @@ class HostPool:
         del self.free[len(self.free) - n :]
         return np.asarray(ids, dtype=np.int64)
 
+    def drop(self, hosts: np.ndarray) -> None:
+        """One entry of each of ``hosts`` (repeats: one each) is gone; a host block
+        whose last entry went goes back to the free list (in the order given)."""
+        if not len(hosts):
+            return
+        np.subtract.at(self.refs, hosts, 1)
+        gone = hosts[self.refs[hosts] == 0]
+        if len(gone) > 1:  # a repeat reaches 0 at each of its listings: keep the first
+            _, first = np.unique(gone, return_index=True)
+            gone = gone[np.sort(first)]
+        self.free.extend(gone.tolist())
+
     def release(self, rows: list[int]) -> None:
-        """Swapped rows freed: their host blocks go back."""
-        for row in rows:
-            self.free.extend(self.held.pop(row)[1].tolist())
+        """Swapped rows freed: their entries' host blocks lose them."""
+        held = [self.held.pop(row)[1] for row in rows]
+        self.drop(np.concatenate(held) if len(held) > 1 else held[0])
 
     def check(self) -> None:
-        held = [h for _, hosts in self.held.values() for h in hosts.tolist()]
-        every, free = set(held), set(self.free)
-        if (len(every) != len(held) or every & free or len(every) + len(free) != self.num_blocks
-                or len(free) != len(self.free)):
+        held = [hosts for _, hosts in self.held.values()]
+        counts = np.bincount(np.concatenate(held), minlength=self.num_blocks) if held else \
+            np.zeros(self.num_blocks, np.int64)
+        free = np.asarray(self.free, dtype=np.int64)
+        free_count = np.bincount(free, minlength=self.num_blocks) if len(free) else np.zeros(self.num_blocks, np.int64)
+        problems = []
+        if len(counts) != self.num_blocks or len(free_count) != self.num_blocks:
+            problems.append("a host block id out of range")
+        else:
+            if (free_count > 1).any():
+                problems.append("the free list names a host block twice")
+            if ((free_count > 0) & (counts > 0)).any():
+                problems.append("a host block both free and held")
+            if ((free_count == 0) & (counts == 0)).any():
+                problems.append("a host block neither free nor held (leaked)")
+            if not np.array_equal(counts, self.refs):
+                problems.append("host block entry counts disagree with the swapped rows' entries")
+        if any(len(np.unique(hosts)) != len(hosts) for hosts in held):
+            problems.append("a swapped row names one host block twice")
+        if problems:
             raise IntegrityError(
-                f"host pool integrity violated (held={len(held)}, free={len(self.free)}, "
-                f"total={self.num_blocks})"
+                f"host pool integrity violated (held={int((counts > 0).sum()) if held else 0}, "
+                f"free={len(self.free)}, total={self.num_blocks}): " + "; ".join(problems)
             )
+
+
+def _first_order(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct ``values`` in order of first appearance, each value's index
+    into them, and how often each appears."""
+    uniq, first, inverse, counts = np.unique(values, return_index=True, return_inverse=True, return_counts=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return uniq[order], rank[inverse.reshape(-1)], counts[order]
 
 
 def swap_out(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
@@ -58,30 +107,41 @@ def swap_out(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     rows = m.batch(seq_ids, "swap_out")
     bt, pool, host = m.table, m.pool, m.host
     blocks, rep, cols = bt.entries(rows)
-    move = pool.ref_cnt[blocks] == 1
-    need = int(np.count_nonzero(move))
+    if len(rows) == 1:  # one sequence: its own blocks are those of one reference
+        moves = None
+        move = pool.ref_cnt[blocks] == 1
+        distinct, hosts_of, counts = blocks[move], None, None
+    else:  # blocks whose every reference is an entry of these rows
+        within = np.bincount(blocks, minlength=pool.num_blocks)
+        moves = pool.ref_cnt == within
+        moves[NULL_BLOCK] = False
+        move = moves[blocks]
+        distinct, hosts_of, counts = _first_order(blocks[move])
+    need = len(distinct)
     if need > len(host.free):
         raise OutOfBlocks(need, len(host.free), "host")
     if need:  # (checked: from here until the caller ran the copies, host entries name blocks not yet written)
         m.copies_owed = "swap-out"
     hosts = host.take(need)
+    host.refs[hosts] = 1 if counts is None else counts
+    entry_hosts = hosts if hosts_of is None else hosts[hosts_of]
     per_row = np.bincount(np.repeat(np.arange(len(rows)), bt.num_blocks[rows])[move], minlength=len(rows))
     ends = np.cumsum(per_row).tolist()
     moved_cols = cols[move]
     start = 0
     for row, end in zip(rows.tolist(), ends):
-        host.held[row] = (moved_cols[start:end], hosts[start:end])
+        host.held[row] = (moved_cols[start:end], entry_hosts[start:end])
         start = end
     # Released last to first per sequence, as a free would; nothing can reuse
     # them before the caller has copied them (the same call).
     released = bt.row_blocks(rows, reverse=True)
-    released = released[pool.ref_cnt[released] == 1]
-    copies = np.stack([blocks[move], hosts], axis=1)
+    released = released[pool.ref_cnt[released] == 1 if moves is None else moves[released]]
+    copies = np.stack([distinct, hosts], axis=1)
     bt.table[rep[move], moved_cols] = 0
     bt.last[rows] = bt.table[rows, np.maximum(bt.num_blocks[rows].astype(np.int64) - 1, 0)]
     bt.swapped[rows] = 1
     m.num_swapped += len(rows)
-    pool.free_blocks(released, distinct=True)  # ref 1: one entry each
+    pool.free_blocks(released, distinct=counts is None)  # (a group's shared block: once per entry)
     return copies
 
 
@@ -103,8 +163,12 @@ def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
         plans.append((row, cols, hosts, published, history,
                       np.array([-1 if b is None else b for b in found], dtype=np.int64)))
     reuse = np.concatenate([p[5] for p in plans]) if plans else np.zeros(0, np.int64)
+    every_host = np.concatenate([p[2] for p in plans]) if plans else np.zeros(0, np.int64)
     reused = reuse[reuse >= 0]
-    need = len(reuse) - len(reused)
+    # Each host block not re-shared is copied once, to one device block its
+    # entries of this call share (sequences swapped in together share it again).
+    copied, copy_of, counts = _first_order(every_host[reuse < 0])
+    need = len(copied)
     idle = len(np.unique(reused[pool.ref_cnt[reused] == 0]))
     available = pool.get_num_free_blocks() - idle
     if need > available:
@@ -113,15 +177,16 @@ def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
         m.copies_owed = "swap-in"
     pool.touch(reused)  # before any eviction, as in allocate
     new = pool.get_new_blocks(need) if need else np.zeros(0, np.int64)
+    if need and (counts > 1).any():
+        pool.touch(np.repeat(new, counts - 1))  # a group's block: a reference per entry
+    entry_new = new[copy_of]
     taken = 0
-    copies = []
-    for row, cols, hosts, published, history, found in plans:
+    for row, cols, _hosts, published, history, found in plans:
         fresh = found < 0
         k = int(np.count_nonzero(fresh))
         blocks = found.copy()
-        blocks[fresh] = new[taken : taken + k]
+        blocks[fresh] = entry_new[taken : taken + k]
         taken += k
-        copies.append(np.stack([hosts[fresh], blocks[fresh]], axis=1))
         again = [(i, b) for i, b in zip(cols[fresh].tolist(), blocks[fresh].tolist()) if i < published]
         # (a tenant entry only where a block goes back into the cache: released blocks are not moved)
         tenant = pool.tenants.code(history.root, history.salt) if again else 0
@@ -131,9 +196,9 @@ def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
         if pool.events is not None and any(done):
             report_stored(m, history, [i for i, _ in again], done)
         bt.table[row, cols] = blocks
-        host.free.extend(hosts.tolist())
         del host.held[row]
+    host.drop(every_host)
     bt.last[rows] = bt.table[rows, np.maximum(bt.num_blocks[rows].astype(np.int64) - 1, 0)]
     bt.swapped[rows] = 0
     m.num_swapped -= len(rows)
-    return np.concatenate(copies) if copies else np.zeros((0, 2), np.int64)
+    return np.stack([copied, new], axis=1) if need else np.zeros((0, 2), np.int64)

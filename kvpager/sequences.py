@@ -276,8 +276,9 @@ class SequenceManager(SequenceLookup):
 
     # -- swap ------------------------------------------------------------------------------
     def swap_out(self, seq_ids: list[int]) -> np.ndarray:
-        """Move exclusively owned blocks to host blocks; shared blocks stay.
-        Returns the (device, host) block copies to run (int64 [k, 2])."""
+        """Move the blocks only these sequences hold to host blocks (a block
+        they share, once); the rest stay. Returns the (device, host) block
+        copies to run (int64 [k, 2])."""
         return seq_swap.swap_out(self, seq_ids)
 
     def swap_in(self, seq_ids: list[int]) -> np.ndarray:
@@ -291,7 +292,7 @@ class SequenceManager(SequenceLookup):
         """Raise IntegrityError unless every block is exactly one of free /
         evictable / in use, each reference count equals the number of block-table
         entries pointing at it, the cache maps only to live blocks, host blocks
-        are each free or held by one swapped sequence, and the owner index and
+        are each free or held by the swapped entries their count says, and the owner index and
         row columns agree with the rows."""
         seq_check.check_integrity(self)
 

@@ -72,7 +72,7 @@ class SequenceInfo:
     block_table: tuple[int, ...]  # 0 marks a block swapped out to host memory
     shared_blocks: int  # blocks whose reference count is above 1
     swapped: bool
-    host_blocks: int
+    host_blocks: int  # its entries moved to host blocks (a block a swapped group shares, counted in each)
     owner_pid: int | None = None  # the owning session's client process (a daemon's)
 
     @property

@@ -159,7 +159,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     @precondition(lambda self: self._resident())
     @rule(data=st.data())
     def swap_out(self, data):
-        seqs = data.draw(st.lists(st.sampled_from(self._resident()), min_size=1, max_size=2, unique=True))
+        seqs = data.draw(st.lists(st.sampled_from(self._resident()), min_size=1, max_size=3, unique=True))
         try:
             self.pool.swap_out(seqs)
         except OutOfBlocks:
@@ -170,7 +170,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.swapped)
     @rule(data=st.data())
     def swap_in(self, data):
-        seqs = data.draw(st.lists(st.sampled_from(sorted(self.swapped)), min_size=1, max_size=2, unique=True))
+        seqs = data.draw(st.lists(st.sampled_from(sorted(self.swapped)), min_size=1, max_size=3, unique=True))
         try:
             self.pool.swap_in(seqs)
         except OutOfBlocks:

@@ -80,6 +80,31 @@ def test_every_op_keeps_the_mirror_exact(client):
     c.check_integrity()
 
 
+def test_a_group_swapped_out_and_in_keeps_the_mirror_exact(client):
+    """A parent and its forks swapped out in one call leave nothing on the device;
+    swapped in together they share their prefix again, under new ids."""
+    c, rng = client, np.random.default_rng(1)
+    [a] = c.allocate([list(range(3 * BS + 2))])
+    write_random(c, a.slots, rng)
+    [kids] = c.fork([a.seq_id], 2)
+    c.append(kids, [BS, 2])
+    group = [a.seq_id, *kids]
+    used = c.stats().used_blocks
+    tables, lens = c.tables(group)
+    distinct = {int(b) for t, n in zip(tables, lens) for b in t[: -(-int(n) // BS)]}
+    c.swap_out(group)
+    assert c.stats().used_blocks == used - len(distinct)  # none left on the device
+    assert_mirrors_daemon(c)
+    c.swap_in(group)
+    assert c.stats().used_blocks == used
+    tables = c.tables(group)[0]
+    assert (tables[:, :3] == tables[0, :3]).all()
+    assert_mirrors_daemon(c)
+    attend_both(c, group, [1, 2, 1], rng)
+    c.free(group)
+    c.check_integrity()
+
+
 def test_swap_in_reply_carries_the_new_tables(client):
     [a] = client.allocate([list(range(10))])
     client.swap_out(a.seq_id)

@@ -170,6 +170,7 @@ class Simulator(Measurement):
         while self.swapped:
             r = self.swapped[0]
             ids = [s.seq_id for s in r.samples]
+            # (a host block the samples share counts once per sample: an over-estimate, on the safe side)
             need = sum(self.pool.sequence(i).host_blocks for i in ids) + len(ids)
             if need > room:
                 return room
