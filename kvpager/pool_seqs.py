@@ -310,10 +310,10 @@ class PoolSequences:
         self.backend.moves.released()  # (once done: see `free`)
 
     def swap_out(self, seq_ids: int | Seq[int]) -> None:
-        """Move the blocks only these sequences hold to host memory in one
-        batched copy (a group's shared blocks once each: swap a parent and its
-        forks together to free what they share); a block anything else holds
-        (another sequence, a pin) stays on the device."""
+        """Move the blocks only these sequences and sequences swapped out before
+        hold to host memory in one batched copy (a group's shared blocks once
+        each, with its last resident holder); a block a resident sequence or a
+        pin holds stays on the device."""
         pairs = self.manager.swap_out(validate.seq_ids(seq_ids))
         self.backend.moves.released()  # (once done: see `free`)
         if len(pairs):

@@ -1,10 +1,12 @@
 """Swap: the blocks only the swapped sequences hold go to host blocks and back.
 
 A block moves when every reference to it is an entry of the sequences of the
-call: a sequence's own blocks, and the blocks a group (a parent and its forks:
-n > 1 sampling, beams) shares among itself only, which move once, to one host
-block the group's entries share. A block anything else holds (a sequence not
-in the call, a pin) stays on the device. A swapped-out entry of the block
+call or of sequences swapped out before: a sequence's own blocks, and the
+blocks a group (a parent and its forks: n > 1 sampling, beams) shares, which
+move once, to one host block the group's entries share, with the group's last
+resident holder (the entries of its holders swapped out before join their
+rows' host entries). A block a resident sequence or a pin holds stays on the
+device. A swapped-out entry of the block
 table is the null block; the host pool remembers which table entries went to
 which host blocks, and counts each host block's entries. Swapping in copies
 each host block once per call (sequences swapped in together share it again)
@@ -15,7 +17,7 @@ back or was freed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -107,16 +109,30 @@ def swap_out(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     rows = m.batch(seq_ids, "swap_out")
     bt, pool, host = m.table, m.pool, m.host
     blocks, rep, cols = bt.entries(rows)
-    if len(rows) == 1:  # one sequence: its own blocks are those of one reference
-        moves = None
-        move = pool.ref_cnt[blocks] == 1
+    ref = pool.ref_cnt[blocks]
+    late = None  # device entries of sequences swapped out before, of blocks that move now
+    if len(rows) == 1 and not (m.num_swapped and np.count_nonzero(ref > 1)):
+        # one sequence: its own blocks are those of one reference
+        move = ref == 1
         distinct, hosts_of, counts = blocks[move], None, None
-    else:  # blocks whose every reference is an entry of these rows
-        within = np.bincount(blocks, minlength=pool.num_blocks)
-        moves = pool.ref_cnt == within
-        moves[NULL_BLOCK] = False
-        move = moves[blocks]
-        distinct, hosts_of, counts = _first_order(blocks[move])
+        moving = None
+    else:  # blocks whose every reference is an entry of these rows or of swapped-out rows
+        ids, at, within = np.unique(blocks, return_inverse=True, return_counts=True)
+        at = at.reshape(-1)
+        if m.num_swapped and (pool.ref_cnt[ids] > within).any():
+            srows = np.fromiter(host.held, np.int64, len(host.held))
+            sblocks, srep, scols = bt.entries(srows)
+            k = np.minimum(np.searchsorted(ids, sblocks), len(ids) - 1)
+            hit = ids[k] == sblocks
+            within = within + np.bincount(k[hit], minlength=len(ids))
+            moving = (pool.ref_cnt[ids] == within) & (ids != NULL_BLOCK)
+            hit[hit] = moving[k[hit]]
+            late = (sblocks[hit], srep[hit], scols[hit])
+        else:
+            moving = (pool.ref_cnt[ids] == within) & (ids != NULL_BLOCK)
+        move = moving[at]
+        moved = blocks[move] if late is None else np.concatenate([blocks[move], late[0]])
+        distinct, hosts_of, counts = _first_order(moved)
     need = len(distinct)
     if need > len(host.free):
         raise OutOfBlocks(need, len(host.free), "host")
@@ -135,14 +151,31 @@ def swap_out(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     # Released last to first per sequence, as a free would; nothing can reuse
     # them before the caller has copied them (the same call).
     released = bt.row_blocks(rows, reverse=True)
-    released = released[pool.ref_cnt[released] == 1 if moves is None else moves[released]]
-    copies = np.stack([distinct, hosts], axis=1)
+    released = released[pool.ref_cnt[released] == 1 if moving is None else moving[np.searchsorted(ids, released)]]
     bt.table[rep[move], moved_cols] = 0
+    if late is not None and len(late[0]):
+        released = np.concatenate([released, _move_late(bt, host, late, entry_hosts[start:])])
     bt.last[rows] = bt.table[rows, np.maximum(bt.num_blocks[rows].astype(np.int64) - 1, 0)]
     bt.swapped[rows] = 1
     m.num_swapped += len(rows)
     pool.free_blocks(released, distinct=counts is None)  # (a group's shared block: once per entry)
-    return copies
+    return np.stack([distinct, hosts], axis=1)
+
+
+def _move_late(bt: Any, host: HostPool, late: tuple[np.ndarray, np.ndarray, np.ndarray],
+               late_hosts: np.ndarray) -> np.ndarray:
+    """Sequences swapped out before kept device entries of blocks that move now
+    (their other holders were resident then): those entries join their rows'
+    host entries. Returns the blocks, an entry each, to release."""
+    blocks, rep, cols = late
+    bt.table[rep, cols] = NULL_BLOCK
+    first = np.flatnonzero(np.r_[True, rep[1:] != rep[:-1]])  # (entries come a row at a time)
+    rows = rep[first]
+    for row, a, b in zip(rows.tolist(), first.tolist(), [*first[1:].tolist(), len(rep)]):
+        old_cols, old_hosts = host.held[row]
+        host.held[row] = (np.concatenate([old_cols, cols[a:b]]), np.concatenate([old_hosts, late_hosts[a:b]]))
+    bt.last[rows] = bt.table[rows, np.maximum(bt.num_blocks[rows].astype(np.int64) - 1, 0)]
+    return blocks
 
 
 def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:

@@ -276,8 +276,8 @@ class SequenceManager(SequenceLookup):
 
     # -- swap ------------------------------------------------------------------------------
     def swap_out(self, seq_ids: list[int]) -> np.ndarray:
-        """Move the blocks only these sequences hold to host blocks (a block
-        they share, once); the rest stay. Returns the (device, host) block
+        """Move the blocks only these and swapped-out sequences hold to host
+        blocks (a block they share, once); the rest stay. Returns the (device, host) block
         copies to run (int64 [k, 2])."""
         return seq_swap.swap_out(self, seq_ids)
 

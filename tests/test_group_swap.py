@@ -1,11 +1,11 @@
-"""Swapping a group out in one call: a parent and its forks (n > 1 sampling,
-beams) share blocks; a block whose every reference is an entry of the call's
-sequences moves to the host once and its device block goes back, instead of
-staying on the device while every sharer is swapped out. Swapped in together
-they share one copy again; swapped in apart, each gets its own copy, and a host
-block goes back with its last entry. Blocks anything else holds (a sequence not
-in the call, a pin) stay. Contents are checked against what was written, and
-accounting against the blocks counted by hand."""
+"""Swapping out a group: a parent and its forks (n > 1 sampling, beams) share
+blocks; a block whose every reference is an entry of the call's sequences or
+of sequences swapped out before moves to the host once and its device block
+goes back, instead of staying on the device while every sharer is swapped
+out. Swapped in together they share one copy again; swapped in apart, each
+gets its own copy, and a host block goes back with its last entry. Blocks a
+resident sequence or a pin holds stay. Contents are checked against what was
+written, and accounting against the blocks counted by hand."""
 
 from __future__ import annotations
 
@@ -77,19 +77,41 @@ def test_a_group_swapped_in_apart_gets_a_copy_each_and_its_host_blocks_back_at_t
     pool.check_integrity()
 
 
-def test_blocks_a_sequence_outside_the_call_holds_stay_on_the_device():
+def test_a_block_moves_once_its_last_resident_holder_is_swapped_out():
     pool = make_pool()
     ids, kv = family(pool)
-    used = pool.stats().used_blocks
-    pool.swap_out(ids[:3])  # the last child still holds the prefix
+    used, host0 = pool.stats().used_blocks, pool.stats().host_free_blocks
+    pool.swap_out(ids[:3])  # the last child still holds the prefix: it stays
     assert pool.stats().used_blocks == used - 1 - 2 * 2  # the parent's partial block, two children's own
-    assert pool.sequence(ids[0]).swapped
+    assert pool.sequence(ids[0]).host_blocks == 1
     pool.check_integrity()
-    pool.swap_out(ids[3:])  # now alone with the prefix (three entries of swapped rows hold it too)
-    assert pool.stats().used_blocks == 3  # which stays, as a later call cannot see those entries
-    pool.swap_in(ids)
+    pool.swap_out(ids[3:])  # now the prefix's holders are all swapped out: it moves, once
+    assert pool.stats().used_blocks == 0
+    assert host0 - pool.stats().host_free_blocks == used
+    assert pool.sequence(ids[0]).host_blocks == 4  # the earlier rows' entries joined it
+    pool.check_integrity()
+    pool.swap_in(ids[1:3])  # two of them share one copy of the prefix
+    t1, t2 = (pool.sequence(s).block_table for s in ids[1:3])
+    assert t1[:3] == t2[:3]
+    check_contents(pool, {s: kv[s] for s in ids[1:3]})
+    pool.check_integrity()
+    pool.swap_in([ids[3], ids[0]])
     check_contents(pool, kv)
-    assert pool.stats().used_blocks == used
+    assert pool.stats().host_free_blocks == host0
+    assert pool.stats().used_blocks == used + 3  # two copies of the prefix now
+    pool.check_integrity()
+
+
+def test_a_block_a_resident_sequence_holds_stays_on_the_device():
+    pool = make_pool()
+    ids, kv = family(pool)
+    for s in ids[:3]:  # one at a time, the fourth staying resident
+        pool.swap_out([s])
+    prefix = pool.sequence(ids[3]).block_table[:3]
+    assert all(pool.sequence(s).block_table[:3] == prefix for s in ids[:3])  # still shared, on the device
+    assert pool.stats().used_blocks == 3 + 2  # the prefix, the resident child's own
+    pool.swap_in(ids[:3])
+    check_contents(pool, kv)
     pool.check_integrity()
 
 
@@ -154,3 +176,21 @@ def test_the_integrity_check_sees_a_wrong_host_count():
     host.refs[shared] -= 1
     with pytest.raises(Exception, match="host block entry counts"):
         pool.check_integrity()
+
+
+def test_sequences_swapped_out_one_at_a_time_in_any_order_move_their_prefix_at_the_last():
+    pool = make_pool()
+    ids, kv = family(pool)
+    for s in (ids[2], ids[0], ids[3]):  # held in an order unlike their rows'
+        pool.swap_out([s])
+        pool.check_integrity()
+    assert pool.stats().used_blocks == 3 + 2  # the prefix stays with the resident child
+    pool.swap_out([ids[1]])
+    assert pool.stats().used_blocks == 0
+    pool.check_integrity()
+    for s in (ids[3], ids[1]):
+        pool.swap_in([s])
+        pool.check_integrity()
+    pool.swap_in([ids[0], ids[2]])
+    check_contents(pool, kv)
+    pool.check_integrity()
