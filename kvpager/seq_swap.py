@@ -38,7 +38,9 @@ class HostPool:
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))
-        self.held: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # row -> (columns, host blocks)
+        # row -> (columns, host blocks), int32: 8 bytes an entry (a swapped group of many
+        # forks holds an entry per fork and block, as its block tables do)
+        self.held: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.refs = np.zeros(num_blocks, dtype=np.int32)
 
     @property
@@ -140,10 +142,10 @@ def swap_out(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
         m.copies_owed = "swap-out"
     hosts = host.take(need)
     host.refs[hosts] = 1 if counts is None else counts
-    entry_hosts = hosts if hosts_of is None else hosts[hosts_of]
+    entry_hosts = (hosts if hosts_of is None else hosts[hosts_of]).astype(np.int32)
     per_row = np.bincount(np.repeat(np.arange(len(rows)), bt.num_blocks[rows])[move], minlength=len(rows))
     ends = np.cumsum(per_row).tolist()
-    moved_cols = cols[move]
+    moved_cols = cols[move].astype(np.int32)
     start = 0
     for row, end in zip(rows.tolist(), ends):
         host.held[row] = (moved_cols[start:end], entry_hosts[start:end])
@@ -173,35 +175,44 @@ def _move_late(bt: Any, host: HostPool, late: tuple[np.ndarray, np.ndarray, np.n
     rows = rep[first]
     for row, a, b in zip(rows.tolist(), first.tolist(), [*first[1:].tolist(), len(rep)]):
         old_cols, old_hosts = host.held[row]
-        host.held[row] = (np.concatenate([old_cols, cols[a:b]]), np.concatenate([old_hosts, late_hosts[a:b]]))
+        host.held[row] = (np.concatenate([old_cols, cols[a:b].astype(np.int32)]),
+                          np.concatenate([old_hosts, late_hosts[a:b]]))
     bt.last[rows] = bt.table[rows, np.maximum(bt.num_blocks[rows].astype(np.int64) - 1, 0)]
     return blocks
 
 
 def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
-    """`SequenceManager.swap_in`: the (host, device) copies, int64 [k, 2]."""
+    """`SequenceManager.swap_in`: the (host, device) copies, int64 [k, 2].
+
+    Work per host block, not per entry: the entries of one host block (a
+    group's shared block) hold one block's K/V under one key, so one lookup
+    says whether it is still cached on the device, and one copy brings it
+    back otherwise."""
     rows = m.batch(seq_ids, None, name="swap_in")
     bt, pool, host = m.table, m.pool, m.host
     swapped = bt.swapped[rows] != 0
     if not swapped.all():
         raise NotSwapped(seq_ids[int(np.argmin(swapped))])
-    # Per moved entry: the device block still cached under its key, or -1.
-    plans = []
-    for s, row in zip(seq_ids, rows.tolist()):
-        cols, hosts = host.held[row]
-        published = int(bt.published[row])
-        history = m.history[s]
-        keys = history.keys
-        found = [pool.lookup(keys[i]) if i < published else None for i in cols.tolist()]
-        plans.append((row, cols, hosts, published, history,
-                      np.array([-1 if b is None else b for b in found], dtype=np.int64)))
-    reuse = np.concatenate([p[5] for p in plans]) if plans else np.zeros(0, np.int64)
-    every_host = np.concatenate([p[2] for p in plans]) if plans else np.zeros(0, np.int64)
-    reused = reuse[reuse >= 0]
-    # Each host block not re-shared is copied once, to one device block its
-    # entries of this call share (sequences swapped in together share it again).
-    copied, copy_of, counts = _first_order(every_host[reuse < 0])
-    need = len(copied)
+    if not len(rows):
+        return np.zeros((0, 2), np.int64)
+    held = [host.held[row] for row in rows.tolist()]
+    cols = np.concatenate([c for c, _ in held]).astype(np.int64)
+    hosts = np.concatenate([h for _, h in held])
+    row_of = np.repeat(np.arange(len(rows)), [len(c) for c, _ in held])
+    distinct, which, _ = _first_order(hosts)
+    # Per host block, an entry whose row published its column (its key known), if any.
+    known = cols < bt.published[rows][row_of]
+    named = np.full(len(distinct), -1, np.int64)
+    named[which[known][::-1]] = np.flatnonzero(known)[::-1]  # (the first such entry)
+    found = np.full(len(distinct), -1, np.int64)
+    for d, e in zip(np.flatnonzero(named >= 0).tolist(), named[named >= 0].tolist()):
+        b = pool.lookup(m.history[seq_ids[row_of[e]]].keys[cols[e]])
+        if b is not None:
+            found[d] = b
+    entry_found = found[which]
+    reused = entry_found[entry_found >= 0]
+    fresh = np.flatnonzero(found < 0)
+    need = len(fresh)
     idle = len(np.unique(reused[pool.ref_cnt[reused] == 0]))
     available = pool.get_num_free_blocks() - idle
     if need > available:
@@ -210,28 +221,48 @@ def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
         m.copies_owed = "swap-in"
     pool.touch(reused)  # before any eviction, as in allocate
     new = pool.get_new_blocks(need) if need else np.zeros(0, np.int64)
-    if need and (counts > 1).any():
-        pool.touch(np.repeat(new, counts - 1))  # a group's block: a reference per entry
-    entry_new = new[copy_of]
-    taken = 0
-    for row, cols, _hosts, published, history, found in plans:
-        fresh = found < 0
-        k = int(np.count_nonzero(fresh))
-        blocks = found.copy()
-        blocks[fresh] = entry_new[taken : taken + k]
-        taken += k
-        again = [(i, b) for i, b in zip(cols[fresh].tolist(), blocks[fresh].tolist()) if i < published]
-        # (a tenant entry only where a block goes back into the cache: released blocks are not moved)
-        tenant = pool.tenants.code(history.root, history.salt) if again else 0
-        done = [pool.publish(b, history.keys[i], tenant) for i, b in again]
-        if again and not any(done):
-            pool.tenants.release_idle([tenant])
-        if pool.events is not None and any(done):
-            report_stored(m, history, [i for i, _ in again], done)
-        bt.table[row, cols] = blocks
+    device = found.copy()
+    device[fresh] = new
+    extra = np.bincount(which, minlength=len(distinct))[fresh] - 1
+    if np.count_nonzero(extra):
+        pool.touch(np.repeat(new, extra))  # a group's block: a reference per entry
+    # Copies whose key is known go back into the cache, under their first namer's key.
+    again = fresh[named[fresh] >= 0]
+    _republish(m, seq_ids, row_of, cols, device[again], named[again])
+    bt.table[rows[row_of], cols] = device[which]
+    for row in rows.tolist():
         del host.held[row]
-    host.drop(every_host)
+    host.drop(hosts)
     bt.last[rows] = bt.table[rows, np.maximum(bt.num_blocks[rows].astype(np.int64) - 1, 0)]
     bt.swapped[rows] = 0
     m.num_swapped -= len(rows)
-    return np.stack([copied, new], axis=1) if need else np.zeros((0, 2), np.int64)
+    return np.stack([distinct[fresh], new], axis=1) if need else np.zeros((0, 2), np.int64)
+
+
+def _republish(m: SequenceManager, seq_ids: list[int], row_of: np.ndarray, cols: np.ndarray,
+               blocks: np.ndarray, entries: np.ndarray) -> None:
+    """Publish swapped-in copies of blocks that were published: ``blocks[k]``
+    under the key of entry ``entries[k]`` (its sequence's history), a
+    sequence at a time in column order (events report runs of columns)."""
+    pool = m.pool
+    order = np.lexsort((cols[entries], row_of[entries]))
+    blocks, entries = blocks[order], entries[order]
+    seqs = row_of[entries]
+    for a, b in zip(*_runs(seqs)):
+        history = m.history[seq_ids[seqs[a]]]
+        index = cols[entries[a:b]].tolist()
+        # (a tenant entry only where a block goes back into the cache: released blocks are not moved)
+        tenant = pool.tenants.code(history.root, history.salt)
+        done = [pool.publish(blk, history.keys[i], tenant) for i, blk in zip(index, blocks[a:b].tolist())]
+        if not any(done):
+            pool.tenants.release_idle([tenant])
+        elif pool.events is not None:
+            report_stored(m, history, index, done)
+
+
+def _runs(values: np.ndarray) -> tuple[list[int], list[int]]:
+    """The starts and ends of the runs of equal ``values``."""
+    if not len(values):
+        return [], []
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+    return starts.tolist(), [*starts[1:].tolist(), len(values)]

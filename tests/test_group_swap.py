@@ -194,3 +194,26 @@ def test_sequences_swapped_out_one_at_a_time_in_any_order_move_their_prefix_at_t
     pool.swap_in([ids[0], ids[2]])
     check_contents(pool, kv)
     pool.check_integrity()
+
+
+def test_a_group_swap_in_looks_up_and_copies_each_host_block_once(monkeypatch):
+    """A thousand forks of a committed sequence: their prefix comes back from one
+    lookup a block, not one an entry (a dict lookup per fork and block held the
+    daemon's loop for minutes at the tables limit)."""
+    pool = make_pool(num_blocks=256, host=64)
+    [a] = pool.allocate([list(range(6 * BS + 1))])
+    fill(pool, a.slots, 4)
+    [kids] = pool.fork(a.seq_id, 999)
+    pool.commit(a.seq_id)  # after the fork: the parent published its blocks, the forks did not
+    ids = [a.seq_id, *kids]
+    want = seq_kv(pool, kids[-1]).copy()
+    pool.swap_out(ids)
+    assert pool.stats().used_blocks == 0
+    looked = []
+    lookup = pool.manager.pool.lookup
+    monkeypatch.setattr(pool.manager.pool, "lookup", lambda key: looked.append(key) or lookup(key))
+    pool.swap_in(ids)
+    assert len(looked) == 6  # the published blocks, once each
+    assert pool.stats().used_blocks == 7  # re-shared by every fork, cached or copied once
+    np.testing.assert_array_equal(seq_kv(pool, kids[-1]), want)
+    pool.check_integrity()
