@@ -76,9 +76,17 @@ class BlockRefs:
         else:
             np.add.at(ref, ids, _ONE)
 
-    def share(self, ids: np.ndarray, times: int = 1, distinct: bool = False) -> None:
-        """Add ``times`` references to each of blocks already in use (a fork);
-        ``distinct``: no repeats among ``ids`` (one sequence's table)."""
+    def share(self, ids: np.ndarray, times: int | np.ndarray = 1, distinct: bool = False) -> None:
+        """Add ``times`` references to each of blocks already in use (a fork; an
+        array: one count per id); ``distinct``: no repeats among ``ids`` (one
+        sequence's table)."""
+        if not isinstance(times, int):
+            times = np.asarray(times, dtype=np.int32)
+            if distinct:
+                self.ref_cnt[ids] += times
+            else:
+                np.add.at(self.ref_cnt, ids, times)
+            return
         if distinct:
             if not len(ids):
                 return
@@ -91,6 +99,13 @@ class BlockRefs:
                 ref[ids] += np.int32(times)
         else:
             np.add.at(self.ref_cnt, ids, np.int32(times))
+
+    def release_all(self, ids: np.ndarray) -> None:
+        """Every reference of each of ``ids`` (distinct int64) goes at once, as
+        `free_blocks` of every one (its holders left together: a swapped-out
+        group), in the order given."""
+        self.ref_cnt[ids] = 1
+        self.free_blocks(ids, distinct=True)
 
     def free_table(self, ids: np.ndarray, before: list[int] | None = None) -> None:
         """`free_blocks` of one sequence's blocks (distinct int64 ids, in the

@@ -55,14 +55,14 @@ class HostPool:
     def drop(self, hosts: np.ndarray) -> None:
         """One entry of each of ``hosts`` (repeats: one each) is gone; a host block
         whose last entry went goes back to the free list (in the order given)."""
-        if not len(hosts):
-            return
-        np.subtract.at(self.refs, hosts, 1)
-        gone = hosts[self.refs[hosts] == 0]
-        if len(gone) > 1:  # a repeat reaches 0 at each of its listings: keep the first
-            _, first = np.unique(gone, return_index=True)
-            gone = gone[np.sort(first)]
-        self.free.extend(gone.tolist())
+        if len(hosts):
+            distinct, _, counts = first_order(hosts, self.num_blocks)
+            self.drop_counted(distinct, counts)
+
+    def drop_counted(self, distinct: np.ndarray, counts: np.ndarray) -> None:
+        """`drop` of ``counts[i]`` entries of each of ``distinct``."""
+        self.refs[distinct] -= counts.astype(np.int32)
+        self.free.extend(distinct[self.refs[distinct] == 0].tolist())
 
     def release(self, rows: list[int]) -> None:
         """Swapped rows freed: their entries' host blocks lose them."""
@@ -96,14 +96,18 @@ class HostPool:
             )
 
 
-def _first_order(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The distinct ``values`` in order of first appearance, each value's index
-    into them, and how often each appears."""
-    uniq, first, inverse, counts = np.unique(values, return_index=True, return_inverse=True, return_counts=True)
-    order = np.argsort(first, kind="stable")
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
-    return uniq[order], rank[inverse.reshape(-1)], counts[order]
+def first_order(values: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct ``values`` (ids below ``size``) in order of first appearance,
+    each value's index into them, and how often each appears: linear in
+    ``values`` (scratch of ``size``, written only where ``values`` point), where
+    a sort of a group's 16M entries took seconds."""
+    n = len(values)
+    first = np.empty(size, dtype=np.int64)
+    first[values[::-1]] = np.arange(n - 1, -1, -1)  # with repeats the last write stays: the first
+    distinct = values[first[values] == np.arange(n)]
+    first[distinct] = np.arange(len(distinct))  # (now: each distinct value's index)
+    which = first[values]
+    return distinct, which, np.bincount(which, minlength=len(distinct))
 
 
 def swap_out(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
@@ -111,30 +115,36 @@ def swap_out(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     rows = m.batch(seq_ids, "swap_out")
     bt, pool, host = m.table, m.pool, m.host
     blocks, rep, cols = bt.entries(rows)
-    ref = pool.ref_cnt[blocks]
+    ref = pool.ref_cnt[blocks] if len(rows) == 1 else None
     late = None  # device entries of sequences swapped out before, of blocks that move now
-    if len(rows) == 1 and not (m.num_swapped and np.count_nonzero(ref > 1)):
+    if ref is not None and not (m.num_swapped and np.count_nonzero(ref > 1)):
         # one sequence: its own blocks are those of one reference
         move = ref == 1
         distinct, hosts_of, counts = blocks[move], None, None
         moving = None
     else:  # blocks whose every reference is an entry of these rows or of swapped-out rows
-        ids, at, within = np.unique(blocks, return_inverse=True, return_counts=True)
-        at = at.reshape(-1)
+        size = pool.num_blocks
+        ids, at, within = first_order(blocks, size)
+        late_at = None
         if m.num_swapped and (pool.ref_cnt[ids] > within).any():
+            index = np.full(size, -1, dtype=np.int64)
+            index[ids] = np.arange(len(ids))
             srows = np.fromiter(host.held, np.int64, len(host.held))
             sblocks, srep, scols = bt.entries(srows)
-            k = np.minimum(np.searchsorted(ids, sblocks), len(ids) - 1)
-            hit = ids[k] == sblocks
+            k = index[sblocks]
+            hit = k >= 0
             within = within + np.bincount(k[hit], minlength=len(ids))
             moving = (pool.ref_cnt[ids] == within) & (ids != NULL_BLOCK)
             hit[hit] = moving[k[hit]]
-            late = (sblocks[hit], srep[hit], scols[hit])
+            late, late_at = (srep[hit], scols[hit]), k[hit]
         else:
             moving = (pool.ref_cnt[ids] == within) & (ids != NULL_BLOCK)
         move = moving[at]
-        moved = blocks[move] if late is None else np.concatenate([blocks[move], late[0]])
-        distinct, hosts_of, counts = _first_order(moved)
+        # The blocks that move, in order of first appearance, and each moved entry's one.
+        pick = np.flatnonzero(moving)
+        distinct, counts = ids[pick], within[pick]
+        place = np.cumsum(moving) - 1
+        hosts_of = place[at[move]] if late_at is None else np.concatenate([place[at[move]], place[late_at]])
     need = len(distinct)
     if need > len(host.free):
         raise OutOfBlocks(need, len(host.free), "host")
@@ -152,24 +162,28 @@ def swap_out(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
         start = end
     # Released last to first per sequence, as a free would; nothing can reuse
     # them before the caller has copied them (the same call).
-    released = bt.row_blocks(rows, reverse=True)
-    released = released[pool.ref_cnt[released] == 1 if moving is None else moving[np.searchsorted(ids, released)]]
+    if moving is None:
+        released = bt.row_blocks(rows, reverse=True)
+        released = released[pool.ref_cnt[released] == 1]
     bt.table[rep[move], moved_cols] = 0
-    if late is not None and len(late[0]):
-        released = np.concatenate([released, _move_late(bt, host, late, entry_hosts[start:])])
+    if late is not None and len(late_at):
+        _move_late(bt, host, late, entry_hosts[start:])
     bt.last[rows] = bt.table[rows, np.maximum(bt.num_blocks[rows].astype(np.int64) - 1, 0)]
     bt.swapped[rows] = 1
     m.num_swapped += len(rows)
-    pool.free_blocks(released, distinct=counts is None)  # (a group's shared block: once per entry)
+    if moving is None:
+        pool.free_blocks(released, distinct=True)
+    else:  # every reference of each goes; last appearing first (a sequence's tail, then its prefix)
+        pool.release_all(distinct[::-1].copy())
     return np.stack([distinct, hosts], axis=1)
 
 
-def _move_late(bt: Any, host: HostPool, late: tuple[np.ndarray, np.ndarray, np.ndarray],
-               late_hosts: np.ndarray) -> np.ndarray:
+def _move_late(bt: Any, host: HostPool, late: tuple[np.ndarray, np.ndarray],
+               late_hosts: np.ndarray) -> None:
     """Sequences swapped out before kept device entries of blocks that move now
     (their other holders were resident then): those entries join their rows'
-    host entries. Returns the blocks, an entry each, to release."""
-    blocks, rep, cols = late
+    host entries."""
+    rep, cols = late
     bt.table[rep, cols] = NULL_BLOCK
     first = np.flatnonzero(np.r_[True, rep[1:] != rep[:-1]])  # (entries come a row at a time)
     rows = rep[first]
@@ -178,7 +192,6 @@ def _move_late(bt: Any, host: HostPool, late: tuple[np.ndarray, np.ndarray, np.n
         host.held[row] = (np.concatenate([old_cols, cols[a:b].astype(np.int32)]),
                           np.concatenate([old_hosts, late_hosts[a:b]]))
     bt.last[rows] = bt.table[rows, np.maximum(bt.num_blocks[rows].astype(np.int64) - 1, 0)]
-    return blocks
 
 
 def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
@@ -199,7 +212,7 @@ def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     cols = np.concatenate([c for c, _ in held]).astype(np.int64)
     hosts = np.concatenate([h for _, h in held])
     row_of = np.repeat(np.arange(len(rows)), [len(c) for c, _ in held])
-    distinct, which, _ = _first_order(hosts)
+    distinct, which, counts = first_order(hosts, host.num_blocks)
     # Per host block, an entry whose row published its column (its key known), if any.
     known = cols < bt.published[rows][row_of]
     named = np.full(len(distinct), -1, np.int64)
@@ -209,8 +222,8 @@ def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
         b = pool.lookup(m.history[seq_ids[row_of[e]]].keys[cols[e]])
         if b is not None:
             found[d] = b
-    entry_found = found[which]
-    reused = entry_found[entry_found >= 0]
+    cached = np.flatnonzero(found >= 0)
+    reused = found[cached]  # (two host blocks of one key may find one block)
     fresh = np.flatnonzero(found < 0)
     need = len(fresh)
     idle = len(np.unique(reused[pool.ref_cnt[reused] == 0]))
@@ -220,19 +233,18 @@ def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     if need:  # (checked: from here until the caller ran the copies, tables point at blocks not yet written)
         m.copies_owed = "swap-in"
     pool.touch(reused)  # before any eviction, as in allocate
+    pool.share(reused, counts[cached] - 1)  # a reference per entry
     new = pool.get_new_blocks(need) if need else np.zeros(0, np.int64)
+    pool.share(new, counts[fresh] - 1, distinct=True)
     device = found.copy()
     device[fresh] = new
-    extra = np.bincount(which, minlength=len(distinct))[fresh] - 1
-    if np.count_nonzero(extra):
-        pool.touch(np.repeat(new, extra))  # a group's block: a reference per entry
     # Copies whose key is known go back into the cache, under their first namer's key.
     again = fresh[named[fresh] >= 0]
     _republish(m, seq_ids, row_of, cols, device[again], named[again])
     bt.table[rows[row_of], cols] = device[which]
     for row in rows.tolist():
         del host.held[row]
-    host.drop(hosts)
+    host.drop_counted(distinct, counts)
     bt.last[rows] = bt.table[rows, np.maximum(bt.num_blocks[rows].astype(np.int64) - 1, 0)]
     bt.swapped[rows] = 0
     m.num_swapped -= len(rows)
