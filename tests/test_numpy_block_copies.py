@@ -1,6 +1,7 @@
-"""The NumPy backend's block copies (copy-on-write, swap out and in) in runs of
-bounded bytes: a gather made a temporary of all it read (a swap of a 3 GiB
-sequence took 3 GiB more of the daemon's memory at once). Checked against
+"""The NumPy backend's block copies (copy-on-write, swap out and in), large
+blocks one at a time, small ones in runs of bounded bytes: a gather made a
+temporary of all it read (a swap of a 3 GiB sequence took 3 GiB more of the
+daemon's memory at once). Checked against
 the values written, across run boundaries, and by the copies' peak memory."""
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ def _kv(n: int, spec: PoolSpec, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, spec.num_kv_heads, spec.head_dim)).astype(np.float32)
 
 
-@pytest.mark.parametrize("run_bytes", [1, 3 * 4096, 1 << 30])
-def test_copies_in_runs_keep_every_block(monkeypatch, run_bytes):
-    """A run of one block, of three, and of all of them give the same K/V."""
+@pytest.mark.parametrize("run_bytes", [1, 3 * 8192, 1 << 30])
+@pytest.mark.parametrize("at_a_time", [True, False])
+def test_copies_in_runs_keep_every_block(monkeypatch, run_bytes, at_a_time):
+    """A run of one block, of three, and of all of them give the same K/V, and
+    so do copies a block at a time."""
     monkeypatch.setattr(numpy_backend, "COPY_RUN_BYTES", run_bytes)
+    monkeypatch.setattr(numpy_backend, "BLOCK_AT_A_TIME_BYTES", 0 if at_a_time else 1 << 30)
     spec = PoolSpec(2, 2, 16, num_blocks=64, block_size=16, dtype="float32", num_host_blocks=32)
     pool = KVPool(spec)
     [a] = pool.allocate([list(range(200))])
