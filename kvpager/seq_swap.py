@@ -103,8 +103,10 @@ def first_order(values: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, 
     a sort of a group's 16M entries took seconds."""
     n = len(values)
     first = np.empty(size, dtype=np.int64)
-    first[values[::-1]] = np.arange(n - 1, -1, -1)  # with repeats the last write stays: the first
-    distinct = values[first[values] == np.arange(n)]
+    first[values] = n
+    at = np.arange(n)
+    np.minimum.at(first, values, at)
+    distinct = values[first[values] == at]
     first[distinct] = np.arange(len(distinct))  # (now: each distinct value's index)
     which = first[values]
     return distinct, which, np.bincount(which, minlength=len(distinct))

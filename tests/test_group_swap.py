@@ -217,3 +217,15 @@ def test_a_group_swap_in_looks_up_and_copies_each_host_block_once(monkeypatch):
     assert pool.stats().used_blocks == 7  # re-shared by every fork, cached or copied once
     np.testing.assert_array_equal(seq_kv(pool, kids[-1]), want)
     pool.check_integrity()
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 5000])
+def test_first_order_against_a_sort(n):
+    from kvpager.seq_swap import first_order
+
+    values = np.random.default_rng(n).integers(0, 60, n)
+    distinct, which, counts = first_order(values, 60)
+    _, first = np.unique(values, return_index=True)
+    np.testing.assert_array_equal(distinct, values[np.sort(first)])
+    np.testing.assert_array_equal(distinct[which], values)
+    np.testing.assert_array_equal(counts, [np.count_nonzero(values == d) for d in distinct])
