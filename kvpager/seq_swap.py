@@ -217,8 +217,10 @@ def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     distinct, which, counts = first_order(hosts, host.num_blocks)
     # Per host block, an entry whose row published its column (its key known), if any.
     known = cols < bt.published[rows][row_of]
-    named = np.full(len(distinct), -1, np.int64)
-    named[which[known][::-1]] = np.flatnonzero(known)[::-1]  # (the first such entry)
+    none = len(cols)
+    named = np.full(len(distinct), none, np.int64)
+    np.minimum.at(named, which[known], np.flatnonzero(known))  # (the first such entry)
+    named[named == none] = -1
     found = np.full(len(distinct), -1, np.int64)
     for d, e in zip(np.flatnonzero(named >= 0).tolist(), named[named >= 0].tolist()):
         b = pool.lookup(m.history[seq_ids[row_of[e]]].keys[cols[e]])
