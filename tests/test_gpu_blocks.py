@@ -183,6 +183,19 @@ def test_pool_end_to_end_matches_cpu():
     pools[0].synchronize()
     after = cupy.asnumpy(pools[0].backend.device_array())
     assert same_bits(after.view(spec.np_dtype), pools[1].backend.device_array())
+    group = [ids[0], *kids[0]]  # a parent and its forks: their shared blocks move once
+    for p in pools:
+        held = {b for s in group for b in p.sequence(s).block_table}
+        used = p.stats().used_blocks
+        p.swap_out(group)
+        assert p.stats().used_blocks == used - len(held)  # none of them left on the device
+    assert same_bits(pools[0].backend.host_array(), pools[1].backend.host_array())
+    for p in pools:
+        p.swap_in(group)
+    pools[0].synchronize()
+    assert pools[0].sequence(kids[0][0]).block_table[:2] == pools[0].sequence(ids[0]).block_table[:2]
+    after = cupy.asnumpy(pools[0].backend.device_array())
+    assert same_bits(after.view(spec.np_dtype), pools[1].backend.device_array())
 
     seqs = ids + kids[0]
     q = rng.standard_normal((len(seqs), 8, 128), dtype=np.float32).astype(spec.np_dtype)
