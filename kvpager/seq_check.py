@@ -135,6 +135,12 @@ def check_integrity(m: SequenceManager) -> None:
     if int(swapped.sum()) != m.num_swapped or set(rows[swapped].tolist()) != set(m.host.held):
         problems.append(f"{int(swapped.sum())} rows marked swapped, {m.num_swapped} counted, "
                         f"{len(m.host.held)} holding host blocks")
+    kept = np.zeros(pool.num_blocks, dtype=np.int64)
+    for part in bt.row_chunks(rows[swapped]):
+        kept += np.bincount(bt.row_blocks(part), minlength=pool.num_blocks)
+    kept[NULL_BLOCK] = 0
+    if not np.array_equal(kept, m.host.kept):
+        problems.append("the count of device blocks swapped-out rows keep disagrees with their tables")
     # A null entry inside a table only where a swapped row moved that block out,
     # or among the leading blocks a row released (which are all null).
     released = bt.released[rows]

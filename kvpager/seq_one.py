@@ -275,7 +275,7 @@ def free(m: SequenceManager, seq_id: int) -> None:
                 if released:
                     m.num_released -= 1
                 if swapped:
-                    m.host.release([row])
+                    m.host.release([row], blocks)
                     m.num_swapped -= 1
         if len(blocks):
             pool.free_table(blocks)

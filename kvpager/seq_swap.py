@@ -35,13 +35,16 @@ class HostPool:
     entries naming it (``refs``: more than one where a group moved a block it
     shared)."""
 
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, num_device_blocks: int):
         self.num_blocks = num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))
         # row -> (columns, host blocks), int32: 8 bytes an entry (a swapped group of many
         # forks holds an entry per fork and block, as its block tables do)
         self.held: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.refs = np.zeros(num_blocks, dtype=np.int32)
+        # Per device block, the entries swapped-out rows kept of it on the device (it had other
+        # holders then): a block whose references are all these and the call's moves.
+        self.kept = np.zeros(num_device_blocks, dtype=np.int32)
 
     @property
     def num_free(self) -> int:
@@ -64,10 +67,19 @@ class HostPool:
         self.refs[distinct] -= counts.astype(np.int32)
         self.free.extend(distinct[self.refs[distinct] == 0].tolist())
 
-    def release(self, rows: list[int]) -> None:
-        """Swapped rows freed: their entries' host blocks lose them."""
+    def keep(self, blocks: np.ndarray, sign: int) -> None:
+        """Swapped-out rows' device entries of ``blocks`` (null ones skipped) counted
+        in (``sign`` 1) or out (-1) of `kept`."""
+        blocks = blocks[blocks != NULL_BLOCK]
+        if len(blocks):
+            np.add.at(self.kept, blocks, np.int32(sign))
+
+    def release(self, rows: list[int], kept: np.ndarray) -> None:
+        """Swapped rows freed: their entries' host blocks lose them, and ``kept``
+        (their device entries) leave `kept`."""
         held = [self.held.pop(row)[1] for row in rows]
         self.drop(np.concatenate(held) if len(held) > 1 else held[0])
+        self.keep(kept, -1)
 
     def check(self) -> None:
         held = [hosts for _, hosts in self.held.values()]
@@ -119,7 +131,7 @@ def swap_out(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     blocks, rep, cols = bt.entries(rows)
     ref = pool.ref_cnt[blocks] if len(rows) == 1 else None
     late = None  # device entries of sequences swapped out before, of blocks that move now
-    if ref is not None and not (m.num_swapped and np.count_nonzero(ref > 1)):
+    if ref is not None and not (m.num_swapped and np.count_nonzero((ref > 1) & (host.kept[blocks] == ref - 1))):
         # one sequence: its own blocks are those of one reference
         move = ref == 1
         distinct, hosts_of, counts = blocks[move], None, None
@@ -127,24 +139,21 @@ def swap_out(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     else:  # blocks whose every reference is an entry of these rows or of swapped-out rows
         size = pool.num_blocks
         ids, at, within = first_order(blocks, size)
+        refs = pool.ref_cnt[ids]
+        outside = refs - within  # references of each other than these rows' entries
         late_at = None
-        if m.num_swapped and (pool.ref_cnt[ids] > within).any():
-            index = np.full(size, -1, dtype=np.int64)
-            index[ids] = np.arange(len(ids))
-            srows = np.fromiter(host.held, np.int64, len(host.held))
-            sblocks, srep, scols = bt.entries(srows)
-            k = index[sblocks]
-            hit = k >= 0
-            within = within + np.bincount(k[hit], minlength=len(ids))
-            moving = (pool.ref_cnt[ids] == within) & (ids != NULL_BLOCK)
-            hit[hit] = moving[k[hit]]
-            late, late_at = (srep[hit], scols[hit]), k[hit]
+        if m.num_swapped and np.count_nonzero(outside):
+            # (other holders all swapped out: a scan of the swapped rows finds their entries)
+            joins = (outside > 0) & (host.kept[ids] == outside)
+            moving = ((outside == 0) | joins) & (ids != NULL_BLOCK)
+            if np.count_nonzero(joins):
+                late, late_at = _kept_entries(bt, host, ids, joins & moving)
         else:
-            moving = (pool.ref_cnt[ids] == within) & (ids != NULL_BLOCK)
+            moving = (outside == 0) & (ids != NULL_BLOCK)
         move = moving[at]
         # The blocks that move, in order of first appearance, and each moved entry's one.
         pick = np.flatnonzero(moving)
-        distinct, counts = ids[pick], within[pick]
+        distinct, counts = ids[pick], refs[pick]
         place = np.cumsum(moving) - 1
         hosts_of = place[at[move]] if late_at is None else np.concatenate([place[at[move]], place[late_at]])
     need = len(distinct)
@@ -168,8 +177,10 @@ def swap_out(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
         released = bt.row_blocks(rows, reverse=True)
         released = released[pool.ref_cnt[released] == 1]
     bt.table[rep[move], moved_cols] = 0
+    host.keep(blocks[~move], 1)  # what these rows keep on the device
     if late is not None and len(late_at):
         _move_late(bt, host, late, entry_hosts[start:])
+        host.keep(ids[late_at], -1)
     bt.last[rows] = bt.table[rows, np.maximum(bt.num_blocks[rows].astype(np.int64) - 1, 0)]
     bt.swapped[rows] = 1
     m.num_swapped += len(rows)
@@ -178,6 +189,24 @@ def swap_out(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     else:  # every reference of each goes; last appearing first (a sequence's tail, then its prefix)
         pool.release_all(distinct[::-1].copy())
     return np.stack([distinct, hosts], axis=1)
+
+
+def _kept_entries(bt: Any, host: HostPool, ids: np.ndarray, joins: np.ndarray
+                  ) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """The swapped-out rows' device entries of ``ids[joins]``: (rows, columns),
+    and each one's index into ``ids``; a run of rows at a time."""
+    index = np.full(len(host.kept), -1, dtype=np.int64)
+    index[ids[joins]] = np.flatnonzero(joins)
+    reps, cols, at = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    srows = np.fromiter(host.held, np.int64, len(host.held))
+    for part in bt.row_chunks(srows):
+        blocks, rep, col = bt.entries(part)
+        k = index[blocks]
+        hit = k >= 0
+        reps.append(rep[hit])
+        cols.append(col[hit])
+        at.append(k[hit])
+    return (np.concatenate(reps), np.concatenate(cols)), np.concatenate(at)
 
 
 def _move_late(bt: Any, host: HostPool, late: tuple[np.ndarray, np.ndarray],
@@ -245,6 +274,10 @@ def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     # Copies whose key is known go back into the cache, under their first namer's key.
     again = fresh[named[fresh] >= 0]
     _republish(m, seq_ids, row_of, cols, device[again], named[again])
+    # What they kept on the device leaves `kept` (moved entries are null until the next line).
+    keeping = bt.num_blocks[rows] - np.array([len(c) for c, _ in held]) - bt.released[rows]
+    if np.count_nonzero(keeping):
+        host.keep(bt.row_blocks(rows[keeping > 0]), -1)
     bt.table[rows[row_of], cols] = device[which]
     for row in rows.tolist():
         del host.held[row]

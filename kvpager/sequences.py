@@ -59,7 +59,7 @@ class SequenceManager(SequenceLookup):
         self.block_size = block_size
         self.shift = block_size.bit_length() - 1  # pos >> shift == pos // block_size
         self.pool = BlockPool(num_blocks)
-        self.host = seq_swap.HostPool(num_host_blocks)
+        self.host = seq_swap.HostPool(num_host_blocks, num_blocks)
         self.pins = PinTable(num_blocks, (num_blocks - 1) // 2 if max_pinned_blocks is None else max_pinned_blocks)
         self.table = BlockTable(columns=COLUMNS)
         self.rows: dict[int, int] = {}  # seq_id -> row, in id order (ids only grow)
@@ -212,7 +212,7 @@ class SequenceManager(SequenceLookup):
         if self.num_released:
             self.num_released -= int(np.count_nonzero(bt.released[rows]))
         if len(swapped):
-            self.host.release(swapped.tolist())
+            self.host.release(swapped.tolist(), bt.row_blocks(swapped))
             self.num_swapped -= len(swapped)
         self.owners.drop(bt.owner[rows], seq_ids)
         bt.release_rows(rows)

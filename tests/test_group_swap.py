@@ -229,3 +229,26 @@ def test_first_order_against_a_sort(n):
     np.testing.assert_array_equal(distinct, values[np.sort(first)])
     np.testing.assert_array_equal(distinct[which], values)
     np.testing.assert_array_equal(counts, [np.count_nonzero(values == d) for d in distinct])
+
+
+def test_swapping_out_one_fork_reads_no_other_swapped_sequence(monkeypatch):
+    """A fork swapped out beside its resident parent reads its own table only,
+    however many unrelated sequences are swapped out (each such call read every
+    swapped-out entry: swapping out a thousand forks one at a time took seconds)."""
+    pool = make_pool(num_blocks=256, host=128)
+    others = pool.allocate([list(range(1000 * k, 1000 * k + 8 * BS)) for k in range(1, 11)])
+    pool.swap_out([a.seq_id for a in others])
+    [a] = pool.allocate([list(range(2 * BS + 3))])
+    [[kid]] = pool.fork(a.seq_id, 1)
+    read = []
+    table = type(pool.manager.table)
+    entries = table.entries
+    monkeypatch.setattr(table, "entries", lambda self, rows: read.append(len(rows)) or entries(self, rows))
+    pool.swap_out([kid])
+    assert read == [1]
+    assert pool.sequence(kid).host_blocks == 0  # all three shared with the parent: kept
+    pool.swap_out([a.seq_id])  # the last resident holder: now they move
+    assert pool.stats().used_blocks == 0
+    pool.check_integrity()
+    pool.swap_in([a.seq_id, kid])
+    pool.check_integrity()
