@@ -20,7 +20,16 @@ from kvpager.backends.ranked import rank_spec
 from kvpager.errors import KVPagerError
 from kvpager.events import FORMATS
 from kvpager.limits import Limits
-from kvpager.serve_options import Size, build_spec, limit_options, parse_quotas, pool_devices
+from kvpager.serve_options import (
+    Size,
+    build_spec,
+    check_events_endpoints,
+    check_remote,
+    limit_options,
+    parse_quotas,
+    pool_devices,
+    unconnected_tier,
+)
 from kvpager.spec import MODEL_PRESETS
 from kvpager.tenants import quota_blocks
 
@@ -48,14 +57,7 @@ def remote_tier(opts: dict[str, Any], spec: Any = None) -> Any:
     malformed URL an error, and so is a store that answers but refuses what
     the tier needs (`RemoteTier.check`: credentials, ACL commands, a cluster
     node given as a standalone store or the other way, TLS, value size)."""
-    from kvpager.remote_tier import RemoteTier
-
-    try:
-        tier = RemoteTier(opts["remote"], timeout=opts["remote_timeout"], ttl=opts["remote_ttl"],
-                          queue_bytes=opts["remote_queue"], max_restore_bytes=opts["remote_max_restore"],
-                          connections=opts["remote_connections"], namespace=opts["remote_namespace"])
-    except ImportError as e:  # a dependency of the tier is missing; the message says which
-        raise click.ClickException(str(e)) from None
+    tier = unconnected_tier(opts)
     try:
         why = tier.check(spec)
     except BaseException:  # StoreMisconfigured (a KVPagerError: the caller exits with it)
@@ -265,7 +267,13 @@ def _settings(opts: dict[str, Any], starting: bool = True) -> SimpleNamespace:
     (`dry_run`) refuse the same settings; only a start (``starting``) also looks
     whether the endpoint and the metrics port are free (a dry run sizes a pool
     beside a daemon that serves there)."""
-    from kvpager.endpoints import ipc_path, is_default_socket, other_process_endpoint
+    from kvpager.endpoints import (
+        ensure_runtime_dir,
+        ipc_path,
+        is_default_socket,
+        other_process_endpoint,
+    )
+    from kvpager.server import heartbeat_timeout_s
     from kvpager.server_bind import check_before_allocating, check_ipc_place, refuse_open_tcp
 
     device, devices = pool_devices(opts)
@@ -290,15 +298,20 @@ def _settings(opts: dict[str, Any], starting: bool = True) -> SimpleNamespace:
                 log.warning("%s", why)
         limits = Limits.from_env(**{f.name: opts[f"max_{f.name}"] for f in dataclasses.fields(Limits)})
         metrics_port = opts["metrics_port"] if opts["metrics_port"] is not None else env.metrics_port()
+        heartbeat_timeout_s(opts["heartbeat_timeout"])
+        env.max_message_bytes()
         if starting:
-            check_before_allocating(opts["endpoint"], token,
-                                    None if metrics_port is None else (opts["metrics_host"], metrics_port))
+            endpoint = check_before_allocating(opts["endpoint"], token,
+                                               None if metrics_port is None else (opts["metrics_host"], metrics_port))
         else:  # (a malformed endpoint; TCP beyond loopback without a token; a socket's folder missing or
-            # not this user's, which a start refused after a dry run passed; the default's a start makes)
+            # not this user's, which a start refused after a dry run passed; the default's a start makes,
+            # in a runtime folder that must be private if it is there already)
             endpoint = other_process_endpoint(opts["endpoint"], bind=True)
             refuse_open_tcp(endpoint, token)
             if not is_default_socket(ipc_path(endpoint)):
                 check_ipc_place(endpoint)
+            elif os.path.lexists(env.runtime_dir()):
+                ensure_runtime_dir()
         spec = build_spec(opts, device, devices)
         warn_pin_cap(opts, spec)
         if devices:  # (the ranks' split, refused as the daemon's start refuses it)
@@ -312,6 +325,7 @@ def _settings(opts: dict[str, Any], starting: bool = True) -> SimpleNamespace:
             rate = rate if rate is not None else env.events_replay_rate()
             events = EventsConfig(events_endpoint, opts["events_replay_endpoint"], opts["events_topic"],
                                   opts["events_format"], **({"replay_rate": rate} if rate is not None else {}))
+            check_events_endpoints(events, endpoint)
         elif opts["events_replay_endpoint"]:
             raise click.UsageError("--events-replay-endpoint needs --events-endpoint (or KVPAGER_EVENTS_ENDPOINT)")
         elif opts["events_replay_rate"] is not None:
@@ -320,6 +334,8 @@ def _settings(opts: dict[str, Any], starting: bool = True) -> SimpleNamespace:
                 click.get_current_context().get_parameter_source("remote_namespace") \
                 == click.core.ParameterSource.COMMANDLINE:  # (KVPAGER_REMOTE_NAMESPACE alone waits for --remote)
             raise click.UsageError("--remote-namespace needs --remote")
+        if opts["remote"]:
+            check_remote(opts)
     except KVPagerError as e:
         raise click.ClickException(str(e)) from None
     return SimpleNamespace(device=device, devices=devices, quotas=quotas, token=token, control=control,

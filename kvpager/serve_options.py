@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from kvpager import env
-from kvpager.errors import KVPagerError
+from kvpager.errors import InvalidArgument, KVPagerError
 from kvpager.limits import Limits
 from kvpager.sizing import memory_budget, model_geometry
 from kvpager.spec import MODEL_PRESETS, PoolSpec
@@ -162,3 +162,40 @@ def pool_devices(opts: dict[str, Any]) -> tuple[str, list[str] | None]:
 
     devices = serve_devices(opts, default_device)
     return (devices[0] if devices else (opts["device"] or default_device())), devices
+
+
+def check_events_endpoints(events: Any, endpoint: str) -> None:
+    """InvalidArgument for KV events endpoints a start cannot bind: the daemon's
+    own, ``inproc://`` (no other process can subscribe), or an ipc:// socket whose
+    folder is missing or not this user's (`check_ipc_place`; a start said that as
+    a lock file's errno)."""
+    from kvpager.endpoints import endpoint_key
+    from kvpager.server_bind import check_ipc_place
+
+    for ep in (events.endpoint, events.replay_endpoint):
+        if endpoint_key(ep) == endpoint_key(endpoint):
+            raise InvalidArgument(f"the KV events endpoints must differ from the daemon's {endpoint}")
+        if ep.startswith("inproc://"):
+            raise InvalidArgument(f"KV events endpoint {ep!r}: inproc:// reaches only this process, where no "
+                                  "subscriber runs: give an ipc:// or tcp:// endpoint")
+        check_ipc_place(ep, "--events-endpoint / --events-replay-endpoint")
+
+
+def unconnected_tier(opts: dict[str, Any]) -> Any:
+    """The `RemoteTier` of ``kvpager serve``'s ``--remote`` options, not connected
+    yet (it connects at its first call); ClickException where a dependency of
+    the tier is missing (the message says which)."""
+    from kvpager.remote_tier import RemoteTier
+
+    try:
+        return RemoteTier(opts["remote"], timeout=opts["remote_timeout"], ttl=opts["remote_ttl"],
+                          queue_bytes=opts["remote_queue"], max_restore_bytes=opts["remote_max_restore"],
+                          connections=opts["remote_connections"], namespace=opts["remote_namespace"])
+    except ImportError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def check_remote(opts: dict[str, Any]) -> None:
+    """``--remote``'s URL and the tier's settings checked as a start checks them,
+    nothing connected."""
+    unconnected_tier(opts).close()

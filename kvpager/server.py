@@ -70,6 +70,19 @@ UNREAD_REPLY_BYTES = 256 << 20
 #: The heartbeat timeouts a daemon takes, in seconds
 MIN_HEARTBEAT_TIMEOUT, MAX_HEARTBEAT_TIMEOUT = 0.1, 1e9
 
+
+def heartbeat_timeout_s(value: float | None) -> float:
+    """The heartbeat timeout ``value`` in seconds (None: KVPAGER_HEARTBEAT_TIMEOUT),
+    checked (`kvpager serve --dry-run` refuses what a start refuses)."""
+    hb = env.heartbeat_timeout_s() if value is None else float(value)
+    if not MIN_HEARTBEAT_TIMEOUT <= hb <= MAX_HEARTBEAT_TIMEOUT:
+        raise InvalidArgument(
+            f"heartbeat timeout must be {MIN_HEARTBEAT_TIMEOUT} to {MAX_HEARTBEAT_TIMEOUT:g} seconds, got {hb!r} "
+            "(clients beat at most every 0.05 s, so a shorter one ended healthy sessions; a longer one "
+            "overflowed their heartbeat threads' waits)")
+    return hb
+
+
 #: How stale the loop's "everything queued was read" mark may get under steady load.
 _IDLE_EVERY_S = 0.01
 #: A wait for a request this much past the socket's timeout (50 ms) means the process was stopped:
@@ -152,12 +165,7 @@ class Server(Dispatch, SessionEnds, Binding, ServerOps, StagingOps):
         #: the pool's CUDA device index when it lives on a GPU (rank 0's), else None
         self.gpu: int | None = ranks[0].index if hasattr(ranks[0], "ipc_handle") else None
         self._exported: dict[int, Any] = {}  # CUDA IPC exports by rank, made at the first hello
-        hb = env.heartbeat_timeout_s() if heartbeat_timeout is None else float(heartbeat_timeout)
-        if not MIN_HEARTBEAT_TIMEOUT <= hb <= MAX_HEARTBEAT_TIMEOUT:
-            raise InvalidArgument(
-                f"heartbeat timeout must be {MIN_HEARTBEAT_TIMEOUT} to {MAX_HEARTBEAT_TIMEOUT:g} seconds, got {hb!r} "
-                "(clients beat at most every 0.05 s, so a shorter one ended healthy sessions; a longer one "
-                "overflowed their heartbeat threads' waits)")
+        hb = heartbeat_timeout_s(heartbeat_timeout)
         self.limits = limits or Limits.from_env()
         #: hello must carry this secret when set (see "Trust" in docs/protocol.md)
         self.token = token or None

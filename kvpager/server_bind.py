@@ -150,7 +150,7 @@ def check_port_free(host: str, port: int, what: str, option: str) -> None:
                                           f"program, listens there): choose another {option}") from None
 
 
-def check_ipc_place(endpoint: str) -> None:
+def check_ipc_place(endpoint: str, option: str = "--endpoint") -> None:
     """InvalidArgument if an ipc:// ``endpoint``'s socket cannot be made where it
     names: a path longer than a unix socket's address holds, or a folder that is
     missing, is no folder or is not this user's to write in. ZeroMQ's refusal said
@@ -162,17 +162,18 @@ def check_ipc_place(endpoint: str) -> None:
     longest = getattr(zmq, "IPC_PATH_MAX_LEN", 107)
     size = len(os.fsencode(path))
     if size > longest:
+        fix = ("a shorter --endpoint (KVPAGER_ENDPOINT), e.g. ipc:///tmp/kvpager/kv.sock, or set "
+               "KVPAGER_RUNTIME_DIR to a shorter folder") if option == "--endpoint" else f"a shorter {option}"
         raise InvalidArgument(f"{endpoint}: the socket's path is {size} bytes, and a unix socket's path holds at "
-                              f"most {longest}: choose a shorter --endpoint (KVPAGER_ENDPOINT), e.g. "
-                              "ipc:///tmp/kvpager/kv.sock, or set KVPAGER_RUNTIME_DIR to a shorter folder")
+                              f"most {longest}: choose {fix}")
     folder = os.path.dirname(path) or "/"
     if not os.path.isdir(folder):
         why = "does not exist" if not os.path.lexists(folder) else "is not a folder"
         raise InvalidArgument(f"{endpoint}: the socket's folder {folder} {why}: create it (mkdir -p {folder}, "
-                              "mode 700) or choose another --endpoint")
+                              f"mode 700) or choose another {option}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InvalidArgument(f"{endpoint}: this user (uid {os.getuid()}) cannot create a socket in {folder}: "
-                              "choose a folder of yours (another --endpoint), or run as its owner")
+                              f"choose a folder of yours (another {option}), or run as its owner")
 
 
 def refuse_open_tcp(endpoint: str, token: str | None) -> None:

@@ -160,6 +160,37 @@ def test_a_dry_run_checks_every_setting_a_start_checks(setting, needle):
     assert r.exit_code not in (0, None) and needle in r.output, r.output
 
 
+@pytest.mark.parametrize("setting, environ, needle", [
+    (["--heartbeat-timeout", "nan"], {}, "heartbeat timeout must be"),
+    ([], {"KVPAGER_HEARTBEAT_TIMEOUT": "abc"}, "KVPAGER_HEARTBEAT_TIMEOUT"),
+    ([], {"KVPAGER_HEARTBEAT_TIMEOUT": "0.01"}, "heartbeat timeout must be"),
+    ([], {"KVPAGER_MAX_MESSAGE": "1"}, "KVPAGER_MAX_MESSAGE"),
+    (["--remote", "garbage"], {}, "must look like redis://"),
+    (["--remote", "redis://127.0.0.1:1", "--remote-namespace", "n" * 300], {}, "remote namespace must be"),
+    (["--events-endpoint", "ipc:///kvpager-no-such-folder/ev.sock"], {}, "does not exist: create it"),
+    (["--events-endpoint", "inproc://ev"], {}, "inproc:// reaches only this process"),
+    (["--endpoint", "ipc://{tmp}/kv.sock", "--events-endpoint", "ipc://{tmp}/kv.sock"], {}, "must differ"),
+])
+def test_a_dry_run_refuses_the_settings_a_start_found_wrong(setting, environ, needle, tmp_path):
+    """A heartbeat timeout, a message limit, a remote store's URL or namespace, an
+    events endpoint in a missing folder, in-process or the daemon's own passed a
+    dry run (exit 0), and the start refused them."""
+    setting = [s.replace("{tmp}", str(tmp_path)) for s in setting]
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "16", *setting, "--dry-run"], env=environ)
+    assert r.exit_code not in (0, None) and needle in r.output, r.output
+
+
+def test_a_dry_run_checks_a_runtime_folder_that_is_there(tmp_path):
+    """The default endpoint's folder, there already but open to other users, passed
+    a dry run and a start refused it."""
+    runtime = tmp_path / "open"
+    runtime.mkdir(mode=0o777)
+    runtime.chmod(0o777)
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "16", "--dry-run"],
+                env={"KVPAGER_RUNTIME_DIR": str(runtime), "KVPAGER_ENDPOINT": ""})
+    assert r.exit_code not in (0, None) and "must be 700" in r.output, r.output
+
+
 def test_a_dry_run_leaves_the_default_sockets_folder_to_the_start(tmp_path):
     """The default endpoint's private folder is made by a start: a dry run where it
     is not made yet passes, and makes nothing."""
