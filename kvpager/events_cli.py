@@ -61,7 +61,8 @@ class Subscription:
         self.replay_endpoint = check_endpoint(replay) if replay else None
         self._ctx = zmq.Context()
         self._sub = open_socket(self._ctx, zmq.SUB, self.endpoint)
-        self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self._topic = topic.encode()
+        self._sub.setsockopt(zmq.SUBSCRIBE, self._topic)
         self._sub.connect(self.endpoint)
         self._replay: zmq.Socket | None = None
         if self.replay_endpoint:
@@ -162,14 +163,22 @@ class Subscription:
         that answer's end)."""
         if self._replay is None:
             return
-        self._replay.send_multipart([b"", start.to_bytes(8, "big")])
         ended = False
         try:
+            # (bounded: a replay endpoint that is no ZeroMQ ROUTER, whose handshake failed, left
+            # the socket without a peer, and the send blocked for ever, --idle and --count unheard)
+            self._replay.setsockopt(zmq.SNDTIMEO, wait_ms(timeout))
+            try:
+                self._replay.send_multipart([b"", start.to_bytes(8, "big")])
+            except zmq.Again:
+                return
             while self._replay.poll(wait_ms(timeout)):
                 frames = self._replay.recv_multipart()[1:]  # the empty delimiter first
                 if len(frames) < 2 or not frames[-1]:
                     ended = True
                     return  # the end marker: [(topic,) seq -1, b""]
+                if len(frames) == 3 and not frames[0].startswith(self._topic):
+                    continue  # another topic's batch (map format names it; array format does not)
                 yield int.from_bytes(frames[-2], "big"), frames[-1]
         finally:
             if not ended:
@@ -225,6 +234,11 @@ def events_command(endpoint: str | None, replay_endpoint: str | None, topic: str
     endpoint = endpoint or env.events_endpoint()
     if not endpoint:
         raise click.UsageError("give --endpoint, or set KVPAGER_EVENTS_ENDPOINT (the daemon's --events-endpoint)")
+    for ep in (endpoint, replay_endpoint or ""):
+        if ep.startswith("inproc://"):
+            raise click.UsageError(f"{ep}: inproc:// reaches only a publisher in the same process, and this "
+                                   "command runs in a process of its own: give the daemon's ipc:// or tcp:// "
+                                   "events endpoint")
     try:
         sub = Subscription(endpoint, replay_endpoint or replay_endpoint_for(endpoint), topic, start)
     except InvalidArgument as e:
