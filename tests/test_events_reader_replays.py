@@ -59,3 +59,12 @@ def test_a_replay_socket_without_a_peer_gives_up_within_its_wait(tmpdir_ipc):
         if got:  # (a reader still blocked holds the socket: its context is left to the process)
             sub.close()
         ev.close()
+
+
+def test_the_cli_refuses_an_in_process_endpoint():
+    """``kvpager events --endpoint inproc://x`` waited for nothing and exited 0."""
+    from daemon_helpers import run_cli
+
+    for args in (["--endpoint", "inproc://x"], ["--endpoint", "tcp://127.0.0.1:5557", "--replay-endpoint", "inproc://y"]):
+        r = run_cli(["events", *args, "--idle", "0.2"])
+        assert r.exit_code == 2 and "inproc:// reaches only" in r.output, r.output
