@@ -114,8 +114,10 @@ def check_endpoint(endpoint: Any, bind: bool = False) -> str:
 
 def _tcp_host(host: str) -> bool:
     """Whether ``host`` can be a tcp endpoint's: an IPv6 address in brackets, or a
-    name, an IPv4 address, an interface or ``*`` (no space, bracket or slash in it).
-    ``tcp://[zz]:1`` or ``tcp://a b:5`` ended in tracebacks (the URL parser's, ZeroMQ's)."""
+    name, an IPv4 address, an interface or ``*`` (no space, bracket, slash or colon
+    in it). ``tcp://[zz]:1`` or ``tcp://a b:5`` ended in tracebacks (the URL parser's,
+    ZeroMQ's); ``tcp://127.0.0.1:80:90`` passed (its host ``127.0.0.1:80``), a start
+    then failed with "No such device" and a client called it no daemon."""
     if host.startswith("["):
         if not host.endswith("]"):
             return False
@@ -124,7 +126,7 @@ def _tcp_host(host: str) -> bool:
         except ValueError:
             return False
         return True
-    return not any(c.isspace() or c in "[]/" for c in host)
+    return not any(c.isspace() or c in "[]/:" for c in host)
 
 
 def open_socket(ctx: Any, kind: int, endpoint: str) -> Any:

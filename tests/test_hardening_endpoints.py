@@ -108,7 +108,7 @@ def test_bad_cli_and_environment_inputs_get_a_clear_error(args, env, tmp_path, m
     assert "Traceback" not in result.output and "rror" in result.output
 
 
-@pytest.mark.parametrize("endpoint", ["tcp://[zz]:1", "tcp://[::1:5", "tcp://[]:5", "tcp://a b:5", "tcp://a/b:5"])
+@pytest.mark.parametrize("endpoint", ["tcp://[zz]:1", "tcp://[::1:5", "tcp://[]:5", "tcp://a b:5", "tcp://a/b:5", "tcp://127.0.0.1:80:90", "tcp://::1:5"])
 def test_a_tcp_endpoint_whose_host_is_none_is_refused_by_name(endpoint):
     """These passed the check and ended in tracebacks later: the URL parser's (``kvpager
     stats``, ``serve``) or ZeroMQ's (``kvpager events``)."""
