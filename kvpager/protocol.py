@@ -214,6 +214,7 @@ def decode_request(data: bytes, limit: int, max_ids: int | None = None, max_toke
         check_args(op, args)
     except InvalidArgument as err:
         err.request_id = rid
+        err.op = op  # (a known op: its request metrics name it)
         raise
     return Request(rid, op, args, session, version)
 

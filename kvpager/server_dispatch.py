@@ -168,6 +168,8 @@ class Dispatch:
                     return kept[1]
             reply = self._reply(rid, op, session, args)
         except Exception as e:
+            if not self._op and getattr(e, "op", None) in OPS:  # a known op with unknown or missing arguments
+                self._op = e.op
             return self._error_reply(rid, op, e)
         if digest is not None:
             self._keep(session, rid, op, digest, reply)

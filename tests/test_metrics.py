@@ -156,8 +156,12 @@ def test_each_metric_moves_after_the_ops_that_move_it(daemon):
         session = raw.send(req(1, "hello", {}))[2]["session"]
         first = raw.recv_raw(req(2, "allocate", {"prompts": [[1]]}, session=session))
         assert raw.recv_raw(req(2, "allocate", {"prompts": [[1]]}, session=session)) == first  # a retry
+        # a known op with an argument it does not take: counted under its op (was "invalid")
+        assert raw.send(req(3, "stats", {"bogus": 1}, session=session))[2]["code"] == "invalid_argument"
         s6 = scrape(port)
         assert v(s6, "kvpager_requests_total", op="invalid", result="protocol_error") == 2
+        assert v(s6, "kvpager_requests_total", op="stats", result="invalid_argument") == 1
+        assert v(s6, "kvpager_requests_total", op="invalid", result="invalid_argument") == 0
         assert v(s6, "kvpager_requests_total", op="allocate", result="replayed") == 1
         assert v(s6, "kvpager_session_expiries_total") == 0
         # silence: the session expires after the 3 s heartbeat timeout
