@@ -234,7 +234,8 @@ class EventPublisher(ReplayAnswers):
                 sock.bind(endpoint)
             except zmq.ZMQError as e:
                 sock.close()
-                raise InvalidArgument(f"cannot bind the KV events endpoint {endpoint}: {e}") from None
+                which = "replay endpoint" if kind == zmq.ROUTER else "endpoint"  # (the replay's port: events' + 1)
+                raise InvalidArgument(f"cannot bind the KV events {which} {endpoint}: {e}") from None
         path = ipc_path(endpoint)
         if path:
             self._files[path] = socket_file(path)  # this publisher's own files alone are removed at close

@@ -112,6 +112,11 @@ def test_bad_events_settings_are_refused_before_anything_starts(tmp_ipc):
         with pytest.raises(InvalidArgument, match="cannot bind the KV events endpoint"):
             server.bind()
         assert server._sock is None and server.memory is None
+        # the replay socket's port taken (by default the events port + 1): named as the replay's
+        server = Server.create(SMALL, endpoint, events=EventsConfig(free_tcp_endpoint(), replay_endpoint=taken))
+        with pytest.raises(InvalidArgument, match="cannot bind the KV events replay endpoint"):
+            server.bind()
+        assert server._sock is None and server.memory is None
         with running_server(endpoint=endpoint) as ok:  # the daemon's endpoint is free again
             assert ok.events is None
     finally:
