@@ -23,8 +23,8 @@ COPY_RUN_BYTES = 64 << 20
 #: Blocks of at least this many bytes are copied one at a time: a block is one contiguous
 #: chunk, so each is one copy with no temporary, where a gathered run is written twice (into
 #: its temporary, then out). `tools/bench_cpu_copies.py` on a 2-core VM, against runs: 2 MiB
-#: blocks (Llama-3-8B, bf16, 16 tokens) 7.2 against 3.8 GB/s, 8 KiB 4.1 against 3.6; at 4 KiB
-#: the loop's cost a block loses (1.7 against 3.3).
+#: blocks (Llama-3-8B, bf16, 16 tokens) 7.5 against 4.1 GB/s, 8 KiB 3.8 against 2.8; at 4 KiB
+#: the loop's cost a block loses (2.4 against 2.7).
 BLOCK_AT_A_TIME_BYTES = 8 << 10
 
 
