@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import click
 
 from kvpager import __version__
@@ -17,6 +20,13 @@ from kvpager.serve_cli import serve
 @click.version_option(__version__, prog_name="kvpager")
 def main() -> None:
     """kvpager: a paged KV-cache memory manager for LLM inference."""
+    warnings.showwarning = _one_line
+
+
+def _one_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    """A warning as the commands' other messages are, one line on stderr (Python's
+    own form named a source file and line of kvpager's, and printed that line)."""
+    click.echo(f"warning: {message}", err=True)
 
 
 main.add_command(serve)

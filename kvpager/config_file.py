@@ -149,8 +149,9 @@ def class_defaults(config: dict[str, Any], where: str = "config.json") -> dict[s
         built = CONFIG_MAPPING[model_type].from_dict(dict(config))
         text = built.get_text_config()
     except Exception as e:  # noqa: BLE001 - transformers' own validation: its message says why
+        why = " ".join(str(e).split())[:200]  # (transformers' own message runs over several lines)
         warnings.warn(f"{where}: transformers cannot build a {model_type} config from it ({type(e).__name__}: "
-                      f"{str(e)[:200]}); sizing from its fields alone", stacklevel=2)
+                      f"{why}); sizing from its fields alone", stacklevel=2)
         return config
     if text is built:
         return _filled(config, built)

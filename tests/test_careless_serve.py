@@ -252,3 +252,15 @@ def test_the_daemons_own_socket_given_again_as_an_events_endpoint_is_refused_at_
     r = run_cli(["serve", *GEOMETRY, "--blocks", "16", "--endpoint", f"ipc://{tmp_path}/kv.sock",
                  "--events-endpoint", f"ipc://{tmp_path}//kv.sock"])
     assert r.exit_code not in (0, None) and "must differ from the daemon's" in r.output, r.output
+
+
+def test_a_config_transformers_cannot_build_is_one_line_of_warning(tmp_path):
+    """A config.json transformers' class refused printed Python's warning form: a
+    source file and line of kvpager's, the source line, transformers' message over
+    several lines."""
+    cfg = tmp_path / "config.json"
+    cfg.write_text('{"model_type": "llava", "text_config": "oops"}')
+    r = run_cli(["serve", "--model", str(cfg), "--device", "cpu", "--blocks", "16", "--dry-run"])
+    lines = [ln for ln in r.output.splitlines() if "transformers cannot build" in ln]
+    assert len(lines) == 1 and lines[0].startswith("warning: "), r.output
+    assert "UserWarning" not in r.output and ".py:" not in r.output, r.output
