@@ -220,6 +220,17 @@ def _announce(line: str) -> None:
         click.echo(line, err=True)
 
 
+def warn_crossed_limits(limits: Limits) -> None:
+    """Say where a session's limit passes the limit of all sessions together: the
+    total binds first, and a session may never reach its own."""
+    for one, total, what in (("sequences", "sequences_total", "live sequences"),
+                             ("staging", "staging_total", "staging bytes")):
+        if getattr(limits, one) > getattr(limits, total):
+            log.warning("one session's %s limit (%d, --max-%s) is above all sessions' (%d, --max-%s): the total "
+                        "binds first", what, getattr(limits, one), one.replace("_", "-"), getattr(limits, total),
+                        total.replace("_", "-"))
+
+
 def warn_pin_cap(opts: dict[str, Any], spec: Any) -> None:
     """Say where ``--max-pinned-blocks`` caps nothing: at least the pool's blocks
     (block 0 is never handed out), pins may hold every block, none left to serve."""
@@ -297,6 +308,7 @@ def _settings(opts: dict[str, Any], starting: bool = True) -> SimpleNamespace:
             if why:
                 log.warning("%s", why)
         limits = Limits.from_env(**{f.name: opts[f"max_{f.name}"] for f in dataclasses.fields(Limits)})
+        warn_crossed_limits(limits)
         metrics_port = opts["metrics_port"] if opts["metrics_port"] is not None else env.metrics_port()
         heartbeat_timeout_s(opts["heartbeat_timeout"])
         env.max_message_bytes()

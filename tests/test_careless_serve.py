@@ -264,3 +264,13 @@ def test_a_config_transformers_cannot_build_is_one_line_of_warning(tmp_path):
     lines = [ln for ln in r.output.splitlines() if "transformers cannot build" in ln]
     assert len(lines) == 1 and lines[0].startswith("warning: "), r.output
     assert "UserWarning" not in r.output and ".py:" not in r.output, r.output
+
+
+def test_a_session_limit_above_the_total_is_warned():
+    """``--max-sequences 10 --max-sequences-total 1`` was taken without a word: the
+    total binds first, and no session reaches its own limit."""
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "16", "--max-sequences", "10", "--max-sequences-total", "1",
+                 "--dry-run"])
+    assert r.exit_code == 0 and "above all sessions' (1, --max-sequences-total)" in r.output, r.output
+    r = run_cli(["serve", *GEOMETRY, "--blocks", "16", "--dry-run"])
+    assert r.exit_code == 0 and "above all sessions'" not in r.output, r.output
