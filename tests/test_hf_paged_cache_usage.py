@@ -205,3 +205,45 @@ def test_a_compiled_model_called_with_the_cache_runs_its_passes_eagerly(model):
     for g, r in zip(got, ref):
         close(g, r)
     assert_released(pool)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("window, length", [(64, 21), (64, 60), (6, 5)])
+def test_crop_on_a_windowed_model_shorter_than_its_window(window, length):
+    """A crop on a model whose every layer has a window was refused where the row was
+    shorter than the window (nothing given back: the check's first position went
+    negative), so prompt-lookup and assisted decoding failed through a PagedCache for
+    any context shorter than a real checkpoint's window (4,096 for Mistral)."""
+    windowed = make_model("mistral", sliding_window=window)
+    torch.manual_seed(3)
+    ids = torch.randint(1, 128, (1, length))
+    ref = transformers.DynamicCache(config=windowed.config)
+    windowed(ids, past_key_values=ref)
+    ref.crop(-3)
+    want = windowed(ids[:, -3:], past_key_values=ref).logits
+    pool = pool_for(windowed)
+    cache = PagedCache(windowed, pool)
+    try:
+        windowed(ids, past_key_values=cache)
+        cache.crop(-3)
+        close(windowed(ids[:, -3:], past_key_values=cache).logits, want)
+    finally:
+        cache.close()
+    assert pool.stats().used_blocks == 0
+    pool.check_integrity()
+
+
+@torch.no_grad()
+def test_prompt_lookup_through_a_paged_cache_on_a_windowed_model():
+    windowed = make_model("mistral", sliding_window=64)
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]])
+    kw = dict(max_new_tokens=8, do_sample=False, prompt_lookup_num_tokens=3)
+    want = windowed.generate(input_ids=prompt, **kw)
+    pool = pool_for(windowed)
+    cache = PagedCache(windowed, pool)
+    try:
+        got = windowed.generate(input_ids=prompt, past_key_values=cache, **kw)
+    finally:
+        cache.close()
+    assert got.tolist() == want.tolist()
+    assert pool.stats().used_blocks == 0

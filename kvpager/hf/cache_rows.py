@@ -144,7 +144,9 @@ class CacheRows:
         if None in self.seq_ids or not ((self.ends == self.columns).all() and (self.lens - self.closed >= cut).all()):
             raise InvalidArgument(f"crop: the last {cut} columns hold padding of some rows (a padded pass), "
                                   "so rows would lose different token counts: not supported")
-        if self.reach is not None and (self.lens - cut - self.reach + 1 < self.floors).any():
+        # (the next window's first position, at 0 where it reaches past the start: a row shorter
+        # than the window was refused though it had given back nothing)
+        if self.reach is not None and (np.maximum(self.lens - cut - self.reach + 1, 0) < self.floors).any():
             raise InvalidArgument(f"crop: {cut} tokens reach back past the blocks given back behind the "
                                   f"sliding windows (release_margin {margin}): the next query's "
                                   "window would read positions no longer held")
