@@ -95,3 +95,22 @@ def test_a_call_past_a_learned_position_table_is_refused_before_allocating(famil
     assert generate(model, pool, [ids], 3) == [want]
     assert len(beam_search(model, pool, [ids], 3, num_beams=2)[0].tokens) == 1
     assert len(score(model, pool, [prompt(32, 1)])[0]) == 31
+
+
+def test_a_torch_module_that_is_no_transformers_model_is_refused_by_name():
+    """A module without a config (``nn.Linear``) got an AttributeError from inside
+    ('Linear' object has no attribute 'config'); so did `spec_for_model(None)`."""
+    from kvpager.hf import PagedCache, PagedGeneration, default_salt
+
+    model = make_model("llama")
+    pool = _pool(model)
+    linear = torch.nn.Linear(2, 2)
+    calls = [lambda: generate(linear, pool, [prompt(4, 0)], 2), lambda: PagedCache(linear, pool),
+             lambda: score(linear, pool, [prompt(4, 0)]), lambda: beam_search(linear, pool, [prompt(4, 0)], 2, num_beams=2),
+             lambda: PagedGeneration(linear, pool), lambda: spec_for_model(linear, num_blocks=8),
+             lambda: spec_for_model(None, num_blocks=8), lambda: default_salt(linear)]
+    for call in calls:
+        with pytest.raises(TypeError, match="must be a transformers causal LM"):
+            call()
+    assert pool.stats().used_blocks == 0
+    pool.check_integrity()

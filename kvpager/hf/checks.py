@@ -221,13 +221,21 @@ def check_eval_mode(model: Any, modules: list[Any] | None = None) -> None:
                                "model.eval() first")
 
 
+def check_is_model(model: Any) -> None:
+    """TypeError for a ``model`` that is no transformers model: no torch module, or
+    one without a config (a bare ``nn.Linear`` raised an AttributeError from inside)."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        what = "a torch.nn.Module with no config" if isinstance(model, torch.nn.Module) else type(model).__name__
+        raise TypeError(f"model must be a transformers causal LM (a torch.nn.Module with a config), got {what}"
+                        + (f" ({type(model).__name__})" if isinstance(model, torch.nn.Module) else ""))
+
+
 def check_model_and_pool(model: Any, pool: Any) -> None:
     """TypeError, naming the argument, for a ``model`` that is no torch module or a
     ``pool`` without a pool's methods (a `PoolSpec` given where ``KVPool(spec)`` was
     meant, the two arguments swapped): before, an AttributeError from deep inside
     ('PoolSpec' object has no attribute 'spec')."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a transformers causal LM (a torch.nn.Module), got {type(model).__name__}")
+    check_is_model(model)
     if not (callable(getattr(pool, "allocate", None)) and isinstance(getattr(pool, "spec", None), PoolSpec)):
         hint = ": pass KVPool(spec)" if isinstance(pool, PoolSpec) else ""
         raise TypeError(f"pool must be a kvpager pool (KVPool, or a daemon Client), got {type(pool).__name__}{hint}")

@@ -257,6 +257,9 @@ def spec_for_model(
     """A `PoolSpec` matching ``model``'s KV geometry (dtype: the model's unless given).
     ``kv_dtype`` "float8_e4m3" / "float8_e5m2": an FP8 pool, its ``kv_scales`` given
     (e.g. from `kvpager.hf.calibrate_kv_scales`) or all 1.0."""
+    from kvpager.hf.checks import check_is_model
+
+    check_is_model(model)
     if dtype is None:
         dtype = next(model.parameters()).dtype
     return PoolSpec(

@@ -52,6 +52,9 @@ def default_salt(model: Any, refresh: bool = False) -> str:
     values (3-7 ms to check on that model): an edit made through ``param.data``
     that changes none of the sampled entries is not seen; pass ``refresh=True``
     after such an edit, or pass your own salt to `generate`."""
+    from kvpager.hf.checks import check_is_model
+
+    check_is_model(model)
     # tied weights once; a buffer under its own prefix (a name never a parameter's)
     named = list(model.named_parameters()) + [("buffer:" + n, b) for n, b in _kv_buffers(model)]
     config = _config_bytes(model.config)
