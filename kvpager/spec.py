@@ -44,7 +44,11 @@ def kv_dtype_name(kv_dtype: object) -> str | None:
     text = _FP8_ALIASES.get(text, text)
     if text in FP8_DTYPES:
         return text
-    return dtype_name(kv_dtype)
+    try:
+        return dtype_name(kv_dtype)
+    except InvalidArgument:  # (it named the argument dtype)
+        raise InvalidArgument(f"kv_dtype must be None (= dtype), the compute dtype or one of "
+                              f"{sorted(FP8_DTYPES)}, got {kv_dtype!r}") from None
 
 
 def fp8_numpy_dtype(name: str) -> np.dtype:

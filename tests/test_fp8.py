@@ -288,3 +288,9 @@ def test_tensor_parallel_ranks_hold_their_heads_scales():
         np.testing.assert_array_equal(got.view(np.uint8), one.backend.kv[:, :, :, 2 * r : 2 * r + 2].view(np.uint8))
         out = tp.rank(r).attend(1, b.seq_id, q[:, 4 * r : 4 * r + 4].copy(), 2)
         np.testing.assert_array_equal(out.view(np.uint16), want[:, 4 * r : 4 * r + 4].view(np.uint16))
+
+
+def test_an_unknown_kv_dtype_is_named_as_kv_dtype():
+    """``kv_dtype="int4"`` was refused as "dtype must be one of ...", naming the other argument."""
+    with pytest.raises(InvalidArgument, match="kv_dtype must be"):
+        spec(kv_dtype="int4", scales=None, dtype="bfloat16")
