@@ -184,6 +184,23 @@ def test_bad_arguments_exit_with_usage():
         sim.main(["--blocks", "10"])
 
 
+@pytest.mark.parametrize("argv", [
+    ["--prompt-mean", "0"], ["--output-mean", "-5"], ["--prompt-shape", "-1"], ["--host-blocks", "-1"],
+    ["--seed", "-1"], ["--shared-prompt-len", "-1"], ["--rate", "inf"], ["--rate", "1e9"], ["--steps", "-5"],
+    ["--watermark", "2"], ["--check-every", "-1"], ["--block-size", "0"], ["--plot", "/kvpager-no-such/x.png"],
+    # a pool of exactly n sequences of max_model_len: a request that long never fits at admission
+    ["--steps", "300", "--blocks", "256", "--n", "1", "--shared-prompt-len", "0"],
+])
+def test_values_the_run_cannot_take_are_one_line_errors(argv, capsys):
+    """These ended in tracebacks (ValueError, InvalidArgument, FileNotFoundError), hung
+    (a rate of 1e9 a step), or admitted nothing for the whole run without a word (a
+    pool that holds a longest request but not its admission's room)."""
+    with pytest.raises(SystemExit) as e:
+        sim.main(argv)
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
 def test_plot_writes_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     path = tmp_path / "memory.png"

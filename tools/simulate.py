@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -88,15 +90,42 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+#: The most requests that may arrive in one step, on average (a Poisson draw of 1e9 a step
+#: held the run for ever).
+MAX_RATE = 1e4
+
+
 def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Every setting checked before anything runs: one line and exit status 2 for
+    a value the run cannot take (they ended in tracebacks, or hung)."""
+    for name in ("steps", "blocks", "block_size", "max_model_len", "n"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("seed", "host_blocks", "shared_prompt_len", "check_every"):
+        if getattr(a, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be at least 0")
+    for name in ("prompt_mean", "output_mean", "prompt_shape", "output_shape"):
+        if not 0 < getattr(a, name) < float("inf"):
+            p.error(f"--{name.replace('_', '-')} must be a positive number")
+    if not 0 <= a.rate <= MAX_RATE:
+        p.error(f"--rate must be in [0, {MAX_RATE:g}] requests a step")
+    if not 0 <= a.watermark < 1:
+        p.error("--watermark must be in [0, 1)")
+    if a.plot and not os.path.isdir(os.path.dirname(os.path.abspath(a.plot))):
+        p.error(f"--plot {a.plot}: its folder does not exist")
     if a.length_dist == "pareto" and min(a.prompt_shape, a.output_shape) <= 1:
         p.error("Pareto shape (alpha) must be > 1 for a finite mean")
-    if a.blocks * a.block_size < a.max_model_len * max(a.n, 1):
-        p.error("the pool must hold at least n sequences of max_model_len tokens")
+    # The most one request takes at admission: every sample's max_model_len tokens and the
+    # block its first decode step may open, a copy of the shared last block per fork, and the
+    # watermark kept free. A pool smaller admitted nothing once such a request came first.
+    need = a.n * (-(-a.max_model_len // a.block_size) + 1) + a.n - 1 + math.ceil(a.watermark * a.blocks)
+    if a.blocks < need:
+        p.error(f"the pool must hold a request of n={a.n} samples of max_model_len tokens at admission: "
+                f"{need} blocks of {a.block_size} tokens with the watermark, --blocks is {a.blocks}")
     if a.max_model_len <= a.shared_prompt_len + 1:
         p.error("max_model_len must exceed the shared prompt")
-    if not (0 <= a.shared_share <= 1 and 0 <= a.n_share <= 1 and a.n >= 1 and a.rate >= 0):
-        p.error("shares must be in [0, 1], n >= 1, rate >= 0")
+    if not (0 <= a.shared_share <= 1 and 0 <= a.n_share <= 1):
+        p.error("shares must be in [0, 1]")
 
 
 def make_pool(a: argparse.Namespace) -> KVPool:
