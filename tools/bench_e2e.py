@@ -303,6 +303,8 @@ def main() -> None:
                          "(0: the token's alone); default none")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("no CUDA device here: pass --device cpu (the NumPy backend's pools, float32 models)")
     e2e_paths.DEVICE = args.device
     e2e_paths.LOGPROBS = args.logprobs
     if args.sample:

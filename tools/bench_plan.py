@@ -90,6 +90,9 @@ def main() -> None:
     gpu = args.device.startswith("cuda")
     import torch
 
+    if gpu and not torch.cuda.is_available():
+        ap.error("no CUDA device here: pass --device cpu")
+
     dev = torch.device(args.device)
     spec = PoolSpec(num_layers=32, num_kv_heads=8, head_dim=128, num_blocks=20000, block_size=16,
                     dtype="bfloat16")

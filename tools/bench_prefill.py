@@ -339,6 +339,9 @@ def main() -> None:
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                     help="cpu: the NumPy backend's pools, float32 models, CPU_CASES")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("no CUDA device here: pass --device cpu (with --shape s: a float32 8b model does not fit a "
+                 "small host)")
     e2e_paths.DEVICE = args.device
     torch.backends.cuda.enable_cudnn_sdp(False)  # as bench_e2e.py: cuDNN plans a new shape on first use
     model = make_model(args.shape)
