@@ -342,6 +342,15 @@ def main() -> None:
                     chunk_mib=args.chunk_mib, restore=rows, policy=policies)
 
     if args.url:
+        from kvpager.remote_store import open_store
+
+        store = open_store(args.url, 2.0)
+        try:
+            store.ping()
+        except Exception as e:  # noqa: BLE001 - whatever the store says: it is not there to measure
+            ap.error(f"--url {args.url}: the store does not answer ({type(e).__name__}: {e})")
+        finally:
+            store.close()
         result = run(args.url, None)
     else:
         with local_redis(extra) as port:

@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    for name in ("conversations", "turns", "system", "user", "answer", "window", "blocks", "block_size"):
+        if getattr(args, name) < (2 if name == "turns" else 1):  # (a next turn is what it measures)
+            p.error(f"--{name.replace('_', '-')} must be at least {2 if name == 'turns' else 1}")
     prefix, windowed = run(args, None), run(args, args.window)
     if args.json:
         print(json.dumps({"args": vars(args), "prefix_only": prefix, "windowed": windowed}))

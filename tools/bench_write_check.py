@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.layers < 2:  # (it compares a step's first layer with its later ones)
+        ap.error("--layers must be at least 2")
     rows = run(args.seqs, args.tokens, args.layers, args.steps)
     if args.json:
         print(json.dumps(dict(vars(args), rows=rows)))
