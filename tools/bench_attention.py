@@ -260,7 +260,7 @@ def sweep_variants(batch: int, ctx: int) -> list[tuple[str, KernelConfig, int | 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--sweep", action="store_true",
                     help="also time other L2 prefetch hints, stage and split counts, "

@@ -70,7 +70,7 @@ def holder() -> tuple[Callable[[int, float], None], cupy.cuda.Stream]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--held", default="0,33,66,120", help="SMs held by the other kernel, comma-separated")
     ap.add_argument("--hold-us", type=float, default=300.0, help="how long it holds them")
     ap.add_argument("--rounds", type=int, default=15)

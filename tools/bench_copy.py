@@ -102,7 +102,7 @@ def bench(label: str, layers: int, variants: list[KernelConfig]) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--sweep", action="store_true",
                     help="also time 4, 8 and 32 vectors in flight per thread")

@@ -102,7 +102,7 @@ def measure(args: argparse.Namespace, tmp: str) -> tuple[list, dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--iters", type=int, default=5000, help="single-op round trips per measurement")
     ap.add_argument("--batch", type=int, default=256)

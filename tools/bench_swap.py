@@ -100,7 +100,7 @@ def bench(label: str, layers: int) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     name = runtime.getDeviceProperties(0)["name"].decode()

@@ -198,7 +198,7 @@ def load_models(args: argparse.Namespace, ap: argparse.ArgumentParser) -> list[t
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--model", help="a Hugging Face causal LM folder (default: the random-weight Llamas)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda:N (the model and the pools)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],

@@ -213,7 +213,7 @@ def save(model, corpus: Corpus, args: argparse.Namespace, result: dict, out: Pat
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="defaults for every shape option")
     ap.add_argument("--out", type=Path, help="folder for the checkpoint, tiny_lm.json and heldout.txt")
     ap.add_argument("--device", help="cpu or cuda:N")
