@@ -181,7 +181,7 @@ def swap_out(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     if late is not None and len(late_at):
         _move_late(bt, host, late, entry_hosts[start:])
         host.keep(ids[late_at], -1)
-    bt.last[rows] = bt.table[rows, np.maximum(bt.num_blocks[rows].astype(np.int64) - 1, 0)]
+    _last_again(bt, rows)
     bt.swapped[rows] = 1
     m.num_swapped += len(rows)
     if moving is None:
@@ -189,6 +189,11 @@ def swap_out(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     else:  # every reference of each goes; last appearing first (a sequence's tail, then its prefix)
         pool.release_all(distinct[::-1].copy())
     return np.stack([distinct, hosts], axis=1)
+
+
+def _last_again(bt: Any, rows: np.ndarray) -> None:
+    """The rows' last-block column read again from their tables (a moved entry is null)."""
+    bt.last[rows] = bt.table[rows, np.maximum(bt.num_blocks[rows].astype(np.int64) - 1, 0)]
 
 
 def _kept_entries(bt: Any, host: HostPool, ids: np.ndarray, joins: np.ndarray
@@ -222,7 +227,7 @@ def _move_late(bt: Any, host: HostPool, late: tuple[np.ndarray, np.ndarray],
         old_cols, old_hosts = host.held[row]
         host.held[row] = (np.concatenate([old_cols, cols[a:b].astype(np.int32)]),
                           np.concatenate([old_hosts, late_hosts[a:b]]))
-    bt.last[rows] = bt.table[rows, np.maximum(bt.num_blocks[rows].astype(np.int64) - 1, 0)]
+    _last_again(bt, rows)
 
 
 def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
@@ -282,7 +287,7 @@ def swap_in(m: SequenceManager, seq_ids: list[int]) -> np.ndarray:
     for row in rows.tolist():
         del host.held[row]
     host.drop_counted(distinct, counts)
-    bt.last[rows] = bt.table[rows, np.maximum(bt.num_blocks[rows].astype(np.int64) - 1, 0)]
+    _last_again(bt, rows)
     bt.swapped[rows] = 0
     m.num_swapped -= len(rows)
     return np.stack([distinct[fresh], new], axis=1) if need else np.zeros((0, 2), np.int64)

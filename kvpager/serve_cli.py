@@ -346,7 +346,7 @@ def _settings(opts: dict[str, Any], starting: bool = True) -> SimpleNamespace:
                 click.get_current_context().get_parameter_source("remote_namespace") \
                 == click.core.ParameterSource.COMMANDLINE:  # (KVPAGER_REMOTE_NAMESPACE alone waits for --remote)
             raise click.UsageError("--remote-namespace needs --remote")
-        if opts["remote"]:
+        if opts["remote"] and not starting:  # (a start builds the tier itself: `remote_tier`)
             check_remote(opts)
     except KVPagerError as e:
         raise click.ClickException(str(e)) from None
